@@ -1,0 +1,47 @@
+"""loopkit: training as a pure step function ``(state, batch) -> (state, metrics)``.
+
+>>> import torch, loopkit
+>>> model = torch.nn.Linear(2, 1)
+>>> state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+>>> step = loopkit.with_grad_clip(loopkit.train_step(lambda m, b: m(b).pow(2).mean()), max_norm=1.0)
+>>> state, metrics = step(state, torch.ones(4, 2))
+>>> state.step
+1
+"""
+
+from loopkit.callbacks import Callback, EarlyStopping, LearningRateMonitor
+from loopkit.driver import evaluate, predict, run_epochs
+from loopkit.errors import CheckpointCorruptError, DonatedStateError, NonFiniteError, StateMismatchError
+from loopkit.rng import seed_everything
+from loopkit.state import TrainState
+from loopkit.steps import EvalStep, Step, TrainStep, donate, eval_step, train_step
+from loopkit.transforms import with_amp, with_grad_accum, with_grad_clip, with_nan_guard
+from loopkit.tree import to_device
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Callback",
+    "CheckpointCorruptError",
+    "DonatedStateError",
+    "EarlyStopping",
+    "EvalStep",
+    "LearningRateMonitor",
+    "NonFiniteError",
+    "StateMismatchError",
+    "Step",
+    "TrainState",
+    "TrainStep",
+    "donate",
+    "eval_step",
+    "evaluate",
+    "predict",
+    "run_epochs",
+    "seed_everything",
+    "to_device",
+    "train_step",
+    "with_amp",
+    "with_grad_accum",
+    "with_grad_clip",
+    "with_nan_guard",
+]

@@ -1,0 +1,181 @@
+"""Callbacks: objects whose hooks ``run_epochs`` calls at documented points.
+
+Every hook is optional; a callback need not subclass :class:`Callback`. The driver calls:
+
+========================================  ===================================================
+hook                                      when
+========================================  ===================================================
+``on_fit_start(state)``                   once, before sanity validation and training
+``on_epoch_start(state)``                 before the first batch of each epoch
+``on_batch_end(state, metrics)``          after each training step; metrics are device tensors
+``on_validation_end(state, metrics)``     after each (non-sanity) validation, ``val/...`` floats
+``on_epoch_end(state, metrics)``          after each epoch (and its validation); may return a
+                                          dict of extra floats to record in the history
+``on_fit_end(state, history)``            once, after training
+========================================  ===================================================
+
+A callback that sets ``should_stop = True`` ends training after the current hook.
+
+>>> stopper = EarlyStopping("val/loss", patience=1)
+>>> stopper.on_validation_end(None, {"val/loss": 1.0}); stopper.should_stop
+False
+>>> stopper.on_validation_end(None, {"val/loss": 2.0}); stopper.should_stop
+True
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+__all__ = ["Callback", "EarlyStopping", "LearningRateMonitor"]
+
+
+class Callback:
+    """A base with every hook as a no-op; subclass and override what you need.
+
+    >>> class Counter(Callback):
+    ...     def __init__(self):
+    ...         self.batches = 0
+    ...     def on_batch_end(self, state, metrics):
+    ...         self.batches += 1
+    >>> Counter().should_stop
+    False
+    """
+
+    should_stop: bool = False
+
+    def on_fit_start(self, state: Any) -> None:
+        pass
+
+    def on_epoch_start(self, state: Any) -> None:
+        pass
+
+    def on_batch_end(self, state: Any, metrics: Mapping[str, torch.Tensor]) -> None:
+        pass
+
+    def on_validation_end(self, state: Any, metrics: Mapping[str, float]) -> None:
+        pass
+
+    def on_epoch_end(self, state: Any, metrics: Mapping[str, float]) -> dict[str, float] | None:
+        return None
+
+    def on_fit_end(self, state: Any, history: list[dict[str, float]]) -> None:
+        pass
+
+
+class EarlyStopping(Callback):
+    """Stop when ``monitor`` has not improved by more than ``min_delta`` for ``patience`` checks.
+
+    A ``val/...`` metric is checked after each validation, any other (``train/loss``) after
+    each epoch. A NaN or infinite value stops at once. ``mode`` is ``"min"`` or ``"max"``.
+
+    >>> stopper = EarlyStopping("train/loss", patience=2, mode="min", min_delta=0.1)
+    >>> for loss in (1.0, 0.95, 0.92):
+    ...     _ = stopper.on_epoch_end(None, {"train/loss": loss})
+    >>> stopper.should_stop, stopper.best
+    (True, 1.0)
+    """
+
+    def __init__(self, monitor: str, patience: int = 3, mode: str = "min", min_delta: float = 0.0) -> None:
+        if mode not in ("min", "max"):
+            raise ValueError(f"EarlyStopping: mode must be 'min' or 'max', got {mode!r}")
+        if not isinstance(patience, int) or patience < 1:
+            raise ValueError(f"EarlyStopping: patience must be a positive int, got {patience!r}")
+        if not min_delta >= 0:
+            raise ValueError(f"EarlyStopping: min_delta must be >= 0, got {min_delta!r}")
+        self.monitor = monitor
+        self.patience = patience
+        self.mode = mode
+        self.min_delta = float(min_delta)
+        self.best = math.inf if mode == "min" else -math.inf
+        self.wait = 0
+        self.should_stop = False
+        self.stopped_at: int | None = None
+
+    def _improved(self, value: float) -> bool:
+        if self.mode == "min":
+            return value < self.best - self.min_delta
+        return value > self.best + self.min_delta
+
+    def _check(self, state: Any, metrics: Mapping[str, float]) -> None:
+        if self.monitor not in metrics:
+            raise KeyError(
+                f"EarlyStopping: monitor '{self.monitor}' is not among the metrics {sorted(metrics)}"
+            )
+        value = float(metrics[self.monitor])
+        if not math.isfinite(value):
+            self.should_stop = True
+        elif self._improved(value):
+            self.best, self.wait = value, 0
+        else:
+            self.wait += 1
+            self.should_stop = self.wait >= self.patience
+        if self.should_stop and self.stopped_at is None:
+            self.stopped_at = getattr(state, "epoch", None)
+
+    def on_validation_end(self, state: Any, metrics: Mapping[str, float]) -> None:
+        if self.monitor.startswith("val/"):
+            self._check(state, metrics)
+
+    def on_epoch_end(self, state: Any, metrics: Mapping[str, float]) -> None:
+        if not self.monitor.startswith("val/"):
+            self._check(state, metrics)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The counters, for checkpoints.
+
+        >>> EarlyStopping("val/loss").state_dict()["wait"]
+        0
+        """
+        return {"best": self.best, "wait": self.wait, "should_stop": self.should_stop}
+
+    def load_state_dict(self, sd: Mapping[str, Any]) -> None:
+        self.best, self.wait, self.should_stop = float(sd["best"]), int(sd["wait"]), bool(sd["should_stop"])
+
+
+class LearningRateMonitor(Callback):
+    """Record each parameter group's learning rate, per epoch (default) or per step.
+
+    Names follow Lightning: ``lr-SGD`` for one group, ``lr-SGD/pg1``, ``lr-SGD/pg2`` for
+    several. Epoch values are added to ``run_epochs``' history; every recorded value is also
+    kept in ``self.history`` as ``(step, {name: lr})``.
+
+    >>> import torch
+    >>> from loopkit.state import TrainState
+    >>> model = torch.nn.Linear(1, 1)
+    >>> state = TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.5))
+    >>> LearningRateMonitor().on_epoch_end(state, {})
+    {'lr-SGD': 0.5}
+    """
+
+    def __init__(self, logging_interval: str = "epoch") -> None:
+        if logging_interval not in ("epoch", "step"):
+            raise ValueError(f"LearningRateMonitor: logging_interval must be 'epoch' or 'step', got {logging_interval!r}")
+        self.logging_interval = logging_interval
+        self.history: list[tuple[int, dict[str, float]]] = []
+
+    @staticmethod
+    def learning_rates(state: Any) -> dict[str, float]:
+        """The current learning rate of each of the state's parameter groups."""
+        optimizer = state.optimizer
+        if optimizer is None:
+            return {}
+        name = f"lr-{type(optimizer).__name__}"
+        groups = optimizer.param_groups
+        if len(groups) == 1:
+            return {name: float(groups[0]["lr"])}
+        return {f"{name}/pg{i + 1}": float(g["lr"]) for i, g in enumerate(groups)}
+
+    def on_batch_end(self, state: Any, metrics: Mapping[str, torch.Tensor]) -> None:
+        if self.logging_interval == "step":
+            self.history.append((state.step, self.learning_rates(state)))
+
+    def on_epoch_end(self, state: Any, metrics: Mapping[str, float]) -> dict[str, float]:
+        lrs = self.learning_rates(state)
+        if self.logging_interval == "epoch":
+            self.history.append((state.step, lrs))
+        return lrs

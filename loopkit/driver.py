@@ -1,0 +1,418 @@
+"""The driver: ``run_epochs`` runs a step over data; ``evaluate`` and ``predict`` run a model over data.
+
+>>> import torch
+>>> from loopkit.state import TrainState
+>>> from loopkit.steps import train_step
+>>> model = torch.nn.Linear(2, 1)
+>>> state = TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+>>> data = [(torch.randn(4, 2), torch.randn(4, 1)) for _ in range(3)]
+>>> step = train_step(lambda m, b: ((m(b[0]) - b[1]) ** 2).mean())
+>>> state, history = run_epochs(step, state, data, epochs=2, progress=False)
+>>> state.step, state.epoch, len(history)
+(6, 2, 2)
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from loopkit.progress import ProgressBar, progress_wanted
+from loopkit.state import TrainState, fork
+from loopkit.steps import as_step, donate
+from loopkit.tree import to_device
+
+__all__ = ["evaluate", "predict", "run_epochs"]
+
+Metrics = Mapping[str, torch.Tensor]
+_REFRESH_EVERY = 20  # batches between progress-bar readings of the latest metrics
+_FOLD_EVERY = 256  # metric tensors kept per key before they are summed on the device
+
+
+class _Means:
+    """Running means of metric tensors, summed on the device; read once in :meth:`read`."""
+
+    def __init__(self) -> None:
+        self._pending: dict[str, list[torch.Tensor]] = {}
+        self._sums: dict[str, torch.Tensor] = {}
+        self._counts: dict[str, int] = {}
+
+    def add(self, metrics: Metrics) -> None:
+        for key, value in metrics.items():
+            pending = self._pending.get(key)
+            if pending is None:
+                pending = self._pending[key] = []
+            pending.append(value)
+            if len(pending) >= _FOLD_EVERY:
+                self._fold(key)
+
+    def _fold(self, key: str) -> None:
+        pending = self._pending[key]
+        if not pending:
+            return
+        total = torch.stack([v.float() for v in pending]).sum()
+        self._sums[key] = total if key not in self._sums else self._sums[key] + total
+        self._counts[key] = self._counts.get(key, 0) + len(pending)
+        pending.clear()
+
+    def latest(self) -> dict[str, float]:
+        return {k: float(v[-1]) for k, v in self._pending.items() if v}
+
+    def read(self) -> dict[str, float]:
+        for key in list(self._pending):
+            self._fold(key)
+        return {k: float(self._sums[k] / self._counts[k]) for k in self._sums}
+
+
+def _check_limit(value: int | float | None, name: str) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be an int (batches) or a float fraction in (0, 1], got {value!r}")
+    if isinstance(value, float) and not 0.0 < value <= 1.0:
+        raise ValueError(f"{name}={value}: a fraction must be in (0, 1]; pass an int for a number of batches")
+    if isinstance(value, int) and value < 0:
+        raise ValueError(f"{name}={value}: a number of batches must be >= 0")
+
+
+def _num_batches(data: Iterable, limit: int | float | None, name: str) -> int | None:
+    """How many batches to take from ``data`` (None: all of an iterable of unknown length)."""
+    try:
+        total: int | None = len(data)  # type: ignore[arg-type]
+    except TypeError:
+        total = None
+    if limit is None:
+        return total
+    if isinstance(limit, int):
+        return limit if total is None else min(limit, total)
+    if total is None:
+        raise ValueError(f"{name}={limit} is a fraction, but the data has no len(); pass an int")
+    count = int(total * limit)
+    if count == 0:
+        raise ValueError(f"{name}={limit} of {total} batches is 0 batches; raise it or pass an int")
+    return count
+
+
+def _order_seed(seed: int, epoch: int) -> int:
+    words = np.random.SeedSequence([seed, epoch]).generate_state(2, np.uint32)
+    return (int(words[0]) << 31) ^ int(words[1])
+
+
+def _epoch_batches(data: Iterable, seed: int, epoch: int, skip: int, count: int | None) -> Iterator[Any]:
+    """Iterate one epoch of ``data`` in an order fixed by ``(seed, epoch)``, skipping ``skip`` batches.
+
+    A ``DataLoader``'s shuffling draws from its own generator or, lacking one, from the
+    global torch RNG when the iterator starts: both are seeded here, and the caller's
+    global RNG is put back afterwards, so the order is the same in a resumed run.
+    """
+    order_seed = _order_seed(seed, epoch)
+    sampler = getattr(data, "sampler", None)
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)
+    generator = getattr(data, "generator", None)
+    if isinstance(generator, torch.Generator):
+        generator.manual_seed(order_seed)
+    saved = torch.get_rng_state()
+    torch.manual_seed(order_seed)
+    try:
+        iterator = iter(data)
+        first = next(iterator, _END)
+    finally:
+        torch.set_rng_state(saved)
+    if first is _END:
+        return iter(())
+    batches = itertools.chain((first,), iterator)
+    stop = None if count is None else count
+    return itertools.islice(batches, skip, stop)
+
+
+_END = object()
+
+
+def _batch_size(batch: Any) -> int:
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.ndim > 0 else 1
+    if isinstance(batch, Mapping):
+        values: Iterable = batch.values()
+    elif isinstance(batch, (list, tuple)):
+        values = batch
+    else:
+        return 1
+    for value in values:
+        if isinstance(value, (torch.Tensor, Mapping, list, tuple)):
+            return _batch_size(value)
+    return 1
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _mover(device: torch.device | str | None, state: TrainState) -> Callable[[Any], Any] | None:
+    """The function that places batches, or None when batches stay where they are (the CPU)."""
+    target = torch.device(device) if device is not None else _model_device(state.model)
+    if target.type == "cpu":
+        return None
+    return lambda batch: to_device(batch, target, non_blocking=True)
+
+
+def _to_device_state(state: TrainState, device: torch.device | str | None) -> None:
+    if device is None:
+        return
+    device = torch.device(device)
+    if _model_device(state.model) == device:
+        return
+    state.model.to(device)
+    if state.optimizer is not None:
+        for entry in state.optimizer.state.values():
+            for key, value in entry.items():
+                if isinstance(value, torch.Tensor) and value.ndim > 0:
+                    entry[key] = value.to(device)
+
+
+def evaluate(
+    eval_step: Callable[[TrainState, Any], tuple[TrainState, Metrics]],
+    state: TrainState,
+    data: Iterable,
+    *,
+    limit: int | float | None = None,
+    device: torch.device | str | None = None,
+) -> dict[str, float]:
+    """Run ``eval_step`` over ``data``; return each metric's mean weighted by batch size.
+
+    The batch size is the length of the first tensor in the batch. The sums stay on the
+    device until the end, where they are read once.
+
+    >>> import torch
+    >>> from loopkit.state import TrainState
+    >>> from loopkit.steps import eval_step
+    >>> state = TrainState.create(torch.nn.Identity())
+    >>> step = eval_step(lambda m, b: {"mean": b.mean()})
+    >>> evaluate(step, state, [torch.zeros(3), torch.ones(1)])
+    {'mean': 0.25}
+    """
+    _check_limit(limit, "limit")
+    step = as_step(eval_step)
+    count = _num_batches(data, limit, "limit")
+    move = _mover(device, state)
+    sums: dict[str, torch.Tensor] = {}
+    sizes: dict[str, int] = {}
+    for batch in itertools.islice(data, count):
+        if move is not None:
+            batch = move(batch)
+        size = _batch_size(batch)
+        _, metrics = step(state, batch)
+        for key, value in metrics.items():
+            weighted = value.float() * size
+            sums[key] = weighted if key not in sums else sums[key] + weighted
+            sizes[key] = sizes.get(key, 0) + size
+    return {k: float(sums[k] / sizes[k]) for k in sums}
+
+
+def predict(
+    fn: Callable[[torch.nn.Module, Any], Any],
+    state: TrainState,
+    data: Iterable,
+    *,
+    device: torch.device | str | None = None,
+) -> list[Any]:
+    """Collect ``fn(model, batch)`` for every batch, in eval mode under ``torch.no_grad()``.
+
+    Training mode is restored afterwards, module by module.
+
+    >>> import torch
+    >>> from loopkit.state import TrainState
+    >>> state = TrainState.create(torch.nn.Linear(2, 1))
+    >>> outputs = predict(lambda m, b: m(b), state, [torch.ones(3, 2), torch.ones(1, 2)])
+    >>> [tuple(o.shape) for o in outputs]
+    [(3, 1), (1, 1)]
+    """
+    state.check_usable()
+    model = state.model
+    move = _mover(device, state)
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    outputs = []
+    try:
+        with torch.no_grad():
+            for batch in data:
+                outputs.append(fn(model, move(batch) if move is not None else batch))
+    finally:
+        for m, mode in modes:
+            m.training = mode
+    return outputs
+
+
+def _validate_options(
+    epochs: int | None,
+    max_steps: int | None,
+    val: Any,
+    val_every_n_epochs: int,
+    val_every_n_steps: int | None,
+    sanity_val_batches: int,
+    limit_train_batches: Any,
+    limit_val_batches: Any,
+) -> None:
+    if epochs is None and max_steps is None:
+        raise ValueError("run_epochs needs epochs=, max_steps=, or both")
+    for name, value in (("epochs", epochs), ("max_steps", max_steps), ("val_every_n_steps", val_every_n_steps)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"run_epochs: {name} must be a positive int or None, got {value!r}")
+    if isinstance(val_every_n_epochs, bool) or not isinstance(val_every_n_epochs, int) or val_every_n_epochs < 1:
+        raise ValueError(f"run_epochs: val_every_n_epochs must be a positive int, got {val_every_n_epochs!r}")
+    if isinstance(sanity_val_batches, bool) or not isinstance(sanity_val_batches, int) or sanity_val_batches < 0:
+        raise ValueError(f"run_epochs: sanity_val_batches must be an int >= 0, got {sanity_val_batches!r}")
+    _check_limit(limit_train_batches, "limit_train_batches")
+    _check_limit(limit_val_batches, "limit_val_batches")
+    if val is not None:
+        if not (isinstance(val, (tuple, list)) and len(val) == 2 and callable(val[0])):
+            raise TypeError("run_epochs: val must be a pair (eval_step, val_data)")
+
+
+class _Hooks:
+    """Calls the hooks that the callbacks define (any object; missing hooks are skipped)."""
+
+    def __init__(self, callbacks: Sequence[Any]) -> None:
+        self.callbacks = list(callbacks)
+        self.batch_end = [cb.on_batch_end for cb in self.callbacks if hasattr(cb, "on_batch_end")]
+
+    def call(self, name: str, *args: Any) -> list[Any]:
+        return [getattr(cb, name)(*args) for cb in self.callbacks if hasattr(cb, name)]
+
+    @property
+    def should_stop(self) -> bool:
+        return any(getattr(cb, "should_stop", False) for cb in self.callbacks)
+
+
+def run_epochs(
+    step: Callable[[TrainState, Any], tuple[TrainState, Metrics]],
+    state: TrainState,
+    train_data: Iterable,
+    *,
+    epochs: int | None = None,
+    max_steps: int | None = None,
+    val: tuple[Callable[[TrainState, Any], tuple[TrainState, Metrics]], Iterable] | None = None,
+    val_every_n_epochs: int = 1,
+    val_every_n_steps: int | None = None,
+    sanity_val_batches: int = 2,
+    limit_train_batches: int | float | None = None,
+    limit_val_batches: int | float | None = None,
+    callbacks: Sequence[Any] = (),
+    progress: bool = True,
+    device: torch.device | str | None = None,
+) -> tuple[TrainState, list[dict[str, float]]]:
+    """Run ``step`` over ``train_data`` until ``epochs`` epochs or ``max_steps`` updates (both absolute).
+
+    The given state is copied once and the copy is donated to the step, so the caller's
+    state stays valid. Each epoch iterates the data in an order fixed by the state's seed
+    and the epoch number; a state restored mid-epoch continues at ``state.batch_index``
+    with the batches an uninterrupted run would have seen. At the end of each epoch the
+    step's ``flush`` finishes a partial gradient-accumulation group.
+
+    ``val=(eval_step, val_data)`` validates every ``val_every_n_epochs`` epochs and/or every
+    ``val_every_n_steps`` updates. Before training, ``sanity_val_batches`` validation batches
+    run once to catch errors early; their results go nowhere. ``limit_*_batches`` take an int
+    (batches) or a fraction in (0, 1]. Batches move to ``device`` (default: the model's)
+    unless that is the CPU. ``progress`` shows a tqdm bar on a terminal.
+
+    Returns the final state and the history: one dict per epoch with ``epoch``, ``step``,
+    ``train/<metric>`` means over the epoch's steps, the latest validation's ``val/<metric>``
+    means, and whatever the callbacks' ``on_epoch_end`` returned. Metrics stay on the device
+    between epochs (and progress-bar refreshes): the loop itself never syncs the host.
+
+    >>> import torch
+    >>> from loopkit.state import TrainState
+    >>> from loopkit.steps import train_step, eval_step
+    >>> model = torch.nn.Linear(1, 1)
+    >>> state = TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    >>> data = [(torch.ones(2, 1), torch.zeros(2, 1))] * 4
+    >>> mse = lambda m, b: ((m(b[0]) - b[1]) ** 2).mean()
+    >>> state, history = run_epochs(train_step(mse), state, data, epochs=1,
+    ...     val=(eval_step(lambda m, b: {"mse": mse(m, b)}), data), progress=False)
+    >>> sorted(history[0])
+    ['epoch', 'step', 'train/loss', 'val/mse']
+    """
+    _validate_options(
+        epochs, max_steps, val, val_every_n_epochs, val_every_n_steps, sanity_val_batches,
+        limit_train_batches, limit_val_batches,
+    )
+    if not isinstance(state, TrainState):
+        raise TypeError(f"run_epochs: state must be a loopkit.TrainState, got {type(state).__qualname__}")
+    state.check_usable()
+    step = donate(as_step(step))
+    if step.changes_state:
+        state = fork(state)
+    _to_device_state(state, device)
+    move = _mover(device, state)
+    hooks = _Hooks(callbacks)
+    show = progress_wanted(progress)
+
+    def validate(current: TrainState, limit: int | float | None) -> dict[str, float]:
+        means = evaluate(val[0], current, val[1], limit=limit, device=device)  # type: ignore[index]
+        return {f"val/{k}": v for k, v in means.items()}
+
+    hooks.call("on_fit_start", state)
+    if val is not None and sanity_val_batches > 0 and limit_val_batches != 0:
+        sanity_limit = sanity_val_batches
+        if isinstance(limit_val_batches, int):
+            sanity_limit = min(sanity_limit, limit_val_batches)
+        validate(state, sanity_limit)
+
+    history: list[dict[str, float]] = []
+
+    def more(s: TrainState) -> bool:
+        return (epochs is None or s.epoch < epochs) and (max_steps is None or s.step < max_steps)
+
+    while more(state) and not hooks.should_stop:
+        hooks.call("on_epoch_start", state)
+        total = _num_batches(train_data, limit_train_batches, "limit_train_batches")
+        batches = _epoch_batches(train_data, state.seed, state.epoch, state.batch_index, total)
+        means = _Means()
+        last_val: dict[str, float] = {}
+        remaining = None if total is None else max(total - state.batch_index, 0)
+        bar = ProgressBar(enabled=show, total=remaining, desc=f"epoch {state.epoch}")
+        exhausted = True
+        since_refresh = 0
+        for batch in batches:
+            if move is not None:
+                batch = move(batch)
+            before = state.step
+            state, metrics = step(state, batch)
+            means.add(metrics)
+            for hook in hooks.batch_end:
+                hook(state, metrics)
+            if bar.enabled:
+                since_refresh += 1
+                bar.update(means.latest() if since_refresh >= _REFRESH_EVERY else None)
+                since_refresh %= _REFRESH_EVERY
+            if val is not None and val_every_n_steps and state.step != before and state.step % val_every_n_steps == 0:
+                last_val = validate(state, limit_val_batches)
+                hooks.call("on_validation_end", state, last_val)
+            if (max_steps is not None and state.step >= max_steps) or hooks.should_stop:
+                exhausted = total is not None and state.batch_index >= total
+                break
+        epoch = state.epoch
+        if exhausted:
+            state, metrics = step.flush(state)
+            means.add(metrics)
+            state = state.evolve(epoch=epoch + 1, batch_index=0)
+        record: dict[str, float] = {"epoch": epoch, "step": state.step}
+        record.update({f"train/{k}": v for k, v in means.read().items()})
+        bar.close({k: v for k, v in record.items() if k.startswith("train/")})
+        if exhausted and val is not None and (epoch + 1) % val_every_n_epochs == 0 and limit_val_batches != 0:
+            last_val = validate(state, limit_val_batches)
+            hooks.call("on_validation_end", state, last_val)
+        record.update(last_val)
+        for extra in hooks.call("on_epoch_end", state, dict(record)):
+            if extra:
+                record.update(extra)
+        history.append(record)
+    hooks.call("on_fit_end", state, history)
+    return state, history
+

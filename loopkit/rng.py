@@ -1,0 +1,110 @@
+"""The random-number state a step draws from, kept in the train state rather than in globals.
+
+A step installs the state's generator states as torch's default generators for the length
+of the call (dropout and any ``torch.rand`` inside draw from them), reads the advanced
+states back into the new train state, and puts the caller's global states back. So two runs
+with the same seed draw the same dropout masks whatever else touched the global RNG.
+
+>>> import torch
+>>> rng = create_rng(0)
+>>> scope = RNGScope(rng, None)
+>>> a = torch.rand(1); rng_after = scope.close()
+>>> scope = RNGScope(rng, None)
+>>> bool(torch.equal(a, torch.rand(1)))
+True
+>>> _ = scope.close()
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+
+__all__ = ["RNGScope", "create_rng", "seed_everything"]
+
+RNG = Mapping[str, torch.Tensor]
+
+
+def create_rng(seed: int) -> dict[str, torch.Tensor]:
+    """A fresh RNG state for a train state: the CPU generator seeded with ``seed``.
+
+    Accelerator generators are added on first use, seeded from the same ``seed``.
+
+    >>> sorted(create_rng(0))
+    ['cpu']
+    """
+    return {"cpu": torch.Generator().manual_seed(seed).get_state()}
+
+
+def _cuda_state(rng: RNG, index: int, seed: int) -> torch.Tensor:
+    key = f"cuda:{index}"
+    if key in rng:
+        return rng[key]
+    gen = torch.Generator(device=f"cuda:{index}")
+    gen.manual_seed(seed)
+    return gen.get_state()
+
+
+class RNGScope:
+    """Installs a train state's RNG as torch's global RNG until :meth:`close`.
+
+    ``cuda_index`` names the CUDA device whose generator the step uses (None on CPU).
+    ``close()`` returns the advanced RNG state and restores the caller's global state.
+
+    >>> import torch
+    >>> scope = RNGScope(create_rng(1), None)
+    >>> new_rng = scope.close()
+    >>> torch.equal(new_rng["cpu"], create_rng(1)["cpu"])
+    True
+    """
+
+    __slots__ = ("_rng", "_saved_cpu", "_cuda_index", "_saved_cuda")
+
+    def __init__(self, rng: RNG, cuda_index: int | None, seed: int = 0) -> None:
+        self._rng = rng
+        self._cuda_index = cuda_index
+        self._saved_cpu = torch.get_rng_state()
+        torch.set_rng_state(rng["cpu"])
+        self._saved_cuda = None
+        if cuda_index is not None:
+            self._saved_cuda = torch.cuda.get_rng_state(cuda_index)
+            torch.cuda.set_rng_state(_cuda_state(rng, cuda_index, seed), cuda_index)
+
+    def close(self) -> dict[str, torch.Tensor]:
+        """Restore the global RNG and return the advanced state."""
+        new = dict(self._rng)
+        new["cpu"] = torch.get_rng_state()
+        torch.set_rng_state(self._saved_cpu)
+        if self._cuda_index is not None:
+            new[f"cuda:{self._cuda_index}"] = torch.cuda.get_rng_state(self._cuda_index)
+            torch.cuda.set_rng_state(self._saved_cuda, self._cuda_index)
+        return new
+
+    def discard(self) -> None:
+        """Restore the global RNG without keeping the advanced state (used by pure evaluation)."""
+        torch.set_rng_state(self._saved_cpu)
+        if self._cuda_index is not None:
+            torch.cuda.set_rng_state(self._saved_cuda, self._cuda_index)
+
+
+def seed_everything(seed: int) -> int:
+    """Seed Python's ``random``, NumPy, and torch (CPU and every CUDA device); return ``seed``.
+
+    Also sets ``PYTHONHASHSEED`` for child processes (data-loader workers).
+
+    >>> import torch
+    >>> _ = seed_everything(7); a = torch.rand(1)
+    >>> _ = seed_everything(7); bool(torch.equal(a, torch.rand(1)))
+    True
+    """
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**32:
+        raise ValueError(f"seed_everything: seed must be an int in [0, 2**32), got {seed!r}")
+    os.environ["PYTHONHASHSEED"] = str(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return seed

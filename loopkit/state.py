@@ -1,0 +1,422 @@
+"""``TrainState``: everything a training step reads and writes, as one immutable value.
+
+>>> import torch
+>>> state = TrainState.create(torch.nn.Linear(2, 1), seed=0)
+>>> state.step, state.epoch, state.batch_index
+(0, 0, 0)
+>>> state.evolve(epoch=1).epoch
+1
+"""
+
+from __future__ import annotations
+
+import types
+import weakref
+from collections import defaultdict
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+import torch
+from torch import nn
+
+from loopkit.errors import DonatedStateError, StateMismatchError
+from loopkit.rng import create_rng
+from loopkit.tree import from_plain, to_plain
+
+__all__ = ["TrainState", "fork"]
+
+_Scheduler = torch.optim.lr_scheduler.LRScheduler
+
+
+def _frozen_mapping(value: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    if value is None:
+        return types.MappingProxyType({})
+    if isinstance(value, types.MappingProxyType):
+        return value
+    return types.MappingProxyType(dict(value))
+
+
+@attrs.frozen(eq=False, slots=True)
+class TrainState:
+    """The whole training state: model, optimizer, scheduler, counters, RNG and transform extras.
+
+    Frozen: change it with :meth:`evolve`, which returns a new state. A step never changes
+    the state it is given (unless it is :func:`loopkit.donate`-d), so an old state stays a
+    valid snapshot. ``extras`` is a read-only mapping that transforms keep their own state in
+    (loss scale, accumulation counter, EMA weights, ...). ``seed`` seeds the data order.
+
+    >>> import torch
+    >>> model = torch.nn.Linear(3, 1)
+    >>> state = TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1), seed=1)
+    >>> state.seed, sorted(state.rng)
+    (1, ['cpu'])
+    """
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer | None = None
+    scheduler: _Scheduler | None = None
+    step: int = 0
+    epoch: int = 0
+    batch_index: int = 0
+    rng: Mapping[str, torch.Tensor] = attrs.field(factory=lambda: create_rng(0))
+    extras: Mapping[str, Any] = attrs.field(factory=dict, converter=_frozen_mapping)
+    seed: int = 0
+    _consumed: bool = attrs.field(default=False, init=False, repr=False)
+
+    @classmethod
+    def create(
+        cls,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        scheduler: _Scheduler | None = None,
+        *,
+        seed: int = 0,
+    ) -> TrainState:
+        """Build a fresh state at step 0 whose RNG is seeded with ``seed``.
+
+        >>> import torch
+        >>> TrainState.create(torch.nn.Linear(1, 1), seed=3).seed
+        3
+        """
+        _check_parts(model, optimizer, scheduler)
+        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
+            raise ValueError(f"TrainState.create: seed must be a non-negative int, got {seed!r}")
+        return cls(model, optimizer, scheduler, rng=create_rng(seed), seed=seed)
+
+    def evolve(self, **changes: Any) -> TrainState:
+        """Return a copy of this state with ``changes`` applied (tensors are shared, not copied).
+
+        >>> import torch
+        >>> TrainState.create(torch.nn.Linear(1, 1)).evolve(step=5).step
+        5
+        """
+        self.check_usable()
+        return attrs.evolve(self, **changes)
+
+    def check_usable(self) -> None:
+        """Raise :class:`loopkit.DonatedStateError` if this state was given to a donated step.
+
+        >>> import torch
+        >>> TrainState.create(torch.nn.Linear(1, 1)).check_usable()
+        """
+        if self._consumed:
+            raise DonatedStateError(
+                f"this TrainState (step {self.step}, epoch {self.epoch}, batch {self.batch_index}) was "
+                "given to a donated step, which reused its storage; use the state that step returned"
+            )
+
+    def mark_consumed(self) -> None:
+        """Mark this state as donated: any later use raises :class:`loopkit.DonatedStateError`."""
+        object.__setattr__(self, "_consumed", True)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The whole state as nested dicts of tensors, numbers and strings (tensors are shared).
+
+        >>> import torch
+        >>> sorted(TrainState.create(torch.nn.Linear(1, 1)).state_dict())
+        ['batch_index', 'epoch', 'extras', 'grads', 'model', 'rng', 'seed', 'step']
+        """
+        self.check_usable()
+        model = self.model
+        sd: dict[str, Any] = {
+            "model": dict(model.state_dict()),
+            "grads": {n: p.grad for n, p in model.named_parameters() if p.grad is not None},
+        }
+        if self.optimizer is not None:
+            sd["optimizer"] = to_plain(self.optimizer.state_dict(), ("optimizer",))
+        if self.scheduler is not None:
+            sd["scheduler"] = to_plain(self.scheduler.state_dict(), ("scheduler",))
+        sd.update(
+            step=self.step,
+            epoch=self.epoch,
+            batch_index=self.batch_index,
+            seed=self.seed,
+            rng=dict(self.rng),
+            extras=to_plain(self.extras, ("extras",)),
+        )
+        return sd
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> TrainState:
+        """Return a new state restored from ``state_dict``; this state is left unchanged.
+
+        Everything is checked before anything is copied: the first missing, unexpected or
+        mis-shaped key is named in a :class:`loopkit.StateMismatchError`.
+
+        >>> import torch
+        >>> a = TrainState.create(torch.nn.Linear(2, 1)).evolve(step=4)
+        >>> b = TrainState.create(torch.nn.Linear(2, 1)).load_state_dict(a.state_dict())
+        >>> b.step, bool(torch.equal(a.model.weight, b.model.weight))
+        (4, True)
+        """
+        self.check_usable()
+        decoded = _decode(self, state_dict)
+        new = fork(self)
+        _apply(new, decoded)
+        return new.evolve(
+            step=decoded["step"],
+            epoch=decoded["epoch"],
+            batch_index=decoded["batch_index"],
+            seed=decoded["seed"],
+            rng=decoded["rng"],
+            extras=decoded["extras"],
+        )
+
+
+def _check_parts(model: Any, optimizer: Any, scheduler: Any) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"TrainState: model must be a torch.nn.Module, got {type(model).__qualname__}")
+    if optimizer is not None:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"TrainState: optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__qualname__}"
+            )
+        owned = {id(p) for p in model.parameters()}
+        for gi, group in enumerate(optimizer.param_groups):
+            for pi, p in enumerate(group["params"]):
+                if id(p) not in owned:
+                    raise ValueError(
+                        f"TrainState: optimizer param_groups[{gi}]['params'][{pi}] (shape {tuple(p.shape)}) "
+                        "is not a parameter of the model; build the optimizer from model.parameters()"
+                    )
+    if scheduler is not None:
+        if optimizer is None:
+            raise ValueError("TrainState: a scheduler needs an optimizer")
+        if not isinstance(scheduler, _Scheduler):
+            raise TypeError(
+                f"TrainState: scheduler must be a torch.optim.lr_scheduler.LRScheduler, got {type(scheduler).__qualname__}"
+            )
+        if scheduler.optimizer is not optimizer:
+            raise ValueError("TrainState: the scheduler was built for a different optimizer than the state's")
+
+
+# --- copying only what a step changes -------------------------------------------------------
+
+
+def fork(state: TrainState) -> TrainState:
+    """A new state whose parameters, gradients, buffers, optimizer and scheduler state are copies.
+
+    Module structure, hooks and hyper-parameters are shared; RNG and extras are immutable
+    values and are shared too. A step mutates the fork in place, which keeps the given state
+    unchanged.
+
+    >>> import torch
+    >>> state = TrainState.create(torch.nn.Linear(1, 1))
+    >>> new = fork(state)
+    >>> new.model.weight is state.model.weight, bool(torch.equal(new.model.weight, state.model.weight))
+    (False, True)
+    """
+    state.check_usable()
+    memo: dict[int, Any] = {}
+    model = _clone_module(state.model, memo)
+    optimizer = scheduler = None
+    if state.optimizer is not None:
+        optimizer = _clone_optimizer(state.optimizer, memo)
+        if state.scheduler is not None:
+            scheduler = _clone_scheduler(state.scheduler, optimizer)
+    return attrs.evolve(state, model=model, optimizer=optimizer, scheduler=scheduler)
+
+
+def _clone_tensor(t: torch.Tensor, memo: dict[int, Any]) -> torch.Tensor:
+    key = id(t)
+    found = memo.get(key)
+    if found is not None:
+        return found
+    if isinstance(t, nn.Parameter):
+        new = nn.Parameter(t.detach().clone(), t.requires_grad)
+        if t.grad is not None:
+            new.grad = t.grad.clone()
+        if t.__dict__:
+            new.__dict__.update(t.__dict__)
+    else:
+        new = t.clone()
+    memo[key] = new
+    return new
+
+
+def _clone_module(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
+    key = id(module)
+    found = memo.get(key)
+    if found is not None:
+        return found
+    new = object.__new__(type(module))
+    attributes = module.__dict__.copy()
+    new.__dict__ = attributes
+    memo[key] = new
+    if module._parameters:
+        attributes["_parameters"] = {
+            n: None if p is None else _clone_tensor(p, memo) for n, p in module._parameters.items()
+        }
+    if module._buffers:
+        attributes["_buffers"] = {n: None if b is None else _clone_tensor(b, memo) for n, b in module._buffers.items()}
+    if module._modules:
+        attributes["_modules"] = {
+            n: None if m is None else _clone_module(m, memo) for n, m in module._modules.items()
+        }
+    if isinstance(module, nn.RNNBase):
+        new._init_flat_weights()
+    return new
+
+
+def _clone_value(value: Any, memo: dict[int, Any]) -> Any:
+    if isinstance(value, torch.Tensor):
+        return _clone_tensor(value, memo)
+    if isinstance(value, list):
+        return [_clone_value(v, memo) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_clone_value(v, memo) for v in value)
+    if isinstance(value, dict):
+        return {k: _clone_value(v, memo) for k, v in value.items()}
+    return value
+
+
+def _clone_optimizer(optimizer: torch.optim.Optimizer, memo: dict[int, Any]) -> torch.optim.Optimizer:
+    new = object.__new__(type(optimizer))
+    attributes = optimizer.__dict__.copy()
+    new.__dict__ = attributes
+    groups = []
+    for group in optimizer.param_groups:
+        copied = {k: _clone_value(v, memo) if isinstance(v, torch.Tensor) else v for k, v in group.items()}
+        copied["params"] = [_clone_tensor(p, memo) for p in group["params"]]
+        groups.append(copied)
+    attributes["param_groups"] = groups
+    state: defaultdict = defaultdict(dict)
+    for p, s in optimizer.state.items():
+        state[_clone_tensor(p, memo)] = {k: _clone_value(v, memo) for k, v in s.items()}
+    attributes["state"] = state
+    if "step" in attributes:  # the LR scheduler's wrapper, bound to the original optimizer
+        attributes["step"] = _track_step_called(new)
+    return new
+
+
+def _track_step_called(optimizer: torch.optim.Optimizer) -> Any:
+    """The wrapper LRScheduler puts on ``optimizer.step``, rebuilt for a copied optimizer."""
+    ref = weakref.ref(optimizer)
+    step = type(optimizer).step
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        opt = ref()
+        opt._opt_called = True  # type: ignore[union-attr]
+        return step(opt, *args, **kwargs)
+
+    wrapper._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
+    return wrapper
+
+
+def _clone_scheduler(scheduler: Any, optimizer: torch.optim.Optimizer) -> Any:
+    new = object.__new__(type(scheduler))
+    attributes = scheduler.__dict__.copy()
+    new.__dict__ = attributes
+    attributes["optimizer"] = optimizer
+    if "_schedulers" in attributes:
+        attributes["_schedulers"] = [_clone_scheduler(s, optimizer) for s in scheduler._schedulers]
+    for name, value in attributes.items():
+        if isinstance(value, weakref.WeakMethod) and value.__self__ is scheduler:  # type: ignore[attr-defined]
+            attributes[name] = weakref.WeakMethod(getattr(new, value.__func__.__name__))  # type: ignore[attr-defined]
+        elif isinstance(value, torch.Tensor):
+            attributes[name] = value.clone()
+    return new
+
+
+# --- loading a state dict ------------------------------------------------------------------
+
+
+def _decode(state: TrainState, sd: Mapping[str, Any]) -> dict[str, Any]:
+    if not isinstance(sd, Mapping):
+        raise TypeError(f"load_state_dict expects a mapping, got {type(sd).__qualname__}")
+    template = state.state_dict()
+    optional = {"grads", "extras"}
+    for key in template:
+        if key not in sd and key not in optional:
+            raise StateMismatchError(f"missing key '{key}'")
+    for key in sd:
+        if key not in template:
+            raise StateMismatchError(f"unexpected key '{key}'")
+    decoded: dict[str, Any] = {"model": from_plain(sd["model"], template["model"], ("model",))}
+    params = dict(state.model.named_parameters())
+    decoded["grads"] = _decode_grads(sd.get("grads", {}), params)
+    if "optimizer" in template:
+        decoded["optimizer"] = _decode_optimizer(sd["optimizer"], template["optimizer"], state.optimizer)
+    if "scheduler" in template:
+        decoded["scheduler"] = from_plain(sd["scheduler"], state.scheduler.state_dict(), ("scheduler",))
+    for key in ("step", "epoch", "batch_index", "seed"):
+        value = sd[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise StateMismatchError(f"key '{key}' must be a non-negative int, got {value!r}")
+        decoded[key] = value
+    decoded["rng"] = _decode_rng(sd["rng"], template["rng"])
+    extras = sd.get("extras", {})
+    to_plain(extras, ("extras",))  # refuses anything but tensors, numbers and strings
+    decoded["extras"] = dict(extras)
+    return decoded
+
+
+def _decode_grads(grads: Mapping[str, Any], params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+    for name, g in grads.items():
+        if name not in params:
+            raise StateMismatchError(f"unexpected key 'grads.{name}': the model has no such parameter")
+        if not isinstance(g, torch.Tensor) or g.shape != params[name].shape:
+            shape = tuple(g.shape) if isinstance(g, torch.Tensor) else type(g).__qualname__
+            raise StateMismatchError(
+                f"mis-shaped key 'grads.{name}': the state dict has {shape}, the parameter {tuple(params[name].shape)}"
+            )
+    return dict(grads)
+
+
+def _decode_optimizer(plain: Any, template: dict[str, Any], optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    if not isinstance(plain, Mapping):
+        raise StateMismatchError(f"key 'optimizer' holds a {type(plain).__qualname__}, expected a mapping")
+    for key in ("state", "param_groups"):
+        if key not in plain:
+            raise StateMismatchError(f"missing key 'optimizer.{key}'")
+    for key in plain:
+        if key not in ("state", "param_groups"):
+            raise StateMismatchError(f"unexpected key 'optimizer.{key}'")
+    raw_groups = optimizer.state_dict()["param_groups"]
+    groups = from_plain(plain["param_groups"], raw_groups, ("optimizer", "param_groups"))
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    current = template.get("state", {})
+    state: dict[int, dict[str, Any]] = {}
+    for index, entry in plain["state"].items():
+        path = ("optimizer", "state", index)
+        if not str(index).isdigit() or int(index) >= len(params):
+            raise StateMismatchError(
+                f"unexpected key '{'.'.join(path)}': the optimizer has {len(params)} parameters"
+            )
+        if not isinstance(entry, Mapping):
+            raise StateMismatchError(f"key '{'.'.join(path)}' holds a {type(entry).__qualname__}, expected a mapping")
+        param = params[int(index)]
+        for name, value in entry.items():
+            if isinstance(value, torch.Tensor) and value.ndim > 0:
+                known = current.get(str(index), {}).get(name)
+                expected = known.shape if isinstance(known, torch.Tensor) else param.shape
+                if value.shape != expected:
+                    raise StateMismatchError(
+                        f"mis-shaped key '{'.'.join(path + (name,))}': the state dict has shape "
+                        f"{tuple(value.shape)}, expected {tuple(expected)}"
+                    )
+        state[int(index)] = dict(entry)
+    return {"state": state, "param_groups": groups}
+
+
+def _decode_rng(plain: Any, template: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    if not isinstance(plain, Mapping) or "cpu" not in plain:
+        raise StateMismatchError("missing key 'rng.cpu'")
+    for key, value in plain.items():
+        if not isinstance(value, torch.Tensor) or value.dtype != torch.uint8:
+            raise StateMismatchError(f"key 'rng.{key}' must be a uint8 generator-state tensor")
+    from_plain(plain["cpu"], template["cpu"], ("rng", "cpu"))
+    return dict(plain)
+
+
+def _apply(state: TrainState, decoded: dict[str, Any]) -> None:
+    model = state.model
+    model.load_state_dict(decoded["model"])
+    params = dict(model.named_parameters())
+    for name, p in params.items():
+        g = decoded["grads"].get(name)
+        p.grad = None if g is None else g.detach().to(p.device, p.dtype).clone()
+    if state.optimizer is not None:
+        state.optimizer.load_state_dict(decoded["optimizer"])
+    if state.scheduler is not None:
+        state.scheduler.load_state_dict(decoded["scheduler"])

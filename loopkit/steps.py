@@ -1,0 +1,582 @@
+"""Steps: ``(state, batch) -> (new_state, metrics)``, pure unless donated.
+
+``train_step(loss_fn)`` builds the training step, ``eval_step(metric_fn)`` the evaluation
+step, and ``donate(step)`` lets a step reuse its input state's storage. Gradient-level
+transforms (``with_amp``, ``with_grad_accum``, ``with_grad_clip``, ``with_nan_guard``) are
+options of a :class:`TrainStep`; whole-step transforms (logging, checkpointing) wrap any
+step as a :class:`WrapperStep`.
+
+>>> import torch
+>>> from loopkit.state import TrainState
+>>> model = torch.nn.Linear(2, 1)
+>>> state = TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+>>> step = train_step(lambda m, b: ((m(b[0]) - b[1]) ** 2).mean())
+>>> new_state, metrics = step(state, (torch.ones(4, 2), torch.zeros(4, 1)))
+>>> new_state.step, state.step, sorted(metrics)
+(1, 0, ['loss'])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+import attrs
+import torch
+
+from loopkit.rng import RNGScope
+from loopkit.state import TrainState, fork
+
+__all__ = [
+    "EvalStep",
+    "FnStep",
+    "GradContext",
+    "GradTransform",
+    "Precision",
+    "Step",
+    "TrainStep",
+    "WrapperStep",
+    "as_step",
+    "check_metric",
+    "donate",
+    "eval_step",
+    "train_step",
+]
+
+Metrics = dict[str, torch.Tensor]
+LossFn = Callable[[torch.nn.Module, Any], Any]
+
+_ACCUM_COUNT = "accum/count"
+_FOUND_INF = "amp/found_inf"
+_NONFINITE = "nan_guard/nonfinite"
+
+
+# --- the step protocol -----------------------------------------------------------------------
+
+
+class Step:
+    """Base class of loopkit's steps: callable as ``step(state, batch) -> (state, metrics)``.
+
+    Subclasses implement ``run_``, which may change the given state's tensors in place;
+    ``__call__`` hands ``run_`` a copy (:func:`loopkit.state.fork`) unless the step is
+    donated, which is how every loopkit step is pure. ``flush`` finishes any partial work
+    (a partial gradient-accumulation group) at the end of an epoch.
+
+    >>> import torch
+    >>> from loopkit.state import TrainState
+    >>> isinstance(eval_step(lambda m, b: {}), Step)
+    True
+    """
+
+    donated: bool = False
+    #: whether ``run_`` changes the state it is given (and so needs a copy when not donated)
+    changes_state: bool = True
+
+    def run_(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
+        raise NotImplementedError
+
+    def flush_(self, state: TrainState) -> tuple[TrainState, Metrics]:
+        return state, {}
+
+    @property
+    def applied(self) -> tuple[str, ...]:
+        """Names of the transforms applied to this step, innermost first."""
+        return ()
+
+    def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
+        return self._invoke(self.run_, state, batch)
+
+    def flush(self, state: TrainState) -> tuple[TrainState, Metrics]:
+        """Finish partial work at the end of an epoch; a no-op for most steps."""
+        return self._invoke(self.flush_, state)
+
+    def _invoke(self, run: Callable[..., tuple[TrainState, Metrics]], state: TrainState, *args: Any):
+        if not isinstance(state, TrainState):
+            raise TypeError(f"a step takes a loopkit.TrainState, got {type(state).__qualname__}")
+        state.check_usable()
+        if not self.donated:
+            return run(fork(state) if self.changes_state else state, *args)
+        try:
+            new, metrics = run(state, *args)
+        finally:
+            state.mark_consumed()
+        if new is state:
+            new = attrs.evolve(state)
+        return new, metrics
+
+
+def as_step(step: Any) -> Step:
+    """Return ``step`` as a :class:`Step`: loopkit steps as they are, plain callables wrapped.
+
+    >>> as_step(lambda state, batch: (state, {})).applied
+    ('<lambda>',)
+    """
+    if isinstance(step, Step):
+        return step
+    if callable(step):
+        return FnStep(step)
+    raise TypeError(f"a step must be callable as step(state, batch), got {type(step).__qualname__}")
+
+
+def donate(step: Callable[[TrainState, Any], tuple[TrainState, Metrics]]) -> Step:
+    """The same step, allowed to reuse its input state's storage in place (no copies).
+
+    The input state is marked as consumed: passing it to a step again, or calling
+    ``evolve`` / ``state_dict`` on it, raises :class:`loopkit.DonatedStateError`.
+
+    >>> import torch
+    >>> from loopkit.state import TrainState
+    >>> from loopkit.errors import DonatedStateError
+    >>> model = torch.nn.Linear(1, 1)
+    >>> state = TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    >>> step = donate(train_step(lambda m, b: m(b).sum()))
+    >>> new, _ = step(state, torch.ones(2, 1))
+    >>> try:
+    ...     step(state, torch.ones(2, 1))
+    ... except DonatedStateError:
+    ...     print("refused")
+    refused
+    """
+    return attrs.evolve(as_step(step), donated=True)
+
+
+@attrs.frozen(eq=False)
+class FnStep(Step):
+    """A plain function used as a step; it keeps its own purity contract (no copy is made).
+
+    >>> FnStep(lambda s, b: (s, {})).changes_state
+    False
+    """
+
+    fn: Callable[[TrainState, Any], tuple[TrainState, Metrics]]
+    donated: bool = False
+    changes_state = False
+
+    def run_(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
+        return self.fn(state, batch)
+
+    def flush_(self, state: TrainState) -> tuple[TrainState, Metrics]:
+        flush = getattr(self.fn, "flush", None)
+        return flush(state) if flush is not None else (state, {})
+
+    @property
+    def applied(self) -> tuple[str, ...]:
+        return (getattr(self.fn, "__qualname__", type(self.fn).__qualname__),)
+
+
+@attrs.frozen(eq=False)
+class WrapperStep(Step):
+    """Base of whole-step transforms: runs ``inner`` in place, then does its own work.
+
+    Subclasses override ``after`` (and optionally ``before``); ``name`` is the transform's
+    public name, used in composition errors.
+
+    >>> WrapperStep(as_step(lambda s, b: (s, {}))).applied
+    ('<lambda>', 'WrapperStep')
+    """
+
+    inner: Step
+    donated: bool = False
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+    @property
+    def changes_state(self) -> bool:  # type: ignore[override]
+        return self.inner.changes_state
+
+    @property
+    def applied(self) -> tuple[str, ...]:
+        return self.inner.applied + (self.name,)
+
+    def run_(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
+        new, metrics = self.inner.run_(state, batch)
+        return self.after(new, metrics, end_of_epoch=False)
+
+    def flush_(self, state: TrainState) -> tuple[TrainState, Metrics]:
+        new, metrics = self.inner.flush_(state)
+        return self.after(new, metrics, end_of_epoch=True)
+
+    def after(self, state: TrainState, metrics: Metrics, *, end_of_epoch: bool) -> tuple[TrainState, Metrics]:
+        return state, metrics
+
+
+# --- protocols the gradient-level transforms implement ------------------------------------------
+
+
+class GradContext:
+    """What a gradient transform sees: the parameters with gradients, and the step's flags.
+
+    ``found_inf`` is set by a float16 loss scaler after unscaling; ``nonfinite`` by guards.
+    Both are on-device tensors (1.0 = the update must be skipped).
+    """
+
+    __slots__ = ("state", "params", "metrics", "found_inf", "nonfinite")
+
+    def __init__(self, state: TrainState, metrics: Metrics, found_inf: Any, nonfinite: Any) -> None:
+        self.state = state
+        self.params = [p for p in state.model.parameters() if p.grad is not None]
+        self.metrics = metrics
+        self.found_inf = found_inf
+        self.nonfinite = nonfinite
+
+    @property
+    def grads(self) -> list[torch.Tensor]:
+        return [p.grad for p in self.params]  # type: ignore[misc]
+
+    def flag_nonfinite(self, flag: torch.Tensor) -> None:
+        """OR ``flag`` (a 0-dim or 1-element float tensor) into the skip flag."""
+        flag = flag.reshape(())
+        self.nonfinite = flag if self.nonfinite is None else torch.maximum(self.nonfinite, flag)
+
+
+class GradTransform(Protocol):
+    """A transform that acts on gradients before the optimizer update."""
+
+    name: str
+
+    def on_loss(self, loss: torch.Tensor, state: TrainState, ctx: GradContext) -> None: ...
+
+    def on_grads(self, ctx: GradContext) -> None: ...
+
+
+class Precision(Protocol):
+    """Mixed precision: an autocast context and, for float16, a loss scaler."""
+
+    name: str
+    scales_loss: bool
+
+    def autocast(self, device_type: str) -> Any: ...
+
+    def scale(self, loss: torch.Tensor, extras: dict[str, Any], device: torch.device) -> torch.Tensor: ...
+
+    def unscale(self, ctx: GradContext, extras: dict[str, Any]) -> None: ...
+
+    def after_update(self, ctx: GradContext, extras: dict[str, Any]) -> None: ...
+
+
+# --- metrics and losses ------------------------------------------------------------------------
+
+
+def check_metric(value: Any, key: Any, where: str) -> torch.Tensor:
+    """Return ``value`` as a detached 0-dim tensor, or raise naming the metric and its source.
+
+    >>> check_metric(0.5, "acc", "metric_fn f")
+    tensor(0.5000)
+    >>> check_metric("high", "acc", "metric_fn f")
+    Traceback (most recent call last):
+    ...
+    TypeError: metric 'acc' from metric_fn f is a str; a metric must be a number or a 0-dim tensor
+    """
+    if not isinstance(key, str):
+        raise TypeError(f"metric names from {where} must be strings, got {key!r}")
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
+            raise TypeError(
+                f"metric '{key}' from {where} is a tensor of shape {tuple(value.shape)} and dtype "
+                f"{value.dtype}; a metric must be a real 0-dim tensor (reduce it, e.g. .mean())"
+            )
+        return value.detach().reshape(())
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return torch.tensor(float(value))
+    raise TypeError(f"metric '{key}' from {where} is a {type(value).__qualname__}; a metric must be a number or a 0-dim tensor")
+
+
+def _fn_name(fn: Any) -> str:
+    return getattr(fn, "__qualname__", None) or type(fn).__qualname__
+
+
+def _split_loss(out: Any, loss_fn: Any) -> tuple[torch.Tensor, Metrics]:
+    aux: Metrics = {}
+    where = f"loss_fn {_fn_name(loss_fn)}"
+    if isinstance(out, tuple):
+        if len(out) != 2 or not isinstance(out[1], Mapping):
+            raise TypeError(f"{where} returned a tuple; expected (loss, metrics_dict)")
+        out, extra = out
+        for key, value in extra.items():
+            if key == "loss":
+                raise ValueError(f"{where} returned an aux metric named 'loss', which would hide the loss")
+            aux[key] = check_metric(value, key, where)
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(
+            f"{where} returned a {type(out).__qualname__}; expected a scalar loss tensor, "
+            "(loss, metrics_dict), or None to skip the batch"
+        )
+    if out.ndim != 0:
+        raise ValueError(
+            f"{where} returned a loss of shape {tuple(out.shape)}; the loss must be a scalar (0-dim) "
+            "tensor: reduce it, e.g. with .mean()"
+        )
+    if not out.requires_grad:
+        raise ValueError(
+            f"{where} returned a loss without a gradient (requires_grad=False): was it computed under "
+            "torch.no_grad(), detached, or from parameters that do not require grad?"
+        )
+    return out, aux
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    for b in model.buffers():
+        return b.device
+    return torch.device("cpu")
+
+
+def _cuda_index(device: torch.device) -> int | None:
+    if device.type != "cuda":
+        return None
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+# --- the training step -------------------------------------------------------------------------
+
+
+@attrs.frozen(eq=False)
+class TrainStep(Step):
+    """The step ``train_step(loss_fn)`` returns; transforms return modified copies of it.
+
+    ``micro`` holds gradient transforms that act on each micro-batch's gradient (applied
+    before gradient accumulation), ``update`` those that act on the accumulated gradient
+    (applied after it). Without accumulation the two are the same thing.
+    """
+
+    loss_fn: LossFn
+    precision: Precision | None = None
+    accum_every: int = 1
+    micro: tuple[GradTransform, ...] = ()
+    update: tuple[GradTransform, ...] = ()
+    transforms: tuple[str, ...] = ()
+    donated: bool = False
+
+    @property
+    def applied(self) -> tuple[str, ...]:
+        return ("train_step",) + self.transforms
+
+    def with_transform(self, name: str, **changes: Any) -> TrainStep:
+        """A copy with ``changes`` applied and ``name`` recorded (used by the ``with_*`` transforms)."""
+        return attrs.evolve(self, transforms=self.transforms + (name,), **changes)
+
+    def add_grad_transform(self, transform: GradTransform) -> TrainStep:
+        """Add a gradient transform inside (per micro-batch) or outside (per update) accumulation."""
+        if self.accum_every > 1:
+            return self.with_transform(transform.name, update=self.update + (transform,))
+        return self.with_transform(transform.name, micro=self.micro + (transform,))
+
+    # The in-place core --------------------------------------------------------------------
+
+    def run_(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
+        model, optimizer = state.model, state.optimizer
+        if optimizer is None:
+            raise ValueError("train_step needs a state with an optimizer (TrainState.create(model, optimizer))")
+        device = optimizer.param_groups[0]["params"][0].device
+        extras = dict(state.extras) if (self.precision or self.accum_every > 1 or self.micro or self.update) else None
+        per_micro = self.accum_every > 1 and bool(self.micro)
+        scope = RNGScope(state.rng, _cuda_index(device), state.seed)
+        try:
+            if self.precision is not None:
+                with self.precision.autocast(device.type):
+                    out = self.loss_fn(model, batch)
+            else:
+                out = self.loss_fn(model, batch)
+            if out is None:
+                rng = scope.close()
+                return attrs.evolve(state, batch_index=state.batch_index + 1, rng=rng), {}
+            loss, metrics = _split_loss(out, self.loss_fn)
+            to_backward = loss / self.accum_every if self.accum_every > 1 else loss
+            if self.precision is not None and self.precision.scales_loss:
+                to_backward = self.precision.scale(to_backward, extras, device)  # type: ignore[arg-type]
+            stash = _stash_grads(optimizer) if per_micro else None
+            to_backward.backward()
+        except BaseException:
+            scope.discard()
+            raise
+        rng = scope.close()
+        metrics = {"loss": loss.detach(), **metrics} if metrics else {"loss": loss.detach()}
+        if extras is None:  # the plain step: update at once, nothing else to do
+            optimizer.step()
+            if state.scheduler is not None:
+                state.scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            return _advance(state, state.step + 1, rng, state.extras), metrics
+        new = _advance(state, state.step, rng, state.extras)
+        ctx = GradContext(new, metrics, extras.pop(_FOUND_INF, None), extras.pop(_NONFINITE, None))
+        for t in self.micro + self.update:
+            t.on_loss(loss, new, ctx)
+        if per_micro:
+            if self.precision is not None and self.precision.scales_loss:
+                self.precision.unscale(ctx, extras)
+            for t in self.micro:
+                t.on_grads(ctx)
+            _unstash_grads(stash)
+        count = extras.get(_ACCUM_COUNT, 0) + 1
+        if count < self.accum_every:
+            extras[_ACCUM_COUNT] = count
+            _keep_flags(extras, ctx)
+            return attrs.evolve(new, extras=extras), metrics
+        extras.pop(_ACCUM_COUNT, None)
+        return self._apply_update(new, extras, metrics, ctx), metrics
+
+    def flush_(self, state: TrainState) -> tuple[TrainState, Metrics]:
+        count = state.extras.get(_ACCUM_COUNT, 0)
+        if self.accum_every == 1 or count == 0:
+            return state, {}
+        extras = dict(state.extras)
+        extras.pop(_ACCUM_COUNT)
+        grads = [p.grad for g in state.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if grads:  # each micro-batch loss was divided by `every`: make it the mean over `count`
+            torch._foreach_mul_(grads, self.accum_every / count)
+        metrics: Metrics = {}
+        ctx = GradContext(state, metrics, extras.pop(_FOUND_INF, None), extras.pop(_NONFINITE, None))
+        return self._apply_update(state, extras, metrics, ctx), metrics
+
+    def _apply_update(
+        self, state: TrainState, extras: dict[str, Any], metrics: Metrics, ctx: GradContext
+    ) -> TrainState:
+        optimizer, scheduler = state.optimizer, state.scheduler
+        ctx.params = [p for p in state.model.parameters() if p.grad is not None]
+        scaler = self.precision if (self.precision is not None and self.precision.scales_loss) else None
+        if not (self.accum_every > 1 and self.micro):
+            if scaler is not None:
+                scaler.unscale(ctx, extras)  # type: ignore[arg-type]
+            for t in self.micro:
+                t.on_grads(ctx)
+        for t in self.update:
+            t.on_grads(ctx)
+        skip = _skip_flag(ctx)
+        skipped = skip is not None and bool(skip)  # one read per update, only with a scaler or a guard
+        if not skipped:
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+        if scaler is not None:
+            scaler.after_update(ctx, extras)  # type: ignore[arg-type]
+        optimizer.zero_grad(set_to_none=True)
+        if ctx.nonfinite is not None:
+            metrics["nan_guard/skipped"] = ctx.nonfinite
+            if skipped:
+                extras["nan_guard/skipped_total"] = extras.get("nan_guard/skipped_total", 0) + 1  # type: ignore[index]
+        return attrs.evolve(state, step=state.step + (0 if skipped else 1), extras=extras)
+
+
+def _advance(state: TrainState, step: int, rng: Any, extras: Any) -> TrainState:
+    """``state`` after one more batch (a faster ``attrs.evolve`` for the hot path)."""
+    return TrainState(
+        state.model, state.optimizer, state.scheduler, step, state.epoch, state.batch_index + 1, rng, extras, state.seed
+    )
+
+
+def _stash_grads(optimizer: torch.optim.Optimizer) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Take the accumulated gradients off the parameters, so backward writes one micro-batch's."""
+    stash = []
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.grad is not None:
+                stash.append((p, p.grad))
+                p.grad = None
+    return stash
+
+
+def _unstash_grads(stash: list[tuple[torch.Tensor, torch.Tensor]] | None) -> None:
+    for p, acc in stash or ():
+        if p.grad is None:
+            p.grad = acc
+        else:
+            p.grad.add_(acc)
+
+
+def _keep_flags(extras: dict[str, Any], ctx: GradContext) -> None:
+    if ctx.found_inf is not None:
+        extras[_FOUND_INF] = ctx.found_inf
+    if ctx.nonfinite is not None:
+        extras[_NONFINITE] = ctx.nonfinite
+
+
+def _skip_flag(ctx: GradContext) -> torch.Tensor | None:
+    if ctx.found_inf is None:
+        return ctx.nonfinite
+    if ctx.nonfinite is None:
+        return ctx.found_inf
+    return torch.maximum(ctx.found_inf.reshape(()), ctx.nonfinite)
+
+
+def train_step(loss_fn: LossFn) -> TrainStep:
+    """A training step: forward, backward, optimizer update, scheduler step.
+
+    ``loss_fn(model, batch)`` returns a scalar loss tensor, ``(loss, metrics_dict)``, or
+    ``None`` to skip the batch. The step reports ``loss`` and the aux metrics as 0-dim
+    tensors on the device (it never reads them on the host). The state's RNG drives dropout.
+
+    >>> import torch
+    >>> from loopkit.state import TrainState
+    >>> model = torch.nn.Linear(3, 1)
+    >>> state = TrainState.create(model, torch.optim.Adam(model.parameters()))
+    >>> def loss_fn(model, batch):
+    ...     x, y = batch
+    ...     err = model(x) - y
+    ...     return (err ** 2).mean(), {"mae": err.abs().mean()}
+    >>> state, metrics = train_step(loss_fn)(state, (torch.randn(8, 3), torch.randn(8, 1)))
+    >>> sorted(metrics), state.step
+    (['loss', 'mae'], 1)
+    """
+    if not callable(loss_fn):
+        raise TypeError(f"train_step: loss_fn must be callable as loss_fn(model, batch), got {type(loss_fn).__qualname__}")
+    return TrainStep(loss_fn)
+
+
+# --- the evaluation step -----------------------------------------------------------------------
+
+
+@attrs.frozen(eq=False)
+class EvalStep(Step):
+    """The step ``eval_step(metric_fn)`` returns: eval mode, no gradients, the state unchanged."""
+
+    metric_fn: Callable[[torch.nn.Module, Any], Mapping[str, Any]]
+    precision: Precision | None = None
+    transforms: tuple[str, ...] = ()
+    donated: bool = False
+    changes_state = False
+
+    @property
+    def applied(self) -> tuple[str, ...]:
+        return ("eval_step",) + self.transforms
+
+    def run_(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
+        model = state.model
+        modes = [(m, m.training) for m in model.modules()]
+        model.eval()
+        scope = RNGScope(state.rng, _cuda_index(_device_of(model)), state.seed)
+        try:
+            with torch.no_grad():
+                if self.precision is not None:
+                    with self.precision.autocast(_device_of(model).type):
+                        out = self.metric_fn(model, batch)
+                else:
+                    out = self.metric_fn(model, batch)
+        finally:
+            scope.discard()
+            for m, mode in modes:
+                m.training = mode
+        where = f"metric_fn {_fn_name(self.metric_fn)}"
+        if not isinstance(out, Mapping):
+            raise TypeError(f"{where} returned a {type(out).__qualname__}; expected a dict of metrics")
+        return state, {k: check_metric(v, k, where) for k, v in out.items()}
+
+
+def eval_step(metric_fn: Callable[[torch.nn.Module, Any], Mapping[str, Any]]) -> EvalStep:
+    """An evaluation step: ``metric_fn(model, batch)`` in eval mode under ``torch.no_grad()``.
+
+    Returns the state unchanged (training mode restored module by module) and the metrics.
+
+    >>> import torch
+    >>> from loopkit.state import TrainState
+    >>> state = TrainState.create(torch.nn.Linear(2, 1))
+    >>> step = eval_step(lambda m, b: {"mse": ((m(b[0]) - b[1]) ** 2).mean()})
+    >>> same, metrics = step(state, (torch.ones(4, 2), torch.zeros(4, 1)))
+    >>> same is state, state.model.training, sorted(metrics)
+    (True, True, ['mse'])
+    """
+    if not callable(metric_fn):
+        raise TypeError(f"eval_step: metric_fn must be callable as metric_fn(model, batch), got {type(metric_fn).__qualname__}")
+    return EvalStep(metric_fn)

@@ -1,0 +1,54 @@
+"""How gradient-level transforms find the train step they modify, and the errors when they cannot."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from loopkit.steps import EvalStep, Step, TrainStep, WrapperStep, as_step
+
+__all__ = ["require_train_step", "require_train_or_eval_step"]
+
+
+def _refuse(transform: str, step: Step, needs: str) -> TypeError:
+    if isinstance(step, WrapperStep):
+        return TypeError(
+            f"{transform} cannot wrap {step.name}: {transform} changes {needs}, which {step.name} hides; "
+            f"apply {transform} first, e.g. {step.name}({transform}(train_step(...)), ...)"
+        )
+    if isinstance(step, EvalStep):
+        return TypeError(f"{transform} cannot wrap eval_step: {transform} changes {needs}, and eval_step computes none")
+    return TypeError(
+        f"{transform} needs a loopkit train_step to reach {needs}; got the plain step {step.applied[-1]}"
+    )
+
+
+def require_train_step(step: Any, transform: str) -> TrainStep:
+    """``step`` as a :class:`TrainStep`, or a ``TypeError`` naming ``transform`` and what it wraps.
+
+    >>> from loopkit.steps import train_step
+    >>> require_train_step(train_step(lambda m, b: None), "with_grad_clip").applied
+    ('train_step',)
+    """
+    step = as_step(step)
+    if not isinstance(step, TrainStep):
+        raise _refuse(transform, step, "the gradients and the update")
+    if step.donated:
+        raise TypeError(f"{transform} cannot wrap a donated step: apply donate() last")
+    return step
+
+
+def require_train_or_eval_step(step: Any, transform: str) -> TrainStep | EvalStep:
+    """``step`` as a :class:`TrainStep` or :class:`EvalStep`, or a ``TypeError`` naming both.
+
+    >>> from loopkit.steps import eval_step
+    >>> require_train_or_eval_step(eval_step(lambda m, b: {}), "with_amp").applied
+    ('eval_step',)
+    """
+    step = as_step(step)
+    if isinstance(step, EvalStep):
+        if step.donated:
+            raise TypeError(f"{transform} cannot wrap a donated step: apply donate() last")
+        return step
+    if isinstance(step, TrainStep):
+        return require_train_step(step, transform)
+    raise _refuse(transform, step, "the forward pass")

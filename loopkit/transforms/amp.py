@@ -1,0 +1,128 @@
+"""``with_amp``: mixed precision with autocast, and a float16 loss scaler kept in the state.
+
+>>> import torch
+>>> from loopkit.steps import train_step
+>>> step = with_amp(train_step(lambda m, b: m(b).float().mean()), dtype=torch.bfloat16)
+>>> step.applied
+('train_step', 'with_amp')
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+import torch
+
+from loopkit.steps import EvalStep, GradContext, TrainStep
+from loopkit.transforms._compose import require_train_or_eval_step
+
+__all__ = ["Amp", "with_amp"]
+
+_SCALE = "amp/scale"
+_GROWTH = "amp/growth_tracker"
+_FOUND_INF = "amp/found_inf"
+
+
+@attrs.frozen
+class Amp:
+    """Autocast to ``dtype``; for float16 a dynamic loss scaler on torch.amp's own kernels.
+
+    The scale and its growth tracker live in ``state.extras`` (``amp/scale``,
+    ``amp/growth_tracker``), so they are part of purity and checkpoints. The scaler
+    follows ``torch.amp.GradScaler``: scale the loss, unscale the gradients before any
+    other gradient transform sees them, skip the update when they hold inf/NaN, back the
+    scale off on an overflow and grow it after ``growth_interval`` clean updates.
+
+    >>> Amp(torch.float16).scales_loss, Amp(torch.bfloat16).scales_loss
+    (True, False)
+    """
+
+    dtype: torch.dtype
+    init_scale: float = 2.0**16
+    growth_factor: float = 2.0
+    backoff_factor: float = 0.5
+    growth_interval: int = 2000
+    name: str = "with_amp"
+
+    @property
+    def scales_loss(self) -> bool:
+        return self.dtype == torch.float16
+
+    def autocast(self, device_type: str) -> torch.autocast:
+        return torch.autocast(device_type, dtype=self.dtype)
+
+    def scale(self, loss: torch.Tensor, extras: dict[str, Any], device: torch.device) -> torch.Tensor:
+        scale = extras.get(_SCALE)
+        if scale is None:
+            scale = extras[_SCALE] = torch.full((), self.init_scale, dtype=torch.float32, device=device)
+            extras[_GROWTH] = torch.zeros((), dtype=torch.int32, device=device)
+        return loss * scale.to(loss.dtype)
+
+    def unscale(self, ctx: GradContext, extras: dict[str, Any]) -> None:
+        scale = extras[_SCALE]
+        found_inf = torch.zeros(1, dtype=torch.float32, device=scale.device)
+        inv_scale = scale.double().reciprocal().float().reshape(1)
+        groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+        for g in ctx.grads:
+            groups.setdefault((g.device, g.dtype), []).append(g)
+        for (device, _), grads in groups.items():
+            found = found_inf if device == scale.device else torch.zeros(1, device=device)
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, found, inv_scale.to(device))
+            if found is not found_inf:
+                found_inf += found.to(found_inf.device)
+        found_inf = found_inf.clamp_(max=1.0).reshape(())
+        ctx.found_inf = found_inf if ctx.found_inf is None else torch.maximum(ctx.found_inf, found_inf)
+
+    def after_update(self, ctx: GradContext, extras: dict[str, Any]) -> None:
+        found_inf = ctx.found_inf if ctx.found_inf is not None else torch.zeros((), device=extras[_SCALE].device)
+        scale, growth = extras[_SCALE].clone(), extras[_GROWTH].clone()
+        torch._amp_update_scale_(
+            scale, growth, found_inf.reshape(1), self.growth_factor, self.backoff_factor, self.growth_interval
+        )
+        extras[_SCALE], extras[_GROWTH] = scale, growth
+        ctx.metrics["amp/skipped"] = found_inf.reshape(())
+
+
+def with_amp(
+    step: Any,
+    dtype: torch.dtype = torch.bfloat16,
+    *,
+    init_scale: float = 2.0**16,
+    growth_factor: float = 2.0,
+    backoff_factor: float = 0.5,
+    growth_interval: int = 2000,
+) -> TrainStep | EvalStep:
+    """Run the forward pass under ``torch.autocast(dtype)``; for float16, scale the loss.
+
+    bfloat16 needs no scaler. float16 keeps a dynamic loss scale in ``state.extras``; an
+    update whose gradients overflow is skipped (``state.step`` does not advance, nor does
+    the scheduler) and reported as metric ``amp/skipped`` (1.0). Deciding the skip reads one
+    flag per update on the host, as ``torch.amp.GradScaler`` does with non-fused optimizers.
+    Works on ``train_step`` and ``eval_step``; gradient clipping and NaN guards always see
+    unscaled gradients, whatever the nesting order.
+
+    >>> import torch
+    >>> from loopkit.state import TrainState
+    >>> from loopkit.steps import train_step
+    >>> model = torch.nn.Linear(4, 1)
+    >>> state = TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    >>> step = with_amp(train_step(lambda m, b: m(b).float().pow(2).mean()), dtype=torch.float16)
+    >>> state, metrics = step(state, torch.randn(8, 4))
+    >>> float(state.extras["amp/scale"]) > 0, "amp/skipped" in metrics
+    (True, True)
+    """
+    if dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"with_amp: dtype must be torch.bfloat16 or torch.float16, got {dtype}")
+    if not init_scale > 0 or not growth_factor > 1 or not 0 < backoff_factor < 1:
+        raise ValueError(
+            "with_amp: need init_scale > 0, growth_factor > 1 and 0 < backoff_factor < 1, got "
+            f"{init_scale}, {growth_factor}, {backoff_factor}"
+        )
+    if not isinstance(growth_interval, int) or growth_interval < 1:
+        raise ValueError(f"with_amp: growth_interval must be a positive int, got {growth_interval!r}")
+    base = require_train_or_eval_step(step, "with_amp")
+    if base.precision is not None:
+        raise TypeError("with_amp cannot wrap with_amp: a step has one precision; apply with_amp once")
+    amp = Amp(dtype, init_scale, growth_factor, backoff_factor, growth_interval)
+    return attrs.evolve(base, precision=amp, transforms=base.transforms + ("with_amp",))

@@ -1,0 +1,81 @@
+"""``with_grad_clip``: clip gradients by norm and/or value before the update.
+
+>>> from loopkit.steps import train_step
+>>> with_grad_clip(train_step(lambda m, b: None), max_norm=1.0).applied
+('train_step', 'with_grad_clip')
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+import torch
+
+from loopkit.state import TrainState
+from loopkit.steps import GradContext, TrainStep
+from loopkit.transforms._compose import require_train_step
+
+__all__ = ["ClipGrad", "with_grad_clip"]
+
+
+@attrs.frozen
+class ClipGrad:
+    """Clips with ``torch.nn.utils.clip_grad_value_`` then ``clip_grad_norm_``; reports ``grad_norm``.
+
+    >>> ClipGrad(max_norm=1.0).name
+    'with_grad_clip'
+    """
+
+    max_norm: float | None = None
+    max_value: float | None = None
+    norm_type: float = 2.0
+    name: str = "with_grad_clip"
+
+    def on_loss(self, loss: torch.Tensor, state: TrainState, ctx: GradContext) -> None:
+        pass
+
+    def on_grads(self, ctx: GradContext) -> None:
+        params = ctx.params
+        if not params:
+            return
+        if self.max_value is None:
+            norm = torch.nn.utils.clip_grad_norm_(params, self.max_norm, self.norm_type)  # type: ignore[arg-type]
+        else:
+            norm = torch.nn.utils.get_total_norm(ctx.grads, self.norm_type)
+            torch.nn.utils.clip_grad_value_(params, self.max_value)
+            if self.max_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, self.max_norm, self.norm_type)
+        ctx.metrics["grad_norm"] = norm
+
+
+def with_grad_clip(
+    step: Any, max_norm: float | None = None, max_value: float | None = None, *, norm_type: float = 2.0
+) -> TrainStep:
+    """Clip the gradients before the optimizer update; report their total norm as ``grad_norm``.
+
+    ``max_norm`` rescales all gradients together so that their total ``norm_type``-norm is at
+    most ``max_norm`` (``torch.nn.utils.clip_grad_norm_``); ``max_value`` clamps each element
+    to ``[-max_value, max_value]``. Under float16 ``with_amp`` the gradients are unscaled
+    first. Outside ``with_grad_accum`` it clips the summed gradient once per update; inside, it
+    clips each micro-batch's gradient. ``grad_norm`` is the norm before clipping.
+
+    >>> import torch
+    >>> from loopkit.state import TrainState
+    >>> from loopkit.steps import train_step
+    >>> model = torch.nn.Linear(2, 1)
+    >>> state = TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    >>> step = with_grad_clip(train_step(lambda m, b: m(b).sum() * 100), max_norm=1.0)
+    >>> state, metrics = step(state, torch.ones(4, 2))
+    >>> float(metrics["grad_norm"]) > 1.0
+    True
+    """
+    if max_norm is None and max_value is None:
+        raise ValueError("with_grad_clip: give max_norm, max_value, or both")
+    for name, value in (("max_norm", max_norm), ("max_value", max_value)):
+        if value is not None and not (isinstance(value, (int, float)) and value > 0):
+            raise ValueError(f"with_grad_clip: {name} must be a positive number, got {value!r}")
+    if not (isinstance(norm_type, (int, float)) and norm_type > 0):
+        raise ValueError(f"with_grad_clip: norm_type must be positive (or inf), got {norm_type!r}")
+    base = require_train_step(step, "with_grad_clip")
+    return base.add_grad_transform(ClipGrad(max_norm, max_value, float(norm_type)))

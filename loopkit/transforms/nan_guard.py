@@ -1,0 +1,104 @@
+"""``with_nan_guard``: keep non-finite losses and gradients away from the parameters.
+
+>>> from loopkit.steps import train_step
+>>> with_nan_guard(train_step(lambda m, b: None)).applied
+('train_step', 'with_nan_guard')
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+import torch
+
+from loopkit.errors import NonFiniteError
+from loopkit.state import TrainState
+from loopkit.steps import GradContext, TrainStep
+from loopkit.transforms._compose import require_train_step
+
+__all__ = ["NanGuard", "with_nan_guard"]
+
+_POLICIES = ("skip", "raise")
+
+
+def _where(state: TrainState) -> str:
+    return f"step {state.step} (epoch {state.epoch}, batch {state.batch_index - 1})"
+
+
+@attrs.frozen
+class NanGuard:
+    """Checks the loss and the gradients for NaN/inf; flags the update to be skipped, or raises.
+
+    >>> NanGuard("skip").name
+    'with_nan_guard'
+    """
+
+    policy: str
+    name: str = "with_nan_guard"
+
+    def on_loss(self, loss: torch.Tensor, state: TrainState, ctx: GradContext) -> None:
+        bad = (~torch.isfinite(loss.detach())).float()
+        if self.policy == "raise":
+            if bool(bad):
+                raise NonFiniteError(f"with_nan_guard: non-finite loss ({float(loss)}) at {_where(state)}")
+        else:
+            ctx.flag_nonfinite(bad)
+
+    def on_grads(self, ctx: GradContext) -> None:
+        if ctx.found_inf is not None:  # a float16 loss scaler already checked them and owns the skip
+            return
+        grads = [g for g in ctx.grads if g.is_floating_point()]
+        if not grads:
+            return
+        found = torch.zeros(1, device=grads[0].device)
+        one = torch.ones(1, device=grads[0].device)
+        by_device: dict[torch.device, list[torch.Tensor]] = {}
+        for g in grads:
+            by_device.setdefault(g.device, []).append(g)
+        for device, group in by_device.items():
+            f = found if device == found.device else torch.zeros(1, device=device)
+            torch._amp_foreach_non_finite_check_and_unscale_(group, f, one.to(device))
+            if f is not found:
+                found += f.to(found.device)
+        found = found.clamp_(max=1.0)
+        if self.policy == "raise":
+            if bool(found):
+                raise NonFiniteError(f"with_nan_guard: non-finite gradient of {_first_bad(ctx)} at {_where(ctx.state)}")
+        else:
+            ctx.flag_nonfinite(found)
+
+
+def _first_bad(ctx: GradContext) -> str:
+    for name, p in ctx.state.model.named_parameters():
+        if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+            return f"'{name}'"
+    return "a parameter"
+
+
+def with_nan_guard(step: Any, policy: str = "skip") -> TrainStep:
+    """Never let a NaN or infinite loss or gradient reach the parameters.
+
+    ``policy="skip"`` drops the update (under ``with_grad_accum``, the whole group's),
+    reports metric ``nan_guard/skipped`` (1.0 on a skipped update) and counts skips in
+    ``state.extras["nan_guard/skipped_total"]``; ``state.step`` and the scheduler do not
+    advance. ``policy="raise"`` raises :class:`loopkit.NonFiniteError` naming the step and
+    the loss or the parameter whose gradient was not finite. Deciding reads one flag per
+    update on the host ("raise" reads one per call). Under float16 ``with_amp`` the loss
+    scaler owns overflowing gradients (they are expected while it searches for a scale);
+    the guard then checks the loss only.
+
+    >>> import torch
+    >>> from loopkit.state import TrainState
+    >>> from loopkit.steps import train_step
+    >>> model = torch.nn.Linear(1, 1)
+    >>> state = TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    >>> step = with_nan_guard(train_step(lambda m, b: m(b).sum() * float("nan")))
+    >>> new, metrics = step(state, torch.ones(1, 1))
+    >>> new.step, float(metrics["nan_guard/skipped"])
+    (0, 1.0)
+    """
+    if policy not in _POLICIES:
+        raise ValueError(f"with_nan_guard: policy must be 'skip' or 'raise', got {policy!r}")
+    base = require_train_step(step, "with_nan_guard")
+    return base.add_grad_transform(NanGuard(policy))

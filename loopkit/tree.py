@@ -1,0 +1,167 @@
+"""Helpers for nested structures: moving batches to a device, and encoding state as plain data.
+
+>>> import torch
+>>> to_device({"x": torch.ones(2), "ids": [torch.zeros(1)]}, "cpu")["ids"][0].device.type
+'cpu'
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from loopkit.errors import StateMismatchError
+
+__all__ = ["from_plain", "path_str", "to_device", "to_plain"]
+
+_PASS_THROUGH = (str, bytes, int, float, complex, bool, type(None))
+
+
+def to_device(batch: Any, device: torch.device | str, *, non_blocking: bool = False) -> Any:
+    """Move every tensor in a nested batch to ``device``.
+
+    Handles tensors, tuples, lists, dicts, namedtuples, dataclasses and any object with a
+    ``.to(device)`` method. Strings, numbers and ``None`` pass through unchanged. Anything
+    else raises ``TypeError`` naming where in the batch it sits.
+
+    >>> import torch
+    >>> from collections import namedtuple
+    >>> Pair = namedtuple("Pair", "x y")
+    >>> moved = to_device(Pair(torch.ones(1), "label"), "cpu")
+    >>> moved.y
+    'label'
+    >>> to_device([object()], "cpu")
+    Traceback (most recent call last):
+    ...
+    TypeError: to_device cannot move batch[0] of type object to cpu: only tensors, tuples, lists, dicts, dataclasses, namedtuples, objects with .to(device), strings, numbers and None are supported
+    """
+    device = torch.device(device)
+    return _move(batch, device, non_blocking, "batch")
+
+
+def _move(obj: Any, device: torch.device, non_blocking: bool, path: str) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=non_blocking)
+    if isinstance(obj, _PASS_THROUGH):
+        return obj
+    if isinstance(obj, Mapping):
+        moved = {k: _move(v, device, non_blocking, f"{path}[{k!r}]") for k, v in obj.items()}
+        return moved if type(obj) is dict else _rebuild_mapping(obj, moved)
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
+        return type(obj)(*(_move(v, device, non_blocking, f"{path}.{f}") for f, v in zip(obj._fields, obj)))
+    if isinstance(obj, (list, tuple)):
+        items = [_move(v, device, non_blocking, f"{path}[{i}]") for i, v in enumerate(obj)]
+        return items if type(obj) is list else type(obj)(items)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        changes = {
+            f.name: _move(getattr(obj, f.name), device, non_blocking, f"{path}.{f.name}")
+            for f in dataclasses.fields(obj)
+            if f.init
+        }
+        return dataclasses.replace(obj, **changes)
+    if callable(getattr(obj, "to", None)) and not isinstance(obj, type):
+        return obj.to(device)
+    raise TypeError(
+        f"to_device cannot move {path} of type {type(obj).__qualname__} to {device}: only tensors, "
+        "tuples, lists, dicts, dataclasses, namedtuples, objects with .to(device), strings, numbers "
+        "and None are supported"
+    )
+
+
+def _rebuild_mapping(original: Mapping, moved: dict) -> Mapping:
+    try:
+        return type(original)(moved)
+    except TypeError:
+        return moved
+
+
+def path_str(path: tuple[str, ...]) -> str:
+    """Join a key path with dots, as error messages name it.
+
+    >>> path_str(("model", "fc.weight"))
+    'model.fc.weight'
+    """
+    return ".".join(path)
+
+
+def to_plain(obj: Any, path: tuple[str, ...] = ()) -> Any:
+    """Encode ``obj`` as nested dicts whose leaves are tensors, numbers and strings only.
+
+    Lists and tuples become dicts keyed ``"0"``, ``"1"``, ...; ``None`` values are dropped
+    (a loader keeps its own); any other leaf raises ``TypeError`` naming its path.
+
+    >>> to_plain({"lr": 0.1, "betas": (0.9, 0.99), "foreach": None})
+    {'lr': 0.1, 'betas': {'0': 0.9, '1': 0.99}}
+    """
+    if isinstance(obj, torch.Tensor):
+        return obj
+    if isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, Mapping):
+        return {str(k): to_plain(v, path + (str(k),)) for k, v in obj.items() if v is not None}
+    if isinstance(obj, (list, tuple)):
+        return {str(i): to_plain(v, path + (str(i),)) for i, v in enumerate(obj) if v is not None}
+    raise TypeError(
+        f"state at '{path_str(path)}' is a {type(obj).__qualname__}; a state dict holds tensors, "
+        "numbers and strings only"
+    )
+
+
+def from_plain(plain: Any, template: Any, path: tuple[str, ...] = ()) -> Any:
+    """Decode ``plain`` (as made by :func:`to_plain`) into the structure of ``template``.
+
+    Raises :class:`loopkit.StateMismatchError` naming the first missing, unexpected or
+    mis-shaped key. Returns the decoded structure; nothing is modified.
+
+    >>> from_plain({"lr": 0.5, "betas": {"0": 0.8, "1": 0.9}}, {"lr": 0.1, "betas": (0.9, 0.99), "foreach": None})
+    {'lr': 0.5, 'betas': (0.8, 0.9), 'foreach': None}
+    >>> from_plain({"lr": 0.5, "momentum": 0.9}, {"lr": 0.1})
+    Traceback (most recent call last):
+    ...
+    loopkit.errors.StateMismatchError: unexpected key 'momentum'
+    """
+    if template is None:
+        return None
+    if isinstance(template, torch.Tensor):
+        if not isinstance(plain, torch.Tensor):
+            raise _mismatch(f"key '{path_str(path)}' holds a {type(plain).__qualname__}, expected a tensor")
+        if plain.shape != template.shape:
+            raise _mismatch(
+                f"mis-shaped key '{path_str(path)}': the state dict has shape {tuple(plain.shape)}, "
+                f"the state has {tuple(template.shape)}"
+            )
+        return plain
+    if isinstance(template, (bool, int, float)):
+        if isinstance(plain, torch.Tensor) or not isinstance(plain, (bool, int, float)):
+            raise _mismatch(f"key '{path_str(path)}' holds a {type(plain).__qualname__}, expected a number")
+        return plain
+    if isinstance(template, str):
+        if not isinstance(plain, str):
+            raise _mismatch(f"key '{path_str(path)}' holds a {type(plain).__qualname__}, expected a string")
+        return plain
+    if isinstance(template, (Mapping, list, tuple)):
+        if not isinstance(plain, Mapping):
+            raise _mismatch(f"key '{path_str(path)}' holds a {type(plain).__qualname__}, expected a mapping")
+        items = template.items() if isinstance(template, Mapping) else enumerate(template)
+        decoded: dict = {}
+        for k, v in items:
+            key = str(k)
+            if v is not None and key not in plain:
+                raise _mismatch(f"missing key '{path_str(path + (key,))}'")
+            decoded[k] = from_plain(plain.get(key), v, path + (key,))
+        known = {str(k) for k, _ in (template.items() if isinstance(template, Mapping) else enumerate(template))}
+        for key in plain:
+            if key not in known:
+                raise _mismatch(f"unexpected key '{path_str(path + (key,))}'")
+        if isinstance(template, Mapping):
+            return decoded
+        values = list(decoded.values())
+        return values if isinstance(template, list) else type(template)(values)
+    raise TypeError(f"cannot decode state at '{path_str(path)}' into a {type(template).__qualname__}")
+
+
+def _mismatch(message: str) -> StateMismatchError:
+    return StateMismatchError(message)
