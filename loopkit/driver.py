@@ -393,6 +393,7 @@ def run_epochs(
                 since_refresh %= _REFRESH_EVERY
             if val is not None and val_every_n_steps and state.step != before and state.step % val_every_n_steps == 0:
                 last_val = validate(state, limit_val_batches)
+                step.notify("validation_end", state, last_val)
                 hooks.call("on_validation_end", state, last_val)
             if (max_steps is not None and state.step >= max_steps) or hooks.should_stop:
                 exhausted = total is not None and state.batch_index >= total
@@ -407,12 +408,15 @@ def run_epochs(
         bar.close({k: v for k, v in record.items() if k.startswith("train/")})
         if exhausted and val is not None and (epoch + 1) % val_every_n_epochs == 0 and limit_val_batches != 0:
             last_val = validate(state, limit_val_batches)
+            step.notify("validation_end", state, last_val)
             hooks.call("on_validation_end", state, last_val)
         record.update(last_val)
         for extra in hooks.call("on_epoch_end", state, dict(record)):
             if extra:
                 record.update(extra)
+        step.notify("epoch_end", state, record)
         history.append(record)
+    step.notify("fit_end", state, history[-1] if history else {})
     hooks.call("on_fit_end", state, history)
     return state, history
 

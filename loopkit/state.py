@@ -186,6 +186,11 @@ def _check_parts(model: Any, optimizer: Any, scheduler: Any) -> None:
             raise TypeError(
                 f"TrainState: scheduler must be a torch.optim.lr_scheduler.LRScheduler, got {type(scheduler).__qualname__}"
             )
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            raise TypeError(
+                "TrainState: ReduceLROnPlateau steps on a validation metric, not once per update; keep it "
+                "outside the state and call scheduler.step(metric) yourself (e.g. from a callback's on_validation_end)"
+            )
         if scheduler.optimizer is not optimizer:
             raise ValueError("TrainState: the scheduler was built for a different optimizer than the state's")
 
@@ -217,17 +222,26 @@ def fork(state: TrainState) -> TrainState:
     return attrs.evolve(state, model=model, optimizer=optimizer, scheduler=scheduler)
 
 
+_Parameter = nn.Parameter
+_make_subclass = torch.Tensor._make_subclass
+
+
 def _clone_tensor(t: torch.Tensor, memo: dict[int, Any]) -> torch.Tensor:
     key = id(t)
     found = memo.get(key)
     if found is not None:
         return found
-    if isinstance(t, nn.Parameter):
-        new = nn.Parameter(t.detach().clone(), t.requires_grad)
-        if t.grad is not None:
-            new.grad = t.grad.clone()
+    if type(t) is _Parameter:
+        new = _make_subclass(_Parameter, t.detach().clone(), t.requires_grad)
+        grad = t.grad
+        if grad is not None:
+            new.grad = grad.clone()
         if t.__dict__:
             new.__dict__.update(t.__dict__)
+    elif isinstance(t, _Parameter):
+        new = type(t)(t.detach().clone(), t.requires_grad)
+        if t.grad is not None:
+            new.grad = t.grad.clone()
     else:
         new = t.clone()
     memo[key] = new
@@ -241,18 +255,17 @@ def _clone_module(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
         return found
     new = object.__new__(type(module))
     attributes = module.__dict__.copy()
-    new.__dict__ = attributes
+    object.__setattr__(new, "__dict__", attributes)
     memo[key] = new
-    if module._parameters:
-        attributes["_parameters"] = {
-            n: None if p is None else _clone_tensor(p, memo) for n, p in module._parameters.items()
-        }
-    if module._buffers:
-        attributes["_buffers"] = {n: None if b is None else _clone_tensor(b, memo) for n, b in module._buffers.items()}
-    if module._modules:
-        attributes["_modules"] = {
-            n: None if m is None else _clone_module(m, memo) for n, m in module._modules.items()
-        }
+    params = attributes["_parameters"]
+    if params:
+        attributes["_parameters"] = {n: None if p is None else _clone_tensor(p, memo) for n, p in params.items()}
+    buffers = attributes["_buffers"]
+    if buffers:
+        attributes["_buffers"] = {n: None if b is None else _clone_tensor(b, memo) for n, b in buffers.items()}
+    children = attributes["_modules"]
+    if children:
+        attributes["_modules"] = {n: None if m is None else _clone_module(m, memo) for n, m in children.items()}
     if isinstance(module, nn.RNNBase):
         new._init_flat_weights()
     return new
@@ -261,19 +274,25 @@ def _clone_module(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
 def _clone_value(value: Any, memo: dict[int, Any]) -> Any:
     if isinstance(value, torch.Tensor):
         return _clone_tensor(value, memo)
-    if isinstance(value, list):
-        return [_clone_value(v, memo) for v in value]
-    if isinstance(value, tuple):
-        return tuple(_clone_value(v, memo) for v in value)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_clone_value(v, memo) for v in value)
     if isinstance(value, dict):
         return {k: _clone_value(v, memo) for k, v in value.items()}
     return value
 
 
+def _clone_entry(entry: dict[str, Any], memo: dict[int, Any]) -> dict[str, Any]:
+    """One parameter's optimizer state: tensors cloned (the common case inlined for speed)."""
+    return {
+        k: v.clone() if type(v) is torch.Tensor else _clone_value(v, memo)
+        for k, v in entry.items()
+    }
+
+
 def _clone_optimizer(optimizer: torch.optim.Optimizer, memo: dict[int, Any]) -> torch.optim.Optimizer:
     new = object.__new__(type(optimizer))
     attributes = optimizer.__dict__.copy()
-    new.__dict__ = attributes
+    object.__setattr__(new, "__dict__", attributes)
     groups = []
     for group in optimizer.param_groups:
         copied = {k: _clone_value(v, memo) if isinstance(v, torch.Tensor) else v for k, v in group.items()}
@@ -281,8 +300,8 @@ def _clone_optimizer(optimizer: torch.optim.Optimizer, memo: dict[int, Any]) -> 
         groups.append(copied)
     attributes["param_groups"] = groups
     state: defaultdict = defaultdict(dict)
-    for p, s in optimizer.state.items():
-        state[_clone_tensor(p, memo)] = {k: _clone_value(v, memo) for k, v in s.items()}
+    for p, entry in optimizer.state.items():
+        state[_clone_tensor(p, memo)] = _clone_entry(entry, memo)
     attributes["state"] = state
     if "step" in attributes:  # the LR scheduler's wrapper, bound to the original optimizer
         attributes["step"] = _track_step_called(new)

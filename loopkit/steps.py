@@ -90,6 +90,14 @@ class Step:
         """Finish partial work at the end of an epoch; a no-op for most steps."""
         return self._invoke(self.flush_, state)
 
+    def notify(self, event: str, state: TrainState, metrics: Mapping[str, float]) -> None:
+        """Tell the step about a driver event; whole-step transforms (logging, checkpoints) act on it.
+
+        ``event`` is ``"validation_end"`` (metrics: ``val/...`` means), ``"epoch_end"``
+        (metrics: the epoch's history record, ``state`` already at the next epoch) or
+        ``"fit_end"`` (metrics: the last history record). Sanity validation is never notified.
+        """
+
     def _invoke(self, run: Callable[..., tuple[TrainState, Metrics]], state: TrainState, *args: Any):
         if not isinstance(state, TrainState):
             raise TypeError(f"a step takes a loopkit.TrainState, got {type(state).__qualname__}")
@@ -159,6 +167,11 @@ class FnStep(Step):
         flush = getattr(self.fn, "flush", None)
         return flush(state) if flush is not None else (state, {})
 
+    def notify(self, event: str, state: TrainState, metrics: Mapping[str, float]) -> None:
+        notify = getattr(self.fn, "notify", None)
+        if notify is not None:
+            notify(event, state, metrics)
+
     @property
     def applied(self) -> tuple[str, ...]:
         return (getattr(self.fn, "__qualname__", type(self.fn).__qualname__),)
@@ -200,6 +213,13 @@ class WrapperStep(Step):
 
     def after(self, state: TrainState, metrics: Metrics, *, end_of_epoch: bool) -> tuple[TrainState, Metrics]:
         return state, metrics
+
+    def notify(self, event: str, state: TrainState, metrics: Mapping[str, float]) -> None:
+        self.inner.notify(event, state, metrics)
+        self.on_event(event, state, metrics)
+
+    def on_event(self, event: str, state: TrainState, metrics: Mapping[str, float]) -> None:
+        """This transform's own reaction to a driver event (see :meth:`Step.notify`)."""
 
 
 # --- protocols the gradient-level transforms implement ------------------------------------------
