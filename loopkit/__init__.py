@@ -10,38 +10,49 @@
 """
 
 from loopkit.callbacks import Callback, EarlyStopping, LearningRateMonitor
+from loopkit.checkpoint import export_weights, restore
 from loopkit.driver import evaluate, predict, run_epochs
 from loopkit.errors import CheckpointCorruptError, DonatedStateError, NonFiniteError, StateMismatchError
+from loopkit.loggers import ConsoleLogger, CSVLogger, JSONLLogger, Logger, TensorBoardLogger
 from loopkit.rng import seed_everything
 from loopkit.state import TrainState
 from loopkit.steps import EvalStep, Step, TrainStep, donate, eval_step, train_step
-from loopkit.transforms import with_amp, with_grad_accum, with_grad_clip, with_nan_guard
+from loopkit.transforms import with_amp, with_checkpointing, with_grad_accum, with_grad_clip, with_logging, with_nan_guard
 from loopkit.tree import to_device
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CSVLogger",
     "Callback",
     "CheckpointCorruptError",
+    "ConsoleLogger",
     "DonatedStateError",
     "EarlyStopping",
     "EvalStep",
+    "JSONLLogger",
     "LearningRateMonitor",
+    "Logger",
     "NonFiniteError",
     "StateMismatchError",
     "Step",
+    "TensorBoardLogger",
     "TrainState",
     "TrainStep",
     "donate",
     "eval_step",
     "evaluate",
+    "export_weights",
     "predict",
+    "restore",
     "run_epochs",
     "seed_everything",
     "to_device",
     "train_step",
     "with_amp",
+    "with_checkpointing",
     "with_grad_accum",
     "with_grad_clip",
+    "with_logging",
     "with_nan_guard",
 ]

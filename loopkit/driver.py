@@ -15,6 +15,9 @@
 from __future__ import annotations
 
 import itertools
+import signal
+import sys
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -275,6 +278,39 @@ def _validate_options(
             raise TypeError("run_epochs: val must be a pair (eval_step, val_data)")
 
 
+class _StopOnSignal:
+    """While active, SIGTERM or SIGINT asks ``run_epochs`` to stop after the current step.
+
+    A second signal stops at once (``KeyboardInterrupt``). Handlers are installed only in
+    the main thread, and the previous ones are put back on exit.
+    """
+
+    def __init__(self) -> None:
+        self.requested: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopOnSignal:
+        if threading.current_thread() is threading.main_thread():
+            for name in ("SIGTERM", "SIGINT"):
+                sig = getattr(signal, name, None)
+                if sig is not None:
+                    self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if self.requested is not None:
+            raise KeyboardInterrupt(f"run_epochs: {name} after {self.requested}: stopping at once")
+        self.requested = name
+        print(f"run_epochs: {name} received, stopping after the current step (send it again to stop at once)",
+              file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
+        self._previous.clear()
+
+
 class _Hooks:
     """Calls the hooks that the callbacks define (any object; missing hooks are skipped)."""
 
@@ -326,6 +362,11 @@ def run_epochs(
     means, and whatever the callbacks' ``on_epoch_end`` returned. Metrics stay on the device
     between epochs (and progress-bar refreshes): the loop itself never syncs the host.
 
+    Graceful stop: on SIGTERM or SIGINT (in the main thread) the current step finishes, the
+    step is notified with ``"stop"`` (``with_checkpointing`` saves then), and ``run_epochs``
+    returns ``(state, history)`` as usual; a second signal raises ``KeyboardInterrupt`` at
+    once. The previous signal handlers are restored on return.
+
     >>> import torch
     >>> from loopkit.state import TrainState
     >>> from loopkit.steps import train_step, eval_step
@@ -345,6 +386,9 @@ def run_epochs(
     if not isinstance(state, TrainState):
         raise TypeError(f"run_epochs: state must be a loopkit.TrainState, got {type(state).__qualname__}")
     state.check_usable()
+    _num_batches(train_data, limit_train_batches, "limit_train_batches")  # a fraction of 0 batches fails now
+    if val is not None and limit_val_batches != 0:
+        _num_batches(val[1], limit_val_batches, "limit_val_batches")
     step = donate(as_step(step))
     if step.changes_state:
         state = fork(state)
@@ -357,66 +401,72 @@ def run_epochs(
         means = evaluate(val[0], current, val[1], limit=limit, device=device)  # type: ignore[index]
         return {f"val/{k}": v for k, v in means.items()}
 
-    hooks.call("on_fit_start", state)
-    if val is not None and sanity_val_batches > 0 and limit_val_batches != 0:
-        sanity_limit = sanity_val_batches
-        if isinstance(limit_val_batches, int):
-            sanity_limit = min(sanity_limit, limit_val_batches)
-        validate(state, sanity_limit)
+    with _StopOnSignal() as stop:
+        hooks.call("on_fit_start", state)
+        if val is not None and sanity_val_batches > 0 and limit_val_batches != 0:
+            sanity_limit = sanity_val_batches
+            if isinstance(limit_val_batches, int):
+                sanity_limit = min(sanity_limit, limit_val_batches)
+            validate(state, sanity_limit)
 
-    history: list[dict[str, float]] = []
+        history: list[dict[str, float]] = []
 
-    def more(s: TrainState) -> bool:
-        return (epochs is None or s.epoch < epochs) and (max_steps is None or s.step < max_steps)
+        def more(s: TrainState) -> bool:
+            return (epochs is None or s.epoch < epochs) and (max_steps is None or s.step < max_steps)
 
-    while more(state) and not hooks.should_stop:
-        hooks.call("on_epoch_start", state)
-        total = _num_batches(train_data, limit_train_batches, "limit_train_batches")
-        batches = _epoch_batches(train_data, state.seed, state.epoch, state.batch_index, total)
-        means = _Means()
-        last_val: dict[str, float] = {}
-        remaining = None if total is None else max(total - state.batch_index, 0)
-        bar = ProgressBar(enabled=show, total=remaining, desc=f"epoch {state.epoch}")
-        exhausted = True
-        since_refresh = 0
-        for batch in batches:
-            if move is not None:
-                batch = move(batch)
-            before = state.step
-            state, metrics = step(state, batch)
-            means.add(metrics)
-            for hook in hooks.batch_end:
-                hook(state, metrics)
-            if bar.enabled:
-                since_refresh += 1
-                bar.update(means.latest() if since_refresh >= _REFRESH_EVERY else None)
-                since_refresh %= _REFRESH_EVERY
-            if val is not None and val_every_n_steps and state.step != before and state.step % val_every_n_steps == 0:
+        while more(state) and not hooks.should_stop and not stop.requested:
+            hooks.call("on_epoch_start", state)
+            total = _num_batches(train_data, limit_train_batches, "limit_train_batches")
+            batches = _epoch_batches(train_data, state.seed, state.epoch, state.batch_index, total)
+            means = _Means()
+            last_val: dict[str, float] = {}
+            remaining = None if total is None else max(total - state.batch_index, 0)
+            bar = ProgressBar(enabled=show, total=remaining, desc=f"epoch {state.epoch}")
+            exhausted = True
+            since_refresh = 0
+            for batch in batches:
+                if move is not None:
+                    batch = move(batch)
+                before = state.step
+                state, metrics = step(state, batch)
+                means.add(metrics)
+                for hook in hooks.batch_end:
+                    hook(state, metrics)
+                if stop.requested:  # a graceful stop: no flush, no validation; resume continues here
+                    exhausted = False
+                    break
+                if bar.enabled:
+                    since_refresh += 1
+                    bar.update(means.latest() if since_refresh >= _REFRESH_EVERY else None)
+                    since_refresh %= _REFRESH_EVERY
+                if val is not None and val_every_n_steps and state.step != before and state.step % val_every_n_steps == 0:
+                    last_val = validate(state, limit_val_batches)
+                    step.notify("validation_end", state, last_val)
+                    hooks.call("on_validation_end", state, last_val)
+                if (max_steps is not None and state.step >= max_steps) or hooks.should_stop:
+                    exhausted = total is not None and state.batch_index >= total
+                    break
+            epoch = state.epoch
+            if exhausted:
+                state, metrics = step.flush(state)
+                means.add(metrics)
+                state = state.evolve(epoch=epoch + 1, batch_index=0)
+            record: dict[str, float] = {"epoch": epoch, "step": state.step}
+            record.update({f"train/{k}": v for k, v in means.read().items()})
+            bar.close({k: v for k, v in record.items() if k.startswith("train/")})
+            if exhausted and val is not None and (epoch + 1) % val_every_n_epochs == 0 and limit_val_batches != 0:
                 last_val = validate(state, limit_val_batches)
                 step.notify("validation_end", state, last_val)
                 hooks.call("on_validation_end", state, last_val)
-            if (max_steps is not None and state.step >= max_steps) or hooks.should_stop:
-                exhausted = total is not None and state.batch_index >= total
-                break
-        epoch = state.epoch
-        if exhausted:
-            state, metrics = step.flush(state)
-            means.add(metrics)
-            state = state.evolve(epoch=epoch + 1, batch_index=0)
-        record: dict[str, float] = {"epoch": epoch, "step": state.step}
-        record.update({f"train/{k}": v for k, v in means.read().items()})
-        bar.close({k: v for k, v in record.items() if k.startswith("train/")})
-        if exhausted and val is not None and (epoch + 1) % val_every_n_epochs == 0 and limit_val_batches != 0:
-            last_val = validate(state, limit_val_batches)
-            step.notify("validation_end", state, last_val)
-            hooks.call("on_validation_end", state, last_val)
-        record.update(last_val)
-        for extra in hooks.call("on_epoch_end", state, dict(record)):
-            if extra:
-                record.update(extra)
-        step.notify("epoch_end", state, record)
-        history.append(record)
-    step.notify("fit_end", state, history[-1] if history else {})
-    hooks.call("on_fit_end", state, history)
-    return state, history
+            record.update(last_val)
+            for extra in hooks.call("on_epoch_end", state, dict(record)):
+                if extra:
+                    record.update(extra)
+            step.notify("epoch_end", state, record)
+            history.append(record)
+        if stop.requested:
+            step.notify("stop", state, {})
+        step.notify("fit_end", state, history[-1] if history else {})
+        hooks.call("on_fit_end", state, history)
+        return state, history
 

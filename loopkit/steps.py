@@ -94,8 +94,11 @@ class Step:
         """Tell the step about a driver event; whole-step transforms (logging, checkpoints) act on it.
 
         ``event`` is ``"validation_end"`` (metrics: ``val/...`` means), ``"epoch_end"``
-        (metrics: the epoch's history record, ``state`` already at the next epoch) or
-        ``"fit_end"`` (metrics: the last history record). Sanity validation is never notified.
+        (metrics: the epoch's history record, ``state`` already at the next epoch),
+        ``"stop"`` (a graceful stop on SIGTERM/SIGINT: the current step has finished and
+        ``run_epochs`` is about to return; metrics empty; ``state`` may be mid-epoch, where a
+        resumed run continues) or ``"fit_end"`` (metrics: the last history record; after
+        ``"stop"`` too). Sanity validation is never notified.
         """
 
     def _invoke(self, run: Callable[..., tuple[TrainState, Metrics]], state: TrainState, *args: Any):
@@ -404,7 +407,8 @@ class TrainStep(Step):
                 rng = scope.close()
                 return attrs.evolve(state, batch_index=state.batch_index + 1, rng=rng), {}
             loss, metrics = _split_loss(out, self.loss_fn)
-            to_backward = loss / self.accum_every if self.accum_every > 1 else loss
+            # per-micro transforms see the micro-batch's own gradient; its share (1/every) is taken after them
+            to_backward = loss / self.accum_every if self.accum_every > 1 and not per_micro else loss
             if self.precision is not None and self.precision.scales_loss:
                 to_backward = self.precision.scale(to_backward, extras, device)  # type: ignore[arg-type]
             stash = _stash_grads(optimizer) if per_micro else None
@@ -429,6 +433,8 @@ class TrainStep(Step):
                 self.precision.unscale(ctx, extras)
             for t in self.micro:
                 t.on_grads(ctx)
+            if ctx.params:
+                torch._foreach_div_(ctx.grads, self.accum_every)
             _unstash_grads(stash)
         count = extras.get(_ACCUM_COUNT, 0) + 1
         if count < self.accum_every:

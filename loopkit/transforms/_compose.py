@@ -22,6 +22,12 @@ def _refuse(transform: str, step: Step, needs: str) -> TypeError:
     )
 
 
+def _as_step(step: Any, transform: str) -> Step:
+    if not callable(step):
+        raise TypeError(f"{transform}: the step must be callable as step(state, batch), got {type(step).__qualname__}")
+    return as_step(step)
+
+
 def require_train_step(step: Any, transform: str) -> TrainStep:
     """``step`` as a :class:`TrainStep`, or a ``TypeError`` naming ``transform`` and what it wraps.
 
@@ -29,7 +35,7 @@ def require_train_step(step: Any, transform: str) -> TrainStep:
     >>> require_train_step(train_step(lambda m, b: None), "with_grad_clip").applied
     ('train_step',)
     """
-    step = as_step(step)
+    step = _as_step(step, transform)
     if not isinstance(step, TrainStep):
         raise _refuse(transform, step, "the gradients and the update")
     if step.donated:
@@ -44,7 +50,7 @@ def require_train_or_eval_step(step: Any, transform: str) -> TrainStep | EvalSte
     >>> require_train_or_eval_step(eval_step(lambda m, b: {}), "with_amp").applied
     ('eval_step',)
     """
-    step = as_step(step)
+    step = _as_step(step, transform)
     if isinstance(step, EvalStep):
         if step.donated:
             raise TypeError(f"{transform} cannot wrap a donated step: apply donate() last")

@@ -41,7 +41,7 @@ class NanGuard:
         bad = (~torch.isfinite(loss.detach())).float()
         if self.policy == "raise":
             if bool(bad):
-                raise NonFiniteError(f"with_nan_guard: non-finite loss ({float(loss)}) at {_where(state)}")
+                raise NonFiniteError(f"with_nan_guard: non-finite loss ({float(loss.detach())}) at {_where(state)}")
         else:
             ctx.flag_nonfinite(bad)
 

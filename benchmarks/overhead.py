@@ -1,0 +1,992 @@
+#!/usr/bin/env python
+"""Per-step overhead of loopkit against a raw PyTorch loop, Lightning (Trainer, Fabric) and Ignite.
+
+Two workloads (``_workloads.WORKLOADS``): a tiny MLP 32-64-64-10 (batch 32) and a small MLP
+784-256-256-10 (batch 64), Adam, cross-entropy, synthetic batches held in memory, one torch
+thread. Every contender trains its own copy of the same initial model on the same list of
+batches. Timing is interleaved: after ``--warmup`` untimed passes per contender, each of
+``--rounds`` rounds times one pass of ``--steps`` steps of every contender, in a freshly
+shuffled order; the reported time is the median over rounds of (pass time / steps), and a
+ratio is the median over rounds of the per-round ratio (the pairing cancels slow drifts in
+the machine's load). Peak memory is the growth of the peak RSS over the baseline in a fresh
+child process per contender and workload. See benchmarks/README.md for the method in full.
+
+Usage::
+
+    python benchmarks/overhead.py            # defaults: about 2.5 minutes on 2 cores
+    python benchmarks/overhead.py --quick    # smoke run, ~30 s (imports, memory children), meaningless numbers
+    python benchmarks/overhead.py --rounds 30 --steps 200 --breakdown
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib
+import json
+import multiprocessing
+import os
+import random
+import statistics
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+from _workloads import (  # noqa: E402
+    WORKLOADS,
+    Batch,
+    Batches,
+    Workload,
+    loss_fn,
+    machine_info,
+    peak_rss_kb,
+    pin_mmap_threshold,
+    quiet_frameworks,
+    release_free_memory,
+    reset_peak_rss,
+    rss_kb,
+    setup_process,
+)
+
+perf_counter = time.perf_counter
+
+
+class Runner(Protocol):
+    """A contender set up on one model: ``run`` trains one pass over ``batches``.
+
+    Returns ``(window_s, call_s)``: the seconds of the per-step work (for a driver, from its
+    own epoch-start hook to its epoch-end hook) and of the whole call (driver set-up included).
+    """
+
+    def run(self, batches: Sequence[Batch]) -> tuple[float, float]: ...
+
+
+# --- hand-written PyTorch loops ------------------------------------------------------------------
+
+
+class RawLoop:
+    """The reference: zero_grad, forward, loss, backward, step."""
+
+    def __init__(self, workload: Workload, model: nn.Module) -> None:
+        self.model, self.opt = model, workload.optimizer(model)
+
+    def run(self, batches: Sequence[Batch]) -> tuple[float, float]:
+        model, opt, ce = self.model, self.opt, F.cross_entropy
+        t0 = perf_counter()
+        for x, y in batches:
+            opt.zero_grad()
+            loss = ce(model(x), y)
+            loss.backward()
+            opt.step()
+        t = perf_counter() - t0
+        return t, t
+
+
+class RawClipLoop(RawLoop):
+    """The raw loop with ``clip_grad_norm_(max_norm=1)`` before the update."""
+
+    def run(self, batches: Sequence[Batch]) -> tuple[float, float]:
+        model, opt, ce, clip = self.model, self.opt, F.cross_entropy, nn.utils.clip_grad_norm_
+        params = list(model.parameters())
+        t0 = perf_counter()
+        for x, y in batches:
+            opt.zero_grad()
+            loss = ce(model(x), y)
+            loss.backward()
+            clip(params, 1.0)
+            opt.step()
+        t = perf_counter() - t0
+        return t, t
+
+
+class RawAccumLoop(RawLoop):
+    """The raw loop accumulating 4 micro-batches per update (loss / 4); timed per call."""
+
+    every = 4
+
+    def __init__(self, workload: Workload, model: nn.Module) -> None:
+        super().__init__(workload, model)
+        self.count = 0
+
+    def run(self, batches: Sequence[Batch]) -> tuple[float, float]:
+        model, opt, ce, every, count = self.model, self.opt, F.cross_entropy, self.every, self.count
+        t0 = perf_counter()
+        for x, y in batches:
+            loss = ce(model(x), y) / every
+            loss.backward()
+            count += 1
+            if count == every:
+                opt.step()
+                opt.zero_grad()
+                count = 0
+        t = perf_counter() - t0
+        self.count = count
+        return t, t
+
+
+class RawAmpLoop(RawLoop):
+    """The raw loop with the forward and loss under ``torch.autocast("cpu", bfloat16)``."""
+
+    def run(self, batches: Sequence[Batch]) -> tuple[float, float]:
+        model, opt, ce, autocast = self.model, self.opt, F.cross_entropy, torch.autocast
+        t0 = perf_counter()
+        for x, y in batches:
+            opt.zero_grad()
+            with autocast("cpu", dtype=torch.bfloat16):
+                loss = ce(model(x), y)
+            loss.backward()
+            opt.step()
+        t = perf_counter() - t0
+        return t, t
+
+
+# --- loopkit -------------------------------------------------------------------------------------
+
+
+class StepLoop:
+    """A loopkit step called in a plain Python loop: ``state, metrics = step(state, batch)``."""
+
+    def __init__(self, workload: Workload, model: nn.Module, step: Callable[..., Any]) -> None:
+        import loopkit
+
+        self.state = loopkit.TrainState.create(model, workload.optimizer(model))
+        self.step = step
+
+    def run(self, batches: Sequence[Batch]) -> tuple[float, float]:
+        step, state = self.step, self.state
+        t0 = perf_counter()
+        for batch in batches:
+            state, _ = step(state, batch)
+        t = perf_counter() - t0
+        self.state = state
+        return t, t
+
+
+def _loopkit_step(*transforms: Callable[[Any], Any], donated: bool = True) -> Callable[[Workload, nn.Module], StepLoop]:
+    def build(workload: Workload, model: nn.Module) -> StepLoop:
+        import loopkit
+
+        step: Any = loopkit.train_step(loss_fn)
+        for transform in transforms:
+            step = transform(step)
+        return StepLoop(workload, model, loopkit.donate(step) if donated else step)
+
+    return build
+
+
+class _EpochClock:
+    """``run_epochs`` callback timing the epoch (only epoch hooks: the per-batch path is untouched)."""
+
+    def __init__(self) -> None:
+        self.start = self.end = 0.0
+
+    def on_epoch_start(self, state: Any) -> None:
+        self.start = perf_counter()
+
+    def on_epoch_end(self, state: Any, record: Any) -> None:
+        self.end = perf_counter()
+
+
+class RunEpochs:
+    """``loopkit.run_epochs`` for one epoch over the pass's batches (it donates internally)."""
+
+    def __init__(self, workload: Workload, model: nn.Module) -> None:
+        import loopkit
+
+        self.run_epochs = loopkit.run_epochs
+        self.state = loopkit.TrainState.create(model, workload.optimizer(model))
+        self.step = loopkit.train_step(loss_fn)
+        self.clock = _EpochClock()
+
+    def run(self, batches: Sequence[Batch]) -> tuple[float, float]:
+        t0 = perf_counter()
+        self.state, _ = self.run_epochs(
+            self.step, self.state, batches, epochs=self.state.epoch + 1,
+            progress=False, sanity_val_batches=0, callbacks=[self.clock],
+        )
+        call = perf_counter() - t0
+        return self.clock.end - self.clock.start, call
+
+
+# --- Lightning and Ignite ------------------------------------------------------------------------
+
+_LIT_MODULE: list[type] = []
+
+
+def _lit_module_class() -> type:
+    if not _LIT_MODULE:
+        import lightning.pytorch as pl
+
+        class LitMLP(pl.LightningModule):
+            def __init__(self, net: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+                super().__init__()
+                self.net = net
+                self._optimizer = optimizer  # one optimizer across fits, as the other contenders keep Adam's state
+
+            def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+                x, y = batch
+                return F.cross_entropy(self.net(x), y)
+
+            def configure_optimizers(self) -> torch.optim.Optimizer:
+                return self._optimizer
+
+        _LIT_MODULE.append(LitMLP)
+    return _LIT_MODULE[0]
+
+
+class LightningTrainer:
+    """``lightning.pytorch.Trainer(max_epochs=1, ...)``: a new Trainer and one ``fit`` per pass."""
+
+    def __init__(self, workload: Workload, model: nn.Module) -> None:
+        import lightning.pytorch as pl
+
+        quiet_frameworks()
+        self.pl = pl
+        self.module = _lit_module_class()(model, workload.optimizer(model))
+
+        class Clock(pl.Callback):
+            start = end = 0.0
+
+            def on_train_epoch_start(self, trainer: Any, module: Any) -> None:
+                self.start = perf_counter()
+
+            def on_train_epoch_end(self, trainer: Any, module: Any) -> None:
+                self.end = perf_counter()
+
+        self.clock = Clock()
+
+    def run(self, batches: Sequence[Batch]) -> tuple[float, float]:
+        t0 = perf_counter()
+        trainer = self.pl.Trainer(
+            max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+            callbacks=[self.clock],
+        )
+        trainer.fit(self.module, train_dataloaders=Batches(batches))
+        call = perf_counter() - t0
+        return self.clock.end - self.clock.start, call
+
+
+class FabricLoop:
+    """``lightning.fabric.Fabric(accelerator="cpu", devices=1)``: setup once, ``fabric.backward``."""
+
+    def __init__(self, workload: Workload, model: nn.Module) -> None:
+        from lightning.fabric import Fabric
+
+        quiet_frameworks()
+        self.fabric = Fabric(accelerator="cpu", devices=1)
+        self.model, self.opt = self.fabric.setup(model, workload.optimizer(model))
+
+    def run(self, batches: Sequence[Batch]) -> tuple[float, float]:
+        fabric, model, opt, ce = self.fabric, self.model, self.opt, F.cross_entropy
+        t0 = perf_counter()
+        for x, y in batches:
+            opt.zero_grad()
+            loss = ce(model(x), y)
+            fabric.backward(loss)
+            opt.step()
+        t = perf_counter() - t0
+        return t, t
+
+
+class IgniteEngine:
+    """``ignite.engine.create_supervised_trainer``; one ``engine.run(batches, max_epochs=1)`` per pass."""
+
+    def __init__(self, workload: Workload, model: nn.Module) -> None:
+        from ignite.engine import Events, create_supervised_trainer
+
+        self.engine = create_supervised_trainer(model, workload.optimizer(model), F.cross_entropy)
+        self.start = self.end = 0.0
+        self.engine.add_event_handler(Events.EPOCH_STARTED, self._started)
+        self.engine.add_event_handler(Events.EPOCH_COMPLETED, self._completed)
+
+    def _started(self, engine: Any) -> None:
+        self.start = perf_counter()
+
+    def _completed(self, engine: Any) -> None:
+        self.end = perf_counter()
+
+    def run(self, batches: Sequence[Batch]) -> tuple[float, float]:
+        t0 = perf_counter()
+        self.engine.run(batches, max_epochs=1)
+        call = perf_counter() - t0
+        return self.end - self.start, call
+
+
+# --- the contenders --------------------------------------------------------------------------------
+
+
+def _clip(step: Any) -> Any:
+    from loopkit import with_grad_clip
+
+    return with_grad_clip(step, max_norm=1.0)
+
+
+def _accum(step: Any) -> Any:
+    from loopkit import with_grad_accum
+
+    return with_grad_accum(step, every=4)
+
+
+def _nan_guard(step: Any) -> Any:
+    from loopkit import with_nan_guard
+
+    return with_nan_guard(step)
+
+
+def _amp(step: Any) -> Any:
+    from loopkit import with_amp
+
+    return with_amp(step, dtype=torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class Contender:
+    """One row of the table: how to build its runner, and what it is compared with."""
+
+    key: str
+    label: str
+    build: Callable[[Workload, nn.Module], Runner]
+    group: str = "main"  # "main", "transform" (Δ vs the donated step) or "reference"
+    reference: str = "raw"  # the row of its own-reference ratio
+    needs: tuple[str, ...] = ()  # optional modules it imports
+    driver: bool = False  # timed by epoch hooks; its whole call is reported separately
+    target: str = ""
+
+
+CONTENDERS: tuple[Contender, ...] = (
+    Contender("raw", "raw PyTorch loop", RawLoop, target="reference"),
+    Contender("run_epochs", "loopkit run_epochs", RunEpochs, driver=True, target="≤ 1.03×"),
+    Contender("pure", "loopkit pure step, plain loop", _loopkit_step(donated=False), target="≤ 1.3×"),
+    Contender("donated", "loopkit donated step, plain loop", _loopkit_step(), target="≤ 1.03×"),
+    Contender("clip", "+ with_grad_clip(max_norm=1)", _loopkit_step(_clip), "transform", "raw_clip"),
+    Contender("accum", "+ with_grad_accum(every=4), per call", _loopkit_step(_accum), "transform", "raw_accum"),
+    Contender("nan_guard", "+ with_nan_guard", _loopkit_step(_nan_guard), "transform", "raw"),
+    Contender("amp", "+ with_amp(bf16)", _loopkit_step(_amp), "transform", "raw_amp"),
+    Contender("raw_clip", "ref: raw + clip_grad_norm_(1)", RawClipLoop, "reference"),
+    Contender("raw_accum", "ref: raw, accumulate 4, per call", RawAccumLoop, "reference"),
+    Contender("raw_amp", "ref: raw under autocast(bf16)", RawAmpLoop, "reference"),
+    Contender("trainer", "Lightning Trainer", LightningTrainer, needs=("lightning.pytorch",), driver=True,
+              target="~1.5–2×"),
+    Contender("fabric", "Lightning Fabric", FabricLoop, needs=("lightning.fabric",), target="+20–90 µs"),
+    Contender("ignite", "Ignite Engine", IgniteEngine, needs=("ignite.engine",), driver=True, target="~1.1×"),
+)
+BY_KEY = {c.key: c for c in CONTENDERS}
+
+
+def _missing(contender: Contender) -> str | None:
+    for module in contender.needs:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            return f"n/a ({module.split('.')[0]} not installed: {exc.name})"
+    return None
+
+
+# --- timing ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Timings:
+    """Per-round samples of one contender on one workload."""
+
+    per_step: list[float] = field(default_factory=list)  # seconds per step (or per call)
+    fixed: list[float] = field(default_factory=list)  # whole call minus the timed window, seconds
+    error: str | None = None
+
+
+def time_workload(
+    workload: Workload, contenders: Sequence[Contender], *, rounds: int, steps: int, warmup: int, seed: int
+) -> dict[str, Timings]:
+    """Interleaved timing: ``warmup`` untimed passes each, then ``rounds`` shuffled rounds."""
+    batches = workload.batches(steps)
+    results = {c.key: Timings() for c in contenders}
+    runners: dict[str, Runner] = {}
+    for c in contenders:
+        reason = _missing(c)
+        if reason is not None:
+            results[c.key].error = reason
+            continue
+        try:
+            runners[c.key] = c.build(workload, workload.model())
+            for _ in range(warmup):
+                runners[c.key].run(batches)
+        except Exception:
+            results[c.key].error = "error: " + traceback.format_exc(limit=3).strip().splitlines()[-1]
+            runners.pop(c.key, None)
+    order = list(runners)
+    shuffle = random.Random(seed)
+    for _ in range(rounds):
+        shuffle.shuffle(order)
+        for key in list(order):
+            gc.collect()
+            try:
+                window, call = runners[key].run(batches)
+            except Exception:
+                results[key].error = "error: " + traceback.format_exc(limit=3).strip().splitlines()[-1]
+                order.remove(key)
+                continue
+            results[key].per_step.append(window / steps)
+            results[key].fixed.append(call - window)
+    return results
+
+
+# --- peak memory in a fresh process per contender ---------------------------------------------------
+
+
+MICRO = Workload("micro", (8, 8, 8, 4), 4)
+
+
+def warm_up(contenders: Sequence[Contender], workload: Workload = MICRO, steps: int = 4) -> None:
+    """Run each contender twice over ``steps`` batches on a throwaway model of ``workload``.
+
+    Done before a memory baseline, it moves first-use costs out of the measurement: the
+    frameworks' lazy imports, torch's kernel and dispatch set-up, and the shared-library
+    code pages a forked child faults in again. The memory it freed goes back to the OS.
+    """
+    batches = workload.batches(steps)
+    for c in contenders:
+        if _missing(c) is not None:
+            continue
+        try:
+            runner = c.build(workload, workload.model(seed=1))
+            runner.run(batches)
+            runner.run(batches)
+        except Exception:
+            pass  # the measured run reports the error
+        runner = None
+    release_free_memory()
+
+
+def _memory_child(key: str, workload_name: str, steps: int) -> dict[str, Any]:
+    """In a fresh process: the peak-RSS growth of one contender training ``steps`` steps."""
+    setup_process()
+    pinned = pin_mmap_threshold()
+    contender = BY_KEY[key]
+    for module in ("loopkit",) + contender.needs:
+        importlib.import_module(module)
+    workload = WORKLOADS[workload_name]
+    warm_up([contender], workload)
+    batches = workload.batches(steps)
+    model = workload.model()
+    release_free_memory()
+    exact = reset_peak_rss()
+    baseline = rss_kb()
+    runner = contender.build(workload, model)
+    runner.run(batches)
+    peak = peak_rss_kb()
+    return {"baseline_kb": baseline, "peak_kb": peak, "growth_kb": peak - baseline, "exact": exact, "pinned": pinned}
+
+
+def _child_entry(conn: Any, key: str, workload_name: str, steps: int) -> None:
+    try:
+        conn.send(("ok", _memory_child(key, workload_name, steps)))
+    except BaseException:
+        conn.send(("error", traceback.format_exc(limit=3).strip().splitlines()[-1]))
+    finally:
+        conn.close()
+
+
+def _mp_context() -> Any:
+    """A forkserver whose server imported everything and ran ``warm_up`` (benchmarks/_memwarm.py)."""
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        ctx = multiprocessing.get_context("forkserver")
+        # The server gets no sys.path from us before Python 3.12 (nor __main__): PYTHONPATH it is.
+        here = os.path.dirname(os.path.abspath(__file__))
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)
+        ctx.set_forkserver_preload(["_memwarm"])
+        return ctx
+    return multiprocessing.get_context("spawn")
+
+
+def _start_method() -> str:
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        return ("forked from a server that imported every framework; each child first warms its contender "
+                "up on a throwaway model of the workload")
+    return "spawned; each child first warms its contender up on a throwaway model of the workload"
+
+
+def measure_memory(
+    workload: Workload, contenders: Sequence[Contender], *, steps: int, ctx: Any, timeout: float = 300.0
+) -> dict[str, dict[str, Any] | str]:
+    """Run each contender once in its own child; return its memory record or an error line."""
+    out: dict[str, dict[str, Any] | str] = {}
+    for c in contenders:
+        reason = _missing(c)
+        if reason is not None:
+            out[c.key] = reason
+            continue
+        receive, send = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=_child_entry, args=(send, c.key, workload.name, steps), daemon=True)
+        proc.start()
+        send.close()
+        if receive.poll(timeout):
+            try:
+                status, value = receive.recv()
+            except EOFError:  # the child died before it could answer
+                status, value = "error", "memory child exited without a result"
+            out[c.key] = value if status == "ok" else f"error: {value}"
+        else:
+            out[c.key] = "error: memory child timed out"
+            proc.kill()
+        proc.join()
+    return out
+
+
+# --- where the loopkit step spends its time -----------------------------------------------------------
+
+
+def _per_call_us(fn: Callable[[], Any], reps: int) -> float:
+    best = []
+    for _ in range(5):
+        t0 = perf_counter()
+        for _ in range(reps):
+            fn()
+        best.append((perf_counter() - t0) / reps)
+    return statistics.median(best) * 1e6
+
+
+UNIT = Workload("unit", (1, 2), 1)  # one Linear(1, 2), batch 1: the arithmetic is next to nothing
+
+
+def fixed_overhead(rounds: int, steps: int, seed: int) -> list[list[str]]:
+    """Per-step overhead in µs on the unit model, where the step's arithmetic is negligible:
+    what each loopkit form adds to *any* step, over the raw loop and over its own reference."""
+    keys = ("raw", "run_epochs", "pure", "donated", "clip", "accum", "nan_guard", "amp", "raw_clip", "raw_accum", "raw_amp")
+    timings = time_workload(UNIT, [BY_KEY[k] for k in keys], rounds=rounds, steps=steps, warmup=1, seed=seed)
+    raw = timings["raw"]
+    rows = []
+    for key in keys:
+        t, c = timings[key], BY_KEY[key]
+        own = timings[c.reference] if c.group == "transform" and c.reference != "raw" else None
+        best = min(t.per_step, default=float("nan")) - min(raw.per_step, default=float("nan"))
+        rows.append([
+            c.label,
+            _fmt(_median(t.per_step) * 1e6, ".1f"),
+            _fmt(_paired_delta_us(t, raw), "+.1f") if key != "raw" else "",
+            _fmt(best * 1e6, "+.1f") if key != "raw" else "",
+            _fmt(_paired_delta_us(t, own), "+.1f") if own is not None else "",
+        ])
+    return rows
+
+
+def _ladder_loops(workload: Workload) -> dict[str, Callable[[Any, Sequence[Batch]], Any]]:
+    """The raw step, growing one loopkit piece at a time into the donated loopkit step."""
+    import loopkit
+    from loopkit import steps as lk_steps
+    from loopkit.rng import RNGScope
+
+    split, advance = getattr(lk_steps, "_split_loss", None), getattr(lk_steps, "_advance", None)
+    core = loopkit.train_step(loss_fn)
+    donated = loopkit.donate(core)
+
+    def raw(state: Any, batches: Sequence[Batch]) -> Any:
+        model, opt = state.model, state.optimizer
+        for x, y in batches:
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return state
+
+    def rng(state: Any, batches: Sequence[Batch]) -> Any:
+        model, opt, rng_state = state.model, state.optimizer, state.rng
+        for x, y in batches:
+            scope = RNGScope(rng_state, None, 0)
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            rng_state = scope.close()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return state
+
+    def bookkeeping(state: Any, batches: Sequence[Batch]) -> Any:
+        model, opt = state.model, state.optimizer
+        for batch in batches:
+            scope = RNGScope(state.rng, None, state.seed)
+            loss, _ = split(loss_fn(model, batch), loss_fn)
+            loss.backward()
+            rng_state = scope.close()
+            _ = {"loss": loss.detach()}
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            state = advance(state, state.step + 1, rng_state, state.extras)
+        return state
+
+    def run_(state: Any, batches: Sequence[Batch]) -> Any:
+        for batch in batches:
+            state, _ = core.run_(state, batch)
+        return state
+
+    def call(state: Any, batches: Sequence[Batch]) -> Any:
+        for batch in batches:
+            state, _ = donated(state, batch)
+        return state
+
+    loops = {
+        "raw loop (zero_grad after the step, as loopkit)": raw,
+        "+ RNGScope around forward/backward": rng,
+        "+ loss_fn call, _split_loss, metrics dict, new TrainState": bookkeeping,
+        "TrainStep.run_ (the real in-place core)": run_,
+        "donate(train_step)(state, batch) (adds Step.__call__/_invoke)": call,
+    }
+    if split is None or advance is None:  # private helpers renamed: skip that rung
+        del loops["+ loss_fn call, _split_loss, metrics dict, new TrainState"]
+    return loops
+
+
+def ladder(workload: Workload, rounds: int, steps: int, seed: int) -> list[list[str]]:
+    """Interleaved timing of :func:`_ladder_loops`; cumulative Δ µs/step over the raw loop."""
+    import loopkit
+
+    batches = workload.batches(steps)
+    loops = _ladder_loops(workload)
+    states = {}
+    for name, loop in loops.items():
+        model = workload.model()
+        states[name] = loop(loopkit.TrainState.create(model, workload.optimizer(model)), batches)  # warm-up
+    samples: dict[str, list[float]] = {name: [] for name in loops}
+    order, shuffle = list(loops), random.Random(seed)
+    for _ in range(rounds):
+        shuffle.shuffle(order)
+        for name in order:
+            gc.collect()
+            t0 = perf_counter()
+            states[name] = loops[name](states[name], batches)
+            samples[name].append((perf_counter() - t0) / steps)
+    base = samples[next(iter(loops))]
+    rows = []
+    for name, values in samples.items():
+        rows.append([
+            name,
+            _fmt(_median(values) * 1e6, ".1f"),
+            _fmt(_median([v - b for v, b in zip(values, base)]) * 1e6, "+.1f"),
+            _fmt((min(values) - min(base)) * 1e6, "+.1f"),
+        ])
+    return rows
+
+
+def breakdown(workload: Workload) -> list[tuple[str, float]]:
+    """Micro-timings (µs per call, hot caches) of the pieces a loopkit step adds to the raw step."""
+    import attrs
+
+    import loopkit
+    from loopkit import state as lk_state
+    from loopkit import steps as lk_steps
+    from loopkit.rng import RNGScope
+
+    batches = workload.batches(8)
+    model = workload.model()
+    state = loopkit.TrainState.create(model, workload.optimizer(model))
+    state, _ = loopkit.train_step(loss_fn)(state, batches[0])  # Adam's state exists from here on
+    loss = loss_fn(state.model, batches[1])
+    opt = state.optimizer
+    rows: list[tuple[str, float]] = []
+
+    def piece(name: str, fn: Callable[[], Any], n: int = 2000) -> None:
+        try:
+            rows.append((name, _per_call_us(fn, n)))
+        except Exception as exc:  # private pieces may be renamed by later optimisation
+            rows.append((f"{name} (unavailable: {type(exc).__name__})", float("nan")))
+
+    chain = [state]
+
+    def fork_chain() -> None:  # as in the pure loop: each copy is made from the previous one
+        chain[0] = lk_state.fork(chain[0])
+
+    piece("Step._invoke checks: isinstance + check_usable + mark_consumed", lambda: (
+        isinstance(state, loopkit.TrainState), state.check_usable(), object.__setattr__(state, "_consumed", False)))
+    piece("RNGScope(rng, None) + close(): 2 get_rng_state + 2 set_rng_state + dict",
+          lambda: RNGScope(state.rng, None, state.seed).close())
+    piece("  of which torch.get_rng_state()", torch.get_rng_state)
+    piece("  of which torch.set_rng_state(rng['cpu'])", lambda: torch.set_rng_state(state.rng["cpu"]))
+    piece("device lookup: optimizer.param_groups[0]['params'][0].device",
+          lambda: opt.param_groups[0]["params"][0].device)
+    piece("_split_loss(loss, loss_fn): checks of the loss", lambda: lk_steps._split_loss(loss, loss_fn))
+    piece("metrics dict {'loss': loss.detach()}", lambda: {"loss": loss.detach()})
+    piece("_advance(state, ...): the new TrainState (extras converter)",
+          lambda: lk_steps._advance(state, state.step + 1, state.rng, state.extras))
+    piece("attrs.evolve(state), for comparison", lambda: attrs.evolve(state))
+    piece("fork(state): pure step's copy of params + Adam state (hot caches)", fork_chain, 200)
+    return rows
+
+
+# --- report ------------------------------------------------------------------------------------------
+
+
+def _median(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def _paired_ratio(a: Timings, b: Timings) -> float:
+    if a.error or b.error or not a.per_step or not b.per_step:
+        return float("nan")
+    return _median([x / y for x, y in zip(a.per_step, b.per_step)])
+
+
+def _paired_delta_us(a: Timings, b: Timings) -> float:
+    if a.error or b.error or not a.per_step or not b.per_step:
+        return float("nan")
+    return _median([x - y for x, y in zip(a.per_step, b.per_step)]) * 1e6
+
+
+def _spread(t: Timings) -> float:
+    if len(t.per_step) < 4:
+        return float("nan")
+    q = statistics.quantiles(t.per_step, n=4)
+    return (q[2] - q[0]) / _median(t.per_step)
+
+
+def _fmt(value: float, spec: str, suffix: str = "") -> str:
+    if value != value:  # nan
+        return "—"
+    return format(value, spec) + suffix
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], align: str = "") -> str:
+    align = align or "l" + "r" * (len(header) - 1)
+    sep = ["---:" if a == "r" else ":---" for a in align]
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(sep) + " |"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _mem_ratio(mem: dict[str, Any], key: str) -> str:
+    rec, raw = mem.get(key), mem.get("raw")
+    if isinstance(rec, str):
+        return "n/a" if rec.startswith("n/a") else "error"
+    if not isinstance(rec, dict) or not isinstance(raw, dict) or raw["growth_kb"] <= 0:
+        return "—"
+    return f"{rec['growth_kb'] / raw['growth_kb']:.2f}×"
+
+
+def report(
+    settings: dict[str, Any],
+    contenders: Sequence[Contender],
+    timings: dict[str, dict[str, Timings]],
+    memory: dict[str, dict[str, Any]],
+) -> str:
+    names = list(timings)
+    out = ["# loopkit overhead benchmark", ""]
+    out += [f"- {k}: {v}" for k, v in machine_info().items()]
+    out += [f"- {k}: {v}" for k, v in settings.items()]
+    out += [f"- workload {w}: {WORKLOADS[w].describe()}" for w in names]
+    out += ["", "## Time per training step and peak memory", ""]
+    header = ["contender"]
+    for w in names:
+        header += [f"{w} µs/step", f"{w} ×raw", f"{w} mem ×raw"]
+    header.append("target")
+    rows = []
+    for c in contenders:
+        row = [c.label]
+        for w in names:
+            t = timings[w][c.key]
+            if t.error:
+                row += [t.error, "", ""]
+                continue
+            row += [
+                _fmt(_median(t.per_step) * 1e6, ".1f"),
+                _fmt(_paired_ratio(t, timings[w]["raw"]), ".3f", "×"),
+                _mem_ratio(memory.get(w, {}), c.key),
+            ]
+        row.append(c.target)
+        rows.append(row)
+    out += [_table(header, rows, "l" + "r" * (len(header) - 2) + "l"), ""]
+
+    transforms = [c for c in contenders if c.group == "transform" or c.key == "fabric"]
+    if transforms and all("donated" in timings[w] for w in names):
+        out += ["## What each transform adds (donated step in a plain loop)", ""]
+        header = ["row"]
+        for w in names:
+            header += [f"{w} Δµs vs donated", f"{w} ×raw", f"{w} ×ref"]
+        header.append("ref (own reference)")
+        rows = []
+        for c in transforms:
+            base = "raw" if c.key == "fabric" else "donated"
+            row = [c.label + (" (Δ vs raw)" if base == "raw" else "")]
+            for w in names:
+                t = timings[w][c.key]
+                if t.error:
+                    row += [t.error, "", ""]
+                    continue
+                ref = timings[w].get(c.reference)
+                row += [
+                    _fmt(_paired_delta_us(t, timings[w][base]), "+.1f"),
+                    _fmt(_paired_ratio(t, timings[w]["raw"]), ".3f", "×"),
+                    _fmt(_paired_ratio(t, ref), ".3f", "×") if ref is not None else "—",
+                ]
+            row.append(BY_KEY[c.reference].label if c.reference in BY_KEY else c.reference)
+            rows.append(row)
+        out += [_table(header, rows, "l" + "r" * (len(header) - 2) + "l"), ""]
+
+    if memory:
+        out += ["## Peak memory: growth of peak RSS over the baseline (MiB)", ""]
+        header = ["contender"] + [f"{w} MiB" for w in names] + [f"{w} baseline MiB" for w in names]
+        rows = []
+        for c in contenders:
+            row, cells = [c.label], []
+            for w in names:
+                rec = memory.get(w, {}).get(c.key)
+                if isinstance(rec, dict):
+                    row.append(f"{rec['growth_kb'] / 1024:.2f}")
+                    cells.append(f"{rec['baseline_kb'] / 1024:.0f}")
+                else:
+                    row.append(str(rec) if rec else "—")
+                    cells.append("")
+            rows.append(row + cells)
+        out += [_table(header, rows), ""]
+
+    drivers = [c for c in contenders if c.driver]
+    if drivers:
+        out += ["## Drivers: fixed cost per call, outside the timed epoch (not in µs/step)", ""]
+        header = ["driver"] + [f"{w} ms/call" for w in names]
+        rows = [[c.label] + [_fmt(_median(timings[w][c.key].fixed) * 1e3, ".2f") for w in names] for c in drivers]
+        out += [_table(header, rows), ""]
+
+    out += ["## Noise: spread over rounds, and the fastest pass (robust to background load)", ""]
+    header = ["contender"]
+    for w in names:
+        header += [f"{w} IQR/median", f"{w} min µs", f"{w} min ×raw min"]
+    rows = []
+    for c in contenders:
+        row = [c.label]
+        for w in names:
+            t, raw = timings[w][c.key], timings[w]["raw"]
+            best = min(t.per_step, default=float("nan"))
+            row += [
+                _fmt(_spread(t) * 100, ".1f", "%"),
+                _fmt(best * 1e6, ".1f"),
+                _fmt(best / min(raw.per_step, default=float("nan")), ".3f", "×"),
+            ]
+        rows.append(row)
+    out += [_table(header, rows), ""]
+    return "\n".join(out)
+
+
+def _json_results(timings: dict[str, dict[str, Timings]], memory: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    data: dict[str, Any] = {}
+    for w, per in timings.items():
+        data[w] = {}
+        for key, t in per.items():
+            data[w][key] = {
+                "us_per_step": _median(t.per_step) * 1e6 if t.per_step else None,
+                "ratio_to_raw": _paired_ratio(t, per["raw"]) if "raw" in per else None,
+                "per_step_s": t.per_step,
+                "fixed_s": t.fixed,
+                "error": t.error,
+                "memory": memory.get(w, {}).get(key),
+            }
+    return data
+
+
+# --- main --------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="smoke run: 2 rounds of 8 steps; numbers meaningless")
+    p.add_argument("--rounds", type=int, default=None, help="timed rounds per workload (default 12)")
+    p.add_argument("--steps", type=int, default=None, help="training steps per timed pass (default 100)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed passes per contender first (default 1)")
+    p.add_argument("--memory-steps", type=int, default=None, help="steps of the memory run (default: --steps)")
+    p.add_argument("--workloads", default="tiny,small", help="comma-separated, from: " + ", ".join(WORKLOADS))
+    p.add_argument("--only", default=None, help="comma-separated contender keys (raw is always added): "
+                   + ", ".join(BY_KEY))
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory children")
+    p.add_argument("--breakdown", action="store_true", help="also time the pieces of one loopkit step")
+    p.add_argument("--seed", type=int, default=0, help="seed of the per-round shuffling")
+    p.add_argument("--json", default=None, help="also write the raw samples to this JSON file")
+    args = p.parse_args(argv)
+    quick = args.quick
+    args.rounds = args.rounds if args.rounds is not None else (2 if quick else 12)
+    args.steps = args.steps if args.steps is not None else (8 if quick else 100)
+    args.warmup = args.warmup if args.warmup is not None else 1
+    args.memory_steps = args.memory_steps if args.memory_steps is not None else args.steps
+    for name in ("rounds", "steps", "memory_steps"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.warmup < 0:
+        p.error("--warmup must be >= 0")
+    unknown = [w for w in args.workloads.split(",") if w not in WORKLOADS]
+    if unknown:
+        p.error(f"--workloads: unknown {unknown}; choose from {list(WORKLOADS)}")
+    if args.only:
+        keys = [k for k in args.only.split(",") if k]
+        bad = [k for k in keys if k not in BY_KEY]
+        if bad:
+            p.error(f"--only: unknown {bad}; choose from {list(BY_KEY)}")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_process()
+    contenders = list(CONTENDERS)
+    if args.only:
+        wanted = set(args.only.split(",")) | {"raw"}
+        contenders = [c for c in contenders if c.key in wanted]
+    workloads = [WORKLOADS[w] for w in args.workloads.split(",")]
+    started = perf_counter()
+
+    memory: dict[str, dict[str, Any]] = {}
+    if not args.no_memory:  # first, while the machine is otherwise quiet for the timing below
+        ctx = _mp_context()
+        for w in workloads:
+            memory[w.name] = measure_memory(w, contenders, steps=args.memory_steps, ctx=ctx)
+    timings = {
+        w.name: time_workload(w, contenders, rounds=args.rounds, steps=args.steps, warmup=args.warmup, seed=args.seed)
+        for w in workloads
+    }
+    memory_note = "not measured (--no-memory)" if args.no_memory else (
+        f"peak-RSS growth over the baseline, one fresh child per contender and workload training "
+        f"{args.memory_steps} steps ({_start_method()}); the baseline is the RSS after imports, warm-up, "
+        "data and model creation, the peak the kernel's VmHWM reset at the baseline (/proc/self/clear_refs)"
+    )
+    settings = {
+        "settings": f"rounds={args.rounds}, steps/pass={args.steps}, warm-up passes={args.warmup}, "
+                    f"order shuffled each round (seed {args.seed})" + (" [--quick: numbers are meaningless]" if args.quick else ""),
+        "µs/step": "median over rounds of pass time / steps; ×raw = median over rounds of the per-round ratio",
+        "drivers": "run_epochs, Trainer and Ignite timed from their epoch-start to epoch-end hooks "
+                   "(per-call set-up reported separately below)",
+        "memory": memory_note,
+    }
+    print(report(settings, contenders, timings, memory))
+    if args.breakdown:
+        bk_steps = args.steps if args.quick else max(args.steps, 200)
+        print("## Breakdown 1: fixed per-step cost on a unit model (Linear(1, 2), batch 1), Δ vs raw\n")
+        rows = fixed_overhead(args.rounds, bk_steps, args.seed)
+        print(_table(["contender", "µs/step", "Δ µs vs raw (paired median)", "Δ µs vs raw (min − min)",
+                      "Δ µs vs own ref (paired median)"], rows) + "\n")
+        print("## Breakdown 2: the raw step grown into the loopkit step, piece by piece (cumulative Δ µs)\n")
+        for w in (UNIT, *workloads):
+            rows = ladder(w, args.rounds, bk_steps, args.seed)
+            print(f"### {w.name}\n\n" + _table(["loop", "µs/step", "Δ µs (paired median)", "Δ µs (min − min)"], rows) + "\n")
+        print("## Breakdown 3: pieces micro-timed alone (µs per call, hot caches: a lower bound)\n")
+        for w in workloads:
+            rows = [[name, _fmt(us, ".2f")] for name, us in breakdown(w)]
+            print(f"### {w.name}\n\n" + _table(["piece", "µs"], rows) + "\n")
+    print(f"total time: {perf_counter() - started:.1f} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"settings": vars(args), "results": _json_results(timings, memory)}, f, indent=1, default=str)
+    failed = [
+        f"{w}/{k}: {t.error}" for w, per in timings.items() for k, t in per.items() if t.error and t.error.startswith("error")
+    ] + [
+        f"{w}/{k} memory: {rec}" for w, per in memory.items() for k, rec in per.items() if isinstance(rec, str) and rec.startswith("error")
+    ]
+    for line in failed:
+        print("FAILED " + line, file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

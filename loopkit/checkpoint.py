@@ -1,0 +1,941 @@
+"""Checkpoints on disk: atomic saves, manifests with checksums, safe loading, exact restore.
+
+A checkpoint is a directory ``ckpt-<seq>-step<S>-epoch<E>-batch<B>`` holding
+
+* ``state.pt``: the whole train state (``TrainState.state_dict()``) and every global RNG
+  the run draws from (torch CPU, CUDA when in use, NumPy, Python ``random``), all stored
+  as tensors, numbers and strings, so it loads with ``torch.load(weights_only=True)``;
+* ``meta.json``: step, epoch, batch index, seed and why it was saved;
+* ``manifest.json``: each file's size and sha256, written last.
+
+A save writes everything into a temporary directory inside the target directory,
+fsyncs the files, writes the manifest, fsyncs, renames the directory to its final name
+and fsyncs the parent: a checkpoint is visible only once complete, and an existing one
+is never written over. ``<seq>`` counts up per directory, so the newest checkpoint is
+the one saved last. Temporaries left by a crashed save are removed by the next save or
+restore. Every file is read with an explicit ``torch.load(..., weights_only=True)`` or as
+JSON: a file that would need arbitrary unpickling is refused and nothing in it runs.
+
+>>> import tempfile, torch
+>>> tmp = tempfile.TemporaryDirectory()
+>>> from loopkit.state import TrainState
+>>> model = torch.nn.Linear(2, 1)
+>>> state = TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1)).evolve(step=3)
+>>> root = tmp.name
+>>> path = save(state, root)
+>>> path.name
+'ckpt-000001-step3-epoch0-batch0'
+>>> fresh = TrainState.create(torch.nn.Linear(2, 1), seed=0)
+>>> fresh = TrainState.create(fresh.model, torch.optim.SGD(fresh.model.parameters(), lr=0.1))
+>>> restored = restore(fresh, root)
+>>> restored.step, bool(torch.equal(restored.model.weight, model.weight))
+(3, True)
+>>> tmp.cleanup()
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import random
+import re
+import secrets
+import shutil
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+import numpy as np
+import torch
+
+from loopkit.errors import CheckpointCorruptError, StateMismatchError
+from loopkit.state import TrainState
+
+try:  # POSIX: advisory locks keep a cleaner away from another process's save in progress
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = [
+    "CheckpointInfo",
+    "Snapshot",
+    "capture_global_rng",
+    "clean",
+    "export_weights",
+    "is_checkpoint",
+    "list_checkpoints",
+    "load",
+    "read_scores",
+    "remove",
+    "restore",
+    "save",
+    "snapshot",
+    "verify",
+    "write",
+    "write_scores",
+]
+
+FORMAT = "loopkit-checkpoint"
+VERSION = 1
+PAYLOAD = "state.pt"
+META = "meta.json"
+MANIFEST = "manifest.json"
+SCORES = "scores.json"
+_REQUIRED = (PAYLOAD, META)
+_LOCK = ".lock"
+_TMP = ".tmp-"
+_TRASH = ".trash-"
+_NAME = re.compile(r"^ckpt-(\d+)-step(\d+)-epoch(\d+)-batch(\d+)$")
+_CHUNK = 1 << 20
+_STALE_WITHOUT_LOCKS_S = 600.0  # where advisory locks do not exist, a temporary this old is stale
+
+
+# --- what is on disk ---------------------------------------------------------------------------
+
+
+@attrs.frozen(order=False)
+class CheckpointInfo:
+    """A checkpoint directory as its name describes it (nothing is read or verified).
+
+    >>> info = CheckpointInfo.parse(Path("runs/ckpt-000004-step120-epoch2-batch8"))
+    >>> info.seq, info.step, info.epoch, info.batch_index
+    (4, 120, 2, 8)
+    """
+
+    path: Path
+    seq: int
+    step: int
+    epoch: int
+    batch_index: int
+
+    @classmethod
+    def parse(cls, path: Path) -> CheckpointInfo | None:
+        """The info that ``path``'s name encodes, or None when it is not a checkpoint name."""
+        match = _NAME.match(Path(path).name)
+        if match is None:
+            return None
+        seq, step, epoch, batch = (int(g) for g in match.groups())
+        return cls(Path(path), seq, step, epoch, batch)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+def list_checkpoints(directory: str | os.PathLike) -> list[CheckpointInfo]:
+    """The checkpoints in ``directory``, oldest first (by save order); nothing is verified.
+
+    Temporaries of a save in progress (or of a crashed one) are not checkpoints and are
+    not listed. A directory that does not exist has none.
+
+    >>> import tempfile, torch
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> from loopkit.state import TrainState
+    >>> root = tmp.name
+    >>> state = TrainState.create(torch.nn.Linear(1, 1))
+    >>> _ = save(state, root); _ = save(state.evolve(step=1), root)
+    >>> [c.name for c in list_checkpoints(root)]
+    ['ckpt-000001-step0-epoch0-batch0', 'ckpt-000002-step1-epoch0-batch0']
+    >>> tmp.cleanup()
+    """
+    directory = Path(directory)
+    try:
+        entries = list(os.scandir(directory))
+    except FileNotFoundError:
+        return []
+    except PermissionError as e:
+        raise PermissionError(
+            e.errno, f"cannot list checkpoints in {directory}: permission denied", str(directory)
+        ) from e
+    found = [CheckpointInfo.parse(directory / entry.name) for entry in entries]
+    return sorted((c for c in found if c is not None), key=lambda c: (c.seq, c.step, c.epoch, c.batch_index))
+
+
+def is_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether ``path`` names one checkpoint (rather than a directory of checkpoints).
+
+    >>> is_checkpoint("runs/ckpt-000001-step3-epoch0-batch3"), is_checkpoint("runs")
+    (True, False)
+    """
+    path = Path(path)
+    return _NAME.match(path.name) is not None or (path / MANIFEST).exists() or (path / PAYLOAD).exists()
+
+
+# --- the global RNGs, as tensors ---------------------------------------------------------------
+
+
+def capture_global_rng() -> dict[str, Any]:
+    """Every global RNG state the run may draw from, as tensors, numbers and strings.
+
+    torch's CPU generator, each CUDA device's (only where CUDA is already in use, so a
+    CPU run never initialises it), NumPy's legacy global generator and Python's
+    ``random``. :func:`restore` puts them back.
+
+    >>> sorted(capture_global_rng())
+    ['numpy', 'python', 'torch']
+    """
+    rng: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        rng["cuda"] = {str(i): s for i, s in enumerate(torch.cuda.get_rng_state_all())}
+    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)  # type: ignore[misc]
+    rng["numpy"] = {
+        "kind": str(kind),
+        "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "cached_gaussian": float(cached),
+    }
+    version, internal, gauss_next = random.getstate()
+    python: dict[str, Any] = {"version": int(version), "state": torch.tensor(internal, dtype=torch.int64)}
+    if gauss_next is not None:
+        python["gauss_next"] = float(gauss_next)
+    rng["python"] = python
+    return rng
+
+
+def _rng_error(where: str, key: str, what: str) -> CheckpointCorruptError:
+    return CheckpointCorruptError(f"{where}: global RNG entry '{key}' {what}")
+
+
+def _decode_global_rng(plain: Any, where: str) -> Callable[[], None]:
+    """Check a captured global RNG state; return the function that installs it."""
+    if not isinstance(plain, Mapping):
+        raise _rng_error(where, "global_rng", "is not a mapping")
+    torch_state = plain.get("torch")
+    if not isinstance(torch_state, torch.Tensor) or torch_state.dtype != torch.uint8:
+        raise _rng_error(where, "torch", "is not a uint8 generator-state tensor")
+    cuda = plain.get("cuda", {})
+    if not isinstance(cuda, Mapping) or not all(
+        isinstance(s, torch.Tensor) and s.dtype == torch.uint8 for s in cuda.values()
+    ):
+        raise _rng_error(where, "cuda", "is not a mapping of uint8 generator-state tensors")
+    numpy_state = _decode_numpy_rng(plain.get("numpy"), where)
+    python_state = _decode_python_rng(plain.get("python"), where)
+
+    def install() -> None:
+        torch.set_rng_state(torch_state)
+        if cuda and torch.cuda.is_available():
+            for index, state in cuda.items():
+                if int(index) < torch.cuda.device_count():
+                    torch.cuda.set_rng_state(state, int(index))
+        np.random.set_state(numpy_state)
+        random.setstate(python_state)
+
+    return install
+
+
+def _decode_numpy_rng(plain: Any, where: str) -> tuple[Any, ...]:
+    if not isinstance(plain, Mapping):
+        raise _rng_error(where, "numpy", "is missing")
+    keys = plain.get("keys")
+    if plain.get("kind") != "MT19937" or not isinstance(keys, torch.Tensor) or tuple(keys.shape) != (624,):
+        raise _rng_error(where, "numpy", "is not an MT19937 state of 624 keys")
+    try:
+        return ("MT19937", keys.numpy().astype(np.uint32), int(plain["pos"]), int(plain["has_gauss"]),
+                float(plain["cached_gaussian"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise _rng_error(where, "numpy", f"is incomplete ({e!r})") from e
+
+
+def _decode_python_rng(plain: Any, where: str) -> tuple[Any, ...]:
+    if not isinstance(plain, Mapping):
+        raise _rng_error(where, "python", "is missing")
+    internal = plain.get("state")
+    if not isinstance(internal, torch.Tensor) or internal.ndim != 1:
+        raise _rng_error(where, "python", "is not a 1-d state tensor")
+    gauss = plain.get("gauss_next")
+    decoded = (int(plain.get("version", 3)), tuple(int(v) for v in internal.tolist()),
+               None if gauss is None else float(gauss))
+    try:  # validate without touching the global generator
+        random.Random().setstate(decoded)
+    except (TypeError, ValueError) as e:
+        raise _rng_error(where, "python", f"is not a valid random.Random state ({e})") from e
+    return decoded
+
+
+# --- taking a snapshot and writing it ----------------------------------------------------------
+
+
+@attrs.frozen
+class Snapshot:
+    """Everything one checkpoint holds, ready to write; made by :func:`snapshot`.
+
+    >>> import torch
+    >>> from loopkit.state import TrainState
+    >>> snap = snapshot(TrainState.create(torch.nn.Linear(1, 1)), reason="manual")
+    >>> snap.meta["reason"], sorted(snap.payload)
+    ('manual', ['extras_devices', 'format', 'global_rng', 'state', 'version'])
+    """
+
+    payload: dict[str, Any]
+    meta: dict[str, Any]
+    step: int
+    epoch: int
+    batch_index: int
+
+    def name(self, seq: int) -> str:
+        return f"ckpt-{seq:06d}-step{self.step}-epoch{self.epoch}-batch{self.batch_index}"
+
+
+def _copy_tensors(tree: Any) -> Any:
+    if isinstance(tree, torch.Tensor):
+        return tree.detach().to("cpu", copy=True)
+    if isinstance(tree, Mapping):
+        return {k: _copy_tensors(v) for k, v in tree.items()}
+    return tree
+
+
+def _devices(tree: Any) -> Any:
+    """The devices of the non-CPU tensors in ``tree``, as a tree of strings (empty dicts elsewhere)."""
+    if isinstance(tree, torch.Tensor):
+        return None if tree.device.type == "cpu" else str(tree.device)
+    if isinstance(tree, Mapping):
+        out = {}
+        for k, v in tree.items():
+            d = _devices(v)
+            if d:
+                out[k] = d
+        return out
+    return None
+
+
+def snapshot(state: TrainState, *, reason: str = "", copy: bool = False) -> Snapshot:
+    """Capture ``state`` and the global RNGs for a checkpoint.
+
+    With ``copy=True`` every tensor is copied to CPU memory, so training may go on
+    changing the state in place while the snapshot is written in the background.
+
+    >>> import torch
+    >>> from loopkit.state import TrainState
+    >>> state = TrainState.create(torch.nn.Linear(1, 1))
+    >>> snap = snapshot(state, copy=True)
+    >>> snap.payload["state"]["model"]["weight"] is state.model.weight
+    False
+    """
+    sd = state.state_dict()
+    extras_devices = _devices(sd.get("extras", {})) or {}
+    if copy:
+        sd = _copy_tensors(sd)
+    payload = {
+        "format": FORMAT,
+        "version": VERSION,
+        "state": sd,
+        "global_rng": capture_global_rng(),
+        "extras_devices": extras_devices,
+    }
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "step": state.step,
+        "epoch": state.epoch,
+        "batch_index": state.batch_index,
+        "seed": state.seed,
+        "reason": reason,
+        "created_unix": time.time(),
+        "torch": torch.__version__,
+    }
+    return Snapshot(payload, meta, state.step, state.epoch, state.batch_index)
+
+
+def save(state: TrainState, directory: str | os.PathLike, *, reason: str = "") -> Path:
+    """Atomically save ``state`` (and the global RNGs) as a new checkpoint in ``directory``.
+
+    Returns the checkpoint's path. Raises ``OSError`` (``PermissionError`` for a
+    directory without permission, errno ``ENOSPC`` for a full disk) naming the
+    directory; then no temporary is left and the previous checkpoints are intact.
+
+    >>> import tempfile, torch
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> from loopkit.state import TrainState
+    >>> path = save(TrainState.create(torch.nn.Linear(1, 1)), tmp.name, reason="manual")
+    >>> sorted(p.name for p in path.iterdir())
+    ['manifest.json', 'meta.json', 'state.pt']
+    >>> tmp.cleanup()
+    """
+    return write(snapshot(state, reason=reason), directory)
+
+
+def write(snap: Snapshot, directory: str | os.PathLike) -> Path:
+    """Write a :class:`Snapshot` as a new checkpoint in ``directory`` (see :func:`save`).
+
+    >>> import tempfile, torch
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> from loopkit.state import TrainState
+    >>> write(snapshot(TrainState.create(torch.nn.Linear(1, 1))), tmp.name).name
+    'ckpt-000001-step0-epoch0-batch0'
+    >>> tmp.cleanup()
+    """
+    directory = Path(directory)
+    _make_directory(directory)
+    with _writer_lock(directory):
+        existing = list_checkpoints(directory)
+        seq = existing[-1].seq + 1 if existing else 1
+        final = directory / snap.name(seq)
+        while final.exists():  # never over an existing checkpoint
+            seq += 1
+            final = directory / snap.name(seq)
+        tmp = directory / f"{_TMP}{final.name}-{secrets.token_hex(4)}"
+        try:
+            _mkdir(tmp)
+            files = {PAYLOAD: _write_payload(snap.payload, tmp / PAYLOAD)}
+            files[META] = _write_json(tmp / META, snap.meta)
+            _write_manifest(tmp, {"format": FORMAT, "version": VERSION, "files": files})
+            _fsync_dir(tmp)
+            os.rename(tmp, final)
+            _fsync_dir(directory)
+        except BaseException as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, OSError):
+                raise _save_error(e, directory, final.name, existing) from e
+            raise
+    return final
+
+
+def _save_error(e: OSError, directory: Path, name: str, existing: list[CheckpointInfo]) -> OSError:
+    kept = ", ".join(c.name for c in existing) if existing else "there were none"
+    if e.errno == errno.ENOSPC:
+        what = "no space left on device"
+    elif isinstance(e, PermissionError):
+        what = "permission denied"
+    else:
+        what = e.strerror or type(e).__name__
+    message = (
+        f"could not save checkpoint {name} in {directory}: {what} ({e}); the partial save was "
+        f"removed (no temporary is left) and the previous checkpoints are intact ({kept})"
+    )
+    if isinstance(e, PermissionError):
+        return PermissionError(e.errno or errno.EACCES, message)
+    return OSError(e.errno, message) if e.errno is not None else OSError(message)
+
+
+def _make_directory(directory: Path) -> None:
+    if directory.is_dir():
+        return
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except PermissionError as e:
+        raise PermissionError(
+            e.errno or errno.EACCES, f"cannot create the checkpoint directory {directory}: permission denied"
+        ) from e
+    except FileExistsError as e:
+        raise NotADirectoryError(errno.ENOTDIR, f"checkpoint directory {directory} is not a directory") from e
+
+
+def _mkdir(path: Path) -> None:
+    os.mkdir(path)
+
+
+def _write_payload(payload: Mapping[str, Any], path: Path) -> dict[str, Any]:
+    """``torch.save`` the payload to ``path``, fsync it; return its size and sha256.
+
+    The fsync runs in a second thread while this one hashes the file (both release the GIL).
+    """
+    torch.save(payload, path)
+    with open(path, "r+b") as f:
+        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="loopkit-fsync") as pool:
+            synced = pool.submit(os.fsync, f.fileno())
+            digest = _digest(path)
+            synced.result()
+    return digest
+
+
+def _write_json(path: Path, data: Mapping[str, Any]) -> dict[str, Any]:
+    raw = json.dumps(data, indent=1, sort_keys=True).encode()
+    with open(path, "xb") as f:
+        f.write(raw)
+        f.flush()
+        os.fsync(f.fileno())
+    return {"size": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
+
+
+def _write_manifest(tmp: Path, manifest: Mapping[str, Any]) -> None:
+    """Write the manifest last: the checkpoint is complete once it exists."""
+    _write_json(tmp / MANIFEST, manifest)
+
+
+def _digest(path: Path) -> dict[str, Any]:
+    h = hashlib.sha256()
+    size = 0
+    buf = bytearray(_CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb") as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
+            size += n
+    return {"size": size, "sha256": h.hexdigest()}
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:  # pragma: no cover - platforms that cannot open directories
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# --- temporaries, locks, removal ---------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _writer_lock(directory: Path) -> Iterator[None]:
+    """Hold a shared lock on ``directory/.lock`` while saving, after cleaning stale temporaries."""
+    fd = _open_lock(directory)
+    try:
+        _clean_stale(directory, fd)
+        if fd is not None and fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def _open_lock(directory: Path) -> int | None:
+    """The lock file's descriptor, or None where it cannot be opened (a read-only directory)."""
+    try:
+        return os.open(directory / _LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        return None
+
+
+def _clean_stale(directory: Path, fd: int | None) -> None:
+    """Remove temporaries and trash of crashed saves, unless some process is saving right now.
+
+    A save holds a shared lock on ``.lock`` from before its temporary exists until it is
+    renamed, so an exclusive lock means every temporary there is stale. Where locks are
+    unavailable, only temporaries older than ``_STALE_WITHOUT_LOCKS_S`` are removed.
+    """
+    max_age = _STALE_WITHOUT_LOCKS_S
+    if fd is not None and fcntl is not None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return  # another save is in progress: its temporary is not stale
+        max_age = 0.0
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return
+    now = time.time()
+    for entry in entries:
+        if not entry.name.startswith((_TMP, _TRASH)):
+            continue
+        try:
+            if max_age and now - entry.stat(follow_symlinks=False).st_mtime < max_age:
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                os.unlink(entry.path)
+        except OSError:
+            pass
+
+
+def clean(directory: str | os.PathLike) -> None:
+    """Remove what crashed saves left in ``directory`` (never a save in progress elsewhere).
+
+    >>> import tempfile
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> root = Path(tmp.name); (root / ".tmp-ckpt-000001-step1-epoch0-batch1-ab").mkdir()
+    >>> clean(root); sorted(p.name for p in root.iterdir())
+    ['.lock']
+    >>> tmp.cleanup()
+    """
+    directory = Path(directory)
+    fd = _open_lock(directory)
+    try:
+        _clean_stale(directory, fd)
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def remove(path: str | os.PathLike) -> None:
+    """Delete one checkpoint: renamed out of sight first, so it never looks half-deleted.
+
+    >>> import tempfile, torch
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> from loopkit.state import TrainState
+    >>> root = tmp.name
+    >>> remove(save(TrainState.create(torch.nn.Linear(1, 1)), root))
+    >>> list_checkpoints(root)
+    []
+    >>> tmp.cleanup()
+    """
+    path = Path(path)
+    trash = path.with_name(f"{_TRASH}{path.name}-{secrets.token_hex(4)}")
+    os.rename(path, trash)
+    _delete(trash)
+
+
+def _delete(trash: Path) -> None:
+    """Delete a checkpoint already renamed out of sight (a crash here leaves only trash)."""
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+# --- verifying and loading ---------------------------------------------------------------------
+
+
+def verify(path: str | os.PathLike) -> dict[str, Any]:
+    """Check one checkpoint against its manifest (sizes and sha256); return the manifest.
+
+    Raises :class:`loopkit.CheckpointCorruptError` naming the file that is missing,
+    truncated or altered (or the missing manifest of an incomplete save).
+
+    >>> import tempfile, torch
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> from loopkit.state import TrainState
+    >>> path = save(TrainState.create(torch.nn.Linear(1, 1)), tmp.name)
+    >>> sorted(verify(path)["files"])
+    ['meta.json', 'state.pt']
+    >>> with open(path / "state.pt", "r+b") as f:
+    ...     _ = f.truncate(100)
+    >>> verify(path)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    loopkit.errors.CheckpointCorruptError: checkpoint file .../state.pt is corrupt: 100 bytes, the manifest says ...
+    >>> tmp.cleanup()
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointCorruptError(f"checkpoint {path} does not exist or is not a directory")
+    manifest_path = path / MANIFEST
+    if not manifest_path.exists():
+        raise CheckpointCorruptError(
+            f"checkpoint {path} is incomplete: {manifest_path} is missing (the save did not finish)"
+        )
+    manifest = _read_json(manifest_path, "manifest")
+    files = manifest.get("files")
+    if manifest.get("format") != FORMAT or not isinstance(files, Mapping):
+        raise CheckpointCorruptError(f"checkpoint manifest {manifest_path} is not a {FORMAT} manifest")
+    if manifest.get("version") != VERSION:
+        raise CheckpointCorruptError(
+            f"checkpoint manifest {manifest_path} has format version {manifest.get('version')!r}; "
+            f"this loopkit reads version {VERSION}"
+        )
+    for name in _REQUIRED:
+        if name not in files:
+            raise CheckpointCorruptError(f"checkpoint manifest {manifest_path} does not list {name}")
+    for name, expected in files.items():  # sizes first: cheap, and catches truncation at once
+        _check_size(path, name, expected)
+    for name, expected in files.items():
+        got = _digest(path / name)["sha256"]
+        if got != expected.get("sha256"):
+            raise CheckpointCorruptError(
+                f"checkpoint file {path / name} is corrupt: its sha256 {got} does not match the manifest's "
+                f"{expected.get('sha256')}"
+            )
+    return manifest
+
+
+def _check_size(path: Path, name: Any, expected: Any) -> None:
+    if not isinstance(name, str) or "/" in name or name.startswith(".") or not isinstance(expected, Mapping):
+        raise CheckpointCorruptError(f"checkpoint manifest {path / MANIFEST} has an invalid entry {name!r}")
+    file = path / name
+    try:
+        size = file.stat().st_size
+    except FileNotFoundError:
+        raise CheckpointCorruptError(f"checkpoint file {file} is missing") from None
+    if size != expected.get("size"):
+        raise CheckpointCorruptError(
+            f"checkpoint file {file} is corrupt: {size} bytes, the manifest says {expected.get('size')}"
+        )
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_bytes())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CheckpointCorruptError(f"checkpoint {what} {path} cannot be read as JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise CheckpointCorruptError(f"checkpoint {what} {path} is not a JSON object")
+    return data
+
+
+def _safe_load(file: Path) -> Any:
+    """``torch.load`` with an explicit ``weights_only=True``: no environment variable can turn it off."""
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # an UnpicklingError for anything but tensors, numbers, strings, containers
+        raise CheckpointCorruptError(
+            f"checkpoint file {file} was refused: it cannot be loaded with torch.load(weights_only=True) "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); loopkit never unpickles "
+            "arbitrary objects, and nothing in the file was run"
+        ) from e
+
+
+def load(path: str | os.PathLike) -> dict[str, Any]:
+    """Verify one checkpoint and load it safely; return its payload (``state``, ``global_rng``, ``meta``).
+
+    >>> import tempfile, torch
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> from loopkit.state import TrainState
+    >>> path = save(TrainState.create(torch.nn.Linear(1, 1)).evolve(step=2), tmp.name)
+    >>> payload = load(path)
+    >>> payload["state"]["step"], payload["meta"]["step"]
+    (2, 2)
+    >>> tmp.cleanup()
+    """
+    path = Path(path)
+    verify(path)
+    meta = _read_json(path / META, "metadata")
+    payload = _safe_load(path / PAYLOAD)
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointCorruptError(f"checkpoint file {path / PAYLOAD} is not a {FORMAT} payload")
+    if payload.get("version") != VERSION:
+        raise CheckpointCorruptError(
+            f"checkpoint file {path / PAYLOAD} has format version {payload.get('version')!r}; "
+            f"this loopkit reads {VERSION}"
+        )
+    if not isinstance(payload.get("state"), Mapping):
+        raise CheckpointCorruptError(f"checkpoint file {path / PAYLOAD} holds no state")
+    payload["meta"] = meta
+    return payload
+
+
+# --- restoring ---------------------------------------------------------------------------------
+
+
+def restore(state: TrainState, path: str | os.PathLike) -> TrainState:
+    """The state saved in a checkpoint, loaded into ``state``'s model, optimizer and scheduler.
+
+    ``path`` is one checkpoint, or a directory of them: then the newest whose manifest
+    verifies is used, and each incomplete or corrupt one is skipped with a warning; where
+    there is none (or no such directory) ``state`` itself is returned. A corrupt checkpoint
+    named directly raises :class:`loopkit.CheckpointCorruptError` naming the bad file. A
+    checkpoint of another model raises :class:`loopkit.StateMismatchError` naming the first
+    missing, unexpected or mis-shaped key. Nothing is changed before everything checks out:
+    ``state`` is never modified (a new state is returned); the global RNGs (torch, CUDA,
+    NumPy, Python) are set to the saved ones last.
+
+    >>> import tempfile, torch
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> from loopkit.state import TrainState
+    >>> root = tmp.name
+    >>> state = TrainState.create(torch.nn.Linear(2, 1), seed=5)
+    >>> restore(state, root) is state  # nothing saved yet
+    True
+    >>> _ = save(state.evolve(epoch=2, batch_index=7), root)
+    >>> resumed = restore(state, root)
+    >>> resumed.epoch, resumed.batch_index, resumed.seed
+    (2, 7, 5)
+    >>> tmp.cleanup()
+    """
+    if not isinstance(state, TrainState):
+        raise TypeError(f"restore: state must be a loopkit.TrainState, got {type(state).__qualname__}")
+    state.check_usable()
+    path = Path(path)
+    if is_checkpoint(path):
+        if not path.exists():
+            raise FileNotFoundError(errno.ENOENT, f"restore: checkpoint {path} does not exist", str(path))
+        return _restore_from(state, *_prepare(load(path), path), path)
+    if not path.exists():
+        return state
+    if not path.is_dir():
+        raise NotADirectoryError(
+            errno.ENOTDIR, f"restore: {path} is neither a checkpoint nor a directory of checkpoints", str(path)
+        )
+    clean(path)
+    for info in reversed(list_checkpoints(path)):
+        try:
+            prepared = _prepare(load(info.path), info.path)
+        except CheckpointCorruptError as e:
+            warnings.warn(f"loopkit.restore: skipping checkpoint {info.path}: {e}", RuntimeWarning, stacklevel=2)
+            continue
+        return _restore_from(state, *prepared, info.path)
+    return state
+
+
+def _prepare(payload: dict[str, Any], path: Path) -> tuple[dict[str, Any], Any, Callable[[], None]]:
+    """The state dict, the devices of its extras, and the function that installs the global RNGs."""
+    install_rng = _decode_global_rng(payload.get("global_rng"), str(path / PAYLOAD))
+    return dict(payload["state"]), payload.get("extras_devices") or {}, install_rng
+
+
+def _restore_from(
+    state: TrainState, sd: dict[str, Any], devices: Any, install_rng: Callable[[], None], path: Path
+) -> TrainState:
+    if "extras" in sd:
+        sd["extras"] = _place(sd["extras"], devices, _model_device(state))
+    try:
+        new = state.load_state_dict(sd)
+    except StateMismatchError as e:
+        raise StateMismatchError(f"checkpoint {path} does not fit this state: {e}") from e
+    install_rng()
+    return new
+
+
+def _model_device(state: TrainState) -> torch.device:
+    for p in state.model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _place(tree: Any, devices: Any, device: torch.device) -> Any:
+    """Put the extras' tensors that were on an accelerator on the model's device (when it has one)."""
+    if device.type == "cpu" or not devices:
+        return tree
+    if isinstance(tree, torch.Tensor):
+        return tree.to(device) if isinstance(devices, str) else tree
+    if isinstance(tree, Mapping) and isinstance(devices, Mapping):
+        return {k: _place(v, devices.get(k), device) for k, v in tree.items()}
+    return tree
+
+
+# --- the best-by-metric index ------------------------------------------------------------------
+
+
+def read_scores(directory: str | os.PathLike) -> dict[str, Any]:
+    """The monitored scores recorded in ``directory/scores.json`` (empty when there are none).
+
+    A corrupt index is reported with a warning and treated as empty.
+
+    >>> import tempfile
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> root = tmp.name
+    >>> write_scores(root, {"monitor": "val/loss", "mode": "min", "scores": {"ckpt-000001-step4-epoch1-batch0": 0.5}})
+    >>> read_scores(root)["scores"]
+    {'ckpt-000001-step4-epoch1-batch0': 0.5}
+    >>> tmp.cleanup()
+    """
+    path = Path(directory) / SCORES
+    if not path.exists():
+        return {}
+    try:
+        data = _read_json(path, "score index")
+    except CheckpointCorruptError as e:
+        warnings.warn(f"loopkit: ignoring the score index: {e}", RuntimeWarning, stacklevel=2)
+        return {}
+    scores = data.get("scores")
+    if not isinstance(scores, dict) or not all(isinstance(v, (int, float)) for v in scores.values()):
+        warnings.warn(f"loopkit: ignoring the score index {path}: malformed scores", RuntimeWarning, stacklevel=2)
+        return {}
+    return data
+
+
+def write_scores(directory: str | os.PathLike, data: Mapping[str, Any]) -> None:
+    """Atomically replace ``directory/scores.json`` (written to a temporary, fsynced, renamed).
+
+    >>> import tempfile
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> write_scores(tmp.name, {"monitor": "val/acc", "mode": "max", "scores": {}})
+    >>> sorted(p.name for p in Path(tmp.name).iterdir())
+    ['scores.json']
+    >>> tmp.cleanup()
+    """
+    directory = Path(directory)
+    tmp = directory / f"{_TMP}{SCORES}-{secrets.token_hex(4)}"
+    try:
+        _write_json(tmp, data)
+        os.replace(tmp, directory / SCORES)
+        _fsync_dir(directory)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+# --- exporting weights as safetensors ----------------------------------------------------------
+
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+    torch.complex64: "C64",
+}
+for _dtype, _code in (
+    ("uint16", "U16"), ("uint32", "U32"), ("uint64", "U64"),
+    ("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2"),
+):
+    if hasattr(torch, _dtype):
+        _SAFETENSORS_DTYPES[getattr(torch, _dtype)] = _code
+
+
+def export_weights(
+    state: TrainState, path: str | os.PathLike, *, metadata: Mapping[str, str] | None = None
+) -> Path:
+    """Write the model's weights (its ``state_dict``) to ``path`` in the safetensors format.
+
+    Written by loopkit itself (safetensors is not a dependency): an 8-byte little-endian
+    header length, a JSON header with each tensor's dtype, shape and data offsets, then the
+    raw little-endian bytes. The file is written atomically (temporary, fsync, rename).
+    ``metadata`` adds string pairs to the header's ``__metadata__`` (``format``, ``step``
+    and ``epoch`` are always there).
+
+    >>> import json, struct, tempfile, torch
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> from loopkit.state import TrainState
+    >>> path = export_weights(TrainState.create(torch.nn.Linear(3, 2)), Path(tmp.name) / "model.safetensors")
+    >>> raw = path.read_bytes()
+    >>> header = json.loads(raw[8:8 + struct.unpack("<Q", raw[:8])[0]])
+    >>> header["weight"]["dtype"], header["weight"]["shape"], header["__metadata__"]["format"]
+    ('F32', [2, 3], 'pt')
+    >>> tmp.cleanup()
+    """
+    if not isinstance(state, TrainState):
+        raise TypeError(f"export_weights: state must be a loopkit.TrainState, got {type(state).__qualname__}")
+    state.check_usable()
+    path = Path(path)
+    tensors = {name: _raw_bytes(name, t) for name, t in state.model.state_dict().items()}
+    info: dict[str, Any] = {"format": "pt", "step": str(state.step), "epoch": str(state.epoch)}
+    for key, value in (metadata or {}).items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise TypeError(f"export_weights: metadata must map str to str, got {key!r}: {value!r}")
+        info[key] = value
+    header: dict[str, Any] = {"__metadata__": info}
+    offset = 0
+    for name, (dtype, shape, raw) in tensors.items():
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + raw.nbytes]}
+        offset += raw.nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # align the data to 8 bytes, as the format recommends
+    tmp = path.with_name(f"{_TMP}{path.name}-{secrets.token_hex(4)}")
+    try:
+        with open(tmp, "xb") as f:
+            f.write(len(encoded).to_bytes(8, "little"))
+            f.write(encoded)
+            for _, _, raw in tensors.values():
+                f.write(raw.data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def _raw_bytes(name: str, tensor: torch.Tensor) -> tuple[str, list[int], np.ndarray]:
+    code = _SAFETENSORS_DTYPES.get(tensor.dtype)
+    if code is None:
+        raise TypeError(f"export_weights: tensor '{name}' has dtype {tensor.dtype}, which safetensors cannot store")
+    if tensor.layout != torch.strided:
+        raise TypeError(
+            f"export_weights: tensor '{name}' has layout {tensor.layout}; only dense tensors can be exported"
+        )
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    raw = flat.view(torch.uint8).numpy() if flat.numel() else np.empty(0, dtype=np.uint8)
+    if sys.byteorder != "little" and flat.element_size() > 1:  # pragma: no cover - big-endian hosts
+        raw = raw.reshape(-1, flat.element_size())[:, ::-1].copy().reshape(-1)
+    return code, list(tensor.shape), raw
+

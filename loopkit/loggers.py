@@ -1,0 +1,520 @@
+"""Loggers: where :func:`loopkit.with_logging` writes metrics.
+
+Every logger has the same small protocol: ``log_metrics(metrics, step)`` (a dict of
+floats at a global step), ``log_hparams(hparams, metrics=None)``, ``finalize()`` and a
+``log_dir`` property. File loggers write each run under ``root/name/version_N/``, N being
+the next free integer (an earlier run is never overwritten, and two runs starting at once
+get different folders). Under ``torch.distributed`` only rank 0 writes; other ranks'
+loggers do nothing and create nothing.
+
+>>> import tempfile
+>>> tmp = tempfile.TemporaryDirectory()
+>>> first, second = CSVLogger(tmp.name, "demo"), CSVLogger(tmp.name, "demo")
+>>> first.log_metrics({"train/loss": 0.5}, step=10)
+>>> second.log_metrics({"train/loss": 0.4}, step=10)
+>>> os.path.relpath(first.log_dir, tmp.name), os.path.relpath(second.log_dir, tmp.name)
+('demo/version_0', 'demo/version_1')
+>>> tmp.cleanup()
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import re
+import sys
+from collections.abc import Mapping
+from typing import IO, Any
+
+import torch
+
+__all__ = [
+    "CSVLogger",
+    "ConsoleLogger",
+    "JSONLLogger",
+    "Logger",
+    "RunDirLogger",
+    "TensorBoardLogger",
+    "claim_version_dir",
+    "is_rank_zero",
+]
+
+_VERSION = re.compile(r"version_(\d+)$")
+_MAX_CLAIMS = 1000
+
+
+def is_rank_zero() -> bool:
+    """False only in a ``torch.distributed`` process group on a rank other than 0.
+
+    >>> is_rank_zero()
+    True
+    """
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized() and dist.get_rank() != 0)
+
+
+def _next_version(base: str) -> int:
+    """One more than the highest ``version_N`` in ``base`` (0 when there is none)."""
+    try:
+        names = os.listdir(base)
+    except FileNotFoundError:
+        return 0
+    found = [int(m.group(1)) for m in map(_VERSION.match, names) if m]
+    return max(found) + 1 if found else 0
+
+
+def claim_version_dir(base: str) -> str:
+    """Create and return ``base/version_N`` for the next free N; safe against concurrent runs.
+
+    The folder is created with ``exist_ok=False``: when another process takes N first, the
+    next number is tried.
+
+    >>> import tempfile
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> [os.path.basename(claim_version_dir(tmp.name)) for _ in range(2)]
+    ['version_0', 'version_1']
+    >>> tmp.cleanup()
+    """
+    os.makedirs(base, exist_ok=True)
+    for _ in range(_MAX_CLAIMS):
+        path = os.path.join(base, f"version_{_next_version(base)}")
+        try:
+            os.makedirs(path, exist_ok=False)
+        except FileExistsError:
+            continue
+        return path
+    raise RuntimeError(f"could not claim a version_N folder in {base!r} after {_MAX_CLAIMS} tries")
+
+
+def _check_metrics(metrics: Mapping[str, Any], step: Any, who: str) -> dict[str, float]:
+    if isinstance(step, bool) or not isinstance(step, int):
+        raise TypeError(f"{who}.log_metrics: step must be an int, got {step!r}")
+    if not isinstance(metrics, Mapping):
+        raise TypeError(f"{who}.log_metrics: metrics must be a dict of str -> number, got {type(metrics).__qualname__}")
+    out = {}
+    for key, value in metrics.items():
+        if not isinstance(key, str):
+            raise TypeError(f"{who}.log_metrics: metric names must be strings, got {key!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):
+            raise TypeError(f"{who}.log_metrics: metric '{key}' is a {type(value).__qualname__}; expected a number")
+        out[key] = float(value)
+    return out
+
+
+def _plain_hparams(hparams: Mapping[str, Any], who: str) -> dict[str, Any]:
+    if not isinstance(hparams, Mapping):
+        raise TypeError(f"{who}.log_hparams: hparams must be a dict, got {type(hparams).__qualname__}")
+    return {str(k): _plain_value(v) for k, v in hparams.items()}
+
+
+def _plain_value(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _plain_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain_value(v) for v in value]
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def _flatten(hparams: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in hparams.items():
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{prefix}{key}/"))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+class Logger:
+    """The logger protocol, and a base class that writes only on rank 0.
+
+    Subclasses implement ``_write_metrics``, ``_write_hparams`` and ``_finalize``; the public
+    methods check the input and skip everything on ranks other than 0. Optional extras that
+    :func:`loopkit.with_logging` uses when present: ``wants_model(step)`` and
+    ``log_model(model, step)`` (histograms), ``share_run_dir(other)`` (one folder per run).
+
+    >>> class Recorder(Logger):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.seen = []
+    ...     def _write_metrics(self, metrics, step):
+    ...         self.seen.append((step, metrics))
+    >>> rec = Recorder()
+    >>> rec.log_metrics({"train/loss": 0.25}, step=3)
+    >>> rec.seen, rec.log_dir
+    ([(3, {'train/loss': 0.25})], None)
+    """
+
+    def __init__(self) -> None:
+        self._hparams: dict[str, Any] | None = None
+
+    @property
+    def log_dir(self) -> str | None:
+        """The run folder this logger writes to (None for loggers that write no files)."""
+        return None
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        """Write ``metrics`` (names to numbers) at global step ``step``."""
+        metrics = _check_metrics(metrics, step, type(self).__name__)
+        if metrics and is_rank_zero():
+            self._write_metrics(metrics, step)
+
+    def log_hparams(self, hparams: Mapping[str, Any], metrics: Mapping[str, float] | None = None) -> None:
+        """Record the run's hyper-parameters (and optionally the metrics to compare them by)."""
+        who = type(self).__name__
+        plain = _plain_hparams(hparams, who)
+        final = None if metrics is None else _check_metrics(metrics, 0, who)
+        self._hparams = plain
+        if is_rank_zero():
+            self._write_hparams(plain, final)
+
+    def finalize(self) -> None:
+        """Flush and close whatever is open; logging again afterwards reopens it."""
+        if is_rank_zero():
+            self._finalize()
+
+    def _write_metrics(self, metrics: dict[str, float], step: int) -> None:
+        raise NotImplementedError
+
+    def _write_hparams(self, hparams: dict[str, Any], metrics: dict[str, float] | None) -> None:
+        pass
+
+    def _finalize(self) -> None:
+        pass
+
+
+class RunDirLogger(Logger):
+    """A logger that writes files under ``root/name/version_N/`` (see :func:`claim_version_dir`).
+
+    ``version=None`` claims the next free N when the logger first writes (or ``log_dir`` is
+    first read); an int uses ``version_<int>``, a string that folder name, and an existing
+    folder is reused (to continue a run). Loggers that :meth:`share_run_dir` write to one folder.
+
+    >>> import tempfile
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> os.path.basename(RunDirLogger(tmp.name, "demo", version=7).log_dir)
+    'version_7'
+    >>> tmp.cleanup()
+    """
+
+    def __init__(self, root: str | os.PathLike = "runs", name: str = "default", version: int | str | None = None) -> None:
+        super().__init__()
+        who = type(self).__name__
+        if not isinstance(root, (str, os.PathLike)):
+            raise TypeError(f"{who}: root must be a path, got {type(root).__qualname__}")
+        if not isinstance(name, str) or not name or name in (".", "..") or os.sep in name or "/" in name:
+            raise ValueError(f"{who}: name must be a non-empty folder name without path separators, got {name!r}")
+        if version is not None and (isinstance(version, bool) or not isinstance(version, (int, str))):
+            raise TypeError(f"{who}: version must be an int, a folder name or None, got {version!r}")
+        if isinstance(version, int) and version < 0:
+            raise ValueError(f"{who}: version must be >= 0, got {version}")
+        self.root = os.fspath(root)
+        self.name = name
+        self.version = version
+        self._dir: str | None = None
+        self._leader: RunDirLogger | None = None
+        self._pending_hparams: dict[str, Any] | None = None
+
+    @property
+    def log_dir(self) -> str:
+        """``root/name/version_N``; created on first use (on rank 0 only)."""
+        if self._leader is not None:
+            return self._leader.log_dir
+        if self._dir is not None:
+            return self._dir
+        base = os.path.join(self.root, self.name)
+        if self.version is not None:
+            folder = f"version_{self.version}" if isinstance(self.version, int) else self.version
+            path = os.path.join(base, folder)
+            if not is_rank_zero():
+                return path
+            os.makedirs(path, exist_ok=True)
+        elif not is_rank_zero():  # other ranks never create folders: report the one rank 0 is likely to take
+            return os.path.join(base, f"version_{_next_version(base)}")
+        else:
+            path = claim_version_dir(base)
+        self._dir = path
+        return path
+
+    def share_run_dir(self, other: Any) -> bool:
+        """Write to ``other``'s run folder, when both would take the next free version of one root/name.
+
+        Returns whether it did; a logger that already has its folder, or a fixed version, keeps it.
+        :func:`loopkit.with_logging` calls this so a TensorBoard and a CSV logger of one run share
+        ``version_N``.
+
+        >>> import tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> tb, csv_ = TensorBoardLogger(tmp.name), CSVLogger(tmp.name)
+        >>> csv_.share_run_dir(tb), csv_.log_dir == tb.log_dir
+        (True, True)
+        >>> tmp.cleanup()
+        """
+        if not isinstance(other, RunDirLogger) or other is self:
+            return False
+        if self._dir is not None or self._leader is not None or self.version is not None:
+            return False
+        leader = other._leader or other
+        if leader is self or leader.version is not None:
+            return False
+        if (os.path.abspath(leader.root), leader.name) != (os.path.abspath(self.root), self.name):
+            return False
+        self._leader = leader
+        return True
+
+    def _path(self, filename: str) -> str:
+        """A file in the run folder (claimed now if need be, writing any hparams held back)."""
+        folder = self.log_dir
+        if self._pending_hparams is not None:
+            _write_json(os.path.join(folder, "hparams.json"), self._pending_hparams)
+            self._pending_hparams = None
+        return os.path.join(folder, filename)
+
+    def _write_hparams(self, hparams: dict[str, Any], metrics: dict[str, float] | None) -> None:
+        # held back until the run folder is claimed, so that loggers can still share it
+        self._pending_hparams = hparams if metrics is None else {**hparams, "metrics": metrics}
+        if (self._leader or self)._dir is not None:
+            self._path("hparams.json")
+
+    def _finalize(self) -> None:
+        if self._pending_hparams is not None:
+            self._path("hparams.json")
+
+
+def _write_json(path: str, obj: Any) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+class TensorBoardLogger(RunDirLogger):
+    """Scalars (and optionally histograms) as tensorboardX event files in ``root/name/version_N``.
+
+    Hyper-parameters given to :meth:`log_hparams` are written at :meth:`finalize` with the
+    final metrics (the last value of every logged tag, or the ``metrics`` given), so
+    TensorBoard's HPARAMS tab compares runs by them. ``histogram_every_n_steps=m`` writes
+    histograms of every parameter (``params/<name>``) and gradient (``grads/<name>``) on
+    each m-th optimizer update, as the optimizer sees them (after clipping and unscaling).
+
+    >>> import tempfile
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> logger = TensorBoardLogger(tmp.name, "demo")
+    >>> logger.log_metrics({"train/loss": 0.5}, step=1)
+    >>> logger.finalize()
+    >>> any(f.startswith("events.out.tfevents") for f in os.listdir(logger.log_dir))
+    True
+    >>> tmp.cleanup()
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike = "runs",
+        name: str = "default",
+        version: int | str | None = None,
+        histogram_every_n_steps: int | None = None,
+    ) -> None:
+        super().__init__(root, name, version)
+        m = histogram_every_n_steps
+        if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
+            raise ValueError(f"TensorBoardLogger: histogram_every_n_steps must be a positive int or None, got {m!r}")
+        self.histogram_every_n_steps = m
+        self._writer: Any = None
+        self._opened = 0
+        self._last: dict[str, float] = {}
+        self._last_step = 0
+        self._final_metrics: dict[str, float] | None = None
+        self._hparams_written = False
+
+    @property
+    def writer(self) -> Any:
+        """The ``tensorboardX.SummaryWriter`` (opened on first use), for anything else to log."""
+        if self._writer is None:
+            from tensorboardX import SummaryWriter
+
+            # tensorboardX names event files by the second: a writer reopened within it would clobber
+            self._opened += 1
+            self._writer = SummaryWriter(self.log_dir, filename_suffix=f".{os.getpid()}.{id(self):x}.{self._opened}")
+        return self._writer
+
+    def _write_metrics(self, metrics: dict[str, float], step: int) -> None:
+        writer = self.writer
+        for key, value in metrics.items():
+            writer.add_scalar(key, value, step)
+        self._last.update(metrics)
+        self._last_step = max(self._last_step, step)
+
+    def _write_hparams(self, hparams: dict[str, Any], metrics: dict[str, float] | None) -> None:
+        self._final_metrics = metrics
+        self._hparams_written = False
+
+    def wants_model(self, step: int) -> bool:
+        """Whether :meth:`log_model` should be called for the update that reaches ``step``."""
+        m = self.histogram_every_n_steps
+        return m is not None and step % m == 0 and is_rank_zero()
+
+    def log_model(self, model: torch.nn.Module, step: int) -> None:
+        """Histograms of ``model``'s parameters and of the gradients they hold, at ``step``.
+
+        >>> import tempfile, torch
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> logger = TensorBoardLogger(tmp.name, histogram_every_n_steps=1)
+        >>> logger.log_model(torch.nn.Linear(2, 1), step=1); logger.finalize()
+        >>> tmp.cleanup()
+        """
+        if not is_rank_zero():
+            return
+        writer = self.writer
+        for name, p in model.named_parameters():
+            writer.add_histogram(f"params/{name}", p.detach().float().cpu(), step)
+            if p.grad is not None:
+                writer.add_histogram(f"grads/{name}", p.grad.detach().float().cpu(), step)
+
+    def _finalize(self) -> None:
+        if self._hparams is not None and not self._hparams_written:
+            self._write_hparams_summary()
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def _write_hparams_summary(self) -> None:
+        from tensorboardX.summary import hparams as hparams_summary
+
+        metrics = dict(self._last) if self._final_metrics is None else dict(self._final_metrics)
+        writer = self.writer
+        for key, value in metrics.items():
+            if key not in self._last:  # a final metric never logged as a scalar: add it, for the HPARAMS tab
+                writer.add_scalar(key, value, self._last_step)
+        flat = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in _flatten(self._hparams).items()}
+        for summary in hparams_summary(flat, metrics):
+            writer.file_writer.add_summary(summary)
+        self._hparams_written = True
+
+
+class CSVLogger(RunDirLogger):
+    """``metrics.csv`` (a ``step`` column, then one column per metric) and ``hparams.json``.
+
+    Columns grow as new metrics appear: the file is rewritten with the wider header, so it
+    always has one header row, and a row leaves blank the metrics it does not have. Rows are
+    written as they come (nothing is lost if the run dies). Floats are written exactly.
+
+    >>> import tempfile
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> logger = CSVLogger(tmp.name)
+    >>> logger.log_metrics({"train/loss": 0.5}, step=1)
+    >>> logger.log_metrics({"val/acc": 0.75}, step=2)
+    >>> print(open(os.path.join(logger.log_dir, "metrics.csv")).read().strip())
+    step,train/loss,val/acc
+    1,0.5,
+    2,,0.75
+    >>> tmp.cleanup()
+    """
+
+    filename = "metrics.csv"
+
+    def __init__(self, root: str | os.PathLike = "runs", name: str = "default", version: int | str | None = None) -> None:
+        super().__init__(root, name, version)
+        self._columns: list[str] | None = None
+        self._rows: list[dict[str, float]] = []
+
+    def _load(self) -> list[str]:
+        """The columns, reading back an existing file when continuing a run in its folder."""
+        if self._columns is None:
+            self._columns = ["step"]
+            path = self._path(self.filename)
+            if os.path.exists(path):
+                with open(path, newline="", encoding="utf-8") as f:
+                    reader = csv.DictReader(f)
+                    self._columns = list(reader.fieldnames or ["step"])
+                    self._rows = [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in reader]
+        return self._columns
+
+    def _write_metrics(self, metrics: dict[str, float], step: int) -> None:
+        columns = self._load()
+        row = {"step": step, **metrics}
+        self._rows.append(row)
+        new = [k for k in metrics if k not in columns]
+        if new:
+            columns.extend(new)
+            self._rewrite()
+        else:
+            with open(self._path(self.filename), "a", newline="", encoding="utf-8") as f:
+                csv.DictWriter(f, columns, restval="").writerow(row)
+
+    def _rewrite(self) -> None:
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, self._columns, restval="")  # type: ignore[arg-type]
+        writer.writeheader()
+        for row in self._rows:
+            writer.writerow({k: (int(v) if k == "step" else v) for k, v in row.items()})
+        path = self._path(self.filename)
+        with open(f"{path}.tmp", "w", newline="", encoding="utf-8") as f:
+            f.write(buffer.getvalue())
+        os.replace(f"{path}.tmp", path)
+
+
+class JSONLLogger(RunDirLogger):
+    """``metrics.jsonl``: one JSON object per :meth:`log_metrics`, ``{"step": ..., <metric>: ...}``.
+
+    Also writes ``hparams.json``. Non-finite values are written as JSON's ``NaN`` / ``Infinity``
+    (Python's ``json`` reads them back).
+
+    >>> import tempfile
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> logger = JSONLLogger(tmp.name)
+    >>> logger.log_metrics({"train/loss": 0.5}, step=1)
+    >>> print(open(os.path.join(logger.log_dir, "metrics.jsonl")).read().strip())
+    {"step": 1, "train/loss": 0.5}
+    >>> tmp.cleanup()
+    """
+
+    filename = "metrics.jsonl"
+
+    def _write_metrics(self, metrics: dict[str, float], step: int) -> None:
+        with open(self._path(self.filename), "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+
+
+class ConsoleLogger(Logger):
+    """Prints one compact line per :meth:`log_metrics`: ``step 50  train/loss=0.1234 ...``.
+
+    Writes to ``stream`` (default: standard output at the time of writing), through tqdm when
+    it is installed so that progress bars stay intact.
+
+    >>> ConsoleLogger(digits=3).log_metrics({"train/loss": 0.123456, "epoch": 0}, step=50)
+    step 50  train/loss=0.123  epoch=0
+    """
+
+    def __init__(self, stream: IO[str] | None = None, digits: int = 4) -> None:
+        super().__init__()
+        if isinstance(digits, bool) or not isinstance(digits, int) or digits < 1:
+            raise ValueError(f"ConsoleLogger: digits must be a positive int, got {digits!r}")
+        self.stream = stream
+        self.digits = digits
+
+    def _print(self, line: str) -> None:
+        stream = self.stream if self.stream is not None else sys.stdout
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            print(line, file=stream)
+        else:
+            tqdm.write(line, file=stream)
+
+    def _format(self, value: float) -> str:
+        if math.isfinite(value) and value == int(value) and abs(value) < 1e15:
+            return str(int(value))
+        return f"{value:.{self.digits}g}"
+
+    def _write_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self._print(f"step {step}  " + "  ".join(f"{k}={self._format(v)}" for k, v in metrics.items()))
+
+    def _write_hparams(self, hparams: dict[str, Any], metrics: dict[str, float] | None) -> None:
+        self._print("hparams  " + "  ".join(f"{k}={v}" for k, v in _flatten(hparams).items()))

@@ -1,0 +1,356 @@
+"""``with_checkpointing``: atomic checkpoints of the whole state, for exact resume.
+
+>>> import tempfile
+>>> tmp = tempfile.TemporaryDirectory()
+>>> from loopkit.steps import train_step
+>>> step = with_checkpointing(train_step(lambda m, b: None), tmp.name, every_n_steps=100)
+>>> step.applied
+('train_step', 'with_checkpointing')
+>>> tmp.cleanup()
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import math
+import os
+import threading
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+import torch
+
+from loopkit import checkpoint
+from loopkit.state import TrainState
+from loopkit.steps import EvalStep, Metrics, Step, WrapperStep, as_step
+
+__all__ = ["CheckpointStep", "with_checkpointing"]
+
+Position = tuple[int, int, int]
+
+
+def _is_rank_zero() -> bool:
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+class _Saver:
+    """The mutable side of a :class:`CheckpointStep`: what was saved, the scores, the background writer.
+
+    Shared by the copies ``donate`` makes of the step. In the background mode one thread
+    writes, in order, and at most one save is pending: the next save waits for it.
+    """
+
+    def __init__(self) -> None:
+        self.names: dict[Position, str] = {}  # checkpoints this process saved, by position
+        self.scores: dict[str, float] | None = None  # loaded from scores.json on first use
+        self.lock = threading.Lock()
+        self.executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self.pending: concurrent.futures.Future | None = None
+        self.last: Position | None = None  # the last position saved or being saved
+
+    def run(self, task: Callable[[], None], background: bool) -> None:
+        if not background:
+            task()
+            return
+        self.wait()
+        if self.executor is None:
+            self.executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="loopkit-checkpoint")
+        self.pending = self.executor.submit(task)
+
+    def wait(self, *, close: bool = False) -> None:
+        """Wait for the pending background save; raise its error, if it failed."""
+        pending, self.pending = self.pending, None
+        try:
+            if pending is not None:
+                pending.result()
+        finally:
+            if close and self.executor is not None:
+                self.executor.shutdown(wait=True)
+                self.executor = None
+
+
+@attrs.frozen(eq=False, kw_only=True)
+class CheckpointStep(WrapperStep):
+    """The step :func:`with_checkpointing` returns; see there.
+
+    >>> import tempfile
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> from loopkit.steps import as_step
+    >>> CheckpointStep(inner=as_step(lambda s, b: (s, {})), directory=Path(tmp.name)).name
+    'with_checkpointing'
+    >>> tmp.cleanup()
+    """
+
+    directory: Path
+    every_n_steps: int | None = None
+    every_n_epochs: int | None = None
+    keep_last: int | None = 3
+    monitor: str | None = None
+    mode: str = "min"
+    keep_best: int = 1
+    async_save: bool = False
+    saver: _Saver = attrs.field(factory=_Saver, repr=False)
+
+    @property
+    def name(self) -> str:
+        return "with_checkpointing"
+
+    # Saving after steps -------------------------------------------------------------------
+
+    def run_(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
+        before = state.step
+        new, metrics = self.inner.run_(state, batch)
+        self._after_update(new, before)
+        return new, metrics
+
+    def flush_(self, state: TrainState) -> tuple[TrainState, Metrics]:
+        before = state.step
+        new, metrics = self.inner.flush_(state)
+        self._after_update(new, before)
+        return new, metrics
+
+    def _after_update(self, state: TrainState, before: int) -> None:
+        n = self.every_n_steps
+        if n and state.step != before and state.step % n == 0:  # once per update, not per micro-batch
+            self.save(state, reason=f"every_n_steps={n}")
+
+    # Saving on driver events --------------------------------------------------------------
+
+    def on_event(self, event: str, state: TrainState, metrics: Mapping[str, float]) -> None:
+        if event == "validation_end":
+            if self.monitor is not None and self.monitor.startswith("val/"):
+                self._score(state, metrics)
+        elif event == "epoch_end":
+            n = self.every_n_epochs
+            completed = state.batch_index == 0 and state.epoch > 0  # not a partial epoch cut by max_steps
+            if n and completed and state.epoch % n == 0:
+                self.save(state, reason=f"every_n_epochs={n}")
+            no_steps = not any(k.startswith("train/") for k in metrics)  # e.g. resumed right at its end
+            if self.monitor is not None and not self.monitor.startswith("val/") and not no_steps:
+                self._score(state, metrics)
+        elif event == "stop":
+            self.save(state, reason="stop")
+            self.saver.wait()
+        elif event == "fit_end":
+            self.saver.last = None  # a later run with this step saves afresh, even at the same position
+            self.saver.wait(close=True)
+
+    def save(self, state: TrainState, *, reason: str = "manual") -> None:
+        """Save ``state`` now (unless this process already saved this very position).
+
+        In the background mode the state is copied at once and written by a thread; call
+        :meth:`wait` (or let ``run_epochs`` end) to be sure it is on disk.
+        """
+        self._persist(state, reason, score=None)
+
+    def wait(self) -> None:
+        """Wait until every save this step started is on disk; raise the error of one that failed."""
+        self.saver.wait()
+
+    def _score(self, state: TrainState, metrics: Mapping[str, float]) -> None:
+        if self.monitor not in metrics:
+            raise KeyError(f"with_checkpointing: monitor '{self.monitor}' is not among the metrics {sorted(metrics)}")
+        value = float(metrics[self.monitor])
+        if not math.isfinite(value):
+            return
+        self._persist(state, f"monitor {self.monitor}", score=value)
+
+    def _persist(self, state: TrainState, reason: str, score: float | None) -> None:
+        if not _is_rank_zero():
+            return
+        position = (state.step, state.epoch, state.batch_index)
+        saver = self.saver
+        snap = None
+        if saver.last != position:
+            if score is not None and not self._ranks(score):
+                return  # not among the best: no need for a checkpoint here
+            snap = checkpoint.snapshot(state, reason=reason, copy=self.async_save)
+            saver.last = position
+
+        def task() -> None:
+            if snap is not None:
+                try:
+                    saver.names[position] = checkpoint.write(snap, self.directory).name
+                except BaseException:
+                    saver.last = None  # let a later save at this position try again
+                    raise
+            if score is not None and position in saver.names:
+                with saver.lock:
+                    self._scores()[saver.names[position]] = score
+            self._prune(write_scores=score is not None)
+
+        saver.run(task, self.async_save)
+
+    # Which checkpoints to keep -------------------------------------------------------------
+
+    def _scores(self) -> dict[str, float]:
+        saver = self.saver
+        if saver.scores is None:
+            data = checkpoint.read_scores(self.directory)
+            same = data.get("monitor") == self.monitor and data.get("mode") == self.mode
+            saver.scores = dict(data["scores"]) if same else {}
+        return saver.scores
+
+    def _ranks(self, score: float) -> bool:
+        """Whether ``score`` would be among the best ``keep_best`` recorded so far."""
+        if self.keep_best == 0:
+            return False
+        with self.saver.lock:
+            values = sorted(v for v in self._scores().values() if _finite(v))
+        if self.mode == "max":
+            values.reverse()
+        if len(values) < self.keep_best:
+            return True
+        worst = values[self.keep_best - 1]
+        return score < worst if self.mode == "min" else score > worst
+
+    def _prune(self, *, write_scores: bool) -> None:
+        found = checkpoint.list_checkpoints(self.directory)
+        names = [c.name for c in found]
+        keep = set(names if self.keep_last is None else names[-self.keep_last:])
+        changed = write_scores
+        if self.monitor is not None:
+            with self.saver.lock:
+                scores = self._scores()
+                for name in [n for n in scores if n not in names]:
+                    del scores[name]
+                    changed = True
+                ranked = sorted((v, n) for n, v in scores.items() if _finite(v))
+                if self.mode == "max":
+                    ranked.sort(key=lambda item: -item[0])
+                keep.update(n for _, n in ranked[: self.keep_best])
+        for info in found:
+            if info.name not in keep:
+                checkpoint.remove(info.path)
+                if self.monitor is not None:
+                    with self.saver.lock:
+                        changed = self._scores().pop(info.name, None) is not None or changed
+        if self.monitor is not None and changed:
+            with self.saver.lock:
+                data = {"monitor": self.monitor, "mode": self.mode, "scores": dict(self._scores())}
+            checkpoint.write_scores(self.directory, data)
+
+
+def _check_count(name: str, value: Any, *, allow_none: bool, minimum: int = 1) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        what = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+        raise ValueError(f"with_checkpointing: {name} must be {what}{' or None' if allow_none else ''}, got {value!r}")
+
+
+def _prepare_directory(directory: Path) -> None:
+    """Create the directory now, so that a bad path fails when the step is built, not hours later."""
+    if not _is_rank_zero():
+        return
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except PermissionError as e:
+        raise PermissionError(
+            e.errno, f"with_checkpointing: cannot create the checkpoint directory {directory}: permission denied"
+        ) from e
+    except FileExistsError as e:
+        raise NotADirectoryError(f"with_checkpointing: {directory} exists and is not a directory") from e
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise PermissionError(
+            13, f"with_checkpointing: cannot write checkpoints in {directory}: permission denied"
+        )
+
+
+def with_checkpointing(
+    step: Any,
+    directory: str | os.PathLike,
+    *,
+    every_n_steps: int | None = None,
+    every_n_epochs: int | None = None,
+    keep_last: int | None = 3,
+    monitor: str | None = None,
+    mode: str = "min",
+    keep_best: int = 1,
+    async_save: bool = False,
+) -> CheckpointStep:
+    """Save atomic checkpoints of the whole state into ``directory`` while ``step`` trains.
+
+    A checkpoint holds everything an exact resume needs: model, optimizer, scheduler,
+    step / epoch / batch index, the step's RNG, every transform's extras (loss scale,
+    accumulation counter and partial gradients, ...) and the global RNGs (torch, CUDA,
+    NumPy, Python). :func:`loopkit.restore` loads the newest intact one; ``run_epochs``
+    given the restored state continues mid-epoch with the same batches, and the run ends
+    bitwise equal to one that never stopped.
+
+    * ``every_n_steps``: save when ``state.step`` (optimizer updates) reaches a multiple of
+      n — once per update, so under ``with_grad_accum`` not on every micro-batch.
+    * ``every_n_epochs``: save after every n-th completed epoch (driver's ``epoch_end``).
+    * ``monitor`` (e.g. ``"val/loss"``), ``mode`` (``"min"``/``"max"``): also keep the
+      ``keep_best`` checkpoints with the best value, besides the last ``keep_last``
+      (None keeps all). A ``val/`` metric is read after each validation, any other
+      (``train/loss``) after each epoch; a validation at a position not yet saved saves
+      one only when it ranks among the best.
+    * On a graceful stop (SIGTERM/SIGINT under ``run_epochs``) it saves the current state.
+    * ``async_save``: copy the state to CPU memory at once and write it in a background
+      thread; the step then waits only for the copy (and for the previous save, if still
+      running). Errors of a background save are raised at the next save or at the end.
+
+    Apply it outermost (``with_checkpointing(with_logging(...), ...)``): what it saves is
+    the state after every transform inside it has done its part of the step. The directory
+    belongs to one run: old checkpoints there are pruned by the same rules. Only rank 0
+    writes under ``torch.distributed``. The directory is created now, so a path without
+    permission fails here, naming it.
+
+    >>> import tempfile, torch
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> from loopkit.state import TrainState
+    >>> from loopkit.steps import train_step
+    >>> from loopkit.checkpoint import list_checkpoints, restore
+    >>> root = tmp.name
+    >>> model = torch.nn.Linear(2, 1)
+    >>> state = TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    >>> step = with_checkpointing(train_step(lambda m, b: m(b).pow(2).mean()), root, every_n_steps=2, keep_last=2)
+    >>> for _ in range(6):
+    ...     state, _ = step(state, torch.ones(4, 2))
+    >>> [c.step for c in list_checkpoints(root)]
+    [4, 6]
+    >>> fresh = TrainState.create(torch.nn.Linear(2, 1))
+    >>> fresh = TrainState.create(fresh.model, torch.optim.SGD(fresh.model.parameters(), lr=0.1))
+    >>> resumed = restore(fresh, root)
+    >>> resumed.step, bool(torch.equal(resumed.model.weight, state.model.weight))
+    (6, True)
+    >>> tmp.cleanup()
+    """
+    _check_count("every_n_steps", every_n_steps, allow_none=True)
+    _check_count("every_n_epochs", every_n_epochs, allow_none=True)
+    _check_count("keep_last", keep_last, allow_none=True)
+    _check_count("keep_best", keep_best, allow_none=False, minimum=0)
+    if mode not in ("min", "max"):
+        raise ValueError(f"with_checkpointing: mode must be 'min' or 'max', got {mode!r}")
+    if monitor is not None and (not isinstance(monitor, str) or not monitor):
+        raise ValueError(f"with_checkpointing: monitor must be a metric name such as 'val/loss', got {monitor!r}")
+    if not isinstance(directory, (str, os.PathLike)):
+        raise TypeError(f"with_checkpointing: directory must be a path, got {type(directory).__qualname__}")
+    if not callable(step):
+        raise TypeError(
+            f"with_checkpointing: the step must be callable as step(state, batch), got {type(step).__qualname__}"
+        )
+    inner: Step = as_step(step)
+    if isinstance(inner, EvalStep):
+        raise TypeError("with_checkpointing cannot wrap eval_step: an evaluation step changes no state to save")
+    path = Path(directory)
+    _prepare_directory(path)
+    return CheckpointStep(
+        inner=inner,
+        directory=path,
+        every_n_steps=every_n_steps,
+        every_n_epochs=every_n_epochs,
+        keep_last=keep_last,
+        monitor=monitor,
+        mode=mode,
+        keep_best=keep_best,
+        async_save=bool(async_save),
+    )

@@ -1,0 +1,210 @@
+"""``with_logging``: hand the loggers the means of each metric over the last n optimizer steps.
+
+>>> from loopkit.loggers import ConsoleLogger
+>>> from loopkit.steps import train_step
+>>> with_logging(train_step(lambda m, b: None), ConsoleLogger(), every_n_steps=10).applied
+('train_step', 'with_logging')
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import attrs
+import torch
+
+from loopkit.state import TrainState
+from loopkit.steps import Metrics, Step, WrapperStep, as_step, check_metric
+
+__all__ = ["LoggingStep", "with_logging"]
+
+_WINDOW, _COUNTS = "logging/window", "logging/counts"
+_FOLD = 256  # metric tensors kept per name before they are summed into one (on the device)
+
+
+def _values(kept: Any) -> tuple[torch.Tensor, ...]:
+    """A metric's kept tensors (a state dict round trip turns the tuple into {"0": ..., "1": ...})."""
+    if isinstance(kept, Mapping):
+        return tuple(kept[k] for k in sorted(kept, key=int))
+    return kept
+
+
+def _total(values: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    return torch.stack([v.float() for v in values]).sum()
+
+
+def _accumulate(extras: Mapping[str, Any], metrics: Metrics) -> dict[str, Any]:
+    """``extras`` with each metric tensor kept for the window: no kernel, no copy, nothing changed in place."""
+    window = dict(extras.get(_WINDOW, {}))
+    counts = dict(extras.get(_COUNTS, {}))
+    for key, value in metrics.items():
+        if not (type(value) is torch.Tensor and value.ndim == 0):
+            value = check_metric(value, key, "the step wrapped by with_logging")
+        values = _values(window.get(key, ())) + (value.detach() if value.requires_grad else value,)
+        window[key] = values if len(values) < _FOLD else (_total(values),)
+        counts[key] = counts.get(key, 0) + 1
+    return {**extras, _WINDOW: window, _COUNTS: counts}
+
+
+def _read_means(extras: Mapping[str, Any]) -> dict[str, float]:
+    """The window's means, summed on the device and read in one transfer (the only host sync)."""
+    window, counts = extras.get(_WINDOW, {}), extras.get(_COUNTS, {})
+    if not window:
+        return {}
+    totals = [_total(_values(kept)) for kept in window.values()]
+    read = torch.stack([t.to(totals[0].device) for t in totals]).tolist()
+    return {f"train/{k}": total / counts[k] for k, total in zip(window, read)}
+
+
+def _epoch_scalars(record: Mapping[str, float]) -> dict[str, float]:
+    """An epoch's history record as scalars: ``train/<m>_epoch``, ``epoch`` and callback extras."""
+    out: dict[str, float] = {"epoch": record["epoch"]} if "epoch" in record else {}
+    for key, value in record.items():
+        if key in ("epoch", "step") or key.startswith("val/"):  # val/ was logged at validation_end
+            continue
+        out[f"{key}_epoch" if key.startswith("train/") else key] = value
+    return out
+
+
+@attrs.frozen(eq=False)
+class LoggingStep(WrapperStep):
+    """The step :func:`with_logging` returns: the window's metric tensors live in ``state.extras``.
+
+    >>> from loopkit.steps import as_step
+    >>> LoggingStep(as_step(lambda s, b: (s, {})), loggers=(), every_n_steps=5).name
+    'with_logging'
+    """
+
+    loggers: tuple[Any, ...] = ()
+    every_n_steps: int = 50
+    #: the loggers that may want the model (``wants_model``/``log_model``), found once
+    watchers: tuple[Any, ...] = attrs.field(init=False, default=(), repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        watchers = tuple(lg for lg in self.loggers if callable(getattr(lg, "wants_model", None)))
+        object.__setattr__(self, "watchers", watchers)
+
+    @property
+    def name(self) -> str:
+        return "with_logging"
+
+    def run_(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
+        return self._logged(self.inner.run_, state, batch)
+
+    def flush_(self, state: TrainState) -> tuple[TrainState, Metrics]:
+        return self._logged(self.inner.flush_, state)
+
+    def _logged(self, run: Callable[..., tuple[TrainState, Metrics]], state: TrainState, *args: Any):
+        before = state.step
+        if self.watchers:
+            watch = _ModelWatch(self.watchers, state, before + 1)
+            try:
+                new, metrics = run(state, *args)
+            finally:
+                watch.close()
+            if new.step != before:
+                watch.after(new)
+        else:
+            new, metrics = run(state, *args)
+        if metrics:
+            new = attrs.evolve(new, extras=_accumulate(new.extras, metrics))
+        if new.step != before and new.step % self.every_n_steps == 0 and _WINDOW in new.extras:
+            means = _read_means(new.extras)
+            new = attrs.evolve(new, extras={k: v for k, v in new.extras.items() if k not in (_WINDOW, _COUNTS)})
+            for logger in self.loggers:
+                logger.log_metrics(means, new.step)
+        return new, metrics
+
+    def on_event(self, event: str, state: TrainState, metrics: Mapping[str, float]) -> None:
+        if event == "validation_end":
+            scalars = dict(metrics)
+        elif event == "epoch_end":
+            scalars = _epoch_scalars(metrics)
+        elif event == "fit_end":
+            for logger in self.loggers:
+                logger.finalize()
+            return
+        else:
+            return
+        step = int(metrics.get("step", state.step)) if event == "epoch_end" else state.step
+        for logger in self.loggers:
+            logger.log_metrics(scalars, step)
+
+
+class _ModelWatch:
+    """Calls ``log_model`` of the loggers that want the model at ``step``, from the optimizer's
+    step pre-hook (gradients present, as the optimizer sees them), or after the call when the
+    step updates without the state's optimizer. Does nothing (and costs nothing) otherwise."""
+
+    __slots__ = ("due", "handle", "step")
+
+    def __init__(self, loggers: tuple[Any, ...], state: TrainState, step: int) -> None:
+        self.due = [lg for lg in loggers if lg.wants_model(step)]
+        self.handle = None
+        self.step = step
+        if self.due and state.optimizer is not None:
+            model = state.model
+            self.handle = state.optimizer.register_step_pre_hook(lambda *_: self.log(model))
+
+    def log(self, model: torch.nn.Module) -> None:
+        due, self.due = self.due, []
+        for logger in due:
+            logger.log_model(model, self.step)
+
+    def close(self) -> None:
+        if self.handle is not None:  # the hook dict may be shared with the caller's optimizer
+            self.handle.remove()
+
+    def after(self, new: TrainState) -> None:
+        if self.due and new.step == self.step:
+            self.log(new.model)
+
+
+def with_logging(step: Any, *loggers: Any, every_n_steps: int = 50) -> LoggingStep:
+    """Log the means of the step's metrics over each ``every_n_steps`` optimizer updates.
+
+    Each metric ``m``'s tensors are kept on the device in ``state.extras`` (``logging/window``,
+    summed every 256), so the step stays pure and a checkpoint carries a partial window. When
+    ``state.step`` reaches a multiple of ``every_n_steps`` they are summed and read once (the
+    only host sync), and every logger's ``log_metrics`` gets ``train/m``, the mean over the
+    calls since the last log (under ``with_grad_accum`` a window is n updates), at the global
+    step. The ``run_epochs`` events add each validation's ``val/m`` means, and at the end of
+    each epoch ``train/m_epoch`` (the epoch means), ``epoch`` and the callbacks' extras; at the
+    end of the fit every logger is finalized (call ``finalize()`` yourself in a loop of your
+    own). Sanity validation is never logged. A custom step is logged per window only if it
+    advances ``state.step``. Loggers with ``wants_model``/``log_model``
+    (``TensorBoardLogger(histogram_every_n_steps=m)``) get the model when due, from the
+    optimizer's step pre-hook; loggers of one root and name share one ``version_N`` folder.
+
+    >>> import os, tempfile, torch
+    >>> from loopkit import TrainState, train_step, run_epochs
+    >>> from loopkit.loggers import CSVLogger
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> model = torch.nn.Linear(2, 1)
+    >>> state = TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    >>> logger = CSVLogger(tmp.name, "demo")
+    >>> step = with_logging(train_step(lambda m, b: m(b).pow(2).mean()), logger, every_n_steps=2)
+    >>> state, _ = run_epochs(step, state, [torch.ones(4, 2)] * 4, epochs=1, progress=False)
+    >>> print(open(os.path.join(logger.log_dir, "metrics.csv")).readline().strip())
+    step,train/loss,epoch,train/loss_epoch
+    >>> tmp.cleanup()
+    """
+    if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
+        raise ValueError(f"with_logging: every_n_steps must be a positive int, got {every_n_steps!r}")
+    if not loggers:
+        raise ValueError("with_logging needs at least one logger, e.g. with_logging(step, TensorBoardLogger())")
+    for i, logger in enumerate(loggers):
+        for method in ("log_metrics", "log_hparams", "finalize"):
+            if not callable(getattr(logger, method, None)):
+                raise TypeError(
+                    f"with_logging: logger {i} ({type(logger).__qualname__}) has no {method}() method; "
+                    "pass loggers such as loopkit.TensorBoardLogger() or loopkit.CSVLogger()"
+                )
+        share = getattr(logger, "share_run_dir", None)
+        if share is not None:
+            any(share(earlier) for earlier in loggers[:i])
+    inner: Step = as_step(step)
+    if inner.donated:
+        raise TypeError("with_logging cannot wrap a donated step: apply donate() last")
+    return LoggingStep(inner, loggers=tuple(loggers), every_n_steps=every_n_steps)

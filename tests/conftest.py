@@ -1,0 +1,201 @@
+"""Shared tiny fixtures: small models, synthetic data, a loss, and state snapshots.
+
+Kept small and generic so that any test file can use them. Each helper is a plain function
+and is also exposed as a fixture of the same purpose (fixtures are the way to use them:
+``def test_x(make_mlp, make_batches): ...``), so a test never has to import this module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import loopkit
+
+D_IN, HIDDEN, D_OUT = 4, 8, 2
+
+
+# --- models and data ---------------------------------------------------------------------------
+
+
+def tiny_mlp(seed: int = 0, d_in: int = D_IN, hidden: int = HIDDEN, d_out: int = D_OUT) -> nn.Sequential:
+    """``Linear -> Tanh -> Linear``, initialised from ``seed`` without touching the global RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Linear(d_in, hidden), nn.Tanh(), nn.Linear(hidden, d_out))
+
+
+def bn_dropout_net(seed: int = 0, d_in: int = D_IN, hidden: int = HIDDEN, d_out: int = D_OUT, p: float = 0.5) -> nn.Sequential:
+    """``Linear -> BatchNorm1d -> ReLU -> Dropout -> Linear``: buffers and randomness in one model."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return nn.Sequential(
+            nn.Linear(d_in, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Dropout(p), nn.Linear(hidden, d_out)
+        )
+
+
+def synthetic_batches(
+    n: int, batch_size: int = 8, d_in: int = D_IN, d_out: int = D_OUT, seed: int = 0
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``n`` regression batches ``(x, y)`` from a fixed generator (the global RNG is not used)."""
+    gen = torch.Generator().manual_seed(1000 + seed)
+    return [
+        (torch.randn(batch_size, d_in, generator=gen), torch.randn(batch_size, d_out, generator=gen))
+        for _ in range(n)
+    ]
+
+
+def mse(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Mean squared error of ``model(x)`` against ``y`` (computed in float32 under autocast too)."""
+    x, y = batch
+    return ((model(x).float() - y) ** 2).mean()
+
+
+def sgd_state(model: nn.Module, seed: int = 0, *, lr: float = 0.1, momentum: float = 0.9) -> loopkit.TrainState:
+    """A state with SGD (momentum) over ``model``."""
+    return loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum), seed=seed)
+
+
+def adam_state(model: nn.Module, seed: int = 0, *, lr: float = 0.01, scheduler: bool = False) -> loopkit.TrainState:
+    """A state with Adam over ``model``, optionally with a per-step ``StepLR(step_size=1, gamma=0.9)``."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.9) if scheduler else None
+    return loopkit.TrainState.create(model, opt, sched, seed=seed)
+
+
+# --- comparing states --------------------------------------------------------------------------
+
+
+def _copy(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, Mapping):
+        return {k: _copy(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_copy(v) for v in value)
+    return value
+
+
+def snapshot(state: loopkit.TrainState) -> dict[str, Any]:
+    """A deep copy of everything the caller can observe in ``state``.
+
+    Parameters, gradients, buffers (BatchNorm running stats and ``num_batches_tracked``),
+    optimizer state and hyper-parameters, scheduler state, counters, RNG, extras, and each
+    module's training flag.
+    """
+    model = state.model
+    snap: dict[str, Any] = {
+        "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+        "grads": {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()},
+        "buffers": {n: b.clone() for n, b in model.named_buffers()},
+        "training": {n: m.training for n, m in model.named_modules()},
+        "counters": (state.step, state.epoch, state.batch_index, state.seed),
+        "rng": {k: v.clone() for k, v in state.rng.items()},
+        "extras": _copy(dict(state.extras)),
+    }
+    if state.optimizer is not None:
+        snap["optimizer"] = _copy(state.optimizer.state_dict())
+    if state.scheduler is not None:
+        sched = {k: v for k, v in state.scheduler.__dict__.items() if k in ("last_epoch", "_step_count", "_last_lr", "base_lrs")}
+        snap["scheduler"] = _copy(sched)
+    return snap
+
+
+def assert_equal_trees(a: Any, b: Any, path: str = "") -> None:
+    """Assert two nested structures are equal, tensors bitwise (same dtype, shape and values; NaN == NaN)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        assert isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor), f"{path}: {type(a)} vs {type(b)}"
+        assert a.dtype == b.dtype and a.shape == b.shape, f"{path}: {a.dtype}{tuple(a.shape)} vs {b.dtype}{tuple(b.shape)}"
+        assert torch.equal(a, b) or (a.is_floating_point() and torch.equal(a.isnan(), b.isnan()) and torch.equal(
+            torch.nan_to_num(a), torch.nan_to_num(b))), f"{path}: tensors differ (max abs diff {(a.double() - b.double()).abs().max()})"
+    elif isinstance(a, Mapping):
+        assert isinstance(b, Mapping), f"{path}: {type(a)} vs {type(b)}"
+        assert set(a) == set(b), f"{path}: keys {sorted(map(str, a))} vs {sorted(map(str, b))}"
+        for k in a:
+            assert_equal_trees(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), f"{path}: {a!r} vs {b!r}"
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_equal_trees(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, f"{path}: {a!r} != {b!r}"
+
+
+def params_of(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Detached copies of the parameters, by name."""
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+# --- fixtures ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_intra_op_thread():
+    """Run torch ops on one thread during the tests, then put the setting back.
+
+    The tests use tiny tensors, which gain nothing from intra-op threads; on a busy 2-core
+    machine the idle OpenMP threads' spinning makes each op 10-100x slower instead.
+    Results are unaffected: ops this small never split their work across threads.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def make_mlp():
+    """Factory ``make_mlp(seed=0, d_in=4, hidden=8, d_out=2)`` of a tiny ``Linear-Tanh-Linear`` model."""
+    return tiny_mlp
+
+
+@pytest.fixture
+def make_bn_dropout():
+    """Factory ``make_bn_dropout(seed=0, ...)`` of a model with BatchNorm1d and Dropout."""
+    return bn_dropout_net
+
+
+@pytest.fixture
+def make_batches():
+    """Factory ``make_batches(n, batch_size=8, d_in=4, d_out=2, seed=0)`` of ``(x, y)`` batches."""
+    return synthetic_batches
+
+
+@pytest.fixture
+def batches():
+    """Six regression batches of 8 samples, 4 features in, 2 out."""
+    return synthetic_batches(6)
+
+
+@pytest.fixture
+def mse_loss():
+    """The ``loss_fn(model, batch)`` used throughout: mean squared error, in float32."""
+    return mse
+
+
+@pytest.fixture
+def take_snapshot():
+    """``take_snapshot(state)``: a deep copy of everything observable in a state."""
+    return snapshot
+
+
+@pytest.fixture
+def assert_trees_equal():
+    """``assert_trees_equal(a, b)``: nested structures equal, tensors bitwise."""
+    return assert_equal_trees
+
+
+@pytest.fixture
+def make_sgd_state():
+    """``make_sgd_state(model, seed=0, lr=0.1, momentum=0.9)``: a state with SGD over ``model``."""
+    return sgd_state
+
+
+@pytest.fixture
+def make_adam_state():
+    """``make_adam_state(model, seed=0, lr=0.01, scheduler=False)``: a state with Adam (and a per-step StepLR)."""
+    return adam_state

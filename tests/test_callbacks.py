@@ -1,0 +1,307 @@
+"""Tests of loopkit.callbacks under run_epochs: hook order, EarlyStopping, LearningRateMonitor.
+
+References: scripted validation values with hand-counted stopping epochs, and learning rates
+computed by hand from the scheduler's formula (exact powers of two).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import loopkit
+from loopkit import TrainState, eval_step, run_epochs, train_step
+
+
+# --- small local helpers ---------------------------------------------------------------------
+
+
+def make_state(seed: int = 0, *, dropout: bool = False, scheduler: bool = False, lr: float = 0.1) -> TrainState:
+    with torch.random.fork_rng():  # the same initial weights every time; the global RNG untouched
+        torch.manual_seed(1234)
+        return _build_state(seed, dropout, scheduler, lr)
+
+
+def _build_state(seed: int, dropout: bool, scheduler: bool, lr: float) -> TrainState:
+    layers: list[nn.Module] = [nn.Linear(3, 8), nn.Tanh()]
+    if dropout:
+        layers.append(nn.Dropout(0.5))
+    layers.append(nn.Linear(8, 1))
+    model = nn.Sequential(*layers)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5) if scheduler else None
+    return TrainState.create(model, opt, sched, seed=seed)
+
+
+def make_data(n_batches: int, batch_size: int = 4, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(batch_size, 3, generator=g), torch.randn(batch_size, 1, generator=g)) for _ in range(n_batches)]
+
+
+def mse(model: nn.Module, batch) -> torch.Tensor:
+    x, y = batch
+    return ((model(x) - y) ** 2).mean()
+
+
+class Counter:
+    """Wraps a function and counts its calls."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.calls = 0
+
+    def __call__(self, *args):
+        self.calls += 1
+        return self.fn(*args)
+
+
+def counting_eval(fn=None):
+    counter = Counter(fn or (lambda m, b: {"mse": mse(m, b)}))
+    return eval_step(counter), counter
+
+
+class Recorder:
+    """A callback (not subclassing Callback) that records every hook call."""
+
+    def __init__(self):
+        self.events: list[str] = []
+        self.batch_metrics: list[dict] = []
+        self.val_metrics: list[tuple[int, int, dict]] = []
+        self.epoch_metrics: list[dict] = []
+
+    def on_fit_start(self, state):
+        self.events.append("fit_start")
+
+    def on_epoch_start(self, state):
+        self.events.append("epoch_start")
+
+    def on_batch_end(self, state, metrics):
+        self.events.append("batch_end")
+        self.batch_metrics.append(dict(metrics))
+
+    def on_validation_end(self, state, metrics):
+        self.events.append("validation_end")
+        self.val_metrics.append((state.epoch, state.step, dict(metrics)))
+
+    def on_epoch_end(self, state, metrics):
+        self.events.append("epoch_end")
+        self.epoch_metrics.append(dict(metrics))
+
+    def on_fit_end(self, state, history):
+        self.events.append("fit_end")
+
+
+# --- hooks ---------------------------------------------------------------------------------------
+
+
+def test_hook_order():
+    rec = Recorder()
+    ev, _ = counting_eval()
+    run_epochs(train_step(mse), make_state(), make_data(3), epochs=2, val=(ev, make_data(2, seed=1)),
+               callbacks=[rec], progress=False)
+    epoch = ["epoch_start", "batch_end", "batch_end", "batch_end", "validation_end", "epoch_end"]
+    assert rec.events == ["fit_start"] + epoch + epoch + ["fit_end"]
+
+
+def test_hooks_may_be_partial_and_see_the_live_state():
+    class OnlyBatches:
+        def __init__(self):
+            self.steps = []
+
+        def on_batch_end(self, state, metrics):
+            self.steps.append((state.step, state.batch_index))
+
+    cb = OnlyBatches()
+    run_epochs(train_step(mse), make_state(), make_data(3), epochs=2, callbacks=[cb], progress=False)
+    assert cb.steps == [(1, 1), (2, 2), (3, 3), (4, 1), (5, 2), (6, 3)]
+
+
+def test_on_epoch_end_extras_go_into_the_history():
+    class Extra(loopkit.Callback):
+        def on_epoch_end(self, state, metrics):
+            return {"custom": float(state.epoch) * 10}
+
+    _, history = run_epochs(train_step(mse), make_state(), make_data(2), epochs=2, callbacks=[Extra()], progress=False)
+    assert [h["custom"] for h in history] == [10.0, 20.0]
+
+
+# --- EarlyStopping ------------------------------------------------------------------------------
+
+
+def scripted_val(values_by_epoch: dict[int, float], key: str = "score"):
+    """An eval step (a plain function) whose metric is fixed by the state's epoch."""
+
+    def step(state, batch):
+        return state, {key: torch.tensor(values_by_epoch.get(state.epoch, 0.0))}
+
+    return step
+
+
+def run_with_stopper(values: dict[int, float], stopper, epochs: int = 10):
+    loss = Counter(mse)
+    state, history = run_epochs(train_step(loss), make_state(), make_data(2), epochs=epochs,
+                                val=(scripted_val(values), [0]), callbacks=[stopper], progress=False)
+    return state, history, loss
+
+
+def test_early_stopping_after_patience_non_improving_validations():
+    stopper = loopkit.EarlyStopping("val/score", patience=2)
+    state, history, loss = run_with_stopper({1: 1.0, 2: 0.9, 3: 0.95, 4: 0.91, 5: 0.5}, stopper)
+    assert len(history) == 4 and state.epoch == 4 and loss.calls == 8
+    assert stopper.best == pytest.approx(0.9) and stopper.should_stop
+
+
+def test_early_stopping_improvement_resets_patience():
+    stopper = loopkit.EarlyStopping("val/score", patience=2)
+    _, history, _ = run_with_stopper({1: 1.0, 2: 1.1, 3: 0.9, 4: 1.0, 5: 0.8, 6: 0.85, 7: 0.85}, stopper)
+    assert len(history) == 7
+
+
+def test_early_stopping_min_delta():
+    values = {1: 1.0, 2: 0.95, 3: 0.92, 4: 0.5}
+    _, history, _ = run_with_stopper(values, loopkit.EarlyStopping("val/score", patience=2, min_delta=0.1))
+    assert len(history) == 3
+    _, history, _ = run_with_stopper(values, loopkit.EarlyStopping("val/score", patience=2), epochs=4)
+    assert len(history) == 4  # without min_delta every value improves
+
+
+def test_early_stopping_mode_max():
+    values = {1: 0.5, 2: 0.7, 3: 0.6, 4: 0.7, 5: 0.9}
+    _, history, _ = run_with_stopper(values, loopkit.EarlyStopping("val/score", patience=2, mode="max"))
+    assert len(history) == 4
+    _, history, _ = run_with_stopper(values, loopkit.EarlyStopping("val/score", patience=2, mode="min"))
+    assert len(history) == 3
+
+
+def test_early_stopping_stops_on_nan():
+    stopper = loopkit.EarlyStopping("val/score", patience=5)
+    _, history, _ = run_with_stopper({1: 1.0, 2: 0.5, 3: float("nan"), 4: 0.1}, stopper)
+    assert len(history) == 3 and stopper.stopped_at == 3
+
+
+def test_early_stopping_on_a_train_metric():
+    # a learning rate of 0 keeps the loss constant: it never improves after the first epoch
+    stopper = loopkit.EarlyStopping("train/loss", patience=2)
+    state, history = run_epochs(train_step(mse), make_state(lr=0.0), make_data(2), epochs=10,
+                                callbacks=[stopper], progress=False)
+    assert len(history) == 3
+
+
+def test_early_stopping_mid_epoch_with_step_validation():
+    stopper = loopkit.EarlyStopping("val/score", patience=1)
+
+    def val(state, batch):  # worse after every update
+        return state, {"score": torch.tensor(float(state.step))}
+
+    state, history = run_epochs(train_step(mse), make_state(), make_data(10), epochs=3, val=(val, [0]),
+                                val_every_n_steps=2, callbacks=[stopper], progress=False)
+    assert state.step == 4 and state.epoch == 0 and len(history) == 1
+
+
+def test_early_stopping_missing_monitor_raises_key_error_naming_it():
+    stopper = loopkit.EarlyStopping("val/acc", patience=2)
+    with pytest.raises(KeyError, match="val/acc") as info:
+        run_with_stopper({1: 1.0}, stopper)
+    assert "val/score" in str(info.value)  # lists what there is
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [({"mode": "avg"}, "mode"), ({"patience": 0}, "patience"), ({"min_delta": -1.0}, "min_delta")],
+)
+def test_early_stopping_bad_options(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        loopkit.EarlyStopping("val/loss", **kwargs)
+
+
+def test_early_stopping_state_dict_round_trip():
+    a = loopkit.EarlyStopping("val/loss", patience=3)
+    a.on_validation_end(None, {"val/loss": 1.0})
+    a.on_validation_end(None, {"val/loss": 2.0})
+    b = loopkit.EarlyStopping("val/loss", patience=3)
+    b.load_state_dict(a.state_dict())
+    assert (b.best, b.wait, b.should_stop) == (1.0, 1, False)
+
+
+# --- LearningRateMonitor ------------------------------------------------------------------------
+
+
+def lr_state(two_groups: bool = False) -> TrainState:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 1))
+    if two_groups:
+        groups = [{"params": model[0].parameters(), "lr": 0.25}, {"params": model[1].parameters(), "lr": 0.75}]
+    else:
+        groups = [{"params": model.parameters(), "lr": 0.25}]
+    opt = torch.optim.SGD(groups)
+    return TrainState.create(model, opt, torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.5))
+
+
+def test_learning_rate_monitor_epoch_values_in_history():
+    monitor = loopkit.LearningRateMonitor()
+    _, history = run_epochs(train_step(mse), lr_state(), make_data(3), epochs=3, callbacks=[monitor], progress=False)
+    # the scheduler halves the lr after every update: 3 updates per epoch
+    assert [h["lr-SGD"] for h in history] == [0.25 * 0.5**3, 0.25 * 0.5**6, 0.25 * 0.5**9]
+    assert monitor.history == [(3, {"lr-SGD": 0.25 * 0.5**3}), (6, {"lr-SGD": 0.25 * 0.5**6}),
+                               (9, {"lr-SGD": 0.25 * 0.5**9})]
+
+
+def test_learning_rate_monitor_per_step():
+    monitor = loopkit.LearningRateMonitor(logging_interval="step")
+    run_epochs(train_step(mse), lr_state(), make_data(3), epochs=2, callbacks=[monitor], progress=False)
+    assert monitor.history == [(s, {"lr-SGD": 0.25 * 0.5**s}) for s in range(1, 7)]
+
+
+def test_learning_rate_monitor_two_param_groups():
+    monitor = loopkit.LearningRateMonitor()
+    _, history = run_epochs(train_step(mse), lr_state(two_groups=True), make_data(2), epochs=2,
+                            callbacks=[monitor], progress=False)
+    for e, h in enumerate(history):
+        steps = 2 * (e + 1)
+        assert h["lr-SGD/pg1"] == 0.25 * 0.5**steps and h["lr-SGD/pg2"] == 0.75 * 0.5**steps
+        assert "lr-SGD" not in h
+
+
+def test_learning_rate_monitor_bad_interval():
+    with pytest.raises(ValueError, match="logging_interval"):
+        loopkit.LearningRateMonitor(logging_interval="batch")
+
+
+def test_early_stopping_patience_counts_validations_not_epochs():
+    stopper = loopkit.EarlyStopping("val/score", patience=1)
+    loss = Counter(mse)
+    _, history = run_epochs(train_step(loss), make_state(), make_data(2), epochs=10,
+                            val=(scripted_val({2: 1.0, 4: 1.0, 6: 0.5}), [0]), val_every_n_epochs=2,
+                            callbacks=[stopper], progress=False)
+    assert len(history) == 4 and loss.calls == 8
+
+
+# --- any callback can stop training ---------------------------------------------------------------
+
+
+def test_a_callback_setting_should_stop_ends_training_after_that_hook():
+    class StopAtThree(loopkit.Callback):
+        def __init__(self):
+            self.ended = False
+
+        def on_batch_end(self, state, metrics):
+            self.should_stop = state.step == 3
+
+        def on_fit_end(self, state, history):
+            self.ended = True
+
+    cb = StopAtThree()
+    state, history = run_epochs(train_step(mse), make_state(), make_data(5), epochs=4, callbacks=[cb], progress=False)
+    assert (state.step, state.epoch, state.batch_index) == (3, 0, 3)
+    assert len(history) == 1 and history[0]["step"] == 3 and cb.ended
+
+
+def test_the_callback_base_has_every_hook_as_a_no_op():
+    rec = Recorder()
+    ev, _ = counting_eval()
+    base = loopkit.Callback()
+    state, history = run_epochs(train_step(mse), make_state(), make_data(2), epochs=2, val=(ev, make_data(1, seed=1)),
+                                callbacks=[base, rec], progress=False)
+    assert not base.should_stop and len(history) == 2
+    assert rec.events.count("batch_end") == 4  # the base did not interfere with the others

@@ -1,0 +1,546 @@
+"""Tests of loopkit.checkpoint: the on-disk format, atomic saves, verification, safe loading,
+restore, and the safetensors export.
+
+References: checksums computed here with hashlib; the state the checkpoint was saved from
+(and training continued from it, side by side); the ``safetensors`` package reading the
+export; ``torch.load(weights_only=False)`` proving a planted pickle really would run code.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import random
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import loopkit
+from loopkit import CheckpointCorruptError, StateMismatchError, TrainState, checkpoint, train_step, with_grad_accum
+
+# --- helpers -----------------------------------------------------------------------------------
+
+
+def _state(make_mlp, seed: int = 0, **sizes) -> TrainState:
+    model = make_mlp(seed, **sizes)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    return TrainState.create(model, opt, sched, seed=seed)
+
+
+def _trained(make_mlp, make_batches, mse_loss, n: int = 3, **sizes) -> TrainState:
+    """A state mid-accumulation: optimizer and scheduler state, partial gradients, an extras counter."""
+    state = _state(make_mlp, **sizes)
+    step = with_grad_accum(train_step(mse_loss), every=2)
+    d_in = sizes.get("d_in", 4)
+    d_out = sizes.get("d_out", 2)
+    for batch in make_batches(n, d_in=d_in, d_out=d_out):
+        state, _ = step(state, batch)
+    return state
+
+
+def _resign(ckpt: Path) -> None:
+    """Rewrite the manifest for the files as they are now (sha256 computed here, independently)."""
+    files = {}
+    for name in ("state.pt", "meta.json"):
+        raw = (ckpt / name).read_bytes()
+        files[name] = {"size": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
+    manifest = {"format": "loopkit-checkpoint", "version": 1, "files": files}
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _flip_middle(file: Path, n: int = 4) -> None:
+    raw = bytearray(file.read_bytes())
+    middle = len(raw) // 2
+    for i in range(middle, middle + n):
+        raw[i] ^= 0xFF
+    file.write_bytes(bytes(raw))
+
+
+def _leftovers(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if p.name.startswith((".tmp-", ".trash-")))
+
+
+def _sd(state: TrainState) -> dict:
+    return state.state_dict()
+
+
+# --- the format --------------------------------------------------------------------------------
+
+
+def test_save_writes_payload_meta_and_a_manifest_of_sizes_and_sha256(tmp_path, make_mlp, make_batches, mse_loss):
+    state = _trained(make_mlp, make_batches, mse_loss)
+    path = checkpoint.save(state, tmp_path, reason="test")
+    assert path.parent == tmp_path and path.name == f"ckpt-000001-step{state.step}-epoch0-batch3"
+    assert sorted(p.name for p in path.iterdir()) == ["manifest.json", "meta.json", "state.pt"]
+    manifest = json.loads((path / "manifest.json").read_text())
+    for name in ("state.pt", "meta.json"):
+        raw = (path / name).read_bytes()
+        assert manifest["files"][name] == {"size": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
+    meta = json.loads((path / "meta.json").read_text())
+    assert (meta["step"], meta["epoch"], meta["batch_index"], meta["reason"]) == (state.step, 0, 3, "test")
+    assert _leftovers(tmp_path) == []
+
+
+def test_a_second_save_never_writes_over_the_first(tmp_path, make_mlp):
+    state = _state(make_mlp)
+    first = checkpoint.save(state, tmp_path)
+    before = {p.name: p.read_bytes() for p in first.iterdir()}
+    second = checkpoint.save(state, tmp_path)  # the very same position
+    assert second != first
+    assert {p.name: p.read_bytes() for p in first.iterdir()} == before
+    assert [c.path for c in checkpoint.list_checkpoints(tmp_path)] == [first, second]
+
+
+def test_everything_saved_is_tensors_numbers_and_strings(tmp_path, make_mlp, make_batches, mse_loss):
+    path = checkpoint.save(_trained(make_mlp, make_batches, mse_loss), tmp_path)
+    payload = torch.load(path / "state.pt", weights_only=True)
+
+    def walk(value, where):
+        if isinstance(value, dict):
+            for k, v in value.items():
+                assert isinstance(k, str), f"{where}: key {k!r}"
+                walk(v, f"{where}.{k}")
+        else:
+            assert type(value) in (torch.Tensor, int, float, str, bool), f"{where}: {type(value)}"
+
+    walk(payload, "payload")
+    rng = payload["global_rng"]
+    assert rng["numpy"]["keys"].dtype == torch.int64 and rng["python"]["state"].dtype == torch.int64
+    assert rng["torch"].dtype == torch.uint8
+
+
+def test_torch_load_is_always_called_with_weights_only_true(tmp_path, make_mlp, monkeypatch):
+    path = checkpoint.save(_state(make_mlp), tmp_path)
+    calls = []
+    real = torch.load
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("weights_only", "not passed"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
+    checkpoint.restore(_state(make_mlp, seed=1), path)
+    checkpoint.restore(_state(make_mlp, seed=1), tmp_path)
+    assert calls == [True, True]
+
+
+# --- restore -----------------------------------------------------------------------------------
+
+
+def test_restore_is_exact_and_training_continues_identically(
+    tmp_path, make_mlp, make_batches, mse_loss, take_snapshot, assert_trees_equal
+):
+    state = _trained(make_mlp, make_batches, mse_loss)
+    checkpoint.save(state, tmp_path)
+    other = _state(make_mlp, seed=5)  # different weights, seed and RNG
+    given = take_snapshot(other)
+    restored = checkpoint.restore(other, tmp_path)
+    assert_trees_equal(take_snapshot(restored), take_snapshot(state))
+    assert_trees_equal(take_snapshot(other), given)  # the given state is untouched
+    step = with_grad_accum(train_step(mse_loss), every=2)
+    for batch in make_batches(5, seed=3):  # the original and the restored state go on side by side
+        state, _ = step(state, batch)
+        restored, _ = step(restored, batch)
+    assert_trees_equal(take_snapshot(restored), take_snapshot(state))
+
+
+def test_restore_puts_the_global_rngs_back(tmp_path, make_mlp):
+    torch.manual_seed(11)
+    np.random.seed(12)
+    random.seed(13)
+    np.random.randn()  # a cached gaussian in numpy's state, and in Python's, as well
+    random.gauss(0, 1)
+    checkpoint.save(_state(make_mlp), tmp_path)
+
+    def draw():
+        python = [random.random() for _ in range(3)] + [random.gauss(0, 1)]
+        return torch.rand(3), np.random.rand(3), np.random.randn(), python
+
+    expected = draw()
+    torch.manual_seed(0)
+    np.random.seed(0)
+    random.seed(0)
+    checkpoint.restore(_state(make_mlp), tmp_path)
+    got = draw()
+    assert torch.equal(got[0], expected[0]) and np.array_equal(got[1], expected[1])
+    assert got[2:] == expected[2:]
+
+
+def test_restore_without_checkpoints_returns_the_given_state(tmp_path, make_mlp):
+    state = _state(make_mlp)
+    assert checkpoint.restore(state, tmp_path / "never-created") is state
+    assert checkpoint.restore(state, tmp_path) is state
+    with pytest.raises(FileNotFoundError, match="ckpt-000009-step1-epoch0-batch1"):
+        checkpoint.restore(state, tmp_path / "ckpt-000009-step1-epoch0-batch1")
+
+
+def test_restore_picks_the_newest_by_save_order(tmp_path, make_mlp):
+    state = _state(make_mlp)
+    checkpoint.save(state.evolve(step=9), tmp_path)
+    checkpoint.save(state.evolve(step=4), tmp_path)  # a run resumed from an older point saves later
+    assert checkpoint.restore(state, tmp_path).step == 4
+
+
+# --- corrupt and incomplete checkpoints ---------------------------------------------------------
+
+
+def _two_checkpoints(tmp_path, make_mlp, make_batches, mse_loss):
+    """Two checkpoints of a model big enough that the middle of state.pt is tensor data."""
+    sizes = {"d_in": 64, "hidden": 256}
+    state = _trained(make_mlp, make_batches, mse_loss, n=2, **sizes)
+    older = checkpoint.save(state, tmp_path)
+    state, _ = with_grad_accum(train_step(mse_loss), every=2)(state, make_batches(1, d_in=64)[0])
+    newest = checkpoint.save(state, tmp_path)
+    return older, newest, _state(make_mlp, seed=3, **sizes)
+
+
+def _truncate(ckpt: Path) -> None:
+    with open(ckpt / "state.pt", "r+b") as f:
+        f.truncate(os.path.getsize(ckpt / "state.pt") // 2)
+
+
+def _no_manifest(ckpt: Path) -> None:
+    (ckpt / "manifest.json").unlink()
+
+
+def _bad_manifest(ckpt: Path) -> None:
+    (ckpt / "manifest.json").write_text('{"format": "loopkit-checkpoint", "vers')
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda c: _flip_middle(c / "state.pt"), "sha256"),
+        (_truncate, "bytes, the manifest says"),
+        (_no_manifest, "incomplete"),
+        (_bad_manifest, "cannot be read as JSON"),
+        (lambda c: _flip_middle(c / "meta.json", 1), "meta.json"),
+    ],
+    ids=["flipped-bytes", "truncated", "no-manifest", "bad-manifest", "meta-flipped"],
+)
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_with_a_warning(
+    tmp_path, make_mlp, make_batches, mse_loss, damage, message
+):
+    older, newest, fresh = _two_checkpoints(tmp_path, make_mlp, make_batches, mse_loss)
+    expected = checkpoint.load(older)["state"]
+    damage(newest)
+    with pytest.warns(RuntimeWarning, match=newest.name) as caught:
+        restored = checkpoint.restore(fresh, tmp_path)
+    assert message in str(caught[0].message)
+    assert restored.step == expected["step"] and restored.batch_index == expected["batch_index"]
+    for name, value in restored.model.state_dict().items():
+        assert torch.equal(value, expected["model"][name])
+    with pytest.raises(CheckpointCorruptError, match=message):
+        checkpoint.restore(fresh, newest)
+
+
+def test_flipped_tensor_bytes_load_silently_so_only_the_checksum_catches_them(
+    tmp_path, make_mlp, make_batches, mse_loss
+):
+    _, newest, fresh = _two_checkpoints(tmp_path, make_mlp, make_batches, mse_loss)
+    good = torch.load(newest / "state.pt", weights_only=True)
+    _flip_middle(newest / "state.pt")
+    bad = torch.load(newest / "state.pt", weights_only=True)  # no error from torch...
+    changed = [k for k, v in good["state"]["model"].items() if not torch.equal(v, bad["state"]["model"][k])]
+    changed += [k for k, v in good["state"]["grads"].items() if not torch.equal(v, bad["state"]["grads"][k])]
+    opt_good, opt_bad = good["state"]["optimizer"]["state"], bad["state"]["optimizer"]["state"]
+    changed += [f"{i}.{k}" for i in opt_good for k, v in opt_good[i].items() if not torch.equal(v, opt_bad[i][k])]
+    assert changed, "the flipped bytes were expected inside a tensor's data"
+    with pytest.raises(CheckpointCorruptError, match=r"state\.pt is corrupt: its sha256"):  # ...but the manifest
+        checkpoint.restore(fresh, newest)
+
+
+def test_only_corrupt_checkpoints_return_the_given_state_with_a_warning_each(
+    tmp_path, make_mlp, make_batches, mse_loss
+):
+    older, newest, fresh = _two_checkpoints(tmp_path, make_mlp, make_batches, mse_loss)
+    _flip_middle(older / "state.pt")
+    _truncate(newest)
+    with pytest.warns(RuntimeWarning) as caught:
+        assert checkpoint.restore(fresh, tmp_path) is fresh
+    messages = [str(w.message) for w in caught]
+    assert any(newest.name in m for m in messages) and any(older.name in m for m in messages), messages
+
+
+# --- unsafe files ------------------------------------------------------------------------------
+
+
+class _Payload:
+    """Unpickling this would call os.mkdir(marker): code running at load time."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (str(self.marker),))
+
+
+def test_a_checkpoint_whose_pickle_would_run_code_is_refused_and_nothing_runs(tmp_path, make_mlp, monkeypatch):
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")  # must not switch the safe loader off
+    ckpt = checkpoint.save(_state(make_mlp), tmp_path / "run")
+    marker = tmp_path / "code-ran"
+    torch.save({"format": "loopkit-checkpoint", "version": 1, "state": {"step": _Payload(marker)}}, ckpt / "state.pt")
+    _resign(ckpt)  # a valid manifest: the refusal must come from the safe loader itself
+    checkpoint.verify(ckpt)
+    with pytest.raises(CheckpointCorruptError, match=r"state\.pt was refused: .*weights_only=True"):
+        checkpoint.restore(_state(make_mlp), ckpt)
+    with pytest.warns(RuntimeWarning, match="refused"):
+        state = _state(make_mlp)
+        assert checkpoint.restore(state, tmp_path / "run") is state
+    assert not marker.exists()
+    torch.load(ckpt / "state.pt", weights_only=False)  # the planted file is live: an unsafe load runs it
+    assert marker.exists()
+
+
+# --- a checkpoint of another model -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "other_sizes, key",
+    [({"hidden": 16}, "mis-shaped key 'model.0.weight'"), ({"d_out": 3}, "mis-shaped key 'model.2.weight'")],
+)
+def test_a_checkpoint_of_another_model_is_refused_before_anything_changes(
+    tmp_path, make_mlp, take_snapshot, assert_trees_equal, other_sizes, key
+):
+    checkpoint.save(_state(make_mlp), tmp_path)
+    other = _state(make_mlp, seed=2, **other_sizes)
+    before, rng_before = take_snapshot(other), torch.get_rng_state()
+    with pytest.raises(StateMismatchError, match=key) as info:
+        checkpoint.restore(other, tmp_path)
+    assert "ckpt-000001" in str(info.value)
+    assert_trees_equal(take_snapshot(other), before)
+    assert torch.equal(torch.get_rng_state(), rng_before)  # not even the global RNG was set
+
+
+def test_missing_and_unexpected_keys_are_named(tmp_path):
+    small = nn.Sequential(nn.Linear(2, 2))
+    big = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    checkpoint.save(TrainState.create(small), tmp_path / "small")
+    checkpoint.save(TrainState.create(big), tmp_path / "big")
+    with pytest.raises(StateMismatchError, match="missing key 'model.1.weight'"):
+        checkpoint.restore(TrainState.create(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))), tmp_path / "small")
+    with pytest.raises(StateMismatchError, match="unexpected key 'model.1.weight'"):
+        checkpoint.restore(TrainState.create(nn.Sequential(nn.Linear(2, 2))), tmp_path / "big")
+
+
+def test_optimizer_state_of_the_same_size_from_another_model_is_refused(
+    tmp_path, make_batches, mse_loss, take_snapshot, assert_trees_equal
+):
+    def adam(model):
+        state = TrainState.create(model, torch.optim.Adam(model.parameters()))
+        state, _ = train_step(lambda m, b: m(b).pow(2).mean())(state, torch.ones(3, model[0].in_features))
+        return state
+
+    mine = adam(nn.Sequential(nn.Linear(4, 3)))  # weight (3, 4), bias (3,)
+    theirs = adam(nn.Sequential(nn.Linear(6, 2)))  # weight (2, 6): the same 12 numbers, bias (2,)
+    ckpt = checkpoint.save(mine, tmp_path)
+    payload = torch.load(ckpt / "state.pt", weights_only=True)
+    payload["state"]["optimizer"] = theirs.state_dict()["optimizer"]
+    torch.save(payload, ckpt / "state.pt")
+    _resign(ckpt)
+    before = take_snapshot(mine)
+    with pytest.raises(StateMismatchError, match=r"mis-shaped key 'optimizer\.state\.0\.exp_avg'.*\(2, 6\)"):
+        checkpoint.restore(mine, ckpt)
+    assert_trees_equal(take_snapshot(mine), before)
+
+
+# --- failures while saving ---------------------------------------------------------------------
+
+
+def test_a_full_disk_keeps_the_previous_checkpoints_and_says_so(tmp_path, make_mlp, monkeypatch):
+    state = _state(make_mlp)
+    first = checkpoint.save(state, tmp_path)
+    contents = {p.name: p.read_bytes() for p in first.iterdir()}
+
+    def full_disk(payload, path):
+        with open(path, "wb") as f:
+            f.write(b"\0" * 1000)  # a partial write, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "_write_payload", full_disk)
+    with pytest.raises(OSError) as info:
+        checkpoint.save(state.evolve(step=1), tmp_path)
+    message = str(info.value)
+    assert info.value.errno == errno.ENOSPC
+    assert "no space left on device" in message and str(tmp_path) in message
+    assert "previous checkpoints are intact" in message and first.name in message
+    assert [c.path for c in checkpoint.list_checkpoints(tmp_path)] == [first]
+    assert {p.name: p.read_bytes() for p in first.iterdir()} == contents
+    assert _leftovers(tmp_path) == []
+    monkeypatch.undo()
+    assert checkpoint.restore(_state(make_mlp, seed=1), tmp_path).step == 0
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root ignores directory permissions")
+def test_a_directory_without_permission_is_named(tmp_path, make_mlp):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        with pytest.raises(PermissionError, match=str(locked)):
+            checkpoint.save(_state(make_mlp), locked)
+        with pytest.raises(PermissionError, match=str(locked)):
+            loopkit.with_checkpointing(train_step(lambda m, b: None), locked)
+        locked.chmod(0o000)
+        with pytest.raises(PermissionError, match=str(locked)):
+            checkpoint.restore(_state(make_mlp), locked)
+    finally:
+        locked.chmod(0o700)
+
+
+def test_permission_errors_name_the_directory_even_as_root(tmp_path, make_mlp, monkeypatch):
+    """The same error paths, with the denial simulated (root is never denied by chmod)."""
+    state = _state(make_mlp)
+    first = checkpoint.save(state, tmp_path)
+    real_mkdir, real_scandir = os.mkdir, os.scandir
+
+    def deny_mkdir(path, *args, **kwargs):
+        if Path(path).parent == tmp_path:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", deny_mkdir)
+    with pytest.raises(PermissionError, match=f"could not save checkpoint .* in {tmp_path}: permission denied"):
+        checkpoint.save(state, tmp_path)
+    assert [c.path for c in checkpoint.list_checkpoints(tmp_path)] == [first] and _leftovers(tmp_path) == []
+    with pytest.raises(PermissionError, match=f"cannot create the checkpoint directory {tmp_path / 'new'}"):
+        loopkit.with_checkpointing(train_step(lambda m, b: None), tmp_path / "new" / "ckpt")
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    with pytest.raises(PermissionError, match=f"cannot write checkpoints in {tmp_path}"):
+        loopkit.with_checkpointing(train_step(lambda m, b: None), tmp_path)
+
+    def deny_scandir(path="."):
+        if Path(path) == tmp_path:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", deny_scandir)
+    with pytest.raises(PermissionError, match=f"cannot list checkpoints in {tmp_path}"):
+        checkpoint.restore(state, tmp_path)
+
+
+# --- temporaries -------------------------------------------------------------------------------
+
+
+def _crashed_save(directory: Path) -> list[Path]:
+    """What a save killed midway leaves: a temporary with a payload and no manifest, and trash."""
+    tmp = directory / ".tmp-ckpt-000007-step7-epoch0-batch7-0badc0de"
+    tmp.mkdir()
+    (tmp / "state.pt").write_bytes(b"partial")
+    trash = directory / ".trash-ckpt-000001-step1-epoch0-batch1-deadbeef"
+    trash.mkdir()
+    (trash / "state.pt").write_bytes(b"old")
+    return [tmp, trash]
+
+
+@pytest.mark.parametrize("then", ["save", "restore"])
+def test_the_next_save_or_restore_removes_what_a_crashed_save_left(tmp_path, make_mlp, then):
+    state = _state(make_mlp)
+    checkpoint.save(state, tmp_path)
+    _crashed_save(tmp_path)
+    assert len(_leftovers(tmp_path)) == 2
+    if then == "save":
+        checkpoint.save(state, tmp_path)
+    else:
+        checkpoint.restore(state, tmp_path)
+    assert _leftovers(tmp_path) == []
+
+
+@pytest.mark.skipif(checkpoint.fcntl is None, reason="needs POSIX advisory locks")
+def test_a_save_in_progress_elsewhere_is_left_alone(tmp_path, make_mlp):
+    checkpoint.save(_state(make_mlp), tmp_path)
+    leftovers = _crashed_save(tmp_path)
+    fd = os.open(tmp_path / ".lock", os.O_RDWR)  # another process's save holds the shared lock
+    try:
+        checkpoint.fcntl.flock(fd, checkpoint.fcntl.LOCK_SH)
+        checkpoint.restore(_state(make_mlp), tmp_path)
+        assert all(p.exists() for p in leftovers)
+    finally:
+        os.close(fd)
+    checkpoint.restore(_state(make_mlp), tmp_path)
+    assert _leftovers(tmp_path) == []
+
+
+def test_an_interrupted_save_leaves_nothing(tmp_path, make_mlp, monkeypatch):
+    def interrupted(tmp, manifest):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint, "_write_manifest", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save(_state(make_mlp), tmp_path)
+    assert checkpoint.list_checkpoints(tmp_path) == [] and _leftovers(tmp_path) == []
+
+
+# --- safetensors export ------------------------------------------------------------------------
+
+
+class _Mixed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(3, 5)
+        self.norm = nn.BatchNorm1d(5)  # float buffers and an int64 num_batches_tracked
+        self.register_buffer("fp16", torch.randn(4, 2).half())
+        self.register_buffer("bf16", torch.randn(3).bfloat16())
+        self.register_buffer("flags", torch.tensor([True, False, True]))
+        self.register_buffer("scalar", torch.tensor(2.5, dtype=torch.float64))
+        self.register_buffer("empty", torch.zeros(0, 3))
+        self.register_buffer("strided", torch.arange(12.0).reshape(3, 4).t())  # not contiguous
+        self.register_buffer("ints", torch.tensor([-3, 7], dtype=torch.int16))
+
+
+def test_export_weights_is_read_back_bitwise_by_the_safetensors_package(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    model = _Mixed()
+    state = TrainState.create(model).evolve(step=12, epoch=3)
+    path = loopkit.export_weights(state, tmp_path / "weights.safetensors", metadata={"run": "test"})
+    loaded = load_file(path)
+    expected = model.state_dict()
+    assert set(loaded) == set(expected)
+    for name, tensor in expected.items():
+        assert loaded[name].dtype == tensor.dtype and loaded[name].shape == tensor.shape, name
+        assert torch.equal(loaded[name], tensor), name
+    with safe_open(path, "pt") as f:
+        assert f.metadata() == {"format": "pt", "step": "12", "epoch": "3", "run": "test"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["weights.safetensors"]
+
+
+def test_export_weights_refuses_what_safetensors_cannot_hold(tmp_path):
+    model = nn.Linear(2, 2)
+    model.register_buffer("complex128", torch.zeros(2, dtype=torch.complex128))
+    with pytest.raises(TypeError, match="'complex128' has dtype torch.complex128"):
+        loopkit.export_weights(TrainState.create(model), tmp_path / "w.safetensors")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_listing_ignores_what_is_not_a_checkpoint(tmp_path, make_mlp):
+    checkpoint.save(_state(make_mlp), tmp_path)
+    (tmp_path / "notes.txt").write_text("hi")
+    (tmp_path / "ckpt-latest").mkdir()
+    (tmp_path / "scores.json").write_text("{}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert [c.seq for c in checkpoint.list_checkpoints(tmp_path)] == [1]
+        assert checkpoint.restore(_state(make_mlp, seed=1), tmp_path).seed == 0
+
+
+def test_a_malformed_global_rng_entry_is_corrupt_and_skipped(tmp_path, make_mlp):
+    state = _state(make_mlp)
+    checkpoint.save(state.evolve(step=1), tmp_path)
+    bad = checkpoint.save(state.evolve(step=2), tmp_path)
+    payload = torch.load(bad / "state.pt", weights_only=True)
+    payload["global_rng"]["numpy"]["keys"] = torch.zeros(3, dtype=torch.int64)
+    torch.save(payload, bad / "state.pt")
+    _resign(bad)
+    with pytest.raises(CheckpointCorruptError, match="global RNG entry 'numpy'"):
+        checkpoint.restore(state, bad)
+    with pytest.warns(RuntimeWarning, match="global RNG entry 'numpy'"):
+        assert checkpoint.restore(state, tmp_path).step == 1

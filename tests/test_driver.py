@@ -1,0 +1,731 @@
+"""Tests of loopkit.driver: run_epochs (every option), evaluate, predict.
+
+References: a hand-written computation over the whole data set, a raw PyTorch forward in
+eval mode, an uninterrupted run (for resume), hand-computed counts and scheduler values.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import loopkit
+from loopkit import TrainState, eval_step, evaluate, predict, run_epochs, train_step, with_grad_accum
+
+# --- small local helpers ---------------------------------------------------------------------
+
+
+def make_state(seed: int = 0, *, dropout: bool = False, scheduler: bool = False, lr: float = 0.1) -> TrainState:
+    with torch.random.fork_rng():  # the same initial weights every time; the global RNG untouched
+        torch.manual_seed(1234)
+        return _build_state(seed, dropout, scheduler, lr)
+
+
+def _build_state(seed: int, dropout: bool, scheduler: bool, lr: float) -> TrainState:
+    layers: list[nn.Module] = [nn.Linear(3, 8), nn.Tanh()]
+    if dropout:
+        layers.append(nn.Dropout(0.5))
+    layers.append(nn.Linear(8, 1))
+    model = nn.Sequential(*layers)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5) if scheduler else None
+    return TrainState.create(model, opt, sched, seed=seed)
+
+
+def make_data(n_batches: int, batch_size: int = 4, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(batch_size, 3, generator=g), torch.randn(batch_size, 1, generator=g)) for _ in range(n_batches)]
+
+
+def mse(model: nn.Module, batch) -> torch.Tensor:
+    x, y = batch
+    return ((model(x) - y) ** 2).mean()
+
+
+class Counter:
+    """Wraps a function and counts its calls."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.calls = 0
+
+    def __call__(self, *args):
+        self.calls += 1
+        return self.fn(*args)
+
+
+def counting_eval(fn=None):
+    counter = Counter(fn or (lambda m, b: {"mse": mse(m, b)}))
+    return eval_step(counter), counter
+
+
+class Recorder:
+    """A callback (not subclassing Callback) that records every hook call."""
+
+    def __init__(self):
+        self.events: list[str] = []
+        self.batch_metrics: list[dict] = []
+        self.val_metrics: list[tuple[int, int, dict]] = []
+        self.epoch_metrics: list[dict] = []
+
+    def on_fit_start(self, state):
+        self.events.append("fit_start")
+
+    def on_epoch_start(self, state):
+        self.events.append("epoch_start")
+
+    def on_batch_end(self, state, metrics):
+        self.events.append("batch_end")
+        self.batch_metrics.append(dict(metrics))
+
+    def on_validation_end(self, state, metrics):
+        self.events.append("validation_end")
+        self.val_metrics.append((state.epoch, state.step, dict(metrics)))
+
+    def on_epoch_end(self, state, metrics):
+        self.events.append("epoch_end")
+        self.epoch_metrics.append(dict(metrics))
+
+    def on_fit_end(self, state, history):
+        self.events.append("fit_end")
+
+
+def params_of(state: TrainState) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in state.model.parameters()]
+
+
+def assert_bitwise(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+# --- epochs and max_steps ---------------------------------------------------------------------
+
+
+def test_epochs_run_every_batch_of_every_epoch():
+    loss = Counter(mse)
+    state, history = run_epochs(train_step(loss), make_state(), make_data(5), epochs=3, progress=False)
+    assert loss.calls == 15
+    assert (state.step, state.epoch, state.batch_index) == (15, 3, 0)
+    assert [(h["epoch"], h["step"]) for h in history] == [(0, 5), (1, 10), (2, 15)]
+
+
+def test_max_steps_stops_mid_epoch():
+    loss = Counter(mse)
+    state, history = run_epochs(train_step(loss), make_state(), make_data(5), max_steps=7, progress=False)
+    assert loss.calls == 7
+    assert (state.step, state.epoch, state.batch_index) == (7, 1, 2)
+    assert [(h["epoch"], h["step"]) for h in history] == [(0, 5), (1, 7)]
+
+
+def test_epochs_and_max_steps_whichever_comes_first():
+    state, _ = run_epochs(train_step(mse), make_state(), make_data(5), epochs=1, max_steps=100, progress=False)
+    assert (state.step, state.epoch) == (5, 1)
+    state, _ = run_epochs(train_step(mse), make_state(), make_data(5), epochs=10, max_steps=3, progress=False)
+    assert (state.step, state.epoch, state.batch_index) == (3, 0, 3)
+
+
+def test_epochs_and_max_steps_are_absolute_counts():
+    data = make_data(5)
+    state, _ = run_epochs(train_step(mse), make_state(), data, epochs=1, progress=False)
+    loss = Counter(mse)
+    state, history = run_epochs(train_step(loss), state, data, epochs=2, progress=False)
+    assert loss.calls == 5 and state.epoch == 2 and len(history) == 1
+    state, history = run_epochs(train_step(loss), state, data, epochs=2, progress=False)
+    assert loss.calls == 5 and history == []  # already done
+    state, _ = run_epochs(train_step(loss), state, data, max_steps=12, progress=False)
+    assert loss.calls == 7 and state.step == 12
+
+
+def test_max_steps_counts_updates_under_grad_accum():
+    loss = Counter(mse)
+    step = with_grad_accum(train_step(loss), every=2)
+    state, _ = run_epochs(step, make_state(), make_data(8), max_steps=3, progress=False)
+    assert loss.calls == 6
+    assert (state.step, state.batch_index) == (3, 6)
+
+
+def test_partial_accumulation_group_is_flushed_at_epoch_end():
+    step = with_grad_accum(train_step(mse), every=2)
+    state, history = run_epochs(step, make_state(), make_data(5), epochs=2, progress=False)
+    # 5 batches: two full groups and one flushed partial group per epoch
+    assert [h["step"] for h in history] == [3, 6]
+    assert "accum/count" not in state.extras
+
+
+# --- validation -------------------------------------------------------------------------------
+
+
+def test_validation_every_n_epochs():
+    ev, counter = counting_eval()
+    rec = Recorder()
+    _, history = run_epochs(
+        train_step(mse), make_state(), make_data(3), epochs=5, val=(ev, make_data(4, seed=1)),
+        val_every_n_epochs=2, sanity_val_batches=0, callbacks=[rec], progress=False,
+    )
+    assert [epoch for epoch, _, _ in rec.val_metrics] == [2, 4]  # after the 2nd and 4th epochs
+    assert counter.calls == 2 * 4
+    assert ["val/mse" in h for h in history] == [False, True, False, True, False]
+
+
+def test_validation_every_n_steps():
+    ev, counter = counting_eval()
+    rec = Recorder()
+    run_epochs(
+        train_step(mse), make_state(), make_data(5), epochs=2, val=(ev, make_data(2, seed=1)),
+        val_every_n_epochs=100, val_every_n_steps=3, sanity_val_batches=0, callbacks=[rec], progress=False,
+    )
+    assert [s for _, s, _ in rec.val_metrics] == [3, 6, 9]
+    assert counter.calls == 3 * 2
+
+
+def test_validation_every_n_steps_and_every_epoch():
+    ev, _ = counting_eval()
+    rec = Recorder()
+    run_epochs(
+        train_step(mse), make_state(), make_data(5), epochs=2, val=(ev, make_data(2, seed=1)),
+        val_every_n_steps=3, sanity_val_batches=0, callbacks=[rec], progress=False,
+    )
+    assert [s for _, s, _ in rec.val_metrics] == [3, 5, 6, 9, 10]
+
+
+def test_validation_every_n_steps_counts_updates_not_batches():
+    ev, _ = counting_eval()
+    rec = Recorder()
+    run_epochs(
+        with_grad_accum(train_step(mse), every=2), make_state(), make_data(8), epochs=1,
+        val=(ev, make_data(2, seed=1)), val_every_n_epochs=100, val_every_n_steps=2,
+        sanity_val_batches=0, callbacks=[rec], progress=False,
+    )
+    # updates land on batches 2, 4, 6, 8; validation after updates 2 and 4 only
+    assert [s for _, s, _ in rec.val_metrics] == [2, 4]
+
+
+def test_sanity_validation_runs_two_batches_before_training_and_is_not_recorded():
+    order: list[str] = []
+
+    def metric(m, b):
+        order.append("val")
+        return {"mse": mse(m, b)}
+
+    def loss(m, b):
+        order.append("train")
+        return mse(m, b)
+
+    rec = Recorder()
+    _, history = run_epochs(
+        train_step(loss), make_state(), make_data(3), epochs=1, val=(eval_step(metric), make_data(5, seed=1)),
+        val_every_n_epochs=2, callbacks=[rec], progress=False,
+    )
+    assert order == ["val", "val", "train", "train", "train"]
+    assert "validation_end" not in rec.events
+    assert all(not k.startswith("val/") for h in history for k in h)
+
+
+def test_sanity_validation_count_is_configurable_and_zero_disables():
+    for sanity, expected in ((0, 5), (1, 6), (3, 8)):
+        ev, counter = counting_eval()
+        rec = Recorder()
+        run_epochs(
+            train_step(mse), make_state(), make_data(2), epochs=1, val=(ev, make_data(5, seed=1)),
+            sanity_val_batches=sanity, callbacks=[rec], progress=False,
+        )
+        assert counter.calls == expected, sanity
+        assert rec.events.count("validation_end") == 1
+
+
+def test_sanity_validation_does_not_change_training():
+    data, val_data = make_data(4), make_data(3, seed=1)
+    ev, _ = counting_eval()
+    a, _ = run_epochs(train_step(mse), make_state(dropout=True), data, epochs=1, progress=False)
+    b, _ = run_epochs(train_step(mse), make_state(dropout=True), data, epochs=1, val=(ev, val_data),
+                      val_every_n_epochs=5, sanity_val_batches=3, progress=False)
+    assert_bitwise(params_of(a), params_of(b))
+    assert torch.equal(a.rng["cpu"], b.rng["cpu"])
+
+
+# --- limits -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("limit, expected", [(3, 3), (0.5, 5), (0.25, 2), (1.0, 10), (50, 10)])
+def test_limit_train_batches(limit, expected):
+    loss = Counter(mse)
+    state, history = run_epochs(train_step(loss), make_state(), make_data(10), epochs=2,
+                                limit_train_batches=limit, progress=False)
+    assert loss.calls == 2 * expected
+    assert state.step == 2 * expected and state.epoch == 2
+
+
+def test_limit_train_batches_takes_the_first_batches_of_an_unshuffled_list():
+    data = make_data(10)
+    seen: list[torch.Tensor] = []
+
+    def loss(m, b):
+        seen.append(b[0])
+        return mse(m, b)
+
+    run_epochs(train_step(loss), make_state(), data, epochs=1, limit_train_batches=3, progress=False)
+    assert len(seen) == 3 and all(s is d[0] for s, d in zip(seen, data))
+
+
+@pytest.mark.parametrize("limit, expected", [(2, 2), (0.5, 2), (0.75, 3), (1.0, 4), (10, 4)])
+def test_limit_val_batches(limit, expected):
+    ev, counter = counting_eval()
+    run_epochs(train_step(mse), make_state(), make_data(2), epochs=3, val=(ev, make_data(4, seed=1)),
+               sanity_val_batches=0, limit_val_batches=limit, progress=False)
+    assert counter.calls == 3 * expected
+
+
+def test_limit_val_batches_bounds_the_sanity_check():
+    ev, counter = counting_eval()
+    run_epochs(train_step(mse), make_state(), make_data(2), epochs=1, val=(ev, make_data(4, seed=1)),
+               val_every_n_epochs=5, limit_val_batches=1, progress=False)
+    assert counter.calls == 1
+
+
+def test_limit_val_batches_zero_disables_validation():
+    ev, counter = counting_eval()
+    rec = Recorder()
+    _, history = run_epochs(train_step(mse), make_state(), make_data(2), epochs=2, val=(ev, make_data(4, seed=1)),
+                            limit_val_batches=0, callbacks=[rec], progress=False)
+    assert counter.calls == 0 and "validation_end" not in rec.events
+    assert all("val/mse" not in h for h in history)
+
+
+# --- history ------------------------------------------------------------------------------------
+
+
+def test_history_train_loss_is_the_mean_of_the_step_losses():
+    rec = Recorder()
+
+    def loss(m, b):
+        err = m(b[0]) - b[1]
+        return (err**2).mean(), {"mae": err.abs().mean()}
+
+    _, history = run_epochs(train_step(loss), make_state(), make_data(6), epochs=2, callbacks=[rec], progress=False)
+    assert len(history) == 2
+    for e in range(2):
+        seen = rec.batch_metrics[6 * e : 6 * (e + 1)]
+        for key in ("loss", "mae"):
+            expected = math.fsum(float(m[key]) for m in seen) / 6
+            assert history[e][f"train/{key}"] == pytest.approx(expected, rel=1e-6, abs=0)
+        assert history[e] == rec.epoch_metrics[e]  # on_epoch_end sees the record
+
+
+def test_history_val_metrics_equal_evaluate_on_the_same_state():
+    ev, _ = counting_eval(lambda m, b: {"mse": mse(m, b), "mean_pred": m(b[0]).mean()})
+    val_data = make_data(3, seed=1)
+    seen: list[dict] = []
+
+    class EvaluateNow:
+        def on_epoch_end(self, state, metrics):
+            seen.append(evaluate(ev, state, val_data))
+
+    state, history = run_epochs(train_step(mse), make_state(), make_data(4), epochs=3, val=(ev, val_data),
+                                callbacks=[EvaluateNow()], progress=False)
+    assert len(history) == 3
+    for h, ref in zip(history, seen):
+        assert {k: h[k] for k in ("val/mse", "val/mean_pred")} == {f"val/{k}": v for k, v in ref.items()}
+    # and against a hand computation over the whole validation set with the final model
+    x = torch.cat([b[0] for b in val_data])
+    y = torch.cat([b[1] for b in val_data])
+    with torch.no_grad():
+        expected = ((state.model(x) - y) ** 2).mean().item()
+    assert history[-1]["val/mse"] == pytest.approx(expected, rel=1e-6)
+
+
+# --- evaluate and predict -----------------------------------------------------------------------
+
+
+def test_evaluate_weights_by_batch_size():
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    x, y = torch.randn(10, 3), torch.randn(10, 1)
+    data = [(x[i : i + 4], y[i : i + 4]) for i in range(0, 10, 4)]  # 4, 4, 2
+    step = eval_step(lambda m, b: {"mse": mse(m, b), "mae": (m(b[0]) - b[1]).abs().mean()})
+    got = evaluate(step, TrainState.create(model), data)
+    with torch.no_grad():
+        err = model(x) - y
+    assert got["mse"] == pytest.approx((err**2).mean().item(), rel=1e-6)
+    assert got["mae"] == pytest.approx(err.abs().mean().item(), rel=1e-6)
+    unweighted = sum(((model(b[0]) - b[1]) ** 2).mean().item() for b in data) / 3
+    assert abs(got["mse"] - unweighted) > 1e-4  # the check can tell the two apart
+
+
+def test_evaluate_with_a_dict_batch():
+    x = torch.arange(7.0)
+    data = [{"x": x[:5]}, {"x": x[5:]}]
+    got = evaluate(eval_step(lambda m, b: {"mean": b["x"].mean()}), TrainState.create(nn.Identity()), data)
+    assert got["mean"] == pytest.approx(x.mean().item(), rel=1e-7)
+
+
+@pytest.mark.parametrize("limit, batches", [(2, 2), (0.5, 2), (0.75, 3), (None, 4)])
+def test_evaluate_limit(limit, batches):
+    data = make_data(4)
+    counter = Counter(lambda m, b: {"mse": mse(m, b)})
+    state = make_state()
+    got = evaluate(eval_step(counter), state, data, limit=limit)
+    assert counter.calls == batches
+    x = torch.cat([b[0] for b in data[:batches]])
+    y = torch.cat([b[1] for b in data[:batches]])
+    with torch.no_grad():
+        assert got["mse"] == pytest.approx(((state.model(x) - y) ** 2).mean().item(), rel=1e-6)
+
+
+def test_evaluate_leaves_the_state_unchanged():
+    state = make_state(dropout=True)
+    before = params_of(state)
+    rng = state.rng["cpu"].clone()
+    evaluate(eval_step(lambda m, b: {"mse": mse(m, b)}), state, make_data(3))
+    assert_bitwise(before, params_of(state))
+    assert torch.equal(rng, state.rng["cpu"]) and state.model.training
+
+
+def test_predict_equals_the_model_in_eval_mode():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), nn.BatchNorm1d(5), nn.Dropout(0.5), nn.Linear(5, 2))
+    model.train()
+    for _ in range(3):  # move the running statistics away from their defaults
+        model(torch.randn(8, 3) * 3 + 1)
+    model[1].eval()  # a submodule in its own mode: predict must restore it as it was
+    data = [torch.randn(4, 3), torch.randn(3, 3)]
+    reference = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        expected = [reference(x) for x in data]
+    outputs = predict(lambda m, b: m(b), TrainState.create(model), data)
+    assert len(outputs) == 2
+    for out, exp in zip(outputs, expected):
+        assert torch.equal(out, exp) and not out.requires_grad
+    assert model.training and model[0].training and not model[1].training and model[2].training
+
+
+def test_predict_restores_training_mode_after_an_error():
+    model = nn.Sequential(nn.Linear(3, 1))
+
+    def boom(m, b):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        predict(boom, TrainState.create(model), [torch.ones(1, 3)])
+    assert model.training and model[0].training
+
+
+# --- the caller's state -------------------------------------------------------------------------
+
+
+def test_run_epochs_leaves_the_callers_state_unchanged():
+    state = make_state(dropout=True, scheduler=True)
+    state, _ = train_step(mse)(state, make_data(1)[0])  # momentum buffers exist
+    params = params_of(state)
+    momentum = [state.optimizer.state[p]["momentum_buffer"].clone() for p in state.model.parameters()]
+    rng = state.rng["cpu"].clone()
+    lr, sched_epoch = state.optimizer.param_groups[0]["lr"], state.scheduler.last_epoch
+    counters = (state.step, state.epoch, state.batch_index)
+
+    new, _ = run_epochs(train_step(mse), state, make_data(7), epochs=1, progress=False)
+
+    state.check_usable()  # not consumed
+    assert new.model is not state.model
+    assert_bitwise(params, params_of(state))
+    assert_bitwise(momentum, [state.optimizer.state[p]["momentum_buffer"] for p in state.model.parameters()])
+    assert torch.equal(rng, state.rng["cpu"])
+    assert (state.optimizer.param_groups[0]["lr"], state.scheduler.last_epoch) == (lr, sched_epoch)
+    assert (state.step, state.epoch, state.batch_index) == counters
+    # the run resumes at batch_index 1: 6 more batches
+    assert new.step == 7 and not torch.equal(params[0], new.model[0].weight)
+    # the old state still trains to the same result
+    again, _ = run_epochs(train_step(mse), state, make_data(7), epochs=1, progress=False)
+    assert_bitwise(params_of(new), params_of(again))
+
+
+def test_run_epochs_result_equals_a_raw_pytorch_loop():
+    data = make_data(5)
+    state, _ = run_epochs(train_step(mse), make_state(scheduler=True), data, epochs=2, progress=False)
+    ref = make_state(scheduler=True)
+    model, opt, sched = ref.model, ref.optimizer, ref.scheduler
+    for _ in range(2):
+        for x, y in data:
+            loss = ((model(x) - y) ** 2).mean()
+            loss.backward()
+            opt.step()
+            sched.step()
+            opt.zero_grad()
+    assert_bitwise(params_of(state), [p.detach() for p in model.parameters()])
+
+
+# --- data order and resume ----------------------------------------------------------------------
+
+
+def shuffled_loader(*, generator: bool = False, n: int = 20, batch_size: int = 4) -> DataLoader:
+    g = torch.Generator().manual_seed(7)
+    dataset = TensorDataset(torch.arange(n), torch.randn(n, 3, generator=g), torch.randn(n, 1, generator=g))
+    gen = torch.Generator().manual_seed(555) if generator else None
+    return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=gen)
+
+
+class OrderRecorder:
+    """A loss_fn that records the sample indices of each batch it sees."""
+
+    def __init__(self):
+        self.seen: list[torch.Tensor] = []
+
+    def __call__(self, model, batch):
+        idx, x, y = batch
+        self.seen.append(idx.clone())
+        return ((model(x) - y) ** 2).mean()
+
+    def epochs(self, per_epoch: int) -> list[list[int]]:
+        flat = [int(i) for t in self.seen for i in t]
+        size = len(flat) // len(self.seen) * per_epoch
+        return [flat[i : i + size] for i in range(0, len(flat), size)]
+
+
+def order_of(seed: int, torch_seed: int, *, generator: bool = False, epochs: int = 2) -> list[list[int]]:
+    rec = OrderRecorder()
+    torch.manual_seed(torch_seed)
+    run_epochs(train_step(rec), make_state(seed), shuffled_loader(generator=generator), epochs=epochs, progress=False)
+    return rec.epochs(5)
+
+
+@pytest.mark.parametrize("generator", [False, True])
+def test_shuffled_order_depends_only_on_seed_and_epoch(generator):
+    a = order_of(0, 123, generator=generator)
+    b = order_of(0, 999, generator=generator)
+    assert a == b  # whatever the global RNG did before
+    assert len(a) == 2 and all(sorted(e) == list(range(20)) for e in a)
+    assert a[0] != a[1]  # different across epochs
+    assert a[0] != list(range(20))  # actually shuffled
+    assert order_of(1, 123, generator=generator) != a  # different across seeds
+
+
+def test_shuffled_order_does_not_disturb_the_global_rng():
+    torch.manual_seed(42)
+    expected = torch.rand(3)
+    torch.manual_seed(42)
+    run_epochs(train_step(OrderRecorder()), make_state(), shuffled_loader(), epochs=1, progress=False)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def resume_variants():
+    return [
+        pytest.param(dict(dropout=False, accum=False, generator=False, stop=3), id="plain-mid-epoch0"),
+        pytest.param(dict(dropout=True, accum=False, generator=False, stop=7), id="dropout-mid-epoch1"),
+        pytest.param(dict(dropout=True, accum=True, generator=False, stop=2), id="dropout-accum-mid-epoch0"),
+        pytest.param(dict(dropout=True, accum=True, generator=True, stop=4), id="accum-generator-mid-epoch1"),
+        pytest.param(dict(dropout=True, accum=False, generator=True, stop=2), id="dropout-generator-mid-epoch0"),
+    ]
+
+
+def build_resume_parts(variant: dict):
+    rec = OrderRecorder()
+    step = train_step(rec)
+    if variant["accum"]:
+        step = with_grad_accum(step, every=2)
+    state = make_state(seed=3, dropout=variant["dropout"], scheduler=True)
+    return rec, step, state
+
+
+@pytest.mark.parametrize("variant", resume_variants())
+@pytest.mark.parametrize("via_state_dict", [False, True], ids=["state", "state_dict"])
+def test_resume_mid_epoch_equals_an_uninterrupted_run(variant, via_state_dict):
+    # 20 samples in batches of 4 = 5 batches per epoch (odd: the accumulation variant flushes)
+    gen = variant["generator"]
+    rec_a, step_a, state_a = build_resume_parts(variant)
+    torch.manual_seed(1)
+    final_a, _ = run_epochs(step_a, state_a, shuffled_loader(generator=gen), epochs=2, progress=False)
+
+    rec_b, step_b, state_b = build_resume_parts(variant)
+    torch.manual_seed(2)
+    mid, _ = run_epochs(step_b, state_b, shuffled_loader(generator=gen), max_steps=variant["stop"], progress=False)
+    assert 0 < mid.batch_index < 5 and mid.step == variant["stop"]  # really mid-epoch
+    if via_state_dict:
+        sd = mid.state_dict()
+        _, _, fresh = build_resume_parts(variant)
+        mid = fresh.load_state_dict(sd)
+    torch.manual_seed(3)
+    final_b, _ = run_epochs(step_b, mid, shuffled_loader(generator=gen), epochs=2, progress=False)
+
+    assert len(rec_a.seen) == 10
+    assert [t.tolist() for t in rec_b.seen] == [t.tolist() for t in rec_a.seen]
+    assert_bitwise(params_of(final_a), params_of(final_b))
+    assert (final_a.step, final_a.epoch, final_a.batch_index) == (final_b.step, final_b.epoch, final_b.batch_index)
+    assert torch.equal(final_a.rng["cpu"], final_b.rng["cpu"])
+    assert final_a.scheduler.last_epoch == final_b.scheduler.last_epoch
+
+
+def test_resume_with_validation_and_sanity_check_equals_an_uninterrupted_run():
+    ev, _ = counting_eval(lambda m, b: {"mse": mse(m, b[1:])})
+    val_data = [(torch.zeros(2), torch.randn(2, 3), torch.randn(2, 1)) for _ in range(3)]
+    rec_a, rec_b = OrderRecorder(), OrderRecorder()
+    a, hist_a = run_epochs(train_step(rec_a), make_state(dropout=True), shuffled_loader(), epochs=2,
+                           val=(ev, val_data), progress=False)
+    mid, _ = run_epochs(train_step(rec_b), make_state(dropout=True), shuffled_loader(), max_steps=3,
+                        val=(ev, val_data), progress=False)
+    b, hist_b = run_epochs(train_step(rec_b), mid, shuffled_loader(), epochs=2, val=(ev, val_data), progress=False)
+    assert [t.tolist() for t in rec_a.seen] == [t.tolist() for t in rec_b.seen]
+    assert_bitwise(params_of(a), params_of(b))
+    assert hist_a[-1]["val/mse"] == hist_b[-1]["val/mse"]
+
+
+# --- the hot path never syncs -------------------------------------------------------------------
+
+CONVERSIONS = ("item", "__float__", "__int__", "__bool__", "tolist", "__index__")
+
+
+@pytest.fixture
+def conversions(monkeypatch):
+    """Counts tensor -> Python conversions while the test runs."""
+    counts = {"n": 0}
+    for name in CONVERSIONS:
+        original = getattr(torch.Tensor, name)
+
+        def wrapper(self, *args, _original=original, **kwargs):
+            counts["n"] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, wrapper)
+    return counts
+
+
+def count_conversions(counts, loss_fn, n_batches: int, **options) -> int:
+    data = make_data(n_batches)
+    state = make_state()
+    rec = Recorder()
+    start = counts["n"]
+    run_epochs(train_step(loss_fn), state, data, epochs=1, callbacks=[rec], progress=False, **options)
+    used = counts["n"] - start
+    assert all(isinstance(v, torch.Tensor) and v.ndim == 0 for m in rec.batch_metrics for v in m.values())
+    return used
+
+
+def aux_loss(m, b):
+    err = m(b[0]) - b[1]
+    return (err**2).mean(), {"mae": err.abs().mean()}
+
+
+def test_run_epochs_never_syncs_between_log_points(conversions):
+    small = count_conversions(conversions, aux_loss, 10)
+    large = count_conversions(conversions, aux_loss, 40)
+    assert small == large
+    assert large <= 4  # the epoch-end read of two means, and nothing per batch
+
+
+def test_run_epochs_with_validation_and_accumulation_never_syncs_per_batch(conversions):
+    ev, _ = counting_eval()
+    opts = dict(val=(ev, make_data(2, seed=1)), val_every_n_steps=1000)
+    step = with_grad_accum(train_step(aux_loss), every=2)
+    counts = []
+    for n in (10, 40):
+        start = conversions["n"]
+        run_epochs(step, make_state(), make_data(n), epochs=1, progress=False, **opts)
+        counts.append(conversions["n"] - start)
+    assert counts[0] == counts[1]
+
+
+def test_the_sync_counter_sees_a_per_batch_item(conversions):
+    def syncing_loss(m, b):
+        loss = mse(m, b)
+        loss.item()
+        return loss
+
+    assert count_conversions(conversions, syncing_loss, 40) - count_conversions(conversions, syncing_loss, 10) == 30
+
+
+# --- devices ------------------------------------------------------------------------------------
+
+
+def test_run_epochs_on_an_explicit_cpu_device_equals_the_default():
+    data = make_data(4)
+    a, _ = run_epochs(train_step(mse), make_state(), data, epochs=1, progress=False)
+    b, _ = run_epochs(train_step(mse), make_state(), data, epochs=1, device="cpu", progress=False)
+    c, _ = run_epochs(train_step(mse), make_state(), data, epochs=1, device=torch.device("cpu"), progress=False)
+    assert_bitwise(params_of(a), params_of(b))
+    assert_bitwise(params_of(a), params_of(c))
+    assert all(p.device.type == "cpu" for p in b.model.parameters())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_run_epochs_moves_batches_and_state_to_cuda():
+    data = make_data(4)
+    seen = []
+
+    def loss(m, b):
+        seen.append(b[0].device.type)
+        return mse(m, b)
+
+    ev, _ = counting_eval()
+    a, _ = run_epochs(train_step(mse), make_state(), data, epochs=1, progress=False)
+    b, hist = run_epochs(train_step(loss), make_state(), data, epochs=1, device="cuda", val=(ev, data), progress=False)
+    assert seen == ["cuda"] * 4 and all(p.device.type == "cuda" for p in b.model.parameters())
+    for x, y in zip(params_of(a), params_of(b)):
+        torch.testing.assert_close(x, y.cpu(), rtol=1e-5, atol=1e-6)
+
+
+# --- bad input ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "options, error, match",
+    [
+        (dict(limit_train_batches=1.5), ValueError, "limit_train_batches=1.5"),
+        (dict(limit_train_batches=-1), ValueError, "limit_train_batches=-1"),
+        (dict(limit_train_batches="all"), TypeError, "limit_train_batches"),
+        (dict(limit_train_batches=0.05), ValueError, "limit_train_batches=0.05 of 10 batches is 0 batches"),
+        (dict(limit_val_batches=0.0), ValueError, "limit_val_batches=0.0"),
+        (dict(limit_val_batches=-1), ValueError, "limit_val_batches=-1"),
+        (dict(epochs=0), ValueError, "epochs must be a positive int"),
+        (dict(epochs=None), ValueError, "epochs=, max_steps="),
+        (dict(max_steps=0), ValueError, "max_steps must be a positive int"),
+        (dict(val=lambda s, b: (s, {})), TypeError, "val must be a pair"),
+        (dict(val=(make_data(1),)), TypeError, "val must be a pair"),
+        (dict(val_every_n_epochs=0), ValueError, "val_every_n_epochs"),
+        (dict(val_every_n_steps=0), ValueError, "val_every_n_steps"),
+        (dict(sanity_val_batches=-1), ValueError, "sanity_val_batches"),
+    ],
+)
+def test_bad_options_raise_before_any_step(options, error, match):
+    loss = Counter(mse)
+    kwargs = dict(epochs=1, progress=False)
+    kwargs.update(options)
+    with pytest.raises(error, match=match):
+        run_epochs(train_step(loss), make_state(), make_data(10), **kwargs)
+    assert loss.calls == 0
+
+
+def test_a_val_fraction_of_zero_batches_raises_before_training():
+    loss = Counter(mse)
+    ev, _ = counting_eval()
+    with pytest.raises(ValueError, match="limit_val_batches=0.1 of 4 batches is 0 batches"):
+        run_epochs(train_step(loss), make_state(), make_data(3), epochs=1, val=(ev, make_data(4)),
+                   limit_val_batches=0.1, progress=False)
+    assert loss.calls == 0
+
+
+def test_a_fraction_of_data_without_len_raises():
+    with pytest.raises(ValueError, match="no len"):
+        run_epochs(train_step(mse), make_state(), iter(make_data(4)), epochs=1, limit_train_batches=0.5,
+                   progress=False)
+
+
+def test_a_state_that_is_not_a_train_state_is_refused():
+    model = nn.Linear(3, 1)
+    with pytest.raises(TypeError, match="loopkit.TrainState.*Linear"):
+        run_epochs(train_step(mse), model, make_data(2), epochs=1, progress=False)
+
+
+def test_a_donated_state_is_refused():
+    state = make_state()
+    loopkit.donate(train_step(mse))(state, make_data(1)[0])
+    with pytest.raises(loopkit.DonatedStateError):
+        run_epochs(train_step(mse), state, make_data(2), epochs=1, progress=False)
+
+
+def test_evaluate_bad_limit():
+    with pytest.raises(ValueError, match="limit=2.0"):
+        evaluate(eval_step(lambda m, b: {}), make_state(), make_data(2), limit=2.0)

@@ -1,0 +1,316 @@
+"""The loggers: run folders, file formats read back with their own readers, rank-0-only writing."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import threading
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
+
+import loopkit
+from loopkit import loggers as loggers_module
+from loopkit.loggers import ConsoleLogger, CSVLogger, JSONLLogger, TensorBoardLogger, claim_version_dir
+
+
+def read_events(log_dir: str) -> EventAccumulator:
+    acc = EventAccumulator(log_dir, size_guidance={"scalars": 0, "histograms": 0})
+    acc.Reload()
+    return acc
+
+
+def read_csv(log_dir: str) -> tuple[list[str], list[dict[str, str]]]:
+    with open(os.path.join(log_dir, "metrics.csv"), newline="") as f:
+        reader = csv.DictReader(f)
+        return list(reader.fieldnames), list(reader)
+
+
+def files_under(root) -> list[str]:
+    return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs)
+
+
+# --- run folders ---------------------------------------------------------------------------------
+
+
+def test_each_logger_takes_the_next_version_and_never_overwrites(tmp_path):
+    first = CSVLogger(tmp_path, "exp")
+    first.log_metrics({"loss": 1.0}, 1)
+    before = open(os.path.join(first.log_dir, "metrics.csv")).read()
+    second = CSVLogger(tmp_path, "exp")
+    second.log_metrics({"loss": 2.0}, 1)
+    assert os.path.relpath(first.log_dir, tmp_path) == os.path.join("exp", "version_0")
+    assert os.path.relpath(second.log_dir, tmp_path) == os.path.join("exp", "version_1")
+    assert open(os.path.join(first.log_dir, "metrics.csv")).read() == before
+    other = JSONLLogger(tmp_path, "other")  # another name counts on its own
+    assert os.path.basename(other.log_dir) == "version_0"
+
+
+def test_version_counts_up_past_gaps_and_ignores_other_folders(tmp_path):
+    for name in ("version_0", "version_3", "version_x", "notes"):
+        os.makedirs(tmp_path / "exp" / name)
+    assert os.path.basename(CSVLogger(tmp_path, "exp").log_dir) == "version_4"
+
+
+def test_claim_retries_when_another_run_takes_the_number_first(tmp_path, monkeypatch):
+    os.makedirs(tmp_path / "version_0")
+    real = loggers_module._next_version
+    calls = []
+
+    def stale_first(base):  # the first look sees a listing from before another run created version_0
+        calls.append(base)
+        return 0 if len(calls) == 1 else real(base)
+
+    monkeypatch.setattr(loggers_module, "_next_version", stale_first)
+    assert os.path.basename(claim_version_dir(str(tmp_path))) == "version_1"
+    assert len(calls) == 2
+    assert os.listdir(tmp_path / "version_0") == []  # the other run's folder was left alone
+
+
+def test_runs_starting_at_once_get_distinct_folders(tmp_path):
+    barrier = threading.Barrier(12)
+    claimed: list[str] = []
+
+    def start():
+        barrier.wait()
+        claimed.append(CSVLogger(tmp_path, "race").log_dir)
+
+    threads = [threading.Thread(target=start) for _ in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(os.path.basename(p) for p in claimed) == sorted(f"version_{i}" for i in range(12))
+
+
+def test_explicit_version_reuses_its_folder_and_the_csv_continues(tmp_path):
+    logger = CSVLogger(tmp_path, "exp", version=2)
+    logger.log_metrics({"a": 1.0}, 1)
+    assert os.path.basename(logger.log_dir) == "version_2"
+    again = CSVLogger(tmp_path, "exp", version=2)  # continuing the run: the file is extended, not replaced
+    again.log_metrics({"b": 2.0}, 2)
+    columns, rows = read_csv(again.log_dir)
+    assert columns == ["step", "a", "b"]
+    assert [(r["step"], r["a"], r["b"]) for r in rows] == [("1", "1.0", ""), ("2", "", "2.0")]
+    assert os.path.basename(CSVLogger(tmp_path, "exp", version="named").log_dir) == "named"
+
+
+def test_nothing_is_created_until_something_is_written(tmp_path):
+    TensorBoardLogger(tmp_path).finalize()
+    CSVLogger(tmp_path).finalize()
+    assert not os.path.exists(tmp_path / "default")
+
+
+def test_loggers_of_one_root_and_name_can_share_a_run_folder(tmp_path):
+    tb, csv_logger, jsonl = TensorBoardLogger(tmp_path), CSVLogger(tmp_path), JSONLLogger(tmp_path)
+    csv_logger.log_hparams({"lr": 0.1})  # held back: the folder is not claimed yet
+    assert csv_logger.share_run_dir(tb) and jsonl.share_run_dir(csv_logger)
+    for logger in (tb, csv_logger, jsonl):
+        logger.log_metrics({"loss": 1.0}, 1)
+        logger.finalize()
+    assert tb.log_dir == csv_logger.log_dir == jsonl.log_dir
+    assert os.listdir(tmp_path / "default") == ["version_0"]
+    assert json.load(open(os.path.join(tb.log_dir, "hparams.json"))) == {"lr": 0.1}
+    # a different name, a fixed version, or a folder already claimed is not shared
+    assert not CSVLogger(tmp_path, "other").share_run_dir(tb)
+    assert not CSVLogger(tmp_path, version=5).share_run_dir(tb)
+    claimed = CSVLogger(tmp_path)
+    claimed.log_metrics({"loss": 1.0}, 1)
+    assert not claimed.share_run_dir(tb) and claimed.log_dir != tb.log_dir
+
+
+@pytest.mark.parametrize(
+    "make, error",
+    [
+        (lambda p: CSVLogger(p, "a/b"), ValueError),
+        (lambda p: CSVLogger(p, ""), ValueError),
+        (lambda p: CSVLogger(p, version=-1), ValueError),
+        (lambda p: CSVLogger(p, version=1.5), TypeError),
+        (lambda p: CSVLogger(42), TypeError),
+        (lambda p: TensorBoardLogger(p, histogram_every_n_steps=0), ValueError),
+        (lambda p: ConsoleLogger(digits=0), ValueError),
+    ],
+)
+def test_bad_options_are_refused_by_name(tmp_path, make, error):
+    with pytest.raises(error, match=r"(name|version|root|histogram_every_n_steps|digits)"):
+        make(tmp_path)
+
+
+def test_bad_metrics_are_refused_naming_the_metric(tmp_path):
+    logger = JSONLLogger(tmp_path)
+    with pytest.raises(TypeError, match="metric 'acc' is a str"):
+        logger.log_metrics({"acc": "high"}, 1)
+    with pytest.raises(TypeError, match="step must be an int"):
+        logger.log_metrics({"acc": 1.0}, 1.5)
+    with pytest.raises(TypeError, match="hparams must be a dict"):
+        logger.log_hparams(["lr"])
+
+
+# --- file formats ------------------------------------------------------------------------------
+
+
+def test_csv_columns_grow_with_one_header_and_blanks(tmp_path):
+    logger = CSVLogger(tmp_path)
+    logged = [({"a": 0.1 + 0.2}, 1), ({"a": 1e-30, "b": -3.5}, 2), ({"c": float("nan")}, 3), ({"b": 7.0}, 4)]
+    for metrics, step in logged:
+        logger.log_metrics(metrics, step)
+    text = open(os.path.join(logger.log_dir, "metrics.csv")).read()
+    assert text.splitlines()[0] == "step,a,b,c" and text.count("step") == 1
+    columns, rows = read_csv(logger.log_dir)
+    assert columns == ["step", "a", "b", "c"]
+    assert len(rows) == len(logged)
+    for row, (metrics, step) in zip(rows, logged):
+        assert int(row["step"]) == step
+        for column in ("a", "b", "c"):
+            if column in metrics:
+                value = float(row[column])
+                assert value == metrics[column] or (value != value and metrics[column] != metrics[column])
+            else:
+                assert row[column] == ""
+
+
+def test_csv_and_jsonl_write_hparams_json(tmp_path):
+    hparams = {"lr": 0.1, "model": {"hidden": 8}, "optimizer": torch.optim.SGD, "betas": (0.9, 0.99)}
+    for cls in (CSVLogger, JSONLLogger):
+        logger = cls(tmp_path, cls.__name__)
+        logger.log_hparams(hparams)
+        logger.log_metrics({"loss": 1.0}, 1)
+        written = json.load(open(os.path.join(logger.log_dir, "hparams.json")))
+        assert written == {"lr": 0.1, "model": {"hidden": 8}, "optimizer": str(torch.optim.SGD), "betas": [0.9, 0.99]}
+        logger.log_hparams({"lr": 0.2}, {"val/loss": 0.5})  # once the folder exists, written at once
+        assert json.load(open(os.path.join(logger.log_dir, "hparams.json"))) == {"lr": 0.2, "metrics": {"val/loss": 0.5}}
+
+
+def test_jsonl_is_one_object_per_line(tmp_path):
+    logger = JSONLLogger(tmp_path)
+    logger.log_metrics({"train/loss": 0.25, "epoch": 0}, 10)
+    logger.log_metrics({"val/acc": 0.75}, 20)
+    lines = open(os.path.join(logger.log_dir, "metrics.jsonl")).read().splitlines()
+    assert [json.loads(line) for line in lines] == [{"step": 10, "train/loss": 0.25, "epoch": 0.0}, {"step": 20, "val/acc": 0.75}]
+
+
+def test_console_prints_a_compact_line(tmp_path):
+    out = io.StringIO()
+    logger = ConsoleLogger(stream=out, digits=3)
+    logger.log_metrics({"train/loss": 0.123456, "epoch": 2.0}, 50)
+    logger.log_hparams({"lr": 0.1, "model": {"hidden": 8}})
+    assert out.getvalue().splitlines() == ["step 50  train/loss=0.123  epoch=2", "hparams  lr=0.1  model/hidden=8"]
+    assert logger.log_dir is None
+
+
+def test_tensorboard_scalars_read_back_with_tensorboards_reader(tmp_path):
+    logger = TensorBoardLogger(tmp_path)
+    written = {"train/loss": [(5, 0.5), (10, 0.25)], "val/acc": [(10, 0.875)]}
+    for step in (5, 10):
+        logger.log_metrics({tag: v for tag, points in written.items() for s, v in points if s == step}, step)
+    logger.finalize()
+    events = read_events(logger.log_dir)
+    assert sorted(events.Tags()["scalars"]) == sorted(written)
+    for tag, points in written.items():
+        assert [(e.step, e.value) for e in events.Scalars(tag)] == points  # the values are exact in float32
+
+
+def _hparams_content(events: EventAccumulator) -> dict[str, plugin_data_pb2.HParamsPluginData]:
+    return {tag: plugin_data_pb2.HParamsPluginData.FromString(c) for tag, c in events.PluginTagToContent("hparams").items()}
+
+
+def test_tensorboard_writes_hparams_with_the_final_metrics(tmp_path):
+    logger = TensorBoardLogger(tmp_path)
+    logger.log_hparams({"lr": 0.01, "optimizer": {"name": "adam"}, "layers": [4, 8]})
+    logger.log_metrics({"train/loss": 1.0}, 1)
+    logger.log_metrics({"train/loss": 0.5, "val/acc": 0.75}, 2)
+    logger.finalize()
+    content = _hparams_content(read_events(logger.log_dir))
+    start = content["_hparams_/session_start_info"].session_start_info.hparams
+    assert start["lr"].number_value == 0.01
+    assert start["optimizer/name"].string_value == "adam"
+    assert start["layers"].string_value == "[4, 8]"
+    metrics = {m.name.tag for m in content["_hparams_/experiment"].experiment.metric_infos}
+    assert metrics == {"train/loss", "val/acc"}
+
+
+def test_tensorboard_hparams_metrics_given_explicitly_are_added_as_scalars(tmp_path):
+    logger = TensorBoardLogger(tmp_path)
+    logger.log_metrics({"train/loss": 1.0}, 3)
+    logger.log_hparams({"lr": 0.1}, metrics={"hp/final": 0.25})
+    logger.finalize()
+    events = read_events(logger.log_dir)
+    assert [(e.step, e.value) for e in events.Scalars("hp/final")] == [(3, 0.25)]
+    assert {m.name.tag for m in _hparams_content(events)["_hparams_/experiment"].experiment.metric_infos} == {"hp/final"}
+
+
+def test_tensorboard_without_hparams_writes_no_hparams(tmp_path):
+    logger = TensorBoardLogger(tmp_path)
+    logger.log_metrics({"train/loss": 1.0}, 1)
+    logger.finalize()
+    with pytest.raises(KeyError, match="hparams"):
+        read_events(logger.log_dir).PluginTagToContent("hparams")
+
+
+def test_tensorboard_histograms_of_parameters_and_gradients(tmp_path):
+    logger = TensorBoardLogger(tmp_path, histogram_every_n_steps=3)
+    assert [s for s in range(1, 10) if logger.wants_model(s)] == [3, 6, 9]
+    model = torch.nn.Linear(3, 2)
+    model(torch.randn(4, 3)).pow(2).sum().backward()
+    logger.log_model(model, 3)
+    logger.finalize()
+    events = read_events(logger.log_dir)
+    assert sorted(events.Tags()["histograms"]) == ["grads/bias", "grads/weight", "params/bias", "params/weight"]
+    for tag, tensor in [("params/weight", model.weight), ("grads/weight", model.weight.grad), ("grads/bias", model.bias.grad)]:
+        (event,) = events.Histograms(tag)
+        h, t = event.histogram_value, tensor.detach().double()
+        assert event.step == 3 and h.num == t.numel()
+        assert h.min == pytest.approx(t.min().item(), rel=1e-6) and h.max == pytest.approx(t.max().item(), rel=1e-6)
+        assert h.sum == pytest.approx(t.sum().item(), rel=1e-5, abs=1e-6)
+        assert h.sum_squares == pytest.approx(t.pow(2).sum().item(), rel=1e-5)
+    assert not TensorBoardLogger(tmp_path).wants_model(3)  # histograms are off by default
+
+
+def test_a_logger_can_log_again_after_finalize(tmp_path):
+    logger = TensorBoardLogger(tmp_path)
+    logger.log_metrics({"loss": 1.0}, 1)
+    logger.finalize()
+    logger.log_metrics({"loss": 0.5}, 2)
+    logger.finalize()
+    assert [(e.step, e.value) for e in read_events(logger.log_dir).Scalars("loss")] == [(1, 1.0), (2, 0.5)]
+
+
+# --- only rank 0 writes ------------------------------------------------------------------------
+
+
+def _pretend_rank(monkeypatch, rank: int) -> None:
+    monkeypatch.setattr(torch.distributed, "is_available", lambda: True)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None: rank)
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_only_rank_zero_writes(tmp_path, monkeypatch, rank):
+    _pretend_rank(monkeypatch, rank)
+    out = io.StringIO()
+    tb = TensorBoardLogger(tmp_path, histogram_every_n_steps=1)
+    file_loggers = [tb, CSVLogger(tmp_path, "csv"), JSONLLogger(tmp_path, "jsonl")]
+    for logger in file_loggers + [ConsoleLogger(stream=out)]:
+        logger.log_hparams({"lr": 0.1})
+        logger.log_metrics({"loss": 1.0}, 1)
+        logger.finalize()
+    if tb.wants_model(1):
+        tb.log_model(torch.nn.Linear(1, 1), 1)
+        tb.finalize()
+    if rank == 0:  # the control: the same calls write everything on rank 0
+        assert "events.out.tfevents" in " ".join(files_under(tmp_path))
+        assert {"csv/version_0/metrics.csv", "jsonl/version_0/metrics.jsonl"} <= set(files_under(tmp_path))
+        assert out.getvalue()
+    else:
+        assert files_under(tmp_path) == [] and not os.listdir(tmp_path)
+        assert out.getvalue() == ""
+        assert all(logger.log_dir.endswith("version_0") for logger in file_loggers)  # named, not created
+
+
+def test_public_names():
+    assert loopkit.TensorBoardLogger is TensorBoardLogger and loopkit.CSVLogger is CSVLogger
+    assert loopkit.JSONLLogger is JSONLLogger and loopkit.ConsoleLogger is ConsoleLogger

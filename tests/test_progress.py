@@ -1,0 +1,191 @@
+"""Tests of the progress bar: only on a terminal, and never a per-batch host sync.
+
+References: the per-batch losses a recording callback saw (the bar must show the latest one
+at each refresh), the epoch means in the history, and counted tensor -> Python conversions.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import sys
+
+import pytest
+import torch
+import tqdm.auto
+import tqdm.std
+from torch import nn
+
+from loopkit import TrainState, run_epochs, train_step
+from loopkit.progress import ProgressBar, progress_wanted
+
+REFRESH = 20  # batches between two readings of the latest metrics (loopkit.driver._REFRESH_EVERY)
+
+
+def make_state() -> TrainState:
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = nn.Linear(3, 1)
+    return TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.05))
+
+
+def make_data(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(4, 3, generator=g), torch.randn(4, 1, generator=g)) for _ in range(n)]
+
+
+def mse(model, batch):
+    x, y = batch
+    return ((model(x) - y) ** 2).mean()
+
+
+class FakeTTY:
+    """A stderr stand-in that says it is a terminal and records what is written."""
+
+    def __init__(self):
+        self.parts: list[str] = []
+
+    def isatty(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        self.parts.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+
+class EveryUpdateTqdm(tqdm.std.tqdm):
+    """tqdm that prints on every update (no time-based throttling) and starts no monitor thread."""
+
+    monitor_interval = 0
+    created: list[EveryUpdateTqdm] = []
+
+    def __init__(self, *args, **kwargs):
+        kwargs.update(mininterval=0, miniters=1)
+        super().__init__(*args, **kwargs)
+        EveryUpdateTqdm.created.append(self)
+
+
+class LossRecorder:
+    def __init__(self):
+        self.losses: list[torch.Tensor] = []
+
+    def on_batch_end(self, state, metrics):
+        self.losses.append(metrics["loss"])
+
+
+def use_fake_tty(monkeypatch) -> FakeTTY:
+    """Make ``sys.stderr`` a fake terminal and tqdm unthrottled (call in the test body: pytest's
+    output capture re-installs its own ``sys.stderr`` between a fixture's setup and the test)."""
+    stream = FakeTTY()
+    monkeypatch.setattr(sys, "stderr", stream)
+    EveryUpdateTqdm.created = []
+    monkeypatch.setattr(tqdm.auto, "tqdm", EveryUpdateTqdm)
+    return stream
+
+
+@pytest.fixture
+def no_tqdm(monkeypatch):
+    calls = []
+
+    def refuse(*args, **kwargs):
+        calls.append((args, kwargs))
+        raise AssertionError("tqdm must not be created")
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", refuse)
+    return calls
+
+
+@pytest.fixture
+def conversions(monkeypatch):
+    counts = {"n": 0}
+    for name in ("item", "__float__", "__int__", "__bool__", "tolist", "__index__"):
+        original = getattr(torch.Tensor, name)
+
+        def wrapper(self, *args, _original=original, **kwargs):
+            counts["n"] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, wrapper)
+    return counts
+
+
+def test_no_bar_when_stderr_is_not_a_terminal(monkeypatch, no_tqdm):
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    state, history = run_epochs(train_step(mse), make_state(), make_data(3), epochs=2, progress=True)
+    assert no_tqdm == [] and len(history) == 2 and sys.stderr.getvalue() == ""
+
+
+def test_no_bar_when_progress_is_false_even_on_a_terminal(monkeypatch, no_tqdm):
+    stream = FakeTTY()
+    monkeypatch.setattr(sys, "stderr", stream)
+    run_epochs(train_step(mse), make_state(), make_data(3), epochs=1, progress=False)
+    assert no_tqdm == [] and stream.text == ""
+
+
+def test_progress_wanted():
+    assert progress_wanted(True, FakeTTY())
+    assert not progress_wanted(False, FakeTTY())
+    assert not progress_wanted(True, io.StringIO())
+    assert not progress_wanted(True, object())  # no isatty at all
+
+
+def test_progress_wanted_without_tqdm_installed(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # `import tqdm` raises ImportError
+    assert not progress_wanted(True, FakeTTY())
+
+
+def test_bar_on_a_terminal_shows_the_epoch_and_the_latest_loss(monkeypatch):
+    fake_tty = use_fake_tty(monkeypatch)
+    rec = LossRecorder()
+    _, history = run_epochs(train_step(mse), make_state(), make_data(45), epochs=2, callbacks=[rec], progress=True)
+    text = fake_tty.text
+    assert "epoch 0" in text and "epoch 1" in text
+    assert len(EveryUpdateTqdm.created) == 2 and [b.total for b in EveryUpdateTqdm.created] == [45, 45]
+    assert all(b.n == 45 for b in EveryUpdateTqdm.created)
+    # the in-epoch postfix is the loss of the batch at each refresh: batches 20 and 40 of each epoch
+    shown = re.findall(r"(?<![\w/])loss=([^,\s\]|]+)", text)
+    losses = [float(v) for v in rec.losses]
+    expected = [f"{losses[e * 45 + i - 1]:.4g}" for e in range(2) for i in (REFRESH, 2 * REFRESH)]
+    assert sorted(set(shown)) == sorted(set(expected))
+    # the closing postfix is the epoch mean, as in the history
+    closing = re.findall(r"train/loss=([^,\s\]|]+)", text)
+    assert sorted(set(closing)) == sorted({f"{h['train/loss']:.4g}" for h in history})
+
+
+def test_bar_reads_the_metrics_once_per_refresh_not_per_batch(monkeypatch, conversions):
+    fake_tty = use_fake_tty(monkeypatch)
+    used = []
+    for n in (40, 80):
+        start = conversions["n"]
+        run_epochs(train_step(mse), make_state(), make_data(n), epochs=1, progress=True)
+        used.append(conversions["n"] - start)
+    assert fake_tty.text  # the bar was really drawn
+    # 40 more batches are 2 more refreshes, each reading the one metric once
+    assert used[1] - used[0] == (80 - 40) // REFRESH
+    assert used[0] <= 40 // REFRESH + 1 + 2  # refreshes, the epoch mean, and no per-batch reads
+
+
+def test_the_progress_bar_unit(monkeypatch):
+    fake_tty = use_fake_tty(monkeypatch)
+    bar = ProgressBar(enabled=True, total=3, desc="epoch 7")
+    bar.update()
+    bar.update({"loss": 0.123456})
+    bar.update(None, n=1)
+    bar.close({"train/loss": 0.5})
+    text = fake_tty.text
+    assert "epoch 7" in text and "loss=0.1235" in text and "train/loss=0.5" in text and "3/3" in text
+
+
+def test_a_disabled_bar_writes_nothing(monkeypatch):
+    fake_tty = use_fake_tty(monkeypatch)
+    bar = ProgressBar(enabled=False, total=3, desc="epoch 0")
+    bar.update({"loss": 1.0})
+    bar.close({"train/loss": 1.0})
+    assert fake_tty.text == "" and EveryUpdateTqdm.created == []

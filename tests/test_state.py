@@ -1,0 +1,234 @@
+"""loopkit.state: creating, evolving, forking, and saving/loading a TrainState."""
+
+from __future__ import annotations
+
+import attrs
+import pytest
+import torch
+from torch import nn
+
+import loopkit
+from loopkit.state import fork
+
+# --- create and evolve ----------------------------------------------------------------------------
+
+
+def test_create_starts_at_zero_with_an_rng_seeded_from_seed(make_mlp):
+    state = loopkit.TrainState.create(make_mlp(0), seed=42)
+    assert (state.step, state.epoch, state.batch_index, state.seed) == (0, 0, 0, 42)
+    assert dict(state.extras) == {}
+    assert torch.equal(state.rng["cpu"], torch.Generator().manual_seed(42).get_state())
+
+
+def test_create_refuses_a_non_module():
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module, got function"):
+        loopkit.TrainState.create(lambda x: x)
+
+
+def test_create_refuses_an_optimizer_over_tensors_not_in_the_model(make_mlp):
+    model = make_mlp(0)
+    stranger = nn.Parameter(torch.zeros(3, 5))
+    opt = torch.optim.SGD([*model.parameters(), stranger], lr=0.1)
+    with pytest.raises(ValueError) as info:
+        loopkit.TrainState.create(model, opt)
+    message = str(info.value)
+    assert "param_groups[0]['params'][4]" in message and "(3, 5)" in message and "not a parameter of the model" in message
+
+
+def test_create_refuses_an_optimizer_of_another_model(make_mlp):
+    opt = torch.optim.SGD(make_mlp(1).parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[0\].*not a parameter of the model"):
+        loopkit.TrainState.create(make_mlp(0), opt)
+
+
+def test_create_refuses_wrong_types_and_mismatched_scheduler(make_mlp):
+    model = make_mlp(0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer or None, got list"):
+        loopkit.TrainState.create(model, [opt])
+    with pytest.raises(ValueError, match="a scheduler needs an optimizer"):
+        loopkit.TrainState.create(model, None, torch.optim.lr_scheduler.StepLR(opt, 1))
+    other = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="different optimizer"):
+        loopkit.TrainState.create(model, opt, torch.optim.lr_scheduler.StepLR(other, 1))
+    with pytest.raises(TypeError, match="scheduler must be a torch.optim.lr_scheduler.LRScheduler, got str"):
+        loopkit.TrainState.create(model, opt, "cosine")
+    for seed in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="seed must be a non-negative int"):
+            loopkit.TrainState.create(model, opt, seed=seed)
+
+
+def test_state_is_frozen_and_evolve_returns_a_new_state(make_mlp):
+    state = loopkit.TrainState.create(make_mlp(0))
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        state.step = 3
+    with pytest.raises(TypeError):
+        state.extras["x"] = 1
+    new = state.evolve(step=3, extras={"x": 1})
+    assert (state.step, dict(state.extras)) == (0, {})
+    assert (new.step, dict(new.extras)) == (3, {"x": 1})
+    assert new.model is state.model  # evolve shares, it does not copy
+
+
+def test_fork_copies_what_a_step_changes(make_bn_dropout, make_adam_state, batches, mse_loss):
+    state = make_adam_state(make_bn_dropout(0), scheduler=True)
+    state, _ = loopkit.train_step(mse_loss)(state, batches[0])
+    for p in state.model.parameters():
+        p.grad = torch.ones_like(p)
+    copy = fork(state)
+    pairs = list(zip(state.model.parameters(), copy.model.parameters(), strict=True))
+    assert all(a is not b and torch.equal(a, b) for a, b in pairs)
+    assert all(a.grad is not b.grad and torch.equal(a.grad, b.grad) for a, b in pairs)
+    with torch.no_grad():
+        copy.model[0].weight.add_(1.0)
+        copy.model[1].running_mean.add_(1.0)
+        copy.model[0].weight.grad.add_(1.0)
+        next(iter(copy.optimizer.state.values()))["exp_avg"].add_(1.0)
+    copy.scheduler.step()
+    assert not torch.equal(copy.model[0].weight, state.model[0].weight)
+    assert not torch.equal(copy.model[1].running_mean, state.model[1].running_mean)
+    assert torch.equal(state.model[0].weight.grad, torch.ones_like(state.model[0].weight))
+    first = state.optimizer.param_groups[0]["params"][0]
+    copied_first = copy.optimizer.param_groups[0]["params"][0]
+    assert copied_first is copy.model[0].weight  # the copied optimizer drives the copied model
+    assert not torch.equal(state.optimizer.state[first]["exp_avg"], copy.optimizer.state[copied_first]["exp_avg"])
+    assert state.scheduler.last_epoch == 1 and copy.scheduler.last_epoch == 2
+    assert state.optimizer.param_groups[0]["lr"] != copy.optimizer.param_groups[0]["lr"]
+
+
+# --- state_dict / load_state_dict ------------------------------------------------------------------
+
+
+def _rich_state(make_bn_dropout, batches, mse_loss):
+    """Adam + scheduler + float16 loss scale + a nan-guard count + a half-accumulated gradient."""
+    model = make_bn_dropout(0)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    state = loopkit.TrainState.create(model, opt, torch.optim.lr_scheduler.StepLR(opt, 1, 0.5), seed=9)
+    step = loopkit.with_nan_guard(
+        loopkit.with_grad_accum(loopkit.with_amp(loopkit.train_step(mse_loss), torch.float16, init_scale=256.0), every=2)
+    )
+    for batch in batches[:5]:
+        state, _ = step(state, batch)
+    return state, step
+
+
+def _leaves(tree, path=""):
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            assert isinstance(k, str), f"{path}: key {k!r} is not a string"
+            yield from _leaves(v, f"{path}.{k}")
+    else:
+        yield path, tree
+
+
+def test_state_dict_holds_only_tensors_numbers_and_strings(make_bn_dropout, batches, mse_loss):
+    state, _ = _rich_state(make_bn_dropout, batches, mse_loss)
+    sd = state.state_dict()
+    leaves = dict(_leaves(sd))
+    for path, value in leaves.items():
+        assert isinstance(value, (torch.Tensor, int, float, str)), f"{path} is a {type(value).__qualname__}"
+    assert {".step", ".epoch", ".batch_index", ".seed", ".rng.cpu", ".extras.amp/scale", ".extras.accum/count"} <= set(leaves)
+    assert any(p.startswith(".grads.") for p in leaves)  # the half-accumulated gradient is saved
+    assert any(p.startswith(".optimizer.state.") for p in leaves)
+    assert any(p.startswith(".scheduler.") for p in leaves)
+    # and it is what torch.save(weights_only=True) can take
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(sd, buffer)
+    buffer.seek(0)
+    torch.load(buffer, weights_only=True)
+
+
+def test_load_state_dict_round_trip_restores_everything(make_bn_dropout, batches, mse_loss, take_snapshot, assert_trees_equal):
+    state, step = _rich_state(make_bn_dropout, batches, mse_loss)
+    fresh_model = make_bn_dropout(1)
+    opt = torch.optim.Adam(fresh_model.parameters(), lr=0.01)
+    fresh = loopkit.TrainState.create(fresh_model, opt, torch.optim.lr_scheduler.StepLR(opt, 1, 0.5), seed=0)
+    restored = fresh.load_state_dict(state.state_dict())
+    assert restored is not fresh
+
+    want, got = take_snapshot(state), take_snapshot(restored)
+    assert_trees_equal(got, want)  # params, grads, buffers, optimizer, scheduler, counters, rng, extras
+    assert float(restored.extras["amp/scale"]) == float(state.extras["amp/scale"])
+    assert restored.extras["accum/count"] == 1
+    assert restored.scheduler.get_last_lr() == state.scheduler.get_last_lr()
+    # the restored state trains on exactly as the original would
+    a, b = state, restored
+    for batch in batches[:3]:
+        a, _ = step(a, batch)
+        b, _ = step(b, batch)
+    assert_trees_equal(take_snapshot(b), take_snapshot(a))
+    # the state it was loaded into is unchanged
+    assert fresh.step == 0 and fresh.optimizer.state_dict()["state"] == {}
+
+
+def _bias_free_adam_state(d_in, d_out, batches_in):
+    model = nn.Sequential(nn.Linear(d_in, d_out, bias=False))
+    state = loopkit.TrainState.create(model, torch.optim.Adam(model.parameters(), lr=0.01))
+    step = loopkit.train_step(lambda m, x: m(x).pow(2).mean())
+    for x in batches_in:
+        state, _ = step(state, x)
+    return state
+
+
+@pytest.mark.parametrize(
+    "edit, error",
+    [
+        (lambda sd: sd.pop("step"), "missing key 'step'"),
+        (lambda sd: sd["model"].pop("2.weight"), "missing key 'model.2.weight'"),
+        (lambda sd: sd.update(extra_thing=1), "unexpected key 'extra_thing'"),
+        (lambda sd: sd["model"].update({"9.weight": torch.zeros(1)}), "unexpected key 'model.9.weight'"),
+        (lambda sd: sd["optimizer"].pop("param_groups"), "missing key 'optimizer.param_groups'"),
+        (lambda sd: sd.update(step=-1), "key 'step' must be a non-negative int"),
+        (lambda sd: sd["rng"].update(cpu=torch.zeros(3)), "rng.cpu"),
+        (lambda sd: sd["grads"].update({"0.weight": torch.zeros(2)}), "mis-shaped key 'grads.0.weight'"),
+    ],
+    ids=["missing-top", "missing-model", "unexpected-top", "unexpected-model", "missing-optimizer", "bad-counter", "bad-rng", "bad-grad"],
+)
+def test_load_state_dict_names_the_key_that_does_not_fit(
+    edit, error, make_mlp, make_adam_state, batches, mse_loss, take_snapshot, assert_trees_equal
+):
+    source, _ = loopkit.train_step(mse_loss)(make_adam_state(make_mlp(0)), batches[0])
+    sd = source.state_dict()
+    sd["grads"] = {n: torch.ones_like(p) for n, p in source.model.named_parameters()}
+    edit(sd)
+    target = make_adam_state(make_mlp(1))
+    target, _ = loopkit.train_step(mse_loss)(target, batches[1])
+    before = take_snapshot(target)
+    with pytest.raises(loopkit.StateMismatchError) as info:
+        target.load_state_dict(sd)
+    assert error in str(info.value)
+    assert_trees_equal(take_snapshot(target), before)
+
+
+def test_load_state_dict_of_a_differently_shaped_model_names_the_parameter(make_mlp, take_snapshot, assert_trees_equal):
+    source = loopkit.TrainState.create(make_mlp(0, hidden=8))
+    target = loopkit.TrainState.create(make_mlp(0, hidden=9))
+    before = take_snapshot(target)
+    with pytest.raises(loopkit.StateMismatchError) as info:
+        target.load_state_dict(source.state_dict())
+    message = str(info.value)
+    assert "mis-shaped key 'model.0.weight'" in message and "(8, 4)" in message and "(9, 4)" in message
+    assert_trees_equal(take_snapshot(target), before)
+
+
+def test_load_state_dict_refuses_optimizer_state_of_the_same_size_from_another_model(take_snapshot, assert_trees_equal):
+    x_a = [torch.randn(4, 2, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    x_b = [torch.randn(4, 8, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    a = _bias_free_adam_state(2, 8, x_a)  # weight (8, 2)
+    b = _bias_free_adam_state(8, 2, x_b)  # weight (2, 8): same numel, other shape
+    sd = a.state_dict()
+    sd["optimizer"] = b.state_dict()["optimizer"]
+    target = _bias_free_adam_state(2, 8, x_a[:1])
+    before = take_snapshot(target)
+    with pytest.raises(loopkit.StateMismatchError) as info:
+        target.load_state_dict(sd)
+    message = str(info.value)
+    assert "mis-shaped key 'optimizer.state.0.exp_avg" in message and "(2, 8)" in message and "(8, 2)" in message
+    assert_trees_equal(take_snapshot(target), before)
+
+
+def test_load_state_dict_refuses_a_non_mapping(make_mlp):
+    with pytest.raises(TypeError, match="load_state_dict expects a mapping, got list"):
+        loopkit.TrainState.create(make_mlp(0)).load_state_dict([1, 2])

@@ -1,0 +1,412 @@
+"""loopkit.steps: train_step and eval_step against a hand-written PyTorch loop; purity; donation; RNG."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import loopkit
+
+N_STEPS = 5
+
+
+def _optimizer(kind: str, model: torch.nn.Module) -> torch.optim.Optimizer:
+    if kind == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    return torch.optim.Adam(model.parameters(), lr=0.01)
+
+
+def _parts(kind: str, with_scheduler: bool, model: torch.nn.Module):
+    opt = _optimizer(kind, model)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.8) if with_scheduler else None
+    return opt, sched
+
+
+def _raw_loop(model, opt, sched, data, loss_fn, seed=None):
+    """The reference: a plain PyTorch training loop (global RNG seeded once if ``seed`` is given)."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    losses = []
+    for batch in data:
+        opt.zero_grad()
+        loss = loss_fn(model, batch)
+        loss.backward()
+        opt.step()
+        if sched is not None:
+            sched.step()
+        losses.append(loss.detach())
+    return losses
+
+
+# --- equivalence with the raw loop --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+@pytest.mark.parametrize("with_scheduler", [False, True], ids=["no_sched", "sched"])
+def test_train_step_is_bitwise_the_raw_loop(kind, with_scheduler, make_mlp, make_batches, mse_loss, assert_trees_equal):
+    data = make_batches(N_STEPS)
+    ref_model = make_mlp(0)
+    ref_opt, ref_sched = _parts(kind, with_scheduler, ref_model)
+    ref_losses = _raw_loop(ref_model, ref_opt, ref_sched, data, mse_loss)
+
+    model = make_mlp(0)
+    state = loopkit.TrainState.create(model, *_parts(kind, with_scheduler, model))
+    step = loopkit.train_step(mse_loss)
+    losses = []
+    for batch in data:
+        state, metrics = step(state, batch)
+        losses.append(metrics["loss"])
+
+    assert_trees_equal(dict(state.model.state_dict()), dict(ref_model.state_dict()))
+    assert_trees_equal(state.optimizer.state_dict(), ref_opt.state_dict())
+    assert_trees_equal(losses, ref_losses)
+    assert state.step == N_STEPS and state.batch_index == N_STEPS
+    if with_scheduler:
+        assert state.scheduler.last_epoch == ref_sched.last_epoch == N_STEPS
+        assert state.scheduler.get_last_lr() == ref_sched.get_last_lr()
+        assert state.optimizer.param_groups[0]["lr"] == ref_opt.param_groups[0]["lr"]
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+@pytest.mark.parametrize("with_scheduler", [False, True], ids=["no_sched", "sched"])
+def test_run_epochs_is_bitwise_the_raw_loop(kind, with_scheduler, make_mlp, make_batches, mse_loss, assert_trees_equal):
+    data = make_batches(3)
+    epochs = 2
+    ref_model = make_mlp(0)
+    ref_opt, ref_sched = _parts(kind, with_scheduler, ref_model)
+    _raw_loop(ref_model, ref_opt, ref_sched, data * epochs, mse_loss)
+
+    model = make_mlp(0)
+    state = loopkit.TrainState.create(model, *_parts(kind, with_scheduler, model))
+    state, history = loopkit.run_epochs(
+        loopkit.train_step(mse_loss), state, data, epochs=epochs, progress=False, sanity_val_batches=0
+    )
+    assert_trees_equal(dict(state.model.state_dict()), dict(ref_model.state_dict()))
+    assert_trees_equal(state.optimizer.state_dict(), ref_opt.state_dict())
+    assert (state.step, state.epoch, len(history)) == (3 * epochs, epochs, epochs)
+    if with_scheduler:
+        assert state.scheduler.last_epoch == 3 * epochs
+        assert state.scheduler.get_last_lr() == ref_sched.get_last_lr()
+
+
+@pytest.mark.parametrize("via", ["step", "run_epochs"])
+def test_dropout_and_batchnorm_match_a_raw_loop_seeded_once(via, make_bn_dropout, make_batches, mse_loss, assert_trees_equal):
+    """The state's RNG is a CPU generator seeded with ``seed``: the raw loop's ``torch.manual_seed(seed)``."""
+    seed = 11
+    data = make_batches(4)
+    ref_model = make_bn_dropout(0)
+    ref_opt = torch.optim.Adam(ref_model.parameters(), lr=0.01)
+    ref_losses = _raw_loop(ref_model, ref_opt, None, data, mse_loss, seed=seed)
+
+    model = make_bn_dropout(0)
+    state = loopkit.TrainState.create(model, torch.optim.Adam(model.parameters(), lr=0.01), seed=seed)
+    step = loopkit.train_step(mse_loss)
+    if via == "step":
+        losses = []
+        for batch in data:
+            state, metrics = step(state, batch)
+            losses.append(metrics["loss"])
+        assert_trees_equal(losses, ref_losses)
+    else:
+        state, _ = loopkit.run_epochs(step, state, data, epochs=1, progress=False, sanity_val_batches=0)
+    # BatchNorm running stats and num_batches_tracked included
+    assert_trees_equal(dict(state.model.state_dict()), dict(ref_model.state_dict()))
+    assert_trees_equal(state.optimizer.state_dict(), ref_opt.state_dict())
+    assert int(state.model[1].num_batches_tracked) == 4
+
+
+def test_metrics_are_the_loss_and_aux_metrics_as_0dim_tensors(make_mlp, batches, make_sgd_state):
+    def loss_fn(model, batch):
+        x, y = batch
+        err = model(x) - y
+        return (err**2).mean(), {"mae": err.abs().mean(), "count": 8}
+
+    model = make_mlp(0)
+    ref = make_mlp(0)
+    x, y = batches[0]
+    expected_mae = (ref(x) - y).abs().mean().detach()
+    _, metrics = loopkit.train_step(loss_fn)(make_sgd_state(model), batches[0])
+    assert sorted(metrics) == ["count", "loss", "mae"]
+    assert all(isinstance(v, torch.Tensor) and v.ndim == 0 and not v.requires_grad for v in metrics.values())
+    assert torch.equal(metrics["mae"], expected_mae)
+    assert torch.equal(metrics["loss"], ((ref(x) - y) ** 2).mean().detach())
+    assert float(metrics["count"]) == 8.0
+
+
+def test_loss_fn_returning_none_skips_the_update(make_mlp, batches, make_sgd_state, take_snapshot, assert_trees_equal):
+    state = make_sgd_state(make_mlp(0))
+    before = take_snapshot(state)
+    new, metrics = loopkit.train_step(lambda model, batch: None)(state, batches[0])
+    assert metrics == {}
+    assert new.step == 0 and new.batch_index == 1
+    assert_trees_equal(take_snapshot(new)["params"], before["params"])
+    assert_trees_equal(take_snapshot(new)["optimizer"], before["optimizer"])
+
+
+def test_scheduler_steps_once_per_optimizer_update(make_mlp, batches, make_adam_state):
+    state = make_adam_state(make_mlp(0), scheduler=True)
+    step = loopkit.train_step(lambda m, b: ((m(b[0]) - b[1]) ** 2).mean())
+    lrs = []
+    for k, batch in enumerate(batches[:3], start=1):
+        state, _ = step(state, batch)
+        assert state.scheduler.last_epoch == k == state.step
+        lrs.append(state.optimizer.param_groups[0]["lr"])
+    assert lrs == pytest.approx([0.01 * 0.9, 0.01 * 0.9**2, 0.01 * 0.9**3])
+
+
+# --- purity ---------------------------------------------------------------------------------------
+
+
+def _warm_state(make_bn_dropout, batches, mse_loss, make_adam_state):
+    """A BatchNorm+Dropout model with Adam and a scheduler, two updates in (optimizer state exists)."""
+    state = make_adam_state(make_bn_dropout(0), seed=5, scheduler=True)
+    step = loopkit.train_step(mse_loss)
+    for batch in batches[:2]:
+        state, _ = step(state, batch)
+    return state
+
+
+def test_train_step_leaves_its_input_state_unchanged(make_bn_dropout, batches, mse_loss, make_adam_state, take_snapshot, assert_trees_equal):
+    state = _warm_state(make_bn_dropout, batches, mse_loss, make_adam_state)
+    before = take_snapshot(state)
+    step = loopkit.train_step(mse_loss)
+    new, _ = step(state, batches[2])
+    after = take_snapshot(state)
+    assert_trees_equal(after, before)
+    # ...while the new state did move on: otherwise the comparison proves nothing
+    moved = take_snapshot(new)
+    assert not torch.equal(moved["params"]["0.weight"], before["params"]["0.weight"])
+    assert not torch.equal(moved["buffers"]["1.running_mean"], before["buffers"]["1.running_mean"])
+    assert int(moved["buffers"]["1.num_batches_tracked"]) == int(before["buffers"]["1.num_batches_tracked"]) + 1
+    assert not torch.equal(moved["rng"]["cpu"], before["rng"]["cpu"])
+    assert moved["scheduler"]["last_epoch"] == before["scheduler"]["last_epoch"] + 1
+    assert moved["counters"] != before["counters"]
+
+
+def test_same_state_and_batch_give_identical_results(make_bn_dropout, batches, mse_loss, make_adam_state, take_snapshot, assert_trees_equal):
+    state = _warm_state(make_bn_dropout, batches, mse_loss, make_adam_state)
+    step = loopkit.train_step(mse_loss)
+    a, metrics_a = step(state, batches[2])
+    torch.rand(100)  # the global RNG does not feed the step
+    b, metrics_b = step(state, batches[2])
+    assert_trees_equal(take_snapshot(a), take_snapshot(b))
+    assert_trees_equal(metrics_a, metrics_b)
+
+
+def test_eval_step_restores_every_modules_training_mode(make_bn_dropout, batches, make_sgd_state, take_snapshot, assert_trees_equal):
+    model = make_bn_dropout(0)
+    model.train()
+    model[3].eval()  # the Dropout submodule individually in eval mode
+    modes = [m.training for m in model.modules()]
+    assert modes == [True, True, True, True, False, True]
+    state = make_sgd_state(model)
+    before = take_snapshot(state)
+    seen = {}
+
+    def metric_fn(m, batch):
+        seen["modes"] = [sub.training for sub in m.modules()]
+        seen["grad_enabled"] = torch.is_grad_enabled()
+        out = m(batch[0])
+        return {"mse": ((out - batch[1]) ** 2).mean()}
+
+    same, metrics = loopkit.eval_step(metric_fn)(state, batches[0])
+    assert same is state
+    assert seen == {"modes": [False] * len(list(model.modules())), "grad_enabled": False}
+    assert [m.training for m in model.modules()] == modes
+    assert_trees_equal(take_snapshot(state), before)  # BatchNorm stats untouched: it ran in eval mode
+    with torch.no_grad():
+        model.eval()
+        expected = ((model(batches[0][0]) - batches[0][1]) ** 2).mean()
+    assert torch.equal(metrics["mse"], expected)
+
+
+def test_eval_step_restores_training_mode_when_metric_fn_raises(make_bn_dropout, make_sgd_state, batches):
+    model = make_bn_dropout(0)
+    model[1].eval()
+    state = make_sgd_state(model)
+
+    def broken(m, batch):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        loopkit.eval_step(broken)(state, batches[0])
+    assert [m.training for m in model.modules()] == [True, True, False, True, True, True]
+
+
+# --- donation -------------------------------------------------------------------------------------
+
+
+def test_donated_state_cannot_be_used_again(make_mlp, batches, mse_loss, make_sgd_state):
+    state = make_sgd_state(make_mlp(0))
+    step = loopkit.donate(loopkit.train_step(mse_loss))
+    new, _ = step(state, batches[0])
+    with pytest.raises(loopkit.DonatedStateError, match="donated"):
+        step(state, batches[1])
+    with pytest.raises(loopkit.DonatedStateError):
+        loopkit.train_step(mse_loss)(state, batches[1])
+    with pytest.raises(loopkit.DonatedStateError):
+        state.evolve(step=3)
+    with pytest.raises(loopkit.DonatedStateError):
+        state.state_dict()
+    with pytest.raises(loopkit.DonatedStateError):
+        state.load_state_dict(new.state_dict())
+    new2, _ = step(new, batches[1])  # the returned state is the one to use
+    assert new2.step == 2
+
+
+def test_donate_reuses_the_storage(make_mlp, batches, mse_loss, make_adam_state):
+    state = make_adam_state(make_mlp(0))
+    params = list(state.model.parameters())
+    data_ptrs = [p.data_ptr() for p in params]
+    new, _ = loopkit.donate(loopkit.train_step(mse_loss))(state, batches[0])
+    assert all(a is b for a, b in zip(new.model.parameters(), params, strict=True))
+    assert [p.data_ptr() for p in new.model.parameters()] == data_ptrs
+    assert new.optimizer is state.optimizer and new.model is state.model
+    # a plain (undonated) step copies instead
+    other, _ = loopkit.train_step(mse_loss)(new, batches[1])
+    assert not any(a is b for a, b in zip(other.model.parameters(), params))
+
+
+# --- the step's RNG -----------------------------------------------------------------------------
+
+
+def _dropout_run(seed, make_bn_dropout, batches, mse_loss, disturb):
+    model = make_bn_dropout(0)
+    state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1), seed=seed)
+    step = loopkit.train_step(mse_loss)
+    masks = []
+
+    def keep_mask(module, inputs, output):
+        masks.append(output == 0)
+
+    for batch in batches[:3]:
+        handle = state.model[3].register_forward_hook(keep_mask)
+        state, _ = step(state, batch)
+        handle.remove()
+        disturb()
+    return state, masks
+
+
+def test_dropout_masks_do_not_depend_on_the_global_rng(make_bn_dropout, batches, mse_loss, take_snapshot, assert_trees_equal):
+    loader = torch.utils.data.DataLoader(torch.arange(10.0), batch_size=2, shuffle=True)
+
+    def disturb():
+        torch.rand(100)
+        next(iter(loader))  # a shuffling DataLoader iterator draws from the global RNG
+
+    torch.manual_seed(123)
+    quiet_state, quiet_masks = _dropout_run(7, make_bn_dropout, batches, mse_loss, lambda: None)
+    torch.manual_seed(456)
+    noisy_state, noisy_masks = _dropout_run(7, make_bn_dropout, batches, mse_loss, disturb)
+    assert any(m.any() for m in quiet_masks)  # dropout did drop something
+    assert_trees_equal(noisy_masks, quiet_masks)
+    assert_trees_equal(take_snapshot(noisy_state)["params"], take_snapshot(quiet_state)["params"])
+
+
+def test_different_seeds_draw_different_dropout_masks(make_bn_dropout, batches, mse_loss):
+    state_a, masks_a = _dropout_run(7, make_bn_dropout, batches, mse_loss, lambda: None)
+    state_b, masks_b = _dropout_run(8, make_bn_dropout, batches, mse_loss, lambda: None)
+    assert not all(torch.equal(a, b) for a, b in zip(masks_a, masks_b))
+    assert not torch.equal(state_a.model[0].weight, state_b.model[0].weight)
+
+
+def test_step_restores_the_callers_global_rng(make_bn_dropout, batches, mse_loss, make_sgd_state):
+    state = make_sgd_state(make_bn_dropout(0), seed=3)
+    torch.manual_seed(99)
+    expected = torch.rand(5)
+    torch.manual_seed(99)
+    loopkit.train_step(mse_loss)(state, batches[0])
+    assert torch.equal(torch.rand(5), expected)
+
+
+# --- bad input ------------------------------------------------------------------------------------
+
+
+def _run(loss_fn, make_mlp, make_sgd_state, batch):
+    return loopkit.train_step(loss_fn)(make_sgd_state(make_mlp(0)), batch)
+
+
+def test_non_scalar_loss_is_refused(make_mlp, make_sgd_state, batches):
+    def per_sample_loss(model, batch):
+        return (model(batch[0]) - batch[1]) ** 2
+
+    with pytest.raises(ValueError) as info:
+        _run(per_sample_loss, make_mlp, make_sgd_state, batches[0])
+    message = str(info.value)
+    assert "per_sample_loss" in message and "shape (8, 2)" in message and "scalar" in message
+
+
+@pytest.mark.parametrize("how", ["no_grad", "detached"])
+def test_loss_without_gradient_is_refused(how, make_mlp, make_sgd_state, batches):
+    def gradless_loss(model, batch):
+        if how == "no_grad":
+            with torch.no_grad():
+                return ((model(batch[0]) - batch[1]) ** 2).mean()
+        return ((model(batch[0]) - batch[1]) ** 2).mean().detach()
+
+    with pytest.raises(ValueError) as info:
+        _run(gradless_loss, make_mlp, make_sgd_state, batches[0])
+    assert "gradless_loss" in str(info.value) and "without a gradient" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "value, fragment",
+    [("high", "is a str"), (torch.ones(3), "shape (3,)"), (torch.ones(2, 2), "shape (2, 2)")],
+    ids=["string", "vector", "matrix"],
+)
+def test_non_numeric_aux_metric_is_refused(value, fragment, make_mlp, make_sgd_state, batches):
+    def loss_with_aux(model, batch):
+        return ((model(batch[0]) - batch[1]) ** 2).mean(), {"quality": value}
+
+    with pytest.raises(TypeError) as info:
+        _run(loss_with_aux, make_mlp, make_sgd_state, batches[0])
+    message = str(info.value)
+    assert "'quality'" in message and "loss_with_aux" in message and fragment in message
+
+
+def test_loss_fn_returning_a_non_tensor_is_refused(make_mlp, make_sgd_state, batches):
+    def float_loss(model, batch):
+        return 1.0
+
+    with pytest.raises(TypeError, match="float_loss returned a float"):
+        _run(float_loss, make_mlp, make_sgd_state, batches[0])
+
+
+def test_non_numeric_eval_metric_is_refused(make_mlp, make_sgd_state, batches):
+    def metric_fn(model, batch):
+        return {"label": "cat"}
+
+    with pytest.raises(TypeError, match="metric 'label' from metric_fn .*metric_fn is a str"):
+        loopkit.eval_step(metric_fn)(make_sgd_state(make_mlp(0)), batches[0])
+
+
+def test_train_step_needs_an_optimizer(make_mlp, mse_loss, batches):
+    with pytest.raises(ValueError, match="needs a state with an optimizer"):
+        loopkit.train_step(mse_loss)(loopkit.TrainState.create(make_mlp(0)), batches[0])
+
+
+def test_steps_refuse_non_callables_and_non_states(mse_loss, batches):
+    with pytest.raises(TypeError, match="train_step: loss_fn must be callable"):
+        loopkit.train_step("mse")
+    with pytest.raises(TypeError, match="eval_step: metric_fn must be callable"):
+        loopkit.eval_step(3)
+    with pytest.raises(TypeError, match="a step takes a loopkit.TrainState, got dict"):
+        loopkit.train_step(mse_loss)({}, batches[0])
+
+
+def test_failed_step_leaves_the_state_usable(make_mlp, make_sgd_state, batches, mse_loss, take_snapshot, assert_trees_equal):
+    state = make_sgd_state(make_mlp(0))
+    before = take_snapshot(state)
+    torch.manual_seed(0)
+    global_rng = torch.get_rng_state()
+
+    def exploding(model, batch):
+        torch.rand(3)
+        raise RuntimeError("bad batch")
+
+    with pytest.raises(RuntimeError, match="bad batch"):
+        loopkit.train_step(exploding)(state, batches[0])
+    assert torch.equal(torch.get_rng_state(), global_rng)
+    assert_trees_equal(take_snapshot(state), before)
+    new, _ = loopkit.train_step(mse_loss)(state, batches[0])
+    assert new.step == 1

@@ -1,0 +1,159 @@
+"""Tests of loopkit.tree: to_device over nested batches, and the plain encoding of state.
+
+Movement is observed on the ``meta`` device, which every machine has: a tensor that was
+moved reports ``device.type == "meta"``; one that was not still says ``cpu``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import OrderedDict, namedtuple
+
+import pytest
+import torch
+
+import loopkit
+from loopkit.errors import StateMismatchError
+from loopkit.tree import from_plain, path_str, to_device, to_plain
+
+Pair = namedtuple("Pair", "x y")
+
+
+@dataclasses.dataclass
+class Batch:
+    x: torch.Tensor
+    label: str
+    extra: list
+
+
+@dataclasses.dataclass(frozen=True)
+class FrozenBatch:
+    x: torch.Tensor
+    n: int
+
+
+class Movable:
+    """Not a tensor nor a container, but with ``.to(device)``."""
+
+    def __init__(self, value: torch.Tensor, device=None):
+        self.value, self.device = value, device
+
+    def to(self, device):
+        return Movable(self.value.to(device), device)
+
+
+def on_meta(t: torch.Tensor) -> bool:
+    return isinstance(t, torch.Tensor) and t.device.type == "meta"
+
+
+def test_to_device_moves_a_plain_tensor():
+    t = torch.ones(2, 3)
+    moved = to_device(t, "meta")
+    assert on_meta(moved) and moved.shape == (2, 3) and moved.dtype == t.dtype
+    assert t.device.type == "cpu"  # the input is not changed
+
+
+def test_to_device_nested_tuples_lists_dicts():
+    batch = ({"x": torch.ones(2), "ids": [torch.zeros(1), (torch.ones(3), torch.ones(1))]}, [torch.ones(4)])
+    moved = to_device(batch, "meta")
+    assert type(moved) is tuple and type(moved[0]) is dict and type(moved[1]) is list
+    assert on_meta(moved[0]["x"]) and on_meta(moved[0]["ids"][0])
+    assert type(moved[0]["ids"][1]) is tuple and all(on_meta(t) for t in moved[0]["ids"][1])
+    assert on_meta(moved[1][0])
+
+
+def test_to_device_keeps_the_mapping_type():
+    moved = to_device(OrderedDict([("b", torch.ones(1)), ("a", torch.ones(1))]), "meta")
+    assert type(moved) is OrderedDict and list(moved) == ["b", "a"] and all(on_meta(v) for v in moved.values())
+
+
+def test_to_device_namedtuple():
+    moved = to_device(Pair(torch.ones(2), [torch.ones(1)]), "meta")
+    assert type(moved) is Pair and on_meta(moved.x) and on_meta(moved.y[0])
+
+
+def test_to_device_dataclasses():
+    moved = to_device(Batch(torch.ones(2), "cat", [torch.ones(1), 3]), "meta")
+    assert type(moved) is Batch and on_meta(moved.x) and moved.label == "cat"
+    assert on_meta(moved.extra[0]) and moved.extra[1] == 3
+    frozen = to_device(FrozenBatch(torch.ones(1), 5), "meta")
+    assert type(frozen) is FrozenBatch and on_meta(frozen.x) and frozen.n == 5
+
+
+def test_to_device_objects_with_to():
+    moved = to_device({"m": Movable(torch.ones(2))}, "meta")
+    assert isinstance(moved["m"], Movable) and on_meta(moved["m"].value)
+    assert moved["m"].device == torch.device("meta")
+
+
+def test_to_device_passes_strings_numbers_and_none_through():
+    leaves = ["text", b"raw", 3, 2.5, 1j, True, None]
+    moved = to_device([torch.ones(1)] + leaves, "meta")
+    assert on_meta(moved[0])
+    assert all(a is b for a, b in zip(moved[1:], leaves))
+
+
+@pytest.mark.parametrize(
+    "batch, path",
+    [
+        ([{"x": object()}], "batch[0]['x']"),
+        ({"a": (torch.ones(1), object())}, "batch['a'][1]"),
+        (Pair(torch.ones(1), object()), "batch.y"),
+        (Batch(torch.ones(1), "ok", [object()]), "batch.extra[0]"),
+        (object(), "batch of type"),
+    ],
+)
+def test_to_device_names_the_path_and_type_it_cannot_move(batch, path):
+    with pytest.raises(TypeError) as info:
+        to_device(batch, "meta")
+    message = str(info.value)
+    assert path in message and "object" in message and "meta" in message
+
+
+def test_to_device_refuses_a_set_and_a_class():
+    with pytest.raises(TypeError, match=r"batch\[1\] of type set"):
+        to_device([torch.ones(1), {1, 2}], "cpu")
+    with pytest.raises(TypeError, match="batch of type type"):
+        to_device(Movable, "cpu")  # a class has an unbound .to: not movable
+
+
+def test_to_device_is_the_public_name():
+    assert loopkit.to_device is to_device
+
+
+# --- the plain encoding used by state_dict ----------------------------------------------------
+
+
+def test_to_plain_and_from_plain_round_trip():
+    template = {"lr": 0.1, "betas": (0.9, 0.99), "name": "adam", "buf": torch.zeros(2), "groups": [1, 2], "x": None}
+    value = {"lr": 0.5, "betas": (0.8, 0.9), "name": "sgd", "buf": torch.ones(2), "groups": [3, 4], "x": None}
+    plain = to_plain(value)
+    assert plain["betas"] == {"0": 0.8, "1": 0.9} and "x" not in plain
+    decoded = from_plain(plain, template)
+    assert decoded["betas"] == (0.8, 0.9) and decoded["groups"] == [3, 4] and decoded["name"] == "sgd"
+    assert torch.equal(decoded["buf"], torch.ones(2)) and decoded["x"] is None
+
+
+def test_to_plain_names_the_path_of_a_leaf_it_refuses():
+    with pytest.raises(TypeError, match="'extras.scaler.fn' is a function"):
+        to_plain({"scaler": {"fn": lambda: 0}}, ("extras",))
+
+
+@pytest.mark.parametrize(
+    "plain, match",
+    [
+        ({"a": {"w": torch.zeros(2)}}, "missing key 'opt.a.b'"),
+        ({"a": {"w": torch.zeros(2), "b": 1, "c": 2}}, "unexpected key 'opt.a.c'"),
+        ({"a": {"w": torch.zeros(3), "b": 1}}, r"mis-shaped key 'opt.a.w'.*\(3,\).*\(2,\)"),
+        ({"a": {"w": 1.0, "b": 1}}, "'opt.a.w' holds a float, expected a tensor"),
+        ({"a": {"w": torch.zeros(2), "b": "x"}}, "'opt.a.b' holds a str, expected a number"),
+    ],
+)
+def test_from_plain_names_the_first_bad_key(plain, match):
+    template = {"a": {"w": torch.zeros(2), "b": 0}}
+    with pytest.raises(StateMismatchError, match=match):
+        from_plain(plain, template, ("opt",))
+
+
+def test_path_str():
+    assert path_str(("optimizer", "state", "0")) == "optimizer.state.0"

@@ -1,0 +1,213 @@
+"""with_amp: bfloat16 is a raw autocast loop; float16 is a raw torch.amp.GradScaler loop, skips included."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import loopkit
+
+INIT_SCALE = 2.0**10  # small enough that the tiny MLP never overflows on its own
+BAD = 2  # the batch that carries an inf
+
+
+def _raw_autocast_loop(model, data, loss_fn, dtype, scaler=None):
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    losses = []
+    for batch in data:
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=dtype):
+            loss = loss_fn(model, batch)
+        if scaler is None:
+            loss.backward()
+            opt.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        losses.append(loss.detach())
+    return opt, losses
+
+
+def _with_inf(data, index):
+    data = list(data)
+    x, y = data[index]
+    x = x.clone()
+    x[0, 0] = float("inf")
+    data[index] = (x, y)
+    return data
+
+
+def test_bfloat16_is_bitwise_a_raw_autocast_loop(make_mlp, make_batches, mse_loss, make_sgd_state, assert_trees_equal):
+    data = make_batches(4)
+    ref_model = make_mlp(0)
+    ref_opt, ref_losses = _raw_autocast_loop(ref_model, data, mse_loss, torch.bfloat16)
+
+    state = make_sgd_state(make_mlp(0))
+    step = loopkit.with_amp(loopkit.train_step(mse_loss), dtype=torch.bfloat16)
+    losses = []
+    for batch in data:
+        state, metrics = step(state, batch)
+        losses.append(metrics["loss"])
+        assert "amp/skipped" not in metrics and "amp/scale" not in state.extras  # no scaler for bfloat16
+    assert_trees_equal(losses, ref_losses)
+    assert_trees_equal(dict(state.model.named_parameters()), dict(ref_model.named_parameters()))
+    assert_trees_equal(state.optimizer.state_dict(), ref_opt.state_dict())
+    assert all(p.dtype == torch.float32 for p in state.model.parameters())
+
+
+def test_bfloat16_forward_runs_in_bfloat16(make_mlp, make_batches, make_sgd_state):
+    seen = []
+
+    def loss_fn(model, batch):
+        out = model(batch[0])
+        seen.append(out.dtype)
+        return ((out.float() - batch[1]) ** 2).mean()
+
+    loopkit.with_amp(loopkit.train_step(loss_fn), dtype=torch.bfloat16)(make_sgd_state(make_mlp(0)), make_batches(1)[0])
+    loopkit.train_step(loss_fn)(make_sgd_state(make_mlp(0)), make_batches(1)[0])
+    assert seen == [torch.bfloat16, torch.float32]
+
+
+def test_float16_is_a_raw_grad_scaler_loop(make_mlp, make_batches, mse_loss, make_sgd_state, assert_trees_equal):
+    data = make_batches(5)
+    ref_model = make_mlp(0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)  # the default: the first update overflows
+    ref_opt, ref_losses = _raw_autocast_loop(ref_model, data, mse_loss, torch.float16, scaler)
+
+    state = make_sgd_state(make_mlp(0))
+    step = loopkit.with_amp(loopkit.train_step(mse_loss), dtype=torch.float16)
+    losses, skipped = [], []
+    for batch in data:
+        state, metrics = step(state, batch)
+        losses.append(metrics["loss"])
+        skipped.append(float(metrics["amp/skipped"]))
+    assert skipped[0] == 1.0 and state.step == len(data) - skipped.count(1.0)
+    assert_trees_equal(losses, ref_losses)
+    assert_trees_equal(dict(state.model.named_parameters()), dict(ref_model.named_parameters()))
+    assert_trees_equal(state.optimizer.state_dict(), ref_opt.state_dict())
+    assert float(state.extras["amp/scale"]) == scaler.get_scale()
+    assert int(state.extras["amp/growth_tracker"]) == int(scaler._growth_tracker)
+
+
+def test_float16_inf_skips_exactly_that_update(make_mlp, make_batches, mse_loss, make_adam_state, assert_trees_equal):
+    data = _with_inf(make_batches(5), BAD)
+    ref_model = make_mlp(0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=INIT_SCALE)
+    _raw_autocast_loop(ref_model, data, mse_loss, torch.float16, scaler)
+
+    state = make_adam_state(make_mlp(0), scheduler=True)
+    step = loopkit.with_amp(loopkit.train_step(mse_loss), dtype=torch.float16, init_scale=INIT_SCALE)
+    for k, batch in enumerate(data):
+        before_params = {n: p.detach().clone() for n, p in state.model.named_parameters()}
+        before = (state.step, state.scheduler.last_epoch, float(state.extras.get("amp/scale", INIT_SCALE)))
+        state, metrics = step(state, batch)
+        after_params = dict(state.model.named_parameters())
+        if k == BAD:
+            assert float(metrics["amp/skipped"]) == 1.0
+            assert_trees_equal(after_params, before_params)
+            assert (state.step, state.scheduler.last_epoch) == before[:2]
+            assert float(state.extras["amp/scale"]) == before[2] / 2
+            assert all(torch.isfinite(p).all() for p in state.model.parameters())
+        else:
+            assert float(metrics["amp/skipped"]) == 0.0
+            assert not torch.equal(after_params["0.weight"], before_params["0.weight"])
+            assert (state.step, state.scheduler.last_epoch) == (before[0] + 1, before[1] + 1)
+            assert float(state.extras["amp/scale"]) == before[2]
+    assert state.step == len(data) - 1
+    assert state.batch_index == len(data)
+
+    # the same run with SGD and no scheduler is the raw GradScaler loop, bitwise
+    model = make_mlp(0)
+    sgd = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
+    for batch in data:
+        sgd, _ = step(sgd, batch)
+    assert_trees_equal(dict(sgd.model.named_parameters()), dict(ref_model.named_parameters()))
+    assert float(sgd.extras["amp/scale"]) == scaler.get_scale() == INIT_SCALE / 2
+
+
+def test_float16_loss_fn_multiplying_by_inf_is_skipped(make_mlp, make_batches, mse_loss, make_sgd_state, assert_trees_equal):
+    calls = []
+
+    def sometimes_inf(model, batch):
+        calls.append(None)
+        loss = mse_loss(model, batch)
+        return loss * float("inf") if len(calls) == 2 else loss
+
+    state = make_sgd_state(make_mlp(0))
+    step = loopkit.with_amp(loopkit.train_step(sometimes_inf), dtype=torch.float16, init_scale=INIT_SCALE)
+    state, first = step(state, make_batches(3)[0])
+    new, second = step(state, make_batches(3)[1])
+    assert (float(first["amp/skipped"]), float(second["amp/skipped"])) == (0.0, 1.0)
+    assert new.step == state.step == 1
+    assert_trees_equal(dict(new.model.named_parameters()), dict(state.model.named_parameters()))
+    assert float(new.extras["amp/scale"]) == INIT_SCALE / 2
+
+
+def test_gradient_clipping_under_float16_sees_unscaled_gradients(make_mlp, make_batches, mse_loss, make_sgd_state, assert_trees_equal):
+    """The documented GradScaler recipe: scale, backward, unscale_, clip, step, update."""
+    data = make_batches(3)
+    ref_model = make_mlp(0)
+    ref_opt = torch.optim.SGD(ref_model.parameters(), lr=0.1, momentum=0.9)
+    scaler = torch.amp.GradScaler("cpu", init_scale=INIT_SCALE)
+    ref_norms = []
+    for batch in data:
+        ref_opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = mse_loss(ref_model, batch)
+        scaler.scale(loss).backward()
+        scaler.unscale_(ref_opt)
+        ref_norms.append(torch.nn.utils.clip_grad_norm_(ref_model.parameters(), 0.3))
+        scaler.step(ref_opt)
+        scaler.update()
+
+    for nest in ("clip(amp)", "amp(clip)"):
+        base = loopkit.train_step(mse_loss)
+        if nest == "clip(amp)":
+            step = loopkit.with_grad_clip(loopkit.with_amp(base, torch.float16, init_scale=INIT_SCALE), max_norm=0.3)
+        else:
+            step = loopkit.with_amp(loopkit.with_grad_clip(base, max_norm=0.3), torch.float16, init_scale=INIT_SCALE)
+        state = make_sgd_state(make_mlp(0))
+        norms = []
+        for batch in data:
+            state, metrics = step(state, batch)
+            norms.append(metrics["grad_norm"])
+        assert_trees_equal(norms, ref_norms)
+        assert_trees_equal(dict(state.model.named_parameters()), dict(ref_model.named_parameters()))
+
+
+def test_amp_on_eval_step_autocasts_the_forward(make_mlp, make_batches, make_sgd_state):
+    seen = []
+
+    def metric_fn(model, batch):
+        out = model(batch[0])
+        seen.append(out.dtype)
+        return {"mse": ((out.float() - batch[1]) ** 2).mean()}
+
+    state = make_sgd_state(make_mlp(0))
+    step = loopkit.with_amp(loopkit.eval_step(metric_fn), dtype=torch.bfloat16)
+    assert step.applied == ("eval_step", "with_amp")
+    same, metrics = step(state, make_batches(1)[0])
+    assert same is state and seen == [torch.bfloat16] and metrics["mse"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.int8, "bfloat16"])
+def test_dtype_must_be_bfloat16_or_float16(dtype, mse_loss):
+    with pytest.raises(ValueError) as info:
+        loopkit.with_amp(loopkit.train_step(mse_loss), dtype=dtype)
+    assert "with_amp: dtype must be torch.bfloat16 or torch.float16" in str(info.value) and str(dtype) in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "options, fragment",
+    [
+        ({"init_scale": 0.0}, "init_scale > 0"),
+        ({"growth_factor": 1.0}, "growth_factor > 1"),
+        ({"backoff_factor": 1.5}, "0 < backoff_factor < 1"),
+        ({"growth_interval": 0}, "growth_interval must be a positive int, got 0"),
+    ],
+)
+def test_scaler_options_out_of_range_are_refused(options, fragment, mse_loss):
+    with pytest.raises(ValueError, match="with_amp") as info:
+        loopkit.with_amp(loopkit.train_step(mse_loss), dtype=torch.float16, **options)
+    assert fragment in str(info.value)

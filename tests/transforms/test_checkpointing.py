@@ -1,0 +1,344 @@
+"""with_checkpointing: when it saves, what it keeps, how it composes, graceful stop and resume.
+
+References: the states an independent, uninterrupted run passes through (steps are pure, so
+they can be kept and compared), the batches that run sees, and scores chosen by hand.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import loopkit
+from loopkit import TrainState, checkpoint, run_epochs, train_step, with_checkpointing, with_grad_accum
+from loopkit.transforms.checkpointing import CheckpointStep
+
+# --- helpers -----------------------------------------------------------------------------------
+
+
+def _state(seed: int = 0, *, scheduler: bool = True) -> TrainState:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(100)
+        model = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Dropout(0.3), nn.Linear(8, 1))
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5) if scheduler else None
+    return TrainState.create(model, opt, sched, seed=seed)
+
+
+def _loader() -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(40, 3, generator=g), torch.randn(40, 1, generator=g)
+    return DataLoader(TensorDataset(x, y, torch.arange(40)), batch_size=4, shuffle=True)  # 10 batches
+
+
+class _Recorder:
+    """A loss function that remembers which samples each batch held."""
+
+    def __init__(self) -> None:
+        self.seen: list[list[int]] = []
+
+    def __call__(self, model: nn.Module, batch) -> torch.Tensor:
+        x, y, idx = batch
+        self.seen.append(idx.tolist())
+        return ((model(x) - y) ** 2).mean()
+
+
+def _mse(model: nn.Module, batch) -> torch.Tensor:
+    x, y = batch[0], batch[1]
+    return ((model(x) - y) ** 2).mean()
+
+
+def _count_step(state: TrainState, batch) -> tuple[TrainState, dict]:
+    """A plain function step: one update per call, no model change."""
+    return state.evolve(step=state.step + 1, batch_index=state.batch_index + 1), {}
+
+
+def _steps(directory: Path) -> list[int]:
+    return [c.step for c in checkpoint.list_checkpoints(directory)]
+
+
+# --- when it saves -----------------------------------------------------------------------------
+
+
+def test_every_n_steps_saves_once_per_update_under_grad_accum(tmp_path, make_batches, mse_loss, take_snapshot,
+                                                              assert_trees_equal):
+    step = with_checkpointing(with_grad_accum(train_step(mse_loss), every=2), tmp_path, every_n_steps=2, keep_last=None)
+    state = TrainState.create((m := nn.Linear(4, 2)), torch.optim.SGD(m.parameters(), lr=0.1))
+    seen = {}
+    for batch in make_batches(11):
+        state, _ = step(state, batch)
+        seen.setdefault(state.step, take_snapshot(state))  # the state right after each update
+    found = checkpoint.list_checkpoints(tmp_path)
+    assert [(c.step, c.batch_index) for c in found] == [(2, 4), (4, 8)]
+    for info in found:
+        fresh = TrainState.create((m := nn.Linear(4, 2)), torch.optim.SGD(m.parameters(), lr=0.1))
+        restored = checkpoint.restore(fresh, info.path)
+        assert_trees_equal(take_snapshot(restored), seen[info.step])
+
+
+def test_every_n_epochs_saves_completed_epochs_only(tmp_path):
+    step = with_checkpointing(train_step(_mse), tmp_path, every_n_epochs=2, keep_last=None)
+    state, _ = run_epochs(step, _state(), _loader(), epochs=5, progress=False)
+    assert [(c.epoch, c.batch_index, c.step) for c in checkpoint.list_checkpoints(tmp_path)] == [(2, 0, 20), (4, 0, 40)]
+    step = with_checkpointing(train_step(_mse), tmp_path / "partial", every_n_epochs=1)
+    run_epochs(step, _state(), _loader(), max_steps=15, progress=False)  # the second epoch is cut short
+    assert [(c.epoch, c.batch_index) for c in checkpoint.list_checkpoints(tmp_path / "partial")] == [(1, 0)]
+
+
+def test_keep_last_keeps_the_newest(tmp_path):
+    step = with_checkpointing(_count_step, tmp_path, every_n_steps=1, keep_last=2)
+    state = TrainState.create(nn.Linear(1, 1))
+    for _ in range(5):
+        state, _ = step(state, None)
+    assert _steps(tmp_path) == [4, 5]
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("ckpt-")) == [".lock"]
+
+
+def test_a_plain_function_step_is_checkpointed(tmp_path):
+    def fn(state, batch):
+        extras = {"count": state.extras.get("count", 0) + 1, "total": state.extras.get("total", torch.zeros(2)) + batch}
+        return state.evolve(step=state.step + 1, extras=extras), {}
+
+    step = with_checkpointing(fn, tmp_path, every_n_steps=3)
+    state = TrainState.create(nn.Linear(1, 1))
+    for i in range(3):
+        state, _ = step(state, torch.full((2,), float(i)))
+    restored = loopkit.restore(TrainState.create(nn.Linear(1, 1)), tmp_path)
+    assert restored.step == 3 and restored.extras["count"] == 3
+    assert torch.equal(restored.extras["total"], torch.tensor([3.0, 3.0]))
+
+
+# --- best by a monitored metric ----------------------------------------------------------------
+
+
+def _validate(step: CheckpointStep, state: TrainState, score: float) -> TrainState:
+    state, _ = step(state, None)
+    step.notify("validation_end", state, {"val/loss": score, "val/acc": -score})
+    return state
+
+
+def test_monitor_keeps_the_best_besides_the_last(tmp_path):
+    step = with_checkpointing(_count_step, tmp_path, every_n_steps=1, keep_last=1, monitor="val/loss", keep_best=2)
+    state = TrainState.create(nn.Linear(1, 1))
+    for score in (5.0, 3.0, 4.0, 1.0, 6.0):  # at steps 1..5
+        state = _validate(step, state, score)
+    assert _steps(tmp_path) == [2, 4, 5]  # best two (3.0 at step 2, 1.0 at step 4) and the last
+    scores = json.loads((tmp_path / "scores.json").read_text())
+    assert scores["monitor"] == "val/loss" and sorted(scores["scores"].values()) == [1.0, 3.0, 6.0]
+
+    resumed = with_checkpointing(_count_step, tmp_path, every_n_steps=1, keep_last=1, monitor="val/loss", keep_best=2)
+    state = _validate(resumed, state, 2.0)  # a new process reads the scores back: 2.0 beats 3.0
+    assert _steps(tmp_path) == [4, 6]
+
+
+def test_monitor_alone_saves_only_what_ranks(tmp_path):
+    step = with_checkpointing(_count_step, tmp_path, keep_last=1, monitor="val/acc", mode="max", keep_best=1)
+    state = TrainState.create(nn.Linear(1, 1))
+    for score in (5.0, 3.0, 4.0, 1.0, 6.0):  # val/acc = -score: best at step 4
+        state = _validate(step, state, score)
+    assert _steps(tmp_path) == [4]  # steps 1, 2 and 4 were saved in turn; 3 and 5 never ranked
+    assert json.loads((tmp_path / "scores.json").read_text())["scores"] == {
+        checkpoint.list_checkpoints(tmp_path)[0].name: -1.0
+    }
+
+
+def test_monitor_of_a_train_metric_is_read_at_epoch_end(tmp_path):
+    step = with_checkpointing(train_step(_mse), tmp_path, every_n_epochs=1, keep_last=1, monitor="train/loss")
+    _, history = run_epochs(step, _state(), _loader(), epochs=4, progress=False)
+    best_epoch = min(range(4), key=lambda e: history[e]["train/loss"])
+    kept = {c.epoch for c in checkpoint.list_checkpoints(tmp_path)}
+    assert kept == {4, best_epoch + 1}
+
+
+def test_a_monitor_that_is_not_reported_is_named(tmp_path):
+    step = with_checkpointing(_count_step, tmp_path, monitor="val/los")
+    state, _ = step(TrainState.create(nn.Linear(1, 1)), None)
+    with pytest.raises(KeyError, match=r"monitor 'val/los' is not among the metrics \['val/loss'\]"):
+        step.notify("validation_end", state, {"val/loss": 1.0})
+
+
+# --- composition and options -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "outer",
+    [
+        lambda s: loopkit.with_grad_clip(s, max_norm=1.0),
+        lambda s: loopkit.with_grad_accum(s, every=2),
+        lambda s: loopkit.with_amp(s, dtype=torch.bfloat16),
+        lambda s: loopkit.with_nan_guard(s),
+    ],
+    ids=["grad_clip", "grad_accum", "amp", "nan_guard"],
+)
+def test_gradient_transforms_cannot_wrap_it(tmp_path, outer):
+    inner = with_checkpointing(train_step(_mse), tmp_path, every_n_steps=1)
+    with pytest.raises(TypeError, match=r"with_\w+ cannot wrap with_checkpointing: .*apply with_\w+ first"):
+        outer(inner)
+
+
+def test_it_wraps_any_gradient_transform_and_reports_its_name(tmp_path):
+    clipped = loopkit.with_grad_clip(with_grad_accum(train_step(_mse), every=2), max_norm=1.0)
+    step = with_checkpointing(clipped, tmp_path)
+    assert step.applied == ("train_step", "with_grad_accum", "with_grad_clip", "with_checkpointing")
+    with pytest.raises(TypeError, match="with_checkpointing cannot wrap eval_step"):
+        with_checkpointing(loopkit.eval_step(lambda m, b: {}), tmp_path)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"every_n_steps": 0}, "every_n_steps must be a positive int or None, got 0"),
+        ({"every_n_epochs": 1.5}, "every_n_epochs must be a positive int or None, got 1.5"),
+        ({"keep_last": 0}, "keep_last must be a positive int or None, got 0"),
+        ({"keep_best": -1}, "keep_best must be an int >= 0, got -1"),
+        ({"mode": "avg"}, "mode must be 'min' or 'max', got 'avg'"),
+        ({"monitor": ""}, "monitor must be a metric name"),
+    ],
+)
+def test_options_out_of_range_are_named(tmp_path, options, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        with_checkpointing(train_step(_mse), tmp_path, **options)
+
+
+# --- resume under run_epochs -------------------------------------------------------------------
+
+
+def _uninterrupted(tmp_path: Path, epochs: int = 2):
+    recorder = _Recorder()
+    step = with_grad_accum(train_step(recorder), every=2)
+    state, _ = run_epochs(step, _state(seed=3), _loader(), epochs=epochs, progress=False)
+    return state, recorder.seen
+
+
+def test_a_restored_state_continues_with_the_same_batches_in_the_same_order(tmp_path, take_snapshot,
+                                                                            assert_trees_equal):
+    reference, reference_seen = _uninterrupted(tmp_path)
+    recorder = _Recorder()
+    step = with_checkpointing(with_grad_accum(train_step(recorder), every=2), tmp_path, every_n_steps=1)
+    run_epochs(step, _state(seed=3), _loader(), max_steps=7, progress=False)  # stops mid-epoch 1
+    assert recorder.seen == reference_seen[:14]
+    restored = loopkit.restore(_state(seed=99), tmp_path)  # another seed: the checkpoint's wins
+    assert (restored.epoch, restored.batch_index, restored.step, restored.seed) == (1, 4, 7, 3)
+    final, _ = run_epochs(step, restored, _loader(), epochs=2, progress=False)
+    assert recorder.seen == reference_seen
+    assert_trees_equal(take_snapshot(final), take_snapshot(reference))
+
+
+def test_sigterm_stops_after_the_current_step_saves_and_resumes_exactly(tmp_path, take_snapshot, assert_trees_equal):
+    reference, reference_seen = _uninterrupted(tmp_path)
+    previous = signal.getsignal(signal.SIGTERM)
+
+    class Terminate:
+        def on_batch_end(self, state, metrics):
+            if state.epoch == 0 and state.batch_index == 5:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    recorder = _Recorder()
+    step = with_checkpointing(with_grad_accum(train_step(recorder), every=2), tmp_path, every_n_epochs=1)
+    stopped, history = run_epochs(step, _state(seed=3), _loader(), epochs=2, progress=False, callbacks=[Terminate()])
+    assert (stopped.epoch, stopped.batch_index, stopped.step) == (0, 5, 2)  # the step under way finished
+    assert signal.getsignal(signal.SIGTERM) is previous
+    assert len(history) == 1 and recorder.seen == reference_seen[:5]
+    [saved] = checkpoint.list_checkpoints(tmp_path)
+    payload = checkpoint.load(saved.path)
+    assert payload["meta"]["reason"] == "stop" and payload["state"]["extras"]["accum/count"] == 1
+    final, _ = run_epochs(step, loopkit.restore(_state(), tmp_path), _loader(), epochs=2, progress=False)
+    assert recorder.seen == reference_seen
+    assert_trees_equal(take_snapshot(final), take_snapshot(reference))
+
+
+def test_a_second_signal_stops_at_once(tmp_path):
+    previous = signal.getsignal(signal.SIGINT)
+
+    class Interrupt:
+        def on_batch_end(self, state, metrics):
+            if state.batch_index == 2:
+                signal.raise_signal(signal.SIGINT)
+                signal.raise_signal(signal.SIGINT)
+
+    step = with_checkpointing(train_step(_mse), tmp_path)
+    with pytest.raises(KeyboardInterrupt, match="SIGINT after SIGINT: stopping at once"):
+        run_epochs(step, _state(), _loader(), epochs=1, progress=False, callbacks=[Interrupt()])
+    assert signal.getsignal(signal.SIGINT) is previous
+    assert checkpoint.list_checkpoints(tmp_path) == []  # it did not wait to save
+
+
+def test_outside_the_main_thread_no_handler_is_installed(tmp_path):
+    seen = []
+
+    class Look:
+        def on_batch_end(self, state, metrics):
+            seen.append(signal.getsignal(signal.SIGTERM))
+
+    before = signal.getsignal(signal.SIGTERM)
+    worker = threading.Thread(target=run_epochs, args=(train_step(_mse), _state(), _loader()),
+                              kwargs={"epochs": 1, "progress": False, "callbacks": [Look()]})
+    worker.start()
+    worker.join(timeout=60)
+    assert len(seen) == 10 and all(h is before for h in seen)
+
+
+# --- saving in the background ------------------------------------------------------------------
+
+
+def test_async_saves_hold_exactly_what_synchronous_saves_hold(tmp_path, assert_trees_equal):
+    for mode in ("sync", "async"):
+        step = with_checkpointing(with_grad_accum(train_step(_mse), every=2), tmp_path / mode, every_n_steps=1,
+                                  keep_last=None, async_save=mode == "async")
+        run_epochs(step, _state(seed=1), _loader(), epochs=1, progress=False)  # donated: updated in place
+    sync, background = (checkpoint.list_checkpoints(tmp_path / m) for m in ("sync", "async"))
+    assert [c.name for c in sync] == [c.name for c in background] and len(sync) == 5
+    for a, b in zip(sync, background):
+        one, two = checkpoint.load(a.path), checkpoint.load(b.path)
+        assert_trees_equal(one["state"], two["state"])
+
+
+def test_a_failed_background_save_is_raised_and_leaves_nothing(tmp_path, monkeypatch):
+    def full_disk(payload, path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "_write_payload", full_disk)
+    step = with_checkpointing(train_step(_mse), tmp_path, every_n_steps=4, async_save=True)
+    with pytest.raises(OSError, match="no space left on device"):
+        run_epochs(step, _state(), _loader(), epochs=1, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock"]
+
+
+def test_a_failed_save_leaves_the_callers_state_as_it_was(tmp_path, monkeypatch, take_snapshot, assert_trees_equal):
+    monkeypatch.setattr(checkpoint, "_write_payload", lambda payload, path: (_ for _ in ()).throw(
+        OSError(errno.ENOSPC, "No space left on device")))
+    step = with_checkpointing(train_step(_mse), tmp_path, every_n_steps=1)
+    state = _state()
+    before = take_snapshot(state)
+    batch = next(iter(_loader()))
+    with pytest.raises(OSError, match="previous checkpoints are intact"):
+        step(state, batch)
+    assert_trees_equal(take_snapshot(state), before)
+
+
+def test_after_fit_end_the_same_position_is_saved_again(tmp_path):
+    step = with_checkpointing(_count_step, tmp_path, every_n_steps=1, keep_last=None)
+    start = TrainState.create(nn.Linear(1, 1))
+    first, _ = step(start, None)
+    step.notify("stop", first, {})  # the same position: not saved twice within one run
+    assert _steps(tmp_path) == [1]
+    step.notify("fit_end", first, {})
+    step(start, None)  # a second run with the same step object reaches the same position
+    assert _steps(tmp_path) == [1, 1]
+
+
+def test_an_epoch_without_steps_is_not_scored(tmp_path):
+    step = with_checkpointing(_count_step, tmp_path, monitor="train/loss")
+    step.notify("epoch_end", TrainState.create(nn.Linear(1, 1)).evolve(epoch=1), {"epoch": 0, "step": 0})
+    assert _steps(tmp_path) == []
+    with pytest.raises(KeyError, match="monitor 'train/loss'"):
+        step.notify("epoch_end", TrainState.create(nn.Linear(1, 1)), {"epoch": 0, "train/mse": 1.0})

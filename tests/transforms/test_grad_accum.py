@@ -1,0 +1,166 @@
+"""with_grad_accum: n micro-batches equal one batch n times larger; counters, flush, checkpoints."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import loopkit
+
+RTOL = 1e-6  # summing n micro-batch gradients rounds differently from one big batch's
+
+
+def _cat(batches):
+    return tuple(torch.cat(parts) for parts in zip(*batches))
+
+
+def _optimizer(kind, model):
+    if kind == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    return torch.optim.Adam(model.parameters(), lr=0.01)
+
+
+def _assert_close(got, want):
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=RTOL, atol=RTOL * float(want[name].detach().abs().max()))
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+def test_four_micro_batches_equal_one_batch_four_times_larger(kind, make_mlp, make_batches, mse_loss):
+    every, groups = 4, 3
+    data = make_batches(every * groups, batch_size=5)
+    ref_model = make_mlp(0)
+    ref_opt = _optimizer(kind, ref_model)
+    for g in range(groups):
+        ref_opt.zero_grad()
+        mse_loss(ref_model, _cat(data[g * every : (g + 1) * every])).backward()
+        ref_opt.step()
+
+    model = make_mlp(0)
+    state = loopkit.TrainState.create(model, _optimizer(kind, model))
+    step = loopkit.with_grad_accum(loopkit.train_step(mse_loss), every=every)
+    for batch in data:
+        state, _ = step(state, batch)
+    assert state.step == groups
+    want = dict(ref_model.named_parameters())
+    got = dict(state.model.named_parameters())
+    assert not torch.equal(got["0.weight"], make_mlp(0)[0].weight)
+    _assert_close(got, want)
+
+
+def test_micro_batch_sum_is_bitwise_a_raw_accumulation_loop(make_mlp, make_batches, mse_loss, assert_trees_equal):
+    """The usual hand-written accumulation loop: (loss / n).backward() n times, then step."""
+    every = 4
+    data = make_batches(8)
+    ref_model = make_mlp(0)
+    ref_opt = torch.optim.Adam(ref_model.parameters(), lr=0.01)
+    ref_sched = torch.optim.lr_scheduler.StepLR(ref_opt, 1, 0.5)
+    for k, batch in enumerate(data, start=1):
+        (mse_loss(ref_model, batch) / every).backward()
+        if k % every == 0:
+            ref_opt.step()
+            ref_sched.step()
+            ref_opt.zero_grad()
+
+    model = make_mlp(0)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    state = loopkit.TrainState.create(model, opt, torch.optim.lr_scheduler.StepLR(opt, 1, 0.5))
+    state, _ = loopkit.run_epochs(
+        loopkit.with_grad_accum(loopkit.train_step(mse_loss), every=every),
+        state, data, epochs=1, progress=False, sanity_val_batches=0,
+    )
+    assert_trees_equal(dict(state.model.state_dict()), dict(ref_model.state_dict()))
+    assert_trees_equal(state.optimizer.state_dict(), ref_opt.state_dict())
+    assert state.scheduler.get_last_lr() == ref_sched.get_last_lr()
+
+
+def test_step_and_scheduler_advance_once_per_group(make_mlp, make_batches, mse_loss, make_adam_state):
+    state = make_adam_state(make_mlp(0), scheduler=True)
+    step = loopkit.with_grad_accum(loopkit.train_step(mse_loss), every=4)
+    seen = []
+    for batch in make_batches(8):
+        before = state.model[0].weight.detach().clone()
+        state, metrics = step(state, batch)
+        moved = not torch.equal(before, state.model[0].weight)
+        seen.append((state.step, state.scheduler.last_epoch, moved, state.batch_index, "loss" in metrics))
+    assert seen == [
+        (0, 0, False, 1, True), (0, 0, False, 2, True), (0, 0, False, 3, True), (1, 1, True, 4, True),
+        (1, 1, False, 5, True), (1, 1, False, 6, True), (1, 1, False, 7, True), (2, 2, True, 8, True),
+    ]
+    assert state.optimizer.param_groups[0]["lr"] == pytest.approx(0.01 * 0.9**2)
+
+
+def _reference_partial(make_mlp, mse_loss, data, every):
+    """One SGD step per full group of ``every`` and one on the concatenated remainder."""
+    ref_model = make_mlp(0)
+    ref_opt = torch.optim.SGD(ref_model.parameters(), lr=0.1, momentum=0.9)
+    for start in range(0, len(data), every):
+        ref_opt.zero_grad()
+        mse_loss(ref_model, _cat(data[start : start + every])).backward()
+        ref_opt.step()
+    return dict(ref_model.named_parameters())
+
+
+def test_flush_updates_with_the_mean_over_the_micro_batches_seen(make_mlp, make_batches, mse_loss, make_sgd_state):
+    data = make_batches(6)
+    step = loopkit.with_grad_accum(loopkit.train_step(mse_loss), every=4)
+    state = make_sgd_state(make_mlp(0))
+    for batch in data:
+        state, _ = step(state, batch)
+    assert (state.step, state.extras["accum/count"]) == (1, 2)
+    flushed, metrics = step.flush(state)
+    assert flushed.step == 2 and "accum/count" not in flushed.extras
+    assert state.step == 1 and state.extras["accum/count"] == 2  # flush is pure too
+    assert all(p.grad is None for p in flushed.model.parameters())
+    _assert_close(dict(flushed.model.named_parameters()), _reference_partial(make_mlp, mse_loss, data, 4))
+    again, _ = step.flush(flushed)  # nothing left: a no-op
+    assert again.step == 2 and torch.equal(again.model[0].weight, flushed.model[0].weight)
+
+
+def test_run_epochs_flushes_a_partial_group_at_epoch_end(make_mlp, make_batches, mse_loss, make_sgd_state):
+    data = make_batches(6)
+    state = make_sgd_state(make_mlp(0))
+    state, history = loopkit.run_epochs(
+        loopkit.with_grad_accum(loopkit.train_step(mse_loss), every=4),
+        state, data, epochs=1, progress=False, sanity_val_batches=0,
+    )
+    assert (state.step, state.epoch, state.batch_index) == (2, 1, 0)
+    assert "accum/count" not in state.extras
+    _assert_close(dict(state.model.named_parameters()), _reference_partial(make_mlp, mse_loss, data, 4))
+
+
+@pytest.mark.parametrize("stop_after", [1, 2, 3])
+def test_accumulated_gradient_survives_a_state_dict_round_trip(
+    stop_after, make_mlp, make_batches, mse_loss, make_adam_state, take_snapshot, assert_trees_equal
+):
+    data = make_batches(8)
+    step = loopkit.with_grad_accum(loopkit.train_step(mse_loss), every=4)
+    state = make_adam_state(make_mlp(0), scheduler=True)
+    for batch in data[:stop_after]:
+        state, _ = step(state, batch)
+    assert state.extras["accum/count"] == stop_after
+    restored = make_adam_state(make_mlp(1), scheduler=True).load_state_dict(state.state_dict())
+    for batch in data[stop_after:]:
+        state, _ = step(state, batch)
+        restored, _ = step(restored, batch)
+    assert state.step == 2
+    assert_trees_equal(take_snapshot(restored), take_snapshot(state))
+
+
+def test_pure_mid_group(make_mlp, make_batches, mse_loss, make_sgd_state, take_snapshot, assert_trees_equal):
+    data = make_batches(3)
+    step = loopkit.with_grad_accum(loopkit.train_step(mse_loss), every=4)
+    state, _ = step(make_sgd_state(make_mlp(0)), data[0])
+    before = take_snapshot(state)
+    a, _ = step(state, data[1])
+    b, _ = step(state, data[1])
+    assert_trees_equal(take_snapshot(state), before)  # the accumulated gradient of the input is untouched
+    assert_trees_equal(take_snapshot(a), take_snapshot(b))
+    assert not torch.equal(a.model[0].weight.grad, state.model[0].weight.grad)
+
+
+@pytest.mark.parametrize("every", [0, -2, 1.5, "4", True, None])
+def test_every_must_be_a_positive_int(every, mse_loss):
+    with pytest.raises(ValueError) as info:
+        loopkit.with_grad_accum(loopkit.train_step(mse_loss), every=every)
+    assert "with_grad_accum: every must be a positive int" in str(info.value) and repr(every) in str(info.value)

@@ -1,0 +1,183 @@
+"""with_grad_clip: bitwise torch.nn.utils clipping in a raw loop; its place relative to accumulation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import loopkit
+
+MAX_NORM = 0.3  # the tiny MLP's gradients have norms around 1-2: clipping is active
+MAX_VALUE = 0.05
+
+
+def _raw_clipped_loop(model, data, loss_fn, clip):
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    norms = []
+    for batch in data:
+        opt.zero_grad()
+        loss_fn(model, batch).backward()
+        norms.append(clip(list(model.parameters())))
+        opt.step()
+    return opt, norms
+
+
+def _clip_norm(params):
+    return torch.nn.utils.clip_grad_norm_(params, MAX_NORM)
+
+
+def _clip_value(params):
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    torch.nn.utils.clip_grad_value_(params, MAX_VALUE)
+    return norm
+
+
+def _clip_both(params):
+    norm = _clip_value(params)
+    torch.nn.utils.clip_grad_norm_(params, MAX_NORM)
+    return norm
+
+
+@pytest.mark.parametrize(
+    "options, clip",
+    [({"max_norm": MAX_NORM}, _clip_norm), ({"max_value": MAX_VALUE}, _clip_value), ({"max_norm": MAX_NORM, "max_value": MAX_VALUE}, _clip_both)],
+    ids=["max_norm", "max_value", "both"],
+)
+def test_clipping_is_bitwise_torch_nn_utils_in_a_raw_loop(options, clip, make_mlp, make_batches, mse_loss, make_sgd_state, assert_trees_equal):
+    data = make_batches(4)
+    ref_model = make_mlp(0)
+    ref_opt, ref_norms = _raw_clipped_loop(ref_model, data, mse_loss, clip)
+    assert all(n > MAX_NORM for n in ref_norms)  # every update was clipped
+
+    state = make_sgd_state(make_mlp(0))
+    step = loopkit.with_grad_clip(loopkit.train_step(mse_loss), **options)
+    norms = []
+    for batch in data:
+        state, metrics = step(state, batch)
+        norms.append(metrics["grad_norm"])
+    assert_trees_equal(dict(state.model.named_parameters()), dict(ref_model.named_parameters()))
+    assert_trees_equal(state.optimizer.state_dict(), ref_opt.state_dict())
+    assert_trees_equal(norms, ref_norms)  # grad_norm is the norm before clipping
+
+
+def test_clipping_changes_the_result(make_mlp, make_batches, mse_loss, make_sgd_state):
+    data = make_batches(2)
+    plain, clipped = make_sgd_state(make_mlp(0)), make_sgd_state(make_mlp(0))
+    for batch in data:
+        plain, _ = loopkit.train_step(mse_loss)(plain, batch)
+        clipped, _ = loopkit.with_grad_clip(loopkit.train_step(mse_loss), max_norm=MAX_NORM)(clipped, batch)
+    assert not torch.equal(plain.model[0].weight, clipped.model[0].weight)
+
+
+# --- order relative to gradient accumulation -------------------------------------------------------
+
+
+def _raw_clip_per_update(model, data, loss_fn, every):
+    """Accumulate (loss / every) over the group, clip the summed gradient once, step."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    params = list(model.parameters())
+    norms = []
+    for start in range(0, len(data), every):
+        for batch in data[start : start + every]:
+            (loss_fn(model, batch) / every).backward()
+        norms.append(torch.nn.utils.clip_grad_norm_(params, MAX_NORM))
+        opt.step()
+        opt.zero_grad()
+    return norms
+
+
+def _raw_clip_per_micro_batch(model, data, loss_fn, every):
+    """Clip each micro-batch's own gradient, then update with the group's mean of the clipped gradients."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    params = list(model.parameters())
+    norms = []
+    for start in range(0, len(data), every):
+        total = None
+        for batch in data[start : start + every]:
+            opt.zero_grad()
+            loss_fn(model, batch).backward()
+            norms.append(torch.nn.utils.clip_grad_norm_(params, MAX_NORM))
+            share = [p.grad / every for p in params]
+            total = share if total is None else [t + s for t, s in zip(total, share)]
+        for p, g in zip(params, total):
+            p.grad = g
+        opt.step()
+        opt.zero_grad()
+    return norms
+
+
+def test_clip_outside_accumulation_clips_the_summed_gradient_once(make_mlp, make_batches, mse_loss, make_sgd_state, assert_trees_equal):
+    data = make_batches(6)
+    ref_model = make_mlp(0)
+    ref_norms = _raw_clip_per_update(ref_model, data, mse_loss, every=2)
+
+    step = loopkit.with_grad_clip(loopkit.with_grad_accum(loopkit.train_step(mse_loss), every=2), max_norm=MAX_NORM)
+    assert step.applied == ("train_step", "with_grad_accum", "with_grad_clip")
+    state = make_sgd_state(make_mlp(0))
+    norms = []
+    for batch in data:
+        state, metrics = step(state, batch)
+        if "grad_norm" in metrics:
+            norms.append(metrics["grad_norm"])
+    assert len(norms) == 3  # reported once per update
+    assert_trees_equal(norms, ref_norms)
+    assert_trees_equal(dict(state.model.named_parameters()), dict(ref_model.named_parameters()))
+
+
+def test_clip_inside_accumulation_clips_each_micro_batch(make_mlp, make_batches, mse_loss, make_sgd_state, assert_trees_equal):
+    data = make_batches(6)
+    ref_model = make_mlp(0)
+    ref_norms = _raw_clip_per_micro_batch(ref_model, data, mse_loss, every=2)
+
+    step = loopkit.with_grad_accum(loopkit.with_grad_clip(loopkit.train_step(mse_loss), max_norm=MAX_NORM), every=2)
+    assert step.applied == ("train_step", "with_grad_clip", "with_grad_accum")
+    state = make_sgd_state(make_mlp(0))
+    norms = []
+    for batch in data:
+        state, metrics = step(state, batch)
+        norms.append(metrics["grad_norm"])  # reported on every call: each micro-batch's own norm
+    assert_trees_equal(norms, ref_norms)
+    assert_trees_equal(dict(state.model.named_parameters()), dict(ref_model.named_parameters()))
+
+
+def test_the_two_orders_differ(make_mlp, make_batches, mse_loss, make_sgd_state):
+    data = make_batches(4)
+    outside = loopkit.with_grad_clip(loopkit.with_grad_accum(loopkit.train_step(mse_loss), every=2), max_norm=MAX_NORM)
+    inside = loopkit.with_grad_accum(loopkit.with_grad_clip(loopkit.train_step(mse_loss), max_norm=MAX_NORM), every=2)
+    a, b = make_sgd_state(make_mlp(0)), make_sgd_state(make_mlp(0))
+    for batch in data:
+        a, _ = outside(a, batch)
+        b, _ = inside(b, batch)
+    assert a.step == b.step == 2
+    assert not torch.equal(a.model[0].weight, b.model[0].weight)
+
+
+def test_clip_inside_accumulation_does_not_depend_on_every(make_mlp, make_batches, mse_loss, make_sgd_state):
+    """A micro-batch's clipped gradient and its grad_norm are the same whatever the group size."""
+    batch = make_batches(1)[0]
+    alone = loopkit.with_grad_clip(loopkit.train_step(mse_loss), max_norm=MAX_NORM)
+    _, metrics_alone = alone(make_sgd_state(make_mlp(0)), batch)
+    for every in (2, 3):
+        _, metrics = loopkit.with_grad_accum(alone, every=every)(make_sgd_state(make_mlp(0)), batch)
+        assert torch.equal(metrics["grad_norm"], metrics_alone["grad_norm"])
+
+
+# --- bad options ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "options, fragment",
+    [
+        ({}, "give max_norm, max_value, or both"),
+        ({"max_norm": -1.0}, "max_norm must be a positive number, got -1.0"),
+        ({"max_norm": 0}, "max_norm must be a positive number, got 0"),
+        ({"max_value": -0.5}, "max_value must be a positive number, got -0.5"),
+        ({"max_norm": "1"}, "max_norm must be a positive number, got '1'"),
+        ({"max_norm": 1.0, "norm_type": -2}, "norm_type must be positive"),
+    ],
+    ids=["neither", "negative-norm", "zero-norm", "negative-value", "string-norm", "bad-norm-type"],
+)
+def test_bad_options_are_refused_naming_the_option(options, fragment, mse_loss):
+    with pytest.raises(ValueError) as info:
+        loopkit.with_grad_clip(loopkit.train_step(mse_loss), **options)
+    assert str(info.value).startswith("with_grad_clip: ") and fragment in str(info.value)

@@ -1,0 +1,420 @@
+"""``with_logging``: what the loggers receive, checked against the metrics the steps returned."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import loopkit
+from loopkit import (
+    ConsoleLogger,
+    CSVLogger,
+    JSONLLogger,
+    Logger,
+    TensorBoardLogger,
+    eval_step,
+    run_epochs,
+    train_step,
+    with_amp,
+    with_grad_accum,
+    with_grad_clip,
+    with_logging,
+)
+
+
+class MemoryLogger(Logger):
+    """Keeps what it is given: ``logged`` is a list of ``(step, metrics)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.logged: list[tuple[int, dict[str, float]]] = []
+        self.finalized = 0
+
+    def _write_metrics(self, metrics, step):
+        self.logged.append((step, dict(metrics)))
+
+    def _finalize(self):
+        self.finalized += 1
+
+    def series(self, tag):
+        return [(step, m[tag]) for step, m in self.logged if tag in m]
+
+
+class Recorder:
+    """A callback that records each training call's metrics (as floats) and the step after it."""
+
+    def __init__(self):
+        self.calls: list[tuple[int, dict[str, float]]] = []
+
+    def on_batch_end(self, state, metrics):
+        self.calls.append((state.step, {k: float(v) for k, v in metrics.items()}))
+
+
+def loss_with_mae(model, batch):
+    x, y = batch
+    err = model(x) - y
+    return (err**2).mean(), {"mae": err.abs().mean()}
+
+
+def mse_metric(model, batch):
+    x, y = batch
+    return {"mse": ((model(x) - y) ** 2).mean()}
+
+
+def scalars(log_dir, tag):
+    acc = EventAccumulator(log_dir, size_guidance={"scalars": 0, "histograms": 0})
+    acc.Reload()
+    return [(e.step, e.value) for e in acc.Scalars(tag)] if tag in acc.Tags()["scalars"] else []
+
+
+def csv_series(log_dir, tag):
+    with open(os.path.join(log_dir, "metrics.csv"), newline="") as f:
+        return [(int(r["step"]), float(r[tag])) for r in csv.DictReader(f) if r.get(tag)]
+
+
+def mean(values):
+    values = list(values)
+    return sum(values) / len(values)
+
+
+def assert_series(actual, expected, rel):
+    assert [s for s, _ in actual] == [s for s, _ in expected]
+    for (step, got), (_, want) in zip(actual, expected):
+        assert got == pytest.approx(want, rel=rel), f"step {step}"
+
+
+# --- what is logged, read back ---------------------------------------------------------------------
+
+
+def test_event_files_and_csv_hold_the_window_epoch_and_validation_means(tmp_path, make_mlp, make_batches, make_sgd_state):
+    data, val_data = make_batches(7, seed=1), make_batches(3, seed=2)
+    tb, csv_logger, jsonl = TensorBoardLogger(tmp_path), CSVLogger(tmp_path), JSONLLogger(tmp_path)
+    recorder = Recorder()
+    step = with_logging(train_step(loss_with_mae), tb, csv_logger, jsonl, every_n_steps=3)
+    state, history = run_epochs(
+        step, make_sgd_state(make_mlp(), lr=0.05), data, epochs=2,
+        val=(eval_step(mse_metric), val_data), callbacks=[recorder], progress=False,
+    )
+    assert tb.log_dir == csv_logger.log_dir == jsonl.log_dir == str(tmp_path / "default" / "version_0")
+    calls = recorder.calls
+    assert [s for s, _ in calls] == list(range(1, 15))
+    # windows of 3 updates, one crossing the epoch boundary (steps 7..9); step 14 ends no window
+    windows = {
+        tag: [(end, mean(m[name] for _, m in calls[end - 3:end])) for end in (3, 6, 9, 12)]
+        for tag, name in (("train/loss", "loss"), ("train/mae", "mae"))
+    }
+    per_epoch = {
+        "train/loss_epoch": [(7 * (e + 1), history[e]["train/loss"]) for e in range(2)],
+        "val/mse": [(7 * (e + 1), history[e]["val/mse"]) for e in range(2)],
+        "epoch": [(7, 0.0), (14, 1.0)],
+    }
+    # the epoch means are the driver's too: the reference of the reference
+    assert history[0]["train/loss"] == pytest.approx(mean(m["loss"] for _, m in calls[:7]), rel=1e-6)
+    for tag, expected in {**windows, **per_epoch}.items():
+        assert_series(scalars(tb.log_dir, tag), expected, rel=1e-6)  # TensorBoard keeps float32
+        assert_series(csv_series(csv_logger.log_dir, tag), expected, rel=1e-6 if tag in windows else 0)
+    lines = [json.loads(line) for line in open(os.path.join(jsonl.log_dir, "metrics.jsonl"))]
+    assert [line["step"] for line in lines if "train/loss" in line] == [3, 6, 9, 12]
+    assert not any("val/mse_epoch" in line or "train/loss" in line and "train/loss_epoch" in line for line in lines)
+
+
+def test_under_grad_accum_a_window_is_n_updates_and_flush_counts(tmp_path, make_mlp, make_batches, make_sgd_state):
+    batches = make_batches(7)
+    inner = with_grad_clip(with_grad_accum(train_step(loss_with_mae), every=2), max_norm=0.5)
+    # the reference: the bare step called by hand, then the end-of-epoch flush (a partial group)
+    state, calls = make_sgd_state(make_mlp()), []
+    for batch in batches:
+        state, metrics = inner(state, batch)
+        calls.append({k: float(v) for k, v in metrics.items()})
+    state, flushed = inner.flush(state)
+    calls.append({k: float(v) for k, v in flushed.items()})
+    assert state.step == 4  # updates after calls 2, 4, 6, and the flush after call 7
+    memory = MemoryLogger()
+    logged_state, _ = run_epochs(
+        with_logging(inner, memory, every_n_steps=2), make_sgd_state(make_mlp()), batches, epochs=1, progress=False
+    )
+    assert logged_state.step == 4
+    assert_series(memory.series("train/loss"), [(2, mean(m["loss"] for m in calls[:4])), (4, mean(m["loss"] for m in calls[4:7]))], 1e-6)
+    # grad_norm comes with updates only (calls 2, 4, 6 and the flush): its means are over updates, not calls
+    norms = [m["grad_norm"] for m in calls if "grad_norm" in m]
+    assert len(norms) == 4 and "grad_norm" in calls[-1]
+    assert_series(memory.series("train/grad_norm"), [(2, mean(norms[:2])), (4, mean(norms[2:]))], 1e-6)
+
+
+def test_logged_by_hand_equals_the_bare_steps_metrics_and_training_is_unchanged(make_mlp, make_batches, make_adam_state):
+    """Without the driver: the wrapped step called by hand, against the bare step called by hand."""
+    batches = make_batches(9)
+    bare = with_amp(train_step(loss_with_mae), dtype=torch.bfloat16)
+    memory = MemoryLogger()
+    logged = with_logging(bare, memory, every_n_steps=4)
+    a, b = make_adam_state(make_mlp(), scheduler=True), make_adam_state(make_mlp(), scheduler=True)
+    reference = []
+    for batch in batches:
+        a, ma = logged(a, batch)
+        b, mb = bare(b, batch)
+        assert {k: float(v) for k, v in ma.items()} == {k: float(v) for k, v in mb.items()}
+        reference.append({k: float(v) for k, v in mb.items()})
+    for (n, p), (_, q) in zip(a.model.named_parameters(), b.model.named_parameters()):
+        assert torch.equal(p, q), n
+    expected = [(4, mean(m["loss"] for m in reference[:4])), (8, mean(m["loss"] for m in reference[4:8]))]
+    assert_series(memory.series("train/loss"), expected, 1e-6)
+    assert [s for s, _ in memory.logged] == [4, 8]
+    assert a.extras["logging/counts"] == {"loss": 1, "mae": 1}  # call 9 opened the next window
+
+
+def test_a_plain_function_step_is_logged_when_it_advances_state_step(tmp_path):
+    def count_step(state, batch):
+        return state.evolve(step=state.step + 1), {"value": batch.sum()}
+
+    memory = MemoryLogger()
+    step = with_logging(count_step, memory, every_n_steps=2)
+    state = loopkit.TrainState.create(torch.nn.Linear(1, 1))
+    state, history = run_epochs(step, state, [torch.tensor([float(i)]) for i in range(1, 6)], epochs=1, progress=False)
+    assert memory.series("train/value") == [(2, 1.5), (4, 3.5)]
+    assert memory.series("train/value_epoch") == [(5, 3.0)]
+    assert memory.finalized == 1
+
+
+def test_long_windows_are_folded_on_the_device_without_changing_the_means():
+    """A window longer than the 256 tensors kept per metric: partial sums, same means."""
+
+    def count_step(state, batch):
+        return state.evolve(step=state.step + 1), {"value": torch.tensor(float(batch))}
+
+    memory = MemoryLogger()
+    step = with_logging(count_step, memory, every_n_steps=300)
+    state = loopkit.TrainState.create(torch.nn.Linear(1, 1))
+    for i in range(1, 601):
+        state, _ = step(state, i)
+        assert len(state.extras.get("logging/window", {}).get("value", ())) <= 256
+    assert memory.series("train/value") == [(300, 150.5), (600, 450.5)]  # integer sums, exact in float32
+
+
+def test_two_runs_land_in_version_0_and_version_1(tmp_path, make_mlp, make_batches, make_sgd_state):
+    snapshots = []
+    for run in range(2):
+        tb, csv_logger = TensorBoardLogger(tmp_path, "exp"), CSVLogger(tmp_path, "exp")
+        step = with_logging(train_step(loss_with_mae), tb, csv_logger, every_n_steps=2)
+        run_epochs(step, make_sgd_state(make_mlp(seed=run)), make_batches(4), epochs=1, progress=False)
+        assert tb.log_dir == csv_logger.log_dir == str(tmp_path / "exp" / f"version_{run}")
+        files = sorted(os.listdir(tb.log_dir))
+        assert "metrics.csv" in files and any(f.startswith("events.out.tfevents") for f in files)
+        snapshots.append({f: open(os.path.join(tb.log_dir, f), "rb").read() for f in files})
+    assert sorted(os.listdir(tmp_path / "exp")) == ["version_0", "version_1"]
+    version_0 = tmp_path / "exp" / "version_0"
+    assert {f: open(version_0 / f, "rb").read() for f in os.listdir(version_0)} == snapshots[0]
+    assert csv_series(version_0, "train/loss") != csv_series(tmp_path / "exp" / "version_1", "train/loss")
+
+
+def _run_with_sanity_validation(root, val_every_n_epochs, make_mlp, make_batches, make_sgd_state):
+    validations = []
+
+    def counted_mse(model, batch):
+        validations.append(1)
+        return mse_metric(model, batch)
+
+    os.makedirs(root)
+    console = os.path.join(root, "console.txt")
+    with open(console, "w") as stream:
+        loggers = (TensorBoardLogger(root), CSVLogger(root), JSONLLogger(root), ConsoleLogger(stream=stream))
+        step = with_logging(train_step(loss_with_mae), *loggers, every_n_steps=1)
+        run_epochs(
+            step, make_sgd_state(make_mlp()), make_batches(3), epochs=1, sanity_val_batches=2,
+            val=(eval_step(counted_mse), make_batches(2, seed=5)), val_every_n_epochs=val_every_n_epochs,
+            progress=False,
+        )
+    return len(validations), loggers[0].log_dir, console
+
+
+def test_sanity_validation_leaves_no_trace_in_any_logger(tmp_path, make_mlp, make_batches, make_sgd_state):
+    # one epoch, validation every 2nd epoch: the only validation that runs is the sanity check
+    ran, log_dir, console = _run_with_sanity_validation(tmp_path / "a", 2, make_mlp, make_batches, make_sgd_state)
+    assert ran == 2  # the sanity check did run its two batches
+    files = [os.path.join(log_dir, f) for f in os.listdir(log_dir)] + [console]
+    assert len(files) == 4  # event file, metrics.csv, metrics.jsonl, console output
+    for path in files:
+        content = open(path, "rb").read()
+        assert b"train/loss" in content, path  # each logger did write
+        assert b"val" not in content, path
+    assert "val/mse" not in EventAccumulator(log_dir).Reload().Tags()["scalars"]
+    # the control: a real validation is found by the same checks
+    ran, log_dir, console = _run_with_sanity_validation(tmp_path / "b", 1, make_mlp, make_batches, make_sgd_state)
+    assert ran == 4
+    for path in [os.path.join(log_dir, f) for f in os.listdir(log_dir)] + [console]:
+        assert b"val/mse" in open(path, "rb").read(), path
+
+
+def test_hparams_are_written_with_the_final_metrics(tmp_path, make_mlp, make_batches, make_sgd_state):
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    tb, csv_logger = TensorBoardLogger(tmp_path), CSVLogger(tmp_path)
+    for logger in (tb, csv_logger):
+        logger.log_hparams({"lr": 0.05, "hidden": 8})
+    step = with_logging(train_step(loss_with_mae), tb, csv_logger, every_n_steps=2)
+    run_epochs(step, make_sgd_state(make_mlp(), lr=0.05), make_batches(4), epochs=1,
+               val=(eval_step(mse_metric), make_batches(2)), progress=False)
+    assert tb.log_dir == csv_logger.log_dir
+    assert json.load(open(os.path.join(csv_logger.log_dir, "hparams.json"))) == {"lr": 0.05, "hidden": 8}
+    acc = EventAccumulator(tb.log_dir)
+    acc.Reload()
+    content = {t: plugin_data_pb2.HParamsPluginData.FromString(c) for t, c in acc.PluginTagToContent("hparams").items()}
+    start = content["_hparams_/session_start_info"].session_start_info.hparams
+    assert (start["lr"].number_value, start["hidden"].number_value) == (0.05, 8)
+    tags = {m.name.tag for m in content["_hparams_/experiment"].experiment.metric_infos}
+    assert {"val/mse", "train/loss", "train/loss_epoch", "epoch"} <= tags
+
+
+def test_histograms_hold_the_gradients_the_optimizer_used(tmp_path, make_mlp, make_batches):
+    """Compared with a raw PyTorch loop: clip, record the gradient, step."""
+    batches = make_batches(4)
+    reference_model = make_mlp()
+    opt = torch.optim.SGD(reference_model.parameters(), lr=0.1)
+    expected = {}
+    for i, (x, y) in enumerate(batches, start=1):
+        opt.zero_grad()
+        ((reference_model(x) - y) ** 2).mean().backward()
+        torch.nn.utils.clip_grad_norm_(reference_model.parameters(), 0.5)
+        if i % 2 == 0:
+            expected[i] = (reference_model[0].weight.detach().clone(), reference_model[0].weight.grad.clone())
+        opt.step()
+    model = make_mlp()
+    tb = TensorBoardLogger(tmp_path, histogram_every_n_steps=2)
+    loss = lambda m, b: ((m(b[0]) - b[1]) ** 2).mean()  # noqa: E731
+    step = with_logging(with_grad_clip(train_step(loss), max_norm=0.5), tb, every_n_steps=4)
+    run_epochs(step, loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1)), batches,
+               epochs=1, progress=False)
+    acc = EventAccumulator(tb.log_dir, size_guidance={"histograms": 0})
+    acc.Reload()
+    assert {"params/0.weight", "grads/0.weight", "params/2.bias", "grads/2.bias"} <= set(acc.Tags()["histograms"])
+    for tag, index in (("params/0.weight", 0), ("grads/0.weight", 1)):
+        events = acc.Histograms(tag)
+        assert [e.step for e in events] == [2, 4]
+        for event in events:
+            h, t = event.histogram_value, expected[event.step][index].double()
+            assert (h.num, h.min, h.max) == (t.numel(), pytest.approx(t.min().item()), pytest.approx(t.max().item()))
+            assert h.sum == pytest.approx(t.sum().item(), rel=1e-5, abs=1e-7)
+            assert h.sum_squares == pytest.approx(t.pow(2).sum().item(), rel=1e-5)
+
+
+def test_a_partial_window_survives_a_state_dict_round_trip(make_mlp, make_batches, make_sgd_state):
+    batches = make_batches(8)
+    straight, resumed = MemoryLogger(), MemoryLogger()
+    state = make_sgd_state(make_mlp())
+    step = with_logging(train_step(loss_with_mae), straight, every_n_steps=4)
+    for batch in batches:
+        state, _ = step(state, batch)
+    step = with_logging(train_step(loss_with_mae), resumed, every_n_steps=4)
+    state = make_sgd_state(make_mlp())
+    for batch in batches[:5]:
+        state, _ = step(state, batch)
+    state = make_sgd_state(make_mlp(seed=9)).load_state_dict(state.state_dict())  # mid-window
+    for batch in batches[5:]:
+        state, _ = step(state, batch)
+    assert resumed.logged == straight.logged and [s for s, _ in straight.logged] == [4, 8]
+
+
+# --- purity, host syncs, composition ------------------------------------------------------------
+
+
+def test_the_step_is_pure(make_mlp, make_batches, make_sgd_state, take_snapshot, assert_trees_equal):
+    step = with_logging(train_step(loss_with_mae), MemoryLogger(), every_n_steps=3)
+    batches = make_batches(3)
+    state = make_sgd_state(make_mlp())
+    state, _ = step(state, batches[0])  # the window now holds sums in extras
+    before = take_snapshot(state)
+    first, m1 = step(state, batches[1])
+    second, m2 = step(state, batches[1])
+    assert_trees_equal(take_snapshot(state), before)
+    assert_trees_equal(take_snapshot(first), take_snapshot(second))
+    assert_trees_equal(m1, m2)
+    window = first.extras["logging/window"]["loss"]  # the window grew by this call's loss, on a new state only
+    assert len(window) == 2 and torch.equal(window[1], m1["loss"])
+    assert len(state.extras["logging/window"]["loss"]) == 1
+
+
+def _count_conversions(monkeypatch):
+    count = [0]
+    for name in ("item", "__float__", "__bool__", "__int__", "tolist"):
+        original = getattr(torch.Tensor, name)
+
+        def counting(self, *args, _original=original, **kwargs):
+            count[0] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    return count
+
+
+def test_metrics_are_read_once_per_log_point_not_per_batch(tmp_path, monkeypatch, make_mlp, make_batches, make_sgd_state):
+    count = _count_conversions(monkeypatch)
+
+    def conversions(n_batches, log):
+        step = train_step(loss_with_mae)
+        if log:
+            step = with_logging(step, CSVLogger(tmp_path), every_n_steps=10)
+        state = make_sgd_state(make_mlp())
+        data = make_batches(n_batches)
+        count[0] = 0
+        run_epochs(step, state, data, epochs=1, progress=False)
+        return count[0]
+
+    plain_40, plain_80 = conversions(40, False), conversions(80, False)
+    logged_40, logged_80 = conversions(40, True), conversions(80, True)
+    assert plain_40 == plain_80  # the driver reads the epoch means only
+    extra_40, extra_80 = logged_40 - plain_40, logged_80 - plain_80
+    assert 0 < extra_40 <= 4 * 2  # 4 log points, 2 metrics: at most one read per metric per log point
+    assert extra_80 == 2 * extra_40  # twice the log points, twice the reads; nothing per batch
+
+
+@pytest.mark.parametrize("transform", [with_grad_clip, with_grad_accum, with_amp])
+def test_a_gradient_transform_cannot_wrap_with_logging(transform):
+    logged = with_logging(train_step(loss_with_mae), MemoryLogger())
+    options = {"with_grad_clip": {"max_norm": 1.0}, "with_grad_accum": {"every": 2}, "with_amp": {}}[transform.__name__]
+    with pytest.raises(TypeError, match=rf"{transform.__name__} cannot wrap with_logging"):
+        transform(logged, **options)
+    assert logged.applied == ("train_step", "with_logging")
+
+
+@pytest.mark.parametrize(
+    "args, kwargs, error, match",
+    [
+        ((MemoryLogger(),), {"every_n_steps": 0}, ValueError, "every_n_steps must be a positive int"),
+        ((MemoryLogger(),), {"every_n_steps": 2.5}, ValueError, "every_n_steps must be a positive int"),
+        ((MemoryLogger(),), {"every_n_steps": True}, ValueError, "every_n_steps must be a positive int"),
+        ((), {}, ValueError, "at least one logger"),
+        ((MemoryLogger(), object()), {}, TypeError, r"logger 1 \(object\) has no log_metrics\(\)"),
+    ],
+)
+def test_bad_arguments_are_refused(args, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        with_logging(train_step(loss_with_mae), *args, **kwargs)
+
+
+def test_a_donated_step_and_a_bad_metric_are_refused(make_mlp, make_sgd_state):
+    with pytest.raises(TypeError, match="donated"):
+        with_logging(loopkit.donate(train_step(loss_with_mae)), MemoryLogger())
+    step = with_logging(lambda s, b: (s.evolve(step=s.step + 1), {"acc": "high"}), MemoryLogger())
+    with pytest.raises(TypeError, match="metric 'acc' from the step wrapped by with_logging is a str"):
+        step(make_sgd_state(make_mlp()), None)
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_under_ddp_only_rank_zero_writes(tmp_path, monkeypatch, rank, make_mlp, make_batches, make_sgd_state):
+    monkeypatch.setattr(torch.distributed, "is_available", lambda: True)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None: rank)
+    loggers = (TensorBoardLogger(tmp_path, histogram_every_n_steps=1), CSVLogger(tmp_path), JSONLLogger(tmp_path))
+    step = with_logging(train_step(loss_with_mae), *loggers, every_n_steps=1)
+    state, _ = run_epochs(step, make_sgd_state(make_mlp()), make_batches(3), epochs=1,
+                          val=(eval_step(mse_metric), make_batches(2)), progress=False)
+    assert state.step == 3
+    written = [f for _, _, files in os.walk(tmp_path) for f in files]
+    if rank == 0:
+        assert {"metrics.csv", "metrics.jsonl"} <= set(written) and any("tfevents" in f for f in written)
+    else:
+        assert written == [] and os.listdir(tmp_path) == []

@@ -1,0 +1,183 @@
+"""with_nan_guard: a non-finite loss or gradient never reaches the parameters ("skip"), or raises."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import loopkit
+
+
+def _nan_batch(batch):
+    x, y = batch
+    x = x.clone()
+    x[0, 0] = float("nan")
+    return x, y
+
+
+def _nan_grad_loss(mse_loss, name="2.bias"):
+    """A finite loss whose gradient for parameter ``name`` alone is NaN (0 * d/du sqrt(u) at u=0)."""
+
+    def loss_fn(model, batch):
+        p = dict(model.named_parameters())[name]
+        u = p.sum() - p.sum().detach()  # == 0, with gradient 1 for every element of p
+        return mse_loss(model, batch) + 0.0 * torch.sqrt(u)
+
+    return loss_fn
+
+
+def _finite(state):
+    return all(bool(torch.isfinite(p).all()) for p in state.model.parameters())
+
+
+def test_nan_loss_is_skipped_and_counted(make_mlp, make_batches, mse_loss, make_adam_state, take_snapshot, assert_trees_equal):
+    data = make_batches(5)
+    data[1], data[3] = _nan_batch(data[1]), _nan_batch(data[3])
+    step = loopkit.with_nan_guard(loopkit.train_step(mse_loss))
+    state = make_adam_state(make_mlp(0), scheduler=True)
+    skipped = []
+    for k, batch in enumerate(data):
+        before = take_snapshot(state)
+        new, metrics = step(state, batch)
+        skipped.append(float(metrics["nan_guard/skipped"]))
+        if k in (1, 3):
+            assert torch.isnan(metrics["loss"])
+            assert_trees_equal(take_snapshot(new)["params"], before["params"])
+            assert_trees_equal(take_snapshot(new)["optimizer"], before["optimizer"])
+            assert new.step == state.step and new.scheduler.last_epoch == state.scheduler.last_epoch
+        else:
+            assert new.step == state.step + 1
+        state = new
+    assert skipped == [0.0, 1.0, 0.0, 1.0, 0.0]
+    assert state.extras["nan_guard/skipped_total"] == 2
+    assert state.step == 3 and state.batch_index == 5 and _finite(state)
+
+
+def test_skipping_equals_a_raw_loop_without_the_bad_batches(make_mlp, make_batches, mse_loss, make_sgd_state, assert_trees_equal):
+    data = make_batches(5)
+    bad = {1, 3}
+    ref_model = make_mlp(0)
+    ref_opt = torch.optim.SGD(ref_model.parameters(), lr=0.1, momentum=0.9)
+    for k, batch in enumerate(data):
+        if k not in bad:
+            ref_opt.zero_grad()
+            mse_loss(ref_model, batch).backward()
+            ref_opt.step()
+
+    state = make_sgd_state(make_mlp(0))
+    step = loopkit.with_nan_guard(loopkit.train_step(mse_loss))
+    for k, batch in enumerate(data):
+        state, _ = step(state, _nan_batch(batch) if k in bad else batch)
+    assert_trees_equal(dict(state.model.named_parameters()), dict(ref_model.named_parameters()))
+    assert_trees_equal(state.optimizer.state_dict(), ref_opt.state_dict())
+
+
+def test_nan_gradient_with_a_finite_loss_is_skipped(make_mlp, make_batches, mse_loss, make_sgd_state, assert_trees_equal):
+    state = make_sgd_state(make_mlp(0))
+    state, _ = loopkit.train_step(mse_loss)(state, make_batches(1)[0])
+    # without the guard the NaN gradient does reach the parameter
+    unguarded, metrics = loopkit.train_step(_nan_grad_loss(mse_loss))(state, make_batches(2)[1])
+    assert torch.isfinite(metrics["loss"]) and torch.isnan(unguarded.model[2].bias).all()
+
+    new, metrics = loopkit.with_nan_guard(loopkit.train_step(_nan_grad_loss(mse_loss)))(state, make_batches(2)[1])
+    assert torch.isfinite(metrics["loss"]) and float(metrics["nan_guard/skipped"]) == 1.0
+    assert_trees_equal(dict(new.model.named_parameters()), dict(state.model.named_parameters()))
+    assert new.step == state.step and new.extras["nan_guard/skipped_total"] == 1
+    assert all(p.grad is None for p in new.model.parameters())  # the bad gradient does not linger
+
+
+@pytest.mark.parametrize("nesting", ["guard(accum)", "accum(guard)"])
+@pytest.mark.parametrize("bad_call", [0, 1])
+def test_under_accumulation_a_bad_micro_batch_drops_the_whole_group(
+    nesting, bad_call, make_mlp, make_batches, mse_loss, make_sgd_state, assert_trees_equal
+):
+    data = make_batches(4)
+    data[bad_call] = _nan_batch(data[bad_call])
+    base = loopkit.train_step(mse_loss)
+    if nesting == "guard(accum)":
+        step = loopkit.with_nan_guard(loopkit.with_grad_accum(base, every=2))
+    else:
+        step = loopkit.with_grad_accum(loopkit.with_nan_guard(base), every=2)
+    start = make_sgd_state(make_mlp(0))
+    state = start
+    for batch in data[:2]:
+        state, metrics = step(state, batch)
+    assert float(metrics["nan_guard/skipped"]) == 1.0
+    assert state.step == 0 and state.extras["nan_guard/skipped_total"] == 1
+    assert_trees_equal(dict(state.model.named_parameters()), dict(start.model.named_parameters()))
+    assert all(p.grad is None for p in state.model.parameters())
+
+    # the next group is a clean update: exactly one raw step on it
+    for batch in data[2:]:
+        state, metrics = step(state, batch)
+    assert float(metrics["nan_guard/skipped"]) == 0.0 and state.step == 1
+    ref_model = make_mlp(0)
+    ref_opt = torch.optim.SGD(ref_model.parameters(), lr=0.1, momentum=0.9)
+    for batch in data[2:]:
+        (mse_loss(ref_model, batch) / 2).backward()
+    ref_opt.step()
+    for name, p in ref_model.named_parameters():
+        torch.testing.assert_close(dict(state.model.named_parameters())[name], p, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("nesting", ["guard(accum)", "accum(guard)"])
+def test_a_group_flagged_mid_way_survives_a_state_dict_round_trip(nesting, make_mlp, make_batches, mse_loss, make_sgd_state, assert_trees_equal):
+    data = make_batches(2)
+    data[0] = _nan_batch(data[0])
+    base = loopkit.train_step(mse_loss)
+    if nesting == "guard(accum)":
+        step = loopkit.with_nan_guard(loopkit.with_grad_accum(base, every=2))
+    else:
+        step = loopkit.with_grad_accum(loopkit.with_nan_guard(base), every=2)
+    start = make_sgd_state(make_mlp(0))
+    state, _ = step(start, data[0])
+    restored = make_sgd_state(make_mlp(1)).load_state_dict(state.state_dict())
+    restored, metrics = step(restored, data[1])
+    assert float(metrics["nan_guard/skipped"]) == 1.0 and restored.step == 0
+    assert_trees_equal(dict(restored.model.named_parameters()), dict(start.model.named_parameters()))
+
+
+def test_raise_policy_names_the_step_and_the_loss(make_mlp, make_batches, mse_loss, make_sgd_state, take_snapshot, assert_trees_equal):
+    data = make_batches(4)
+    step = loopkit.with_nan_guard(loopkit.train_step(mse_loss), policy="raise")
+    state = make_sgd_state(make_mlp(0))
+    for batch in data[:3]:
+        state, metrics = step(state, batch)
+    assert "nan_guard/skipped" not in metrics
+    before = take_snapshot(state)
+    with pytest.raises(loopkit.NonFiniteError) as info:
+        step(state, _nan_batch(data[3]))
+    message = str(info.value)
+    assert "with_nan_guard" in message and "non-finite loss" in message and "step 3" in message
+    assert_trees_equal(take_snapshot(state), before)  # nothing lost
+
+
+def test_raise_policy_names_the_parameter_with_the_bad_gradient(make_mlp, make_batches, mse_loss, make_sgd_state):
+    data = make_batches(2)
+    state = make_sgd_state(make_mlp(0))
+    state, _ = loopkit.with_nan_guard(loopkit.train_step(mse_loss), policy="raise")(state, data[0])
+    step = loopkit.with_nan_guard(loopkit.train_step(_nan_grad_loss(mse_loss, "2.bias")), policy="raise")
+    with pytest.raises(loopkit.NonFiniteError) as info:
+        step(state, data[1])
+    message = str(info.value)
+    assert "non-finite gradient" in message and "'2.bias'" in message and "step 1" in message
+    assert "'0.weight'" not in message and "'2.weight'" not in message
+
+
+def test_raise_policy_under_accumulation_raises_on_the_bad_micro_batch(make_mlp, make_batches, mse_loss, make_sgd_state):
+    data = make_batches(2)
+    step = loopkit.with_grad_accum(loopkit.with_nan_guard(loopkit.train_step(mse_loss), policy="raise"), every=2)
+    state, _ = step(make_sgd_state(make_mlp(0)), data[0])
+    with pytest.raises(loopkit.NonFiniteError, match="non-finite loss.*step 0"):
+        step(state, _nan_batch(data[1]))
+
+
+def test_nonfinite_error_is_a_floating_point_error():
+    assert issubclass(loopkit.NonFiniteError, FloatingPointError)
+
+
+@pytest.mark.parametrize("policy", ["ignore", "SKIP", None, 1])
+def test_unknown_policy_is_refused(policy, mse_loss):
+    with pytest.raises(ValueError) as info:
+        loopkit.with_nan_guard(loopkit.train_step(mse_loss), policy=policy)
+    assert "with_nan_guard: policy must be 'skip' or 'raise'" in str(info.value) and repr(policy) in str(info.value)
