@@ -119,13 +119,14 @@ def _epoch_batches(data: Iterable, seed: int, epoch: int, skip: int, count: int 
     generator = getattr(data, "generator", None)
     if isinstance(generator, torch.Generator):
         generator.manual_seed(order_seed)
-    saved = torch.get_rng_state()
-    torch.manual_seed(order_seed)
+    cpu = torch.default_generator  # what samplers without a generator of their own draw from
+    saved = cpu.get_state()
+    cpu.manual_seed(order_seed)
     try:
         iterator = iter(data)
         first = next(iterator, _END)
     finally:
-        torch.set_rng_state(saved)
+        cpu.set_state(saved)
     if first is _END:
         return iter(())
     batches = itertools.chain((first,), iterator)
@@ -323,7 +324,7 @@ class _Hooks:
 
     @property
     def should_stop(self) -> bool:
-        return any(getattr(cb, "should_stop", False) for cb in self.callbacks)
+        return bool(self.callbacks) and any(getattr(cb, "should_stop", False) for cb in self.callbacks)
 
 
 def run_epochs(

@@ -67,8 +67,9 @@ class RNGScope:
     def __init__(self, rng: RNG, cuda_index: int | None, seed: int = 0) -> None:
         self._rng = rng
         self._cuda_index = cuda_index
-        self._saved_cpu = torch.get_rng_state()
-        torch.set_rng_state(rng["cpu"])
+        cpu = torch.default_generator
+        self._saved_cpu = cpu.get_state()
+        cpu.set_state(rng["cpu"])
         self._saved_cuda = None
         if cuda_index is not None:
             self._saved_cuda = torch.cuda.get_rng_state(cuda_index)
@@ -76,9 +77,14 @@ class RNGScope:
 
     def close(self) -> dict[str, torch.Tensor]:
         """Restore the global RNG and return the advanced state."""
+        cpu = torch.default_generator
+        if self._cuda_index is None and len(self._rng) == 1:
+            new = {"cpu": cpu.get_state()}
+            cpu.set_state(self._saved_cpu)
+            return new
         new = dict(self._rng)
-        new["cpu"] = torch.get_rng_state()
-        torch.set_rng_state(self._saved_cpu)
+        new["cpu"] = cpu.get_state()
+        cpu.set_state(self._saved_cpu)
         if self._cuda_index is not None:
             new[f"cuda:{self._cuda_index}"] = torch.cuda.get_rng_state(self._cuda_index)
             torch.cuda.set_rng_state(self._saved_cuda, self._cuda_index)
@@ -86,7 +92,7 @@ class RNGScope:
 
     def discard(self) -> None:
         """Restore the global RNG without keeping the advanced state (used by pure evaluation)."""
-        torch.set_rng_state(self._saved_cpu)
+        torch.default_generator.set_state(self._saved_cpu)
         if self._cuda_index is not None:
             torch.cuda.set_rng_state(self._saved_cuda, self._cuda_index)
 

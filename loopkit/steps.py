@@ -102,9 +102,10 @@ class Step:
         """
 
     def _invoke(self, run: Callable[..., tuple[TrainState, Metrics]], state: TrainState, *args: Any):
-        if not isinstance(state, TrainState):
+        if type(state) is not TrainState and not isinstance(state, TrainState):
             raise TypeError(f"a step takes a loopkit.TrainState, got {type(state).__qualname__}")
-        state.check_usable()
+        if state._consumed:
+            state.check_usable()
         if not self.donated:
             return run(fork(state) if self.changes_state else state, *args)
         try:
@@ -239,7 +240,7 @@ class GradContext:
 
     def __init__(self, state: TrainState, metrics: Metrics, found_inf: Any, nonfinite: Any) -> None:
         self.state = state
-        self.params = [p for p in state.model.parameters() if p.grad is not None]
+        self.params = _params_with_grads(state.optimizer)
         self.metrics = metrics
         self.found_inf = found_inf
         self.nonfinite = nonfinite
@@ -252,6 +253,11 @@ class GradContext:
         """OR ``flag`` (a 0-dim or 1-element float tensor) into the skip flag."""
         flag = flag.reshape(())
         self.nonfinite = flag if self.nonfinite is None else torch.maximum(self.nonfinite, flag)
+
+
+def _params_with_grads(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The optimizer's parameters that hold a gradient, in the optimizer's order."""
+    return [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
 
 
 class GradTransform(Protocol):
@@ -396,7 +402,7 @@ class TrainStep(Step):
         device = optimizer.param_groups[0]["params"][0].device
         extras = dict(state.extras) if (self.precision or self.accum_every > 1 or self.micro or self.update) else None
         per_micro = self.accum_every > 1 and bool(self.micro)
-        scope = RNGScope(state.rng, _cuda_index(device), state.seed)
+        scope = RNGScope(state.rng, _cuda_index(device) if device.type == "cuda" else None, state.seed)
         try:
             if self.precision is not None:
                 with self.precision.autocast(device.type):
@@ -450,7 +456,7 @@ class TrainStep(Step):
             return state, {}
         extras = dict(state.extras)
         extras.pop(_ACCUM_COUNT)
-        grads = [p.grad for g in state.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        grads = [p.grad for p in _params_with_grads(state.optimizer)]
         if grads:  # each micro-batch loss was divided by `every`: make it the mean over `count`
             torch._foreach_mul_(grads, self.accum_every / count)
         metrics: Metrics = {}
@@ -461,7 +467,8 @@ class TrainStep(Step):
         self, state: TrainState, extras: dict[str, Any], metrics: Metrics, ctx: GradContext
     ) -> TrainState:
         optimizer, scheduler = state.optimizer, state.scheduler
-        ctx.params = [p for p in state.model.parameters() if p.grad is not None]
+        if self.accum_every > 1:  # micro-batches since the context was made may have added gradients
+            ctx.params = _params_with_grads(optimizer)
         scaler = self.precision if (self.precision is not None and self.precision.scales_loss) else None
         if not (self.accum_every > 1 and self.micro):
             if scaler is not None:
