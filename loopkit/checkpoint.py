@@ -290,6 +290,8 @@ def _copy_tensors(tree: Any) -> Any:
         return tree.detach().to("cpu", copy=True)
     if isinstance(tree, Mapping):
         return {k: _copy_tensors(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_copy_tensors(v) for v in tree)
     return tree
 
 
@@ -664,15 +666,20 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
 
 
 def _safe_load(file: Path) -> Any:
-    """``torch.load`` with an explicit ``weights_only=True``: no environment variable can turn it off."""
+    """``torch.load`` with an explicit ``weights_only=True``: no environment variable can turn it off.
+
+    The file is memory-mapped and every tensor copied into memory of its own, so nothing
+    that is returned refers to the file (which may be deleted by checkpoint rotation).
+    """
     try:
-        return torch.load(file, map_location="cpu", weights_only=True)
+        loaded = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # an UnpicklingError for anything but tensors, numbers, strings, containers
         raise CheckpointCorruptError(
             f"checkpoint file {file} was refused: it cannot be loaded with torch.load(weights_only=True) "
             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); loopkit never unpickles "
             "arbitrary objects, and nothing in the file was run"
         ) from e
+    return _copy_tensors(loaded)
 
 
 def load(path: str | os.PathLike) -> dict[str, Any]:
@@ -688,9 +695,17 @@ def load(path: str | os.PathLike) -> dict[str, Any]:
     >>> tmp.cleanup()
     """
     path = Path(path)
-    verify(path)
+    # The checksums are computed while the payload loads (hashlib releases the GIL); nothing
+    # loaded is used before they verify, and loading runs no code (weights_only=True).
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        verified = pool.submit(verify, path)
+        try:
+            payload = _safe_load(path / PAYLOAD)
+        except CheckpointCorruptError:
+            verified.result()  # a corrupt file explains the failure best
+            raise
+        verified.result()
     meta = _read_json(path / META, "metadata")
-    payload = _safe_load(path / PAYLOAD)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointCorruptError(f"checkpoint file {path / PAYLOAD} is not a {FORMAT} payload")
     if payload.get("version") != VERSION:

@@ -151,7 +151,7 @@ class TrainState:
         """
         self.check_usable()
         decoded = _decode(self, state_dict)
-        new = fork(self)
+        new = fork(self, optimizer_state=False)  # the optimizer state is replaced below: no copy of it
         _apply(new, decoded)
         return new.evolve(
             step=decoded["step"],
@@ -198,12 +198,13 @@ def _check_parts(model: Any, optimizer: Any, scheduler: Any) -> None:
 # --- copying only what a step changes -------------------------------------------------------
 
 
-def fork(state: TrainState) -> TrainState:
+def fork(state: TrainState, *, optimizer_state: bool = True) -> TrainState:
     """A new state whose parameters, gradients, buffers, optimizer and scheduler state are copies.
 
     Module structure, hooks and hyper-parameters are shared; RNG and extras are immutable
     values and are shared too. A step mutates the fork in place, which keeps the given state
-    unchanged.
+    unchanged. ``optimizer_state=False`` leaves the copy's optimizer state empty (for a caller
+    that replaces it, such as ``load_state_dict``).
 
     >>> import torch
     >>> state = TrainState.create(torch.nn.Linear(1, 1))
@@ -216,7 +217,7 @@ def fork(state: TrainState) -> TrainState:
     model = _clone_module(state.model, memo)
     optimizer = scheduler = None
     if state.optimizer is not None:
-        optimizer = _clone_optimizer(state.optimizer, memo)
+        optimizer = _clone_optimizer(state.optimizer, memo, optimizer_state)
         if state.scheduler is not None:
             scheduler = _clone_scheduler(state.scheduler, optimizer)
     return attrs.evolve(state, model=model, optimizer=optimizer, scheduler=scheduler)
@@ -289,7 +290,9 @@ def _clone_entry(entry: dict[str, Any], memo: dict[int, Any]) -> dict[str, Any]:
     }
 
 
-def _clone_optimizer(optimizer: torch.optim.Optimizer, memo: dict[int, Any]) -> torch.optim.Optimizer:
+def _clone_optimizer(
+    optimizer: torch.optim.Optimizer, memo: dict[int, Any], with_state: bool = True
+) -> torch.optim.Optimizer:
     new = object.__new__(type(optimizer))
     attributes = optimizer.__dict__.copy()
     object.__setattr__(new, "__dict__", attributes)
@@ -300,7 +303,7 @@ def _clone_optimizer(optimizer: torch.optim.Optimizer, memo: dict[int, Any]) -> 
         groups.append(copied)
     attributes["param_groups"] = groups
     state: defaultdict = defaultdict(dict)
-    for p, entry in optimizer.state.items():
+    for p, entry in optimizer.state.items() if with_state else ():
         state[_clone_tensor(p, memo)] = _clone_entry(entry, memo)
     attributes["state"] = state
     if "step" in attributes:  # the LR scheduler's wrapper, bound to the original optimizer
