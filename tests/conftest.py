@@ -199,3 +199,20 @@ def make_sgd_state():
 def make_adam_state():
     """``make_adam_state(model, seed=0, lr=0.01, scheduler=False)``: a state with Adam (and a per-step StepLR)."""
     return adam_state
+
+
+@pytest.fixture
+def conversions(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Counts tensor -> Python conversions (``.item()``, ``float()``, ...) while the test runs."""
+    from tests._driver_helpers import CONVERSIONS
+
+    counts = {"n": 0}
+    for name in CONVERSIONS:
+        original = getattr(torch.Tensor, name)
+
+        def wrapper(self: torch.Tensor, *args: Any, _original: Any = original, **kwargs: Any) -> Any:
+            counts["n"] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, wrapper)
+    return counts

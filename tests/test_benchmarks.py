@@ -3,15 +3,20 @@
 No timing is asserted (timings depend on the machine and its load). The quick run must
 exit 0, print a row of the main table for every contender with a time for each workload
 (or ``n/a`` where an optional framework is not installed), have timed every round, and
-have measured the peak memory of every contender in its own child process.
+have measured the peak memory of every contender in its own child process. The logging
+rows (issue 4) must have really logged (TensorBoard event files in their folder), the
+progress-bar row must have really drawn its bar on the pseudo-terminal, and no temporary
+log folder may outlive the run, in the main process or in the memory children.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -22,6 +27,8 @@ SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "overhead.py"
 CONTENDER_ROWS = {
     "raw": "raw PyTorch loop",
     "run_epochs": "loopkit run_epochs",
+    "logging": "loopkit run_epochs + with_logging(TensorBoard/50), no bar",
+    "logging_bar": "loopkit run_epochs + with_logging(TensorBoard/50) + progress bar",
     "pure": "loopkit pure step, plain loop",
     "donated": "loopkit donated step, plain loop",
     "clip": "+ with_grad_clip(max_norm=1)",
@@ -35,6 +42,8 @@ CONTENDER_ROWS = {
 OPTIONAL = {"trainer", "fabric", "ignite"}  # n/a where Lightning or Ignite is not installed
 WORKLOADS = ("tiny", "small")
 QUICK_ROUNDS = 2
+QUICK_STEPS = 8
+ISSUE_4_TARGET = "≤ 1.05×"
 
 
 def _main_table(stdout: str) -> list[list[str]]:
@@ -52,13 +61,20 @@ def _main_table(stdout: str) -> list[list[str]]:
 @pytest.mark.slow
 def test_quick_run_reports_every_contender(tmp_path):
     results_file = tmp_path / "results.json"
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--json", str(results_file)],
-        capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    # A short private TMPDIR (the forkserver's socket lives there too: AF_UNIX paths are short).
+    with tempfile.TemporaryDirectory(prefix="lkb-") as tmp:
+        env = {**os.environ, "TMPDIR": tmp}
+        proc = subprocess.run(
+            [sys.executable, str(SCRIPT), "--quick", "--json", str(results_file)],
+            capture_output=True, text=True, timeout=600, env=env,
+        )
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+        leftovers = sorted(name for name in os.listdir(tmp) if name.startswith("loopkit-bench-"))
+        results = json.loads(results_file.read_text())["results"]
+        log_dirs = [results[w][k]["extra"]["log_dir"] for w in WORKLOADS for k in ("logging", "logging_bar")]
+        assert all(d.startswith(tmp + os.sep) for d in log_dirs), log_dirs  # made in the private TMPDIR
+    assert leftovers == [], f"temporary log folders left behind: {leftovers}"
     rows = {row[0]: row for row in _main_table(proc.stdout)}
-    results = json.loads(results_file.read_text())["results"]
     for key, label in CONTENDER_ROWS.items():
         assert label in rows, f"no table row for {label!r}; rows: {sorted(rows)}"
         row = rows[label]
@@ -76,6 +92,28 @@ def test_quick_run_reports_every_contender(tmp_path):
             assert memory["peak_kb"] >= memory["baseline_kb"] > 0
     # Adam's moments alone (2 x 1 MiB for the small MLP) must show in the raw loop's growth.
     assert results["small"]["raw"]["memory"]["growth_kb"] > 2 * 1024
+    for key in ("logging", "logging_bar"):
+        assert rows[CONTENDER_ROWS[key]][-1].startswith(ISSUE_4_TARGET), rows[CONTENDER_ROWS[key]]
+    assert "pseudo-terminal" in proc.stdout  # the method is stated in the report
+    _check_logging_rows(results)
+
+
+def _check_logging_rows(results: dict) -> None:
+    """The logging rows logged to TensorBoard; the bar row drew a complete bar, the other none."""
+    passes = 1 + QUICK_ROUNDS  # warm-up pass, then one per round
+    for workload in WORKLOADS:
+        for key in ("logging", "logging_bar"):
+            extra = results[workload][key]["extra"]
+            assert extra["passes"] == passes, (workload, key, extra)
+            # every call reopens the writer (finalized at the end of each fit), and epoch means are logged
+            assert extra["event_files"] == passes and extra["event_bytes"] > 0, (workload, key, extra)
+        assert "terminal_chars_written" not in results[workload]["logging"]["extra"]
+        bar = results[workload]["logging_bar"]["extra"]
+        assert bar["terminal_redraws"] >= 2 * passes, bar  # at least the opening and closing frames
+        frame = bar["terminal_last_frame"]
+        # the closing frame of the last epoch, as tqdm formats it: description, count, loss postfix
+        assert frame.startswith(f"epoch {passes - 1}: 100%"), frame
+        assert f"{QUICK_STEPS}/{QUICK_STEPS}" in frame and "train/loss=" in frame, frame
 
 
 def test_bad_options_are_refused_by_name():

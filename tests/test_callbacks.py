@@ -11,85 +11,9 @@ import torch
 from torch import nn
 
 import loopkit
-from loopkit import TrainState, eval_step, run_epochs, train_step
+from loopkit import TrainState, run_epochs, train_step
+from tests._driver_helpers import Counter, Recorder, counting_eval, make_data, make_state, mse
 
-
-# --- small local helpers ---------------------------------------------------------------------
-
-
-def make_state(seed: int = 0, *, dropout: bool = False, scheduler: bool = False, lr: float = 0.1) -> TrainState:
-    with torch.random.fork_rng():  # the same initial weights every time; the global RNG untouched
-        torch.manual_seed(1234)
-        return _build_state(seed, dropout, scheduler, lr)
-
-
-def _build_state(seed: int, dropout: bool, scheduler: bool, lr: float) -> TrainState:
-    layers: list[nn.Module] = [nn.Linear(3, 8), nn.Tanh()]
-    if dropout:
-        layers.append(nn.Dropout(0.5))
-    layers.append(nn.Linear(8, 1))
-    model = nn.Sequential(*layers)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5) if scheduler else None
-    return TrainState.create(model, opt, sched, seed=seed)
-
-
-def make_data(n_batches: int, batch_size: int = 4, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(batch_size, 3, generator=g), torch.randn(batch_size, 1, generator=g)) for _ in range(n_batches)]
-
-
-def mse(model: nn.Module, batch) -> torch.Tensor:
-    x, y = batch
-    return ((model(x) - y) ** 2).mean()
-
-
-class Counter:
-    """Wraps a function and counts its calls."""
-
-    def __init__(self, fn):
-        self.fn = fn
-        self.calls = 0
-
-    def __call__(self, *args):
-        self.calls += 1
-        return self.fn(*args)
-
-
-def counting_eval(fn=None):
-    counter = Counter(fn or (lambda m, b: {"mse": mse(m, b)}))
-    return eval_step(counter), counter
-
-
-class Recorder:
-    """A callback (not subclassing Callback) that records every hook call."""
-
-    def __init__(self):
-        self.events: list[str] = []
-        self.batch_metrics: list[dict] = []
-        self.val_metrics: list[tuple[int, int, dict]] = []
-        self.epoch_metrics: list[dict] = []
-
-    def on_fit_start(self, state):
-        self.events.append("fit_start")
-
-    def on_epoch_start(self, state):
-        self.events.append("epoch_start")
-
-    def on_batch_end(self, state, metrics):
-        self.events.append("batch_end")
-        self.batch_metrics.append(dict(metrics))
-
-    def on_validation_end(self, state, metrics):
-        self.events.append("validation_end")
-        self.val_metrics.append((state.epoch, state.step, dict(metrics)))
-
-    def on_epoch_end(self, state, metrics):
-        self.events.append("epoch_end")
-        self.epoch_metrics.append(dict(metrics))
-
-    def on_fit_end(self, state, history):
-        self.events.append("fit_end")
 
 
 # --- hooks ---------------------------------------------------------------------------------------

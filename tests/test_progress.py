@@ -102,20 +102,6 @@ def no_tqdm(monkeypatch):
     return calls
 
 
-@pytest.fixture
-def conversions(monkeypatch):
-    counts = {"n": 0}
-    for name in ("item", "__float__", "__int__", "__bool__", "tolist", "__index__"):
-        original = getattr(torch.Tensor, name)
-
-        def wrapper(self, *args, _original=original, **kwargs):
-            counts["n"] += 1
-            return _original(self, *args, **kwargs)
-
-        monkeypatch.setattr(torch.Tensor, name, wrapper)
-    return counts
-
-
 def test_no_bar_when_stderr_is_not_a_terminal(monkeypatch, no_tqdm):
     monkeypatch.setattr(sys, "stderr", io.StringIO())
     state, history = run_epochs(train_step(mse), make_state(), make_data(3), epochs=2, progress=True)
