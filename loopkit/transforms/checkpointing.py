@@ -341,6 +341,8 @@ def with_checkpointing(
     inner: Step = as_step(step)
     if isinstance(inner, EvalStep):
         raise TypeError("with_checkpointing cannot wrap eval_step: an evaluation step changes no state to save")
+    if inner.donated:
+        raise TypeError("with_checkpointing cannot wrap a donated step: apply donate() last")
     path = Path(directory)
     _prepare_directory(path)
     return CheckpointStep(

@@ -1,38 +1,113 @@
-"""Every gradient transform, alone and in every ordered pair with every other, keeps the step contract.
+"""Every ``with_*`` transform, alone and in every ordered pair with every other, keeps the step contract.
+
+The transforms: the gradient transforms ``with_amp`` (bfloat16, float16), ``with_grad_accum``,
+``with_grad_clip``, ``with_nan_guard``, and the whole-step transforms ``with_logging`` (into an
+in-memory logger) and ``with_checkpointing`` (into a fresh directory per pipeline).
 
 For each pipeline: purity (the input state is unchanged), determinism (two calls give identical
 results), exact resume from ``state_dict`` mid-accumulation, float32 parameters stay float32,
-``step.applied`` lists the transforms, and a NaN batch never reaches the parameters of a pipeline
-that guards against it. Pairs without a meaning are refused with a ``TypeError`` naming both
-transforms when the step is built.
+``step.applied`` lists the transforms, ``run_epochs`` equals calling the step by hand, and a NaN
+batch never reaches the parameters of a pipeline that guards against it; with logging, the
+loggers get the finite means of the metrics the step returned; with checkpointing, each update
+leaves a checkpoint that ``loopkit.restore`` turns back into the state the step returned. Pairs
+without a meaning (a gradient transform around a whole-step transform, a second precision, an
+accumulation of an accumulation) are refused with a ``TypeError`` naming both transforms when
+the step is built.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 import loopkit
+from loopkit import checkpoint
+
+
+class MemoryLogger:
+    """A logger that keeps what it is given: ``records`` is a list of ``(step, metrics)``."""
+
+    def __init__(self) -> None:
+        self.records: list[tuple[int, dict[str, float]]] = []
+        self.hparams: list[tuple[dict[str, Any], Any]] = []
+        self.finalized = 0
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        self.records.append((step, dict(metrics)))
+
+    def log_hparams(self, hparams: Mapping[str, Any], metrics: Mapping[str, float] | None = None) -> None:
+        self.hparams.append((dict(hparams), metrics))
+
+    def finalize(self) -> None:
+        self.finalized += 1
+
+
+class Sinks:
+    """Where the whole-step transforms of one built pipeline write: a fresh logger or directory each.
+
+    ``loggers`` and ``directories`` are in build order (innermost transform first).
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.loggers: list[MemoryLogger] = []
+        self.directories: list[Path] = []
+
+    def logger(self) -> MemoryLogger:
+        self.loggers.append(MemoryLogger())
+        return self.loggers[-1]
+
+    def directory(self) -> Path:
+        self.directories.append(self.root / f"checkpoints{len(self.directories)}")
+        return self.directories[-1]
+
+
+LOG_EVERY = 2  # with_logging's window: two optimizer updates (four calls under with_grad_accum)
 
 TRANSFORMS = {
-    "amp_bf16": ("with_amp", lambda s: loopkit.with_amp(s, dtype=torch.bfloat16)),
-    "amp_fp16": ("with_amp", lambda s: loopkit.with_amp(s, dtype=torch.float16, init_scale=2.0**10)),
-    "grad_accum": ("with_grad_accum", lambda s: loopkit.with_grad_accum(s, every=2)),
-    "grad_clip": ("with_grad_clip", lambda s: loopkit.with_grad_clip(s, max_norm=0.3)),
-    "nan_guard": ("with_nan_guard", lambda s: loopkit.with_nan_guard(s)),
+    "amp_bf16": ("with_amp", lambda s, sinks: loopkit.with_amp(s, dtype=torch.bfloat16)),
+    "amp_fp16": ("with_amp", lambda s, sinks: loopkit.with_amp(s, dtype=torch.float16, init_scale=2.0**10)),
+    "grad_accum": ("with_grad_accum", lambda s, sinks: loopkit.with_grad_accum(s, every=2)),
+    "grad_clip": ("with_grad_clip", lambda s, sinks: loopkit.with_grad_clip(s, max_norm=0.3)),
+    "nan_guard": ("with_nan_guard", lambda s, sinks: loopkit.with_nan_guard(s)),
+    "logging": ("with_logging", lambda s, sinks: loopkit.with_logging(s, sinks.logger(), every_n_steps=LOG_EVERY)),
+    "checkpointing": ("with_checkpointing", lambda s, sinks: loopkit.with_checkpointing(s, sinks.directory(), every_n_steps=1)),
 }
+WHOLE_STEP = ["logging", "checkpointing"]  # wrap any step; nothing that needs the train step can wrap them
+GRADIENT = [name for name in TRANSFORMS if name not in WHOLE_STEP]
 GRADIENT_ONLY = ["grad_accum", "grad_clip", "nan_guard"]  # need gradients: refuse an eval_step
 
 
 def _refused(inner: str, outer: str) -> bool:
-    """Only two pairs have no meaning: a second precision, and accumulating an accumulation."""
+    """A gradient transform cannot reach the train step through a whole-step transform; and two
+    pairs of gradient transforms have no meaning: a second precision, and accumulating an accumulation."""
+    if outer in GRADIENT and inner in WHOLE_STEP:
+        return True
+    if inner == outer == "logging":  # one window per state: pass all the loggers to one with_logging
+        return True
     return TRANSFORMS[inner][0] == TRANSFORMS[outer][0] and TRANSFORMS[inner][0] in ("with_amp", "with_grad_accum")
 
 
+def _label(names) -> str:
+    return "(".join(reversed(names)) + ")" * len(names)
+
+
 PAIRS = list(itertools.product(TRANSFORMS, repeat=2))
-PIPELINES = [(name,) for name in TRANSFORMS] + [pair for pair in PAIRS if not _refused(*pair)]
+TRIPLES = [  # whole-step stacks as they are used: over gradient transforms, in both orders
+    ("grad_accum", "logging", "checkpointing"),
+    ("amp_fp16", "checkpointing", "logging"),
+    ("nan_guard", "logging", "checkpointing"),
+]
+PIPELINES = [(name,) for name in TRANSFORMS] + [pair for pair in PAIRS if not _refused(*pair)] + TRIPLES
+LOGGED = [names for names in PIPELINES if "logging" in names]
+CHECKPOINTED = [names for names in PIPELINES if "checkpointing" in names]
+
 
 
 def _mse(model, batch):
@@ -40,10 +115,10 @@ def _mse(model, batch):
     return ((model(x).float() - y) ** 2).mean()
 
 
-def _build(names):
+def _build(names, sinks: Sinks | None = None):
     step = loopkit.train_step(_mse)
     for name in names:  # innermost first
-        step = TRANSFORMS[name][1](step)
+        step = TRANSFORMS[name][1](step, sinks)
     return step
 
 
@@ -54,7 +129,26 @@ def _nan_batch(batch):
     return x, y
 
 
-@pytest.fixture(params=PIPELINES, ids=lambda names: "(".join(reversed(names)) + ")" * len(names))
+def _position(state) -> tuple[int, int, int]:
+    return state.step, state.epoch, state.batch_index
+
+
+def _positions(directory: Path) -> list[tuple[int, int, int]]:
+    return [(c.step, c.epoch, c.batch_index) for c in checkpoint.list_checkpoints(directory)]
+
+
+def _without_logging(sd: Mapping[str, Any]) -> dict[str, Any]:
+    """A state dict without ``with_logging``'s window: what a checkpoint taken inside it lacks."""
+    extras = {k: v for k, v in sd.get("extras", {}).items() if not k.startswith("logging/")}
+    return {**sd, "extras": extras}
+
+
+def _logging_outside(names, index: int) -> bool:
+    """Whether a with_logging is applied after (around) the transform at ``index`` of ``names``."""
+    return "logging" in names[index + 1:]
+
+
+@pytest.fixture(params=PIPELINES, ids=_label)
 def pipeline(request):
     return request.param
 
@@ -67,71 +161,153 @@ def fresh_state(make_bn_dropout, make_adam_state):
     return fresh
 
 
+@pytest.fixture
+def make_sinks(tmp_path):
+    """``make_sinks()``: a fresh :class:`Sinks` under the test's ``tmp_path``, one per built pipeline."""
+    count = itertools.count()
+    return lambda: Sinks(tmp_path / f"sinks{next(count)}")
+
+
+@pytest.fixture
+def sinks(make_sinks):
+    return make_sinks()
+
+
+@pytest.fixture
+def assert_checkpoints_hold(fresh_state, assert_trees_equal):
+    """``assert_checkpoints_hold(names, sinks, state)``: each checkpoint directory's newest checkpoint
+    is at ``state``'s position and ``loopkit.restore`` of it into a fresh state gives ``state``."""
+
+    def check(names, sinks: Sinks, state) -> None:
+        indices = [i for i, name in enumerate(names) if name == "checkpointing"]
+        assert len(indices) == len(sinks.directories)
+        for index, directory in zip(indices, sinks.directories):
+            assert _positions(directory)[-1] == _position(state)
+            other = fresh_state(model_seed=1)
+            assert not torch.equal(next(other.model.parameters()), next(state.model.parameters()))
+            restored = loopkit.restore(other, directory)
+            assert_trees_equal(dict(restored.model.named_parameters()), dict(state.model.named_parameters()))
+            got, expected = restored.state_dict(), state.state_dict()
+            if _logging_outside(names, index):  # saved before that with_logging added this call's metrics
+                got, expected = _without_logging(got), _without_logging(expected)
+            assert_trees_equal(got, expected)
+
+    return check
+
+
 # --- building ---------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("inner, outer", PAIRS, ids=[f"{o}({i})" for i, o in PAIRS])
-def test_building_a_pair_works_or_is_refused_naming_both(inner, outer):
+def test_building_a_pair_works_or_is_refused_naming_both(inner, outer, sinks):
     inner_name, outer_name = TRANSFORMS[inner][0], TRANSFORMS[outer][0]
     if _refused(inner, outer):
         with pytest.raises(TypeError) as info:
-            _build((inner, outer))
+            _build((inner, outer), sinks)
         message = str(info.value)
         assert f"{outer_name} cannot wrap {inner_name}" in message
     else:
-        step = _build((inner, outer))
+        step = _build((inner, outer), sinks)
         assert step.applied == ("train_step", inner_name, outer_name)
 
 
-def test_the_refused_pairs_are_exactly_amp_amp_and_accum_accum():
+@pytest.mark.parametrize("inner", GRADIENT)
+@pytest.mark.parametrize("whole", WHOLE_STEP)
+@pytest.mark.parametrize("outer", GRADIENT)
+def test_a_gradient_transform_is_refused_around_a_whole_step_at_any_depth(inner, whole, outer, sinks):
+    built = _build((inner, whole), sinks)  # the train step is there, one level down
+    with pytest.raises(TypeError) as info:
+        TRANSFORMS[outer][1](built, sinks)
+    message = str(info.value)
+    outer_name, whole_name = TRANSFORMS[outer][0], TRANSFORMS[whole][0]
+    assert f"{outer_name} cannot wrap {whole_name}" in message
+    assert f"{whole_name}({outer_name}(train_step(...))" in message  # and says which order works
+
+
+def test_the_refused_pairs_are_exactly_the_meaningless_ones():
     refused = {(TRANSFORMS[i][0], TRANSFORMS[o][0]) for i, o in PAIRS if _refused(i, o)}
-    assert refused == {("with_amp", "with_amp"), ("with_grad_accum", "with_grad_accum")}
-    assert len(PIPELINES) == 5 + 25 - 4 - 1
+    gradient_names = {"with_amp", "with_grad_accum", "with_grad_clip", "with_nan_guard"}
+    around_whole = {(w, g) for w in ("with_logging", "with_checkpointing") for g in gradient_names}
+    doubled = {("with_amp", "with_amp"), ("with_grad_accum", "with_grad_accum"), ("with_logging", "with_logging")}
+    assert refused == doubled | around_whole
+    assert sum(_refused(*pair) for pair in PAIRS) == 4 + 1 + 2 * 5 + 1
+    assert len(PIPELINES) == 7 + 49 - 16 + len(TRIPLES)
+    # every whole-step transform is covered around every other transform, and checkpointing around itself
+    for whole in WHOLE_STEP:
+        assert all((name, whole) in PIPELINES for name in TRANSFORMS if (name, whole) != ("logging", "logging"))
 
 
 @pytest.mark.parametrize("name", GRADIENT_ONLY)
 def test_gradient_transform_refuses_an_eval_step(name):
     with pytest.raises(TypeError) as info:
-        TRANSFORMS[name][1](loopkit.eval_step(lambda m, b: {}))
+        TRANSFORMS[name][1](loopkit.eval_step(lambda m, b: {}), None)
     message = str(info.value)
     assert TRANSFORMS[name][0] in message and "eval_step" in message
 
 
-@pytest.mark.parametrize("name", list(TRANSFORMS))
+def test_checkpointing_refuses_an_eval_step(sinks):
+    with pytest.raises(TypeError) as info:
+        TRANSFORMS["checkpointing"][1](loopkit.eval_step(lambda m, b: {}), sinks)
+    assert "with_checkpointing cannot wrap eval_step" in str(info.value)
+
+
+@pytest.mark.parametrize("name", GRADIENT)
 def test_gradient_transform_refuses_a_plain_function_step(name):
     def my_custom_step(state, batch):
         return state, {}
 
     with pytest.raises(TypeError) as info:
-        TRANSFORMS[name][1](my_custom_step)
+        TRANSFORMS[name][1](my_custom_step, None)
     message = str(info.value)
     assert TRANSFORMS[name][0] in message and "my_custom_step" in message
 
 
+@pytest.mark.parametrize("name", WHOLE_STEP)
+def test_whole_step_transform_wraps_a_plain_function_step(name, sinks, fresh_state, take_snapshot, assert_trees_equal):
+    def my_custom_step(state, batch):  # pure: a new state, one update per call
+        return state.evolve(step=state.step + 1, batch_index=state.batch_index + 1), {"value": torch.tensor(float(batch))}
+
+    step = TRANSFORMS[name][1](my_custom_step, sinks)
+    assert step.applied[-1] == TRANSFORMS[name][0] and step.applied[0].endswith("my_custom_step")
+    state = start = fresh_state()
+    before = take_snapshot(start)
+    for batch in (1, 2, 3, 4):
+        state, metrics = step(state, batch)
+        assert float(metrics["value"]) == batch
+    assert_trees_equal(take_snapshot(start), before)
+    assert state.step == 4
+    for logger in sinks.loggers:
+        assert logger.records == [(2, {"train/value": 1.5}), (4, {"train/value": 3.5})]
+    for directory in sinks.directories:
+        assert [p[0] for p in _positions(directory)] == [2, 3, 4]  # keep_last=3
+
+
 @pytest.mark.parametrize("name", list(TRANSFORMS))
-def test_gradient_transform_refuses_a_donated_step(name):
+def test_transform_refuses_a_donated_step(name, sinks):
     with pytest.raises(TypeError) as info:
-        TRANSFORMS[name][1](loopkit.donate(loopkit.train_step(_mse)))
+        TRANSFORMS[name][1](loopkit.donate(loopkit.train_step(_mse)), sinks)
     assert TRANSFORMS[name][0] in str(info.value) and "donate" in str(info.value)
 
 
 @pytest.mark.parametrize("name", list(TRANSFORMS))
-def test_transform_refuses_a_non_callable(name):
+def test_transform_refuses_a_non_callable(name, sinks):
     with pytest.raises(TypeError) as info:
-        TRANSFORMS[name][1]("train_step")
+        TRANSFORMS[name][1]("train_step", sinks)
     assert str(info.value).startswith(f"{TRANSFORMS[name][0]}: the step must be callable") and "got str" in str(info.value)
 
 
 # --- the step contract, for every pipeline --------------------------------------------------------
 
 
-def test_applied_lists_the_transforms(pipeline):
-    assert _build(pipeline).applied == ("train_step",) + tuple(TRANSFORMS[n][0] for n in pipeline)
+def test_applied_lists_the_transforms(pipeline, sinks):
+    assert _build(pipeline, sinks).applied == ("train_step",) + tuple(TRANSFORMS[n][0] for n in pipeline)
 
 
-def test_pure(pipeline, fresh_state, batches, take_snapshot, assert_trees_equal):
-    step = _build(pipeline)
+def test_pure(pipeline, sinks, fresh_state, batches, take_snapshot, assert_trees_equal):
+    step = _build(pipeline, sinks)
     state, _ = step(fresh_state(), batches[0])  # mid-group under accumulation: gradients are held
+    if "logging" in pipeline:
+        assert "logging/window" in state.extras  # the input below holds a partial window
     before = take_snapshot(state)
     new, _ = step(state, batches[1])
     assert_trees_equal(take_snapshot(state), before)
@@ -141,33 +317,53 @@ def test_pure(pipeline, fresh_state, batches, take_snapshot, assert_trees_equal)
     assert flushed.step == state.step + ("grad_accum" in pipeline)
 
 
-def test_two_calls_give_identical_results(pipeline, fresh_state, batches, take_snapshot, assert_trees_equal):
-    step = _build(pipeline)
+def test_two_calls_give_identical_results(pipeline, sinks, fresh_state, batches, take_snapshot, assert_trees_equal):
+    step = _build(pipeline, sinks)
     state, _ = step(fresh_state(), batches[0])
+    records = [len(logger.records) for logger in sinks.loggers]
+    saved = [_positions(d) for d in sinks.directories]
     a, metrics_a = step(state, batches[1])
+    logged_a = [logger.records[n:] for logger, n in zip(sinks.loggers, records)]
     torch.rand(10)  # the global RNG is not the step's
     b, metrics_b = step(state, batches[1])
     assert_trees_equal(take_snapshot(a), take_snapshot(b))
     assert_trees_equal(metrics_a, metrics_b)
+    for logger, n, first in zip(sinks.loggers, records, logged_a):
+        assert logger.records[n:] == first + first  # the same means, logged once per call
+    for directory, before in zip(sinks.directories, saved):
+        # the second call's state is at the position the first one saved: it is not saved twice
+        expected = before + [_position(a)] if a.step != state.step else before
+        assert _positions(directory) == expected[-3:]
 
 
-def test_state_dict_round_trip_mid_accumulation(pipeline, fresh_state, batches, take_snapshot, assert_trees_equal):
-    step = _build(pipeline)
+def test_state_dict_round_trip_mid_accumulation(
+    pipeline, make_sinks, fresh_state, batches, take_snapshot, assert_trees_equal
+):
+    uninterrupted_sinks, resumed_sinks = make_sinks(), make_sinks()
+    step, resumed_step = _build(pipeline, uninterrupted_sinks), _build(pipeline, resumed_sinks)
     state, _ = step(fresh_state(), batches[0])
     if "grad_accum" in pipeline:
         assert state.extras["accum/count"] == 1 and state.step == 0
+    if "logging" in pipeline:
+        assert "logging/window" in state.extras  # a partial window travels in the state dict
+    logged = [len(logger.records) for logger in uninterrupted_sinks.loggers]
     restored = fresh_state(model_seed=1).load_state_dict(state.state_dict())
     for batch in batches[1:4]:
         state, _ = step(state, batch)
-        restored, _ = step(restored, batch)
+        restored, _ = resumed_step(restored, batch)
     assert state.step >= 1
     assert_trees_equal(take_snapshot(restored), take_snapshot(state))
+    for logger, resumed, n in zip(uninterrupted_sinks.loggers, resumed_sinks.loggers, logged):
+        assert resumed.records == logger.records[n:] and resumed.records  # the same means, bitwise
+    for directory, resumed in zip(uninterrupted_sinks.directories, resumed_sinks.directories):
+        assert _positions(resumed) == _positions(directory)[-len(_positions(resumed)):]
+        assert _positions(resumed)[-1] == _position(state)
 
 
-def test_parameter_dtype_is_kept(pipeline, fresh_state, batches):
-    step = _build(pipeline)
+def test_parameter_dtype_is_kept(pipeline, sinks, fresh_state, batches, assert_checkpoints_hold):
+    step = _build(pipeline, sinks)
     state = fresh_state()
-    for batch in batches[:3]:
+    for batch in batches[:4]:  # ends on an update, under with_grad_accum too
         state, metrics = step(state, batch)
         assert all(v.ndim == 0 for v in metrics.values())
     for p in state.model.parameters():
@@ -175,27 +371,98 @@ def test_parameter_dtype_is_kept(pipeline, fresh_state, batches):
     for entry in state.optimizer.state.values():
         assert entry["exp_avg"].dtype == entry["exp_avg_sq"].dtype == torch.float32
     assert all(b.dtype in (torch.float32, torch.int64) for b in state.model.buffers())
+    assert_checkpoints_hold(pipeline, sinks, state)  # restored from disk with the dtypes it had
 
 
-def test_run_epochs_matches_calling_the_step(pipeline, fresh_state, batches, take_snapshot, assert_trees_equal):
-    step = _build(pipeline)
+def test_run_epochs_matches_calling_the_step(pipeline, make_sinks, fresh_state, batches, take_snapshot, assert_trees_equal):
+    hand_sinks, driven_sinks = make_sinks(), make_sinks()
+    step = _build(pipeline, hand_sinks)
     by_hand = fresh_state()
     for batch in batches[:5]:
         by_hand, _ = step(by_hand, batch)
     by_hand, _ = step.flush(by_hand)
-    driven, _ = loopkit.run_epochs(step, fresh_state(), batches[:5], epochs=1, progress=False, sanity_val_batches=0)
+    driven, _ = loopkit.run_epochs(
+        _build(pipeline, driven_sinks), fresh_state(), batches[:5], epochs=1, progress=False, sanity_val_batches=0
+    )
     assert driven.epoch == 1
     assert_trees_equal(take_snapshot(driven)["params"], take_snapshot(by_hand)["params"])
     assert_trees_equal(take_snapshot(driven)["optimizer"], take_snapshot(by_hand)["optimizer"])
+    for hand, logger in zip(hand_sinks.loggers, driven_sinks.loggers):
+        per_window = [(s, m) for s, m in logger.records if "epoch" not in m]  # the driver adds the epoch's record
+        assert per_window == hand.records and hand.records
+        assert [m["epoch"] for _, m in logger.records if "epoch" in m] == [0]
+        assert logger.finalized == 1 and hand.finalized == 0
+    for hand, directory in zip(hand_sinks.directories, driven_sinks.directories):
+        assert _positions(directory) == _positions(hand) and _positions(hand)[-1][0] == by_hand.step
+
+
+# --- what the whole-step transforms write ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("names", LOGGED, ids=_label)
+def test_loggers_get_finite_means_of_the_metrics_the_step_returned(names, sinks, fresh_state, batches):
+    step = _build(names, sinks)
+    state = fresh_state()
+    window: dict[str, list[torch.Tensor]] = {}  # the reference: this test's own record of each call's metrics
+    expected: list[tuple[int, dict[str, float]]] = []
+    for batch in batches[:6]:
+        before = state.step
+        state, metrics = step(state, batch)
+        for key, value in metrics.items():
+            window.setdefault(key, []).append(value.detach().clone())
+        if state.step != before and state.step % LOG_EVERY == 0:
+            expected.append((state.step, {f"train/{k}": torch.stack(v).sum().item() / len(v) for k, v in window.items()}))
+            window = {}
+    assert len(expected) >= 1
+    for logger in sinks.loggers:
+        assert [s for s, _ in logger.records] == [s for s, _ in expected]
+        for (_, got), (_, want) in zip(logger.records, expected):
+            assert set(got) == set(want) and "train/loss" in got
+            assert all(math.isfinite(v) for v in got.values())
+            assert got == pytest.approx(want, rel=1e-6, abs=1e-12)
+
+
+@pytest.mark.parametrize("names", CHECKPOINTED, ids=_label)
+def test_each_update_leaves_a_checkpoint_that_restores_the_state(names, sinks, fresh_state, batches, assert_checkpoints_hold):
+    step = _build(names, sinks)
+    state = fresh_state()
+    assert all(_positions(d) == [] for d in sinks.directories)
+    for batch in batches[:4]:
+        before = state.step
+        saved = [_positions(d) for d in sinks.directories]
+        state, _ = step(state, batch)
+        if state.step == before:  # mid-group under accumulation: no update, no checkpoint
+            assert [_positions(d) for d in sinks.directories] == saved
+        else:
+            assert_checkpoints_hold(names, sinks, state)
+    assert state.step >= 2
+
+
+def test_nested_logging_is_refused_and_one_logging_takes_every_logger(fresh_state, batches):
+    """with_logging keeps one window in the state: a second layer is refused; one layer serves all loggers."""
+    with pytest.raises(TypeError, match="with_logging cannot wrap with_logging"):
+        loopkit.with_logging(loopkit.with_checkpointing(
+            loopkit.with_logging(loopkit.train_step(_mse), MemoryLogger(), every_n_steps=2), "unused-dir"), MemoryLogger())
+    a, b, alone = MemoryLogger(), MemoryLogger(), MemoryLogger()
+    both = loopkit.with_logging(loopkit.train_step(_mse), a, b, every_n_steps=2)
+    single = loopkit.with_logging(loopkit.train_step(_mse), alone, every_n_steps=2)
+    state_both = state_alone = fresh_state()
+    for batch in batches:
+        state_both, _ = both(state_both, batch)
+        state_alone, _ = single(state_alone, batch)
+    assert a.records == b.records == alone.records and len(alone.records) >= 2
+
+
+# --- a NaN batch ------------------------------------------------------------------------------------
 
 
 GUARDED = [names for names in PIPELINES if {"nan_guard", "amp_fp16"} & set(names)]
 
 
-@pytest.mark.parametrize("guarded", GUARDED, ids=lambda names: "(".join(reversed(names)) + ")" * len(names))
-def test_a_nan_batch_never_reaches_guarded_parameters(guarded, fresh_state, batches, take_snapshot, assert_trees_equal):
+@pytest.mark.parametrize("guarded", GUARDED, ids=_label)
+def test_a_nan_batch_never_reaches_guarded_parameters(guarded, sinks, fresh_state, batches, take_snapshot, assert_trees_equal):
     pipeline = guarded
-    step = _build(pipeline)
+    step = _build(pipeline, sinks)
     start = fresh_state()
     state, _ = step(start, _nan_batch(batches[0]))
     if "grad_accum" in pipeline:
@@ -203,9 +470,12 @@ def test_a_nan_batch_never_reaches_guarded_parameters(guarded, fresh_state, batc
     assert state.step == 0
     assert_trees_equal(take_snapshot(state)["params"], take_snapshot(start)["params"])
     assert all(p.grad is None for p in state.model.parameters())
+    assert all(_positions(d) == [] for d in sinks.directories)  # a dropped update saves nothing
     state, _ = step(state, batches[2])
     state, _ = step(state, batches[3])
     assert state.step >= 1 and all(bool(torch.isfinite(p).all()) for p in state.model.parameters())
+    for directory in sinks.directories:
+        assert _positions(directory)[-1] == _position(state)
 
 
 # --- orders that mean the same thing give the same result ----------------------------------------
@@ -213,7 +483,7 @@ def test_a_nan_batch_never_reaches_guarded_parameters(guarded, fresh_state, batc
 
 COMMUTING = [
     pair
-    for pair in itertools.combinations(TRANSFORMS, 2)
+    for pair in itertools.combinations(GRADIENT, 2)
     if not _refused(*pair) and ({"amp_bf16", "amp_fp16"} & set(pair) or set(pair) == {"grad_clip", "nan_guard"})
 ]
 
