@@ -4,11 +4,13 @@
 Two workloads (``_workloads.WORKLOADS``): a tiny MLP 32-64-64-10 (batch 32) and a small MLP
 784-256-256-10 (batch 64), Adam, cross-entropy, synthetic batches held in memory, one torch
 thread. Every contender trains its own copy of the same initial model on the same list of
-batches. Timing is interleaved: after ``--warmup`` untimed passes per contender, each of
-``--rounds`` rounds times one pass of ``--steps`` steps of every contender, in a freshly
-shuffled order; the reported time is the median over rounds of (pass time / steps), and a
-ratio is the median over rounds of the per-round ratio (the pairing cancels slow drifts in
-the machine's load). Peak memory is the growth of the peak RSS over the baseline in a fresh
+batches. Two rows add ``with_logging`` (TensorBoard, every 50 steps) to ``run_epochs``, one
+with the progress bar drawn on a pseudo-terminal (issue 4: target ≤ 1.05× the raw loop).
+Timing is interleaved: after ``--warmup`` untimed passes per contender, each of ``--rounds``
+rounds times one pass of ``--steps`` steps of every contender, in a freshly shuffled order;
+the reported time is the median over rounds of (pass time / steps), and a ratio is the
+median over rounds of the per-round ratio (the pairing cancels slow drifts in the machine's
+load). Peak memory is the growth of the peak RSS over the baseline in a fresh
 child process per contender and workload. See benchmarks/README.md for the method in full.
 
 Usage::
@@ -23,14 +25,19 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib
+import io
 import json
 import multiprocessing
 import os
 import random
+import shutil
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 import traceback
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -217,6 +224,155 @@ class RunEpochs:
         return self.clock.end - self.clock.start, call
 
 
+class _TerminalText(io.TextIOWrapper):
+    """The text stream on a pseudo-terminal's slave side (``isatty()`` is True); counts writes."""
+
+    written = 0  # characters
+    redraws = 0  # carriage returns: tqdm starts each redraw of its line with one
+
+    def write(self, text: str) -> int:
+        self.written += len(text)
+        self.redraws += text.count("\r")
+        return super().write(text)
+
+
+class PseudoTerminal:
+    """A pseudo-terminal standing in for the user's terminal, so that a progress bar really draws.
+
+    ``stream`` writes to the slave side: a text file whose ``isatty()`` is True, sized
+    ``columns`` x ``rows`` (tqdm reads the width from it). Another process (``cat``) drains
+    the master side into ``capture``, as a terminal emulator would: writes never block, and
+    no thread of this process competes with the timed loop for the GIL. :meth:`close`
+    closes the slave side, which ends ``cat``, and waits for it.
+    """
+
+    def __init__(self, capture: str, columns: int = 120, rows: int = 40) -> None:
+        import fcntl
+        import struct
+        import termios
+
+        master, slave = os.openpty()
+        try:
+            fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
+            self.capture = capture
+            with open(capture, "wb") as sink:
+                # cat ends with EIO on its read once the slave side is closed: its complaint is expected
+                self._drain = subprocess.Popen(["cat"], stdin=master, stdout=sink, stderr=subprocess.DEVNULL)
+        except BaseException:
+            os.close(slave)
+            raise
+        finally:
+            os.close(master)  # cat holds its own copy
+        self.stream = _TerminalText(io.FileIO(slave, "w", closefd=True), encoding="utf-8", line_buffering=True)
+
+    def close(self) -> None:
+        """Close the terminal and wait for everything written to reach ``capture``."""
+        if self.stream.closed:
+            return
+        self.stream.close()
+        try:
+            self._drain.wait(timeout=30)
+        except Exception:
+            self._drain.kill()
+            self._drain.wait()
+
+    def received(self) -> bytes:
+        """What the terminal received (complete after :meth:`close`)."""
+        with open(self.capture, "rb") as f:
+            return f.read()
+
+    def last_frame(self) -> str:
+        """The last line drawn: the text after the last carriage return or newline."""
+        text = self.received()[-1024:].decode("utf-8", "replace").replace("\r\n", "\n").rstrip("\n")
+        return text.replace("\n", "\r").rsplit("\r", 1)[-1].strip()
+
+
+class LoggedRunEpochs:
+    """``run_epochs`` of ``with_logging(train_step, TensorBoardLogger(tmp, "bench"), every_n_steps=50)``.
+
+    With ``bar``, ``progress=True`` and, for the length of the call, ``sys.stderr`` is a
+    :class:`PseudoTerminal` so that ``run_epochs`` shows its tqdm bar and tqdm really formats
+    and writes it. The logger's folder is a fresh temporary directory, removed by :meth:`close`
+    (or, failing that, when the runner is collected or the process exits normally). The
+    TensorBoard writer, which the logger opens on its first write and closes at the end of the
+    fit, is opened before each call (a once-per-fit cost: in the call, outside the timed epoch).
+    """
+
+    every_n_steps = 50
+
+    def __init__(self, workload: Workload, model: nn.Module, *, bar: bool) -> None:
+        import loopkit
+
+        self.run_epochs = loopkit.run_epochs
+        self.state = loopkit.TrainState.create(model, workload.optimizer(model))
+        self.dir = tempfile.mkdtemp(prefix="loopkit-bench-")
+        self._cleanup = weakref.finalize(self, shutil.rmtree, self.dir, ignore_errors=True)
+        self.logger = loopkit.TensorBoardLogger(root=self.dir, name="bench")
+        self.step = loopkit.with_logging(loopkit.train_step(loss_fn), self.logger, every_n_steps=self.every_n_steps)
+        self.terminal = PseudoTerminal(os.path.join(self.dir, "terminal.out")) if bar else None
+        self.clock = _EpochClock()
+        self.passes = 0
+
+    def run(self, batches: Sequence[Batch]) -> tuple[float, float]:
+        saved = sys.stderr
+        t0 = perf_counter()
+        self.logger.writer  # noqa: B018 - open it now: in a long fit it is open from the first log on
+        try:
+            if self.terminal is not None:
+                sys.stderr = self.terminal.stream
+            self.state, _ = self.run_epochs(
+                self.step, self.state, batches, epochs=self.state.epoch + 1,
+                progress=self.terminal is not None, sanity_val_batches=0, callbacks=[self.clock],
+            )
+        finally:
+            sys.stderr = saved
+        call = perf_counter() - t0
+        self.passes += 1
+        return self.clock.end - self.clock.start, call
+
+    def extra(self) -> dict[str, Any]:
+        """What was really written: event files and, with the bar, the terminal's output.
+
+        Called once the timed passes are over: it closes the terminal (to read all it received).
+        """
+        events = [f for f in os.listdir(self.logger.log_dir) if f.startswith("events.out.tfevents")]
+        out: dict[str, Any] = {
+            "passes": self.passes,
+            "log_dir": self.logger.log_dir,
+            "event_files": len(events),
+            "event_bytes": sum(os.path.getsize(os.path.join(self.logger.log_dir, f)) for f in events),
+        }
+        if self.terminal is not None:
+            self.terminal.close()
+            out["terminal_chars_written"] = self.terminal.stream.written
+            out["terminal_redraws"] = self.terminal.stream.redraws
+            out["terminal_bytes_received"] = len(self.terminal.received())
+            out["terminal_last_frame"] = self.terminal.last_frame()
+        return out
+
+    def close(self) -> None:
+        try:
+            if self.terminal is not None:
+                self.terminal.close()
+            self.logger.finalize()
+        finally:
+            self._cleanup()
+
+
+def _logged_run_epochs(*, bar: bool) -> Callable[[Workload, nn.Module], LoggedRunEpochs]:
+    def build(workload: Workload, model: nn.Module) -> LoggedRunEpochs:
+        return LoggedRunEpochs(workload, model, bar=bar)
+
+    return build
+
+
+def _close(runner: Any) -> None:
+    """Release what a runner holds (temporary folders, terminals); most hold nothing."""
+    close = getattr(runner, "close", None)
+    if close is not None:
+        close()
+
+
 # --- Lightning and Ignite ------------------------------------------------------------------------
 
 _LIT_MODULE: list[type] = []
@@ -366,6 +522,10 @@ class Contender:
 CONTENDERS: tuple[Contender, ...] = (
     Contender("raw", "raw PyTorch loop", RawLoop, target="reference"),
     Contender("run_epochs", "loopkit run_epochs", RunEpochs, driver=True, target="≤ 1.03×"),
+    Contender("logging", "loopkit run_epochs + with_logging(TensorBoard/50), no bar", _logged_run_epochs(bar=False),
+              needs=("tensorboardX",), driver=True, target="≤ 1.05× (issue 4)"),
+    Contender("logging_bar", "loopkit run_epochs + with_logging(TensorBoard/50) + progress bar",
+              _logged_run_epochs(bar=True), needs=("tensorboardX", "tqdm"), driver=True, target="≤ 1.05× (issue 4)"),
     Contender("pure", "loopkit pure step, plain loop", _loopkit_step(donated=False), target="≤ 1.3×"),
     Contender("donated", "loopkit donated step, plain loop", _loopkit_step(), target="≤ 1.03×"),
     Contender("clip", "+ with_grad_clip(max_norm=1)", _loopkit_step(_clip), "transform", "raw_clip"),
@@ -402,6 +562,7 @@ class Timings:
     per_step: list[float] = field(default_factory=list)  # seconds per step (or per call)
     fixed: list[float] = field(default_factory=list)  # whole call minus the timed window, seconds
     error: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # what the runner reports it did (runner.extra())
 
 
 def time_workload(
@@ -411,18 +572,35 @@ def time_workload(
     batches = workload.batches(steps)
     results = {c.key: Timings() for c in contenders}
     runners: dict[str, Runner] = {}
-    for c in contenders:
-        reason = _missing(c)
-        if reason is not None:
-            results[c.key].error = reason
-            continue
-        try:
-            runners[c.key] = c.build(workload, workload.model())
-            for _ in range(warmup):
-                runners[c.key].run(batches)
-        except Exception:
-            results[c.key].error = "error: " + traceback.format_exc(limit=3).strip().splitlines()[-1]
-            runners.pop(c.key, None)
+    try:
+        for c in contenders:
+            reason = _missing(c)
+            if reason is not None:
+                results[c.key].error = reason
+                continue
+            try:
+                runners[c.key] = c.build(workload, workload.model())
+                for _ in range(warmup):
+                    runners[c.key].run(batches)
+            except Exception:
+                results[c.key].error = "error: " + traceback.format_exc(limit=3).strip().splitlines()[-1]
+                _close(runners.pop(c.key, None))
+        _timed_rounds(runners, results, batches, rounds=rounds, steps=steps, seed=seed)
+        for key, runner in runners.items():
+            extra = getattr(runner, "extra", None)
+            if extra is not None:
+                results[key].extra = extra()
+    finally:
+        for runner in runners.values():
+            _close(runner)
+    return results
+
+
+def _timed_rounds(
+    runners: dict[str, Runner], results: dict[str, Timings], batches: Sequence[Batch], *, rounds: int, steps: int,
+    seed: int,
+) -> None:
+    """``rounds`` rounds of one timed pass of every runner, in an order shuffled each round."""
     order = list(runners)
     shuffle = random.Random(seed)
     for _ in range(rounds):
@@ -437,7 +615,6 @@ def time_workload(
                 continue
             results[key].per_step.append(window / steps)
             results[key].fixed.append(call - window)
-    return results
 
 
 # --- peak memory in a fresh process per contender ---------------------------------------------------
@@ -446,25 +623,51 @@ def time_workload(
 MICRO = Workload("micro", (8, 8, 8, 4), 4)
 
 
-def warm_up(contenders: Sequence[Contender], workload: Workload = MICRO, steps: int = 4) -> None:
+def warm_up(
+    contenders: Sequence[Contender], workload: Workload = MICRO, steps: int = 4, *, before_fork: bool = True
+) -> None:
     """Run each contender twice over ``steps`` batches on a throwaway model of ``workload``.
 
     Done before a memory baseline, it moves first-use costs out of the measurement: the
     frameworks' lazy imports, torch's kernel and dispatch set-up, and the shared-library
     code pages a forked child faults in again. The memory it freed goes back to the OS.
+    ``before_fork`` (the forkserver's warm-up) also stops the thread that tqdm's first bar
+    started, so that no child is forked while that thread holds tqdm's lock.
     """
     batches = workload.batches(steps)
     for c in contenders:
         if _missing(c) is not None:
             continue
+        runner = None
         try:
             runner = c.build(workload, workload.model(seed=1))
             runner.run(batches)
             runner.run(batches)
         except Exception:
             pass  # the measured run reports the error
+        finally:
+            _close(runner)
         runner = None
+    if before_fork:
+        _stop_tqdm_monitor()
     release_free_memory()
+
+
+def _stop_tqdm_monitor() -> None:
+    """Stop tqdm's monitor thread, if a bar started one (the next bar starts a new one)."""
+    std = sys.modules.get("tqdm.std")
+    if std is None:
+        return
+    classes, seen = [std.tqdm], []
+    while classes:  # the monitor is an attribute of the class that made the bar (tqdm.auto's subclass)
+        cls = classes.pop()
+        seen.append(cls)
+        classes += cls.__subclasses__()
+    for cls in seen:
+        monitor = cls.__dict__.get("monitor")
+        if monitor is not None:
+            monitor.exit()
+            cls.monitor = None
 
 
 def _memory_child(key: str, workload_name: str, steps: int) -> dict[str, Any]:
@@ -475,15 +678,18 @@ def _memory_child(key: str, workload_name: str, steps: int) -> dict[str, Any]:
     for module in ("loopkit",) + contender.needs:
         importlib.import_module(module)
     workload = WORKLOADS[workload_name]
-    warm_up([contender], workload)
+    warm_up([contender], workload, before_fork=False)
     batches = workload.batches(steps)
     model = workload.model()
     release_free_memory()
     exact = reset_peak_rss()
     baseline = rss_kb()
     runner = contender.build(workload, model)
-    runner.run(batches)
-    peak = peak_rss_kb()
+    try:
+        runner.run(batches)
+        peak = peak_rss_kb()
+    finally:
+        _close(runner)
     return {"baseline_kb": baseline, "peak_kb": peak, "growth_kb": peak - baseline, "exact": exact, "pinned": pinned}
 
 
@@ -561,7 +767,8 @@ UNIT = Workload("unit", (1, 2), 1)  # one Linear(1, 2), batch 1: the arithmetic 
 def fixed_overhead(rounds: int, steps: int, seed: int) -> list[list[str]]:
     """Per-step overhead in µs on the unit model, where the step's arithmetic is negligible:
     what each loopkit form adds to *any* step, over the raw loop and over its own reference."""
-    keys = ("raw", "run_epochs", "pure", "donated", "clip", "accum", "nan_guard", "amp", "raw_clip", "raw_accum", "raw_amp")
+    keys = ("raw", "run_epochs", "pure", "donated", "clip", "accum", "nan_guard", "amp",
+            "raw_clip", "raw_accum", "raw_amp")
     timings = time_workload(UNIT, [BY_KEY[k] for k in keys], rounds=rounds, steps=steps, warmup=1, seed=seed)
     raw = timings["raw"]
     rows = []
@@ -845,6 +1052,8 @@ def report(
             rows.append(row + cells)
         out += [_table(header, rows), ""]
 
+    out += _logging_section(names, timings)
+
     drivers = [c for c in contenders if c.driver]
     if drivers:
         out += ["## Drivers: fixed cost per call, outside the timed epoch (not in µs/step)", ""]
@@ -872,6 +1081,39 @@ def report(
     return "\n".join(out)
 
 
+def _logging_section(names: Sequence[str], timings: dict[str, dict[str, Timings]]) -> list[str]:
+    """What ``with_logging`` and then the progress bar add to ``run_epochs``, and what the bar drew."""
+    steps = [("logging", "run_epochs", "+ with_logging(TensorBoard/50), no bar"),
+             ("logging_bar", "logging", "+ progress bar on a pseudo-terminal"),
+             ("logging_bar", "run_epochs", "both: with_logging + progress bar")]
+    rows = []
+    for key, base, label in steps:
+        if not all(key in timings[w] and base in timings[w] for w in names):
+            continue
+        row = [label, BY_KEY[base].label]
+        for w in names:
+            t, b = timings[w][key], timings[w][base]
+            row += [_fmt(_paired_delta_us(t, b), "+.1f"), _fmt(_paired_ratio(t, b), ".3f", "×")]
+        rows.append(row)
+    if not rows:
+        return []
+    header = ["added", "to"]
+    for w in names:
+        header += [f"{w} Δµs", f"{w} ×to"]
+    out = ["## What logging and the progress bar add to run_epochs (paired medians)", "",
+           _table(header, rows, "ll" + "r" * (len(header) - 2)), ""]
+    for w in names:
+        extra = timings[w].get("logging_bar", Timings()).extra
+        passes = extra.get("passes") or 0
+        if passes:
+            out.append(
+                f"- {w}: the bar wrote {extra['terminal_chars_written'] / passes:.0f} characters in "
+                f"{extra['terminal_redraws'] / passes:.1f} redraws per pass (warm-up included); last frame: "
+                f"`{extra['terminal_last_frame']}`"
+            )
+    return out + [""]
+
+
 def _json_results(timings: dict[str, dict[str, Timings]], memory: dict[str, dict[str, Any]]) -> dict[str, Any]:
     data: dict[str, Any] = {}
     for w, per in timings.items():
@@ -884,6 +1126,7 @@ def _json_results(timings: dict[str, dict[str, Timings]], memory: dict[str, dict
                 "fixed_s": t.fixed,
                 "error": t.error,
                 "memory": memory.get(w, {}).get(key),
+                "extra": t.extra,
             }
     return data
 
@@ -892,7 +1135,9 @@ def _json_results(timings: dict[str, dict[str, Timings]], memory: dict[str, dict
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--quick", action="store_true", help="smoke run: 2 rounds of 8 steps; numbers meaningless")
     p.add_argument("--rounds", type=int, default=None, help="timed rounds per workload (default 12)")
     p.add_argument("--steps", type=int, default=None, help="training steps per timed pass (default 100)")
@@ -927,18 +1172,64 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _settings(args: argparse.Namespace) -> dict[str, str]:
+    quick = " [--quick: numbers are meaningless]" if args.quick else ""
+    memory = "not measured (--no-memory)" if args.no_memory else (
+        f"peak-RSS growth over the baseline, one fresh child per contender and workload training "
+        f"{args.memory_steps} steps ({_start_method()}); the baseline is the RSS after imports, warm-up, "
+        "data and model creation, the peak the kernel's VmHWM reset at the baseline (/proc/self/clear_refs)"
+    )
+    return {
+        "settings": f"rounds={args.rounds}, steps/pass={args.steps}, warm-up passes={args.warmup}, "
+                    f"order shuffled each round (seed {args.seed}){quick}",
+        "µs/step": "median over rounds of pass time / steps; ×raw = median over rounds of the per-round ratio",
+        "drivers": "run_epochs, Trainer and Ignite timed from their epoch-start to epoch-end hooks "
+                   "(per-call set-up reported separately below)",
+        "memory": memory,
+        "logging rows": "with_logging(train_step, TensorBoardLogger(<temp dir>, 'bench'), every_n_steps=50) under "
+                        "run_epochs; the writer is opened before each call (once per fit; in the call's fixed cost); "
+                        "with the bar, progress=True and sys.stderr is a pseudo-terminal (os.openpty, 120x40, "
+                        "isatty() True; its master side drained by a `cat` process, as a terminal emulator would) "
+                        "for the call, so tqdm formats and writes; temp dirs removed afterwards",
+    }
+
+
+def _print_breakdown(args: argparse.Namespace, workloads: Sequence[Workload]) -> None:
+    steps = args.steps if args.quick else max(args.steps, 200)
+    delta = ["Δ µs (paired median)", "Δ µs (min − min)"]
+    print("## Breakdown 1: fixed per-step cost on a unit model (Linear(1, 2), batch 1), Δ vs raw\n")
+    rows = fixed_overhead(args.rounds, steps, args.seed)
+    header = ["contender", "µs/step", "Δ µs vs raw (paired median)", "Δ µs vs raw (min − min)",
+              "Δ µs vs own ref (paired median)"]
+    print(_table(header, rows) + "\n")
+    print("## Breakdown 2: the raw step grown into the loopkit step, piece by piece (cumulative Δ µs)\n")
+    for w in (UNIT, *workloads):
+        rows = ladder(w, args.rounds, steps, args.seed)
+        print(f"### {w.name}\n\n" + _table(["loop", "µs/step", *delta], rows) + "\n")
+    print("## Breakdown 3: pieces micro-timed alone (µs per call, hot caches: a lower bound)\n")
+    for w in workloads:
+        rows = [[name, _fmt(us, ".2f")] for name, us in breakdown(w)]
+        print(f"### {w.name}\n\n" + _table(["piece", "µs"], rows) + "\n")
+
+
+def _failures(timings: dict[str, dict[str, Timings]], memory: dict[str, dict[str, Any]]) -> list[str]:
+    failed = [f"{w}/{k}: {t.error}" for w, per in timings.items() for k, t in per.items()
+              if t.error and t.error.startswith("error")]
+    failed += [f"{w}/{k} memory: {rec}" for w, per in memory.items() for k, rec in per.items()
+               if isinstance(rec, str) and rec.startswith("error")]
+    return failed
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark and print the report; 1 if a contender failed, else 0."""
     args = parse_args(argv)
     setup_process()
-    contenders = list(CONTENDERS)
-    if args.only:
-        wanted = set(args.only.split(",")) | {"raw"}
-        contenders = [c for c in contenders if c.key in wanted]
+    wanted = set(args.only.split(",")) | {"raw"} if args.only else set(BY_KEY)
+    contenders = [c for c in CONTENDERS if c.key in wanted]
     workloads = [WORKLOADS[w] for w in args.workloads.split(",")]
     started = perf_counter()
-
     memory: dict[str, dict[str, Any]] = {}
-    if not args.no_memory:  # first, while the machine is otherwise quiet for the timing below
+    if not args.no_memory:  # first, so that the forkserver's start does not overlap the timing
         ctx = _mp_context()
         for w in workloads:
             memory[w.name] = measure_memory(w, contenders, steps=args.memory_steps, ctx=ctx)
@@ -946,43 +1237,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         w.name: time_workload(w, contenders, rounds=args.rounds, steps=args.steps, warmup=args.warmup, seed=args.seed)
         for w in workloads
     }
-    memory_note = "not measured (--no-memory)" if args.no_memory else (
-        f"peak-RSS growth over the baseline, one fresh child per contender and workload training "
-        f"{args.memory_steps} steps ({_start_method()}); the baseline is the RSS after imports, warm-up, "
-        "data and model creation, the peak the kernel's VmHWM reset at the baseline (/proc/self/clear_refs)"
-    )
-    settings = {
-        "settings": f"rounds={args.rounds}, steps/pass={args.steps}, warm-up passes={args.warmup}, "
-                    f"order shuffled each round (seed {args.seed})" + (" [--quick: numbers are meaningless]" if args.quick else ""),
-        "µs/step": "median over rounds of pass time / steps; ×raw = median over rounds of the per-round ratio",
-        "drivers": "run_epochs, Trainer and Ignite timed from their epoch-start to epoch-end hooks "
-                   "(per-call set-up reported separately below)",
-        "memory": memory_note,
-    }
-    print(report(settings, contenders, timings, memory))
+    print(report(_settings(args), contenders, timings, memory))
     if args.breakdown:
-        bk_steps = args.steps if args.quick else max(args.steps, 200)
-        print("## Breakdown 1: fixed per-step cost on a unit model (Linear(1, 2), batch 1), Δ vs raw\n")
-        rows = fixed_overhead(args.rounds, bk_steps, args.seed)
-        print(_table(["contender", "µs/step", "Δ µs vs raw (paired median)", "Δ µs vs raw (min − min)",
-                      "Δ µs vs own ref (paired median)"], rows) + "\n")
-        print("## Breakdown 2: the raw step grown into the loopkit step, piece by piece (cumulative Δ µs)\n")
-        for w in (UNIT, *workloads):
-            rows = ladder(w, args.rounds, bk_steps, args.seed)
-            print(f"### {w.name}\n\n" + _table(["loop", "µs/step", "Δ µs (paired median)", "Δ µs (min − min)"], rows) + "\n")
-        print("## Breakdown 3: pieces micro-timed alone (µs per call, hot caches: a lower bound)\n")
-        for w in workloads:
-            rows = [[name, _fmt(us, ".2f")] for name, us in breakdown(w)]
-            print(f"### {w.name}\n\n" + _table(["piece", "µs"], rows) + "\n")
+        _print_breakdown(args, workloads)
     print(f"total time: {perf_counter() - started:.1f} s")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"settings": vars(args), "results": _json_results(timings, memory)}, f, indent=1, default=str)
-    failed = [
-        f"{w}/{k}: {t.error}" for w, per in timings.items() for k, t in per.items() if t.error and t.error.startswith("error")
-    ] + [
-        f"{w}/{k} memory: {rec}" for w, per in memory.items() for k, rec in per.items() if isinstance(rec, str) and rec.startswith("error")
-    ]
+    failed = _failures(timings, memory)
     for line in failed:
         print("FAILED " + line, file=sys.stderr)
     return 1 if failed else 0

@@ -110,6 +110,7 @@ def _check_logging_rows(results: dict) -> None:
         assert "terminal_chars_written" not in results[workload]["logging"]["extra"]
         bar = results[workload]["logging_bar"]["extra"]
         assert bar["terminal_redraws"] >= 2 * passes, bar  # at least the opening and closing frames
+        assert bar["terminal_bytes_received"] >= bar["terminal_chars_written"] > 0, bar  # it reached the terminal
         frame = bar["terminal_last_frame"]
         # the closing frame of the last epoch, as tqdm formats it: description, count, loss postfix
         assert frame.startswith(f"epoch {passes - 1}: 100%"), frame
