@@ -17,8 +17,9 @@ from loopkit.loggers import ConsoleLogger, CSVLogger, JSONLLogger, Logger, Tenso
 from loopkit.rng import seed_everything
 from loopkit.state import TrainState
 from loopkit.steps import EvalStep, Step, TrainStep, donate, eval_step, train_step
-from loopkit.transforms import with_amp, with_checkpointing, with_grad_accum, with_grad_clip, with_logging, with_nan_guard
+from loopkit.transforms import with_amp, with_checkpointing, with_ddp, with_grad_accum, with_grad_clip, with_logging, with_nan_guard
 from loopkit.tree import to_device
+from loopkit import distributed  # noqa: E402  (an integration: imports the layers above)
 
 __version__ = "0.1.0"
 
@@ -39,6 +40,7 @@ __all__ = [
     "TensorBoardLogger",
     "TrainState",
     "TrainStep",
+    "distributed",
     "donate",
     "eval_step",
     "evaluate",
@@ -51,6 +53,7 @@ __all__ = [
     "train_step",
     "with_amp",
     "with_checkpointing",
+    "with_ddp",
     "with_grad_accum",
     "with_grad_clip",
     "with_logging",

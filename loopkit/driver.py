@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from loopkit import _collective
 from loopkit.progress import ProgressBar, progress_wanted
 from loopkit.state import TrainState, fork
 from loopkit.steps import as_step, donate
@@ -68,6 +69,8 @@ class _Means:
     def read(self) -> dict[str, float]:
         for key in list(self._pending):
             self._fold(key)
+        if _collective.active():  # under torch.distributed: the means over all ranks, one collective
+            return _collective.means(self._sums, self._counts)
         return {k: float(self._sums[k] / self._counts[k]) for k in self._sums}
 
 
@@ -187,11 +190,18 @@ def evaluate(
     *,
     limit: int | float | None = None,
     device: torch.device | str | None = None,
+    reduce: bool = True,
 ) -> dict[str, float]:
     """Run ``eval_step`` over ``data``; return each metric's mean weighted by batch size.
 
     The batch size is the length of the first tensor in the batch. The sums stay on the
     device until the end, where they are read once.
+
+    Under ``torch.distributed`` (a process group of more than one rank) each rank
+    evaluates its own ``data`` (e.g. ``loopkit.distributed.shard(val_set, pad=False)``) and
+    the sums and sample counts of all ranks are added in one collective, so every rank
+    returns the same means, each sample counted once: every rank must call ``evaluate``
+    then. ``reduce=False`` returns this rank's own means (for an evaluation on one rank only).
 
     >>> import torch
     >>> from loopkit.state import TrainState
@@ -216,6 +226,8 @@ def evaluate(
             weighted = value.float() * size
             sums[key] = weighted if key not in sums else sums[key] + weighted
             sizes[key] = sizes.get(key, 0) + size
+    if reduce and _collective.active():
+        return _collective.means(sums, sizes)
     return {k: float(sums[k] / sizes[k]) for k in sums}
 
 

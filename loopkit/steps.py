@@ -18,6 +18,7 @@ step as a :class:`WrapperStep`.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
@@ -46,6 +47,7 @@ __all__ = [
 Metrics = dict[str, torch.Tensor]
 LossFn = Callable[[torch.nn.Module, Any], Any]
 
+_NO_CONTEXT = contextlib.nullcontext()
 _ACCUM_COUNT = "accum/count"
 _FOUND_INF = "amp/found_inf"
 _NONFINITE = "nan_guard/nonfinite"
@@ -71,6 +73,8 @@ class Step:
     donated: bool = False
     #: whether ``run_`` changes the state it is given (and so needs a copy when not donated)
     changes_state: bool = True
+    #: why the step cannot run on a copy of the state (``with_ddp``), or None when it can
+    requires_donation: str | None = None
 
     def run_(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
         raise NotImplementedError
@@ -107,6 +111,8 @@ class Step:
         if state._consumed:
             state.check_usable()
         if not self.donated:
+            if self.requires_donation is not None:
+                raise TypeError(self.requires_donation)
             return run(fork(state) if self.changes_state else state, *args)
         try:
             new, metrics = run(state, *args)
@@ -204,6 +210,10 @@ class WrapperStep(Step):
         return self.inner.changes_state
 
     @property
+    def requires_donation(self) -> str | None:  # type: ignore[override]
+        return self.inner.requires_donation
+
+    @property
     def applied(self) -> tuple[str, ...]:
         return self.inner.applied + (self.name,)
 
@@ -233,17 +243,20 @@ class GradContext:
     """What a gradient transform sees: the parameters with gradients, and the step's flags.
 
     ``found_inf`` is set by a float16 loss scaler after unscaling; ``nonfinite`` by guards.
-    Both are on-device tensors (1.0 = the update must be skipped).
+    Both are on-device tensors (1.0 = the update must be skipped). ``agree`` is None in one
+    process; under ``with_ddp`` it all-reduces a flag tensor with MAX, so that a transform
+    that decides on the host (a guard that raises) decides the same on every rank.
     """
 
-    __slots__ = ("state", "params", "metrics", "found_inf", "nonfinite")
+    __slots__ = ("state", "params", "metrics", "found_inf", "nonfinite", "agree")
 
-    def __init__(self, state: TrainState, metrics: Metrics, found_inf: Any, nonfinite: Any) -> None:
+    def __init__(self, state: TrainState, metrics: Metrics, found_inf: Any, nonfinite: Any, agree: Any = None) -> None:
         self.state = state
         self.params = _params_with_grads(state.optimizer)
         self.metrics = metrics
         self.found_inf = found_inf
         self.nonfinite = nonfinite
+        self.agree = agree
 
     @property
     def grads(self) -> list[torch.Tensor]:
@@ -368,7 +381,12 @@ class TrainStep(Step):
 
     ``micro`` holds gradient transforms that act on each micro-batch's gradient (applied
     before gradient accumulation), ``update`` those that act on the accumulated gradient
-    (applied after it). Without accumulation the two are the same thing.
+    (applied after it). Without accumulation the two are the same thing. ``sync`` is the
+    data-parallel hook that ``with_ddp`` sets (None in one process): ``module(model)`` gives
+    the module the loss_fn runs (a DistributedDataParallel wrapper), ``no_sync(module)`` the
+    context for micro-steps whose gradients stay local, ``agree(flags)`` all-reduces skip
+    flags with MAX, ``reduce_grads(grads)`` averages gradients a partial group left local,
+    and ``requires_donation`` says why the step cannot run on copies of the state.
     """
 
     loss_fn: LossFn
@@ -378,10 +396,15 @@ class TrainStep(Step):
     update: tuple[GradTransform, ...] = ()
     transforms: tuple[str, ...] = ()
     donated: bool = False
+    sync: Any = None
 
     @property
     def applied(self) -> tuple[str, ...]:
         return ("train_step",) + self.transforms
+
+    @property
+    def requires_donation(self) -> str | None:  # type: ignore[override]
+        return None if self.sync is None else self.sync.requires_donation
 
     def with_transform(self, name: str, **changes: Any) -> TrainStep:
         """A copy with ``changes`` applied and ``name`` recorded (used by the ``with_*`` transforms)."""
@@ -400,25 +423,33 @@ class TrainStep(Step):
         if optimizer is None:
             raise ValueError("train_step needs a state with an optimizer (TrainState.create(model, optimizer))")
         device = optimizer.param_groups[0]["params"][0].device
+        sync = self.sync
         extras = dict(state.extras) if (self.precision or self.accum_every > 1 or self.micro or self.update) else None
         per_micro = self.accum_every > 1 and bool(self.micro)
         scope = RNGScope(state.rng, _cuda_index(device) if device.type == "cuda" else None, state.seed)
+        net = model if sync is None else sync.module(model)
+        # under DDP a micro-step that does not finish its group keeps its gradient local (no all-reduce);
+        # per-micro transforms need each micro-batch's whole gradient, so then every micro-step syncs
+        local = (
+            sync is not None and not per_micro and state.extras.get(_ACCUM_COUNT, 0) + 1 < self.accum_every
+        )
         try:
-            if self.precision is not None:
-                with self.precision.autocast(device.type):
-                    out = self.loss_fn(model, batch)
-            else:
-                out = self.loss_fn(model, batch)
-            if out is None:
-                rng = scope.close()
-                return attrs.evolve(state, batch_index=state.batch_index + 1, rng=rng), {}
-            loss, metrics = _split_loss(out, self.loss_fn)
-            # per-micro transforms see the micro-batch's own gradient; its share (1/every) is taken after them
-            to_backward = loss / self.accum_every if self.accum_every > 1 and not per_micro else loss
-            if self.precision is not None and self.precision.scales_loss:
-                to_backward = self.precision.scale(to_backward, extras, device)  # type: ignore[arg-type]
-            stash = _stash_grads(optimizer) if per_micro else None
-            to_backward.backward()
+            with sync.no_sync(net) if local else _NO_CONTEXT:
+                if self.precision is not None:
+                    with self.precision.autocast(device.type):
+                        out = self.loss_fn(net, batch)
+                else:
+                    out = self.loss_fn(net, batch)
+                if out is None:
+                    rng = scope.close()
+                    return attrs.evolve(state, batch_index=state.batch_index + 1, rng=rng), {}
+                loss, metrics = _split_loss(out, self.loss_fn)
+                # per-micro transforms see the micro-batch's own gradient; its share (1/every) is taken after them
+                to_backward = loss / self.accum_every if self.accum_every > 1 and not per_micro else loss
+                if self.precision is not None and self.precision.scales_loss:
+                    to_backward = self.precision.scale(to_backward, extras, device)  # type: ignore[arg-type]
+                stash = _stash_grads(optimizer) if per_micro else None
+                to_backward.backward()
         except BaseException:
             scope.discard()
             raise
@@ -431,7 +462,9 @@ class TrainStep(Step):
             optimizer.zero_grad(set_to_none=True)
             return _advance(state, state.step + 1, rng, state.extras), metrics
         new = _advance(state, state.step, rng, state.extras)
-        ctx = GradContext(new, metrics, extras.pop(_FOUND_INF, None), extras.pop(_NONFINITE, None))
+        ctx = GradContext(
+            new, metrics, extras.pop(_FOUND_INF, None), extras.pop(_NONFINITE, None), None if sync is None else sync.agree
+        )
         for t in self.micro + self.update:
             t.on_loss(loss, new, ctx)
         if per_micro:
@@ -457,10 +490,13 @@ class TrainStep(Step):
         extras = dict(state.extras)
         extras.pop(_ACCUM_COUNT)
         grads = [p.grad for p in _params_with_grads(state.optimizer)]
+        if self.sync is not None and not self.micro:  # the partial group's gradients never left this rank
+            self.sync.reduce_grads(grads)
         if grads:  # each micro-batch loss was divided by `every`: make it the mean over `count`
             torch._foreach_mul_(grads, self.accum_every / count)
         metrics: Metrics = {}
-        ctx = GradContext(state, metrics, extras.pop(_FOUND_INF, None), extras.pop(_NONFINITE, None))
+        agree = None if self.sync is None else self.sync.agree
+        ctx = GradContext(state, metrics, extras.pop(_FOUND_INF, None), extras.pop(_NONFINITE, None), agree)
         return self._apply_update(state, extras, metrics, ctx), metrics
 
     def _apply_update(
@@ -477,6 +513,8 @@ class TrainStep(Step):
                 t.on_grads(ctx)
         for t in self.update:
             t.on_grads(ctx)
+        if ctx.agree is not None:
+            _agree_flags(ctx)
         skip = _skip_flag(ctx)
         skipped = skip is not None and bool(skip)  # one read per update, only with a scaler or a guard
         if not skipped:
@@ -524,6 +562,18 @@ def _keep_flags(extras: dict[str, Any], ctx: GradContext) -> None:
         extras[_FOUND_INF] = ctx.found_inf
     if ctx.nonfinite is not None:
         extras[_NONFINITE] = ctx.nonfinite
+
+
+def _agree_flags(ctx: GradContext) -> None:
+    """All ranks take the same skip decision: the flags become their maximum over ranks (one collective)."""
+    flags = [f.reshape(()) for f in (ctx.found_inf, ctx.nonfinite) if f is not None]
+    if not flags:
+        return
+    agreed = ctx.agree(torch.stack(flags).float())
+    if ctx.found_inf is not None:
+        ctx.found_inf, agreed = agreed[0].to(ctx.found_inf.dtype).reshape(ctx.found_inf.shape), agreed[1:]
+    if ctx.nonfinite is not None:
+        ctx.nonfinite = agreed[0].to(ctx.nonfinite.dtype).reshape(ctx.nonfinite.shape)
 
 
 def _skip_flag(ctx: GradContext) -> torch.Tensor | None:

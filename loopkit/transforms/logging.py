@@ -14,45 +14,44 @@ from typing import Any
 import attrs
 import torch
 
+from loopkit import _collective
 from loopkit.state import TrainState
 from loopkit.steps import Metrics, Step, WrapperStep, as_step, check_metric
 
 __all__ = ["LoggingStep", "with_logging"]
 
 _WINDOW, _COUNTS = "logging/window", "logging/counts"
-_FOLD = 256  # metric tensors kept per name before they are summed into one (on the device)
-
-
-def _values(kept: Any) -> tuple[torch.Tensor, ...]:
-    """A metric's kept tensors (a state dict round trip turns the tuple into {"0": ..., "1": ...})."""
-    if isinstance(kept, Mapping):
-        return tuple(kept[k] for k in sorted(kept, key=int))
-    return kept
-
-
-def _total(values: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    return torch.stack([v.float() for v in values]).sum()
 
 
 def _accumulate(extras: Mapping[str, Any], metrics: Metrics) -> dict[str, Any]:
-    """``extras`` with each metric tensor kept for the window: no kernel, no copy, nothing changed in place."""
-    window = dict(extras.get(_WINDOW, {}))
-    counts = dict(extras.get(_COUNTS, {}))
+    """``extras`` with each metric added to its window's running sum (float32, on the device).
+
+    One small add per metric and call, no host sync; the previous sums are not changed in
+    place (the step stays pure), and a checkpoint holds one tensor per metric.
+    """
+    window = dict(extras.get(_WINDOW, ()))
+    counts = dict(extras.get(_COUNTS, ()))
     for key, value in metrics.items():
         if not (type(value) is torch.Tensor and value.ndim == 0):
             value = check_metric(value, key, "the step wrapped by with_logging")
-        values = _values(window.get(key, ())) + (value.detach() if value.requires_grad else value,)
-        window[key] = values if len(values) < _FOLD else (_total(values),)
+        if value.requires_grad:
+            value = value.detach()
+        if value.dtype != torch.float32:
+            value = value.float()
+        total = window.get(key)
+        window[key] = value if total is None else total + value
         counts[key] = counts.get(key, 0) + 1
     return {**extras, _WINDOW: window, _COUNTS: counts}
 
 
 def _read_means(extras: Mapping[str, Any]) -> dict[str, float]:
-    """The window's means, summed on the device and read in one transfer (the only host sync)."""
+    """The window's means, read in one transfer (the only host sync)."""
     window, counts = extras.get(_WINDOW, {}), extras.get(_COUNTS, {})
+    if _collective.active():  # under torch.distributed: the window's means over all ranks, one collective
+        return {f"train/{k}": v for k, v in _collective.means(window, counts).items()}
     if not window:
         return {}
-    totals = [_total(_values(kept)) for kept in window.values()]
+    totals = list(window.values())
     read = torch.stack([t.to(totals[0].device) for t in totals]).tolist()
     return {f"train/{k}": total / counts[k] for k, total in zip(window, read)}
 
@@ -164,8 +163,7 @@ class _ModelWatch:
 def with_logging(step: Any, *loggers: Any, every_n_steps: int = 50) -> LoggingStep:
     """Log the means of the step's metrics over each ``every_n_steps`` optimizer updates.
 
-    Each metric ``m``'s tensors are kept on the device in ``state.extras`` (``logging/window``,
-    summed every 256), so the step stays pure and a checkpoint carries a partial window. When
+    Each metric ``m`` is summed on the device in ``state.extras`` (``logging/window``), so the step stays pure and a checkpoint carries a partial window. When
     ``state.step`` reaches a multiple of ``every_n_steps`` they are summed and read once (the
     only host sync), and every logger's ``log_metrics`` gets ``train/m``, the mean over the
     calls since the last log (under ``with_grad_accum`` a window is n updates), at the global
@@ -204,7 +202,17 @@ def with_logging(step: Any, *loggers: Any, every_n_steps: int = 50) -> LoggingSt
         share = getattr(logger, "share_run_dir", None)
         if share is not None:
             any(share(earlier) for earlier in loggers[:i])
+    if not callable(step):
+        raise TypeError(f"with_logging: the step must be callable as step(state, batch), got {type(step).__qualname__}")
     inner: Step = as_step(step)
     if inner.donated:
         raise TypeError("with_logging cannot wrap a donated step: apply donate() last")
+    wrapped: Any = inner
+    while isinstance(wrapped, WrapperStep):  # one window per state: a second layer would count twice
+        if isinstance(wrapped, LoggingStep):
+            raise TypeError(
+                "with_logging cannot wrap with_logging: the window lives in the state once; pass every "
+                "logger to one with_logging(step, logger_a, logger_b, ...)"
+            )
+        wrapped = wrapped.inner
     return LoggingStep(inner, loggers=tuple(loggers), every_n_steps=every_n_steps)

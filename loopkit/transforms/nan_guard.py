@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import attrs
@@ -40,8 +41,12 @@ class NanGuard:
     def on_loss(self, loss: torch.Tensor, state: TrainState, ctx: GradContext) -> None:
         bad = (~torch.isfinite(loss.detach())).float()
         if self.policy == "raise":
+            if ctx.agree is not None:  # under with_ddp: every rank raises, or none does
+                bad = ctx.agree(bad)
             if bool(bad):
-                raise NonFiniteError(f"with_nan_guard: non-finite loss ({float(loss.detach())}) at {_where(state)}")
+                value = float(loss.detach())
+                seen = f"{value}" if not math.isfinite(value) else f"on another rank; this rank's is {value}"
+                raise NonFiniteError(f"with_nan_guard: non-finite loss ({seen}) at {_where(state)}")
         else:
             ctx.flag_nonfinite(bad)
 
@@ -63,6 +68,8 @@ class NanGuard:
                 found += f.to(found.device)
         found = found.clamp_(max=1.0)
         if self.policy == "raise":
+            if ctx.agree is not None:
+                found = ctx.agree(found)
             if bool(found):
                 raise NonFiniteError(f"with_nan_guard: non-finite gradient of {_first_bad(ctx)} at {_where(ctx.state)}")
         else:

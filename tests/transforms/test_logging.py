@@ -180,8 +180,8 @@ def test_a_plain_function_step_is_logged_when_it_advances_state_step(tmp_path):
     assert memory.finalized == 1
 
 
-def test_long_windows_are_folded_on_the_device_without_changing_the_means():
-    """A window longer than the 256 tensors kept per metric: partial sums, same means."""
+def test_long_windows_keep_one_running_sum_per_metric_and_exact_means():
+    """A long window: the state holds one 0-dim sum per metric, whatever the window's length."""
 
     def count_step(state, batch):
         return state.evolve(step=state.step + 1), {"value": torch.tensor(float(batch))}
@@ -191,7 +191,8 @@ def test_long_windows_are_folded_on_the_device_without_changing_the_means():
     state = loopkit.TrainState.create(torch.nn.Linear(1, 1))
     for i in range(1, 601):
         state, _ = step(state, i)
-        assert len(state.extras.get("logging/window", {}).get("value", ())) <= 256
+        kept = state.extras.get("logging/window", {}).get("value")
+        assert kept is None or (kept.ndim == 0 and kept.dtype == torch.float32)
     assert memory.series("train/value") == [(300, 150.5), (600, 450.5)]  # integer sums, exact in float32
 
 
@@ -332,9 +333,9 @@ def test_the_step_is_pure(make_mlp, make_batches, make_sgd_state, take_snapshot,
     assert_trees_equal(take_snapshot(state), before)
     assert_trees_equal(take_snapshot(first), take_snapshot(second))
     assert_trees_equal(m1, m2)
-    window = first.extras["logging/window"]["loss"]  # the window grew by this call's loss, on a new state only
-    assert len(window) == 2 and torch.equal(window[1], m1["loss"])
-    assert len(state.extras["logging/window"]["loss"]) == 1
+    kept = state.extras["logging/window"]["loss"]  # the window's sum grew by this call's loss, on a new state only
+    assert torch.equal(first.extras["logging/window"]["loss"], kept + m1["loss"])
+    assert first.extras["logging/counts"]["loss"] == 2 and state.extras["logging/counts"]["loss"] == 1
 
 
 def _count_conversions(monkeypatch):
@@ -408,6 +409,7 @@ def test_under_ddp_only_rank_zero_writes(tmp_path, monkeypatch, rank, make_mlp, 
     monkeypatch.setattr(torch.distributed, "is_available", lambda: True)
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None: rank)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 1)  # no real peers: no collectives
     loggers = (TensorBoardLogger(tmp_path, histogram_every_n_steps=1), CSVLogger(tmp_path), JSONLLogger(tmp_path))
     step = with_logging(train_step(loss_with_mae), *loggers, every_n_steps=1)
     state, _ = run_epochs(step, make_sgd_state(make_mlp()), make_batches(3), epochs=1,

@@ -1,0 +1,260 @@
+"""Multi-process and multi-node training: the process group from ``torchrun``, and sharded data.
+
+Start one process per device with ``torchrun`` (one machine:
+``torchrun --nproc-per-node 2 train.py``; two machines: the same command on each with
+``--nnodes 2 --rdzv-backend c10d --rdzv-endpoint HOST:PORT``), then::
+
+    loopkit.distributed.init()                      # reads torchrun's environment
+    state = loopkit.TrainState.create(model, optimizer, seed=0)
+    step = loopkit.with_ddp(loopkit.train_step(loss_fn))
+    data = loopkit.distributed.shard(train_set, state, batch_size=32)
+    state, history = loopkit.run_epochs(step, state, data, epochs=10)
+    loopkit.distributed.shutdown()
+
+In a single process (no ``torchrun`` environment) ``init`` does nothing, ``rank()`` is 0,
+``world_size()`` is 1 and ``shard`` gives the whole data set.
+
+>>> init(), rank(), world_size(), is_rank_zero()
+(False, 0, 1, True)
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from collections.abc import Iterator, Sized
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
+
+from loopkit.state import TrainState
+
+__all__ = ["init", "is_rank_zero", "local_rank", "rank", "shard", "shutdown", "world_size"]
+
+_TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _group() -> bool:
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized()
+
+
+def init(backend: str | None = None, *, timeout: float | datetime.timedelta | None = None) -> bool:
+    """Initialise the default process group from the ``torchrun`` environment; True when one is active.
+
+    A no-op returning False in a single process (no ``RANK`` / ``WORLD_SIZE`` /
+    ``MASTER_ADDR`` / ``MASTER_PORT`` in the environment), and when a group is already
+    initialised (returning True). ``backend`` defaults to ``"nccl"`` when CUDA is available
+    and ``"gloo"`` otherwise; with CUDA, the process uses the GPU ``LOCAL_RANK``.
+    ``timeout`` (seconds or a timedelta) bounds every collective: a rank whose peer died
+    raises after it instead of waiting forever (torch's default is 10 minutes for gloo).
+
+    >>> init()
+    False
+    """
+    if _group():
+        return True
+    present = [name for name in _TORCHRUN_VARS if name in os.environ]
+    if not present:
+        return False
+    if len(present) < len(_TORCHRUN_VARS):
+        missing = [name for name in _TORCHRUN_VARS if name not in os.environ]
+        raise RuntimeError(
+            f"loopkit.distributed.init: the environment sets {', '.join(present)} but not {', '.join(missing)}; "
+            "start the script with torchrun (e.g. `torchrun --nproc-per-node 2 script.py`), which sets all of them"
+        )
+    if not torch.distributed.is_available():
+        raise RuntimeError("loopkit.distributed.init: this build of torch has no torch.distributed")
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl" or (torch.cuda.is_available() and "nccl" in backend):
+        torch.cuda.set_device(local_rank())
+    if isinstance(timeout, (int, float)):
+        if timeout <= 0:
+            raise ValueError(f"loopkit.distributed.init: timeout must be positive seconds, got {timeout!r}")
+        timeout = datetime.timedelta(seconds=timeout)
+    options: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
+    store = _attempt_store(timeout)
+    if store is not None:
+        options.update(store=store, rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+    torch.distributed.init_process_group(backend, **options)
+    return True
+
+
+def _attempt_store(timeout: datetime.timedelta | None) -> Any:
+    """The torchrun agent's store, with keys of this restart attempt only (None: let torch make the store).
+
+    After ``--max-restarts`` the workers of a new attempt share the agent's store with the dead
+    attempt's keys; gloo then may read a dead rank's address and fail to connect. A prefix
+    per attempt (``TORCHELASTIC_RESTART_COUNT``) keeps each attempt's rendezvous apart.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    dist = torch.distributed
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), int(os.environ["WORLD_SIZE"]), is_master=False,
+        timeout=timeout or datetime.timedelta(minutes=5),
+    )
+    return dist.PrefixStore(f"loopkit/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
+def rank() -> int:
+    """This process's rank in the default process group; 0 without one.
+
+    >>> rank()
+    0
+    """
+    return torch.distributed.get_rank() if _group() else 0
+
+
+def world_size() -> int:
+    """The number of processes in the default process group; 1 without one.
+
+    >>> world_size()
+    1
+    """
+    return torch.distributed.get_world_size() if _group() else 1
+
+
+def local_rank() -> int:
+    """This process's rank on its machine (``LOCAL_RANK`` from torchrun); 0 without torchrun.
+
+    >>> local_rank()
+    0
+    """
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def is_rank_zero() -> bool:
+    """True on rank 0 and in a single process: the rank that writes logs and checkpoints.
+
+    >>> is_rank_zero()
+    True
+    """
+    return rank() == 0
+
+
+def shutdown() -> None:
+    """Wait for every rank, then destroy the default process group; a no-op without one.
+
+    >>> shutdown()
+    """
+    if not _group():
+        return
+    try:
+        torch.distributed.barrier()
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+class _ShardSampler(DistributedSampler):
+    """A ``DistributedSampler`` that never pads: each sample goes to exactly one rank.
+
+    Ranks then hold ``len // world`` or one more samples, which suits evaluation (each
+    sample counted once) but not DDP training (every rank must take the same number of steps).
+    """
+
+    def __iter__(self) -> Iterator[int]:
+        if self.shuffle:
+            gen = torch.Generator()
+            gen.manual_seed(self.seed + self.epoch)
+            order = torch.randperm(len(self.dataset), generator=gen).tolist()  # type: ignore[arg-type]
+        else:
+            order = list(range(len(self.dataset)))  # type: ignore[arg-type]
+        return iter(order[self.rank : len(order) : self.num_replicas])
+
+    def __len__(self) -> int:
+        n = len(self.dataset)  # type: ignore[arg-type]
+        return n // self.num_replicas + (1 if self.rank < n % self.num_replicas else 0)
+
+
+_LOADER_OPTIONS = (
+    "batch_size", "num_workers", "collate_fn", "pin_memory", "drop_last", "timeout", "worker_init_fn",
+    "prefetch_factor", "persistent_workers", "pin_memory_device", "in_order",
+)
+
+
+def _loader_options(loader: DataLoader) -> dict[str, Any]:
+    if loader.batch_size is None:
+        raise ValueError(
+            "loopkit.distributed.shard: the DataLoader has a batch_sampler or batch_size=None; shard the dataset "
+            "instead: shard(loader.dataset, state, batch_size=...)"
+        )
+    options = {name: getattr(loader, name) for name in _LOADER_OPTIONS if hasattr(loader, name)}
+    if options.get("num_workers", 0) == 0:
+        options.pop("prefetch_factor", None)
+        options.pop("persistent_workers", None)
+    return options
+
+
+def shard(
+    data: Dataset | DataLoader,
+    state: TrainState | int | None = None,
+    *,
+    batch_size: int | None = None,
+    shuffle: bool | None = None,
+    pad: bool = True,
+    **loader_options: Any,
+) -> DataLoader:
+    """A ``DataLoader`` over this rank's shard of ``data``, in an order fixed by the state's seed.
+
+    ``data`` is a map-style dataset (then pass ``batch_size``) or a ``DataLoader`` (its
+    batch size, collate_fn, workers, ... are kept; ``shuffle`` defaults to whether it
+    shuffled). The sampler is a ``DistributedSampler`` seeded with ``state.seed`` (or the
+    int given); ``run_epochs`` calls its ``set_epoch(epoch)`` at each epoch, so every epoch
+    has its own order and a resumed run sees the same order as an uninterrupted one.
+
+    ``pad=True`` (training) gives every rank the same number of samples, repeating a few
+    when the data does not divide by the world size, as DDP needs (every rank takes the
+    same number of steps). ``pad=False`` (evaluation) gives each sample to exactly one rank,
+    so that ``evaluate`` counts each once. In a single process the shard is the whole data.
+
+    Resuming under another world size works (a checkpoint holds nothing per rank, and every
+    rank restores the same one), and each epoch's order over all ranks stays fixed by the
+    seed; but the shards change with the world size, so a run resumed *mid-epoch* skips
+    ``state.batch_index`` batches of the new shards, which are not the samples the old ranks
+    had consumed: for an exact continuation, resume at an epoch boundary or with the same
+    world size.
+
+    >>> import torch
+    >>> from torch.utils.data import TensorDataset
+    >>> loader = shard(TensorDataset(torch.arange(10.0)), 0, batch_size=4, shuffle=False)
+    >>> [len(b[0]) for b in loader], type(loader.sampler).__name__
+    ([4, 4, 2], 'DistributedSampler')
+    """
+    if isinstance(state, TrainState):
+        seed = state.seed
+    elif state is None:
+        seed = 0
+    elif isinstance(state, int) and not isinstance(state, bool):
+        seed = state
+    else:
+        raise TypeError(f"loopkit.distributed.shard: state must be a TrainState, an int seed or None, got {type(state).__qualname__}")
+    if isinstance(data, DataLoader):
+        if shuffle is None:
+            shuffle = isinstance(data.sampler, RandomSampler) or isinstance(data.sampler, DistributedSampler) and data.sampler.shuffle
+        options = _loader_options(data)
+        if batch_size is not None:
+            options["batch_size"] = batch_size
+        options.update(loader_options)
+        dataset = data.dataset
+    else:
+        if not (isinstance(data, Sized) and hasattr(data, "__getitem__")):
+            raise TypeError(
+                "loopkit.distributed.shard: data must be a map-style Dataset (with __len__ and __getitem__) or a "
+                f"DataLoader over one, got {type(data).__qualname__}"
+            )
+        if batch_size is None:
+            raise TypeError("loopkit.distributed.shard: a dataset needs batch_size= (or pass a DataLoader)")
+        options = {"batch_size": batch_size, **loader_options}
+        dataset = data
+        shuffle = True if shuffle is None else shuffle
+    if isinstance(options.get("batch_size"), bool) or not isinstance(options.get("batch_size"), int) or options["batch_size"] < 1:
+        raise ValueError(f"loopkit.distributed.shard: batch_size must be a positive int, got {options.get('batch_size')!r}")
+    kind = DistributedSampler if pad else _ShardSampler
+    sampler = kind(dataset, num_replicas=world_size(), rank=rank(), shuffle=bool(shuffle), seed=seed)
+    for name in ("shuffle", "sampler", "batch_sampler"):
+        if name in options:
+            raise TypeError(f"loopkit.distributed.shard: {name}= is not an option here; the sampler is the shard")
+    return DataLoader(dataset, sampler=sampler, **options)

@@ -1,0 +1,165 @@
+"""``with_ddp``: data-parallel training over ``torch.nn.parallel.DistributedDataParallel``.
+
+Start the processes with ``torchrun`` and call ``loopkit.distributed.init()`` before
+building the step; each rank trains on its own shard of the data
+(``loopkit.distributed.shard``), and DDP averages the gradients during backward.
+
+>>> import torch, torch.distributed as dist
+>>> from loopkit.steps import train_step
+>>> dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+>>> with_ddp(train_step(lambda m, b: m(b).sum())).applied
+('train_step', 'with_ddp')
+>>> dist.destroy_process_group()
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from loopkit.steps import TrainStep
+from loopkit.transforms._compose import require_train_step
+
+__all__ = ["DDPSync", "with_ddp"]
+
+_NO_GROUP = (
+    "with_ddp needs a torch.distributed process group, and none is initialised. Start the script "
+    "with torchrun, e.g. `torchrun --nproc-per-node 2 script.py`, and call loopkit.distributed.init() "
+    "before building the step (in one process, leave with_ddp out)"
+)
+
+_DONATE = (
+    "with_ddp: the step must be donated: call loopkit.donate(step) and pass each returned state to the "
+    "next call (run_epochs donates for you). DistributedDataParallel holds the model's parameters and "
+    "broadcasts rank 0's copy when it is built; a step that is not donated works on a fresh copy of the "
+    "state at every call, which DDP cannot follow"
+)
+
+
+def _process_group_ready() -> bool:
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized()
+
+
+class DDPSync:
+    """The data-parallel hook of a :class:`loopkit.TrainStep` (its ``sync`` field).
+
+    Builds the ``DistributedDataParallel`` wrapper of a state's model once per model object
+    (building it is a collective that broadcasts rank 0's parameters and buffers: every rank
+    builds it at the same call), and keeps the latest one; the model object itself stays the
+    user's module. A state restored from a checkpoint, or copied, gets a new wrapper.
+
+    >>> DDPSync({}).name
+    'with_ddp'
+    """
+
+    name = "with_ddp"
+    requires_donation = _DONATE
+
+    def __init__(self, options: dict[str, Any], comm_hook: Callable | None = None, comm_state: Any = None) -> None:
+        self.options = dict(options)
+        self.comm_hook = comm_hook
+        self.comm_state = comm_state
+        self._model: weakref.ref | None = None
+        self._ddp: DistributedDataParallel | None = None
+
+    def module(self, model: torch.nn.Module) -> DistributedDataParallel:
+        """The DDP wrapper of ``model``, built at the first call with this model object."""
+        ref = self._model
+        if ref is not None and ref() is model:
+            return self._ddp  # type: ignore[return-value]
+        if not _process_group_ready():
+            raise RuntimeError(_NO_GROUP)
+        self._model = self._ddp = None
+        options = dict(self.options)
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        if device.type == "cuda" and "device_ids" not in options:
+            options["device_ids"] = [device.index if device.index is not None else torch.cuda.current_device()]
+        ddp = DistributedDataParallel(model, **options)
+        if self.comm_hook is not None:
+            ddp.register_comm_hook(self.comm_state, self.comm_hook)
+        self._model, self._ddp = weakref.ref(model), ddp
+        return ddp
+
+    def no_sync(self, module: DistributedDataParallel) -> Any:
+        """The context of a micro-step whose gradients stay on this rank (no all-reduce)."""
+        return module.no_sync()
+
+    def agree(self, flags: torch.Tensor) -> torch.Tensor:
+        """``flags``' maximum over all ranks (one all-reduce): 1.0 anywhere is 1.0 everywhere."""
+        agreed = flags.detach().float().clone()
+        torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MAX)
+        return agreed
+
+    def reduce_grads(self, grads: list[torch.Tensor]) -> None:
+        """Average ``grads`` over the ranks in place (a partial accumulation group, flushed)."""
+        if not grads:
+            return
+        flat = torch._utils._flatten_dense_tensors(grads)
+        torch.distributed.all_reduce(flat)
+        flat /= torch.distributed.get_world_size()
+        for grad, reduced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+            grad.copy_(reduced)
+
+
+def with_ddp(
+    step: Any, *, comm_hook: Callable | None = None, comm_state: Any = None, **ddp_options: Any
+) -> TrainStep:
+    """Train on every rank of a ``torch.distributed`` process group, gradients averaged by DDP.
+
+    The loss_fn receives the ``DistributedDataParallel`` wrapper of ``state.model`` (call it
+    as the model; its ``.module`` is the model), so DDP's all-reduce of the gradients
+    overlaps the backward pass; ``state.model`` stays the plain module, so checkpoints and
+    ``state_dict`` keys carry no ``module.`` prefix. ``ddp_options`` go to
+    ``DistributedDataParallel`` (``find_unused_parameters``, ``bucket_cap_mb``,
+    ``gradient_as_bucket_view``, ``static_graph``, ...); ``comm_hook`` / ``comm_state`` are
+    registered with ``register_comm_hook`` (e.g. ``fp16_compress_hook``). The wrapper is
+    built at the first call with a model object, and building it broadcasts rank 0's
+    parameters and buffers to all ranks.
+
+    With the other transforms, in any order:
+
+    - ``with_grad_accum(every=n)``: the first n-1 calls of a group run forward and backward
+      under ``no_sync`` (no all-reduce), the n-th all-reduces the summed gradients. With
+      gradient transforms *inside* the accumulation (per micro-batch), every call syncs, so
+      that they see the micro-batch's gradient over all ranks.
+    - ``with_grad_clip``, ``with_nan_guard``, float16 ``with_amp`` act on the averaged
+      gradients, and their skip flag is all-reduced (MAX) before it is read: every rank skips
+      the same updates, and with ``policy="raise"`` every rank raises.
+
+    The step must be donated (``loopkit.donate``; ``run_epochs`` donates): a call that is not
+    raises ``TypeError``, since DDP cannot follow a state copied at every call. Every rank
+    must call the step the same number of times (shard the data with
+    ``loopkit.distributed.shard``), and a loss_fn that returns None must do so on every rank
+    at once. Metric means read by ``run_epochs``, ``evaluate`` and ``with_logging`` are means
+    over all ranks; only rank 0 writes logs and checkpoints.
+
+    Raises ``RuntimeError`` when no process group is initialised (start with ``torchrun`` and
+    call ``loopkit.distributed.init()``), and ``TypeError`` when applied twice.
+
+    >>> import torch, torch.distributed as dist
+    >>> from loopkit.state import TrainState
+    >>> from loopkit.steps import donate, train_step
+    >>> dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    >>> model = torch.nn.Linear(2, 1)
+    >>> state = TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    >>> step = donate(with_ddp(train_step(lambda m, b: m(b).pow(2).mean())))
+    >>> state, metrics = step(state, torch.ones(4, 2))
+    >>> state.step, list(state.model.state_dict())
+    (1, ['weight', 'bias'])
+    >>> dist.destroy_process_group()
+    """
+    base = require_train_step(step, "with_ddp")
+    if base.sync is not None:
+        raise TypeError(f"with_ddp cannot wrap {base.sync.name}: the step is already data-parallel; apply with_ddp once")
+    if comm_hook is not None and not callable(comm_hook):
+        raise TypeError(f"with_ddp: comm_hook must be callable as hook(state, bucket), got {type(comm_hook).__qualname__}")
+    if "module" in ddp_options:
+        raise TypeError("with_ddp: the module is the state's model; do not pass module=")
+    if not _process_group_ready():
+        raise RuntimeError(_NO_GROUP)
+    return base.with_transform("with_ddp", sync=DDPSync(ddp_options, comm_hook, comm_state))

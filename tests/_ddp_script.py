@@ -1,0 +1,292 @@
+"""The worker that tests/transforms/test_ddp.py and tests/test_distributed.py start with torchrun.
+
+``torchrun --nproc-per-node 2 tests/_ddp_script.py OUT_DIR SCENARIO [SCENARIO ...]`` runs the
+scenarios one after the other in one process group (gloo, 20 s collective timeout) and writes
+``OUT_DIR/<scenario>_rank<r>.pt`` with what each rank saw. The tests build the single-process
+references themselves from the same data (``make_data``, ``make_model``), so this file holds
+no expected values. Scenarios:
+
+- ``plain``: ``with_ddp(train_step)``, rank 1 starting from other weights (DDP broadcasts rank 0's).
+- ``accum``: ``with_grad_accum(with_ddp(...), every=2)`` with a comm hook counting all-reduces.
+- ``accum_outer``: ``with_ddp(with_grad_clip(with_grad_accum(...)))``, the other order.
+- ``flush``: ``with_grad_accum(every=3)`` over 4 calls, then ``flush``: the partial group's
+  gradients, kept local under ``no_sync``, are averaged over the ranks before the update.
+- ``nan_skip``: ``with_nan_guard(skip)``; rank 1 sees NaN inputs at call 1 and a NaN loss with
+  finite gradients at call 3 (only an agreed flag keeps the ranks together there).
+- ``nan_raise``: ``with_nan_guard(raise)``, a NaN loss on rank 1 only at call 1: every rank raises.
+- ``fp16``: float16 ``with_amp`` with an infinite input on rank 1 at call 1.
+- ``fit``: ``run_epochs`` over ``shard``-ed data (23 samples: padded) with validation over 7
+  samples (``pad=False``), then ``evaluate`` of the same.
+- ``resume``: ``run_epochs`` with ``with_checkpointing(every_n_steps=1)`` from the newest
+  checkpoint in ``OUT_DIR/ckpt``; with ``LOOPKIT_TEST_DIE=N`` rank 1 of the first attempt exits
+  hard after N batches.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import torch
+from torch import nn
+
+STEPS = 4
+BATCH = 4
+D_IN, D_OUT = 3, 2
+
+
+def make_model(seed: int = 0) -> nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Linear(D_IN, 8), nn.Tanh(), nn.Linear(8, D_OUT))
+
+
+def make_data(calls: int, world: int = 2) -> torch.Tensor:
+    """``[call, rank, sample, feature]``: inputs and targets side by side in the last axis."""
+    gen = torch.Generator().manual_seed(1234)
+    return torch.randn(calls, world, BATCH, D_IN + D_OUT, generator=gen)
+
+
+def make_dataset(n: int, seed: int) -> torch.utils.data.TensorDataset:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.utils.data.TensorDataset(torch.randn(n, D_IN, generator=gen), torch.randn(n, D_OUT, generator=gen))
+
+
+def mse(model: nn.Module, batch: Any) -> torch.Tensor:
+    if isinstance(batch, torch.Tensor):
+        batch = batch[:, :D_IN], batch[:, D_IN:]
+    x, y = batch
+    return ((model(x).float() - y) ** 2).mean()
+
+
+def sgd_state(model: nn.Module, seed: int = 0) -> Any:
+    import loopkit
+
+    return loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), seed=seed)
+
+
+def _params(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _loop(step: Any, state: Any, batches: list[Any]) -> tuple[Any, list[dict[str, float]]]:
+    seen = []
+    for batch in batches:
+        state, metrics = step(state, batch)
+        seen.append({k: float(v) for k, v in metrics.items()})
+    return state, seen
+
+
+def plain(rank: int) -> dict[str, Any]:
+    import loopkit
+
+    data = make_data(STEPS)
+    state = sgd_state(make_model(seed=rank))  # rank 1 starts elsewhere: DDP broadcasts rank 0's weights
+    step = loopkit.donate(loopkit.with_ddp(loopkit.train_step(mse)))
+    state, seen = _loop(step, state, [data[i, rank] for i in range(STEPS)])
+    return {"params": _params(state.model), "metrics": seen, "step": state.step, "keys": list(state.model.state_dict())}
+
+
+def _counting_hook(counter, bucket):  # no annotations: DDP checks them, and these would be strings
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    counter.append(1)
+    return allreduce_hook(None, bucket)
+
+
+def accum(rank: int) -> dict[str, Any]:
+    import loopkit
+
+    data = make_data(2 * STEPS)
+    counter: list[int] = []
+    inner = loopkit.with_ddp(loopkit.train_step(mse), comm_hook=_counting_hook, comm_state=counter)
+    step = loopkit.donate(loopkit.with_grad_accum(inner, every=2))
+    state = sgd_state(make_model())
+    counts, steps = [], []
+    for i in range(2 * STEPS):
+        state, _ = step(state, data[i, rank])
+        counts.append(len(counter))
+        steps.append(state.step)
+    return {"params": _params(state.model), "counts": counts, "steps": steps}
+
+
+def accum_outer(rank: int) -> dict[str, Any]:
+    import loopkit
+
+    data = make_data(2 * STEPS)
+    inner = loopkit.with_grad_accum(loopkit.train_step(mse), every=2)
+    step = loopkit.donate(loopkit.with_ddp(loopkit.with_grad_clip(inner, max_norm=0.3)))
+    state = sgd_state(make_model())
+    state, seen = _loop(step, state, [data[i, rank] for i in range(2 * STEPS)])
+    return {"params": _params(state.model), "metrics": seen}
+
+
+def flush(rank: int) -> dict[str, Any]:
+    import loopkit
+
+    data = make_data(4)
+    step = loopkit.donate(loopkit.with_grad_accum(loopkit.with_ddp(loopkit.train_step(mse)), every=3))
+    state = sgd_state(make_model())
+    state, _ = _loop(step, state, [data[i, rank] for i in range(4)])
+    state, _ = step.flush(state)  # a partial group of one micro-batch, whose gradient stayed on each rank
+    return {"params": _params(state.model), "step": state.step}
+
+
+def _nan_loss(model: nn.Module, batch: Any) -> torch.Tensor:
+    x, poison = batch
+    loss = mse(model, x)
+    return loss + poison  # a NaN here leaves the gradients finite
+
+
+def nan_batches(rank: int) -> list[Any]:
+    """Rank 1: NaN inputs at call 1, a NaN added to the loss at call 3; rank 0: clean."""
+    data = make_data(STEPS + 1)
+    out = []
+    for i in range(STEPS + 1):
+        x, poison = data[i, rank].clone(), torch.tensor(0.0)
+        if rank == 1 and i == 1:
+            x[0, 0] = float("nan")
+        if rank == 1 and i == 3:
+            poison = torch.tensor(float("nan"))
+        out.append((x, poison))
+    return out
+
+
+def nan_skip(rank: int) -> dict[str, Any]:
+    import loopkit
+
+    step = loopkit.donate(loopkit.with_nan_guard(loopkit.with_ddp(loopkit.train_step(_nan_loss)), policy="skip"))
+    state = sgd_state(make_model())
+    state, seen = _loop(step, state, nan_batches(rank))
+    return {"params": _params(state.model), "metrics": seen, "step": state.step,
+            "skipped_total": state.extras.get("nan_guard/skipped_total", 0)}
+
+
+def nan_raise(rank: int) -> dict[str, Any]:
+    import loopkit
+
+    step = loopkit.donate(loopkit.with_ddp(loopkit.with_nan_guard(loopkit.train_step(_nan_loss), policy="raise")))
+    state = sgd_state(make_model())
+    batches = [(x, torch.tensor(float("nan")) if (rank == 1 and i == 1) else p) for i, (x, p) in
+               enumerate((make_data(3)[i, rank], torch.tensor(0.0)) for i in range(3))]
+    raised, calls = None, 0
+    try:
+        for batch in batches:
+            state, _ = step(state, batch)
+            calls += 1
+    except loopkit.NonFiniteError as exc:
+        raised = str(exc)
+    torch.distributed.barrier()  # both ranks reach here, or the launch times out
+    return {"raised": raised, "calls": calls}
+
+
+def fp16(rank: int) -> dict[str, Any]:
+    import loopkit
+
+    data = make_data(STEPS)
+    batches = [data[i, rank].clone() for i in range(STEPS)]
+    if rank == 1:
+        batches[1][0, 0] = float("inf")
+    step = loopkit.donate(loopkit.with_ddp(loopkit.with_amp(loopkit.train_step(mse), dtype=torch.float16)))
+    state = sgd_state(make_model())
+    state, seen = _loop(step, state, batches)
+    return {"params": _params(state.model), "metrics": seen, "step": state.step,
+            "scale": float(state.extras["amp/scale"])}
+
+
+def fit(rank: int) -> dict[str, Any]:
+    import loopkit
+    from loopkit import distributed
+
+    train_set, val_set = make_dataset(23, 1), make_dataset(7, 2)
+    state = sgd_state(make_model(), seed=5)
+    train = distributed.shard(train_set, state, batch_size=BATCH)
+    val = distributed.shard(val_set, state, batch_size=3, pad=False)
+    evaluator = loopkit.eval_step(lambda m, b: {"mse": mse(m, b)})
+    step = loopkit.with_ddp(loopkit.train_step(mse))
+    state, history = loopkit.run_epochs(step, state, train, epochs=2, val=(evaluator, val), progress=False)
+    local = loopkit.evaluate(evaluator, state, val, reduce=False)
+    return {"params": _params(state.model), "history": history, "evaluate": loopkit.evaluate(evaluator, state, val),
+            "local": local, "val_len": len(val.sampler), "train_len": len(train.sampler)}
+
+
+def resume(rank: int, out_dir: str) -> dict[str, Any]:
+    import loopkit
+    from loopkit import distributed
+
+    directory = os.path.join(out_dir, "ckpt")
+    train_set = make_dataset(24, 1)
+    state = sgd_state(make_model(), seed=5)
+    state = loopkit.restore(state, directory)
+    start = (state.step, state.epoch, state.batch_index)
+    train = distributed.shard(train_set, state, batch_size=BATCH)
+    die = int(os.environ.get("LOOPKIT_TEST_DIE", "0"))
+    first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+    if die and rank == 1 and first_attempt:
+        def kill(state: Any, metrics: Any) -> None:
+            if state.batch_index == die:
+                torch.distributed.barrier()  # rank 0 has saved the checkpoint of this step too
+                print(f"rank 1 dies after batch {state.batch_index}", flush=True)
+                os._exit(3)
+        callbacks = [type("Die", (), {"on_batch_end": staticmethod(kill)})()]
+    else:
+        callbacks = []
+        if die and rank == 0 and first_attempt:
+            def wait(state: Any, metrics: Any) -> None:
+                if state.batch_index == die:
+                    torch.distributed.barrier()
+            callbacks = [type("Wait", (), {"on_batch_end": staticmethod(wait)})()]
+    step = loopkit.with_checkpointing(loopkit.with_ddp(loopkit.train_step(mse)), directory, every_n_steps=1)
+    state, history = loopkit.run_epochs(step, state, train, epochs=2, progress=False, callbacks=callbacks)
+    return {"params": _params(state.model), "start": start, "step": state.step}
+
+
+SCENARIOS = {f.__name__: f for f in (plain, accum, accum_outer, flush, nan_skip, nan_raise, fp16, fit)}
+
+
+def main(out_dir: str, scenarios: list[str]) -> None:
+    torch.set_num_threads(1)
+    from loopkit import distributed
+
+    assert distributed.init(timeout=float(os.environ.get("LOOPKIT_TEST_TIMEOUT", "20")))
+    rank = distributed.rank()
+    for name in scenarios:
+        result = resume(rank, out_dir) if name == "resume" else SCENARIOS[name](rank)
+        torch.save(result, os.path.join(out_dir, f"{name}_rank{rank}.pt"))
+        print(f"rank {rank} done {name}", flush=True)
+    distributed.shutdown()
+
+
+def torchrun(out_dir: str, scenarios: list[str], *, nproc: int = 2, timeout: float = 90.0,
+             launcher: list[str] | None = None, env: dict[str, str] | None = None) -> "subprocess.CompletedProcess[str]":
+    """Run this script under ``python -m torch.distributed.run`` and wait at most ``timeout`` seconds.
+
+    ``launcher`` replaces the default ``--standalone --nproc-per-node N`` (a free port on
+    127.0.0.1). On a timeout the whole process group (agent and workers) is killed and
+    ``subprocess.TimeoutExpired`` raised. The test reads the output on failure.
+    """
+    import signal
+    import subprocess
+
+    args = launcher if launcher is not None else ["--standalone", f"--nproc-per-node={nproc}"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", *args, os.path.abspath(__file__), out_dir, *scenarios]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        raise subprocess.TimeoutExpired(cmd, timeout, output=out) from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out)
+
+
+def load(out_dir: str, name: str, world: int = 2) -> list[dict[str, Any]]:
+    """Each rank's result of scenario ``name``."""
+    return [torch.load(os.path.join(out_dir, f"{name}_rank{r}.pt")) for r in range(world)]
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2:])

@@ -1,0 +1,24 @@
+"""Smoke test of benchmarks/ddp.py: ``--quick`` with 2 processes runs end to end; no timing is asserted."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "ddp.py"
+
+
+@pytest.mark.slow
+def test_quick_run_reports_every_contender_with_a_time(tmp_path):
+    out = tmp_path / "times.json"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--nprocs", "2", "--json", str(out)],
+                          capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    times = json.loads(out.read_text())["2"]
+    for row in ("raw DDP loop", "loopkit donated step", "loopkit run_epochs"):
+        assert len(times[row]) == 2 and all(t > 0 for t in times[row]), row
+        assert f"| {row} | " in proc.stdout

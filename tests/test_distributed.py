@@ -1,0 +1,164 @@
+"""loopkit.distributed: one process (no-ops, shards), two "nodes" under torchrun, and a rank killed mid-run."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+import loopkit
+from loopkit import distributed
+from tests import _ddp_script as ddp
+
+# --- one process -------------------------------------------------------------------------------
+
+
+def test_in_one_process_everything_is_a_no_op(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert distributed.init() is False
+    assert (distributed.rank(), distributed.world_size(), distributed.local_rank(), distributed.is_rank_zero()) == (0, 1, 0, True)
+    distributed.shutdown()
+    assert not torch.distributed.is_initialized()
+
+
+def test_init_names_the_missing_torchrun_variables(monkeypatch):
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RuntimeError, match="sets RANK, WORLD_SIZE but not MASTER_ADDR, MASTER_PORT.*torchrun"):
+        distributed.init()
+
+
+def test_shard_in_one_process_is_the_whole_data_in_the_epoch_order_of_the_seed():
+    data = TensorDataset(torch.arange(10.0))
+    state = loopkit.TrainState.create(torch.nn.Linear(1, 1), seed=3)
+    loader = distributed.shard(data, state, batch_size=4)
+    assert isinstance(loader.sampler, torch.utils.data.DistributedSampler) and loader.sampler.seed == 3
+    orders = []
+    for epoch in (0, 1, 0):
+        loader.sampler.set_epoch(epoch)  # what run_epochs does at each epoch
+        orders.append(torch.cat([b[0] for b in loader]).tolist())
+    assert sorted(orders[0]) == list(range(10)) and orders[0] != orders[1] and orders[0] == orders[2]
+
+
+def test_shard_keeps_a_loaders_options_and_shuffling():
+    loader = DataLoader(TensorDataset(torch.arange(6.0)), batch_size=2, shuffle=False, drop_last=True)
+    sharded = distributed.shard(loader, 0)
+    assert sharded.batch_size == 2 and sharded.drop_last and not sharded.sampler.shuffle
+    assert [b[0].tolist() for b in sharded] == [[0.0, 1.0], [2.0, 3.0], [4.0, 5.0]]
+    assert distributed.shard(DataLoader(loader.dataset, batch_size=2, shuffle=True)).sampler.shuffle
+
+
+def test_shard_refuses_what_it_cannot_shard():
+    with pytest.raises(TypeError, match="needs batch_size"):
+        distributed.shard(TensorDataset(torch.arange(3.0)))
+    with pytest.raises(TypeError, match="map-style Dataset"):
+        distributed.shard(iter([1, 2]), batch_size=1)
+    with pytest.raises(TypeError, match="state must be a TrainState"):
+        distributed.shard(TensorDataset(torch.arange(3.0)), "seed", batch_size=1)
+
+
+@pytest.mark.parametrize("n", [7, 8, 1])
+def test_unpadded_shards_hold_each_sample_exactly_once(n):
+    data = TensorDataset(torch.arange(float(n)))
+    shards = [list(distributed._ShardSampler(data, num_replicas=2, rank=r, seed=4)) for r in (0, 1)]
+    assert sorted(shards[0] + shards[1]) == list(range(n))
+    assert [len(distributed._ShardSampler(data, num_replicas=2, rank=r)) for r in (0, 1)] == [len(s) for s in shards]
+    padded = [list(torch.utils.data.DistributedSampler(data, num_replicas=2, rank=r, seed=4)) for r in (0, 1)]
+    assert [p[: len(s)] for p, s in zip(padded, shards)] == shards  # the same order, less the padding
+
+
+# --- several processes -------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_nodes_with_a_c10d_rendezvous_on_loopback(tmp_path):
+    """``torchrun --nnodes 2`` started twice (one process each) trains to the one-process result."""
+    port = _free_port()
+    launcher = ["--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+                "--rdzv-id=loopkit-test", "--rdzv-conf=join_timeout=60"]
+    results: list[subprocess.CompletedProcess | BaseException] = [None, None]  # type: ignore[list-item]
+
+    def node(i: int) -> None:
+        try:
+            results[i] = ddp.torchrun(str(tmp_path), ["plain"], launcher=launcher, timeout=90)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            results[i] = exc
+
+    threads = [threading.Thread(target=node, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    for r in results:
+        assert isinstance(r, subprocess.CompletedProcess) and r.returncode == 0, getattr(r, "stdout", r)
+    ranks = ddp.load(str(tmp_path), "plain")
+    data = ddp.make_data(ddp.STEPS)
+    state = ddp.sgd_state(ddp.make_model())
+    step = loopkit.donate(loopkit.train_step(ddp.mse))
+    for i in range(ddp.STEPS):
+        state, _ = step(state, torch.cat([data[i, 0], data[i, 1]]))
+    for name, p in state.model.named_parameters():
+        assert torch.equal(ranks[0]["params"][name], ranks[1]["params"][name])
+        assert (ranks[0]["params"][name] - p.detach()).abs().max() <= 1e-6
+
+
+def _uninterrupted_resume_reference():
+    train_set = ddp.make_dataset(24, 1)
+    state = ddp.sgd_state(ddp.make_model(), seed=5)
+    step = loopkit.donate(loopkit.train_step(ddp.mse))
+    for epoch in range(2):
+        samplers = [torch.utils.data.DistributedSampler(train_set, num_replicas=2, rank=r, seed=5) for r in (0, 1)]
+        for s in samplers:
+            s.set_epoch(epoch)
+        idx = [list(s) for s in samplers]
+        for i in range(0, 12, ddp.BATCH):
+            x0, y0 = train_set[idx[0][i:i + ddp.BATCH]]
+            x1, y1 = train_set[idx[1][i:i + ddp.BATCH]]
+            state, _ = step(state, (torch.cat([x0, x1]), torch.cat([y0, y1])))
+    return state
+
+
+@pytest.mark.slow
+def test_a_killed_rank_fails_the_run_and_a_restart_resumes_from_the_newest_checkpoint(tmp_path):
+    out = str(tmp_path)
+    env = {"LOOPKIT_TEST_DIE": "2", "LOOPKIT_TEST_TIMEOUT": "15"}
+    done = ddp.torchrun(out, ["resume"], launcher=["--standalone", "--nproc-per-node=2", "--max-restarts=1",
+                                                   "--monitor-interval=0.5"], env=env, timeout=120)
+    assert done.returncode == 0, done.stdout[-4000:]
+    assert "rank 1 dies after batch 2" in done.stdout
+    assert "exitcode  : 3" in done.stdout or "exitcode: 3" in done.stdout or "Worker group FAILED" in done.stdout, done.stdout[-3000:]
+    ranks = ddp.load(out, "resume")
+    assert [r["start"] for r in ranks] == [(2, 0, 2), (2, 0, 2)]  # both restored the checkpoint of step 2
+    reference = _uninterrupted_resume_reference()
+    for name, p in reference.model.named_parameters():
+        assert torch.equal(ranks[0]["params"][name], ranks[1]["params"][name])
+        assert (ranks[0]["params"][name] - p.detach()).abs().max() <= 1e-6
+    assert ranks[0]["step"] == 6
+
+
+@pytest.mark.slow
+def test_the_ddp_example_runs_under_torchrun_and_passes_its_bar():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           os.path.join(root, "examples", "ddp.py"), "--quick"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=root, env=env, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("test accuracy:") == 1  # printed by rank 0 only
+    assert "world size: 2" in proc.stdout
+    assert float(proc.stdout.split("test accuracy:")[1].split()[0]) >= 0.80

@@ -1,0 +1,253 @@
+"""with_ddp: two processes on gloo over loopback, each checked against a single-process reference.
+
+One torchrun launch (module fixture) runs every scenario of tests/_ddp_script.py; each test
+then compares what the ranks saw with a run in this process over the two ranks' batches
+concatenated (mean losses of equal-size batches, so DDP's averaged gradient is the
+big-batch gradient). Equal within 1e-6 (float32; the reduction order differs), and the
+ranks bitwise equal to each other.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import loopkit
+from tests import _ddp_script as ddp
+
+TOL = 1e-6
+SCENARIOS = ["plain", "accum", "accum_outer", "flush", "nan_skip", "nan_raise", "fp16", "fit"]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory: pytest.TempPathFactory):
+    """``ranks(name)``: the two ranks' results of a scenario (one launch for all of them)."""
+    out = str(tmp_path_factory.mktemp("ddp"))
+    done = ddp.torchrun(out, SCENARIOS, timeout=120)
+    assert done.returncode == 0, done.stdout[-4000:]
+    return lambda name: ddp.load(out, name)
+
+
+def _reference(batches, step=None, model_seed=0):
+    state = ddp.sgd_state(ddp.make_model(model_seed))
+    step = loopkit.donate(step or loopkit.train_step(ddp.mse))
+    losses = []
+    for batch in batches:
+        state, metrics = step(state, batch)
+        losses.append(float(metrics["loss"]))
+    return state, losses
+
+
+def _assert_close(params, model, tol=TOL):
+    for name, p in model.named_parameters():
+        diff = (params[name] - p.detach()).abs().max().item()
+        assert diff <= tol, f"{name}: max abs diff {diff} > {tol}"
+
+
+def _assert_ranks_identical(results):
+    a, b = results[0]["params"], results[1]["params"]
+    for name in a:
+        assert torch.equal(a[name], b[name]), f"ranks differ at {name}"
+
+
+@pytest.mark.slow
+def test_two_ranks_equal_one_process_over_the_concatenated_batches(ranks):
+    results = ranks("plain")
+    data = ddp.make_data(ddp.STEPS)
+    state, losses = _reference([torch.cat([data[i, 0], data[i, 1]]) for i in range(ddp.STEPS)])
+    _assert_ranks_identical(results)  # rank 1 started from other weights: DDP broadcast rank 0's
+    _assert_close(results[0]["params"], state.model)
+    assert [r["step"] for r in results] == [ddp.STEPS, ddp.STEPS]
+    # metrics are each rank's own loss; their mean is the big batch's loss
+    for i in range(ddp.STEPS):
+        mean = (results[0]["metrics"][i]["loss"] + results[1]["metrics"][i]["loss"]) / 2
+        assert abs(mean - losses[i]) <= 1e-5
+    assert results[0]["keys"] == list(state.model.state_dict())  # no "module." prefix
+
+
+def _accum_reference(step=None):
+    data = ddp.make_data(2 * ddp.STEPS)
+    big = [torch.cat([data[2 * k, 0], data[2 * k, 1], data[2 * k + 1, 0], data[2 * k + 1, 1]]) for k in range(ddp.STEPS)]
+    return _reference(big, step)
+
+
+@pytest.mark.slow
+def test_grad_accum_under_ddp_equals_the_big_batch_and_skips_the_first_all_reduce(ranks):
+    results = ranks("accum")
+    state, _ = _accum_reference()
+    _assert_ranks_identical(results)
+    _assert_close(results[0]["params"], state.model)
+    for r in results:
+        # all-reduces seen by the comm hook after each call: none in a group's first micro-step
+        assert r["counts"] == [0, 1, 1, 2, 2, 3, 3, 4]
+        assert r["steps"] == [0, 1, 1, 2, 2, 3, 3, 4]
+
+
+@pytest.mark.slow
+def test_ddp_outside_accum_and_clip_equals_the_big_batch_clipped(ranks):
+    results = ranks("accum_outer")
+    state, _ = _accum_reference(loopkit.with_grad_clip(loopkit.train_step(ddp.mse), max_norm=0.3))
+    _assert_ranks_identical(results)
+    _assert_close(results[0]["params"], state.model)
+    assert all(m["grad_norm"] > 0.3 for m in results[0]["metrics"][1::2])  # clipping acted at every update
+
+
+@pytest.mark.slow
+def test_flushing_a_partial_group_averages_its_local_gradients_over_the_ranks(ranks):
+    results = ranks("flush")
+    data = ddp.make_data(4)
+    groups = [torch.cat([data[i, r] for i in range(3) for r in (0, 1)]), torch.cat([data[3, 0], data[3, 1]])]
+    state, _ = _reference(groups)
+    _assert_ranks_identical(results)
+    _assert_close(results[0]["params"], state.model)
+    assert [r["step"] for r in results] == [2, 2]
+
+
+@pytest.mark.slow
+def test_nan_on_one_rank_is_skipped_by_both(ranks):
+    results = ranks("nan_skip")
+    data = ddp.make_data(ddp.STEPS + 1)
+    kept = [0, 2, 4]  # rank 1 had NaN inputs at call 1 and a NaN loss (finite gradients) at call 3
+    state, _ = _reference([torch.cat([data[i, 0], data[i, 1]]) for i in kept])
+    _assert_ranks_identical(results)
+    _assert_close(results[0]["params"], state.model)
+    for r in results:
+        assert [m["nan_guard/skipped"] for m in r["metrics"]] == [0.0, 1.0, 0.0, 1.0, 0.0]
+        assert r["step"] == 3 and r["skipped_total"] == 2
+
+
+@pytest.mark.slow
+def test_raise_policy_raises_on_every_rank(ranks):
+    results = ranks("nan_raise")
+    assert [r["calls"] for r in results] == [1, 1]
+    assert "non-finite loss (nan) at step 1" in results[1]["raised"]
+    assert "on another rank" in results[0]["raised"]
+
+
+@pytest.mark.slow
+def test_fp16_overflow_on_one_rank_is_skipped_by_both(ranks):
+    results = ranks("fp16")
+    _assert_ranks_identical(results)
+    for r in results:
+        assert [m["amp/skipped"] for m in r["metrics"]] == [0.0, 1.0, 0.0, 0.0]
+        assert r["step"] == 3
+    assert results[0]["scale"] == results[1]["scale"] == 2.0**15
+    data = ddp.make_data(ddp.STEPS)
+    state, _ = _reference([torch.cat([data[i, 0], data[i, 1]]) for i in (0, 2, 3)],
+                          loopkit.with_amp(loopkit.train_step(ddp.mse), dtype=torch.float16))
+    _assert_close(results[0]["params"], state.model, tol=1e-3)  # float16 forward: rounding differs by batch
+
+
+def _shard_batches(dataset, seed, epoch, rank, batch=ddp.BATCH, pad=True):
+    if pad:
+        sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=2, rank=rank, shuffle=True, seed=seed)
+    else:
+        sampler = loopkit.distributed._ShardSampler(dataset, num_replicas=2, rank=rank, shuffle=True, seed=seed)
+    sampler.set_epoch(epoch)
+    idx = list(sampler)
+    return [dataset[idx[i:i + batch]] for i in range(0, len(idx), batch)]
+
+
+@pytest.mark.slow
+def test_run_epochs_and_evaluate_under_ddp(ranks):
+    results = ranks("fit")
+    train_set, val_set = ddp.make_dataset(23, 1), ddp.make_dataset(7, 2)
+    state = ddp.sgd_state(ddp.make_model(), seed=5)
+    step = loopkit.donate(loopkit.train_step(ddp.mse))
+    evaluator = loopkit.eval_step(lambda m, b: {"mse": ddp.mse(m, b)})
+    means, vals = [], []
+    for epoch in range(2):
+        r0, r1 = (_shard_batches(train_set, 5, epoch, r) for r in (0, 1))
+        losses = []
+        for (x0, y0), (x1, y1) in zip(r0, r1):
+            state, metrics = step(state, (torch.cat([x0, x1]), torch.cat([y0, y1])))
+            losses.append(float(metrics["loss"]))
+        means.append(sum(losses) / len(losses))
+        vals.append(loopkit.evaluate(evaluator, state, [val_set[:]])["mse"])  # every sample once
+    _assert_ranks_identical(results)
+    _assert_close(results[0]["params"], state.model)
+    assert [r["train_len"] for r in results] == [12, 12]  # 23 samples padded to 24
+    assert [r["val_len"] for r in results] == [4, 3]  # 7 samples, each on one rank
+    for r in results:
+        assert [h["step"] for h in r["history"]] == [3, 6]
+        for h, mean, val in zip(r["history"], means, vals):
+            assert abs(h["train/loss"] - mean) <= 1e-5  # the mean over both ranks, read on each
+            assert abs(h["val/mse"] - val) <= 1e-5
+        assert abs(r["evaluate"]["mse"] - vals[-1]) <= 1e-5
+    assert results[0]["local"] != results[1]["local"]  # reduce=False: each rank's own mean
+
+
+# --- in one process --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def group():
+    """A one-rank gloo process group in this process (destroyed afterwards)."""
+    dist = torch.distributed
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_without_a_process_group_the_error_says_how_to_start():
+    with pytest.raises(RuntimeError, match=r"torchrun --nproc-per-node 2 .*loopkit\.distributed\.init\(\)"):
+        loopkit.with_ddp(loopkit.train_step(ddp.mse))
+
+
+def test_meaningless_orders_raise_at_build_time(group):
+    step = loopkit.with_ddp(loopkit.train_step(ddp.mse))
+    with pytest.raises(TypeError, match="with_ddp cannot wrap with_ddp"):
+        loopkit.with_ddp(step)
+    with pytest.raises(TypeError, match="with_ddp cannot wrap eval_step"):
+        loopkit.with_ddp(loopkit.eval_step(lambda m, b: {}))
+    with pytest.raises(TypeError, match="with_ddp cannot wrap with_logging"):
+        loopkit.with_ddp(loopkit.with_logging(loopkit.train_step(ddp.mse), loopkit.ConsoleLogger()))
+    with pytest.raises(TypeError, match="cannot wrap a donated step"):
+        loopkit.with_ddp(loopkit.donate(loopkit.train_step(ddp.mse)))
+    # the meaningful orders build, with every gradient transform on either side
+    loopkit.with_grad_clip(loopkit.with_nan_guard(loopkit.with_amp(step, dtype=torch.float16)), max_norm=1.0)
+    loopkit.with_ddp(loopkit.with_grad_accum(loopkit.with_grad_clip(loopkit.train_step(ddp.mse), max_norm=1.0), every=2))
+
+
+def test_a_step_that_is_not_donated_is_refused(group):
+    step = loopkit.with_ddp(loopkit.train_step(ddp.mse))
+    state = ddp.sgd_state(ddp.make_model())
+    batch = ddp.make_data(1)[0, 0]
+    with pytest.raises(TypeError, match=r"must be donated: call loopkit\.donate\(step\)"):
+        step(state, batch)
+    with pytest.raises(TypeError, match="must be donated"):
+        loopkit.with_logging(step, loopkit.ConsoleLogger(), every_n_steps=1)(state, batch)
+    new, _ = loopkit.donate(step)(state, batch)
+    assert new.step == 1
+
+
+def test_one_rank_matches_the_plain_step_bitwise(group):
+    """World size 1: DDP's gradient averaging is the identity, so the trajectory is the plain one."""
+    data = ddp.make_data(3)
+    batches = [data[i, 0] for i in range(3)]
+    ref, _ = _reference(batches)
+    state, _ = _reference(batches, loopkit.with_ddp(loopkit.train_step(ddp.mse)))
+    for (n, a), b in zip(ref.model.named_parameters(), state.model.parameters()):
+        assert torch.equal(a, b), n
+
+
+def test_the_ddp_wrapper_is_built_once_per_model(group):
+    step = loopkit.donate(loopkit.with_ddp(loopkit.train_step(ddp.mse)))
+    state = ddp.sgd_state(ddp.make_model())
+    seen = []
+    loss_fn = step.loss_fn
+
+    def spy(model, batch):
+        seen.append(model)
+        return loss_fn(model, batch)
+
+    import attrs
+    step = attrs.evolve(step, loss_fn=spy)
+    batch = ddp.make_data(1)[0, 0]
+    state, _ = step(state, batch)
+    state, _ = step(state, batch)
+    assert seen[0] is seen[1] and isinstance(seen[0], torch.nn.parallel.DistributedDataParallel)
+    assert seen[0].module is state.model
