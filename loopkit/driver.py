@@ -27,7 +27,8 @@ import torch
 from loopkit import _collective
 from loopkit.progress import ProgressBar, progress_wanted
 from loopkit.state import TrainState, fork
-from loopkit.steps import as_step, donate
+from loopkit.steps import as_step
+from loopkit.steps import donate as donated
 from loopkit.tree import to_device
 
 __all__ = ["evaluate", "predict", "run_epochs"]
@@ -355,13 +356,19 @@ def run_epochs(
     callbacks: Sequence[Any] = (),
     progress: bool = True,
     device: torch.device | str | None = None,
+    donate: bool = True,
 ) -> tuple[TrainState, list[dict[str, float]]]:
     """Run ``step`` over ``train_data`` until ``epochs`` epochs or ``max_steps`` updates (both absolute).
 
-    The given state is copied once and the copy is donated to the step, so the caller's
-    state stays valid. Each epoch iterates the data in an order fixed by the state's seed
-    and the epoch number; a state restored mid-epoch continues at ``state.batch_index``
-    with the batches an uninterrupted run would have seen. At the end of each epoch the
+    The step runs donated: no copy per call, and the given state is donated too, so
+    training holds one copy of the model and optimizer state, as a hand-written loop does;
+    the given state is consumed (using it again raises :class:`loopkit.DonatedStateError`)
+    and the returned state is the one to keep. ``donate=False`` copies the given state once
+    first, so it stays valid (at the cost of that copy).
+
+    Each epoch iterates the data in an order fixed by the state's seed and the epoch
+    number; a state restored mid-epoch continues at ``state.batch_index`` with the batches
+    an uninterrupted run would have seen. At the end of each epoch the
     step's ``flush`` finishes a partial gradient-accumulation group.
 
     ``val=(eval_step, val_data)`` validates every ``val_every_n_epochs`` epochs and/or every
@@ -402,8 +409,8 @@ def run_epochs(
     _num_batches(train_data, limit_train_batches, "limit_train_batches")  # a fraction of 0 batches fails now
     if val is not None and limit_val_batches != 0:
         _num_batches(val[1], limit_val_batches, "limit_val_batches")
-    step = donate(as_step(step))
-    if step.changes_state:
+    step = donated(as_step(step))
+    if not donate and step.changes_state:
         state = fork(state)
     _to_device_state(state, device)
     move = _mover(device, state)

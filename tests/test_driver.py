@@ -343,7 +343,20 @@ def test_predict_restores_training_mode_after_an_error():
 # --- the caller's state -------------------------------------------------------------------------
 
 
-def test_run_epochs_leaves_the_callers_state_unchanged():
+def test_run_epochs_donates_the_callers_state_by_default():
+    """No copy: the model trained is the caller's, and the given state may not be used again."""
+    state = make_state(dropout=True, scheduler=True)
+    reference, _ = run_epochs(train_step(mse), state, make_data(7), epochs=1, progress=False, donate=False)
+    new, _ = run_epochs(train_step(mse), state, make_data(7), epochs=1, progress=False)
+    assert new.model is state.model and new.optimizer is state.optimizer  # the same storage, trained in place
+    with pytest.raises(loopkit.DonatedStateError):
+        state.check_usable()
+    with pytest.raises(loopkit.DonatedStateError):
+        run_epochs(train_step(mse), state, make_data(7), epochs=1, progress=False)
+    assert_bitwise(params_of(new), params_of(reference))  # the same arithmetic as the copying run
+
+
+def test_run_epochs_with_donate_false_leaves_the_callers_state_unchanged():
     state = make_state(dropout=True, scheduler=True)
     state, _ = train_step(mse)(state, make_data(1)[0])  # momentum buffers exist
     params = params_of(state)
@@ -352,7 +365,7 @@ def test_run_epochs_leaves_the_callers_state_unchanged():
     lr, sched_epoch = state.optimizer.param_groups[0]["lr"], state.scheduler.last_epoch
     counters = (state.step, state.epoch, state.batch_index)
 
-    new, _ = run_epochs(train_step(mse), state, make_data(7), epochs=1, progress=False)
+    new, _ = run_epochs(train_step(mse), state, make_data(7), epochs=1, progress=False, donate=False)
 
     state.check_usable()  # not consumed
     assert new.model is not state.model
@@ -364,7 +377,7 @@ def test_run_epochs_leaves_the_callers_state_unchanged():
     # the run resumes at batch_index 1: 6 more batches
     assert new.step == 7 and not torch.equal(params[0], new.model[0].weight)
     # the old state still trains to the same result
-    again, _ = run_epochs(train_step(mse), state, make_data(7), epochs=1, progress=False)
+    again, _ = run_epochs(train_step(mse), state, make_data(7), epochs=1, progress=False, donate=False)
     assert_bitwise(params_of(new), params_of(again))
 
 
