@@ -449,7 +449,10 @@ class TrainStep(Step):
                 if self.precision is not None and self.precision.scales_loss:
                     to_backward = self.precision.scale(to_backward, extras, device)  # type: ignore[arg-type]
                 stash = _stash_grads(optimizer) if per_micro else None
-                to_backward.backward()
+                if sync is None:
+                    to_backward.backward()
+                else:
+                    _backward_synced(to_backward, sync, state, local)
         except BaseException:
             scope.discard()
             raise
@@ -529,6 +532,17 @@ class TrainStep(Step):
             if skipped:
                 extras["nan_guard/skipped_total"] = extras.get("nan_guard/skipped_total", 0) + 1  # type: ignore[index]
         return attrs.evolve(state, step=state.step + (0 if skipped else 1), extras=extras)
+
+
+def _backward_synced(loss: torch.Tensor, sync: Any, state: TrainState, local: bool) -> None:
+    """Backward under data parallelism: a failed gradient all-reduce is named, with the rank and step."""
+    try:
+        loss.backward()
+    except RuntimeError as e:
+        if local:  # no collective ran: an ordinary error
+            raise
+        where = f" at step {state.step} (epoch {state.epoch}, batch {state.batch_index})"
+        raise sync.failure("the gradient all-reduce in backward (DistributedDataParallel)", e, where) from e
 
 
 def _advance(state: TrainState, step: int, rng: Any, extras: Any) -> TrainState:

@@ -162,3 +162,28 @@ def test_the_ddp_example_runs_under_torchrun_and_passes_its_bar():
     assert proc.stdout.count("test accuracy:") == 1  # printed by rank 0 only
     assert "world size: 2" in proc.stdout
     assert float(proc.stdout.split("test accuracy:")[1].split()[0]) >= 0.80
+
+
+@pytest.mark.slow
+def test_when_a_rank_dies_the_other_fails_within_the_timeout_naming_the_collective():
+    """Two processes with torchrun's variables; rank 1 exits at call 3, rank 0 must not hang."""
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_ddp_die_script.py")
+    port = _free_port()
+    procs = []
+    for rank in (0, 1):
+        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+               "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2", "OMP_NUM_THREADS": "1",
+               "LOOPKIT_TEST_TIMEOUT": "20"}
+        procs.append(subprocess.Popen([sys.executable, script], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL))
+    outputs = []
+    try:
+        for proc in procs:
+            outputs.append(proc.communicate(timeout=60)[0])  # bounded: a hang fails the test
+    finally:
+        for proc in procs:
+            proc.kill()
+    assert procs[1].returncode == 3 and "rank 1 dies at call 3" in outputs[1]
+    assert procs[0].returncode != 0 and "rank 0 finished" not in outputs[0]
+    assert "with_ddp: the gradient all-reduce in backward (DistributedDataParallel) failed on rank 0 of 2" in outputs[0]
+    assert "at step 3 (epoch 0, batch 3)" in outputs[0]

@@ -89,10 +89,27 @@ class DDPSync:
         """The context of a micro-step whose gradients stay on this rank (no all-reduce)."""
         return module.no_sync()
 
+    def failure(self, collective: str, error: BaseException, where: str = "") -> RuntimeError:
+        """The error to raise when ``collective`` failed: it names the collective, this rank and why.
+
+        >>> str(DDPSync({}).failure("the gradient all-reduce", RuntimeError("reset by peer")))[:52]
+        'with_ddp: the gradient all-reduce failed on rank 0 o'
+        """
+        dist = torch.distributed
+        rank = dist.get_rank() if _process_group_ready() else 0
+        size = dist.get_world_size() if _process_group_ready() else 1
+        return RuntimeError(
+            f"with_ddp: {collective} failed on rank {rank} of {size}{where}: another rank has probably died or "
+            f"stopped (see its log), or the process group's timeout ran out. The error was: {error}"
+        )
+
     def agree(self, flags: torch.Tensor) -> torch.Tensor:
         """``flags``' maximum over all ranks (one all-reduce): 1.0 anywhere is 1.0 everywhere."""
         agreed = flags.detach().float().clone()
-        torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MAX)
+        try:
+            torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MAX)
+        except RuntimeError as e:
+            raise self.failure("the all-reduce that agrees on skipping the update", e) from e
         return agreed
 
     def reduce_grads(self, grads: list[torch.Tensor]) -> None:
@@ -100,7 +117,10 @@ class DDPSync:
         if not grads:
             return
         flat = torch._utils._flatten_dense_tensors(grads)
-        torch.distributed.all_reduce(flat)
+        try:
+            torch.distributed.all_reduce(flat)
+        except RuntimeError as e:
+            raise self.failure("the all-reduce of a flushed group's gradients", e) from e
         flat /= torch.distributed.get_world_size()
         for grad, reduced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
             grad.copy_(reduced)

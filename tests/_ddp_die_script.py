@@ -1,0 +1,30 @@
+"""A 2-rank run in which rank 1 dies at call 3: rank 0 must fail fast, naming the failed collective.
+
+Started by tests/test_distributed.py with torchrun's environment variables set by hand (one
+process per rank), so that the survivor is not stopped by a launcher and its error is seen.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import loopkit  # noqa: E402
+from loopkit import distributed  # noqa: E402
+
+distributed.init(timeout=datetime.timedelta(seconds=float(os.environ.get("LOOPKIT_TEST_TIMEOUT", "20"))))
+torch.manual_seed(0)
+model = torch.nn.Linear(4, 1)
+state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+step = loopkit.donate(loopkit.with_ddp(loopkit.train_step(lambda m, b: m(b).pow(2).mean())))
+for call in range(10):
+    if distributed.rank() == 1 and call == 3:
+        print("rank 1 dies at call 3", flush=True)
+        os._exit(3)
+    state, _ = step(state, torch.randn(8, 4))
+print(f"rank {distributed.rank()} finished", flush=True)
