@@ -17,14 +17,20 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import loopkit  # noqa: E402
 from loopkit import distributed  # noqa: E402
 
-distributed.init(timeout=datetime.timedelta(seconds=float(os.environ.get("LOOPKIT_TEST_TIMEOUT", "20"))))
-torch.manual_seed(0)
-model = torch.nn.Linear(4, 1)
-state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
-step = loopkit.donate(loopkit.with_ddp(loopkit.train_step(lambda m, b: m(b).pow(2).mean())))
-for call in range(10):
-    if distributed.rank() == 1 and call == 3:
-        print("rank 1 dies at call 3", flush=True)
-        os._exit(3)
-    state, _ = step(state, torch.randn(8, 4))
-print(f"rank {distributed.rank()} finished", flush=True)
+
+def main() -> None:
+    distributed.init(timeout=datetime.timedelta(seconds=float(os.environ.get("LOOPKIT_TEST_TIMEOUT", "20"))))
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    step = loopkit.donate(loopkit.with_ddp(loopkit.train_step(lambda m, b: m(b).pow(2).mean())))
+    for call in range(10):
+        if distributed.rank() == 1 and call == 3:
+            print("rank 1 dies at call 3", flush=True)
+            os._exit(3)
+        state, _ = step(state, torch.randn(8, 4))
+    print(f"rank {distributed.rank()} finished", flush=True)
+
+
+if __name__ == "__main__":
+    main()
