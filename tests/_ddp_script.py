@@ -259,7 +259,7 @@ def main(out_dir: str, scenarios: list[str]) -> None:
 
 
 def torchrun(out_dir: str, scenarios: list[str], *, nproc: int = 2, timeout: float = 90.0,
-             launcher: list[str] | None = None, env: dict[str, str] | None = None) -> "subprocess.CompletedProcess[str]":
+             launcher: list[str] | None = None, env: dict[str, str] | None = None) -> Any:
     """Run this script under ``python -m torch.distributed.run`` and wait at most ``timeout`` seconds.
 
     ``launcher`` replaces the default ``--standalone --nproc-per-node N`` (a free port on

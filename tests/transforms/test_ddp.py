@@ -9,8 +9,6 @@ ranks bitwise equal to each other.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 
 import pytest
 import torch
