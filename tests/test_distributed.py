@@ -154,8 +154,10 @@ def test_a_killed_rank_fails_the_run_and_a_restart_resumes_from_the_newest_check
 @pytest.mark.slow
 def test_the_ddp_example_runs_under_torchrun_and_passes_its_bar():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           os.path.join(root, "examples", "ddp.py"), "--quick"]
+    port = _free_port()  # an explicit free port rather than --standalone's default, which an earlier run may hold
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2", "--rdzv-backend=c10d",
+           f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=loopkit-example", os.path.join(root, "examples", "ddp.py"),
+           "--quick"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=root, env=env, stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
