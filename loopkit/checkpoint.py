@@ -57,7 +57,7 @@ import numpy as np
 import torch
 
 from loopkit.errors import CheckpointCorruptError, StateMismatchError
-from loopkit.state import TrainState
+from loopkit.state import TrainState, model_device
 
 try:  # POSIX: advisory locks keep a cleaner away from another process's save in progress
     import fcntl
@@ -782,19 +782,13 @@ def _restore_from(
     state: TrainState, sd: dict[str, Any], devices: Any, install_rng: Callable[[], None], path: Path
 ) -> TrainState:
     if "extras" in sd:
-        sd["extras"] = _place(sd["extras"], devices, _model_device(state))
+        sd["extras"] = _place(sd["extras"], devices, model_device(state.model))
     try:
         new = state.load_state_dict(sd)
     except StateMismatchError as e:
         raise StateMismatchError(f"checkpoint {path} does not fit this state: {e}") from e
     install_rng()
     return new
-
-
-def _model_device(state: TrainState) -> torch.device:
-    for p in state.model.parameters():
-        return p.device
-    return torch.device("cpu")
 
 
 def _place(tree: Any, devices: Any, device: torch.device) -> Any:

@@ -26,7 +26,7 @@ import torch
 
 from loopkit import _collective
 from loopkit.progress import ProgressBar, progress_wanted
-from loopkit.state import TrainState, fork
+from loopkit.state import TrainState, fork, model_device
 from loopkit.steps import as_step
 from loopkit.steps import donate as donated
 from loopkit.tree import to_device
@@ -156,15 +156,9 @@ def _batch_size(batch: Any) -> int:
     return 1
 
 
-def _model_device(model: torch.nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
 def _mover(device: torch.device | str | None, state: TrainState) -> Callable[[Any], Any] | None:
     """The function that places batches, or None when batches stay where they are (the CPU)."""
-    target = torch.device(device) if device is not None else _model_device(state.model)
+    target = torch.device(device) if device is not None else model_device(state.model)
     if target.type == "cpu":
         return None
     return lambda batch: to_device(batch, target, non_blocking=True)
@@ -174,7 +168,7 @@ def _to_device_state(state: TrainState, device: torch.device | str | None) -> No
     if device is None:
         return
     device = torch.device(device)
-    if _model_device(state.model) == device:
+    if model_device(state.model) == device:
         return
     state.model.to(device)
     if state.optimizer is not None:

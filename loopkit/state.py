@@ -24,7 +24,7 @@ from loopkit.errors import DonatedStateError, StateMismatchError
 from loopkit.rng import create_rng
 from loopkit.tree import from_plain, to_plain
 
-__all__ = ["TrainState", "fork"]
+__all__ = ["TrainState", "fork", "model_device"]
 
 _Scheduler = torch.optim.lr_scheduler.LRScheduler
 
@@ -193,6 +193,20 @@ def _check_parts(model: Any, optimizer: Any, scheduler: Any) -> None:
             )
         if scheduler.optimizer is not optimizer:
             raise ValueError("TrainState: the scheduler was built for a different optimizer than the state's")
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (or buffer); the CPU for a model with neither.
+
+    >>> import torch
+    >>> model_device(torch.nn.Linear(1, 1)).type
+    'cpu'
+    """
+    for p in model.parameters():
+        return p.device
+    for b in model.buffers():
+        return b.device
+    return torch.device("cpu")
 
 
 # --- copying only what a step changes -------------------------------------------------------

@@ -26,7 +26,7 @@ import attrs
 import torch
 
 from loopkit.rng import RNGScope
-from loopkit.state import TrainState, fork
+from loopkit.state import TrainState, fork, model_device
 
 __all__ = [
     "EvalStep",
@@ -364,14 +364,6 @@ def _split_loss(out: Any, loss_fn: Any) -> tuple[torch.Tensor, Metrics]:
     return out, aux
 
 
-def _device_of(model: torch.nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    for b in model.buffers():
-        return b.device
-    return torch.device("cpu")
-
-
 def _cuda_index(device: torch.device) -> int | None:
     if device.type != "cuda":
         return None
@@ -682,11 +674,11 @@ class EvalStep(Step):
         model = state.model
         modes = [(m, m.training) for m in model.modules()]
         model.eval()
-        scope = RNGScope(state.rng, _cuda_index(_device_of(model)), state.seed)
+        scope = RNGScope(state.rng, _cuda_index(model_device(model)), state.seed)
         try:
             with torch.no_grad():
                 if self.precision is not None:
-                    with self.precision.autocast(_device_of(model).type):
+                    with self.precision.autocast(model_device(model).type):
                         out = self.metric_fn(model, batch)
                 else:
                     out = self.metric_fn(model, batch)
