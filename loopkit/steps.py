@@ -88,12 +88,6 @@ class Step:
         return ()
 
     def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
-        if self.donated and type(state) is TrainState and not state._consumed:  # the hot path, inlined
-            try:
-                new, metrics = self.run_(state, batch)
-            finally:
-                object.__setattr__(state, "_consumed", True)
-            return (attrs.evolve(state) if new is state else new), metrics
         return self._invoke(self.run_, state, batch)
 
     def flush(self, state: TrainState) -> tuple[TrainState, Metrics]:
@@ -395,12 +389,6 @@ class TrainStep(Step):
     transforms: tuple[str, ...] = ()
     donated: bool = False
     sync: Any = None
-    #: no transform at all: ``run_`` takes the short path (set from the fields, never passed)
-    plain: bool = attrs.field(init=False, default=False, repr=False)
-
-    def __attrs_post_init__(self) -> None:
-        plain = self.precision is None and self.accum_every == 1 and not self.micro and not self.update
-        object.__setattr__(self, "plain", plain and self.sync is None)
 
     @property
     def applied(self) -> tuple[str, ...]:
@@ -427,8 +415,6 @@ class TrainStep(Step):
         if optimizer is None:
             raise ValueError("train_step needs a state with an optimizer (TrainState.create(model, optimizer))")
         device = optimizer.param_groups[0]["params"][0].device
-        if self.plain and device.type == "cpu" and len(state.rng) == 1:
-            return self._run_plain_cpu(state, batch)
         sync = self.sync
         extras = dict(state.extras) if (self.precision or self.accum_every > 1 or self.micro or self.update) else None
         per_micro = self.accum_every > 1 and bool(self.micro)
@@ -491,31 +477,6 @@ class TrainStep(Step):
             return attrs.evolve(new, extras=extras), metrics
         extras.pop(_ACCUM_COUNT, None)
         return self._apply_update(new, extras, metrics, ctx), metrics
-
-    def _run_plain_cpu(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
-        """``run_`` without transforms on the CPU: the same steps as the general path, fewer calls."""
-        optimizer, generator = state.optimizer, torch.default_generator
-        saved = generator.get_state()
-        generator.set_state(state.rng["cpu"])
-        try:
-            out = self.loss_fn(state.model, batch)
-            if out is None:
-                rng = {"cpu": generator.get_state()}
-                return attrs.evolve(state, batch_index=state.batch_index + 1, rng=rng), {}
-            if type(out) is torch.Tensor and out.ndim == 0 and out.requires_grad:
-                loss, metrics = out, {"loss": out.detach()}
-            else:
-                loss, aux = _split_loss(out, self.loss_fn)
-                metrics = {"loss": loss.detach(), **aux}
-            loss.backward()
-            rng = {"cpu": generator.get_state()}
-        finally:
-            generator.set_state(saved)
-        optimizer.step()
-        if state.scheduler is not None:
-            state.scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        return _advance(state, state.step + 1, rng, state.extras), metrics
 
     def flush_(self, state: TrainState) -> tuple[TrainState, Metrics]:
         count = state.extras.get(_ACCUM_COUNT, 0)
