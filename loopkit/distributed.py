@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import time
 from collections.abc import Iterator, Sized
 from typing import Any
 
@@ -146,6 +147,22 @@ def shutdown() -> None:
         torch.distributed.barrier()
     finally:
         torch.distributed.destroy_process_group()
+        _let_gloo_workers_settle()
+
+
+def _let_gloo_workers_settle(seconds: float = 0.1) -> None:
+    """Release the GIL for a moment so gloo's worker threads drop their finished collectives now.
+
+    A gloo worker thread frees a finished collective after the rank that waited on it has
+    moved on, and a barrier keeps the collectives before it alive until then. When such a
+    collective holds a tensor that Python has already let go of, freeing it takes the GIL;
+    if the interpreter is shutting down by then, the thread is torn down inside a C++
+    destructor and the process aborts ("terminate called without an active exception",
+    SIGABRT) although training finished. DDP objects keep the process group, and so these
+    threads, alive after ``destroy_process_group``. Sleeping here lets the threads finish
+    while the interpreter is still whole; nothing else waits on them.
+    """
+    time.sleep(seconds)
 
 
 class _ShardSampler(DistributedSampler):
