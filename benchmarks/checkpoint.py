@@ -2,15 +2,15 @@
 """Checkpoint cost: loopkit's atomic, checksummed save and verified restore against plain torch.
 
 The state is an MLP 2048-2048-2048 with Adam moments (about 100 MB of tensors; ``--quick``
-uses a tiny one). Every timing is the median of ``--repeats`` interleaved repetitions, in
-a temporary directory on the same disk (files are in the page cache when read back):
+uses a tiny one). Every timing is the median of ``--repeats`` interleaved repetitions (after one
+untimed warm-up round), each save to a new file, in a temporary directory on the same disk (files are in the page cache when read back):
 
 * save: ``torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, f)``
   (the same tensors), ``torch.save`` followed
-  by ``fsync``, and ``loopkit.checkpoint.save`` (global RNGs, fsyncs, sha256 manifest,
+  by ``fsync``, and ``loopkit.checkpoint.save`` (global RNGs, fsyncs, checksum manifest,
   rename, directory fsync);
 * restore: ``torch.load(weights_only=True)``, that plus loading it into the model and
-  optimizer, and ``loopkit.restore`` (sha256 verification, safe load, a new state);
+  optimizer, and ``loopkit.restore`` (checksum verification, safe load, a new state);
 * the time a training step waits for a save: a step of ``with_checkpointing(every_n_steps=1)``
   minus the same step without it, with synchronous saves and with ``async_save=True``
   (where the step waits only to copy the state; the background write is let finish
@@ -18,7 +18,7 @@ a temporary directory on the same disk (files are in the page cache when read ba
 
 Prints a Markdown table. Usage::
 
-    python benchmarks/checkpoint.py              # about 100 MB, 5 repeats: under a minute
+    python benchmarks/checkpoint.py              # about 100 MB, 7 repeats: under a minute
     python benchmarks/checkpoint.py --quick      # smoke run: seconds, meaningless numbers
     python benchmarks/checkpoint.py --repeats 9 --dir /scratch
 """
@@ -85,31 +85,41 @@ def fsync_file(path: Path) -> None:
 
 
 def measure(state: loopkit.TrainState, root: Path, repeats: int) -> dict[str, float]:
-    """Median seconds of each operation, the repetitions interleaved."""
-    plain = root / "plain.pt"
+    """Median seconds of each operation, the repetitions interleaved after one untimed warm-up round.
+
+    Every save writes a new file (plain torch too: ``plain-<i>.pt``) and the previous one is
+    deleted outside the timing, as checkpoint rotation does: all contenders meet the same
+    file-system work (block allocation, freed blocks).
+    """
     ckpts = root / "ckpts"
     fresh = build_state(state.model[0].in_features, seed=1)
     times: dict[str, list[float]] = {}
 
-    def record(name: str, fn: Callable[[], object]) -> None:
-        times.setdefault(name, []).append(timed(fn))
+    def record(name: str, fn: Callable[[], object], keep: bool) -> None:
+        elapsed = timed(fn)
+        if keep:
+            times.setdefault(name, []).append(elapsed)
 
-    def plain_restore() -> None:
+    def plain_restore(plain: Path) -> None:
         sd = torch.load(plain, weights_only=True)
         fresh.model.load_state_dict(sd["model"])
         fresh.optimizer.load_state_dict(sd["optimizer"])
 
-    for _ in range(repeats):
+    for i in range(repeats + 1):
+        keep = i > 0
         sd = {"model": state.model.state_dict(), "optimizer": state.optimizer.state_dict()}
-        record("torch.save", lambda: torch.save(sd, plain))
-        record("torch.save + fsync", lambda: (torch.save(sd, plain), fsync_file(plain)))
-        record("loopkit save", lambda: checkpoint.save(state, ckpts))
+        unsynced, plain = root / f"unsynced-{i}.pt", root / f"plain-{i}.pt"
+        record("torch.save", lambda: torch.save(sd, unsynced), keep)
+        record("torch.save + fsync", lambda: (torch.save(sd, plain), fsync_file(plain)), keep)
+        record("loopkit save", lambda: checkpoint.save(state, ckpts), keep)
         newest = checkpoint.list_checkpoints(ckpts)[-1].path
-        record("torch.load", lambda: torch.load(plain, weights_only=True))
-        record("torch.load + load_state_dict", plain_restore)
-        record("loopkit restore", lambda: checkpoint.restore(fresh, newest))
+        record("torch.load", lambda: torch.load(plain, weights_only=True), keep)
+        record("torch.load + load_state_dict", lambda: plain_restore(plain), keep)
+        record("loopkit restore", lambda: checkpoint.restore(fresh, newest), keep)
         for old in checkpoint.list_checkpoints(ckpts)[:-1]:
             checkpoint.remove(old.path)
+        for old in (root / f"unsynced-{i - 1}.pt", root / f"plain-{i - 1}.pt"):
+            old.unlink(missing_ok=True)
     return {name: statistics.median(values) for name, values in times.items()}
 
 
@@ -169,21 +179,40 @@ def table(size: int, ops: dict[str, float], waits: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
+def fresh_memory_per_load() -> bool:
+    """Pin glibc's mmap threshold so that every large tensor gets fresh memory; True where that worked.
+
+    glibc raises its threshold after a large block is freed, after which a load may reuse the
+    memory the previous load freed (no page faults) or not, by luck: torch.load of 100 MB then
+    takes 12 or 55 ms from one repetition to the next. Pinned, every load pays for fresh
+    memory, as a restore in a new process does, and the timings are stable.
+    """
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024) == 1  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a tiny state and 1 repeat: a smoke run")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--width", type=int, default=2048, help="the MLP's width (2048: about 100 MB)")
     parser.add_argument("--dir", default=None, help="where to write (default: a temporary directory)")
     args = parser.parse_args(argv)
     width, repeats = (128, 1) if args.quick else (args.width, args.repeats)
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+    pinned = fresh_memory_per_load()
     root = Path(tempfile.mkdtemp(prefix="loopkit-bench-", dir=args.dir))
     try:
         state = build_state(width)
         ops = measure(state, root, repeats)
         waits = step_waits(state, root, max(3, repeats))
         print(table(state_bytes(state), ops, waits))
+        print("\nMemory: " + ("fresh for every load (glibc mmap threshold pinned)." if pinned else
+                              "allocator defaults (timings of loads vary with memory reuse)."))
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

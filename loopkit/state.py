@@ -137,11 +137,16 @@ class TrainState:
         )
         return sd
 
-    def load_state_dict(self, state_dict: Mapping[str, Any]) -> TrainState:
+    def load_state_dict(self, state_dict: Mapping[str, Any], *, copy: bool = True) -> TrainState:
         """Return a new state restored from ``state_dict``; this state is left unchanged.
 
         Everything is checked before anything is copied: the first missing, unexpected or
-        mis-shaped key is named in a :class:`loopkit.StateMismatchError`.
+        mis-shaped key is named in a :class:`loopkit.StateMismatchError`. With
+        ``copy=False`` the new state takes the parameter, buffer and gradient tensors of
+        ``state_dict`` that already have the model's dtype, device, shape and layout (each
+        the only tensor on its storage) instead of copying them, as
+        ``Module.load_state_dict(assign=True)`` does: for a state dict nothing else uses,
+        such as one just read from a file (training then changes those tensors in place).
 
         >>> import torch
         >>> a = TrainState.create(torch.nn.Linear(2, 1)).evolve(step=4)
@@ -151,8 +156,10 @@ class TrainState:
         """
         self.check_usable()
         decoded = _decode(self, state_dict)
-        new = fork(self, optimizer_state=False)  # the optimizer state is replaced below: no copy of it
-        _apply(new, decoded)
+        taken = {} if copy else _adoptable(self.model, decoded)
+        memo = {k: v for k, v in taken.items() if isinstance(k, int)}
+        new = _fork(self, memo, optimizer_state=False)  # the optimizer state is replaced below: no copy of it
+        _apply(new, decoded, taken)
         return new.evolve(
             step=decoded["step"],
             epoch=decoded["epoch"],
@@ -227,7 +234,11 @@ def fork(state: TrainState, *, optimizer_state: bool = True) -> TrainState:
     (False, True)
     """
     state.check_usable()
-    memo: dict[int, Any] = {}
+    return _fork(state, {}, optimizer_state=optimizer_state)
+
+
+def _fork(state: TrainState, memo: dict[int, Any], *, optimizer_state: bool) -> TrainState:
+    """:func:`fork` with ``memo`` mapping ``id`` of original tensors to the ones the copy uses."""
     model = _clone_module(state.model, memo)
     optimizer = scheduler = None
     if state.optimizer is not None:
@@ -445,13 +456,66 @@ def _decode_rng(plain: Any, template: Mapping[str, torch.Tensor]) -> dict[str, t
     return dict(plain)
 
 
-def _apply(state: TrainState, decoded: dict[str, Any]) -> None:
+def _adoptable(model: nn.Module, decoded: dict[str, Any]) -> dict[int | str, torch.Tensor]:
+    """For ``load_state_dict(copy=False)``: what the new state takes from ``decoded`` without a copy.
+
+    Maps ``id`` of each model tensor to the loaded tensor that replaces it, and ``"grad:<name>"``
+    to a loaded gradient. A loaded tensor qualifies when it matches exactly (dtype, device,
+    shape, strides, plain type) and is the only tensor on its storage, so no two tensors of
+    the new state alias. A model tensor under several names (tied weights) maps once.
+    """
+    taken: dict[int | str, torch.Tensor] = {}
+    storages: set[int] = set()
+    loaded, grads = decoded["model"], decoded["grads"]
+    for name, tensor in (*model.named_parameters(), *model.named_buffers()):
+        source = loaded.get(name)
+        if id(tensor) in taken or not _sole_owner(source, tensor, storages):
+            continue
+        if type(tensor) is _Parameter:
+            adopted = _make_subclass(_Parameter, source, tensor.requires_grad)
+            if tensor.__dict__:
+                adopted.__dict__.update(tensor.__dict__)
+        elif type(tensor) is torch.Tensor:
+            adopted = source
+        else:  # a subclass: copied as usual
+            continue
+        taken[id(tensor)] = adopted
+    for name, param in model.named_parameters():
+        if _sole_owner(grads.get(name), param, storages):
+            taken[f"grad:{name}"] = grads[name]
+    return taken
+
+
+def _sole_owner(source: Any, like: torch.Tensor, storages: set[int]) -> bool:
+    """Whether ``source`` can stand in for ``like`` (records its storage in ``storages`` when so)."""
+    if not (
+        type(source) is torch.Tensor
+        and not source.requires_grad
+        and source.dtype == like.dtype
+        and source.device == like.device
+        and source.shape == like.shape
+        and source.stride() == like.stride()
+        and source.storage_offset() == 0
+    ):
+        return False
+    storage = source.untyped_storage()
+    if storage.nbytes() != source.numel() * source.element_size() or storage.data_ptr() in storages:
+        return False
+    storages.add(storage.data_ptr())
+    return True
+
+
+def _apply(state: TrainState, decoded: dict[str, Any], taken: Mapping[int | str, torch.Tensor]) -> None:
     model = state.model
-    model.load_state_dict(decoded["model"])
-    params = dict(model.named_parameters())
-    for name, p in params.items():
+    model.load_state_dict(decoded["model"])  # a tensor taken over is copied onto itself: torch skips that
+    for name, p in model.named_parameters():
         g = decoded["grads"].get(name)
-        p.grad = None if g is None else g.detach().to(p.device, p.dtype).clone()
+        if g is None:
+            p.grad = None
+        else:
+            p.grad = taken.get(f"grad:{name}")
+            if p.grad is None:
+                p.grad = g.detach().to(p.device, p.dtype).clone()
     if state.optimizer is not None:
         state.optimizer.load_state_dict(decoded["optimizer"])
     if state.scheduler is not None:

@@ -1,7 +1,7 @@
 """Tests of loopkit.checkpoint: the on-disk format, atomic saves, verification, safe loading,
 restore, and the safetensors export.
 
-References: checksums computed here with hashlib; the state the checkpoint was saved from
+References: checksums computed here with Python integers and hashlib; the state the checkpoint was saved from
 (and training continued from it, side by side); the ``safetensors`` package reading the
 export; ``torch.load(weights_only=False)`` proving a planted pickle really would run code.
 """
@@ -45,12 +45,22 @@ def _trained(make_mlp, make_batches, mse_loss, n: int = 3, **sizes) -> TrainStat
     return state
 
 
+def _reference_checksum(raw: bytes) -> str:
+    """The manifest's checksum, written independently: 4 KiB blocks XOR-ed as Python integers, then sha256."""
+    whole = len(raw) - len(raw) % 4096
+    fold = 0
+    for start in range(0, whole, 4096):
+        fold ^= int.from_bytes(raw[start : start + 4096], "little")
+    folded = fold.to_bytes(4096, "little") if whole else b""
+    return hashlib.sha256(folded + raw[whole:] + len(raw).to_bytes(8, "little")).hexdigest()
+
+
 def _resign(ckpt: Path) -> None:
-    """Rewrite the manifest for the files as they are now (sha256 computed here, independently)."""
+    """Rewrite the manifest for the files as they are now (checksums computed here, independently)."""
     files = {}
     for name in ("state.pt", "meta.json"):
         raw = (ckpt / name).read_bytes()
-        files[name] = {"size": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
+        files[name] = {"size": len(raw), "fold_sha256": _reference_checksum(raw)}
     manifest = {"format": "loopkit-checkpoint", "version": 1, "files": files}
     (ckpt / "manifest.json").write_text(json.dumps(manifest))
 
@@ -74,7 +84,7 @@ def _sd(state: TrainState) -> dict:
 # --- the format --------------------------------------------------------------------------------
 
 
-def test_save_writes_payload_meta_and_a_manifest_of_sizes_and_sha256(tmp_path, make_mlp, make_batches, mse_loss):
+def test_save_writes_payload_meta_and_a_manifest_of_sizes_and_checksums(tmp_path, make_mlp, make_batches, mse_loss):
     state = _trained(make_mlp, make_batches, mse_loss)
     path = checkpoint.save(state, tmp_path, reason="test")
     assert path.parent == tmp_path and path.name == f"ckpt-000001-step{state.step}-epoch0-batch3"
@@ -82,10 +92,34 @@ def test_save_writes_payload_meta_and_a_manifest_of_sizes_and_sha256(tmp_path, m
     manifest = json.loads((path / "manifest.json").read_text())
     for name in ("state.pt", "meta.json"):
         raw = (path / name).read_bytes()
-        assert manifest["files"][name] == {"size": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
+        assert manifest["files"][name] == {"size": len(raw), "fold_sha256": _reference_checksum(raw)}
     meta = json.loads((path / "meta.json").read_text())
     assert (meta["step"], meta["epoch"], meta["batch_index"], meta["reason"]) == (state.step, 0, 3, "test")
     assert _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("size", [0, 1, 4095, 4096, 4097, 3 * 4096 + 5])
+def test_the_checksum_equals_an_independent_reference(size):
+    raw = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes()
+    assert checkpoint.checksum(raw) == _reference_checksum(raw)
+
+
+def test_the_checksum_changes_with_any_damage_inside_one_4k_window():
+    gen = np.random.default_rng(0)
+    raw = gen.integers(0, 256, 64 * 4096 + 100, dtype=np.uint8).tobytes()
+    good = checkpoint.checksum(raw)
+    for trial in range(300):
+        damaged = bytearray(raw)
+        start = int(gen.integers(0, len(raw) - 1))
+        length = int(gen.integers(1, 4097 - start % 4096))  # stays inside the window of `start`
+        if trial % 3 == 0:
+            damaged[start : start + length] = bytes(len(damaged[start : start + length]))  # a zeroed run
+        else:
+            for i in gen.integers(start, min(start + length, len(raw)), size=int(gen.integers(1, 8))):
+                damaged[i] ^= 1 << int(gen.integers(0, 8))  # flipped bits
+        if bytes(damaged) != raw:
+            assert checkpoint.checksum(bytes(damaged)) != good, (trial, start, length)
+    assert checkpoint.checksum(raw[:-1]) != good and checkpoint.checksum(raw + b"\0") != good
 
 
 def test_a_second_save_never_writes_over_the_first(tmp_path, make_mlp):
@@ -217,7 +251,7 @@ def _bad_manifest(ckpt: Path) -> None:
 @pytest.mark.parametrize(
     "damage, message",
     [
-        (lambda c: _flip_middle(c / "state.pt"), "sha256"),
+        (lambda c: _flip_middle(c / "state.pt"), "checksum"),
         (_truncate, "bytes, the manifest says"),
         (_no_manifest, "incomplete"),
         (_bad_manifest, "cannot be read as JSON"),
@@ -253,7 +287,7 @@ def test_flipped_tensor_bytes_load_silently_so_only_the_checksum_catches_them(
     opt_good, opt_bad = good["state"]["optimizer"]["state"], bad["state"]["optimizer"]["state"]
     changed += [f"{i}.{k}" for i in opt_good for k, v in opt_good[i].items() if not torch.equal(v, opt_bad[i][k])]
     assert changed, "the flipped bytes were expected inside a tensor's data"
-    with pytest.raises(CheckpointCorruptError, match=r"state\.pt is corrupt: its sha256"):  # ...but the manifest
+    with pytest.raises(CheckpointCorruptError, match=r"state\.pt is corrupt: its checksum"):  # ...but the manifest
         checkpoint.restore(fresh, newest)
 
 
