@@ -39,37 +39,42 @@ _FOLD_EVERY = 256  # metric tensors kept per key before they are summed on the d
 
 
 class _Means:
-    """Running means of metric tensors, summed on the device; read once in :meth:`read`."""
+    """Running means of metric tensors, summed on the device; read once in :meth:`read`.
+
+    ``add`` only keeps the step's metrics dict (the hot path); every ``_FOLD_EVERY`` dicts
+    are summed per key on the device, so memory stays bounded and nothing is read.
+    """
 
     def __init__(self) -> None:
-        self._pending: dict[str, list[torch.Tensor]] = {}
+        self._pending: list[Metrics] = []
         self._sums: dict[str, torch.Tensor] = {}
         self._counts: dict[str, int] = {}
+        self._last: Metrics = {}
 
     def add(self, metrics: Metrics) -> None:
-        for key, value in metrics.items():
-            pending = self._pending.get(key)
-            if pending is None:
-                pending = self._pending[key] = []
-            pending.append(value)
+        if metrics:
+            self._last = metrics
+            pending = self._pending
+            pending.append(metrics)
             if len(pending) >= _FOLD_EVERY:
-                self._fold(key)
+                self._fold()
 
-    def _fold(self, key: str) -> None:
-        pending = self._pending[key]
-        if not pending:
-            return
-        total = torch.stack([v.float() for v in pending]).sum()
-        self._sums[key] = total if key not in self._sums else self._sums[key] + total
-        self._counts[key] = self._counts.get(key, 0) + len(pending)
-        pending.clear()
+    def _fold(self) -> None:
+        values: dict[str, list[torch.Tensor]] = {}
+        for metrics in self._pending:
+            for key, value in metrics.items():
+                values.setdefault(key, []).append(value)
+        self._pending.clear()
+        for key, tensors in values.items():
+            total = torch.stack([v.float() for v in tensors]).sum()
+            self._sums[key] = total if key not in self._sums else self._sums[key] + total
+            self._counts[key] = self._counts.get(key, 0) + len(tensors)
 
     def latest(self) -> dict[str, float]:
-        return {k: float(v[-1]) for k, v in self._pending.items() if v}
+        return {k: float(v) for k, v in self._last.items()}
 
     def read(self) -> dict[str, float]:
-        for key in list(self._pending):
-            self._fold(key)
+        self._fold()
         if _collective.active():  # under torch.distributed: the means over all ranks, one collective
             return _collective.means(self._sums, self._counts)
         return {k: float(self._sums[k] / self._counts[k]) for k in self._sums}
@@ -428,6 +433,7 @@ def run_epochs(
         def more(s: TrainState) -> bool:
             return (epochs is None or s.epoch < epochs) and (max_steps is None or s.step < max_steps)
 
+        batch_hooks = bool(hooks.batch_end)
         while more(state) and not hooks.should_stop and not stop.requested:
             hooks.call("on_epoch_start", state)
             total = _num_batches(train_data, limit_train_batches, "limit_train_batches")
@@ -453,11 +459,13 @@ def run_epochs(
                     since_refresh += 1
                     bar.update(means.latest() if since_refresh >= _REFRESH_EVERY else None)
                     since_refresh %= _REFRESH_EVERY
+                hooks_ran = batch_hooks  # a callback can only ask to stop from one of its hooks
                 if val is not None and val_every_n_steps and state.step != before and state.step % val_every_n_steps == 0:
                     last_val = validate(state, limit_val_batches)
                     step.notify("validation_end", state, last_val)
                     hooks.call("on_validation_end", state, last_val)
-                if (max_steps is not None and state.step >= max_steps) or hooks.should_stop:
+                    hooks_ran = True
+                if (max_steps is not None and state.step >= max_steps) or (hooks_ran and hooks.should_stop):
                     exhausted = total is not None and state.batch_index >= total
                     break
             epoch = state.epoch

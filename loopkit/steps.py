@@ -18,7 +18,6 @@ step as a :class:`WrapperStep`.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
@@ -26,7 +25,7 @@ import attrs
 import torch
 
 from loopkit.rng import RNGScope
-from loopkit.state import TrainState, fork, model_device
+from loopkit.state import TrainState, fork, model_device, replace
 
 __all__ = [
     "EvalStep",
@@ -47,7 +46,6 @@ __all__ = [
 Metrics = dict[str, torch.Tensor]
 LossFn = Callable[[torch.nn.Module, Any], Any]
 
-_NO_CONTEXT = contextlib.nullcontext()
 _ACCUM_COUNT = "accum/count"
 _FOUND_INF = "amp/found_inf"
 _NONFINITE = "nan_guard/nonfinite"
@@ -119,7 +117,7 @@ class Step:
         finally:
             state.mark_consumed()
         if new is state:
-            new = attrs.evolve(state)
+            new = replace(state)
         return new, metrics
 
 
@@ -330,6 +328,8 @@ def _fn_name(fn: Any) -> str:
 
 
 def _split_loss(out: Any, loss_fn: Any) -> tuple[torch.Tensor, Metrics]:
+    if type(out) is torch.Tensor and out.ndim == 0 and out.requires_grad:  # the common case, checked first
+        return out, {}
     aux: Metrics = {}
     where = f"loss_fn {_fn_name(loss_fn)}"
     if isinstance(out, tuple):
@@ -389,6 +389,12 @@ class TrainStep(Step):
     transforms: tuple[str, ...] = ()
     donated: bool = False
     sync: Any = None
+    #: no precision, accumulation or gradient transform: the update follows the backward at once
+    plain: bool = attrs.field(init=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        plain = self.precision is None and self.accum_every == 1 and not self.micro and not self.update
+        object.__setattr__(self, "plain", plain)
 
     @property
     def applied(self) -> tuple[str, ...]:
@@ -414,11 +420,11 @@ class TrainStep(Step):
         model, optimizer = state.model, state.optimizer
         if optimizer is None:
             raise ValueError("train_step needs a state with an optimizer (TrainState.create(model, optimizer))")
-        device = optimizer.param_groups[0]["params"][0].device
+        first = optimizer.param_groups[0]["params"][0]
         sync = self.sync
-        extras = dict(state.extras) if (self.precision or self.accum_every > 1 or self.micro or self.update) else None
+        extras = None if self.plain else dict(state.extras)
         per_micro = self.accum_every > 1 and bool(self.micro)
-        scope = RNGScope(state.rng, _cuda_index(device) if device.type == "cuda" else None, state.seed)
+        scope = RNGScope(state.rng, _cuda_index(first.device) if first.is_cuda else None, state.seed)
         net = model if sync is None else sync.module(model)
         # under DDP a micro-step that does not finish its group keeps its gradient local (no all-reduce);
         # per-micro transforms need each micro-batch's whole gradient, so then every micro-step syncs
@@ -426,29 +432,17 @@ class TrainStep(Step):
             sync is not None and not per_micro and state.extras.get(_ACCUM_COUNT, 0) + 1 < self.accum_every
         )
         try:
-            with sync.no_sync(net) if local else _NO_CONTEXT:
-                if self.precision is not None:
-                    with self.precision.autocast(device.type):
-                        out = self.loss_fn(net, batch)
-                else:
-                    out = self.loss_fn(net, batch)
-                if out is None:
-                    rng = scope.close()
-                    return attrs.evolve(state, batch_index=state.batch_index + 1, rng=rng), {}
-                loss, metrics = _split_loss(out, self.loss_fn)
-                # per-micro transforms see the micro-batch's own gradient; its share (1/every) is taken after them
-                to_backward = loss / self.accum_every if self.accum_every > 1 and not per_micro else loss
-                if self.precision is not None and self.precision.scales_loss:
-                    to_backward = self.precision.scale(to_backward, extras, device)  # type: ignore[arg-type]
-                stash = _stash_grads(optimizer) if per_micro else None
-                if sync is None:
-                    to_backward.backward()
-                else:
-                    _backward_synced(to_backward, sync, state, local)
+            if local:
+                with sync.no_sync(net):
+                    loss, metrics, stash = self._loss_and_backward(state, batch, net, extras, local)
+            else:
+                loss, metrics, stash = self._loss_and_backward(state, batch, net, extras, local)
         except BaseException:
             scope.discard()
             raise
         rng = scope.close()
+        if loss is None:  # the loss_fn skipped the batch
+            return replace(state, batch_index=state.batch_index + 1, rng=rng), {}
         metrics = {"loss": loss.detach(), **metrics} if metrics else {"loss": loss.detach()}
         if extras is None:  # the plain step: update at once, nothing else to do
             optimizer.step()
@@ -474,9 +468,35 @@ class TrainStep(Step):
         if count < self.accum_every:
             extras[_ACCUM_COUNT] = count
             _keep_flags(extras, ctx)
-            return attrs.evolve(new, extras=extras), metrics
+            return replace(new, extras=extras), metrics
         extras.pop(_ACCUM_COUNT, None)
         return self._apply_update(new, extras, metrics, ctx), metrics
+
+    def _loss_and_backward(
+        self, state: TrainState, batch: Any, net: torch.nn.Module, extras: dict[str, Any] | None, local: bool
+    ) -> tuple[Any, Metrics, Any]:
+        """The loss_fn and backward of one micro-batch: ``(loss, aux metrics, stashed grads)``; loss None: skipped."""
+        precision = self.precision
+        if precision is not None:
+            device = state.optimizer.param_groups[0]["params"][0].device
+            with precision.autocast(device.type):
+                out = self.loss_fn(net, batch)
+        else:
+            out = self.loss_fn(net, batch)
+        if out is None:
+            return None, {}, None
+        loss, metrics = _split_loss(out, self.loss_fn)
+        per_micro = self.accum_every > 1 and bool(self.micro)
+        # per-micro transforms see the micro-batch's own gradient; its share (1/every) is taken after them
+        to_backward = loss / self.accum_every if self.accum_every > 1 and not per_micro else loss
+        if precision is not None and precision.scales_loss:
+            to_backward = precision.scale(to_backward, extras, device)  # type: ignore[arg-type]
+        stash = _stash_grads(state.optimizer) if per_micro else None
+        if self.sync is None:
+            to_backward.backward()
+        else:
+            _backward_synced(to_backward, self.sync, state, local)
+        return loss, metrics, stash
 
     def flush_(self, state: TrainState) -> tuple[TrainState, Metrics]:
         count = state.extras.get(_ACCUM_COUNT, 0)
@@ -523,7 +543,7 @@ class TrainStep(Step):
             metrics["nan_guard/skipped"] = ctx.nonfinite
             if skipped:
                 extras["nan_guard/skipped_total"] = extras.get("nan_guard/skipped_total", 0) + 1  # type: ignore[index]
-        return attrs.evolve(state, step=state.step + (0 if skipped else 1), extras=extras)
+        return replace(state, step=state.step + (0 if skipped else 1), extras=extras)
 
 
 def _backward_synced(loss: torch.Tensor, sync: Any, state: TrainState, local: bool) -> None:

@@ -15,7 +15,7 @@ import attrs
 import torch
 
 from loopkit import _collective
-from loopkit.state import TrainState
+from loopkit.state import TrainState, replace
 from loopkit.steps import Metrics, Step, WrapperStep, as_step, check_metric
 
 __all__ = ["LoggingStep", "with_logging"]
@@ -96,8 +96,9 @@ class LoggingStep(WrapperStep):
 
     def _logged(self, run: Callable[..., tuple[TrainState, Metrics]], state: TrainState, *args: Any):
         before = state.step
-        if self.watchers:
-            watch = _ModelWatch(self.watchers, state, before + 1)
+        due = [lg for lg in self.watchers if lg.wants_model(before + 1)] if self.watchers else None
+        if due:
+            watch = _ModelWatch(due, state, before + 1)
             try:
                 new, metrics = run(state, *args)
             finally:
@@ -107,10 +108,10 @@ class LoggingStep(WrapperStep):
         else:
             new, metrics = run(state, *args)
         if metrics:
-            new = attrs.evolve(new, extras=_accumulate(new.extras, metrics))
+            new = replace(new, extras=_accumulate(new.extras, metrics))
         if new.step != before and new.step % self.every_n_steps == 0 and _WINDOW in new.extras:
             means = _read_means(new.extras)
-            new = attrs.evolve(new, extras={k: v for k, v in new.extras.items() if k not in (_WINDOW, _COUNTS)})
+            new = replace(new, extras={k: v for k, v in new.extras.items() if k not in (_WINDOW, _COUNTS)})
             for logger in self.loggers:
                 logger.log_metrics(means, new.step)
         return new, metrics
@@ -132,14 +133,14 @@ class LoggingStep(WrapperStep):
 
 
 class _ModelWatch:
-    """Calls ``log_model`` of the loggers that want the model at ``step``, from the optimizer's
-    step pre-hook (gradients present, as the optimizer sees them), or after the call when the
-    step updates without the state's optimizer. Does nothing (and costs nothing) otherwise."""
+    """Calls ``log_model`` of the loggers ``due`` (those that want the model at ``step``), from the
+    optimizer's step pre-hook (gradients present, as the optimizer sees them), or after the call
+    when the step updates without the state's optimizer."""
 
     __slots__ = ("due", "handle", "step")
 
-    def __init__(self, loggers: tuple[Any, ...], state: TrainState, step: int) -> None:
-        self.due = [lg for lg in loggers if lg.wants_model(step)]
+    def __init__(self, due: list[Any], state: TrainState, step: int) -> None:
+        self.due = due
         self.handle = None
         self.step = step
         if self.due and state.optimizer is not None:
