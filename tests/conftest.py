@@ -7,6 +7,7 @@ and is also exposed as a fixture of the same purpose (fixtures are the way to us
 
 from __future__ import annotations
 
+import io
 from collections.abc import Mapping
 from typing import Any
 
@@ -145,6 +146,20 @@ def _one_intra_op_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def through_a_file(tree: Any) -> Any:
+    """``tree`` saved with ``torch.save`` and loaded back (``weights_only``): fresh tensors, as a checkpoint gives."""
+    buffer = io.BytesIO()
+    torch.save(tree, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+@pytest.fixture
+def round_trip():
+    """``round_trip(tree)``: the tree through ``torch.save``/``torch.load`` in memory (see :func:`through_a_file`)."""
+    return through_a_file
 
 
 @pytest.fixture

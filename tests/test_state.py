@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import io
-
 import attrs
 import pytest
 import torch
@@ -165,22 +163,14 @@ def test_load_state_dict_round_trip_restores_everything(make_bn_dropout, batches
     assert fresh.step == 0 and fresh.optimizer.state_dict()["state"] == {}
 
 
-def _through_a_file(sd):
-    """The state dict as a checkpoint gives it back: fresh tensors nothing else holds (storage sharing kept)."""
-    buffer = io.BytesIO()
-    torch.save(sd, buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=True)
-
-
 def test_load_state_dict_without_copy_takes_the_tensors_and_trains_on_identically(
-    make_bn_dropout, batches, mse_loss, take_snapshot, assert_trees_equal
+    make_bn_dropout, batches, mse_loss, take_snapshot, assert_trees_equal, round_trip
 ):
     state, step = _rich_state(make_bn_dropout, batches, mse_loss)
     fresh_model = make_bn_dropout(1)
     opt = torch.optim.Adam(fresh_model.parameters(), lr=0.01)
     fresh = loopkit.TrainState.create(fresh_model, opt, torch.optim.lr_scheduler.StepLR(opt, 1, 0.5), seed=0)
-    sd = _through_a_file(state.state_dict())
+    sd = round_trip(state.state_dict())
     restored = fresh.load_state_dict(sd, copy=False)
 
     for name, tensor in (*restored.model.named_parameters(), *restored.model.named_buffers()):
@@ -205,11 +195,11 @@ def _tied(tie: bool) -> nn.Module:
     return model
 
 
-def test_load_state_dict_without_copy_keeps_tied_weights_tied_and_never_ties_untied_ones(take_snapshot):
+def test_load_state_dict_without_copy_keeps_tied_weights_tied_and_never_ties_untied_ones(round_trip):
     model = _tied(True)
     state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
     state, _ = loopkit.train_step(lambda m, x: m(x).pow(2).mean())(state, torch.tensor([0, 3, 4]))
-    sd = _through_a_file(state.state_dict())
+    sd = round_trip(state.state_dict())
 
     tied = _tied(True)
     restored = loopkit.TrainState.create(tied, torch.optim.SGD(tied.parameters(), lr=0.1)).load_state_dict(
@@ -219,16 +209,16 @@ def test_load_state_dict_without_copy_keeps_tied_weights_tied_and_never_ties_unt
     assert restored.optimizer.param_groups[0]["params"][0] is restored.model[0].weight
     assert torch.equal(restored.model[0].weight, state.model[0].weight)
 
-    without_optimizer = {k: v for k, v in _through_a_file(state.state_dict()).items() if k != "optimizer"}
+    without_optimizer = {k: v for k, v in round_trip(state.state_dict()).items() if k != "optimizer"}
     untied = loopkit.TrainState.create(_tied(False)).load_state_dict(without_optimizer, copy=False)
     first, second = untied.model[0].weight, untied.model[1].weight
     assert first.data_ptr() != second.data_ptr()  # the shared storage went to one of them only
     assert torch.equal(first, state.model[0].weight) and torch.equal(second, state.model[0].weight)
 
 
-def test_load_state_dict_without_copy_copies_what_does_not_match_exactly(make_mlp):
+def test_load_state_dict_without_copy_copies_what_does_not_match_exactly(make_mlp, round_trip):
     source = loopkit.TrainState.create(make_mlp(0))
-    sd = _through_a_file(source.state_dict())
+    sd = round_trip(source.state_dict())
     sd["model"] = {k: v.double() for k, v in sd["model"].items()}
     restored = loopkit.TrainState.create(make_mlp(1)).load_state_dict(sd, copy=False)
     for name, p in restored.model.named_parameters():

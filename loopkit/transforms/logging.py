@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import types
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -20,33 +21,57 @@ from loopkit.steps import Metrics, Step, WrapperStep, as_step, check_metric
 
 __all__ = ["LoggingStep", "with_logging"]
 
-_WINDOW, _COUNTS = "logging/window", "logging/counts"
+_WINDOW, _COUNTS, _PENDING = "logging/window", "logging/counts", "logging/pending"
+_KEYS = (_WINDOW, _COUNTS, _PENDING)
+_FOLD_EVERY = 32  # metric records kept in the state before they are summed on the device
 
 
-def _accumulate(extras: Mapping[str, Any], metrics: Metrics) -> dict[str, Any]:
-    """``extras`` with each metric added to its window's running sum (float32, on the device).
+def _accumulate(extras: Mapping[str, Any], metrics: Metrics) -> Mapping[str, Any]:
+    """``extras`` with this call's metrics added to the window (tensors stay on the device).
 
-    One small add per metric and call, no host sync; the previous sums are not changed in
-    place (the step stays pure), and a checkpoint holds one tensor per metric.
+    The hot path only appends the call's record to an immutable tuple (no tensor arithmetic,
+    no host sync); every ``_FOLD_EVERY`` records are summed into one float32 0-dim sum per
+    metric (``logging/window``, with ``logging/counts``). Nothing existing is changed in
+    place, so the step stays pure, and a checkpoint holds a bounded number of tensors.
     """
-    window = dict(extras.get(_WINDOW, ()))
-    counts = dict(extras.get(_COUNTS, ()))
+    record = {}
     for key, value in metrics.items():
         if not (type(value) is torch.Tensor and value.ndim == 0):
             value = check_metric(value, key, "the step wrapped by with_logging")
-        if value.requires_grad:
-            value = value.detach()
-        if value.dtype != torch.float32:
-            value = value.float()
-        total = window.get(key)
-        window[key] = value if total is None else total + value
-        counts[key] = counts.get(key, 0) + 1
-    return {**extras, _WINDOW: window, _COUNTS: counts}
+        record[key] = value.detach() if value.requires_grad else value
+    pending = _pending(extras) + (record,)
+    if len(pending) < _FOLD_EVERY:
+        return types.MappingProxyType({**extras, _PENDING: pending})
+    window, counts = _fold(extras, pending)
+    return types.MappingProxyType({**extras, _WINDOW: window, _COUNTS: counts, _PENDING: ()})
+
+
+def _pending(extras: Mapping[str, Any]) -> tuple[Metrics, ...]:
+    """The records not yet summed (a checkpoint gives them back as a mapping ``"0"``, ``"1"``, ...)."""
+    pending = extras.get(_PENDING, ())
+    if type(pending) is tuple:
+        return pending
+    return tuple(pending[k] for k in sorted(pending, key=int))
+
+
+def _fold(extras: Mapping[str, Any], pending: tuple[Metrics, ...]) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """The window's sums and counts with ``pending`` added: one stack-and-sum per metric."""
+    window, counts = dict(extras.get(_WINDOW, ())), dict(extras.get(_COUNTS, ()))
+    values: dict[str, list[torch.Tensor]] = {}
+    for record in pending:
+        for key, value in record.items():
+            values.setdefault(key, []).append(value)
+    for key, tensors in values.items():
+        device = tensors[0].device
+        total = torch.stack([t.to(device, torch.float32) for t in tensors]).sum()
+        window[key] = total if key not in window else window[key] + total
+        counts[key] = counts.get(key, 0) + len(tensors)
+    return window, counts
 
 
 def _read_means(extras: Mapping[str, Any]) -> dict[str, float]:
     """The window's means, read in one transfer (the only host sync)."""
-    window, counts = extras.get(_WINDOW, {}), extras.get(_COUNTS, {})
+    window, counts = _fold(extras, _pending(extras))
     if _collective.active():  # under torch.distributed: the window's means over all ranks, one collective
         return {f"train/{k}": v for k, v in _collective.means(window, counts).items()}
     if not window:
@@ -109,9 +134,9 @@ class LoggingStep(WrapperStep):
             new, metrics = run(state, *args)
         if metrics:
             new = replace(new, extras=_accumulate(new.extras, metrics))
-        if new.step != before and new.step % self.every_n_steps == 0 and _WINDOW in new.extras:
+        if new.step != before and new.step % self.every_n_steps == 0 and (_PENDING in new.extras or _WINDOW in new.extras):
             means = _read_means(new.extras)
-            new = replace(new, extras={k: v for k, v in new.extras.items() if k not in (_WINDOW, _COUNTS)})
+            new = replace(new, extras={k: v for k, v in new.extras.items() if k not in _KEYS})
             for logger in self.loggers:
                 logger.log_metrics(means, new.step)
         return new, metrics
@@ -164,9 +189,10 @@ class _ModelWatch:
 def with_logging(step: Any, *loggers: Any, every_n_steps: int = 50) -> LoggingStep:
     """Log the means of the step's metrics over each ``every_n_steps`` optimizer updates.
 
-    Each metric ``m`` is summed on the device in ``state.extras`` (``logging/window``), so the step stays pure and a checkpoint carries a partial window. When
-    ``state.step`` reaches a multiple of ``every_n_steps`` they are summed and read once (the
-    only host sync), and every logger's ``log_metrics`` gets ``train/m``, the mean over the
+    Each call's metric tensors are kept in ``state.extras`` (``logging/pending``; every 32
+    calls summed on the device into ``logging/window``), so the step stays pure and a
+    checkpoint carries a partial window. When ``state.step`` reaches a multiple of
+    ``every_n_steps`` they are summed and read once (the only host sync), and every logger's ``log_metrics`` gets ``train/m``, the mean over the
     calls since the last log (under ``with_grad_accum`` a window is n updates), at the global
     step. The ``run_epochs`` events add each validation's ``val/m`` means, and at the end of
     each epoch ``train/m_epoch`` (the epoch means), ``epoch`` and the callbacks' extras; at the

@@ -164,7 +164,8 @@ def test_logged_by_hand_equals_the_bare_steps_metrics_and_training_is_unchanged(
     expected = [(4, mean(m["loss"] for m in reference[:4])), (8, mean(m["loss"] for m in reference[4:8]))]
     assert_series(memory.series("train/loss"), expected, 1e-6)
     assert [s for s, _ in memory.logged] == [4, 8]
-    assert a.extras["logging/counts"] == {"loss": 1, "mae": 1}  # call 9 opened the next window
+    opened = a.extras["logging/pending"]  # call 9 opened the next window
+    assert len(opened) == 1 and sorted(opened[0]) == ["loss", "mae"] and "logging/window" not in a.extras
 
 
 def test_a_plain_function_step_is_logged_when_it_advances_state_step(tmp_path):
@@ -180,8 +181,8 @@ def test_a_plain_function_step_is_logged_when_it_advances_state_step(tmp_path):
     assert memory.finalized == 1
 
 
-def test_long_windows_keep_one_running_sum_per_metric_and_exact_means():
-    """A long window: the state holds one 0-dim sum per metric, whatever the window's length."""
+def test_long_windows_keep_a_bounded_number_of_tensors_and_exact_means():
+    """A long window: the state holds at most 32 records and one 0-dim sum per metric, whatever its length."""
 
     def count_step(state, batch):
         return state.evolve(step=state.step + 1), {"value": torch.tensor(float(batch))}
@@ -193,7 +194,27 @@ def test_long_windows_keep_one_running_sum_per_metric_and_exact_means():
         state, _ = step(state, i)
         kept = state.extras.get("logging/window", {}).get("value")
         assert kept is None or (kept.ndim == 0 and kept.dtype == torch.float32)
+        assert len(state.extras.get("logging/pending", ())) < 32
     assert memory.series("train/value") == [(300, 150.5), (600, 450.5)]  # integer sums, exact in float32
+
+
+def test_a_window_split_by_a_state_dict_round_trip_logs_the_uninterrupted_mean(round_trip):
+    """40 calls (one fold of 32, then 8 kept records) saved and restored mid-window: the window's mean is exact."""
+
+    def count_step(state, batch):
+        return state.evolve(step=state.step + 1), {"value": torch.tensor(float(batch))}
+
+    uninterrupted, resumed = MemoryLogger(), MemoryLogger()
+    step_a, step_b = with_logging(count_step, uninterrupted, every_n_steps=50), with_logging(count_step, resumed, every_n_steps=50)
+    a = loopkit.TrainState.create(torch.nn.Linear(1, 1))
+    for i in range(1, 41):
+        a, _ = step_a(a, i)
+    assert "logging/window" in a.extras and len(a.extras["logging/pending"]) == 8
+    b = loopkit.TrainState.create(torch.nn.Linear(1, 1)).load_state_dict(round_trip(a.state_dict()))
+    for i in range(41, 51):
+        a, _ = step_a(a, i)
+        b, _ = step_b(b, i)
+    assert uninterrupted.series("train/value") == resumed.series("train/value") == [(50, 25.5)]
 
 
 def test_two_runs_land_in_version_0_and_version_1(tmp_path, make_mlp, make_batches, make_sgd_state):
@@ -333,9 +354,9 @@ def test_the_step_is_pure(make_mlp, make_batches, make_sgd_state, take_snapshot,
     assert_trees_equal(take_snapshot(state), before)
     assert_trees_equal(take_snapshot(first), take_snapshot(second))
     assert_trees_equal(m1, m2)
-    kept = state.extras["logging/window"]["loss"]  # the window's sum grew by this call's loss, on a new state only
-    assert torch.equal(first.extras["logging/window"]["loss"], kept + m1["loss"])
-    assert first.extras["logging/counts"]["loss"] == 2 and state.extras["logging/counts"]["loss"] == 1
+    kept = state.extras["logging/pending"]  # the window grew by this call's metrics, on the new state only
+    assert len(kept) == 1 and len(first.extras["logging/pending"]) == 2
+    assert first.extras["logging/pending"][0] is kept[0] and torch.equal(first.extras["logging/pending"][1]["loss"], m1["loss"])
 
 
 def _count_conversions(monkeypatch):
