@@ -8,7 +8,7 @@ untimed warm-up round), each save to a new file, in a temporary directory on the
 * save: ``torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, f)``
   (the same tensors), ``torch.save`` followed
   by ``fsync``, and ``loopkit.checkpoint.save`` (global RNGs, fsyncs, checksum manifest,
-  rename, directory fsync);
+  rename, directory fsync), and the same with ``durable=False`` (no fsync);
 * restore: ``torch.load(weights_only=True)``, that plus loading it into the model and
   optimizer, and ``loopkit.restore`` (checksum verification, safe load, a new state);
 * the time a training step waits for a save: a step of ``with_checkpointing(every_n_steps=1)``
@@ -110,6 +110,7 @@ def measure(state: loopkit.TrainState, root: Path, repeats: int) -> dict[str, fl
         sd = {"model": state.model.state_dict(), "optimizer": state.optimizer.state_dict()}
         unsynced, plain = root / f"unsynced-{i}.pt", root / f"plain-{i}.pt"
         record("torch.save", lambda: torch.save(sd, unsynced), keep)
+        record("loopkit save, durable=False", lambda: checkpoint.save(state, ckpts, durable=False), keep)
         record("torch.save + fsync", lambda: (torch.save(sd, plain), fsync_file(plain)), keep)
         record("loopkit save", lambda: checkpoint.save(state, ckpts), keep)
         newest = checkpoint.list_checkpoints(ckpts)[-1].path
@@ -154,8 +155,8 @@ def step_waits(state: loopkit.TrainState, root: Path, repeats: int) -> dict[str,
 def table(size: int, ops: dict[str, float], waits: dict[str, float]) -> str:
     ms = lambda s: f"{s * 1e3:.1f} ms"  # noqa: E731
     rows = [
-        ("save", "torch.save", "loopkit save"),
-        ("save (durable baseline)", "torch.save + fsync", "loopkit save"),
+        ("save, no fsync", "torch.save", "loopkit save, durable=False"),
+        ("save, durable (the default)", "torch.save + fsync", "loopkit save"),
         ("restore", "torch.load", "loopkit restore"),
         ("restore into model + optimizer", "torch.load + load_state_dict", "loopkit restore"),
     ]

@@ -87,9 +87,9 @@ def _slow_down(checkpoint) -> None:  # type: ignore[no-untyped-def]
         if moment == where and seen[moment] == int(nth):
             time.sleep(60)  # the test kills the process here
 
-    def slow_manifest(tmp, manifest):  # type: ignore[no-untyped-def]
+    def slow_manifest(tmp, manifest, *durable):  # type: ignore[no-untyped-def]
         mark("saving")
-        write_manifest(tmp, manifest)
+        write_manifest(tmp, manifest, *durable)
 
     def slow_delete(trash):  # type: ignore[no-untyped-def]
         mark("pruning")

@@ -122,6 +122,23 @@ def test_the_checksum_changes_with_any_damage_inside_one_4k_window():
     assert checkpoint.checksum(raw[:-1]) != good and checkpoint.checksum(raw + b"\0") != good
 
 
+@pytest.mark.parametrize("durable", [True, False], ids=["durable", "no-fsync"])
+def test_a_durable_save_fsyncs_every_file_and_directory_and_durable_false_none(
+    tmp_path, make_mlp, make_batches, mse_loss, monkeypatch, durable
+):
+    state = _trained(make_mlp, make_batches, mse_loss)
+    synced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+    path = checkpoint.save(state, tmp_path, durable=durable)
+    assert len(synced) == (5 if durable else 0)  # state.pt, meta.json, manifest.json, the checkpoint, its parent
+    checkpoint.verify(path)
+    restored = checkpoint.restore(_state(make_mlp, seed=1), path)
+    for name, value in state.model.state_dict().items():
+        assert torch.equal(restored.model.state_dict()[name], value)
+    assert restored.step == state.step and restored.batch_index == state.batch_index
+
+
 def test_a_second_save_never_writes_over_the_first(tmp_path, make_mlp):
     state = _state(make_mlp)
     first = checkpoint.save(state, tmp_path)
@@ -393,7 +410,7 @@ def test_a_full_disk_keeps_the_previous_checkpoints_and_says_so(tmp_path, make_m
     first = checkpoint.save(state, tmp_path)
     contents = {p.name: p.read_bytes() for p in first.iterdir()}
 
-    def full_disk(payload, path):
+    def full_disk(payload, path, durable):
         with open(path, "wb") as f:
             f.write(b"\0" * 1000)  # a partial write, then the disk is full
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -503,7 +520,7 @@ def test_a_save_in_progress_elsewhere_is_left_alone(tmp_path, make_mlp):
 
 
 def test_an_interrupted_save_leaves_nothing(tmp_path, make_mlp, monkeypatch):
-    def interrupted(tmp, manifest):
+    def interrupted(tmp, manifest, durable):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(checkpoint, "_write_manifest", interrupted)

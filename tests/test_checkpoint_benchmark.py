@@ -25,7 +25,7 @@ def test_the_quick_benchmark_prints_every_row(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    for row in ("| save |", "| save (durable baseline) |", "| restore |", "| restore into model + optimizer |"):
+    for row in ("| save, no fsync |", "| save, durable (the default) |", "| restore |", "| restore into model + optimizer |"):
         line = next(line for line in out.splitlines() if line.startswith(row))
         base, ours, ratio = re.findall(r"(\d+\.\d+) ms \| (\d+\.\d+) ms \| (\d+\.\d+)x", line)[0]
         assert float(base) > 0 and float(ours) > 0 and float(ratio) > 0

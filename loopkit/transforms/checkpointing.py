@@ -96,6 +96,7 @@ class CheckpointStep(WrapperStep):
     mode: str = "min"
     keep_best: int = 1
     async_save: bool = False
+    durable: bool = True
     saver: _Saver = attrs.field(factory=_Saver, repr=False)
 
     @property
@@ -177,7 +178,7 @@ class CheckpointStep(WrapperStep):
         def task() -> None:
             if snap is not None:
                 try:
-                    saver.names[position] = checkpoint.write(snap, self.directory).name
+                    saver.names[position] = checkpoint.write(snap, self.directory, durable=self.durable).name
                 except BaseException:
                     saver.last = None  # let a later save at this position try again
                     raise
@@ -275,6 +276,7 @@ def with_checkpointing(
     mode: str = "min",
     keep_best: int = 1,
     async_save: bool = False,
+    durable: bool = True,
 ) -> CheckpointStep:
     """Save atomic checkpoints of the whole state into ``directory`` while ``step`` trains.
 
@@ -297,6 +299,8 @@ def with_checkpointing(
     * ``async_save``: copy the state to CPU memory at once and write it in a background
       thread; the step then waits only for the copy (and for the previous save, if still
       running). Errors of a background save are raised at the next save or at the end.
+    * ``durable=False``: no fsync (see :func:`loopkit.checkpoint.save`): a save costs about a
+      bare ``torch.save``, and a checkpoint survives a killed process but not a power loss.
 
     Apply it outermost (``with_checkpointing(with_logging(...), ...)``): what it saves is
     the state after every transform inside it has done its part of the step. The directory
@@ -355,4 +359,5 @@ def with_checkpointing(
         mode=mode,
         keep_best=keep_best,
         async_save=bool(async_save),
+        durable=bool(durable),
     )

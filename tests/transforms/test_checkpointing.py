@@ -302,8 +302,22 @@ def test_async_saves_hold_exactly_what_synchronous_saves_hold(tmp_path, assert_t
         assert_trees_equal(one["state"], two["state"])
 
 
+def test_durable_false_saves_without_any_fsync_and_restores(tmp_path, monkeypatch):
+    synced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+    step = with_checkpointing(train_step(_mse), tmp_path, every_n_steps=2, keep_last=2, durable=False)
+    state, _ = run_epochs(step, _state(), _loader(), epochs=1, progress=False)
+    assert synced == []
+    newest = checkpoint.list_checkpoints(tmp_path)[-1]
+    resumed = loopkit.restore(_state(seed=1), tmp_path)
+    assert resumed.step == newest.step == state.step
+    for (name, p), q in zip(resumed.model.named_parameters(), state.model.parameters()):
+        assert torch.equal(p, q), name
+
+
 def test_a_failed_background_save_is_raised_and_leaves_nothing(tmp_path, monkeypatch):
-    def full_disk(payload, path):
+    def full_disk(payload, path, durable):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(checkpoint, "_write_payload", full_disk)
@@ -314,7 +328,7 @@ def test_a_failed_background_save_is_raised_and_leaves_nothing(tmp_path, monkeyp
 
 
 def test_a_failed_save_leaves_the_callers_state_as_it_was(tmp_path, monkeypatch, take_snapshot, assert_trees_equal):
-    monkeypatch.setattr(checkpoint, "_write_payload", lambda payload, path: (_ for _ in ()).throw(
+    monkeypatch.setattr(checkpoint, "_write_payload", lambda payload, path, durable: (_ for _ in ()).throw(
         OSError(errno.ENOSPC, "No space left on device")))
     step = with_checkpointing(train_step(_mse), tmp_path, every_n_steps=1)
     state = _state()
