@@ -669,13 +669,20 @@ def verify(path: str | os.PathLike) -> dict[str, Any]:
     for name, expected in files.items():  # sizes first: cheap, and catches truncation at once
         _check_size(path, name, expected)
     for name, expected in files.items():
-        got = _digest(path / name)[_CHECKSUM]
-        if got != expected.get(_CHECKSUM):
+        kind = _CHECKSUM if _CHECKSUM in expected or "sha256" not in expected else "sha256"
+        got = _digest(path / name)[_CHECKSUM] if kind == _CHECKSUM else _sha256(path / name)
+        if got != expected.get(kind):
             raise CheckpointCorruptError(
                 f"checkpoint file {path / name} is corrupt: its checksum {got} does not match the manifest's "
-                f"{expected.get(_CHECKSUM)}"
+                f"{expected.get(kind)}"
             )
     return manifest
+
+
+def _sha256(path: Path) -> str:
+    """The checksum of manifests written before :func:`checksum` (loopkit 0.1.0 development builds)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _check_size(path: Path, name: Any, expected: Any) -> None:

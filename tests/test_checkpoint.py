@@ -292,6 +292,19 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_with_a_warning(
         checkpoint.restore(fresh, newest)
 
 
+def test_a_manifest_of_sha256_checksums_from_earlier_builds_still_verifies(tmp_path, make_mlp, make_batches, mse_loss):
+    _, newest, fresh = _two_checkpoints(tmp_path, make_mlp, make_batches, mse_loss)
+    manifest = json.loads((newest / "manifest.json").read_text())
+    for name, entry in manifest["files"].items():
+        entry.pop("fold_sha256")
+        entry["sha256"] = hashlib.sha256((newest / name).read_bytes()).hexdigest()
+    (newest / "manifest.json").write_text(json.dumps(manifest))
+    assert checkpoint.restore(fresh, newest).step == json.loads((newest / "meta.json").read_text())["step"]
+    _flip_middle(newest / "state.pt")
+    with pytest.raises(CheckpointCorruptError, match=r"state\.pt is corrupt: its checksum"):
+        checkpoint.restore(fresh, newest)
+
+
 def test_flipped_tensor_bytes_load_silently_so_only_the_checksum_catches_them(
     tmp_path, make_mlp, make_batches, mse_loss
 ):
