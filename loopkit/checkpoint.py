@@ -681,8 +681,11 @@ def verify(path: str | os.PathLike) -> dict[str, Any]:
 
 def _sha256(path: Path) -> str:
     """The checksum of manifests written before :func:`checksum` (loopkit 0.1.0 development builds)."""
+    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _check_size(path: Path, name: Any, expected: Any) -> None:

@@ -156,10 +156,9 @@ class TrainState:
         """
         self.check_usable()
         decoded = _decode(self, state_dict)
-        taken = {} if copy else _adoptable(self.model, decoded)
-        memo = {k: v for k, v in taken.items() if isinstance(k, int)}
+        memo, grads = ({}, {}) if copy else _adoptable(self.model, decoded)
         new = _fork(self, memo, optimizer_state=False)  # the optimizer state is replaced below: no copy of it
-        _apply(new, decoded, taken)
+        _apply(new, decoded, grads)
         return new.evolve(
             step=decoded["step"],
             epoch=decoded["epoch"],
@@ -486,15 +485,19 @@ def _decode_rng(plain: Any, template: Mapping[str, torch.Tensor]) -> dict[str, t
     return dict(plain)
 
 
-def _adoptable(model: nn.Module, decoded: dict[str, Any]) -> dict[int | str, torch.Tensor]:
+def _adoptable(
+    model: nn.Module, decoded: dict[str, Any]
+) -> tuple[dict[int, torch.Tensor], dict[str, torch.Tensor]]:
     """For ``load_state_dict(copy=False)``: what the new state takes from ``decoded`` without a copy.
 
-    Maps ``id`` of each model tensor to the loaded tensor that replaces it, and ``"grad:<name>"``
-    to a loaded gradient. A loaded tensor qualifies when it matches exactly (dtype, device,
-    shape, strides, plain type) and is the only tensor on its storage, so no two tensors of
-    the new state alias. A model tensor under several names (tied weights) maps once.
+    Returns ``id`` of each model tensor -> the loaded tensor that replaces it (a :func:`fork`
+    memo), and parameter name -> the loaded gradient it takes. A loaded tensor qualifies when
+    it matches exactly (dtype, device, shape, strides, plain type) and is the only tensor on
+    its storage, so no two tensors of the new state alias. A model tensor under several names
+    (tied weights) maps once.
     """
-    taken: dict[int | str, torch.Tensor] = {}
+    taken: dict[int, torch.Tensor] = {}
+    taken_grads: dict[str, torch.Tensor] = {}
     storages: set[int] = set()
     loaded, grads = decoded["model"], decoded["grads"]
     for name, tensor in (*model.named_parameters(), *model.named_buffers()):
@@ -512,8 +515,8 @@ def _adoptable(model: nn.Module, decoded: dict[str, Any]) -> dict[int | str, tor
         taken[id(tensor)] = adopted
     for name, param in model.named_parameters():
         if _sole_owner(grads.get(name), param, storages):
-            taken[f"grad:{name}"] = grads[name]
-    return taken
+            taken_grads[name] = grads[name]
+    return taken, taken_grads
 
 
 def _sole_owner(source: Any, like: torch.Tensor, storages: set[int]) -> bool:
@@ -535,17 +538,16 @@ def _sole_owner(source: Any, like: torch.Tensor, storages: set[int]) -> bool:
     return True
 
 
-def _apply(state: TrainState, decoded: dict[str, Any], taken: Mapping[int | str, torch.Tensor]) -> None:
+def _apply(state: TrainState, decoded: dict[str, Any], taken_grads: Mapping[str, torch.Tensor]) -> None:
+    """Load ``decoded`` into ``state``'s model, gradients, optimizer and scheduler (``taken_grads``: used as they are)."""
     model = state.model
     model.load_state_dict(decoded["model"])  # a tensor taken over is copied onto itself: torch skips that
     for name, p in model.named_parameters():
         g = decoded["grads"].get(name)
-        if g is None:
-            p.grad = None
+        if name in taken_grads:
+            p.grad = taken_grads[name]
         else:
-            p.grad = taken.get(f"grad:{name}")
-            if p.grad is None:
-                p.grad = g.detach().to(p.device, p.dtype).clone()
+            p.grad = None if g is None else g.detach().to(p.device, p.dtype).clone()
     if state.optimizer is not None:
         state.optimizer.load_state_dict(decoded["optimizer"])
     if state.scheduler is not None:

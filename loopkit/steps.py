@@ -391,10 +391,13 @@ class TrainStep(Step):
     sync: Any = None
     #: no precision, accumulation or gradient transform: the update follows the backward at once
     plain: bool = attrs.field(init=False, repr=False)
+    #: per-micro-batch gradient transforms under accumulation: each micro-batch's gradient is set apart
+    per_micro: bool = attrs.field(init=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
         plain = self.precision is None and self.accum_every == 1 and not self.micro and not self.update
         object.__setattr__(self, "plain", plain)
+        object.__setattr__(self, "per_micro", self.accum_every > 1 and bool(self.micro))
 
     @property
     def applied(self) -> tuple[str, ...]:
@@ -423,7 +426,7 @@ class TrainStep(Step):
         first = optimizer.param_groups[0]["params"][0]
         sync = self.sync
         extras = None if self.plain else dict(state.extras)
-        per_micro = self.accum_every > 1 and bool(self.micro)
+        per_micro = self.per_micro
         scope = RNGScope(state.rng, _cuda_index(first.device) if first.is_cuda else None, state.seed)
         net = model if sync is None else sync.module(model)
         # under DDP a micro-step that does not finish its group keeps its gradient local (no all-reduce);
@@ -434,9 +437,9 @@ class TrainStep(Step):
         try:
             if local:
                 with sync.no_sync(net):
-                    loss, metrics, stash = self._loss_and_backward(state, batch, net, extras, local)
+                    loss, metrics, stash = self._loss_and_backward(state, batch, net, first, extras, local)
             else:
-                loss, metrics, stash = self._loss_and_backward(state, batch, net, extras, local)
+                loss, metrics, stash = self._loss_and_backward(state, batch, net, first, extras, local)
         except BaseException:
             scope.discard()
             raise
@@ -473,12 +476,16 @@ class TrainStep(Step):
         return self._apply_update(new, extras, metrics, ctx), metrics
 
     def _loss_and_backward(
-        self, state: TrainState, batch: Any, net: torch.nn.Module, extras: dict[str, Any] | None, local: bool
+        self, state: TrainState, batch: Any, net: torch.nn.Module, first: torch.Tensor,
+        extras: dict[str, Any] | None, local: bool,
     ) -> tuple[Any, Metrics, Any]:
-        """The loss_fn and backward of one micro-batch: ``(loss, aux metrics, stashed grads)``; loss None: skipped."""
+        """The loss_fn and backward of one micro-batch: ``(loss, aux metrics, stashed grads)``; loss None: skipped.
+
+        ``first`` is the optimizer's first parameter: its device is the step's device.
+        """
         precision = self.precision
         if precision is not None:
-            device = state.optimizer.param_groups[0]["params"][0].device
+            device = first.device
             with precision.autocast(device.type):
                 out = self.loss_fn(net, batch)
         else:
@@ -486,7 +493,7 @@ class TrainStep(Step):
         if out is None:
             return None, {}, None
         loss, metrics = _split_loss(out, self.loss_fn)
-        per_micro = self.accum_every > 1 and bool(self.micro)
+        per_micro = self.per_micro
         # per-micro transforms see the micro-batch's own gradient; its share (1/every) is taken after them
         to_backward = loss / self.accum_every if self.accum_every > 1 and not per_micro else loss
         if precision is not None and precision.scales_loss:
@@ -521,7 +528,7 @@ class TrainStep(Step):
         if self.accum_every > 1:  # micro-batches since the context was made may have added gradients
             ctx.params = _params_with_grads(optimizer)
         scaler = self.precision if (self.precision is not None and self.precision.scales_loss) else None
-        if not (self.accum_every > 1 and self.micro):
+        if not self.per_micro:
             if scaler is not None:
                 scaler.unscale(ctx, extras)  # type: ignore[arg-type]
             for t in self.micro:

@@ -86,6 +86,14 @@ def test_nan_gradient_with_a_finite_loss_is_skipped(make_mlp, make_batches, mse_
     assert all(p.grad is None for p in new.model.parameters())  # the bad gradient does not linger
 
 
+def _guarded_accumulation(nesting: str, loss_fn):
+    """``with_nan_guard`` and ``with_grad_accum(every=2)`` around ``train_step(loss_fn)``, in the order named."""
+    base = loopkit.train_step(loss_fn)
+    if nesting == "guard(accum)":
+        return loopkit.with_nan_guard(loopkit.with_grad_accum(base, every=2))
+    return loopkit.with_grad_accum(loopkit.with_nan_guard(base), every=2)
+
+
 @pytest.mark.parametrize("nesting", ["guard(accum)", "accum(guard)"])
 @pytest.mark.parametrize("bad_call", [0, 1])
 def test_under_accumulation_a_bad_micro_batch_drops_the_whole_group(
@@ -93,11 +101,7 @@ def test_under_accumulation_a_bad_micro_batch_drops_the_whole_group(
 ):
     data = make_batches(4)
     data[bad_call] = _nan_batch(data[bad_call])
-    base = loopkit.train_step(mse_loss)
-    if nesting == "guard(accum)":
-        step = loopkit.with_nan_guard(loopkit.with_grad_accum(base, every=2))
-    else:
-        step = loopkit.with_grad_accum(loopkit.with_nan_guard(base), every=2)
+    step = _guarded_accumulation(nesting, mse_loss)
     start = make_sgd_state(make_mlp(0))
     state = start
     for batch in data[:2]:
@@ -124,11 +128,7 @@ def test_under_accumulation_a_bad_micro_batch_drops_the_whole_group(
 def test_a_group_flagged_mid_way_survives_a_state_dict_round_trip(nesting, make_mlp, make_batches, mse_loss, make_sgd_state, assert_trees_equal):
     data = make_batches(2)
     data[0] = _nan_batch(data[0])
-    base = loopkit.train_step(mse_loss)
-    if nesting == "guard(accum)":
-        step = loopkit.with_nan_guard(loopkit.with_grad_accum(base, every=2))
-    else:
-        step = loopkit.with_grad_accum(loopkit.with_nan_guard(base), every=2)
+    step = _guarded_accumulation(nesting, mse_loss)
     start = make_sgd_state(make_mlp(0))
     state, _ = step(start, data[0])
     restored = make_sgd_state(make_mlp(1)).load_state_dict(state.state_dict())
