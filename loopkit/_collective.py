@@ -1,9 +1,10 @@
-"""Means over ranks: the one collective the driver and the logging transform make under torch.distributed.
+"""Metric sums and means, and the one collective the driver and the logging transform make.
 
-A low-layer helper (it imports torch only): in one process, or outside a process group of
-more than one rank, it reads the sums as they are; in a process group it all-reduces the
-sums and counts of every rank in one collective first, so that every rank reads the same
-means, weighted by how many values each rank contributed.
+A low-layer helper (it imports torch only): :func:`fold` sums metric tensors on their device,
+:func:`read` turns tensors into floats in one transfer, and :func:`means` divides sums by
+counts; in a process group of more than one rank it all-reduces the sums and counts of
+every rank in one collective first, so that every rank reads the same means, weighted by
+how many values each rank contributed. :func:`is_rank_zero` says which process writes.
 
 >>> import torch
 >>> means({"loss": torch.tensor(3.0)}, {"loss": 2})
@@ -12,11 +13,11 @@ means, weighted by how many values each rank contributed.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 
-__all__ = ["active", "means"]
+__all__ = ["active", "fold", "is_rank_zero", "means", "read"]
 
 
 def active() -> bool:
@@ -29,25 +30,67 @@ def active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def is_rank_zero() -> bool:
+    """False only in an initialised ``torch.distributed`` process group on a rank other than 0.
+
+    >>> is_rank_zero()
+    True
+    """
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized() and dist.get_rank() != 0)
+
+
+def fold(
+    sums: Mapping[str, torch.Tensor], counts: Mapping[str, int], records: Iterable[Mapping[str, torch.Tensor]]
+) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """New sums and counts with every record's metrics added: one stack-and-sum per key (float32, no sync).
+
+    >>> s, c = fold({}, {}, [{"loss": torch.tensor(1.0)}, {"loss": torch.tensor(2.0), "acc": torch.tensor(1)}])
+    >>> {k: float(v) for k, v in s.items()}, c
+    ({'loss': 3.0, 'acc': 1.0}, {'loss': 2, 'acc': 1})
+    """
+    new_sums, new_counts = dict(sums), dict(counts)
+    values: dict[str, list[torch.Tensor]] = {}
+    for record in records:
+        for key, value in record.items():
+            values.setdefault(key, []).append(value)
+    for key, tensors in values.items():
+        device = tensors[0].device
+        total = torch.stack([t.to(device, torch.float32) for t in tensors]).sum()
+        new_sums[key] = total if key not in new_sums else new_sums[key] + total
+        new_counts[key] = new_counts.get(key, 0) + len(tensors)
+    return new_sums, new_counts
+
+
+def read(tensors: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """Each 0-dim tensor as a float, read in one transfer (the only host sync).
+
+    >>> read({"a": torch.tensor(0.5), "b": torch.tensor(2)})
+    {'a': 0.5, 'b': 2.0}
+    """
+    if not tensors:
+        return {}
+    keys = list(tensors)
+    device = tensors[keys[0]].device
+    values = torch.stack([tensors[k].detach().reshape(()).to(device, torch.float64) for k in keys]).tolist()
+    return dict(zip(keys, values))
+
+
 def _reduce_device(sums: Mapping[str, torch.Tensor]) -> torch.device:
     if torch.distributed.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
 
-def means(sums: Mapping[str, torch.Tensor], counts: Mapping[str, float]) -> dict[str, float]:
-    """``sums[k] / counts[k]`` for each key, over all ranks when a process group is active.
+def means(sums: Mapping[str, torch.Tensor], counts: Mapping[str, float], *, reduce: bool = True) -> dict[str, float]:
+    """``sums[k] / counts[k]`` for each key, over all ranks when a process group is active (and ``reduce``).
 
     Under a process group every rank must call this at the same point (it is a collective).
     The keys of all ranks are joined first, so a rank that saw no value of a metric (or no
     batch at all) still takes part; the sums and counts then travel in one all-reduce.
     """
-    if not active():
-        if not sums:
-            return {}
-        keys = list(sums)
-        read = torch.stack([sums[k].detach().float().reshape(()).to(sums[keys[0]].device) for k in keys]).tolist()
-        return {k: total / counts[k] for k, total in zip(keys, read)}
+    if not (reduce and active()):
+        return {k: total / counts[k] for k, total in read(sums).items()}
     dist = torch.distributed
     gathered: list[list[str] | None] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, list(sums))

@@ -69,10 +69,12 @@ __all__ = [
     "CheckpointInfo",
     "Snapshot",
     "capture_global_rng",
+    "checksum",
     "clean",
     "export_weights",
     "is_checkpoint",
     "list_checkpoints",
+    "make_directory",
     "load",
     "read_scores",
     "remove",
@@ -382,7 +384,7 @@ def write(snap: Snapshot, directory: str | os.PathLike, *, durable: bool = True)
     >>> tmp.cleanup()
     """
     directory = Path(directory)
-    _make_directory(directory)
+    make_directory(directory)
     with _writer_lock(directory):
         existing = list_checkpoints(directory)
         seq = existing[-1].seq + 1 if existing else 1
@@ -426,7 +428,16 @@ def _save_error(e: OSError, directory: Path, name: str, existing: list[Checkpoin
     return OSError(e.errno, message) if e.errno is not None else OSError(message)
 
 
-def _make_directory(directory: Path) -> None:
+def make_directory(directory: str | os.PathLike) -> None:
+    """Create ``directory`` (and its parents) for checkpoints; errors name it and say why.
+
+    >>> import tempfile, pathlib
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> make_directory(pathlib.Path(tmp.name) / "a" / "b"); (pathlib.Path(tmp.name) / "a" / "b").is_dir()
+    True
+    >>> tmp.cleanup()
+    """
+    directory = Path(directory)
     if directory.is_dir():
         return
     try:
@@ -890,12 +901,20 @@ def write_scores(directory: str | os.PathLike, data: Mapping[str, Any]) -> None:
     ['scores.json']
     >>> tmp.cleanup()
     """
-    directory = Path(directory)
-    tmp = directory / f"{_TMP}{SCORES}-{secrets.token_hex(4)}"
+    raw = json.dumps(data, indent=1, sort_keys=True).encode()
+    _replace_atomically(Path(directory) / SCORES, lambda f: f.write(raw))
+
+
+def _replace_atomically(path: Path, fill: Callable[[Any], object]) -> None:
+    """Write ``path`` whole or not at all: ``fill`` writes a temporary beside it, fsync, rename, fsync the folder."""
+    tmp = path.with_name(f"{_TMP}{path.name}-{secrets.token_hex(4)}")
     try:
-        _write_json(tmp, data)
-        os.replace(tmp, directory / SCORES)
-        _fsync_dir(directory)
+        with open(tmp, "xb") as f:
+            fill(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
@@ -963,21 +982,14 @@ def export_weights(
         offset += raw.nbytes
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # align the data to 8 bytes, as the format recommends
-    tmp = path.with_name(f"{_TMP}{path.name}-{secrets.token_hex(4)}")
-    try:
-        with open(tmp, "xb") as f:
-            f.write(len(encoded).to_bytes(8, "little"))
-            f.write(encoded)
-            for _, _, raw in tensors.values():
-                f.write(raw.data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+
+    def fill(f: Any) -> None:
+        f.write(len(encoded).to_bytes(8, "little"))
+        f.write(encoded)
+        for _, _, raw in tensors.values():
+            f.write(raw.data)
+
+    _replace_atomically(path, fill)
     return path
 
 

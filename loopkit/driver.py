@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from loopkit import _collective
+from loopkit.callbacks import Callback
 from loopkit.progress import ProgressBar, progress_wanted
 from loopkit.state import TrainState, fork, model_device
 from loopkit.steps import as_step
@@ -49,35 +50,22 @@ class _Means:
         self._pending: list[Metrics] = []
         self._sums: dict[str, torch.Tensor] = {}
         self._counts: dict[str, int] = {}
-        self._last: Metrics = {}
 
     def add(self, metrics: Metrics) -> None:
         if metrics:
-            self._last = metrics
             pending = self._pending
             pending.append(metrics)
             if len(pending) >= _FOLD_EVERY:
                 self._fold()
 
     def _fold(self) -> None:
-        values: dict[str, list[torch.Tensor]] = {}
-        for metrics in self._pending:
-            for key, value in metrics.items():
-                values.setdefault(key, []).append(value)
+        self._sums, self._counts = _collective.fold(self._sums, self._counts, self._pending)
         self._pending.clear()
-        for key, tensors in values.items():
-            total = torch.stack([v.float() for v in tensors]).sum()
-            self._sums[key] = total if key not in self._sums else self._sums[key] + total
-            self._counts[key] = self._counts.get(key, 0) + len(tensors)
-
-    def latest(self) -> dict[str, float]:
-        return {k: float(v) for k, v in self._last.items()}
 
     def read(self) -> dict[str, float]:
+        """The means, read in one transfer (under torch.distributed: over all ranks, one collective)."""
         self._fold()
-        if _collective.active():  # under torch.distributed: the means over all ranks, one collective
-            return _collective.means(self._sums, self._counts)
-        return {k: float(self._sums[k] / self._counts[k]) for k in self._sums}
+        return _collective.means(self._sums, self._counts)
 
 
 def _check_limit(value: int | float | None, name: str) -> None:
@@ -226,9 +214,7 @@ def evaluate(
             weighted = value.float() * size
             sums[key] = weighted if key not in sums else sums[key] + weighted
             sizes[key] = sizes.get(key, 0) + size
-    if reduce and _collective.active():
-        return _collective.means(sums, sizes)
-    return {k: float(sums[k] / sizes[k]) for k in sums}
+    return _collective.means(sums, sizes, reduce=reduce)
 
 
 def predict(
@@ -329,7 +315,12 @@ class _Hooks:
 
     def __init__(self, callbacks: Sequence[Any]) -> None:
         self.callbacks = list(callbacks)
-        self.batch_end = [cb.on_batch_end for cb in self.callbacks if hasattr(cb, "on_batch_end")]
+        # Callback's own no-op on_batch_end is left out: a batch then calls no hook and reads no should_stop
+        self.batch_end = [
+            cb.on_batch_end for cb in self.callbacks
+            if getattr(type(cb), "on_batch_end", Callback.on_batch_end) is not Callback.on_batch_end
+            or "on_batch_end" in getattr(cb, "__dict__", {})
+        ]
 
     def call(self, name: str, *args: Any) -> list[Any]:
         return [getattr(cb, name)(*args) for cb in self.callbacks if hasattr(cb, name)]
@@ -420,9 +411,18 @@ def run_epochs(
         means = evaluate(val[0], current, val[1], limit=limit, device=device)  # type: ignore[index]
         return {f"val/{k}": v for k, v in means.items()}
 
+    def validation_end(current: TrainState) -> dict[str, float]:
+        """A validation pass that counts: its means go to the step and the callbacks."""
+        metrics = validate(current, limit_val_batches)
+        step.notify("validation_end", current, metrics)
+        hooks.call("on_validation_end", current, metrics)
+        return metrics
+
+    validates = val is not None and limit_val_batches != 0
+
     with _StopOnSignal() as stop:
         hooks.call("on_fit_start", state)
-        if val is not None and sanity_val_batches > 0 and limit_val_batches != 0:
+        if validates and sanity_val_batches > 0:
             sanity_limit = sanity_val_batches
             if isinstance(limit_val_batches, int):
                 sanity_limit = min(sanity_limit, limit_val_batches)
@@ -457,13 +457,11 @@ def run_epochs(
                     break
                 if bar.enabled:
                     since_refresh += 1
-                    bar.update(means.latest() if since_refresh >= _REFRESH_EVERY else None)
+                    bar.update(_collective.read(metrics) if since_refresh >= _REFRESH_EVERY else None)
                     since_refresh %= _REFRESH_EVERY
                 hooks_ran = batch_hooks  # a callback can only ask to stop from one of its hooks
-                if val is not None and val_every_n_steps and state.step != before and state.step % val_every_n_steps == 0:
-                    last_val = validate(state, limit_val_batches)
-                    step.notify("validation_end", state, last_val)
-                    hooks.call("on_validation_end", state, last_val)
+                if validates and val_every_n_steps and state.step != before and state.step % val_every_n_steps == 0:
+                    last_val = validation_end(state)
                     hooks_ran = True
                 if (max_steps is not None and state.step >= max_steps) or (hooks_ran and hooks.should_stop):
                     exhausted = total is not None and state.batch_index >= total
@@ -476,10 +474,8 @@ def run_epochs(
             record: dict[str, float] = {"epoch": epoch, "step": state.step}
             record.update({f"train/{k}": v for k, v in means.read().items()})
             bar.close({k: v for k, v in record.items() if k.startswith("train/")})
-            if exhausted and val is not None and (epoch + 1) % val_every_n_epochs == 0 and limit_val_batches != 0:
-                last_val = validate(state, limit_val_batches)
-                step.notify("validation_end", state, last_val)
-                hooks.call("on_validation_end", state, last_val)
+            if exhausted and validates and (epoch + 1) % val_every_n_epochs == 0:
+                last_val = validation_end(state)
             record.update(last_val)
             for extra in hooks.call("on_epoch_end", state, dict(record)):
                 if extra:

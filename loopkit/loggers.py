@@ -31,6 +31,8 @@ from typing import IO, Any
 
 import torch
 
+from loopkit._collective import is_rank_zero
+
 __all__ = [
     "CSVLogger",
     "ConsoleLogger",
@@ -44,16 +46,6 @@ __all__ = [
 
 _VERSION = re.compile(r"version_(\d+)$")
 _MAX_CLAIMS = 1000
-
-
-def is_rank_zero() -> bool:
-    """False only in a ``torch.distributed`` process group on a rank other than 0.
-
-    >>> is_rank_zero()
-    True
-    """
-    dist = torch.distributed
-    return not (dist.is_available() and dist.is_initialized() and dist.get_rank() != 0)
 
 
 def _next_version(base: str) -> int:

@@ -547,7 +547,7 @@ def _apply(state: TrainState, decoded: dict[str, Any], taken_grads: Mapping[str,
         if name in taken_grads:
             p.grad = taken_grads[name]
         else:
-            p.grad = None if g is None else g.detach().to(p.device, p.dtype).clone()
+            p.grad = None if g is None else g.detach().to(p.device, p.dtype, copy=True)
     if state.optimizer is not None:
         state.optimizer.load_state_dict(decoded["optimizer"])
     if state.scheduler is not None:

@@ -427,6 +427,7 @@ class TrainStep(Step):
         sync = self.sync
         extras = None if self.plain else dict(state.extras)
         per_micro = self.per_micro
+        # is_cuda first: no device object is made per call on the CPU
         scope = RNGScope(state.rng, _cuda_index(first.device) if first.is_cuda else None, state.seed)
         net = model if sync is None else sync.module(model)
         # under DDP a micro-step that does not finish its group keeps its gradient local (no all-reduce);
@@ -548,7 +549,7 @@ class TrainStep(Step):
         optimizer.zero_grad(set_to_none=True)
         if ctx.nonfinite is not None:
             metrics["nan_guard/skipped"] = ctx.nonfinite
-            if skipped:
+            if skipped and bool(ctx.nonfinite):  # skipped for the guard's reason (a read only on a skip)
                 extras["nan_guard/skipped_total"] = extras.get("nan_guard/skipped_total", 0) + 1  # type: ignore[index]
         return replace(state, step=state.step + (0 if skipped else 1), extras=extras)
 

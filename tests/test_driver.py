@@ -648,3 +648,20 @@ def test_a_donated_state_is_refused():
 def test_evaluate_bad_limit():
     with pytest.raises(ValueError, match="limit=2.0"):
         evaluate(eval_step(lambda m, b: {}), make_state(), make_data(2), limit=2.0)
+
+
+def test_limit_val_batches_0_turns_off_validation_every_n_steps_too(make_mlp, make_batches, mse_loss, make_sgd_state):
+    """limit_val_batches=0 means no validation at all: not at epoch ends, not every n steps, no callback call."""
+    seen = []
+
+    class Recorder(loopkit.Callback):
+        def on_validation_end(self, state, metrics):
+            seen.append(dict(metrics))
+
+    data = make_batches(4)
+    val = (loopkit.eval_step(lambda m, b: {"mse": mse_loss(m, b)}), data)
+    state, history = loopkit.run_epochs(
+        loopkit.train_step(mse_loss), make_sgd_state(make_mlp()), data, epochs=1, val=val, val_every_n_steps=2,
+        limit_val_batches=0, callbacks=[Recorder(), loopkit.EarlyStopping("val/mse")], progress=False,
+    )
+    assert seen == [] and state.step == 4 and not any(k.startswith("val/") for k in history[0])

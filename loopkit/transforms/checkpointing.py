@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import errno
 import math
 import os
 import threading
@@ -20,20 +21,15 @@ from pathlib import Path
 from typing import Any
 
 import attrs
-import torch
 
 from loopkit import checkpoint
+from loopkit._collective import is_rank_zero
 from loopkit.state import TrainState
 from loopkit.steps import EvalStep, Metrics, Step, WrapperStep, as_step
 
 __all__ = ["CheckpointStep", "with_checkpointing"]
 
 Position = tuple[int, int, int]
-
-
-def _is_rank_zero() -> bool:
-    dist = torch.distributed
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def _finite(value: Any) -> bool:
@@ -164,7 +160,7 @@ class CheckpointStep(WrapperStep):
         self._persist(state, f"monitor {self.monitor}", score=value)
 
     def _persist(self, state: TrainState, reason: str, score: float | None) -> None:
-        if not _is_rank_zero():
+        if not is_rank_zero():
             return
         position = (state.step, state.epoch, state.batch_index)
         saver = self.saver
@@ -249,19 +245,12 @@ def _check_count(name: str, value: Any, *, allow_none: bool, minimum: int = 1) -
 
 def _prepare_directory(directory: Path) -> None:
     """Create the directory now, so that a bad path fails when the step is built, not hours later."""
-    if not _is_rank_zero():
+    if not is_rank_zero():
         return
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except PermissionError as e:
-        raise PermissionError(
-            e.errno, f"with_checkpointing: cannot create the checkpoint directory {directory}: permission denied"
-        ) from e
-    except FileExistsError as e:
-        raise NotADirectoryError(f"with_checkpointing: {directory} exists and is not a directory") from e
+    checkpoint.make_directory(directory)
     if not os.access(directory, os.W_OK | os.X_OK):
         raise PermissionError(
-            13, f"with_checkpointing: cannot write checkpoints in {directory}: permission denied"
+            errno.EACCES, f"with_checkpointing: cannot write checkpoints in {directory}: permission denied"
         )
 
 

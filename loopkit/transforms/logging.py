@@ -55,30 +55,14 @@ def _pending(extras: Mapping[str, Any]) -> tuple[Metrics, ...]:
 
 
 def _fold(extras: Mapping[str, Any], pending: tuple[Metrics, ...]) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
-    """The window's sums and counts with ``pending`` added: one stack-and-sum per metric."""
-    window, counts = dict(extras.get(_WINDOW, ())), dict(extras.get(_COUNTS, ()))
-    values: dict[str, list[torch.Tensor]] = {}
-    for record in pending:
-        for key, value in record.items():
-            values.setdefault(key, []).append(value)
-    for key, tensors in values.items():
-        device = tensors[0].device
-        total = torch.stack([t.to(device, torch.float32) for t in tensors]).sum()
-        window[key] = total if key not in window else window[key] + total
-        counts[key] = counts.get(key, 0) + len(tensors)
-    return window, counts
+    """The window's sums and counts with ``pending`` added (on the device, no sync)."""
+    return _collective.fold(extras.get(_WINDOW, {}), extras.get(_COUNTS, {}), pending)
 
 
 def _read_means(extras: Mapping[str, Any]) -> dict[str, float]:
-    """The window's means, read in one transfer (the only host sync)."""
+    """The window's means, read in one transfer (under torch.distributed: over all ranks, one collective)."""
     window, counts = _fold(extras, _pending(extras))
-    if _collective.active():  # under torch.distributed: the window's means over all ranks, one collective
-        return {f"train/{k}": v for k, v in _collective.means(window, counts).items()}
-    if not window:
-        return {}
-    totals = list(window.values())
-    read = torch.stack([t.to(totals[0].device) for t in totals]).tolist()
-    return {f"train/{k}": total / counts[k] for k, total in zip(window, read)}
+    return {f"train/{k}": v for k, v in _collective.means(window, counts).items()}
 
 
 def _epoch_scalars(record: Mapping[str, float]) -> dict[str, float]:

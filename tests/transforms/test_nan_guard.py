@@ -181,3 +181,11 @@ def test_unknown_policy_is_refused(policy, mse_loss):
     with pytest.raises(ValueError) as info:
         loopkit.with_nan_guard(loopkit.train_step(mse_loss), policy=policy)
     assert "with_nan_guard: policy must be 'skip' or 'raise'" in str(info.value) and repr(policy) in str(info.value)
+
+
+def test_an_fp16_overflow_skip_is_not_counted_as_a_guard_skip(make_mlp, make_batches, mse_loss, make_sgd_state):
+    """The loss scaler's own overflow skips the update, but the guard saw nothing: its total stays 0."""
+    step = loopkit.with_nan_guard(loopkit.with_amp(loopkit.train_step(mse_loss), dtype=torch.float16, init_scale=1e38))
+    state, metrics = step(make_sgd_state(make_mlp()), make_batches(1)[0])
+    assert float(metrics["amp/skipped"]) == 1.0 and float(metrics["nan_guard/skipped"]) == 0.0
+    assert state.step == 0 and state.extras.get("nan_guard/skipped_total", 0) == 0
