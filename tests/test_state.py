@@ -282,3 +282,18 @@ def test_load_state_dict_refuses_optimizer_state_of_the_same_size_from_another_m
 def test_load_state_dict_refuses_a_non_mapping(make_mlp):
     with pytest.raises(TypeError, match="load_state_dict expects a mapping, got list"):
         loopkit.TrainState.create(make_mlp(0)).load_state_dict([1, 2])
+
+
+def test_replace_equals_attrs_evolve_field_by_field_and_names_an_unknown_field(make_mlp):
+    from loopkit.state import replace
+
+    model = make_mlp()
+    state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1), seed=3)
+    changes = {"step": 7, "epoch": 2, "batch_index": 5, "extras": {"k": 1}, "rng": {"cpu": state.rng["cpu"].clone()}}
+    for name, value in changes.items():
+        ours, reference = replace(state, **{name: value}), attrs.evolve(state, **{name: value})
+        for field in attrs.fields(loopkit.TrainState):
+            a, b = getattr(ours, field.name), getattr(reference, field.name)
+            assert a is b or a == b, (name, field.name)
+    with pytest.raises(TypeError, match="no field.*stepp"):
+        replace(state, stepp=1)
