@@ -294,7 +294,7 @@ class LoggedRunEpochs:
     :class:`PseudoTerminal` so that ``run_epochs`` shows its tqdm bar and tqdm really formats
     and writes it. The logger's folder is a fresh temporary directory, removed by :meth:`close`
     (or, failing that, when the runner is collected or the process exits normally). The
-    TensorBoard writer, which the logger opens on its first write and closes at the end of the
+    TensorBoard event file, which the logger opens on its first write and closes at the end of the
     fit, is opened before each call (a once-per-fit cost: in the call, outside the timed epoch).
     """
 
@@ -316,7 +316,7 @@ class LoggedRunEpochs:
     def run(self, batches: Sequence[Batch]) -> tuple[float, float]:
         saved = sys.stderr
         t0 = perf_counter()
-        self.logger.writer  # noqa: B018 - open it now: in a long fit it is open from the first log on
+        self.logger.open()  # open the event file now: in a long fit it is open from the first log on
         try:
             if self.terminal is not None:
                 sys.stderr = self.terminal.stream
@@ -1187,7 +1187,7 @@ def _settings(args: argparse.Namespace) -> dict[str, str]:
                    "(per-call set-up reported separately below)",
         "memory": memory,
         "logging rows": "with_logging(train_step, TensorBoardLogger(<temp dir>, 'bench'), every_n_steps=50) under "
-                        "run_epochs; the writer is opened before each call (once per fit; in the call's fixed cost); "
+                        "run_epochs; the event file is opened before each call (once per fit; in the call's fixed cost); "
                         "with the bar, progress=True and sys.stderr is a pseudo-terminal (os.openpty, 120x40, "
                         "isatty() True; its master side drained by a `cat` process, as a terminal emulator would) "
                         "for the call, so tqdm formats and writes; temp dirs removed afterwards",

@@ -35,7 +35,6 @@ from loopkit.tree import to_device
 __all__ = ["evaluate", "predict", "run_epochs"]
 
 Metrics = Mapping[str, torch.Tensor]
-_REFRESH_EVERY = 20  # batches between progress-bar readings of the latest metrics
 _FOLD_EVERY = 256  # metric tensors kept per key before they are summed on the device
 
 
@@ -443,7 +442,7 @@ def run_epochs(
             remaining = None if total is None else max(total - state.batch_index, 0)
             bar = ProgressBar(enabled=show, total=remaining, desc=f"epoch {state.epoch}")
             exhausted = True
-            since_refresh = 0
+            uncounted = 0  # batches the bar has not counted yet
             for batch in batches:
                 if move is not None:
                     batch = move(batch)
@@ -456,9 +455,10 @@ def run_epochs(
                     exhausted = False
                     break
                 if bar.enabled:
-                    since_refresh += 1
-                    bar.update(_collective.read(metrics) if since_refresh >= _REFRESH_EVERY else None)
-                    since_refresh %= _REFRESH_EVERY
+                    uncounted += 1
+                    if uncounted >= bar.every:
+                        bar.advance(uncounted, metrics)
+                        uncounted = 0
                 hooks_ran = batch_hooks  # a callback can only ask to stop from one of its hooks
                 if validates and val_every_n_steps and state.step != before and state.step % val_every_n_steps == 0:
                     last_val = validation_end(state)
@@ -473,7 +473,7 @@ def run_epochs(
                 state = state.evolve(epoch=epoch + 1, batch_index=0)
             record: dict[str, float] = {"epoch": epoch, "step": state.step}
             record.update({f"train/{k}": v for k, v in means.read().items()})
-            bar.close({k: v for k, v in record.items() if k.startswith("train/")})
+            bar.close({k: v for k, v in record.items() if k.startswith("train/")}, uncounted)
             if exhausted and validates and (epoch + 1) % val_every_n_epochs == 0:
                 last_val = validation_end(state)
             record.update(last_val)

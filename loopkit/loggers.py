@@ -25,7 +25,11 @@ import json
 import math
 import os
 import re
+import socket
+import struct
 import sys
+import time
+import weakref
 from collections.abc import Mapping
 from typing import IO, Any
 
@@ -287,14 +291,77 @@ def _write_json(path: str, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def _tensorflow_bins() -> list[float]:
+    """TensorBoard's default histogram buckets (what ``SummaryWriter.add_histogram`` uses): +-1e-12 * 1.1**k up to 1e20."""
+    buckets = []
+    v = 1e-12
+    while v < 1e20:
+        buckets.append(v)
+        v *= 1.1
+    return [-b for b in reversed(buckets)] + [0.0] + buckets
+
+
+class _EventFile:
+    """One TensorBoard event file (TFRecord framing), written in the calling thread.
+
+    tensorboardX's ``SummaryWriter`` hands every event to a ``multiprocessing.Queue`` whose
+    feeder thread pickles it for a writer thread, and its flush fsyncs; with a few scalars
+    every n steps that machinery costs the training thread more than the bytes do. Here each
+    event is framed into a buffered file; :meth:`flush` (once per logging call) hands it to
+    the OS, so a killed run keeps what it logged, and :meth:`close` also fsyncs.
+    """
+
+    def __init__(self, log_dir: str, suffix: str) -> None:
+        from tensorboardX.proto.event_pb2 import Event
+
+        self._event = Event
+        name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}{suffix}"
+        self.path = os.path.join(log_dir, name)
+        self._file = open(self.path, "wb")
+        # a logger never finalized still leaves a complete file at exit
+        self._at_exit = weakref.finalize(self, _close_event_file, self._file)
+        self._write(Event(wall_time=time.time(), file_version="brain.Event:2"))
+
+    def add(self, summary: Any, step: int) -> None:
+        self._write(self._event(summary=summary, step=int(step), wall_time=time.time()))
+
+    def _write(self, event: Any) -> None:
+        data = event.SerializeToString()
+        header = struct.pack("<Q", len(data))
+        self._file.write(header + struct.pack("<I", _masked_crc32c(header)) + data + struct.pack("<I", _masked_crc32c(data)))
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def close(self) -> None:
+        self._at_exit()
+
+
+def _close_event_file(file: IO[bytes]) -> None:
+    file.flush()
+    os.fsync(file.fileno())
+    file.close()
+
+
+def _masked_crc32c(data: bytes) -> int:
+    """TFRecord's checksum of a record part: CRC-32C, rotated right by 15 and offset."""
+    from tensorboardX.crc32c import crc32c
+
+    x = crc32c(data) & 0xFFFFFFFF
+    return (((x >> 15) | (x << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
 class TensorBoardLogger(RunDirLogger):
-    """Scalars (and optionally histograms) as tensorboardX event files in ``root/name/version_N``.
+    """Scalars (and optionally histograms) as TensorBoard event files in ``root/name/version_N``.
 
     Hyper-parameters given to :meth:`log_hparams` are written at :meth:`finalize` with the
     final metrics (the last value of every logged tag, or the ``metrics`` given), so
     TensorBoard's HPARAMS tab compares runs by them. ``histogram_every_n_steps=m`` writes
     histograms of every parameter (``params/<name>``) and gradient (``grads/<name>``) on
     each m-th optimizer update, as the optimizer sees them (after clipping and unscaling).
+    Events are encoded by tensorboardX and written in the calling thread, flushed at every
+    call (no background threads); :attr:`writer` is a ``tensorboardX.SummaryWriter`` on the
+    same folder for anything else.
 
     >>> import tempfile
     >>> tmp = tempfile.TemporaryDirectory()
@@ -318,6 +385,7 @@ class TensorBoardLogger(RunDirLogger):
         if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
             raise ValueError(f"TensorBoardLogger: histogram_every_n_steps must be a positive int or None, got {m!r}")
         self.histogram_every_n_steps = m
+        self._file: _EventFile | None = None
         self._writer: Any = None
         self._opened = 0
         self._last: dict[str, float] = {}
@@ -325,21 +393,36 @@ class TensorBoardLogger(RunDirLogger):
         self._final_metrics: dict[str, float] | None = None
         self._hparams_written = False
 
+    def _suffix(self) -> str:
+        # event files are named by the second: one reopened within it would clobber the last
+        self._opened += 1
+        return f".{os.getpid()}.{id(self):x}.{self._opened}"
+
+    def open(self) -> None:
+        """Open the event file now (it is otherwise opened by the first write)."""
+        if self._file is None:
+            self._file = _EventFile(self.log_dir, self._suffix())
+
     @property
     def writer(self) -> Any:
-        """The ``tensorboardX.SummaryWriter`` (opened on first use), for anything else to log."""
+        """A ``tensorboardX.SummaryWriter`` on this run's folder (opened on first use, closed by
+        :meth:`finalize`), for anything else to log: images, text, graphs."""
         if self._writer is None:
             from tensorboardX import SummaryWriter
 
-            # tensorboardX names event files by the second: a writer reopened within it would clobber
-            self._opened += 1
-            self._writer = SummaryWriter(self.log_dir, filename_suffix=f".{os.getpid()}.{id(self):x}.{self._opened}")
+            self._writer = SummaryWriter(self.log_dir, filename_suffix=self._suffix())
         return self._writer
 
+    def _add(self, summary: Any, step: int) -> None:
+        self.open()
+        self._file.add(summary, step)  # type: ignore[union-attr]
+
     def _write_metrics(self, metrics: dict[str, float], step: int) -> None:
-        writer = self.writer
-        for key, value in metrics.items():
-            writer.add_scalar(key, value, step)
+        from tensorboardX.proto.summary_pb2 import Summary
+
+        # one event for the call's scalars (as tf.summary writes them), handed to the OS at once
+        self._add(Summary(value=[Summary.Value(tag=k, simple_value=v) for k, v in metrics.items()]), step)
+        self._file.flush()  # type: ignore[union-attr]
         self._last.update(metrics)
         self._last_step = max(self._last_step, step)
 
@@ -363,30 +446,36 @@ class TensorBoardLogger(RunDirLogger):
         """
         if not is_rank_zero():
             return
-        writer = self.writer
+        from tensorboardX.summary import histogram
+
+        bins = _tensorflow_bins()
         for name, p in model.named_parameters():
-            writer.add_histogram(f"params/{name}", p.detach().float().cpu(), step)
+            self._add(histogram(f"params/{name}", p.detach().float().cpu().numpy(), bins), step)
             if p.grad is not None:
-                writer.add_histogram(f"grads/{name}", p.grad.detach().float().cpu(), step)
+                self._add(histogram(f"grads/{name}", p.grad.detach().float().cpu().numpy(), bins), step)
+        self._file.flush()  # type: ignore[union-attr]
 
     def _finalize(self) -> None:
         if self._hparams is not None and not self._hparams_written:
             self._write_hparams_summary()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
         if self._writer is not None:
             self._writer.close()
             self._writer = None
 
     def _write_hparams_summary(self) -> None:
         from tensorboardX.summary import hparams as hparams_summary
+        from tensorboardX.summary import scalar
 
         metrics = dict(self._last) if self._final_metrics is None else dict(self._final_metrics)
-        writer = self.writer
         for key, value in metrics.items():
             if key not in self._last:  # a final metric never logged as a scalar: add it, for the HPARAMS tab
-                writer.add_scalar(key, value, self._last_step)
+                self._add(scalar(key, value), self._last_step)
         flat = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in _flatten(self._hparams).items()}
         for summary in hparams_summary(flat, metrics):
-            writer.file_writer.add_summary(summary)
+            self._add(summary, 0)
         self._hparams_written = True
 
 

@@ -7,10 +7,18 @@
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Mapping
 from typing import Any
 
+import torch
+
+from loopkit import _collective
+
 __all__ = ["ProgressBar", "progress_wanted"]
+
+_READ_EVERY = 20  # batches between two readings of the latest metrics (a host sync each)
+_COUNT_EVERY_S = 0.05  # seconds between count updates (tqdm redraws at most every 0.1 s)
 
 
 def progress_wanted(progress: bool, stream: Any = None) -> bool:
@@ -31,19 +39,41 @@ def progress_wanted(progress: bool, stream: Any = None) -> bool:
 
 
 class ProgressBar:
-    """One epoch's bar. ``update(postfix)`` advances it; pass floats only (read at log points).
+    """One epoch's bar. The driver counts batches and calls :meth:`advance` every ``every`` of them.
 
-    >>> ProgressBar(enabled=False, total=None, desc="x").enabled
-    False
+    ``every`` adapts so that the count moves about every 0.05 s (every batch when a batch
+    takes that long), so a fast loop pays for the bar once in many batches and a slow one
+    still sees each batch. The latest metrics are read (one host sync) on every 20th batch;
+    ``update(postfix)`` takes floats.
+
+    >>> bar = ProgressBar(enabled=False, total=None, desc="x")
+    >>> bar.enabled, bar.every
+    (False, 1)
     """
 
     def __init__(self, *, enabled: bool, total: int | None, desc: str) -> None:
         self.enabled = enabled
+        self.every = 1
+        self._unread = 0
+        self._last = time.perf_counter()
         self._bar = None
         if enabled:
             from tqdm.auto import tqdm
 
             self._bar = tqdm(total=total, desc=desc, leave=True, dynamic_ncols=True)
+
+    def advance(self, n: int, metrics: Mapping[str, torch.Tensor]) -> None:
+        """Count ``n`` more batches; ``metrics`` are the latest batch's (shown every 20 batches)."""
+        self._unread += n
+        postfix = None
+        if self._unread >= _READ_EVERY and metrics:
+            postfix = _collective.read(metrics)
+            self._unread = 0
+        self.update(postfix, n)
+        now = time.perf_counter()
+        per_batch, self._last = (now - self._last) / n, now
+        timely = int(_COUNT_EVERY_S / per_batch) if per_batch > 0 else _READ_EVERY
+        self.every = max(1, min(timely, _READ_EVERY - self._unread))  # the next reading on its 20th batch
 
     def update(self, postfix: Mapping[str, float] | None = None, n: int = 1) -> None:
         if self._bar is None:
@@ -52,9 +82,12 @@ class ProgressBar:
             self._bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
         self._bar.update(n)
 
-    def close(self, postfix: Mapping[str, float] | None = None) -> None:
+    def close(self, postfix: Mapping[str, float] | None = None, n: int = 0) -> None:
+        """Count the last ``n`` batches, show ``postfix`` (the epoch means) and close."""
         if self._bar is None:
             return
         if postfix:
             self._bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
+        if n:
+            self._bar.update(n)
         self._bar.close()

@@ -6,6 +6,8 @@ import csv
 import io
 import json
 import os
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -277,6 +279,34 @@ def test_a_logger_can_log_again_after_finalize(tmp_path):
     logger.log_metrics({"loss": 0.5}, 2)
     logger.finalize()
     assert [(e.step, e.value) for e in read_events(logger.log_dir).Scalars("loss")] == [(1, 1.0), (2, 0.5)]
+
+
+def test_tensorboard_writes_in_the_calling_thread_and_a_killed_run_keeps_its_scalars(tmp_path):
+    script = f"""
+import os, threading
+from loopkit.loggers import TensorBoardLogger
+logger = TensorBoardLogger({str(tmp_path)!r})
+before = threading.active_count()
+logger.log_metrics({{"train/loss": 0.5, "train/acc": 0.25}}, 50)
+logger.log_metrics({{"train/loss": 0.375}}, 100)
+assert threading.active_count() == before, threading.enumerate()
+os._exit(0)  # killed: no finalize, no interpreter shutdown
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    events = read_events(os.path.join(tmp_path, "default", "version_0"))
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(50, 0.5), (100, 0.375)]
+    assert [(e.step, e.value) for e in events.Scalars("train/acc")] == [(50, 0.25)]
+
+
+def test_tensorboard_summary_writer_shares_the_run_folder(tmp_path):
+    logger = TensorBoardLogger(tmp_path)
+    logger.log_metrics({"train/loss": 0.5}, 1)
+    logger.writer.add_scalar("custom/lr", 0.125, 1)
+    logger.finalize()
+    events = read_events(logger.log_dir)
+    assert sorted(events.Tags()["scalars"]) == ["custom/lr", "train/loss"]
+    assert [(e.step, e.value) for e in events.Scalars("custom/lr")] == [(1, 0.125)]
 
 
 # --- only rank 0 writes ------------------------------------------------------------------------

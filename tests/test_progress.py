@@ -7,6 +7,7 @@ at each refresh), the epoch means in the history, and counted tensor -> Python c
 from __future__ import annotations
 
 import io
+import itertools
 import re
 import sys
 
@@ -17,9 +18,10 @@ import tqdm.std
 from torch import nn
 
 from loopkit import TrainState, run_epochs, train_step
+from loopkit import progress as progress_module
 from loopkit.progress import ProgressBar, progress_wanted
 
-REFRESH = 20  # batches between two readings of the latest metrics (loopkit.driver._REFRESH_EVERY)
+REFRESH = 20  # batches between two readings of the latest metrics (loopkit.progress._READ_EVERY)
 
 
 def make_state() -> TrainState:
@@ -143,6 +145,34 @@ def test_bar_on_a_terminal_shows_the_epoch_and_the_latest_loss(monkeypatch):
     # the closing postfix is the epoch mean, as in the history
     closing = re.findall(r"train/loss=([^,\s\]|]+)", text)
     assert sorted(set(closing)) == sorted({f"{h['train/loss']:.4g}" for h in history})
+
+
+class CountingTqdm(EveryUpdateTqdm):
+    """Records the count each ``update`` call adds."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.added: list[int] = []
+
+    def update(self, n=1):
+        self.added.append(n)
+        return super().update(n)
+
+
+@pytest.mark.parametrize("slow", [False, True])
+def test_the_count_moves_per_batch_only_when_batches_are_slow(monkeypatch, slow):
+    use_fake_tty(monkeypatch)
+    monkeypatch.setattr(tqdm.auto, "tqdm", CountingTqdm)
+    if slow:  # every batch takes longer than the bar's count interval
+        monkeypatch.setattr(progress_module, "_COUNT_EVERY_S", 0.0)
+    run_epochs(train_step(mse), make_state(), make_data(45), epochs=1, progress=True)
+    (bar,) = EveryUpdateTqdm.created
+    assert bar.n == 45 and sum(bar.added) == 45
+    if slow:
+        assert bar.added == [1] * 45
+    else:  # fast batches are counted in bunches, never across a reading of the metrics (batches 20, 40)
+        assert len(bar.added) <= 8, bar.added
+        assert {20, 40} <= set(itertools.accumulate(bar.added))
 
 
 def test_bar_reads_the_metrics_once_per_refresh_not_per_batch(monkeypatch, conversions):

@@ -34,11 +34,10 @@ def _accumulate(extras: Mapping[str, Any], metrics: Metrics) -> Mapping[str, Any
     metric (``logging/window``, with ``logging/counts``). Nothing existing is changed in
     place, so the step stays pure, and a checkpoint holds a bounded number of tensors.
     """
-    record = {}
-    for key, value in metrics.items():
-        if not (type(value) is torch.Tensor and value.ndim == 0):
-            value = check_metric(value, key, "the step wrapped by with_logging")
-        record[key] = value.detach() if value.requires_grad else value
+    record = dict(metrics)  # the caller may change its dict later: the window keeps its own
+    for key, value in record.items():
+        if type(value) is not torch.Tensor or value.ndim or value.requires_grad:
+            record[key] = check_metric(value, key, "the step wrapped by with_logging")
     pending = _pending(extras) + (record,)
     if len(pending) < _FOLD_EVERY:
         return types.MappingProxyType({**extras, _PENDING: pending})
