@@ -1,14 +1,25 @@
 """Transforms: ``with_x(step, **options) -> step``.
 
->>> from loopkit.transforms import with_amp, with_grad_accum, with_grad_clip, with_logging, with_nan_guard
+>>> from loopkit.transforms import with_amp, with_ema, with_grad_accum, with_grad_clip, with_logging, with_nan_guard
 """
 
 from loopkit.transforms.amp import with_amp
 from loopkit.transforms.checkpointing import with_checkpointing
 from loopkit.transforms.ddp import with_ddp
+from loopkit.transforms.ema import ema_state, with_ema
 from loopkit.transforms.grad_accum import with_grad_accum
 from loopkit.transforms.grad_clip import with_grad_clip
 from loopkit.transforms.logging import with_logging
 from loopkit.transforms.nan_guard import with_nan_guard
 
-__all__ = ["with_amp", "with_checkpointing", "with_ddp", "with_grad_accum", "with_grad_clip", "with_logging", "with_nan_guard"]
+__all__ = [
+    "ema_state",
+    "with_amp",
+    "with_checkpointing",
+    "with_ddp",
+    "with_ema",
+    "with_grad_accum",
+    "with_grad_clip",
+    "with_logging",
+    "with_nan_guard",
+]

@@ -2,7 +2,7 @@
 
 The transforms: the gradient transforms ``with_amp`` (bfloat16, float16), ``with_grad_accum``,
 ``with_grad_clip``, ``with_nan_guard``, and the whole-step transforms ``with_logging`` (into an
-in-memory logger) and ``with_checkpointing`` (into a fresh directory per pipeline).
+in-memory logger), ``with_checkpointing`` (into a fresh directory per pipeline) and ``with_ema``.
 
 For each pipeline: purity (the input state is unchanged), determinism (two calls give identical
 results), exact resume from ``state_dict`` mid-accumulation, float32 parameters stay float32,
@@ -78,8 +78,9 @@ TRANSFORMS = {
     "nan_guard": ("with_nan_guard", lambda s, sinks: loopkit.with_nan_guard(s)),
     "logging": ("with_logging", lambda s, sinks: loopkit.with_logging(s, sinks.logger(), every_n_steps=LOG_EVERY)),
     "checkpointing": ("with_checkpointing", lambda s, sinks: loopkit.with_checkpointing(s, sinks.directory(), every_n_steps=1)),
+    "ema": ("with_ema", lambda s, sinks: loopkit.with_ema(s, decay=0.8)),
 }
-WHOLE_STEP = ["logging", "checkpointing"]  # wrap any step; nothing that needs the train step can wrap them
+WHOLE_STEP = ["logging", "checkpointing", "ema"]  # wrap any step; nothing that needs the train step can wrap them
 GRADIENT = [name for name in TRANSFORMS if name not in WHOLE_STEP]
 GRADIENT_ONLY = ["grad_accum", "grad_clip", "nan_guard"]  # need gradients: refuse an eval_step
 
@@ -89,7 +90,9 @@ def _refused(inner: str, outer: str) -> bool:
     pairs of gradient transforms have no meaning: a second precision, and accumulating an accumulation."""
     if outer in GRADIENT and inner in WHOLE_STEP:
         return True
-    if inner == outer == "logging":  # one window per state: pass all the loggers to one with_logging
+    if inner == outer and inner in ("logging", "ema"):  # one window, one set of averages per state
+        return True
+    if (inner, outer) == ("checkpointing", "ema"):  # the checkpoint would miss the averages' last update
         return True
     return TRANSFORMS[inner][0] == TRANSFORMS[outer][0] and TRANSFORMS[inner][0] in ("with_amp", "with_grad_accum")
 
@@ -103,6 +106,7 @@ TRIPLES = [  # whole-step stacks as they are used: over gradient transforms, in 
     ("grad_accum", "logging", "checkpointing"),
     ("amp_fp16", "checkpointing", "logging"),
     ("nan_guard", "logging", "checkpointing"),
+    ("grad_accum", "ema", "checkpointing"),
 ]
 PIPELINES = [(name,) for name in TRANSFORMS] + [pair for pair in PAIRS if not _refused(*pair)] + TRIPLES
 LOGGED = [names for names in PIPELINES if "logging" in names]
@@ -227,14 +231,16 @@ def test_a_gradient_transform_is_refused_around_a_whole_step_at_any_depth(inner,
 def test_the_refused_pairs_are_exactly_the_meaningless_ones():
     refused = {(TRANSFORMS[i][0], TRANSFORMS[o][0]) for i, o in PAIRS if _refused(i, o)}
     gradient_names = {"with_amp", "with_grad_accum", "with_grad_clip", "with_nan_guard"}
-    around_whole = {(w, g) for w in ("with_logging", "with_checkpointing") for g in gradient_names}
-    doubled = {("with_amp", "with_amp"), ("with_grad_accum", "with_grad_accum"), ("with_logging", "with_logging")}
-    assert refused == doubled | around_whole
-    assert sum(_refused(*pair) for pair in PAIRS) == 4 + 1 + 2 * 5 + 1
-    assert len(PIPELINES) == 7 + 49 - 16 + len(TRIPLES)
+    around_whole = {(w, g) for w in ("with_logging", "with_checkpointing", "with_ema") for g in gradient_names}
+    doubled = {("with_amp", "with_amp"), ("with_grad_accum", "with_grad_accum"), ("with_logging", "with_logging"),
+               ("with_ema", "with_ema")}
+    assert refused == doubled | around_whole | {("with_checkpointing", "with_ema")}
+    assert sum(_refused(*pair) for pair in PAIRS) == 4 + 1 + 3 * 5 + 1 + 1 + 1
+    assert len(PIPELINES) == 8 + 64 - 23 + len(TRIPLES)
     # every whole-step transform is covered around every other transform, and checkpointing around itself
+    unwrappable = {("logging", "logging"), ("ema", "ema"), ("checkpointing", "ema")}
     for whole in WHOLE_STEP:
-        assert all((name, whole) in PIPELINES for name in TRANSFORMS if (name, whole) != ("logging", "logging"))
+        assert all((name, whole) in PIPELINES for name in TRANSFORMS if (name, whole) not in unwrappable)
 
 
 @pytest.mark.parametrize("name", GRADIENT_ONLY)

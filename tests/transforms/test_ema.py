@@ -1,0 +1,167 @@
+"""with_ema: the averages equal torch.optim.swa_utils.AveragedModel's EMA in a raw loop, bitwise."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+import loopkit
+from loopkit import checkpoint
+
+DECAY = 0.9
+
+
+def _raw_ema_loop(model, opt, data, loss_fn, *, every=1, skip=()):
+    """The reference: AveragedModel(EMA) updated after each optimizer update; batches in ``skip`` make no update."""
+    averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(DECAY))
+    for k, batch in enumerate(data):
+        if k in skip:
+            continue
+        (loss_fn(model, batch) / every).backward()
+        if (k + 1) % every == 0:
+            opt.step()
+            opt.zero_grad()
+            averaged.update_parameters(model)
+    return averaged
+
+
+def _ema_params(state) -> dict[str, torch.Tensor]:
+    return {k: v.detach() for k, v in loopkit.ema_state(state).model.named_parameters()}
+
+
+def _averaged_params(averaged) -> dict[str, torch.Tensor]:
+    return {k: v.detach() for k, v in averaged.module.named_parameters()}
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_averages_are_bitwise_averaged_model_in_a_raw_loop(optimizer, make_mlp, make_batches, mse_loss, make_sgd_state,
+                                                          make_adam_state, assert_trees_equal):
+    data = make_batches(6)
+    make_state = make_sgd_state if optimizer == "sgd" else make_adam_state
+    ref_state = make_state(make_mlp(0))
+    averaged = _raw_ema_loop(ref_state.model, ref_state.optimizer, data, mse_loss)
+
+    state = make_state(make_mlp(0))
+    step = loopkit.with_ema(loopkit.train_step(mse_loss), DECAY)
+    state, _ = loopkit.run_epochs(step, state, data, epochs=1, progress=False)
+    assert_trees_equal(dict(state.model.named_parameters()), dict(ref_state.model.named_parameters()))
+    assert_trees_equal(_ema_params(state), _averaged_params(averaged))
+    assert not torch.equal(_ema_params(state)["0.weight"], state.model[0].weight)  # the averages lag
+
+
+def test_under_accumulation_the_averages_move_once_per_update(make_mlp, make_batches, mse_loss, make_sgd_state,
+                                                              assert_trees_equal):
+    data = make_batches(8)
+    ref_state = make_sgd_state(make_mlp(0))
+    averaged = _raw_ema_loop(ref_state.model, ref_state.optimizer, data, mse_loss, every=4)
+
+    state = make_sgd_state(make_mlp(0))
+    step = loopkit.with_ema(loopkit.with_grad_accum(loopkit.train_step(mse_loss), every=4), DECAY)
+    for batch in data:
+        state, _ = step(state, batch)
+    assert state.step == 2
+    assert_trees_equal(_ema_params(state), _averaged_params(averaged))
+
+
+def test_a_skipped_update_leaves_the_averages_alone(make_mlp, make_batches, mse_loss, make_sgd_state, assert_trees_equal):
+    data = make_batches(5)
+    x, y = data[2]
+    data[2] = (torch.full_like(x, float("nan")), y)
+    ref_state = make_sgd_state(make_mlp(0))
+    averaged = _raw_ema_loop(ref_state.model, ref_state.optimizer, data, mse_loss, skip={2})
+
+    state = make_sgd_state(make_mlp(0))
+    step = loopkit.with_ema(loopkit.with_nan_guard(loopkit.train_step(mse_loss)), DECAY)
+    for batch in data:
+        state, _ = step(state, batch)
+    assert state.step == 4
+    assert_trees_equal(_ema_params(state), _averaged_params(averaged))
+
+
+def test_the_step_is_pure_and_ema_state_changes_nothing(make_mlp, batches, mse_loss, make_adam_state, take_snapshot,
+                                                        assert_trees_equal):
+    step = loopkit.with_ema(loopkit.train_step(mse_loss), DECAY)
+    state = make_adam_state(make_mlp(0))
+    for batch in batches[:2]:
+        state, _ = step(state, batch)
+    before = take_snapshot(state)
+    first, _ = step(state, batches[2])
+    second, _ = step(state, batches[2])
+    assert_trees_equal(take_snapshot(state), before)
+    assert_trees_equal(take_snapshot(first), take_snapshot(second))
+    averaged = loopkit.ema_state(state)
+    assert_trees_equal(take_snapshot(state), before)
+    assert averaged.optimizer is None and averaged.model is not state.model
+    assert_trees_equal(dict(averaged.model.named_parameters()), dict(state.extras["ema/params"]))
+
+
+def test_before_any_update_the_averages_are_the_parameters(make_mlp, make_sgd_state, assert_trees_equal):
+    state = make_sgd_state(make_mlp(0))
+    assert_trees_equal(dict(loopkit.ema_state(state).model.named_parameters()), dict(state.model.named_parameters()))
+
+
+def test_buffers_are_the_models_own(make_bn_dropout, batches, mse_loss, make_sgd_state, assert_trees_equal):
+    state = make_sgd_state(make_bn_dropout(0))
+    step = loopkit.with_ema(loopkit.train_step(mse_loss), DECAY)
+    for batch in batches[:3]:
+        state, _ = step(state, batch)
+    assert_trees_equal(dict(loopkit.ema_state(state).model.named_buffers()), dict(state.model.named_buffers()))
+
+
+def test_a_restored_checkpoint_resumes_the_averages_exactly(tmp_path, make_mlp, make_batches, mse_loss, make_adam_state,
+                                                            assert_trees_equal):
+    data = make_batches(6)
+    step = loopkit.with_checkpointing(loopkit.with_ema(loopkit.train_step(mse_loss), DECAY), tmp_path, every_n_steps=3)
+    uninterrupted = make_adam_state(make_mlp(0))
+    for batch in data:
+        uninterrupted, _ = step(uninterrupted, batch)
+
+    resumed = loopkit.restore(make_adam_state(make_mlp(1)), checkpoint.list_checkpoints(tmp_path)[0].path)
+    assert resumed.step == 3
+    for batch in data[3:]:
+        resumed, _ = step(resumed, batch)
+    assert_trees_equal(_ema_params(resumed), _ema_params(uninterrupted))
+    assert_trees_equal(dict(resumed.model.named_parameters()), dict(uninterrupted.model.named_parameters()))
+
+
+def test_evaluate_the_averaged_weights(make_mlp, make_batches, mse_loss, make_sgd_state):
+    data = make_batches(4)
+    state = make_sgd_state(make_mlp(0))
+    state, _ = loopkit.run_epochs(loopkit.with_ema(loopkit.train_step(mse_loss), DECAY), state, data, epochs=2, progress=False)
+    metric = loopkit.eval_step(lambda m, b: {"mse": mse_loss(m, b)})
+    averaged = loopkit.ema_state(state)
+    with torch.no_grad():
+        by_hand = sum(float(mse_loss(averaged.model, b)) for b in data) / len(data)
+    assert loopkit.evaluate(metric, averaged, data)["mse"] == pytest.approx(by_hand, rel=1e-6)
+    assert loopkit.evaluate(metric, state, data)["mse"] != pytest.approx(by_hand, rel=1e-6)
+
+
+@pytest.mark.parametrize("decay", [1.0, -0.1, 1.5, "0.9", True, None])
+def test_a_decay_out_of_range_is_refused(decay, mse_loss):
+    with pytest.raises(ValueError, match="with_ema: decay"):
+        loopkit.with_ema(loopkit.train_step(mse_loss), decay)
+
+
+def test_meaningless_orders_are_refused_when_built(tmp_path, mse_loss):
+    ema = loopkit.with_ema(loopkit.train_step(mse_loss), DECAY)
+    with pytest.raises(TypeError, match="with_ema cannot wrap with_ema"):
+        loopkit.with_ema(ema, DECAY)
+    with pytest.raises(TypeError, match="with_ema cannot wrap with_checkpointing"):
+        loopkit.with_ema(loopkit.with_checkpointing(loopkit.train_step(mse_loss), tmp_path), DECAY)
+    with pytest.raises(TypeError, match="with_ema cannot wrap eval_step"):
+        loopkit.with_ema(loopkit.eval_step(lambda m, b: {}), DECAY)
+    with pytest.raises(TypeError, match="with_grad_clip cannot wrap with_ema"):
+        loopkit.with_grad_clip(ema, max_norm=1.0)
+    with pytest.raises(TypeError, match="donate"):
+        loopkit.with_ema(loopkit.donate(loopkit.train_step(mse_loss)), DECAY)
+
+
+def test_a_donated_ema_step_reproduces_the_pure_one(make_mlp, batches, mse_loss, make_sgd_state, take_snapshot,
+                                                    assert_trees_equal):
+    step = loopkit.with_ema(loopkit.train_step(mse_loss), DECAY)
+    pure, donated = make_sgd_state(make_mlp(0)), make_sgd_state(make_mlp(0))
+    for batch in batches:
+        pure, _ = step(pure, batch)
+        donated, _ = loopkit.donate(step)(donated, batch)
+    assert_trees_equal(take_snapshot(pure), take_snapshot(donated))
