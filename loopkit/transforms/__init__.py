@@ -11,6 +11,7 @@ from loopkit.transforms.grad_accum import with_grad_accum
 from loopkit.transforms.grad_clip import with_grad_clip
 from loopkit.transforms.logging import with_logging
 from loopkit.transforms.nan_guard import with_nan_guard
+from loopkit.transforms.profiler import with_profiler
 
 __all__ = [
     "ema_state",
@@ -22,4 +23,5 @@ __all__ = [
     "with_grad_clip",
     "with_logging",
     "with_nan_guard",
+    "with_profiler",
 ]

@@ -1,0 +1,119 @@
+"""with_profiler: torch.profiler traces of the scheduled calls, nothing changed in the results, nothing left running."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+import loopkit
+
+
+def _traces(directory) -> list[str]:
+    return sorted(f for f in os.listdir(directory) if f.endswith(".pt.trace.json"))
+
+
+def _events(directory) -> list[dict]:
+    (trace,) = _traces(directory)
+    with open(os.path.join(directory, trace), encoding="utf-8") as f:
+        return json.load(f)["traceEvents"]
+
+
+def _profiling() -> bool:
+    return torch.autograd._profiler_enabled()
+
+
+def test_the_scheduled_calls_are_traced_and_the_results_are_unchanged(tmp_path, make_mlp, make_batches, mse_loss,
+                                                                      make_adam_state, take_snapshot, assert_trees_equal):
+    data = make_batches(8)
+    plain = loopkit.train_step(mse_loss)
+    profiled = loopkit.with_profiler(plain, tmp_path, wait=1, warmup=1, active=2)
+    reference, state = make_adam_state(make_mlp(0)), make_adam_state(make_mlp(0))
+    on_during = []
+    for k, batch in enumerate(data):
+        reference, _ = plain(reference, batch)
+        before = take_snapshot(state)
+        new, metrics = profiled(state, batch)
+        assert_trees_equal(take_snapshot(state), before)  # pure, as the step it wraps
+        state = new
+        on_during.append(_profiling())
+        if k == 3:
+            assert len(_traces(tmp_path)) == 1 and (tmp_path / "summary.txt").exists()
+    assert_trees_equal(take_snapshot(state), take_snapshot(reference))
+    # profiling ran from the warm-up to the last active call, then stopped for good
+    assert on_during == [False, True, True, False, False, False, False, False]
+    assert len(_traces(tmp_path)) == 1
+    names = [e.get("name", "") for e in _events(tmp_path)]
+    assert sum(n.startswith("ProfilerStep#") for n in names) == 2  # the two active calls
+    assert names.count("loopkit.step") == 2 and any(n == "aten::addmm" for n in names)
+    summary = (tmp_path / "summary.txt").read_text(encoding="utf-8")
+    assert "aten::addmm" in summary and "Self CPU" in summary
+
+
+def test_a_fit_shorter_than_the_schedule_stops_the_profile_and_writes_it(tmp_path, make_mlp, make_batches, mse_loss,
+                                                                         make_sgd_state):
+    step = loopkit.with_profiler(loopkit.train_step(mse_loss), tmp_path, wait=0, warmup=1, active=100)
+    loopkit.run_epochs(step, make_sgd_state(make_mlp(0)), make_batches(3), epochs=1, progress=False)
+    assert not _profiling()
+    assert sum(e.get("name", "").startswith("ProfilerStep#") for e in _events(tmp_path)) >= 2
+    assert "aten::" in (tmp_path / "summary.txt").read_text(encoding="utf-8")
+
+
+def test_close_ends_a_profile_left_open_by_a_loop_of_ones_own(tmp_path, make_mlp, batches, mse_loss, make_sgd_state):
+    step = loopkit.with_profiler(loopkit.train_step(mse_loss), tmp_path, wait=0, warmup=1, active=100)
+    state = make_sgd_state(make_mlp(0))
+    for batch in batches[:3]:
+        state, _ = step(state, batch)
+    assert _profiling()
+    step.close()
+    assert not _profiling() and len(_traces(tmp_path)) == 1
+    state, _ = step(state, batches[3])  # over: the step runs unprofiled
+    assert not _profiling() and len(_traces(tmp_path)) == 1
+
+
+def test_a_failing_call_stops_the_profile(tmp_path, make_mlp, batches, mse_loss, make_sgd_state):
+    calls = []
+
+    def loss_fn(model, batch):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("boom")
+        return mse_loss(model, batch)
+
+    step = loopkit.with_profiler(loopkit.train_step(loss_fn), tmp_path, wait=0, warmup=1, active=2)
+    state, _ = step(make_sgd_state(make_mlp(0)), batches[0])
+    assert _profiling()  # the next call is recorded
+    with pytest.raises(RuntimeError, match="boom"):
+        step(state, batches[1])
+    assert not _profiling()
+
+
+def test_an_eval_step_can_be_profiled(tmp_path, make_mlp, batches, mse_loss, make_sgd_state):
+    evaluator = loopkit.with_profiler(loopkit.eval_step(lambda m, b: {"mse": mse_loss(m, b)}), tmp_path, wait=0, warmup=1, active=2)
+    state = make_sgd_state(make_mlp(0))
+    plain = loopkit.evaluate(loopkit.eval_step(lambda m, b: {"mse": mse_loss(m, b)}), state, batches)
+    assert loopkit.evaluate(evaluator, state, batches) == plain
+    assert not _profiling() and len(_traces(tmp_path)) == 1
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [({"wait": -1}, "wait"), ({"warmup": 1.5}, "warmup"), ({"active": 0}, "active"), ({"active": True}, "active")],
+)
+def test_bad_options_are_refused_by_name(tmp_path, mse_loss, options, match):
+    with pytest.raises(ValueError, match=f"with_profiler: {match} must be"):
+        loopkit.with_profiler(loopkit.train_step(mse_loss), tmp_path, **options)
+
+
+def test_bad_steps_and_directories_are_refused(tmp_path, mse_loss):
+    with pytest.raises(TypeError, match="directory must be a path"):
+        loopkit.with_profiler(loopkit.train_step(mse_loss), 3)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError, match="is not a directory"):
+        loopkit.with_profiler(loopkit.train_step(mse_loss), tmp_path / "file")
+    with pytest.raises(TypeError, match="with_profiler cannot wrap a donated step"):
+        loopkit.with_profiler(loopkit.donate(loopkit.train_step(mse_loss)), tmp_path)
+    with pytest.raises(TypeError, match="with_grad_clip cannot wrap with_profiler"):
+        loopkit.with_grad_clip(loopkit.with_profiler(loopkit.train_step(mse_loss), tmp_path), max_norm=1.0)
