@@ -12,6 +12,7 @@ from loopkit.transforms.grad_clip import with_grad_clip
 from loopkit.transforms.logging import with_logging
 from loopkit.transforms.nan_guard import with_nan_guard
 from loopkit.transforms.profiler import with_profiler
+from loopkit.transforms.pruning import with_pruning
 
 __all__ = [
     "ema_state",
@@ -24,4 +25,5 @@ __all__ = [
     "with_logging",
     "with_nan_guard",
     "with_profiler",
+    "with_pruning",
 ]

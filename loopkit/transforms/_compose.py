@@ -6,7 +6,7 @@ from typing import Any
 
 from loopkit.steps import EvalStep, Step, TrainStep, WrapperStep, as_step
 
-__all__ = ["require_train_step", "require_train_or_eval_step"]
+__all__ = ["refuse_wrapping", "require_train_or_eval_step", "require_train_step"]
 
 
 def _refuse(transform: str, step: Step, needs: str) -> TypeError:
@@ -58,3 +58,18 @@ def require_train_or_eval_step(step: Any, transform: str) -> TrainStep | EvalSte
     if isinstance(step, TrainStep):
         return require_train_step(step, transform)
     raise _refuse(transform, step, "the forward pass")
+
+
+def refuse_wrapping(step: Step, transform: str, reasons: dict[str, str]) -> None:
+    """Raise ``TypeError`` if a whole-step transform named in ``reasons`` is anywhere inside ``step``.
+
+    ``reasons`` maps a transform's name to why ``transform`` cannot go around it.
+
+    >>> from loopkit.steps import train_step
+    >>> refuse_wrapping(train_step(lambda m, b: None), "with_ema", {"with_ema": "one set of averages"})
+    """
+    wrapped: Any = step
+    while isinstance(wrapped, WrapperStep):
+        if wrapped.name in reasons:
+            raise TypeError(f"{transform} cannot wrap {wrapped.name}: {reasons[wrapped.name]}")
+        wrapped = wrapped.inner

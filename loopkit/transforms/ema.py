@@ -14,6 +14,7 @@ import torch
 
 from loopkit.state import TrainState, fork, replace
 from loopkit.steps import EvalStep, Metrics, Step, WrapperStep, as_step
+from loopkit.transforms._compose import refuse_wrapping
 
 __all__ = ["EMAStep", "ema_state", "with_ema"]
 
@@ -109,16 +110,11 @@ def with_ema(step: Any, decay: float) -> EMAStep:
         raise TypeError("with_ema cannot wrap eval_step: an evaluation step updates no parameters to average")
     if inner.donated:
         raise TypeError("with_ema cannot wrap a donated step: apply donate() last")
-    wrapped: Any = inner
-    while isinstance(wrapped, WrapperStep):
-        if isinstance(wrapped, EMAStep):
-            raise TypeError("with_ema cannot wrap with_ema: the state holds one set of averages")
-        if wrapped.name == "with_checkpointing":
-            raise TypeError(
-                "with_ema cannot wrap with_checkpointing: its checkpoints would miss the averages' last update; "
-                "apply with_ema first, e.g. with_checkpointing(with_ema(step, decay), directory)"
-            )
-        wrapped = wrapped.inner
+    refuse_wrapping(inner, "with_ema", {
+        "with_ema": "the state holds one set of averages",
+        "with_checkpointing": "its checkpoints would miss the averages' last update; apply with_ema first, "
+        "e.g. with_checkpointing(with_ema(step, decay), directory)",
+    })
     return EMAStep(inner, decay=float(decay))
 
 

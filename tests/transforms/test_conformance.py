@@ -2,7 +2,8 @@
 
 The transforms: the gradient transforms ``with_amp`` (bfloat16, float16), ``with_grad_accum``,
 ``with_grad_clip``, ``with_nan_guard``, and the whole-step transforms ``with_logging`` (into an
-in-memory logger), ``with_checkpointing`` (into a fresh directory per pipeline) and ``with_ema``.
+in-memory logger), ``with_checkpointing`` (into a fresh directory per pipeline), ``with_ema`` and
+``with_pruning``.
 
 For each pipeline: purity (the input state is unchanged), determinism (two calls give identical
 results), exact resume from ``state_dict`` mid-accumulation, float32 parameters stay float32,
@@ -79,8 +80,9 @@ TRANSFORMS = {
     "logging": ("with_logging", lambda s, sinks: loopkit.with_logging(s, sinks.logger(), every_n_steps=LOG_EVERY)),
     "checkpointing": ("with_checkpointing", lambda s, sinks: loopkit.with_checkpointing(s, sinks.directory(), every_n_steps=1)),
     "ema": ("with_ema", lambda s, sinks: loopkit.with_ema(s, decay=0.8)),
+    "pruning": ("with_pruning", lambda s, sinks: loopkit.with_pruning(s, 0.5, [1, 2])),
 }
-WHOLE_STEP = ["logging", "checkpointing", "ema"]  # wrap any step; nothing that needs the train step can wrap them
+WHOLE_STEP = ["logging", "checkpointing", "ema", "pruning"]  # wrap any step; nothing that needs the train step can wrap them
 GRADIENT = [name for name in TRANSFORMS if name not in WHOLE_STEP]
 GRADIENT_ONLY = ["grad_accum", "grad_clip", "nan_guard"]  # need gradients: refuse an eval_step
 
@@ -90,10 +92,10 @@ def _refused(inner: str, outer: str) -> bool:
     pairs of gradient transforms have no meaning: a second precision, and accumulating an accumulation."""
     if outer in GRADIENT and inner in WHOLE_STEP:
         return True
-    if inner == outer and inner in ("logging", "ema"):  # one window, one set of averages per state
+    if inner == outer and inner in ("logging", "ema", "pruning"):  # one window, averages, masks per state
         return True
-    if (inner, outer) == ("checkpointing", "ema"):  # the checkpoint would miss the averages' last update
-        return True
+    if (inner, outer) in (("checkpointing", "ema"), ("checkpointing", "pruning"), ("ema", "pruning")):
+        return True  # the checkpoint or the averages would miss the outer transform's change of this update
     return TRANSFORMS[inner][0] == TRANSFORMS[outer][0] and TRANSFORMS[inner][0] in ("with_amp", "with_grad_accum")
 
 
@@ -107,6 +109,7 @@ TRIPLES = [  # whole-step stacks as they are used: over gradient transforms, in 
     ("amp_fp16", "checkpointing", "logging"),
     ("nan_guard", "logging", "checkpointing"),
     ("grad_accum", "ema", "checkpointing"),
+    ("grad_accum", "pruning", "ema"),
 ]
 PIPELINES = [(name,) for name in TRANSFORMS] + [pair for pair in PAIRS if not _refused(*pair)] + TRIPLES
 LOGGED = [names for names in PIPELINES if "logging" in names]
@@ -231,14 +234,16 @@ def test_a_gradient_transform_is_refused_around_a_whole_step_at_any_depth(inner,
 def test_the_refused_pairs_are_exactly_the_meaningless_ones():
     refused = {(TRANSFORMS[i][0], TRANSFORMS[o][0]) for i, o in PAIRS if _refused(i, o)}
     gradient_names = {"with_amp", "with_grad_accum", "with_grad_clip", "with_nan_guard"}
-    around_whole = {(w, g) for w in ("with_logging", "with_checkpointing", "with_ema") for g in gradient_names}
-    doubled = {("with_amp", "with_amp"), ("with_grad_accum", "with_grad_accum"), ("with_logging", "with_logging"),
-               ("with_ema", "with_ema")}
-    assert refused == doubled | around_whole | {("with_checkpointing", "with_ema")}
-    assert sum(_refused(*pair) for pair in PAIRS) == 4 + 1 + 3 * 5 + 1 + 1 + 1
-    assert len(PIPELINES) == 8 + 64 - 23 + len(TRIPLES)
+    wholes = ("with_logging", "with_checkpointing", "with_ema", "with_pruning")
+    around_whole = {(w, g) for w in wholes for g in gradient_names}
+    doubled = {(t, t) for t in ("with_amp", "with_grad_accum", "with_logging", "with_ema", "with_pruning")}
+    too_late = {("with_checkpointing", "with_ema"), ("with_checkpointing", "with_pruning"), ("with_ema", "with_pruning")}
+    assert refused == doubled | around_whole | too_late
+    assert sum(_refused(*pair) for pair in PAIRS) == 4 + 1 + 4 * 5 + 1 + 1 + 1 + 3
+    assert len(PIPELINES) == 9 + 81 - 31 + len(TRIPLES)
     # every whole-step transform is covered around every other transform, and checkpointing around itself
-    unwrappable = {("logging", "logging"), ("ema", "ema"), ("checkpointing", "ema")}
+    unwrappable = {("logging", "logging"), ("ema", "ema"), ("pruning", "pruning"), ("checkpointing", "ema"),
+                   ("checkpointing", "pruning"), ("ema", "pruning")}
     for whole in WHOLE_STEP:
         assert all((name, whole) in PIPELINES for name in TRANSFORMS if (name, whole) not in unwrappable)
 

@@ -1,0 +1,209 @@
+"""``with_pruning``: magnitude pruning on a schedule, the masks kept in the state.
+
+>>> from loopkit.steps import train_step
+>>> with_pruning(train_step(lambda m, b: None), amount=0.5, schedule=[10, 20]).applied
+('train_step', 'with_pruning')
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import attrs
+import torch
+from torch import nn
+from torch.nn.utils import prune
+
+from loopkit.state import TrainState, replace
+from loopkit.steps import EvalStep, Metrics, Step, WrapperStep, as_step
+from loopkit.transforms._compose import refuse_wrapping
+
+__all__ = ["PruningStep", "default_prunable", "with_pruning"]
+
+_MASKS, _SPARSITY = "pruning/masks", "pruning/sparsity"
+_PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def default_prunable(model: nn.Module) -> list[str]:
+    """The names of the weights of every ``Linear`` and ``Conv`` layer (what Lightning's ``ModelPruning`` prunes).
+
+    >>> default_prunable(torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU(), torch.nn.Linear(3, 1)))
+    ['0.weight', '2.weight']
+    """
+    return [f"{name}.weight" if name else "weight" for name, m in model.named_modules() if isinstance(m, _PRUNABLE)]
+
+
+def cubic_sparsity(amount: float, points: Sequence[int], step: int) -> float:
+    """The target sparsity after update ``step``: ``amount * (1 - (1 - i/n)**3)`` at the i-th of n points.
+
+    Zhu & Gupta's gradual pruning: fast at first, gentle near the end; 0 before the first point.
+
+    >>> [round(cubic_sparsity(0.8, [10, 20, 30, 40], s), 4) for s in (5, 10, 20, 40, 50)]
+    [0.0, 0.4625, 0.7, 0.8, 0.8]
+    """
+    done = sum(1 for p in points if p <= step)
+    return amount * (1.0 - (1.0 - done / len(points)) ** 3)
+
+
+def _global_masks(weights: list[torch.Tensor], masks: list[torch.Tensor], sparsity: float) -> list[torch.Tensor]:
+    """New masks zeroing the ``sparsity`` fraction of all the weights with the smallest magnitude.
+
+    One threshold over every pruned tensor (``torch.nn.utils.prune.global_unstructured``'s
+    rule), computed by ``prune.L1Unstructured``; weights already masked stay masked.
+    """
+    flat = torch.cat([(w * m).reshape(-1) for w, m in zip(weights, masks)])
+    flat_mask = torch.cat([m.reshape(-1) for m in masks])
+    new = prune.L1Unstructured(amount=sparsity).compute_mask(flat, default_mask=flat_mask)
+    return [part.view_as(w) for part, w in zip(new.split([w.numel() for w in weights]), weights)]
+
+
+@attrs.frozen(eq=False, kw_only=True)
+class PruningStep(WrapperStep):
+    """The step :func:`with_pruning` returns.
+
+    >>> from loopkit.steps import as_step
+    >>> PruningStep(inner=as_step(lambda s, b: (s, {})), amount=0.5, schedule=lambda s: 0.5).name
+    'with_pruning'
+    """
+
+    amount: float
+    schedule: Callable[[int], float]
+    parameters: tuple[str, ...] | None = None
+
+    @property
+    def name(self) -> str:
+        return "with_pruning"
+
+    @property
+    def changes_state(self) -> bool:  # type: ignore[override]
+        return True  # it zeroes weights in place: a pure call works on a copy, whatever the inner step
+
+    def run_(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
+        return self._pruning(self.inner.run_(state, batch), state.step)
+
+    def flush_(self, state: TrainState) -> tuple[TrainState, Metrics]:
+        return self._pruning(self.inner.flush_(state), state.step)
+
+    def _pruning(self, result: tuple[TrainState, Metrics], before: int) -> tuple[TrainState, Metrics]:
+        new, metrics = result
+        if new.step == before:  # no update: the weights did not move
+            return new, metrics
+        weights = self._weights(new)
+        masks = new.extras.get(_MASKS)
+        target = self.schedule(new.step)
+        extras = None
+        with torch.no_grad():
+            if target > new.extras.get(_SPARSITY, 0.0):  # a pruning point: the masks grow
+                old = [torch.ones_like(w) for w in weights] if masks is None else [masks[n] for n in self._names(new)]
+                grown = _global_masks(weights, old, target)
+                masks = dict(zip(self._names(new), grown))
+                extras = {**new.extras, _MASKS: masks, _SPARSITY: float(target)}
+            if masks is not None:  # pruned weights stay zero whatever the optimizer did to them
+                torch._foreach_mul_(weights, [masks[n] for n in self._names(new)])
+        return (new if extras is None else replace(new, extras=extras)), metrics
+
+    def _names(self, state: TrainState) -> list[str]:
+        return list(self.parameters) if self.parameters is not None else default_prunable(state.model)
+
+    def _weights(self, state: TrainState) -> list[torch.Tensor]:
+        params = dict(state.model.named_parameters())
+        names = self._names(state)
+        missing = [n for n in names if n not in params]
+        if missing:
+            raise KeyError(f"with_pruning: the model has no parameter '{missing[0]}'")
+        return [params[n].detach() for n in names]
+
+
+def with_pruning(
+    step: Any,
+    amount: float,
+    schedule: Sequence[int] | Callable[[int], float],
+    *,
+    parameters: Sequence[str] | None = None,
+) -> PruningStep:
+    """Prune the smallest weights by magnitude, step by step, up to a fraction ``amount`` of them.
+
+    ``schedule`` says when: a sequence of update counts (``state.step`` values) after which the
+    sparsity grows, reaching ``amount`` at the last one along Zhu & Gupta's cubic ramp
+    (:func:`cubic_sparsity`); or a function ``schedule(state.step) -> fraction of amount``
+    (0 to 1, never decreasing), e.g. ``lambda s: 1.0 if s >= 100 else 0.0`` to prune once.
+    ``parameters`` names the tensors to prune (default: the weights of every ``Linear`` and
+    ``Conv`` layer); one threshold over all of them decides (global unstructured L1, as
+    ``torch.nn.utils.prune.global_unstructured``). The masks live in ``state.extras``
+    (``pruning/masks``, with ``pruning/sparsity``), so checkpoints carry them and the model's
+    own state dict keeps its keys; after every update the pruned weights are set back to
+    zero, so the model itself holds the pruned weights (export it as it is).
+
+    Apply it inside ``with_ema``, ``with_logging`` and ``with_checkpointing``.
+
+    >>> import torch
+    >>> from loopkit.state import TrainState
+    >>> from loopkit.steps import train_step
+    >>> model = torch.nn.Linear(10, 10)
+    >>> state = TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    >>> step = with_pruning(train_step(lambda m, b: m(b).pow(2).mean()), amount=0.6, schedule=[2, 4])
+    >>> for _ in range(5):
+    ...     state, _ = step(state, torch.ones(4, 10))
+    >>> int((state.model.weight == 0).sum()), state.extras["pruning/sparsity"]
+    (60, 0.6)
+    """
+    if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not 0.0 < amount < 1.0:
+        raise ValueError(f"with_pruning: amount must be a fraction in (0, 1), e.g. 0.5, got {amount!r}")
+    if callable(schedule):
+        fraction = schedule
+    elif isinstance(schedule, Sequence) and not isinstance(schedule, str) and schedule:
+        points = list(schedule)
+        if any(isinstance(p, bool) or not isinstance(p, int) or p < 1 for p in points) or points != sorted(set(points)):
+            raise ValueError(f"with_pruning: schedule must be increasing update counts >= 1, got {schedule!r}")
+        fraction = _CubicSchedule(tuple(points))
+    else:
+        raise TypeError(
+            f"with_pruning: schedule must be a non-empty list of update counts or a function of the step, got {schedule!r}"
+        )
+    if parameters is not None and (isinstance(parameters, str) or not all(isinstance(p, str) for p in parameters)):
+        raise TypeError(f"with_pruning: parameters must be a list of parameter names, got {parameters!r}")
+    if not callable(step):
+        raise TypeError(f"with_pruning: the step must be callable as step(state, batch), got {type(step).__qualname__}")
+    inner: Step = as_step(step)
+    if isinstance(inner, EvalStep):
+        raise TypeError("with_pruning cannot wrap eval_step: an evaluation step updates no weights to prune")
+    if inner.donated:
+        raise TypeError("with_pruning cannot wrap a donated step: apply donate() last")
+    later = "apply with_pruning first, e.g. {}(with_pruning(step, ...), ...)"
+    refuse_wrapping(inner, "with_pruning", {
+        "with_pruning": "the state holds one set of masks",
+        "with_ema": "the averages would take in weights about to be pruned; " + later.format("with_ema"),
+        "with_checkpointing": "its checkpoints would hold weights about to be pruned; " + later.format("with_checkpointing"),
+    })
+    amount = float(amount)
+    return PruningStep(
+        inner=inner,
+        amount=amount,
+        schedule=_Scaled(fraction, amount),
+        parameters=None if parameters is None else tuple(parameters),
+    )
+
+
+@attrs.frozen
+class _CubicSchedule:
+    """The fraction of ``amount`` reached after update ``step`` on the cubic ramp over ``points``."""
+
+    points: tuple[int, ...]
+
+    def __call__(self, step: int) -> float:
+        return cubic_sparsity(1.0, self.points, step)
+
+
+@attrs.frozen
+class _Scaled:
+    """``amount * fraction(step)``, with the fraction checked to lie in [0, 1]."""
+
+    fraction: Callable[[int], float]
+    amount: float
+
+    def __call__(self, step: int) -> float:
+        value = self.fraction(step)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+            raise ValueError(f"with_pruning: schedule({step}) must be a fraction in [0, 1], got {value!r}")
+        return self.amount * value
