@@ -35,6 +35,7 @@ __all__ = [
     "Precision",
     "Step",
     "TrainStep",
+    "UpdateStep",
     "WrapperStep",
     "as_step",
     "check_metric",
@@ -232,6 +233,32 @@ class WrapperStep(Step):
 
     def on_event(self, event: str, state: TrainState, metrics: Mapping[str, float]) -> None:
         """This transform's own reaction to a driver event (see :meth:`Step.notify`)."""
+
+
+@attrs.frozen(eq=False)
+class UpdateStep(WrapperStep):
+    """Base of whole-step transforms that act once per optimizer update: when a call (or an
+    end-of-epoch flush) moved ``state.step``, :meth:`after_update` gets the new state.
+
+    Not after a micro-batch of an accumulation group, a skipped update or a skipped batch.
+
+    >>> UpdateStep(as_step(lambda s, b: (s, {}))).applied
+    ('<lambda>', 'UpdateStep')
+    """
+
+    def run_(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
+        before = state.step
+        new, metrics = self.inner.run_(state, batch)
+        return (new if new.step == before else self.after_update(new)), metrics
+
+    def flush_(self, state: TrainState) -> tuple[TrainState, Metrics]:
+        before = state.step
+        new, metrics = self.inner.flush_(state)
+        return (new if new.step == before else self.after_update(new)), metrics
+
+    def after_update(self, state: TrainState) -> TrainState:
+        """The state after an update, with this transform's work done (may be ``state`` itself)."""
+        return state
 
 
 # --- protocols the gradient-level transforms implement ------------------------------------------

@@ -25,7 +25,7 @@ import attrs
 from loopkit import checkpoint
 from loopkit._collective import is_rank_zero
 from loopkit.state import TrainState
-from loopkit.steps import EvalStep, Metrics, Step, WrapperStep, as_step
+from loopkit.steps import EvalStep, Step, UpdateStep, as_step
 
 __all__ = ["CheckpointStep", "with_checkpointing"]
 
@@ -73,7 +73,7 @@ class _Saver:
 
 
 @attrs.frozen(eq=False, kw_only=True)
-class CheckpointStep(WrapperStep):
+class CheckpointStep(UpdateStep):
     """The step :func:`with_checkpointing` returns; see there.
 
     >>> import tempfile
@@ -101,22 +101,11 @@ class CheckpointStep(WrapperStep):
 
     # Saving after steps -------------------------------------------------------------------
 
-    def run_(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
-        before = state.step
-        new, metrics = self.inner.run_(state, batch)
-        self._after_update(new, before)
-        return new, metrics
-
-    def flush_(self, state: TrainState) -> tuple[TrainState, Metrics]:
-        before = state.step
-        new, metrics = self.inner.flush_(state)
-        self._after_update(new, before)
-        return new, metrics
-
-    def _after_update(self, state: TrainState, before: int) -> None:
+    def after_update(self, state: TrainState) -> TrainState:
         n = self.every_n_steps
-        if n and state.step != before and state.step % n == 0:  # once per update, not per micro-batch
+        if n and state.step % n == 0:  # once per update, not per micro-batch
             self.save(state, reason=f"every_n_steps={n}")
+        return state
 
     # Saving on driver events --------------------------------------------------------------
 

@@ -13,7 +13,7 @@ import attrs
 import torch
 
 from loopkit.state import TrainState, fork, replace
-from loopkit.steps import EvalStep, Metrics, Step, WrapperStep, as_step
+from loopkit.steps import EvalStep, Step, UpdateStep, as_step
 from loopkit.transforms._compose import refuse_wrapping
 
 __all__ = ["EMAStep", "ema_state", "with_ema"]
@@ -44,7 +44,7 @@ def _averaged(state: TrainState, decay: float) -> dict[str, torch.Tensor]:
 
 
 @attrs.frozen(eq=False)
-class EMAStep(WrapperStep):
+class EMAStep(UpdateStep):
     """The step :func:`with_ema` returns: after each optimizer update, the averages move toward the parameters.
 
     >>> from loopkit.steps import as_step
@@ -58,19 +58,10 @@ class EMAStep(WrapperStep):
     def name(self) -> str:
         return "with_ema"
 
-    def run_(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
-        return self._averaging(self.inner.run_(state, batch), state.step)
-
-    def flush_(self, state: TrainState) -> tuple[TrainState, Metrics]:
-        return self._averaging(self.inner.flush_(state), state.step)
-
-    def _averaging(self, result: tuple[TrainState, Metrics], before: int) -> tuple[TrainState, Metrics]:
-        new, metrics = result
-        if new.step == before:  # a micro-batch, a skipped update or a skipped batch: nothing moved
-            return new, metrics
+    def after_update(self, state: TrainState) -> TrainState:
         with torch.no_grad():
-            averages = _averaged(new, self.decay)
-        return replace(new, extras={**new.extras, _EMA: averages}), metrics
+            averages = _averaged(state, self.decay)
+        return replace(state, extras={**state.extras, _EMA: averages})
 
 
 def with_ema(step: Any, decay: float) -> EMAStep:

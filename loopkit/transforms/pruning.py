@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 from loopkit.state import TrainState, replace
-from loopkit.steps import EvalStep, Metrics, Step, WrapperStep, as_step
+from loopkit.steps import EvalStep, Step, UpdateStep, as_step
 from loopkit.transforms._compose import refuse_wrapping
 
 __all__ = ["PruningStep", "default_prunable", "with_pruning"]
@@ -59,7 +59,7 @@ def _global_masks(weights: list[torch.Tensor], masks: list[torch.Tensor], sparsi
 
 
 @attrs.frozen(eq=False, kw_only=True)
-class PruningStep(WrapperStep):
+class PruningStep(UpdateStep):
     """The step :func:`with_pruning` returns.
 
     >>> from loopkit.steps import as_step
@@ -79,29 +79,20 @@ class PruningStep(WrapperStep):
     def changes_state(self) -> bool:  # type: ignore[override]
         return True  # it zeroes weights in place: a pure call works on a copy, whatever the inner step
 
-    def run_(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
-        return self._pruning(self.inner.run_(state, batch), state.step)
-
-    def flush_(self, state: TrainState) -> tuple[TrainState, Metrics]:
-        return self._pruning(self.inner.flush_(state), state.step)
-
-    def _pruning(self, result: tuple[TrainState, Metrics], before: int) -> tuple[TrainState, Metrics]:
-        new, metrics = result
-        if new.step == before:  # no update: the weights did not move
-            return new, metrics
-        weights = self._weights(new)
-        masks = new.extras.get(_MASKS)
-        target = self.schedule(new.step)
+    def after_update(self, state: TrainState) -> TrainState:
+        weights = self._weights(state)
+        masks = state.extras.get(_MASKS)
+        target = self.schedule(state.step)
         extras = None
         with torch.no_grad():
-            if target > new.extras.get(_SPARSITY, 0.0):  # a pruning point: the masks grow
-                old = [torch.ones_like(w) for w in weights] if masks is None else [masks[n] for n in self._names(new)]
-                grown = _global_masks(weights, old, target)
-                masks = dict(zip(self._names(new), grown))
-                extras = {**new.extras, _MASKS: masks, _SPARSITY: float(target)}
+            if target > state.extras.get(_SPARSITY, 0.0):  # a pruning point: the masks grow
+                names = self._names(state)
+                old = [torch.ones_like(w) for w in weights] if masks is None else [masks[n] for n in names]
+                masks = dict(zip(names, _global_masks(weights, old, target)))
+                extras = {**state.extras, _MASKS: masks, _SPARSITY: float(target)}
             if masks is not None:  # pruned weights stay zero whatever the optimizer did to them
-                torch._foreach_mul_(weights, [masks[n] for n in self._names(new)])
-        return (new if extras is None else replace(new, extras=extras)), metrics
+                torch._foreach_mul_(weights, [masks[n] for n in self._names(state)])
+        return state if extras is None else replace(state, extras=extras)
 
     def _names(self, state: TrainState) -> list[str]:
         return list(self.parameters) if self.parameters is not None else default_prunable(state.model)
