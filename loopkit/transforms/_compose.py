@@ -6,7 +6,7 @@ from typing import Any
 
 from loopkit.steps import EvalStep, Step, TrainStep, WrapperStep, as_step
 
-__all__ = ["refuse_wrapping", "require_train_or_eval_step", "require_train_step"]
+__all__ = ["refuse_wrapping", "require_step", "require_train_or_eval_step", "require_train_step"]
 
 
 def _refuse(transform: str, step: Step, needs: str) -> TypeError:
@@ -73,3 +73,21 @@ def refuse_wrapping(step: Step, transform: str, reasons: dict[str, str]) -> None
         if wrapped.name in reasons:
             raise TypeError(f"{transform} cannot wrap {wrapped.name}: {reasons[wrapped.name]}")
         wrapped = wrapped.inner
+
+
+def require_step(step: Any, transform: str, *, no_eval: str | None = None) -> Step:
+    """``step`` as a :class:`Step` for a whole-step transform; refused if not callable or donated,
+    and if ``no_eval`` (the reason) is given, when it is an ``eval_step``.
+
+    >>> from loopkit.steps import eval_step
+    >>> require_step(eval_step(lambda m, b: {}), "with_ema", no_eval="nothing to average")
+    Traceback (most recent call last):
+    ...
+    TypeError: with_ema cannot wrap eval_step: nothing to average
+    """
+    step = _as_step(step, transform)
+    if no_eval is not None and isinstance(step, EvalStep):
+        raise TypeError(f"{transform} cannot wrap eval_step: {no_eval}")
+    if step.donated:
+        raise TypeError(f"{transform} cannot wrap a donated step: apply donate() last")
+    return step

@@ -25,7 +25,8 @@ import attrs
 from loopkit import checkpoint
 from loopkit._collective import is_rank_zero
 from loopkit.state import TrainState
-from loopkit.steps import EvalStep, Step, UpdateStep, as_step
+from loopkit.steps import UpdateStep
+from loopkit.transforms._compose import require_step
 
 __all__ = ["CheckpointStep", "with_checkpointing"]
 
@@ -316,15 +317,7 @@ def with_checkpointing(
         raise ValueError(f"with_checkpointing: monitor must be a metric name such as 'val/loss', got {monitor!r}")
     if not isinstance(directory, (str, os.PathLike)):
         raise TypeError(f"with_checkpointing: directory must be a path, got {type(directory).__qualname__}")
-    if not callable(step):
-        raise TypeError(
-            f"with_checkpointing: the step must be callable as step(state, batch), got {type(step).__qualname__}"
-        )
-    inner: Step = as_step(step)
-    if isinstance(inner, EvalStep):
-        raise TypeError("with_checkpointing cannot wrap eval_step: an evaluation step changes no state to save")
-    if inner.donated:
-        raise TypeError("with_checkpointing cannot wrap a donated step: apply donate() last")
+    inner = require_step(step, "with_checkpointing", no_eval="an evaluation step changes no state to save")
     path = Path(directory)
     _prepare_directory(path)
     return CheckpointStep(

@@ -13,8 +13,8 @@ import attrs
 import torch
 
 from loopkit.state import TrainState, fork, replace
-from loopkit.steps import EvalStep, Step, UpdateStep, as_step
-from loopkit.transforms._compose import refuse_wrapping
+from loopkit.steps import UpdateStep
+from loopkit.transforms._compose import refuse_wrapping, require_step
 
 __all__ = ["EMAStep", "ema_state", "with_ema"]
 
@@ -94,13 +94,7 @@ def with_ema(step: Any, decay: float) -> EMAStep:
     """
     if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay < 1.0:
         raise ValueError(f"with_ema: decay must be a number in [0, 1), e.g. 0.999, got {decay!r}")
-    if not callable(step):
-        raise TypeError(f"with_ema: the step must be callable as step(state, batch), got {type(step).__qualname__}")
-    inner: Step = as_step(step)
-    if isinstance(inner, EvalStep):
-        raise TypeError("with_ema cannot wrap eval_step: an evaluation step updates no parameters to average")
-    if inner.donated:
-        raise TypeError("with_ema cannot wrap a donated step: apply donate() last")
+    inner = require_step(step, "with_ema", no_eval="an evaluation step updates no parameters to average")
     refuse_wrapping(inner, "with_ema", {
         "with_ema": "the state holds one set of averages",
         "with_checkpointing": "its checkpoints would miss the averages' last update; apply with_ema first, "

@@ -17,7 +17,8 @@ import torch
 
 from loopkit import _collective
 from loopkit.state import TrainState, replace
-from loopkit.steps import Metrics, Step, WrapperStep, as_step, check_metric
+from loopkit.steps import Metrics, WrapperStep, check_metric
+from loopkit.transforms._compose import refuse_wrapping, require_step
 
 __all__ = ["LoggingStep", "with_logging"]
 
@@ -212,17 +213,9 @@ def with_logging(step: Any, *loggers: Any, every_n_steps: int = 50) -> LoggingSt
         share = getattr(logger, "share_run_dir", None)
         if share is not None:
             any(share(earlier) for earlier in loggers[:i])
-    if not callable(step):
-        raise TypeError(f"with_logging: the step must be callable as step(state, batch), got {type(step).__qualname__}")
-    inner: Step = as_step(step)
-    if inner.donated:
-        raise TypeError("with_logging cannot wrap a donated step: apply donate() last")
-    wrapped: Any = inner
-    while isinstance(wrapped, WrapperStep):  # one window per state: a second layer would count twice
-        if isinstance(wrapped, LoggingStep):
-            raise TypeError(
-                "with_logging cannot wrap with_logging: the window lives in the state once; pass every "
-                "logger to one with_logging(step, logger_a, logger_b, ...)"
-            )
-        wrapped = wrapped.inner
+    inner = require_step(step, "with_logging")
+    refuse_wrapping(inner, "with_logging", {  # one window per state: a second layer would count twice
+        "with_logging": "the window lives in the state once; pass every logger to one "
+        "with_logging(step, logger_a, logger_b, ...)",
+    })
     return LoggingStep(inner, loggers=tuple(loggers), every_n_steps=every_n_steps)

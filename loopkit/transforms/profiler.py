@@ -21,7 +21,8 @@ from torch.profiler import ProfilerActivity, profile, record_function, schedule,
 
 from loopkit._collective import is_rank_zero
 from loopkit.state import TrainState
-from loopkit.steps import Metrics, Step, WrapperStep, as_step
+from loopkit.steps import Metrics, WrapperStep
+from loopkit.transforms._compose import require_step
 
 __all__ = ["ProfilerStep", "with_profiler"]
 
@@ -80,6 +81,7 @@ class ProfilerStep(WrapperStep):
     """The step :func:`with_profiler` returns; :meth:`close` ends a profile a loop of your own left open.
 
     >>> import tempfile
+    >>> from loopkit.steps import as_step
     >>> tmp = tempfile.TemporaryDirectory()
     >>> ProfilerStep(inner=as_step(lambda s, b: (s, {})), directory=Path(tmp.name)).name
     'with_profiler'
@@ -161,11 +163,7 @@ def with_profiler(
             raise ValueError(f"with_profiler: {name} must be an int >= {minimum}, got {value!r}")
     if not isinstance(directory, (str, os.PathLike)):
         raise TypeError(f"with_profiler: directory must be a path, got {type(directory).__qualname__}")
-    if not callable(step):
-        raise TypeError(f"with_profiler: the step must be callable as step(state, batch), got {type(step).__qualname__}")
-    inner: Step = as_step(step)
-    if inner.donated:
-        raise TypeError("with_profiler cannot wrap a donated step: apply donate() last")
+    inner = require_step(step, "with_profiler")
     path = Path(directory)
     if path.exists() and not path.is_dir():
         raise NotADirectoryError(f"with_profiler: {str(path)!r} exists and is not a directory")

@@ -16,8 +16,8 @@ from torch import nn
 from torch.nn.utils import prune
 
 from loopkit.state import TrainState, replace
-from loopkit.steps import EvalStep, Step, UpdateStep, as_step
-from loopkit.transforms._compose import refuse_wrapping
+from loopkit.steps import UpdateStep
+from loopkit.transforms._compose import refuse_wrapping, require_step
 
 __all__ = ["PruningStep", "default_prunable", "with_pruning"]
 
@@ -154,13 +154,7 @@ def with_pruning(
         )
     if parameters is not None and (isinstance(parameters, str) or not all(isinstance(p, str) for p in parameters)):
         raise TypeError(f"with_pruning: parameters must be a list of parameter names, got {parameters!r}")
-    if not callable(step):
-        raise TypeError(f"with_pruning: the step must be callable as step(state, batch), got {type(step).__qualname__}")
-    inner: Step = as_step(step)
-    if isinstance(inner, EvalStep):
-        raise TypeError("with_pruning cannot wrap eval_step: an evaluation step updates no weights to prune")
-    if inner.donated:
-        raise TypeError("with_pruning cannot wrap a donated step: apply donate() last")
+    inner = require_step(step, "with_pruning", no_eval="an evaluation step updates no weights to prune")
     later = "apply with_pruning first, e.g. {}(with_pruning(step, ...), ...)"
     refuse_wrapping(inner, "with_pruning", {
         "with_pruning": "the state holds one set of masks",
