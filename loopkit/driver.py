@@ -18,6 +18,7 @@ import itertools
 import signal
 import sys
 import threading
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -276,6 +277,25 @@ def _validate_options(
             raise TypeError("run_epochs: val must be a pair (eval_step, val_data)")
 
 
+class _TellingAbort:
+    """On an exception out of the fit, tells the step (``notify("abort")``) so that its
+    transforms release what they hold (a running profiler, open log files, a save thread)."""
+
+    def __init__(self, step: Any, state: TrainState) -> None:
+        self.step, self.state = step, state
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: Any, error: Any, traceback: Any) -> None:
+        if error is None:
+            return
+        try:
+            self.step.notify("abort", self.state, {})
+        except Exception as also:  # the fit's own error is the one to raise
+            warnings.warn(f"run_epochs: after {type(error).__name__}, releasing the step failed too: {also!r}", stacklevel=2)
+
+
 class _StopOnSignal:
     """While active, SIGTERM or SIGINT asks ``run_epochs`` to stop after the current step.
 
@@ -419,7 +439,7 @@ def run_epochs(
 
     validates = val is not None and limit_val_batches != 0
 
-    with _StopOnSignal() as stop:
+    with _StopOnSignal() as stop, _TellingAbort(step, state):
         hooks.call("on_fit_start", state)
         if validates and sanity_val_batches > 0:
             sanity_limit = sanity_val_batches
@@ -442,23 +462,19 @@ def run_epochs(
             remaining = None if total is None else max(total - state.batch_index, 0)
             bar = ProgressBar(enabled=show, total=remaining, desc=f"epoch {state.epoch}")
             exhausted = True
-            uncounted = 0  # batches the bar has not counted yet
             for batch in batches:
                 if move is not None:
                     batch = move(batch)
                 before = state.step
                 state, metrics = step(state, batch)
                 means.add(metrics)
+                if bar.enabled:
+                    bar.tick(metrics)
                 for hook in hooks.batch_end:
                     hook(state, metrics)
                 if stop.requested:  # a graceful stop: no flush, no validation; resume continues here
                     exhausted = False
                     break
-                if bar.enabled:
-                    uncounted += 1
-                    if uncounted >= bar.every:
-                        bar.advance(uncounted, metrics)
-                        uncounted = 0
                 hooks_ran = batch_hooks  # a callback can only ask to stop from one of its hooks
                 if validates and val_every_n_steps and state.step != before and state.step % val_every_n_steps == 0:
                     last_val = validation_end(state)
@@ -473,7 +489,7 @@ def run_epochs(
                 state = state.evolve(epoch=epoch + 1, batch_index=0)
             record: dict[str, float] = {"epoch": epoch, "step": state.step}
             record.update({f"train/{k}": v for k, v in means.read().items()})
-            bar.close({k: v for k, v in record.items() if k.startswith("train/")}, uncounted)
+            bar.close({k: v for k, v in record.items() if k.startswith("train/")})
             if exhausted and validates and (epoch + 1) % val_every_n_epochs == 0:
                 last_val = validation_end(state)
             record.update(last_val)

@@ -291,14 +291,17 @@ def _write_json(path: str, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def _tensorflow_bins() -> list[float]:
+def _tensorflow_bins() -> tuple[float, ...]:
     """TensorBoard's default histogram buckets (what ``SummaryWriter.add_histogram`` uses): +-1e-12 * 1.1**k up to 1e20."""
     buckets = []
     v = 1e-12
     while v < 1e20:
         buckets.append(v)
         v *= 1.1
-    return [-b for b in reversed(buckets)] + [0.0] + buckets
+    return tuple([-b for b in reversed(buckets)] + [0.0] + buckets)
+
+
+_TENSORFLOW_BINS = _tensorflow_bins()
 
 
 class _EventFile:
@@ -313,8 +316,9 @@ class _EventFile:
 
     def __init__(self, log_dir: str, suffix: str) -> None:
         from tensorboardX.proto.event_pb2 import Event
+        from tensorboardX.record_writer import masked_crc32c
 
-        self._event = Event
+        self._event, self._crc = Event, masked_crc32c
         name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}{suffix}"
         self.path = os.path.join(log_dir, name)
         self._file = open(self.path, "wb")
@@ -328,7 +332,8 @@ class _EventFile:
     def _write(self, event: Any) -> None:
         data = event.SerializeToString()
         header = struct.pack("<Q", len(data))
-        self._file.write(header + struct.pack("<I", _masked_crc32c(header)) + data + struct.pack("<I", _masked_crc32c(data)))
+        crc = self._crc
+        self._file.write(header + struct.pack("<I", crc(header)) + data + struct.pack("<I", crc(data)))
 
     def flush(self) -> None:
         self._file.flush()
@@ -341,14 +346,6 @@ def _close_event_file(file: IO[bytes]) -> None:
     file.flush()
     os.fsync(file.fileno())
     file.close()
-
-
-def _masked_crc32c(data: bytes) -> int:
-    """TFRecord's checksum of a record part: CRC-32C, rotated right by 15 and offset."""
-    from tensorboardX.crc32c import crc32c
-
-    x = crc32c(data) & 0xFFFFFFFF
-    return (((x >> 15) | (x << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
 
 class TensorBoardLogger(RunDirLogger):
@@ -448,7 +445,7 @@ class TensorBoardLogger(RunDirLogger):
             return
         from tensorboardX.summary import histogram
 
-        bins = _tensorflow_bins()
+        bins = _TENSORFLOW_BINS
         for name, p in model.named_parameters():
             self._add(histogram(f"params/{name}", p.detach().float().cpu().numpy(), bins), step)
             if p.grad is not None:

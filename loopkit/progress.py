@@ -39,11 +39,11 @@ def progress_wanted(progress: bool, stream: Any = None) -> bool:
 
 
 class ProgressBar:
-    """One epoch's bar. The driver counts batches and calls :meth:`advance` every ``every`` of them.
+    """One epoch's bar: :meth:`tick` once per batch, :meth:`close` at the end of the epoch.
 
-    ``every`` adapts so that the count moves about every 0.05 s (every batch when a batch
-    takes that long), so a fast loop pays for the bar once in many batches and a slow one
-    still sees each batch. The latest metrics are read (one host sync) on every 20th batch;
+    The count moves in bunches of about 0.05 s of batches (every batch when a batch takes
+    that long), so a fast loop pays for the bar once in many batches and a slow one still sees
+    each batch; the latest metrics are read (one host sync) on every 20th batch.
     ``update(postfix)`` takes floats.
 
     >>> bar = ProgressBar(enabled=False, total=None, desc="x")
@@ -53,7 +53,8 @@ class ProgressBar:
 
     def __init__(self, *, enabled: bool, total: int | None, desc: str) -> None:
         self.enabled = enabled
-        self.every = 1
+        self.every = 1  # batches per count update
+        self._uncounted = 0
         self._unread = 0
         self._last = time.perf_counter()
         self._bar = None
@@ -62,13 +63,19 @@ class ProgressBar:
 
             self._bar = tqdm(total=total, desc=desc, leave=True, dynamic_ncols=True)
 
-    def advance(self, n: int, metrics: Mapping[str, torch.Tensor]) -> None:
-        """Count ``n`` more batches; ``metrics`` are the latest batch's (shown every 20 batches)."""
+    def tick(self, metrics: Mapping[str, torch.Tensor]) -> None:
+        """One more batch, whose ``metrics`` the bar shows when it is a 20th batch."""
+        self._uncounted += 1
+        if self._uncounted >= self.every:
+            self._advance(metrics)
+
+    def _advance(self, metrics: Mapping[str, torch.Tensor]) -> None:
+        n, self._uncounted = self._uncounted, 0
         self._unread += n
         postfix = None
-        if self._unread >= _READ_EVERY and metrics:
-            postfix = _collective.read(metrics)
+        if self._unread >= _READ_EVERY:
             self._unread = 0
+            postfix = _collective.read(metrics) if metrics else None
         self.update(postfix, n)
         now = time.perf_counter()
         per_batch, self._last = (now - self._last) / n, now
@@ -82,12 +89,13 @@ class ProgressBar:
             self._bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
         self._bar.update(n)
 
-    def close(self, postfix: Mapping[str, float] | None = None, n: int = 0) -> None:
-        """Count the last ``n`` batches, show ``postfix`` (the epoch means) and close."""
+    def close(self, postfix: Mapping[str, float] | None = None) -> None:
+        """Count the batches not counted yet, show ``postfix`` (the epoch means) and close."""
         if self._bar is None:
             return
         if postfix:
             self._bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
-        if n:
-            self._bar.update(n)
+        if self._uncounted:
+            self._bar.update(self._uncounted)
+            self._uncounted = 0
         self._bar.close()

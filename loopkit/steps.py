@@ -100,8 +100,10 @@ class Step:
         (metrics: the epoch's history record, ``state`` already at the next epoch),
         ``"stop"`` (a graceful stop on SIGTERM/SIGINT: the current step has finished and
         ``run_epochs`` is about to return; metrics empty; ``state`` may be mid-epoch, where a
-        resumed run continues) or ``"fit_end"`` (metrics: the last history record; after
-        ``"stop"`` too). Sanity validation is never notified.
+        resumed run continues), ``"fit_end"`` (metrics: the last history record; after
+        ``"stop"`` too) or ``"abort"`` (an exception is leaving ``run_epochs``: release what is
+        held and flush what is written; ``state`` is the one the fit started from and may have
+        been donated: do not read it; metrics empty). Sanity validation is never notified.
         """
 
     def _invoke(self, run: Callable[..., tuple[TrainState, Metrics]], state: TrainState, *args: Any):

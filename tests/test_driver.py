@@ -665,3 +665,38 @@ def test_limit_val_batches_0_turns_off_validation_every_n_steps_too(make_mlp, ma
         limit_val_batches=0, callbacks=[Recorder(), loopkit.EarlyStopping("val/mse")], progress=False,
     )
     assert seen == [] and state.step == 4 and not any(k.startswith("val/") for k in history[0])
+
+
+def test_an_error_out_of_the_fit_releases_the_profiler_the_loggers_and_the_saves(tmp_path):
+    class Memory:
+        def __init__(self):
+            self.records, self.finalized = [], 0
+
+        def log_metrics(self, metrics, step):
+            self.records.append((step, dict(metrics)))
+
+        def log_hparams(self, hparams, metrics=None):
+            pass
+
+        def finalize(self):
+            self.finalized += 1
+
+    def failing_validation(model, batch):
+        raise RuntimeError("validation failed")
+
+    logger = Memory()
+    step = loopkit.with_profiler(
+        loopkit.with_logging(
+            loopkit.with_checkpointing(train_step(mse), tmp_path / "ckpt", every_n_steps=1, async_save=True),
+            logger, every_n_steps=1,
+        ),
+        tmp_path / "profile", wait=0, warmup=1, active=50,
+    )
+    with pytest.raises(RuntimeError, match="validation failed"):
+        run_epochs(step, make_state(), make_data(4), epochs=2, val=(eval_step(failing_validation), make_data(2)),
+                   sanity_val_batches=0, progress=False)
+    assert not torch.autograd._profiler_enabled()  # the profile was stopped and written
+    assert any(f.name.endswith(".pt.trace.json") for f in (tmp_path / "profile").iterdir())
+    assert logger.finalized == 1 and [s for s, _ in logger.records] == [1, 2, 3, 4]
+    assert step.inner.inner.saver.executor is None  # the background saves finished, the thread is gone
+    assert [c.step for c in loopkit.checkpoint.list_checkpoints(tmp_path / "ckpt")] == [2, 3, 4]

@@ -175,6 +175,14 @@ def test_the_count_moves_per_batch_only_when_batches_are_slow(monkeypatch, slow)
         assert {20, 40} <= set(itertools.accumulate(bar.added))
 
 
+def test_batches_without_metrics_are_counted_in_bunches_too(monkeypatch):
+    use_fake_tty(monkeypatch)
+    monkeypatch.setattr(tqdm.auto, "tqdm", CountingTqdm)
+    run_epochs(train_step(lambda m, b: None), make_state(), make_data(45), epochs=1, progress=True)  # every batch skipped
+    (bar,) = EveryUpdateTqdm.created
+    assert bar.n == 45 and len(bar.added) <= 8, bar.added
+
+
 def test_bar_reads_the_metrics_once_per_refresh_not_per_batch(monkeypatch, conversions):
     fake_tty = use_fake_tty(monkeypatch)
     used = []

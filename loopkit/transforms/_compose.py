@@ -22,12 +22,6 @@ def _refuse(transform: str, step: Step, needs: str) -> TypeError:
     )
 
 
-def _as_step(step: Any, transform: str) -> Step:
-    if not callable(step):
-        raise TypeError(f"{transform}: the step must be callable as step(state, batch), got {type(step).__qualname__}")
-    return as_step(step)
-
-
 def require_train_step(step: Any, transform: str) -> TrainStep:
     """``step`` as a :class:`TrainStep`, or a ``TypeError`` naming ``transform`` and what it wraps.
 
@@ -35,11 +29,9 @@ def require_train_step(step: Any, transform: str) -> TrainStep:
     >>> require_train_step(train_step(lambda m, b: None), "with_grad_clip").applied
     ('train_step',)
     """
-    step = _as_step(step, transform)
+    step = require_step(step, transform)
     if not isinstance(step, TrainStep):
         raise _refuse(transform, step, "the gradients and the update")
-    if step.donated:
-        raise TypeError(f"{transform} cannot wrap a donated step: apply donate() last")
     return step
 
 
@@ -50,13 +42,9 @@ def require_train_or_eval_step(step: Any, transform: str) -> TrainStep | EvalSte
     >>> require_train_or_eval_step(eval_step(lambda m, b: {}), "with_amp").applied
     ('eval_step',)
     """
-    step = _as_step(step, transform)
-    if isinstance(step, EvalStep):
-        if step.donated:
-            raise TypeError(f"{transform} cannot wrap a donated step: apply donate() last")
+    step = require_step(step, transform)
+    if isinstance(step, (EvalStep, TrainStep)):
         return step
-    if isinstance(step, TrainStep):
-        return require_train_step(step, transform)
     raise _refuse(transform, step, "the forward pass")
 
 
@@ -85,7 +73,9 @@ def require_step(step: Any, transform: str, *, no_eval: str | None = None) -> St
     ...
     TypeError: with_ema cannot wrap eval_step: nothing to average
     """
-    step = _as_step(step, transform)
+    if not callable(step):
+        raise TypeError(f"{transform}: the step must be callable as step(state, batch), got {type(step).__qualname__}")
+    step = as_step(step)
     if no_eval is not None and isinstance(step, EvalStep):
         raise TypeError(f"{transform} cannot wrap eval_step: {no_eval}")
     if step.donated:

@@ -125,7 +125,7 @@ class CheckpointStep(UpdateStep):
         elif event == "stop":
             self.save(state, reason="stop")
             self.saver.wait()
-        elif event == "fit_end":
+        elif event in ("fit_end", "abort"):  # on abort: the saves already started finish
             self.saver.last = None  # a later run with this step saves afresh, even at the same position
             self.saver.wait(close=True)
 

@@ -130,7 +130,7 @@ class LoggingStep(WrapperStep):
             scalars = dict(metrics)
         elif event == "epoch_end":
             scalars = _epoch_scalars(metrics)
-        elif event == "fit_end":
+        elif event in ("fit_end", "abort"):  # on abort, what was logged is flushed and closed
             for logger in self.loggers:
                 logger.finalize()
             return

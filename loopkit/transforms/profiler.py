@@ -114,7 +114,7 @@ class ProfilerStep(WrapperStep):
         return result
 
     def on_event(self, event: str, state: TrainState, metrics: Mapping[str, float]) -> None:
-        if event in ("stop", "fit_end"):
+        if event in ("stop", "fit_end", "abort"):
             self.close()
 
     def close(self) -> None:

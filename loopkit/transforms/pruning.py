@@ -80,30 +80,28 @@ class PruningStep(UpdateStep):
         return True  # it zeroes weights in place: a pure call works on a copy, whatever the inner step
 
     def after_update(self, state: TrainState) -> TrainState:
-        weights = self._weights(state)
         masks = state.extras.get(_MASKS)
         target = self.schedule(state.step)
-        extras = None
+        grows = target > state.extras.get(_SPARSITY, 0.0)  # a pruning point
+        if masks is None and not grows:
+            return state
+        names, weights = self._weights(state)
         with torch.no_grad():
-            if target > state.extras.get(_SPARSITY, 0.0):  # a pruning point: the masks grow
-                names = self._names(state)
+            if grows:
                 old = [torch.ones_like(w) for w in weights] if masks is None else [masks[n] for n in names]
                 masks = dict(zip(names, _global_masks(weights, old, target)))
-                extras = {**state.extras, _MASKS: masks, _SPARSITY: float(target)}
-            if masks is not None:  # pruned weights stay zero whatever the optimizer did to them
-                torch._foreach_mul_(weights, [masks[n] for n in self._names(state)])
-        return state if extras is None else replace(state, extras=extras)
+                state = replace(state, extras={**state.extras, _MASKS: masks, _SPARSITY: float(target)})
+            torch._foreach_mul_(weights, [masks[n] for n in names])  # pruned weights stay zero, whatever the optimizer did
+        return state
 
-    def _names(self, state: TrainState) -> list[str]:
-        return list(self.parameters) if self.parameters is not None else default_prunable(state.model)
-
-    def _weights(self, state: TrainState) -> list[torch.Tensor]:
+    def _weights(self, state: TrainState) -> tuple[list[str], list[torch.Tensor]]:
+        """The names and (detached) tensors of the parameters to prune."""
         params = dict(state.model.named_parameters())
-        names = self._names(state)
+        names = list(self.parameters) if self.parameters is not None else default_prunable(state.model)
         missing = [n for n in names if n not in params]
         if missing:
             raise KeyError(f"with_pruning: the model has no parameter '{missing[0]}'")
-        return [params[n].detach() for n in names]
+        return names, [params[n].detach() for n in names]
 
 
 def with_pruning(
