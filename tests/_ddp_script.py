@@ -133,6 +133,17 @@ def flush(rank: int) -> dict[str, Any]:
     return {"params": _params(state.model), "step": state.step}
 
 
+def averaged_pruned(rank: int) -> dict[str, Any]:
+    import loopkit
+
+    data = make_data(STEPS)
+    inner = loopkit.with_pruning(loopkit.with_ddp(loopkit.train_step(mse)), 0.5, [2, STEPS])
+    step = loopkit.donate(loopkit.with_ema(inner, 0.8))
+    state, _ = _loop(step, sgd_state(make_model(seed=rank)), [data[i, rank] for i in range(STEPS)])
+    averages = {n: p.detach().clone() for n, p in loopkit.ema_state(state).model.named_parameters()}
+    return {"params": _params(state.model), "averages": averages, "masks": dict(state.extras["pruning/masks"])}
+
+
 def _nan_loss(model: nn.Module, batch: Any) -> torch.Tensor:
     x, poison = batch
     loss = mse(model, x)
@@ -242,7 +253,7 @@ def resume(rank: int, out_dir: str) -> dict[str, Any]:
     return {"params": _params(state.model), "start": start, "step": state.step}
 
 
-SCENARIOS = {f.__name__: f for f in (plain, accum, accum_outer, flush, nan_skip, nan_raise, fp16, fit)}
+SCENARIOS = {f.__name__: f for f in (plain, accum, accum_outer, flush, averaged_pruned, nan_skip, nan_raise, fp16, fit)}
 
 
 def main(out_dir: str, scenarios: list[str]) -> None:

@@ -17,7 +17,7 @@ import loopkit
 from tests import _ddp_script as ddp
 
 TOL = 1e-6
-SCENARIOS = ["plain", "accum", "accum_outer", "flush", "nan_skip", "nan_raise", "fp16", "fit"]
+SCENARIOS = ["plain", "accum", "accum_outer", "flush", "averaged_pruned", "nan_skip", "nan_raise", "fp16", "fit"]
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +64,20 @@ def test_two_ranks_equal_one_process_over_the_concatenated_batches(ranks):
         mean = (results[0]["metrics"][i]["loss"] + results[1]["metrics"][i]["loss"]) / 2
         assert abs(mean - losses[i]) <= 1e-5
     assert results[0]["keys"] == list(state.model.state_dict())  # no "module." prefix
+
+
+@pytest.mark.slow
+def test_pruning_and_averages_agree_on_both_ranks_and_with_one_process(ranks):
+    results = ranks("averaged_pruned")
+    data = ddp.make_data(ddp.STEPS)
+    step = loopkit.with_ema(loopkit.with_pruning(loopkit.train_step(ddp.mse), 0.5, [2, ddp.STEPS]), 0.8)
+    state, _ = _reference([torch.cat([data[i, 0], data[i, 1]]) for i in range(ddp.STEPS)], step)
+    _assert_ranks_identical(results)
+    for key in ("averages", "masks"):
+        assert all(torch.equal(results[0][key][n], results[1][key][n]) for n in results[0][key]), key
+    _assert_close(results[0]["params"], state.model)
+    _assert_close(results[0]["averages"], loopkit.ema_state(state).model)
+    assert all(torch.equal(results[0]["masks"][n], m) for n, m in state.extras["pruning/masks"].items())
 
 
 def _accum_reference(step=None):
