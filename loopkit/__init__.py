@@ -17,7 +17,7 @@ from loopkit.loggers import ConsoleLogger, CSVLogger, JSONLLogger, Logger, Tenso
 from loopkit.rng import seed_everything
 from loopkit.state import TrainState
 from loopkit.steps import EvalStep, Step, TrainStep, donate, eval_step, train_step
-from loopkit.transforms import ema_state, with_amp, with_checkpointing, with_ddp, with_ema, with_grad_accum, with_grad_clip, with_logging, with_nan_guard, with_profiler, with_pruning
+from loopkit.transforms import ema_state, with_amp, with_checkpointing, with_compile, with_ddp, with_ema, with_grad_accum, with_grad_clip, with_logging, with_nan_guard, with_profiler, with_pruning
 from loopkit.tree import to_device
 from loopkit import distributed  # noqa: E402  (an integration: imports the layers above)
 
@@ -54,6 +54,7 @@ __all__ = [
     "train_step",
     "with_amp",
     "with_checkpointing",
+    "with_compile",
     "with_ddp",
     "with_ema",
     "with_grad_accum",

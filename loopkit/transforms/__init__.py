@@ -5,6 +5,7 @@
 
 from loopkit.transforms.amp import with_amp
 from loopkit.transforms.checkpointing import with_checkpointing
+from loopkit.transforms.compiling import with_compile
 from loopkit.transforms.ddp import with_ddp
 from loopkit.transforms.ema import ema_state, with_ema
 from loopkit.transforms.grad_accum import with_grad_accum
@@ -18,6 +19,7 @@ __all__ = [
     "ema_state",
     "with_amp",
     "with_checkpointing",
+    "with_compile",
     "with_ddp",
     "with_ema",
     "with_grad_accum",
