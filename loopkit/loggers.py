@@ -342,6 +342,13 @@ class _EventFile:
         self._at_exit()
 
 
+def _scalars(metrics: Mapping[str, float]) -> Any:
+    """One TensorBoard ``Summary`` holding each metric as a scalar (as ``tf.summary`` writes them)."""
+    from tensorboardX.proto.summary_pb2 import Summary
+
+    return Summary(value=[Summary.Value(tag=k, simple_value=float(v)) for k, v in metrics.items()])
+
+
 def _close_event_file(file: IO[bytes]) -> None:
     file.flush()
     os.fsync(file.fileno())
@@ -415,10 +422,7 @@ class TensorBoardLogger(RunDirLogger):
         self._file.add(summary, step)  # type: ignore[union-attr]
 
     def _write_metrics(self, metrics: dict[str, float], step: int) -> None:
-        from tensorboardX.proto.summary_pb2 import Summary
-
-        # one event for the call's scalars (as tf.summary writes them), handed to the OS at once
-        self._add(Summary(value=[Summary.Value(tag=k, simple_value=v) for k, v in metrics.items()]), step)
+        self._add(_scalars(metrics), step)  # one event for the call's scalars, handed to the OS at once
         self._file.flush()  # type: ignore[union-attr]
         self._last.update(metrics)
         self._last_step = max(self._last_step, step)
@@ -464,12 +468,11 @@ class TensorBoardLogger(RunDirLogger):
 
     def _write_hparams_summary(self) -> None:
         from tensorboardX.summary import hparams as hparams_summary
-        from tensorboardX.summary import scalar
 
         metrics = dict(self._last) if self._final_metrics is None else dict(self._final_metrics)
-        for key, value in metrics.items():
-            if key not in self._last:  # a final metric never logged as a scalar: add it, for the HPARAMS tab
-                self._add(scalar(key, value), self._last_step)
+        unlogged = {k: v for k, v in metrics.items() if k not in self._last}
+        if unlogged:  # final metrics never logged as scalars: add them, for the HPARAMS tab
+            self._add(_scalars(unlogged), self._last_step)
         flat = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in _flatten(self._hparams).items()}
         for summary in hparams_summary(flat, metrics):
             self._add(summary, 0)

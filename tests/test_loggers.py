@@ -344,3 +344,14 @@ def test_only_rank_zero_writes(tmp_path, monkeypatch, rank):
 def test_public_names():
     assert loopkit.TensorBoardLogger is TensorBoardLogger and loopkit.CSVLogger is CSVLogger
     assert loopkit.JSONLLogger is JSONLLogger and loopkit.ConsoleLogger is ConsoleLogger
+
+
+def test_open_creates_the_event_file_that_the_first_write_then_uses(tmp_path):
+    logger = TensorBoardLogger(tmp_path)
+    logger.open()
+    (opened,) = [f for f in os.listdir(logger.log_dir) if f.startswith("events.out.tfevents")]
+    logger.open()  # already open: no second file
+    logger.log_metrics({"train/loss": 0.5}, 1)
+    logger.finalize()
+    assert [f for f in os.listdir(logger.log_dir) if f.startswith("events.out.tfevents")] == [opened]
+    assert [(e.step, e.value) for e in read_events(logger.log_dir).Scalars("train/loss")] == [(1, 0.5)]

@@ -85,7 +85,9 @@ class PruningStep(UpdateStep):
         grows = target > state.extras.get(_SPARSITY, 0.0)  # a pruning point
         if masks is None and not grows:
             return state
-        names, weights = self._weights(state)
+        # the masks name what is pruned; the parameters are looked up only before the first prune
+        names = list(masks) if masks is not None else self._names(state)
+        weights = self._weights(state, names)
         with torch.no_grad():
             if grows:
                 old = [torch.ones_like(w) for w in weights] if masks is None else [masks[n] for n in names]
@@ -94,14 +96,17 @@ class PruningStep(UpdateStep):
             torch._foreach_mul_(weights, [masks[n] for n in names])  # pruned weights stay zero, whatever the optimizer did
         return state
 
-    def _weights(self, state: TrainState) -> tuple[list[str], list[torch.Tensor]]:
-        """The names and (detached) tensors of the parameters to prune."""
+    def _names(self, state: TrainState) -> list[str]:
+        return list(self.parameters) if self.parameters is not None else default_prunable(state.model)
+
+    @staticmethod
+    def _weights(state: TrainState, names: list[str]) -> list[torch.Tensor]:
+        """The (detached) parameters ``names`` of the state's model."""
         params = dict(state.model.named_parameters())
-        names = list(self.parameters) if self.parameters is not None else default_prunable(state.model)
         missing = [n for n in names if n not in params]
         if missing:
             raise KeyError(f"with_pruning: the model has no parameter '{missing[0]}'")
-        return names, [params[n].detach() for n in names]
+        return [params[n].detach() for n in names]
 
 
 def with_pruning(
