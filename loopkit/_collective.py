@@ -55,8 +55,12 @@ def fold(
         for key, value in record.items():
             values.setdefault(key, []).append(value)
     for key, tensors in values.items():
-        device = tensors[0].device
-        total = torch.stack([t.to(device, torch.float32) for t in tensors]).sum()
+        try:  # the common case: one device (stack promotes mixed dtypes); no per-tensor conversion
+            stacked = torch.stack(tensors)
+        except RuntimeError:  # metrics of one key on several devices
+            device = tensors[0].device
+            stacked = torch.stack([t.to(device) for t in tensors])
+        total = stacked.sum(dtype=torch.float32)
         new_sums[key] = total if key not in new_sums else new_sums[key] + total
         new_counts[key] = new_counts.get(key, 0) + len(tensors)
     return new_sums, new_counts

@@ -24,7 +24,7 @@ from loopkit.errors import DonatedStateError, StateMismatchError
 from loopkit.rng import create_rng
 from loopkit.tree import from_plain, to_plain
 
-__all__ = ["TrainState", "fork", "model_device", "replace"]
+__all__ = ["TrainState", "fork", "model_device", "replace", "replace_extras"]
 
 _Scheduler = torch.optim.lr_scheduler.LRScheduler
 
@@ -243,6 +243,19 @@ def model_device(model: nn.Module) -> torch.device:
     for b in model.buffers():
         return b.device
     return torch.device("cpu")
+
+
+def replace_extras(state: TrainState, extras: Mapping[str, Any]) -> TrainState:
+    """:func:`replace` of ``extras`` alone: what a whole-step transform does on every call.
+
+    >>> import torch
+    >>> dict(replace_extras(TrainState.create(torch.nn.Linear(1, 1)), {"a": 1}).extras)
+    {'a': 1}
+    """
+    return TrainState(
+        state.model, state.optimizer, state.scheduler, state.step, state.epoch, state.batch_index, state.rng,
+        extras, state.seed,
+    )
 
 
 # --- copying only what a step changes -------------------------------------------------------

@@ -45,6 +45,8 @@ __all__ = [
 ]
 
 Metrics = dict[str, torch.Tensor]
+_Tensor = torch.Tensor
+_default_generator = torch.default_generator
 LossFn = Callable[[torch.nn.Module, Any], Any]
 
 _ACCUM_COUNT = "accum/count"
@@ -453,6 +455,8 @@ class TrainStep(Step):
         if optimizer is None:
             raise ValueError("train_step needs a state with an optimizer (TrainState.create(model, optimizer))")
         first = optimizer.param_groups[0]["params"][0]
+        if self.plain and self.sync is None and not first.is_cuda and len(state.rng) == 1:
+            return self._run_plain_cpu(state, batch, model, optimizer)
         sync = self.sync
         extras = None if self.plain else dict(state.extras)
         per_micro = self.per_micro
@@ -504,6 +508,37 @@ class TrainStep(Step):
             return replace(new, extras=extras), metrics
         extras.pop(_ACCUM_COUNT, None)
         return self._apply_update(new, extras, metrics, ctx), metrics
+
+    def _run_plain_cpu(
+        self, state: TrainState, batch: Any, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+    ) -> tuple[TrainState, Metrics]:
+        """:meth:`run_` without precision, accumulation, gradient transforms or DDP, on the CPU.
+
+        The same work as the general path, in one frame: the hot path of the common step.
+        """
+        generator = _default_generator
+        saved = generator.get_state()  # the caller's global RNG, put back below
+        generator.set_state(state.rng["cpu"])
+        try:
+            out = self.loss_fn(model, batch)
+            if type(out) is _Tensor and out.ndim == 0 and out.requires_grad:
+                loss, metrics = out, {"loss": out.detach()}
+            elif out is None:  # the loss_fn skipped the batch
+                rng = {"cpu": generator.get_state()}
+                return _advance(state, state.step, rng, state.extras), {}
+            else:
+                loss, aux = _split_loss(out, self.loss_fn)
+                metrics = {"loss": loss.detach(), **aux}
+            loss.backward()
+            rng = {"cpu": generator.get_state()}
+        finally:
+            generator.set_state(saved)
+        optimizer.step()
+        scheduler = state.scheduler
+        if scheduler is not None:
+            scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        return _advance(state, state.step + 1, rng, state.extras), metrics
 
     def _loss_and_backward(
         self, state: TrainState, batch: Any, net: torch.nn.Module, first: torch.Tensor,

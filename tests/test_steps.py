@@ -287,6 +287,35 @@ def _dropout_run(seed, make_bn_dropout, batches, mse_loss, disturb):
     return state, masks
 
 
+@pytest.mark.parametrize("donated", [False, True])
+def test_plain_cpu_fast_path_equals_the_general_path(donated, make_bn_dropout, batches, make_adam_state, take_snapshot, assert_trees_equal):
+    """A plain step on the CPU takes a one-frame path; the general path (taken here because the
+    state's RNG holds a second generator) must give bitwise the same states, metrics and RNG."""
+
+    def loss_fn(model, batch):
+        x, y = batch
+        err = model(x) - y  # dropout draws, also on the skipped batch
+        if x[0, 0] > 10:  # the marked batch is skipped
+            return None
+        return (err**2).mean(), {"mae": err.abs().mean()}
+
+    data = [batches[0], (batches[1][0] + 100, batches[1][1]), batches[2], batches[3]]
+    step = loopkit.train_step(loss_fn)
+    step = loopkit.donate(step) if donated else step
+    fast = make_adam_state(make_bn_dropout(0), seed=5, scheduler=True)
+    general = make_adam_state(make_bn_dropout(0), seed=5, scheduler=True)
+    general = general.evolve(rng={**general.rng, "spare": torch.zeros(1, dtype=torch.uint8)})
+    for batch in data:
+        fast, fast_metrics = step(fast, batch)
+        general, general_metrics = step(general, batch)
+        assert_trees_equal(fast_metrics, general_metrics)
+    assert (fast.step, fast.batch_index) == (general.step, general.batch_index) == (3, 4)
+    assert torch.equal(fast.rng["cpu"], general.rng["cpu"]) and "spare" in general.rng
+    assert_trees_equal(take_snapshot(fast)["params"], take_snapshot(general)["params"])
+    assert_trees_equal(take_snapshot(fast)["optimizer"], take_snapshot(general)["optimizer"])
+    assert fast.scheduler.last_epoch == general.scheduler.last_epoch == 3
+
+
 def test_dropout_masks_do_not_depend_on_the_global_rng(make_bn_dropout, batches, mse_loss, take_snapshot, assert_trees_equal):
     loader = torch.utils.data.DataLoader(torch.arange(10.0), batch_size=2, shuffle=True)
 

@@ -12,7 +12,7 @@ from typing import Any
 import attrs
 import torch
 
-from loopkit.state import TrainState, fork, replace
+from loopkit.state import TrainState, fork, replace, replace_extras
 from loopkit.steps import UpdateStep
 from loopkit.transforms._compose import refuse_wrapping, require_step
 
@@ -61,7 +61,7 @@ class EMAStep(UpdateStep):
     def after_update(self, state: TrainState) -> TrainState:
         with torch.no_grad():
             averages = _averaged(state, self.decay)
-        return replace(state, extras={**state.extras, _EMA: averages})
+        return replace_extras(state, {**state.extras, _EMA: averages})
 
 
 def with_ema(step: Any, decay: float) -> EMAStep:

@@ -16,7 +16,7 @@ import attrs
 import torch
 
 from loopkit import _collective
-from loopkit.state import TrainState, replace
+from loopkit.state import TrainState, replace_extras
 from loopkit.steps import Metrics, WrapperStep, check_metric
 from loopkit.transforms._compose import refuse_wrapping, require_step
 
@@ -39,7 +39,8 @@ def _accumulate(extras: Mapping[str, Any], metrics: Metrics) -> Mapping[str, Any
     for key, value in record.items():
         if type(value) is not torch.Tensor or value.ndim or value.requires_grad:
             record[key] = check_metric(value, key, "the step wrapped by with_logging")
-    pending = _pending(extras) + (record,)
+    pending = extras.get(_PENDING, ())
+    pending = (pending if type(pending) is tuple else _pending(extras)) + (record,)
     if len(pending) < _FOLD_EVERY:
         return types.MappingProxyType({**extras, _PENDING: pending})
     window, counts = _fold(extras, pending)
@@ -117,10 +118,10 @@ class LoggingStep(WrapperStep):
         else:
             new, metrics = run(state, *args)
         if metrics:
-            new = replace(new, extras=_accumulate(new.extras, metrics))
+            new = replace_extras(new, _accumulate(new.extras, metrics))
         if new.step != before and new.step % self.every_n_steps == 0 and (_PENDING in new.extras or _WINDOW in new.extras):
             means = _read_means(new.extras)
-            new = replace(new, extras={k: v for k, v in new.extras.items() if k not in _KEYS})
+            new = replace_extras(new, {k: v for k, v in new.extras.items() if k not in _KEYS})
             for logger in self.loggers:
                 logger.log_metrics(means, new.step)
         return new, metrics
