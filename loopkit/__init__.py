@@ -23,6 +23,16 @@ from loopkit import distributed  # noqa: E402  (an integration: imports the laye
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str) -> object:
+    """``loopkit.tune`` on first use: it needs Optuna (the ``tune`` extra), which plain use does not."""
+    if name == "tune":
+        import importlib
+
+        return importlib.import_module("loopkit.tune")
+    raise AttributeError(f"module 'loopkit' has no attribute {name!r}")
+
+
 __all__ = [
     "CSVLogger",
     "Callback",

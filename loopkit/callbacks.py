@@ -14,7 +14,11 @@ hook                                      when
 ``on_fit_end(state, history)``            once, after training
 ========================================  ===================================================
 
-A callback that sets ``should_stop = True`` ends training after the current hook.
+A callback that sets ``should_stop = True`` ends training after the current hook. A callback
+with ``state_dict()`` and ``load_state_dict(d)`` (numbers, strings and tensors) has its counters
+kept in ``state.extras["callbacks/<state_key or class name>"]`` after each validation and epoch
+(before the step hears of them, so checkpoints hold them), and loaded back when ``run_epochs``
+starts from a state that has them: a run resumed from a checkpoint continues the patience count.
 
 >>> stopper = EarlyStopping("val/loss", patience=1)
 >>> stopper.on_validation_end(None, {"val/loss": 1.0}); stopper.should_stop
@@ -125,8 +129,17 @@ class EarlyStopping(Callback):
         if not self.monitor.startswith("val/"):
             self._check(state, metrics)
 
+    @property
+    def state_key(self) -> str:
+        """The name ``run_epochs`` keeps this callback's counters under in ``state.extras``.
+
+        >>> EarlyStopping("val/loss").state_key
+        'EarlyStopping[val/loss,min]'
+        """
+        return f"EarlyStopping[{self.monitor},{self.mode}]"
+
     def state_dict(self) -> dict[str, Any]:
-        """The counters, for checkpoints.
+        """The counters, for checkpoints (``run_epochs`` keeps them in ``state.extras``).
 
         >>> EarlyStopping("val/loss").state_dict()["wait"]
         0

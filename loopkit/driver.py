@@ -28,14 +28,15 @@ import torch
 from loopkit import _collective
 from loopkit.callbacks import Callback
 from loopkit.progress import ProgressBar, progress_wanted
-from loopkit.state import TrainState, fork, model_device
+from loopkit.state import TrainState, fork, model_device, replace_extras
 from loopkit.steps import as_step
 from loopkit.steps import donate as donated
-from loopkit.tree import to_device
+from loopkit.tree import to_device, to_plain
 
 __all__ = ["evaluate", "predict", "run_epochs"]
 
 Metrics = Mapping[str, torch.Tensor]
+_CALLBACKS = "callbacks/"  # the extras keys of the callbacks' counters
 _FOLD_EVERY = 256  # metric tensors kept per key before they are summed on the device
 
 
@@ -344,6 +345,48 @@ class _Hooks:
     def call(self, name: str, *args: Any) -> list[Any]:
         return [getattr(cb, name)(*args) for cb in self.callbacks if hasattr(cb, name)]
 
+    def stateful(self) -> list[tuple[str, Any]]:
+        """``(extras key, callback)`` for each callback with ``state_dict`` and ``load_state_dict``.
+
+        The key is ``callbacks/`` and the callback's ``state_key`` (or its class name), with
+        ``#2``, ``#3``... for later callbacks of the same key, in the order given.
+        """
+        keyed: list[tuple[str, Any]] = []
+        for cb in self.callbacks:
+            if callable(getattr(cb, "state_dict", None)) and callable(getattr(cb, "load_state_dict", None)):
+                base = f"{_CALLBACKS}{getattr(cb, 'state_key', None) or type(cb).__qualname__}"
+                seen = sum(1 for key, _ in keyed if key == base or key.startswith(base + "#"))
+                keyed.append((base if not seen else f"{base}#{seen + 1}", cb))
+        return keyed
+
+    def restore(self, state: TrainState) -> None:
+        """Load each stateful callback's counters from ``state.extras`` (a resumed run continues them)."""
+        for key, cb in self.stateful():
+            if key in state.extras:
+                cb.load_state_dict(dict(state.extras[key]))
+                if getattr(cb, "should_stop", False):
+                    warnings.warn(
+                        f"run_epochs: {type(cb).__qualname__} restored from state.extras[{key!r}] asks to stop at once; "
+                        f"to start it afresh, drop that key: state.evolve(extras={{k: v for k, v in "
+                        f"state.extras.items() if not k.startswith({_CALLBACKS!r})}})",
+                        stacklevel=3,
+                    )
+
+    def keep(self, state: TrainState) -> TrainState:
+        """``state`` with each stateful callback's ``state_dict()`` in its extras (checkpoints carry them)."""
+        keyed = self.stateful()
+        if not keyed:
+            return state
+        extras = dict(state.extras)
+        for key, cb in keyed:
+            value = cb.state_dict()
+            try:
+                to_plain(value, ("extras", key))
+            except TypeError as e:
+                raise TypeError(f"run_epochs: {type(cb).__qualname__}.state_dict() must hold numbers, strings and tensors only: {e}") from None
+            extras[key] = value
+        return replace_extras(state, extras)
+
     @property
     def should_stop(self) -> bool:
         return bool(self.callbacks) and any(getattr(cb, "should_stop", False) for cb in self.callbacks)
@@ -430,16 +473,19 @@ def run_epochs(
         means = evaluate(val[0], current, val[1], limit=limit, device=device)  # type: ignore[index]
         return {f"val/{k}": v for k, v in means.items()}
 
-    def validation_end(current: TrainState) -> dict[str, float]:
-        """A validation pass that counts: its means go to the step and the callbacks."""
+    def validation_end(current: TrainState) -> tuple[dict[str, float], TrainState]:
+        """A validation pass that counts: its means go to the callbacks, then (with their counters
+        kept in the state) to the step, whose checkpoints then hold them."""
         metrics = validate(current, limit_val_batches)
-        step.notify("validation_end", current, metrics)
         hooks.call("on_validation_end", current, metrics)
-        return metrics
+        current = hooks.keep(current)
+        step.notify("validation_end", current, metrics)
+        return metrics, current
 
     validates = val is not None and limit_val_batches != 0
 
     with _StopOnSignal() as stop, _TellingAbort(step, state):
+        hooks.restore(state)
         hooks.call("on_fit_start", state)
         if validates and sanity_val_batches > 0:
             sanity_limit = sanity_val_batches
@@ -477,7 +523,7 @@ def run_epochs(
                     break
                 hooks_ran = batch_hooks  # a callback can only ask to stop from one of its hooks
                 if validates and val_every_n_steps and state.step != before and state.step % val_every_n_steps == 0:
-                    last_val = validation_end(state)
+                    last_val, state = validation_end(state)
                     hooks_ran = True
                 if (max_steps is not None and state.step >= max_steps) or (hooks_ran and hooks.should_stop):
                     exhausted = total is not None and state.batch_index >= total
@@ -491,11 +537,12 @@ def run_epochs(
             record.update({f"train/{k}": v for k, v in means.read().items()})
             bar.close({k: v for k, v in record.items() if k.startswith("train/")})
             if exhausted and validates and (epoch + 1) % val_every_n_epochs == 0:
-                last_val = validation_end(state)
+                last_val, state = validation_end(state)
             record.update(last_val)
             for extra in hooks.call("on_epoch_end", state, dict(record)):
                 if extra:
                     record.update(extra)
+            state = hooks.keep(state)
             step.notify("epoch_end", state, record)
             history.append(record)
         if stop.requested:

@@ -148,6 +148,80 @@ def test_early_stopping_state_dict_round_trip():
     assert (b.best, b.wait, b.should_stop) == (1.0, 1, False)
 
 
+class _CrashAtEpoch(loopkit.Callback):
+    def __init__(self, epoch):
+        self.epoch = epoch
+
+    def on_epoch_start(self, state):
+        if state.epoch == self.epoch:
+            raise RuntimeError("simulated crash")
+
+
+def test_early_stopping_resumed_from_a_checkpoint_stops_where_the_uninterrupted_run_stops(tmp_path):
+    values = {1: 1.0, 2: 0.9, 3: 0.95, 4: 0.93, 5: 0.92, 6: 0.1, 7: 0.05}  # best at 2; patience 3 ends it at 5
+    step = loopkit.with_checkpointing(train_step(mse), tmp_path, every_n_epochs=1)
+
+    whole, whole_history, _ = run_with_stopper(values, loopkit.EarlyStopping("val/score", patience=3))
+    assert (len(whole_history), whole.epoch) == (5, 5)
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_epochs(step, make_state(), make_data(2), epochs=10, val=(scripted_val(values), [0]),
+                   callbacks=[loopkit.EarlyStopping("val/score", patience=3), _CrashAtEpoch(3)], progress=False)
+    restored = loopkit.restore(make_state(), tmp_path)
+    assert restored.epoch == 3
+    best = torch.tensor(0.9).item()  # the validation's float32 mean
+    assert dict(restored.extras["callbacks/EarlyStopping[val/score,min]"]) == {"best": best, "wait": 1, "should_stop": False}
+    fresh = loopkit.EarlyStopping("val/score", patience=3)
+    resumed, history = run_epochs(step, restored, make_data(2), epochs=10, val=(scripted_val(values), [0]),
+                                  callbacks=[fresh], progress=False)
+    assert (resumed.epoch, len(history)) == (5, 2)  # the same stop as the uninterrupted run
+    assert (fresh.best, fresh.wait, fresh.should_stop) == (best, 3, True)
+    assert torch.equal(resumed.model[0].weight, whole.model[0].weight)
+
+
+class _Tally(loopkit.Callback):
+    def __init__(self, value=0):
+        self.value = value
+
+    def on_epoch_end(self, state, metrics):
+        self.value += 1
+
+    def state_dict(self):
+        return {"value": self.value}
+
+    def load_state_dict(self, sd):
+        self.value = int(sd["value"])
+
+
+def test_stateful_callbacks_are_kept_under_distinct_keys_and_loaded_back():
+    a, b, plain = _Tally(), _Tally(10), loopkit.LearningRateMonitor()
+    state, _ = run_epochs(train_step(mse), make_state(), make_data(2), epochs=2, callbacks=[a, plain, b], progress=False)
+    kept = {k: dict(v) for k, v in state.extras.items() if k.startswith("callbacks/")}
+    assert kept == {"callbacks/_Tally": {"value": 2}, "callbacks/_Tally#2": {"value": 12}}
+    c, d = _Tally(), _Tally()
+    state, _ = run_epochs(train_step(mse), state, make_data(2), epochs=3, callbacks=[c, d], progress=False)
+    assert (c.value, d.value) == (3, 13)
+
+
+def test_a_callback_state_that_is_not_plain_is_named(tmp_path):
+    class Holder(_Tally):
+        def state_dict(self):
+            return {"when": object()}
+
+    with pytest.raises(TypeError, match=r"Holder.state_dict\(\) must hold numbers, strings and tensors only"):
+        run_epochs(train_step(mse), make_state(), make_data(2), epochs=1, callbacks=[Holder()], progress=False)
+
+
+def test_a_restored_stop_warns_and_trains_nothing():
+    stopper = loopkit.EarlyStopping("val/score", patience=1)
+    state = make_state().evolve(extras={"callbacks/" + stopper.state_key:
+                                        {"best": 0.5, "wait": 1, "should_stop": True}})
+    with pytest.warns(UserWarning, match=r"EarlyStopping restored from state.extras\['callbacks/EarlyStopping\[val/score,min\]'\] asks to stop"):
+        final, history = run_epochs(train_step(mse), state, make_data(2), epochs=3, val=(scripted_val({}), [0]),
+                                    callbacks=[stopper], progress=False)
+    assert (final.epoch, history) == (0, [])
+
+
 # --- LearningRateMonitor ------------------------------------------------------------------------
 
 

@@ -1,0 +1,207 @@
+"""Hyper-parameter search: Optuna studies over a step pipeline, pruned on validation metrics.
+
+An objective builds a state and a step from a trial's suggestions and trains them with
+:func:`fit`, which runs :func:`loopkit.run_epochs` with a :class:`PruningCallback`: each
+validation's ``monitor`` value is reported to the trial, and a trial the study's pruner
+judges hopeless stops there (``optuna.TrialPruned``). :func:`create_study` keeps the study
+in SQLite by default (``<directory>/<study_name>.db``), so an interrupted search resumes where
+it stopped; any Optuna storage URL (``postgresql://...``, ``mysql://...``) lets processes on
+many machines work on one study, each running :func:`optimize` with the same name and URL.
+Needs the ``tune`` extra (``pip install loopkit[tune]``, which installs Optuna).
+
+>>> import tempfile, torch, loopkit
+>>> from loopkit import tune
+>>> data = [(torch.randn(8, 3), torch.randn(8, 1)) for _ in range(4)]
+>>> mse = lambda m, b: ((m(b[0]) - b[1]) ** 2).mean()
+>>> def objective(trial):
+...     lr = trial.suggest_float("lr", 1e-3, 1e-1, log=True)
+...     model = torch.nn.Linear(3, 1)
+...     state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=lr), seed=trial.number)
+...     val = (loopkit.eval_step(lambda m, b: {"loss": mse(m, b)}), data)
+...     return tune.fit(trial, loopkit.train_step(mse), state, data, val=val, epochs=2)
+>>> tmp = tempfile.TemporaryDirectory()
+>>> study = tune.optimize(objective, n_trials=3, study_name="demo", directory=tmp.name)
+>>> len(study.trials), sorted(study.best_params)
+(3, ['lr'])
+>>> tmp.cleanup()
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from loopkit.callbacks import Callback
+from loopkit.driver import run_epochs
+from loopkit.state import TrainState
+
+if TYPE_CHECKING:  # optuna is an optional dependency, imported when used
+    import optuna
+
+__all__ = ["PruningCallback", "create_study", "fit", "optimize", "storage_url"]
+
+
+def _optuna() -> Any:
+    try:
+        import optuna
+    except ImportError as e:  # pragma: no cover - exercised only without the extra
+        raise ImportError("loopkit.tune needs Optuna: pip install 'loopkit[tune]' (or pip install optuna)") from e
+    return optuna
+
+
+def storage_url(study_name: str, directory: str | os.PathLike = ".") -> str:
+    """The default storage of a study: an SQLite file ``<directory>/<study_name>.db``.
+
+    >>> storage_url("search", "/tmp")
+    'sqlite:////tmp/search.db'
+    """
+    if not isinstance(study_name, str) or not study_name or os.sep in study_name:
+        raise ValueError(f"loopkit.tune: study_name must be a non-empty name without '{os.sep}', got {study_name!r}")
+    return "sqlite:///" + os.path.abspath(os.path.join(os.fspath(directory), f"{study_name}.db"))
+
+
+def create_study(
+    study_name: str = "loopkit",
+    *,
+    storage: Any = None,
+    directory: str | os.PathLike = ".",
+    direction: str = "minimize",
+    sampler: Any = None,
+    pruner: Any = None,
+    load_if_exists: bool = True,
+) -> optuna.Study:
+    """An Optuna study kept in ``storage`` (default: SQLite in ``directory``), resumed if it exists.
+
+    ``pruner`` defaults to Optuna's ``MedianPruner`` (a trial stops when its reported value
+    is worse than the median of earlier trials at the same step, after 5 complete trials).
+
+    >>> import tempfile
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> study = create_study("s", directory=tmp.name)
+    >>> study.study_name, os.path.exists(os.path.join(tmp.name, "s.db"))
+    ('s', True)
+    >>> tmp.cleanup()
+    """
+    optuna = _optuna()
+    if direction not in ("minimize", "maximize"):
+        raise ValueError(f"loopkit.tune: direction must be 'minimize' or 'maximize', got {direction!r}")
+    if storage is None:
+        storage = storage_url(study_name, directory)
+    return optuna.create_study(
+        storage=storage,
+        study_name=study_name,
+        direction=direction,
+        sampler=sampler,
+        pruner=pruner if pruner is not None else optuna.pruners.MedianPruner(),
+        load_if_exists=load_if_exists,
+    )
+
+
+def optimize(
+    objective: Callable[[optuna.Trial], float],
+    *,
+    n_trials: int | None = None,
+    timeout: float | None = None,
+    study: optuna.Study | None = None,
+    catch: tuple[type[Exception], ...] = (),
+    **study_options: Any,
+) -> optuna.Study:
+    """Run ``objective`` for ``n_trials`` more trials (or until ``timeout`` seconds) and return the study.
+
+    Without ``study``, one is made (or resumed) by :func:`create_study` from
+    ``study_options`` (``study_name``, ``storage``, ``directory``, ``direction``, ``sampler``,
+    ``pruner``). Several processes may run this on one storage at once: each trial is
+    claimed by one of them. Pruned trials end as ``PRUNED``; an exception in ``catch``
+    marks its trial ``FAIL`` and the search goes on; any other exception stops it.
+
+    >>> import tempfile
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> study = optimize(lambda t: (t.suggest_float("x", -1, 1) - 0.5) ** 2, n_trials=4, directory=tmp.name)
+    >>> len(study.trials)
+    4
+    >>> tmp.cleanup()
+    """
+    if n_trials is not None and (isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 1):
+        raise ValueError(f"loopkit.tune.optimize: n_trials must be a positive int or None, got {n_trials!r}")
+    if n_trials is None and timeout is None:
+        raise ValueError("loopkit.tune.optimize: give n_trials or timeout (or both); without either it never ends")
+    if study is None:
+        study = create_study(**study_options)
+    elif study_options:
+        raise TypeError(f"loopkit.tune.optimize: {sorted(study_options)} configure a new study; the given study has its own")
+    study.optimize(objective, n_trials=n_trials, timeout=timeout, catch=catch)
+    return study
+
+
+class PruningCallback(Callback):
+    """A ``run_epochs`` callback reporting ``monitor`` to an Optuna trial and pruning it when told.
+
+    A ``val/...`` metric is reported after each validation, any other (``train/loss``) after
+    each epoch, at the global step (``state.step``). When the study's pruner says so, it
+    raises ``optuna.TrialPruned``: ``run_epochs`` stops (its step is told ``"abort"``:
+    loggers close, checkpoints finish) and the study records the trial as pruned. A NaN or
+    infinite value prunes at once. ``reported`` holds what was reported.
+
+    >>> import optuna, torch
+    >>> trial = optuna.create_study().ask()
+    >>> callback = PruningCallback(trial, "val/loss")
+    >>> callback.on_validation_end(TrainState.create(torch.nn.Linear(1, 1)), {"val/loss": 0.5})
+    >>> callback.reported
+    {0: 0.5}
+    """
+
+    def __init__(self, trial: optuna.Trial, monitor: str = "val/loss") -> None:
+        if not isinstance(monitor, str) or not monitor:
+            raise ValueError(f"PruningCallback: monitor must be a metric name such as 'val/loss', got {monitor!r}")
+        self.trial = trial
+        self.monitor = monitor
+        self.reported: dict[int, float] = {}
+
+    def on_validation_end(self, state: TrainState, metrics: Mapping[str, float]) -> None:
+        if self.monitor.startswith("val/"):
+            self._report(state, metrics)
+
+    def on_epoch_end(self, state: TrainState, metrics: Mapping[str, float]) -> None:
+        if not self.monitor.startswith("val/"):
+            self._report(state, metrics)
+
+    def _report(self, state: TrainState, metrics: Mapping[str, float]) -> None:
+        if self.monitor not in metrics:
+            raise KeyError(f"PruningCallback: monitor '{self.monitor}' is not among the metrics {sorted(metrics)}")
+        value = float(metrics[self.monitor])
+        step = int(state.step)
+        self.trial.report(value, step)
+        self.reported[step] = value
+        if not math.isfinite(value) or self.trial.should_prune():
+            raise _optuna().TrialPruned(f"trial {self.trial.number} pruned at step {step}: {self.monitor} = {value:.6g}")
+
+
+def fit(
+    trial: optuna.Trial,
+    step: Any,
+    state: TrainState,
+    train_data: Iterable,
+    *,
+    monitor: str = "val/loss",
+    callbacks: Iterable[Any] = (),
+    **run_epochs_options: Any,
+) -> float:
+    """Train with :func:`loopkit.run_epochs` under a :class:`PruningCallback`; return the last ``monitor`` value.
+
+    ``run_epochs_options`` are ``run_epochs``'s (``epochs``, ``val``, ``max_steps``, ...).
+    The trial's user attributes get ``history`` (run_epochs' list of epoch records) and
+    ``step`` (the updates done). A pruned trial raises ``optuna.TrialPruned`` out of here,
+    which ``study.optimize`` records. Use it as an objective's last line (see the module).
+    """
+    if monitor.startswith("val/") and run_epochs_options.get("val") is None:
+        raise ValueError(f"loopkit.tune.fit: monitor '{monitor}' is a validation metric; pass val=(eval_step, val_data)")
+    pruning = PruningCallback(trial, monitor)
+    final, history = run_epochs(step, state, train_data, callbacks=[*callbacks, pruning], **run_epochs_options)
+    trial.set_user_attr("history", history)
+    trial.set_user_attr("step", final.step)
+    values = [record[monitor] for record in history if monitor in record]
+    if not values:
+        raise ValueError(f"loopkit.tune.fit: no epoch recorded '{monitor}' (history keys: {sorted(history[-1]) if history else []})")
+    return float(values[-1])

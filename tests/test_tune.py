@@ -1,0 +1,219 @@
+"""loopkit.tune: values reported to Optuna, pruning that stops training, and shared SQLite studies."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import loopkit
+from loopkit import tune
+
+optuna = pytest.importorskip("optuna")
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+EPOCHS, BATCHES = 4, 3
+
+
+def _pipeline(lr, make_mlp, make_batches, mse_loss, seed=0):
+    """A small regression pipeline: (step, state, train data, val) for SGD at ``lr``."""
+    model = make_mlp(0)
+    state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=lr), seed=seed)
+    val = (loopkit.eval_step(lambda m, b: {"loss": mse_loss(m, b)}), make_batches(2, seed=9))
+    return loopkit.train_step(mse_loss), state, make_batches(BATCHES), val
+
+
+class _CountBatches(loopkit.Callback):
+    def __init__(self):
+        self.batches = 0
+
+    def on_batch_end(self, state, metrics):
+        self.batches += 1
+
+
+def test_fit_reports_each_validation_at_the_global_step(make_mlp, make_batches, mse_loss):
+    study = optuna.create_study(pruner=optuna.pruners.NopPruner())
+    trial = study.ask({"lr": optuna.distributions.FloatDistribution(1e-3, 1e-1)})
+    step, state, data, val = _pipeline(trial.params["lr"], make_mlp, make_batches, mse_loss)
+    value = tune.fit(trial, step, state, data, val=val, epochs=EPOCHS, progress=False)
+
+    # the reference: the same pipeline run by run_epochs alone
+    step, state, data, val = _pipeline(trial.params["lr"], make_mlp, make_batches, mse_loss)
+    _, history = loopkit.run_epochs(step, state, data, val=val, epochs=EPOCHS, progress=False)
+    expected = {record["step"]: record["val/loss"] for record in history}
+    assert list(expected) == [BATCHES * (e + 1) for e in range(EPOCHS)]
+    frozen = study.tell(trial, value)
+    assert frozen.intermediate_values == expected
+    assert value == history[-1]["val/loss"]
+    assert frozen.user_attrs["step"] == EPOCHS * BATCHES
+    assert frozen.user_attrs["history"] == history
+
+
+def test_train_metric_is_reported_at_each_epoch_end(make_mlp, make_batches, mse_loss):
+    study = optuna.create_study(pruner=optuna.pruners.NopPruner())
+    trial = study.ask()
+    step, state, data, _ = _pipeline(0.05, make_mlp, make_batches, mse_loss)
+    value = tune.fit(trial, step, state, data, monitor="train/loss", epochs=2, progress=False)
+    frozen = study.tell(trial, value)
+    history = frozen.user_attrs["history"]
+    assert frozen.intermediate_values == {BATCHES: history[0]["train/loss"], 2 * BATCHES: history[1]["train/loss"]}
+    assert value == history[-1]["train/loss"]
+
+
+def test_a_pruned_trial_stops_training_at_that_validation(make_mlp, make_batches, mse_loss, tmp_path):
+    study = tune.create_study("prune", directory=tmp_path, pruner=optuna.pruners.ThresholdPruner(upper=0.0))
+    counter = _CountBatches()
+    logger = loopkit.CSVLogger(tmp_path, "pruned")
+
+    def objective(trial):
+        step, state, data, val = _pipeline(0.05, make_mlp, make_batches, mse_loss)
+        return tune.fit(trial, loopkit.with_logging(step, logger, every_n_steps=1), state, data, val=val,
+                        epochs=EPOCHS, callbacks=[counter], progress=False)
+
+    tune.optimize(objective, n_trials=1, study=study)
+    (trial,) = study.trials
+    assert trial.state == optuna.trial.TrialState.PRUNED
+    assert list(trial.intermediate_values) == [BATCHES]  # one validation, after the first epoch
+    assert counter.batches == BATCHES  # nothing trained after it
+    with open(os.path.join(logger.log_dir, "metrics.csv")) as f:
+        assert f.read().count("\n") >= BATCHES + 1  # the run's logger was finalized: its rows are on disk
+
+
+def test_median_pruner_stops_a_trial_worse_than_the_others(make_mlp, make_batches, mse_loss, tmp_path):
+    study = tune.create_study(
+        "median", directory=tmp_path, pruner=optuna.pruners.MedianPruner(n_startup_trials=2)
+    )
+    for lr in (0.05, 0.1, 0.0):  # the third cannot learn
+        study.enqueue_trial({"lr": lr})
+
+    def objective(trial):
+        lr = trial.suggest_float("lr", 0.0, 0.2)
+        step, state, data, val = _pipeline(lr, make_mlp, make_batches, mse_loss)
+        return tune.fit(trial, step, state, data, val=val, epochs=EPOCHS, progress=False)
+
+    tune.optimize(objective, n_trials=3, study=study)
+    states = [t.state for t in study.trials]
+    assert states == [optuna.trial.TrialState.COMPLETE] * 2 + [optuna.trial.TrialState.PRUNED]
+    assert study.best_params["lr"] in (0.05, 0.1)
+
+
+def test_a_non_finite_value_prunes_at_once(make_mlp, make_batches, mse_loss):
+    study = optuna.create_study(pruner=optuna.pruners.NopPruner())
+
+    def objective(trial):
+        step, state, data, _ = _pipeline(0.05, make_mlp, make_batches, mse_loss)
+        nan_val = (loopkit.eval_step(lambda m, b: {"loss": torch.tensor(float("nan"))}), data)
+        return tune.fit(trial, step, state, data, val=nan_val, epochs=EPOCHS, progress=False)
+
+    tune.optimize(objective, n_trials=1, study=study)
+    assert study.trials[0].state == optuna.trial.TrialState.PRUNED
+    assert len(study.trials[0].intermediate_values) == 1
+
+
+def test_the_default_storage_is_sqlite_and_a_study_resumes(tmp_path):
+    study = tune.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2, study_name="resume", directory=tmp_path)
+    assert (tmp_path / "resume.db").exists()
+    again = tune.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=3, study_name="resume", directory=tmp_path)
+    assert len(again.trials) == 5 and len(study.trials) == 5
+    assert tune.storage_url("resume", tmp_path) == f"sqlite:///{tmp_path}/resume.db"
+
+
+_WORKER = textwrap.dedent(
+    """
+    import sys, torch, optuna, loopkit
+    from loopkit import tune
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    gen = torch.Generator().manual_seed(0)
+    data = [(torch.randn(8, 3, generator=gen), torch.randn(8, 1, generator=gen)) for _ in range(3)]
+    mse = lambda m, b: ((m(b[0]) - b[1]) ** 2).mean()
+
+    def objective(trial):
+        lr = trial.suggest_float("lr", 1e-3, 1e-1, log=True)
+        model = torch.nn.Linear(3, 1)
+        state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=lr), seed=trial.number)
+        val = (loopkit.eval_step(lambda m, b: {"loss": mse(m, b)}), data)
+        trial.set_user_attr("worker", sys.argv[2])
+        return tune.fit(trial, loopkit.train_step(mse), state, data, val=val, epochs=2, progress=False)
+
+    tune.optimize(objective, n_trials=3, study_name="shared", storage=sys.argv[1], pruner=optuna.pruners.NopPruner())
+    """
+)
+
+
+@pytest.mark.slow
+def test_two_processes_share_one_study_through_its_storage(tmp_path):
+    url = tune.storage_url("shared", tmp_path)
+    tune.create_study("shared", storage=url)  # made once, as a coordinator would; workers load it
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    workers = [
+        subprocess.Popen([sys.executable, "-c", _WORKER, url, str(i)], env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+        for i in range(2)
+    ]
+    try:
+        outputs = [w.communicate(timeout=240)[0] for w in workers]
+    finally:
+        for w in workers:
+            w.kill()
+    assert [w.returncode for w in workers] == [0, 0], outputs
+    study = optuna.load_study(study_name="shared", storage=url)
+    assert len(study.trials) == 6
+    assert sorted(t.number for t in study.trials) == list(range(6))
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+    assert sorted(t.user_attrs["worker"] for t in study.trials) == ["0"] * 3 + ["1"] * 3
+
+
+def test_bad_input_is_named(make_mlp, make_batches, mse_loss, tmp_path):
+    trial = optuna.create_study().ask()
+    step, state, data, val = _pipeline(0.05, make_mlp, make_batches, mse_loss)
+    with pytest.raises(ValueError, match="monitor 'val/loss' is a validation metric; pass val="):
+        tune.fit(trial, step, state, data, epochs=1, progress=False)
+    with pytest.raises(KeyError, match=r"monitor 'val/acc' is not among the metrics \['val/loss'\]"):
+        tune.fit(trial, step, state, data, val=val, monitor="val/acc", epochs=1, progress=False)
+    with pytest.raises(ValueError, match="n_trials must be a positive int"):
+        tune.optimize(lambda t: 0.0, n_trials=0, directory=tmp_path)
+    with pytest.raises(ValueError, match="give n_trials or timeout"):
+        tune.optimize(lambda t: 0.0, directory=tmp_path)
+    with pytest.raises(ValueError, match="direction must be 'minimize' or 'maximize'"):
+        tune.create_study("x", directory=tmp_path, direction="down")
+    with pytest.raises(TypeError, match="configure a new study"):
+        tune.optimize(lambda t: 0.0, n_trials=1, study=optuna.create_study(), direction="maximize")
+    with pytest.raises(ValueError, match="study_name must be a non-empty name"):
+        tune.storage_url("a/b", tmp_path)
+    assert not list(tmp_path.glob("*.db"))  # nothing was made by a refused call
+
+
+def test_loopkit_tune_is_an_attribute_of_the_package():
+    assert loopkit.tune is tune
+
+
+# --- examples/tune_digits.py ---------------------------------------------------------------------
+
+
+def test_tune_digits_example_prunes_and_its_study_holds_what_it_printed(tmp_path):
+    from tests.test_examples_more import found, output_of, run_example
+
+    proc = run_example("tune_digits.py", "--quick", "--directory", str(tmp_path))
+    assert proc.returncode == 0, output_of(proc)
+    study = optuna.load_study(study_name="digits_search", storage=tune.storage_url("digits_search", tmp_path))
+    printed = re.findall(r"^trial +(\d+)  (\w+) +lr ([0-9.e+-]+)  hidden +(\d+)  reports (\d+)", proc.stdout, re.MULTILINE)
+    assert [(int(n), state, int(r)) for n, state, _, _, r in printed] == [
+        (t.number, t.state.name, len(t.intermediate_values)) for t in study.trials
+    ], output_of(proc)
+    hopeless = [t for t in study.trials if t.params["lr"] == 1e-6 and t.number in (3, 4)]
+    assert [t.state for t in hopeless] == [optuna.trial.TrialState.PRUNED] * 2, output_of(proc)
+    (acc,) = found(r"^best trial retrained: test accuracy ([0-9.]+)$", proc)
+    assert float(acc) >= 0.9
+
+
+def test_tune_digits_example_fails_below_its_bar():
+    from tests.test_examples_more import output_of, run_example
+
+    proc = run_example("tune_digits.py", "--quick", "--trials", "3", "--min-acc", "1.01")
+    assert proc.returncode == 1, output_of(proc)
+    assert "FAILED: test accuracy" in proc.stderr, output_of(proc)
