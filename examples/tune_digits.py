@@ -2,8 +2,9 @@
 
 Each trial trains a small MLP with the suggested learning rate and hidden width; its
 validation loss is reported after every epoch, and Optuna's median pruner stops a trial
-that is worse than the others at the same step. The study is kept in SQLite
-(``<directory>/digits_search.db``): run the script again and it adds trials to the same study.
+that is worse than the others at the same epoch. The study is kept in SQLite
+(``<directory>/digits_search.db``; a temporary folder unless ``--directory`` names one): run the
+script again with the same ``--directory`` and it adds trials to the same study.
 Two trials are queued first with hopeless learning rates, so that pruning shows up even in a
 short run. The best trial's model is retrained and evaluated on the test split.
 
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         study = tune.create_study(
             "digits_search", directory=args.directory or scratch,
             sampler=optuna.samplers.TPESampler(seed=0),
-            pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1),
+            pruner=optuna.pruners.MedianPruner(n_startup_trials=3),
         )
         if not study.trials:  # a new study: three sound starts, then two hopeless learning rates
             for lr in (3e-3, 1e-2, 1e-3, HOPELESS_LR, HOPELESS_LR):

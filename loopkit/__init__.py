@@ -20,6 +20,7 @@ from loopkit.steps import EvalStep, Step, TrainStep, donate, eval_step, train_st
 from loopkit.transforms import ema_state, with_amp, with_checkpointing, with_compile, with_ddp, with_ema, with_grad_accum, with_grad_clip, with_logging, with_nan_guard, with_profiler, with_pruning
 from loopkit.tree import to_device
 from loopkit import distributed  # noqa: E402  (an integration: imports the layers above)
+from loopkit import ensemble  # noqa: E402  (an integration: imports the layers above)
 
 __version__ = "0.1.0"
 
@@ -51,6 +52,7 @@ __all__ = [
     "TrainState",
     "TrainStep",
     "distributed",
+    "ensemble",
     "donate",
     "ema_state",
     "eval_step",

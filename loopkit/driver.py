@@ -379,17 +379,28 @@ class _Hooks:
             return state
         extras = dict(state.extras)
         for key, cb in keyed:
-            value = cb.state_dict()
-            try:
-                to_plain(value, ("extras", key))
-            except TypeError as e:
-                raise TypeError(f"run_epochs: {type(cb).__qualname__}.state_dict() must hold numbers, strings and tensors only: {e}") from None
-            extras[key] = value
+            extras[key] = _plain_state(key, cb)
         return replace_extras(state, extras)
+
+    def check_plain(self) -> None:
+        """Refuse, before training, a stateful callback whose ``state_dict()`` a checkpoint cannot hold."""
+        for key, cb in self.stateful():
+            _plain_state(key, cb)
 
     @property
     def should_stop(self) -> bool:
         return bool(self.callbacks) and any(getattr(cb, "should_stop", False) for cb in self.callbacks)
+
+
+def _plain_state(key: str, callback: Any) -> Any:
+    value = callback.state_dict()
+    try:
+        to_plain(value, ("extras", key))
+    except TypeError as e:
+        raise TypeError(
+            f"run_epochs: {type(callback).__qualname__}.state_dict() must hold numbers, strings and tensors only: {e}"
+        ) from None
+    return value
 
 
 def run_epochs(
@@ -473,19 +484,22 @@ def run_epochs(
         means = evaluate(val[0], current, val[1], limit=limit, device=device)  # type: ignore[index]
         return {f"val/{k}": v for k, v in means.items()}
 
-    def validation_end(current: TrainState) -> tuple[dict[str, float], TrainState]:
+    def validation_end(current: TrainState, *, notify: bool = True) -> tuple[dict[str, float], TrainState]:
         """A validation pass that counts: its means go to the callbacks, then (with their counters
-        kept in the state) to the step, whose checkpoints then hold them."""
+        kept in the state) to the step, whose checkpoints then hold them. At the end of an
+        epoch the caller notifies the step after the epoch's callbacks (``notify=False``)."""
         metrics = validate(current, limit_val_batches)
         hooks.call("on_validation_end", current, metrics)
         current = hooks.keep(current)
-        step.notify("validation_end", current, metrics)
+        if notify:
+            step.notify("validation_end", current, metrics)
         return metrics, current
 
     validates = val is not None and limit_val_batches != 0
 
     with _StopOnSignal() as stop, _TellingAbort(step, state):
         hooks.restore(state)
+        hooks.check_plain()
         hooks.call("on_fit_start", state)
         if validates and sanity_val_batches > 0:
             sanity_limit = sanity_val_batches
@@ -536,13 +550,16 @@ def run_epochs(
             record: dict[str, float] = {"epoch": epoch, "step": state.step}
             record.update({f"train/{k}": v for k, v in means.read().items()})
             bar.close({k: v for k, v in record.items() if k.startswith("train/")})
-            if exhausted and validates and (epoch + 1) % val_every_n_epochs == 0:
-                last_val, state = validation_end(state)
+            validated = exhausted and validates and (epoch + 1) % val_every_n_epochs == 0
+            if validated:
+                last_val, state = validation_end(state, notify=False)
             record.update(last_val)
             for extra in hooks.call("on_epoch_end", state, dict(record)):
                 if extra:
                     record.update(extra)
             state = hooks.keep(state)
+            if validated:  # after every callback of the epoch: a checkpoint taken now holds all their counters
+                step.notify("validation_end", state, last_val)
             step.notify("epoch_end", state, record)
             history.append(record)
         if stop.requested:

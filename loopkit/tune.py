@@ -30,8 +30,11 @@ from __future__ import annotations
 
 import math
 import os
+import urllib.parse
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
+
+import torch
 
 from loopkit.callbacks import Callback
 from loopkit.driver import run_epochs
@@ -56,10 +59,12 @@ def storage_url(study_name: str, directory: str | os.PathLike = ".") -> str:
 
     >>> storage_url("search", "/tmp")
     'sqlite:////tmp/search.db'
+    >>> storage_url("search", "/tmp/a b?")  # the path is quoted: any folder name works
+    'sqlite:////tmp/a%20b%3F/search.db'
     """
     if not isinstance(study_name, str) or not study_name or os.sep in study_name:
         raise ValueError(f"loopkit.tune: study_name must be a non-empty name without '{os.sep}', got {study_name!r}")
-    return "sqlite:///" + os.path.abspath(os.path.join(os.fspath(directory), f"{study_name}.db"))
+    return "sqlite:///" + urllib.parse.quote(os.path.abspath(os.path.join(os.fspath(directory), f"{study_name}.db")))
 
 
 def create_study(
@@ -67,12 +72,15 @@ def create_study(
     *,
     storage: Any = None,
     directory: str | os.PathLike = ".",
-    direction: str = "minimize",
+    direction: str | None = None,
     sampler: Any = None,
     pruner: Any = None,
     load_if_exists: bool = True,
 ) -> optuna.Study:
     """An Optuna study kept in ``storage`` (default: SQLite in ``directory``), resumed if it exists.
+
+    ``direction`` is ``"minimize"`` (the default for a new study) or ``"maximize"``; a study
+    resumed with the other direction is refused (Optuna would keep the stored one).
 
     ``pruner`` defaults to Optuna's ``MedianPruner`` (a trial stops when its reported value
     is worse than the median of earlier trials at the same step, after 5 complete trials).
@@ -85,18 +93,24 @@ def create_study(
     >>> tmp.cleanup()
     """
     optuna = _optuna()
-    if direction not in ("minimize", "maximize"):
+    if direction not in (None, "minimize", "maximize"):
         raise ValueError(f"loopkit.tune: direction must be 'minimize' or 'maximize', got {direction!r}")
     if storage is None:
         storage = storage_url(study_name, directory)
-    return optuna.create_study(
+    study = optuna.create_study(
         storage=storage,
         study_name=study_name,
-        direction=direction,
+        direction=direction or "minimize",
         sampler=sampler,
         pruner=pruner if pruner is not None else optuna.pruners.MedianPruner(),
         load_if_exists=load_if_exists,
     )
+    stored = study.direction.name.lower()
+    if direction is not None and stored != direction:
+        raise ValueError(
+            f"loopkit.tune: study '{study_name}' in {storage} was made to {stored}; it cannot be resumed to {direction}"
+        )
+    return study
 
 
 def optimize(
@@ -139,25 +153,35 @@ class PruningCallback(Callback):
     """A ``run_epochs`` callback reporting ``monitor`` to an Optuna trial and pruning it when told.
 
     A ``val/...`` metric is reported after each validation, any other (``train/loss``) after
-    each epoch, at the global step (``state.step``). When the study's pruner says so, it
-    raises ``optuna.TrialPruned``: ``run_epochs`` stops (its step is told ``"abort"``:
-    loggers close, checkpoints finish) and the study records the trial as pruned. A NaN or
-    infinite value prunes at once. ``reported`` holds what was reported.
+    each epoch. ``report_step="count"`` (the default) reports the n-th value at step n, so
+    trials with other batch sizes or accumulation compare at the same validation (with one
+    validation per epoch, step n is epoch n); ``"global"`` reports at ``state.step``. When the
+    study's pruner says so (or the value is NaN or infinite) the callback asks ``run_epochs``
+    to stop (``should_stop``): that validation is still logged and checkpointed, the fit ends
+    as usual, and then ``on_fit_end`` raises ``optuna.TrialPruned`` (:func:`fit` raises it
+    itself, after recording the history). ``reported`` holds what was reported.
 
     >>> import optuna, torch
     >>> trial = optuna.create_study().ask()
     >>> callback = PruningCallback(trial, "val/loss")
     >>> callback.on_validation_end(TrainState.create(torch.nn.Linear(1, 1)), {"val/loss": 0.5})
-    >>> callback.reported
-    {0: 0.5}
+    >>> callback.reported, callback.pruned
+    ({1: 0.5}, False)
     """
 
-    def __init__(self, trial: optuna.Trial, monitor: str = "val/loss") -> None:
+    def __init__(self, trial: optuna.Trial, monitor: str = "val/loss", *, report_step: str = "count") -> None:
         if not isinstance(monitor, str) or not monitor:
             raise ValueError(f"PruningCallback: monitor must be a metric name such as 'val/loss', got {monitor!r}")
+        if report_step not in ("count", "global"):
+            raise ValueError(f"PruningCallback: report_step must be 'count' or 'global', got {report_step!r}")
         self.trial = trial
         self.monitor = monitor
+        self.report_step = report_step
         self.reported: dict[int, float] = {}
+        self.should_stop = False
+        self.pruned = False
+        self.raise_at_fit_end = True
+        self._last_global: int | None = None
 
     def on_validation_end(self, state: TrainState, metrics: Mapping[str, float]) -> None:
         if self.monitor.startswith("val/"):
@@ -167,15 +191,28 @@ class PruningCallback(Callback):
         if not self.monitor.startswith("val/"):
             self._report(state, metrics)
 
+    def on_fit_end(self, state: TrainState, history: list[dict[str, float]]) -> None:
+        if self.pruned and self.raise_at_fit_end:
+            self.raise_if_pruned()
+
+    def raise_if_pruned(self) -> None:
+        """Raise ``optuna.TrialPruned`` if the pruner stopped this trial."""
+        if self.pruned:
+            step, value = next(reversed(self.reported.items()))
+            raise _optuna().TrialPruned(f"trial {self.trial.number} pruned at step {step}: {self.monitor} = {value:.6g}")
+
     def _report(self, state: TrainState, metrics: Mapping[str, float]) -> None:
         if self.monitor not in metrics:
             raise KeyError(f"PruningCallback: monitor '{self.monitor}' is not among the metrics {sorted(metrics)}")
+        if state.step == self._last_global:  # a second validation at the same update (epoch end after a step one)
+            return
+        self._last_global = state.step
         value = float(metrics[self.monitor])
-        step = int(state.step)
+        step = int(state.step) if self.report_step == "global" else len(self.reported) + 1
         self.trial.report(value, step)
         self.reported[step] = value
         if not math.isfinite(value) or self.trial.should_prune():
-            raise _optuna().TrialPruned(f"trial {self.trial.number} pruned at step {step}: {self.monitor} = {value:.6g}")
+            self.pruned = self.should_stop = True
 
 
 def fit(
@@ -185,23 +222,38 @@ def fit(
     train_data: Iterable,
     *,
     monitor: str = "val/loss",
+    report_step: str = "count",
     callbacks: Iterable[Any] = (),
     **run_epochs_options: Any,
 ) -> float:
     """Train with :func:`loopkit.run_epochs` under a :class:`PruningCallback`; return the last ``monitor`` value.
 
     ``run_epochs_options`` are ``run_epochs``'s (``epochs``, ``val``, ``max_steps``, ...).
-    The trial's user attributes get ``history`` (run_epochs' list of epoch records) and
-    ``step`` (the updates done). A pruned trial raises ``optuna.TrialPruned`` out of here,
+    The trial's user attributes get ``history`` (run_epochs' list of epoch records, numbers
+    only: 0-dim tensors a callback added are read, other values left out) and ``step`` (the
+    updates done). A pruned trial raises ``optuna.TrialPruned`` out of here,
     which ``study.optimize`` records. Use it as an objective's last line (see the module).
     """
     if monitor.startswith("val/") and run_epochs_options.get("val") is None:
         raise ValueError(f"loopkit.tune.fit: monitor '{monitor}' is a validation metric; pass val=(eval_step, val_data)")
-    pruning = PruningCallback(trial, monitor)
+    pruning = PruningCallback(trial, monitor, report_step=report_step)
+    pruning.raise_at_fit_end = False  # raised below, once the history is recorded
     final, history = run_epochs(step, state, train_data, callbacks=[*callbacks, pruning], **run_epochs_options)
-    trial.set_user_attr("history", history)
+    trial.set_user_attr("history", [_numbers(record) for record in history])
     trial.set_user_attr("step", final.step)
+    pruning.raise_if_pruned()
     values = [record[monitor] for record in history if monitor in record]
     if not values:
         raise ValueError(f"loopkit.tune.fit: no epoch recorded '{monitor}' (history keys: {sorted(history[-1]) if history else []})")
     return float(values[-1])
+
+
+def _numbers(record: Mapping[str, Any]) -> dict[str, float]:
+    """A history record as JSON numbers (Optuna's storages keep user attributes as JSON)."""
+    out: dict[str, float] = {}
+    for key, value in record.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[key] = value
+        elif isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
+            out[key] = float(value)
+    return out

@@ -157,6 +157,20 @@ class _CrashAtEpoch(loopkit.Callback):
             raise RuntimeError("simulated crash")
 
 
+class _Tally(loopkit.Callback):
+    def __init__(self, value=0):
+        self.value = value
+
+    def on_epoch_end(self, state, metrics):
+        self.value += 1
+
+    def state_dict(self):
+        return {"value": self.value}
+
+    def load_state_dict(self, sd):
+        self.value = int(sd["value"])
+
+
 def test_early_stopping_resumed_from_a_checkpoint_stops_where_the_uninterrupted_run_stops(tmp_path):
     values = {1: 1.0, 2: 0.9, 3: 0.95, 4: 0.93, 5: 0.92, 6: 0.1, 7: 0.05}  # best at 2; patience 3 ends it at 5
     step = loopkit.with_checkpointing(train_step(mse), tmp_path, every_n_epochs=1)
@@ -179,20 +193,6 @@ def test_early_stopping_resumed_from_a_checkpoint_stops_where_the_uninterrupted_
     assert torch.equal(resumed.model[0].weight, whole.model[0].weight)
 
 
-class _Tally(loopkit.Callback):
-    def __init__(self, value=0):
-        self.value = value
-
-    def on_epoch_end(self, state, metrics):
-        self.value += 1
-
-    def state_dict(self):
-        return {"value": self.value}
-
-    def load_state_dict(self, sd):
-        self.value = int(sd["value"])
-
-
 def test_stateful_callbacks_are_kept_under_distinct_keys_and_loaded_back():
     a, b, plain = _Tally(), _Tally(10), loopkit.LearningRateMonitor()
     state, _ = run_epochs(train_step(mse), make_state(), make_data(2), epochs=2, callbacks=[a, plain, b], progress=False)
@@ -201,6 +201,21 @@ def test_stateful_callbacks_are_kept_under_distinct_keys_and_loaded_back():
     c, d = _Tally(), _Tally()
     state, _ = run_epochs(train_step(mse), state, make_data(2), epochs=3, callbacks=[c, d], progress=False)
     assert (c.value, d.value) == (3, 13)
+
+
+def test_checkpoints_at_validation_and_epoch_end_hold_every_callbacks_counters(tmp_path):
+    """The step hears of an epoch's validation after the epoch's callbacks ran: a checkpoint saved for
+    the validation (monitor) holds what on_epoch_end changed too, though the epoch-end save is skipped
+    at the same position."""
+    values = {1: 1.0, 2: 0.9, 3: 0.8}  # each validation the best so far: saved for the monitor
+    step = loopkit.with_checkpointing(train_step(mse), tmp_path, monitor="val/score", every_n_epochs=1)
+    tally, stopper = _Tally(), loopkit.EarlyStopping("train/loss", patience=5)
+    run_epochs(step, make_state(), make_data(2), epochs=3, val=(scripted_val(values), [0]),
+               callbacks=[tally, stopper], progress=False)
+    restored = loopkit.restore(make_state(), tmp_path)
+    assert restored.epoch == 3
+    assert dict(restored.extras["callbacks/_Tally"]) == {"value": 3}
+    assert restored.extras["callbacks/EarlyStopping[train/loss,min]"]["best"] == stopper.best
 
 
 def test_a_callback_state_that_is_not_plain_is_named(tmp_path):

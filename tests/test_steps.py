@@ -288,7 +288,7 @@ def _dropout_run(seed, make_bn_dropout, batches, mse_loss, disturb):
 
 
 @pytest.mark.parametrize("donated", [False, True])
-def test_plain_cpu_fast_path_equals_the_general_path(donated, make_bn_dropout, batches, make_adam_state, take_snapshot, assert_trees_equal):
+def test_plain_cpu_fast_path_equals_the_general_path(donated, monkeypatch, make_bn_dropout, batches, make_adam_state, take_snapshot, assert_trees_equal):
     """A plain step on the CPU takes a one-frame path; the general path (taken here because the
     state's RNG holds a second generator) must give bitwise the same states, metrics and RNG."""
 
@@ -300,6 +300,14 @@ def test_plain_cpu_fast_path_equals_the_general_path(donated, make_bn_dropout, b
         return (err**2).mean(), {"mae": err.abs().mean()}
 
     data = [batches[0], (batches[1][0] + 100, batches[1][1]), batches[2], batches[3]]
+    fast_calls = []
+    original = loopkit.TrainStep._run_plain_cpu
+
+    def counted(self, state, *args):
+        fast_calls.append(len(state.rng))
+        return original(self, state, *args)
+
+    monkeypatch.setattr(loopkit.TrainStep, "_run_plain_cpu", counted)
     step = loopkit.train_step(loss_fn)
     step = loopkit.donate(step) if donated else step
     fast = make_adam_state(make_bn_dropout(0), seed=5, scheduler=True)
@@ -314,6 +322,7 @@ def test_plain_cpu_fast_path_equals_the_general_path(donated, make_bn_dropout, b
     assert_trees_equal(take_snapshot(fast)["params"], take_snapshot(general)["params"])
     assert_trees_equal(take_snapshot(fast)["optimizer"], take_snapshot(general)["optimizer"])
     assert fast.scheduler.last_epoch == general.scheduler.last_epoch == 3
+    assert fast_calls == [1] * len(data)  # the fast path ran for the one-generator state only
 
 
 def test_dropout_masks_do_not_depend_on_the_global_rng(make_bn_dropout, batches, mse_loss, take_snapshot, assert_trees_equal):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import re
 import subprocess
@@ -36,19 +37,20 @@ class _CountBatches(loopkit.Callback):
         self.batches += 1
 
 
-def test_fit_reports_each_validation_at_the_global_step(make_mlp, make_batches, mse_loss):
+@pytest.mark.parametrize("report_step", ["count", "global"])
+def test_fit_reports_each_validation_in_order_or_at_the_global_step(report_step, make_mlp, make_batches, mse_loss):
     study = optuna.create_study(pruner=optuna.pruners.NopPruner())
     trial = study.ask({"lr": optuna.distributions.FloatDistribution(1e-3, 1e-1)})
     step, state, data, val = _pipeline(trial.params["lr"], make_mlp, make_batches, mse_loss)
-    value = tune.fit(trial, step, state, data, val=val, epochs=EPOCHS, progress=False)
+    value = tune.fit(trial, step, state, data, val=val, epochs=EPOCHS, progress=False, report_step=report_step)
 
     # the reference: the same pipeline run by run_epochs alone
     step, state, data, val = _pipeline(trial.params["lr"], make_mlp, make_batches, mse_loss)
     _, history = loopkit.run_epochs(step, state, data, val=val, epochs=EPOCHS, progress=False)
-    expected = {record["step"]: record["val/loss"] for record in history}
-    assert list(expected) == [BATCHES * (e + 1) for e in range(EPOCHS)]
+    assert [record["step"] for record in history] == [BATCHES * (e + 1) for e in range(EPOCHS)]
+    at = (lambda i, record: i + 1) if report_step == "count" else (lambda i, record: record["step"])
     frozen = study.tell(trial, value)
-    assert frozen.intermediate_values == expected
+    assert frozen.intermediate_values == {at(i, record): record["val/loss"] for i, record in enumerate(history)}
     assert value == history[-1]["val/loss"]
     assert frozen.user_attrs["step"] == EPOCHS * BATCHES
     assert frozen.user_attrs["history"] == history
@@ -61,45 +63,67 @@ def test_train_metric_is_reported_at_each_epoch_end(make_mlp, make_batches, mse_
     value = tune.fit(trial, step, state, data, monitor="train/loss", epochs=2, progress=False)
     frozen = study.tell(trial, value)
     history = frozen.user_attrs["history"]
-    assert frozen.intermediate_values == {BATCHES: history[0]["train/loss"], 2 * BATCHES: history[1]["train/loss"]}
+    assert frozen.intermediate_values == {1: history[0]["train/loss"], 2: history[1]["train/loss"]}
     assert value == history[-1]["train/loss"]
 
 
-def test_a_pruned_trial_stops_training_at_that_validation(make_mlp, make_batches, mse_loss, tmp_path):
+def test_a_second_validation_at_the_same_update_is_reported_once(make_mlp, make_batches, mse_loss):
+    study = optuna.create_study(pruner=optuna.pruners.NopPruner())
+    trial = study.ask()
+    step, state, data, val = _pipeline(0.05, make_mlp, make_batches, mse_loss)
+    # validations after every 3 updates and at each epoch end (also after 3 updates): one report per update
+    tune.fit(trial, step, state, data, val=val, epochs=2, val_every_n_steps=BATCHES, progress=False, report_step="global")
+    assert list(study.tell(trial, 0.0).intermediate_values) == [BATCHES, 2 * BATCHES]
+
+
+def test_a_pruned_trial_stops_training_after_logging_and_checkpointing_that_validation(make_mlp, make_batches, mse_loss, tmp_path):
     study = tune.create_study("prune", directory=tmp_path, pruner=optuna.pruners.ThresholdPruner(upper=0.0))
     counter = _CountBatches()
     logger = loopkit.CSVLogger(tmp_path, "pruned")
 
     def objective(trial):
         step, state, data, val = _pipeline(0.05, make_mlp, make_batches, mse_loss)
-        return tune.fit(trial, loopkit.with_logging(step, logger, every_n_steps=1), state, data, val=val,
-                        epochs=EPOCHS, callbacks=[counter], progress=False)
+        step = loopkit.with_checkpointing(loopkit.with_logging(step, logger, every_n_steps=1), tmp_path / "ckpt",
+                                          monitor="val/loss")
+        return tune.fit(trial, step, state, data, val=val, epochs=EPOCHS, callbacks=[counter], progress=False)
 
     tune.optimize(objective, n_trials=1, study=study)
     (trial,) = study.trials
     assert trial.state == optuna.trial.TrialState.PRUNED
-    assert list(trial.intermediate_values) == [BATCHES]  # one validation, after the first epoch
+    assert list(trial.intermediate_values) == [1]  # one validation, after the first epoch
     assert counter.batches == BATCHES  # nothing trained after it
     with open(os.path.join(logger.log_dir, "metrics.csv")) as f:
-        assert f.read().count("\n") >= BATCHES + 1  # the run's logger was finalized: its rows are on disk
+        rows = list(csv.DictReader(f))
+    logged = [float(r["val/loss"]) for r in rows if r.get("val/loss")]
+    assert logged == [pytest.approx(trial.intermediate_values[1], rel=1e-6)]  # the pruned validation was logged
+    restored = loopkit.restore(_pipeline(0.05, make_mlp, make_batches, mse_loss)[1], tmp_path / "ckpt")
+    assert restored.step == BATCHES  # and checkpointed
+    assert trial.user_attrs["history"][0]["val/loss"] == trial.intermediate_values[1]
 
 
-def test_median_pruner_stops_a_trial_worse_than_the_others(make_mlp, make_batches, mse_loss, tmp_path):
-    study = tune.create_study(
-        "median", directory=tmp_path, pruner=optuna.pruners.MedianPruner(n_startup_trials=2)
-    )
-    for lr in (0.05, 0.1, 0.0):  # the third cannot learn
-        study.enqueue_trial({"lr": lr})
+def test_the_callback_alone_raises_trial_pruned_when_the_fit_ends(make_mlp, make_batches, mse_loss):
+    trial = optuna.create_study(pruner=optuna.pruners.ThresholdPruner(upper=0.0)).ask()
+    step, state, data, val = _pipeline(0.05, make_mlp, make_batches, mse_loss)
+    counter = _CountBatches()
+    with pytest.raises(optuna.TrialPruned, match="pruned at step 1: val/loss"):
+        loopkit.run_epochs(step, state, data, val=val, epochs=EPOCHS, progress=False,
+                           callbacks=[tune.PruningCallback(trial), counter])
+    assert counter.batches == BATCHES
+
+
+def test_history_extras_that_json_cannot_hold_are_read_or_left_out(make_mlp, make_batches, mse_loss, tmp_path):
+    class Extras(loopkit.Callback):
+        def on_epoch_end(self, state, metrics):
+            return {"w_norm": state.model[0].weight.norm().detach(), "label": "x"}
 
     def objective(trial):
-        lr = trial.suggest_float("lr", 0.0, 0.2)
-        step, state, data, val = _pipeline(lr, make_mlp, make_batches, mse_loss)
-        return tune.fit(trial, step, state, data, val=val, epochs=EPOCHS, progress=False)
+        step, state, data, val = _pipeline(0.05, make_mlp, make_batches, mse_loss)
+        return tune.fit(trial, step, state, data, val=val, epochs=1, callbacks=[Extras()], progress=False)
 
-    tune.optimize(objective, n_trials=3, study=study)
-    states = [t.state for t in study.trials]
-    assert states == [optuna.trial.TrialState.COMPLETE] * 2 + [optuna.trial.TrialState.PRUNED]
-    assert study.best_params["lr"] in (0.05, 0.1)
+    study = tune.optimize(objective, n_trials=1, study_name="attrs", directory=tmp_path)
+    (record,) = study.trials[0].user_attrs["history"]
+    assert study.trials[0].state == optuna.trial.TrialState.COMPLETE
+    assert isinstance(record["w_norm"], float) and "label" not in record
 
 
 def test_a_non_finite_value_prunes_at_once(make_mlp, make_batches, mse_loss):
@@ -121,6 +145,16 @@ def test_the_default_storage_is_sqlite_and_a_study_resumes(tmp_path):
     again = tune.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=3, study_name="resume", directory=tmp_path)
     assert len(again.trials) == 5 and len(study.trials) == 5
     assert tune.storage_url("resume", tmp_path) == f"sqlite:///{tmp_path}/resume.db"
+    with pytest.raises(ValueError, match="was made to minimize; it cannot be resumed to maximize"):
+        tune.create_study("resume", directory=tmp_path, direction="maximize")
+
+
+@pytest.mark.parametrize("folder", ["a b", "q?x", "pct%20x", "h#1"])
+def test_any_folder_name_holds_the_default_storage(folder, tmp_path):
+    directory = tmp_path / folder
+    directory.mkdir()
+    tune.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=1, study_name="s", directory=directory)
+    assert sorted(p.name for p in tmp_path.rglob("*.db")) == ["s.db"] and (directory / "s.db").exists()
 
 
 _WORKER = textwrap.dedent(

@@ -1,0 +1,258 @@
+"""Ensembles: K train states of one architecture, trained together by one vmapped step.
+
+:func:`stack` takes K :class:`loopkit.TrainState` s (each with its own initial weights, seed,
+optimizer and hyper-parameters, and scheduler) and stores their parameters stacked along a
+new first dimension, ``[K, ...]``. Each member stays an ordinary train state whose parameters
+are views into that storage, so its own optimizer updates them in place. :func:`train_step`
+computes every member's loss and gradients in one call, ``torch.func.vmap`` over
+``torch.func.grad`` of ``loss_fn`` through ``torch.func.functional_call``: one batched
+forward and backward instead of K. Then each member's optimizer (and scheduler) steps. A
+member's trajectory is its solo run's (the same arithmetic, batched; equal within float
+rounding, tested against ``train_step`` runs of each member alone).
+
+The batch is the same for every member. A model that draws random numbers (dropout) is
+refused, as vmap's random streams are not the members' own, and so are BatchNorm running
+statistics (buffers updated in place). :func:`unstack` copies the members out as independent
+states (for checkpoints, ``evaluate``, export); ``ensemble.members`` are views, usable as
+they are while the ensemble lives.
+
+>>> import torch
+>>> import loopkit
+>>> from loopkit import ensemble
+>>> def member(seed, lr):
+...     torch.manual_seed(seed)
+...     model = torch.nn.Linear(3, 1)
+...     return loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=lr), seed=seed)
+>>> ens = ensemble.stack([member(0, 0.1), member(1, 0.01), member(2, 0.001)])
+>>> step = ensemble.train_step(lambda m, b: ((m(b[0]) - b[1]) ** 2).mean())
+>>> ens, metrics = step(ens, (torch.randn(8, 3), torch.randn(8, 1)))
+>>> ens.params["weight"].shape, metrics["loss"].shape, [m.step for m in ens.members]
+(torch.Size([3, 1, 3]), torch.Size([3]), [1, 1, 1])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import attrs
+import torch
+from torch import nn
+
+from loopkit.errors import DonatedStateError
+from loopkit.state import TrainState, fork, replace
+
+__all__ = ["Ensemble", "EnsembleStep", "stack", "train_step", "unstack"]
+
+
+@attrs.frozen(eq=False)
+class Ensemble:
+    """K member states whose parameters live stacked in ``params`` (``[K, ...]``); see :func:`stack`.
+
+    ``members[k]`` is a :class:`loopkit.TrainState` whose parameters are views of
+    ``params[name][k]``; ``buffers`` are the members' buffers, stacked the same way.
+    ``skeleton`` is one member's module, which the step calls through ``functional_call``.
+    """
+
+    members: tuple[TrainState, ...]
+    params: Mapping[str, torch.Tensor]
+    buffers: Mapping[str, torch.Tensor]
+    skeleton: nn.Module
+    #: each member's parameters (the views), in the order of ``params``
+    views: tuple[tuple[nn.Parameter, ...], ...] = attrs.field(default=(), repr=False)
+    _consumed: bool = attrs.field(default=False, init=False, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def check_usable(self) -> None:
+        """Raise :class:`loopkit.DonatedStateError` if this ensemble was given to a donated step."""
+        if self._consumed:
+            raise DonatedStateError("this Ensemble was given to a donated ensemble step; use the one that step returned")
+
+
+def _check_members(states: Sequence[TrainState]) -> None:
+    if isinstance(states, TrainState) or not isinstance(states, Sequence) or len(states) < 1:
+        raise TypeError("ensemble.stack: give a sequence of loopkit.TrainState (one per member)")
+    first = states[0]
+    for k, state in enumerate(states):
+        if not isinstance(state, TrainState):
+            raise TypeError(f"ensemble.stack: member {k} is a {type(state).__qualname__}, not a loopkit.TrainState")
+        state.check_usable()
+        if state.optimizer is None:
+            raise ValueError(f"ensemble.stack: member {k} has no optimizer; each member trains with its own")
+        for module in state.model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
+                raise TypeError(
+                    f"ensemble.stack: member {k} has {type(module).__name__} with running statistics, which a "
+                    "vmapped step cannot update in place; use track_running_stats=False or GroupNorm/LayerNorm"
+                )
+        shapes = {n: (p.shape, p.dtype, p.device) for n, p in state.model.named_parameters()}
+        expected = {n: (p.shape, p.dtype, p.device) for n, p in first.model.named_parameters()}
+        if shapes != expected or type(state.model) is not type(first.model):
+            differing = sorted(set(shapes.items()) ^ set(expected.items()))
+            raise ValueError(
+                f"ensemble.stack: member {k}'s model differs from member 0's (parameters {differing[:2]}...); "
+                "every member must have the same architecture"
+            )
+
+
+def _rebind(state: TrainState, params: Mapping[str, torch.Tensor], index: int) -> None:
+    """Make ``state``'s parameters views of ``params[name][index]`` (its optimizer follows them)."""
+    swapped: dict[int, nn.Parameter] = {}
+    for name, old in list(state.model.named_parameters()):
+        owner_name, _, leaf = name.rpartition(".")
+        owner = state.model.get_submodule(owner_name) if owner_name else state.model
+        new = nn.Parameter(params[name][index], requires_grad=old.requires_grad)
+        owner._parameters[leaf] = new
+        swapped[id(old)] = new
+    optimizer = state.optimizer
+    for group in optimizer.param_groups:  # type: ignore[union-attr]
+        group["params"] = [swapped.get(id(p), p) for p in group["params"]]
+    moved = {}
+    for p, value in list(optimizer.state.items()):  # type: ignore[union-attr]
+        moved[swapped.get(id(p), p)] = value
+    optimizer.state.clear()  # type: ignore[union-attr]
+    optimizer.state.update(moved)  # type: ignore[union-attr]
+
+
+def stack(states: Sequence[TrainState]) -> Ensemble:
+    """An :class:`Ensemble` of copies of ``states`` (which stay unchanged), parameters stacked.
+
+    Every member needs the same architecture and an optimizer (of any kind and settings).
+
+    >>> import torch, loopkit
+    >>> models = [torch.nn.Linear(2, 2) for _ in range(4)]
+    >>> ens = stack([loopkit.TrainState.create(m, torch.optim.Adam(m.parameters())) for m in models])
+    >>> len(ens), ens.params["bias"].shape
+    (4, torch.Size([4, 2]))
+    """
+    _check_members(states)
+    members = [fork(state) for state in states]
+    names = [n for n, _ in members[0].model.named_parameters()]
+    with torch.no_grad():
+        params = {n: torch.stack([dict(m.model.named_parameters())[n] for m in members]) for n in names}
+        buffers = {
+            n: torch.stack([dict(m.model.named_buffers())[n] for m in members])
+            for n, _ in members[0].model.named_buffers()
+        }
+    for k, member in enumerate(members):
+        _rebind(member, params, k)
+    views = tuple(tuple(dict(m.model.named_parameters())[n] for n in names) for m in members)
+    return Ensemble(tuple(members), params, buffers, members[0].model, views)
+
+
+def unstack(ensemble: Ensemble) -> tuple[TrainState, ...]:
+    """Independent copies of the members (their own storage), e.g. to checkpoint or export one.
+
+    >>> import torch, loopkit
+    >>> models = [torch.nn.Linear(2, 1) for _ in range(2)]
+    >>> ens = stack([loopkit.TrainState.create(m, torch.optim.SGD(m.parameters(), lr=0.1)) for m in models])
+    >>> solo = unstack(ens)[1]
+    >>> bool(torch.equal(solo.model.weight, ens.params["weight"][1])), solo.model.weight.shape
+    (True, torch.Size([1, 2]))
+    """
+    ensemble.check_usable()
+    return tuple(fork(member) for member in ensemble.members)
+
+
+class _LossModule(nn.Module):
+    """``loss_fn(model, batch)`` as a module, so that ``functional_call`` swaps ``model``'s tensors."""
+
+    def __init__(self, model: nn.Module, loss_fn: Callable[[nn.Module, Any], Any]) -> None:
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, batch: Any) -> Any:
+        return self.loss_fn(self.model, batch)
+
+
+def _split(out: Any, where: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    aux: dict[str, torch.Tensor] = {}
+    if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], Mapping):
+        out, extra = out
+        aux = {k: torch.as_tensor(v, dtype=torch.float32) if not isinstance(v, torch.Tensor) else v for k, v in extra.items()}
+        if "loss" in aux:
+            raise ValueError(f"{where} returned an aux metric named 'loss', which would hide the loss")
+    if not isinstance(out, torch.Tensor) or out.ndim != 0:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__qualname__
+        raise ValueError(f"{where} must return a scalar (0-dim) loss tensor or (loss, metrics); got {shape}")
+    return out, aux
+
+
+@attrs.frozen(eq=False)
+class EnsembleStep:
+    """The step :func:`train_step` returns: ``step(ensemble, batch) -> (ensemble, metrics)``.
+
+    Pure unless ``donated`` (the ensemble is copied first, as :func:`stack` copies); metrics
+    are ``[K]`` tensors, one value per member.
+    """
+
+    loss_fn: Callable[[nn.Module, Any], Any]
+    donated: bool = False
+
+    def __call__(self, ensemble: Ensemble, batch: Any) -> tuple[Ensemble, dict[str, torch.Tensor]]:
+        if not isinstance(ensemble, Ensemble):
+            raise TypeError(f"an ensemble step takes a loopkit.ensemble.Ensemble, got {type(ensemble).__qualname__}")
+        ensemble.check_usable()
+        if not self.donated:
+            ensemble = stack(ensemble.members)
+        try:
+            return self._run(ensemble, batch)
+        finally:
+            if self.donated:
+                object.__setattr__(ensemble, "_consumed", True)
+                for member in ensemble.members:
+                    member.mark_consumed()
+
+    def _run(self, ensemble: Ensemble, batch: Any) -> tuple[Ensemble, dict[str, torch.Tensor]]:
+        where = f"loss_fn {getattr(self.loss_fn, '__qualname__', type(self.loss_fn).__qualname__)}"
+        wrapper = _LossModule(ensemble.skeleton, self.loss_fn)
+
+        def member_loss(params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor]) -> Any:
+            tensors = {f"model.{n}": t for n, t in params.items()} | {f"model.{n}": t for n, t in buffers.items()}
+            loss, aux = _split(torch.func.functional_call(wrapper, tensors, (batch,)), where)
+            return loss, {"loss": loss.detach(), **{k: v.detach() for k, v in aux.items()}}
+
+        params = dict(ensemble.params)
+        vmapped = torch.func.vmap(torch.func.grad(member_loss, has_aux=True), randomness="error")
+        try:
+            grads, metrics = vmapped(params, dict(ensemble.buffers))
+        except RuntimeError as e:
+            if "randomness" in str(e):
+                raise RuntimeError(
+                    f"ensemble.train_step: {where} draws random numbers (dropout?), which a vmapped ensemble "
+                    "cannot draw from each member's own RNG; remove the randomness (e.g. model.eval() for "
+                    f"dropout layers) or train the members apart: {e}"
+                ) from e
+            raise
+        members = []
+        stacked_grads = [grads[name] for name in ensemble.params]
+        for k, (member, views) in enumerate(zip(ensemble.members, ensemble.views)):
+            for view, grad in zip(views, stacked_grads):
+                view.grad = grad[k]
+            member.optimizer.step()  # type: ignore[union-attr]
+            if member.scheduler is not None:
+                member.scheduler.step()
+            member.optimizer.zero_grad(set_to_none=True)  # type: ignore[union-attr]
+            members.append(replace(member, step=member.step + 1, batch_index=member.batch_index + 1))
+        return Ensemble(tuple(members), ensemble.params, ensemble.buffers, ensemble.skeleton, ensemble.views), metrics
+
+
+def train_step(loss_fn: Callable[[nn.Module, Any], Any], *, donated: bool = False) -> EnsembleStep:
+    """One vmapped training step for every member: ``loss_fn(model, batch)`` as in :func:`loopkit.train_step`.
+
+    ``donated=True`` updates the given ensemble in place (using it again raises
+    :class:`loopkit.DonatedStateError`), as :func:`loopkit.donate` does for one state.
+
+    >>> import torch, loopkit
+    >>> models = [torch.nn.Linear(2, 1) for _ in range(3)]
+    >>> ens = stack([loopkit.TrainState.create(m, torch.optim.SGD(m.parameters(), lr=0.1)) for m in models])
+    >>> ens, metrics = train_step(lambda m, b: m(b).pow(2).mean(), donated=True)(ens, torch.ones(4, 2))
+    >>> metrics["loss"].shape
+    torch.Size([3])
+    """
+    if not callable(loss_fn):
+        raise TypeError(f"ensemble.train_step: loss_fn must be callable as loss_fn(model, batch), got {type(loss_fn).__qualname__}")
+    return EnsembleStep(loss_fn, donated=donated)

@@ -1,0 +1,160 @@
+"""loopkit.ensemble: K members trained by one vmapped step, each equal to its own raw PyTorch loop."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import loopkit
+from loopkit import ensemble
+
+STEPS = 6
+
+
+def _mlp(seed: int, dropout: bool = False, norm: nn.Module | None = None) -> nn.Sequential:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        layers = [nn.Linear(4, 16), norm or nn.Tanh(), nn.Linear(16, 2)]
+        if dropout:
+            layers.insert(2, nn.Dropout(0.5))
+        return nn.Sequential(*layers)
+
+
+def _loss(model, batch):
+    x, y = batch
+    err = model(x) - y
+    return (err**2).mean(), {"mae": err.abs().mean()}
+
+
+# each member: its seed (initial weights), optimizer and scheduler
+MEMBERS = [
+    (0, lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9), None),
+    (1, lambda ps: torch.optim.Adam(ps, lr=0.01), lambda opt: torch.optim.lr_scheduler.StepLR(opt, 2, gamma=0.5)),
+    (2, lambda ps: torch.optim.AdamW(ps, lr=0.003, weight_decay=0.1), None),
+]
+
+
+def _states():
+    states = []
+    for seed, make_opt, make_sched in MEMBERS:
+        model = _mlp(seed)
+        opt = make_opt(model.parameters())
+        states.append(loopkit.TrainState.create(model, opt, make_sched(opt) if make_sched else None, seed=seed))
+    return states
+
+
+def _raw(seed, make_opt, make_sched, batches):
+    """The reference: a hand-written loop for one member."""
+    model = _mlp(seed)
+    opt = make_opt(model.parameters())
+    sched = make_sched(opt) if make_sched else None
+    losses = []
+    for x, y in batches:
+        loss = ((model(x) - y) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if sched is not None:
+            sched.step()
+        losses.append(loss.detach())
+    return model, torch.stack(losses)
+
+
+def test_each_member_follows_its_own_raw_loop(make_batches):
+    batches = make_batches(STEPS)
+    ens = ensemble.stack(_states())
+    step = ensemble.train_step(_loss, donated=True)
+    losses, maes = [], []
+    for batch in batches:
+        ens, metrics = step(ens, batch)
+        losses.append(metrics["loss"])
+        maes.append(metrics["mae"])
+    losses = torch.stack(losses)  # [steps, K]
+    assert losses.shape == (STEPS, len(MEMBERS)) and torch.stack(maes).shape == (STEPS, len(MEMBERS))
+    for k, (seed, make_opt, make_sched) in enumerate(MEMBERS):
+        model, raw_losses = _raw(seed, make_opt, make_sched, batches)
+        # one batched matmul instead of one per member: equal within float32 rounding
+        torch.testing.assert_close(losses[:, k], raw_losses, rtol=1e-5, atol=1e-6)
+        for (name, p), member_p in zip(model.named_parameters(), ens.members[k].model.parameters()):
+            torch.testing.assert_close(member_p, p, rtol=1e-5, atol=1e-6, msg=f"member {k} {name}")
+            torch.testing.assert_close(ens.params[name][k], p, rtol=1e-5, atol=1e-6)
+        assert (ens.members[k].step, ens.members[k].batch_index) == (STEPS, STEPS)
+    assert ens.members[1].scheduler.get_last_lr() == [0.01 * 0.5**3]
+
+
+def test_members_differ_and_are_views_of_the_stacked_storage():
+    ens = ensemble.stack(_states())
+    first = [p for p in ens.members[0].model.parameters()]
+    assert not torch.equal(ens.params["0.weight"][0], ens.params["0.weight"][1])  # own initial weights
+    assert first[0].untyped_storage().data_ptr() == ens.params["0.weight"].untyped_storage().data_ptr()
+    assert ens.members[0].optimizer.param_groups[0]["params"][0] is first[0]  # the optimizer follows the views
+
+
+def test_stack_and_a_pure_step_leave_their_inputs_unchanged(make_batches, take_snapshot, assert_trees_equal):
+    states = _states()
+    before = [take_snapshot(s) for s in states]
+    ens = ensemble.stack(states)
+    ens_before = {n: p.clone() for n, p in ens.params.items()}
+    new, _ = ensemble.train_step(_loss)(ens, make_batches(1)[0])
+    for s, snap in zip(states, before):
+        assert_trees_equal(take_snapshot(s), snap)
+    assert_trees_equal(dict(ens.params), ens_before)
+    assert [m.step for m in ens.members] == [0, 0, 0] and [m.step for m in new.members] == [1, 1, 1]
+    assert not torch.equal(new.params["0.weight"], ens.params["0.weight"])
+    again, _ = ensemble.train_step(_loss)(ens, make_batches(1)[0])  # the same call again: the same result
+    assert_trees_equal(dict(again.params), dict(new.params))
+
+
+def test_a_donated_ensemble_and_its_members_cannot_be_used_again(make_batches):
+    ens = ensemble.stack(_states())
+    step = ensemble.train_step(_loss, donated=True)
+    new, _ = step(ens, make_batches(1)[0])
+    with pytest.raises(loopkit.DonatedStateError):
+        step(ens, make_batches(1)[0])
+    with pytest.raises(loopkit.DonatedStateError):
+        ens.members[0].state_dict()
+    step(new, make_batches(1)[0])
+
+
+def test_unstack_copies_members_out_for_evaluate_and_checkpoints(make_batches, tmp_path):
+    ens = ensemble.stack(_states())
+    ens, _ = ensemble.train_step(_loss, donated=True)(ens, make_batches(1)[0])
+    solo = ensemble.unstack(ens)
+    assert solo[2].model[0].weight.untyped_storage().data_ptr() != ens.params["0.weight"].untyped_storage().data_ptr()
+    torch.testing.assert_close(solo[2].model[0].weight, ens.params["0.weight"][2], rtol=0, atol=0)
+    mse = loopkit.eval_step(lambda m, b: {"mse": ((m(b[0]) - b[1]) ** 2).mean()})
+    data = make_batches(2, seed=3)
+    assert loopkit.evaluate(mse, solo[1], data) == loopkit.evaluate(mse, ens.members[1], data)
+    loopkit.checkpoint.save(solo[1], tmp_path)
+    template = _mlp(9)
+    opt = torch.optim.Adam(template.parameters())
+    restored = loopkit.restore(loopkit.TrainState.create(template, opt, torch.optim.lr_scheduler.StepLR(opt, 2)), tmp_path)
+    assert restored.step == 1
+    torch.testing.assert_close(restored.model[2].bias, ens.params["2.bias"][1], rtol=0, atol=0)
+
+
+def test_bad_input_is_named(make_batches):
+    batch = make_batches(1)[0]
+    model = nn.Linear(4, 2)
+    other = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match="member 1's model differs from member 0's"):
+        ensemble.stack([_states()[0], other])
+    with pytest.raises(ValueError, match="member 0 has no optimizer"):
+        ensemble.stack([loopkit.TrainState.create(_mlp(0))])
+    bn = _mlp(0, norm=nn.BatchNorm1d(16))
+    with pytest.raises(TypeError, match="BatchNorm1d with running statistics"):
+        ensemble.stack([loopkit.TrainState.create(bn, torch.optim.SGD(bn.parameters(), lr=0.1))])
+    with pytest.raises(TypeError, match="a sequence of loopkit.TrainState"):
+        ensemble.stack(_states()[0])
+    with pytest.raises(TypeError, match="takes a loopkit.ensemble.Ensemble"):
+        ensemble.train_step(_loss)(_states()[0], batch)
+    with pytest.raises(TypeError, match="loss_fn must be callable"):
+        ensemble.train_step("loss")
+    ens = ensemble.stack(_states())
+    with pytest.raises(ValueError, match=r"must return a scalar \(0-dim\) loss tensor"):
+        ensemble.train_step(lambda m, b: m(b[0]) - b[1])(ens, batch)
+    drop = _mlp(0, dropout=True)
+    ens = ensemble.stack([loopkit.TrainState.create(drop, torch.optim.SGD(drop.parameters(), lr=0.1))])
+    with pytest.raises(RuntimeError, match="draws random numbers"):
+        ensemble.train_step(_loss)(ens, batch)
