@@ -12,13 +12,14 @@
 from loopkit.callbacks import Callback, EarlyStopping, LearningRateMonitor
 from loopkit.checkpoint import export_weights, restore
 from loopkit.driver import evaluate, predict, run_epochs
-from loopkit.errors import CheckpointCorruptError, DonatedStateError, NonFiniteError, StateMismatchError
+from loopkit.errors import CheckpointCorruptError, DonatedStateError, ImpurityError, NonFiniteError, StateMismatchError
 from loopkit.loggers import ConsoleLogger, CSVLogger, JSONLLogger, Logger, TensorBoardLogger
 from loopkit.rng import seed_everything
 from loopkit.state import TrainState
 from loopkit.steps import EvalStep, Step, TrainStep, donate, eval_step, train_step
-from loopkit.transforms import ema_state, with_amp, with_checkpointing, with_compile, with_ddp, with_ema, with_grad_accum, with_grad_clip, with_logging, with_nan_guard, with_profiler, with_pruning
+from loopkit.transforms import ema_state, quantized_model, with_amp, with_checkpointing, with_compile, with_ddp, with_ema, with_grad_accum, with_grad_clip, with_logging, with_nan_guard, with_profiler, with_pruning, with_qat
 from loopkit.tree import to_device
+from loopkit.debug import check_purity
 from loopkit import distributed  # noqa: E402  (an integration: imports the layers above)
 from loopkit import ensemble  # noqa: E402  (an integration: imports the layers above)
 
@@ -42,6 +43,7 @@ __all__ = [
     "DonatedStateError",
     "EarlyStopping",
     "EvalStep",
+    "ImpurityError",
     "JSONLLogger",
     "LearningRateMonitor",
     "Logger",
@@ -51,6 +53,7 @@ __all__ = [
     "TensorBoardLogger",
     "TrainState",
     "TrainStep",
+    "check_purity",
     "distributed",
     "ensemble",
     "donate",
@@ -59,6 +62,7 @@ __all__ = [
     "evaluate",
     "export_weights",
     "predict",
+    "quantized_model",
     "restore",
     "run_epochs",
     "seed_everything",
@@ -75,4 +79,5 @@ __all__ = [
     "with_nan_guard",
     "with_profiler",
     "with_pruning",
+    "with_qat",
 ]

@@ -52,6 +52,12 @@ class Ensemble:
     ``members[k]`` is a :class:`loopkit.TrainState` whose parameters are views of
     ``params[name][k]``; ``buffers`` are the members' buffers, stacked the same way.
     ``skeleton`` is one member's module, which the step calls through ``functional_call``.
+
+    >>> import torch, loopkit
+    >>> models = [torch.nn.Linear(2, 1) for _ in range(2)]
+    >>> ens = stack([loopkit.TrainState.create(m, torch.optim.SGD(m.parameters(), lr=0.1)) for m in models])
+    >>> len(ens), ens.members[1].model.weight.data_ptr() == ens.params["weight"][1].data_ptr()
+    (2, True)
     """
 
     members: tuple[TrainState, ...]
@@ -187,6 +193,13 @@ class EnsembleStep:
 
     Pure unless ``donated`` (the ensemble is copied first, as :func:`stack` copies); metrics
     are ``[K]`` tensors, one value per member.
+
+    >>> import torch, loopkit
+    >>> models = [torch.nn.Linear(2, 1) for _ in range(2)]
+    >>> ens = stack([loopkit.TrainState.create(m, torch.optim.SGD(m.parameters(), lr=0.1)) for m in models])
+    >>> new, metrics = EnsembleStep(lambda m, b: m(b).pow(2).mean())(ens, torch.ones(3, 2))
+    >>> [m.step for m in ens.members], [m.step for m in new.members]
+    ([0, 0], [1, 1])
     """
 
     loss_fn: Callable[[nn.Module, Any], Any]

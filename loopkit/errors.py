@@ -6,7 +6,7 @@ True
 
 from __future__ import annotations
 
-__all__ = ["CheckpointCorruptError", "DonatedStateError", "NonFiniteError", "StateMismatchError"]
+__all__ = ["CheckpointCorruptError", "DonatedStateError", "ImpurityError", "NonFiniteError", "StateMismatchError"]
 
 
 class DonatedStateError(RuntimeError):
@@ -49,4 +49,14 @@ class CheckpointCorruptError(RuntimeError):
     Traceback (most recent call last):
     ...
     loopkit.errors.CheckpointCorruptError: checkpoint step_10: checksum mismatch
+    """
+
+
+class ImpurityError(AssertionError):
+    """A step broke the purity contract (:func:`loopkit.debug.check_purity` names how).
+
+    >>> raise ImpurityError("step f changed the state it was given: model.weight differs")
+    Traceback (most recent call last):
+    ...
+    loopkit.errors.ImpurityError: step f changed the state it was given: model.weight differs
     """

@@ -264,9 +264,11 @@ def replace_extras(state: TrainState, extras: Mapping[str, Any]) -> TrainState:
 def fork(state: TrainState, *, optimizer_state: bool = True) -> TrainState:
     """A new state whose parameters, gradients, buffers, optimizer and scheduler state are copies.
 
-    Module structure, hooks and hyper-parameters are shared; RNG and extras are immutable
-    values and are shared too. A step mutates the fork in place, which keeps the given state
-    unchanged. ``optimizer_state=False`` leaves the copy's optimizer state empty (for a caller
+    Module classes and hyper-parameters are shared; RNG and extras are immutable values and
+    are shared too. Each module of the copy has its own registries: hooks registered before
+    the copy run on both, and a hook, buffer or child module added to one later (as
+    ``prepare_qat`` adds observers) stays with it. A step mutates the fork in place, which
+    keeps the given state unchanged. ``optimizer_state=False`` leaves the copy's optimizer state empty (for a caller
     that replaces it, such as ``load_state_dict``).
 
     >>> import torch
@@ -316,6 +318,15 @@ def _clone_tensor(t: torch.Tensor, memo: dict[int, Any]) -> torch.Tensor:
     return new
 
 
+#: an nn.Module's per-instance registries (dicts and sets) that a copy must not share
+_MODULE_REGISTRIES = (
+    "_parameters", "_buffers", "_modules", "_non_persistent_buffers_set",
+    "_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks",
+    "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks",
+)
+
+
 def _clone_module(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
     key = id(module)
     found = memo.get(key)
@@ -325,6 +336,11 @@ def _clone_module(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
     attributes = module.__dict__.copy()
     object.__setattr__(new, "__dict__", attributes)
     memo[key] = new
+    # the copy's own registries: a hook, buffer or child added to the copy never reaches the original
+    for name in _MODULE_REGISTRIES:
+        registry = attributes.get(name)
+        if registry is not None:
+            attributes[name] = registry.copy()
     params = attributes["_parameters"]
     if params:
         attributes["_parameters"] = {n: None if p is None else _clone_tensor(p, memo) for n, p in params.items()}

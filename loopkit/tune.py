@@ -233,6 +233,16 @@ def fit(
     only: 0-dim tensors a callback added are read, other values left out) and ``step`` (the
     updates done). A pruned trial raises ``optuna.TrialPruned`` out of here,
     which ``study.optimize`` records. Use it as an objective's last line (see the module).
+
+    >>> import optuna, torch, loopkit
+    >>> model = torch.nn.Linear(2, 1)
+    >>> state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    >>> data = [torch.ones(4, 2)] * 3
+    >>> trial = optuna.create_study().ask()
+    >>> value = fit(trial, loopkit.train_step(lambda m, b: m(b).pow(2).mean()), state, data,
+    ...             monitor="train/loss", epochs=2, progress=False)
+    >>> trial.user_attrs["step"], value == trial.user_attrs["history"][-1]["train/loss"]
+    (6, True)
     """
     if monitor.startswith("val/") and run_epochs_options.get("val") is None:
         raise ValueError(f"loopkit.tune.fit: monitor '{monitor}' is a validation metric; pass val=(eval_step, val_data)")

@@ -297,3 +297,19 @@ def test_replace_equals_attrs_evolve_field_by_field_and_names_an_unknown_field(m
             assert a is b or a == b, (name, field.name)
     with pytest.raises(TypeError, match="no field.*stepp"):
         replace(state, stepp=1)
+
+
+def test_hooks_and_children_added_to_a_fork_stay_with_it(make_mlp, make_sgd_state):
+    state = make_sgd_state(make_mlp(0))
+    calls = []
+    state.model[0].register_forward_hook(lambda m, i, o: calls.append("shared"))
+    copy = loopkit.state.fork(state)
+    copy.model[1].register_forward_hook(lambda m, i, o: calls.append("copy only"))
+    copy.model[1].add_module("extra", torch.nn.Identity())
+    copy.model[1].register_buffer("count", torch.zeros(()))
+    state.model(torch.ones(1, 4))
+    assert calls == ["shared"]
+    assert not hasattr(state.model[1], "extra") and "count" not in dict(state.model.named_buffers())
+    calls.clear()
+    copy.model(torch.ones(1, 4))
+    assert calls == ["shared", "copy only"]

@@ -14,6 +14,7 @@ from loopkit.transforms.logging import with_logging
 from loopkit.transforms.nan_guard import with_nan_guard
 from loopkit.transforms.profiler import with_profiler
 from loopkit.transforms.pruning import with_pruning
+from loopkit.transforms.qat import quantized_model, with_qat
 
 __all__ = [
     "ema_state",
@@ -28,4 +29,6 @@ __all__ = [
     "with_nan_guard",
     "with_profiler",
     "with_pruning",
+    "with_qat",
+    "quantized_model",
 ]

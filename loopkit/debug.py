@@ -1,0 +1,141 @@
+"""Debugging aids: check that a step keeps loopkit's purity contract, naming what breaks it.
+
+:func:`check_purity` calls a step twice on one state and batch, and checks what the contract
+promises: the given state is unchanged (parameters, buffers, gradients, optimizer and
+scheduler state, counters, RNG, extras), torch's global RNG is as it was, and the two calls
+agree bit for bit (new states and metrics). It is meant for steps written by hand (a plain
+function with two optimizers, a closed-form solve) and for a pipeline of transforms before a
+long run; the first difference is named by its path in ``state.state_dict()``.
+
+>>> import torch, loopkit
+>>> model = torch.nn.Linear(2, 1)
+>>> state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+>>> batch = torch.ones(4, 2)
+>>> new, metrics = check_purity(loopkit.train_step(lambda m, b: m(b).pow(2).mean()), state, batch)
+>>> def sloppy(state, batch):  # updates the caller's parameters in place
+...     with torch.no_grad():
+...         state.model.weight.sub_(0.1)
+...     return state.evolve(step=state.step + 1), {}
+>>> check_purity(sloppy, state, batch)
+Traceback (most recent call last):
+...
+loopkit.errors.ImpurityError: step sloppy changed the state it was given: model.weight differs (max abs difference 0.1)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from loopkit.errors import ImpurityError
+from loopkit.state import TrainState
+from loopkit.steps import Metrics
+
+__all__ = ["check_purity"]
+
+
+def _snapshot(value: Any) -> Any:
+    """A deep copy of a state dict (or metrics): tensors cloned, mappings copied, leaves kept."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, Mapping):
+        return {str(k): _snapshot(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_snapshot(v) for v in value]
+    return value
+
+
+def _difference(a: Any, b: Any, path: str) -> str | None:
+    """The first difference between two snapshots, as ``"<path> <what>"``, or None when equal."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+            return f"{path} is a tensor on one side only"
+        if a.shape != b.shape or a.dtype != b.dtype:
+            return f"{path} changed from {a.dtype}{list(a.shape)} to {b.dtype}{list(b.shape)}"
+        if a.is_floating_point() or a.is_complex():
+            same = torch.equal(a, b) or bool(torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num()))
+            if not same:
+                gap = (a.double() - b.double()).abs().nan_to_num(nan=float("inf")).max().item()
+                return f"{path} differs (max abs difference {gap:.3g})"
+        elif not torch.equal(a, b):
+            return f"{path} differs"
+        return None
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in list(a) + [k for k in b if k not in a]:
+            if key not in a or key not in b:
+                return f"{path + '.' if path else ''}{key} is {'new' if key not in a else 'gone'}"
+            found = _difference(a[key], b[key], f"{path + '.' if path else ''}{key}")
+            if found:
+                return found
+        return None
+    if isinstance(a, list) and isinstance(b, list):
+        if len(a) != len(b):
+            return f"{path} changed length from {len(a)} to {len(b)}"
+        for i, (x, y) in enumerate(zip(a, b)):
+            found = _difference(x, y, f"{path}.{i}")
+            if found:
+                return found
+        return None
+    if a != b and not (a != a and b != b):  # NaN equals NaN here
+        return f"{path} changed from {a!r} to {b!r}"
+    return None
+
+
+def _name(step: Any) -> str:
+    applied = getattr(step, "applied", None)
+    if applied:
+        return "(" + ", ".join(applied) + ")"
+    return getattr(step, "__qualname__", None) or type(step).__qualname__
+
+
+def check_purity(
+    step: Callable[[TrainState, Any], tuple[TrainState, Metrics]],
+    state: TrainState,
+    batch: Any,
+    *,
+    deterministic: bool = True,
+) -> tuple[TrainState, Metrics]:
+    """Call ``step(state, batch)`` twice and raise :class:`loopkit.ImpurityError` on a broken promise.
+
+    Checks, in order: the first call leaves ``state`` as it was (every entry of
+    ``state.state_dict()``, gradients included) and torch's global CPU RNG too; with
+    ``deterministic`` (the default), a second call on the same state and batch gives the same
+    new state and metrics, bit for bit (pass ``deterministic=False`` for kernels that are not).
+    Returns the first call's result. A donated step is refused: it may reuse ``state``.
+
+    >>> import torch, loopkit
+    >>> state = loopkit.TrainState.create(torch.nn.Linear(2, 1))
+    >>> same, metrics = check_purity(lambda s, b: (s, {"n": torch.tensor(1.0)}), state, None)
+    >>> same is state, float(metrics["n"])
+    (True, 1.0)
+    """
+    if getattr(step, "donated", False):
+        raise TypeError(f"check_purity: step {_name(step)} is donated, so it may change the state it is given by design")
+    if not isinstance(state, TrainState):
+        raise TypeError(f"check_purity: state must be a loopkit.TrainState, got {type(state).__qualname__}")
+    name = _name(step)
+    before = _snapshot(state.state_dict())
+    global_rng = torch.get_rng_state()
+    first, metrics = step(state, batch)
+    changed = _difference(before, _snapshot(state.state_dict()), "")
+    if changed:
+        raise ImpurityError(f"step {name} changed the state it was given: {changed}")
+    if not torch.equal(torch.get_rng_state(), global_rng):
+        raise ImpurityError(
+            f"step {name} left torch's global RNG advanced: draw from the state's RNG (loopkit.rng.RNGScope) "
+            "and put the caller's back"
+        )
+    if deterministic:
+        result = _snapshot(first.state_dict()), _snapshot(dict(metrics))
+        second, again = step(state, batch)
+        disagree = _difference(result[0], _snapshot(second.state_dict()), "") or _difference(
+            result[1], _snapshot(dict(again)), "metrics"
+        )
+        if disagree:
+            raise ImpurityError(
+                f"step {name} gave two different results for the same state and batch: {disagree} (does it draw "
+                "random numbers outside the state's RNG, or read something besides the state and the batch?)"
+            )
+    return first, metrics

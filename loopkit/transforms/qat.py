@@ -1,0 +1,209 @@
+"""``with_qat``: quantization-aware training with PyTorch's eager-mode QAT (``torch.ao.quantization``).
+
+>>> from loopkit.steps import train_step
+>>> with_qat(train_step(lambda m, b: None)).applied
+('train_step', 'with_qat')
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import attrs
+import torch
+from torch import nn
+
+from loopkit.state import TrainState, fork
+from loopkit.steps import Metrics, WrapperStep
+from loopkit.transforms._compose import refuse_wrapping, require_step
+
+__all__ = ["QATStep", "is_prepared", "quantized_model", "with_qat"]
+
+_BACKENDS = ("x86", "fbgemm", "qnnpack", "onednn")
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """torch.ao.quantization warns on every call that it moves to torchao; the API still works in torch 2.x."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.ao.quantization is deprecated.*")
+        warnings.filterwarnings("ignore", message=".*reduce_range will be deprecated.*")
+        warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module="torch.ao")
+        yield
+
+
+def _quantization() -> Any:
+    with _quiet():
+        import torch.ao.quantization as quantization
+    return quantization
+
+
+def is_prepared(model: nn.Module) -> bool:
+    """Whether ``model`` holds fake-quantization modules (``prepare_qat`` ran on it).
+
+    >>> is_prepared(torch.nn.Linear(2, 2))
+    False
+    """
+    base = _quantization().FakeQuantizeBase
+    return any(isinstance(m, base) for m in model.modules())
+
+
+def _prepare(model: nn.Module, qconfig: Any) -> None:
+    """``prepare_qat`` in place, then every weight fake-quantizer observes its weight once, so that
+    the per-channel scales have their final shapes before any checkpoint (a fresh template
+    prepared the same way then loads a trained one). The first training forward observes the
+    same weight again, which leaves a moving-average observer's values as they are."""
+    quantization = _quantization()
+    if not model.training:
+        raise ValueError("with_qat: the model must be in training mode (model.train()) when QAT starts")
+    # the QAT modules are built by their float classes' __init__, whose weight init draws from
+    # torch's global RNG (then the trained weights replace it): the caller's RNG is put back
+    with _quiet(), torch.random.fork_rng(devices=[]):
+        model.qconfig = qconfig
+        quantization.prepare_qat(model, inplace=True)
+        found = False
+        with torch.no_grad():
+            for module in model.modules():
+                fake_quant = getattr(module, "weight_fake_quant", None)
+                if fake_quant is not None and isinstance(getattr(module, "weight", None), torch.Tensor):
+                    fake_quant(module.weight.detach())
+                    found = True
+    if not found:
+        raise ValueError(
+            "with_qat: the model has no module that eager-mode QAT quantizes (nn.Linear, nn.Conv1d/2d/3d, "
+            "and their fused forms)"
+        )
+
+
+@attrs.frozen(eq=False)
+class QATStep(WrapperStep):
+    """The step :func:`with_qat` returns: prepares the model for QAT on its first call, then trains it.
+
+    >>> from loopkit.steps import as_step
+    >>> QATStep(as_step(lambda s, b: (s, {}))).name
+    'with_qat'
+    """
+
+    backend: str = "x86"
+    qconfig: Any = None
+    freeze_observers_after: int | None = None
+    freeze_bn_after: int | None = None
+
+    @property
+    def name(self) -> str:
+        return "with_qat"
+
+    @property
+    def changes_state(self) -> bool:  # type: ignore[override]
+        return True  # the first call changes the model's modules
+
+    def _qconfig(self) -> Any:
+        if self.qconfig is not None:
+            return self.qconfig
+        with _quiet():
+            return _quantization().get_default_qat_qconfig(self.backend)
+
+    def prepare(self, state: TrainState) -> TrainState:
+        """A copy of ``state`` with its model prepared as this step prepares it (``state`` unchanged).
+
+        For a template to restore a QAT checkpoint into: ``restore(qat.prepare(template), dir)``.
+
+        >>> import torch
+        >>> model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+        >>> state = TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+        >>> is_prepared(with_qat(lambda s, b: (s, {})).prepare(state).model), is_prepared(state.model)
+        (True, False)
+        """
+        new = fork(state)
+        if not is_prepared(new.model):
+            _prepare(new.model, self._qconfig())
+        return new
+
+    def run_(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
+        model = state.model
+        if not is_prepared(model):
+            _prepare(model, self._qconfig())
+        self._freeze(model, state.step)
+        return self.inner.run_(state, batch)
+
+    def _freeze(self, model: nn.Module, step: int) -> None:
+        quantization = _quantization()
+        if self.freeze_observers_after is not None and step >= self.freeze_observers_after:
+            model.apply(quantization.disable_observer)
+        if self.freeze_bn_after is not None and step >= self.freeze_bn_after:
+            from torch.ao.nn.intrinsic.qat import freeze_bn_stats
+
+            model.apply(freeze_bn_stats)
+
+
+def with_qat(
+    step: Any,
+    *,
+    backend: str = "x86",
+    qconfig: Any = None,
+    freeze_observers_after: int | None = None,
+    freeze_bn_after: int | None = None,
+) -> QATStep:
+    """Quantization-aware training: the model trains through fake quantization of its weights and activations.
+
+    On its first call the step prepares the state's model with PyTorch's eager-mode
+    ``torch.ao.quantization.prepare_qat`` and ``get_default_qat_qconfig(backend)`` (or your
+    ``qconfig``): ``nn.Linear`` and ``nn.Conv`` modules become their QAT forms, which share
+    the original parameters (the optimizer keeps them) and add fake-quantizers whose scales
+    and observers are buffers of the model, so purity, checkpoints and DDP cover them. Fuse
+    Conv-BN-ReLU first (``torch.ao.quantization.fuse_modules_qat``) as PyTorch's QAT recipe
+    says, and put ``QuantStub``/``DeQuantStub`` around what should run quantized to convert
+    the result with :func:`quantized_model`. From update ``freeze_observers_after`` on the
+    quantization ranges stop moving; from ``freeze_bn_after`` on fused BatchNorm statistics
+    freeze. To restore a checkpoint, prepare the template the same way:
+    ``restore(qat_step.prepare(template), directory)``.
+
+    ``torch.ao.quantization`` is deprecated in favour of torchao (it still works in torch
+    2.x); its deprecation warnings are silenced inside this step.
+
+    >>> import torch
+    >>> from loopkit.steps import train_step
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+    >>> state = TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    >>> step = with_qat(train_step(lambda m, b: m(b).pow(2).mean()))
+    >>> new, _ = step(state, torch.randn(16, 4))
+    >>> is_prepared(new.model), is_prepared(state.model)
+    (True, False)
+    """
+    if backend not in _BACKENDS:
+        raise ValueError(f"with_qat: backend must be one of {', '.join(_BACKENDS)}, got {backend!r}")
+    for name, value in (("freeze_observers_after", freeze_observers_after), ("freeze_bn_after", freeze_bn_after)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise ValueError(f"with_qat: {name} must be a non-negative int (an update count) or None, got {value!r}")
+    inner = require_step(step, "with_qat", no_eval="an eval_step does not train; evaluate the QAT model with eval_step as it is")
+    refuse_wrapping(inner, "with_qat", {"with_qat": "the model is prepared once; apply with_qat once"})
+    return QATStep(inner, backend=backend, qconfig=qconfig, freeze_observers_after=freeze_observers_after,
+                   freeze_bn_after=freeze_bn_after)
+
+
+def quantized_model(state: TrainState) -> nn.Module:
+    """An int8 copy of a QAT-trained ``state.model`` for inference (``torch.ao.quantization.convert``).
+
+    The model needs ``QuantStub``/``DeQuantStub`` where its quantized part starts and ends
+    (eager mode quantizes between them). ``state`` is unchanged.
+
+    >>> import torch
+    >>> from torch.ao.quantization import QuantStub, DeQuantStub
+    >>> from loopkit.steps import train_step
+    >>> model = torch.nn.Sequential(QuantStub(), torch.nn.Linear(4, 2), DeQuantStub())
+    >>> state = TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    >>> state, _ = with_qat(train_step(lambda m, b: m(b).pow(2).mean()))(state, torch.randn(8, 4))
+    >>> int8 = quantized_model(state)
+    >>> type(int8[1]).__module__, int8(torch.randn(3, 4)).shape
+    ('torch.ao.nn.quantized.modules.linear', torch.Size([3, 2]))
+    """
+    if not is_prepared(state.model):
+        raise ValueError("quantized_model: the state's model was not trained with with_qat (no fake-quantizers)")
+    with _quiet():
+        model = copy.deepcopy(state.model).eval()
+        return _quantization().convert(model, inplace=False)

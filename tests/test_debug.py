@@ -1,0 +1,96 @@
+"""loopkit.check_purity: the contract's promises checked, and each broken one named."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+import loopkit
+from loopkit import ImpurityError, check_purity
+
+
+def _state(make_bn_dropout, make_adam_state):
+    return make_adam_state(make_bn_dropout(0), seed=1, scheduler=True)
+
+
+@pytest.mark.parametrize("pipeline", ["plain", "transforms", "eval"])
+def test_loopkit_steps_pass_and_the_result_is_the_steps_own(pipeline, make_bn_dropout, make_adam_state, batches, mse_loss,
+                                                            assert_trees_equal, take_snapshot):
+    step = loopkit.train_step(mse_loss)
+    if pipeline == "transforms":
+        step = loopkit.with_grad_clip(loopkit.with_grad_accum(loopkit.with_nan_guard(step), every=2), max_norm=0.5)
+    if pipeline == "eval":
+        step = loopkit.eval_step(lambda m, b: {"mse": mse_loss(m, b)})
+    state = _state(make_bn_dropout, make_adam_state)
+    new, metrics = check_purity(step, state, batches[0])
+    direct, direct_metrics = step(state, batches[0])
+    assert_trees_equal(take_snapshot(new), take_snapshot(direct))
+    assert_trees_equal(metrics, direct_metrics)
+
+
+def test_a_step_changing_the_callers_parameters_is_named(make_mlp, make_sgd_state, batches):
+    def sloppy(state, batch):
+        with torch.no_grad():
+            state.model[2].bias.add_(0.5)
+        return state.evolve(step=state.step + 1), {}
+
+    with pytest.raises(ImpurityError, match=r"step .*sloppy changed the state it was given: model\.2\.bias differs \(max abs difference 0\.5\)"):
+        check_purity(sloppy, make_sgd_state(make_mlp(0)), batches[0])
+
+
+def test_a_step_changing_the_callers_optimizer_state_is_named(make_mlp, make_adam_state, batches, mse_loss):
+    state = loopkit.train_step(mse_loss)(make_adam_state(make_mlp(0)), batches[0])[0]  # Adam has moments now
+
+    def in_place(state, batch):  # the core of a step, without the copy a pure step makes
+        return loopkit.train_step(mse_loss).run_(state, batch)
+
+    with pytest.raises(ImpurityError, match=r"changed the state it was given: model\.0\.weight differs"):
+        check_purity(in_place, state, batches[1])
+
+    def moments_only(state, batch):
+        for moments in state.optimizer.state.values():
+            moments["exp_avg"].mul_(0.5)
+        return state.evolve(step=state.step + 1), {}
+
+    with pytest.raises(ImpurityError, match=r"optimizer\.state\.0\.exp_avg differs"):
+        check_purity(moments_only, state, batches[1])
+
+
+def test_a_step_drawing_from_the_global_rng_is_named(make_mlp, make_sgd_state, batches):
+    def noisy(state, batch):
+        return state, {"noise": torch.rand(())}
+
+    with pytest.raises(ImpurityError, match="left torch's global RNG advanced"):
+        check_purity(noisy, make_sgd_state(make_mlp(0)), batches[0])
+
+
+def test_a_step_reading_something_besides_state_and_batch_is_named(make_mlp, make_sgd_state, batches):
+    calls = []
+
+    def counting(state, batch):
+        calls.append(1)
+        return state.evolve(extras={"calls": len(calls)}), {"calls": torch.tensor(float(len(calls)))}
+
+    with pytest.raises(ImpurityError, match=r"two different results for the same state and batch: extras\.calls changed from 1 to 2"):
+        check_purity(counting, make_sgd_state(make_mlp(0)), batches[0])
+    check_purity(counting, make_sgd_state(make_mlp(0)), batches[0], deterministic=False)
+
+
+def test_the_gan_examples_hand_written_step_keeps_the_contract():
+    path = Path(__file__).resolve().parents[1] / "examples" / "gan.py"
+    spec = importlib.util.spec_from_file_location("example_gan_purity", path)
+    gan = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gan)
+    state = gan.make_state(0, 1e-3, 1e-3)
+    state, _ = gan.gan_step(state, torch.randn(16, 2))  # Adam moments exist from here
+    check_purity(gan.gan_step, state, torch.randn(16, 2))
+
+
+def test_donated_steps_and_other_states_are_refused(make_mlp, make_sgd_state, batches, mse_loss):
+    with pytest.raises(TypeError, match="is donated, so it may change the state"):
+        check_purity(loopkit.donate(loopkit.train_step(mse_loss)), make_sgd_state(make_mlp(0)), batches[0])
+    with pytest.raises(TypeError, match="state must be a loopkit.TrainState"):
+        check_purity(loopkit.train_step(mse_loss), {"model": make_mlp(0)}, batches[0])

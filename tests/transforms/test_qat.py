@@ -1,0 +1,171 @@
+"""with_qat: bitwise a raw eager-mode QAT loop (torch.ao.quantization.prepare_qat), pure, resumable, convertible."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import loopkit
+from loopkit.transforms.qat import is_prepared, quantized_model
+
+STEPS = 6
+
+
+@pytest.fixture(autouse=True)
+def _quiet_torch_ao():
+    """torch.ao.quantization's deprecation warnings, from the raw reference loops of this file."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _net(seed: int = 0) -> nn.Sequential:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        q = torch.ao.quantization
+        return nn.Sequential(q.QuantStub(), nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 2), q.DeQuantStub())
+
+
+def _mse(model, batch):
+    x, y = batch
+    return ((model(x) - y) ** 2).mean()
+
+
+def _state(seed: int = 0) -> loopkit.TrainState:
+    model = _net(seed)
+    return loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), seed=seed)
+
+
+def _raw_qat(data):
+    """The reference: PyTorch's eager-mode QAT recipe in a hand-written loop."""
+    q = torch.ao.quantization
+    model = _net(0)
+    model.qconfig = q.get_default_qat_qconfig("x86")
+    q.prepare_qat(model, inplace=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    losses = []
+    for batch in data:
+        opt.zero_grad()
+        loss = _mse(model, batch)
+        loss.backward()
+        opt.step()
+        losses.append(loss.detach())
+    return model, losses
+
+
+def test_equals_a_raw_eager_mode_qat_loop_bitwise(make_batches, assert_trees_equal):
+    data = make_batches(STEPS)
+    ref, ref_losses = _raw_qat(data)
+    state, losses = _state(), []
+    step = loopkit.with_qat(loopkit.train_step(_mse))
+    for batch in data:
+        state, metrics = step(state, batch)
+        losses.append(metrics["loss"])
+    assert_trees_equal(losses, ref_losses)
+    # weights, biases and every fake-quantizer's scale, zero point and observer range
+    assert_trees_equal(dict(state.model.state_dict()), dict(ref.state_dict()))
+    assert sum("fake_quant" in k for k in state.model.state_dict()) > 10
+
+
+def test_run_epochs_trains_the_same_as_calling_the_step(make_batches, assert_trees_equal):
+    data = make_batches(STEPS)
+    ref, _ = _raw_qat(data)
+    state, _ = loopkit.run_epochs(loopkit.with_qat(loopkit.train_step(_mse)), _state(), data, epochs=1, progress=False)
+    assert_trees_equal(dict(state.model.state_dict()), dict(ref.state_dict()))
+
+
+def test_a_pure_call_leaves_the_given_state_unprepared_and_unchanged(make_batches, take_snapshot, assert_trees_equal):
+    state = _state()
+    before = take_snapshot(state)
+    new, _ = loopkit.check_purity(loopkit.with_qat(loopkit.train_step(_mse)), state, make_batches(1)[0])
+    assert is_prepared(new.model) and not is_prepared(state.model)
+    assert_trees_equal(take_snapshot(state), before)
+    again, _ = loopkit.check_purity(loopkit.with_qat(loopkit.train_step(_mse)), new, make_batches(2)[1])  # prepared
+    assert again.step == 2
+
+
+def test_resume_from_a_checkpoint_into_a_prepared_template_is_exact(make_batches, tmp_path, assert_trees_equal):
+    data = make_batches(STEPS)
+    qat = loopkit.with_qat(loopkit.train_step(_mse))
+    whole, _ = loopkit.run_epochs(qat, _state(), data, epochs=2, progress=False)
+
+    saving = loopkit.with_checkpointing(qat, tmp_path, every_n_steps=STEPS + 2)
+    loopkit.run_epochs(saving, _state(), data, max_steps=STEPS + 2, epochs=2, progress=False)
+    with pytest.raises(loopkit.StateMismatchError, match="fake_quant"):
+        loopkit.restore(_state(5), tmp_path)  # an unprepared template does not fit
+    restored = loopkit.restore(qat.prepare(_state(5)), tmp_path)
+    assert (restored.step, restored.batch_index) == (STEPS + 2, 2)
+    resumed, _ = loopkit.run_epochs(qat, restored, data, epochs=2, progress=False)
+    assert_trees_equal(dict(resumed.model.state_dict()), dict(whole.model.state_dict()))
+    assert_trees_equal(resumed.optimizer.state_dict(), whole.optimizer.state_dict())
+
+
+def _scale(state):
+    return state.model[1].weight_fake_quant.scale.clone()
+
+
+def test_observers_freeze_after_the_given_update(make_batches):
+    data = make_batches(STEPS)
+    scales = {}
+    for freeze in (None, 2):
+        state = _state()
+        step = loopkit.with_qat(loopkit.train_step(_mse), freeze_observers_after=freeze)
+        seen = []
+        for batch in data:
+            state, _ = step(state, batch)
+            seen.append(_scale(state))
+        scales[freeze] = seen
+    assert not torch.equal(scales[None][3], scales[None][5])  # without freezing the ranges follow the weights
+    assert all(torch.equal(scales[2][2], s) for s in scales[2][2:])  # frozen from the call after update 2
+    assert torch.equal(scales[2][1], scales[None][1])
+
+
+def test_the_int8_model_computes_what_the_fake_quantized_one_does(make_batches):
+    """qnnpack's recipe quantizes over the full 8-bit range, as its int8 kernels do (x86's QAT config
+    simulates 7-bit activations), so the trained fake-quantized model is the int8 model's simulation."""
+    state = _state()
+    step = loopkit.with_qat(loopkit.train_step(_mse), backend="qnnpack")
+    for batch in make_batches(STEPS):
+        state, _ = step(state, batch)
+    int8 = quantized_model(state)
+    assert isinstance(int8[1], torch.ao.nn.quantized.Linear)
+    assert is_prepared(state.model) and state.model.training  # the state's model is untouched
+    x = make_batches(1, seed=7)[0][0]
+    simulation = quantized_model.__globals__["copy"].deepcopy(state.model).eval()
+    simulation.apply(torch.ao.quantization.disable_observer)
+    engine = torch.backends.quantized.engine
+    torch.backends.quantized.engine = "qnnpack"
+    try:
+        out = int8(x)
+    finally:
+        torch.backends.quantized.engine = engine
+    with torch.no_grad():
+        simulated = simulation(x)
+    # the same int8 arithmetic, simulated in float: within an output quantization step (rounding)
+    assert (out - simulated).abs().max() <= 1.01 * float(int8[3].scale)
+    assert not torch.equal(out, torch.zeros_like(out))
+
+
+def test_bad_input_is_named(make_batches):
+    with pytest.raises(ValueError, match="backend must be one of"):
+        loopkit.with_qat(loopkit.train_step(_mse), backend="tpu")
+    with pytest.raises(ValueError, match="freeze_observers_after must be a non-negative int"):
+        loopkit.with_qat(loopkit.train_step(_mse), freeze_observers_after=-1)
+    with pytest.raises(TypeError, match="with_qat cannot wrap eval_step"):
+        loopkit.with_qat(loopkit.eval_step(lambda m, b: {}))
+    with pytest.raises(TypeError, match="with_qat cannot wrap with_qat"):
+        loopkit.with_qat(loopkit.with_qat(loopkit.train_step(_mse)))
+    model = nn.Sequential(nn.Tanh())
+    model.register_parameter("scale", nn.Parameter(torch.ones(1)))
+    state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match="no module that eager-mode QAT quantizes"):
+        loopkit.with_qat(loopkit.train_step(lambda m, b: (m(b) * m.scale).sum()))(state, torch.ones(2))
+    frozen = _state()
+    frozen.model.eval()
+    with pytest.raises(ValueError, match="must be in training mode"):
+        loopkit.with_qat(loopkit.train_step(_mse))(frozen, make_batches(1)[0])
+    with pytest.raises(ValueError, match="not trained with with_qat"):
+        quantized_model(_state())
