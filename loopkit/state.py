@@ -318,13 +318,10 @@ def _clone_tensor(t: torch.Tensor, memo: dict[int, Any]) -> torch.Tensor:
     return new
 
 
-#: an nn.Module's per-instance registries (dicts and sets) that a copy must not share
-_MODULE_REGISTRIES = (
-    "_parameters", "_buffers", "_modules", "_non_persistent_buffers_set",
-    "_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
-    "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks",
-    "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks",
-)
+#: the registries besides parameters, buffers and children that something run in a step may add to
+#: (observers, activation hooks); a copy has its own. The id-keyed companions of the hook dicts
+#: stay shared (a stray id there is inert), and so do the state-dict hooks, set when a model is built.
+_MODULE_REGISTRIES = ("_non_persistent_buffers_set", "_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
 
 def _clone_module(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
@@ -342,14 +339,11 @@ def _clone_module(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
         if registry is not None:
             attributes[name] = registry.copy()
     params = attributes["_parameters"]
-    if params:
-        attributes["_parameters"] = {n: None if p is None else _clone_tensor(p, memo) for n, p in params.items()}
+    attributes["_parameters"] = {n: None if p is None else _clone_tensor(p, memo) for n, p in params.items()} if params else {}
     buffers = attributes["_buffers"]
-    if buffers:
-        attributes["_buffers"] = {n: None if b is None else _clone_tensor(b, memo) for n, b in buffers.items()}
+    attributes["_buffers"] = {n: None if b is None else _clone_tensor(b, memo) for n, b in buffers.items()} if buffers else {}
     children = attributes["_modules"]
-    if children:
-        attributes["_modules"] = {n: None if m is None else _clone_module(m, memo) for n, m in children.items()}
+    attributes["_modules"] = {n: None if m is None else _clone_module(m, memo) for n, m in children.items()} if children else {}
     if isinstance(module, nn.RNNBase):
         new._init_flat_weights()
     return new
