@@ -83,6 +83,24 @@ def _difference(a: Any, b: Any, path: str) -> str | None:
     return None
 
 
+def _module_facts(model: torch.nn.Module) -> dict[str, Any]:
+    """What the state dict does not hold about the modules: class, training mode, hooks, which
+    parameters take gradients (each by the module's name; the root is ``model``)."""
+    facts: dict[str, Any] = {}
+    for name, module in model.named_modules():
+        facts[name or "<root>"] = {
+            "class": type(module).__qualname__,
+            "training": module.training,
+            "hooks": [len(getattr(module, h, ())) for h in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks")],
+            "requires_grad": {n: p.requires_grad for n, p in module.named_parameters(recurse=False)},
+        }
+    return facts
+
+
+def _full_snapshot(state: TrainState) -> dict[str, Any]:
+    return {**_snapshot(state.state_dict()), "modules": _module_facts(state.model)}
+
+
 def _name(step: Any) -> str:
     applied = getattr(step, "applied", None)
     if applied:
@@ -100,7 +118,8 @@ def check_purity(
     """Call ``step(state, batch)`` twice and raise :class:`loopkit.ImpurityError` on a broken promise.
 
     Checks, in order: the first call leaves ``state`` as it was (every entry of
-    ``state.state_dict()``, gradients included) and torch's global CPU RNG too; with
+    ``state.state_dict()``, gradients included, and each module's class, training mode, hook
+    count and which parameters take gradients) and torch's global CPU RNG too; with
     ``deterministic`` (the default), a second call on the same state and batch gives the same
     new state and metrics, bit for bit (pass ``deterministic=False`` for kernels that are not).
     Returns the first call's result. A donated step is refused: it may reuse ``state``.
@@ -116,10 +135,10 @@ def check_purity(
     if not isinstance(state, TrainState):
         raise TypeError(f"check_purity: state must be a loopkit.TrainState, got {type(state).__qualname__}")
     name = _name(step)
-    before = _snapshot(state.state_dict())
+    before = _full_snapshot(state)
     global_rng = torch.get_rng_state()
     first, metrics = step(state, batch)
-    changed = _difference(before, _snapshot(state.state_dict()), "")
+    changed = _difference(before, _full_snapshot(state), "")
     if changed:
         raise ImpurityError(f"step {name} changed the state it was given: {changed}")
     if not torch.equal(torch.get_rng_state(), global_rng):
@@ -128,9 +147,9 @@ def check_purity(
             "and put the caller's back"
         )
     if deterministic:
-        result = _snapshot(first.state_dict()), _snapshot(dict(metrics))
+        result = _full_snapshot(first), _snapshot(dict(metrics))
         second, again = step(state, batch)
-        disagree = _difference(result[0], _snapshot(second.state_dict()), "") or _difference(
+        disagree = _difference(result[0], _full_snapshot(second), "") or _difference(
             result[1], _snapshot(dict(again)), "metrics"
         )
         if disagree:

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from loopkit.errors import DonatedStateError
-from loopkit.state import TrainState, fork, replace
+from loopkit.state import TrainState, _fork, fork, replace
 
 __all__ = ["Ensemble", "EnsembleStep", "stack", "train_step", "unstack"]
 
@@ -50,7 +50,9 @@ class Ensemble:
     """K member states whose parameters live stacked in ``params`` (``[K, ...]``); see :func:`stack`.
 
     ``members[k]`` is a :class:`loopkit.TrainState` whose parameters are views of
-    ``params[name][k]``; ``buffers`` are the members' buffers, stacked the same way.
+    ``params[name][k]`` (tied parameters stay tied); ``buffers`` are copies of the members'
+    buffers, stacked, which the step reads (a buffer a forward changes in place is not
+    supported: BatchNorm statistics are refused).
     ``skeleton`` is one member's module, which the step calls through ``functional_call``.
 
     >>> import torch, loopkit
@@ -103,25 +105,6 @@ def _check_members(states: Sequence[TrainState]) -> None:
             )
 
 
-def _rebind(state: TrainState, params: Mapping[str, torch.Tensor], index: int) -> None:
-    """Make ``state``'s parameters views of ``params[name][index]`` (its optimizer follows them)."""
-    swapped: dict[int, nn.Parameter] = {}
-    for name, old in list(state.model.named_parameters()):
-        owner_name, _, leaf = name.rpartition(".")
-        owner = state.model.get_submodule(owner_name) if owner_name else state.model
-        new = nn.Parameter(params[name][index], requires_grad=old.requires_grad)
-        owner._parameters[leaf] = new
-        swapped[id(old)] = new
-    optimizer = state.optimizer
-    for group in optimizer.param_groups:  # type: ignore[union-attr]
-        group["params"] = [swapped.get(id(p), p) for p in group["params"]]
-    moved = {}
-    for p, value in list(optimizer.state.items()):  # type: ignore[union-attr]
-        moved[swapped.get(id(p), p)] = value
-    optimizer.state.clear()  # type: ignore[union-attr]
-    optimizer.state.update(moved)  # type: ignore[union-attr]
-
-
 def stack(states: Sequence[TrainState]) -> Ensemble:
     """An :class:`Ensemble` of copies of ``states`` (which stay unchanged), parameters stacked.
 
@@ -134,17 +117,17 @@ def stack(states: Sequence[TrainState]) -> Ensemble:
     (4, torch.Size([4, 2]))
     """
     _check_members(states)
-    members = [fork(state) for state in states]
-    names = [n for n, _ in members[0].model.named_parameters()]
+    named = [dict(state.model.named_parameters()) for state in states]  # a tied weight appears once
     with torch.no_grad():
-        params = {n: torch.stack([dict(m.model.named_parameters())[n] for m in members]) for n in names}
-        buffers = {
-            n: torch.stack([dict(m.model.named_buffers())[n] for m in members])
-            for n, _ in members[0].model.named_buffers()
-        }
-    for k, member in enumerate(members):
-        _rebind(member, params, k)
-    views = tuple(tuple(dict(m.model.named_parameters())[n] for n in names) for m in members)
+        params = {n: torch.stack([own[n].detach() for own in named]) for n in named[0]}
+        buffers = {n: torch.stack([dict(s.model.named_buffers())[n] for s in states]) for n, _ in states[0].model.named_buffers()}
+    members = []
+    for k, (state, own) in enumerate(zip(states, named)):
+        # the copy takes views of the stacked storage for its parameters (tied ones stay tied), and its
+        # optimizer (groups and state, copied) follows them: one copy of the parameters in all
+        memo = {id(p): nn.Parameter(params[n][k], requires_grad=p.requires_grad) for n, p in own.items()}
+        members.append(_fork(state, memo, optimizer_state=True))
+    views = tuple(tuple(dict(m.model.named_parameters())[n] for n in params) for m in members)
     return Ensemble(tuple(members), params, buffers, members[0].model, views)
 
 
@@ -223,15 +206,18 @@ class EnsembleStep:
         where = f"loss_fn {getattr(self.loss_fn, '__qualname__', type(self.loss_fn).__qualname__)}"
         wrapper = _LossModule(ensemble.skeleton, self.loss_fn)
 
-        def member_loss(params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor]) -> Any:
-            tensors = {f"model.{n}": t for n, t in params.items()} | {f"model.{n}": t for n, t in buffers.items()}
+        def member_loss(trained: dict[str, torch.Tensor], fixed: dict[str, torch.Tensor]) -> Any:
+            tensors = {f"model.{n}": t for n, t in trained.items()} | {f"model.{n}": t for n, t in fixed.items()}
             loss, aux = _split(torch.func.functional_call(wrapper, tensors, (batch,)), where)
             return loss, {"loss": loss.detach(), **{k: v.detach() for k, v in aux.items()}}
 
-        params = dict(ensemble.params)
+        trainable = [p.requires_grad for p in ensemble.views[0]]
+        names = list(ensemble.params)
+        trained = {n: ensemble.params[n] for n, t in zip(names, trainable) if t}
+        fixed = {n: ensemble.params[n] for n, t in zip(names, trainable) if not t} | dict(ensemble.buffers)
         vmapped = torch.func.vmap(torch.func.grad(member_loss, has_aux=True), randomness="error")
         try:
-            grads, metrics = vmapped(params, dict(ensemble.buffers))
+            grads, metrics = vmapped(trained, fixed)
         except RuntimeError as e:
             if "randomness" in str(e):
                 raise RuntimeError(
@@ -241,10 +227,11 @@ class EnsembleStep:
                 ) from e
             raise
         members = []
-        stacked_grads = [grads[name] for name in ensemble.params]
+        stacked_grads = [grads.get(name) for name in names]  # None: a frozen parameter
         for k, (member, views) in enumerate(zip(ensemble.members, ensemble.views)):
             for view, grad in zip(views, stacked_grads):
-                view.grad = grad[k]
+                if grad is not None:
+                    view.grad = grad[k]
             member.optimizer.step()  # type: ignore[union-attr]
             if member.scheduler is not None:
                 member.scheduler.step()

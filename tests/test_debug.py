@@ -94,3 +94,18 @@ def test_donated_steps_and_other_states_are_refused(make_mlp, make_sgd_state, ba
         check_purity(loopkit.donate(loopkit.train_step(mse_loss)), make_sgd_state(make_mlp(0)), batches[0])
     with pytest.raises(TypeError, match="state must be a loopkit.TrainState"):
         check_purity(loopkit.train_step(mse_loss), {"model": make_mlp(0)}, batches[0])
+
+
+@pytest.mark.parametrize("change, where", [
+    (lambda m: m.eval(), r"modules\.<root>\.training changed from True to False"),
+    (lambda m: m[0].weight.requires_grad_(False), r"modules\.0\.requires_grad\.weight changed from True to False"),
+    (lambda m: m[1].register_forward_hook(lambda *a: None), r"modules\.1\.hooks\.0 changed from 0 to 1"),
+    (lambda m: m.__setitem__(1, torch.nn.Identity()), r"modules\.1\.class changed from 'Tanh' to 'Identity'"),
+])
+def test_changes_outside_the_state_dict_are_named(change, where, make_mlp, make_sgd_state, batches):
+    def meddling(state, batch):
+        change(state.model)
+        return state.evolve(step=state.step + 1), {}
+
+    with pytest.raises(ImpurityError, match="changed the state it was given: " + where):
+        check_purity(meddling, make_sgd_state(make_mlp(0)), batches[0])

@@ -158,3 +158,49 @@ def test_bad_input_is_named(make_batches):
     ens = ensemble.stack([loopkit.TrainState.create(drop, torch.optim.SGD(drop.parameters(), lr=0.1))])
     with pytest.raises(RuntimeError, match="draws random numbers"):
         ensemble.train_step(_loss)(ens, batch)
+
+
+class _Tied(nn.Module):
+    def __init__(self, seed):
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 2)
+            self.c = nn.Linear(4, 4)
+        self.c.weight = self.a.weight  # tied
+        self.b.weight.requires_grad_(False)  # frozen
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.c(torch.tanh(self.a(x)))))
+
+
+def _solo(state, batches):
+    step = loopkit.train_step(lambda m, b: ((m(b[0]) - b[1]) ** 2).mean())
+    for batch in batches:
+        state, _ = step(state, batch)
+    return state
+
+
+def test_tied_frozen_and_already_trained_members_follow_their_solo_runs(make_batches):
+    """Members with a tied weight, a frozen one, Adam moments from earlier training and two parameter
+    groups listed out of model order: each equals the same state trained alone."""
+    def member(seed):
+        model = _Tied(seed)
+        opt = torch.optim.Adam([{"params": [model.c.bias, model.b.bias]}, {"params": [model.a.weight, model.a.bias], "lr": 0.03}],
+                               lr=0.01)
+        return _solo(loopkit.TrainState.create(model, opt, seed=seed), make_batches(2, seed=seed))  # moments exist
+
+    states = [member(0), member(1)]
+    batches = make_batches(STEPS, seed=5)
+    ens = ensemble.stack(states)
+    assert ens.members[0].model.a.weight is ens.members[0].model.c.weight
+    step = ensemble.train_step(lambda m, b: ((m(b[0]) - b[1]) ** 2).mean())
+    for batch in batches:
+        ens, _ = step(ens, batch)  # pure calls: each copies the ensemble (and its Adam moments)
+    for k, state in enumerate(states):
+        solo = _solo(state, batches)
+        for (name, p), q in zip(solo.model.named_parameters(), ens.members[k].model.parameters()):
+            torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=f"member {k} {name}")
+        assert torch.equal(ens.members[k].model.b.weight, state.model.b.weight)  # frozen: never moved
+        assert ens.members[k].model.b.weight.grad is None
+        torch.testing.assert_close(ens.members[k].optimizer.state_dict(), solo.optimizer.state_dict(), rtol=1e-5, atol=1e-7)

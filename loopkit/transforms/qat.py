@@ -53,26 +53,45 @@ def is_prepared(model: nn.Module) -> bool:
     return any(isinstance(m, base) for m in model.modules())
 
 
+def _observed_weight(module: nn.Module) -> torch.Tensor | None:
+    """The weight a QAT module's forward fake-quantizes: a fused Conv-BN folds the BatchNorm scale in."""
+    from torch.ao.nn.intrinsic.qat.modules.conv_fused import _ConvBnNd
+
+    weight = module.weight.detach()
+    if isinstance(module, _ConvBnNd):  # as _ConvBnNd._forward_approximate does
+        bn = module.bn
+        if bn.weight is None or bn.running_var is None:
+            return None
+        shape = [1] * weight.ndim
+        shape[0] = -1
+        weight = weight * (bn.weight / torch.sqrt(bn.running_var + bn.eps)).reshape(shape)
+    return weight
+
+
 def _prepare(model: nn.Module, qconfig: Any) -> None:
     """``prepare_qat`` in place, then every weight fake-quantizer observes its weight once, so that
     the per-channel scales have their final shapes before any checkpoint (a fresh template
     prepared the same way then loads a trained one). The first training forward observes the
-    same weight again, which leaves a moving-average observer's values as they are."""
+    same weight again, which leaves a moving-average observer's values as they are. ``qconfig``
+    None keeps a ``qconfig`` the model already has."""
     quantization = _quantization()
     if not model.training:
         raise ValueError("with_qat: the model must be in training mode (model.train()) when QAT starts")
     # the QAT modules are built by their float classes' __init__, whose weight init draws from
     # torch's global RNG (then the trained weights replace it): the caller's RNG is put back
     with _quiet(), torch.random.fork_rng(devices=[]):
-        model.qconfig = qconfig
+        if qconfig is not None:
+            model.qconfig = qconfig
         quantization.prepare_qat(model, inplace=True)
         found = False
         with torch.no_grad():
             for module in model.modules():
                 fake_quant = getattr(module, "weight_fake_quant", None)
                 if fake_quant is not None and isinstance(getattr(module, "weight", None), torch.Tensor):
-                    fake_quant(module.weight.detach())
                     found = True
+                    weight = _observed_weight(module)
+                    if weight is not None:
+                        fake_quant(weight)
     if not found:
         raise ValueError(
             "with_qat: the model has no module that eager-mode QAT quantizes (nn.Linear, nn.Conv1d/2d/3d, "
@@ -102,9 +121,12 @@ class QATStep(WrapperStep):
     def changes_state(self) -> bool:  # type: ignore[override]
         return True  # the first call changes the model's modules
 
-    def _qconfig(self) -> Any:
+    def _qconfig(self, model: nn.Module) -> Any:
+        """This step's ``qconfig``; else the one the model has; else ``backend``'s default (None: keep the model's)."""
         if self.qconfig is not None:
             return self.qconfig
+        if getattr(model, "qconfig", None) is not None:
+            return None
         with _quiet():
             return _quantization().get_default_qat_qconfig(self.backend)
 
@@ -121,13 +143,13 @@ class QATStep(WrapperStep):
         """
         new = fork(state)
         if not is_prepared(new.model):
-            _prepare(new.model, self._qconfig())
+            _prepare(new.model, self._qconfig(new.model))
         return new
 
     def run_(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
         model = state.model
         if not is_prepared(model):
-            _prepare(model, self._qconfig())
+            _prepare(model, self._qconfig(model))
         self._freeze(model, state.step)
         return self.inner.run_(state, batch)
 
@@ -152,8 +174,8 @@ def with_qat(
     """Quantization-aware training: the model trains through fake quantization of its weights and activations.
 
     On its first call the step prepares the state's model with PyTorch's eager-mode
-    ``torch.ao.quantization.prepare_qat`` and ``get_default_qat_qconfig(backend)`` (or your
-    ``qconfig``): ``nn.Linear`` and ``nn.Conv`` modules become their QAT forms, which share
+    ``torch.ao.quantization.prepare_qat`` and your ``qconfig`` (else the ``qconfig`` already set
+    on the model or its submodules, else ``get_default_qat_qconfig(backend)``): ``nn.Linear`` and ``nn.Conv`` modules become their QAT forms, which share
     the original parameters (the optimizer keeps them) and add fake-quantizers whose scales
     and observers are buffers of the model, so purity, checkpoints and DDP cover them. Fuse
     Conv-BN-ReLU first (``torch.ao.quantization.fuse_modules_qat``) as PyTorch's QAT recipe

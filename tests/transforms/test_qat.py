@@ -169,3 +169,45 @@ def test_bad_input_is_named(make_batches):
         loopkit.with_qat(loopkit.train_step(_mse))(frozen, make_batches(1)[0])
     with pytest.raises(ValueError, match="not trained with with_qat"):
         quantized_model(_state())
+
+
+def _conv_bn_net() -> nn.Sequential:
+    """Conv-BN-ReLU fused for QAT (as PyTorch's recipe does), with BatchNorm statistics as if pretrained."""
+    q = torch.ao.quantization
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        model = nn.Sequential(q.QuantStub(), nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                              nn.Linear(4 * 4 * 4, 2), q.DeQuantStub())
+    with torch.no_grad():
+        model[2].weight.fill_(0.5)
+        model[2].running_var.fill_(9.0)
+    return q.fuse_modules_qat(model.train(), [["1", "2", "3"]])
+
+
+def test_fused_conv_bn_equals_the_raw_recipe_bitwise(assert_trees_equal):
+    gen = torch.Generator().manual_seed(0)
+    data = [(torch.randn(8, 1, 6, 6, generator=gen), torch.randn(8, 2, generator=gen)) for _ in range(4)]
+    q = torch.ao.quantization
+    ref = _conv_bn_net()
+    ref.qconfig = q.get_default_qat_qconfig("x86")
+    q.prepare_qat(ref, inplace=True)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.01)
+    for batch in data:
+        ref_opt.zero_grad()
+        _mse(ref, batch).backward()
+        ref_opt.step()
+    model = _conv_bn_net()
+    state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.01))
+    step = loopkit.with_qat(loopkit.train_step(_mse))
+    for batch in data:
+        state, _ = step(state, batch)
+    assert_trees_equal(dict(state.model.state_dict()), dict(ref.state_dict()))
+
+
+def test_a_qconfig_set_on_the_model_is_kept(make_batches):
+    state = _state()
+    state.model.qconfig = torch.ao.quantization.get_default_qat_qconfig("qnnpack")  # full 8-bit activations
+    new, _ = loopkit.with_qat(loopkit.train_step(_mse))(state, make_batches(1)[0])
+    assert new.model[1].activation_post_process.quant_max == 255
+    other, _ = loopkit.with_qat(loopkit.train_step(_mse))(_state(), make_batches(1)[0])
+    assert other.model[1].activation_post_process.quant_max == 127  # x86's default: 7-bit activations
