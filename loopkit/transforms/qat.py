@@ -204,6 +204,11 @@ def with_qat(
             raise ValueError(f"with_qat: {name} must be a non-negative int (an update count) or None, got {value!r}")
     inner = require_step(step, "with_qat", no_eval="an eval_step does not train; evaluate the QAT model with eval_step as it is")
     refuse_wrapping(inner, "with_qat", {"with_qat": "the model is prepared once; apply with_qat once"})
+    if "with_amp" in inner.applied:  # torch's fake-quantize kernels take float32 only
+        raise TypeError(
+            "with_qat cannot wrap with_amp: fake quantization simulates int8 arithmetic in float32, and its kernels "
+            "refuse the float16/bfloat16 activations autocast makes; train QAT in float32"
+        )
     return QATStep(inner, backend=backend, qconfig=qconfig, freeze_observers_after=freeze_observers_after,
                    freeze_bn_after=freeze_bn_after)
 

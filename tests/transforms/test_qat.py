@@ -158,6 +158,11 @@ def test_bad_input_is_named(make_batches):
         loopkit.with_qat(loopkit.eval_step(lambda m, b: {}))
     with pytest.raises(TypeError, match="with_qat cannot wrap with_qat"):
         loopkit.with_qat(loopkit.with_qat(loopkit.train_step(_mse)))
+    for dtype in (torch.bfloat16, torch.float16):
+        with pytest.raises(TypeError, match="with_qat cannot wrap with_amp"):
+            loopkit.with_qat(loopkit.with_amp(loopkit.train_step(_mse), dtype=dtype))
+        with pytest.raises(TypeError, match="with_amp cannot wrap with_qat"):
+            loopkit.with_amp(loopkit.with_qat(loopkit.train_step(_mse)), dtype=dtype)
     model = nn.Sequential(nn.Tanh())
     model.register_parameter("scale", nn.Parameter(torch.ones(1)))
     state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
