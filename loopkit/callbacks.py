@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["Callback", "EarlyStopping", "LearningRateMonitor"]
+__all__ = ["Callback", "EarlyStopping", "LearningRateMonitor", "MonitorCallback"]
 
 
 class Callback:
@@ -71,7 +71,40 @@ class Callback:
         pass
 
 
-class EarlyStopping(Callback):
+class MonitorCallback(Callback):
+    """Base of callbacks that watch one metric: :meth:`check` gets its value after each
+    validation for a ``val/...`` metric, after each epoch for any other (``train/loss``).
+
+    >>> class Seen(MonitorCallback):
+    ...     def check(self, state, value):
+    ...         print(value)
+    >>> Seen("train/loss").on_epoch_end(None, {"train/loss": 0.5})
+    0.5
+    """
+
+    def __init__(self, monitor: str) -> None:
+        if not isinstance(monitor, str) or not monitor:
+            raise ValueError(f"{type(self).__name__}: monitor must be a metric name such as 'val/loss', got {monitor!r}")
+        self.monitor = monitor
+
+    def check(self, state: Any, value: float) -> None:
+        """React to the monitored metric's latest value."""
+
+    def _watch(self, state: Any, metrics: Mapping[str, float]) -> None:
+        if self.monitor not in metrics:
+            raise KeyError(f"{type(self).__name__}: monitor '{self.monitor}' is not among the metrics {sorted(metrics)}")
+        self.check(state, float(metrics[self.monitor]))
+
+    def on_validation_end(self, state: Any, metrics: Mapping[str, float]) -> None:
+        if self.monitor.startswith("val/"):
+            self._watch(state, metrics)
+
+    def on_epoch_end(self, state: Any, metrics: Mapping[str, float]) -> None:
+        if not self.monitor.startswith("val/"):
+            self._watch(state, metrics)
+
+
+class EarlyStopping(MonitorCallback):
     """Stop when ``monitor`` has not improved by more than ``min_delta`` for ``patience`` checks.
 
     A ``val/...`` metric is checked after each validation, any other (``train/loss``) after
@@ -91,7 +124,7 @@ class EarlyStopping(Callback):
             raise ValueError(f"EarlyStopping: patience must be a positive int, got {patience!r}")
         if not min_delta >= 0:
             raise ValueError(f"EarlyStopping: min_delta must be >= 0, got {min_delta!r}")
-        self.monitor = monitor
+        super().__init__(monitor)
         self.patience = patience
         self.mode = mode
         self.min_delta = float(min_delta)
@@ -105,12 +138,7 @@ class EarlyStopping(Callback):
             return value < self.best - self.min_delta
         return value > self.best + self.min_delta
 
-    def _check(self, state: Any, metrics: Mapping[str, float]) -> None:
-        if self.monitor not in metrics:
-            raise KeyError(
-                f"EarlyStopping: monitor '{self.monitor}' is not among the metrics {sorted(metrics)}"
-            )
-        value = float(metrics[self.monitor])
+    def check(self, state: Any, value: float) -> None:
         if not math.isfinite(value):
             self.should_stop = True
         elif self._improved(value):
@@ -120,14 +148,6 @@ class EarlyStopping(Callback):
             self.should_stop = self.wait >= self.patience
         if self.should_stop and self.stopped_at is None:
             self.stopped_at = getattr(state, "epoch", None)
-
-    def on_validation_end(self, state: Any, metrics: Mapping[str, float]) -> None:
-        if self.monitor.startswith("val/"):
-            self._check(state, metrics)
-
-    def on_epoch_end(self, state: Any, metrics: Mapping[str, float]) -> None:
-        if not self.monitor.startswith("val/"):
-            self._check(state, metrics)
 
     @property
     def state_key(self) -> str:

@@ -59,6 +59,7 @@ import torch
 
 from loopkit.errors import CheckpointCorruptError, StateMismatchError
 from loopkit.state import TrainState, model_device
+from loopkit.tree import copy_tensors
 
 try:  # POSIX: advisory locks keep a cleaner away from another process's save in progress
     import fcntl
@@ -289,16 +290,6 @@ class Snapshot:
         return f"ckpt-{seq:06d}-step{self.step}-epoch{self.epoch}-batch{self.batch_index}"
 
 
-def _copy_tensors(tree: Any) -> Any:
-    if isinstance(tree, torch.Tensor):
-        return tree.detach().to("cpu", copy=True)
-    if isinstance(tree, Mapping):
-        return {k: _copy_tensors(v) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return type(tree)(_copy_tensors(v) for v in tree)
-    return tree
-
-
 def _devices(tree: Any) -> Any:
     """The devices of the non-CPU tensors in ``tree``, as a tree of strings (empty dicts elsewhere)."""
     if isinstance(tree, torch.Tensor):
@@ -329,7 +320,7 @@ def snapshot(state: TrainState, *, reason: str = "", copy: bool = False) -> Snap
     sd = state.state_dict()
     extras_devices = _devices(sd.get("extras", {})) or {}
     if copy:
-        sd = _copy_tensors(sd)
+        sd = copy_tensors(sd, "cpu")
     payload = {
         "format": FORMAT,
         "version": VERSION,

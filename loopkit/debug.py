@@ -24,7 +24,7 @@ loopkit.errors.ImpurityError: step sloppy changed the state it was given: model.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -32,19 +32,9 @@ import torch
 from loopkit.errors import ImpurityError
 from loopkit.state import TrainState
 from loopkit.steps import Metrics
+from loopkit.tree import copy_tensors
 
 __all__ = ["check_purity"]
-
-
-def _snapshot(value: Any) -> Any:
-    """A deep copy of a state dict (or metrics): tensors cloned, mappings copied, leaves kept."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().clone()
-    if isinstance(value, Mapping):
-        return {str(k): _snapshot(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_snapshot(v) for v in value]
-    return value
 
 
 def _difference(a: Any, b: Any, path: str) -> str | None:
@@ -70,7 +60,7 @@ def _difference(a: Any, b: Any, path: str) -> str | None:
             if found:
                 return found
         return None
-    if isinstance(a, list) and isinstance(b, list):
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         if len(a) != len(b):
             return f"{path} changed length from {len(a)} to {len(b)}"
         for i, (x, y) in enumerate(zip(a, b)):
@@ -98,7 +88,7 @@ def _module_facts(model: torch.nn.Module) -> dict[str, Any]:
 
 
 def _full_snapshot(state: TrainState) -> dict[str, Any]:
-    return {**_snapshot(state.state_dict()), "modules": _module_facts(state.model)}
+    return {**copy_tensors(state.state_dict()), "modules": _module_facts(state.model)}
 
 
 def _name(step: Any) -> str:
@@ -147,10 +137,10 @@ def check_purity(
             "and put the caller's back"
         )
     if deterministic:
-        result = _full_snapshot(first), _snapshot(dict(metrics))
+        result = _full_snapshot(first), copy_tensors(dict(metrics))
         second, again = step(state, batch)
         disagree = _difference(result[0], _full_snapshot(second), "") or _difference(
-            result[1], _snapshot(dict(again)), "metrics"
+            result[1], copy_tensors(dict(again)), "metrics"
         )
         if disagree:
             raise ImpurityError(

@@ -341,27 +341,14 @@ class _Hooks:
             if getattr(type(cb), "on_batch_end", Callback.on_batch_end) is not Callback.on_batch_end
             or "on_batch_end" in getattr(cb, "__dict__", {})
         ]
+        self.stateful = _stateful(self.callbacks)
 
     def call(self, name: str, *args: Any) -> list[Any]:
         return [getattr(cb, name)(*args) for cb in self.callbacks if hasattr(cb, name)]
 
-    def stateful(self) -> list[tuple[str, Any]]:
-        """``(extras key, callback)`` for each callback with ``state_dict`` and ``load_state_dict``.
-
-        The key is ``callbacks/`` and the callback's ``state_key`` (or its class name), with
-        ``#2``, ``#3``... for later callbacks of the same key, in the order given.
-        """
-        keyed: list[tuple[str, Any]] = []
-        for cb in self.callbacks:
-            if callable(getattr(cb, "state_dict", None)) and callable(getattr(cb, "load_state_dict", None)):
-                base = f"{_CALLBACKS}{getattr(cb, 'state_key', None) or type(cb).__qualname__}"
-                seen = sum(1 for key, _ in keyed if key == base or key.startswith(base + "#"))
-                keyed.append((base if not seen else f"{base}#{seen + 1}", cb))
-        return keyed
-
     def restore(self, state: TrainState) -> None:
         """Load each stateful callback's counters from ``state.extras`` (a resumed run continues them)."""
-        for key, cb in self.stateful():
+        for key, cb in self.stateful:
             if key in state.extras:
                 cb.load_state_dict(dict(state.extras[key]))
                 if getattr(cb, "should_stop", False):
@@ -374,22 +361,36 @@ class _Hooks:
 
     def keep(self, state: TrainState) -> TrainState:
         """``state`` with each stateful callback's ``state_dict()`` in its extras (checkpoints carry them)."""
-        keyed = self.stateful()
-        if not keyed:
+        if not self.stateful:
             return state
         extras = dict(state.extras)
-        for key, cb in keyed:
+        for key, cb in self.stateful:
             extras[key] = _plain_state(key, cb)
         return replace_extras(state, extras)
 
     def check_plain(self) -> None:
         """Refuse, before training, a stateful callback whose ``state_dict()`` a checkpoint cannot hold."""
-        for key, cb in self.stateful():
+        for key, cb in self.stateful:
             _plain_state(key, cb)
 
     @property
     def should_stop(self) -> bool:
         return bool(self.callbacks) and any(getattr(cb, "should_stop", False) for cb in self.callbacks)
+
+
+def _stateful(callbacks: Sequence[Any]) -> list[tuple[str, Any]]:
+    """``(extras key, callback)`` for each callback with ``state_dict`` and ``load_state_dict``.
+
+    The key is ``callbacks/`` and the callback's ``state_key`` (or its class name), with
+    ``#2``, ``#3``... for later callbacks of the same key, in the order given.
+    """
+    keyed: list[tuple[str, Any]] = []
+    for cb in callbacks:
+        if callable(getattr(cb, "state_dict", None)) and callable(getattr(cb, "load_state_dict", None)):
+            base = f"{_CALLBACKS}{getattr(cb, 'state_key', None) or type(cb).__qualname__}"
+            seen = sum(1 for key, _ in keyed if key == base or key.startswith(base + "#"))
+            keyed.append((base if not seen else f"{base}#{seen + 1}", cb))
+    return keyed
 
 
 def _plain_state(key: str, callback: Any) -> Any:

@@ -41,6 +41,7 @@ from torch import nn
 
 from loopkit.errors import DonatedStateError
 from loopkit.state import TrainState, _fork, fork, replace
+from loopkit.steps import _split_loss
 
 __all__ = ["Ensemble", "EnsembleStep", "stack", "train_step", "unstack"]
 
@@ -157,19 +158,6 @@ class _LossModule(nn.Module):
         return self.loss_fn(self.model, batch)
 
 
-def _split(out: Any, where: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    aux: dict[str, torch.Tensor] = {}
-    if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], Mapping):
-        out, extra = out
-        aux = {k: torch.as_tensor(v, dtype=torch.float32) if not isinstance(v, torch.Tensor) else v for k, v in extra.items()}
-        if "loss" in aux:
-            raise ValueError(f"{where} returned an aux metric named 'loss', which would hide the loss")
-    if not isinstance(out, torch.Tensor) or out.ndim != 0:
-        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__qualname__
-        raise ValueError(f"{where} must return a scalar (0-dim) loss tensor or (loss, metrics); got {shape}")
-    return out, aux
-
-
 @attrs.frozen(eq=False)
 class EnsembleStep:
     """The step :func:`train_step` returns: ``step(ensemble, batch) -> (ensemble, metrics)``.
@@ -208,7 +196,10 @@ class EnsembleStep:
 
         def member_loss(trained: dict[str, torch.Tensor], fixed: dict[str, torch.Tensor]) -> Any:
             tensors = {f"model.{n}": t for n, t in trained.items()} | {f"model.{n}": t for n, t in fixed.items()}
-            loss, aux = _split(torch.func.functional_call(wrapper, tensors, (batch,)), where)
+            out = torch.func.functional_call(wrapper, tensors, (batch,))
+            if out is None:
+                raise ValueError(f"{where} returned None: an ensemble step cannot skip a batch for some members")
+            loss, aux = _split_loss(out, self.loss_fn)
             return loss, {"loss": loss.detach(), **{k: v.detach() for k, v in aux.items()}}
 
         trainable = [p.requires_grad for p in ensemble.views[0]]

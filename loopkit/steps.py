@@ -482,11 +482,7 @@ class TrainStep(Step):
             return replace(state, batch_index=state.batch_index + 1, rng=rng), {}
         metrics = {"loss": loss.detach(), **metrics} if metrics else {"loss": loss.detach()}
         if extras is None:  # the plain step: update at once, nothing else to do
-            optimizer.step()
-            if state.scheduler is not None:
-                state.scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            return _advance(state, state.step + 1, rng, state.extras), metrics
+            return _plain_update(state, optimizer, rng), metrics
         new = _advance(state, state.step, rng, state.extras)
         ctx = GradContext(
             new, metrics, extras.pop(_FOUND_INF, None), extras.pop(_NONFINITE, None), None if sync is None else sync.agree
@@ -533,12 +529,7 @@ class TrainStep(Step):
             rng = {"cpu": generator.get_state()}
         finally:
             generator.set_state(saved)
-        optimizer.step()
-        scheduler = state.scheduler
-        if scheduler is not None:
-            scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        return _advance(state, state.step + 1, rng, state.extras), metrics
+        return _plain_update(state, optimizer, rng), metrics
 
     def _loss_and_backward(
         self, state: TrainState, batch: Any, net: torch.nn.Module, first: torch.Tensor,
@@ -627,6 +618,16 @@ def _backward_synced(loss: torch.Tensor, sync: Any, state: TrainState, local: bo
             raise
         where = f" at step {state.step} (epoch {state.epoch}, batch {state.batch_index})"
         raise sync.failure("the gradient all-reduce in backward (DistributedDataParallel)", e, where) from e
+
+
+def _plain_update(state: TrainState, optimizer: torch.optim.Optimizer, rng: Any) -> TrainState:
+    """The update of a step with no gradient transform: optimizer, scheduler, zeroed gradients, counters."""
+    optimizer.step()
+    scheduler = state.scheduler
+    if scheduler is not None:
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return _advance(state, state.step + 1, rng, state.extras)
 
 
 def _advance(state: TrainState, step: int, rng: Any, extras: Any) -> TrainState:

@@ -15,7 +15,7 @@ import torch
 
 from loopkit.errors import StateMismatchError
 
-__all__ = ["from_plain", "path_str", "to_device", "to_plain"]
+__all__ = ["copy_tensors", "from_plain", "path_str", "to_device", "to_plain"]
 
 _PASS_THROUGH = (str, bytes, int, float, complex, bool, type(None))
 
@@ -76,6 +76,23 @@ def _rebuild_mapping(original: Mapping, moved: dict) -> Mapping:
         return type(original)(moved)
     except TypeError:
         return moved
+
+
+def copy_tensors(tree: Any, device: torch.device | str | None = None) -> Any:
+    """``tree`` with every tensor copied (detached; to ``device`` if given), mappings as dicts.
+
+    >>> t = torch.ones(2)
+    >>> copy = copy_tensors({"a": (t, 1)})
+    >>> copy["a"][0] is t, bool(torch.equal(copy["a"][0], t)), copy["a"][1]
+    (False, True, 1)
+    """
+    if isinstance(tree, torch.Tensor):
+        return tree.detach().clone() if device is None else tree.detach().to(device, copy=True)
+    if isinstance(tree, Mapping):
+        return {k: copy_tensors(v, device) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(copy_tensors(v, device) for v in tree)
+    return tree
 
 
 def path_str(path: tuple[str, ...]) -> str:

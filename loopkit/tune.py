@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from loopkit.callbacks import Callback
+from loopkit.callbacks import MonitorCallback
 from loopkit.driver import run_epochs
 from loopkit.state import TrainState
 
@@ -149,7 +149,7 @@ def optimize(
     return study
 
 
-class PruningCallback(Callback):
+class PruningCallback(MonitorCallback):
     """A ``run_epochs`` callback reporting ``monitor`` to an Optuna trial and pruning it when told.
 
     A ``val/...`` metric is reported after each validation, any other (``train/loss``) after
@@ -170,26 +170,16 @@ class PruningCallback(Callback):
     """
 
     def __init__(self, trial: optuna.Trial, monitor: str = "val/loss", *, report_step: str = "count") -> None:
-        if not isinstance(monitor, str) or not monitor:
-            raise ValueError(f"PruningCallback: monitor must be a metric name such as 'val/loss', got {monitor!r}")
+        super().__init__(monitor)
         if report_step not in ("count", "global"):
             raise ValueError(f"PruningCallback: report_step must be 'count' or 'global', got {report_step!r}")
         self.trial = trial
-        self.monitor = monitor
         self.report_step = report_step
         self.reported: dict[int, float] = {}
         self.should_stop = False
         self.pruned = False
         self.raise_at_fit_end = True
         self._last_global: int | None = None
-
-    def on_validation_end(self, state: TrainState, metrics: Mapping[str, float]) -> None:
-        if self.monitor.startswith("val/"):
-            self._report(state, metrics)
-
-    def on_epoch_end(self, state: TrainState, metrics: Mapping[str, float]) -> None:
-        if not self.monitor.startswith("val/"):
-            self._report(state, metrics)
 
     def on_fit_end(self, state: TrainState, history: list[dict[str, float]]) -> None:
         if self.pruned and self.raise_at_fit_end:
@@ -201,13 +191,10 @@ class PruningCallback(Callback):
             step, value = next(reversed(self.reported.items()))
             raise _optuna().TrialPruned(f"trial {self.trial.number} pruned at step {step}: {self.monitor} = {value:.6g}")
 
-    def _report(self, state: TrainState, metrics: Mapping[str, float]) -> None:
-        if self.monitor not in metrics:
-            raise KeyError(f"PruningCallback: monitor '{self.monitor}' is not among the metrics {sorted(metrics)}")
+    def check(self, state: TrainState, value: float) -> None:
         if state.step == self._last_global:  # a second validation at the same update (epoch end after a step one)
             return
         self._last_global = state.step
-        value = float(metrics[self.monitor])
         step = int(state.step) if self.report_step == "global" else len(self.reported) + 1
         self.trial.report(value, step)
         self.reported[step] = value

@@ -152,8 +152,12 @@ def test_bad_input_is_named(make_batches):
     with pytest.raises(TypeError, match="loss_fn must be callable"):
         ensemble.train_step("loss")
     ens = ensemble.stack(_states())
-    with pytest.raises(ValueError, match=r"must return a scalar \(0-dim\) loss tensor"):
+    with pytest.raises(ValueError, match=r"returned a loss of shape \(8, 2\); the loss must be a scalar \(0-dim\)"):
         ensemble.train_step(lambda m, b: m(b[0]) - b[1])(ens, batch)
+    with pytest.raises(ValueError, match="returned None: an ensemble step cannot skip a batch"):
+        ensemble.train_step(lambda m, b: None)(ens, batch)
+    with pytest.raises(ValueError, match="aux metric named 'loss'"):
+        ensemble.train_step(lambda m, b: (_loss(m, b)[0], {"loss": 1.0}))(ens, batch)
     drop = _mlp(0, dropout=True)
     ens = ensemble.stack([loopkit.TrainState.create(drop, torch.optim.SGD(drop.parameters(), lr=0.1))])
     with pytest.raises(RuntimeError, match="draws random numbers"):

@@ -217,6 +217,10 @@ def test_bad_input_is_named(make_mlp, make_batches, mse_loss, tmp_path):
         tune.create_study("x", directory=tmp_path, direction="down")
     with pytest.raises(TypeError, match="configure a new study"):
         tune.optimize(lambda t: 0.0, n_trials=1, study=optuna.create_study(), direction="maximize")
+    with pytest.raises(ValueError, match="PruningCallback: monitor must be a metric name"):
+        tune.PruningCallback(trial, "")
+    with pytest.raises(ValueError, match="report_step must be 'count' or 'global'"):
+        tune.PruningCallback(trial, report_step="epoch")
     with pytest.raises(ValueError, match="study_name must be a non-empty name"):
         tune.storage_url("a/b", tmp_path)
     assert not list(tmp_path.glob("*.db"))  # nothing was made by a refused call

@@ -39,8 +39,7 @@ def _accumulate(extras: Mapping[str, Any], metrics: Metrics) -> Mapping[str, Any
     for key, value in record.items():
         if type(value) is not torch.Tensor or value.ndim or value.requires_grad:
             record[key] = check_metric(value, key, "the step wrapped by with_logging")
-    pending = extras.get(_PENDING, ())
-    pending = (pending if type(pending) is tuple else _pending(extras)) + (record,)
+    pending = _pending(extras) + (record,)
     if len(pending) < _FOLD_EVERY:
         return types.MappingProxyType({**extras, _PENDING: pending})
     window, counts = _fold(extras, pending)
