@@ -37,6 +37,9 @@ __all__ = ["evaluate", "predict", "run_epochs"]
 
 Metrics = Mapping[str, torch.Tensor]
 _CALLBACKS = "callbacks/"  # the extras keys of the callbacks' counters
+# extras: the update the last validation that counted saw (a step checkpoint is written inside
+# the step, before its step's validation: a run resumed from one runs that validation first)
+_VALIDATED = "run_epochs/validated_step"
 _FOLD_EVERY = 256  # metric tensors kept per key before they are summed on the device
 
 
@@ -436,7 +439,10 @@ def run_epochs(
     step's ``flush`` finishes a partial gradient-accumulation group.
 
     ``val=(eval_step, val_data)`` validates every ``val_every_n_epochs`` epochs and/or every
-    ``val_every_n_steps`` updates. Before training, ``sanity_val_batches`` validation batches
+    ``val_every_n_steps`` updates, never twice at one update (a step validation on an epoch's
+    last update is that epoch's too). ``state.extras`` records the update of the last
+    validation: a state saved between an update and its due step validation (a step
+    checkpoint, a graceful stop) is validated first when a run resumes from it. Before training, ``sanity_val_batches`` validation batches
     run once to catch errors early; their results go nowhere. ``limit_*_batches`` take an int
     (batches) or a fraction in (0, 1]. Batches move to ``device`` (default: the model's)
     unless that is the CPU. ``progress`` shows a tqdm bar on a terminal.
@@ -490,6 +496,7 @@ def run_epochs(
         kept in the state) to the step, whose checkpoints then hold them. At the end of an
         epoch the caller notifies the step after the epoch's callbacks (``notify=False``)."""
         metrics = validate(current, limit_val_batches)
+        current = replace_extras(current, {**current.extras, _VALIDATED: current.step})
         hooks.call("on_validation_end", current, metrics)
         current = hooks.keep(current)
         if notify:
@@ -497,6 +504,7 @@ def run_epochs(
         return metrics, current
 
     validates = val is not None and limit_val_batches != 0
+    val_steps = val_every_n_steps if validates else None
 
     with _StopOnSignal() as stop, _TellingAbort(step, state):
         hooks.restore(state)
@@ -509,20 +517,28 @@ def run_epochs(
             validate(state, sanity_limit)
 
         history: list[dict[str, float]] = []
+        # a state saved between an update and its due validation (a step checkpoint, a graceful stop)
+        resumed_val: dict[str, float] = {}
+        if val_steps and state.step and state.step % val_steps == 0 and state.extras.get(_VALIDATED) != state.step:
+            resumed_val, state = validation_end(state)
 
         def more(s: TrainState) -> bool:
             return (epochs is None or s.epoch < epochs) and (max_steps is None or s.step < max_steps)
 
         batch_hooks = bool(hooks.batch_end)
-        while more(state) and not hooks.should_stop and not stop.requested:
+        # a stop asked for by the resumed validation still ends its epoch, as it did in the run that saved the state
+        while more(state) and (not hooks.should_stop or resumed_val) and not stop.requested:
             hooks.call("on_epoch_start", state)
             total = _num_batches(train_data, limit_train_batches, "limit_train_batches")
             batches = _epoch_batches(train_data, state.seed, state.epoch, state.batch_index, total)
             means = _Means()
-            last_val: dict[str, float] = {}
+            last_val, resumed_val = resumed_val, {}  # the latest validation of this epoch
+            validated_at = state.step if last_val else None  # the update a validation of this epoch saw
             remaining = None if total is None else max(total - state.batch_index, 0)
             bar = ProgressBar(enabled=show, total=remaining, desc=f"epoch {state.epoch}")
             exhausted = True
+            if last_val and hooks.should_stop:
+                batches, exhausted = (), total is not None and state.batch_index >= total
             for batch in batches:
                 if move is not None:
                     batch = move(batch)
@@ -537,9 +553,9 @@ def run_epochs(
                     exhausted = False
                     break
                 hooks_ran = batch_hooks  # a callback can only ask to stop from one of its hooks
-                if validates and val_every_n_steps and state.step != before and state.step % val_every_n_steps == 0:
+                if val_steps and state.step != before and state.step % val_steps == 0:
                     last_val, state = validation_end(state)
-                    hooks_ran = True
+                    validated_at, hooks_ran = state.step, True
                 if (max_steps is not None and state.step >= max_steps) or (hooks_ran and hooks.should_stop):
                     exhausted = total is not None and state.batch_index >= total
                     break
@@ -551,7 +567,10 @@ def run_epochs(
             record: dict[str, float] = {"epoch": epoch, "step": state.step}
             record.update({f"train/{k}": v for k, v in means.read().items()})
             bar.close({k: v for k, v in record.items() if k.startswith("train/")})
-            validated = exhausted and validates and (epoch + 1) % val_every_n_epochs == 0
+            # not twice at one update: a step validation on the epoch's last update stands for the epoch's
+            validated = (
+                exhausted and validates and (epoch + 1) % val_every_n_epochs == 0 and validated_at != state.step
+            )
             if validated:
                 last_val, state = validation_end(state, notify=False)
             record.update(last_val)

@@ -179,7 +179,6 @@ class PruningCallback(MonitorCallback):
         self.should_stop = False
         self.pruned = False
         self.raise_at_fit_end = True
-        self._last_global: int | None = None
 
     def on_fit_end(self, state: TrainState, history: list[dict[str, float]]) -> None:
         if self.pruned and self.raise_at_fit_end:
@@ -192,9 +191,6 @@ class PruningCallback(MonitorCallback):
             raise _optuna().TrialPruned(f"trial {self.trial.number} pruned at step {step}: {self.monitor} = {value:.6g}")
 
     def check(self, state: TrainState, value: float) -> None:
-        if state.step == self._last_global:  # a second validation at the same update (epoch end after a step one)
-            return
-        self._last_global = state.step
         step = int(state.step) if self.report_step == "global" else len(self.reported) + 1
         self.trial.report(value, step)
         self.reported[step] = value

@@ -193,6 +193,58 @@ def test_early_stopping_resumed_from_a_checkpoint_stops_where_the_uninterrupted_
     assert torch.equal(resumed.model[0].weight, whole.model[0].weight)
 
 
+class _CrashInValidation:
+    """An eval step whose ``crash_at``-th call raises: a crash after a step checkpoint, before its validation."""
+
+    def __init__(self, crash_at=None):
+        self.crash_at, self.calls, self.steps = crash_at, 0, []
+
+    def __call__(self, state, batch):
+        self.calls += 1
+        if self.calls == self.crash_at:
+            raise RuntimeError("simulated crash")
+        self.steps.append(state.step)
+        return state, {"score": torch.tensor([1.0, 0.9, 0.95, 0.93, 0.92, 0.1][state.step // 2 - 1])}
+
+
+@pytest.mark.parametrize("crash_at", [1, 2, 4])  # 4: the resumed validation itself stops the run
+def test_a_run_resumed_from_a_step_checkpoint_runs_that_steps_validation_first(tmp_path, crash_at):
+    """A step checkpoint is written inside the step, before the driver's validation at that step."""
+    options = dict(epochs=4, val_every_n_steps=2, val_every_n_epochs=100, sanity_val_batches=0, progress=False)
+    whole_val = _CrashInValidation()
+    stopper = loopkit.EarlyStopping("val/score", patience=2)
+    whole, _ = run_epochs(train_step(mse), make_state(), make_data(3), val=(whole_val, [0]), callbacks=[stopper], **options)
+    assert whole_val.steps == [2, 4, 6, 8] and whole.step == 8  # best at 4, stopped by the validations at 6 and 8
+
+    step = loopkit.with_checkpointing(train_step(mse), tmp_path, every_n_steps=2, keep_last=10)
+    crashing = _CrashInValidation(crash_at)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_epochs(step, make_state(), make_data(3), val=(crashing, [0]),
+                   callbacks=[loopkit.EarlyStopping("val/score", patience=2)], **options)
+    restored = loopkit.restore(make_state(), tmp_path)
+    assert restored.step == 2 * crash_at  # the checkpoint of the step whose validation crashed
+    resumed_val = _CrashInValidation()
+    fresh = loopkit.EarlyStopping("val/score", patience=2)
+    resumed, history = run_epochs(step, restored, make_data(3), val=(resumed_val, [0]), callbacks=[fresh], **options)
+    assert crashing.steps + resumed_val.steps == whole_val.steps  # that validation first, none repeated
+    assert (fresh.best, fresh.wait, fresh.should_stop) == (stopper.best, stopper.wait, True)
+    assert (resumed.step, resumed.epoch, resumed.batch_index) == (whole.step, whole.epoch, whole.batch_index)
+    assert torch.equal(resumed.model[0].weight, whole.model[0].weight)
+    assert history[-1]["val/score"] == pytest.approx(0.93) and history[-1]["step"] == 8
+
+
+def test_a_run_resumed_after_its_validation_does_not_repeat_it(tmp_path):
+    step = loopkit.with_checkpointing(train_step(mse), tmp_path, monitor="val/score", mode="max")
+    first = _CrashInValidation()
+    options = dict(val_every_n_steps=2, val_every_n_epochs=100, sanity_val_batches=0, progress=False)
+    run_epochs(step, make_state(), make_data(3), val=(first, [0]), max_steps=2, **options)
+    restored = loopkit.restore(make_state(), tmp_path)  # saved for the monitor, after the validation at step 2
+    assert restored.step == 2 and first.steps == [2]
+    again = _CrashInValidation()
+    run_epochs(train_step(mse), restored, make_data(3), val=(again, [0]), max_steps=4, **options)
+    assert again.steps == [4]
+
+
 def test_stateful_callbacks_are_kept_under_distinct_keys_and_loaded_back():
     a, b, plain = _Tally(), _Tally(10), loopkit.LearningRateMonitor()
     state, _ = run_epochs(train_step(mse), make_state(), make_data(2), epochs=2, callbacks=[a, plain, b], progress=False)

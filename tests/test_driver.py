@@ -131,6 +131,30 @@ def test_validation_every_n_steps_counts_updates_not_batches():
     assert [s for _, s, _ in rec.val_metrics] == [2, 4]
 
 
+def test_a_step_validation_on_the_epochs_last_update_stands_for_the_epoch_end_one():
+    ev, counter = counting_eval()
+    rec = Recorder()
+    _, history = run_epochs(
+        train_step(mse), make_state(), make_data(4), epochs=2, val=(ev, make_data(2, seed=1)),
+        val_every_n_steps=2, sanity_val_batches=0, callbacks=[rec], progress=False,
+    )
+    # the same parameters are not validated twice (nor reported twice to EarlyStopping)
+    assert [s for _, s, _ in rec.val_metrics] == [2, 4, 6, 8]
+    assert counter.calls == 4 * 2
+    assert [h["val/mse"] for h in history] == [rec.val_metrics[1][2]["val/mse"], rec.val_metrics[3][2]["val/mse"]]
+
+
+def test_the_epoch_end_validation_still_runs_after_a_flushed_update():
+    ev, _ = counting_eval()
+    rec = Recorder()
+    # accumulation over 3 of 4 batches: update 1 at batch 3, update 2 from the end-of-epoch flush
+    run_epochs(
+        with_grad_accum(train_step(mse), every=3), make_state(), make_data(4), epochs=1,
+        val=(ev, make_data(2, seed=1)), val_every_n_steps=1, sanity_val_batches=0, callbacks=[rec], progress=False,
+    )
+    assert [s for _, s, _ in rec.val_metrics] == [1, 2]
+
+
 def test_sanity_validation_runs_two_batches_before_training_and_is_not_recorded():
     order: list[str] = []
 
