@@ -52,6 +52,7 @@ LossFn = Callable[[torch.nn.Module, Any], Any]
 _ACCUM_COUNT = "accum/count"
 _FOUND_INF = "amp/found_inf"
 _NONFINITE = "nan_guard/nonfinite"
+_BUFFERS = "nan_guard/buffers"  # the model's buffers before the group's first micro-batch (a skip puts them back)
 
 
 # --- the step protocol -----------------------------------------------------------------------
@@ -94,6 +95,21 @@ class Step:
     def flush(self, state: TrainState) -> tuple[TrainState, Metrics]:
         """Finish partial work at the end of an epoch; a no-op for most steps."""
         return self._invoke(self.flush_, state)
+
+    def prepare(self, state: TrainState) -> TrainState:
+        """``state`` shaped as this step's calls shape it, for a template to restore a checkpoint into.
+
+        Most steps keep a state's structure and return ``state`` itself; a step that changes
+        the model's modules on its first call (:func:`loopkit.with_qat`) returns a prepared copy,
+        at any depth of the pipeline: ``loopkit.restore(step.prepare(template), directory)``.
+
+        >>> import torch
+        >>> from loopkit.state import TrainState
+        >>> state = TrainState.create(torch.nn.Linear(1, 1))
+        >>> train_step(lambda m, b: m(b).sum()).prepare(state) is state
+        True
+        """
+        return state
 
     def notify(self, event: str, state: TrainState, metrics: Mapping[str, float]) -> None:
         """Tell the step about a driver event; whole-step transforms (logging, checkpoints) act on it.
@@ -231,6 +247,9 @@ class WrapperStep(Step):
     def after(self, state: TrainState, metrics: Metrics, *, end_of_epoch: bool) -> tuple[TrainState, Metrics]:
         return state, metrics
 
+    def prepare(self, state: TrainState) -> TrainState:
+        return self.inner.prepare(state)
+
     def notify(self, event: str, state: TrainState, metrics: Mapping[str, float]) -> None:
         self.inner.notify(event, state, metrics)
         self.on_event(event, state, metrics)
@@ -305,7 +324,7 @@ def _params_with_grads(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
 class GradTransform(Protocol):
     """A transform that acts on gradients before the optimizer update."""
 
-    name: str
+    name: str  # optional too: ``keeps_buffers`` (True: a skip it flags also puts the model's buffers back)
 
     def on_loss(self, loss: torch.Tensor, state: TrainState, ctx: GradContext) -> None: ...
 
@@ -424,11 +443,15 @@ class TrainStep(Step):
     plain: bool = attrs.field(init=False, repr=False)
     #: per-micro-batch gradient transforms under accumulation: each micro-batch's gradient is set apart
     per_micro: bool = attrs.field(init=False, repr=False)
+    #: a transform skips non-finite updates and wants the buffers of a skipped group put back
+    keeps_buffers: bool = attrs.field(init=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
         plain = self.precision is None and self.accum_every == 1 and not self.micro and not self.update
         object.__setattr__(self, "plain", plain)
         object.__setattr__(self, "per_micro", self.accum_every > 1 and bool(self.micro))
+        keeps = any(getattr(t, "keeps_buffers", False) for t in self.micro + self.update)
+        object.__setattr__(self, "keeps_buffers", keeps)
 
     @property
     def applied(self) -> tuple[str, ...]:
@@ -459,6 +482,8 @@ class TrainStep(Step):
             return self._run_plain_cpu(state, batch, model, optimizer)
         sync = self.sync
         extras = None if self.plain else dict(state.extras)
+        if self.keeps_buffers and _BUFFERS not in extras:  # type: ignore[operator]
+            _save_buffers(model, extras)  # type: ignore[arg-type]
         per_micro = self.per_micro
         # is_cuda first: no device object is made per call on the CPU
         scope = RNGScope(state.rng, _cuda_index(first.device) if first.is_cuda else None, state.seed)
@@ -602,10 +627,13 @@ class TrainStep(Step):
         if scaler is not None:
             scaler.after_update(ctx, extras)  # type: ignore[arg-type]
         optimizer.zero_grad(set_to_none=True)
+        saved = extras.pop(_BUFFERS, None)
         if ctx.nonfinite is not None:
             metrics["nan_guard/skipped"] = ctx.nonfinite
             if skipped and bool(ctx.nonfinite):  # skipped for the guard's reason (a read only on a skip)
                 extras["nan_guard/skipped_total"] = extras.get("nan_guard/skipped_total", 0) + 1  # type: ignore[index]
+                if saved is not None:
+                    _restore_buffers(state.model, saved)
         return replace(state, step=state.step + (0 if skipped else 1), extras=extras)
 
 
@@ -654,6 +682,25 @@ def _unstash_grads(stash: list[tuple[torch.Tensor, torch.Tensor]] | None) -> Non
             p.grad = acc
         else:
             p.grad.add_(acc)
+
+
+def _save_buffers(model: torch.nn.Module, extras: dict[str, Any]) -> None:
+    """Copies of ``model``'s buffers into ``extras`` (none kept for a model without buffers)."""
+    saved = {name: b.detach().clone() for name, b in model.named_buffers()}
+    if saved:
+        extras[_BUFFERS] = saved
+
+
+def _restore_buffers(model: torch.nn.Module, saved: Mapping[str, torch.Tensor]) -> None:
+    """Put the buffers saved by :func:`_save_buffers` back, in place (a module holding one keeps it)."""
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            old = saved.get(name)
+            if old is None:
+                continue
+            if buffer.shape != old.shape:  # an observer sizes its statistics at its first batch
+                buffer.resize_(old.shape)
+            buffer.copy_(old)
 
 
 def _keep_flags(extras: dict[str, Any], ctx: GradContext) -> None:

@@ -38,6 +38,10 @@ class NanGuard:
     policy: str
     name: str = "with_nan_guard"
 
+    @property
+    def keeps_buffers(self) -> bool:
+        return self.policy == "skip"
+
     def on_loss(self, loss: torch.Tensor, state: TrainState, ctx: GradContext) -> None:
         bad = (~torch.isfinite(loss.detach())).float()
         if self.policy == "raise":
@@ -86,8 +90,9 @@ def _first_bad(ctx: GradContext) -> str:
 def with_nan_guard(step: Any, policy: str = "skip") -> TrainStep:
     """Never let a NaN or infinite loss or gradient reach the parameters.
 
-    ``policy="skip"`` drops the update (under ``with_grad_accum``, the whole group's),
-    reports metric ``nan_guard/skipped`` (1.0 on a skipped update) and counts skips in
+    ``policy="skip"`` drops the update (under ``with_grad_accum``, the whole group's) and
+    puts the model's buffers back as they were before it (BatchNorm statistics, QAT observers:
+    a NaN batch would leave them NaN), reports metric ``nan_guard/skipped`` (1.0 on a skipped update) and counts skips in
     ``state.extras["nan_guard/skipped_total"]``; ``state.step`` and the scheduler do not
     advance. ``policy="raise"`` raises :class:`loopkit.NonFiniteError` naming the step and
     the loss or the parameter whose gradient was not finite. Deciding reads one flag per

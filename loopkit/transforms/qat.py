@@ -133,7 +133,8 @@ class QATStep(WrapperStep):
     def prepare(self, state: TrainState) -> TrainState:
         """A copy of ``state`` with its model prepared as this step prepares it (``state`` unchanged).
 
-        For a template to restore a QAT checkpoint into: ``restore(qat.prepare(template), dir)``.
+        For a template to restore a QAT checkpoint into: ``restore(step.prepare(template), dir)``,
+        with ``step`` this one or any pipeline around it (:meth:`loopkit.Step.prepare`).
 
         >>> import torch
         >>> model = torch.nn.Sequential(torch.nn.Linear(2, 2))
@@ -144,7 +145,7 @@ class QATStep(WrapperStep):
         new = fork(state)
         if not is_prepared(new.model):
             _prepare(new.model, self._qconfig(new.model))
-        return new
+        return self.inner.prepare(new)
 
     def run_(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
         model = state.model
@@ -183,7 +184,8 @@ def with_qat(
     the result with :func:`quantized_model`. From update ``freeze_observers_after`` on the
     quantization ranges stop moving; from ``freeze_bn_after`` on fused BatchNorm statistics
     freeze. To restore a checkpoint, prepare the template the same way:
-    ``restore(qat_step.prepare(template), directory)``.
+    ``restore(step.prepare(template), directory)``, where ``step`` is this step or any
+    pipeline built around it.
 
     ``torch.ao.quantization`` is deprecated in favour of torchao (it still works in torch
     2.x); its deprecation warnings are silenced inside this step.

@@ -2,8 +2,8 @@
 
 The transforms: the gradient transforms ``with_amp`` (bfloat16, float16), ``with_grad_accum``,
 ``with_grad_clip``, ``with_nan_guard``, and the whole-step transforms ``with_logging`` (into an
-in-memory logger), ``with_checkpointing`` (into a fresh directory per pipeline), ``with_ema`` and
-``with_pruning``.
+in-memory logger), ``with_checkpointing`` (into a fresh directory per pipeline), ``with_ema``, ``with_pruning`` and
+``with_qat`` (whose prepared modules a restore template gets from ``step.prepare``).
 
 For each pipeline: purity (the input state is unchanged), determinism (two calls give identical
 results), exact resume from ``state_dict`` mid-accumulation, float32 parameters stay float32,
@@ -81,8 +81,9 @@ TRANSFORMS = {
     "checkpointing": ("with_checkpointing", lambda s, sinks: loopkit.with_checkpointing(s, sinks.directory(), every_n_steps=1)),
     "ema": ("with_ema", lambda s, sinks: loopkit.with_ema(s, decay=0.8)),
     "pruning": ("with_pruning", lambda s, sinks: loopkit.with_pruning(s, 0.5, [1, 2])),
+    "qat": ("with_qat", lambda s, sinks: loopkit.with_qat(s)),
 }
-WHOLE_STEP = ["logging", "checkpointing", "ema", "pruning"]  # wrap any step; nothing that needs the train step can wrap them
+WHOLE_STEP = ["logging", "checkpointing", "ema", "pruning", "qat"]  # wrap any step; nothing that needs the train step can wrap them
 GRADIENT = [name for name in TRANSFORMS if name not in WHOLE_STEP]
 GRADIENT_ONLY = ["grad_accum", "grad_clip", "nan_guard"]  # need gradients: refuse an eval_step
 
@@ -92,7 +93,9 @@ def _refused(inner: str, outer: str) -> bool:
     pairs of gradient transforms have no meaning: a second precision, and accumulating an accumulation."""
     if outer in GRADIENT and inner in WHOLE_STEP:
         return True
-    if inner == outer and inner in ("logging", "ema", "pruning"):  # one window, averages, masks per state
+    if inner == outer and inner in ("logging", "ema", "pruning", "qat"):  # one window, averages, masks, preparation
+        return True
+    if outer == "qat" and inner.startswith("amp"):  # fake quantization runs in float32 only
         return True
     if (inner, outer) in (("checkpointing", "ema"), ("checkpointing", "pruning"), ("ema", "pruning")):
         return True  # the checkpoint or the averages would miss the outer transform's change of this update
@@ -110,6 +113,8 @@ TRIPLES = [  # whole-step stacks as they are used: over gradient transforms, in 
     ("nan_guard", "logging", "checkpointing"),
     ("grad_accum", "ema", "checkpointing"),
     ("grad_accum", "pruning", "ema"),
+    ("grad_accum", "qat", "checkpointing"),
+    ("nan_guard", "qat", "logging"),
 ]
 PIPELINES = [(name,) for name in TRANSFORMS] + [pair for pair in PAIRS if not _refused(*pair)] + TRIPLES
 LOGGED = [names for names in PIPELINES if "logging" in names]
@@ -182,15 +187,16 @@ def sinks(make_sinks):
 
 @pytest.fixture
 def assert_checkpoints_hold(fresh_state, assert_trees_equal):
-    """``assert_checkpoints_hold(names, sinks, state)``: each checkpoint directory's newest checkpoint
-    is at ``state``'s position and ``loopkit.restore`` of it into a fresh state gives ``state``."""
+    """``assert_checkpoints_hold(names, step, sinks, state)``: each checkpoint directory's newest checkpoint
+    is at ``state``'s position and ``loopkit.restore`` of it into a fresh state (prepared by ``step``:
+    with_qat's modules) gives ``state``."""
 
-    def check(names, sinks: Sinks, state) -> None:
+    def check(names, step, sinks: Sinks, state) -> None:
         indices = [i for i, name in enumerate(names) if name == "checkpointing"]
         assert len(indices) == len(sinks.directories)
         for index, directory in zip(indices, sinks.directories):
             assert _positions(directory)[-1] == _position(state)
-            other = fresh_state(model_seed=1)
+            other = step.prepare(fresh_state(model_seed=1))
             assert not torch.equal(next(other.model.parameters()), next(state.model.parameters()))
             restored = loopkit.restore(other, directory)
             assert_trees_equal(dict(restored.model.named_parameters()), dict(state.model.named_parameters()))
@@ -218,9 +224,10 @@ def test_building_a_pair_works_or_is_refused_naming_both(inner, outer, sinks):
         assert step.applied == ("train_step", inner_name, outer_name)
 
 
-@pytest.mark.parametrize("inner", GRADIENT)
-@pytest.mark.parametrize("whole", WHOLE_STEP)
-@pytest.mark.parametrize("outer", GRADIENT)
+DEEP = [(i, w, o) for i in GRADIENT for w in WHOLE_STEP for o in GRADIENT if not _refused(i, w)]
+
+
+@pytest.mark.parametrize("inner, whole, outer", DEEP, ids=[f"{o}({w}({i}))" for i, w, o in DEEP])
 def test_a_gradient_transform_is_refused_around_a_whole_step_at_any_depth(inner, whole, outer, sinks):
     built = _build((inner, whole), sinks)  # the train step is there, one level down
     with pytest.raises(TypeError) as info:
@@ -234,16 +241,18 @@ def test_a_gradient_transform_is_refused_around_a_whole_step_at_any_depth(inner,
 def test_the_refused_pairs_are_exactly_the_meaningless_ones():
     refused = {(TRANSFORMS[i][0], TRANSFORMS[o][0]) for i, o in PAIRS if _refused(i, o)}
     gradient_names = {"with_amp", "with_grad_accum", "with_grad_clip", "with_nan_guard"}
-    wholes = ("with_logging", "with_checkpointing", "with_ema", "with_pruning")
+    wholes = ("with_logging", "with_checkpointing", "with_ema", "with_pruning", "with_qat")
     around_whole = {(w, g) for w in wholes for g in gradient_names}
-    doubled = {(t, t) for t in ("with_amp", "with_grad_accum", "with_logging", "with_ema", "with_pruning")}
+    doubled = {(t, t) for t in ("with_amp", "with_grad_accum", "with_logging", "with_ema", "with_pruning", "with_qat")}
     too_late = {("with_checkpointing", "with_ema"), ("with_checkpointing", "with_pruning"), ("with_ema", "with_pruning")}
-    assert refused == doubled | around_whole | too_late
-    assert sum(_refused(*pair) for pair in PAIRS) == 4 + 1 + 4 * 5 + 1 + 1 + 1 + 3
-    assert len(PIPELINES) == 9 + 81 - 31 + len(TRIPLES)
+    float32_only = {("with_amp", "with_qat")}
+    assert refused == doubled | around_whole | too_late | float32_only
+    # pairs of keys: amp doubled 4, accum 1, whole around gradient 5 * 5, four wholes doubled, too late 3, qat(amp) 2
+    assert sum(_refused(*pair) for pair in PAIRS) == 4 + 1 + 5 * 5 + 4 + 3 + 2
+    assert len(PIPELINES) == 10 + 100 - 39 + len(TRIPLES)
     # every whole-step transform is covered around every other transform, and checkpointing around itself
-    unwrappable = {("logging", "logging"), ("ema", "ema"), ("pruning", "pruning"), ("checkpointing", "ema"),
-                   ("checkpointing", "pruning"), ("ema", "pruning")}
+    unwrappable = {("logging", "logging"), ("ema", "ema"), ("pruning", "pruning"), ("qat", "qat"), ("checkpointing", "ema"),
+                   ("checkpointing", "pruning"), ("ema", "pruning"), ("amp_bf16", "qat"), ("amp_fp16", "qat")}
     for whole in WHOLE_STEP:
         assert all((name, whole) in PIPELINES for name in TRANSFORMS if (name, whole) not in unwrappable)
 
@@ -358,7 +367,7 @@ def test_state_dict_round_trip_mid_accumulation(
     if "logging" in pipeline:
         assert state.extras["logging/pending"]  # a partial window travels in the state dict
     logged = [len(logger.records) for logger in uninterrupted_sinks.loggers]
-    restored = fresh_state(model_seed=1).load_state_dict(state.state_dict())
+    restored = resumed_step.prepare(fresh_state(model_seed=1)).load_state_dict(state.state_dict())
     for batch in batches[1:4]:
         state, _ = step(state, batch)
         restored, _ = resumed_step(restored, batch)
@@ -381,8 +390,9 @@ def test_parameter_dtype_is_kept(pipeline, sinks, fresh_state, batches, assert_c
         assert p.dtype == torch.float32 and (p.grad is None or p.grad.dtype == torch.float32)
     for entry in state.optimizer.state.values():
         assert entry["exp_avg"].dtype == entry["exp_avg_sq"].dtype == torch.float32
-    assert all(b.dtype in (torch.float32, torch.int64) for b in state.model.buffers())
-    assert_checkpoints_hold(pipeline, sinks, state)  # restored from disk with the dtypes it had
+    created = {n: b.dtype for n, b in step.prepare(fresh_state()).model.named_buffers()}  # with_qat's included
+    assert {n: b.dtype for n, b in state.model.named_buffers()} == created
+    assert_checkpoints_hold(pipeline, step, sinks, state)  # restored from disk with the dtypes it had
 
 
 def test_run_epochs_matches_calling_the_step(pipeline, make_sinks, fresh_state, batches, take_snapshot, assert_trees_equal):
@@ -445,15 +455,15 @@ def test_each_update_leaves_a_checkpoint_that_restores_the_state(names, sinks, f
         if state.step == before:  # mid-group under accumulation: no update, no checkpoint
             assert [_positions(d) for d in sinks.directories] == saved
         else:
-            assert_checkpoints_hold(names, sinks, state)
+            assert_checkpoints_hold(names, step, sinks, state)
     assert state.step >= 2
 
 
-def test_nested_logging_is_refused_and_one_logging_takes_every_logger(fresh_state, batches):
+def test_nested_logging_is_refused_and_one_logging_takes_every_logger(fresh_state, batches, tmp_path):
     """with_logging keeps one window in the state: a second layer is refused; one layer serves all loggers."""
     with pytest.raises(TypeError, match="with_logging cannot wrap with_logging"):
         loopkit.with_logging(loopkit.with_checkpointing(
-            loopkit.with_logging(loopkit.train_step(_mse), MemoryLogger(), every_n_steps=2), "unused-dir"), MemoryLogger())
+            loopkit.with_logging(loopkit.train_step(_mse), MemoryLogger(), every_n_steps=2), tmp_path), MemoryLogger())
     a, b, alone = MemoryLogger(), MemoryLogger(), MemoryLogger()
     both = loopkit.with_logging(loopkit.train_step(_mse), a, b, every_n_steps=2)
     single = loopkit.with_logging(loopkit.train_step(_mse), alone, every_n_steps=2)
@@ -480,6 +490,8 @@ def test_a_nan_batch_never_reaches_guarded_parameters(guarded, sinks, fresh_stat
         state, _ = step(state, batches[1])  # a clean second micro-batch: the group is dropped anyway
     assert state.step == 0
     assert_trees_equal(take_snapshot(state)["params"], take_snapshot(start)["params"])
+    if "nan_guard" in pipeline:  # its skip also puts back the buffers (BatchNorm statistics, QAT observers)
+        assert_trees_equal(take_snapshot(state)["buffers"], take_snapshot(step.prepare(start))["buffers"])
     assert all(p.grad is None for p in state.model.parameters())
     assert all(_positions(d) == [] for d in sinks.directories)  # a dropped update saves nothing
     state, _ = step(state, batches[2])

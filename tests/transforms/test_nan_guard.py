@@ -137,6 +137,64 @@ def test_a_group_flagged_mid_way_survives_a_state_dict_round_trip(nesting, make_
     assert_trees_equal(dict(restored.model.named_parameters()), dict(start.model.named_parameters()))
 
 
+def _bn_net(seed=0):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+
+
+def test_a_skipped_update_leaves_batchnorm_statistics_as_a_raw_loop_without_the_bad_batch(
+    make_batches, mse_loss, make_sgd_state, assert_trees_equal
+):
+    data = make_batches(4)
+    ref_model = _bn_net()
+    ref_opt = torch.optim.SGD(ref_model.parameters(), lr=0.1, momentum=0.9)
+    for k, batch in enumerate(data):
+        if k != 1:
+            ref_opt.zero_grad()
+            mse_loss(ref_model, batch).backward()
+            ref_opt.step()
+    # without the guard's restore the NaN batch's statistics stay: the raw forward alone poisons them
+    poisoned = _bn_net()
+    poisoned(_nan_batch(data[1])[0])
+    assert torch.isnan(poisoned[1].running_mean).any()
+
+    state = make_sgd_state(_bn_net())
+    step = loopkit.with_nan_guard(loopkit.train_step(mse_loss))
+    for k, batch in enumerate(data):
+        state, metrics = step(state, _nan_batch(batch) if k == 1 else batch)
+        assert "nan_guard/buffers" not in state.extras  # kept only while a group is open
+    assert_trees_equal(dict(state.model.named_buffers()), dict(ref_model.named_buffers()))  # num_batches_tracked too
+    assert_trees_equal(dict(state.model.named_parameters()), dict(ref_model.named_parameters()))
+    assert state.model[1].num_batches_tracked.item() == 3
+
+
+@pytest.mark.parametrize("nesting", ["guard(accum)", "accum(guard)"])
+def test_a_dropped_group_puts_back_the_buffers_it_found_even_across_a_state_dict_round_trip(
+    nesting, make_batches, mse_loss, make_sgd_state, assert_trees_equal
+):
+    data = make_batches(2)
+    data[1] = _nan_batch(data[1])
+    step = _guarded_accumulation(nesting, mse_loss)
+    start = make_sgd_state(_bn_net())
+    before = {k: v.clone() for k, v in start.model.named_buffers()}
+    state, _ = step(start, data[0])  # a clean micro-batch moves the statistics ...
+    assert not torch.equal(state.model[1].running_mean, before["1.running_mean"])
+    restored = make_sgd_state(_bn_net(1)).load_state_dict(state.state_dict())
+    restored, metrics = step(restored, data[1])  # ... and the group's NaN micro-batch drops them with the update
+    assert float(metrics["nan_guard/skipped"]) == 1.0 and restored.step == 0
+    assert_trees_equal(dict(restored.model.named_buffers()), before)
+
+
+def test_raise_policy_keeps_no_copy_of_the_buffers(make_batches, mse_loss, make_sgd_state):
+    state = make_sgd_state(_bn_net())
+    assert loopkit.with_nan_guard(loopkit.train_step(mse_loss)).keeps_buffers
+    step = loopkit.with_nan_guard(loopkit.with_grad_accum(loopkit.train_step(mse_loss), every=2), policy="raise")
+    assert not step.keeps_buffers
+    state, _ = step(state, make_batches(1)[0])
+    assert "nan_guard/buffers" not in state.extras
+
+
 def test_raise_policy_names_the_step_and_the_loss(make_mlp, make_batches, mse_loss, make_sgd_state, take_snapshot, assert_trees_equal):
     data = make_batches(4)
     step = loopkit.with_nan_guard(loopkit.train_step(mse_loss), policy="raise")

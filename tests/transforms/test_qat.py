@@ -216,3 +216,23 @@ def test_a_qconfig_set_on_the_model_is_kept(make_batches):
     assert new.model[1].activation_post_process.quant_max == 255
     other, _ = loopkit.with_qat(loopkit.train_step(_mse))(_state(), make_batches(1)[0])
     assert other.model[1].activation_post_process.quant_max == 127  # x86's default: 7-bit activations
+
+
+def test_a_nan_batch_skipped_by_nan_guard_leaves_the_observers_as_they_were(make_batches, mse_loss):
+    """The forward of a NaN batch moves the activation observers to NaN; a skip puts them back, and training goes on."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.05))
+    step = loopkit.with_qat(loopkit.with_nan_guard(loopkit.train_step(mse_loss)))
+    data = make_batches(3)
+    state, _ = step(state, data[0])
+    before = {k: v.clone() for k, v in state.model.named_buffers()}
+    bad_x = data[1][0].clone()
+    bad_x[0, 0] = float("nan")
+    state, metrics = step(state, (bad_x, data[1][1]))
+    assert float(metrics["nan_guard/skipped"]) == 1.0 and state.step == 1
+    after = dict(state.model.named_buffers())
+    assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
+    state, metrics = step(state, data[2])
+    assert torch.isfinite(metrics["loss"]) and state.step == 2
+    assert all(bool(torch.isfinite(b).all()) for b in state.model.buffers() if b.is_floating_point())
