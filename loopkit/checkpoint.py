@@ -49,6 +49,7 @@ import shutil
 import sys
 import time
 import warnings
+import zlib
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -99,7 +100,8 @@ _TMP = ".tmp-"
 _TRASH = ".trash-"
 _NAME = re.compile(r"^ckpt-(\d+)-step(\d+)-epoch(\d+)-batch(\d+)$")
 _FOLD = 4096
-_CHECKSUM = "fold_sha256"  # the manifest key of checksum()
+_CHECKSUM = "fold_crc32_sha256"  # the manifest key of checksum()
+_FOLD_ONLY = "fold_sha256"  # the key of manifests written before the CRC joined the fold
 _STALE_WITHOUT_LOCKS_S = 600.0  # where advisory locks do not exist, a temporary this old is stale
 
 
@@ -456,7 +458,12 @@ def _write_payload(payload: Mapping[str, Any], path: Path, durable: bool = True)
         return _digest(path)
     with open(path, "r+b") as f:
         with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="loopkit-fsync") as pool:
-            synced = pool.submit(os.fsync, f.fileno())
+            try:
+                synced = pool.submit(os.fsync, f.fileno())
+            except RuntimeError:  # the interpreter is exiting (a background save finishing): no new threads
+                digest = _digest(path)
+                os.fsync(f.fileno())
+                return digest
             digest = _digest(path)
             synced.result()
     return digest
@@ -478,19 +485,26 @@ def _write_manifest(tmp: Path, manifest: Mapping[str, Any], durable: bool = True
 
 
 def checksum(data: Any) -> str:
-    """The checksum a manifest records: sha256 of ``data`` XOR-folded onto one 4 KiB block.
+    """The checksum a manifest records: sha256 of ``data`` XOR-folded onto one 4 KiB block, and of its CRC-32.
 
     ``data`` is any bytes-like object (a memory-mapped file, ``bytes``). The 8-byte words at
     the same offset of every 4096-byte block are XOR-ed together; the sha256 of those 4096
-    bytes, of the bytes after the last whole block and of the length is the checksum. It
-    reads the data once at memory speed (about 15x faster than sha256 over every byte),
-    and any change confined to one 4 KiB-aligned window always changes it (a flipped bit,
-    a torn page, a zeroed or overwritten sector), as does any truncation. It guards against
+    bytes, of the bytes after the last whole block, of the CRC-32 of all of ``data`` and of
+    the length is the checksum. Both read the data at memory speed (together about 7x faster
+    than sha256 over every byte). Any change confined to one 4 KiB-aligned window always
+    changes the fold (a flipped bit, a torn page, a zeroed or overwritten sector), as does
+    any truncation; the CRC depends on where each byte is, so changes in several windows
+    that cancel in the fold (two equal pages zeroed) change it. It guards against
     accidents, not an attacker: what stops a crafted file is ``weights_only`` loading.
 
     >>> checksum(b"abc") == checksum(b"abc"), checksum(bytes(8192)) == checksum(bytes(8191) + b"1")
     (True, False)
     """
+    return _checksum(data, crc=True)
+
+
+def _checksum(data: Any, *, crc: bool) -> str:
+    """:func:`checksum`; without ``crc``, that of manifests keyed ``fold_sha256`` (written before the CRC)."""
     view = memoryview(data).cast("B")
     size = len(view)
     whole = size - size % _FOLD
@@ -500,18 +514,21 @@ def checksum(data: Any) -> str:
         digest.update(np.bitwise_xor.reduce(blocks, axis=0).tobytes())
         del blocks  # releases the buffer before the view
     digest.update(view[whole:])
+    if crc:
+        digest.update(zlib.crc32(view).to_bytes(4, "little"))  # zlib releases the GIL over a large buffer
     digest.update(size.to_bytes(8, "little"))
     view.release()
     return digest.hexdigest()
 
 
-def _digest(path: Path) -> dict[str, Any]:
+def _digest(path: Path, kind: str = _CHECKSUM) -> dict[str, Any]:
+    """The size and the ``kind`` checksum (:func:`checksum`, or a manifest's older one) of a file."""
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         if size == 0:
-            return {"size": 0, _CHECKSUM: checksum(b"")}
+            return {"size": 0, kind: _checksum(b"", crc=kind == _CHECKSUM)}
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-            return {"size": size, _CHECKSUM: checksum(mapped)}
+            return {"size": size, kind: _checksum(mapped, crc=kind == _CHECKSUM)}
 
 
 def _fsync_dir(path: Path) -> None:
@@ -671,8 +688,8 @@ def verify(path: str | os.PathLike) -> dict[str, Any]:
     for name, expected in files.items():  # sizes first: cheap, and catches truncation at once
         _check_size(path, name, expected)
     for name, expected in files.items():
-        kind = _CHECKSUM if _CHECKSUM in expected or "sha256" not in expected else "sha256"
-        got = _digest(path / name)[_CHECKSUM] if kind == _CHECKSUM else _sha256(path / name)
+        kind = next((k for k in (_FOLD_ONLY, "sha256") if k in expected and _CHECKSUM not in expected), _CHECKSUM)
+        got = _sha256(path / name) if kind == "sha256" else _digest(path / name, kind)[kind]
         if got != expected.get(kind):
             raise CheckpointCorruptError(
                 f"checkpoint file {path / name} is corrupt: its checksum {got} does not match the manifest's "

@@ -158,6 +158,8 @@ class TrainState:
         decoded = _decode(self, state_dict)
         memo, grads = ({}, {}) if copy else _adoptable(self.model, decoded)
         new = _fork(self, memo, optimizer_state=False)  # the optimizer state is replaced below: no copy of it
+        if copy and "optimizer" in decoded:  # Optimizer.load_state_dict keeps tensors of the right dtype and device
+            decoded["optimizer"]["state"] = {i: _clone_entry(entry, {}) for i, entry in decoded["optimizer"]["state"].items()}
         _apply(new, decoded, grads)
         return new.evolve(
             step=decoded["step"],
@@ -484,11 +486,13 @@ def _decode_optimizer(plain: Any, template: dict[str, Any], optimizer: torch.opt
             )
         if not isinstance(entry, Mapping):
             raise StateMismatchError(f"key '{'.'.join(path)}' holds a {type(entry).__qualname__}, expected a mapping")
-        param = params[int(index)]
         for name, value in entry.items():
-            if isinstance(value, torch.Tensor) and value.ndim > 0:
-                known = current.get(str(index), {}).get(name)
-                expected = known.shape if isinstance(known, torch.Tensor) else param.shape
+            known = current.get(str(index), {}).get(name)
+            # a template without optimizer state (a fresh one) has no shapes to compare with: the
+            # model's own check has ruled out another model, and some optimizers keep other shapes
+            # than the parameter's (Adafactor's row and column variances)
+            if isinstance(value, torch.Tensor) and isinstance(known, torch.Tensor) and value.ndim > 0:
+                expected = known.shape
                 if value.shape != expected:
                     raise StateMismatchError(
                         f"mis-shaped key '{'.'.join(path + (name,))}': the state dict has shape "

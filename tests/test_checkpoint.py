@@ -14,6 +14,7 @@ import json
 import os
 import random
 import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -45,14 +46,16 @@ def _trained(make_mlp, make_batches, mse_loss, n: int = 3, **sizes) -> TrainStat
     return state
 
 
-def _reference_checksum(raw: bytes) -> str:
-    """The manifest's checksum, written independently: 4 KiB blocks XOR-ed as Python integers, then sha256."""
+def _reference_checksum(raw: bytes, *, crc: bool = True) -> str:
+    """The manifest's checksum, written independently: 4 KiB blocks XOR-ed as Python integers, the
+    CRC-32 of the whole (``crc=False``: the checksum of manifests keyed ``fold_sha256``), then sha256."""
     whole = len(raw) - len(raw) % 4096
     fold = 0
     for start in range(0, whole, 4096):
         fold ^= int.from_bytes(raw[start : start + 4096], "little")
     folded = fold.to_bytes(4096, "little") if whole else b""
-    return hashlib.sha256(folded + raw[whole:] + len(raw).to_bytes(8, "little")).hexdigest()
+    crc32 = zlib.crc32(raw).to_bytes(4, "little") if crc else b""
+    return hashlib.sha256(folded + raw[whole:] + crc32 + len(raw).to_bytes(8, "little")).hexdigest()
 
 
 def _resign(ckpt: Path) -> None:
@@ -60,7 +63,7 @@ def _resign(ckpt: Path) -> None:
     files = {}
     for name in ("state.pt", "meta.json"):
         raw = (ckpt / name).read_bytes()
-        files[name] = {"size": len(raw), "fold_sha256": _reference_checksum(raw)}
+        files[name] = {"size": len(raw), "fold_crc32_sha256": _reference_checksum(raw)}
     manifest = {"format": "loopkit-checkpoint", "version": 1, "files": files}
     (ckpt / "manifest.json").write_text(json.dumps(manifest))
 
@@ -92,7 +95,7 @@ def test_save_writes_payload_meta_and_a_manifest_of_sizes_and_checksums(tmp_path
     manifest = json.loads((path / "manifest.json").read_text())
     for name in ("state.pt", "meta.json"):
         raw = (path / name).read_bytes()
-        assert manifest["files"][name] == {"size": len(raw), "fold_sha256": _reference_checksum(raw)}
+        assert manifest["files"][name] == {"size": len(raw), "fold_crc32_sha256": _reference_checksum(raw)}
     meta = json.loads((path / "meta.json").read_text())
     assert (meta["step"], meta["epoch"], meta["batch_index"], meta["reason"]) == (state.step, 0, 3, "test")
     assert _leftovers(tmp_path) == []
@@ -120,6 +123,29 @@ def test_the_checksum_changes_with_any_damage_inside_one_4k_window():
         if bytes(damaged) != raw:
             assert checkpoint.checksum(bytes(damaged)) != good, (trial, start, length)
     assert checkpoint.checksum(raw[:-1]) != good and checkpoint.checksum(raw + b"\0") != good
+
+
+def test_the_checksum_changes_when_equal_pages_are_zeroed_where_the_fold_alone_cancels():
+    raw = bytearray(np.full(16 * 4096 // 4, 0.5, dtype=np.float32).tobytes())  # constant pages, as a constant init
+    damaged = bytearray(raw)
+    damaged[4096:8192] = bytes(4096)
+    damaged[3 * 4096 : 4 * 4096] = bytes(4096)  # two lost pages of the same content
+    assert _reference_checksum(bytes(damaged), crc=False) == _reference_checksum(bytes(raw), crc=False)
+    assert checkpoint.checksum(bytes(damaged)) != checkpoint.checksum(bytes(raw))
+
+
+def test_a_checkpoint_whose_manifest_has_the_fold_only_checksum_still_verifies(tmp_path, make_mlp, make_batches, mse_loss):
+    state = _trained(make_mlp, make_batches, mse_loss)
+    path = checkpoint.save(state, tmp_path)
+    manifest = json.loads((path / "manifest.json").read_text())
+    for name in ("state.pt", "meta.json"):
+        raw = (path / name).read_bytes()
+        manifest["files"][name] = {"size": len(raw), "fold_sha256": _reference_checksum(raw, crc=False)}
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    checkpoint.verify(path)
+    _flip_middle(path / "state.pt")
+    with pytest.raises(loopkit.CheckpointCorruptError, match="checksum"):
+        checkpoint.verify(path)
 
 
 @pytest.mark.parametrize("durable", [True, False], ids=["durable", "no-fsync"])
@@ -296,7 +322,7 @@ def test_a_manifest_of_sha256_checksums_from_earlier_builds_still_verifies(tmp_p
     _, newest, fresh = _two_checkpoints(tmp_path, make_mlp, make_batches, mse_loss)
     manifest = json.loads((newest / "manifest.json").read_text())
     for name, entry in manifest["files"].items():
-        entry.pop("fold_sha256")
+        entry.pop("fold_crc32_sha256")
         entry["sha256"] = hashlib.sha256((newest / name).read_bytes()).hexdigest()
     (newest / "manifest.json").write_text(json.dumps(manifest))
     assert checkpoint.restore(fresh, newest).step == json.loads((newest / "meta.json").read_text())["step"]

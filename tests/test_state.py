@@ -313,3 +313,33 @@ def test_hooks_and_children_added_to_a_fork_stay_with_it(make_mlp, make_sgd_stat
     calls.clear()
     copy.model(torch.ones(1, 4))
     assert calls == ["shared", "copy only"]
+
+
+def test_load_state_dict_copies_the_optimizer_state_it_is_given(make_mlp, make_adam_state, batches, mse_loss, take_snapshot, assert_trees_equal):
+    """The source of a state dict stays a valid snapshot: training the loaded state never reaches it."""
+    step = loopkit.train_step(mse_loss)
+    source, _ = step(make_adam_state(make_mlp(0)), batches[0])
+    before = take_snapshot(source)
+    loaded = make_adam_state(make_mlp(1)).load_state_dict(source.state_dict())
+    donated = loopkit.donate(step)
+    for batch in batches[1:3]:
+        loaded, _ = donated(loaded, batch)
+    assert_trees_equal(take_snapshot(source), before)  # exp_avg, exp_avg_sq and step included
+
+
+def test_a_fresh_template_takes_optimizer_state_not_shaped_like_the_parameters(make_mlp, batches, mse_loss, take_snapshot, assert_trees_equal):
+    """Adafactor keeps row and column variances ((rows, 1), (1, cols)): a fresh template has no shapes to refuse them by."""
+
+    def fresh(seed):
+        model = make_mlp(seed)
+        return loopkit.TrainState.create(model, torch.optim.Adafactor(model.parameters(), lr=0.01))
+
+    step = loopkit.train_step(mse_loss)
+    trained, _ = step(fresh(0), batches[0])
+    assert any(v.shape != p.shape for p, entry in trained.optimizer.state.items() for v in entry.values() if v.ndim > 0)
+    restored = fresh(1).load_state_dict(trained.state_dict())
+    a, b = trained, restored
+    for batch in batches[1:3]:  # the restored state trains on as the original does
+        a, _ = step(a, batch)
+        b, _ = step(b, batch)
+    assert_trees_equal(take_snapshot(b), take_snapshot(a))

@@ -156,6 +156,8 @@ class CheckpointStep(UpdateStep):
         saver = self.saver
         snap = None
         if saver.last != position:
+            if score is not None:
+                saver.wait()  # a pending save's score counts in the ranking, as it does without async_save
             if score is not None and not self._ranks(score):
                 return  # not among the best: no need for a checkpoint here
             snap = checkpoint.snapshot(state, reason=reason, copy=self.async_save)

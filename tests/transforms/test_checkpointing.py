@@ -302,6 +302,50 @@ def test_async_saves_hold_exactly_what_synchronous_saves_hold(tmp_path, assert_t
         assert_trees_equal(one["state"], two["state"])
 
 
+def test_async_saves_for_a_monitor_keep_what_synchronous_saves_keep(tmp_path, monkeypatch):
+    """Ranking a score waits for the pending save, whose score is not recorded before it is written."""
+    real_write = checkpoint.write
+
+    def slow_write(*args, **kwargs):  # a large model: the save is still pending at the next validation
+        threading.Event().wait(0.2)
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "write", slow_write)
+    values = iter([0.9, 0.5, 0.4] * 2)
+
+    def scripted(state, batch):
+        return state, {"acc": torch.tensor(next(values))}
+
+    for mode in ("sync", "async"):
+        step = with_checkpointing(train_step(_mse), tmp_path / mode, monitor="val/acc", mode="max", keep_best=1,
+                                  keep_last=None, async_save=mode == "async")
+        run_epochs(step, _state(), _loader(), epochs=3, val=(scripted, [0]), sanity_val_batches=0, progress=False)
+    sync, background = ([c.name for c in checkpoint.list_checkpoints(tmp_path / m)] for m in ("sync", "async"))
+    assert sync == background and len(sync) == 1 and "step10-" in sync[0]  # only the best (0.9, after epoch 1)
+
+
+def test_a_background_save_pending_when_the_interpreter_exits_is_written(tmp_path):
+    import subprocess
+    import sys
+
+    script = f"""
+import torch, loopkit
+torch.manual_seed(0)
+model = torch.nn.Sequential(*[torch.nn.Linear(256, 256) for _ in range(8)])
+state = loopkit.TrainState.create(model, torch.optim.Adam(model.parameters()))
+step = loopkit.with_checkpointing(loopkit.train_step(lambda m, b: m(b).pow(2).mean()), {str(tmp_path)!r},
+                                  every_n_steps=2, async_save=True, durable=True)
+for _ in range(2):
+    state, _ = step(state, torch.randn(4, 256))
+# no step.wait(): the script ends with the save pending
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    [saved] = checkpoint.list_checkpoints(tmp_path)
+    assert saved.step == 2
+    checkpoint.verify(saved.path)
+
+
 def test_durable_false_saves_without_any_fsync_and_restores(tmp_path, monkeypatch):
     synced: list[int] = []
     real_fsync = os.fsync
