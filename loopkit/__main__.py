@@ -44,14 +44,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     args = _parser().parse_args(argv)
     if args.command == "plot":
-        from loopkit.plot import plot_runs
+        from loopkit.plot import output_path, plot_runs
 
         try:
             plot_runs(args.runs, args.output, metrics=args.metrics, columns=args.columns)
         except (ImportError, OSError, ValueError) as e:
             print(f"loopkit plot: error: {e}", file=sys.stderr)
             return 1
-        print(f"wrote {args.output}")
+        print(f"wrote {output_path(args.output)}")
     return 0
 
 

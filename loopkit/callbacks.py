@@ -173,15 +173,20 @@ class EarlyStopping(MonitorCallback):
 class LearningRateMonitor(Callback):
     """Record each parameter group's learning rate, per epoch (default) or per step.
 
-    Names follow Lightning: ``lr-SGD`` for one group, ``lr-SGD/pg1``, ``lr-SGD/pg2`` for
-    several. Epoch values are added to ``run_epochs``' history; every recorded value is also
-    kept in ``self.history`` as ``(step, {name: lr})``.
+    As Lightning's: an epoch's value is the rate the epoch starts with (what its first update
+    uses; a scheduler that steps at the end of the epoch shows in the next one), added to the
+    epoch's ``run_epochs`` history record; per step, the rate after each update, at
+    ``state.step``: the rate the next update uses. Names follow Lightning: ``lr-SGD`` for
+    one group, ``lr-SGD/pg1``, ``lr-SGD/pg2`` for several. Every recorded value is also kept
+    in ``self.history`` as ``(step, {name: lr})``.
 
     >>> import torch
     >>> from loopkit.state import TrainState
     >>> model = torch.nn.Linear(1, 1)
     >>> state = TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.5))
-    >>> LearningRateMonitor().on_epoch_end(state, {})
+    >>> monitor = LearningRateMonitor()
+    >>> monitor.on_epoch_start(state)
+    >>> monitor.on_epoch_end(state, {})
     {'lr-SGD': 0.5}
     """
 
@@ -190,6 +195,7 @@ class LearningRateMonitor(Callback):
             raise ValueError(f"LearningRateMonitor: logging_interval must be 'epoch' or 'step', got {logging_interval!r}")
         self.logging_interval = logging_interval
         self.history: list[tuple[int, dict[str, float]]] = []
+        self._epoch_start: dict[str, float] | None = None
 
     @staticmethod
     def learning_rates(state: Any) -> dict[str, float]:
@@ -207,8 +213,11 @@ class LearningRateMonitor(Callback):
         if self.logging_interval == "step":
             self.history.append((state.step, self.learning_rates(state)))
 
-    def on_epoch_end(self, state: Any, metrics: Mapping[str, float]) -> dict[str, float]:
-        lrs = self.learning_rates(state)
+    def on_epoch_start(self, state: Any) -> None:
+        lrs = self._epoch_start = self.learning_rates(state)
         if self.logging_interval == "epoch":
             self.history.append((state.step, lrs))
-        return lrs
+
+    def on_epoch_end(self, state: Any, metrics: Mapping[str, float]) -> dict[str, float]:
+        lrs, self._epoch_start = self._epoch_start, None
+        return dict(self.learning_rates(state) if lrs is None else lrs)

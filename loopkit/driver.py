@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import signal
 import sys
@@ -106,19 +107,19 @@ def _order_seed(seed: int, epoch: int) -> int:
     return (int(words[0]) << 31) ^ int(words[1])
 
 
-def _epoch_batches(data: Iterable, seed: int, epoch: int, skip: int, count: int | None) -> Iterator[Any]:
-    """Iterate one epoch of ``data`` in an order fixed by ``(seed, epoch)``, skipping ``skip`` batches.
+def _epoch_batches(data: Iterable, seed: int, epoch: int, skip: int, count: int | None) -> Iterator[Any] | None:
+    """Iterate one epoch of ``data`` in an order fixed by ``(seed, epoch)``, skipping ``skip`` batches
+    (None when ``data`` yields no batch at all).
 
-    A ``DataLoader``'s shuffling draws from its own generator or, lacking one, from the
-    global torch RNG when the iterator starts: both are seeded here, and the caller's
-    global RNG is put back afterwards, so the order is the same in a resumed run.
+    A ``DataLoader``'s shuffling draws from its own generator, its sampler's or, lacking
+    one, from the global torch RNG when the iterator starts: all are seeded here, and the
+    caller's global RNG is put back afterwards, so the order is the same in a resumed run.
     """
     order_seed = _order_seed(seed, epoch)
     sampler = getattr(data, "sampler", None)
     if hasattr(sampler, "set_epoch"):
         sampler.set_epoch(epoch)
-    generator = getattr(data, "generator", None)
-    if isinstance(generator, torch.Generator):
+    for generator in _data_generators(data):
         generator.manual_seed(order_seed)
     cpu = torch.default_generator  # what samplers without a generator of their own draw from
     saved = cpu.get_state()
@@ -129,7 +130,7 @@ def _epoch_batches(data: Iterable, seed: int, epoch: int, skip: int, count: int 
     finally:
         cpu.set_state(saved)
     if first is _END:
-        return iter(())
+        return None
     batches = itertools.chain((first,), iterator)
     stop = None if count is None else count
     return itertools.islice(batches, skip, stop)
@@ -138,19 +139,42 @@ def _epoch_batches(data: Iterable, seed: int, epoch: int, skip: int, count: int 
 _END = object()
 
 
+def _data_generators(data: Iterable) -> list[torch.Generator]:
+    """The generators ``data`` shuffles with: a DataLoader's own, its sampler's and its batch sampler's sampler's."""
+    batch_sampler = getattr(data, "batch_sampler", None)
+    holders = (data, getattr(data, "sampler", None), getattr(batch_sampler, "sampler", None))
+    found: list[torch.Generator] = []
+    for holder in holders:
+        generator = getattr(holder, "generator", None)
+        if isinstance(generator, torch.Generator) and all(generator is not g for g in found):
+            found.append(generator)
+    return found
+
+
 def _batch_size(batch: Any) -> int:
-    if isinstance(batch, torch.Tensor):
-        return int(batch.shape[0]) if batch.ndim > 0 else 1
-    if isinstance(batch, Mapping):
-        values: Iterable = batch.values()
-    elif isinstance(batch, (list, tuple)):
-        values = batch
+    """The length of the batch's first tensor with a batch dimension, depth first through mappings,
+    lists, tuples and dataclasses (a collated tuple of strings or a 0-dim tensor before it does not
+    count); 1 when there is none."""
+    size = _first_length(batch)
+    return 1 if size is None else size
+
+
+def _first_length(value: Any) -> int | None:
+    if isinstance(value, torch.Tensor):
+        return int(value.shape[0]) if value.ndim > 0 else None
+    if isinstance(value, Mapping):
+        items: Iterable = value.values()
+    elif isinstance(value, (list, tuple)):
+        items = value
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        items = (getattr(value, f.name) for f in dataclasses.fields(value))
     else:
-        return 1
-    for value in values:
-        if isinstance(value, (torch.Tensor, Mapping, list, tuple)):
-            return _batch_size(value)
-    return 1
+        return None
+    for item in items:
+        size = _first_length(item)
+        if size is not None:
+            return size
+    return None
 
 
 def _mover(device: torch.device | str | None, state: TrainState) -> Callable[[Any], Any] | None:
@@ -531,6 +555,15 @@ def run_epochs(
             hooks.call("on_epoch_start", state)
             total = _num_batches(train_data, limit_train_batches, "limit_train_batches")
             batches = _epoch_batches(train_data, state.seed, state.epoch, state.batch_index, total)
+            if batches is None:  # training would go on without a step (with max_steps alone, forever)
+                empty = (
+                    f"run_epochs: train_data yielded no batches in epoch {state.epoch}; a generator or iterator is "
+                    "used up after one pass: pass a list, a DataLoader or another iterable that starts over on each iter()"
+                )
+                if not history:  # nothing trained yet: the given state is intact
+                    raise ValueError(empty)
+                warnings.warn(empty + "; stopping here", RuntimeWarning, stacklevel=2)
+                break
             means = _Means()
             last_val, resumed_val = resumed_val, {}  # the latest validation of this epoch
             validated_at = state.step if last_val else None  # the update a validation of this epoch saw

@@ -33,6 +33,7 @@ import weakref
 from collections.abc import Mapping
 from typing import IO, Any
 
+import numpy as np
 import torch
 
 from loopkit._collective import is_rank_zero
@@ -94,7 +95,7 @@ def _check_metrics(metrics: Mapping[str, Any], step: Any, who: str) -> dict[str,
     for key, value in metrics.items():
         if not isinstance(key, str):
             raise TypeError(f"{who}.log_metrics: metric names must be strings, got {key!r}")
-        if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, torch.Tensor, np.number)):
             raise TypeError(f"{who}.log_metrics: metric '{key}' is a {type(value).__qualname__}; expected a number")
         out[key] = float(value)
     return out
@@ -267,11 +268,15 @@ class RunDirLogger(Logger):
 
     def _path(self, filename: str) -> str:
         """A file in the run folder (claimed now if need be, writing any hparams held back)."""
+        return os.path.join(self._folder(), filename)
+
+    def _folder(self) -> str:
+        """The run folder, claimed now if need be; any hparams held back are written into it."""
         folder = self.log_dir
         if self._pending_hparams is not None:
             _write_json(os.path.join(folder, "hparams.json"), self._pending_hparams)
             self._pending_hparams = None
-        return os.path.join(folder, filename)
+        return folder
 
     def _write_hparams(self, hparams: dict[str, Any], metrics: dict[str, float] | None) -> None:
         # held back until the run folder is claimed, so that loggers can still share it
@@ -405,7 +410,7 @@ class TensorBoardLogger(RunDirLogger):
     def open(self) -> None:
         """Open the event file now (it is otherwise opened by the first write)."""
         if self._file is None:
-            self._file = _EventFile(self.log_dir, self._suffix())
+            self._file = _EventFile(self._folder(), self._suffix())
 
     @property
     def writer(self) -> Any:
@@ -414,7 +419,7 @@ class TensorBoardLogger(RunDirLogger):
         if self._writer is None:
             from tensorboardX import SummaryWriter
 
-            self._writer = SummaryWriter(self.log_dir, filename_suffix=self._suffix())
+            self._writer = SummaryWriter(self._folder(), filename_suffix=self._suffix())
         return self._writer
 
     def _add(self, summary: Any, step: int) -> None:
@@ -428,6 +433,7 @@ class TensorBoardLogger(RunDirLogger):
         self._last_step = max(self._last_step, step)
 
     def _write_hparams(self, hparams: dict[str, Any], metrics: dict[str, float] | None) -> None:
+        super()._write_hparams(hparams, metrics)  # hparams.json in the run folder, as the other file loggers write
         self._final_metrics = metrics
         self._hparams_written = False
 
@@ -457,6 +463,7 @@ class TensorBoardLogger(RunDirLogger):
         self._file.flush()  # type: ignore[union-attr]
 
     def _finalize(self) -> None:
+        super()._finalize()
         if self._hparams is not None and not self._hparams_written:
             self._write_hparams_summary()
         if self._file is not None:

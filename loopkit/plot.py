@@ -25,7 +25,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["find_runs", "plot_runs", "read_metrics"]
+__all__ = ["find_runs", "output_path", "plot_runs", "read_metrics"]
 
 METRICS_FILE = "metrics.csv"
 
@@ -158,14 +158,26 @@ def plot_runs(
         if len(runs) > 1:
             ax.legend(fontsize="small")
     if output is not None:
-        fig.savefig(os.fspath(output))
+        fig.savefig(output_path(output))
     return fig
+
+
+def output_path(output: str | os.PathLike) -> str:
+    """Where :func:`plot_runs` writes ``output``: the path itself, with ``.png`` added when it has no suffix.
+
+    >>> output_path("curves"), output_path("curves.svg")
+    ('curves.png', 'curves.svg')
+    """
+    path = os.fspath(output)
+    return path if os.path.splitext(path)[1] else path + ".png"
 
 
 def _metric_names(data: dict[str, dict[str, Any]], wanted: Sequence[str] | None) -> list[str]:
     found: list[str] = []
     for series in data.values():
         found.extend(k for k in series if k not in found)
+    if wanted is not None and not wanted:
+        raise ValueError("plot_runs: metrics is empty; name at least one metric, or pass None for all of them")
     if wanted is None:
         if not found:
             raise ValueError(f"no metric values to plot in {', '.join(data)}")

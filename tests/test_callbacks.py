@@ -306,10 +306,9 @@ def lr_state(two_groups: bool = False) -> TrainState:
 def test_learning_rate_monitor_epoch_values_in_history():
     monitor = loopkit.LearningRateMonitor()
     _, history = run_epochs(train_step(mse), lr_state(), make_data(3), epochs=3, callbacks=[monitor], progress=False)
-    # the scheduler halves the lr after every update: 3 updates per epoch
-    assert [h["lr-SGD"] for h in history] == [0.25 * 0.5**3, 0.25 * 0.5**6, 0.25 * 0.5**9]
-    assert monitor.history == [(3, {"lr-SGD": 0.25 * 0.5**3}), (6, {"lr-SGD": 0.25 * 0.5**6}),
-                               (9, {"lr-SGD": 0.25 * 0.5**9})]
+    # the scheduler halves the lr after every update: 3 updates per epoch; an epoch's value is the rate it starts with
+    assert [h["lr-SGD"] for h in history] == [0.25, 0.25 * 0.5**3, 0.25 * 0.5**6]
+    assert monitor.history == [(0, {"lr-SGD": 0.25}), (3, {"lr-SGD": 0.25 * 0.5**3}), (6, {"lr-SGD": 0.25 * 0.5**6})]
 
 
 def test_learning_rate_monitor_per_step():
@@ -323,7 +322,7 @@ def test_learning_rate_monitor_two_param_groups():
     _, history = run_epochs(train_step(mse), lr_state(two_groups=True), make_data(2), epochs=2,
                             callbacks=[monitor], progress=False)
     for e, h in enumerate(history):
-        steps = 2 * (e + 1)
+        steps = 2 * e  # updates before the epoch
         assert h["lr-SGD/pg1"] == 0.25 * 0.5**steps and h["lr-SGD/pg2"] == 0.75 * 0.5**steps
         assert "lr-SGD" not in h
 

@@ -7,6 +7,7 @@ eval mode, an uninterrupted run (for resume), hand-computed counts and scheduler
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -65,6 +66,23 @@ def test_epochs_and_max_steps_are_absolute_counts():
     assert loss.calls == 5 and history == []  # already done
     state, _ = run_epochs(train_step(loss), state, data, max_steps=12, progress=False)
     assert loss.calls == 7 and state.step == 12
+
+
+def test_empty_train_data_is_refused_before_the_state_is_touched():
+    state = make_state()
+    with pytest.raises(ValueError, match="train_data yielded no batches in epoch 0"):
+        run_epochs(train_step(mse), state, [], max_steps=3, progress=False)
+    state.check_usable()  # not donated: nothing ran
+
+
+def test_a_used_up_iterator_ends_the_fit_with_a_warning_instead_of_looping():
+    data = make_data(5)
+    loss = Counter(mse)
+    with pytest.warns(RuntimeWarning, match="yielded no batches in epoch 1.*stopping"):
+        state, history = run_epochs(train_step(loss), make_state(), iter(data), max_steps=10, progress=False)
+    assert loss.calls == 5 and (state.step, state.epoch) == (5, 1) and len(history) == 1
+    reference, _ = run_epochs(train_step(mse), make_state(), data, epochs=1, progress=False)
+    assert_bitwise(params_of(state), params_of(reference))
 
 
 def test_max_steps_counts_updates_under_grad_accum():
@@ -313,6 +331,33 @@ def test_evaluate_with_a_dict_batch():
     assert got["mean"] == pytest.approx(x.mean().item(), rel=1e-7)
 
 
+@dataclasses.dataclass
+class _Tagged:
+    note: str
+    scale: torch.Tensor  # 0-dim: not a batch dimension
+    x: torch.Tensor
+
+
+@pytest.mark.parametrize(
+    "collate",
+    [
+        lambda names, x: (names, x),  # DataLoader's default collate of (str, tensor) samples
+        lambda names, x: {"text": names, "x": x},
+        lambda names, x: _Tagged(names[0], torch.tensor(2.0), x),
+    ],
+    ids=["tuple-of-strings-first", "dict-of-strings-first", "dataclass-with-a-scalar-first"],
+)
+def test_evaluate_weights_by_the_first_tensor_with_a_batch_dimension(collate):
+    x = torch.arange(7.0)
+    data = [collate([f"s{i}" for i in range(n)], part) for n, part in ((5, x[:5]), (2, x[5:]))]
+
+    def mean_x(m, b):
+        return {"mean": (b[1] if isinstance(b, tuple) else b["x"] if isinstance(b, dict) else b.x).mean()}
+
+    got = evaluate(eval_step(mean_x), TrainState.create(nn.Identity()), data)
+    assert got["mean"] == pytest.approx(x.mean().item(), rel=1e-7)  # 3.0; equal weights would give 4.25
+
+
 @pytest.mark.parametrize("limit, batches", [(2, 2), (0.5, 2), (0.75, 3), (None, 4)])
 def test_evaluate_limit(limit, batches):
     data = make_data(4)
@@ -463,6 +508,27 @@ def test_shuffled_order_depends_only_on_seed_and_epoch(generator):
     assert a[0] != a[1]  # different across epochs
     assert a[0] != list(range(20))  # actually shuffled
     assert order_of(1, 123, generator=generator) != a  # different across seeds
+
+
+def test_a_sampler_with_its_own_generator_gives_a_resumed_run_the_same_order():
+    from torch.utils.data import RandomSampler
+
+    dataset = TensorDataset(torch.arange(16.0).reshape(16, 1))
+
+    def loader():  # built afresh, as a resumed process builds it
+        return DataLoader(dataset, batch_size=4, sampler=RandomSampler(dataset, generator=torch.Generator().manual_seed(0)))
+
+    seen: list[list[float]] = []
+
+    def record(state, batch):
+        seen.append(batch[0][:, 0].tolist())
+        return state.evolve(step=state.step + 1, batch_index=state.batch_index + 1), {}
+
+    run_epochs(record, TrainState.create(nn.Linear(1, 1)), loader(), epochs=2, progress=False)
+    uninterrupted, seen[:] = list(seen), []
+    first, _ = run_epochs(record, TrainState.create(nn.Linear(1, 1)), loader(), epochs=1, progress=False)
+    run_epochs(record, first, loader(), epochs=2, progress=False)
+    assert seen == uninterrupted and seen[:4] != seen[4:]  # the same order, epoch by epoch; epochs differ
 
 
 def test_shuffled_order_does_not_disturb_the_global_rng():

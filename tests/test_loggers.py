@@ -142,6 +142,17 @@ def test_bad_options_are_refused_by_name(tmp_path, make, error):
         make(tmp_path)
 
 
+def test_numpy_numbers_are_logged_as_floats(tmp_path):
+    import numpy as np
+
+    logger = JSONLLogger(tmp_path)
+    logger.log_metrics({"a": np.float32(0.5), "b": np.int64(3), "c": np.float64(0.25)}, 1)
+    with open(os.path.join(logger.log_dir, "metrics.jsonl")) as f:
+        assert json.loads(f.readline()) == {"step": 1, "a": 0.5, "b": 3.0, "c": 0.25}
+    with pytest.raises(TypeError, match="metric 'flag' is a bool"):
+        logger.log_metrics({"flag": np.bool_(True)}, 2)
+
+
 def test_bad_metrics_are_refused_naming_the_metric(tmp_path):
     logger = JSONLLogger(tmp_path)
     with pytest.raises(TypeError, match="metric 'acc' is a str"):
@@ -175,9 +186,9 @@ def test_csv_columns_grow_with_one_header_and_blanks(tmp_path):
                 assert row[column] == ""
 
 
-def test_csv_and_jsonl_write_hparams_json(tmp_path):
+def test_every_file_logger_writes_hparams_json(tmp_path):
     hparams = {"lr": 0.1, "model": {"hidden": 8}, "optimizer": torch.optim.SGD, "betas": (0.9, 0.99)}
-    for cls in (CSVLogger, JSONLLogger):
+    for cls in (CSVLogger, JSONLLogger, TensorBoardLogger):
         logger = cls(tmp_path, cls.__name__)
         logger.log_hparams(hparams)
         logger.log_metrics({"loss": 1.0}, 1)

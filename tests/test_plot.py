@@ -68,6 +68,15 @@ def test_a_root_name_folder_means_all_its_versions_and_metrics_pick_subplots(tmp
     assert [line.get_label() for line in fig.axes[0].get_lines()] == ["exp/version_0", "exp/version_1"]
     with pytest.raises(ValueError, match=r"metric\(s\) \['val/los'\] not found in any run"):
         plot_runs([tmp_path / "exp"], metrics=["val/los"])
+    with pytest.raises(ValueError, match="metrics is empty"):
+        plot_runs([tmp_path / "exp"], metrics=[])
+
+
+def test_an_output_without_a_suffix_is_a_png_and_the_command_names_the_file_it_wrote(tmp_path, capsys):
+    runs = write_runs(tmp_path)
+    assert main(["plot", runs[0].log_dir, "-o", str(tmp_path / "curves")]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote {tmp_path / 'curves.png'}"
+    assert_png(tmp_path / "curves.png")
 
 
 @pytest.mark.slow  # a fresh interpreter imports torch and matplotlib

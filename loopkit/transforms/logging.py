@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import os
 import types
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -170,6 +171,36 @@ class _ModelWatch:
             self.log(new.model)
 
 
+def _shares(follower: Any, leader: Any) -> bool:
+    share = getattr(follower, "share_run_dir", None)
+    return bool(share is not None and share(leader))
+
+
+def _run_folder(logger: Any) -> Any:
+    """What names a file logger's run folder without claiming it: its last leader, or its fixed version."""
+    while getattr(logger, "_leader", None) is not None:
+        logger = logger._leader
+    version = getattr(logger, "version", None)
+    if version is not None:
+        return (os.path.abspath(logger.root), logger.name, version)
+    return id(logger)
+
+
+def _refuse_one_file_twice(loggers: tuple[Any, ...]) -> None:
+    """Two loggers of one class in one run folder would write the same files over each other."""
+    seen: dict[tuple[type, Any], int] = {}
+    for i, logger in enumerate(loggers):
+        if not callable(getattr(logger, "share_run_dir", None)):
+            continue
+        key = (type(logger), _run_folder(logger))
+        if key in seen:
+            raise ValueError(
+                f"with_logging: loggers {seen[key]} and {i} are both {type(logger).__name__}s of one run folder, "
+                "and would write the same files over each other; pass one, or give them other names or versions"
+            )
+        seen[key] = i
+
+
 def with_logging(step: Any, *loggers: Any, every_n_steps: int = 50) -> LoggingStep:
     """Log the means of the step's metrics over each ``every_n_steps`` optimizer updates.
 
@@ -210,9 +241,10 @@ def with_logging(step: Any, *loggers: Any, every_n_steps: int = 50) -> LoggingSt
                     f"with_logging: logger {i} ({type(logger).__qualname__}) has no {method}() method; "
                     "pass loggers such as loopkit.TensorBoardLogger() or loopkit.CSVLogger()"
                 )
-        share = getattr(logger, "share_run_dir", None)
-        if share is not None:
-            any(share(earlier) for earlier in loggers[:i])
+        # one run folder per root/name: this logger follows an earlier one, or one whose folder is
+        # not claimed yet follows this one (when this one's log_dir was read first)
+        any(_shares(logger, earlier) or _shares(earlier, logger) for earlier in loggers[:i])
+    _refuse_one_file_twice(loggers)
     inner = require_step(step, "with_logging")
     refuse_wrapping(inner, "with_logging", {  # one window per state: a second layer would count twice
         "with_logging": "the window lives in the state once; pass every logger to one "

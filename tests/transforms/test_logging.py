@@ -217,6 +217,44 @@ def test_a_window_split_by_a_state_dict_round_trip_logs_the_uninterrupted_mean(r
     assert uninterrupted.series("train/value") == resumed.series("train/value") == [(50, 25.5)]
 
 
+def test_loggers_share_one_run_folder_even_when_a_later_ones_log_dir_was_read_first(tmp_path, make_mlp, make_batches, make_sgd_state):
+    tb, csv_logger = loopkit.TensorBoardLogger(tmp_path, "demo"), loopkit.CSVLogger(tmp_path, "demo")
+    claimed = csv_logger.log_dir  # e.g. printed by the user before training
+    step = loopkit.with_logging(loopkit.train_step(loss_with_mae), tb, csv_logger, every_n_steps=2)
+    run_epochs(step, make_sgd_state(make_mlp(0)), make_batches(4), epochs=1, progress=False)
+    assert tb.log_dir == csv_logger.log_dir == claimed
+    assert os.listdir(tmp_path / "demo") == ["version_0"]
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(claimed))
+
+
+def test_two_loggers_of_one_class_in_one_run_folder_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="loggers 1 and 2 are both CSVLoggers of one run folder"):
+        loopkit.with_logging(loopkit.train_step(loss_with_mae), loopkit.TensorBoardLogger(tmp_path), loopkit.CSVLogger(tmp_path),
+                             loopkit.CSVLogger(tmp_path))
+    with pytest.raises(ValueError, match="loggers 0 and 1 are both JSONLLoggers"):
+        loopkit.with_logging(loopkit.train_step(loss_with_mae), loopkit.JSONLLogger(tmp_path, version=3),
+                             loopkit.JSONLLogger(tmp_path, version=3))
+    # other names or versions are other folders
+    loopkit.with_logging(loopkit.train_step(loss_with_mae), loopkit.CSVLogger(tmp_path, "a"), loopkit.CSVLogger(tmp_path, "b"),
+                         loopkit.CSVLogger(tmp_path, "a", version=1))
+
+
+def test_a_numpy_number_a_callback_adds_to_the_epoch_record_is_logged(tmp_path, make_mlp, make_batches, make_sgd_state):
+    import numpy as np
+
+    class Extra:
+        def on_epoch_end(self, state, metrics):
+            return {"custom": np.float32(0.5)}
+
+    logger = loopkit.JSONLLogger(tmp_path)
+    step = loopkit.with_logging(loopkit.train_step(loss_with_mae), logger, every_n_steps=2)
+    _, history = run_epochs(step, make_sgd_state(make_mlp(0)), make_batches(4), epochs=1, callbacks=[Extra()],
+                            progress=False)
+    with open(os.path.join(logger.log_dir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    assert records[-1]["custom"] == 0.5 == history[0]["custom"]
+
+
 def test_two_runs_land_in_version_0_and_version_1(tmp_path, make_mlp, make_batches, make_sgd_state):
     snapshots = []
     for run in range(2):
