@@ -88,7 +88,9 @@ def _module_facts(model: torch.nn.Module) -> dict[str, Any]:
 
 
 def _full_snapshot(state: TrainState) -> dict[str, Any]:
-    return {**copy_tensors(state.state_dict()), "modules": _module_facts(state.model)}
+    # every buffer, non-persistent ones too (a state dict leaves those out)
+    buffers = copy_tensors(dict(state.model.named_buffers()))
+    return {**copy_tensors(state.state_dict()), "buffers": buffers, "modules": _module_facts(state.model)}
 
 
 def _name(step: Any) -> str:
@@ -108,7 +110,7 @@ def check_purity(
     """Call ``step(state, batch)`` twice and raise :class:`loopkit.ImpurityError` on a broken promise.
 
     Checks, in order: the first call leaves ``state`` as it was (every entry of
-    ``state.state_dict()``, gradients included, and each module's class, training mode, hook
+    ``state.state_dict()``, gradients included, every buffer, non-persistent ones too, and each module's class, training mode, hook
     count and which parameters take gradients) and torch's global CPU RNG too; with
     ``deterministic`` (the default), a second call on the same state and batch gives the same
     new state and metrics, bit for bit (pass ``deterministic=False`` for kernels that are not).

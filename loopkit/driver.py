@@ -309,8 +309,8 @@ class _TellingAbort:
     """On an exception out of the fit, tells the step (``notify("abort")``) so that its
     transforms release what they hold (a running profiler, open log files, a save thread)."""
 
-    def __init__(self, step: Any, state: TrainState) -> None:
-        self.step, self.state = step, state
+    def __init__(self, steps: Sequence[Any], state: TrainState) -> None:
+        self.steps, self.state = steps, state
 
     def __enter__(self) -> None:
         return None
@@ -318,10 +318,11 @@ class _TellingAbort:
     def __exit__(self, kind: Any, error: Any, traceback: Any) -> None:
         if error is None:
             return
-        try:
-            self.step.notify("abort", self.state, {})
-        except Exception as also:  # the fit's own error is the one to raise
-            warnings.warn(f"run_epochs: after {type(error).__name__}, releasing the step failed too: {also!r}", stacklevel=2)
+        for step in self.steps:
+            try:
+                step.notify("abort", self.state, {})
+            except Exception as also:  # the fit's own error is the one to raise
+                warnings.warn(f"run_epochs: after {type(error).__name__}, releasing the step failed too: {also!r}", stacklevel=2)
 
 
 class _StopOnSignal:
@@ -476,6 +477,9 @@ def run_epochs(
     means, and whatever the callbacks' ``on_epoch_end`` returned. Metrics stay on the device
     between epochs (and progress-bar refreshes): the loop itself never syncs the host.
 
+    The validation step (``val[0]``) is notified of the fit's end too (``"stop"``,
+    ``"fit_end"``, ``"abort"``; a ``with_profiler`` around it closes its trace).
+
     Graceful stop: on SIGTERM or SIGINT (in the main thread) the current step finishes, the
     step is notified with ``"stop"`` (``with_checkpointing`` saves then), and ``run_epochs``
     returns ``(state, history)`` as usual; a second signal raises ``KeyboardInterrupt`` at
@@ -504,6 +508,11 @@ def run_epochs(
     if val is not None and limit_val_batches != 0:
         _num_batches(val[1], limit_val_batches, "limit_val_batches")
     step = donated(as_step(step))
+    if val is not None and "with_profiler" in step.applied and "with_profiler" in as_step(val[0]).applied:
+        raise ValueError(
+            "run_epochs: both the train step and the validation step are under with_profiler; torch.profiler "
+            "runs one session at a time (two that overlap crash the process): profile one of them"
+        )
     if not donate and step.changes_state:
         state = fork(state)
     _to_device_state(state, device)
@@ -530,7 +539,9 @@ def run_epochs(
     validates = val is not None and limit_val_batches != 0
     val_steps = val_every_n_steps if validates else None
 
-    with _StopOnSignal() as stop, _TellingAbort(step, state):
+    # the validation step hears of the fit's end too (a profiler around it closes its trace)
+    lifecycle = (step,) if val is None else (step, as_step(val[0]))
+    with _StopOnSignal() as stop, _TellingAbort(lifecycle, state):
         hooks.restore(state)
         hooks.check_plain()
         hooks.call("on_fit_start", state)
@@ -615,9 +626,10 @@ def run_epochs(
                 step.notify("validation_end", state, last_val)
             step.notify("epoch_end", state, record)
             history.append(record)
-        if stop.requested:
-            step.notify("stop", state, {})
-        step.notify("fit_end", state, history[-1] if history else {})
+        for told in lifecycle:
+            if stop.requested:
+                told.notify("stop", state, {})
+            told.notify("fit_end", state, history[-1] if history else {})
         hooks.call("on_fit_end", state, history)
         return state, history
 

@@ -104,6 +104,13 @@ def _check_members(states: Sequence[TrainState]) -> None:
                 f"ensemble.stack: member {k}'s model differs from member 0's (parameters {differing[:2]}...); "
                 "every member must have the same architecture"
             )
+        frozen = dict(first.model.named_parameters())
+        for n, p in state.model.named_parameters():  # one vmapped gradient: the same parameters train in every member
+            if p.requires_grad != frozen[n].requires_grad:
+                raise ValueError(
+                    f"ensemble.stack: parameter '{n}' has requires_grad={p.requires_grad} in member {k} and "
+                    f"{frozen[n].requires_grad} in member 0; every member must freeze the same parameters"
+                )
 
 
 def stack(states: Sequence[TrainState]) -> Ensemble:

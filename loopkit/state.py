@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import types
 import weakref
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Mapping
 from typing import Any
 
@@ -310,14 +310,27 @@ def _clone_tensor(t: torch.Tensor, memo: dict[int, Any]) -> torch.Tensor:
             new.grad = grad.clone()
         if t.__dict__:
             new.__dict__.update(t.__dict__)
+        _keep_tensor_hooks(t, new)
     elif isinstance(t, _Parameter):
         new = type(t)(t.detach().clone(), t.requires_grad)
         if t.grad is not None:
             new.grad = t.grad.clone()
+        _keep_tensor_hooks(t, new)
     else:
         new = t.clone()
     memo[key] = new
     return new
+
+
+def _keep_tensor_hooks(t: torch.Tensor, new: torch.Tensor) -> None:
+    """Give ``new`` the gradient hooks registered on the parameter ``t`` (``register_hook``,
+    ``register_post_accumulate_grad_hook``), in registries of its own."""
+    hooks = t._backward_hooks
+    if hooks:
+        new._backward_hooks = OrderedDict(hooks)
+    hooks = t._post_accumulate_grad_hooks
+    if hooks:
+        new._post_accumulate_grad_hooks = OrderedDict(hooks)
 
 
 #: the registries besides parameters, buffers and children that something run in a step may add to
@@ -535,6 +548,7 @@ def _adoptable(
             adopted = _make_subclass(_Parameter, source, tensor.requires_grad)
             if tensor.__dict__:
                 adopted.__dict__.update(tensor.__dict__)
+            _keep_tensor_hooks(tensor, adopted)
         elif type(tensor) is torch.Tensor:
             adopted = source
         else:  # a subclass: copied as usual

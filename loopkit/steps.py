@@ -477,7 +477,8 @@ class TrainStep(Step):
         model, optimizer = state.model, state.optimizer
         if optimizer is None:
             raise ValueError("train_step needs a state with an optimizer (TrainState.create(model, optimizer))")
-        first = optimizer.param_groups[0]["params"][0]
+        params = optimizer.param_groups[0]["params"]
+        first = params[0] if params else _first_param(optimizer)
         if self.plain and self.sync is None and not first.is_cuda and len(state.rng) == 1:
             return self._run_plain_cpu(state, batch, model, optimizer)
         sync = self.sync
@@ -579,7 +580,7 @@ class TrainStep(Step):
         to_backward = loss / self.accum_every if self.accum_every > 1 and not per_micro else loss
         if precision is not None and precision.scales_loss:
             to_backward = precision.scale(to_backward, extras, device)  # type: ignore[arg-type]
-        stash = _stash_grads(state.optimizer) if per_micro else None
+        stash = _stash_grads(state.optimizer, getattr(self.sync, "grads_are_views", False)) if per_micro else None
         if self.sync is None:
             to_backward.backward()
         else:
@@ -665,13 +666,14 @@ def _advance(state: TrainState, step: int, rng: Any, extras: Any) -> TrainState:
     )
 
 
-def _stash_grads(optimizer: torch.optim.Optimizer) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Take the accumulated gradients off the parameters, so backward writes one micro-batch's."""
+def _stash_grads(optimizer: torch.optim.Optimizer, copy: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Take the accumulated gradients off the parameters, so backward writes one micro-batch's
+    (``copy``: copies of them, for gradients that are views of memory the next backward writes)."""
     stash = []
     for group in optimizer.param_groups:
         for p in group["params"]:
             if p.grad is not None:
-                stash.append((p, p.grad))
+                stash.append((p, p.grad.clone() if copy else p.grad))
                 p.grad = None
     return stash
 
@@ -682,6 +684,14 @@ def _unstash_grads(stash: list[tuple[torch.Tensor, torch.Tensor]] | None) -> Non
             p.grad = acc
         else:
             p.grad.add_(acc)
+
+
+def _first_param(optimizer: torch.optim.Optimizer) -> torch.Tensor:
+    """The optimizer's first parameter, its first group being empty (its device is the step's)."""
+    for group in optimizer.param_groups:
+        if group["params"]:
+            return group["params"][0]
+    raise ValueError("train_step: the state's optimizer has no parameters to train")
 
 
 def _save_buffers(model: torch.nn.Module, extras: dict[str, Any]) -> None:

@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+import collections
+import copy
 import dataclasses
 from collections.abc import Mapping
 from typing import Any
@@ -56,12 +58,12 @@ def _move(obj: Any, device: torch.device, non_blocking: bool, path: str) -> Any:
         items = [_move(v, device, non_blocking, f"{path}[{i}]") for i, v in enumerate(obj)]
         return items if type(obj) is list else type(obj)(items)
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        changes = {
-            f.name: _move(getattr(obj, f.name), device, non_blocking, f"{path}.{f.name}")
-            for f in dataclasses.fields(obj)
-            if f.init
-        }
-        return dataclasses.replace(obj, **changes)
+        # a copy with every field moved, init=False ones too (dataclasses.replace would reset those)
+        new = copy.copy(obj)
+        for f in dataclasses.fields(obj):
+            if hasattr(obj, f.name):
+                object.__setattr__(new, f.name, _move(getattr(obj, f.name), device, non_blocking, f"{path}.{f.name}"))
+        return new
     if callable(getattr(obj, "to", None)) and not isinstance(obj, type):
         return obj.to(device)
     raise TypeError(
@@ -72,6 +74,8 @@ def _move(obj: Any, device: torch.device, non_blocking: bool, path: str) -> Any:
 
 
 def _rebuild_mapping(original: Mapping, moved: dict) -> Mapping:
+    if isinstance(original, collections.defaultdict):  # its factory is the constructor's first argument
+        return type(original)(original.default_factory, moved)
     try:
         return type(original)(moved)
     except TypeError:

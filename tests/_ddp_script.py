@@ -9,6 +9,9 @@ no expected values. Scenarios:
 - ``plain``: ``with_ddp(train_step)``, rank 1 starting from other weights (DDP broadcasts rank 0's).
 - ``accum``: ``with_grad_accum(with_ddp(...), every=2)`` with a comm hook counting all-reduces.
 - ``accum_outer``: ``with_ddp(with_grad_clip(with_grad_accum(...)))``, the other order.
+- ``bucket_views``: ``with_grad_accum(with_grad_clip(with_ddp(..., gradient_as_bucket_view=True)))``:
+  per-micro-batch clipping, whose stashed gradients are views the next backward writes.
+- ``static_graph``: ``with_grad_accum(with_ddp(..., static_graph=True), every=2)``.
 - ``flush``: ``with_grad_accum(every=3)`` over 4 calls, then ``flush``: the partial group's
   gradients, kept local under ``no_sync``, are averaged over the ranks before the update.
 - ``nan_skip``: ``with_nan_guard(skip)``; rank 1 sees NaN inputs at call 1 and a NaN loss with
@@ -120,6 +123,27 @@ def accum_outer(rank: int) -> dict[str, Any]:
     state = sgd_state(make_model())
     state, seen = _loop(step, state, [data[i, rank] for i in range(2 * STEPS)])
     return {"params": _params(state.model), "metrics": seen}
+
+
+def bucket_views(rank: int) -> dict[str, Any]:
+    """Per-micro-batch clipping under accumulation, DDP's gradients being views of its buckets."""
+    import loopkit
+
+    data = make_data(2 * STEPS)
+    inner = loopkit.with_grad_clip(loopkit.with_ddp(loopkit.train_step(mse), gradient_as_bucket_view=True), max_norm=0.3)
+    step = loopkit.donate(loopkit.with_grad_accum(inner, every=2))
+    state, _ = _loop(step, sgd_state(make_model()), [data[i, rank] for i in range(2 * STEPS)])
+    return {"params": _params(state.model)}
+
+
+def static_graph(rank: int) -> dict[str, Any]:
+    """``static_graph=True`` under accumulation: the first micro-step (local otherwise) must all-reduce."""
+    import loopkit
+
+    data = make_data(2 * STEPS)
+    step = loopkit.donate(loopkit.with_grad_accum(loopkit.with_ddp(loopkit.train_step(mse), static_graph=True), every=2))
+    state, _ = _loop(step, sgd_state(make_model()), [data[i, rank] for i in range(2 * STEPS)])
+    return {"params": _params(state.model)}
 
 
 def flush(rank: int) -> dict[str, Any]:
@@ -253,7 +277,10 @@ def resume(rank: int, out_dir: str) -> dict[str, Any]:
     return {"params": _params(state.model), "start": start, "step": state.step}
 
 
-SCENARIOS = {f.__name__: f for f in (plain, accum, accum_outer, flush, averaged_pruned, nan_skip, nan_raise, fp16, fit)}
+SCENARIOS = {
+    f.__name__: f
+    for f in (plain, accum, accum_outer, bucket_views, static_graph, flush, averaged_pruned, nan_skip, nan_raise, fp16, fit)
+}
 
 
 def main(out_dir: str, scenarios: list[str]) -> None:

@@ -109,3 +109,16 @@ def test_changes_outside_the_state_dict_are_named(change, where, make_mlp, make_
 
     with pytest.raises(ImpurityError, match="changed the state it was given: " + where):
         check_purity(meddling, make_sgd_state(make_mlp(0)), batches[0])
+
+
+def test_a_step_changing_a_non_persistent_buffer_is_named(make_mlp, make_sgd_state, batches):
+    """A state dict leaves non-persistent buffers out; the check does not."""
+    state = make_sgd_state(make_mlp(0))
+    state.model[1].register_buffer("calls", torch.zeros(()), persistent=False)
+
+    def counting(state, batch):
+        state.model[1].calls += 1  # the caller's module
+        return state.evolve(step=state.step + 1), {}
+
+    with pytest.raises(ImpurityError, match=r"changed the state it was given: buffers\.1\.calls"):
+        check_purity(counting, state, batches[0])

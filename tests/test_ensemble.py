@@ -142,6 +142,10 @@ def test_bad_input_is_named(make_batches):
         ensemble.stack([_states()[0], other])
     with pytest.raises(ValueError, match="member 0 has no optimizer"):
         ensemble.stack([loopkit.TrainState.create(_mlp(0))])
+    partly_frozen = _states()
+    partly_frozen[1].model[0].weight.requires_grad_(False)  # one vmapped gradient cannot freeze it in one member only
+    with pytest.raises(ValueError, match="parameter '0.weight' has requires_grad=False in member 1 and True in member 0"):
+        ensemble.stack(partly_frozen)
     bn = _mlp(0, norm=nn.BatchNorm1d(16))
     with pytest.raises(TypeError, match="BatchNorm1d with running statistics"):
         ensemble.stack([loopkit.TrainState.create(bn, torch.optim.SGD(bn.parameters(), lr=0.1))])

@@ -343,3 +343,47 @@ def test_a_fresh_template_takes_optimizer_state_not_shaped_like_the_parameters(m
         a, _ = step(a, batch)
         b, _ = step(b, batch)
     assert_trees_equal(take_snapshot(b), take_snapshot(a))
+
+
+def test_gradient_hooks_on_parameters_run_in_pure_steps_and_after_load_state_dict(make_mlp, batches, mse_loss, assert_trees_equal):
+    """A hook registered on a parameter (here: halve its gradient, count the accumulations) is part of the model."""
+
+    def hooked(seed):
+        model = make_mlp(seed)
+        model[0].weight.register_hook(lambda g: g * 0.5)
+        seen = []
+        model[0].bias.register_post_accumulate_grad_hook(lambda p: seen.append(1))
+        return loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1)), seen
+
+    ref_model = make_mlp(0)
+    ref_model[0].weight.register_hook(lambda g: g * 0.5)
+    ref_opt = torch.optim.SGD(ref_model.parameters(), lr=0.1)
+    for batch in batches[:3]:
+        ref_opt.zero_grad()
+        mse_loss(ref_model, batch).backward()
+        ref_opt.step()
+
+    state, seen = hooked(0)
+    pure = loopkit.train_step(mse_loss)
+    for batch in batches[:3]:
+        state, _ = pure(state, batch)
+    assert_trees_equal(dict(state.model.named_parameters()), dict(ref_model.named_parameters()))
+    assert len(seen) == 3
+    for copy in (True, False):  # into a template of its own hooks, and one whose tensors are taken over
+        template, seen_after = hooked(1)
+        sd = state.state_dict() if copy else {**state.state_dict(), "model": {k: v.clone() for k, v in state.model.state_dict().items()}}
+        restored = template.load_state_dict(sd, copy=copy)
+        restored, _ = loopkit.donate(pure)(restored, batches[3])
+        expected, _ = pure(state, batches[3])
+        assert_trees_equal(dict(restored.model.named_parameters()), dict(expected.model.named_parameters()))
+        assert len(seen_after) == 1
+
+
+def test_an_optimizer_whose_first_group_is_empty_trains(make_mlp, batches, mse_loss, assert_trees_equal):
+    model, ref = make_mlp(0), make_mlp(0)
+    opt = torch.optim.SGD([{"params": []}, {"params": model.parameters()}], lr=0.1)
+    state, _ = loopkit.train_step(mse_loss)(loopkit.TrainState.create(model, opt), batches[0])
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    mse_loss(ref, batches[0]).backward()
+    ref_opt.step()
+    assert_trees_equal(dict(state.model.named_parameters()), dict(ref.named_parameters()))

@@ -80,6 +80,23 @@ def test_to_device_dataclasses():
     assert type(frozen) is FrozenBatch and on_meta(frozen.x) and frozen.n == 5
 
 
+def test_to_device_moves_dataclass_fields_set_after_init_and_keeps_a_defaultdicts_factory():
+    from collections import defaultdict
+
+    @dataclasses.dataclass
+    class Masked:
+        x: torch.Tensor
+        mask: torch.Tensor = dataclasses.field(default=None, init=False)
+
+    batch = Masked(torch.ones(2))
+    batch.mask = torch.zeros(2)
+    moved = to_device(batch, "meta")
+    assert on_meta(moved.x) and on_meta(moved.mask) and not on_meta(batch.mask)  # the original untouched
+    counts = defaultdict(list, {"a": torch.ones(1)})
+    moved = to_device(counts, "meta")
+    assert type(moved) is defaultdict and moved.default_factory is list and on_meta(moved["a"])
+
+
 def test_to_device_objects_with_to():
     moved = to_device({"m": Movable(torch.ones(2))}, "meta")
     assert isinstance(moved["m"], Movable) and on_meta(moved["m"].value)

@@ -14,6 +14,7 @@ building the step; each rank trains on its own shard of the data
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -66,6 +67,12 @@ class DDPSync:
         self.comm_state = comm_state
         self._model: weakref.ref | None = None
         self._ddp: DistributedDataParallel | None = None
+        self._sync_first = False  # a static graph's first backward must all-reduce (DDP records the graph then)
+
+    @property
+    def grads_are_views(self) -> bool:
+        """Whether the gradients are views of DDP's buckets (``gradient_as_bucket_view``), which the next backward overwrites."""
+        return bool(self.options.get("gradient_as_bucket_view"))
 
     def module(self, model: torch.nn.Module) -> DistributedDataParallel:
         """The DDP wrapper of ``model``, built at the first call with this model object."""
@@ -83,10 +90,19 @@ class DDPSync:
         if self.comm_hook is not None:
             ddp.register_comm_hook(self.comm_state, self.comm_hook)
         self._model, self._ddp = weakref.ref(model), ddp
+        self._sync_first = bool(options.get("static_graph"))
         return ddp
 
     def no_sync(self, module: DistributedDataParallel) -> Any:
-        """The context of a micro-step whose gradients stay on this rank (no all-reduce)."""
+        """The context of a micro-step whose gradients stay on this rank (no all-reduce).
+
+        Under ``static_graph`` a new wrapper's first backward all-reduces anyway (DDP refuses
+        to record its graph under ``no_sync``); the group's sum is the same, as the ranks'
+        mean of an already averaged gradient is that gradient.
+        """
+        if self._sync_first:
+            self._sync_first = False
+            return contextlib.nullcontext()
         return module.no_sync()
 
     def failure(self, collective: str, error: BaseException, where: str = "") -> RuntimeError:

@@ -17,7 +17,8 @@ import loopkit
 from tests import _ddp_script as ddp
 
 TOL = 1e-6
-SCENARIOS = ["plain", "accum", "accum_outer", "flush", "averaged_pruned", "nan_skip", "nan_raise", "fp16", "fit"]
+SCENARIOS = ["plain", "accum", "accum_outer", "bucket_views", "static_graph", "flush", "averaged_pruned", "nan_skip",
+             "nan_raise", "fp16", "fit"]
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +106,31 @@ def test_ddp_outside_accum_and_clip_equals_the_big_batch_clipped(ranks):
     _assert_ranks_identical(results)
     _assert_close(results[0]["params"], state.model)
     assert all(m["grad_norm"] > 0.3 for m in results[0]["metrics"][1::2])  # clipping acted at every update
+
+
+def _per_micro_clipped_reference(max_norm):
+    """One process: each micro-batch's gradient over both ranks (2b samples) clipped, the group's mean applied."""
+    data = ddp.make_data(2 * ddp.STEPS)
+    state = ddp.sgd_state(ddp.make_model())
+    step = loopkit.donate(loopkit.with_grad_accum(loopkit.with_grad_clip(loopkit.train_step(ddp.mse), max_norm=max_norm), every=2))
+    for i in range(2 * ddp.STEPS):
+        state, _ = step(state, torch.cat([data[i, 0], data[i, 1]]))
+    return state
+
+
+@pytest.mark.slow
+def test_per_micro_batch_transforms_with_gradients_as_bucket_views_keep_every_micro_batch(ranks):
+    results = ranks("bucket_views")
+    _assert_ranks_identical(results)
+    _assert_close(results[0]["params"], _per_micro_clipped_reference(0.3).model)
+
+
+@pytest.mark.slow
+def test_a_static_graph_trains_under_accumulation_as_the_big_batch(ranks):
+    results = ranks("static_graph")
+    state, _ = _accum_reference()
+    _assert_ranks_identical(results)
+    _assert_close(results[0]["params"], state.model)
 
 
 @pytest.mark.slow

@@ -98,6 +98,23 @@ def test_an_eval_step_can_be_profiled(tmp_path, make_mlp, batches, mse_loss, mak
     assert not _profiling() and len(_traces(tmp_path)) == 1
 
 
+def test_a_profiled_validation_step_is_closed_when_the_fit_ends(tmp_path, make_mlp, batches, mse_loss, make_sgd_state):
+    evaluator = loopkit.with_profiler(loopkit.eval_step(lambda m, b: {"mse": mse_loss(m, b)}), tmp_path,
+                                      wait=0, warmup=1, active=100)
+    loopkit.run_epochs(loopkit.train_step(mse_loss), make_sgd_state(make_mlp(0)), batches[:4], epochs=1,
+                       val=(evaluator, batches[4:]), sanity_val_batches=0, progress=False)
+    assert not _profiling() and len(_traces(tmp_path)) == 1  # the schedule was not done: fit_end stopped it
+
+
+def test_profiling_both_the_train_and_the_validation_step_is_refused(tmp_path, make_mlp, batches, mse_loss, make_sgd_state):
+    state = make_sgd_state(make_mlp(0))
+    step = loopkit.with_profiler(loopkit.train_step(mse_loss), tmp_path / "train")
+    evaluator = loopkit.with_profiler(loopkit.eval_step(lambda m, b: {"mse": mse_loss(m, b)}), tmp_path / "val")
+    with pytest.raises(ValueError, match="profile one of them"):
+        loopkit.run_epochs(step, state, batches, epochs=1, val=(evaluator, batches), progress=False)
+    state.check_usable()  # refused before anything ran
+
+
 @pytest.mark.parametrize(
     "options, match",
     [({"wait": -1}, "wait"), ({"warmup": 1.5}, "warmup"), ({"active": 0}, "active"), ({"active": True}, "active")],
