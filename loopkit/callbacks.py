@@ -100,7 +100,9 @@ class MonitorCallback(Callback):
             self._watch(state, metrics)
 
     def on_epoch_end(self, state: Any, metrics: Mapping[str, float]) -> None:
-        if not self.monitor.startswith("val/"):
+        # an epoch without a step of its own (a run resumed at its very end from a checkpoint
+        # without the epoch's means) has no train/ means to check
+        if not self.monitor.startswith("val/") and any(k.startswith("train/") for k in metrics):
             self._watch(state, metrics)
 
 

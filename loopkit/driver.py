@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from loopkit import _collective
+from loopkit._window import EPOCH
 from loopkit.callbacks import Callback
 from loopkit.progress import ProgressBar, progress_wanted
 from loopkit.state import TrainState, fork, model_device, replace_extras
@@ -41,38 +42,6 @@ _CALLBACKS = "callbacks/"  # the extras keys of the callbacks' counters
 # extras: the update the last validation that counted saw (a step checkpoint is written inside
 # the step, before its step's validation: a run resumed from one runs that validation first)
 _VALIDATED = "run_epochs/validated_step"
-_FOLD_EVERY = 256  # metric tensors kept per key before they are summed on the device
-
-
-class _Means:
-    """Running means of metric tensors, summed on the device; read once in :meth:`read`.
-
-    ``add`` only keeps the step's metrics dict (the hot path); every ``_FOLD_EVERY`` dicts
-    are summed per key on the device, so memory stays bounded and nothing is read.
-    """
-
-    def __init__(self) -> None:
-        self._pending: list[Metrics] = []
-        self._sums: dict[str, torch.Tensor] = {}
-        self._counts: dict[str, int] = {}
-
-    def add(self, metrics: Metrics) -> None:
-        if metrics:
-            pending = self._pending
-            pending.append(metrics)
-            if len(pending) >= _FOLD_EVERY:
-                self._fold()
-
-    def _fold(self) -> None:
-        self._sums, self._counts = _collective.fold(self._sums, self._counts, self._pending)
-        self._pending.clear()
-
-    def read(self) -> dict[str, float]:
-        """The means, read in one transfer (under torch.distributed: over all ranks, one collective)."""
-        self._fold()
-        return _collective.means(self._sums, self._counts)
-
-
 def _check_limit(value: int | float | None, name: str) -> None:
     if value is None:
         return
@@ -475,14 +444,18 @@ def run_epochs(
     Returns the final state and the history: one dict per epoch with ``epoch``, ``step``,
     ``train/<metric>`` means over the epoch's steps, the latest validation's ``val/<metric>``
     means, and whatever the callbacks' ``on_epoch_end`` returned. Metrics stay on the device
-    between epochs (and progress-bar refreshes): the loop itself never syncs the host.
+    between epochs (and progress-bar refreshes): the loop itself never syncs the host. The
+    running epoch's metrics are kept in ``state.extras`` (``run_epochs/epoch...``, removed at
+    the epoch's end), so a checkpoint taken mid-epoch gives a resumed run the same means.
 
     The validation step (``val[0]``) is notified of the fit's end too (``"stop"``,
     ``"fit_end"``, ``"abort"``; a ``with_profiler`` around it closes its trace).
 
     Graceful stop: on SIGTERM or SIGINT (in the main thread) the current step finishes, the
     step is notified with ``"stop"`` (``with_checkpointing`` saves then), and ``run_epochs``
-    returns ``(state, history)`` as usual; a second signal raises ``KeyboardInterrupt`` at
+    returns ``(state, history)`` as usual, without a record (nor ``on_epoch_end``) for the
+    interrupted epoch: a run resumed from the state ends that epoch and records it, as an
+    uninterrupted run would; a second signal raises ``KeyboardInterrupt`` at
     once. The previous signal handlers are restored on return.
 
     >>> import torch
@@ -541,6 +514,7 @@ def run_epochs(
 
     # the validation step hears of the fit's end too (a profiler around it closes its trace)
     lifecycle = (step,) if val is None else (step, as_step(val[0]))
+    given = state
     with _StopOnSignal() as stop, _TellingAbort(lifecycle, state):
         hooks.restore(state)
         hooks.check_plain()
@@ -549,7 +523,8 @@ def run_epochs(
             sanity_limit = sanity_val_batches
             if isinstance(limit_val_batches, int):
                 sanity_limit = min(sanity_limit, limit_val_batches)
-            validate(state, sanity_limit)
+            with torch.random.fork_rng(devices=[]):  # a val DataLoader's iterator draws from the global RNG:
+                validate(state, sanity_limit)  # a resumed run's extra sanity pass leaves it as it was
 
         history: list[dict[str, float]] = []
         # a state saved between an update and its due validation (a step checkpoint, a graceful stop)
@@ -575,7 +550,10 @@ def run_epochs(
                     raise ValueError(empty)
                 warnings.warn(empty + "; stopping here", RuntimeWarning, stacklevel=2)
                 break
-            means = _Means()
+            if not EPOCH.holds(state.extras):  # kept from a checkpoint taken mid-epoch
+                state = replace_extras(state, EPOCH.start(state.extras))
+            if donate and given is not state:  # trained in place from here on: the caller's handle is done
+                given.mark_consumed()
             last_val, resumed_val = resumed_val, {}  # the latest validation of this epoch
             validated_at = state.step if last_val else None  # the update a validation of this epoch saw
             remaining = None if total is None else max(total - state.batch_index, 0)
@@ -588,7 +566,8 @@ def run_epochs(
                     batch = move(batch)
                 before = state.step
                 state, metrics = step(state, batch)
-                means.add(metrics)
+                if metrics:
+                    state = replace_extras(state, EPOCH.add(state.extras, metrics))
                 if bar.enabled:
                     bar.tick(metrics)
                 for hook in hooks.batch_end:
@@ -603,13 +582,19 @@ def run_epochs(
                 if (max_steps is not None and state.step >= max_steps) or (hooks_ran and hooks.should_stop):
                     exhausted = total is not None and state.batch_index >= total
                     break
+            if stop.requested and not exhausted:  # a graceful stop: the resumed run ends this epoch (and counts it)
+                bar.close()
+                state = hooks.keep(state)
+                break
             epoch = state.epoch
             if exhausted:
                 state, metrics = step.flush(state)
-                means.add(metrics)
-                state = state.evolve(epoch=epoch + 1, batch_index=0)
+                if metrics:
+                    state = replace_extras(state, EPOCH.add(state.extras, metrics))
             record: dict[str, float] = {"epoch": epoch, "step": state.step}
-            record.update({f"train/{k}": v for k, v in means.read().items()})
+            record.update({f"train/{k}": v for k, v in EPOCH.means(state.extras).items()})
+            if exhausted:  # the epoch is done: its means leave the state (a partial one's stay, to go on)
+                state = replace_extras(state, EPOCH.clear(state.extras)).evolve(epoch=epoch + 1, batch_index=0)
             bar.close({k: v for k, v in record.items() if k.startswith("train/")})
             # not twice at one update: a step validation on the epoch's last update stands for the epoch's
             validated = (

@@ -477,6 +477,13 @@ def _decode_grads(grads: Mapping[str, Any], params: dict[str, nn.Parameter]) -> 
     return dict(grads)
 
 
+#: optimizer-state keys that torch's optimizers keep in each parameter's shape
+_PARAM_SHAPED = frozenset({
+    "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "exp_inf", "momentum_buffer", "square_avg", "grad_avg",
+    "acc_delta", "sum", "prev", "step_size", "ax",
+})
+
+
 def _decode_optimizer(plain: Any, template: dict[str, Any], optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     if not isinstance(plain, Mapping):
         raise StateMismatchError(f"key 'optimizer' holds a {type(plain).__qualname__}, expected a mapping")
@@ -499,13 +506,19 @@ def _decode_optimizer(plain: Any, template: dict[str, Any], optimizer: torch.opt
             )
         if not isinstance(entry, Mapping):
             raise StateMismatchError(f"key '{'.'.join(path)}' holds a {type(entry).__qualname__}, expected a mapping")
+        param = params[int(index)]
         for name, value in entry.items():
             known = current.get(str(index), {}).get(name)
-            # a template without optimizer state (a fresh one) has no shapes to compare with: the
-            # model's own check has ruled out another model, and some optimizers keep other shapes
-            # than the parameter's (Adafactor's row and column variances)
-            if isinstance(value, torch.Tensor) and isinstance(known, torch.Tensor) and value.ndim > 0:
+            # without the template's own entry (a fresh template), the keys torch's optimizers keep
+            # in the parameter's shape are checked against it; others (Adafactor's row and column
+            # variances, LBFGS's flat directions) have shapes of their own
+            if isinstance(known, torch.Tensor):
                 expected = known.shape
+            elif name in _PARAM_SHAPED:
+                expected = param.shape
+            else:
+                continue
+            if isinstance(value, torch.Tensor) and value.ndim > 0:
                 if value.shape != expected:
                     raise StateMismatchError(
                         f"mis-shaped key '{'.'.join(path + (name,))}': the state dict has shape "

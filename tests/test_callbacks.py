@@ -245,6 +245,52 @@ def test_a_run_resumed_after_its_validation_does_not_repeat_it(tmp_path):
     assert again.steps == [4]
 
 
+class _CrashAtStep(loopkit.Callback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_batch_end(self, state, metrics):
+        if state.step == self.step:
+            raise RuntimeError("simulated crash")
+
+
+@pytest.mark.parametrize("crash_at", [8, 10], ids=["mid-epoch", "after-the-epochs-last-batch"])
+def test_epoch_means_and_a_train_loss_monitor_resume_as_the_uninterrupted_run(tmp_path, crash_at):
+    """The epoch's running means travel in the state: a step checkpoint taken mid-epoch (or on the
+    epoch's last batch, before its end) gives the resumed run the uninterrupted run's epoch record."""
+    options = dict(epochs=3, progress=False)
+    step = loopkit.with_checkpointing(train_step(mse), tmp_path / "ckpt", every_n_steps=2, keep_last=None)
+    stopper = loopkit.EarlyStopping("train/loss", patience=5)
+    whole, whole_history = run_epochs(train_step(mse), make_state(), make_data(5), callbacks=[stopper], **options)
+
+    with pytest.raises(RuntimeError, match="simulated crash"):  # 5 batches an epoch: step 8 is epoch 1's 3rd
+        run_epochs(step, make_state(), make_data(5), callbacks=[loopkit.EarlyStopping("train/loss", patience=5),
+                                                                  _CrashAtStep(crash_at)], **options)
+    restored = loopkit.restore(make_state(), tmp_path / "ckpt")
+    assert restored.step == crash_at
+    fresh = loopkit.EarlyStopping("train/loss", patience=5)
+    resumed, history = run_epochs(step, restored, make_data(5), callbacks=[fresh], **options)
+    assert history == whole_history[1:]  # epoch 1's means over all its batches, bit for bit
+    assert (fresh.best, fresh.wait) == (stopper.best, stopper.wait)
+    assert torch.equal(resumed.model[0].weight, whole.model[0].weight)
+    assert not any(k.startswith("run_epochs/epoch") for k in resumed.extras)  # gone with the epoch's end
+
+
+def test_a_resumed_runs_sanity_validation_leaves_the_global_rng_as_the_uninterrupted_run_has_it(tmp_path):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    val_data = DataLoader(TensorDataset(torch.randn(8, 3), torch.randn(8, 1)), batch_size=4, shuffle=True)
+    evaluator = loopkit.eval_step(lambda m, b: {"mse": mse(m, b)})
+    step = loopkit.with_checkpointing(train_step(mse), tmp_path, every_n_steps=4)
+    loopkit.seed_everything(0)
+    run_epochs(step, make_state(), make_data(4), epochs=2, val=(evaluator, val_data), progress=False)
+    whole = torch.get_rng_state()
+    [first_epoch] = [c.path for c in loopkit.checkpoint.list_checkpoints(tmp_path) if c.step == 4]
+    restored = loopkit.restore(make_state(), first_epoch)  # and the global RNG saved with it
+    run_epochs(train_step(mse), restored, make_data(4), epochs=2, val=(evaluator, val_data), progress=False)
+    assert torch.equal(torch.get_rng_state(), whole)
+
+
 def test_stateful_callbacks_are_kept_under_distinct_keys_and_loaded_back():
     a, b, plain = _Tally(), _Tally(10), loopkit.LearningRateMonitor()
     state, _ = run_epochs(train_step(mse), make_state(), make_data(2), epochs=2, callbacks=[a, plain, b], progress=False)

@@ -387,3 +387,14 @@ def test_an_optimizer_whose_first_group_is_empty_trains(make_mlp, batches, mse_l
     mse_loss(ref, batches[0]).backward()
     ref_opt.step()
     assert_trees_equal(dict(state.model.named_parameters()), dict(ref.named_parameters()))
+
+
+def test_a_fresh_template_still_refuses_adam_moments_of_another_shape(make_mlp, make_adam_state, batches, mse_loss, take_snapshot, assert_trees_equal):
+    trained, _ = loopkit.train_step(mse_loss)(make_adam_state(make_mlp(0)), batches[0])
+    sd = trained.state_dict()
+    sd["optimizer"]["state"]["0"]["exp_avg"] = torch.zeros(5)  # e.g. parameters given to the optimizer in another order
+    fresh = make_adam_state(make_mlp(1))
+    before = take_snapshot(fresh)
+    with pytest.raises(loopkit.StateMismatchError, match=r"mis-shaped key 'optimizer.state.0.exp_avg'.*\(5,\)"):
+        fresh.load_state_dict(sd)
+    assert_trees_equal(take_snapshot(fresh), before)

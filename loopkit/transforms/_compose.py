@@ -10,6 +10,9 @@ __all__ = ["refuse_wrapping", "require_step", "require_train_or_eval_step", "req
 
 
 def _refuse(transform: str, step: Step, needs: str) -> TypeError:
+    inside = getattr(step, "refused_inside", {}).get(transform)
+    if inside is not None:  # the other order is refused too: no order to suggest
+        return TypeError(f"{transform} cannot wrap {step.name}, nor go inside it: {inside}")
     if isinstance(step, WrapperStep):
         return TypeError(
             f"{transform} cannot wrap {step.name}: {transform} changes {needs}, which {step.name} hides; "

@@ -24,8 +24,9 @@ import attrs
 
 from loopkit import checkpoint
 from loopkit._collective import is_rank_zero
-from loopkit.state import TrainState
-from loopkit.steps import UpdateStep
+from loopkit._window import EPOCH
+from loopkit.state import TrainState, replace_extras
+from loopkit.steps import Metrics, UpdateStep
 from loopkit.transforms._compose import require_step
 
 __all__ = ["CheckpointStep", "with_checkpointing"]
@@ -102,11 +103,26 @@ class CheckpointStep(UpdateStep):
 
     # Saving after steps -------------------------------------------------------------------
 
-    def after_update(self, state: TrainState) -> TrainState:
+    def run_(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
+        before = state.step
+        new, metrics = self.inner.run_(state, batch)
+        if new.step != before:  # once per update, not per micro-batch
+            self._after_update(new, metrics)
+        return new, metrics
+
+    def flush_(self, state: TrainState) -> tuple[TrainState, Metrics]:
+        before = state.step
+        new, metrics = self.inner.flush_(state)
+        if new.step != before:
+            self._after_update(new, metrics)
+        return new, metrics
+
+    def _after_update(self, state: TrainState, metrics: Metrics) -> None:
         n = self.every_n_steps
-        if n and state.step % n == 0:  # once per update, not per micro-batch
+        if n and state.step % n == 0:
+            if metrics and EPOCH.holds(state.extras):  # under run_epochs, which adds this call's metrics
+                state = replace_extras(state, EPOCH.add(state.extras, metrics))  # to the epoch means after it
             self.save(state, reason=f"every_n_steps={n}")
-        return state
 
     # Saving on driver events --------------------------------------------------------------
 

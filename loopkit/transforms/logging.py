@@ -9,61 +9,40 @@
 from __future__ import annotations
 
 import os
-import types
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
 import torch
 
-from loopkit import _collective
+from loopkit._window import Window
 from loopkit.state import TrainState, replace_extras
 from loopkit.steps import Metrics, WrapperStep, check_metric
 from loopkit.transforms._compose import refuse_wrapping, require_step
 
 __all__ = ["LoggingStep", "with_logging"]
 
-_WINDOW, _COUNTS, _PENDING = "logging/window", "logging/counts", "logging/pending"
-_KEYS = (_WINDOW, _COUNTS, _PENDING)
-_FOLD_EVERY = 32  # metric records kept in the state before they are summed on the device
+#: the window of the last n steps' metric records, in ``state.extras`` (every 32 records summed on the device)
+WINDOW = Window("logging/window", "logging/counts", "logging/pending", fold_every=32)
 
 
 def _accumulate(extras: Mapping[str, Any], metrics: Metrics) -> Mapping[str, Any]:
     """``extras`` with this call's metrics added to the window (tensors stay on the device).
 
     The hot path only appends the call's record to an immutable tuple (no tensor arithmetic,
-    no host sync); every ``_FOLD_EVERY`` records are summed into one float32 0-dim sum per
-    metric (``logging/window``, with ``logging/counts``). Nothing existing is changed in
-    place, so the step stays pure, and a checkpoint holds a bounded number of tensors.
+    no host sync); nothing existing is changed in place, so the step stays pure, and a
+    checkpoint holds a bounded number of tensors.
     """
     record = dict(metrics)  # the caller may change its dict later: the window keeps its own
     for key, value in record.items():
         if type(value) is not torch.Tensor or value.ndim or value.requires_grad:
             record[key] = check_metric(value, key, "the step wrapped by with_logging")
-    pending = _pending(extras) + (record,)
-    if len(pending) < _FOLD_EVERY:
-        return types.MappingProxyType({**extras, _PENDING: pending})
-    window, counts = _fold(extras, pending)
-    return types.MappingProxyType({**extras, _WINDOW: window, _COUNTS: counts, _PENDING: ()})
-
-
-def _pending(extras: Mapping[str, Any]) -> tuple[Metrics, ...]:
-    """The records not yet summed (a checkpoint gives them back as a mapping ``"0"``, ``"1"``, ...)."""
-    pending = extras.get(_PENDING, ())
-    if type(pending) is tuple:
-        return pending
-    return tuple(pending[k] for k in sorted(pending, key=int))
-
-
-def _fold(extras: Mapping[str, Any], pending: tuple[Metrics, ...]) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
-    """The window's sums and counts with ``pending`` added (on the device, no sync)."""
-    return _collective.fold(extras.get(_WINDOW, {}), extras.get(_COUNTS, {}), pending)
+    return WINDOW.add(extras, record)
 
 
 def _read_means(extras: Mapping[str, Any]) -> dict[str, float]:
     """The window's means, read in one transfer (under torch.distributed: over all ranks, one collective)."""
-    window, counts = _fold(extras, _pending(extras))
-    return {f"train/{k}": v for k, v in _collective.means(window, counts).items()}
+    return {f"train/{k}": v for k, v in WINDOW.means(extras).items()}
 
 
 def _epoch_scalars(record: Mapping[str, float]) -> dict[str, float]:
@@ -119,9 +98,9 @@ class LoggingStep(WrapperStep):
             new, metrics = run(state, *args)
         if metrics:
             new = replace_extras(new, _accumulate(new.extras, metrics))
-        if new.step != before and new.step % self.every_n_steps == 0 and (_PENDING in new.extras or _WINDOW in new.extras):
+        if new.step != before and new.step % self.every_n_steps == 0 and WINDOW.holds(new.extras):
             means = _read_means(new.extras)
-            new = replace_extras(new, {k: v for k, v in new.extras.items() if k not in _KEYS})
+            new = replace_extras(new, WINDOW.clear(new.extras))
             for logger in self.loggers:
                 logger.log_metrics(means, new.step)
         return new, metrics

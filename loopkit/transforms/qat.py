@@ -110,6 +110,11 @@ class QATStep(WrapperStep):
 
     backend: str = "x86"
     qconfig: Any = None
+    #: transforms that can go neither inside nor around this one, and why
+    refused_inside = {
+        "with_amp": "fake quantization simulates int8 arithmetic in float32, and its kernels refuse the "
+        "float16/bfloat16 activations autocast makes; train QAT in float32",
+    }
     freeze_observers_after: int | None = None
     freeze_bn_after: int | None = None
 
@@ -207,10 +212,7 @@ def with_qat(
     inner = require_step(step, "with_qat", no_eval="an eval_step does not train; evaluate the QAT model with eval_step as it is")
     refuse_wrapping(inner, "with_qat", {"with_qat": "the model is prepared once; apply with_qat once"})
     if "with_amp" in inner.applied:  # torch's fake-quantize kernels take float32 only
-        raise TypeError(
-            "with_qat cannot wrap with_amp: fake quantization simulates int8 arithmetic in float32, and its kernels "
-            "refuse the float16/bfloat16 activations autocast makes; train QAT in float32"
-        )
+        raise TypeError(f"with_qat cannot wrap with_amp: {QATStep.refused_inside['with_amp']}")
     return QATStep(inner, backend=backend, qconfig=qconfig, freeze_observers_after=freeze_observers_after,
                    freeze_bn_after=freeze_bn_after)
 

@@ -1,0 +1,81 @@
+"""Running means of metric tensors kept in ``state.extras``, so that a checkpoint carries them.
+
+``with_logging``'s window (the last n steps) and ``run_epochs``' epoch means are both one
+:class:`Window`: each call's metrics dict is appended to an immutable tuple (no tensor work,
+no host sync), every ``fold_every`` records are summed on the device into one float32 sum per
+metric, and the means are read in one transfer when asked for.
+
+>>> import torch
+>>> w = Window("demo/sums", "demo/counts", "demo/pending")
+>>> extras = w.add({}, {"loss": torch.tensor(1.0)})
+>>> w.means(w.add(extras, {"loss": torch.tensor(3.0)}))
+{'loss': 2.0}
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+
+from loopkit import _collective
+
+__all__ = ["EPOCH", "Window"]
+
+Metrics = Mapping[str, Any]
+
+
+@attrs.frozen
+class Window:
+    """The extras keys of one window of running means, and how often it folds."""
+
+    sums: str
+    counts: str
+    pending: str
+    fold_every: int = 32
+
+    @property
+    def keys(self) -> tuple[str, str, str]:
+        return (self.sums, self.counts, self.pending)
+
+    def holds(self, extras: Mapping[str, Any]) -> bool:
+        """Whether ``extras`` has this window (records or sums), empty or not."""
+        return self.pending in extras or self.sums in extras
+
+    def records(self, extras: Mapping[str, Any]) -> tuple[Metrics, ...]:
+        """The records not yet summed (a checkpoint gives them back as a mapping ``"0"``, ``"1"``, ...)."""
+        pending = extras.get(self.pending, ())
+        if type(pending) is tuple:
+            return pending
+        return tuple(pending[k] for k in sorted(pending, key=int))
+
+    def add(self, extras: Mapping[str, Any], record: Metrics) -> Mapping[str, Any]:
+        """``extras`` (a new read-only mapping) with ``record`` added; nothing existing is changed."""
+        pending = self.records(extras) + (record,)
+        if len(pending) < self.fold_every:
+            return types.MappingProxyType({**extras, self.pending: pending})
+        sums, counts = self._fold(extras, pending)
+        return types.MappingProxyType({**extras, self.sums: sums, self.counts: counts, self.pending: ()})
+
+    def start(self, extras: Mapping[str, Any]) -> Mapping[str, Any]:
+        """``extras`` with this window present (empty if it was not there)."""
+        return extras if self.holds(extras) else types.MappingProxyType({**extras, self.pending: ()})
+
+    def clear(self, extras: Mapping[str, Any]) -> Mapping[str, Any]:
+        """``extras`` without this window."""
+        return types.MappingProxyType({k: v for k, v in extras.items() if k not in self.keys})
+
+    def means(self, extras: Mapping[str, Any], *, reduce: bool = True) -> dict[str, float]:
+        """Each metric's mean over the window, read in one transfer (over all ranks when ``reduce``)."""
+        sums, counts = self._fold(extras, self.records(extras))
+        return _collective.means(sums, counts, reduce=reduce)
+
+    def _fold(self, extras: Mapping[str, Any], pending: tuple[Metrics, ...]) -> tuple[dict[str, Any], dict[str, int]]:
+        return _collective.fold(extras.get(self.sums, {}), extras.get(self.counts, {}), pending)
+
+
+#: ``run_epochs``' epoch means, kept in ``state.extras`` while an epoch runs: a checkpoint taken
+#: mid-epoch carries them, so a resumed run's epoch means are the uninterrupted run's
+EPOCH = Window("run_epochs/epoch_sums", "run_epochs/epoch_counts", "run_epochs/epoch", fold_every=32)
