@@ -261,7 +261,8 @@ class WrapperStep(Step):
 @attrs.frozen(eq=False)
 class UpdateStep(WrapperStep):
     """Base of whole-step transforms that act once per optimizer update: when a call (or an
-    end-of-epoch flush) moved ``state.step``, :meth:`after_update` gets the new state.
+    end-of-epoch flush) moved ``state.step``, :meth:`after_update` gets the new state and the
+    call's metrics.
 
     Not after a micro-batch of an accumulation group, a skipped update or a skipped batch.
 
@@ -272,14 +273,14 @@ class UpdateStep(WrapperStep):
     def run_(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
         before = state.step
         new, metrics = self.inner.run_(state, batch)
-        return (new if new.step == before else self.after_update(new)), metrics
+        return (new if new.step == before else self.after_update(new, metrics)), metrics
 
     def flush_(self, state: TrainState) -> tuple[TrainState, Metrics]:
         before = state.step
         new, metrics = self.inner.flush_(state)
-        return (new if new.step == before else self.after_update(new)), metrics
+        return (new if new.step == before else self.after_update(new, metrics)), metrics
 
-    def after_update(self, state: TrainState) -> TrainState:
+    def after_update(self, state: TrainState, metrics: Metrics) -> TrainState:
         """The state after an update, with this transform's work done (may be ``state`` itself)."""
         return state
 

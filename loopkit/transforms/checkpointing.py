@@ -103,26 +103,14 @@ class CheckpointStep(UpdateStep):
 
     # Saving after steps -------------------------------------------------------------------
 
-    def run_(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
-        before = state.step
-        new, metrics = self.inner.run_(state, batch)
-        if new.step != before:  # once per update, not per micro-batch
-            self._after_update(new, metrics)
-        return new, metrics
-
-    def flush_(self, state: TrainState) -> tuple[TrainState, Metrics]:
-        before = state.step
-        new, metrics = self.inner.flush_(state)
-        if new.step != before:
-            self._after_update(new, metrics)
-        return new, metrics
-
-    def _after_update(self, state: TrainState, metrics: Metrics) -> None:
+    def after_update(self, state: TrainState, metrics: Metrics) -> TrainState:
         n = self.every_n_steps
-        if n and state.step % n == 0:
+        if n and state.step % n == 0:  # once per update, not per micro-batch
+            saved = state
             if metrics and EPOCH.holds(state.extras):  # under run_epochs, which adds this call's metrics
-                state = replace_extras(state, EPOCH.add(state.extras, metrics))  # to the epoch means after it
-            self.save(state, reason=f"every_n_steps={n}")
+                saved = replace_extras(state, EPOCH.add(state.extras, metrics))  # to the epoch means after it
+            self.save(saved, reason=f"every_n_steps={n}")
+        return state
 
     # Saving on driver events --------------------------------------------------------------
 

@@ -13,7 +13,7 @@ import attrs
 import torch
 
 from loopkit.state import TrainState, fork, replace, replace_extras
-from loopkit.steps import UpdateStep
+from loopkit.steps import Metrics, UpdateStep
 from loopkit.transforms._compose import refuse_wrapping, require_step
 
 __all__ = ["EMAStep", "ema_state", "with_ema"]
@@ -58,7 +58,7 @@ class EMAStep(UpdateStep):
     def name(self) -> str:
         return "with_ema"
 
-    def after_update(self, state: TrainState) -> TrainState:
+    def after_update(self, state: TrainState, metrics: Metrics) -> TrainState:
         with torch.no_grad():
             averages = _averaged(state, self.decay)
         return replace_extras(state, {**state.extras, _EMA: averages})

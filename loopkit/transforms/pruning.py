@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 from loopkit.state import TrainState, replace
-from loopkit.steps import UpdateStep
+from loopkit.steps import Metrics, UpdateStep
 from loopkit.transforms._compose import refuse_wrapping, require_step
 
 __all__ = ["PruningStep", "default_prunable", "with_pruning"]
@@ -79,7 +79,7 @@ class PruningStep(UpdateStep):
     def changes_state(self) -> bool:  # type: ignore[override]
         return True  # it zeroes weights in place: a pure call works on a copy, whatever the inner step
 
-    def after_update(self, state: TrainState) -> TrainState:
+    def after_update(self, state: TrainState, metrics: Metrics) -> TrainState:
         masks = state.extras.get(_MASKS)
         target = self.schedule(state.step)
         grows = target > state.extras.get(_SPARSITY, 0.0)  # a pruning point
