@@ -539,6 +539,8 @@ def run_epochs(
         # a stop asked for by the resumed validation still ends its epoch, as it did in the run that saved the state
         while more(state) and (not hooks.should_stop or resumed_val) and not stop.requested:
             hooks.call("on_epoch_start", state)
+            if hooks.should_stop and not resumed_val:  # asked in on_epoch_start: not a batch of this epoch
+                break
             total = _num_batches(train_data, limit_train_batches, "limit_train_batches")
             batches = _epoch_batches(train_data, state.seed, state.epoch, state.batch_index, total)
             if batches is None:  # training would go on without a step (with max_steps alone, forever)

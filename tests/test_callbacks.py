@@ -407,6 +407,19 @@ def test_a_callback_setting_should_stop_ends_training_after_that_hook():
     assert len(history) == 1 and history[0]["step"] == 3 and cb.ended
 
 
+@pytest.mark.parametrize("also_batch_hook", [False, True])
+def test_should_stop_set_in_on_epoch_start_trains_no_batch_of_that_epoch(also_batch_hook):
+    class StopAtEpochOne(loopkit.Callback):
+        def on_epoch_start(self, state):
+            self.should_stop = state.epoch == 1
+
+    callbacks = [StopAtEpochOne()] + ([Recorder()] if also_batch_hook else [])
+    loss = Counter(mse)
+    state, history = run_epochs(train_step(loss), make_state(), make_data(5), epochs=3, callbacks=callbacks, progress=False)
+    assert (state.step, state.epoch, loss.calls) == (5, 1, 5)  # as Lightning's on_train_epoch_start: no batch trained
+    assert len(history) == 1
+
+
 def test_the_callback_base_has_every_hook_as_a_no_op():
     rec = Recorder()
     ev, _ = counting_eval()
