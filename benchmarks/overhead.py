@@ -11,7 +11,9 @@ rounds times one pass of ``--steps`` steps of every contender, in a freshly shuf
 the reported time is the median over rounds of (pass time / steps), and a ratio is the
 median over rounds of the per-round ratio (the pairing cancels slow drifts in the machine's
 load). Peak memory is the growth of the peak RSS over the baseline in a fresh
-child process per contender and workload. See benchmarks/README.md for the method in full.
+child process per contender and workload. Last, each main row is paired step by step with
+the raw loop (``StepPairs``: the median of per-pair differences, stable where whole passes
+are not). See benchmarks/README.md for the method in full.
 
 Usage::
 
@@ -617,6 +619,142 @@ def _timed_rounds(
             results[key].fixed.append(call - window)
 
 
+# --- step pairs: each contender step next to one raw step ----------------------------------------------
+
+
+class StepPairs:
+    """The pass's batches, each handed out next to one timed step of a raw loop on a model of its own.
+
+    A contender's time for a batch runs from handing the batch out to being asked for the next
+    one: its whole per-batch work, driver included (plus one generator resumption, ~0.05 µs).
+    The two steps of a pair are adjacent in time, so the machine's load changes cancel in the
+    per-pair difference: its median is stable to about ±0.5 µs where whole passes vary by ±10%.
+    The order alternates (raw, contender, contender, raw, raw, ...): each side runs as often
+    right after itself as after the other, so cache warmth favours neither (with the raw step
+    always first, the raw loop paired with itself measured 0.986×).
+    Every contender that iterates its data itself can be paired (Lightning's one-batch prefetch
+    keeps one hand-out per loop iteration).
+
+    >>> pairs = StepPairs([(torch.zeros(1, 2), torch.zeros(1, dtype=torch.long))] * 3, RawLoop(UNIT, UNIT.model()))
+    >>> [len(b) for b in pairs], len(pairs.raw_s), len(pairs.own_s)
+    ([2, 2, 2], 3, 3)
+    """
+
+    def __init__(self, batches: Sequence[Batch], raw: RawLoop) -> None:
+        self.batches, self.raw = batches, raw
+        self.raw_s: list[float] = []
+        self.own_s: list[float] = []
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Any:
+        raw_s, own_s = self.raw_s, self.own_s
+        for i, batch in enumerate(self.batches):
+            if i % 2 == 0:  # the raw step first
+                raw_s.append(self._raw_step(batch))
+                t = perf_counter()
+                yield batch
+                own_s.append(perf_counter() - t)
+            else:  # the contender's step first
+                t = perf_counter()
+                yield batch
+                own_s.append(perf_counter() - t)
+                raw_s.append(self._raw_step(batch))
+
+    def _raw_step(self, batch: Batch) -> float:
+        model, opt, (x, y) = self.raw.model, self.raw.opt, batch
+        t0 = perf_counter()
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        return perf_counter() - t0
+
+
+@dataclass
+class Pairs:
+    """One contender's step pairs: per-pair seconds of the raw step and of its own."""
+
+    raw_s: list[float] = field(default_factory=list)
+    own_s: list[float] = field(default_factory=list)
+    error: str | None = None
+
+    def delta_us(self, part: slice = slice(None)) -> float:
+        deltas = [own - raw for own, raw in zip(self.own_s[part], self.raw_s[part])]
+        return statistics.median(deltas) * 1e6 if deltas else float("nan")
+
+    def ratio(self, part: slice = slice(None)) -> float:
+        raw = self.raw_s[part]
+        return 1 + self.delta_us(part) / (statistics.median(raw) * 1e6) if raw else float("nan")
+
+    def block_ratios(self, blocks: int = 5) -> list[float]:
+        size = len(self.raw_s) // blocks
+        return [self.ratio(slice(i * size, (i + 1) * size)) for i in range(blocks)] if size else []
+
+
+#: the rows paired against the plain raw step (the transform rows have references of their own)
+PAIRED_GROUPS = ("main",)
+
+
+def pair_workload(workload: Workload, contenders: Sequence[Contender], *, steps: int, warmup: int) -> dict[str, Pairs]:
+    """One pass of ``steps`` step pairs per contender, after ``warmup`` plain passes; the first 10% dropped."""
+    batches = workload.batches(steps)
+    results: dict[str, Pairs] = {}
+    for c in contenders:
+        if c.group not in PAIRED_GROUPS or _missing(c) is not None:
+            continue
+        runner = None
+        try:
+            runner = c.build(workload, workload.model())
+            for _ in range(warmup):
+                runner.run(batches)
+            pairs = StepPairs(batches, RawLoop(workload, workload.model()))
+            gc.collect()
+            runner.run(pairs)  # type: ignore[arg-type]
+            skip = len(pairs.own_s) // 10
+            results[c.key] = Pairs(pairs.raw_s[skip:], pairs.own_s[skip:])
+        except Exception:
+            results[c.key] = Pairs(error="error: " + traceback.format_exc(limit=3).strip().splitlines()[-1])
+        finally:
+            _close(runner)
+    return results
+
+
+def pairs_report(contenders: Sequence[Contender], pairs: dict[str, dict[str, Pairs]], steps: int) -> list[str]:
+    """The step-pair table: Δ µs and ×raw from the median pair, and the spread of five blocks' ratios."""
+    names = list(pairs)
+    out = [f"## Step pairs: each step next to one raw step ({steps} pairs per contender, first 10% dropped)", "",
+           "Δ µs is the median over pairs of (contender step − raw step); ×raw = 1 + Δ / median raw step; "
+           "blocks: the ratio in each fifth of the pass (min–max), the method's own spread. The order alternates "
+           "(raw, contender, contender, raw, ...). The raw row pairs the raw loop with itself: its ×raw is the "
+           "method's bias.", ""]
+    header = ["contender"]
+    for w in names:
+        header += [f"{w} raw µs", f"{w} Δ µs", f"{w} ×raw", f"{w} blocks"]
+    header.append("target")
+    rows = []
+    for c in contenders:
+        if not any(c.key in pairs[w] for w in names):
+            continue
+        row = [c.label]
+        for w in names:
+            p = pairs[w].get(c.key)
+            if p is None or p.error:
+                row += [p.error if p else "—", "", "", ""]
+                continue
+            blocks = p.block_ratios()
+            row += [
+                _fmt(statistics.median(p.raw_s) * 1e6, ".1f"),
+                _fmt(p.delta_us(), "+.2f"),
+                _fmt(p.ratio(), ".4f", "×"),
+                f"{min(blocks):.3f}–{max(blocks):.3f}" if blocks else "—",
+            ]
+        row.append(c.target)
+        rows.append(row)
+    return out + [_table(header, rows), ""]
+
+
 # --- peak memory in a fresh process per contender ---------------------------------------------------
 
 
@@ -1148,6 +1286,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    + ", ".join(BY_KEY))
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory children")
     p.add_argument("--breakdown", action="store_true", help="also time the pieces of one loopkit step")
+    p.add_argument("--pair-steps", type=int, default=None,
+                   help="step pairs per contender in the step-pair table (default 3000; 0: no table)")
     p.add_argument("--seed", type=int, default=0, help="seed of the per-round shuffling")
     p.add_argument("--json", default=None, help="also write the raw samples to this JSON file")
     args = p.parse_args(argv)
@@ -1156,6 +1296,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.steps = args.steps if args.steps is not None else (8 if quick else 100)
     args.warmup = args.warmup if args.warmup is not None else 1
     args.memory_steps = args.memory_steps if args.memory_steps is not None else args.steps
+    args.pair_steps = args.pair_steps if args.pair_steps is not None else (20 if quick else 3000)
+    if args.pair_steps < 0:
+        p.error("--pair-steps must be >= 0")
     for name in ("rounds", "steps", "memory_steps"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -1237,14 +1380,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         w.name: time_workload(w, contenders, rounds=args.rounds, steps=args.steps, warmup=args.warmup, seed=args.seed)
         for w in workloads
     }
+    pairs = {
+        w.name: pair_workload(w, contenders, steps=args.pair_steps, warmup=max(args.warmup, 1)) for w in workloads
+    } if args.pair_steps else {}
     print(report(_settings(args), contenders, timings, memory))
+    if pairs:
+        print("\n".join(pairs_report(contenders, pairs, args.pair_steps)))
     if args.breakdown:
         _print_breakdown(args, workloads)
     print(f"total time: {perf_counter() - started:.1f} s")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"settings": vars(args), "results": _json_results(timings, memory)}, f, indent=1, default=str)
+            results = _json_results(timings, memory)
+            for w, per in pairs.items():
+                for key, p in per.items():
+                    results[w][key]["pairs"] = {"raw_s": p.raw_s, "own_s": p.own_s, "error": p.error}
+            json.dump({"settings": vars(args), "results": results}, f, indent=1, default=str)
     failed = _failures(timings, memory)
+    failed += [f"{w}/{k} pairs: {p.error}" for w, per in pairs.items() for k, p in per.items() if p.error]
     for line in failed:
         print("FAILED " + line, file=sys.stderr)
     return 1 if failed else 0

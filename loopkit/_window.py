@@ -21,6 +21,7 @@ from typing import Any
 import attrs
 
 from loopkit import _collective
+from loopkit.state import extras_copy
 
 __all__ = ["EPOCH", "Window"]
 
@@ -53,15 +54,23 @@ class Window:
 
     def add(self, extras: Mapping[str, Any], record: Metrics) -> Mapping[str, Any]:
         """``extras`` (a new read-only mapping) with ``record`` added; nothing existing is changed."""
-        pending = self.records(extras) + (record,)
+        pending = extras.get(self.pending, ())
+        pending = (pending if type(pending) is tuple else self.records(extras)) + (record,)
+        new = extras_copy(extras)
         if len(pending) < self.fold_every:
-            return types.MappingProxyType({**extras, self.pending: pending})
-        sums, counts = self._fold(extras, pending)
-        return types.MappingProxyType({**extras, self.sums: sums, self.counts: counts, self.pending: ()})
+            new[self.pending] = pending
+        else:
+            new[self.sums], new[self.counts] = self._fold(extras, pending)
+            new[self.pending] = ()
+        return types.MappingProxyType(new)
 
     def start(self, extras: Mapping[str, Any]) -> Mapping[str, Any]:
         """``extras`` with this window present (empty if it was not there)."""
-        return extras if self.holds(extras) else types.MappingProxyType({**extras, self.pending: ()})
+        if self.holds(extras):
+            return extras
+        new = extras_copy(extras)
+        new[self.pending] = ()
+        return types.MappingProxyType(new)
 
     def clear(self, extras: Mapping[str, Any]) -> Mapping[str, Any]:
         """``extras`` without this window."""

@@ -30,7 +30,7 @@ from loopkit import _collective
 from loopkit._window import EPOCH
 from loopkit.callbacks import Callback
 from loopkit.progress import ProgressBar, progress_wanted
-from loopkit.state import TrainState, fork, model_device, replace_extras
+from loopkit.state import TrainState, fork, model_device, put_extras, replace_extras
 from loopkit.steps import as_step
 from loopkit.steps import donate as donated
 from loopkit.tree import to_device, to_plain
@@ -536,6 +536,7 @@ def run_epochs(
             return (epochs is None or s.epoch < epochs) and (max_steps is None or s.step < max_steps)
 
         batch_hooks = bool(hooks.batch_end)
+        fresh = step.returns_fresh_state
         # a stop asked for by the resumed validation still ends its epoch, as it did in the run that saved the state
         while more(state) and (not hooks.should_stop or resumed_val) and not stop.requested:
             hooks.call("on_epoch_start", state)
@@ -569,7 +570,10 @@ def run_epochs(
                 before = state.step
                 state, metrics = step(state, batch)
                 if metrics:
-                    state = replace_extras(state, EPOCH.add(state.extras, metrics))
+                    if fresh:  # the step's new state, not yet seen by anyone: no second new state per batch
+                        put_extras(state, EPOCH.add(state.extras, metrics))
+                    else:
+                        state = replace_extras(state, EPOCH.add(state.extras, metrics))
                 if bar.enabled:
                     bar.tick(metrics)
                 for hook in hooks.batch_end:

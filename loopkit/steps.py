@@ -25,7 +25,7 @@ import attrs
 import torch
 
 from loopkit.rng import RNGScope
-from loopkit.state import TrainState, fork, model_device, replace
+from loopkit.state import TrainState, extras_copy, fork, make_state, model_device, replace
 
 __all__ = [
     "EvalStep",
@@ -47,6 +47,7 @@ __all__ = [
 Metrics = dict[str, torch.Tensor]
 _Tensor = torch.Tensor
 _default_generator = torch.default_generator
+_set_consumed = TrainState.__dict__["_consumed"].__set__  # TrainState.mark_consumed without its frame
 LossFn = Callable[[torch.nn.Module, Any], Any]
 
 _ACCUM_COUNT = "accum/count"
@@ -77,6 +78,9 @@ class Step:
     changes_state: bool = True
     #: why the step cannot run on a copy of the state (``with_ddp``), or None when it can
     requires_donation: str | None = None
+    #: a call (``run_``, ``flush_``, ``__call__``) that returns metrics returns a state made by that call, held by
+    #: nothing else: the caller may add extras to it in place (:func:`loopkit.state.put_extras`)
+    returns_fresh_state: bool = False
 
     def run_(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
         raise NotImplementedError
@@ -90,6 +94,12 @@ class Step:
         return ()
 
     def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
+        if self.donated and type(state) is TrainState and not state._consumed:  # _invoke's donated path, inline
+            try:
+                new, metrics = self.run_(state, batch)
+            finally:
+                _set_consumed(state, True)
+            return (replace(state) if new is state else new), metrics
         return self._invoke(self.run_, state, batch)
 
     def flush(self, state: TrainState) -> tuple[TrainState, Metrics]:
@@ -447,9 +457,16 @@ class TrainStep(Step):
     #: a transform skips non-finite updates and wants the buffers of a skipped group put back
     keeps_buffers: bool = attrs.field(init=False, repr=False)
 
+    # every path ends in make_state/replace (flush_ returns its input only without metrics); a subclass
+    # whose run_ may return a state held elsewhere must set it False
+    returns_fresh_state = True
+    #: donated, plain and in one process: ``__call__`` may take the one-frame CPU path
+    donated_plain: bool = attrs.field(init=False, repr=False)
+
     def __attrs_post_init__(self) -> None:
         plain = self.precision is None and self.accum_every == 1 and not self.micro and not self.update
         object.__setattr__(self, "plain", plain)
+        object.__setattr__(self, "donated_plain", plain and self.donated and self.sync is None)
         object.__setattr__(self, "per_micro", self.accum_every > 1 and bool(self.micro))
         keeps = any(getattr(t, "keeps_buffers", False) for t in self.micro + self.update)
         object.__setattr__(self, "keeps_buffers", keeps)
@@ -472,6 +489,21 @@ class TrainStep(Step):
             return self.with_transform(transform.name, update=self.update + (transform,))
         return self.with_transform(transform.name, micro=self.micro + (transform,))
 
+    def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
+        # the common donated step on the CPU: straight to its one-frame path (what _invoke and run_ check, checked here)
+        if self.donated_plain and type(state) is TrainState and not state._consumed and len(state.rng) == 1:
+            taken = True  # returned or raised here: the state is used up, as _invoke would leave it
+            try:
+                optimizer = state.optimizer
+                params = () if optimizer is None else optimizer.param_groups[0]["params"]
+                if params and not params[0].is_cuda:
+                    return self._run_plain_cpu(state, batch, state.model, optimizer)
+                taken = False  # not this path's case: _invoke takes the state below
+            finally:
+                if taken:
+                    _set_consumed(state, True)
+        return self._invoke(self.run_, state, batch)
+
     # The in-place core --------------------------------------------------------------------
 
     def run_(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
@@ -483,7 +515,7 @@ class TrainStep(Step):
         if self.plain and self.sync is None and not first.is_cuda and len(state.rng) == 1:
             return self._run_plain_cpu(state, batch, model, optimizer)
         sync = self.sync
-        extras = None if self.plain else dict(state.extras)
+        extras = None if self.plain else extras_copy(state.extras)
         if self.keeps_buffers and _BUFFERS not in extras:  # type: ignore[operator]
             _save_buffers(model, extras)  # type: ignore[arg-type]
         per_micro = self.per_micro
@@ -537,7 +569,8 @@ class TrainStep(Step):
     ) -> tuple[TrainState, Metrics]:
         """:meth:`run_` without precision, accumulation, gradient transforms or DDP, on the CPU.
 
-        The same work as the general path, in one frame: the hot path of the common step.
+        The same work as the general path (:func:`_plain_update` included), in one frame: the
+        hot path of the common step, where each call and attribute read shows in the step's time.
         """
         generator = _default_generator
         saved = generator.get_state()  # the caller's global RNG, put back below
@@ -556,7 +589,15 @@ class TrainStep(Step):
             rng = {"cpu": generator.get_state()}
         finally:
             generator.set_state(saved)
-        return _plain_update(state, optimizer, rng), metrics
+        optimizer.step()
+        scheduler = state.scheduler
+        if scheduler is not None:
+            scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        return make_state(
+            model, optimizer, scheduler, state.step + 1, state.epoch, state.batch_index + 1, rng, state.extras,
+            state.seed,
+        ), metrics
 
     def _loss_and_backward(
         self, state: TrainState, batch: Any, net: torch.nn.Module, first: torch.Tensor,
@@ -592,7 +633,7 @@ class TrainStep(Step):
         count = state.extras.get(_ACCUM_COUNT, 0)
         if self.accum_every == 1 or count == 0:
             return state, {}
-        extras = dict(state.extras)
+        extras = extras_copy(state.extras)
         extras.pop(_ACCUM_COUNT)
         grads = [p.grad for p in _params_with_grads(state.optimizer)]
         if self.sync is not None and not self.micro:  # the partial group's gradients never left this rank
@@ -662,7 +703,7 @@ def _plain_update(state: TrainState, optimizer: torch.optim.Optimizer, rng: Any)
 
 def _advance(state: TrainState, step: int, rng: Any, extras: Any) -> TrainState:
     """``state`` after one more batch (a faster ``attrs.evolve`` for the hot path)."""
-    return TrainState(
+    return make_state(
         state.model, state.optimizer, state.scheduler, step, state.epoch, state.batch_index + 1, rng, extras, state.seed
     )
 

@@ -96,6 +96,63 @@ def test_quick_run_reports_every_contender(tmp_path):
         assert rows[CONTENDER_ROWS[key]][-1].startswith(ISSUE_4_TARGET), rows[CONTENDER_ROWS[key]]
     assert "pseudo-terminal" in proc.stdout  # the method is stated in the report
     _check_logging_rows(results)
+    _check_step_pairs(results, proc.stdout)
+
+
+PAIRED = ("raw", "run_epochs", "logging", "logging_bar", "pure", "donated", "trainer", "fabric", "ignite")
+QUICK_PAIRS = 20 - 20 // 10  # --quick pairs 20 steps and drops the first 10%
+
+
+def _check_step_pairs(results: dict, stdout: str) -> None:
+    """Every main-group row was paired step by step with the raw loop; the transform rows were not."""
+    assert "## Step pairs" in stdout
+    for workload in WORKLOADS:
+        for key in CONTENDER_ROWS:
+            record = results[workload][key]
+            if key not in PAIRED or (key in OPTIONAL and record["error"] is not None):
+                assert "pairs" not in record, (workload, key)
+                continue
+            pairs = record["pairs"]
+            assert pairs["error"] is None, (workload, key, pairs["error"])
+            assert len(pairs["raw_s"]) == len(pairs["own_s"]) == QUICK_PAIRS, (workload, key)
+            assert all(t > 0 for t in pairs["raw_s"] + pairs["own_s"]), (workload, key)
+
+
+def test_step_pairs_train_the_raw_model_as_a_raw_loop_and_time_the_consumer():
+    """StepPairs against independent references: its raw steps train their model exactly as a hand-written
+    loop over the same batches, and the time it gives a consumer covers that consumer's own work."""
+    import time
+
+    import torch
+    import torch.nn.functional as F
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import overhead
+        from _workloads import WORKLOADS as BENCH_WORKLOADS
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    tiny = BENCH_WORKLOADS["tiny"]
+    batches = tiny.batches(6)
+    pairs = overhead.StepPairs(batches, overhead.RawLoop(tiny, tiny.model()))
+    handed = []
+    for batch in pairs:
+        handed.append(batch)
+        time.sleep(0.004)
+    assert [b is a for a, b in zip(batches, handed)] == [True] * 6
+    assert len(pairs.raw_s) == len(pairs.own_s) == 6
+    assert min(pairs.own_s) >= 0.004
+    reference = tiny.model()
+    opt = tiny.optimizer(reference)
+    for x, y in batches:
+        opt.zero_grad()
+        F.cross_entropy(reference(x), y).backward()
+        opt.step()
+    for a, b in zip(pairs.raw.model.parameters(), reference.parameters()):
+        assert torch.equal(a, b)
+    result = overhead.Pairs(raw_s=[1e-4] * 10, own_s=[1.5e-4] * 10)
+    assert abs(result.delta_us() - 50) < 1e-6 and abs(result.ratio() - 1.5) < 1e-9
+    assert [round(r, 9) for r in result.block_ratios()] == [1.5] * 5
 
 
 def _check_logging_rows(results: dict) -> None:

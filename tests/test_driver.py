@@ -41,6 +41,33 @@ def test_epochs_run_every_batch_of_every_epoch():
     assert [(h["epoch"], h["step"]) for h in history] == [(0, 5), (1, 10), (2, 15)]
 
 
+def test_no_state_handed_out_changes_afterwards(tmp_path):
+    """run_epochs and with_logging add their windows to a step's new state in place (no second state per
+    batch): only before anyone sees it. Every state a callback saw keeps the extras it had, and a pure
+    call's input and output keep theirs through later calls."""
+    seen = []
+
+    class Keep(loopkit.Callback):
+        def on_batch_end(self, state, metrics):
+            seen.append((state, dict(state.extras), state.step, len(state.extras.get("run_epochs/epoch", ()))))
+
+    logger = loopkit.CSVLogger(str(tmp_path), "keep")
+    for step in (train_step(mse), loopkit.with_logging(train_step(mse), logger, every_n_steps=3)):
+        seen.clear()
+        run_epochs(step, make_state(), make_data(5), epochs=2, callbacks=[Keep()], progress=False)
+        assert [n for *_, n in seen] == [1, 2, 3, 4, 5] * 2  # the window grew in each state handed out
+        for state, extras, number, _ in seen:
+            assert dict(state.extras) == extras and state.step == number
+        first = make_state()
+        a, _ = step(first, make_data(1)[0])
+        kept = (dict(first.extras), dict(a.extras))
+        b, _ = step(a, make_data(1)[0])
+        step(a, make_data(1)[0])
+        assert (dict(first.extras), dict(a.extras)) == kept
+        if "with_logging" in step.applied:  # its window grew in the new state only
+            assert len(b.extras["logging/pending"]) == len(a.extras["logging/pending"]) + 1
+
+
 def test_max_steps_stops_mid_epoch():
     loss = Counter(mse)
     state, history = run_epochs(train_step(loss), make_state(), make_data(5), max_steps=7, progress=False)

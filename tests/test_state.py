@@ -299,6 +299,65 @@ def test_replace_equals_attrs_evolve_field_by_field_and_names_an_unknown_field(m
         replace(state, stepp=1)
 
 
+def test_make_state_equals_the_attrs_constructor_and_stays_frozen(make_mlp):
+    """The hot path's constructor against attrs' own __init__: every field, the converter, frozen, usable."""
+    from types import MappingProxyType
+
+    from loopkit.state import make_state
+
+    model = make_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 1)
+    rng = {"cpu": torch.get_rng_state()}
+    for extras in ({"k": 1}, MappingProxyType({"k": 2}), {}):
+        args = (model, opt, sched, 3, 2, 5, rng, extras, 11)
+        ours, reference = make_state(*args), loopkit.TrainState(*args)
+        for field in attrs.fields(loopkit.TrainState):
+            a, b = getattr(ours, field.name), getattr(reference, field.name)
+            assert a is b or a == b, field.name
+        assert type(ours.extras) is MappingProxyType and dict(ours.extras) == dict(extras)
+        with pytest.raises(attrs.exceptions.FrozenInstanceError):
+            ours.step = 4  # type: ignore[misc]
+        ours.check_usable()  # not consumed
+        assert ours.evolve(step=9).step == 9
+
+
+def test_extras_copy_is_a_new_dict_equal_to_the_extras_of_any_mapping_kind(make_mlp):
+    from collections import OrderedDict
+    from collections.abc import Mapping
+    from types import MappingProxyType
+
+    from loopkit.state import extras_copy
+
+    state = loopkit.TrainState.create(make_mlp()).evolve(extras={"a": 1, "b": [2]})
+    for extras in (state.extras, MappingProxyType(OrderedDict(a=1)), {"a": 1}, MappingProxyType({})):
+        new = extras_copy(extras)
+        assert type(new) is dict and new == dict(extras)
+        new["z"] = 0
+        assert "z" not in extras
+    assert extras_copy(state.extras)["b"] is state.extras["b"]  # shallow, as dict() is
+
+    class ReadOnly(Mapping):  # a user's mapping without copy(), behind the state's read-only view
+        def __init__(self, d):
+            self._d = dict(d)
+
+        def __getitem__(self, key):
+            return self._d[key]
+
+        def __iter__(self):
+            return iter(self._d)
+
+        def __len__(self):
+            return len(self._d)
+
+    assert extras_copy(MappingProxyType(ReadOnly({"user": 1}))) == {"user": 1}
+    model = make_mlp()
+    custom = loopkit.TrainState(model, torch.optim.SGD(model.parameters(), lr=0.1), extras=MappingProxyType(ReadOnly({"user": 1})))
+    batch = (torch.ones(4, 4), torch.zeros(4, 2))
+    clipped = loopkit.with_grad_clip(loopkit.train_step(lambda m, b: ((m(b[0]) - b[1]) ** 2).mean()), max_norm=1.0)
+    assert clipped(custom, batch)[0].extras["user"] == 1  # the general step path copies such extras too
+
+
 def test_hooks_and_children_added_to_a_fork_stay_with_it(make_mlp, make_sgd_state):
     state = make_sgd_state(make_mlp(0))
     calls = []

@@ -254,6 +254,41 @@ def test_donated_state_cannot_be_used_again(make_mlp, batches, mse_loss, make_sg
     assert new2.step == 2
 
 
+def test_a_donated_step_that_raises_has_consumed_its_state_on_every_path(make_mlp, batches, make_sgd_state):
+    """The plain CPU step's own call path, the general path (a transform) and a wrapper: each marks the state."""
+
+    def boom(m, b):
+        torch.rand(3)  # draws from the step's RNG before failing
+        raise RuntimeError("boom")
+
+    plain = loopkit.train_step(boom)
+    for step in (plain, loopkit.with_grad_clip(plain, max_norm=1.0), loopkit.with_logging(plain, loopkit.ConsoleLogger(), every_n_steps=5)):
+        state = make_sgd_state(make_mlp(0))
+        global_rng = torch.get_rng_state()
+        with pytest.raises(RuntimeError, match="boom"):
+            loopkit.donate(step)(state, batches[0])
+        assert torch.equal(torch.get_rng_state(), global_rng), step.applied
+        with pytest.raises(loopkit.DonatedStateError):
+            state.evolve(step=1)
+
+
+def test_a_donated_step_refusing_an_unusable_optimizer_has_consumed_its_state(make_mlp, batches, mse_loss):
+    """The plain step's own call path reads the optimizer before it runs: a failure there uses the state up,
+    as every other path does."""
+    for spoil, error in ((lambda opt: opt.param_groups.clear(), IndexError), (None, AttributeError)):
+        model = make_mlp(0)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        state = loopkit.TrainState.create(model, opt)
+        if spoil is None:
+            state = loopkit.state.replace(state, optimizer=object())  # past create()'s checks
+        else:
+            spoil(opt)
+        with pytest.raises(error):
+            loopkit.donate(loopkit.train_step(mse_loss))(state, batches[0])
+        with pytest.raises(loopkit.DonatedStateError):
+            state.evolve(step=1)
+
+
 def test_donate_reuses_the_storage(make_mlp, batches, mse_loss, make_adam_state):
     state = make_adam_state(make_mlp(0))
     params = list(state.model.parameters())

@@ -16,7 +16,7 @@ import attrs
 import torch
 
 from loopkit._window import Window
-from loopkit.state import TrainState, replace_extras
+from loopkit.state import TrainState, put_extras, replace_extras
 from loopkit.steps import Metrics, WrapperStep, check_metric
 from loopkit.transforms._compose import refuse_wrapping, require_step
 
@@ -77,6 +77,10 @@ class LoggingStep(WrapperStep):
     def name(self) -> str:
         return "with_logging"
 
+    @property
+    def returns_fresh_state(self) -> bool:  # type: ignore[override]
+        return self.inner.returns_fresh_state  # its own new states are fresh; its loggers keep none
+
     def run_(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
         return self._logged(self.inner.run_, state, batch)
 
@@ -97,7 +101,10 @@ class LoggingStep(WrapperStep):
         else:
             new, metrics = run(state, *args)
         if metrics:
-            new = replace_extras(new, _accumulate(new.extras, metrics))
+            if self.inner.returns_fresh_state:  # the inner step's new state: nobody else has it yet
+                put_extras(new, _accumulate(new.extras, metrics))
+            else:
+                new = replace_extras(new, _accumulate(new.extras, metrics))
         if new.step != before and new.step % self.every_n_steps == 0 and WINDOW.holds(new.extras):
             means = _read_means(new.extras)
             new = replace_extras(new, WINDOW.clear(new.extras))
