@@ -570,10 +570,11 @@ def run_epochs(
                 before = state.step
                 state, metrics = step(state, batch)
                 if metrics:
+                    extras = EPOCH.add(state.extras, metrics)
                     if fresh:  # the step's new state, not yet seen by anyone: no second new state per batch
-                        put_extras(state, EPOCH.add(state.extras, metrics))
+                        put_extras(state, extras)
                     else:
-                        state = replace_extras(state, EPOCH.add(state.extras, metrics))
+                        state = replace_extras(state, extras)
                 if bar.enabled:
                     bar.tick(metrics)
                 for hook in hooks.batch_end:

@@ -101,10 +101,11 @@ class LoggingStep(WrapperStep):
         else:
             new, metrics = run(state, *args)
         if metrics:
+            extras = _accumulate(new.extras, metrics)
             if self.inner.returns_fresh_state:  # the inner step's new state: nobody else has it yet
-                put_extras(new, _accumulate(new.extras, metrics))
+                put_extras(new, extras)
             else:
-                new = replace_extras(new, _accumulate(new.extras, metrics))
+                new = replace_extras(new, extras)
         if new.step != before and new.step % self.every_n_steps == 0 and WINDOW.holds(new.extras):
             means = _read_means(new.extras)
             new = replace_extras(new, WINDOW.clear(new.extras))
