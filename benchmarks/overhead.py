@@ -631,7 +631,9 @@ class StepPairs:
     per-pair difference: its median is stable to about ±0.5 µs where whole passes vary by ±10%.
     The order alternates (raw, contender, contender, raw, raw, ...): each side runs as often
     right after itself as after the other, so cache warmth favours neither (with the raw step
-    always first, the raw loop paired with itself measured 0.986×).
+    always first, the raw loop paired with itself measured 0.986×). The raw step keeps its last
+    loss until its next one, as a loop's ``loss`` variable does (the next forward reuses the
+    parameters' gradient accumulators that graph holds).
     Every contender that iterates its data itself can be paired (Lightning's one-batch prefetch
     keeps one hand-out per loop iteration).
 
@@ -644,6 +646,7 @@ class StepPairs:
         self.batches, self.raw = batches, raw
         self.raw_s: list[float] = []
         self.own_s: list[float] = []
+        self.last_loss: torch.Tensor | None = None  # the raw loop's ``loss`` variable
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -669,6 +672,7 @@ class StepPairs:
         loss = F.cross_entropy(model(x), y)
         loss.backward()
         opt.step()
+        self.last_loss = loss  # frees the previous graph inside the clock, as a loop's rebinding does
         return perf_counter() - t0
 
 

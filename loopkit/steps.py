@@ -25,7 +25,7 @@ import attrs
 import torch
 
 from loopkit.rng import RNGScope
-from loopkit.state import TrainState, extras_copy, fork, make_state, model_device, replace
+from loopkit.state import TrainState, extras_copy, fork, keep_graph, make_state, model_device, replace
 
 __all__ = [
     "EvalStep",
@@ -541,7 +541,7 @@ class TrainStep(Step):
             return replace(state, batch_index=state.batch_index + 1, rng=rng), {}
         metrics = {"loss": loss.detach(), **metrics} if metrics else {"loss": loss.detach()}
         if extras is None:  # the plain step: update at once, nothing else to do
-            return _plain_update(state, optimizer, rng), metrics
+            return keep_graph(_plain_update(state, optimizer, rng), loss), metrics
         new = _advance(state, state.step, rng, state.extras)
         ctx = GradContext(
             new, metrics, extras.pop(_FOUND_INF, None), extras.pop(_NONFINITE, None), None if sync is None else sync.agree
@@ -560,9 +560,9 @@ class TrainStep(Step):
         if count < self.accum_every:
             extras[_ACCUM_COUNT] = count
             _keep_flags(extras, ctx)
-            return replace(new, extras=extras), metrics
+            return keep_graph(replace(new, extras=extras), loss), metrics
         extras.pop(_ACCUM_COUNT, None)
-        return self._apply_update(new, extras, metrics, ctx), metrics
+        return keep_graph(self._apply_update(new, extras, metrics, ctx), loss), metrics
 
     def _run_plain_cpu(
         self, state: TrainState, batch: Any, model: torch.nn.Module, optimizer: torch.optim.Optimizer
@@ -594,10 +594,11 @@ class TrainStep(Step):
         if scheduler is not None:
             scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        return make_state(
+        new = make_state(
             model, optimizer, scheduler, state.step + 1, state.epoch, state.batch_index + 1, rng, state.extras,
             state.seed,
-        ), metrics
+        )
+        return keep_graph(new, loss), metrics
 
     def _loss_and_backward(
         self, state: TrainState, batch: Any, net: torch.nn.Module, first: torch.Tensor,

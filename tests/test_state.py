@@ -322,6 +322,22 @@ def test_make_state_equals_the_attrs_constructor_and_stays_frozen(make_mlp):
         assert ours.evolve(step=9).step == 9
 
 
+def test_a_kept_graph_stays_out_of_copies_and_new_states(make_mlp, make_sgd_state, batches, mse_loss):
+    """keep_graph's slot is no attrs field: copies, forks and new states leave the old graph behind."""
+    import copy
+
+    from loopkit.state import keep_graph, make_state, replace
+
+    state, _ = loopkit.train_step(mse_loss)(make_sgd_state(make_mlp(0)), batches[0])
+    assert state._graph.grad_fn is not None  # the step kept its loss, graph and all
+    others = [copy.copy(state), fork(state), replace(state), state.evolve(step=5)]
+    others.append(make_state(*(getattr(state, f.name) for f in attrs.fields(loopkit.TrainState) if f.init)))
+    for other in others:
+        assert not hasattr(other, "_graph")
+    assert "_graph" not in [f.name for f in attrs.fields(loopkit.TrainState)]
+    assert keep_graph(others[-1], state._graph) is others[-1]
+
+
 def test_extras_copy_is_a_new_dict_equal_to_the_extras_of_any_mapping_kind(make_mlp):
     from collections import OrderedDict
     from collections.abc import Mapping

@@ -302,6 +302,32 @@ def test_donate_reuses_the_storage(make_mlp, batches, mse_loss, make_adam_state)
     assert not any(a is b for a, b in zip(other.model.parameters(), params))
 
 
+@pytest.mark.parametrize("transform", ["plain", "clip", "accum"])
+def test_a_donated_step_keeps_the_gradient_accumulators_alive_as_a_loop_does(transform, monkeypatch, make_mlp, batches, mse_loss, make_sgd_state):
+    """A loop's ``loss`` variable keeps its graph, and so each parameter's gradient accumulator,
+    until the next forward; the new state keeps the step's loss so. A hook put on the accumulator
+    between two calls (and held by nothing else) runs in the second call's backward only if that
+    call reused the accumulator rather than making a new one."""
+
+    def hook_runs_in_next_call(step) -> bool:
+        state, _ = step(make_sgd_state(make_mlp(0)), batches[0])
+        calls = []
+        param = next(state.model.parameters())
+        param.view_as(param).grad_fn.next_functions[0][0].register_hook(lambda *_: calls.append(1))
+        state, _ = step(state, batches[1])
+        return calls == [1]
+
+    step = loopkit.train_step(mse_loss)
+    if transform == "clip":
+        step = loopkit.with_grad_clip(step, max_norm=1.0)
+    elif transform == "accum":
+        step = loopkit.with_grad_accum(step, every=2)
+    assert hook_runs_in_next_call(loopkit.donate(step))
+    # the reference: a raw loop whose loss dies with each iteration makes new accumulators
+    monkeypatch.setattr(loopkit.steps, "keep_graph", lambda state, loss: state)
+    assert not hook_runs_in_next_call(loopkit.donate(step))
+
+
 # --- the step's RNG -----------------------------------------------------------------------------
 
 
