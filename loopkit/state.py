@@ -121,6 +121,34 @@ class TrainState(_GraphSlot):
         """Mark this state as donated: any later use raises :class:`loopkit.DonatedStateError`."""
         object.__setattr__(self, "_consumed", True)
 
+    def __getstate__(self) -> dict[str, Any]:
+        """What ``copy.deepcopy``, ``copy.copy`` and ``pickle`` take: each field, ``extras`` as a plain dict.
+
+        A read-only proxy can be neither copied nor pickled, and a Parameter's own copy leaves
+        its gradient behind (an accumulation group's, here); a donated state refuses, as any other
+        use. ``copy.deepcopy(state)`` is an independent state (model, gradients, optimizer,
+        scheduler and extras copied together: the copy's optimizer updates the copy's parameters).
+
+        >>> import copy, torch
+        >>> state = TrainState.create(torch.nn.Linear(1, 1)).evolve(extras={"a": 1})
+        >>> twin = copy.deepcopy(state)
+        >>> twin.model.weight is state.model.weight, dict(twin.extras)
+        (False, {'a': 1})
+        """
+        self.check_usable()
+        fields = {name: getattr(self, name) for name in _FIELD_ORDER}
+        fields["extras"] = dict(self.extras)
+        fields["grads"] = [p.grad for p in self.model.parameters()]  # a Parameter's own copy leaves its grad
+        return fields
+
+    def __setstate__(self, fields: Mapping[str, Any]) -> None:
+        for name in _FIELD_ORDER:
+            object.__setattr__(self, name, fields[name])
+        object.__setattr__(self, "extras", _frozen_mapping(fields["extras"]))
+        object.__setattr__(self, "_consumed", False)
+        for param, grad in zip(self.model.parameters(), fields["grads"], strict=True):
+            param.grad = grad
+
     def state_dict(self) -> dict[str, Any]:
         """The whole state as nested dicts of tensors, numbers and strings (tensors are shared).
 
@@ -182,7 +210,8 @@ class TrainState(_GraphSlot):
         )
 
 
-_FIELDS = frozenset(("model", "optimizer", "scheduler", "step", "epoch", "batch_index", "rng", "extras", "seed"))
+_FIELD_ORDER = ("model", "optimizer", "scheduler", "step", "epoch", "batch_index", "rng", "extras", "seed")
+_FIELDS = frozenset(_FIELD_ORDER)
 
 # the slots' own setters: what attrs' __init__ reaches through one bound object.__setattr__ call per field
 _SETTERS = tuple(

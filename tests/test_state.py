@@ -323,19 +323,52 @@ def test_make_state_equals_the_attrs_constructor_and_stays_frozen(make_mlp):
 
 
 def test_a_kept_graph_stays_out_of_copies_and_new_states(make_mlp, make_sgd_state, batches, mse_loss):
-    """keep_graph's slot is no attrs field: copies, forks and new states leave the old graph behind."""
+    """keep_graph's slot is no attrs field: copies, pickles, forks and new states leave the old graph behind."""
     import copy
+    import pickle
 
     from loopkit.state import keep_graph, make_state, replace
 
     state, _ = loopkit.train_step(mse_loss)(make_sgd_state(make_mlp(0)), batches[0])
     assert state._graph.grad_fn is not None  # the step kept its loss, graph and all
-    others = [copy.copy(state), fork(state), replace(state), state.evolve(step=5)]
+    others = [copy.copy(state), copy.deepcopy(state), pickle.loads(pickle.dumps(state)), fork(state), replace(state)]
     others.append(make_state(*(getattr(state, f.name) for f in attrs.fields(loopkit.TrainState) if f.init)))
     for other in others:
         assert not hasattr(other, "_graph")
     assert "_graph" not in [f.name for f in attrs.fields(loopkit.TrainState)]
     assert keep_graph(others[-1], state._graph) is others[-1]
+
+
+def test_deepcopy_and_pickle_give_an_independent_state_that_trains_as_the_original(
+    tmp_path, make_bn_dropout, make_adam_state, batches, mse_loss, take_snapshot, assert_trees_equal
+):
+    """A deep copy (or a pickle round trip) mid-accumulation, mid-logging-window, is a state of its own:
+    training it equals training the original bitwise, and leaves the original as it was."""
+    import copy
+    import pickle
+
+    logger = loopkit.JSONLLogger(str(tmp_path))  # the window is not due: the state holds its records
+    step = loopkit.with_logging(loopkit.with_grad_accum(loopkit.train_step(mse_loss), every=2), logger, every_n_steps=50)
+    state = make_adam_state(make_bn_dropout(0), seed=4, scheduler=True)
+    for batch in batches[:3]:  # one update and a pending micro-batch
+        state, _ = step(state, batch)
+    assert state.extras and state.model[0].weight.grad is not None
+    before = take_snapshot(state)
+    for twin in (copy.deepcopy(state), pickle.loads(pickle.dumps(state))):
+        assert twin.model[0].weight is not state.model[0].weight
+        assert twin.optimizer.param_groups[0]["params"][0] is twin.model[0].weight
+        assert twin.scheduler.optimizer is twin.optimizer
+        assert_trees_equal(take_snapshot(twin), before)
+        ours, theirs = twin, state
+        for batch in batches[3:]:
+            ours, _ = step(ours, batch)
+            theirs, _ = step(theirs, batch)
+        assert_trees_equal(take_snapshot(ours), take_snapshot(theirs))
+        assert_trees_equal(take_snapshot(state), before)
+    used = copy.deepcopy(state)
+    loopkit.donate(step)(used, batches[3])
+    with pytest.raises(loopkit.DonatedStateError):
+        copy.deepcopy(used)
 
 
 def test_extras_copy_is_a_new_dict_equal_to_the_extras_of_any_mapping_kind(make_mlp):
