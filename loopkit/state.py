@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import copy
 import types
 import weakref
 from collections import OrderedDict, defaultdict
@@ -25,7 +26,8 @@ from loopkit.rng import create_rng
 from loopkit.tree import from_plain, to_plain
 
 __all__ = [
-    "TrainState", "extras_copy", "fork", "keep_graph", "make_state", "model_device", "put_extras", "replace", "replace_extras",
+    "TrainState", "drop_graph", "extras_copy", "fork", "keep_graph", "make_state", "model_device", "put_extras",
+    "replace", "replace_extras",
 ]
 
 _Scheduler = torch.optim.lr_scheduler.LRScheduler
@@ -126,8 +128,10 @@ class TrainState(_GraphSlot):
 
         A read-only proxy can be neither copied nor pickled, and a Parameter's own copy leaves
         its gradient behind (an accumulation group's, here); a donated state refuses, as any other
-        use. ``copy.deepcopy(state)`` is an independent state (model, gradients, optimizer,
-        scheduler and extras copied together: the copy's optimizer updates the copy's parameters).
+        use. ``copy.deepcopy(state)`` is an independent state (model, gradients, gradient hooks,
+        optimizer, scheduler and extras copied together: the copy's optimizer updates the copy's
+        parameters). A pickle keeps no gradient hooks, and either keeps no optimizer hooks, as
+        torch's own copies of parameters and optimizers keep none.
 
         >>> import copy, torch
         >>> state = TrainState.create(torch.nn.Linear(1, 1)).evolve(extras={"a": 1})
@@ -148,6 +152,17 @@ class TrainState(_GraphSlot):
         object.__setattr__(self, "_consumed", False)
         for param, grad in zip(self.model.parameters(), fields["grads"], strict=True):
             param.grad = grad
+        optimizer = self.optimizer
+        if self.scheduler is not None and "step" not in optimizer.__dict__:  # type: ignore[union-attr]
+            optimizer.step = _track_step_called(optimizer)  # type: ignore[method-assign, union-attr, arg-type]
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> TrainState:
+        new = object.__new__(type(self))
+        memo[id(self)] = new
+        new.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        for param, copied in zip(self.model.parameters(), new.model.parameters(), strict=True):
+            _keep_tensor_hooks(param, copied)  # a Parameter's own deep copy leaves its hooks
+        return new
 
     def state_dict(self) -> dict[str, Any]:
         """The whole state as nested dicts of tensors, numbers and strings (tensors are shared).
@@ -270,7 +285,9 @@ def keep_graph(state: TrainState, loss: torch.Tensor) -> TrainState:
     forward has made its own, so each forward reuses the accumulators. A step's loss would die
     with the call, and every forward would make one new node per parameter again (a constant cost
     per parameter tensor, a few microseconds per step on a small model). The graph's saved
-    tensors are already freed by ``backward()``; what stays is what a plain loop keeps too.
+    tensors are already freed by ``backward()``; what stays is what a plain loop keeps too. Only
+    a donated call's state keeps it: a pure call's next forward runs on new copies of the
+    parameters, so :meth:`Step.__call__ <loopkit.steps.Step>` lets it go (:func:`drop_graph`).
     Equality, ``evolve``, ``state_dict``, copies and pickles never see it.
 
     >>> import torch
@@ -282,6 +299,21 @@ def keep_graph(state: TrainState, loss: torch.Tensor) -> TrainState:
     """
     _set_graph(state, loss)
     return state
+
+
+def drop_graph(state: TrainState) -> None:
+    """Let go of the graph :func:`keep_graph` kept on ``state``, a state nothing else holds yet.
+
+    A pure call's state gives no next forward the accumulators (its parameters are new copies
+    each call), so it keeps no graph: each state a caller keeps would hold one.
+
+    >>> import torch
+    >>> model = torch.nn.Linear(1, 1)
+    >>> state = keep_graph(TrainState.create(model), model(torch.ones(1)).sum())
+    >>> drop_graph(state); state._graph is None
+    True
+    """
+    _set_graph(state, None)
 
 
 def make_state(

@@ -25,7 +25,7 @@ import attrs
 import torch
 
 from loopkit.rng import RNGScope
-from loopkit.state import TrainState, extras_copy, fork, keep_graph, make_state, model_device, replace
+from loopkit.state import TrainState, drop_graph, extras_copy, fork, keep_graph, make_state, model_device, replace
 
 __all__ = [
     "EvalStep",
@@ -142,7 +142,11 @@ class Step:
         if not self.donated:
             if self.requires_donation is not None:
                 raise TypeError(self.requires_donation)
-            return run(fork(state) if self.changes_state else state, *args)
+            if not self.changes_state:
+                return run(state, *args)
+            new, metrics = run(fork(state), *args)
+            drop_graph(new)  # the next call forks new parameters: the graph would only hold memory
+            return new, metrics
         try:
             new, metrics = run(state, *args)
         finally:

@@ -329,8 +329,8 @@ def test_a_kept_graph_stays_out_of_copies_and_new_states(make_mlp, make_sgd_stat
 
     from loopkit.state import keep_graph, make_state, replace
 
-    state, _ = loopkit.train_step(mse_loss)(make_sgd_state(make_mlp(0)), batches[0])
-    assert state._graph.grad_fn is not None  # the step kept its loss, graph and all
+    state, _ = loopkit.donate(loopkit.train_step(mse_loss))(make_sgd_state(make_mlp(0)), batches[0])
+    assert state._graph.grad_fn is not None  # the donated step kept its loss, graph and all
     others = [copy.copy(state), copy.deepcopy(state), pickle.loads(pickle.dumps(state)), fork(state), replace(state)]
     others.append(make_state(*(getattr(state, f.name) for f in attrs.fields(loopkit.TrainState) if f.init)))
     for other in others:
@@ -339,6 +339,54 @@ def test_a_kept_graph_stays_out_of_copies_and_new_states(make_mlp, make_sgd_stat
     assert keep_graph(others[-1], state._graph) is others[-1]
 
 
+def test_states_keep_what_a_plain_loop_keeps_of_old_graphs(make_mlp, make_sgd_state, batches, mse_loss):
+    """What a graph holds past its backward (here a tensor a custom autograd Function keeps on ctx)
+    stays alive as in a plain loop: the last one under donation, none for states of pure calls."""
+    import gc
+    import weakref
+
+    kept: list[weakref.ref] = []
+
+    class Keeps(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.extra = torch.ones(64)  # not a saved tensor: backward() does not free it
+            kept.append(weakref.ref(ctx.extra))
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad
+
+    def loss_fn(model, batch):
+        return mse_loss(lambda x: Keeps.apply(model(x)), batch)
+
+    def alive() -> int:
+        gc.collect()
+        return sum(ref() is not None for ref in kept)
+
+    model = make_mlp(0)  # the reference: a plain loop keeps its last loss, and so one
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for batch in batches[:4]:
+        loss = loss_fn(model, batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    reference = alive()
+    del loss
+    kept.clear()
+    state = make_sgd_state(make_mlp(0))
+    pure_states = [state]
+    for batch in batches[:4]:
+        pure_states.append(loopkit.train_step(loss_fn)(pure_states[-1], batch)[0])
+    assert (reference, alive()) == (1, 0)
+    kept.clear()
+    for batch in batches[:4]:
+        state, _ = loopkit.donate(loopkit.train_step(loss_fn))(state, batch)
+    assert alive() == reference
+
+
+@pytest.mark.filterwarnings("error")  # a copied optimizer without the scheduler's wrapper on step() warns
 def test_deepcopy_and_pickle_give_an_independent_state_that_trains_as_the_original(
     tmp_path, make_bn_dropout, make_adam_state, batches, mse_loss, take_snapshot, assert_trees_equal
 ):
@@ -350,6 +398,12 @@ def test_deepcopy_and_pickle_give_an_independent_state_that_trains_as_the_origin
     logger = loopkit.JSONLLogger(str(tmp_path))  # the window is not due: the state holds its records
     step = loopkit.with_logging(loopkit.with_grad_accum(loopkit.train_step(mse_loss), every=2), logger, every_n_steps=50)
     state = make_adam_state(make_bn_dropout(0), seed=4, scheduler=True)
+    for early in (copy.deepcopy(state), pickle.loads(pickle.dumps(state))):  # copies made before the first update
+        ours, theirs = early, state
+        for batch in batches[:2]:  # the second call updates (and steps the scheduler)
+            ours, _ = step(ours, batch)
+            theirs, _ = step(theirs, batch)
+        assert_trees_equal(take_snapshot(ours), take_snapshot(theirs))
     for batch in batches[:3]:  # one update and a pending micro-batch
         state, _ = step(state, batch)
     assert state.extras and state.model[0].weight.grad is not None
@@ -369,6 +423,22 @@ def test_deepcopy_and_pickle_give_an_independent_state_that_trains_as_the_origin
     loopkit.donate(step)(used, batches[3])
     with pytest.raises(loopkit.DonatedStateError):
         copy.deepcopy(used)
+
+
+def test_a_deep_copy_keeps_the_gradient_hooks_on_parameters(make_mlp, make_sgd_state, batches, mse_loss, take_snapshot, assert_trees_equal):
+    """torch's deep copy of a Parameter drops its hooks; a state's deep copy keeps them, as fork does."""
+    import copy
+
+    state = make_sgd_state(make_mlp(0))
+    calls = []
+    state.model[0].weight.register_hook(lambda grad: grad * 0)  # freezes the first weight
+    state.model[0].bias.register_post_accumulate_grad_hook(lambda param: calls.append(param))
+    twin, forked = copy.deepcopy(state), fork(state)
+    step = loopkit.train_step(mse_loss)
+    twin_new, forked_new = step(twin, batches[0])[0], step(forked, batches[0])[0]
+    assert_trees_equal(take_snapshot(twin_new)["params"], take_snapshot(forked_new)["params"])
+    assert torch.equal(twin_new.model[0].weight, state.model[0].weight)  # frozen by the kept hook
+    assert len(calls) == 2 and calls[0] is not calls[1]  # each copy's own parameter
 
 
 def test_extras_copy_is_a_new_dict_equal_to_the_extras_of_any_mapping_kind(make_mlp):
