@@ -130,8 +130,8 @@ class TrainState(_GraphSlot):
         its gradient behind (an accumulation group's, here); a donated state refuses, as any other
         use. ``copy.deepcopy(state)`` is an independent state (model, gradients, gradient hooks,
         optimizer, scheduler and extras copied together: the copy's optimizer updates the copy's
-        parameters). A pickle keeps no gradient hooks, and either keeps no optimizer hooks, as
-        torch's own copies of parameters and optimizers keep none.
+        parameters). A pickle keeps no gradient hooks (torch pickles none), and neither keeps hooks
+        registered on the optimizer (torch's own copy of an optimizer keeps none).
 
         >>> import copy, torch
         >>> state = TrainState.create(torch.nn.Linear(1, 1)).evolve(extras={"a": 1})
