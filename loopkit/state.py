@@ -225,15 +225,13 @@ class TrainState(_GraphSlot):
         )
 
 
-_FIELD_ORDER = ("model", "optimizer", "scheduler", "step", "epoch", "batch_index", "rng", "extras", "seed")
+#: the fields ``TrainState(...)`` and :func:`make_state` take, in their order
+_FIELD_ORDER = tuple(field.name for field in attrs.fields(TrainState) if field.init)
 _FIELDS = frozenset(_FIELD_ORDER)
 
 # the slots' own setters: what attrs' __init__ reaches through one bound object.__setattr__ call per field
-_SETTERS = tuple(
-    TrainState.__dict__[name].__set__
-    for name in ("model", "optimizer", "scheduler", "step", "epoch", "batch_index", "rng", "extras", "seed", "_consumed")
-)
-_set_extras = _SETTERS[7]
+_SETTERS = tuple(TrainState.__dict__[name].__set__ for name in _FIELD_ORDER + ("_consumed",))
+_set_extras = _SETTERS[_FIELD_ORDER.index("extras")]
 _set_graph = _GraphSlot.__dict__["_graph"].__set__
 _new_object = object.__new__
 _MappingProxy = types.MappingProxyType
