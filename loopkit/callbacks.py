@@ -198,6 +198,7 @@ class LearningRateMonitor(Callback):
         self.logging_interval = logging_interval
         self.history: list[tuple[int, dict[str, float]]] = []
         self._epoch_start: dict[str, float] | None = None
+        self._epoch_start_step = 0
 
     @staticmethod
     def learning_rates(state: Any) -> dict[str, float]:
@@ -216,10 +217,33 @@ class LearningRateMonitor(Callback):
             self.history.append((state.step, self.learning_rates(state)))
 
     def on_epoch_start(self, state: Any) -> None:
-        lrs = self._epoch_start = self.learning_rates(state)
+        if self._epoch_start is not None and getattr(state, "batch_index", 0) > 0:
+            lrs, step = self._epoch_start, self._epoch_start_step  # resumed mid-epoch: the rates it started with
+        else:
+            lrs, step = self.learning_rates(state), state.step
+            self._epoch_start, self._epoch_start_step = lrs, step
         if self.logging_interval == "epoch":
-            self.history.append((state.step, lrs))
+            self.history.append((step, lrs))
 
     def on_epoch_end(self, state: Any, metrics: Mapping[str, float]) -> dict[str, float]:
         lrs, self._epoch_start = self._epoch_start, None
         return dict(self.learning_rates(state) if lrs is None else lrs)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The rates the running epoch started with, for checkpoints (``run_epochs`` keeps them in
+        ``state.extras``): a run resumed mid-epoch records the epoch's own rates, not those at the
+        resume point, as the uninterrupted run does.
+
+        >>> LearningRateMonitor().state_dict()
+        {}
+        """
+        if self._epoch_start is None:
+            return {}
+        return {"epoch_start": dict(self._epoch_start), "epoch_start_step": self._epoch_start_step}
+
+    def load_state_dict(self, sd: Mapping[str, Any]) -> None:
+        if "epoch_start" in sd:
+            self._epoch_start = {k: float(v) for k, v in sd["epoch_start"].items()}
+            self._epoch_start_step = int(sd["epoch_start_step"])
+        else:
+            self._epoch_start = None

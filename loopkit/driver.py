@@ -31,7 +31,7 @@ from loopkit._window import EPOCH
 from loopkit.callbacks import Callback
 from loopkit.progress import ProgressBar, progress_wanted
 from loopkit.state import TrainState, fork, model_device, put_extras, replace_extras
-from loopkit.steps import as_step
+from loopkit.steps import WrapperStep, as_step
 from loopkit.steps import donate as donated
 from loopkit.tree import to_device, to_plain
 
@@ -196,8 +196,18 @@ def evaluate(
     >>> evaluate(step, state, [torch.zeros(3), torch.ones(1)])
     {'mean': 0.25}
     """
-    _check_limit(limit, "limit")
     step = as_step(eval_step)
+    means = _evaluate(step, state, data, limit, device, reduce)
+    step.notify("evaluate_end", state, means)  # a with_profiler around it writes its trace now
+    return means
+
+
+def _evaluate(
+    step: Any, state: TrainState, data: Iterable, limit: int | float | None, device: torch.device | str | None,
+    reduce: bool,
+) -> dict[str, float]:
+    """:func:`evaluate` without telling the step that it ended (``run_epochs``' validations: one profile spans them)."""
+    _check_limit(limit, "limit")
     count = _num_batches(data, limit, "limit")
     move = _mover(device, state)
     sums: dict[str, torch.Tensor] = {}
@@ -272,6 +282,25 @@ def _validate_options(
     if val is not None:
         if not (isinstance(val, (tuple, list)) and len(val) == 2 and callable(val[0])):
             raise TypeError("run_epochs: val must be a pair (eval_step, val_data)")
+
+
+def _refuse_val_monitors(step: Any, callbacks: Sequence[Any]) -> None:
+    """A fit without validation: a callback or transform watching a ``val/`` metric would never hear of it
+    (an EarlyStopping that never stops, a best checkpoint never kept), so it is refused now, as
+    Lightning's ``strict`` monitors refuse a metric that is not there."""
+    watchers = list(callbacks)
+    wrapped = step
+    while isinstance(wrapped, WrapperStep):
+        watchers.append(wrapped)
+        wrapped = wrapped.inner
+    for watcher in watchers:
+        monitor = getattr(watcher, "monitor", None)
+        if isinstance(monitor, str) and monitor.startswith("val/"):
+            name = getattr(watcher, "name", None) if isinstance(watcher, WrapperStep) else type(watcher).__name__
+            raise ValueError(
+                f"run_epochs: {name} monitors '{monitor}', but this fit has no validation (val=None or "
+                "limit_val_batches=0): pass val=(eval_step, val_data), or monitor a train/ metric"
+            )
 
 
 class _TellingAbort:
@@ -438,7 +467,9 @@ def run_epochs(
     validation: a state saved between an update and its due step validation (a step
     checkpoint, a graceful stop) is validated first when a run resumes from it. Before training, ``sanity_val_batches`` validation batches
     run once to catch errors early; their results go nowhere. ``limit_*_batches`` take an int
-    (batches) or a fraction in (0, 1]. Batches move to ``device`` (default: the model's)
+    (batches) or a fraction in (0, 1]; ``limit_train_batches=0`` turns training off, as in
+    Lightning (the sanity validation still runs; the state comes back as given, with an empty
+    history), ``limit_val_batches=0`` validation. Batches move to ``device`` (default: the model's)
     unless that is the CPU. ``progress`` shows a tqdm bar on a terminal.
 
     Returns the final state and the history: one dict per epoch with ``epoch``, ``step``,
@@ -481,11 +512,14 @@ def run_epochs(
     if val is not None and limit_val_batches != 0:
         _num_batches(val[1], limit_val_batches, "limit_val_batches")
     step = donated(as_step(step))
-    if val is not None and "with_profiler" in step.applied and "with_profiler" in as_step(val[0]).applied:
+    val_step = None if val is None else as_step(val[0])
+    if val_step is not None and "with_profiler" in step.applied and "with_profiler" in val_step.applied:
         raise ValueError(
             "run_epochs: both the train step and the validation step are under with_profiler; torch.profiler "
             "runs one session at a time (two that overlap crash the process): profile one of them"
         )
+    if val is None or limit_val_batches == 0:
+        _refuse_val_monitors(step, callbacks)
     if not donate and step.changes_state:
         state = fork(state)
     _to_device_state(state, device)
@@ -494,7 +528,7 @@ def run_epochs(
     show = progress_wanted(progress)
 
     def validate(current: TrainState, limit: int | float | None) -> dict[str, float]:
-        means = evaluate(val[0], current, val[1], limit=limit, device=device)  # type: ignore[index]
+        means = _evaluate(val_step, current, val[1], limit, device, True)  # type: ignore[index]
         return {f"val/{k}": v for k, v in means.items()}
 
     def validation_end(current: TrainState, *, notify: bool = True) -> tuple[dict[str, float], TrainState]:
@@ -513,115 +547,127 @@ def run_epochs(
     val_steps = val_every_n_steps if validates else None
 
     # the validation step hears of the fit's end too (a profiler around it closes its trace)
-    lifecycle = (step,) if val is None else (step, as_step(val[0]))
+    lifecycle = (step,) if val_step is None else (step, val_step)
     given = state
-    with _StopOnSignal() as stop, _TellingAbort(lifecycle, state):
-        hooks.restore(state)
-        hooks.check_plain()
-        hooks.call("on_fit_start", state)
-        if validates and sanity_val_batches > 0:
-            sanity_limit = sanity_val_batches
-            if isinstance(limit_val_batches, int):
-                sanity_limit = min(sanity_limit, limit_val_batches)
-            with torch.random.fork_rng(devices=[]):  # a val DataLoader's iterator draws from the global RNG:
-                validate(state, sanity_limit)  # a resumed run's extra sanity pass leaves it as it was
+    start: TrainState | None = None  # the state the fit's first epoch trains from, before any step has run
+    try:
+        with _StopOnSignal() as stop, _TellingAbort(lifecycle, state):
+            hooks.restore(state)
+            hooks.check_plain()
+            hooks.call("on_fit_start", state)
+            if validates and sanity_val_batches > 0:
+                limited = _num_batches(val[1], limit_val_batches, "limit_val_batches")  # type: ignore[index]
+                sanity_limit = sanity_val_batches if limited is None else min(sanity_val_batches, limited)
+                with torch.random.fork_rng(devices=[]):  # a val DataLoader's iterator draws from the global RNG:
+                    validate(state, sanity_limit)  # a resumed run's extra sanity pass leaves it as it was
 
-        history: list[dict[str, float]] = []
-        # a state saved between an update and its due validation (a step checkpoint, a graceful stop)
-        resumed_val: dict[str, float] = {}
-        if val_steps and state.step and state.step % val_steps == 0 and state.extras.get(_VALIDATED) != state.step:
-            resumed_val, state = validation_end(state)
+            history: list[dict[str, float]] = []
+            # a state saved between an update and its due validation (a step checkpoint, a graceful stop)
+            resumed_val: dict[str, float] = {}
+            if val_steps and state.step and state.step % val_steps == 0 and state.extras.get(_VALIDATED) != state.step:
+                resumed_val, state = validation_end(state)
 
-        def more(s: TrainState) -> bool:
-            return (epochs is None or s.epoch < epochs) and (max_steps is None or s.step < max_steps)
+            def more(s: TrainState) -> bool:
+                if limit_train_batches == 0:  # training is off, as in Lightning (each epoch would be empty)
+                    return False
+                return (epochs is None or s.epoch < epochs) and (max_steps is None or s.step < max_steps)
 
-        batch_hooks = bool(hooks.batch_end)
-        fresh = step.returns_fresh_state
-        # a stop asked for by the resumed validation still ends its epoch, as it did in the run that saved the state
-        while more(state) and (not hooks.should_stop or resumed_val) and not stop.requested:
-            hooks.call("on_epoch_start", state)
-            if hooks.should_stop and not resumed_val:  # asked in on_epoch_start: not a batch of this epoch
-                break
-            total = _num_batches(train_data, limit_train_batches, "limit_train_batches")
-            batches = _epoch_batches(train_data, state.seed, state.epoch, state.batch_index, total)
-            if batches is None:  # training would go on without a step (with max_steps alone, forever)
-                empty = (
-                    f"run_epochs: train_data yielded no batches in epoch {state.epoch}; a generator or iterator is "
-                    "used up after one pass: pass a list, a DataLoader or another iterable that starts over on each iter()"
+            batch_hooks = bool(hooks.batch_end)
+            fresh = step.returns_fresh_state
+            # a stop asked for by the resumed validation still ends its epoch, as it did in the run that saved the state
+            while more(state) and (not hooks.should_stop or resumed_val) and not stop.requested:
+                hooks.call("on_epoch_start", state)
+                state = hooks.keep(state)  # what they know at the epoch's start: a checkpoint mid-epoch holds it
+                if hooks.should_stop and not resumed_val:  # asked in on_epoch_start: not a batch of this epoch
+                    break
+                total = _num_batches(train_data, limit_train_batches, "limit_train_batches")
+                batches = _epoch_batches(train_data, state.seed, state.epoch, state.batch_index, total)
+                if batches is None:  # training would go on without a step (with max_steps alone, forever)
+                    empty = (
+                        f"run_epochs: train_data yielded no batches in epoch {state.epoch}; a generator or iterator is "
+                        "used up after one pass: pass a list, a DataLoader or another iterable that starts over on each iter()"
+                    )
+                    if not history:  # nothing trained yet: the given state is intact
+                        raise ValueError(empty)
+                    warnings.warn(empty + "; stopping here", RuntimeWarning, stacklevel=2)
+                    break
+                if not EPOCH.holds(state.extras):  # kept from a checkpoint taken mid-epoch
+                    state = replace_extras(state, EPOCH.start(state.extras))
+                if donate and given is not state:  # trained in place from here on: the caller's handle is done
+                    given.mark_consumed()
+                if start is None:
+                    start = state
+                last_val, resumed_val = resumed_val, {}  # the latest validation of this epoch
+                validated_at = state.step if last_val else None  # the update a validation of this epoch saw
+                remaining = None if total is None else max(total - state.batch_index, 0)
+                bar = ProgressBar(enabled=show, total=remaining, desc=f"epoch {state.epoch}")
+                exhausted = True
+                if last_val and hooks.should_stop:
+                    batches, exhausted = (), total is not None and state.batch_index >= total
+                for batch in batches:
+                    if move is not None:
+                        batch = move(batch)
+                    before = state.step
+                    state, metrics = step(state, batch)
+                    if metrics:
+                        extras = EPOCH.add(state.extras, metrics)
+                        if fresh:  # the step's new state, not yet seen by anyone: no second new state per batch
+                            put_extras(state, extras)
+                        else:
+                            state = replace_extras(state, extras)
+                    if bar.enabled:
+                        bar.tick(metrics)
+                    for hook in hooks.batch_end:
+                        hook(state, metrics)
+                    if stop.requested:  # a graceful stop: no flush, no validation; resume continues here
+                        exhausted = False
+                        break
+                    hooks_ran = batch_hooks  # a callback can only ask to stop from one of its hooks
+                    if val_steps and state.step != before and state.step % val_steps == 0:
+                        last_val, state = validation_end(state)
+                        validated_at, hooks_ran = state.step, True
+                    if (max_steps is not None and state.step >= max_steps) or (hooks_ran and hooks.should_stop):
+                        exhausted = total is not None and state.batch_index >= total
+                        break
+                if stop.requested and not exhausted:  # a graceful stop: the resumed run ends this epoch (and counts it)
+                    bar.close()
+                    state = hooks.keep(state)
+                    break
+                epoch = state.epoch
+                if exhausted:
+                    state, metrics = step.flush(state)
+                    if metrics:
+                        state = replace_extras(state, EPOCH.add(state.extras, metrics))
+                record: dict[str, float] = {"epoch": epoch, "step": state.step}
+                record.update({f"train/{k}": v for k, v in EPOCH.means(state.extras).items()})
+                if exhausted:  # the epoch is done: its means leave the state (a partial one's stay, to go on)
+                    state = replace_extras(state, EPOCH.clear(state.extras)).evolve(epoch=epoch + 1, batch_index=0)
+                bar.close({k: v for k, v in record.items() if k.startswith("train/")})
+                # not twice at one update: a step validation on the epoch's last update stands for the epoch's
+                validated = (
+                    exhausted and validates and (epoch + 1) % val_every_n_epochs == 0 and validated_at != state.step
                 )
-                if not history:  # nothing trained yet: the given state is intact
-                    raise ValueError(empty)
-                warnings.warn(empty + "; stopping here", RuntimeWarning, stacklevel=2)
-                break
-            if not EPOCH.holds(state.extras):  # kept from a checkpoint taken mid-epoch
-                state = replace_extras(state, EPOCH.start(state.extras))
-            if donate and given is not state:  # trained in place from here on: the caller's handle is done
-                given.mark_consumed()
-            last_val, resumed_val = resumed_val, {}  # the latest validation of this epoch
-            validated_at = state.step if last_val else None  # the update a validation of this epoch saw
-            remaining = None if total is None else max(total - state.batch_index, 0)
-            bar = ProgressBar(enabled=show, total=remaining, desc=f"epoch {state.epoch}")
-            exhausted = True
-            if last_val and hooks.should_stop:
-                batches, exhausted = (), total is not None and state.batch_index >= total
-            for batch in batches:
-                if move is not None:
-                    batch = move(batch)
-                before = state.step
-                state, metrics = step(state, batch)
-                if metrics:
-                    extras = EPOCH.add(state.extras, metrics)
-                    if fresh:  # the step's new state, not yet seen by anyone: no second new state per batch
-                        put_extras(state, extras)
-                    else:
-                        state = replace_extras(state, extras)
-                if bar.enabled:
-                    bar.tick(metrics)
-                for hook in hooks.batch_end:
-                    hook(state, metrics)
-                if stop.requested:  # a graceful stop: no flush, no validation; resume continues here
-                    exhausted = False
-                    break
-                hooks_ran = batch_hooks  # a callback can only ask to stop from one of its hooks
-                if val_steps and state.step != before and state.step % val_steps == 0:
-                    last_val, state = validation_end(state)
-                    validated_at, hooks_ran = state.step, True
-                if (max_steps is not None and state.step >= max_steps) or (hooks_ran and hooks.should_stop):
-                    exhausted = total is not None and state.batch_index >= total
-                    break
-            if stop.requested and not exhausted:  # a graceful stop: the resumed run ends this epoch (and counts it)
-                bar.close()
+                if validated:
+                    last_val, state = validation_end(state, notify=False)
+                record.update(last_val)
+                for extra in hooks.call("on_epoch_end", state, dict(record)):
+                    if extra:
+                        record.update(extra)
                 state = hooks.keep(state)
-                break
-            epoch = state.epoch
-            if exhausted:
-                state, metrics = step.flush(state)
-                if metrics:
-                    state = replace_extras(state, EPOCH.add(state.extras, metrics))
-            record: dict[str, float] = {"epoch": epoch, "step": state.step}
-            record.update({f"train/{k}": v for k, v in EPOCH.means(state.extras).items()})
-            if exhausted:  # the epoch is done: its means leave the state (a partial one's stay, to go on)
-                state = replace_extras(state, EPOCH.clear(state.extras)).evolve(epoch=epoch + 1, batch_index=0)
-            bar.close({k: v for k, v in record.items() if k.startswith("train/")})
-            # not twice at one update: a step validation on the epoch's last update stands for the epoch's
-            validated = (
-                exhausted and validates and (epoch + 1) % val_every_n_epochs == 0 and validated_at != state.step
-            )
-            if validated:
-                last_val, state = validation_end(state, notify=False)
-            record.update(last_val)
-            for extra in hooks.call("on_epoch_end", state, dict(record)):
-                if extra:
-                    record.update(extra)
-            state = hooks.keep(state)
-            if validated:  # after every callback of the epoch: a checkpoint taken now holds all their counters
-                step.notify("validation_end", state, last_val)
-            step.notify("epoch_end", state, record)
-            history.append(record)
-        for told in lifecycle:
-            if stop.requested:
-                told.notify("stop", state, {})
-            told.notify("fit_end", state, history[-1] if history else {})
-        hooks.call("on_fit_end", state, history)
-        return state, history
+                if validated:  # after every callback of the epoch: a checkpoint taken now holds all their counters
+                    step.notify("validation_end", state, last_val)
+                step.notify("epoch_end", state, record)
+                history.append(record)
+            for told in lifecycle:
+                if stop.requested:
+                    told.notify("stop", state, {})
+                told.notify("fit_end", state, history[-1] if history else {})
+            hooks.call("on_fit_end", state, history)
+            return state, history
+    except BaseException:
+        # an error before the first step changed anything (a batch to_device cannot move, a loss the step
+        # refuses, the loss_fn's own exception): the given state is as it was, and stays usable
+        if start is not None and state is start and not start._consumed and given is not start:
+            object.__setattr__(given, "_consumed", False)
+        raise
 

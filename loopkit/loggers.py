@@ -363,7 +363,8 @@ def _close_event_file(file: IO[bytes]) -> None:
 class TensorBoardLogger(RunDirLogger):
     """Scalars (and optionally histograms) as TensorBoard event files in ``root/name/version_N``.
 
-    Hyper-parameters given to :meth:`log_hparams` are written at :meth:`finalize` with the
+    Hyper-parameters given to :meth:`log_hparams` are written at :meth:`finalize` (at once when
+    given after it, as after ``run_epochs``) with the
     final metrics (the last value of every logged tag, or the ``metrics`` given), so
     TensorBoard's HPARAMS tab compares runs by them. ``histogram_every_n_steps=m`` writes
     histograms of every parameter (``params/<name>``) and gradient (``grads/<name>``) on
@@ -401,6 +402,7 @@ class TensorBoardLogger(RunDirLogger):
         self._last_step = 0
         self._final_metrics: dict[str, float] | None = None
         self._hparams_written = False
+        self._finished = False  # finalized, and nothing written since
 
     def _suffix(self) -> str:
         # event files are named by the second: one reopened within it would clobber the last
@@ -411,6 +413,7 @@ class TensorBoardLogger(RunDirLogger):
         """Open the event file now (it is otherwise opened by the first write)."""
         if self._file is None:
             self._file = _EventFile(self._folder(), self._suffix())
+            self._finished = False
 
     @property
     def writer(self) -> Any:
@@ -436,6 +439,8 @@ class TensorBoardLogger(RunDirLogger):
         super()._write_hparams(hparams, metrics)  # hparams.json in the run folder, as the other file loggers write
         self._final_metrics = metrics
         self._hparams_written = False
+        if self._finished:  # given after the run was finalized (run_epochs does at its end): no later finalize
+            self._finalize()  # would come to write them, so they are written now
 
     def wants_model(self, step: int) -> bool:
         """Whether :meth:`log_model` should be called for the update that reaches ``step``."""
@@ -472,6 +477,7 @@ class TensorBoardLogger(RunDirLogger):
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+        self._finished = True
 
     def _write_hparams_summary(self) -> None:
         from tensorboardX.summary import hparams as hparams_summary

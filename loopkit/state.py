@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import types
+import warnings
 import weakref
 from collections import OrderedDict, defaultdict
 from collections.abc import Mapping
@@ -23,7 +24,7 @@ from torch import nn
 
 from loopkit.errors import DonatedStateError, StateMismatchError
 from loopkit.rng import create_rng
-from loopkit.tree import from_plain, to_plain
+from loopkit.tree import decode_tree, encode_tree, from_plain, to_plain
 
 __all__ = [
     "TrainState", "drop_graph", "extras_copy", "fork", "keep_graph", "make_state", "model_device", "put_extras",
@@ -187,7 +188,7 @@ class TrainState(_GraphSlot):
             batch_index=self.batch_index,
             seed=self.seed,
             rng=dict(self.rng),
-            extras=to_plain(self.extras, ("extras",)),
+            extras=encode_tree(self.extras, ("extras",)),  # its tuples, lists and None come back as they were
         )
         return sd
 
@@ -633,9 +634,10 @@ def _decode(state: TrainState, sd: Mapping[str, Any]) -> dict[str, Any]:
             raise StateMismatchError(f"key '{key}' must be a non-negative int, got {value!r}")
         decoded[key] = value
     decoded["rng"] = _decode_rng(sd["rng"], template["rng"])
-    extras = sd.get("extras", {})
-    to_plain(extras, ("extras",))  # refuses anything but tensors, numbers and strings
-    decoded["extras"] = dict(extras)
+    extras = decode_tree(sd.get("extras", {}), ("extras",))  # refuses anything but tensors, numbers and strings
+    if not isinstance(extras, dict):
+        raise StateMismatchError(f"key 'extras' holds a {type(extras).__qualname__}, expected a mapping")
+    decoded["extras"] = extras
     return decoded
 
 
@@ -672,6 +674,7 @@ def _decode_optimizer(plain: Any, template: dict[str, Any], optimizer: torch.opt
     params = [p for g in optimizer.param_groups for p in g["params"]]
     current = template.get("state", {})
     state: dict[int, dict[str, Any]] = {}
+    expected_keys = _state_keys(optimizer, groups) if plain["state"] else []
     for index, entry in plain["state"].items():
         path = ("optimizer", "state", index)
         if not str(index).isdigit() or int(index) >= len(params):
@@ -680,6 +683,10 @@ def _decode_optimizer(plain: Any, template: dict[str, Any], optimizer: torch.opt
             )
         if not isinstance(entry, Mapping):
             raise StateMismatchError(f"key '{'.'.join(path)}' holds a {type(entry).__qualname__}, expected a mapping")
+        keys = expected_keys[int(index)] if expected_keys else None
+        if keys is None and str(index) in current:  # what the template's own entry holds
+            keys = tuple(current[str(index)])
+        _check_keys(entry, keys, path)
         param = params[int(index)]
         for name, value in entry.items():
             known = current.get(str(index), {}).get(name)
@@ -700,6 +707,41 @@ def _decode_optimizer(plain: Any, template: dict[str, Any], optimizer: torch.opt
                     )
         state[int(index)] = dict(entry)
     return {"state": state, "param_groups": groups}
+
+
+def _check_keys(entry: Mapping[str, Any], keys: tuple[str, ...] | None, path: tuple[str, ...]) -> None:
+    """Name the first of ``keys`` missing from ``entry``, then the first key of ``entry`` not in ``keys``."""
+    if keys is None:  # not known: the entry is taken as it is
+        return
+    for key in keys:
+        if key not in entry:
+            raise StateMismatchError(f"missing key '{'.'.join(path + (key,))}'")
+    for key in entry:
+        if key not in keys:
+            raise StateMismatchError(f"unexpected key '{'.'.join(path + (key,))}'")
+
+
+def _state_keys(optimizer: torch.optim.Optimizer, groups: list[dict[str, Any]]) -> list[tuple[str, ...] | None]:
+    """The state keys a step of ``optimizer`` keeps for each of its parameters (by index) under the options of
+    ``groups`` (those being loaded), learnt from one step of a new optimizer of its class over stand-ins of
+    one element each (the parameters' dimensions and dtypes); ``[]`` where that cannot be done (an optimizer
+    whose ``__init__`` takes other arguments, a step that needs a closure or sparse gradients)."""
+    stand_ins = [
+        [nn.Parameter(torch.zeros((1,) * p.ndim, dtype=p.dtype)) for p in group["params"]]
+        for group in optimizer.param_groups
+    ]
+    try:
+        options = [{k: v for k, v in loaded.items() if k != "params"} for loaded in groups]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            probe = type(optimizer)([{**o, "params": ps} for o, ps in zip(options, stand_ins, strict=True)])
+            for p in (p for ps in stand_ins for p in ps):
+                p.grad = torch.zeros_like(p)
+            probe.step()
+    except Exception:  # a custom optimizer's own ways: its state keys are not checked
+        return []
+    found = [probe.state.get(p) for ps in stand_ins for p in ps]
+    return [None if entry is None else tuple(k for k, v in entry.items() if v is not None) for entry in found]
 
 
 def _decode_rng(plain: Any, template: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

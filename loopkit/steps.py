@@ -18,10 +18,12 @@ step as a :class:`WrapperStep`.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 import attrs
+import numpy as np
 import torch
 
 from loopkit.rng import RNGScope
@@ -41,6 +43,7 @@ __all__ = [
     "check_metric",
     "donate",
     "eval_step",
+    "leave_intact",
     "train_step",
 ]
 
@@ -48,6 +51,8 @@ Metrics = dict[str, torch.Tensor]
 _Tensor = torch.Tensor
 _default_generator = torch.default_generator
 _set_consumed = TrainState.__dict__["_consumed"].__set__  # TrainState.mark_consumed without its frame
+#: the attribute an exception carries when it left the state it names as it was (see :func:`leave_intact`)
+_INTACT = "_loopkit_left_intact"
 LossFn = Callable[[torch.nn.Module, Any], Any]
 
 _ACCUM_COUNT = "accum/count"
@@ -97,8 +102,10 @@ class Step:
         if self.donated and type(state) is TrainState and not state._consumed:  # _invoke's donated path, inline
             try:
                 new, metrics = self.run_(state, batch)
-            finally:
-                _set_consumed(state, True)
+            except BaseException as error:
+                _consume_unless_intact(state, error)
+                raise
+            _set_consumed(state, True)
             return (replace(state) if new is state else new), metrics
         return self._invoke(self.run_, state, batch)
 
@@ -131,7 +138,9 @@ class Step:
         resumed run continues), ``"fit_end"`` (metrics: the last history record; after
         ``"stop"`` too) or ``"abort"`` (an exception is leaving ``run_epochs``: release what is
         held and flush what is written; ``state`` is the one the fit started from and may have
-        been donated: do not read it; metrics empty). Sanity validation is never notified.
+        been donated: do not read it; metrics empty). :func:`loopkit.evaluate` sends
+        ``"evaluate_end"`` (metrics: its means) to the step it ran, after its last batch; the
+        validations of ``run_epochs`` do not. Sanity validation is never notified.
         """
 
     def _invoke(self, run: Callable[..., tuple[TrainState, Metrics]], state: TrainState, *args: Any):
@@ -149,11 +158,50 @@ class Step:
             return new, metrics
         try:
             new, metrics = run(state, *args)
-        finally:
-            state.mark_consumed()
+        except BaseException as error:
+            _consume_unless_intact(state, error)
+            raise
+        state.mark_consumed()
         if new is state:
             new = replace(state)
         return new, metrics
+
+
+def leave_intact(error: BaseException, state: TrainState | None) -> BaseException:
+    """Mark ``error`` as raised before anything of ``state`` changed in place; returns ``error``.
+
+    ``state=None`` takes the mark back: a wrapper that changed the state in place before
+    its inner step raised says so.
+
+    A donated call uses up its state even when it raises, since a failure half-way
+    through an update leaves the parameters and optimizer state changed in place. A step
+    that fails before its first in-place change (the loss_fn's forward, loopkit's checks
+    of the loss and metrics) marks its error so, and the state stays usable: fix the
+    cause and call again. ``train_step`` and ``eval_step`` do this; a custom step may too.
+    In-place updates made by the forward itself (BatchNorm's running statistics) stay,
+    as they do in a plain loop.
+
+    >>> import torch
+    >>> from loopkit.state import TrainState
+    >>> state = TrainState.create(torch.nn.Linear(2, 1))
+    >>> step = donate(eval_step(lambda m, b: {"x": "not a number"}))
+    >>> try:
+    ...     step(state, torch.ones(1, 2))
+    ... except TypeError:
+    ...     pass
+    >>> state.check_usable()  # no DonatedStateError: eval changes nothing in place
+    """
+    try:
+        setattr(error, _INTACT, state)
+    except AttributeError:  # an exception type without attributes: the state counts as used up
+        pass
+    return error
+
+
+def _consume_unless_intact(state: TrainState, error: BaseException) -> None:
+    """After ``error`` left a donated call: ``state`` is used up unless nothing of it changed."""
+    if getattr(error, _INTACT, None) is not state:
+        _set_consumed(state, True)
 
 
 def as_step(step: Any) -> Step:
@@ -369,6 +417,9 @@ def check_metric(value: Any, key: Any, where: str) -> torch.Tensor:
 
     >>> check_metric(0.5, "acc", "metric_fn f")
     tensor(0.5000)
+    >>> import numpy as np
+    >>> check_metric(np.float32(0.25), "acc", "metric_fn f")
+    tensor(0.2500)
     >>> check_metric("high", "acc", "metric_fn f")
     Traceback (most recent call last):
     ...
@@ -383,8 +434,10 @@ def check_metric(value: Any, key: Any, where: str) -> torch.Tensor:
                 f"{value.dtype}; a metric must be a real 0-dim tensor (reduce it, e.g. .mean())"
             )
         return value.detach().reshape(())
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+    if isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)):  # numpy's scalars too
         return torch.tensor(float(value))
+    if isinstance(value, np.ndarray) and value.size == 1 and value.dtype.kind in "fiu":
+        return torch.tensor(float(value.reshape(())))
     raise TypeError(f"metric '{key}' from {where} is a {type(value).__qualname__}; a metric must be a number or a 0-dim tensor")
 
 
@@ -496,17 +549,17 @@ class TrainStep(Step):
     def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
         # the common donated step on the CPU: straight to its one-frame path (what _invoke and run_ check, checked here)
         if self.donated_plain and type(state) is TrainState and not state._consumed and len(state.rng) == 1:
-            taken = True  # returned or raised here: the state is used up, as _invoke would leave it
-            try:
+            try:  # returned or raised here: the state is used up (unless left intact), as _invoke would leave it
                 optimizer = state.optimizer
                 params = () if optimizer is None else optimizer.param_groups[0]["params"]
                 if params and not params[0].is_cuda:
-                    return self._run_plain_cpu(state, batch, state.model, optimizer)
-                taken = False  # not this path's case: _invoke takes the state below
-            finally:
-                if taken:
+                    result = self._run_plain_cpu(state, batch, state.model, optimizer)
                     _set_consumed(state, True)
-        return self._invoke(self.run_, state, batch)
+                    return result
+            except BaseException as error:
+                _consume_unless_intact(state, error)
+                raise
+        return self._invoke(self.run_, state, batch)  # not this path's case: _invoke takes the state
 
     # The in-place core --------------------------------------------------------------------
 
@@ -579,6 +632,7 @@ class TrainStep(Step):
         generator = _default_generator
         saved = generator.get_state()  # the caller's global RNG, put back below
         generator.set_state(state.rng["cpu"])
+        intact = True  # nothing of the state changed in place yet (the backward is the first thing that does)
         try:
             out = self.loss_fn(model, batch)
             if type(out) is _Tensor and out.ndim == 0 and out.requires_grad:
@@ -589,8 +643,13 @@ class TrainStep(Step):
             else:
                 loss, aux = _split_loss(out, self.loss_fn)
                 metrics = {"loss": loss.detach(), **aux}
+            intact = False
             loss.backward()
             rng = {"cpu": generator.get_state()}
+        except BaseException as error:
+            if intact:
+                leave_intact(error, state)
+            raise
         finally:
             generator.set_state(saved)
         optimizer.step()
@@ -613,15 +672,20 @@ class TrainStep(Step):
         ``first`` is the optimizer's first parameter: its device is the step's device.
         """
         precision = self.precision
-        if precision is not None:
-            device = first.device
-            with precision.autocast(device.type):
+        try:  # nothing of the state changes in place before the backward
+            if precision is not None:
+                device = first.device
+                with precision.autocast(device.type):
+                    out = self.loss_fn(net, batch)
+            else:
                 out = self.loss_fn(net, batch)
-        else:
-            out = self.loss_fn(net, batch)
-        if out is None:
-            return None, {}, None
-        loss, metrics = _split_loss(out, self.loss_fn)
+            if out is None:
+                return None, {}, None
+            loss, metrics = _split_loss(out, self.loss_fn)
+        except BaseException as error:
+            if self.sync is None:  # (under DDP, wrapping the model may have broadcast rank 0's parameters)
+                leave_intact(error, state)
+            raise
         per_micro = self.per_micro
         # per-micro transforms see the micro-batch's own gradient; its share (1/every) is taken after them
         to_backward = loss / self.accum_every if self.accum_every > 1 and not per_micro else loss
@@ -829,6 +893,13 @@ class EvalStep(Step):
         return ("eval_step",) + self.transforms
 
     def run_(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
+        try:
+            return state, self._metrics(state, batch)
+        except BaseException as error:  # an evaluation changes nothing: the state is as it was
+            leave_intact(error, state)
+            raise
+
+    def _metrics(self, state: TrainState, batch: Any) -> Metrics:
         model = state.model
         modes = [(m, m.training) for m in model.modules()]
         model.eval()
@@ -847,7 +918,7 @@ class EvalStep(Step):
         where = f"metric_fn {_fn_name(self.metric_fn)}"
         if not isinstance(out, Mapping):
             raise TypeError(f"{where} returned a {type(out).__qualname__}; expected a dict of metrics")
-        return state, {k: check_metric(v, k, where) for k, v in out.items()}
+        return {k: check_metric(v, k, where) for k, v in out.items()}
 
 
 def eval_step(metric_fn: Callable[[torch.nn.Module, Any], Mapping[str, Any]]) -> EvalStep:

@@ -17,7 +17,10 @@ import torch
 
 from loopkit.errors import StateMismatchError
 
-__all__ = ["copy_tensors", "from_plain", "path_str", "to_device", "to_plain"]
+__all__ = ["copy_tensors", "decode_tree", "encode_tree", "from_plain", "path_str", "to_device", "to_plain"]
+
+#: the key under which :func:`encode_tree` records what a mapping it made stands for
+KIND = "__loopkit_kind__"
 
 _PASS_THROUGH = (str, bytes, int, float, complex, bool, type(None))
 
@@ -129,6 +132,66 @@ def to_plain(obj: Any, path: tuple[str, ...] = ()) -> Any:
         f"state at '{path_str(path)}' is a {type(obj).__qualname__}; a state dict holds tensors, "
         "numbers and strings only"
     )
+
+
+def encode_tree(obj: Any, path: tuple[str, ...] = ()) -> Any:
+    """Encode ``obj`` as :func:`to_plain` does, but so that :func:`decode_tree` gives it back as it was.
+
+    Leaves are tensors, numbers and strings; a list, tuple or ``None``, and a mapping with keys
+    that are not all strings, become a mapping that records what it was under the string key
+    :data:`KIND`. For state without a template to decode it by (``TrainState.extras``).
+
+    >>> encode_tree({"seen": (1, 2), "by_epoch": {0: 0.5}, "best": None})["seen"]
+    {'0': 1, '1': 2, '__loopkit_kind__': 'tuple'}
+    >>> tree = {"seen": (1, 2), "by_epoch": {0: 0.5}, "best": None, "names": ["a"]}
+    >>> decode_tree(encode_tree(tree)) == tree
+    True
+    """
+    if isinstance(obj, (torch.Tensor, bool, int, float, str)):
+        return obj
+    if obj is None:
+        return {KIND: "none"}
+    if isinstance(obj, (list, tuple)):
+        out = {str(i): encode_tree(v, path + (str(i),)) for i, v in enumerate(obj)}
+        out[KIND] = "list" if isinstance(obj, list) else "tuple"
+        return out
+    if isinstance(obj, Mapping):
+        if all(type(k) is str for k in obj) and KIND not in obj:
+            return {k: encode_tree(v, path + (k,)) for k, v in obj.items()}
+        keys = {str(i): encode_tree(k, path + (str(k),)) for i, k in enumerate(obj)}
+        values = {str(i): encode_tree(v, path + (str(k),)) for i, (k, v) in enumerate(obj.items())}
+        return {KIND: "mapping", "keys": keys, "values": values}
+    raise TypeError(
+        f"state at '{path_str(path)}' is a {type(obj).__qualname__}; a state dict holds tensors, "
+        "numbers and strings only"
+    )
+
+
+def decode_tree(plain: Any, path: tuple[str, ...] = ()) -> Any:
+    """The structure :func:`encode_tree` encoded as ``plain``; a mapping without its tag stays a dict.
+
+    Raises :class:`loopkit.StateMismatchError` naming a leaf that is not a tensor, number or string.
+
+    >>> decode_tree({"n": {"0": 3, "__loopkit_kind__": "list"}})
+    {'n': [3]}
+    """
+    if isinstance(plain, (torch.Tensor, bool, int, float, str)):
+        return plain
+    if not isinstance(plain, Mapping):
+        raise _mismatch(f"key '{path_str(path)}' holds a {type(plain).__qualname__}; a state dict holds tensors, "
+                        "numbers and strings only")
+    kind = plain.get(KIND)
+    if kind is None:
+        return {k: decode_tree(v, path + (str(k),)) for k, v in plain.items()}
+    if kind == "none":
+        return None
+    if kind in ("list", "tuple"):
+        items = [decode_tree(plain[str(i)], path + (str(i),)) for i in range(len(plain) - 1)]
+        return items if kind == "list" else tuple(items)
+    if kind == "mapping":
+        keys, values = plain["keys"], plain["values"]
+        return {decode_tree(keys[i], path + (i,)): decode_tree(values[i], path + (i,)) for i in sorted(keys, key=int)}
+    raise _mismatch(f"key '{path_str(path + (KIND,))}' holds {kind!r}, which no loopkit state dict writes")
 
 
 def from_plain(plain: Any, template: Any, path: tuple[str, ...] = ()) -> Any:

@@ -130,6 +130,29 @@ def test_early_stopping_missing_monitor_raises_key_error_naming_it():
     assert "val/score" in str(info.value)  # lists what there is
 
 
+@pytest.mark.parametrize("no_val", [dict(), dict(val="given", limit_val_batches=0)], ids=["val=None", "limit 0"])
+def test_a_validation_monitor_in_a_fit_without_validation_is_refused_before_training(no_val, tmp_path):
+    """As Lightning's strict monitors: an EarlyStopping that would never stop, or a best checkpoint
+    never kept, is an error when the fit starts (before, both were silently inert)."""
+    if no_val.get("val") == "given":
+        no_val = dict(no_val, val=counting_eval()[0:1] + (make_data(2, seed=1),))
+    watchers = (
+        (dict(callbacks=[loopkit.EarlyStopping("val/loss", patience=1)]), lambda s: s, "EarlyStopping"),
+        (dict(), lambda s: loopkit.with_checkpointing(s, tmp_path, monitor="val/loss"), "with_checkpointing"),
+    )
+    for options, wrap, name in watchers:
+        loss = Counter(mse)
+        step = wrap(train_step(loss))
+        state = make_state()
+        with pytest.raises(ValueError, match=f"{name} monitors 'val/loss', but this fit has no validation"):
+            run_epochs(step, state, make_data(3), epochs=2, progress=False, **options, **no_val)
+        state.check_usable()
+        assert loss.calls == 0
+    # a train/ metric needs no validation
+    run_epochs(train_step(mse), make_state(), make_data(3), epochs=2, progress=False,
+               callbacks=[loopkit.EarlyStopping("train/loss", patience=1)])
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [({"mode": "avg"}, "mode"), ({"patience": 0}, "patience"), ({"min_delta": -1.0}, "min_delta")],
@@ -292,7 +315,7 @@ def test_a_resumed_runs_sanity_validation_leaves_the_global_rng_as_the_uninterru
 
 
 def test_stateful_callbacks_are_kept_under_distinct_keys_and_loaded_back():
-    a, b, plain = _Tally(), _Tally(10), loopkit.LearningRateMonitor()
+    a, b, plain = _Tally(), _Tally(10), Recorder()
     state, _ = run_epochs(train_step(mse), make_state(), make_data(2), epochs=2, callbacks=[a, plain, b], progress=False)
     kept = {k: dict(v) for k, v in state.extras.items() if k.startswith("callbacks/")}
     assert kept == {"callbacks/_Tally": {"value": 2}, "callbacks/_Tally#2": {"value": 12}}
@@ -355,6 +378,24 @@ def test_learning_rate_monitor_epoch_values_in_history():
     # the scheduler halves the lr after every update: 3 updates per epoch; an epoch's value is the rate it starts with
     assert [h["lr-SGD"] for h in history] == [0.25, 0.25 * 0.5**3, 0.25 * 0.5**6]
     assert monitor.history == [(0, {"lr-SGD": 0.25}), (3, {"lr-SGD": 0.25 * 0.5**3}), (6, {"lr-SGD": 0.25 * 0.5**6})]
+
+
+@pytest.mark.parametrize("crash_at", [4, 5], ids=["after-its-first-batch", "after-its-second-batch"])
+def test_learning_rate_monitor_resumed_mid_epoch_records_what_the_uninterrupted_run_records(tmp_path, crash_at):
+    """The rate an epoch starts with travels in the state: a run resumed from a checkpoint taken
+    mid-epoch records that rate for the epoch, not the one at the resume point."""
+    whole = loopkit.LearningRateMonitor()
+    _, whole_history = run_epochs(train_step(mse), lr_state(), make_data(3), epochs=3, callbacks=[whole], progress=False)
+    step = loopkit.with_checkpointing(train_step(mse), tmp_path, every_n_steps=1, keep_last=None)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_epochs(step, lr_state(), make_data(3), epochs=3, callbacks=[loopkit.LearningRateMonitor(), _CrashAtStep(crash_at)],
+                   progress=False)
+    restored = loopkit.restore(lr_state(), tmp_path)
+    assert restored.step == crash_at
+    resumed = loopkit.LearningRateMonitor()
+    _, history = run_epochs(train_step(mse), restored, make_data(3), epochs=3, callbacks=[resumed], progress=False)
+    assert history == whole_history[1:]
+    assert resumed.history == whole.history[1:]  # (the step the epoch started at, its rates)
 
 
 def test_learning_rate_monitor_per_step():

@@ -282,6 +282,31 @@ def test_limit_val_batches_bounds_the_sanity_check():
     assert counter.calls == 1
 
 
+@pytest.mark.parametrize("limit, expected", [(0.25, 1), (0.5, 2), (1, 1)])
+def test_a_val_fraction_bounds_the_sanity_check_too(limit, expected):
+    """Sanity validation never runs more batches than the limited validation would (Lightning's rule)."""
+    ev, counter = counting_eval()
+    run_epochs(train_step(mse), make_state(), make_data(2), epochs=1, val=(ev, make_data(4, seed=1)),
+               val_every_n_epochs=5, limit_val_batches=limit, progress=False)
+    assert counter.calls == expected
+
+
+@pytest.mark.parametrize("stop", [dict(max_steps=5), dict(epochs=3)])
+def test_limit_train_batches_zero_turns_training_off(stop):
+    """As in Lightning: no epoch runs (with max_steps alone it ran empty epochs forever); the sanity
+    validation still runs, and the state comes back as given, still usable."""
+    loss = Counter(mse)
+    ev, counter = counting_eval()
+    state = make_state()
+    before = params_of(state)
+    out, history = run_epochs(train_step(loss), state, make_data(4), val=(ev, make_data(4, seed=1)),
+                              limit_train_batches=0, progress=False, **stop)
+    assert loss.calls == 0 and history == [] and counter.calls == 2  # the sanity batches alone
+    assert (out.step, out.epoch, out.batch_index) == (0, 0, 0)
+    assert_bitwise(params_of(out), before)
+    state.check_usable()
+
+
 def test_limit_val_batches_zero_disables_validation():
     ev, counter = counting_eval()
     rec = Recorder()
@@ -747,6 +772,58 @@ def test_a_fraction_of_data_without_len_raises():
     with pytest.raises(ValueError, match="no len"):
         run_epochs(train_step(mse), make_state(), iter(make_data(4)), epochs=1, limit_train_batches=0.5,
                    progress=False)
+
+
+def _bad_loss_at(call: int):
+    """mse, except that call number ``call`` (from 1) returns a loss of shape [4, 1]."""
+    calls = []
+
+    def loss_fn(m, b):
+        calls.append(1)
+        out = (m(b[0]) - b[1]) ** 2
+        return out if len(calls) == call else out.mean()
+
+    return loss_fn
+
+
+def test_an_error_before_the_first_step_changed_anything_leaves_the_given_state_usable():
+    """Bad input gets its error before anything is lost: a loss refused at the first batch, a loss_fn
+    that raises there, or a callback failing before any batch leave the given state as it was, and
+    a second run_epochs from it equals a run from an untouched state (bitwise)."""
+
+    class FailsAtEpochStart(loopkit.Callback):
+        def on_epoch_start(self, state):
+            raise RuntimeError("callback")
+
+    def raising(m, b):
+        m(b[0])
+        raise RuntimeError("loss_fn")
+
+    failures = (
+        (dict(step=train_step(_bad_loss_at(1))), ValueError, "scalar"),
+        (dict(step=train_step(raising)), RuntimeError, "loss_fn"),
+        (dict(step=loopkit.with_grad_clip(train_step(_bad_loss_at(1)), max_norm=1.0)), ValueError, "scalar"),
+        (dict(step=train_step(mse), callbacks=[FailsAtEpochStart()]), RuntimeError, "callback"),
+    )
+    reference, _ = run_epochs(train_step(mse), make_state(dropout=True), make_data(4), epochs=2, progress=False)
+    for options, error, match in failures:
+        state = make_state(dropout=True)
+        with pytest.raises(error, match=match):
+            run_epochs(options["step"], state, make_data(4), epochs=2, callbacks=options.get("callbacks", ()),
+                       progress=False)
+        state.check_usable()
+        again, _ = run_epochs(train_step(mse), state, make_data(4), epochs=2, progress=False)
+        assert_bitwise(params_of(again), params_of(reference))
+        assert torch.equal(again.rng["cpu"], reference.rng["cpu"])
+
+
+def test_an_error_after_a_step_has_trained_uses_the_given_state_up():
+    """After the first update the given state's model has changed in place: its handle is done."""
+    state = make_state()
+    with pytest.raises(ValueError, match="scalar"):
+        run_epochs(train_step(_bad_loss_at(3)), state, make_data(4), epochs=1, progress=False)
+    with pytest.raises(loopkit.DonatedStateError):
+        state.check_usable()
 
 
 def test_a_state_that_is_not_a_train_state_is_refused():

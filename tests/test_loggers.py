@@ -256,6 +256,22 @@ def test_tensorboard_hparams_metrics_given_explicitly_are_added_as_scalars(tmp_p
     assert {m.name.tag for m in _hparams_content(events)["_hparams_/experiment"].experiment.metric_infos} == {"hp/final"}
 
 
+def test_tensorboard_hparams_given_after_the_fit_finalized_the_logger_are_written(tmp_path):
+    """As Lightning's log_hyperparams after fit: run_epochs has finalized the logger, and no later
+    finalize comes; before, they never reached the event files."""
+    logger = TensorBoardLogger(tmp_path)
+    step = loopkit.with_logging(loopkit.train_step(lambda m, b: m(b).pow(2).mean()), logger, every_n_steps=2)
+    model = torch.nn.Linear(2, 1)
+    state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    _, history = loopkit.run_epochs(step, state, [torch.ones(4, 2)] * 4, epochs=1, progress=False)
+    logger.log_hparams({"lr": 0.1}, metrics={"train/loss": history[-1]["train/loss"]})
+    events = read_events(logger.log_dir)
+    content = _hparams_content(events)
+    assert content["_hparams_/session_start_info"].session_start_info.hparams["lr"].number_value == 0.1
+    assert {m.name.tag for m in content["_hparams_/experiment"].experiment.metric_infos} == {"train/loss"}
+    assert [e.step for e in events.Scalars("train/loss")] == [2, 4]  # the run's scalars are all still there
+
+
 def test_tensorboard_without_hparams_writes_no_hparams(tmp_path):
     logger = TensorBoardLogger(tmp_path)
     logger.log_metrics({"train/loss": 1.0}, 1)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import attrs
 import pytest
 import torch
@@ -172,6 +174,43 @@ def test_load_state_dict_round_trip_restores_everything(
     assert_trees_equal(take_snapshot(b), take_snapshot(a))
     # the state it was loaded into is unchanged
     assert fresh.step == 0 and fresh.optimizer.state_dict()["state"] == {}
+
+
+def test_extras_of_any_plain_structure_come_back_from_a_state_dict_as_they_were(make_mlp, round_trip):
+    """A transform of one's own may keep tuples, lists, None and int keys in extras; a state dict
+    (and a file) holds tensors, numbers and strings only, and load_state_dict gives them back
+    (before, a list came back as {'0': ..., '1': ...}, int keys as strings, None not at all)."""
+    extras = {
+        "history": [1.0, 2.0], "pair": (torch.ones(2), "a"), "by_epoch": {0: 0.5, 3: 0.25}, "best": None,
+        "by_pair": {(1, 2): [None]}, "nested": {"deep": ({"x": 1},)}, "odd": {"__loopkit_kind__": "mine", "v": 2},
+        "empty": (), "flag": True,
+    }
+    state = loopkit.TrainState.create(make_mlp(0)).evolve(extras=extras)
+    sd = state.state_dict()
+    for _, leaf in _leaves(sd["extras"]):
+        assert isinstance(leaf, (torch.Tensor, int, float, str))
+    for given in (sd, round_trip(sd)):
+        restored = dict(loopkit.TrainState.create(make_mlp(1)).load_state_dict(given).extras)
+        assert set(restored) == set(extras)
+        for key, value in extras.items():
+            got = restored[key]
+            assert type(got) is type(value), key
+            if key == "pair":
+                assert torch.equal(got[0], value[0]) and got[1] == value[1]
+            else:
+                assert got == value, key
+
+
+def test_extras_in_the_earlier_state_dict_form_still_load(make_mlp):
+    """Checkpoints written before the tagged form: their lists were string-keyed dicts, which load
+    as such (the windows of run_epochs and with_logging read that form)."""
+    state = loopkit.TrainState.create(make_mlp(0))
+    sd = state.state_dict()
+    sd["extras"] = {"run_epochs/epoch": {"0": {"loss": torch.tensor(1.0)}, "1": {"loss": torch.tensor(3.0)}}}
+    restored = loopkit.TrainState.create(make_mlp(1)).load_state_dict(sd)
+    from loopkit._window import EPOCH
+
+    assert EPOCH.means(restored.extras) == {"loss": 2.0}
 
 
 def _tied(tie: bool) -> nn.Module:
@@ -521,6 +560,63 @@ def test_a_fresh_template_takes_optimizer_state_not_shaped_like_the_parameters(m
         a, _ = step(a, batch)
         b, _ = step(b, batch)
     assert_trees_equal(take_snapshot(b), take_snapshot(a))
+
+
+@pytest.mark.parametrize("fresh", [True, False], ids=["fresh template", "trained template"])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda entry: entry.pop("exp_avg"), "missing key 'optimizer.state.0.exp_avg'"),
+        (lambda entry: entry.pop("step"), "missing key 'optimizer.state.0.step'"),
+        (lambda entry: entry.__setitem__("bogus", torch.zeros(1)), "unexpected key 'optimizer.state.0.bogus'"),
+    ],
+    ids=["moment", "step", "unexpected"],
+)
+def test_a_missing_or_unexpected_key_of_a_parameters_optimizer_state_is_named(fresh, change, message, make_mlp, batches, mse_loss):
+    """Before, a missing moment loaded silently and failed at the next step with a bare KeyError,
+    and an unexpected key was taken in."""
+    step = loopkit.train_step(mse_loss)
+
+    def state(seed, trained):
+        model = make_mlp(seed)
+        s = loopkit.TrainState.create(model, torch.optim.Adam(model.parameters(), lr=0.01))
+        return step(s, batches[0])[0] if trained else s
+
+    sd = state(0, True).state_dict()
+    change(sd["optimizer"]["state"]["0"])
+    template = state(1, not fresh)
+    with pytest.raises(loopkit.StateMismatchError, match=re.escape(message)):
+        template.load_state_dict(sd)
+    template.check_usable()
+
+
+@pytest.mark.parametrize(
+    "make_optimizer",
+    [
+        lambda ps: torch.optim.SGD(ps, lr=0.1),
+        lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),
+        lambda ps: torch.optim.Adam(ps, amsgrad=True),
+        lambda ps: torch.optim.RMSprop(ps, momentum=0.9, centered=True),
+        torch.optim.NAdam, torch.optim.Adagrad, torch.optim.Rprop, torch.optim.ASGD, torch.optim.Adafactor,
+    ],
+    ids=["sgd", "momentum", "amsgrad", "rmsprop", "nadam", "adagrad", "rprop", "asgd", "adafactor"],
+)
+def test_every_torch_optimizers_own_state_loads_into_a_fresh_or_trained_template(make_optimizer, make_mlp, batches, mse_loss, take_snapshot, assert_trees_equal):
+    """The keys each parameter's state must hold are learnt from the optimizer's class and the loaded
+    options: none of torch's own optimizers is refused, and the loaded state trains on as the original."""
+    step = loopkit.train_step(mse_loss)
+
+    def state(seed):
+        model = make_mlp(seed)
+        return loopkit.TrainState.create(model, make_optimizer(model.parameters()))
+
+    trained, _ = step(state(0), batches[0])
+    for template in (state(1), step(state(1), batches[1])[0]):
+        a, b = trained, template.load_state_dict(trained.state_dict())
+        for batch in batches[2:4]:
+            a, _ = step(a, batch)
+            b, _ = step(b, batch)
+        assert_trees_equal(take_snapshot(b), take_snapshot(a))
 
 
 def test_gradient_hooks_on_parameters_run_in_pure_steps_and_after_load_state_dict(make_mlp, batches, mse_loss, assert_trees_equal):

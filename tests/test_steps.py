@@ -254,22 +254,105 @@ def test_donated_state_cannot_be_used_again(make_mlp, batches, mse_loss, make_sg
     assert new2.step == 2
 
 
-def test_a_donated_step_that_raises_has_consumed_its_state_on_every_path(make_mlp, batches, make_sgd_state):
-    """The plain CPU step's own call path, the general path (a transform) and a wrapper: each marks the state."""
+def _step_paths(loss_fn):
+    """The plain CPU step's own call path, the general path (a transform) and a wrapper."""
+    plain = loopkit.train_step(loss_fn)
+    return {
+        "plain": plain,
+        "clip": loopkit.with_grad_clip(plain, max_norm=1.0),
+        "accum": loopkit.with_grad_accum(plain, every=2),
+        "logging": loopkit.with_logging(plain, loopkit.ConsoleLogger(), every_n_steps=5),
+    }
 
-    def boom(m, b):
+
+def _draws_then(fail):
+    def loss_fn(m, b):
         torch.rand(3)  # draws from the step's RNG before failing
-        raise RuntimeError("boom")
+        return fail(m, b)
 
-    plain = loopkit.train_step(boom)
-    for step in (plain, loopkit.with_grad_clip(plain, max_norm=1.0), loopkit.with_logging(plain, loopkit.ConsoleLogger(), every_n_steps=5)):
+    return loss_fn
+
+
+def _raise_boom(m, b):
+    m(b[0])  # a forward first
+    raise RuntimeError("boom")
+
+
+_FAILS_BEFORE_BACKWARD = {  # the loss_fn's own exception, and each loss loopkit refuses
+    "loss_fn raises": (_raise_boom, RuntimeError, "boom"),
+    "non-scalar loss": (lambda m, b: (m(b[0]) - b[1]) ** 2, ValueError, "scalar"),
+    "loss without grad": (lambda m, b: ((m(b[0]) - b[1]) ** 2).mean().detach(), ValueError, "without a gradient"),
+    "bad aux metric": (lambda m, b: (((m(b[0]) - b[1]) ** 2).mean(), {"acc": "high"}), TypeError, "'acc'"),
+}
+
+
+@pytest.mark.parametrize("path", ["plain", "clip", "accum", "logging"])
+@pytest.mark.parametrize("failure", list(_FAILS_BEFORE_BACKWARD))
+def test_a_donated_step_that_fails_before_its_backward_leaves_its_state_usable_and_as_it_was(
+    path, failure, make_mlp, batches, mse_loss, make_sgd_state, take_snapshot, assert_trees_equal
+):
+    """Bad input gets its error before anything is lost: nothing of the state changed in place
+    before the backward, so the donated state stays usable, and training it then gives what an
+    untouched state gives (bitwise), its RNG included (the failed call drew from it)."""
+    fail, error, match = _FAILS_BEFORE_BACKWARD[failure]
+    state, untouched = make_sgd_state(make_mlp(0)), make_sgd_state(make_mlp(0))
+    if path == "accum":  # mid-group: the first micro-batch's gradients are in place already
+        state, _ = loopkit.donate(_step_paths(mse_loss)[path])(state, batches[1])
+        untouched, _ = loopkit.donate(_step_paths(mse_loss)[path])(untouched, batches[1])
+    global_rng = torch.get_rng_state()
+    with pytest.raises(error, match=match):
+        loopkit.donate(_step_paths(_draws_then(fail))[path])(state, batches[0])
+    assert torch.equal(torch.get_rng_state(), global_rng)
+    state.check_usable()
+    good = loopkit.donate(_step_paths(mse_loss)[path])
+    (new, metrics), (reference, expected) = good(state, batches[0]), good(untouched, batches[0])
+    assert_trees_equal(take_snapshot(new), take_snapshot(reference))
+    assert torch.equal(metrics["loss"], expected["loss"])
+
+
+def _fail_in_backward(grad):
+    raise RuntimeError("backward boom")
+
+
+@pytest.mark.parametrize("path", ["plain", "clip", "accum", "logging"])
+def test_a_donated_step_that_fails_in_its_backward_has_consumed_its_state(path, make_mlp, batches, mse_loss, make_sgd_state):
+    """Past the first in-place change (gradients accumulate during the backward) the state is used up."""
+    state = make_sgd_state(make_mlp(0))
+    list(state.model.parameters())[0].register_hook(_fail_in_backward)  # the last gradient the backward reaches
+    global_rng = torch.get_rng_state()
+    with pytest.raises(RuntimeError, match="backward boom"):
+        loopkit.donate(_step_paths(_draws_then(mse_loss))[path])(state, batches[0])
+    assert torch.equal(torch.get_rng_state(), global_rng)
+    with pytest.raises(loopkit.DonatedStateError):
+        state.evolve(step=1)
+
+
+def test_a_custom_step_that_raises_has_consumed_its_state_unless_it_says_otherwise(make_mlp, batches, make_sgd_state):
+    """loopkit cannot know what a plain function changed before it raised; one that knows says so
+    with leave_intact."""
+
+    def changes_then_fails(state, batch):
+        raise RuntimeError("custom")
+
+    def fails_first(state, batch):
+        raise loopkit.steps.leave_intact(RuntimeError("checked"), state)
+
+    for fn, usable in ((changes_then_fails, False), (fails_first, True)):
         state = make_sgd_state(make_mlp(0))
-        global_rng = torch.get_rng_state()
-        with pytest.raises(RuntimeError, match="boom"):
-            loopkit.donate(step)(state, batches[0])
-        assert torch.equal(torch.get_rng_state(), global_rng), step.applied
-        with pytest.raises(loopkit.DonatedStateError):
-            state.evolve(step=1)
+        with pytest.raises(RuntimeError):
+            loopkit.donate(fn)(state, batches[0])
+        if usable:
+            state.check_usable()
+        else:
+            with pytest.raises(loopkit.DonatedStateError):
+                state.check_usable()
+
+
+def test_a_donated_eval_step_that_raises_leaves_its_state_usable(make_mlp, batches, make_sgd_state):
+    state = make_sgd_state(make_mlp(0))
+    with pytest.raises(TypeError, match="'acc'"):
+        loopkit.donate(loopkit.eval_step(lambda m, b: {"acc": "high"}))(state, batches[0])
+    state.check_usable()
 
 
 def test_a_donated_step_refusing_an_unusable_optimizer_has_consumed_its_state(make_mlp, batches, mse_loss):
@@ -461,6 +544,21 @@ def test_non_numeric_aux_metric_is_refused(value, fragment, make_mlp, make_sgd_s
         _run(loss_with_aux, make_mlp, make_sgd_state, batches[0])
     message = str(info.value)
     assert "'quality'" in message and "loss_with_aux" in message and fragment in message
+
+
+def test_numpy_numbers_are_metrics_as_python_numbers_are(make_mlp, make_sgd_state, batches):
+    """np.float32, np.int64 and 1-element arrays are numbers (np.float64 already was: it subclasses float);
+    numpy's booleans and longer arrays are not."""
+    import numpy as np
+
+    state = make_sgd_state(make_mlp(0))
+    values = {"f32": np.float32(0.25), "i64": np.int64(3), "array": np.array(0.5), "one": np.array([2.0]), "f64": np.float64(1.5)}
+    _, metrics = loopkit.eval_step(lambda m, b: values)(state, batches[0])
+    assert {k: v.item() for k, v in metrics.items()} == {k: float(v.reshape(())) for k, v in values.items()}
+    assert all(v.dim() == 0 for v in metrics.values())
+    for bad in (np.bool_(True), np.array([1.0, 2.0]), np.array("a")):
+        with pytest.raises(TypeError, match="metric 'bad'"):
+            loopkit.eval_step(lambda m, b, bad=bad: {"bad": bad})(state, batches[0])
 
 
 def test_loss_fn_returning_a_non_tensor_is_refused(make_mlp, make_sgd_state, batches):

@@ -10,7 +10,10 @@
 
 from __future__ import annotations
 
+import atexit
+import functools
 import os
+import weakref
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -22,7 +25,7 @@ from torch.profiler import ProfilerActivity, profile, record_function, schedule,
 from loopkit._collective import is_rank_zero
 from loopkit.state import TrainState
 from loopkit.steps import Metrics, WrapperStep
-from loopkit.transforms._compose import require_step
+from loopkit.transforms._compose import refuse_wrapping, require_step
 
 __all__ = ["ProfilerStep", "with_profiler"]
 
@@ -37,11 +40,17 @@ class _Session:
         self.profiler: profile | None = None
         self.calls = 0
         self.done = False
+        self.at_exit: Any = None
 
     def begin(self, options: ProfilerStep) -> profile | None:
         if self.done:
             return None
         if self.profiler is None:
+            if torch.autograd.profiler._is_profiler_enabled:
+                raise RuntimeError(
+                    "with_profiler: another torch profiler is running in this process (two that overlap crash "
+                    "it); close the other one first (a with_profiler step's close())"
+                )
             activities = [ProfilerActivity.CPU]
             if torch.cuda.is_available():
                 activities.append(ProfilerActivity.CUDA)
@@ -54,6 +63,10 @@ class _Session:
                 with_stack=options.with_stack,
             )
             self.profiler.start()
+            # a loop of your own that ends before the schedule and never calls close(): a profiler left
+            # running crashes the interpreter as it shuts down, so it is stopped (its trace written) at exit
+            self.at_exit = functools.partial(_close_at_exit, weakref.ref(self), weakref.ref(options))
+            atexit.register(self.at_exit)
         return self.profiler
 
     def advance(self, options: ProfilerStep) -> None:
@@ -68,12 +81,19 @@ class _Session:
         if profiler is None:
             return
         self.done = True
+        atexit.unregister(self.at_exit)
         recorded = self.calls > options.wait + options.warmup
         profiler.stop()
         if recorded and is_rank_zero():
             sort_by = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
             table = profiler.key_averages().table(sort_by=sort_by, row_limit=40)
             (options.directory / SUMMARY).write_text(table + "\n", encoding="utf-8")
+
+
+def _close_at_exit(session: weakref.ref[_Session], options: weakref.ref[ProfilerStep]) -> None:
+    live, step = session(), options()
+    if live is not None and step is not None:
+        live.close(step)
 
 
 @attrs.frozen(eq=False, kw_only=True)
@@ -114,7 +134,7 @@ class ProfilerStep(WrapperStep):
         return result
 
     def on_event(self, event: str, state: TrainState, metrics: Mapping[str, float]) -> None:
-        if event in ("stop", "fit_end", "abort"):
+        if event in ("stop", "fit_end", "abort", "evaluate_end"):
             self.close()
 
     def close(self) -> None:
@@ -164,6 +184,9 @@ def with_profiler(
     if not isinstance(directory, (str, os.PathLike)):
         raise TypeError(f"with_profiler: directory must be a path, got {type(directory).__qualname__}")
     inner = require_step(step, "with_profiler")
+    refuse_wrapping(inner, "with_profiler", {  # torch.profiler: one session at a time (two that overlap crash)
+        "with_profiler": "torch.profiler runs one profile at a time in a process; profile the step once",
+    })
     path = Path(directory)
     if path.exists() and not path.is_dir():
         raise NotADirectoryError(f"with_profiler: {str(path)!r} exists and is not a directory")

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from loopkit.state import TrainState, fork
-from loopkit.steps import Metrics, WrapperStep
+from loopkit.steps import Metrics, WrapperStep, leave_intact
 from loopkit.transforms._compose import refuse_wrapping, require_step
 
 __all__ = ["QATStep", "is_prepared", "quantized_model", "with_qat"]
@@ -154,10 +154,16 @@ class QATStep(WrapperStep):
 
     def run_(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
         model = state.model
-        if not is_prepared(model):
-            _prepare(model, self._qconfig(model))
-        self._freeze(model, state.step)
-        return self.inner.run_(state, batch)
+        if is_prepared(model):
+            self._freeze(model, state.step)
+            return self.inner.run_(state, batch)
+        _prepare(model, self._qconfig(model))
+        try:
+            self._freeze(model, state.step)
+            return self.inner.run_(state, batch)
+        except BaseException as error:
+            leave_intact(error, None)  # the model's modules were swapped in place: the state is not as it was
+            raise
 
     def _freeze(self, model: nn.Module, step: int) -> None:
         quantization = _quantization()

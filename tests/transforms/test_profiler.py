@@ -98,6 +98,42 @@ def test_an_eval_step_can_be_profiled(tmp_path, make_mlp, batches, mse_loss, mak
     assert not _profiling() and len(_traces(tmp_path)) == 1
 
 
+def test_evaluate_shorter_than_the_schedule_stops_the_profile_and_writes_it(tmp_path, make_mlp, batches, mse_loss,
+                                                                         make_sgd_state):
+    """evaluate tells the step it ended: a profile it left open would crash the interpreter at exit."""
+    evaluator = loopkit.with_profiler(loopkit.eval_step(lambda m, b: {"mse": mse_loss(m, b)}), tmp_path)
+    loopkit.evaluate(evaluator, make_sgd_state(make_mlp(0)), batches[:3])  # 3 calls of a 5-call schedule
+    assert not _profiling() and len(_traces(tmp_path)) == 1
+
+
+_SHORT_LOOP = """
+import sys, torch, loopkit
+model = torch.nn.Linear(2, 1)
+state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+step = loopkit.with_profiler(loopkit.train_step(lambda m, b: m(b).pow(2).mean()), sys.argv[1])
+for _ in range(3):  # a 5-call schedule, and no close()
+    state, _ = step(state, torch.ones(4, 2))
+"""
+
+
+def test_a_loop_of_ones_own_that_ends_mid_schedule_without_close_exits_cleanly_with_its_trace(tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _SHORT_LOOP, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]  # a profiler still running at shutdown crashed it (rc -11)
+    assert len(_traces(tmp_path)) == 1
+
+
+def test_a_profiled_step_cannot_be_profiled_again(tmp_path, mse_loss):
+    """Nested profiles overlap, which torch.profiler cannot do (it raises, then crashes): refused when built."""
+    inner = loopkit.with_profiler(loopkit.train_step(mse_loss), tmp_path / "a")
+    with pytest.raises(TypeError, match="with_profiler cannot wrap with_profiler"):
+        loopkit.with_profiler(inner, tmp_path / "b")
+    with pytest.raises(TypeError, match="with_profiler cannot wrap with_profiler"):
+        loopkit.with_profiler(loopkit.with_logging(inner, loopkit.ConsoleLogger()), tmp_path / "c")  # at any depth
+
+
 def test_a_profiled_validation_step_is_closed_when_the_fit_ends(tmp_path, make_mlp, batches, mse_loss, make_sgd_state):
     evaluator = loopkit.with_profiler(loopkit.eval_step(lambda m, b: {"mse": mse_loss(m, b)}), tmp_path,
                                       wait=0, warmup=1, active=100)

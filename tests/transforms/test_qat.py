@@ -236,3 +236,21 @@ def test_a_nan_batch_skipped_by_nan_guard_leaves_the_observers_as_they_were(make
     state, metrics = step(state, data[2])
     assert torch.isfinite(metrics["loss"]) and state.step == 2
     assert all(bool(torch.isfinite(b).all()) for b in state.model.buffers() if b.is_floating_point())
+
+
+def test_a_donated_first_call_whose_loss_fails_has_consumed_its_state(make_batches):
+    """The first call swaps the model's modules for QAT ones before the loss runs: a loss refused
+    then leaves a changed state, used up (a refused loss on a prepared model leaves it usable)."""
+    bad = lambda m, b: (m(b[0]) - b[1]) ** 2  # noqa: E731 (not reduced to a scalar)
+    data = make_batches(2, d_in=4, d_out=2)
+    step = loopkit.donate(loopkit.with_qat(loopkit.train_step(bad)))
+    state = _state()
+    with pytest.raises(ValueError, match="scalar"):
+        step(state, data[0])
+    assert is_prepared(state.model)
+    with pytest.raises(loopkit.DonatedStateError):
+        state.check_usable()
+    prepared, _ = loopkit.donate(loopkit.with_qat(loopkit.train_step(_mse)))(_state(), data[0])
+    with pytest.raises(ValueError, match="scalar"):
+        step(prepared, data[1])
+    prepared.check_usable()
