@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-__all__ = ["active", "fold", "is_rank_zero", "means", "read"]
+__all__ = ["active", "fold", "is_rank_zero", "means", "read", "sum_dtype"]
 
 
 def active() -> bool:
@@ -40,10 +40,22 @@ def is_rank_zero() -> bool:
     return not (dist.is_available() and dist.is_initialized() and dist.get_rank() != 0)
 
 
+def sum_dtype(values: torch.Tensor) -> torch.dtype:
+    """The dtype metrics like ``values`` are summed in: float64 for float64 and int64 ones (no precision
+    lost to float32's 24 bits: token counts, float64 models), float32 for the rest.
+
+    >>> sum_dtype(torch.ones(2)), sum_dtype(torch.ones(2, dtype=torch.float64)), sum_dtype(torch.ones(2, dtype=torch.int64))
+    (torch.float32, torch.float64, torch.float64)
+    """
+    if values.dtype in (torch.float64, torch.int64) and values.device.type != "mps":  # MPS has no float64
+        return torch.float64
+    return torch.float32
+
+
 def fold(
     sums: Mapping[str, torch.Tensor], counts: Mapping[str, int], records: Iterable[Mapping[str, torch.Tensor]]
 ) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
-    """New sums and counts with every record's metrics added: one stack-and-sum per key (float32, no sync).
+    """New sums and counts with every record's metrics added: one stack-and-sum per key (:func:`sum_dtype`, no sync).
 
     >>> s, c = fold({}, {}, [{"loss": torch.tensor(1.0)}, {"loss": torch.tensor(2.0), "acc": torch.tensor(1)}])
     >>> {k: float(v) for k, v in s.items()}, c
@@ -60,7 +72,7 @@ def fold(
         except RuntimeError:  # metrics of one key on several devices
             device = tensors[0].device
             stacked = torch.stack([t.to(device) for t in tensors])
-        total = stacked.sum(dtype=torch.float32)
+        total = stacked.sum(dtype=sum_dtype(stacked))
         new_sums[key] = total if key not in new_sums else new_sums[key] + total
         new_counts[key] = new_counts.get(key, 0) + len(tensors)
     return new_sums, new_counts

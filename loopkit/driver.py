@@ -218,7 +218,7 @@ def _evaluate(
         size = _batch_size(batch)
         _, metrics = step(state, batch)
         for key, value in metrics.items():
-            weighted = value.float() * size
+            weighted = value.to(_collective.sum_dtype(value)) * size
             sums[key] = weighted if key not in sums else sums[key] + weighted
             sizes[key] = sizes.get(key, 0) + size
     return _collective.means(sums, sizes, reduce=reduce)

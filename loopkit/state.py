@@ -569,6 +569,10 @@ def _clone_optimizer(
         copied["params"] = [_clone_tensor(p, memo) for p in group["params"]]
         groups.append(copied)
     attributes["param_groups"] = groups
+    for name, value in attributes.items():  # LBFGS keeps its group's parameter list as ``_params`` too
+        for group, copied in zip(optimizer.param_groups, groups):
+            if value is group["params"]:
+                attributes[name] = copied["params"]
     state: defaultdict = defaultdict(dict)
     for p, entry in optimizer.state.items() if with_state else ():
         state[_clone_tensor(p, memo)] = _clone_entry(entry, memo)

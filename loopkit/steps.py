@@ -18,6 +18,7 @@ step as a :class:`WrapperStep`.
 
 from __future__ import annotations
 
+import inspect
 import numbers
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
@@ -44,6 +45,7 @@ __all__ = [
     "donate",
     "eval_step",
     "leave_intact",
+    "needs_closure",
     "train_step",
 ]
 
@@ -598,7 +600,7 @@ class TrainStep(Step):
             return replace(state, batch_index=state.batch_index + 1, rng=rng), {}
         metrics = {"loss": loss.detach(), **metrics} if metrics else {"loss": loss.detach()}
         if extras is None:  # the plain step: update at once, nothing else to do
-            return keep_graph(_plain_update(state, optimizer, rng), loss), metrics
+            return keep_graph(_plain_update(state, optimizer, rng, self, batch), loss), metrics
         new = _advance(state, state.step, rng, state.extras)
         ctx = GradContext(
             new, metrics, extras.pop(_FOUND_INF, None), extras.pop(_NONFINITE, None), None if sync is None else sync.agree
@@ -652,7 +654,12 @@ class TrainStep(Step):
             raise
         finally:
             generator.set_state(saved)
-        optimizer.step()
+        try:
+            optimizer.step()
+        except TypeError:  # one that needs a closure (LBFGS): the loss_fn runs again, as often as it asks
+            if not needs_closure(optimizer):
+                raise
+            rng = _step_with_closure(self.loss_fn, state, optimizer, batch)
         scheduler = state.scheduler
         if scheduler is not None:
             scheduler.step()
@@ -733,7 +740,16 @@ class TrainStep(Step):
         skip = _skip_flag(ctx)
         skipped = skip is not None and bool(skip)  # one read per update, only with a scaler or a guard
         if not skipped:
-            optimizer.step()
+            try:
+                optimizer.step()
+            except TypeError as error:
+                if needs_closure(optimizer):
+                    raise TypeError(
+                        f"train_step: {type(optimizer).__name__}.step() needs a closure, which re-runs the loss_fn; "
+                        f"{', '.join(self.transforms)} change the gradients between backward and step, and a "
+                        "closure would bypass them: use such an optimizer in a plain train_step"
+                    ) from error
+                raise
             if scheduler is not None:
                 scheduler.step()
         if scaler is not None:
@@ -760,14 +776,66 @@ def _backward_synced(loss: torch.Tensor, sync: Any, state: TrainState, local: bo
         raise sync.failure("the gradient all-reduce in backward (DistributedDataParallel)", e, where) from e
 
 
-def _plain_update(state: TrainState, optimizer: torch.optim.Optimizer, rng: Any) -> TrainState:
+def _plain_update(state: TrainState, optimizer: torch.optim.Optimizer, rng: Any, step: TrainStep, batch: Any) -> TrainState:
     """The update of a step with no gradient transform: optimizer, scheduler, zeroed gradients, counters."""
-    optimizer.step()
+    try:
+        optimizer.step()
+    except TypeError as error:  # one that needs a closure (LBFGS)
+        if not needs_closure(optimizer):
+            raise
+        if step.sync is not None:
+            raise TypeError(
+                f"with_ddp: {type(optimizer).__name__}.step() needs a closure, whose backward would not "
+                "all-reduce the gradients; use an optimizer whose step() takes no closure"
+            ) from error
+        rng = _step_with_closure(step.loss_fn, state, optimizer, batch)
     scheduler = state.scheduler
     if scheduler is not None:
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return _advance(state, state.step + 1, rng, state.extras)
+
+
+def needs_closure(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer.step`` must be given a closure that re-evaluates the loss (``torch.optim.LBFGS``).
+
+    ``train_step`` gives it one that runs the loss_fn again (forward and backward, drawing
+    from the state's RNG) as often as the optimizer asks; the step's ``loss`` metric is the
+    loss before the update.
+
+    >>> import torch
+    >>> params = [torch.nn.Parameter(torch.zeros(1))]
+    >>> needs_closure(torch.optim.LBFGS(params)), needs_closure(torch.optim.SGD(params, lr=0.1))
+    (True, False)
+    """
+    try:
+        closure = inspect.signature(type(optimizer).step).parameters.get("closure")
+    except (TypeError, ValueError):
+        return False
+    return closure is not None and closure.default is inspect.Parameter.empty
+
+
+def _step_with_closure(loss_fn: LossFn, state: TrainState, optimizer: torch.optim.Optimizer, batch: Any) -> Any:
+    """``optimizer.step(closure)``; the closure (zeroed gradients, the loss_fn, backward) draws from
+    the state's RNG as the call began with it (its first run is the step's own forward again, as in
+    a loop that hands the optimizer its closure), which comes back advanced."""
+    model = state.model
+    first = _first_param(optimizer)
+    scope = RNGScope(state.rng, _cuda_index(first.device) if first.is_cuda else None, state.seed)
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        with torch.enable_grad():
+            loss, _ = _split_loss(loss_fn(model, batch), loss_fn)
+            loss.backward()
+        return loss
+
+    try:
+        optimizer.step(closure)
+    except BaseException:
+        scope.discard()
+        raise
+    return scope.close()
 
 
 def _advance(state: TrainState, step: int, rng: Any, extras: Any) -> TrainState:

@@ -607,3 +607,73 @@ def test_failed_step_leaves_the_state_usable(make_mlp, make_sgd_state, batches, 
     assert_trees_equal(take_snapshot(state), before)
     new, _ = loopkit.train_step(mse_loss)(state, batches[0])
     assert new.step == 1
+
+
+# --- optimizers whose step needs a closure (LBFGS) ---------------------------------------------------
+
+
+def _lbfgs_net():
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Dropout(0.2), torch.nn.Linear(8, 2))
+    return model, torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=5)
+
+
+@pytest.mark.parametrize("how", ["donated", "pure", "run_epochs"])
+def test_lbfgs_trains_as_a_raw_loop_that_hands_it_a_closure(how, batches, mse_loss):
+    """As Lightning's automatic optimization does: the closure re-runs the loss_fn (dropout drawing
+    from the state's RNG, as the raw loop's from the global one seeded alike), bitwise."""
+    model, opt = _lbfgs_net()
+    torch.manual_seed(7)
+    raw_losses = []
+    for batch in batches[:4]:
+        def closure(batch=batch):
+            opt.zero_grad()
+            loss = mse_loss(model, batch)
+            loss.backward()
+            return loss
+
+        raw_losses.append(opt.step(closure))
+    net, lbfgs = _lbfgs_net()
+    state = loopkit.TrainState.create(net, lbfgs, seed=7)
+    step = loopkit.train_step(mse_loss)
+    losses = []
+    if how == "run_epochs":
+        state, _ = loopkit.run_epochs(step, state, batches[:4], epochs=1, progress=False,
+                                      callbacks=[_LossRecorder(losses)])
+    else:
+        call = loopkit.donate(step) if how == "donated" else step
+        for batch in batches[:4]:
+            state, metrics = call(state, batch)
+            losses.append(metrics["loss"])
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), state.model.parameters(), strict=True))
+    assert torch.equal(torch.stack(losses), torch.stack(raw_losses))  # the loss before each update
+    assert state.step == 4
+
+
+class _LossRecorder:
+    def __init__(self, into):
+        self.into = into
+
+    def on_batch_end(self, state, metrics):
+        self.into.append(metrics["loss"])
+
+
+def test_a_closure_optimizer_under_a_gradient_transform_is_named(batches, mse_loss):
+    """A closure would re-run the backward past the transform's work on the gradients: refused, by name."""
+    net, lbfgs = _lbfgs_net()
+    step = loopkit.with_grad_clip(loopkit.train_step(mse_loss), max_norm=1.0)
+    with pytest.raises(TypeError, match="LBFGS.step\\(\\) needs a closure.*with_grad_clip"):
+        step(loopkit.TrainState.create(net, lbfgs), batches[0])
+
+
+def test_a_pure_lbfgs_call_leaves_the_given_state_as_it_was(batches, mse_loss, take_snapshot, assert_trees_equal):
+    """LBFGS keeps its parameter list a second time (``_params``): a copy of the state must point it at the
+    copy's parameters, or the pure call updates the given model in place."""
+    net, lbfgs = _lbfgs_net()
+    state = loopkit.train_step(mse_loss)(loopkit.TrainState.create(net, lbfgs), batches[0])[0]  # history in its state
+    before = take_snapshot(state)
+    first, _ = loopkit.train_step(mse_loss)(state, batches[1])
+    assert_trees_equal(take_snapshot(state), before)
+    again, _ = loopkit.train_step(mse_loss)(state, batches[1])
+    assert_trees_equal(take_snapshot(again), take_snapshot(first))
