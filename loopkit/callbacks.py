@@ -7,7 +7,9 @@ hook                                      when
 ========================================  ===================================================
 ``on_fit_start(state)``                   once, before sanity validation and training
 ``on_epoch_start(state)``                 before the first batch of each epoch
-``on_batch_end(state, metrics)``          after each training step; metrics are device tensors
+``on_batch_end(state, metrics)``          after each training step; metrics are device tensors;
+                                          may return a dict of floats, which ``with_logging``
+                                          writes after an update, at its ``every_n_steps``
 ``on_validation_end(state, metrics)``     after each (non-sanity) validation, ``val/...`` floats
 ``on_epoch_end(state, metrics)``          after each epoch (and its validation); may return a
                                           dict of extra floats to record in the history
@@ -16,9 +18,10 @@ hook                                      when
 
 A callback that sets ``should_stop = True`` ends training after the current hook. A callback
 with ``state_dict()`` and ``load_state_dict(d)`` (numbers, strings and tensors) has its counters
-kept in ``state.extras["callbacks/<state_key or class name>"]`` after each validation and epoch
-(before the step hears of them, so checkpoints hold them), and loaded back when ``run_epochs``
-starts from a state that has them: a run resumed from a checkpoint continues the patience count.
+kept in ``state.extras["callbacks/<state_key or class name>"]`` at each epoch's start and after
+each validation and epoch (before the step hears of them, so checkpoints hold them), and loaded
+back (after ``on_fit_start``) when ``run_epochs`` starts from a state that has them: a run
+resumed from a checkpoint continues the patience count.
 
 >>> stopper = EarlyStopping("val/loss", patience=1)
 >>> stopper.on_validation_end(None, {"val/loss": 1.0}); stopper.should_stop
@@ -122,9 +125,9 @@ class EarlyStopping(MonitorCallback):
     def __init__(self, monitor: str, patience: int = 3, mode: str = "min", min_delta: float = 0.0) -> None:
         if mode not in ("min", "max"):
             raise ValueError(f"EarlyStopping: mode must be 'min' or 'max', got {mode!r}")
-        if not isinstance(patience, int) or patience < 1:
+        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
             raise ValueError(f"EarlyStopping: patience must be a positive int, got {patience!r}")
-        if not min_delta >= 0:
+        if isinstance(min_delta, bool) or not isinstance(min_delta, (int, float)) or not min_delta >= 0:
             raise ValueError(f"EarlyStopping: min_delta must be >= 0, got {min_delta!r}")
         super().__init__(monitor)
         self.patience = patience
@@ -178,7 +181,8 @@ class LearningRateMonitor(Callback):
     As Lightning's: an epoch's value is the rate the epoch starts with (what its first update
     uses; a scheduler that steps at the end of the epoch shows in the next one), added to the
     epoch's ``run_epochs`` history record; per step, the rate after each update, at
-    ``state.step``: the rate the next update uses. Names follow Lightning: ``lr-SGD`` for
+    ``state.step``: the rate the next update uses, also handed to ``with_logging``'s loggers
+    (every ``every_n_steps`` updates, as Lightning's ``log_every_n_steps``). Names follow Lightning: ``lr-SGD`` for
     one group, ``lr-SGD/pg1``, ``lr-SGD/pg2`` for several. Every recorded value is also kept
     in ``self.history`` as ``(step, {name: lr})``.
 
@@ -212,9 +216,12 @@ class LearningRateMonitor(Callback):
             return {name: float(groups[0]["lr"])}
         return {f"{name}/pg{i + 1}": float(g["lr"]) for i, g in enumerate(groups)}
 
-    def on_batch_end(self, state: Any, metrics: Mapping[str, torch.Tensor]) -> None:
+    def on_batch_end(self, state: Any, metrics: Mapping[str, torch.Tensor]) -> dict[str, float] | None:
         if self.logging_interval == "step":
-            self.history.append((state.step, self.learning_rates(state)))
+            lrs = self.learning_rates(state)
+            self.history.append((state.step, lrs))
+            return dict(lrs)  # to the loggers (with_logging writes them at its every_n_steps, as Lightning does)
+        return None
 
     def on_epoch_start(self, state: Any) -> None:
         if self._epoch_start is not None and getattr(state, "batch_index", 0) > 0:

@@ -977,6 +977,10 @@ def export_weights(
         raise TypeError(f"export_weights: state must be a loopkit.TrainState, got {type(state).__qualname__}")
     state.check_usable()
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"export_weights: {str(path)!r} is a folder; give a file path, e.g. {str(path / 'model.safetensors')!r}")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"export_weights: the folder {str(path.parent)!r} of {str(path)!r} does not exist")
     tensors = {name: _raw_bytes(name, t) for name, t in state.model.state_dict().items()}
     info: dict[str, Any] = {"format": "pt", "step": str(state.step), "epoch": str(state.epoch)}
     for key, value in (metadata or {}).items():

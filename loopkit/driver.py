@@ -31,7 +31,7 @@ from loopkit._window import EPOCH
 from loopkit.callbacks import Callback
 from loopkit.progress import ProgressBar, progress_wanted
 from loopkit.state import TrainState, fork, model_device, put_extras, replace_extras
-from loopkit.steps import WrapperStep, as_step
+from loopkit.steps import WrapperStep, as_step, check_takes_model_and_batch
 from loopkit.steps import donate as donated
 from loopkit.tree import to_device, to_plain
 
@@ -196,6 +196,8 @@ def evaluate(
     >>> evaluate(step, state, [torch.zeros(3), torch.ones(1)])
     {'mean': 0.25}
     """
+    _check_state(state, "evaluate")
+    _check_data(data, "evaluate: data")
     step = as_step(eval_step)
     means = _evaluate(step, state, data, limit, device, reduce)
     step.notify("evaluate_end", state, means)  # a with_profiler around it writes its trace now
@@ -242,7 +244,11 @@ def predict(
     >>> [tuple(o.shape) for o in outputs]
     [(3, 1), (1, 1)]
     """
-    state.check_usable()
+    if not callable(fn):
+        raise TypeError(f"predict: fn must be callable as fn(model, batch), got {type(fn).__qualname__}")
+    check_takes_model_and_batch(fn, "predict: fn")
+    _check_state(state, "predict")
+    _check_data(data, "predict: data")
     model = state.model
     move = _mover(device, state)
     modes = [(m, m.training) for m in model.modules()]
@@ -284,22 +290,114 @@ def _validate_options(
             raise TypeError("run_epochs: val must be a pair (eval_step, val_data)")
 
 
-def _refuse_val_monitors(step: Any, callbacks: Sequence[Any]) -> None:
-    """A fit without validation: a callback or transform watching a ``val/`` metric would never hear of it
-    (an EarlyStopping that never stops, a best checkpoint never kept), so it is refused now, as
-    Lightning's ``strict`` monitors refuse a metric that is not there."""
+def _check_state(state: Any, where: str) -> None:
+    if not isinstance(state, TrainState):
+        hint = ""
+        if isinstance(state, torch.nn.Module):
+            hint = ": wrap the model, loopkit.TrainState.create(model, optimizer)"
+        elif callable(state):
+            hint = " (a step? the order is (step, state, data))"
+        raise TypeError(f"{where}: state must be a loopkit.TrainState, got {type(state).__qualname__}{hint}")
+    state.check_usable()
+
+
+def _check_data(data: Any, where: str) -> None:
+    if isinstance(data, (str, bytes)) or not (hasattr(data, "__iter__") or hasattr(data, "__getitem__")):
+        raise TypeError(f"{where} must be an iterable of batches (a list, a DataLoader), got {type(data).__qualname__}")
+    if isinstance(data, torch.utils.data.Dataset) and not isinstance(data, torch.utils.data.IterableDataset):
+        warnings.warn(
+            f"{where} is a torch Dataset: each of its items is taken as a batch (a sample, for most datasets); "
+            "to batch samples pass DataLoader(dataset, batch_size=...)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+_HOOKS = ("on_fit_start", "on_epoch_start", "on_batch_end", "on_validation_end", "on_epoch_end", "on_fit_end")
+_LIGHTNING_HOOKS = {  # Lightning's names a callback ported as it is may carry, and loopkit's
+    "on_train_start": "on_fit_start", "on_train_epoch_start": "on_epoch_start", "on_train_batch_end": "on_batch_end",
+    "on_validation_epoch_end": "on_validation_end", "on_train_epoch_end": "on_epoch_end", "on_train_end": "on_fit_end",
+}
+
+
+def _check_callbacks(callbacks: Any) -> list[Any]:
+    """``callbacks`` as a list (one callback alone is taken, as Lightning takes it); a class, or an object
+    with none of the hooks, is refused by name."""
+    if any(hasattr(callbacks, hook) for hook in _HOOKS) or isinstance(callbacks, type):
+        callbacks = [callbacks]
+    if isinstance(callbacks, (str, bytes)) or not hasattr(callbacks, "__iter__"):
+        raise TypeError(f"run_epochs: callbacks must be a list of callbacks, got {type(callbacks).__qualname__}")
+    checked = list(callbacks)
+    for i, cb in enumerate(checked):
+        if isinstance(cb, type):
+            raise TypeError(f"run_epochs: callbacks[{i}] is the class {cb.__qualname__}; pass an instance, {cb.__qualname__}(...)")
+        if not any(hasattr(cb, hook) for hook in _HOOKS):
+            ported = [f"{name} -> {ours}" for name, ours in _LIGHTNING_HOOKS.items() if hasattr(cb, name)]
+            hint = f" (Lightning's hooks: rename {', '.join(ported)})" if ported else ""
+            raise TypeError(
+                f"run_epochs: callbacks[{i}] ({type(cb).__qualname__}) has none of the hooks {', '.join(_HOOKS)}{hint}"
+            )
+    return checked
+
+
+def _check_val(val: Any) -> None:
+    """(After ``_validate_options``, which checks it is a pair.)"""
+    if "train_step" in as_step(val[0]).applied:
+        raise TypeError("run_epochs: val's step is a train_step, which would train on the validation data; "
+                        "pass eval_step(metric_fn)")
+    _check_data(val[1], "run_epochs: val's data")
+    if isinstance(val[1], Iterator):  # (not iter(): a DataLoader's iterator draws from the global RNG)
+        raise TypeError(
+            f"run_epochs: val's data is an iterator ({type(val[1]).__qualname__}), used up by its first pass (the "
+            "sanity check); pass a list or a DataLoader, which start over on each pass"
+        )
+
+
+def _fresh_persistent_workers(data: Any) -> bool:
+    """A DataLoader with persistent worker processes that has not started them yet."""
+    return (
+        isinstance(data, torch.utils.data.DataLoader) and data.persistent_workers and data.num_workers > 0
+        and getattr(data, "_iterator", None) is None
+    )
+
+
+def _val_monitors(step: Any, callbacks: Sequence[Any]) -> list[tuple[str, str]]:
+    """``(who, metric)`` for each callback and transform of ``step`` that watches a ``val/`` metric."""
     watchers = list(callbacks)
     wrapped = step
     while isinstance(wrapped, WrapperStep):
         watchers.append(wrapped)
         wrapped = wrapped.inner
+    found = []
     for watcher in watchers:
         monitor = getattr(watcher, "monitor", None)
         if isinstance(monitor, str) and monitor.startswith("val/"):
-            name = getattr(watcher, "name", None) if isinstance(watcher, WrapperStep) else type(watcher).__name__
-            raise ValueError(
-                f"run_epochs: {name} monitors '{monitor}', but this fit has no validation (val=None or "
-                "limit_val_batches=0): pass val=(eval_step, val_data), or monitor a train/ metric"
+            found.append((watcher.name if isinstance(watcher, WrapperStep) else type(watcher).__name__, monitor))
+    return found
+
+
+def _refuse_val_monitors(step: Any, callbacks: Sequence[Any]) -> None:
+    """A fit without validation: a callback or transform watching a ``val/`` metric would never hear of it
+    (an EarlyStopping that never stops, a best checkpoint never kept), so it is refused now, as
+    Lightning's ``strict`` monitors refuse a metric that is not there."""
+    for who, monitor in _val_monitors(step, callbacks):
+        raise ValueError(
+            f"run_epochs: {who} monitors '{monitor}', but this fit has no validation (val=None or "
+            "limit_val_batches=0): pass val=(eval_step, val_data), or monitor a train/ metric"
+        )
+
+
+def _warn_of_unseen_monitors(step: Any, callbacks: Sequence[Any], sanity: Mapping[str, float]) -> None:
+    """A watched ``val/`` metric the sanity validation did not report: most likely misspelt, and the first
+    real validation would raise (after an epoch of training); said now. (A metric_fn may report a metric
+    only on some batches, so this is a warning.)"""
+    for who, monitor in _val_monitors(step, callbacks):
+        if monitor not in sanity:
+            warnings.warn(
+                f"run_epochs: {who} monitors '{monitor}', which the sanity validation did not report (it reported "
+                f"{', '.join(sorted(sanity)) or 'nothing'}); the first validation will raise if it is missing there too",
+                RuntimeWarning,
+                stacklevel=3,
             )
 
 
@@ -505,9 +603,14 @@ def run_epochs(
         epochs, max_steps, val, val_every_n_epochs, val_every_n_steps, sanity_val_batches,
         limit_train_batches, limit_val_batches,
     )
-    if not isinstance(state, TrainState):
-        raise TypeError(f"run_epochs: state must be a loopkit.TrainState, got {type(state).__qualname__}")
-    state.check_usable()
+    _check_state(state, "run_epochs")
+    _check_data(train_data, "run_epochs: train_data")
+    for name, value in (("donate", donate), ("progress", progress)):
+        if not isinstance(value, bool):
+            raise TypeError(f"run_epochs: {name} must be True or False, got {value!r}")
+    callbacks = _check_callbacks(callbacks)
+    if val is not None:
+        _check_val(val)
     _num_batches(train_data, limit_train_batches, "limit_train_batches")  # a fraction of 0 batches fails now
     if val is not None and limit_val_batches != 0:
         _num_batches(val[1], limit_val_batches, "limit_val_batches")
@@ -520,6 +623,14 @@ def run_epochs(
         )
     if val is None or limit_val_batches == 0:
         _refuse_val_monitors(step, callbacks)
+    if (state.epoch or state.batch_index) and _fresh_persistent_workers(train_data):
+        warnings.warn(
+            "run_epochs: resuming with a DataLoader of persistent_workers=True: an uninterrupted run's workers keep "
+            "their random streams (augmentation) from epoch to epoch, these start new ones, so the batches differ "
+            "from that run's; for an exact resume use persistent_workers=False",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     if not donate and step.changes_state:
         state = fork(state)
     _to_device_state(state, device)
@@ -552,14 +663,15 @@ def run_epochs(
     start: TrainState | None = None  # the state the fit's first epoch trains from, before any step has run
     try:
         with _StopOnSignal() as stop, _TellingAbort(lifecycle, state):
+            hooks.call("on_fit_start", state)  # first: a callback may build in it what its load_state_dict fills
             hooks.restore(state)
             hooks.check_plain()
-            hooks.call("on_fit_start", state)
             if validates and sanity_val_batches > 0:
                 limited = _num_batches(val[1], limit_val_batches, "limit_val_batches")  # type: ignore[index]
                 sanity_limit = sanity_val_batches if limited is None else min(sanity_val_batches, limited)
                 with torch.random.fork_rng(devices=[]):  # a val DataLoader's iterator draws from the global RNG:
-                    validate(state, sanity_limit)  # a resumed run's extra sanity pass leaves it as it was
+                    sanity = validate(state, sanity_limit)  # a resumed run's extra sanity pass leaves it as it was
+                _warn_of_unseen_monitors(step, callbacks, sanity)
 
             history: list[dict[str, float]] = []
             # a state saved between an update and its due validation (a step checkpoint, a graceful stop)
@@ -618,7 +730,9 @@ def run_epochs(
                     if bar.enabled:
                         bar.tick(metrics)
                     for hook in hooks.batch_end:
-                        hook(state, metrics)
+                        logged = hook(state, metrics)  # scalars to log (LearningRateMonitor per step)
+                        if logged and state.step != before:
+                            step.notify("batch_end", state, logged)
                     if stop.requested:  # a graceful stop: no flush, no validation; resume continues here
                         exhausted = False
                         break

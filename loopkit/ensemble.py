@@ -104,6 +104,14 @@ def _check_members(states: Sequence[TrainState]) -> None:
                 f"ensemble.stack: member {k}'s model differs from member 0's (parameters {differing[:2]}...); "
                 "every member must have the same architecture"
             )
+        structure, expected_structure = _structure(state.model), _structure(first.model)
+        if structure != expected_structure:  # the step runs member 0's modules for every member
+            at = next((a, b) for a, b in zip(structure, expected_structure) if a != b) if len(structure) == len(
+                expected_structure) else (f"{len(structure)} modules", f"{len(expected_structure)} modules")
+            raise ValueError(
+                f"ensemble.stack: member {k}'s model differs from member 0's ({at[0]} where member 0 has {at[1]}); "
+                "the vmapped step runs member 0's modules for all: every member must have the same architecture"
+            )
         frozen = dict(first.model.named_parameters())
         for n, p in state.model.named_parameters():  # one vmapped gradient: the same parameters train in every member
             if p.requires_grad != frozen[n].requires_grad:
@@ -111,6 +119,11 @@ def _check_members(states: Sequence[TrainState]) -> None:
                     f"ensemble.stack: parameter '{n}' has requires_grad={p.requires_grad} in member {k} and "
                     f"{frozen[n].requires_grad} in member 0; every member must freeze the same parameters"
                 )
+
+
+def _structure(model: nn.Module) -> list[str]:
+    """Each module's name, class and settings (``extra_repr``: an activation's, a dropout's p...)."""
+    return [f"{name or '(model)'}: {type(m).__qualname__}({m.extra_repr()})" for name, m in model.named_modules()]
 
 
 def stack(states: Sequence[TrainState]) -> Ensemble:
@@ -149,6 +162,8 @@ def unstack(ensemble: Ensemble) -> tuple[TrainState, ...]:
     >>> bool(torch.equal(solo.model.weight, ens.params["weight"][1])), solo.model.weight.shape
     (True, torch.Size([1, 2]))
     """
+    if not isinstance(ensemble, Ensemble):
+        raise TypeError(f"ensemble.unstack: give the Ensemble that stack() made, got {type(ensemble).__qualname__}")
     ensemble.check_usable()
     return tuple(fork(member) for member in ensemble.members)
 

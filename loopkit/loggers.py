@@ -187,6 +187,20 @@ class Logger:
         pass
 
 
+def _check_root(root: str, who: str) -> None:
+    """Refuse now a root the first write could not make: a file in its way, or a folder it may not write to."""
+    path = os.path.abspath(root)
+    while not os.path.exists(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            return
+        path = parent
+    if not os.path.isdir(path):
+        raise NotADirectoryError(f"{who}: root {root!r} cannot be a folder: {path!r} is a file")
+    if path != os.path.abspath(root) and not os.access(path, os.W_OK | os.X_OK):
+        raise PermissionError(f"{who}: root {root!r} cannot be made: {path!r} is not writable")
+
+
 class RunDirLogger(Logger):
     """A logger that writes files under ``root/name/version_N/`` (see :func:`claim_version_dir`).
 
@@ -212,6 +226,7 @@ class RunDirLogger(Logger):
             raise TypeError(f"{who}: version must be an int, a folder name or None, got {version!r}")
         if isinstance(version, int) and version < 0:
             raise ValueError(f"{who}: version must be >= 0, got {version}")
+        _check_root(os.fspath(root), who)
         self.root = os.fspath(root)
         self.name = name
         self.version = version
@@ -590,6 +605,8 @@ class ConsoleLogger(Logger):
         super().__init__()
         if isinstance(digits, bool) or not isinstance(digits, int) or digits < 1:
             raise ValueError(f"ConsoleLogger: digits must be a positive int, got {digits!r}")
+        if stream is not None and not callable(getattr(stream, "write", None)):
+            raise TypeError(f"ConsoleLogger: stream must be a text stream (sys.stdout, a file), got {type(stream).__qualname__}")
         self.stream = stream
         self.digits = digits
 

@@ -27,7 +27,7 @@ from loopkit.rng import create_rng
 from loopkit.tree import decode_tree, encode_tree, from_plain, to_plain
 
 __all__ = [
-    "TrainState", "drop_graph", "extras_copy", "fork", "keep_graph", "make_state", "model_device", "put_extras",
+    "TrainState", "drop_graph", "extras_copy", "fork", "keep_graph", "leave_intact", "make_state", "model_device", "put_extras",
     "replace", "replace_extras",
 ]
 
@@ -101,11 +101,30 @@ class TrainState(_GraphSlot):
     def evolve(self, **changes: Any) -> TrainState:
         """Return a copy of this state with ``changes`` applied (tensors are shared, not copied).
 
+        The changes are checked as :meth:`create` checks its arguments: a model the optimizer does
+        not train, an optimizer over another model's parameters, a scheduler of another
+        optimizer, a negative counter or an RNG that is not a generator state are refused.
+
         >>> import torch
         >>> TrainState.create(torch.nn.Linear(1, 1)).evolve(step=5).step
         5
         """
         self.check_usable()
+        unknown = set(changes) - _FIELDS
+        if unknown:
+            raise TypeError(f"TrainState.evolve: no field {sorted(unknown)[0]!r}; the fields are {', '.join(_FIELD_ORDER)}")
+        if {"model", "optimizer", "scheduler"} & set(changes):
+            _check_parts(
+                changes.get("model", self.model), changes.get("optimizer", self.optimizer),
+                changes.get("scheduler", self.scheduler), "TrainState.evolve",
+            )
+        for name in ("step", "epoch", "batch_index", "seed"):
+            if name in changes:
+                value = changes[name]
+                if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                    raise ValueError(f"TrainState.evolve: {name} must be a non-negative int, got {value!r}")
+        if "rng" in changes:
+            _check_rng(changes["rng"])
         return replace(self, **changes)
 
     def check_usable(self) -> None:
@@ -226,6 +245,9 @@ class TrainState(_GraphSlot):
         )
 
 
+#: the attribute an exception carries when it left the state it names as it was (see :func:`leave_intact`)
+_INTACT = "_loopkit_left_intact"
+
 #: the fields ``TrainState(...)`` and :func:`make_state` take, in their order
 _FIELD_ORDER = tuple(field.name for field in attrs.fields(TrainState) if field.init)
 _FIELDS = frozenset(_FIELD_ORDER)
@@ -315,6 +337,37 @@ def drop_graph(state: TrainState) -> None:
     _set_graph(state, None)
 
 
+def leave_intact(error: BaseException, state: TrainState | None) -> BaseException:
+    """Mark ``error`` as raised before anything of ``state`` changed in place; returns ``error``.
+
+    ``state=None`` takes the mark back: a wrapper that changed the state in place before
+    its inner step raised says so.
+
+    A donated call uses up its state even when it raises, since a failure half-way
+    through an update leaves the parameters and optimizer state changed in place. A step
+    that fails before its first in-place change (the loss_fn's forward, loopkit's checks
+    of the loss and metrics) marks its error so, and the state stays usable: fix the
+    cause and call again. ``train_step`` and ``eval_step`` do this; a custom step may too.
+    In-place updates made by the forward itself (BatchNorm's running statistics) stay,
+    as they do in a plain loop.
+
+    >>> import torch
+    >>> from loopkit.steps import donate, eval_step
+    >>> state = TrainState.create(torch.nn.Linear(2, 1))
+    >>> step = donate(eval_step(lambda m, b: {"x": "not a number"}))
+    >>> try:
+    ...     step(state, torch.ones(1, 2))
+    ... except TypeError:
+    ...     pass
+    >>> state.check_usable()  # no DonatedStateError: eval changes nothing in place
+    """
+    try:
+        setattr(error, _INTACT, state)
+    except AttributeError:  # an exception type without attributes: the state counts as used up
+        pass
+    return error
+
+
 def make_state(
     model: nn.Module, optimizer: Any, scheduler: Any, step: int, epoch: int, batch_index: int,
     rng: Mapping[str, torch.Tensor], extras: Mapping[str, Any], seed: int,
@@ -376,36 +429,46 @@ def replace(state: TrainState, **changes: Any) -> TrainState:
     )
 
 
-def _check_parts(model: Any, optimizer: Any, scheduler: Any) -> None:
+def _check_parts(model: Any, optimizer: Any, scheduler: Any, where: str = "TrainState") -> None:
     if not isinstance(model, nn.Module):
-        raise TypeError(f"TrainState: model must be a torch.nn.Module, got {type(model).__qualname__}")
+        raise TypeError(f"{where}: model must be a torch.nn.Module, got {type(model).__qualname__}")
     if optimizer is not None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(
-                f"TrainState: optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__qualname__}"
+                f"{where}: optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__qualname__}"
             )
         owned = {id(p) for p in model.parameters()}
         for gi, group in enumerate(optimizer.param_groups):
             for pi, p in enumerate(group["params"]):
                 if id(p) not in owned:
                     raise ValueError(
-                        f"TrainState: optimizer param_groups[{gi}]['params'][{pi}] (shape {tuple(p.shape)}) "
+                        f"{where}: optimizer param_groups[{gi}]['params'][{pi}] (shape {tuple(p.shape)}) "
                         "is not a parameter of the model; build the optimizer from model.parameters()"
                     )
     if scheduler is not None:
         if optimizer is None:
-            raise ValueError("TrainState: a scheduler needs an optimizer")
+            raise ValueError(f"{where}: a scheduler needs an optimizer")
         if not isinstance(scheduler, _Scheduler):
             raise TypeError(
-                f"TrainState: scheduler must be a torch.optim.lr_scheduler.LRScheduler, got {type(scheduler).__qualname__}"
+                f"{where}: scheduler must be a torch.optim.lr_scheduler.LRScheduler, got {type(scheduler).__qualname__}"
             )
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             raise TypeError(
-                "TrainState: ReduceLROnPlateau steps on a validation metric, not once per update; keep it "
+                f"{where}: ReduceLROnPlateau steps on a validation metric, not once per update; keep it "
                 "outside the state and call scheduler.step(metric) yourself (e.g. from a callback's on_validation_end)"
             )
         if scheduler.optimizer is not optimizer:
-            raise ValueError("TrainState: the scheduler was built for a different optimizer than the state's")
+            raise ValueError(f"{where}: the scheduler was built for a different optimizer than the state's")
+
+
+def _check_rng(rng: Any) -> None:
+    if not isinstance(rng, Mapping) or not isinstance(rng.get("cpu"), torch.Tensor):
+        raise TypeError(
+            f"TrainState.evolve: rng must be a mapping with a 'cpu' generator state (as state.rng), got {type(rng).__qualname__}"
+        )
+    for key, value in rng.items():
+        if not isinstance(value, torch.Tensor) or value.dtype != torch.uint8:
+            raise TypeError(f"TrainState.evolve: rng[{key!r}] must be a uint8 generator-state tensor")
 
 
 def model_device(model: nn.Module) -> torch.device:

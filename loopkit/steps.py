@@ -28,7 +28,9 @@ import numpy as np
 import torch
 
 from loopkit.rng import RNGScope
-from loopkit.state import TrainState, drop_graph, extras_copy, fork, keep_graph, make_state, model_device, replace
+from loopkit.state import (
+    _INTACT, TrainState, drop_graph, extras_copy, fork, keep_graph, leave_intact, make_state, model_device, replace,
+)
 
 __all__ = [
     "EvalStep",
@@ -42,6 +44,7 @@ __all__ = [
     "WrapperStep",
     "as_step",
     "check_metric",
+    "check_takes_model_and_batch",
     "donate",
     "eval_step",
     "leave_intact",
@@ -53,8 +56,6 @@ Metrics = dict[str, torch.Tensor]
 _Tensor = torch.Tensor
 _default_generator = torch.default_generator
 _set_consumed = TrainState.__dict__["_consumed"].__set__  # TrainState.mark_consumed without its frame
-#: the attribute an exception carries when it left the state it names as it was (see :func:`leave_intact`)
-_INTACT = "_loopkit_left_intact"
 LossFn = Callable[[torch.nn.Module, Any], Any]
 
 _ACCUM_COUNT = "accum/count"
@@ -138,7 +139,8 @@ class Step:
         ``"stop"`` (a graceful stop on SIGTERM/SIGINT: the current step has finished and
         ``run_epochs`` is about to return; metrics empty; ``state`` may be mid-epoch, where a
         resumed run continues), ``"fit_end"`` (metrics: the last history record; after
-        ``"stop"`` too) or ``"abort"`` (an exception is leaving ``run_epochs``: release what is
+        ``"stop"`` too), ``"batch_end"`` (metrics: scalars a callback's ``on_batch_end`` returned after
+        an update, such as ``LearningRateMonitor("step")``'s rates) or ``"abort"`` (an exception is leaving ``run_epochs``: release what is
         held and flush what is written; ``state`` is the one the fit started from and may have
         been donated: do not read it; metrics empty). :func:`loopkit.evaluate` sends
         ``"evaluate_end"`` (metrics: its means) to the step it ran, after its last batch; the
@@ -167,37 +169,6 @@ class Step:
         if new is state:
             new = replace(state)
         return new, metrics
-
-
-def leave_intact(error: BaseException, state: TrainState | None) -> BaseException:
-    """Mark ``error`` as raised before anything of ``state`` changed in place; returns ``error``.
-
-    ``state=None`` takes the mark back: a wrapper that changed the state in place before
-    its inner step raised says so.
-
-    A donated call uses up its state even when it raises, since a failure half-way
-    through an update leaves the parameters and optimizer state changed in place. A step
-    that fails before its first in-place change (the loss_fn's forward, loopkit's checks
-    of the loss and metrics) marks its error so, and the state stays usable: fix the
-    cause and call again. ``train_step`` and ``eval_step`` do this; a custom step may too.
-    In-place updates made by the forward itself (BatchNorm's running statistics) stay,
-    as they do in a plain loop.
-
-    >>> import torch
-    >>> from loopkit.state import TrainState
-    >>> state = TrainState.create(torch.nn.Linear(2, 1))
-    >>> step = donate(eval_step(lambda m, b: {"x": "not a number"}))
-    >>> try:
-    ...     step(state, torch.ones(1, 2))
-    ... except TypeError:
-    ...     pass
-    >>> state.check_usable()  # no DonatedStateError: eval changes nothing in place
-    """
-    try:
-        setattr(error, _INTACT, state)
-    except AttributeError:  # an exception type without attributes: the state counts as used up
-        pass
-    return error
 
 
 def _consume_unless_intact(state: TrainState, error: BaseException) -> None:
@@ -254,7 +225,18 @@ class FnStep(Step):
     changes_state = False
 
     def run_(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
-        return self.fn(state, batch)
+        try:
+            out = self.fn(state, batch)
+        except TypeError as error:
+            if "'TrainState' object is not callable" not in str(error):
+                raise
+            raise leave_intact(TypeError(  # it failed at its start: nothing of the state changed yet
+                f"{_fn_name(self.fn)} called the TrainState as a model: a function used as a step gets (state, batch); "
+                "a loss_fn(model, batch) goes in train_step(loss_fn), a metric_fn(model, batch) in eval_step(metric_fn)"
+            ), state) from error
+        if type(out) is not tuple or len(out) != 2 or not isinstance(out[0], TrainState) or not isinstance(out[1], Mapping):
+            raise TypeError(_bad_result(self.fn, out))
+        return out
 
     def flush_(self, state: TrainState) -> tuple[TrainState, Metrics]:
         flush = getattr(self.fn, "flush", None)
@@ -441,6 +423,38 @@ def check_metric(value: Any, key: Any, where: str) -> torch.Tensor:
     if isinstance(value, np.ndarray) and value.size == 1 and value.dtype.kind in "fiu":
         return torch.tensor(float(value.reshape(())))
     raise TypeError(f"metric '{key}' from {where} is a {type(value).__qualname__}; a metric must be a number or a 0-dim tensor")
+
+
+def check_takes_model_and_batch(fn: Callable[..., Any], where: str) -> None:
+    """Raise ``TypeError`` now if ``fn`` cannot be called as ``fn(model, batch)`` (judged by its signature).
+
+    >>> check_takes_model_and_batch(lambda batch: batch, "train_step: loss_fn")
+    Traceback (most recent call last):
+    ...
+    TypeError: train_step: loss_fn must take (model, batch); <lambda>(batch) cannot: too many positional arguments
+    """
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # no signature to judge by (some builtins): its call will tell
+        return
+    try:
+        signature.bind(None, None)
+    except TypeError as e:
+        raise TypeError(f"{where} must take (model, batch); {_fn_name(fn)}{signature} cannot: {e}") from None
+
+
+def _bad_result(fn: Any, out: Any) -> str:
+    """What is wrong with ``out``, returned by a function used as a step, and what was probably meant."""
+    if type(out) is tuple and len(out) == 2:
+        got = f"a ({type(out[0]).__qualname__}, {type(out[1]).__qualname__}) pair"
+    else:
+        got = f"a {type(out).__qualname__}"
+    message = f"step {_fn_name(fn)} returned {got}; a step returns (new_state, metrics): a TrainState and a dict of metrics"
+    if isinstance(out, Mapping):
+        message += "; for a metric_fn(model, batch), pass eval_step(metric_fn)"
+    elif isinstance(out, torch.Tensor):
+        message += "; for a loss_fn(model, batch), pass train_step(loss_fn)"
+    return message
 
 
 def _fn_name(fn: Any) -> str:
@@ -940,6 +954,7 @@ def train_step(loss_fn: LossFn) -> TrainStep:
     """
     if not callable(loss_fn):
         raise TypeError(f"train_step: loss_fn must be callable as loss_fn(model, batch), got {type(loss_fn).__qualname__}")
+    check_takes_model_and_batch(loss_fn, "train_step: loss_fn")
     return TrainStep(loss_fn)
 
 
@@ -1004,4 +1019,5 @@ def eval_step(metric_fn: Callable[[torch.nn.Module, Any], Mapping[str, Any]]) ->
     """
     if not callable(metric_fn):
         raise TypeError(f"eval_step: metric_fn must be callable as metric_fn(model, batch), got {type(metric_fn).__qualname__}")
+    check_takes_model_and_batch(metric_fn, "eval_step: metric_fn")
     return EvalStep(metric_fn)

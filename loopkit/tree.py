@@ -43,7 +43,13 @@ def to_device(batch: Any, device: torch.device | str, *, non_blocking: bool = Fa
     ...
     TypeError: to_device cannot move batch[0] of type object to cpu: only tensors, tuples, lists, dicts, dataclasses, namedtuples, objects with .to(device), strings, numbers and None are supported
     """
-    device = torch.device(device)
+    if not isinstance(device, (str, torch.device, int)) or isinstance(device, bool):
+        raise TypeError(f"to_device: device must be a torch.device or a string such as 'cuda', got {type(device).__qualname__}"
+                        " (the order is to_device(batch, device))")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"to_device: {device!r} is not a device ('cpu', 'cuda', 'cuda:1', 'mps'): {e}") from None
     return _move(batch, device, non_blocking, "batch")
 
 

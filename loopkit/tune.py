@@ -95,7 +95,14 @@ def create_study(
     optuna = _optuna()
     if direction not in (None, "minimize", "maximize"):
         raise ValueError(f"loopkit.tune: direction must be 'minimize' or 'maximize', got {direction!r}")
+    if sampler is not None and not isinstance(sampler, optuna.samplers.BaseSampler):
+        raise TypeError(f"loopkit.tune: sampler must be an optuna sampler (optuna.samplers.TPESampler()), got {sampler!r}")
+    if pruner is not None and not isinstance(pruner, optuna.pruners.BasePruner):
+        raise TypeError(f"loopkit.tune: pruner must be an optuna pruner (optuna.pruners.MedianPruner()), got {pruner!r}")
     if storage is None:
+        folder = os.path.abspath(os.fspath(directory))
+        if not os.path.isdir(folder):
+            raise NotADirectoryError(f"loopkit.tune: directory {str(directory)!r} (where the study's SQLite file goes) is not a folder")
         storage = storage_url(study_name, directory)
     study = optuna.create_study(
         storage=storage,
@@ -141,6 +148,8 @@ def optimize(
         raise ValueError(f"loopkit.tune.optimize: n_trials must be a positive int or None, got {n_trials!r}")
     if n_trials is None and timeout is None:
         raise ValueError("loopkit.tune.optimize: give n_trials or timeout (or both); without either it never ends")
+    if not callable(objective):
+        raise TypeError(f"loopkit.tune.optimize: objective must be callable as objective(trial), got {type(objective).__qualname__}")
     if study is None:
         study = create_study(**study_options)
     elif study_options:
@@ -173,6 +182,8 @@ class PruningCallback(MonitorCallback):
         super().__init__(monitor)
         if report_step not in ("count", "global"):
             raise ValueError(f"PruningCallback: report_step must be 'count' or 'global', got {report_step!r}")
+        if not (callable(getattr(trial, "report", None)) and callable(getattr(trial, "should_prune", None))):
+            raise TypeError(f"PruningCallback: trial must be an optuna trial (the objective's argument), got {type(trial).__qualname__}")
         self.trial = trial
         self.report_step = report_step
         self.reported: dict[int, float] = {}

@@ -125,7 +125,7 @@ def test_early_stopping_mid_epoch_with_step_validation():
 
 def test_early_stopping_missing_monitor_raises_key_error_naming_it():
     stopper = loopkit.EarlyStopping("val/acc", patience=2)
-    with pytest.raises(KeyError, match="val/acc") as info:
+    with pytest.raises(KeyError, match="val/acc") as info, pytest.warns(RuntimeWarning, match="sanity validation did not report"):
         run_with_stopper({1: 1.0}, stopper)
     assert "val/score" in str(info.value)  # lists what there is
 
@@ -402,6 +402,26 @@ def test_learning_rate_monitor_per_step():
     monitor = loopkit.LearningRateMonitor(logging_interval="step")
     run_epochs(train_step(mse), lr_state(), make_data(3), epochs=2, callbacks=[monitor], progress=False)
     assert monitor.history == [(s, {"lr-SGD": 0.25 * 0.5**s}) for s in range(1, 7)]
+
+
+def test_learning_rate_monitor_per_step_reaches_the_loggers_at_their_interval():
+    """As Lightning's (which logs it every log_every_n_steps): with_logging writes the rate after each
+    n-th update, at that step; micro-batches of an accumulation group log nothing of their own."""
+
+    class Recording(loopkit.Logger):
+        def __init__(self):
+            super().__init__()
+            self.rows = []
+
+        def _write_metrics(self, metrics, step):
+            self.rows.append((step, dict(metrics)))
+
+    logger = Recording()
+    step = loopkit.with_logging(loopkit.with_grad_accum(train_step(mse), every=2), logger, every_n_steps=2)
+    run_epochs(step, lr_state(), make_data(6), epochs=2, callbacks=[loopkit.LearningRateMonitor("step")],
+               progress=False)
+    logged = [(s, r) for s, r in logger.rows if set(r) == {"lr-SGD"}]  # (the epoch records carry it too)
+    assert logged == [(s, {"lr-SGD": 0.25 * 0.5**s}) for s in (2, 4, 6)]  # 3 updates an epoch, 6 in all
 
 
 def test_learning_rate_monitor_two_param_groups():

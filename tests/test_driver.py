@@ -846,6 +846,25 @@ def test_an_error_after_a_step_has_trained_uses_the_given_state_up():
         state.check_usable()
 
 
+def test_resuming_with_fresh_persistent_workers_is_warned_about():
+    """Persistent workers keep their random streams across epochs; a resumed process's new ones cannot
+    continue them (the README's exact-resume rule), which run_epochs says when it resumes so."""
+    data = TensorDataset(torch.randn(8, 3), torch.randn(8, 1))
+
+    def loader(persistent):
+        return DataLoader(data, batch_size=4, num_workers=1, persistent_workers=persistent)
+
+    resumed = make_state().evolve(epoch=1)
+    with pytest.warns(RuntimeWarning, match="persistent_workers=True"):
+        run_epochs(train_step(mse), resumed, loader(True), epochs=1, progress=False)  # nothing left to train
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run_epochs(train_step(mse), make_state().evolve(epoch=1), loader(False), epochs=1, progress=False)
+        run_epochs(train_step(mse), make_state(), loader(True), max_steps=1, progress=False)  # not a resume
+
+
 def test_a_state_that_is_not_a_train_state_is_refused():
     model = nn.Linear(3, 1)
     with pytest.raises(TypeError, match="loopkit.TrainState.*Linear"):

@@ -207,7 +207,9 @@ def test_bad_input_is_named(make_mlp, make_batches, mse_loss, tmp_path):
     step, state, data, val = _pipeline(0.05, make_mlp, make_batches, mse_loss)
     with pytest.raises(ValueError, match="monitor 'val/loss' is a validation metric; pass val="):
         tune.fit(trial, step, state, data, epochs=1, progress=False)
-    with pytest.raises(KeyError, match=r"monitor 'val/acc' is not among the metrics \['val/loss'\]"):
+    with pytest.raises(KeyError, match=r"monitor 'val/acc' is not among the metrics \['val/loss'\]"), pytest.warns(
+        RuntimeWarning, match="sanity validation did not report"
+    ):
         tune.fit(trial, step, state, data, val=val, monitor="val/acc", epochs=1, progress=False)
     with pytest.raises(ValueError, match="n_trials must be a positive int"):
         tune.optimize(lambda t: 0.0, n_trials=0, directory=tmp_path)

@@ -16,6 +16,7 @@ import errno
 import math
 import os
 import threading
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,7 @@ class _Saver:
         self.executor: concurrent.futures.ThreadPoolExecutor | None = None
         self.pending: concurrent.futures.Future | None = None
         self.last: Position | None = None  # the last position saved or being saved
+        self.looked = False  # whether the directory was looked at for another run's checkpoints
 
     def run(self, task: Callable[[], None], background: bool) -> None:
         if not background:
@@ -159,6 +161,9 @@ class CheckpointStep(UpdateStep):
         position = (state.step, state.epoch, state.batch_index)
         saver = self.saver
         snap = None
+        if not saver.looked:
+            saver.looked = True
+            self._warn_of_another_run(position)
         if saver.last != position:
             if score is not None:
                 saver.wait()  # a pending save's score counts in the ranking, as it does without async_save
@@ -180,6 +185,20 @@ class CheckpointStep(UpdateStep):
             self._prune(write_scores=score is not None)
 
         saver.run(task, self.async_save)
+
+    def _warn_of_another_run(self, position: Position) -> None:
+        """A first save behind the newest checkpoint already there: those are another run's (the same
+        script run again), which keep_last, keep_best and ``restore`` would mix with this one's."""
+        found = checkpoint.list_checkpoints(self.directory)
+        newest = max(found, key=lambda c: (c.step, c.epoch, c.batch_index), default=None)
+        if newest is not None and (newest.step, newest.epoch, newest.batch_index) > position:
+            warnings.warn(
+                f"with_checkpointing: {self.directory} holds checkpoints of a run further along ({newest.name}) "
+                f"than this one (step {position[0]}); keep_last and keep_best rank this run's checkpoints with "
+                "them, and loopkit.restore may return theirs: give each run a directory of its own, or empty it",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
     # Which checkpoints to keep -------------------------------------------------------------
 

@@ -38,6 +38,10 @@ def with_compile(step: Any, **torch_compile_options: Any) -> TrainStep | EvalSte
 
     (Compiling happens on the first call; ``tests/transforms/test_compiling.py`` runs them.)
     """
+    for option in ("fullgraph", "dynamic"):
+        value = torch_compile_options.get(option)
+        if value is not None and not isinstance(value, bool):
+            raise TypeError(f"with_compile: {option} must be True, False or None, got {value!r}")
     base = require_train_or_eval_step(step, "with_compile")
     if "with_compile" in base.transforms:
         raise TypeError("with_compile cannot wrap with_compile: the function is compiled once; pass every option to one with_compile")

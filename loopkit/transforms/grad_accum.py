@@ -38,6 +38,8 @@ def with_grad_accum(step: Any, every: int) -> TrainStep:
     >>> state, _ = step(state, torch.ones(3, 2)); state.step
     1
     """
+    if callable(every) and not callable(step):
+        raise TypeError("with_grad_accum: the step comes first: with_grad_accum(step, every=n)")
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:
         raise ValueError(f"with_grad_accum: every must be a positive int, got {every!r}")
     base = require_train_step(step, "with_grad_accum")

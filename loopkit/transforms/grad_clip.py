@@ -73,9 +73,9 @@ def with_grad_clip(
     if max_norm is None and max_value is None:
         raise ValueError("with_grad_clip: give max_norm, max_value, or both")
     for name, value in (("max_norm", max_norm), ("max_value", max_value)):
-        if value is not None and not (isinstance(value, (int, float)) and value > 0):
+        if value is not None and (isinstance(value, bool) or not (isinstance(value, (int, float)) and value > 0)):
             raise ValueError(f"with_grad_clip: {name} must be a positive number, got {value!r}")
-    if not (isinstance(norm_type, (int, float)) and norm_type > 0):
+    if isinstance(norm_type, bool) or not (isinstance(norm_type, (int, float)) and norm_type > 0):
         raise ValueError(f"with_grad_clip: norm_type must be positive (or inf), got {norm_type!r}")
     base = require_train_step(step, "with_grad_clip")
     return base.add_grad_transform(ClipGrad(max_norm, max_value, float(norm_type)))

@@ -116,6 +116,10 @@ class LoggingStep(WrapperStep):
     def on_event(self, event: str, state: TrainState, metrics: Mapping[str, float]) -> None:
         if event == "validation_end":
             scalars = dict(metrics)
+        elif event == "batch_end":  # a callback's scalars after an update (the rates of LearningRateMonitor("step"))
+            if state.step % self.every_n_steps:
+                return
+            scalars = dict(metrics)
         elif event == "epoch_end":
             scalars = _epoch_scalars(metrics)
         elif event in ("fit_end", "abort"):  # on abort, what was logged is flushed and closed
@@ -222,6 +226,8 @@ def with_logging(step: Any, *loggers: Any, every_n_steps: int = 50) -> LoggingSt
     if not loggers:
         raise ValueError("with_logging needs at least one logger, e.g. with_logging(step, TensorBoardLogger())")
     for i, logger in enumerate(loggers):
+        if isinstance(logger, type):
+            raise TypeError(f"with_logging: logger {i} is the class {logger.__qualname__}; pass an instance, {logger.__qualname__}(...)")
         for method in ("log_metrics", "log_hparams", "finalize"):
             if not callable(getattr(logger, method, None)):
                 raise TypeError(

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from loopkit.state import TrainState, replace
+from loopkit.state import TrainState, leave_intact, replace
 from loopkit.steps import Metrics, UpdateStep
 from loopkit.transforms._compose import refuse_wrapping, require_step
 
@@ -78,6 +78,14 @@ class PruningStep(UpdateStep):
     @property
     def changes_state(self) -> bool:  # type: ignore[override]
         return True  # it zeroes weights in place: a pure call works on a copy, whatever the inner step
+
+    def run_(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
+        if self.parameters is not None and _MASKS not in state.extras:  # before the first prune: the names
+            try:  # are checked before the step changes anything, not after its first update
+                self._weights(state, list(self.parameters))
+            except KeyError as error:
+                raise leave_intact(error, state)
+        return super().run_(state, batch)
 
     def after_update(self, state: TrainState, metrics: Metrics) -> TrainState:
         masks = state.extras.get(_MASKS)

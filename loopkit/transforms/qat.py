@@ -212,6 +212,11 @@ def with_qat(
     """
     if backend not in _BACKENDS:
         raise ValueError(f"with_qat: backend must be one of {', '.join(_BACKENDS)}, got {backend!r}")
+    if qconfig is not None and not (hasattr(qconfig, "activation") and hasattr(qconfig, "weight")):
+        raise TypeError(
+            "with_qat: qconfig must be a torch.ao.quantization.QConfig (e.g. get_default_qat_qconfig('x86')) or None, "
+            f"got {type(qconfig).__qualname__}"
+        )
     for name, value in (("freeze_observers_after", freeze_observers_after), ("freeze_bn_after", freeze_bn_after)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
             raise ValueError(f"with_qat: {name} must be a non-negative int (an update count) or None, got {value!r}")
@@ -239,6 +244,8 @@ def quantized_model(state: TrainState) -> nn.Module:
     >>> type(int8[1]).__module__, int8(torch.randn(3, 4)).shape
     ('torch.ao.nn.quantized.modules.linear', torch.Size([3, 2]))
     """
+    if not isinstance(state, TrainState):
+        raise TypeError(f"quantized_model: give the TrainState that with_qat trained, got {type(state).__qualname__}")
     if not is_prepared(state.model):
         raise ValueError("quantized_model: the state's model was not trained with with_qat (no fake-quantizers)")
     with _quiet():

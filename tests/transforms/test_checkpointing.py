@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import threading
+import warnings
 from pathlib import Path
 
 import pytest
@@ -101,6 +102,23 @@ def test_keep_last_keeps_the_newest(tmp_path):
         state, _ = step(state, None)
     assert _steps(tmp_path) == [4, 5]
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("ckpt-")) == [".lock"]
+
+
+def test_a_directory_holding_a_further_run_is_named_when_a_new_run_first_saves(tmp_path):
+    """The same script run twice into one directory (Lightning warns of a non-empty checkpoint
+    directory): the second run's first save is behind the first run's newest checkpoint. A run
+    resumed from that directory is not warned about."""
+
+    def fit(state, epochs):
+        return run_epochs(with_checkpointing(train_step(_mse), tmp_path, every_n_steps=5), state, _loader(),
+                          epochs=epochs, progress=False)[0]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fit(_state(), 2)  # an empty directory: no warning
+        fit(loopkit.restore(_state(), tmp_path), 3)  # resumed from its newest checkpoint: no warning
+    with pytest.warns(RuntimeWarning, match="holds checkpoints of a run further along .*step30.* than this one \\(step 5\\)"):
+        fit(_state(), 1)
 
 
 def test_a_plain_function_step_is_checkpointed(tmp_path):

@@ -1,0 +1,260 @@
+"""The SPEC's Errors rule across the public names: a mistake a Lightning user makes gets an error
+naming what was wrong and where, before anything is lost (the state stays usable).
+
+The references are the mistakes themselves: each case passes before the input is fixed and
+fails in the named way with it; each case was an internal traceback, a late failure or a silent
+acceptance before.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import loopkit
+from loopkit import TrainState, eval_step, evaluate, predict, run_epochs, train_step
+from tests._driver_helpers import make_data, make_state, mse
+
+
+def _metric(m, b):
+    return {"mse": mse(m, b)}
+
+
+# --- the state -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "changes, error, match",
+    [
+        (lambda: {"model": nn.Linear(3, 1)}, ValueError, "evolve: optimizer param_groups.*not a parameter of the model"),
+        (lambda: {"optimizer": torch.optim.SGD(nn.Linear(3, 1).parameters(), lr=0.1)}, ValueError, "not a parameter"),
+        (lambda: {"model": None}, TypeError, "evolve: model must be a torch.nn.Module"),
+        (lambda: {"rng": None}, TypeError, "evolve: rng must be a mapping"),
+        (lambda: {"step": "3"}, ValueError, "evolve: step must be a non-negative int"),
+        (lambda: {"epoch": -1}, ValueError, "evolve: epoch must be a non-negative int"),
+        (lambda: {"bogus": 1}, TypeError, "evolve: no field 'bogus'"),
+    ],
+    ids=["model", "optimizer", "none-model", "rng", "step", "epoch", "unknown"],
+)
+def test_evolve_checks_what_create_checks(changes, error, match):
+    """Before, a new model with the old optimizer trained nothing, silently."""
+    state = make_state()
+    with pytest.raises(error, match=match):
+        state.evolve(**changes())
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1))
+    assert state.evolve(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1)).model is model
+
+
+# --- steps and what they return ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "fn, match",
+    [
+        (lambda s, b: s, "returned a TrainState; a step returns \\(new_state, metrics\\)"),
+        (lambda s, b: ({}, s), "returned a \\(dict, TrainState\\) pair"),
+        (lambda s, b: (s, torch.ones(())), "returned a \\(TrainState, Tensor\\) pair"),
+        (lambda m, b: {"mse": torch.ones(())}, "returned a dict.*pass eval_step\\(metric_fn\\)"),
+    ],
+    ids=["state-only", "swapped", "tensor-metrics", "metric_fn"],
+)
+def test_a_function_step_returning_the_wrong_shape_is_named(fn, match):
+    with pytest.raises(TypeError, match=match):
+        evaluate(fn, make_state(), make_data(2))
+
+
+def test_a_loss_fn_given_as_the_step_is_named_and_the_state_is_kept():
+    state = make_state()
+    with pytest.raises(TypeError, match="called the TrainState as a model.*train_step\\(loss_fn\\)"):
+        run_epochs(mse, state, make_data(2), epochs=1, progress=False)
+    state.check_usable()
+
+
+@pytest.mark.parametrize(
+    "build, match",
+    [
+        (lambda: train_step(lambda batch: batch), "train_step: loss_fn must take \\(model, batch\\); .*<lambda>\\(batch\\) cannot"),
+        (lambda: train_step(lambda m, x, y: x), "train_step: loss_fn must take \\(model, batch\\).*missing"),
+        (lambda: eval_step(lambda batch: {}), "eval_step: metric_fn must take \\(model, batch\\)"),
+        (lambda: predict(lambda batch: batch, make_state(), make_data(1)), "predict: fn must take \\(model, batch\\)"),
+    ],
+    ids=["one-arg", "three-args", "metric_fn", "predict"],
+)
+def test_a_function_of_the_wrong_signature_is_refused_when_the_step_is_built(build, match):
+    with pytest.raises(TypeError, match=match):
+        build()
+
+
+# --- run_epochs' arguments ----------------------------------------------------------------------------
+
+
+class _LightningNamed:
+    def on_train_epoch_end(self, trainer, module):
+        pass
+
+
+@pytest.mark.parametrize(
+    "options, error, match",
+    [
+        (dict(callbacks=[loopkit.EarlyStopping]), TypeError, "callbacks\\[0\\] is the class EarlyStopping; pass an instance"),
+        (dict(callbacks=["x"]), TypeError, "callbacks\\[0\\] \\(str\\) has none of the hooks"),
+        (dict(callbacks=[_LightningNamed()]), TypeError, "rename on_train_epoch_end -> on_epoch_end"),
+        (dict(donate="no"), TypeError, "donate must be True or False"),
+        (dict(progress="no"), TypeError, "progress must be True or False"),
+        (dict(val=(train_step(mse), make_data(2))), TypeError, "val's step is a train_step"),
+        (dict(val=(eval_step(_metric), (b for b in make_data(2)))), TypeError, "val's data is an iterator"),
+        (dict(train_data=None), TypeError, "train_data must be an iterable of batches"),
+        (dict(state=nn.Linear(3, 1)), TypeError, "state must be a loopkit.TrainState, got Linear: wrap the model"),
+    ],
+    ids=["class", "str", "lightning-hook", "donate", "progress", "train-step-val", "val-generator", "no-data", "model"],
+)
+def test_run_epochs_refuses_misused_arguments_before_any_step(options, error, match):
+    calls = []
+
+    def loss_fn(m, b):
+        calls.append(1)
+        return mse(m, b)
+
+    state = make_state()
+    kwargs = dict(step=train_step(loss_fn), state=state, train_data=make_data(2), epochs=1, progress=False)
+    kwargs.update(options)
+    with pytest.raises(error, match=match):
+        run_epochs(**kwargs)
+    assert calls == []
+    state.check_usable()
+
+
+def test_a_single_callback_is_taken_as_lightning_takes_it():
+    stopper = loopkit.EarlyStopping("train/loss", patience=1)
+    run_epochs(train_step(mse), make_state(), make_data(2), epochs=2, callbacks=stopper, progress=False)
+    assert stopper.best < float("inf")
+
+
+def test_a_dataset_passed_as_the_data_is_warned_about():
+    data = TensorDataset(torch.randn(4, 3), torch.randn(4, 1))
+    with pytest.warns(RuntimeWarning, match="is a torch Dataset.*DataLoader\\(dataset, batch_size"):
+        run_epochs(train_step(lambda m, b: ((m(b[0]) - b[1]) ** 2).mean()), make_state(), data, epochs=1, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run_epochs(train_step(mse), make_state(), DataLoader(data, batch_size=2), epochs=1, progress=False)
+
+
+def test_a_misspelt_validation_monitor_is_warned_about_after_the_sanity_check():
+    """The first validation raises for it, after an epoch of training; the sanity check already knows."""
+    with pytest.warns(RuntimeWarning, match="EarlyStopping monitors 'val/mae', which the sanity validation did not report \\(it reported val/mse\\)"):
+        with pytest.raises(KeyError, match="val/mae"):
+            run_epochs(train_step(mse), make_state(), make_data(2), epochs=1, val=(eval_step(_metric), make_data(2)),
+                       callbacks=[loopkit.EarlyStopping("val/mae")], progress=False)
+
+
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (lambda s: predict(s, lambda m, b: m(b[0]), make_data(1)), TypeError, "predict: fn must be callable"),
+        (lambda s: predict(lambda m, b: m(b[0]), s.model, make_data(1)), TypeError, "predict: state must be a loopkit.TrainState"),
+        (lambda s: evaluate(eval_step(_metric), s.model, make_data(1)), TypeError, "evaluate: state must be a loopkit.TrainState"),
+        (lambda s: evaluate(eval_step(_metric), s, None), TypeError, "evaluate: data must be an iterable"),
+        (lambda s: loopkit.to_device(make_data(1), None), TypeError, "to_device: device must be"),
+        (lambda s: loopkit.to_device(make_data(1), "gpu"), ValueError, "to_device: 'gpu' is not a device"),
+        (lambda s: loopkit.quantized_model(s.model), TypeError, "quantized_model: give the TrainState"),
+    ],
+    ids=["predict-swapped", "predict-model", "evaluate-model", "evaluate-none", "device-none", "device-gpu", "quantized"],
+)
+def test_helpers_name_a_misplaced_argument(call, error, match):
+    with pytest.raises(error, match=match):
+        call(make_state())
+
+
+# --- transforms, loggers, callbacks: refused when built -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "build, error, match",
+    [
+        (lambda p: loopkit.with_grad_clip(train_step(mse), max_norm=True), ValueError, "max_norm must be a positive number"),
+        (lambda p: loopkit.with_grad_accum(4, train_step(mse)), TypeError, "the step comes first"),
+        (lambda p: loopkit.with_compile(train_step(mse), dynamic=3), TypeError, "with_compile: dynamic must be True, False or None"),
+        (lambda p: loopkit.with_compile(train_step(mse), fullgraph="yes"), TypeError, "with_compile: fullgraph must be"),
+        (lambda p: loopkit.with_qat(train_step(mse), qconfig="x"), TypeError, "with_qat: qconfig must be a torch.ao.quantization.QConfig"),
+        (lambda p: loopkit.EarlyStopping("val/loss", patience=True), ValueError, "patience must be a positive int"),
+        (lambda p: loopkit.EarlyStopping("val/loss", min_delta="0"), ValueError, "min_delta must be >= 0"),
+        (lambda p: loopkit.with_logging(train_step(mse), loopkit.CSVLogger), TypeError, "logger 0 is the class CSVLogger"),
+        (lambda p: loopkit.ConsoleLogger(stream="stdout"), TypeError, "ConsoleLogger: stream must be a text stream"),
+        (lambda p: loopkit.CSVLogger(p / "file"), NotADirectoryError, "CSVLogger: root .* is a file"),
+        (lambda p: loopkit.TensorBoardLogger(p / "file" / "deeper"), NotADirectoryError, "TensorBoardLogger: root"),
+    ],
+    ids=["clip-bool", "accum-order", "compile-dynamic", "compile-fullgraph", "qconfig", "patience-bool", "min-delta-str", "logger-class", "stream", "root-file",
+         "root-under-file"],
+)
+def test_options_are_refused_when_built(build, error, match, tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(error, match=match):
+        build(tmp_path)
+
+
+def test_a_logger_root_that_cannot_be_made_is_refused_when_built(tmp_path, monkeypatch):
+    """(os.access answers as for a user without write access: this suite may run as root, who has it.)"""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    monkeypatch.setattr(os, "access", lambda path, mode: os.fspath(path) != str(locked))
+    with pytest.raises(PermissionError, match="CSVLogger: root .* cannot be made: .*locked' is not writable"):
+        loopkit.CSVLogger(locked / "runs")
+    loopkit.CSVLogger(locked)  # an existing folder: its own permission is the first write's to tell
+
+
+def test_pruning_names_a_missing_parameter_before_the_step_changes_anything():
+    state = make_state()
+    step = loopkit.with_pruning(train_step(mse), 0.5, lambda s: 0.5, parameters=["nope"])
+    with pytest.raises(KeyError, match="with_pruning: the model has no parameter 'nope'"):
+        run_epochs(step, state, make_data(2), epochs=1, progress=False)
+    state.check_usable()  # before, the first update had already used it up
+
+
+def test_export_weights_names_the_path_not_its_temporary(tmp_path):
+    state = make_state()
+    with pytest.raises(IsADirectoryError, match=f"export_weights: '{tmp_path}' is a folder"):
+        loopkit.export_weights(state, tmp_path)
+    with pytest.raises(FileNotFoundError, match="export_weights: the folder .*nope.* does not exist"):
+        loopkit.export_weights(state, tmp_path / "nope" / "m.safetensors")
+
+
+# --- ensembles -------------------------------------------------------------------------------------------
+
+
+def _member(activation: nn.Module) -> TrainState:
+    model = nn.Sequential(nn.Linear(2, 3), activation, nn.Linear(3, 1))
+    return TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+def test_ensemble_members_of_another_architecture_with_the_same_shapes_are_refused():
+    """Before, member 1 (Tanh) trained through member 0's ReLU forward, off its solo trajectory."""
+    with pytest.raises(ValueError, match="member 1's model differs from member 0's \\(1: Tanh\\(\\) where member 0 has 1: ReLU\\(\\)\\)"):
+        loopkit.ensemble.stack([_member(nn.ReLU()), _member(nn.Tanh())])
+    with pytest.raises(TypeError, match="ensemble.unstack: give the Ensemble"):
+        loopkit.ensemble.unstack(_member(nn.ReLU()))
+
+
+# --- tune ------------------------------------------------------------------------------------------------
+
+
+def test_tune_refuses_what_optuna_would_fail_on_later(tmp_path):
+    pytest.importorskip("optuna")
+    from loopkit import tune
+
+    (tmp_path / "file").write_text("x")
+    for options, error, match in (
+        (dict(pruner="median"), TypeError, "pruner must be an optuna pruner"),
+        (dict(sampler="tpe"), TypeError, "sampler must be an optuna sampler"),
+        (dict(directory=tmp_path / "file"), NotADirectoryError, "is not a folder"),
+    ):
+        with pytest.raises(error, match=match):
+            tune.create_study("s", **({"directory": tmp_path} | options))
+    with pytest.raises(TypeError, match="objective must be callable"):
+        tune.optimize(None, n_trials=1, directory=tmp_path)
+    with pytest.raises(TypeError, match="PruningCallback: trial must be an optuna trial"):
+        tune.PruningCallback(None)
