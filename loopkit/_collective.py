@@ -42,7 +42,8 @@ def is_rank_zero() -> bool:
 
 def sum_dtype(values: torch.Tensor) -> torch.dtype:
     """The dtype metrics like ``values`` are summed in: float64 for float64 and int64 ones (no precision
-    lost to float32's 24 bits: token counts, float64 models), float32 for the rest.
+    lost to float32's 24 bits: token counts, float64 models), float32 for the rest. (A metric given as
+    a Python int or a numpy float64 becomes such a tensor; a Python float becomes float32.)
 
     >>> sum_dtype(torch.ones(2)), sum_dtype(torch.ones(2, dtype=torch.float64)), sum_dtype(torch.ones(2, dtype=torch.int64))
     (torch.float32, torch.float64, torch.float64)

@@ -8,8 +8,9 @@ hook                                      when
 ``on_fit_start(state)``                   once, before sanity validation and training
 ``on_epoch_start(state)``                 before the first batch of each epoch
 ``on_batch_end(state, metrics)``          after each training step; metrics are device tensors;
-                                          may return a dict of floats, which ``with_logging``
-                                          writes after an update, at its ``every_n_steps``
+                                          may return a dict of Python numbers, which
+                                          ``with_logging`` writes after an update, at its
+                                          ``every_n_steps`` (other returns are ignored)
 ``on_validation_end(state, metrics)``     after each (non-sanity) validation, ``val/...`` floats
 ``on_epoch_end(state, metrics)``          after each epoch (and its validation); may return a
                                           dict of extra floats to record in the history
@@ -38,7 +39,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["Callback", "EarlyStopping", "LearningRateMonitor", "MonitorCallback"]
+__all__ = ["Callback", "EarlyStopping", "LearningRateMonitor", "MonitorCallback", "may_change_state_early"]
 
 
 class Callback:
@@ -72,6 +73,25 @@ class Callback:
 
     def on_fit_end(self, state: Any, history: list[dict[str, float]]) -> None:
         pass
+
+
+#: the hooks that may run before ``run_epochs``' first step (and so change the state before it)
+_EARLY_HOOKS = ("on_fit_start", "on_epoch_start", "on_validation_end")
+
+
+def may_change_state_early(callback: Any) -> bool:
+    """Whether ``callback`` has a hook that runs before the first step and may change the model or optimizer
+    in place (a learning rate set in ``on_fit_start``); loopkit's own callbacks only read.
+
+    >>> may_change_state_early(EarlyStopping("val/loss")), may_change_state_early(Callback())
+    (False, False)
+    """
+    if getattr(callback, "reads_only", False):
+        return False
+    return any(
+        getattr(type(callback), hook, None) is not getattr(Callback, hook) or hook in getattr(callback, "__dict__", {})
+        for hook in _EARLY_HOOKS if hasattr(callback, hook)
+    )
 
 
 class MonitorCallback(Callback):
@@ -121,6 +141,9 @@ class EarlyStopping(MonitorCallback):
     >>> stopper.should_stop, stopper.best
     (True, 1.0)
     """
+
+    #: its hooks read the metrics and the state, and change neither (see :func:`may_change_state_early`)
+    reads_only = True
 
     def __init__(self, monitor: str, patience: int = 3, mode: str = "min", min_delta: float = 0.0) -> None:
         if mode not in ("min", "max"):
@@ -195,6 +218,8 @@ class LearningRateMonitor(Callback):
     >>> monitor.on_epoch_end(state, {})
     {'lr-SGD': 0.5}
     """
+
+    reads_only = True
 
     def __init__(self, logging_interval: str = "epoch") -> None:
         if logging_interval not in ("epoch", "step"):

@@ -28,7 +28,7 @@ import torch
 
 from loopkit import _collective
 from loopkit._window import EPOCH
-from loopkit.callbacks import Callback
+from loopkit.callbacks import Callback, may_change_state_early
 from loopkit.progress import ProgressBar, progress_wanted
 from loopkit.state import TrainState, fork, model_device, put_extras, replace_extras
 from loopkit.steps import WrapperStep, as_step, check_takes_model_and_batch
@@ -353,6 +353,14 @@ def _check_val(val: Any) -> None:
         )
 
 
+def _scalars(value: Any) -> bool:
+    """Whether a callback's ``on_batch_end`` returned scalars to log: a non-empty dict of Python numbers
+    (anything else it returns is ignored, as before such returns were logged)."""
+    return isinstance(value, Mapping) and bool(value) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value.values()
+    )
+
+
 def _fresh_persistent_workers(data: Any) -> bool:
     """A DataLoader with persistent worker processes that has not started them yet."""
     return (
@@ -661,6 +669,7 @@ def run_epochs(
     lifecycle = (step,) if val_step is None else (step, val_step)
     given = state
     start: TrainState | None = None  # the state the fit's first epoch trains from, before any step has run
+    early_changes = any(may_change_state_early(cb) for cb in callbacks)  # hooks that run before the first step
     try:
         with _StopOnSignal() as stop, _TellingAbort(lifecycle, state):
             hooks.call("on_fit_start", state)  # first: a callback may build in it what its load_state_dict fills
@@ -731,7 +740,7 @@ def run_epochs(
                         bar.tick(metrics)
                     for hook in hooks.batch_end:
                         logged = hook(state, metrics)  # scalars to log (LearningRateMonitor per step)
-                        if logged and state.step != before:
+                        if logged is not None and state.step != before and _scalars(logged):
                             step.notify("batch_end", state, logged)
                     if stop.requested:  # a graceful stop: no flush, no validation; resume continues here
                         exhausted = False
@@ -780,8 +789,9 @@ def run_epochs(
             return state, history
     except BaseException:
         # an error before the first step changed anything (a batch to_device cannot move, a loss the step
-        # refuses, the loss_fn's own exception): the given state is as it was, and stays usable
-        if start is not None and state is start and not start._consumed and given is not start:
+        # refuses, the loss_fn's own exception): the given state is as it was, and stays usable (unless a
+        # callback's hook ran before that step: it may have changed the model or optimizer in place)
+        if start is not None and state is start and not start._consumed and given is not start and not early_changes:
             object.__setattr__(given, "_consumed", False)
         raise
 

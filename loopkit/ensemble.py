@@ -122,8 +122,13 @@ def _check_members(states: Sequence[TrainState]) -> None:
 
 
 def _structure(model: nn.Module) -> list[str]:
-    """Each module's name, class and settings (``extra_repr``: an activation's, a dropout's p...)."""
-    return [f"{name or '(model)'}: {type(m).__qualname__}({m.extra_repr()})" for name, m in model.named_modules()]
+    """Each module's name and class, and the settings of those without tensors of their own (an activation's,
+    a dropout's p: ``extra_repr``; a module with tensors may show their values there, which differ by member)."""
+    return [
+        f"{name or '(model)'}: {type(m).__qualname__}"
+        + ("" if any(True for _ in m.parameters(recurse=False)) or any(True for _ in m.buffers(recurse=False)) else f"({m.extra_repr()})")
+        for name, m in model.named_modules()
+    ]
 
 
 def stack(states: Sequence[TrainState]) -> Ensemble:

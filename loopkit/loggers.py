@@ -438,6 +438,7 @@ class TensorBoardLogger(RunDirLogger):
             from tensorboardX import SummaryWriter
 
             self._writer = SummaryWriter(self._folder(), filename_suffix=self._suffix())
+            self._finished = False
         return self._writer
 
     def _add(self, summary: Any, step: int) -> None:

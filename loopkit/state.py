@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import copy
+import numbers
 import types
 import warnings
 import weakref
@@ -121,8 +122,9 @@ class TrainState(_GraphSlot):
         for name in ("step", "epoch", "batch_index", "seed"):
             if name in changes:
                 value = changes[name]
-                if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
                     raise ValueError(f"TrainState.evolve: {name} must be a non-negative int, got {value!r}")
+                changes[name] = int(value)
         if "rng" in changes:
             _check_rng(changes["rng"])
         return replace(self, **changes)
@@ -750,10 +752,7 @@ def _decode_optimizer(plain: Any, template: dict[str, Any], optimizer: torch.opt
             )
         if not isinstance(entry, Mapping):
             raise StateMismatchError(f"key '{'.'.join(path)}' holds a {type(entry).__qualname__}, expected a mapping")
-        keys = expected_keys[int(index)] if expected_keys else None
-        if keys is None and str(index) in current:  # what the template's own entry holds
-            keys = tuple(current[str(index)])
-        _check_keys(entry, keys, path)
+        _check_keys(entry, expected_keys[int(index)] if expected_keys else None, path)
         param = params[int(index)]
         for name, value in entry.items():
             known = current.get(str(index), {}).get(name)
@@ -791,8 +790,12 @@ def _check_keys(entry: Mapping[str, Any], keys: tuple[str, ...] | None, path: tu
 def _state_keys(optimizer: torch.optim.Optimizer, groups: list[dict[str, Any]]) -> list[tuple[str, ...] | None]:
     """The state keys a step of ``optimizer`` keeps for each of its parameters (by index) under the options of
     ``groups`` (those being loaded), learnt from one step of a new optimizer of its class over stand-ins of
-    one element each (the parameters' dimensions and dtypes); ``[]`` where that cannot be done (an optimizer
-    whose ``__init__`` takes other arguments, a step that needs a closure or sparse gradients)."""
+    one element each (the parameters' dimensions and dtypes). Only for torch's own optimizers, whose keys are
+    set at their first step; ``[]`` (nothing checked) for others and where the probe cannot run (sparse
+    gradients, options the CPU does not take)."""
+    kind = type(optimizer)
+    if not kind.__module__.startswith("torch.optim.") or kind is torch.optim.LBFGS:
+        return []  # an optimizer of one's own may add keys as it goes (LBFGS does): its keys are not checked
     stand_ins = [
         [nn.Parameter(torch.zeros((1,) * p.ndim, dtype=p.dtype)) for p in group["params"]]
         for group in optimizer.param_groups

@@ -55,6 +55,7 @@ __all__ = [
 Metrics = dict[str, torch.Tensor]
 _Tensor = torch.Tensor
 _default_generator = torch.default_generator
+_LBFGS = torch.optim.LBFGS
 _set_consumed = TrainState.__dict__["_consumed"].__set__  # TrainState.mark_consumed without its frame
 LossFn = Callable[[torch.nn.Module, Any], Any]
 
@@ -230,7 +231,7 @@ class FnStep(Step):
         except TypeError as error:
             if "'TrainState' object is not callable" not in str(error):
                 raise
-            raise leave_intact(TypeError(  # it failed at its start: nothing of the state changed yet
+            raise leave_intact(TypeError(  # a loss_fn given as a step calls its "model" first: nothing changed yet
                 f"{_fn_name(self.fn)} called the TrainState as a model: a function used as a step gets (state, batch); "
                 "a loss_fn(model, batch) goes in train_step(loss_fn), a metric_fn(model, batch) in eval_step(metric_fn)"
             ), state) from error
@@ -418,10 +419,14 @@ def check_metric(value: Any, key: Any, where: str) -> torch.Tensor:
                 f"{value.dtype}; a metric must be a real 0-dim tensor (reduce it, e.g. .mean())"
             )
         return value.detach().reshape(())
-    if isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)):  # numpy's scalars too
+    if isinstance(value, (bool, np.bool_)):
+        pass
+    elif isinstance(value, numbers.Integral):  # a count: int64, summed exactly (float32 rounds past 2**24)
+        return torch.tensor(int(value))
+    elif isinstance(value, (np.floating, np.ndarray)) and value.size == 1 and value.dtype.kind in "fiu":
+        return torch.tensor(np.asarray(value).reshape(()))  # numpy's own precision kept (float64 stays float64)
+    elif isinstance(value, numbers.Real):
         return torch.tensor(float(value))
-    if isinstance(value, np.ndarray) and value.size == 1 and value.dtype.kind in "fiu":
-        return torch.tensor(float(value.reshape(())))
     raise TypeError(f"metric '{key}' from {where} is a {type(value).__qualname__}; a metric must be a number or a 0-dim tensor")
 
 
@@ -587,6 +592,10 @@ class TrainStep(Step):
         first = params[0] if params else _first_param(optimizer)
         if self.plain and self.sync is None and not first.is_cuda and len(state.rng) == 1:
             return self._run_plain_cpu(state, batch, model, optimizer)
+        if isinstance(optimizer, _LBFGS):
+            if not self.plain or self.sync is not None:
+                raise leave_intact(_closure_refused(optimizer, ", ".join(self.transforms) or "with_ddp"), state)
+            return _closure_update(self, state, batch, optimizer)
         sync = self.sync
         extras = None if self.plain else extras_copy(state.extras)
         if self.keeps_buffers and _BUFFERS not in extras:  # type: ignore[operator]
@@ -645,6 +654,8 @@ class TrainStep(Step):
         The same work as the general path (:func:`_plain_update` included), in one frame: the
         hot path of the common step, where each call and attribute read shows in the step's time.
         """
+        if isinstance(optimizer, _LBFGS):  # its step runs the loss_fn itself, through a closure
+            return _closure_update(self, state, batch, optimizer)
         generator = _default_generator
         saved = generator.get_state()  # the caller's global RNG, put back below
         generator.set_state(state.rng["cpu"])
@@ -670,10 +681,10 @@ class TrainStep(Step):
             generator.set_state(saved)
         try:
             optimizer.step()
-        except TypeError:  # one that needs a closure (LBFGS): the loss_fn runs again, as often as it asks
+        except TypeError:  # another optimizer that needs a closure: found out only now, after a forward of its own
             if not needs_closure(optimizer):
                 raise
-            rng = _step_with_closure(self.loss_fn, state, optimizer, batch)
+            return _closure_update(self, state, batch, optimizer)
         scheduler = state.scheduler
         if scheduler is not None:
             scheduler.step()
@@ -758,11 +769,7 @@ class TrainStep(Step):
                 optimizer.step()
             except TypeError as error:
                 if needs_closure(optimizer):
-                    raise TypeError(
-                        f"train_step: {type(optimizer).__name__}.step() needs a closure, which re-runs the loss_fn; "
-                        f"{', '.join(self.transforms)} change the gradients between backward and step, and a "
-                        "closure would bypass them: use such an optimizer in a plain train_step"
-                    ) from error
+                    raise _closure_refused(optimizer, ", ".join(self.transforms)) from error
                 raise
             if scheduler is not None:
                 scheduler.step()
@@ -798,11 +805,8 @@ def _plain_update(state: TrainState, optimizer: torch.optim.Optimizer, rng: Any,
         if not needs_closure(optimizer):
             raise
         if step.sync is not None:
-            raise TypeError(
-                f"with_ddp: {type(optimizer).__name__}.step() needs a closure, whose backward would not "
-                "all-reduce the gradients; use an optimizer whose step() takes no closure"
-            ) from error
-        rng = _step_with_closure(step.loss_fn, state, optimizer, batch)
+            raise _closure_refused(optimizer, "with_ddp") from error
+        return _closure_update(step, state, batch, optimizer)[0]
     scheduler = state.scheduler
     if scheduler is not None:
         scheduler.step()
@@ -813,9 +817,12 @@ def _plain_update(state: TrainState, optimizer: torch.optim.Optimizer, rng: Any,
 def needs_closure(optimizer: torch.optim.Optimizer) -> bool:
     """Whether ``optimizer.step`` must be given a closure that re-evaluates the loss (``torch.optim.LBFGS``).
 
-    ``train_step`` gives it one that runs the loss_fn again (forward and backward, drawing
-    from the state's RNG) as often as the optimizer asks; the step's ``loss`` metric is the
-    loss before the update.
+    ``train_step`` gives it one that runs the loss_fn (forward and backward, drawing from the
+    state's RNG) as often as the optimizer asks; the step's metrics are those of the first run,
+    before the update. ``torch.optim.LBFGS`` is known before the step runs; another optimizer
+    that needs a closure is found out when its ``step()`` refuses to run without one, after the
+    step's own forward and backward, which its closure then runs again (a forward's in-place
+    updates, BatchNorm statistics, happen twice in that step).
 
     >>> import torch
     >>> params = [torch.nn.Parameter(torch.zeros(1))]
@@ -829,27 +836,50 @@ def needs_closure(optimizer: torch.optim.Optimizer) -> bool:
     return closure is not None and closure.default is inspect.Parameter.empty
 
 
-def _step_with_closure(loss_fn: LossFn, state: TrainState, optimizer: torch.optim.Optimizer, batch: Any) -> Any:
-    """``optimizer.step(closure)``; the closure (zeroed gradients, the loss_fn, backward) draws from
-    the state's RNG as the call began with it (its first run is the step's own forward again, as in
-    a loop that hands the optimizer its closure), which comes back advanced."""
-    model = state.model
-    first = _first_param(optimizer)
-    scope = RNGScope(state.rng, _cuda_index(first.device) if first.is_cuda else None, state.seed)
+def _closure_refused(optimizer: torch.optim.Optimizer, transforms: str) -> TypeError:
+    return TypeError(
+        f"train_step: {type(optimizer).__name__}.step() needs a closure, which re-runs the loss_fn and its backward; "
+        f"{transforms} act between backward and step (or all-reduce the gradients), which a closure would "
+        "bypass: use such an optimizer in a plain train_step"
+    )
+
+
+def _closure_update(step: TrainStep, state: TrainState, batch: Any, optimizer: torch.optim.Optimizer) -> tuple[TrainState, Metrics]:
+    """The update of an optimizer whose step needs a closure (LBFGS), as a loop that hands it one: the
+    closure (zeroed gradients, the loss_fn, backward) runs as often as the optimizer asks, drawing from
+    the state's RNG as the call began with it; the metrics are those of its first run (before the update)."""
+    model, loss_fn = state.model, step.loss_fn
+    first_param = _first_param(optimizer)
+    scope = RNGScope(state.rng, _cuda_index(first_param.device) if first_param.is_cuda else None, state.seed)
+    runs: list[Metrics] = []
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
         with torch.enable_grad():
-            loss, _ = _split_loss(loss_fn(model, batch), loss_fn)
+            out = loss_fn(model, batch)
+            if out is None:
+                raise ValueError(
+                    f"loss_fn {_fn_name(loss_fn)} returned None (skip the batch) under {type(optimizer).__name__}, "
+                    "whose step needs a loss each time it asks"
+                )
+            loss, aux = _split_loss(out, loss_fn)
+            runs.append({"loss": loss.detach(), **aux})
             loss.backward()
         return loss
 
     try:
         optimizer.step(closure)
-    except BaseException:
+    except BaseException as error:
         scope.discard()
+        if len(runs) == 0:  # failed in the first run's forward or checks: nothing changed in place yet
+            leave_intact(error, state)
         raise
-    return scope.close()
+    rng = scope.close()
+    scheduler = state.scheduler
+    if scheduler is not None:
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return _advance(state, state.step + 1, rng, state.extras), runs[0]
 
 
 def _advance(state: TrainState, step: int, rng: Any, extras: Any) -> TrainState:

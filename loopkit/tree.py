@@ -192,11 +192,17 @@ def decode_tree(plain: Any, path: tuple[str, ...] = ()) -> Any:
     if kind == "none":
         return None
     if kind in ("list", "tuple"):
+        missing = [str(i) for i in range(len(plain) - 1) if str(i) not in plain]
+        if missing:
+            raise _mismatch(f"missing key '{path_str(path + (missing[0],))}' of a {kind}")
         items = [decode_tree(plain[str(i)], path + (str(i),)) for i in range(len(plain) - 1)]
         return items if kind == "list" else tuple(items)
     if kind == "mapping":
-        keys, values = plain["keys"], plain["values"]
-        return {decode_tree(keys[i], path + (i,)): decode_tree(values[i], path + (i,)) for i in sorted(keys, key=int)}
+        try:
+            keys, values = plain["keys"], plain["values"]
+            return {decode_tree(keys[i], path + (i,)): decode_tree(values[i], path + (i,)) for i in sorted(keys, key=int)}
+        except (KeyError, TypeError, ValueError) as e:
+            raise _mismatch(f"key '{path_str(path)}' holds a malformed tagged mapping ({e!r})") from None
     raise _mismatch(f"key '{path_str(path + (KIND,))}' holds {kind!r}, which no loopkit state dict writes")
 
 

@@ -178,6 +178,8 @@ class PruningCallback(MonitorCallback):
     ({1: 0.5}, False)
     """
 
+    reads_only = True  # it reports to the trial and changes nothing of the state
+
     def __init__(self, trial: optuna.Trial, monitor: str = "val/loss", *, report_step: str = "count") -> None:
         super().__init__(monitor)
         if report_step not in ("count", "global"):

@@ -258,3 +258,19 @@ def test_tune_refuses_what_optuna_would_fail_on_later(tmp_path):
         tune.optimize(None, n_trials=1, directory=tmp_path)
     with pytest.raises(TypeError, match="PruningCallback: trial must be an optuna trial"):
         tune.PruningCallback(None)
+
+
+def test_numpy_counters_are_ints_to_evolve():
+    import numpy as np
+
+    state = make_state().evolve(step=np.int64(3))
+    assert state.step == 3 and type(state.step) is int
+
+
+def test_a_malformed_tagged_extras_entry_is_named():
+    sd = make_state().state_dict()
+    for bad in ({"__loopkit_kind__": "mapping", "keys": {"0": "a"}}, {"__loopkit_kind__": "tuple", "1": 2},
+                {"__loopkit_kind__": "mine"}):
+        sd["extras"] = {"x": bad}
+        with pytest.raises(loopkit.StateMismatchError, match="extras.x"):
+            make_state().load_state_dict(sd)

@@ -6,6 +6,8 @@ computed by hand from the scheduler's formula (exact powers of two).
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -422,6 +424,25 @@ def test_learning_rate_monitor_per_step_reaches_the_loggers_at_their_interval():
                progress=False)
     logged = [(s, r) for s, r in logger.rows if set(r) == {"lr-SGD"}]  # (the epoch records carry it too)
     assert logged == [(s, {"lr-SGD": 0.25 * 0.5**s}) for s in (2, 4, 6)]  # 3 updates an epoch, 6 in all
+
+
+def test_other_returns_of_on_batch_end_are_ignored_as_before(tmp_path):
+    """Only a dict of Python numbers reaches the loggers: a callback returning True, its metrics
+    (device tensors) or a tensor logs nothing and fails nothing."""
+
+    class Returns(loopkit.Callback):
+        def __init__(self, make):
+            self.make = make
+
+        def on_batch_end(self, state, metrics):
+            return self.make(metrics)
+
+    logger = loopkit.CSVLogger(tmp_path, "r")
+    for make in (lambda m: True, lambda m: m, lambda m: torch.ones(3), lambda m: {"x": torch.ones(())}):
+        step = loopkit.with_logging(train_step(mse), logger, every_n_steps=1)
+        run_epochs(step, make_state(), make_data(2), epochs=1, callbacks=[Returns(make)], progress=False)
+    with open(os.path.join(logger.log_dir, "metrics.csv")) as f:
+        assert "x" not in f.readline().split(",")
 
 
 def test_learning_rate_monitor_two_param_groups():

@@ -10,6 +10,7 @@ import copy
 import dataclasses
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -385,12 +386,14 @@ def test_float64_and_int64_metrics_keep_their_precision_in_every_mean():
 
     def metrics(m, b):
         i = next(metric_calls) % 4
-        return {"tiny": torch.tensor(tiny[i], dtype=torch.float64), "tokens": torch.tensor(big[i])}
+        return {"tiny": torch.tensor(tiny[i], dtype=torch.float64), "tokens": torch.tensor(big[i]),
+                "count": big[i], "np_tiny": np.float64(tiny[i]), "np_count": np.int64(big[i])}
 
     def loss_fn(m, b):
         return mse(m, b), metrics(m, b)
 
-    want = {"tiny": sum(tiny) / 4, "tokens": sum(big) / 4}
+    want = {"tiny": sum(tiny) / 4, "tokens": sum(big) / 4, "count": sum(big) / 4, "np_tiny": sum(tiny) / 4,
+            "np_count": sum(big) / 4}  # numbers too: Python ints and numpy's float64 and int64
     assert evaluate(eval_step(metrics), make_state(), make_data(4)) == want
     _, history = run_epochs(train_step(loss_fn), make_state(), make_data(4), epochs=1, progress=False)
     assert {k: history[0][f"train/{k}"] for k in want} == want
@@ -835,6 +838,27 @@ def test_an_error_before_the_first_step_changed_anything_leaves_the_given_state_
         again, _ = run_epochs(train_step(mse), state, make_data(4), epochs=2, progress=False)
         assert_bitwise(params_of(again), params_of(reference))
         assert torch.equal(again.rng["cpu"], reference.rng["cpu"])
+
+
+def test_an_error_after_a_callback_hook_ran_before_the_first_step_uses_the_given_state_up():
+    """A hook that runs before the first step may change the model or optimizer in place (here the
+    learning rate): the given state is then not as it was, and is not handed back as usable."""
+
+    class TenfoldLR(loopkit.Callback):
+        def on_fit_start(self, state):
+            for group in state.optimizer.param_groups:
+                group["lr"] *= 10
+
+    state = make_state()
+    with pytest.raises(ValueError, match="scalar"):
+        run_epochs(train_step(_bad_loss_at(1)), state, make_data(4), epochs=1, callbacks=[TenfoldLR()], progress=False)
+    with pytest.raises(loopkit.DonatedStateError):
+        state.check_usable()
+    reading = make_state()  # loopkit's own callbacks only read: the state stays usable with them
+    with pytest.raises(ValueError, match="scalar"):
+        run_epochs(train_step(_bad_loss_at(1)), reading, make_data(4), epochs=1, progress=False,
+                   callbacks=[loopkit.EarlyStopping("train/loss"), loopkit.LearningRateMonitor()])
+    reading.check_usable()
 
 
 def test_an_error_after_a_step_has_trained_uses_the_given_state_up():

@@ -619,6 +619,35 @@ def test_every_torch_optimizers_own_state_loads_into_a_fresh_or_trained_template
         assert_trees_equal(take_snapshot(b), take_snapshot(a))
 
 
+class _LateKeys(torch.optim.SGD):
+    """An optimizer of one's own that adds a state key from its third step on."""
+
+    def step(self, closure=None):
+        super().step(closure)
+        for group in self.param_groups:
+            for p in group["params"]:
+                entry = self.state[p]
+                entry["count"] = entry.get("count", 0) + 1
+                if entry["count"] >= 3:
+                    entry["slow"] = p.detach().clone()
+
+
+def test_an_optimizer_of_ones_own_whose_keys_grow_loads_earlier_and_later_checkpoints(make_mlp, batches, mse_loss):
+    """Its keys are not learnt from a probe (they change as it goes), so none is refused as missing or unexpected."""
+    step = loopkit.train_step(mse_loss)
+
+    def trained(n):
+        model = make_mlp(0)
+        state = loopkit.TrainState.create(model, _LateKeys(model.parameters(), lr=0.1))
+        for batch in batches[:n]:
+            state, _ = step(state, batch)
+        return state
+
+    early, late = trained(1), trained(4)
+    for template, sd in ((trained(0), late.state_dict()), (late, early.state_dict()), (early, late.state_dict())):
+        template.load_state_dict(sd)
+
+
 def test_gradient_hooks_on_parameters_run_in_pure_steps_and_after_load_state_dict(make_mlp, batches, mse_loss, assert_trees_equal):
     """A hook registered on a parameter (here: halve its gradient, count the accumulations) is part of the model."""
 

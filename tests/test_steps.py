@@ -615,7 +615,9 @@ def test_failed_step_leaves_the_state_usable(make_mlp, make_sgd_state, batches, 
 def _lbfgs_net():
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(1)
-        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Dropout(0.2), torch.nn.Linear(8, 2))
+        model = torch.nn.Sequential(
+            torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Dropout(0.2), torch.nn.Linear(8, 2)
+        )  # BatchNorm: each forward updates its statistics, so a forward too many shows
     return model, torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=5)
 
 
@@ -646,7 +648,8 @@ def test_lbfgs_trains_as_a_raw_loop_that_hands_it_a_closure(how, batches, mse_lo
         for batch in batches[:4]:
             state, metrics = call(state, batch)
             losses.append(metrics["loss"])
-    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), state.model.parameters(), strict=True))
+    raw_sd, sd = model.state_dict(), state.model.state_dict()
+    assert all(torch.equal(raw_sd[k], sd[k]) for k in raw_sd)  # parameters and BatchNorm statistics
     assert torch.equal(torch.stack(losses), torch.stack(raw_losses))  # the loss before each update
     assert state.step == 4
 
@@ -677,3 +680,32 @@ def test_a_pure_lbfgs_call_leaves_the_given_state_as_it_was(batches, mse_loss, t
     assert_trees_equal(take_snapshot(state), before)
     again, _ = loopkit.train_step(mse_loss)(state, batches[1])
     assert_trees_equal(take_snapshot(again), take_snapshot(first))
+
+
+class _ClosureSGD(torch.optim.SGD):
+    """An optimizer of one's own whose step needs a closure (found out when its step() refuses)."""
+
+    def step(self, closure):
+        loss = closure()
+        super().step()
+        return loss
+
+
+def test_another_closure_optimizer_is_handed_a_closure_too(make_mlp, batches, mse_loss):
+    model = make_mlp(0)
+    opt = _ClosureSGD(model.parameters(), lr=0.1)
+    for batch in batches[:3]:
+        def closure(batch=batch):
+            opt.zero_grad()
+            loss = mse_loss(model, batch)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+    mine = make_mlp(0)
+    state = loopkit.TrainState.create(mine, _ClosureSGD(mine.parameters(), lr=0.1))
+    step = loopkit.donate(loopkit.train_step(mse_loss))
+    for batch in batches[:3]:
+        state, _ = step(state, batch)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), state.model.parameters(), strict=True))
+    assert state.step == 3

@@ -133,6 +133,7 @@ class CheckpointStep(UpdateStep):
             self.saver.wait()
         elif event in ("fit_end", "abort"):  # on abort: the saves already started finish
             self.saver.last = None  # a later run with this step saves afresh, even at the same position
+            self.saver.looked = False  # and its first save looks at the directory again
             self.saver.wait(close=True)
 
     def save(self, state: TrainState, *, reason: str = "manual") -> None:
@@ -193,9 +194,10 @@ class CheckpointStep(UpdateStep):
         newest = max(found, key=lambda c: (c.step, c.epoch, c.batch_index), default=None)
         if newest is not None and (newest.step, newest.epoch, newest.batch_index) > position:
             warnings.warn(
-                f"with_checkpointing: {self.directory} holds checkpoints of a run further along ({newest.name}) "
-                f"than this one (step {position[0]}); keep_last and keep_best rank this run's checkpoints with "
-                "them, and loopkit.restore may return theirs: give each run a directory of its own, or empty it",
+                f"with_checkpointing: {self.directory} holds checkpoints further along ({newest.name}) than this "
+                f"run (step {position[0]}): another run's, or a later point of this one it went back from; "
+                "keep_last and keep_best rank this run's checkpoints with them, and loopkit.restore may return "
+                "theirs: give each run a directory of its own, or empty it",
                 RuntimeWarning,
                 stacklevel=2,
             )

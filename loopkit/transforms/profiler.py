@@ -13,7 +13,6 @@ from __future__ import annotations
 import atexit
 import functools
 import os
-import weakref
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -65,7 +64,8 @@ class _Session:
             self.profiler.start()
             # a loop of your own that ends before the schedule and never calls close(): a profiler left
             # running crashes the interpreter as it shuts down, so it is stopped (its trace written) at exit
-            self.at_exit = functools.partial(_close_at_exit, weakref.ref(self), weakref.ref(options))
+            # (the step itself is held: a donated call works on a copy of it, gone after the call)
+            self.at_exit = functools.partial(self.close, options)
             atexit.register(self.at_exit)
         return self.profiler
 
@@ -88,12 +88,6 @@ class _Session:
             sort_by = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
             table = profiler.key_averages().table(sort_by=sort_by, row_limit=40)
             (options.directory / SUMMARY).write_text(table + "\n", encoding="utf-8")
-
-
-def _close_at_exit(session: weakref.ref[_Session], options: weakref.ref[ProfilerStep]) -> None:
-    live, step = session(), options()
-    if live is not None and step is not None:
-        live.close(step)
 
 
 @attrs.frozen(eq=False, kw_only=True)

@@ -80,8 +80,8 @@ class PruningStep(UpdateStep):
         return True  # it zeroes weights in place: a pure call works on a copy, whatever the inner step
 
     def run_(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
-        if self.parameters is not None and _MASKS not in state.extras:  # before the first prune: the names
-            try:  # are checked before the step changes anything, not after its first update
+        if self.parameters is not None and state.step == 0 and _MASKS not in state.extras:  # a fresh run's
+            try:  # names are checked before the step changes anything, not after its first update
                 self._weights(state, list(self.parameters))
             except KeyError as error:
                 raise leave_intact(error, state)

@@ -117,7 +117,7 @@ def test_a_directory_holding_a_further_run_is_named_when_a_new_run_first_saves(t
         warnings.simplefilter("error")
         fit(_state(), 2)  # an empty directory: no warning
         fit(loopkit.restore(_state(), tmp_path), 3)  # resumed from its newest checkpoint: no warning
-    with pytest.warns(RuntimeWarning, match="holds checkpoints of a run further along .*step30.* than this one \\(step 5\\)"):
+    with pytest.warns(RuntimeWarning, match="holds checkpoints further along .*step30.* than this run \\(step 5\\)"):
         fit(_state(), 1)
 
 

@@ -112,15 +112,20 @@ model = torch.nn.Linear(2, 1)
 state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
 step = loopkit.with_profiler(loopkit.train_step(lambda m, b: m(b).pow(2).mean()), sys.argv[1])
 for _ in range(3):  # a 5-call schedule, and no close()
-    state, _ = step(state, torch.ones(4, 2))
+    if sys.argv[2] == "donated":  # each call on a new donated copy of the step, gone after it
+        state, _ = loopkit.donate(step)(state, torch.ones(4, 2))
+    else:
+        state, _ = step(state, torch.ones(4, 2))
 """
 
 
-def test_a_loop_of_ones_own_that_ends_mid_schedule_without_close_exits_cleanly_with_its_trace(tmp_path):
+@pytest.mark.parametrize("how", ["held", "donated"])
+def test_a_loop_of_ones_own_that_ends_mid_schedule_without_close_exits_cleanly_with_its_trace(tmp_path, how):
     import subprocess
     import sys
 
-    done = subprocess.run([sys.executable, "-c", _SHORT_LOOP, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-c", _SHORT_LOOP, str(tmp_path), how], capture_output=True, text=True,
+                          timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]  # a profiler still running at shutdown crashed it (rc -11)
     assert len(_traces(tmp_path)) == 1
 
