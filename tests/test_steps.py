@@ -621,21 +621,27 @@ def _lbfgs_net():
     return model, torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=5)
 
 
+def _raw_closure_loop(model, opt, data, loss_fn) -> list[torch.Tensor]:
+    """The reference: a hand-written loop handing the optimizer its closure; the losses step() returns."""
+    losses = []
+    for batch in data:
+        def closure(batch=batch):
+            opt.zero_grad()
+            loss = loss_fn(model, batch)
+            loss.backward()
+            return loss
+
+        losses.append(opt.step(closure))
+    return losses
+
+
 @pytest.mark.parametrize("how", ["donated", "pure", "run_epochs"])
 def test_lbfgs_trains_as_a_raw_loop_that_hands_it_a_closure(how, batches, mse_loss):
     """As Lightning's automatic optimization does: the closure re-runs the loss_fn (dropout drawing
     from the state's RNG, as the raw loop's from the global one seeded alike), bitwise."""
     model, opt = _lbfgs_net()
     torch.manual_seed(7)
-    raw_losses = []
-    for batch in batches[:4]:
-        def closure(batch=batch):
-            opt.zero_grad()
-            loss = mse_loss(model, batch)
-            loss.backward()
-            return loss
-
-        raw_losses.append(opt.step(closure))
+    raw_losses = _raw_closure_loop(model, opt, batches[:4], mse_loss)
     net, lbfgs = _lbfgs_net()
     state = loopkit.TrainState.create(net, lbfgs, seed=7)
     step = loopkit.train_step(mse_loss)
@@ -693,15 +699,7 @@ class _ClosureSGD(torch.optim.SGD):
 
 def test_another_closure_optimizer_is_handed_a_closure_too(make_mlp, batches, mse_loss):
     model = make_mlp(0)
-    opt = _ClosureSGD(model.parameters(), lr=0.1)
-    for batch in batches[:3]:
-        def closure(batch=batch):
-            opt.zero_grad()
-            loss = mse_loss(model, batch)
-            loss.backward()
-            return loss
-
-        opt.step(closure)
+    _raw_closure_loop(model, _ClosureSGD(model.parameters(), lr=0.1), batches[:3], mse_loss)
     mine = make_mlp(0)
     state = loopkit.TrainState.create(mine, _ClosureSGD(mine.parameters(), lr=0.1))
     step = loopkit.donate(loopkit.train_step(mse_loss))
