@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-__all__ = ["active", "fold", "is_rank_zero", "means", "read", "sum_dtype"]
+__all__ = ["active", "any_rank", "check_same", "fold", "is_rank_zero", "means", "read", "sum_dtype"]
 
 
 def active() -> bool:
@@ -91,6 +91,36 @@ def read(tensors: Mapping[str, torch.Tensor]) -> dict[str, float]:
     device = tensors[keys[0]].device
     values = torch.stack([tensors[k].detach().reshape(()).to(device, torch.float64) for k in keys]).tolist()
     return dict(zip(keys, values))
+
+
+def any_rank(flag: bool) -> bool:
+    """``flag`` or-ed over all ranks (a collective every rank must call at the same point); ``flag`` alone
+    outside a process group.
+
+    >>> any_rank(True), any_rank(False)
+    (True, False)
+    """
+    if not active():
+        return flag
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.distributed.get_backend() == "nccl" else None
+    value = torch.tensor(int(flag), device=device)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def check_same(values: Mapping[str, object], what: str) -> None:
+    """Raise ``RuntimeError`` naming the first rank whose ``values`` differ from rank 0's (a collective every
+    rank must call at the same point); nothing outside a process group.
+
+    >>> check_same({"step": 3}, "run_epochs")
+    """
+    if not active():
+        return
+    gathered: list[object] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, dict(values))
+    for rank, other in enumerate(gathered):
+        if other != gathered[0]:
+            raise RuntimeError(f"{what}: rank {rank} has {other}, rank 0 has {gathered[0]}")
 
 
 def _reduce_device(sums: Mapping[str, torch.Tensor]) -> torch.device:

@@ -49,7 +49,7 @@ def init(backend: str | None = None, *, timeout: float | datetime.timedelta | No
     initialised (returning True). ``backend`` defaults to ``"nccl"`` when CUDA is available
     and ``"gloo"`` otherwise; with CUDA, the process uses the GPU ``LOCAL_RANK``.
     ``timeout`` (seconds or a timedelta) bounds every collective: a rank whose peer died
-    raises after it instead of waiting forever (torch's default is 10 minutes for gloo).
+    raises after it instead of waiting (torch's default is 30 minutes for gloo and nccl).
 
     >>> init()
     False

@@ -19,6 +19,7 @@ import itertools
 import signal
 import sys
 import threading
+import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -432,12 +433,17 @@ class _TellingAbort:
 class _StopOnSignal:
     """While active, SIGTERM or SIGINT asks ``run_epochs`` to stop after the current step.
 
-    A second signal stops at once (``KeyboardInterrupt``). Handlers are installed only in
-    the main thread, and the previous ones are put back on exit.
+    A second signal stops at once (``KeyboardInterrupt``), unless it comes within a second of
+    the first: torchrun's agent and SLURM deliver one stop to a worker twice, about at once.
+    Handlers are installed only in the main thread, and the previous ones are put back on exit.
     """
+
+    #: a repeat within this many seconds is the same stop delivered twice
+    repeat_window = 1.0
 
     def __init__(self) -> None:
         self.requested: str | None = None
+        self._at = 0.0
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> _StopOnSignal:
@@ -451,8 +457,10 @@ class _StopOnSignal:
     def _handle(self, signum: int, frame: Any) -> None:
         name = signal.Signals(signum).name
         if self.requested is not None:
+            if time.monotonic() - self._at < self.repeat_window:
+                return
             raise KeyboardInterrupt(f"run_epochs: {name} after {self.requested}: stopping at once")
-        self.requested = name
+        self.requested, self._at = name, time.monotonic()
         print(f"run_epochs: {name} received, stopping after the current step (send it again to stop at once)",
               file=sys.stderr, flush=True)
 
@@ -507,7 +515,8 @@ class _Hooks:
 
     @property
     def should_stop(self) -> bool:
-        return bool(self.callbacks) and any(getattr(cb, "should_stop", False) for cb in self.callbacks)
+        """Whether a callback asks to stop, on any rank (under DDP every rank stops at the same batch)."""
+        return bool(self.callbacks) and _collective.any_rank(any(getattr(cb, "should_stop", False) for cb in self.callbacks))
 
 
 def _stateful(callbacks: Sequence[Any]) -> list[tuple[str, Any]]:
@@ -667,6 +676,9 @@ def run_epochs(
 
     # the validation step hears of the fit's end too (a profiler around it closes its trace)
     lifecycle = (step,) if val_step is None else (step, val_step)
+    # every rank starts where the others do (a checkpoint folder that is not shared: each rank restored its own)
+    _collective.check_same({"step": state.step, "epoch": state.epoch, "batch_index": state.batch_index},
+                           "run_epochs: the ranks start from different states (a checkpoint directory must be shared by all ranks)")
     given = state
     start: TrainState | None = None  # the state the fit's first epoch trains from, before any step has run
     early_changes = any(may_change_state_early(cb) for cb in callbacks)  # hooks that run before the first step
@@ -702,6 +714,8 @@ def run_epochs(
                 if hooks.should_stop and not resumed_val:  # asked in on_epoch_start: not a batch of this epoch
                     break
                 total = _num_batches(train_data, limit_train_batches, "limit_train_batches")
+                _collective.check_same({"batches": total}, f"run_epochs: epoch {state.epoch} has another number of "
+                                       "batches on each rank, and DDP needs one step per batch on all (shard the data evenly)")
                 batches = _epoch_batches(train_data, state.seed, state.epoch, state.batch_index, total)
                 if batches is None:  # training would go on without a step (with max_steps alone, forever)
                     empty = (

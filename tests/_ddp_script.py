@@ -20,6 +20,8 @@ no expected values. Scenarios:
 - ``fp16``: float16 ``with_amp`` with an infinite input on rank 1 at call 1.
 - ``fit``: ``run_epochs`` over ``shard``-ed data (23 samples: padded) with validation over 7
   samples (``pad=False``), then ``evaluate`` of the same.
+- ``stop_one_rank``: a callback asks to stop on rank 0 only; ``uneven``: 3 batches on rank 0, 2
+  on rank 1; ``apart``: rank 1 starts from step 2 (each refused before a step, by every rank).
 - ``resume``: ``run_epochs`` with ``with_checkpointing(every_n_steps=1)`` from the newest
   checkpoint in ``OUT_DIR/ckpt``; with ``LOOPKIT_TEST_DIE=N`` rank 1 of the first attempt exits
   hard after N batches.
@@ -246,6 +248,50 @@ def fit(rank: int) -> dict[str, Any]:
             "local": local, "val_len": len(val.sampler), "train_len": len(train.sampler)}
 
 
+def stop_one_rank(rank: int) -> dict[str, Any]:
+    """A callback asks to stop on rank 0 only (a time limit reached there first): both ranks stop together."""
+    import loopkit
+
+    class StopAfter:
+        def on_batch_end(self, state: Any, metrics: Any) -> None:
+            self.should_stop = rank == 0 and state.step >= 3
+
+    state = sgd_state(make_model(), seed=5)
+    step = loopkit.with_ddp(loopkit.train_step(mse))
+    batches = [b for b in make_data(6)[:, rank]]
+    state, history = loopkit.run_epochs(step, state, batches, epochs=2, callbacks=[StopAfter()], progress=False)
+    return {"step": state.step, "params": _params(state.model)}
+
+
+def _refused(run: Any) -> str:
+    try:
+        run()
+    except RuntimeError as e:
+        return str(e)
+    return "not refused"
+
+
+def uneven(rank: int) -> dict[str, Any]:
+    """Rank 0 has 3 batches an epoch, rank 1 has 2: refused before a step (it hung, or drifted apart)."""
+    import loopkit
+
+    batches = [b for b in make_data(3)[:, rank]][: 3 - rank]
+    step = loopkit.with_ddp(loopkit.train_step(mse))
+    return {"error": _refused(lambda: loopkit.run_epochs(step, sgd_state(make_model()), batches, epochs=1, progress=False))}
+
+
+def apart(rank: int) -> dict[str, Any]:
+    """Rank 1 starts from another step (each rank restored its own checkpoint folder): refused."""
+    import loopkit
+
+    state = sgd_state(make_model())
+    if rank == 1:
+        state = state.evolve(step=2)
+    step = loopkit.with_ddp(loopkit.train_step(mse))
+    batches = [b for b in make_data(2)[:, rank]]
+    return {"error": _refused(lambda: loopkit.run_epochs(step, state, batches, epochs=1, progress=False))}
+
+
 def resume(rank: int, out_dir: str) -> dict[str, Any]:
     import loopkit
     from loopkit import distributed
@@ -279,7 +325,8 @@ def resume(rank: int, out_dir: str) -> dict[str, Any]:
 
 SCENARIOS = {
     f.__name__: f
-    for f in (plain, accum, accum_outer, bucket_views, static_graph, flush, averaged_pruned, nan_skip, nan_raise, fp16, fit)
+    for f in (plain, accum, accum_outer, bucket_views, static_graph, flush, averaged_pruned, nan_skip, nan_raise, fp16, fit,
+              stop_one_rank, uneven, apart)
 }
 
 

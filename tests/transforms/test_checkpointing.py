@@ -274,13 +274,19 @@ def test_sigterm_stops_after_the_current_step_saves_and_resumes_exactly(tmp_path
     assert_trees_equal(take_snapshot(final), take_snapshot(reference))
 
 
-def test_a_second_signal_stops_at_once(tmp_path):
+def test_a_second_signal_stops_at_once(tmp_path, monkeypatch):
+    import time
+
+    from loopkit.driver import _StopOnSignal
+
+    monkeypatch.setattr(_StopOnSignal, "repeat_window", 0.05)
     previous = signal.getsignal(signal.SIGINT)
 
     class Interrupt:
         def on_batch_end(self, state, metrics):
             if state.batch_index == 2:
                 signal.raise_signal(signal.SIGINT)
+                time.sleep(0.1)  # past the window in which a repeat is the same stop delivered twice
                 signal.raise_signal(signal.SIGINT)
 
     step = with_checkpointing(train_step(_mse), tmp_path)
@@ -288,6 +294,22 @@ def test_a_second_signal_stops_at_once(tmp_path):
         run_epochs(step, _state(), _loader(), epochs=1, progress=False, callbacks=[Interrupt()])
     assert signal.getsignal(signal.SIGINT) is previous
     assert checkpoint.list_checkpoints(tmp_path) == []  # it did not wait to save
+
+
+def test_one_stop_delivered_twice_at_once_is_one_graceful_stop(tmp_path):
+    """torchrun's agent (and SLURM) send a worker SIGTERM twice within a millisecond: before, that was
+    taken as a second signal, and the stop checkpoint was never written (half of the runs)."""
+
+    class Terminate:
+        def on_batch_end(self, state, metrics):
+            if state.batch_index == 2:
+                signal.raise_signal(signal.SIGTERM)
+                signal.raise_signal(signal.SIGTERM)
+
+    step = with_checkpointing(train_step(_mse), tmp_path)
+    state, history = run_epochs(step, _state(), _loader(), epochs=1, progress=False, callbacks=[Terminate()])
+    assert (state.step, history) == (2, [])
+    assert _steps(tmp_path) == [2]  # the stop's checkpoint
 
 
 def test_outside_the_main_thread_no_handler_is_installed(tmp_path):

@@ -9,6 +9,8 @@ ranks bitwise equal to each other.
 
 from __future__ import annotations
 
+import re
+
 
 import pytest
 import torch
@@ -18,7 +20,7 @@ from tests import _ddp_script as ddp
 
 TOL = 1e-6
 SCENARIOS = ["plain", "accum", "accum_outer", "bucket_views", "static_graph", "flush", "averaged_pruned", "nan_skip",
-             "nan_raise", "fp16", "fit"]
+             "nan_raise", "fp16", "fit", "stop_one_rank", "uneven", "apart"]
 
 
 @pytest.fixture(scope="module")
@@ -219,6 +221,22 @@ def test_run_epochs_and_evaluate_under_ddp(ranks):
 
 
 # --- in one process --------------------------------------------------------------------------
+
+
+def test_a_stop_asked_on_one_rank_stops_every_rank_at_the_same_step(ranks):
+    """Lightning reduces should_stop: a time limit reached on one rank first must not leave the other
+    waiting in the next all-reduce (it hung until the timeout)."""
+    results = ranks("stop_one_rank")
+    assert [r["step"] for r in results] == [3, 3]
+    _assert_ranks_identical(results)
+
+
+def test_unequal_batch_counts_and_unequal_starts_are_refused_on_every_rank(ranks):
+    """Before: a hang until the timeout, or (under accumulation) two replicas silently drifting apart."""
+    for name, message in (("uneven", "epoch 0 has another number of batches on each rank.*: rank 1 has {'batches': 2}, rank 0 has {'batches': 3}"),
+                          ("apart", "the ranks start from different states .*: rank 1 has {'step': 2")):
+        for result in ranks(name):
+            assert re.search(message, result["error"]), result["error"]
 
 
 @pytest.fixture
