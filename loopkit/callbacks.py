@@ -87,7 +87,9 @@ def may_change_state_early(callback: Any) -> bool:
     (False, False)
     """
     if getattr(callback, "reads_only", False):
-        return False
+        owner = next(c for c in type(callback).__mro__ if "reads_only" in c.__dict__)
+        if all(getattr(type(callback), hook, None) is getattr(owner, hook, None) for hook in _EARLY_HOOKS):
+            return False  # (a subclass's own early hooks are judged as any callback's)
     return any(
         getattr(type(callback), hook, None) is not getattr(Callback, hook) or hook in getattr(callback, "__dict__", {})
         for hook in _EARLY_HOOKS if hasattr(callback, hook)
@@ -225,6 +227,9 @@ class LearningRateMonitor(Callback):
         if logging_interval not in ("epoch", "step"):
             raise ValueError(f"LearningRateMonitor: logging_interval must be 'epoch' or 'step', got {logging_interval!r}")
         self.logging_interval = logging_interval
+        #: per epoch, its on_batch_end does nothing: run_epochs calls no batch hook for it (and under DDP
+        #: makes no per-batch agreement on should_stop because of it)
+        self.batch_end_unused = logging_interval == "epoch"
         self.history: list[tuple[int, dict[str, float]]] = []
         self._epoch_start: dict[str, float] | None = None
         self._epoch_start_step = 0

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import numbers
 import signal
 import sys
 import threading
@@ -358,7 +359,7 @@ def _scalars(value: Any) -> bool:
     """Whether a callback's ``on_batch_end`` returned scalars to log: a non-empty dict of Python numbers
     (anything else it returns is ignored, as before such returns were logged)."""
     return isinstance(value, Mapping) and bool(value) and all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value.values()
+        isinstance(v, numbers.Real) and not isinstance(v, bool) for v in value.values()
     )
 
 
@@ -478,8 +479,8 @@ class _Hooks:
         # Callback's own no-op on_batch_end is left out: a batch then calls no hook and reads no should_stop
         self.batch_end = [
             cb.on_batch_end for cb in self.callbacks
-            if getattr(type(cb), "on_batch_end", Callback.on_batch_end) is not Callback.on_batch_end
-            or "on_batch_end" in getattr(cb, "__dict__", {})
+            if (getattr(type(cb), "on_batch_end", Callback.on_batch_end) is not Callback.on_batch_end
+                or "on_batch_end" in getattr(cb, "__dict__", {})) and not getattr(cb, "batch_end_unused", False)
         ]
         self.stateful = _stateful(self.callbacks)
 
@@ -515,8 +516,11 @@ class _Hooks:
 
     @property
     def should_stop(self) -> bool:
-        """Whether a callback asks to stop, on any rank (under DDP every rank stops at the same batch)."""
-        return bool(self.callbacks) and _collective.any_rank(any(getattr(cb, "should_stop", False) for cb in self.callbacks))
+        """Whether a callback asks to stop, on any rank (under DDP every rank stops at the same batch).
+
+        Under DDP a collective: ``run_epochs`` asks it at the same points on every rank, whatever
+        callbacks each rank has (per batch when any rank has a batch hook)."""
+        return _collective.any_rank(any(getattr(cb, "should_stop", False) for cb in self.callbacks))
 
 
 def _stateful(callbacks: Sequence[Any]) -> list[tuple[str, Any]]:
@@ -705,7 +709,7 @@ def run_epochs(
                     return False
                 return (epochs is None or s.epoch < epochs) and (max_steps is None or s.step < max_steps)
 
-            batch_hooks = bool(hooks.batch_end)
+            batch_hooks = _collective.any_rank(bool(hooks.batch_end))  # (one rank's hooks make every rank ask)
             fresh = step.returns_fresh_state
             # a stop asked for by the resumed validation still ends its epoch, as it did in the run that saved the state
             while more(state) and (not hooks.should_stop or resumed_val) and not stop.requested:

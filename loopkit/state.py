@@ -200,7 +200,11 @@ class TrainState(_GraphSlot):
             "grads": {n: p.grad for n, p in model.named_parameters() if p.grad is not None},
         }
         if self.optimizer is not None:
-            sd["optimizer"] = to_plain(self.optimizer.state_dict(), ("optimizer",))
+            plain = self.optimizer.state_dict()
+            sd["optimizer"] = {  # each parameter's state as it was (LBFGS keeps lists of tensors, and None)
+                "state": {str(i): encode_tree(entry, ("optimizer", "state", str(i))) for i, entry in plain["state"].items()},
+                "param_groups": to_plain(plain["param_groups"], ("optimizer", "param_groups")),
+            }
         if self.scheduler is not None:
             sd["scheduler"] = to_plain(self.scheduler.state_dict(), ("scheduler",))
         sd.update(
@@ -752,6 +756,7 @@ def _decode_optimizer(plain: Any, template: dict[str, Any], optimizer: torch.opt
             )
         if not isinstance(entry, Mapping):
             raise StateMismatchError(f"key '{'.'.join(path)}' holds a {type(entry).__qualname__}, expected a mapping")
+        entry = {k: v for k, v in decode_tree(entry, path).items() if v is not None}  # (as torch keeps them)
         _check_keys(entry, expected_keys[int(index)] if expected_keys else None, path)
         param = params[int(index)]
         for name, value in entry.items():

@@ -419,14 +419,19 @@ def check_metric(value: Any, key: Any, where: str) -> torch.Tensor:
                 f"{value.dtype}; a metric must be a real 0-dim tensor (reduce it, e.g. .mean())"
             )
         return value.detach().reshape(())
-    if isinstance(value, (bool, np.bool_)):
-        pass
-    elif isinstance(value, numbers.Integral):  # a count: int64, summed exactly (float32 rounds past 2**24)
-        return torch.tensor(int(value))
-    elif isinstance(value, (np.floating, np.ndarray)) and value.size == 1 and value.dtype.kind in "fiu":
-        return torch.tensor(np.asarray(value).reshape(()))  # numpy's own precision kept (float64 stays float64)
-    elif isinstance(value, numbers.Real):
-        return torch.tensor(float(value))
+    try:
+        if isinstance(value, (bool, np.bool_)):
+            pass
+        elif isinstance(value, numbers.Integral):  # a count: int64, summed exactly (float32 rounds past 2**24)
+            return torch.tensor(int(value))
+        elif isinstance(value, np.ndarray) and value.size == 1 and value.dtype.kind in "iu":
+            return torch.tensor(int(value.reshape(())))
+        elif isinstance(value, (np.floating, np.ndarray)) and value.size == 1 and value.dtype.kind == "f":
+            return torch.tensor(np.asarray(value).reshape(()))  # numpy's own precision kept (float64 stays float64)
+        elif isinstance(value, numbers.Real):
+            return torch.tensor(float(value))
+    except (TypeError, ValueError, OverflowError, RuntimeError) as e:  # past int64, a longdouble: torch has no such
+        raise TypeError(f"metric '{key}' from {where} is {value!r}, which torch cannot hold: {e}") from None
     raise TypeError(f"metric '{key}' from {where} is a {type(value).__qualname__}; a metric must be a number or a 0-dim tensor")
 
 
@@ -875,6 +880,8 @@ def _closure_update(step: TrainStep, state: TrainState, batch: Any, optimizer: t
             leave_intact(error, state)
         raise
     rng = scope.close()
+    if not runs:
+        raise RuntimeError(f"{type(optimizer).__name__}.step(closure) never called the closure: no loss to report")
     scheduler = state.scheduler
     if scheduler is not None:
         scheduler.step()

@@ -263,6 +263,23 @@ def stop_one_rank(rank: int) -> dict[str, Any]:
     return {"step": state.step, "params": _params(state.model)}
 
 
+def callbacks_on_rank0(rank: int) -> dict[str, Any]:
+    """Only rank 0 has callbacks (one printing, one stopping it there): the ranks still make the same
+    collectives, so neither waits for the other (it hung until the timeout)."""
+    import loopkit
+
+    class Printer:
+        def on_batch_end(self, state: Any, metrics: Any) -> None:
+            pass
+
+    callbacks = [Printer(), loopkit.LearningRateMonitor(), loopkit.EarlyStopping("train/loss", patience=1)] if rank == 0 else []
+    step = loopkit.with_ddp(loopkit.train_step(mse))
+    batches = [b for b in make_data(4)[:, rank]]
+    state, _ = loopkit.run_epochs(step, sgd_state(make_model(), seed=5), batches, epochs=3, callbacks=callbacks,
+                                  progress=False)
+    return {"step": state.step, "params": _params(state.model)}
+
+
 def _refused(run: Any) -> str:
     try:
         run()
@@ -326,7 +343,7 @@ def resume(rank: int, out_dir: str) -> dict[str, Any]:
 SCENARIOS = {
     f.__name__: f
     for f in (plain, accum, accum_outer, bucket_views, static_graph, flush, averaged_pruned, nan_skip, nan_raise, fp16, fit,
-              stop_one_rank, uneven, apart)
+              stop_one_rank, callbacks_on_rank0, uneven, apart)
 }
 
 

@@ -707,3 +707,27 @@ def test_another_closure_optimizer_is_handed_a_closure_too(make_mlp, batches, ms
         state, _ = step(state, batch)
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), state.model.parameters(), strict=True))
     assert state.step == 3
+
+
+def test_an_lbfgs_run_resumes_from_a_file_as_the_uninterrupted_run(batches, mse_loss):
+    """LBFGS keeps lists of tensors (and None) in its state: a state dict written to a file and loaded
+    back must give them back as lists (they came back as {'0': ...} dicts, and the next step failed)."""
+    from tests.conftest import through_a_file
+
+    step = loopkit.donate(loopkit.train_step(mse_loss))
+
+    def fresh():
+        net, lbfgs = _lbfgs_net()
+        return loopkit.TrainState.create(net, lbfgs, seed=3)
+
+    whole = fresh()
+    for batch in batches[:5]:
+        whole, _ = step(whole, batch)
+    first = fresh()
+    for batch in batches[:2]:
+        first, _ = step(first, batch)
+    resumed = fresh().load_state_dict(through_a_file(first.state_dict()))
+    for batch in batches[2:5]:
+        resumed, _ = step(resumed, batch)
+    whole_sd, resumed_sd = whole.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(whole_sd[k], resumed_sd[k]) for k in whole_sd)

@@ -20,7 +20,7 @@ from tests import _ddp_script as ddp
 
 TOL = 1e-6
 SCENARIOS = ["plain", "accum", "accum_outer", "bucket_views", "static_graph", "flush", "averaged_pruned", "nan_skip",
-             "nan_raise", "fp16", "fit", "stop_one_rank", "uneven", "apart"]
+             "nan_raise", "fp16", "fit", "stop_one_rank", "callbacks_on_rank0", "uneven", "apart"]
 
 
 @pytest.fixture(scope="module")
@@ -228,6 +228,12 @@ def test_a_stop_asked_on_one_rank_stops_every_rank_at_the_same_step(ranks):
     waiting in the next all-reduce (it hung until the timeout)."""
     results = ranks("stop_one_rank")
     assert [r["step"] for r in results] == [3, 3]
+    _assert_ranks_identical(results)
+
+
+def test_callbacks_on_one_rank_only_do_not_hang_the_others(ranks):
+    results = ranks("callbacks_on_rank0")
+    assert results[0]["step"] == results[1]["step"] > 0
     _assert_ranks_identical(results)
 
 
