@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-__all__ = ["active", "any_rank", "check_same", "fold", "is_rank_zero", "means", "read", "sum_dtype"]
+__all__ = ["active", "any_rank", "check_same", "fold", "is_rank_zero", "means", "read", "sum_dtype", "total_over_ranks"]
 
 
 def active() -> bool:
@@ -93,6 +93,21 @@ def read(tensors: Mapping[str, torch.Tensor]) -> dict[str, float]:
     return dict(zip(keys, values))
 
 
+def total_over_ranks(sums: Mapping[str, torch.Tensor], counts: Mapping[str, int]) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """The sums and counts of every rank added (the keys of all ranks joined): a collective every rank must
+    call at the same point; ``sums`` and ``counts`` as they are outside a process group.
+
+    >>> total_over_ranks({"loss": torch.tensor(3.0)}, {"loss": 2})
+    ({'loss': tensor(3.)}, {'loss': 2})
+    """
+    if not active():
+        return dict(sums), dict(counts)
+    keys, packed = _summed_over_ranks(sums, counts)
+    n = len(keys)
+    numbers = packed[n:].tolist()  # (one read, at a checkpoint save)
+    return {k: packed[i] for i, k in enumerate(keys)}, {k: int(numbers[i]) for i, k in enumerate(keys)}
+
+
 def any_rank(flag: bool) -> bool:
     """``flag`` or-ed over all ranks (a collective every rank must call at the same point); ``flag`` alone
     outside a process group.
@@ -138,20 +153,26 @@ def means(sums: Mapping[str, torch.Tensor], counts: Mapping[str, float], *, redu
     """
     if not (reduce and active()):
         return {k: total / counts[k] for k, total in read(sums).items()}
+    keys, packed = _summed_over_ranks(sums, counts)
+    values = packed.tolist()
+    n = len(keys)
+    return {k: values[i] / values[n + i] for i, k in enumerate(keys) if values[n + i] > 0}
+
+
+def _summed_over_ranks(sums: Mapping[str, torch.Tensor], counts: Mapping[str, float]) -> tuple[list[str], torch.Tensor]:
+    """The keys of all ranks, and one float64 tensor of their sums then their counts, all-reduced (one
+    all-gather of the keys, one all-reduce: a rank that saw no value of a metric still takes part)."""
     dist = torch.distributed
     gathered: list[list[str] | None] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, list(sums))
     keys: list[str] = []
     for rank_keys in gathered:
         keys.extend(k for k in rank_keys or () if k not in keys)
-    if not keys:
-        return {}
     device = _reduce_device(sums)
     zero = torch.zeros((), dtype=torch.float64, device=device)
     totals = [sums[k].detach().reshape(()).to(device, torch.float64) if k in sums else zero for k in keys]
     numbers = torch.tensor([float(counts.get(k, 0)) for k in keys], dtype=torch.float64, device=device)
-    packed = torch.cat([torch.stack(totals), numbers])
-    dist.all_reduce(packed, op=dist.ReduceOp.SUM)
-    values = packed.tolist()
-    n = len(keys)
-    return {k: values[i] / values[n + i] for i, k in enumerate(keys) if values[n + i] > 0}
+    packed = torch.cat([torch.stack(totals), numbers]) if keys else numbers
+    if keys:
+        dist.all_reduce(packed, op=dist.ReduceOp.SUM)
+    return keys, packed

@@ -23,7 +23,7 @@ import attrs
 from loopkit import _collective
 from loopkit.state import extras_copy
 
-__all__ = ["EPOCH", "Window"]
+__all__ = ["EPOCH", "LOGGED", "OVER_RANKS", "Window", "over_ranks", "own_share"]
 
 Metrics = Mapping[str, Any]
 
@@ -88,3 +88,48 @@ class Window:
 #: ``run_epochs``' epoch means, kept in ``state.extras`` while an epoch runs: a checkpoint taken
 #: mid-epoch carries them, so a resumed run's epoch means are the uninterrupted run's
 EPOCH = Window("run_epochs/epoch_sums", "run_epochs/epoch_counts", "run_epochs/epoch", fold_every=32)
+
+#: ``with_logging``'s window of the calls since its last log
+LOGGED = Window("logging/window", "logging/counts", "logging/pending", fold_every=32)
+
+#: an extras key: the windows hold every rank's records, summed (a checkpoint written under DDP)
+OVER_RANKS = "windows/over_ranks"
+
+
+def over_ranks(extras: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``extras`` for a checkpoint under DDP: each window's records of every rank, summed (a collective
+    every rank must call at the same point). Only rank 0 writes checkpoints, and its own records alone
+    would stand for every rank's in a resumed run's means; :func:`own_share` undoes it on restore.
+
+    >>> import torch
+    >>> extras = EPOCH.add({}, {"loss": torch.tensor(2.0)})
+    >>> EPOCH.means(over_ranks(extras))  # (one process: its own records)
+    {'loss': 2.0}
+    """
+    held = [w for w in (EPOCH, LOGGED) if w.holds(extras)]
+    if not held or not _collective.active():
+        return extras
+    new = extras_copy(extras)
+    for window in held:
+        sums, counts = window._fold(extras, window.records(extras))
+        new[window.sums], new[window.counts] = _collective.total_over_ranks(sums, counts)
+        new[window.pending] = ()
+    new[OVER_RANKS] = True
+    return types.MappingProxyType(new)
+
+
+def own_share(extras: Mapping[str, Any], rank_zero: bool) -> Mapping[str, Any]:
+    """``extras`` as restored from a checkpoint :func:`over_ranks` wrote: rank 0 keeps the summed windows
+    (so each record counts once when the means are reduced over the ranks), the other ranks start theirs
+    empty; ``extras`` itself when no such checkpoint."""
+    if OVER_RANKS not in extras:
+        return extras
+    new = extras_copy(extras)
+    del new[OVER_RANKS]
+    if not rank_zero:
+        for window in (EPOCH, LOGGED):
+            if window.holds(extras):
+                for key in window.keys:
+                    new.pop(key, None)
+                new[window.pending] = ()
+    return types.MappingProxyType(new)

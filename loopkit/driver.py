@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from loopkit import _collective
-from loopkit._window import EPOCH
+from loopkit._window import EPOCH, OVER_RANKS, own_share
 from loopkit.callbacks import Callback, may_change_state_early
 from loopkit.progress import ProgressBar, progress_wanted
 from loopkit.state import TrainState, fork, model_device, put_extras, replace_extras
@@ -684,6 +684,8 @@ def run_epochs(
     _collective.check_same({"step": state.step, "epoch": state.epoch, "batch_index": state.batch_index},
                            "run_epochs: the ranks start from different states (a checkpoint directory must be shared by all ranks)")
     given = state
+    if OVER_RANKS in state.extras:  # restored from a checkpoint whose running means hold every rank's records
+        state = replace_extras(state, own_share(state.extras, _collective.is_rank_zero()))
     start: TrainState | None = None  # the state the fit's first epoch trains from, before any step has run
     early_changes = any(may_change_state_early(cb) for cb in callbacks)  # hooks that run before the first step
     try:

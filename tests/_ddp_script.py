@@ -337,7 +337,7 @@ def resume(rank: int, out_dir: str) -> dict[str, Any]:
             callbacks = [type("Wait", (), {"on_batch_end": staticmethod(wait)})()]
     step = loopkit.with_checkpointing(loopkit.with_ddp(loopkit.train_step(mse)), directory, every_n_steps=1)
     state, history = loopkit.run_epochs(step, state, train, epochs=2, progress=False, callbacks=callbacks)
-    return {"params": _params(state.model), "start": start, "step": state.step}
+    return {"params": _params(state.model), "start": start, "step": state.step, "history": history}
 
 
 SCENARIOS = {

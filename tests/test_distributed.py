@@ -118,10 +118,13 @@ def test_two_nodes_with_a_c10d_rendezvous_on_loopback(tmp_path):
 
 
 def _uninterrupted_resume_reference():
+    """The 2-rank run in one process (each step on both ranks' batches); its state and each epoch's mean loss."""
     train_set = ddp.make_dataset(24, 1)
     state = ddp.sgd_state(ddp.make_model(), seed=5)
     step = loopkit.donate(loopkit.train_step(ddp.mse))
+    means = []
     for epoch in range(2):
+        losses = []
         samplers = [torch.utils.data.DistributedSampler(train_set, num_replicas=2, rank=r, seed=5) for r in (0, 1)]
         for s in samplers:
             s.set_epoch(epoch)
@@ -129,8 +132,10 @@ def _uninterrupted_resume_reference():
         for i in range(0, 12, ddp.BATCH):
             x0, y0 = train_set[idx[0][i:i + ddp.BATCH]]
             x1, y1 = train_set[idx[1][i:i + ddp.BATCH]]
-            state, _ = step(state, (torch.cat([x0, x1]), torch.cat([y0, y1])))
-    return state
+            state, metrics = step(state, (torch.cat([x0, x1]), torch.cat([y0, y1])))
+            losses.append(float(metrics["loss"]))
+        means.append(sum(losses) / len(losses))
+    return state, means
 
 
 @pytest.mark.slow
@@ -144,11 +149,16 @@ def test_a_killed_rank_fails_the_run_and_a_restart_resumes_from_the_newest_check
     assert "exitcode  : 3" in done.stdout or "exitcode: 3" in done.stdout or "Worker group FAILED" in done.stdout, done.stdout[-3000:]
     ranks = ddp.load(out, "resume")
     assert [r["start"] for r in ranks] == [(2, 0, 2), (2, 0, 2)]  # both restored the checkpoint of step 2
-    reference = _uninterrupted_resume_reference()
+    reference, epoch_means = _uninterrupted_resume_reference()
     for name, p in reference.model.named_parameters():
         assert torch.equal(ranks[0]["params"][name], ranks[1]["params"][name])
         assert (ranks[0]["params"][name] - p.detach()).abs().max() <= 1e-6
     assert ranks[0]["step"] == 6
+    # the interrupted epoch's record counts every rank's batches before the crash too (the checkpoint holds
+    # their sums; rank 0's alone stood for both before)
+    for r in ranks:
+        assert [h["epoch"] for h in r["history"]] == [0, 1]
+        assert [h["train/loss"] for h in r["history"]] == pytest.approx(epoch_means, rel=1e-6)
 
 
 @pytest.mark.slow

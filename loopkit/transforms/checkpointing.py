@@ -25,7 +25,7 @@ import attrs
 
 from loopkit import checkpoint
 from loopkit._collective import is_rank_zero
-from loopkit._window import EPOCH
+from loopkit._window import EPOCH, over_ranks
 from loopkit.state import TrainState, replace_extras
 from loopkit.steps import Metrics, UpdateStep
 from loopkit.transforms._compose import require_step
@@ -37,6 +37,13 @@ Position = tuple[int, int, int]
 
 def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _over_ranks(state: TrainState) -> TrainState:
+    """Under DDP, ``state`` with its windows of running means summed over the ranks (a collective: every
+    rank reaches each save of this transform at the same point); ``state`` itself otherwise."""
+    extras = over_ranks(state.extras)
+    return state if extras is state.extras else replace_extras(state, extras)
 
 
 class _Saver:
@@ -111,7 +118,7 @@ class CheckpointStep(UpdateStep):
             saved = state
             if metrics and EPOCH.holds(state.extras):  # under run_epochs, which adds this call's metrics
                 saved = replace_extras(state, EPOCH.add(state.extras, metrics))  # to the epoch means after it
-            self.save(saved, reason=f"every_n_steps={n}")
+            self._persist(_over_ranks(saved), f"every_n_steps={n}", score=None)
         return state
 
     # Saving on driver events --------------------------------------------------------------
@@ -124,12 +131,12 @@ class CheckpointStep(UpdateStep):
             n = self.every_n_epochs
             completed = state.batch_index == 0 and state.epoch > 0  # not a partial epoch cut by max_steps
             if n and completed and state.epoch % n == 0:
-                self.save(state, reason=f"every_n_epochs={n}")
+                self._persist(_over_ranks(state), f"every_n_epochs={n}", score=None)
             no_steps = not any(k.startswith("train/") for k in metrics)  # e.g. resumed right at its end
             if self.monitor is not None and not self.monitor.startswith("val/") and not no_steps:
                 self._score(state, metrics)
         elif event == "stop":
-            self.save(state, reason="stop")
+            self._persist(_over_ranks(state), "stop", score=None)
             self.saver.wait()
         elif event in ("fit_end", "abort"):  # on abort: the saves already started finish
             self.saver.last = None  # a later run with this step saves afresh, even at the same position
@@ -140,7 +147,8 @@ class CheckpointStep(UpdateStep):
         """Save ``state`` now (unless this process already saved this very position).
 
         In the background mode the state is copied at once and written by a thread; call
-        :meth:`wait` (or let ``run_epochs`` end) to be sure it is on disk.
+        :meth:`wait` (or let ``run_epochs`` end) to be sure it is on disk. (Under DDP the saves
+        this transform makes itself hold every rank's running means; one you call holds rank 0's.)
         """
         self._persist(state, reason, score=None)
 
@@ -154,7 +162,7 @@ class CheckpointStep(UpdateStep):
         value = float(metrics[self.monitor])
         if not math.isfinite(value):
             return
-        self._persist(state, f"monitor {self.monitor}", score=value)
+        self._persist(_over_ranks(state), f"monitor {self.monitor}", score=value)
 
     def _persist(self, state: TrainState, reason: str, score: float | None) -> None:
         if not is_rank_zero():

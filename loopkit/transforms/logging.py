@@ -15,7 +15,7 @@ from typing import Any
 import attrs
 import torch
 
-from loopkit._window import Window
+from loopkit._window import LOGGED
 from loopkit.state import TrainState, put_extras, replace_extras
 from loopkit.steps import Metrics, WrapperStep, check_metric
 from loopkit.transforms._compose import refuse_wrapping, require_step
@@ -23,7 +23,7 @@ from loopkit.transforms._compose import refuse_wrapping, require_step
 __all__ = ["LoggingStep", "with_logging"]
 
 #: the window of the last n steps' metric records, in ``state.extras`` (every 32 records summed on the device)
-WINDOW = Window("logging/window", "logging/counts", "logging/pending", fold_every=32)
+WINDOW = LOGGED
 
 
 def _accumulate(extras: Mapping[str, Any], metrics: Metrics) -> Mapping[str, Any]:
