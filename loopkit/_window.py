@@ -126,10 +126,9 @@ def own_share(extras: Mapping[str, Any], rank_zero: bool) -> Mapping[str, Any]:
         return extras
     new = extras_copy(extras)
     del new[OVER_RANKS]
+    shared: Mapping[str, Any] = types.MappingProxyType(new)
     if not rank_zero:
         for window in (EPOCH, LOGGED):
-            if window.holds(extras):
-                for key in window.keys:
-                    new.pop(key, None)
-                new[window.pending] = ()
-    return types.MappingProxyType(new)
+            if window.holds(shared):
+                shared = window.start(window.clear(shared))
+    return shared

@@ -812,6 +812,11 @@ def _plain_update(state: TrainState, optimizer: torch.optim.Optimizer, rng: Any,
         if step.sync is not None:
             raise _closure_refused(optimizer, "with_ddp") from error
         return _closure_update(step, state, batch, optimizer)[0]
+    return _after_step(state, optimizer, rng)
+
+
+def _after_step(state: TrainState, optimizer: torch.optim.Optimizer, rng: Any) -> TrainState:
+    """What follows ``optimizer.step()`` in a plain update: the scheduler, zeroed gradients, the new state."""
     scheduler = state.scheduler
     if scheduler is not None:
         scheduler.step()
@@ -882,11 +887,7 @@ def _closure_update(step: TrainStep, state: TrainState, batch: Any, optimizer: t
     rng = scope.close()
     if not runs:
         raise RuntimeError(f"{type(optimizer).__name__}.step(closure) never called the closure: no loss to report")
-    scheduler = state.scheduler
-    if scheduler is not None:
-        scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return _advance(state, state.step + 1, rng, state.extras), runs[0]
+    return _after_step(state, optimizer, rng), runs[0]
 
 
 def _advance(state: TrainState, step: int, rng: Any, extras: Any) -> TrainState:

@@ -39,13 +39,6 @@ def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _over_ranks(state: TrainState) -> TrainState:
-    """Under DDP, ``state`` with its windows of running means summed over the ranks (a collective: every
-    rank reaches each save of this transform at the same point); ``state`` itself otherwise."""
-    extras = over_ranks(state.extras)
-    return state if extras is state.extras else replace_extras(state, extras)
-
-
 class _Saver:
     """The mutable side of a :class:`CheckpointStep`: what was saved, the scores, the background writer.
 
@@ -118,7 +111,7 @@ class CheckpointStep(UpdateStep):
             saved = state
             if metrics and EPOCH.holds(state.extras):  # under run_epochs, which adds this call's metrics
                 saved = replace_extras(state, EPOCH.add(state.extras, metrics))  # to the epoch means after it
-            self._persist(_over_ranks(saved), f"every_n_steps={n}", score=None)
+            self._save_all_ranks(saved, f"every_n_steps={n}", score=None)
         return state
 
     # Saving on driver events --------------------------------------------------------------
@@ -131,12 +124,12 @@ class CheckpointStep(UpdateStep):
             n = self.every_n_epochs
             completed = state.batch_index == 0 and state.epoch > 0  # not a partial epoch cut by max_steps
             if n and completed and state.epoch % n == 0:
-                self._persist(_over_ranks(state), f"every_n_epochs={n}", score=None)
+                self._save_all_ranks(state, f"every_n_epochs={n}", score=None)
             no_steps = not any(k.startswith("train/") for k in metrics)  # e.g. resumed right at its end
             if self.monitor is not None and not self.monitor.startswith("val/") and not no_steps:
                 self._score(state, metrics)
         elif event == "stop":
-            self._persist(_over_ranks(state), "stop", score=None)
+            self._save_all_ranks(state, "stop", score=None)
             self.saver.wait()
         elif event in ("fit_end", "abort"):  # on abort: the saves already started finish
             self.saver.last = None  # a later run with this step saves afresh, even at the same position
@@ -162,7 +155,14 @@ class CheckpointStep(UpdateStep):
         value = float(metrics[self.monitor])
         if not math.isfinite(value):
             return
-        self._persist(_over_ranks(state), f"monitor {self.monitor}", score=value)
+        self._save_all_ranks(state, f"monitor {self.monitor}", score=value)
+
+    def _save_all_ranks(self, state: TrainState, reason: str, score: float | None) -> None:
+        """A save this transform makes itself, which every rank reaches at the same point: under DDP the
+        running means of every rank go into it (:func:`loopkit._window.over_ranks`, a collective), then
+        rank 0 writes it."""
+        extras = over_ranks(state.extras)
+        self._persist(state if extras is state.extras else replace_extras(state, extras), reason, score)
 
     def _persist(self, state: TrainState, reason: str, score: float | None) -> None:
         if not is_rank_zero():
