@@ -44,6 +44,10 @@ def _difference(a: Any, b: Any, path: str) -> str | None:
             return f"{path} is a tensor on one side only"
         if a.shape != b.shape or a.dtype != b.dtype:
             return f"{path} changed from {a.dtype}{list(a.shape)} to {b.dtype}{list(b.shape)}"
+        if a.layout != b.layout:
+            return f"{path} changed layout from {a.layout} to {b.layout}"
+        if a.layout != torch.strided:  # a sparse gradient (nn.Embedding(sparse=True)): compare the values it stands for
+            a, b = a.to_dense(), b.to_dense()
         if a.is_floating_point() or a.is_complex():
             same = torch.equal(a, b) or bool(torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num()))
             if not same:

@@ -96,6 +96,11 @@ def _check_members(states: Sequence[TrainState]) -> None:
                     f"ensemble.stack: member {k} has {type(module).__name__} with running statistics, which a "
                     "vmapped step cannot update in place; use track_running_stats=False or GroupNorm/LayerNorm"
                 )
+            if getattr(module, "sparse", False) is True and isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+                raise TypeError(
+                    f"ensemble.stack: member {k} has {type(module).__name__}(sparse=True), whose sparse gradients a "
+                    "vmapped step cannot stack; use sparse=False (and a dense optimizer for it)"
+                )
         shapes = {n: (p.shape, p.dtype, p.device) for n, p in state.model.named_parameters()}
         expected = {n: (p.shape, p.dtype, p.device) for n, p in first.model.named_parameters()}
         if shapes != expected or type(state.model) is not type(first.model):
@@ -237,9 +242,9 @@ class EnsembleStep:
         try:
             grads, metrics = vmapped(trained, fixed)
         except RuntimeError as e:
-            if "randomness" in str(e):
+            if "randomness" in str(e) or "rrelu" in str(e):  # RReLU's noise has no vmap rule at all
                 raise RuntimeError(
-                    f"ensemble.train_step: {where} draws random numbers (dropout?), which a vmapped ensemble "
+                    f"ensemble.train_step: {where} draws random numbers (dropout? RReLU?), which a vmapped ensemble "
                     "cannot draw from each member's own RNG; remove the randomness (e.g. model.eval() for "
                     f"dropout layers) or train the members apart: {e}"
                 ) from e

@@ -90,6 +90,11 @@ class TrainState(_GraphSlot):
     ) -> TrainState:
         """Build a fresh state at step 0 whose RNG is seeded with ``seed``.
 
+        The state takes the model as it is, less any gradients its parameters hold (from a
+        backward of your own): a fresh state has no accumulation in progress, so the first
+        update sees only its own batches' gradients, as in a loop that calls ``zero_grad()``
+        before ``backward()``.
+
         >>> import torch
         >>> TrainState.create(torch.nn.Linear(1, 1), seed=3).seed
         3
@@ -97,6 +102,7 @@ class TrainState(_GraphSlot):
         _check_parts(model, optimizer, scheduler)
         if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
             raise ValueError(f"TrainState.create: seed must be a non-negative int, got {seed!r}")
+        model.zero_grad(set_to_none=True)
         return cls(model, optimizer, scheduler, rng=create_rng(seed), seed=seed)
 
     def evolve(self, **changes: Any) -> TrainState:
@@ -561,9 +567,21 @@ def _clone_tensor(t: torch.Tensor, memo: dict[int, Any]) -> torch.Tensor:
             new.grad = t.grad.clone()
         _keep_tensor_hooks(t, new)
     else:
-        new = t.clone()
+        base = t._base
+        new = t.clone() if base is None else _clone_view(t, base, memo)
     memo[key] = new
     return new
+
+
+def _clone_view(t: torch.Tensor, base: torch.Tensor, memo: dict[int, Any]) -> torch.Tensor:
+    """A copy of the view ``t`` as the same view of the copy of its ``base`` (a buffer that is a
+    slice of another buffer stays one: an update of either shows in both, as in the original)."""
+    new_base = _clone_tensor(base, memo)
+    if new_base.stride() != base.stride():  # a base clone() could not lay out alike: copy the view alone
+        return t.clone()
+    offset = t.storage_offset() - base.storage_offset() + new_base.storage_offset()
+    with torch.no_grad():  # still a view of new_base (its _base), as t is of base: a later copy finds it
+        return new_base.as_strided(t.size(), t.stride(), offset)
 
 
 def _keep_tensor_hooks(t: torch.Tensor, new: torch.Tensor) -> None:

@@ -358,6 +358,33 @@ class GradContext:
     def grads(self) -> list[torch.Tensor]:
         return [p.grad for p in self.params]  # type: ignore[misc]
 
+    def unscale_and_check(self, inv_scale: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Multiply each floating gradient by ``inv_scale`` in place (None: leave them) and return
+        a 1-element float flag on the first gradient's device, 1.0 where any holds inf/NaN (None
+        where no gradient is floating).
+
+        One ``torch._amp_foreach_non_finite_check_and_unscale_`` per device and dtype, as
+        ``torch.amp.GradScaler`` does; a sparse gradient counts by its values (coalesced first
+        when float16: duplicates summed in float16 may overflow).
+        """
+        groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+        for p in self.params:
+            g: torch.Tensor = p.grad  # type: ignore[assignment]
+            if not g.is_floating_point():
+                continue
+            if g.is_sparse:
+                if g.dtype is torch.float16:
+                    p.grad = g = g.coalesce()
+                g = g._values()
+            groups.setdefault((g.device, g.dtype), []).append(g)
+        found: torch.Tensor | None = None
+        for (device, _), grads in groups.items():
+            f = torch.zeros(1, device=device)
+            scale = torch.ones(1, device=device) if inv_scale is None else inv_scale.to(device)
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, f, scale)
+            found = f if found is None else found.add_(f.to(found.device))
+        return None if found is None else found.clamp_(max=1.0)
+
     def flag_nonfinite(self, flag: torch.Tensor) -> None:
         """OR ``flag`` (a 0-dim or 1-element float tensor) into the skip flag."""
         flag = flag.reshape(())

@@ -122,3 +122,23 @@ def test_a_step_changing_a_non_persistent_buffer_is_named(make_mlp, make_sgd_sta
 
     with pytest.raises(ImpurityError, match=r"changed the state it was given: buffers\.1\.calls"):
         check_purity(counting, state, batches[0])
+
+
+def test_sparse_gradients_mid_accumulation_are_compared_by_value():
+    """An nn.Embedding(sparse=True) mid-group holds a sparse gradient: the check compares what it
+    stands for, passes the pure step, and names a step that adds to the caller's gradient."""
+    torch.manual_seed(0)
+    model = torch.nn.Embedding(10, 3, sparse=True)
+    state = loopkit.TrainState.create(model, torch.optim.SparseAdam(model.parameters(), lr=0.1))
+    step = loopkit.with_grad_accum(loopkit.train_step(lambda m, b: m(b).pow(2).mean()), every=3)
+    state, _ = step(state, torch.tensor([[1, 2]]))
+    assert state.model.weight.grad.is_sparse
+    new, _ = check_purity(step, state, torch.tensor([[2, 3]]))
+    assert new.extras["accum/count"] == 2
+
+    def sloppy(state, batch):  # adds to the caller's accumulated gradient in place
+        state.model.weight.grad.add_(torch.sparse_coo_tensor([[4]], torch.ones(1, 3), (10, 3)))
+        return step(state, batch)
+
+    with pytest.raises(ImpurityError, match="weight"):
+        check_purity(sloppy, state, torch.tensor([[2, 3]]))

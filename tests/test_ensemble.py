@@ -166,6 +166,13 @@ def test_bad_input_is_named(make_batches):
     ens = ensemble.stack([loopkit.TrainState.create(drop, torch.optim.SGD(drop.parameters(), lr=0.1))])
     with pytest.raises(RuntimeError, match="draws random numbers"):
         ensemble.train_step(_loss)(ens, batch)
+    rrelu = nn.Sequential(nn.Linear(4, 2), nn.RReLU())  # random in training, and vmap has no rule for it at all
+    ens = ensemble.stack([loopkit.TrainState.create(rrelu, torch.optim.SGD(rrelu.parameters(), lr=0.1))])
+    with pytest.raises(RuntimeError, match="draws random numbers"):
+        ensemble.train_step(_loss)(ens, batch)
+    sparse = nn.Embedding(10, 2, sparse=True)
+    with pytest.raises(TypeError, match=r"member 0 has Embedding\(sparse=True\)"):
+        ensemble.stack([loopkit.TrainState.create(sparse, torch.optim.SparseAdam(sparse.parameters(), lr=0.1))])
 
 
 class _Tied(nn.Module):

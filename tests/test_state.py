@@ -701,3 +701,65 @@ def test_a_fresh_template_still_refuses_adam_moments_of_another_shape(make_mlp, 
     with pytest.raises(loopkit.StateMismatchError, match=r"mis-shaped key 'optimizer.state.0.exp_avg'.*\(5,\)"):
         fresh.load_state_dict(sd)
     assert_trees_equal(take_snapshot(fresh), before)
+
+
+class _SharedStats(nn.Module):
+    """A buffer that is a view (a row) of another module's buffer, updated in place through the owner."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("stats", torch.zeros(2, 4))
+        self.reader = nn.Module()
+        self.reader.register_buffer("row", self.stats[0])
+        self.lin = nn.Linear(4, 1)
+
+    def forward(self, x):
+        if self.training:
+            with torch.no_grad():
+                self.stats[0].add_(x.mean(0))
+        return self.lin(x + self.reader.row)
+
+
+def test_a_buffer_that_is_a_view_of_another_stays_one_in_pure_steps_and_after_load_state_dict(round_trip, batches, mse_loss,
+                                                                                              assert_trees_equal):
+    def fresh():
+        torch.manual_seed(0)
+        model = _SharedStats()
+        return model, torch.optim.SGD(model.parameters(), lr=0.1)
+
+    ref, ref_opt = fresh()  # the raw loop
+    for batch in batches[:4]:
+        ref_opt.zero_grad()
+        mse_loss(ref, batch).backward()
+        ref_opt.step()
+    step = loopkit.train_step(mse_loss)
+    pure = loopkit.TrainState.create(*fresh())
+    for batch in batches[:4]:
+        pure, _ = step(pure, batch)
+        assert pure.model.reader.row.data_ptr() == pure.model.stats.data_ptr()
+    resumed = loopkit.TrainState.create(*fresh())
+    for batch in batches[:2]:
+        resumed, _ = step(resumed, batch)
+    resumed = loopkit.TrainState.create(*fresh()).load_state_dict(round_trip(resumed.state_dict()))
+    assert resumed.model.reader.row.data_ptr() == resumed.model.stats.data_ptr()
+    for batch in batches[2:4]:
+        resumed, _ = step(resumed, batch)
+    for state in (pure, resumed):
+        assert_trees_equal(dict(state.model.named_parameters()), dict(ref.named_parameters()))
+        assert_trees_equal(state.model.stats, ref.stats)
+
+
+def test_create_drops_gradients_the_model_holds_as_a_loop_that_zeroes_first(make_mlp, batches, mse_loss, assert_trees_equal):
+    def with_stale_grads():
+        model = make_mlp(0)
+        mse_loss(model, (batches[0][0] * 100, batches[0][1])).backward()  # e.g. a gradient check of one's own
+        return model, torch.optim.SGD(model.parameters(), lr=0.1)
+
+    ref, ref_opt = with_stale_grads()
+    ref_opt.zero_grad()
+    mse_loss(ref, batches[1]).backward()
+    ref_opt.step()
+    state = loopkit.TrainState.create(*with_stale_grads())
+    assert all(p.grad is None for p in state.model.parameters())
+    state, _ = loopkit.train_step(mse_loss)(state, batches[1])
+    assert_trees_equal(dict(state.model.named_parameters()), dict(ref.named_parameters()))

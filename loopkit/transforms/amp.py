@@ -61,17 +61,9 @@ class Amp:
 
     def unscale(self, ctx: GradContext, extras: dict[str, Any]) -> None:
         scale = extras[_SCALE]
-        found_inf = torch.zeros(1, dtype=torch.float32, device=scale.device)
         inv_scale = scale.double().reciprocal().float().reshape(1)
-        groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
-        for g in ctx.grads:
-            groups.setdefault((g.device, g.dtype), []).append(g)
-        for (device, _), grads in groups.items():
-            found = found_inf if device == scale.device else torch.zeros(1, device=device)
-            torch._amp_foreach_non_finite_check_and_unscale_(grads, found, inv_scale.to(device))
-            if found is not found_inf:
-                found_inf += found.to(found_inf.device)
-        found_inf = found_inf.clamp_(max=1.0).reshape(())
+        found = ctx.unscale_and_check(inv_scale)
+        found_inf = torch.zeros((), device=scale.device) if found is None else found.to(scale.device).reshape(())
         ctx.found_inf = found_inf if ctx.found_inf is None else torch.maximum(ctx.found_inf, found_inf)
 
     def after_update(self, ctx: GradContext, extras: dict[str, Any]) -> None:

@@ -39,6 +39,20 @@ class ClipGrad:
         params = ctx.params
         if not params:
             return
+        try:
+            self._clip(ctx)
+        except NotImplementedError:
+            sparse = [name for name, p in ctx.state.model.named_parameters() if p.grad is not None and p.grad.is_sparse]
+            if not sparse:
+                raise
+            raise TypeError(
+                f"with_grad_clip: parameter {sparse[0]!r} has a sparse gradient (an nn.Embedding(sparse=True)?), "
+                "which torch.nn.utils.clip_grad_norm_ and clip_grad_value_ do not take; use a dense gradient "
+                "(sparse=False) or leave with_grad_clip out"
+            ) from None
+
+    def _clip(self, ctx: GradContext) -> None:
+        params = ctx.params
         if self.max_value is None:
             norm = torch.nn.utils.clip_grad_norm_(params, self.max_norm, self.norm_type)  # type: ignore[arg-type]
         else:

@@ -57,20 +57,9 @@ class NanGuard:
     def on_grads(self, ctx: GradContext) -> None:
         if ctx.found_inf is not None:  # a float16 loss scaler already checked them and owns the skip
             return
-        grads = [g for g in ctx.grads if g.is_floating_point()]
-        if not grads:
+        found = ctx.unscale_and_check()
+        if found is None:
             return
-        found = torch.zeros(1, device=grads[0].device)
-        one = torch.ones(1, device=grads[0].device)
-        by_device: dict[torch.device, list[torch.Tensor]] = {}
-        for g in grads:
-            by_device.setdefault(g.device, []).append(g)
-        for device, group in by_device.items():
-            f = found if device == found.device else torch.zeros(1, device=device)
-            torch._amp_foreach_non_finite_check_and_unscale_(group, f, one.to(device))
-            if f is not found:
-                found += f.to(found.device)
-        found = found.clamp_(max=1.0)
         if self.policy == "raise":
             if ctx.agree is not None:
                 found = ctx.agree(found)
@@ -82,7 +71,8 @@ class NanGuard:
 
 def _first_bad(ctx: GradContext) -> str:
     for name, p in ctx.state.model.named_parameters():
-        if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+        g = p.grad
+        if g is not None and not bool(torch.isfinite(g.coalesce().values() if g.is_sparse else g).all()):
             return f"'{name}'"
     return "a parameter"
 

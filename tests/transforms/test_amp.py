@@ -211,3 +211,38 @@ def test_scaler_options_out_of_range_are_refused(options, fragment, mse_loss):
     with pytest.raises(ValueError, match="with_amp") as info:
         loopkit.with_amp(loopkit.train_step(mse_loss), dtype=torch.float16, **options)
     assert fragment in str(info.value)
+
+
+def _sparse_embedding_state(seed: int = 0) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(seed)
+    model = torch.nn.Embedding(10, 3, sparse=True)
+    return model, torch.optim.SparseAdam(model.parameters(), lr=0.1)
+
+
+def _sparse_loss(model, batch):
+    idx, scale = batch
+    return (model(idx) * scale).pow(2).mean()
+
+
+def test_float16_with_sparse_gradients_is_the_raw_grad_scaler_loop(assert_trees_equal):
+    """An nn.Embedding(sparse=True) under SparseAdam: GradScaler unscales (and checks) the
+    coalesced values; with_amp does the same, the overflowing batch included."""
+    data = [(torch.tensor([[1, 2, 2], [3, 1, 0]]), torch.tensor(s)) for s in (1.0, 2.0, float("inf"), 0.5)]
+    ref, ref_opt = _sparse_embedding_state()
+    scaler = torch.amp.GradScaler("cpu", init_scale=INIT_SCALE)
+    for batch in data:
+        ref_opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = _sparse_loss(ref, batch)
+        scaler.scale(loss).backward()
+        scaler.step(ref_opt)
+        scaler.update()
+    state = loopkit.TrainState.create(*_sparse_embedding_state())
+    step = loopkit.with_amp(loopkit.train_step(_sparse_loss), dtype=torch.float16, init_scale=INIT_SCALE)
+    skipped = []
+    for batch in data:
+        state, metrics = step(state, batch)
+        skipped.append(float(metrics["amp/skipped"]))
+    assert skipped == [0.0, 0.0, 1.0, 0.0]
+    assert_trees_equal(state.model.weight, ref.weight)
+    assert float(state.extras["amp/scale"]) == scaler.get_scale()

@@ -181,3 +181,14 @@ def test_bad_options_are_refused_naming_the_option(options, fragment, mse_loss):
     with pytest.raises(ValueError) as info:
         loopkit.with_grad_clip(loopkit.train_step(mse_loss), **options)
     assert str(info.value).startswith("with_grad_clip: ") and fragment in str(info.value)
+
+
+@pytest.mark.parametrize("options", [{"max_norm": 1.0}, {"max_value": 0.1}])
+def test_sparse_gradients_are_refused_by_name(options):
+    """torch's clip_grad_norm_/clip_grad_value_ take no sparse gradient; the error names the parameter."""
+    torch.manual_seed(0)
+    model = torch.nn.Embedding(10, 3, sparse=True)
+    state = loopkit.TrainState.create(model, torch.optim.SparseAdam(model.parameters(), lr=0.1))
+    step = loopkit.with_grad_clip(loopkit.train_step(lambda m, b: m(b).pow(2).mean()), **options)
+    with pytest.raises(TypeError, match="with_grad_clip: parameter 'weight' has a sparse gradient"):
+        step(state, torch.tensor([[1, 2]]))

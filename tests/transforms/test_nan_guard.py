@@ -247,3 +247,42 @@ def test_an_fp16_overflow_skip_is_not_counted_as_a_guard_skip(make_mlp, make_bat
     state, metrics = step(make_sgd_state(make_mlp()), make_batches(1)[0])
     assert float(metrics["amp/skipped"]) == 1.0 and float(metrics["nan_guard/skipped"]) == 0.0
     assert state.step == 0 and state.extras.get("nan_guard/skipped_total", 0) == 0
+
+
+def _sparse_loss(model, batch):
+    idx, bad = batch
+    out = model(idx)
+    loss = out.pow(2).mean()
+    if bad:  # a finite loss (0 added) with NaN gradients: sqrt's slope at 0 is inf, times 0
+        loss = loss + (out * 0).sqrt().sum()
+    return loss
+
+
+@pytest.mark.parametrize("policy", ["skip", "raise"])
+def test_sparse_gradients_are_guarded_like_dense_ones(policy, assert_trees_equal):
+    """nn.Embedding(sparse=True) with SparseAdam: a NaN in a sparse gradient's values is caught;
+    the clean batches give the raw SparseAdam loop's weights."""
+    data = [(torch.tensor([[1, 2, 2]]), bad) for bad in (False, True, False)]
+
+    def make():
+        torch.manual_seed(0)
+        model = torch.nn.Embedding(10, 3, sparse=True)
+        return model, torch.optim.SparseAdam(model.parameters(), lr=0.1)
+
+    ref, ref_opt = make()
+    for batch in (data[0], data[2]):
+        ref_opt.zero_grad()
+        _sparse_loss(ref, batch).backward()
+        ref_opt.step()
+    step = loopkit.with_nan_guard(loopkit.train_step(_sparse_loss), policy=policy)
+    state = loopkit.TrainState.create(*make())
+    state, _ = step(state, data[0])
+    if policy == "raise":
+        with pytest.raises(loopkit.NonFiniteError, match="non-finite gradient of 'weight'"):
+            step(state, data[1])
+    else:
+        state, metrics = step(state, data[1])
+        assert float(metrics["loss"]) < float("inf") and float(metrics["nan_guard/skipped"]) == 1.0
+        assert state.step == 1
+    state, _ = step(state, data[2])
+    assert_trees_equal(state.model.weight, ref.weight)
