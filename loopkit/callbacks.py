@@ -57,22 +57,26 @@ class Callback:
     should_stop: bool = False
 
     def on_fit_start(self, state: Any) -> None:
-        pass
+        """Once, before sanity validation and the first step, with the state the fit trains."""
 
     def on_epoch_start(self, state: Any) -> None:
-        pass
+        """Before each epoch's first batch (``state.batch_index`` > 0 in a run resumed mid-epoch)."""
 
     def on_batch_end(self, state: Any, metrics: Mapping[str, torch.Tensor]) -> None:
-        pass
+        """After each train step, with its state and metrics (device tensors: reading one syncs).
+
+        May return a dict of numbers for ``with_logging``'s loggers; setting ``should_stop``
+        stops the fit after this batch."""
 
     def on_validation_end(self, state: Any, metrics: Mapping[str, float]) -> None:
-        pass
+        """After each validation (not the sanity one), with its ``val/...`` means."""
 
     def on_epoch_end(self, state: Any, metrics: Mapping[str, float]) -> dict[str, float] | None:
+        """After each epoch, with its history record; a returned dict of numbers joins the record."""
         return None
 
     def on_fit_end(self, state: Any, history: list[dict[str, float]]) -> None:
-        pass
+        """Once, when the fit ends (a graceful stop included), with the final state and the history."""
 
 
 #: the hooks that may run before ``run_epochs``' first step (and so change the state before it)
@@ -121,10 +125,12 @@ class MonitorCallback(Callback):
         self.check(state, float(metrics[self.monitor]))
 
     def on_validation_end(self, state: Any, metrics: Mapping[str, float]) -> None:
+        """Check a ``val/...`` monitor after each validation."""
         if self.monitor.startswith("val/"):
             self._watch(state, metrics)
 
     def on_epoch_end(self, state: Any, metrics: Mapping[str, float]) -> None:
+        """Check any other monitor (``train/loss``) after each epoch, in its history record."""
         # an epoch without a step of its own (a run resumed at its very end from a checkpoint
         # without the epoch's means) has no train/ means to check
         if not self.monitor.startswith("val/") and any(k.startswith("train/") for k in metrics):
@@ -197,6 +203,7 @@ class EarlyStopping(MonitorCallback):
         return {"best": self.best, "wait": self.wait, "should_stop": self.should_stop}
 
     def load_state_dict(self, sd: Mapping[str, Any]) -> None:
+        """Continue from what :meth:`state_dict` returned (a resumed run's patience goes on)."""
         self.best, self.wait, self.should_stop = float(sd["best"]), int(sd["wait"]), bool(sd["should_stop"])
 
 
@@ -206,8 +213,9 @@ class LearningRateMonitor(Callback):
     As Lightning's: an epoch's value is the rate the epoch starts with (what its first update
     uses; a scheduler that steps at the end of the epoch shows in the next one), added to the
     epoch's ``run_epochs`` history record; per step, the rate after each update, at
-    ``state.step``: the rate the next update uses, also handed to ``with_logging``'s loggers
-    (every ``every_n_steps`` updates, as Lightning's ``log_every_n_steps``). Names follow Lightning: ``lr-SGD`` for
+    ``state.step``: the rate the next update uses, handed to ``with_logging``'s loggers
+    (every ``every_n_steps`` updates, as Lightning's ``log_every_n_steps``) and not to the
+    epoch records. Names follow Lightning: ``lr-SGD`` for
     one group, ``lr-SGD/pg1``, ``lr-SGD/pg2`` for several. Every recorded value is also kept
     in ``self.history`` as ``(step, {name: lr})``.
 
@@ -247,6 +255,7 @@ class LearningRateMonitor(Callback):
         return {f"{name}/pg{i + 1}": float(g["lr"]) for i, g in enumerate(groups)}
 
     def on_batch_end(self, state: Any, metrics: Mapping[str, torch.Tensor]) -> dict[str, float] | None:
+        """Per step, the rates after this batch's update, for the loggers; per epoch, nothing."""
         if self.logging_interval == "step":
             lrs = self.learning_rates(state)
             self.history.append((state.step, lrs))
@@ -254,6 +263,7 @@ class LearningRateMonitor(Callback):
         return None
 
     def on_epoch_start(self, state: Any) -> None:
+        """Take the rates the epoch starts with (kept from before the crash in a resumed epoch)."""
         if self._epoch_start is not None and getattr(state, "batch_index", 0) > 0:
             lrs, step = self._epoch_start, self._epoch_start_step  # resumed mid-epoch: the rates it started with
         else:
@@ -263,7 +273,12 @@ class LearningRateMonitor(Callback):
             self.history.append((step, lrs))
 
     def on_epoch_end(self, state: Any, metrics: Mapping[str, float]) -> dict[str, float]:
+        """Per epoch, the rates the epoch started with, for its history record (and the loggers);
+        per step, nothing: the loggers have the rates after each update, and the epoch's start
+        rate at the epoch's last step would put the curve back (Lightning logs none either)."""
         lrs, self._epoch_start = self._epoch_start, None
+        if self.logging_interval == "step":
+            return {}
         return dict(self.learning_rates(state) if lrs is None else lrs)
 
     def state_dict(self) -> dict[str, Any]:
@@ -279,6 +294,7 @@ class LearningRateMonitor(Callback):
         return {"epoch_start": dict(self._epoch_start), "epoch_start_step": self._epoch_start_step}
 
     def load_state_dict(self, sd: Mapping[str, Any]) -> None:
+        """Continue from what :meth:`state_dict` returned."""
         if "epoch_start" in sd:
             self._epoch_start = {k: float(v) for k, v in sd["epoch_start"].items()}
             self._epoch_start_step = int(sd["epoch_start_step"])

@@ -606,7 +606,8 @@ def run_epochs(
     returns ``(state, history)`` as usual, without a record (nor ``on_epoch_end``) for the
     interrupted epoch: a run resumed from the state ends that epoch and records it, as an
     uninterrupted run would; a second signal raises ``KeyboardInterrupt`` at
-    once. The previous signal handlers are restored on return.
+    once, unless it comes within a second of the first (one stop delivered twice, as torchrun's
+    agent and SLURM do). The previous signal handlers are restored on return.
 
     >>> import torch
     >>> from loopkit.state import TrainState

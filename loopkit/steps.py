@@ -550,6 +550,16 @@ class TrainStep(Step):
     context for micro-steps whose gradients stay local, ``agree(flags)`` all-reduces skip
     flags with MAX, ``reduce_grads(grads)`` averages gradients a partial group left local,
     and ``requires_donation`` says why the step cannot run on copies of the state.
+
+    >>> import torch
+    >>> from loopkit.state import TrainState
+    >>> step = train_step(lambda m, b: m(b).pow(2).mean())
+    >>> isinstance(step, TrainStep), step.applied
+    (True, ('train_step',))
+    >>> model = torch.nn.Linear(2, 1)
+    >>> new, metrics = step(TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1)), torch.ones(3, 2))
+    >>> new.step, sorted(metrics)
+    (1, ['loss'])
     """
 
     loss_fn: LossFn
@@ -1028,7 +1038,16 @@ def train_step(loss_fn: LossFn) -> TrainStep:
 
 @attrs.frozen(eq=False)
 class EvalStep(Step):
-    """The step ``eval_step(metric_fn)`` returns: eval mode, no gradients, the state unchanged."""
+    """The step ``eval_step(metric_fn)`` returns: eval mode, no gradients, the state unchanged.
+
+    >>> import torch
+    >>> from loopkit.state import TrainState
+    >>> step = eval_step(lambda m, b: {"mean": m(b).mean()})
+    >>> state = TrainState.create(torch.nn.Linear(2, 1))
+    >>> same, metrics = step(state, torch.ones(3, 2))
+    >>> isinstance(step, EvalStep), same is state, sorted(metrics)
+    (True, True, ['mean'])
+    """
 
     metric_fn: Callable[[torch.nn.Module, Any], Mapping[str, Any]]
     precision: Precision | None = None

@@ -194,6 +194,7 @@ class PruningCallback(MonitorCallback):
         self.raise_at_fit_end = True
 
     def on_fit_end(self, state: TrainState, history: list[dict[str, float]]) -> None:
+        """Raise ``optuna.TrialPruned`` now if the trial was pruned (and ``raise_at_fit_end``)."""
         if self.pruned and self.raise_at_fit_end:
             self.raise_if_pruned()
 
