@@ -118,7 +118,8 @@ def check_purity(
     count and which parameters take gradients) and torch's global CPU RNG too; with
     ``deterministic`` (the default), a second call on the same state and batch gives the same
     new state and metrics, bit for bit (pass ``deterministic=False`` for kernels that are not).
-    Returns the first call's result. A donated step is refused: it may reuse ``state``.
+    Returns the first call's result. A donated step is refused: it may reuse ``state``. A step
+    found drawing from the global RNG is named, and the caller's RNG put back as it was.
 
     >>> import torch, loopkit
     >>> state = loopkit.TrainState.create(torch.nn.Linear(2, 1))
@@ -138,6 +139,7 @@ def check_purity(
     if changed:
         raise ImpurityError(f"step {name} changed the state it was given: {changed}")
     if not torch.equal(torch.get_rng_state(), global_rng):
+        torch.set_rng_state(global_rng)  # the check itself leaves the caller's RNG as it found it
         raise ImpurityError(
             f"step {name} left torch's global RNG advanced: draw from the state's RNG (loopkit.rng.RNGScope) "
             "and put the caller's back"

@@ -532,39 +532,39 @@ class CSVLogger(RunDirLogger):
     def __init__(self, root: str | os.PathLike = "runs", name: str = "default", version: int | str | None = None) -> None:
         super().__init__(root, name, version)
         self._columns: list[str] | None = None
-        self._rows: list[dict[str, float]] = []
 
     def _load(self) -> list[str]:
-        """The columns, reading back an existing file when continuing a run in its folder."""
+        """The columns, read back from an existing file's header when continuing a run in its folder."""
         if self._columns is None:
             self._columns = ["step"]
             path = self._path(self.filename)
             if os.path.exists(path):
                 with open(path, newline="", encoding="utf-8") as f:
-                    reader = csv.DictReader(f)
-                    self._columns = list(reader.fieldnames or ["step"])
-                    self._rows = [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in reader]
+                    self._columns = next(csv.reader(f), None) or ["step"]
         return self._columns
 
     def _write_metrics(self, metrics: dict[str, float], step: int) -> None:
         columns = self._load()
         row = {"step": step, **metrics}
-        self._rows.append(row)
         new = [k for k in metrics if k not in columns]
         if new:
             columns.extend(new)
-            self._rewrite()
+            self._rewrite(row)
         else:
             with open(self._path(self.filename), "a", newline="", encoding="utf-8") as f:
                 csv.DictWriter(f, columns, restval="").writerow(row)
 
-    def _rewrite(self) -> None:
+    def _rewrite(self, row: dict[str, float]) -> None:
+        """The file again under the wider header: its rows as written (read back, not kept in
+        memory: a long run's rows would grow without bound), then ``row``."""
+        path = self._path(self.filename)
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, self._columns, restval="")  # type: ignore[arg-type]
         writer.writeheader()
-        for row in self._rows:
-            writer.writerow({k: (int(v) if k == "step" else v) for k, v in row.items()})
-        path = self._path(self.filename)
+        if os.path.exists(path):
+            with open(path, newline="", encoding="utf-8") as f:
+                writer.writerows(csv.DictReader(f))
+        writer.writerow(row)
         with open(f"{path}.tmp", "w", newline="", encoding="utf-8") as f:
             f.write(buffer.getvalue())
         os.replace(f"{path}.tmp", path)

@@ -379,8 +379,8 @@ class GradContext:
             groups.setdefault((g.device, g.dtype), []).append(g)
         found: torch.Tensor | None = None
         for (device, _), grads in groups.items():
-            f = torch.zeros(1, device=device)
-            scale = torch.ones(1, device=device) if inv_scale is None else inv_scale.to(device)
+            f = torch.zeros(1, dtype=torch.float32, device=device)  # (whatever the caller's default dtype)
+            scale = torch.ones(1, dtype=torch.float32, device=device) if inv_scale is None else inv_scale.to(device)
             torch._amp_foreach_non_finite_check_and_unscale_(grads, f, scale)
             found = f if found is None else found.add_(f.to(found.device))
         return None if found is None else found.clamp_(max=1.0)

@@ -63,8 +63,10 @@ def test_a_step_drawing_from_the_global_rng_is_named(make_mlp, make_sgd_state, b
     def noisy(state, batch):
         return state, {"noise": torch.rand(())}
 
+    caller = torch.get_rng_state()
     with pytest.raises(ImpurityError, match="left torch's global RNG advanced"):
         check_purity(noisy, make_sgd_state(make_mlp(0)), batches[0])
+    assert torch.equal(torch.get_rng_state(), caller)  # the check put the caller's RNG back
 
 
 def test_a_step_reading_something_besides_state_and_batch_is_named(make_mlp, make_sgd_state, batches):

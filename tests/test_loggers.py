@@ -186,6 +186,28 @@ def test_csv_columns_grow_with_one_header_and_blanks(tmp_path):
                 assert row[column] == ""
 
 
+def test_csv_holds_no_rows_in_memory_and_a_late_column_keeps_every_row_as_written(tmp_path):
+    """A long run's rows go to the file, not to memory: a new column re-reads them from the file."""
+    import tracemalloc
+
+    logger = CSVLogger(tmp_path)
+    tracemalloc.start()
+    try:
+        logger.log_metrics({"a": 0.1}, 0)
+        before = tracemalloc.get_traced_memory()[0]
+        for step in range(1, 3001):
+            logger.log_metrics({"a": step / 7}, step)
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 100_000  # rows kept in memory would take ~0.5 MB here
+    logger.log_metrics({"b": 1.5}, 3001)
+    columns, rows = read_csv(logger.log_dir)
+    assert columns == ["step", "a", "b"] and len(rows) == 3002
+    assert [float(r["a"]) for r in rows[:-1]] == [0.1] + [step / 7 for step in range(1, 3001)]
+    assert rows[-1] == {"step": "3001", "a": "", "b": "1.5"}
+
+
 def test_every_file_logger_writes_hparams_json(tmp_path):
     hparams = {"lr": 0.1, "model": {"hidden": 8}, "optimizer": torch.optim.SGD, "betas": (0.9, 0.99)}
     for cls in (CSVLogger, JSONLLogger, TensorBoardLogger):

@@ -63,11 +63,11 @@ class Amp:
         scale = extras[_SCALE]
         inv_scale = scale.double().reciprocal().float().reshape(1)
         found = ctx.unscale_and_check(inv_scale)
-        found_inf = torch.zeros((), device=scale.device) if found is None else found.to(scale.device).reshape(())
+        found_inf = torch.zeros((), dtype=torch.float32, device=scale.device) if found is None else found.to(scale.device).reshape(())
         ctx.found_inf = found_inf if ctx.found_inf is None else torch.maximum(ctx.found_inf, found_inf)
 
     def after_update(self, ctx: GradContext, extras: dict[str, Any]) -> None:
-        found_inf = ctx.found_inf if ctx.found_inf is not None else torch.zeros((), device=extras[_SCALE].device)
+        found_inf = ctx.found_inf if ctx.found_inf is not None else torch.zeros((), dtype=torch.float32, device=extras[_SCALE].device)
         scale, growth = extras[_SCALE].clone(), extras[_GROWTH].clone()
         torch._amp_update_scale_(
             scale, growth, found_inf.reshape(1), self.growth_factor, self.backoff_factor, self.growth_interval

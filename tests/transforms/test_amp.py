@@ -246,3 +246,25 @@ def test_float16_with_sparse_gradients_is_the_raw_grad_scaler_loop(assert_trees_
     assert skipped == [0.0, 0.0, 1.0, 0.0]
     assert_trees_equal(state.model.weight, ref.weight)
     assert float(state.extras["amp/scale"]) == scaler.get_scale()
+
+
+def test_float16_and_the_guard_do_not_depend_on_the_callers_default_dtype(make_mlp, make_batches, mse_loss, assert_trees_equal):
+    """A float32 model trained in a process whose default dtype is float64 (a scientific notebook):
+    the scaler's flags stay float32, as GradScaler's do."""
+    data = make_batches(3)
+    ref_model = make_mlp(0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=INIT_SCALE)
+    model = make_mlp(0)
+    state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
+    step = loopkit.with_nan_guard(loopkit.with_amp(loopkit.train_step(mse_loss), dtype=torch.float16, init_scale=INIT_SCALE))
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        _raw_autocast_loop(ref_model, data, mse_loss, torch.float16, scaler)
+        for batch in data:
+            state, metrics = step(state, batch)
+        guard_only, _ = loopkit.with_nan_guard(loopkit.train_step(mse_loss))(state, data[0])
+    finally:
+        torch.set_default_dtype(default)
+    assert float(metrics["amp/skipped"]) == 0.0 and guard_only.step == state.step + 1
+    assert_trees_equal(dict(state.model.named_parameters()), dict(ref_model.named_parameters()))
