@@ -44,6 +44,11 @@ _CALLBACKS = "callbacks/"  # the extras keys of the callbacks' counters
 # extras: the update the last validation that counted saw (a step checkpoint is written inside
 # the step, before its step's validation: a run resumed from one runs that validation first)
 _VALIDATED = "run_epochs/validated_step"
+# extras: the means of the running epoch's latest validation (a resumed run's record of the epoch holds them)
+_EPOCH_VAL = "run_epochs/epoch_val"
+# extras: the update at which an epoch that stopped short (max_steps, a callback) was recorded; a state saved at
+# max_steps before that record (a crash, a stop during the last update) is recorded by the resumed run
+_RECORDED = "run_epochs/recorded_step"
 def _check_limit(value: int | float | None, name: str) -> None:
     if value is None:
         return
@@ -669,7 +674,10 @@ def run_epochs(
         kept in the state) to the step, whose checkpoints then hold them. At the end of an
         epoch the caller notifies the step after the epoch's callbacks (``notify=False``)."""
         metrics = validate(current, limit_val_batches)
-        current = replace_extras(current, {**current.extras, _VALIDATED: current.step})
+        kept = {_VALIDATED: current.step}
+        if notify:  # mid-epoch: the epoch's record, made later (perhaps by a resumed run), holds them
+            kept[_EPOCH_VAL] = metrics
+        current = replace_extras(current, {**current.extras, **kept})
         hooks.call("on_validation_end", current, metrics)
         current = hooks.keep(current)
         if notify:
@@ -714,8 +722,13 @@ def run_epochs(
 
             batch_hooks = _collective.any_rank(bool(hooks.batch_end))  # (one rank's hooks make every rank ask)
             fresh = step.returns_fresh_state
+            # saved at max_steps in the middle of an epoch before the epoch was recorded: only that record is left to make
+            finishing = (
+                max_steps is not None and state.step >= max_steps and state.batch_index > 0 and limit_train_batches != 0
+                and (epochs is None or state.epoch < epochs) and state.extras.get(_RECORDED) != state.step
+            )
             # a stop asked for by the resumed validation still ends its epoch, as it did in the run that saved the state
-            while more(state) and (not hooks.should_stop or resumed_val) and not stop.requested:
+            while (more(state) or finishing) and (not hooks.should_stop or resumed_val) and not stop.requested:
                 hooks.call("on_epoch_start", state)
                 state = hooks.keep(state)  # what they know at the epoch's start: a checkpoint mid-epoch holds it
                 if hooks.should_stop and not resumed_val:  # asked in on_epoch_start: not a batch of this epoch
@@ -739,13 +752,16 @@ def run_epochs(
                     given.mark_consumed()
                 if start is None:
                     start = state
-                last_val, resumed_val = resumed_val, {}  # the latest validation of this epoch
-                validated_at = state.step if last_val else None  # the update a validation of this epoch saw
+                # the latest validation of this epoch (one before a crash mid-epoch included)
+                last_val = resumed_val or {k: float(v) for k, v in state.extras.get(_EPOCH_VAL, {}).items()}
+                resumed_val = {}
+                validated_at = state.extras.get(_VALIDATED) if last_val else None  # the update it saw
                 remaining = None if total is None else max(total - state.batch_index, 0)
                 bar = ProgressBar(enabled=show, total=remaining, desc=f"epoch {state.epoch}")
                 exhausted = True
-                if last_val and hooks.should_stop:
+                if (last_val and hooks.should_stop) or finishing:
                     batches, exhausted = (), total is not None and state.batch_index >= total
+                finishing = False
                 for batch in batches:
                     if move is not None:
                         batch = move(batch)
@@ -785,7 +801,10 @@ def run_epochs(
                 record: dict[str, float] = {"epoch": epoch, "step": state.step}
                 record.update({f"train/{k}": v for k, v in EPOCH.means(state.extras).items()})
                 if exhausted:  # the epoch is done: its means leave the state (a partial one's stay, to go on)
-                    state = replace_extras(state, EPOCH.clear(state.extras)).evolve(epoch=epoch + 1, batch_index=0)
+                    extras = {k: v for k, v in EPOCH.clear(state.extras).items() if k not in (_EPOCH_VAL, _RECORDED)}
+                    state = replace_extras(state, extras).evolve(epoch=epoch + 1, batch_index=0)
+                else:
+                    state = replace_extras(state, {**state.extras, _RECORDED: state.step})
                 bar.close({k: v for k, v in record.items() if k.startswith("train/")})
                 # not twice at one update: a step validation on the epoch's last update stands for the epoch's
                 validated = (

@@ -957,3 +957,50 @@ def test_an_error_out_of_the_fit_releases_the_profiler_the_loggers_and_the_saves
     assert logger.finalized == 1 and [s for s, _ in logger.records] == [1, 2, 3, 4]
     assert step.inner.inner.saver.executor is None  # the background saves finished, the thread is gone
     assert [c.step for c in loopkit.checkpoint.list_checkpoints(tmp_path / "ckpt")] == [2, 3, 4]
+
+
+# --- a crash between an epoch's last validation or update and its record ---------------------------
+
+
+class _CrashAt:
+    """Raises in on_batch_end once the state reaches ``step`` (the step's own checkpoint is written)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_batch_end(self, state, metrics):
+        if state.step == self.step:
+            raise RuntimeError("crash")
+
+
+def _crash_then_resume(tmp_path, crash_at: int, **options):
+    step = loopkit.with_checkpointing(train_step(mse), tmp_path, every_n_steps=1)
+    with pytest.raises(RuntimeError, match="crash"):
+        run_epochs(step, make_state(), make_data(5), callbacks=[_CrashAt(crash_at)], progress=False, **options)
+    restored = loopkit.restore(make_state(), tmp_path)
+    assert restored.step == crash_at
+    return run_epochs(step, restored, make_data(5), progress=False, **options)
+
+
+def test_a_resumed_epoch_records_the_validation_run_before_the_crash(tmp_path):
+    """Validations at steps 2 and 4 (none at the epoch's end); a crash after step 5: the resumed
+    run's record of the epoch holds step 4's means, as the uninterrupted run's does."""
+    options = dict(epochs=1, val=(eval_step(lambda m, b: {"mse": mse(m, b)}), make_data(2, seed=1)),
+                   val_every_n_steps=2, val_every_n_epochs=100, sanity_val_batches=0)
+    _, whole = run_epochs(train_step(mse), make_state(), make_data(5), progress=False, **options)
+    assert "val/mse" in whole[0]
+    _, resumed = _crash_then_resume(tmp_path, 5, **options)
+    assert resumed == whole
+
+
+def test_a_run_that_crashed_on_its_last_update_at_max_steps_records_its_partial_epoch_when_resumed(tmp_path):
+    """max_steps=7 ends epoch 1 after its second batch; a crash right after update 7: the resumed
+    run makes that epoch's record (and trains nothing), once."""
+    final, whole = run_epochs(train_step(mse), make_state(), make_data(5), max_steps=7, progress=False)
+    assert [r["epoch"] for r in whole] == [0, 1]
+    state, resumed = _crash_then_resume(tmp_path, 7, max_steps=7)
+    assert resumed == whole[1:]
+    assert_bitwise(params_of(state), params_of(final))
+    assert (state.step, state.epoch, state.batch_index) == (7, 1, 2)
+    _, again = run_epochs(train_step(mse), state, make_data(5), max_steps=7, progress=False)
+    assert again == []  # recorded already: a further run at max_steps adds nothing
