@@ -90,7 +90,10 @@ def _epoch_batches(data: Iterable, seed: int, epoch: int, skip: int, count: int 
     A ``DataLoader``'s shuffling draws from its own generator, its sampler's or, lacking
     one, from the global torch RNG when the iterator starts: all are seeded here, and the
     caller's global RNG is put back afterwards, so the order is the same in a resumed run.
+    An epoch with nothing left (a state saved after its last batch) is not read at all.
     """
+    if count is not None and 0 < count <= skip:  # nothing to skip to: no batch read again, no worker started
+        return iter(())
     order_seed = _order_seed(seed, epoch)
     sampler = getattr(data, "sampler", None)
     if hasattr(sampler, "set_epoch"):

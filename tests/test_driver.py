@@ -1004,3 +1004,34 @@ def test_a_run_that_crashed_on_its_last_update_at_max_steps_records_its_partial_
     assert (state.step, state.epoch, state.batch_index) == (7, 1, 2)
     _, again = run_epochs(train_step(mse), state, make_data(5), max_steps=7, progress=False)
     assert again == []  # recorded already: a further run at max_steps adds nothing
+
+
+def test_a_state_saved_after_an_epochs_last_batch_reads_none_of_that_epoch_again(tmp_path):
+    """Nothing is left to skip to: the resumed run starts no iterator over the finished epoch (with
+    num_workers=0, re-reading would draw a Dataset's augmentation from the global RNG again)."""
+
+    class Reads(torch.utils.data.Dataset):
+        def __init__(self):
+            self.reads = 0
+            self.data = make_data(5, batch_size=1)
+
+        def __len__(self):
+            return 5
+
+        def __getitem__(self, i):
+            self.reads += 1
+            return self.data[i][0][0], self.data[i][1][0]
+
+    data = Reads()
+    loader = DataLoader(data, batch_size=1, shuffle=True)
+    whole, history = run_epochs(train_step(mse), make_state(), loader, epochs=2, progress=False)
+    step = loopkit.with_checkpointing(train_step(mse), tmp_path, every_n_steps=1)
+    with pytest.raises(RuntimeError, match="crash"):
+        run_epochs(step, make_state(), loader, epochs=2, callbacks=[_CrashAt(5)], progress=False)
+    mid = loopkit.restore(make_state(), tmp_path)
+    assert (mid.step, mid.epoch, mid.batch_index) == (5, 0, 5)  # saved in the step, before the epoch's end
+    data.reads = 0
+    resumed, rest = run_epochs(step, mid, loader, epochs=2, progress=False)
+    assert data.reads == 5  # epoch 1's batches only
+    assert rest == history
+    assert_bitwise(params_of(resumed), params_of(whole))
