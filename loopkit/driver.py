@@ -33,7 +33,7 @@ from loopkit._window import EPOCH, OVER_RANKS, own_share
 from loopkit.callbacks import Callback, may_change_state_early
 from loopkit.progress import ProgressBar, progress_wanted
 from loopkit.state import TrainState, fork, model_device, put_extras, replace_extras
-from loopkit.steps import WrapperStep, as_step, check_takes_model_and_batch
+from loopkit.steps import SAVE_DUE, WrapperStep, as_step, check_takes_model_and_batch
 from loopkit.steps import donate as donated
 from loopkit.tree import to_device, to_plain
 
@@ -531,6 +531,14 @@ class _Hooks:
         return _collective.any_rank(any(getattr(cb, "should_stop", False) for cb in self.callbacks))
 
 
+def _save_due(step: Any, state: TrainState) -> TrainState:
+    """Tell ``step`` to make the save due at this update (``state`` holds the call's metrics in the epoch's
+    means and the callbacks' counters after the batch's hooks), and return ``state`` without the mark."""
+    state = replace_extras(state, {k: v for k, v in state.extras.items() if k != SAVE_DUE})
+    step.notify("save_due", state, {})
+    return state
+
+
 def _stateful(callbacks: Sequence[Any]) -> list[tuple[str, Any]]:
     """``(extras key, callback)`` for each callback with ``state_dict`` and ``load_state_dict``.
 
@@ -724,6 +732,7 @@ def run_epochs(
                 return (epochs is None or s.epoch < epochs) and (max_steps is None or s.step < max_steps)
 
             batch_hooks = _collective.any_rank(bool(hooks.batch_end))  # (one rank's hooks make every rank ask)
+            step.notify("fit_start", state, {})  # (with_checkpointing's step saves now wait for the batch's callbacks)
             fresh = step.returns_fresh_state
             # saved at max_steps in the middle of an epoch before the epoch was recorded: only that record is left to make
             finishing = (
@@ -782,6 +791,8 @@ def run_epochs(
                         logged = hook(state, metrics)  # scalars to log (LearningRateMonitor per step)
                         if logged is not None and state.step != before and _scalars(logged):
                             step.notify("batch_end", state, logged)
+                    if SAVE_DUE in state.extras:
+                        state = _save_due(step, hooks.keep(state))
                     if stop.requested:  # a graceful stop: no flush, no validation; resume continues here
                         exhausted = False
                         break
@@ -801,6 +812,8 @@ def run_epochs(
                     state, metrics = step.flush(state)
                     if metrics:
                         state = replace_extras(state, EPOCH.add(state.extras, metrics))
+                    if SAVE_DUE in state.extras:
+                        state = _save_due(step, hooks.keep(state))
                 record: dict[str, float] = {"epoch": epoch, "step": state.step}
                 record.update({f"train/{k}": v for k, v in EPOCH.means(state.extras).items()})
                 if exhausted:  # the epoch is done: its means leave the state (a partial one's stay, to go on)

@@ -38,6 +38,7 @@ __all__ = [
     "GradContext",
     "GradTransform",
     "Precision",
+    "SAVE_DUE",
     "Step",
     "TrainStep",
     "UpdateStep",
@@ -60,6 +61,9 @@ _set_consumed = TrainState.__dict__["_consumed"].__set__  # TrainState.mark_cons
 LossFn = Callable[[torch.nn.Module, Any], Any]
 
 _ACCUM_COUNT = "accum/count"
+#: extras: a whole-step transform (with_checkpointing) has a save due at this update, which it makes when
+#: the driver sends ``"save_due"`` (after the batch's callbacks); set only between ``"fit_start"`` and the fit's end
+SAVE_DUE = "run_epochs/save_due"
 _FOUND_INF = "amp/found_inf"
 _NONFINITE = "nan_guard/nonfinite"
 _BUFFERS = "nan_guard/buffers"  # the model's buffers before the group's first micro-batch (a skip puts them back)
@@ -135,7 +139,10 @@ class Step:
     def notify(self, event: str, state: TrainState, metrics: Mapping[str, float]) -> None:
         """Tell the step about a driver event; whole-step transforms (logging, checkpoints) act on it.
 
-        ``event`` is ``"validation_end"`` (metrics: ``val/...`` means), ``"epoch_end"``
+        ``event`` is ``"fit_start"`` (before the first step of ``run_epochs``; metrics empty),
+        ``"save_due"`` (after a call that returned a state with :data:`SAVE_DUE` in its extras, once
+        the batch's callbacks have run and the call's metrics are in the epoch's means; ``state``
+        without that key: a checkpoint due at that update saves it), ``"validation_end"`` (metrics: ``val/...`` means), ``"epoch_end"``
         (metrics: the epoch's history record, ``state`` already at the next epoch),
         ``"stop"`` (a graceful stop on SIGTERM/SIGINT: the current step has finished and
         ``run_epochs`` is about to return; metrics empty; ``state`` may be mid-epoch, where a

@@ -24,7 +24,7 @@ no expected values. Scenarios:
   on rank 1; ``apart``: rank 1 starts from step 2 (each refused before a step, by every rank).
 - ``resume``: ``run_epochs`` with ``with_checkpointing(every_n_steps=1)`` from the newest
   checkpoint in ``OUT_DIR/ckpt``; with ``LOOPKIT_TEST_DIE=N`` rank 1 of the first attempt exits
-  hard after N batches.
+  hard in batch N + 1, after the checkpoint of batch N (written once batch N's hooks have run).
 """
 
 from __future__ import annotations
@@ -323,16 +323,16 @@ def resume(rank: int, out_dir: str) -> dict[str, Any]:
     first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
     if die and rank == 1 and first_attempt:
         def kill(state: Any, metrics: Any) -> None:
-            if state.batch_index == die:
-                torch.distributed.barrier()  # rank 0 has saved the checkpoint of this step too
-                print(f"rank 1 dies after batch {state.batch_index}", flush=True)
+            if state.batch_index == die + 1:
+                torch.distributed.barrier()  # rank 0 has saved the checkpoint of batch `die` too
+                print(f"rank 1 dies after the checkpoint of batch {die}", flush=True)
                 os._exit(3)
         callbacks = [type("Die", (), {"on_batch_end": staticmethod(kill)})()]
     else:
         callbacks = []
         if die and rank == 0 and first_attempt:
             def wait(state: Any, metrics: Any) -> None:
-                if state.batch_index == die:
+                if state.batch_index == die + 1:
                     torch.distributed.barrier()
             callbacks = [type("Wait", (), {"on_batch_end": staticmethod(wait)})()]
     step = loopkit.with_checkpointing(loopkit.with_ddp(loopkit.train_step(mse)), directory, every_n_steps=1)

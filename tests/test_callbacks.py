@@ -271,11 +271,14 @@ def test_a_run_resumed_after_its_validation_does_not_repeat_it(tmp_path):
 
 
 class _CrashAtStep(loopkit.Callback):
+    """Crashes in the batch after update ``step``: that update's checkpoint (written once its batch's
+    hooks have run) is the newest."""
+
     def __init__(self, step):
         self.step = step
 
     def on_batch_end(self, state, metrics):
-        if state.step == self.step:
+        if state.step == self.step + 1:
             raise RuntimeError("simulated crash")
 
 
@@ -512,3 +515,37 @@ def test_the_callback_base_has_every_hook_as_a_no_op():
                                 callbacks=[base, rec], progress=False)
     assert not base.should_stop and len(history) == 2
     assert rec.events.count("batch_end") == 4  # the base did not interfere with the others
+
+
+class _BatchCounter(loopkit.Callback):
+    """Counts batches in on_batch_end; its counter is its state_dict."""
+
+    def __init__(self):
+        self.n = 0
+
+    def on_batch_end(self, state, metrics):
+        self.n += 1
+
+    def on_epoch_end(self, state, metrics):
+        return {"batches_seen": float(self.n)}
+
+    def state_dict(self):
+        return {"n": self.n}
+
+    def load_state_dict(self, sd):
+        self.n = int(sd["n"])
+
+
+@pytest.mark.parametrize("crash_at", [2, 5, 7])
+def test_a_counter_a_callback_keeps_per_batch_resumes_from_a_step_checkpoint_as_it_was(tmp_path, crash_at):
+    """As Lightning's checkpoint (written after the batch's callbacks): a step checkpoint holds each
+    stateful callback's state_dict after that batch's on_batch_end."""
+    _, whole = run_epochs(train_step(mse), make_state(), make_data(5), epochs=2, callbacks=[_BatchCounter()], progress=False)
+    step = loopkit.with_checkpointing(train_step(mse), tmp_path, every_n_steps=1)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_epochs(step, make_state(), make_data(5), epochs=2, callbacks=[_BatchCounter(), _CrashAtStep(crash_at)],
+                   progress=False)
+    restored = loopkit.restore(make_state(), tmp_path)
+    assert restored.step == crash_at
+    _, history = run_epochs(step, restored, make_data(5), epochs=2, callbacks=[_BatchCounter()], progress=False)
+    assert history == whole[len(whole) - len(history):] and [r["batches_seen"] for r in whole] == [5.0, 10.0]

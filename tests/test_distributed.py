@@ -145,7 +145,7 @@ def test_a_killed_rank_fails_the_run_and_a_restart_resumes_from_the_newest_check
     done = ddp.torchrun(out, ["resume"], launcher=["--standalone", "--nproc-per-node=2", "--max-restarts=1",
                                                    "--monitor-interval=0.5"], env=env, timeout=120)
     assert done.returncode == 0, done.stdout[-4000:]
-    assert "rank 1 dies after batch 2" in done.stdout
+    assert "rank 1 dies after the checkpoint of batch 2" in done.stdout
     assert "exitcode  : 3" in done.stdout or "exitcode: 3" in done.stdout or "Worker group FAILED" in done.stdout, done.stdout[-3000:]
     ranks = ddp.load(out, "resume")
     assert [r["start"] for r in ranks] == [(2, 0, 2), (2, 0, 2)]  # both restored the checkpoint of step 2

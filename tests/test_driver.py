@@ -963,12 +963,12 @@ def test_an_error_out_of_the_fit_releases_the_profiler_the_loggers_and_the_saves
 
 
 class _CrashAt:
-    """Raises in on_batch_end once the state reaches ``step`` (the step's own checkpoint is written)."""
+    """Raises in on_epoch_end at ``step``: after that update's checkpoint, before the epoch's record is returned."""
 
     def __init__(self, step: int):
         self.step = step
 
-    def on_batch_end(self, state, metrics):
+    def on_epoch_end(self, state, metrics):
         if state.step == self.step:
             raise RuntimeError("crash")
 

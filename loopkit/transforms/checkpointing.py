@@ -25,9 +25,9 @@ import attrs
 
 from loopkit import checkpoint
 from loopkit._collective import is_rank_zero
-from loopkit._window import EPOCH, over_ranks
+from loopkit._window import over_ranks
 from loopkit.state import TrainState, replace_extras
-from loopkit.steps import Metrics, UpdateStep
+from loopkit.steps import SAVE_DUE, Metrics, UpdateStep
 from loopkit.transforms._compose import require_step
 
 __all__ = ["CheckpointStep", "with_checkpointing"]
@@ -54,6 +54,8 @@ class _Saver:
         self.pending: concurrent.futures.Future | None = None
         self.last: Position | None = None  # the last position saved or being saved
         self.looked = False  # whether the directory was looked at for another run's checkpoints
+        self.defer = False  # under run_epochs: a step save waits for the batch's callbacks ("save_due")
+        self.due: str | None = None  # the reason of the step save deferred at this update
 
     def run(self, task: Callable[[], None], background: bool) -> None:
         if not background:
@@ -108,16 +110,22 @@ class CheckpointStep(UpdateStep):
     def after_update(self, state: TrainState, metrics: Metrics) -> TrainState:
         n = self.every_n_steps
         if n and state.step % n == 0:  # once per update, not per micro-batch
-            saved = state
-            if metrics and EPOCH.holds(state.extras):  # under run_epochs, which adds this call's metrics
-                saved = replace_extras(state, EPOCH.add(state.extras, metrics))  # to the epoch means after it
-            self._save_all_ranks(saved, f"every_n_steps={n}", score=None)
+            if self.saver.defer:  # under run_epochs: saved on "save_due", once the callbacks and the outer
+                self.saver.due = f"every_n_steps={n}"  # transforms (with_logging) have had this call
+                return replace_extras(state, {**state.extras, SAVE_DUE: True})
+            self._save_all_ranks(state, f"every_n_steps={n}", score=None)
         return state
 
     # Saving on driver events --------------------------------------------------------------
 
     def on_event(self, event: str, state: TrainState, metrics: Mapping[str, float]) -> None:
-        if event == "validation_end":
+        if event == "fit_start":
+            self.saver.defer = True
+        elif event == "save_due":
+            reason, self.saver.due = self.saver.due, None
+            if reason is not None:
+                self._save_all_ranks(state, reason, score=None)
+        elif event == "validation_end":
             if self.monitor is not None and self.monitor.startswith("val/"):
                 self._score(state, metrics)
         elif event == "epoch_end":
@@ -132,6 +140,7 @@ class CheckpointStep(UpdateStep):
             self._save_all_ranks(state, "stop", score=None)
             self.saver.wait()
         elif event in ("fit_end", "abort"):  # on abort: the saves already started finish
+            self.saver.defer, self.saver.due = False, None
             self.saver.last = None  # a later run with this step saves afresh, even at the same position
             self.saver.looked = False  # and its first save looks at the directory again
             self.saver.wait(close=True)
@@ -302,7 +311,10 @@ def with_checkpointing(
     bitwise equal to one that never stopped.
 
     * ``every_n_steps``: save when ``state.step`` (optimizer updates) reaches a multiple of
-      n — once per update, so under ``with_grad_accum`` not on every micro-batch.
+      n — once per update, so under ``with_grad_accum`` not on every micro-batch. Under
+      ``run_epochs`` the save is made after the call and the batch's callbacks (the driver
+      sends ``"save_due"``), so it holds what every outer transform and stateful callback kept
+      of that batch; in a loop of your own, inside the call.
     * ``every_n_epochs``: save after every n-th completed epoch (driver's ``epoch_end``).
     * ``monitor`` (e.g. ``"val/loss"``), ``mode`` (``"min"``/``"max"``): also keep the
       ``keep_best`` checkpoints with the best value, besides the last ``keep_last``
@@ -317,7 +329,8 @@ def with_checkpointing(
       bare ``torch.save``, and a checkpoint survives a killed process but not a power loss.
 
     Apply it outermost (``with_checkpointing(with_logging(...), ...)``): what it saves is
-    the state after every transform inside it has done its part of the step. The directory
+    the state after every transform inside it has done its part of the step (under
+    ``run_epochs`` its step saves see the outer ones' part too). The directory
     belongs to one run: old checkpoints there are pruned by the same rules. Only rank 0
     writes under ``torch.distributed``. The directory is created now, so a path without
     permission fails here, naming it.

@@ -378,6 +378,40 @@ def test_a_partial_window_survives_a_state_dict_round_trip(make_mlp, make_batche
     assert resumed.logged == straight.logged and [s for s, _ in straight.logged] == [4, 8]
 
 
+class _CrashAfter:
+    """Crashes in the batch after update ``step`` (that update's checkpoint is then the newest)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_batch_end(self, state, metrics):
+        if state.step == self.step + 1:
+            raise RuntimeError("crash")
+
+
+@pytest.mark.parametrize("order", ["checkpointing outside", "checkpointing inside"])
+def test_a_run_resumed_from_a_step_checkpoint_logs_what_the_uninterrupted_run_logs(order, tmp_path, make_mlp, make_batches,
+                                                                                  make_sgd_state):
+    """Under run_epochs a step checkpoint is written after the whole call, so it holds the logging
+    window with that call's record in either order: every window of the resumed run is exact."""
+
+    def pipeline(logger, directory):
+        if order == "checkpointing outside":
+            return loopkit.with_checkpointing(with_logging(train_step(loss_with_mae), logger, every_n_steps=4), directory, every_n_steps=3)
+        return with_logging(loopkit.with_checkpointing(train_step(loss_with_mae), directory, every_n_steps=3), logger, every_n_steps=4)
+
+    batches = make_batches(6)
+    straight, first, resumed = MemoryLogger(), MemoryLogger(), MemoryLogger()
+    loopkit.run_epochs(pipeline(straight, tmp_path / "a"), make_sgd_state(make_mlp()), batches, epochs=2, progress=False)
+    with pytest.raises(RuntimeError, match="crash"):
+        loopkit.run_epochs(pipeline(first, tmp_path / "b"), make_sgd_state(make_mlp()), batches, epochs=2,
+                           callbacks=[_CrashAfter(9)], progress=False)
+    state = loopkit.restore(make_sgd_state(make_mlp()), tmp_path / "b")
+    assert state.step == 9  # mid-window (windows end at 4, 8, 12) and mid-epoch
+    loopkit.run_epochs(pipeline(resumed, tmp_path / "b"), state, batches, epochs=2, progress=False)
+    assert first.logged + resumed.logged == straight.logged
+
+
 # --- purity, host syncs, composition ------------------------------------------------------------
 
 
