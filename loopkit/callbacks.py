@@ -19,8 +19,9 @@ hook                                      when
 
 A callback that sets ``should_stop = True`` ends training after the current hook. A callback
 with ``state_dict()`` and ``load_state_dict(d)`` (numbers, strings and tensors) has its counters
-kept in ``state.extras["callbacks/<state_key or class name>"]`` at each epoch's start and after
-each validation and epoch (before the step hears of them, so checkpoints hold them), and loaded
+kept in ``state.extras["callbacks/<state_key or class name>"]`` at each epoch's start, after
+each validation and epoch, and after the hooks of a batch whose update has a step checkpoint due
+(before the step hears of them, so checkpoints hold them), and loaded
 back (after ``on_fit_start``) when ``run_epochs`` starts from a state that has them: a run
 resumed from a checkpoint continues the patience count.
 

@@ -41,14 +41,16 @@ __all__ = ["evaluate", "predict", "run_epochs"]
 
 Metrics = Mapping[str, torch.Tensor]
 _CALLBACKS = "callbacks/"  # the extras keys of the callbacks' counters
-# extras: the update the last validation that counted saw (a step checkpoint is written inside
-# the step, before its step's validation: a run resumed from one runs that validation first)
+# extras: the update the last validation that counted saw (a step checkpoint is written before
+# its step's validation: a run resumed from one runs that validation first)
 _VALIDATED = "run_epochs/validated_step"
 # extras: the means of the running epoch's latest validation (a resumed run's record of the epoch holds them)
 _EPOCH_VAL = "run_epochs/epoch_val"
 # extras: the update at which an epoch that stopped short (max_steps, a callback) was recorded; a state saved at
 # max_steps before that record (a crash, a stop during the last update) is recorded by the resumed run
 _RECORDED = "run_epochs/recorded_step"
+
+
 def _check_limit(value: int | float | None, name: str) -> None:
     if value is None:
         return
