@@ -533,12 +533,10 @@ class _Hooks:
         return _collective.any_rank(any(getattr(cb, "should_stop", False) for cb in self.callbacks))
 
 
-def _save_due(step: Any, state: TrainState) -> TrainState:
-    """Tell ``step`` to make the save due at this update (``state`` holds the call's metrics in the epoch's
-    means and the callbacks' counters after the batch's hooks), and return ``state`` without the mark."""
-    state = replace_extras(state, {k: v for k, v in state.extras.items() if k != SAVE_DUE})
-    step.notify("save_due", state, {})
-    return state
+def _unmarked(state: TrainState) -> TrainState:
+    """``state`` without the mark of a step save due (:data:`loopkit.steps.SAVE_DUE`): what run_epochs
+    shows the callbacks, keeps and, after the batch's hooks, hands the step with ``"save_due"``."""
+    return replace_extras(state, {k: v for k, v in state.extras.items() if k != SAVE_DUE})
 
 
 def _stateful(callbacks: Sequence[Any]) -> list[tuple[str, Any]]:
@@ -789,12 +787,16 @@ def run_epochs(
                             state = replace_extras(state, extras)
                     if bar.enabled:
                         bar.tick(metrics)
+                    due = SAVE_DUE in state.extras  # a step checkpoint, made once the hooks have run (they never see the mark)
+                    if due:
+                        state = _unmarked(state)
                     for hook in hooks.batch_end:
                         logged = hook(state, metrics)  # scalars to log (LearningRateMonitor per step)
                         if logged is not None and state.step != before and _scalars(logged):
                             step.notify("batch_end", state, logged)
-                    if SAVE_DUE in state.extras:
-                        state = _save_due(step, hooks.keep(state))
+                    if due:
+                        state = hooks.keep(state)  # the callbacks' counters after this batch
+                        step.notify("save_due", state, {})
                     if stop.requested:  # a graceful stop: no flush, no validation; resume continues here
                         exhausted = False
                         break
@@ -815,7 +817,8 @@ def run_epochs(
                     if metrics:
                         state = replace_extras(state, EPOCH.add(state.extras, metrics))
                     if SAVE_DUE in state.extras:
-                        state = _save_due(step, hooks.keep(state))
+                        state = hooks.keep(_unmarked(state))
+                        step.notify("save_due", state, {})
                 record: dict[str, float] = {"epoch": epoch, "step": state.step}
                 record.update({f"train/{k}": v for k, v in EPOCH.means(state.extras).items()})
                 if exhausted:  # the epoch is done: its means leave the state (a partial one's stay, to go on)

@@ -305,8 +305,10 @@ class WrapperStep(Step):
         return self.inner.prepare(state)
 
     def notify(self, event: str, state: TrainState, metrics: Mapping[str, float]) -> None:
-        self.inner.notify(event, state, metrics)
-        self.on_event(event, state, metrics)
+        try:
+            self.inner.notify(event, state, metrics)
+        finally:  # an inner transform's failure (a logger's disk full at fit_end) leaves this one told too
+            self.on_event(event, state, metrics)
 
     def on_event(self, event: str, state: TrainState, metrics: Mapping[str, float]) -> None:
         """This transform's own reaction to a driver event (see :meth:`Step.notify`)."""

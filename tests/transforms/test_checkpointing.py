@@ -440,3 +440,45 @@ def test_an_epoch_without_steps_is_not_scored(tmp_path):
     assert _steps(tmp_path) == []
     with pytest.raises(KeyError, match="monitor 'train/loss'"):
         step.notify("epoch_end", TrainState.create(nn.Linear(1, 1)), {"epoch": 0, "train/mse": 1.0})
+
+
+# --- step saves under run_epochs: after the batch's callbacks -------------------------------------
+
+
+def test_callbacks_never_see_the_mark_of_a_save_due_and_no_state_keeps_it(tmp_path):
+    from loopkit.steps import SAVE_DUE
+
+    seen = []
+
+    class Look(loopkit.Callback):
+        def on_batch_end(self, state, metrics):
+            seen.append(SAVE_DUE in state.extras or SAVE_DUE in state.state_dict()["extras"])
+
+    step = with_checkpointing(train_step(_mse), tmp_path, every_n_steps=1, keep_last=None)
+    final, _ = run_epochs(step, _state(), _loader(), epochs=1, callbacks=[Look()], progress=False)
+    assert seen == [False] * 10 and SAVE_DUE not in final.extras
+    saved = [loopkit.restore(_state(), c.path) for c in checkpoint.list_checkpoints(tmp_path)]
+    assert [s.step for s in saved] == list(range(1, 11)) and not any(SAVE_DUE in s.extras for s in saved)
+
+
+def test_a_fit_whose_inner_transform_fails_at_its_end_leaves_the_step_saving_in_a_loop_of_ones_own(tmp_path):
+    """A logger that cannot close (disk full) fails the fit at its end; with_checkpointing around it
+    still hears "fit_end": the same step in the user's loop saves inside each call again."""
+
+    class Full(loopkit.Logger):
+        def _write_metrics(self, metrics, step):
+            pass
+
+        def _finalize(self):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    step = with_checkpointing(loopkit.with_logging(train_step(_mse), Full(), every_n_steps=1), tmp_path,
+                              every_n_steps=1, keep_last=None)
+    with pytest.warns(UserWarning, match="releasing the step failed too"):  # (at "abort", the logger again)
+        with pytest.raises(OSError, match="No space left"):
+            run_epochs(step, _state(), _loader(), max_steps=2, progress=False)
+    state = loopkit.restore(_state(), tmp_path)
+    assert state.step == 2
+    for batch in list(_loader())[:3]:
+        state, _ = step(state, batch)
+    assert [c.step for c in checkpoint.list_checkpoints(tmp_path)] == [1, 2, 3, 4, 5]
