@@ -17,7 +17,9 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-__all__ = ["active", "any_rank", "check_same", "fold", "is_rank_zero", "means", "read", "sum_dtype", "total_over_ranks"]
+__all__ = [
+    "active", "any_rank", "check_same", "fold", "gather", "is_rank_zero", "means", "rank_and_size", "read", "sum_dtype",
+]
 
 
 def active() -> bool:
@@ -38,6 +40,32 @@ def is_rank_zero() -> bool:
     """
     dist = torch.distributed
     return not (dist.is_available() and dist.is_initialized() and dist.get_rank() != 0)
+
+
+def rank_and_size() -> tuple[int, int]:
+    """This process's rank and the number of ranks (``(0, 1)`` outside a process group).
+
+    >>> rank_and_size()
+    (0, 1)
+    """
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather(value: object) -> list[object]:
+    """Every rank's ``value`` (picklable; CPU tensors), in rank order: a collective every rank must call at
+    the same point; ``[value]`` outside a process group.
+
+    >>> gather({"n": 1})
+    [{'n': 1}]
+    """
+    if not active():
+        return [value]
+    gathered: list[object] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, value)
+    return gathered
 
 
 def sum_dtype(values: torch.Tensor) -> torch.dtype:
@@ -93,21 +121,6 @@ def read(tensors: Mapping[str, torch.Tensor]) -> dict[str, float]:
     return dict(zip(keys, values))
 
 
-def total_over_ranks(sums: Mapping[str, torch.Tensor], counts: Mapping[str, int]) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
-    """The sums and counts of every rank added (the keys of all ranks joined): a collective every rank must
-    call at the same point; ``sums`` and ``counts`` as they are outside a process group.
-
-    >>> total_over_ranks({"loss": torch.tensor(3.0)}, {"loss": 2})
-    ({'loss': tensor(3.)}, {'loss': 2})
-    """
-    if not active():
-        return dict(sums), dict(counts)
-    keys, packed = _summed_over_ranks(sums, counts)
-    n = len(keys)
-    numbers = packed[n:].tolist()  # (one read, at a checkpoint save)
-    return {k: packed[i] for i, k in enumerate(keys)}, {k: int(numbers[i]) for i, k in enumerate(keys)}
-
-
 def any_rank(flag: bool) -> bool:
     """``flag`` or-ed over all ranks (a collective every rank must call at the same point); ``flag`` alone
     outside a process group.
@@ -131,8 +144,7 @@ def check_same(values: Mapping[str, object], what: str) -> None:
     """
     if not active():
         return
-    gathered: list[object] = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(gathered, dict(values))
+    gathered = gather(dict(values))
     for rank, other in enumerate(gathered):
         if other != gathered[0]:
             raise RuntimeError(f"{what}: rank {rank} has {other}, rank 0 has {gathered[0]}")

@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import attrs
+import torch
 
 from loopkit import _collective
 from loopkit.state import extras_copy
@@ -92,43 +93,82 @@ EPOCH = Window("run_epochs/epoch_sums", "run_epochs/epoch_counts", "run_epochs/e
 #: ``with_logging``'s window of the calls since its last log
 LOGGED = Window("logging/window", "logging/counts", "logging/pending", fold_every=32)
 
-#: an extras key: the windows hold every rank's records, summed (a checkpoint written under DDP)
+#: an extras key of a checkpoint written under DDP: the windows of the ranks other than 0 (rank 0's are
+#: its own), ``{"world_size": n, "ranks": {"1": {window key: value}, ...}}``; in the earlier form, ``True``:
+#: rank 0's windows held every rank's records, summed
 OVER_RANKS = "windows/over_ranks"
 
 
+def _detached(value: Any, device: torch.device | str | None) -> Any:
+    """``value`` (a window's sums, counts or records) with its tensors on ``device``."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to(device)
+    if isinstance(value, Mapping):
+        return {k: _detached(v, device) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return tuple(_detached(v, device) for v in value)
+    return value
+
+
 def over_ranks(extras: Mapping[str, Any]) -> Mapping[str, Any]:
-    """``extras`` for a checkpoint under DDP: each window's records of every rank, summed (a collective
-    every rank must call at the same point). Only rank 0 writes checkpoints, and its own records alone
-    would stand for every rank's in a resumed run's means; :func:`own_share` undoes it on restore.
+    """``extras`` for a checkpoint under DDP, with every other rank's windows as they are (a collective
+    every rank must call at the same point). Only rank 0 writes checkpoints: with its own windows alone a
+    resumed run's means would lose the other ranks' records; :func:`own_share` gives each rank its own back
+    on restore, so the resumed means are the uninterrupted run's, bit for bit.
 
     >>> import torch
     >>> extras = EPOCH.add({}, {"loss": torch.tensor(2.0)})
-    >>> EPOCH.means(over_ranks(extras))  # (one process: its own records)
-    {'loss': 2.0}
+    >>> over_ranks(extras) is extras  # (one process: nothing to add)
+    True
     """
     held = [w for w in (EPOCH, LOGGED) if w.holds(extras)]
     if not held or not _collective.active():
         return extras
-    new = extras_copy(extras)
+    mine = {}
     for window in held:
-        sums, counts = window._fold(extras, window.records(extras))
-        new[window.sums], new[window.counts] = _collective.total_over_ranks(sums, counts)
-        new[window.pending] = ()
-    new[OVER_RANKS] = True
+        for key in (window.sums, window.counts):
+            if key in extras:
+                mine[key] = _detached(extras[key], "cpu")
+        mine[window.pending] = _detached(window.records(extras), "cpu")
+    gathered = _collective.gather(mine)
+    new = extras_copy(extras)
+    new[OVER_RANKS] = {"world_size": len(gathered), "ranks": {str(r): part for r, part in enumerate(gathered) if r}}
     return types.MappingProxyType(new)
 
 
-def own_share(extras: Mapping[str, Any], rank_zero: bool) -> Mapping[str, Any]:
-    """``extras`` as restored from a checkpoint :func:`over_ranks` wrote: rank 0 keeps the summed windows
-    (so each record counts once when the means are reduced over the ranks), the other ranks start theirs
-    empty; ``extras`` itself when no such checkpoint."""
+def own_share(extras: Mapping[str, Any], rank: int, world_size: int, device: torch.device | str | None) -> Mapping[str, Any]:
+    """``extras`` as restored from a checkpoint :func:`over_ranks` wrote: each rank's own windows (rank 0's
+    are there already; another's come from the saved parts, onto ``device``). With another number of ranks
+    than the run that saved it, rank 0's windows take every saved rank's records and the others start
+    empty: the means still count each record once. ``extras`` itself when no such checkpoint."""
     if OVER_RANKS not in extras:
         return extras
+    saved = extras[OVER_RANKS]
     new = extras_copy(extras)
     del new[OVER_RANKS]
-    shared: Mapping[str, Any] = types.MappingProxyType(new)
-    if not rank_zero:
-        for window in (EPOCH, LOGGED):
-            if window.holds(shared):
-                shared = window.start(window.clear(shared))
-    return shared
+    windows = [w for w in (EPOCH, LOGGED) if w.holds(new)]
+    same = isinstance(saved, Mapping) and int(saved["world_size"]) == world_size
+    if rank != 0:
+        for window in windows:  # start empty, then take this rank's own (when the ranks are the same)
+            for key in window.keys:
+                new.pop(key, None)
+            new[window.pending] = ()
+        if same:
+            new.update(_detached(dict(saved["ranks"].get(str(rank), {})), device))
+    elif isinstance(saved, Mapping) and not same:
+        for part in saved["ranks"].values():
+            for window in windows:
+                _merge_into(new, window, _detached(dict(part), device))
+    return types.MappingProxyType(new)
+
+
+def _merge_into(extras: dict[str, Any], window: Window, part: Mapping[str, Any]) -> None:
+    """Add the records of ``part`` (another rank's saved window) to ``window``'s sums in ``extras``."""
+    if not window.holds(part):
+        return
+    sums, counts = window._fold(part, window.records(part))
+    own_sums, own_counts = dict(extras.get(window.sums, {})), dict(extras.get(window.counts, {}))
+    for key, total in sums.items():
+        own_sums[key] = own_sums[key] + total.to(own_sums[key].device) if key in own_sums else total
+        own_counts[key] = own_counts.get(key, 0) + counts[key]
+    extras[window.sums], extras[window.counts] = own_sums, own_counts

@@ -704,8 +704,8 @@ def run_epochs(
     _collective.check_same({"step": state.step, "epoch": state.epoch, "batch_index": state.batch_index},
                            "run_epochs: the ranks start from different states (a checkpoint directory must be shared by all ranks)")
     given = state
-    if OVER_RANKS in state.extras:  # restored from a checkpoint whose running means hold every rank's records
-        state = replace_extras(state, own_share(state.extras, _collective.is_rank_zero()))
+    if OVER_RANKS in state.extras:  # restored from a DDP checkpoint holding every rank's running means: each takes its own
+        state = replace_extras(state, own_share(state.extras, *_collective.rank_and_size(), model_device(state.model)))
     start: TrainState | None = None  # the state the fit's first epoch trains from, before any step has run
     early_changes = any(may_change_state_early(cb) for cb in callbacks)  # hooks that run before the first step
     try:

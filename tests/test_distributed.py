@@ -159,6 +159,15 @@ def test_a_killed_rank_fails_the_run_and_a_restart_resumes_from_the_newest_check
     for r in ranks:
         assert [h["epoch"] for h in r["history"]] == [0, 1]
         assert [h["train/loss"] for h in r["history"]] == pytest.approx(epoch_means, rel=1e-6)
+    # and bit for bit the same 2-process run uninterrupted: each rank's running sums came back as they were
+    whole_out = os.path.join(out, "whole")
+    os.makedirs(whole_out)
+    done = ddp.torchrun(whole_out, ["resume"], launcher=["--standalone", "--nproc-per-node=2"], env={}, timeout=120)
+    assert done.returncode == 0, done.stdout[-4000:]
+    for resumed, whole in zip(ranks, ddp.load(whole_out, "resume")):
+        assert whole["start"] == (0, 0, 0) and resumed["history"] == whole["history"]
+        for name, p in whole["params"].items():
+            assert torch.equal(resumed["params"][name], p)
 
 
 @pytest.mark.slow

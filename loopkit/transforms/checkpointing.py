@@ -168,7 +168,7 @@ class CheckpointStep(UpdateStep):
 
     def _save_all_ranks(self, state: TrainState, reason: str, score: float | None) -> None:
         """A save this transform makes itself, which every rank reaches at the same point: under DDP the
-        running means of every rank go into it (:func:`loopkit._window.over_ranks`, a collective), then
+        running sums and records of every rank go into it (:func:`loopkit._window.over_ranks`, a collective), then
         rank 0 writes it."""
         extras = over_ranks(state.extras)
         self._persist(state if extras is state.extras else replace_extras(state, extras), reason, score)

@@ -1,0 +1,42 @@
+"""loopkit._window: running means in state.extras, and how a DDP checkpoint gives each rank its own back."""
+
+from __future__ import annotations
+
+import torch
+
+from loopkit._window import EPOCH, OVER_RANKS, own_share
+
+
+def _window_of(*losses: float) -> dict:
+    extras: dict = {}
+    for loss in losses:
+        extras = dict(EPOCH.add(extras, {"loss": torch.tensor(loss)}))
+    return extras
+
+
+def _saved(world_size: int = 2) -> dict:
+    """What rank 0 writes under DDP: its own window, and rank 1's as it was."""
+    part = {k: v for k, v in _window_of(10.0, 20.0, 30.0).items()}
+    return {**_window_of(1.0, 2.0), "other": 7, OVER_RANKS: {"world_size": world_size, "ranks": {"1": part}}}
+
+
+def test_each_rank_takes_its_own_window_back_with_the_same_number_of_ranks():
+    rank0 = own_share(_saved(), 0, 2, "cpu")
+    rank1 = own_share(_saved(), 1, 2, "cpu")
+    assert OVER_RANKS not in rank0 and OVER_RANKS not in rank1 and rank1["other"] == 7
+    assert EPOCH.means(rank0) == {"loss": 1.5}
+    assert EPOCH.means(rank1) == {"loss": 20.0}
+    assert EPOCH.records(rank1) == EPOCH.records(_window_of(10.0, 20.0, 30.0))  # the records themselves, unsummed
+
+
+def test_with_another_number_of_ranks_rank_zero_counts_every_saved_record_once():
+    rank0 = own_share(_saved(), 0, 4, "cpu")
+    rank3 = own_share(_saved(), 3, 4, "cpu")
+    assert EPOCH.means(rank0) == {"loss": (1 + 2 + 10 + 20 + 30) / 5}
+    assert EPOCH.means(rank3) == {}
+
+
+def test_the_earlier_form_summed_into_rank_zero_still_loads():
+    saved = {**_window_of(1.0, 2.0, 3.0), OVER_RANKS: True}
+    assert EPOCH.means(own_share(saved, 0, 2, "cpu")) == {"loss": 2.0}
+    assert EPOCH.means(own_share(saved, 1, 2, "cpu")) == {}
