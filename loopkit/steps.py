@@ -153,6 +153,10 @@ class Step:
         been donated: do not read it; metrics empty). :func:`loopkit.evaluate` sends
         ``"evaluate_end"`` (metrics: its means) to the step it ran, after its last batch; the
         validations of ``run_epochs`` do not. Sanity validation is never notified.
+
+        A step ignores the events it has no use for (more may come). A step of your own that
+        wraps another (a callable forwarding ``notify``) hands on the extras of the state the
+        inner step returns, as :meth:`TrainState.evolve` does: :data:`SAVE_DUE` travels there.
         """
 
     def _invoke(self, run: Callable[..., tuple[TrainState, Metrics]], state: TrainState, *args: Any):

@@ -11,8 +11,8 @@ INIT_SCALE = 2.0**10  # small enough that the tiny MLP never overflows on its ow
 BAD = 2  # the batch that carries an inf
 
 
-def _raw_autocast_loop(model, data, loss_fn, dtype, scaler=None):
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+def _raw_autocast_loop(model, data, loss_fn, dtype, scaler=None, opt=None):
+    opt = opt or torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     losses = []
     for batch in data:
         opt.zero_grad()
@@ -230,13 +230,7 @@ def test_float16_with_sparse_gradients_is_the_raw_grad_scaler_loop(assert_trees_
     data = [(torch.tensor([[1, 2, 2], [3, 1, 0]]), torch.tensor(s)) for s in (1.0, 2.0, float("inf"), 0.5)]
     ref, ref_opt = _sparse_embedding_state()
     scaler = torch.amp.GradScaler("cpu", init_scale=INIT_SCALE)
-    for batch in data:
-        ref_opt.zero_grad()
-        with torch.autocast("cpu", dtype=torch.float16):
-            loss = _sparse_loss(ref, batch)
-        scaler.scale(loss).backward()
-        scaler.step(ref_opt)
-        scaler.update()
+    _raw_autocast_loop(ref, data, _sparse_loss, torch.float16, scaler, ref_opt)
     state = loopkit.TrainState.create(*_sparse_embedding_state())
     step = loopkit.with_amp(loopkit.train_step(_sparse_loss), dtype=torch.float16, init_scale=INIT_SCALE)
     skipped = []
