@@ -54,18 +54,24 @@ def rank_and_size() -> tuple[int, int]:
     return 0, 1
 
 
-def gather(value: object) -> list[object]:
-    """Every rank's ``value`` (picklable; CPU tensors), in rank order: a collective every rank must call at
-    the same point; ``[value]`` outside a process group.
+def gather(value: object, *, to_rank_zero: bool = False) -> list[object] | None:
+    """Every rank's ``value`` (picklable; CPU tensors), in rank order, on every rank (or on rank 0 alone,
+    None elsewhere, with ``to_rank_zero``): a collective every rank must call at the same point;
+    ``[value]`` outside a process group.
 
     >>> gather({"n": 1})
     [{'n': 1}]
     """
     if not active():
         return [value]
-    gathered: list[object] = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(gathered, value)
-    return gathered
+    dist = torch.distributed
+    gathered: list[object] = [None] * dist.get_world_size()
+    if not to_rank_zero:
+        dist.all_gather_object(gathered, value)
+        return gathered
+    rank_zero = dist.get_rank() == 0
+    dist.gather_object(value, gathered if rank_zero else None, dst=0)
+    return gathered if rank_zero else None
 
 
 def sum_dtype(values: torch.Tensor) -> torch.dtype:
@@ -144,7 +150,7 @@ def check_same(values: Mapping[str, object], what: str) -> None:
     """
     if not active():
         return
-    gathered = gather(dict(values))
+    gathered: list[object] = gather(dict(values))  # type: ignore[assignment]
     for rank, other in enumerate(gathered):
         if other != gathered[0]:
             raise RuntimeError(f"{what}: rank {rank} has {other}, rank 0 has {gathered[0]}")

@@ -124,13 +124,17 @@ def over_ranks(extras: Mapping[str, Any]) -> Mapping[str, Any]:
     held = [w for w in (EPOCH, LOGGED) if w.holds(extras)]
     if not held or not _collective.active():
         return extras
-    mine = {}
-    for window in held:
-        for key in (window.sums, window.counts):
-            if key in extras:
-                mine[key] = _detached(extras[key], "cpu")
-        mine[window.pending] = _detached(window.records(extras), "cpu")
-    gathered = _collective.gather(mine)
+    mine: dict[str, Any] | None = None  # rank 0 keeps its own in place: it sends nothing
+    if not _collective.is_rank_zero():
+        mine = {}
+        for window in held:
+            for key in (window.sums, window.counts):
+                if key in extras:
+                    mine[key] = _detached(extras[key], "cpu")
+            mine[window.pending] = _detached(window.records(extras), "cpu")
+    gathered = _collective.gather(mine, to_rank_zero=True)
+    if gathered is None:  # not rank 0, which alone writes checkpoints
+        return extras
     new = extras_copy(extras)
     new[OVER_RANKS] = {"world_size": len(gathered), "ranks": {str(r): part for r, part in enumerate(gathered) if r}}
     return types.MappingProxyType(new)

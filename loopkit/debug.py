@@ -118,8 +118,8 @@ def check_purity(
     count and which parameters take gradients) and torch's global CPU RNG too; with
     ``deterministic`` (the default), a second call on the same state and batch gives the same
     new state and metrics, bit for bit (pass ``deterministic=False`` for kernels that are not).
-    Returns the first call's result. A donated step is refused: it may reuse ``state``. A step
-    found drawing from the global RNG is named, and the caller's RNG put back as it was.
+    Returns the first call's result. A donated step is refused: it may reuse ``state``. The
+    caller's global RNG is put back as it was, whatever the step did.
 
     >>> import torch, loopkit
     >>> state = loopkit.TrainState.create(torch.nn.Linear(2, 1))
@@ -134,25 +134,27 @@ def check_purity(
     name = _name(step)
     before = _full_snapshot(state)
     global_rng = torch.get_rng_state()
-    first, metrics = step(state, batch)
-    changed = _difference(before, _full_snapshot(state), "")
-    if changed:
-        raise ImpurityError(f"step {name} changed the state it was given: {changed}")
-    if not torch.equal(torch.get_rng_state(), global_rng):
-        torch.set_rng_state(global_rng)  # the check itself leaves the caller's RNG as it found it
-        raise ImpurityError(
-            f"step {name} left torch's global RNG advanced: draw from the state's RNG (loopkit.rng.RNGScope) "
-            "and put the caller's back"
-        )
-    if deterministic:
-        result = _full_snapshot(first), copy_tensors(dict(metrics))
-        second, again = step(state, batch)
-        disagree = _difference(result[0], _full_snapshot(second), "") or _difference(
-            result[1], copy_tensors(dict(again)), "metrics"
-        )
-        if disagree:
+    try:
+        first, metrics = step(state, batch)
+        changed = _difference(before, _full_snapshot(state), "")
+        if changed:
+            raise ImpurityError(f"step {name} changed the state it was given: {changed}")
+        if not torch.equal(torch.get_rng_state(), global_rng):
             raise ImpurityError(
-                f"step {name} gave two different results for the same state and batch: {disagree} (does it draw "
-                "random numbers outside the state's RNG, or read something besides the state and the batch?)"
+                f"step {name} left torch's global RNG advanced: draw from the state's RNG (loopkit.rng.RNGScope) "
+                "and put the caller's back"
             )
+        if deterministic:
+            result = _full_snapshot(first), copy_tensors(dict(metrics))
+            second, again = step(state, batch)
+            disagree = _difference(result[0], _full_snapshot(second), "") or _difference(
+                result[1], copy_tensors(dict(again)), "metrics"
+            )
+            if disagree:
+                raise ImpurityError(
+                    f"step {name} gave two different results for the same state and batch: {disagree} (does it draw "
+                    "random numbers outside the state's RNG, or read something besides the state and the batch?)"
+                )
+    finally:  # the check itself leaves the caller's RNG as it found it, whatever the step did
+        torch.set_rng_state(global_rng)
     return first, metrics

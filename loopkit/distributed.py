@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
 
+from loopkit import _collective
 from loopkit.state import TrainState
 
 __all__ = ["init", "is_rank_zero", "local_rank", "rank", "shard", "shutdown", "world_size"]
@@ -106,7 +107,7 @@ def rank() -> int:
     >>> rank()
     0
     """
-    return torch.distributed.get_rank() if _group() else 0
+    return _collective.rank_and_size()[0]
 
 
 def world_size() -> int:
@@ -115,7 +116,7 @@ def world_size() -> int:
     >>> world_size()
     1
     """
-    return torch.distributed.get_world_size() if _group() else 1
+    return _collective.rank_and_size()[1]
 
 
 def local_rank() -> int:

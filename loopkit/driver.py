@@ -32,7 +32,7 @@ from loopkit import _collective
 from loopkit._window import EPOCH, OVER_RANKS, own_share
 from loopkit.callbacks import Callback, may_change_state_early
 from loopkit.progress import ProgressBar, progress_wanted
-from loopkit.state import TrainState, fork, model_device, put_extras, replace_extras
+from loopkit.state import TrainState, extras_copy, fork, model_device, put_extras, replace_extras
 from loopkit.steps import SAVE_DUE, WrapperStep, as_step, check_takes_model_and_batch
 from loopkit.steps import donate as donated
 from loopkit.tree import to_device, to_plain
@@ -536,7 +536,9 @@ class _Hooks:
 def _unmarked(state: TrainState) -> TrainState:
     """``state`` without the mark of a step save due (:data:`loopkit.steps.SAVE_DUE`): what run_epochs
     shows the callbacks, keeps and, after the batch's hooks, hands the step with ``"save_due"``."""
-    return replace_extras(state, {k: v for k, v in state.extras.items() if k != SAVE_DUE})
+    extras = extras_copy(state.extras)
+    del extras[SAVE_DUE]
+    return replace_extras(state, extras)
 
 
 def _stateful(callbacks: Sequence[Any]) -> list[tuple[str, Any]]:
@@ -765,15 +767,17 @@ def run_epochs(
                 if start is None:
                     start = state
                 # the latest validation of this epoch (one before a crash mid-epoch included)
-                last_val = resumed_val or {k: float(v) for k, v in state.extras.get(_EPOCH_VAL, {}).items()}
+                last_val = resumed_val or ({k: float(v) for k, v in state.extras.get(_EPOCH_VAL, {}).items()} if validates else {})
                 resumed_val = {}
                 validated_at = state.extras.get(_VALIDATED) if last_val else None  # the update it saw
                 remaining = None if total is None else max(total - state.batch_index, 0)
+                started_at = state.step
                 bar = ProgressBar(enabled=show, total=remaining, desc=f"epoch {state.epoch}")
                 exhausted = True
                 if (last_val and hooks.should_stop) or finishing:
                     batches, exhausted = (), total is not None and state.batch_index >= total
                 finishing = False
+                held_save = False  # a step checkpoint of the fit's last update, made once the epoch is recorded
                 for batch in batches:
                     if move is not None:
                         batch = move(batch)
@@ -796,7 +800,10 @@ def run_epochs(
                             step.notify("batch_end", state, logged)
                     if due:
                         state = hooks.keep(state)  # the callbacks' counters after this batch
-                        step.notify("save_due", state, {})
+                        if max_steps is not None and state.step >= max_steps:
+                            held_save = True  # the fit's last update: saved with its epoch's record made (below)
+                        else:
+                            step.notify("save_due", state, {})
                     if stop.requested:  # a graceful stop: no flush, no validation; resume continues here
                         exhausted = False
                         break
@@ -825,7 +832,9 @@ def run_epochs(
                     extras = {k: v for k, v in EPOCH.clear(state.extras).items() if k not in (_EPOCH_VAL, _RECORDED)}
                     state = replace_extras(state, extras).evolve(epoch=epoch + 1, batch_index=0)
                 else:
-                    state = replace_extras(state, {**state.extras, _RECORDED: state.step})
+                    extras = extras_copy(state.extras)
+                    extras[_RECORDED] = state.step
+                    state = replace_extras(state, extras)
                 bar.close({k: v for k, v in record.items() if k.startswith("train/")})
                 # not twice at one update: a step validation on the epoch's last update stands for the epoch's
                 validated = (
@@ -838,10 +847,21 @@ def run_epochs(
                     if extra:
                         record.update(extra)
                 state = hooks.keep(state)
+                if held_save:  # a relaunch from it finds the epoch recorded (or, if whole, finished)
+                    step.notify("save_due", state, {})
                 if validated:  # after every callback of the epoch: a checkpoint taken now holds all their counters
                     step.notify("validation_end", state, last_val)
                 step.notify("epoch_end", state, record)
                 history.append(record)
+                if epochs is None and exhausted and remaining != 0 and state.step == started_at:
+                    warnings.warn(
+                        f"run_epochs: epoch {epoch} went by without state.step advancing, so max_steps={max_steps} would "
+                        "never be reached: stopping here (a step of your own advances state.step at each update, as "
+                        "train_step does; or give epochs=)",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
+                    break
             for told in lifecycle:
                 if stop.requested:
                     told.notify("stop", state, {})

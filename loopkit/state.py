@@ -574,10 +574,11 @@ def _clone_tensor(t: torch.Tensor, memo: dict[int, Any]) -> torch.Tensor:
 
 
 def _clone_view(t: torch.Tensor, base: torch.Tensor, memo: dict[int, Any]) -> torch.Tensor:
-    """A copy of the view ``t`` as the same view of the copy of its ``base`` (a buffer that is a
-    slice of another buffer stays one: an update of either shows in both, as in the original)."""
-    new_base = _clone_tensor(base, memo)
-    if new_base.stride() != base.stride():  # a base clone() could not lay out alike: copy the view alone
+    """A copy of the view ``t``: the same view of the copy of its ``base`` when that base is a tensor of the
+    state copied already (a buffer that is a slice of another buffer stays one: an update of either shows in
+    both, as in the original); else ``t`` alone (a slice of a larger tensor the state does not hold)."""
+    new_base = memo.get(id(base))
+    if new_base is None or new_base.stride() != base.stride():  # (a base clone() could not lay out alike)
         return t.clone()
     offset = t.storage_offset() - base.storage_offset() + new_base.storage_offset()
     with torch.no_grad():  # still a view of new_base (its _base), as t is of base: a later copy finds it

@@ -18,6 +18,7 @@ step as a :class:`WrapperStep`.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import numbers
 from collections.abc import Callable, Mapping
@@ -221,7 +222,12 @@ def donate(step: Callable[[TrainState, Any], tuple[TrainState, Metrics]]) -> Ste
     ...     print("refused")
     refused
     """
-    return attrs.evolve(as_step(step), donated=True)
+    step = as_step(step)
+    if attrs.has(type(step)):
+        return attrs.evolve(step, donated=True)
+    donated = copy.copy(step)  # a Step subclass of one's own, not an attrs class
+    object.__setattr__(donated, "donated", True)
+    return donated
 
 
 @attrs.frozen(eq=False)
@@ -248,6 +254,10 @@ class FnStep(Step):
             ), state) from error
         if type(out) is not tuple or len(out) != 2 or not isinstance(out[0], TrainState) or not isinstance(out[1], Mapping):
             raise TypeError(_bad_result(self.fn, out))
+        for value in out[1].values():  # 0-dim tensors without a graph pass as they are
+            if type(value) is not torch.Tensor or value.ndim or value.requires_grad:
+                where = f"step {_fn_name(self.fn)}"
+                return out[0], {key: check_metric(v, key, where) for key, v in out[1].items()}
         return out
 
     def flush_(self, state: TrainState) -> tuple[TrainState, Metrics]:

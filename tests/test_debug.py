@@ -63,10 +63,19 @@ def test_a_step_drawing_from_the_global_rng_is_named(make_mlp, make_sgd_state, b
     def noisy(state, batch):
         return state, {"noise": torch.rand(())}
 
+    def noisy_and_sloppy(state, batch):
+        torch.rand(())
+        with torch.no_grad():
+            state.model[0].weight.add_(1.0)
+        return state, {}
+
     caller = torch.get_rng_state()
     with pytest.raises(ImpurityError, match="left torch's global RNG advanced"):
         check_purity(noisy, make_sgd_state(make_mlp(0)), batches[0])
     assert torch.equal(torch.get_rng_state(), caller)  # the check put the caller's RNG back
+    with pytest.raises(ImpurityError, match="changed the state it was given"):
+        check_purity(noisy_and_sloppy, make_sgd_state(make_mlp(0)), batches[0])
+    assert torch.equal(torch.get_rng_state(), caller)  # on every way out
 
 
 def test_a_step_reading_something_besides_state_and_batch_is_named(make_mlp, make_sgd_state, batches):

@@ -993,17 +993,52 @@ def test_a_resumed_epoch_records_the_validation_run_before_the_crash(tmp_path):
     assert resumed == whole
 
 
-def test_a_run_that_crashed_on_its_last_update_at_max_steps_records_its_partial_epoch_when_resumed(tmp_path):
-    """max_steps=7 ends epoch 1 after its second batch; a crash right after update 7: the resumed
-    run makes that epoch's record (and trains nothing), once."""
+def test_a_run_stopped_during_its_last_update_at_max_steps_records_its_partial_epoch_when_resumed(tmp_path):
+    """max_steps=7 ends epoch 1 after its second batch; SIGTERM during update 7 stops the run before
+    that epoch's record (a graceful stop leaves it to the resumed run): the resumed run makes that
+    record (and trains nothing), once."""
+    import os
+    import signal
+
+    class Term:
+        def on_batch_end(self, state, metrics):
+            if state.step == 7:
+                os.kill(os.getpid(), signal.SIGTERM)
+
     final, whole = run_epochs(train_step(mse), make_state(), make_data(5), max_steps=7, progress=False)
     assert [r["epoch"] for r in whole] == [0, 1]
-    state, resumed = _crash_then_resume(tmp_path, 7, max_steps=7)
+    step = loopkit.with_checkpointing(train_step(mse), tmp_path, every_n_steps=1)
+    _, first = run_epochs(step, make_state(), make_data(5), max_steps=7, callbacks=[Term()], progress=False)
+    assert first == whole[:1]
+    restored = loopkit.restore(make_state(), tmp_path)
+    assert (restored.step, restored.epoch, restored.batch_index) == (7, 1, 2)
+    state, resumed = run_epochs(step, restored, make_data(5), max_steps=7, progress=False)
     assert resumed == whole[1:]
     assert_bitwise(params_of(state), params_of(final))
-    assert (state.step, state.epoch, state.batch_index) == (7, 1, 2)
     _, again = run_epochs(train_step(mse), state, make_data(5), max_steps=7, progress=False)
     assert again == []  # recorded already: a further run at max_steps adds nothing
+
+
+def test_a_finished_run_relaunched_from_its_newest_checkpoint_records_nothing_again(tmp_path):
+    """A requeued job (SLURM, a torchrun restart) of a run that ended at max_steps mid-epoch: the
+    checkpoint of the last update was written with the epoch's record made."""
+    step = loopkit.with_checkpointing(train_step(mse), tmp_path, every_n_steps=1)
+    final, whole = run_epochs(step, make_state(), make_data(5), max_steps=7, progress=False)
+    assert [r["epoch"] for r in whole] == [0, 1]
+    relaunched = loopkit.restore(make_state(), tmp_path)
+    assert (relaunched.step, relaunched.epoch, relaunched.batch_index) == (7, 1, 2)
+    state, again = run_epochs(step, relaunched, make_data(5), max_steps=7, progress=False)
+    assert again == [] and state.step == 7
+    assert_bitwise(params_of(state), params_of(final))
+
+
+def test_a_validation_of_an_earlier_fit_stays_out_of_a_later_fit_without_validation():
+    options = dict(val=(eval_step(lambda m, b: {"mse": mse(m, b)}), make_data(2, seed=1)), val_every_n_steps=2,
+                   sanity_val_batches=0, progress=False)
+    cut, history = run_epochs(train_step(mse), make_state(), make_data(5), max_steps=3, **options)
+    assert "val/mse" in history[-1]
+    _, later = run_epochs(train_step(mse), cut, make_data(5), epochs=1, progress=False)
+    assert [sorted(r) for r in later] == [["epoch", "step", "train/loss"]]
 
 
 def test_a_state_saved_after_an_epochs_last_batch_reads_none_of_that_epoch_again(tmp_path):
@@ -1035,3 +1070,46 @@ def test_a_state_saved_after_an_epochs_last_batch_reads_none_of_that_epoch_again
     assert data.reads == 5  # epoch 1's batches only
     assert rest == history
     assert_bitwise(params_of(resumed), params_of(whole))
+
+
+def test_max_steps_with_a_step_that_never_advances_state_step_stops_after_an_epoch_with_a_warning():
+    def no_update(state, batch):  # e.g. an evaluation-like step of one's own
+        return state.evolve(batch_index=state.batch_index + 1), {"n": torch.tensor(1.0)}
+
+    with pytest.warns(RuntimeWarning, match="without state.step advancing, so max_steps=3 would never be reached"):
+        state, history = run_epochs(no_update, make_state(), make_data(4), max_steps=3, progress=False)
+    assert len(history) == 1 and state.step == 0 and state.epoch == 1
+
+
+def test_a_custom_steps_numbers_become_metrics_and_a_metric_that_is_not_one_is_named_at_the_first_call():
+    train = train_step(mse)
+
+    def with_lr(state, batch):
+        new, metrics = train(state, batch)
+        return new, {**metrics, "lr": state.optimizer.param_groups[0]["lr"], "seen": 1}
+
+    _, history = run_epochs(with_lr, make_state(), make_data(3), epochs=1, progress=False)
+    assert history[0]["train/lr"] == pytest.approx(0.1) and history[0]["train/seen"] == 1.0
+
+    calls = []
+
+    def per_class(state, batch):
+        calls.append(1)
+        new, metrics = train(state, batch)
+        return new, {**metrics, "per_class": torch.tensor([1.0, 2.0])}
+
+    with pytest.raises(TypeError, match=r"metric 'per_class' from step .*per_class is a tensor of shape \(2,\)"):
+        run_epochs(per_class, make_state(), make_data(3), epochs=1, progress=False)
+    assert len(calls) == 1
+
+
+def test_a_step_subclass_of_ones_own_is_donated_and_runs_under_run_epochs():
+    class MyStep(loopkit.Step):  # not an attrs class
+        def run_(self, state, batch):
+            return train_step(mse).run_(state, batch)
+
+    final, history = run_epochs(MyStep(), make_state(), make_data(3), epochs=1, progress=False)
+    reference, _ = run_epochs(train_step(mse), make_state(), make_data(3), epochs=1, progress=False)
+    assert len(history) == 1 and final.step == 3
+    assert_bitwise(params_of(final), params_of(reference))
+    assert loopkit.donate(MyStep()).donated and not MyStep().donated

@@ -763,3 +763,11 @@ def test_create_drops_gradients_the_model_holds_as_a_loop_that_zeroes_first(make
     assert all(p.grad is None for p in state.model.parameters())
     state, _ = loopkit.train_step(mse_loss)(state, batches[1])
     assert_trees_equal(dict(state.model.named_parameters()), dict(ref.named_parameters()))
+
+
+def test_a_buffer_sliced_from_a_larger_tensor_the_state_does_not_hold_is_copied_alone():
+    model = nn.Linear(2, 1)
+    model.register_buffer("pe", torch.arange(1_000_000.0)[:4])  # its _base: a tensor no module holds
+    state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    copied = fork(state).model.pe
+    assert torch.equal(copied, model.pe) and copied.untyped_storage().nbytes() == 4 * 4

@@ -40,3 +40,23 @@ def test_the_earlier_form_summed_into_rank_zero_still_loads():
     saved = {**_window_of(1.0, 2.0, 3.0), OVER_RANKS: True}
     assert EPOCH.means(own_share(saved, 0, 2, "cpu")) == {"loss": 2.0}
     assert EPOCH.means(own_share(saved, 1, 2, "cpu")) == {}
+
+
+def test_windows_past_a_fold_and_the_logging_window_come_back_too():
+    """40 records fold once (32 summed on the device, 8 pending); the logging window travels alike."""
+    from loopkit._window import LOGGED
+
+    values = [float(v) for v in range(40)]
+    part: dict = {}
+    for v in values:
+        part = dict(EPOCH.add(part, {"loss": torch.tensor(v)}))
+        part = dict(LOGGED.add(part, {"loss": torch.tensor(2 * v)}))
+    assert len(EPOCH.records(part)) == 8
+    saved = {**_window_of(1.0), **dict(LOGGED.add({}, {"loss": torch.tensor(5.0)})),
+             OVER_RANKS: {"world_size": 2, "ranks": {"1": part}}}
+    rank1 = own_share(saved, 1, 2, "cpu")
+    assert EPOCH.means(rank1) == EPOCH.means(part) == {"loss": sum(values) / 40}
+    assert LOGGED.means(rank1) == {"loss": 2 * sum(values) / 40}
+    merged = own_share(saved, 0, 1, "cpu")  # one rank now: rank 0 takes both
+    assert EPOCH.means(merged) == {"loss": (1.0 + sum(values)) / 41}
+    assert LOGGED.means(merged) == {"loss": (5.0 + 2 * sum(values)) / 41}

@@ -26,7 +26,7 @@ import attrs
 from loopkit import checkpoint
 from loopkit._collective import is_rank_zero
 from loopkit._window import over_ranks
-from loopkit.state import TrainState, replace_extras
+from loopkit.state import TrainState, extras_copy, replace_extras
 from loopkit.steps import SAVE_DUE, Metrics, UpdateStep
 from loopkit.transforms._compose import require_step
 
@@ -112,7 +112,9 @@ class CheckpointStep(UpdateStep):
         if n and state.step % n == 0:  # once per update, not per micro-batch
             if self.saver.defer:  # under run_epochs: saved on "save_due", once the callbacks and the outer
                 self.saver.due = f"every_n_steps={n}"  # transforms (with_logging) have had this call
-                return replace_extras(state, {**state.extras, SAVE_DUE: True})
+                extras = extras_copy(state.extras)
+                extras[SAVE_DUE] = True
+                return replace_extras(state, extras)
             self._save_all_ranks(state, f"every_n_steps={n}", score=None)
         return state
 

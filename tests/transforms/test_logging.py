@@ -493,7 +493,7 @@ def test_a_donated_step_and_a_bad_metric_are_refused(make_mlp, make_sgd_state):
     with pytest.raises(TypeError, match="donated"):
         with_logging(loopkit.donate(train_step(loss_with_mae)), MemoryLogger())
     step = with_logging(lambda s, b: (s.evolve(step=s.step + 1), {"acc": "high"}), MemoryLogger())
-    with pytest.raises(TypeError, match="metric 'acc' from the step wrapped by with_logging is a str"):
+    with pytest.raises(TypeError, match=r"metric 'acc' from step .*<lambda> is a str"):  # (the plain step names itself)
         step(make_sgd_state(make_mlp()), None)
 
 
