@@ -218,15 +218,19 @@ def evaluate(
 
 def _evaluate(
     step: Any, state: TrainState, data: Iterable, limit: int | float | None, device: torch.device | str | None,
-    reduce: bool,
+    reduce: bool, *, seeded: bool = False,
 ) -> dict[str, float]:
-    """:func:`evaluate` without telling the step that it ended (``run_epochs``' validations: one profile spans them)."""
+    """:func:`evaluate` without telling the step that it ended (``run_epochs``' validations: one profile spans them).
+
+    ``seeded``: a shuffling loader's order comes from ``(state.seed, state.step)``, not from the global RNG
+    (which is left as it was): a resumed run validates in the uninterrupted run's order, to the last bit."""
     _check_limit(limit, "limit")
     count = _num_batches(data, limit, "limit")
     move = _mover(device, state)
     sums: dict[str, torch.Tensor] = {}
     sizes: dict[str, int] = {}
-    for batch in itertools.islice(data, count):
+    batches = _epoch_batches(data, state.seed, state.step, 0, count) if seeded else itertools.islice(data, count)
+    for batch in batches or ():
         if move is not None:
             batch = move(batch)
         size = _batch_size(batch)
@@ -679,7 +683,7 @@ def run_epochs(
     show = progress_wanted(progress)
 
     def validate(current: TrainState, limit: int | float | None) -> dict[str, float]:
-        means = _evaluate(val_step, current, val[1], limit, device, True)  # type: ignore[index]
+        means = _evaluate(val_step, current, val[1], limit, device, True, seeded=True)  # type: ignore[index]
         return {f"val/{k}": v for k, v in means.items()}
 
     def validation_end(current: TrainState, *, notify: bool = True) -> tuple[dict[str, float], TrainState]:

@@ -1113,3 +1113,24 @@ def test_a_step_subclass_of_ones_own_is_donated_and_runs_under_run_epochs():
     assert len(history) == 1 and final.step == 3
     assert_bitwise(params_of(final), params_of(reference))
     assert loopkit.donate(MyStep()).donated and not MyStep().donated
+
+
+def test_a_shuffled_validation_loader_validates_a_resumed_run_in_the_uninterrupted_runs_order(tmp_path):
+    """The order comes from (state.seed, state.step), not from the global RNG of the process: the resumed
+    run's val means equal the uninterrupted run's to the last bit (summed in the same order)."""
+    g = torch.Generator().manual_seed(3)
+    val_set = TensorDataset(torch.randn(40, 3, generator=g) * 100, torch.randn(40, 1, generator=g) * 100)
+    val = (eval_step(lambda m, b: {"mse": mse(m, b)}), DataLoader(val_set, batch_size=3, shuffle=True))
+    options = dict(epochs=2, val=val, val_every_n_steps=2, sanity_val_batches=0, progress=False)
+    torch.manual_seed(0)
+    _, whole = run_epochs(train_step(mse), make_state(), make_data(5), **options)
+    step = loopkit.with_checkpointing(train_step(mse), tmp_path, every_n_steps=1)
+    torch.manual_seed(1)
+    with pytest.raises(RuntimeError, match="crash"):
+        run_epochs(step, make_state(), make_data(5), callbacks=[_CrashAt(5)], **options)
+    restored = loopkit.restore(make_state(), tmp_path)
+    torch.manual_seed(2)  # another process: another global RNG
+    caller = torch.get_rng_state()
+    _, resumed = run_epochs(step, restored, make_data(5), **options)
+    assert resumed == whole[len(whole) - len(resumed):] and len(resumed) >= 1
+    assert torch.equal(torch.get_rng_state(), caller)  # the validations drew nothing from it
