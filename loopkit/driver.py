@@ -667,6 +667,11 @@ def run_epochs(
         )
     if val is None or limit_val_batches == 0:
         _refuse_val_monitors(step, callbacks)
+    if "with_checkpointing" in step.applied:  # a state no checkpoint can hold fails now, not at the first save
+        try:
+            state.state_dict()
+        except TypeError as e:
+            raise TypeError(f"run_epochs: with_checkpointing could not save this state: {e}") from None
     if (state.epoch or state.batch_index) and _fresh_persistent_workers(train_data):
         warnings.warn(
             "run_epochs: resuming with a DataLoader of persistent_workers=True: an uninterrupted run's workers keep "
@@ -740,6 +745,7 @@ def run_epochs(
             batch_hooks = _collective.any_rank(bool(hooks.batch_end))  # (one rank's hooks make every rank ask)
             step.notify("fit_start", state, {})  # (with_checkpointing's step saves now wait for the batch's callbacks)
             fresh = step.returns_fresh_state
+            told_batch_index = False
             # saved at max_steps in the middle of an epoch before the epoch was recorded: only that record is left to make
             finishing = (
                 max_steps is not None and state.step >= max_steps and state.batch_index > 0 and limit_train_batches != 0
@@ -823,6 +829,15 @@ def run_epochs(
                     state = hooks.keep(state)
                     break
                 epoch = state.epoch
+                if exhausted and total is not None and state.batch_index != total and not told_batch_index:
+                    told_batch_index = True
+                    warnings.warn(
+                        f"run_epochs: epoch {epoch} had {total} batches but the step left state.batch_index at "
+                        f"{state.batch_index}; a run resumed mid-epoch finds its place by it (a step of your own "
+                        "advances it by one a call, as train_step does)",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
                 if exhausted:
                     state, metrics = step.flush(state)
                     if metrics:

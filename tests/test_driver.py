@@ -1134,3 +1134,25 @@ def test_a_shuffled_validation_loader_validates_a_resumed_run_in_the_uninterrupt
     _, resumed = run_epochs(step, restored, make_data(5), **options)
     assert resumed == whole[len(whole) - len(resumed):] and len(resumed) >= 1
     assert torch.equal(torch.get_rng_state(), caller)  # the validations drew nothing from it
+
+
+def test_a_step_that_does_not_advance_batch_index_is_warned_about_once():
+    train = train_step(mse)
+
+    def forgetful(state, batch):
+        new, metrics = train(state, batch)
+        return new.evolve(batch_index=0), metrics
+
+    with pytest.warns(RuntimeWarning, match="had 3 batches but the step left state.batch_index at 0") as caught:
+        run_epochs(forgetful, make_state(), make_data(3), epochs=2, progress=False)
+    assert sum("batch_index" in str(w.message) for w in caught) == 1
+
+
+def test_a_state_no_checkpoint_can_hold_is_refused_before_training(tmp_path):
+    state = make_state()
+    state = state.evolve(extras={"teacher": nn.Linear(1, 1)})
+    calls = []
+    step = loopkit.with_checkpointing(lambda s, b: (calls.append(1), train_step(mse)(s, b))[1], tmp_path, every_n_steps=1)
+    with pytest.raises(TypeError, match=r"with_checkpointing could not save this state: .*extras.*teacher.*Linear"):
+        run_epochs(step, state, make_data(3), epochs=1, progress=False)
+    assert calls == [] and state.check_usable() is None
