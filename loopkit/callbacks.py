@@ -264,7 +264,9 @@ class LearningRateMonitor(Callback):
         return None
 
     def on_epoch_start(self, state: Any) -> None:
-        """Take the rates the epoch starts with (kept from before the crash in a resumed epoch)."""
+        """Take the rates the epoch starts with (kept from before the crash in a resumed epoch); per step, nothing."""
+        if self.logging_interval == "step":
+            return
         if self._epoch_start is not None and getattr(state, "batch_index", 0) > 0:
             lrs, step = self._epoch_start, self._epoch_start_step  # resumed mid-epoch: the rates it started with
         else:
