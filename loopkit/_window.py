@@ -23,6 +23,7 @@ import torch
 
 from loopkit import _collective
 from loopkit.state import extras_copy
+from loopkit.tree import to_device
 
 __all__ = ["EPOCH", "LOGGED", "OVER_RANKS", "Window", "over_ranks", "own_share"]
 
@@ -99,17 +100,6 @@ LOGGED = Window("logging/window", "logging/counts", "logging/pending", fold_ever
 OVER_RANKS = "windows/over_ranks"
 
 
-def _detached(value: Any, device: torch.device | str | None) -> Any:
-    """``value`` (a window's sums, counts or records) with its tensors on ``device``."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().to(device)
-    if isinstance(value, Mapping):
-        return {k: _detached(v, device) for k, v in value.items()}
-    if isinstance(value, tuple):
-        return tuple(_detached(v, device) for v in value)
-    return value
-
-
 def over_ranks(extras: Mapping[str, Any]) -> Mapping[str, Any]:
     """``extras`` for a checkpoint under DDP, with every other rank's windows as they are (a collective
     every rank must call at the same point). Only rank 0 writes checkpoints: with its own windows alone a
@@ -130,8 +120,8 @@ def over_ranks(extras: Mapping[str, Any]) -> Mapping[str, Any]:
         for window in held:
             for key in (window.sums, window.counts):
                 if key in extras:
-                    mine[key] = _detached(extras[key], "cpu")
-            mine[window.pending] = _detached(window.records(extras), "cpu")
+                    mine[key] = to_device(extras[key], "cpu")
+            mine[window.pending] = to_device(window.records(extras), "cpu")
     gathered = _collective.gather(mine, to_rank_zero=True)
     if gathered is None:  # not rank 0, which alone writes checkpoints
         return extras
@@ -154,15 +144,13 @@ def own_share(extras: Mapping[str, Any], rank: int, world_size: int, device: tor
     same = isinstance(saved, Mapping) and int(saved["world_size"]) == world_size
     if rank != 0:
         for window in windows:  # start empty, then take this rank's own (when the ranks are the same)
-            for key in window.keys:
-                new.pop(key, None)
-            new[window.pending] = ()
+            new = extras_copy(window.start(window.clear(new)))
         if same:
-            new.update(_detached(dict(saved["ranks"].get(str(rank), {})), device))
+            new.update(to_device(dict(saved["ranks"].get(str(rank), {})), device))
     elif isinstance(saved, Mapping) and not same:
         for part in saved["ranks"].values():
             for window in windows:
-                _merge_into(new, window, _detached(dict(part), device))
+                _merge_into(new, window, to_device(dict(part), device))
     return types.MappingProxyType(new)
 
 
