@@ -164,10 +164,10 @@ class RawAmpLoop(RawLoop):
 class StepLoop:
     """A loopkit step called in a plain Python loop: ``state, metrics = step(state, batch)``."""
 
-    def __init__(self, workload: Workload, model: nn.Module, step: Callable[..., Any]) -> None:
+    def __init__(self, workload: Workload, model: nn.Module, step: Callable[..., Any], global_rng: bool = False) -> None:
         import loopkit
 
-        self.state = loopkit.TrainState.create(model, workload.optimizer(model))
+        self.state = loopkit.TrainState.create(model, workload.optimizer(model), global_rng=global_rng)
         self.step = step
 
     def run(self, batches: Sequence[Batch]) -> tuple[float, float]:
@@ -180,14 +180,16 @@ class StepLoop:
         return t, t
 
 
-def _loopkit_step(*transforms: Callable[[Any], Any], donated: bool = True) -> Callable[[Workload, nn.Module], StepLoop]:
+def _loopkit_step(
+    *transforms: Callable[[Any], Any], donated: bool = True, global_rng: bool = False
+) -> Callable[[Workload, nn.Module], StepLoop]:
     def build(workload: Workload, model: nn.Module) -> StepLoop:
         import loopkit
 
         step: Any = loopkit.train_step(loss_fn)
         for transform in transforms:
             step = transform(step)
-        return StepLoop(workload, model, loopkit.donate(step) if donated else step)
+        return StepLoop(workload, model, loopkit.donate(step) if donated else step, global_rng)
 
     return build
 
@@ -208,11 +210,13 @@ class _EpochClock:
 class RunEpochs:
     """``loopkit.run_epochs`` for one epoch over the pass's batches (it donates internally)."""
 
+    global_rng = False  # the state's own RNG (the default), or torch's global one
+
     def __init__(self, workload: Workload, model: nn.Module) -> None:
         import loopkit
 
         self.run_epochs = loopkit.run_epochs
-        self.state = loopkit.TrainState.create(model, workload.optimizer(model))
+        self.state = loopkit.TrainState.create(model, workload.optimizer(model), global_rng=self.global_rng)
         self.step = loopkit.train_step(loss_fn)
         self.clock = _EpochClock()
 
@@ -224,6 +228,12 @@ class RunEpochs:
         )
         call = perf_counter() - t0
         return self.clock.end - self.clock.start, call
+
+
+class RunEpochsGlobalRNG(RunEpochs):
+    """:class:`RunEpochs` with a state that draws from the global RNG (``global_rng=True``)."""
+
+    global_rng = True
 
 
 class _TerminalText(io.TextIOWrapper):
@@ -530,6 +540,10 @@ CONTENDERS: tuple[Contender, ...] = (
               _logged_run_epochs(bar=True), needs=("tensorboardX", "tqdm"), driver=True, target="≤ 1.05× (issue 4)"),
     Contender("pure", "loopkit pure step, plain loop", _loopkit_step(donated=False), target="≤ 1.3×"),
     Contender("donated", "loopkit donated step, plain loop", _loopkit_step(), target="≤ 1.03×"),
+    Contender("run_epochs_global", "loopkit run_epochs, global_rng=True", RunEpochsGlobalRNG, driver=True,
+              target="≤ 1.03×"),
+    Contender("donated_global", "loopkit donated step, global_rng=True", _loopkit_step(global_rng=True),
+              target="≤ 1.03×"),
     Contender("clip", "+ with_grad_clip(max_norm=1)", _loopkit_step(_clip), "transform", "raw_clip"),
     Contender("accum", "+ with_grad_accum(every=4), per call", _loopkit_step(_accum), "transform", "raw_accum"),
     Contender("nan_guard", "+ with_nan_guard", _loopkit_step(_nan_guard), "transform", "raw"),

@@ -115,7 +115,9 @@ def check_purity(
 
     Checks, in order: the first call leaves ``state`` as it was (every entry of
     ``state.state_dict()``, gradients included, every buffer, non-persistent ones too, and each module's class, training mode, hook
-    count and which parameters take gradients) and torch's global CPU RNG too; with
+    count and which parameters take gradients) and torch's global CPU RNG too (unless the state
+    draws from the global RNG, ``TrainState.create(..., global_rng=True)``: then the second call
+    starts from the global RNG the first call started from); with
     ``deterministic`` (the default), a second call on the same state and batch gives the same
     new state and metrics, bit for bit (pass ``deterministic=False`` for kernels that are not).
     Returns the first call's result. A donated step is refused: it may reuse ``state``. The
@@ -139,13 +141,16 @@ def check_purity(
         changed = _difference(before, _full_snapshot(state), "")
         if changed:
             raise ImpurityError(f"step {name} changed the state it was given: {changed}")
-        if not torch.equal(torch.get_rng_state(), global_rng):
+        own_rng = bool(state.rng)  # else the step draws from the global RNG, as a plain loop does
+        if own_rng and not torch.equal(torch.get_rng_state(), global_rng):
             raise ImpurityError(
                 f"step {name} left torch's global RNG advanced: draw from the state's RNG (loopkit.rng.RNGScope) "
                 "and put the caller's back"
             )
         if deterministic:
             result = _full_snapshot(first), copy_tensors(dict(metrics))
+            if not own_rng:
+                torch.set_rng_state(global_rng)
             second, again = step(state, batch)
             disagree = _difference(result[0], _full_snapshot(second), "") or _difference(
                 result[1], copy_tensors(dict(again)), "metrics"

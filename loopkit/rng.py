@@ -5,6 +5,10 @@ of the call (dropout and any ``torch.rand`` inside draw from them), reads the ad
 states back into the new train state, and puts the caller's global states back. So two runs
 with the same seed draw the same dropout masks whatever else touched the global RNG.
 
+A state made with ``TrainState.create(..., global_rng=True)`` holds no RNG (``state.rng`` is
+empty): its steps draw from torch's global RNG, as a plain PyTorch loop does, and skip the
+install and read-back.
+
 >>> import torch
 >>> rng = create_rng(0)
 >>> scope = RNGScope(rng, None)
@@ -24,7 +28,7 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-__all__ = ["RNGScope", "create_rng", "seed_everything"]
+__all__ = ["RNGScope", "create_rng", "global_rng_state", "seed_everything"]
 
 RNG = Mapping[str, torch.Tensor]
 
@@ -40,6 +44,23 @@ def create_rng(seed: int) -> dict[str, torch.Tensor]:
     return {"cpu": torch.Generator().manual_seed(seed).get_state()}
 
 
+def global_rng_state(cuda_index: int | None) -> dict[str, torch.Tensor]:
+    """A copy of torch's global RNG state, in a train state's form (the CPU's, and CUDA device ``cuda_index``'s).
+
+    An evaluation of a state that draws from the global RNG installs this copy and puts it back,
+    so it draws what a step would draw next and leaves the global RNG where it was.
+
+    >>> import torch
+    >>> state = global_rng_state(None)
+    >>> sorted(state), bool(torch.equal(state["cpu"], torch.get_rng_state()))
+    (['cpu'], True)
+    """
+    rng = {"cpu": torch.default_generator.get_state()}
+    if cuda_index is not None:
+        rng[f"cuda:{cuda_index}"] = torch.cuda.get_rng_state(cuda_index)
+    return rng
+
+
 def _cuda_state(rng: RNG, index: int, seed: int) -> torch.Tensor:
     key = f"cuda:{index}"
     if key in rng:
@@ -53,7 +74,9 @@ class RNGScope:
     """Installs a train state's RNG as torch's global RNG until :meth:`close`.
 
     ``cuda_index`` names the CUDA device whose generator the step uses (None on CPU).
-    ``close()`` returns the advanced RNG state and restores the caller's global state.
+    ``close()`` returns the advanced RNG state and restores the caller's global state. An empty
+    ``rng`` (a state that draws from the global RNG) installs nothing: the step draws from the
+    global RNG and ``close()`` returns the empty mapping.
 
     >>> import torch
     >>> scope = RNGScope(create_rng(1), None)
@@ -67,16 +90,21 @@ class RNGScope:
     def __init__(self, rng: RNG, cuda_index: int | None, seed: int = 0) -> None:
         self._rng = rng
         self._cuda_index = cuda_index
+        self._saved_cuda = None
+        if not rng:  # the global RNG is the step's own
+            self._saved_cpu = None
+            return
         cpu = torch.default_generator
         self._saved_cpu = cpu.get_state()
         cpu.set_state(rng["cpu"])
-        self._saved_cuda = None
         if cuda_index is not None:
             self._saved_cuda = torch.cuda.get_rng_state(cuda_index)
             torch.cuda.set_rng_state(_cuda_state(rng, cuda_index, seed), cuda_index)
 
     def close(self) -> dict[str, torch.Tensor]:
         """Restore the global RNG and return the advanced state."""
+        if self._saved_cpu is None:
+            return self._rng  # type: ignore[return-value]
         cpu = torch.default_generator
         if self._cuda_index is None and len(self._rng) == 1:
             new = {"cpu": cpu.get_state()}
@@ -92,6 +120,8 @@ class RNGScope:
 
     def discard(self) -> None:
         """Restore the global RNG without keeping the advanced state (used by pure evaluation)."""
+        if self._saved_cpu is None:
+            return
         torch.default_generator.set_state(self._saved_cpu)
         if self._cuda_index is not None:
             torch.cuda.set_rng_state(self._saved_cuda, self._cuda_index)

@@ -87,8 +87,17 @@ class TrainState(_GraphSlot):
         scheduler: _Scheduler | None = None,
         *,
         seed: int = 0,
+        global_rng: bool = False,
     ) -> TrainState:
         """Build a fresh state at step 0 whose RNG is seeded with ``seed``.
+
+        With ``global_rng=True`` the state holds no RNG (``state.rng`` is empty): its steps
+        draw dropout and any sampling from torch's global RNG, as a plain PyTorch loop does
+        (seed it with :func:`loopkit.seed_everything`), and skip installing and reading back
+        an RNG of their own, about 4 µs a step on the CPU. Checkpoints hold the global RNG,
+        so a resumed run still draws what the uninterrupted one drew, as long as nothing but
+        the steps draws from it (an evaluation puts it back as it found it). Two calls on
+        the same state then draw different numbers; ``seed`` still seeds the data order.
 
         The state takes the model as it is, less any gradients its parameters hold (from a
         backward of your own): a fresh state has no accumulation in progress, so the first
@@ -102,8 +111,10 @@ class TrainState(_GraphSlot):
         _check_parts(model, optimizer, scheduler)
         if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
             raise ValueError(f"TrainState.create: seed must be a non-negative int, got {seed!r}")
+        if not isinstance(global_rng, bool):
+            raise TypeError(f"TrainState.create: global_rng must be True or False, got {global_rng!r}")
         model.zero_grad(set_to_none=True)
-        return cls(model, optimizer, scheduler, rng=create_rng(seed), seed=seed)
+        return cls(model, optimizer, scheduler, rng={} if global_rng else create_rng(seed), seed=seed)
 
     def evolve(self, **changes: Any) -> TrainState:
         """Return a copy of this state with ``changes`` applied (tensors are shared, not copied).
@@ -474,9 +485,12 @@ def _check_parts(model: Any, optimizer: Any, scheduler: Any, where: str = "Train
 
 
 def _check_rng(rng: Any) -> None:
+    if isinstance(rng, Mapping) and not rng:  # no RNG of its own: the steps draw from the global RNG
+        return
     if not isinstance(rng, Mapping) or not isinstance(rng.get("cpu"), torch.Tensor):
         raise TypeError(
-            f"TrainState.evolve: rng must be a mapping with a 'cpu' generator state (as state.rng), got {type(rng).__qualname__}"
+            "TrainState.evolve: rng must be a mapping with a 'cpu' generator state (as state.rng), or empty for "
+            f"the global RNG, got {type(rng).__qualname__}"
         )
     for key, value in rng.items():
         if not isinstance(value, torch.Tensor) or value.dtype != torch.uint8:
@@ -839,6 +853,20 @@ def _state_keys(optimizer: torch.optim.Optimizer, groups: list[dict[str, Any]]) 
 
 
 def _decode_rng(plain: Any, template: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    if not template:  # a state that draws from the global RNG takes only such a state's (empty) RNG
+        if isinstance(plain, Mapping) and plain:
+            raise StateMismatchError(
+                f"unexpected key 'rng.{next(iter(plain))}': the state dict has an RNG of its own, and this state "
+                "draws from the global RNG (TrainState.create(..., global_rng=True))"
+            )
+        if not isinstance(plain, Mapping):
+            raise StateMismatchError(f"key 'rng' holds a {type(plain).__qualname__}, expected a mapping")
+        return {}
+    if isinstance(plain, Mapping) and not plain:
+        raise StateMismatchError(
+            "missing key 'rng.cpu': the state dict's steps drew from the global RNG "
+            "(TrainState.create(..., global_rng=True)), and this state has an RNG of its own"
+        )
     if not isinstance(plain, Mapping) or "cpu" not in plain:
         raise StateMismatchError("missing key 'rng.cpu'")
     for key, value in plain.items():

@@ -28,7 +28,7 @@ import attrs
 import numpy as np
 import torch
 
-from loopkit.rng import RNGScope
+from loopkit.rng import RNGScope, global_rng_state
 from loopkit.state import (
     _INTACT, TrainState, drop_graph, extras_copy, fork, keep_graph, leave_intact, make_state, model_device, replace,
 )
@@ -634,7 +634,7 @@ class TrainStep(Step):
 
     def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
         # the common donated step on the CPU: straight to its one-frame path (what _invoke and run_ check, checked here)
-        if self.donated_plain and type(state) is TrainState and not state._consumed and len(state.rng) == 1:
+        if self.donated_plain and type(state) is TrainState and not state._consumed and len(state.rng) <= 1:
             try:  # returned or raised here: the state is used up (unless left intact), as _invoke would leave it
                 optimizer = state.optimizer
                 params = () if optimizer is None else optimizer.param_groups[0]["params"]
@@ -655,7 +655,7 @@ class TrainStep(Step):
             raise ValueError("train_step needs a state with an optimizer (TrainState.create(model, optimizer))")
         params = optimizer.param_groups[0]["params"]
         first = params[0] if params else _first_param(optimizer)
-        if self.plain and self.sync is None and not first.is_cuda and len(state.rng) == 1:
+        if self.plain and self.sync is None and not first.is_cuda and len(state.rng) <= 1:
             return self._run_plain_cpu(state, batch, model, optimizer)
         if isinstance(optimizer, _LBFGS):
             if not self.plain or self.sync is not None:
@@ -722,28 +722,33 @@ class TrainStep(Step):
         if isinstance(optimizer, _LBFGS):  # its step runs the loss_fn itself, through a closure
             return _closure_update(self, state, batch, optimizer)
         generator = _default_generator
-        saved = generator.get_state()  # the caller's global RNG, put back below
-        generator.set_state(state.rng["cpu"])
+        rng = state.rng  # empty: the state draws from the global RNG, which is left as the step leaves it
+        saved = generator.get_state() if rng else None  # the caller's global RNG, put back below
+        if saved is not None:
+            generator.set_state(rng["cpu"])
         intact = True  # nothing of the state changed in place yet (the backward is the first thing that does)
         try:
             out = self.loss_fn(model, batch)
             if type(out) is _Tensor and out.ndim == 0 and out.requires_grad:
                 loss, metrics = out, {"loss": out.detach()}
             elif out is None:  # the loss_fn skipped the batch
-                rng = {"cpu": generator.get_state()}
+                if saved is not None:
+                    rng = {"cpu": generator.get_state()}
                 return _advance(state, state.step, rng, state.extras), {}
             else:
                 loss, aux = _split_loss(out, self.loss_fn)
                 metrics = {"loss": loss.detach(), **aux}
             intact = False
             loss.backward()
-            rng = {"cpu": generator.get_state()}
+            if saved is not None:
+                rng = {"cpu": generator.get_state()}
         except BaseException as error:
             if intact:
                 leave_intact(error, state)
             raise
         finally:
-            generator.set_state(saved)
+            if saved is not None:
+                generator.set_state(saved)
         try:
             optimizer.step()
         except TypeError:  # another optimizer that needs a closure: found out only now, after a forward of its own
@@ -1093,7 +1098,9 @@ class EvalStep(Step):
         model = state.model
         modes = [(m, m.training) for m in model.modules()]
         model.eval()
-        scope = RNGScope(state.rng, _cuda_index(model_device(model)), state.seed)
+        cuda_index = _cuda_index(model_device(model))
+        # a state that draws from the global RNG: the evaluation draws from a copy of it, put back after
+        scope = RNGScope(state.rng or global_rng_state(cuda_index), cuda_index, state.seed)
         try:
             with torch.no_grad():
                 if self.precision is not None:

@@ -31,6 +31,8 @@ CONTENDER_ROWS = {
     "logging_bar": "loopkit run_epochs + with_logging(TensorBoard/50) + progress bar",
     "pure": "loopkit pure step, plain loop",
     "donated": "loopkit donated step, plain loop",
+    "run_epochs_global": "loopkit run_epochs, global_rng=True",
+    "donated_global": "loopkit donated step, global_rng=True",
     "clip": "+ with_grad_clip(max_norm=1)",
     "accum": "+ with_grad_accum(every=4), per call",
     "nan_guard": "+ with_nan_guard",
@@ -99,7 +101,8 @@ def test_quick_run_reports_every_contender(tmp_path):
     _check_step_pairs(results, proc.stdout)
 
 
-PAIRED = ("raw", "run_epochs", "logging", "logging_bar", "pure", "donated", "trainer", "fabric", "ignite")
+PAIRED = ("raw", "run_epochs", "logging", "logging_bar", "pure", "donated", "run_epochs_global", "donated_global",
+          "trainer", "fabric", "ignite")
 QUICK_PAIRS = 20 - 20 // 10  # --quick pairs 20 steps and drops the first 10%
 
 

@@ -139,3 +139,146 @@ def test_rng_scope_on_cuda_continues_and_restores():
     assert torch.equal(inside, torch.rand(3, device="cuda:0", generator=reference))
     assert torch.equal(rng["cuda:0"], reference.get_state())
     assert torch.equal(torch.cuda.get_rng_state(0), saved)
+
+
+# --- states that draw from the global RNG (TrainState.create(..., global_rng=True)) ---------------
+
+
+def _dropout_parts() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    with torch.random.fork_rng():
+        torch.manual_seed(1234)
+        model = torch.nn.Sequential(
+            torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Dropout(0.5), torch.nn.Linear(16, 2)
+        )
+    return model, torch.optim.Adam(model.parameters(), lr=1e-2)
+
+
+def _batches(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(3)
+    return [(torch.randn(4, 6, generator=g), torch.randint(0, 2, (4,), generator=g)) for _ in range(n)]
+
+
+def _ce(model, batch):
+    return torch.nn.functional.cross_entropy(model(batch[0]), batch[1])
+
+
+def _raw_loop(data) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The hand-written loop: dropout draws from the global RNG, seeded once by seed_everything."""
+    model, opt = _dropout_parts()
+    seed_everything(123)
+    for x, y in data:
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return [p.detach().clone() for p in model.parameters()], torch.get_rng_state()
+
+
+def _pipelines():
+    plain = loopkit.train_step(_ce)
+    return {
+        "pure": plain,
+        "donated": loopkit.donate(plain),
+        "clipped": loopkit.with_grad_clip(plain, max_norm=1e9),  # the general path (no clipping happens)
+        "run_epochs": plain,
+    }
+
+
+@pytest.mark.parametrize("kind", ["pure", "donated", "clipped", "run_epochs"])
+def test_a_global_rng_state_trains_bit_for_bit_as_a_raw_loop_seeded_globally(kind):
+    data = _batches(8)
+    expected, expected_rng = _raw_loop(data)
+    step = _pipelines()[kind]
+    state = loopkit.TrainState.create(*_dropout_parts(), global_rng=True)
+    seed_everything(123)
+    if kind == "run_epochs":
+        state, _ = loopkit.run_epochs(step, state, data, epochs=1, progress=False)
+    else:
+        for batch in data:
+            state, _ = step(state, batch)
+    assert all(torch.equal(a, b) for a, b in zip(expected, state.model.parameters(), strict=True))
+    assert torch.equal(torch.get_rng_state(), expected_rng)  # the steps advanced the global RNG as the loop did
+    assert dict(state.rng) == {}
+
+
+def test_a_state_with_its_own_rng_does_not_draw_the_raw_loops_dropout_masks():
+    """The reference above can tell: with its own RNG seeded otherwise the same run ends elsewhere."""
+    data = _batches(8)
+    expected, _ = _raw_loop(data)
+    state = loopkit.TrainState.create(*_dropout_parts(), seed=7)
+    seed_everything(123)
+    for batch in data:
+        state, _ = loopkit.train_step(_ce)(state, batch)
+    assert not all(torch.equal(a, b) for a, b in zip(expected, state.model.parameters(), strict=True))
+
+
+def test_a_global_rng_state_is_left_as_it_was_and_check_purity_accepts_it():
+    state = loopkit.TrainState.create(*_dropout_parts(), global_rng=True)
+    before = {k: v.clone() for k, v in state.model.state_dict().items()}
+    seed_everything(5)
+    start = torch.get_rng_state()
+    first, _ = loopkit.train_step(_ce)(state, _batches(1)[0])
+    assert not torch.equal(torch.get_rng_state(), start)  # it drew from the global RNG
+    assert all(torch.equal(before[k], v) for k, v in state.model.state_dict().items()) and state.step == 0
+    torch.set_rng_state(start)
+    again, _ = loopkit.train_step(_ce)(state, _batches(1)[0])  # same global start: same result
+    assert all(torch.equal(a, b) for a, b in zip(first.model.parameters(), again.model.parameters(), strict=True))
+    torch.set_rng_state(start)
+    loopkit.check_purity(loopkit.train_step(_ce), state, _batches(1)[0])
+    assert torch.equal(torch.get_rng_state(), start)  # check_purity put the caller's RNG back
+
+
+def test_an_evaluation_of_a_global_rng_state_draws_the_next_numbers_and_puts_the_rng_back():
+    state = loopkit.TrainState.create(*_dropout_parts(), global_rng=True)
+    seed_everything(9)
+    start = torch.get_rng_state()
+    _, metrics = loopkit.eval_step(lambda m, b: {"noise": torch.rand(())})(state, None)
+    assert torch.equal(torch.get_rng_state(), start)
+    assert torch.equal(metrics["noise"], torch.rand(()))  # what the global RNG gives next
+
+
+def test_a_global_rng_state_round_trips_and_refuses_a_state_dict_of_the_other_kind():
+    own = loopkit.TrainState.create(*_dropout_parts())
+    shared = loopkit.TrainState.create(*_dropout_parts(), global_rng=True).evolve(step=3)
+    loaded = loopkit.TrainState.create(*_dropout_parts(), global_rng=True).load_state_dict(shared.state_dict())
+    assert loaded.step == 3 and dict(loaded.rng) == {}
+    with pytest.raises(loopkit.StateMismatchError, match=r"missing key 'rng.cpu'.*global_rng=True"):
+        own.load_state_dict(shared.state_dict())
+    with pytest.raises(loopkit.StateMismatchError, match=r"unexpected key 'rng.cpu'.*global RNG"):
+        shared.load_state_dict(own.state_dict())
+    assert dict(own.evolve(rng={}).rng) == {}  # evolve switches either way
+    assert torch.equal(shared.evolve(rng=create_rng(4)).rng["cpu"], create_rng(4)["cpu"])
+    with pytest.raises(TypeError, match="TrainState.create: global_rng must be True or False"):
+        loopkit.TrainState.create(*_dropout_parts(), global_rng=1)
+
+
+class _CrashAfter(loopkit.Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_batch_end(self, state, metrics):
+        if state.step == self.step + 1:
+            raise RuntimeError("simulated crash")
+
+
+def test_a_global_rng_run_resumes_bit_for_bit_from_its_checkpoint(tmp_path):
+    """The checkpoint holds the global RNG; restore installs it, whatever drew from it since the crash."""
+    data = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(torch.randn(24, 6), torch.randint(0, 2, (24,))), batch_size=4, shuffle=True
+    )
+    val = (loopkit.eval_step(lambda m, b: {"loss": _ce(m, b)}), _batches(2))
+    options = dict(epochs=2, val=val, progress=False)
+    seed_everything(0)
+    whole, whole_history = loopkit.run_epochs(
+        loopkit.train_step(_ce), loopkit.TrainState.create(*_dropout_parts(), global_rng=True), data, **options
+    )
+    step = loopkit.with_checkpointing(loopkit.train_step(_ce), tmp_path, every_n_steps=1, keep_last=2)
+    seed_everything(0)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        loopkit.run_epochs(step, loopkit.TrainState.create(*_dropout_parts(), global_rng=True), data,
+                           callbacks=[_CrashAfter(8)], **options)
+    torch.rand(1000)  # the crashed process drew on: the checkpoint's global RNG must win
+    restored = loopkit.restore(loopkit.TrainState.create(*_dropout_parts(), global_rng=True), tmp_path)
+    assert (restored.step, restored.epoch, restored.batch_index) == (8, 1, 2)
+    resumed, history = loopkit.run_epochs(step, restored, data, **options)
+    assert all(torch.equal(a, b) for a, b in zip(whole.model.parameters(), resumed.model.parameters(), strict=True))
+    assert history[-1] == whole_history[-1]
