@@ -15,7 +15,7 @@ from loopkit.driver import evaluate, predict, run_epochs
 from loopkit.errors import CheckpointCorruptError, DonatedStateError, ImpurityError, NonFiniteError, StateMismatchError
 from loopkit.loggers import ConsoleLogger, CSVLogger, JSONLLogger, Logger, TensorBoardLogger
 from loopkit.rng import seed_everything
-from loopkit.state import TrainState
+from loopkit.state import TrainState, state_at_error
 from loopkit.steps import EvalStep, Step, TrainStep, donate, eval_step, train_step
 from loopkit.transforms import ema_state, quantized_model, with_amp, with_checkpointing, with_compile, with_ddp, with_ema, with_grad_accum, with_grad_clip, with_logging, with_nan_guard, with_profiler, with_pruning, with_qat
 from loopkit.tree import to_device
@@ -66,6 +66,7 @@ __all__ = [
     "restore",
     "run_epochs",
     "seed_everything",
+    "state_at_error",
     "to_device",
     "train_step",
     "with_amp",

@@ -32,7 +32,7 @@ from loopkit import _collective
 from loopkit._window import EPOCH, OVER_RANKS, own_share
 from loopkit.callbacks import Callback, may_change_state_early
 from loopkit.progress import ProgressBar, progress_wanted
-from loopkit.state import TrainState, extras_copy, fork, model_device, put_extras, replace_extras
+from loopkit.state import TrainState, extras_copy, fork, leave_intact, model_device, put_extras, replace_extras
 from loopkit.steps import SAVE_DUE, WrapperStep, as_step, check_takes_model_and_batch
 from loopkit.steps import donate as donated
 from loopkit.tree import to_device, to_plain
@@ -78,6 +78,19 @@ def _num_batches(data: Iterable, limit: int | float | None, name: str) -> int | 
     if count == 0:
         raise ValueError(f"{name}={limit} of {total} batches is 0 batches; raise it or pass an int")
     return count
+
+
+def _warn_of_eval_mode(model: torch.nn.Module) -> None:
+    """Warn, as Lightning does, when modules start training in eval mode (dropout off, BatchNorm frozen)."""
+    frozen = [name or "the model" for name, module in model.named_modules() if not module.training]
+    if frozen:
+        warnings.warn(
+            f"run_epochs: {len(frozen)} module(s) of the model are in eval mode at the start of training "
+            f"({', '.join(repr(n) for n in frozen[:3])}{', ...' if len(frozen) > 3 else ''}): they train that way "
+            "(dropout off, BatchNorm statistics frozen); call model.train() first unless that is what you want",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def _order_seed(seed: int, epoch: int) -> int:
@@ -385,8 +398,8 @@ def _fresh_persistent_workers(data: Any) -> bool:
     )
 
 
-def _val_monitors(step: Any, callbacks: Sequence[Any]) -> list[tuple[str, str]]:
-    """``(who, metric)`` for each callback and transform of ``step`` that watches a ``val/`` metric."""
+def _monitors(step: Any, callbacks: Sequence[Any]) -> list[tuple[str, str]]:
+    """``(who, metric)`` for each callback and transform of ``step`` that watches a metric."""
     watchers = list(callbacks)
     wrapped = step
     while isinstance(wrapped, WrapperStep):
@@ -395,9 +408,28 @@ def _val_monitors(step: Any, callbacks: Sequence[Any]) -> list[tuple[str, str]]:
     found = []
     for watcher in watchers:
         monitor = getattr(watcher, "monitor", None)
-        if isinstance(monitor, str) and monitor.startswith("val/"):
+        if isinstance(monitor, str):
             found.append((watcher.name if isinstance(watcher, WrapperStep) else type(watcher).__name__, monitor))
     return found
+
+
+def _val_monitors(step: Any, callbacks: Sequence[Any]) -> list[tuple[str, str]]:
+    """``(who, metric)`` for each callback and transform of ``step`` that watches a ``val/`` metric."""
+    return [(who, monitor) for who, monitor in _monitors(step, callbacks) if monitor.startswith("val/")]
+
+
+def _warn_of_lightning_names(step: Any, callbacks: Sequence[Any]) -> None:
+    """A monitor named the way a LightningModule logs (``val_loss``): loopkit's are ``val/loss`` and ``train/loss``,
+    and the mistake would otherwise show only after an epoch of training."""
+    for who, monitor in _monitors(step, callbacks):
+        prefix, _, rest = monitor.partition("_")
+        if prefix in ("val", "train") and rest:
+            warnings.warn(
+                f"run_epochs: {who} monitors '{monitor}', a name in Lightning's style; loopkit reports a validation "
+                f"metric as 'val/<name>' and a train one as 'train/<name>' (did you mean '{prefix}/{rest}'?)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
 
 def _refuse_val_monitors(step: Any, callbacks: Sequence[Any]) -> None:
@@ -667,6 +699,7 @@ def run_epochs(
         )
     if val is None or limit_val_batches == 0:
         _refuse_val_monitors(step, callbacks)
+    _warn_of_lightning_names(step, callbacks)
     if "with_checkpointing" in step.applied:  # a state no checkpoint can hold fails now, not at the first save
         try:
             state.state_dict()
@@ -680,6 +713,8 @@ def run_epochs(
             RuntimeWarning,
             stacklevel=2,
         )
+    if step.changes_state and (epochs is None or state.epoch < epochs) and limit_train_batches != 0:
+        _warn_of_eval_mode(state.model)
     if not donate and step.changes_state:
         state = fork(state)
     _to_device_state(state, device)
@@ -763,6 +798,7 @@ def run_epochs(
                 batches = _epoch_batches(train_data, state.seed, state.epoch, state.batch_index, total)
                 if batches is None:  # training would go on without a step (with max_steps alone, forever)
                     empty = (
+                        f"run_epochs: train_data is empty (len() is 0; epoch {state.epoch})" if total == 0 else
                         f"run_epochs: train_data yielded no batches in epoch {state.epoch}; a generator or iterator is "
                         "used up after one pass: pass a list, a DataLoader or another iterable that starts over on each iter()"
                     )
@@ -784,6 +820,7 @@ def run_epochs(
                 started_at = state.step
                 bar = ProgressBar(enabled=show, total=remaining, desc=f"epoch {state.epoch}")
                 exhausted = True
+                asked_stop = False  # a callback asked to stop after one of this epoch's batches
                 if (last_val and hooks.should_stop) or finishing:
                     batches, exhausted = (), total is not None and state.batch_index >= total
                 finishing = False
@@ -821,8 +858,10 @@ def run_epochs(
                     if val_steps and state.step != before and state.step % val_steps == 0:
                         last_val, state = validation_end(state)
                         validated_at, hooks_ran = state.step, True
-                    if (max_steps is not None and state.step >= max_steps) or (hooks_ran and hooks.should_stop):
+                    reached = max_steps is not None and state.step >= max_steps
+                    if reached or (hooks_ran and hooks.should_stop):
                         exhausted = total is not None and state.batch_index >= total
+                        asked_stop = not reached  # a callback's stop still validates, as Lightning's should_stop does
                         break
                 if stop.requested and not exhausted:  # a graceful stop: the resumed run ends this epoch (and counts it)
                     bar.close()
@@ -855,9 +894,11 @@ def run_epochs(
                     extras[_RECORDED] = state.step
                     state = replace_extras(state, extras)
                 bar.close({k: v for k, v in record.items() if k.startswith("train/")})
-                # not twice at one update: a step validation on the epoch's last update stands for the epoch's
+                # not twice at one update: a step validation on the epoch's last update stands for the epoch's;
+                # an epoch a callback stopped short still gets its validation (Lightning validates on should_stop)
                 validated = (
-                    exhausted and validates and (epoch + 1) % val_every_n_epochs == 0 and validated_at != state.step
+                    (exhausted or asked_stop) and validates and (epoch + 1) % val_every_n_epochs == 0
+                    and validated_at != state.step
                 )
                 if validated:
                     last_val, state = validation_end(state, notify=False)
@@ -887,11 +928,14 @@ def run_epochs(
                 told.notify("fit_end", state, history[-1] if history else {})
             hooks.call("on_fit_end", state, history)
             return state, history
-    except BaseException:
+    except BaseException as error:
         # an error before the first step changed anything (a batch to_device cannot move, a loss the step
         # refuses, the loss_fn's own exception): the given state is as it was, and stays usable (unless a
         # callback's hook ran before that step: it may have changed the model or optimizer in place)
         if start is not None and state is start and not start._consumed and given is not start and not early_changes:
             object.__setattr__(given, "_consumed", False)
+            leave_intact(error, given)
+        elif isinstance(state, TrainState) and not state._consumed:  # the newest whole state (before the failing batch, or after it when a hook failed)
+            leave_intact(error, state)
         raise
 

@@ -29,7 +29,7 @@ from loopkit.tree import decode_tree, encode_tree, from_plain, to_plain
 
 __all__ = [
     "TrainState", "drop_graph", "extras_copy", "fork", "keep_graph", "leave_intact", "make_state", "model_device", "put_extras",
-    "replace", "replace_extras",
+    "replace", "replace_extras", "state_at_error",
 ]
 
 _Scheduler = torch.optim.lr_scheduler.LRScheduler
@@ -389,6 +389,30 @@ def leave_intact(error: BaseException, state: TrainState | None) -> BaseExceptio
     except AttributeError:  # an exception type without attributes: the state counts as used up
         pass
     return error
+
+
+def state_at_error(error: BaseException) -> TrainState | None:
+    """The state that ``error`` left whole and usable, or None when the failure changed it half-way.
+
+    After an exception out of :func:`loopkit.run_epochs` (a loss the step refuses at batch 40, a
+    callback that raised), this is the fit's newest whole state: the updates before the
+    failure, with their counters, RNG and extras, ready to save or to train on (a state the
+    failing batch had not changed yet is at that batch: training it again retries it). After a
+    donated step's own error, it is the state the step was given, when nothing of it changed.
+    None when the failure came half-way through an update (the optimizer's own error): the
+    model and optimizer objects then hold what the update did to them, as in a plain loop.
+
+    >>> import torch, loopkit
+    >>> state = loopkit.TrainState.create(torch.nn.Linear(2, 1))
+    >>> step = loopkit.donate(loopkit.eval_step(lambda m, b: {"x": "not a number"}))
+    >>> try:
+    ...     step(state, torch.ones(1, 2))
+    ... except TypeError as e:
+    ...     state_at_error(e) is state
+    True
+    """
+    found = getattr(error, _INTACT, None)
+    return found if isinstance(found, TrainState) and not found._consumed else None
 
 
 def make_state(

@@ -4,9 +4,11 @@ An objective builds a state and a step from a trial's suggestions and trains the
 :func:`fit`, which runs :func:`loopkit.run_epochs` with a :class:`PruningCallback`: each
 validation's ``monitor`` value is reported to the trial, and a trial the study's pruner
 judges hopeless stops there (``optuna.TrialPruned``). :func:`create_study` keeps the study
-in SQLite by default (``<directory>/<study_name>.db``), so an interrupted search resumes where
-it stopped; any Optuna storage URL (``postgresql://...``, ``mysql://...``) lets processes on
-many machines work on one study, each running :func:`optimize` with the same name and URL.
+in SQLite by default (``<directory>/<study_name>.db``), so an interrupted search resumes: the
+finished trials stay, and a trial whose process died (killed, out of memory) is marked ``FAIL``
+and run again with the same parameters (Optuna's heartbeat: see :func:`create_study`); any
+Optuna storage URL (``postgresql://...``, ``mysql://...``) lets processes on many machines
+work on one study, each running :func:`optimize` with the same name and URL.
 Needs the ``tune`` extra (``pip install loopkit[tune]``, which installs Optuna).
 
 >>> import tempfile, torch, loopkit
@@ -31,6 +33,7 @@ from __future__ import annotations
 import math
 import os
 import urllib.parse
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -67,6 +70,10 @@ def storage_url(study_name: str, directory: str | os.PathLike = ".") -> str:
     return "sqlite:///" + urllib.parse.quote(os.path.abspath(os.path.join(os.fspath(directory), f"{study_name}.db")))
 
 
+_HEARTBEAT_INTERVAL = 60  # seconds between a running trial's heartbeats in the storage create_study makes
+_MAX_RETRY = 2  # reruns of one configuration whose process died (three tries in all)
+
+
 def create_study(
     study_name: str = "loopkit",
     *,
@@ -76,6 +83,9 @@ def create_study(
     sampler: Any = None,
     pruner: Any = None,
     load_if_exists: bool = True,
+    heartbeat_interval: int | None = _HEARTBEAT_INTERVAL,
+    grace_period: int | None = None,
+    max_retry: int | None = _MAX_RETRY,
 ) -> optuna.Study:
     """An Optuna study kept in ``storage`` (default: SQLite in ``directory``), resumed if it exists.
 
@@ -84,6 +94,20 @@ def create_study(
 
     ``pruner`` defaults to Optuna's ``MedianPruner`` (a trial stops when its reported value
     is worse than the median of earlier trials at the same step, after 5 complete trials).
+
+    The storage made from a URL (the default SQLite file, or a ``storage=`` URL string) is an
+    ``optuna.storages.RDBStorage`` with Optuna's heartbeat: a running trial records a heartbeat
+    every ``heartbeat_interval`` seconds (default 60). A ``RUNNING`` trial whose last heartbeat
+    is older than ``grace_period`` seconds (default ``2 * heartbeat_interval``) belongs to a
+    process that died; the next trial started on the study (by this process or any other, in
+    ``optimize``) first marks it ``FAIL`` and queues a copy with the same parameters, which is
+    the trial it then runs, up to ``max_retry`` times for one configuration (default 2; ``None``:
+    no limit, ``0``: no rerun). So a search resumed at once (before ``grace_period`` has passed)
+    leaves the dead trial ``RUNNING`` until a later trial's start finds it stale. Only trials
+    that recorded a heartbeat are checked (not those of a study run before heartbeats were on).
+    ``heartbeat_interval=None`` turns the heartbeat off (Optuna's default: a dead process's
+    trial stays ``RUNNING``). A ``storage=`` storage object is used as it was made; configure
+    its heartbeat there (these three options are then refused).
 
     >>> import tempfile
     >>> tmp = tempfile.TemporaryDirectory()
@@ -99,11 +123,23 @@ def create_study(
         raise TypeError(f"loopkit.tune: sampler must be an optuna sampler (optuna.samplers.TPESampler()), got {sampler!r}")
     if pruner is not None and not isinstance(pruner, optuna.pruners.BasePruner):
         raise TypeError(f"loopkit.tune: pruner must be an optuna pruner (optuna.pruners.MedianPruner()), got {pruner!r}")
-    if storage is None:
-        folder = os.path.abspath(os.fspath(directory))
-        if not os.path.isdir(folder):
-            raise NotADirectoryError(f"loopkit.tune: directory {str(directory)!r} (where the study's SQLite file goes) is not a folder")
-        storage = storage_url(study_name, directory)
+    _check_heartbeat(heartbeat_interval, grace_period, max_retry)
+    if storage is not None and not isinstance(storage, str):
+        if (heartbeat_interval, grace_period, max_retry) != (_HEARTBEAT_INTERVAL, None, _MAX_RETRY):
+            raise TypeError(
+                "loopkit.tune: heartbeat_interval, grace_period and max_retry configure the storage made from a URL; "
+                "the given storage object has its own (optuna.storages.RDBStorage(url, heartbeat_interval=...))"
+            )
+        where = storage
+    else:
+        if storage is None:
+            folder = os.path.abspath(os.fspath(directory))
+            if not os.path.isdir(folder):
+                raise NotADirectoryError(f"loopkit.tune: directory {str(directory)!r} (where the study's SQLite file goes) is not a folder")
+            storage = storage_url(study_name, directory)
+        where = storage
+        if heartbeat_interval is not None:
+            storage = _heartbeat_storage(optuna, storage, heartbeat_interval, grace_period, max_retry)
     study = optuna.create_study(
         storage=storage,
         study_name=study_name,
@@ -115,9 +151,39 @@ def create_study(
     stored = study.direction.name.lower()
     if direction is not None and stored != direction:
         raise ValueError(
-            f"loopkit.tune: study '{study_name}' in {storage} was made to {stored}; it cannot be resumed to {direction}"
+            f"loopkit.tune: study '{study_name}' in {where} was made to {stored}; it cannot be resumed to {direction}"
         )
     return study
+
+
+def _check_heartbeat(heartbeat_interval: Any, grace_period: Any, max_retry: Any) -> None:
+    def positive_int(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+    if heartbeat_interval is not None and not positive_int(heartbeat_interval):
+        raise ValueError(f"loopkit.tune: heartbeat_interval must be a positive int (seconds) or None, got {heartbeat_interval!r}")
+    if grace_period is not None:
+        if heartbeat_interval is None:
+            raise ValueError("loopkit.tune: grace_period needs a heartbeat (heartbeat_interval is None)")
+        if not positive_int(grace_period) or grace_period <= heartbeat_interval:
+            raise ValueError(
+                f"loopkit.tune: grace_period must be an int (seconds) above heartbeat_interval ({heartbeat_interval}), "
+                f"or None, got {grace_period!r}"
+            )
+    if max_retry is not None and (isinstance(max_retry, bool) or not isinstance(max_retry, int) or max_retry < 0):
+        raise ValueError(f"loopkit.tune: max_retry must be an int >= 0 or None (no limit), got {max_retry!r}")
+
+
+def _heartbeat_storage(optuna: Any, url: str, heartbeat_interval: int, grace_period: int | None, max_retry: int | None) -> Any:
+    """``RDBStorage(url)`` whose dead trials fail and are rerun with the same parameters."""
+    with warnings.catch_warnings():  # the heartbeat is an experimental Optuna feature (since 2.9)
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RDBStorage(
+            url,
+            heartbeat_interval=heartbeat_interval,
+            grace_period=grace_period,
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry),
+        )
 
 
 def optimize(
@@ -133,9 +199,12 @@ def optimize(
 
     Without ``study``, one is made (or resumed) by :func:`create_study` from
     ``study_options`` (``study_name``, ``storage``, ``directory``, ``direction``, ``sampler``,
-    ``pruner``). Several processes may run this on one storage at once: each trial is
-    claimed by one of them. Pruned trials end as ``PRUNED``; an exception in ``catch``
-    marks its trial ``FAIL`` and the search goes on; any other exception stops it.
+    ``pruner``, ``heartbeat_interval``, ``grace_period``, ``max_retry``). Several processes may
+    run this on one storage at once: each trial is claimed by one of them. Pruned trials end
+    as ``PRUNED``; an exception in ``catch`` marks its trial ``FAIL`` and the search goes on;
+    any other exception stops it. Before each trial, a trial whose process died is marked
+    ``FAIL`` and rerun with its parameters (see :func:`create_study`); the rerun counts as one
+    of the ``n_trials``.
 
     >>> import tempfile
     >>> tmp = tempfile.TemporaryDirectory()

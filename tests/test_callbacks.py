@@ -494,6 +494,36 @@ def test_a_callback_setting_should_stop_ends_training_after_that_hook():
     assert len(history) == 1 and history[0]["step"] == 3 and cb.ended
 
 
+@pytest.mark.parametrize("every", [1, 2], ids=["a-validation-epoch", "not-a-validation-epoch"])
+def test_a_stop_asked_for_mid_epoch_still_validates_that_epoch_as_lightning_does(every):
+    """Lightning runs an epoch's validation when should_stop is set in a batch hook; the reference
+    for the means is loopkit.evaluate on the state the fit ended with."""
+    class StopAtThree(loopkit.Callback):
+        def __init__(self):
+            self.events = []
+
+        def on_batch_end(self, state, metrics):
+            self.should_stop = state.step == 3
+
+        def on_validation_end(self, state, metrics):
+            self.events.append(("validation_end", state.step))
+
+        def on_epoch_end(self, state, record):
+            self.events.append(("epoch_end", state.step))
+
+    cb = StopAtThree()
+    ev, _ = counting_eval()
+    val_data = make_data(2, seed=1)
+    state, history = run_epochs(train_step(mse), make_state(), make_data(5), epochs=4, val=(ev, val_data),
+                                val_every_n_epochs=every, sanity_val_batches=0, callbacks=[cb], progress=False)
+    assert (state.step, state.batch_index, len(history)) == (3, 3, 1)
+    if every == 1:
+        assert cb.events == [("validation_end", 3), ("epoch_end", 3)]
+        assert history[0]["val/mse"] == loopkit.evaluate(ev, state, val_data)["mse"]
+    else:  # epoch 0 is not one that validates
+        assert cb.events == [("epoch_end", 3)] and "val/mse" not in history[0]
+
+
 @pytest.mark.parametrize("also_batch_hook", [False, True])
 def test_should_stop_set_in_on_epoch_start_trains_no_batch_of_that_epoch(also_batch_hook):
     class StopAtEpochOne(loopkit.Callback):

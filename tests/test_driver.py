@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -96,10 +97,15 @@ def test_epochs_and_max_steps_are_absolute_counts():
     assert loss.calls == 7 and state.step == 12
 
 
-def test_empty_train_data_is_refused_before_the_state_is_touched():
+@pytest.mark.parametrize(
+    "data, message",
+    [([], r"train_data is empty \(len\(\) is 0; epoch 0\)"), (iter(()), "train_data yielded no batches in epoch 0")],
+    ids=["an-empty-list", "an-empty-iterator"],
+)
+def test_empty_train_data_is_refused_before_the_state_is_touched(data, message):
     state = make_state()
-    with pytest.raises(ValueError, match="train_data yielded no batches in epoch 0"):
-        run_epochs(train_step(mse), state, [], max_steps=3, progress=False)
+    with pytest.raises(ValueError, match=message):
+        run_epochs(train_step(mse), state, data, max_steps=3, progress=False)
     state.check_usable()  # not donated: nothing ran
 
 
@@ -1156,3 +1162,90 @@ def test_a_state_no_checkpoint_can_hold_is_refused_before_training(tmp_path):
     with pytest.raises(TypeError, match=r"with_checkpointing could not save this state: .*extras.*teacher.*Linear"):
         run_epochs(step, state, make_data(3), epochs=1, progress=False)
     assert calls == [] and state.check_usable() is None
+
+
+def test_modules_in_eval_mode_at_the_start_of_training_are_warned_about_as_lightning_does():
+    state = make_state(dropout=True)
+    state.model[2].eval()  # the Dropout: it would train switched off
+    with pytest.warns(RuntimeWarning, match=r"1 module\(s\) of the model are in eval mode .*\('2'\).*model.train\(\)"):
+        run_epochs(train_step(mse), state, make_data(2), epochs=1, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # all in train mode (or nothing left to train): no warning
+        run_epochs(train_step(mse), make_state(dropout=True), make_data(2), epochs=1, progress=False)
+        trained = make_state(dropout=True).evolve(epoch=1)
+        trained.model.eval()
+        run_epochs(train_step(mse), trained, make_data(2), epochs=1, progress=False)
+
+
+@pytest.mark.parametrize("monitor", ["val_loss", "train_loss"])
+def test_a_monitor_named_in_lightnings_style_is_warned_about_before_training(monitor):
+    """EarlyStopping('val_loss') would otherwise raise only after a whole epoch (loopkit's names are 'val/loss')."""
+    loss = Counter(mse)
+    stopper = loopkit.EarlyStopping(monitor, patience=2)
+    ev, _ = counting_eval(lambda m, b: {"loss": mse(m, b)})
+    expected = monitor.replace("_", "/", 1)
+    with pytest.warns(RuntimeWarning, match=f"EarlyStopping monitors '{monitor}'.*did you mean '{expected}'"):
+        with pytest.raises(KeyError, match=monitor):
+            run_epochs(train_step(loss), make_state(), make_data(2), epochs=1, val=(ev, make_data(1)),
+                       callbacks=[stopper], progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run_epochs(train_step(mse), make_state(), make_data(2), epochs=1, val=(ev, make_data(1)),
+                   callbacks=[loopkit.EarlyStopping(expected, patience=2)], progress=False)
+
+
+# --- the newest whole state after an error (loopkit.state_at_error) -------------------------------------
+
+
+class _FailingOnce:
+    """``mse``, except that call ``at`` raises (a loss the step refuses, once)."""
+
+    def __init__(self, at: int) -> None:
+        self.at, self.calls = at, 0
+
+    def __call__(self, model, batch):
+        self.calls += 1
+        if self.calls == self.at:
+            return torch.ones(2, requires_grad=True)  # not a scalar: refused before the update
+        return mse(model, batch)
+
+
+def test_after_a_refused_loss_mid_fit_the_newest_whole_state_trains_on_as_the_uninterrupted_run():
+    data = make_data(6)
+    whole, whole_history = run_epochs(train_step(mse), make_state(), data, epochs=2, progress=False)
+    given = make_state()
+    with pytest.raises(ValueError, match="scalar") as caught:
+        run_epochs(train_step(_FailingOnce(4)), given, data, epochs=2, progress=False)
+    with pytest.raises(loopkit.DonatedStateError):
+        given.check_usable()  # run_epochs trained it in place
+    left = loopkit.state_at_error(caught.value)
+    assert (left.step, left.epoch, left.batch_index) == (3, 0, 3)
+    resumed, history = run_epochs(train_step(mse), left, data, epochs=2, progress=False)
+    assert_bitwise(params_of(resumed), params_of(whole))
+    assert history == whole_history  # the first epoch's means kept the 3 batches before the failure
+
+
+def test_after_a_callback_fails_the_newest_whole_state_holds_that_batchs_update():
+    class Boom(loopkit.Callback):
+        def on_batch_end(self, state, metrics):
+            if state.step == 2:
+                raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom") as caught:
+        run_epochs(train_step(mse), make_state(), make_data(5), epochs=1, callbacks=[Boom()], progress=False)
+    left = loopkit.state_at_error(caught.value)
+    reference, _ = run_epochs(train_step(mse), make_state(), make_data(2), epochs=1, progress=False)
+    assert (left.step, left.batch_index) == (2, 2)
+    assert_bitwise(params_of(left), params_of(reference))
+
+
+def test_a_failure_half_way_through_an_update_leaves_no_whole_state():
+    class BrokenSGD(torch.optim.SGD):
+        def step(self, closure=None):
+            raise RuntimeError("optimizer failed")
+
+    state = make_state()
+    state = TrainState.create(state.model, BrokenSGD(state.model.parameters(), lr=0.1))
+    with pytest.raises(RuntimeError, match="optimizer failed") as caught:
+        run_epochs(train_step(mse), state, make_data(3), epochs=1, progress=False)
+    assert loopkit.state_at_error(caught.value) is None

@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 import torch
@@ -155,6 +156,83 @@ def test_any_folder_name_holds_the_default_storage(folder, tmp_path):
     directory.mkdir()
     tune.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=1, study_name="s", directory=directory)
     assert sorted(p.name for p in tmp_path.rglob("*.db")) == ["s.db"] and (directory / "s.db").exists()
+
+
+
+_KILLED = textwrap.dedent(
+    """
+    import pathlib, sys, time, optuna
+    from loopkit import tune
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    inside = pathlib.Path(sys.argv[1]) / "inside"
+
+    def objective(trial):
+        x = trial.suggest_float("x", 0, 1)
+        if trial.number == 1:  # the second trial waits to be killed
+            inside.write_text(repr(x))
+            time.sleep(60)
+        return x
+
+    tune.optimize(objective, n_trials=3, study_name="killed", directory=sys.argv[1])  # loopkit's default storage
+    """
+)
+
+
+def test_a_trial_whose_process_was_killed_fails_and_reruns_with_its_parameters_on_resume(tmp_path):
+    worker = subprocess.Popen([sys.executable, "-c", _KILLED, str(tmp_path)], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "inside").exists():
+            assert worker.poll() is None, worker.communicate()[0]
+            assert time.monotonic() < deadline, "the worker never reached its second trial"
+            time.sleep(0.05)
+        time.sleep(0.2)  # let the trial's first heartbeat land (it is recorded as the trial starts)
+    finally:
+        worker.kill()  # SIGKILL: no cleanup, the trial stays RUNNING in the SQLite file
+        worker.communicate(timeout=30)
+    url = tune.storage_url("killed", tmp_path)
+    before = optuna.load_study(study_name="killed", storage=url).trials
+    assert [t.state for t in before] == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING]
+    time.sleep(3.5)  # the dead trial's heartbeat is now older than the resume's grace period (SQLite keeps whole seconds)
+
+    def objective(trial):
+        return trial.suggest_float("x", 0, 1)
+
+    study = tune.optimize(objective, n_trials=2, study_name="killed", directory=tmp_path, heartbeat_interval=1,
+                          grace_period=2)
+    states = [t.state.name for t in study.trials]
+    assert states == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
+    dead, retry = study.trials[1], study.trials[2]
+    assert retry.params == dead.params == {"x": float((tmp_path / "inside").read_text())}
+    assert retry.system_attrs["failed_trial"] == 1
+    assert states.count("COMPLETE") == 3  # the search's n_trials=3, as if it had never been killed
+
+
+def test_the_heartbeat_is_on_for_the_storages_made_from_urls_and_a_storage_object_is_used_as_made(tmp_path):
+    def backend(study):
+        return getattr(study._storage, "_backend", study._storage)
+
+    default = tune.create_study("d", directory=tmp_path)
+    assert backend(default).get_heartbeat_interval() == 60 and backend(default).grace_period is None  # Optuna: 2 * 60
+    given_url = tune.create_study("u", storage=tune.storage_url("u", tmp_path), heartbeat_interval=5, grace_period=30,
+                                  max_retry=None)
+    assert (backend(given_url).get_heartbeat_interval(), backend(given_url).grace_period) == (5, 30)
+    off = tune.create_study("off", directory=tmp_path, heartbeat_interval=None)
+    assert backend(off).get_heartbeat_interval() is None
+    made = optuna.storages.RDBStorage(tune.storage_url("o", tmp_path))
+    assert backend(tune.create_study("o", storage=made)) is made
+    with pytest.raises(TypeError, match="the given storage object has its own"):
+        tune.create_study("o", storage=made, heartbeat_interval=5)
+    with pytest.raises(ValueError, match="heartbeat_interval must be a positive int"):
+        tune.create_study("x", directory=tmp_path, heartbeat_interval=0)
+    with pytest.raises(ValueError, match=r"grace_period must be an int \(seconds\) above heartbeat_interval \(60\)"):
+        tune.create_study("x", directory=tmp_path, grace_period=60)
+    with pytest.raises(ValueError, match="grace_period needs a heartbeat"):
+        tune.create_study("x", directory=tmp_path, heartbeat_interval=None, grace_period=10)
+    with pytest.raises(ValueError, match="max_retry must be an int >= 0 or None"):
+        tune.create_study("x", directory=tmp_path, max_retry=-1)
+    assert not (tmp_path / "x.db").exists()
 
 
 _WORKER = textwrap.dedent(
