@@ -12,7 +12,9 @@ rounding, tested against ``train_step`` runs of each member alone).
 
 The batch is the same for every member. A model that draws random numbers (dropout) is
 refused, as vmap's random streams are not the members' own, and so are BatchNorm running
-statistics (buffers updated in place). :func:`unstack` copies the members out as independent
+statistics (buffers updated in place); a forward that changes any other buffer is refused by
+the step that finds it, before any member updates. The members' modules must be in the same
+training mode, and their optimizers must not need a closure (LBFGS). :func:`unstack` copies the members out as independent
 states (for checkpoints, ``evaluate``, export); ``ensemble.members`` are views, usable as
 they are while the ensemble lives.
 
@@ -33,7 +35,7 @@ they are while the ensemble lives.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import attrs
 import torch
@@ -41,7 +43,7 @@ from torch import nn
 
 from loopkit.errors import DonatedStateError
 from loopkit.state import TrainState, _fork, fork, replace
-from loopkit.steps import _split_loss
+from loopkit.steps import _split_loss, needs_closure
 
 __all__ = ["Ensemble", "EnsembleStep", "stack", "train_step", "unstack"]
 
@@ -52,8 +54,8 @@ class Ensemble:
 
     ``members[k]`` is a :class:`loopkit.TrainState` whose parameters are views of
     ``params[name][k]`` (tied parameters stay tied); ``buffers`` are copies of the members'
-    buffers, stacked, which the step reads (a buffer a forward changes in place is not
-    supported: BatchNorm statistics are refused).
+    buffers, stacked, which the step reads (a buffer a forward changes is not supported:
+    BatchNorm statistics are refused by :func:`stack`, any other such change by the step).
     ``skeleton`` is one member's module, which the step calls through ``functional_call``.
 
     >>> import torch, loopkit
@@ -90,6 +92,12 @@ def _check_members(states: Sequence[TrainState]) -> None:
         state.check_usable()
         if state.optimizer is None:
             raise ValueError(f"ensemble.stack: member {k} has no optimizer; each member trains with its own")
+        if needs_closure(state.optimizer):
+            raise TypeError(
+                f"ensemble.stack: member {k}'s optimizer {type(state.optimizer).__name__} needs a closure (its step "
+                "re-runs the loss and its backward), which one vmapped step for all members cannot give it; train "
+                "that member alone with loopkit.train_step, or use an optimizer whose step() needs no closure"
+            )
         for module in state.model.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
                 raise TypeError(
@@ -117,6 +125,7 @@ def _check_members(states: Sequence[TrainState]) -> None:
                 f"ensemble.stack: member {k}'s model differs from member 0's ({at[0]} where member 0 has {at[1]}); "
                 "the vmapped step runs member 0's modules for all: every member must have the same architecture"
             )
+        _check_mode(state.model, first.model, k, "ensemble.stack")
         frozen = dict(first.model.named_parameters())
         for n, p in state.model.named_parameters():  # one vmapped gradient: the same parameters train in every member
             if p.requires_grad != frozen[n].requires_grad:
@@ -124,6 +133,19 @@ def _check_members(states: Sequence[TrainState]) -> None:
                     f"ensemble.stack: parameter '{n}' has requires_grad={p.requires_grad} in member {k} and "
                     f"{frozen[n].requires_grad} in member 0; every member must freeze the same parameters"
                 )
+
+
+def _check_mode(model: nn.Module, first: nn.Module, k: int, where: str) -> None:
+    """Refuse member ``k``'s ``model`` if a module's training mode differs from member 0's: the step runs
+    member 0's modules (their ``.training``) for every member."""
+    for (name, module), expected in zip(model.named_modules(), first.modules()):
+        if module.training != expected.training:
+            mode = {True: "train", False: "eval"}
+            raise ValueError(
+                f"{where}: member {k}'s module {name or '(model)'} ({type(module).__name__}) is in "
+                f"{mode[module.training]} mode where member 0's is in {mode[expected.training]} mode; the vmapped step "
+                "runs member 0's modules for all: put every member in the same mode (model.train() or model.eval())"
+            )
 
 
 def _structure(model: nn.Module) -> list[str]:
@@ -139,7 +161,8 @@ def _structure(model: nn.Module) -> list[str]:
 def stack(states: Sequence[TrainState]) -> Ensemble:
     """An :class:`Ensemble` of copies of ``states`` (which stay unchanged), parameters stacked.
 
-    Every member needs the same architecture and an optimizer (of any kind and settings).
+    Every member needs the same architecture, its modules in the same training modes as member
+    0's, and an optimizer (of any kind and settings, but not one whose step needs a closure).
 
     >>> import torch, loopkit
     >>> models = [torch.nn.Linear(2, 2) for _ in range(4)]
@@ -185,9 +208,15 @@ class _LossModule(nn.Module):
         super().__init__()
         self.model = model
         self.loss_fn = loss_fn
+        #: the buffers the last forward replaced (``self.n = self.n + 1``), which functional_call would drop
+        self.reassigned: list[str] = []
 
     def forward(self, batch: Any) -> Any:
-        return self.loss_fn(self.model, batch)
+        given = dict(self.model.named_buffers())  # the tensors functional_call swapped in
+        out = self.loss_fn(self.model, batch)
+        now = dict(self.model.named_buffers())
+        self.reassigned = sorted(n for n in given.keys() | now.keys() if given.get(n) is not now.get(n))
+        return out
 
 
 @attrs.frozen(eq=False)
@@ -207,13 +236,22 @@ class EnsembleStep:
 
     loss_fn: Callable[[nn.Module, Any], Any]
     donated: bool = False
+    #: what the step takes instead of one loopkit.TrainState: transforms of a train step refuse it when built
+    takes: ClassVar[str] = "a loopkit.ensemble.Ensemble"
+
+    @property
+    def name(self) -> str:
+        return f"ensemble.train_step({getattr(self.loss_fn, '__qualname__', type(self.loss_fn).__qualname__)})"
 
     def __call__(self, ensemble: Ensemble, batch: Any) -> tuple[Ensemble, dict[str, torch.Tensor]]:
         if not isinstance(ensemble, Ensemble):
             raise TypeError(f"an ensemble step takes a loopkit.ensemble.Ensemble, got {type(ensemble).__qualname__}")
         ensemble.check_usable()
         if not self.donated:
-            ensemble = stack(ensemble.members)
+            ensemble = stack(ensemble.members)  # checks the members again (a mode set since)
+        else:
+            for k, member in enumerate(ensemble.members):
+                _check_mode(member.model, ensemble.skeleton, k, "ensemble.train_step")
         try:
             return self._run(ensemble, batch)
         finally:
@@ -239,6 +277,7 @@ class EnsembleStep:
         trained = {n: ensemble.params[n] for n, t in zip(names, trainable) if t}
         fixed = {n: ensemble.params[n] for n, t in zip(names, trainable) if not t} | dict(ensemble.buffers)
         vmapped = torch.func.vmap(torch.func.grad(member_loss, has_aux=True), randomness="error")
+        versions = {n: t._version for n, t in ensemble.buffers.items()}  # a buffer changed in place bumps its own
         try:
             grads, metrics = vmapped(trained, fixed)
         except RuntimeError as e:
@@ -249,6 +288,15 @@ class EnsembleStep:
                     f"dropout layers) or train the members apart: {e}"
                 ) from e
             raise
+        # a buffer the forward changed (a counter's add_, a running statistic) changed the stacked copy only, or was
+        # replaced inside functional_call: the members' buffers would silently keep their old values
+        written = sorted({n for n, t in ensemble.buffers.items() if t._version != versions[n]} | set(wrapper.reassigned))
+        if written:
+            raise RuntimeError(
+                f"ensemble.train_step: {where} changed the buffer(s) {', '.join(repr(n) for n in written)} in its "
+                "forward, which a vmapped ensemble step cannot keep for each member (the change would be lost); "
+                "leave buffers unchanged in the forward, or train the members apart"
+            )
         members = []
         stacked_grads = [grads.get(name) for name in names]  # None: a frozen parameter
         for k, (member, views) in enumerate(zip(ensemble.members, ensemble.views)):

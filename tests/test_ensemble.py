@@ -219,3 +219,88 @@ def test_tied_frozen_and_already_trained_members_follow_their_solo_runs(make_bat
         assert torch.equal(ens.members[k].model.b.weight, state.model.b.weight)  # frozen: never moved
         assert ens.members[k].model.b.weight.grad is None
         torch.testing.assert_close(ens.members[k].optimizer.state_dict(), solo.optimizer.state_dict(), rtol=1e-5, atol=1e-7)
+
+
+def test_members_in_different_training_modes_are_refused(make_batches):
+    """Before, member 1 (train mode, dropout on) silently trained in member 0's eval mode."""
+    states = _states()
+    states[0].model.eval()
+    with pytest.raises(ValueError, match=r"member 1's module \(model\) \(Sequential\) is in train mode where member 0's is in eval"):
+        ensemble.stack(states)
+    states = _states()
+    states[2].model[1].eval()  # one submodule only
+    with pytest.raises(ValueError, match="member 2's module 1 \\(Tanh\\) is in eval mode where member 0's is in train mode"):
+        ensemble.stack(states)
+    ens = ensemble.stack(_states())
+    ens.members[1].model.eval()  # after stacking: refused by the step too (a donated one does not stack again)
+    for step in (ensemble.train_step(_loss), ensemble.train_step(_loss, donated=True)):
+        with pytest.raises(ValueError, match="member 1's module \\(model\\) \\(Sequential\\) is in eval mode"):
+            step(ens, make_batches(1)[0])
+    evaluated = _states()
+    for state in evaluated:
+        state.model.eval()
+    ens, _ = ensemble.train_step(_loss)(ensemble.stack(evaluated), make_batches(1)[0])  # all in one mode: fine
+    assert not ens.members[1].model.training
+
+
+class _Counter(nn.Module):
+    def __init__(self, seed, reassign=False):
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.l = nn.Linear(4, 2)
+        self.register_buffer("calls", torch.zeros(()))
+        self.register_buffer("scale", torch.ones(()))
+        self.reassign = reassign
+
+    def forward(self, x):
+        if self.reassign:
+            self.calls = self.calls + 1
+        else:
+            self.calls += 1
+        return self.l(x) * self.scale
+
+
+def test_a_forward_that_changes_a_buffer_is_refused_before_the_change_is_lost(make_batches):
+    """Before, the members' counters stayed 0 where a solo run counts the calls."""
+    batch = make_batches(1)[0]
+    for reassign in (False, True):
+        models = (_Counter(0, reassign), _Counter(1, reassign))
+        states = [loopkit.TrainState.create(m, torch.optim.SGD(m.parameters(), lr=0.1)) for m in models]
+        ens = ensemble.stack(states)
+        with pytest.raises(RuntimeError, match="changed the buffer\\(s\\) 'calls' in its forward"):
+            ensemble.train_step(_loss)(ens, batch)
+        assert [m.step for m in ens.members] == [0, 0]
+        assert torch.equal(ens.members[0].model.l.weight, states[0].model.l.weight)  # no member updated
+    read_only = nn.Sequential(nn.Linear(4, 2), nn.LayerNorm(2))  # buffers only read: fine
+    read_only.register_buffer("offset", torch.ones(2))
+    ens = ensemble.stack([loopkit.TrainState.create(read_only, torch.optim.SGD(read_only.parameters(), lr=0.1))])
+    ens, _ = ensemble.train_step(_loss)(ens, batch)
+    assert ens.members[0].step == 1
+
+
+def test_an_optimizer_that_needs_a_closure_is_refused_when_stacking():
+    """Before, LBFGS failed in the step with torch's own 'missing 1 required positional argument: closure'."""
+    model = _mlp(0)
+    lbfgs = loopkit.TrainState.create(model, torch.optim.LBFGS(model.parameters()))
+    with pytest.raises(TypeError, match="member 1's optimizer LBFGS needs a closure"):
+        ensemble.stack([_states()[0], lbfgs])
+
+
+@pytest.mark.parametrize("transform", [
+    lambda s, d: loopkit.with_ema(s, 0.9),
+    lambda s, d: loopkit.with_pruning(s, 0.5, [1]),
+    lambda s, d: loopkit.with_qat(s),
+    lambda s, d: loopkit.with_checkpointing(s, d, every_n_steps=1),
+    lambda s, d: loopkit.with_profiler(s, d, wait=0, warmup=0, active=1),
+    lambda s, d: loopkit.with_logging(s, loopkit.CSVLogger(d), every_n_steps=1),
+    lambda s, d: loopkit.with_compile(s, backend="eager"),
+    lambda s, d: loopkit.with_grad_clip(s, max_norm=1.0),
+], ids=["with_ema", "with_pruning", "with_qat", "with_checkpointing", "with_profiler", "with_logging", "with_compile",
+        "with_grad_clip"])
+def test_transforms_of_one_state_refuse_an_ensemble_step_when_built(transform, tmp_path, request):
+    """Before, the whole-step transforms built and then failed in the call, naming neither."""
+    name = request.node.callspec.id
+    with pytest.raises(TypeError, match=rf"{name} cannot wrap the ensemble step ensemble.train_step\(_loss\): it takes a "
+                                        r"loopkit.ensemble.Ensemble"):
+        transform(ensemble.train_step(_loss), tmp_path)

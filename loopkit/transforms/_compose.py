@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from loopkit.steps import EvalStep, Step, TrainStep, WrapperStep, as_step
+from loopkit.steps import EvalStep, FnStep, Step, TrainStep, WrapperStep, as_step
 
 __all__ = ["refuse_wrapping", "require_step", "require_train_or_eval_step", "require_train_step"]
 
@@ -79,6 +79,14 @@ def require_step(step: Any, transform: str, *, no_eval: str | None = None) -> St
     if not callable(step):
         raise TypeError(f"{transform}: the step must be callable as step(state, batch), got {type(step).__qualname__}")
     step = as_step(step)
+    fn = step.fn if isinstance(step, FnStep) else step
+    takes = getattr(fn, "takes", None)  # a step of other states than one TrainState (ensemble.train_step)
+    if isinstance(takes, str):
+        raise TypeError(
+            f"{transform} cannot wrap the ensemble step {getattr(fn, 'name', type(fn).__qualname__)}: it takes {takes}, "
+            f"and {transform} works on one loopkit.TrainState; apply {transform} to a member's own loopkit.train_step "
+            "(ensemble.unstack gives the members as states)"
+        )
     if no_eval is not None and isinstance(step, EvalStep):
         raise TypeError(f"{transform} cannot wrap eval_step: {no_eval}")
     if step.donated:
