@@ -80,12 +80,31 @@ class PruningStep(UpdateStep):
         return True  # it zeroes weights in place: a pure call works on a copy, whatever the inner step
 
     def run_(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
-        if self.parameters is not None and state.step == 0 and _MASKS not in state.extras:  # a fresh run's
-            try:  # names are checked before the step changes anything, not after its first update
-                self._weights(state, list(self.parameters))
-            except KeyError as error:
+        masks = state.extras.get(_MASKS)
+        if masks is None:
+            # the names are checked before the step changes anything, never after an update: the names given
+            # at every call until the first prune (a resumed run's first call too), the default ones (read off
+            # the model) at the first call and before the update that prunes
+            try:
+                if (self.parameters is not None or state.step == 0
+                        or self.schedule(state.step + 1) > state.extras.get(_SPARSITY, 0.0)):
+                    _resolve(state.model, self._names(state))
+            except (KeyError, ValueError) as error:
                 raise leave_intact(error, state)
-        return super().run_(state, batch)
+            return super().run_(state, batch)
+        # a pruned entry's gradient is zero, as torch.nn.utils.prune's weight_orig * mask gives it: the hooks
+        # scale each backward's gradient by the mask before it reaches .grad, for every gradient transform
+        # and the optimizer to see; they are this call's only, removed whatever happens
+        try:
+            names, params = _resolve(state.model, list(masks))
+        except KeyError as error:
+            raise leave_intact(error, state)
+        handles = [p.register_hook(_MaskGrad(masks[n])) for n, p in zip(names, params) if p.requires_grad]
+        try:
+            return super().run_(state, batch)
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def after_update(self, state: TrainState, metrics: Metrics) -> TrainState:
         masks = state.extras.get(_MASKS)
@@ -94,8 +113,8 @@ class PruningStep(UpdateStep):
         if masks is None and not grows:
             return state
         # the masks name what is pruned; the parameters are looked up only before the first prune
-        names = list(masks) if masks is not None else self._names(state)
-        weights = self._weights(state, names)
+        names, params = _resolve(state.model, list(masks) if masks is not None else self._names(state))
+        weights = [p.detach() for p in params]
         with torch.no_grad():
             if grows:
                 old = [torch.ones_like(w) for w in weights] if masks is None else [masks[n] for n in names]
@@ -107,14 +126,42 @@ class PruningStep(UpdateStep):
     def _names(self, state: TrainState) -> list[str]:
         return list(self.parameters) if self.parameters is not None else default_prunable(state.model)
 
-    @staticmethod
-    def _weights(state: TrainState, names: list[str]) -> list[torch.Tensor]:
-        """The (detached) parameters ``names`` of the state's model."""
-        params = dict(state.model.named_parameters())
-        missing = [n for n in names if n not in params]
-        if missing:
-            raise KeyError(f"with_pruning: the model has no parameter '{missing[0]}'")
-        return [params[n].detach() for n in names]
+
+def _resolve(model: nn.Module, names: list[str]) -> tuple[list[str], list[torch.Tensor]]:
+    """The parameters ``names`` name in ``model``, each tensor once, under the first of its names.
+
+    A weight shared by two modules (a language model's head tied to its embedding) has one name
+    per module, and ``named_parameters()`` lists only the first: each name is looked up in its
+    own module, and a shared tensor is pruned once (one mask, which every module using it sees).
+    """
+    kept: list[str] = []
+    params: list[torch.Tensor] = []
+    seen: set[int] = set()
+    for name in names:
+        *path, attr = name.split(".")
+        module: nn.Module | None = model
+        for part in path:  # (model._modules, as named_parameters walks them)
+            module = module._modules.get(part)  # type: ignore[union-attr]
+            if module is None:
+                break
+        param = None if module is None else module._parameters.get(attr)
+        if param is None:
+            raise KeyError(f"with_pruning: the model has no parameter '{name}'")
+        if id(param) not in seen:
+            seen.add(id(param))
+            kept.append(name)
+            params.append(param)
+    return kept, params
+
+
+@attrs.frozen(eq=False)
+class _MaskGrad:
+    """A gradient hook: the gradient times the mask (torch.nn.utils.prune's ``weight_orig`` gradient)."""
+
+    mask: torch.Tensor
+
+    def __call__(self, grad: torch.Tensor) -> torch.Tensor:
+        return grad * self.mask
 
 
 def with_pruning(
@@ -132,10 +179,18 @@ def with_pruning(
     (0 to 1, never decreasing), e.g. ``lambda s: 1.0 if s >= 100 else 0.0`` to prune once.
     ``parameters`` names the tensors to prune (default: the weights of every ``Linear`` and
     ``Conv`` layer); one threshold over all of them decides (global unstructured L1, as
-    ``torch.nn.utils.prune.global_unstructured``). The masks live in ``state.extras``
+    ``torch.nn.utils.prune.global_unstructured``); a weight that several modules share (a head
+    tied to an embedding) is one tensor, pruned once under the first of its names, and every
+    module that uses it sees it pruned. The masks live in ``state.extras``
     (``pruning/masks``, with ``pruning/sparsity``), so checkpoints carry them and the model's
     own state dict keeps its keys; after every update the pruned weights are set back to
-    zero, so the model itself holds the pruned weights (export it as it is).
+    zero, so the model itself holds the pruned weights (export it as it is). A pruned
+    weight's gradient is its gradient times the mask, zero (the gradient of
+    ``torch.nn.utils.prune``'s ``weight_orig``), before gradient clipping, the NaN guard, a
+    loss scaler or the optimizer sees it: the model's weights follow the raw loop's
+    ``weight_orig * weight_mask``. Only an optimizer that reads a parameter's values across its
+    entries tells them apart: Adafactor's relative step size (the parameter's RMS) reads the
+    pruned weight here, ``weight_orig`` with its stale pruned entries there.
 
     Apply it inside ``with_ema``, ``with_logging`` and ``with_checkpointing``.
 

@@ -28,15 +28,21 @@ def _pruned_weight_count(model) -> int:
     return sum(int((getattr(model, i).weight == 0).sum()) for i in ("0", "2"))
 
 
-def _raw_pruned_loop(model, opt, data, loss_fn):
+def _raw_pruned_loop(model, opt, data, loss_fn, modules=None, *, clip=None, norms=None):
     """The reference: torch.nn.utils.prune's reparametrisation (weight = weight_orig * weight_mask), pruned
-    globally by L1 after the updates in POINTS, each time by the count that brings the total to the ramp."""
-    targets = [(model[0], "weight"), (model[2], "weight")]
+    globally by L1 after the updates in POINTS, each time by the count that brings the total to the ramp.
+    ``modules`` maps the names to report to the modules whose ``weight`` is pruned (default: an MLP's two
+    Linears); ``clip``: clip_grad_norm_ over the optimizer's parameters (weight_orig among them), the
+    norms appended to ``norms``. Its optimizer updates weight_orig, whose gradient is the weight's times the mask."""
+    modules = modules if modules is not None else {"0.weight": model[0], "2.weight": model[2]}
+    targets = [(m, "weight") for m in modules.values()]
     total = sum(m.weight.numel() for m, _ in targets)
     pruned = 0
     for k, batch in enumerate(data, start=1):
         opt.zero_grad()
         loss_fn(model, batch).backward()
+        if clip is not None:
+            norms.append(torch.nn.utils.clip_grad_norm_(opt.param_groups[0]["params"], clip))
         opt.step()
         if k in POINTS:
             want = round(cubic_sparsity(AMOUNT, POINTS, k) * total)
@@ -45,7 +51,53 @@ def _raw_pruned_loop(model, opt, data, loss_fn):
             prune.global_unstructured(targets, pruning_method=prune.L1Unstructured, amount=want - pruned,
                                       importance_scores=current or None)
             pruned = want
-    return {name: (m.weight_orig * m.weight_mask).detach() for name, m in (("0.weight", model[0]), ("2.weight", model[2]))}
+    return {name: (m.weight_orig * m.weight_mask).detach() for name, m in modules.items()}
+
+
+VOCAB, WIDTH = 12, 6
+
+
+class _TiedLM(nn.Module):
+    """A language model whose head shares the embedding's weight (``head.weight = emb.weight``)."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        self.emb, self.mid = nn.Embedding(VOCAB, WIDTH), nn.Linear(WIDTH, WIDTH)
+        self.head = nn.Linear(WIDTH, VOCAB, bias=False)
+        self.head.weight = self.emb.weight
+        _init(self, seed)
+
+    def forward(self, tokens):
+        return self.head(torch.tanh(self.mid(self.emb(tokens))))
+
+
+class _RawTiedLM(nn.Module):
+    """The reference's model: the shared tensor is the embedding's weight, which torch.nn.utils.prune recomputes
+    (weight_orig * weight_mask) when the embedding runs, before the head reads it: pruned once, seen by both."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        self.emb, self.mid = nn.Embedding(VOCAB, WIDTH), nn.Linear(WIDTH, WIDTH)
+        _init(self, seed)
+
+    def forward(self, tokens):
+        return nn.functional.linear(torch.tanh(self.mid(self.emb(tokens))), self.emb.weight)
+
+
+def _init(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():  # emb.weight (once, tied or not), mid.weight, mid.bias
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+
+
+def _lm_loss(model, tokens):
+    return nn.functional.cross_entropy(model(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten())
+
+
+def _token_batches(n):
+    g = torch.Generator().manual_seed(7)
+    return [torch.randint(0, VOCAB, (4, 5), generator=g) for _ in range(n)]
 
 
 def test_weights_are_bitwise_global_unstructured_l1_in_a_raw_loop(make_batches, mse_loss, make_adam_state, assert_trees_equal):
@@ -161,3 +213,91 @@ def test_meaningless_orders_are_refused_when_built(tmp_path, mse_loss):
     with pytest.raises(TypeError, match="with_grad_clip cannot wrap with_pruning"):
         loopkit.with_grad_clip(loopkit.with_pruning(base, 0.5, [1]), max_norm=1.0)
     assert loopkit.with_ema(loopkit.with_pruning(base, 0.5, [1]), 0.9).applied == ("train_step", "with_pruning", "with_ema")
+
+
+@pytest.mark.parametrize("parameters, masked", [(None, ["mid.weight", "head.weight"]),
+                                                (["emb.weight", "mid.weight", "head.weight"], ["emb.weight", "mid.weight"])])
+def test_a_tied_weight_is_pruned_once_as_a_raw_loop_prunes_the_shared_tensor(parameters, masked, make_adam_state,
+                                                                              assert_trees_equal):
+    data = _token_batches(8)
+    ref_model = _RawTiedLM(0)
+    expected = _raw_pruned_loop(ref_model, torch.optim.Adam(ref_model.parameters(), lr=0.01), data, _lm_loss,
+                                {"emb.weight": ref_model.emb, "mid.weight": ref_model.mid})
+
+    state = make_adam_state(_TiedLM(0))
+    step = loopkit.with_pruning(loopkit.train_step(_lm_loss), AMOUNT, POINTS, parameters=parameters)
+    state, _ = loopkit.run_epochs(step, state, data, epochs=1, progress=False)
+    model = state.model
+    assert model.head.weight is model.emb.weight and list(state.extras["pruning/masks"]) == masked
+    got = {"emb.weight": model.emb.weight.detach(), "mid.weight": model.mid.weight.detach()}
+    assert_trees_equal(got, expected)
+    assert_trees_equal(model.mid.bias.detach(), ref_model.mid.bias.detach())
+    assert int((model.emb.weight == 0).sum() + (model.mid.weight == 0).sum()) == round(AMOUNT * (VOCAB + WIDTH) * WIDTH)
+
+
+def test_a_missing_parameter_is_refused_before_a_resumed_run_trains(make_batches, mse_loss, make_sgd_state, take_snapshot,
+                                                                     assert_trees_equal):
+    data = make_batches(3, d_in=4, d_out=2)
+    state = make_sgd_state(_wide_mlp(0))
+    for batch in data[:2]:  # a run resumed at step 2, its first prune (update 4) still ahead
+        state, _ = loopkit.train_step(mse_loss)(state, batch)
+    before = take_snapshot(state)
+    step = loopkit.donate(loopkit.with_pruning(loopkit.train_step(mse_loss), 0.5, [4], parameters=["0.weight", "head.weight"]))
+    with pytest.raises(KeyError, match="with_pruning: the model has no parameter 'head.weight'"):
+        step(state, data[2])
+    assert_trees_equal(take_snapshot(state), before)  # not one update: the donated state is intact, and usable
+    state, _ = loopkit.train_step(mse_loss)(state, data[2])
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 3.0])
+def test_clipping_inside_sees_the_gradients_of_weight_orig_as_in_a_raw_loop(max_norm, make_batches, mse_loss,
+                                                                            assert_trees_equal):
+    data = make_batches(9, d_in=4, d_out=2)
+    ref_model, raw_norms = _wide_mlp(0), []
+    ref_opt = torch.optim.SGD(ref_model.parameters(), lr=0.05, momentum=0.9)
+    expected = _raw_pruned_loop(ref_model, ref_opt, data, mse_loss, clip=max_norm, norms=raw_norms)
+
+    model = _wide_mlp(0)
+    state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9))
+    step = loopkit.with_pruning(loopkit.with_grad_clip(loopkit.train_step(mse_loss), max_norm=max_norm), AMOUNT, POINTS)
+    norms = []
+    for batch in data:
+        state, metrics = step(state, batch)
+        norms.append(metrics["grad_norm"])
+    assert_trees_equal(norms, raw_norms)  # after the first prune too: the pruned entries' gradients count as zero
+    got = {name: p.detach() for name, p in state.model.named_parameters() if name.endswith("weight")}
+    assert_trees_equal(got, expected)
+    assert_trees_equal([state.model[i].bias.detach() for i in (0, 2)], [ref_model[i].bias.detach() for i in (0, 2)])
+
+
+def test_adafactor_reading_gradients_across_entries_follows_the_raw_loop(make_batches, mse_loss, assert_trees_equal):
+    # Adafactor's second moment is factored over each weight's rows and columns, and its update is scaled by
+    # the update's RMS: both read every entry's gradient. eps2 above the weights' RMS makes its step size
+    # eps2 * lr, not the parameter's RMS (which here reads the pruned weight, there weight_orig: see with_pruning)
+    data = make_batches(9, d_in=4, d_out=2)
+    adafactor = lambda params: torch.optim.Adafactor(params, lr=0.01, eps=(None, 10.0))  # noqa: E731
+    ref_model = _wide_mlp(0)
+    expected = _raw_pruned_loop(ref_model, adafactor(ref_model.parameters()), data, mse_loss)
+
+    model = _wide_mlp(0)
+    state = loopkit.TrainState.create(model, adafactor(model.parameters()))
+    step = loopkit.with_pruning(loopkit.train_step(mse_loss), AMOUNT, POINTS)
+    state, _ = loopkit.run_epochs(step, state, data, epochs=1, progress=False)
+    got = {name: p.detach() for name, p in state.model.named_parameters() if name.endswith("weight")}
+    assert_trees_equal(got, expected)
+    assert_trees_equal([state.model[i].bias.detach() for i in (0, 2)], [ref_model[i].bias.detach() for i in (0, 2)])
+
+
+def test_the_gradient_hooks_last_one_call_and_purity_holds_once_pruned(make_batches, mse_loss, make_adam_state):
+    data = make_batches(4, d_in=4, d_out=2)
+    step = loopkit.with_pruning(loopkit.with_grad_accum(loopkit.train_step(mse_loss), every=2), AMOUNT, [1])
+    state = make_adam_state(_wide_mlp(0))
+    for batch in data[:2]:
+        state, _ = step(state, batch)
+    assert "pruning/masks" in state.extras
+    state, _ = loopkit.check_purity(step, state, data[2])  # a micro-batch with the masks' hooks on its parameters
+    masks = state.extras["pruning/masks"]
+    assert all(bool((state.model.get_parameter(n).grad[masks[n] == 0] == 0).all()) for n in masks)
+    donated = loopkit.donate(step)
+    state, _ = donated(state, data[3])
+    assert all(not p._backward_hooks for p in state.model.parameters())
