@@ -136,6 +136,8 @@ def check_purity(
     name = _name(step)
     before = _full_snapshot(state)
     global_rng = torch.get_rng_state()
+    # a state that draws from the global RNG draws from CUDA's too: each call starts from the same
+    cuda_rng = torch.cuda.get_rng_state_all() if not state.rng and torch.cuda.is_initialized() else None
     try:
         first, metrics = step(state, batch)
         changed = _difference(before, _full_snapshot(state), "")
@@ -151,6 +153,8 @@ def check_purity(
             result = _full_snapshot(first), copy_tensors(dict(metrics))
             if not own_rng:
                 torch.set_rng_state(global_rng)
+                if cuda_rng is not None:
+                    torch.cuda.set_rng_state_all(cuda_rng)
             second, again = step(state, batch)
             disagree = _difference(result[0], _full_snapshot(second), "") or _difference(
                 result[1], copy_tensors(dict(again)), "metrics"
@@ -162,4 +166,6 @@ def check_purity(
                 )
     finally:  # the check itself leaves the caller's RNG as it found it, whatever the step did
         torch.set_rng_state(global_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
     return first, metrics

@@ -713,7 +713,8 @@ def run_epochs(
             RuntimeWarning,
             stacklevel=2,
         )
-    if step.changes_state and (epochs is None or state.epoch < epochs) and limit_train_batches != 0:
+    if (step.changes_state and (epochs is None or state.epoch < epochs) and (max_steps is None or state.step < max_steps)
+            and limit_train_batches != 0):
         _warn_of_eval_mode(state.model)
     if not donate and step.changes_state:
         state = fork(state)
@@ -753,6 +754,7 @@ def run_epochs(
     if OVER_RANKS in state.extras:  # restored from a DDP checkpoint holding every rank's running means: each takes its own
         state = replace_extras(state, own_share(state.extras, *_collective.rank_and_size(), model_device(state.model)))
     start: TrainState | None = None  # the state the fit's first epoch trains from, before any step has run
+    closing: TrainState | None = None  # an epoch's state after its last batch, until the epoch is recorded
     early_changes = any(may_change_state_early(cb) for cb in callbacks)  # hooks that run before the first step
     try:
         with _StopOnSignal() as stop, _TellingAbort(lifecycle, state):
@@ -887,6 +889,7 @@ def run_epochs(
                 record: dict[str, float] = {"epoch": epoch, "step": state.step}
                 record.update({f"train/{k}": v for k, v in EPOCH.means(state.extras).items()})
                 if exhausted:  # the epoch is done: its means leave the state (a partial one's stay, to go on)
+                    closing = state  # what a failure until the record leaves whole: a relaunch records the epoch
                     extras = {k: v for k, v in EPOCH.clear(state.extras).items() if k not in (_EPOCH_VAL, _RECORDED)}
                     state = replace_extras(state, extras).evolve(epoch=epoch + 1, batch_index=0)
                 else:
@@ -913,6 +916,7 @@ def run_epochs(
                     step.notify("validation_end", state, last_val)
                 step.notify("epoch_end", state, record)
                 history.append(record)
+                closing = None
                 if epochs is None and exhausted and remaining != 0 and state.step == started_at:
                     warnings.warn(
                         f"run_epochs: epoch {epoch} went by without state.step advancing, so max_steps={max_steps} would "
@@ -935,6 +939,8 @@ def run_epochs(
         if start is not None and state is start and not start._consumed and given is not start and not early_changes:
             object.__setattr__(given, "_consumed", False)
             leave_intact(error, given)
+        elif closing is not None and not closing._consumed:  # at an epoch's end: the epoch's validation and record
+            leave_intact(error, closing)                       # are still to make, as from a checkpoint taken there
         elif isinstance(state, TrainState) and not state._consumed:  # the newest whole state (before the failing batch, or after it when a hook failed)
             leave_intact(error, state)
         raise

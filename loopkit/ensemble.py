@@ -13,7 +13,8 @@ rounding, tested against ``train_step`` runs of each member alone).
 The batch is the same for every member. A model that draws random numbers (dropout) is
 refused, as vmap's random streams are not the members' own, and so are BatchNorm running
 statistics (buffers updated in place); a forward that changes any other buffer is refused by
-the step that finds it, before any member updates. The members' modules must be in the same
+the step that finds it, before any member updates (a non-persistent buffer, a cache outside
+the state dict such as a lazily grown position table, may change). The members' modules must be in the same
 training mode, and their optimizers must not need a closure (LBFGS). :func:`unstack` copies the members out as independent
 states (for checkpoints, ``evaluate``, export); ``ensemble.members`` are views, usable as
 they are while the ensemble lives.
@@ -146,6 +147,11 @@ def _check_mode(model: nn.Module, first: nn.Module, k: int, where: str) -> None:
                 f"{mode[module.training]} mode where member 0's is in {mode[expected.training]} mode; the vmapped step "
                 "runs member 0's modules for all: put every member in the same mode (model.train() or model.eval())"
             )
+
+
+def _non_persistent(model: nn.Module) -> set[str]:
+    """The names of ``model``'s non-persistent buffers (caches, outside its state dict)."""
+    return {f"{prefix}.{b}" if prefix else b for prefix, m in model.named_modules() for b in m._non_persistent_buffers_set}
 
 
 def _structure(model: nn.Module) -> list[str]:
@@ -290,7 +296,10 @@ class EnsembleStep:
             raise
         # a buffer the forward changed (a counter's add_, a running statistic) changed the stacked copy only, or was
         # replaced inside functional_call: the members' buffers would silently keep their old values
-        written = sorted({n for n, t in ensemble.buffers.items() if t._version != versions[n]} | set(wrapper.reassigned))
+        # (a non-persistent buffer is a cache the forward may fill or grow: not state, so not checked)
+        caches = _non_persistent(ensemble.skeleton)
+        changed = {n for n, t in ensemble.buffers.items() if t._version != versions[n]} | set(wrapper.reassigned)
+        written = sorted(changed - caches)
         if written:
             raise RuntimeError(
                 f"ensemble.train_step: {where} changed the buffer(s) {', '.join(repr(n) for n in written)} in its "

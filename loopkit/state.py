@@ -401,6 +401,9 @@ def state_at_error(error: BaseException) -> TrainState | None:
     donated step's own error, it is the state the step was given, when nothing of it changed.
     None when the failure came half-way through an update (the optimizer's own error): the
     model and optimizer objects then hold what the update did to them, as in a plain loop.
+    The failed batch's forward may have changed buffers in place (BatchNorm's running
+    statistics) and, for a state made with ``global_rng=True``, drawn from the global RNG:
+    training that batch again counts them again, as running a batch again in a plain loop would.
 
     >>> import torch, loopkit
     >>> state = loopkit.TrainState.create(torch.nn.Linear(2, 1))

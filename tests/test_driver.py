@@ -1249,3 +1249,32 @@ def test_a_failure_half_way_through_an_update_leaves_no_whole_state():
     with pytest.raises(RuntimeError, match="optimizer failed") as caught:
         run_epochs(train_step(mse), state, make_data(3), epochs=1, progress=False)
     assert loopkit.state_at_error(caught.value) is None
+
+
+@pytest.mark.parametrize("where", ["validation", "on_epoch_end"])
+def test_after_a_failure_at_an_epochs_end_the_relaunch_still_validates_and_records_that_epoch(where):
+    """The reference is the uninterrupted run: its history holds every epoch's record and validation."""
+    failing = {"on": False}
+
+    def metric_fn(model, batch):
+        if failing["on"] and where == "validation":
+            raise RuntimeError("failed at the epoch's end")
+        return {"mse": mse(model, batch)}
+
+    class FailingEpochEnd(loopkit.Callback):
+        def on_epoch_end(self, state, record):
+            if failing["on"] and where == "on_epoch_end":
+                raise RuntimeError("failed at the epoch's end")
+
+    options = dict(epochs=2, val=(eval_step(metric_fn), make_data(1, seed=1)), sanity_val_batches=0,
+                   callbacks=[FailingEpochEnd()], progress=False)
+    whole, whole_history = run_epochs(train_step(mse), make_state(), make_data(3), **options)
+    failing["on"] = True
+    with pytest.raises(RuntimeError, match="failed at the epoch's end") as caught:
+        run_epochs(train_step(mse), make_state(), make_data(3), **options)
+    failing["on"] = False
+    left = loopkit.state_at_error(caught.value)
+    assert (left.step, left.epoch, left.batch_index) == (3, 0, 3)  # after the epoch's last batch, not past its record
+    resumed, history = run_epochs(train_step(mse), left, make_data(3), **options)
+    assert history == whole_history
+    assert_bitwise(params_of(resumed), params_of(whole))

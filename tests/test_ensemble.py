@@ -279,6 +279,34 @@ def test_a_forward_that_changes_a_buffer_is_refused_before_the_change_is_lost(ma
     assert ens.members[0].step == 1
 
 
+class _LazyCache(nn.Module):
+    """A forward that grows a non-persistent cache buffer (as rotary or position tables are built)."""
+
+    def __init__(self, seed):
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.l = nn.Linear(4, 2)
+        self.register_buffer("pos", torch.zeros(0), persistent=False)
+
+    def forward(self, x):
+        if self.pos.numel() < x.shape[-1]:
+            self.pos = torch.arange(x.shape[-1], dtype=x.dtype)
+        return self.l(x + self.pos)
+
+
+def test_a_non_persistent_cache_the_forward_fills_is_not_refused_and_members_follow_their_solo_runs(make_batches):
+    batches = make_batches(3)
+    states = [loopkit.TrainState.create(m, torch.optim.SGD(m.parameters(), lr=0.1)) for m in (_LazyCache(0), _LazyCache(1))]
+    ens = ensemble.stack(states)
+    step = ensemble.train_step(lambda m, b: ((m(b[0]) - b[1]) ** 2).mean())
+    for batch in batches:
+        ens, _ = step(ens, batch)
+    for k, state in enumerate(states):
+        solo = _solo(state, batches)
+        torch.testing.assert_close(ens.members[k].model.l.weight, solo.model.l.weight, rtol=1e-6, atol=1e-7)
+
+
 def test_an_optimizer_that_needs_a_closure_is_refused_when_stacking():
     """Before, LBFGS failed in the step with torch's own 'missing 1 required positional argument: closure'."""
     model = _mlp(0)

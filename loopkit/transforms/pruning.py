@@ -138,15 +138,10 @@ def _resolve(model: nn.Module, names: list[str]) -> tuple[list[str], list[torch.
     params: list[torch.Tensor] = []
     seen: set[int] = set()
     for name in names:
-        *path, attr = name.split(".")
-        module: nn.Module | None = model
-        for part in path:  # (model._modules, as named_parameters walks them)
-            module = module._modules.get(part)  # type: ignore[union-attr]
-            if module is None:
-                break
-        param = None if module is None else module._parameters.get(attr)
-        if param is None:
-            raise KeyError(f"with_pruning: the model has no parameter '{name}'")
+        try:
+            param = model.get_parameter(name)
+        except AttributeError:
+            raise KeyError(f"with_pruning: the model has no parameter '{name}'") from None
         if id(param) not in seen:
             seen.add(id(param))
             kept.append(name)
