@@ -861,9 +861,9 @@ def run_epochs(
                         last_val, state = validation_end(state)
                         validated_at, hooks_ran = state.step, True
                     reached = max_steps is not None and state.step >= max_steps
-                    if reached or (hooks_ran and hooks.should_stop):
+                    asked_stop = hooks_ran and hooks.should_stop  # it still validates, as Lightning's should_stop does
+                    if reached or asked_stop:
                         exhausted = total is not None and state.batch_index >= total
-                        asked_stop = not reached  # a callback's stop still validates, as Lightning's should_stop does
                         break
                 if stop.requested and not exhausted:  # a graceful stop: the resumed run ends this epoch (and counts it)
                     bar.close()

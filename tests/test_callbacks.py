@@ -511,17 +511,22 @@ def test_a_stop_asked_for_mid_epoch_still_validates_that_epoch_as_lightning_does
         def on_epoch_end(self, state, record):
             self.events.append(("epoch_end", state.step))
 
-    cb = StopAtThree()
     ev, _ = counting_eval()
     val_data = make_data(2, seed=1)
-    state, history = run_epochs(train_step(mse), make_state(), make_data(5), epochs=4, val=(ev, val_data),
-                                val_every_n_epochs=every, sanity_val_batches=0, callbacks=[cb], progress=False)
-    assert (state.step, state.batch_index, len(history)) == (3, 3, 1)
-    if every == 1:
-        assert cb.events == [("validation_end", 3), ("epoch_end", 3)]
-        assert history[0]["val/mse"] == loopkit.evaluate(ev, state, val_data)["mse"]
-    else:  # epoch 0 is not one that validates
-        assert cb.events == [("epoch_end", 3)] and "val/mse" not in history[0]
+    for max_steps in (None, 3):  # also when the stop comes with the update that reaches max_steps
+        cb = StopAtThree()
+        state, history = run_epochs(train_step(mse), make_state(), make_data(5), epochs=4, max_steps=max_steps,
+                                    val=(ev, val_data), val_every_n_epochs=every, sanity_val_batches=0, callbacks=[cb],
+                                    progress=False)
+        assert (state.step, state.batch_index, len(history)) == (3, 3, 1)
+        if every == 1:
+            assert cb.events == [("validation_end", 3), ("epoch_end", 3)]
+            assert history[0]["val/mse"] == loopkit.evaluate(ev, state, val_data)["mse"]
+        else:  # epoch 0 is not one that validates
+            assert cb.events == [("epoch_end", 3)] and "val/mse" not in history[0]
+    state, history = run_epochs(train_step(mse), make_state(), make_data(5), epochs=4, max_steps=3, val=(ev, val_data),
+                                sanity_val_batches=0, progress=False)
+    assert "val/mse" not in history[0]  # max_steps alone mid-epoch: no validation (only a stop asked for)
 
 
 @pytest.mark.parametrize("also_batch_hook", [False, True])
