@@ -32,8 +32,8 @@ from loopkit import _collective
 from loopkit._window import EPOCH, OVER_RANKS, own_share
 from loopkit.callbacks import Callback, may_change_state_early
 from loopkit.progress import ProgressBar, progress_wanted
-from loopkit.state import TrainState, extras_copy, fork, leave_intact, model_device, put_extras, replace_extras
-from loopkit.steps import SAVE_DUE, WrapperStep, as_step, check_takes_model_and_batch
+from loopkit.state import TrainState, extras_copy, fork, leave_intact, model_device, put_extras, replace_extras, state_at_error
+from loopkit.steps import SAVE_DUE, WrapperStep, as_step, check_takes_model_and_batch, evaluating
 from loopkit.steps import donate as donated
 from loopkit.tree import to_device, to_plain
 
@@ -78,6 +78,14 @@ def _num_batches(data: Iterable, limit: int | float | None, name: str) -> int | 
     if count == 0:
         raise ValueError(f"{name}={limit} of {total} batches is 0 batches; raise it or pass an int")
     return count
+
+
+def _with_counters(hooks: _Hooks, state: TrainState) -> TrainState:
+    """``state`` holding the callbacks' counters as they are now (as it is, if one cannot give them)."""
+    try:
+        return hooks.keep(state)
+    except Exception:  # the error being raised is the one to report
+        return state
 
 
 def _warn_of_eval_mode(model: torch.nn.Module) -> None:
@@ -280,16 +288,10 @@ def predict(
     _check_data(data, "predict: data")
     model = state.model
     move = _mover(device, state)
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
     outputs = []
-    try:
-        with torch.no_grad():
-            for batch in data:
-                outputs.append(fn(model, move(batch) if move is not None else batch))
-    finally:
-        for m, mode in modes:
-            m.training = mode
+    with evaluating(model), torch.no_grad():
+        for batch in data:
+            outputs.append(fn(model, move(batch) if move is not None else batch))
     return outputs
 
 
@@ -538,8 +540,8 @@ class _Hooks:
         for key, cb in self.stateful:
             if key in state.extras:
                 cb.load_state_dict(dict(state.extras[key]))
-                if getattr(cb, "should_stop", False):
-                    warnings.warn(
+                if getattr(cb, "should_stop", False) and (state.batch_index == 0 or state.extras.get(_RECORDED) == state.step):
+                    warnings.warn(  # (mid-epoch and not recorded: the stop's epoch gets its validation and record first)
                         f"run_epochs: {type(cb).__qualname__} restored from state.extras[{key!r}] asks to stop at once; "
                         f"to start it afresh, drop that key: state.evolve(extras={{k: v for k, v in "
                         f"state.extras.items() if not k.startswith({_CALLBACKS!r})}})",
@@ -783,16 +785,19 @@ def run_epochs(
             step.notify("fit_start", state, {})  # (with_checkpointing's step saves now wait for the batch's callbacks)
             fresh = step.returns_fresh_state
             told_batch_index = False
-            # saved at max_steps in the middle of an epoch before the epoch was recorded: only that record is left to make
-            finishing = (
-                max_steps is not None and state.step >= max_steps and state.batch_index > 0 and limit_train_batches != 0
-                and (epochs is None or state.epoch < epochs) and state.extras.get(_RECORDED) != state.step
+            # saved at max_steps, or when a callback had asked to stop, in the middle of an epoch before the epoch was
+            # recorded (a crash, a failure in its validation or hooks): only that record is left to make
+            unrecorded = (
+                state.batch_index > 0 and limit_train_batches != 0 and (epochs is None or state.epoch < epochs)
+                and state.extras.get(_RECORDED) != state.step
             )
+            finishing_stop = unrecorded and hooks.should_stop  # (then the epoch's validation is still due)
+            finishing = finishing_stop or (unrecorded and max_steps is not None and state.step >= max_steps)
             # a stop asked for by the resumed validation still ends its epoch, as it did in the run that saved the state
-            while (more(state) or finishing) and (not hooks.should_stop or resumed_val) and not stop.requested:
+            while (more(state) or finishing) and (not hooks.should_stop or resumed_val or finishing) and not stop.requested:
                 hooks.call("on_epoch_start", state)
                 state = hooks.keep(state)  # what they know at the epoch's start: a checkpoint mid-epoch holds it
-                if hooks.should_stop and not resumed_val:  # asked in on_epoch_start: not a batch of this epoch
+                if hooks.should_stop and not resumed_val and not finishing:  # asked in on_epoch_start: no batch of it
                     break
                 total = _num_batches(train_data, limit_train_batches, "limit_train_batches")
                 _collective.check_same({"batches": total}, f"run_epochs: epoch {state.epoch} has another number of "
@@ -822,10 +827,10 @@ def run_epochs(
                 started_at = state.step
                 bar = ProgressBar(enabled=show, total=remaining, desc=f"epoch {state.epoch}")
                 exhausted = True
-                asked_stop = False  # a callback asked to stop after one of this epoch's batches
+                asked_stop = finishing_stop  # a callback asked to stop after one of this epoch's batches
                 if (last_val and hooks.should_stop) or finishing:
                     batches, exhausted = (), total is not None and state.batch_index >= total
-                finishing = False
+                finishing = finishing_stop = False
                 held_save = False  # a step checkpoint of the fit's last update, made once the epoch is recorded
                 for batch in batches:
                     if move is not None:
@@ -888,8 +893,10 @@ def run_epochs(
                         step.notify("save_due", state, {})
                 record: dict[str, float] = {"epoch": epoch, "step": state.step}
                 record.update({f"train/{k}": v for k, v in EPOCH.means(state.extras).items()})
+                # what a failure before the record leaves whole (the callbacks' counters after the epoch's batches):
+                # a relaunch from it validates and records the epoch, as one from a checkpoint taken here would
+                closing = state = hooks.keep(state)
                 if exhausted:  # the epoch is done: its means leave the state (a partial one's stay, to go on)
-                    closing = state  # what a failure until the record leaves whole: a relaunch records the epoch
                     extras = {k: v for k, v in EPOCH.clear(state.extras).items() if k not in (_EPOCH_VAL, _RECORDED)}
                     state = replace_extras(state, extras).evolve(epoch=epoch + 1, batch_index=0)
                 else:
@@ -941,7 +948,9 @@ def run_epochs(
             leave_intact(error, given)
         elif closing is not None and not closing._consumed:  # at an epoch's end: the epoch's validation and record
             leave_intact(error, closing)                       # are still to make, as from a checkpoint taken there
-        elif isinstance(state, TrainState) and not state._consumed:  # the newest whole state (before the failing batch, or after it when a hook failed)
-            leave_intact(error, state)
+        else:  # the newest whole state: before the failing batch, after it when a hook failed, or the one a step
+            whole = state if isinstance(state, TrainState) and not state._consumed else state_at_error(error)
+            if whole is not None:  # marked as whole after its update (a logger's failed write)
+                leave_intact(error, _with_counters(hooks, whole))
         raise
 

@@ -396,8 +396,11 @@ def state_at_error(error: BaseException) -> TrainState | None:
 
     After an exception out of :func:`loopkit.run_epochs` (a loss the step refuses at batch 40, a
     callback that raised), this is the fit's newest whole state: the updates before the
-    failure, with their counters, RNG and extras, ready to save or to train on (a state the
-    failing batch had not changed yet is at that batch: training it again retries it). After a
+    failure, with their counters, RNG and extras (the stateful callbacks' counters too), ready
+    to save or to train on (a state the failing batch had not changed yet is at that batch:
+    training it again retries it). A failure at an epoch's end (its validation, an
+    ``on_epoch_end``) gives the state before the epoch's record, so that training on validates
+    and records that epoch, also one a callback stopped short (then the fit ends). After a
     donated step's own error, it is the state the step was given, when nothing of it changed.
     None when the failure came half-way through an update (the optimizer's own error): the
     model and optimizer objects then hold what the update did to them, as in a plain loop.

@@ -49,6 +49,7 @@ __all__ = [
     "check_takes_model_and_batch",
     "donate",
     "eval_step",
+    "evaluating",
     "leave_intact",
     "needs_closure",
     "train_step",
@@ -1096,13 +1097,11 @@ class EvalStep(Step):
 
     def _metrics(self, state: TrainState, batch: Any) -> Metrics:
         model = state.model
-        modes = [(m, m.training) for m in model.modules()]
-        model.eval()
         cuda_index = _cuda_index(model_device(model))
         # a state that draws from the global RNG: the evaluation draws from a copy of it, put back after
         scope = RNGScope(state.rng or global_rng_state(cuda_index), cuda_index, state.seed)
         try:
-            with torch.no_grad():
+            with evaluating(model), torch.no_grad():
                 if self.precision is not None:
                     with self.precision.autocast(model_device(model).type):
                         out = self.metric_fn(model, batch)
@@ -1110,12 +1109,51 @@ class EvalStep(Step):
                     out = self.metric_fn(model, batch)
         finally:
             scope.discard()
-            for m, mode in modes:
-                m.training = mode
         where = f"metric_fn {_fn_name(self.metric_fn)}"
         if not isinstance(out, Mapping):
             raise TypeError(f"{where} returned a {type(out).__qualname__}; expected a dict of metrics")
         return {k: check_metric(v, k, where) for k, v in out.items()}
+
+
+class evaluating:  # noqa: N801  (a context manager, named as torch.no_grad is)
+    """Eval mode for ``model`` until exit, each module's own mode put back after; quantization
+    observers (``torch.ao.quantization`` fake-quantize modules) are paused meanwhile, as Lightning's
+    QAT callback pauses them outside training, so an evaluation changes no buffer of a QAT model.
+
+    >>> import torch
+    >>> model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout())
+    >>> model[1].eval()
+    Dropout(p=0.5, inplace=False)
+    >>> with evaluating(model):
+    ...     model.training
+    False
+    >>> model.training, model[1].training
+    (True, False)
+    """
+
+    __slots__ = ("_model", "_modes", "_observers")
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self._model = model
+        self._modes: list[tuple[torch.nn.Module, bool]] = []
+        self._observers: list[tuple[torch.nn.Module, torch.Tensor]] = []
+
+    def __enter__(self) -> torch.nn.Module:
+        self._modes = [(m, m.training) for m in self._model.modules()]
+        # a FakeQuantize's observer_enabled flag (a buffer): copied and put back, never read (no host sync)
+        self._observers = [(m, m.observer_enabled.clone()) for m, _ in self._modes
+                           if isinstance(getattr(m, "observer_enabled", None), torch.Tensor) and hasattr(m, "disable_observer")]
+        for m, _ in self._observers:
+            m.disable_observer()
+        self._model.eval()
+        return self._model
+
+    def __exit__(self, *exc: Any) -> None:
+        for m, mode in self._modes:
+            m.training = mode
+        with torch.no_grad():
+            for m, flag in self._observers:
+                m.observer_enabled.copy_(flag)
 
 
 def eval_step(metric_fn: Callable[[torch.nn.Module, Any], Mapping[str, Any]]) -> EvalStep:

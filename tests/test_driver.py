@@ -1278,3 +1278,55 @@ def test_after_a_failure_at_an_epochs_end_the_relaunch_still_validates_and_recor
     resumed, history = run_epochs(train_step(mse), left, make_data(3), **options)
     assert history == whole_history
     assert_bitwise(params_of(resumed), params_of(whole))
+
+
+class _StopAndCount(loopkit.Callback):
+    """Counts batches (its state_dict, so kept in the state), asks to stop after update ``stop_at`` and
+    fails once in ``fail_in`` at the update ``fail_at``."""
+
+    def __init__(self, stop_at=None, fail_in=None, fail_at=None):
+        self.n, self.stop_at, self.fail_in, self.fail_at = 0, stop_at, fail_in, fail_at
+
+    def state_dict(self):
+        return {"n": self.n, "should_stop": self.should_stop}
+
+    def load_state_dict(self, sd):
+        self.n, self.should_stop = sd["n"], sd["should_stop"]
+
+    def _maybe_fail(self, hook, state):
+        if hook == self.fail_in and state.step == self.fail_at:
+            self.fail_in = None  # once
+            raise RuntimeError(f"failed in {hook}")
+
+    def on_batch_end(self, state, metrics):
+        self.n += 1
+        self.should_stop = self.should_stop or state.step == self.stop_at
+        self._maybe_fail("on_batch_end", state)
+
+    def on_validation_end(self, state, metrics):
+        self._maybe_fail("on_validation_end", state)
+
+    def on_epoch_end(self, state, record):
+        self._maybe_fail("on_epoch_end", state)
+        return {"seen": float(self.n)}
+
+
+@pytest.mark.parametrize(
+    "stop_at, fail_in, fail_at",
+    [(7, "on_validation_end", 7), (7, "on_epoch_end", 7), (None, "on_batch_end", 7), (None, "on_epoch_end", 5)],
+    ids=["stop-then-validation-fails", "stop-then-epoch-end-fails", "a-batch-hook-fails", "an-epoch-end-fails"],
+)
+def test_a_relaunch_from_state_at_error_ends_as_the_uninterrupted_run(stop_at, fail_in, fail_at):
+    """The uninterrupted run is the reference: the epoch a callback stopped short is validated and recorded once,
+    and a stateful callback's counters continue as if nothing had failed."""
+    options = dict(epochs=3, val=(eval_step(lambda m, b: {"mse": mse(m, b)}), make_data(1, seed=1)),
+                   sanity_val_batches=0, progress=False)
+    whole, whole_history = run_epochs(train_step(mse), make_state(), make_data(5), callbacks=[_StopAndCount(stop_at)],
+                                      **options)
+    failing = _StopAndCount(stop_at, fail_in, fail_at)
+    with pytest.raises(RuntimeError, match=f"failed in {fail_in}") as caught:
+        run_epochs(train_step(mse), make_state(), make_data(5), callbacks=[failing], **options)
+    left = loopkit.state_at_error(caught.value)
+    resumed, history = run_epochs(train_step(mse), left, make_data(5), callbacks=[failing], **options)
+    assert_bitwise(params_of(resumed), params_of(whole))
+    assert history == whole_history[len(whole_history) - len(history):] and history

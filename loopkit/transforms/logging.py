@@ -16,7 +16,7 @@ import attrs
 import torch
 
 from loopkit._window import LOGGED
-from loopkit.state import TrainState, put_extras, replace_extras
+from loopkit.state import TrainState, leave_intact, put_extras, replace_extras
 from loopkit.steps import Metrics, WrapperStep, check_metric
 from loopkit.transforms._compose import refuse_wrapping, require_step
 
@@ -109,8 +109,11 @@ class LoggingStep(WrapperStep):
         if new.step != before and new.step % self.every_n_steps == 0 and WINDOW.holds(new.extras):
             means = _read_means(new.extras)
             new = replace_extras(new, WINDOW.clear(new.extras))
-            for logger in self.loggers:
-                logger.log_metrics(means, new.step)
+            try:
+                for logger in self.loggers:
+                    logger.log_metrics(means, new.step)
+            except BaseException as error:  # a full disk: the update is done, its state whole (loopkit.state_at_error)
+                raise leave_intact(error, new)
         return new, metrics
 
     def on_event(self, event: str, state: TrainState, metrics: Mapping[str, float]) -> None:

@@ -513,3 +513,30 @@ def test_under_ddp_only_rank_zero_writes(tmp_path, monkeypatch, rank, make_mlp, 
         assert {"metrics.csv", "metrics.jsonl"} <= set(written) and any("tfevents" in f for f in written)
     else:
         assert written == [] and os.listdir(tmp_path) == []
+
+
+class _FullDisk(MemoryLogger):
+    """A logger whose write at update ``at`` fails, as on a full disk."""
+
+    def __init__(self, at):
+        super().__init__()
+        self.at = at
+
+    def _write_metrics(self, metrics, step):
+        if step == self.at:
+            raise OSError(28, "No space left on device")
+        super()._write_metrics(metrics, step)
+
+
+def test_a_failed_write_at_a_log_point_leaves_that_update_whole(make_mlp, make_batches, make_sgd_state, mse_loss):
+    """The update is done before the write: state_at_error gives it, and training on from it ends as the
+    uninterrupted run (the reference, trained without logging)."""
+    data = make_batches(8)
+    whole, _ = run_epochs(train_step(mse_loss), make_sgd_state(make_mlp()), data, epochs=2, progress=False)
+    with pytest.raises(OSError, match="No space left") as caught:
+        run_epochs(with_logging(train_step(mse_loss), _FullDisk(at=10), every_n_steps=5),
+                   make_sgd_state(make_mlp()), data, epochs=2, progress=False)
+    left = loopkit.state_at_error(caught.value)
+    assert left is not None and (left.step, left.epoch, left.batch_index) == (10, 1, 2)
+    resumed, _ = run_epochs(train_step(mse_loss), left, data, epochs=2, progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(resumed.model.parameters(), whole.model.parameters(), strict=True))

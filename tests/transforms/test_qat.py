@@ -77,6 +77,22 @@ def test_run_epochs_trains_the_same_as_calling_the_step(make_batches, assert_tre
     assert_trees_equal(dict(state.model.state_dict()), dict(ref.state_dict()))
 
 
+def test_validation_changes_no_observer_so_training_equals_the_raw_loop(make_batches, assert_trees_equal):
+    """Lightning's QAT callback pauses the observers outside training: a validation (and the sanity one)
+    reads the fake-quantized model without moving its ranges, so the run equals the raw loop (no validation)."""
+    data = make_batches(STEPS)
+    ref, _ = _raw_qat(data)
+    val = (loopkit.eval_step(lambda m, b: {"mse": _mse(m, b)}), make_batches(3, seed=9))
+    state, history = loopkit.run_epochs(loopkit.with_qat(loopkit.train_step(_mse)), _state(), data, epochs=1,
+                                        val=val, val_every_n_steps=2, progress=False)
+    assert "val/mse" in history[0]
+    assert_trees_equal(dict(state.model.state_dict()), dict(ref.state_dict()))
+    before = {k: v.clone() for k, v in state.model.state_dict().items()}
+    loopkit.evaluate(val[0], state, val[1])
+    loopkit.predict(lambda m, b: m(b[0]), state, val[1])
+    assert_trees_equal(dict(state.model.state_dict()), before)  # the observer flags are back as they were too
+
+
 def test_a_pure_call_leaves_the_given_state_unprepared_and_unchanged(make_batches, take_snapshot, assert_trees_equal):
     state = _state()
     before = take_snapshot(state)
