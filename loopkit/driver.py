@@ -756,12 +756,16 @@ def run_epochs(
     if OVER_RANKS in state.extras:  # restored from a DDP checkpoint holding every rank's running means: each takes its own
         state = replace_extras(state, own_share(state.extras, *_collective.rank_and_size(), model_device(state.model)))
     start: TrainState | None = None  # the state the fit's first epoch trains from, before any step has run
-    closing: TrainState | None = None  # an epoch's state after its last batch, until the epoch is recorded
+    # while a validation or an epoch's end runs: the state from before it, the callbacks' counters in it (what a
+    # failure there leaves whole: a relaunch from it validates, and records the epoch, as from a checkpoint)
+    closing: TrainState | None = None
+    restored = False  # the callbacks' counters are loaded from the state (after that, a failure keeps theirs)
     early_changes = any(may_change_state_early(cb) for cb in callbacks)  # hooks that run before the first step
     try:
         with _StopOnSignal() as stop, _TellingAbort(lifecycle, state):
             hooks.call("on_fit_start", state)  # first: a callback may build in it what its load_state_dict fills
             hooks.restore(state)
+            restored = True
             hooks.check_plain()
             if validates and sanity_val_batches > 0:
                 limited = _num_batches(val[1], limit_val_batches, "limit_val_batches")  # type: ignore[index]
@@ -774,7 +778,9 @@ def run_epochs(
             # a state saved between an update and its due validation (a step checkpoint, a graceful stop)
             resumed_val: dict[str, float] = {}
             if val_steps and state.step and state.step % val_steps == 0 and state.extras.get(_VALIDATED) != state.step:
+                closing = state
                 resumed_val, state = validation_end(state)
+                closing = None
 
             def more(s: TrainState) -> bool:
                 if limit_train_batches == 0:  # training is off, as in Lightning (each epoch would be empty)
@@ -863,7 +869,9 @@ def run_epochs(
                         break
                     hooks_ran = batch_hooks  # a callback can only ask to stop from one of its hooks
                     if val_steps and state.step != before and state.step % val_steps == 0:
+                        closing = state = hooks.keep(state)
                         last_val, state = validation_end(state)
+                        closing = None
                         validated_at, hooks_ran = state.step, True
                     reached = max_steps is not None and state.step >= max_steps
                     asked_stop = hooks_ran and hooks.should_stop  # it still validates, as Lightning's should_stop does
@@ -893,9 +901,7 @@ def run_epochs(
                         step.notify("save_due", state, {})
                 record: dict[str, float] = {"epoch": epoch, "step": state.step}
                 record.update({f"train/{k}": v for k, v in EPOCH.means(state.extras).items()})
-                # what a failure before the record leaves whole (the callbacks' counters after the epoch's batches):
-                # a relaunch from it validates and records the epoch, as one from a checkpoint taken here would
-                closing = state = hooks.keep(state)
+                closing = state = hooks.keep(state)  # (the counters after the epoch's batches)
                 if exhausted:  # the epoch is done: its means leave the state (a partial one's stay, to go on)
                     extras = {k: v for k, v in EPOCH.clear(state.extras).items() if k not in (_EPOCH_VAL, _RECORDED)}
                     state = replace_extras(state, extras).evolve(epoch=epoch + 1, batch_index=0)
@@ -946,11 +952,11 @@ def run_epochs(
         if start is not None and state is start and not start._consumed and given is not start and not early_changes:
             object.__setattr__(given, "_consumed", False)
             leave_intact(error, given)
-        elif closing is not None and not closing._consumed:  # at an epoch's end: the epoch's validation and record
-            leave_intact(error, closing)                       # are still to make, as from a checkpoint taken there
+        elif closing is not None and not closing._consumed:  # in a validation or at an epoch's end
+            leave_intact(error, closing)
         else:  # the newest whole state: before the failing batch, after it when a hook failed, or the one a step
             whole = state if isinstance(state, TrainState) and not state._consumed else state_at_error(error)
             if whole is not None:  # marked as whole after its update (a logger's failed write)
-                leave_intact(error, _with_counters(hooks, whole))
+                leave_intact(error, _with_counters(hooks, whole) if restored else whole)
         raise
 

@@ -1285,13 +1285,16 @@ class _StopAndCount(loopkit.Callback):
     fails once in ``fail_in`` at the update ``fail_at``."""
 
     def __init__(self, stop_at=None, fail_in=None, fail_at=None):
-        self.n, self.stop_at, self.fail_in, self.fail_at = 0, stop_at, fail_in, fail_at
+        self.n, self.validations, self.stop_at, self.fail_in, self.fail_at = 0, 0, stop_at, fail_in, fail_at
 
     def state_dict(self):
-        return {"n": self.n, "should_stop": self.should_stop}
+        return {"n": self.n, "validations": self.validations, "should_stop": self.should_stop}
 
     def load_state_dict(self, sd):
-        self.n, self.should_stop = sd["n"], sd["should_stop"]
+        self.n, self.validations, self.should_stop = sd["n"], sd["validations"], sd["should_stop"]
+
+    def on_fit_start(self, state):
+        self._maybe_fail("on_fit_start", state)
 
     def _maybe_fail(self, hook, state):
         if hook == self.fail_in and state.step == self.fail_at:
@@ -1304,23 +1307,26 @@ class _StopAndCount(loopkit.Callback):
         self._maybe_fail("on_batch_end", state)
 
     def on_validation_end(self, state, metrics):
+        self.validations += 1
         self._maybe_fail("on_validation_end", state)
 
     def on_epoch_end(self, state, record):
         self._maybe_fail("on_epoch_end", state)
-        return {"seen": float(self.n)}
+        return {"seen": float(self.n), "validations": float(self.validations)}
 
 
 @pytest.mark.parametrize(
-    "stop_at, fail_in, fail_at",
-    [(7, "on_validation_end", 7), (7, "on_epoch_end", 7), (None, "on_batch_end", 7), (None, "on_epoch_end", 5)],
-    ids=["stop-then-validation-fails", "stop-then-epoch-end-fails", "a-batch-hook-fails", "an-epoch-end-fails"],
+    "stop_at, fail_in, fail_at, every",
+    [(7, "on_validation_end", 7, None), (7, "on_epoch_end", 7, None), (None, "on_batch_end", 7, None),
+     (None, "on_epoch_end", 5, None), (None, "on_validation_end", 4, 2)],
+    ids=["stop-then-validation-fails", "stop-then-epoch-end-fails", "a-batch-hook-fails", "an-epoch-end-fails",
+         "a-step-validation-fails"],
 )
-def test_a_relaunch_from_state_at_error_ends_as_the_uninterrupted_run(stop_at, fail_in, fail_at):
+def test_a_relaunch_from_state_at_error_ends_as_the_uninterrupted_run(stop_at, fail_in, fail_at, every):
     """The uninterrupted run is the reference: the epoch a callback stopped short is validated and recorded once,
-    and a stateful callback's counters continue as if nothing had failed."""
+    and a stateful callback's counters (of batches, of validations) continue as if nothing had failed."""
     options = dict(epochs=3, val=(eval_step(lambda m, b: {"mse": mse(m, b)}), make_data(1, seed=1)),
-                   sanity_val_batches=0, progress=False)
+                   val_every_n_steps=every, sanity_val_batches=0, progress=False)
     whole, whole_history = run_epochs(train_step(mse), make_state(), make_data(5), callbacks=[_StopAndCount(stop_at)],
                                       **options)
     failing = _StopAndCount(stop_at, fail_in, fail_at)
@@ -1330,3 +1336,17 @@ def test_a_relaunch_from_state_at_error_ends_as_the_uninterrupted_run(stop_at, f
     resumed, history = run_epochs(train_step(mse), left, make_data(5), callbacks=[failing], **options)
     assert_bitwise(params_of(resumed), params_of(whole))
     assert history == whole_history[len(whole_history) - len(history):] and history
+
+
+def test_a_failure_in_on_fit_start_leaves_the_restored_counters_in_the_state():
+    """A relaunch whose on_fit_start fails (before the counters are loaded) hands back the state's own counters,
+    not the fresh callback's."""
+    left, _ = run_epochs(train_step(mse), make_state(), make_data(5), epochs=1, callbacks=[_StopAndCount()],
+                         progress=False)
+    saved = dict(left.extras["callbacks/_StopAndCount"])
+    assert saved["n"] == 5
+    with pytest.raises(RuntimeError, match="failed in on_fit_start") as caught:
+        run_epochs(train_step(mse), left, make_data(5), epochs=2,
+                   callbacks=[_StopAndCount(fail_in="on_fit_start", fail_at=5)], progress=False)
+    again = loopkit.state_at_error(caught.value)
+    assert dict(again.extras["callbacks/_StopAndCount"]) == saved
