@@ -954,9 +954,10 @@ def run_epochs(
             leave_intact(error, given)
         elif closing is not None and not closing._consumed:  # in a validation or at an epoch's end
             leave_intact(error, closing)
-        else:  # the newest whole state: before the failing batch, after it when a hook failed, or the one a step
+        else:  # the newest whole state: before the failing batch, after it when a hook failed, or the new state
+            # that a step marked whole after its update (a logger's failed write)
             whole = state if isinstance(state, TrainState) and not state._consumed else state_at_error(error)
-            if whole is not None:  # marked as whole after its update (a logger's failed write)
+            if whole is not None:
                 leave_intact(error, _with_counters(hooks, whole) if restored else whole)
         raise
 
