@@ -1141,8 +1141,8 @@ class evaluating:  # noqa: N801  (a context manager, named as torch.no_grad is)
     def __enter__(self) -> torch.nn.Module:
         self._modes = [(m, m.training) for m in self._model.modules()]
         # a FakeQuantize's observer_enabled flag (a buffer): copied and put back, never read (no host sync)
-        self._observers = [(m, m.observer_enabled.clone()) for m, _ in self._modes
-                           if isinstance(getattr(m, "observer_enabled", None), torch.Tensor) and hasattr(m, "disable_observer")]
+        self._observers = [(m, m._buffers["observer_enabled"].clone()) for m, _ in self._modes
+                           if "observer_enabled" in m._buffers and hasattr(m, "disable_observer")]
         for m, _ in self._observers:
             m.disable_observer()
         self._model.eval()

@@ -124,22 +124,20 @@ def create_study(
     if pruner is not None and not isinstance(pruner, optuna.pruners.BasePruner):
         raise TypeError(f"loopkit.tune: pruner must be an optuna pruner (optuna.pruners.MedianPruner()), got {pruner!r}")
     _check_heartbeat(heartbeat_interval, grace_period, max_retry)
-    if storage is not None and not isinstance(storage, str):
+    if storage is None:
+        folder = os.path.abspath(os.fspath(directory))
+        if not os.path.isdir(folder):
+            raise NotADirectoryError(f"loopkit.tune: directory {str(directory)!r} (where the study's SQLite file goes) is not a folder")
+        storage = storage_url(study_name, directory)
+    where = storage
+    if not isinstance(storage, str):
         if (heartbeat_interval, grace_period, max_retry) != (_HEARTBEAT_INTERVAL, None, _MAX_RETRY):
             raise TypeError(
                 "loopkit.tune: heartbeat_interval, grace_period and max_retry configure the storage made from a URL; "
                 "the given storage object has its own (optuna.storages.RDBStorage(url, heartbeat_interval=...))"
             )
-        where = storage
-    else:
-        if storage is None:
-            folder = os.path.abspath(os.fspath(directory))
-            if not os.path.isdir(folder):
-                raise NotADirectoryError(f"loopkit.tune: directory {str(directory)!r} (where the study's SQLite file goes) is not a folder")
-            storage = storage_url(study_name, directory)
-        where = storage
-        if heartbeat_interval is not None:
-            storage = _heartbeat_storage(optuna, storage, heartbeat_interval, grace_period, max_retry)
+    elif heartbeat_interval is not None:
+        storage = _heartbeat_storage(optuna, storage, heartbeat_interval, grace_period, max_retry)
     study = optuna.create_study(
         storage=storage,
         study_name=study_name,

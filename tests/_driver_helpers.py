@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+import loopkit
 from loopkit import TrainState, eval_step
 
 CONVERSIONS = ("item", "__float__", "__int__", "__bool__", "tolist", "__index__")
@@ -86,3 +87,15 @@ class Recorder:
 
     def on_fit_end(self, state, history):
         self.events.append("fit_end")
+
+
+class CrashAfterStep(loopkit.Callback):
+    """Crashes in the batch after update ``step``: that update's checkpoint (written once its batch's
+    hooks have run) is the newest."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_batch_end(self, state, metrics):
+        if state.step == self.step + 1:
+            raise RuntimeError("simulated crash")

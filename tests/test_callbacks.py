@@ -14,7 +14,7 @@ from torch import nn
 
 import loopkit
 from loopkit import TrainState, run_epochs, train_step
-from tests._driver_helpers import Counter, Recorder, counting_eval, make_data, make_state, mse
+from tests._driver_helpers import Counter, CrashAfterStep, Recorder, counting_eval, make_data, make_state, mse
 
 
 
@@ -270,18 +270,6 @@ def test_a_run_resumed_after_its_validation_does_not_repeat_it(tmp_path):
     assert again.steps == [4]
 
 
-class _CrashAtStep(loopkit.Callback):
-    """Crashes in the batch after update ``step``: that update's checkpoint (written once its batch's
-    hooks have run) is the newest."""
-
-    def __init__(self, step):
-        self.step = step
-
-    def on_batch_end(self, state, metrics):
-        if state.step == self.step + 1:
-            raise RuntimeError("simulated crash")
-
-
 @pytest.mark.parametrize("crash_at", [8, 10], ids=["mid-epoch", "after-the-epochs-last-batch"])
 def test_epoch_means_and_a_train_loss_monitor_resume_as_the_uninterrupted_run(tmp_path, crash_at):
     """The epoch's running means travel in the state: a step checkpoint taken mid-epoch (or on the
@@ -293,7 +281,7 @@ def test_epoch_means_and_a_train_loss_monitor_resume_as_the_uninterrupted_run(tm
 
     with pytest.raises(RuntimeError, match="simulated crash"):  # 5 batches an epoch: step 8 is epoch 1's 3rd
         run_epochs(step, make_state(), make_data(5), callbacks=[loopkit.EarlyStopping("train/loss", patience=5),
-                                                                  _CrashAtStep(crash_at)], **options)
+                                                                  CrashAfterStep(crash_at)], **options)
     restored = loopkit.restore(make_state(), tmp_path / "ckpt")
     assert restored.step == crash_at
     fresh = loopkit.EarlyStopping("train/loss", patience=5)
@@ -393,7 +381,7 @@ def test_learning_rate_monitor_resumed_mid_epoch_records_what_the_uninterrupted_
     _, whole_history = run_epochs(train_step(mse), lr_state(), make_data(3), epochs=3, callbacks=[whole], progress=False)
     step = loopkit.with_checkpointing(train_step(mse), tmp_path, every_n_steps=1, keep_last=None)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        run_epochs(step, lr_state(), make_data(3), epochs=3, callbacks=[loopkit.LearningRateMonitor(), _CrashAtStep(crash_at)],
+        run_epochs(step, lr_state(), make_data(3), epochs=3, callbacks=[loopkit.LearningRateMonitor(), CrashAfterStep(crash_at)],
                    progress=False)
     restored = loopkit.restore(lr_state(), tmp_path)
     assert restored.step == crash_at
@@ -578,7 +566,7 @@ def test_a_counter_a_callback_keeps_per_batch_resumes_from_a_step_checkpoint_as_
     _, whole = run_epochs(train_step(mse), make_state(), make_data(5), epochs=2, callbacks=[_BatchCounter()], progress=False)
     step = loopkit.with_checkpointing(train_step(mse), tmp_path, every_n_steps=1)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        run_epochs(step, make_state(), make_data(5), epochs=2, callbacks=[_BatchCounter(), _CrashAtStep(crash_at)],
+        run_epochs(step, make_state(), make_data(5), epochs=2, callbacks=[_BatchCounter(), CrashAfterStep(crash_at)],
                    progress=False)
     restored = loopkit.restore(make_state(), tmp_path)
     assert restored.step == crash_at

@@ -15,6 +15,7 @@ import torch
 
 import loopkit
 from loopkit.rng import RNGScope, create_rng, seed_everything
+from tests._driver_helpers import CrashAfterStep
 
 
 @pytest.fixture(autouse=True)
@@ -251,15 +252,6 @@ def test_a_global_rng_state_round_trips_and_refuses_a_state_dict_of_the_other_ki
         loopkit.TrainState.create(*_dropout_parts(), global_rng=1)
 
 
-class _CrashAfter(loopkit.Callback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_batch_end(self, state, metrics):
-        if state.step == self.step + 1:
-            raise RuntimeError("simulated crash")
-
-
 def test_a_global_rng_run_resumes_bit_for_bit_from_its_checkpoint(tmp_path):
     """The checkpoint holds the global RNG; restore installs it, whatever drew from it since the crash."""
     data = torch.utils.data.DataLoader(
@@ -275,7 +267,7 @@ def test_a_global_rng_run_resumes_bit_for_bit_from_its_checkpoint(tmp_path):
     seed_everything(0)
     with pytest.raises(RuntimeError, match="simulated crash"):
         loopkit.run_epochs(step, loopkit.TrainState.create(*_dropout_parts(), global_rng=True), data,
-                           callbacks=[_CrashAfter(8)], **options)
+                           callbacks=[CrashAfterStep(8)], **options)
     torch.rand(1000)  # the crashed process drew on: the checkpoint's global RNG must win
     restored = loopkit.restore(loopkit.TrainState.create(*_dropout_parts(), global_rng=True), tmp_path)
     assert (restored.step, restored.epoch, restored.batch_index) == (8, 1, 2)
