@@ -485,15 +485,27 @@ class _StopOnSignal:
     A second signal stops at once (``KeyboardInterrupt``), unless it comes within a second of
     the first: torchrun's agent and SLURM deliver one stop to a worker twice, about at once.
     Handlers are installed only in the main thread, and the previous ones are put back on exit.
+
+    Under DDP the ranks stop together: a signal reaches each rank at another step (or one rank
+    alone), and a rank that stopped alone would leave the others waiting in the next all-reduce.
+    So :meth:`poll`, called once a step on every rank, sends this rank's flag in a non-blocking
+    all-reduce (on a gloo group, host memory: no device sync) and reads the one sent a step
+    earlier, long done by then: every rank reads the same vote after the same step, and
+    :attr:`agreed` (the stop the loop obeys) turns on there, one step after the signal.
     """
 
     #: a repeat within this many seconds is the same stop delivered twice
     repeat_window = 1.0
 
     def __init__(self) -> None:
-        self.requested: str | None = None
+        self.requested: str | None = None  # the signal this process got
+        self.agreed: str | None = None  # the stop every rank takes (in one process: ``requested``)
         self._at = 0.0
         self._previous: dict[int, Any] = {}
+        self.voting = _collective.active()
+        self._group: Any = None  # the gloo group of the votes (None: the default group, when it is gloo)
+        self._own_group = False
+        self._vote: tuple[torch.Tensor, Any] | None = None  # (flag, its all-reduce) in flight
 
     def __enter__(self) -> _StopOnSignal:
         if threading.current_thread() is threading.main_thread():
@@ -501,6 +513,8 @@ class _StopOnSignal:
                 sig = getattr(signal, name, None)
                 if sig is not None:
                     self._previous[sig] = signal.signal(sig, self._handle)
+        if self.voting and torch.distributed.get_backend() != "gloo":  # (NCCL: votes stay off the device)
+            self._group, self._own_group = torch.distributed.new_group(backend="gloo"), True
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
@@ -510,13 +524,32 @@ class _StopOnSignal:
                 return
             raise KeyboardInterrupt(f"run_epochs: {name} after {self.requested}: stopping at once")
         self.requested, self._at = name, time.monotonic()
-        print(f"run_epochs: {name} received, stopping after the current step (send it again to stop at once)",
-              file=sys.stderr, flush=True)
+        if not self.voting:
+            self.agreed = name
+        when = "after the next step, with every rank" if self.voting else "after the current step"
+        print(f"run_epochs: {name} received, stopping {when} (send it again to stop at once)", file=sys.stderr, flush=True)
 
-    def __exit__(self, *exc: Any) -> None:
+    def poll(self) -> None:
+        """Under DDP, once a step on every rank: read the previous step's vote, send this one's."""
+        dist = torch.distributed
+        if self._vote is not None:
+            flag, work = self._vote
+            work.wait()
+            if flag.item() and self.agreed is None:
+                self.agreed = self.requested or "a stop signal on another rank"
+        flag = torch.tensor(int(self.requested is not None))
+        self._vote = flag, dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group, async_op=True)
+
+    def __exit__(self, kind: Any, *exc: Any) -> None:
         for sig, previous in self._previous.items():
             signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
         self._previous.clear()
+        if kind is None:  # every rank has a vote in flight, sent after the same step: each ends it
+            if self._vote is not None:
+                self._vote[1].wait()
+            if self._own_group:
+                torch.distributed.destroy_process_group(self._group)
+        self._vote = None
 
 
 class _Hooks:
@@ -663,7 +696,9 @@ def run_epochs(
     interrupted epoch: a run resumed from the state ends that epoch and records it, as an
     uninterrupted run would; a second signal raises ``KeyboardInterrupt`` at
     once, unless it comes within a second of the first (one stop delivered twice, as torchrun's
-    agent and SLURM do). The previous signal handlers are restored on return.
+    agent and SLURM do). The previous signal handlers are restored on return. Under DDP every
+    rank stops after the same step, one step after the first signal on any rank (a non-blocking
+    vote a step on a gloo group; a rank that stopped alone would leave the others waiting).
 
     >>> import torch
     >>> from loopkit.state import TrainState
@@ -800,7 +835,7 @@ def run_epochs(
             finishing_stop = unrecorded and hooks.should_stop  # (then the epoch's validation is still due)
             finishing = finishing_stop or (unrecorded and max_steps is not None and state.step >= max_steps)
             # a stop asked for by the resumed validation still ends its epoch, as it did in the run that saved the state
-            while (more(state) or finishing) and (not hooks.should_stop or resumed_val or finishing) and not stop.requested:
+            while (more(state) or finishing) and (not hooks.should_stop or resumed_val or finishing) and not stop.agreed:
                 hooks.call("on_epoch_start", state)
                 state = hooks.keep(state)  # what they know at the epoch's start: a checkpoint mid-epoch holds it
                 if hooks.should_stop and not resumed_val and not finishing:  # asked in on_epoch_start: no batch of it
@@ -864,7 +899,9 @@ def run_epochs(
                             held_save = True  # the fit's last update: saved with its epoch's record made (below)
                         else:
                             step.notify("save_due", state, {})
-                    if stop.requested:  # a graceful stop: no flush, no validation; resume continues here
+                    if stop.voting:  # (every rank stops after the same step)
+                        stop.poll()
+                    if stop.agreed:  # a graceful stop: no flush, no validation; resume continues here
                         exhausted = False
                         break
                     hooks_ran = batch_hooks  # a callback can only ask to stop from one of its hooks
@@ -878,7 +915,7 @@ def run_epochs(
                     if reached or asked_stop:
                         exhausted = total is not None and state.batch_index >= total
                         break
-                if stop.requested and not exhausted:  # a graceful stop: the resumed run ends this epoch (and counts it)
+                if stop.agreed and not exhausted:  # a graceful stop: the resumed run ends this epoch (and counts it)
                     bar.close()
                     state = hooks.keep(state)
                     break
@@ -940,7 +977,7 @@ def run_epochs(
                     )
                     break
             for told in lifecycle:
-                if stop.requested:
+                if stop.agreed:
                     told.notify("stop", state, {})
                 told.notify("fit_end", state, history[-1] if history else {})
             hooks.call("on_fit_end", state, history)

@@ -22,6 +22,9 @@ no expected values. Scenarios:
   samples (``pad=False``), then ``evaluate`` of the same.
 - ``stop_one_rank``: a callback asks to stop on rank 0 only; ``uneven``: 3 batches on rank 0, 2
   on rank 1; ``apart``: rank 1 starts from step 2 (each refused before a step, by every rank).
+- ``signal_one_rank``: rank 1 alone gets SIGTERM in its 3rd step; ``signal_apart``: rank 0 gets it in
+  its 2nd step, rank 1 in its 3rd. Every rank stops after the same step and saves (``with_checkpointing``
+  on the stop); the run is then resumed from that checkpoint, in the same process, to its end.
 - ``resume``: ``run_epochs`` with ``with_checkpointing(every_n_steps=1)`` from the newest
   checkpoint in ``OUT_DIR/ckpt``; with ``LOOPKIT_TEST_DIE=N`` rank 1 of the first attempt exits
   hard in batch N + 1, after the checkpoint of batch N (written once batch N's hooks have run).
@@ -30,6 +33,7 @@ no expected values. Scenarios:
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from typing import Any
 
@@ -309,6 +313,47 @@ def apart(rank: int) -> dict[str, Any]:
     return {"error": _refused(lambda: loopkit.run_epochs(step, state, batches, epochs=1, progress=False))}
 
 
+SIGNAL_STEPS = 6  # batches an epoch of the signal scenarios (2 epochs)
+
+
+def _signalling(at: int | None) -> Any:
+    """``mse`` that sends SIGTERM to this process in its call number ``at`` (from 1; never for None)."""
+    calls = []
+
+    def loss(model: nn.Module, batch: Any) -> torch.Tensor:
+        calls.append(1)
+        if len(calls) == at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return mse(model, batch)
+
+    return loss
+
+
+def _signal_stop(rank: int, out_dir: str, name: str, at: int | None) -> dict[str, Any]:
+    import loopkit
+
+    directory = os.path.join(out_dir, name)
+    batches = [b for b in make_data(SIGNAL_STEPS)[:, rank]]
+    step = loopkit.with_checkpointing(loopkit.with_ddp(loopkit.train_step(_signalling(at))), directory)
+    state, history = loopkit.run_epochs(step, sgd_state(make_model(), seed=5), batches, epochs=2, progress=False)
+    stopped, handler = state.step, signal.getsignal(signal.SIGTERM)
+    torch.distributed.barrier()  # rank 0 has written the checkpoint (a relaunch finds it written)
+    state = loopkit.restore(sgd_state(make_model(), seed=5), directory)
+    restored = state.step
+    step = loopkit.with_checkpointing(loopkit.with_ddp(loopkit.train_step(mse)), directory)
+    state, more = loopkit.run_epochs(step, state, batches, epochs=2, progress=False)
+    return {"stopped": stopped, "restored": restored, "step": state.step, "params": _params(state.model),
+            "history": history + more, "handler_restored": handler is signal.SIG_DFL}
+
+
+def signal_one_rank(rank: int, out_dir: str) -> dict[str, Any]:
+    return _signal_stop(rank, out_dir, "signal_one_rank", None if rank == 0 else 3)
+
+
+def signal_apart(rank: int, out_dir: str) -> dict[str, Any]:
+    return _signal_stop(rank, out_dir, "signal_apart", 2 if rank == 0 else 3)
+
+
 def resume(rank: int, out_dir: str) -> dict[str, Any]:
     import loopkit
     from loopkit import distributed
@@ -346,6 +391,8 @@ SCENARIOS = {
               stop_one_rank, callbacks_on_rank0, uneven, apart)
 }
 
+WITH_OUT_DIR = {f.__name__: f for f in (resume, signal_one_rank, signal_apart)}
+
 
 def main(out_dir: str, scenarios: list[str]) -> None:
     torch.set_num_threads(1)
@@ -354,7 +401,10 @@ def main(out_dir: str, scenarios: list[str]) -> None:
     assert distributed.init(timeout=float(os.environ.get("LOOPKIT_TEST_TIMEOUT", "20")))
     rank = distributed.rank()
     for name in scenarios:
-        result = resume(rank, out_dir) if name == "resume" else SCENARIOS[name](rank)
+        if name in WITH_OUT_DIR:
+            result = WITH_OUT_DIR[name](rank, out_dir)
+        else:
+            result = SCENARIOS[name](rank)
         torch.save(result, os.path.join(out_dir, f"{name}_rank{rank}.pt"))
         print(f"rank {rank} done {name}", flush=True)
     distributed.shutdown()

@@ -20,7 +20,7 @@ from tests import _ddp_script as ddp
 
 TOL = 1e-6
 SCENARIOS = ["plain", "accum", "accum_outer", "bucket_views", "static_graph", "flush", "averaged_pruned", "nan_skip",
-             "nan_raise", "fp16", "fit", "stop_one_rank", "callbacks_on_rank0", "uneven", "apart"]
+             "nan_raise", "fp16", "fit", "stop_one_rank", "callbacks_on_rank0", "uneven", "apart", "signal_one_rank", "signal_apart"]
 
 
 @pytest.fixture(scope="module")
@@ -229,6 +229,25 @@ def test_a_stop_asked_on_one_rank_stops_every_rank_at_the_same_step(ranks):
     results = ranks("stop_one_rank")
     assert [r["step"] for r in results] == [3, 3]
     _assert_ranks_identical(results)
+
+
+@pytest.mark.parametrize("name, stopped", [("signal_one_rank", 4), ("signal_apart", 3)])
+def test_a_stop_signal_stops_every_rank_after_the_same_step_and_the_resumed_run_ends_as_one_process(ranks, name, stopped):
+    """SIGTERM reaches one rank alone, or each rank at another step: every rank stops one step after the
+    first signal, saves, and the run resumed from that checkpoint ends as the uninterrupted run over the
+    concatenated batches (the rank that stopped alone returned, and the other waited in its next all-reduce
+    until the timeout)."""
+    results = ranks(name)
+    assert [r["stopped"] for r in results] == [stopped, stopped]
+    assert [r["restored"] for r in results] == [stopped, stopped]
+    assert all(r["handler_restored"] for r in results)
+    _assert_ranks_identical(results)
+    data = ddp.make_data(ddp.SIGNAL_STEPS)
+    batches = [torch.cat([data[i, 0], data[i, 1]]) for i in range(ddp.SIGNAL_STEPS)]
+    state, _ = _reference(batches * 2, model_seed=0)
+    assert [r["step"] for r in results] == [2 * ddp.SIGNAL_STEPS] * 2
+    _assert_close(results[0]["params"], state.model)
+    assert [[r["epoch"] for r in result["history"]] for result in results] == [[0, 1], [0, 1]]
 
 
 def test_callbacks_on_one_rank_only_do_not_hang_the_others(ranks):
