@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import numbers
+import random
 import signal
 import sys
 import threading
@@ -113,6 +114,7 @@ def _epoch_batches(data: Iterable, seed: int, epoch: int, skip: int, count: int 
     A ``DataLoader``'s shuffling draws from its own generator, its sampler's or, lacking
     one, from the global torch RNG when the iterator starts: all are seeded here, and the
     caller's global RNG is put back afterwards, so the order is the same in a resumed run.
+    The ``skip`` batches are read at once, and the global RNGs put back after them too.
     An epoch with nothing left (a state saved after its last batch) is not read at all.
     """
     if count is not None and 0 < count <= skip:  # nothing to skip to: no batch read again, no worker started
@@ -125,17 +127,26 @@ def _epoch_batches(data: Iterable, seed: int, epoch: int, skip: int, count: int 
         generator.manual_seed(order_seed)
     cpu = torch.default_generator  # what samplers without a generator of their own draw from
     saved = cpu.get_state()
+    # a resumed run reads the batches it skips without drawing from the global RNGs (torch's, numpy's,
+    # Python's): a Dataset's augmentation in this process (num_workers=0) draws the next batch from the
+    # RNGs the checkpoint holds, as the uninterrupted run did
+    others = (np.random.get_state(), random.getstate()) if skip else None
     cpu.manual_seed(order_seed)
     try:
         iterator = iter(data)
         first = next(iterator, _END)
+        if first is not _END and skip > 1:
+            next(itertools.islice(iterator, skip - 2, None), None)
     finally:
         cpu.set_state(saved)
+        if others is not None:
+            np.random.set_state(others[0])
+            random.setstate(others[1])
     if first is _END:
         return None
-    batches = itertools.chain((first,), iterator)
-    stop = None if count is None else count
-    return itertools.islice(batches, skip, stop)
+    if skip:
+        return iterator if count is None else itertools.islice(iterator, max(count - skip, 0))
+    return itertools.islice(itertools.chain((first,), iterator), count)
 
 
 _END = object()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import random
 import warnings
 
 import numpy as np
@@ -19,7 +20,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import loopkit
 from loopkit import TrainState, eval_step, evaluate, predict, run_epochs, train_step, with_grad_accum
-from tests._driver_helpers import Counter, Recorder, counting_eval, make_data, make_state, mse
+from tests._driver_helpers import Counter, CrashAfterStep, Recorder, counting_eval, make_data, make_state, mse
 
 
 def params_of(state: TrainState) -> list[torch.Tensor]:
@@ -1075,6 +1076,41 @@ def test_a_state_saved_after_an_epochs_last_batch_reads_none_of_that_epoch_again
     resumed, rest = run_epochs(step, mid, loader, epochs=2, progress=False)
     assert data.reads == 5  # epoch 1's batches only
     assert rest == history
+    assert_bitwise(params_of(resumed), params_of(whole))
+
+
+class _Augmented(torch.utils.data.Dataset):
+    """Noise drawn from torch's, numpy's and Python's global RNGs in ``__getitem__``, as a transform read in
+    the main process does."""
+
+    def __init__(self):
+        self.data = make_data(8, batch_size=1, seed=3)
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        x, y = self.data[i]
+        noise = 0.1 * torch.rand(3) + 0.01 * torch.from_numpy(np.random.rand(3)).float() + 0.001 * random.random()
+        return x[0] + noise, y[0]
+
+
+@pytest.mark.parametrize("crash_after", [1, 2, 6])
+def test_augmentation_from_the_global_rng_in_the_main_process_resumes_mid_epoch_exactly(tmp_path, crash_after):
+    """The batches a resumed run skips are read without drawing from the global RNG the checkpoint put
+    back (they drew from it, so every later batch of the epoch had other noise than the uninterrupted run's)."""
+    loader = DataLoader(_Augmented(), batch_size=2, shuffle=True, num_workers=0)
+    loopkit.seed_everything(11)
+    whole, history = run_epochs(train_step(mse), make_state(), loader, epochs=2, progress=False)
+    step = loopkit.with_checkpointing(train_step(mse), tmp_path, every_n_steps=1)
+    loopkit.seed_everything(11)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_epochs(step, make_state(), loader, epochs=2, callbacks=[CrashAfterStep(crash_after)], progress=False)
+    loopkit.seed_everything(99)  # another process: the checkpoint's global RNGs are what count
+    mid = loopkit.restore(make_state(), tmp_path)
+    assert mid.batch_index == crash_after % 4 and mid.batch_index > 0
+    resumed, rest = run_epochs(step, mid, loader, epochs=2, progress=False)
+    assert rest == history[crash_after // 4:]
     assert_bitwise(params_of(resumed), params_of(whole))
 
 
