@@ -165,10 +165,18 @@ class EarlyStopping(MonitorCallback):
         self.patience = patience
         self.mode = mode
         self.min_delta = float(min_delta)
-        self.best = math.inf if mode == "min" else -math.inf
+        self._reset()
+
+    def _reset(self) -> None:
+        self.best = math.inf if self.mode == "min" else -math.inf
         self.wait = 0
         self.should_stop = False
         self.stopped_at: int | None = None
+
+    def on_fit_start(self, state: Any) -> None:
+        """Start each fit afresh: one instance reused for the next fold or trial must not stop it at once.
+        A resumed run's counters come back from ``state.extras`` right after (``run_epochs`` kept them there)."""
+        self._reset()
 
     def _improved(self, value: float) -> bool:
         if self.mode == "min":

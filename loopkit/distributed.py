@@ -42,6 +42,16 @@ def _group() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def _check_timeout(timeout: Any) -> None:
+    if timeout is None:
+        return
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float, datetime.timedelta)):
+        raise TypeError(f"loopkit.distributed.init: timeout must be seconds or a timedelta, got {timeout!r}")
+    seconds = timeout.total_seconds() if isinstance(timeout, datetime.timedelta) else timeout
+    if not seconds > 0:
+        raise ValueError(f"loopkit.distributed.init: timeout must be positive seconds, got {timeout!r}")
+
+
 def init(backend: str | None = None, *, timeout: float | datetime.timedelta | None = None) -> bool:
     """Initialise the default process group from the ``torchrun`` environment; True when one is active.
 
@@ -57,6 +67,7 @@ def init(backend: str | None = None, *, timeout: float | datetime.timedelta | No
     """
     if _group():
         return True
+    _check_timeout(timeout)  # (in one process too: the script's mistake shows before it meets torchrun)
     present = [name for name in _TORCHRUN_VARS if name in os.environ]
     if not present:
         return False
@@ -73,8 +84,6 @@ def init(backend: str | None = None, *, timeout: float | datetime.timedelta | No
     if backend == "nccl" or (torch.cuda.is_available() and "nccl" in backend):
         torch.cuda.set_device(local_rank())
     if isinstance(timeout, (int, float)):
-        if timeout <= 0:
-            raise ValueError(f"loopkit.distributed.init: timeout must be positive seconds, got {timeout!r}")
         timeout = datetime.timedelta(seconds=timeout)
     options: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
     store = _attempt_store(timeout)

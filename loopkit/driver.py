@@ -23,7 +23,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
 from typing import Any
 
 import numpy as np
@@ -190,6 +190,19 @@ def _first_length(value: Any) -> int | None:
     return None
 
 
+def _check_device(device: Any, where: str) -> None:
+    """Refuse, before anything moves, a device torch cannot parse, and ``meta`` (it holds no values)."""
+    if device is None:
+        return
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"{where}: device={device!r} is not a device torch knows ({error}); e.g. 'cpu', 'cuda', "
+                         "'cuda:1', 'mps'") from None
+    if parsed.type == "meta":
+        raise ValueError(f"{where}: device='meta' holds no values: moving the model there would drop its weights")
+
+
 def _mover(device: torch.device | str | None, state: TrainState) -> Callable[[Any], Any] | None:
     """The function that places batches, or None when batches stay where they are (the CPU)."""
     target = torch.device(device) if device is not None else model_device(state.model)
@@ -241,8 +254,12 @@ def evaluate(
     {'mean': 0.25}
     """
     _check_state(state, "evaluate")
+    _check_device(device, "evaluate")
     _check_data(data, "evaluate: data")
     step = as_step(eval_step)
+    if "train_step" in step.applied:
+        raise TypeError("evaluate: the step is a train_step, whose metrics are training-mode losses of updates "
+                        "on copies; pass eval_step(metric_fn)")
     means = _evaluate(step, state, data, limit, device, reduce)
     step.notify("evaluate_end", state, means)  # a with_profiler around it writes its trace now
     return means
@@ -296,6 +313,7 @@ def predict(
         raise TypeError(f"predict: fn must be callable as fn(model, batch), got {type(fn).__qualname__}")
     check_takes_model_and_batch(fn, "predict: fn")
     _check_state(state, "predict")
+    _check_device(device, "predict")
     _check_data(data, "predict: data")
     model = state.model
     move = _mover(device, state)
@@ -330,6 +348,9 @@ def _validate_options(
     if val is not None:
         if not (isinstance(val, (tuple, list)) and len(val) == 2 and callable(val[0])):
             raise TypeError("run_epochs: val must be a pair (eval_step, val_data)")
+    elif val_every_n_steps is not None:
+        raise ValueError(f"run_epochs: val_every_n_steps={val_every_n_steps} without val: pass val=(eval_step, val_data), "
+                         "or leave val_every_n_steps out")
 
 
 def _check_state(state: Any, where: str) -> None:
@@ -388,6 +409,9 @@ def _check_val(val: Any) -> None:
         raise TypeError("run_epochs: val's step is a train_step, which would train on the validation data; "
                         "pass eval_step(metric_fn)")
     _check_data(val[1], "run_epochs: val's data")
+    if isinstance(val[1], Sized) and not isinstance(val[1], Iterator) and len(val[1]) == 0:
+        raise ValueError("run_epochs: val's data is empty (len() is 0): no validation could give a metric; "
+                         "pass val=None to train without validation")
     if isinstance(val[1], Iterator):  # (not iter(): a DataLoader's iterator draws from the global RNG)
         raise TypeError(
             f"run_epochs: val's data is an iterator ({type(val[1]).__qualname__}), used up by its first pass (the "
@@ -581,6 +605,16 @@ class _Hooks:
 
     def restore(self, state: TrainState) -> None:
         """Load each stateful callback's counters from ``state.extras`` (a resumed run continues them)."""
+        restored = {id(cb) for key, cb in self.stateful if key in state.extras}
+        for cb in self.callbacks:
+            if getattr(cb, "should_stop", False) and id(cb) not in restored:
+                warnings.warn(
+                    f"run_epochs: {type(cb).__qualname__}.should_stop is already set when the fit starts (left from "
+                    "an earlier fit?), so this fit stops before its first batch; reset it in the callback's "
+                    "on_fit_start, or make a new one for each fit",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
         for key, cb in self.stateful:
             if key in state.extras:
                 cb.load_state_dict(dict(state.extras[key]))
@@ -613,6 +647,23 @@ class _Hooks:
         Under DDP a collective: ``run_epochs`` asks it at the same points on every rank, whatever
         callbacks each rank has (per batch when any rank has a batch hook)."""
         return _collective.any_rank(any(getattr(cb, "should_stop", False) for cb in self.callbacks))
+
+
+def _add_epoch_extras(record: dict[str, float], callback: Any, extra: Any) -> None:
+    """Add what a callback's ``on_epoch_end`` returned to the epoch's history record (names of its own)."""
+    if extra is None:
+        return
+    who = f"run_epochs: {type(callback).__qualname__}.on_epoch_end"
+    if not isinstance(extra, Mapping):
+        raise TypeError(f"{who} returned a {type(extra).__qualname__}; return None or a dict of numbers to add to "
+                        "the epoch's history record")
+    for key in extra:
+        if not isinstance(key, str):
+            raise TypeError(f"{who} returned the name {key!r}; the history record's names are strings")
+        if key in record:
+            raise ValueError(f"{who} returned {key!r}, which the epoch's record has already ({record[key]!r}); "
+                             "give it a name of its own")
+    record.update(extra)
 
 
 def _unmarked(state: TrainState) -> TrainState:
@@ -728,6 +779,7 @@ def run_epochs(
         limit_train_batches, limit_val_batches,
     )
     _check_state(state, "run_epochs")
+    _check_device(device, "run_epochs")
     _check_data(train_data, "run_epochs: train_data")
     for name, value in (("donate", donate), ("progress", progress)):
         if not isinstance(value, bool):
@@ -738,7 +790,11 @@ def run_epochs(
     _num_batches(train_data, limit_train_batches, "limit_train_batches")  # a fraction of 0 batches fails now
     if val is not None and limit_val_batches != 0:
         _num_batches(val[1], limit_val_batches, "limit_val_batches")
-    step = donated(as_step(step))
+    step = as_step(step)
+    if "eval_step" in step.applied:
+        raise TypeError("run_epochs: the step is an eval_step, which updates nothing; pass train_step(loss_fn) "
+                        "(and the eval_step as val=(eval_step, val_data))")
+    step = donated(step)
     val_step = None if val is None else as_step(val[0])
     if val_step is not None and "with_profiler" in step.applied and "with_profiler" in val_step.applied:
         raise ValueError(
@@ -967,9 +1023,9 @@ def run_epochs(
                 if validated:
                     last_val, state = validation_end(state, notify=False)
                 record.update(last_val)
-                for extra in hooks.call("on_epoch_end", state, dict(record)):
-                    if extra:
-                        record.update(extra)
+                for cb in hooks.callbacks:
+                    if hasattr(cb, "on_epoch_end"):
+                        _add_epoch_extras(record, cb, cb.on_epoch_end(state, dict(record)))
                 state = hooks.keep(state)
                 if held_save:  # a relaunch from it finds the epoch recorded (or, if whole, finished)
                     step.notify("save_due", state, {})

@@ -144,6 +144,9 @@ class TrainState(_GraphSlot):
                 changes[name] = int(value)
         if "rng" in changes:
             _check_rng(changes["rng"])
+        if "extras" in changes and not isinstance(changes["extras"], Mapping):
+            raise TypeError(f"TrainState.evolve: extras must be a mapping of names to values, got "
+                            f"{type(changes['extras']).__qualname__}")
         return replace(self, **changes)
 
     def check_usable(self) -> None:
@@ -514,6 +517,9 @@ def _check_parts(model: Any, optimizer: Any, scheduler: Any, where: str = "Train
             raise ValueError(f"{where}: the scheduler was built for a different optimizer than the state's")
 
 
+_CPU_RNG_SHAPE = torch.Generator().get_state().shape  # (a constant of the torch build)
+
+
 def _check_rng(rng: Any) -> None:
     if isinstance(rng, Mapping) and not rng:  # no RNG of its own: the steps draw from the global RNG
         return
@@ -525,6 +531,9 @@ def _check_rng(rng: Any) -> None:
     for key, value in rng.items():
         if not isinstance(value, torch.Tensor) or value.dtype != torch.uint8:
             raise TypeError(f"TrainState.evolve: rng[{key!r}] must be a uint8 generator-state tensor")
+    if rng["cpu"].shape != _CPU_RNG_SHAPE:
+        raise ValueError(f"TrainState.evolve: rng['cpu'] has shape {tuple(rng['cpu'].shape)}, a CPU generator's state "
+                         f"has {tuple(_CPU_RNG_SHAPE)} (torch.Generator().get_state())")
 
 
 def model_device(model: nn.Module) -> torch.device:

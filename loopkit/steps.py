@@ -523,7 +523,7 @@ def _fn_name(fn: Any) -> str:
 
 
 def _split_loss(out: Any, loss_fn: Any) -> tuple[torch.Tensor, Metrics]:
-    if type(out) is torch.Tensor and out.ndim == 0 and out.requires_grad:  # the common case, checked first
+    if type(out) is torch.Tensor and out.ndim == 0 and out.requires_grad and not out.is_leaf:  # the common case, first
         return out, {}
     aux: Metrics = {}
     where = f"loss_fn {_fn_name(loss_fn)}"
@@ -550,6 +550,14 @@ def _split_loss(out: Any, loss_fn: Any) -> tuple[torch.Tensor, Metrics]:
             f"{where} returned a loss without a gradient (requires_grad=False): was it computed under "
             "torch.no_grad(), detached, or from parameters that do not require grad?"
         )
+    if out.is_leaf and not isinstance(out, torch.nn.Parameter):  # (a scalar parameter itself is a loss, if odd)
+        raise ValueError(
+            f"{where} returned a loss that is a leaf tensor: made with requires_grad=True (e.g. "
+            "torch.tensor(loss.item(), requires_grad=True)), not computed from the model, so its backward "
+            "reaches no parameter and the update would change nothing"
+        )
+    if out.is_leaf:  # a parameter: its copy is the loss (the metric must not change with the update)
+        out = out.clone()
     return out, aux
 
 
@@ -730,7 +738,7 @@ class TrainStep(Step):
         intact = True  # nothing of the state changed in place yet (the backward is the first thing that does)
         try:
             out = self.loss_fn(model, batch)
-            if type(out) is _Tensor and out.ndim == 0 and out.requires_grad:
+            if type(out) is _Tensor and out.ndim == 0 and out.requires_grad and not out.is_leaf:
                 loss, metrics = out, {"loss": out.detach()}
             elif out is None:  # the loss_fn skipped the batch
                 if saved is not None:

@@ -213,6 +213,8 @@ def optimize(
     """
     if n_trials is not None and (isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 1):
         raise ValueError(f"loopkit.tune.optimize: n_trials must be a positive int or None, got {n_trials!r}")
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0):
+        raise ValueError(f"loopkit.tune.optimize: timeout must be positive seconds or None, got {timeout!r}")
     if n_trials is None and timeout is None:
         raise ValueError("loopkit.tune.optimize: give n_trials or timeout (or both); without either it never ends")
     if not callable(objective):

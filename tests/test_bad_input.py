@@ -107,11 +107,15 @@ class _LightningNamed:
         (dict(donate="no"), TypeError, "donate must be True or False"),
         (dict(progress="no"), TypeError, "progress must be True or False"),
         (dict(val=(train_step(mse), make_data(2))), TypeError, "val's step is a train_step"),
+        (dict(step=eval_step(_metric)), TypeError, "the step is an eval_step, which updates nothing"),
+        (dict(val=(eval_step(_metric), [])), ValueError, "val's data is empty"),
+        (dict(val_every_n_steps=2), ValueError, "val_every_n_steps=2 without val"),
         (dict(val=(eval_step(_metric), (b for b in make_data(2)))), TypeError, "val's data is an iterator"),
         (dict(train_data=None), TypeError, "train_data must be an iterable of batches"),
         (dict(state=nn.Linear(3, 1)), TypeError, "state must be a loopkit.TrainState, got Linear: wrap the model"),
     ],
-    ids=["class", "str", "lightning-hook", "donate", "progress", "train-step-val", "val-generator", "no-data", "model"],
+    ids=["class", "str", "lightning-hook", "donate", "progress", "train-step-val", "eval-step-train", "empty-val",
+         "val-steps-without-val", "val-generator", "no-data", "model"],
 )
 def test_run_epochs_refuses_misused_arguments_before_any_step(options, error, match):
     calls = []
@@ -127,6 +131,44 @@ def test_run_epochs_refuses_misused_arguments_before_any_step(options, error, ma
         run_epochs(**kwargs)
     assert calls == []
     state.check_usable()
+
+
+def test_evaluate_refuses_a_train_step():
+    state = make_state()
+    before = [p.clone() for p in state.model.parameters()]
+    with pytest.raises(TypeError, match="evaluate: the step is a train_step"):
+        evaluate(train_step(mse), state, make_data(2))
+    assert all(torch.equal(a, b) for a, b in zip(before, state.model.parameters()))
+
+
+@pytest.mark.parametrize("device, match", [("gpu", "device='gpu' is not a device torch knows"),
+                                           ("meta", "device='meta' holds no values")])
+def test_a_device_torch_cannot_use_is_refused_before_anything_moves(device, match):
+    state = make_state()
+    before = [p.clone() for p in state.model.parameters()]
+    with pytest.raises(ValueError, match=f"run_epochs: {match}"):
+        run_epochs(train_step(mse), state, make_data(2), epochs=1, device=device, progress=False)
+    with pytest.raises(ValueError, match=f"evaluate: {match}"):
+        evaluate(eval_step(_metric), state, make_data(2), device=device)
+    with pytest.raises(ValueError, match=f"predict: {match}"):
+        predict(lambda m, b: m(b[0]), state, make_data(2), device=device)
+    state.check_usable()
+    assert all(torch.equal(a, b) for a, b in zip(before, state.model.parameters()))
+
+
+@pytest.mark.parametrize("returned, error, match", [
+    ("best", TypeError, "Extra.on_epoch_end returned a str; return None or a dict of numbers"),
+    ({1: 0.5}, TypeError, "Extra.on_epoch_end returned the name 1; the history record's names are strings"),
+    ({"epoch": 7}, ValueError, "Extra.on_epoch_end returned 'epoch', which the epoch's record has already"),
+    ({"train/loss": 0.0}, ValueError, "returned 'train/loss', which the epoch's record has already"),
+])
+def test_what_on_epoch_end_returns_must_be_new_numbers_for_the_record(returned, error, match):
+    class Extra(loopkit.Callback):
+        def on_epoch_end(self, state, metrics):
+            return returned
+
+    with pytest.raises(error, match=match):
+        run_epochs(train_step(mse), make_state(), make_data(2), epochs=1, callbacks=[Extra()], progress=False)
 
 
 def test_a_single_callback_is_taken_as_lightning_takes_it():

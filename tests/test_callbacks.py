@@ -351,6 +351,28 @@ def test_a_restored_stop_warns_and_trains_nothing():
     assert (final.epoch, history) == (0, [])
 
 
+def test_one_early_stopping_reused_for_the_next_fold_starts_it_afresh():
+    """k-fold or tune reuses one instance: its stop (and best, and patience count) from the last fit must
+    not end the next fit before its first batch, which then trained nothing without a word."""
+    values = {1: 1.0, 2: 0.9, 3: 0.95, 4: 0.91, 5: 0.5}
+    reused = loopkit.EarlyStopping("val/score", patience=2)
+    run_with_stopper(values, reused)
+    assert reused.should_stop
+    state, history, loss = run_with_stopper(values, reused)
+    fresh_state, fresh_history, fresh_loss = run_with_stopper(values, loopkit.EarlyStopping("val/score", patience=2))
+    assert history == fresh_history and loss.calls == fresh_loss.calls == 8 and state.epoch == fresh_state.epoch
+
+
+def test_a_callback_of_ones_own_still_stopping_from_an_earlier_fit_is_warned_about():
+    class Stopped(loopkit.Callback):
+        should_stop = True
+
+    with pytest.warns(RuntimeWarning, match=r"Stopped.should_stop is already set when the fit starts"):
+        state, history = run_epochs(train_step(mse), make_state(), make_data(2), epochs=2, callbacks=[Stopped()],
+                                    progress=False)
+    assert (state.step, history) == (0, [])
+
+
 # --- LearningRateMonitor ------------------------------------------------------------------------
 
 

@@ -28,6 +28,14 @@ def test_in_one_process_everything_is_a_no_op(monkeypatch):
     assert not torch.distributed.is_initialized()
 
 
+@pytest.mark.parametrize("timeout, error", [(-1, ValueError), (0, ValueError), ("60", TypeError)])
+def test_init_refuses_a_timeout_that_is_not_positive_seconds_in_one_process_too(monkeypatch, timeout, error):
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(error, match="distributed.init: timeout must be"):
+        distributed.init(timeout=timeout)
+
+
 def test_init_names_the_missing_torchrun_variables(monkeypatch):
     for name in ("MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)

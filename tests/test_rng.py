@@ -252,6 +252,15 @@ def test_a_global_rng_state_round_trips_and_refuses_a_state_dict_of_the_other_ki
         loopkit.TrainState.create(*_dropout_parts(), global_rng=1)
 
 
+def test_evolve_refuses_an_rng_of_another_size_and_extras_that_are_not_a_mapping():
+    """Named when evolved, not at the next step (torch's 'Expected a CPUGeneratorImplState of size 5056')."""
+    state = loopkit.TrainState.create(*_dropout_parts())
+    with pytest.raises(ValueError, match=r"rng\['cpu'\] has shape \(10,\), a CPU generator's state has"):
+        state.evolve(rng={"cpu": torch.zeros(10, dtype=torch.uint8)})
+    with pytest.raises(TypeError, match="extras must be a mapping of names to values, got list"):
+        state.evolve(extras=[1])
+
+
 def test_a_global_rng_run_resumes_bit_for_bit_from_its_checkpoint(tmp_path):
     """The checkpoint holds the global RNG; restore installs it, whatever drew from it since the crash."""
     data = torch.utils.data.DataLoader(

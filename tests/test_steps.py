@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 import loopkit
 
@@ -282,6 +283,9 @@ _FAILS_BEFORE_BACKWARD = {  # the loss_fn's own exception, and each loss loopkit
     "loss_fn raises": (_raise_boom, RuntimeError, "boom"),
     "non-scalar loss": (lambda m, b: (m(b[0]) - b[1]) ** 2, ValueError, "scalar"),
     "loss without grad": (lambda m, b: ((m(b[0]) - b[1]) ** 2).mean().detach(), ValueError, "without a gradient"),
+    # the natural "fix" of the error above: a leaf whose backward reaches no parameter (it trained nothing)
+    "leaf loss": (lambda m, b: torch.tensor(((m(b[0]) - b[1]) ** 2).mean().item(), requires_grad=True), ValueError,
+                  "a leaf tensor"),
     "bad aux metric": (lambda m, b: (((m(b[0]) - b[1]) ** 2).mean(), {"acc": "high"}), TypeError, "'acc'"),
 }
 
@@ -308,6 +312,16 @@ def test_a_donated_step_that_fails_before_its_backward_leaves_its_state_usable_a
     (new, metrics), (reference, expected) = good(state, batches[0]), good(untouched, batches[0])
     assert_trees_equal(take_snapshot(new), take_snapshot(reference))
     assert torch.equal(metrics["loss"], expected["loss"])
+
+
+def test_a_scalar_parameter_returned_as_the_loss_is_a_loss(make_sgd_state):
+    """A leaf loss is refused, but a parameter is a leaf that the backward reaches: it trains as in a raw loop."""
+    model = nn.Module()
+    model.t = nn.Parameter(torch.tensor(2.0))
+    state = make_sgd_state(model, momentum=0.0)
+    state, metrics = loopkit.train_step(lambda m, b: m.t)(state, None)
+    raw = torch.tensor(2.0).add(torch.tensor(1.0), alpha=-0.1)  # SGD's update with the gradient 1
+    assert torch.equal(state.model.t.detach(), raw) and float(metrics["loss"]) == 2.0
 
 
 def _fail_in_backward(grad):

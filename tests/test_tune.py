@@ -293,6 +293,8 @@ def test_bad_input_is_named(make_mlp, make_batches, mse_loss, tmp_path):
         tune.optimize(lambda t: 0.0, n_trials=0, directory=tmp_path)
     with pytest.raises(ValueError, match="give n_trials or timeout"):
         tune.optimize(lambda t: 0.0, directory=tmp_path)
+    with pytest.raises(ValueError, match="timeout must be positive seconds or None, got -1"):
+        tune.optimize(lambda t: 0.0, n_trials=3, timeout=-1, directory=tmp_path)  # (it ran 0 trials)
     with pytest.raises(ValueError, match="direction must be 'minimize' or 'maximize'"):
         tune.create_study("x", directory=tmp_path, direction="down")
     with pytest.raises(TypeError, match="configure a new study"):
