@@ -5,7 +5,9 @@ A checkpoint is a directory ``ckpt-<seq>-step<S>-epoch<E>-batch<B>`` holding
 * ``state.pt``: the whole train state (``TrainState.state_dict()``) and every global RNG
   the run draws from (torch CPU, CUDA when in use, NumPy, Python ``random``), all stored
   as tensors, numbers and strings, so it loads with ``torch.load(weights_only=True)``;
-* ``meta.json``: step, epoch, batch index, seed and why it was saved;
+* ``meta.json``: step, epoch, batch index, seed, why it was saved, and the structure of the
+  model and optimizer (see :func:`structure`), which tells a checkpoint of another model
+  without loading its tensors;
 * ``manifest.json``: each file's size and checksum (see :func:`checksum`), written last.
 
 A save writes everything into a temporary directory inside the target directory,
@@ -79,10 +81,13 @@ __all__ = [
     "make_directory",
     "load",
     "read_scores",
+    "read_structure",
     "remove",
     "restore",
     "save",
     "snapshot",
+    "structure",
+    "structure_mismatch",
     "verify",
     "write",
     "write_scores",
@@ -340,6 +345,7 @@ def snapshot(state: TrainState, *, reason: str = "", copy: bool = False) -> Snap
         "reason": reason,
         "created_unix": time.time(),
         "torch": torch.__version__,
+        "structure": _structure(sd["model"], state.optimizer),
     }
     return Snapshot(payload, meta, state.step, state.epoch, state.batch_index)
 
@@ -688,14 +694,18 @@ def verify(path: str | os.PathLike) -> dict[str, Any]:
     for name, expected in files.items():  # sizes first: cheap, and catches truncation at once
         _check_size(path, name, expected)
     for name, expected in files.items():
-        kind = next((k for k in (_FOLD_ONLY, "sha256") if k in expected and _CHECKSUM not in expected), _CHECKSUM)
-        got = _sha256(path / name) if kind == "sha256" else _digest(path / name, kind)[kind]
-        if got != expected.get(kind):
-            raise CheckpointCorruptError(
-                f"checkpoint file {path / name} is corrupt: its checksum {got} does not match the manifest's "
-                f"{expected.get(kind)}"
-            )
+        _check_checksum(path, name, expected)
     return manifest
+
+
+def _check_checksum(path: Path, name: str, expected: Mapping[str, Any]) -> None:
+    kind = next((k for k in (_FOLD_ONLY, "sha256") if k in expected and _CHECKSUM not in expected), _CHECKSUM)
+    got = _sha256(path / name) if kind == "sha256" else _digest(path / name, kind)[kind]
+    if got != expected.get(kind):
+        raise CheckpointCorruptError(
+            f"checkpoint file {path / name} is corrupt: its checksum {got} does not match the manifest's "
+            f"{expected.get(kind)}"
+        )
 
 
 def _sha256(path: Path) -> str:
@@ -785,6 +795,153 @@ def load(path: str | os.PathLike) -> dict[str, Any]:
     return payload
 
 
+# --- which model a checkpoint is of ------------------------------------------------------------
+
+
+def structure(state: TrainState) -> dict[str, Any]:
+    """What tells the model and optimizer of ``state`` from another's, as JSON: each key of the
+    model's state dict with its shape (parameters and persistent buffers), the optimizer's class
+    and the number of parameters in each of its param groups. Every checkpoint keeps it in its
+    ``meta.json``; :func:`structure_mismatch` compares two.
+
+    >>> import torch
+    >>> from loopkit.state import TrainState
+    >>> model = torch.nn.Linear(3, 1)
+    >>> structure(TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1)))
+    {'model': {'weight': [1, 3], 'bias': [1]}, 'optimizer': {'type': 'SGD', 'param_groups': [2]}}
+    """
+    return _structure(state.model.state_dict(), state.optimizer)
+
+
+def _structure(model_sd: Mapping[str, Any], optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+    return {
+        "model": {key: _shape(value) for key, value in model_sd.items()},
+        "optimizer": None if optimizer is None else {
+            "type": type(optimizer).__qualname__,
+            "param_groups": [len(group["params"]) for group in optimizer.param_groups],
+        },
+    }
+
+
+def _shape(value: Any) -> list[int] | None:
+    """A tensor's shape as a list; None for a lazy module's parameter not yet initialised (its shape comes with
+    the first forward) and for anything but a tensor (a module's extra state)."""
+    if not isinstance(value, torch.Tensor) or torch.nn.parameter.is_lazy(value):
+        return None
+    return list(value.shape)
+
+
+def structure_mismatch(found: Mapping[str, Any], expected: Mapping[str, Any]) -> str | None:
+    """The first difference between the :func:`structure` of a checkpoint (``found``) and of a state
+    (``expected``), in words; None when they agree. A shape or an optimizer class that either side
+    does not know (None) matches any.
+
+    >>> a = {"model": {"weight": [1, 3], "bias": [1]}, "optimizer": {"type": "SGD", "param_groups": [2]}}
+    >>> structure_mismatch(a, a) is None
+    True
+    >>> print(structure_mismatch(a, {"model": {"weight": [4, 3], "bias": [4]}, "optimizer": a["optimizer"]}))
+    key 'model.weight' has shape (1, 3) there and (4, 3) in this model
+    >>> print(structure_mismatch(a, {"model": a["model"], "optimizer": {"type": "Adam", "param_groups": [2]}}))
+    its optimizer is SGD, and this state's Adam
+    """
+    theirs, mine = found.get("model") or {}, expected.get("model") or {}
+    for key, shape in mine.items():
+        if key not in theirs:
+            return f"it has no key 'model.{key}', which this model has{'' if shape is None else ','}{_with_shape(shape)}"
+        there = theirs[key]
+        if shape is not None and there is not None and list(there) != list(shape):
+            return f"key 'model.{key}' has shape {tuple(there)} there and {tuple(shape)} in this model"
+    for key, shape in theirs.items():
+        if key not in mine:
+            return f"it has a key 'model.{key}'{_with_shape(shape)}, which this model has not"
+    theirs, mine = found.get("optimizer"), expected.get("optimizer")
+    if (theirs is None) != (mine is None):
+        if mine is None:
+            return f"it holds an optimizer ({theirs.get('type') or 'of a class not recorded'}), and this state none"
+        return f"it holds no optimizer, and this state has one ({mine.get('type')})"
+    if theirs is None or mine is None:
+        return None
+    if theirs.get("type") is not None and mine.get("type") is not None and theirs["type"] != mine["type"]:
+        return f"its optimizer is {theirs['type']}, and this state's {mine['type']}"
+    # (param groups are not compared: a fine-tuning run adds groups as it unfreezes layers, so the same
+    # script run again starts with fewer than its newest checkpoint holds)
+    return None
+
+
+def _with_shape(shape: Any) -> str:
+    return "" if shape is None else f" of shape {tuple(shape)}"
+
+
+def read_structure(path: str | os.PathLike) -> dict[str, Any]:
+    """The :func:`structure` of the model and optimizer that checkpoint ``path`` holds, without loading its tensors.
+
+    Read from its ``meta.json``, once the manifest vouches for that file (its size and checksum;
+    the payload is not read). A checkpoint saved before ``meta.json`` held the structure gives
+    it from the payload's keys and shapes, loaded memory-mapped (with ``weights_only=True``: no
+    tensor data is read) and without the optimizer's class, which such a payload does not
+    record. Raises :class:`loopkit.CheckpointCorruptError` for a checkpoint that is incomplete,
+    or whose manifest, metadata or payload cannot be read.
+
+    >>> import tempfile, torch
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> from loopkit.state import TrainState
+    >>> path = save(TrainState.create(torch.nn.Linear(2, 1)), tmp.name)
+    >>> read_structure(path)
+    {'model': {'bias': [1], 'weight': [1, 2]}, 'optimizer': None}
+    >>> tmp.cleanup()
+    """
+    path = Path(path)
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise CheckpointCorruptError(
+            f"checkpoint {path} is incomplete: {manifest_path} is missing (the save did not finish)"
+        )
+    manifest = _read_json(manifest_path, "manifest")
+    files = manifest.get("files")
+    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION or not isinstance(files, Mapping):
+        raise CheckpointCorruptError(
+            f"checkpoint manifest {manifest_path} is not a {FORMAT} manifest of version {VERSION}"
+        )
+    for name in _REQUIRED:
+        if name not in files:
+            raise CheckpointCorruptError(f"checkpoint manifest {manifest_path} does not list {name}")
+    _check_size(path, META, files[META])
+    _check_checksum(path, META, files[META])
+    found = _read_json(path / META, "metadata").get("structure")
+    if found is None:  # saved by an earlier loopkit
+        _check_size(path, PAYLOAD, files[PAYLOAD])
+        return _payload_structure(path / PAYLOAD)
+    shapes = found.get("model") if isinstance(found, Mapping) else None
+    optimizer = found.get("optimizer") if isinstance(found, Mapping) else None
+    if (not isinstance(shapes, Mapping) or not all(_is_shape(shape) for shape in shapes.values())
+            or not (optimizer is None or isinstance(optimizer, Mapping) and _is_shape(optimizer.get("param_groups")))):
+        raise CheckpointCorruptError(f"checkpoint metadata {path / META} has a malformed 'structure'")
+    return dict(found)
+
+
+def _is_shape(shape: Any) -> bool:
+    return shape is None or (isinstance(shape, list) and all(type(d) is int for d in shape))
+
+
+def _payload_structure(file: Path) -> dict[str, Any]:
+    """:func:`read_structure` from a payload (memory-mapped: its tensors' data is never read)."""
+    try:
+        payload = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        sd = payload["state"]
+        model = {str(key): _shape(value) for key, value in sd["model"].items()}
+        optimizer = sd.get("optimizer")
+        if optimizer is not None:
+            groups = optimizer["param_groups"]
+            ordered = [groups[k] for k in sorted(groups, key=int)] if isinstance(groups, Mapping) else list(groups)
+            optimizer = {"type": None, "param_groups": [len(group["params"]) for group in ordered]}
+    except Exception as e:  # not a loopkit payload, or one that cannot be loaded safely
+        raise CheckpointCorruptError(
+            f"checkpoint file {file} was refused: its keys and shapes cannot be read "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        ) from e
+    return {"model": model, "optimizer": optimizer}
+
+
 # --- restoring ---------------------------------------------------------------------------------
 
 
@@ -816,6 +973,11 @@ def restore(state: TrainState, path: str | os.PathLike) -> TrainState:
     if not isinstance(state, TrainState):
         raise TypeError(f"restore: state must be a loopkit.TrainState, got {type(state).__qualname__}")
     state.check_usable()
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(
+            f"restore: path must be a checkpoint or a directory of checkpoints (a str or os.PathLike), "
+            f"got {type(path).__qualname__}"
+        )
     path = Path(path)
     if is_checkpoint(path):
         if not path.exists():
@@ -1001,7 +1163,12 @@ def export_weights(
         for _, _, raw in tensors.values():
             f.write(raw.data)
 
-    _replace_atomically(path, fill)
+    try:
+        _replace_atomically(path, fill)
+    except OSError as e:  # named after the path given, not the temporary beside it
+        what = "no space left on device" if e.errno == errno.ENOSPC else (e.strerror or type(e).__name__)
+        message = f"export_weights: could not write {str(path)!r}: {what}; nothing was written (no temporary is left)"
+        raise (OSError(e.errno, message) if e.errno is not None else OSError(message)) from e
     return path
 
 

@@ -43,10 +43,11 @@ import torch
 from torch import nn
 
 from loopkit.errors import DonatedStateError
-from loopkit.state import TrainState, _fork, fork, replace
+from loopkit.state import TrainState, fork, replace, _INTACT, _fork  # (_INTACT: the mark state_at_error reads)
 from loopkit.steps import _split_loss, needs_closure
 
 __all__ = ["Ensemble", "EnsembleStep", "stack", "train_step", "unstack"]
+
 
 
 @attrs.frozen(eq=False)
@@ -255,18 +256,29 @@ class EnsembleStep:
         ensemble.check_usable()
         if not self.donated:
             ensemble = stack(ensemble.members)  # checks the members again (a mode set since)
-        else:
-            for k, member in enumerate(ensemble.members):
-                _check_mode(member.model, ensemble.skeleton, k, "ensemble.train_step")
+            return self._update(ensemble, *self._gradients(ensemble, batch))
+        for k, member in enumerate(ensemble.members):
+            _check_mode(member.model, ensemble.skeleton, k, "ensemble.train_step")
+        versions = {n: t._version for n, t in ensemble.buffers.items()}
+        try:  # nothing of the ensemble changes in place before its members' update, as with loopkit.donate
+            grads, metrics = self._gradients(ensemble, batch)
+        except BaseException as error:
+            if any(t._version != versions[n] for n, t in ensemble.buffers.items()):
+                _consume(ensemble)  # the forward wrote a stacked buffer in place
+            else:  # the loss_fn's own exception, a loss or metric refused: fix the cause and call again
+                try:
+                    setattr(error, _INTACT, ensemble)
+                except AttributeError:  # an exception type without attributes: the ensemble counts as used up
+                    _consume(ensemble)
+            raise
         try:
-            return self._run(ensemble, batch)
-        finally:
-            if self.donated:
-                object.__setattr__(ensemble, "_consumed", True)
-                for member in ensemble.members:
-                    member.mark_consumed()
+            return self._update(ensemble, grads, metrics)
+        finally:  # the members' gradients and optimizer states change in place from here on, even if it fails
+            _consume(ensemble)
 
-    def _run(self, ensemble: Ensemble, batch: Any) -> tuple[Ensemble, dict[str, torch.Tensor]]:
+    def _gradients(self, ensemble: Ensemble, batch: Any) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Every member's gradients and metrics (vmapped), and the checks of the loss and buffers: nothing of the
+        ensemble changes in place here (but for a stacked buffer that a forward changes, which is refused)."""
         where = f"loss_fn {getattr(self.loss_fn, '__qualname__', type(self.loss_fn).__qualname__)}"
         wrapper = _LossModule(ensemble.skeleton, self.loss_fn)
 
@@ -306,6 +318,13 @@ class EnsembleStep:
                 "forward, which a vmapped ensemble step cannot keep for each member (the change would be lost); "
                 "leave buffers unchanged in the forward, or train the members apart"
             )
+        return grads, metrics
+
+    def _update(
+        self, ensemble: Ensemble, grads: dict[str, torch.Tensor], metrics: dict[str, torch.Tensor]
+    ) -> tuple[Ensemble, dict[str, torch.Tensor]]:
+        """Each member's optimizer (and scheduler) step, in place."""
+        names = list(ensemble.params)
         members = []
         stacked_grads = [grads.get(name) for name in names]  # None: a frozen parameter
         for k, (member, views) in enumerate(zip(ensemble.members, ensemble.views)):
@@ -320,11 +339,21 @@ class EnsembleStep:
         return Ensemble(tuple(members), ensemble.params, ensemble.buffers, ensemble.skeleton, ensemble.views), metrics
 
 
+def _consume(ensemble: Ensemble) -> None:
+    object.__setattr__(ensemble, "_consumed", True)
+    for member in ensemble.members:
+        member.mark_consumed()
+
+
 def train_step(loss_fn: Callable[[nn.Module, Any], Any], *, donated: bool = False) -> EnsembleStep:
     """One vmapped training step for every member: ``loss_fn(model, batch)`` as in :func:`loopkit.train_step`.
 
     ``donated=True`` updates the given ensemble in place (using it again raises
-    :class:`loopkit.DonatedStateError`), as :func:`loopkit.donate` does for one state.
+    :class:`loopkit.DonatedStateError`), as :func:`loopkit.donate` does for one state: an error
+    raised before the step changed anything in place (the ``loss_fn``'s own exception, a loss or
+    metric the step refuses) leaves the given ensemble and its members usable
+    (:func:`loopkit.state_at_error` returns it); past the first in-place change (the members' update)
+    they are used up.
 
     >>> import torch, loopkit
     >>> models = [torch.nn.Linear(2, 1) for _ in range(3)]
@@ -335,4 +364,6 @@ def train_step(loss_fn: Callable[[nn.Module, Any], Any], *, donated: bool = Fals
     """
     if not callable(loss_fn):
         raise TypeError(f"ensemble.train_step: loss_fn must be callable as loss_fn(model, batch), got {type(loss_fn).__qualname__}")
+    if not isinstance(donated, bool):
+        raise TypeError(f"ensemble.train_step: donated must be True or False, got {donated!r}")
     return EnsembleStep(loss_fn, donated=donated)

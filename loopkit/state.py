@@ -394,8 +394,11 @@ def leave_intact(error: BaseException, state: TrainState | None) -> BaseExceptio
     return error
 
 
-def state_at_error(error: BaseException) -> TrainState | None:
+def state_at_error(error: BaseException) -> Any:
     """The state that ``error`` left whole and usable, or None when the failure changed it half-way.
+
+    (A :class:`TrainState`; after a ``loopkit.ensemble.train_step(..., donated=True)`` error, the
+    ``Ensemble`` it was given, when nothing of it changed.)
 
     After an exception out of :func:`loopkit.run_epochs` (a loss the step refuses at batch 40, a
     callback that raised), this is the fit's newest whole state: the updates before the
@@ -421,7 +424,7 @@ def state_at_error(error: BaseException) -> TrainState | None:
     True
     """
     found = getattr(error, _INTACT, None)
-    return found if isinstance(found, TrainState) and not found._consumed else None
+    return found if found is not None and not found._consumed else None
 
 
 def make_state(

@@ -258,6 +258,14 @@ def test_restore_without_checkpoints_returns_the_given_state(tmp_path, make_mlp)
         checkpoint.restore(state, tmp_path / "ckpt-000009-step1-epoch0-batch1")
 
 
+@pytest.mark.parametrize("path", [None, 3, ["ckpt"]])
+def test_restore_names_a_path_that_is_not_one(make_mlp, path):
+    """Before, restore(state, None) raised Path's bare "expected str, bytes or os.PathLike object"."""
+    message = rf"restore: path must be a checkpoint or a directory of checkpoints .*got {type(path).__name__}"
+    with pytest.raises(TypeError, match=message):
+        loopkit.restore(_state(make_mlp), path)
+
+
 def test_restore_picks_the_newest_by_save_order(tmp_path, make_mlp):
     state = _state(make_mlp)
     checkpoint.save(state.evolve(step=9), tmp_path)
@@ -418,6 +426,61 @@ def test_missing_and_unexpected_keys_are_named(tmp_path):
         checkpoint.restore(TrainState.create(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))), tmp_path / "small")
     with pytest.raises(StateMismatchError, match="unexpected key 'model.1.weight'"):
         checkpoint.restore(TrainState.create(nn.Sequential(nn.Linear(2, 2))), tmp_path / "big")
+
+
+def test_meta_records_the_structure_that_read_structure_reads_without_the_tensors(tmp_path, make_mlp, monkeypatch):
+    state = _state(make_mlp, hidden=16)
+    path = checkpoint.save(state, tmp_path)
+    expected = {
+        "model": {"0.weight": [16, 4], "0.bias": [16], "2.weight": [2, 16], "2.bias": [2]},
+        "optimizer": {"type": "AdamW", "param_groups": [4]},
+    }
+    assert checkpoint.structure(state) == expected
+    assert json.loads((path / "meta.json").read_text())["structure"] == expected
+    loads = []
+    monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(a))
+    assert checkpoint.read_structure(path) == expected and loads == []  # the payload is not even opened
+    monkeypatch.undo()
+    assert checkpoint.structure_mismatch(expected, checkpoint.structure(_state(make_mlp, seed=3, hidden=16))) is None
+    other = checkpoint.structure(_state(make_mlp, hidden=8))
+    assert checkpoint.structure_mismatch(expected, other) == (
+        "key 'model.0.weight' has shape (16, 4) there and (8, 4) in this model"
+    )
+    meta = json.loads((path / "meta.json").read_text())
+    meta["structure"]["model"]["0.weight"] = "16x4"
+    (path / "meta.json").write_text(json.dumps(meta))
+    _resign(path)
+    with pytest.raises(CheckpointCorruptError, match="has a malformed 'structure'"):
+        checkpoint.read_structure(path)
+
+
+def test_read_structure_of_a_checkpoint_saved_before_meta_held_it_reads_the_payload(tmp_path, make_mlp):
+    """Old checkpoints: the keys and shapes from the payload (memory-mapped), the optimizer class unknown."""
+    path = checkpoint.save(_state(make_mlp), tmp_path)
+    meta = json.loads((path / "meta.json").read_text())
+    del meta["structure"]
+    (path / "meta.json").write_text(json.dumps(meta))
+    _resign(path)
+    found = checkpoint.read_structure(path)
+    assert found == {
+        "model": {"0.weight": [8, 4], "0.bias": [8], "2.weight": [2, 8], "2.bias": [2]},
+        "optimizer": {"type": None, "param_groups": [4]},
+    }
+    assert checkpoint.structure_mismatch(found, checkpoint.structure(_state(make_mlp, seed=1))) is None
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    groups = [{"params": model[0].parameters()}, {"params": model[2].parameters()}]
+    sgd = TrainState.create(model, torch.optim.SGD(groups, lr=0.1))
+    assert checkpoint.structure_mismatch(found, checkpoint.structure(sgd)) is None  # (groups are not compared)
+    wider = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 2))
+    assert checkpoint.structure_mismatch(found, checkpoint.structure(TrainState.create(wider))) == (
+        "key 'model.0.weight' has shape (8, 4) there and (16, 4) in this model"
+    )
+    (path / "meta.json").write_text("{}")  # the manifest no longer vouches for it
+    with pytest.raises(CheckpointCorruptError, match="meta.json is corrupt"):
+        checkpoint.read_structure(path)
+    (path / "manifest.json").unlink()
+    with pytest.raises(CheckpointCorruptError, match="is incomplete"):
+        checkpoint.read_structure(path)
 
 
 def test_optimizer_state_of_the_same_size_from_another_model_is_refused(
@@ -601,6 +664,23 @@ def test_export_weights_is_read_back_bitwise_by_the_safetensors_package(tmp_path
     with safe_open(path, "pt") as f:
         assert f.metadata() == {"format": "pt", "step": "12", "epoch": "3", "run": "test"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["weights.safetensors"]
+
+
+@pytest.mark.parametrize("error", [errno.EACCES, errno.ENOSPC, errno.EROFS])
+def test_export_weights_that_cannot_be_written_names_the_path_given_not_its_temporary(tmp_path, monkeypatch, error):
+    """Before: "[Errno 13] Permission denied: '/sys/.tmp-w.safetensors-81a78fa9'"."""
+    target = tmp_path / "w.safetensors"
+
+    def denied(file, *args, **kwargs):
+        raise OSError(error, os.strerror(error), str(file))
+
+    monkeypatch.setattr(checkpoint, "open", denied, raising=False)  # (root is never denied by chmod)
+    with pytest.raises(OSError) as info:
+        loopkit.export_weights(TrainState.create(nn.Linear(2, 2)), target)
+    message = str(info.value)
+    assert info.value.errno == error and isinstance(info.value, PermissionError) == (error == errno.EACCES)
+    assert f"export_weights: could not write {str(target)!r}" in message and ".tmp-" not in message
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_export_weights_refuses_what_safetensors_cannot_hold(tmp_path):

@@ -332,3 +332,94 @@ def test_transforms_of_one_state_refuse_an_ensemble_step_when_built(transform, t
     with pytest.raises(TypeError, match=rf"{name} cannot wrap the ensemble step ensemble.train_step\(_loss\): it takes a "
                                         r"loopkit.ensemble.Ensemble"):
         transform(ensemble.train_step(_loss), tmp_path)
+
+
+def _raising(model, batch):
+    raise KeyError("the loss_fn's own bug")
+
+
+# what loopkit.train_step refuses before anything changes in place (and what a loss_fn raises itself)
+REFUSED = {
+    "own_exception": (_raising, KeyError, "own bug"),
+    "not_scalar": (lambda m, b: (m(b[0]) - b[1]) ** 2, ValueError, "the loss must be a scalar"),
+    "no_gradient": (lambda m, b: _loss(m, b)[0].detach(), ValueError, "without a gradient"),
+    "bad_metric": (lambda m, b: (_loss(m, b)[0], {"note": "text"}), TypeError, "note"),
+    "aux_named_loss": (lambda m, b: (_loss(m, b)[0], {"loss": 1.0}), ValueError, "aux metric named 'loss'"),
+    "none": (lambda m, b: None, ValueError, "returned None"),  # (loopkit.train_step skips that batch instead)
+}
+
+
+@pytest.mark.parametrize("refused", list(REFUSED))
+def test_a_donated_ensemble_step_that_fails_before_changing_anything_leaves_the_ensemble_usable(
+        refused, make_batches, take_snapshot, assert_trees_equal):
+    """As loopkit.donate leaves one state. Before, a finally: used up every member, and nothing came back."""
+    loss_fn, kind, message = REFUSED[refused]
+    batches = make_batches(2)
+    if refused != "none":  # the reference: loopkit.donate keeps one state usable, and state_at_error gives it back
+        solo = _states()[0]
+        with pytest.raises(kind, match=message) as solo_error:
+            loopkit.donate(loopkit.train_step(loss_fn))(solo, batches[0])
+        solo.check_usable()
+        assert loopkit.state_at_error(solo_error.value) is solo
+
+    ens = ensemble.stack(_states())
+    ens, _ = ensemble.train_step(_loss, donated=True)(ens, batches[0])  # some training, not to be lost
+    before = [take_snapshot(m) for m in ens.members]
+    params = {n: p.clone() for n, p in ens.params.items()}
+    with pytest.raises(kind, match=message) as error:
+        ensemble.train_step(loss_fn, donated=True)(ens, batches[1])
+    ens.check_usable()
+    assert loopkit.state_at_error(error.value) is ens
+    for member, snap in zip(ens.members, before):
+        member.check_usable()
+        assert_trees_equal(take_snapshot(member), snap)  # parameters, optimizer state, counters: unchanged
+    assert_trees_equal(dict(ens.params), params)
+    # fixed, it trains on as if the failed call had never been made
+    again, _ = ensemble.train_step(_loss, donated=True)(ens, batches[1])
+    reference = ensemble.stack(_states())
+    for batch in batches:
+        reference, _ = ensemble.train_step(_loss, donated=True)(reference, batch)
+    assert_trees_equal(dict(again.params), dict(reference.params))
+    assert [m.step for m in again.members] == [2, 2, 2]
+
+
+def test_a_donated_ensemble_step_that_fails_after_changing_something_uses_the_ensemble_up(make_batches):
+    batch = make_batches(1)[0]
+    ens = ensemble.stack(_states())
+
+    def broken_step(*args, **kwargs):
+        raise RuntimeError("the optimizer's own error")
+
+    ens.members[1].optimizer.step = broken_step  # member 0 is updated in place before member 1 fails
+    with pytest.raises(RuntimeError, match="optimizer's own error") as error:
+        ensemble.train_step(_loss, donated=True)(ens, batch)
+    assert loopkit.state_at_error(error.value) is None
+    with pytest.raises(loopkit.DonatedStateError):
+        ens.check_usable()
+    for member in ens.members:
+        with pytest.raises(loopkit.DonatedStateError):
+            member.check_usable()
+    # a forward that changed a stacked buffer in place (refused) changed the ensemble too: used up as well
+    states = [loopkit.TrainState.create(m, torch.optim.SGD(m.parameters(), lr=0.1)) for m in (_Counter(0), _Counter(1))]
+    ens = ensemble.stack(states)
+    with pytest.raises(RuntimeError, match="changed the buffer") as error:
+        ensemble.train_step(_loss, donated=True)(ens, batch)
+    assert loopkit.state_at_error(error.value) is None
+    with pytest.raises(loopkit.DonatedStateError):
+        ens.members[0].check_usable()
+    # one that only replaced it inside functional_call changed nothing of the ensemble: usable
+    states = [loopkit.TrainState.create(m, torch.optim.SGD(m.parameters(), lr=0.1))
+              for m in (_Counter(0, reassign=True), _Counter(1, reassign=True))]
+    ens = ensemble.stack(states)
+    with pytest.raises(RuntimeError, match="changed the buffer") as error:
+        ensemble.train_step(_loss, donated=True)(ens, batch)
+    assert loopkit.state_at_error(error.value) is ens
+    assert float(ens.buffers["calls"].sum()) == 0 and float(ens.members[0].model.calls) == 0
+
+
+def test_donated_must_be_a_bool():
+    """Before, donated="no" was taken as donated (truthy)."""
+    for bad in ("no", 1, None):
+        with pytest.raises(TypeError, match=f"ensemble.train_step: donated must be True or False, got {bad!r}"):
+            ensemble.train_step(_loss, donated=bad)
+    assert ensemble.train_step(_loss, donated=False).donated is False

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import errno
+import itertools
 import math
 import os
 import threading
@@ -22,11 +23,13 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import torch
 
 from loopkit import checkpoint
 from loopkit._collective import is_rank_zero
 from loopkit._window import over_ranks
-from loopkit.state import TrainState, extras_copy, replace_extras
+from loopkit.errors import CheckpointCorruptError, StateMismatchError
+from loopkit.state import TrainState, extras_copy, leave_intact, replace_extras
 from loopkit.steps import SAVE_DUE, Metrics, UpdateStep
 from loopkit.transforms._compose import require_step
 
@@ -54,6 +57,7 @@ class _Saver:
         self.pending: concurrent.futures.Future | None = None
         self.last: Position | None = None  # the last position saved or being saved
         self.looked = False  # whether the directory was looked at for another run's checkpoints
+        self.checked = False  # whether its newest checkpoint was found to be of this model (or there was none)
         self.defer = False  # under run_epochs: a step save waits for the batch's callbacks ("save_due")
         self.due: str | None = None  # the reason of the step save deferred at this update
 
@@ -107,6 +111,14 @@ class CheckpointStep(UpdateStep):
 
     # Saving after steps -------------------------------------------------------------------
 
+    def run_(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
+        if not self.saver.checked:  # the first call in a loop of your own (run_epochs checks at "fit_start")
+            try:
+                self._check_directory(state)
+            except StateMismatchError as error:
+                raise leave_intact(error, state)  # before the step: nothing of the state changed
+        return super().run_(state, batch)
+
     def after_update(self, state: TrainState, metrics: Metrics) -> TrainState:
         n = self.every_n_steps
         if n and state.step % n == 0:  # once per update, not per micro-batch
@@ -122,6 +134,7 @@ class CheckpointStep(UpdateStep):
 
     def on_event(self, event: str, state: TrainState, metrics: Mapping[str, float]) -> None:
         if event == "fit_start":
+            self._check_directory(state)  # before the first step: a refused run has lost nothing
             self.saver.defer = True
         elif event == "save_due":
             reason, self.saver.due = self.saver.due, None
@@ -145,6 +158,7 @@ class CheckpointStep(UpdateStep):
             self.saver.defer, self.saver.due = False, None
             self.saver.last = None  # a later run with this step saves afresh, even at the same position
             self.saver.looked = False  # and its first save looks at the directory again
+            self.saver.checked = False
             self.saver.wait(close=True)
 
     def save(self, state: TrainState, *, reason: str = "manual") -> None:
@@ -181,6 +195,8 @@ class CheckpointStep(UpdateStep):
         position = (state.step, state.epoch, state.batch_index)
         saver = self.saver
         snap = None
+        if not saver.checked:  # (a lazy module's shapes are known once a step ran; a save of your own)
+            self._check_directory(state)
         if not saver.looked:
             saver.looked = True
             self._warn_of_another_run(position)
@@ -205,6 +221,41 @@ class CheckpointStep(UpdateStep):
             self._prune(write_scores=score is not None)
 
         saver.run(task, self.async_save)
+
+    def _check_directory(self, state: TrainState) -> None:
+        """Refuse a directory whose newest readable checkpoint is of another model or optimizer (another
+        experiment's, given this directory by mistake): keep_last and keep_best would delete it, and
+        ``restore`` could no longer load it. Compared by :func:`loopkit.checkpoint.structure` (names and
+        shapes of the model's parameters and buffers, the optimizer's class and param-group sizes), read
+        from the checkpoint's ``meta.json`` without loading its tensors (an older checkpoint without it:
+        from its payload's keys and shapes, memory-mapped). A model with lazy modules not yet initialised
+        is compared again, shapes and all, at the next call or save."""
+        saver = self.saver
+        found = None
+        for info in reversed(checkpoint.list_checkpoints(self.directory)):
+            try:
+                found = info, checkpoint.read_structure(info.path)
+                break
+            except CheckpointCorruptError:  # an incomplete or damaged one: restore skips it too
+                continue
+        if found is not None:
+            info, theirs = found
+            differs = checkpoint.structure_mismatch(theirs, checkpoint.structure(state))
+            if differs is not None:
+                prepared = self.inner.prepare(state)  # a step that reshapes the model at its first call (with_qat)
+                if prepared is not state:
+                    differs = checkpoint.structure_mismatch(theirs, checkpoint.structure(prepared))
+            if differs is not None:
+                raise StateMismatchError(
+                    f"with_checkpointing: {self.directory} holds checkpoints of another model or optimizer: the "
+                    f"newest, {info.name}, does not fit this state ({differs}); this run's checkpoints would be "
+                    "mixed with them, and keep_last/keep_best would delete them. Give this run a directory of its "
+                    "own, or delete the old checkpoints (that directory) if they are no longer needed"
+                )
+        model = state.model
+        saver.checked = not any(
+            torch.nn.parameter.is_lazy(t) for t in itertools.chain(model.parameters(), model.buffers())
+        )
 
     def _warn_of_another_run(self, position: Position) -> None:
         """A first save behind the newest checkpoint already there: those are another run's (the same
@@ -322,7 +373,9 @@ def with_checkpointing(
       ``keep_best`` checkpoints with the best value, besides the last ``keep_last``
       (None keeps all). A ``val/`` metric is read after each validation, any other
       (``train/loss``) after each epoch; a validation at a position not yet saved saves
-      one only when it ranks among the best.
+      one only when it ranks among the best. With a monitor, ``keep_best`` is at least 1
+      (0 would keep nothing for the score: leave ``monitor`` out instead); without one it
+      is unused.
     * On a graceful stop (SIGTERM/SIGINT under ``run_epochs``) it saves the current state.
     * ``async_save``: copy the state to CPU memory at once and write it in a background
       thread; the step then waits only for the copy (and for the previous save, if still
@@ -333,7 +386,12 @@ def with_checkpointing(
     Apply it outermost (``with_checkpointing(with_logging(...), ...)``): what it saves is
     the state after every transform inside it has done its part of the step (under
     ``run_epochs`` its step saves see the outer ones' part too). The directory
-    belongs to one run: old checkpoints there are pruned by the same rules. Only rank 0
+    belongs to one run: old checkpoints there are pruned by the same rules. A directory whose
+    newest checkpoint is of another model or optimizer (other parameter or buffer names or
+    shapes, another optimizer class or param-group layout) is refused with a
+    :class:`loopkit.StateMismatchError` naming it and the first difference, before the first
+    step (under ``run_epochs`` when the fit starts, in a loop of your own at the first call),
+    so that nothing of the other run's is deleted. Only rank 0
     writes under ``torch.distributed``. The directory is created now, so a path without
     permission fails here, naming it.
 
@@ -365,6 +423,11 @@ def with_checkpointing(
         raise ValueError(f"with_checkpointing: mode must be 'min' or 'max', got {mode!r}")
     if monitor is not None and (not isinstance(monitor, str) or not monitor):
         raise ValueError(f"with_checkpointing: monitor must be a metric name such as 'val/loss', got {monitor!r}")
+    if monitor is not None and keep_best == 0:
+        raise ValueError(
+            f"with_checkpointing: keep_best=0 with monitor={monitor!r} keeps no checkpoint for its score, so the "
+            "monitor would do nothing; give keep_best >= 1, or leave monitor out (keep_last alone decides what stays)"
+        )
     if not isinstance(directory, (str, os.PathLike)):
         raise TypeError(f"with_checkpointing: directory must be a path, got {type(directory).__qualname__}")
     inner = require_step(step, "with_checkpointing", no_eval="an evaluation step changes no state to save")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import signal
 import threading
 import warnings
@@ -121,6 +122,126 @@ def test_a_directory_holding_a_further_run_is_named_when_a_new_run_first_saves(t
         fit(_state(), 1)
 
 
+# --- a directory holding another model's checkpoints -------------------------------------------
+
+
+def _other_model_state() -> TrainState:
+    """Another architecture than _state's (hidden 16, not 8), and another optimizer."""
+    model = nn.Sequential(nn.Linear(3, 16), nn.ReLU(), nn.Linear(16, 1))
+    return TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+def _files(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()
+            and p.name != ".lock"}
+
+
+def _saved_before_structure(ckpt: Path) -> None:
+    """Make ``ckpt`` look saved by a loopkit whose meta.json held no structure (manifest re-signed)."""
+    meta = json.loads((ckpt / "meta.json").read_text())
+    del meta["structure"]
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+    files = {}
+    for name in ("state.pt", "meta.json"):
+        raw = (ckpt / name).read_bytes()
+        files[name] = {"size": len(raw), "fold_crc32_sha256": checkpoint.checksum(raw)}
+    (ckpt / "manifest.json").write_text(json.dumps({"format": "loopkit-checkpoint", "version": 1, "files": files}))
+
+
+@pytest.mark.parametrize("written_by", ["this_loopkit", "an_earlier_loopkit"])
+def test_a_run_of_another_model_in_the_directory_is_refused_before_its_first_step_and_deletes_nothing(
+        tmp_path, take_snapshot, assert_trees_equal, written_by):
+    """Before: experiment B (another architecture) given A's directory by mistake trained on, and its keep_last
+    rotation deleted A's checkpoints without a word (A could no longer be restored)."""
+    run_epochs(with_checkpointing(train_step(_mse), tmp_path, every_n_steps=1), _state(), _loader(), max_steps=2,
+               progress=False)
+    if written_by == "an_earlier_loopkit":  # the structure then comes from the payload's keys and shapes
+        for info in checkpoint.list_checkpoints(tmp_path):
+            _saved_before_structure(info.path)
+    kept = _files(tmp_path)
+    other = _other_model_state()
+    before = take_snapshot(other)
+    step = with_checkpointing(train_step(_mse), tmp_path, every_n_steps=1, keep_last=1)
+    with pytest.raises(loopkit.StateMismatchError) as info:
+        run_epochs(step, other, _loader(), epochs=2, progress=False)
+    message = str(info.value)
+    assert message.startswith(f"with_checkpointing: {tmp_path} holds checkpoints of another model or optimizer")
+    assert "ckpt-000002-step2-epoch0-batch2" in message
+    assert "key 'model.0.weight' has shape (8, 3) there and (16, 3) in this model" in message
+    assert "a directory of its own, or delete the old checkpoints" in message
+    assert _files(tmp_path) == kept  # A's checkpoints survive, untouched
+    other.check_usable()  # refused before the first step: B's state is as it was, and usable
+    assert_trees_equal(take_snapshot(other), before)
+    assert loopkit.restore(_state(), tmp_path).step == 2  # A resumes
+    # in a loop of one's own the first call is refused, before the step changed anything
+    donated = loopkit.donate(with_checkpointing(train_step(_mse), tmp_path, every_n_steps=1, keep_last=1))
+    with pytest.raises(loopkit.StateMismatchError, match="has shape \\(8, 3\\) there and \\(16, 3\\)") as info:
+        donated(other, next(iter(_loader())))
+    assert loopkit.state_at_error(info.value) is other
+    assert_trees_equal(take_snapshot(other), before)
+    assert _files(tmp_path) == kept
+
+
+def test_the_same_model_with_another_optimizer_is_refused_too_but_not_for_other_param_groups(tmp_path):
+    """Another optimizer class is another experiment; other param groups are the same fine-tuning script run
+    again (it adds groups as it unfreezes layers): that is only the existing warning's business."""
+    run_epochs(with_checkpointing(train_step(_mse), tmp_path, every_n_steps=1), _state(), _loader(), max_steps=1,
+               progress=False)
+    kept = _files(tmp_path)
+    model = _state().model
+    sgd = TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    layers = [model[0].parameters(), model[3].parameters()]
+    grouped = TrainState.create(model, torch.optim.Adam([{"params": ps} for ps in layers], lr=0.01))
+    step = with_checkpointing(train_step(_mse), tmp_path, every_n_steps=1, keep_last=1)
+    with pytest.raises(loopkit.StateMismatchError, match=re.escape("its optimizer is Adam, and this state's SGD")):
+        run_epochs(step, sgd, _loader(), epochs=1, progress=False)
+    assert _files(tmp_path) == kept
+    (newest,) = loopkit.checkpoint.list_checkpoints(tmp_path)
+    found = loopkit.checkpoint.read_structure(newest.path)
+    assert found["optimizer"]["param_groups"] == [4]
+    assert loopkit.checkpoint.structure_mismatch(found, loopkit.checkpoint.structure(grouped)) is None
+
+
+def test_the_same_model_resumed_or_run_again_in_its_directory_rotates_as_before(tmp_path):
+    def fit(state, epochs, every=3):
+        step = with_checkpointing(train_step(_mse), tmp_path, every_n_steps=every, keep_last=2)
+        return run_epochs(step, state, _loader(), epochs=epochs, progress=False)[0]
+
+    fit(_state(), 1)
+    assert _steps(tmp_path) == [6, 9]
+    fit(loopkit.restore(_state(), tmp_path), 2)  # resumed (at step 9): its saves rotate the earlier ones out
+    assert _steps(tmp_path) == [15, 18]
+    with pytest.warns(RuntimeWarning, match="holds checkpoints further along"):  # run again from scratch: warned,
+        fit(_state(seed=4), 1, every=2)  # as before, not refused
+    assert _steps(tmp_path) == [8, 10]
+
+
+def test_a_step_that_reshapes_the_model_at_its_first_call_or_a_lazy_model_is_compared_as_it_will_be_saved(tmp_path):
+    """with_qat prepares the model at its first call, a lazy module gets its shapes at the first forward: a new
+    run of the same pipeline in the directory is not refused (the one of another size still is)."""
+    def qat():
+        return with_checkpointing(loopkit.with_qat(train_step(_mse)), tmp_path / "qat", every_n_steps=5)
+
+    run_epochs(qat(), _state(scheduler=False), _loader(), max_steps=5, progress=False)
+    run_epochs(qat(), _state(seed=1, scheduler=False), _loader(), max_steps=5, progress=False)
+    assert _steps(tmp_path / "qat") == [5, 5]
+
+    def lazy(out):  # nothing but a lazy module: its shapes are known once the first call's forward ran
+        model = nn.Sequential(nn.LazyLinear(out))
+        return TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+
+    loss = lambda m, b: m(b[0]).pow(2).mean()  # noqa: E731
+    lazy_step = lambda: with_checkpointing(train_step(loss), tmp_path / "lazy", every_n_steps=5)  # noqa: E731
+    run_epochs(lazy_step(), lazy(4), _loader(), max_steps=5, progress=False)
+    kept = _files(tmp_path / "lazy")
+    run_epochs(lazy_step(), lazy(4), _loader(), max_steps=5, progress=False)
+    assert _steps(tmp_path / "lazy") == [5, 5]
+    refused = re.escape("'model.0.weight' has shape (4, 3) there and (6, 3)")
+    with pytest.raises(loopkit.StateMismatchError, match=refused):
+        run_epochs(lazy_step(), lazy(6), _loader(), max_steps=5, progress=False)
+    assert {k: v for k, v in _files(tmp_path / "lazy").items() if k in kept} == kept
+
+
 def test_a_plain_function_step_is_checkpointed(tmp_path):
     def fn(state, batch):
         extras = {"count": state.extras.get("count", 0) + 1, "total": state.extras.get("total", torch.zeros(2)) + batch}
@@ -218,6 +339,7 @@ def test_it_wraps_any_gradient_transform_and_reports_its_name(tmp_path):
         ({"every_n_epochs": 1.5}, "every_n_epochs must be a positive int or None, got 1.5"),
         ({"keep_last": 0}, "keep_last must be a positive int or None, got 0"),
         ({"keep_best": -1}, "keep_best must be an int >= 0, got -1"),
+        ({"keep_best": 0, "monitor": "val/loss"}, "keep_best=0 with monitor='val/loss' keeps no checkpoint for its score"),
         ({"mode": "avg"}, "mode must be 'min' or 'max', got 'avg'"),
         ({"monitor": ""}, "monitor must be a metric name"),
     ],
@@ -225,6 +347,11 @@ def test_it_wraps_any_gradient_transform_and_reports_its_name(tmp_path):
 def test_options_out_of_range_are_named(tmp_path, options, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         with_checkpointing(train_step(_mse), tmp_path, **options)
+
+
+def test_keep_best_0_without_a_monitor_is_unused_as_any_keep_best():
+    """(keep_best=0 with a monitor is refused: it would keep nothing for the score, the monitor doing nothing.)"""
+    assert with_checkpointing(_count_step, "unused-dir-never-written", keep_best=0).keep_best == 0
 
 
 # --- resume under run_epochs -------------------------------------------------------------------
