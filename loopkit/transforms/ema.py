@@ -7,18 +7,27 @@
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Mapping
 from typing import Any
 
 import attrs
 import torch
+from torch import nn
 
-from loopkit.state import TrainState, fork, replace, replace_extras
+from loopkit.state import TrainState, fork, leave_intact, replace, replace_extras, state_at_error
 from loopkit.steps import Metrics, UpdateStep
 from loopkit.transforms._compose import refuse_wrapping, require_step
 
 __all__ = ["EMAStep", "ema_state", "with_ema"]
 
 _EMA = "ema/params"
+#: what to do about averages that do not fit the model (the end of each such error)
+_FIX = (
+    f"the averages belong to another model: to average this one anew from its parameters, drop '{_EMA}' from the "
+    f"state's extras (state.evolve(extras={{k: v for k, v in state.extras.items() if k != '{_EMA}'}})), or "
+    "restore a checkpoint of this model"
+)
 
 
 def _parameters(state: TrainState) -> tuple[list[str], list[torch.Tensor]]:
@@ -29,18 +38,92 @@ def _parameters(state: TrainState) -> tuple[list[str], list[torch.Tensor]]:
     return names, params
 
 
-def _averaged(state: TrainState, decay: float) -> dict[str, torch.Tensor]:
+def _averaged(
+    previous: Mapping[str, torch.Tensor] | None, names: list[str], params: list[torch.Tensor], decay: float
+) -> dict[str, torch.Tensor]:
     """The new averages after an update: ``ema + (1 - decay) * (param - ema)``, as new tensors.
 
-    The first update copies the parameters (as ``torch.optim.swa_utils.AveragedModel`` does).
-    The tensors in ``state.extras`` are never changed in place: an earlier state keeps its own.
+    The first update (``previous`` None) copies the parameters (as ``torch.optim.swa_utils.AveragedModel``
+    does). The tensors of ``previous`` are never changed in place: an earlier state keeps its own.
     """
-    names, params = _parameters(state)
-    previous = state.extras.get(_EMA)
     if previous is None:
         return {name: p.clone() for name, p in zip(names, params)}
     ema = [previous[name] for name in names]
     return dict(zip(names, torch._foreach_lerp(ema, params, 1.0 - decay)))
+
+
+class _Checked:
+    """The averages mapping an :class:`EMAStep` last found to fit a model (or made from it), and that model.
+
+    A call returns a state whose averages are a new mapping made from its model's parameters,
+    and the next call gets that state (a donated run keeps the same model): the full check runs
+    only when a state brings other averages or another model (``evolve``, a checkpoint, the copy
+    of the model a pure call makes), or when the model's parameters moved to another dtype or
+    device in place (``run_epochs(device=...)`` moves the model, not the extras), which one
+    parameter, remembered with its dtype and device, tells. The model and that parameter are
+    held weakly; the averages, which the state returned holds anyway, strongly (the ``id`` of a
+    freed mapping is soon another's).
+    """
+
+    __slots__ = ("entry",)
+
+    def __init__(self) -> None:
+        self.entry: tuple[Mapping[str, torch.Tensor], weakref.ref, weakref.ref | None, Any, Any] | None = None
+
+    def __reduce__(self) -> tuple[type, tuple[()]]:
+        return _Checked, ()  # a copied or pickled step checks its first state again (weak references do not pickle)
+
+    def fits(self, averages: Mapping[str, torch.Tensor], model: nn.Module) -> bool:
+        entry = self.entry  # read once: remember swaps the whole tuple
+        if entry is None or entry[0] is not averages or entry[1]() is not model:
+            return False
+        if entry[2] is None:  # a model without parameters
+            return True
+        probe = entry[2]()
+        return probe is not None and probe.dtype == entry[3] and probe.device == entry[4]
+
+    def remember(self, averages: Mapping[str, torch.Tensor], model: nn.Module) -> None:
+        """``averages`` fit ``model``."""
+        probe = next(iter(model.parameters()), None)  # the Parameter itself: .to() changes its dtype and device
+        if probe is None:
+            self.entry = (averages, weakref.ref(model), None, None, None)
+        else:
+            self.entry = (averages, weakref.ref(model), weakref.ref(probe), probe.dtype, probe.device)
+
+
+def _fitted(averages: Any, model: nn.Module, where: str) -> Mapping[str, torch.Tensor]:
+    """``averages`` checked against ``model``'s parameters: one of the same shape for each, and no other.
+
+    A missing, extra or mis-shaped average is a ValueError that says which and what to do. An
+    average whose dtype or device differs only is cast to its parameter's, as
+    ``model.load_state_dict`` casts its values; ``averages`` comes back as it is when none needed it.
+    """
+    if not isinstance(averages, Mapping):
+        raise ValueError(
+            f"{where}: state.extras['{_EMA}'] must map parameter names to averages, got {type(averages).__qualname__}; "
+            + _FIX
+        )
+    cast: dict[str, torch.Tensor] = {}
+    names = set()
+    for name, param in model.named_parameters():
+        names.add(name)
+        average = averages.get(name)
+        if not isinstance(average, torch.Tensor):
+            what = "no average" if average is None else f"a {type(average).__qualname__} for an average"
+            raise ValueError(f"{where}: the state's averages hold {what} of parameter '{name}' "
+                             f"(shape {tuple(param.shape)}); {_FIX}")
+        if average.shape != param.shape:
+            raise ValueError(
+                f"{where}: the average of parameter '{name}' has shape {tuple(average.shape)}, but the parameter has "
+                f"shape {tuple(param.shape)}; {_FIX}"
+            )
+        if average.dtype != param.dtype or average.device != param.device:
+            cast[name] = average.detach().to(device=param.device, dtype=param.dtype)
+    for name in averages:
+        if name not in names:
+            raise ValueError(f"{where}: the state's averages hold one of '{name}', which is not a parameter of the "
+                             f"model; {_FIX}")
+    return {**averages, **cast} if cast else averages
 
 
 @attrs.frozen(eq=False)
@@ -53,15 +136,51 @@ class EMAStep(UpdateStep):
     """
 
     decay: float = 0.999
+    # shared with the donated copy of the step that run_epochs makes (attrs.evolve): what it found holds for both
+    _checked: _Checked = attrs.field(factory=_Checked, repr=False)
 
     @property
     def name(self) -> str:
         return "with_ema"
 
+    def run_(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
+        return self._checked_call(super().run_, state, batch)
+
+    def flush_(self, state: TrainState) -> tuple[TrainState, Metrics]:
+        return self._checked_call(super().flush_, state)
+
     def after_update(self, state: TrainState, metrics: Metrics) -> TrainState:
         with torch.no_grad():
-            averages = _averaged(state, self.decay)
+            averages = _averaged(state.extras.get(_EMA), *_parameters(state), self.decay)
+        self._checked.remember(averages, state.model)  # made from the model's parameters: they fit it
         return replace_extras(state, {**state.extras, _EMA: averages})
+
+    def _checked_call(self, call: Any, state: TrainState, *args: Any) -> tuple[TrainState, Metrics]:
+        """``call(state, *args)`` once the averages are known to fit the model, before anything changes.
+
+        Averages of another model (``state.evolve(model=...)``, a checkpoint's extras) would fail
+        only after the update, in torch's lerp, naming neither; here they fail first, naming the
+        parameter, and the given state stays usable. Averages whose dtype or device differ only
+        (a float32 checkpoint restored into a float64 template) are cast once: the call goes on
+        with, and returns, a state holding the cast averages.
+        """
+        averages = state.extras.get(_EMA)
+        if averages is None or self._checked.fits(averages, state.model):
+            return call(state, *args)
+        try:
+            fitted = _fitted(averages, state.model, "with_ema")
+        except ValueError as error:
+            raise leave_intact(error, state)
+        self._checked.remember(fitted, state.model)
+        if fitted is averages:
+            return call(state, *args)
+        given, state = state, replace_extras(state, {**state.extras, _EMA: fitted})
+        try:
+            return call(state, *args)
+        except BaseException as error:
+            if state_at_error(error) is state:  # nothing changed in place: neither did the given state
+                leave_intact(error, given)
+            raise
 
 
 def with_ema(step: Any, decay: float) -> EMAStep:
@@ -75,6 +194,13 @@ def with_ema(step: Any, decay: float) -> EMAStep:
     not averaged, as there. The averages are part of the state: a step stays pure (new
     tensors each update), and checkpoints carry them. :func:`ema_state` gives a state whose
     model holds the averages, to evaluate, predict or export.
+
+    The averages are checked against the model before the step changes anything: averages of
+    another model (a state given a new model with ``evolve``) are refused with a ValueError
+    naming the parameter and both shapes, and the given state stays usable; averages whose
+    dtype or device differs only (a float32 checkpoint restored into a float64 template) are
+    cast to the parameters' once, and the state returned holds the cast averages. The check
+    runs again only for a state whose averages or model are not the ones the step last saw.
 
     Apply it inside ``with_checkpointing`` and ``with_logging``
     (``with_checkpointing(with_ema(step, 0.999), ...)``) so that a checkpoint holds the
@@ -106,8 +232,10 @@ def with_ema(step: Any, decay: float) -> EMAStep:
 def ema_state(state: TrainState) -> TrainState:
     """A new state whose model holds the moving averages of :func:`with_ema` (no optimizer).
 
-    Buffers are the model's own; before the first update the averages are the parameters.
-    ``state`` is unchanged. Use it to evaluate, predict or export the averaged weights:
+    Buffers are the model's own (not averaged: recompute BatchNorm statistics for the averaged
+    weights with ``torch.optim.swa_utils.update_bn``); before the first update the averages are
+    the parameters. ``state`` is unchanged. Averages that do not fit the model (another's) raise
+    a ValueError. Use it to evaluate, predict or export the averaged weights:
     ``loopkit.evaluate(eval_step(metric_fn), ema_state(state), data)``.
 
     >>> import torch
@@ -123,10 +251,8 @@ def ema_state(state: TrainState) -> TrainState:
     averages = state.extras.get(_EMA)
     copy = fork(replace(state, optimizer=None, scheduler=None))
     if averages is not None:
+        averages = _fitted(averages, copy.model, "ema_state")
         names, params = _parameters(copy)
-        missing = [name for name in names if name not in averages]
-        if missing:
-            raise KeyError(f"ema_state: the state's averages have no entry for parameter '{missing[0]}'")
         with torch.no_grad():
             torch._foreach_copy_(params, [averages[name] for name in names])
     return copy

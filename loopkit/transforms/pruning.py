@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -15,14 +15,20 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from loopkit.state import TrainState, leave_intact, replace
-from loopkit.steps import Metrics, UpdateStep
+from loopkit.state import TrainState, leave_intact, replace, replace_extras, state_at_error
+from loopkit.steps import Metrics, UpdateStep, needs_closure
 from loopkit.transforms._compose import refuse_wrapping, require_step
 
 __all__ = ["PruningStep", "default_prunable", "with_pruning"]
 
 _MASKS, _SPARSITY = "pruning/masks", "pruning/sparsity"
 _PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+#: what to do about masks that do not fit the model (the end of each such error)
+_FIX = (
+    f"to prune this model anew, drop '{_MASKS}' and '{_SPARSITY}' from the state's extras "
+    f"(state.evolve(extras={{k: v for k, v in state.extras.items() if not k.startswith('pruning/')}})), "
+    "or restore a checkpoint of this model"
+)
 
 
 def default_prunable(model: nn.Module) -> list[str]:
@@ -92,14 +98,39 @@ class PruningStep(UpdateStep):
             except (KeyError, ValueError) as error:
                 raise leave_intact(error, state)
             return super().run_(state, batch)
+        # the masks are checked against the model before the step changes anything (a state moved to another
+        # model, a checkpoint of one): a mask of another shape fails here, naming it, not in the backward
+        fitted, names, params = _fitted_state(state, masks)
+        try:
+            return self._run_masked(fitted, batch, names, params, fitted.extras[_MASKS])
+        except BaseException as error:
+            _intact_as(error, fitted, state)
+            raise
+
+    def flush_(self, state: TrainState) -> tuple[TrainState, Metrics]:
+        masks = state.extras.get(_MASKS)
+        if masks is None:
+            return super().flush_(state)
+        fitted = _fitted_state(state, masks)[0]  # the update a flush makes ends in after_update's masking
+        try:
+            return super().flush_(fitted)
+        except BaseException as error:
+            _intact_as(error, fitted, state)
+            raise
+
+    def _run_masked(
+        self, state: TrainState, batch: Any, names: list[str], params: list[torch.Tensor], masks: Mapping[str, torch.Tensor]
+    ) -> tuple[TrainState, Metrics]:
         # a pruned entry's gradient is zero, as torch.nn.utils.prune's weight_orig * mask gives it: the hooks
         # scale each backward's gradient by the mask before it reaches .grad, for every gradient transform
         # and the optimizer to see; they are this call's only, removed whatever happens
-        try:
-            names, params = _resolve(state.model, list(masks))
-        except KeyError as error:
-            raise leave_intact(error, state)
         handles = [p.register_hook(_MaskGrad(masks[n])) for n, p in zip(names, params) if p.requires_grad]
+        optimizer = state.optimizer
+        if optimizer is not None and _takes_closure(optimizer):
+            # an optimizer that re-runs the forward inside its update (LBFGS) moves pruned entries between
+            # those forwards (its history predates the pruning): each forward must see them zero, as the raw
+            # loop's weight_orig * mask does, not only the next call
+            handles += _mask_before_forwards(state.model, params, [masks[n] for n in names])
         try:
             return super().run_(state, batch)
         finally:
@@ -149,6 +180,97 @@ def _resolve(model: nn.Module, names: list[str]) -> tuple[list[str], list[torch.
     return kept, params
 
 
+def _fitted_state(state: TrainState, masks: Any) -> tuple[TrainState, list[str], list[torch.Tensor]]:
+    """``state`` with its masks checked against its model, and the parameters they name (as :func:`_resolve`).
+
+    A mask of another shape, or one naming a parameter the model lacks, is a ValueError that
+    says which and what to do, raised with ``state`` intact. A mask whose dtype or device differs
+    only (a checkpoint restored into a float64 template, a model moved to the GPU) is cast to its
+    parameter's, as ``model.load_state_dict`` casts: then a new state holds the cast masks (the
+    call returns it, so the cast is made once); else ``state`` itself comes back.
+    """
+    try:
+        if not isinstance(masks, Mapping):
+            raise ValueError(f"with_pruning: state.extras['{_MASKS}'] must map parameter names to masks, "
+                             f"got {type(masks).__qualname__}; {_FIX}")
+        try:
+            names, params = _resolve(state.model, list(masks))
+        except KeyError as error:
+            raise ValueError(f"{error.args[0]}, which the masks in state.extras['{_MASKS}'] name; {_FIX}") from None
+        cast: dict[str, torch.Tensor] = {}
+        for name, param in zip(names, params):
+            mask = masks[name]
+            if not isinstance(mask, torch.Tensor):
+                raise ValueError(f"with_pruning: the mask of parameter '{name}' is a {type(mask).__qualname__}, "
+                                 f"not a tensor; {_FIX}")
+            if mask.shape != param.shape:
+                raise ValueError(
+                    f"with_pruning: the mask of parameter '{name}' has shape {tuple(mask.shape)}, but the parameter "
+                    f"has shape {tuple(param.shape)}: the masks belong to another model; {_FIX}"
+                )
+            if mask.dtype != param.dtype or mask.device != param.device:
+                cast[name] = mask.to(device=param.device, dtype=param.dtype)
+    except ValueError as error:
+        raise leave_intact(error, state)
+    if cast:
+        state = replace_extras(state, {**state.extras, _MASKS: {**masks, **cast}})
+    return state, names, params
+
+
+def _intact_as(error: BaseException, used: TrainState, given: TrainState) -> None:
+    """Mark ``error`` as leaving ``given`` intact when it left ``used``, a copy with other extras, intact."""
+    if used is not given and state_at_error(error) is used:
+        leave_intact(error, given)
+
+
+#: ``needs_closure`` by optimizer class: it reads the signature of ``step``, which costs more than a call
+#: of a small step should pay each time; the answer is the class's
+_CLOSURE: dict[type, bool] = {}
+
+
+def _takes_closure(optimizer: torch.optim.Optimizer) -> bool:
+    kind = type(optimizer)
+    found = _CLOSURE.get(kind)
+    if found is None:
+        found = _CLOSURE[kind] = needs_closure(optimizer)
+    return found
+
+
+def _mask_before_forwards(model: nn.Module, params: list[torch.Tensor], masks: list[torch.Tensor]) -> list[Any]:
+    """Forward pre-hooks (their handles) that zero the pruned entries of each module's own pruned parameters.
+
+    Every module holding a pruned tensor as its parameter gets one (a tied weight: each of its
+    modules); all share one record of each tensor's ``_version`` when last masked, which starts
+    at the call's (the weights are masked after every update), so a tensor is masked only
+    after something changed it in place (the optimizer), never between two uses in one forward
+    (a tied weight, a layer applied twice), which autograd would refuse.
+    """
+    pruned = {id(p): (p, m) for p, m in zip(params, masks)}
+    versions = {key: p._version for key, (p, _) in pruned.items()}
+    handles = []
+    for module in model.modules():
+        held = tuple(pruned[id(p)] for _, p in module.named_parameters(recurse=False) if id(p) in pruned)
+        if held:
+            handles.append(module.register_forward_pre_hook(_MaskBeforeForward(held, versions)))
+    return handles
+
+
+@attrs.frozen(eq=False)
+class _MaskBeforeForward:
+    """A forward pre-hook: the module's pruned parameters times their masks, in place, where changed since."""
+
+    pruned: tuple[tuple[torch.Tensor, torch.Tensor], ...]  # (parameter, mask)
+    versions: dict[int, int]  # id(parameter) -> its _version when last masked; shared by the call's hooks
+
+    def __call__(self, module: nn.Module, args: Any) -> None:
+        versions = self.versions
+        for param, mask in self.pruned:
+            if param._version != versions[id(param)]:
+                with torch.no_grad():
+                    param.mul_(mask)  # weight_orig * mask, the raw loop's weight, bit for bit
+                versions[id(param)] = param._version
+
+
 @attrs.frozen(eq=False)
 class _MaskGrad:
     """A gradient hook: the gradient times the mask (torch.nn.utils.prune's ``weight_orig`` gradient)."""
@@ -185,7 +307,16 @@ def with_pruning(
     loss scaler or the optimizer sees it: the model's weights follow the raw loop's
     ``weight_orig * weight_mask``. Only an optimizer that reads a parameter's values across its
     entries tells them apart: Adafactor's relative step size (the parameter's RMS) reads the
-    pruned weight here, ``weight_orig`` with its stale pruned entries there.
+    pruned weight here, ``weight_orig`` with its stale pruned entries there. An optimizer
+    whose update runs the forward again (``torch.optim.LBFGS``: ``train_step`` hands it a
+    closure) moves pruned entries between those forwards (its history predates the pruning);
+    for it, each module that holds a pruned weight gets, for the call only, a forward pre-hook
+    that sets the pruned entries back to zero when the update changed the weight, so that
+    every forward sees ``weight_orig * weight_mask`` as in the raw loop (bitwise). Other
+    optimizers get no such hook. Masks that do not fit the model (a state given another model
+    with ``evolve``) are refused before the update, naming the parameter and both shapes; a
+    mask whose dtype or device differs only (a checkpoint restored into a float64 template) is
+    cast to its parameter's once, and the state returned holds the cast masks.
 
     Apply it inside ``with_ema``, ``with_logging`` and ``with_checkpointing``.
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import loopkit
@@ -165,3 +166,129 @@ def test_a_donated_ema_step_reproduces_the_pure_one(make_mlp, batches, mse_loss,
         pure, _ = step(pure, batch)
         donated, _ = loopkit.donate(step)(donated, batch)
     assert_trees_equal(take_snapshot(pure), take_snapshot(donated))
+
+
+def test_a_float32_checkpoint_restored_into_a_float64_template_averages_in_float64(make_mlp, make_batches, mse_loss,
+                                                                                  make_adam_state, round_trip,
+                                                                                  assert_trees_equal):
+    # before, the model and optimizer were cast, the averages stayed float32, and the next update failed in lerp
+    data = make_batches(4)
+    step = loopkit.with_ema(loopkit.train_step(mse_loss), DECAY)
+    state = make_adam_state(make_mlp(0))
+    for batch in data[:2]:
+        state, _ = step(state, batch)
+    saved = round_trip(state.state_dict())
+    restored = lambda: make_adam_state(make_mlp(1).double()).load_state_dict(saved)  # noqa: E731
+    rest = [(x.double(), y.double()) for x, y in data[2:]]
+
+    got = restored()
+    for batch in rest:
+        got, _ = step(got, batch)
+    assert {a.dtype for a in got.extras["ema/params"].values()} == {torch.float64}
+    # the reference: the float64 run by hand, its EMA an AveragedModel that starts from the checkpoint's averages
+    ref = restored()
+    averaged = AveragedModel(ref.model, multi_avg_fn=get_ema_multi_avg_fn(DECAY))
+    with torch.no_grad():
+        for name, p in averaged.module.named_parameters():
+            p.copy_(saved["extras"]["ema/params"][name])  # float32 into float64, as the model's own load casts
+    averaged.n_averaged.fill_(2)
+    for batch in rest:
+        ref.optimizer.zero_grad()
+        mse_loss(ref.model, batch).backward()
+        ref.optimizer.step()
+        averaged.update_parameters(ref.model)
+    assert_trees_equal(dict(got.model.named_parameters()), dict(ref.model.named_parameters()))
+    assert_trees_equal(_ema_params(got), _averaged_params(averaged))
+
+
+def test_a_model_moved_to_float64_in_place_gets_its_averages_cast(make_mlp, make_batches, mse_loss, assert_trees_equal):
+    # run_epochs(device=...) moves the state's model in place, not the extras: the step must notice, although the
+    # averages mapping and the model object are the ones it last checked (here a dtype: the CPU has one device)
+    data = make_batches(3)
+    model = make_mlp(0)
+    state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))  # no optimizer state to cast
+    step = loopkit.donate(loopkit.with_ema(loopkit.train_step(mse_loss), DECAY))
+    for batch in data[:2]:
+        state, _ = step(state, batch)
+    before = {k: v.double() for k, v in state.extras["ema/params"].items()}
+    state.model.double()
+    x, y = data[2]
+    state, _ = step(state, (x.double(), y.double()))
+    expected = {k: torch.lerp(before[k], p.detach(), 1 - DECAY) for k, p in state.model.named_parameters()}
+    assert_trees_equal(dict(state.extras["ema/params"]), expected)
+
+
+def _trained(make_mlp, make_batches, mse_loss, step):
+    """A state after an epoch of ``step`` (a 4-8-2 MLP) and the batches to go on with."""
+    data = make_batches(4)
+    model = make_mlp(0)
+    state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    state, _ = loopkit.run_epochs(step, state, data[:2], epochs=1, progress=False)
+    return state, data[2:]
+
+
+def _another(state, model):
+    return state.evolve(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+_OTHER_MODELS = {
+    "wider": (lambda s: _another(s, nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 2))),
+              r"with_ema: the average of parameter '0\.weight' has shape \(8, 4\), but the parameter has shape \(16, 4\)"),
+    "deeper": (lambda s: _another(s, nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2), nn.Tanh(), nn.Linear(2, 2))),
+               r"with_ema: the state's averages hold no average of parameter '4\.weight' \(shape \(2, 2\)\)"),
+    "no bias": (lambda s: _another(s, nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2, bias=False))),
+                r"with_ema: the state's averages hold one of '2\.bias', which is not a parameter of the model"),
+    "mis-shaped averages": (
+        lambda s: s.evolve(extras={**s.extras, "ema/params": {**s.extras["ema/params"],
+                                                              "2.weight": s.extras["ema/params"]["2.weight"][:1]}}),
+        r"with_ema: the average of parameter '2\.weight' has shape \(1, 8\), but the parameter has shape \(2, 8\)"),
+}
+
+
+@pytest.mark.parametrize("case", list(_OTHER_MODELS))
+def test_averages_of_another_model_are_refused_before_the_update(case, make_mlp, make_batches, mse_loss, take_snapshot,
+                                                                 assert_trees_equal):
+    # before, the step updated the model, then failed in lerp with torch's bare size mismatch, naming neither
+    # with_ema nor the parameter, and under run_epochs the state was lost (state_at_error None); an extra average
+    # was dropped, and one of shape (1, 8) broadcast against its (2, 8) parameter, without a word
+    step = loopkit.with_ema(loopkit.train_step(mse_loss), DECAY)
+    state, data = _trained(make_mlp, make_batches, mse_loss, step)  # the same step: it saw these averages fit
+    make_bad, match = _OTHER_MODELS[case]
+    bad = make_bad(state)
+    before = take_snapshot(bad)
+    with pytest.raises(ValueError, match=match + ".*drop 'ema/params' from the state's extras"):
+        step(bad, data[0])
+    with pytest.raises(ValueError, match=match) as info:
+        loopkit.run_epochs(step, bad, data, epochs=2, progress=False)
+    assert loopkit.state_at_error(info.value) is bad  # not one update: the donated state is intact, and usable
+    assert_trees_equal(take_snapshot(bad), before)
+    with pytest.raises(ValueError, match=match.replace("with_ema", "ema_state")):
+        loopkit.ema_state(bad)
+    fresh = bad.evolve(extras={k: v for k, v in bad.extras.items() if k != "ema/params"})  # what the message says
+    fresh, _ = loopkit.run_epochs(step, fresh, data, epochs=2, progress=False)
+    assert fresh.step == bad.step + len(data)
+
+
+def test_the_averages_are_checked_once_for_a_run_and_again_for_a_state_with_another_model(monkeypatch, make_mlp,
+                                                                                         make_batches, mse_loss):
+    from loopkit.transforms import ema
+
+    checks, fitted = [], ema._fitted
+
+    def counted(averages, model, where):
+        checks.append(where)
+        return fitted(averages, model, where)
+
+    monkeypatch.setattr(ema, "_fitted", counted)
+    step = loopkit.with_ema(loopkit.train_step(mse_loss), DECAY)
+    state, data = _trained(make_mlp, make_batches, mse_loss, step)
+    state, _ = loopkit.run_epochs(step, state, data, epochs=2, progress=False)
+    assert checks == []  # each call's averages were made from the model the next call trains: nothing to check
+    state, _ = step(state, data[0])  # a pure call trains a copy of the model: checked
+    assert checks == ["with_ema"]
+    other = make_mlp(1)
+    with pytest.raises(ValueError):  # the same averages mapping, another (wider) model: checked again
+        step(_another(state, nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 2))), data[0])
+    assert checks == ["with_ema"] * 2
+    state, _ = loopkit.run_epochs(step, _another(state, other), data, epochs=3, progress=False)  # same shapes: fits
+    assert checks == ["with_ema"] * 3

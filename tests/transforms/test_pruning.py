@@ -39,11 +39,19 @@ def _raw_pruned_loop(model, opt, data, loss_fn, modules=None, *, clip=None, norm
     total = sum(m.weight.numel() for m, _ in targets)
     pruned = 0
     for k, batch in enumerate(data, start=1):
-        opt.zero_grad()
-        loss_fn(model, batch).backward()
-        if clip is not None:
-            norms.append(torch.nn.utils.clip_grad_norm_(opt.param_groups[0]["params"], clip))
-        opt.step()
+        if isinstance(opt, torch.optim.LBFGS):  # its closure runs the forward (weight_orig * mask) and backward again
+            def closure(batch=batch):
+                opt.zero_grad()
+                loss = loss_fn(model, batch)
+                loss.backward()
+                return loss
+            opt.step(closure)
+        else:
+            opt.zero_grad()
+            loss_fn(model, batch).backward()
+            if clip is not None:
+                norms.append(torch.nn.utils.clip_grad_norm_(opt.param_groups[0]["params"], clip))
+            opt.step()
         if k in POINTS:
             want = round(cubic_sparsity(AMOUNT, POINTS, k) * total)
             # rank by the weights as they are now (a pruned module's .weight is the stale one of the last forward)
@@ -301,3 +309,165 @@ def test_the_gradient_hooks_last_one_call_and_purity_holds_once_pruned(make_batc
     donated = loopkit.donate(step)
     state, _ = donated(state, data[3])
     assert all(not p._backward_hooks for p in state.model.parameters())
+
+
+_LBFGS = {"max_iter=1": dict(max_iter=1), "max_iter=5": dict(max_iter=5),
+          "strong_wolfe": dict(max_iter=5, line_search_fn="strong_wolfe")}
+
+
+@pytest.mark.parametrize("options", list(_LBFGS.values()), ids=list(_LBFGS))
+def test_lbfgs_forwards_inside_an_update_see_the_pruned_weights_zero_as_in_a_raw_loop(options, make_batches, mse_loss,
+                                                                                       assert_trees_equal):
+    # LBFGS's closure runs the forward several times per update, and its history (from before the prune) moves
+    # pruned entries: the raw loop's forwards compute weight_orig * mask each time, so must loopkit's
+    data = make_batches(8, d_in=4, d_out=2)
+    lbfgs = lambda params: torch.optim.LBFGS(params, lr=0.5, **options)  # noqa: E731
+    ref_model = _wide_mlp(0)
+    expected = _raw_pruned_loop(ref_model, lbfgs(ref_model.parameters()), data, mse_loss)
+
+    model = _wide_mlp(0)
+    state = loopkit.TrainState.create(model, lbfgs(model.parameters()))
+    step = loopkit.with_pruning(loopkit.train_step(mse_loss), AMOUNT, POINTS)
+    state, _ = loopkit.run_epochs(step, state, data, epochs=1, progress=False)
+    got = {name: p.detach() for name, p in state.model.named_parameters() if name.endswith("weight")}
+    assert_trees_equal(got, expected)
+    assert_trees_equal([state.model[i].bias.detach() for i in (0, 2)], [ref_model[i].bias.detach() for i in (0, 2)])
+    assert all(not m._forward_pre_hooks for m in state.model.modules())  # the call's hooks are gone
+
+
+class _Twice(nn.Module):
+    """One layer applied twice in a forward: the graph saves its weight at the first use (its input needs a gradient)."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        self.first, self.inner, self.out = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+        _init(self, seed)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.inner(torch.tanh(self.inner(torch.tanh(self.first(x)))))))
+
+
+class _TiedTwice(_Twice):
+    """:class:`_Twice` whose second application is a module of its own, tied to the first (weight and bias)."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__(seed)
+        self.again = nn.Linear(4, 4)
+        self.again.weight, self.again.bias = self.inner.weight, self.inner.bias
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.again(torch.tanh(self.inner(torch.tanh(self.first(x)))))))
+
+
+@pytest.mark.parametrize("twice", [_Twice, _TiedTwice])
+def test_lbfgs_with_a_tied_weight_or_a_layer_applied_twice_masks_it_once_per_forward(twice, make_batches, mse_loss,
+                                                                                      assert_trees_equal):
+    # a tensor read twice by one forward is masked before its first use only: masking it again in place between
+    # the two would change a tensor the graph saved (autograd refuses); the raw loop recomputes the product
+    lbfgs = lambda params: torch.optim.LBFGS(params, lr=0.5, max_iter=4)  # noqa: E731
+    data = _token_batches(8)
+    ref_model = _RawTiedLM(0)
+    expected = _raw_pruned_loop(ref_model, lbfgs(ref_model.parameters()), data, _lm_loss,
+                                {"emb.weight": ref_model.emb, "mid.weight": ref_model.mid})
+    model = _TiedLM(0)
+    state = loopkit.TrainState.create(model, lbfgs(model.parameters()))
+    step = loopkit.with_pruning(loopkit.train_step(_lm_loss), AMOUNT, POINTS, parameters=["emb.weight", "mid.weight"])
+    state, _ = loopkit.run_epochs(step, state, data, epochs=1, progress=False)
+    assert_trees_equal({"emb.weight": state.model.emb.weight.detach(), "mid.weight": state.model.mid.weight.detach()},
+                       expected)
+
+    data = make_batches(8, d_in=4, d_out=2)
+    ref_model = _Twice(0)
+    names = ["first.weight", "inner.weight", "out.weight"]
+    expected = _raw_pruned_loop(ref_model, lbfgs(ref_model.parameters()), data, mse_loss,
+                                {name: ref_model.get_submodule(name[:-7]) for name in names})
+    model = twice(0)  # _TiedTwice: two modules hold the tensor; the first one's hook masks it
+    state = loopkit.TrainState.create(model, lbfgs(model.parameters()))
+    step = loopkit.with_pruning(loopkit.train_step(mse_loss), AMOUNT, POINTS)
+    state, _ = loopkit.run_epochs(step, state, data, epochs=1, progress=False)
+    assert_trees_equal({name: state.model.get_parameter(name).detach() for name in names}, expected)
+
+
+def test_an_optimizer_without_a_closure_gets_no_forward_hook(make_batches, make_adam_state):
+    data = make_batches(3, d_in=4, d_out=2)
+    seen = []
+
+    def loss_fn(model, batch):
+        seen.append(sum(len(m._forward_pre_hooks) for m in model.modules()))
+        return ((model(batch[0]) - batch[1]) ** 2).mean()
+
+    state = make_adam_state(_wide_mlp(0))
+    step = loopkit.with_pruning(loopkit.train_step(loss_fn), AMOUNT, [1])
+    for batch in data:
+        state, _ = step(state, batch)
+    assert "pruning/masks" in state.extras and seen == [0, 0, 0]
+
+
+def _pruned_state(make_batches, step):
+    """A state whose two Linear weights (16 x 4, 2 x 16) are pruned, after a first epoch, and the batches to go on with."""
+    data = make_batches(4, d_in=4, d_out=2)
+    model = _wide_mlp(0)
+    state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.05))
+    state, _ = loopkit.run_epochs(step, state, data[:2], epochs=1, progress=False)
+    assert state.epoch == 1 and sorted(state.extras["pruning/masks"]) == ["0.weight", "2.weight"]
+    return state, data[2:]
+
+
+@pytest.mark.parametrize("case", ["another model", "mis-shaped masks", "a mask of no parameter"])
+def test_masks_that_do_not_fit_the_model_are_refused_before_the_update(case, make_batches, mse_loss, take_snapshot,
+                                                                       assert_trees_equal):
+    # before, the mask multiplied the gradient in the backward and failed there with torch's bare size mismatch,
+    # the donated state used up (state_at_error None)
+    step = loopkit.with_pruning(loopkit.train_step(mse_loss), AMOUNT, [1])
+    state, data = _pruned_state(make_batches, step)
+    masks = state.extras["pruning/masks"]
+    if case == "another model":  # a state given a wider model, its masks kept (a fine-tune from a checkpoint)
+        wide = nn.Sequential(nn.Linear(4, 32), nn.Tanh(), nn.Linear(32, 2))
+        bad = state.evolve(model=wide, optimizer=torch.optim.SGD(wide.parameters(), lr=0.05))
+        match = r"with_pruning: the mask of parameter '0\.weight' has shape \(16, 4\), but the parameter has shape \(32, 4\)"
+    elif case == "mis-shaped masks":
+        bad = state.evolve(extras={**state.extras, "pruning/masks": {**masks, "2.weight": masks["2.weight"][:, :8]}})
+        match = r"with_pruning: the mask of parameter '2\.weight' has shape \(2, 8\), but the parameter has shape \(2, 16\)"
+    else:
+        bad = state.evolve(extras={**state.extras, "pruning/masks": {**masks, "4.weight": masks["2.weight"]}})
+        match = (r"with_pruning: the model has no parameter '4\.weight', "
+                 r"which the masks in state\.extras\['pruning/masks'\] name")
+    before = take_snapshot(bad)
+    with pytest.raises(ValueError, match=match + ".*drop 'pruning/masks' and 'pruning/sparsity'"):
+        step(bad, data[0])
+    with pytest.raises(ValueError, match=match) as info:
+        loopkit.run_epochs(step, bad, data, epochs=2, progress=False)
+    assert loopkit.state_at_error(info.value) is bad  # not one update: the donated state is intact, and usable
+    assert_trees_equal(take_snapshot(bad), before)
+    fresh = bad.evolve(extras={k: v for k, v in bad.extras.items() if not k.startswith("pruning/")})
+    fresh, _ = loopkit.run_epochs(step, fresh, data, epochs=2, progress=False)  # what the message says to do
+    assert fresh.step == bad.step + len(data)
+
+
+def test_a_float32_checkpoint_restored_into_a_float64_template_prunes_in_float64(make_batches, mse_loss, round_trip,
+                                                                                 make_adam_state, assert_trees_equal):
+    data = make_batches(5, d_in=4, d_out=2)
+    step = loopkit.with_pruning(loopkit.train_step(mse_loss), AMOUNT, [1])
+    state = make_adam_state(_wide_mlp(0))
+    for batch in data[:2]:
+        state, _ = step(state, batch)
+    saved = round_trip(state.state_dict())
+    restored = lambda: make_adam_state(_wide_mlp(1).double()).load_state_dict(saved)  # noqa: E731
+    rest = [(x.double(), y.double()) for x, y in data[2:]]
+
+    got = restored()
+    assert {m.dtype for m in got.extras["pruning/masks"].values()} == {torch.float32}  # as the checkpoint holds them
+    for batch in rest:
+        got, _ = step(got, batch)
+    assert {m.dtype for m in got.extras["pruning/masks"].values()} == {torch.float64}  # cast once, kept in the state
+    # the reference: torch.nn.utils.prune's reparametrisation with the checkpoint's masks, its float64 loop by hand
+    ref = restored()
+    for name, mask in ref.extras["pruning/masks"].items():
+        prune.custom_from_mask(ref.model.get_submodule(name.rsplit(".", 1)[0]), "weight", mask.double())
+    for batch in rest:
+        ref.optimizer.zero_grad()
+        mse_loss(ref.model, batch).backward()
+        ref.optimizer.step()
+    assert_trees_equal({n: got.model.get_parameter(n).detach() for n in ("0.weight", "2.weight")},
+                       {f"{i}.weight": (ref.model[i].weight_orig * ref.model[i].weight_mask).detach() for i in (0, 2)})
+    assert_trees_equal(got.model[0].bias.detach(), ref.model[0].bias.detach())
