@@ -25,7 +25,7 @@ from loopkit import _collective
 from loopkit.state import extras_copy
 from loopkit.tree import to_device
 
-__all__ = ["EPOCH", "LOGGED", "OVER_RANKS", "Window", "over_ranks", "own_share"]
+__all__ = ["EPOCH", "LOGGED", "OVER_RANKS", "Window", "over_ranks", "own_rng", "own_share"]
 
 Metrics = Mapping[str, Any]
 
@@ -100,20 +100,29 @@ LOGGED = Window("logging/window", "logging/counts", "logging/pending", fold_ever
 OVER_RANKS = "windows/over_ranks"
 
 
-def over_ranks(extras: Mapping[str, Any]) -> Mapping[str, Any]:
-    """``extras`` for a checkpoint under DDP, with every other rank's windows as they are (a collective
-    every rank must call at the same point). Only rank 0 writes checkpoints: with its own windows alone a
-    resumed run's means would lose the other ranks' records; :func:`own_share` gives each rank its own back
-    on restore, so the resumed means are the uninterrupted run's, bit for bit.
+def over_ranks(extras: Mapping[str, Any], rng: Mapping[str, torch.Tensor] | None = None) -> Mapping[str, Any]:
+    """``extras`` for a checkpoint, with every other rank's windows and RNG (``state.rng``) as they are
+    under DDP (a collective every rank must call at the same point). Only rank 0 writes checkpoints: with
+    its own windows alone a resumed run's means would lose the other ranks' records, and with its own RNG
+    a rank seeded otherwise (``seed=s + rank``) would draw rank 0's dropout masks; :func:`own_share` and
+    :func:`own_rng` give each rank its own back on restore, so the resumed run is the uninterrupted one,
+    bit for bit. In one process the windows are marked as one rank's, so that a run resumed on several
+    ranks counts their records once (rank 0 takes them, the others start empty).
 
     >>> import torch
     >>> extras = EPOCH.add({}, {"loss": torch.tensor(2.0)})
-    >>> over_ranks(extras) is extras  # (one process: nothing to add)
-    True
+    >>> over_ranks(extras)[OVER_RANKS]
+    {'world_size': 1, 'ranks': {}}
+    >>> over_ranks({"other": 1})  # (nothing to mark)
+    {'other': 1}
     """
     held = [w for w in (EPOCH, LOGGED) if w.holds(extras)]
-    if not held or not _collective.active():
-        return extras
+    if not _collective.active():
+        if not held:
+            return extras
+        new = extras_copy(extras)
+        new[OVER_RANKS] = {"world_size": 1, "ranks": {}}
+        return types.MappingProxyType(new)
     mine: dict[str, Any] | None = None  # rank 0 keeps its own in place: it sends nothing
     if not _collective.is_rank_zero():
         mine = {}
@@ -122,12 +131,32 @@ def over_ranks(extras: Mapping[str, Any]) -> Mapping[str, Any]:
                 if key in extras:
                     mine[key] = to_device(extras[key], "cpu")
             mine[window.pending] = to_device(window.records(extras), "cpu")
+        if rng:
+            mine[_RNG] = dict(rng)
     gathered = _collective.gather(mine, to_rank_zero=True)
     if gathered is None:  # not rank 0, which alone writes checkpoints
         return extras
     new = extras_copy(extras)
     new[OVER_RANKS] = {"world_size": len(gathered), "ranks": {str(r): part for r, part in enumerate(gathered) if r}}
     return types.MappingProxyType(new)
+
+
+#: the key of a rank's RNG (its ``state.rng``) among its saved parts in :data:`OVER_RANKS`
+_RNG = "rng"
+
+
+def own_rng(extras: Mapping[str, Any], rank: int, world_size: int) -> Mapping[str, torch.Tensor] | None:
+    """This rank's ``state.rng`` as saved by :func:`over_ranks` (None for rank 0, whose RNG is the
+    state's own, and when the checkpoint has none for it: another number of ranks, or an older checkpoint).
+
+    >>> own_rng({OVER_RANKS: {"world_size": 2, "ranks": {"1": {"rng": {"cpu": "state"}}}}}, 1, 2)
+    {'cpu': 'state'}
+    """
+    saved = extras.get(OVER_RANKS)
+    if rank == 0 or not isinstance(saved, Mapping) or int(saved["world_size"]) != world_size:
+        return None
+    part = saved["ranks"].get(str(rank), {})
+    return dict(part[_RNG]) if _RNG in part else None
 
 
 def own_share(extras: Mapping[str, Any], rank: int, world_size: int, device: torch.device | str | None) -> Mapping[str, Any]:
@@ -146,7 +175,8 @@ def own_share(extras: Mapping[str, Any], rank: int, world_size: int, device: tor
         for window in windows:  # start empty, then take this rank's own (when the ranks are the same)
             new = extras_copy(window.start(window.clear(new)))
         if same:
-            new.update(to_device(dict(saved["ranks"].get(str(rank), {})), device))
+            part = {k: v for k, v in saved["ranks"].get(str(rank), {}).items() if k != _RNG}
+            new.update(to_device(part, device))
     elif isinstance(saved, Mapping) and not same:
         for part in saved["ranks"].values():
             for window in windows:

@@ -60,8 +60,10 @@ import attrs
 import numpy as np
 import torch
 
+from loopkit import _collective
+from loopkit._window import OVER_RANKS, own_share
 from loopkit.errors import CheckpointCorruptError, StateMismatchError
-from loopkit.state import TrainState, model_device
+from loopkit.state import TrainState, model_device, replace_extras
 from loopkit.tree import copy_tensors
 
 try:  # POSIX: advisory locks keep a cleaner away from another process's save in progress
@@ -1016,6 +1018,8 @@ def _restore_from(
     except StateMismatchError as e:
         raise StateMismatchError(f"checkpoint {path} does not fit this state: {e}") from e
     install_rng()
+    if OVER_RANKS in new.extras and not _collective.active():  # one process: every saved rank's records are its own
+        new = replace_extras(new, own_share(new.extras, 0, 1, model_device(new.model)))
     return new
 
 

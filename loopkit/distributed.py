@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 import time
 from collections.abc import Iterator, Sized
 from typing import Any
@@ -149,12 +150,17 @@ def is_rank_zero() -> bool:
 def shutdown() -> None:
     """Wait for every rank, then destroy the default process group; a no-op without one.
 
+    Called while an exception propagates (in a ``finally`` or ``except`` block) it does not wait: the
+    other ranks may be waiting in a collective this rank will never join, and a barrier would hold
+    this rank until the process group's timeout; destroying the group at once fails them instead.
+
     >>> shutdown()
     """
     if not _group():
         return
     try:
-        torch.distributed.barrier()
+        if sys.exc_info()[0] is None:
+            torch.distributed.barrier()
     finally:
         torch.distributed.destroy_process_group()
         _let_gloo_workers_settle()

@@ -28,9 +28,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils._pytree import tree_leaves
 
 from loopkit import _collective
-from loopkit._window import EPOCH, OVER_RANKS, own_share
+from loopkit._window import EPOCH, OVER_RANKS, own_rng, own_share
 from loopkit.callbacks import Callback, may_change_state_early
 from loopkit.progress import ProgressBar, progress_wanted
 from loopkit.state import TrainState, extras_copy, fork, leave_intact, model_device, put_extras, replace_extras, state_at_error
@@ -666,6 +667,23 @@ def _add_epoch_extras(record: dict[str, float], callback: Any, extra: Any) -> No
     record.update(extra)
 
 
+def _warn_of_the_same_batch(batch: Any) -> None:
+    """Under DDP, at the fit's first batch (a collective): warn when every rank got the same one, as a
+    DataLoader without a DistributedSampler gives them (training then sees 1/world_size of the data an epoch)."""
+    tensors = [t for t in tree_leaves(batch) if isinstance(t, torch.Tensor)]
+    fingerprint = [(tuple(t.shape), float(t.detach().double().sum()), float(t.detach().double().abs().sum()))
+                   for t in tensors]  # (a host read once a fit)
+    seen = _collective.gather(fingerprint)
+    if tensors and all(other == seen[0] for other in seen):
+        warnings.warn(
+            "run_epochs: every rank got the same first batch under with_ddp, so each epoch trains on one rank's share "
+            "of the data only; shard it (loopkit.distributed.shard(dataset, state, batch_size=...), or a DataLoader "
+            "with a DistributedSampler)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
 def _unmarked(state: TrainState) -> TrainState:
     """``state`` without the mark of a step save due (:data:`loopkit.steps.SAVE_DUE`): what run_epochs
     shows the callbacks, keeps and, after the batch's hooks, hands the step with ``"save_due"``."""
@@ -854,9 +872,19 @@ def run_epochs(
     # every rank starts where the others do (a checkpoint folder that is not shared: each rank restored its own)
     _collective.check_same({"step": state.step, "epoch": state.epoch, "batch_index": state.batch_index},
                            "run_epochs: the ranks start from different states (a checkpoint directory must be shared by all ranks)")
+    # validation's means are collectives: a rank without val (given on rank 0 only) would leave the others waiting
+    _collective.check_same({"val": validates, "val_every_n_epochs": val_every_n_epochs, "val_every_n_steps": val_steps,
+                            "sanity_val_batches": sanity_val_batches if validates else 0},
+                           "run_epochs: the ranks have other validation options, and every rank must validate at the "
+                           "same points (give val= on every rank, each its own shard of the validation data)")
+    check_sharding = _collective.active() and "with_ddp" in step.applied  # (at the fit's first batch)
     given = state
-    if OVER_RANKS in state.extras:  # restored from a DDP checkpoint holding every rank's running means: each takes its own
-        state = replace_extras(state, own_share(state.extras, *_collective.rank_and_size(), model_device(state.model)))
+    if OVER_RANKS in state.extras:  # restored from a checkpoint holding every rank's running means and RNG: each takes its own
+        rank, size = _collective.rank_and_size()
+        rng = own_rng(state.extras, rank, size)
+        state = replace_extras(state, own_share(state.extras, rank, size, model_device(state.model)))
+        if rng is not None:
+            state = state.evolve(rng=rng)
     start: TrainState | None = None  # the state the fit's first epoch trains from, before any step has run
     # while a validation or an epoch's end runs: the state from before it, the callbacks' counters in it (what a
     # failure there leaves whole: a relaunch from it validates, and records the epoch, as from a checkpoint)
@@ -943,6 +971,9 @@ def run_epochs(
                 for batch in batches:
                     if move is not None:
                         batch = move(batch)
+                    if check_sharding:
+                        check_sharding = False
+                        _warn_of_the_same_batch(batch)
                     before = state.step
                     state, metrics = step(state, batch)
                     if metrics:

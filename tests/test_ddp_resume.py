@@ -1,0 +1,222 @@
+"""run_epochs under DDP, 2 processes on gloo over loopback started with torch.multiprocessing: what a
+resume gives each rank back (its running means, its own RNG), and the misuses named on every rank.
+
+Each scenario runs in two spawned processes (``_spawn``, bounded in time) that save what they saw;
+the test compares it with a reference computed here (a one-process run, an uninterrupted run).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import loopkit
+from loopkit import distributed
+
+BATCH = 8  # a rank's half is 4 samples
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, scenario, port: int, out: str, args: tuple) -> None:
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                                         timeout=__import__("datetime").timedelta(seconds=30))
+    try:
+        result = scenario(rank, *args)
+        torch.save(result, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _spawn(tmp_path, scenario, *args, timeout: float = 90.0) -> list:
+    """Run ``scenario(rank, *args)`` in 2 processes; each rank's result (raises if a process failed)."""
+    out = str(tmp_path)
+    context = torch.multiprocessing.start_processes(
+        _worker, args=(scenario, _free_port(), out, args), nprocs=2, join=False, start_method="spawn"
+    )
+    deadline = time.monotonic() + timeout
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in context.processes:
+                p.kill()
+            raise TimeoutError(f"{scenario.__name__} did not finish within {timeout} s")
+    return [torch.load(os.path.join(out, f"rank{r}.pt")) for r in (0, 1)]
+
+
+def _model(dropout: bool = False) -> nn.Module:
+    torch.manual_seed(0)
+    layers = [nn.Linear(3, 16), nn.Tanh()] + ([nn.Dropout(0.5)] if dropout else []) + [nn.Linear(16, 1)]
+    return nn.Sequential(*layers)
+
+
+def _state(seed: int = 0, dropout: bool = False) -> loopkit.TrainState:
+    model = _model(dropout)
+    return loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), seed=seed)
+
+
+def _batches(n: int = 4) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(3)
+    return [(torch.randn(BATCH, 3, generator=gen), torch.randn(BATCH, 1, generator=gen)) for _ in range(n)]
+
+
+def _half(batch, rank: int):
+    return tuple(t[rank * BATCH // 2:(rank + 1) * BATCH // 2] for t in batch)
+
+
+def _mse(model, batch):
+    x, y = batch
+    return ((model(x) - y) ** 2).mean()
+
+
+class _Losses(loopkit.Callback):
+    def __init__(self):
+        self.seen = []
+
+    def on_batch_end(self, state, metrics):
+        self.seen.append(float(metrics["loss"]))
+
+
+def _params(state) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in state.model.named_parameters()}
+
+
+# --- a checkpoint of one process resumed on two ----------------------------------------------
+
+
+def _resume_on_two(rank: int, directory: str) -> dict:
+    state = loopkit.restore(_state(), directory)
+    start = state.step
+    losses = _Losses()
+    step = loopkit.with_ddp(loopkit.train_step(_mse))
+    state, history = loopkit.run_epochs(step, state, [_half(b, rank) for b in _batches()], epochs=1,
+                                        callbacks=[losses], progress=False)
+    return {"start": start, "history": history, "losses": losses.seen, "params": _params(state)}
+
+
+@pytest.mark.slow
+def test_a_mid_epoch_checkpoint_of_one_process_resumed_on_two_counts_its_records_once(tmp_path):
+    """Every rank took the whole saved epoch window, so the records before the resume counted twice in the
+    epoch's mean (rank 0 must take them, the others start empty, as for any other change of the ranks)."""
+    directory = tmp_path / "ckpt"
+    one = _Losses()
+    step = loopkit.with_checkpointing(loopkit.train_step(_mse), directory, every_n_steps=1)
+    loopkit.run_epochs(step, _state(), _batches(), max_steps=2, callbacks=[one], progress=False)
+    ranks = _spawn(tmp_path, _resume_on_two, str(directory))
+    assert [r["start"] for r in ranks] == [2, 2]
+    records = one.seen + ranks[0]["losses"] + ranks[1]["losses"]  # each rank's own records after the resume
+    assert len(records) == 6
+    for r in ranks:
+        (record,) = r["history"]
+        assert record["train/loss"] == pytest.approx(sum(records) / len(records), rel=1e-6)
+    reference, _ = loopkit.run_epochs(loopkit.train_step(_mse), _state(), _batches(), epochs=1, progress=False)
+    for name, p in reference.model.named_parameters():  # (the halves' mean gradient is the whole batch's)
+        assert torch.equal(ranks[0]["params"][name], ranks[1]["params"][name])
+        assert (ranks[0]["params"][name] - p.detach()).abs().max() <= 1e-6
+
+
+# --- each rank's own RNG -----------------------------------------------------------------------
+
+
+def _seeded_per_rank(rank: int, directory: str) -> dict:
+    data = [_half(b, rank) for b in _batches()]
+
+    def fit(state, **options):
+        step = loopkit.with_checkpointing(loopkit.with_ddp(loopkit.train_step(_mse)), directory, every_n_steps=1)
+        return loopkit.run_epochs(step, state, data, progress=False, **options)[0]
+
+    whole = _params(loopkit.run_epochs(loopkit.with_ddp(loopkit.train_step(_mse)), _state(5 + rank, dropout=True),
+                                       data, epochs=2, progress=False)[0])
+    fit(_state(5 + rank, dropout=True), max_steps=3)
+    torch.distributed.barrier()  # (rank 0 has written the checkpoint)
+    resumed = fit(loopkit.restore(_state(5 + rank, dropout=True), directory), epochs=2)
+    return {"whole": whole, "resumed": _params(resumed), "step": resumed.step}
+
+
+@pytest.mark.slow
+def test_ranks_seeded_apart_resume_their_own_dropout_masks(tmp_path):
+    """``seed=s + rank``: a checkpoint held rank 0's RNG alone, so rank 1 drew rank 0's masks after a resume."""
+    ranks = _spawn(tmp_path, _seeded_per_rank, str(tmp_path / "ckpt"))
+    for r in ranks:
+        assert r["step"] == 8
+        for name, p in r["whole"].items():
+            assert torch.equal(r["resumed"][name], p), name
+
+
+# --- misuses named on every rank ---------------------------------------------------------------
+
+
+def _misuses(rank: int) -> dict:
+    data = [_half(b, rank) for b in _batches()]
+    step = loopkit.with_ddp(loopkit.train_step(_mse))
+    val = (loopkit.eval_step(lambda m, b: {"mse": _mse(m, b)}), data) if rank == 0 else None
+    try:
+        loopkit.run_epochs(step, _state(), data, epochs=1, val=val, progress=False)
+        refused = "not refused"
+    except RuntimeError as e:
+        refused = str(e)
+    with warnings.catch_warnings(record=True) as same:
+        warnings.simplefilter("always")
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(16, 3), torch.randn(16, 1)),
+                                             batch_size=4, shuffle=True)
+        loopkit.run_epochs(step, _state(), loader, epochs=1, progress=False)
+    with warnings.catch_warnings(record=True) as sharded:
+        warnings.simplefilter("always")
+        loopkit.run_epochs(step, _state(), data, epochs=1, progress=False)
+    return {"refused": refused, "same": [str(w.message) for w in same], "sharded": [str(w.message) for w in sharded]}
+
+
+@pytest.mark.slow
+def test_val_on_one_rank_is_refused_on_both_and_unsharded_data_is_warned_about(tmp_path):
+    """val= given on rank 0 only left both ranks waiting until the timeout; a plain DataLoader gave every rank
+    the same batches without a word."""
+    start = time.monotonic()
+    ranks = _spawn(tmp_path, _misuses)
+    assert time.monotonic() - start < 60
+    for r in ranks:
+        assert "the ranks have other validation options" in r["refused"] and "rank 1 has" in r["refused"]
+        assert any("every rank got the same first batch" in m for m in r["same"])
+        assert not any("same first batch" in m for m in r["sharded"])
+
+
+# --- shutdown while an error propagates ----------------------------------------------------------
+
+
+def _fails_on_one_rank(rank: int) -> dict:
+    class Fail(loopkit.Callback):
+        def on_epoch_end(self, state, metrics):
+            if rank == 1:
+                raise RuntimeError("rank 1 fails")
+
+    started = time.monotonic()
+    try:
+        try:
+            step = loopkit.with_ddp(loopkit.train_step(_mse))
+            loopkit.run_epochs(step, _state(), [_half(b, rank) for b in _batches()], epochs=3, callbacks=[Fail()],
+                               progress=False)
+        finally:
+            distributed.shutdown()  # as a script's `try: main() finally: shutdown()` does
+    except RuntimeError as e:
+        return {"error": str(e), "seconds": time.monotonic() - started}
+    return {"error": "", "seconds": time.monotonic() - started}
+
+
+@pytest.mark.slow
+def test_shutdown_while_an_error_propagates_does_not_wait_for_the_other_ranks(tmp_path):
+    """Its barrier waited for a rank that was itself waiting in run_epochs' next collective: the error became
+    a wait for the whole timeout (30 minutes by torch's default); a rank that failed leaves at once."""
+    ranks = _spawn(tmp_path, _fails_on_one_rank)
+    assert "rank 1 fails" in ranks[1]["error"]
+    assert ranks[0]["error"]  # rank 0 learnt of it from the broken collective
+    assert max(r["seconds"] for r in ranks) < 20  # (the process group's timeout is 30 s)
