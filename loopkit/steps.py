@@ -28,6 +28,7 @@ import attrs
 import numpy as np
 import torch
 
+from loopkit.errors import NonFiniteError
 from loopkit.rng import RNGScope, global_rng_state
 from loopkit.state import (
     _INTACT, TrainState, drop_graph, extras_copy, fork, keep_graph, leave_intact, make_state, model_device, replace,
@@ -608,6 +609,8 @@ class TrainStep(Step):
     per_micro: bool = attrs.field(init=False, repr=False)
     #: a transform skips non-finite updates and wants the buffers of a skipped group put back
     keeps_buffers: bool = attrs.field(init=False, repr=False)
+    #: the transforms' checks of the loss before the backward (a raising NaN guard's), in one process
+    loss_checks: tuple[Callable[[torch.Tensor, TrainState], None], ...] = attrs.field(init=False, repr=False)
 
     # every path ends in make_state/replace (flush_ returns its input only without metrics); a subclass
     # whose run_ may return a state held elsewhere must set it False
@@ -622,6 +625,10 @@ class TrainStep(Step):
         object.__setattr__(self, "per_micro", self.accum_every > 1 and bool(self.micro))
         keeps = any(getattr(t, "keeps_buffers", False) for t in self.micro + self.update)
         object.__setattr__(self, "keeps_buffers", keeps)
+        checks = () if self.sync is not None else tuple(
+            t.check_loss for t in self.micro + self.update if getattr(t, "check_loss", None) is not None
+        )
+        object.__setattr__(self, "loss_checks", checks)
 
     @property
     def applied(self) -> tuple[str, ...]:
@@ -683,6 +690,8 @@ class TrainStep(Step):
         local = (
             sync is not None and not per_micro and state.extras.get(_ACCUM_COUNT, 0) + 1 < self.accum_every
         )
+        # a raising guard may refuse this call's gradients: what the parameters hold now is given back then
+        held = [p.grad for group in optimizer.param_groups for p in group["params"]] if self.loss_checks else None
         try:
             if local:
                 with sync.no_sync(net):
@@ -704,21 +713,27 @@ class TrainStep(Step):
         )
         for t in self.micro + self.update:
             t.on_loss(loss, new, ctx)
-        if per_micro:
-            if self.precision is not None and self.precision.scales_loss:
-                self.precision.unscale(ctx, extras)
-            for t in self.micro:
-                t.on_grads(ctx)
-            if ctx.params:
-                torch._foreach_div_(ctx.grads, self.accum_every)
-            _unstash_grads(stash)
-        count = extras.get(_ACCUM_COUNT, 0) + 1
-        if count < self.accum_every:
-            extras[_ACCUM_COUNT] = count
-            _keep_flags(extras, ctx)
-            return keep_graph(replace(new, extras=extras), loss), metrics
-        extras.pop(_ACCUM_COUNT, None)
-        return keep_graph(self._apply_update(new, extras, metrics, ctx), loss), metrics
+        try:
+            if per_micro:
+                if self.precision is not None and self.precision.scales_loss:
+                    self.precision.unscale(ctx, extras)
+                for t in self.micro:
+                    t.on_grads(ctx)
+                if ctx.params:
+                    torch._foreach_div_(ctx.grads, self.accum_every)
+                _unstash_grads(stash)
+                stash = None
+            count = extras.get(_ACCUM_COUNT, 0) + 1
+            if count < self.accum_every:
+                extras[_ACCUM_COUNT] = count
+                _keep_flags(extras, ctx)
+                return keep_graph(replace(new, extras=extras), loss), metrics
+            extras.pop(_ACCUM_COUNT, None)
+            return keep_graph(self._apply_update(new, extras, metrics, ctx), loss), metrics
+        except NonFiniteError as error:  # a raising guard refused the gradients, before the update
+            if held is not None and _gradients_back(state, optimizer, held, stash):
+                leave_intact(error, state)
+            raise
 
     def _run_plain_cpu(
         self, state: TrainState, batch: Any, model: torch.nn.Module, optimizer: torch.optim.Optimizer
@@ -793,6 +808,8 @@ class TrainStep(Step):
             if out is None:
                 return None, {}, None
             loss, metrics = _split_loss(out, self.loss_fn)
+            for check in self.loss_checks:
+                check(loss, state)
         except BaseException as error:
             if self.sync is None:  # (under DDP, wrapping the model may have broadcast rank 0's parameters)
                 leave_intact(error, state)
@@ -981,6 +998,25 @@ def _stash_grads(optimizer: torch.optim.Optimizer, copy: bool = False) -> list[t
                 stash.append((p, p.grad.clone() if copy else p.grad))
                 p.grad = None
     return stash
+
+
+def _gradients_back(
+    state: TrainState, optimizer: torch.optim.Optimizer, held: list[Any], stash: list[tuple[torch.Tensor, torch.Tensor]] | None
+) -> bool:
+    """Give the optimizer's parameters ``held``, the gradients they had when the call began, back after a
+    backward whose gradients are refused before the update; False where that backward added into them
+    in place (an accumulation group's sum, unless set apart in ``stash`` and not yet added back), or into
+    a parameter the optimizer does not hold."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    set_apart = {id(p) for p, _ in stash or ()}
+    if any(g is not None and id(p) not in set_apart for p, g in zip(params, held)):
+        return False
+    owned = {id(p) for p in params}
+    if any(p.grad is not None and id(p) not in owned for p in state.model.parameters()):
+        return False
+    for p, g in zip(params, held):
+        p.grad = g
+    return True
 
 
 def _unstash_grads(stash: list[tuple[torch.Tensor, torch.Tensor]] | None) -> None:

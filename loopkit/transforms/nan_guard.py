@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -42,7 +43,15 @@ class NanGuard:
     def keeps_buffers(self) -> bool:
         return self.policy == "skip"
 
+    @property
+    def check_loss(self) -> Callable[[torch.Tensor, TrainState], None] | None:
+        """What ``train_step`` calls between the loss_fn and the backward (in one process): a raising guard's
+        loss check, made while nothing of the state has changed (the error leaves it whole)."""
+        return _refuse_nonfinite_loss if self.policy == "raise" else None
+
     def on_loss(self, loss: torch.Tensor, state: TrainState, ctx: GradContext) -> None:
+        if self.policy == "raise" and ctx.agree is None:  # checked before the backward (check_loss)
+            return
         bad = (~torch.isfinite(loss.detach())).float()
         if self.policy == "raise":
             if ctx.agree is not None:  # under with_ddp: every rank raises, or none does
@@ -69,6 +78,13 @@ class NanGuard:
             ctx.flag_nonfinite(found)
 
 
+def _refuse_nonfinite_loss(loss: torch.Tensor, state: TrainState) -> None:
+    """Raise :class:`loopkit.NonFiniteError` for a non-finite loss of the call ``state`` is given to."""
+    if not bool(torch.isfinite(loss.detach())):
+        where = f"step {state.step} (epoch {state.epoch}, batch {state.batch_index})"
+        raise NonFiniteError(f"with_nan_guard: non-finite loss ({float(loss.detach())}) at {where}")
+
+
 def _first_bad(ctx: GradContext) -> str:
     for name, p in ctx.state.model.named_parameters():
         g = p.grad
@@ -90,6 +106,16 @@ def with_nan_guard(step: Any, policy: str = "skip") -> TrainStep:
     scaler owns overflowing gradients (they are expected while it searches for a scale);
     the guard then checks the loss only.
 
+    After a raise nothing is lost: a non-finite loss is refused before the backward, non-finite
+    gradients before the update, and the gradients are given back as the call found them (none,
+    or under ``with_grad_accum`` the group's sum so far, set apart while per-micro-batch transforms
+    look at one micro-batch's). The state the call was given is whole, as after an error of the
+    ``loss_fn``: a donated one stays usable and is :func:`loopkit.state_at_error` of the error,
+    and under ``run_epochs`` that is the fit's newest whole state, at the failing batch. What the
+    failing forward changed in place stays (BatchNorm statistics; ``policy="skip"`` puts them back).
+    The state is used up where the backward added into a group's sum in place (the guard outside
+    ``with_grad_accum`` finding the summed gradient bad) and under ``with_ddp``.
+
     >>> import torch
     >>> from loopkit.state import TrainState
     >>> from loopkit.steps import train_step
@@ -99,6 +125,14 @@ def with_nan_guard(step: Any, policy: str = "skip") -> TrainStep:
     >>> new, metrics = step(state, torch.ones(1, 1))
     >>> new.step, float(metrics["nan_guard/skipped"])
     (0, 1.0)
+    >>> from loopkit.state import state_at_error
+    >>> from loopkit.steps import donate
+    >>> raising = donate(with_nan_guard(train_step(lambda m, b: m(b).sum() * float("nan")), policy="raise"))
+    >>> try:
+    ...     raising(state, torch.ones(1, 1))
+    ... except NonFiniteError as error:
+    ...     print(error, state_at_error(error) is state)
+    with_nan_guard: non-finite loss (nan) at step 0 (epoch 0, batch 0) True
     """
     if policy not in _POLICIES:
         raise ValueError(f"with_nan_guard: policy must be 'skip' or 'raise', got {policy!r}")

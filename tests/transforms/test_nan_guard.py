@@ -286,3 +286,201 @@ def test_sparse_gradients_are_guarded_like_dense_ones(policy, assert_trees_equal
         assert state.step == 1
     state, _ = step(state, data[2])
     assert_trees_equal(state.model.weight, ref.weight)
+
+
+# --- policy="raise" leaves the state whole ---------------------------------------------------
+
+
+class _BadAt:
+    """``loss_fn``, except that its call number ``at`` (counted from 1) returns a NaN loss (``bad="loss"``)
+    or a finite loss whose gradient is NaN (``bad="gradient"``), once."""
+
+    def __init__(self, loss_fn, at, bad):
+        self.loss_fn, self.at, self.calls = loss_fn, at, 0
+        self.bad = _nan_grad_loss(loss_fn) if bad == "gradient" else (lambda m, b: loss_fn(m, b) * float("nan"))
+
+    def __call__(self, model, batch):
+        self.calls += 1
+        return (self.bad if self.calls == self.at else self.loss_fn)(model, batch)
+
+
+def _raising(loss_fn, nesting="plain", every=4):
+    base = loopkit.train_step(loss_fn)
+    if nesting == "guard(accum)":
+        return loopkit.with_nan_guard(loopkit.with_grad_accum(base, every=every), policy="raise")
+    if nesting == "accum(guard)":
+        return loopkit.with_grad_accum(loopkit.with_nan_guard(base, policy="raise"), every=every)
+    return loopkit.with_nan_guard(base, policy="raise")
+
+
+def _run(step, state, batches):
+    for batch in batches:
+        state, _ = step(state, batch)
+    return state
+
+
+@pytest.mark.parametrize("bad", ["loss", "gradient"])
+def test_a_raise_leaves_a_donated_state_whole_as_a_run_without_the_bad_batch(
+    bad, make_mlp, make_batches, mse_loss, make_adam_state, take_snapshot, assert_trees_equal
+):
+    data = make_batches(6)
+    failing = _BadAt(mse_loss, 4, bad)
+    step = loopkit.donate(_raising(failing))
+    state = _run(step, make_adam_state(make_mlp(0), scheduler=True), data[:3])
+    before = take_snapshot(state)
+    with pytest.raises(loopkit.NonFiniteError, match=f"non-finite {bad}.*at step 3 \\(epoch 0, batch 3\\)") as info:
+        step(state, data[3])
+    state.check_usable()  # no DonatedStateError: the guard stopped the update, and put the gradients back
+    assert loopkit.state_at_error(info.value) is state
+    assert_trees_equal(take_snapshot(state), before)  # gradients (none) included
+    # it is the state of a run that never saw the bad batch, and trains on as that run does
+    reference = _run(loopkit.train_step(mse_loss), make_adam_state(make_mlp(0), scheduler=True), data[:3])
+    assert_trees_equal(take_snapshot(state), take_snapshot(reference))
+    state = _run(step, state, data[3:])
+    reference = _run(loopkit.train_step(mse_loss), reference, data[3:])
+    assert_trees_equal(take_snapshot(state), take_snapshot(reference))
+
+
+def test_after_a_raise_in_a_pure_call_the_given_state_is_unchanged_and_is_the_state_at_error(
+    make_mlp, make_batches, mse_loss, make_sgd_state, take_snapshot, assert_trees_equal
+):
+    data = make_batches(3)
+    step = _raising(_BadAt(mse_loss, 3, "gradient"))
+    state = _run(step, make_sgd_state(make_mlp(0)), data[:2])
+    before = take_snapshot(state)
+    with pytest.raises(loopkit.NonFiniteError) as info:
+        step(state, data[2])
+    assert_trees_equal(take_snapshot(state), before)
+    assert_trees_equal(take_snapshot(loopkit.state_at_error(info.value)), before)  # the call's copy, put back
+
+
+@pytest.mark.parametrize("nesting, bad", [
+    ("accum(guard)", "loss"), ("accum(guard)", "gradient"), ("guard(accum)", "loss"),
+])
+def test_under_accumulation_a_raise_at_the_third_micro_batch_keeps_the_sum_of_the_first_two(
+    nesting, bad, make_mlp, make_batches, mse_loss, make_sgd_state, take_snapshot, assert_trees_equal
+):
+    """every=4, the NaN in the 3rd micro-batch of the second group: the state the call got comes back, its
+    accumulated gradient (micro-batches 1-2) bit for bit, and finishing the group gives the clean run's update.
+    (A guard outside with_grad_accum checks each call's loss, and the summed gradient only at the update.)"""
+    data = make_batches(8)
+    step = loopkit.donate(_raising(_BadAt(mse_loss, 7, bad), nesting))
+    state = _run(step, make_sgd_state(make_mlp(0)), data[:6])
+    assert state.step == 1 and state.extras["accum/count"] == 2
+    before = take_snapshot(state)
+    assert all(g is not None for g in before["grads"].values())  # the group's running sum
+    with pytest.raises(loopkit.NonFiniteError, match=f"non-finite {bad}.*at step 1 \\(epoch 0, batch 6\\)") as info:
+        step(state, data[6])
+    assert loopkit.state_at_error(info.value) is state
+    assert_trees_equal(take_snapshot(state), before)
+    reference = _run(loopkit.donate(_raising(mse_loss, nesting)), make_sgd_state(make_mlp(0)), data[:6])
+    assert_trees_equal(take_snapshot(state), take_snapshot(reference))
+    state = _run(step, state, data[6:])
+    reference = _run(loopkit.donate(_raising(mse_loss, nesting)), reference, data[6:])
+    assert state.step == 2
+    assert_trees_equal(take_snapshot(state), take_snapshot(reference))
+
+
+def test_a_guard_outside_accumulation_that_finds_the_summed_gradient_bad_claims_no_whole_state(
+    make_mlp, make_batches, mse_loss, make_sgd_state
+):
+    """The NaN gradient of micro-batch 3 is found in the sum at the update (call 4), whose backward added
+    into the sum in place: the state the call got cannot be put back without a copy, so none is claimed."""
+    data = make_batches(4)
+    step = loopkit.donate(_raising(_BadAt(mse_loss, 3, "gradient"), "guard(accum)"))
+    state = _run(step, make_sgd_state(make_mlp(0)), data[:3])
+    with pytest.raises(loopkit.NonFiniteError, match="non-finite gradient.*at step 0 \\(epoch 0, batch 3\\)") as info:
+        step(state, data[3])
+    assert loopkit.state_at_error(info.value) is None
+    with pytest.raises(loopkit.DonatedStateError):
+        state.check_usable()
+
+
+def test_a_parameter_outside_the_optimizer_that_takes_gradients_leaves_no_whole_state(make_mlp, make_batches, mse_loss):
+    """Its gradient gathers every backward's, the failing one's too, and was not kept: no state is claimed
+    whole after a refused gradient. A refused loss comes before the backward: the state is whole then."""
+    for bad, whole in (("gradient", False), ("loss", True)):
+        model = make_mlp(0)
+        state = loopkit.TrainState.create(model, torch.optim.SGD(model[2].parameters(), lr=0.1))  # not model[0]
+        step = loopkit.donate(_raising(_BadAt(mse_loss, 2, bad)))
+        state = _run(step, state, make_batches(1))
+        outside = model[0].weight.grad.clone()
+        with pytest.raises(loopkit.NonFiniteError) as info:
+            step(state, make_batches(2)[1])
+        assert (loopkit.state_at_error(info.value) is state) is whole
+        assert torch.equal(model[0].weight.grad, outside) is whole  # the refused backward added into it
+
+
+@pytest.mark.parametrize("dtype, bad", [(torch.bfloat16, "loss"), (torch.bfloat16, "gradient"), (torch.float16, "loss")])
+@pytest.mark.parametrize("order", ["guard(amp)", "amp(guard)"])
+def test_under_amp_a_raise_leaves_the_donated_state_whole(
+    order, dtype, bad, make_mlp, make_batches, mse_loss, make_sgd_state, take_snapshot, assert_trees_equal
+):
+    """(Under float16 the loss scaler owns non-finite gradients: the guard checks the loss only.)"""
+    def build(loss_fn):
+        base = loopkit.train_step(loss_fn)
+        if order == "guard(amp)":
+            return loopkit.donate(loopkit.with_nan_guard(loopkit.with_amp(base, dtype=dtype, init_scale=2.0**10), policy="raise"))
+        return loopkit.donate(loopkit.with_amp(loopkit.with_nan_guard(base, policy="raise"), dtype=dtype, init_scale=2.0**10))
+
+    data = make_batches(4)
+    step = build(_BadAt(mse_loss, 3, bad))
+    state = _run(step, make_sgd_state(make_mlp(0)), data[:2])
+    before = take_snapshot(state)
+    with pytest.raises(loopkit.NonFiniteError, match=f"non-finite {bad}.*\\(epoch 0, batch 2\\)") as info:
+        step(state, data[2])
+    assert loopkit.state_at_error(info.value) is state
+    assert_trees_equal(take_snapshot(state), before)  # the loss scale too, under float16
+    state = _run(step, state, data[2:])
+    reference = _run(build(mse_loss), make_sgd_state(make_mlp(0)), data)
+    assert_trees_equal(take_snapshot(state), take_snapshot(reference))
+
+
+@pytest.mark.parametrize("nesting, bad", [
+    ("plain", "loss"), ("plain", "gradient"), ("guard(accum)", "loss"), ("accum(guard)", "loss"), ("accum(guard)", "gradient"),
+])
+def test_under_run_epochs_state_at_error_is_the_newest_whole_state_and_a_relaunch_ends_as_the_uninterrupted_run(
+    nesting, bad, make_mlp, make_batches, mse_loss, make_adam_state, take_snapshot, assert_trees_equal
+):
+    """One bad batch (the 7th: under every=4 the 3rd micro-batch of the second group) in a fit of two epochs."""
+    data = make_batches(10)
+    whole, whole_history = loopkit.run_epochs(
+        _raising(mse_loss, nesting), make_adam_state(make_mlp(0)), data, epochs=2, progress=False
+    )
+    given = make_adam_state(make_mlp(0))
+    with pytest.raises(loopkit.NonFiniteError, match=f"non-finite {bad}") as caught:
+        loopkit.run_epochs(_raising(_BadAt(mse_loss, 7, bad), nesting), given, data, epochs=2, progress=False)
+    left = loopkit.state_at_error(caught.value)
+    assert left is not None
+    assert (left.step, left.epoch, left.batch_index) == ((6 if nesting == "plain" else 1), 0, 6)
+    # the state the 6 batches before the bad one give (by hand): under every=4 the gradients hold the sum of two
+    by_hand = take_snapshot(_run(_raising(mse_loss, nesting), make_adam_state(make_mlp(0)), data[:6]))
+    for part in ("params", "grads", "optimizer", "rng"):
+        assert_trees_equal(take_snapshot(left)[part], by_hand[part])
+    assert left.extras.get("accum/count") == by_hand["extras"].get("accum/count")
+    resumed, history = loopkit.run_epochs(_raising(mse_loss, nesting), left, data, epochs=2, progress=False)
+    assert history == whole_history  # the first epoch's means kept the 6 batches before the failure
+    assert_trees_equal(take_snapshot(resumed)["params"], take_snapshot(whole)["params"])
+    assert_trees_equal(take_snapshot(resumed)["optimizer"], take_snapshot(whole)["optimizer"])
+
+
+def test_a_raising_guard_changes_nothing_on_clean_batches(
+    make_mlp, make_batches, mse_loss, make_sgd_state, take_snapshot, assert_trees_equal
+):
+    """Outside with_grad_accum, the loss of a call with a group under way is checked before its backward: the
+    arithmetic is the unguarded step's, bit for bit."""
+    data = make_batches(7)
+    guarded = _run(_raising(mse_loss, "guard(accum)"), make_sgd_state(make_mlp(0)), data)
+    plain = _run(loopkit.with_grad_accum(loopkit.train_step(mse_loss), every=4), make_sgd_state(make_mlp(0)), data)
+    assert_trees_equal(take_snapshot(guarded), take_snapshot(plain))
+
+
+def test_errors_of_the_loss_fn_checked_before_the_backward_still_name_it(make_mlp, make_batches, mse_loss, make_sgd_state):
+    def vector_loss(model, batch):
+        return (model(batch[0]) - batch[1]) ** 2
+
+    calls = iter([mse_loss, vector_loss])
+    step = _raising(lambda m, b: next(calls)(m, b), "guard(accum)")
+    state, _ = step(make_sgd_state(make_mlp(0)), make_batches(1)[0])
+    with pytest.raises(ValueError, match="loss_fn .*<lambda> returned a loss of shape"):
+        step(state, make_batches(2)[1])
