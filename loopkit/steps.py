@@ -581,7 +581,7 @@ class TrainStep(Step):
     data-parallel hook that ``with_ddp`` sets (None in one process): ``module(model)`` gives
     the module the loss_fn runs (a DistributedDataParallel wrapper), ``no_sync(module)`` the
     context for micro-steps whose gradients stay local, ``agree(flags)`` all-reduces skip
-    flags with MAX, ``reduce_grads(grads)`` averages gradients a partial group left local,
+    flags with MAX, ``reduce_grads(optimizer)`` averages gradients a partial group left local,
     and ``requires_donation`` says why the step cannot run on copies of the state.
 
     >>> import torch
@@ -684,6 +684,8 @@ class TrainStep(Step):
         per_micro = self.per_micro
         # is_cuda first: no device object is made per call on the CPU
         scope = RNGScope(state.rng, _cuda_index(first.device) if first.is_cuda else None, state.seed)
+        # building the DDP wrapper broadcasts rank 0's parameters: an error of that call's loss_fn finds them changed
+        built = sync is None or sync.wraps(model)
         net = model if sync is None else sync.module(model)
         # under DDP a micro-step that does not finish its group keeps its gradient local (no all-reduce);
         # per-micro transforms need each micro-batch's whole gradient, so then every micro-step syncs
@@ -695,9 +697,9 @@ class TrainStep(Step):
         try:
             if local:
                 with sync.no_sync(net):
-                    loss, metrics, stash = self._loss_and_backward(state, batch, net, first, extras, local)
+                    loss, metrics, stash = self._loss_and_backward(state, batch, net, first, extras, local, built)
             else:
-                loss, metrics, stash = self._loss_and_backward(state, batch, net, first, extras, local)
+                loss, metrics, stash = self._loss_and_backward(state, batch, net, first, extras, local, built)
         except BaseException:
             scope.discard()
             raise
@@ -791,11 +793,13 @@ class TrainStep(Step):
 
     def _loss_and_backward(
         self, state: TrainState, batch: Any, net: torch.nn.Module, first: torch.Tensor,
-        extras: dict[str, Any] | None, local: bool,
+        extras: dict[str, Any] | None, local: bool, built: bool,
     ) -> tuple[Any, Metrics, Any]:
         """The loss_fn and backward of one micro-batch: ``(loss, aux metrics, stashed grads)``; loss None: skipped.
 
-        ``first`` is the optimizer's first parameter: its device is the step's device.
+        ``first`` is the optimizer's first parameter: its device is the step's device. ``built``: no DDP
+        wrapper was built for this call (which broadcasts rank 0's parameters): an error before the
+        backward leaves the state whole.
         """
         precision = self.precision
         try:  # nothing of the state changes in place before the backward
@@ -811,7 +815,7 @@ class TrainStep(Step):
             for check in self.loss_checks:
                 check(loss, state)
         except BaseException as error:
-            if self.sync is None:  # (under DDP, wrapping the model may have broadcast rank 0's parameters)
+            if built:
                 leave_intact(error, state)
             raise
         per_micro = self.per_micro
@@ -832,9 +836,9 @@ class TrainStep(Step):
             return state, {}
         extras = extras_copy(state.extras)
         extras.pop(_ACCUM_COUNT)
-        grads = [p.grad for p in _params_with_grads(state.optimizer)]
         if self.sync is not None and not self.micro:  # the partial group's gradients never left this rank
-            self.sync.reduce_grads(grads)
+            self.sync.reduce_grads(state.optimizer)
+        grads = [p.grad for p in _params_with_grads(state.optimizer)]
         if grads:  # each micro-batch loss was divided by `every`: make it the mean over `count`
             torch._foreach_mul_(grads, self.accum_every / count)
         metrics: Metrics = {}

@@ -14,6 +14,12 @@ no expected values. Scenarios:
 - ``static_graph``: ``with_grad_accum(with_ddp(..., static_graph=True), every=2)``.
 - ``flush``: ``with_grad_accum(every=3)`` over 4 calls, then ``flush``: the partial group's
   gradients, kept local under ``no_sync``, are averaged over the ranks before the update.
+- ``two_heads``: a body and two heads chosen by the data, ``find_unused_parameters=True``,
+  ``every=2`` over 3 batches a rank (``run_epochs`` flushes the partial last group, in which
+  rank 0 uses head ``a`` and rank 1 head ``b``): ``inner`` is ``with_grad_accum(with_ddp(...))``,
+  ``outer`` ``with_ddp(with_grad_accum(...))``, ``big_b`` the first with a larger head ``b`` (the
+  ranks' gradients of the partial group then have different sizes), and ``none_on_rank1`` flushes
+  by hand after dropping rank 1's gradients, as micro-batches that used no parameter leave them.
 - ``nan_skip``: ``with_nan_guard(skip)``; rank 1 sees NaN inputs at call 1 and a NaN loss with
   finite gradients at call 3 (only an agreed flag keeps the ranks together there).
 - ``nan_raise``: ``with_nan_guard(raise)``, a NaN loss on rank 1 only at call 1: every rank raises.
@@ -25,6 +31,8 @@ no expected values. Scenarios:
 - ``signal_one_rank``: rank 1 alone gets SIGTERM in its 3rd step; ``signal_apart``: rank 0 gets it in
   its 2nd step, rank 1 in its 3rd. Every rank stops after the same step and saves (``with_checkpointing``
   on the stop); the run is then resumed from that checkpoint, in the same process, to its end.
+- ``loss_error``: the loss_fn raises on every rank, at a fit's first call, then at another's 4th, whose
+  ``state_at_error`` trains on to the epoch's end.
 - ``resume``: ``run_epochs`` with ``with_checkpointing(every_n_steps=1)`` from the newest
   checkpoint in ``OUT_DIR/ckpt``; with ``LOOPKIT_TEST_DIE=N`` rank 1 of the first attempt exits
   hard in batch N + 1, after the checkpoint of batch N (written once batch N's hooks have run).
@@ -161,6 +169,56 @@ def flush(rank: int) -> dict[str, Any]:
     state, _ = _loop(step, state, [data[i, rank] for i in range(4)])
     state, _ = step.flush(state)  # a partial group of one micro-batch, whose gradient stayed on each rank
     return {"params": _params(state.model), "step": state.step}
+
+
+class TwoHeads(nn.Module):
+    """A body and two heads: each ``BATCH``-row chunk of the input goes through head ``a`` when its first
+    input is > 0, else through head ``b`` (a branch chosen by the data: ``find_unused_parameters``). On a
+    rank a batch is one chunk; the single-process reference over the concatenated batches routes each
+    rank's chunk as that rank did. ``big_b``: head ``b`` has more parameters than ``a``."""
+
+    def __init__(self, big_b: bool = False) -> None:
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            self.body, self.a = nn.Linear(D_IN, 8), nn.Linear(8, D_OUT)
+            self.b = nn.Sequential(nn.Linear(8, 5), nn.Linear(5, D_OUT)) if big_b else nn.Linear(8, D_OUT)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.body(x))
+        return torch.cat([(self.a if float(c[0, 0]) > 0 else self.b)(hc) for c, hc in zip(x.split(BATCH), h.split(BATCH))])
+
+
+def two_head_data() -> torch.Tensor:
+    """3 batches a rank (``[batch, rank, sample, feature]``): both ranks use head a in batch 0, head b in
+    batch 1; in batch 2 (the partial group under ``every=2``) rank 0 uses a, rank 1 uses b."""
+    data = make_data(3)
+    for i, heads in enumerate(((1.0, 1.0), (-1.0, -1.0), (1.0, -1.0))):
+        for r, sign in enumerate(heads):
+            data[i, r, 0, 0] = sign
+    return data
+
+
+def two_heads(rank: int) -> dict[str, Any]:
+    import loopkit
+
+    batches = [b for b in two_head_data()[:, rank]]
+    out: dict[str, Any] = {}
+    for name, big_b in (("inner", False), ("outer", False), ("big_b", True)):
+        if name == "outer":
+            step = loopkit.with_ddp(loopkit.with_grad_accum(loopkit.train_step(mse), every=2), find_unused_parameters=True)
+        else:
+            step = loopkit.with_grad_accum(loopkit.with_ddp(loopkit.train_step(mse), find_unused_parameters=True), every=2)
+        state, _ = loopkit.run_epochs(step, sgd_state(TwoHeads(big_b)), batches, epochs=1, progress=False)
+        out[name] = {"params": _params(state.model), "step": state.step}
+    step = loopkit.donate(loopkit.with_grad_accum(loopkit.with_ddp(loopkit.train_step(mse), find_unused_parameters=True), every=2))
+    state, _ = _loop(step, sgd_state(TwoHeads()), batches)
+    if rank == 1:  # the partial group left no gradient on this rank
+        for p in state.model.parameters():
+            p.grad = None
+    state, _ = step.flush(state)
+    out["none_on_rank1"] = {"params": _params(state.model), "step": state.step}
+    return out
 
 
 def averaged_pruned(rank: int) -> dict[str, Any]:
@@ -313,6 +371,39 @@ def apart(rank: int) -> dict[str, Any]:
     return {"error": _refused(lambda: loopkit.run_epochs(step, state, batches, epochs=1, progress=False))}
 
 
+def _fails_at(at: int) -> Any:
+    """``mse`` that raises in its call number ``at`` (from 1)."""
+    calls = []
+
+    def loss(model: nn.Module, batch: Any) -> torch.Tensor:
+        calls.append(1)
+        if len(calls) == at:
+            raise RuntimeError(f"loss_fn fails at call {at}")
+        return mse(model, batch)
+
+    return loss
+
+
+def loss_error(rank: int) -> dict[str, Any]:
+    """The loss_fn raises on every rank: at the first call (the DDP wrapper was just built, broadcasting rank
+    0's parameters: nothing is whole), then at the 4th of another fit, whose state_at_error goes on to the end."""
+    import loopkit
+
+    batches = [b for b in make_data(6)[:, rank]]
+    seen = {}
+    for at in (1, 4):
+        state = sgd_state(make_model(seed=rank))  # rank 1 starts elsewhere: the wrapper broadcasts rank 0's
+        try:
+            loopkit.run_epochs(loopkit.with_ddp(loopkit.train_step(_fails_at(at))), state, batches, epochs=1,
+                               progress=False)
+        except RuntimeError as e:
+            seen[at] = loopkit.state_at_error(e)
+    whole = seen[4]
+    position = (whole.step, whole.epoch, whole.batch_index)
+    whole, _ = loopkit.run_epochs(loopkit.with_ddp(loopkit.train_step(mse)), whole, batches, epochs=1, progress=False)
+    return {"first": seen[1] is None, "position": position, "step": whole.step, "params": _params(whole.model)}
+
+
 SIGNAL_STEPS = 6  # batches an epoch of the signal scenarios (2 epochs)
 
 
@@ -387,8 +478,8 @@ def resume(rank: int, out_dir: str) -> dict[str, Any]:
 
 SCENARIOS = {
     f.__name__: f
-    for f in (plain, accum, accum_outer, bucket_views, static_graph, flush, averaged_pruned, nan_skip, nan_raise, fp16, fit,
-              stop_one_rank, callbacks_on_rank0, uneven, apart)
+    for f in (plain, accum, accum_outer, bucket_views, static_graph, flush, two_heads, averaged_pruned, nan_skip, nan_raise, fp16, fit,
+              stop_one_rank, callbacks_on_rank0, uneven, apart, loss_error)
 }
 
 WITH_OUT_DIR = {f.__name__: f for f in (resume, signal_one_rank, signal_apart)}

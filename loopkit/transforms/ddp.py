@@ -74,6 +74,11 @@ class DDPSync:
         """Whether the gradients are views of DDP's buckets (``gradient_as_bucket_view``), which the next backward overwrites."""
         return bool(self.options.get("gradient_as_bucket_view"))
 
+    def wraps(self, model: torch.nn.Module) -> bool:
+        """Whether the wrapper of ``model`` is built (:meth:`module` then changes nothing of it)."""
+        ref = self._model
+        return ref is not None and ref() is model
+
     def module(self, model: torch.nn.Module) -> DistributedDataParallel:
         """The DDP wrapper of ``model``, built at the first call with this model object."""
         ref = self._model
@@ -128,18 +133,49 @@ class DDPSync:
             raise self.failure("the all-reduce that agrees on skipping the update", e) from e
         return agreed
 
-    def reduce_grads(self, grads: list[torch.Tensor]) -> None:
-        """Average ``grads`` over the ranks in place (a partial accumulation group, flushed)."""
-        if not grads:
-            return
-        flat = torch._utils._flatten_dense_tensors(grads)
-        try:
-            torch.distributed.all_reduce(flat)
-        except RuntimeError as e:
-            raise self.failure("the all-reduce of a flushed group's gradients", e) from e
-        flat /= torch.distributed.get_world_size()
-        for grad, reduced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
-            grad.copy_(reduced)
+    def reduce_grads(self, optimizer: torch.optim.Optimizer) -> None:
+        """Average a flushed partial group's gradients (kept on each rank under ``no_sync``) over the ranks.
+
+        The collective is the same on every rank, whatever each rank's micro-batches used (under
+        ``find_unused_parameters`` one rank may hold gradients of one head, another of another, or
+        none at all): every parameter of the optimizer, in its order (the same on every rank), a
+        rank without a gradient for one contributing zeros, with a flag a parameter saying whether
+        it had one. As DDP's own all-reduce does, a parameter with a gradient on some rank gets the
+        ranks' mean on every rank (made where this rank had none), one with a gradient on no rank
+        keeps none, and one DDP was told to ignore keeps this rank's own.
+        """
+        ignored = self._ignored()
+        params = [p for group in optimizer.param_groups for p in group["params"] if id(p) not in ignored]
+        by_kind: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+        for p in params:  # one all-reduce per device and dtype (usually one)
+            by_kind.setdefault((p.device, p.dtype), []).append(p)
+        world = torch.distributed.get_world_size()
+        for (device, dtype), members in by_kind.items():
+            sizes = [p.numel() for p in members]
+            total = sum(sizes)
+            flat = torch.zeros(total + len(members), dtype=dtype, device=device)
+            for part, p in zip(flat[:total].split(sizes), members):
+                if p.grad is not None:
+                    part.copy_((p.grad.to_dense() if p.grad.is_sparse else p.grad).reshape(-1))
+            flat[total:] = torch.tensor([p.grad is not None for p in members], dtype=dtype)
+            try:
+                torch.distributed.all_reduce(flat)
+            except RuntimeError as e:
+                raise self.failure("the all-reduce of a flushed group's gradients", e) from e
+            flat[:total].div_(world)
+            anywhere = flat[total:].tolist()  # (one read per flush)
+            for part, p, some_rank_had in zip(flat[:total].split(sizes), members, anywhere):
+                mean = part.view(p.shape)
+                if p.grad is not None and not p.grad.is_sparse:
+                    p.grad.copy_(mean)
+                elif some_rank_had:
+                    p.grad = mean.to_sparse() if p.grad is not None else mean.clone()
+
+    def _ignored(self) -> set[int]:
+        """The parameters DDP was told to ignore (``_ddp_params_and_buffers_to_ignore``), by id."""
+        ddp = self._ddp
+        names = getattr(ddp, "parameters_to_ignore", ()) if ddp is not None else ()
+        return {id(p) for n, p in ddp.module.named_parameters() if n in names} if names else set()
 
 
 def with_ddp(

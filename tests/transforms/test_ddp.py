@@ -19,8 +19,9 @@ import loopkit
 from tests import _ddp_script as ddp
 
 TOL = 1e-6
-SCENARIOS = ["plain", "accum", "accum_outer", "bucket_views", "static_graph", "flush", "averaged_pruned", "nan_skip",
-             "nan_raise", "fp16", "fit", "stop_one_rank", "callbacks_on_rank0", "uneven", "apart", "signal_one_rank", "signal_apart"]
+SCENARIOS = ["plain", "accum", "accum_outer", "bucket_views", "static_graph", "flush", "two_heads", "averaged_pruned", "nan_skip",
+             "nan_raise", "fp16", "fit", "stop_one_rank", "callbacks_on_rank0", "uneven", "apart", "signal_one_rank", "signal_apart",
+             "loss_error"]
 
 
 @pytest.fixture(scope="module")
@@ -146,6 +147,58 @@ def test_flushing_a_partial_group_averages_its_local_gradients_over_the_ranks(ra
     assert [r["step"] for r in results] == [2, 2]
 
 
+def _two_heads_reference(groups, big_b=False):
+    """One process, by hand: for each update, the sum of ``weight * mse`` over its (batch, weight) pairs."""
+    state = ddp.sgd_state(ddp.TwoHeads(big_b))
+    model, optimizer = state.model, state.optimizer
+    for group in groups:
+        optimizer.zero_grad(set_to_none=True)
+        sum(weight * ddp.mse(model, batch) for batch, weight in group).backward()
+        optimizer.step()
+    return model
+
+
+def _two_heads_global_groups():
+    """The concatenated batches of both ranks: the full group (batches 0 and 1), then the flushed one (batch 2)."""
+    data = ddp.two_head_data()
+    both = [torch.cat([data[i, 0], data[i, 1]]) for i in range(3)]
+    return [[(torch.cat(both[:2]), 1.0)], [(both[2], 1.0)]], data
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("order", ["inner", "outer"])
+def test_a_flushed_group_with_a_different_head_on_each_rank_equals_one_process(ranks, order):
+    """find_unused_parameters, the partial group's micro-batch using head a on rank 0 and head b on rank 1:
+    the flush averaged each rank's own list of gradients, a's onto b's (the ranks drifted apart for good)."""
+    results = [r[order] for r in ranks("two_heads")]
+    groups, _ = _two_heads_global_groups()
+    _assert_ranks_identical(results)
+    _assert_close(results[0]["params"], _two_heads_reference(groups))
+    assert [r["step"] for r in results] == [2, 2]
+
+
+@pytest.mark.slow
+def test_a_flushed_group_whose_gradients_have_another_size_on_each_rank_equals_one_process(ranks):
+    """Head b larger than head a: the flush's flattened gradients differed in size (gloo aborted the process)."""
+    results = [r["big_b"] for r in ranks("two_heads")]
+    groups, _ = _two_heads_global_groups()
+    _assert_ranks_identical(results)
+    _assert_close(results[0]["params"], _two_heads_reference(groups, big_b=True))
+    assert [r["step"] for r in results] == [2, 2]
+
+
+@pytest.mark.slow
+def test_a_flushed_group_with_no_gradient_on_one_rank_joins_the_all_reduce(ranks):
+    """Rank 1's partial group left no gradient: it skipped the flush's all-reduce (rank 0 waited in it); now
+    it contributes zeros, and gets the mean as its gradients, as DDP's own all-reduce would give it."""
+    results = [r["none_on_rank1"] for r in ranks("two_heads")]
+    groups, data = _two_heads_global_groups()
+    groups[1] = [(data[2, 0], 0.5)]  # rank 0's micro-batch alone, averaged with rank 1's zeros
+    _assert_ranks_identical(results)
+    _assert_close(results[0]["params"], _two_heads_reference(groups))
+    assert [r["step"] for r in results] == [2, 2]
+
+
 @pytest.mark.slow
 def test_nan_on_one_rank_is_skipped_by_both(ranks):
     results = ranks("nan_skip")
@@ -250,6 +303,19 @@ def test_a_stop_signal_stops_every_rank_after_the_same_step_and_the_resumed_run_
     assert [[r["epoch"] for r in result["history"]] for result in results] == [[0, 1], [0, 1]]
 
 
+def test_a_loss_fn_error_under_ddp_leaves_the_newest_whole_state_but_at_the_call_that_built_the_wrapper(ranks):
+    """state_at_error was None under with_ddp whatever the call (only the call that builds the wrapper
+    changes the parameters before the backward: it broadcasts rank 0's)."""
+    results = ranks("loss_error")
+    assert [r["first"] for r in results] == [True, True]
+    assert [r["position"] for r in results] == [(3, 0, 3), (3, 0, 3)]
+    _assert_ranks_identical(results)
+    data = ddp.make_data(6)
+    state, _ = _reference([torch.cat([data[i, 0], data[i, 1]]) for i in range(6)])
+    assert [r["step"] for r in results] == [6, 6]
+    _assert_close(results[0]["params"], state.model)
+
+
 def test_callbacks_on_one_rank_only_do_not_hang_the_others(ranks):
     results = ranks("callbacks_on_rank0")
     assert results[0]["step"] == results[1]["step"] > 0
@@ -332,3 +398,19 @@ def test_the_ddp_wrapper_is_built_once_per_model(group):
     state, _ = step(state, batch)
     assert seen[0] is seen[1] and isinstance(seen[0], torch.nn.parallel.DistributedDataParallel)
     assert seen[0].module is state.model
+
+
+def test_reducing_a_flushed_group_on_one_rank_keeps_the_gradients_and_creates_none(group):
+    """World size 1: the mean is the gradient; a parameter without one (on every rank) keeps none."""
+    from loopkit.transforms.ddp import DDPSync
+
+    sync = DDPSync({"find_unused_parameters": True})
+    model = ddp.TwoHeads()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    sync.reduce_grads(optimizer)  # no gradients (and no wrapper yet): every rank joins all the same
+    assert all(p.grad is None for p in model.parameters())
+    ddp.mse(model, ddp.two_head_data()[0, 0]).backward()  # head a only
+    before = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    sync.reduce_grads(optimizer)
+    assert len(before) == 4 and all(torch.equal(model.get_parameter(n).grad, g) for n, g in before.items())
+    assert model.b.weight.grad is None and model.b.bias.grad is None
