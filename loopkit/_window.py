@@ -25,7 +25,7 @@ from loopkit import _collective
 from loopkit.state import extras_copy
 from loopkit.tree import to_device
 
-__all__ = ["EPOCH", "LOGGED", "OVER_RANKS", "Window", "over_ranks", "own_rng", "own_share"]
+__all__ = ["EPOCH", "LOGGED", "OVER_RANKS", "Window", "over_ranks", "own_buffers", "own_rng", "own_share"]
 
 Metrics = Mapping[str, Any]
 
@@ -100,14 +100,18 @@ LOGGED = Window("logging/window", "logging/counts", "logging/pending", fold_ever
 OVER_RANKS = "windows/over_ranks"
 
 
-def over_ranks(extras: Mapping[str, Any], rng: Mapping[str, torch.Tensor] | None = None) -> Mapping[str, Any]:
-    """``extras`` for a checkpoint, with every other rank's windows and RNG (``state.rng``) as they are
-    under DDP (a collective every rank must call at the same point). Only rank 0 writes checkpoints: with
-    its own windows alone a resumed run's means would lose the other ranks' records, and with its own RNG
-    a rank seeded otherwise (``seed=s + rank``) would draw rank 0's dropout masks; :func:`own_share` and
-    :func:`own_rng` give each rank its own back on restore, so the resumed run is the uninterrupted one,
-    bit for bit. In one process the windows are marked as one rank's, so that a run resumed on several
-    ranks counts their records once (rank 0 takes them, the others start empty).
+def over_ranks(
+    extras: Mapping[str, Any], rng: Mapping[str, torch.Tensor] | None = None, model: torch.nn.Module | None = None
+) -> Mapping[str, Any]:
+    """``extras`` for a checkpoint, with every other rank's windows, RNG (``state.rng``) and ``model``'s
+    persistent buffers as they are under DDP (a collective every rank must call at the same point). Only
+    rank 0 writes checkpoints: with its own windows alone a resumed run's means would lose the other
+    ranks' records, with its own RNG a rank seeded otherwise (``seed=s + rank``) would draw rank 0's
+    dropout masks, and with its own buffers a validation before the next training forward (which
+    broadcasts rank 0's) would read rank 0's BatchNorm statistics; :func:`own_share`, :func:`own_rng` and
+    :func:`own_buffers` give each rank its own back on restore, so the resumed run is the uninterrupted
+    one, bit for bit. In one process the windows are marked as one rank's, so that a run resumed on
+    several ranks counts their records once (rank 0 takes them, the others start empty).
 
     >>> import torch
     >>> extras = EPOCH.add({}, {"loss": torch.tensor(2.0)})
@@ -133,6 +137,8 @@ def over_ranks(extras: Mapping[str, Any], rng: Mapping[str, torch.Tensor] | None
             mine[window.pending] = to_device(window.records(extras), "cpu")
         if rng:
             mine[_RNG] = dict(rng)
+        if model is not None:
+            mine[_BUFFERS] = {name: b.detach().cpu() for name, b in _persistent_buffers(model)}
     gathered = _collective.gather(mine, to_rank_zero=True)
     if gathered is None:  # not rank 0, which alone writes checkpoints
         return extras
@@ -141,8 +147,29 @@ def over_ranks(extras: Mapping[str, Any], rng: Mapping[str, torch.Tensor] | None
     return types.MappingProxyType(new)
 
 
-#: the key of a rank's RNG (its ``state.rng``) among its saved parts in :data:`OVER_RANKS`
-_RNG = "rng"
+#: the keys of a rank's RNG (its ``state.rng``) and persistent buffers among its saved parts in :data:`OVER_RANKS`
+_RNG, _BUFFERS = "rng", "buffers"
+
+
+def _persistent_buffers(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """The buffers of ``model`` its ``state_dict`` holds (a checkpoint's), by name."""
+    found = []
+    for prefix, module in model.named_modules():
+        for name, buffer in module._buffers.items():
+            if buffer is not None and name not in module._non_persistent_buffers_set:
+                found.append((f"{prefix}.{name}" if prefix else name, buffer))
+    return found
+
+
+def own_buffers(extras: Mapping[str, Any], rank: int, world_size: int) -> Mapping[str, torch.Tensor] | None:
+    """This rank's persistent buffers as saved by :func:`over_ranks` (None for rank 0, whose buffers are the
+    checkpoint's model's, and when the checkpoint has none for it: another number of ranks, an older one).
+
+    >>> own_buffers({OVER_RANKS: {"world_size": 2, "ranks": {"1": {"buffers": {"bn.running_mean": 0.5}}}}}, 1, 2)
+    {'bn.running_mean': 0.5}
+    """
+    part = _own_part(extras, rank, world_size)
+    return dict(part[_BUFFERS]) if _BUFFERS in part else None
 
 
 def own_rng(extras: Mapping[str, Any], rank: int, world_size: int) -> Mapping[str, torch.Tensor] | None:
@@ -152,11 +179,16 @@ def own_rng(extras: Mapping[str, Any], rank: int, world_size: int) -> Mapping[st
     >>> own_rng({OVER_RANKS: {"world_size": 2, "ranks": {"1": {"rng": {"cpu": "state"}}}}}, 1, 2)
     {'cpu': 'state'}
     """
+    part = _own_part(extras, rank, world_size)
+    return dict(part[_RNG]) if _RNG in part else None
+
+
+def _own_part(extras: Mapping[str, Any], rank: int, world_size: int) -> Mapping[str, Any]:
+    """What :func:`over_ranks` saved of this rank (nothing for rank 0 and for another number of ranks)."""
     saved = extras.get(OVER_RANKS)
     if rank == 0 or not isinstance(saved, Mapping) or int(saved["world_size"]) != world_size:
-        return None
-    part = saved["ranks"].get(str(rank), {})
-    return dict(part[_RNG]) if _RNG in part else None
+        return {}
+    return saved["ranks"].get(str(rank), {})
 
 
 def own_share(extras: Mapping[str, Any], rank: int, world_size: int, device: torch.device | str | None) -> Mapping[str, Any]:
@@ -175,7 +207,7 @@ def own_share(extras: Mapping[str, Any], rank: int, world_size: int, device: tor
         for window in windows:  # start empty, then take this rank's own (when the ranks are the same)
             new = extras_copy(window.start(window.clear(new)))
         if same:
-            part = {k: v for k, v in saved["ranks"].get(str(rank), {}).items() if k != _RNG}
+            part = {k: v for k, v in saved["ranks"].get(str(rank), {}).items() if k not in (_RNG, _BUFFERS)}
             new.update(to_device(part, device))
     elif isinstance(saved, Mapping) and not same:
         for part in saved["ranks"].values():

@@ -31,7 +31,7 @@ import torch
 from torch.utils._pytree import tree_leaves
 
 from loopkit import _collective
-from loopkit._window import EPOCH, OVER_RANKS, own_rng, own_share
+from loopkit._window import EPOCH, OVER_RANKS, own_buffers, own_rng, own_share
 from loopkit.callbacks import Callback, may_change_state_early
 from loopkit.progress import ProgressBar, progress_wanted
 from loopkit.state import TrainState, extras_copy, fork, leave_intact, model_device, put_extras, replace_extras, state_at_error
@@ -881,10 +881,14 @@ def run_epochs(
     given = state
     if OVER_RANKS in state.extras:  # restored from a checkpoint holding every rank's running means and RNG: each takes its own
         rank, size = _collective.rank_and_size()
-        rng = own_rng(state.extras, rank, size)
+        rng, buffers = own_rng(state.extras, rank, size), own_buffers(state.extras, rank, size)
         state = replace_extras(state, own_share(state.extras, rank, size, model_device(state.model)))
         if rng is not None:
             state = state.evolve(rng=rng)
+        if buffers:  # (before a validation due at the resumed step, which reads this rank's BatchNorm statistics)
+            with torch.no_grad():
+                for name, value in buffers.items():
+                    state.model.get_buffer(name).copy_(value)
     start: TrainState | None = None  # the state the fit's first epoch trains from, before any step has run
     # while a validation or an epoch's end runs: the state from before it, the callbacks' counters in it (what a
     # failure there leaves whole: a relaunch from it validates, and records the epoch, as from a checkpoint)

@@ -154,6 +154,56 @@ def test_ranks_seeded_apart_resume_their_own_dropout_masks(tmp_path):
             assert torch.equal(r["resumed"][name], p), name
 
 
+def _batchnorm_validated(rank: int, directory: str) -> dict:
+    data = [_half(b, rank) for b in _batches()]
+
+    class Validations(loopkit.Callback):
+        def __init__(self):
+            self.seen = []
+
+        def on_validation_end(self, state, metrics):
+            self.seen.append((state.step, dict(metrics)))
+
+    class CrashAt3(loopkit.Callback):  # on every rank, after the checkpoint of step 2 and its validation
+        def on_batch_end(self, state, metrics):
+            if state.step == 3:
+                raise RuntimeError("crash")
+
+    def fit(state, every=None, crash=False):
+        step = loopkit.with_ddp(loopkit.train_step(_mse))
+        if every:
+            step = loopkit.with_checkpointing(step, directory, every_n_steps=every)
+        seen = Validations()
+        val = (loopkit.eval_step(lambda m, b: {"mse": _mse(m, b)}), data)
+        try:
+            loopkit.run_epochs(step, state, data, val=val, val_every_n_steps=2, sanity_val_batches=0, epochs=1,
+                               callbacks=[seen] + ([CrashAt3()] if crash else []), progress=False)
+        except RuntimeError as e:
+            assert crash and "crash" in str(e)
+        return seen.seen
+
+    def bn_state():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(3, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Linear(16, 1))
+        return loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+
+    whole = fit(bn_state())
+    fit(bn_state(), every=2, crash=True)
+    torch.distributed.barrier()  # (rank 0 has written the checkpoint)
+    resumed = fit(loopkit.restore(bn_state(), directory))
+    return {"whole": whole, "resumed": resumed}
+
+
+@pytest.mark.slow
+def test_the_validation_a_resumed_run_owes_reads_each_ranks_own_batchnorm_statistics(tmp_path):
+    """The checkpoint held rank 0's buffers alone: rank 1 validated with rank 0's running statistics before
+    the next training forward broadcast them anyway (its val means, and so every rank's, differed)."""
+    ranks = _spawn(tmp_path, _batchnorm_validated, str(tmp_path / "ckpt"))
+    for r in ranks:
+        assert [step for step, _ in r["whole"]] == [2, 4]
+        assert r["resumed"] == r["whole"]  # the step-2 validation it owed first, then step 4's
+
+
 # --- misuses named on every rank ---------------------------------------------------------------
 
 

@@ -186,7 +186,7 @@ class CheckpointStep(UpdateStep):
         """A save this transform makes itself, which every rank reaches at the same point: under DDP the
         running sums and records of every rank go into it (:func:`loopkit._window.over_ranks`, a collective), then
         rank 0 writes it."""
-        extras = over_ranks(state.extras, state.rng)
+        extras = over_ranks(state.extras, state.rng, state.model)
         self._persist(state if extras is state.extras else replace_extras(state, extras), reason, score)
 
     def _persist(self, state: TrainState, reason: str, score: float | None) -> None:
