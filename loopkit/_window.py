@@ -22,7 +22,7 @@ import attrs
 import torch
 
 from loopkit import _collective
-from loopkit.state import extras_copy
+from loopkit.state import extras_copy, persistent_buffers
 from loopkit.tree import to_device
 
 __all__ = ["EPOCH", "LOGGED", "OVER_RANKS", "Window", "over_ranks", "own_buffers", "own_rng", "own_share"]
@@ -138,7 +138,7 @@ def over_ranks(
         if rng:
             mine[_RNG] = dict(rng)
         if model is not None:
-            mine[_BUFFERS] = {name: b.detach().cpu() for name, b in _persistent_buffers(model)}
+            mine[_BUFFERS] = {name: b.detach().cpu() for name, b in persistent_buffers(model)}
     gathered = _collective.gather(mine, to_rank_zero=True)
     if gathered is None:  # not rank 0, which alone writes checkpoints
         return extras
@@ -149,16 +149,6 @@ def over_ranks(
 
 #: the keys of a rank's RNG (its ``state.rng``) and persistent buffers among its saved parts in :data:`OVER_RANKS`
 _RNG, _BUFFERS = "rng", "buffers"
-
-
-def _persistent_buffers(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
-    """The buffers of ``model`` its ``state_dict`` holds (a checkpoint's), by name."""
-    found = []
-    for prefix, module in model.named_modules():
-        for name, buffer in module._buffers.items():
-            if buffer is not None and name not in module._non_persistent_buffers_set:
-                found.append((f"{prefix}.{name}" if prefix else name, buffer))
-    return found
 
 
 def own_buffers(extras: Mapping[str, Any], rank: int, world_size: int) -> Mapping[str, torch.Tensor] | None:
@@ -207,13 +197,17 @@ def own_share(extras: Mapping[str, Any], rank: int, world_size: int, device: tor
         for window in windows:  # start empty, then take this rank's own (when the ranks are the same)
             new = extras_copy(window.start(window.clear(new)))
         if same:
-            part = {k: v for k, v in saved["ranks"].get(str(rank), {}).items() if k not in (_RNG, _BUFFERS)}
-            new.update(to_device(part, device))
+            new.update(to_device(_windows_only(saved["ranks"].get(str(rank), {})), device))
     elif isinstance(saved, Mapping) and not same:
         for part in saved["ranks"].values():
             for window in windows:
-                _merge_into(new, window, to_device(dict(part), device))
+                _merge_into(new, window, to_device(_windows_only(part), device))
     return types.MappingProxyType(new)
+
+
+def _windows_only(part: Mapping[str, Any]) -> dict[str, Any]:
+    """A rank's saved part without its RNG and buffers (:func:`own_rng`, :func:`own_buffers` take those)."""
+    return {k: v for k, v in part.items() if k not in (_RNG, _BUFFERS)}
 
 
 def _merge_into(extras: dict[str, Any], window: Window, part: Mapping[str, Any]) -> None:

@@ -61,7 +61,7 @@ import numpy as np
 import torch
 
 from loopkit import _collective
-from loopkit._window import OVER_RANKS, own_share
+from loopkit._window import OVER_RANKS, over_ranks, own_share
 from loopkit.errors import CheckpointCorruptError, StateMismatchError
 from loopkit.state import TrainState, model_device, replace_extras
 from loopkit.tree import copy_tensors
@@ -326,6 +326,10 @@ def snapshot(state: TrainState, *, reason: str = "", copy: bool = False) -> Snap
     >>> snap.payload["state"]["model"]["weight"] is state.model.weight
     False
     """
+    if OVER_RANKS not in state.extras and not _collective.active():  # windows marked as one rank's (any save)
+        marked = over_ranks(state.extras)
+        if marked is not state.extras:
+            state = replace_extras(state, marked)
     sd = state.state_dict()
     extras_devices = _devices(sd.get("extras", {})) or {}
     if copy:

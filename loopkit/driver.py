@@ -14,7 +14,7 @@
 
 from __future__ import annotations
 
-import dataclasses
+import datetime
 import itertools
 import numbers
 import random
@@ -23,21 +23,20 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils._pytree import tree_leaves
 
 from loopkit import _collective
 from loopkit._window import EPOCH, OVER_RANKS, own_buffers, own_rng, own_share
 from loopkit.callbacks import Callback, may_change_state_early
 from loopkit.progress import ProgressBar, progress_wanted
 from loopkit.state import TrainState, extras_copy, fork, leave_intact, model_device, put_extras, replace_extras, state_at_error
-from loopkit.steps import SAVE_DUE, WrapperStep, as_step, check_takes_model_and_batch, evaluating
+from loopkit.steps import SAVE_DUE, WrapperStep, as_step, check_takes_model_and_batch, evaluating, in_accumulation_group
 from loopkit.steps import donate as donated
-from loopkit.tree import to_device, to_plain
+from loopkit.tree import tensors, to_device, to_plain
 
 __all__ = ["evaluate", "predict", "run_epochs"]
 
@@ -169,26 +168,7 @@ def _batch_size(batch: Any) -> int:
     """The length of the batch's first tensor with a batch dimension, depth first through mappings,
     lists, tuples and dataclasses (a collated tuple of strings or a 0-dim tensor before it does not
     count); 1 when there is none."""
-    size = _first_length(batch)
-    return 1 if size is None else size
-
-
-def _first_length(value: Any) -> int | None:
-    if isinstance(value, torch.Tensor):
-        return int(value.shape[0]) if value.ndim > 0 else None
-    if isinstance(value, Mapping):
-        items: Iterable = value.values()
-    elif isinstance(value, (list, tuple)):
-        items = value
-    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
-        items = (getattr(value, f.name) for f in dataclasses.fields(value))
-    else:
-        return None
-    for item in items:
-        size = _first_length(item)
-        if size is not None:
-            return size
-    return None
+    return next((int(t.shape[0]) for t in tensors(batch) if t.ndim > 0), 1)
 
 
 def _check_device(device: Any, where: str) -> None:
@@ -410,7 +390,7 @@ def _check_val(val: Any) -> None:
         raise TypeError("run_epochs: val's step is a train_step, which would train on the validation data; "
                         "pass eval_step(metric_fn)")
     _check_data(val[1], "run_epochs: val's data")
-    if isinstance(val[1], Sized) and not isinstance(val[1], Iterator) and len(val[1]) == 0:
+    if not isinstance(val[1], Iterator) and _num_batches(val[1], None, "val") == 0:  # (an IterableDataset: no len())
         raise ValueError("run_epochs: val's data is empty (len() is 0): no validation could give a metric; "
                          "pass val=None to train without validation")
     if isinstance(val[1], Iterator):  # (not iter(): a DataLoader's iterator draws from the global RNG)
@@ -580,12 +560,16 @@ class _StopOnSignal:
         for sig, previous in self._previous.items():
             signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
         self._previous.clear()
-        if kind is None:  # every rank has a vote in flight, sent after the same step: each ends it
-            if self._vote is not None:
-                self._vote[1].wait()
-            if self._own_group:
-                torch.distributed.destroy_process_group(self._group)
-        self._vote = None
+        vote, self._vote = self._vote, None
+        try:  # every rank has a vote in flight, sent after the same step: each ends it (after an error, if it can)
+            if vote is not None:
+                vote[1].wait() if kind is None else vote[1].wait(datetime.timedelta(seconds=10))
+        except Exception:
+            if kind is None:
+                raise
+            return  # a rank that failed mid-step sent no vote: the group is left to the process's end
+        if self._own_group:
+            torch.distributed.destroy_process_group(self._group)
 
 
 class _Hooks:
@@ -652,7 +636,7 @@ class _Hooks:
 
 def _add_epoch_extras(record: dict[str, float], callback: Any, extra: Any) -> None:
     """Add what a callback's ``on_epoch_end`` returned to the epoch's history record (names of its own)."""
-    if extra is None:
+    if not isinstance(extra, Mapping) and not extra:  # None (or another falsy value, ignored as ever)
         return
     who = f"run_epochs: {type(callback).__qualname__}.on_epoch_end"
     if not isinstance(extra, Mapping):
@@ -670,11 +654,11 @@ def _add_epoch_extras(record: dict[str, float], callback: Any, extra: Any) -> No
 def _warn_of_the_same_batch(batch: Any) -> None:
     """Under DDP, at the fit's first batch (a collective): warn when every rank got the same one, as a
     DataLoader without a DistributedSampler gives them (training then sees 1/world_size of the data an epoch)."""
-    tensors = [t for t in tree_leaves(batch) if isinstance(t, torch.Tensor)]
+    found = list(tensors(batch))
     fingerprint = [(tuple(t.shape), float(t.detach().double().sum()), float(t.detach().double().abs().sum()))
-                   for t in tensors]  # (a host read once a fit)
+                   for t in found]  # (a host read once a fit)
     seen = _collective.gather(fingerprint)
-    if tensors and all(other == seen[0] for other in seen):
+    if found and all(other == seen[0] for other in seen):
         warnings.warn(
             "run_epochs: every rank got the same first batch under with_ddp, so each epoch trains on one rank's share "
             "of the data only; shard it (loopkit.distributed.shard(dataset, state, batch_size=...), or a DataLoader "
@@ -778,7 +762,9 @@ def run_epochs(
     once, unless it comes within a second of the first (one stop delivered twice, as torchrun's
     agent and SLURM do). The previous signal handlers are restored on return. Under DDP every
     rank stops after the same step, one step after the first signal on any rank (a non-blocking
-    vote a step on a gloo group; a rank that stopped alone would leave the others waiting).
+    vote a step on a gloo group; a rank that stopped alone would leave the others waiting), or
+    at the end of the accumulation group then under way (each rank's partial gradients are its
+    own, and a checkpoint holds rank 0's).
 
     >>> import torch
     >>> from loopkit.state import TrainState
@@ -1003,7 +989,9 @@ def run_epochs(
                             step.notify("save_due", state, {})
                     if stop.voting:  # (every rank stops after the same step)
                         stop.poll()
-                    if stop.agreed:  # a graceful stop: no flush, no validation; resume continues here
+                    # a graceful stop: no flush, no validation; resume continues here. Under DDP not inside an
+                    # accumulation group: the other ranks' partial gradients (kept local) are in no checkpoint
+                    if stop.agreed and not (stop.voting and in_accumulation_group(state)):
                         exhausted = False
                         break
                     hooks_ran = batch_hooks  # a callback can only ask to stop from one of its hooks

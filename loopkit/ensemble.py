@@ -43,11 +43,10 @@ import torch
 from torch import nn
 
 from loopkit.errors import DonatedStateError
-from loopkit.state import TrainState, fork, replace, _INTACT, _fork  # (_INTACT: the mark state_at_error reads)
+from loopkit.state import TrainState, _fork, fork, leave_intact, persistent_buffers, replace, state_at_error
 from loopkit.steps import _split_loss, needs_closure
 
 __all__ = ["Ensemble", "EnsembleStep", "stack", "train_step", "unstack"]
-
 
 
 @attrs.frozen(eq=False)
@@ -152,7 +151,7 @@ def _check_mode(model: nn.Module, first: nn.Module, k: int, where: str) -> None:
 
 def _non_persistent(model: nn.Module) -> set[str]:
     """The names of ``model``'s non-persistent buffers (caches, outside its state dict)."""
-    return {f"{prefix}.{b}" if prefix else b for prefix, m in model.named_modules() for b in m._non_persistent_buffers_set}
+    return {name for name, _ in model.named_buffers(remove_duplicate=False)} - {n for n, _ in persistent_buffers(model)}
 
 
 def _structure(model: nn.Module) -> list[str]:
@@ -265,11 +264,9 @@ class EnsembleStep:
         except BaseException as error:
             if any(t._version != versions[n] for n, t in ensemble.buffers.items()):
                 _consume(ensemble)  # the forward wrote a stacked buffer in place
-            else:  # the loss_fn's own exception, a loss or metric refused: fix the cause and call again
-                try:
-                    setattr(error, _INTACT, ensemble)
-                except AttributeError:  # an exception type without attributes: the ensemble counts as used up
-                    _consume(ensemble)
+            elif state_at_error(leave_intact(error, ensemble)) is not ensemble:  # (an exception without attributes)
+                _consume(ensemble)
+            # else: the loss_fn's own exception, a loss or metric refused: fix the cause and call again
             raise
         try:
             return self._update(ensemble, grads, metrics)

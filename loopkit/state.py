@@ -363,8 +363,9 @@ def drop_graph(state: TrainState) -> None:
     _set_graph(state, None)
 
 
-def leave_intact(error: BaseException, state: TrainState | None) -> BaseException:
-    """Mark ``error`` as raised before anything of ``state`` changed in place; returns ``error``.
+def leave_intact(error: BaseException, state: Any) -> BaseException:
+    """Mark ``error`` as raised before anything of ``state`` (a :class:`TrainState`, or an ensemble of
+    ``loopkit.ensemble``) changed in place; returns ``error``.
 
     ``state=None`` takes the mark back: a wrapper that changed the state in place before
     its inner step raised says so.
@@ -537,6 +538,22 @@ def _check_rng(rng: Any) -> None:
     if rng["cpu"].shape != _CPU_RNG_SHAPE:
         raise ValueError(f"TrainState.evolve: rng['cpu'] has shape {tuple(rng['cpu'].shape)}, a CPU generator's state "
                          f"has {tuple(_CPU_RNG_SHAPE)} (torch.Generator().get_state())")
+
+
+def persistent_buffers(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """The buffers of ``model`` that its ``state_dict`` holds (not the non-persistent ones, caches), by name.
+
+    >>> model = torch.nn.BatchNorm1d(2)
+    >>> model.register_buffer("cache", torch.zeros(1), persistent=False)
+    >>> [name for name, _ in persistent_buffers(model)]
+    ['running_mean', 'running_var', 'num_batches_tracked']
+    """
+    found = []
+    for prefix, module in model.named_modules():
+        for name, buffer in module._buffers.items():
+            if buffer is not None and name not in module._non_persistent_buffers_set:
+                found.append((f"{prefix}.{name}" if prefix else name, buffer))
+    return found
 
 
 def model_device(model: nn.Module) -> torch.device:

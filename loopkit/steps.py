@@ -47,6 +47,7 @@ __all__ = [
     "WrapperStep",
     "as_step",
     "check_metric",
+    "in_accumulation_group",
     "check_takes_model_and_batch",
     "donate",
     "eval_step",
@@ -685,7 +686,7 @@ class TrainStep(Step):
         # is_cuda first: no device object is made per call on the CPU
         scope = RNGScope(state.rng, _cuda_index(first.device) if first.is_cuda else None, state.seed)
         # building the DDP wrapper broadcasts rank 0's parameters: an error of that call's loss_fn finds them changed
-        built = sync is None or sync.wraps(model)
+        intact_on_error = sync is None or sync.wraps(model)
         net = model if sync is None else sync.module(model)
         # under DDP a micro-step that does not finish its group keeps its gradient local (no all-reduce);
         # per-micro transforms need each micro-batch's whole gradient, so then every micro-step syncs
@@ -697,9 +698,9 @@ class TrainStep(Step):
         try:
             if local:
                 with sync.no_sync(net):
-                    loss, metrics, stash = self._loss_and_backward(state, batch, net, first, extras, local, built)
+                    loss, metrics, stash = self._loss_and_backward(state, batch, net, first, extras, local, intact_on_error)
             else:
-                loss, metrics, stash = self._loss_and_backward(state, batch, net, first, extras, local, built)
+                loss, metrics, stash = self._loss_and_backward(state, batch, net, first, extras, local, intact_on_error)
         except BaseException:
             scope.discard()
             raise
@@ -793,13 +794,13 @@ class TrainStep(Step):
 
     def _loss_and_backward(
         self, state: TrainState, batch: Any, net: torch.nn.Module, first: torch.Tensor,
-        extras: dict[str, Any] | None, local: bool, built: bool,
+        extras: dict[str, Any] | None, local: bool, intact_on_error: bool,
     ) -> tuple[Any, Metrics, Any]:
         """The loss_fn and backward of one micro-batch: ``(loss, aux metrics, stashed grads)``; loss None: skipped.
 
-        ``first`` is the optimizer's first parameter: its device is the step's device. ``built``: no DDP
-        wrapper was built for this call (which broadcasts rank 0's parameters): an error before the
-        backward leaves the state whole.
+        ``first`` is the optimizer's first parameter: its device is the step's device.
+        ``intact_on_error``: an error before the backward leaves the state whole (not so in the call
+        that built the DDP wrapper, which broadcast rank 0's parameters).
         """
         precision = self.precision
         try:  # nothing of the state changes in place before the backward
@@ -815,7 +816,7 @@ class TrainStep(Step):
             for check in self.loss_checks:
                 check(loss, state)
         except BaseException as error:
-            if built:
+            if intact_on_error:
                 leave_intact(error, state)
             raise
         per_micro = self.per_micro
@@ -990,6 +991,17 @@ def _advance(state: TrainState, step: int, rng: Any, extras: Any) -> TrainState:
     return make_state(
         state.model, state.optimizer, state.scheduler, step, state.epoch, state.batch_index + 1, rng, extras, state.seed
     )
+
+
+def in_accumulation_group(state: TrainState) -> bool:
+    """Whether ``state`` is inside a ``with_grad_accum`` group: micro-batches' gradients held, no update yet.
+
+    >>> import torch
+    >>> from loopkit.state import TrainState
+    >>> in_accumulation_group(TrainState.create(torch.nn.Linear(1, 1)))
+    False
+    """
+    return _ACCUM_COUNT in state.extras
 
 
 def _stash_grads(optimizer: torch.optim.Optimizer, copy: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -10,14 +10,14 @@ from __future__ import annotations
 import collections
 import copy
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 
 from loopkit.errors import StateMismatchError
 
-__all__ = ["copy_tensors", "decode_tree", "encode_tree", "from_plain", "path_str", "to_device", "to_plain"]
+__all__ = ["copy_tensors", "decode_tree", "encode_tree", "from_plain", "path_str", "tensors", "to_device", "to_plain"]
 
 #: the key under which :func:`encode_tree` records what a mapping it made stands for
 KIND = "__loopkit_kind__"
@@ -51,6 +51,25 @@ def to_device(batch: Any, device: torch.device | str, *, non_blocking: bool = Fa
     except (RuntimeError, TypeError) as e:
         raise ValueError(f"to_device: {device!r} is not a device ('cpu', 'cuda', 'cuda:1', 'mps'): {e}") from None
     return _move(batch, device, non_blocking, "batch")
+
+
+def tensors(tree: Any) -> Iterator[torch.Tensor]:
+    """The tensors of a batch, depth first through mappings, lists, tuples and dataclasses.
+
+    >>> [tuple(t.shape) for t in tensors({"x": torch.zeros(2, 3), "meta": ("id", torch.ones(2))})]
+    [(2, 3), (2,)]
+    """
+    if isinstance(tree, torch.Tensor):
+        yield tree
+    elif isinstance(tree, Mapping):
+        for value in tree.values():
+            yield from tensors(value)
+    elif isinstance(tree, (list, tuple)):
+        for value in tree:
+            yield from tensors(value)
+    elif dataclasses.is_dataclass(tree) and not isinstance(tree, type):
+        for f in dataclasses.fields(tree):
+            yield from tensors(getattr(tree, f.name, None))
 
 
 def _move(obj: Any, device: torch.device, non_blocking: bool, path: str) -> Any:

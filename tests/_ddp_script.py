@@ -31,6 +31,7 @@ no expected values. Scenarios:
 - ``signal_one_rank``: rank 1 alone gets SIGTERM in its 3rd step; ``signal_apart``: rank 0 gets it in
   its 2nd step, rank 1 in its 3rd. Every rank stops after the same step and saves (``with_checkpointing``
   on the stop); the run is then resumed from that checkpoint, in the same process, to its end.
+  ``signal_in_group``: the same under ``with_grad_accum(every=2)``, rank 0 signalled in its 2nd call.
 - ``loss_error``: the loss_fn raises on every rank, at a fit's first call, then at another's 4th, whose
   ``state_at_error`` trains on to the epoch's end.
 - ``resume``: ``run_epochs`` with ``with_checkpointing(every_n_steps=1)`` from the newest
@@ -420,19 +421,24 @@ def _signalling(at: int | None) -> Any:
     return loss
 
 
-def _signal_stop(rank: int, out_dir: str, name: str, at: int | None) -> dict[str, Any]:
+def _signal_stop(rank: int, out_dir: str, name: str, at: int | None, every: int = 1) -> dict[str, Any]:
     import loopkit
+
+    def build(loss: Any) -> Any:
+        step = loopkit.with_ddp(loopkit.train_step(loss))
+        if every > 1:
+            step = loopkit.with_grad_accum(step, every=every)
+        return loopkit.with_checkpointing(step, directory)
 
     directory = os.path.join(out_dir, name)
     batches = [b for b in make_data(SIGNAL_STEPS)[:, rank]]
-    step = loopkit.with_checkpointing(loopkit.with_ddp(loopkit.train_step(_signalling(at))), directory)
-    state, history = loopkit.run_epochs(step, sgd_state(make_model(), seed=5), batches, epochs=2, progress=False)
+    state, history = loopkit.run_epochs(build(_signalling(at)), sgd_state(make_model(), seed=5), batches, epochs=2,
+                                        progress=False)
     stopped, handler = state.step, signal.getsignal(signal.SIGTERM)
     torch.distributed.barrier()  # rank 0 has written the checkpoint (a relaunch finds it written)
     state = loopkit.restore(sgd_state(make_model(), seed=5), directory)
     restored = state.step
-    step = loopkit.with_checkpointing(loopkit.with_ddp(loopkit.train_step(mse)), directory)
-    state, more = loopkit.run_epochs(step, state, batches, epochs=2, progress=False)
+    state, more = loopkit.run_epochs(build(mse), state, batches, epochs=2, progress=False)
     return {"stopped": stopped, "restored": restored, "step": state.step, "params": _params(state.model),
             "history": history + more, "handler_restored": handler is signal.SIG_DFL}
 
@@ -443,6 +449,11 @@ def signal_one_rank(rank: int, out_dir: str) -> dict[str, Any]:
 
 def signal_apart(rank: int, out_dir: str) -> dict[str, Any]:
     return _signal_stop(rank, out_dir, "signal_apart", 2 if rank == 0 else 3)
+
+
+def signal_in_group(rank: int, out_dir: str) -> dict[str, Any]:
+    """Under ``with_grad_accum(every=2)`` the vote agrees after call 3, inside a group: the ranks stop at its end."""
+    return _signal_stop(rank, out_dir, "signal_in_group", 2 if rank == 0 else None, every=2)
 
 
 def resume(rank: int, out_dir: str) -> dict[str, Any]:
@@ -482,7 +493,7 @@ SCENARIOS = {
               stop_one_rank, callbacks_on_rank0, uneven, apart, loss_error)
 }
 
-WITH_OUT_DIR = {f.__name__: f for f in (resume, signal_one_rank, signal_apart)}
+WITH_OUT_DIR = {f.__name__: f for f in (resume, signal_one_rank, signal_apart, signal_in_group)}
 
 
 def main(out_dir: str, scenarios: list[str]) -> None:

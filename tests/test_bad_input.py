@@ -133,6 +133,19 @@ def test_run_epochs_refuses_misused_arguments_before_any_step(options, error, ma
     state.check_usable()
 
 
+def test_validation_data_without_a_length_is_not_taken_for_empty():
+    """An IterableDataset's DataLoader is Sized but its len() raises: the empty-val check must not call it."""
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(make_data(2))
+
+    loader = DataLoader(Stream(), batch_size=None)
+    _, history = run_epochs(train_step(mse), make_state(), make_data(2), epochs=1, progress=False,
+                            val=(eval_step(_metric), loader))
+    assert "val/mse" in history[0]
+
+
 def test_evaluate_refuses_a_train_step():
     state = make_state()
     before = [p.clone() for p in state.model.parameters()]

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
+from loopkit.state import TrainState, leave_intact, state_at_error
 from loopkit.steps import EvalStep, FnStep, Step, TrainStep, WrapperStep, as_step
 
-__all__ = ["refuse_wrapping", "require_step", "require_train_or_eval_step", "require_train_step"]
+__all__ = [
+    "fitted_to", "intact_as", "refuse_wrapping", "require_step", "require_train_or_eval_step", "require_train_step",
+]
 
 
 def _refuse(transform: str, step: Step, needs: str) -> TypeError:
@@ -92,3 +97,38 @@ def require_step(step: Any, transform: str, *, no_eval: str | None = None) -> St
     if step.donated:
         raise TypeError(f"{transform} cannot wrap a donated step: apply donate() last")
     return step
+
+
+def fitted_to(tensor: Any, param: torch.Tensor, what: str, fix: str) -> torch.Tensor | None:
+    """A transform's tensor for ``param`` (an average, a mask) checked against it: None when it fits as it
+    is, a copy cast to the parameter's dtype and device when only those differ (as ``load_state_dict``
+    casts: a float32 checkpoint restored into a float64 model); a ValueError that starts with ``what``
+    and ends with ``fix`` when it is not a tensor, or has another shape (another model's).
+
+    >>> print(fitted_to(torch.zeros(2), torch.ones(2), "the mask of 'w'", "drop it"))
+    None
+    >>> fitted_to(torch.zeros(2), torch.ones(2, dtype=torch.float64), "the mask of 'w'", "drop it").dtype
+    torch.float64
+    """
+    if not isinstance(tensor, torch.Tensor):
+        raise ValueError(f"{what} is a {type(tensor).__qualname__}, not a tensor; {fix}")
+    if tensor.shape != param.shape:
+        raise ValueError(f"{what} has shape {tuple(tensor.shape)}, but the parameter has shape {tuple(param.shape)}; "
+                         f"{fix}")
+    if tensor.dtype != param.dtype or tensor.device != param.device:
+        return tensor.detach().to(device=param.device, dtype=param.dtype)
+    return None
+
+
+def intact_as(error: BaseException, used: TrainState, given: TrainState) -> None:
+    """Mark ``error`` as leaving ``given`` intact when it left ``used`` (``given`` with other extras) intact.
+
+    >>> state = TrainState.create(torch.nn.Linear(1, 1))
+    >>> used = state.evolve(extras={"cast": 1})
+    >>> error = leave_intact(ValueError("x"), used)
+    >>> intact_as(error, used, state)
+    >>> state_at_error(error) is state
+    True
+    """
+    if used is not given and state_at_error(error) is used:
+        leave_intact(error, given)

@@ -26,6 +26,7 @@ import attrs
 import torch
 
 from loopkit import checkpoint
+from loopkit import _collective
 from loopkit._collective import is_rank_zero
 from loopkit._window import over_ranks
 from loopkit.errors import CheckpointCorruptError, StateMismatchError
@@ -114,7 +115,7 @@ class CheckpointStep(UpdateStep):
     def run_(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
         if not self.saver.checked:  # the first call in a loop of your own (run_epochs checks at "fit_start")
             try:
-                self._check_directory(state)
+                self._check_directory(state, agreed=True)
             except StateMismatchError as error:
                 raise leave_intact(error, state)  # before the step: nothing of the state changed
         return super().run_(state, batch)
@@ -134,7 +135,7 @@ class CheckpointStep(UpdateStep):
 
     def on_event(self, event: str, state: TrainState, metrics: Mapping[str, float]) -> None:
         if event == "fit_start":
-            self._check_directory(state)  # before the first step: a refused run has lost nothing
+            self._check_directory(state, agreed=True)  # before the first step: a refused run has lost nothing
             self.saver.defer = True
         elif event == "save_due":
             reason, self.saver.due = self.saver.due, None
@@ -186,6 +187,8 @@ class CheckpointStep(UpdateStep):
         """A save this transform makes itself, which every rank reaches at the same point: under DDP the
         running sums and records of every rank go into it (:func:`loopkit._window.over_ranks`, a collective), then
         rank 0 writes it."""
+        if not self.saver.checked:  # (a lazy module's shapes are known once a step ran)
+            self._check_directory(state, agreed=True)
         extras = over_ranks(state.extras, state.rng, state.model)
         self._persist(state if extras is state.extras else replace_extras(state, extras), reason, score)
 
@@ -195,8 +198,8 @@ class CheckpointStep(UpdateStep):
         position = (state.step, state.epoch, state.batch_index)
         saver = self.saver
         snap = None
-        if not saver.checked:  # (a lazy module's shapes are known once a step ran; a save of your own)
-            self._check_directory(state)
+        if not saver.checked:  # a save of your own (on rank 0 alone, perhaps: no collective)
+            self._check_directory(state, agreed=False)
         if not saver.looked:
             saver.looked = True
             self._warn_of_another_run(position)
@@ -222,40 +225,46 @@ class CheckpointStep(UpdateStep):
 
         saver.run(task, self.async_save)
 
-    def _check_directory(self, state: TrainState) -> None:
+    def _check_directory(self, state: TrainState, *, agreed: bool) -> None:
         """Refuse a directory whose newest readable checkpoint is of another model or optimizer (another
         experiment's, given this directory by mistake): keep_last and keep_best would delete it, and
         ``restore`` could no longer load it. Compared by :func:`loopkit.checkpoint.structure` (names and
-        shapes of the model's parameters and buffers, the optimizer's class and param-group sizes), read
-        from the checkpoint's ``meta.json`` without loading its tensors (an older checkpoint without it:
-        from its payload's keys and shapes, memory-mapped). A model with lazy modules not yet initialised
-        is compared again, shapes and all, at the next call or save."""
-        saver = self.saver
-        found = None
+        shapes of the model's parameters and buffers, the optimizer's class), read from the checkpoint's
+        ``meta.json`` without loading its tensors (an older checkpoint without it: from its payload's keys
+        and shapes, memory-mapped). Rank 0, which alone writes, reads the directory; with ``agreed`` (a
+        point every rank reaches) every rank raises on its word, so none is left waiting in a collective.
+        A model with lazy modules not yet initialised is compared again, shapes and all, later."""
+        problem = self._directory_problem(state) if is_rank_zero() else None
+        if agreed and _collective.active():
+            problem = _collective.gather(problem)[0]
+        if problem is not None:
+            raise StateMismatchError(problem)
+        model = state.model
+        self.saver.checked = not any(
+            torch.nn.parameter.is_lazy(t) for t in itertools.chain(model.parameters(), model.buffers())
+        )
+
+    def _directory_problem(self, state: TrainState) -> str | None:
+        """Why the newest readable checkpoint in the directory does not fit ``state``; None when it does."""
         for info in reversed(checkpoint.list_checkpoints(self.directory)):
             try:
-                found = info, checkpoint.read_structure(info.path)
-                break
+                theirs = checkpoint.read_structure(info.path)
             except CheckpointCorruptError:  # an incomplete or damaged one: restore skips it too
                 continue
-        if found is not None:
-            info, theirs = found
             differs = checkpoint.structure_mismatch(theirs, checkpoint.structure(state))
             if differs is not None:
                 prepared = self.inner.prepare(state)  # a step that reshapes the model at its first call (with_qat)
                 if prepared is not state:
                     differs = checkpoint.structure_mismatch(theirs, checkpoint.structure(prepared))
-            if differs is not None:
-                raise StateMismatchError(
-                    f"with_checkpointing: {self.directory} holds checkpoints of another model or optimizer: the "
-                    f"newest, {info.name}, does not fit this state ({differs}); this run's checkpoints would be "
-                    "mixed with them, and keep_last/keep_best would delete them. Give this run a directory of its "
-                    "own, or delete the old checkpoints (that directory) if they are no longer needed"
-                )
-        model = state.model
-        saver.checked = not any(
-            torch.nn.parameter.is_lazy(t) for t in itertools.chain(model.parameters(), model.buffers())
-        )
+            if differs is None:
+                return None
+            return (
+                f"with_checkpointing: {self.directory} holds checkpoints of another model or optimizer: the "
+                f"newest, {info.name}, does not fit this state ({differs}); this run's checkpoints would be "
+                "mixed with them, and keep_last/keep_best would delete them. Give this run a directory of its "
+                "own, or delete the old checkpoints (that directory) if they are no longer needed"
+            )
+        return None
 
     def _warn_of_another_run(self, position: Position) -> None:
         """A first save behind the newest checkpoint already there: those are another run's (the same
@@ -388,7 +397,7 @@ def with_checkpointing(
     ``run_epochs`` its step saves see the outer ones' part too). The directory
     belongs to one run: old checkpoints there are pruned by the same rules. A directory whose
     newest checkpoint is of another model or optimizer (other parameter or buffer names or
-    shapes, another optimizer class or param-group layout) is refused with a
+    shapes, another optimizer class) is refused with a
     :class:`loopkit.StateMismatchError` naming it and the first difference, before the first
     step (under ``run_epochs`` when the fit starts, in a loop of your own at the first call),
     so that nothing of the other run's is deleted. Only rank 0

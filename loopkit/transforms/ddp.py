@@ -75,7 +75,11 @@ class DDPSync:
         return bool(self.options.get("gradient_as_bucket_view"))
 
     def wraps(self, model: torch.nn.Module) -> bool:
-        """Whether the wrapper of ``model`` is built (:meth:`module` then changes nothing of it)."""
+        """Whether the wrapper of ``model`` is built (:meth:`module` then changes nothing of it).
+
+        >>> DDPSync({}).wraps(torch.nn.Linear(1, 1))
+        False
+        """
         ref = self._model
         return ref is not None and ref() is model
 

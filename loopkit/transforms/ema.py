@@ -15,9 +15,9 @@ import attrs
 import torch
 from torch import nn
 
-from loopkit.state import TrainState, fork, leave_intact, replace, replace_extras, state_at_error
+from loopkit.state import TrainState, fork, leave_intact, replace, replace_extras
 from loopkit.steps import Metrics, UpdateStep
-from loopkit.transforms._compose import refuse_wrapping, require_step
+from loopkit.transforms._compose import fitted_to, intact_as, refuse_wrapping, require_step
 
 __all__ = ["EMAStep", "ema_state", "with_ema"]
 
@@ -57,10 +57,11 @@ class _Checked:
 
     A call returns a state whose averages are a new mapping made from its model's parameters,
     and the next call gets that state (a donated run keeps the same model): the full check runs
-    only when a state brings other averages or another model (``evolve``, a checkpoint, the copy
-    of the model a pure call makes), or when the model's parameters moved to another dtype or
-    device in place (``run_epochs(device=...)`` moves the model, not the extras), which one
-    parameter, remembered with its dtype and device, tells. The model and that parameter are
+    only when a state brings other averages, another model or another optimizer (``evolve``, a
+    checkpoint, the copy of the model a pure call makes, a new head with its new optimizer, an
+    ``add_param_group``), or when the model's parameters moved to another dtype or device in
+    place (``run_epochs(device=...)`` moves the model, not the extras), which one parameter,
+    remembered with its dtype and device, tells. The model, optimizer and that parameter are
     held weakly; the averages, which the state returned holds anyway, strongly (the ``id`` of a
     freed mapping is soon another's).
     """
@@ -68,27 +69,41 @@ class _Checked:
     __slots__ = ("entry",)
 
     def __init__(self) -> None:
-        self.entry: tuple[Mapping[str, torch.Tensor], weakref.ref, weakref.ref | None, Any, Any] | None = None
+        self.entry: tuple[Any, ...] | None = None
 
     def __reduce__(self) -> tuple[type, tuple[()]]:
         return _Checked, ()  # a copied or pickled step checks its first state again (weak references do not pickle)
 
-    def fits(self, averages: Mapping[str, torch.Tensor], model: nn.Module) -> bool:
+    def fits(self, averages: Mapping[str, torch.Tensor], state: TrainState) -> bool:
         entry = self.entry  # read once: remember swaps the whole tuple
-        if entry is None or entry[0] is not averages or entry[1]() is not model:
+        if entry is None or entry[0] is not averages or entry[1]() is not state.model or not _same_groups(entry[2], state):
             return False
-        if entry[2] is None:  # a model without parameters
+        if entry[3] is None:  # a model without parameters
             return True
-        probe = entry[2]()
-        return probe is not None and probe.dtype == entry[3] and probe.device == entry[4]
+        probe = entry[3]()
+        return probe is not None and probe.dtype == entry[4] and probe.device == entry[5]
 
-    def remember(self, averages: Mapping[str, torch.Tensor], model: nn.Module) -> None:
-        """``averages`` fit ``model``."""
+    def remember(self, averages: Mapping[str, torch.Tensor], state: TrainState) -> None:
+        """``averages`` fit ``state``'s model."""
+        model = state.model
         probe = next(iter(model.parameters()), None)  # the Parameter itself: .to() changes its dtype and device
         if probe is None:
-            self.entry = (averages, weakref.ref(model), None, None, None)
+            self.entry = (averages, weakref.ref(model), _groups(state), None, None, None)
         else:
-            self.entry = (averages, weakref.ref(model), weakref.ref(probe), probe.dtype, probe.device)
+            self.entry = (averages, weakref.ref(model), _groups(state), weakref.ref(probe), probe.dtype, probe.device)
+
+
+def _groups(state: TrainState) -> tuple[Any, int]:
+    """The optimizer (held weakly) and how many param groups it has."""
+    optimizer = state.optimizer
+    return (None, 0) if optimizer is None else (weakref.ref(optimizer), len(optimizer.param_groups))
+
+
+def _same_groups(remembered: tuple[Any, int], state: TrainState) -> bool:
+    optimizer = state.optimizer
+    if optimizer is None:
+        return remembered[0] is None
+    return remembered[0] is not None and remembered[0]() is optimizer and remembered[1] == len(optimizer.param_groups)
 
 
 def _fitted(averages: Any, model: nn.Module, where: str) -> Mapping[str, torch.Tensor]:
@@ -107,18 +122,12 @@ def _fitted(averages: Any, model: nn.Module, where: str) -> Mapping[str, torch.T
     names = set()
     for name, param in model.named_parameters():
         names.add(name)
-        average = averages.get(name)
-        if not isinstance(average, torch.Tensor):
-            what = "no average" if average is None else f"a {type(average).__qualname__} for an average"
-            raise ValueError(f"{where}: the state's averages hold {what} of parameter '{name}' "
+        if name not in averages:
+            raise ValueError(f"{where}: the state's averages hold no average of parameter '{name}' "
                              f"(shape {tuple(param.shape)}); {_FIX}")
-        if average.shape != param.shape:
-            raise ValueError(
-                f"{where}: the average of parameter '{name}' has shape {tuple(average.shape)}, but the parameter has "
-                f"shape {tuple(param.shape)}; {_FIX}"
-            )
-        if average.dtype != param.dtype or average.device != param.device:
-            cast[name] = average.detach().to(device=param.device, dtype=param.dtype)
+        fitted = fitted_to(averages[name], param, f"{where}: the average of parameter '{name}'", _FIX)
+        if fitted is not None:
+            cast[name] = fitted
     for name in averages:
         if name not in names:
             raise ValueError(f"{where}: the state's averages hold one of '{name}', which is not a parameter of the "
@@ -152,7 +161,7 @@ class EMAStep(UpdateStep):
     def after_update(self, state: TrainState, metrics: Metrics) -> TrainState:
         with torch.no_grad():
             averages = _averaged(state.extras.get(_EMA), *_parameters(state), self.decay)
-        self._checked.remember(averages, state.model)  # made from the model's parameters: they fit it
+        self._checked.remember(averages, state)  # made from the model's parameters: they fit it
         return replace_extras(state, {**state.extras, _EMA: averages})
 
     def _checked_call(self, call: Any, state: TrainState, *args: Any) -> tuple[TrainState, Metrics]:
@@ -165,21 +174,20 @@ class EMAStep(UpdateStep):
         with, and returns, a state holding the cast averages.
         """
         averages = state.extras.get(_EMA)
-        if averages is None or self._checked.fits(averages, state.model):
+        if averages is None or self._checked.fits(averages, state):
             return call(state, *args)
         try:
             fitted = _fitted(averages, state.model, "with_ema")
         except ValueError as error:
             raise leave_intact(error, state)
-        self._checked.remember(fitted, state.model)
+        self._checked.remember(fitted, state)
         if fitted is averages:
             return call(state, *args)
         given, state = state, replace_extras(state, {**state.extras, _EMA: fitted})
         try:
             return call(state, *args)
         except BaseException as error:
-            if state_at_error(error) is state:  # nothing changed in place: neither did the given state
-                leave_intact(error, given)
+            intact_as(error, state, given)  # nothing changed in place: neither did the given state
             raise
 
 

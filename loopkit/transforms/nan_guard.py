@@ -46,7 +46,11 @@ class NanGuard:
     @property
     def check_loss(self) -> Callable[[torch.Tensor, TrainState], None] | None:
         """What ``train_step`` calls between the loss_fn and the backward (in one process): a raising guard's
-        loss check, made while nothing of the state has changed (the error leaves it whole)."""
+        loss check, made while nothing of the state has changed (the error leaves it whole).
+
+        >>> NanGuard("skip").check_loss is None, NanGuard("raise").check_loss is not None
+        (True, True)
+        """
         return _refuse_nonfinite_loss if self.policy == "raise" else None
 
     def on_loss(self, loss: torch.Tensor, state: TrainState, ctx: GradContext) -> None:

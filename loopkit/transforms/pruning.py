@@ -15,9 +15,9 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from loopkit.state import TrainState, leave_intact, replace, replace_extras, state_at_error
+from loopkit.state import TrainState, leave_intact, replace, replace_extras
 from loopkit.steps import Metrics, UpdateStep, needs_closure
-from loopkit.transforms._compose import refuse_wrapping, require_step
+from loopkit.transforms._compose import fitted_to, intact_as, refuse_wrapping, require_step
 
 __all__ = ["PruningStep", "default_prunable", "with_pruning"]
 
@@ -25,7 +25,7 @@ _MASKS, _SPARSITY = "pruning/masks", "pruning/sparsity"
 _PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 #: what to do about masks that do not fit the model (the end of each such error)
 _FIX = (
-    f"to prune this model anew, drop '{_MASKS}' and '{_SPARSITY}' from the state's extras "
+    f"the masks belong to another model: to prune this one anew, drop '{_MASKS}' and '{_SPARSITY}' from the state's extras "
     f"(state.evolve(extras={{k: v for k, v in state.extras.items() if not k.startswith('pruning/')}})), "
     "or restore a checkpoint of this model"
 )
@@ -76,6 +76,8 @@ class PruningStep(UpdateStep):
     amount: float
     schedule: Callable[[int], float]
     parameters: tuple[str, ...] | None = None
+    #: ``needs_closure`` by optimizer class (it reads a signature, more than a small step should pay a call)
+    _closure: dict[type, bool] = attrs.field(factory=dict, repr=False)
 
     @property
     def name(self) -> str:
@@ -104,7 +106,7 @@ class PruningStep(UpdateStep):
         try:
             return self._run_masked(fitted, batch, names, params, fitted.extras[_MASKS])
         except BaseException as error:
-            _intact_as(error, fitted, state)
+            intact_as(error, fitted, state)
             raise
 
     def flush_(self, state: TrainState) -> tuple[TrainState, Metrics]:
@@ -115,7 +117,7 @@ class PruningStep(UpdateStep):
         try:
             return super().flush_(fitted)
         except BaseException as error:
-            _intact_as(error, fitted, state)
+            intact_as(error, fitted, state)
             raise
 
     def _run_masked(
@@ -126,7 +128,7 @@ class PruningStep(UpdateStep):
         # and the optimizer to see; they are this call's only, removed whatever happens
         handles = [p.register_hook(_MaskGrad(masks[n])) for n, p in zip(names, params) if p.requires_grad]
         optimizer = state.optimizer
-        if optimizer is not None and _takes_closure(optimizer):
+        if optimizer is not None and self._takes_closure(optimizer):
             # an optimizer that re-runs the forward inside its update (LBFGS) moves pruned entries between
             # those forwards (its history predates the pruning): each forward must see them zero, as the raw
             # loop's weight_orig * mask does, not only the next call
@@ -136,6 +138,13 @@ class PruningStep(UpdateStep):
         finally:
             for handle in handles:
                 handle.remove()
+
+    def _takes_closure(self, optimizer: torch.optim.Optimizer) -> bool:
+        kind = type(optimizer)
+        found = self._closure.get(kind)
+        if found is None:
+            found = self._closure[kind] = needs_closure(optimizer)
+        return found
 
     def after_update(self, state: TrainState, metrics: Metrics) -> TrainState:
         masks = state.extras.get(_MASKS)
@@ -199,41 +208,14 @@ def _fitted_state(state: TrainState, masks: Any) -> tuple[TrainState, list[str],
             raise ValueError(f"{error.args[0]}, which the masks in state.extras['{_MASKS}'] name; {_FIX}") from None
         cast: dict[str, torch.Tensor] = {}
         for name, param in zip(names, params):
-            mask = masks[name]
-            if not isinstance(mask, torch.Tensor):
-                raise ValueError(f"with_pruning: the mask of parameter '{name}' is a {type(mask).__qualname__}, "
-                                 f"not a tensor; {_FIX}")
-            if mask.shape != param.shape:
-                raise ValueError(
-                    f"with_pruning: the mask of parameter '{name}' has shape {tuple(mask.shape)}, but the parameter "
-                    f"has shape {tuple(param.shape)}: the masks belong to another model; {_FIX}"
-                )
-            if mask.dtype != param.dtype or mask.device != param.device:
-                cast[name] = mask.to(device=param.device, dtype=param.dtype)
+            fitted = fitted_to(masks[name], param, f"with_pruning: the mask of parameter '{name}'", _FIX)
+            if fitted is not None:
+                cast[name] = fitted
     except ValueError as error:
         raise leave_intact(error, state)
     if cast:
         state = replace_extras(state, {**state.extras, _MASKS: {**masks, **cast}})
     return state, names, params
-
-
-def _intact_as(error: BaseException, used: TrainState, given: TrainState) -> None:
-    """Mark ``error`` as leaving ``given`` intact when it left ``used``, a copy with other extras, intact."""
-    if used is not given and state_at_error(error) is used:
-        leave_intact(error, given)
-
-
-#: ``needs_closure`` by optimizer class: it reads the signature of ``step``, which costs more than a call
-#: of a small step should pay each time; the answer is the class's
-_CLOSURE: dict[type, bool] = {}
-
-
-def _takes_closure(optimizer: torch.optim.Optimizer) -> bool:
-    kind = type(optimizer)
-    found = _CLOSURE.get(kind)
-    if found is None:
-        found = _CLOSURE[kind] = needs_closure(optimizer)
-    return found
 
 
 def _mask_before_forwards(model: nn.Module, params: list[torch.Tensor], masks: list[torch.Tensor]) -> list[Any]:

@@ -21,7 +21,7 @@ from tests import _ddp_script as ddp
 TOL = 1e-6
 SCENARIOS = ["plain", "accum", "accum_outer", "bucket_views", "static_graph", "flush", "two_heads", "averaged_pruned", "nan_skip",
              "nan_raise", "fp16", "fit", "stop_one_rank", "callbacks_on_rank0", "uneven", "apart", "signal_one_rank", "signal_apart",
-             "loss_error"]
+             "signal_in_group", "loss_error"]
 
 
 @pytest.fixture(scope="module")
@@ -301,6 +301,20 @@ def test_a_stop_signal_stops_every_rank_after_the_same_step_and_the_resumed_run_
     assert [r["step"] for r in results] == [2 * ddp.SIGNAL_STEPS] * 2
     _assert_close(results[0]["params"], state.model)
     assert [[r["epoch"] for r in result["history"]] for result in results] == [[0, 1], [0, 1]]
+
+
+def test_a_stop_signal_inside_an_accumulation_group_stops_every_rank_at_its_end(ranks):
+    """The checkpoint holds rank 0's partial gradients alone (each rank's stay local under no_sync): a stop
+    inside a group resumed rank 1 from rank 0's, and the run ended elsewhere. The ranks now finish the group."""
+    results = ranks("signal_in_group")
+    assert [r["stopped"] for r in results] == [2, 2]  # after call 4: the vote agreed after call 3, mid-group
+    assert [r["restored"] for r in results] == [2, 2]
+    _assert_ranks_identical(results)
+    data = ddp.make_data(ddp.SIGNAL_STEPS)
+    big = [torch.cat([data[i, 0], data[i, 1], data[i + 1, 0], data[i + 1, 1]]) for i in range(0, ddp.SIGNAL_STEPS, 2)]
+    state, _ = _reference(big * 2)
+    assert [r["step"] for r in results] == [ddp.SIGNAL_STEPS] * 2
+    _assert_close(results[0]["params"], state.model)
 
 
 def test_a_loss_fn_error_under_ddp_leaves_the_newest_whole_state_but_at_the_call_that_built_the_wrapper(ranks):

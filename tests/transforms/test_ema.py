@@ -292,3 +292,27 @@ def test_the_averages_are_checked_once_for_a_run_and_again_for_a_state_with_anot
     assert checks == ["with_ema"] * 2
     state, _ = loopkit.run_epochs(step, _another(state, other), data, epochs=3, progress=False)  # same shapes: fits
     assert checks == ["with_ema"] * 3
+
+
+def test_a_head_replaced_in_place_with_a_new_optimizer_is_refused_before_the_update(make_mlp, make_batches, mse_loss,
+                                                                                    take_snapshot, assert_trees_equal):
+    """Fine-tuning's new head: the same model object, changed in place, with a new optimizer. The step had seen
+    these averages fit that model object, and skipped the check: the old head's (1, 8) average broadcast
+    against the new (2, 8) weight without a word."""
+    step = loopkit.donate(loopkit.with_ema(loopkit.train_step(mse_loss), DECAY))
+    state, data = _trained(make_mlp, make_batches, mse_loss, loopkit.with_ema(loopkit.train_step(mse_loss), DECAY))
+    narrow = dict(state.extras["ema/params"])
+    narrow["2.weight"], narrow["2.bias"] = narrow["2.weight"][:1], narrow["2.bias"][:1]
+    state = state.evolve(extras={**state.extras, "ema/params": narrow})
+    model = state.model
+    model[2] = nn.Linear(8, 1)  # the head the averages were made for
+    state = state.evolve(optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    state, _ = step(state, (data[0][0], data[0][1][:, :1]))  # (the step now knows these averages fit this model)
+    model[2] = nn.Linear(8, 2)  # the new head, in place
+    state = state.evolve(optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    before = take_snapshot(state)
+    with pytest.raises(ValueError, match=r"average of parameter '2\.weight' has shape \(1, 8\), but the parameter has "
+                                         r"shape \(2, 8\)") as info:
+        step(state, data[0])
+    assert loopkit.state_at_error(info.value) is state
+    assert_trees_equal(take_snapshot(state), before)
