@@ -129,6 +129,8 @@ def check_purity(
     >>> same is state, float(metrics["n"])
     (True, 1.0)
     """
+    if not callable(step):
+        raise TypeError(f"check_purity: step must be callable as step(state, batch), got {type(step).__qualname__}")
     if getattr(step, "donated", False):
         raise TypeError(f"check_purity: step {_name(step)} is donated, so it may change the state it is given by design")
     if not isinstance(state, TrainState):

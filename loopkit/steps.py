@@ -525,8 +525,8 @@ def _fn_name(fn: Any) -> str:
 
 
 def _split_loss(out: Any, loss_fn: Any) -> tuple[torch.Tensor, Metrics]:
-    if type(out) is torch.Tensor and out.ndim == 0 and out.requires_grad and not out.is_leaf:  # the common case, first
-        return out, {}
+    if type(out) is torch.Tensor and out.ndim == 0 and out.requires_grad and not out.is_leaf and out.is_floating_point():
+        return out, {}  # (the common case, checked first)
     aux: Metrics = {}
     where = f"loss_fn {_fn_name(loss_fn)}"
     if isinstance(out, tuple):
@@ -547,6 +547,9 @@ def _split_loss(out: Any, loss_fn: Any) -> tuple[torch.Tensor, Metrics]:
             f"{where} returned a loss of shape {tuple(out.shape)}; the loss must be a scalar (0-dim) "
             "tensor: reduce it, e.g. with .mean()"
         )
+    if out.is_complex():
+        raise ValueError(f"{where} returned a complex loss ({out.dtype}); the loss must be real: take .real, .abs() "
+                         "or a norm of it")
     if not out.requires_grad:
         raise ValueError(
             f"{where} returned a loss without a gradient (requires_grad=False): was it computed under "
@@ -756,7 +759,7 @@ class TrainStep(Step):
         intact = True  # nothing of the state changed in place yet (the backward is the first thing that does)
         try:
             out = self.loss_fn(model, batch)
-            if type(out) is _Tensor and out.ndim == 0 and out.requires_grad and not out.is_leaf:
+            if type(out) is _Tensor and out.ndim == 0 and out.requires_grad and not out.is_leaf and out.is_floating_point():
                 loss, metrics = out, {"loss": out.detach()}
             elif out is None:  # the loss_fn skipped the batch
                 if saved is not None:

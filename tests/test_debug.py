@@ -105,6 +105,8 @@ def test_donated_steps_and_other_states_are_refused(make_mlp, make_sgd_state, ba
         check_purity(loopkit.donate(loopkit.train_step(mse_loss)), make_sgd_state(make_mlp(0)), batches[0])
     with pytest.raises(TypeError, match="state must be a loopkit.TrainState"):
         check_purity(loopkit.train_step(mse_loss), {"model": make_mlp(0)}, batches[0])
+    with pytest.raises(TypeError, match="step must be callable as step\\(state, batch\\), got NoneType"):
+        check_purity(None, make_sgd_state(make_mlp(0)), batches[0])
 
 
 @pytest.mark.parametrize("change, where", [

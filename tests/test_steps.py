@@ -286,6 +286,7 @@ _FAILS_BEFORE_BACKWARD = {  # the loss_fn's own exception, and each loss loopkit
     # the natural "fix" of the error above: a leaf whose backward reaches no parameter (it trained nothing)
     "leaf loss": (lambda m, b: torch.tensor(((m(b[0]) - b[1]) ** 2).mean().item(), requires_grad=True), ValueError,
                   "a leaf tensor"),
+    "complex loss": (lambda m, b: ((m(b[0]) - b[1]) ** 2).mean() * (1 + 1j), ValueError, "a complex loss"),
     "bad aux metric": (lambda m, b: (((m(b[0]) - b[1]) ** 2).mean(), {"acc": "high"}), TypeError, "'acc'"),
 }
 
