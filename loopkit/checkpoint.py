@@ -680,8 +680,18 @@ def verify(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_dir():
         raise CheckpointCorruptError(f"checkpoint {path} does not exist or is not a directory")
+    manifest, files = _manifest(path)
+    for name, expected in files.items():  # sizes first: cheap, and catches truncation at once
+        _check_size(path, name, expected)
+    for name, expected in files.items():
+        _check_checksum(path, name, expected)
+    return manifest
+
+
+def _manifest(path: Path) -> tuple[dict[str, Any], Mapping[str, Any]]:
+    """The manifest of the checkpoint at ``path`` and its files, checked to be one this loopkit reads."""
     manifest_path = path / MANIFEST
-    if not manifest_path.exists():
+    if not manifest_path.is_file():
         raise CheckpointCorruptError(
             f"checkpoint {path} is incomplete: {manifest_path} is missing (the save did not finish)"
         )
@@ -697,11 +707,7 @@ def verify(path: str | os.PathLike) -> dict[str, Any]:
     for name in _REQUIRED:
         if name not in files:
             raise CheckpointCorruptError(f"checkpoint manifest {manifest_path} does not list {name}")
-    for name, expected in files.items():  # sizes first: cheap, and catches truncation at once
-        _check_size(path, name, expected)
-    for name, expected in files.items():
-        _check_checksum(path, name, expected)
-    return manifest
+    return manifest, files
 
 
 def _check_checksum(path: Path, name: str, expected: Mapping[str, Any]) -> None:
@@ -897,20 +903,7 @@ def read_structure(path: str | os.PathLike) -> dict[str, Any]:
     >>> tmp.cleanup()
     """
     path = Path(path)
-    manifest_path = path / MANIFEST
-    if not manifest_path.is_file():
-        raise CheckpointCorruptError(
-            f"checkpoint {path} is incomplete: {manifest_path} is missing (the save did not finish)"
-        )
-    manifest = _read_json(manifest_path, "manifest")
-    files = manifest.get("files")
-    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION or not isinstance(files, Mapping):
-        raise CheckpointCorruptError(
-            f"checkpoint manifest {manifest_path} is not a {FORMAT} manifest of version {VERSION}"
-        )
-    for name in _REQUIRED:
-        if name not in files:
-            raise CheckpointCorruptError(f"checkpoint manifest {manifest_path} does not list {name}")
+    _, files = _manifest(path)
     _check_size(path, META, files[META])
     _check_checksum(path, META, files[META])
     found = _read_json(path / META, "metadata").get("structure")

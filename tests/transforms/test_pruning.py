@@ -282,18 +282,22 @@ def test_adafactor_reading_gradients_across_entries_follows_the_raw_loop(make_ba
     # Adafactor's second moment is factored over each weight's rows and columns, and its update is scaled by
     # the update's RMS: both read every entry's gradient. eps2 above the weights' RMS makes its step size
     # eps2 * lr, not the parameter's RMS (which here reads the pruned weight, there weight_orig: see with_pruning)
-    data = make_batches(9, d_in=4, d_out=2)
     adafactor = lambda params: torch.optim.Adafactor(params, lr=0.01, eps=(None, 10.0))  # noqa: E731
-    ref_model = _wide_mlp(0)
-    expected = _raw_pruned_loop(ref_model, adafactor(ref_model.parameters()), data, mse_loss)
+    _assert_pruned_as_the_raw_loop(adafactor, make_batches(9, d_in=4, d_out=2), mse_loss, assert_trees_equal)
 
+
+def _assert_pruned_as_the_raw_loop(optimizer, data, mse_loss, assert_trees_equal) -> loopkit.TrainState:
+    """``run_epochs`` of ``with_pruning`` over ``data`` against :func:`_raw_pruned_loop`, bitwise; its state."""
+    ref_model = _wide_mlp(0)
+    expected = _raw_pruned_loop(ref_model, optimizer(ref_model.parameters()), data, mse_loss)
     model = _wide_mlp(0)
-    state = loopkit.TrainState.create(model, adafactor(model.parameters()))
+    state = loopkit.TrainState.create(model, optimizer(model.parameters()))
     step = loopkit.with_pruning(loopkit.train_step(mse_loss), AMOUNT, POINTS)
     state, _ = loopkit.run_epochs(step, state, data, epochs=1, progress=False)
     got = {name: p.detach() for name, p in state.model.named_parameters() if name.endswith("weight")}
     assert_trees_equal(got, expected)
     assert_trees_equal([state.model[i].bias.detach() for i in (0, 2)], [ref_model[i].bias.detach() for i in (0, 2)])
+    return state
 
 
 def test_the_gradient_hooks_last_one_call_and_purity_holds_once_pruned(make_batches, mse_loss, make_adam_state):
@@ -320,18 +324,8 @@ def test_lbfgs_forwards_inside_an_update_see_the_pruned_weights_zero_as_in_a_raw
                                                                                        assert_trees_equal):
     # LBFGS's closure runs the forward several times per update, and its history (from before the prune) moves
     # pruned entries: the raw loop's forwards compute weight_orig * mask each time, so must loopkit's
-    data = make_batches(8, d_in=4, d_out=2)
     lbfgs = lambda params: torch.optim.LBFGS(params, lr=0.5, **options)  # noqa: E731
-    ref_model = _wide_mlp(0)
-    expected = _raw_pruned_loop(ref_model, lbfgs(ref_model.parameters()), data, mse_loss)
-
-    model = _wide_mlp(0)
-    state = loopkit.TrainState.create(model, lbfgs(model.parameters()))
-    step = loopkit.with_pruning(loopkit.train_step(mse_loss), AMOUNT, POINTS)
-    state, _ = loopkit.run_epochs(step, state, data, epochs=1, progress=False)
-    got = {name: p.detach() for name, p in state.model.named_parameters() if name.endswith("weight")}
-    assert_trees_equal(got, expected)
-    assert_trees_equal([state.model[i].bias.detach() for i in (0, 2)], [ref_model[i].bias.detach() for i in (0, 2)])
+    state = _assert_pruned_as_the_raw_loop(lbfgs, make_batches(8, d_in=4, d_out=2), mse_loss, assert_trees_equal)
     assert all(not m._forward_pre_hooks for m in state.model.modules())  # the call's hooks are gone
 
 
