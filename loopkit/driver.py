@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime
 import itertools
+import math
 import numbers
 import random
 import signal
@@ -504,14 +505,20 @@ class _StopOnSignal:
 
     Under DDP the ranks stop together: a signal reaches each rank at another step (or one rank
     alone), and a rank that stopped alone would leave the others waiting in the next all-reduce.
-    So :meth:`poll`, called once a step on every rank, sends this rank's flag in a non-blocking
-    all-reduce (on a gloo group, host memory: no device sync) and reads the one sent a step
-    earlier, long done by then: every rank reads the same vote after the same step, and
-    :attr:`agreed` (the stop the loop obeys) turns on there, one step after the signal.
+    So :meth:`poll`, called once a step on every rank, now and then sends this rank's flag in a
+    non-blocking all-reduce (on a gloo group, host memory: no device sync) and reads the one sent
+    before, long done by then: every rank reads the same vote after the same step, and
+    :attr:`agreed` (the stop the loop obeys) turns on there. A vote costs a collective, which a
+    step of a few milliseconds would feel: votes are ``vote_every_seconds`` apart (in steps, as
+    each vote agrees for the next, from the ranks' step times), so a stop comes within two such
+    intervals of the signal, or two steps when steps are slower.
     """
 
     #: a repeat within this many seconds is the same stop delivered twice
     repeat_window = 1.0
+    #: the least time between two votes under DDP (at most ``max_vote_steps`` steps apart)
+    vote_every_seconds = 0.05
+    max_vote_steps = 64
 
     def __init__(self) -> None:
         self.requested: str | None = None  # the signal this process got
@@ -521,7 +528,10 @@ class _StopOnSignal:
         self.voting = _collective.active()
         self._group: Any = None  # the gloo group of the votes (None: the default group, when it is gloo)
         self._own_group = False
-        self._vote: tuple[torch.Tensor, Any] | None = None  # (flag, its all-reduce) in flight
+        self._vote: tuple[torch.Tensor, Any] | None = None  # ([flag, steps to the next vote], its all-reduce) in flight
+        self._steps = 0  # polls so far
+        self._next = 1  # the poll that votes next (the same on every rank)
+        self._sent: tuple[int, float] | None = None  # the poll and time of the vote in flight
 
     def __enter__(self) -> _StopOnSignal:
         if threading.current_thread() is threading.main_thread():
@@ -542,19 +552,29 @@ class _StopOnSignal:
         self.requested, self._at = name, time.monotonic()
         if not self.voting:
             self.agreed = name
-        when = "after the next step, with every rank" if self.voting else "after the current step"
+        when = "with every rank, at the next vote" if self.voting else "after the current step"
         print(f"run_epochs: {name} received, stopping {when} (send it again to stop at once)", file=sys.stderr, flush=True)
 
     def poll(self) -> None:
-        """Under DDP, once a step on every rank: read the previous step's vote, send this one's."""
+        """Under DDP, once a step on every rank: at a vote's step, read the vote in flight, send this one's."""
+        self._steps += 1
+        if self._steps < self._next:
+            return
         dist = torch.distributed
+        now, steps = time.monotonic(), 1
         if self._vote is not None:
-            flag, work = self._vote
+            values, work = self._vote
             work.wait()
-            if flag.item() and self.agreed is None:
+            flag, steps = values.tolist()  # (host memory)
+            if flag and self.agreed is None:
                 self.agreed = self.requested or "a stop signal on another rank"
-        flag = torch.tensor(int(self.requested is not None))
-        self._vote = flag, dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group, async_op=True)
+        proposed = 1
+        if self._sent is not None and now > self._sent[1]:  # this rank's steps since the last vote: how many make the time
+            per_step = (now - self._sent[1]) / (self._steps - self._sent[0])
+            proposed = min(self.max_vote_steps, max(1, math.ceil(self.vote_every_seconds / per_step)))
+        values = torch.tensor([float(self.requested is not None), float(proposed)], dtype=torch.float64)
+        self._vote = values, dist.all_reduce(values, op=dist.ReduceOp.MAX, group=self._group, async_op=True)
+        self._next, self._sent = self._steps + int(steps), (self._steps, now)
 
     def __exit__(self, kind: Any, *exc: Any) -> None:
         for sig, previous in self._previous.items():
@@ -761,10 +781,10 @@ def run_epochs(
     uninterrupted run would; a second signal raises ``KeyboardInterrupt`` at
     once, unless it comes within a second of the first (one stop delivered twice, as torchrun's
     agent and SLURM do). The previous signal handlers are restored on return. Under DDP every
-    rank stops after the same step, one step after the first signal on any rank (a non-blocking
-    vote a step on a gloo group; a rank that stopped alone would leave the others waiting), or
-    at the end of the accumulation group then under way (each rank's partial gradients are its
-    own, and a checkpoint holds rank 0's).
+    rank stops after the same step, about 0.1 s (or two steps, when steps are slower) after the
+    first signal on any rank (non-blocking votes on a gloo group, 0.05 s apart; a rank that
+    stopped alone would leave the others waiting), at the end of the accumulation group then
+    under way (each rank's partial gradients are its own, and a checkpoint holds rank 0's).
 
     >>> import torch
     >>> from loopkit.state import TrainState

@@ -32,6 +32,7 @@ no expected values. Scenarios:
   its 2nd step, rank 1 in its 3rd. Every rank stops after the same step and saves (``with_checkpointing``
   on the stop); the run is then resumed from that checkpoint, in the same process, to its end.
   ``signal_in_group``: the same under ``with_grad_accum(every=2)``, rank 0 signalled in its 2nd call.
+  These vote every step; ``signal_spaced_votes`` (100 batches an epoch) spaces its votes as run_epochs does.
 - ``loss_error``: the loss_fn raises on every rank, at a fit's first call, then at another's 4th, whose
   ``state_at_error`` trains on to the epoch's end.
 - ``resume``: ``run_epochs`` with ``with_checkpointing(every_n_steps=1)`` from the newest
@@ -406,6 +407,7 @@ def loss_error(rank: int) -> dict[str, Any]:
 
 
 SIGNAL_STEPS = 6  # batches an epoch of the signal scenarios (2 epochs)
+SPACED_STEPS = 100  # and of the one with run_epochs' own spacing of the votes
 
 
 def _signalling(at: int | None) -> Any:
@@ -421,7 +423,21 @@ def _signalling(at: int | None) -> Any:
     return loss
 
 
-def _signal_stop(rank: int, out_dir: str, name: str, at: int | None, every: int = 1) -> dict[str, Any]:
+def _signal_stop(rank: int, out_dir: str, name: str, at: int | None, every: int = 1, batches: int = 0,
+                 vote_every_seconds: float = 0.0) -> dict[str, Any]:
+    """SIGTERM in call ``at`` of this rank's loss_fn; the fit's stop, then its resume. ``vote_every_seconds=0``:
+    a vote every step (the stop steps the tests name); else run_epochs' own spacing of the votes."""
+    from loopkit import driver
+
+    default = driver._StopOnSignal.vote_every_seconds
+    driver._StopOnSignal.vote_every_seconds = vote_every_seconds
+    try:
+        return _signal_stopped(rank, out_dir, name, at, every, batches or SIGNAL_STEPS)
+    finally:
+        driver._StopOnSignal.vote_every_seconds = default
+
+
+def _signal_stopped(rank: int, out_dir: str, name: str, at: int | None, every: int, n: int) -> dict[str, Any]:
     import loopkit
 
     def build(loss: Any) -> Any:
@@ -431,7 +447,7 @@ def _signal_stop(rank: int, out_dir: str, name: str, at: int | None, every: int 
         return loopkit.with_checkpointing(step, directory)
 
     directory = os.path.join(out_dir, name)
-    batches = [b for b in make_data(SIGNAL_STEPS)[:, rank]]
+    batches = [b for b in make_data(n)[:, rank]]
     state, history = loopkit.run_epochs(build(_signalling(at)), sgd_state(make_model(), seed=5), batches, epochs=2,
                                         progress=False)
     stopped, handler = state.step, signal.getsignal(signal.SIGTERM)
@@ -449,6 +465,12 @@ def signal_one_rank(rank: int, out_dir: str) -> dict[str, Any]:
 
 def signal_apart(rank: int, out_dir: str) -> dict[str, Any]:
     return _signal_stop(rank, out_dir, "signal_apart", 2 if rank == 0 else 3)
+
+
+def signal_spaced_votes(rank: int, out_dir: str) -> dict[str, Any]:
+    """run_epochs' own spacing of the votes (steps of a millisecond or two: many steps between votes)."""
+    return _signal_stop(rank, out_dir, "signal_spaced_votes", None if rank == 0 else 3, batches=SPACED_STEPS,
+                        vote_every_seconds=0.05)
 
 
 def signal_in_group(rank: int, out_dir: str) -> dict[str, Any]:
@@ -493,7 +515,7 @@ SCENARIOS = {
               stop_one_rank, callbacks_on_rank0, uneven, apart, loss_error)
 }
 
-WITH_OUT_DIR = {f.__name__: f for f in (resume, signal_one_rank, signal_apart, signal_in_group)}
+WITH_OUT_DIR = {f.__name__: f for f in (resume, signal_one_rank, signal_apart, signal_in_group, signal_spaced_votes)}
 
 
 def main(out_dir: str, scenarios: list[str]) -> None:
