@@ -63,7 +63,7 @@ import torch
 from loopkit import _collective
 from loopkit._window import OVER_RANKS, over_ranks, own_share
 from loopkit.errors import CheckpointCorruptError, StateMismatchError
-from loopkit.state import TrainState, model_device, replace_extras
+from loopkit.state import TrainState, core_module, model_device, replace_extras
 from loopkit.tree import copy_tensors
 
 try:  # POSIX: advisory locks keep a cleaner away from another process's save in progress
@@ -822,7 +822,7 @@ def structure(state: TrainState) -> dict[str, Any]:
     >>> structure(TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1)))
     {'model': {'weight': [1, 3], 'bias': [1]}, 'optimizer': {'type': 'SGD', 'param_groups': [2]}}
     """
-    return _structure(state.model.state_dict(), state.optimizer)
+    return _structure(core_module(state.model).state_dict(), state.optimizer)
 
 
 def _structure(model_sd: Mapping[str, Any], optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
@@ -1144,7 +1144,7 @@ def export_weights(
         raise IsADirectoryError(f"export_weights: {str(path)!r} is a folder; give a file path, e.g. {str(path / 'model.safetensors')!r}")
     if not path.parent.is_dir():
         raise FileNotFoundError(f"export_weights: the folder {str(path.parent)!r} of {str(path)!r} does not exist")
-    tensors = {name: _raw_bytes(name, t) for name, t in state.model.state_dict().items()}
+    tensors = {name: _raw_bytes(name, t) for name, t in core_module(state.model).state_dict().items()}
     info: dict[str, Any] = {"format": "pt", "step": str(state.step), "epoch": str(state.epoch)}
     for key, value in (metadata or {}).items():
         if not isinstance(key, str) or not isinstance(value, str):

@@ -214,7 +214,7 @@ class TrainState(_GraphSlot):
         ['batch_index', 'epoch', 'extras', 'grads', 'model', 'rng', 'seed', 'step']
         """
         self.check_usable()
-        model = self.model
+        model = core_module(self.model)
         sd: dict[str, Any] = {
             "model": dict(model.state_dict()),
             "grads": {n: p.grad for n, p in model.named_parameters() if p.grad is not None},
@@ -256,7 +256,7 @@ class TrainState(_GraphSlot):
         """
         self.check_usable()
         decoded = _decode(self, state_dict)
-        memo, grads = ({}, {}) if copy else _adoptable(self.model, decoded)
+        memo, grads = ({}, {}) if copy else _adoptable(core_module(self.model), decoded)
         new = _fork(self, memo, optimizer_state=False)  # the optimizer state is replaced below: no copy of it
         if copy and "optimizer" in decoded:  # Optimizer.load_state_dict keeps tensors of the right dtype and device
             decoded["optimizer"]["state"] = {i: _clone_entry(entry, {}) for i, entry in decoded["optimizer"]["state"].items()}
@@ -540,6 +540,28 @@ def _check_rng(rng: Any) -> None:
                          f"has {tuple(_CPU_RNG_SHAPE)} (torch.Generator().get_state())")
 
 
+def core_module(model: nn.Module) -> nn.Module:
+    """The module ``torch.compile`` wrapped (its ``_orig_mod``), or ``model`` itself: what a state dict,
+    a checkpoint and the transforms' per-parameter extras name tensors after (as Lightning strips the
+    ``_orig_mod.`` prefix), so that a compiled model's checkpoint loads into a plain one and back.
+
+    >>> core_module(torch.nn.Linear(1, 1)).__class__.__name__
+    'Linear'
+    """
+    inner = model._modules.get("_orig_mod")  # (torch._dynamo's OptimizedModule, not imported for this)
+    return inner if inner is not None and type(model).__name__ == "OptimizedModule" else model
+
+
+_COMPILED = "_orig_mod."  # the prefix of a compiled model's own state dict keys (checkpoints from before core_module)
+
+
+def _without_compiled_prefix(tree: Any) -> Any:
+    """A mapping of tensor names with ``_orig_mod.`` taken off the front of each (a checkpoint of a compiled model)."""
+    if isinstance(tree, Mapping) and any(isinstance(k, str) and k.startswith(_COMPILED) for k in tree):
+        return {(k[len(_COMPILED):] if isinstance(k, str) and k.startswith(_COMPILED) else k): v for k, v in tree.items()}
+    return tree
+
+
 def persistent_buffers(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     """The buffers of ``model`` that its ``state_dict`` holds (not the non-persistent ones, caches), by name.
 
@@ -786,9 +808,9 @@ def _decode(state: TrainState, sd: Mapping[str, Any]) -> dict[str, Any]:
     for key in sd:
         if key not in template:
             raise StateMismatchError(f"unexpected key '{key}'")
-    decoded: dict[str, Any] = {"model": from_plain(sd["model"], template["model"], ("model",))}
-    params = dict(state.model.named_parameters())
-    decoded["grads"] = _decode_grads(sd.get("grads", {}), params)
+    decoded: dict[str, Any] = {"model": from_plain(_without_compiled_prefix(sd["model"]), template["model"], ("model",))}
+    params = dict(core_module(state.model).named_parameters())
+    decoded["grads"] = _decode_grads(_without_compiled_prefix(sd.get("grads", {})), params)
     if "optimizer" in template:
         decoded["optimizer"] = _decode_optimizer(sd["optimizer"], template["optimizer"], state.optimizer)
     if "scheduler" in template:
@@ -991,7 +1013,7 @@ def _sole_owner(source: Any, like: torch.Tensor, storages: set[int]) -> bool:
 
 def _apply(state: TrainState, decoded: dict[str, Any], taken_grads: Mapping[str, torch.Tensor]) -> None:
     """Load ``decoded`` into ``state``'s model, gradients, optimizer and scheduler (``taken_grads``: used as they are)."""
-    model = state.model
+    model = core_module(state.model)
     model.load_state_dict(decoded["model"])  # a tensor taken over is copied onto itself: torch skips that
     for name, p in model.named_parameters():
         g = decoded["grads"].get(name)

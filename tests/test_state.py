@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import re
 
 import attrs
@@ -771,3 +772,47 @@ def test_a_buffer_sliced_from_a_larger_tensor_the_state_does_not_hold_is_copied_
     state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
     copied = fork(state).model.pe
     assert torch.equal(copied, model.pe) and copied.untyped_storage().nbytes() == 4 * 4
+
+
+# --- a torch.compile'd model's names ------------------------------------------------------------
+
+
+def _compiled_and_plain(seed: int = 0):
+    torch.manual_seed(seed)
+    plain = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 1))
+    compiled = torch.compile(copy.deepcopy(plain), backend="eager")
+    return compiled, plain
+
+
+def _sgd(model):
+    return loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
+
+
+def test_a_compiled_models_state_dict_names_its_tensors_as_the_plain_model_does_and_loads_either_way():
+    """As Lightning strips ``_orig_mod.``: a checkpoint of a compiled model failed to load into the plain one
+    ('missing key model.0.weight'), and back."""
+    compiled, plain = _compiled_and_plain()
+    batch = (torch.randn(8, 3), torch.randn(8, 1))
+    loss = lambda m, b: ((m(b[0]) - b[1]) ** 2).mean()  # noqa: E731
+    trained, _ = loopkit.train_step(loss)(_sgd(compiled), batch)
+    sd = trained.state_dict()
+    assert list(sd["model"]) == list(plain.state_dict()) and set(sd["grads"]) <= set(dict(plain.named_parameters()))
+    into_plain = _sgd(_compiled_and_plain(1)[1]).load_state_dict(sd)
+    into_compiled = _sgd(_compiled_and_plain(1)[0]).load_state_dict(into_plain.state_dict())
+    old = {**sd, "model": {f"_orig_mod.{k}": v for k, v in sd["model"].items()}}  # saved before this change
+    from_old = _sgd(_compiled_and_plain(1)[1]).load_state_dict(old)
+    for state in (into_plain, into_compiled, from_old):
+        for (name, p), q in zip(trained.model.named_parameters(), state.model.parameters()):
+            assert torch.equal(p, q), name
+        assert state.step == 1
+
+
+def test_ema_averages_of_a_compiled_model_go_on_in_a_plain_one():
+    compiled, _ = _compiled_and_plain()
+    batch = (torch.randn(8, 3), torch.randn(8, 1))
+    step = loopkit.with_ema(loopkit.train_step(lambda m, b: ((m(b[0]) - b[1]) ** 2).mean()), 0.9)
+    trained, _ = step(_sgd(compiled), batch)
+    assert set(trained.extras["ema/params"]) == {n for n, _ in _compiled_and_plain()[1].named_parameters()}
+    plain = _sgd(_compiled_and_plain(1)[1]).load_state_dict(trained.state_dict())
+    again, _ = step(plain, batch)  # (the averages fit the plain model's names)
+    assert again.step == 2

@@ -15,7 +15,7 @@ import attrs
 import torch
 from torch import nn
 
-from loopkit.state import TrainState, fork, leave_intact, replace, replace_extras
+from loopkit.state import TrainState, core_module, fork, leave_intact, replace, replace_extras
 from loopkit.steps import Metrics, UpdateStep
 from loopkit.transforms._compose import fitted_to, intact_as, refuse_wrapping, require_step
 
@@ -32,7 +32,7 @@ _FIX = (
 
 def _parameters(state: TrainState) -> tuple[list[str], list[torch.Tensor]]:
     names, params = [], []
-    for name, p in state.model.named_parameters():
+    for name, p in core_module(state.model).named_parameters():
         names.append(name)
         params.append(p.detach())
     return names, params
@@ -177,7 +177,7 @@ class EMAStep(UpdateStep):
         if averages is None or self._checked.fits(averages, state):
             return call(state, *args)
         try:
-            fitted = _fitted(averages, state.model, "with_ema")
+            fitted = _fitted(averages, core_module(state.model), "with_ema")
         except ValueError as error:
             raise leave_intact(error, state)
         self._checked.remember(fitted, state)
@@ -259,7 +259,7 @@ def ema_state(state: TrainState) -> TrainState:
     averages = state.extras.get(_EMA)
     copy = fork(replace(state, optimizer=None, scheduler=None))
     if averages is not None:
-        averages = _fitted(averages, copy.model, "ema_state")
+        averages = _fitted(averages, core_module(copy.model), "ema_state")
         names, params = _parameters(copy)
         with torch.no_grad():
             torch._foreach_copy_(params, [averages[name] for name in names])

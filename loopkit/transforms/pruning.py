@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from loopkit.state import TrainState, leave_intact, replace, replace_extras
+from loopkit.state import TrainState, core_module, leave_intact, replace, replace_extras
 from loopkit.steps import Metrics, UpdateStep, needs_closure
 from loopkit.transforms._compose import fitted_to, intact_as, refuse_wrapping, require_step
 
@@ -96,7 +96,7 @@ class PruningStep(UpdateStep):
             try:
                 if (self.parameters is not None or state.step == 0
                         or self.schedule(state.step + 1) > state.extras.get(_SPARSITY, 0.0)):
-                    _resolve(state.model, self._names(state))
+                    _resolve(core_module(state.model), self._names(state))
             except (KeyError, ValueError) as error:
                 raise leave_intact(error, state)
             return super().run_(state, batch)
@@ -153,7 +153,7 @@ class PruningStep(UpdateStep):
         if masks is None and not grows:
             return state
         # the masks name what is pruned; the parameters are looked up only before the first prune
-        names, params = _resolve(state.model, list(masks) if masks is not None else self._names(state))
+        names, params = _resolve(core_module(state.model), list(masks) if masks is not None else self._names(state))
         weights = [p.detach() for p in params]
         with torch.no_grad():
             if grows:
@@ -164,7 +164,7 @@ class PruningStep(UpdateStep):
         return state
 
     def _names(self, state: TrainState) -> list[str]:
-        return list(self.parameters) if self.parameters is not None else default_prunable(state.model)
+        return list(self.parameters) if self.parameters is not None else default_prunable(core_module(state.model))
 
 
 def _resolve(model: nn.Module, names: list[str]) -> tuple[list[str], list[torch.Tensor]]:
@@ -203,7 +203,7 @@ def _fitted_state(state: TrainState, masks: Any) -> tuple[TrainState, list[str],
             raise ValueError(f"with_pruning: state.extras['{_MASKS}'] must map parameter names to masks, "
                              f"got {type(masks).__qualname__}; {_FIX}")
         try:
-            names, params = _resolve(state.model, list(masks))
+            names, params = _resolve(core_module(state.model), list(masks))
         except KeyError as error:
             raise ValueError(f"{error.args[0]}, which the masks in state.extras['{_MASKS}'] name; {_FIX}") from None
         cast: dict[str, torch.Tensor] = {}
