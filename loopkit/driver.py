@@ -68,7 +68,7 @@ def _num_batches(data: Iterable, limit: int | float | None, name: str) -> int | 
     """How many batches to take from ``data`` (None: all of an iterable of unknown length)."""
     try:
         total: int | None = len(data)  # type: ignore[arg-type]
-    except TypeError:
+    except (TypeError, NotImplementedError):  # (an IterableDataset's loader; a __len__ left unimplemented)
         total = None
     if limit is None:
         return total
@@ -511,14 +511,15 @@ class _StopOnSignal:
     :attr:`agreed` (the stop the loop obeys) turns on there. A vote costs a collective, which a
     step of a few milliseconds would feel: votes are ``vote_every_seconds`` apart (in steps, as
     each vote agrees for the next, from the ranks' step times), so a stop comes within two such
-    intervals of the signal, or two steps when steps are slower.
+    intervals of the signal, or two steps when steps are slower (when steps slow down all at once,
+    up to ``2 * max_vote_steps`` of the slow ones).
     """
 
     #: a repeat within this many seconds is the same stop delivered twice
     repeat_window = 1.0
     #: the least time between two votes under DDP (at most ``max_vote_steps`` steps apart)
     vote_every_seconds = 0.05
-    max_vote_steps = 64
+    max_vote_steps = 16  # (steps that slow down after a vote wait at most two intervals of this many)
 
     def __init__(self) -> None:
         self.requested: str | None = None  # the signal this process got
@@ -656,8 +657,8 @@ class _Hooks:
 
 def _add_epoch_extras(record: dict[str, float], callback: Any, extra: Any) -> None:
     """Add what a callback's ``on_epoch_end`` returned to the epoch's history record (names of its own)."""
-    if not isinstance(extra, Mapping) and not extra:  # None (or another falsy value, ignored as ever)
-        return
+    if extra is None or (isinstance(extra, (bool, numbers.Number, str, list, tuple)) and not extra):
+        return  # (a falsy plain value: ignored, as ever)
     who = f"run_epochs: {type(callback).__qualname__}.on_epoch_end"
     if not isinstance(extra, Mapping):
         raise TypeError(f"{who} returned a {type(extra).__qualname__}; return None or a dict of numbers to add to "
@@ -781,8 +782,8 @@ def run_epochs(
     uninterrupted run would; a second signal raises ``KeyboardInterrupt`` at
     once, unless it comes within a second of the first (one stop delivered twice, as torchrun's
     agent and SLURM do). The previous signal handlers are restored on return. Under DDP every
-    rank stops after the same step, about 0.1 s (or two steps, when steps are slower) after the
-    first signal on any rank (non-blocking votes on a gloo group, 0.05 s apart; a rank that
+    rank stops after the same step, about 0.1 s (or two steps, when steps are slower; up to 32
+    when they slow down all at once) after the first signal on any rank (non-blocking votes on a gloo group, 0.05 s apart; a rank that
     stopped alone would leave the others waiting), at the end of the accumulation group then
     under way (each rank's partial gradients are its own, and a checkpoint holds rank 0's).
 

@@ -172,6 +172,7 @@ def test_a_device_torch_cannot_use_is_refused_before_anything_moves(device, matc
 @pytest.mark.parametrize("returned, error, match", [
     ("best", TypeError, "Extra.on_epoch_end returned a str; return None or a dict of numbers"),
     ({1: 0.5}, TypeError, "Extra.on_epoch_end returned the name 1; the history record's names are strings"),
+    (torch.tensor([1.0, 2.0]), TypeError, "Extra.on_epoch_end returned a Tensor; return None or a dict"),
     ({"epoch": 7}, ValueError, "Extra.on_epoch_end returned 'epoch', which the epoch's record has already"),
     ({"train/loss": 0.0}, ValueError, "returned 'train/loss', which the epoch's record has already"),
 ])

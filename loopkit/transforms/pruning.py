@@ -164,7 +164,13 @@ class PruningStep(UpdateStep):
         return state
 
     def _names(self, state: TrainState) -> list[str]:
-        return list(self.parameters) if self.parameters is not None else default_prunable(core_module(state.model))
+        core = core_module(state.model)
+        if self.parameters is None:
+            return default_prunable(core)
+        if core is state.model:
+            return list(self.parameters)
+        # a compiled model's own names (_orig_mod.0.weight) name the plain model's tensors (0.weight)
+        return [name.removeprefix("_orig_mod.") for name in self.parameters]
 
 
 def _resolve(model: nn.Module, names: list[str]) -> tuple[list[str], list[torch.Tensor]]:

@@ -308,7 +308,7 @@ def test_votes_spaced_in_time_still_stop_every_rank_at_one_step_soon_after_the_s
     the steps to the next, from the ranks' step times) stop every rank at one step within two intervals."""
     results = ranks("signal_spaced_votes")
     stopped = results[0]["stopped"]
-    assert [r["stopped"] for r in results] == [stopped, stopped] and 3 < stopped <= 3 + 2 * 64
+    assert [r["stopped"] for r in results] == [stopped, stopped] and 3 < stopped <= 3 + 2 * 16  # (max_vote_steps)
     assert stopped < 2 * ddp.SPACED_STEPS  # (it stopped: the run had steps left)
     _assert_ranks_identical(results)
     data = ddp.make_data(ddp.SPACED_STEPS)

@@ -465,3 +465,17 @@ def test_a_float32_checkpoint_restored_into_a_float64_template_prunes_in_float64
     assert_trees_equal({n: got.model.get_parameter(n).detach() for n in ("0.weight", "2.weight")},
                        {f"{i}.weight": (ref.model[i].weight_orig * ref.model[i].weight_mask).detach() for i in (0, 2)})
     assert_trees_equal(got.model[0].bias.detach(), ref.model[0].bias.detach())
+
+
+def test_a_compiled_models_own_names_name_the_tensors_to_prune(make_batches, mse_loss):
+    """``parameters=`` as the compiled model lists them (``_orig_mod.0.weight``) or as the plain one does: the same."""
+    data = make_batches(3, d_in=4, d_out=2)
+    pruned = []
+    for names in (["_orig_mod.0.weight"], ["0.weight"]):
+        model = torch.compile(_wide_mlp(0), backend="eager")
+        state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+        step = loopkit.with_pruning(loopkit.train_step(mse_loss), AMOUNT, [1], parameters=names)
+        state, _ = loopkit.run_epochs(step, state, data, epochs=1, progress=False)
+        assert list(state.extras["pruning/masks"]) == ["0.weight"]
+        pruned.append(state.model._orig_mod[0].weight.detach().clone())
+    assert torch.equal(pruned[0], pruned[1]) and int((pruned[0] == 0).sum()) > 0
