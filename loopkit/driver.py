@@ -783,9 +783,10 @@ def run_epochs(
     once, unless it comes within a second of the first (one stop delivered twice, as torchrun's
     agent and SLURM do). The previous signal handlers are restored on return. Under DDP every
     rank stops after the same step, about 0.1 s (or two steps, when steps are slower; up to 32
-    when they slow down all at once) after the first signal on any rank (non-blocking votes on a gloo group, 0.05 s apart; a rank that
-    stopped alone would leave the others waiting), at the end of the accumulation group then
-    under way (each rank's partial gradients are its own, and a checkpoint holds rank 0's).
+    when they slow down all at once) after the first signal on any rank (non-blocking votes on
+    a gloo group, 0.05 s apart; a rank that stopped alone would leave the others waiting), at
+    the end of the accumulation group then under way (each rank's partial gradients are its
+    own, and a checkpoint holds rank 0's).
 
     >>> import torch
     >>> from loopkit.state import TrainState

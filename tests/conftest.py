@@ -156,6 +156,31 @@ def through_a_file(tree: Any) -> Any:
     return torch.load(buffer, weights_only=True)
 
 
+def restored_in_float64(step: Any, make_model: Any, data: list[Any], trained: int = 2) -> tuple[Any, Any, list[Any]]:
+    """``step`` (with Adam) over ``data[:trained]`` from ``make_model(0)``, saved through a file: ``(saved,
+    restore, rest)``, where ``restore()`` loads it into a float64 template (``make_model(1).double()``) and
+    ``rest`` is the other batches in float64 (a float32 checkpoint resumed in float64)."""
+    state = adam_state(make_model(0))
+    for batch in data[:trained]:
+        state, _ = step(state, batch)
+    saved = through_a_file(state.state_dict())
+    rest = [(x.double(), y.double()) for x, y in data[trained:]]
+    return saved, lambda: adam_state(make_model(1).double()).load_state_dict(saved), rest
+
+
+def assert_refused_before_the_update(step: Any, bad: Any, data: list[Any], match: str, fix: str,
+                                     take_snapshot: Any, assert_trees_equal: Any) -> None:
+    """``step`` refuses ``bad`` (a ValueError matching ``match``, then ``fix``, what to do) on its own and under
+    ``run_epochs``, before any update: ``state_at_error`` gives ``bad`` back, unchanged and usable."""
+    before = take_snapshot(bad)
+    with pytest.raises(ValueError, match=match + ".*" + fix):
+        step(bad, data[0])
+    with pytest.raises(ValueError, match=match) as info:
+        loopkit.run_epochs(step, bad, data, epochs=2, progress=False)
+    assert loopkit.state_at_error(info.value) is bad  # not one update: the donated state is intact, and usable
+    assert_trees_equal(take_snapshot(bad), before)
+
+
 @pytest.fixture
 def round_trip():
     """``round_trip(tree)``: the tree through ``torch.save``/``torch.load`` in memory (see :func:`through_a_file`)."""

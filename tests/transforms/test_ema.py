@@ -9,6 +9,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import loopkit
 from loopkit import checkpoint
+from tests.conftest import assert_refused_before_the_update, restored_in_float64
 
 DECAY = 0.9
 
@@ -169,17 +170,10 @@ def test_a_donated_ema_step_reproduces_the_pure_one(make_mlp, batches, mse_loss,
 
 
 def test_a_float32_checkpoint_restored_into_a_float64_template_averages_in_float64(make_mlp, make_batches, mse_loss,
-                                                                                  make_adam_state, round_trip,
                                                                                   assert_trees_equal):
     # before, the model and optimizer were cast, the averages stayed float32, and the next update failed in lerp
-    data = make_batches(4)
     step = loopkit.with_ema(loopkit.train_step(mse_loss), DECAY)
-    state = make_adam_state(make_mlp(0))
-    for batch in data[:2]:
-        state, _ = step(state, batch)
-    saved = round_trip(state.state_dict())
-    restored = lambda: make_adam_state(make_mlp(1).double()).load_state_dict(saved)  # noqa: E731
-    rest = [(x.double(), y.double()) for x, y in data[2:]]
+    saved, restored, rest = restored_in_float64(step, make_mlp, make_batches(4))
 
     got = restored()
     for batch in rest:
@@ -255,13 +249,8 @@ def test_averages_of_another_model_are_refused_before_the_update(case, make_mlp,
     state, data = _trained(make_mlp, make_batches, mse_loss, step)  # the same step: it saw these averages fit
     make_bad, match = _OTHER_MODELS[case]
     bad = make_bad(state)
-    before = take_snapshot(bad)
-    with pytest.raises(ValueError, match=match + ".*drop 'ema/params' from the state's extras"):
-        step(bad, data[0])
-    with pytest.raises(ValueError, match=match) as info:
-        loopkit.run_epochs(step, bad, data, epochs=2, progress=False)
-    assert loopkit.state_at_error(info.value) is bad  # not one update: the donated state is intact, and usable
-    assert_trees_equal(take_snapshot(bad), before)
+    assert_refused_before_the_update(step, bad, data, match, "drop 'ema/params' from the state's extras",
+                                     take_snapshot, assert_trees_equal)
     with pytest.raises(ValueError, match=match.replace("with_ema", "ema_state")):
         loopkit.ema_state(bad)
     fresh = bad.evolve(extras={k: v for k, v in bad.extras.items() if k != "ema/params"})  # what the message says

@@ -10,6 +10,7 @@ from torch.nn.utils import prune
 import loopkit
 from loopkit import checkpoint
 from loopkit.transforms.pruning import cubic_sparsity, default_prunable
+from tests.conftest import assert_refused_before_the_update, restored_in_float64
 
 AMOUNT = 0.7
 POINTS = [2, 4, 6]
@@ -426,28 +427,17 @@ def test_masks_that_do_not_fit_the_model_are_refused_before_the_update(case, mak
         bad = state.evolve(extras={**state.extras, "pruning/masks": {**masks, "4.weight": masks["2.weight"]}})
         match = (r"with_pruning: the model has no parameter '4\.weight', "
                  r"which the masks in state\.extras\['pruning/masks'\] name")
-    before = take_snapshot(bad)
-    with pytest.raises(ValueError, match=match + ".*drop 'pruning/masks' and 'pruning/sparsity'"):
-        step(bad, data[0])
-    with pytest.raises(ValueError, match=match) as info:
-        loopkit.run_epochs(step, bad, data, epochs=2, progress=False)
-    assert loopkit.state_at_error(info.value) is bad  # not one update: the donated state is intact, and usable
-    assert_trees_equal(take_snapshot(bad), before)
+    assert_refused_before_the_update(step, bad, data, match, "drop 'pruning/masks' and 'pruning/sparsity'",
+                                     take_snapshot, assert_trees_equal)
     fresh = bad.evolve(extras={k: v for k, v in bad.extras.items() if not k.startswith("pruning/")})
     fresh, _ = loopkit.run_epochs(step, fresh, data, epochs=2, progress=False)  # what the message says to do
     assert fresh.step == bad.step + len(data)
 
 
-def test_a_float32_checkpoint_restored_into_a_float64_template_prunes_in_float64(make_batches, mse_loss, round_trip,
-                                                                                 make_adam_state, assert_trees_equal):
-    data = make_batches(5, d_in=4, d_out=2)
+def test_a_float32_checkpoint_restored_into_a_float64_template_prunes_in_float64(make_batches, mse_loss,
+                                                                                 assert_trees_equal):
     step = loopkit.with_pruning(loopkit.train_step(mse_loss), AMOUNT, [1])
-    state = make_adam_state(_wide_mlp(0))
-    for batch in data[:2]:
-        state, _ = step(state, batch)
-    saved = round_trip(state.state_dict())
-    restored = lambda: make_adam_state(_wide_mlp(1).double()).load_state_dict(saved)  # noqa: E731
-    rest = [(x.double(), y.double()) for x, y in data[2:]]
+    _, restored, rest = restored_in_float64(step, _wide_mlp, make_batches(5, d_in=4, d_out=2))
 
     got = restored()
     assert {m.dtype for m in got.extras["pruning/masks"].values()} == {torch.float32}  # as the checkpoint holds them
