@@ -29,8 +29,9 @@ import socket
 import struct
 import sys
 import time
+import warnings
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import IO, Any
 
 import numpy as np
@@ -233,6 +234,10 @@ class RunDirLogger(Logger):
         self._dir: str | None = None
         self._leader: RunDirLogger | None = None
         self._pending_hparams: dict[str, Any] | None = None
+        self._began = False  # written to its folder in this process
+        self._resume_step: int | None = None  # resume_at's step, until the first write applies it
+        self._redo_step: int | None = None  # the step a resumed run logs again: its metrics there replace the old
+        self._redone: set[str] = set()  # the metrics already replaced at _redo_step
 
     @property
     def log_dir(self) -> str:
@@ -281,6 +286,36 @@ class RunDirLogger(Logger):
         self._leader = leader
         return True
 
+    def resume_at(self, step: int) -> None:
+        """Continue the run in this logger's folder from a state at ``step``.
+
+        ``run_epochs`` calls it through :func:`loopkit.with_logging` when a fit starts. When the
+        folder already holds records (a fixed ``version`` continued after ``loopkit.restore``), the
+        first write drops those logged after ``step`` (the crashed run logged them after the
+        checkpoint, and the resumed run logs them again), and a metric logged again at ``step``
+        itself (a validation or an epoch record the checkpoint was saved before) replaces the old
+        value. A fresh state (``step`` 0) replaces an earlier run's records, with a warning. Only
+        the first call before the logger's first write counts: one that has written keeps appending.
+
+        >>> import tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> crashed = CSVLogger(tmp.name, version=0)
+        >>> for step in (1, 2, 3):
+        ...     crashed.log_metrics({"train/loss": 1 / step}, step)
+        >>> resumed = CSVLogger(tmp.name, version=0)
+        >>> resumed.resume_at(1)                       # restored from a checkpoint of step 1
+        >>> resumed.log_metrics({"train/loss": 0.4}, step=2)
+        >>> print(open(os.path.join(resumed.log_dir, "metrics.csv")).read().strip())
+        step,train/loss
+        1,1.0
+        2,0.4
+        >>> tmp.cleanup()
+        """
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"{type(self).__name__}.resume_at: step must be an int >= 0, got {step!r}")
+        if not self._began and self._resume_step is None:
+            self._resume_step = step
+
     def _path(self, filename: str) -> str:
         """A file in the run folder (claimed now if need be, writing any hparams held back)."""
         return os.path.join(self._folder(), filename)
@@ -288,10 +323,42 @@ class RunDirLogger(Logger):
     def _folder(self) -> str:
         """The run folder, claimed now if need be; any hparams held back are written into it."""
         folder = self.log_dir
+        if not self._began:
+            self._began = True
+            if self._resume_step is not None:
+                self._resume(folder, self._resume_step)
         if self._pending_hparams is not None:
             _write_json(os.path.join(folder, "hparams.json"), self._pending_hparams)
             self._pending_hparams = None
         return folder
+
+    def _resume(self, folder: str, step: int) -> None:
+        """Drop what ``folder`` holds after ``step`` (see :meth:`resume_at`)."""
+        self._redo_step = step
+        dropped = self._drop_records(folder, lambda at, metric: at <= step)
+        if dropped and step == 0:
+            warnings.warn(
+                f"{type(self).__name__}: {folder} held an earlier run's records; this run, from step 0, replaces "
+                f"them ({dropped} values dropped); leave version=None to give each run a folder of its own",
+                UserWarning,
+                stacklevel=2,
+            )
+
+    def _make_room(self, metrics: Any, step: int) -> str:
+        """The run folder, before ``metrics`` are written at ``step``: at the step a resumed run logs
+        again, the earlier values of the same metrics are dropped first (once each)."""
+        folder = self._folder()
+        if step == self._redo_step:
+            again = {m for m in metrics if m not in self._redone}
+            if again:
+                self._redone |= again
+                self._drop_records(folder, lambda at, metric: at != step or metric not in again)
+        return folder
+
+    def _drop_records(self, folder: str, keep: Callable[[int, str], bool]) -> int:
+        """Drop from ``folder``'s earlier files each metric value for which ``keep(step, metric)`` is
+        false; return how many were dropped. Loggers without files have none."""
+        return 0
 
     def _write_hparams(self, hparams: dict[str, Any], metrics: dict[str, float] | None) -> None:
         # held back until the run folder is claimed, so that loggers can still share it
@@ -302,6 +369,16 @@ class RunDirLogger(Logger):
     def _finalize(self) -> None:
         if self._pending_hparams is not None:
             self._path("hparams.json")
+
+
+def _int_or_none(value: Any) -> int | None:
+    """A record's step as an int (None when it is not one: a line this logger did not write)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def _write_json(path: str, obj: Any) -> None:
@@ -334,12 +411,15 @@ class _EventFile:
     the OS, so a killed run keeps what it logged, and :meth:`close` also fsyncs.
     """
 
-    def __init__(self, log_dir: str, suffix: str) -> None:
+    def __init__(self, log_dir: str, suffix: str, after: str | None = None) -> None:
         from tensorboardX.proto.event_pb2 import Event
-        from tensorboardX.record_writer import masked_crc32c
 
-        self._event, self._crc = Event, masked_crc32c
-        name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}{suffix}"
+        self._event = Event
+        seconds = int(time.time())
+        name = f"events.out.tfevents.{seconds}.{socket.gethostname()}{suffix}"
+        if after is not None and name <= os.path.basename(after):  # TensorBoard reads a folder's files in name order
+            seconds = max(seconds, _file_seconds(after)) + 1
+            name = f"events.out.tfevents.{seconds}.{socket.gethostname()}{suffix}"
         self.path = os.path.join(log_dir, name)
         self._file = open(self.path, "wb")
         # a logger never finalized still leaves a complete file at exit
@@ -350,16 +430,83 @@ class _EventFile:
         self._write(self._event(summary=summary, step=int(step), wall_time=time.time()))
 
     def _write(self, event: Any) -> None:
-        data = event.SerializeToString()
-        header = struct.pack("<Q", len(data))
-        crc = self._crc
-        self._file.write(header + struct.pack("<I", crc(header)) + data + struct.pack("<I", crc(data)))
+        self._file.write(_record(event.SerializeToString()))
 
     def flush(self) -> None:
         self._file.flush()
 
     def close(self) -> None:
         self._at_exit()
+
+
+def _record(data: bytes) -> bytes:
+    """``data`` framed as one TFRecord: its length, the length's CRC, the data, the data's CRC."""
+    from tensorboardX.record_writer import masked_crc32c
+
+    header = struct.pack("<Q", len(data))
+    return header + struct.pack("<I", masked_crc32c(header)) + data + struct.pack("<I", masked_crc32c(data))
+
+
+def _records(data: bytes) -> Iterator[tuple[bytes, bytes]]:
+    """Each whole TFRecord of an event file's bytes, as ``(framed record, event bytes)``; a torn end
+    (a run killed mid-write) ends it."""
+    from tensorboardX.record_writer import masked_crc32c
+
+    at = 0
+    while at + 12 <= len(data):
+        header = data[at:at + 8]
+        end = at + 16 + struct.unpack("<Q", header)[0]
+        if struct.unpack("<I", data[at + 8:at + 12])[0] != masked_crc32c(header) or end > len(data):
+            return
+        yield data[at:end], data[at + 12:end - 4]
+        at = end
+
+
+def _filter_event_file(path: str, keep: Callable[[int, str], bool]) -> int:
+    """Rewrite the event file ``path`` without the summary values for which ``keep(step, tag)`` is false
+    (and without other events, after a step ``keep`` refuses); return how many values were dropped."""
+    from google.protobuf.message import DecodeError
+    from tensorboardX.proto.event_pb2 import Event
+
+    with open(path, "rb") as f:
+        data = f.read()
+    out, dropped, read, changed = [], 0, 0, False
+    for framed, body in _records(data):
+        try:
+            event = Event.FromString(body)
+        except DecodeError:
+            break
+        read += len(framed)
+        if event.HasField("summary"):
+            values = [v for v in event.summary.value if keep(event.step, v.tag)]
+            if len(values) < len(event.summary.value):
+                dropped += len(event.summary.value) - len(values)
+                changed = True
+                if not values:
+                    continue
+                del event.summary.value[:]
+                event.summary.value.extend(values)
+                framed = _record(event.SerializeToString())
+        elif not keep(event.step, ""):
+            changed = True
+            continue
+        out.append(framed)
+    if changed or read < len(data):  # (a torn end is cut off: the records written after it must be readable)
+        with open(f"{path}.tmp", "wb") as f:
+            f.write(b"".join(out))
+        os.replace(f"{path}.tmp", path)
+    return dropped
+
+
+def _file_seconds(path: str) -> int:
+    """The time in an event file's name (``events.out.tfevents.<seconds>.<host>...``), 0 if none."""
+    parts = os.path.basename(path).split(".")
+    return (_int_or_none(parts[3]) if len(parts) > 3 else None) or 0
+
+
+def _event_files(folder: str) -> list[str]:
+    """The TensorBoard event files in ``folder``."""
+    return sorted(os.path.join(folder, n) for n in os.listdir(folder) if n.startswith("events.out.tfevents"))
 
 
 def _scalars(metrics: Mapping[str, float]) -> Any:
@@ -418,6 +565,7 @@ class TensorBoardLogger(RunDirLogger):
         self._final_metrics: dict[str, float] | None = None
         self._hparams_written = False
         self._finished = False  # finalized, and nothing written since
+        self._earlier: list[str] = []  # the event files of the run before it resumed here (resume_at)
 
     def _suffix(self) -> str:
         # event files are named by the second: one reopened within it would clobber the last
@@ -427,7 +575,8 @@ class TensorBoardLogger(RunDirLogger):
     def open(self) -> None:
         """Open the event file now (it is otherwise opened by the first write)."""
         if self._file is None:
-            self._file = _EventFile(self._folder(), self._suffix())
+            folder = self._folder()  # (first: a resumed run's earlier files are found there)
+            self._file = _EventFile(folder, self._suffix(), self._earlier[-1] if self._earlier else None)
             self._finished = False
 
     @property
@@ -445,7 +594,15 @@ class TensorBoardLogger(RunDirLogger):
         self.open()
         self._file.add(summary, step)  # type: ignore[union-attr]
 
+    def _resume(self, folder: str, step: int) -> None:
+        self._earlier = _event_files(folder)
+        super()._resume(folder, step)
+
+    def _drop_records(self, folder: str, keep: Callable[[int, str], bool]) -> int:
+        return sum(_filter_event_file(path, keep) for path in self._earlier)
+
     def _write_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self._make_room(metrics, step)
         self._add(_scalars(metrics), step)  # one event for the call's scalars, handed to the OS at once
         self._file.flush()  # type: ignore[union-attr]
         self._last.update(metrics)
@@ -502,6 +659,8 @@ class TensorBoardLogger(RunDirLogger):
         unlogged = {k: v for k, v in metrics.items() if k not in self._last}
         if unlogged:  # final metrics never logged as scalars: add them, for the HPARAMS tab
             self._add(_scalars(unlogged), self._last_step)
+        if self._earlier:  # a resumed run's hyper-parameters replace those of its part before the resume
+            self._drop_records(self._folder(), lambda step, tag: not tag.startswith("_hparams_/"))
         flat = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in _flatten(self._hparams).items()}
         for summary in hparams_summary(flat, metrics):
             self._add(summary, 0)
@@ -541,9 +700,43 @@ class CSVLogger(RunDirLogger):
             if os.path.exists(path):
                 with open(path, newline="", encoding="utf-8") as f:
                     self._columns = next(csv.reader(f), None) or ["step"]
+            if self._columns[0] != "step":
+                found, self._columns = self._columns[0], None
+                raise ValueError(
+                    f"CSVLogger: {path} was not written by a CSVLogger (its first column is {found!r}, not 'step'); "
+                    "give the logger another name or version"
+                )
         return self._columns
 
+    def _drop_records(self, folder: str, keep: Callable[[int, str], bool]) -> int:
+        path = os.path.join(folder, self.filename)
+        if not os.path.exists(path):
+            return 0
+        with open(path, newline="", encoding="utf-8") as f:
+            header, *rows = list(csv.reader(f)) or [[]]
+        if not header or header[0] != "step":  # not a file this logger wrote: left as it is
+            return 0
+        kept, dropped = [], 0
+        for row in rows:
+            at = _int_or_none(row[0] if row else "")
+            values = [i for i, v in enumerate(row[1:len(header)], 1) if v != ""]
+            gone = [] if at is None else [i for i in values if not keep(at, header[i])]
+            dropped += len(gone)
+            if gone and len(gone) == len(values):
+                continue
+            kept.append([("" if i in gone else v) for i, v in enumerate(row)])
+        if dropped:
+            buffer = io.StringIO()
+            writer = csv.writer(buffer)
+            writer.writerow(header)
+            writer.writerows(kept)
+            with open(f"{path}.tmp", "w", newline="", encoding="utf-8") as f:
+                f.write(buffer.getvalue())
+            os.replace(f"{path}.tmp", path)
+        return dropped
+
     def _write_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self._make_room(metrics, step)
         columns = self._load()
         row = {"step": step, **metrics}
         new = [k for k in metrics if k not in columns]
@@ -587,7 +780,35 @@ class JSONLLogger(RunDirLogger):
 
     filename = "metrics.jsonl"
 
+    def _drop_records(self, folder: str, keep: Callable[[int, str], bool]) -> int:
+        path = os.path.join(folder, self.filename)
+        if not os.path.exists(path):
+            return 0
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+        kept, dropped = [], 0
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except ValueError:  # the torn last line of a killed run
+                dropped += 1
+                continue
+            at = _int_or_none(record.get("step")) if isinstance(record, dict) else None
+            gone = [] if at is None else [k for k in record if k != "step" and not keep(at, k)]
+            if gone:
+                dropped += len(gone)
+                if len(gone) == len(record) - 1:
+                    continue
+                line = json.dumps({k: v for k, v in record.items() if k not in gone})
+            kept.append(line)
+        if dropped:
+            with open(f"{path}.tmp", "w", encoding="utf-8") as f:
+                f.write("".join(line + "\n" for line in kept))
+            os.replace(f"{path}.tmp", path)
+        return dropped
+
     def _write_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self._make_room(metrics, step)
         with open(self._path(self.filename), "a", encoding="utf-8") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
 

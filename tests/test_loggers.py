@@ -101,6 +101,116 @@ def test_explicit_version_reuses_its_folder_and_the_csv_continues(tmp_path):
     assert os.path.basename(CSVLogger(tmp_path, "exp", version="named").log_dir) == "named"
 
 
+def _events_in(folder) -> list:
+    """Every event of every event file in ``folder``, read with TensorBoard's own loader, in file-name order."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    names = sorted(n for n in os.listdir(folder) if n.startswith("events.out.tfevents"))
+    return [e for n in names for e in EventFileLoader(os.path.join(folder, n)).Load()]
+
+
+def _crashed_run(tmp_path, make, steps=(1, 2, 3, 4)):
+    """A logger of version 0 that logged ``train/loss`` = 1/step at ``steps`` and was never finalized."""
+    logger = make(tmp_path, "run", version=0)
+    for step in steps:
+        logger.log_metrics({"train/loss": 1 / step, **({"val/acc": step / 10} if step % 2 == 0 else {})}, step)
+    return logger
+
+
+@pytest.mark.parametrize("make", [CSVLogger, JSONLLogger, TensorBoardLogger])
+def test_resume_at_drops_what_the_folder_holds_after_the_step_and_replaces_what_is_logged_again_there(tmp_path, make):
+    """Reference: one logger that logged steps 1, 2 (val at 2), then 3 and 4 written once, straight."""
+    straight = make(tmp_path / "a", "run", version=0)
+    for step, metrics in [(1, {"train/loss": 1.0}), (2, {"train/loss": 0.5}), (2, {"val/acc": 0.25}),
+                          (3, {"train/loss": 0.3}), (4, {"train/loss": 0.2, "val/acc": 0.75})]:
+        straight.log_metrics(metrics, step)
+    straight.finalize()
+    _crashed_run(tmp_path / "b", make).finalize()  # logged past the checkpoint of step 2, val/acc at 2 = 0.2
+    resumed = make(tmp_path / "b", "run", version=0)
+    resumed.resume_at(2)
+    resumed.resume_at(0)  # only the first call counts
+    resumed.log_metrics({"val/acc": 0.25}, 2)  # the validation the checkpoint was saved before, again
+    resumed.log_metrics({"train/loss": 0.3}, 3)
+    resumed.log_metrics({"train/loss": 0.2, "val/acc": 0.75}, 4)
+    resumed.finalize()
+    if make is TensorBoardLogger:
+        a, b = read_events(straight.log_dir), read_events(resumed.log_dir)
+        for tag in ("train/loss", "val/acc"):
+            assert [(e.step, e.value) for e in b.Scalars(tag)] == [(e.step, e.value) for e in a.Scalars(tag)]
+        assert [e.step for e in _events_in(resumed.log_dir) if e.HasField("summary")] == [1, 2, 2, 3, 4]
+    elif make is CSVLogger:
+        assert read_csv(resumed.log_dir)[0] == read_csv(straight.log_dir)[0] == ["step", "train/loss", "val/acc"]
+        assert [(r["step"], r["train/loss"], r["val/acc"]) for r in read_csv(resumed.log_dir)[1]] == [
+            ("1", "1.0", ""), ("2", "0.5", ""), ("2", "", "0.25"), ("3", "0.3", ""), ("4", "0.2", "0.75")]
+    else:
+        with open(os.path.join(resumed.log_dir, "metrics.jsonl")) as f, open(os.path.join(straight.log_dir, "metrics.jsonl")) as g:
+            assert f.read() == g.read()
+
+
+@pytest.mark.parametrize("make", [CSVLogger, JSONLLogger, TensorBoardLogger])
+def test_resume_at_is_ignored_by_a_logger_that_has_written(tmp_path, make):
+    logger = _crashed_run(tmp_path, make, steps=(1, 2))
+    logger.resume_at(1)  # a second fit with the same logger object: it keeps appending
+    logger.log_metrics({"train/loss": 0.25}, 4)
+    logger.finalize()
+    if make is TensorBoardLogger:
+        assert [e.step for e in read_events(logger.log_dir).Scalars("train/loss")] == [1, 2, 4]
+    elif make is CSVLogger:
+        assert [r["step"] for r in read_csv(logger.log_dir)[1]] == ["1", "2", "4"]
+    else:
+        with open(os.path.join(logger.log_dir, "metrics.jsonl")) as f:
+            assert [json.loads(line)["step"] for line in f] == [1, 2, 4]
+
+
+def test_resume_at_refuses_a_step_that_is_not_a_count(tmp_path):
+    for bad in (-1, True, 1.5, "3"):
+        with pytest.raises(ValueError, match="resume_at: step must be an int >= 0"):
+            CSVLogger(tmp_path).resume_at(bad)
+
+
+def test_resume_at_drops_the_torn_last_line_of_a_killed_jsonl_run_and_keeps_a_foreign_csv(tmp_path):
+    _crashed_run(tmp_path / "j", JSONLLogger, steps=(1, 2))
+    path = tmp_path / "j" / "run" / "version_0" / "metrics.jsonl"
+    with open(path, "a") as f:
+        f.write('{"step": 3, "train/lo')  # killed mid-write
+    resumed = JSONLLogger(tmp_path / "j", "run", version=0)
+    resumed.resume_at(2)
+    resumed.log_metrics({"train/loss": 0.3}, 3)
+    assert [json.loads(line) for line in path.read_text().splitlines()] == [
+        {"step": 1, "train/loss": 1.0}, {"step": 2, "train/loss": 0.5, "val/acc": 0.2}, {"step": 3, "train/loss": 0.3}]
+    folder = tmp_path / "c" / "run" / "version_0"
+    folder.mkdir(parents=True)
+    (folder / "metrics.csv").write_text("epoch,loss\n5,0.1\n")  # not a file a CSVLogger wrote: refused, left as it is
+    resumed = CSVLogger(tmp_path / "c", "run", version=0)
+    resumed.resume_at(1)
+    with pytest.raises(ValueError, match="metrics.csv.*not written by a CSVLogger.*'epoch'"):
+        resumed.log_metrics({"loss": 0.2}, 2)
+    assert (folder / "metrics.csv").read_text() == "epoch,loss\n5,0.1\n"
+
+
+def test_a_resumed_tensorboard_run_sorts_after_the_earlier_files_and_keeps_one_set_of_hparams(tmp_path, monkeypatch):
+    crashed = _crashed_run(tmp_path, TensorBoardLogger, steps=(1, 2, 3))
+    crashed.log_hparams({"lr": 0.1})
+    crashed.finalize()
+    (name,) = [n for n in os.listdir(crashed.log_dir) if n.startswith("events")]
+    parts = name.split(".")
+    future = int(parts[3]) + 100  # the earlier run's clock was ahead: TensorBoard reads files in name order
+    moved = os.path.join(crashed.log_dir, ".".join(parts[:3] + [str(future)] + parts[4:]))
+    os.rename(os.path.join(crashed.log_dir, name), moved)
+    with open(moved, "ab") as f:
+        f.write(b"\x07\x00\x00")  # a torn record: killed mid-write
+    resumed = TensorBoardLogger(tmp_path, "run", version=0)
+    resumed.log_hparams({"lr": 0.1})
+    resumed.resume_at(1)
+    resumed.log_metrics({"train/loss": 0.75}, 2)
+    resumed.finalize()
+    names = sorted(n for n in os.listdir(resumed.log_dir) if n.startswith("events"))
+    assert len(names) == 2 and int(names[1].split(".")[3]) > future
+    assert [(e.step, e.value) for e in read_events(resumed.log_dir).Scalars("train/loss")] == [(1, 1.0), (2, 0.75)]
+    starts = [v for e in _events_in(resumed.log_dir) for v in e.summary.value if v.tag == "_hparams_/session_start_info"]
+    assert len(starts) == 1
+
+
 def test_nothing_is_created_until_something_is_written(tmp_path):
     TensorBoardLogger(tmp_path).finalize()
     CSVLogger(tmp_path).finalize()

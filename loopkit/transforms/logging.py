@@ -117,6 +117,11 @@ class LoggingStep(WrapperStep):
         return new, metrics
 
     def on_event(self, event: str, state: TrainState, metrics: Mapping[str, float]) -> None:
+        if event in ("fit_start", "validation_end"):  # a fit's first event: the step it continues the run from
+            for logger in self.loggers:
+                resume_at = getattr(logger, "resume_at", None)
+                if resume_at is not None:  # (a file logger continuing a run in its folder drops what came after)
+                    resume_at(state.step)
         if event == "validation_end":
             scalars = dict(metrics)
         elif event == "batch_end":  # a callback's scalars after an update (the rates of LearningRateMonitor("step"))

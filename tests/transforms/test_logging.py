@@ -412,6 +412,72 @@ def test_a_run_resumed_from_a_step_checkpoint_logs_what_the_uninterrupted_run_lo
     assert first.logged + resumed.logged == straight.logged
 
 
+def _logged_files(folder):
+    """What a run folder's three file loggers hold: the CSV and JSONL text, and each TensorBoard scalar series."""
+    events = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    events.Reload()
+    scalars = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    with open(os.path.join(folder, "metrics.csv")) as f, open(os.path.join(folder, "metrics.jsonl")) as g:
+        return f.read(), g.read(), scalars
+
+
+@pytest.mark.parametrize(
+    "saved_every, crash_after, saved_at",
+    [
+        (5, 8, 5),  # mid-epoch: the crashed run logged steps 6 and 8, and epoch 0's record and validation (step 6)
+        (6, 7, 6),  # at epoch 0's last batch, saved before its record: the resumed run validates and records it again
+    ],
+)
+def test_a_run_resumed_into_its_pinned_version_folder_logs_what_the_uninterrupted_run_logs(
+    saved_every, crash_after, saved_at, tmp_path, make_mlp, make_batches, make_sgd_state
+):
+    """Reference: the uninterrupted run's files. The crashed run logged past its newest checkpoint;
+    resumed into the same version folders, those records are dropped (and the ones it logs again at the
+    checkpoint's step replace the old), so each file reads as the uninterrupted run's."""
+
+    def fit(root, directory, state, callbacks=()):
+        loggers = [TensorBoardLogger(root, "run", version=0), CSVLogger(root, "run", version=0),
+                   JSONLLogger(root, "run", version=0)]
+        step = loopkit.with_checkpointing(with_logging(train_step(loss_with_mae), *loggers, every_n_steps=2),
+                                          directory, every_n_steps=saved_every)
+        evaluator = eval_step(lambda m, b: {"mse": torch.nn.functional.mse_loss(m(b[0]), b[1])})
+        run_epochs(step, state, batches, epochs=2, val=(evaluator, batches[:2]), callbacks=list(callbacks),
+                   progress=False)
+
+    batches = make_batches(6)
+    fit(tmp_path / "a", tmp_path / "ca", make_sgd_state(make_mlp()))
+    with pytest.raises(RuntimeError, match="crash"):
+        fit(tmp_path / "b", tmp_path / "cb", make_sgd_state(make_mlp()), [_CrashAfter(crash_after)])
+    crashed = _logged_files(tmp_path / "b" / "run" / "version_0")
+    assert max(step for step, _ in crashed[2]["train/loss"]) > saved_at  # there is something to drop
+    state = loopkit.restore(make_sgd_state(make_mlp()), tmp_path / "cb")
+    assert state.step == saved_at
+    fit(tmp_path / "b", tmp_path / "cb", state)
+    assert _logged_files(tmp_path / "b" / "run" / "version_0") == _logged_files(tmp_path / "a" / "run" / "version_0")
+
+
+def test_a_fresh_run_into_a_pinned_version_folder_replaces_the_earlier_run_with_a_warning(tmp_path, make_mlp,
+                                                                                        make_batches, make_sgd_state):
+    def fit(lr):
+        logger = CSVLogger(tmp_path, "run", version=0)
+        run_epochs(with_logging(train_step(loss_with_mae), logger, every_n_steps=2), make_sgd_state(make_mlp(), lr=lr),
+                   make_batches(4), epochs=1, progress=False)
+        with open(os.path.join(logger.log_dir, "metrics.csv")) as f:
+            return f.read()
+
+    first = fit(0.1)
+    with pytest.warns(UserWarning, match="replaces"):
+        second = fit(0.01)
+    assert second != first and second.splitlines()[0] == first.splitlines()[0]
+    assert len(second.splitlines()) == len(first.splitlines())  # not appended: the same rows, new values
+    fresh = tmp_path / "fresh"
+    logger = CSVLogger(fresh, "run")
+    run_epochs(with_logging(train_step(loss_with_mae), logger, every_n_steps=2), make_sgd_state(make_mlp(), lr=0.01),
+               make_batches(4), epochs=1, progress=False)
+    with open(os.path.join(logger.log_dir, "metrics.csv")) as f:
+        assert f.read() == second
+
+
 # --- purity, host syncs, composition ------------------------------------------------------------
 
 
