@@ -562,6 +562,25 @@ def _without_compiled_prefix(tree: Any) -> Any:
     return tree
 
 
+def plain_names(tensors: Mapping[Any, Any], model: nn.Module) -> dict[str, Any] | None:
+    """``tensors`` (a transform's tensors by parameter name: EMA averages, pruning masks) under the names
+    ``model`` (a plain module, as :func:`core_module` gives) has, when every name carries the ``_orig_mod.``
+    prefix of a compiled model's own names (the extras of a checkpoint from before :func:`core_module`) and
+    ``model`` has no submodule of that name; None otherwise (plain names, a mix, none): they stay as they are.
+
+    >>> plain_names({"_orig_mod.weight": 1, "_orig_mod.bias": 2}, torch.nn.Linear(1, 1))
+    {'weight': 1, 'bias': 2}
+    >>> print(plain_names({"_orig_mod.weight": 1, "bias": 2}, torch.nn.Linear(1, 1)))
+    None
+    """
+    if not tensors or "_orig_mod" in model._modules:
+        return None
+    for name in tensors:  # (stops at the first plain name: a state of today's names pays one look)
+        if not (isinstance(name, str) and name.startswith(_COMPILED)):
+            return None
+    return {name[len(_COMPILED):]: value for name, value in tensors.items()}
+
+
 def persistent_buffers(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     """The buffers of ``model`` that its ``state_dict`` holds (not the non-persistent ones, caches), by name.
 
@@ -719,6 +738,8 @@ def _clone_module(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
     attributes["_modules"] = {n: None if m is None else _clone_module(m, memo) for n, m in children.items()} if children else {}
     if isinstance(module, nn.RNNBase):
         new._init_flat_weights()
+    elif children and "_orig_mod" in children and callable(getattr(new, "_initialize", None)):
+        new._initialize()  # torch.compile's wrapper: its forward, bound to the original's inner module, bound to the copy's
     return new
 
 

@@ -807,6 +807,39 @@ def test_a_compiled_models_state_dict_names_its_tensors_as_the_plain_model_does_
         assert state.step == 1
 
 
+def test_pure_steps_and_restores_of_a_compiled_model_train_the_copy_as_a_raw_loop_trains_the_plain_model(
+    take_snapshot, assert_trees_equal
+):
+    """Reference: a raw loop on the plain model. A copy of the compiled wrapper kept its forward bound to the
+    original's inner module: pure steps trained the input state's model and returned the copy untouched, and a
+    state loaded into a compiled template ran the template's old weights."""
+    batches = [(torch.randn(8, 3), torch.randn(8, 1)) for _ in range(4)]
+    loss = lambda m, b: ((m(b[0]) - b[1]) ** 2).mean()  # noqa: E731
+    plain = _compiled_and_plain()[1]
+    raw = torch.optim.SGD(plain.parameters(), lr=0.1, momentum=0.9)
+    for batch in batches:
+        loss(plain, batch).backward()
+        raw.step()
+        raw.zero_grad()
+    state = _sgd(_compiled_and_plain()[0])
+    before = take_snapshot(state)
+    pure = loopkit.train_step(loss)
+    current = state
+    for batch in batches[:2]:
+        current, _ = pure(current, batch)
+    assert_trees_equal(take_snapshot(state), before)  # the input state's model untouched
+    restored = _sgd(_compiled_and_plain(1)[0]).load_state_dict(current.state_dict())
+    x = batches[0][0]
+    assert torch.equal(restored.model(x), loopkit.state.core_module(restored.model)(x))
+    assert torch.equal(current.model(x), loopkit.state.core_module(current.model)(x))
+    for batch in batches[2:]:
+        current, _ = pure(current, batch)
+        restored, _ = loopkit.donate(pure)(restored, batch)
+    for result in (current, restored):
+        for (name, p), q in zip(plain.named_parameters(), result.model.parameters()):
+            assert torch.equal(p, q), name
+
+
 def test_ema_averages_of_a_compiled_model_go_on_in_a_plain_one():
     compiled, _ = _compiled_and_plain()
     batch = (torch.randn(8, 3), torch.randn(8, 1))

@@ -15,7 +15,7 @@ import attrs
 import torch
 from torch import nn
 
-from loopkit.state import TrainState, core_module, fork, leave_intact, replace, replace_extras
+from loopkit.state import TrainState, core_module, fork, leave_intact, plain_names, replace, replace_extras
 from loopkit.steps import Metrics, UpdateStep
 from loopkit.transforms._compose import fitted_to, intact_as, refuse_wrapping, require_step
 
@@ -112,12 +112,17 @@ def _fitted(averages: Any, model: nn.Module, where: str) -> Mapping[str, torch.T
     A missing, extra or mis-shaped average is a ValueError that says which and what to do. An
     average whose dtype or device differs only is cast to its parameter's, as
     ``model.load_state_dict`` casts its values; ``averages`` comes back as it is when none needed it.
+    Averages named as a compiled model names its tensors (``_orig_mod.0.weight``: an older
+    checkpoint's), every one of them, are checked, and come back, under the plain names (``0.weight``).
     """
     if not isinstance(averages, Mapping):
         raise ValueError(
             f"{where}: state.extras['{_EMA}'] must map parameter names to averages, got {type(averages).__qualname__}; "
             + _FIX
         )
+    renamed = plain_names(averages, model)  # (this check runs once per state the step has not seen fit)
+    if renamed is not None:
+        averages = renamed
     cast: dict[str, torch.Tensor] = {}
     names = set()
     for name, param in model.named_parameters():
@@ -207,8 +212,11 @@ def with_ema(step: Any, decay: float) -> EMAStep:
     another model (a state given a new model with ``evolve``) are refused with a ValueError
     naming the parameter and both shapes, and the given state stays usable; averages whose
     dtype or device differs only (a float32 checkpoint restored into a float64 template) are
-    cast to the parameters' once, and the state returned holds the cast averages. The check
-    runs again only for a state whose averages or model are not the ones the step last saw.
+    cast to the parameters' once, and the state returned holds the cast averages. Averages
+    named as a compiled model names its parameters (``_orig_mod.0.weight``: a compiled
+    model's checkpoint from an older loopkit) are taken under the plain names
+    (``0.weight``) when all are so named, as the model's own state dict is. The check runs
+    again only for a state whose averages or model are not the ones the step last saw.
 
     Apply it inside ``with_checkpointing`` and ``with_logging``
     (``with_checkpointing(with_ema(step, 0.999), ...)``) so that a checkpoint holds the

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from loopkit.state import TrainState, core_module, leave_intact, replace, replace_extras
+from loopkit.state import TrainState, core_module, leave_intact, plain_names, replace, replace_extras
 from loopkit.steps import Metrics, UpdateStep, needs_closure
 from loopkit.transforms._compose import fitted_to, intact_as, refuse_wrapping, require_step
 
@@ -202,16 +202,21 @@ def _fitted_state(state: TrainState, masks: Any) -> tuple[TrainState, list[str],
     says which and what to do, raised with ``state`` intact. A mask whose dtype or device differs
     only (a checkpoint restored into a float64 template, a model moved to the GPU) is cast to its
     parameter's, as ``model.load_state_dict`` casts: then a new state holds the cast masks (the
-    call returns it, so the cast is made once); else ``state`` itself comes back.
+    call returns it, so the cast is made once); else ``state`` itself comes back. Masks named as a
+    compiled model names its tensors (``_orig_mod.0.weight``: an older checkpoint's), every one of
+    them, that name none of the model's, are taken under the plain names (``0.weight``) if those fit
+    (the new state holds them so); a mix of both kinds is refused as any other name the model lacks.
     """
     try:
         if not isinstance(masks, Mapping):
             raise ValueError(f"with_pruning: state.extras['{_MASKS}'] must map parameter names to masks, "
                              f"got {type(masks).__qualname__}; {_FIX}")
+        given, model = masks, core_module(state.model)
         try:
-            names, params = _resolve(core_module(state.model), list(masks))
-        except KeyError as error:
-            raise ValueError(f"{error.args[0]}, which the masks in state.extras['{_MASKS}'] name; {_FIX}") from None
+            names, params = _resolve(model, list(masks))
+        except KeyError:
+            masks = plain_names(masks, model) or masks  # looked at only when a name fails: no cost to a run
+            names, params = _masked_parameters(model, masks)
         cast: dict[str, torch.Tensor] = {}
         for name, param in zip(names, params):
             fitted = fitted_to(masks[name], param, f"with_pruning: the mask of parameter '{name}'", _FIX)
@@ -219,9 +224,17 @@ def _fitted_state(state: TrainState, masks: Any) -> tuple[TrainState, list[str],
                 cast[name] = fitted
     except ValueError as error:
         raise leave_intact(error, state)
-    if cast:
+    if cast or masks is not given:
         state = replace_extras(state, {**state.extras, _MASKS: {**masks, **cast}})
     return state, names, params
+
+
+def _masked_parameters(model: nn.Module, masks: Mapping[str, Any]) -> tuple[list[str], list[torch.Tensor]]:
+    """:func:`_resolve` for the names of ``masks``, a name the model lacks a ValueError that says what to do."""
+    try:
+        return _resolve(model, list(masks))
+    except KeyError as error:
+        raise ValueError(f"{error.args[0]}, which the masks in state.extras['{_MASKS}'] name; {_FIX}") from None
 
 
 def _mask_before_forwards(model: nn.Module, params: list[torch.Tensor], masks: list[torch.Tensor]) -> list[Any]:
@@ -304,7 +317,10 @@ def with_pruning(
     optimizers get no such hook. Masks that do not fit the model (a state given another model
     with ``evolve``) are refused before the update, naming the parameter and both shapes; a
     mask whose dtype or device differs only (a checkpoint restored into a float64 template) is
-    cast to its parameter's once, and the state returned holds the cast masks.
+    cast to its parameter's once, and the state returned holds the cast masks. Masks named as a
+    compiled model names its parameters (``_orig_mod.0.weight``: a compiled model's
+    checkpoint from an older loopkit) are taken under the plain names (``0.weight``)
+    when all are so named, as the model's own state dict is.
 
     Apply it inside ``with_ema``, ``with_logging`` and ``with_checkpointing``.
 
