@@ -1,4 +1,4 @@
-"""Multi-process and multi-node training: the process group from ``torchrun``, and sharded data.
+"""Multi-process and multi-node training: the process group from ``torchrun`` (or given), and sharded data.
 
 Start one process per device with ``torchrun`` (one machine:
 ``torchrun --nproc-per-node 2 train.py``; two machines: the same command on each with
@@ -11,8 +11,18 @@ Start one process per device with ``torchrun`` (one machine:
     state, history = loopkit.run_epochs(step, state, data, epochs=10)
     loopkit.distributed.shutdown()
 
-In a single process (no ``torchrun`` environment) ``init`` does nothing, ``rank()`` is 0,
-``world_size()`` is 1 and ``shard`` gives the whole data set.
+Processes started with ``torch.multiprocessing.spawn`` (Lightning's ``strategy="ddp_spawn"``)
+pass their ranks instead, as to ``torch.distributed.init_process_group``; every worker gets
+the same port (no environment needed: the address defaults to ``127.0.0.1``)::
+
+    def worker(rank, port):
+        loopkit.distributed.init(rank=rank, world_size=2, master_port=port)  # or init_method="tcp://HOST:PORT"
+        ...                                                                  # then as above
+
+    torch.multiprocessing.spawn(worker, args=(29500,), nprocs=2)
+
+In a single process (no ``torchrun`` environment, no ranks given) ``init`` does nothing,
+``rank()`` is 0, ``world_size()`` is 1 and ``shard`` gives the whole data set.
 
 >>> init(), rank(), world_size(), is_rank_zero()
 (False, 0, 1, True)
@@ -53,43 +63,193 @@ def _check_timeout(timeout: Any) -> None:
         raise ValueError(f"loopkit.distributed.init: timeout must be positive seconds, got {timeout!r}")
 
 
-def init(backend: str | None = None, *, timeout: float | datetime.timedelta | None = None) -> bool:
-    """Initialise the default process group from the ``torchrun`` environment; True when one is active.
+def _check_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"loopkit.distributed.init: {name} must be an int, got {value!r}")
+    return value
 
-    A no-op returning False in a single process (no ``RANK`` / ``WORLD_SIZE`` /
-    ``MASTER_ADDR`` / ``MASTER_PORT`` in the environment), and when a group is already
-    initialised (returning True). ``backend`` defaults to ``"nccl"`` when CUDA is available
-    and ``"gloo"`` otherwise; with CUDA, the process uses the GPU ``LOCAL_RANK``.
-    ``timeout`` (seconds or a timedelta) bounds every collective: a rank whose peer died
-    raises after it instead of waiting (torch's default is 30 minutes for gloo and nccl).
 
-    >>> init()
-    False
+def _env_int(name: str) -> int | None:
+    try:
+        return int(os.environ[name])
+    except ValueError:
+        return None
+
+
+def _explicit_group(
+    init_method: Any, rank: Any, world_size: Any, master_addr: Any, master_port: Any
+) -> tuple[int, int, str | None] | None:
+    """``(rank, world_size, init_method)`` from ``init``'s keyword arguments; None when none is given.
+
+    Checks every value and the environment's agreement before a process group is made. The
+    init_method is None for a one-process group (a ``HashStore``: no address, no port).
     """
-    if _group():
-        return True
-    _check_timeout(timeout)  # (in one process too: the script's mistake shows before it meets torchrun)
-    present = [name for name in _TORCHRUN_VARS if name in os.environ]
-    if not present:
-        return False
-    if len(present) < len(_TORCHRUN_VARS):
-        missing = [name for name in _TORCHRUN_VARS if name not in os.environ]
-        raise RuntimeError(
-            f"loopkit.distributed.init: the environment sets {', '.join(present)} but not {', '.join(missing)}; "
-            "start the script with torchrun (e.g. `torchrun --nproc-per-node 2 script.py`), which sets all of them"
+    given = [name for name, value in (("init_method", init_method), ("rank", rank), ("world_size", world_size),
+                                      ("master_addr", master_addr), ("master_port", master_port)) if value is not None]
+    if not given:
+        return None
+    if rank is None or world_size is None:
+        raise TypeError(
+            f"loopkit.distributed.init: pass both rank= and world_size= (got {', '.join(n + '=' for n in given)}); "
+            "in a torch.multiprocessing.spawn worker call e.g. init(rank=rank, world_size=2, master_port=29500); "
+            "under torchrun pass none of them"
         )
+    _check_int("world_size", world_size)
+    _check_int("rank", rank)
+    if world_size < 1:
+        raise ValueError(f"loopkit.distributed.init: world_size must be at least 1, got world_size={world_size}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"loopkit.distributed.init: rank must be in [0, world_size={world_size}), got rank={rank}")
+    if init_method is not None:
+        if not isinstance(init_method, str) or "://" not in init_method:
+            raise (ValueError if isinstance(init_method, str) else TypeError)(
+                "loopkit.distributed.init: init_method must be a URL string such as 'tcp://127.0.0.1:29500' or "
+                f"'file:///tmp/rendezvous', got {init_method!r}"
+            )
+        if master_addr is not None or master_port is not None:
+            raise TypeError(
+                f"loopkit.distributed.init: give init_method= or master_addr=/master_port=, not both (got "
+                f"init_method={init_method!r} and {', '.join(n + '=' for n in given if n.startswith('master_'))})"
+            )
+    if master_addr is not None and (not isinstance(master_addr, str) or not master_addr.strip()):
+        raise (ValueError if isinstance(master_addr, str) else TypeError)(
+            f"loopkit.distributed.init: master_addr must be a host name or address, got {master_addr!r}"
+        )
+    if master_port is not None:
+        _check_int("master_port", master_port)
+        if not 1 <= master_port <= 65535:
+            raise ValueError(
+                f"loopkit.distributed.init: master_port must be in [1, 65535], got master_port={master_port} "
+                "(port 0 would let each rank pick its own, and they would not meet)"
+            )
+    for name, env, value in (("rank", "RANK", rank), ("world_size", "WORLD_SIZE", world_size),
+                             ("master_addr", "MASTER_ADDR", master_addr), ("master_port", "MASTER_PORT", master_port)):
+        if value is None or env not in os.environ:
+            continue
+        agrees = os.environ[env] == value if isinstance(value, str) else _env_int(env) == value
+        if not agrees:
+            raise ValueError(
+                f"loopkit.distributed.init: {name}={value!r} contradicts the environment's {env}={os.environ[env]!r}; "
+                f"pass the environment's value, or leave {name}= out (or unset {env}) to use the other"
+            )
+    if init_method is not None or world_size == 1:
+        return rank, world_size, init_method
+    host = master_addr if master_addr is not None else os.environ.get("MASTER_ADDR", "127.0.0.1")
+    if master_port is None:
+        if "MASTER_PORT" not in os.environ:
+            raise ValueError(
+                f"loopkit.distributed.init: world_size={world_size} needs master_port= (or MASTER_PORT in the "
+                "environment): every rank must meet rank 0 at the same port, so loopkit does not pick one. Pick a "
+                "free port in the parent before torch.multiprocessing.spawn and pass it to every worker"
+            )
+        master_port = _env_int("MASTER_PORT")
+        if master_port is None or not 1 <= master_port <= 65535:
+            raise ValueError(
+                f"loopkit.distributed.init: the environment's MASTER_PORT={os.environ['MASTER_PORT']!r} is not a port "
+                "in [1, 65535]"
+            )
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"  # an IPv6 address in a URL
+    return rank, world_size, f"tcp://{host}:{master_port}"
+
+
+def init(
+    backend: str | None = None,
+    *,
+    init_method: str | None = None,
+    rank: int | None = None,
+    world_size: int | None = None,
+    master_addr: str | None = None,
+    master_port: int | None = None,
+    timeout: float | datetime.timedelta | None = None,
+) -> bool:
+    """Initialise the default process group, from torchrun's environment or the ranks given; True when one is.
+
+    **Under torchrun** (no keyword but ``timeout``): the group comes from ``RANK`` /
+    ``WORLD_SIZE`` / ``MASTER_ADDR`` / ``MASTER_PORT``. A no-op returning False in a single
+    process (none of them in the environment); a ``RuntimeError`` names the missing ones
+    when only some are set.
+
+    **In a worker of ``torch.multiprocessing.spawn``** (Lightning's ``"ddp_spawn"``), pass
+    the ranks as ``torch.distributed.init_process_group`` takes them:
+    ``init(rank=rank, world_size=n, master_port=port)``, or ``init_method=`` (a URL such
+    as ``"tcp://HOST:PORT"`` or ``"file:///shared/path"``) instead of ``master_addr`` /
+    ``master_port``. ``rank`` and ``world_size`` go together; ``master_addr`` defaults to
+    ``MASTER_ADDR`` from the environment, else ``"127.0.0.1"``; ``master_port`` defaults to
+    ``MASTER_PORT`` from the environment and is required otherwise (when ``world_size`` > 1):
+    loopkit never picks a port, since each rank would pick its own. ``world_size=1`` makes a
+    real one-process group (in memory, no port needed), so ``with_ddp`` works as with more
+    ranks, as Lightning's ``"ddp_spawn"`` on one device makes a group too. The local rank
+    (``local_rank()``, the GPU with CUDA) is ``LOCAL_RANK`` from the environment when set,
+    else the rank: one machine (on several, set ``LOCAL_RANK`` in each worker first). An
+    argument that the environment contradicts (``rank=0`` with ``RANK=1``), a rank outside
+    ``[0, world_size)``, ``world_size`` < 1, or a value that is not an int (a bool included)
+    raises before any process group is made. Returns True at once when a group is already
+    initialised (the ranks given must be that group's).
+
+    ``backend`` defaults to ``"nccl"`` when CUDA is available and ``"gloo"`` otherwise; with
+    CUDA, the process uses the GPU ``local_rank()``. ``timeout`` (seconds or a timedelta)
+    bounds every collective: a rank whose peer died raises after it instead of waiting
+    (torch's default is 30 minutes for gloo and nccl).
+
+    >>> init()                                # one process, no torchrun environment: a no-op
+    False
+    >>> init(rank=0, world_size=1)            # a spawn worker alone: a real one-process group
+    True
+    >>> rank(), world_size(), local_rank()
+    (0, 1, 0)
+    >>> shutdown()
+    """
+    explicit = _explicit_group(init_method, rank, world_size, master_addr, master_port)
+    if explicit is None:
+        if _group():
+            return True
+        _check_timeout(timeout)  # (in one process too: the script's mistake shows before it meets torchrun)
+        present = [name for name in _TORCHRUN_VARS if name in os.environ]
+        if not present:
+            return False
+        if len(present) < len(_TORCHRUN_VARS):
+            missing = [name for name in _TORCHRUN_VARS if name not in os.environ]
+            raise RuntimeError(
+                f"loopkit.distributed.init: the environment sets {', '.join(present)} but not {', '.join(missing)}; "
+                "start the script with torchrun (e.g. `torchrun --nproc-per-node 2 script.py`), which sets all of "
+                "them, or pass rank= and world_size= (and master_port=) in a torch.multiprocessing.spawn worker"
+            )
+    else:
+        _check_timeout(timeout)
+        the_rank, size, url = explicit
+        if _group():
+            active = (torch.distributed.get_rank(), torch.distributed.get_world_size())
+            if active != (the_rank, size):
+                raise ValueError(
+                    f"loopkit.distributed.init: rank={the_rank}, world_size={size} contradict the process group "
+                    f"already initialised (rank {active[0]} of {active[1]})"
+                )
+            return True
     if not torch.distributed.is_available():
         raise RuntimeError("loopkit.distributed.init: this build of torch has no torch.distributed")
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl" or (torch.cuda.is_available() and "nccl" in backend):
-        torch.cuda.set_device(local_rank())
+        torch.cuda.set_device(local_rank() if explicit is None else int(os.environ.get("LOCAL_RANK", explicit[0])))
     if isinstance(timeout, (int, float)):
         timeout = datetime.timedelta(seconds=timeout)
     options: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
-    store = _attempt_store(timeout)
-    if store is not None:
-        options.update(store=store, rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+    if explicit is None:
+        store = _attempt_store(timeout)
+        if store is not None:
+            options.update(store=store, rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+    else:
+        the_rank, size, url = explicit
+        options.update(rank=the_rank, world_size=size)
+        under_agent = init_method is None and all(name in os.environ for name in _TORCHRUN_VARS)
+        store = _attempt_store(timeout) if url is not None and under_agent else None
+        if store is not None:  # under torchrun's agent, with the ranks passed too (they agree with its environment)
+            options.update(store=store)
+        elif url is not None:
+            options.update(init_method=url)
+        else:
+            options.update(store=torch.distributed.HashStore())
     torch.distributed.init_process_group(backend, **options)
     return True
 
@@ -130,12 +290,16 @@ def world_size() -> int:
 
 
 def local_rank() -> int:
-    """This process's rank on its machine (``LOCAL_RANK`` from torchrun); 0 without torchrun.
+    """This process's rank on its machine: ``LOCAL_RANK`` (from torchrun) when set, else the process
+    group's rank while one is active (workers of ``torch.multiprocessing.spawn`` on one machine; on
+    several, set ``LOCAL_RANK`` in each), else 0.
 
     >>> local_rank()
     0
     """
-    return int(os.environ.get("LOCAL_RANK", "0"))
+    if "LOCAL_RANK" in os.environ:
+        return int(os.environ["LOCAL_RANK"])
+    return torch.distributed.get_rank() if _group() else 0
 
 
 def is_rank_zero() -> bool:

@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 import torch
@@ -114,7 +115,11 @@ def test_two_nodes_with_a_c10d_rendezvous_on_loopback(tmp_path):
         t.join(120)
     for r in results:
         assert isinstance(r, subprocess.CompletedProcess) and r.returncode == 0, getattr(r, "stdout", r)
-    ranks = ddp.load(str(tmp_path), "plain")
+    _assert_the_one_process_run_of_plain(ddp.load(str(tmp_path), "plain"))
+
+
+def _assert_the_one_process_run_of_plain(ranks: list[dict]) -> None:
+    """Both ranks of ``_ddp_script.plain`` hold the same parameters, those of one process stepping on both halves."""
     data = ddp.make_data(ddp.STEPS)
     state = ddp.sgd_state(ddp.make_model())
     step = loopkit.donate(loopkit.train_step(ddp.mse))
@@ -216,3 +221,135 @@ def test_when_a_rank_dies_the_other_fails_within_the_timeout_naming_the_collecti
     assert procs[0].returncode != 0 and "rank 0 finished" not in outputs[0]
     assert "with_ddp: the gradient all-reduce in backward (DistributedDataParallel) failed on rank 0 of 2" in outputs[0]
     assert "at step 3 (epoch 0, batch 3)" in outputs[0]
+
+
+# --- processes of torch.multiprocessing.spawn: init(rank=..., world_size=...) ----------------------------
+
+_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "TORCHELASTIC_USE_AGENT_STORE")
+
+
+@pytest.fixture
+def bare_env(monkeypatch):
+    """No torchrun variable in the environment (and, after the test, no process group left)."""
+    for name in _ENV:
+        monkeypatch.delenv(name, raising=False)
+    yield monkeypatch
+    distributed.shutdown()
+
+
+def _spawned_worker(rank: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    # rank 0 passes the port, rank 1 reads the MASTER_PORT the parent set (the two agree); the address defaults
+    assert distributed.init(rank=rank, world_size=2, master_port=port if rank == 0 else None, timeout=30) is True
+    try:
+        seen = (distributed.rank(), distributed.world_size(), distributed.local_rank())
+        data = ddp.make_data(ddp.STEPS)
+        state = ddp.sgd_state(ddp.make_model(seed=rank))  # rank 1 starts elsewhere: DDP broadcasts rank 0's weights
+        step = loopkit.with_ddp(loopkit.train_step(ddp.mse))
+        batches = [data[i, rank] for i in range(ddp.STEPS)]
+        state, _ = loopkit.run_epochs(step, state, batches, epochs=1, progress=False)
+        params = {n: p.detach().clone() for n, p in state.model.named_parameters()}
+        torch.save({"seen": seen, "params": params, "step": state.step}, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        distributed.shutdown()
+
+
+@pytest.mark.slow
+def test_spawned_workers_pass_their_ranks_to_init_and_train_to_the_one_process_result(tmp_path, bare_env):
+    port = _free_port()
+    bare_env.setenv("MASTER_PORT", str(port))  # inherited by the spawned workers, as Lightning's launcher does
+    context = torch.multiprocessing.spawn(_spawned_worker, args=(port, str(tmp_path)), nprocs=2, join=False)
+    deadline = time.monotonic() + 60
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in context.processes:
+                p.kill()
+            pytest.fail("the spawned workers did not finish within 60 s")
+    ranks = [torch.load(os.path.join(tmp_path, f"rank{r}.pt")) for r in (0, 1)]
+    assert [r["seen"] for r in ranks] == [(0, 2, 0), (1, 2, 1)]  # local_rank() is the rank on one machine
+    assert [r["step"] for r in ranks] == [ddp.STEPS, ddp.STEPS]
+    _assert_the_one_process_run_of_plain(ranks)
+
+
+def test_init_with_world_size_one_makes_a_real_group_without_a_port(bare_env):
+    assert distributed.init(rank=0, world_size=1, timeout=10) is True
+    assert torch.distributed.is_initialized()
+    assert (distributed.rank(), distributed.world_size(), distributed.local_rank()) == (0, 1, 0)
+    assert distributed.init(rank=0, world_size=1) is True  # the active group's ranks: nothing to do
+    assert distributed.init() is True
+    model = torch.nn.Linear(2, 1)
+    state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    step = loopkit.donate(loopkit.with_ddp(loopkit.train_step(lambda m, b: m(b).pow(2).mean())))
+    state, _ = step(state, torch.ones(4, 2))
+    assert state.step == 1
+    distributed.shutdown()
+    assert not torch.distributed.is_initialized() and distributed.init() is False
+
+
+def test_init_takes_an_init_method_url(bare_env):
+    assert distributed.init(init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1, timeout=10) is True
+    assert torch.distributed.is_initialized() and distributed.world_size() == 1
+
+
+def test_local_rank_of_a_spawned_worker_is_the_environments_when_set(bare_env):
+    bare_env.setenv("LOCAL_RANK", "3")  # several machines: the worker's rank on its own
+    assert distributed.init(rank=0, world_size=1) is True
+    assert distributed.local_rank() == 3
+
+
+def test_init_refuses_ranks_that_contradict_the_active_group(bare_env):
+    assert distributed.init(rank=0, world_size=1)
+    message = r"rank=0, world_size=2 contradict the process group already initialised \(rank 0 of 1\)"
+    with pytest.raises(ValueError, match=message):
+        distributed.init(rank=0, world_size=2, master_port=29500)
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    ({"rank": 0}, TypeError, r"pass both rank= and world_size= \(got rank=\)"),
+    ({"world_size": 2}, TypeError, r"pass both rank= and world_size= \(got world_size=\)"),
+    ({"master_port": 29500}, TypeError, r"pass both rank= and world_size= \(got master_port=\)"),
+    ({"init_method": "tcp://127.0.0.1:29500"}, TypeError, r"pass both rank= and world_size= \(got init_method=\)"),
+    ({"rank": True, "world_size": 2}, TypeError, "rank must be an int, got True"),
+    ({"rank": 0.0, "world_size": 2}, TypeError, "rank must be an int, got 0.0"),
+    ({"rank": "0", "world_size": 2}, TypeError, "rank must be an int, got '0'"),
+    ({"rank": 0, "world_size": True}, TypeError, "world_size must be an int, got True"),
+    ({"rank": 0, "world_size": 2.0}, TypeError, "world_size must be an int, got 2.0"),
+    ({"rank": 0, "world_size": 0}, ValueError, "world_size must be at least 1, got world_size=0"),
+    ({"rank": 0, "world_size": -2}, ValueError, "world_size must be at least 1, got world_size=-2"),
+    ({"rank": 2, "world_size": 2}, ValueError, r"rank must be in \[0, world_size=2\), got rank=2"),
+    ({"rank": -1, "world_size": 2}, ValueError, r"rank must be in \[0, world_size=2\), got rank=-1"),
+    ({"rank": 0, "world_size": 2}, ValueError,
+     "world_size=2 needs master_port= .or MASTER_PORT in the environment.*does not pick"),
+    ({"rank": 0, "world_size": 2, "master_port": 0}, ValueError, r"master_port must be in \[1, 65535\], got master_port=0"),
+    ({"rank": 0, "world_size": 2, "master_port": 65536}, ValueError, r"master_port must be in \[1, 65535\]"),
+    ({"rank": 0, "world_size": 2, "master_port": "29500"}, TypeError, "master_port must be an int, got '29500'"),
+    ({"rank": 0, "world_size": 2, "master_port": True}, TypeError, "master_port must be an int, got True"),
+    ({"rank": 0, "world_size": 2, "master_port": 29500, "master_addr": ""}, ValueError, "master_addr must be a host"),
+    ({"rank": 0, "world_size": 2, "master_port": 29500, "master_addr": 127}, TypeError, "master_addr must be a host"),
+    ({"rank": 0, "world_size": 2, "init_method": "127.0.0.1:29500"}, ValueError, "init_method must be a URL"),
+    ({"rank": 0, "world_size": 2, "init_method": 29500}, TypeError, "init_method must be a URL"),
+    ({"rank": 0, "world_size": 2, "init_method": "tcp://127.0.0.1:29500", "master_port": 29500}, TypeError,
+     "give init_method= or master_addr=/master_port=, not both"),
+    ({"rank": 0, "world_size": 2, "master_port": 29500, "timeout": 0}, ValueError, "timeout must be positive"),
+])
+def test_init_refuses_bad_ranks_and_addresses_before_making_a_group(bare_env, kwargs, error, message):
+    with pytest.raises(error, match="loopkit.distributed.init: " + message):
+        distributed.init(**kwargs)
+    assert not torch.distributed.is_initialized()
+
+
+@pytest.mark.parametrize("env, value, kwargs, message", [
+    ("RANK", "1", {"rank": 0, "world_size": 2, "master_port": 29500}, "rank=0 contradicts the environment's RANK='1'"),
+    ("WORLD_SIZE", "4", {"rank": 0, "world_size": 2, "master_port": 29500},
+     "world_size=2 contradicts the environment's WORLD_SIZE='4'"),
+    ("MASTER_PORT", "29501", {"rank": 0, "world_size": 2, "master_port": 29500},
+     "master_port=29500 contradicts the environment's MASTER_PORT='29501'"),
+    ("MASTER_ADDR", "10.0.0.1", {"rank": 0, "world_size": 2, "master_port": 29500, "master_addr": "127.0.0.1"},
+     "master_addr='127.0.0.1' contradicts the environment's MASTER_ADDR='10.0.0.1'"),
+    ("MASTER_PORT", "http", {"rank": 0, "world_size": 2}, "the environment's MASTER_PORT='http' is not a port"),
+])
+def test_init_refuses_arguments_that_contradict_the_environment(bare_env, env, value, kwargs, message):
+    bare_env.setenv(env, value)
+    with pytest.raises(ValueError, match="loopkit.distributed.init: " + message):
+        distributed.init(**kwargs)
+    assert not torch.distributed.is_initialized()
