@@ -740,7 +740,17 @@ def _clone_module(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
         new._init_flat_weights()
     elif children and "_orig_mod" in children and callable(getattr(new, "_initialize", None)):
         new._initialize()  # torch.compile's wrapper: its forward, bound to the original's inner module, bound to the copy's
+    if types.MethodType in map(type, attributes.values()):  # a method of the module (or of one below it) kept
+        _bind_methods_to_copies(attributes, memo)  # as an attribute, ``self.impl = self._impl``
     return new
+
+
+def _bind_methods_to_copies(attributes: dict[str, Any], memo: dict[int, Any]) -> None:
+    """Bind each method in a copied module's ``attributes`` to the copy of its module, as ``copy.deepcopy`` does
+    (bound to the original, the copy's forward would run the original's parameters)."""
+    for name, value in attributes.items():
+        if type(value) is types.MethodType:
+            attributes[name] = types.MethodType(value.__func__, memo.get(id(value.__self__), value.__self__))
 
 
 def _clone_value(value: Any, memo: dict[int, Any]) -> Any:

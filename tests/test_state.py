@@ -774,6 +774,90 @@ def test_a_buffer_sliced_from_a_larger_tensor_the_state_does_not_hold_is_copied_
     assert torch.equal(copied, model.pe) and copied.untyped_storage().nbytes() == 4 * 4
 
 
+# --- models whose structure is more than parameters, buffers and children --------------------------
+
+
+class _KeepsItsMethods(nn.Module):
+    """Keeps a method of its own and one of a child as attributes (``self.impl = self._impl``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 2)
+        self.impl, self.head = self._impl, self.b.forward
+
+    def _impl(self, x):
+        return torch.tanh(self.a(x))
+
+    def forward(self, x):
+        return self.head(self.impl(x))
+
+
+class _Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.head(self.b(torch.tanh(self.a(x))))
+
+
+def _mlp_with(change):
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
+    change(model[0])
+    return model
+
+
+_STRUCTURES = {
+    "bound methods": _KeepsItsMethods,
+    "tied weights": _Tied,
+    "orthogonal parametrization": lambda: _mlp_with(nn.utils.parametrizations.orthogonal),
+    "weight_norm parametrization": lambda: _mlp_with(nn.utils.parametrizations.weight_norm),
+    "spectral_norm parametrization": lambda: _mlp_with(nn.utils.parametrizations.spectral_norm),
+    "LSTM": lambda: _Sequence(nn.LSTM(4, 4, batch_first=True)),
+    "TransformerEncoder": lambda: _Sequence(
+        nn.TransformerEncoder(nn.TransformerEncoderLayer(4, 2, 8, dropout=0.0, batch_first=True), 2)),
+}
+
+
+class _Sequence(nn.Module):
+    def __init__(self, body):
+        super().__init__()
+        self.body, self.head = body, nn.Linear(4, 2)
+
+    def forward(self, x):
+        out = self.body(x.view(-1, 2, 2).repeat(1, 1, 2))
+        return self.head((out[0] if isinstance(out, tuple) else out)[:, -1])
+
+
+@pytest.mark.parametrize("structure", list(_STRUCTURES))
+def test_pure_steps_train_the_copy_of_any_module_structure_as_a_raw_loop_trains_the_model(structure, take_snapshot,
+                                                                                             assert_trees_equal):
+    """Reference: a raw Adam loop on the model. A method kept as an attribute stayed bound to the original module
+    in the copy: a pure step trained the input state's model."""
+    make = _STRUCTURES[structure]
+    batches = [(torch.randn(8, 4), torch.randn(8, 2)) for _ in range(4)]
+    loss = lambda m, b: ((m(b[0]) - b[1]) ** 2).mean()  # noqa: E731
+    torch.manual_seed(0)
+    raw_model = make()
+    raw = torch.optim.Adam(raw_model.parameters(), lr=0.01)
+    for batch in batches:
+        loss(raw_model, batch).backward()
+        raw.step()
+        raw.zero_grad()
+    torch.manual_seed(0)
+    model = make()
+    state = loopkit.TrainState.create(model, torch.optim.Adam(model.parameters(), lr=0.01))
+    before = take_snapshot(state)
+    current = state
+    for batch in batches:
+        current, _ = loopkit.train_step(loss)(current, batch)
+    assert_trees_equal(take_snapshot(state), before)
+    assert current.model.state_dict().keys() == raw_model.state_dict().keys()
+    for (name, p), q in zip(current.model.state_dict().items(), raw_model.state_dict().values()):
+        assert torch.equal(p, q), name
+
+
 # --- a torch.compile'd model's names ------------------------------------------------------------
 
 
