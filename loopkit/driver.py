@@ -905,6 +905,7 @@ def run_epochs(
     early_changes = any(may_change_state_early(cb) for cb in callbacks)  # hooks that run before the first step
     try:
         with _StopOnSignal() as stop, _TellingAbort(lifecycle, state):
+            step.notify("fit_begin", state, {})  # (the state a fit continues the run from: with_logging's loggers rewind)
             hooks.call("on_fit_start", state)  # first: a callback may build in it what its load_state_dict fills
             hooks.restore(state)
             restored = True

@@ -234,8 +234,7 @@ class RunDirLogger(Logger):
         self._dir: str | None = None
         self._leader: RunDirLogger | None = None
         self._pending_hparams: dict[str, Any] | None = None
-        self._began = False  # written to its folder in this process
-        self._resume_step: int | None = None  # resume_at's step, until the first write applies it
+        self._resume_step: int | None = None  # resume_at's step, until the next write applies it
         self._redo_step: int | None = None  # the step a resumed run logs again: its metrics there replace the old
         self._redone: set[str] = set()  # the metrics already replaced at _redo_step
 
@@ -287,15 +286,16 @@ class RunDirLogger(Logger):
         return True
 
     def resume_at(self, step: int) -> None:
-        """Continue the run in this logger's folder from a state at ``step``.
+        """Make this logger's folder hold the run as of a state at ``step``, from its next write on.
 
-        ``run_epochs`` calls it through :func:`loopkit.with_logging` when a fit starts. When the
-        folder already holds records (a fixed ``version`` continued after ``loopkit.restore``), the
-        first write drops those logged after ``step`` (the crashed run logged them after the
-        checkpoint, and the resumed run logs them again), and a metric logged again at ``step``
-        itself (a validation or an epoch record the checkpoint was saved before) replaces the old
-        value. A fresh state (``step`` 0) replaces an earlier run's records, with a warning. Only
-        the first call before the logger's first write counts: one that has written keeps appending.
+        ``run_epochs`` calls it through :func:`loopkit.with_logging` as each fit begins. When the
+        folder already holds records (a fixed ``version`` continued after ``loopkit.restore``, or
+        this logger's own, in a fit retried from an earlier state), the next write first drops
+        those logged after ``step`` (the crashed run logged them after the checkpoint, and the
+        resumed run logs them again), and a record logged again at ``step`` itself (a validation
+        or an epoch record the checkpoint was saved before: the same metrics) replaces the old
+        one. A fresh state (``step`` 0) replaces the folder's records and hyper-parameters, with
+        a warning. A fit that goes on from where the last one ended drops nothing.
 
         >>> import tempfile
         >>> tmp = tempfile.TemporaryDirectory()
@@ -313,51 +313,55 @@ class RunDirLogger(Logger):
         """
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"{type(self).__name__}.resume_at: step must be an int >= 0, got {step!r}")
-        if not self._began and self._resume_step is None:
-            self._resume_step = step
+        self._resume_step = step
 
     def _path(self, filename: str) -> str:
         """A file in the run folder (claimed now if need be, writing any hparams held back)."""
         return os.path.join(self._folder(), filename)
 
     def _folder(self) -> str:
-        """The run folder, claimed now if need be; any hparams held back are written into it."""
+        """The run folder, claimed now if need be; a pending :meth:`resume_at` is applied, and any
+        hparams held back are written into it."""
         folder = self.log_dir
-        if not self._began:
-            self._began = True
-            if self._resume_step is not None:
-                self._resume(folder, self._resume_step)
+        if self._resume_step is not None:
+            step, self._resume_step = self._resume_step, None
+            self._resume(folder, step)
         if self._pending_hparams is not None:
             _write_json(os.path.join(folder, "hparams.json"), self._pending_hparams)
             self._pending_hparams = None
         return folder
 
     def _resume(self, folder: str, step: int) -> None:
-        """Drop what ``folder`` holds after ``step`` (see :meth:`resume_at`)."""
-        self._redo_step = step
-        dropped = self._drop_records(folder, lambda at, metric: at <= step)
-        if dropped and step == 0:
+        """Drop what ``folder`` holds after ``step`` (all of it for step 0; see :meth:`resume_at`)."""
+        self._redo_step, self._redone = step, set()
+        dropped = self._drop_records(folder, (lambda at, keys: at <= step) if step else (lambda at, keys: False))
+        hparams = os.path.join(folder, "hparams.json")
+        if not step and self._pending_hparams is None and os.path.exists(hparams):  # (this run's own comes next)
+            os.remove(hparams)
+            dropped += 1
+        if dropped and not step:
             warnings.warn(
-                f"{type(self).__name__}: {folder} held an earlier run's records; this run, from step 0, replaces "
-                f"them ({dropped} values dropped); leave version=None to give each run a folder of its own",
+                f"{type(self).__name__}: {folder} held records of an earlier run (or of this one, restarted from "
+                f"step 0); this run replaces them ({dropped} dropped). A logger with version=None, made anew for "
+                "each run, gives each run a folder of its own",
                 UserWarning,
                 stacklevel=2,
             )
 
     def _make_room(self, metrics: Any, step: int) -> str:
         """The run folder, before ``metrics`` are written at ``step``: at the step a resumed run logs
-        again, the earlier values of the same metrics are dropped first (once each)."""
+        again, an earlier record of the same metrics there is dropped first (once per set of metrics)."""
         folder = self._folder()
         if step == self._redo_step:
-            again = {m for m in metrics if m not in self._redone}
-            if again:
-                self._redone |= again
-                self._drop_records(folder, lambda at, metric: at != step or metric not in again)
+            keys = frozenset(metrics)
+            if keys not in self._redone:
+                self._redone.add(keys)
+                self._drop_records(folder, lambda at, found: at != step or found != keys)
         return folder
 
-    def _drop_records(self, folder: str, keep: Callable[[int, str], bool]) -> int:
-        """Drop from ``folder``'s earlier files each metric value for which ``keep(step, metric)`` is
-        false; return how many were dropped. Loggers without files have none."""
+    def _drop_records(self, folder: str, keep: Callable[[int, frozenset[str]], bool]) -> int:
+        """Drop from ``folder``'s files each record (one :meth:`log_metrics` call) for which ``keep(step,
+        its metric names)`` is false; return how many were dropped. Loggers without files have none."""
         return 0
 
     def _write_hparams(self, hparams: dict[str, Any], metrics: dict[str, float] | None) -> None:
@@ -429,6 +433,12 @@ class _EventFile:
     def add(self, summary: Any, step: int) -> None:
         self._write(self._event(summary=summary, step=int(step), wall_time=time.time()))
 
+    def session_start(self, step: int) -> None:
+        """A restart at ``step``: TensorBoard drops what it read before of steps ``>= step`` (a resumed run's)."""
+        from tensorboardX.proto.event_pb2 import SessionLog
+
+        self._write(self._event(step=int(step), wall_time=time.time(), session_log=SessionLog(status=SessionLog.START)))
+
     def _write(self, event: Any) -> None:
         self._file.write(_record(event.SerializeToString()))
 
@@ -462,40 +472,42 @@ def _records(data: bytes) -> Iterator[tuple[bytes, bytes]]:
         at = end
 
 
-def _filter_event_file(path: str, keep: Callable[[int, str], bool]) -> int:
-    """Rewrite the event file ``path`` without the summary values for which ``keep(step, tag)`` is false
-    (and without other events, after a step ``keep`` refuses); return how many values were dropped."""
+def _filter_event_file(
+    path: str, keep: Callable[[int, frozenset[str]], bool], last: dict[str, tuple[int, float]] | None = None
+) -> int:
+    """Rewrite the event file ``path`` without the events for which ``keep(step, their tags)`` is false
+    (the file's version header is always kept); return how many were dropped. ``last`` collects the
+    newest scalar kept of each tag, ``tag: (step, value)``."""
     from google.protobuf.message import DecodeError
     from tensorboardX.proto.event_pb2 import Event
 
     with open(path, "rb") as f:
         data = f.read()
-    out, dropped, read, changed = [], 0, 0, False
+    out, dropped, read = [], 0, 0
     for framed, body in _records(data):
         try:
             event = Event.FromString(body)
         except DecodeError:
             break
         read += len(framed)
-        if event.HasField("summary"):
-            values = [v for v in event.summary.value if keep(event.step, v.tag)]
-            if len(values) < len(event.summary.value):
-                dropped += len(event.summary.value) - len(values)
-                changed = True
-                if not values:
-                    continue
-                del event.summary.value[:]
-                event.summary.value.extend(values)
-                framed = _record(event.SerializeToString())
-        elif not keep(event.step, ""):
-            changed = True
+        tags = frozenset(v.tag for v in event.summary.value) if event.HasField("summary") else frozenset()
+        if not event.HasField("file_version") and not keep(event.step, tags):
+            dropped += 1
             continue
+        if last is not None:
+            for value in event.summary.value:
+                if value.HasField("simple_value") and event.step >= last.get(value.tag, (event.step, 0.0))[0]:
+                    last[value.tag] = (event.step, value.simple_value)
         out.append(framed)
-    if changed or read < len(data):  # (a torn end is cut off: the records written after it must be readable)
+    if dropped or read < len(data):  # (a torn end is cut off too)
         with open(f"{path}.tmp", "wb") as f:
             f.write(b"".join(out))
         os.replace(f"{path}.tmp", path)
     return dropped
+
+
+#: the tag prefix of tensorboardX's hparams summaries
+_HPARAMS = "_hparams_/"
 
 
 def _file_seconds(path: str) -> int:
@@ -565,7 +577,8 @@ class TensorBoardLogger(RunDirLogger):
         self._final_metrics: dict[str, float] | None = None
         self._hparams_written = False
         self._finished = False  # finalized, and nothing written since
-        self._earlier: list[str] = []  # the event files of the run before it resumed here (resume_at)
+        self._earlier: list[str] = []  # the folder's event files when resume_at was last applied
+        self._purge_step: int | None = None  # a resumed run's new event file tells a live TensorBoard to drop from here
 
     def _suffix(self) -> str:
         # event files are named by the second: one reopened within it would clobber the last
@@ -574,9 +587,13 @@ class TensorBoardLogger(RunDirLogger):
 
     def open(self) -> None:
         """Open the event file now (it is otherwise opened by the first write)."""
+        folder = self._folder()  # (first: a pending resume_at rewrites the files there, closing this logger's)
         if self._file is None:
-            folder = self._folder()  # (first: a resumed run's earlier files are found there)
-            self._file = _EventFile(folder, self._suffix(), self._earlier[-1] if self._earlier else None)
+            files = _event_files(folder)
+            self._file = _EventFile(folder, self._suffix(), max(files, key=os.path.basename) if files else None)
+            if self._purge_step is not None:  # (what tensorboardX's purge_step writes)
+                self._file.session_start(self._purge_step)
+                self._purge_step = None
             self._finished = False
 
     @property
@@ -591,15 +608,25 @@ class TensorBoardLogger(RunDirLogger):
         return self._writer
 
     def _add(self, summary: Any, step: int) -> None:
-        self.open()
+        if self._file is None or self._resume_step is not None:
+            self.open()
         self._file.add(summary, step)  # type: ignore[union-attr]
 
     def _resume(self, folder: str, step: int) -> None:
+        for handle in (self._file, self._writer):  # this logger's own files are rewritten too: closed first
+            if handle is not None:
+                handle.close()
+        self._file = self._writer = None
         self._earlier = _event_files(folder)
         super()._resume(folder, step)
+        last = self._kept  # the newest value of each tag kept: the HPARAMS tab's metrics, as in the run unresumed
+        self._last = {tag: value for tag, (_, value) in last.items() if not tag.startswith(_HPARAMS)}
+        self._last_step = max((at for at, _ in last.values()), default=0)
+        self._purge_step = step + 1 if step else 0
 
-    def _drop_records(self, folder: str, keep: Callable[[int, str], bool]) -> int:
-        return sum(_filter_event_file(path, keep) for path in self._earlier)
+    def _drop_records(self, folder: str, keep: Callable[[int, frozenset[str]], bool]) -> int:
+        self._kept: dict[str, tuple[int, float]] = {}
+        return sum(_filter_event_file(path, keep, self._kept) for path in self._earlier)
 
     def _write_metrics(self, metrics: dict[str, float], step: int) -> None:
         self._make_room(metrics, step)
@@ -660,7 +687,7 @@ class TensorBoardLogger(RunDirLogger):
         if unlogged:  # final metrics never logged as scalars: add them, for the HPARAMS tab
             self._add(_scalars(unlogged), self._last_step)
         if self._earlier:  # a resumed run's hyper-parameters replace those of its part before the resume
-            self._drop_records(self._folder(), lambda step, tag: not tag.startswith("_hparams_/"))
+            self._drop_records(self._folder(), lambda step, tags: not any(t.startswith(_HPARAMS) for t in tags))
         flat = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in _flatten(self._hparams).items()}
         for summary in hparams_summary(flat, metrics):
             self._add(summary, 0)
@@ -708,24 +735,31 @@ class CSVLogger(RunDirLogger):
                 )
         return self._columns
 
-    def _drop_records(self, folder: str, keep: Callable[[int, str], bool]) -> int:
+    def _drop_records(self, folder: str, keep: Callable[[int, frozenset[str]], bool]) -> int:
         path = os.path.join(folder, self.filename)
         if not os.path.exists(path):
             return 0
         with open(path, newline="", encoding="utf-8") as f:
-            header, *rows = list(csv.reader(f)) or [[]]
-        if not header or header[0] != "step":  # not a file this logger wrote: left as it is
+            text = f.read()
+        header, *rows = list(csv.reader(io.StringIO(text))) or [[]]
+        if not header or header[0] != "step":  # not a file this logger wrote: left as it is (_load refuses it)
             return 0
-        kept, dropped = [], 0
+        dropped = 0
+        if rows and not text.endswith("\n"):  # the torn last row of a killed run
+            rows, dropped = rows[:-1], 1
+        kept = []
         for row in rows:
             at = _int_or_none(row[0] if row else "")
-            values = [i for i, v in enumerate(row[1:len(header)], 1) if v != ""]
-            gone = [] if at is None else [i for i in values if not keep(at, header[i])]
-            dropped += len(gone)
-            if gone and len(gone) == len(values):
-                continue
-            kept.append([("" if i in gone else v) for i, v in enumerate(row)])
+            keys = frozenset(header[i] for i, v in enumerate(row[1:len(header)], 1) if v != "")
+            if at is not None and not keep(at, keys):
+                dropped += 1
+            else:
+                kept.append(row)
         if dropped:
+            self._columns = None  # (read again from the file, or from the rows to come)
+            if not kept:  # nothing left: the columns come again as the metrics do
+                os.remove(path)
+                return dropped
             buffer = io.StringIO()
             writer = csv.writer(buffer)
             writer.writerow(header)
@@ -780,7 +814,7 @@ class JSONLLogger(RunDirLogger):
 
     filename = "metrics.jsonl"
 
-    def _drop_records(self, folder: str, keep: Callable[[int, str], bool]) -> int:
+    def _drop_records(self, folder: str, keep: Callable[[int, frozenset[str]], bool]) -> int:
         path = os.path.join(folder, self.filename)
         if not os.path.exists(path):
             return 0
@@ -794,13 +828,10 @@ class JSONLLogger(RunDirLogger):
                 dropped += 1
                 continue
             at = _int_or_none(record.get("step")) if isinstance(record, dict) else None
-            gone = [] if at is None else [k for k in record if k != "step" and not keep(at, k)]
-            if gone:
-                dropped += len(gone)
-                if len(gone) == len(record) - 1:
-                    continue
-                line = json.dumps({k: v for k, v in record.items() if k not in gone})
-            kept.append(line)
+            if at is not None and not keep(at, frozenset(record) - {"step"}):
+                dropped += 1
+            else:
+                kept.append(line)
         if dropped:
             with open(f"{path}.tmp", "w", encoding="utf-8") as f:
                 f.write("".join(line + "\n" for line in kept))

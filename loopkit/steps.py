@@ -143,7 +143,9 @@ class Step:
     def notify(self, event: str, state: TrainState, metrics: Mapping[str, float]) -> None:
         """Tell the step about a driver event; whole-step transforms (logging, checkpoints) act on it.
 
-        ``event`` is ``"fit_start"`` (before the first step of ``run_epochs``; metrics empty),
+        ``event`` is ``"fit_begin"`` (``run_epochs`` begins, before its sanity validation and
+        callbacks, from ``state``; metrics empty), ``"fit_start"`` (before the first step of
+        ``run_epochs``, after a validation a resumed run owes; metrics empty),
         ``"save_due"`` (after a call that returned a state with :data:`SAVE_DUE` in its extras, once
         the batch's callbacks have run and the call's metrics are in the epoch's means; ``state``
         without that key: a checkpoint due at that update saves it), ``"validation_end"`` (metrics: ``val/...`` means), ``"epoch_end"``

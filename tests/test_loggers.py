@@ -113,53 +113,133 @@ def _crashed_run(tmp_path, make, steps=(1, 2, 3, 4)):
     """A logger of version 0 that logged ``train/loss`` = 1/step at ``steps`` and was never finalized."""
     logger = make(tmp_path, "run", version=0)
     for step in steps:
-        logger.log_metrics({"train/loss": 1 / step, **({"val/acc": step / 10} if step % 2 == 0 else {})}, step)
+        logger.log_metrics({"train/loss": 1 / step}, step)
     return logger
+
+
+#: a run's records, as a fit logs them: at step 2 a checkpoint is saved after the training window and the
+#: per-step learning rate, before the validation and the epoch record (which log the rate again)
+_BEFORE = [(1, {"train/loss": 1.0}), (2, {"train/loss": 0.5}), (2, {"lr": 0.1})]
+_AFTER = [(2, {"val/acc": 0.25}), (2, {"epoch": 0.0, "lr": 0.1}), (3, {"train/loss": 0.3}),
+          (4, {"train/loss": 0.2, "val/acc": 0.75})]
+
+
+def _logged(folder, make):
+    """What a logger of kind ``make`` left in ``folder``: the file's text, or each TensorBoard scalar series."""
+    if make is TensorBoardLogger:
+        events = read_events(folder)
+        return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    with open(os.path.join(folder, make.filename)) as f:
+        return f.read()
+
+
+def _log_all(logger, records):
+    for step, metrics in records:
+        logger.log_metrics(metrics, step)
 
 
 @pytest.mark.parametrize("make", [CSVLogger, JSONLLogger, TensorBoardLogger])
 def test_resume_at_drops_what_the_folder_holds_after_the_step_and_replaces_what_is_logged_again_there(tmp_path, make):
-    """Reference: one logger that logged steps 1, 2 (val at 2), then 3 and 4 written once, straight."""
+    """Reference: the records logged once, straight. The crashed run logged past its checkpoint of step 2
+    (other values there, and a step 5); the resumed one logs the records after the checkpoint again."""
     straight = make(tmp_path / "a", "run", version=0)
-    for step, metrics in [(1, {"train/loss": 1.0}), (2, {"train/loss": 0.5}), (2, {"val/acc": 0.25}),
-                          (3, {"train/loss": 0.3}), (4, {"train/loss": 0.2, "val/acc": 0.75})]:
-        straight.log_metrics(metrics, step)
+    _log_all(straight, _BEFORE + _AFTER)
     straight.finalize()
-    _crashed_run(tmp_path / "b", make).finalize()  # logged past the checkpoint of step 2, val/acc at 2 = 0.2
+    crashed = make(tmp_path / "b", "run", version=0)
+    _log_all(crashed, _BEFORE + [(step, {k: v + 1 for k, v in m.items()}) for step, m in _AFTER] + [(5, {"lr": 0.5})])
+    crashed.finalize()
     resumed = make(tmp_path / "b", "run", version=0)
     resumed.resume_at(2)
-    resumed.resume_at(0)  # only the first call counts
-    resumed.log_metrics({"val/acc": 0.25}, 2)  # the validation the checkpoint was saved before, again
-    resumed.log_metrics({"train/loss": 0.3}, 3)
-    resumed.log_metrics({"train/loss": 0.2, "val/acc": 0.75}, 4)
+    _log_all(resumed, _AFTER)
     resumed.finalize()
-    if make is TensorBoardLogger:
-        a, b = read_events(straight.log_dir), read_events(resumed.log_dir)
-        for tag in ("train/loss", "val/acc"):
-            assert [(e.step, e.value) for e in b.Scalars(tag)] == [(e.step, e.value) for e in a.Scalars(tag)]
-        assert [e.step for e in _events_in(resumed.log_dir) if e.HasField("summary")] == [1, 2, 2, 3, 4]
-    elif make is CSVLogger:
-        assert read_csv(resumed.log_dir)[0] == read_csv(straight.log_dir)[0] == ["step", "train/loss", "val/acc"]
-        assert [(r["step"], r["train/loss"], r["val/acc"]) for r in read_csv(resumed.log_dir)[1]] == [
-            ("1", "1.0", ""), ("2", "0.5", ""), ("2", "", "0.25"), ("3", "0.3", ""), ("4", "0.2", "0.75")]
-    else:
-        with open(os.path.join(resumed.log_dir, "metrics.jsonl")) as f, open(os.path.join(straight.log_dir, "metrics.jsonl")) as g:
-            assert f.read() == g.read()
+    assert _logged(resumed.log_dir, make) == _logged(straight.log_dir, make)
+    if make is TensorBoardLogger:  # and a TensorBoard that read the crashed run's files drops steps 3 on
+        starts = [e for e in _events_in(resumed.log_dir) if e.HasField("session_log")]
+        assert [(e.step, e.session_log.status) for e in starts] == [(3, 1)]  # SessionLog.START
 
 
 @pytest.mark.parametrize("make", [CSVLogger, JSONLLogger, TensorBoardLogger])
-def test_resume_at_is_ignored_by_a_logger_that_has_written(tmp_path, make):
-    logger = _crashed_run(tmp_path, make, steps=(1, 2))
-    logger.resume_at(1)  # a second fit with the same logger object: it keeps appending
-    logger.log_metrics({"train/loss": 0.25}, 4)
+def test_a_logger_that_has_written_rewinds_to_an_earlier_step_and_goes_on_from_its_last_step(tmp_path, make):
+    """A fit retried in the same process with the same logger, from a checkpoint of step 2: its records after
+    step 2 go; a second fit going on from where the first ended drops nothing (reference: logged once, straight)."""
+    straight = make(tmp_path / "a", "run", version=0)
+    _log_all(straight, _BEFORE + _AFTER + [(6, {"train/loss": 0.1})])
+    straight.finalize()
+    logger = make(tmp_path / "b", "run", version=0)
+    _log_all(logger, _BEFORE + [(2, {"val/acc": 0.5}), (3, {"train/loss": 9.0})])  # failed after step 3
+    logger.resume_at(2)
+    _log_all(logger, _AFTER)
+    logger.resume_at(4)
+    _log_all(logger, [(6, {"train/loss": 0.1})])
     logger.finalize()
-    if make is TensorBoardLogger:
-        assert [e.step for e in read_events(logger.log_dir).Scalars("train/loss")] == [1, 2, 4]
-    elif make is CSVLogger:
-        assert [r["step"] for r in read_csv(logger.log_dir)[1]] == ["1", "2", "4"]
-    else:
-        with open(os.path.join(logger.log_dir, "metrics.jsonl")) as f:
-            assert [json.loads(line)["step"] for line in f] == [1, 2, 4]
+    assert _logged(logger.log_dir, make) == _logged(straight.log_dir, make)
+
+
+@pytest.mark.parametrize("make", [CSVLogger, JSONLLogger, TensorBoardLogger])
+def test_a_fresh_run_into_a_version_folder_replaces_the_earlier_records_and_hparams_with_a_warning(tmp_path, make):
+    earlier = make(tmp_path, "run", version=0)
+    earlier.log_hparams({"lr": 0.1, "old": True})
+    _log_all(earlier, _BEFORE + _AFTER)
+    earlier.finalize()
+    fresh = make(tmp_path, "run", version=0)
+    fresh.resume_at(0)
+    with pytest.warns(UserWarning, match="replaces them"):
+        _log_all(fresh, [(1, {"train/loss": 2.0})])
+    fresh.finalize()
+    reference = make(tmp_path / "ref", "run", version=0)
+    _log_all(reference, [(1, {"train/loss": 2.0})])
+    reference.finalize()
+    assert _logged(fresh.log_dir, make) == _logged(reference.log_dir, make)
+    assert not os.path.exists(os.path.join(fresh.log_dir, "hparams.json"))
+    assert not [v for e in _events_in(fresh.log_dir) for v in e.summary.value if v.tag.startswith("_hparams_/")]
+
+
+def test_writes_before_a_resumed_fit_do_not_keep_the_crashed_runs_records(tmp_path):
+    """A script that reads log_dir, logs hyper-parameters or writes through tb.writer before run_epochs: the
+    resume_at of the fit's beginning still applies (the writer's file is closed and rewritten with the rest)."""
+    straight = TensorBoardLogger(tmp_path / "a", "run", version=0), CSVLogger(tmp_path / "a", "run", version=0)
+    crashed = TensorBoardLogger(tmp_path / "b", "run", version=0), CSVLogger(tmp_path / "b", "run", version=0)
+    for logger in straight + crashed:
+        logger.log_hparams({"lr": 0.1})
+    for logger in straight:
+        _log_all(logger, _BEFORE + _AFTER)
+    for logger in crashed:
+        _log_all(logger, _BEFORE + [(step, {k: v + 1 for k, v in m.items()}) for step, m in _AFTER])
+    for logger in straight + crashed:
+        logger.finalize()
+    tb, csv_logger = TensorBoardLogger(tmp_path / "b", "run", version=0), CSVLogger(tmp_path / "b", "run", version=0)
+    tb.writer.add_text("config", "lr=0.1", 0)
+    assert csv_logger.log_dir
+    for logger in (tb, csv_logger):
+        logger.log_hparams({"lr": 0.1})
+        logger.resume_at(2)  # (run_epochs, as the fit begins)
+        _log_all(logger, _AFTER)
+        logger.finalize()
+    for logger, reference in zip((tb, csv_logger), straight):
+        assert _logged(logger.log_dir, type(logger)) == _logged(reference.log_dir, type(reference))
+    metrics = [[m.name.tag for m in _hparams_content(read_events(lg.log_dir))["_hparams_/experiment"].experiment.metric_infos]
+               for lg in (tb, straight[0])]
+    assert metrics[0] == metrics[1] == ["train/loss", "lr", "val/acc", "epoch"]  # the HPARAMS tab's, as unresumed
+    assert len(read_events(tb.log_dir).Tensors("config/text_summary")) == 1  # the writer's text, once
+
+
+def test_a_tensorboard_logger_reopened_many_times_in_one_second_keeps_its_files_in_order(tmp_path):
+    """TensorBoard reads a folder's event files in name order: the 10th reopen sorted before the 2nd."""
+    logger = TensorBoardLogger(tmp_path)
+    for step in range(1, 13):
+        logger.log_metrics({"train/loss": float(step)}, step)
+        logger.finalize()
+    assert [e.step for e in read_events(logger.log_dir).Scalars("train/loss")] == list(range(1, 13))
+
+
+def test_resume_at_drops_the_torn_last_row_of_a_killed_csv_run(tmp_path):
+    crashed = _crashed_run(tmp_path, CSVLogger, steps=(1, 2))
+    with open(os.path.join(crashed.log_dir, "metrics.csv"), "a") as f:
+        f.write("3,0.3")  # killed mid-write: "3,0.33" would have been a whole row with its newline
+    resumed = CSVLogger(tmp_path, "run", version=0)
+    resumed.resume_at(2)
+    resumed.log_metrics({"train/loss": 0.25}, 3)
+    assert [(r["step"], r["train/loss"]) for r in read_csv(resumed.log_dir)[1]] == [("1", "1.0"), ("2", "0.5"), ("3", "0.25")]
 
 
 def test_resume_at_refuses_a_step_that_is_not_a_count(tmp_path):
@@ -177,7 +257,7 @@ def test_resume_at_drops_the_torn_last_line_of_a_killed_jsonl_run_and_keeps_a_fo
     resumed.resume_at(2)
     resumed.log_metrics({"train/loss": 0.3}, 3)
     assert [json.loads(line) for line in path.read_text().splitlines()] == [
-        {"step": 1, "train/loss": 1.0}, {"step": 2, "train/loss": 0.5, "val/acc": 0.2}, {"step": 3, "train/loss": 0.3}]
+        {"step": 1, "train/loss": 1.0}, {"step": 2, "train/loss": 0.5}, {"step": 3, "train/loss": 0.3}]
     folder = tmp_path / "c" / "run" / "version_0"
     folder.mkdir(parents=True)
     (folder / "metrics.csv").write_text("epoch,loss\n5,0.1\n")  # not a file a CSVLogger wrote: refused, left as it is

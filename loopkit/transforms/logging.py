@@ -117,11 +117,12 @@ class LoggingStep(WrapperStep):
         return new, metrics
 
     def on_event(self, event: str, state: TrainState, metrics: Mapping[str, float]) -> None:
-        if event in ("fit_start", "validation_end"):  # a fit's first event: the step it continues the run from
+        if event == "fit_begin":  # the step a fit continues the run from: what a folder holds after it goes
             for logger in self.loggers:
                 resume_at = getattr(logger, "resume_at", None)
-                if resume_at is not None:  # (a file logger continuing a run in its folder drops what came after)
+                if resume_at is not None:
                     resume_at(state.step)
+            return
         if event == "validation_end":
             scalars = dict(metrics)
         elif event == "batch_end":  # a callback's scalars after an update (the rates of LearningRateMonitor("step"))
