@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import numbers
 import types
 import warnings
@@ -195,6 +196,9 @@ class TrainState(_GraphSlot):
         for param, grad in zip(self.model.parameters(), fields["grads"], strict=True):
             param.grad = grad
         optimizer = self.optimizer
+        if isinstance(optimizer, torch.optim.LBFGS) and "_params" not in optimizer.__dict__:  # (torch's own copy
+            optimizer._params = optimizer.param_groups[0]["params"]  # of an LBFGS leaves out what it keeps aside)
+            optimizer._numel_cache = None
         if self.scheduler is not None and "step" not in optimizer.__dict__:  # type: ignore[union-attr]
             optimizer.step = _track_step_called(optimizer)  # type: ignore[method-assign, union-attr, arg-type]
 
@@ -820,9 +824,33 @@ def _clone_scheduler(scheduler: Any, optimizer: torch.optim.Optimizer) -> Any:
     for name, value in attributes.items():
         if isinstance(value, weakref.WeakMethod) and value.__self__ is scheduler:  # type: ignore[attr-defined]
             attributes[name] = weakref.WeakMethod(getattr(new, value.__func__.__name__))  # type: ignore[attr-defined]
-        elif isinstance(value, torch.Tensor):
-            attributes[name] = value.clone()
+        elif name != "optimizer" and name != "_schedulers":
+            attributes[name] = _scheduler_value(value)
     return new
+
+
+def _scheduler_value(value: Any) -> Any:
+    """A scheduler attribute as the copy's own: tensors, containers (milestones, a custom scheduler's lists) and
+    callable objects with state of their own (LambdaLR's ``lr_lambdas``, whose ``__dict__`` its state dict holds)
+    copied; numbers, strings and functions shared."""
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, list):
+        return [_scheduler_value(v) for v in value]
+    if isinstance(value, dict):
+        copied = copy.copy(value)  # (a Counter stays a Counter)
+        for key, v in value.items():
+            copied[key] = _scheduler_value(v)
+        return copied
+    if isinstance(value, set):
+        return set(value)
+    if callable(value) and hasattr(value, "__dict__") and not isinstance(value, _SHARED_CALLABLES):
+        return copy.copy(value)
+    return value
+
+
+#: callables a scheduler copy shares (no state of their own that a scheduler's state dict holds)
+_SHARED_CALLABLES = (types.FunctionType, types.MethodType, types.BuiltinFunctionType, type, functools.partial)
 
 
 # --- loading a state dict ------------------------------------------------------------------
@@ -845,7 +873,7 @@ def _decode(state: TrainState, sd: Mapping[str, Any]) -> dict[str, Any]:
     if "optimizer" in template:
         decoded["optimizer"] = _decode_optimizer(sd["optimizer"], template["optimizer"], state.optimizer)
     if "scheduler" in template:
-        decoded["scheduler"] = from_plain(sd["scheduler"], state.scheduler.state_dict(), ("scheduler",))
+        decoded["scheduler"] = _decode_scheduler(sd["scheduler"], state.scheduler.state_dict())
     for key in ("step", "epoch", "batch_index", "seed"):
         value = sd[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -857,6 +885,31 @@ def _decode(state: TrainState, sd: Mapping[str, Any]) -> dict[str, Any]:
         raise StateMismatchError(f"key 'extras' holds a {type(extras).__qualname__}, expected a mapping")
     decoded["extras"] = extras
     return decoded
+
+
+def _decode_scheduler(plain: Any, template: Mapping[str, Any]) -> Any:
+    """The scheduler's state dict, in the structure of ``template`` (the state's own scheduler's), except that
+    a list may have another length (a scheduler of one's own that keeps a growing history)."""
+    try:
+        return from_plain(plain, template, ("scheduler",))
+    except StateMismatchError as error:
+        try:
+            return from_plain(plain, _resized(plain, template), ("scheduler",))
+        except StateMismatchError:
+            raise error from None
+
+
+def _resized(plain: Any, template: Any) -> Any:
+    """``template`` with each list as long as the one ``plain`` holds there (new items shaped as its last, or as
+    ``plain``'s own when the template's list is empty)."""
+    if not isinstance(plain, Mapping):
+        return template
+    if isinstance(template, Mapping):
+        return {k: _resized(plain.get(str(k)), v) for k, v in template.items()}
+    if isinstance(template, (list, tuple)) and all(k.isdigit() for k in plain):
+        items = [template[min(i, len(template) - 1)] if template else plain[str(i)] for i in range(len(plain))]
+        return type(template)(_resized(plain.get(str(i)), item) for i, item in enumerate(items))
+    return template
 
 
 def _decode_grads(grads: Mapping[str, Any], params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:

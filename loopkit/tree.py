@@ -272,10 +272,24 @@ def from_plain(plain: Any, template: Any, path: tuple[str, ...] = ()) -> Any:
             if key not in known:
                 raise _mismatch(f"unexpected key '{path_str(path + (key,))}'")
         if isinstance(template, Mapping):
-            return decoded
+            return _like(template, decoded)
         values = list(decoded.values())
         return values if isinstance(template, list) else type(template)(values)
     raise TypeError(f"cannot decode state at '{path_str(path)}' into a {type(template).__qualname__}")
+
+
+def _like(template: Mapping[Any, Any], decoded: dict[Any, Any]) -> Mapping[Any, Any]:
+    """``decoded`` as a mapping of ``template``'s own type (a scheduler's ``Counter`` of milestones), a dict
+    when that type cannot be copied and filled."""
+    if type(template) is dict:
+        return decoded
+    try:
+        out = copy.copy(template)
+        out.clear()  # type: ignore[attr-defined]
+        out.update(decoded)  # type: ignore[attr-defined]
+    except (AttributeError, TypeError):
+        return decoded
+    return out
 
 
 def _mismatch(message: str) -> StateMismatchError:
