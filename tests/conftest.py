@@ -156,6 +156,19 @@ def through_a_file(tree: Any) -> Any:
     return torch.load(buffer, weights_only=True)
 
 
+def prefixed(tensors: Mapping[str, Any]) -> dict[str, Any]:
+    """``tensors`` named as a ``torch.compile``'d model names its own (``_orig_mod.<name>``)."""
+    return {f"_orig_mod.{name}": t for name, t in tensors.items()}
+
+
+def saved_by_an_older_loopkit(state: loopkit.TrainState, extras_key: str) -> dict[str, Any]:
+    """``state``'s state dict (through a file) as loopkit saved a compiled model's before naming its tensors after
+    the plain model: the model's, the gradients' and ``extras[extras_key]``'s names carry ``_orig_mod.``."""
+    sd = state.state_dict()
+    extras = {**sd["extras"], extras_key: prefixed(sd["extras"][extras_key])}
+    return through_a_file({**sd, "model": prefixed(sd["model"]), "grads": prefixed(sd["grads"]), "extras": extras})
+
+
 def restored_in_float64(step: Any, make_model: Any, data: list[Any], trained: int = 2) -> tuple[Any, Any, list[Any]]:
     """``step`` (with Adam) over ``data[:trained]`` from ``make_model(0)``, saved through a file: ``(saved,
     restore, rest)``, where ``restore()`` loads it into a float64 template (``make_model(1).double()``) and

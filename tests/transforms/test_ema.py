@@ -9,7 +9,13 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import loopkit
 from loopkit import checkpoint
-from tests.conftest import assert_refused_before_the_update, restored_in_float64, through_a_file
+from tests.conftest import (
+    assert_refused_before_the_update,
+    prefixed,
+    restored_in_float64,
+    saved_by_an_older_loopkit,
+    through_a_file,
+)
 
 DECAY = 0.9
 
@@ -307,33 +313,20 @@ def test_a_head_replaced_in_place_with_a_new_optimizer_is_refused_before_the_upd
     assert_trees_equal(take_snapshot(state), before)
 
 
-def _prefixed(tensors) -> dict:
-    return {f"_orig_mod.{name}": t for name, t in tensors.items()}
-
-
-def _saved_by_an_older_loopkit(state) -> dict:
-    """``state``'s state dict as loopkit saved a compiled model's before naming its tensors after the plain model:
-    the model's, the gradients' and the averages' names carry ``_orig_mod.``."""
-    sd = state.state_dict()
-    extras = {**sd["extras"], "ema/params": _prefixed(sd["extras"]["ema/params"])}
-    return through_a_file({**sd, "model": _prefixed(sd["model"]), "grads": _prefixed(sd["grads"]), "extras": extras})
-
-
 @pytest.mark.parametrize("into", ["plain", "compiled"])
 def test_an_older_checkpoint_of_a_compiled_model_resumes_its_averages_exactly(into, make_mlp, make_batches, mse_loss,
                                                                              make_adam_state, assert_trees_equal):
     """Its averages are named as the compiled model names its parameters (``_orig_mod.0.weight``): they were
     refused ('hold no average of parameter 0.weight ... drop ema/params'), the model's own tensors loading."""
     data = make_batches(6)
-    # (donated, and into a compiled template checked against today's checkpoint only: loopkit's copy of a compiled
-    # model, a pure call's or a restored state's, still runs the original's forward, a matter of its own)
     step = loopkit.donate(loopkit.with_ema(loopkit.train_step(mse_loss), DECAY))
     uninterrupted = make_adam_state(torch.compile(make_mlp(0), backend="eager"))
     for k, batch in enumerate(data):
         uninterrupted, _ = step(uninterrupted, batch)
         if k == 2:
-            older, today = _saved_by_an_older_loopkit(uninterrupted), through_a_file(uninterrupted.state_dict())
-    assert sorted(older["extras"]["ema/params"]) == sorted(_prefixed(dict(make_mlp(0).named_parameters())))
+            older = saved_by_an_older_loopkit(uninterrupted, "ema/params")
+            today = through_a_file(uninterrupted.state_dict())
+    assert sorted(older["extras"]["ema/params"]) == sorted(prefixed(dict(make_mlp(0).named_parameters())))
 
     resumed = {}
     for name, saved in (("older", older), ("today", today)):
@@ -346,8 +339,7 @@ def test_an_older_checkpoint_of_a_compiled_model_resumes_its_averages_exactly(in
         resumed[name] = state
     assert sorted(resumed["older"].extras["ema/params"]) == sorted(today["extras"]["ema/params"])  # the plain names
     assert_trees_equal(resumed["older"].state_dict(), resumed["today"].state_dict())  # averages, model, optimizer
-    if into == "plain":  # (see above)
-        assert_trees_equal(resumed["older"].state_dict(), uninterrupted.state_dict())
+    assert_trees_equal(resumed["older"].state_dict(), uninterrupted.state_dict())
 
 
 def test_older_prefixed_averages_that_do_not_fit_the_model_are_still_refused(make_mlp, make_batches, mse_loss,
@@ -360,10 +352,10 @@ def test_older_prefixed_averages_that_do_not_fit_the_model_are_still_refused(mak
         "a mix of both names": (
             {"_orig_mod.0.weight": averages["0.weight"], **{k: v for k, v in averages.items() if k != "0.weight"}},
             r"with_ema: the state's averages hold no average of parameter '0\.weight' \(shape \(8, 4\)\)"),
-        "mis-shaped": (_prefixed({**averages, "2.weight": averages["2.weight"][:1]}),
+        "mis-shaped": (prefixed({**averages, "2.weight": averages["2.weight"][:1]}),
                        r"with_ema: the average of parameter '2\.weight' has shape \(1, 8\), but the parameter has "
                        r"shape \(2, 8\)"),
-        "of no parameter": (_prefixed({**averages, "4.weight": averages["2.weight"]}),
+        "of no parameter": (prefixed({**averages, "4.weight": averages["2.weight"]}),
                             r"with_ema: the state's averages hold one of '4\.weight', which is not a parameter"),
     }
     for bad_averages, match in cases.values():
@@ -372,5 +364,5 @@ def test_older_prefixed_averages_that_do_not_fit_the_model_are_still_refused(mak
                                          take_snapshot, assert_trees_equal)
         with pytest.raises(ValueError, match=match.replace("with_ema", "ema_state")):
             loopkit.ema_state(bad)
-    fits = state.evolve(extras={**state.extras, "ema/params": _prefixed(averages)})  # all prefixed, all fit
+    fits = state.evolve(extras={**state.extras, "ema/params": prefixed(averages)})  # all prefixed, all fit
     assert_trees_equal(step(fits, data[0])[0].extras["ema/params"], step(state, data[0])[0].extras["ema/params"])

@@ -10,7 +10,13 @@ from torch.nn.utils import prune
 import loopkit
 from loopkit import checkpoint
 from loopkit.transforms.pruning import cubic_sparsity, default_prunable
-from tests.conftest import assert_refused_before_the_update, restored_in_float64, through_a_file
+from tests.conftest import (
+    assert_refused_before_the_update,
+    prefixed,
+    restored_in_float64,
+    saved_by_an_older_loopkit,
+    through_a_file,
+)
 
 AMOUNT = 0.7
 POINTS = [2, 4, 6]
@@ -471,32 +477,19 @@ def test_a_compiled_models_own_names_name_the_tensors_to_prune(make_batches, mse
     assert torch.equal(pruned[0], pruned[1]) and int((pruned[0] == 0).sum()) > 0
 
 
-def _prefixed(tensors) -> dict:
-    return {f"_orig_mod.{name}": t for name, t in tensors.items()}
-
-
-def _saved_by_an_older_loopkit(state) -> dict:
-    """``state``'s state dict as loopkit saved a compiled model's before naming its tensors after the plain model:
-    the model's, the gradients' and the masks' names carry ``_orig_mod.``."""
-    sd = state.state_dict()
-    extras = {**sd["extras"], "pruning/masks": _prefixed(sd["extras"]["pruning/masks"])}
-    return through_a_file({**sd, "model": _prefixed(sd["model"]), "grads": _prefixed(sd["grads"]), "extras": extras})
-
-
 @pytest.mark.parametrize("into", ["plain", "compiled"])
 def test_an_older_checkpoint_of_a_compiled_model_resumes_with_its_masks(into, make_batches, mse_loss, make_adam_state,
                                                                         assert_trees_equal):
     """Its masks are named as the compiled model names its parameters (``_orig_mod.0.weight``): they were refused
     ('the model has no parameter _orig_mod.0.weight ... drop pruning/masks'), the model's own tensors loading."""
     data = make_batches(8, d_in=4, d_out=2)
-    # (donated, and into a compiled template checked against today's checkpoint only: loopkit's copy of a compiled
-    # model, a pure call's or a restored state's, still runs the original's forward, a matter of its own)
     step = loopkit.donate(loopkit.with_pruning(loopkit.train_step(mse_loss), AMOUNT, POINTS))
     uninterrupted = make_adam_state(torch.compile(_wide_mlp(0), backend="eager"))
     for k, batch in enumerate(data, start=1):
         uninterrupted, _ = step(uninterrupted, batch)
         if k == 3:  # pruned once (POINTS): the next points grow the checkpoint's masks
-            older, today = _saved_by_an_older_loopkit(uninterrupted), through_a_file(uninterrupted.state_dict())
+            older = saved_by_an_older_loopkit(uninterrupted, "pruning/masks")
+            today = through_a_file(uninterrupted.state_dict())
     assert sorted(older["extras"]["pruning/masks"]) == ["_orig_mod.0.weight", "_orig_mod.2.weight"]
 
     resumed = {}
@@ -508,8 +501,7 @@ def test_an_older_checkpoint_of_a_compiled_model_resumes_with_its_masks(into, ma
         resumed[name] = state
     assert sorted(resumed["older"].extras["pruning/masks"]) == ["0.weight", "2.weight"]
     assert_trees_equal(resumed["older"].state_dict(), resumed["today"].state_dict())  # masks, model, optimizer
-    if into == "plain":  # (see above)
-        assert_trees_equal(resumed["older"].state_dict(), uninterrupted.state_dict())
+    assert_trees_equal(resumed["older"].state_dict(), uninterrupted.state_dict())
 
 
 def test_older_prefixed_masks_that_do_not_fit_the_model_are_still_refused(make_batches, mse_loss, take_snapshot,
@@ -522,15 +514,15 @@ def test_older_prefixed_masks_that_do_not_fit_the_model_are_still_refused(make_b
         "a mix of both names": ({"_orig_mod.0.weight": masks["0.weight"], "2.weight": masks["2.weight"]},
                                 r"with_pruning: the model has no parameter '_orig_mod\.0\.weight', "
                                 r"which the masks in state\.extras\['pruning/masks'\] name"),
-        "mis-shaped": (_prefixed({**masks, "2.weight": masks["2.weight"][:, :8]}),
+        "mis-shaped": (prefixed({**masks, "2.weight": masks["2.weight"][:, :8]}),
                        r"with_pruning: the mask of parameter '2\.weight' has shape \(2, 8\), but the parameter has "
                        r"shape \(2, 16\)"),
-        "of no parameter": (_prefixed({**masks, "4.weight": masks["2.weight"]}),
+        "of no parameter": (prefixed({**masks, "4.weight": masks["2.weight"]}),
                             r"with_pruning: the model has no parameter '4\.weight', which the masks"),
     }
     for bad_masks, match in cases.values():
         bad = state.evolve(extras={**state.extras, "pruning/masks": bad_masks})
         assert_refused_before_the_update(step, bad, data, match, "drop 'pruning/masks' and 'pruning/sparsity'",
                                          take_snapshot, assert_trees_equal)
-    fits = state.evolve(extras={**state.extras, "pruning/masks": _prefixed(masks)})  # all prefixed, all fit
+    fits = state.evolve(extras={**state.extras, "pruning/masks": prefixed(masks)})  # all prefixed, all fit
     assert_trees_equal(step(fits, data[0])[0].state_dict(), step(state, data[0])[0].state_dict())
