@@ -552,8 +552,9 @@ def core_module(model: nn.Module) -> nn.Module:
     >>> core_module(torch.nn.Linear(1, 1)).__class__.__name__
     'Linear'
     """
-    inner = model._modules.get("_orig_mod")  # (torch._dynamo's OptimizedModule, not imported for this)
-    return inner if inner is not None and type(model).__name__ == "OptimizedModule" else model
+    modules = model._modules  # (a TorchScript module's is no dict)
+    inner = modules.get("_orig_mod") if isinstance(modules, dict) else None  # (torch._dynamo's OptimizedModule,
+    return inner if inner is not None and type(model).__name__ == "OptimizedModule" else model  # not imported for this)
 
 
 _COMPILED = "_orig_mod."  # the prefix of a compiled model's own state dict keys (checkpoints from before core_module)
@@ -718,6 +719,12 @@ def _keep_tensor_hooks(t: torch.Tensor, new: torch.Tensor) -> None:
 #: (observers, activation hooks); a copy has its own. The id-keyed companions of the hook dicts
 #: stay shared (a stray id there is inert), and so do the state-dict hooks, set when a model is built.
 _MODULE_REGISTRIES = ("_non_persistent_buffers_set", "_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+#: the attributes every ``nn.Module`` has: what is not among them is the module's own (its configuration, or more)
+_MODULE_STANDARD = frozenset(nn.Module().__dict__)
+#: the hook registries not copied for the copy (rarely added to); their hooks are bound to the copy when any is there
+_OTHER_HOOKS = tuple(sorted(n for n in _MODULE_STANDARD if "hooks" in n and n not in _MODULE_REGISTRIES))
+#: attribute values a copy shares as they are
+_SHARED_VALUES = (bool, int, float, str, type(None), torch.dtype, torch.device, torch.Size)
 
 
 def _clone_module(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
@@ -725,6 +732,14 @@ def _clone_module(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
     found = memo.get(key)
     if found is not None:
         return found
+    own = module.__dict__.keys() - _MODULE_STANDARD  # (the class's own attributes: in_features, a user's ...)
+    if ("_c" in own or "_actual_script_module" in own) and isinstance(module, torch.jit.ScriptModule):
+        raise TypeError(
+            f"loopkit cannot copy the TorchScript module {type(module).__qualname__} in the state's model (torch.jit."
+            "script or trace: its parameters live in C++, and a copy would train the original's), as a pure step, "
+            "load_state_dict and restore do: train the plain model (a donated step trains it without a copy) and "
+            "script it after training"
+        )
     new = object.__new__(type(module))
     attributes = module.__dict__.copy()
     object.__setattr__(new, "__dict__", attributes)
@@ -733,28 +748,61 @@ def _clone_module(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
     for name in _MODULE_REGISTRIES:
         registry = attributes.get(name)
         if registry is not None:
-            attributes[name] = registry.copy()
+            attributes[name] = _copied_attribute(registry, memo) if registry else registry.copy()
+    for name in _OTHER_HOOKS:
+        hooks = attributes.get(name)
+        if hooks:  # (a hook that is a method of the module runs on the copy)
+            attributes[name] = _copied_attribute(hooks, memo)
     params = attributes["_parameters"]
     attributes["_parameters"] = {n: None if p is None else _clone_tensor(p, memo) for n, p in params.items()} if params else {}
     buffers = attributes["_buffers"]
     attributes["_buffers"] = {n: None if b is None else _clone_tensor(b, memo) for n, b in buffers.items()} if buffers else {}
     children = attributes["_modules"]
     attributes["_modules"] = {n: None if m is None else _clone_module(m, memo) for n, m in children.items()} if children else {}
+    for name in own:
+        value = attributes[name]
+        if not isinstance(value, _SHARED_VALUES):
+            attributes[name] = _copied_attribute(value, memo)
     if isinstance(module, nn.RNNBase):
         new._init_flat_weights()
     elif children and "_orig_mod" in children and callable(getattr(new, "_initialize", None)):
         new._initialize()  # torch.compile's wrapper: its forward, bound to the original's inner module, bound to the copy's
-    if types.MethodType in map(type, attributes.values()):  # a method of the module (or of one below it) kept
-        _bind_methods_to_copies(attributes, memo)  # as an attribute, ``self.impl = self._impl``
     return new
 
 
-def _bind_methods_to_copies(attributes: dict[str, Any], memo: dict[int, Any]) -> None:
-    """Bind each method in a copied module's ``attributes`` to the copy of its module, as ``copy.deepcopy`` does
-    (bound to the original, the copy's forward would run the original's parameters)."""
-    for name, value in attributes.items():
-        if type(value) is types.MethodType:
-            attributes[name] = types.MethodType(value.__func__, memo.get(id(value.__self__), value.__self__))
+def _copied_attribute(value: Any, memo: dict[int, Any]) -> Any:
+    """A module's attribute as its copy's own, as ``copy.deepcopy`` would make it where it reaches the module's
+    tensors or modules: a module (kept in a list, a dict, a back-reference), a method or ``functools.partial`` of
+    one, a tensor, a generator, and the containers holding them; other objects (configuration) are shared."""
+    if isinstance(value, _SHARED_VALUES):
+        return value
+    kind = type(value)
+    if kind is list or kind is tuple:
+        return kind(_copied_attribute(v, memo) for v in value)
+    if isinstance(value, dict):
+        copied = copy.copy(value)  # (an OrderedDict of hooks stays one)
+        for k, v in value.items():
+            copied[k] = _copied_attribute(v, memo)
+        return copied
+    if kind is set:
+        return set(value)
+    if isinstance(value, nn.Module):
+        return _clone_module(value, memo)
+    if kind is types.MethodType:
+        owner = value.__self__
+        if isinstance(owner, nn.Module):
+            owner = _clone_module(owner, memo)
+        return types.MethodType(value.__func__, owner)
+    if kind is functools.partial:
+        return functools.partial(_copied_attribute(value.func, memo), *_copied_attribute(value.args, memo),
+                                 **_copied_attribute(value.keywords, memo))
+    if isinstance(value, torch.Tensor):
+        return _clone_tensor(value, memo)
+    if kind is torch.Generator:
+        generator = torch.Generator(value.device)
+        generator.set_state(value.get_state())
+        return generator
+    return value
 
 
 def _clone_value(value: Any, memo: dict[int, Any]) -> Any:
@@ -778,19 +826,28 @@ def _clone_entry(entry: dict[str, Any], memo: dict[int, Any]) -> dict[str, Any]:
 def _clone_optimizer(
     optimizer: torch.optim.Optimizer, memo: dict[int, Any], with_state: bool = True
 ) -> torch.optim.Optimizer:
+    found = memo.get(id(optimizer))
+    if found is not None:
+        return found
     new = object.__new__(type(optimizer))
     attributes = optimizer.__dict__.copy()
     object.__setattr__(new, "__dict__", attributes)
-    groups = []
-    for group in optimizer.param_groups:
-        copied = {k: _clone_value(v, memo) if isinstance(v, torch.Tensor) else v for k, v in group.items()}
-        copied["params"] = [_clone_tensor(p, memo) for p in group["params"]]
-        groups.append(copied)
+    memo[id(optimizer)] = new
+    groups = memo.get(id(optimizer.param_groups))  # (a wrapper optimizer shares its inner one's groups)
+    if groups is None:
+        groups = memo[id(optimizer.param_groups)] = []
+        for group in optimizer.param_groups:
+            copied = {k: _clone_value(v, memo) if isinstance(v, torch.Tensor) else v for k, v in group.items()}
+            copied["params"] = [_clone_tensor(p, memo) for p in group["params"]]
+            groups.append(copied)
     attributes["param_groups"] = groups
-    for name, value in attributes.items():  # LBFGS keeps its group's parameter list as ``_params`` too
-        for group, copied in zip(optimizer.param_groups, groups):
-            if value is group["params"]:
+    for name in optimizer.__dict__.keys() - _OPTIMIZER_STANDARD:
+        value = attributes[name]
+        for group, copied in zip(optimizer.param_groups, groups):  # LBFGS keeps its group's parameter list as
+            if value is group["params"]:  # ``_params`` too
                 attributes[name] = copied["params"]
+        if isinstance(value, torch.optim.Optimizer):  # a wrapper's inner optimizer (Lookahead, SAM): the copy's own
+            attributes[name] = _clone_optimizer(value, memo, with_state)
     state: defaultdict = defaultdict(dict)
     for p, entry in optimizer.state.items() if with_state else ():
         state[_clone_tensor(p, memo)] = _clone_entry(entry, memo)
@@ -798,6 +855,10 @@ def _clone_optimizer(
     if "step" in attributes:  # the LR scheduler's wrapper, bound to the original optimizer
         attributes["step"] = _track_step_called(new)
     return new
+
+
+#: the attributes every optimizer has: what is not among them is the optimizer's own
+_OPTIMIZER_STANDARD = frozenset(torch.optim.SGD([torch.zeros(1, requires_grad=True)]).__dict__) | {"step"}
 
 
 def _track_step_called(optimizer: torch.optim.Optimizer) -> Any:
@@ -867,7 +928,7 @@ def _decode(state: TrainState, sd: Mapping[str, Any]) -> dict[str, Any]:
     for key in sd:
         if key not in template:
             raise StateMismatchError(f"unexpected key '{key}'")
-    decoded: dict[str, Any] = {"model": from_plain(_without_compiled_prefix(sd["model"]), template["model"], ("model",))}
+    decoded: dict[str, Any] = {"model": _decode_model(_without_compiled_prefix(sd["model"]), template["model"], state.model)}
     params = dict(core_module(state.model).named_parameters())
     decoded["grads"] = _decode_grads(_without_compiled_prefix(sd.get("grads", {})), params)
     if "optimizer" in template:
@@ -885,6 +946,35 @@ def _decode(state: TrainState, sd: Mapping[str, Any]) -> dict[str, Any]:
         raise StateMismatchError(f"key 'extras' holds a {type(extras).__qualname__}, expected a mapping")
     decoded["extras"] = extras
     return decoded
+
+
+def _decode_model(plain: Any, template: Mapping[str, Any], model: nn.Module) -> Any:
+    """The model's state dict in the structure of ``template``, except that the buffers of fake-quantization and
+    observer modules may have other shapes (per-channel scales: they resize themselves as the model loads them)."""
+    try:
+        return from_plain(plain, template, ("model",))
+    except StateMismatchError as error:
+        resizable = _resizable_buffers(model)
+        if not resizable or not isinstance(plain, Mapping):
+            raise
+        loose = {k: plain[k] if k in resizable and isinstance(plain.get(k), torch.Tensor) else v for k, v in template.items()}
+        try:
+            return from_plain(plain, loose, ("model",))
+        except StateMismatchError:
+            raise error from None
+
+
+def _resizable_buffers(model: nn.Module) -> set[str]:
+    """The state-dict names of the buffers of ``model``'s fake-quantization and observer modules (``prepare_qat``'s)."""
+    from torch.ao.quantization import FakeQuantizeBase
+    from torch.ao.quantization.observer import ObserverBase
+
+    return {
+        f"{prefix}.{name}" if prefix else name
+        for prefix, module in core_module(model).named_modules()
+        if isinstance(module, (FakeQuantizeBase, ObserverBase))
+        for name, _ in module.named_buffers(recurse=False)
+    }
 
 
 def _decode_scheduler(plain: Any, template: Mapping[str, Any]) -> Any:

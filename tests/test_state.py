@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import collections
 import copy
+import functools
 import re
 
 import attrs
@@ -12,6 +14,7 @@ from torch import nn
 
 import loopkit
 from loopkit.state import fork
+from tests.conftest import assert_equal_trees, through_a_file
 
 # --- create and evolve ----------------------------------------------------------------------------
 
@@ -802,6 +805,52 @@ class _Tied(nn.Module):
         return self.head(self.b(torch.tanh(self.a(x))))
 
 
+class _HeadsInADict(nn.Module):
+    """Registered children also kept in a dict, a list and a functools.partial of a method."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 2)
+        self.heads, self.layers = {"main": self.b}, [self.a]
+        self.scaled = functools.partial(self._scaled, scale=2.0)
+
+    def _scaled(self, x, scale):
+        return torch.tanh(self.layers[0](x)) * scale
+
+    def forward(self, x):
+        return self.heads["main"](self.scaled(x))
+
+
+class _Child(nn.Module):
+    def __init__(self, parent):
+        super().__init__()
+        object.__setattr__(self, "parent", parent)  # a back-reference, not a registered child
+
+    def forward(self, x):
+        return x * self.parent.scale
+
+
+class _WithStateOutsideTheRegistries(nn.Module):
+    """A back-reference, an unregistered BatchNorm in a plain list, a forward hook that is a method counting into a
+    buffer, a plain tensor the forward updates in place and a generator of its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.scale = nn.Linear(4, 2), nn.Parameter(torch.ones(2))
+        self.child, self.norms = _Child(self), [nn.BatchNorm1d(2)]
+        self.register_buffer("calls", torch.zeros(()))
+        self.register_forward_hook(self._count)
+        self.running, self.noise = torch.zeros(2), torch.Generator().manual_seed(5)
+
+    def _count(self, module, inputs, output):
+        self.calls.add_(1)
+
+    def forward(self, x):
+        y = self.norms[0](self.child(self.a(x + 0.01 * torch.randn(x.shape, generator=self.noise))))
+        self.running.add_(y.detach().mean(0))
+        return y + self.running
+
+
 def _mlp_with(change):
     model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
     change(model[0])
@@ -810,6 +859,8 @@ def _mlp_with(change):
 
 _STRUCTURES = {
     "bound methods": _KeepsItsMethods,
+    "children in a dict, a list and a partial": _HeadsInADict,
+    "state outside the registries": _WithStateOutsideTheRegistries,
     "tied weights": _Tied,
     "orthogonal parametrization": lambda: _mlp_with(nn.utils.parametrizations.orthogonal),
     "weight_norm parametrization": lambda: _mlp_with(nn.utils.parametrizations.weight_norm),
@@ -856,6 +907,97 @@ def test_pure_steps_train_the_copy_of_any_module_structure_as_a_raw_loop_trains_
     assert current.model.state_dict().keys() == raw_model.state_dict().keys()
     for (name, p), q in zip(current.model.state_dict().items(), raw_model.state_dict().values()):
         assert torch.equal(p, q), name
+    for name in ("running", "norms"):  # (what no state dict holds: copied too, as deepcopy copies it)
+        if hasattr(raw_model, name):
+            assert_trees_equal(getattr(state.model, name) if name == "running" else state.model.norms[0].running_mean,
+                               torch.zeros(2))
+            assert_trees_equal(getattr(current.model, name) if name == "running" else current.model.norms[0].running_mean,
+                               getattr(raw_model, name) if name == "running" else raw_model.norms[0].running_mean)
+
+
+def test_a_wrapper_optimizers_inner_optimizer_is_copied_for_a_pure_step():
+    """A Lookahead/SAM-style optimizer holding another: the copy's inner optimizer stepped the original's parameters
+    (without gradients): a pure step trained nothing. Reference: the raw loop."""
+
+    class Wrapper(torch.optim.Optimizer):
+        def __init__(self, inner):
+            self.inner, self.param_groups, self.defaults = inner, inner.param_groups, inner.defaults
+            self.state = collections.defaultdict(dict)
+            for name in ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks", "_optimizer_state_dict_pre_hooks",
+                         "_optimizer_state_dict_post_hooks", "_optimizer_load_state_dict_pre_hooks",
+                         "_optimizer_load_state_dict_post_hooks"):
+                setattr(self, name, collections.OrderedDict())
+
+        def step(self, closure=None):
+            self.inner.step()
+
+        def zero_grad(self, set_to_none=True):
+            self.inner.zero_grad(set_to_none)
+
+    batches = [(torch.randn(8, 4), torch.randn(8, 2)) for _ in range(3)]
+    loss = lambda m, b: ((m(b[0]) - b[1]) ** 2).mean()  # noqa: E731
+    torch.manual_seed(0)
+    raw_model = nn.Linear(4, 2)
+    raw = Wrapper(torch.optim.Adam(raw_model.parameters(), lr=0.01))
+    for batch in batches:
+        loss(raw_model, batch).backward()
+        raw.step()
+        raw.zero_grad()
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    state = loopkit.TrainState.create(model, Wrapper(torch.optim.Adam(model.parameters(), lr=0.01)))
+    for batch in batches:
+        new, _ = loopkit.train_step(loss)(state, batch)
+        assert new.optimizer.inner.param_groups is new.optimizer.param_groups  # shared, as in the original
+        state = new
+    assert torch.equal(state.model.weight, raw_model.weight) and torch.equal(state.model.bias, raw_model.bias)
+
+
+def test_a_torchscript_model_is_refused_where_it_would_be_copied_and_saved_where_it_trains_donated():
+    """A scripted or traced module's parameters live in C++: a copy of its wrapper trained the original's."""
+    loss = lambda m, b: m(b).pow(2).mean()  # noqa: E731
+    for make in (lambda: torch.jit.script(nn.Linear(4, 2)), lambda: torch.jit.trace(nn.Linear(4, 2), torch.randn(1, 4)),
+                 lambda: nn.Sequential(torch.jit.script(nn.Linear(4, 2)))):
+        model = make()
+        state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+        before = copy.deepcopy(state.state_dict())
+        with pytest.raises(TypeError, match="cannot copy the TorchScript module .* script it after training"):
+            loopkit.train_step(loss)(state, torch.randn(8, 4))
+        assert all(p.grad is None for p in model.parameters())
+        assert_equal_trees(state.state_dict()["model"], before["model"])
+        trained, _ = loopkit.donate(loopkit.train_step(loss))(state, torch.randn(8, 4))
+        assert set(trained.state_dict()["model"]) == set(before["model"])  # (its state dict: for a checkpoint)
+        template = make()
+        with pytest.raises(TypeError, match="cannot copy the TorchScript module"):
+            loopkit.TrainState.create(template, torch.optim.SGD(template.parameters(), lr=0.1)).load_state_dict(
+                trained.state_dict())
+
+
+def test_a_model_prepared_for_qat_by_hand_resumes_its_per_channel_scales():
+    """prepare_qat's fake-quantizers resize their scales on load ((1,) before the first forward, then one per
+    channel): the state dict was refused as mis-shaped, though torch's own load takes it."""
+    from torch.ao.quantization import get_default_qat_qconfig, prepare_qat
+
+    def fresh():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        model.qconfig = get_default_qat_qconfig("x86")
+        model = prepare_qat(model.train())
+        return loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+
+    loss = lambda m, b: m(b).pow(2).mean()  # noqa: E731
+    batches = [torch.randn(8, 4) for _ in range(4)]
+    uninterrupted = fresh()
+    for k, batch in enumerate(batches):
+        uninterrupted, _ = loopkit.donate(loopkit.train_step(loss))(uninterrupted, batch)
+        if k == 1:
+            saved = through_a_file(uninterrupted.state_dict())
+    resumed = fresh().load_state_dict(saved)
+    for batch in batches[2:]:
+        resumed, _ = loopkit.donate(loopkit.train_step(loss))(resumed, batch)
+    assert_equal_trees(resumed.state_dict(), uninterrupted.state_dict())
+    with pytest.raises(loopkit.StateMismatchError, match=r"mis-shaped key 'model.0.weight'"):  # others still refused
+        fresh().load_state_dict({**saved, "model": {**saved["model"], "0.weight": torch.zeros(3, 4)}})
 
 
 # --- schedulers of every kind: purity and exact resume against a raw loop ---------------------------
