@@ -25,6 +25,7 @@ import json
 import math
 import os
 import re
+import secrets
 import socket
 import struct
 import sys
@@ -236,7 +237,9 @@ class RunDirLogger(Logger):
         self._pending_hparams: dict[str, Any] | None = None
         self._resume_step: int | None = None  # resume_at's step, until the next write applies it
         self._redo_step: int | None = None  # the step a resumed run logs again: its metrics there replace the old
-        self._redone: set[str] = set()  # the metrics already replaced at _redo_step
+        self._redone: set[frozenset[str]] = set()  # the records already replaced at _redo_step
+        self._top: int | None = None  # the highest step this logger has written metrics at, in this process
+        self._own_hparams = False  # hparams.json written by this logger, in this process
 
     @property
     def log_dir(self) -> str:
@@ -325,10 +328,12 @@ class RunDirLogger(Logger):
         folder = self.log_dir
         if self._resume_step is not None:
             step, self._resume_step = self._resume_step, None
-            self._resume(folder, step)
+            if self._top is None or step < self._top:  # (a fit going on from where this logger's last one ended:
+                self._resume(folder, step)  # nothing to drop)
         if self._pending_hparams is not None:
             _write_json(os.path.join(folder, "hparams.json"), self._pending_hparams)
             self._pending_hparams = None
+            self._own_hparams = True
         return folder
 
     def _resume(self, folder: str, step: int) -> None:
@@ -336,7 +341,7 @@ class RunDirLogger(Logger):
         self._redo_step, self._redone = step, set()
         dropped = self._drop_records(folder, (lambda at, keys: at <= step) if step else (lambda at, keys: False))
         hparams = os.path.join(folder, "hparams.json")
-        if not step and self._pending_hparams is None and os.path.exists(hparams):  # (this run's own comes next)
+        if not step and self._pending_hparams is None and not self._own_hparams and os.path.exists(hparams):
             os.remove(hparams)
             dropped += 1
         if dropped and not step:
@@ -352,6 +357,8 @@ class RunDirLogger(Logger):
         """The run folder, before ``metrics`` are written at ``step``: at the step a resumed run logs
         again, an earlier record of the same metrics there is dropped first (once per set of metrics)."""
         folder = self._folder()
+        if self._top is None or step > self._top:
+            self._top = step
         if step == self._redo_step:
             keys = frozenset(metrics)
             if keys not in self._redone:
@@ -425,7 +432,14 @@ class _EventFile:
             seconds = max(seconds, _file_seconds(after)) + 1
             name = f"events.out.tfevents.{seconds}.{socket.gethostname()}{suffix}"
         self.path = os.path.join(log_dir, name)
-        self._file = open(self.path, "wb")
+        for again in range(1, _MAX_CLAIMS):  # never another's: a logger made where a collected one was has its id
+            try:
+                self._file = open(self.path, "xb")
+                break
+            except FileExistsError:
+                self.path = os.path.join(log_dir, f"{name}.{again}")
+        else:
+            raise RuntimeError(f"TensorBoardLogger: no free event file name in {log_dir!r} after {_MAX_CLAIMS} tries")
         # a logger never finalized still leaves a complete file at exit
         self._at_exit = weakref.finalize(self, _close_event_file, self._file)
         self._write(Event(wall_time=time.time(), file_version="brain.Event:2"))
@@ -578,12 +592,14 @@ class TensorBoardLogger(RunDirLogger):
         self._hparams_written = False
         self._finished = False  # finalized, and nothing written since
         self._earlier: list[str] = []  # the folder's event files when resume_at was last applied
+        self._own: set[str] = set()  # the event files this logger made, in this process
+        self._token = secrets.token_hex(4)  # in its files' names (an id is reused once its logger is collected)
         self._purge_step: int | None = None  # a resumed run's new event file tells a live TensorBoard to drop from here
 
     def _suffix(self) -> str:
         # event files are named by the second: one reopened within it would clobber the last
         self._opened += 1
-        return f".{os.getpid()}.{id(self):x}.{self._opened}"
+        return f".{os.getpid()}.{self._token}.{self._opened}"
 
     def open(self) -> None:
         """Open the event file now (it is otherwise opened by the first write)."""
@@ -591,6 +607,7 @@ class TensorBoardLogger(RunDirLogger):
         if self._file is None:
             files = _event_files(folder)
             self._file = _EventFile(folder, self._suffix(), max(files, key=os.path.basename) if files else None)
+            self._own.add(self._file.path)
             if self._purge_step is not None:  # (what tensorboardX's purge_step writes)
                 self._file.session_start(self._purge_step)
                 self._purge_step = None
@@ -603,7 +620,10 @@ class TensorBoardLogger(RunDirLogger):
         if self._writer is None:
             from tensorboardX import SummaryWriter
 
-            self._writer = SummaryWriter(self._folder(), filename_suffix=self._suffix())
+            folder = self._folder()
+            before = set(_event_files(folder))
+            self._writer = SummaryWriter(folder, filename_suffix=self._suffix())
+            self._own.update(set(_event_files(folder)) - before)
             self._finished = False
         return self._writer
 
@@ -613,11 +633,14 @@ class TensorBoardLogger(RunDirLogger):
         self._file.add(summary, step)  # type: ignore[union-attr]
 
     def _resume(self, folder: str, step: int) -> None:
-        for handle in (self._file, self._writer):  # this logger's own files are rewritten too: closed first
-            if handle is not None:
-                handle.close()
-        self._file = self._writer = None
-        self._earlier = _event_files(folder)
+        if self._top is None:  # nothing logged by this logger yet: what it wrote (text, hparams) stays as it is
+            self._earlier = [path for path in _event_files(folder) if path not in self._own]
+        else:  # a rewind: this logger's own files are rewritten too, closed first
+            for handle in (self._file, self._writer):
+                if handle is not None:
+                    handle.close()
+            self._file = self._writer = None
+            self._earlier = _event_files(folder)
         super()._resume(folder, step)
         last = self._kept  # the newest value of each tag kept: the HPARAMS tab's metrics, as in the run unresumed
         self._last = {tag: value for tag, (_, value) in last.items() if not tag.startswith(_HPARAMS)}

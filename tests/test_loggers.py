@@ -223,6 +223,29 @@ def test_writes_before_a_resumed_fit_do_not_keep_the_crashed_runs_records(tmp_pa
     assert len(read_events(tb.log_dir).Tensors("config/text_summary")) == 1  # the writer's text, once
 
 
+def test_a_fresh_run_keeps_what_its_own_logger_wrote_before_the_fit_and_a_fit_going_on_reopens_nothing(tmp_path):
+    """Replacing an earlier run (step 0) drops the earlier run's records, not the text and hyper-parameters the new
+    run's logger wrote just before its fit; a fit continuing from the last one's step keeps writing its file."""
+    _log_all(_crashed_run(tmp_path, TensorBoardLogger), [])
+    logger = TensorBoardLogger(tmp_path, "run", version=0)
+    logger.writer.add_text("config", "lr=0.1", 0)
+    logger.log_hparams({"lr": 0.1})
+    assert logger.log_dir and os.path.exists(os.path.join(logger.log_dir, "hparams.json"))
+    logger.open()
+    logger.resume_at(0)  # the fit begins
+    with pytest.warns(UserWarning, match="replaces them"):
+        logger.log_metrics({"train/loss": 2.0}, 1)
+    opened = logger._file.path
+    logger.resume_at(1)  # a second fit, from where the first ended
+    logger.log_metrics({"train/loss": 1.0}, 2)
+    assert logger._file.path == opened
+    logger.finalize()
+    events = read_events(logger.log_dir)
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(1, 2.0), (2, 1.0)]
+    assert len(events.Tensors("config/text_summary")) == 1
+    assert os.path.exists(os.path.join(logger.log_dir, "hparams.json"))
+
+
 def test_a_tensorboard_logger_reopened_many_times_in_one_second_keeps_its_files_in_order(tmp_path):
     """TensorBoard reads a folder's event files in name order: the 10th reopen sorted before the 2nd."""
     logger = TensorBoardLogger(tmp_path)
