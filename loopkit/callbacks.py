@@ -142,13 +142,28 @@ class EarlyStopping(MonitorCallback):
     """Stop when ``monitor`` has not improved by more than ``min_delta`` for ``patience`` checks.
 
     A ``val/...`` metric is checked after each validation, any other (``train/loss``) after
-    each epoch. A NaN or infinite value stops at once. ``mode`` is ``"min"`` or ``"max"``.
+    each epoch. A NaN or infinite value stops at once (and leaves ``best`` and ``wait`` as
+    they were). ``mode`` is ``"min"`` or ``"max"``.
+
+    "Improved" is decided as Lightning's ``EarlyStopping`` decides it, in float32 as its
+    logged metrics are: the value is rounded to float32 and, in float32 arithmetic,
+    ``value + min_delta < best`` (``"min"``) or ``value - min_delta > best`` (``"max"``);
+    an improvement then makes the value (its float32 rounding) the new ``best``. So a
+    change of nominally ``min_delta`` (1.0 then 0.9 with ``min_delta=0.1``) counts as an
+    improvement exactly when it does in Lightning (here it does not: in float32,
+    0.9 + 0.1 is 1.0). The metrics reach the callback as Python floats, so this costs no
+    device sync. (A metric Lightning logs in float64 it compares in float64; loopkit's
+    callbacks see Python floats and always use float32.)
 
     >>> stopper = EarlyStopping("train/loss", patience=2, mode="min", min_delta=0.1)
     >>> for loss in (1.0, 0.95, 0.92):
     ...     _ = stopper.on_epoch_end(None, {"train/loss": loss})
     >>> stopper.should_stop, stopper.best
     (True, 1.0)
+    >>> stopper = EarlyStopping("val/loss", patience=1, min_delta=0.1)
+    >>> stopper.on_validation_end(None, {"val/loss": 1.0})
+    >>> stopper.on_validation_end(None, {"val/loss": 0.9}); stopper.should_stop
+    True
     """
 
     #: its hooks read the metrics and the state, and change neither (see :func:`may_change_state_early`)
@@ -178,16 +193,28 @@ class EarlyStopping(MonitorCallback):
         A resumed run's counters come back from ``state.extras`` right after (``run_epochs`` kept them there)."""
         self._reset()
 
-    def _improved(self, value: float) -> bool:
+    def _improved(self, current: torch.Tensor) -> bool:
+        # Lightning's rule (EarlyStopping._evaluate_stopping_criteria): monitor_op(current - min_delta, best),
+        # min_delta negated for "min", all in float32 0-dim tensors (on the CPU: no device sync); ``best``
+        # is a float32 value but for one loaded from an older checkpoint, rounded here as Lightning's was
+        best = torch.tensor(self.best, dtype=torch.float32, device="cpu")
         if self.mode == "min":
-            return value < self.best - self.min_delta
-        return value > self.best + self.min_delta
+            return bool(torch.lt(current - (-self.min_delta), best))
+        return bool(torch.gt(current - self.min_delta, best))
 
     def check(self, state: Any, value: float) -> None:
-        if not math.isfinite(value):
+        """Count ``value`` (a check of the monitored metric) as an improvement or not, and stop when
+        ``patience`` checks in a row were none, or at once when it is not finite (in float32).
+
+        >>> stopper = EarlyStopping("val/acc", patience=1, mode="max", min_delta=0.1)
+        >>> stopper.check(None, 0.0); stopper.check(None, 0.1); stopper.should_stop
+        True
+        """
+        current = torch.tensor(value, dtype=torch.float32, device="cpu")  # as Lightning's logged float32 metric
+        if not torch.isfinite(current):
             self.should_stop = True
-        elif self._improved(value):
-            self.best, self.wait = value, 0
+        elif self._improved(current):
+            self.best, self.wait = float(current), 0
         else:
             self.wait += 1
             self.should_stop = self.wait >= self.patience

@@ -1,7 +1,8 @@
 """Tests of loopkit.callbacks under run_epochs: hook order, EarlyStopping, LearningRateMonitor.
 
-References: scripted validation values with hand-counted stopping epochs, and learning rates
-computed by hand from the scheduler's formula (exact powers of two).
+References: scripted validation values with hand-counted stopping epochs, Lightning 2.6's
+EarlyStopping rule written out in float32 torch ops (``lightning_early_stopping``), and learning
+rates computed by hand from the scheduler's formula (exact powers of two).
 """
 
 from __future__ import annotations
@@ -171,6 +172,118 @@ def test_early_stopping_state_dict_round_trip():
     b = loopkit.EarlyStopping("val/loss", patience=3)
     b.load_state_dict(a.state_dict())
     assert (b.best, b.wait, b.should_stop) == (1.0, 1, False)
+
+
+def lightning_early_stopping(values, *, mode, patience, min_delta):
+    """Lightning 2.6's ``EarlyStopping._evaluate_stopping_criteria`` (with ``check_finite``), written out:
+    the metric is the float32 tensor ``self.log`` makes of it, ``min_delta`` is negated for "min",
+    improved is ``monitor_op(current - min_delta, best)``, all in float32, and an improvement makes
+    ``current`` the best. Returns ``(should_stop, wait, best)`` after each check, up to the stop."""
+    monitor_op = torch.lt if mode == "min" else torch.gt
+    signed_delta = min_delta * (1 if monitor_op == torch.gt else -1)
+    best = torch.tensor(torch.inf) if monitor_op == torch.lt else -torch.tensor(torch.inf)
+    wait, trace = 0, []
+    for value in values:
+        current = torch.tensor(value)  # float32, as Lightning logs a Python float
+        assert current.dtype == torch.float32 and best.dtype == torch.float32
+        should_stop = False
+        if not torch.isfinite(current):
+            should_stop = True
+        elif monitor_op(current - signed_delta, best):
+            best, wait = current, 0
+        else:
+            wait += 1
+            should_stop = wait >= patience
+        trace.append((should_stop, wait, float(best)))
+        if should_stop:
+            break
+    return trace
+
+
+def loopkit_early_stopping_trace(stopper, values):
+    trace = []
+    for value in values:
+        stopper.on_validation_end(None, {stopper.monitor: value})
+        trace.append((stopper.should_stop, stopper.wait, stopper.best))
+        if stopper.should_stop:
+            break
+    return trace
+
+
+def boundary_sequences(mode):
+    """Runs of values whose changes are nominally min_delta (and 2 * min_delta, and none): the
+    boundary where float64 and Lightning's float32 arithmetic disagree."""
+    sign = -1.0 if mode == "min" else 1.0
+    for min_delta in (0.1, 0.3, 0.05, 0.2, 0.25, 0.7, 1e-3, 0.15):
+        for start in (1.0, 0.0, -0.5, 3.7, 0.123, 100.0):
+            yield min_delta, [start + sign * k * min_delta for k in range(6)]  # start, start -/+ d, ...
+            yield min_delta, [start + sign * k * 2 * min_delta for k in range(6)]  # twice the margin: all improve
+            steps = [0.0, min_delta, 2 * min_delta, min_delta, 0.0, min_delta]
+            values = [start]
+            for step in steps:
+                values.append(values[-1] + sign * step)
+            yield min_delta, values
+
+
+@pytest.mark.parametrize("mode", ["min", "max"])
+@pytest.mark.parametrize("patience", [1, 2])
+def test_early_stopping_decides_improvement_as_lightning_does_at_the_min_delta_boundary(mode, patience):
+    """A change of nominally min_delta is no improvement when Lightning's float32 arithmetic says so
+    (1.0 then 0.9 with min_delta=0.1 in "min": 0.9 + 0.1 is 1.0 in float32, not below it); loopkit
+    decided in float64 (0.9 < 1.0 - 0.1) and trained longer."""
+    compared = 0
+    for min_delta, values in boundary_sequences(mode):
+        expected = lightning_early_stopping(values, mode=mode, patience=patience, min_delta=min_delta)
+        # the values as given, and as run_epochs hands a validation's float32 mean over (a Python float)
+        for given in (values, [float(torch.tensor(v)) for v in values]):
+            stopper = loopkit.EarlyStopping("val/loss", patience=patience, mode=mode, min_delta=min_delta)
+            assert loopkit_early_stopping_trace(stopper, given) == expected, (min_delta, given)
+        compared += 1
+    assert compared == 8 * 6 * 3
+    # the tester's cases, by hand: both stop at the second check
+    for values, mode_, min_delta in (([1.0, 0.9, 0.8, 0.7], "min", 0.1), ([0.0, 0.1, 0.2, 0.3], "max", 0.1)):
+        stopper = loopkit.EarlyStopping("val/loss", patience=1, mode=mode_, min_delta=min_delta)
+        assert [s for s, _, _ in loopkit_early_stopping_trace(stopper, values)] == [False, True]
+        assert stopper.best == float(torch.tensor(values[0]))
+
+
+def test_run_epochs_with_early_stopping_trains_as_many_epochs_as_lightning():
+    """The tester's runs (Lightning 2.6.6 trained 2 epochs in each; loopkit 3, 3, 5 and 2): the same
+    values through a validation (a float32 metric, its mean a Python float) stop at Lightning's epoch."""
+    runs = [([1.0, 0.9, 0.8, 0.7, 0.6], "min", 0.1), ([1.0, 0.7, 0.4, 0.1, -0.2], "min", 0.3),
+            ([0.0, 0.1, 0.2, 0.3, 0.4, 0.5], "max", 0.1),
+            ([0.5, 0.75, 1.0, 1.25], "max", 0.25)]  # exactly representable: the two always agreed
+    for values, mode, min_delta in runs:
+        expected = lightning_early_stopping(values, mode=mode, patience=1, min_delta=min_delta)
+        stopper = loopkit.EarlyStopping("val/score", patience=1, mode=mode, min_delta=min_delta)
+        state, history, _ = run_with_stopper({i + 1: v for i, v in enumerate(values)}, stopper, epochs=len(values))
+        assert len(expected) == 2 and expected[-1][0]  # Lightning: the second validation stops it
+        assert (len(history), state.epoch, stopper.should_stop) == (2, 2, True), values
+        assert (stopper.wait, stopper.best) == expected[-1][1:]
+
+
+def test_an_early_stopping_state_from_an_older_checkpoint_loads_and_decides_as_lightning():
+    """Older runs kept ``best`` as the float64 value they compared; it still loads (the same keys), and
+    the checks after it compare with its float32 rounding, as Lightning's float32 ``best_score``."""
+    def f32(value):  # a validation's float32 mean, as run_epochs hands it over
+        return float(torch.tensor(value))
+
+    old = {"best": 1.0, "wait": 0, "should_stop": False}  # a state_dict as older versions wrote it
+    stopper = loopkit.EarlyStopping("val/loss", patience=2, min_delta=0.1)
+    stopper.load_state_dict(old)
+    assert stopper.state_dict() == old
+    stopper.on_validation_end(None, {"val/loss": f32(0.9)})  # 0.9 + 0.1 == 1.0 in float32: no improvement
+    assert (stopper.best, stopper.wait, stopper.should_stop) == (1.0, 1, False)
+    stopper.on_validation_end(None, {"val/loss": f32(0.8)})
+    assert (stopper.best, stopper.wait, stopper.should_stop) == (f32(0.8), 0, False)
+    assert isinstance(stopper.state_dict()["best"], float)
+
+    for best, value in ((0.9, 0.8), (0.3, 0.2), (0.7, 0.4), (0.123, 0.023)):  # float64 bests, not float32 values
+        stopper = loopkit.EarlyStopping("val/loss", patience=2, min_delta=0.1)
+        stopper.load_state_dict({"best": best, "wait": 0, "should_stop": False})
+        stopper.on_validation_end(None, {"val/loss": value})
+        expected = lightning_early_stopping([best, value], mode="min", patience=2, min_delta=0.1)[-1]
+        assert (stopper.should_stop, stopper.wait) == expected[:2], (best, value)
 
 
 class _CrashAtEpoch(loopkit.Callback):
