@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import itertools
 import math
@@ -48,6 +49,8 @@ _CALLBACKS = "callbacks/"  # the extras keys of the callbacks' counters
 _VALIDATED = "run_epochs/validated_step"
 # extras: the means of the running epoch's latest validation (a resumed run's record of the epoch holds them)
 _EPOCH_VAL = "run_epochs/epoch_val"
+#: the number of batches of the epoch under way (a resumed run with other data is told so)
+_BATCHES = "run_epochs/epoch_batches"
 # extras: the update at which an epoch that stopped short (max_steps, a callback) was recorded; a state saved at
 # max_steps before that record (a crash, a stop during the last update) is recorded by the resumed run
 _RECORDED = "run_epochs/recorded_step"
@@ -121,8 +124,9 @@ def _epoch_batches(data: Iterable, seed: int, epoch: int, skip: int, count: int 
     if count is not None and 0 < count <= skip:  # nothing to skip to: no batch read again, no worker started
         return iter(())
     order_seed = _order_seed(seed, epoch)
-    sampler = getattr(data, "sampler", None)
-    if hasattr(sampler, "set_epoch"):
+    batch_sampler = getattr(data, "batch_sampler", None)
+    samplers = (getattr(data, "sampler", None), batch_sampler, getattr(batch_sampler, "sampler", None))
+    for sampler in {id(s): s for s in samplers if hasattr(s, "set_epoch")}.values():  # (as Lightning sets them)
         sampler.set_epoch(epoch)
     for generator in _data_generators(data):
         generator.manual_seed(order_seed)
@@ -134,6 +138,8 @@ def _epoch_batches(data: Iterable, seed: int, epoch: int, skip: int, count: int 
     others = (np.random.get_state(), random.getstate()) if skip else None
     cpu.manual_seed(order_seed)
     try:
+        if _reused_persistent_workers(data):  # a fresh iterator draws its workers' base seed before the sampler
+            torch.empty((), dtype=torch.int64).random_(generator=data.generator)  # draws: a reused one does not
         iterator = iter(data)
         first = next(iterator, _END)
         if first is not _END and skip > 1:
@@ -151,6 +157,41 @@ def _epoch_batches(data: Iterable, seed: int, epoch: int, skip: int, count: int 
 
 
 _END = object()
+
+
+@contextlib.contextmanager
+def _global_rngs_kept() -> Iterator[None]:
+    """Put torch's (CPU), numpy's and Python's global RNGs back as they were when the block ends."""
+    saved = torch.default_generator.get_state(), np.random.get_state(), random.getstate()
+    try:
+        yield
+    finally:
+        torch.default_generator.set_state(saved[0])
+        np.random.set_state(saved[1])
+        random.setstate(saved[2])
+
+
+def _counted_batches(state: TrainState, total: int | None) -> TrainState:
+    """``state`` with its epoch's number of batches recorded; a run resumed mid-epoch with data of another length
+    is warned about (it skips the batches already trained of another order: some are seen twice, some never)."""
+    saved = state.extras.get(_BATCHES)
+    if saved == total:
+        return state
+    if saved is not None and total is not None and state.batch_index:
+        warnings.warn(
+            f"run_epochs: the state was saved in epoch {state.epoch} of {saved} batches, after {state.batch_index} of "
+            f"them, but train_data has {total} batches now: the resumed epoch skips {state.batch_index} batches of "
+            "another order (some samples are seen twice in it, some never); resume with the same data, or from a "
+            "checkpoint at an epoch's end",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    extras = extras_copy(state.extras)
+    if total is None:
+        extras.pop(_BATCHES, None)
+    else:
+        extras[_BATCHES] = total
+    return replace_extras(state, extras)
 
 
 def _data_generators(data: Iterable) -> list[torch.Generator]:
@@ -406,6 +447,14 @@ def _scalars(value: Any) -> bool:
     (anything else it returns is ignored, as before such returns were logged)."""
     return isinstance(value, Mapping) and bool(value) and all(
         isinstance(v, numbers.Real) and not isinstance(v, bool) for v in value.values()
+    )
+
+
+def _reused_persistent_workers(data: Any) -> bool:
+    """A DataLoader whose persistent worker processes have started (its next iterator is the same one, reset)."""
+    return (
+        isinstance(data, torch.utils.data.DataLoader) and data.persistent_workers and data.num_workers > 0
+        and getattr(data, "_iterator", None) is not None
     )
 
 
@@ -913,8 +962,8 @@ def run_epochs(
             if validates and sanity_val_batches > 0:
                 limited = _num_batches(val[1], limit_val_batches, "limit_val_batches")  # type: ignore[index]
                 sanity_limit = sanity_val_batches if limited is None else min(sanity_val_batches, limited)
-                with torch.random.fork_rng(devices=[]):  # a val DataLoader's iterator draws from the global RNG:
-                    sanity = validate(state, sanity_limit)  # a resumed run's extra sanity pass leaves it as it was
+                with _global_rngs_kept():  # a val DataLoader's iterator (and a Dataset's augmentation) draws from the
+                    sanity = validate(state, sanity_limit)  # global RNGs: a resumed run's extra sanity pass leaves them
                 _warn_of_unseen_monitors(step, callbacks, sanity)
 
             history: list[dict[str, float]] = []
@@ -964,6 +1013,9 @@ def run_epochs(
                     break
                 if not EPOCH.holds(state.extras):  # kept from a checkpoint taken mid-epoch
                     state = replace_extras(state, EPOCH.start(state.extras))
+                if state.batch_index and state.extras.get(_BATCHES) not in (None, total) and total is not None:
+                    told_batch_index = True  # (the data's length changed: _counted_batches says so, not the step)
+                state = _counted_batches(state, total)
                 if donate and given is not state:  # trained in place from here on: the caller's handle is done
                     given.mark_consumed()
                 if start is None:
@@ -1053,7 +1105,7 @@ def run_epochs(
                 record.update({f"train/{k}": v for k, v in EPOCH.means(state.extras).items()})
                 closing = state = hooks.keep(state)  # (the counters after the epoch's batches)
                 if exhausted:  # the epoch is done: its means leave the state (a partial one's stay, to go on)
-                    extras = {k: v for k, v in EPOCH.clear(state.extras).items() if k not in (_EPOCH_VAL, _RECORDED)}
+                    extras = {k: v for k, v in EPOCH.clear(state.extras).items() if k not in (_EPOCH_VAL, _RECORDED, _BATCHES)}
                     state = replace_extras(state, extras).evolve(epoch=epoch + 1, batch_index=0)
                 else:
                     extras = extras_copy(state.extras)

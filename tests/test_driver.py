@@ -1114,6 +1114,85 @@ def test_augmentation_from_the_global_rng_in_the_main_process_resumes_mid_epoch_
     assert_bitwise(params_of(resumed), params_of(whole))
 
 
+def test_validation_data_drawing_from_the_global_rngs_leaves_a_resumed_run_exact(tmp_path):
+    """A resumed run's sanity validation read augmented val data, drawing from numpy's and Python's global RNGs
+    (only torch's was put back): the training augmentation after it differed from the uninterrupted run's."""
+    train = DataLoader(_Augmented(), batch_size=2, shuffle=True, num_workers=0)
+    val = (eval_step(lambda m, b: {"mse": mse(m, b)}), DataLoader(_Augmented(), batch_size=4))
+    loopkit.seed_everything(11)
+    whole, history = run_epochs(train_step(mse), make_state(), train, epochs=2, val=val, progress=False)
+    step = loopkit.with_checkpointing(train_step(mse), tmp_path, every_n_steps=1)
+    loopkit.seed_everything(11)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_epochs(step, make_state(), train, epochs=2, val=val, callbacks=[CrashAfterStep(2)], progress=False)
+    loopkit.seed_everything(99)
+    resumed, rest = run_epochs(step, loopkit.restore(make_state(), tmp_path), train, epochs=2, val=val, progress=False)
+    assert rest == history
+    assert_bitwise(params_of(resumed), params_of(whole))
+
+
+@pytest.mark.slow
+def test_persistent_workers_shuffle_a_resumed_epoch_as_the_uninterrupted_run_does():
+    """A fresh DataLoader iterator draws its workers' base seed before the sampler draws the order; a persistent
+    one, reset for the next epoch, does not: a resumed process's epoch 1 came in another order."""
+    from loopkit.driver import _epoch_batches
+
+    def loader():
+        return DataLoader(TensorDataset(torch.arange(20)), batch_size=5, shuffle=True, num_workers=2,
+                          persistent_workers=True)
+
+    going_on = loader()
+    epoch_0 = [b[0].tolist() for b in _epoch_batches(going_on, 7, 0, 0, 4)]
+    epoch_1 = [b[0].tolist() for b in _epoch_batches(going_on, 7, 1, 0, 4)]
+    assert [b[0].tolist() for b in _epoch_batches(loader(), 7, 1, 0, 4)] == epoch_1 != epoch_0
+    assert [b[0].tolist() for b in _epoch_batches(loader(), 7, 1, 2, 4)] == epoch_1[2:]  # resumed mid-epoch
+
+
+def test_a_batch_samplers_epoch_is_set_so_each_epoch_has_its_own_order():
+    """set_epoch was called on a DataLoader's sampler only: a DistributedSampler inside a batch_sampler (and a
+    bucketing batch sampler's own set_epoch) gave every epoch the first one's order."""
+    dataset = TensorDataset(torch.randn(20, 3), torch.randn(20, 1), torch.arange(20))
+    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=3)
+    seen = []
+
+    class Bucketing(torch.utils.data.BatchSampler):
+        epochs: list[int] = []
+
+        def set_epoch(self, epoch):
+            self.epochs.append(epoch)
+
+    def loss(model, batch):
+        seen.append(batch[2].tolist())
+        return mse(model, batch[:2])
+
+    batches = Bucketing(sampler, 5, False)
+    run_epochs(train_step(loss), make_state(), DataLoader(dataset, batch_sampler=batches), epochs=3, progress=False)
+    reference = []
+    for epoch in range(3):  # what DistributedSampler gives with its epoch set, as Lightning sets it
+        sampler.set_epoch(epoch)
+        order = list(sampler)
+        reference += [order[i:i + 5] for i in range(0, 20, 5)]
+    assert seen == reference and seen[0] != seen[4]
+    assert Bucketing.epochs == [0, 1, 2]
+
+
+def test_a_run_resumed_mid_epoch_with_data_of_another_length_is_warned_about(tmp_path):
+    step = loopkit.with_checkpointing(train_step(mse), tmp_path, every_n_steps=1)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_epochs(step, make_state(), make_data(8), epochs=2, callbacks=[CrashAfterStep(3)], progress=False)
+    for n in (12, 2):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            run_epochs(train_step(mse), loopkit.restore(make_state(), tmp_path), make_data(n), epochs=1, progress=False)
+        messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+        assert any(f"saved in epoch 0 of 8 batches, after 3 of them, but train_data has {n} batches now" in m
+                   for m in messages), messages
+        assert not any("but the step left state.batch_index" in m for m in messages)  # (not the step's doing)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same data: nothing to say
+        run_epochs(train_step(mse), loopkit.restore(make_state(), tmp_path), make_data(8), epochs=1, progress=False)
+
+
 def test_max_steps_with_a_step_that_never_advances_state_step_stops_after_an_epoch_with_a_warning():
     def no_update(state, batch):  # e.g. an evaluation-like step of one's own
         return state.evolve(batch_index=state.batch_index + 1), {"n": torch.tensor(1.0)}
