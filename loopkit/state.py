@@ -725,6 +725,9 @@ _MODULE_STANDARD = frozenset(nn.Module().__dict__)
 _OTHER_HOOKS = tuple(sorted(n for n in _MODULE_STANDARD if "hooks" in n and n not in _MODULE_REGISTRIES))
 #: attribute values a copy shares as they are
 _SHARED_VALUES = (bool, int, float, str, type(None), torch.dtype, torch.device, torch.Size)
+#: containers up to this size are the copy's own (a list of submodules; one a forward appends to stays pure); larger
+#: ones (a vocabulary, class names) are shared as they are
+_SMALL = 64
 
 
 def _clone_module(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
@@ -777,15 +780,17 @@ def _copied_attribute(value: Any, memo: dict[int, Any]) -> Any:
     if isinstance(value, _SHARED_VALUES):
         return value
     kind = type(value)
-    if kind is list or kind is tuple:
-        return kind(_copied_attribute(v, memo) for v in value)
-    if isinstance(value, dict):
+    if kind is list or kind is tuple or kind is set or isinstance(value, dict):
+        if len(value) > _SMALL:  # a large container (a vocabulary): shared, not walked and copied at every pure step
+            return value
+        if kind is list or kind is tuple:
+            return kind(_copied_attribute(v, memo) for v in value)
+        if kind is set:
+            return set(value)
         copied = copy.copy(value)  # (an OrderedDict of hooks stays one)
         for k, v in value.items():
             copied[k] = _copied_attribute(v, memo)
         return copied
-    if kind is set:
-        return set(value)
     if isinstance(value, nn.Module):
         return _clone_module(value, memo)
     if kind is types.MethodType:

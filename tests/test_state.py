@@ -915,6 +915,27 @@ def test_pure_steps_train_the_copy_of_any_module_structure_as_a_raw_loop_trains_
                                getattr(raw_model, name) if name == "running" else raw_model.norms[0].running_mean)
 
 
+def test_a_large_container_on_a_module_is_shared_by_its_copy_and_a_small_one_copied():
+    """A vocabulary of 100k words copied at every pure step cost milliseconds; a list a forward appends to, small,
+    is the copy's own (the given state's stays as it was)."""
+
+    class Tagger(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 2)
+            self.vocabulary, self.seen = {f"w{i}": i for i in range(1000)}, []
+
+        def forward(self, x):
+            self.seen.append(len(self.seen))
+            return self.a(x)
+
+    model = Tagger()
+    state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    new, _ = loopkit.train_step(lambda m, b: m(b).pow(2).mean())(state, torch.randn(8, 4))
+    assert new.model.vocabulary is model.vocabulary
+    assert model.seen == [] and new.model.seen == [0]
+
+
 def test_a_wrapper_optimizers_inner_optimizer_is_copied_for_a_pure_step():
     """A Lookahead/SAM-style optimizer holding another: the copy's inner optimizer stepped the original's parameters
     (without gradients): a pure step trained nothing. Reference: the raw loop."""
