@@ -259,8 +259,10 @@ def evaluate(
 ) -> dict[str, float]:
     """Run ``eval_step`` over ``data``; return each metric's mean weighted by batch size.
 
-    The batch size is the length of the first tensor in the batch. The sums stay on the
-    device until the end, where they are read once.
+    The batch size is the length of the first tensor in the batch (a batch without a tensor,
+    a list of strings, counts as one). The sums stay on the device until the end, where they
+    are read once. No means (data that yields no batch, unless ``limit=0`` asked for none)
+    gives ``{}`` with a warning.
 
     Under ``torch.distributed`` (a process group of more than one rank) each rank
     evaluates its own ``data`` (e.g. ``loopkit.distributed.shard(val_set, pad=False)``) and
@@ -284,6 +286,9 @@ def evaluate(
         raise TypeError("evaluate: the step is a train_step, whose metrics are training-mode losses of updates "
                         "on copies; pass eval_step(metric_fn)")
     means = _evaluate(step, state, data, limit, device, reduce)
+    if not means and limit != 0:
+        warnings.warn("evaluate: no means: data yielded no batch (empty, or an iterator used up), or the step "
+                      "returned no metric", RuntimeWarning, stacklevel=2)
     step.notify("evaluate_end", state, means)  # a with_profiler around it writes its trace now
     return means
 

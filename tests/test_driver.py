@@ -1176,6 +1176,17 @@ def test_a_batch_samplers_epoch_is_set_so_each_epoch_has_its_own_order():
     assert Bucketing.epochs == [0, 1, 2]
 
 
+def test_evaluate_warns_when_it_has_no_means_and_counts_a_batch_without_a_tensor_as_one():
+    """Lightning warns of an empty validation loader; evaluate returned {} silently."""
+    means_of = eval_step(lambda m, b: {"n": torch.tensor(float(len(b)))})
+    with pytest.warns(RuntimeWarning, match="evaluate: no means: data yielded no batch"):
+        assert evaluate(means_of, make_state(), []) == {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert evaluate(means_of, make_state(), make_data(2), limit=0) == {}  # none asked for
+    assert evaluate(means_of, make_state(), [["a", "b"], ["c", "d", "e", "f"]]) == {"n": 3.0}  # each weighs one
+
+
 def test_a_run_resumed_mid_epoch_with_data_of_another_length_is_warned_about(tmp_path):
     step = loopkit.with_checkpointing(train_step(mse), tmp_path, every_n_steps=1)
     with pytest.raises(RuntimeError, match="simulated crash"):
