@@ -239,7 +239,6 @@ class RunDirLogger(Logger):
         self._redo_step: int | None = None  # the step a resumed run logs again: its metrics there replace the old
         self._redone: set[frozenset[str]] = set()  # the records already replaced at _redo_step
         self._top: int | None = None  # the highest step this logger has written metrics at, in this process
-        self._own_hparams = False  # hparams.json written by this logger, in this process
 
     @property
     def log_dir(self) -> str:
@@ -297,8 +296,9 @@ class RunDirLogger(Logger):
         those logged after ``step`` (the crashed run logged them after the checkpoint, and the
         resumed run logs them again), and a record logged again at ``step`` itself (a validation
         or an epoch record the checkpoint was saved before: the same metrics) replaces the old
-        one. A fresh state (``step`` 0) replaces the folder's records and hyper-parameters, with
-        a warning. A fit that goes on from where the last one ended drops nothing.
+        one. A fresh state (``step`` 0) replaces the folder's records (and TensorBoard's
+        hyper-parameters; ``hparams.json`` is replaced when the new run logs its own), with a
+        warning. A fit that goes on from where the last one ended drops nothing.
 
         >>> import tempfile
         >>> tmp = tempfile.TemporaryDirectory()
@@ -333,17 +333,12 @@ class RunDirLogger(Logger):
         if self._pending_hparams is not None:
             _write_json(os.path.join(folder, "hparams.json"), self._pending_hparams)
             self._pending_hparams = None
-            self._own_hparams = True
         return folder
 
     def _resume(self, folder: str, step: int) -> None:
         """Drop what ``folder`` holds after ``step`` (all of it for step 0; see :meth:`resume_at`)."""
         self._redo_step, self._redone = step, set()
         dropped = self._drop_records(folder, (lambda at, keys: at <= step) if step else (lambda at, keys: False))
-        hparams = os.path.join(folder, "hparams.json")
-        if not step and self._pending_hparams is None and not self._own_hparams and os.path.exists(hparams):
-            os.remove(hparams)
-            dropped += 1
         if dropped and not step:
             warnings.warn(
                 f"{type(self).__name__}: {folder} held records of an earlier run (or of this one, restarted from "
@@ -514,10 +509,16 @@ def _filter_event_file(
                     last[value.tag] = (event.step, value.simple_value)
         out.append(framed)
     if dropped or read < len(data):  # (a torn end is cut off too)
-        with open(f"{path}.tmp", "wb") as f:
+        rewrite = _rewrite_path(path)  # (no "tfevents" in its name: TensorBoard reads none left by a crash)
+        with open(rewrite, "wb") as f:
             f.write(b"".join(out))
-        os.replace(f"{path}.tmp", path)
+        os.replace(rewrite, path)
     return dropped
+
+
+def _rewrite_path(path: str) -> str:
+    """Where an event file is rewritten before it replaces ``path``."""
+    return os.path.join(os.path.dirname(path), f".rewrite-{os.path.basename(path).replace('tfevents', 'tfev')}")
 
 
 #: the tag prefix of tensorboardX's hparams summaries
@@ -633,6 +634,9 @@ class TensorBoardLogger(RunDirLogger):
         self._file.add(summary, step)  # type: ignore[union-attr]
 
     def _resume(self, folder: str, step: int) -> None:
+        for stale in os.listdir(folder):  # a rewrite a crash left unfinished (its file is whole: it was not replaced)
+            if stale.startswith(".rewrite-"):
+                os.remove(os.path.join(folder, stale))
         if self._top is None:  # nothing logged by this logger yet: what it wrote (text, hparams) stays as it is
             self._earlier = [path for path in _event_files(folder) if path not in self._own]
         else:  # a rewind: this logger's own files are rewritten too, closed first

@@ -654,7 +654,7 @@ def fork(state: TrainState, *, optimizer_state: bool = True) -> TrainState:
 
 def _fork(state: TrainState, memo: dict[int, Any], *, optimizer_state: bool) -> TrainState:
     """:func:`fork` with ``memo`` mapping ``id`` of original tensors to the ones the copy uses."""
-    model = _clone_module(state.model, memo)
+    model = _clone_model(state.model, memo)
     optimizer = scheduler = None
     if state.optimizer is not None:
         optimizer = _clone_optimizer(state.optimizer, memo, optimizer_state)
@@ -687,7 +687,12 @@ def _clone_tensor(t: torch.Tensor, memo: dict[int, Any]) -> torch.Tensor:
         _keep_tensor_hooks(t, new)
     else:
         base = t._base
-        new = t.clone() if base is None else _clone_view(t, base, memo)
+        if base is not None:
+            new = _clone_view(t, base, memo)
+        elif t.requires_grad:  # a plain tensor of a module's that requires grad: a leaf of the copy's (as deepcopy
+            new = t.detach().clone().requires_grad_(True)  # makes it), its gradients never reaching the original
+        else:
+            new = t.clone()
     memo[key] = new
     return new
 
@@ -721,13 +726,23 @@ def _keep_tensor_hooks(t: torch.Tensor, new: torch.Tensor) -> None:
 _MODULE_REGISTRIES = ("_non_persistent_buffers_set", "_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 #: the attributes every ``nn.Module`` has: what is not among them is the module's own (its configuration, or more)
 _MODULE_STANDARD = frozenset(nn.Module().__dict__)
-#: the hook registries not copied for the copy (rarely added to); their hooks are bound to the copy when any is there
-_OTHER_HOOKS = tuple(sorted(n for n in _MODULE_STANDARD if "hooks" in n and n not in _MODULE_REGISTRIES))
 #: attribute values a copy shares as they are
 _SHARED_VALUES = (bool, int, float, str, type(None), torch.dtype, torch.device, torch.Size)
-#: containers up to this size are the copy's own (a list of submodules; one a forward appends to stays pure); larger
-#: ones (a vocabulary, class names) are shared as they are
+_SHARED_KINDS = frozenset(_SHARED_VALUES)
+#: containers up to this size are the copy's own (one a forward appends to stays pure); larger ones are too when
+#: their first item is no plain value (a list of blocks), else shared as they are (a vocabulary, class names)
 _SMALL = 64
+#: the memo's entry of what is remapped once the whole model is copied: ``(container, key, value)``
+_PENDING = -1
+
+
+def _clone_model(model: nn.Module, memo: dict[int, Any]) -> nn.Module:
+    """A copy of ``model`` (see :func:`fork`): its modules, then what their attributes and hooks reach of them."""
+    copied = _clone_module(model, memo)
+    for container, key, value in memo.pop(_PENDING, ()):
+        if container.get(key) is value:  # (not set anew meanwhile: a compiled wrapper binds its forward itself)
+            container[key] = _copied_attribute(value, memo)
+    return copied
 
 
 def _clone_module(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
@@ -735,37 +750,37 @@ def _clone_module(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
     found = memo.get(key)
     if found is not None:
         return found
-    own = module.__dict__.keys() - _MODULE_STANDARD  # (the class's own attributes: in_features, a user's ...)
-    if ("_c" in own or "_actual_script_module" in own) and isinstance(module, torch.jit.ScriptModule):
-        raise TypeError(
-            f"loopkit cannot copy the TorchScript module {type(module).__qualname__} in the state's model (torch.jit."
-            "script or trace: its parameters live in C++, and a copy would train the original's), as a pure step, "
-            "load_state_dict and restore do: train the plain model (a donated step trains it without a copy) and "
-            "script it after training"
-        )
     new = object.__new__(type(module))
     attributes = module.__dict__.copy()
     object.__setattr__(new, "__dict__", attributes)
     memo[key] = new
-    # the copy's own registries: a hook, buffer or child added to the copy never reaches the original
+    # the copy's own registries: a hook or buffer added to the copy never reaches the original
     for name in _MODULE_REGISTRIES:
         registry = attributes.get(name)
         if registry is not None:
-            attributes[name] = _copied_attribute(registry, memo) if registry else registry.copy()
-    for name in _OTHER_HOOKS:
-        hooks = attributes.get(name)
-        if hooks:  # (a hook that is a method of the module runs on the copy)
-            attributes[name] = _copied_attribute(hooks, memo)
+            attributes[name] = copied = registry.copy()
+            if copied and type(copied) is not set:  # (a hook that is a method of the model's: bound to the copy)
+                memo.setdefault(_PENDING, []).extend((copied, k, v) for k, v in copied.items())
+    extra = attributes.keys() - _MODULE_STANDARD  # the module's own attributes (in_features, a user's ...)
+    if extra and not _SHARED_KINDS.issuperset(map(type, map(attributes.__getitem__, extra))):
+        own = [name for name in extra if type(attributes[name]) not in _SHARED_KINDS]  # what may reach the model:
+        if len(own) > 1:  # remapped once the whole model is copied, in the module's order (a view after its base)
+            order = {name: i for i, name in enumerate(attributes)}
+            own.sort(key=order.__getitem__)
+        if ("_c" in own or "_actual_script_module" in own) and isinstance(module, torch.jit.ScriptModule):
+            raise TypeError(
+                f"loopkit cannot copy the TorchScript module {type(module).__qualname__} in the state's model "
+                "(torch.jit.script or trace: its parameters live in C++, and a copy would train the original's), "
+                "as a pure step, load_state_dict and restore do: train the plain model (a donated step trains it "
+                "without a copy) and script it after training"
+            )
+        memo.setdefault(_PENDING, []).extend((attributes, name, attributes[name]) for name in own)
     params = attributes["_parameters"]
     attributes["_parameters"] = {n: None if p is None else _clone_tensor(p, memo) for n, p in params.items()} if params else {}
     buffers = attributes["_buffers"]
     attributes["_buffers"] = {n: None if b is None else _clone_tensor(b, memo) for n, b in buffers.items()} if buffers else {}
     children = attributes["_modules"]
     attributes["_modules"] = {n: None if m is None else _clone_module(m, memo) for n, m in children.items()} if children else {}
-    for name in own:
-        value = attributes[name]
-        if not isinstance(value, _SHARED_VALUES):
-            attributes[name] = _copied_attribute(value, memo)
     if isinstance(module, nn.RNNBase):
         new._init_flat_weights()
     elif children and "_orig_mod" in children and callable(getattr(new, "_initialize", None)):
@@ -774,30 +789,30 @@ def _clone_module(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
 
 
 def _copied_attribute(value: Any, memo: dict[int, Any]) -> Any:
-    """A module's attribute as its copy's own, as ``copy.deepcopy`` would make it where it reaches the module's
-    tensors or modules: a module (kept in a list, a dict, a back-reference), a method or ``functools.partial`` of
-    one, a tensor, a generator, and the containers holding them; other objects (configuration) are shared."""
+    """A module's attribute (or hook) as its copy's own, once the whole model is copied (``memo`` holds it), as
+    ``copy.deepcopy`` would make it where it reaches the model's tensors or modules: a module of the model (kept in a
+    list, a dict, a back-reference), a method or ``functools.partial`` of one, a tensor, a generator, and the
+    containers holding them. Modules outside the model (a frozen teacher kept in a list) and other objects
+    (configuration) are shared."""
     if isinstance(value, _SHARED_VALUES):
         return value
     kind = type(value)
     if kind is list or kind is tuple or kind is set or isinstance(value, dict):
-        if len(value) > _SMALL:  # a large container (a vocabulary): shared, not walked and copied at every pure step
-            return value
+        items = value.values() if isinstance(value, dict) else value
+        if len(value) > _SMALL and type(next(iter(items))) in _SHARED_KINDS:
+            return value  # a large container of plain values (a vocabulary): shared, not copied at every pure step
         if kind is list or kind is tuple:
             return kind(_copied_attribute(v, memo) for v in value)
         if kind is set:
             return set(value)
-        copied = copy.copy(value)  # (an OrderedDict of hooks stays one)
+        copied = copy.copy(value)  # (an OrderedDict stays one)
         for k, v in value.items():
             copied[k] = _copied_attribute(v, memo)
         return copied
     if isinstance(value, nn.Module):
-        return _clone_module(value, memo)
+        return memo.get(id(value), value)
     if kind is types.MethodType:
-        owner = value.__self__
-        if isinstance(owner, nn.Module):
-            owner = _clone_module(owner, memo)
-        return types.MethodType(value.__func__, owner)
+        return types.MethodType(value.__func__, memo.get(id(value.__self__), value.__self__))
     if kind is functools.partial:
         return functools.partial(_copied_attribute(value.func, memo), *_copied_attribute(value.args, memo),
                                  **_copied_attribute(value.keywords, memo))
@@ -887,12 +902,26 @@ def _clone_scheduler(scheduler: Any, optimizer: torch.optim.Optimizer) -> Any:
     attributes["optimizer"] = optimizer
     if "_schedulers" in attributes:
         attributes["_schedulers"] = [_clone_scheduler(s, optimizer) for s in scheduler._schedulers]
+    torchs = _torch_scheduler(scheduler)  # (torch's own change no container in place: their callables are copied)
     for name, value in attributes.items():
+        if type(value) in _SHARED_KINDS or name == "optimizer" or name == "_schedulers":
+            continue
         if isinstance(value, weakref.WeakMethod) and value.__self__ is scheduler:  # type: ignore[attr-defined]
             attributes[name] = weakref.WeakMethod(getattr(new, value.__func__.__name__))  # type: ignore[attr-defined]
-        elif name != "optimizer" and name != "_schedulers":
+        elif isinstance(value, torch.optim.lr_scheduler.LRScheduler):  # one held inside (a warm-up's next scheduler)
+            attributes[name] = _clone_scheduler(value, optimizer)
+        elif not torchs or name in _SCHEDULER_CALLABLES or isinstance(value, torch.Tensor):
             attributes[name] = _scheduler_value(value)
     return new
+
+
+#: what torch's schedulers keep of a user's callables (whose ``__dict__`` their state dicts hold)
+_SCHEDULER_CALLABLES = frozenset({"lr_lambdas", "_scale_fn_custom"})
+
+
+def _torch_scheduler(scheduler: Any) -> bool:
+    """Whether ``scheduler`` is one of torch's own (``torch.optim.lr_scheduler``), not a class of one's own."""
+    return type(scheduler).__module__ == "torch.optim.lr_scheduler"
 
 
 def _scheduler_value(value: Any) -> Any:
@@ -939,7 +968,7 @@ def _decode(state: TrainState, sd: Mapping[str, Any]) -> dict[str, Any]:
     if "optimizer" in template:
         decoded["optimizer"] = _decode_optimizer(sd["optimizer"], template["optimizer"], state.optimizer)
     if "scheduler" in template:
-        decoded["scheduler"] = _decode_scheduler(sd["scheduler"], state.scheduler.state_dict())
+        decoded["scheduler"] = _decode_scheduler(sd["scheduler"], state.scheduler)
     for key in ("step", "epoch", "batch_index", "seed"):
         value = sd[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -982,12 +1011,16 @@ def _resizable_buffers(model: nn.Module) -> set[str]:
     }
 
 
-def _decode_scheduler(plain: Any, template: Mapping[str, Any]) -> Any:
-    """The scheduler's state dict, in the structure of ``template`` (the state's own scheduler's), except that
-    a list may have another length (a scheduler of one's own that keeps a growing history)."""
+def _decode_scheduler(plain: Any, scheduler: Any) -> Any:
+    """The scheduler's state dict, in the structure of ``scheduler``'s own (the state's), except that a list of a
+    scheduler of one's own may have another length (one that keeps a growing history); torch's own are checked
+    strictly (a SequentialLR of other schedulers, another number of milestones)."""
+    template = scheduler.state_dict()
     try:
         return from_plain(plain, template, ("scheduler",))
     except StateMismatchError as error:
+        if any(map(_torch_scheduler, [scheduler, *getattr(scheduler, "_schedulers", ())])):
+            raise
         try:
             return from_plain(plain, _resized(plain, template), ("scheduler",))
         except StateMismatchError:
@@ -1001,7 +1034,7 @@ def _resized(plain: Any, template: Any) -> Any:
         return template
     if isinstance(template, Mapping):
         return {k: _resized(plain.get(str(k)), v) for k, v in template.items()}
-    if isinstance(template, (list, tuple)) and all(k.isdigit() for k in plain):
+    if isinstance(template, (list, tuple)) and set(plain) == {str(i) for i in range(len(plain))}:
         items = [template[min(i, len(template) - 1)] if template else plain[str(i)] for i in range(len(plain))]
         return type(template)(_resized(plain.get(str(i)), item) for i, item in enumerate(items))
     return template

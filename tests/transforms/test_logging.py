@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import warnings
 
 import pytest
 import torch
@@ -454,6 +455,22 @@ def test_a_run_resumed_into_its_pinned_version_folder_logs_what_the_uninterrupte
     assert state.step == saved_at
     fit(tmp_path / "b", tmp_path / "cb", state)
     assert _logged_files(tmp_path / "b" / "run" / "version_0") == _logged_files(tmp_path / "a" / "run" / "version_0")
+
+
+def test_hyper_parameters_logged_before_a_fit_stay_and_a_new_folder_is_not_warned_about(tmp_path, make_mlp,
+                                                                                      make_batches, make_sgd_state):
+    """The README's way: TensorBoard's hparams logged, then with_logging(step, tb, csv): the CSV logger's rewind at
+    step 0 took the hparams.json the TensorBoard logger had written for an earlier run's, and warned."""
+    for version in (None, 0):
+        tb, csv_logger = TensorBoardLogger(tmp_path / str(version), version=version), CSVLogger(tmp_path / str(version), version=version)
+        tb.log_hparams({"lr": 0.1})
+        assert tb.log_dir  # (read before the fit: the folder is claimed and hparams.json written at once)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            run_epochs(with_logging(train_step(loss_with_mae), tb, csv_logger, every_n_steps=2),
+                       make_sgd_state(make_mlp()), make_batches(4), epochs=1, progress=False)
+        with open(os.path.join(tb.log_dir, "hparams.json")) as f:
+            assert json.load(f)["lr"] == 0.1
 
 
 def test_a_fresh_run_into_a_pinned_version_folder_replaces_the_earlier_run_with_a_warning(tmp_path, make_mlp,
