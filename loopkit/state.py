@@ -792,8 +792,8 @@ def _copied_attribute(value: Any, memo: dict[int, Any]) -> Any:
     """A module's attribute (or hook) as its copy's own, once the whole model is copied (``memo`` holds it), as
     ``copy.deepcopy`` would make it where it reaches the model's tensors or modules: a module of the model (kept in a
     list, a dict, a back-reference), a method or ``functools.partial`` of one, a tensor, a generator, and the
-    containers holding them. Modules outside the model (a frozen teacher kept in a list) and other objects
-    (configuration) are shared."""
+    containers holding them, and an object of one's own whose attributes hold a tensor or a module. Modules outside
+    the model (a frozen teacher kept in a list) and other objects (a configuration) are shared."""
     if isinstance(value, _SHARED_VALUES):
         return value
     kind = type(value)
@@ -822,6 +822,11 @@ def _copied_attribute(value: Any, memo: dict[int, Any]) -> Any:
         generator = torch.Generator(value.device)
         generator.set_state(value.get_state())
         return generator
+    fields = getattr(value, "__dict__", None)  # an object of one's own holding a tensor or a module (a cache)
+    if type(fields) is dict and not callable(value) and any(isinstance(v, (torch.Tensor, nn.Module)) for v in fields.values()):
+        copied = copy.copy(value)
+        copied.__dict__.update({k: _copied_attribute(v, memo) for k, v in fields.items()})
+        return copied
     return value
 
 

@@ -6,6 +6,7 @@ import collections
 import copy
 import functools
 import re
+import types
 
 import attrs
 import pytest
@@ -841,6 +842,7 @@ class _WithStateOutsideTheRegistries(nn.Module):
         self.register_buffer("calls", torch.zeros(()))
         self.register_forward_hook(self._count)
         self.running, self.noise = torch.zeros(2), torch.Generator().manual_seed(5)
+        self.cache = types.SimpleNamespace(total=torch.zeros(2), hits=0)  # an object of one's own holding a tensor
 
     def _count(self, module, inputs, output):
         self.calls.add_(1)
@@ -848,7 +850,9 @@ class _WithStateOutsideTheRegistries(nn.Module):
     def forward(self, x):
         y = self.norms[0](self.child(self.a(x + 0.01 * torch.randn(x.shape, generator=self.noise))))
         self.running.add_(y.detach().mean(0))
-        return y + self.running
+        self.cache.total.add_(1.0)
+        self.cache.hits += 1
+        return y + self.running + self.cache.total
 
 
 def _mlp_with(change):
@@ -911,6 +915,8 @@ def test_pure_steps_train_the_copy_of_any_module_structure_as_a_raw_loop_trains_
         assert_trees_equal(state.model.running, torch.zeros(2))
         assert_trees_equal(current.model.running, raw_model.running)
         assert current.model.norms[0] is current.model.norm
+        assert (state.model.cache.hits, current.model.cache.hits) == (0, 4)
+        assert_trees_equal(current.model.cache.total, raw_model.cache.total)
 
 
 def test_a_large_container_on_a_module_is_shared_by_its_copy_and_a_small_one_copied():
