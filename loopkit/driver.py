@@ -171,13 +171,14 @@ def _global_rngs_kept() -> Iterator[None]:
         random.setstate(saved[2])
 
 
-def _counted_batches(state: TrainState, total: int | None) -> TrainState:
-    """``state`` with its epoch's number of batches recorded; a run resumed mid-epoch with data of another length
-    is warned about (it skips the batches already trained of another order: some are seen twice, some never)."""
+def _counted_batches(state: TrainState, total: int | None) -> tuple[TrainState, bool]:
+    """``state`` with its epoch's number of batches recorded, and whether a run resumed mid-epoch has data of
+    another length (warned about: it skips the batches already trained of another order, some seen twice)."""
     saved = state.extras.get(_BATCHES)
     if saved == total:
-        return state
-    if saved is not None and total is not None and state.batch_index:
+        return state, False
+    changed = saved is not None and total is not None and state.batch_index > 0
+    if changed:
         warnings.warn(
             f"run_epochs: the state was saved in epoch {state.epoch} of {saved} batches, after {state.batch_index} of "
             f"them, but train_data has {total} batches now: the resumed epoch skips {state.batch_index} batches of "
@@ -191,7 +192,7 @@ def _counted_batches(state: TrainState, total: int | None) -> TrainState:
         extras.pop(_BATCHES, None)
     else:
         extras[_BATCHES] = total
-    return replace_extras(state, extras)
+    return replace_extras(state, extras), changed
 
 
 def _data_generators(data: Iterable) -> list[torch.Generator]:
@@ -1018,9 +1019,8 @@ def run_epochs(
                     break
                 if not EPOCH.holds(state.extras):  # kept from a checkpoint taken mid-epoch
                     state = replace_extras(state, EPOCH.start(state.extras))
-                if state.batch_index and state.extras.get(_BATCHES) not in (None, total) and total is not None:
-                    told_batch_index = True  # (the data's length changed: _counted_batches says so, not the step)
-                state = _counted_batches(state, total)
+                state, changed = _counted_batches(state, total)
+                told_batch_index = told_batch_index or changed  # (the data's length changed: not the step's doing)
                 if donate and given is not state:  # trained in place from here on: the caller's handle is done
                     given.mark_consumed()
                 if start is None:

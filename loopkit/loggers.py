@@ -388,10 +388,15 @@ def _int_or_none(value: Any) -> int | None:
 
 
 def _write_json(path: str, obj: Any) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    _replace_file(path, json.dumps(obj, indent=2, sort_keys=True))
+
+
+def _replace_file(path: str, content: str | bytes, temporary: str | None = None) -> None:
+    """Write ``content`` to ``path`` whole or not at all: into ``temporary`` (``path.tmp``), then renamed."""
+    temporary = temporary or f"{path}.tmp"
+    with open(temporary, "wb") as f:
+        f.write(content if isinstance(content, bytes) else content.encode("utf-8"))
+    os.replace(temporary, path)
 
 
 def _tensorflow_bins() -> tuple[float, ...]:
@@ -509,10 +514,7 @@ def _filter_event_file(
                     last[value.tag] = (event.step, value.simple_value)
         out.append(framed)
     if dropped or read < len(data):  # (a torn end is cut off too)
-        rewrite = _rewrite_path(path)  # (no "tfevents" in its name: TensorBoard reads none left by a crash)
-        with open(rewrite, "wb") as f:
-            f.write(b"".join(out))
-        os.replace(rewrite, path)
+        _replace_file(path, b"".join(out), _rewrite_path(path))  # (no "tfevents" in the temporary's name)
     return dropped
 
 
@@ -593,6 +595,7 @@ class TensorBoardLogger(RunDirLogger):
         self._hparams_written = False
         self._finished = False  # finalized, and nothing written since
         self._earlier: list[str] = []  # the folder's event files when resume_at was last applied
+        self._kept: dict[str, tuple[int, float]] = {}  # the newest scalar of each tag _drop_records kept there
         self._own: set[str] = set()  # the event files this logger made, in this process
         self._token = secrets.token_hex(4)  # in its files' names (an id is reused once its logger is collected)
         self._purge_step: int | None = None  # a resumed run's new event file tells a live TensorBoard to drop from here
@@ -652,7 +655,7 @@ class TensorBoardLogger(RunDirLogger):
         self._purge_step = step + 1 if step else 0
 
     def _drop_records(self, folder: str, keep: Callable[[int, frozenset[str]], bool]) -> int:
-        self._kept: dict[str, tuple[int, float]] = {}
+        self._kept = {}
         return sum(_filter_event_file(path, keep, self._kept) for path in self._earlier)
 
     def _write_metrics(self, metrics: dict[str, float], step: int) -> None:
@@ -791,9 +794,7 @@ class CSVLogger(RunDirLogger):
             writer = csv.writer(buffer)
             writer.writerow(header)
             writer.writerows(kept)
-            with open(f"{path}.tmp", "w", newline="", encoding="utf-8") as f:
-                f.write(buffer.getvalue())
-            os.replace(f"{path}.tmp", path)
+            _replace_file(path, buffer.getvalue())
         return dropped
 
     def _write_metrics(self, metrics: dict[str, float], step: int) -> None:
@@ -819,9 +820,7 @@ class CSVLogger(RunDirLogger):
             with open(path, newline="", encoding="utf-8") as f:
                 writer.writerows(csv.DictReader(f))
         writer.writerow(row)
-        with open(f"{path}.tmp", "w", newline="", encoding="utf-8") as f:
-            f.write(buffer.getvalue())
-        os.replace(f"{path}.tmp", path)
+        _replace_file(path, buffer.getvalue())
 
 
 class JSONLLogger(RunDirLogger):
@@ -860,9 +859,7 @@ class JSONLLogger(RunDirLogger):
             else:
                 kept.append(line)
         if dropped:
-            with open(f"{path}.tmp", "w", encoding="utf-8") as f:
-                f.write("".join(line + "\n" for line in kept))
-            os.replace(f"{path}.tmp", path)
+            _replace_file(path, "".join(line + "\n" for line in kept))
         return dropped
 
     def _write_metrics(self, metrics: dict[str, float], step: int) -> None:

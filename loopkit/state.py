@@ -580,10 +580,9 @@ def plain_names(tensors: Mapping[Any, Any], model: nn.Module) -> dict[str, Any] 
     """
     if not tensors or "_orig_mod" in model._modules:
         return None
-    for name in tensors:  # (stops at the first plain name: a state of today's names pays one look)
-        if not (isinstance(name, str) and name.startswith(_COMPILED)):
-            return None
-    return {name[len(_COMPILED):]: value for name, value in tensors.items()}
+    if not all(isinstance(name, str) and name.startswith(_COMPILED) for name in tensors):  # (stops at a plain one)
+        return None
+    return _without_compiled_prefix(tensors)
 
 
 def persistent_buffers(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
@@ -916,7 +915,7 @@ def _clone_scheduler(scheduler: Any, optimizer: torch.optim.Optimizer) -> Any:
         elif isinstance(value, torch.optim.lr_scheduler.LRScheduler):  # one held inside (a warm-up's next scheduler)
             attributes[name] = _clone_scheduler(value, optimizer)
         elif not torchs or name in _SCHEDULER_CALLABLES or isinstance(value, torch.Tensor):
-            attributes[name] = _scheduler_value(value)
+            attributes[name] = copy.deepcopy(value)  # (a Counter stays one; functions are shared, objects copied)
     return new
 
 
@@ -927,30 +926,6 @@ _SCHEDULER_CALLABLES = frozenset({"lr_lambdas", "_scale_fn_custom"})
 def _torch_scheduler(scheduler: Any) -> bool:
     """Whether ``scheduler`` is one of torch's own (``torch.optim.lr_scheduler``), not a class of one's own."""
     return type(scheduler).__module__ == "torch.optim.lr_scheduler"
-
-
-def _scheduler_value(value: Any) -> Any:
-    """A scheduler attribute as the copy's own: tensors, containers (milestones, a custom scheduler's lists) and
-    callable objects with state of their own (LambdaLR's ``lr_lambdas``, whose ``__dict__`` its state dict holds)
-    copied; numbers, strings and functions shared."""
-    if isinstance(value, torch.Tensor):
-        return value.clone()
-    if isinstance(value, list):
-        return [_scheduler_value(v) for v in value]
-    if isinstance(value, dict):
-        copied = copy.copy(value)  # (a Counter stays a Counter)
-        for key, v in value.items():
-            copied[key] = _scheduler_value(v)
-        return copied
-    if isinstance(value, set):
-        return set(value)
-    if callable(value) and hasattr(value, "__dict__") and not isinstance(value, _SHARED_CALLABLES):
-        return copy.copy(value)
-    return value
-
-
-#: callables a scheduler copy shares (no state of their own that a scheduler's state dict holds)
-_SHARED_CALLABLES = (types.FunctionType, types.MethodType, types.BuiltinFunctionType, type, functools.partial)
 
 
 # --- loading a state dict ------------------------------------------------------------------
