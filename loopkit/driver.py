@@ -93,6 +93,22 @@ def _with_counters(hooks: _Hooks, state: TrainState) -> TrainState:
         return state
 
 
+def _warn_of_a_state_past_the_end(state: TrainState, epochs: int | None, max_steps: int | None) -> None:
+    """A state beyond ``epochs``/``max_steps`` (a resume from a longer run's checkpoint) trains nothing: say so.
+    A state exactly at the end (a finished run started again) is not warned of: it has nothing left to do."""
+    past_epochs = epochs is not None and (state.epoch > epochs or (state.epoch == epochs and state.batch_index > 0))
+    past_steps = max_steps is not None and state.step > max_steps
+    if past_epochs or past_steps:
+        warnings.warn(
+            f"run_epochs: the state is already past the end asked for (epoch {state.epoch}, batch "
+            f"{state.batch_index}, step {state.step}; epochs={epochs}, max_steps={max_steps}): nothing is "
+            "trained and the history is empty (epochs and max_steps count from the run's start, not from the "
+            "restored state)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
 def _warn_of_eval_mode(model: torch.nn.Module) -> None:
     """Warn, as Lightning does, when modules start training in eval mode (dropout off, BatchNorm frozen)."""
     frozen = [name or "the model" for name, module in model.named_modules() if not module.training]
@@ -325,11 +341,13 @@ def predict(
     state: TrainState,
     data: Iterable,
     *,
+    limit: int | float | None = None,
     device: torch.device | str | None = None,
 ) -> list[Any]:
     """Collect ``fn(model, batch)`` for every batch, in eval mode under ``torch.no_grad()``.
 
-    Training mode is restored afterwards, module by module.
+    Training mode is restored afterwards, module by module. ``limit`` takes the first batches only,
+    as ``evaluate``'s does (Lightning's ``limit_predict_batches``): a count, or a fraction of ``len(data)``.
 
     >>> import torch
     >>> from loopkit.state import TrainState
@@ -337,6 +355,8 @@ def predict(
     >>> outputs = predict(lambda m, b: m(b), state, [torch.ones(3, 2), torch.ones(1, 2)])
     >>> [tuple(o.shape) for o in outputs]
     [(3, 1), (1, 1)]
+    >>> len(predict(lambda m, b: m(b), state, [torch.ones(3, 2)] * 10, limit=0.5))
+    5
     """
     if not callable(fn):
         raise TypeError(f"predict: fn must be callable as fn(model, batch), got {type(fn).__qualname__}")
@@ -344,11 +364,13 @@ def predict(
     _check_state(state, "predict")
     _check_device(device, "predict")
     _check_data(data, "predict: data")
+    _check_limit(limit, "limit")
+    batches = data if limit is None else itertools.islice(data, _num_batches(data, limit, "limit"))
     model = state.model
     move = _mover(device, state)
     outputs = []
     with evaluating(model), torch.no_grad():
-        for batch in data:
+        for batch in batches:
             outputs.append(fn(model, move(batch) if move is not None else batch))
     return outputs
 
@@ -901,6 +923,8 @@ def run_epochs(
     if (step.changes_state and (epochs is None or state.epoch < epochs) and (max_steps is None or state.step < max_steps)
             and limit_train_batches != 0):
         _warn_of_eval_mode(state.model)
+    if limit_train_batches != 0:
+        _warn_of_a_state_past_the_end(state, epochs, max_steps)
     if not donate and step.changes_state:
         state = fork(state)
     _to_device_state(state, device)

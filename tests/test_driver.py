@@ -480,6 +480,35 @@ def test_predict_equals_the_model_in_eval_mode():
     assert model.training and model[0].training and not model[1].training and model[2].training
 
 
+@pytest.mark.parametrize("limit, taken", [(2, 2), (0.5, 3), (10, 6), (0, 0)])
+def test_predict_limit_takes_the_first_batches(limit, taken):
+    """As Lightning's limit_predict_batches: the first batches, a count or a fraction of len(data); a loop
+    over the same batches is the reference, and a generator past the limit is not drawn from."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    data = [torch.randn(2, 3) for _ in range(6)]
+    outputs = predict(lambda m, b: m(b), TrainState.create(model), data, limit=limit)
+    with torch.no_grad():
+        expected = [model(x) for x in data[:taken]]
+    assert len(outputs) == taken and all(torch.equal(o, e) for o, e in zip(outputs, expected))
+    drawn = []
+
+    def stream():
+        for x in data:
+            drawn.append(x)
+            yield x
+
+    if not isinstance(limit, float):  # (a fraction needs a len())
+        predict(lambda m, b: m(b), TrainState.create(model), stream(), limit=limit)
+        assert len(drawn) == taken
+
+
+@pytest.mark.parametrize("limit, error", [(1.5, ValueError), (-1, ValueError), ("2", TypeError), (0.01, ValueError)])
+def test_predict_refuses_a_bad_limit(limit, error):
+    with pytest.raises(error, match="limit"):
+        predict(lambda m, b: m(b), TrainState.create(nn.Linear(3, 2)), [torch.ones(1, 3)] * 4, limit=limit)
+
+
 def test_predict_restores_training_mode_after_an_error():
     model = nn.Sequential(nn.Linear(3, 1))
 
@@ -894,6 +923,22 @@ def test_resuming_with_fresh_persistent_workers_is_warned_about():
         warnings.simplefilter("error")
         run_epochs(train_step(mse), make_state().evolve(epoch=1), loader(False), epochs=1, progress=False)
         run_epochs(train_step(mse), make_state(), loader(True), max_steps=1, progress=False)  # not a resume
+
+
+@pytest.mark.parametrize("options", [{"epochs": 1}, {"max_steps": 3}, {"epochs": 2, "max_steps": 4}])
+def test_a_state_past_the_end_trains_nothing_and_says_so(options):
+    """A resume from a longer run's checkpoint (epochs and max_steps count from the run's start): the state
+    comes back as it was, with an empty history and a warning; a state exactly at the end is not warned of."""
+    longer, _ = run_epochs(train_step(mse), make_state(), make_data(4), epochs=2, progress=False)
+    assert (longer.epoch, longer.step) == (2, 8)
+    before = [p.detach().clone() for p in longer.model.parameters()]
+    with pytest.warns(RuntimeWarning, match=r"already past the end asked for \(epoch 2, batch 0, step 8"):
+        state, history = run_epochs(train_step(mse), longer, make_data(4), progress=False, **options)
+    assert history == [] and (state.epoch, state.step) == (2, 8)
+    assert all(torch.equal(a, b) for a, b in zip(before, state.model.parameters()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run_epochs(train_step(mse), state, make_data(4), epochs=2, max_steps=8, progress=False)
 
 
 def test_a_state_that_is_not_a_train_state_is_refused():
