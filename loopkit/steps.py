@@ -387,23 +387,26 @@ class GradContext:
         return [p.grad for p in self.params]  # type: ignore[misc]
 
     def unscale_and_check(self, inv_scale: torch.Tensor | None = None) -> torch.Tensor | None:
-        """Multiply each floating gradient by ``inv_scale`` in place (None: leave them) and return
-        a 1-element float flag on the first gradient's device, 1.0 where any holds inf/NaN (None
-        where no gradient is floating).
+        """Multiply each floating or complex gradient by ``inv_scale`` in place (None: leave them) and
+        return a 1-element float flag on the first gradient's device, 1.0 where any holds inf/NaN (None
+        where no gradient is floating or complex).
 
         One ``torch._amp_foreach_non_finite_check_and_unscale_`` per device and dtype, as
         ``torch.amp.GradScaler`` does; a sparse gradient counts by its values (coalesced first
-        when float16: duplicates summed in float16 may overflow).
+        when float16: duplicates summed in float16 may overflow), a complex one by its real view
+        (its real and imaginary parts).
         """
         groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
         for p in self.params:
             g: torch.Tensor = p.grad  # type: ignore[assignment]
-            if not g.is_floating_point():
+            if not (g.is_floating_point() or g.is_complex()):
                 continue
             if g.is_sparse:
                 if g.dtype is torch.float16:
                     p.grad = g = g.coalesce()
                 g = g._values()
+            if g.is_complex():
+                g = torch.view_as_real(g)  # (a view: unscaling it unscales the gradient)
             groups.setdefault((g.device, g.dtype), []).append(g)
         found: torch.Tensor | None = None
         for (device, _), grads in groups.items():

@@ -708,3 +708,28 @@ def test_a_counter_a_callback_keeps_per_batch_resumes_from_a_step_checkpoint_as_
     assert restored.step == crash_at
     _, history = run_epochs(step, restored, make_data(5), epochs=2, callbacks=[_BatchCounter()], progress=False)
     assert history == whole[len(whole) - len(history):] and [r["batches_seen"] for r in whole] == [5.0, 10.0]
+
+
+@pytest.mark.parametrize("cut", ["max_steps", "stop_in_on_batch_end"])
+def test_on_epoch_end_of_a_cut_epoch_sees_the_record_epoch_and_an_unfinished_state(cut):
+    """docs/from_lightning.md: the record's "epoch" is Lightning's current_epoch in on_train_epoch_end
+    (0, then 1 here, as Lightning's hook sees); state.epoch counts finished epochs, so an epoch cut short
+    (13 updates of 10-batch epochs; a stop asked for at update 13) leaves it at 1 in its on_epoch_end."""
+
+    class Seen(loopkit.Callback):
+        def __init__(self):
+            self.seen = []
+
+        def on_batch_end(self, state, metrics):
+            if cut == "stop_in_on_batch_end" and state.step == 13:
+                self.should_stop = True
+
+        def on_epoch_end(self, state, metrics):
+            self.seen.append((metrics["epoch"], state.epoch, state.step))
+
+    seen = Seen()
+    seen.should_stop = False
+    options = {"max_steps": 13} if cut == "max_steps" else {"epochs": 5}
+    final, history = run_epochs(train_step(mse), make_state(), make_data(10), callbacks=[seen], progress=False, **options)
+    assert seen.seen == [(0, 1, 10), (1, 1, 13)]
+    assert [h["epoch"] for h in history] == [0, 1] and (final.epoch, final.batch_index) == (1, 3)

@@ -128,16 +128,20 @@ class PruningStep(UpdateStep):
         # and the optimizer to see; they are this call's only, removed whatever happens
         handles = [p.register_hook(_MaskGrad(masks[n])) for n, p in zip(names, params) if p.requires_grad]
         optimizer = state.optimizer
-        if optimizer is not None and self._takes_closure(optimizer):
-            # an optimizer that re-runs the forward inside its update (LBFGS) moves pruned entries between
-            # those forwards (its history predates the pruning): each forward must see them zero, as the raw
-            # loop's weight_orig * mask does, not only the next call
+        if (optimizer is not None and self._takes_closure(optimizer)) or "train_step" not in self.inner.applied:
+            # an optimizer that re-runs the forward inside its update (LBFGS), or a step of one's own that may
+            # update and then run a forward again (a GAN's two updates), moves pruned entries between those
+            # forwards (an optimizer's history predates the pruning): each forward must see them zero, as the
+            # raw loop's weight_orig * mask does, not only the next call
             handles += _mask_before_forwards(state.model, params, [masks[n] for n in names])
         try:
-            return super().run_(state, batch)
+            new, metrics = super().run_(state, batch)
         finally:
             for handle in handles:
                 handle.remove()
+        if new.model is not state.model:  # a step of one's own that copied the model: the copy holds the hooks too
+            _drop_hooks(new.model, {handle.id for handle in handles})
+        return new, metrics
 
     def _takes_closure(self, optimizer: torch.optim.Optimizer) -> bool:
         kind = type(optimizer)
@@ -244,29 +248,48 @@ def _mask_before_forwards(model: nn.Module, params: list[torch.Tensor], masks: l
     modules); all share one record of each tensor's ``_version`` when last masked, which starts
     at the call's (the weights are masked after every update), so a tensor is masked only
     after something changed it in place (the optimizer), never between two uses in one forward
-    (a tied weight, a layer applied twice), which autograd would refuse.
+    (a tied weight, a layer applied twice), which autograd would refuse. A hook finds the
+    parameter by its name in the module it runs for: in a copy of the model that a step of
+    one's own makes (``fork``), the copy's, whose record starts at its first forward.
     """
-    pruned = {id(p): (p, m) for p, m in zip(params, masks)}
-    versions = {key: p._version for key, (p, _) in pruned.items()}
+    pruned = {id(p): m for p, m in zip(params, masks)}
+    versions = {id(p): p._version for p in params}
     handles = []
     for module in model.modules():
-        held = tuple(pruned[id(p)] for _, p in module.named_parameters(recurse=False) if id(p) in pruned)
+        held = tuple((name, pruned[id(p)]) for name, p in module.named_parameters(recurse=False) if id(p) in pruned)
         if held:
             handles.append(module.register_forward_pre_hook(_MaskBeforeForward(held, versions)))
     return handles
+
+
+def _drop_hooks(model: nn.Module, ids: set[int]) -> None:
+    """Remove the hooks of ``ids`` (handles' ids) from the modules and parameters of a copy of the model
+    they were registered on (a copy keeps the original's hooks under their ids)."""
+    for module in model.modules():
+        for key in ids & module._forward_pre_hooks.keys():
+            del module._forward_pre_hooks[key]
+        for param in module.parameters(recurse=False):
+            hooks = param._backward_hooks
+            if hooks:
+                for key in ids & hooks.keys():
+                    del hooks[key]
 
 
 @attrs.frozen(eq=False)
 class _MaskBeforeForward:
     """A forward pre-hook: the module's pruned parameters times their masks, in place, where changed since."""
 
-    pruned: tuple[tuple[torch.Tensor, torch.Tensor], ...]  # (parameter, mask)
+    pruned: tuple[tuple[str, torch.Tensor], ...]  # (the module's own name of the parameter, mask)
     versions: dict[int, int]  # id(parameter) -> its _version when last masked; shared by the call's hooks
 
     def __call__(self, module: nn.Module, args: Any) -> None:
-        versions = self.versions
-        for param, mask in self.pruned:
-            if param._version != versions[id(param)]:
+        versions, params = self.versions, module._parameters
+        for name, mask in self.pruned:
+            param = params[name]
+            seen = versions.get(id(param))
+            if seen is None:  # a copy the step made, before any update of it: masked as the call began
+                versions[id(param)] = param._version
+            elif param._version != seen:
                 with torch.no_grad():
                     param.mul_(mask)  # weight_orig * mask, the raw loop's weight, bit for bit
                 versions[id(param)] = param._version
@@ -313,8 +336,11 @@ def with_pruning(
     closure) moves pruned entries between those forwards (its history predates the pruning);
     for it, each module that holds a pruned weight gets, for the call only, a forward pre-hook
     that sets the pruned entries back to zero when the update changed the weight, so that
-    every forward sees ``weight_orig * weight_mask`` as in the raw loop (bitwise). Other
-    optimizers get no such hook. Masks that do not fit the model (a state given another model
+    every forward sees ``weight_orig * weight_mask`` as in the raw loop (bitwise). A step of
+    one's own (a plain function, which may make several updates in one call, a GAN's
+    discriminator then generator) gets the same hooks, so the generator's forward sees the
+    discriminator's pruned entries zero after its update moved them (momentum). A ``train_step``
+    with another optimizer gets no such hook. Masks that do not fit the model (a state given another model
     with ``evolve``) are refused before the update, naming the parameter and both shapes; a
     mask whose dtype or device differs only (a checkpoint restored into a float64 template) is
     cast to its parameter's once, and the state returned holds the cast masks. Masks named as a

@@ -262,3 +262,38 @@ def test_float16_and_the_guard_do_not_depend_on_the_callers_default_dtype(make_m
         torch.set_default_dtype(default)
     assert float(metrics["amp/skipped"]) == 0.0 and guard_only.step == state.step + 1
     assert_trees_equal(dict(state.model.named_parameters()), dict(ref_model.named_parameters()))
+
+
+def test_float16_unscales_and_checks_complex_gradients(assert_trees_equal):
+    """A complex parameter's gradient is unscaled and checked by its real view (torch's GradScaler refuses
+    complex gradients): the reference is a raw loop scaling the loss by hand, by powers of two (exact), and
+    skipping the update whose complex gradient is non-finite, then halving the scale as GradScaler does."""
+    from tests.transforms.test_nan_guard import _COMPLEX_BATCHES, _ComplexModel
+
+    def make():
+        torch.manual_seed(0)
+        model = _ComplexModel()
+        return model, torch.optim.SGD(model.parameters(), lr=0.1)
+
+    ref, ref_opt = make()
+    scale = INIT_SCALE
+    for x in _COMPLEX_BATCHES:
+        ref_opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = ref(x)
+        (loss.float() * scale).backward()
+        grads = [p.grad for p in ref.parameters()]
+        for g in grads:
+            g.mul_(1.0 / scale)
+        if all(torch.isfinite(torch.view_as_real(g) if g.is_complex() else g).all() for g in grads):
+            ref_opt.step()
+        else:
+            scale *= 0.5
+    state = loopkit.TrainState.create(*make())
+    step = loopkit.with_amp(loopkit.train_step(lambda m, x: m(x)), dtype=torch.float16, init_scale=INIT_SCALE)
+    skipped = []
+    for x in _COMPLEX_BATCHES:
+        state, metrics = step(state, x)
+        skipped.append(float(metrics["amp/skipped"]))
+    assert skipped == [0.0, 1.0, 0.0] and float(state.extras["amp/scale"]) == scale
+    assert_trees_equal(dict(state.model.named_parameters()), dict(ref.named_parameters()))

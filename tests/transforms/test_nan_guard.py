@@ -484,3 +484,46 @@ def test_errors_of_the_loss_fn_checked_before_the_backward_still_name_it(make_ml
     state, _ = step(make_sgd_state(make_mlp(0)), make_batches(1)[0])
     with pytest.raises(ValueError, match="loss_fn .*<lambda> returned a loss of shape"):
         step(state, make_batches(2)[1])
+
+
+class _ComplexModel(torch.nn.Module):
+    """A complex weight (a spectral layer's) beside a real one; ``sqrt(|w x|)`` has an infinite slope where
+    ``w x`` is 0, so a batch with a zero gives a finite loss and a non-finite complex gradient."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor([0.5 + 0.25j, 1 + 1j, -0.5j], dtype=torch.complex64))
+        self.lin = torch.nn.Linear(3, 1)
+
+    def forward(self, x):
+        return self.lin(x).pow(2).mean() + (self.w * x[0]).abs().sqrt().sum()
+
+
+_COMPLEX_BATCHES = [torch.tensor([[1.0, 2.0, 0.5]]), torch.tensor([[0.0, 1.0, 1.0]]), torch.tensor([[2.0, 1.0, 1.0]])]
+
+
+@pytest.mark.parametrize("policy", ["skip", "raise"])
+def test_a_complex_parameters_nonfinite_gradient_is_caught(policy, assert_trees_equal):
+    """The guard checks a complex gradient by its real and imaginary parts: the bad batch's update is
+    skipped (or refused, naming the parameter), and the rest equals a raw loop without that batch."""
+
+    def make():
+        torch.manual_seed(0)
+        model = _ComplexModel()
+        return model, torch.optim.SGD(model.parameters(), lr=0.1)
+
+    ref, ref_opt = make()
+    for x in (_COMPLEX_BATCHES[0], _COMPLEX_BATCHES[2]):
+        ref_opt.zero_grad()
+        ref(x).backward()
+        ref_opt.step()
+    step = loopkit.with_nan_guard(loopkit.train_step(lambda m, x: m(x)), policy=policy)
+    state, _ = step(loopkit.TrainState.create(*make()), _COMPLEX_BATCHES[0])
+    if policy == "raise":
+        with pytest.raises(loopkit.NonFiniteError, match="non-finite gradient of 'w'"):
+            step(state, _COMPLEX_BATCHES[1])
+    else:
+        state, metrics = step(state, _COMPLEX_BATCHES[1])
+        assert torch.isfinite(metrics["loss"]) and float(metrics["nan_guard/skipped"]) == 1.0
+    state, _ = step(state, _COMPLEX_BATCHES[2])
+    assert_trees_equal(dict(state.model.named_parameters()), dict(ref.named_parameters()))

@@ -9,6 +9,7 @@ from torch.nn.utils import prune
 
 import loopkit
 from loopkit import checkpoint
+from loopkit.state import fork
 from loopkit.transforms.pruning import cubic_sparsity, default_prunable
 from tests.conftest import (
     assert_refused_before_the_update,
@@ -526,3 +527,61 @@ def test_older_prefixed_masks_that_do_not_fit_the_model_are_still_refused(make_b
                                          take_snapshot, assert_trees_equal)
     fits = state.evolve(extras={**state.extras, "pruning/masks": prefixed(masks)})  # all prefixed, all fit
     assert_trees_equal(step(fits, data[0])[0].state_dict(), step(state, data[0])[0].state_dict())
+
+
+def _two_networks(seed: int = 0):
+    torch.manual_seed(seed)
+    model = nn.ModuleDict({"g": nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 3)),
+                           "d": nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1))})
+    return model, torch.optim.Adam([{"params": model["g"].parameters()}, {"params": model["d"].parameters(), "lr": 0.05}])
+
+
+def _two_updates(model, opt, x):
+    """A GAN's pattern: update d, then a forward through the updated d to update g (one optimizer)."""
+    opt.zero_grad(set_to_none=True)
+    (model["d"](x) - 1).pow(2).mean().backward(inputs=list(model["d"].parameters()))
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    model["d"](model["g"](x)).pow(2).mean().backward(inputs=list(model["g"].parameters()))
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def _two_update_step(state, x):
+    """A step of one's own, pure as examples/gan.py's: it copies the state first (fork) and updates the copy twice."""
+    state = fork(state)
+    _two_updates(state.model, state.optimizer, x)
+    return state.evolve(step=state.step + 1, batch_index=state.batch_index + 1), {}
+
+
+@pytest.mark.parametrize("donated", [False, True])
+def test_a_step_of_ones_own_with_two_updates_sees_pruned_weights_zero_between_them(donated, assert_trees_equal):
+    """The second update's forward runs through weights the first update moved (Adam's momentum moves pruned
+    entries off zero): as in the raw torch.nn.utils.prune loop, it sees them zero. The hooks that do it are
+    the call's only: the state returned (the step's own copy) keeps none, call after call."""
+    data = [torch.randn(16, 3, generator=torch.Generator().manual_seed(k)) for k in range(8)]
+    ref_model, ref_opt = _two_networks()
+    names = [f"{net}.{i}.weight" for net in ("g", "d") for i in (0, 2)]
+    modules = {name: ref_model.get_submodule(name.removesuffix(".weight")) for name in names}
+    targets = [(m, "weight") for m in modules.values()]
+    total, pruned = sum(m.weight.numel() for m, _ in targets), 0
+    for k, x in enumerate(data, start=1):
+        _two_updates(ref_model, ref_opt, x)
+        if k in POINTS:
+            want = round(cubic_sparsity(AMOUNT, POINTS, k) * total)
+            current = {(m, n): m.weight_orig * m.weight_mask for m, n in targets if prune.is_pruned(m)}
+            prune.global_unstructured(targets, pruning_method=prune.L1Unstructured, amount=want - pruned,
+                                      importance_scores=current or None)
+            pruned = want
+    expected = {name: (m.weight_orig * m.weight_mask).detach() for name, m in modules.items()}
+    step = loopkit.with_pruning(_two_update_step, AMOUNT, POINTS)
+    step = loopkit.donate(step) if donated else step
+    state = loopkit.TrainState.create(*_two_networks())
+    for x in data:
+        given = state
+        state, _ = step(given, x)
+        assert all(not p._backward_hooks for p in state.model.parameters())
+        assert all(not m._forward_pre_hooks for m in state.model.modules())
+        if not donated:
+            assert all(not p._backward_hooks for p in given.model.parameters())
+    assert_trees_equal({name: state.model.get_parameter(name).detach() for name in names}, expected)
