@@ -399,7 +399,10 @@ def shard(
     ``data`` is a map-style dataset (then pass ``batch_size``) or a ``DataLoader`` (its
     batch size, collate_fn, workers, ... are kept; ``shuffle`` defaults to whether it
     shuffled). The sampler is a ``DistributedSampler`` seeded with ``state.seed`` (or the
-    int given); ``run_epochs`` calls its ``set_epoch(epoch)`` at each epoch, so every epoch
+    int given) of rank 0: the shards split one order only when every rank draws it, so ranks
+    whose states are seeded apart (``seed=s + rank``, for their own dropout masks) take rank
+    0's, which makes ``shard`` a collective that every rank calls at the same point under a
+    process group. ``run_epochs`` calls its ``set_epoch(epoch)`` at each epoch, so every epoch
     has its own order and a resumed run sees the same order as an uninterrupted one.
 
     ``pad=True`` (training) gives every rank the same number of samples, repeating a few
@@ -449,6 +452,7 @@ def shard(
         shuffle = True if shuffle is None else shuffle
     if isinstance(options.get("batch_size"), bool) or not isinstance(options.get("batch_size"), int) or options["batch_size"] < 1:
         raise ValueError(f"loopkit.distributed.shard: batch_size must be a positive int, got {options.get('batch_size')!r}")
+    seed = int(_collective.gather(seed)[0])  # type: ignore[index,call-overload]  # rank 0's (see above)
     kind = DistributedSampler if pad else _ShardSampler
     sampler = kind(dataset, num_replicas=world_size(), rank=rank(), shuffle=bool(shuffle), seed=seed)
     for name in ("shuffle", "sampler", "batch_sampler"):

@@ -258,17 +258,54 @@ def _spawned_worker(rank: int, port: int, out: str) -> None:
 def test_spawned_workers_pass_their_ranks_to_init_and_train_to_the_one_process_result(tmp_path, bare_env):
     port = _free_port()
     bare_env.setenv("MASTER_PORT", str(port))  # inherited by the spawned workers, as Lightning's launcher does
-    context = torch.multiprocessing.spawn(_spawned_worker, args=(port, str(tmp_path)), nprocs=2, join=False)
-    deadline = time.monotonic() + 60
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in context.processes:
-                p.kill()
-            pytest.fail("the spawned workers did not finish within 60 s")
+    _spawn_and_join(_spawned_worker, (port, str(tmp_path)))
     ranks = [torch.load(os.path.join(tmp_path, f"rank{r}.pt")) for r in (0, 1)]
     assert [r["seen"] for r in ranks] == [(0, 2, 0), (1, 2, 1)]  # local_rank() is the rank on one machine
     assert [r["step"] for r in ranks] == [ddp.STEPS, ddp.STEPS]
     _assert_the_one_process_run_of_plain(ranks)
+
+
+def _spawn_and_join(worker, args: tuple, seconds: float = 60) -> None:
+    context = torch.multiprocessing.spawn(worker, args=args, nprocs=2, join=False)
+    deadline = time.monotonic() + seconds
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in context.processes:
+                p.kill()
+            pytest.fail(f"the spawned workers did not finish within {seconds} s")
+
+
+def _seeded_apart_worker(rank: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    distributed.init(rank=rank, world_size=2, master_port=port, timeout=30)
+    try:
+        data = TensorDataset(torch.arange(18.0))
+        state = loopkit.TrainState.create(torch.nn.Linear(1, 1), seed=5 + rank)  # the README's seed=s + rank
+        shards = {}
+        for pad in (True, False):
+            loader = distributed.shard(data, state, batch_size=4, pad=pad)
+            shards[pad] = []
+            for epoch in (0, 1):
+                loader.sampler.set_epoch(epoch)
+                shards[pad].append([int(v) for (b,) in loader for v in b])
+        torch.save(shards, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        distributed.shutdown()
+
+
+@pytest.mark.slow
+def test_ranks_seeded_apart_get_shards_of_one_order(tmp_path, bare_env):
+    """States seeded per rank (their own dropout masks) shard by rank 0's seed: the two shards of each epoch
+    are the one-process DistributedSampler's of that seed (each sample once unpadded, and the training shards'
+    padding as torch pads), not two overlapping orders."""
+    _spawn_and_join(_seeded_apart_worker, (_free_port(), str(tmp_path)))
+    got = [torch.load(os.path.join(tmp_path, f"rank{r}.pt")) for r in (0, 1)]
+    for epoch in (0, 1):
+        for r in (0, 1):
+            sampler = torch.utils.data.DistributedSampler(range(18), num_replicas=2, rank=r, shuffle=True, seed=5)
+            sampler.set_epoch(epoch)
+            assert got[r][True][epoch] == list(sampler)
+        assert sorted(got[0][False][epoch] + got[1][False][epoch]) == list(range(18))
 
 
 def test_init_with_world_size_one_makes_a_real_group_without_a_port(bare_env):
