@@ -373,6 +373,27 @@ def apart(rank: int) -> dict[str, Any]:
     return {"error": _refused(lambda: loopkit.run_epochs(step, state, batches, epochs=1, progress=False))}
 
 
+def buffers_apart(rank: int) -> dict[str, Any]:
+    """Rank 1's model has a buffer rank 0's lacks, and another of another shape: refused at the first call
+    on every rank, naming them (DDP's broadcast of rank 0's buffers waited for the timeout)."""
+    import loopkit
+
+    results = {}
+    for case in ("extra", "shape"):
+        model = make_model()
+        if case == "extra" and rank == 1:
+            model.register_buffer("counts", torch.zeros(3))
+        if case == "shape":
+            model.register_buffer("counts", torch.zeros(3 + rank))
+        step = loopkit.donate(loopkit.with_ddp(loopkit.train_step(mse)))
+        try:
+            step(sgd_state(model), make_data(1)[0, rank])
+            results[case] = "not refused"
+        except ValueError as e:
+            results[case] = str(e)
+    return results
+
+
 def _fails_at(at: int) -> Any:
     """``mse`` that raises in its call number ``at`` (from 1)."""
     calls = []
@@ -512,7 +533,7 @@ def resume(rank: int, out_dir: str) -> dict[str, Any]:
 SCENARIOS = {
     f.__name__: f
     for f in (plain, accum, accum_outer, bucket_views, static_graph, flush, two_heads, averaged_pruned, nan_skip, nan_raise, fp16, fit,
-              stop_one_rank, callbacks_on_rank0, uneven, apart, loss_error)
+              stop_one_rank, callbacks_on_rank0, uneven, apart, loss_error, buffers_apart)
 }
 
 WITH_OUT_DIR = {f.__name__: f for f in (resume, signal_one_rank, signal_apart, signal_in_group, signal_spaced_votes)}

@@ -95,6 +95,7 @@ class DDPSync:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         if device.type == "cuda" and "device_ids" not in options:
             options["device_ids"] = [device.index if device.index is not None else torch.cuda.current_device()]
+        _check_same_buffers(model)
         ddp = DistributedDataParallel(model, **options)
         if self.comm_hook is not None:
             ddp.register_comm_hook(self.comm_state, self.comm_hook)
@@ -180,6 +181,26 @@ class DDPSync:
         ddp = self._ddp
         names = getattr(ddp, "parameters_to_ignore", ()) if ddp is not None else ()
         return {id(p) for n, p in ddp.module.named_parameters() if n in names} if names else set()
+
+
+def _check_same_buffers(model: torch.nn.Module) -> None:
+    """Refuse, on every rank, buffers that differ from rank 0's (names, shapes, dtypes): building the wrapper
+    broadcasts them, and torch checks only the parameters (other buffers left every rank waiting for the
+    process group's timeout, 30 minutes by default). One small all-gather, once per wrapper."""
+    ignored = set(getattr(model, "_ddp_params_and_buffers_to_ignore", ()))  # (DDP's own opt-out: not broadcast)
+    mine = [(name, tuple(b.shape), str(b.dtype)) for name, b in model.named_buffers() if name not in ignored]
+    every: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(every, mine)
+    for rank, theirs in enumerate(every):
+        if theirs != every[0]:
+            diff = next(((a, b) for a, b in zip(every[0], theirs) if a != b), None)
+            detail = (f"rank 0 has {diff[0]}, rank {rank} has {diff[1]}" if diff is not None else
+                      f"rank 0 has {len(every[0])} buffers, rank {rank} has {len(theirs)}: "
+                      f"{sorted({n for n, *_ in every[0]} ^ {n for n, *_ in theirs})} on one of them only")
+            raise ValueError(
+                "with_ddp: the model's buffers differ between ranks (name, shape, dtype): " + detail +
+                "; DistributedDataParallel broadcasts rank 0's to every rank, so every rank must build the same model"
+            )
 
 
 def with_ddp(

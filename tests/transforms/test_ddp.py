@@ -21,7 +21,7 @@ from tests import _ddp_script as ddp
 TOL = 1e-6
 SCENARIOS = ["plain", "accum", "accum_outer", "bucket_views", "static_graph", "flush", "two_heads", "averaged_pruned", "nan_skip",
              "nan_raise", "fp16", "fit", "stop_one_rank", "callbacks_on_rank0", "uneven", "apart", "signal_one_rank", "signal_apart",
-             "signal_in_group", "signal_spaced_votes", "loss_error"]
+             "signal_in_group", "signal_spaced_votes", "loss_error", "buffers_apart"]
 
 
 @pytest.fixture(scope="module")
@@ -356,6 +356,14 @@ def test_unequal_batch_counts_and_unequal_starts_are_refused_on_every_rank(ranks
                           ("apart", "the ranks start from different states .*: rank 1 has {'step': 2")):
         for result in ranks(name):
             assert re.search(message, result["error"]), result["error"]
+
+
+@pytest.mark.slow
+def test_buffers_that_differ_between_ranks_are_refused_on_every_rank(ranks):
+    """Before: every rank waited for the process group's timeout in DDP's broadcast of rank 0's buffers."""
+    for result in ranks("buffers_apart"):
+        assert re.search(r"buffers differ between ranks.*rank 0 has 0 buffers, rank 1 has 1: \['counts'\]", result["extra"])
+        assert re.search(r"rank 0 has \('counts', \(3,\), 'torch.float32'\), rank 1 has \('counts', \(4,\)", result["shape"])
 
 
 @pytest.fixture
