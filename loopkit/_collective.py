@@ -182,7 +182,14 @@ def _summed_over_ranks(sums: Mapping[str, torch.Tensor], counts: Mapping[str, fl
     all-gather of the keys, one all-reduce: a rank that saw no value of a metric still takes part)."""
     dist = torch.distributed
     gathered: list[list[str] | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, list(sums))
+    try:
+        dist.all_gather_object(gathered, list(sums))
+    except RuntimeError as e:  # (the first collective of the means: where a rank that never came is found out)
+        raise RuntimeError(
+            f"loopkit: the means over {dist.get_world_size()} ranks could not be reduced on rank {dist.get_rank()}: "
+            "every rank must reach them at the same point (call evaluate on every rank, or evaluate(..., "
+            f"reduce=False) for one rank's own means), or another rank has died or stopped. The error was: {e}"
+        ) from e
     keys: list[str] = []
     for rank_keys in gathered:
         keys.extend(k for k in rank_keys or () if k not in keys)

@@ -308,6 +308,32 @@ def test_ranks_seeded_apart_get_shards_of_one_order(tmp_path, bare_env):
         assert sorted(got[0][False][epoch] + got[1][False][epoch]) == list(range(18))
 
 
+def _evaluating_on_rank_zero_only_worker(rank: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    distributed.init(rank=rank, world_size=2, master_port=port, timeout=3)
+    message = "rank 1 never evaluates"
+    if rank == 0:  # a Lightning habit: `if trainer.is_global_zero: ...`
+        state = loopkit.TrainState.create(torch.nn.Identity())
+        try:
+            loopkit.evaluate(loopkit.eval_step(lambda m, b: {"x": b.mean()}), state, [torch.ones(3)])
+            message = "no error"
+        except RuntimeError as e:
+            message = str(e)
+    else:
+        time.sleep(8)  # past rank 0's timeout, without a collective
+    with open(os.path.join(out, f"rank{rank}.txt"), "w") as f:
+        f.write(message)
+    os._exit(0)  # (no shutdown: rank 0's group is broken)
+
+
+@pytest.mark.slow
+def test_evaluate_on_one_rank_fails_at_the_timeout_saying_what_to_do(tmp_path, bare_env):
+    _spawn_and_join(_evaluating_on_rank_zero_only_worker, (_free_port(), str(tmp_path)))
+    with open(os.path.join(tmp_path, "rank0.txt")) as f:
+        message = f.read()
+    assert "means over 2 ranks could not be reduced on rank 0" in message and "reduce=False" in message, message
+
+
 def test_init_with_world_size_one_makes_a_real_group_without_a_port(bare_env):
     assert distributed.init(rank=0, world_size=1, timeout=10) is True
     assert torch.distributed.is_initialized()
