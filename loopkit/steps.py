@@ -227,6 +227,11 @@ def donate(step: Callable[[TrainState, Any], tuple[TrainState, Metrics]]) -> Ste
     ...     print("refused")
     refused
     """
+    if isinstance(getattr(step, "takes", None), str):  # a step of other states than one TrainState (an ensemble's)
+        raise TypeError(
+            f"donate cannot wrap {getattr(step, 'name', type(step).__qualname__)}: it takes {step.takes}, not one "
+            "loopkit.TrainState; pass donated=True to loopkit.ensemble.train_step, which trains the ensemble in place"
+        )
     step = as_step(step)
     if attrs.has(type(step)):
         return attrs.evolve(step, donated=True)

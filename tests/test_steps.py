@@ -746,3 +746,12 @@ def test_an_lbfgs_run_resumes_from_a_file_as_the_uninterrupted_run(batches, mse_
         resumed, _ = step(resumed, batch)
     whole_sd, resumed_sd = whole.model.state_dict(), resumed.model.state_dict()
     assert all(torch.equal(whole_sd[k], resumed_sd[k]) for k in whole_sd)
+
+
+def test_donate_refuses_an_ensemble_step_and_names_donated_true():
+    """It built, and the first call failed with "a step takes a loopkit.TrainState, got Ensemble"."""
+    from loopkit import ensemble
+
+    step = ensemble.train_step(lambda m, b: m(b).pow(2).mean())
+    with pytest.raises(TypeError, match=r"donate cannot wrap ensemble.train_step.*donated=True"):
+        loopkit.donate(step)
