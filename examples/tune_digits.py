@@ -4,7 +4,9 @@ Each trial trains a small MLP with the suggested learning rate and hidden width;
 validation loss is reported after every epoch, and Optuna's median pruner stops a trial
 that is worse than the others at the same epoch. The study is kept in SQLite
 (``<directory>/digits_search.db``; a temporary folder unless ``--directory`` names one): run the
-script again with the same ``--directory`` and it adds trials to the same study.
+script again with the same ``--directory`` and it adds trials to the same study. The sampler's seed
+is offset by the trials the study holds, so a new study is reproducible and a resumed one draws
+new trials rather than replaying the first run's.
 Two trials are queued first with hopeless learning rates, so that pruning shows up even in a
 short run. The best trial's model is retrained and evaluated on the test split.
 
@@ -31,6 +33,7 @@ import loopkit
 from loopkit import tune
 
 HOPELESS_LR = 1e-6
+SEED = 0  # the sampler's seed for a new study
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -75,6 +78,12 @@ def build(lr: float, hidden: int, seed: int) -> loopkit.TrainState:
     return loopkit.TrainState.create(model, torch.optim.Adam(model.parameters(), lr=lr), seed=seed)
 
 
+def sampler_for(study: optuna.Study, seed: int = SEED) -> optuna.samplers.TPESampler:
+    """TPE seeded with ``seed`` plus the number of trials ``study`` holds: a new study gets ``seed`` (the same
+    trials each time), a resumed one another seed, so its random start-up draws are not the earlier run's."""
+    return optuna.samplers.TPESampler(seed=seed + len(study.trials))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -91,9 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as scratch:
         study = tune.create_study(
             "digits_search", directory=args.directory or scratch,
-            sampler=optuna.samplers.TPESampler(seed=0),
             pruner=optuna.pruners.MedianPruner(n_startup_trials=3),
         )
+        study.sampler = sampler_for(study)  # (made once the study is loaded: its seed depends on the trials there)
         if not study.trials:  # a new study: three sound starts, then two hopeless learning rates
             for lr in (3e-3, 1e-2, 1e-3, HOPELESS_LR, HOPELESS_LR):
                 study.enqueue_trial({"lr": lr, "hidden": 64})

@@ -233,11 +233,21 @@ class PruningCallback(MonitorCallback):
     A ``val/...`` metric is reported after each validation, any other (``train/loss``) after
     each epoch. ``report_step="count"`` (the default) reports the n-th value at step n, so
     trials with other batch sizes or accumulation compare at the same validation (with one
-    validation per epoch, step n is epoch n); ``"global"`` reports at ``state.step``. When the
-    study's pruner says so (or the value is NaN or infinite) the callback asks ``run_epochs``
-    to stop (``should_stop``): that validation is still logged and checkpointed, the fit ends
-    as usual, and then ``on_fit_end`` raises ``optuna.TrialPruned`` (:func:`fit` raises it
-    itself, after recording the history). ``reported`` holds what was reported.
+    validation per epoch, step n is epoch n); ``"global"`` reports at ``state.step``.
+
+    The count is the run's, not the fit's: ``run_epochs`` keeps it in the state's extras
+    (``state_dict``, under ``callbacks/PruningCallback[<monitor>]``), so a fit resumed from a
+    loopkit checkpoint (the rerun of a trial whose process died) goes on with it and reports
+    each validation at the step the uninterrupted run reports it at; a validation the resumed
+    fit runs again (its state was saved before it) keeps its step. A step the trial already
+    holds (an earlier fit of this same trial reported that validation) is not reported again:
+    Optuna would ignore the value with a warning. A state without the count (trained
+    without this callback) starts it at 1.
+
+    When the study's pruner says so (or the value is NaN or infinite) the callback asks
+    ``run_epochs`` to stop (``should_stop``): that validation is still logged and checkpointed,
+    the fit ends as usual, and then ``on_fit_end`` raises ``optuna.TrialPruned`` (:func:`fit`
+    raises it itself, after recording the history). ``reported`` holds what this fit reported.
 
     >>> import optuna, torch
     >>> trial = optuna.create_study().ask()
@@ -258,9 +268,34 @@ class PruningCallback(MonitorCallback):
         self.trial = trial
         self.report_step = report_step
         self.reported: dict[int, float] = {}
+        self.count = 0  # the values checked in the run so far (a resumed fit's state holds the earlier ones)
         self.should_stop = False
         self.pruned = False
         self.raise_at_fit_end = True
+
+    @property
+    def state_key(self) -> str:
+        """The name ``run_epochs`` keeps the count under in ``state.extras`` (after ``callbacks/``).
+
+        >>> import optuna
+        >>> PruningCallback(optuna.create_study().ask(), "val/acc").state_key
+        'PruningCallback[val/acc]'
+        """
+        return f"PruningCallback[{self.monitor}]"
+
+    def state_dict(self) -> dict[str, Any]:
+        """The count of values checked so far, for checkpoints (``run_epochs`` keeps it in ``state.extras``)."""
+        return {"count": self.count}
+
+    def load_state_dict(self, sd: Mapping[str, Any]) -> None:
+        """Continue the count :meth:`state_dict` returned (a fit resumed from a checkpoint)."""
+        self.count = int(sd["count"])
+
+    def on_fit_start(self, state: TrainState) -> None:
+        """Start each fit afresh; a resumed run's count comes back from ``state.extras`` right after."""
+        self.count = 0
+        self.reported = {}
+        self.should_stop = self.pruned = False
 
     def on_fit_end(self, state: TrainState, history: list[dict[str, float]]) -> None:
         """Raise ``optuna.TrialPruned`` now if the trial was pruned (and ``raise_at_fit_end``)."""
@@ -274,11 +309,27 @@ class PruningCallback(MonitorCallback):
             raise _optuna().TrialPruned(f"trial {self.trial.number} pruned at step {step}: {self.monitor} = {value:.6g}")
 
     def check(self, state: TrainState, value: float) -> None:
-        step = int(state.step) if self.report_step == "global" else len(self.reported) + 1
-        self.trial.report(value, step)
+        """Report ``value`` at its step (unless the trial holds that step already) and ask the pruner."""
+        self.count += 1
+        step = int(state.step) if self.report_step == "global" else self.count
+        if not _holds_step(self.trial, step):
+            self.trial.report(value, step)
         self.reported[step] = value
         if not math.isfinite(value) or self.trial.should_prune():
             self.pruned = self.should_stop = True
+
+
+def _holds_step(trial: Any, step: int) -> bool:
+    """Whether ``trial`` has a value reported at ``step`` already (by an earlier fit of the same trial, whose
+    validation a fit resumed from a state saved before it runs again); Optuna would ignore it with a warning.
+    Read from the study's running trials (Optuna's public API); a trial without a study holds none."""
+    study = getattr(trial, "study", None)
+    number = getattr(trial, "number", None)
+    if number is None or not callable(getattr(study, "get_trials", None)):
+        return False
+    running = (_optuna().trial.TrialState.RUNNING,)
+    trials = study.get_trials(deepcopy=False, states=running)
+    return any(t.number == number and step in t.intermediate_values for t in trials)
 
 
 def fit(
@@ -299,6 +350,9 @@ def fit(
     only: 0-dim tensors a callback added are read, other values left out) and ``step`` (the
     updates done). A pruned trial raises ``optuna.TrialPruned`` out of here,
     which ``study.optimize`` records. Use it as an objective's last line (see the module).
+    A ``state`` restored from a checkpoint of an earlier fit (the rerun of a trial whose
+    process died) reports its validations at the steps the uninterrupted fit would
+    (see :class:`PruningCallback`).
 
     >>> import optuna, torch, loopkit
     >>> model = torch.nn.Linear(2, 1)

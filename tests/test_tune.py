@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
 
 import pytest
 import torch
@@ -75,6 +76,80 @@ def test_a_second_validation_at_the_same_update_is_reported_once(make_mlp, make_
     # validations after every 3 updates and at each epoch end (also after 3 updates): one report per update
     tune.fit(trial, step, state, data, val=val, epochs=2, val_every_n_steps=BATCHES, progress=False, report_step="global")
     assert list(study.tell(trial, 0.0).intermediate_values) == [BATCHES, 2 * BATCHES]
+
+
+class _CrashAt(loopkit.Callback):
+    """Raise after the update ``step``'s batch, before its step checkpoint: a process that died there."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_batch_end(self, state, metrics):
+        if state.step == self.step:
+            raise RuntimeError(f"died at step {state.step}")
+
+
+# (validation options, the update at which the first fit dies, the count of the validation the resumed fit runs
+# again): the newest checkpoint is of the update before, saved before its due validation (the epoch's end; every
+# second update), which the first fit reported before it died; per epoch at updates 3, 6 (2nd), ...; every 2
+# updates at 2, 3 (the epoch's end), 4 (3rd), 6, ...
+_RESUMES = {"per epoch": ({}, 2 * BATCHES + 1, 2), "every 2 updates": ({"val_every_n_steps": 2}, 5, 3)}
+
+
+@pytest.mark.parametrize("resumed_in", ["a new trial", "the same trial"])
+@pytest.mark.parametrize("scheme", sorted(_RESUMES))
+def test_a_fit_resumed_from_a_checkpoint_reports_each_validation_at_the_uninterrupted_trials_step(
+    scheme, resumed_in, make_mlp, make_batches, mse_loss, tmp_path
+):
+    options, crash, again = _RESUMES[scheme]
+    study = optuna.create_study(pruner=optuna.pruners.NopPruner())
+    # the reference: the same trial's fit run without interruption
+    reference = study.ask()
+    step, state, data, val = _pipeline(0.05, make_mlp, make_batches, mse_loss)
+    tune.fit(reference, step, state, data, val=val, epochs=EPOCHS, progress=False, **options)
+    full = study.tell(reference, 0.0).intermediate_values
+    assert len(full) == {"per epoch": EPOCHS, "every 2 updates": 8}[scheme]
+
+    trial = study.ask()
+    step, state, data, val = _pipeline(0.05, make_mlp, make_batches, mse_loss)
+    step = loopkit.with_checkpointing(step, tmp_path / "ckpt", every_n_steps=1)
+    with pytest.raises(RuntimeError, match=f"died at step {crash}"):
+        tune.fit(trial, step, state, data, val=val, epochs=EPOCHS, progress=False, callbacks=[_CrashAt(crash)],
+                 **options)
+    died = study.trials[trial.number].intermediate_values  # what the first fit reported
+    assert died == pytest.approx({k: v for k, v in full.items() if k <= again}, rel=1e-6, abs=0)
+    if resumed_in == "a new trial":  # the rerun of a trial whose process died: Optuna's heartbeat makes a new one
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        trial = study.ask()
+    restored = loopkit.restore(_pipeline(0.05, make_mlp, make_batches, mse_loss)[1], tmp_path / "ckpt")
+    assert restored.step == crash - 1
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tune.fit(trial, step, restored, data, val=val, epochs=EPOCHS, progress=False, **options)
+    assert not [str(w.message) for w in caught if "already reported" in str(w.message)]  # no step reported twice
+    resumed = study.tell(trial, 0.0).intermediate_values
+
+    # the resumed fit validates the restored state again (its validation was due), then the rest: every value
+    # at the step the uninterrupted trial reported it at (the same trial keeps the values it had)
+    expected = {k: v for k, v in full.items() if k >= again} if resumed_in == "a new trial" else full
+    assert resumed == pytest.approx(expected, rel=1e-6, abs=0)
+    assert sorted(resumed) == sorted(expected)
+
+
+def test_the_count_is_kept_in_the_state_and_starts_afresh_without_it(make_mlp, make_batches, mse_loss):
+    trial = optuna.create_study(pruner=optuna.pruners.NopPruner()).ask()
+    callback = tune.PruningCallback(trial)
+    step, state, data, val = _pipeline(0.05, make_mlp, make_batches, mse_loss)
+    state, _ = loopkit.run_epochs(step, state, data, val=val, epochs=2, progress=False, callbacks=[callback])
+    assert state.extras["callbacks/PruningCallback[val/loss]"] == {"count": 2} and list(callback.reported) == [1, 2]
+    # the same callback in another fit: the count goes on from the state's, or starts at 1 without it
+    state, _ = loopkit.run_epochs(step, state, data, val=val, epochs=3, progress=False, callbacks=[callback])
+    assert list(callback.reported) == [3]
+    fresh = _pipeline(0.05, make_mlp, make_batches, mse_loss)[1]
+    trial = optuna.create_study(pruner=optuna.pruners.NopPruner()).ask()
+    callback = tune.PruningCallback(trial)
+    loopkit.run_epochs(step, fresh, data, val=val, epochs=1, progress=False, callbacks=[callback])
+    assert list(callback.reported) == [1]
 
 
 def test_a_pruned_trial_stops_training_after_logging_and_checkpointing_that_validation(make_mlp, make_batches, mse_loss, tmp_path):
@@ -329,6 +404,27 @@ def test_tune_digits_example_prunes_and_its_study_holds_what_it_printed(tmp_path
     assert [t.state for t in hopeless] == [optuna.trial.TrialState.PRUNED] * 2, output_of(proc)
     (acc,) = found(r"^best trial retrained: test accuracy ([0-9.]+)$", proc)
     assert float(acc) >= 0.9
+
+
+@pytest.mark.slow
+def test_tune_digits_example_resumed_adds_new_trials_and_a_new_study_is_reproducible(tmp_path, capsys):
+    from tests.test_examples_more import load_example
+
+    example = load_example("tune_digits")
+    short = ["--epochs", "1", "--min-acc", "0", "--directory", str(tmp_path)]
+    assert example.main([*short, "--trials", "6"]) == 0  # the five queued trials, and one sampled
+    assert example.main([*short, "--trials", "2"]) == 0  # resumed: two more
+    capsys.readouterr()
+    trials = optuna.load_study(study_name="digits_search", storage=tune.storage_url("digits_search", tmp_path)).trials
+    assert len(trials) == 8 and all(t.state.is_finished() for t in trials)
+    params = [(t.params["lr"], t.params["hidden"]) for t in trials]
+
+    # the reference: what Optuna's TPE sampler seeded with 0 (a new study's seed) draws first (queued trials draw none)
+    reference = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0))
+    drawn = reference.ask()
+    first_draw = (drawn.suggest_float("lr", 1e-6, 3e-2, log=True), drawn.suggest_categorical("hidden", [32, 64, 128]))
+    assert params[5] == first_draw  # a new study is reproducible
+    assert not set(params[6:]) & set(params[:6]), params  # the resumed run's trials are new ones
 
 
 def test_tune_digits_example_fails_below_its_bar():
