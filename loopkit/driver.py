@@ -35,7 +35,9 @@ from loopkit import _collective
 from loopkit._window import EPOCH, OVER_RANKS, own_buffers, own_rng, own_share
 from loopkit.callbacks import Callback, may_change_state_early
 from loopkit.progress import ProgressBar, progress_wanted
-from loopkit.state import TrainState, extras_copy, fork, leave_intact, model_device, put_extras, replace_extras, state_at_error
+from loopkit.state import (
+    TrainState, extras_copy, fork, leave_intact, model_device, put_extras, replace, replace_extras, state_at_error,
+)
 from loopkit.steps import SAVE_DUE, WrapperStep, as_step, check_takes_model_and_batch, evaluating, in_accumulation_group
 from loopkit.steps import donate as donated
 from loopkit.tree import tensors, to_device, to_plain
@@ -1135,7 +1137,7 @@ def run_epochs(
                 closing = state = hooks.keep(state)  # (the counters after the epoch's batches)
                 if exhausted:  # the epoch is done: its means leave the state (a partial one's stay, to go on)
                     extras = {k: v for k, v in EPOCH.clear(state.extras).items() if k not in (_EPOCH_VAL, _RECORDED, _BATCHES)}
-                    state = replace_extras(state, extras).evolve(epoch=epoch + 1, batch_index=0)
+                    state = replace(replace_extras(state, extras), epoch=epoch + 1, batch_index=0)
                 else:
                     extras = extras_copy(state.extras)
                     extras[_RECORDED] = state.step
@@ -1181,7 +1183,7 @@ def run_epochs(
         # refuses, the loss_fn's own exception): the given state is as it was, and stays usable (unless a
         # callback's hook ran before that step: it may have changed the model or optimizer in place)
         if start is not None and state is start and not start._consumed and given is not start and not early_changes:
-            object.__setattr__(given, "_consumed", False)
+            given.mark_usable()
             leave_intact(error, given)
         elif closing is not None and not closing._consumed:  # in a validation or at an epoch's end
             leave_intact(error, closing)

@@ -111,7 +111,8 @@ class Step:
         return ()
 
     def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
-        if self.donated and type(state) is TrainState and not state._consumed:  # _invoke's donated path, inline
+        # _invoke's donated path, inline (a state evolve tied to others goes there: its use ends theirs too)
+        if self.donated and type(state) is TrainState and not state._consumed and state._family is None:
             try:
                 new, metrics = self.run_(state, batch)
             except BaseException as error:
@@ -168,7 +169,7 @@ class Step:
     def _invoke(self, run: Callable[..., tuple[TrainState, Metrics]], state: TrainState, *args: Any):
         if type(state) is not TrainState and not isinstance(state, TrainState):
             raise TypeError(f"a step takes a loopkit.TrainState, got {type(state).__qualname__}")
-        if state._consumed:
+        if state._consumed or state._family is not None:
             state.check_usable()
         if not self.donated:
             if self.requires_donation is not None:
@@ -192,7 +193,7 @@ class Step:
 def _consume_unless_intact(state: TrainState, error: BaseException) -> None:
     """After ``error`` left a donated call: ``state`` is used up unless nothing of it changed."""
     if getattr(error, _INTACT, None) is not state:
-        _set_consumed(state, True)
+        state.mark_consumed()
 
 
 def as_step(step: Any) -> Step:
@@ -664,7 +665,8 @@ class TrainStep(Step):
 
     def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
         # the common donated step on the CPU: straight to its one-frame path (what _invoke and run_ check, checked here)
-        if self.donated_plain and type(state) is TrainState and not state._consumed and len(state.rng) <= 1:
+        if (self.donated_plain and type(state) is TrainState and not state._consumed and state._family is None
+                and len(state.rng) <= 1):
             try:  # returned or raised here: the state is used up (unless left intact), as _invoke would leave it
                 optimizer = state.optimizer
                 params = () if optimizer is None else optimizer.param_groups[0]["params"]

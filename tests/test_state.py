@@ -1273,3 +1273,49 @@ def test_ema_averages_of_a_compiled_model_go_on_in_a_plain_one():
     plain = _sgd(_compiled_and_plain(1)[1]).load_state_dict(trained.state_dict())
     again, _ = step(plain, batch)  # (the averages fit the plain model's names)
     assert again.step == 2
+
+
+# --- evolve: states that share the model -------------------------------------------------------------
+
+
+def _adam_state(seed=0):
+    torch.manual_seed(seed)
+    model = nn.Linear(3, 1)
+    return loopkit.TrainState.create(model, torch.optim.Adam(model.parameters(), lr=0.1))
+
+
+def _sq(model, batch):
+    return model(batch).pow(2).mean()
+
+
+@pytest.mark.parametrize("donated", ["the original", "the evolved one"])
+def test_a_donated_step_given_one_of_two_evolved_states_uses_up_both(donated):
+    """evolve shares the model and the optimizer: after a donated step trained one, the other held the trained
+    weights under its own counters (an inconsistent checkpoint); now using it raises, naming evolve."""
+    state = _adam_state()
+    snapshot = state.evolve(seed=1)
+    given, other = (state, snapshot) if donated == "the original" else (snapshot, state)
+    before = copy.deepcopy(other.model.weight.detach())
+    trained, _ = loopkit.run_epochs(loopkit.train_step(_sq), given, [torch.randn(4, 3)] * 2, epochs=1, progress=False)
+    assert not torch.equal(trained.model.weight, before) and trained.model is other.model  # (what was shared)
+    for use in (other.state_dict, lambda: other.evolve(step=1), lambda: loopkit.train_step(_sq)(other, torch.ones(1, 3))):
+        with pytest.raises(loopkit.DonatedStateError, match="made from it by evolve"):
+            use()
+    trained.check_usable()
+
+
+def test_evolved_states_stay_usable_through_pure_steps_copies_and_failed_donated_calls():
+    state = _adam_state()
+    snapshot = state.evolve(seed=1)
+    loopkit.train_step(_sq)(state, torch.ones(2, 3))  # pure: nothing of theirs changes
+    twin = copy.deepcopy(snapshot)  # a copy of one's own: not tied to them
+    loopkit.donate(loopkit.train_step(_sq))(twin, torch.ones(2, 3))
+    with pytest.raises(ValueError):  # refused before anything changed: the donated state stays usable
+        loopkit.donate(loopkit.train_step(lambda m, b: m(b)))(snapshot, torch.ones(2, 3))
+    with pytest.raises(RuntimeError):  # a fit failing at its first batch gives the given state back
+        loopkit.run_epochs(loopkit.train_step(_sq), snapshot, [torch.ones(2, 5)], epochs=1, progress=False)
+    state.check_usable()
+    snapshot.check_usable()
+    loopkit.donate(loopkit.train_step(_sq))(state, torch.ones(2, 3))
+    with pytest.raises(loopkit.DonatedStateError):
+        snapshot.check_usable()
