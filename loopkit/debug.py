@@ -77,24 +77,52 @@ def _difference(a: Any, b: Any, path: str) -> str | None:
     return None
 
 
+_PLAIN = (bool, int, float, str, type(None))
+
+
+def _plain_settings(module: torch.nn.Module) -> dict[str, Any]:
+    """A module's own public attributes of plain values (``stride``, ``eps``, a ``temperature`` its forward reads)."""
+    return {
+        key: value for key, value in vars(module).items()
+        if not key.startswith("_") and key != "training"
+        and (isinstance(value, _PLAIN) or (isinstance(value, tuple) and all(isinstance(v, _PLAIN) for v in value)))
+    }
+
+
 def _module_facts(model: torch.nn.Module) -> dict[str, Any]:
-    """What the state dict does not hold about the modules: class, training mode, hooks, which
-    parameters take gradients (each by the module's name; the root is ``model``)."""
+    """What the state dict does not hold about the modules: class, training mode, plain settings, hooks
+    (the modules' and the parameters' own gradient hooks), which parameters take gradients (each by the
+    module's name; the root is ``model``)."""
     facts: dict[str, Any] = {}
     for name, module in model.named_modules():
+        own = dict(module.named_parameters(recurse=False))
         facts[name or "<root>"] = {
             "class": type(module).__qualname__,
             "training": module.training,
+            "settings": _plain_settings(module),
             "hooks": [len(getattr(module, h, ())) for h in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks")],
-            "requires_grad": {n: p.requires_grad for n, p in module.named_parameters(recurse=False)},
+            "gradient hooks": {n: len(p._backward_hooks or ()) for n, p in own.items()},
+            "requires_grad": {n: p.requires_grad for n, p in own.items()},
         }
     return facts
+
+
+def _trained_parameters(state: TrainState) -> list[list[str | None]]:
+    """For each of the optimizer's groups, the model's name of each parameter it updates (None: a tensor
+    the model does not hold, such as one a step put in the model's place, which the optimizer no longer trains)."""
+    if state.optimizer is None:
+        return []
+    names = {id(p): n for n, p in state.model.named_parameters(remove_duplicate=False)}
+    return [[names.get(id(p)) for p in group["params"]] for group in state.optimizer.param_groups]
 
 
 def _full_snapshot(state: TrainState) -> dict[str, Any]:
     # every buffer, non-persistent ones too (a state dict leaves those out)
     buffers = copy_tensors(dict(state.model.named_buffers()))
-    return {**copy_tensors(state.state_dict()), "buffers": buffers, "modules": _module_facts(state.model)}
+    return {
+        **copy_tensors(state.state_dict()), "buffers": buffers, "modules": _module_facts(state.model),
+        "optimizer parameters": _trained_parameters(state),
+    }
 
 
 def _name(step: Any) -> str:
