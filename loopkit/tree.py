@@ -10,9 +10,11 @@ from __future__ import annotations
 import collections
 import copy
 import dataclasses
+import numbers
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+import numpy as np
 import torch
 
 from loopkit.errors import StateMismatchError
@@ -22,14 +24,15 @@ __all__ = ["copy_tensors", "decode_tree", "encode_tree", "from_plain", "path_str
 #: the key under which :func:`encode_tree` records what a mapping it made stands for
 KIND = "__loopkit_kind__"
 
-_PASS_THROUGH = (str, bytes, int, float, complex, bool, type(None))
+_PASS_THROUGH = (str, bytes, numbers.Number, bool, type(None), np.generic)  # (numpy's scalars: np.float32, np.bool_)
 
 
 def to_device(batch: Any, device: torch.device | str, *, non_blocking: bool = False) -> Any:
     """Move every tensor in a nested batch to ``device``.
 
     Handles tensors, tuples, lists, dicts, namedtuples, dataclasses and any object with a
-    ``.to(device)`` method. Strings, numbers and ``None`` pass through unchanged. Anything
+    ``.to(device)`` method (a ``PackedSequence`` too, by its own). Strings, numbers (numpy's scalars
+    too) and ``None`` pass through unchanged. Anything
     else raises ``TypeError`` naming where in the batch it sits.
 
     >>> import torch
@@ -80,6 +83,8 @@ def _move(obj: Any, device: torch.device, non_blocking: bool, path: str) -> Any:
     if isinstance(obj, Mapping):
         moved = {k: _move(v, device, non_blocking, f"{path}[{k!r}]") for k, v in obj.items()}
         return moved if type(obj) is dict else _rebuild_mapping(obj, moved)
+    if isinstance(obj, tuple) and callable(getattr(obj, "to", None)):  # one that moves itself (PackedSequence: its
+        return obj.to(device)  # batch_sizes stay on the CPU, as torch's own .to keeps them)
     if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
         return type(obj)(*(_move(v, device, non_blocking, f"{path}.{f}") for f, v in zip(obj._fields, obj)))
     if isinstance(obj, (list, tuple)):

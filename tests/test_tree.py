@@ -103,8 +103,19 @@ def test_to_device_objects_with_to():
     assert moved["m"].device == torch.device("meta")
 
 
+def test_to_device_moves_a_packed_sequence_as_its_own_to_does():
+    """Its batch_sizes stay on the CPU (torch refuses them elsewhere); it was moved as a namedtuple, which failed."""
+    packed = torch.nn.utils.rnn.pack_sequence([torch.ones(3, 2), torch.ones(1, 2)])
+    moved, reference = to_device({"x": packed}, "meta")["x"], packed.to("meta")
+    assert type(moved) is type(packed) and on_meta(moved.data)
+    assert [None if t is None else t.device for t in moved] == [None if t is None else t.device for t in reference]
+    assert moved.batch_sizes.device == torch.device("cpu")
+
+
 def test_to_device_passes_strings_numbers_and_none_through():
-    leaves = ["text", b"raw", 3, 2.5, 1j, True, None]
+    import numpy as np
+
+    leaves = ["text", b"raw", 3, 2.5, 1j, True, None, np.float32(1.5), np.int64(2), np.bool_(True), np.float64(3.0)]
     moved = to_device([torch.ones(1)] + leaves, "meta")
     assert on_meta(moved[0])
     assert all(a is b for a, b in zip(moved[1:], leaves))
