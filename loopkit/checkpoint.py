@@ -82,6 +82,7 @@ __all__ = [
     "list_checkpoints",
     "make_directory",
     "load",
+    "read_meta",
     "read_scores",
     "read_structure",
     "remove",
@@ -176,11 +177,17 @@ def list_checkpoints(directory: str | os.PathLike) -> list[CheckpointInfo]:
 def is_checkpoint(path: str | os.PathLike) -> bool:
     """Whether ``path`` names one checkpoint (rather than a directory of checkpoints).
 
+    A checkpoint's name, or a directory holding a manifest, or both a payload and its metadata
+    (a checkpoint renamed, perhaps incomplete). A ``state.pt`` of one's own alone (the manual
+    ``torch.save(state.state_dict(), path)`` recipe) does not make a directory of checkpoints one.
+
     >>> is_checkpoint("runs/ckpt-000001-step3-epoch0-batch3"), is_checkpoint("runs")
     (True, False)
     """
     path = Path(path)
-    return _NAME.match(path.name) is not None or (path / MANIFEST).exists() or (path / PAYLOAD).exists()
+    if _NAME.match(path.name) is not None or (path / MANIFEST).exists():
+        return True
+    return (path / PAYLOAD).exists() and (path / META).exists()
 
 
 # --- the global RNGs, as tensors ---------------------------------------------------------------
@@ -375,7 +382,26 @@ def save(state: TrainState, directory: str | os.PathLike, *, reason: str = "", d
     ['manifest.json', 'meta.json', 'state.pt']
     >>> tmp.cleanup()
     """
+    _require_state("save", state)
     return write(snapshot(state, reason=reason), directory, durable=durable)
+
+
+def _require_state(caller: str, state: Any) -> None:
+    """Raise a TypeError naming what ``state`` is when it is not a :class:`TrainState`.
+
+    >>> _require_state("save", torch.nn.Linear(1, 1))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    TypeError: save: state must be a loopkit.TrainState, got Linear (wrap the model: ...)
+    """
+    if isinstance(state, TrainState):
+        return
+    hint = ""
+    if type(state).__name__ == "Ensemble" and type(state).__module__ == "loopkit.ensemble":
+        hint = " (an Ensemble is saved member by member: loopkit.ensemble.unstack gives its TrainStates)"
+    elif isinstance(state, torch.nn.Module):
+        hint = " (wrap the model: loopkit.TrainState.create(model, optimizer))"
+    raise TypeError(f"{caller}: state must be a loopkit.TrainState, got {type(state).__qualname__}{hint}")
 
 
 def write(snap: Snapshot, directory: str | os.PathLike, *, durable: bool = True) -> Path:
@@ -405,7 +431,7 @@ def write(snap: Snapshot, directory: str | os.PathLike, *, durable: bool = True)
             _write_manifest(tmp, {"format": FORMAT, "version": VERSION, "files": files}, durable)
             if durable:
                 _fsync_dir(tmp)
-            os.rename(tmp, final)
+            final = _rename_into_place(tmp, directory, snap, final)
             if durable:
                 _fsync_dir(directory)
         except BaseException as e:
@@ -414,6 +440,21 @@ def write(snap: Snapshot, directory: str | os.PathLike, *, durable: bool = True)
                 raise _save_error(e, directory, final.name, existing) from e
             raise
     return final
+
+
+def _rename_into_place(tmp: Path, directory: Path, snap: Snapshot, final: Path) -> Path:
+    """Rename the complete temporary to ``final``; where another process took that name meanwhile (two
+    runs sharing a directory), to the next free sequence number. Returns the name it got."""
+    seq = int(_NAME.match(final.name).group(1))  # type: ignore[union-attr]
+    while True:
+        try:
+            os.rename(tmp, final)
+            return final
+        except OSError as e:  # a non-empty directory of that name: never written over
+            if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+        seq += 1
+        final = directory / snap.name(seq)
 
 
 def _save_error(e: OSError, directory: Path, name: str, existing: list[CheckpointInfo]) -> OSError:
@@ -631,22 +672,33 @@ def clean(directory: str | os.PathLike) -> None:
             os.close(fd)
 
 
-def remove(path: str | os.PathLike) -> None:
+def remove(path: str | os.PathLike, *, missing_ok: bool = False) -> bool:
     """Delete one checkpoint: renamed out of sight first, so it never looks half-deleted.
+
+    Returns whether it was there to delete. With ``missing_ok`` a checkpoint already gone
+    (another process removed it) is no error: False is returned; without it, that raises
+    ``FileNotFoundError``.
 
     >>> import tempfile, torch
     >>> tmp = tempfile.TemporaryDirectory()
     >>> from loopkit.state import TrainState
     >>> root = tmp.name
     >>> remove(save(TrainState.create(torch.nn.Linear(1, 1)), root))
+    True
     >>> list_checkpoints(root)
     []
     >>> tmp.cleanup()
     """
     path = Path(path)
     trash = path.with_name(f"{_TRASH}{path.name}-{secrets.token_hex(4)}")
-    os.rename(path, trash)
+    try:
+        os.rename(path, trash)
+    except FileNotFoundError:
+        if missing_ok:
+            return False
+        raise
     _delete(trash)
+    return True
 
 
 def _delete(trash: Path) -> None:
@@ -712,7 +764,10 @@ def _manifest(path: Path) -> tuple[dict[str, Any], Mapping[str, Any]]:
 
 def _check_checksum(path: Path, name: str, expected: Mapping[str, Any]) -> None:
     kind = next((k for k in (_FOLD_ONLY, "sha256") if k in expected and _CHECKSUM not in expected), _CHECKSUM)
-    got = _sha256(path / name) if kind == "sha256" else _digest(path / name, kind)[kind]
+    try:
+        got = _sha256(path / name) if kind == "sha256" else _digest(path / name, kind)[kind]
+    except FileNotFoundError:  # (removed since its size was checked: rotation by another process)
+        raise CheckpointCorruptError(f"checkpoint file {path / name} is missing") from None
     if got != expected.get(kind):
         raise CheckpointCorruptError(
             f"checkpoint file {path / name} is corrupt: its checksum {got} does not match the manifest's "
@@ -783,6 +838,23 @@ def load(path: str | os.PathLike) -> dict[str, Any]:
     >>> tmp.cleanup()
     """
     path = Path(path)
+    try:
+        return _load(path)
+    except (CheckpointCorruptError, FileNotFoundError) as e:
+        if path.is_dir():
+            raise
+        raise _VanishedError(
+            errno.ENOENT, f"checkpoint {path} was removed while it was read (another process rotating the "
+            "checkpoints of this directory)", str(path)
+        ) from e
+
+
+class _VanishedError(FileNotFoundError):
+    """A checkpoint that was removed (by checkpoint rotation) while it was being read: gone, not corrupt."""
+
+
+def _load(path: Path) -> dict[str, Any]:
+    """:func:`load`, where a file missing or unreadable may mean the checkpoint was removed meanwhile."""
     # The checksums are computed while the payload loads (NumPy and hashlib release the GIL); nothing
     # loaded is used before they verify, and loading runs no code (weights_only=True).
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
@@ -866,7 +938,13 @@ def structure_mismatch(found: Mapping[str, Any], expected: Mapping[str, Any]) ->
     for key, shape in theirs.items():
         if key not in mine:
             return f"it has a key 'model.{key}'{_with_shape(shape)}, which this model has not"
-    theirs, mine = found.get("optimizer"), expected.get("optimizer")
+    return _optimizer_mismatch(found.get("optimizer"), expected.get("optimizer"))
+
+
+def _optimizer_mismatch(theirs: Mapping[str, Any] | None, mine: Mapping[str, Any] | None) -> str | None:
+    """The optimizer part of :func:`structure_mismatch`: its presence and class."""
+    if theirs is not None and not isinstance(theirs, Mapping):
+        return None  # (a malformed record: the payload's own checks decide)
     if (theirs is None) != (mine is None):
         if mine is None:
             return f"it holds an optimizer ({theirs.get('type') or 'of a class not recorded'}), and this state none"
@@ -903,11 +981,9 @@ def read_structure(path: str | os.PathLike) -> dict[str, Any]:
     >>> tmp.cleanup()
     """
     path = Path(path)
-    _, files = _manifest(path)
-    _check_size(path, META, files[META])
-    _check_checksum(path, META, files[META])
-    found = _read_json(path / META, "metadata").get("structure")
+    found = read_meta(path).get("structure")
     if found is None:  # saved by an earlier loopkit
+        _, files = _manifest(path)
         _check_size(path, PAYLOAD, files[PAYLOAD])
         return _payload_structure(path / PAYLOAD)
     shapes = found.get("model") if isinstance(found, Mapping) else None
@@ -916,6 +992,26 @@ def read_structure(path: str | os.PathLike) -> dict[str, Any]:
             or not (optimizer is None or isinstance(optimizer, Mapping) and _is_shape(optimizer.get("param_groups")))):
         raise CheckpointCorruptError(f"checkpoint metadata {path / META} has a malformed 'structure'")
     return dict(found)
+
+
+def read_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``meta.json`` of checkpoint ``path``, once its manifest vouches for it (size and checksum).
+
+    The payload is not read. Raises :class:`loopkit.CheckpointCorruptError` for a checkpoint that is
+    incomplete, or whose manifest or metadata is damaged.
+
+    >>> import tempfile, torch
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> from loopkit.state import TrainState
+    >>> read_meta(save(TrainState.create(torch.nn.Linear(2, 1)).evolve(step=4), tmp.name))["step"]
+    4
+    >>> tmp.cleanup()
+    """
+    path = Path(path)
+    _, files = _manifest(path)
+    _check_size(path, META, files[META])
+    _check_checksum(path, META, files[META])
+    return _read_json(path / META, "metadata")
 
 
 def _is_shape(shape: Any) -> bool:
@@ -981,7 +1077,7 @@ def restore(state: TrainState, path: str | os.PathLike) -> TrainState:
     if is_checkpoint(path):
         if not path.exists():
             raise FileNotFoundError(errno.ENOENT, f"restore: checkpoint {path} does not exist", str(path))
-        return _restore_from(state, *_prepare(load(path), path), path)
+        return _restore_from(state, *_prepare(load(path), path, state), path)
     if not path.exists():
         return state
     if not path.is_dir():
@@ -989,19 +1085,58 @@ def restore(state: TrainState, path: str | os.PathLike) -> TrainState:
             errno.ENOTDIR, f"restore: {path} is neither a checkpoint nor a directory of checkpoints", str(path)
         )
     clean(path)
-    for info in reversed(list_checkpoints(path)):
-        try:
-            prepared = _prepare(load(info.path), info.path)
-        except CheckpointCorruptError as e:
-            warnings.warn(f"loopkit.restore: skipping checkpoint {info.path}: {e}", RuntimeWarning, stacklevel=2)
-            continue
-        return _restore_from(state, *prepared, info.path)
-    return state
+    found = _newest_intact(path, state)
+    return state if found is None else _restore_from(state, *found[1], found[0])
 
 
-def _prepare(payload: dict[str, Any], path: Path) -> tuple[dict[str, Any], Any, Callable[[], None]]:
-    """The state dict, the devices of its extras, and the function that installs the global RNGs."""
+_RELISTS = 1000  # a writer rotating faster than restore reads for this long is not one to wait for
+
+
+def _newest_intact(directory: Path, state: TrainState) -> tuple[Path, tuple[Any, ...]] | None:
+    """The newest checkpoint in ``directory`` that verifies, loaded and prepared for ``state``; None if none.
+
+    Each corrupt or incomplete one is skipped with a warning (once). One that vanished while it was
+    read was removed by a writer rotating the checkpoints, which does so only after it saved a newer
+    one: the directory is listed again, so the template is never returned while an intact one exists.
+    """
+    corrupt: set[str] = set()
+    for _ in range(_RELISTS):
+        vanished = False
+        for info in reversed(list_checkpoints(directory)):
+            if info.name in corrupt:
+                continue
+            try:
+                return info.path, _prepare(load(info.path), info.path, state)
+            except _VanishedError:
+                vanished = True
+                break
+            except CheckpointCorruptError as e:
+                corrupt.add(info.name)
+                warnings.warn(f"loopkit.restore: skipping checkpoint {info.path}: {e}", RuntimeWarning, stacklevel=3)
+        if not vanished:
+            return None
+    raise RuntimeError(
+        f"restore: the checkpoints of {directory} were removed faster than they could be read, {_RELISTS} times; "
+        "another process is rotating them (keep_last) at every step: restore once it has saved"
+    )
+
+
+def _prepare(
+    payload: dict[str, Any], path: Path, state: TrainState
+) -> tuple[dict[str, Any], Any, Callable[[], None]]:
+    """The state dict, the devices of its extras, and the function that installs the global RNGs.
+
+    Raises :class:`loopkit.StateMismatchError` for a checkpoint of another optimizer class than
+    ``state``'s (as ``with_checkpointing`` refuses it): its state would load into this optimizer
+    with that one's hyperparameters (Adam's ``weight_decay=0`` into an ``AdamW``).
+    """
     install_rng = _decode_global_rng(payload.get("global_rng"), str(path / PAYLOAD))
+    found = payload["meta"].get("structure")
+    theirs = found.get("optimizer") if isinstance(found, Mapping) else None
+    mine = _structure({}, state.optimizer)["optimizer"]
+    differs = _optimizer_mismatch(theirs, mine) if theirs is not None and mine is not None else None
+    if differs is not None:  # (with or without an optimizer is load_state_dict's to judge, as before)
+        raise StateMismatchError(f"checkpoint {path} does not fit this state: {differs}")
     return dict(payload["state"]), payload.get("extras_devices") or {}, install_rng
 
 
@@ -1144,7 +1279,9 @@ def export_weights(
         raise IsADirectoryError(f"export_weights: {str(path)!r} is a folder; give a file path, e.g. {str(path / 'model.safetensors')!r}")
     if not path.parent.is_dir():
         raise FileNotFoundError(f"export_weights: the folder {str(path.parent)!r} of {str(path)!r} does not exist")
-    tensors = {name: _raw_bytes(name, t) for name, t in core_module(state.model).state_dict().items()}
+    sd = core_module(state.model).state_dict()
+    _refuse_non_tensors(sd)
+    tensors = {name: _raw_bytes(name, t) for name, t in sd.items()}
     info: dict[str, Any] = {"format": "pt", "step": str(state.step), "epoch": str(state.epoch)}
     for key, value in (metadata or {}).items():
         if not isinstance(key, str) or not isinstance(value, str):
@@ -1171,6 +1308,38 @@ def export_weights(
         message = f"export_weights: could not write {str(path)!r}: {what}; nothing was written (no temporary is left)"
         raise (OSError(e.errno, message) if e.errno is not None else OSError(message)) from e
     return path
+
+
+def _refuse_non_tensors(sd: Mapping[str, Any]) -> None:
+    """Raise a TypeError naming every state-dict entry that is not a tensor (safetensors holds tensors only).
+
+    As safetensors' own ``save_file`` does (a ``ValueError`` for the first such key), nothing is
+    skipped silently: a file without the entries would not load back into the model.
+
+    >>> _refuse_non_tensors({"weight": torch.zeros(1), "0._extra_state": {"calls": 3}})  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    TypeError: export_weights: the model's state_dict entry '0._extra_state' (a dict) is not a tensor; ...
+    """
+    bad = {name: value for name, value in sd.items() if not isinstance(value, torch.Tensor)}
+    if not bad:
+        return
+    named = ", ".join(f"{name!r} (a {type(value).__qualname__})" for name, value in bad.items())
+    entries = "entry" if len(bad) == 1 else "entries"
+    verb = "is not a tensor" if len(bad) == 1 else "are not tensors"
+    if any(name.endswith("_packed_params") or name.endswith("_packed_params.dtype") for name in bad):
+        todo = (
+            "a quantized model's packed parameters cannot be stored in safetensors: export the float model "
+            "(the state before loopkit.quantized_model) and convert after loading, or keep the quantized one "
+            "with torch.save(model.state_dict(), path)"
+        )
+    else:
+        todo = (
+            "safetensors holds tensors only, and a file without them would not load back into this model: "
+            "save what get_extra_state() returns yourself (e.g. as JSON), or export with a loopkit checkpoint "
+            "(loopkit.checkpoint.save), which holds them"
+        )
+    raise TypeError(f"export_weights: the model's state_dict {entries} {named} {verb}; {todo}")
 
 
 def _raw_bytes(name: str, tensor: torch.Tensor) -> tuple[str, list[int], np.ndarray]:

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import warnings
 import zlib
 from pathlib import Path
@@ -714,3 +715,165 @@ def test_a_malformed_global_rng_entry_is_corrupt_and_skipped(tmp_path, make_mlp)
         checkpoint.restore(state, bad)
     with pytest.warns(RuntimeWarning, match="global RNG entry 'numpy'"):
         assert checkpoint.restore(state, tmp_path).step == 1
+
+
+# --- restore while another process rotates, another optimizer class, stray files --------------
+
+
+def _rotating(monkeypatch, name: str, newer: TrainState, root: Path) -> list[Path]:
+    """Patch ``checkpoint.<name>`` so that its first call, while restore reads a checkpoint, first does what
+    another process rotating with keep_last=1 does: save a newer checkpoint, then remove the one being read."""
+    original, calls = getattr(checkpoint, name), []
+
+    def rotate_first(path, *args, **kwargs):
+        if not calls:
+            calls.append(Path(path))
+            reading = Path(path).parent if Path(path).name in (checkpoint.PAYLOAD, checkpoint.META) else Path(path)
+            checkpoint.save(newer, root)
+            checkpoint.remove(reading)
+        return original(path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, name, rotate_first)
+    return calls
+
+
+@pytest.mark.parametrize("moment", ["_safe_load", "_digest"])
+def test_a_checkpoint_removed_by_rotation_while_restore_reads_it_gives_the_newer_one(tmp_path, make_mlp, monkeypatch,
+                                                                                    moment):
+    """Reference: the checkpoint in the directory when restore returns (there was one at every moment). Before:
+    the template came back ("incomplete" warning), or a bare FileNotFoundError from the checksum thread."""
+    template = _state(make_mlp)
+    checkpoint.save(template.evolve(step=1), tmp_path)
+    newer = template.evolve(step=2)
+    calls = _rotating(monkeypatch, moment, newer, tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a checkpoint that is gone is not corrupt: no warning
+        restored = checkpoint.restore(template, tmp_path)
+    assert calls, "the rotation was not simulated"
+    (left,) = checkpoint.list_checkpoints(tmp_path)
+    assert restored is not template and restored.step == left.step == 2
+
+
+def test_a_checkpoint_named_directly_that_is_removed_while_read_says_it_was_removed(tmp_path, make_mlp, monkeypatch):
+    template = _state(make_mlp)
+    path = checkpoint.save(template.evolve(step=1), tmp_path)
+    _rotating(monkeypatch, "_digest", template.evolve(step=2), tmp_path)
+    with pytest.raises(FileNotFoundError, match="was removed while it was read"):
+        checkpoint.load(path)
+
+
+@pytest.mark.parametrize("named", ["directory", "checkpoint"])
+def test_restore_refuses_a_checkpoint_of_another_optimizer_class_as_with_checkpointing_does(
+    tmp_path, take_snapshot, assert_trees_equal, named
+):
+    """Reference: with_checkpointing's refusal of the same pairing. Before: Adam's state went into the AdamW
+    template, with Adam's weight_decay=0."""
+    def made(opt_class, **options) -> TrainState:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = nn.Linear(4, 2)
+        return TrainState.create(model, opt_class(model.parameters(), lr=0.1, **options))
+
+    adam = made(torch.optim.Adam)
+    adam, _ = train_step(lambda m, b: m(b).pow(2).mean())(adam, torch.ones(3, 4))
+    path = checkpoint.save(adam, tmp_path)
+    template = made(torch.optim.AdamW, weight_decay=0.01)
+    with pytest.raises(StateMismatchError) as reference:
+        loopkit.run_epochs(loopkit.with_checkpointing(train_step(lambda m, b: m(b).sum()), tmp_path, every_n_steps=1),
+                           template, [torch.ones(3, 4)], epochs=1, progress=False)
+    expected = re.search(r"\((its optimizer is .*?)\)", str(reference.value)).group(1)
+    assert expected == "its optimizer is Adam, and this state's AdamW"
+    before, rng_before = take_snapshot(template), torch.get_rng_state()
+    with pytest.raises(StateMismatchError, match=re.escape(expected)) as info:
+        checkpoint.restore(template, tmp_path if named == "directory" else path)
+    assert path.name in str(info.value)
+    assert_trees_equal(take_snapshot(template), before)
+    assert template.optimizer.param_groups[0]["weight_decay"] == 0.01
+    assert torch.equal(torch.get_rng_state(), rng_before)
+
+
+def test_a_state_pt_of_ones_own_beside_the_checkpoints_does_not_make_the_folder_a_checkpoint(tmp_path, make_mlp):
+    """The README's manual recipe (torch.save(state.state_dict(), path)) can leave one there. Reference: the
+    checkpoint beside it, restored by its own path."""
+    state = _state(make_mlp)
+    path = checkpoint.save(state.evolve(step=5), tmp_path)
+    torch.save(state.state_dict(), tmp_path / "state.pt")
+    assert not checkpoint.is_checkpoint(tmp_path) and checkpoint.is_checkpoint(path)
+    restored, reference = checkpoint.restore(state, tmp_path), checkpoint.restore(state, path)
+    assert restored.step == reference.step == 5
+
+
+def test_two_writers_taking_the_same_name_both_save(tmp_path, make_mlp, monkeypatch):
+    """Another process's checkpoint renamed to the name this save chose (two runs in one folder): the save
+    takes the next one. Before: OSError 'Directory not empty'."""
+    state = _state(make_mlp)
+    original, calls = checkpoint._write_manifest, []
+
+    def other_writer_first(*args, **kwargs):
+        if not calls:
+            calls.append(True)
+            checkpoint.save(state.evolve(step=3), tmp_path)  # takes ckpt-000001-step3-epoch0-batch0
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "_write_manifest", other_writer_first)
+    mine = checkpoint.save(state.evolve(step=3), tmp_path)
+    assert [(c.seq, c.step) for c in checkpoint.list_checkpoints(tmp_path)] == [(1, 3), (2, 3)]
+    assert mine.name == "ckpt-000002-step3-epoch0-batch0"
+    assert checkpoint.remove(mine) and not checkpoint.remove(mine, missing_ok=True)
+    with pytest.raises(FileNotFoundError):
+        checkpoint.remove(mine)
+
+
+def _extra_state_model() -> nn.Module:
+    class Counting(nn.Linear):
+        def __init__(self) -> None:
+            super().__init__(2, 2)
+            self.calls = 3
+
+        def get_extra_state(self):
+            return {"calls": self.calls}
+
+        def set_extra_state(self, value) -> None:
+            self.calls = value["calls"]
+
+    return nn.Sequential(Counting())
+
+
+def _int8_model() -> nn.Module:
+    from torch.ao.quantization import DeQuantStub, QuantStub
+
+    model = nn.Sequential(QuantStub(), nn.Linear(4, 2), DeQuantStub())
+    state = TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    state, _ = loopkit.with_qat(train_step(lambda m, b: m(b).pow(2).mean()))(state, torch.randn(8, 4))
+    return loopkit.quantized_model(state)
+
+
+@pytest.mark.parametrize("make, names, todo", [
+    (_extra_state_model, ["'0._extra_state' (a dict)"], "get_extra_state"),
+    (_int8_model, ["'1._packed_params.dtype' (a dtype)", "'1._packed_params._packed_params' (a tuple)"],
+     "export the float model"),
+])
+def test_export_weights_refuses_non_tensor_entries_naming_them_as_safetensors_refuses_them(tmp_path, make, names, todo):
+    """Reference: safetensors' own save_file refuses such a state dict too (ValueError for the first key).
+    Before: AttributeError "'dict' object has no attribute 'dtype'", naming nothing."""
+    from safetensors.torch import save_file
+
+    model = make()
+    with pytest.raises(ValueError, match="expected torch.Tensor"):
+        save_file(model.state_dict(), str(tmp_path / "reference.safetensors"))
+    with pytest.raises(TypeError) as info:
+        loopkit.export_weights(TrainState.create(model), tmp_path / "w.safetensors")
+    message = str(info.value)
+    assert all(name in message for name in names) and todo in message
+    assert not (tmp_path / "w.safetensors").exists() and not list(tmp_path.glob(".tmp-*"))
+
+
+def test_save_of_what_is_not_a_train_state_is_refused_naming_it(tmp_path):
+    """As run_epochs refuses it. Before: AttributeError: 'Ensemble' object has no attribute 'extras'."""
+    models = [nn.Linear(2, 1) for _ in range(2)]
+    states = [TrainState.create(m, torch.optim.SGD(m.parameters(), lr=0.1)) for m in models]
+    with pytest.raises(TypeError, match=r"save: state must be a loopkit.TrainState, got Ensemble .*ensemble.unstack"):
+        checkpoint.save(loopkit.ensemble.stack(states), tmp_path)
+    with pytest.raises(TypeError, match="save: state must be a loopkit.TrainState, got Linear"):
+        checkpoint.save(nn.Linear(2, 1), tmp_path)
+    assert checkpoint.list_checkpoints(tmp_path) == []

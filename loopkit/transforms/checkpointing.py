@@ -39,8 +39,14 @@ __all__ = ["CheckpointStep", "with_checkpointing"]
 Position = tuple[int, int, int]
 
 
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+def _ranked(value: Any) -> bool:
+    """Whether a recorded score takes part in the ranking: any number (±inf included) but NaN."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+
+
+def _worst(mode: str) -> float:
+    """The value a NaN score is ranked as (Lightning's ``ModelCheckpoint`` does the same): the worst one."""
+    return math.inf if mode == "min" else -math.inf
 
 
 class _Saver:
@@ -61,6 +67,7 @@ class _Saver:
         self.checked = False  # whether its newest checkpoint was found to be of this model (or there was none)
         self.defer = False  # under run_epochs: a step save waits for the batch's callbacks ("save_due")
         self.due: str | None = None  # the reason of the step save deferred at this update
+        self.told_shared = False  # whether the warning that another writer shares the directory was given
 
     def run(self, task: Callable[[], None], background: bool) -> None:
         if not background:
@@ -179,8 +186,8 @@ class CheckpointStep(UpdateStep):
         if self.monitor not in metrics:
             raise KeyError(f"with_checkpointing: monitor '{self.monitor}' is not among the metrics {sorted(metrics)}")
         value = float(metrics[self.monitor])
-        if not math.isfinite(value):
-            return
+        if math.isnan(value):  # ranked as the worst value, as Lightning's ModelCheckpoint ranks it
+            value = _worst(self.mode)
         self._save_all_ranks(state, f"monitor {self.monitor}", score=value)
 
     def _save_all_ranks(self, state: TrainState, reason: str, score: float | None) -> None:
@@ -203,12 +210,15 @@ class CheckpointStep(UpdateStep):
         if not saver.looked:
             saver.looked = True
             self._warn_of_another_run(position)
+        superseded: str | None = None
         if saver.last != position:
             if score is not None:
                 saver.wait()  # a pending save's score counts in the ranking, as it does without async_save
             if score is not None and not self._ranks(score):
                 return  # not among the best: no need for a checkpoint here
-            snap = checkpoint.snapshot(state, reason=reason, copy=self.async_save)
+            superseded, carried = self._same_update(position)
+            score = carried if score is None else score
+            snap = self._snapshot(state, reason, score)
             saver.last = position
 
         def task() -> None:
@@ -221,9 +231,35 @@ class CheckpointStep(UpdateStep):
             if score is not None and position in saver.names:
                 with saver.lock:
                     self._scores()[saver.names[position]] = score
-            self._prune(write_scores=score is not None)
+            self._prune(write_scores=score is not None, superseded=superseded)
 
         saver.run(task, self.async_save)
+
+    def _snapshot(self, state: TrainState, reason: str, score: float | None) -> checkpoint.Snapshot:
+        """The checkpoint of ``state``; a scored one records its score in its ``meta.json`` (written before
+        the checkpoint is renamed into place), so a run killed before ``scores.json`` was rewritten loses
+        no score: :meth:`_scores` reads it back."""
+        snap = checkpoint.snapshot(state, reason=reason, copy=self.async_save)
+        if score is None:
+            return snap
+        meta = {**snap.meta, "score": {"monitor": self.monitor, "mode": self.mode, "value": score}}
+        return attrs.evolve(snap, meta=meta)
+
+    def _same_update(self, position: Position) -> tuple[str | None, float | None]:
+        """The checkpoint this run saved of the same update one position earlier (a step save on an epoch's
+        last batch, when the epoch's end is saved too), which the save at ``position`` (the next epoch's
+        start, what a resumed run continues from) replaces, and the score it carries over; (None, None)
+        when there is none. One update is saved once: keep_last counts training points."""
+        last = self.saver.last
+        step, epoch, batch = position
+        if last is None or batch != 0 or last[0] != step or last[1] != epoch - 1 or last[2] == 0:
+            return None, None
+        self.saver.wait()  # (its name and score are known once it is written)
+        name = self.saver.names.get(last)
+        if name is None or self.monitor is None:
+            return name, None
+        with self.saver.lock:
+            return name, self._scores().get(name)
 
     def _check_directory(self, state: TrainState, *, agreed: bool) -> None:
         """Refuse a directory whose newest readable checkpoint is of another model or optimizer (another
@@ -284,19 +320,38 @@ class CheckpointStep(UpdateStep):
     # Which checkpoints to keep -------------------------------------------------------------
 
     def _scores(self) -> dict[str, float]:
+        """The scores of the checkpoints in the directory (loaded on first use): ``scores.json``, completed
+        from the scores the checkpoints' own ``meta.json`` record (a run killed after a scored checkpoint was
+        renamed into place and before ``scores.json`` was rewritten)."""
         saver = self.saver
         if saver.scores is None:
             data = checkpoint.read_scores(self.directory)
             same = data.get("monitor") == self.monitor and data.get("mode") == self.mode
             saver.scores = dict(data["scores"]) if same else {}
+            saver.scores.update(self._recorded_scores(set(saver.scores)))
         return saver.scores
+
+    def _recorded_scores(self, known: set[str]) -> dict[str, float]:
+        """The scores for this monitor and mode that checkpoints not in ``known`` record in their metadata."""
+        found: dict[str, float] = {}
+        for info in checkpoint.list_checkpoints(self.directory):
+            if info.name in known:
+                continue
+            try:
+                record = checkpoint.read_meta(info.path).get("score")
+            except (CheckpointCorruptError, OSError):  # damaged or gone: nothing to rank
+                continue
+            if (isinstance(record, Mapping) and record.get("monitor") == self.monitor
+                    and record.get("mode") == self.mode and _ranked(record.get("value"))):
+                found[info.name] = float(record["value"])
+        return found
 
     def _ranks(self, score: float) -> bool:
         """Whether ``score`` would be among the best ``keep_best`` recorded so far."""
         if self.keep_best == 0:
             return False
         with self.saver.lock:
-            values = sorted(v for v in self._scores().values() if _finite(v))
+            values = sorted(v for v in self._scores().values() if _ranked(v))
         if self.mode == "max":
             values.reverse()
         if len(values) < self.keep_best:
@@ -304,31 +359,54 @@ class CheckpointStep(UpdateStep):
         worst = values[self.keep_best - 1]
         return score < worst if self.mode == "min" else score > worst
 
-    def _prune(self, *, write_scores: bool) -> None:
-        found = checkpoint.list_checkpoints(self.directory)
+    def _prune(self, *, write_scores: bool, superseded: str | None = None) -> None:
+        """Remove what keep_last and keep_best do not keep (and ``superseded``, a checkpoint of the same update).
+
+        ``scores.json`` is rewritten first, then checkpoints are removed: a run killed anywhere in between
+        has lost no checkpoint that it keeps (the scores of those still there are also in their
+        ``meta.json``; those of checkpoints already gone are dropped on the next load).
+        """
+        found = [c for c in checkpoint.list_checkpoints(self.directory) if c.name != superseded]
         names = [c.name for c in found]
         keep = set(names if self.keep_last is None else names[-self.keep_last:])
-        changed = write_scores
+        if self.monitor is not None:
+            keep.update(self._kept_by_score(names))
+        doomed = [c for c in found if c.name not in keep]
         if self.monitor is not None:
             with self.saver.lock:
                 scores = self._scores()
-                for name in [n for n in scores if n not in names]:
+                stale = [n for n in scores if n not in keep]
+                for name in stale:
                     del scores[name]
-                    changed = True
-                ranked = sorted((v, n) for n, v in scores.items() if _finite(v))
-                if self.mode == "max":
-                    ranked.sort(key=lambda item: -item[0])
-                keep.update(n for _, n in ranked[: self.keep_best])
-        for info in found:
-            if info.name not in keep:
-                checkpoint.remove(info.path)
-                if self.monitor is not None:
-                    with self.saver.lock:
-                        changed = self._scores().pop(info.name, None) is not None or changed
-        if self.monitor is not None and changed:
-            with self.saver.lock:
-                data = {"monitor": self.monitor, "mode": self.mode, "scores": dict(self._scores())}
-            checkpoint.write_scores(self.directory, data)
+                data = {"monitor": self.monitor, "mode": self.mode, "scores": dict(scores)}
+            if write_scores or stale:
+                checkpoint.write_scores(self.directory, data)
+        if superseded is not None:
+            self._remove(self.directory / superseded)
+        for info in doomed:
+            self._remove(info.path)
+
+    def _kept_by_score(self, names: list[str]) -> list[str]:
+        """The ``keep_best`` checkpoints among ``names`` with the best scores (ties: the older first)."""
+        with self.saver.lock:
+            scores = self._scores()
+            ranked = sorted((v, n) for n, v in scores.items() if n in names and _ranked(v))
+        if self.mode == "max":
+            ranked.sort(key=lambda item: -item[0])
+        return [n for _, n in ranked[: self.keep_best]]
+
+    def _remove(self, path: Path) -> None:
+        """Remove one checkpoint; one already gone was removed by another writer of this directory (told once)."""
+        if checkpoint.remove(path, missing_ok=True) or self.saver.told_shared:
+            return
+        self.saver.told_shared = True
+        warnings.warn(
+            f"with_checkpointing: checkpoint {path.name} was already removed from {self.directory}: another "
+            "process seems to write checkpoints there too; give each run a directory of its own (its "
+            "rotation and this one's delete each other's checkpoints)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
 
 
 def _check_count(name: str, value: Any, *, allow_none: bool, minimum: int = 1) -> None:

@@ -609,3 +609,138 @@ def test_a_fit_whose_inner_transform_fails_at_its_end_leaves_the_step_saving_in_
     for batch in list(_loader())[:3]:
         state, _ = step(state, batch)
     assert [c.step for c in checkpoint.list_checkpoints(tmp_path)] == [1, 2, 3, 4, 5]
+
+
+# --- a kill between a scored save and scores.json; rotation; non-finite scores; one save per update ----
+
+_SCORED_RUN = r"""
+import os, sys, warnings
+warnings.filterwarnings("ignore")
+import torch
+torch.set_num_threads(1)
+import loopkit
+from loopkit import checkpoint
+directory, die_in, die_at = sys.argv[1], sys.argv[2], int(sys.argv[3])
+calls = {"n": 0}
+original = getattr(checkpoint, die_in)
+def dying(*args, **kwargs):  # what SIGKILL at that moment does
+    calls["n"] += 1
+    if calls["n"] == die_at:
+        os._exit(137)
+    return original(*args, **kwargs)
+setattr(checkpoint, die_in, dying)
+torch.manual_seed(1)
+model = torch.nn.Linear(4, 1)
+state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.05), seed=3)
+step = loopkit.with_checkpointing(loopkit.train_step(lambda m, b: m(b[0]).sub(b[1]).pow(2).mean()), directory,
+                                  every_n_epochs=1, keep_last=1, monitor="val/score", keep_best=1)
+SCORES = [5.0, 1.0, 3.0, 4.0, 2.0, 6.0]  # the best is the 2nd epoch's
+state = loopkit.restore(state, directory)
+done = {"n": state.epoch}
+class Count:
+    def on_validation_end(self, state, metrics):
+        done["n"] += 1
+x = torch.randn(8, 4, generator=torch.Generator().manual_seed(0))
+loopkit.run_epochs(step, state, [(x, x.sum(1, keepdim=True))], epochs=len(SCORES), sanity_val_batches=0,
+                   progress=False, callbacks=[Count()],
+                   val=(loopkit.eval_step(lambda m, b: {"score": torch.tensor(SCORES[done["n"]])}), [0]))
+"""
+
+
+def _scored_run(directory: Path, die_in: str = "write_scores", die_at: int = 0) -> int:
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(Path(loopkit.__file__).parents[1]), "OPENBLAS_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-c", _SCORED_RUN, str(directory), die_in, str(die_at)], env=env,
+                          timeout=300).returncode
+
+
+@pytest.mark.parametrize("die_in, die_at", [("write_scores", 2), ("remove", 1)])
+def test_a_kill_right_after_the_best_checkpoint_is_saved_loses_neither_it_nor_its_score(tmp_path, die_in, die_at):
+    """Killed after the epoch-2 checkpoint (the best score, 1.0) is renamed into place: before scores.json is
+    rewritten, or while the older checkpoints are removed; then resumed with loopkit.restore. Reference: the
+    same run uninterrupted. Before: the resumed run never re-validated that point, its score was lost, and
+    keep_last deleted the best checkpoint."""
+    assert _scored_run(tmp_path / "reference") == 0
+    assert _scored_run(tmp_path / "killed", die_in, die_at) == 137
+    assert _scored_run(tmp_path / "killed") == 0
+    expected = json.loads((tmp_path / "reference" / "scores.json").read_text())["scores"]
+    got = json.loads((tmp_path / "killed" / "scores.json").read_text())["scores"]
+    assert got == expected == {"ckpt-000002-step2-epoch2-batch0": 1.0}
+    assert [c.name for c in checkpoint.list_checkpoints(tmp_path / "killed")] == [
+        c.name for c in checkpoint.list_checkpoints(tmp_path / "reference")
+    ]
+    assert checkpoint.read_meta(tmp_path / "killed" / "ckpt-000002-step2-epoch2-batch0")["score"] == {
+        "monitor": "val/score", "mode": "min", "value": 1.0
+    }
+
+
+def test_rotation_tolerates_a_checkpoint_another_writer_removed_and_says_so_once(tmp_path, monkeypatch):
+    """Two runs in one folder: the other one's rotation removes a checkpoint this one is about to remove.
+    Reference: the checkpoints the same run keeps alone. Before: a bare FileNotFoundError from os.rename."""
+    alone = with_checkpointing(_count_step, tmp_path / "alone", every_n_steps=1, keep_last=1)
+    state = TrainState.create(nn.Linear(1, 1))
+    for _ in range(4):
+        state, _ = alone(state, None)
+    original = checkpoint.remove
+
+    def removed_by_another_first(path, *args, **kwargs):
+        original(path)  # the other run's rotation got there first
+        return original(path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "remove", removed_by_another_first)
+    shared = with_checkpointing(_count_step, tmp_path / "shared", every_n_steps=1, keep_last=1)
+    state = TrainState.create(nn.Linear(1, 1))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(4):
+            state, _ = shared(state, None)
+    told = [w for w in caught if "another process seems to write checkpoints there" in str(w.message)]
+    assert len(told) == 1
+    assert [c.name for c in checkpoint.list_checkpoints(tmp_path / "shared")] == [
+        c.name for c in checkpoint.list_checkpoints(tmp_path / "alone")
+    ]
+
+
+@pytest.mark.parametrize("scores, keep_best, mode, lightning_keeps", [
+    # what lightning.pytorch.callbacks.ModelCheckpoint(save_top_k=keep_best) keeps for these validation
+    # scores, one per epoch (its _update_best_and_save ranks NaN as +inf in min mode, -inf in max mode)
+    ([1.0, float("nan"), float("nan")], 3, "min", [0, 1, 2]),
+    ([float("nan")] * 3, 1, "min", [0]),
+    ([float("-inf"), 1.0, 2.0], 1, "min", [0]),
+    ([1.0, float("inf"), 2.0], 1, "max", [1]),
+    ([float("nan"), 1.0, float("nan")], 1, "max", [1]),
+])
+def test_nan_and_infinite_scores_are_ranked_as_lightning_ranks_them(tmp_path, scores, keep_best, mode,
+                                                                    lightning_keeps):
+    """Before: NaN and ±inf were never ranked ([1, nan, nan] kept epoch 0 alone; [-inf, 1, 2] kept epoch 1)."""
+    step = with_checkpointing(_count_step, tmp_path, keep_last=1, monitor="val/loss", mode=mode, keep_best=keep_best)
+    state = TrainState.create(nn.Linear(1, 1))
+    for score in scores:  # at steps 1, 2, 3 (epoch e's score at step e + 1)
+        state = _validate(step, state, score)
+    recorded = json.loads((tmp_path / "scores.json").read_text())["scores"]
+    assert sorted(c.step - 1 for c in checkpoint.list_checkpoints(tmp_path) if c.name in recorded) == lightning_keeps
+
+
+def test_a_step_save_and_an_epoch_save_of_the_same_update_are_one_checkpoint(tmp_path, assert_trees_equal):
+    """every_n_steps=4 with every_n_epochs=1 and 4 batches an epoch: each epoch's last update is saved once, at
+    the next epoch's start (what a resumed run continues from). Reference: every_n_epochs alone. Before:
+    ...step12-epoch2-batch4 and ...step12-epoch3-batch0, the same weights; keep_last=2 kept one update."""
+    batches = [torch.ones(2, 2) * i for i in range(4)]
+
+    def fit(directory: Path, **every) -> TrainState:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = nn.Linear(2, 1)
+        step = with_checkpointing(train_step(lambda m, b: m(b).pow(2).mean()), directory, keep_last=2, **every)
+        return run_epochs(step, TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.01)), batches,
+                          epochs=3, progress=False)[0]
+
+    fit(tmp_path / "both", every_n_steps=4, every_n_epochs=1)
+    fit(tmp_path / "epochs", every_n_epochs=1)
+    both, epochs = checkpoint.list_checkpoints(tmp_path / "both"), checkpoint.list_checkpoints(tmp_path / "epochs")
+    assert [(c.step, c.epoch, c.batch_index) for c in both] == [(c.step, c.epoch, c.batch_index) for c in epochs]
+    assert [(c.step, c.epoch, c.batch_index) for c in both] == [(8, 2, 0), (12, 3, 0)]
+    for a, b in zip(both, epochs):
+        assert_trees_equal(checkpoint.load(a.path)["state"]["model"], checkpoint.load(b.path)["state"]["model"])
