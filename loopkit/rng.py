@@ -21,6 +21,7 @@ True
 
 from __future__ import annotations
 
+import numbers
 import os
 import random
 from collections.abc import Mapping
@@ -130,15 +131,20 @@ class RNGScope:
 def seed_everything(seed: int) -> int:
     """Seed Python's ``random``, NumPy, and torch (CPU and every CUDA device); return ``seed``.
 
-    Also sets ``PYTHONHASHSEED`` for child processes (data-loader workers).
+    Also sets ``PYTHONHASHSEED``, which processes started afterwards read: spawned ones
+    (``multiprocessing_context="spawn"`` data-loader workers, ``torch.multiprocessing.spawn``).
+    It cannot change this process's string hashing, nor that of workers forked from it (Linux's
+    default), which keep this process's: for ``hash(str)`` the same in every run, start Python
+    with ``PYTHONHASHSEED`` set. A numpy integer is taken as the int it is.
 
     >>> import torch
     >>> _ = seed_everything(7); a = torch.rand(1)
     >>> _ = seed_everything(7); bool(torch.equal(a, torch.rand(1)))
     True
     """
-    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**32:
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, (bool, np.bool_)) or not 0 <= seed < 2**32:
         raise ValueError(f"seed_everything: seed must be an int in [0, 2**32), got {seed!r}")
+    seed = int(seed)
     os.environ["PYTHONHASHSEED"] = str(seed)
     random.seed(seed)
     np.random.seed(seed)

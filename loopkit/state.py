@@ -113,8 +113,9 @@ class TrainState(_GraphSlot):
         3
         """
         _check_parts(model, optimizer, scheduler)
-        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
+        if not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or not 0 <= seed < 2**63:
             raise ValueError(f"TrainState.create: seed must be a non-negative int, got {seed!r}")
+        seed = int(seed)  # (a numpy integer, as evolve takes one)
         if not isinstance(global_rng, bool):
             raise TypeError(f"TrainState.create: global_rng must be True or False, got {global_rng!r}")
         model.zero_grad(set_to_none=True)
@@ -288,6 +289,11 @@ class TrainState(_GraphSlot):
         the only tensor on its storage) instead of copying them, as
         ``Module.load_state_dict(assign=True)`` does: for a state dict nothing else uses,
         such as one just read from a file (training then changes those tensors in place).
+
+        The optimizer's implementation options (``foreach``, ``fused``, ``capturable``,
+        ``differentiable``) stay this state's, whatever ``state_dict`` holds: they say how this
+        process runs the update (a run resumed with ``fused=True`` on a GPU), not where training
+        stands (torch's own ``Optimizer.load_state_dict`` takes the saved ones).
 
         >>> import torch
         >>> a = TrainState.create(torch.nn.Linear(2, 1)).evolve(step=4)
@@ -1076,6 +1082,21 @@ _PARAM_SHAPED = frozenset({
 })
 
 
+#: the options of a param group that say how this process runs the update (torch's implementation), not where the
+#: training stands: the template's are kept, whatever the checkpoint holds (a run resumed with fused=True on a GPU)
+_IMPLEMENTATION = ("foreach", "fused", "capturable", "differentiable")
+
+
+def _without_implementation(groups: Any) -> Any:
+    """Param groups (a list, or the plain mapping of a state dict) without :data:`_IMPLEMENTATION`'s options."""
+    def bare(group: Any) -> Any:
+        return {k: v for k, v in group.items() if k not in _IMPLEMENTATION} if isinstance(group, Mapping) else group
+
+    if isinstance(groups, Mapping):
+        return {key: bare(group) for key, group in groups.items()}
+    return [bare(group) for group in groups]
+
+
 def _decode_optimizer(plain: Any, template: dict[str, Any], optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     if not isinstance(plain, Mapping):
         raise StateMismatchError(f"key 'optimizer' holds a {type(plain).__qualname__}, expected a mapping")
@@ -1086,7 +1107,10 @@ def _decode_optimizer(plain: Any, template: dict[str, Any], optimizer: torch.opt
         if key not in ("state", "param_groups"):
             raise StateMismatchError(f"unexpected key 'optimizer.{key}'")
     raw_groups = optimizer.state_dict()["param_groups"]
-    groups = from_plain(plain["param_groups"], raw_groups, ("optimizer", "param_groups"))
+    groups = from_plain(
+        _without_implementation(plain["param_groups"]), _without_implementation(raw_groups), ("optimizer", "param_groups")
+    )
+    groups = [{**group, **{k: raw[k] for k in _IMPLEMENTATION if k in raw}} for group, raw in zip(groups, raw_groups)]
     params = [p for g in optimizer.param_groups for p in g["params"]]
     current = template.get("state", {})
     state: dict[int, dict[str, Any]] = {}
@@ -1113,7 +1137,7 @@ def _decode_optimizer(plain: Any, template: dict[str, Any], optimizer: torch.opt
                 expected = param.shape
             else:
                 continue
-            if isinstance(value, torch.Tensor) and value.ndim > 0:
+            if isinstance(value, torch.Tensor):
                 if value.shape != expected:
                     raise StateMismatchError(
                         f"mis-shaped key '{'.'.join(path + (name,))}': the state dict has shape "

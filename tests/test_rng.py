@@ -283,3 +283,16 @@ def test_a_global_rng_run_resumes_bit_for_bit_from_its_checkpoint(tmp_path):
     resumed, history = loopkit.run_epochs(step, restored, data, **options)
     assert all(torch.equal(a, b) for a, b in zip(whole.model.parameters(), resumed.model.parameters(), strict=True))
     assert history[-1] == whole_history[-1]
+
+
+def test_numpy_integer_seeds_are_taken_as_the_ints_they_are():
+    """As Lightning's seed_everything and TrainState.evolve take them (a seed drawn with numpy); refused before."""
+    import numpy as np
+
+    assert loopkit.seed_everything(np.int64(5)) == 5
+    a = torch.rand(3)
+    loopkit.seed_everything(5)
+    assert torch.equal(a, torch.rand(3))
+    state = loopkit.TrainState.create(torch.nn.Linear(1, 1), seed=np.uint32(7))
+    assert state.seed == 7 and type(state.seed) is int
+    assert torch.equal(state.rng["cpu"], loopkit.TrainState.create(torch.nn.Linear(1, 1), seed=7).rng["cpu"])

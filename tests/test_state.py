@@ -1319,3 +1319,38 @@ def test_evolved_states_stay_usable_through_pure_steps_copies_and_failed_donated
     loopkit.donate(loopkit.train_step(_sq))(state, torch.ones(2, 3))
     with pytest.raises(loopkit.DonatedStateError):
         snapshot.check_usable()
+
+
+@pytest.mark.parametrize("saved, template", [
+    ({"foreach": False}, {}), ({}, {"foreach": False}), ({}, {"fused": True}), ({"fused": True}, {"foreach": True}),
+])
+def test_the_optimizers_implementation_options_are_the_templates(saved, template):
+    """A checkpoint of Adam(foreach=False) into a default Adam, or of a default Adam into Adam(fused=True) (a run
+    resumed on a GPU): the second was refused ("missing key ...foreach"); the template's options stay, the
+    training state (moments, step) is the saved one, as torch's own load gives it."""
+    def adam_state(**options):
+        torch.manual_seed(0)
+        model = nn.Linear(3, 2)
+        return loopkit.TrainState.create(model, torch.optim.Adam(model.parameters(), lr=0.1, **options))
+
+    step = loopkit.train_step(lambda m, b: m(b).pow(2).mean())
+    trained, _ = step(adam_state(**saved), torch.ones(4, 3))
+    restored = adam_state(**template).load_state_dict(through_a_file(trained.state_dict()))
+    group = restored.optimizer.param_groups[0]
+    for key in ("foreach", "fused"):
+        assert group[key] == template.get(key), key
+    reference = torch.optim.Adam(nn.Linear(3, 2).parameters(), lr=0.1, **template)
+    reference.load_state_dict(trained.optimizer.state_dict())
+    assert_equal_trees(restored.optimizer.state_dict()["state"], reference.state_dict()["state"])
+
+
+def test_a_zero_dim_moment_for_a_parameter_of_another_shape_is_refused_by_name():
+    """Only moments of more than 0 dimensions were compared: a 0-dim exp_avg for a (2, 3) weight loaded, and
+    the next step failed in Adam with an unnamed broadcast error."""
+    model = nn.Linear(3, 2)
+    state = loopkit.TrainState.create(model, torch.optim.Adam(model.parameters(), lr=0.1))
+    trained, _ = loopkit.train_step(lambda m, b: m(b).pow(2).mean())(state, torch.ones(4, 3))
+    sd = trained.state_dict()
+    sd["optimizer"]["state"]["0"]["exp_avg"] = torch.zeros(())
+    with pytest.raises(loopkit.StateMismatchError, match=r"mis-shaped key 'optimizer\.state\.0\.exp_avg'.*\(\), expected \(2, 3\)"):
+        state.load_state_dict(sd)
