@@ -189,6 +189,35 @@ def _global_rngs_kept() -> Iterator[None]:
         random.setstate(saved[2])
 
 
+def _has_len(data: Iterable) -> bool:
+    """Whether ``data`` tells its number of batches (an IterableDataset's loader does not)."""
+    try:
+        len(data)  # type: ignore[arg-type]
+    except (TypeError, NotImplementedError):
+        return False
+    return True
+
+
+def _stream_ended(batches: Iterator[Any]) -> bool:
+    """Whether an epoch of unknown length (an IterableDataset's loader) has no batch left after the one just
+    trained: one more is read and dropped, as Lightning's data fetcher looks one batch ahead to know its
+    ``is_last_batch``, with the global RNGs put back after it (a Dataset's augmentation in this process draws the
+    next batch from them: the resumed run reads it as the uninterrupted one). Only where the epoch stops
+    (``max_steps``, a callback's stop), not per batch. Under DDP a collective: the epoch ends on every rank
+    only if it ended on all (every rank stops after the same batch, and asks here)."""
+    with _global_rngs_kept():
+        ended = next(batches, _END) is _END
+    return not _collective.any_rank(not ended)
+
+
+def _epoch_over(state: TrainState, total: int | None, sized: bool, batches: Iterator[Any]) -> bool:
+    """Whether the epoch, stopped after ``state.batch_index`` batches, has none left: counted when the data
+    has a length, looked ahead for otherwise (``total`` is then only the ``limit_train_batches`` bound)."""
+    if sized:
+        return total is not None and state.batch_index >= total
+    return _stream_ended(batches)
+
+
 def _counted_batches(state: TrainState, total: int | None) -> tuple[TrainState, bool]:
     """``state`` with its epoch's number of batches recorded, and whether a run resumed mid-epoch has data of
     another length (warned about: it skips the batches already trained of another order, some seen twice)."""
@@ -768,6 +797,27 @@ def _warn_of_the_same_batch(batch: Any) -> None:
         )
 
 
+def _flushed(step: Any, state: TrainState) -> tuple[TrainState, bool]:
+    """``state`` after the step's ``flush`` (a partial accumulation group's update at an epoch's end), its
+    metrics in the epoch's means, and whether its update is due a step checkpoint (the mark taken off)."""
+    state, metrics = step.flush(state)
+    if metrics:
+        state = replace_extras(state, EPOCH.add(state.extras, metrics))
+    due = SAVE_DUE in state.extras
+    return (_unmarked(state) if due else state), due
+
+
+def _save_or_hold(step: Any, hooks: _Hooks, state: TrainState, max_steps: int | None) -> tuple[TrainState, bool]:
+    """Make the step checkpoint due at this update, with the callbacks' counters after it in the state; or,
+    at the fit's last update (``max_steps``), hold it (True) to be made once its epoch is recorded: a relaunch
+    from it then finds that record made (or the epoch finished), not the epoch to record again."""
+    state = hooks.keep(state)
+    if max_steps is not None and state.step >= max_steps:
+        return state, True
+    step.notify("save_due", state, {})
+    return state, False
+
+
 def _unmarked(state: TrainState) -> TrainState:
     """``state`` without the mark of a step save due (:data:`loopkit.steps.SAVE_DUE`): what run_epochs
     shows the callbacks, keeps and, after the batch's hooks, hands the step with ``"save_due"``."""
@@ -831,7 +881,12 @@ def run_epochs(
     Each epoch iterates the data in an order fixed by the state's seed and the epoch
     number; a state restored mid-epoch continues at ``state.batch_index`` with the batches
     an uninterrupted run would have seen. At the end of each epoch the
-    step's ``flush`` finishes a partial gradient-accumulation group.
+    step's ``flush`` finishes a partial gradient-accumulation group (its update counts as any
+    other: toward ``max_steps`` and ``val_every_n_steps``). Train data without ``len()`` (an
+    ``IterableDataset``) is read one batch ahead where the fit stops (``max_steps``, a callback's
+    stop), as Lightning's data fetcher looks ahead for ``is_last_batch``: an epoch whose last batch
+    makes the last update ends there (validated, ``state.epoch`` advanced) as it would with a list.
+    ``limit_train_batches`` above such data's length takes what there is, as Lightning does.
 
     ``val=(eval_step, val_data)`` validates every ``val_every_n_epochs`` epochs and/or every
     ``val_every_n_steps`` updates, never twice at one update (a step validation on an epoch's
@@ -850,6 +905,13 @@ def run_epochs(
     between epochs (and progress-bar refreshes): the loop itself never syncs the host. The
     running epoch's metrics are kept in ``state.extras`` (``run_epochs/epoch...``, removed at
     the epoch's end), so a checkpoint taken mid-epoch gives a resumed run the same means.
+
+    An epoch cut short by ``max_steps`` (or a callback's stop) is recorded in the history and
+    its ``on_epoch_end`` called, as Lightning calls ``on_train_epoch_end`` then; it is not
+    finished (``state.epoch`` stays), and the state keeps the callbacks' counters as they were
+    before that ``on_epoch_end``: a run resumed from it with a larger budget finishes the epoch
+    and calls ``on_epoch_end`` for it once more, ending with the uninterrupted run's history
+    records, parameters and callback counters.
 
     The validation step (``val[0]``) is notified of the fit's end too (``"stop"``,
     ``"fit_end"``, ``"abort"``; a ``with_profiler`` around it closes its trace).
@@ -973,7 +1035,7 @@ def run_epochs(
         rng, buffers = own_rng(state.extras, rank, size), own_buffers(state.extras, rank, size)
         state = replace_extras(state, own_share(state.extras, rank, size, model_device(state.model)))
         if rng is not None:
-            state = state.evolve(rng=rng)
+            state = state._evolved({"rng": rng})
         if buffers:  # (before a validation due at the resumed step, which reads this rank's BatchNorm statistics)
             with torch.no_grad():
                 for name, value in buffers.items():
@@ -1015,6 +1077,7 @@ def run_epochs(
             step.notify("fit_start", state, {})  # (with_checkpointing's step saves now wait for the batch's callbacks)
             fresh = step.returns_fresh_state
             told_batch_index = False
+            sized = _has_len(train_data)  # (without a length, an epoch stopped at its last batch is found by a look ahead)
             # saved at max_steps, or when a callback had asked to stop, in the middle of an epoch before the epoch was
             # recorded (a crash, a failure in its validation or hooks): only that record is left to make
             unrecorded = (
@@ -1061,9 +1124,10 @@ def run_epochs(
                 exhausted = True
                 asked_stop = finishing_stop  # a callback asked to stop after one of this epoch's batches
                 if (last_val and hooks.should_stop) or finishing:
-                    batches, exhausted = (), total is not None and state.batch_index >= total
+                    batches, exhausted = (), _epoch_over(state, total, sized, batches)
                 finishing = finishing_stop = False
                 held_save = False  # a step checkpoint of the fit's last update, made once the epoch is recorded
+                batch = _END  # (still it after the loop: the epoch had no batch to train, e.g. resumed at its end)
                 for batch in batches:
                     if move is not None:
                         batch = move(batch)
@@ -1088,11 +1152,7 @@ def run_epochs(
                         if logged is not None and state.step != before and _scalars(logged):
                             step.notify("batch_end", state, logged)
                     if due:
-                        state = hooks.keep(state)  # the callbacks' counters after this batch
-                        if max_steps is not None and state.step >= max_steps:
-                            held_save = True  # the fit's last update: saved with its epoch's record made (below)
-                        else:
-                            step.notify("save_due", state, {})
+                        state, held_save = _save_or_hold(step, hooks, state, max_steps)
                     if stop.voting:  # (every rank stops after the same step)
                         stop.poll()
                     # a graceful stop: no flush, no validation; resume continues here. Under DDP not inside an
@@ -1109,14 +1169,16 @@ def run_epochs(
                     reached = max_steps is not None and state.step >= max_steps
                     asked_stop = hooks_ran and hooks.should_stop  # it still validates, as Lightning's should_stop does
                     if reached or asked_stop:
-                        exhausted = total is not None and state.batch_index >= total
+                        exhausted = _epoch_over(state, total, sized, batches)
                         break
                 if stop.agreed and not exhausted:  # a graceful stop: the resumed run ends this epoch (and counts it)
                     bar.close()
                     state = hooks.keep(state)
                     break
                 epoch = state.epoch
-                if exhausted and total is not None and state.batch_index != total and not told_batch_index:
+                # (without a length, ``total`` is limit_train_batches: data that ends before it is no fault of the step)
+                miscounted = total is not None and (state.batch_index != total if sized else state.batch_index > total)
+                if exhausted and miscounted and not told_batch_index:
                     told_batch_index = True
                     warnings.warn(
                         f"run_epochs: epoch {epoch} had {total} batches but the step left state.batch_index at "
@@ -1126,12 +1188,15 @@ def run_epochs(
                         stacklevel=2,
                     )
                 if exhausted:
-                    state, metrics = step.flush(state)
-                    if metrics:
-                        state = replace_extras(state, EPOCH.add(state.extras, metrics))
-                    if SAVE_DUE in state.extras:
-                        state = hooks.keep(_unmarked(state))
-                        step.notify("save_due", state, {})
+                    before = state.step
+                    state, due = _flushed(step, state)
+                    if due:  # as after a batch's update: saved before its step validation, or held at max_steps
+                        state, held_save = _save_or_hold(step, hooks, state, max_steps)
+                    if val_steps and state.step != before and state.step % val_steps == 0:  # as after a batch's update
+                        closing = state = hooks.keep(state)
+                        last_val, state = validation_end(state)
+                        closing = None
+                        validated_at = state.step
                 record: dict[str, float] = {"epoch": epoch, "step": state.step}
                 record.update({f"train/{k}": v for k, v in EPOCH.means(state.extras).items()})
                 closing = state = hooks.keep(state)  # (the counters after the epoch's batches)
@@ -1155,7 +1220,8 @@ def run_epochs(
                 for cb in hooks.callbacks:
                     if hasattr(cb, "on_epoch_end"):
                         _add_epoch_extras(record, cb, cb.on_epoch_end(state, dict(record)))
-                state = hooks.keep(state)
+                if exhausted:  # an epoch cut short keeps the counters from before its on_epoch_end: the run that
+                    state = hooks.keep(state)  # finishes it calls on_epoch_end for it again, as the whole run does once
                 if held_save:  # a relaunch from it finds the epoch recorded (or, if whole, finished)
                     step.notify("save_due", state, {})
                 if validated:  # after every callback of the epoch: a checkpoint taken now holds all their counters
@@ -1163,7 +1229,7 @@ def run_epochs(
                 step.notify("epoch_end", state, record)
                 history.append(record)
                 closing = None
-                if epochs is None and exhausted and remaining != 0 and state.step == started_at:
+                if epochs is None and exhausted and batch is not _END and state.step == started_at:
                     warnings.warn(
                         f"run_epochs: epoch {epoch} went by without state.step advancing, so max_steps={max_steps} would "
                         "never be reached: stopping here (a step of your own advances state.step at each update, as "

@@ -62,6 +62,7 @@ _Tensor = torch.Tensor
 _default_generator = torch.default_generator
 _LBFGS = torch.optim.LBFGS
 _set_consumed = TrainState.__dict__["_consumed"].__set__  # TrainState.mark_consumed without its frame
+_set_family = TrainState.__dict__["_family"].__set__
 LossFn = Callable[[torch.nn.Module, Any], Any]
 
 _ACCUM_COUNT = "accum/count"
@@ -119,7 +120,11 @@ class Step:
                 _consume_unless_intact(state, error)
                 raise
             _set_consumed(state, True)
-            return (replace(state) if new is state else new), metrics
+            if new is state:
+                return replace(state), metrics
+            if new._family is not None:  # evolved from the given state: the step's result owns the tensors now
+                _set_family(new, None)
+            return new, metrics
         return self._invoke(self.run_, state, batch)
 
     def flush(self, state: TrainState) -> tuple[TrainState, Metrics]:
@@ -184,9 +189,11 @@ class Step:
         except BaseException as error:
             _consume_unless_intact(state, error)
             raise
-        state.mark_consumed()
         if new is state:
             new = replace(state)
+        elif new._family is not None and new._family is state._family:
+            _set_family(new, None)  # evolved from the given state: the step's result owns the tensors now
+        state.mark_consumed()  # (and every other state evolved from it: they share what the step changed)
         return new, metrics
 
 

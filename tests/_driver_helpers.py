@@ -99,3 +99,18 @@ class CrashAfterStep(loopkit.Callback):
     def on_batch_end(self, state, metrics):
         if state.step == self.step + 1:
             raise RuntimeError("simulated crash")
+
+
+class Stream(torch.utils.data.IterableDataset):
+    """The given batches as an IterableDataset: a loader over it has no len(), as a streamed dataset's has none."""
+
+    def __init__(self, batches):
+        self.batches = list(batches)
+
+    def __iter__(self):
+        return iter(self.batches)
+
+
+def stream(batches) -> torch.utils.data.DataLoader:
+    """A DataLoader (already batched) over ``batches`` without len()."""
+    return torch.utils.data.DataLoader(Stream(batches), batch_size=None)

@@ -733,3 +733,46 @@ def test_on_epoch_end_of_a_cut_epoch_sees_the_record_epoch_and_an_unfinished_sta
     final, history = run_epochs(train_step(mse), make_state(), make_data(10), callbacks=[seen], progress=False, **options)
     assert seen.seen == [(0, 1, 10), (1, 1, 13)]
     assert [h["epoch"] for h in history] == [0, 1] and (final.epoch, final.batch_index) == (1, 3)
+
+
+# --- a run cut by max_steps, saved and resumed (the README's recipe) ---------------------------------------
+
+
+def _cut_and_resumed(make, data, callback, *, epochs: int, max_steps: int):
+    """The uninterrupted run, and the run cut at ``max_steps``, saved with state_dict() and resumed with
+    ``epochs=``: (final state, history, callback) of each, and the cut run's history."""
+    whole_cb = callback()
+    whole, whole_history = run_epochs(train_step(mse), make(), data, epochs=epochs, callbacks=[whole_cb], progress=False)
+    partial, cut_history = run_epochs(train_step(mse), make(), data, max_steps=max_steps, callbacks=[callback()],
+                                      progress=False)
+    restored = make().load_state_dict(partial.state_dict())
+    resumed_cb = callback()
+    resumed, history = run_epochs(train_step(mse), restored, data, epochs=epochs, callbacks=[resumed_cb], progress=False)
+    return (whole, whole_history, whole_cb), (resumed, history, resumed_cb), cut_history
+
+
+def test_learning_rate_monitor_resumed_after_a_max_steps_cut_records_the_epochs_starting_rate():
+    """Lightning calls on_train_epoch_end for an epoch max_steps cuts, and so does loopkit (the cut run records
+    it); the run that finishes that epoch calls it again, so the state keeps the counters from before the cut's
+    on_epoch_end. Reference: the uninterrupted run (rates halved at every update: exact powers of two)."""
+    (whole, whole_history, whole_cb), (resumed, history, resumed_cb), cut = _cut_and_resumed(
+        lr_state, make_data(3), loopkit.LearningRateMonitor, epochs=3, max_steps=4)
+    assert [(r["epoch"], r["step"], r["lr-SGD"]) for r in cut] == [(0, 3, 0.25), (1, 4, 0.25 * 0.5**3)]
+    assert history == whole_history[1:]
+    assert [h["lr-SGD"] for h in history] == [0.25 * 0.5**3, 0.25 * 0.5**6]
+    assert resumed_cb.history == whole_cb.history[1:]
+    assert torch.equal(resumed.model[0].weight, whole.model[0].weight)
+
+
+def test_early_stopping_on_a_train_metric_counts_an_epoch_cut_by_max_steps_once_when_resumed():
+    """lr=0 and one batch repeated: train/loss never improves; patience 2 stops the uninterrupted run after epoch 2
+    (epochs 0, 1, 2 checked). The run cut at update 7 (in epoch 1) and resumed checks epoch 1 once, at its end."""
+    batch = make_data(1)[0]
+    (whole, whole_history, whole_cb), (resumed, history, resumed_cb), cut = _cut_and_resumed(
+        lambda: make_state(lr=0.0), [batch] * 5, lambda: loopkit.EarlyStopping("train/loss", patience=2),
+        epochs=6, max_steps=7)
+    assert [r["epoch"] for r in cut] == [0, 1]  # the cut run records its cut epoch
+    assert (whole.step, whole.epoch, [r["epoch"] for r in whole_history]) == (15, 3, [0, 1, 2])
+    assert (resumed.step, resumed.epoch) == (whole.step, whole.epoch)
+    assert history == whole_history[1:]
+    assert resumed_cb.state_dict() == whole_cb.state_dict()

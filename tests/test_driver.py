@@ -20,7 +20,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import loopkit
 from loopkit import TrainState, eval_step, evaluate, predict, run_epochs, train_step, with_grad_accum
-from tests._driver_helpers import Counter, CrashAfterStep, Recorder, counting_eval, make_data, make_state, mse
+from tests._driver_helpers import (
+    Counter, CrashAfterStep, Recorder, counting_eval, make_data, make_state, mse, stream,
+)
 
 
 def params_of(state: TrainState) -> list[torch.Tensor]:
@@ -1521,3 +1523,135 @@ def test_a_failure_in_on_fit_start_leaves_the_restored_counters_in_the_state():
                    callbacks=[_StopAndCount(fail_in="on_fit_start", fail_at=5)], progress=False)
     again = loopkit.state_at_error(caught.value)
     assert dict(again.extras["callbacks/_StopAndCount"]) == saved
+
+
+# --- train data without len() (an IterableDataset), and the flushed update's validation --------------
+
+
+def _val_options(**more):
+    return dict(val=(eval_step(lambda m, b: {"mse": mse(m, b)}), make_data(2, seed=1)), sanity_val_batches=0,
+                progress=False, **more)
+
+
+def _driver_warnings(caught) -> list[str]:
+    return [str(w.message) for w in caught if str(w.message).startswith("run_epochs")]
+
+
+def test_max_steps_reached_on_an_iterables_last_batch_finishes_its_epoch():
+    """Lightning looks one batch ahead of an IterableDataset (its data fetcher knows is_last_batch): max_steps=7
+    reached on the 7th and last batch ends epoch 0 (validated, state.epoch advanced), and a run with max_steps=14
+    from that state trains epoch 1, as the uninterrupted max_steps=14 run does. Reference: hand-counted epochs
+    and steps, and the uninterrupted run's parameters and history."""
+    data = make_data(7)
+    whole, whole_history = run_epochs(train_step(mse), make_state(), stream(data), max_steps=14, **_val_options())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cut, first = run_epochs(train_step(mse), make_state(), stream(data), max_steps=7, **_val_options())
+        assert (cut.step, cut.epoch, cut.batch_index) == (7, 1, 0)  # epoch 0 over: 7 of 7 batches
+        assert [(r["epoch"], r["step"], "val/mse" in r) for r in first] == [(0, 7, True)]
+        final, second = run_epochs(train_step(mse), cut, stream(data), max_steps=14, **_val_options())
+    assert _driver_warnings(caught) == []
+    assert [(r["epoch"], r["step"]) for r in second] == [(1, 14)]
+    assert first + second == whole_history
+    assert_bitwise(params_of(final), params_of(whole))
+
+
+@pytest.mark.parametrize("limit", [None, 10], ids=["no-limit", "limit-above-its-length"])
+def test_a_run_resumed_from_a_checkpoint_at_an_iterables_last_batch_equals_the_uninterrupted_run(tmp_path, limit):
+    """A step checkpoint at update 7, the 7th and last batch of a stream without len(): the resumed epoch has no
+    batch left, so it ends (recorded, validated) and the run trains on to max_steps=20 as the uninterrupted run."""
+    data = make_data(7)
+    options = _val_options(max_steps=20, limit_train_batches=limit)
+    whole, whole_history = run_epochs(train_step(mse), make_state(), stream(data), **options)
+    assert [(r["epoch"], r["step"]) for r in whole_history] == [(0, 7), (1, 14), (2, 20)]
+    step = loopkit.with_checkpointing(train_step(mse), tmp_path, every_n_steps=7)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_epochs(step, make_state(), stream(data), callbacks=[CrashAfterStep(7)], **options)
+    restored = loopkit.restore(make_state(), tmp_path)
+    assert (restored.step, restored.epoch, restored.batch_index) == (7, 0, 7)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        resumed, history = run_epochs(step, restored, stream(data), **options)
+    assert _driver_warnings(caught) == []
+    assert history == whole_history
+    assert_bitwise(params_of(resumed), params_of(whole))
+
+
+def test_an_iterable_shorter_than_limit_train_batches_is_not_warned_about():
+    """As Lightning, min(limit, available) batches, silently: the data ended, the step did nothing wrong.
+    Reference: a hand count, 2 epochs of min(10, 7) updates."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        state, history = run_epochs(train_step(mse), make_state(), stream(make_data(7)), epochs=2,
+                                    limit_train_batches=10, progress=False)
+    assert _driver_warnings(caught) == []
+    assert [r["step"] for r in history] == [7, 14] and (state.step, state.epoch) == (14, 2)
+
+
+def _updates_validated(batches: int, every: int, epochs: int, val_every: int) -> list[int]:
+    """A hand-written count: the updates of ``epochs`` epochs of ``batches`` batches accumulated over ``every``
+    (a partial group flushed at the epoch's end) that fall on a multiple of ``val_every``."""
+    due, step = [], 0
+    for _ in range(epochs):
+        for k in range(1, batches + 1):
+            if k % every == 0 or k == batches:  # a full group's update, or the flush of the partial one
+                step += 1
+                if step % val_every == 0:
+                    due.append(step)
+    return due
+
+
+@pytest.mark.parametrize("val_every_n_epochs", [1, 10])
+def test_the_update_of_an_epoch_end_flush_gets_its_step_validation_once(val_every_n_epochs):
+    """7 batches accumulated over 2: updates 4, 8, 12 are flushes of the 7th batch, each on a multiple of
+    val_every_n_steps=4: validated once each (an epoch-end validation due there is that same one)."""
+    ev, counter = counting_eval()
+    rec = Recorder()
+    _, history = run_epochs(
+        with_grad_accum(train_step(mse), every=2), make_state(), make_data(7), epochs=3, val=(ev, make_data(2, seed=1)),
+        val_every_n_steps=4, val_every_n_epochs=val_every_n_epochs, sanity_val_batches=0, callbacks=[rec],
+        progress=False,
+    )
+    expected = _updates_validated(7, 2, 3, 4)
+    assert expected == [4, 8, 12]
+    assert [s for _, s, _ in rec.val_metrics] == expected
+    assert counter.calls == 2 * len(expected)
+    assert [h["val/mse"] for h in history] == [m["val/mse"] for _, _, m in rec.val_metrics]
+
+
+def test_a_run_resumed_from_the_flushed_updates_checkpoint_validates_as_the_uninterrupted_run(tmp_path):
+    """The flush's update 4 is checkpointed before its step validation; a crash in on_epoch_end after it: the
+    resumed run runs that validation first, and its history and validations are the uninterrupted run's."""
+    options = dict(epochs=3, val_every_n_steps=4, val_every_n_epochs=10, sanity_val_batches=0, progress=False)
+    ev, _ = counting_eval()
+    whole_rec = Recorder()
+    whole, whole_history = run_epochs(with_grad_accum(train_step(mse), every=2), make_state(), make_data(7),
+                                      val=(ev, make_data(2, seed=1)), callbacks=[whole_rec], **options)
+    step = loopkit.with_checkpointing(with_grad_accum(train_step(mse), every=2), tmp_path, every_n_steps=4)
+    with pytest.raises(RuntimeError, match="crash"):
+        run_epochs(step, make_state(), make_data(7), val=(ev, make_data(2, seed=1)), callbacks=[_CrashAt(4)], **options)
+    restored = loopkit.restore(make_state(), tmp_path)
+    assert (restored.step, restored.epoch, restored.batch_index) == (4, 0, 7)
+    rec = Recorder()
+    resumed, history = run_epochs(step, restored, make_data(7), val=(ev, make_data(2, seed=1)), callbacks=[rec],
+                                  **options)
+    assert history == whole_history
+    assert rec.val_metrics == whole_rec.val_metrics
+    assert_bitwise(params_of(resumed), params_of(whole))
+
+
+def test_a_finished_run_whose_last_update_is_a_flush_relaunched_from_its_newest_checkpoint_records_nothing_again(
+        tmp_path):
+    """max_steps=3 is the flush of the 5th batch (accumulation over 2): its step checkpoint is held until the
+    epoch is recorded (as a batch's last update's is), so a requeued job of the finished run trains, validates
+    and records nothing."""
+    options = dict(max_steps=3, val_every_n_steps=3, **_val_options())
+    step = loopkit.with_checkpointing(with_grad_accum(train_step(mse), every=2), tmp_path, every_n_steps=1)
+    final, history = run_epochs(step, make_state(), make_data(5), **options)
+    assert [(r["epoch"], r["step"], "val/mse" in r) for r in history] == [(0, 3, True)]
+    relaunched = loopkit.restore(make_state(), tmp_path)
+    assert (relaunched.step, relaunched.epoch, relaunched.batch_index) == (3, 1, 0)
+    rec = Recorder()
+    state, again = run_epochs(step, relaunched, make_data(5), callbacks=[rec], **options)
+    assert again == [] and rec.val_metrics == []
+    assert_bitwise(params_of(state), params_of(final))

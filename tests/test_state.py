@@ -1354,3 +1354,23 @@ def test_a_zero_dim_moment_for_a_parameter_of_another_shape_is_refused_by_name()
     sd["optimizer"]["state"]["0"]["exp_avg"] = torch.zeros(())
     with pytest.raises(loopkit.StateMismatchError, match=r"mis-shaped key 'optimizer\.state\.0\.exp_avg'.*\(\), expected \(2, 3\)"):
         state.load_state_dict(sd)
+
+
+def test_a_donated_step_returning_its_input_evolved_keeps_its_result_and_uses_up_the_rest():
+    """A step of one's own that returns state.evolve(...) of the state it was given (the documented pattern):
+    under donation its result stays usable call after call; a snapshot evolved before is used up."""
+    def count(state, batch):
+        return state.evolve(step=state.step + 1, batch_index=state.batch_index + 1), {}
+
+    state = _adam_state()
+    snapshot = state.evolve(seed=1)
+    step = loopkit.donate(count)
+    for _ in range(4):
+        given = state
+        state, _ = step(given, None)
+        with pytest.raises(loopkit.DonatedStateError):
+            given.check_usable()
+    assert state.step == 4
+    state.check_usable()
+    with pytest.raises(loopkit.DonatedStateError, match="made from it by evolve"):
+        snapshot.check_usable()
