@@ -11,7 +11,11 @@ hook                                      when
                                           may return a dict of Python numbers, which
                                           ``with_logging`` writes after an update, at its
                                           ``every_n_steps`` (other returns are ignored)
-``on_validation_end(state, metrics)``     after each (non-sanity) validation, ``val/...`` floats
+``on_validation_end(state, metrics)``     after each (non-sanity) validation, ``val/...`` floats;
+                                          may return a dict of numbers (a metric over the whole
+                                          validation set: AUROC, F1) added to the metrics, which
+                                          the callbacks after it, the loggers, a checkpoint's
+                                          ``monitor`` and the history then see
 ``on_epoch_end(state, metrics)``          after each epoch (and its validation); may return a
                                           dict of extra floats to record in the history
 ``on_fit_end(state, history)``            once, after training

@@ -765,17 +765,38 @@ class _Hooks:
 
 def _add_epoch_extras(record: dict[str, float], callback: Any, extra: Any) -> None:
     """Add what a callback's ``on_epoch_end`` returned to the epoch's history record (names of its own)."""
+    _add_extras(record, callback, extra, "on_epoch_end", "the epoch's history record")
+
+
+def _add_validation_extras(metrics: dict[str, float], callback: Any, extra: Any) -> None:
+    """Add what a callback's ``on_validation_end`` returned (a metric over the whole validation set, AUROC) to the
+    validation's metrics, as floats: the callbacks after it, the loggers, checkpoints and the history see them."""
+    if isinstance(extra, Mapping):
+        who = f"run_epochs: {type(callback).__qualname__}.on_validation_end"
+        extra = {key: _validation_number(value, key, who) for key, value in extra.items()}
+    _add_extras(metrics, callback, extra, "on_validation_end", "the validation's metrics")
+
+
+def _validation_number(value: Any, key: Any, who: str) -> float:
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and (value.is_floating_point() or not value.is_complex()):
+        return float(value)
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    raise TypeError(f"{who} returned {key!r}: {type(value).__qualname__}; a metric is a number (or a 1-element tensor)")
+
+
+def _add_extras(record: dict[str, float], callback: Any, extra: Any, hook: str, what: str) -> None:
+    """Add what a callback's ``hook`` returned to ``record`` (``what`` it is), under names of its own."""
     if extra is None or (isinstance(extra, (bool, numbers.Number, str, list, tuple)) and not extra):
         return  # (a falsy plain value: ignored, as ever)
-    who = f"run_epochs: {type(callback).__qualname__}.on_epoch_end"
+    who = f"run_epochs: {type(callback).__qualname__}.{hook}"
     if not isinstance(extra, Mapping):
-        raise TypeError(f"{who} returned a {type(extra).__qualname__}; return None or a dict of numbers to add to "
-                        "the epoch's history record")
+        raise TypeError(f"{who} returned a {type(extra).__qualname__}; return None or a dict of numbers to add to {what}")
     for key in extra:
         if not isinstance(key, str):
-            raise TypeError(f"{who} returned the name {key!r}; the history record's names are strings")
+            raise TypeError(f"{who} returned the name {key!r}; the names of {what} are strings")
         if key in record:
-            raise ValueError(f"{who} returned {key!r}, which the epoch's record has already ({record[key]!r}); "
+            raise ValueError(f"{who} returned {key!r}, which {what} has already ({record[key]!r}); "
                              "give it a name of its own")
     record.update(extra)
 
@@ -1009,7 +1030,9 @@ def run_epochs(
         if notify:  # mid-epoch: the epoch's record, made later (perhaps by a resumed run), holds them
             kept[_EPOCH_VAL] = metrics
         current = replace_extras(current, {**current.extras, **kept})
-        hooks.call("on_validation_end", current, metrics)
+        for callback in hooks.callbacks:  # (what one returns, the next ones see: the metrics dict is the record's)
+            if hasattr(callback, "on_validation_end"):
+                _add_validation_extras(metrics, callback, callback.on_validation_end(current, metrics))
         current = hooks.keep(current)
         if notify:
             step.notify("validation_end", current, metrics)

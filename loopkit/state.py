@@ -1038,7 +1038,7 @@ def _decode_scheduler(plain: Any, scheduler: Any) -> Any:
     """The scheduler's state dict, in the structure of ``scheduler``'s own (the state's), except that a list of a
     scheduler of one's own may have another length (one that keeps a growing history); torch's own are checked
     strictly (a SequentialLR of other schedulers, another number of milestones)."""
-    template = scheduler.state_dict()
+    template = _last_lr_per_group(plain, scheduler.state_dict(), len(scheduler.optimizer.param_groups))
     try:
         return from_plain(plain, template, ("scheduler",))
     except StateMismatchError as error:
@@ -1048,6 +1048,22 @@ def _decode_scheduler(plain: Any, scheduler: Any) -> Any:
             return from_plain(plain, _resized(plain, template), ("scheduler",))
         except StateMismatchError:
             raise error from None
+
+
+def _last_lr_per_group(plain: Any, template: Any, groups: int) -> Any:
+    """``template`` (a scheduler's state dict) with its ``_last_lr`` (nested schedulers' too) as long as ``plain``'s
+    when that is the optimizer's number of groups: a group added to the optimizer after the scheduler was made
+    (unfreezing a backbone) is in the rates the scheduler last set, not in the template's made before it."""
+    if not isinstance(template, Mapping) or not isinstance(plain, Mapping):
+        return template
+    out = dict(template)
+    last, saved = template.get("_last_lr"), plain.get("_last_lr")
+    if isinstance(last, list) and last and isinstance(saved, Mapping) and len(saved) == groups != len(last):
+        out["_last_lr"] = [last[min(i, len(last) - 1)] for i in range(groups)]
+    inner, saved_inner = template.get("_schedulers"), plain.get("_schedulers")
+    if isinstance(inner, list) and isinstance(saved_inner, Mapping):
+        out["_schedulers"] = [_last_lr_per_group(saved_inner.get(str(i)), s, groups) for i, s in enumerate(inner)]
+    return out
 
 
 def _resized(plain: Any, template: Any) -> Any:

@@ -7,6 +7,7 @@ rates computed by hand from the scheduler's formula (exact powers of two).
 
 from __future__ import annotations
 
+import copy
 import os
 
 import pytest
@@ -776,3 +777,68 @@ def test_early_stopping_on_a_train_metric_counts_an_epoch_cut_by_max_steps_once_
     assert (resumed.step, resumed.epoch) == (whole.step, whole.epoch)
     assert history == whole_history[1:]
     assert resumed_cb.state_dict() == whole_cb.state_dict()
+
+
+class _WholeSetError(loopkit.Callback):
+    """A metric over the whole validation set (not a mean of batch means): the largest absolute error, from
+    loopkit.predict, returned from on_validation_end as Lightning's on_validation_epoch_end would self.log it."""
+
+    def __init__(self, val_data):
+        self.val_data = val_data
+
+    def on_validation_end(self, state, metrics):
+        outputs = loopkit.predict(lambda m, b: (m(b[0]) - b[1]).abs(), state, self.val_data)
+        return {"val/max_error": torch.cat(outputs).max()}  # (a tensor: taken as the float it holds)
+
+
+def test_a_metric_returned_by_on_validation_end_reaches_the_next_callbacks_the_history_and_the_logs(tmp_path):
+    """The reference: the same metric computed by hand from the returned state's model (one validation per epoch,
+    at its end), and EarlyStopping's decision on those values."""
+    train, val = make_data(4), make_data(3, seed=1)
+    stopper = loopkit.EarlyStopping("val/max_error", patience=1, mode="min")
+    seen = []
+
+    class Sees(loopkit.Callback):
+        def on_validation_end(self, state, metrics):
+            seen.append(metrics["val/max_error"])
+
+    logger = loopkit.CSVLogger(tmp_path, "r")
+    step = loopkit.with_logging(train_step(mse), logger, every_n_steps=100)
+    states = []
+
+    class Keep(loopkit.Callback):
+        def on_epoch_end(self, state, record):
+            states.append(copy.deepcopy(state.model))
+
+    _, history = run_epochs(step, make_state(), train, epochs=6, val=(loopkit.eval_step(lambda m, b: {"mse": mse(m, b)}), val),
+                            callbacks=[_WholeSetError(val), Sees(), stopper, Keep()], progress=False, sanity_val_batches=0)
+    expected = []
+    for model in states:
+        with torch.no_grad():
+            expected.append(float(torch.cat([(model(x) - y).abs() for x, y in val]).max()))
+    assert [h["val/max_error"] for h in history] == expected == seen
+    best, waited, stop_at = float("inf"), 0, None
+    for epoch, value in enumerate(expected):
+        best, waited = (value, 0) if value < best else (best, waited + 1)
+        if waited >= 1:
+            stop_at = epoch
+            break
+    assert len(history) == (stop_at + 1 if stop_at is not None else 6)
+    with open(os.path.join(logger.log_dir, "metrics.csv")) as f:
+        rows = [line for line in f.read().splitlines()]
+    assert "val/max_error" in rows[0].split(",")
+
+
+@pytest.mark.parametrize("returned, error, match", [
+    (True, TypeError, "on_validation_end returned a bool; return None or a dict"),
+    ({"val/mse": 1.0}, ValueError, "returned 'val/mse', which the validation's metrics has already"),
+    ({"val/x": "high"}, TypeError, "returned 'val/x': str; a metric is a number"),
+])
+def test_a_bad_return_of_on_validation_end_is_named(returned, error, match):
+    class Bad(loopkit.Callback):
+        def on_validation_end(self, state, metrics):
+            return returned
+
+    with pytest.raises(error, match=match):
+        run_epochs(train_step(mse), make_state(), make_data(2), epochs=1, callbacks=[Bad()], progress=False,
+                   val=(loopkit.eval_step(lambda m, b: {"mse": mse(m, b)}), make_data(2)))

@@ -1374,3 +1374,33 @@ def test_a_donated_step_returning_its_input_evolved_keeps_its_result_and_uses_up
     state.check_usable()
     with pytest.raises(loopkit.DonatedStateError, match="made from it by evolve"):
         snapshot.check_usable()
+
+
+def test_a_run_that_added_a_param_group_after_its_scheduler_resumes_as_the_uninterrupted_run():
+    """Unfreezing a backbone at epoch 2 adds a group to the optimizer after the scheduler was made: the scheduler's
+    _last_lr then has an entry per group, the template's (made the same way) one; the resume was refused with
+    "unexpected key 'scheduler._last_lr.1'", which torch's own load takes."""
+    def state_of(with_group):
+        torch.manual_seed(0)
+        net = nn.ModuleDict({"backbone": nn.Linear(4, 4), "head": nn.Linear(4, 2)})
+        opt = torch.optim.SGD(net["head"].parameters(), lr=0.1, momentum=0.9)
+        sch = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[7], gamma=0.1)
+        if with_group:
+            opt.add_param_group({"params": list(net["backbone"].parameters()), "lr": 0.01})
+        return loopkit.TrainState.create(net, opt, sch)
+
+    class Unfreeze(loopkit.Callback):
+        def on_epoch_start(self, state):
+            if state.epoch == 2 and len(state.optimizer.param_groups) == 1:
+                state.optimizer.add_param_group({"params": list(state.model["backbone"].parameters()), "lr": 0.01})
+
+    data = [(torch.randn(8, 4, generator=torch.Generator().manual_seed(i)), torch.ones(8, 2)) for i in range(3)]
+
+    def fit(state, epochs):
+        return loopkit.run_epochs(loopkit.train_step(lambda m, b: ((m["head"](m["backbone"](b[0])) - b[1]) ** 2).mean()),
+                                  state, data, epochs=epochs, callbacks=[Unfreeze()], progress=False)[0]
+
+    uninterrupted = fit(state_of(False), 4)
+    cut = fit(state_of(False), 3)  # unfrozen at epoch 2
+    resumed = fit(state_of(True).load_state_dict(through_a_file(cut.state_dict())), 4)
+    assert_equal_trees(resumed.state_dict(), uninterrupted.state_dict())

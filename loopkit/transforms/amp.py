@@ -43,6 +43,7 @@ class Amp:
     growth_factor: float = 2.0
     backoff_factor: float = 0.5
     growth_interval: int = 2000
+    cache_enabled: bool = True
     name: str = "with_amp"
 
     @property
@@ -50,7 +51,7 @@ class Amp:
         return self.dtype == torch.float16
 
     def autocast(self, device_type: str) -> torch.autocast:
-        return torch.autocast(device_type, dtype=self.dtype)
+        return torch.autocast(device_type, dtype=self.dtype, cache_enabled=self.cache_enabled)
 
     def scale(self, loss: torch.Tensor, extras: dict[str, Any], device: torch.device) -> torch.Tensor:
         scale = extras.get(_SCALE)
@@ -84,6 +85,7 @@ def with_amp(
     growth_factor: float = 2.0,
     backoff_factor: float = 0.5,
     growth_interval: int = 2000,
+    cache_enabled: bool = True,
 ) -> TrainStep | EvalStep:
     """Run the forward pass under ``torch.autocast(dtype)``; for float16, scale the loss.
 
@@ -92,7 +94,10 @@ def with_amp(
     the scheduler) and reported as metric ``amp/skipped`` (1.0). Deciding the skip reads one
     flag per update on the host, as ``torch.amp.GradScaler`` does with non-fused optimizers.
     Works on ``train_step`` and ``eval_step``; gradient clipping and NaN guards always see
-    unscaled gradients, whatever the nesting order.
+    unscaled gradients, whatever the nesting order. ``cache_enabled`` is ``torch.autocast``'s
+    (its cache of low-precision copies of the weights within one forward); Lightning's
+    ``precision="bf16-mixed"``/``"16-mixed"`` autocast with ``cache_enabled=False``: pass that for
+    its numerics (a weight used many times in one forward, an RNN's, rounds otherwise).
 
     >>> import torch
     >>> from loopkit.state import TrainState
@@ -113,8 +118,10 @@ def with_amp(
         )
     if not isinstance(growth_interval, int) or growth_interval < 1:
         raise ValueError(f"with_amp: growth_interval must be a positive int, got {growth_interval!r}")
+    if not isinstance(cache_enabled, bool):
+        raise TypeError(f"with_amp: cache_enabled must be True or False, got {cache_enabled!r}")
     base = require_train_or_eval_step(step, "with_amp")
     if base.precision is not None:
         raise TypeError("with_amp cannot wrap with_amp: a step has one precision; apply with_amp once")
-    amp = Amp(dtype, init_scale, growth_factor, backoff_factor, growth_interval)
+    amp = Amp(dtype, init_scale, growth_factor, backoff_factor, growth_interval, cache_enabled)
     return attrs.evolve(base, precision=amp, transforms=base.transforms + ("with_amp",))

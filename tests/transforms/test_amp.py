@@ -297,3 +297,51 @@ def test_float16_unscales_and_checks_complex_gradients(assert_trees_equal):
         skipped.append(float(metrics["amp/skipped"]))
     assert skipped == [0.0, 1.0, 0.0] and float(state.extras["amp/scale"]) == scale
     assert_trees_equal(dict(state.model.named_parameters()), dict(ref.named_parameters()))
+
+
+class _Recurrent(torch.nn.Module):
+    """An LSTM over a packed batch of sequences of several lengths (on the CPU, one kernel per time step)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.rnn, self.head = torch.nn.LSTM(4, 16, batch_first=True), torch.nn.Linear(16, 1)
+
+    def forward(self, x):
+        lengths = torch.tensor([x.shape[1] - i % 4 for i in range(x.shape[0])])
+        packed = torch.nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+        return self.head(self.rnn(packed)[1][0][-1]).float()
+
+
+@pytest.mark.parametrize("cache_enabled", [True, False])
+def test_bfloat16_with_the_autocast_cache_on_or_off_is_the_raw_loop_so_autocast(cache_enabled, assert_trees_equal):
+    """Lightning's bf16-mixed autocasts with cache_enabled=False: with_amp(cache_enabled=False) is that raw loop,
+    bitwise; on an LSTM (weights used at every time step) the two settings train differently."""
+    data = [(torch.randn(8, 9, 4, generator=torch.Generator().manual_seed(i)), torch.randn(8, 1)) for i in range(3)]
+
+    def loss_fn(model, batch):
+        return (model(batch[0]) - batch[1]).pow(2).mean()
+
+    ref = _Recurrent()
+    opt = torch.optim.Adam(ref.parameters(), lr=0.01)
+    for batch in data:
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=cache_enabled):
+            loss = loss_fn(ref, batch)
+        loss.backward()
+        opt.step()
+    runs = {}
+    for cache in (True, False):
+        model = _Recurrent()
+        state = loopkit.TrainState.create(model, torch.optim.Adam(model.parameters(), lr=0.01))
+        step = loopkit.with_amp(loopkit.train_step(loss_fn), dtype=torch.bfloat16, cache_enabled=cache)
+        for batch in data:
+            state, _ = step(state, batch)
+        runs[cache] = dict(state.model.named_parameters())
+    assert_trees_equal(runs[cache_enabled], dict(ref.named_parameters()))
+    assert not torch.equal(runs[True]["rnn.weight_hh_l0"], runs[False]["rnn.weight_hh_l0"])
+
+
+def test_cache_enabled_must_be_a_bool(mse_loss):
+    with pytest.raises(TypeError, match="cache_enabled must be True or False"):
+        loopkit.with_amp(loopkit.train_step(mse_loss), cache_enabled="no")
