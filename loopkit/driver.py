@@ -765,7 +765,7 @@ class _Hooks:
 
 def _add_epoch_extras(record: dict[str, float], callback: Any, extra: Any) -> None:
     """Add what a callback's ``on_epoch_end`` returned to the epoch's history record (names of its own)."""
-    _add_extras(record, callback, extra, "on_epoch_end", "the epoch's history record")
+    _add_extras(record, callback, extra, "on_epoch_end", ("the epoch's history record", "the history record's", "the epoch's record"))
 
 
 def _add_validation_extras(metrics: dict[str, float], callback: Any, extra: Any) -> None:
@@ -774,7 +774,7 @@ def _add_validation_extras(metrics: dict[str, float], callback: Any, extra: Any)
     if isinstance(extra, Mapping):
         who = f"run_epochs: {type(callback).__qualname__}.on_validation_end"
         extra = {key: _validation_number(value, key, who) for key, value in extra.items()}
-    _add_extras(metrics, callback, extra, "on_validation_end", "the validation's metrics")
+    _add_extras(metrics, callback, extra, "on_validation_end", ("the validation's metrics", "the metrics'", "the validation's metrics"))
 
 
 def _validation_number(value: Any, key: Any, who: str) -> float:
@@ -785,18 +785,20 @@ def _validation_number(value: Any, key: Any, who: str) -> float:
     raise TypeError(f"{who} returned {key!r}: {type(value).__qualname__}; a metric is a number (or a 1-element tensor)")
 
 
-def _add_extras(record: dict[str, float], callback: Any, extra: Any, hook: str, what: str) -> None:
-    """Add what a callback's ``hook`` returned to ``record`` (``what`` it is), under names of its own."""
+def _add_extras(record: dict[str, float], callback: Any, extra: Any, hook: str, what: tuple[str, str, str]) -> None:
+    """Add what a callback's ``hook`` returned to ``record`` under names of its own; ``what`` names the record for
+    the messages: what to add to, whose names, which has a name already."""
     if extra is None or (isinstance(extra, (bool, numbers.Number, str, list, tuple)) and not extra):
         return  # (a falsy plain value: ignored, as ever)
     who = f"run_epochs: {type(callback).__qualname__}.{hook}"
+    target, names, holder = what
     if not isinstance(extra, Mapping):
-        raise TypeError(f"{who} returned a {type(extra).__qualname__}; return None or a dict of numbers to add to {what}")
+        raise TypeError(f"{who} returned a {type(extra).__qualname__}; return None or a dict of numbers to add to {target}")
     for key in extra:
         if not isinstance(key, str):
-            raise TypeError(f"{who} returned the name {key!r}; the names of {what} are strings")
+            raise TypeError(f"{who} returned the name {key!r}; {names} names are strings")
         if key in record:
-            raise ValueError(f"{who} returned {key!r}, which {what} has already ({record[key]!r}); "
+            raise ValueError(f"{who} returned {key!r}, which {holder} has already ({record[key]!r}); "
                              "give it a name of its own")
     record.update(extra)
 
