@@ -15,7 +15,10 @@ refused, as vmap's random streams are not the members' own, and so are BatchNorm
 statistics (buffers updated in place); a forward that changes any other buffer is refused by
 the step that finds it, before any member updates (a non-persistent buffer, a cache outside
 the state dict such as a lazily grown position table, may change). The members' modules must be in the same
-training mode, and their optimizers must not need a closure (LBFGS). :func:`unstack` copies the members out as independent
+training mode and have the same settings (a convolution's stride, a norm's eps or groups, any plain attribute such as
+a ``temperature`` the forward reads: the step runs member 0's modules for all), and their optimizers must not need a
+closure (LBFGS). A parameter the loss does not reach in a call keeps its ``.grad`` None, as in a solo run (no weight
+decay, momentum or optimizer state for it). :func:`unstack` copies the members out as independent
 states (for checkpoints, ``evaluate``, export); ``ensemble.members`` are views, usable as
 they are while the ensemble lives.
 
@@ -35,6 +38,7 @@ they are while the ensemble lives.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -127,6 +131,7 @@ def _check_members(states: Sequence[TrainState]) -> None:
                 "the vmapped step runs member 0's modules for all: every member must have the same architecture"
             )
         _check_mode(state.model, first.model, k, "ensemble.stack")
+        _check_settings(state.model, first.model, k, "ensemble.stack")
         frozen = dict(first.model.named_parameters())
         for n, p in state.model.named_parameters():  # one vmapped gradient: the same parameters train in every member
             if p.requires_grad != frozen[n].requires_grad:
@@ -149,6 +154,117 @@ def _check_mode(model: nn.Module, first: nn.Module, k: int, where: str) -> None:
             )
 
 
+class _Unset:
+    """An attribute one member's module has and the other's lacks."""
+
+    def __repr__(self) -> str:
+        return "<not set>"
+
+
+_UNSET = _Unset()
+
+
+_SCALARS = (bool, int, float, str, type(None))
+
+
+def _is_plain(value: Any) -> bool:
+    """Whether ``value`` is a setting: a bool, int, float, str or None, or a tuple or list of them."""
+    if type(value) in _SCALARS:  # (the common case, checked first)
+        return True
+    if isinstance(value, (tuple, list)):
+        return all(_is_plain(v) for v in value)
+    return isinstance(value, _SCALARS)
+
+
+def _settings(module: nn.Module) -> dict[str, Any]:
+    """``module``'s own settings: its public instance attributes of plain values (``stride``, ``eps``,
+    ``num_groups``, ``training``, a ``temperature`` set on it); not tensors, submodules or ``_``-private
+    bookkeeping (``_parameters``, hooks)."""
+    return {name: value for name, value in vars(module).items()
+            if name[:1] != "_" and (type(value) in _SCALARS or _is_plain(value))}
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal settings, as the forward compares them (``0 == 0.0``), sequences item by item; NaN equals NaN. A value
+    that is no setting (a tensor, or ``<not set>``) equals only itself."""
+    if not (_is_plain(a) and _is_plain(b)):
+        return a is b
+    if isinstance(a, (tuple, list)) or isinstance(b, (tuple, list)):
+        return (isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)) and len(a) == len(b)
+                and all(_same(x, y) for x, y in zip(a, b)))
+    return bool(a == b) or (isinstance(a, float) and isinstance(b, float) and a != a and b != b)
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _check_settings(model: nn.Module, first: nn.Module, k: int, where: str) -> None:
+    """Refuse member ``k``'s ``model`` if a module's settings (see :func:`_settings`) differ from member 0's:
+    the step runs member 0's modules, with their settings, for every member. (Modules aligned: same structure.)"""
+    for name, module, expected, attrs_ in _differing_settings(model, first):
+        attr = min(attrs_)
+        raise ValueError(
+            f"{where}: member {k}'s module {name or '(model)'} ({type(module).__name__}) has {attr}="
+            f"{_short(_setting(module, attr))} where member 0's has {attr}={_short(_setting(expected, attr))}; the "
+            "vmapped step runs member 0's modules for all: every member's layers must have the same settings"
+        )
+
+
+def _setting(module: nn.Module, attr: str) -> Any:
+    """``module``'s setting ``attr``: its own, else its class's, else ``_UNSET``."""
+    return getattr(module, attr, _UNSET)
+
+
+def _all_settings(model: nn.Module) -> list[dict[str, Any]]:
+    """The settings (see :func:`_settings`) of each of ``model``'s modules, in ``modules()`` order."""
+    return [_settings(module) for module in model.modules()]
+
+
+def _check_unchanged(ensemble: Ensemble) -> None:
+    """Refuse the members (as :func:`stack` would) if a module's training mode or settings were changed since they
+    were stacked (a donated step does not stack them again). Member 0's model is the skeleton itself."""
+    reference = _all_settings(ensemble.skeleton)  # (``training`` among them: one comparison for the common case)
+    for k, member in enumerate(ensemble.members[1:], 1):
+        if _all_settings(member.model) != reference:
+            _check_mode(member.model, ensemble.skeleton, k, "ensemble.train_step")
+            _check_settings(member.model, ensemble.skeleton, k, "ensemble.train_step")
+
+
+def _differing_settings(model: nn.Module, reference: nn.Module) -> list[tuple[str, nn.Module, nn.Module, set[str]]]:
+    """``(name, module, reference's module, the names of the settings that differ)`` for each of ``model``'s modules
+    whose settings (see :func:`_settings`) differ from ``reference``'s (modules aligned: the same structure)."""
+    differing = []
+    for (name, module), other in zip(model.named_modules(), reference.modules()):
+        own, theirs = _settings(module), _settings(other)
+        if own == theirs:  # (the common case: plain values, compared by ==)
+            continue
+        attrs_ = {a for a in own.keys() | theirs.keys() if not _same(_setting(module, a), _setting(other, a))}
+        if attrs_:
+            differing.append((name, module, other, attrs_))
+    return differing
+
+
+def _copy_written_settings(ensemble: Ensemble) -> None:
+    """Give every member the settings the forward set (or removed) on member 0's modules (``self.seen_len = n``).
+
+    The step runs member 0's modules for all, so only theirs changed; each member's own forward would have set the same
+    values (a plain value cannot depend on a member's tensors under vmap) on its own modules. Before the step every
+    member's settings equalled member 0's (checked), so the changes are where member 1's now differ."""
+    if len(ensemble.members) < 2 or _all_settings(ensemble.skeleton) == _all_settings(ensemble.members[1].model):
+        return  # (the common case: the forward set none)
+    written = _differing_settings(ensemble.skeleton, ensemble.members[1].model)
+    for member in ensemble.members[1:]:
+        modules = dict(member.model.named_modules())
+        for name, source, _, attrs_written in written:
+            for attr in attrs_written:
+                if attr in vars(source):
+                    setattr(modules[name], attr, copy.deepcopy(vars(source)[attr]))
+                elif attr in vars(modules[name]):
+                    delattr(modules[name], attr)
+
+
 def _non_persistent(model: nn.Module) -> set[str]:
     """The names of ``model``'s non-persistent buffers (caches, outside its state dict)."""
     return {name for name, _ in model.named_buffers(remove_duplicate=False)} - {n for n, _ in persistent_buffers(model)}
@@ -167,8 +283,9 @@ def _structure(model: nn.Module) -> list[str]:
 def stack(states: Sequence[TrainState]) -> Ensemble:
     """An :class:`Ensemble` of copies of ``states`` (which stay unchanged), parameters stacked.
 
-    Every member needs the same architecture, its modules in the same training modes as member
-    0's, and an optimizer (of any kind and settings, but not one whose step needs a closure).
+    Every member needs the same architecture, its modules in the same training modes and with the
+    same settings (plain attributes: ``stride``, ``eps``, ...) as member 0's, and an optimizer (of
+    any kind and settings, but not one whose step needs a closure).
 
     >>> import torch, loopkit
     >>> models = [torch.nn.Linear(2, 2) for _ in range(4)]
@@ -205,6 +322,26 @@ def unstack(ensemble: Ensemble) -> tuple[TrainState, ...]:
         raise TypeError(f"ensemble.unstack: give the Ensemble that stack() made, got {type(ensemble).__qualname__}")
     ensemble.check_usable()
     return tuple(fork(member) for member in ensemble.members)
+
+
+def _reached(loss: torch.Tensor, inputs: Mapping[str, torch.Tensor]) -> set[str]:
+    """The names of the ``inputs`` (leaves) that ``loss``'s autograd graph reaches: those a ``loss.backward()``
+    gives a gradient; it leaves the others' ``.grad`` None. Per call: a branch of the forward may use a parameter
+    on some batches only. (Inside ``torch.func.grad`` the graph is that of the wrapped tensors it was given.)"""
+    names = {id(tensor): name for name, tensor in inputs.items()}
+    found: set[str] = set()
+    seen: set[Any] = set()  # autograd nodes (one Python object per node: a shared one is walked once)
+    todo = [loss.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        leaf = getattr(node, "variable", None)  # an AccumulateGrad node: the leaf a backward writes .grad of
+        if leaf is not None and id(leaf) in names:
+            found.add(names[id(leaf)])
+        todo.extend(next_node for next_node, _ in node.next_functions)
+    return found
 
 
 class _LossModule(nn.Module):
@@ -256,8 +393,7 @@ class EnsembleStep:
         if not self.donated:
             ensemble = stack(ensemble.members)  # checks the members again (a mode set since)
             return self._update(ensemble, *self._gradients(ensemble, batch))
-        for k, member in enumerate(ensemble.members):
-            _check_mode(member.model, ensemble.skeleton, k, "ensemble.train_step")
+        _check_unchanged(ensemble)
         versions = {n: t._version for n, t in ensemble.buffers.items()}
         try:  # nothing of the ensemble changes in place before its members' update, as with loopkit.donate
             grads, metrics = self._gradients(ensemble, batch)
@@ -267,6 +403,7 @@ class EnsembleStep:
             elif state_at_error(leave_intact(error, ensemble)) is not ensemble:  # (an exception without attributes)
                 _consume(ensemble)
             # else: the loss_fn's own exception, a loss or metric refused: fix the cause and call again
+            _copy_written_settings(ensemble)  # what the forward set stays set, as in a solo run (and members agree)
             raise
         try:
             return self._update(ensemble, grads, metrics)
@@ -275,7 +412,8 @@ class EnsembleStep:
 
     def _gradients(self, ensemble: Ensemble, batch: Any) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Every member's gradients and metrics (vmapped), and the checks of the loss and buffers: nothing of the
-        ensemble changes in place here (but for a stacked buffer that a forward changes, which is refused)."""
+        ensemble changes in place here (but for a stacked buffer that a forward changes, which is refused, and a
+        setting the forward sets on member 0's modules, see :func:`_copy_written_settings`)."""
         where = f"loss_fn {getattr(self.loss_fn, '__qualname__', type(self.loss_fn).__qualname__)}"
         wrapper = _LossModule(ensemble.skeleton, self.loss_fn)
 
@@ -285,12 +423,14 @@ class EnsembleStep:
             if out is None:
                 raise ValueError(f"{where} returned None: an ensemble step cannot skip a batch for some members")
             loss, aux = _split_loss(out, self.loss_fn)
+            reached.append(_reached(loss, trained))
             return loss, {"loss": loss.detach(), **{k: v.detach() for k, v in aux.items()}}
 
         trainable = [p.requires_grad for p in ensemble.views[0]]
         names = list(ensemble.params)
         trained = {n: ensemble.params[n] for n, t in zip(names, trainable) if t}
         fixed = {n: ensemble.params[n] for n, t in zip(names, trainable) if not t} | dict(ensemble.buffers)
+        reached: list[set[str]] = []  # the parameters this call's loss reaches (vmap traces member_loss once)
         vmapped = torch.func.vmap(torch.func.grad(member_loss, has_aux=True), randomness="error")
         versions = {n: t._version for n, t in ensemble.buffers.items()}  # a buffer changed in place bumps its own
         try:
@@ -315,12 +455,16 @@ class EnsembleStep:
                 "forward, which a vmapped ensemble step cannot keep for each member (the change would be lost); "
                 "leave buffers unchanged in the forward, or train the members apart"
             )
-        return grads, metrics
+        # torch.func.grad gives a parameter the loss does not reach a zero gradient, where a solo backward leaves
+        # its .grad None (the optimizer skips it: no weight decay, momentum or Adam state): drop those
+        return {n: g for n, g in grads.items() if n in reached[-1]}, metrics
 
     def _update(
         self, ensemble: Ensemble, grads: dict[str, torch.Tensor], metrics: dict[str, torch.Tensor]
     ) -> tuple[Ensemble, dict[str, torch.Tensor]]:
-        """Each member's optimizer (and scheduler) step, in place."""
+        """Each member's optimizer (and scheduler) step, in place (and the settings the forward set, see
+        :func:`_copy_written_settings`)."""
+        _copy_written_settings(ensemble)
         names = list(ensemble.params)
         members = []
         stacked_grads = [grads.get(name) for name in names]  # None: a frozen parameter

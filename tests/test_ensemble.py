@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -423,3 +425,202 @@ def test_donated_must_be_a_bool():
         with pytest.raises(TypeError, match=f"ensemble.train_step: donated must be True or False, got {bad!r}"):
             ensemble.train_step(_loss, donated=bad)
     assert ensemble.train_step(_loss, donated=False).donated is False
+
+
+class _AuxHead(nn.Module):
+    """A body, a head, and an auxiliary head that the loss uses only on batches flagged so."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.body, self.head, self.aux_head = nn.Linear(4, 8), nn.Linear(8, 2), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = torch.tanh(self.body(x))
+        return self.head(h), self.aux_head(h)
+
+
+def _aux_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor, bool]) -> torch.Tensor:
+    x, y, use_aux = batch
+    out, aux = model(x)
+    loss = ((out - y) ** 2).mean()
+    return loss + (aux**2).mean() if use_aux else loss  # aux_head unused (no gradient path) on the other batches
+
+
+# decoupled and coupled weight decay, momentum, Adam moments: each would move a parameter given a zero gradient
+AUX_OPTIMIZERS = [
+    lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=0.1),
+    lambda ps: torch.optim.AdamW(ps, lr=0.01, weight_decay=0.1),
+    lambda ps: torch.optim.Adam(ps, lr=0.01, weight_decay=0.01),
+]
+
+
+def test_a_parameter_the_loss_does_not_reach_keeps_no_gradient_as_in_its_solo_run(make_batches):
+    """Before, torch.func.grad gave the unused aux head a zero gradient: weight decay shrank it, momentum kept moving
+    it after the one batch that used it, and Adam/AdamW made state for it, where a solo run's optimizer skips it."""
+    flags = [False, False, True, False, False]  # unused, used once, unused again
+    batches = [(x, y, flag) for (x, y), flag in zip(make_batches(len(flags)), flags)]
+
+    def states() -> list[loopkit.TrainState]:
+        out = []
+        for seed, make_opt in enumerate(AUX_OPTIMIZERS):
+            model = _AuxHead(seed)
+            out.append(loopkit.TrainState.create(model, make_opt(model.parameters()), seed=seed))
+        return out
+
+    initial = [s.model.aux_head.weight.detach().clone() for s in states()]
+    ens, step = ensemble.stack(states()), ensemble.train_step(_aux_loss, donated=True)
+    for i, batch in enumerate(batches):
+        ens, _ = step(ens, batch)
+        if i == 0:  # not reached yet: untouched, and no optimizer state
+            for k, member in enumerate(ens.members):
+                assert torch.equal(member.model.aux_head.weight, initial[k]), f"member {k}"
+                assert member.model.aux_head.weight not in member.optimizer.state
+    solo_step = loopkit.train_step(_aux_loss)
+    for k, solo in enumerate(states()):  # the reference: each member trained alone
+        for batch in batches:
+            solo, _ = solo_step(solo, batch)
+        member = ens.members[k]
+        for (name, p), q in zip(solo.model.named_parameters(), member.model.parameters()):
+            torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=f"member {k} {name}")
+            assert q.grad is None
+        assert len(member.optimizer.state) == len(solo.optimizer.state)
+        torch.testing.assert_close(member.optimizer.state_dict(), solo.optimizer.state_dict(), rtol=1e-5, atol=1e-7)
+
+
+def _conv(seed: int, stride: int = 1) -> nn.Sequential:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Conv1d(1, 4, 3, stride=stride), nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(4, 2))
+
+
+def _normed(seed: int, norm: nn.Module) -> nn.Sequential:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Linear(4, 16), norm, nn.Tanh(), nn.Linear(16, 2))
+
+
+class _Tempered(nn.Module):
+    """A plain attribute (not a tensor) that the forward reads."""
+
+    def __init__(self, seed: int, temperature: float = 1.0) -> None:
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.l = nn.Linear(4, 2)
+        self.temperature = temperature
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.l(x) / self.temperature
+
+
+def _sgd(model: nn.Module) -> loopkit.TrainState:
+    return loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+def test_members_whose_layers_differ_in_settings_are_refused_naming_the_module_and_both_values(make_batches):
+    """Before, members with the same parameter shapes but another stride, group count, eps or temperature stacked,
+    and the step ran member 0's modules for all: member 1 silently trained as another network than its solo run."""
+    cases = [
+        ((_conv(0), _conv(1, stride=2)), r"member 1's module 0 \(Conv1d\) has stride=\(2,\) where member 0's has stride=\(1,\)"),
+        ((_normed(0, nn.GroupNorm(1, 16)), _normed(1, nn.GroupNorm(8, 16))),
+         r"member 1's module 1 \(GroupNorm\) has num_groups=8 where member 0's has num_groups=1"),
+        ((_normed(0, nn.LayerNorm(16)), _normed(1, nn.LayerNorm(16, eps=1e-3))),
+         r"member 1's module 1 \(LayerNorm\) has eps=0.001 where member 0's has eps=1e-05"),
+        ((_Tempered(0), _Tempered(1, temperature=2.0)),
+         r"member 1's module \(model\) \(_Tempered\) has temperature=2.0 where member 0's has temperature=1.0"),
+    ]
+    for models, message in cases:
+        with pytest.raises(ValueError, match=rf"ensemble.stack: {message}; the vmapped step runs member 0's modules"):
+            ensemble.stack([_sgd(m) for m in models])
+    tagged = _mlp(1)
+    tagged.temperature = 2.0  # set on one member only
+    with pytest.raises(ValueError, match=r"member 2's module \(model\) \(Sequential\) has temperature=2.0 where member "
+                                         r"0's has temperature=<not set>"):
+        ensemble.stack([_sgd(_mlp(0)), _sgd(_mlp(2)), _sgd(tagged)])
+    ens = ensemble.stack([_sgd(_Tempered(0)), _sgd(_Tempered(1))])
+    ens.members[1].model.temperature = 3.0  # after stacking: refused by the step too (a donated one does not stack again)
+    for step in (ensemble.train_step(_loss), ensemble.train_step(_loss, donated=True)):
+        with pytest.raises(ValueError, match=r"member 1's module \(model\) \(_Tempered\) has temperature=3.0 where"):
+            step(ens, make_batches(1)[0])
+
+
+def test_deep_copies_with_other_parameter_values_stack_and_follow_their_solo_runs(make_batches):
+    """The settings compared are plain attributes, not parameter values: copies of one model, perturbed, stack."""
+    template = nn.Sequential(_conv(0, stride=2), nn.LayerNorm(2, eps=1e-3))
+    models = []
+    for seed in range(3):
+        model = copy.deepcopy(template)
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        models.append(model)
+    batches = [(x.unsqueeze(1).repeat(1, 1, 3), y) for x, y in make_batches(4)]
+    states = [_sgd(m) for m in models]
+    ens = ensemble.stack(states)
+    step = ensemble.train_step(lambda m, b: ((m(b[0]) - b[1]) ** 2).mean(), donated=True)
+    for batch in batches:
+        ens, _ = step(ens, batch)
+    for k, state in enumerate(states):
+        solo = _solo(state, batches)
+        for (name, p), q in zip(solo.model.named_parameters(), ens.members[k].model.parameters()):
+            torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=f"member {k} {name}")
+
+
+class _SeenWidth(nn.Module):
+    """A forward that records a plain setting (as a lazily grown cache records its length)."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.l = nn.Linear(4, 2)
+        self.seen_width: int | None = None
+        self.widths: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen_width = max(self.seen_width or 0, x.shape[-1])
+        self.widths.append(x.shape[-1])
+        return self.l(x) / self.seen_width
+
+
+def test_settings_a_forward_sets_reach_every_member_as_in_their_solo_runs(make_batches):
+    """The step runs member 0's modules: a setting their forward records must reach every member, as each one's own
+    forward sets it in a solo run (and the next step does not refuse the members as differing)."""
+    batches = make_batches(3)
+    for donated in (True, False):
+        states = [_sgd(_SeenWidth(seed)) for seed in range(3)]
+        ens = ensemble.stack(states)
+        step = ensemble.train_step(lambda m, b: ((m(b[0]) - b[1]) ** 2).mean(), donated=donated)
+        for batch in batches:
+            ens, _ = step(ens, batch)
+        for k, state in enumerate(states):
+            solo = _solo(state, batches)
+            assert (ens.members[k].model.seen_width, ens.members[k].model.widths) == (4, [4, 4, 4]) == (
+                solo.model.seen_width, solo.model.widths), f"member {k}"
+            torch.testing.assert_close(ens.members[k].model.l.weight, solo.model.l.weight, rtol=1e-6, atol=1e-7)
+        assert ens.members[1].model.widths is not ens.members[2].model.widths  # copies, not one shared list
+
+
+def test_settings_a_forward_sets_before_the_loss_fn_raises_reach_every_member_as_in_their_solo_runs(make_batches):
+    """loopkit.donate keeps what the forward set when the loss_fn then raises: so does a donated ensemble step, for
+    every member (before, member 0's differed from the others' and the next step refused them)."""
+    batch = make_batches(1)[0]
+
+    def failing(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        model(batch[0])
+        raise KeyError("the loss_fn's own bug")
+
+    states = [_sgd(_SeenWidth(seed)) for seed in range(3)]
+    ens = ensemble.stack(states)
+    with pytest.raises(KeyError, match="own bug"):
+        ensemble.train_step(failing, donated=True)(ens, batch)
+    solo = states[1]
+    with pytest.raises(KeyError, match="own bug"):
+        loopkit.donate(loopkit.train_step(failing))(solo, batch)
+    for k, member in enumerate(ens.members):
+        assert (member.model.seen_width, member.model.widths) == (solo.model.seen_width, solo.model.widths) == (4, [4]), k
+    ens, _ = ensemble.train_step(lambda m, b: ((m(b[0]) - b[1]) ** 2).mean(), donated=True)(ens, batch)
+    assert [m.model.widths for m in ens.members] == [[4, 4]] * 3
