@@ -36,18 +36,21 @@ def _pruned_weight_count(model) -> int:
     return sum(int((getattr(model, i).weight == 0).sum()) for i in ("0", "2"))
 
 
-def _raw_pruned_loop(model, opt, data, loss_fn, modules=None, *, clip=None, norms=None):
+def _raw_pruned_loop(model, opt, data, loss_fn, modules=None, *, clip=None, norms=None, update=None):
     """The reference: torch.nn.utils.prune's reparametrisation (weight = weight_orig * weight_mask), pruned
     globally by L1 after the updates in POINTS, each time by the count that brings the total to the ramp.
     ``modules`` maps the names to report to the modules whose ``weight`` is pruned (default: an MLP's two
     Linears); ``clip``: clip_grad_norm_ over the optimizer's parameters (weight_orig among them), the
-    norms appended to ``norms``. Its optimizer updates weight_orig, whose gradient is the weight's times the mask."""
+    norms appended to ``norms``; ``update(model, opt, batch)``: a batch's updates written by hand (instead of
+    one of ``loss_fn``). Its optimizer updates weight_orig, whose gradient is the weight's times the mask."""
     modules = modules if modules is not None else {"0.weight": model[0], "2.weight": model[2]}
     targets = [(m, "weight") for m in modules.values()]
     total = sum(m.weight.numel() for m, _ in targets)
     pruned = 0
     for k, batch in enumerate(data, start=1):
-        if isinstance(opt, torch.optim.LBFGS):  # its closure runs the forward (weight_orig * mask) and backward again
+        if update is not None:
+            update(model, opt, batch)
+        elif isinstance(opt, torch.optim.LBFGS):  # its closure runs the forward (weight_orig * mask) and backward again
             def closure(batch=batch):
                 opt.zero_grad()
                 loss = loss_fn(model, batch)
@@ -563,17 +566,7 @@ def test_a_step_of_ones_own_with_two_updates_sees_pruned_weights_zero_between_th
     ref_model, ref_opt = _two_networks()
     names = [f"{net}.{i}.weight" for net in ("g", "d") for i in (0, 2)]
     modules = {name: ref_model.get_submodule(name.removesuffix(".weight")) for name in names}
-    targets = [(m, "weight") for m in modules.values()]
-    total, pruned = sum(m.weight.numel() for m, _ in targets), 0
-    for k, x in enumerate(data, start=1):
-        _two_updates(ref_model, ref_opt, x)
-        if k in POINTS:
-            want = round(cubic_sparsity(AMOUNT, POINTS, k) * total)
-            current = {(m, n): m.weight_orig * m.weight_mask for m, n in targets if prune.is_pruned(m)}
-            prune.global_unstructured(targets, pruning_method=prune.L1Unstructured, amount=want - pruned,
-                                      importance_scores=current or None)
-            pruned = want
-    expected = {name: (m.weight_orig * m.weight_mask).detach() for name, m in modules.items()}
+    expected = _raw_pruned_loop(ref_model, ref_opt, data, None, modules, update=_two_updates)
     step = loopkit.with_pruning(_two_update_step, AMOUNT, POINTS)
     step = loopkit.donate(step) if donated else step
     state = loopkit.TrainState.create(*_two_networks())
