@@ -147,7 +147,10 @@ class EarlyStopping(MonitorCallback):
 
     A ``val/...`` metric is checked after each validation, any other (``train/loss``) after
     each epoch. A NaN or infinite value stops at once (and leaves ``best`` and ``wait`` as
-    they were). ``mode`` is ``"min"`` or ``"max"``.
+    they were; ``check_finite=False`` counts it as no improvement instead). ``mode`` is
+    ``"min"`` or ``"max"``. As Lightning's options of those names: ``stopping_threshold`` stops
+    at once when the value is better than it (the goal is reached), ``divergence_threshold``
+    when the value is worse than it (no hope left); neither changes ``best`` or ``wait``.
 
     "Improved" is decided as Lightning's ``EarlyStopping`` decides it, in float32 as its
     logged metrics are: the value is rounded to float32 and, in float32 arithmetic,
@@ -173,17 +176,35 @@ class EarlyStopping(MonitorCallback):
     #: its hooks read the metrics and the state, and change neither (see :func:`may_change_state_early`)
     reads_only = True
 
-    def __init__(self, monitor: str, patience: int = 3, mode: str = "min", min_delta: float = 0.0) -> None:
+    def __init__(
+        self,
+        monitor: str,
+        patience: int = 3,
+        mode: str = "min",
+        min_delta: float = 0.0,
+        *,
+        check_finite: bool = True,
+        stopping_threshold: float | None = None,
+        divergence_threshold: float | None = None,
+    ) -> None:
         if mode not in ("min", "max"):
             raise ValueError(f"EarlyStopping: mode must be 'min' or 'max', got {mode!r}")
         if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
             raise ValueError(f"EarlyStopping: patience must be a positive int, got {patience!r}")
         if isinstance(min_delta, bool) or not isinstance(min_delta, (int, float)) or not min_delta >= 0:
             raise ValueError(f"EarlyStopping: min_delta must be >= 0, got {min_delta!r}")
+        if not isinstance(check_finite, bool):
+            raise TypeError(f"EarlyStopping: check_finite must be True or False, got {check_finite!r}")
+        for name, value in (("stopping_threshold", stopping_threshold), ("divergence_threshold", divergence_threshold)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value != value):
+                raise ValueError(f"EarlyStopping: {name} must be a number or None, got {value!r}")
         super().__init__(monitor)
         self.patience = patience
         self.mode = mode
         self.min_delta = float(min_delta)
+        self.check_finite = check_finite
+        self.stopping_threshold = stopping_threshold
+        self.divergence_threshold = divergence_threshold
         self._reset()
 
     def _reset(self) -> None:
@@ -215,7 +236,12 @@ class EarlyStopping(MonitorCallback):
         True
         """
         current = torch.tensor(value, dtype=torch.float32, device="cpu")  # as Lightning's logged float32 metric
-        if not torch.isfinite(current):
+        better = torch.lt if self.mode == "min" else torch.gt  # (Lightning's monitor_op; thresholds in float32 too)
+        if self.check_finite and not torch.isfinite(current):
+            self.should_stop = True
+        elif self.stopping_threshold is not None and bool(better(current, self.stopping_threshold)):
+            self.should_stop = True
+        elif self.divergence_threshold is not None and bool(better(-current, -self.divergence_threshold)):
             self.should_stop = True
         elif self._improved(current):
             self.best, self.wait = float(current), 0

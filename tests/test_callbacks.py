@@ -175,11 +175,14 @@ def test_early_stopping_state_dict_round_trip():
     assert (b.best, b.wait, b.should_stop) == (1.0, 1, False)
 
 
-def lightning_early_stopping(values, *, mode, patience, min_delta):
-    """Lightning 2.6's ``EarlyStopping._evaluate_stopping_criteria`` (with ``check_finite``), written out:
+def lightning_early_stopping(values, *, mode, patience, min_delta, check_finite=True, stopping_threshold=None,
+                             divergence_threshold=None):
+    """Lightning 2.6's ``EarlyStopping._evaluate_stopping_criteria``, written out:
     the metric is the float32 tensor ``self.log`` makes of it, ``min_delta`` is negated for "min",
     improved is ``monitor_op(current - min_delta, best)``, all in float32, and an improvement makes
-    ``current`` the best. Returns ``(should_stop, wait, best)`` after each check, up to the stop."""
+    ``current`` the best; before that, a non-finite value (``check_finite``), one past
+    ``stopping_threshold`` (``monitor_op(current, threshold)``) or past ``divergence_threshold``
+    (``monitor_op(-current, -threshold)``) stops. Returns ``(should_stop, wait, best)`` after each check, up to the stop."""
     monitor_op = torch.lt if mode == "min" else torch.gt
     signed_delta = min_delta * (1 if monitor_op == torch.gt else -1)
     best = torch.tensor(torch.inf) if monitor_op == torch.lt else -torch.tensor(torch.inf)
@@ -188,7 +191,11 @@ def lightning_early_stopping(values, *, mode, patience, min_delta):
         current = torch.tensor(value)  # float32, as Lightning logs a Python float
         assert current.dtype == torch.float32 and best.dtype == torch.float32
         should_stop = False
-        if not torch.isfinite(current):
+        if check_finite and not torch.isfinite(current):
+            should_stop = True
+        elif stopping_threshold is not None and monitor_op(current, stopping_threshold):
+            should_stop = True
+        elif divergence_threshold is not None and monitor_op(-current, -divergence_threshold):
             should_stop = True
         elif monitor_op(current - signed_delta, best):
             best, wait = current, 0
@@ -842,3 +849,38 @@ def test_a_bad_return_of_on_validation_end_is_named(returned, error, match):
     with pytest.raises(error, match=match):
         run_epochs(train_step(mse), make_state(), make_data(2), epochs=1, callbacks=[Bad()], progress=False,
                    val=(loopkit.eval_step(lambda m, b: {"mse": mse(m, b)}), make_data(2)))
+
+
+@pytest.mark.parametrize("mode", ["min", "max"])
+@pytest.mark.parametrize("options", [
+    {"stopping_threshold": 0.5}, {"divergence_threshold": 2.0}, {"stopping_threshold": 0.1, "divergence_threshold": 3.0},
+    {"check_finite": False}, {"stopping_threshold": 0.30000001192092896},
+])
+def test_early_stopping_thresholds_and_check_finite_decide_as_lightning(mode, options):
+    """Lightning's stopping_threshold (the goal reached), divergence_threshold (no hope) and check_finite=False
+    (a NaN counts as no improvement), against its rule written out, over sequences that cross each threshold."""
+    sign = 1.0 if mode == "min" else -1.0
+    threshold = options.get("stopping_threshold", options.get("divergence_threshold", 0.0))
+    sequences = [
+        [sign * v for v in (1.0, 0.8, 0.6, 0.4, 0.2, 0.1)],
+        [sign * v for v in (1.0, 1.5, 2.5, 3.5)],
+        [sign * v for v in (1.0, float("nan"), 0.9, float("nan"), float("nan"), 0.8)],
+        [sign * threshold, sign * threshold] if mode == "min" else [-threshold, -threshold],
+        [sign * v for v in (0.3, 0.30000001192092896, 0.29, 2.0, 2.0000001)],
+    ]
+    reference_options = dict(options)
+    if mode == "max":  # the same thresholds, mirrored
+        reference_options = {k: (-v if isinstance(v, float) else v) for k, v in options.items()}
+    for values in sequences:
+        expected = lightning_early_stopping(values, mode=mode, patience=2, min_delta=0.0, **reference_options)
+        stopper = loopkit.EarlyStopping("val/loss", patience=2, mode=mode, **reference_options)
+        got = loopkit_early_stopping_trace(stopper, values)
+        assert [(s, w) for s, w, _ in got] == [(s, w) for s, w, _ in expected], (values, reference_options)
+        assert all(a == b or (a != a and b != b) for (_, _, a), (_, _, b) in zip(got, expected))
+
+
+@pytest.mark.parametrize("option, value", [("stopping_threshold", "0.1"), ("divergence_threshold", float("nan")),
+                                           ("check_finite", 1)])
+def test_early_stopping_refuses_bad_thresholds(option, value):
+    with pytest.raises((TypeError, ValueError), match=f"EarlyStopping: {option}"):
+        loopkit.EarlyStopping("val/loss", **{option: value})
