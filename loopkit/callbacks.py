@@ -12,8 +12,9 @@ hook                                      when
                                           ``with_logging`` writes after an update, at its
                                           ``every_n_steps`` (other returns are ignored)
 ``on_validation_end(state, metrics)``     after each (non-sanity) validation, ``val/...`` floats;
-                                          may return a dict of numbers (a metric over the whole
-                                          validation set: AUROC, F1) added to the metrics, which
+                                          may return a dict of numbers named ``val/<name>`` (a
+                                          metric over the whole validation set: AUROC, F1) added
+                                          to the metrics, which
                                           the callbacks after it, the loggers, a checkpoint's
                                           ``monitor`` and the history then see
 ``on_epoch_end(state, metrics)``          after each epoch (and its validation); may return a

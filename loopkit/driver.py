@@ -38,7 +38,9 @@ from loopkit.progress import ProgressBar, progress_wanted
 from loopkit.state import (
     TrainState, extras_copy, fork, leave_intact, model_device, put_extras, replace, replace_extras, state_at_error,
 )
-from loopkit.steps import SAVE_DUE, WrapperStep, as_step, check_takes_model_and_batch, evaluating, in_accumulation_group
+from loopkit.steps import (
+    RECORDED, SAVE_DUE, WrapperStep, as_step, check_takes_model_and_batch, evaluating, in_accumulation_group,
+)
 from loopkit.steps import donate as donated
 from loopkit.tree import tensors, to_device, to_plain
 
@@ -55,7 +57,7 @@ _EPOCH_VAL = "run_epochs/epoch_val"
 _BATCHES = "run_epochs/epoch_batches"
 # extras: the update at which an epoch that stopped short (max_steps, a callback) was recorded; a state saved at
 # max_steps before that record (a crash, a stop during the last update) is recorded by the resumed run
-_RECORDED = "run_epochs/recorded_step"
+_RECORDED = RECORDED
 
 
 def _check_limit(value: int | float | None, name: str) -> None:
@@ -773,6 +775,10 @@ def _add_validation_extras(metrics: dict[str, float], callback: Any, extra: Any)
     validation's metrics, as floats: the callbacks after it, the loggers, checkpoints and the history see them."""
     if isinstance(extra, Mapping):
         who = f"run_epochs: {type(callback).__qualname__}.on_validation_end"
+        for key in extra:  # (the epoch's record takes a validation's metrics: other names would overwrite its own)
+            if not (isinstance(key, str) and key.startswith("val/") and len(key) > 4):
+                raise ValueError(f"{who} returned {key!r}; a validation's metrics are named 'val/<name>' "
+                                 "(the epoch's history record holds them beside its own train/ means, epoch and step)")
         extra = {key: _validation_number(value, key, who) for key, value in extra.items()}
     _add_extras(metrics, callback, extra, "on_validation_end", ("the validation's metrics", "the metrics'", "the validation's metrics"))
 

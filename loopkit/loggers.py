@@ -236,6 +236,7 @@ class RunDirLogger(Logger):
         self._leader: RunDirLogger | None = None
         self._pending_hparams: dict[str, Any] | None = None
         self._resume_step: int | None = None  # resume_at's step, until the next write applies it
+        self._finishes_epoch = False  # resume_at's: the epoch record logged at that step is dropped too
         self._redo_step: int | None = None  # the step a resumed run logs again: its metrics there replace the old
         self._redone: set[frozenset[str]] = set()  # the records already replaced at _redo_step
         self._top: int | None = None  # the highest step this logger has written metrics at, in this process
@@ -287,7 +288,7 @@ class RunDirLogger(Logger):
         self._leader = leader
         return True
 
-    def resume_at(self, step: int) -> None:
+    def resume_at(self, step: int, *, finishes_epoch: bool = False) -> None:
         """Make this logger's folder hold the run as of a state at ``step``, from its next write on.
 
         ``run_epochs`` calls it through :func:`loopkit.with_logging` as each fit begins. When the
@@ -298,7 +299,10 @@ class RunDirLogger(Logger):
         or an epoch record the checkpoint was saved before: the same metrics) replaces the old
         one. A fresh state (``step`` 0) replaces the folder's records (and TensorBoard's
         hyper-parameters; ``hparams.json`` is replaced when the new run logs its own), with a
-        warning. A fit that goes on from where the last one ended drops nothing.
+        warning. A fit that goes on from where the last one ended drops nothing. ``finishes_epoch``:
+        the state is in an epoch that a fit cut by ``max_steps`` recorded at ``step`` (its record
+        then held the epoch's means so far), which this fit finishes and records at its end: the
+        epoch record at ``step`` (the one holding ``epoch``) is dropped too.
 
         >>> import tempfile
         >>> tmp = tempfile.TemporaryDirectory()
@@ -316,7 +320,7 @@ class RunDirLogger(Logger):
         """
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"{type(self).__name__}.resume_at: step must be an int >= 0, got {step!r}")
-        self._resume_step = step
+        self._resume_step, self._finishes_epoch = step, bool(finishes_epoch)
 
     def _path(self, filename: str) -> str:
         """A file in the run folder (claimed now if need be, writing any hparams held back)."""
@@ -328,8 +332,10 @@ class RunDirLogger(Logger):
         folder = self.log_dir
         if self._resume_step is not None:
             step, self._resume_step = self._resume_step, None
-            if self._top is None or step < self._top:  # (a fit going on from where this logger's last one ended:
-                self._resume(folder, step)  # nothing to drop)
+            # (a fit going on from where this logger's last one ended drops nothing, but the record of the epoch it
+            # finishes)
+            if self._top is None or step < self._top or (self._finishes_epoch and step == self._top):
+                self._resume(folder, step)
         if self._pending_hparams is not None:
             _write_json(os.path.join(folder, "hparams.json"), self._pending_hparams)
             self._pending_hparams = None
@@ -338,7 +344,11 @@ class RunDirLogger(Logger):
     def _resume(self, folder: str, step: int) -> None:
         """Drop what ``folder`` holds after ``step`` (all of it for step 0; see :meth:`resume_at`)."""
         self._redo_step, self._redone = step, set()
-        dropped = self._drop_records(folder, (lambda at, keys: at <= step) if step else (lambda at, keys: False))
+        finishes = self._finishes_epoch  # (the cut epoch's record at step: the resumed fit records the epoch whole)
+        dropped = self._drop_records(
+            folder, (lambda at, keys: at < step or (at == step and not (finishes and "epoch" in keys))) if step
+            else (lambda at, keys: False),
+        )
         if dropped and not step:
             warnings.warn(
                 f"{type(self).__name__}: {folder} held records of an earlier run (or of this one, restarted from "
@@ -790,10 +800,16 @@ class CSVLogger(RunDirLogger):
             if not kept:  # nothing left: the columns come again as the metrics do
                 os.remove(path)
                 return dropped
+            # the columns the kept rows use, in the order they first appear there (as a run that never logged the
+            # dropped rows has them; the resumed run's own columns come after them as its metrics do)
+            used = ["step"]
+            for row in kept:
+                used.extend(header[i] for i, v in enumerate(row[1:len(header)], 1) if v != "" and header[i] not in used)
+            where = [header.index(name) for name in used]
             buffer = io.StringIO()
             writer = csv.writer(buffer)
-            writer.writerow(header)
-            writer.writerows(kept)
+            writer.writerow(used)
+            writer.writerows([row[i] if i < len(row) else "" for i in where] for row in kept)
             _replace_file(path, buffer.getvalue())
         return dropped
 

@@ -69,6 +69,9 @@ _ACCUM_COUNT = "accum/count"
 #: extras: a whole-step transform (with_checkpointing) has a save due at this update, which it makes when
 #: the driver sends ``"save_due"`` (after the batch's callbacks); set only between ``"fit_start"`` and the fit's end
 SAVE_DUE = "run_epochs/save_due"
+#: extras: the update at which ``run_epochs`` recorded the running epoch (one ``max_steps`` cut short, which a
+#: resumed fit finishes and records again at its end; a logger drops the cut record then)
+RECORDED = "run_epochs/recorded_step"
 _FOUND_INF = "amp/found_inf"
 _NONFINITE = "nan_guard/nonfinite"
 _BUFFERS = "nan_guard/buffers"  # the model's buffers before the group's first micro-batch (a skip puts them back)

@@ -840,6 +840,10 @@ def test_a_metric_returned_by_on_validation_end_reaches_the_next_callbacks_the_h
     (True, TypeError, "on_validation_end returned a bool; return None or a dict"),
     ({"val/mse": 1.0}, ValueError, "returned 'val/mse', which the validation's metrics has already"),
     ({"val/x": "high"}, TypeError, "returned 'val/x': str; a metric is a number"),
+    # other names would overwrite the epoch record's own (its train/ means, step, epoch) or be logged twice
+    ({"train/loss": 0.5}, ValueError, "returned 'train/loss'; a validation's metrics are named 'val/<name>'"),
+    ({"step": 3}, ValueError, "returned 'step'; a validation's metrics are named"),
+    ({"auroc": 0.9}, ValueError, "returned 'auroc'; a validation's metrics are named"),
 ])
 def test_a_bad_return_of_on_validation_end_is_named(returned, error, match):
     class Bad(loopkit.Callback):

@@ -17,7 +17,7 @@ import torch
 
 from loopkit._window import LOGGED
 from loopkit.state import TrainState, leave_intact, put_extras, replace_extras
-from loopkit.steps import Metrics, WrapperStep, check_metric
+from loopkit.steps import RECORDED, Metrics, WrapperStep, check_metric
 from loopkit.transforms._compose import refuse_wrapping, require_step
 
 __all__ = ["LoggingStep", "with_logging"]
@@ -118,10 +118,13 @@ class LoggingStep(WrapperStep):
 
     def on_event(self, event: str, state: TrainState, metrics: Mapping[str, float]) -> None:
         if event == "fit_begin":  # the step a fit continues the run from: what a folder holds after it goes
+            # (in an epoch a max_steps cut recorded at this step: this fit finishes it, and records it whole)
+            finishes = state.batch_index > 0 and state.extras.get(RECORDED) == state.step
             for logger in self.loggers:
                 resume_at = getattr(logger, "resume_at", None)
                 if resume_at is not None:
-                    resume_at(state.step)
+                    # (a logger of one's own may take the step alone)
+                    resume_at(state.step, finishes_epoch=True) if finishes else resume_at(state.step)
             return
         if event == "validation_end":
             scalars = dict(metrics)

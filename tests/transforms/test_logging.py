@@ -457,6 +457,33 @@ def test_a_run_resumed_into_its_pinned_version_folder_logs_what_the_uninterrupte
     assert _logged_files(tmp_path / "b" / "run" / "version_0") == _logged_files(tmp_path / "a" / "run" / "version_0")
 
 
+@pytest.mark.parametrize("same_process", [False, True])
+def test_a_run_cut_by_max_steps_and_resumed_into_its_folder_logs_what_the_uninterrupted_run_logs(
+    same_process, tmp_path, make_mlp, make_batches, make_sgd_state
+):
+    """Reference: the uninterrupted run's files. A fit cut by max_steps mid-epoch records that epoch (its means so
+    far) at the cut step and saves there; the resumed fit records the epoch whole at its end: the cut record went
+    (it stayed, a second epoch-0 point), and the CSV's columns come in the uninterrupted run's order."""
+    batches = make_batches(6)
+    evaluator = eval_step(lambda m, b: {"mse": torch.nn.functional.mse_loss(m(b[0]), b[1])})
+    loggers = {}
+
+    def fit(root, directory, state, **budget):
+        if root not in loggers or not same_process:
+            loggers[root] = [TensorBoardLogger(root, "run", version=0), CSVLogger(root, "run", version=0),
+                             JSONLLogger(root, "run", version=0)]
+        step = loopkit.with_checkpointing(with_logging(train_step(loss_with_mae), *loggers[root], every_n_steps=2),
+                                          directory, every_n_steps=2)
+        return run_epochs(step, state, batches, val=(evaluator, batches[:2]), progress=False, **budget)[0]
+
+    fit(tmp_path / "a", tmp_path / "ca", make_sgd_state(make_mlp()), epochs=2)
+    cut = fit(tmp_path / "b", tmp_path / "cb", make_sgd_state(make_mlp()), epochs=2, max_steps=4)
+    state = cut if same_process else loopkit.restore(make_sgd_state(make_mlp()), tmp_path / "cb")
+    assert (state.step, state.batch_index) == (4, 4)
+    fit(tmp_path / "b", tmp_path / "cb", state, epochs=2)
+    assert _logged_files(tmp_path / "b" / "run" / "version_0") == _logged_files(tmp_path / "a" / "run" / "version_0")
+
+
 def test_hyper_parameters_logged_before_a_fit_stay_and_a_new_folder_is_not_warned_about(tmp_path, make_mlp,
                                                                                       make_batches, make_sgd_state):
     """The README's way: TensorBoard's hparams logged, then with_logging(step, tb, csv): the CSV logger's rewind at
