@@ -308,6 +308,11 @@ class LearningRateMonitor(Callback):
         self.history: list[tuple[int, dict[str, float]]] = []
         self._epoch_start: dict[str, float] | None = None
         self._epoch_start_step = 0
+        self._step_seen: int | None = None  # per step: the update whose rates were recorded last
+
+    def on_fit_start(self, state: Any) -> None:
+        """Per step, take the fit's starting update as seen: rates are recorded after each update that follows."""
+        self._step_seen = getattr(state, "step", None)
 
     @staticmethod
     def learning_rates(state: Any) -> dict[str, float]:
@@ -322,8 +327,10 @@ class LearningRateMonitor(Callback):
         return {f"{name}/pg{i + 1}": float(g["lr"]) for i, g in enumerate(groups)}
 
     def on_batch_end(self, state: Any, metrics: Mapping[str, torch.Tensor]) -> dict[str, float] | None:
-        """Per step, the rates after this batch's update, for the loggers; per epoch, nothing."""
-        if self.logging_interval == "step":
+        """Per step, the rates after this batch's update, for the loggers (nothing after a micro-batch of
+        ``with_grad_accum`` that made no update); per epoch, nothing."""
+        if self.logging_interval == "step" and state.step != self._step_seen:
+            self._step_seen = state.step
             lrs = self.learning_rates(state)
             self.history.append((state.step, lrs))
             return dict(lrs)  # to the loggers (with_logging writes them at its every_n_steps, as Lightning does)

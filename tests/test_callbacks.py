@@ -540,6 +540,15 @@ def test_learning_rate_monitor_per_step():
     assert monitor.history == [(s, {"lr-SGD": 0.25 * 0.5**s}) for s in range(1, 7)]
 
 
+def test_learning_rate_monitor_per_step_under_accumulation_records_each_update_once():
+    """Its history had an entry per micro-batch (step 0 before any update, each update twice); a hand count:
+    4 batches an epoch in groups of 2 make updates 1, 2 (epoch 0) and 3, 4 (epoch 1), the rate halved after each."""
+    monitor = loopkit.LearningRateMonitor(logging_interval="step")
+    run_epochs(loopkit.with_grad_accum(train_step(mse), every=2), lr_state(), make_data(4), epochs=2,
+               callbacks=[monitor], progress=False)
+    assert monitor.history == [(s, {"lr-SGD": 0.25 * 0.5**s}) for s in range(1, 5)]
+
+
 def test_learning_rate_monitor_per_step_reaches_the_loggers_at_their_interval():
     """As Lightning's (which logs it every log_every_n_steps): with_logging writes the rate after each
     n-th update, at that step; micro-batches of an accumulation group log nothing of their own."""
