@@ -838,10 +838,11 @@ def load(path: str | os.PathLike) -> dict[str, Any]:
     >>> tmp.cleanup()
     """
     path = Path(path)
+    was_there = path.is_dir()
     try:
         return _load(path)
     except (CheckpointCorruptError, FileNotFoundError) as e:
-        if path.is_dir():
+        if not was_there or path.is_dir():  # (a wrong path, or damage: said as it is)
             raise
         raise _VanishedError(
             errno.ENOENT, f"checkpoint {path} was removed while it was read (another process rotating the "

@@ -772,7 +772,10 @@ def _add_epoch_extras(record: dict[str, float], callback: Any, extra: Any) -> No
 
 def _add_validation_extras(metrics: dict[str, float], callback: Any, extra: Any) -> None:
     """Add what a callback's ``on_validation_end`` returned (a metric over the whole validation set, AUROC) to the
-    validation's metrics, as floats: the callbacks after it, the loggers, checkpoints and the history see them."""
+    validation's metrics, as floats: the callbacks after it, the loggers, checkpoints and the history see them.
+    Anything but a mapping (``True``, the metrics given back) is ignored, as before the hook could add any."""
+    if not isinstance(extra, Mapping) or extra is metrics:
+        return
     if isinstance(extra, Mapping):
         who = f"run_epochs: {type(callback).__qualname__}.on_validation_end"
         for key in extra:  # (the epoch's record takes a validation's metrics: other names would overwrite its own)

@@ -128,16 +128,22 @@ class TrainState(_GraphSlot):
         not train, an optimizer over another model's parameters, a scheduler of another
         optimizer, a negative counter or an RNG that is not a generator state are refused.
 
-        The two states share the model, the optimizer and their tensors, so a donated step
-        given either one (``run_epochs`` donates its state) uses both up: a later use of the
-        other raises :class:`loopkit.DonatedStateError` instead of finding the donated step's
-        weights under its own counters. For a copy of one's own: ``copy.deepcopy(state)``.
+        The two states share the model, the optimizer and their tensors (those not changed), so a
+        donated step given either one (``run_epochs`` donates its state) uses both up: a later use
+        of the other raises :class:`loopkit.DonatedStateError` instead of finding the donated
+        step's weights under its own counters (a state given a model and an optimizer of its own
+        shares nothing and stays usable). Only states ``evolve`` made from one another are tied:
+        one made from a state a callback is handed (``run_epochs`` trains on its own copies of the
+        given state, which share the model) is not. For a copy of one's own: ``copy.deepcopy(state)``.
 
         >>> import torch
         >>> TrainState.create(torch.nn.Linear(1, 1)).evolve(step=5).step
         5
         """
         new = self._evolved(changes)
+        if new.model is not self.model and new.optimizer is not self.optimizer and (
+                new.scheduler is None or new.scheduler is not self.scheduler):
+            return new  # (a state of its own: nothing a donated step changes is shared)
         family = self._family
         if family is None:
             family = [False]

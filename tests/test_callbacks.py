@@ -846,7 +846,6 @@ def test_a_metric_returned_by_on_validation_end_reaches_the_next_callbacks_the_h
 
 
 @pytest.mark.parametrize("returned, error, match", [
-    (True, TypeError, "on_validation_end returned a bool; return None or a dict"),
     ({"val/mse": 1.0}, ValueError, "returned 'val/mse', which the validation's metrics has already"),
     ({"val/x": "high"}, TypeError, "returned 'val/x': str; a metric is a number"),
     # other names would overwrite the epoch record's own (its train/ means, step, epoch) or be logged twice
@@ -897,3 +896,21 @@ def test_early_stopping_thresholds_and_check_finite_decide_as_lightning(mode, op
 def test_early_stopping_refuses_bad_thresholds(option, value):
     with pytest.raises((TypeError, ValueError), match=f"EarlyStopping: {option}"):
         loopkit.EarlyStopping("val/loss", **{option: value})
+
+
+def test_what_on_validation_end_returned_before_it_could_add_metrics_is_still_ignored():
+    """A callback returning True or the metrics it was given trained on before on_validation_end could add any;
+    its returns are ignored still (the history is the run without it)."""
+    class Returns(loopkit.Callback):
+        def __init__(self, make):
+            self.make = make
+
+        def on_validation_end(self, state, metrics):
+            return self.make(metrics)
+
+    val = (loopkit.eval_step(lambda m, b: {"mse": mse(m, b)}), make_data(2))
+    _, reference = run_epochs(train_step(mse), make_state(), make_data(2), epochs=2, val=val, progress=False)
+    for make in (lambda m: True, lambda m: m, lambda m: "done", lambda m: [1.0]):
+        _, history = run_epochs(train_step(mse), make_state(), make_data(2), epochs=2, val=val,
+                                callbacks=[Returns(make)], progress=False)
+        assert history == reference

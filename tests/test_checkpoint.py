@@ -877,3 +877,14 @@ def test_save_of_what_is_not_a_train_state_is_refused_naming_it(tmp_path):
     with pytest.raises(TypeError, match="save: state must be a loopkit.TrainState, got Linear"):
         checkpoint.save(nn.Linear(2, 1), tmp_path)
     assert checkpoint.list_checkpoints(tmp_path) == []
+
+
+def test_load_of_a_path_that_never_was_a_checkpoint_says_so_and_blames_no_other_process(tmp_path):
+    """A typo, or a plain torch.save file: the error is the one it was before restore learnt of checkpoints
+    removed while read (it blamed another process rotating the directory)."""
+    plain = tmp_path / "model.pt"
+    torch.save({"w": torch.zeros(1)}, plain)
+    for path in (tmp_path / "no-such-checkpoint", plain):
+        with pytest.raises(loopkit.CheckpointCorruptError, match="does not exist or is not a directory") as info:
+            checkpoint.load(path)
+        assert "removed while it was read" not in str(info.value)

@@ -1404,3 +1404,14 @@ def test_a_run_that_added_a_param_group_after_its_scheduler_resumes_as_the_unint
     cut = fit(state_of(False), 3)  # unfrozen at epoch 2
     resumed = fit(state_of(True).load_state_dict(through_a_file(cut.state_dict())), 4)
     assert_equal_trees(resumed.state_dict(), uninterrupted.state_dict())
+
+
+def test_a_state_evolved_with_a_model_and_optimizer_of_its_own_is_not_tied():
+    """A sweep's pattern, base.evolve(model=copy, optimizer=new) for each run: the runs share nothing with base,
+    which stays usable (the tie made the second evolve raise, naming a sharing there was none of)."""
+    base = _adam_state()
+    for lr in (0.1, 0.01):
+        model = copy.deepcopy(base.model)
+        run = base.evolve(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=lr))
+        loopkit.run_epochs(loopkit.train_step(_sq), run, [torch.ones(2, 3)], epochs=1, progress=False)
+    base.check_usable()

@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 from loopkit.state import TrainState, core_module, leave_intact, plain_names, replace, replace_extras
-from loopkit.steps import Metrics, UpdateStep, needs_closure
+from loopkit.steps import Metrics, TrainStep, UpdateStep, WrapperStep, needs_closure
 from loopkit.transforms._compose import fitted_to, intact_as, refuse_wrapping, require_step
 
 __all__ = ["PruningStep", "default_prunable", "with_pruning"]
@@ -76,6 +76,9 @@ class PruningStep(UpdateStep):
     amount: float
     schedule: Callable[[int], float]
     parameters: tuple[str, ...] | None = None
+    #: whether the step at the pipeline's base is one of one's own (not ``train_step``), which may update and then run
+    #: a forward again in one call (set when built: a function of one's own may be named ``train_step`` too)
+    own_updates: bool = False
     #: ``needs_closure`` by optimizer class (it reads a signature, more than a small step should pay a call)
     _closure: dict[type, bool] = attrs.field(factory=dict, repr=False)
 
@@ -128,7 +131,7 @@ class PruningStep(UpdateStep):
         # and the optimizer to see; they are this call's only, removed whatever happens
         handles = [p.register_hook(_MaskGrad(masks[n])) for n, p in zip(names, params) if p.requires_grad]
         optimizer = state.optimizer
-        if (optimizer is not None and self._takes_closure(optimizer)) or "train_step" not in self.inner.applied:
+        if self.own_updates or (optimizer is not None and self._takes_closure(optimizer)):
             # an optimizer that re-runs the forward inside its update (LBFGS), or a step of one's own that may
             # update and then run a forward again (a GAN's two updates), moves pruned entries between those
             # forwards (an optimizer's history predates the pruning): each forward must see them zero, as the
@@ -389,7 +392,15 @@ def with_pruning(
         amount=amount,
         schedule=_Scaled(fraction, amount),
         parameters=None if parameters is None else tuple(parameters),
+        own_updates=not isinstance(_base(inner), TrainStep),
     )
+
+
+def _base(step: Any) -> Any:
+    """The step at the base of a pipeline of whole-step transforms (``train_step`` carries its gradient transforms)."""
+    while isinstance(step, WrapperStep):
+        step = step.inner
+    return step
 
 
 @attrs.frozen
