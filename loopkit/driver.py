@@ -1069,7 +1069,7 @@ def run_epochs(
         rng, buffers = own_rng(state.extras, rank, size), own_buffers(state.extras, rank, size)
         state = replace_extras(state, own_share(state.extras, rank, size, model_device(state.model)))
         if rng is not None:
-            state = state._evolved({"rng": rng})
+            state = state.evolve(rng=rng)
         if buffers:  # (before a validation due at the resumed step, which reads this rank's BatchNorm statistics)
             with torch.no_grad():
                 for name, value in buffers.items():

@@ -79,9 +79,6 @@ class TrainState(_GraphSlot):
     extras: Mapping[str, Any] = attrs.field(factory=dict, converter=_frozen_mapping)
     seed: int = 0
     _consumed: bool = attrs.field(default=False, init=False, repr=False)
-    #: ``[used up]``, shared by the states :meth:`evolve` made from one another (they share the model, the
-    #: optimizer and their tensors): a donated step given any of them uses them all up. None: no such state.
-    _family: list[bool] | None = attrs.field(default=None, init=False, repr=False, eq=False)
 
     @classmethod
     def create(
@@ -128,31 +125,16 @@ class TrainState(_GraphSlot):
         not train, an optimizer over another model's parameters, a scheduler of another
         optimizer, a negative counter or an RNG that is not a generator state are refused.
 
-        The two states share the model, the optimizer and their tensors (those not changed), so a
-        donated step given either one (``run_epochs`` donates its state) uses both up: a later use
-        of the other raises :class:`loopkit.DonatedStateError` instead of finding the donated
-        step's weights under its own counters (a state given a model and an optimizer of its own
-        shares nothing and stays usable). Only states ``evolve`` made from one another are tied:
-        one made from a state a callback is handed (``run_epochs`` trains on its own copies of the
-        given state, which share the model) is not. For a copy of one's own: ``copy.deepcopy(state)``.
+        The two states share what was not changed: the model, the optimizer and their tensors. A
+        donated step given one of them (``run_epochs`` donates its state) changes them in place,
+        so the other then holds that step's weights under its own counters: to keep a snapshot to
+        come back to, take ``copy.deepcopy(state)`` (or run with ``donate=False``). States that
+        share a model on purpose (two optimizers over one model, trained in turn) work as they are.
 
         >>> import torch
         >>> TrainState.create(torch.nn.Linear(1, 1)).evolve(step=5).step
         5
         """
-        new = self._evolved(changes)
-        if new.model is not self.model and new.optimizer is not self.optimizer and (
-                new.scheduler is None or new.scheduler is not self.scheduler):
-            return new  # (a state of its own: nothing a donated step changes is shared)
-        family = self._family
-        if family is None:
-            family = [False]
-            object.__setattr__(self, "_family", family)
-        object.__setattr__(new, "_family", family)
-        return new
-
-    def _evolved(self, changes: dict[str, Any]) -> TrainState:
-        """:meth:`evolve` for loopkit's own use: the changes checked, no tie to this state (it is not kept)."""
         self.check_usable()
         unknown = set(changes) - _FIELDS
         if unknown:
@@ -186,28 +168,14 @@ class TrainState(_GraphSlot):
                 f"this TrainState (step {self.step}, epoch {self.epoch}, batch {self.batch_index}) was "
                 "given to a donated step, which reused its storage; use the state that step returned"
             )
-        family = self._family
-        if family is not None and family[0]:
-            raise DonatedStateError(
-                f"this TrainState (step {self.step}, epoch {self.epoch}, batch {self.batch_index}) shares its model "
-                "and optimizer with a state made from it by evolve (or the one it was made from), which a donated "
-                "step used up: their tensors hold that step's updates now; keep a copy with copy.deepcopy(state)"
-            )
 
     def mark_consumed(self) -> None:
-        """Mark this state as donated: any later use raises :class:`loopkit.DonatedStateError` (of the states
-        :meth:`evolve` made from one another, each: they share what the donated step changes)."""
+        """Mark this state as donated: any later use raises :class:`loopkit.DonatedStateError`."""
         object.__setattr__(self, "_consumed", True)
-        family = self._family
-        if family is not None:
-            family[0] = True
 
     def mark_usable(self) -> None:
         """Undo :meth:`mark_consumed` (a donated call that failed before it changed anything)."""
         object.__setattr__(self, "_consumed", False)
-        family = self._family
-        if family is not None:
-            family[0] = False
 
     def __getstate__(self) -> dict[str, Any]:
         """What ``copy.deepcopy``, ``copy.copy`` and ``pickle`` take: each field, ``extras`` as a plain dict.
@@ -236,7 +204,6 @@ class TrainState(_GraphSlot):
             object.__setattr__(self, name, fields[name])
         object.__setattr__(self, "extras", _frozen_mapping(fields["extras"]))
         object.__setattr__(self, "_consumed", False)
-        object.__setattr__(self, "_family", None)
         for param, grad in zip(self.model.parameters(), fields["grads"], strict=True):
             param.grad = grad
         optimizer = self.optimizer
@@ -314,14 +281,14 @@ class TrainState(_GraphSlot):
         if copy and "optimizer" in decoded:  # Optimizer.load_state_dict keeps tensors of the right dtype and device
             decoded["optimizer"]["state"] = {i: _clone_entry(entry, {}) for i, entry in decoded["optimizer"]["state"].items()}
         _apply(new, decoded, grads)
-        return new._evolved(dict(
+        return new.evolve(
             step=decoded["step"],
             epoch=decoded["epoch"],
             batch_index=decoded["batch_index"],
             seed=decoded["seed"],
             rng=decoded["rng"],
             extras=decoded["extras"],
-        ))
+        )
 
 
 #: the attribute an exception carries when it left the state it names as it was (see :func:`leave_intact`)
@@ -332,7 +299,7 @@ _FIELD_ORDER = tuple(field.name for field in attrs.fields(TrainState) if field.i
 _FIELDS = frozenset(_FIELD_ORDER)
 
 # the slots' own setters: what attrs' __init__ reaches through one bound object.__setattr__ call per field
-_SETTERS = tuple(TrainState.__dict__[name].__set__ for name in _FIELD_ORDER + ("_consumed", "_family"))
+_SETTERS = tuple(TrainState.__dict__[name].__set__ for name in _FIELD_ORDER + ("_consumed",))
 _set_extras = _SETTERS[_FIELD_ORDER.index("extras")]
 _set_graph = _GraphSlot.__dict__["_graph"].__set__
 _new_object = object.__new__
@@ -499,8 +466,9 @@ def make_state(
     if type(extras) is not _MappingProxy:
         extras = _frozen_mapping(extras)
     new = _new_object(TrainState)
-    (set_model, set_optimizer, set_scheduler, set_step, set_epoch, set_batch, set_rng, set_extras, set_seed, set_consumed,
-     set_family) = _SETTERS
+    set_model, set_optimizer, set_scheduler, set_step, set_epoch, set_batch, set_rng, set_extras, set_seed, set_consumed = (
+        _SETTERS
+    )
     set_model(new, model)
     set_optimizer(new, optimizer)
     set_scheduler(new, scheduler)
@@ -511,7 +479,6 @@ def make_state(
     set_extras(new, extras)
     set_seed(new, seed)
     set_consumed(new, False)
-    set_family(new, None)
     return new
 
 

@@ -62,7 +62,6 @@ _Tensor = torch.Tensor
 _default_generator = torch.default_generator
 _LBFGS = torch.optim.LBFGS
 _set_consumed = TrainState.__dict__["_consumed"].__set__  # TrainState.mark_consumed without its frame
-_set_family = TrainState.__dict__["_family"].__set__
 LossFn = Callable[[torch.nn.Module, Any], Any]
 
 _ACCUM_COUNT = "accum/count"
@@ -115,19 +114,14 @@ class Step:
         return ()
 
     def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
-        # _invoke's donated path, inline (a state evolve tied to others goes there: its use ends theirs too)
-        if self.donated and type(state) is TrainState and not state._consumed and state._family is None:
+        if self.donated and type(state) is TrainState and not state._consumed:  # _invoke's donated path, inline
             try:
                 new, metrics = self.run_(state, batch)
             except BaseException as error:
                 _consume_unless_intact(state, error)
                 raise
             _set_consumed(state, True)
-            if new is state:
-                return replace(state), metrics
-            if new._family is not None:  # evolved from the given state: the step's result owns the tensors now
-                _set_family(new, None)
-            return new, metrics
+            return (replace(state) if new is state else new), metrics
         return self._invoke(self.run_, state, batch)
 
     def flush(self, state: TrainState) -> tuple[TrainState, Metrics]:
@@ -177,7 +171,7 @@ class Step:
     def _invoke(self, run: Callable[..., tuple[TrainState, Metrics]], state: TrainState, *args: Any):
         if type(state) is not TrainState and not isinstance(state, TrainState):
             raise TypeError(f"a step takes a loopkit.TrainState, got {type(state).__qualname__}")
-        if state._consumed or state._family is not None:
+        if state._consumed:
             state.check_usable()
         if not self.donated:
             if self.requires_donation is not None:
@@ -192,18 +186,16 @@ class Step:
         except BaseException as error:
             _consume_unless_intact(state, error)
             raise
+        state.mark_consumed()
         if new is state:
             new = replace(state)
-        elif new._family is not None and new._family is state._family:
-            _set_family(new, None)  # evolved from the given state: the step's result owns the tensors now
-        state.mark_consumed()  # (and every other state evolved from it: they share what the step changed)
         return new, metrics
 
 
 def _consume_unless_intact(state: TrainState, error: BaseException) -> None:
     """After ``error`` left a donated call: ``state`` is used up unless nothing of it changed."""
     if getattr(error, _INTACT, None) is not state:
-        state.mark_consumed()
+        _set_consumed(state, True)
 
 
 def as_step(step: Any) -> Step:
@@ -675,8 +667,7 @@ class TrainStep(Step):
 
     def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
         # the common donated step on the CPU: straight to its one-frame path (what _invoke and run_ check, checked here)
-        if (self.donated_plain and type(state) is TrainState and not state._consumed and state._family is None
-                and len(state.rng) <= 1):
+        if self.donated_plain and type(state) is TrainState and not state._consumed and len(state.rng) <= 1:
             try:  # returned or raised here: the state is used up (unless left intact), as _invoke would leave it
                 optimizer = state.optimizer
                 params = () if optimizer is None else optimizer.param_groups[0]["params"]
