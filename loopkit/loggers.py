@@ -237,6 +237,8 @@ class RunDirLogger(Logger):
         self._pending_hparams: dict[str, Any] | None = None
         self._resume_step: int | None = None  # resume_at's step, until the next write applies it
         self._finishes_epoch = False  # resume_at's: the epoch record logged at that step is dropped too
+        self._top_keys: set[frozenset[str]] = set()  # the records (their metric names) written at _top
+        self._relog_step: int | None = None  # a fit resumed at _top: a record logged there again rewinds first
         self._redo_step: int | None = None  # the step a resumed run logs again: its metrics there replace the old
         self._redone: set[frozenset[str]] = set()  # the records already replaced at _redo_step
         self._top: int | None = None  # the highest step this logger has written metrics at, in this process
@@ -299,7 +301,9 @@ class RunDirLogger(Logger):
         or an epoch record the checkpoint was saved before: the same metrics) replaces the old
         one. A fresh state (``step`` 0) replaces the folder's records (and TensorBoard's
         hyper-parameters; ``hparams.json`` is replaced when the new run logs its own), with a
-        warning. A fit that goes on from where the last one ended drops nothing. ``finishes_epoch``:
+        warning. A fit that goes on from where the last one ended drops nothing, but a record it logs
+        again at that step (a retry whose checkpoint was saved before that step's validation or epoch
+        record) replaces the one there. ``finishes_epoch``:
         the state is in an epoch that a fit cut by ``max_steps`` recorded at ``step`` (its record
         then held the epoch's means so far), which this fit finishes and records at its end: the
         epoch record at ``step`` (the one holding ``epoch``) is dropped too.
@@ -332,10 +336,10 @@ class RunDirLogger(Logger):
         folder = self.log_dir
         if self._resume_step is not None:
             step, self._resume_step = self._resume_step, None
-            # (a fit going on from where this logger's last one ended drops nothing, but the record of the epoch it
-            # finishes)
-            if self._top is None or step < self._top or (self._finishes_epoch and step == self._top):
+            if self._top is None or step < self._top or (step == self._top and self._finishes_epoch):
                 self._resume(folder, step)
+            elif step == self._top:  # a fit going on from this logger's last step: nothing to drop, unless it logs a
+                self._relog_step = step  # record of that step again (a retry from a checkpoint saved before it)
         if self._pending_hparams is not None:
             _write_json(os.path.join(folder, "hparams.json"), self._pending_hparams)
             self._pending_hparams = None
@@ -362,10 +366,18 @@ class RunDirLogger(Logger):
         """The run folder, before ``metrics`` are written at ``step``: at the step a resumed run logs
         again, an earlier record of the same metrics there is dropped first (once per set of metrics)."""
         folder = self._folder()
+        keys = frozenset(metrics)
+        if self._relog_step is not None and step >= self._relog_step:
+            if step == self._relog_step and keys in self._top_keys:  # logged again: rewound now, and replaced below
+                self._relog_step = None
+                self._resume(folder, step)
+            elif step > self._relog_step:
+                self._relog_step = None
         if self._top is None or step > self._top:
-            self._top = step
+            self._top, self._top_keys = step, {keys}
+        elif step == self._top:
+            self._top_keys.add(keys)
         if step == self._redo_step:
-            keys = frozenset(metrics)
             if keys not in self._redone:
                 self._redone.add(keys)
                 self._drop_records(folder, lambda at, found: at != step or found != keys)

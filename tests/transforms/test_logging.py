@@ -457,6 +457,36 @@ def test_a_run_resumed_into_its_pinned_version_folder_logs_what_the_uninterrupte
     assert _logged_files(tmp_path / "b" / "run" / "version_0") == _logged_files(tmp_path / "a" / "run" / "version_0")
 
 
+def test_a_retry_with_the_same_loggers_from_a_checkpoint_saved_before_its_steps_records_logs_them_once(
+    tmp_path, make_mlp, make_batches, make_sgd_state
+):
+    """A try/except retry in one process, the same step (and loggers): the newest checkpoint (update 6) was saved
+    before update 6's validation and epoch 0's record, which the crashed fit had logged and the retry logs again.
+    They were written twice (the logger took a fit from its own last step for one going on). Reference: the
+    uninterrupted run's files."""
+    batches = make_batches(6)
+    evaluator = eval_step(lambda m, b: {"mse": torch.nn.functional.mse_loss(m(b[0]), b[1])})
+
+    def pipeline(root, directory):
+        loggers = [TensorBoardLogger(root, "run", version=0), CSVLogger(root, "run", version=0),
+                   JSONLLogger(root, "run", version=0)]
+        return loopkit.with_checkpointing(with_logging(train_step(loss_with_mae), *loggers, every_n_steps=2),
+                                          directory, every_n_steps=1)
+
+    def fit(step, state, callbacks=()):
+        run_epochs(step, state, batches, epochs=2, val=(evaluator, batches[:2]), val_every_n_steps=3,
+                   callbacks=list(callbacks), progress=False)
+
+    fit(pipeline(tmp_path / "a", tmp_path / "ca"), make_sgd_state(make_mlp()))
+    step = pipeline(tmp_path / "b", tmp_path / "cb")
+    with pytest.raises(RuntimeError, match="crash"):
+        fit(step, make_sgd_state(make_mlp()), [_CrashAfter(6)])
+    state = loopkit.restore(make_sgd_state(make_mlp()), tmp_path / "cb")
+    assert state.step == 6
+    fit(step, state)
+    assert _logged_files(tmp_path / "b" / "run" / "version_0") == _logged_files(tmp_path / "a" / "run" / "version_0")
+
+
 @pytest.mark.parametrize("same_process", [False, True])
 def test_a_run_cut_by_max_steps_and_resumed_into_its_folder_logs_what_the_uninterrupted_run_logs(
     same_process, tmp_path, make_mlp, make_batches, make_sgd_state
