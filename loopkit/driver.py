@@ -776,18 +776,17 @@ def _add_validation_extras(metrics: dict[str, float], callback: Any, extra: Any)
     Anything but a mapping (``True``, the metrics given back) is ignored, as before the hook could add any."""
     if not isinstance(extra, Mapping) or extra is metrics:
         return
-    if isinstance(extra, Mapping):
-        who = f"run_epochs: {type(callback).__qualname__}.on_validation_end"
-        for key in extra:  # (the epoch's record takes a validation's metrics: other names would overwrite its own)
-            if not (isinstance(key, str) and key.startswith("val/") and len(key) > 4):
-                raise ValueError(f"{who} returned {key!r}; a validation's metrics are named 'val/<name>' "
-                                 "(the epoch's history record holds them beside its own train/ means, epoch and step)")
-        extra = {key: _validation_number(value, key, who) for key, value in extra.items()}
+    who = f"run_epochs: {type(callback).__qualname__}.on_validation_end"
+    for key in extra:  # (the epoch's record takes a validation's metrics: other names would overwrite its own)
+        if not (isinstance(key, str) and key.startswith("val/") and len(key) > 4):
+            raise ValueError(f"{who} returned {key!r}; a validation's metrics are named 'val/<name>' "
+                             "(the epoch's history record holds them beside its own train/ means, epoch and step)")
+    extra = {key: _validation_number(value, key, who) for key, value in extra.items()}
     _add_extras(metrics, callback, extra, "on_validation_end", ("the validation's metrics", "the metrics'", "the validation's metrics"))
 
 
 def _validation_number(value: Any, key: Any, who: str) -> float:
-    if isinstance(value, torch.Tensor) and value.numel() == 1 and (value.is_floating_point() or not value.is_complex()):
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex() and value.dtype is not torch.bool:
         return float(value)
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
         return float(value)
