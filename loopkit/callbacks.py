@@ -40,6 +40,7 @@ True
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping
 from typing import Any
 
@@ -148,7 +149,8 @@ class EarlyStopping(MonitorCallback):
 
     A ``val/...`` metric is checked after each validation, any other (``train/loss``) after
     each epoch. A NaN or infinite value stops at once (and leaves ``best`` and ``wait`` as
-    they were; ``check_finite=False`` counts it as no improvement instead). ``mode`` is
+    they were; with ``check_finite=False`` a NaN counts as no improvement and an infinite value is
+    compared as any other, as in Lightning). ``mode`` is
     ``"min"`` or ``"max"``. As Lightning's options of those names: ``stopping_threshold`` stops
     at once when the value is better than it (the goal is reached), ``divergence_threshold``
     when the value is worse than it (no hope left); neither changes ``best`` or ``wait``.
@@ -197,15 +199,15 @@ class EarlyStopping(MonitorCallback):
         if not isinstance(check_finite, bool):
             raise TypeError(f"EarlyStopping: check_finite must be True or False, got {check_finite!r}")
         for name, value in (("stopping_threshold", stopping_threshold), ("divergence_threshold", divergence_threshold)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value != value):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real) or value != value):
                 raise ValueError(f"EarlyStopping: {name} must be a number or None, got {value!r}")
         super().__init__(monitor)
         self.patience = patience
         self.mode = mode
         self.min_delta = float(min_delta)
         self.check_finite = check_finite
-        self.stopping_threshold = stopping_threshold
-        self.divergence_threshold = divergence_threshold
+        self.stopping_threshold = None if stopping_threshold is None else float(stopping_threshold)
+        self.divergence_threshold = None if divergence_threshold is None else float(divergence_threshold)
         self._reset()
 
     def _reset(self) -> None:

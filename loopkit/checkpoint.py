@@ -690,6 +690,9 @@ def remove(path: str | os.PathLike, *, missing_ok: bool = False) -> bool:
     >>> tmp.cleanup()
     """
     path = Path(path)
+    if _NAME.match(path.name) is None and not (path / MANIFEST).is_file():  # (a folder of checkpoints, a file of one's own)
+        raise ValueError(f"remove: {path} is not a checkpoint (a folder named ckpt-...-step...-epoch...-batch...); "
+                         "nothing was deleted")
     trash = path.with_name(f"{_TRASH}{path.name}-{secrets.token_hex(4)}")
     try:
         os.rename(path, trash)
@@ -743,6 +746,13 @@ def verify(path: str | os.PathLike) -> dict[str, Any]:
 def _manifest(path: Path) -> tuple[dict[str, Any], Mapping[str, Any]]:
     """The manifest of the checkpoint at ``path`` and its files, checked to be one this loopkit reads."""
     manifest_path = path / MANIFEST
+    if not manifest_path.is_file() and not path.exists():
+        raise CheckpointCorruptError(f"checkpoint {path} does not exist")
+    if not manifest_path.is_file() and _NAME.match(path.name) is None and path.is_dir() and list_checkpoints(path):
+        raise CheckpointCorruptError(
+            f"{path} is a folder of checkpoints, not one: name one of them (loopkit.checkpoint.list_checkpoints), "
+            "or loopkit.restore(state, folder) for the newest that verifies"
+        )
     if not manifest_path.is_file():
         raise CheckpointCorruptError(
             f"checkpoint {path} is incomplete: {manifest_path} is missing (the save did not finish)"

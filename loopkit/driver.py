@@ -77,7 +77,7 @@ def _num_batches(data: Iterable, limit: int | float | None, name: str) -> int | 
         total: int | None = len(data)  # type: ignore[arg-type]
     except (TypeError, NotImplementedError):  # (an IterableDataset's loader; a __len__ left unimplemented)
         total = None
-    if limit is None:
+    if limit is None or (isinstance(limit, float) and limit == 1.0):  # (all of it: no len() needed, as in Lightning)
         return total
     if isinstance(limit, int):
         return limit if total is None else min(limit, total)

@@ -43,6 +43,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import attrs
+import numpy as np
 import torch
 from torch import nn
 
@@ -164,7 +165,7 @@ class _Unset:
 _UNSET = _Unset()
 
 
-_SCALARS = (bool, int, float, str, type(None))
+_SCALARS = (bool, int, float, str, type(None), np.generic)  # (numpy's scalars: a np.float32 temperature)
 
 
 def _is_plain(value: Any) -> bool:

@@ -914,3 +914,11 @@ def test_what_on_validation_end_returned_before_it_could_add_metrics_is_still_ig
         _, history = run_epochs(train_step(mse), make_state(), make_data(2), epochs=2, val=val,
                                 callbacks=[Returns(make)], progress=False)
         assert history == reference
+
+
+def test_early_stopping_takes_numpy_thresholds_as_lightning_does():
+    import numpy as np
+
+    stopper = loopkit.EarlyStopping("val/loss", stopping_threshold=np.float32(0.5), divergence_threshold=np.int64(10))
+    assert (stopper.stopping_threshold, stopper.divergence_threshold) == (0.5, 10.0)
+    assert [s for s, _, _ in loopkit_early_stopping_trace(stopper, [1.0, 0.4])] == [False, True]

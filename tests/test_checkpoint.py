@@ -888,3 +888,26 @@ def test_load_of_a_path_that_never_was_a_checkpoint_says_so_and_blames_no_other_
         with pytest.raises(loopkit.CheckpointCorruptError, match="does not exist or is not a directory") as info:
             checkpoint.load(path)
         assert "removed while it was read" not in str(info.value)
+
+
+def test_remove_refuses_what_is_not_a_checkpoint_and_deletes_nothing(tmp_path):
+    """It deleted a whole folder of checkpoints, and hid a file of one's own under a trash name."""
+    state = TrainState.create(torch.nn.Linear(2, 1))
+    kept = checkpoint.save(state, tmp_path / "ckpt")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    for path in (tmp_path / "ckpt", notes):
+        with pytest.raises(ValueError, match="is not a checkpoint.*nothing was deleted"):
+            checkpoint.remove(path)
+    assert kept.exists() and notes.read_text() == "mine"
+    assert checkpoint.remove(kept) and not kept.exists()
+
+
+def test_read_meta_and_load_name_a_folder_of_checkpoints_and_a_missing_path_as_such(tmp_path):
+    """They said "incomplete: manifest.json is missing (the save did not finish)" of both."""
+    checkpoint.save(TrainState.create(torch.nn.Linear(2, 1)), tmp_path / "ckpt")
+    for read in (checkpoint.read_meta, checkpoint.load):
+        with pytest.raises(CheckpointCorruptError, match="is a folder of checkpoints, not one"):
+            read(tmp_path / "ckpt")
+    with pytest.raises(CheckpointCorruptError, match="does not exist"):
+        checkpoint.read_meta(tmp_path / "nowhere")

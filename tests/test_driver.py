@@ -505,6 +505,19 @@ def test_predict_limit_takes_the_first_batches(limit, taken):
         assert len(drawn) == taken
 
 
+def test_a_limit_of_one_as_a_fraction_takes_all_of_data_without_a_len():
+    """As Lightning's default limit_*_batches=1.0: all batches, no len() needed (it was refused as a fraction)."""
+    data = make_data(3)
+    state = make_state()
+    step = eval_step(lambda m, b: {"mse": mse(m, b)})
+    assert evaluate(step, state, iter(data), limit=1.0) == evaluate(step, state, data)
+    assert len(predict(lambda m, b: m(b[0]), state, iter(data), limit=1.0)) == 3
+    _, history = run_epochs(train_step(mse), make_state(), stream(data), epochs=1, limit_train_batches=1.0,
+                            limit_val_batches=1.0, val=(step, stream(data)), progress=False)
+    _, reference = run_epochs(train_step(mse), make_state(), data, epochs=1, val=(step, data), progress=False)
+    assert history == reference
+
+
 @pytest.mark.parametrize("limit, error", [(1.5, ValueError), (-1, ValueError), ("2", TypeError), (0.01, ValueError)])
 def test_predict_refuses_a_bad_limit(limit, error):
     with pytest.raises(error, match="limit"):

@@ -624,3 +624,12 @@ def test_settings_a_forward_sets_before_the_loss_fn_raises_reach_every_member_as
         assert (member.model.seen_width, member.model.widths) == (solo.model.seen_width, solo.model.widths) == (4, [4]), k
     ens, _ = ensemble.train_step(lambda m, b: ((m(b[0]) - b[1]) ** 2).mean(), donated=True)(ens, batch)
     assert [m.model.widths for m in ens.members] == [[4, 4]] * 3
+
+
+def test_members_whose_numpy_settings_differ_are_refused():
+    """A temperature given as a numpy scalar was not compared: member 1 trained with member 0's, silently."""
+    import numpy as np
+
+    with pytest.raises(ValueError, match=r"has temperature=np.float32\(4.0\) where member 0's has temperature=np.float32\(1.0\)"):
+        ensemble.stack([_sgd(_Tempered(0, np.float32(1.0))), _sgd(_Tempered(1, np.float32(4.0)))])
+    ensemble.stack([_sgd(_Tempered(0, np.float32(2.0))), _sgd(_Tempered(1, np.float32(2.0)))])  # equal ones stack
