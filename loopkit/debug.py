@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from loopkit.errors import ImpurityError
-from loopkit.state import TrainState
+from loopkit.state import TrainState, module_settings
 from loopkit.steps import Metrics
 from loopkit.tree import copy_tensors
 
@@ -77,18 +77,6 @@ def _difference(a: Any, b: Any, path: str) -> str | None:
     return None
 
 
-_PLAIN = (bool, int, float, str, type(None))
-
-
-def _plain_settings(module: torch.nn.Module) -> dict[str, Any]:
-    """A module's own public attributes of plain values (``stride``, ``eps``, a ``temperature`` its forward reads)."""
-    return {
-        key: value for key, value in vars(module).items()
-        if not key.startswith("_") and key != "training"
-        and (isinstance(value, _PLAIN) or (isinstance(value, tuple) and all(isinstance(v, _PLAIN) for v in value)))
-    }
-
-
 def _module_facts(model: torch.nn.Module) -> dict[str, Any]:
     """What the state dict does not hold about the modules: class, training mode, plain settings, hooks
     (the modules' and the parameters' own gradient hooks), which parameters take gradients (each by the
@@ -99,7 +87,7 @@ def _module_facts(model: torch.nn.Module) -> dict[str, Any]:
         facts[name or "<root>"] = {
             "class": type(module).__qualname__,
             "training": module.training,
-            "settings": _plain_settings(module),
+            "settings": module_settings(module),
             "hooks": [len(getattr(module, h, ())) for h in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks")],
             "gradient hooks": {n: len(p._backward_hooks or ()) for n, p in own.items()},
             "requires_grad": {n: p.requires_grad for n, p in own.items()},

@@ -57,7 +57,6 @@ _EPOCH_VAL = "run_epochs/epoch_val"
 _BATCHES = "run_epochs/epoch_batches"
 # extras: the update at which an epoch that stopped short (max_steps, a callback) was recorded; a state saved at
 # max_steps before that record (a crash, a stop during the last update) is recorded by the resumed run
-_RECORDED = RECORDED
 
 
 def _check_limit(value: int | float | None, name: str) -> None:
@@ -189,15 +188,6 @@ def _global_rngs_kept() -> Iterator[None]:
         torch.default_generator.set_state(saved[0])
         np.random.set_state(saved[1])
         random.setstate(saved[2])
-
-
-def _has_len(data: Iterable) -> bool:
-    """Whether ``data`` tells its number of batches (an IterableDataset's loader does not)."""
-    try:
-        len(data)  # type: ignore[arg-type]
-    except (TypeError, NotImplementedError):
-        return False
-    return True
 
 
 def _stream_ended(batches: Iterator[Any]) -> bool:
@@ -734,7 +724,7 @@ class _Hooks:
         for key, cb in self.stateful:
             if key in state.extras:
                 cb.load_state_dict(dict(state.extras[key]))
-                if getattr(cb, "should_stop", False) and (state.batch_index == 0 or state.extras.get(_RECORDED) == state.step):
+                if getattr(cb, "should_stop", False) and (state.batch_index == 0 or state.extras.get(RECORDED) == state.step):
                     warnings.warn(  # (mid-epoch and not recorded: the stop's epoch gets its validation and record first)
                         f"run_epochs: {type(cb).__qualname__} restored from state.extras[{key!r}] asks to stop at once; "
                         f"to start it afresh, drop that key: state.evolve(extras={{k: v for k, v in "
@@ -1110,12 +1100,13 @@ def run_epochs(
             step.notify("fit_start", state, {})  # (with_checkpointing's step saves now wait for the batch's callbacks)
             fresh = step.returns_fresh_state
             told_batch_index = False
-            sized = _has_len(train_data)  # (without a length, an epoch stopped at its last batch is found by a look ahead)
+            # (without a length, an epoch stopped at its last batch is found by a look ahead)
+            sized = _num_batches(train_data, None, "train_data") is not None
             # saved at max_steps, or when a callback had asked to stop, in the middle of an epoch before the epoch was
             # recorded (a crash, a failure in its validation or hooks): only that record is left to make
             unrecorded = (
                 state.batch_index > 0 and limit_train_batches != 0 and (epochs is None or state.epoch < epochs)
-                and state.extras.get(_RECORDED) != state.step
+                and state.extras.get(RECORDED) != state.step
             )
             finishing_stop = unrecorded and hooks.should_stop  # (then the epoch's validation is still due)
             finishing = finishing_stop or (unrecorded and max_steps is not None and state.step >= max_steps)
@@ -1234,11 +1225,11 @@ def run_epochs(
                 record.update({f"train/{k}": v for k, v in EPOCH.means(state.extras).items()})
                 closing = state = hooks.keep(state)  # (the counters after the epoch's batches)
                 if exhausted:  # the epoch is done: its means leave the state (a partial one's stay, to go on)
-                    extras = {k: v for k, v in EPOCH.clear(state.extras).items() if k not in (_EPOCH_VAL, _RECORDED, _BATCHES)}
+                    extras = {k: v for k, v in EPOCH.clear(state.extras).items() if k not in (_EPOCH_VAL, RECORDED, _BATCHES)}
                     state = replace(replace_extras(state, extras), epoch=epoch + 1, batch_index=0)
                 else:
                     extras = extras_copy(state.extras)
-                    extras[_RECORDED] = state.step
+                    extras[RECORDED] = state.step
                     state = replace_extras(state, extras)
                 bar.close({k: v for k, v in record.items() if k.startswith("train/")})
                 # not twice at one update: a step validation on the epoch's last update stands for the epoch's;

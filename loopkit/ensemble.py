@@ -43,12 +43,13 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import attrs
-import numpy as np
 import torch
 from torch import nn
 
 from loopkit.errors import DonatedStateError
-from loopkit.state import TrainState, _fork, fork, leave_intact, persistent_buffers, replace, state_at_error
+from loopkit.state import (
+    TrainState, _fork, fork, is_plain_setting, leave_intact, module_settings, persistent_buffers, replace, state_at_error,
+)
 from loopkit.steps import _split_loss, needs_closure
 
 __all__ = ["Ensemble", "EnsembleStep", "stack", "train_step", "unstack"]
@@ -165,30 +166,10 @@ class _Unset:
 _UNSET = _Unset()
 
 
-_SCALARS = (bool, int, float, str, type(None), np.generic)  # (numpy's scalars: a np.float32 temperature)
-
-
-def _is_plain(value: Any) -> bool:
-    """Whether ``value`` is a setting: a bool, int, float, str or None, or a tuple or list of them."""
-    if type(value) in _SCALARS:  # (the common case, checked first)
-        return True
-    if isinstance(value, (tuple, list)):
-        return all(_is_plain(v) for v in value)
-    return isinstance(value, _SCALARS)
-
-
-def _settings(module: nn.Module) -> dict[str, Any]:
-    """``module``'s own settings: its public instance attributes of plain values (``stride``, ``eps``,
-    ``num_groups``, ``training``, a ``temperature`` set on it); not tensors, submodules or ``_``-private
-    bookkeeping (``_parameters``, hooks)."""
-    return {name: value for name, value in vars(module).items()
-            if name[:1] != "_" and (type(value) in _SCALARS or _is_plain(value))}
-
-
 def _same(a: Any, b: Any) -> bool:
     """Equal settings, as the forward compares them (``0 == 0.0``), sequences item by item; NaN equals NaN. A value
     that is no setting (a tensor, or ``<not set>``) equals only itself."""
-    if not (_is_plain(a) and _is_plain(b)):
+    if not (is_plain_setting(a) and is_plain_setting(b)):
         return a is b
     if isinstance(a, (tuple, list)) or isinstance(b, (tuple, list)):
         return (isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)) and len(a) == len(b)
@@ -220,7 +201,7 @@ def _setting(module: nn.Module, attr: str) -> Any:
 
 def _all_settings(model: nn.Module) -> list[dict[str, Any]]:
     """The settings (see :func:`_settings`) of each of ``model``'s modules, in ``modules()`` order."""
-    return [_settings(module) for module in model.modules()]
+    return [module_settings(module) for module in model.modules()]
 
 
 def _check_unchanged(ensemble: Ensemble) -> None:
@@ -238,7 +219,7 @@ def _differing_settings(model: nn.Module, reference: nn.Module) -> list[tuple[st
     whose settings (see :func:`_settings`) differ from ``reference``'s (modules aligned: the same structure)."""
     differing = []
     for (name, module), other in zip(model.named_modules(), reference.modules()):
-        own, theirs = _settings(module), _settings(other)
+        own, theirs = module_settings(module), module_settings(other)
         if own == theirs:  # (the common case: plain values, compared by ==)
             continue
         attrs_ = {a for a in own.keys() | theirs.keys() if not _same(_setting(module, a), _setting(other, a))}

@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import attrs
+import numpy as np
 import torch
 from torch import nn
 
@@ -642,6 +643,38 @@ def replace_extras(state: TrainState, extras: Mapping[str, Any]) -> TrainState:
         state.model, state.optimizer, state.scheduler, state.step, state.epoch, state.batch_index, state.rng,
         extras, state.seed,
     )
+
+
+# --- a module's settings ----------------------------------------------------------------------
+
+#: the values a setting holds (numpy's scalars too: a ``np.float32`` temperature)
+_SETTING_SCALARS = (bool, int, float, str, type(None), np.generic)
+
+
+def is_plain_setting(value: Any) -> bool:
+    """Whether ``value`` is a setting's: a bool, int, float, str, None or numpy scalar, or a tuple or list of them.
+
+    >>> is_plain_setting((1, 2)), is_plain_setting(torch.zeros(1))
+    (True, False)
+    """
+    if type(value) in _SETTING_SCALARS:  # (the common case, checked first)
+        return True
+    if isinstance(value, (tuple, list)):
+        return all(is_plain_setting(v) for v in value)
+    return isinstance(value, _SETTING_SCALARS)
+
+
+def module_settings(module: nn.Module) -> dict[str, Any]:
+    """``module``'s own settings: its public instance attributes of plain values (``stride``, ``eps``,
+    ``num_groups``, ``training``, a ``temperature`` set on it); not tensors, submodules or ``_``-private
+    bookkeeping (``_parameters``, hooks). What ``loopkit.ensemble`` compares between members and
+    ``loopkit.check_purity`` between calls.
+
+    >>> module_settings(torch.nn.Linear(2, 3))
+    {'training': True, 'in_features': 2, 'out_features': 3}
+    """
+    return {name: value for name, value in vars(module).items()
+            if name[:1] != "_" and (type(value) in _SETTING_SCALARS or is_plain_setting(value))}
 
 
 # --- copying only what a step changes -------------------------------------------------------
