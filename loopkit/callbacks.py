@@ -46,6 +46,8 @@ from typing import Any
 
 import torch
 
+from loopkit._numbers import as_int, as_real
+
 __all__ = ["Callback", "EarlyStopping", "LearningRateMonitor", "MonitorCallback", "may_change_state_early"]
 
 
@@ -192,10 +194,12 @@ class EarlyStopping(MonitorCallback):
     ) -> None:
         if mode not in ("min", "max"):
             raise ValueError(f"EarlyStopping: mode must be 'min' or 'max', got {mode!r}")
-        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
+        patience_, min_delta_ = as_int(patience), as_real(min_delta)
+        if patience_ is None or patience_ < 1:
             raise ValueError(f"EarlyStopping: patience must be a positive int, got {patience!r}")
-        if isinstance(min_delta, bool) or not isinstance(min_delta, (int, float)) or not min_delta >= 0:
+        if min_delta_ is None or not min_delta_ >= 0:
             raise ValueError(f"EarlyStopping: min_delta must be >= 0, got {min_delta!r}")
+        patience, min_delta = patience_, min_delta_
         if not isinstance(check_finite, bool):
             raise TypeError(f"EarlyStopping: check_finite must be True or False, got {check_finite!r}")
         for name, value in (("stopping_threshold", stopping_threshold), ("divergence_threshold", divergence_threshold)):

@@ -41,6 +41,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
 
 from loopkit import _collective
+from loopkit._numbers import as_int
 from loopkit.state import TrainState
 
 __all__ = ["init", "is_rank_zero", "local_rank", "rank", "shard", "shutdown", "world_size"]
@@ -64,9 +65,9 @@ def _check_timeout(timeout: Any) -> None:
 
 
 def _check_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    if as_int(value) is None:
         raise TypeError(f"loopkit.distributed.init: {name} must be an int, got {value!r}")
-    return value
+    return as_int(value)
 
 
 def _env_int(name: str) -> int | None:

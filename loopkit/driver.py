@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from loopkit import _collective
+from loopkit._numbers import as_int, as_real
 from loopkit._window import EPOCH, OVER_RANKS, own_buffers, own_rng, own_share
 from loopkit.callbacks import Callback, may_change_state_early
 from loopkit.progress import ProgressBar, progress_wanted
@@ -59,15 +60,18 @@ _BATCHES = "run_epochs/epoch_batches"
 # max_steps before that record (a crash, a stop during the last update) is recorded by the resumed run
 
 
-def _check_limit(value: int | float | None, name: str) -> None:
+def _check_limit(value: int | float | None, name: str) -> int | float | None:
+    """``value`` as a Python int (batches) or float (a fraction), numpy's numbers included."""
     if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    limit = as_real(value)
+    if limit is None:
         raise TypeError(f"{name} must be an int (batches) or a float fraction in (0, 1], got {value!r}")
-    if isinstance(value, float) and not 0.0 < value <= 1.0:
+    if isinstance(limit, float) and not 0.0 < limit <= 1.0:
         raise ValueError(f"{name}={value}: a fraction must be in (0, 1]; pass an int for a number of batches")
-    if isinstance(value, int) and value < 0:
+    if isinstance(limit, int) and limit < 0:
         raise ValueError(f"{name}={value}: a number of batches must be >= 0")
+    return limit
 
 
 def _num_batches(data: Iterable, limit: int | float | None, name: str) -> int | None:
@@ -341,7 +345,7 @@ def _evaluate(
 
     ``seeded``: a shuffling loader's order comes from ``(state.seed, state.step)``, not from the global RNG
     (which is left as it was): a resumed run validates in the uninterrupted run's order, to the last bit."""
-    _check_limit(limit, "limit")
+    limit = _check_limit(limit, "limit")
     count = _num_batches(data, limit, "limit")
     move = _mover(device, state)
     sums: dict[str, torch.Tensor] = {}
@@ -387,7 +391,7 @@ def predict(
     _check_state(state, "predict")
     _check_device(device, "predict")
     _check_data(data, "predict: data")
-    _check_limit(limit, "limit")
+    limit = _check_limit(limit, "limit")
     batches = data if limit is None else itertools.islice(data, _num_batches(data, limit, "limit"))
     model = state.model
     move = _mover(device, state)
@@ -407,24 +411,26 @@ def _validate_options(
     sanity_val_batches: int,
     limit_train_batches: Any,
     limit_val_batches: Any,
-) -> None:
+) -> tuple[Any, ...]:
+    """The options checked, as Python numbers (numpy's too): ``epochs`` .. ``limit_val_batches`` but ``val``."""
     if epochs is None and max_steps is None:
         raise ValueError("run_epochs needs epochs=, max_steps=, or both")
     for name, value in (("epochs", epochs), ("max_steps", max_steps), ("val_every_n_steps", val_every_n_steps)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        if value is not None and (as_int(value) or 0) < 1:
             raise ValueError(f"run_epochs: {name} must be a positive int or None, got {value!r}")
-    if isinstance(val_every_n_epochs, bool) or not isinstance(val_every_n_epochs, int) or val_every_n_epochs < 1:
+    if (as_int(val_every_n_epochs) or 0) < 1:
         raise ValueError(f"run_epochs: val_every_n_epochs must be a positive int, got {val_every_n_epochs!r}")
-    if isinstance(sanity_val_batches, bool) or not isinstance(sanity_val_batches, int) or sanity_val_batches < 0:
+    if as_int(sanity_val_batches) is None or as_int(sanity_val_batches) < 0:
         raise ValueError(f"run_epochs: sanity_val_batches must be an int >= 0, got {sanity_val_batches!r}")
-    _check_limit(limit_train_batches, "limit_train_batches")
-    _check_limit(limit_val_batches, "limit_val_batches")
+    counts = tuple(None if v is None else as_int(v) for v in (epochs, max_steps, val_every_n_epochs, val_every_n_steps))
+    limits = _check_limit(limit_train_batches, "limit_train_batches"), _check_limit(limit_val_batches, "limit_val_batches")
     if val is not None:
         if not (isinstance(val, (tuple, list)) and len(val) == 2 and callable(val[0])):
             raise TypeError("run_epochs: val must be a pair (eval_step, val_data)")
     elif val_every_n_steps is not None:
         raise ValueError(f"run_epochs: val_every_n_steps={val_every_n_steps} without val: pass val=(eval_step, val_data), "
                          "or leave val_every_n_steps out")
+    return (*counts, as_int(sanity_val_batches), *limits)
 
 
 def _check_state(state: Any, where: str) -> None:
@@ -962,9 +968,11 @@ def run_epochs(
     >>> sorted(history[0])
     ['epoch', 'step', 'train/loss', 'val/mse']
     """
-    _validate_options(
-        epochs, max_steps, val, val_every_n_epochs, val_every_n_steps, sanity_val_batches,
-        limit_train_batches, limit_val_batches,
+    epochs, max_steps, val_every_n_epochs, val_every_n_steps, sanity_val_batches, limit_train_batches, limit_val_batches = (
+        _validate_options(
+            epochs, max_steps, val, val_every_n_epochs, val_every_n_steps, sanity_val_batches,
+            limit_train_batches, limit_val_batches,
+        )
     )
     _check_state(state, "run_epochs")
     _check_device(device, "run_epochs")

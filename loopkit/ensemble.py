@@ -88,6 +88,15 @@ class Ensemble:
         if self._consumed:
             raise DonatedStateError("this Ensemble was given to a donated ensemble step; use the one that step returned")
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> Ensemble:
+        # stacked again: a copy's members must be views of the copy's own ``params`` (deepcopy copies a view apart)
+        self.check_usable()
+        return stack(self.members)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        self.check_usable()  # (pickled as its members, stacked again when loaded, for the same reason)
+        return stack, (self.members,)
+
 
 def _check_members(states: Sequence[TrainState]) -> None:
     if isinstance(states, TrainState) or not isinstance(states, Sequence) or len(states) < 1:

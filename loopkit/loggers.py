@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from loopkit._collective import is_rank_zero
+from loopkit._numbers import as_int
 
 __all__ = [
     "CSVLogger",
@@ -224,8 +225,10 @@ class RunDirLogger(Logger):
             raise TypeError(f"{who}: root must be a path, got {type(root).__qualname__}")
         if not isinstance(name, str) or not name or name in (".", "..") or os.sep in name or "/" in name:
             raise ValueError(f"{who}: name must be a non-empty folder name without path separators, got {name!r}")
-        if version is not None and (isinstance(version, bool) or not isinstance(version, (int, str))):
-            raise TypeError(f"{who}: version must be an int, a folder name or None, got {version!r}")
+        if version is not None and not isinstance(version, str):
+            if as_int(version) is None:
+                raise TypeError(f"{who}: version must be an int, a folder name or None, got {version!r}")
+            version = as_int(version)
         if isinstance(version, int) and version < 0:
             raise ValueError(f"{who}: version must be >= 0, got {version}")
         _check_root(os.fspath(root), who)
@@ -605,9 +608,9 @@ class TensorBoardLogger(RunDirLogger):
     ) -> None:
         super().__init__(root, name, version)
         m = histogram_every_n_steps
-        if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
+        if m is not None and (as_int(m) or 0) < 1:
             raise ValueError(f"TensorBoardLogger: histogram_every_n_steps must be a positive int or None, got {m!r}")
-        self.histogram_every_n_steps = m
+        self.histogram_every_n_steps = None if m is None else as_int(m)
         self._file: _EventFile | None = None
         self._writer: Any = None
         self._opened = 0
@@ -908,8 +911,9 @@ class ConsoleLogger(Logger):
 
     def __init__(self, stream: IO[str] | None = None, digits: int = 4) -> None:
         super().__init__()
-        if isinstance(digits, bool) or not isinstance(digits, int) or digits < 1:
+        if (as_int(digits) or 0) < 1:
             raise ValueError(f"ConsoleLogger: digits must be a positive int, got {digits!r}")
+        digits = as_int(digits)
         if stream is not None and not callable(getattr(stream, "write", None)):
             raise TypeError(f"ConsoleLogger: stream must be a text stream (sys.stdout, a file), got {type(stream).__qualname__}")
         self.stream = stream

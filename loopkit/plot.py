@@ -25,6 +25,8 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from loopkit._numbers import as_int
+
 __all__ = ["find_runs", "output_path", "plot_runs", "read_metrics"]
 
 METRICS_FILE = "metrics.csv"
@@ -135,8 +137,9 @@ def plot_runs(
         run_dirs = [run_dirs]
     if not run_dirs:
         raise ValueError("plot_runs: give at least one run folder")
-    if isinstance(columns, bool) or not isinstance(columns, int) or columns < 1:
+    if (as_int(columns) or 0) < 1:
         raise ValueError(f"plot_runs: columns must be a positive int, got {columns!r}")
+    columns = as_int(columns)
     Figure, FigureCanvasAgg = _matplotlib()
     runs = [run for path in run_dirs for run in find_runs(path)]
     data = {run: read_metrics(run) for run in runs}

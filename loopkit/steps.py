@@ -685,9 +685,11 @@ class TrainStep(Step):
     def run_(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
         model, optimizer = state.model, state.optimizer
         if optimizer is None:
-            raise ValueError("train_step needs a state with an optimizer (TrainState.create(model, optimizer))")
+            raise leave_intact(
+                ValueError("train_step needs a state with an optimizer (TrainState.create(model, optimizer))"), state
+            )
         params = optimizer.param_groups[0]["params"]
-        first = params[0] if params else _first_param(optimizer)
+        first = params[0] if params else _first_param(optimizer, state)
         if self.plain and self.sync is None and not first.is_cuda and len(state.rng) <= 1:
             return self._run_plain_cpu(state, batch, model, optimizer)
         if isinstance(optimizer, _LBFGS):
@@ -971,7 +973,7 @@ def _closure_update(step: TrainStep, state: TrainState, batch: Any, optimizer: t
     closure (zeroed gradients, the loss_fn, backward) runs as often as the optimizer asks, drawing from
     the state's RNG as the call began with it; the metrics are those of its first run (before the update)."""
     model, loss_fn = state.model, step.loss_fn
-    first_param = _first_param(optimizer)
+    first_param = _first_param(optimizer, state)
     scope = RNGScope(state.rng, _cuda_index(first_param.device) if first_param.is_cuda else None, state.seed)
     runs: list[Metrics] = []
 
@@ -1059,12 +1061,13 @@ def _unstash_grads(stash: list[tuple[torch.Tensor, torch.Tensor]] | None) -> Non
             p.grad.add_(acc)
 
 
-def _first_param(optimizer: torch.optim.Optimizer) -> torch.Tensor:
-    """The optimizer's first parameter, its first group being empty (its device is the step's)."""
+def _first_param(optimizer: torch.optim.Optimizer, state: TrainState) -> torch.Tensor:
+    """The optimizer's first parameter, its first group being empty (its device is the step's);
+    an optimizer without any refused before ``state`` changed."""
     for group in optimizer.param_groups:
         if group["params"]:
             return group["params"][0]
-    raise ValueError("train_step: the state's optimizer has no parameters to train")
+    raise leave_intact(ValueError("train_step: the state's optimizer has no parameters to train"), state)
 
 
 def _save_buffers(model: torch.nn.Module, extras: dict[str, Any]) -> None:

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from loopkit._numbers import as_int, as_real
 from loopkit.callbacks import MonitorCallback
 from loopkit.driver import run_epochs
 from loopkit.state import TrainState
@@ -156,7 +157,7 @@ def create_study(
 
 def _check_heartbeat(heartbeat_interval: Any, grace_period: Any, max_retry: Any) -> None:
     def positive_int(value: Any) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool) and value > 0
+        return (as_int(value) or 0) > 0
 
     if heartbeat_interval is not None and not positive_int(heartbeat_interval):
         raise ValueError(f"loopkit.tune: heartbeat_interval must be a positive int (seconds) or None, got {heartbeat_interval!r}")
@@ -168,7 +169,7 @@ def _check_heartbeat(heartbeat_interval: Any, grace_period: Any, max_retry: Any)
                 f"loopkit.tune: grace_period must be an int (seconds) above heartbeat_interval ({heartbeat_interval}), "
                 f"or None, got {grace_period!r}"
             )
-    if max_retry is not None and (isinstance(max_retry, bool) or not isinstance(max_retry, int) or max_retry < 0):
+    if max_retry is not None and (as_int(max_retry) is None or as_int(max_retry) < 0):
         raise ValueError(f"loopkit.tune: max_retry must be an int >= 0 or None (no limit), got {max_retry!r}")
 
 
@@ -211,10 +212,11 @@ def optimize(
     4
     >>> tmp.cleanup()
     """
-    if n_trials is not None and (isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 1):
+    if n_trials is not None and (as_int(n_trials) or 0) < 1:
         raise ValueError(f"loopkit.tune.optimize: n_trials must be a positive int or None, got {n_trials!r}")
-    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0):
+    if timeout is not None and not (as_real(timeout) or 0) > 0:
         raise ValueError(f"loopkit.tune.optimize: timeout must be positive seconds or None, got {timeout!r}")
+    n_trials, timeout = (None if v is None else as_real(v) for v in (n_trials, timeout))
     if n_trials is None and timeout is None:
         raise ValueError("loopkit.tune.optimize: give n_trials or timeout (or both); without either it never ends")
     if not callable(objective):

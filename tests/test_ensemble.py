@@ -119,6 +119,32 @@ def test_a_donated_ensemble_and_its_members_cannot_be_used_again(make_batches):
     step(new, make_batches(1)[0])
 
 
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copied_ensemble_trains_as_the_original_and_apart_from_it(make_batches, how):
+    # a copy's members must be views of the copy's stacked params, or a donated step trains detached copies
+    import pickle
+
+    duplicate = copy.deepcopy if how == "deepcopy" else (lambda e: pickle.loads(pickle.dumps(e)))
+    batches = make_batches(4)
+    original = ensemble.stack(_states())
+    snapshot = duplicate(original)
+    assert snapshot.members[1].model[0].weight.data_ptr() == snapshot.params["0.weight"][1].data_ptr()
+    step = ensemble.train_step(_loss, donated=True)
+    trained = snapshot
+    for batch in batches:
+        trained, _ = step(trained, batch)
+    for k, (seed, make_opt, make_sched) in enumerate(MEMBERS):
+        raw, _ = _raw(seed, make_opt, make_sched, batches)
+        for name, p in raw.named_parameters():
+            torch.testing.assert_close(trained.params[name][k], p, rtol=1e-6, atol=1e-6)
+    # the original kept its values (the copy has storage of its own)
+    for name, p in ensemble.stack(_states()).params.items():
+        assert torch.equal(original.params[name], p)
+    step(original, batches[0])
+    with pytest.raises(loopkit.DonatedStateError):
+        duplicate(original)
+
+
 def test_unstack_copies_members_out_for_evaluate_and_checkpoints(make_batches, tmp_path):
     ens = ensemble.stack(_states())
     ens, _ = ensemble.train_step(_loss, donated=True)(ens, make_batches(1)[0])

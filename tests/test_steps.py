@@ -597,6 +597,26 @@ def test_train_step_needs_an_optimizer(make_mlp, mse_loss, batches):
         loopkit.train_step(mse_loss)(loopkit.TrainState.create(make_mlp(0)), batches[0])
 
 
+@pytest.mark.parametrize("case", ["no optimizer", "no parameters"])
+@pytest.mark.parametrize("how", ["donated", "run_epochs"])
+def test_a_missing_optimizer_leaves_the_given_state_usable(make_mlp, mse_loss, batches, case, how):
+    # refused before anything changed: the state passed in stays usable, to be fixed with evolve
+    model = make_mlp(0)
+    optimizer = None if case == "no optimizer" else torch.optim.SGD([{"params": []}], lr=0.1)
+    state = loopkit.TrainState.create(model, optimizer)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="optimizer"):
+        if how == "donated":
+            loopkit.donate(loopkit.train_step(mse_loss))(state, batches[0])
+        else:
+            loopkit.run_epochs(loopkit.train_step(mse_loss), state, batches, epochs=1, progress=False)
+    state.check_usable()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    fixed = state.evolve(optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    new, _ = loopkit.donate(loopkit.train_step(mse_loss))(fixed, batches[0])
+    assert new.step == 1
+
+
 def test_steps_refuse_non_callables_and_non_states(mse_loss, batches):
     with pytest.raises(TypeError, match="train_step: loss_fn must be callable"):
         loopkit.train_step("mse")

@@ -14,6 +14,7 @@ from typing import Any
 import attrs
 import torch
 
+from loopkit._numbers import as_int, as_real
 from loopkit.steps import EvalStep, GradContext, TrainStep
 from loopkit.transforms._compose import require_train_or_eval_step
 
@@ -111,13 +112,16 @@ def with_amp(
     """
     if dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"with_amp: dtype must be torch.bfloat16 or torch.float16, got {dtype}")
-    if not init_scale > 0 or not growth_factor > 1 or not 0 < backoff_factor < 1:
+    reals = [as_real(v) for v in (init_scale, growth_factor, backoff_factor)]
+    if None in reals or not reals[0] > 0 or not reals[1] > 1 or not 0 < reals[2] < 1:
         raise ValueError(
             "with_amp: need init_scale > 0, growth_factor > 1 and 0 < backoff_factor < 1, got "
             f"{init_scale}, {growth_factor}, {backoff_factor}"
         )
-    if not isinstance(growth_interval, int) or growth_interval < 1:
+    if (as_int(growth_interval) or 0) < 1:
         raise ValueError(f"with_amp: growth_interval must be a positive int, got {growth_interval!r}")
+    init_scale, growth_factor, backoff_factor = reals
+    growth_interval = as_int(growth_interval)
     if not isinstance(cache_enabled, bool):
         raise TypeError(f"with_amp: cache_enabled must be True or False, got {cache_enabled!r}")
     base = require_train_or_eval_step(step, "with_amp")

@@ -28,6 +28,7 @@ import torch
 from loopkit import checkpoint
 from loopkit import _collective
 from loopkit._collective import is_rank_zero
+from loopkit._numbers import as_int
 from loopkit._window import over_ranks
 from loopkit.errors import CheckpointCorruptError, StateMismatchError
 from loopkit.state import TrainState, extras_copy, leave_intact, replace_extras
@@ -409,12 +410,15 @@ class CheckpointStep(UpdateStep):
         )
 
 
-def _check_count(name: str, value: Any, *, allow_none: bool, minimum: int = 1) -> None:
+def _check_count(name: str, value: Any, *, allow_none: bool, minimum: int = 1) -> int | None:
+    """``value`` as a Python int (numpy's too), refused below ``minimum``."""
     if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        return None
+    count = as_int(value)
+    if count is None or count < minimum:
         what = "a positive int" if minimum == 1 else f"an int >= {minimum}"
         raise ValueError(f"with_checkpointing: {name} must be {what}{' or None' if allow_none else ''}, got {value!r}")
+    return count
 
 
 def _prepare_directory(directory: Path) -> None:
@@ -502,10 +506,10 @@ def with_checkpointing(
     (6, True)
     >>> tmp.cleanup()
     """
-    _check_count("every_n_steps", every_n_steps, allow_none=True)
-    _check_count("every_n_epochs", every_n_epochs, allow_none=True)
-    _check_count("keep_last", keep_last, allow_none=True)
-    _check_count("keep_best", keep_best, allow_none=False, minimum=0)
+    every_n_steps = _check_count("every_n_steps", every_n_steps, allow_none=True)
+    every_n_epochs = _check_count("every_n_epochs", every_n_epochs, allow_none=True)
+    keep_last = _check_count("keep_last", keep_last, allow_none=True)
+    keep_best = _check_count("keep_best", keep_best, allow_none=False, minimum=0)
     if mode not in ("min", "max"):
         raise ValueError(f"with_checkpointing: mode must be 'min' or 'max', got {mode!r}")
     if monitor is not None and (not isinstance(monitor, str) or not monitor):

@@ -15,6 +15,7 @@ import attrs
 import torch
 from torch import nn
 
+from loopkit._numbers import as_real
 from loopkit.state import TrainState, core_module, fork, leave_intact, plain_names, replace, replace_extras
 from loopkit.steps import Metrics, UpdateStep
 from loopkit.transforms._compose import fitted_to, intact_as, refuse_wrapping, require_step
@@ -234,8 +235,10 @@ def with_ema(step: Any, decay: float) -> EMAStep:
     >>> bool(torch.equal(averaged.model.weight, state.model.weight))  # the average lags the weights
     False
     """
-    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay < 1.0:
+    decay_ = as_real(decay)
+    if decay_ is None or not 0.0 <= decay_ < 1.0:
         raise ValueError(f"with_ema: decay must be a number in [0, 1), e.g. 0.999, got {decay!r}")
+    decay = decay_
     inner = require_step(step, "with_ema", no_eval="an evaluation step updates no parameters to average")
     refuse_wrapping(inner, "with_ema", {
         "with_ema": "the state holds one set of averages",

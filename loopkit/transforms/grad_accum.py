@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from loopkit._numbers import as_int
 from loopkit.steps import TrainStep
 from loopkit.transforms._compose import require_train_step
 
@@ -40,8 +41,10 @@ def with_grad_accum(step: Any, every: int) -> TrainStep:
     """
     if callable(every) and not callable(step):
         raise TypeError("with_grad_accum: the step comes first: with_grad_accum(step, every=n)")
-    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+    every_ = as_int(every)
+    if every_ is None or every_ < 1:
         raise ValueError(f"with_grad_accum: every must be a positive int, got {every!r}")
+    every = every_
     base = require_train_step(step, "with_grad_accum")
     if base.accum_every > 1:
         raise TypeError(

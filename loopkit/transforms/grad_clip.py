@@ -12,6 +12,7 @@ from typing import Any
 import attrs
 import torch
 
+from loopkit._numbers import as_real
 from loopkit.state import TrainState
 from loopkit.steps import GradContext, TrainStep
 from loopkit.transforms._compose import require_train_step
@@ -87,9 +88,10 @@ def with_grad_clip(
     if max_norm is None and max_value is None:
         raise ValueError("with_grad_clip: give max_norm, max_value, or both")
     for name, value in (("max_norm", max_norm), ("max_value", max_value)):
-        if value is not None and (isinstance(value, bool) or not (isinstance(value, (int, float)) and value > 0)):
+        if value is not None and not (as_real(value) or 0) > 0:
             raise ValueError(f"with_grad_clip: {name} must be a positive number, got {value!r}")
-    if isinstance(norm_type, bool) or not (isinstance(norm_type, (int, float)) and norm_type > 0):
+    if not (as_real(norm_type) or 0) > 0:
         raise ValueError(f"with_grad_clip: norm_type must be positive (or inf), got {norm_type!r}")
+    max_norm, max_value, norm_type = (None if v is None else as_real(v) for v in (max_norm, max_value, norm_type))
     base = require_train_step(step, "with_grad_clip")
     return base.add_grad_transform(ClipGrad(max_norm, max_value, float(norm_type)))

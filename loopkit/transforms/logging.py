@@ -15,6 +15,7 @@ from typing import Any
 import attrs
 import torch
 
+from loopkit._numbers import as_int
 from loopkit._window import LOGGED
 from loopkit.state import TrainState, leave_intact, put_extras, replace_extras
 from loopkit.steps import RECORDED, Metrics, WrapperStep, check_metric
@@ -233,8 +234,9 @@ def with_logging(step: Any, *loggers: Any, every_n_steps: int = 50) -> LoggingSt
     step,train/loss,epoch,train/loss_epoch
     >>> tmp.cleanup()
     """
-    if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
+    if (as_int(every_n_steps) or 0) < 1:
         raise ValueError(f"with_logging: every_n_steps must be a positive int, got {every_n_steps!r}")
+    every_n_steps = as_int(every_n_steps)
     if not loggers:
         raise ValueError("with_logging needs at least one logger, e.g. with_logging(step, TensorBoardLogger())")
     for i, logger in enumerate(loggers):

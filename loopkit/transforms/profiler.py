@@ -22,6 +22,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function, schedule, tensorboard_trace_handler
 
 from loopkit._collective import is_rank_zero
+from loopkit._numbers import as_int
 from loopkit.state import TrainState
 from loopkit.steps import Metrics, WrapperStep
 from loopkit.transforms._compose import refuse_wrapping, require_step
@@ -173,8 +174,9 @@ def with_profiler(
     >>> tmp.cleanup()
     """
     for name, value, minimum in (("wait", wait, 0), ("warmup", warmup, 0), ("active", active, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        if as_int(value) is None or as_int(value) < minimum:
             raise ValueError(f"with_profiler: {name} must be an int >= {minimum}, got {value!r}")
+    wait, warmup, active = as_int(wait), as_int(warmup), as_int(active)
     if not isinstance(directory, (str, os.PathLike)):
         raise TypeError(f"with_profiler: directory must be a path, got {type(directory).__qualname__}")
     inner = require_step(step, "with_profiler")

@@ -11,10 +11,12 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import attrs
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.utils import prune
 
+from loopkit._numbers import as_int, as_real
 from loopkit.state import TrainState, core_module, leave_intact, plain_names, replace, replace_extras
 from loopkit.steps import Metrics, TrainStep, UpdateStep, WrapperStep, needs_closure
 from loopkit.transforms._compose import fitted_to, intact_as, refuse_wrapping, require_step
@@ -364,13 +366,15 @@ def with_pruning(
     >>> int((state.model.weight == 0).sum()), state.extras["pruning/sparsity"]
     (60, 0.6)
     """
-    if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not 0.0 < amount < 1.0:
+    amount_ = as_real(amount)
+    if amount_ is None or not 0.0 < amount_ < 1.0:
         raise ValueError(f"with_pruning: amount must be a fraction in (0, 1), e.g. 0.5, got {amount!r}")
+    amount = amount_
     if callable(schedule):
         fraction = schedule
-    elif isinstance(schedule, Sequence) and not isinstance(schedule, str) and schedule:
-        points = list(schedule)
-        if any(isinstance(p, bool) or not isinstance(p, int) or p < 1 for p in points) or points != sorted(set(points)):
+    elif isinstance(schedule, (Sequence, np.ndarray)) and not isinstance(schedule, str) and len(schedule):
+        points = [as_int(p) for p in schedule]  # (np.arange's counts too)
+        if any(p is None or p < 1 for p in points) or points != sorted(set(points)):
             raise ValueError(f"with_pruning: schedule must be increasing update counts >= 1, got {schedule!r}")
         fraction = _CubicSchedule(tuple(points))
     else:
@@ -422,6 +426,7 @@ class _Scaled:
 
     def __call__(self, step: int) -> float:
         value = self.fraction(step)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        fraction = as_real(value)
+        if fraction is None or not 0.0 <= fraction <= 1.0:
             raise ValueError(f"with_pruning: schedule({step}) must be a fraction in [0, 1], got {value!r}")
-        return self.amount * value
+        return self.amount * fraction

@@ -17,6 +17,7 @@ import attrs
 import torch
 from torch import nn
 
+from loopkit._numbers import as_int
 from loopkit.state import TrainState, fork
 from loopkit.steps import Metrics, WrapperStep, leave_intact
 from loopkit.transforms._compose import refuse_wrapping, require_step
@@ -218,8 +219,9 @@ def with_qat(
             f"got {type(qconfig).__qualname__}"
         )
     for name, value in (("freeze_observers_after", freeze_observers_after), ("freeze_bn_after", freeze_bn_after)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        if value is not None and (as_int(value) is None or as_int(value) < 0):
             raise ValueError(f"with_qat: {name} must be a non-negative int (an update count) or None, got {value!r}")
+    freeze_observers_after, freeze_bn_after = (None if v is None else as_int(v) for v in (freeze_observers_after, freeze_bn_after))
     inner = require_step(step, "with_qat", no_eval="an eval_step does not train; evaluate the QAT model with eval_step as it is")
     refuse_wrapping(inner, "with_qat", {"with_qat": "the model is prepared once; apply with_qat once"})
     if "with_amp" in inner.applied:  # torch's fake-quantize kernels take float32 only
