@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import inspect
 import numbers
+import types
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
@@ -537,7 +538,11 @@ def _fn_name(fn: Any) -> str:
     return getattr(fn, "__qualname__", None) or type(fn).__qualname__
 
 
-def _split_loss(out: Any, loss_fn: Any) -> tuple[torch.Tensor, Metrics]:
+_NO_METRICS: Mapping[str, str] = types.MappingProxyType({})
+
+
+def _split_loss(out: Any, loss_fn: Any, taken: Mapping[str, str] = _NO_METRICS) -> tuple[torch.Tensor, Metrics]:
+    """``(loss, aux metrics)`` of a loss_fn's return, checked; ``taken``: metric names transforms report -> the transform."""
     if type(out) is torch.Tensor and out.ndim == 0 and out.requires_grad and not out.is_leaf and out.is_floating_point():
         return out, {}  # (the common case, checked first)
     aux: Metrics = {}
@@ -549,6 +554,8 @@ def _split_loss(out: Any, loss_fn: Any) -> tuple[torch.Tensor, Metrics]:
         for key, value in extra.items():
             if key == "loss":
                 raise ValueError(f"{where} returned an aux metric named 'loss', which would hide the loss")
+            if key in taken:
+                raise ValueError(f"{where} returned an aux metric named {key!r}, which {taken[key]} reports too; rename it")
             aux[key] = check_metric(value, key, where)
     if not isinstance(out, torch.Tensor):
         raise TypeError(
@@ -628,6 +635,8 @@ class TrainStep(Step):
     keeps_buffers: bool = attrs.field(init=False, repr=False)
     #: the transforms' checks of the loss before the backward (a raising NaN guard's), in one process
     loss_checks: tuple[Callable[[torch.Tensor, TrainState], None], ...] = attrs.field(init=False, repr=False)
+    #: the metrics the transforms report (name -> transform): a loss_fn's aux metric may not take their names
+    transform_metrics: Mapping[str, str] = attrs.field(init=False, repr=False)
 
     # every path ends in make_state/replace (flush_ returns its input only without metrics); a subclass
     # whose run_ may return a state held elsewhere must set it False
@@ -646,6 +655,10 @@ class TrainStep(Step):
             t.check_loss for t in self.micro + self.update if getattr(t, "check_loss", None) is not None
         )
         object.__setattr__(self, "loss_checks", checks)
+        reported = {
+            name: t.name for t in (self.precision, *self.micro, *self.update) for name in getattr(t, "metric_names", ())
+        }
+        object.__setattr__(self, "transform_metrics", reported)
 
     @property
     def applied(self) -> tuple[str, ...]:
@@ -830,7 +843,7 @@ class TrainStep(Step):
                 out = self.loss_fn(net, batch)
             if out is None:
                 return None, {}, None
-            loss, metrics = _split_loss(out, self.loss_fn)
+            loss, metrics = _split_loss(out, self.loss_fn, self.transform_metrics)
             for check in self.loss_checks:
                 check(loss, state)
         except BaseException as error:
@@ -1197,7 +1210,8 @@ class EvalStep(Step):
 class evaluating:  # noqa: N801  (a context manager, named as torch.no_grad is)
     """Eval mode for ``model`` until exit, each module's own mode put back after; quantization
     observers (``torch.ao.quantization`` fake-quantize modules) are paused meanwhile, as Lightning's
-    QAT callback pauses them outside training, so an evaluation changes no buffer of a QAT model.
+    QAT callback pauses them outside training. An evaluation changes no buffer: one that a forward
+    writes even in eval mode (a running input normaliser, a call counter) is put back on exit.
 
     >>> import torch
     >>> model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout())
@@ -1210,20 +1224,22 @@ class evaluating:  # noqa: N801  (a context manager, named as torch.no_grad is)
     (True, False)
     """
 
-    __slots__ = ("_model", "_modes", "_observers")
+    __slots__ = ("_buffers", "_model", "_modes")
 
     def __init__(self, model: torch.nn.Module) -> None:
         self._model = model
         self._modes: list[tuple[torch.nn.Module, bool]] = []
-        self._observers: list[tuple[torch.nn.Module, torch.Tensor]] = []
+        self._buffers: list[tuple[torch.nn.Module, str, torch.Tensor, int, torch.Tensor]] = []
 
     def __enter__(self) -> torch.nn.Module:
         self._modes = [(m, m.training) for m in self._model.modules()]
-        # a FakeQuantize's observer_enabled flag (a buffer): copied and put back, never read (no host sync)
-        self._observers = [(m, m._buffers["observer_enabled"].clone()) for m, _ in self._modes
-                           if "observer_enabled" in m._buffers and hasattr(m, "disable_observer")]
-        for m, _ in self._observers:
-            m.disable_observer()
+        # each buffer, its version and a copy: what a forward writes (or replaces) is put back on exit
+        self._buffers = [
+            (m, name, b, b._version, b.clone()) for m, _ in self._modes for name, b in m._buffers.items() if b is not None
+        ]
+        for m, _ in self._modes:  # a FakeQuantize's observer (its observer_enabled flag is a buffer: put back too)
+            if "observer_enabled" in m._buffers and hasattr(m, "disable_observer"):
+                m.disable_observer()
         self._model.eval()
         return self._model
 
@@ -1231,8 +1247,12 @@ class evaluating:  # noqa: N801  (a context manager, named as torch.no_grad is)
         for m, mode in self._modes:
             m.training = mode
         with torch.no_grad():
-            for m, flag in self._observers:
-                m.observer_enabled.copy_(flag)
+            for m, name, b, version, kept in self._buffers:
+                if m._buffers.get(name) is not b:
+                    m._buffers[name] = b
+                if b._version != version:
+                    b.copy_(kept)
+        self._buffers = []
 
 
 def eval_step(metric_fn: Callable[[torch.nn.Module, Any], Mapping[str, Any]]) -> EvalStep:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import pytest
 import torch
 from torch import nn
@@ -219,6 +220,60 @@ def test_eval_step_restores_every_modules_training_mode(make_bn_dropout, batches
         model.eval()
         expected = ((model(batches[0][0]) - batches[0][1]) ** 2).mean()
     assert torch.equal(metrics["mse"], expected)
+
+
+class _RunningNorm(nn.Module):
+    """An input normaliser whose statistics a forward updates in any mode (as in RL), and a replaced buffer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 2)
+        self.register_buffer("count", torch.zeros(()))
+        self.register_buffer("mean", torch.zeros(4))
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            n = x.shape[0]
+            self.mean += (x.mean(0) - self.mean) * n / (self.count + n)
+            self.count += n
+            self.calls = self.calls + 1  # a new tensor in the buffer's place
+        return self.lin(x - self.mean)
+
+
+@pytest.mark.parametrize("how", ["eval_step", "donated eval_step", "evaluate", "predict", "raises"])
+def test_an_evaluation_puts_back_the_buffers_a_forward_writes_in_eval_mode(make_sgd_state, batches, take_snapshot,
+                                                                           assert_trees_equal, how):
+    state = make_sgd_state(_RunningNorm())
+    before = take_snapshot(state)
+    calls = state.model.calls
+    # the reference: the same forward in eval mode on a copy, as a raw evaluation computes it
+    reference = copy.deepcopy(state.model).eval()
+    with torch.no_grad():
+        expected = reference(batches[0][0])
+
+    def metric_fn(m, batch):
+        out = m(batch[0])
+        if how == "raises":
+            raise RuntimeError("boom")
+        return {"out": out.mean()}
+
+    if how in ("eval_step", "donated eval_step", "raises"):
+        step = loopkit.eval_step(metric_fn)
+        step = loopkit.donate(step) if how == "donated eval_step" else step
+        try:
+            _, metrics = step(state, batches[0])
+        except RuntimeError:
+            assert how == "raises"
+        else:
+            assert torch.equal(metrics["out"], expected.mean())
+    elif how == "evaluate":
+        loopkit.evaluate(loopkit.eval_step(metric_fn), state, batches[:3])
+    else:
+        outputs = loopkit.predict(lambda m, b: m(b[0]), state, batches[:3])
+        assert torch.equal(outputs[0], expected)
+    assert_trees_equal(take_snapshot(state), before)
+    assert state.model.calls is calls and int(calls) == 0
 
 
 def test_eval_step_restores_training_mode_when_metric_fn_raises(make_bn_dropout, make_sgd_state, batches):
@@ -775,3 +830,32 @@ def test_donate_refuses_an_ensemble_step_and_names_donated_true():
     step = ensemble.train_step(lambda m, b: m(b).pow(2).mean())
     with pytest.raises(TypeError, match=r"donate cannot wrap ensemble.train_step.*donated=True"):
         loopkit.donate(step)
+
+
+@pytest.mark.parametrize(
+    "wrap, name",
+    [
+        (lambda s: loopkit.with_grad_clip(s, max_norm=1.0), "grad_norm"),
+        (lambda s: loopkit.with_amp(s, dtype=torch.float16), "amp/skipped"),
+        (lambda s: loopkit.with_nan_guard(s), "nan_guard/skipped"),
+        (lambda s: loopkit.with_grad_accum(loopkit.with_nan_guard(s), every=2), "nan_guard/skipped"),
+    ],
+    ids=["clip", "amp-fp16", "nan-guard", "guard-under-accum"],
+)
+def test_an_aux_metric_a_transform_reports_too_is_refused_before_anything_changes(make_mlp, make_sgd_state, batches,
+                                                                                   wrap, name):
+    # the transform would replace the aux value silently; a donated state stays usable
+    def loss_fn(model, batch):
+        x, y = batch
+        loss = ((model(x).float() - y) ** 2).mean()
+        return loss, {name: loss.detach() * 0 + 7}
+
+    state = make_sgd_state(make_mlp(0))
+    before = [p.detach().clone() for p in state.model.parameters()]
+    with pytest.raises(ValueError, match=f"aux metric named '{name}', which with_.* reports too"):
+        loopkit.donate(wrap(loopkit.train_step(loss_fn)))(state, batches[0])
+    state.check_usable()
+    assert all(torch.equal(a, b) for a, b in zip(before, state.model.parameters()))
+    # without the transform the name is the loss_fn's to use
+    _, metrics = loopkit.train_step(loss_fn)(state, batches[0])
+    assert float(metrics[name]) == 7

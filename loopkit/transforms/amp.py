@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import attrs
@@ -50,6 +51,11 @@ class Amp:
     @property
     def scales_loss(self) -> bool:
         return self.dtype == torch.float16
+
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        """The metrics it reports: a float16 update's ``amp/skipped``."""
+        return ("amp/skipped",) if self.scales_loss else ()
 
     def autocast(self, device_type: str) -> torch.autocast:
         return torch.autocast(device_type, dtype=self.dtype, cache_enabled=self.cache_enabled)
@@ -113,9 +119,9 @@ def with_amp(
     if dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"with_amp: dtype must be torch.bfloat16 or torch.float16, got {dtype}")
     reals = [as_real(v) for v in (init_scale, growth_factor, backoff_factor)]
-    if None in reals or not reals[0] > 0 or not reals[1] > 1 or not 0 < reals[2] < 1:
-        raise ValueError(
-            "with_amp: need init_scale > 0, growth_factor > 1 and 0 < backoff_factor < 1, got "
+    if None in reals or not 0 < reals[0] < math.inf or not 1 < reals[1] < math.inf or not 0 < reals[2] < 1:
+        raise ValueError(  # (an infinite scale never comes down: every update would be skipped)
+            "with_amp: need a finite init_scale > 0, a finite growth_factor > 1 and 0 < backoff_factor < 1, got "
             f"{init_scale}, {growth_factor}, {backoff_factor}"
         )
     if (as_int(growth_interval) or 0) < 1:

@@ -50,7 +50,16 @@ def _averaged(
     if previous is None:
         return {name: p.clone() for name, p in zip(names, params)}
     ema = [previous[name] for name in names]
-    return dict(zip(names, torch._foreach_lerp(ema, params, 1.0 - decay)))
+    try:
+        return dict(zip(names, torch._foreach_lerp(ema, params, 1.0 - decay)))
+    except (NotImplementedError, RuntimeError):
+        if all(e.is_floating_point() or e.is_complex() for e in ema):
+            raise
+    # an integer parameter (frozen): averaged and cast back, as AveragedModel's get_ema_multi_avg_fn does
+    return {
+        name: torch.lerp(e, p, 1.0 - decay) if e.is_floating_point() or e.is_complex() else (e * decay + p * (1 - decay)).to(e.dtype)
+        for name, e, p in zip(names, ema, params)
+    }
 
 
 class _Checked:

@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import attrs
 import torch
@@ -32,6 +32,7 @@ class ClipGrad:
     max_value: float | None = None
     norm_type: float = 2.0
     name: str = "with_grad_clip"
+    metric_names: ClassVar[tuple[str, ...]] = ("grad_norm",)
 
     def on_loss(self, loss: torch.Tensor, state: TrainState, ctx: GradContext) -> None:
         pass
@@ -42,15 +43,27 @@ class ClipGrad:
             return
         try:
             self._clip(ctx)
-        except NotImplementedError:
-            sparse = [name for name, p in ctx.state.model.named_parameters() if p.grad is not None and p.grad.is_sparse]
-            if not sparse:
+        except (NotImplementedError, RuntimeError) as error:
+            refusal = self._refusal(ctx)
+            if refusal is None:
                 raise
-            raise TypeError(
-                f"with_grad_clip: parameter {sparse[0]!r} has a sparse gradient (an nn.Embedding(sparse=True)?), "
-                "which torch.nn.utils.clip_grad_norm_ and clip_grad_value_ do not take; use a dense gradient "
-                "(sparse=False) or leave with_grad_clip out"
-            ) from None
+            raise refusal from error
+
+    def _refusal(self, ctx: GradContext) -> TypeError | None:
+        """Why torch's clipping failed, naming the parameter: a gradient it does not take."""
+        for name, p in ctx.state.model.named_parameters():
+            if p.grad is not None and p.grad.is_sparse:
+                return TypeError(
+                    f"with_grad_clip: parameter {name!r} has a sparse gradient (an nn.Embedding(sparse=True)?), "
+                    "which torch.nn.utils.clip_grad_norm_ and clip_grad_value_ do not take; use a dense gradient "
+                    "(sparse=False) or leave with_grad_clip out"
+                )
+            if p.grad is not None and p.grad.is_complex() and self.max_value is not None:
+                return TypeError(
+                    f"with_grad_clip: parameter {name!r} has a complex gradient, which "
+                    "torch.nn.utils.clip_grad_value_ (max_value) does not take; clip by max_norm only"
+                )
+        return None
 
     def _clip(self, ctx: GradContext) -> None:
         params = ctx.params

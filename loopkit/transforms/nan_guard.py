@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import attrs
 import torch
@@ -38,6 +38,7 @@ class NanGuard:
 
     policy: str
     name: str = "with_nan_guard"
+    metric_names: ClassVar[tuple[str, ...]] = ("nan_guard/skipped",)
 
     @property
     def keeps_buffers(self) -> bool:

@@ -14,7 +14,7 @@ import attrs
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.utils import prune
+from torch.nn.utils import parametrize, prune
 
 from loopkit._numbers import as_int, as_real
 from loopkit.state import TrainState, core_module, leave_intact, plain_names, replace, replace_extras
@@ -34,12 +34,17 @@ _FIX = (
 
 
 def default_prunable(model: nn.Module) -> list[str]:
-    """The names of the weights of every ``Linear`` and ``Conv`` layer (what Lightning's ``ModelPruning`` prunes).
+    """The names of the weights of every ``Linear`` and ``Conv`` layer (what Lightning's ``ModelPruning`` prunes),
+    but for a parametrized weight (``weight_norm``, ``spectral_norm``, ``orthogonal``: computed, no parameter to mask).
 
     >>> default_prunable(torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU(), torch.nn.Linear(3, 1)))
     ['0.weight', '2.weight']
     """
-    return [f"{name}.weight" if name else "weight" for name, m in model.named_modules() if isinstance(m, _PRUNABLE)]
+    return [
+        f"{name}.weight" if name else "weight"
+        for name, m in model.named_modules()
+        if isinstance(m, _PRUNABLE) and not parametrize.is_parametrized(m, "weight")
+    ]
 
 
 def cubic_sparsity(amount: float, points: Sequence[int], step: int) -> float:
@@ -196,6 +201,16 @@ def _resolve(model: nn.Module, names: list[str]) -> tuple[list[str], list[torch.
         try:
             param = model.get_parameter(name)
         except AttributeError:
+            owner, _, attr = name.rpartition(".")
+            try:
+                module: nn.Module | None = model.get_submodule(owner) if owner else model
+            except AttributeError:
+                module = None
+            if module is not None and parametrize.is_parametrized(module, attr):
+                raise KeyError(
+                    f"with_pruning: '{name}' is parametrized (torch.nn.utils.parametrize computes it from the parameters "
+                    f"under '{owner + '.' if owner else ''}parametrizations.{attr}'): it is no parameter to prune"
+                ) from None
             raise KeyError(f"with_pruning: the model has no parameter '{name}'") from None
         if id(param) not in seen:
             seen.add(id(param))

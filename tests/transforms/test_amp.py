@@ -202,7 +202,9 @@ def test_dtype_must_be_bfloat16_or_float16(dtype, mse_loss):
     "options, fragment",
     [
         ({"init_scale": 0.0}, "init_scale > 0"),
+        ({"init_scale": float("inf")}, "finite init_scale > 0"),  # (it would never come down: no update ever)
         ({"growth_factor": 1.0}, "growth_factor > 1"),
+        ({"growth_factor": float("inf")}, "finite growth_factor > 1"),
         ({"backoff_factor": 1.5}, "0 < backoff_factor < 1"),
         ({"growth_interval": 0}, "growth_interval must be a positive int, got 0"),
     ],

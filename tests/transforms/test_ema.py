@@ -366,3 +366,32 @@ def test_older_prefixed_averages_that_do_not_fit_the_model_are_still_refused(mak
             loopkit.ema_state(bad)
     fits = state.evolve(extras={**state.extras, "ema/params": prefixed(averages)})  # all prefixed, all fit
     assert_trees_equal(step(fits, data[0])[0].extras["ema/params"], step(state, data[0])[0].extras["ema/params"])
+
+
+class _WithIndexTable(nn.Module):
+    """A model holding an integer Parameter (frozen): an index table."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            self.lin = nn.Linear(3, 2)
+        self.table = nn.Parameter(torch.tensor([0, 2, 1, 7]), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x[:, self.table[:3]])
+
+
+def test_an_integer_parameter_is_averaged_as_averaged_model_averages_it(make_batches, assert_trees_equal):
+    # AveragedModel's EMA falls back to (ema * decay + p * (1 - decay)) cast back for a non-float dtype
+    loss_fn = lambda m, b: ((m(b[0][:, :3]) - b[1]) ** 2).mean()  # noqa: E731
+    data = make_batches(5)
+    ref = _WithIndexTable()
+    averaged = _raw_ema_loop(ref, torch.optim.SGD(ref.lin.parameters(), lr=0.1), data, loss_fn)
+
+    model = _WithIndexTable()
+    state = loopkit.TrainState.create(model, torch.optim.SGD(model.lin.parameters(), lr=0.1))
+    state, _ = loopkit.run_epochs(loopkit.with_ema(loopkit.train_step(loss_fn), DECAY), state, data, epochs=1,
+                                  progress=False)
+    assert_trees_equal(_ema_params(state), _averaged_params(averaged))
+    assert _ema_params(state)["table"].dtype == torch.int64

@@ -192,3 +192,29 @@ def test_sparse_gradients_are_refused_by_name(options):
     step = loopkit.with_grad_clip(loopkit.train_step(lambda m, b: m(b).pow(2).mean()), **options)
     with pytest.raises(TypeError, match="with_grad_clip: parameter 'weight' has a sparse gradient"):
         step(state, torch.tensor([[1, 2]]))
+
+
+class _Complex(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor([1 + 2j, -3 + 0.5j]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.w * x).abs().pow(2).sum(-1)
+
+
+def test_a_complex_gradient_is_clipped_by_norm_as_torch_clips_it_and_refused_by_value_naming_it():
+    x = torch.tensor([[1.0, 2.0], [0.5, -1.0]])
+    loss_fn = lambda m, b: m(b).mean()  # noqa: E731
+    ref = _Complex()
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    loss_fn(ref, x).backward()
+    torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5)
+    opt.step()
+    model = _Complex()
+    state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    new, _ = loopkit.with_grad_clip(loopkit.train_step(loss_fn), max_norm=0.5)(state, x)
+    assert torch.equal(new.model.w, ref.w)
+    # clip_grad_value_ clamps real numbers only: the error names the parameter and the option
+    with pytest.raises(TypeError, match="with_grad_clip: parameter 'w' has a complex gradient.*max_value"):
+        loopkit.with_grad_clip(loopkit.train_step(loss_fn), max_value=0.1)(state, x)

@@ -195,6 +195,35 @@ def test_default_prunable_takes_linear_and_conv_weights():
     assert default_prunable(nn.Linear(2, 2)) == ["weight"]
 
 
+def _normed_mlp(seed: int = 0) -> nn.Sequential:
+    """``_wide_mlp`` whose first layer's weight is parametrized (weight_norm): computed, no parameter to mask."""
+    model = _wide_mlp(seed)
+    nn.utils.parametrizations.weight_norm(model[0])
+    return model
+
+
+def test_a_parametrized_weight_is_left_to_its_parametrization_and_named_when_asked_for(make_batches, mse_loss,
+                                                                                       make_adam_state,
+                                                                                       assert_trees_equal):
+    assert default_prunable(_normed_mlp()) == ["2.weight"]
+    data = make_batches(6, d_in=4, d_out=2)
+    # the default prunes the plain layer only, as a raw loop pruning that layer alone
+    ref_model = _normed_mlp(0)
+    expected = _raw_pruned_loop(ref_model, torch.optim.Adam(ref_model.parameters(), lr=0.01), data, mse_loss,
+                                modules={"2.weight": ref_model[2]})
+    state = make_adam_state(_normed_mlp(0))
+    state, _ = loopkit.run_epochs(loopkit.with_pruning(loopkit.train_step(mse_loss), AMOUNT, POINTS), state, data,
+                                  epochs=1, progress=False)
+    assert_trees_equal(state.model[2].weight.detach(), expected["2.weight"])
+    assert_trees_equal(state.model[0].weight.detach(), ref_model[0].weight.detach())
+    # named by hand: refused before any update, naming where its parameters are
+    fresh = make_adam_state(_normed_mlp(0))
+    step = loopkit.donate(loopkit.with_pruning(loopkit.train_step(mse_loss), AMOUNT, [1], parameters=["0.weight"]))
+    with pytest.raises(KeyError, match=r"'0.weight' is parametrized .* under '0.parametrizations.weight'"):
+        step(fresh, data[0])
+    fresh.check_usable()
+
+
 @pytest.mark.parametrize(
     "amount, schedule, error, match",
     [
