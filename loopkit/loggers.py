@@ -98,7 +98,15 @@ def _check_metrics(metrics: Mapping[str, Any], step: Any, who: str) -> dict[str,
     for key, value in metrics.items():
         if not isinstance(key, str):
             raise TypeError(f"{who}.log_metrics: metric names must be strings, got {key!r}")
-        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, torch.Tensor, np.number)):
+        if key == "step":
+            raise ValueError(f"{who}.log_metrics: a metric named 'step' would take the place of the step; rename it")
+        if isinstance(value, torch.Tensor):
+            if value.numel() != 1 or value.dtype == torch.bool or value.is_complex():
+                shape = "x".join(map(str, value.shape)) or "0-dim"
+                raise TypeError(
+                    f"{who}.log_metrics: metric '{key}' is a {shape} {value.dtype} tensor; expected one real number"
+                )
+        elif isinstance(value, (bool, np.bool_, np.complexfloating)) or not isinstance(value, (int, float, np.number)):
             raise TypeError(f"{who}.log_metrics: metric '{key}' is a {type(value).__qualname__}; expected a number")
         out[key] = float(value)
     return out
@@ -117,6 +125,8 @@ def _plain_value(value: Any) -> Any:
         return [_plain_value(v) for v in value]
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         return value.item()
+    if isinstance(value, np.generic) or (isinstance(value, np.ndarray) and value.ndim == 0):
+        return value.item()  # numpy's numbers as Python's: a number in hparams.json and TensorBoard, not a string
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     return str(value)

@@ -103,7 +103,7 @@ def read_metrics(run_dir: str | os.PathLike) -> dict[str, tuple[list[int], list[
                         value = float(row[key])
                         steps.append(step)
                         values.append(value)
-            except (TypeError, ValueError) as e:
+            except (TypeError, ValueError, OverflowError) as e:  # (OverflowError: a step of inf)
                 raise ValueError(f"{path}, line {line}: not a number ({e})") from e
     return {k: v for k, v in series.items() if v[0]}
 

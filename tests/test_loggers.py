@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 
+import numpy as np
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -373,6 +374,42 @@ def test_bad_metrics_are_refused_naming_the_metric(tmp_path):
         logger.log_metrics({"acc": 1.0}, 1.5)
     with pytest.raises(TypeError, match="hparams must be a dict"):
         logger.log_hparams(["lr"])
+
+
+@pytest.mark.parametrize("cls", [CSVLogger, JSONLLogger, TensorBoardLogger, ConsoleLogger])
+def test_metrics_a_logger_cannot_write_as_one_number_are_refused_naming_them(tmp_path, cls):
+    logger = cls(stream=io.StringIO()) if cls is ConsoleLogger else cls(tmp_path)
+    cases = [
+        ({"step": 123.0}, ValueError, "a metric named 'step' would take the place of the step"),
+        ({"acc": torch.tensor([0.5, 0.7])}, TypeError, "metric 'acc' is a 2 torch.float32 tensor"),
+        ({"acc": torch.tensor(1 + 1j)}, TypeError, "metric 'acc' is a 0-dim torch.complex64 tensor"),
+        ({"flag": torch.tensor(True)}, TypeError, "metric 'flag' is a 0-dim torch.bool tensor"),
+        ({"acc": np.complex64(1)}, TypeError, "metric 'acc' is a complex64"),
+    ]
+    for metrics, error, match in cases:
+        with pytest.raises(error, match=f"{cls.__name__}.log_metrics: {match}"):
+            logger.log_metrics(metrics, 7)
+    logger.log_metrics({"acc": torch.tensor([0.5]), "n": np.int64(3)}, 7)  # one number each: written
+    if cls is CSVLogger:
+        assert read_csv(logger.log_dir)[1] == [{"step": "7", "acc": "0.5", "n": "3.0"}]
+
+
+def test_numpy_hparams_are_numbers_in_hparams_json_and_tensorboard(tmp_path):
+    hparams = {"batch_size": np.int64(32), "lr": np.float32(0.5), "amsgrad": np.bool_(True), "decay": np.array(0.25)}
+    expected = {"batch_size": 32, "lr": 0.5, "amsgrad": True, "decay": 0.25}
+    for cls in (CSVLogger, TensorBoardLogger):
+        logger = cls(tmp_path, cls.__name__)
+        logger.log_hparams(hparams, {"val/loss": 1.0})
+        logger.log_metrics({"val/loss": 1.0}, 1)
+        logger.finalize()
+        written = json.load(open(os.path.join(logger.log_dir, "hparams.json")))
+        assert {k: written[k] for k in expected} == expected
+        assert all(type(written[k]) is type(v) for k, v in expected.items())
+    acc = EventAccumulator(logger.log_dir, size_guidance={"tensors": 0})
+    acc.Reload()
+    content = acc.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    start = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info.hparams
+    assert start["batch_size"].number_value == 32 and start["lr"].number_value == 0.5
 
 
 # --- file formats ------------------------------------------------------------------------------

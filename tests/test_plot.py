@@ -112,6 +112,9 @@ def test_a_csv_that_is_not_a_run_is_refused(tmp_path):
     (tmp_path / "metrics.csv").write_text("step,loss\n1,high\n")
     with pytest.raises(ValueError, match="line 2: not a number"):
         plot_runs([tmp_path])
+    (tmp_path / "metrics.csv").write_text("step,loss\n1,0.5\ninf,0.25\n")  # (int(inf) is an OverflowError)
+    with pytest.raises(ValueError, match="line 3: not a number"):
+        plot_runs([tmp_path])
 
 
 def test_without_matplotlib_the_error_says_how_to_install_it(tmp_path, monkeypatch, capsys):
