@@ -690,7 +690,12 @@ def remove(path: str | os.PathLike, *, missing_ok: bool = False) -> bool:
     >>> tmp.cleanup()
     """
     path = Path(path)
-    if _NAME.match(path.name) is None and not (path / MANIFEST).is_file():  # (a folder of checkpoints, a file of one's own)
+    if not path.exists():  # (gone: removed by another process, or never there)
+        if missing_ok:
+            return False
+        raise FileNotFoundError(errno.ENOENT, f"remove: there is no checkpoint at {path}", str(path))
+    # (not a folder of checkpoints, nor a file or folder of one's own that merely has such a name)
+    if not path.is_dir() or (_NAME.match(path.name) is None and not (path / MANIFEST).is_file()):
         raise ValueError(f"remove: {path} is not a checkpoint (a folder named ckpt-...-step...-epoch...-batch...); "
                          "nothing was deleted")
     trash = path.with_name(f"{_TRASH}{path.name}-{secrets.token_hex(4)}")
@@ -1122,6 +1127,9 @@ def _newest_intact(directory: Path, state: TrainState) -> tuple[Path, tuple[Any,
                 vanished = True
                 break
             except CheckpointCorruptError as e:
+                if not info.path.exists():  # removed between the listing and the load: rotated away, not corrupt
+                    vanished = True
+                    break
                 corrupt.add(info.name)
                 warnings.warn(f"loopkit.restore: skipping checkpoint {info.path}: {e}", RuntimeWarning, stacklevel=3)
         if not vanished:

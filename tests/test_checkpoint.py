@@ -737,7 +737,7 @@ def _rotating(monkeypatch, name: str, newer: TrainState, root: Path) -> list[Pat
     return calls
 
 
-@pytest.mark.parametrize("moment", ["_safe_load", "_digest"])
+@pytest.mark.parametrize("moment", ["load", "_safe_load", "_digest"])  # (load: removed after listing, before reading)
 def test_a_checkpoint_removed_by_rotation_while_restore_reads_it_gives_the_newer_one(tmp_path, make_mlp, monkeypatch,
                                                                                     moment):
     """Reference: the checkpoint in the directory when restore returns (there was one at every moment). Before:
@@ -896,11 +896,25 @@ def test_remove_refuses_what_is_not_a_checkpoint_and_deletes_nothing(tmp_path):
     kept = checkpoint.save(state, tmp_path / "ckpt")
     notes = tmp_path / "notes.txt"
     notes.write_text("mine")
-    for path in (tmp_path / "ckpt", notes):
+    named_like_one = tmp_path / "ckpt-000001-step1-epoch0-batch0"  # a file of one's own, though named as one
+    named_like_one.write_text("mine too")
+    for path in (tmp_path / "ckpt", notes, named_like_one):
         with pytest.raises(ValueError, match="is not a checkpoint.*nothing was deleted"):
             checkpoint.remove(path)
-    assert kept.exists() and notes.read_text() == "mine"
+    assert kept.exists() and notes.read_text() == "mine" and named_like_one.read_text() == "mine too"
     assert checkpoint.remove(kept) and not kept.exists()
+
+
+def test_remove_of_a_checkpoint_already_gone_is_false_with_missing_ok_and_says_it_is_missing_without(tmp_path):
+    """A renamed checkpoint already removed raised "is not a checkpoint" in both cases."""
+    state = TrainState.create(torch.nn.Linear(2, 1))
+    renamed = tmp_path / "best"
+    os.rename(checkpoint.save(state, tmp_path / "ckpt"), renamed)
+    assert checkpoint.is_checkpoint(renamed) and checkpoint.remove(renamed)
+    for gone in (renamed, tmp_path / "ckpt" / "ckpt-000009-step9-epoch0-batch9"):
+        assert checkpoint.remove(gone, missing_ok=True) is False
+        with pytest.raises(FileNotFoundError, match=f"remove: there is no checkpoint at {gone}"):
+            checkpoint.remove(gone)
 
 
 def test_read_meta_and_load_name_a_folder_of_checkpoints_and_a_missing_path_as_such(tmp_path):

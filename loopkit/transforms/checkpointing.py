@@ -155,11 +155,12 @@ class CheckpointStep(UpdateStep):
         elif event == "epoch_end":
             n = self.every_n_epochs
             completed = state.batch_index == 0 and state.epoch > 0  # not a partial epoch cut by max_steps
-            if n and completed and state.epoch % n == 0:
-                self._save_all_ranks(state, f"every_n_epochs={n}", score=None)
+            due = f"every_n_epochs={n}" if n and completed and state.epoch % n == 0 else None
             no_steps = not any(k.startswith("train/") for k in metrics)  # e.g. resumed right at its end
             if self.monitor is not None and not self.monitor.startswith("val/") and not no_steps:
-                self._score(state, metrics)
+                self._score(state, metrics, due=due)  # one save, its score in its meta.json (a kill loses none)
+            elif due is not None:
+                self._save_all_ranks(state, due, score=None)
         elif event == "stop":
             self._save_all_ranks(state, "stop", score=None)
             self.saver.wait()
@@ -183,24 +184,28 @@ class CheckpointStep(UpdateStep):
         """Wait until every save this step started is on disk; raise the error of one that failed."""
         self.saver.wait()
 
-    def _score(self, state: TrainState, metrics: Mapping[str, float]) -> None:
+    def _score(self, state: TrainState, metrics: Mapping[str, float], *, due: str | None = None) -> None:
+        """Save ``state`` scored by the monitor if the score ranks among the best, or anyway when a save is
+        ``due`` (its reason) at this point."""
         if self.monitor not in metrics:
             raise KeyError(f"with_checkpointing: monitor '{self.monitor}' is not among the metrics {sorted(metrics)}")
         value = float(metrics[self.monitor])
         if math.isnan(value):  # ranked as the worst value, as Lightning's ModelCheckpoint ranks it
             value = _worst(self.mode)
-        self._save_all_ranks(state, f"monitor {self.monitor}", score=value)
+        self._save_all_ranks(state, due or f"monitor {self.monitor}", score=value, due=due is not None)
 
-    def _save_all_ranks(self, state: TrainState, reason: str, score: float | None) -> None:
+    def _save_all_ranks(self, state: TrainState, reason: str, score: float | None, *, due: bool = True) -> None:
         """A save this transform makes itself, which every rank reaches at the same point: under DDP the
         running sums and records of every rank go into it (:func:`loopkit._window.over_ranks`, a collective), then
         rank 0 writes it."""
         if not self.saver.checked:  # (a lazy module's shapes are known once a step ran)
             self._check_directory(state, agreed=True)
         extras = over_ranks(state.extras, state.rng, state.model)
-        self._persist(state if extras is state.extras else replace_extras(state, extras), reason, score)
+        self._persist(state if extras is state.extras else replace_extras(state, extras), reason, score, due=due)
 
-    def _persist(self, state: TrainState, reason: str, score: float | None) -> None:
+    def _persist(self, state: TrainState, reason: str, score: float | None, *, due: bool = True) -> None:
+        """Save ``state`` (rank 0), with ``score`` if given; a scored save that is not ``due`` otherwise is
+        made only if the score ranks among the best."""
         if not is_rank_zero():
             return
         position = (state.step, state.epoch, state.batch_index)
@@ -215,7 +220,7 @@ class CheckpointStep(UpdateStep):
         if saver.last != position:
             if score is not None:
                 saver.wait()  # a pending save's score counts in the ranking, as it does without async_save
-            if score is not None and not self._ranks(score):
+            if score is not None and not due and not self._ranks(score):
                 return  # not among the best: no need for a checkpoint here
             superseded, carried = self._same_update(position)
             score = carried if score is None else score
@@ -250,13 +255,26 @@ class CheckpointStep(UpdateStep):
         """The checkpoint this run saved of the same update one position earlier (a step save on an epoch's
         last batch, when the epoch's end is saved too), which the save at ``position`` (the next epoch's
         start, what a resumed run continues from) replaces, and the score it carries over; (None, None)
-        when there is none. One update is saved once: keep_last counts training points."""
+        when there is none. One update is saved once: keep_last counts training points. A run that has not
+        saved yet looks at the newest checkpoint in the directory: a run killed between the two saves
+        resumes from the step save and makes the epoch save."""
         last = self.saver.last
         step, epoch, batch = position
-        if last is None or batch != 0 or last[0] != step or last[1] != epoch - 1 or last[2] == 0:
+        if batch != 0:
             return None, None
-        self.saver.wait()  # (its name and score are known once it is written)
-        name = self.saver.names.get(last)
+        if last is None:
+            found = checkpoint.list_checkpoints(self.directory)
+            if not found:
+                return None, None
+            newest = found[-1]
+            last, name = (newest.step, newest.epoch, newest.batch_index), newest.name
+        else:
+            name = None
+        if last[0] != step or last[1] != epoch - 1 or last[2] == 0:
+            return None, None
+        if name is None:
+            self.saver.wait()  # (its name and score are known once it is written)
+            name = self.saver.names.get(last)
         if name is None or self.monitor is None:
             return name, None
         with self.saver.lock:
@@ -321,14 +339,16 @@ class CheckpointStep(UpdateStep):
     # Which checkpoints to keep -------------------------------------------------------------
 
     def _scores(self) -> dict[str, float]:
-        """The scores of the checkpoints in the directory (loaded on first use): ``scores.json``, completed
-        from the scores the checkpoints' own ``meta.json`` record (a run killed after a scored checkpoint was
-        renamed into place and before ``scores.json`` was rewritten)."""
+        """The scores of the checkpoints in the directory (loaded on first use): ``scores.json``'s of those
+        still there (one removed by hand or by ``checkpoint.remove`` ranks no more), completed from the scores
+        the checkpoints' own ``meta.json`` record (a run killed after a scored checkpoint was renamed into
+        place and before ``scores.json`` was rewritten)."""
         saver = self.saver
         if saver.scores is None:
             data = checkpoint.read_scores(self.directory)
             same = data.get("monitor") == self.monitor and data.get("mode") == self.mode
-            saver.scores = dict(data["scores"]) if same else {}
+            there = {c.name for c in checkpoint.list_checkpoints(self.directory)}
+            saver.scores = {n: v for n, v in data["scores"].items() if n in there} if same else {}
             saver.scores.update(self._recorded_scores(set(saver.scores)))
         return saver.scores
 
@@ -351,8 +371,9 @@ class CheckpointStep(UpdateStep):
         """Whether ``score`` would be among the best ``keep_best`` recorded so far."""
         if self.keep_best == 0:
             return False
+        there = {c.name for c in checkpoint.list_checkpoints(self.directory)}  # (not one removed meanwhile)
         with self.saver.lock:
-            values = sorted(v for v in self._scores().values() if _ranked(v))
+            values = sorted(v for n, v in self._scores().items() if n in there and _ranked(v))
         if self.mode == "max":
             values.reverse()
         if len(values) < self.keep_best:

@@ -676,6 +676,95 @@ def test_a_kill_right_after_the_best_checkpoint_is_saved_loses_neither_it_nor_it
     }
 
 
+_EPOCH_RUN = r"""
+import os, sys, warnings
+warnings.filterwarnings("ignore")
+import torch
+torch.set_num_threads(1)
+import loopkit
+from loopkit import checkpoint
+directory, case, die_in, die_at = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+calls = {"n": 0}
+original = getattr(checkpoint, die_in)
+def dying(*args, **kwargs):  # what SIGKILL at that moment does
+    calls["n"] += 1
+    if calls["n"] == die_at:
+        os._exit(137)
+    return original(*args, **kwargs)
+setattr(checkpoint, die_in, dying)
+torch.manual_seed(0)
+model = torch.nn.Linear(2, 1)
+state = loopkit.restore(loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1)), directory)
+LOSSES = [3.0, 1.0, 2.0, 4.0]  # train/loss per epoch: the 2nd epoch's is the best
+epoch = {"n": state.epoch}
+class Epochs:
+    def on_epoch_start(self, state):
+        epoch["n"] = state.epoch
+if case == "train_monitor":
+    step = loopkit.with_checkpointing(loopkit.train_step(lambda m, b: m(b).sum() * 0 + LOSSES[epoch["n"]]),
+                                      directory, every_n_epochs=1, keep_last=1, monitor="train/loss", keep_best=1)
+    data = [torch.ones(1, 2)]
+else:  # step and epoch saves: one checkpoint per update
+    step = loopkit.with_checkpointing(loopkit.train_step(lambda m, b: m(b).pow(2).mean()), directory,
+                                      every_n_steps=1, every_n_epochs=1, keep_last=None)
+    data = [torch.ones(1, 2), torch.zeros(1, 2)]
+loopkit.run_epochs(step, state, data, epochs=4, callbacks=[Epochs()], progress=False)
+"""
+
+
+def _epoch_run(directory: Path, case: str, die_in: str = "write", die_at: int = 0) -> int:
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(Path(loopkit.__file__).parents[1]), "OPENBLAS_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-c", _EPOCH_RUN, str(directory), case, die_in, str(die_at)], env=env,
+                          timeout=300).returncode
+
+
+def _kept(directory: Path) -> list[tuple[str, float | None]]:
+    scores = checkpoint.read_scores(directory).get("scores", {})
+    return [(c.name, scores.get(c.name)) for c in checkpoint.list_checkpoints(directory)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case, die_in, die_at", [
+    ("train_monitor", "write_scores", 2),  # killed before scores.json gets the best (2nd) epoch's score
+    ("one_save_per_update", "write", 3),  # killed as the 1st epoch-end save starts (update 2, saved at its step)
+])
+def test_a_kill_at_an_epoch_end_save_resumes_to_the_checkpoints_of_the_uninterrupted_run(tmp_path, case, die_in,
+                                                                                        die_at):
+    """Reference: the same run uninterrupted. Before: a train/ monitor's epoch save was written without its
+    score, which a kill before scores.json lost (the resumed run then removed the best checkpoint); and a run
+    killed between an epoch's last step save and its epoch-end save kept two checkpoints of that update."""
+    assert _epoch_run(tmp_path / "reference", case) == 0
+    assert _epoch_run(tmp_path / "killed", case, die_in, die_at) == 137
+    assert _epoch_run(tmp_path / "killed", case) == 0
+    assert _kept(tmp_path / "killed") == _kept(tmp_path / "reference")
+    if case == "train_monitor":
+        assert [score for _, score in _kept(tmp_path / "reference")] == [1.0, 4.0]
+
+
+@pytest.mark.parametrize("how", ["checkpoint.remove", "by hand"])
+def test_the_scores_of_checkpoints_removed_since_rank_no_more(tmp_path, how):
+    """Reference: the same run in an empty folder. Before: scores.json still ranked the removed best
+    checkpoint, so no later monitored save ranked and the run kept nothing."""
+    import shutil
+
+    def fit(directory: Path, scores: list[float]) -> None:
+        step = with_checkpointing(_count_step, directory, keep_last=1, monitor="val/loss", keep_best=1)
+        state = TrainState.create(nn.Linear(1, 1))
+        for score in scores:
+            state, _ = step(state, None)
+            step.on_event("validation_end", state, {"val/loss": score})
+
+    fit(tmp_path / "run", [2.0, 1.0, 3.0])
+    for info in checkpoint.list_checkpoints(tmp_path / "run"):
+        checkpoint.remove(info.path) if how == "checkpoint.remove" else shutil.rmtree(info.path)
+    fit(tmp_path / "run", [2.0, 1.5, 3.0])
+    fit(tmp_path / "reference", [2.0, 1.5, 3.0])
+    assert _kept(tmp_path / "run") == _kept(tmp_path / "reference") != []
+
+
 def test_rotation_tolerates_a_checkpoint_another_writer_removed_and_says_so_once(tmp_path, monkeypatch):
     """Two runs in one folder: the other one's rotation removes a checkpoint this one is about to remove.
     Reference: the checkpoints the same run keeps alone. Before: a bare FileNotFoundError from os.rename."""
