@@ -185,7 +185,8 @@ def own_share(extras: Mapping[str, Any], rank: int, world_size: int, device: tor
     """``extras`` as restored from a checkpoint :func:`over_ranks` wrote: each rank's own windows (rank 0's
     are there already; another's come from the saved parts, onto ``device``). With another number of ranks
     than the run that saved it, rank 0's windows take every saved rank's records and the others start
-    empty: the means still count each record once. ``extras`` itself when no such checkpoint."""
+    empty, the saved records weighed so that each update counts as one of this run's (:func:`_scale`).
+    ``extras`` itself when no such checkpoint."""
     if OVER_RANKS not in extras:
         return extras
     saved = extras[OVER_RANKS]
@@ -202,7 +203,21 @@ def own_share(extras: Mapping[str, Any], rank: int, world_size: int, device: tor
         for part in saved["ranks"].values():
             for window in windows:
                 _merge_into(new, window, to_device(_windows_only(part), device))
+        for window in windows:  # each update counts as much as one of this run's, which has world_size records
+            _scale(new, window, world_size / int(saved["world_size"]))
     return types.MappingProxyType(new)
+
+
+def _scale(extras: dict[str, Any], window: Window, factor: float) -> None:
+    """``window``'s records in ``extras``, summed, weighing ``factor`` each: a run saved on W ranks made W
+    records an update, one resumed on W' makes W', so the saved ones weigh W'/W (the means weigh each update
+    alike, as in an uninterrupted run on either number of ranks)."""
+    if factor == 1:
+        return
+    sums, counts = window._fold(extras, window.records(extras))
+    extras[window.sums] = {key: total * factor for key, total in sums.items()}
+    extras[window.counts] = {key: count * factor for key, count in counts.items()}
+    extras[window.pending] = ()
 
 
 def _windows_only(part: Mapping[str, Any]) -> dict[str, Any]:

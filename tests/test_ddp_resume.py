@@ -104,22 +104,31 @@ def _resume_on_two(rank: int, directory: str) -> dict:
     return {"start": start, "history": history, "losses": losses.seen, "params": _params(state)}
 
 
+def _each_update_weighed_alike(one_process: list[float], ranks: list[dict]) -> float:
+    """The epoch mean of a run resumed on two ranks from one process's records, each update weighing alike:
+    an update of one process is one record, one of two ranks two (one a rank)."""
+    after = ranks[0]["losses"] + ranks[1]["losses"]
+    return (2 * sum(one_process) + sum(after)) / (2 * len(one_process) + len(after))
+
+
 @pytest.mark.slow
-def test_a_mid_epoch_checkpoint_of_one_process_resumed_on_two_counts_its_records_once(tmp_path):
-    """Every rank took the whole saved epoch window, so the records before the resume counted twice in the
-    epoch's mean (rank 0 must take them, the others start empty, as for any other change of the ranks)."""
+def test_a_mid_epoch_checkpoint_of_one_process_resumed_on_two_weighs_each_update_alike(tmp_path):
+    """Reference: the uninterrupted one-process epoch (the halves' mean loss is the whole batch's). Every rank
+    took the whole saved epoch window once, so the records before the resume counted twice; then rank 0 took
+    them, each once, so an update before the resume counted half as much as one after it."""
     directory = tmp_path / "ckpt"
     one = _Losses()
     step = loopkit.with_checkpointing(loopkit.train_step(_mse), directory, every_n_steps=1)
     loopkit.run_epochs(step, _state(), _batches(), max_steps=2, callbacks=[one], progress=False)
     ranks = _spawn(tmp_path, _resume_on_two, str(directory))
     assert [r["start"] for r in ranks] == [2, 2]
-    records = one.seen + ranks[0]["losses"] + ranks[1]["losses"]  # each rank's own records after the resume
-    assert len(records) == 6
+    reference, (whole,) = loopkit.run_epochs(loopkit.train_step(_mse), _state(), _batches(), epochs=1,
+                                             progress=False)
+    assert len(one.seen) + len(ranks[0]["losses"]) + len(ranks[1]["losses"]) == 6
     for r in ranks:
         (record,) = r["history"]
-        assert record["train/loss"] == pytest.approx(sum(records) / len(records), rel=1e-6)
-    reference, _ = loopkit.run_epochs(loopkit.train_step(_mse), _state(), _batches(), epochs=1, progress=False)
+        assert record["train/loss"] == pytest.approx(_each_update_weighed_alike(one.seen, ranks), rel=1e-6)
+        assert record["train/loss"] == pytest.approx(whole["train/loss"], rel=1e-6)
     for name, p in reference.model.named_parameters():  # (the halves' mean gradient is the whole batch's)
         assert torch.equal(ranks[0]["params"][name], ranks[1]["params"][name])
         assert (ranks[0]["params"][name] - p.detach()).abs().max() <= 1e-6
@@ -272,7 +281,7 @@ def test_shutdown_while_an_error_propagates_does_not_wait_for_the_other_ranks(tm
 
 
 @pytest.mark.slow
-def test_a_checkpoint_saved_by_hand_in_one_process_resumed_on_two_counts_its_records_once(tmp_path):
+def test_a_checkpoint_saved_by_hand_in_one_process_resumed_on_two_weighs_each_update_alike(tmp_path):
     """The one-rank mark was made by with_checkpointing's own saves only: loopkit.checkpoint.save (or the step's
     save()) wrote none, and every rank took the whole saved window again."""
     directory = tmp_path / "ckpt"
@@ -281,7 +290,6 @@ def test_a_checkpoint_saved_by_hand_in_one_process_resumed_on_two_counts_its_rec
                                   progress=False)
     loopkit.checkpoint.save(state, directory)
     ranks = _spawn(tmp_path, _resume_on_two, str(directory))
-    records = one.seen + ranks[0]["losses"] + ranks[1]["losses"]
     for r in ranks:
         (record,) = r["history"]
-        assert record["train/loss"] == pytest.approx(sum(records) / len(records), rel=1e-6)
+        assert record["train/loss"] == pytest.approx(_each_update_weighed_alike(one.seen, ranks), rel=1e-6)

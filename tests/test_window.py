@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from loopkit._window import EPOCH, OVER_RANKS, own_share
@@ -29,10 +30,14 @@ def test_each_rank_takes_its_own_window_back_with_the_same_number_of_ranks():
     assert EPOCH.records(rank1) == EPOCH.records(_window_of(10.0, 20.0, 30.0))  # the records themselves, unsummed
 
 
-def test_with_another_number_of_ranks_rank_zero_counts_every_saved_record_once():
+def test_with_another_number_of_ranks_rank_zero_takes_every_saved_record_weighed_as_this_runs_updates():
+    # saved on 2 ranks (2 records an update), resumed on 4 (4 records an update): each saved record weighs 4/2
     rank0 = own_share(_saved(), 0, 4, "cpu")
     rank3 = own_share(_saved(), 3, 4, "cpu")
-    assert EPOCH.means(rank0) == {"loss": (1 + 2 + 10 + 20 + 30) / 5}
+    assert EPOCH.means(rank0) == {"loss": (1 + 2 + 10 + 20 + 30) / 5}  # (alone, the weights cancel)
+    assert EPOCH.means(EPOCH.add(rank0, {"loss": torch.tensor(100.0)})) == pytest.approx(
+        {"loss": (2 * (1 + 2 + 10 + 20 + 30) + 100) / (2 * 5 + 1)}
+    )
     assert EPOCH.means(rank3) == {}
 
 
