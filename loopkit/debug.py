@@ -77,6 +77,11 @@ def _difference(a: Any, b: Any, path: str) -> str | None:
     return None
 
 
+#: the hooks a module and a parameter hold (torch's attributes): a step that adds one changes the state
+_MODULE_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+_TENSOR_HOOKS = ("_backward_hooks", "_post_accumulate_grad_hooks")
+
+
 def _module_facts(model: torch.nn.Module) -> dict[str, Any]:
     """What the state dict does not hold about the modules: class, training mode, plain settings, hooks
     (the modules' and the parameters' own gradient hooks), which parameters take gradients (each by the
@@ -88,8 +93,8 @@ def _module_facts(model: torch.nn.Module) -> dict[str, Any]:
             "class": type(module).__qualname__,
             "training": module.training,
             "settings": module_settings(module),
-            "hooks": [len(getattr(module, h, ())) for h in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks")],
-            "gradient hooks": {n: len(p._backward_hooks or ()) for n, p in own.items()},
+            "hooks": [len(getattr(module, h, None) or ()) for h in _MODULE_HOOKS],
+            "gradient hooks": {n: [len(getattr(p, h, None) or ()) for h in _TENSOR_HOOKS] for n, p in own.items()},
             "requires_grad": {n: p.requires_grad for n, p in own.items()},
         }
     return facts

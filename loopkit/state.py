@@ -732,6 +732,8 @@ def _clone_tensor(t: torch.Tensor, memo: dict[int, Any]) -> torch.Tensor:
         new = type(t)(t.detach().clone(), t.requires_grad)
         if t.grad is not None:
             new.grad = t.grad.clone()
+        for name, value in t.__dict__.items():  # (the attributes set on it, a ``no_decay`` tag, as for a Parameter)
+            new.__dict__.setdefault(name, value)
         _keep_tensor_hooks(t, new)
     else:
         base = t._base
@@ -916,11 +918,13 @@ def _clone_optimizer(
     attributes["param_groups"] = groups
     for name in optimizer.__dict__.keys() - _OPTIMIZER_STANDARD:
         value = attributes[name]
-        for group, copied in zip(optimizer.param_groups, groups):  # LBFGS keeps its group's parameter list as
-            if value is group["params"]:  # ``_params`` too
-                attributes[name] = copied["params"]
-        if isinstance(value, torch.optim.Optimizer):  # a wrapper's inner optimizer (Lookahead, SAM): the copy's own
+        lists = [copied["params"] for group, copied in zip(optimizer.param_groups, groups) if value is group["params"]]
+        if lists:  # LBFGS keeps its group's parameter list as ``_params`` too
+            attributes[name] = lists[0]
+        elif isinstance(value, torch.optim.Optimizer):  # a wrapper's inner optimizer (Lookahead, SAM): the copy's own
             attributes[name] = _clone_optimizer(value, memo, with_state)
+        else:  # an optimizer's own data outside ``state`` (a tensor counter, a history list): copied as a module's
+            attributes[name] = _copied_attribute(value, memo)
     state: defaultdict = defaultdict(dict)
     for p, entry in optimizer.state.items() if with_state else ():
         state[_clone_tensor(p, memo)] = _clone_entry(entry, memo)
@@ -1136,7 +1140,7 @@ def _decode_optimizer(plain: Any, template: dict[str, Any], optimizer: torch.opt
     params = [p for g in optimizer.param_groups for p in g["params"]]
     current = template.get("state", {})
     state: dict[int, dict[str, Any]] = {}
-    expected_keys = _state_keys(optimizer, groups) if plain["state"] else []
+    expected_keys = _state_keys(optimizer, groups) if plain["state"] else []  # (each key -> its probed shape)
     for index, entry in plain["state"].items():
         path = ("optimizer", "state", index)
         if not str(index).isdigit() or int(index) >= len(params):
@@ -1148,13 +1152,17 @@ def _decode_optimizer(plain: Any, template: dict[str, Any], optimizer: torch.opt
         entry = {k: v for k, v in decode_tree(entry, path).items() if v is not None}  # (as torch keeps them)
         _check_keys(entry, expected_keys[int(index)] if expected_keys else None, path)
         param = params[int(index)]
+        probed = expected_keys[int(index)] if expected_keys else None
         for name, value in entry.items():
             known = current.get(str(index), {}).get(name)
-            # without the template's own entry (a fresh template), the keys torch's optimizers keep
-            # in the parameter's shape are checked against it; others (Adafactor's row and column
-            # variances, LBFGS's flat directions) have shapes of their own
+            # without the template's own entry (a fresh template), the shape the probe's step gave (Adam's
+            # 0-dim step, Adafactor's row and column variances), else the keys torch's optimizers keep in the
+            # parameter's shape are checked against it; others (LBFGS's flat directions) are not checked
+            probed_shape = _shape_for(probed.get(name), param) if probed else None
             if isinstance(known, torch.Tensor):
                 expected = known.shape
+            elif probed_shape is not None:
+                expected = probed_shape
             elif name in _PARAM_SHAPED:
                 expected = param.shape
             else:
@@ -1181,17 +1189,44 @@ def _check_keys(entry: Mapping[str, Any], keys: tuple[str, ...] | None, path: tu
             raise StateMismatchError(f"unexpected key '{'.'.join(path + (key,))}'")
 
 
-def _state_keys(optimizer: torch.optim.Optimizer, groups: list[dict[str, Any]]) -> list[tuple[str, ...] | None]:
+#: the sizes of the probe's stand-in dimensions (distinct primes): a probed state's dimension of size 3 is the
+#: parameter's second dimension
+_PROBE_DIMS = (2, 3, 5, 7, 11, 13, 17, 19)
+
+
+def _shape_for(probed: tuple[int, ...] | None, param: torch.Tensor) -> tuple[int, ...] | None:
+    """The shape a state entry probed as ``probed`` (over the stand-in of ``param``) has for ``param``; None
+    when not known (not probed, or a dimension the stand-in's do not explain, such as a flattened one)."""
+    if probed is None or param.ndim > len(_PROBE_DIMS):
+        return None
+    dims = _PROBE_DIMS[: param.ndim]
+    shape = []
+    for size in probed:
+        if size in dims:
+            shape.append(param.shape[dims.index(size)])
+        elif size == 1:
+            shape.append(1)
+        else:
+            return None
+    return tuple(shape)
+
+
+def _state_keys(
+    optimizer: torch.optim.Optimizer, groups: list[dict[str, Any]]
+) -> list[dict[str, tuple[int, ...] | None] | None]:
     """The state keys a step of ``optimizer`` keeps for each of its parameters (by index) under the options of
-    ``groups`` (those being loaded), learnt from one step of a new optimizer of its class over stand-ins of
-    one element each (the parameters' dimensions and dtypes). Only for torch's own optimizers, whose keys are
-    set at their first step; ``[]`` (nothing checked) for others and where the probe cannot run (sparse
-    gradients, options the CPU does not take)."""
+    ``groups`` (those being loaded), each with the shape it had in the probe (None: not a tensor), learnt from
+    one step of a new optimizer of its class over small stand-ins (the parameters' dimensions, each of a size
+    of :data:`_PROBE_DIMS`, and dtypes). Only for torch's own optimizers, whose keys are set at their first
+    step; ``[]`` (nothing checked) for others and where the probe cannot run (sparse gradients, options the
+    CPU does not take)."""
     kind = type(optimizer)
-    if not kind.__module__.startswith("torch.optim.") or kind is torch.optim.LBFGS:
+    own = kind.__module__ != "torch.optim" and not kind.__module__.startswith("torch.optim.")  # (Adafactor: "torch.optim")
+    if own or kind is torch.optim.LBFGS:
         return []  # an optimizer of one's own may add keys as it goes (LBFGS does): its keys are not checked
     stand_ins = [
-        [nn.Parameter(torch.zeros((1,) * p.ndim, dtype=p.dtype)) for p in group["params"]]
+        [nn.Parameter(torch.zeros(_PROBE_DIMS[: p.ndim] if p.ndim <= len(_PROBE_DIMS) else (1,) * p.ndim, dtype=p.dtype))
+         for p in group["params"]]
         for group in optimizer.param_groups
     ]
     try:
@@ -1205,7 +1240,11 @@ def _state_keys(optimizer: torch.optim.Optimizer, groups: list[dict[str, Any]]) 
     except Exception:  # a custom optimizer's own ways: its state keys are not checked
         return []
     found = [probe.state.get(p) for ps in stand_ins for p in ps]
-    return [None if entry is None else tuple(k for k, v in entry.items() if v is not None) for entry in found]
+    return [
+        None if entry is None
+        else {k: tuple(v.shape) if isinstance(v, torch.Tensor) else None for k, v in entry.items() if v is not None}
+        for entry in found
+    ]
 
 
 def _decode_rng(plain: Any, template: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -1004,11 +1004,15 @@ def _closure_update(step: TrainStep, state: TrainState, batch: Any, optimizer: t
             loss.backward()
         return loss
 
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    versions = [p._version for p in params]
     try:
         optimizer.step(closure)
     except BaseException as error:
         scope.discard()
-        if len(runs) == 0:  # failed in the first run's forward or checks: nothing changed in place yet
+        # failed in the first run's forward or checks: nothing changed in place yet, unless the optimizer moved
+        # the parameters before it asked for the loss (SAM's ascent step)
+        if len(runs) == 0 and all(p._version == v for p, v in zip(params, versions)):
             leave_intact(error, state)
         raise
     rng = scope.close()

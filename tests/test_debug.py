@@ -117,7 +117,10 @@ def test_donated_steps_and_other_states_are_refused(make_mlp, make_sgd_state, ba
     # a plain setting a forward reads, a gradient hook on a parameter, a parameter the optimizer no longer holds
     (lambda m: setattr(m[0], "in_features", 99), r"modules\.0\.settings\.in_features changed from \d+ to 99"),
     (lambda m: setattr(m[0], "temperature", 2.0), r"modules\.0\.settings\.temperature is new"),
-    (lambda m: m[0].weight.register_hook(lambda g: g), r"modules\.0\.gradient hooks\.weight changed from 0 to 1"),
+    (lambda m: m[0].weight.register_hook(lambda g: g), r"modules\.0\.gradient hooks\.weight\.0 changed from 0 to 1"),
+    (lambda m: m[0].weight.register_post_accumulate_grad_hook(lambda p: None),
+     r"modules\.0\.gradient hooks\.weight\.1 changed from 0 to 1"),
+    (lambda m: m[1].register_full_backward_pre_hook(lambda *a: None), r"modules\.1\.hooks\.3 changed from 0 to 1"),
     (lambda m: setattr(m[0], "weight", torch.nn.Parameter(m[0].weight.detach().clone())),
      r"optimizer parameters\.0\.0 changed from '0\.weight' to None"),
 ])

@@ -708,6 +708,33 @@ def test_a_fresh_template_still_refuses_adam_moments_of_another_shape(make_mlp, 
     assert_trees_equal(take_snapshot(fresh), before)
 
 
+@pytest.mark.parametrize("optimizer, key, value", [
+    (torch.optim.Adafactor, "row_var", torch.zeros(5, 1)),  # e.g. parameters given to the optimizer in another order
+    (torch.optim.Adafactor, "col_var", torch.zeros(1, 9)),
+    (torch.optim.Adam, "step", torch.zeros(3)),
+])
+def test_a_fresh_template_refuses_optimizer_state_of_another_shape_than_its_optimizer_keeps(
+    make_mlp, batches, mse_loss, take_snapshot, assert_trees_equal, optimizer, key, value
+):
+    """The shapes a step of the optimizer gives its state (a probe over small stand-ins), not only the keys kept
+    in the parameters' shape: these loaded, and the first step failed with a bare size mismatch."""
+
+    def fresh(seed):
+        model = make_mlp(seed)
+        return loopkit.TrainState.create(model, optimizer(model.parameters()))
+
+    trained, _ = loopkit.train_step(mse_loss)(fresh(0), batches[0])
+    sd = trained.state_dict()
+    expected = tuple(trained.optimizer.state[trained.model[0].weight][key].shape)
+    sd["optimizer"]["state"]["0"][key] = value
+    template = fresh(1)
+    before = take_snapshot(template)
+    shapes = re.escape(f"{tuple(value.shape)}, expected {expected}")
+    with pytest.raises(loopkit.StateMismatchError, match=rf"mis-shaped key 'optimizer.state.0.{key}'.*{shapes}"):
+        template.load_state_dict(sd)
+    assert_trees_equal(take_snapshot(template), before)
+
+
 class _SharedStats(nn.Module):
     """A buffer that is a view (a row) of another module's buffer, updated in place through the owner."""
 
@@ -980,6 +1007,66 @@ def test_a_wrapper_optimizers_inner_optimizer_is_copied_for_a_pure_step():
         assert new.optimizer.inner.param_groups is new.optimizer.param_groups  # shared, as in the original
         state = new
     assert torch.equal(state.model.weight, raw_model.weight) and torch.equal(state.model.bias, raw_model.bias)
+
+
+def test_an_optimizers_own_data_outside_its_state_is_copied_for_a_pure_step(take_snapshot, assert_trees_equal):
+    """An optimizer keeping a tensor counter and a history list as attributes: the copy shared them, so pure
+    calls advanced the given state's. Reference: the raw loop, and a second pure call from the same state."""
+
+    class WarmSGD(torch.optim.SGD):
+        def __init__(self, params, lr):
+            super().__init__(params, lr=lr)
+            self.t = torch.zeros(())
+            self.history: list[float] = []
+
+        @torch.no_grad()
+        def step(self, closure=None):
+            self.t += 1
+            self.history.append(float(self.t))
+            for group in self.param_groups:
+                for p in group["params"]:
+                    p.add_(p.grad, alpha=-group["lr"] * min(1.0, float(self.t) / 10))
+
+    loss = lambda m, b: m(b).pow(2).mean()  # noqa: E731
+    batches = [torch.randn(4, 3, generator=torch.Generator().manual_seed(k)) for k in range(3)]
+    torch.manual_seed(0)
+    raw_model = nn.Linear(3, 1)
+    raw = WarmSGD(raw_model.parameters(), lr=0.1)
+    for batch in batches:
+        raw.zero_grad()
+        loss(raw_model, batch).backward()
+        raw.step()
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    state = loopkit.TrainState.create(model, WarmSGD(model.parameters(), lr=0.1))
+    step = loopkit.train_step(loss)
+    first, _ = step(state, batches[0])
+    again, _ = step(state, batches[0])
+    assert float(state.optimizer.t) == 0 and state.optimizer.history == []
+    assert torch.equal(first.model.weight, again.model.weight)
+    for batch in batches[1:]:
+        first, _ = step(first, batch)
+    assert torch.equal(first.model.weight, raw_model.weight) and first.optimizer.history == raw.history == [1.0, 2.0, 3.0]
+
+
+def test_attributes_set_on_parameters_survive_a_pure_step_as_a_donated_one(mse_loss, batches):
+    """Tags a user sets on parameters (``no_decay``): a Parameter subclass's were dropped by the pure copy."""
+
+    class TaggedParameter(nn.Parameter):
+        pass
+
+    def build():
+        model = nn.Sequential(nn.Linear(4, 2))
+        model[0].weight = TaggedParameter(model[0].weight.detach().clone())
+        model[0].weight.no_decay = True
+        model[0].bias.no_decay = False
+        return loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+
+    donated, _ = loopkit.donate(loopkit.train_step(mse_loss))(build(), batches[0])
+    pure, _ = loopkit.train_step(mse_loss)(build(), batches[0])
+    for state in (donated, pure):
+        assert type(state.model[0].weight) is not nn.Parameter and isinstance(state.model[0].weight, nn.Parameter)
+        assert (state.model[0].weight.no_decay, state.model[0].bias.no_decay) == (True, False)
 
 
 def test_a_torchscript_model_is_refused_where_it_would_be_copied_and_saved_where_it_trains_donated():

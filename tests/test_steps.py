@@ -799,6 +799,55 @@ def test_another_closure_optimizer_is_handed_a_closure_too(make_mlp, batches, ms
     assert state.step == 3
 
 
+class _SAM(torch.optim.Optimizer):
+    """A sharpness-aware optimizer: its step moves the parameters (the ascent) before it asks for the loss."""
+
+    def __init__(self, params, lr=0.1, rho=0.5):
+        super().__init__(params, {"lr": lr, "rho": rho})
+
+    def step(self, closure):
+        with torch.no_grad():
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        self.state[p]["e"] = group["rho"] * p.grad / (p.grad.norm() + 1e-12)
+                        p.add_(self.state[p]["e"])
+        closure()
+        with torch.no_grad():
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        p.sub_(self.state[p]["e"]).sub_(group["lr"] * p.grad)
+
+
+@pytest.mark.parametrize("fails_at", [1, 2])
+def test_a_closure_optimizer_whose_loss_fails_is_intact_only_if_nothing_moved(make_mlp, batches, mse_loss, fails_at):
+    """The loss_fn's call 1 (before any backward) leaves the state whole; call 2 comes after SAM's ascent moved
+    the parameters in place, which state_at_error called intact."""
+    calls = []
+
+    def loss_fn(model, batch):
+        calls.append(1)
+        if len(calls) == fails_at:
+            raise FloatingPointError("the loss check failed")
+        return mse_loss(model, batch)
+
+    model = make_mlp(0)
+    state = loopkit.TrainState.create(model, _SAM(model.parameters()))
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(FloatingPointError) as info:
+        loopkit.donate(loopkit.train_step(loss_fn))(state, batches[0])
+    moved = any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    assert moved == (fails_at == 2)
+    if moved:
+        assert loopkit.state_at_error(info.value) is None
+        with pytest.raises(loopkit.DonatedStateError):
+            state.check_usable()
+    else:
+        assert loopkit.state_at_error(info.value) is state
+        state.check_usable()
+
+
 def test_an_lbfgs_run_resumes_from_a_file_as_the_uninterrupted_run(batches, mse_loss):
     """LBFGS keeps lists of tensors (and None) in its state: a state dict written to a file and loaded
     back must give them back as lists (they came back as {'0': ...} dicts, and the next step failed)."""
