@@ -195,8 +195,8 @@ class EarlyStopping(MonitorCallback):
         if mode not in ("min", "max"):
             raise ValueError(f"EarlyStopping: mode must be 'min' or 'max', got {mode!r}")
         patience_, min_delta_ = as_int(patience), as_real(min_delta)
-        if patience_ is None or patience_ < 1:
-            raise ValueError(f"EarlyStopping: patience must be a positive int, got {patience!r}")
+        if patience_ is None or patience_ < 0:  # (0, as in Lightning: stop at the first check without improvement)
+            raise ValueError(f"EarlyStopping: patience must be an int >= 0, got {patience!r}")
         if min_delta_ is None or not min_delta_ >= 0:
             raise ValueError(f"EarlyStopping: min_delta must be >= 0, got {min_delta!r}")
         patience, min_delta = patience_, min_delta_

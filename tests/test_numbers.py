@@ -68,7 +68,7 @@ def test_run_epochs_options_may_be_numpy_numbers(make_mlp, make_sgd_state, mse_l
 def test_early_stopping_options_may_be_numpy_numbers():
     numpy = loopkit.EarlyStopping("val/loss", patience=np.int64(2), min_delta=np.float32(0.5))
     assert (numpy.patience, numpy.min_delta) == (2, 0.5)
-    with pytest.raises(ValueError, match=r"patience must be a positive int, got np.int64\(0\)"):
-        loopkit.EarlyStopping("val/loss", patience=np.int64(0))
+    with pytest.raises(ValueError, match=r"patience must be an int >= 0, got np.int64\(-1\)"):
+        loopkit.EarlyStopping("val/loss", patience=np.int64(-1))
     with pytest.raises(ValueError, match="min_delta must be >= 0"):
         loopkit.EarlyStopping("val/loss", min_delta=np.float32(-1))

@@ -165,6 +165,10 @@ class CheckpointStep(UpdateStep):
             self._save_all_ranks(state, "stop", score=None)
             self.saver.wait()
         elif event in ("fit_end", "abort"):  # on abort: the saves already started finish
+            if event == "fit_end" and state.batch_index != 0 and (self.every_n_steps or self.every_n_epochs):
+                # a fit that ended mid-epoch (max_steps, a callback's stop at a step validation): its end is the
+                # newest checkpoint, as Lightning's last one holds it (its epoch-end save comes at such an end)
+                self._save_all_ranks(state, "fit_end", score=None)
             self.saver.defer, self.saver.due = False, None
             self.saver.last = None  # a later run with this step saves afresh, even at the same position
             self.saver.looked = False  # and its first save looks at the directory again

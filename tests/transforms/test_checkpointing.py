@@ -87,13 +87,24 @@ def test_every_n_steps_saves_once_per_update_under_grad_accum(tmp_path, make_bat
         assert_trees_equal(take_snapshot(restored), seen[info.step])
 
 
-def test_every_n_epochs_saves_completed_epochs_only(tmp_path):
+def test_every_n_epochs_saves_completed_epochs_and_the_end_of_a_fit_cut_mid_epoch(tmp_path, take_snapshot,
+                                                                                   assert_trees_equal):
+    """A fit ending mid-epoch (max_steps) is saved at its end, as Lightning's epoch-end save comes there: the
+    newest checkpoint was the last completed epoch's, older than the trained model. Reference: the trained
+    state, and the uninterrupted run the saved one resumes to."""
     step = with_checkpointing(train_step(_mse), tmp_path, every_n_epochs=2, keep_last=None)
     state, _ = run_epochs(step, _state(), _loader(), epochs=5, progress=False)
     assert [(c.epoch, c.batch_index, c.step) for c in checkpoint.list_checkpoints(tmp_path)] == [(2, 0, 20), (4, 0, 40)]
     step = with_checkpointing(train_step(_mse), tmp_path / "partial", every_n_epochs=1)
-    run_epochs(step, _state(), _loader(), max_steps=15, progress=False)  # the second epoch is cut short
-    assert [(c.epoch, c.batch_index) for c in checkpoint.list_checkpoints(tmp_path / "partial")] == [(1, 0)]
+    cut, _ = run_epochs(step, _state(), _loader(), max_steps=15, progress=False)  # the second epoch is cut short
+    assert [(c.epoch, c.batch_index) for c in checkpoint.list_checkpoints(tmp_path / "partial")] == [(1, 0), (1, 5)]
+    restored = loopkit.restore(_state(), tmp_path / "partial")
+    assert restored.step == 15
+    assert_trees_equal(dict(restored.model.state_dict()), dict(cut.model.state_dict()))
+    resumed, history = run_epochs(train_step(_mse), restored, _loader(), epochs=2, progress=False)
+    whole, whole_history = run_epochs(train_step(_mse), _state(), _loader(), epochs=2, progress=False)
+    assert_trees_equal(take_snapshot(resumed), take_snapshot(whole))
+    assert history == whole_history[1:]
 
 
 def test_keep_last_keeps_the_newest(tmp_path):
