@@ -111,7 +111,7 @@ def over_ranks(
     broadcasts rank 0's) would read rank 0's BatchNorm statistics; :func:`own_share`, :func:`own_rng` and
     :func:`own_buffers` give each rank its own back on restore, so the resumed run is the uninterrupted
     one, bit for bit. In one process the windows are marked as one rank's, so that a run resumed on
-    several ranks counts their records once (rank 0 takes them, the others start empty).
+    several ranks takes their records once (rank 0 takes them, weighed as its updates are, the others start empty).
 
     >>> import torch
     >>> extras = EPOCH.add({}, {"loss": torch.tensor(2.0)})

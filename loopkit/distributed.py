@@ -41,7 +41,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
 
 from loopkit import _collective
-from loopkit._numbers import as_int
+from loopkit._numbers import as_int, as_real
 from loopkit.state import TrainState
 
 __all__ = ["init", "is_rank_zero", "local_rank", "rank", "shard", "shutdown", "world_size"]
@@ -57,7 +57,7 @@ def _group() -> bool:
 def _check_timeout(timeout: Any) -> None:
     if timeout is None:
         return
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float, datetime.timedelta)):
+    if not isinstance(timeout, datetime.timedelta) and as_real(timeout) is None:
         raise TypeError(f"loopkit.distributed.init: timeout must be seconds or a timedelta, got {timeout!r}")
     seconds = timeout.total_seconds() if isinstance(timeout, datetime.timedelta) else timeout
     if not seconds > 0:
@@ -233,8 +233,8 @@ def init(
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl" or (torch.cuda.is_available() and "nccl" in backend):
         torch.cuda.set_device(local_rank() if explicit is None else int(os.environ.get("LOCAL_RANK", explicit[0])))
-    if isinstance(timeout, (int, float)):
-        timeout = datetime.timedelta(seconds=timeout)
+    if as_real(timeout) is not None:
+        timeout = datetime.timedelta(seconds=as_real(timeout))
     options: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
     if explicit is None:
         store = _attempt_store(timeout)
@@ -428,8 +428,8 @@ def shard(
         seed = state.seed
     elif state is None:
         seed = 0
-    elif isinstance(state, int) and not isinstance(state, bool):
-        seed = state
+    elif as_int(state) is not None:  # (numpy's integers too)
+        seed = as_int(state)
     else:
         raise TypeError(f"loopkit.distributed.shard: state must be a TrainState, an int seed or None, got {type(state).__qualname__}")
     if isinstance(data, DataLoader):
@@ -451,8 +451,9 @@ def shard(
         options = {"batch_size": batch_size, **loader_options}
         dataset = data
         shuffle = True if shuffle is None else shuffle
-    if isinstance(options.get("batch_size"), bool) or not isinstance(options.get("batch_size"), int) or options["batch_size"] < 1:
+    if (as_int(options.get("batch_size")) or 0) < 1:
         raise ValueError(f"loopkit.distributed.shard: batch_size must be a positive int, got {options.get('batch_size')!r}")
+    options["batch_size"] = as_int(options["batch_size"])
     seed = int(_collective.gather(seed)[0])  # type: ignore[index,call-overload]  # rank 0's (see above)
     kind = DistributedSampler if pad else _ShardSampler
     sampler = kind(dataset, num_replicas=world_size(), rank=rank(), shuffle=bool(shuffle), seed=seed)

@@ -1254,11 +1254,11 @@ def run_epochs(
                         _add_epoch_extras(record, cb, cb.on_epoch_end(state, dict(record)))
                 if exhausted:  # an epoch cut short keeps the counters from before its on_epoch_end: the run that
                     state = hooks.keep(state)  # finishes it calls on_epoch_end for it again, as the whole run does once
-                if held_save:  # a relaunch from it finds the epoch recorded (or, if whole, finished)
-                    step.notify("save_due", state, {})
                 if validated:  # after every callback of the epoch: a checkpoint taken now holds all their counters
                     step.notify("validation_end", state, last_val)
                 step.notify("epoch_end", state, record)
+                if held_save:  # a relaunch from it finds the epoch recorded (or, if whole, finished): saved once the
+                    step.notify("save_due", state, {})  # loggers have written the epoch's rows, which it will not redo
                 history.append(record)
                 closing = None
                 if epochs is None and exhausted and batch is not _END and state.step == started_at:

@@ -90,7 +90,7 @@ def claim_version_dir(base: str) -> str:
 
 
 def _check_metrics(metrics: Mapping[str, Any], step: Any, who: str) -> dict[str, float]:
-    if isinstance(step, bool) or not isinstance(step, int):
+    if as_int(step) is None:
         raise TypeError(f"{who}.log_metrics: step must be an int, got {step!r}")
     if not isinstance(metrics, Mapping):
         raise TypeError(f"{who}.log_metrics: metrics must be a dict of str -> number, got {type(metrics).__qualname__}")
@@ -125,7 +125,9 @@ def _plain_value(value: Any) -> Any:
         return [_plain_value(v) for v in value]
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         return value.item()
-    if isinstance(value, np.generic) or (isinstance(value, np.ndarray) and value.ndim == 0):
+    if isinstance(value, (np.bool_, np.integer, np.floating)) or (
+        isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "biuf"
+    ):
         return value.item()  # numpy's numbers as Python's: a number in hparams.json and TensorBoard, not a string
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
@@ -174,7 +176,7 @@ class Logger:
         """Write ``metrics`` (names to numbers) at global step ``step``."""
         metrics = _check_metrics(metrics, step, type(self).__name__)
         if metrics and is_rank_zero():
-            self._write_metrics(metrics, step)
+            self._write_metrics(metrics, int(step))  # (a numpy integer step as Python's)
 
     def log_hparams(self, hparams: Mapping[str, Any], metrics: Mapping[str, float] | None = None) -> None:
         """Record the run's hyper-parameters (and optionally the metrics to compare them by)."""

@@ -1214,8 +1214,7 @@ class EvalStep(Step):
 class evaluating:  # noqa: N801  (a context manager, named as torch.no_grad is)
     """Eval mode for ``model`` until exit, each module's own mode put back after; quantization
     observers (``torch.ao.quantization`` fake-quantize modules) are paused meanwhile, as Lightning's
-    QAT callback pauses them outside training. An evaluation changes no buffer: one that a forward
-    writes even in eval mode (a running input normaliser, a call counter) is put back on exit.
+    QAT callback pauses them outside training, so an evaluation changes no buffer of a QAT model.
 
     >>> import torch
     >>> model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout())
@@ -1228,22 +1227,20 @@ class evaluating:  # noqa: N801  (a context manager, named as torch.no_grad is)
     (True, False)
     """
 
-    __slots__ = ("_buffers", "_model", "_modes")
+    __slots__ = ("_model", "_modes", "_observers")
 
     def __init__(self, model: torch.nn.Module) -> None:
         self._model = model
         self._modes: list[tuple[torch.nn.Module, bool]] = []
-        self._buffers: list[tuple[torch.nn.Module, str, torch.Tensor, int, torch.Tensor]] = []
+        self._observers: list[tuple[torch.nn.Module, torch.Tensor]] = []
 
     def __enter__(self) -> torch.nn.Module:
         self._modes = [(m, m.training) for m in self._model.modules()]
-        # each buffer, its version and a copy: what a forward writes (or replaces) is put back on exit
-        self._buffers = [
-            (m, name, b, b._version, b.clone()) for m, _ in self._modes for name, b in m._buffers.items() if b is not None
-        ]
-        for m, _ in self._modes:  # a FakeQuantize's observer (its observer_enabled flag is a buffer: put back too)
-            if "observer_enabled" in m._buffers and hasattr(m, "disable_observer"):
-                m.disable_observer()
+        # a FakeQuantize's observer_enabled flag (a buffer): copied and put back, never read (no host sync)
+        self._observers = [(m, m._buffers["observer_enabled"].clone()) for m, _ in self._modes
+                           if "observer_enabled" in m._buffers and hasattr(m, "disable_observer")]
+        for m, _ in self._observers:
+            m.disable_observer()
         self._model.eval()
         return self._model
 
@@ -1251,12 +1248,8 @@ class evaluating:  # noqa: N801  (a context manager, named as torch.no_grad is)
         for m, mode in self._modes:
             m.training = mode
         with torch.no_grad():
-            for m, name, b, version, kept in self._buffers:
-                if m._buffers.get(name) is not b:
-                    m._buffers[name] = b
-                if b._version != version:
-                    b.copy_(kept)
-        self._buffers = []
+            for m, flag in self._observers:
+                m.observer_enabled.copy_(flag)
 
 
 def eval_step(metric_fn: Callable[[torch.nn.Module, Any], Mapping[str, Any]]) -> EvalStep:

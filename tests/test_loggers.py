@@ -394,6 +394,18 @@ def test_metrics_a_logger_cannot_write_as_one_number_are_refused_naming_them(tmp
         assert read_csv(logger.log_dir)[1] == [{"step": "7", "acc": "0.5", "n": "3.0"}]
 
 
+def test_other_numpy_hparams_are_written_as_text_and_a_numpy_step_as_an_int(tmp_path):
+    """Complex, datetime and bytes scalars came out of .item() as values json cannot write."""
+    hparams = {"z": np.complex128(1 + 2j), "when": np.datetime64("2026-12-02"), "tag": np.bytes_(b"x")}
+    for cls in (CSVLogger, JSONLLogger):
+        logger = cls(tmp_path, cls.__name__)
+        logger.log_hparams(hparams)
+        logger.log_metrics({"loss": 1.0}, np.int64(3))
+        written = json.load(open(os.path.join(logger.log_dir, "hparams.json")))
+        assert written == {k: str(v) for k, v in hparams.items()}
+    assert [json.loads(line)["step"] for line in open(os.path.join(logger.log_dir, "metrics.jsonl"))] == [3]
+
+
 def test_numpy_hparams_are_numbers_in_hparams_json_and_tensorboard(tmp_path):
     hparams = {"batch_size": np.int64(32), "lr": np.float32(0.5), "amsgrad": np.bool_(True), "decay": np.array(0.25)}
     expected = {"batch_size": 32, "lr": 0.5, "amsgrad": True, "decay": 0.25}

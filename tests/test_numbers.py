@@ -72,3 +72,20 @@ def test_early_stopping_options_may_be_numpy_numbers():
         loopkit.EarlyStopping("val/loss", patience=np.int64(-1))
     with pytest.raises(ValueError, match="min_delta must be >= 0"):
         loopkit.EarlyStopping("val/loss", min_delta=np.float32(-1))
+
+
+def test_distributed_options_may_be_numpy_numbers():
+    import datetime
+
+    from loopkit import distributed
+    from loopkit.distributed import _check_timeout
+
+    data = list(range(10))
+    shards = distributed.shard(data, np.int64(3), batch_size=np.int64(4))
+    assert [len(b) for b in shards] == [len(b) for b in distributed.shard(data, 3, batch_size=4)]
+    pairs = zip(distributed.shard(data, np.int64(3), batch_size=4), distributed.shard(data, 3, batch_size=4))
+    assert all(torch.equal(a, b) for a, b in pairs)
+    _check_timeout(np.int64(30))
+    _check_timeout(datetime.timedelta(seconds=30))
+    with pytest.raises(TypeError, match="timeout must be seconds or a timedelta"):
+        _check_timeout("30")

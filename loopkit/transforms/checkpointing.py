@@ -68,6 +68,7 @@ class _Saver:
         self.checked = False  # whether its newest checkpoint was found to be of this model (or there was none)
         self.defer = False  # under run_epochs: a step save waits for the batch's callbacks ("save_due")
         self.due: str | None = None  # the reason of the step save deferred at this update
+        self.epoch_val: dict[str, float] | None = None  # an epoch's validation means, scored at its "epoch_end"
         self.told_shared = False  # whether the warning that another writer shares the directory was given
 
     def run(self, task: Callable[[], None], background: bool) -> None:
@@ -151,13 +152,19 @@ class CheckpointStep(UpdateStep):
                 self._save_all_ranks(state, reason, score=None)
         elif event == "validation_end":
             if self.monitor is not None and self.monitor.startswith("val/"):
-                self._score(state, metrics)
+                if state.batch_index == 0 and state.epoch > 0:  # an epoch's own validation: "epoch_end" follows,
+                    self.saver.epoch_val = dict(metrics)  # after which the loggers hold the epoch's rows: saved then
+                else:
+                    self._score(state, metrics)
         elif event == "epoch_end":
             n = self.every_n_epochs
             completed = state.batch_index == 0 and state.epoch > 0  # not a partial epoch cut by max_steps
             due = f"every_n_epochs={n}" if n and completed and state.epoch % n == 0 else None
             no_steps = not any(k.startswith("train/") for k in metrics)  # e.g. resumed right at its end
-            if self.monitor is not None and not self.monitor.startswith("val/") and not no_steps:
+            validated, self.saver.epoch_val = self.saver.epoch_val, None
+            if validated is not None:
+                self._score(state, validated, due=due)  # one save, after the epoch's rows are written
+            elif self.monitor is not None and not self.monitor.startswith("val/") and not no_steps:
                 self._score(state, metrics, due=due)  # one save, its score in its meta.json (a kill loses none)
             elif due is not None:
                 self._save_all_ranks(state, due, score=None)
@@ -168,8 +175,8 @@ class CheckpointStep(UpdateStep):
             if event == "fit_end" and state.batch_index != 0 and (self.every_n_steps or self.every_n_epochs):
                 # a fit that ended mid-epoch (max_steps, a callback's stop at a step validation): its end is the
                 # newest checkpoint, as Lightning's last one holds it (its epoch-end save comes at such an end)
-                self._save_all_ranks(state, "fit_end", score=None)
-            self.saver.defer, self.saver.due = False, None
+                self._save_all_ranks(state, "fit_end", score=None, unless_newest=True)
+            self.saver.defer, self.saver.due, self.saver.epoch_val = False, None, None
             self.saver.last = None  # a later run with this step saves afresh, even at the same position
             self.saver.looked = False  # and its first save looks at the directory again
             self.saver.checked = False
@@ -198,22 +205,32 @@ class CheckpointStep(UpdateStep):
             value = _worst(self.mode)
         self._save_all_ranks(state, due or f"monitor {self.monitor}", score=value, due=due is not None)
 
-    def _save_all_ranks(self, state: TrainState, reason: str, score: float | None, *, due: bool = True) -> None:
+    def _save_all_ranks(
+        self, state: TrainState, reason: str, score: float | None, *, due: bool = True, unless_newest: bool = False
+    ) -> None:
         """A save this transform makes itself, which every rank reaches at the same point: under DDP the
         running sums and records of every rank go into it (:func:`loopkit._window.over_ranks`, a collective), then
         rank 0 writes it."""
         if not self.saver.checked:  # (a lazy module's shapes are known once a step ran)
             self._check_directory(state, agreed=True)
         extras = over_ranks(state.extras, state.rng, state.model)
-        self._persist(state if extras is state.extras else replace_extras(state, extras), reason, score, due=due)
+        state = state if extras is state.extras else replace_extras(state, extras)
+        self._persist(state, reason, score, due=due, unless_newest=unless_newest)
 
-    def _persist(self, state: TrainState, reason: str, score: float | None, *, due: bool = True) -> None:
+    def _persist(
+        self, state: TrainState, reason: str, score: float | None, *, due: bool = True, unless_newest: bool = False
+    ) -> None:
         """Save ``state`` (rank 0), with ``score`` if given; a scored save that is not ``due`` otherwise is
-        made only if the score ranks among the best."""
+        made only if the score ranks among the best; ``unless_newest``: not if the directory's newest
+        checkpoint is of this position already (a relaunch from it that trained nothing more)."""
         if not is_rank_zero():
             return
         position = (state.step, state.epoch, state.batch_index)
         saver = self.saver
+        if unless_newest and saver.last != position:
+            found = checkpoint.list_checkpoints(self.directory)
+            if found and (found[-1].step, found[-1].epoch, found[-1].batch_index) == position:
+                return
         snap = None
         if not saver.checked:  # a save of your own (on rank 0 alone, perhaps: no collective)
             self._check_directory(state, agreed=False)

@@ -101,6 +101,9 @@ def test_every_n_epochs_saves_completed_epochs_and_the_end_of_a_fit_cut_mid_epoc
     restored = loopkit.restore(_state(), tmp_path / "partial")
     assert restored.step == 15
     assert_trees_equal(dict(restored.model.state_dict()), dict(cut.model.state_dict()))
+    for _ in range(2):  # a requeued job relaunched from it, with the same max_steps: it is saved once
+        run_epochs(step, loopkit.restore(_state(), tmp_path / "partial"), _loader(), max_steps=15, progress=False)
+    assert [(c.epoch, c.batch_index) for c in checkpoint.list_checkpoints(tmp_path / "partial")] == [(1, 0), (1, 5)]
     resumed, history = run_epochs(train_step(_mse), restored, _loader(), epochs=2, progress=False)
     whole, whole_history = run_epochs(train_step(_mse), _state(), _loader(), epochs=2, progress=False)
     assert_trees_equal(take_snapshot(resumed), take_snapshot(whole))
@@ -678,7 +681,8 @@ def test_a_kill_right_after_the_best_checkpoint_is_saved_loses_neither_it_nor_it
     assert _scored_run(tmp_path / "killed") == 0
     expected = json.loads((tmp_path / "reference" / "scores.json").read_text())["scores"]
     got = json.loads((tmp_path / "killed" / "scores.json").read_text())["scores"]
-    assert got == expected == {"ckpt-000002-step2-epoch2-batch0": 1.0}
+    assert got == expected  # the best, and the newest (keep_last=1) with its own score
+    assert expected == {"ckpt-000002-step2-epoch2-batch0": 1.0, "ckpt-000006-step6-epoch6-batch0": 6.0}
     assert [c.name for c in checkpoint.list_checkpoints(tmp_path / "killed")] == [
         c.name for c in checkpoint.list_checkpoints(tmp_path / "reference")
     ]
@@ -774,6 +778,55 @@ def test_the_scores_of_checkpoints_removed_since_rank_no_more(tmp_path, how):
     fit(tmp_path / "run", [2.0, 1.5, 3.0])
     fit(tmp_path / "reference", [2.0, 1.5, 3.0])
     assert _kept(tmp_path / "run") == _kept(tmp_path / "reference") != []
+
+
+_LOGGED_RUN = r"""
+import os, sys, warnings
+warnings.filterwarnings("ignore")
+import torch
+torch.set_num_threads(1)
+import loopkit
+logs, directory, case, kill = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "kill"
+mse = lambda m, b: ((m(b[0]) - b[1]) ** 2).mean()
+g = torch.Generator().manual_seed(0)
+data = [(torch.randn(4, 3, generator=g), torch.randn(4, 1, generator=g)) for _ in range(5 if case == "held" else 3)]
+class Killing(loopkit.CSVLogger):  # a kill as the epoch's rows are written: after the last checkpoint of that point
+    def log_metrics(self, metrics, step):
+        if kill and ("val/mse" in metrics if case == "held" else metrics.get("epoch") == 0):
+            os._exit(137)
+        super().log_metrics(metrics, step)
+step = loopkit.with_checkpointing(
+    loopkit.with_logging(loopkit.train_step(mse), Killing(logs, "r", version=0), every_n_steps=1), directory,
+    every_n_steps=1, monitor=None if case == "held" else "val/mse")
+torch.manual_seed(0)
+model = torch.nn.Linear(3, 1)
+state = loopkit.restore(loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1)), directory)
+loopkit.run_epochs(step, state, data, val=(loopkit.eval_step(lambda m, b: {"mse": mse(m, b)}), data[:2]),
+                   sanity_val_batches=0, progress=False, **({"max_steps": 5} if case == "held" else {"epochs": 2}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["held", "monitor"])
+def test_a_kill_as_an_epochs_rows_are_logged_leaves_no_checkpoint_past_them(tmp_path, case):
+    """held: the step checkpoint held at max_steps; monitor: the scored checkpoint of an epoch's validation. Both
+    were written before the epoch's validation row and record were logged: a relaunch from them (past the
+    epoch) never wrote those rows. Reference: the uninterrupted run's metrics.csv."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(Path(loopkit.__file__).parents[1]), "OPENBLAS_NUM_THREADS": "1"}
+
+    def run(name: str, kill: bool) -> int:
+        argv = [str(tmp_path / name / "logs"), str(tmp_path / name / "ckpt"), case, "kill" if kill else "no"]
+        return subprocess.run([sys.executable, "-c", _LOGGED_RUN, *argv], env=env, timeout=300).returncode
+
+    assert run("reference", False) == 0
+    assert run("killed", True) == 137
+    assert run("killed", False) == 0
+    read = lambda name: (tmp_path / name / "logs" / "r" / "version_0" / "metrics.csv").read_text()  # noqa: E731
+    assert read("killed") == read("reference")
+    assert "val/mse" in read("reference").splitlines()[0]
 
 
 def test_rotation_tolerates_a_checkpoint_another_writer_removed_and_says_so_once(tmp_path, monkeypatch):
