@@ -32,7 +32,7 @@ from loopkit._numbers import as_int
 from loopkit._window import over_ranks
 from loopkit.errors import CheckpointCorruptError, StateMismatchError
 from loopkit.state import TrainState, extras_copy, leave_intact, replace_extras
-from loopkit.steps import SAVE_DUE, Metrics, UpdateStep
+from loopkit.steps import RECORDED, SAVE_DUE, Metrics, UpdateStep
 from loopkit.transforms._compose import require_step
 
 __all__ = ["CheckpointStep", "with_checkpointing"]
@@ -69,6 +69,7 @@ class _Saver:
         self.defer = False  # under run_epochs: a step save waits for the batch's callbacks ("save_due")
         self.due: str | None = None  # the reason of the step save deferred at this update
         self.epoch_val: dict[str, float] | None = None  # an epoch's validation means, scored at its "epoch_end"
+        self.start: Position | None = None  # where the fit under run_epochs began (a relaunch: its checkpoint's)
         self.told_shared = False  # whether the warning that another writer shares the directory was given
 
     def run(self, task: Callable[[], None], background: bool) -> None:
@@ -143,7 +144,9 @@ class CheckpointStep(UpdateStep):
     # Saving on driver events --------------------------------------------------------------
 
     def on_event(self, event: str, state: TrainState, metrics: Mapping[str, float]) -> None:
-        if event == "fit_start":
+        if event == "fit_begin":  # (before a validation a resumed run owes, which may save at this position)
+            self.saver.start = (state.step, state.epoch, state.batch_index)
+        elif event == "fit_start":
             self._check_directory(state, agreed=True)  # before the first step: a refused run has lost nothing
             self.saver.defer = True
         elif event == "save_due":
@@ -152,8 +155,10 @@ class CheckpointStep(UpdateStep):
                 self._save_all_ranks(state, reason, score=None)
         elif event == "validation_end":
             if self.monitor is not None and self.monitor.startswith("val/"):
-                if state.batch_index == 0 and state.epoch > 0:  # an epoch's own validation: "epoch_end" follows,
-                    self.saver.epoch_val = dict(metrics)  # after which the loggers hold the epoch's rows: saved then
+                # an epoch's own validation (the state past the epoch, or a stopped epoch's, recorded at this step):
+                # "epoch_end" follows, after which the loggers hold the epoch's rows: scored and saved then
+                if (state.batch_index == 0 and state.epoch > 0) or state.extras.get(RECORDED) == state.step:
+                    self.saver.epoch_val = dict(metrics)
                 else:
                     self._score(state, metrics)
         elif event == "epoch_end":
@@ -175,8 +180,8 @@ class CheckpointStep(UpdateStep):
             if event == "fit_end" and state.batch_index != 0 and (self.every_n_steps or self.every_n_epochs):
                 # a fit that ended mid-epoch (max_steps, a callback's stop at a step validation): its end is the
                 # newest checkpoint, as Lightning's last one holds it (its epoch-end save comes at such an end)
-                self._save_all_ranks(state, "fit_end", score=None, unless_newest=True)
-            self.saver.defer, self.saver.due, self.saver.epoch_val = False, None, None
+                self._save_all_ranks(state, "fit_end", score=None)
+            self.saver.defer, self.saver.due, self.saver.epoch_val, self.saver.start = False, None, None, None
             self.saver.last = None  # a later run with this step saves afresh, even at the same position
             self.saver.looked = False  # and its first save looks at the directory again
             self.saver.checked = False
@@ -205,9 +210,7 @@ class CheckpointStep(UpdateStep):
             value = _worst(self.mode)
         self._save_all_ranks(state, due or f"monitor {self.monitor}", score=value, due=due is not None)
 
-    def _save_all_ranks(
-        self, state: TrainState, reason: str, score: float | None, *, due: bool = True, unless_newest: bool = False
-    ) -> None:
+    def _save_all_ranks(self, state: TrainState, reason: str, score: float | None, *, due: bool = True) -> None:
         """A save this transform makes itself, which every rank reaches at the same point: under DDP the
         running sums and records of every rank go into it (:func:`loopkit._window.over_ranks`, a collective), then
         rank 0 writes it."""
@@ -215,22 +218,22 @@ class CheckpointStep(UpdateStep):
             self._check_directory(state, agreed=True)
         extras = over_ranks(state.extras, state.rng, state.model)
         state = state if extras is state.extras else replace_extras(state, extras)
-        self._persist(state, reason, score, due=due, unless_newest=unless_newest)
+        self._persist(state, reason, score, due=due)
 
-    def _persist(
-        self, state: TrainState, reason: str, score: float | None, *, due: bool = True, unless_newest: bool = False
-    ) -> None:
+    def _persist(self, state: TrainState, reason: str, score: float | None, *, due: bool = True) -> None:
         """Save ``state`` (rank 0), with ``score`` if given; a scored save that is not ``due`` otherwise is
-        made only if the score ranks among the best; ``unless_newest``: not if the directory's newest
-        checkpoint is of this position already (a relaunch from it that trained nothing more)."""
+        made only if the score ranks among the best. A fit's first save at the position it began from, which
+        the directory's newest checkpoint holds (a relaunch from it: its step save made before the validation
+        of that step, or the fit's end), takes that checkpoint as its own, as the uninterrupted run holds it:
+        a score goes to it, and the rotation runs. (Another run that reaches that position is saved anew.)"""
         if not is_rank_zero():
             return
         position = (state.step, state.epoch, state.batch_index)
         saver = self.saver
-        if unless_newest and saver.last != position:
+        if saver.last is None and position == saver.start:
             found = checkpoint.list_checkpoints(self.directory)
             if found and (found[-1].step, found[-1].epoch, found[-1].batch_index) == position:
-                return
+                saver.last, saver.names[position] = position, found[-1].name
         snap = None
         if not saver.checked:  # a save of your own (on rank 0 alone, perhaps: no collective)
             self._check_directory(state, agreed=False)

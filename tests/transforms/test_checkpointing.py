@@ -829,6 +829,125 @@ def test_a_kill_as_an_epochs_rows_are_logged_leaves_no_checkpoint_past_them(tmp_
     assert "val/mse" in read("reference").splitlines()[0]
 
 
+# a stopped epoch's scored validation; a relaunch's scored save at the position of its newest checkpoint (the
+# step save made before that step's validation); a kill during the rotation of a fit's end save
+_RELAUNCHED = {
+    "stopped epoch": r"""
+import os, sys, warnings
+warnings.filterwarnings("ignore")
+import torch
+torch.set_num_threads(1)
+import loopkit
+from loopkit import checkpoint
+logs, ckdir, kill = sys.argv[1], sys.argv[2], sys.argv[3] == "kill"
+orig = checkpoint.write_scores
+def dying(*a, **k):   # SIGKILL right after the scored checkpoint of step 3 was renamed into place
+    if kill and "ckpt-000002-step3-epoch0-batch3" in os.listdir(ckdir):
+        os._exit(137)
+    return orig(*a, **k)
+checkpoint.write_scores = dying
+class Stopper(loopkit.Callback):   # e.g. a time budget: asks to stop after an update (stateful, as EarlyStopping)
+    def on_batch_end(self, state, metrics):
+        if state.step == 3:
+            self.should_stop = True
+    def state_dict(self): return {"s": self.should_stop}
+    def load_state_dict(self, sd): self.should_stop = sd["s"]
+mse = lambda m, b: ((m(b[0]) - b[1]) ** 2).mean()
+g = torch.Generator().manual_seed(0)
+data = [(torch.randn(4, 3, generator=g), torch.randn(4, 1, generator=g)) for _ in range(5)]
+torch.manual_seed(0)
+model = torch.nn.Linear(3, 1)
+state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.05), seed=3)
+step = loopkit.with_checkpointing(loopkit.with_logging(loopkit.train_step(mse), loopkit.CSVLogger(logs, "r", version=0), every_n_steps=1),
+                                  ckdir, every_n_steps=2, monitor="val/mse", keep_best=1, keep_last=1)
+state = loopkit.restore(state, ckdir)
+loopkit.run_epochs(step, state, data, epochs=2, val=(loopkit.eval_step(lambda m, b: {"mse": mse(m, b)}), data[:2]),
+                   val_every_n_steps=2, sanity_val_batches=0, progress=False, callbacks=[Stopper()])
+""",
+    "same position": r"""
+import os, sys, warnings
+warnings.filterwarnings("ignore")
+import torch
+torch.set_num_threads(1)
+import loopkit
+logs, ckdir, kill = sys.argv[1], sys.argv[2], sys.argv[3] == "kill"
+class Kill(loopkit.Callback):          # SIGKILL at step 8, after the step-6 checkpoint and its validation
+    def on_batch_end(self, state, metrics):
+        if kill and state.step == 8:
+            os._exit(137)
+mse = lambda m, b: ((m(b[0]) - b[1]) ** 2).mean()
+g = torch.Generator().manual_seed(0)
+data = [(torch.randn(4, 3, generator=g), torch.randn(4, 1, generator=g)) for _ in range(4)]
+vdata = [(torch.randn(4, 3, generator=g), torch.randn(4, 1, generator=g)) for _ in range(2)]
+torch.manual_seed(0)
+model = torch.nn.Linear(3, 1)
+state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), seed=3)
+step = loopkit.with_checkpointing(loopkit.train_step(mse), ckdir, every_n_steps=3, every_n_epochs=1,
+                                  monitor="val/mse", keep_best=2, keep_last=1)
+state = loopkit.restore(state, ckdir)
+loopkit.run_epochs(step, state, data, epochs=3, val=(loopkit.eval_step(lambda m, b: {"mse": mse(m, b)}), vdata),
+                   val_every_n_steps=2, sanity_val_batches=0, progress=False, callbacks=[Kill()])
+""",
+    "rotation at the end": r"""
+import os, sys, warnings
+warnings.filterwarnings("ignore")
+import torch
+torch.set_num_threads(1)
+import loopkit
+from loopkit import checkpoint
+logs, ckdir, kill = sys.argv[1], sys.argv[2], sys.argv[3] == "kill"
+orig = checkpoint.remove
+def dying(path, *a, **k):   # SIGKILL as the fit_end save's rotation starts
+    if kill and any("step7" in p for p in os.listdir(ckdir)):
+        os._exit(137)
+    return orig(path, *a, **k)
+checkpoint.remove = dying
+mse = lambda m, b: ((m(b[0]) - b[1]) ** 2).mean()
+g = torch.Generator().manual_seed(0)
+data = [(torch.randn(4, 3, generator=g), torch.randn(4, 1, generator=g)) for _ in range(5)]
+torch.manual_seed(0)
+model = torch.nn.Linear(3, 1)
+state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.05), seed=3)
+step = loopkit.with_checkpointing(loopkit.train_step(mse), ckdir, every_n_steps=2, every_n_epochs=1, keep_last=2)
+state = loopkit.restore(state, ckdir)
+loopkit.run_epochs(step, state, data, max_steps=7, progress=False)
+""",
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(_RELAUNCHED))
+def test_a_killed_run_relaunched_keeps_the_checkpoints_scores_and_rows_of_the_uninterrupted_run(tmp_path, case):
+    """stopped epoch: the scored save of a stopped epoch's validation came before its rows were logged (the
+    relaunch never wrote them); same position: a relaunch wrote a second checkpoint of its newest checkpoint's
+    update, and keep_best removed the runner-up; rotation at the end: a relaunch that trained nothing skipped the
+    rotation a kill had cut short (keep_last exceeded for good). Reference: the uninterrupted run."""
+    import json
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(Path(loopkit.__file__).parents[1]), "OPENBLAS_NUM_THREADS": "1"}
+
+    def run(name: str, kill: bool) -> int:
+        argv = [str(tmp_path / name / "logs"), str(tmp_path / name / "ckpt"), "kill" if kill else "no"]
+        return subprocess.run([sys.executable, "-c", _RELAUNCHED[case], *argv], env=env, timeout=300).returncode
+
+    def kept(name: str) -> list:
+        directory = tmp_path / name / "ckpt"
+        scores = json.loads((directory / "scores.json").read_text())["scores"] if (directory / "scores.json").exists() else {}
+        return [(c.step, c.epoch, c.batch_index, scores.get(c.name)) for c in checkpoint.list_checkpoints(directory)]
+
+    def rows(name: str) -> str | None:
+        path = tmp_path / name / "logs" / "r" / "version_0" / "metrics.csv"
+        return path.read_text() if path.exists() else None
+
+    assert run("reference", False) == 0
+    assert run("killed", True) == 137
+    assert run("killed", False) == 0
+    assert kept("killed") == kept("reference") != []
+    assert rows("killed") == rows("reference")
+
+
 def test_rotation_tolerates_a_checkpoint_another_writer_removed_and_says_so_once(tmp_path, monkeypatch):
     """Two runs in one folder: the other one's rotation removes a checkpoint this one is about to remove.
     Reference: the checkpoints the same run keeps alone. Before: a bare FileNotFoundError from os.rename."""
