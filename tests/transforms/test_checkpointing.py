@@ -627,22 +627,28 @@ def test_a_fit_whose_inner_transform_fails_at_its_end_leaves_the_step_saving_in_
 
 # --- a kill between a scored save and scores.json; rotation; non-finite scores; one save per update ----
 
-_SCORED_RUN = r"""
+#: the start of a script run in a process of its own: ``dies_at(name, n)`` makes the n-th call of checkpoint.<name>
+#: end the process as SIGKILL would at that moment (n=0: never)
+_KILLABLE = r"""
 import os, sys, warnings
 warnings.filterwarnings("ignore")
 import torch
 torch.set_num_threads(1)
 import loopkit
 from loopkit import checkpoint
+def dies_at(name, n):
+    calls, original = [], getattr(checkpoint, name)
+    def dying(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            os._exit(137)
+        return original(*args, **kwargs)
+    setattr(checkpoint, name, dying)
+"""
+
+_SCORED_RUN = _KILLABLE + r"""
 directory, die_in, die_at = sys.argv[1], sys.argv[2], int(sys.argv[3])
-calls = {"n": 0}
-original = getattr(checkpoint, die_in)
-def dying(*args, **kwargs):  # what SIGKILL at that moment does
-    calls["n"] += 1
-    if calls["n"] == die_at:
-        os._exit(137)
-    return original(*args, **kwargs)
-setattr(checkpoint, die_in, dying)
+dies_at(die_in, die_at)
 torch.manual_seed(1)
 model = torch.nn.Linear(4, 1)
 state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.05), seed=3)
@@ -691,22 +697,9 @@ def test_a_kill_right_after_the_best_checkpoint_is_saved_loses_neither_it_nor_it
     }
 
 
-_EPOCH_RUN = r"""
-import os, sys, warnings
-warnings.filterwarnings("ignore")
-import torch
-torch.set_num_threads(1)
-import loopkit
-from loopkit import checkpoint
+_EPOCH_RUN = _KILLABLE + r"""
 directory, case, die_in, die_at = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-calls = {"n": 0}
-original = getattr(checkpoint, die_in)
-def dying(*args, **kwargs):  # what SIGKILL at that moment does
-    calls["n"] += 1
-    if calls["n"] == die_at:
-        os._exit(137)
-    return original(*args, **kwargs)
-setattr(checkpoint, die_in, dying)
+dies_at(die_in, die_at)
 torch.manual_seed(0)
 model = torch.nn.Linear(2, 1)
 state = loopkit.restore(loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1)), directory)
@@ -831,6 +824,16 @@ def test_a_kill_as_an_epochs_rows_are_logged_leaves_no_checkpoint_past_them(tmp_
 
 # a stopped epoch's scored validation; a relaunch's scored save at the position of its newest checkpoint (the
 # step save made before that step's validation); a kill during the rotation of a fit's end save
+#: five regression batches, a linear model and its SGD state, for the scripts below
+_FIVE_BATCHES = r"""
+mse = lambda m, b: ((m(b[0]) - b[1]) ** 2).mean()
+g = torch.Generator().manual_seed(0)
+data = [(torch.randn(4, 3, generator=g), torch.randn(4, 1, generator=g)) for _ in range(5)]
+torch.manual_seed(0)
+model = torch.nn.Linear(3, 1)
+state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.05), seed=3)
+"""
+
 _RELAUNCHED = {
     "stopped epoch": r"""
 import os, sys, warnings
@@ -852,13 +855,7 @@ class Stopper(loopkit.Callback):   # e.g. a time budget: asks to stop after an u
             self.should_stop = True
     def state_dict(self): return {"s": self.should_stop}
     def load_state_dict(self, sd): self.should_stop = sd["s"]
-mse = lambda m, b: ((m(b[0]) - b[1]) ** 2).mean()
-g = torch.Generator().manual_seed(0)
-data = [(torch.randn(4, 3, generator=g), torch.randn(4, 1, generator=g)) for _ in range(5)]
-torch.manual_seed(0)
-model = torch.nn.Linear(3, 1)
-state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.05), seed=3)
-step = loopkit.with_checkpointing(loopkit.with_logging(loopkit.train_step(mse), loopkit.CSVLogger(logs, "r", version=0), every_n_steps=1),
+""" + _FIVE_BATCHES + r"""step = loopkit.with_checkpointing(loopkit.with_logging(loopkit.train_step(mse), loopkit.CSVLogger(logs, "r", version=0), every_n_steps=1),
                                   ckdir, every_n_steps=2, monitor="val/mse", keep_best=1, keep_last=1)
 state = loopkit.restore(state, ckdir)
 loopkit.run_epochs(step, state, data, epochs=2, val=(loopkit.eval_step(lambda m, b: {"mse": mse(m, b)}), data[:2]),
@@ -902,13 +899,7 @@ def dying(path, *a, **k):   # SIGKILL as the fit_end save's rotation starts
         os._exit(137)
     return orig(path, *a, **k)
 checkpoint.remove = dying
-mse = lambda m, b: ((m(b[0]) - b[1]) ** 2).mean()
-g = torch.Generator().manual_seed(0)
-data = [(torch.randn(4, 3, generator=g), torch.randn(4, 1, generator=g)) for _ in range(5)]
-torch.manual_seed(0)
-model = torch.nn.Linear(3, 1)
-state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.05), seed=3)
-step = loopkit.with_checkpointing(loopkit.train_step(mse), ckdir, every_n_steps=2, every_n_epochs=1, keep_last=2)
+""" + _FIVE_BATCHES + r"""step = loopkit.with_checkpointing(loopkit.train_step(mse), ckdir, every_n_steps=2, every_n_epochs=1, keep_last=2)
 state = loopkit.restore(state, ckdir)
 loopkit.run_epochs(step, state, data, max_steps=7, progress=False)
 """,
