@@ -279,19 +279,19 @@ class CheckpointStep(UpdateStep):
         """The checkpoint this run saved of the same update one position earlier (a step save on an epoch's
         last batch, when the epoch's end is saved too), which the save at ``position`` (the next epoch's
         start, what a resumed run continues from) replaces, and the score it carries over; (None, None)
-        when there is none. One update is saved once: keep_last counts training points. A run that has not
-        saved yet looks at the newest checkpoint in the directory: a run killed between the two saves
-        resumes from the step save and makes the epoch save."""
+        when there is none. One update is saved once: keep_last counts training points. A fit that has not
+        saved yet and began at the directory's newest checkpoint takes that one: a run killed between the two
+        saves resumes from the step save and makes the epoch save."""
         last = self.saver.last
         step, epoch, batch = position
         if batch != 0:
             return None, None
         if last is None:
             found = checkpoint.list_checkpoints(self.directory)
-            if not found:
+            newest = found[-1] if found else None
+            if newest is None or (newest.step, newest.epoch, newest.batch_index) != self.saver.start:
                 return None, None
-            newest = found[-1]
-            last, name = (newest.step, newest.epoch, newest.batch_index), newest.name
+            last, name = self.saver.start, newest.name
         else:
             name = None
         if last[0] != step or last[1] != epoch - 1 or last[2] == 0:
