@@ -348,11 +348,12 @@ class LearningRateMonitor(Callback):
             return
         if self._epoch_start is not None and getattr(state, "batch_index", 0) > 0:
             lrs, step = self._epoch_start, self._epoch_start_step  # resumed mid-epoch: the rates it started with
+            if self.history and self.history[-1] == (step, lrs):
+                return  # (this monitor recorded them before the cut: a fit that goes on records them once)
         else:
             lrs, step = self.learning_rates(state), state.step
             self._epoch_start, self._epoch_start_step = lrs, step
-        if self.logging_interval == "epoch":
-            self.history.append((step, lrs))
+        self.history.append((step, lrs))
 
     def on_epoch_end(self, state: Any, metrics: Mapping[str, float]) -> dict[str, float]:
         """Per epoch, the rates the epoch started with, for its history record (and the loggers);

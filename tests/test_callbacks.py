@@ -534,6 +534,19 @@ def test_learning_rate_monitor_resumed_mid_epoch_records_what_the_uninterrupted_
     assert resumed.history == whole.history[1:]  # (the step the epoch started at, its rates)
 
 
+@pytest.mark.parametrize("cut_at", [4, 5])
+def test_learning_rate_monitor_of_a_cut_fit_that_goes_on_records_each_epoch_once(cut_at):
+    """The same monitor through a fit cut by max_steps mid-epoch and the fit that goes on: the cut epoch's start was
+    recorded again. Reference: the uninterrupted run's monitor."""
+    whole = loopkit.LearningRateMonitor()
+    run_epochs(train_step(mse), lr_state(), make_data(3), epochs=3, callbacks=[whole], progress=False)
+    monitor = loopkit.LearningRateMonitor()
+    cut, _ = run_epochs(train_step(mse), lr_state(), make_data(3), max_steps=cut_at, callbacks=[monitor],
+                        progress=False)
+    run_epochs(train_step(mse), cut, make_data(3), epochs=3, callbacks=[monitor], progress=False)
+    assert monitor.history == whole.history
+
+
 def test_learning_rate_monitor_per_step():
     monitor = loopkit.LearningRateMonitor(logging_interval="step")
     run_epochs(train_step(mse), lr_state(), make_data(3), epochs=2, callbacks=[monitor], progress=False)
