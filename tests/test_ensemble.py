@@ -224,6 +224,15 @@ def _solo(state, batches):
     return state
 
 
+def _together(states, batches, donated=True):
+    """``states`` stacked and trained by one ensemble step on ``batches`` (the loss of :func:`_solo`)."""
+    ens = ensemble.stack(states)
+    step = ensemble.train_step(lambda m, b: ((m(b[0]) - b[1]) ** 2).mean(), donated=donated)
+    for batch in batches:
+        ens, _ = step(ens, batch)
+    return ens
+
+
 def test_tied_frozen_and_already_trained_members_follow_their_solo_runs(make_batches):
     """Members with a tied weight, a frozen one, Adam moments from earlier training and two parameter
     groups listed out of model order: each equals the same state trained alone."""
@@ -585,10 +594,7 @@ def test_deep_copies_with_other_parameter_values_stack_and_follow_their_solo_run
         models.append(model)
     batches = [(x.unsqueeze(1).repeat(1, 1, 3), y) for x, y in make_batches(4)]
     states = [_sgd(m) for m in models]
-    ens = ensemble.stack(states)
-    step = ensemble.train_step(lambda m, b: ((m(b[0]) - b[1]) ** 2).mean(), donated=True)
-    for batch in batches:
-        ens, _ = step(ens, batch)
+    ens = _together(states, batches)
     for k, state in enumerate(states):
         solo = _solo(state, batches)
         for (name, p), q in zip(solo.model.named_parameters(), ens.members[k].model.parameters()):
@@ -618,10 +624,7 @@ def test_settings_a_forward_sets_reach_every_member_as_in_their_solo_runs(make_b
     batches = make_batches(3)
     for donated in (True, False):
         states = [_sgd(_SeenWidth(seed)) for seed in range(3)]
-        ens = ensemble.stack(states)
-        step = ensemble.train_step(lambda m, b: ((m(b[0]) - b[1]) ** 2).mean(), donated=donated)
-        for batch in batches:
-            ens, _ = step(ens, batch)
+        ens = _together(states, batches, donated)
         for k, state in enumerate(states):
             solo = _solo(state, batches)
             assert (ens.members[k].model.seen_width, ens.members[k].model.widths) == (4, [4, 4, 4]) == (
