@@ -9,7 +9,7 @@
 1
 """
 
-from loopkit.callbacks import Callback, EarlyStopping, LearningRateMonitor
+from loopkit.callbacks import Callback, EarlyStopping, LearningRateMonitor, Timer
 from loopkit.checkpoint import export_weights, restore
 from loopkit.driver import evaluate, predict, run_epochs
 from loopkit.errors import CheckpointCorruptError, DonatedStateError, ImpurityError, NonFiniteError, StateMismatchError
@@ -51,6 +51,7 @@ __all__ = [
     "StateMismatchError",
     "Step",
     "TensorBoardLogger",
+    "Timer",
     "TrainState",
     "TrainStep",
     "check_purity",

@@ -39,16 +39,21 @@ True
 
 from __future__ import annotations
 
+import datetime
 import math
 import numbers
-from collections.abc import Mapping
+import re
+import sys
+import time
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
 from loopkit._numbers import as_int, as_real
+from loopkit._collective import is_rank_zero
 
-__all__ = ["Callback", "EarlyStopping", "LearningRateMonitor", "MonitorCallback", "may_change_state_early"]
+__all__ = ["Callback", "EarlyStopping", "LearningRateMonitor", "MonitorCallback", "Timer", "may_change_state_early"]
 
 
 class Callback:
@@ -383,3 +388,152 @@ class LearningRateMonitor(Callback):
             self._epoch_start_step = int(sd["epoch_start_step"])
         else:
             self._epoch_start = None
+
+
+def _duration_seconds(duration: Any) -> float | None:
+    """``Timer``'s duration in seconds: "DD:HH:MM:SS", a ``timedelta``, a dict of ``timedelta``'s
+    arguments, a number of seconds, or None (no limit)."""
+    if duration is None:
+        return None
+    if isinstance(duration, str):
+        match = re.fullmatch(r"(\d+):(\d\d):(\d\d):(\d\d)", duration.strip())
+        if match is None:
+            raise ValueError(f"Timer: duration {duration!r} is not a string of the form DD:HH:MM:SS (days, hours, "
+                             "minutes, seconds: '00:12:00:00' is 12 hours)")
+        days, hours, minutes, seconds = (int(g) for g in match.groups())
+        duration = datetime.timedelta(days=days, hours=hours, minutes=minutes, seconds=seconds)
+    elif isinstance(duration, Mapping):
+        try:
+            duration = datetime.timedelta(**duration)
+        except TypeError as error:
+            raise ValueError(f"Timer: duration {dict(duration)!r} is not a dict of timedelta's arguments "
+                             f"(weeks, days, hours, minutes, seconds, ...): {error}") from None
+    if isinstance(duration, datetime.timedelta):
+        seconds = duration.total_seconds()
+    else:
+        seconds = as_real(duration)
+        if seconds is None:
+            raise TypeError(f"Timer: duration must be 'DD:HH:MM:SS', a timedelta, a dict of timedelta's arguments, "
+                            f"a number of seconds or None, got {type(duration).__qualname__}")
+    if not 0 <= seconds < math.inf:
+        raise ValueError(f"Timer: duration must be finite and >= 0 seconds, got {duration!r}")
+    return float(seconds)
+
+
+class Timer(Callback):
+    """Stop the fit once its training has run for ``duration`` (Lightning's ``Timer`` and ``max_time``).
+
+    ``duration``: ``"DD:HH:MM:SS"``, a ``datetime.timedelta``, a dict of ``timedelta``'s
+    arguments (``dict(hours=11, minutes=30)``), a number of seconds, or None (only measure).
+    The clock runs from the fit's first epoch start (after the sanity validation) to its end,
+    validations included, as Lightning's training time does. ``interval="step"`` checks after
+    every batch (the fit stops mid-epoch; that epoch is still validated and recorded, as for any
+    stop), ``"epoch"`` after each epoch. The time spent is kept in checkpoints (``run_epochs``
+    keeps it in ``state.extras``), so a run resumed from one counts on from there, and one
+    resumed with its time already spent stops before its first batch, as Lightning's does.
+    Under DDP every rank stops at the same batch (the first rank whose clock runs out decides).
+    ``clock`` is the time source in seconds (``time.monotonic``; a test may pass its own).
+
+    >>> ticks = iter(range(0, 100, 10))                    # a clock that moves 10 s a reading
+    >>> timer = Timer(duration="00:00:00:25", clock=lambda: next(ticks))
+    >>> timer.on_fit_start(None); timer.on_epoch_start(None)
+    >>> timer.on_batch_end(None, {}); timer.should_stop   # 10 s spent
+    False
+    >>> timer.on_batch_end(None, {}); timer.should_stop   # 20 s
+    False
+    >>> timer.on_batch_end(None, {}); timer.should_stop   # 30 s: past 25
+    True
+    """
+
+    #: its hooks read the clock and change nothing of the state (see :func:`may_change_state_early`)
+    reads_only = True
+
+    def __init__(
+        self,
+        duration: str | datetime.timedelta | Mapping[str, float] | float | None = None,
+        interval: str = "step",
+        verbose: bool = True,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if interval not in ("step", "epoch"):
+            raise ValueError(f"Timer: interval must be 'step' or 'epoch', got {interval!r}")
+        if not isinstance(verbose, bool):
+            raise TypeError(f"Timer: verbose must be True or False, got {verbose!r}")
+        if not callable(clock):
+            raise TypeError(f"Timer: clock must be a function returning seconds, got {clock!r}")
+        self.duration = _duration_seconds(duration)
+        self.interval = interval
+        self.verbose = verbose
+        self.clock = clock
+        #: per epoch, its on_batch_end does nothing: run_epochs calls no batch hook for it
+        self.batch_end_unused = interval == "epoch" or self.duration is None
+        self._reset()
+
+    def _reset(self) -> None:
+        self.should_stop = False
+        self._offset = 0.0  # the time spent before this fit (a resumed run's, from its checkpoint)
+        self._start: float | None = None
+        self._end: float | None = None
+
+    def time_elapsed(self) -> float:
+        """Seconds of training so far (the fit's, and a resumed run's before it)."""
+        if self._start is None:
+            return self._offset
+        end = self.clock() if self._end is None else self._end
+        return self._offset + (end - self._start)
+
+    def time_remaining(self) -> float | None:
+        """Seconds left of ``duration`` (None without one); below 0 once it is spent."""
+        return None if self.duration is None else self.duration - self.time_elapsed()
+
+    def _check(self, state: Any) -> None:
+        if self.duration is None or self.should_stop:
+            return
+        elapsed = self.time_elapsed()  # (one reading of the clock)
+        if elapsed >= self.duration:
+            self.should_stop = True
+            if self.verbose and is_rank_zero():
+                print(f"Timer: time limit reached ({datetime.timedelta(seconds=int(elapsed))} spent); stopping at "
+                      f"step {getattr(state, 'step', '?')}", file=sys.stderr, flush=True)
+
+    def on_fit_start(self, state: Any) -> None:
+        """Start each fit afresh; a resumed run's time spent comes back from ``state.extras`` right after."""
+        self._reset()
+
+    def on_epoch_start(self, state: Any) -> None:
+        """Start the clock at the fit's first epoch; stop before any batch when the time is already spent."""
+        if self._start is None:
+            self._start = self.clock()  # (then the time spent is the offset: no second reading)
+            self._end = self._start
+            self._check(state)
+            self._end = None
+        else:
+            self._check(state)
+
+    def on_batch_end(self, state: Any, metrics: Mapping[str, torch.Tensor]) -> None:
+        """With ``interval="step"``, stop once the time is spent."""
+        if self.interval == "step":
+            self._check(state)
+
+    def on_epoch_end(self, state: Any, metrics: Mapping[str, float]) -> None:
+        """With ``interval="epoch"``, stop once the time is spent."""
+        if self.interval == "epoch":
+            self._check(state)
+
+    def on_fit_end(self, state: Any, history: list[dict[str, float]]) -> None:
+        """Stop the clock: :meth:`time_elapsed` keeps the fit's time."""
+        if self._start is not None and self._end is None:
+            self._end = self.clock()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The time spent, for checkpoints (``run_epochs`` keeps it in ``state.extras``).
+
+        >>> Timer(60).state_dict()
+        {'time_elapsed': 0.0}
+        """
+        return {"time_elapsed": float(self.time_elapsed())}
+
+    def load_state_dict(self, sd: Mapping[str, Any]) -> None:
+        """Count on from the time spent that :meth:`state_dict` returned."""
+        self._offset = float(sd["time_elapsed"])

@@ -935,3 +935,123 @@ def test_early_stopping_takes_numpy_thresholds_as_lightning_does():
     stopper = loopkit.EarlyStopping("val/loss", stopping_threshold=np.float32(0.5), divergence_threshold=np.int64(10))
     assert (stopper.stopping_threshold, stopper.divergence_threshold) == (0.5, 10.0)
     assert [s for s, _, _ in loopkit_early_stopping_trace(stopper, [1.0, 0.4])] == [False, True]
+
+
+# --- Timer (Lightning's Timer / max_time) --------------------------------------------------------------
+
+
+class _WorkClock:
+    """A clock that advances one second per batch of work (a train or eval call): runs are then timed
+    exactly, whatever the machine's speed."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+    def train_loss(self, model, batch):
+        self.now += 1.0
+        return mse(model, batch)
+
+    def evaluator(self):
+        def metric_fn(model, batch):
+            self.now += 1.0
+            return {"mse": mse(model, batch)}
+        return loopkit.eval_step(metric_fn)
+
+
+@pytest.mark.parametrize("duration", [7, "00:00:00:07", {"seconds": 7}, __import__("datetime").timedelta(seconds=7)])
+def test_timer_stops_after_the_batch_that_spends_the_time_as_max_steps_would(duration):
+    """Reference: the same fit cut by max_steps at the 5th update (bitwise the same parameters). As Lightning's
+    Timer counts (from on_train_start to on_train_end): the sanity validation's 2 batches are not counted, epoch
+    0's validation is: 3 + 2 s after epoch 0, 7 s after update 5."""
+    clock = _WorkClock()
+    timer = loopkit.Timer(duration, clock=clock, verbose=False)
+    state, history = run_epochs(train_step(clock.train_loss), make_state(), make_data(3), epochs=10,
+                                val=(clock.evaluator(), make_data(2, seed=1)), callbacks=[timer], progress=False)
+    ref, _ = run_epochs(train_step(mse), make_state(), make_data(3), max_steps=5, progress=False)
+    assert timer.should_stop and state.step == 5
+    assert all(torch.equal(a, b) for a, b in zip(state.model.parameters(), ref.model.parameters()))
+    # the stopped epoch (1) is still validated and recorded, as for any stop; the clock stops with the fit
+    assert [r["epoch"] for r in history] == [0, 1] and "val/mse" in history[-1]
+    assert timer.time_elapsed() == clock.now - 2 == 9 and timer.time_remaining() == -2
+
+
+def test_timer_per_epoch_lets_the_epoch_finish():
+    clock = _WorkClock()
+    timer = loopkit.Timer(4, interval="epoch", clock=clock, verbose=False)
+    state, history = run_epochs(train_step(clock.train_loss), make_state(), make_data(3), epochs=10,
+                                callbacks=[timer], progress=False)
+    assert state.step == 6 and state.epoch == 2 and len(history) == 2  # 3 s after epoch 0, 6 s after epoch 1
+
+
+def test_timer_resumed_from_a_checkpoint_counts_on_from_the_time_spent(tmp_path):
+    """Reference: the uninterrupted run with the same limit. The crashed run spent 4 s (4 batches) before its
+    checkpoint at step 4; the relaunch (a fresh clock at another origin) trains 3 s more."""
+    clock = _WorkClock()
+    _, whole = run_epochs(train_step(clock.train_loss), make_state(), make_data(3), epochs=10,
+                          callbacks=[loopkit.Timer(7, clock=clock, verbose=False)], progress=False)
+    step = loopkit.with_checkpointing(train_step(clock.train_loss), tmp_path, every_n_steps=1)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_epochs(step, make_state(), make_data(3), epochs=10, progress=False,
+                   callbacks=[loopkit.Timer(7, clock=clock, verbose=False), CrashAfterStep(4)])
+    restored = loopkit.restore(make_state(), tmp_path)
+    assert restored.step == 4
+    clock.now = 1000.0
+    timer = loopkit.Timer(7, clock=clock, verbose=False)
+    state, history = run_epochs(step, restored, make_data(3), epochs=10, callbacks=[timer], progress=False)
+    assert state.step == 7 and timer.time_elapsed() == 7
+    assert history == whole[len(whole) - len(history):]
+
+
+def test_timer_resumed_with_its_time_spent_trains_nothing(tmp_path):
+    clock = _WorkClock()
+    step = loopkit.with_checkpointing(train_step(clock.train_loss), tmp_path, every_n_epochs=1)
+    stopped, _ = run_epochs(step, make_state(), make_data(3), epochs=10, progress=False,
+                            callbacks=[loopkit.Timer(3, interval="epoch", clock=clock, verbose=False)])
+    restored = loopkit.restore(make_state(), tmp_path)
+    assert stopped.step == restored.step == 3
+    before = clock.now
+    state, history = run_epochs(step, restored, make_data(3), epochs=10, progress=False,
+                                callbacks=[loopkit.Timer(3, interval="epoch", clock=clock, verbose=False)])
+    assert state.step == 3 and history == [] and clock.now == before
+
+
+def test_one_timer_reused_for_the_next_fit_starts_afresh():
+    clock = _WorkClock()
+    timer = loopkit.Timer(2, clock=clock, verbose=False)
+    for _ in range(2):
+        state, _ = run_epochs(train_step(clock.train_loss), make_state(), make_data(3), epochs=5,
+                              callbacks=[timer], progress=False)
+        assert state.step == 2 and timer.time_elapsed() == 2
+
+
+def test_timer_without_a_duration_only_measures():
+    clock = _WorkClock()
+    timer = loopkit.Timer(clock=clock)
+    state, _ = run_epochs(train_step(clock.train_loss), make_state(), make_data(3), epochs=2, callbacks=[timer],
+                          progress=False)
+    assert state.step == 6 and timer.time_elapsed() == 6 and timer.time_remaining() is None
+
+
+def test_timer_says_when_it_stops(capsys):
+    clock = _WorkClock()
+    run_epochs(train_step(clock.train_loss), make_state(), make_data(3), epochs=5,
+               callbacks=[loopkit.Timer(2, clock=clock)], progress=False)
+    assert "Timer: time limit reached (0:00:02 spent); stopping at step 2" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"duration": "12:00:00"}, ValueError, "DD:HH:MM:SS"),
+    ({"duration": -1}, ValueError, ">= 0 seconds"),
+    ({"duration": float("inf")}, ValueError, "finite"),
+    ({"duration": {"hourz": 1}}, ValueError, "timedelta's arguments"),
+    ({"duration": [1]}, TypeError, "got list"),
+    ({"duration": 1, "interval": "batch"}, ValueError, "interval must be 'step' or 'epoch'"),
+    ({"duration": 1, "verbose": 1}, TypeError, "verbose"),
+    ({"duration": 1, "clock": 3.0}, TypeError, "clock"),
+])
+def test_timer_refuses_bad_options(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        loopkit.Timer(**kwargs)
