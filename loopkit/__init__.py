@@ -20,6 +20,7 @@ from loopkit.steps import EvalStep, Step, TrainStep, donate, eval_step, train_st
 from loopkit.transforms import ema_state, quantized_model, with_amp, with_checkpointing, with_compile, with_ddp, with_ema, with_grad_accum, with_grad_clip, with_logging, with_nan_guard, with_profiler, with_pruning, with_qat
 from loopkit.tree import to_device
 from loopkit.debug import check_purity
+from loopkit.summary import ModelSummary, summarize
 from loopkit import distributed  # noqa: E402  (an integration: imports the layers above)
 from loopkit import ensemble  # noqa: E402  (an integration: imports the layers above)
 
@@ -47,6 +48,7 @@ __all__ = [
     "JSONLLogger",
     "LearningRateMonitor",
     "Logger",
+    "ModelSummary",
     "NonFiniteError",
     "StateMismatchError",
     "Step",
@@ -68,6 +70,7 @@ __all__ = [
     "run_epochs",
     "seed_everything",
     "state_at_error",
+    "summarize",
     "to_device",
     "train_step",
     "with_amp",
