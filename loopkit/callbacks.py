@@ -8,9 +8,11 @@ hook                                      when
 ``on_fit_start(state)``                   once, before sanity validation and training
 ``on_epoch_start(state)``                 before the first batch of each epoch
 ``on_batch_end(state, metrics)``          after each training step; metrics are device tensors;
-                                          may return a dict of Python numbers, which
+                                          may return a dict of numbers (or 1-element
+                                          tensors, read only when logged), which
                                           ``with_logging`` writes after an update, at its
-                                          ``every_n_steps`` (other returns are ignored)
+                                          ``every_n_steps`` (returns other than a dict are
+                                          ignored; a dict holding anything else is refused)
 ``on_validation_end(state, metrics)``     after each (non-sanity) validation, ``val/...`` floats;
                                           may return a dict of numbers named ``val/<name>`` (a
                                           metric over the whole validation set: AUROC, F1) added
@@ -79,7 +81,7 @@ class Callback:
     def on_batch_end(self, state: Any, metrics: Mapping[str, torch.Tensor]) -> None:
         """After each train step, with its state and metrics (device tensors: reading one syncs).
 
-        May return a dict of numbers for ``with_logging``'s loggers; setting ``should_stop``
+        May return a dict of numbers (or 1-element tensors) for ``with_logging``'s loggers; setting ``should_stop``
         stops the fit after this batch."""
 
     def on_validation_end(self, state: Any, metrics: Mapping[str, float]) -> None:

@@ -499,12 +499,32 @@ def _check_val(val: Any) -> None:
         )
 
 
-def _scalars(value: Any) -> bool:
-    """Whether a callback's ``on_batch_end`` returned scalars to log: a non-empty dict of Python numbers
-    (anything else it returns is ignored, as before such returns were logged)."""
-    return isinstance(value, Mapping) and bool(value) and all(
-        isinstance(v, numbers.Real) and not isinstance(v, bool) for v in value.values()
-    )
+def _scalars(value: Any, metrics: Any, callback: Any) -> bool:
+    """Whether a callback's ``on_batch_end`` returned scalars to log: a non-empty dict of numbers or
+    single-number tensors (read by the loggers at their log points only: no sync per batch). Anything
+    but a dict (``True``, a tensor), and the step's metrics handed back, are ignored; a dict holding
+    anything else is refused, naming the callback and the key."""
+    if not isinstance(value, Mapping) or not value or value is metrics:
+        return False
+    for key, v in value.items():
+        if not isinstance(key, str) or not _scalar(v):
+            what = f"the name {key!r}" if not isinstance(key, str) else f"{key!r}: {_what(v)}"
+            raise TypeError(f"run_epochs: {type(callback).__qualname__}.on_batch_end returned {what}; what it returns "
+                            "for the loggers is a dict of names to numbers (or 1-element real tensors)")
+    return True
+
+
+def _scalar(value: Any) -> bool:
+    """A number, or a tensor holding one real number."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() == 1 and not value.is_complex() and value.dtype is not torch.bool
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _what(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
+    return type(value).__qualname__
 
 
 def _reused_persistent_workers(data: Any) -> bool:
@@ -706,7 +726,7 @@ class _Hooks:
         self.callbacks = list(callbacks)
         # Callback's own no-op on_batch_end is left out: a batch then calls no hook and reads no should_stop
         self.batch_end = [
-            cb.on_batch_end for cb in self.callbacks
+            (cb, cb.on_batch_end) for cb in self.callbacks
             if (getattr(type(cb), "on_batch_end", Callback.on_batch_end) is not Callback.on_batch_end
                 or "on_batch_end" in getattr(cb, "__dict__", {})) and not getattr(cb, "batch_end_unused", False)
         ]
@@ -763,6 +783,9 @@ class _Hooks:
 
 def _add_epoch_extras(record: dict[str, float], callback: Any, extra: Any) -> None:
     """Add what a callback's ``on_epoch_end`` returned to the epoch's history record (names of its own)."""
+    if isinstance(extra, Mapping) and extra:  # (numbers, as the record's own: a 1-element tensor is read once, here)
+        who = f"run_epochs: {type(callback).__qualname__}.on_epoch_end"
+        extra = {key: _validation_number(value, key, who) for key, value in extra.items()}
     _add_extras(record, callback, extra, "on_epoch_end", ("the epoch's history record", "the history record's", "the epoch's record"))
 
 
@@ -1179,9 +1202,9 @@ def run_epochs(
                     due = SAVE_DUE in state.extras  # a step checkpoint, made once the hooks have run (they never see the mark)
                     if due:
                         state = _unmarked(state)
-                    for hook in hooks.batch_end:
+                    for callback, hook in hooks.batch_end:
                         logged = hook(state, metrics)  # scalars to log (LearningRateMonitor per step)
-                        if logged is not None and state.step != before and _scalars(logged):
+                        if logged is not None and _scalars(logged, metrics, callback) and state.step != before:
                             step.notify("batch_end", state, logged)
                     if due:
                         state, held_save = _save_or_hold(step, hooks, state, max_steps)

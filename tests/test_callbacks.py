@@ -585,8 +585,8 @@ def test_learning_rate_monitor_per_step_reaches_the_loggers_at_their_interval():
 
 
 def test_other_returns_of_on_batch_end_are_ignored_as_before(tmp_path):
-    """Only a dict of Python numbers reaches the loggers: a callback returning True, its metrics
-    (device tensors) or a tensor logs nothing and fails nothing."""
+    """Only a dict of numbers reaches the loggers: a callback returning True, its metrics (handed back)
+    or a tensor logs nothing and fails nothing."""
 
     class Returns(loopkit.Callback):
         def __init__(self, make):
@@ -595,13 +595,66 @@ def test_other_returns_of_on_batch_end_are_ignored_as_before(tmp_path):
         def on_batch_end(self, state, metrics):
             return self.make(metrics)
 
-    for make in (lambda m: True, lambda m: m, lambda m: torch.ones(3), lambda m: {"x": torch.ones(())}):
+    for make in (lambda m: True, lambda m: m, lambda m: torch.ones(3), lambda m: {}):
         logger = loopkit.CSVLogger(tmp_path, "r")  # (a run of its own each: version_0, version_1, ...)
         step = loopkit.with_logging(train_step(mse), logger, every_n_steps=1)
         run_epochs(step, make_state(), make_data(2), epochs=1, callbacks=[Returns(make)], progress=False)
         with open(os.path.join(logger.log_dir, "metrics.csv")) as f:
             header = f.readline().strip().split(",")
-        assert "train/loss" in header and "x" not in header
+        assert "train/loss" in header and "loss" not in header
+
+
+def test_tensors_returned_by_on_batch_end_are_logged_as_numbers(tmp_path):
+    """A 0-dim tensor (twice the step's loss) was dropped silently with the whole dict. Reference: the loss the
+    step returned, read after the fit, at each logged step."""
+    losses = {}
+
+    class Doubler(loopkit.Callback):
+        def on_batch_end(self, state, metrics):
+            losses[state.step] = metrics["loss"]
+            return {"double_loss": metrics["loss"] * 2, "const": 7.0}
+
+    logger = loopkit.CSVLogger(tmp_path)
+    run_epochs(loopkit.with_logging(train_step(mse), logger, every_n_steps=2), make_state(), make_data(4), epochs=1,
+               callbacks=[Doubler()], progress=False)
+    import csv
+    with open(os.path.join(logger.log_dir, "metrics.csv")) as f:
+        rows = [r for r in csv.DictReader(f) if r.get("double_loss")]
+    assert [(int(r["step"]), float(r["double_loss"]), float(r["const"])) for r in rows] == [
+        (s, float(losses[s] * 2), 7.0) for s in (2, 4)]
+
+
+@pytest.mark.parametrize("returned, match", [
+    ({"note": "hello"}, "'note': str"),
+    ({"v": torch.ones(2)}, "'v': a tensor of shape \\(2,\\)"),
+    ({1: 0.5}, "the name 1"),
+])
+def test_a_dict_on_batch_end_returns_that_holds_no_number_is_named(returned, match):
+    class Bad(loopkit.Callback):
+        def on_batch_end(self, state, metrics):
+            return returned
+
+    with pytest.raises(TypeError, match="Bad.on_batch_end returned " + match):
+        run_epochs(train_step(mse), make_state(), make_data(2), epochs=1, callbacks=[Bad()], progress=False)
+
+
+def test_on_epoch_end_extras_are_numbers_in_the_history():
+    """A 0-dim tensor stayed a tensor in the history (json.dumps of it failed); a string was taken in, and a
+    logger failed on it later, naming the logger. Reference: what on_validation_end's returns become."""
+    import json
+
+    class Extra(loopkit.Callback):
+        def __init__(self, value):
+            self.value = value
+
+        def on_epoch_end(self, state, metrics):
+            return {"extra/score": self.value}
+
+    _, history = run_epochs(train_step(mse), make_state(), make_data(2), epochs=1,
+                            callbacks=[Extra(torch.tensor(1.5))], progress=False)
+    assert type(history[0]["extra/score"]) is float and history[0]["extra/score"] == 1.5 and json.dumps(history)
+    with pytest.raises(TypeError, match="Extra.on_epoch_end returned 'extra/score': str"):
+        run_epochs(train_step(mse), make_state(), make_data(2), epochs=1, callbacks=[Extra("hello")], progress=False)
 
 
 def test_learning_rate_monitor_two_param_groups():
