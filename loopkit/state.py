@@ -276,6 +276,8 @@ class TrainState(_GraphSlot):
         (4, True)
         """
         self.check_usable()
+        if isinstance(state_dict, Mapping) and _uninitialized(self.model):  # a lazy module's, before its first forward
+            return _shaped(self, state_dict).load_state_dict(state_dict, copy=copy)
         decoded = _decode(self, state_dict)
         memo, grads = ({}, {}) if copy else _adoptable(core_module(self.model), decoded)
         new = _fork(self, memo, optimizer_state=False)  # the optimizer state is replaced below: no copy of it
@@ -712,6 +714,7 @@ def _fork(state: TrainState, memo: dict[int, Any], *, optimizer_state: bool) -> 
 
 
 _Parameter = nn.Parameter
+_Uninitialized = nn.parameter.UninitializedTensorMixin
 _make_subclass = torch.Tensor._make_subclass
 
 
@@ -720,7 +723,9 @@ def _clone_tensor(t: torch.Tensor, memo: dict[int, Any]) -> torch.Tensor:
     found = memo.get(key)
     if found is not None:
         return found
-    if type(t) is _Parameter:
+    if isinstance(t, _Uninitialized):  # a lazy module's, before its first forward: the copy is as empty
+        new = type(t)(requires_grad=t.requires_grad, device=t.device, dtype=t.dtype)
+    elif type(t) is _Parameter:
         new = _make_subclass(_Parameter, t.detach().clone(), t.requires_grad)
         grad = t.grad
         if grad is not None:
@@ -831,11 +836,30 @@ def _clone_module(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
     attributes["_buffers"] = {n: None if b is None else _clone_tensor(b, memo) for n, b in buffers.items()} if buffers else {}
     children = attributes["_modules"]
     attributes["_modules"] = {n: None if m is None else _clone_module(m, memo) for n, m in children.items()} if children else {}
+    if "_initialize_hook" in attributes:  # a lazy module before its first forward
+        _own_lazy_hooks(new, module)
     if isinstance(module, nn.RNNBase):
         new._init_flat_weights()
     elif children and "_orig_mod" in children and callable(getattr(new, "_initialize", None)):
         new._initialize()  # torch.compile's wrapper: its forward, bound to the original's inner module, bound to the copy's
     return new
+
+
+def _own_lazy_hooks(new: nn.Module, module: nn.Module) -> None:
+    """Give the copy ``new`` of a lazy module its own hooks: the original's are bound to it (the copy's first
+    forward would shape the original, and a load into the copy would materialize the original's parameters),
+    and their handles remove them from the original's registries."""
+    attributes = new.__dict__
+    initialize = module._initialize_hook.id
+    attributes["_forward_pre_hooks"].pop(initialize, None)  # (the copy's own already: _MODULE_REGISTRIES)
+    attributes["_forward_pre_hooks_with_kwargs"] = kwargs = attributes["_forward_pre_hooks_with_kwargs"].copy()
+    kwargs.pop(initialize, None)
+    attributes["_initialize_hook"] = new.register_forward_pre_hook(new._infer_parameters, with_kwargs=True)
+    load = attributes.get("_load_hook")
+    if load is not None:
+        attributes["_load_state_dict_pre_hooks"] = hooks = attributes["_load_state_dict_pre_hooks"].copy()
+        hooks.pop(load.id, None)
+        attributes["_load_hook"] = new._register_load_state_dict_pre_hook(new._lazy_load_hook)
 
 
 def _copied_attribute(value: Any, memo: dict[int, Any]) -> Any:
@@ -1042,6 +1066,31 @@ def _resizable_buffers(model: nn.Module) -> set[str]:
         if isinstance(module, (FakeQuantizeBase, ObserverBase))
         for name, _ in module.named_buffers(recurse=False)
     }
+
+
+def _shaped(state: TrainState, state_dict: Mapping[str, Any]) -> TrainState:
+    """A copy of ``state`` whose lazy modules' parameters and buffers have the shapes ``state_dict`` holds for them
+    (as ``Module.load_state_dict`` shapes them), to load ``state_dict`` into; those it lacks stay unmade (the load
+    then names them missing)."""
+    shaped = _fork(state, {}, optimizer_state=True)
+    plain = state_dict.get("model")
+    if isinstance(plain, Mapping):
+        plain = _without_compiled_prefix(plain)
+        made = core_module(shaped.model).state_dict(keep_vars=True)
+        for name in _uninitialized(shaped.model):
+            saved = plain.get(name)
+            if isinstance(saved, torch.Tensor):
+                made[name].materialize(saved.shape)
+    if _uninitialized(shaped.model):
+        missing = sorted(_uninitialized(shaped.model))[0]
+        raise StateMismatchError(f"missing key 'model.{missing}' (a lazy module's, which the state dict would shape)")
+    return shaped
+
+
+def _uninitialized(model: nn.Module) -> set[str]:
+    """The state-dict names of the parameters and buffers a lazy module has not made yet (before its first forward):
+    ``Module.load_state_dict`` gives them the saved shapes."""
+    return {name for name, tensor in core_module(model).state_dict(keep_vars=True).items() if isinstance(tensor, _Uninitialized)}
 
 
 def _decode_scheduler(plain: Any, scheduler: Any) -> Any:

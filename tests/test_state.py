@@ -1471,3 +1471,78 @@ def test_two_states_evolved_to_share_a_model_train_in_turn_as_a_raw_loop_with_tw
         g_state, _ = g_step(g_state, x)
     assert g_state.model is d_state.model
     assert_equal_trees({n: p.detach() for n, p in g_state.model.named_parameters()}, reference)
+
+
+# --- lazy modules (LazyLinear, LazyBatchNorm1d) before their first forward ---------------------------------------
+
+
+def _lazy_state():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.LazyLinear(7), nn.LazyBatchNorm1d(), nn.Tanh(), nn.LazyLinear(1))
+    return loopkit.TrainState.create(model, torch.optim.Adam(model.parameters(), lr=1e-2))
+
+
+def _lazy_batches(width=5):
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(8, width, generator=g), torch.randn(8, 1, generator=g)) for _ in range(4)]
+
+
+def _lazy_mse(model, batch):
+    return ((model(batch[0]) - batch[1]) ** 2).mean()
+
+
+def _raw_lazy_run(batches):
+    """Reference: a hand-written loop over a fresh lazy model (torch shapes it at the first forward)."""
+    raw = _lazy_state()
+    model, opt = raw.model, raw.optimizer
+    for batch in batches:
+        opt.zero_grad()
+        _lazy_mse(model, batch).backward()
+        opt.step()
+    return model
+
+
+def test_a_pure_step_of_a_lazy_model_trains_as_the_raw_loop_and_leaves_the_given_state_unshaped():
+    """The copy's first forward failed (the copy's hooks were the original's: they shaped the original, and the
+    copy's own stayed to fail on the next call)."""
+    state = _lazy_state()
+    step = loopkit.train_step(_lazy_mse)
+    new = state
+    for batch in _lazy_batches():
+        new, _ = step(new, batch)
+    raw = _raw_lazy_run(_lazy_batches())
+    assert all(torch.equal(a, b) for a, b in zip(new.model.state_dict().values(), raw.state_dict().values()))
+    assert isinstance(state.model[0].weight, nn.parameter.UninitializedParameter)
+    other, _ = step(state, _lazy_batches(width=3)[0])  # the given state is still lazy: another width shapes a copy
+    assert other.model[0].weight.shape == (7, 3) and isinstance(state.model[0].weight, nn.parameter.UninitializedParameter)
+
+
+@pytest.mark.parametrize("how", ["load_state_dict", "restore"])
+def test_a_lazy_template_takes_a_trained_state_and_goes_on_as_the_uninterrupted_run(tmp_path, how):
+    """Restoring into a freshly built lazy template raised torch's "Can't access the shape of an uninitialized
+    parameter". Reference: the raw loop over all 4 batches against 2 + 2 across the load."""
+    batches = _lazy_batches()
+    step = loopkit.donate(loopkit.train_step(_lazy_mse))
+    state = _lazy_state()
+    for batch in batches[:2]:
+        state, _ = step(state, batch)
+    template = _lazy_state()
+    if how == "restore":
+        from loopkit.checkpoint import save
+        save(state, tmp_path / "ckpt")
+        resumed = loopkit.restore(template, tmp_path / "ckpt")
+    else:
+        resumed = template.load_state_dict(state.state_dict())
+    assert isinstance(template.model[0].weight, nn.parameter.UninitializedParameter)  # the template is left as it was
+    for batch in batches[2:]:
+        resumed, _ = step(resumed, batch)
+    raw = _raw_lazy_run(batches)
+    assert all(torch.equal(a, b) for a, b in zip(resumed.model.state_dict().values(), raw.state_dict().values()))
+
+
+def test_a_state_dict_without_a_lazy_modules_weight_is_named():
+    trained, _ = loopkit.donate(loopkit.train_step(_lazy_mse))(_lazy_state(), _lazy_batches()[0])
+    sd = trained.state_dict()
+    del sd["model"]["3.weight"]
+    with pytest.raises(loopkit.StateMismatchError, match=r"missing key 'model.3.weight'"):
+        _lazy_state().load_state_dict(sd)
