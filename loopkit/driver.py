@@ -61,14 +61,17 @@ _BATCHES = "run_epochs/epoch_batches"
 
 
 def _check_limit(value: int | float | None, name: str) -> int | float | None:
-    """``value`` as a Python int (batches) or float (a fraction), numpy's numbers included."""
+    """``value`` as a Python int (batches) or float (a fraction), numpy's numbers included; 0.0 is 0 (off)."""
     if value is None:
         return None
     limit = as_real(value)
     if limit is None:
         raise TypeError(f"{name} must be an int (batches) or a float fraction in (0, 1], got {value!r}")
+    if isinstance(limit, float) and limit == 0.0:
+        return 0  # (off, as the int 0: Lightning takes 0.0 so too)
     if isinstance(limit, float) and not 0.0 < limit <= 1.0:
-        raise ValueError(f"{name}={value}: a fraction must be in (0, 1]; pass an int for a number of batches")
+        raise ValueError(f"{name}={value}: a fraction must be in (0, 1] (0 turns it off); pass an int for a number "
+                         "of batches")
     if isinstance(limit, int) and limit < 0:
         raise ValueError(f"{name}={value}: a number of batches must be >= 0")
     return limit

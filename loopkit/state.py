@@ -862,6 +862,30 @@ def _own_lazy_hooks(new: nn.Module, module: nn.Module) -> None:
         attributes["_load_hook"] = new._register_load_state_dict_pre_hook(new._lazy_load_hook)
 
 
+def _copied_closure(function: types.FunctionType, memo: dict[int, Any]) -> types.FunctionType:
+    """``function`` (a hook) reading the copy's modules and tensors where its closure holds the original's (a
+    lambda that reads ``model.gain``): the same code over new cells; other cells (a list it collects into) shared."""
+    cells = function.__closure__ or ()
+    new_cells = []
+    for cell in cells:
+        try:
+            content = cell.cell_contents
+        except ValueError:  # (a cell not filled yet)
+            new_cells.append(cell)
+            continue
+        copied = memo.get(id(content)) if isinstance(content, (nn.Module, torch.Tensor)) else None
+        new_cells.append(cell if copied is None else types.CellType(copied))
+    if all(a is b for a, b in zip(new_cells, cells)):
+        return function
+    copied_function = types.FunctionType(
+        function.__code__, function.__globals__, function.__name__, function.__defaults__, tuple(new_cells)
+    )
+    copied_function.__kwdefaults__ = function.__kwdefaults__
+    copied_function.__qualname__ = function.__qualname__
+    copied_function.__dict__.update(function.__dict__)
+    return copied_function
+
+
 def _copied_attribute(value: Any, memo: dict[int, Any]) -> Any:
     """A module's attribute (or hook) as its copy's own, once the whole model is copied (``memo`` holds it), as
     ``copy.deepcopy`` would make it where it reaches the model's tensors or modules: a module of the model (kept in a
@@ -887,6 +911,8 @@ def _copied_attribute(value: Any, memo: dict[int, Any]) -> Any:
         return memo.get(id(value), value)
     if kind is types.MethodType:
         return types.MethodType(value.__func__, memo.get(id(value.__self__), value.__self__))
+    if kind is types.FunctionType:
+        return _copied_closure(value, memo) if value.__closure__ else value
     if kind is functools.partial:
         return functools.partial(_copied_attribute(value.func, memo), *_copied_attribute(value.args, memo),
                                  **_copied_attribute(value.keywords, memo))

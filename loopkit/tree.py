@@ -141,6 +141,28 @@ def path_str(path: tuple[str, ...]) -> str:
     return ".".join(path)
 
 
+#: the leaves a state dict holds as they are
+_PLAIN = frozenset((bool, int, float, str))
+#: leaves held as the plain value they stand for: a subclass of those (numpy's float64, an IntEnum) and numpy's
+#: other real numbers, which ``torch.load(weights_only=True)`` refuses to unpickle
+_NUMBER_LIKE = (bool, int, float, str, np.bool_, np.integer, np.floating)
+
+
+def _plain_leaf(obj: Any) -> bool | int | float | str:
+    """``obj`` (one of :data:`_NUMBER_LIKE`) as a plain ``bool``, ``int``, ``float`` or ``str``.
+
+    >>> _plain_leaf(np.float64(0.5)), _plain_leaf(np.int64(3)), _plain_leaf(np.bool_(True))
+    (0.5, 3, True)
+    """
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return float(obj)
+    return str.__str__(obj)  # (a str subclass's own text: an Enum mixing str in prints otherwise)
+
+
 def to_plain(obj: Any, path: tuple[str, ...] = ()) -> Any:
     """Encode ``obj`` as nested dicts whose leaves are tensors, numbers and strings only.
 
@@ -152,8 +174,10 @@ def to_plain(obj: Any, path: tuple[str, ...] = ()) -> Any:
     """
     if isinstance(obj, torch.Tensor):
         return obj
-    if isinstance(obj, (bool, int, float, str)):
+    if type(obj) in _PLAIN:
         return obj
+    if isinstance(obj, _NUMBER_LIKE):
+        return _plain_leaf(obj)
     if isinstance(obj, Mapping):
         return {str(k): to_plain(v, path + (str(k),)) for k, v in obj.items() if v is not None}
     if isinstance(obj, (list, tuple)):
@@ -177,8 +201,10 @@ def encode_tree(obj: Any, path: tuple[str, ...] = ()) -> Any:
     >>> decode_tree(encode_tree(tree)) == tree
     True
     """
-    if isinstance(obj, (torch.Tensor, bool, int, float, str)):
+    if type(obj) in _PLAIN or isinstance(obj, torch.Tensor):
         return obj
+    if isinstance(obj, _NUMBER_LIKE):
+        return _plain_leaf(obj)
     if obj is None:
         return {KIND: "none"}
     if isinstance(obj, (list, tuple)):

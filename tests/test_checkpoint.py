@@ -925,3 +925,28 @@ def test_read_meta_and_load_name_a_folder_of_checkpoints_and_a_missing_path_as_s
             read(tmp_path / "ckpt")
     with pytest.raises(CheckpointCorruptError, match="does not exist"):
         checkpoint.read_meta(tmp_path / "nowhere")
+
+
+def test_a_state_holding_numpy_numbers_restores(tmp_path):
+    """An optimizer built from a numpy grid (lr=np.logspace(...)[1], a float64) made every checkpoint unloadable
+    under weights_only=True, and restore went back to the fresh template with warnings only. Reference: the
+    trained state, and the uninterrupted run's parameters after two more steps."""
+    def fresh():
+        torch.manual_seed(0)
+        model = torch.nn.Linear(3, 1)
+        return loopkit.TrainState.create(model, torch.optim.Adam(model.parameters(), lr=np.logspace(-3, -1, 3)[1],
+                                                                 betas=(np.float64(0.9), np.float64(0.99))))
+
+    batches = [(torch.randn(4, 3), torch.randn(4, 1)) for _ in range(3)]
+    loss = lambda m, b: ((m(b[0]) - b[1]) ** 2).mean()
+    step = loopkit.with_checkpointing(loopkit.train_step(loss), tmp_path, every_n_steps=3)
+    trained, _ = loopkit.run_epochs(step, fresh(), batches[:3], epochs=1, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        restored = loopkit.restore(fresh(), tmp_path)
+    assert restored.step == 3 and restored.optimizer.param_groups[0]["lr"] == 0.01
+    assert all(torch.equal(a, b) for a, b in zip(restored.model.parameters(), trained.model.parameters()))
+    ref, _ = loopkit.run_epochs(loopkit.train_step(loss), fresh(), batches[:3], epochs=2, progress=False)
+    go_on, _ = loopkit.run_epochs(loopkit.train_step(loss), restored, batches[:3], epochs=2, progress=False)
+    assert go_on.step == 6
+    assert all(torch.equal(a, b) for a, b in zip(go_on.model.parameters(), ref.model.parameters()))

@@ -301,8 +301,9 @@ def test_a_val_fraction_bounds_the_sanity_check_too(limit, expected):
     assert counter.calls == expected
 
 
+@pytest.mark.parametrize("zero", [0, 0.0])
 @pytest.mark.parametrize("stop", [dict(max_steps=5), dict(epochs=3)])
-def test_limit_train_batches_zero_turns_training_off(stop):
+def test_limit_train_batches_zero_turns_training_off(stop, zero):
     """As in Lightning: no epoch runs (with max_steps alone it ran empty epochs forever); the sanity
     validation still runs, and the state comes back as given, still usable."""
     loss = Counter(mse)
@@ -310,18 +311,19 @@ def test_limit_train_batches_zero_turns_training_off(stop):
     state = make_state()
     before = params_of(state)
     out, history = run_epochs(train_step(loss), state, make_data(4), val=(ev, make_data(4, seed=1)),
-                              limit_train_batches=0, progress=False, **stop)
+                              limit_train_batches=zero, progress=False, **stop)
     assert loss.calls == 0 and history == [] and counter.calls == 2  # the sanity batches alone
     assert (out.step, out.epoch, out.batch_index) == (0, 0, 0)
     assert_bitwise(params_of(out), before)
     state.check_usable()
 
 
-def test_limit_val_batches_zero_disables_validation():
+@pytest.mark.parametrize("zero", [0, 0.0], ids=["int", "float (Lightning takes it as 0)"])
+def test_limit_val_batches_zero_disables_validation(zero):
     ev, counter = counting_eval()
     rec = Recorder()
     _, history = run_epochs(train_step(mse), make_state(), make_data(2), epochs=2, val=(ev, make_data(4, seed=1)),
-                            limit_val_batches=0, callbacks=[rec], progress=False)
+                            limit_val_batches=zero, callbacks=[rec], progress=False)
     assert counter.calls == 0 and "validation_end" not in rec.events
     assert all("val/mse" not in h for h in history)
 
@@ -812,7 +814,7 @@ def test_run_epochs_moves_batches_and_state_to_cuda():
         (dict(limit_train_batches=-1), ValueError, "limit_train_batches=-1"),
         (dict(limit_train_batches="all"), TypeError, "limit_train_batches"),
         (dict(limit_train_batches=0.05), ValueError, "limit_train_batches=0.05 of 10 batches is 0 batches"),
-        (dict(limit_val_batches=0.0), ValueError, "limit_val_batches=0.0"),
+        (dict(limit_val_batches=1.01), ValueError, "limit_val_batches=1.01: a fraction must be in \\(0, 1\\] \\(0 turns it off\\)"),
         (dict(limit_val_batches=-1), ValueError, "limit_val_batches=-1"),
         (dict(epochs=0), ValueError, "epochs must be a positive int"),
         (dict(epochs=None), ValueError, "epochs=, max_steps="),

@@ -1546,3 +1546,36 @@ def test_a_state_dict_without_a_lazy_modules_weight_is_named():
     del sd["model"]["3.weight"]
     with pytest.raises(loopkit.StateMismatchError, match=r"missing key 'model.3.weight'"):
         _lazy_state().load_state_dict(sd)
+
+
+def test_a_hook_closing_over_the_model_reads_the_copy_in_a_pure_step():
+    """A forward hook ``lambda mod, i, out: out * m.gain`` kept reading the original's ``gain`` in the pure step's
+    copy: the given state's parameter got the gradient and the copy's never trained. Reference: a raw loop. A
+    closure cell that is no tensor or module of the model (a list the hook collects into) stays the user's."""
+    collected = []
+
+    def make():
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 1))
+        m.gain = nn.Parameter(torch.ones(7))
+        gain = m.gain
+        m[0].register_forward_hook(lambda mod, inp, out: out * m.gain)  # closes over the model
+        m[2].register_forward_pre_hook(lambda mod, inp: collected.append(float(gain.sum())))  # over a parameter
+        return m, torch.optim.SGD(m.parameters(), lr=0.1)
+
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(8, 5, generator=g), torch.randn(8, 1, generator=g)) for _ in range(3)]
+    mse = lambda m, b: ((m(b[0]) - b[1]) ** 2).mean()
+    m, opt = make()
+    for batch in data:
+        opt.zero_grad()
+        mse(m, batch).backward()
+        opt.step()
+    raw_collected, collected[:] = list(collected), []
+    model, opt = make()
+    state = given = loopkit.TrainState.create(model, opt)
+    for batch in data:
+        state, _ = loopkit.train_step(mse)(state, batch)
+    assert all(torch.equal(a, b) for a, b in zip(state.model.parameters(), m.parameters()))
+    assert given.model.gain.grad is None and torch.equal(given.model.gain, torch.ones(7))
+    assert collected == raw_collected  # the copies' gains, read by each step's copy of the hook

@@ -185,3 +185,33 @@ def test_from_plain_names_the_first_bad_key(plain, match):
 
 def test_path_str():
     assert path_str(("optimizer", "state", "0")) == "optimizer.state.0"
+
+
+def test_number_like_leaves_are_held_as_plain_python_values():
+    """numpy's float64 (a float subclass) went through as it was, and torch.load(weights_only=True) then refused
+    the whole file; numpy's other numbers were refused at save time though every loopkit option takes them.
+    Reference: the Python value each stands for, and a weights_only load of the encoding."""
+    import enum
+    import io
+
+    import numpy as np
+
+    from loopkit.tree import decode_tree, encode_tree
+
+    class Level(enum.IntEnum):
+        HIGH = 2
+
+    class Mode(str, enum.Enum):
+        MAX = "max"
+
+    tree = {"lr": np.float64(0.01), "f32": np.float32(1.5), "n": np.int64(3), "flag": np.bool_(True),
+            "level": Level.HIGH, "mode": Mode.MAX}
+    expected = {"lr": 0.01, "f32": 1.5, "n": 3, "flag": True, "level": 2, "mode": "max"}
+    for encode in (to_plain, encode_tree):
+        plain = encode(tree)
+        assert plain == expected and all(type(plain[k]) is type(v) for k, v in expected.items())
+        buffer = io.BytesIO()
+        torch.save(plain, buffer)
+        buffer.seek(0)
+        assert torch.load(buffer, weights_only=True) == expected
+    assert decode_tree(encode_tree(tree)) == expected
