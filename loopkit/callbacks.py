@@ -296,7 +296,8 @@ class LearningRateMonitor(Callback):
     ``state.step``: the rate the next update uses, handed to ``with_logging``'s loggers
     (every ``every_n_steps`` updates, as Lightning's ``log_every_n_steps``) and not to the
     epoch records. Names follow Lightning: ``lr-SGD`` for
-    one group, ``lr-SGD/pg1``, ``lr-SGD/pg2`` for several. Every recorded value is also kept
+    one group, ``lr-SGD/pg1``, ``lr-SGD/pg2`` for several, and a group's ``"name"`` in place of
+    ``pgN`` where it has one (``lr-SGD/backbone``; one named group: ``lr-SGD/backbone`` too). Every recorded value is also kept
     in ``self.history`` as ``(step, {name: lr})``.
 
     >>> import torch
@@ -324,8 +325,11 @@ class LearningRateMonitor(Callback):
         self._step_seen: int | None = None  # per step: the update whose rates were recorded last
 
     def on_fit_start(self, state: Any) -> None:
-        """Per step, take the fit's starting update as seen: rates are recorded after each update that follows."""
+        """Per step, take the fit's starting update as seen: rates are recorded after each update that follows.
+        Groups of one name are refused now, before any step."""
         self._step_seen = getattr(state, "step", None)
+        if getattr(state, "optimizer", None) is not None:
+            self.learning_rates(state)
 
     @staticmethod
     def learning_rates(state: Any) -> dict[str, float]:
@@ -336,8 +340,13 @@ class LearningRateMonitor(Callback):
         name = f"lr-{type(optimizer).__name__}"
         groups = optimizer.param_groups
         if len(groups) == 1:
-            return {name: float(groups[0]["lr"])}
-        return {f"{name}/pg{i + 1}": float(g["lr"]) for i, g in enumerate(groups)}
+            own = groups[0].get("name")
+            return {f"{name}/{own}" if own else name: float(groups[0]["lr"])}
+        rates = {f"{name}/{g.get('name', f'pg{i + 1}')}": float(g["lr"]) for i, g in enumerate(groups)}
+        if len(rates) < len(groups):
+            raise ValueError(f"LearningRateMonitor: {type(optimizer).__name__} has several parameter groups of one "
+                             f"'name' ({[g.get('name') for g in groups]}); give each a name of its own, as Lightning asks")
+        return rates
 
     def on_batch_end(self, state: Any, metrics: Mapping[str, torch.Tensor]) -> dict[str, float] | None:
         """Per step, the rates after this batch's update, for the loggers (nothing after a micro-batch of

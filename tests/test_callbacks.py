@@ -1108,3 +1108,32 @@ def test_timer_says_when_it_stops(capsys):
 def test_timer_refuses_bad_options(kwargs, error, match):
     with pytest.raises(error, match=match):
         loopkit.Timer(**kwargs)
+
+
+@pytest.mark.parametrize("names, expected", [
+    (["backbone", "head"], ["lr-SGD/backbone", "lr-SGD/head"]),
+    (["backbone", None], ["lr-SGD/backbone", "lr-SGD/pg2"]),
+    (["all"], ["lr-SGD/all"]),
+])
+def test_learning_rate_monitor_names_groups_by_their_name_as_lightning(names, expected):
+    """Lightning's LearningRateMonitor (2.6, _add_suffix) names a group by its "name" where it has one; loopkit
+    named every group pgN. Reference: the names Lightning logged for these optimizers (run side by side)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 1))
+    parts = [model.parameters()] if len(names) == 1 else [model[0].parameters(), model[1].parameters()]
+    groups = [{"params": p, **({"name": n} if n else {})} for p, n in zip(parts, names)]
+    state = TrainState.create(model, torch.optim.SGD(groups, lr=0.5))
+    _, history = run_epochs(train_step(mse), state, make_data(2), epochs=1,
+                            callbacks=[loopkit.LearningRateMonitor()], progress=False)
+    assert [k for k in history[0] if k.startswith("lr-")] == expected
+
+
+def test_learning_rate_monitor_refuses_two_groups_of_one_name_before_any_step():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 1))
+    groups = [{"params": model[0].parameters(), "name": "x"}, {"params": model[1].parameters(), "name": "x"}]
+    state = TrainState.create(model, torch.optim.SGD(groups, lr=0.5))
+    loss = Counter(mse)
+    with pytest.raises(ValueError, match="several parameter groups of one 'name'"):
+        run_epochs(train_step(loss), state, make_data(2), epochs=1, callbacks=[loopkit.LearningRateMonitor()],
+                   progress=False)
+    assert loss.calls == 0
