@@ -1007,3 +1007,21 @@ def test_a_step_save_and_an_epoch_save_of_the_same_update_are_one_checkpoint(tmp
     assert [(c.step, c.epoch, c.batch_index) for c in both] == [(8, 2, 0), (12, 3, 0)]
     for a, b in zip(both, epochs):
         assert_trees_equal(checkpoint.load(a.path)["state"]["model"], checkpoint.load(b.path)["state"]["model"])
+
+
+def test_with_no_trigger_it_saves_after_every_epoch_as_lightnings_model_checkpoint(tmp_path):
+    """with_checkpointing(step, directory) saved nothing in a whole fit, and restore then gave the fresh template.
+    Reference: Lightning's ModelCheckpoint() (every_n_epochs=1 when no trigger is given), and the same fit with
+    every_n_epochs=1 written out."""
+    defaults = with_checkpointing(train_step(_mse), tmp_path / "defaults")
+    explicit = with_checkpointing(train_step(_mse), tmp_path / "explicit", every_n_epochs=1)
+    assert (defaults.every_n_epochs, defaults.every_n_steps) == (1, None)
+    trained, _ = run_epochs(defaults, _state(), _loader(), epochs=4, progress=False)
+    run_epochs(explicit, _state(), _loader(), epochs=4, progress=False)
+    kept = [c.step for c in checkpoint.list_checkpoints(tmp_path / "defaults")]
+    assert kept == [c.step for c in checkpoint.list_checkpoints(tmp_path / "explicit")] == [20, 30, 40]  # keep_last=3
+    restored = loopkit.restore(_state(), tmp_path / "defaults")
+    assert restored.step == 40 and all(torch.equal(a, b) for a, b in zip(restored.model.parameters(),
+                                                                            trained.model.parameters()))
+    monitored = with_checkpointing(train_step(_mse), tmp_path / "m", monitor="val/loss")
+    assert monitored.every_n_epochs is None  # a monitor alone saves at its validations, as before
