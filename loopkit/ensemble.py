@@ -48,7 +48,7 @@ from torch import nn
 
 from loopkit.errors import DonatedStateError
 from loopkit.state import (
-    TrainState, _fork, fork, is_plain_setting, leave_intact, module_settings, persistent_buffers, replace, state_at_error,
+    _MODULE_STANDARD, TrainState, _fork, fork, is_plain_setting, leave_intact, module_settings, persistent_buffers, replace, state_at_error,
 )
 from loopkit.steps import _split_loss, needs_closure
 
@@ -143,6 +143,7 @@ def _check_members(states: Sequence[TrainState]) -> None:
             )
         _check_mode(state.model, first.model, k, "ensemble.stack")
         _check_settings(state.model, first.model, k, "ensemble.stack")
+        _check_attributes(state.model, first.model, k)
         frozen = dict(first.model.named_parameters())
         for n, p in state.model.named_parameters():  # one vmapped gradient: the same parameters train in every member
             if p.requires_grad != frozen[n].requires_grad:
@@ -201,6 +202,60 @@ def _check_settings(model: nn.Module, first: nn.Module, k: int, where: str) -> N
             f"{_short(_setting(module, attr))} where member 0's has {attr}={_short(_setting(expected, attr))}; the "
             "vmapped step runs member 0's modules for all: every member's layers must have the same settings"
         )
+
+
+def _check_attributes(model: nn.Module, first: nn.Module, k: int) -> None:
+    """Refuse member ``k``'s ``model`` if a module's other values differ from member 0's: a tensor that is no
+    parameter or buffer (a fixed random projection), a dict or list of such values, a ``_private`` number. The step
+    runs member 0's modules, and so their values, for every member; other objects (a tokenizer) are not compared."""
+    for (name, module), other in zip(model.named_modules(), first.modules()):
+        own, theirs = _other_values(module), _other_values(other)
+        for attr in sorted(own.keys() | theirs.keys()):
+            if attr in own and attr in theirs and _same_value(own[attr], theirs[attr]):
+                continue
+            where = f"module {name or '(model)'} ({type(module).__name__})"
+            raise ValueError(
+                f"ensemble.stack: member {k}'s {where} has another {attr!r} than member 0's "
+                f"({_short(own.get(attr, '<not set>'))} where member 0's is {_short(theirs.get(attr, '<not set>'))}); "
+                "the vmapped step runs member 0's modules, with their values, for all: make it the same in every "
+                "member, or register a tensor as a buffer (each member then has its own)"
+            )
+
+
+def _other_values(module: nn.Module) -> dict[str, Any]:
+    """``module``'s attributes that :func:`module_settings` leaves out and :func:`_same_value` can compare."""
+    held = {id(t) for t in (*module._parameters.values(), *module._buffers.values()) if t is not None}
+    settings = module_settings(module)
+    # (the tensor an old-style spectral_norm / weight_norm hook computes from the parameters before each forward)
+    computed = {getattr(hook, "name", None) for hook in module._forward_pre_hooks.values()}
+    return {
+        attr: value for attr, value in vars(module).items()
+        if attr not in _MODULE_STANDARD and attr not in settings and attr not in computed and _comparable(value, held)
+    }
+
+
+def _comparable(value: Any, held: set[int]) -> bool:
+    """A value whose equality says whether two members compute alike: a tensor that is none of the module's own
+    parameters and buffers, a plain value, and dicts, lists and tuples of those (not empty)."""
+    if isinstance(value, torch.Tensor):
+        return id(value) not in held
+    if isinstance(value, Mapping):
+        return bool(value) and all(_comparable(v, held) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return bool(value) and all(_comparable(v, held) for v in value)
+    return is_plain_setting(value)
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    """Equal values of :func:`_comparable`: tensors of one shape, dtype and device with equal elements (NaN equal)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+                and a.dtype == b.dtype and a.device == b.device and bool(torch.equal(a, b) or (
+                    a.is_floating_point() and torch.allclose(a, b, rtol=0, atol=0, equal_nan=True))))
+    if isinstance(a, Mapping) or isinstance(b, Mapping):
+        return (isinstance(a, Mapping) and isinstance(b, Mapping) and a.keys() == b.keys()
+                and all(_same_value(a[key], b[key]) for key in a))
+    return _same(a, b)
 
 
 def _setting(module: nn.Module, attr: str) -> Any:

@@ -662,3 +662,38 @@ def test_members_whose_numpy_settings_differ_are_refused():
     with pytest.raises(ValueError, match=r"has temperature=np.float32\(4.0\) where member 0's has temperature=np.float32\(1.0\)"):
         ensemble.stack([_sgd(_Tempered(0, np.float32(1.0))), _sgd(_Tempered(1, np.float32(4.0)))])
     ensemble.stack([_sgd(_Tempered(0, np.float32(2.0))), _sgd(_Tempered(1, np.float32(2.0)))])  # equal ones stack
+
+
+class _Projected(nn.Module):
+    """A fixed random projection kept as a plain tensor (not a buffer), a dict and a private number the forward reads."""
+
+    def __init__(self, seed: int, same: tuple[str, ...] = ()) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(100 + (0 if "proj" in same else seed))
+        self.proj = torch.randn(4, 4, generator=g)
+        self.cfg = {"scale": 1.0 + (0 if "cfg" in same else seed)}
+        self._shift = 0.5 * (0 if "_shift" in same else seed)
+        self.names = ["a", "b"]  # (equal in every member)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.l = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.l(x @ self.proj) * self.cfg["scale"] + self._shift
+
+
+@pytest.mark.parametrize("differing", ["proj", "cfg", "_shift"])
+def test_members_whose_tensor_dict_or_private_values_differ_are_refused(differing, make_batches):
+    """They stacked, and the step ran member 0's projection, config and shift for every member: member 1 trained away
+    from its solo run (by 0.05-0.08) without a word. Members equal in them stack and follow their solo runs."""
+    same = tuple(n for n in ("proj", "cfg", "_shift") if n != differing)
+    with pytest.raises(ValueError, match=rf"member 1's module \(model\) \(_Projected\) has another '{differing}' than "
+                                         "member 0's"):
+        ensemble.stack([_sgd(_Projected(0, same)), _sgd(_Projected(1, same))])
+    states = [_sgd(_Projected(k, ("proj", "cfg", "_shift"))) for k in range(2)]
+    batches = make_batches(3)
+    ens = _together(states, batches)
+    for k, state in enumerate(states):
+        solo = _solo(state, batches)
+        for p, q in zip(solo.model.parameters(), ens.members[k].model.parameters()):
+            torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7)
