@@ -95,7 +95,7 @@ class Ensemble:
 
     def __reduce__(self) -> tuple[Any, ...]:
         self.check_usable()  # (pickled as its members, stacked again when loaded, for the same reason)
-        return stack, (self.members,)
+        return stack, (unstack(self),)  # (each with storage of its own: a view pickles all of its base, K members' worth)
 
 
 def _check_members(states: Sequence[TrainState]) -> None:
