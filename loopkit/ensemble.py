@@ -11,8 +11,8 @@ member's trajectory is its solo run's (the same arithmetic, batched; equal withi
 rounding, tested against ``train_step`` runs of each member alone).
 
 The batch is the same for every member. A model that draws random numbers (dropout) is
-refused, as vmap's random streams are not the members' own, and so are BatchNorm running
-statistics (buffers updated in place); a forward that changes any other buffer is refused by
+refused, as vmap's random streams are not the members' own, and so is BatchNorm in training mode
+with running statistics (buffers updated in place; in eval mode it reads them); a forward that changes any other buffer is refused by
 the step that finds it, before any member updates (a non-persistent buffer, a cache outside
 the state dict such as a lazily grown position table, may change). The members' modules must be in the same
 training mode and have the same settings (a convolution's stride, a norm's eps or groups, any plain attribute such as
@@ -62,7 +62,7 @@ class Ensemble:
     ``members[k]`` is a :class:`loopkit.TrainState` whose parameters are views of
     ``params[name][k]`` (tied parameters stay tied); ``buffers`` are copies of the members'
     buffers, stacked, which the step reads (a buffer a forward changes is not supported:
-    BatchNorm statistics are refused by :func:`stack`, any other such change by the step).
+    BatchNorm in training mode is refused by :func:`stack`, any other such change by the step).
     ``skeleton`` is one member's module, which the step calls through ``functional_call``.
 
     >>> import torch, loopkit
@@ -115,10 +115,11 @@ def _check_members(states: Sequence[TrainState]) -> None:
                 "that member alone with loopkit.train_step, or use an optimizer whose step() needs no closure"
             )
         for module in state.model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats and module.training:
                 raise TypeError(
-                    f"ensemble.stack: member {k} has {type(module).__name__} with running statistics, which a "
-                    "vmapped step cannot update in place; use track_running_stats=False or GroupNorm/LayerNorm"
+                    f"ensemble.stack: member {k} has {type(module).__name__} in training mode with running statistics, "
+                    "which a vmapped step cannot update in place; freeze it (.eval(): it reads its statistics, as a "
+                    "fine-tuned backbone's does), or use GroupNorm/LayerNorm"
                 )
             if getattr(module, "sparse", False) is True and isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
                 raise TypeError(

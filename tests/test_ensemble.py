@@ -175,7 +175,7 @@ def test_bad_input_is_named(make_batches):
     with pytest.raises(ValueError, match="parameter '0.weight' has requires_grad=False in member 1 and True in member 0"):
         ensemble.stack(partly_frozen)
     bn = _mlp(0, norm=nn.BatchNorm1d(16))
-    with pytest.raises(TypeError, match="BatchNorm1d with running statistics"):
+    with pytest.raises(TypeError, match="BatchNorm1d in training mode with running statistics"):
         ensemble.stack([loopkit.TrainState.create(bn, torch.optim.SGD(bn.parameters(), lr=0.1))])
     with pytest.raises(TypeError, match="a sequence of loopkit.TrainState"):
         ensemble.stack(_states()[0])
@@ -710,3 +710,30 @@ def test_a_pickled_ensemble_holds_each_member_once():
     assert size <= 1.05 * reference
     again = pickle.loads(pickle.dumps(ens))
     assert all(torch.equal(again.params[n], ens.params[n]) for n in ens.params)
+
+
+def test_members_with_a_frozen_batchnorm_in_eval_mode_follow_their_solo_runs(make_batches):
+    """A BatchNorm in eval mode (a fine-tuned backbone's: it reads its running statistics) was refused, with advice
+    (track_running_stats=False) that makes it another function. Reference: each member trained alone. Set to
+    train mode after stacking, the step refuses it (stack again, or the buffers it would update)."""
+    def member(k):
+        model = _mlp(k, norm=nn.BatchNorm1d(16))
+        with torch.no_grad():
+            model[1].running_mean.fill_(0.1 * k)
+            model[1].running_var.fill_(1.0 + k)
+        model[1].eval()
+        return _sgd(model)
+
+    states = [member(k) for k in range(3)]
+    batches = make_batches(3)
+    ens = _together(states, batches)
+    for k, state in enumerate(states):
+        solo = _solo(state, batches)
+        for p, q in zip(solo.model.parameters(), ens.members[k].model.parameters()):
+            torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7)
+    for m in ens.members:
+        m.model[1].train()
+    with pytest.raises(TypeError, match="BatchNorm1d in training mode with running statistics"):
+        ensemble.train_step(_loss)(ens, batches[0])  # (stacked again)
+    with pytest.raises(RuntimeError, match="changed the buffer"):
+        ensemble.train_step(_loss, donated=True)(ens, batches[0])
