@@ -78,14 +78,15 @@ class Callback:
     def on_epoch_start(self, state: Any) -> None:
         """Before each epoch's first batch (``state.batch_index`` > 0 in a run resumed mid-epoch)."""
 
-    def on_batch_end(self, state: Any, metrics: Mapping[str, torch.Tensor]) -> None:
+    def on_batch_end(self, state: Any, metrics: Mapping[str, torch.Tensor]) -> Mapping[str, float | torch.Tensor] | None:
         """After each train step, with its state and metrics (device tensors: reading one syncs).
 
         May return a dict of numbers (or 1-element tensors) for ``with_logging``'s loggers; setting ``should_stop``
         stops the fit after this batch."""
 
-    def on_validation_end(self, state: Any, metrics: Mapping[str, float]) -> None:
-        """After each validation (not the sanity one), with its ``val/...`` means."""
+    def on_validation_end(self, state: Any, metrics: Mapping[str, float]) -> Mapping[str, float] | None:
+        """After each validation (not the sanity one), with its ``val/...`` means; may return more ``val/<name>``
+        numbers (a metric over the whole validation set)."""
 
     def on_epoch_end(self, state: Any, metrics: Mapping[str, float]) -> dict[str, float] | None:
         """After each epoch, with its history record; a returned dict of numbers joins the record."""

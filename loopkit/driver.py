@@ -271,6 +271,27 @@ def _check_device(device: Any, where: str) -> None:
                          "'cuda:1', 'mps'") from None
     if parsed.type == "meta":
         raise ValueError(f"{where}: device='meta' holds no values: moving the model there would drop its weights")
+    if parsed.type != "cpu" and not _available(parsed):
+        raise ValueError(f"{where}: device={device!r} is not available here (torch {torch.__version__}: "
+                         f"{_device_count(parsed)} {parsed.type} device(s)); e.g. device='cpu'")
+
+
+def _device_count(device: torch.device) -> int:
+    module = getattr(torch, device.type, None)
+    try:
+        return int(module.device_count()) if module is not None and hasattr(module, "device_count") else 0
+    except (RuntimeError, AssertionError):
+        return 0
+
+
+def _available(device: torch.device) -> bool:
+    """Whether ``device`` (not the CPU) exists in this process: its backend is built and running, and its index
+    is below the count (a plugged-in backend without ``device_count`` is taken as there)."""
+    module = getattr(torch, device.type, None)
+    if module is None or not hasattr(module, "device_count"):
+        return True
+    count = _device_count(device)
+    return count > 0 and (device.index is None or device.index < count)
 
 
 def _mover(device: torch.device | str | None, state: TrainState) -> Callable[[Any], Any] | None:

@@ -41,7 +41,7 @@ import torch
 
 from loopkit._numbers import as_int, as_real
 from loopkit.callbacks import MonitorCallback
-from loopkit.driver import run_epochs
+from loopkit.driver import _check_callbacks, run_epochs
 from loopkit.state import TrainState
 
 if TYPE_CHECKING:  # optuna is an optional dependency, imported when used
@@ -221,6 +221,13 @@ def optimize(
         raise ValueError("loopkit.tune.optimize: give n_trials or timeout (or both); without either it never ends")
     if not callable(objective):
         raise TypeError(f"loopkit.tune.optimize: objective must be callable as objective(trial), got {type(objective).__qualname__}")
+    if "n_jobs" in study_options:
+        raise TypeError(
+            "loopkit.tune.optimize: n_jobs (trials in threads) is not supported: a loopkit step installs its state's "
+            "RNG into torch's one process-wide generator for the call, so trials in threads would draw each other's "
+            "dropout masks and their values could not be reproduced; run trials in parallel processes instead, "
+            "each calling optimize with the same study_name and storage"
+        )
     if study is None:
         study = create_study(**study_options)
     elif study_options:
@@ -368,6 +375,7 @@ def fit(
     """
     if monitor.startswith("val/") and run_epochs_options.get("val") is None:
         raise ValueError(f"loopkit.tune.fit: monitor '{monitor}' is a validation metric; pass val=(eval_step, val_data)")
+    callbacks = _check_callbacks(callbacks)  # (run_epochs' rule: one callback alone is taken too)
     pruning = PruningCallback(trial, monitor, report_step=report_step)
     pruning.raise_at_fit_end = False  # raised below, once the history is recorded
     final, history = run_epochs(step, state, train_data, callbacks=[*callbacks, pruning], **run_epochs_options)

@@ -155,7 +155,8 @@ def test_evaluate_refuses_a_train_step():
 
 
 @pytest.mark.parametrize("device, match", [("gpu", "device='gpu' is not a device torch knows"),
-                                           ("meta", "device='meta' holds no values")])
+                                           ("meta", "device='meta' holds no values"),
+                                           ("cuda:99", r"device='cuda:99' is not available here \(torch ")])
 def test_a_device_torch_cannot_use_is_refused_before_anything_moves(device, match):
     state = make_state()
     before = [p.clone() for p in state.model.parameters()]

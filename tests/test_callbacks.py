@@ -1137,3 +1137,13 @@ def test_learning_rate_monitor_refuses_two_groups_of_one_name_before_any_step():
         run_epochs(train_step(loss), state, make_data(2), epochs=1, callbacks=[loopkit.LearningRateMonitor()],
                    progress=False)
     assert loss.calls == 0
+
+
+def test_the_hooks_that_may_return_metrics_say_so_in_their_hints():
+    """on_batch_end and on_validation_end were hinted -> None, so a type checker refused a subclass returning the
+    documented dict ([override])."""
+    import typing
+
+    for hook in (loopkit.Callback.on_batch_end, loopkit.Callback.on_validation_end, loopkit.Callback.on_epoch_end):
+        returned = typing.get_type_hints(hook)["return"]
+        assert type(None) in typing.get_args(returned) and len(typing.get_args(returned)) == 2

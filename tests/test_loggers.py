@@ -665,3 +665,11 @@ def test_open_creates_the_event_file_that_the_first_write_then_uses(tmp_path):
     logger.finalize()
     assert [f for f in os.listdir(logger.log_dir) if f.startswith("events.out.tfevents")] == [opened]
     assert [(e.step, e.value) for e in read_events(logger.log_dir).Scalars("train/loss")] == [(1, 0.5)]
+
+
+@pytest.mark.parametrize("version", ["", ".", "..", "../elsewhere", "a/b"])
+def test_a_version_string_that_is_no_folder_name_is_refused(tmp_path, version):
+    """version="" made log_dir root/name itself (beside the version_N folders), "../x" a folder outside root/name."""
+    for make in (loopkit.CSVLogger, loopkit.JSONLLogger, loopkit.TensorBoardLogger):
+        with pytest.raises(ValueError, match="a version given as a string is a folder name"):
+            make(tmp_path, "run", version=version)

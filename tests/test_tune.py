@@ -433,3 +433,24 @@ def test_tune_digits_example_fails_below_its_bar():
     proc = run_example("tune_digits.py", "--quick", "--trials", "3", "--min-acc", "1.01")
     assert proc.returncode == 1, output_of(proc)
     assert "FAILED: test accuracy" in proc.stderr, output_of(proc)
+
+
+def test_fit_takes_one_callback_alone_as_run_epochs_does(make_mlp, make_batches, mse_loss):
+    """tune.fit(callbacks=monitor) failed with Python's "Value after * must be an iterable"; run_epochs, whose
+    options tune.fit passes on, takes one callback alone (as Lightning does) and names a None."""
+    step, state, data, _ = _pipeline(0.1, make_mlp, make_batches, mse_loss)
+    monitor = loopkit.LearningRateMonitor()
+    tune.fit(optuna.create_study().ask(), step, state, data, monitor="train/loss", epochs=1,
+             progress=False, callbacks=monitor)
+    assert len(monitor.history) == 1
+    step, state, data, _ = _pipeline(0.1, make_mlp, make_batches, mse_loss)
+    with pytest.raises(TypeError, match="callbacks must be a list of callbacks, got NoneType"):
+        tune.fit(optuna.create_study().ask(), step, state, data, monitor="train/loss", epochs=1,
+                 progress=False, callbacks=None)
+
+
+def test_optimize_refuses_trials_in_threads(tmp_path):
+    """n_jobs failed deep in create_study with "unexpected keyword argument 'n_jobs'"; trials in threads share torch's
+    one generator, which each step installs its state's RNG into, so they would draw each other's masks."""
+    with pytest.raises(TypeError, match="n_jobs \\(trials in threads\\) is not supported.*parallel processes"):
+        tune.optimize(lambda t: 0.0, n_trials=2, directory=str(tmp_path), n_jobs=2)

@@ -250,6 +250,15 @@ def quantized_model(state: TrainState) -> nn.Module:
         raise TypeError(f"quantized_model: give the TrainState that with_qat trained, got {type(state).__qualname__}")
     if not is_prepared(state.model):
         raise ValueError("quantized_model: the state's model was not trained with with_qat (no fake-quantizers)")
+    from torch.ao.quantization import QuantStub
+
+    if not any(isinstance(module, QuantStub) for module in state.model.modules()):
+        raise ValueError(
+            "quantized_model: the model has no QuantStub, so its int8 layers would be given float inputs (torch then "
+            "fails at the first call: \"Could not run 'quantized::linear' ... from the 'CPU' backend\"); put "
+            "torch.ao.quantization.QuantStub() where the quantized part starts and DeQuantStub() where it ends (or "
+            "wrap the model: torch.ao.quantization.QuantWrapper(model)) before with_qat"
+        )
     with _quiet():
         model = copy.deepcopy(state.model).eval()
         return _quantization().convert(model, inplace=False)

@@ -270,3 +270,13 @@ def test_a_donated_first_call_whose_loss_fails_has_consumed_its_state(make_batch
     with pytest.raises(ValueError, match="scalar"):
         step(prepared, data[1])
     prepared.check_usable()
+
+
+def test_quantized_model_of_a_model_without_a_quant_stub_is_refused_naming_it(make_batches):
+    """It converted, and the int8 model's first call failed in torch ("Could not run 'quantized::linear' with
+    arguments from the 'CPU' backend"): its layers got float inputs."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    state, _ = loopkit.with_qat(loopkit.train_step(lambda m, b: m(b[0]).pow(2).mean()))(state, make_batches(1)[0])
+    with pytest.raises(ValueError, match="quantized_model: the model has no QuantStub.*QuantWrapper"):
+        loopkit.quantized_model(state)
