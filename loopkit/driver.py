@@ -1074,6 +1074,10 @@ def run_epochs(
 
     def validate(current: TrainState, limit: int | float | None) -> dict[str, float]:
         means = _evaluate(val_step, current, val[1], limit, device, True, seeded=True)  # type: ignore[index]
+        if not means:
+            warnings.warn(f"run_epochs: the validation at step {current.step} gave no means: val's data yielded no "
+                          "batch (empty, or an iterator used up), or the eval step returned no metric",
+                          RuntimeWarning, stacklevel=3)
         return {f"val/{k}": v for k, v in means.items()}
 
     def validation_end(current: TrainState, *, notify: bool = True) -> tuple[dict[str, float], TrainState]:

@@ -331,3 +331,14 @@ def test_a_malformed_tagged_extras_entry_is_named():
         sd["extras"] = {"x": bad}
         with pytest.raises(loopkit.StateMismatchError, match="extras.x"):
             make_state().load_state_dict(sd)
+
+
+def test_a_validation_whose_data_yields_nothing_is_warned_about():
+    """A val set without len() that yields nothing ran a whole fit without val/ metrics and without a word (evaluate
+    warns of the same data; a val loader of len() 0 is refused)."""
+    from tests._driver_helpers import stream
+
+    with pytest.warns(RuntimeWarning, match="run_epochs: the validation at step 0 gave no means: val's data yielded no"):
+        _, history = run_epochs(train_step(mse), make_state(), make_data(2), epochs=1, progress=False,
+                                val=(eval_step(_metric), stream([])))
+    assert not any(k.startswith("val/") for k in history[0])
