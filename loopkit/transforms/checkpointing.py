@@ -175,7 +175,7 @@ class CheckpointStep(UpdateStep):
                 self._save_all_ranks(state, due, score=None)
         elif event == "stop":
             self._save_all_ranks(state, "stop", score=None)
-            self.saver.wait()
+            self._wait_on_every_rank(self.saver.wait)
         elif event in ("fit_end", "abort"):  # on abort: the saves already started finish
             if event == "fit_end" and state.batch_index != 0 and (self.every_n_steps or self.every_n_epochs):
                 # a fit that ended mid-epoch (max_steps, a callback's stop at a step validation): its end is the
@@ -185,7 +185,27 @@ class CheckpointStep(UpdateStep):
             self.saver.last = None  # a later run with this step saves afresh, even at the same position
             self.saver.looked = False  # and its first save looks at the directory again
             self.saver.checked = False
-            self.saver.wait(close=True)
+            if event == "fit_end":
+                self._wait_on_every_rank(lambda: self.saver.wait(close=True))
+            else:
+                self.saver.wait(close=True)
+
+    @staticmethod
+    def _wait_on_every_rank(wait: Callable[[], None]) -> None:
+        """``wait`` for rank 0's writes, and under DDP have every rank wait for it too (as Lightning's save ends in a
+        barrier): a ``restore`` on any rank after the fit then finds its newest checkpoint. A failed write fails
+        every rank."""
+        failed = False
+        try:
+            wait()
+        except BaseException:
+            failed = True
+            if not _collective.active():
+                raise
+            _collective.any_rank(True)
+            raise
+        if _collective.any_rank(failed):
+            raise RuntimeError("with_checkpointing: rank 0 failed to write a checkpoint (its error is in its output)")
 
     def save(self, state: TrainState, *, reason: str = "manual") -> None:
         """Save ``state`` now (unless this process already saved this very position).
