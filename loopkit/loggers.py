@@ -38,6 +38,7 @@ from typing import IO, Any
 import numpy as np
 import torch
 
+from loopkit import _collective
 from loopkit._collective import is_rank_zero
 from loopkit._numbers import as_int
 
@@ -263,7 +264,8 @@ class RunDirLogger(Logger):
 
     @property
     def log_dir(self) -> str:
-        """``root/name/version_N``; created on first use (on rank 0 only)."""
+        """``root/name/version_N``; created on first use (on rank 0 only). On the other ranks, rank 0's folder once
+        a fit under ``with_logging`` began (:meth:`agree_log_dir`); before that, the folder rank 0 is likely to take."""
         if self._leader is not None:
             return self._leader.log_dir
         if self._dir is not None:
@@ -307,6 +309,21 @@ class RunDirLogger(Logger):
             return False
         self._leader = leader
         return True
+
+    def agree_log_dir(self) -> None:
+        """Under ``torch.distributed``, take rank 0's run folder as this logger's ``log_dir`` on every rank (rank 0
+        claims it now): the other ranks only guess the folder rank 0 takes, which another run may take first. A
+        collective every rank calls at the same point (``with_logging`` does as each fit begins); nothing in one
+        process.
+
+        >>> CSVLogger("runs").agree_log_dir()
+        """
+        if not _collective.active():
+            return
+        owner = self._leader or self
+        found = _collective.gather(owner.log_dir if is_rank_zero() else None)
+        if not is_rank_zero() and owner._dir is None:
+            owner._dir = found[0]  # type: ignore[index]
 
     def resume_at(self, step: int, *, finishes_epoch: bool = False) -> None:
         """Make this logger's folder hold the run as of a state at ``step``, from its next write on.

@@ -452,3 +452,30 @@ def test_every_rank_restores_the_fits_last_checkpoint_right_after_the_fit(tmp_pa
     _spawn_and_join(_restore_after_fit_worker, (_free_port(), str(tmp_path)))
     ranks = [torch.load(os.path.join(tmp_path, f"rank{r}.pt")) for r in (0, 1)]
     assert [r["restored"] for r in ranks] == [r["trained"] for r in ranks] == [2 * ddp.STEPS] * 2
+
+
+def _log_dir_worker(rank: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    distributed.init(rank=rank, world_size=2, master_port=port, timeout=30)
+    try:
+        data = ddp.make_data(ddp.STEPS)
+        logger = loopkit.CSVLogger(os.path.join(out, "logs"), "exp")
+        if rank == 0:
+            os.makedirs(os.path.join(out, "logs", "exp", "version_0"))  # an earlier run's folder
+        step = loopkit.with_logging(loopkit.with_ddp(loopkit.train_step(ddp.mse)), logger, every_n_steps=1)
+        loopkit.run_epochs(step, ddp.sgd_state(ddp.make_model(seed=0)), [data[i, rank] for i in range(ddp.STEPS)],
+                           epochs=1, progress=False)
+        torch.save({"log_dir": logger.log_dir}, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        distributed.shutdown()
+
+
+@pytest.mark.slow
+def test_every_rank_reports_the_run_folder_rank_zero_writes(tmp_path, bare_env):
+    """Rank 1's log_dir was a guess of the next free version, made again at each read: once rank 0 had claimed
+    its folder, the guess was the next run's (Lightning's trainer.log_dir is rank 0's). Reference: the folder
+    holding metrics.csv."""
+    _spawn_and_join(_log_dir_worker, (_free_port(), str(tmp_path)))
+    dirs = [torch.load(os.path.join(tmp_path, f"rank{r}.pt"))["log_dir"] for r in (0, 1)]
+    assert dirs[0] == dirs[1] == os.path.join(str(tmp_path), "logs", "exp", "version_1")
+    assert os.path.isfile(os.path.join(dirs[1], "metrics.csv"))

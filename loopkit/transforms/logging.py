@@ -122,6 +122,10 @@ class LoggingStep(WrapperStep):
             # (in an epoch a max_steps cut recorded at this step: this fit finishes it, and records it whole)
             finishes = state.batch_index > 0 and state.extras.get(RECORDED) == state.step
             for logger in self.loggers:
+                agree = getattr(logger, "agree_log_dir", None)
+                if agree is not None:  # (under DDP, every rank's log_dir is rank 0's folder)
+                    agree()
+            for logger in self.loggers:
                 resume_at = getattr(logger, "resume_at", None)
                 if resume_at is not None:
                     # (a logger of one's own may take the step alone)
