@@ -375,9 +375,14 @@ class LearningRateMonitor(Callback):
     def on_epoch_end(self, state: Any, metrics: Mapping[str, float]) -> dict[str, float]:
         """Per epoch, the rates the epoch started with, for its history record (and the loggers);
         per step, nothing: the loggers have the rates after each update, and the epoch's start
-        rate at the epoch's last step would put the curve back (Lightning logs none either)."""
+        rate at the epoch's last step would put the curve back (Lightning logs none either). Per step,
+        the update that ``run_epochs`` made after the epoch's last batch (a partial accumulation group's)
+        is recorded in ``history`` here; the loggers get its rate with the next logged update's."""
         lrs, self._epoch_start = self._epoch_start, None
         if self.logging_interval == "step":
+            if state.step != self._step_seen:  # the update of a partial accumulation group, flushed after the batches
+                self._step_seen = state.step
+                self.history.append((state.step, self.learning_rates(state)))
             return {}
         return dict(self.learning_rates(state) if lrs is None else lrs)
 

@@ -1147,3 +1147,14 @@ def test_the_hooks_that_may_return_metrics_say_so_in_their_hints():
     for hook in (loopkit.Callback.on_batch_end, loopkit.Callback.on_validation_end, loopkit.Callback.on_epoch_end):
         returned = typing.get_type_hints(hook)["return"]
         assert type(None) in typing.get_args(returned) and len(typing.get_args(returned)) == 2
+
+
+def test_learning_rate_monitor_per_step_records_the_update_of_a_flushed_group():
+    """7 batches in groups of 2: updates 1-3 from groups, 4 from the flush of the 7th batch; the flush's update
+    (made after the last batch's hooks) was missing from the history (8 of 8 updates expected over 2 epochs, each
+    once). Reference: the rate halved by hand after each update."""
+    monitor = loopkit.LearningRateMonitor(logging_interval="step")
+    state, _ = run_epochs(loopkit.with_grad_accum(train_step(mse), every=2), lr_state(), make_data(7), epochs=2,
+                          callbacks=[monitor], progress=False)
+    assert state.step == 8
+    assert monitor.history == [(s, {"lr-SGD": 0.25 * 0.5**s}) for s in range(1, 9)]
