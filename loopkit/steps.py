@@ -868,7 +868,9 @@ class TrainStep(Step):
             return state, {}
         extras = extras_copy(state.extras)
         extras.pop(_ACCUM_COUNT)
+        marked: list[torch.Tensor] = []
         if self.sync is not None and not self.micro:  # the partial group's gradients never left this rank
+            marked = self.sync.marked_used(state.optimizer)
             self.sync.reduce_grads(state.optimizer)
         grads = [p.grad for p in _params_with_grads(state.optimizer)]
         if grads:  # each micro-batch loss was divided by `every`: make it the mean over `count`
@@ -876,7 +878,10 @@ class TrainStep(Step):
         metrics: Metrics = {}
         agree = None if self.sync is None else self.sync.agree
         ctx = GradContext(state, metrics, extras.pop(_FOUND_INF, None), extras.pop(_NONFINITE, None), agree)
-        return self._apply_update(state, extras, metrics, ctx), metrics
+        new = self._apply_update(state, extras, metrics, ctx)
+        for p in marked:  # DDP's reducer still counts them used: its next synced backward reduces their (zero) grads
+            p.grad = torch.zeros_like(p)
+        return new, metrics
 
     def _apply_update(
         self, state: TrainState, extras: dict[str, Any], metrics: Metrics, ctx: GradContext

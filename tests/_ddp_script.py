@@ -79,10 +79,10 @@ def mse(model: nn.Module, batch: Any) -> torch.Tensor:
     return ((model(x).float() - y) ** 2).mean()
 
 
-def sgd_state(model: nn.Module, seed: int = 0) -> Any:
+def sgd_state(model: nn.Module, seed: int = 0, momentum: float = 0.9) -> Any:
     import loopkit
 
-    return loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), seed=seed)
+    return loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=momentum), seed=seed)
 
 
 def _params(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -191,14 +191,19 @@ class TwoHeads(nn.Module):
         return torch.cat([(self.a if float(c[0, 0]) > 0 else self.b)(hc) for c, hc in zip(x.split(BATCH), h.split(BATCH))])
 
 
-def two_head_data() -> torch.Tensor:
+def two_head_data(heads_of_batch: tuple = ((1.0, 1.0), (-1.0, -1.0), (1.0, -1.0))) -> torch.Tensor:
     """3 batches a rank (``[batch, rank, sample, feature]``): both ranks use head a in batch 0, head b in
-    batch 1; in batch 2 (the partial group under ``every=2``) rank 0 uses a, rank 1 uses b."""
+    batch 1; in batch 2 (the partial group under ``every=2``) rank 0 uses a, rank 1 uses b (the signs of
+    ``heads_of_batch``: a for 1, b for -1)."""
     data = make_data(3)
-    for i, heads in enumerate(((1.0, 1.0), (-1.0, -1.0), (1.0, -1.0))):
+    for i, heads in enumerate(heads_of_batch):
         for r, sign in enumerate(heads):
             data[i, r, 0, 0] = sign
     return data
+
+
+#: head a in batches 0 and 1 on both ranks, the flushed batch 2 through a on rank 0 and b on rank 1
+A_THEN_B = ((1.0, 1.0), (1.0, 1.0), (1.0, -1.0))
 
 
 def two_heads(rank: int) -> dict[str, Any]:
@@ -213,6 +218,12 @@ def two_heads(rank: int) -> dict[str, Any]:
             step = loopkit.with_grad_accum(loopkit.with_ddp(loopkit.train_step(mse), find_unused_parameters=True), every=2)
         state, _ = loopkit.run_epochs(step, sgd_state(TwoHeads(big_b)), batches, epochs=1, progress=False)
         out[name] = {"params": _params(state.model), "step": state.step}
+    step = loopkit.with_grad_accum(loopkit.with_ddp(loopkit.train_step(mse), find_unused_parameters=True), every=2)
+    a_then_b = [b for b in two_head_data(A_THEN_B)[:, rank]]  # (the next epoch's first group uses no head b)
+    # (plain SGD: head b, unused by every rank in the next group, gets a zero gradient there, see flush_, where one
+    # process leaves it None: momentum would move it)
+    state, _ = loopkit.run_epochs(step, sgd_state(TwoHeads(), momentum=0.0), a_then_b, epochs=2, progress=False)
+    out["two_epochs"] = {"params": _params(state.model), "step": state.step}
     step = loopkit.donate(loopkit.with_grad_accum(loopkit.with_ddp(loopkit.train_step(mse), find_unused_parameters=True), every=2))
     state, _ = _loop(step, sgd_state(TwoHeads()), batches)
     if rank == 1:  # the partial group left no gradient on this rank

@@ -176,6 +176,15 @@ class DDPSync:
                 elif some_rank_had:
                     p.grad = mean.to_sparse() if p.grad is not None else mean.clone()
 
+    def marked_used(self, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+        """Under ``find_unused_parameters``, the parameters this rank's no-sync micro-batches used (those with a
+        gradient before a flush): DDP's reducer has marked them used, and its next synced backward expects their
+        gradients defined (``reduce_grads`` runs outside it). Empty otherwise."""
+        ddp = self._ddp
+        if ddp is None or not getattr(ddp, "find_unused_parameters", False):
+            return []
+        return [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None and not p.grad.is_sparse]
+
     def _ignored(self) -> set[int]:
         """The parameters DDP was told to ignore (``_ddp_params_and_buffers_to_ignore``), by id."""
         ddp = self._ddp
@@ -223,7 +232,13 @@ def with_ddp(
     - ``with_grad_accum(every=n)``: the first n-1 calls of a group run forward and backward
       under ``no_sync`` (no all-reduce), the n-th all-reduces the summed gradients. With
       gradient transforms *inside* the accumulation (per micro-batch), every call syncs, so
-      that they see the micro-batch's gradient over all ranks.
+      that they see the micro-batch's gradient over all ranks. A partial group that
+      ``run_epochs`` flushes at an epoch's end is averaged over the ranks by the flush. Under
+      ``find_unused_parameters`` DDP then still counts the parameters that group used on this
+      rank as used, and its next synced backward needs their gradients: they are left zero
+      (not None) after the flush, so one of them that no rank uses in the next group updates
+      with a zero gradient there (no change under plain SGD; momentum, weight decay or Adam's
+      moments move it, where one process would skip it).
     - ``with_grad_clip``, ``with_nan_guard``, float16 ``with_amp`` act on the averaged
       gradients, and their skip flag is all-reduced (MAX) before it is read: every rank skips
       the same updates, and with ``policy="raise"`` every rank raises.
