@@ -312,6 +312,25 @@ def _copy_written_settings(ensemble: Ensemble) -> None:
                     delattr(modules[name], attr)
 
 
+def _refuse_escaped(model: nn.Module, where: str) -> None:
+    """Refuse a forward that kept a tensor on a module (``self.last_h = h.detach()``): under vmap it is a wrapper of
+    the batched call, dead once the call returns, and a later copy, pickle or ``unstack`` of the members fails on
+    it. The attribute is set to None (its value is no member's), and no member has updated yet."""
+    escaped = []
+    is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    for name, module in model.named_modules():
+        for attr, value in list(vars(module).items()):
+            if isinstance(value, torch.Tensor) and is_wrapped(value):
+                escaped.append(f"{name}.{attr}" if name else attr)
+                object.__setattr__(module, attr, None)
+    if escaped:
+        raise RuntimeError(
+            f"ensemble.train_step: {where} kept tensors of the vmapped call on the model ({', '.join(escaped)}: set "
+            "to None), which belong to no member and break any later copy of the members; keep what you inspect "
+            "out of the forward (return it as a metric), or train the members apart"
+        )
+
+
 def _non_persistent(model: nn.Module) -> set[str]:
     """The names of ``model``'s non-persistent buffers (caches, outside its state dict)."""
     return {name for name, _ in model.named_buffers(remove_duplicate=False)} - {n for n, _ in persistent_buffers(model)}
@@ -490,6 +509,7 @@ class EnsembleStep:
                     f"dropout layers) or train the members apart: {e}"
                 ) from e
             raise
+        _refuse_escaped(ensemble.skeleton, where)
         # a buffer the forward changed (a counter's add_, a running statistic) changed the stacked copy only, or was
         # replaced inside functional_call: the members' buffers would silently keep their old values
         # (a non-persistent buffer is a cache the forward may fill or grow: not state, so not checked)

@@ -737,3 +737,31 @@ def test_members_with_a_frozen_batchnorm_in_eval_mode_follow_their_solo_runs(mak
         ensemble.train_step(_loss)(ens, batches[0])  # (stacked again)
     with pytest.raises(RuntimeError, match="changed the buffer"):
         ensemble.train_step(_loss, donated=True)(ens, batches[0])
+
+
+class _Keeping(nn.Module):
+    """Keeps its last activations on itself, as a feature-capturing model does."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.a(x))
+        self.last_h = h.detach()
+        return self.b(h)
+
+
+@pytest.mark.parametrize("donated", [False, True])
+def test_a_forward_that_keeps_a_tensor_on_the_model_is_refused_before_any_member_updates(donated, make_batches):
+    """It trained, and left a tensor of the vmapped call on member 0's module: unstack, deepcopy and pickle of the
+    members then failed in functorch ("your tensor may have escaped"). Reference: the members as stacked."""
+    ens = ensemble.stack([_sgd(_Keeping(k)) for k in range(2)])
+    before = {n: t.clone() for n, t in ens.params.items()}
+    with pytest.raises(RuntimeError, match=r"kept tensors of the vmapped call on the model \(last_h: set to None\)"):
+        ensemble.train_step(_loss, donated=donated)(ens, make_batches(1)[0])
+    assert all(torch.equal(ens.params[n], before[n]) for n in before)
+    members = ensemble.unstack(ens)  # (still usable, and copies)
+    assert torch.equal(members[1].model.a.weight, before["a.weight"][1])
