@@ -13,6 +13,10 @@ hook                                      when
                                           ``with_logging`` writes after an update, at its
                                           ``every_n_steps`` (returns other than a dict are
                                           ignored; a dict holding anything else is refused)
+``on_flush_end(state, metrics)``          after the update ``run_epochs`` makes at an epoch's end
+                                          for a partial accumulation group (``with_grad_accum``'s
+                                          flush, after the last batch's ``on_batch_end``); may
+                                          return scalars for the loggers, as ``on_batch_end``
 ``on_validation_end(state, metrics)``     after each (non-sanity) validation, ``val/...`` floats;
                                           may return a dict of numbers named ``val/<name>`` (a
                                           metric over the whole validation set: AUROC, F1) added
@@ -83,6 +87,10 @@ class Callback:
 
         May return a dict of numbers (or 1-element tensors) for ``with_logging``'s loggers; setting ``should_stop``
         stops the fit after this batch."""
+
+    def on_flush_end(self, state: Any, metrics: Mapping[str, torch.Tensor]) -> Mapping[str, float | torch.Tensor] | None:
+        """After the update a partial accumulation group makes at an epoch's end (``with_grad_accum``'s flush, which
+        no batch's ``on_batch_end`` sees), with its state and metrics; may return numbers for the loggers."""
 
     def on_validation_end(self, state: Any, metrics: Mapping[str, float]) -> Mapping[str, float] | None:
         """After each validation (not the sanity one), with its ``val/...`` means; may return more ``val/<name>``
@@ -359,6 +367,11 @@ class LearningRateMonitor(Callback):
             return dict(lrs)  # to the loggers (with_logging writes them at its every_n_steps, as Lightning does)
         return None
 
+    def on_flush_end(self, state: Any, metrics: Mapping[str, torch.Tensor]) -> dict[str, float] | None:
+        """Per step, the rates after the update of a partial accumulation group flushed at an epoch's end, as
+        after a batch's update; per epoch, nothing."""
+        return self.on_batch_end(state, metrics)
+
     def on_epoch_start(self, state: Any) -> None:
         """Take the rates the epoch starts with (kept from before the crash in a resumed epoch); per step, nothing."""
         if self.logging_interval == "step":
@@ -375,14 +388,9 @@ class LearningRateMonitor(Callback):
     def on_epoch_end(self, state: Any, metrics: Mapping[str, float]) -> dict[str, float]:
         """Per epoch, the rates the epoch started with, for its history record (and the loggers);
         per step, nothing: the loggers have the rates after each update, and the epoch's start
-        rate at the epoch's last step would put the curve back (Lightning logs none either). Per step,
-        the update that ``run_epochs`` made after the epoch's last batch (a partial accumulation group's)
-        is recorded in ``history`` here; the loggers get its rate with the next logged update's."""
+        rate at the epoch's last step would put the curve back (Lightning logs none either)."""
         lrs, self._epoch_start = self._epoch_start, None
         if self.logging_interval == "step":
-            if state.step != self._step_seen:  # the update of a partial accumulation group, flushed after the batches
-                self._step_seen = state.step
-                self.history.append((state.step, self.learning_rates(state)))
             return {}
         return dict(self.learning_rates(state) if lrs is None else lrs)
 

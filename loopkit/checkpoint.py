@@ -423,7 +423,7 @@ def write(snap: Snapshot, directory: str | os.PathLike, *, durable: bool = True)
         while final.exists():  # never over an existing checkpoint
             seq += 1
             final = directory / snap.name(seq)
-        tmp = directory / f"{_TMP}{final.name}-{secrets.token_hex(4)}"
+        tmp = directory / f"{_TMP}{final.name}-{_writer_tag()}-{secrets.token_hex(4)}"
         try:
             _mkdir(tmp)
             files = {PAYLOAD: _write_payload(snap.payload, tmp / PAYLOAD, durable)}
@@ -631,8 +631,9 @@ def _clean_stale(directory: Path, fd: int | None) -> None:
     if fd is not None and fcntl is not None:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            return  # another save is in progress: its temporary is not stale
+        except OSError:  # another save is in progress (or a lock outlives a killed save: see _writer_tag)
+            _clean_orphans(directory)
+            return
         max_age = 0.0
     try:
         entries = list(os.scandir(directory))
@@ -651,6 +652,56 @@ def _clean_stale(directory: Path, fd: int | None) -> None:
                 os.unlink(entry.path)
         except OSError:
             pass
+
+
+def _writer_tag() -> str:
+    """What a checkpoint temporary's name says of the process writing it: ``p<pid>h<host hash>``.
+
+    The shared lock a save holds lives as long as any process holds its descriptor: DataLoader
+    workers forked while a background save holds it keep it after the saving process was killed,
+    and then no later save can take the exclusive lock that proves its temporaries stale. A
+    temporary whose writer, on this machine, is no longer running is stale all the same.
+    """
+    return f"p{os.getpid()}h{_host_hash()}"
+
+
+def _host_hash() -> str:
+    import socket
+
+    return hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+
+
+_ORPHAN = re.compile(r"-p(\d+)h([0-9a-f]{8})-[0-9a-f]{8}$")
+
+
+def _clean_orphans(directory: Path) -> None:
+    """Remove the checkpoint temporaries whose writer (see :func:`_writer_tag`) was a process of this machine that
+    is no longer running; those of running processes, and of other machines, are left."""
+    try:
+        entries = [e for e in os.scandir(directory) if e.name.startswith(_TMP)]
+    except OSError:
+        return
+    host = _host_hash()
+    for entry in entries:
+        found = _ORPHAN.search(entry.name)
+        if found is None or found.group(2) != host or _running(int(found.group(1))):
+            continue
+        shutil.rmtree(entry.path, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` exists (a zombie counts as gone: it writes nothing more)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except OSError:
+        return True
 
 
 def clean(directory: str | os.PathLike) -> None:

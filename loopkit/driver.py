@@ -480,7 +480,8 @@ def _check_data(data: Any, where: str) -> None:
         )
 
 
-_HOOKS = ("on_fit_start", "on_epoch_start", "on_batch_end", "on_validation_end", "on_epoch_end", "on_fit_end")
+_HOOKS = ("on_fit_start", "on_epoch_start", "on_batch_end", "on_flush_end", "on_validation_end", "on_epoch_end",
+          "on_fit_end")
 _LIGHTNING_HOOKS = {  # Lightning's names a callback ported as it is may carry, and loopkit's
     "on_train_start": "on_fit_start", "on_train_epoch_start": "on_epoch_start", "on_train_batch_end": "on_batch_end",
     "on_validation_epoch_end": "on_validation_end", "on_train_epoch_end": "on_epoch_end", "on_train_end": "on_fit_end",
@@ -523,7 +524,7 @@ def _check_val(val: Any) -> None:
         )
 
 
-def _scalars(value: Any, metrics: Any, callback: Any) -> bool:
+def _scalars(value: Any, metrics: Any, callback: Any, hook: str = "on_batch_end") -> bool:
     """Whether a callback's ``on_batch_end`` returned scalars to log: a non-empty dict of numbers or
     single-number tensors (read by the loggers at their log points only: no sync per batch). Anything
     but a dict (``True``, a tensor), and the step's metrics handed back, are ignored; a dict holding
@@ -533,7 +534,7 @@ def _scalars(value: Any, metrics: Any, callback: Any) -> bool:
     for key, v in value.items():
         if not isinstance(key, str) or not _scalar(v):
             what = f"the name {key!r}" if not isinstance(key, str) else f"{key!r}: {_what(v)}"
-            raise TypeError(f"run_epochs: {type(callback).__qualname__}.on_batch_end returned {what}; what it returns "
+            raise TypeError(f"run_epochs: {type(callback).__qualname__}.{hook} returned {what}; what it returns "
                             "for the loggers is a dict of names to numbers (or 1-element real tensors)")
     return True
 
@@ -871,14 +872,24 @@ def _warn_of_the_same_batch(batch: Any) -> None:
         )
 
 
-def _flushed(step: Any, state: TrainState) -> tuple[TrainState, bool]:
+def _flushed(step: Any, state: TrainState, hooks: _Hooks) -> tuple[TrainState, bool]:
     """``state`` after the step's ``flush`` (a partial accumulation group's update at an epoch's end), its
-    metrics in the epoch's means, and whether its update is due a step checkpoint (the mark taken off)."""
+    metrics in the epoch's means, the callbacks' ``on_flush_end`` told of its update, and whether that update is
+    due a step checkpoint (the mark taken off)."""
+    before = state.step
     state, metrics = step.flush(state)
     if metrics:
         state = replace_extras(state, EPOCH.add(state.extras, metrics))
     due = SAVE_DUE in state.extras
-    return (_unmarked(state) if due else state), due
+    if due:
+        state = _unmarked(state)
+    if state.step != before:
+        for callback in hooks.callbacks:
+            hook = getattr(callback, "on_flush_end", None)
+            logged = None if hook is None else hook(state, metrics)
+            if logged is not None and _scalars(logged, metrics, callback, "on_flush_end"):
+                step.notify("batch_end", state, logged)
+    return state, due
 
 
 def _save_or_hold(step: Any, hooks: _Hooks, state: TrainState, max_steps: int | None) -> tuple[TrainState, bool]:
@@ -1272,7 +1283,7 @@ def run_epochs(
                     )
                 if exhausted:
                     before = state.step
-                    state, due = _flushed(step, state)
+                    state, due = _flushed(step, state, hooks)
                     if due:  # as after a batch's update: saved before its step validation, or held at max_steps
                         state, held_save = _save_or_hold(step, hooks, state, max_steps)
                     if val_steps and state.step != before and state.step % val_steps == 0:  # as after a batch's update

@@ -1149,12 +1149,41 @@ def test_the_hooks_that_may_return_metrics_say_so_in_their_hints():
         assert type(None) in typing.get_args(returned) and len(typing.get_args(returned)) == 2
 
 
-def test_learning_rate_monitor_per_step_records_the_update_of_a_flushed_group():
+def test_learning_rate_monitor_per_step_records_and_logs_the_update_of_a_flushed_group():
     """7 batches in groups of 2: updates 1-3 from groups, 4 from the flush of the 7th batch; the flush's update
-    (made after the last batch's hooks) was missing from the history (8 of 8 updates expected over 2 epochs, each
-    once). Reference: the rate halved by hand after each update."""
+    (made after the last batch's hooks) was missing from the history and the logs (steps 4 and 8 of 8). Reference:
+    the rate halved by hand after each update, logged at every second update as any other."""
+
+    class Recording(loopkit.Logger):
+        def __init__(self):
+            super().__init__()
+            self.rows = []
+
+        def _write_metrics(self, metrics, step):
+            self.rows.append((step, dict(metrics)))
+
+    logger = Recording()
     monitor = loopkit.LearningRateMonitor(logging_interval="step")
-    state, _ = run_epochs(loopkit.with_grad_accum(train_step(mse), every=2), lr_state(), make_data(7), epochs=2,
-                          callbacks=[monitor], progress=False)
+    step = loopkit.with_logging(loopkit.with_grad_accum(train_step(mse), every=2), logger, every_n_steps=2)
+    state, _ = run_epochs(step, lr_state(), make_data(7), epochs=2, callbacks=[monitor], progress=False)
     assert state.step == 8
     assert monitor.history == [(s, {"lr-SGD": 0.25 * 0.5**s}) for s in range(1, 9)]
+    assert [(s, r["lr-SGD"]) for s, r in logger.rows if "lr-SGD" in r] == [(s, 0.25 * 0.5**s) for s in (2, 4, 6, 8)]
+
+
+def test_on_flush_end_hears_of_the_update_a_flushed_group_makes():
+    """Reference: a hand count. 5 batches in groups of 2 make updates 1, 2 from groups and 3 from the flush."""
+    class Seen(loopkit.Callback):
+        def __init__(self):
+            self.batch_steps, self.flush_steps = [], []
+
+        def on_batch_end(self, state, metrics):
+            self.batch_steps.append(state.step)
+
+        def on_flush_end(self, state, metrics):
+            self.flush_steps.append((state.step, sorted(metrics)))
+
+    seen = Seen()
+    run_epochs(loopkit.with_grad_accum(train_step(mse), every=2), make_state(), make_data(5), epochs=1,
+               callbacks=[seen], progress=False)
+    assert seen.batch_steps == [0, 1, 1, 2, 2] and seen.flush_steps == [(3, [])]

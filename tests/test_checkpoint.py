@@ -608,6 +608,37 @@ def test_the_next_save_or_restore_removes_what_a_crashed_save_left(tmp_path, mak
 
 
 @pytest.mark.skipif(checkpoint.fcntl is None, reason="needs POSIX advisory locks")
+def test_a_killed_saves_temporary_goes_though_its_forked_workers_still_hold_the_lock(tmp_path, make_mlp):
+    """DataLoader workers forked while a background save held the shared lock keep it after the saving process is
+    killed (a lock lives as long as any descriptor of it), so no later save could prove the killed save's
+    temporary stale: a whole checkpoint's payload stayed for good. A temporary of a process that is gone, on this
+    machine, goes; one of a running process (a save in progress) stays."""
+    import subprocess
+    import sys
+
+    checkpoint.save(_state(make_mlp), tmp_path)
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = hashlib.sha1(__import__("socket").gethostname().encode()).hexdigest()[:8]
+    dead = tmp_path / f".tmp-ckpt-000002-step2-epoch0-batch2-p{int(gone.stdout)}h{host}-0badc0de"
+    alive = tmp_path / f".tmp-ckpt-000003-step3-epoch0-batch3-p{os.getpid()}h{host}-0badc0de"
+    other_machine = tmp_path / f".tmp-ckpt-000004-step4-epoch0-batch4-p{int(gone.stdout)}h0000beef-0badc0de"
+    for tmp in (dead, alive, other_machine):
+        tmp.mkdir()
+        (tmp / "state.pt").write_bytes(b"partial")
+    holder = subprocess.Popen(  # the orphaned worker: holds the shared lock
+        [sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR); "
+         "fcntl.flock(fd, fcntl.LOCK_SH); print('held', flush=True); time.sleep(60)", str(tmp_path / ".lock")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        checkpoint.save(_state(make_mlp), tmp_path)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not dead.exists() and alive.exists() and other_machine.exists()
+
+
+@pytest.mark.skipif(checkpoint.fcntl is None, reason="needs POSIX advisory locks")
 def test_a_save_in_progress_elsewhere_is_left_alone(tmp_path, make_mlp):
     checkpoint.save(_state(make_mlp), tmp_path)
     leftovers = _crashed_save(tmp_path)

@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, overload
 
 import attrs
 import torch
@@ -84,6 +84,21 @@ class Amp:
         ctx.metrics["amp/skipped"] = found_inf.reshape(())
 
 
+@overload
+def with_amp(
+    step: TrainStep, dtype: torch.dtype = ..., *, init_scale: float = ..., growth_factor: float = ...,
+    backoff_factor: float = ..., growth_interval: int = ..., cache_enabled: bool = ...,
+) -> TrainStep: ...
+@overload
+def with_amp(
+    step: EvalStep, dtype: torch.dtype = ..., *, init_scale: float = ..., growth_factor: float = ...,
+    backoff_factor: float = ..., growth_interval: int = ..., cache_enabled: bool = ...,
+) -> EvalStep: ...
+@overload
+def with_amp(
+    step: Any, dtype: torch.dtype = ..., *, init_scale: float = ..., growth_factor: float = ...,
+    backoff_factor: float = ..., growth_interval: int = ..., cache_enabled: bool = ...,
+) -> TrainStep | EvalStep: ...
 def with_amp(
     step: Any,
     dtype: torch.dtype = torch.bfloat16,

@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, overload
 
 import attrs
 import torch
@@ -18,6 +18,12 @@ from loopkit.transforms._compose import require_train_or_eval_step
 __all__ = ["with_compile"]
 
 
+@overload
+def with_compile(step: TrainStep, **torch_compile_options: Any) -> TrainStep: ...
+@overload
+def with_compile(step: EvalStep, **torch_compile_options: Any) -> EvalStep: ...
+@overload
+def with_compile(step: Any, **torch_compile_options: Any) -> TrainStep | EvalStep: ...
 def with_compile(step: Any, **torch_compile_options: Any) -> TrainStep | EvalStep:
     """Compile the function a ``train_step`` or ``eval_step`` runs with ``torch.compile(fn, **options)``.
 

@@ -523,3 +523,15 @@ def test_orders_with_one_meaning_give_bitwise_the_same_result(pair, fresh_state,
         b, metrics_b = backward(b, batch)
         assert_trees_equal(metrics_a, metrics_b)
     assert_trees_equal(take_snapshot(a), take_snapshot(b))
+
+
+def test_with_amp_and_with_compile_are_typed_to_return_the_kind_of_step_they_are_given():
+    """Their one signature returned TrainStep | EvalStep, so ``step = with_amp(step)`` on a TrainStep failed a
+    type checker (mypy: incompatible types in assignment)."""
+    import typing
+
+    from loopkit.steps import EvalStep, TrainStep
+
+    for transform in (loopkit.with_amp, loopkit.with_compile):
+        pairs = [(typing.get_type_hints(o)["step"], typing.get_type_hints(o)["return"]) for o in typing.get_overloads(transform)]
+        assert (TrainStep, TrainStep) in pairs and (EvalStep, EvalStep) in pairs
