@@ -1116,7 +1116,10 @@ def _shaped(state: TrainState, state_dict: Mapping[str, Any]) -> TrainState:
 def _uninitialized(model: nn.Module) -> set[str]:
     """The state-dict names of the parameters and buffers a lazy module has not made yet (before its first forward):
     ``Module.load_state_dict`` gives them the saved shapes."""
-    return {name for name, tensor in core_module(model).state_dict(keep_vars=True).items() if isinstance(tensor, _Uninitialized)}
+    model = core_module(model)
+    if not any(isinstance(t, _Uninitialized) for t in (*model.parameters(), *model.buffers())):
+        return set()  # (the common case, without building a state dict)
+    return {name for name, tensor in model.state_dict(keep_vars=True).items() if isinstance(tensor, _Uninitialized)}
 
 
 def _decode_scheduler(plain: Any, scheduler: Any) -> Any:
