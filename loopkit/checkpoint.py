@@ -655,36 +655,50 @@ def _clean_stale(directory: Path, fd: int | None) -> None:
 
 
 def _writer_tag() -> str:
-    """What a checkpoint temporary's name says of the process writing it: ``p<pid>h<host hash>``.
+    """What a checkpoint temporary's name says of the process writing it: ``p<pid>h<where>``, ``where`` a hash of
+    the machine (host name and boot) and of the PID namespace its ``pid`` means something in.
 
     The shared lock a save holds lives as long as any process holds its descriptor: DataLoader
     workers forked while a background save holds it keep it after the saving process was killed,
     and then no later save can take the exclusive lock that proves its temporaries stale. A
-    temporary whose writer, on this machine, is no longer running is stale all the same.
+    temporary whose writer, in this very PID namespace of this machine, is no longer running is stale all the same.
     """
-    return f"p{os.getpid()}h{_host_hash()}"
+    return f"p{os.getpid()}h{_where()}"
 
 
-def _host_hash() -> str:
+def _where() -> str:
+    """A hash of this machine (host name, boot id) and of this process's PID namespace: a pid is comparable only
+    between processes of one such place (two containers of one host with the host's name have two namespaces)."""
     import socket
 
-    return hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+    parts = [socket.gethostname()]
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            parts.append(f.read().strip())
+    except OSError:
+        parts.append("")
+    try:
+        parts.append(str(os.stat("/proc/self/ns/pid").st_ino))
+    except OSError:
+        parts.append("")
+    return hashlib.sha1("|".join(parts).encode()).hexdigest()[:8]
 
 
 _ORPHAN = re.compile(r"-p(\d+)h([0-9a-f]{8})-[0-9a-f]{8}$")
 
 
 def _clean_orphans(directory: Path) -> None:
-    """Remove the checkpoint temporaries whose writer (see :func:`_writer_tag`) was a process of this machine that
-    is no longer running; those of running processes, and of other machines, are left."""
+    """Remove the checkpoint temporaries whose writer (see :func:`_writer_tag`) was a process of this machine and
+    PID namespace that is no longer running; those of running processes, and of other machines or namespaces, are
+    left."""
     try:
         entries = [e for e in os.scandir(directory) if e.name.startswith(_TMP)]
     except OSError:
         return
-    host = _host_hash()
+    here = _where()
     for entry in entries:
         found = _ORPHAN.search(entry.name)
-        if found is None or found.group(2) != host or _running(int(found.group(1))):
+        if found is None or found.group(2) != here or _running(int(found.group(1))):
             continue
         shutil.rmtree(entry.path, ignore_errors=True)
 

@@ -353,7 +353,7 @@ def evaluate(
     if "train_step" in step.applied:
         raise TypeError("evaluate: the step is a train_step, whose metrics are training-mode losses of updates "
                         "on copies; pass eval_step(metric_fn)")
-    means = _evaluate(step, state, data, limit, device, reduce)
+    means, _ = _evaluate(step, state, data, limit, device, reduce)
     if not means and limit != 0:
         warnings.warn("evaluate: no means: data yielded no batch (empty, or an iterator used up), or the step "
                       "returned no metric", RuntimeWarning, stacklevel=2)
@@ -364,8 +364,9 @@ def evaluate(
 def _evaluate(
     step: Any, state: TrainState, data: Iterable, limit: int | float | None, device: torch.device | str | None,
     reduce: bool, *, seeded: bool = False,
-) -> dict[str, float]:
-    """:func:`evaluate` without telling the step that it ended (``run_epochs``' validations: one profile spans them).
+) -> tuple[dict[str, float], int]:
+    """:func:`evaluate` without telling the step that it ended (``run_epochs``' validations: one profile spans them),
+    and the number of batches it read (this rank's).
 
     ``seeded``: a shuffling loader's order comes from ``(state.seed, state.step)``, not from the global RNG
     (which is left as it was): a resumed run validates in the uninterrupted run's order, to the last bit."""
@@ -375,7 +376,8 @@ def _evaluate(
     sums: dict[str, torch.Tensor] = {}
     sizes: dict[str, int] = {}
     batches = _epoch_batches(data, state.seed, state.step, 0, count) if seeded else itertools.islice(data, count)
-    for batch in batches or ():
+    read = 0
+    for read, batch in enumerate(batches or (), 1):
         if move is not None:
             batch = move(batch)
         size = _batch_size(batch)
@@ -384,7 +386,7 @@ def _evaluate(
             weighted = value.to(_collective.sum_dtype(value)) * size
             sums[key] = weighted if key not in sums else sums[key] + weighted
             sizes[key] = sizes.get(key, 0) + size
-    return _collective.means(sums, sizes, reduce=reduce)
+    return _collective.means(sums, sizes, reduce=reduce), read
 
 
 def predict(
@@ -1084,11 +1086,10 @@ def run_epochs(
     show = progress_wanted(progress)
 
     def validate(current: TrainState, limit: int | float | None) -> dict[str, float]:
-        means = _evaluate(val_step, current, val[1], limit, device, True, seeded=True)  # type: ignore[index]
-        if not means:
-            warnings.warn(f"run_epochs: the validation at step {current.step} gave no means: val's data yielded no "
-                          "batch (empty, or an iterator used up), or the eval step returned no metric",
-                          RuntimeWarning, stacklevel=3)
+        means, read = _evaluate(val_step, current, val[1], limit, device, True, seeded=True)  # type: ignore[index]
+        if not read:
+            warnings.warn("run_epochs: a validation read no batch: val's data yielded none (an empty stream, or an "
+                          "iterator used up)", RuntimeWarning, stacklevel=3)
         return {f"val/{k}": v for k, v in means.items()}
 
     def validation_end(current: TrainState, *, notify: bool = True) -> tuple[dict[str, float], TrainState]:

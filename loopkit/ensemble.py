@@ -227,12 +227,17 @@ def _other_values(module: nn.Module) -> dict[str, Any]:
     """``module``'s attributes that :func:`module_settings` leaves out and :func:`_same_value` can compare."""
     held = {id(t) for t in (*module._parameters.values(), *module._buffers.values()) if t is not None}
     settings = module_settings(module)
-    # (the tensor an old-style spectral_norm / weight_norm hook computes from the parameters before each forward)
-    computed = {getattr(hook, "name", None) for hook in module._forward_pre_hooks.values()}
+    computed = _computed(module)
     return {
         attr: value for attr, value in vars(module).items()
         if attr not in _MODULE_STANDARD and attr not in settings and attr not in computed and _comparable(value, held)
     }
+
+
+def _computed(module: nn.Module) -> set[str]:
+    """The attributes an old-style ``spectral_norm`` / ``weight_norm`` hook of ``module`` computes from its
+    parameters before each forward (``weight``)."""
+    return {name for hook in module._forward_pre_hooks.values() if isinstance(name := getattr(hook, "name", None), str)}
 
 
 def _comparable(value: Any, held: set[int]) -> bool:
@@ -319,10 +324,12 @@ def _refuse_escaped(model: nn.Module, where: str) -> None:
     escaped = []
     is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
     for name, module in model.named_modules():
+        computed = _computed(module)
         for attr, value in list(vars(module).items()):
             if isinstance(value, torch.Tensor) and is_wrapped(value):
-                escaped.append(f"{name}.{attr}" if name else attr)
                 object.__setattr__(module, attr, None)
+                if attr not in computed:  # (one torch's hook recomputes before each forward is no one's keeping)
+                    escaped.append(f"{name}.{attr}" if name else attr)
     if escaped:
         raise RuntimeError(
             f"ensemble.train_step: {where} kept tensors of the vmapped call on the model ({', '.join(escaped)}: set "

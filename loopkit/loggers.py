@@ -244,9 +244,10 @@ class RunDirLogger(Logger):
             version = as_int(version)
         if isinstance(version, int) and version < 0:
             raise ValueError(f"{who}: version must be >= 0, got {version}")
-        if isinstance(version, str) and (not version or version in (".", "..") or os.sep in version or "/" in version):
-            raise ValueError(f"{who}: a version given as a string is a folder name (non-empty, without path "
-                             f"separators, not '.' or '..'), got {version!r}")
+        if isinstance(version, str) and (os.path.isabs(version) or ".." in version.replace(os.sep, "/").split("/")):
+            raise ValueError(f"{who}: a version given as a string is a folder inside root/name ('' for root/name "
+                             f"itself, 'fold0/seed1' nested, as in Lightning), not an absolute path or one "
+                             f"with '..', got {version!r}")
         _check_root(os.fspath(root), who)
         self.root = os.fspath(root)
         self.name = name

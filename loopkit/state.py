@@ -848,13 +848,14 @@ def _clone_module(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
 def _own_lazy_hooks(new: nn.Module, module: nn.Module) -> None:
     """Give the copy ``new`` of a lazy module its own hooks: the original's are bound to it (the copy's first
     forward would shape the original, and a load into the copy would materialize the original's parameters),
-    and their handles remove them from the original's registries."""
+    and their handles remove them from the original's registries. Shape inference runs first, as torch
+    registers it (a pre-hook of one's own may read the weight's shape)."""
     attributes = new.__dict__
     initialize = module._initialize_hook.id
     attributes["_forward_pre_hooks"].pop(initialize, None)  # (the copy's own already: _MODULE_REGISTRIES)
     attributes["_forward_pre_hooks_with_kwargs"] = kwargs = attributes["_forward_pre_hooks_with_kwargs"].copy()
     kwargs.pop(initialize, None)
-    attributes["_initialize_hook"] = new.register_forward_pre_hook(new._infer_parameters, with_kwargs=True)
+    attributes["_initialize_hook"] = new.register_forward_pre_hook(new._infer_parameters, with_kwargs=True, prepend=True)
     load = attributes.get("_load_hook")
     if load is not None:
         attributes["_load_state_dict_pre_hooks"] = hooks = attributes["_load_state_dict_pre_hooks"].copy()

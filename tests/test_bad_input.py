@@ -338,7 +338,23 @@ def test_a_validation_whose_data_yields_nothing_is_warned_about():
     warns of the same data; a val loader of len() 0 is refused)."""
     from tests._driver_helpers import stream
 
-    with pytest.warns(RuntimeWarning, match="run_epochs: the validation at step 0 gave no means: val's data yielded no"):
+    with pytest.warns(RuntimeWarning, match="run_epochs: a validation read no batch: val's data yielded none"):
         _, history = run_epochs(train_step(mse), make_state(), make_data(2), epochs=1, progress=False,
                                 val=(eval_step(_metric), stream([])))
     assert not any(k.startswith("val/") for k in history[0])
+
+
+def test_a_validation_whose_metrics_come_from_a_callback_alone_is_not_warned_about():
+    """The guide's AUROC recipe: an eval step that returns no metric, the metric made over the whole validation set in
+    on_validation_end. The data was read, so nothing is wrong."""
+    import warnings
+
+    class WholeSet(loopkit.Callback):
+        def on_validation_end(self, state, metrics):
+            return {"val/auroc": 0.5}
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, history = run_epochs(train_step(mse), make_state(), make_data(2), epochs=1, progress=False,
+                                val=(eval_step(lambda m, b: {}), make_data(2)), callbacks=[WholeSet()])
+    assert history[0]["val/auroc"] == 0.5

@@ -562,19 +562,21 @@ def test_learning_rate_monitor_per_step_under_accumulation_records_each_update_o
     assert monitor.history == [(s, {"lr-SGD": 0.25 * 0.5**s}) for s in range(1, 5)]
 
 
+class _Recording(loopkit.Logger):
+    """A logger that keeps its rows: ``(step, metrics)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows = []
+
+    def _write_metrics(self, metrics, step):
+        self.rows.append((step, dict(metrics)))
+
+
 def test_learning_rate_monitor_per_step_reaches_the_loggers_at_their_interval():
     """As Lightning's (which logs it every log_every_n_steps): with_logging writes the rate after each
     n-th update, at that step; micro-batches of an accumulation group log nothing of their own."""
-
-    class Recording(loopkit.Logger):
-        def __init__(self):
-            super().__init__()
-            self.rows = []
-
-        def _write_metrics(self, metrics, step):
-            self.rows.append((step, dict(metrics)))
-
-    logger = Recording()
+    logger = _Recording()
     step = loopkit.with_logging(loopkit.with_grad_accum(train_step(mse), every=2), logger, every_n_steps=2)
     run_epochs(step, lr_state(), make_data(6), epochs=2, callbacks=[loopkit.LearningRateMonitor("step")],
                progress=False)
@@ -1153,16 +1155,7 @@ def test_learning_rate_monitor_per_step_records_and_logs_the_update_of_a_flushed
     """7 batches in groups of 2: updates 1-3 from groups, 4 from the flush of the 7th batch; the flush's update
     (made after the last batch's hooks) was missing from the history and the logs (steps 4 and 8 of 8). Reference:
     the rate halved by hand after each update, logged at every second update as any other."""
-
-    class Recording(loopkit.Logger):
-        def __init__(self):
-            super().__init__()
-            self.rows = []
-
-        def _write_metrics(self, metrics, step):
-            self.rows.append((step, dict(metrics)))
-
-    logger = Recording()
+    logger = _Recording()
     monitor = loopkit.LearningRateMonitor(logging_interval="step")
     step = loopkit.with_logging(loopkit.with_grad_accum(train_step(mse), every=2), logger, every_n_steps=2)
     state, _ = run_epochs(step, lr_state(), make_data(7), epochs=2, callbacks=[monitor], progress=False)

@@ -612,16 +612,17 @@ def test_a_killed_saves_temporary_goes_though_its_forked_workers_still_hold_the_
     """DataLoader workers forked while a background save held the shared lock keep it after the saving process is
     killed (a lock lives as long as any descriptor of it), so no later save could prove the killed save's
     temporary stale: a whole checkpoint's payload stayed for good. A temporary of a process that is gone, on this
-    machine, goes; one of a running process (a save in progress) stays."""
+    machine and in this PID namespace, goes; one of a running process (a save in progress) stays, and so does one of
+    another machine or namespace (its pid means nothing here)."""
     import subprocess
     import sys
 
     checkpoint.save(_state(make_mlp), tmp_path)
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    host = hashlib.sha1(__import__("socket").gethostname().encode()).hexdigest()[:8]
+    host = checkpoint._where()  # (this machine and PID namespace)
     dead = tmp_path / f".tmp-ckpt-000002-step2-epoch0-batch2-p{int(gone.stdout)}h{host}-0badc0de"
     alive = tmp_path / f".tmp-ckpt-000003-step3-epoch0-batch3-p{os.getpid()}h{host}-0badc0de"
-    other_machine = tmp_path / f".tmp-ckpt-000004-step4-epoch0-batch4-p{int(gone.stdout)}h0000beef-0badc0de"
+    other_machine = tmp_path / f".tmp-ckpt-000004-step4-epoch0-batch4-p{int(gone.stdout)}h0000beef-0badc0de"  # (or ns)
     for tmp in (dead, alive, other_machine):
         tmp.mkdir()
         (tmp / "state.pt").write_bytes(b"partial")

@@ -667,9 +667,16 @@ def test_open_creates_the_event_file_that_the_first_write_then_uses(tmp_path):
     assert [(e.step, e.value) for e in read_events(logger.log_dir).Scalars("train/loss")] == [(1, 0.5)]
 
 
-@pytest.mark.parametrize("version", ["", ".", "..", "../elsewhere", "a/b"])
-def test_a_version_string_that_is_no_folder_name_is_refused(tmp_path, version):
-    """version="" made log_dir root/name itself (beside the version_N folders), "../x" a folder outside root/name."""
+@pytest.mark.parametrize("version", ["..", "../elsewhere", "a/../../b", "/abs/path"])
+def test_a_version_string_outside_root_name_is_refused(tmp_path, version):
+    """version="../x" put the run folder outside root/name (an absolute path anywhere)."""
     for make in (loopkit.CSVLogger, loopkit.JSONLLogger, loopkit.TensorBoardLogger):
-        with pytest.raises(ValueError, match="a version given as a string is a folder name"):
+        with pytest.raises(ValueError, match="a version given as a string is a folder inside root/name"):
             make(tmp_path, "run", version=version)
+
+
+@pytest.mark.parametrize("version, folder", [("", ""), ("fold0/seed1", "fold0/seed1")])
+def test_version_strings_lightning_takes_name_folders_inside_root_name(tmp_path, version, folder):
+    """Lightning's idioms: version="" logs into root/name itself, a nested version into that folder."""
+    logger = loopkit.CSVLogger(tmp_path, "run", version=version)
+    assert os.path.normpath(logger.log_dir) == os.path.normpath(os.path.join(str(tmp_path), "run", folder))

@@ -1579,3 +1579,14 @@ def test_a_hook_closing_over_the_model_reads_the_copy_in_a_pure_step():
     assert all(torch.equal(a, b) for a, b in zip(state.model.parameters(), m.parameters()))
     assert given.model.gain.grad is None and torch.equal(given.model.gain, torch.ones(7))
     assert collected == raw_collected  # the copies' gains, read by each step's copy of the hook
+
+
+def test_a_lazy_modules_copy_infers_its_shapes_before_the_pre_hooks_of_ones_own():
+    """A pre-hook reading the weight's shape works in torch (shape inference is registered first); in a pure step's
+    copy inference ran after it, and the hook failed on the uninitialized parameter."""
+    shapes = []
+    model = nn.Sequential(nn.LazyLinear(3), nn.Linear(3, 1))
+    model[0].register_forward_pre_hook(lambda mod, inp: shapes.append(tuple(mod.weight.shape)))
+    state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    loopkit.train_step(lambda m, b: m(b).pow(2).mean())(state, torch.ones(2, 5))
+    assert shapes == [(3, 5)]

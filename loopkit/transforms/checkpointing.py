@@ -526,7 +526,8 @@ def with_checkpointing(
       of that batch; in a loop of your own, inside the call.
     * ``every_n_epochs``: save after every n-th completed epoch (driver's ``epoch_end``).
       Without ``every_n_steps``, ``every_n_epochs`` and ``monitor`` it is 1, as Lightning's
-      ``ModelCheckpoint()`` saves after every epoch.
+      ``ModelCheckpoint()`` saves after every epoch; ``every_n_epochs=0`` saves at no epoch's end
+      (only :meth:`CheckpointStep.save` and a graceful stop then save, as before that default).
     * ``monitor`` (e.g. ``"val/loss"``), ``mode`` (``"min"``/``"max"``): also keep the
       ``keep_best`` checkpoints with the best value, besides the last ``keep_last``
       (None keeps all). A ``val/`` metric is read after each validation, any other
@@ -574,9 +575,10 @@ def with_checkpointing(
     >>> tmp.cleanup()
     """
     every_n_steps = _check_count("every_n_steps", every_n_steps, allow_none=True)
-    every_n_epochs = _check_count("every_n_epochs", every_n_epochs, allow_none=True)
+    every_n_epochs = _check_count("every_n_epochs", every_n_epochs, allow_none=True, minimum=0)
     if every_n_steps is None and every_n_epochs is None and monitor is None:
         every_n_epochs = 1  # (no trigger saved nothing in a whole fit: Lightning's ModelCheckpoint() saves each epoch)
+    every_n_epochs = every_n_epochs or None  # 0: no epoch saves, as Lightning's every_n_epochs=0
     keep_last = _check_count("keep_last", keep_last, allow_none=True)
     keep_best = _check_count("keep_best", keep_best, allow_none=False, minimum=0)
     if mode not in ("min", "max"):

@@ -350,7 +350,8 @@ def test_it_wraps_any_gradient_transform_and_reports_its_name(tmp_path):
     "options, message",
     [
         ({"every_n_steps": 0}, "every_n_steps must be a positive int or None, got 0"),
-        ({"every_n_epochs": 1.5}, "every_n_epochs must be a positive int or None, got 1.5"),
+        ({"every_n_epochs": 1.5}, "every_n_epochs must be an int >= 0 or None, got 1.5"),
+        ({"every_n_epochs": -1}, "every_n_epochs must be an int >= 0 or None, got -1"),
         ({"keep_last": 0}, "keep_last must be a positive int or None, got 0"),
         ({"keep_best": -1}, "keep_best must be an int >= 0, got -1"),
         ({"keep_best": 0, "monitor": "val/loss"}, "keep_best=0 with monitor='val/loss' keeps no checkpoint for its score"),
@@ -1025,3 +1026,7 @@ def test_with_no_trigger_it_saves_after_every_epoch_as_lightnings_model_checkpoi
                                                                             trained.model.parameters()))
     monitored = with_checkpointing(train_step(_mse), tmp_path / "m", monitor="val/loss")
     assert monitored.every_n_epochs is None  # a monitor alone saves at its validations, as before
+    manual = with_checkpointing(train_step(_mse), tmp_path / "manual", every_n_epochs=0)  # Lightning's off switch
+    state, _ = run_epochs(manual, _state(), _loader(), epochs=2, progress=False)
+    manual.save(state)
+    assert manual.every_n_epochs is None and [c.step for c in checkpoint.list_checkpoints(tmp_path / "manual")] == [20]
