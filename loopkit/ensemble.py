@@ -320,22 +320,42 @@ def _copy_written_settings(ensemble: Ensemble) -> None:
 def _refuse_escaped(model: nn.Module, where: str) -> None:
     """Refuse a forward that kept a tensor on a module (``self.last_h = h.detach()``): under vmap it is a wrapper of
     the batched call, dead once the call returns, and a later copy, pickle or ``unstack`` of the members fails on
-    it. The attribute is set to None (its value is no member's), and no member has updated yet."""
+    it. The attribute is set to None (its value is no member's), such tensors are taken out of a list or dict it
+    holds, and no member has updated yet."""
     escaped = []
     is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
     for name, module in model.named_modules():
+        if isinstance(module, nn.RNNBase):
+            module._init_flat_weights()  # (torch's own list of the parameters, which functional_call swapped)
         computed = _computed(module)
         for attr, value in list(vars(module).items()):
             if isinstance(value, torch.Tensor) and is_wrapped(value):
                 object.__setattr__(module, attr, None)
                 if attr not in computed:  # (one torch's hook recomputes before each forward is no one's keeping)
                     escaped.append(f"{name}.{attr}" if name else attr)
+            elif isinstance(value, (list, dict)) and _drop_wrapped(value, is_wrapped):
+                escaped.append(f"{name}.{attr}" if name else attr)
     if escaped:
         raise RuntimeError(
             f"ensemble.train_step: {where} kept tensors of the vmapped call on the model ({', '.join(escaped)}: set "
             "to None), which belong to no member and break any later copy of the members; keep what you inspect "
             "out of the forward (return it as a metric), or train the members apart"
         )
+
+
+def _drop_wrapped(container: list | dict, is_wrapped: Callable[[torch.Tensor], bool]) -> bool:
+    """Take the tensors of a vmapped call out of ``container`` (a list a forward appends to, a dict it fills), in
+    place and one level deep; whether there were any."""
+    if isinstance(container, dict):
+        found = [k for k, v in container.items() if isinstance(v, torch.Tensor) and is_wrapped(v)]
+        for k in found:
+            del container[k]
+        return bool(found)
+    kept = [v for v in container if not (isinstance(v, torch.Tensor) and is_wrapped(v))]
+    if len(kept) == len(container):
+        return False
+    container[:] = kept
+    return True
 
 
 def _non_persistent(model: nn.Module) -> set[str]:

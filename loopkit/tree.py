@@ -280,8 +280,8 @@ def from_plain(plain: Any, template: Any, path: tuple[str, ...] = ()) -> Any:
                 f"the state has {tuple(template.shape)}"
             )
         return plain
-    if isinstance(template, (bool, int, float)):
-        if isinstance(plain, torch.Tensor) or not isinstance(plain, (bool, int, float)):
+    if isinstance(template, _NUMBER_LIKE) and not isinstance(template, str):  # (numpy's numbers too: a template's
+        if isinstance(plain, torch.Tensor) or not isinstance(plain, (bool, int, float)):  # np.float32 hyper-parameter)
             raise _mismatch(f"key '{path_str(path)}' holds a {type(plain).__qualname__}, expected a number")
         return plain
     if isinstance(template, str):
