@@ -527,14 +527,13 @@ class Timer(Callback):
         self._reset()
 
     def on_epoch_start(self, state: Any) -> None:
-        """Start the clock at the fit's first epoch; stop before any batch when the time is already spent."""
+        """Start the clock at the fit's first epoch, and stop before any batch when a resumed run's time is already
+        spent (Lightning checks then, in on_fit_start); later epochs start unchecked, as in Lightning."""
         if self._start is None:
             self._start = self.clock()  # (then the time spent is the offset: no second reading)
             self._end = self._start
             self._check(state)
             self._end = None
-        else:
-            self._check(state)
 
     def on_batch_end(self, state: Any, metrics: Mapping[str, torch.Tensor]) -> None:
         """With ``interval="step"``, stop once the time is spent."""

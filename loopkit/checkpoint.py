@@ -63,7 +63,7 @@ import torch
 from loopkit import _collective
 from loopkit._window import OVER_RANKS, over_ranks, own_share
 from loopkit.errors import CheckpointCorruptError, StateMismatchError
-from loopkit.state import TrainState, core_module, model_device, replace_extras
+from loopkit.state import TrainState, _uninitialized, core_module, model_device, replace_extras
 from loopkit.tree import copy_tensors
 
 try:  # POSIX: advisory locks keep a cleaner away from another process's save in progress
@@ -337,6 +337,12 @@ def snapshot(state: TrainState, *, reason: str = "", copy: bool = False) -> Snap
         marked = over_ranks(state.extras)
         if marked is not state.extras:
             state = replace_extras(state, marked)
+    lazy = _uninitialized(state.model)
+    if lazy:
+        raise ValueError(
+            f"cannot checkpoint a state whose lazy modules have not run a forward yet ({', '.join(sorted(lazy)[:3])}: "
+            "their shapes are not known, and such a checkpoint could not be loaded); save after the first step"
+        )
     sd = state.state_dict()
     extras_devices = _devices(sd.get("extras", {})) or {}
     if copy:

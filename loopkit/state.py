@@ -864,8 +864,9 @@ def _own_lazy_hooks(new: nn.Module, module: nn.Module) -> None:
 
 
 def _copied_closure(function: types.FunctionType, memo: dict[int, Any]) -> types.FunctionType:
-    """``function`` (a hook) reading the copy's modules and tensors where its closure holds the original's (a
-    lambda that reads ``model.gain``): the same code over new cells; other cells (a list it collects into) shared."""
+    """``function`` (a hook) reading the copy's modules and tensors where its closure or its defaults hold the
+    original's (a lambda that reads ``model.gain``, or takes ``model=m``): the same code over new cells and
+    defaults; other values (a list it collects into) shared."""
     cells = function.__closure__ or ()
     new_cells = []
     for cell in cells:
@@ -874,17 +875,30 @@ def _copied_closure(function: types.FunctionType, memo: dict[int, Any]) -> types
         except ValueError:  # (a cell not filled yet)
             new_cells.append(cell)
             continue
-        copied = memo.get(id(content)) if isinstance(content, (nn.Module, torch.Tensor)) else None
-        new_cells.append(cell if copied is None else types.CellType(copied))
-    if all(a is b for a, b in zip(new_cells, cells)):
+        copied = _copy_of(content, memo)
+        new_cells.append(cell if copied is content else types.CellType(copied))
+    defaults = function.__defaults__ or ()
+    new_defaults = tuple(_copy_of(value, memo) for value in defaults)
+    kwdefaults = function.__kwdefaults__ or {}
+    new_kwdefaults = {key: _copy_of(value, memo) for key, value in kwdefaults.items()}
+    if (all(a is b for a, b in zip(new_cells, cells)) and all(a is b for a, b in zip(new_defaults, defaults))
+            and all(new_kwdefaults[k] is v for k, v in kwdefaults.items())):
         return function
     copied_function = types.FunctionType(
-        function.__code__, function.__globals__, function.__name__, function.__defaults__, tuple(new_cells)
+        function.__code__, function.__globals__, function.__name__, new_defaults or function.__defaults__,
+        tuple(new_cells) or function.__closure__,
     )
-    copied_function.__kwdefaults__ = function.__kwdefaults__
+    copied_function.__kwdefaults__ = new_kwdefaults or function.__kwdefaults__
     copied_function.__qualname__ = function.__qualname__
     copied_function.__dict__.update(function.__dict__)
     return copied_function
+
+
+def _copy_of(value: Any, memo: dict[int, Any]) -> Any:
+    """The copy's module or tensor for one of the original's (``value`` itself for anything else)."""
+    if isinstance(value, (nn.Module, torch.Tensor)):
+        return memo.get(id(value), value)
+    return value
 
 
 def _copied_attribute(value: Any, memo: dict[int, Any]) -> Any:
@@ -913,7 +927,7 @@ def _copied_attribute(value: Any, memo: dict[int, Any]) -> Any:
     if kind is types.MethodType:
         return types.MethodType(value.__func__, memo.get(id(value.__self__), value.__self__))
     if kind is types.FunctionType:
-        return _copied_closure(value, memo) if value.__closure__ else value
+        return _copied_closure(value, memo) if value.__closure__ or value.__defaults__ or value.__kwdefaults__ else value
     if kind is functools.partial:
         return functools.partial(_copied_attribute(value.func, memo), *_copied_attribute(value.args, memo),
                                  **_copied_attribute(value.keywords, memo))

@@ -97,19 +97,20 @@ class ModelSummary:
     modules_in_train_mode: int
     modules_in_eval_mode: int
     uninitialized: bool
+    #: the parameters no listed layer holds (the root's own, a cls token; all of them at ``max_depth=0``), shown
+    #: in an "other params" row as Lightning shows them; 0 when the rows' counts add up to the total or more
+    other_parameters: int = 0
 
     def __str__(self) -> str:
-        columns = [
-            (" ", [str(i) for i in range(len(self.layers))]),
-            ("Name", [layer.name for layer in self.layers]),
-            ("Type", [layer.type for layer in self.layers]),
-            ("Params", [human_count(layer.parameters) for layer in self.layers]),
-            ("Mode", [layer.mode for layer in self.layers]),
-        ]
+        rows = [(str(i), layer.name, layer.type, human_count(layer.parameters), layer.mode)
+                for i, layer in enumerate(self.layers)]
+        if self.other_parameters > 0:
+            rows.append((" ", "other params", "n/a", human_count(self.other_parameters), "n/a"))
+        columns = [(title, [row[j] for row in rows]) for j, title in enumerate((" ", "Name", "Type", "Params", "Mode"))]
         widths = [max([len(title), *(len(v) for v in values)]) for title, values in columns]
         rule = "-" * (sum(widths) + 3 * (len(columns) + 1))
         lines = [" | ".join(f"{title:<{w}}" for (title, _), w in zip(columns, widths)).rstrip(), rule]
-        for i in range(len(self.layers)):
+        for i in range(len(rows)):
             lines.append(" | ".join(f"{values[i]:<{w}}" for (_, values), w in zip(columns, widths)).rstrip())
         lines.append(rule)
         totals = [
@@ -138,7 +139,8 @@ def summarize(model: Any, max_depth: int = 1) -> ModelSummary:
     """Summarize ``model`` (an ``nn.Module``, or a ``TrainState``'s model) as Lightning's ``ModelSummary`` does.
 
     ``max_depth``: 1 lists the model's children, n the submodules down to n levels, -1 all of
-    them, 0 none (the totals only).
+    them, 0 none (the totals only). Parameters no listed layer holds (the model's own) are in an
+    "other params" row, as in Lightning's.
 
     >>> model = torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.Sequential(torch.nn.Linear(4, 1)))
     >>> [(layer.name, layer.parameters) for layer in summarize(model, max_depth=2).layers]
@@ -148,21 +150,26 @@ def summarize(model: Any, max_depth: int = 1) -> ModelSummary:
     if depth is None or depth < -1:
         raise ValueError(f"summarize: max_depth must be an int >= -1 (-1: every layer, 0: none), got {max_depth!r}")
     root = _model_of(model)
-    named = [(name, module) for name, module in root.named_modules() if name]
-    if depth >= 0:
-        named = [(name, module) for name, module in named if name.count(".") < depth]
+    if depth == 0:
+        named: list[tuple[str, torch.nn.Module]] = []
+    elif depth == 1:  # (each child under each of its names, as Lightning lists them)
+        named = list(root.named_children())
+    else:  # (a module reached twice once, under its first name)
+        named = [(name, module) for name, module in root.named_modules() if name and (depth < 0 or name.count(".") < depth)]
     layers = tuple(
         LayerSummary(name, type(module).__name__, _count(module.parameters()), module.training)
         for name, module in named
     )
     parameters = list(root.parameters())
     modes = [module.training for module in root.modules()][1:]  # (the root itself is not a layer)
+    total = _count(parameters)
     return ModelSummary(
         layers=layers,
-        total_parameters=_count(parameters),
+        total_parameters=total,
         trainable_parameters=_count(p for p in parameters if p.requires_grad),
         size_mb=sum(0 if isinstance(p, UninitializedParameter) else p.numel() * p.element_size() for p in parameters) / 1e6,
         modules_in_train_mode=modes.count(True),
         modules_in_eval_mode=modes.count(False),
         uninitialized=any(isinstance(p, UninitializedParameter) for p in parameters),
+        other_parameters=max(total - sum(layer.parameters for layer in layers), 0),
     )

@@ -1180,3 +1180,16 @@ def test_on_flush_end_hears_of_the_update_a_flushed_group_makes():
     run_epochs(loopkit.with_grad_accum(train_step(mse), every=2), make_state(), make_data(5), epochs=1,
                callbacks=[seen], progress=False)
     assert seen.batch_steps == [0, 1, 1, 2, 2] and seen.flush_steps == [(3, [])]
+
+
+@pytest.mark.parametrize("interval, stop_step", [("step", 4), ("epoch", 3)])
+def test_timer_checks_where_lightnings_does_not_at_each_epoch_start(interval, stop_step):
+    """The time runs out in epoch 0's validation (3 + 2 s of 5): loopkit stopped at epoch 1's start (step 3);
+    Lightning's Timer checks after each batch only, so it trains one more batch; per epoch it checks after the
+    epoch's validation, so it stops there (step 3)."""
+    clock = _WorkClock()
+    timer = loopkit.Timer(5, interval=interval, clock=clock, verbose=False)
+    state, _ = run_epochs(train_step(clock.train_loss), make_state(), make_data(3), epochs=10,
+                          val=(clock.evaluator(), make_data(2, seed=1)), sanity_val_batches=0, callbacks=[timer],
+                          progress=False)
+    assert state.step == stop_step

@@ -982,3 +982,18 @@ def test_a_state_holding_numpy_numbers_restores(tmp_path):
     go_on, _ = loopkit.run_epochs(loopkit.train_step(loss), restored, batches[:3], epochs=2, progress=False)
     assert go_on.step == 6
     assert all(torch.equal(a, b) for a, b in zip(go_on.model.parameters(), ref.model.parameters()))
+
+
+def test_a_state_whose_lazy_modules_never_ran_is_refused_at_save(tmp_path):
+    """Its state dict held UninitializedParameter objects: the save wrote them, and restore then skipped the
+    checkpoint as needing arbitrary unpickling (restoring it by path raised CheckpointCorruptError)."""
+    model = nn.Sequential(nn.LazyLinear(3), nn.Linear(3, 1))
+    state = TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match=r"lazy modules have not run a forward yet \(0.bias, 0.weight"):
+        checkpoint.save(state, tmp_path)
+    assert checkpoint.list_checkpoints(tmp_path) == []
+    trained, _ = loopkit.donate(train_step(lambda m, b: m(b).pow(2).mean()))(state, torch.ones(2, 4))
+    checkpoint.save(trained, tmp_path)  # shaped by its first forward: saved, and restored
+    again = nn.Sequential(nn.LazyLinear(3), nn.Linear(3, 1))
+    restored = loopkit.restore(TrainState.create(again, torch.optim.SGD(again.parameters(), lr=0.1)), tmp_path)
+    assert torch.equal(restored.model[0].weight, trained.model[0].weight)

@@ -1581,6 +1581,26 @@ def test_a_hook_closing_over_the_model_reads_the_copy_in_a_pure_step():
     assert collected == raw_collected  # the copies' gains, read by each step's copy of the hook
 
 
+def test_a_hook_taking_the_model_as_a_default_reads_the_copy_in_a_pure_step():
+    """``lambda mod, i, out, model=m: out * model.gain`` (the idiom that binds the model at definition) kept the
+    original: the given state's gain got the gradient, the copy's never trained. Reference: the donated step."""
+    def make():
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 1))
+        m.gain = nn.Parameter(torch.full((4,), 2.0))
+        m[0].register_forward_hook(lambda mod, inp, out, model=m: out * model.gain)
+        m[1].register_forward_hook(lambda mod, inp, out, *, scale=m.gain: out * scale.sum())
+        return loopkit.TrainState.create(m, torch.optim.SGD(m.parameters(), lr=0.1))
+
+    batch = torch.ones(2, 3)
+    loss = lambda m, b: m(b).pow(2).mean()
+    given = make()
+    pure, _ = loopkit.train_step(loss)(given, batch)
+    donated, _ = loopkit.donate(loopkit.train_step(loss))(make(), batch)
+    assert all(torch.equal(a, b) for a, b in zip(pure.model.parameters(), donated.model.parameters()))
+    assert given.model.gain.grad is None and torch.equal(given.model.gain, torch.full((4,), 2.0))
+
+
 def test_a_lazy_modules_copy_infers_its_shapes_before_the_pre_hooks_of_ones_own():
     """A pre-hook reading the weight's shape works in torch (shape inference is registered first); in a pure step's
     copy inference ran after it, and the hook failed on the uninitialized parameter."""
@@ -1590,3 +1610,24 @@ def test_a_lazy_modules_copy_infers_its_shapes_before_the_pre_hooks_of_ones_own(
     state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
     loopkit.train_step(lambda m, b: m(b).pow(2).mean())(state, torch.ones(2, 5))
     assert shapes == [(3, 5)]
+
+
+def test_a_template_whose_hyper_parameters_are_numpy_numbers_loads_a_state_dict():
+    """Adam(weight_decay=np.float32(.01)) or StepLR(step_size=np.int64(2)) saved fine, and loading into the same
+    template raised "cannot decode state at 'optimizer.param_groups.0.weight_decay' into a float32". Reference:
+    the saved state's parameters and counters."""
+    import numpy as np
+
+    def template():
+        torch.manual_seed(0)
+        model = nn.Linear(3, 1)
+        opt = torch.optim.Adam(model.parameters(), lr=0.01, weight_decay=np.float32(0.01), amsgrad=np.bool_(False))
+        return loopkit.TrainState.create(model, opt, torch.optim.lr_scheduler.StepLR(opt, step_size=np.int64(2)))
+
+    trained = template()
+    step = loopkit.donate(loopkit.train_step(lambda m, b: m(b).pow(2).mean()))
+    for _ in range(3):
+        trained, _ = step(trained, torch.ones(2, 3))
+    loaded = template().load_state_dict(trained.state_dict())
+    assert loaded.step == 3 and loaded.scheduler.last_epoch == 3
+    assert torch.equal(loaded.model.weight, trained.model.weight)

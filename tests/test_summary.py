@@ -114,3 +114,43 @@ def test_human_count_is_lightnings():
 def test_bad_input_is_named(target, depth, error, match):
     with pytest.raises(error, match=match):
         summarize(target, max_depth=depth)
+
+
+class _WithToken(nn.Module):
+    """A parameter on the model itself (a cls token), which no layer holds."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.cls = nn.Linear(3, 4), nn.Parameter(torch.zeros(5))
+
+
+# printed by Lightning 2.6.6's summarize() of a LightningModule with _WithToken's lin and cls, at max_depth 1 and 0
+_LIGHTNING_OTHER_PARAMS = {
+    1: """\
+  | Name         | Type   | Params | Mode  | FLOPs
+--------------------------------------------------------
+0 | lin          | Linear | 16     | train | 0
+  | other params | n/a    | 5      | n/a   | n/a""",
+    0: """\
+  | Name         | Type | Params | Mode | FLOPs
+-----------------------------------------------------
+  | other params | n/a  | 21     | n/a  | n/a""",
+}
+
+
+@pytest.mark.parametrize("depth", [1, 0])
+def test_parameters_no_layer_holds_are_an_other_params_row_as_in_lightning(depth):
+    """They were in the totals but in no row (at max_depth=0 the table had none)."""
+    expected = [line.rsplit(" | ", 1)[0].rstrip() for line in _LIGHTNING_OTHER_PARAMS[depth].splitlines()
+                if not line.startswith("---")]
+    rows = [line for line in str(summarize(_WithToken(), max_depth=depth)).splitlines()[:4] if not line.startswith("---")]
+    assert rows == expected
+
+
+def test_a_child_reached_under_two_names_is_a_row_under_each_at_depth_one_as_in_lightning():
+    """Lightning lists named_children(): a layer held by ``enc`` and as ``head`` is two rows; it was one."""
+    model = nn.Module()
+    shared = nn.Linear(3, 3)
+    model.enc, model.head = nn.Sequential(shared), shared
+    assert [(layer.name, layer.parameters) for layer in summarize(model).layers] == [("enc", 12), ("head", 12)]
+    assert summarize(model).other_parameters == 0
