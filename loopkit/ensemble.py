@@ -39,6 +39,7 @@ they are while the ensemble lives.
 from __future__ import annotations
 
 import copy
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -325,27 +326,42 @@ def _refuse_escaped(model: nn.Module, where: str) -> None:
     escaped = []
     is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
     for name, module in model.named_modules():
-        if isinstance(module, nn.RNNBase):
-            module._init_flat_weights()  # (torch's own list of the parameters, which functional_call swapped)
         computed = _computed(module)
         for attr, value in list(vars(module).items()):
             if isinstance(value, torch.Tensor) and is_wrapped(value):
                 object.__setattr__(module, attr, None)
                 if attr not in computed:  # (one torch's hook recomputes before each forward is no one's keeping)
-                    escaped.append(f"{name}.{attr}" if name else attr)
+                    escaped.append(f"{name + '.' if name else ''}{attr}: set to None")
             elif isinstance(value, (list, dict)) and _drop_wrapped(value, is_wrapped):
-                escaped.append(f"{name}.{attr}" if name else attr)
+                escaped.append(f"{name + '.' if name else ''}{attr}: taken out of it")
     if escaped:
         raise RuntimeError(
-            f"ensemble.train_step: {where} kept tensors of the vmapped call on the model ({', '.join(escaped)}: set "
-            "to None), which belong to no member and break any later copy of the members; keep what you inspect "
+            f"ensemble.train_step: {where} kept tensors of the vmapped call on the model ({'; '.join(escaped)}), "
+            "which belong to no member and break any later copy of the members; keep what you inspect "
             "out of the forward (return it as a metric), or train the members apart"
         )
 
 
+def _refresh_rnn_weights(model: nn.Module) -> None:
+    """Point each RNN's own list of its weights (``_flat_weights``, which ``functional_call`` filled with the vmapped
+    call's tensors) back at its parameters, as torch's ``_init_flat_weights`` does, without its
+    ``flatten_parameters`` (on CUDA that would move the weights off the members' stacked storage)."""
+    for module in model.modules():
+        if isinstance(module, nn.RNNBase):
+            module._flat_weights = [getattr(module, n) if hasattr(module, n) else None for n in module._flat_weights_names]
+            module._flat_weight_refs = [weakref.ref(w) if w is not None else None for w in module._flat_weights]
+
+
+#: containers larger than this are not searched for a forward's kept tensors (a vocabulary: a per-step scan of a
+#: million entries cost 0.15 s); a forward appends to, or fills, small ones
+_SCANNED = 1024
+
+
 def _drop_wrapped(container: list | dict, is_wrapped: Callable[[torch.Tensor], bool]) -> bool:
     """Take the tensors of a vmapped call out of ``container`` (a list a forward appends to, a dict it fills), in
-    place and one level deep; whether there were any."""
+    place and one level deep; whether there were any. A large container is left unsearched."""
+    if len(container) > _SCANNED:
+        return False
     if isinstance(container, dict):
         found = [k for k, v in container.items() if isinstance(v, torch.Tensor) and is_wrapped(v)]
         for k in found:
@@ -536,6 +552,8 @@ class EnsembleStep:
                     f"dropout layers) or train the members apart: {e}"
                 ) from e
             raise
+        finally:  # (a loss_fn that raised left them too: the ensemble stays usable)
+            _refresh_rnn_weights(ensemble.skeleton)
         _refuse_escaped(ensemble.skeleton, where)
         # a buffer the forward changed (a counter's add_, a running statistic) changed the stacked copy only, or was
         # replaced inside functional_call: the members' buffers would silently keep their old values

@@ -152,7 +152,7 @@ def summarize(model: Any, max_depth: int = 1) -> ModelSummary:
     root = _model_of(model)
     if depth == 0:
         named: list[tuple[str, torch.nn.Module]] = []
-    elif depth == 1:  # (each child under each of its names, as Lightning lists them)
+    elif depth == 1:  # (the children, as Lightning lists them: one also held inside another child is a row too)
         named = list(root.named_children())
     else:  # (a module reached twice once, under its first name)
         named = [(name, module) for name, module in root.named_modules() if name and (depth < 0 or name.count(".") < depth)]

@@ -31,7 +31,7 @@ from loopkit._collective import is_rank_zero
 from loopkit._numbers import as_int
 from loopkit._window import over_ranks
 from loopkit.errors import CheckpointCorruptError, StateMismatchError
-from loopkit.state import TrainState, extras_copy, leave_intact, replace_extras
+from loopkit.state import TrainState, _uninitialized, extras_copy, leave_intact, replace_extras
 from loopkit.steps import RECORDED, SAVE_DUE, Metrics, UpdateStep
 from loopkit.transforms._compose import require_step
 
@@ -247,6 +247,12 @@ class CheckpointStep(UpdateStep):
         of that step, or the fit's end), takes that checkpoint as its own, as the uninterrupted run holds it:
         a score goes to it, and the rotation runs. (Another run that reaches that position is saved anew.)"""
         if not is_rank_zero():
+            return
+        lazy = _uninitialized(state.model)
+        if lazy:  # (nothing trained yet: nothing is lost; checkpoint.save itself refuses such a state)
+            warnings.warn(f"with_checkpointing: no checkpoint at step {state.step} ({reason}): the model's lazy "
+                          f"modules have not run a forward yet ({', '.join(sorted(lazy)[:3])})", RuntimeWarning,
+                          stacklevel=3)
             return
         position = (state.step, state.epoch, state.batch_index)
         saver = self.saver

@@ -1030,3 +1030,16 @@ def test_with_no_trigger_it_saves_after_every_epoch_as_lightnings_model_checkpoi
     state, _ = run_epochs(manual, _state(), _loader(), epochs=2, progress=False)
     manual.save(state)
     assert manual.every_n_epochs is None and [c.step for c in checkpoint.list_checkpoints(tmp_path / "manual")] == [20]
+
+
+def test_a_save_of_a_lazy_model_that_never_ran_is_skipped_with_a_warning(tmp_path):
+    """Its checkpoint could not be loaded, and checkpoint.save now refuses it; with_checkpointing's own saves (a
+    graceful stop before the first step, a manual save) raised out of run_epochs where nothing was yet lost."""
+    model = nn.Sequential(nn.LazyLinear(3), nn.Linear(3, 1))
+    state = TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    step = with_checkpointing(train_step(_mse), tmp_path)
+    with pytest.warns(RuntimeWarning, match=r"no checkpoint at step 0 \(manual\): the model's lazy modules have not run"):
+        step.save(state)
+    assert checkpoint.list_checkpoints(tmp_path) == []
+    state, _ = run_epochs(step, state, [(torch.ones(2, 4), torch.ones(2, 1))] * 2, epochs=1, progress=False)
+    assert [c.step for c in checkpoint.list_checkpoints(tmp_path)] == [2]  # shaped by its first forward: saved
