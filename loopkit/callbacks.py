@@ -270,7 +270,8 @@ class EarlyStopping(MonitorCallback):
             self.best, self.wait = float(current), 0
         else:
             self.wait += 1
-            self.should_stop = self.wait >= self.patience
+            self.should_stop = self.should_stop or self.wait >= self.patience  # (asked, it stays asked: Lightning's
+            # trainer.should_stop, which a fit's min_epochs/min_steps hold off, is not taken back by an improvement)
         if self.should_stop and self.stopped_at is None:
             self.stopped_at = getattr(state, "epoch", None)
 

@@ -459,6 +459,18 @@ def _validate_options(
     return (*counts, as_int(sanity_val_batches), *limits)
 
 
+def _check_minimum(value: Any, maximum: int | None, name: str, max_name: str) -> int | None:
+    """``min_epochs``/``min_steps`` as an int >= 0 (or None), no more than its maximum."""
+    if value is None:
+        return None
+    count = as_int(value)
+    if count is None or count < 0:
+        raise ValueError(f"run_epochs: {name} must be an int >= 0 or None, got {value!r}")
+    if maximum is not None and count > maximum:
+        raise ValueError(f"run_epochs: {name}={count} is more than {max_name}={maximum}; the fit ends at {max_name}")
+    return count
+
+
 def _check_state(state: Any, where: str) -> None:
     if not isinstance(state, TrainState):
         hint = ""
@@ -749,8 +761,10 @@ class _StopOnSignal:
 class _Hooks:
     """Calls the hooks that the callbacks define (any object; missing hooks are skipped)."""
 
-    def __init__(self, callbacks: Sequence[Any]) -> None:
+    def __init__(self, callbacks: Sequence[Any], min_epochs: int | None = None, min_steps: int | None = None) -> None:
         self.callbacks = list(callbacks)
+        self.min_epochs, self.min_steps = min_epochs, min_steps
+        self.stop_asked = False  # a callback asked to stop at the last check, while the minimum was not met
         # Callback's own no-op on_batch_end is left out: a batch then calls no hook and reads no should_stop
         self.batch_end = [
             (cb, cb.on_batch_end) for cb in self.callbacks
@@ -766,7 +780,7 @@ class _Hooks:
         """Load each stateful callback's counters from ``state.extras`` (a resumed run continues them)."""
         restored = {id(cb) for key, cb in self.stateful if key in state.extras}
         for cb in self.callbacks:
-            if getattr(cb, "should_stop", False) and id(cb) not in restored:
+            if getattr(cb, "should_stop", False) and id(cb) not in restored and self.may_stop(state):
                 warnings.warn(
                     f"run_epochs: {type(cb).__qualname__}.should_stop is already set when the fit starts (left from "
                     "an earlier fit?), so this fit stops before its first batch; reset it in the callback's "
@@ -777,7 +791,8 @@ class _Hooks:
         for key, cb in self.stateful:
             if key in state.extras:
                 cb.load_state_dict(dict(state.extras[key]))
-                if getattr(cb, "should_stop", False) and (state.batch_index == 0 or state.extras.get(RECORDED) == state.step):
+                if getattr(cb, "should_stop", False) and self.may_stop(state) and (
+                        state.batch_index == 0 or state.extras.get(RECORDED) == state.step):
                     warnings.warn(  # (mid-epoch and not recorded: the stop's epoch gets its validation and record first)
                         f"run_epochs: {type(cb).__qualname__} restored from state.extras[{key!r}] asks to stop at once; "
                         f"to start it afresh, drop that key: state.evolve(extras={{k: v for k, v in "
@@ -798,6 +813,21 @@ class _Hooks:
         """Refuse, before training, a stateful callback whose ``state_dict()`` a checkpoint cannot hold."""
         for key, cb in self.stateful:
             _plain_state(key, cb)
+
+    def may_stop(self, state: TrainState) -> bool:
+        """Whether ``state`` has met ``min_epochs`` (epochs finished) and ``min_steps`` (updates)."""
+        return (self.min_epochs is None or state.epoch >= self.min_epochs) and (
+            self.min_steps is None or state.step >= self.min_steps)
+
+    def stops(self, state: TrainState) -> bool:
+        """Whether the fit stops at ``state``: a callback asks to, and the minimum is met. A collective under
+        DDP (see :attr:`should_stop`), but while a stop asked for waits for the minimum (``stop_asked``)."""
+        if self.stop_asked and not self.may_stop(state):
+            return False  # (the answer until the minimum is met, whatever the callbacks say meanwhile)
+        asked = self.should_stop
+        if self.min_epochs is not None or self.min_steps is not None:
+            self.stop_asked = asked  # checked again after each batch: the minimum may be met mid-epoch
+        return asked and self.may_stop(state)
 
     @property
     def should_stop(self) -> bool:
@@ -946,6 +976,8 @@ def run_epochs(
     *,
     epochs: int | None = None,
     max_steps: int | None = None,
+    min_epochs: int | None = None,
+    min_steps: int | None = None,
     val: tuple[Callable[[TrainState, Any], tuple[TrainState, Metrics]], Iterable] | None = None,
     val_every_n_epochs: int = 1,
     val_every_n_steps: int | None = None,
@@ -974,6 +1006,15 @@ def run_epochs(
     stop), as Lightning's data fetcher looks ahead for ``is_last_batch``: an epoch whose last batch
     makes the last update ends there (validated, ``state.epoch`` advanced) as it would with a list.
     ``limit_train_batches`` above such data's length takes what there is, as Lightning does.
+
+    ``min_epochs`` (epochs finished) and ``min_steps`` (updates) hold off a callback's stop
+    (``EarlyStopping``, ``Timer``, any ``should_stop``) until both are met, as Lightning's do: the
+    fit then stops at the first check past them (the next epoch's start, or the next batch when
+    ``min_steps`` is met mid-epoch; that epoch is validated first, as for any stop) if a callback
+    still asks then (``EarlyStopping``'s and ``Timer``'s stay asked, as Lightning's
+    ``trainer.should_stop``). As in Lightning, ``min_steps`` alone also means one epoch at least.
+    ``epochs``/``max_steps`` still end the fit first; a graceful stop (a signal) is no callback's
+    and stops at once.
 
     ``val=(eval_step, val_data)`` validates every ``val_every_n_epochs`` epochs and/or every
     ``val_every_n_steps`` updates, never twice at one update (a step validation on an epoch's
@@ -1034,6 +1075,9 @@ def run_epochs(
             limit_train_batches, limit_val_batches,
         )
     )
+    min_epochs, min_steps = _check_minimum(min_epochs, epochs, "min_epochs", "epochs"), _check_minimum(min_steps, max_steps, "min_steps", "max_steps")
+    if min_steps is not None and min_epochs is None:  # Lightning's min_epochs default then: a stop asked in the
+        min_epochs = 1  # first epoch waits for its end
     _check_state(state, "run_epochs")
     _check_device(device, "run_epochs")
     _check_data(train_data, "run_epochs: train_data")
@@ -1082,7 +1126,7 @@ def run_epochs(
         state = fork(state)
     _to_device_state(state, device)
     move = _mover(device, state)
-    hooks = _Hooks(callbacks)
+    hooks = _Hooks(callbacks, min_epochs, min_steps)
     show = progress_wanted(progress)
 
     def validate(current: TrainState, limit: int | float | None) -> dict[str, float]:
@@ -1179,13 +1223,13 @@ def run_epochs(
                 state.batch_index > 0 and limit_train_batches != 0 and (epochs is None or state.epoch < epochs)
                 and state.extras.get(RECORDED) != state.step
             )
-            finishing_stop = unrecorded and hooks.should_stop  # (then the epoch's validation is still due)
+            finishing_stop = unrecorded and hooks.stops(state)  # (then the epoch's validation is still due)
             finishing = finishing_stop or (unrecorded and max_steps is not None and state.step >= max_steps)
             # a stop asked for by the resumed validation still ends its epoch, as it did in the run that saved the state
-            while (more(state) or finishing) and (not hooks.should_stop or resumed_val or finishing) and not stop.agreed:
+            while (more(state) or finishing) and (not hooks.stops(state) or resumed_val or finishing) and not stop.agreed:
                 hooks.call("on_epoch_start", state)
                 state = hooks.keep(state)  # what they know at the epoch's start: a checkpoint mid-epoch holds it
-                if hooks.should_stop and not resumed_val and not finishing:  # asked in on_epoch_start: no batch of it
+                if hooks.stops(state) and not resumed_val and not finishing:  # asked in on_epoch_start: no batch of it
                     break
                 total = _num_batches(train_data, limit_train_batches, "limit_train_batches")
                 _collective.check_same({"batches": total}, f"run_epochs: epoch {state.epoch} has another number of "
@@ -1218,7 +1262,7 @@ def run_epochs(
                 bar = ProgressBar(enabled=show, total=remaining, desc=f"epoch {state.epoch}")
                 exhausted = True
                 asked_stop = finishing_stop  # a callback asked to stop after one of this epoch's batches
-                if (last_val and hooks.should_stop) or finishing:
+                if (last_val and hooks.stops(state)) or finishing:
                     batches, exhausted = (), _epoch_over(state, total, sized, batches)
                 finishing = finishing_stop = False
                 held_save = False  # a step checkpoint of the fit's last update, made once the epoch is recorded
@@ -1262,7 +1306,7 @@ def run_epochs(
                         closing = None
                         validated_at, hooks_ran = state.step, True
                     reached = max_steps is not None and state.step >= max_steps
-                    asked_stop = hooks_ran and hooks.should_stop  # it still validates, as Lightning's should_stop does
+                    asked_stop = (hooks_ran or hooks.stop_asked) and hooks.stops(state)  # it still validates, as Lightning's should_stop does
                     if reached or asked_stop:
                         exhausted = _epoch_over(state, total, sized, batches)
                         break

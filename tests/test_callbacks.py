@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 
 import pytest
 import torch
@@ -336,6 +337,31 @@ def test_early_stopping_resumed_from_a_checkpoint_stops_where_the_uninterrupted_
                                   callbacks=[fresh], progress=False)
     assert (resumed.epoch, len(history)) == (5, 2)  # the same stop as the uninterrupted run
     assert (fresh.best, fresh.wait, fresh.should_stop) == (best, 3, True)
+    assert torch.equal(resumed.model[0].weight, whole.model[0].weight)
+
+
+def test_early_stopping_held_off_by_min_epochs_stops_there_though_the_monitor_improved_and_so_does_a_resumed_run(tmp_path):
+    """Lightning's EarlyStopping sets ``trainer.should_stop = trainer.should_stop or should_stop``: once asked, the
+    stop stands through later improvements, and the fit ends when ``min_epochs`` is met."""
+    # asked at 3 (patience 2); better at 4, worse at 5 (one check without improvement: not yet patience's 2)
+    values = {1: 1.0, 2: 1.1, 3: 1.2, 4: 0.5, 5: 0.6, 6: 0.4, 7: 0.3, 8: 0.2, 9: 0.1, 10: 0.05}
+    options = dict(epochs=10, min_epochs=6, val=(scripted_val(values), [0]), progress=False)
+    stopper = loopkit.EarlyStopping("val/score", patience=2)
+    whole, whole_history = run_epochs(train_step(mse), make_state(), make_data(2), callbacks=[stopper], **options)
+    assert (whole.epoch, len(whole_history)) == (6, 6)
+    assert stopper.should_stop and stopper.best == pytest.approx(0.4) and stopper.wait == 0
+
+    step = loopkit.with_checkpointing(train_step(mse), tmp_path, every_n_epochs=1)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_epochs(step, make_state(), make_data(2), callbacks=[loopkit.EarlyStopping("val/score", patience=2),
+                                                                _CrashAtEpoch(4)], **options)
+    restored = loopkit.restore(make_state(), tmp_path)
+    assert restored.epoch == 4 and restored.extras["callbacks/EarlyStopping[val/score,min]"]["should_stop"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (no "asks to stop at once": min_epochs holds it off)
+        resumed, history = run_epochs(step, restored, make_data(2),
+                                      callbacks=[loopkit.EarlyStopping("val/score", patience=2)], **options)
+    assert (resumed.epoch, [r["epoch"] for r in history]) == (6, [4, 5])
     assert torch.equal(resumed.model[0].weight, whole.model[0].weight)
 
 

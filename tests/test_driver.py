@@ -138,6 +138,85 @@ def test_partial_accumulation_group_is_flushed_at_epoch_end():
     assert "accum/count" not in state.extras
 
 
+# --- min_epochs and min_steps ----------------------------------------------------------------------
+
+
+class _AsksToStop(loopkit.Callback):
+    """Sets ``should_stop`` after update ``at_step`` or at the end of epoch ``at_epoch`` (0-based), and takes it
+    back at the end of epoch ``clear_epoch``: the callback of the Lightning runs the expectations below come from."""
+
+    def __init__(self, at_step=None, at_epoch=None, clear_epoch=None):
+        self.at_step, self.at_epoch, self.clear_epoch = at_step, at_epoch, clear_epoch
+
+    def on_batch_end(self, state, metrics):
+        if state.step == self.at_step:
+            self.should_stop = True
+
+    def on_epoch_end(self, state, record):
+        if record["epoch"] == self.at_epoch:
+            self.should_stop = True
+        if record["epoch"] == self.clear_epoch:
+            self.should_stop = False
+
+
+# (callback, run_epochs' minimum) -> (the updates made, the updates each validation saw), measured with Lightning
+# 2.6.6: Trainer(max_epochs=10, min_epochs=/min_steps=, num_sanity_val_steps=0), 4 batches an epoch, a callback
+# setting trainer.should_stop as _AsksToStop does (on_train_batch_end at global_step, on_train_epoch_end at
+# current_epoch); the updates at each on_validation_end
+_LIGHTNING_MINIMUM_RUNS = [
+    (dict(at_epoch=1), {}, 8, [4, 8]),
+    (dict(at_epoch=1), dict(min_epochs=4), 16, [4, 8, 12, 16]),
+    (dict(at_epoch=1, clear_epoch=2), dict(min_epochs=4), 40, [4 * k for k in range(1, 11)]),  # taken back: no stop
+    (dict(at_step=2), dict(min_steps=3), 4, [4]),  # min_steps alone: one epoch at least
+    (dict(at_step=5), dict(min_steps=7), 7, [4, 7]),  # met mid-epoch: stops after that batch, validated there
+    (dict(at_step=5), dict(min_steps=7, min_epochs=0), 7, [4, 7]),
+    (dict(at_step=2), dict(min_steps=9), 9, [4, 8, 9]),
+]
+
+
+@pytest.mark.parametrize("asks, minimum, updates, validated", _LIGHTNING_MINIMUM_RUNS)
+def test_min_epochs_and_min_steps_hold_off_a_stop_as_lightnings_do(asks, minimum, updates, validated):
+    recorder = Recorder()
+    state, history = run_epochs(train_step(mse), make_state(), make_data(4), epochs=10, **minimum,
+                                val=(counting_eval()[0], make_data(1)), sanity_val_batches=0,
+                                callbacks=[_AsksToStop(**asks), recorder], progress=False)
+    assert state.step == updates
+    assert [s for _, s, _ in recorder.val_metrics] == validated
+    assert history[-1]["step"] == updates and "val/mse" in history[-1]
+    reference, _ = run_epochs(train_step(mse), make_state(), make_data(4), max_steps=updates, progress=False)
+    assert_bitwise(params_of(state), params_of(reference))  # the same updates as a fit that ends there
+
+
+def test_a_callback_asking_to_stop_from_the_start_is_held_off_by_min_epochs_without_a_warning():
+    asks = _AsksToStop()
+    asks.should_stop = True
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        state, history = run_epochs(train_step(mse), make_state(), make_data(2), epochs=10, min_epochs=2,
+                                    callbacks=[asks], progress=False)
+    assert (state.epoch, len(history)) == (2, 2)
+
+
+@pytest.mark.parametrize("minimum, match", [
+    (dict(min_epochs=11), r"min_epochs=11 is more than epochs=10"),
+    (dict(min_steps=41, max_steps=40), r"min_steps=41 is more than max_steps=40"),
+    (dict(min_epochs=-1), r"min_epochs must be an int >= 0 or None, got -1"),
+    (dict(min_steps=2.5), r"min_steps must be an int >= 0 or None, got 2.5"),
+    (dict(min_epochs=True), r"min_epochs must be an int >= 0 or None, got True"),
+])
+def test_a_bad_minimum_is_refused_before_training(minimum, match):
+    state = make_state()
+    with pytest.raises(ValueError, match=match):
+        run_epochs(train_step(mse), state, make_data(2), epochs=10, **minimum, progress=False)
+    run_epochs(train_step(mse), state, make_data(2), epochs=1, progress=False)  # the state is still usable
+
+
+def test_a_numpy_minimum_is_taken():
+    state, history = run_epochs(train_step(mse), make_state(), make_data(2), epochs=np.int64(6), min_epochs=np.int64(3),
+                                callbacks=[_AsksToStop(at_epoch=0)], progress=False)
+    assert state.epoch == 3
+
+
 # --- validation -------------------------------------------------------------------------------
 
 
