@@ -319,7 +319,7 @@ def _to_device_state(state: TrainState, device: torch.device | str | None) -> No
 def evaluate(
     eval_step: Callable[[TrainState, Any], tuple[TrainState, Metrics]],
     state: TrainState,
-    data: Iterable,
+    data: Iterable | Mapping[str, Iterable],
     *,
     limit: int | float | None = None,
     device: torch.device | str | None = None,
@@ -338,6 +338,10 @@ def evaluate(
     returns the same means, each sample counted once: every rank must call ``evaluate``
     then. ``reduce=False`` returns this rank's own means (for an evaluation on one rank only).
 
+    ``data`` may be a mapping of named data sets (``{"clean": loader, "noisy": loader}``): each is
+    evaluated on its own, and its metrics are named ``<metric>/<name>`` (``loss/noisy``); a list
+    of DataLoaders names them ``dataloader_idx_<i>``, as Lightning does.
+
     >>> import torch
     >>> from loopkit.state import TrainState
     >>> from loopkit.steps import eval_step
@@ -348,12 +352,17 @@ def evaluate(
     """
     _check_state(state, "evaluate")
     _check_device(device, "evaluate")
-    _check_data(data, "evaluate: data")
+    sets = _val_sets(data)
+    for name, one in sets:
+        _check_data(one, "evaluate: data" if name is None else f"evaluate: data[{name!r}]")
     step = as_step(eval_step)
     if "train_step" in step.applied:
         raise TypeError("evaluate: the step is a train_step, whose metrics are training-mode losses of updates "
                         "on copies; pass eval_step(metric_fn)")
-    means, _ = _evaluate(step, state, data, limit, device, reduce)
+    means: dict[str, float] = {}
+    for name, one in sets:
+        own, _ = _evaluate(step, state, one, limit, device, reduce)
+        means.update({_named(k, name): v for k, v in own.items()})
     if not means and limit != 0:
         warnings.warn("evaluate: no means: data yielded no batch (empty, or an iterator used up), or the step "
                       "returned no metric", RuntimeWarning, stacklevel=2)
@@ -522,18 +531,47 @@ def _check_callbacks(callbacks: Any) -> list[Any]:
     return checked
 
 
+def _val_sets(data: Any) -> list[tuple[str | None, Any]]:
+    """``(name, data)`` for each validation set: a mapping's items (several named sets), a list of DataLoaders
+    (``dataloader_idx_<i>``, Lightning's names; one alone is unnamed, as there), or ``(None, data)``."""
+    if isinstance(data, Mapping):
+        return list(data.items())
+    if isinstance(data, (list, tuple)) and data and all(isinstance(d, torch.utils.data.DataLoader) for d in data):
+        return [(None, data[0])] if len(data) == 1 else [(f"dataloader_idx_{i}", d) for i, d in enumerate(data)]
+    return [(None, data)]
+
+
+def _named(key: str, name: str | None) -> str:
+    """A metric's name for the set ``name``: ``loss/<name>`` (Lightning's ``val_loss/dataloader_idx_0`` likewise)."""
+    return key if name is None else f"{key}/{name}"
+
+
 def _check_val(val: Any) -> None:
     """(After ``_validate_options``, which checks it is a pair.)"""
     if "train_step" in as_step(val[0]).applied:
         raise TypeError("run_epochs: val's step is a train_step, which would train on the validation data; "
                         "pass eval_step(metric_fn)")
-    _check_data(val[1], "run_epochs: val's data")
-    if not isinstance(val[1], Iterator) and _num_batches(val[1], None, "val") == 0:  # (an IterableDataset: no len())
-        raise ValueError("run_epochs: val's data is empty (len() is 0): no validation could give a metric; "
+    if isinstance(val[1], Mapping):
+        if not val[1]:
+            raise ValueError("run_epochs: val's data is an empty mapping: name one validation set at least, "
+                             "val=(eval_step, {'name': val_data}), or pass val=None to train without validation")
+        for name in val[1]:
+            if not isinstance(name, str) or not name or name != name.strip() or "/" in name:
+                raise ValueError(f"run_epochs: val's data names its sets {list(val[1])!r}; each name must be a "
+                                 f"non-empty string without '/' or outer spaces (metrics are named 'val/<metric>/<name>'), "
+                                 f"got {name!r}")
+    for name, data in _val_sets(val[1]):
+        _check_one_val_set(data, "val's data" if name is None else f"val's data[{name!r}]")
+
+
+def _check_one_val_set(data: Any, what: str) -> None:
+    _check_data(data, f"run_epochs: {what}")
+    if not isinstance(data, Iterator) and _num_batches(data, None, "val") == 0:  # (an IterableDataset: no len())
+        raise ValueError(f"run_epochs: {what} is empty (len() is 0): no validation could give a metric; "
                          "pass val=None to train without validation")
-    if isinstance(val[1], Iterator):  # (not iter(): a DataLoader's iterator draws from the global RNG)
+    if isinstance(data, Iterator):  # (not iter(): a DataLoader's iterator draws from the global RNG)
         raise TypeError(
-            f"run_epochs: val's data is an iterator ({type(val[1]).__qualname__}), used up by its first pass (the "
+            f"run_epochs: {what} is an iterator ({type(data).__qualname__}), used up by its first pass (the "
             "sanity check); pass a list or a DataLoader, which start over on each pass"
         )
 
@@ -978,7 +1016,7 @@ def run_epochs(
     max_steps: int | None = None,
     min_epochs: int | None = None,
     min_steps: int | None = None,
-    val: tuple[Callable[[TrainState, Any], tuple[TrainState, Metrics]], Iterable] | None = None,
+    val: tuple[Callable[[TrainState, Any], tuple[TrainState, Metrics]], Iterable | Mapping[str, Iterable]] | None = None,
     val_every_n_epochs: int = 1,
     val_every_n_steps: int | None = None,
     sanity_val_batches: int = 2,
@@ -1026,6 +1064,13 @@ def run_epochs(
     Lightning (the sanity validation still runs; the state comes back as given, with an empty
     history), ``limit_val_batches=0`` validation. Batches move to ``device`` (default: the model's)
     unless that is the CPU. ``progress`` shows a tqdm bar on a terminal.
+
+    Several validation sets: ``val=(eval_step, {"clean": loader, "noisy": loader})`` validates on
+    each in turn (the sanity validation and the limits apply to each, as Lightning's do to each
+    of its val dataloaders); their metrics are named ``val/<metric>/<name>`` (``val/loss/noisy``),
+    and the callbacks, the loggers, a checkpoint's ``monitor`` and the history see them all, from
+    one ``on_validation_end``. A list of DataLoaders, as Lightning's ``val_dataloaders=[a, b]``,
+    names them as Lightning does: ``val/loss/dataloader_idx_0``, ``val/loss/dataloader_idx_1``.
 
     Returns the final state and the history: one dict per epoch with ``epoch``, ``step``,
     ``train/<metric>`` means over the epoch's steps, the latest validation's ``val/<metric>``
@@ -1089,7 +1134,8 @@ def run_epochs(
         _check_val(val)
     _num_batches(train_data, limit_train_batches, "limit_train_batches")  # a fraction of 0 batches fails now
     if val is not None and limit_val_batches != 0:
-        _num_batches(val[1], limit_val_batches, "limit_val_batches")
+        for _, data in _val_sets(val[1]):
+            _num_batches(data, limit_val_batches, "limit_val_batches")
     step = as_step(step)
     if "eval_step" in step.applied:
         raise TypeError("run_epochs: the step is an eval_step, which updates nothing; pass train_step(loss_fn) "
@@ -1129,18 +1175,26 @@ def run_epochs(
     hooks = _Hooks(callbacks, min_epochs, min_steps)
     show = progress_wanted(progress)
 
-    def validate(current: TrainState, limit: int | float | None) -> dict[str, float]:
-        means, read = _evaluate(val_step, current, val[1], limit, device, True, seeded=True)  # type: ignore[index]
-        if not read:
-            warnings.warn("run_epochs: a validation read no batch: val's data yielded none (an empty stream, or an "
-                          "iterator used up)", RuntimeWarning, stacklevel=3)
-        return {f"val/{k}": v for k, v in means.items()}
+    def validate(current: TrainState, sanity: bool = False) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        for name, data in _val_sets(val[1]):  # type: ignore[index]
+            limit = limit_val_batches
+            if sanity:
+                limited = _num_batches(data, limit_val_batches, "limit_val_batches")
+                limit = sanity_val_batches if limited is None else min(sanity_val_batches, limited)
+            means, read = _evaluate(val_step, current, data, limit, device, True, seeded=True)
+            if not read:
+                what = "val's data" if name is None else f"val's data[{name!r}]"
+                warnings.warn(f"run_epochs: a validation read no batch: {what} yielded none (an empty stream, or an "
+                              "iterator used up)", RuntimeWarning, stacklevel=3)
+            metrics.update({f"val/{_named(k, name)}": v for k, v in means.items()})
+        return metrics
 
     def validation_end(current: TrainState, *, notify: bool = True) -> tuple[dict[str, float], TrainState]:
         """A validation pass that counts: its means go to the callbacks, then (with their counters
         kept in the state) to the step, whose checkpoints then hold them. At the end of an
         epoch the caller notifies the step after the epoch's callbacks (``notify=False``)."""
-        metrics = validate(current, limit_val_batches)
+        metrics = validate(current)
         kept = {_VALIDATED: current.step}
         if notify:  # mid-epoch: the epoch's record, made later (perhaps by a resumed run), holds them
             kept[_EPOCH_VAL] = metrics
@@ -1161,6 +1215,9 @@ def run_epochs(
     # every rank starts where the others do (a checkpoint folder that is not shared: each rank restored its own)
     _collective.check_same({"step": state.step, "epoch": state.epoch, "batch_index": state.batch_index},
                            "run_epochs: the ranks start from different states (a checkpoint directory must be shared by all ranks)")
+    if val is not None:  # (each set's means are reduced over the ranks in turn)
+        _collective.check_same({"sets": [name for name, _ in _val_sets(val[1])]},
+                               "run_epochs: the ranks validate on different sets (the names of val's data)")
     # validation's means are collectives: a rank without val (given on rank 0 only) would leave the others waiting
     _collective.check_same({"val": validates, "val_every_n_epochs": val_every_n_epochs, "val_every_n_steps": val_steps,
                             "sanity_val_batches": sanity_val_batches if validates else 0},
@@ -1192,10 +1249,8 @@ def run_epochs(
             restored = True
             hooks.check_plain()
             if validates and sanity_val_batches > 0:
-                limited = _num_batches(val[1], limit_val_batches, "limit_val_batches")  # type: ignore[index]
-                sanity_limit = sanity_val_batches if limited is None else min(sanity_val_batches, limited)
                 with _global_rngs_kept():  # a val DataLoader's iterator (and a Dataset's augmentation) draws from the
-                    sanity = validate(state, sanity_limit)  # global RNGs: a resumed run's extra sanity pass leaves them
+                    sanity = validate(state, sanity=True)  # global RNGs: a resumed run's extra sanity pass leaves them
                 _warn_of_unseen_monitors(step, callbacks, sanity)
 
             history: list[dict[str, float]] = []

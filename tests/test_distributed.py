@@ -479,3 +479,46 @@ def test_every_rank_reports_the_run_folder_rank_zero_writes(tmp_path, bare_env):
     dirs = [torch.load(os.path.join(tmp_path, f"rank{r}.pt"))["log_dir"] for r in (0, 1)]
     assert dirs[0] == dirs[1] == os.path.join(str(tmp_path), "logs", "exp", "version_1")
     assert os.path.isfile(os.path.join(dirs[1], "metrics.csv"))
+
+
+class _AsksOnRankOne(loopkit.Callback):
+    """Asks to stop at the end of the first epoch, on rank 1 only."""
+
+    def on_epoch_end(self, state, record):
+        if distributed.rank() == 1:
+            self.should_stop = True
+
+
+def _val_sets_worker(rank: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    distributed.init(rank=rank, world_size=2, master_port=port, timeout=30)
+    try:
+        data = ddp.make_data(ddp.STEPS)
+        val_sets = {"a": ddp.make_dataset(10, seed=1), "b": ddp.make_dataset(7, seed=2)}
+        shards = {name: distributed.shard(ds, None, batch_size=3, shuffle=False, pad=False) for name, ds in val_sets.items()}
+        metric = loopkit.eval_step(lambda m, b: {"mse": ddp.mse(m, b)})
+        state, history = loopkit.run_epochs(
+            loopkit.with_ddp(loopkit.train_step(ddp.mse)), ddp.sgd_state(ddp.make_model(seed=0)),
+            [data[i, rank] for i in range(ddp.STEPS)], epochs=5, min_epochs=2, val=(metric, shards),
+            callbacks=[_AsksOnRankOne()], progress=False)
+        torch.save({"history": history, "params": {n: p.detach().clone() for n, p in state.model.named_parameters()}},
+                   os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        distributed.shutdown()
+
+
+@pytest.mark.slow
+def test_two_ranks_validate_each_set_over_both_shards_and_hold_a_stop_off_until_min_epochs(tmp_path, bare_env):
+    """Reference: the one-process mean over each whole validation set, with the weights the ranks ended with; a stop
+    asked on rank 1 alone after the first epoch ends the fit on both at min_epochs=2."""
+    _spawn_and_join(_val_sets_worker, (_free_port(), str(tmp_path)))
+    ranks = [torch.load(os.path.join(tmp_path, f"rank{r}.pt")) for r in (0, 1)]
+    assert [len(r["history"]) for r in ranks] == [2, 2]
+    assert ranks[0]["history"] == ranks[1]["history"]
+    model = ddp.make_model(seed=0)
+    model.load_state_dict(ranks[0]["params"])
+    for name, seed, n in (("a", 1, 10), ("b", 2, 7)):
+        x, y = ddp.make_dataset(n, seed=seed).tensors
+        with torch.no_grad():
+            whole = float(((model(x) - y) ** 2).mean(dim=1).double().mean())
+        assert ranks[0]["history"][-1][f"val/mse/{name}"] == pytest.approx(whole, rel=1e-5)

@@ -332,6 +332,105 @@ def test_sanity_validation_does_not_change_training():
     assert torch.equal(a.rng["cpu"], b.rng["cpu"])
 
 
+# --- several validation sets ---------------------------------------------------------------------
+
+
+def hand_weighted_mse(model: nn.Module, batches) -> float:
+    """The reference: the mean squared error over every sample of ``batches``, in float64, by hand."""
+    with torch.no_grad():
+        errors = torch.cat([((model(x) - y) ** 2).double().flatten() for x, y in batches])
+    return float(errors.mean())
+
+
+def test_several_named_validation_sets_are_each_validated_and_named_by_their_set():
+    sets = {"small": make_data(3, batch_size=2, seed=1), "big": make_data(2, batch_size=6, seed=2)}
+    recorder = Recorder()
+    state, history = run_epochs(train_step(mse), make_state(), make_data(4), epochs=2,
+                                val=(counting_eval()[0], sets), callbacks=[recorder], progress=False)
+    assert [sorted(k for k in r if k.startswith("val/")) for r in history] == [["val/mse/big", "val/mse/small"]] * 2
+    for name, data in sets.items():
+        assert history[-1][f"val/mse/{name}"] == pytest.approx(hand_weighted_mse(state.model, data), rel=1e-6)
+    assert [sorted(m) for _, _, m in recorder.val_metrics] == [["val/mse/big", "val/mse/small"]] * 2  # one hook call
+    assert loopkit.evaluate(counting_eval()[0], state, sets) == {
+        f"mse/{name}": loopkit.evaluate(counting_eval()[0], state, data)["mse"] for name, data in sets.items()}
+
+
+def test_the_sanity_check_and_the_val_limit_apply_to_each_set_as_lightnings_do():
+    """Lightning 2.6.6 with val_dataloaders=[a, b], num_sanity_val_steps=2, limit_val_batches=2 runs batches 0 and 1
+    of a, then of b, in the sanity check and in each validation."""
+    seen = []
+
+    def metric(model, batch):
+        seen.append(batch[0][0, 0].item())
+        return {"mse": mse(model, batch)}
+
+    a, b = make_data(4, seed=1), make_data(3, seed=2)
+    firsts = lambda data, n: [x[0, 0].item() for x, _ in data[:n]]  # noqa: E731
+    run_epochs(train_step(mse), make_state(), make_data(2), epochs=1, val=(eval_step(metric), {"a": a, "b": b}),
+               limit_val_batches=2, progress=False)
+    assert seen == (firsts(a, 2) + firsts(b, 2)) * 2
+    seen.clear()
+    run_epochs(train_step(mse), make_state(), make_data(2), epochs=1, val=(eval_step(metric), {"a": a, "b": b}),
+               sanity_val_batches=1, limit_val_batches=0.5, progress=False)
+    assert seen == firsts(a, 1) + firsts(b, 1) + firsts(a, 2) + firsts(b, 1)  # 0.5 of 4 and of 3 batches: 2 and 1
+
+
+def test_a_list_of_dataloaders_is_named_as_lightning_names_them():
+    loaders = [DataLoader(TensorDataset(*make_data(1, batch_size=8, seed=s)[0]), batch_size=4) for s in (1, 2)]
+    state, history = run_epochs(train_step(mse), make_state(), make_data(2), epochs=1, val=(counting_eval()[0], loaders),
+                                progress=False)
+    for i, loader in enumerate(loaders):
+        assert history[0][f"val/mse/dataloader_idx_{i}"] == pytest.approx(hand_weighted_mse(state.model, loader), rel=1e-6)
+    _, history = run_epochs(train_step(mse), make_state(), make_data(2), epochs=1, val=(counting_eval()[0], loaders[:1]),
+                            progress=False)
+    assert "val/mse" in history[0]  # one alone has no suffix, as in Lightning
+
+
+@pytest.mark.parametrize("monitor, kept", [("val/score/b", [2]), ("val/score/a", [6])])
+def test_a_monitor_on_one_validation_set_drives_early_stopping_checkpoints_and_the_logs(tmp_path, monitor, kept):
+    def metric(model, batch):  # set "b" gets worse every epoch, "a" better
+        sign = 1.0 if batch[1].shape[0] == 3 else -1.0
+        return {"score": torch.tensor(sign * (state_epoch[0] + 1.0))}
+
+    state_epoch = [0]
+
+    class Epoch(loopkit.Callback):
+        def on_epoch_start(self, state):
+            state_epoch[0] = state.epoch
+
+    sets = {"a": make_data(1, batch_size=2), "b": make_data(1, batch_size=3)}
+    logger = loopkit.CSVLogger(str(tmp_path / "logs"), "sets")
+    step = loopkit.with_logging(loopkit.with_checkpointing(train_step(mse), tmp_path / "ckpt", monitor=monitor,
+                                                           keep_best=1, keep_last=1), logger, every_n_steps=1)
+    stopper = loopkit.EarlyStopping("val/score/b", patience=2)
+    state, history = run_epochs(step, make_state(), make_data(2), epochs=10, val=(eval_step(metric), sets),
+                                callbacks=[Epoch(), stopper], progress=False)
+    assert len(history) == 3 and [r["val/score/b"] for r in history] == [1.0, 2.0, 3.0]
+    assert [r["val/score/a"] for r in history] == [-1.0, -2.0, -3.0]
+    import csv
+    with open(logger.log_dir + "/metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("val/score/b")]
+    assert [(float(r["val/score/a"]), float(r["val/score/b"])) for r in rows] == [(-1.0, 1.0), (-2.0, 2.0), (-3.0, 3.0)]
+    # the one checkpoint kept is the best validation's of the monitored set: the first for "b", the last for "a"
+    assert [c.step for c in loopkit.checkpoint.list_checkpoints(tmp_path / "ckpt")] == kept
+
+
+@pytest.mark.parametrize("sets, error, match", [
+    ({}, ValueError, r"val's data is an empty mapping"),
+    ({"": make_data(1)}, ValueError, r"each name must be a non-empty string without '/'"),
+    ({"a/b": make_data(1)}, ValueError, r"got 'a/b'"),
+    ({1: make_data(1)}, ValueError, r"got 1"),
+    ({"a": make_data(1), "b": []}, ValueError, r"val's data\['b'\] is empty"),
+    ({"a": iter(make_data(1))}, TypeError, r"val's data\['a'\] is an iterator"),
+    ({"a": make_data(1), "b": 3}, TypeError, r"val's data\['b'\] must be an iterable of batches"),
+])
+def test_bad_validation_sets_are_refused_naming_the_set(sets, error, match):
+    state = make_state()
+    with pytest.raises(error, match=match):
+        run_epochs(train_step(mse), state, make_data(2), epochs=1, val=(counting_eval()[0], sets), progress=False)
+    run_epochs(train_step(mse), state, make_data(2), epochs=1, progress=False)  # the state is still usable
+
+
 # --- limits -----------------------------------------------------------------------------------
 
 
