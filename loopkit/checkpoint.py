@@ -42,6 +42,7 @@ import contextlib
 import errno
 import hashlib
 import json
+import math
 import mmap
 import os
 import random
@@ -74,6 +75,7 @@ except ImportError:  # pragma: no cover - Windows
 __all__ = [
     "CheckpointInfo",
     "Snapshot",
+    "best_checkpoint",
     "capture_global_rng",
     "checksum",
     "clean",
@@ -88,6 +90,7 @@ __all__ = [
     "remove",
     "restore",
     "save",
+    "scores",
     "snapshot",
     "structure",
     "structure_mismatch",
@@ -1285,6 +1288,93 @@ def read_scores(directory: str | os.PathLike) -> dict[str, Any]:
         warnings.warn(f"loopkit: ignoring the score index {path}: malformed scores", RuntimeWarning, stacklevel=2)
         return {}
     return data
+
+
+def scores(directory: str | os.PathLike, monitor: str, mode: str) -> dict[str, float]:
+    """The scores of ``monitor`` (ranked in ``mode``) of the checkpoints in ``directory``, by name.
+
+    ``scores.json``'s, for the checkpoints still there (one removed by hand or by :func:`remove` has
+    none), completed from the checkpoints' own ``meta.json`` (a run killed after a scored checkpoint
+    was renamed into place, before ``scores.json`` was rewritten; a NaN there, which ranks nowhere,
+    is left out).
+
+    >>> import tempfile, torch
+    >>> from loopkit.state import TrainState
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> path = save(TrainState.create(torch.nn.Linear(1, 1)), tmp.name)
+    >>> write_scores(tmp.name, {"monitor": "val/loss", "mode": "min", "scores": {path.name: 0.5}})
+    >>> scores(tmp.name, "val/loss", "min") == {path.name: 0.5}
+    True
+    >>> tmp.cleanup()
+    """
+    data = read_scores(directory)
+    found = list_checkpoints(directory)
+    there = {c.name for c in found}
+    same = data.get("monitor") == monitor and data.get("mode") == mode
+    known = {n: float(v) for n, v in data["scores"].items() if n in there} if same else {}
+    for info in found:
+        if info.name in known:
+            continue
+        try:
+            record = read_meta(info.path).get("score")
+        except (CheckpointCorruptError, OSError):  # damaged or gone: nothing to rank
+            continue
+        if not isinstance(record, Mapping) or (record.get("monitor"), record.get("mode")) != (monitor, mode):
+            continue
+        value = record.get("value")
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value):
+            known[info.name] = float(value)
+    return known
+
+
+def best_checkpoint(directory: str | os.PathLike, monitor: str | None = None, mode: str | None = None) -> Path | None:
+    """The checkpoint in ``directory`` with the best ``monitor`` score: Lightning's
+    ``ModelCheckpoint.best_model_path``, so ``trainer.test(ckpt_path="best")`` is
+    ``evaluate(eval_step, restore(template, best_checkpoint(directory)), test_data)``.
+
+    ``monitor`` and ``mode`` default to those ``with_checkpointing`` recorded in ``scores.json`` (or,
+    without one, in the newest scored checkpoint's ``meta.json``). Of equal scores the older
+    checkpoint is the best, as Lightning keeps the first; a NaN score is never the best. None
+    when no checkpoint has a score (a run without ``monitor``: restore the directory, the newest).
+
+    >>> import tempfile, torch
+    >>> from loopkit.state import TrainState
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> state = TrainState.create(torch.nn.Linear(1, 1))
+    >>> a, b = save(state, tmp.name), save(state.evolve(step=1), tmp.name)
+    >>> write_scores(tmp.name, {"monitor": "val/acc", "mode": "max", "scores": {a.name: 0.9, b.name: 0.8}})
+    >>> best_checkpoint(tmp.name) == a
+    True
+    >>> tmp.cleanup()
+    """
+    if mode not in (None, "min", "max"):
+        raise ValueError(f"best_checkpoint: mode must be 'min' or 'max', got {mode!r}")
+    if monitor is None or mode is None:
+        recorded = _recorded_monitor(directory)
+        if recorded is None:
+            return None
+        monitor, mode = monitor or recorded[0], mode or recorded[1]
+    found = [(v, n) for n, v in scores(directory, monitor, mode).items() if not math.isnan(v)]
+    if not found:
+        return None
+    order = {c.name: i for i, c in enumerate(list_checkpoints(directory))}
+    best = min(found, key=lambda item: ((item[0] if mode == "min" else -item[0]), order.get(item[1], 0)))
+    return Path(directory) / best[1]
+
+
+def _recorded_monitor(directory: str | os.PathLike) -> tuple[str, str] | None:
+    """``(monitor, mode)`` of ``scores.json``, else of the newest checkpoint whose ``meta.json`` has a score."""
+    data = read_scores(directory)
+    if isinstance(data.get("monitor"), str) and data.get("mode") in ("min", "max"):
+        return data["monitor"], data["mode"]
+    for info in reversed(list_checkpoints(directory)):
+        try:
+            record = read_meta(info.path).get("score")
+        except (CheckpointCorruptError, OSError):
+            continue
+        if isinstance(record, Mapping) and isinstance(record.get("monitor"), str) and record.get("mode") in ("min", "max"):
+            return record["monitor"], record["mode"]
+    return None
 
 
 def write_scores(directory: str | os.PathLike, data: Mapping[str, Any]) -> None:

@@ -25,6 +25,7 @@ from torch import nn
 
 import loopkit
 from loopkit import CheckpointCorruptError, StateMismatchError, TrainState, checkpoint, train_step, with_grad_accum
+from tests._driver_helpers import make_data, make_state, mse
 
 # --- helpers -----------------------------------------------------------------------------------
 
@@ -997,3 +998,49 @@ def test_a_state_whose_lazy_modules_never_ran_is_refused_at_save(tmp_path):
     again = nn.Sequential(nn.LazyLinear(3), nn.Linear(3, 1))
     restored = loopkit.restore(TrainState.create(again, torch.optim.SGD(again.parameters(), lr=0.1)), tmp_path)
     assert torch.equal(restored.model[0].weight, trained.model[0].weight)
+
+
+# --- the best checkpoint (Lightning's best_model_path) ------------------------------------------------------------
+
+
+def _scored_run(directory, values, mode, **options):
+    """A fit whose epoch e validates to ``values[e]``, saved by with_checkpointing(monitor="val/score")."""
+    def metric(state, batch):
+        return state, {"score": torch.tensor(values[state.epoch - 1])}
+
+    step = loopkit.with_checkpointing(train_step(mse), directory, monitor="val/score", mode=mode, **options)
+    loopkit.run_epochs(step, make_state(), make_data(2), epochs=len(values), val=(metric, [0]), sanity_val_batches=0,
+                       progress=False)
+
+
+@pytest.mark.parametrize("values, mode, best_epoch", [
+    ([3.0, 1.0, 2.0, 1.5], "min", 2),
+    ([3.0, 1.0, 2.0, 1.5], "max", 1),
+    ([2.0, 1.0, 1.0, 3.0], "min", 2),  # a tie: the older, as Lightning keeps the first
+    ([2.0, float("nan"), 1.0, 3.0], "min", 3),  # NaN is never the best
+    ([float("nan"), 5.0, 4.0], "max", 2),
+])
+def test_best_checkpoint_is_the_best_scored_epochs_by_the_recorded_mode(tmp_path, values, mode, best_epoch):
+    _scored_run(tmp_path, values, mode, keep_best=2, keep_last=1)
+    best = checkpoint.best_checkpoint(tmp_path)
+    assert checkpoint.read_meta(best)["epoch"] == best_epoch  # reference: the epoch picked from the values by hand
+    assert loopkit.restore(make_state(), best).epoch == best_epoch
+    (tmp_path / checkpoint.SCORES).unlink()  # a run killed before scores.json was written: meta.json has the scores
+    assert checkpoint.best_checkpoint(tmp_path) == best
+    assert checkpoint.best_checkpoint(tmp_path, "val/other", mode) is None
+    assert checkpoint.best_checkpoint(tmp_path, "val/score", "max" if mode == "min" else "min") is None
+
+
+def test_best_checkpoint_skips_one_removed_and_is_none_without_scores(tmp_path):
+    _scored_run(tmp_path / "scored", [3.0, 1.0, 2.0], "min", keep_best=2, keep_last=1)
+    best = checkpoint.best_checkpoint(tmp_path / "scored")
+    assert checkpoint.read_meta(best)["epoch"] == 2
+    checkpoint.remove(best)
+    assert checkpoint.read_meta(checkpoint.best_checkpoint(tmp_path / "scored"))["epoch"] == 3
+    loopkit.run_epochs(loopkit.with_checkpointing(train_step(mse), tmp_path / "plain"), make_state(), make_data(2),
+                       epochs=2, progress=False)  # no monitor: no scores
+    assert len(checkpoint.list_checkpoints(tmp_path / "plain")) == 2
+    assert checkpoint.best_checkpoint(tmp_path / "plain") is None
+    assert checkpoint.best_checkpoint(tmp_path / "nothing") is None
+    with pytest.raises(ValueError, match="mode must be 'min' or 'max', got 'lowest'"):
+        checkpoint.best_checkpoint(tmp_path / "scored", "val/score", "lowest")

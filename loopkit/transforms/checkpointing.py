@@ -389,33 +389,11 @@ class CheckpointStep(UpdateStep):
     # Which checkpoints to keep -------------------------------------------------------------
 
     def _scores(self) -> dict[str, float]:
-        """The scores of the checkpoints in the directory (loaded on first use): ``scores.json``'s of those
-        still there (one removed by hand or by ``checkpoint.remove`` ranks no more), completed from the scores
-        the checkpoints' own ``meta.json`` record (a run killed after a scored checkpoint was renamed into
-        place and before ``scores.json`` was rewritten)."""
+        """The scores of the checkpoints in the directory (loaded on first use: :func:`loopkit.checkpoint.scores`)."""
         saver = self.saver
         if saver.scores is None:
-            data = checkpoint.read_scores(self.directory)
-            same = data.get("monitor") == self.monitor and data.get("mode") == self.mode
-            there = {c.name for c in checkpoint.list_checkpoints(self.directory)}
-            saver.scores = {n: v for n, v in data["scores"].items() if n in there} if same else {}
-            saver.scores.update(self._recorded_scores(set(saver.scores)))
+            saver.scores = checkpoint.scores(self.directory, self.monitor, self.mode)  # type: ignore[arg-type]
         return saver.scores
-
-    def _recorded_scores(self, known: set[str]) -> dict[str, float]:
-        """The scores for this monitor and mode that checkpoints not in ``known`` record in their metadata."""
-        found: dict[str, float] = {}
-        for info in checkpoint.list_checkpoints(self.directory):
-            if info.name in known:
-                continue
-            try:
-                record = checkpoint.read_meta(info.path).get("score")
-            except (CheckpointCorruptError, OSError):  # damaged or gone: nothing to rank
-                continue
-            if (isinstance(record, Mapping) and record.get("monitor") == self.monitor
-                    and record.get("mode") == self.mode and _ranked(record.get("value"))):
-                found[info.name] = float(record["value"])
-        return found
 
     def _ranks(self, score: float) -> bool:
         """Whether ``score`` would be among the best ``keep_best`` recorded so far."""
