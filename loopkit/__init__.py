@@ -23,6 +23,7 @@ from loopkit.debug import check_purity
 from loopkit.summary import ModelSummary, summarize
 from loopkit import distributed  # noqa: E402  (an integration: imports the layers above)
 from loopkit import ensemble  # noqa: E402  (an integration: imports the layers above)
+from loopkit.lr_finder import LRFinderResult, lr_find  # noqa: E402  (an integration: imports the driver)
 
 __version__ = "0.1.0"
 
@@ -46,6 +47,7 @@ __all__ = [
     "EvalStep",
     "ImpurityError",
     "JSONLLogger",
+    "LRFinderResult",
     "LearningRateMonitor",
     "Logger",
     "ModelSummary",
@@ -64,6 +66,7 @@ __all__ = [
     "eval_step",
     "evaluate",
     "export_weights",
+    "lr_find",
     "predict",
     "quantized_model",
     "restore",
