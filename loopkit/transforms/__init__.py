@@ -15,9 +15,11 @@ from loopkit.transforms.nan_guard import with_nan_guard
 from loopkit.transforms.profiler import with_profiler
 from loopkit.transforms.pruning import with_pruning
 from loopkit.transforms.qat import quantized_model, with_qat
+from loopkit.transforms.swa import swa_state, with_swa
 
 __all__ = [
     "ema_state",
+    "swa_state",
     "with_amp",
     "with_checkpointing",
     "with_compile",
@@ -30,5 +32,6 @@ __all__ = [
     "with_profiler",
     "with_pruning",
     "with_qat",
+    "with_swa",
     "quantized_model",
 ]

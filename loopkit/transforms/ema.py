@@ -116,8 +116,11 @@ def _same_groups(remembered: tuple[Any, int], state: TrainState) -> bool:
     return remembered[0] is not None and remembered[0]() is optimizer and remembered[1] == len(optimizer.param_groups)
 
 
-def _fitted(averages: Any, model: nn.Module, where: str) -> Mapping[str, torch.Tensor]:
+def _fitted(averages: Any, model: nn.Module, where: str, key: str = _EMA, fix: str = _FIX) -> Mapping[str, torch.Tensor]:
     """``averages`` checked against ``model``'s parameters: one of the same shape for each, and no other.
+
+    ``key`` is where the state's extras hold them, ``fix`` what to do about ones that do not fit
+    (with_ema's by default; :mod:`loopkit.transforms.swa` passes its own).
 
     A missing, extra or mis-shaped average is a ValueError that says which and what to do. An
     average whose dtype or device differs only is cast to its parameter's, as
@@ -127,8 +130,8 @@ def _fitted(averages: Any, model: nn.Module, where: str) -> Mapping[str, torch.T
     """
     if not isinstance(averages, Mapping):
         raise ValueError(
-            f"{where}: state.extras['{_EMA}'] must map parameter names to averages, got {type(averages).__qualname__}; "
-            + _FIX
+            f"{where}: state.extras['{key}'] must map parameter names to averages, got {type(averages).__qualname__}; "
+            + fix
         )
     renamed = plain_names(averages, model)  # (this check runs once per state the step has not seen fit)
     if renamed is not None:
@@ -139,14 +142,14 @@ def _fitted(averages: Any, model: nn.Module, where: str) -> Mapping[str, torch.T
         names.add(name)
         if name not in averages:
             raise ValueError(f"{where}: the state's averages hold no average of parameter '{name}' "
-                             f"(shape {tuple(param.shape)}); {_FIX}")
-        fitted = fitted_to(averages[name], param, f"{where}: the average of parameter '{name}'", _FIX)
+                             f"(shape {tuple(param.shape)}); {fix}")
+        fitted = fitted_to(averages[name], param, f"{where}: the average of parameter '{name}'", fix)
         if fitted is not None:
             cast[name] = fitted
     for name in averages:
         if name not in names:
             raise ValueError(f"{where}: the state's averages hold one of '{name}', which is not a parameter of the "
-                             f"model; {_FIX}")
+                             f"model; {fix}")
     return {**averages, **cast} if cast else averages
 
 

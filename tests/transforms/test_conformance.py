@@ -2,8 +2,9 @@
 
 The transforms: the gradient transforms ``with_amp`` (bfloat16, float16), ``with_grad_accum``,
 ``with_grad_clip``, ``with_nan_guard``, and the whole-step transforms ``with_logging`` (into an
-in-memory logger), ``with_checkpointing`` (into a fresh directory per pipeline), ``with_ema``, ``with_pruning`` and
-``with_qat`` (whose prepared modules a restore template gets from ``step.prepare``).
+in-memory logger), ``with_checkpointing`` (into a fresh directory per pipeline), ``with_ema``, ``with_pruning``,
+``with_qat`` (whose prepared modules a restore template gets from ``step.prepare``) and ``with_swa`` (from the first
+epoch on: it averages, sets SWALR's rate and holds the state's scheduler still from the first call).
 
 For each pipeline: purity (the input state is unchanged), determinism (two calls give identical
 results), exact resume from ``state_dict`` mid-accumulation, float32 parameters stay float32,
@@ -82,8 +83,9 @@ TRANSFORMS = {
     "ema": ("with_ema", lambda s, sinks: loopkit.with_ema(s, decay=0.8)),
     "pruning": ("with_pruning", lambda s, sinks: loopkit.with_pruning(s, 0.5, [1, 2])),
     "qat": ("with_qat", lambda s, sinks: loopkit.with_qat(s)),
+    "swa": ("with_swa", lambda s, sinks: loopkit.with_swa(s, 0.05, swa_epoch_start=1, annealing_epochs=1)),
 }
-WHOLE_STEP = ["logging", "checkpointing", "ema", "pruning", "qat"]  # wrap any step; nothing that needs the train step can wrap them
+WHOLE_STEP = ["logging", "checkpointing", "ema", "pruning", "qat", "swa"]  # wrap any step; nothing that needs the train step can wrap them
 GRADIENT = [name for name in TRANSFORMS if name not in WHOLE_STEP]
 GRADIENT_ONLY = ["grad_accum", "grad_clip", "nan_guard"]  # need gradients: refuse an eval_step
 
@@ -93,12 +95,14 @@ def _refused(inner: str, outer: str) -> bool:
     pairs of gradient transforms have no meaning: a second precision, and accumulating an accumulation."""
     if outer in GRADIENT and inner in WHOLE_STEP:
         return True
-    if inner == outer and inner in ("logging", "ema", "pruning", "qat"):  # one window, averages, masks, preparation
+    if inner == outer and inner in ("logging", "ema", "pruning", "qat", "swa"):  # one window, averages, masks, preparation
         return True
     if outer == "qat" and inner.startswith("amp"):  # fake quantization runs in float32 only
         return True
     if (inner, outer) in (("checkpointing", "ema"), ("checkpointing", "pruning"), ("ema", "pruning")):
         return True  # the checkpoint or the averages would miss the outer transform's change of this update
+    if (inner, outer) == ("checkpointing", "swa"):
+        return True  # in SWA epochs with_swa hands its inner step the state without its scheduler
     return TRANSFORMS[inner][0] == TRANSFORMS[outer][0] and TRANSFORMS[inner][0] in ("with_amp", "with_grad_accum")
 
 
@@ -115,6 +119,8 @@ TRIPLES = [  # whole-step stacks as they are used: over gradient transforms, in 
     ("grad_accum", "pruning", "ema"),
     ("grad_accum", "qat", "checkpointing"),
     ("nan_guard", "qat", "logging"),
+    ("grad_accum", "swa", "checkpointing"),
+    ("nan_guard", "swa", "ema"),
 ]
 PIPELINES = [(name,) for name in TRANSFORMS] + [pair for pair in PAIRS if not _refused(*pair)] + TRIPLES
 LOGGED = [names for names in PIPELINES if "logging" in names]
@@ -244,18 +250,21 @@ def test_a_gradient_transform_is_refused_around_a_whole_step_at_any_depth(inner,
 def test_the_refused_pairs_are_exactly_the_meaningless_ones():
     refused = {(TRANSFORMS[i][0], TRANSFORMS[o][0]) for i, o in PAIRS if _refused(i, o)}
     gradient_names = {"with_amp", "with_grad_accum", "with_grad_clip", "with_nan_guard"}
-    wholes = ("with_logging", "with_checkpointing", "with_ema", "with_pruning", "with_qat")
+    wholes = ("with_logging", "with_checkpointing", "with_ema", "with_pruning", "with_qat", "with_swa")
     around_whole = {(w, g) for w in wholes for g in gradient_names}
-    doubled = {(t, t) for t in ("with_amp", "with_grad_accum", "with_logging", "with_ema", "with_pruning", "with_qat")}
-    too_late = {("with_checkpointing", "with_ema"), ("with_checkpointing", "with_pruning"), ("with_ema", "with_pruning")}
+    doubled = {(t, t) for t in ("with_amp", "with_grad_accum", "with_logging", "with_ema", "with_pruning", "with_qat",
+                                "with_swa")}
+    too_late = {("with_checkpointing", "with_ema"), ("with_checkpointing", "with_pruning"), ("with_ema", "with_pruning"),
+                ("with_checkpointing", "with_swa")}
     float32_only = {("with_amp", "with_qat")}
     assert refused == doubled | around_whole | too_late | float32_only
-    # pairs of keys: amp doubled 4, accum 1, whole around gradient 5 * 5, four wholes doubled, too late 3, qat(amp) 2
-    assert sum(_refused(*pair) for pair in PAIRS) == 4 + 1 + 5 * 5 + 4 + 3 + 2
-    assert len(PIPELINES) == 10 + 100 - 39 + len(TRIPLES)
+    # pairs of keys: amp doubled 4, accum 1, whole around gradient 6 * 5, five wholes doubled, too late 4, qat(amp) 2
+    assert sum(_refused(*pair) for pair in PAIRS) == 4 + 1 + 6 * 5 + 5 + 4 + 2
+    assert len(PIPELINES) == 11 + 121 - 46 + len(TRIPLES)
     # every whole-step transform is covered around every other transform, and checkpointing around itself
     unwrappable = {("logging", "logging"), ("ema", "ema"), ("pruning", "pruning"), ("qat", "qat"), ("checkpointing", "ema"),
-                   ("checkpointing", "pruning"), ("ema", "pruning"), ("amp_bf16", "qat"), ("amp_fp16", "qat")}
+                   ("checkpointing", "pruning"), ("ema", "pruning"), ("amp_bf16", "qat"), ("amp_fp16", "qat"),
+                   ("swa", "swa"), ("checkpointing", "swa")}
     for whole in WHOLE_STEP:
         assert all((name, whole) in PIPELINES for name in TRANSFORMS if (name, whole) not in unwrappable)
 

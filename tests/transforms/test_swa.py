@@ -1,0 +1,312 @@
+"""with_swa + swa_state against Lightning's recipe written out by hand with torch's own SWA machinery.
+
+The reference (``_raw_swa_loop``) is what ``lightning.pytorch.callbacks.StochasticWeightAveraging``
+does, in a plain loop: from epoch ``swa_start`` (0-based) the optimizer's rates come from a
+``SWALR`` built as Lightning builds it (``initial_lr`` set to the SWA rates, ``last_epoch=max_epochs``
+for "cos") and stepped once per epoch; the model's scheduler is no longer stepped; at the start
+of each epoch in ``[swa_start, max_epochs - 1]`` an ``AveragedModel`` averages the weights in; at
+the end the averaged weights get BatchNorm statistics from ``update_bn`` over the training data.
+On the CPU ``AveragedModel``'s default average is Lightning's arithmetic, so the comparison is bitwise.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.optim.swa_utils import SWALR, AveragedModel, update_bn
+
+import loopkit
+from loopkit import checkpoint
+
+EPOCHS, BATCHES = 6, 4
+
+
+def _model(seed: int = 0) -> nn.Sequential:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
+
+
+def _state(optimizer: str, seed: int = 0, *, two_groups: bool = False) -> loopkit.TrainState:
+    model = _model(seed)
+    if two_groups:
+        params = [{"params": model[0].parameters()}, {"params": list(model[1].parameters()) + list(model[3].parameters()),
+                                                      "lr": 0.05}]
+    else:
+        params = model.parameters()
+    opt = (torch.optim.SGD(params, lr=0.1, momentum=0.9) if optimizer == "sgd" else torch.optim.Adam(params, lr=0.02))
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.7)  # per update, as loopkit steps it
+    return loopkit.TrainState.create(model, opt, sched)
+
+
+def _mse(model, batch):
+    x, y = batch
+    return ((model(x) - y) ** 2).mean()
+
+
+@pytest.fixture
+def data(make_batches):
+    return make_batches(BATCHES)
+
+
+def _raw_swa_loop(state, data, *, swa_start, swa_lrs, annealing_epochs, strategy, epochs=EPOCHS):
+    """Lightning's recipe in a plain loop; returns the averaged model (BN updated) and each epoch's rates
+    after its first update (in an SWA epoch, the rate of all its updates)."""
+    model, opt, sched = state.model, state.optimizer, state.scheduler
+    averaged = AveragedModel(model)
+    swa_sched = None
+    rates = []
+    for epoch in range(epochs):
+        if swa_start <= epoch <= epochs - 1:  # on_train_epoch_start
+            if swa_sched is None:
+                lrs = swa_lrs if isinstance(swa_lrs, list) else [swa_lrs] * len(opt.param_groups)
+                for lr, group in zip(lrs, opt.param_groups):
+                    group["initial_lr"] = lr
+                swa_sched = SWALR(opt, swa_lr=lrs, anneal_epochs=annealing_epochs, anneal_strategy=strategy,
+                                  last_epoch=epochs if strategy == "cos" else -1)
+            averaged.update_parameters(model)
+        for k, batch in enumerate(data):
+            opt.zero_grad()
+            _mse(model, batch).backward()
+            opt.step()
+            if swa_sched is None:
+                sched.step()
+            if k == 0:  # what the callback below sees
+                rates.append([g["lr"] for g in opt.param_groups])
+        if swa_sched is not None:
+            swa_sched.step()
+    update_bn(data, averaged.module)
+    return averaged, rates
+
+
+class _Rates:
+    """A callback that records each param group's rate at each epoch's first batch (after its update)."""
+
+    def __init__(self):
+        self.rates = []
+
+    def on_batch_end(self, state, metrics):
+        if state.batch_index == 1:
+            self.rates.append([g["lr"] for g in state.optimizer.param_groups])
+
+
+def _params(model):
+    return {k: v.detach() for k, v in model.named_parameters()}
+
+
+def _buffers(model):
+    return {k: v.detach() for k, v in model.named_buffers()}
+
+
+CASES = [  # (optimizer, swa_epoch_start, swa_start 0-based, swa_lrs, annealing_epochs, strategy, two groups)
+    ("sgd", 3, 2, 0.01, 2, "cos", False),
+    ("sgd", 0.5, 2, 0.01, 3, "linear", False),
+    ("adam", 0.7, 3, 0.005, 2, "cos", False),
+    ("adam", 1, 0, 0.005, 10, "linear", False),
+    ("sgd", 2, 1, [0.02, 0.004], 2, "cos", True),
+    ("sgd", 6, 5, 0.01, 0, "cos", False),  # the last epoch only: its start weights, SWALR at swa_lr at once
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"{c[0]}-{c[1]}-{c[5]}-{c[4]}{'-groups' if c[6] else ''}" for c in CASES])
+def test_the_averages_bn_statistics_and_rates_are_lightnings_recipe_bitwise(case, data, assert_trees_equal):
+    optimizer, start, swa_start, swa_lrs, anneal, strategy, groups = case
+    ref_state = _state(optimizer, two_groups=groups)
+    averaged, ref_rates = _raw_swa_loop(ref_state, data, swa_start=swa_start, swa_lrs=swa_lrs,
+                                        annealing_epochs=anneal, strategy=strategy)
+
+    step = loopkit.with_swa(loopkit.train_step(_mse), swa_lrs, swa_epoch_start=start, epochs=EPOCHS,
+                            annealing_epochs=anneal, annealing_strategy=strategy)
+    rates = _Rates()
+    state, _ = loopkit.run_epochs(step, _state(optimizer, two_groups=groups), data, epochs=EPOCHS, progress=False,
+                                  callbacks=[rates])
+    assert rates.rates == ref_rates  # floats, compared exactly
+    assert_trees_equal(_params(state.model), _params(ref_state.model))  # the training itself
+    assert state.extras["swa/n_averaged"] == EPOCHS - swa_start == int(averaged.n_averaged)
+    assert state.extras["swa/latest_update_epoch"] == EPOCHS - 1
+    assert state.scheduler.last_epoch == ref_state.scheduler.last_epoch == swa_start * BATCHES  # held still in SWA
+    final = loopkit.swa_state(state, data)
+    assert_trees_equal(_params(final.model), _params(averaged.module))
+    assert_trees_equal(_buffers(final.model), _buffers(averaged.module))
+    assert int(final.model[1].num_batches_tracked) == BATCHES and final.model[1].momentum == 0.1
+
+
+def test_the_weights_the_last_epoch_trains_are_not_averaged_in_as_in_lightning(data, assert_trees_equal):
+    # swa_epoch_start=6 of 6 epochs: one average, of the weights epoch 5 starts from (after epoch 4)
+    step = loopkit.with_swa(loopkit.train_step(_mse), 0.01, swa_epoch_start=6, epochs=EPOCHS)
+    after_5, _ = loopkit.run_epochs(step, _state("sgd"), data, epochs=5, progress=False)
+    start_weights = {k: v.clone() for k, v in _params(after_5.model).items()}  # (run_epochs donates)
+    state, _ = loopkit.run_epochs(step, after_5, data, epochs=EPOCHS, progress=False)
+    assert state.extras["swa/n_averaged"] == 1
+    assert_trees_equal(dict(state.extras["swa/params"]), start_weights)
+    assert not torch.equal(state.model[0].weight, start_weights["0.weight"])
+
+
+@pytest.mark.parametrize("how", ["continued", "state_dict", "mid_epoch"])
+def test_a_run_interrupted_mid_swa_resumes_exactly(how, data, take_snapshot, assert_trees_equal):
+    def step():
+        return loopkit.with_swa(loopkit.train_step(_mse), 0.01, swa_epoch_start=0.4, epochs=EPOCHS, annealing_epochs=3)
+
+    uninterrupted, _ = loopkit.run_epochs(step(), _state("adam"), data, epochs=EPOCHS, progress=False)
+    if how == "mid_epoch":  # 3.5 epochs, then on
+        part, _ = loopkit.run_epochs(step(), _state("adam"), data, max_steps=3 * BATCHES + 2, progress=False)
+        assert (part.epoch, part.batch_index) == (3, 2)
+    else:
+        part, _ = loopkit.run_epochs(step(), _state("adam"), data, epochs=4, progress=False)
+    assert part.extras["swa/n_averaged"] == part.epoch - (part.batch_index == 0)  # swa_start is epoch 1
+    if how != "continued":
+        part = _state("adam", seed=1).load_state_dict(part.state_dict())
+    resumed, _ = loopkit.run_epochs(step(), part, data, epochs=EPOCHS, progress=False)
+    assert_trees_equal(take_snapshot(resumed), take_snapshot(uninterrupted))
+    assert_trees_equal(take_snapshot(loopkit.swa_state(resumed, data)), take_snapshot(loopkit.swa_state(uninterrupted, data)))
+
+
+def test_the_step_is_pure_and_swa_state_changes_nothing(data, take_snapshot, assert_trees_equal):
+    step = loopkit.with_swa(loopkit.train_step(_mse), 0.01, swa_epoch_start=2, annealing_epochs=1)
+    state, _ = loopkit.run_epochs(step, _state("sgd"), data, epochs=2, progress=False)
+    assert state.epoch == 2 and state.extras["swa/latest_update_epoch"] == 1
+    before = take_snapshot(state)
+    first, _ = step(state, data[0])  # the first call of epoch 2: averages, and SWALR's next rate
+    second, _ = step(state, data[0])
+    assert_trees_equal(take_snapshot(state), before)
+    assert_trees_equal(take_snapshot(first), take_snapshot(second))
+    assert first.extras["swa/n_averaged"] == 2 and first.optimizer.param_groups[0]["lr"] == 0.01
+    averaged = loopkit.swa_state(first, data)
+    assert_trees_equal(take_snapshot(first), take_snapshot(second))
+    assert averaged.optimizer is None and averaged.model is not first.model
+    donated, _ = loopkit.donate(step)(loopkit.TrainState.load_state_dict(_state("sgd", 1), state.state_dict()), data[0])
+    assert_trees_equal(take_snapshot(donated), take_snapshot(first))
+
+
+def test_before_swa_start_the_step_is_the_inner_one(data, take_snapshot, assert_trees_equal):
+    swa = loopkit.with_swa(loopkit.train_step(_mse), 0.01, swa_epoch_start=3)
+    a, _ = loopkit.run_epochs(swa, _state("sgd"), data, epochs=2, progress=False)
+    b, _ = loopkit.run_epochs(loopkit.train_step(_mse), _state("sgd"), data, epochs=2, progress=False)
+    assert_trees_equal(take_snapshot(a), take_snapshot(b))
+    with pytest.raises(ValueError, match=r"swa_state: the state \(epoch 2\) holds no SWA averages yet"):
+        loopkit.swa_state(a, data)
+
+
+def test_swa_state_mid_run_and_without_batch_norm(data, make_mlp, assert_trees_equal):
+    model = make_mlp(0)
+    state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    step = loopkit.with_swa(loopkit.train_step(_mse), 0.05, swa_epoch_start=1)
+    ref = AveragedModel(make_mlp(0))
+    for epoch in range(3):
+        ref.update_parameters(state.model)
+        for batch in data:
+            state, _ = step(state, batch)
+        state = state.evolve(epoch=epoch + 1, batch_index=0)
+    averaged = loopkit.swa_state(state)  # no BatchNorm: no data needed
+    assert_trees_equal(_params(averaged.model), _params(ref.module))
+
+
+def test_swa_state_of_a_batch_norm_model_needs_the_data(data):
+    step = loopkit.with_swa(loopkit.train_step(_mse), 0.01, swa_epoch_start=1)
+    state, _ = step(_state("sgd"), data[0])
+    with pytest.raises(ValueError, match=r"swa_state: the model has BatchNorm layers.*swa_state\(state, train_data\)"):
+        loopkit.swa_state(state)
+    with pytest.raises(TypeError, match="swa_state: expected a loopkit.TrainState"):
+        loopkit.swa_state(state.model)
+
+
+def test_numpy_options_are_taken(data, assert_trees_equal):
+    a = loopkit.with_swa(loopkit.train_step(_mse), np.float32(0.25), swa_epoch_start=np.float64(0.5),
+                         epochs=np.int64(4), annealing_epochs=np.int64(2))
+    b = loopkit.with_swa(loopkit.train_step(_mse), 0.25, swa_epoch_start=0.5, epochs=4, annealing_epochs=2)
+    assert (a.swa_lrs, a.swa_start, a.swa_end, a.annealing_epochs) == (b.swa_lrs, b.swa_start, b.swa_end, 2)
+    assert a.swa_start == 1 and loopkit.with_swa(loopkit.train_step(_mse), [0.1], swa_epoch_start=np.int64(4)).swa_start == 3
+
+
+@pytest.mark.parametrize("options, match", [
+    (dict(swa_lrs=0.0, swa_epoch_start=1), "swa_lrs must be a positive number"),
+    (dict(swa_lrs=-0.1, swa_epoch_start=1), "swa_lrs must be a positive number"),
+    (dict(swa_lrs=[0.1, "x"], swa_epoch_start=1), "swa_lrs must be a positive number"),
+    (dict(swa_lrs=[], swa_epoch_start=1), "swa_lrs must be a positive number"),
+    (dict(swa_lrs=True, swa_epoch_start=1), "swa_lrs must be a positive number"),
+    (dict(swa_lrs=0.1, swa_epoch_start=0), "an int swa_epoch_start counts epochs from 1"),
+    (dict(swa_lrs=0.1, swa_epoch_start=7, epochs=6), r"must be >= 1 and at most epochs=6, got 7"),
+    (dict(swa_lrs=0.1, swa_epoch_start=1.5, epochs=6), r"swa_epoch_start must be an int >= 1 .* or a float in \[0, 1\]"),
+    (dict(swa_lrs=0.1, swa_epoch_start="1"), r"swa_epoch_start must be an int"),
+    (dict(swa_lrs=0.1), r"a float swa_epoch_start \(0\.8\) is a fraction of the run's epochs: pass epochs="),
+    (dict(swa_lrs=0.1, swa_epoch_start=0.5), "pass epochs="),
+    (dict(swa_lrs=0.1, swa_epoch_start=1, epochs=0), "epochs must be an int >= 1"),
+    (dict(swa_lrs=0.1, swa_epoch_start=1, annealing_epochs=-1), "annealing_epochs must be an int >= 0"),
+    (dict(swa_lrs=0.1, swa_epoch_start=1, annealing_epochs=2.0), "annealing_epochs must be an int >= 0"),
+    (dict(swa_lrs=0.1, swa_epoch_start=1, annealing_strategy="exp"), "annealing_strategy must be 'cos' or 'linear'"),
+])
+def test_bad_options_are_refused_when_built(options, match):
+    with pytest.raises(ValueError, match="with_swa: (.*)?" + match):
+        loopkit.with_swa(loopkit.train_step(_mse), **options)
+
+
+def test_what_only_the_state_tells_is_refused_before_anything_changes(data, take_snapshot, assert_trees_equal):
+    three = loopkit.with_swa(loopkit.train_step(_mse), [0.1, 0.2, 0.3], swa_epoch_start=1)
+    state = _state("sgd", two_groups=True)
+    before = take_snapshot(state)
+    with pytest.raises(ValueError, match="with_swa: swa_lrs has 3 rates, but the optimizer has 2 param groups"):
+        loopkit.donate(three)(state, data[0])
+    state.check_usable()  # a donated call refused before anything changed leaves the state usable
+    assert_trees_equal(take_snapshot(state), before)
+    bare = loopkit.TrainState.create(_model())
+    with pytest.raises(ValueError, match="with_swa: the state has no optimizer"):
+        loopkit.with_swa(loopkit.train_step(_mse), 0.1, swa_epoch_start=1)(bare, data[0])
+    with pytest.raises(ValueError, match="with_swa: swa_lrs has 3 rates"):  # long before swa_start: at the first call
+        loopkit.with_swa(loopkit.train_step(_mse), [0.1, 0.2, 0.3], swa_epoch_start=50)(state, data[0])
+
+
+def test_averages_of_another_model_are_refused_naming_the_parameter(data, make_mlp):
+    step = loopkit.with_swa(loopkit.train_step(_mse), 0.1, swa_epoch_start=1)
+    state, _ = loopkit.run_epochs(step, _state("sgd"), data, epochs=1, progress=False)
+    other = make_mlp(0)
+    bad = state.evolve(model=other, optimizer=torch.optim.SGD(other.parameters(), lr=0.1), scheduler=None)
+    with pytest.raises(ValueError, match=r"with_swa: the average of parameter '3\.weight'|with_swa: the state's averages"):
+        loopkit.donate(step)(bad, data[0])
+    bad.check_usable()
+    with pytest.raises(ValueError, match=r"swa_state: .*drop the 'swa/' entries"):
+        loopkit.swa_state(bad)
+
+
+def test_meaningless_orders_are_refused_when_built(tmp_path):
+    swa = loopkit.with_swa(loopkit.train_step(_mse), 0.1, swa_epoch_start=1)
+    with pytest.raises(TypeError, match="with_swa cannot wrap with_swa"):
+        loopkit.with_swa(swa, 0.1, swa_epoch_start=1)
+    with pytest.raises(TypeError, match=r"with_swa cannot wrap with_checkpointing.*with_checkpointing\(with_swa\("):
+        loopkit.with_swa(loopkit.with_checkpointing(loopkit.train_step(_mse), tmp_path), 0.1, swa_epoch_start=1)
+    with pytest.raises(TypeError, match="with_swa cannot wrap eval_step"):
+        loopkit.with_swa(loopkit.eval_step(lambda m, b: {}), 0.1, swa_epoch_start=1)
+    with pytest.raises(TypeError, match="with_grad_clip cannot wrap with_swa"):
+        loopkit.with_grad_clip(swa, max_norm=1.0)
+    with pytest.raises(TypeError, match="with_swa: avg_fn must be callable"):
+        loopkit.with_swa(loopkit.train_step(_mse), 0.1, swa_epoch_start=1, avg_fn=3)
+    with pytest.raises(TypeError, match="with_swa cannot wrap the ensemble step"):
+        loopkit.with_swa(loopkit.ensemble.train_step(_mse), 0.1, swa_epoch_start=1)
+    both = loopkit.with_checkpointing(loopkit.with_ema(swa, 0.9), tmp_path)
+    assert both.applied == ("train_step", "with_swa", "with_ema", "with_checkpointing")
+
+
+def test_a_checkpoint_taken_mid_swa_restores_and_resumes_exactly(tmp_path, data, take_snapshot, assert_trees_equal):
+    def step(directory):
+        swa = loopkit.with_swa(loopkit.with_grad_accum(loopkit.train_step(_mse), every=2), 0.01, swa_epoch_start=2,
+                               annealing_epochs=2)
+        return loopkit.with_checkpointing(swa, directory, every_n_epochs=1, keep_last=10)
+
+    uninterrupted, _ = loopkit.run_epochs(step(tmp_path / "a"), _state("sgd"), data, epochs=5, progress=False)
+    saved = [c for c in checkpoint.list_checkpoints(tmp_path / "a") if c.epoch == 3]
+    assert saved
+    restored = loopkit.restore(_state("sgd", seed=1), saved[0].path)
+    assert restored.extras["swa/n_averaged"] == 2
+    resumed, _ = loopkit.run_epochs(step(tmp_path / "b"), restored, data, epochs=5, progress=False)
+    assert_trees_equal(take_snapshot(resumed), take_snapshot(uninterrupted))
+
+
+def test_a_custom_avg_fn_is_used(data, assert_trees_equal):
+    def last(averaged, param, n):  # keeps the newest weights
+        return param.clone()
+
+    step = loopkit.with_swa(loopkit.train_step(_mse), 0.01, swa_epoch_start=1, avg_fn=last)
+    state, _ = loopkit.run_epochs(step, _state("sgd"), data, epochs=3, progress=False)
+    before_last = loopkit.run_epochs(step, _state("sgd"), data, epochs=2, progress=False)[0]
+    assert_trees_equal(dict(state.extras["swa/params"]), _params(before_last.model))
