@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import functools
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
@@ -70,7 +69,6 @@ def _averaged(
     return out
 
 
-@functools.lru_cache(maxsize=1024)
 def _swalr_lrs(start: tuple[float, ...], swa_lrs: tuple[float, ...], anneal_epochs: int, strategy: str,
                steps: int) -> tuple[float, ...]:
     """The groups' learning rates after ``steps`` epochs of ``torch.optim.swa_utils.SWALR`` begun at ``start``.
@@ -135,6 +133,8 @@ class SWAStep(WrapperStep):
     annealing_epochs: int = 10
     annealing_strategy: str = "cos"
     avg_fn: AvgFn | None = None
+    #: the rates of each SWA epoch, by (start rates, epochs since): a real SWALR is driven once per epoch, not per call
+    _lrs_of: dict[tuple[tuple[float, ...], int], tuple[float, ...]] = attrs.field(factory=dict, init=False, repr=False)
 
     @property
     def name(self) -> str:
@@ -207,8 +207,13 @@ class SWAStep(WrapperStep):
         except ValueError as error:
             raise leave_intact(error, state)
         now = extras if new_extras is None else new_extras
-        lrs = _swalr_lrs(tuple(now[_LR_START]), swa_lrs, self.annealing_epochs, self.annealing_strategy,
-                         state.epoch - now[_LR_EPOCH])
+        key = (tuple(now[_LR_START]), state.epoch - now[_LR_EPOCH])
+        lrs = self._lrs_of.get(key)
+        if lrs is None:
+            if len(self._lrs_of) > 64:  # (a long run: the epochs behind it are not asked again)
+                self._lrs_of.clear()
+            lrs = self._lrs_of[key] = _swalr_lrs(*key[:1], swa_lrs, self.annealing_epochs, self.annealing_strategy,
+                                                 key[1])
         used = replace(state, scheduler=None, extras=now)
         before = _set_lrs(optimizer, lrs)
         try:
