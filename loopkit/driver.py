@@ -441,7 +441,7 @@ def _validate_options(
     epochs: int | None,
     max_steps: int | None,
     val: Any,
-    val_every_n_epochs: int,
+    val_every_n_epochs: int | None,
     val_every_n_steps: int | None,
     sanity_val_batches: int,
     limit_train_batches: Any,
@@ -453,10 +453,15 @@ def _validate_options(
     for name, value in (("epochs", epochs), ("max_steps", max_steps), ("val_every_n_steps", val_every_n_steps)):
         if value is not None and (as_int(value) or 0) < 1:
             raise ValueError(f"run_epochs: {name} must be a positive int or None, got {value!r}")
-    if (as_int(val_every_n_epochs) or 0) < 1:
-        raise ValueError(f"run_epochs: val_every_n_epochs must be a positive int, got {val_every_n_epochs!r}")
-    if as_int(sanity_val_batches) is None or as_int(sanity_val_batches) < 0:
-        raise ValueError(f"run_epochs: sanity_val_batches must be an int >= 0, got {sanity_val_batches!r}")
+    if val_every_n_epochs is None:  # (Lightning's check_val_every_n_epoch=None: validations by updates only)
+        if val is not None and val_every_n_steps is None:
+            raise ValueError("run_epochs: val_every_n_epochs=None validates only every val_every_n_steps updates: "
+                             "give val_every_n_steps too (as Lightning's check_val_every_n_epoch=None needs an int "
+                             "val_check_interval)")
+    elif (as_int(val_every_n_epochs) or 0) < 1:
+        raise ValueError(f"run_epochs: val_every_n_epochs must be a positive int or None, got {val_every_n_epochs!r}")
+    if as_int(sanity_val_batches) is None or as_int(sanity_val_batches) < -1:
+        raise ValueError(f"run_epochs: sanity_val_batches must be an int >= 0, or -1 for every batch, got {sanity_val_batches!r}")
     counts = tuple(None if v is None else as_int(v) for v in (epochs, max_steps, val_every_n_epochs, val_every_n_steps))
     limits = _check_limit(limit_train_batches, "limit_train_batches"), _check_limit(limit_val_batches, "limit_val_batches")
     if val is not None:
@@ -1017,7 +1022,7 @@ def run_epochs(
     min_epochs: int | None = None,
     min_steps: int | None = None,
     val: tuple[Callable[[TrainState, Any], tuple[TrainState, Metrics]], Iterable | Mapping[str, Iterable]] | None = None,
-    val_every_n_epochs: int = 1,
+    val_every_n_epochs: int | None = 1,
     val_every_n_steps: int | None = None,
     sanity_val_batches: int = 2,
     limit_train_batches: int | float | None = None,
@@ -1058,8 +1063,10 @@ def run_epochs(
     ``val_every_n_steps`` updates, never twice at one update (a step validation on an epoch's
     last update is that epoch's too). ``state.extras`` records the update of the last
     validation: a state saved between an update and its due step validation (a step
-    checkpoint, a graceful stop) is validated first when a run resumes from it. Before training, ``sanity_val_batches`` validation batches
-    run once to catch errors early; their results go nowhere. ``limit_*_batches`` take an int
+    checkpoint, a graceful stop) is validated first when a run resumes from it; ``val_every_n_epochs=None``
+    validates by updates only (Lightning's ``check_val_every_n_epoch=None``). Before training,
+    ``sanity_val_batches`` validation batches (-1: all of them) run once to catch errors early;
+    their results go nowhere. ``limit_*_batches`` take an int
     (batches) or a fraction in (0, 1]; ``limit_train_batches=0`` turns training off, as in
     Lightning (the sanity validation still runs; the state comes back as given, with an empty
     history), ``limit_val_batches=0`` validation. Batches move to ``device`` (default: the model's)
@@ -1181,7 +1188,8 @@ def run_epochs(
             limit = limit_val_batches
             if sanity:
                 limited = _num_batches(data, limit_val_batches, "limit_val_batches")
-                limit = sanity_val_batches if limited is None else min(sanity_val_batches, limited)
+                if sanity_val_batches != -1:  # (-1: all of them, as Lightning's num_sanity_val_steps=-1)
+                    limit = sanity_val_batches if limited is None else min(sanity_val_batches, limited)
             means, read = _evaluate(val_step, current, data, limit, device, True, seeded=True)
             if not read:
                 what = "val's data" if name is None else f"val's data[{name!r}]"
@@ -1248,7 +1256,7 @@ def run_epochs(
             hooks.restore(state)
             restored = True
             hooks.check_plain()
-            if validates and sanity_val_batches > 0:
+            if validates and sanity_val_batches != 0:
                 with _global_rngs_kept():  # a val DataLoader's iterator (and a Dataset's augmentation) draws from the
                     sanity = validate(state, sanity=True)  # global RNGs: a resumed run's extra sanity pass leaves them
                 _warn_of_unseen_monitors(step, callbacks, sanity)
@@ -1405,7 +1413,8 @@ def run_epochs(
                 # not twice at one update: a step validation on the epoch's last update stands for the epoch's;
                 # an epoch a callback stopped short still gets its validation (Lightning validates on should_stop)
                 validated = (
-                    (exhausted or asked_stop) and validates and (epoch + 1) % val_every_n_epochs == 0
+                    (exhausted or asked_stop) and validates and val_every_n_epochs is not None
+                    and (epoch + 1) % val_every_n_epochs == 0
                     and validated_at != state.step
                 )
                 if validated:

@@ -322,6 +322,25 @@ def test_sanity_validation_count_is_configurable_and_zero_disables():
         assert rec.events.count("validation_end") == 1
 
 
+@pytest.mark.parametrize("limit, expected", [(None, 5), (3, 3), (0.4, 2)])
+def test_sanity_validation_of_minus_one_reads_every_validation_batch_as_lightnings(limit, expected):
+    """Lightning's num_sanity_val_steps=-1: the whole validation set (within limit_val_batches)."""
+    ev, counter = counting_eval()
+    run_epochs(train_step(mse), make_state(), make_data(2), epochs=1, val=(ev, make_data(5, seed=1)),
+               sanity_val_batches=-1, limit_val_batches=limit, progress=False)
+    assert counter.calls == 2 * expected  # the sanity pass, then the epoch's validation
+
+
+def test_val_every_n_epochs_none_validates_only_every_n_steps_as_lightnings_check_val_every_n_epoch_none():
+    recorder = Recorder()
+    state, history = run_epochs(train_step(mse), make_state(), make_data(4), epochs=2, val=(counting_eval()[0], make_data(2)),
+                                val_every_n_epochs=None, val_every_n_steps=3, callbacks=[recorder], progress=False)
+    assert [s for _, s, _ in recorder.val_metrics] == [3, 6]  # not at the epochs' ends (4, 8)
+    with pytest.raises(ValueError, match="val_every_n_epochs=None validates only every val_every_n_steps updates"):
+        run_epochs(train_step(mse), state, make_data(4), epochs=3, val=(counting_eval()[0], make_data(2)),
+                   val_every_n_epochs=None, progress=False)
+
+
 def test_sanity_validation_does_not_change_training():
     data, val_data = make_data(4), make_data(3, seed=1)
     ev, _ = counting_eval()
@@ -1001,7 +1020,7 @@ def test_run_epochs_moves_batches_and_state_to_cuda():
         (dict(val=(make_data(1),)), TypeError, "val must be a pair"),
         (dict(val_every_n_epochs=0), ValueError, "val_every_n_epochs"),
         (dict(val_every_n_steps=0), ValueError, "val_every_n_steps"),
-        (dict(sanity_val_batches=-1), ValueError, "sanity_val_batches"),
+        (dict(sanity_val_batches=-2), ValueError, "sanity_val_batches must be an int >= 0, or -1 for every batch, got -2"),
     ],
 )
 def test_bad_options_raise_before_any_step(options, error, match):
