@@ -1223,14 +1223,14 @@ def run_epochs(
     # every rank starts where the others do (a checkpoint folder that is not shared: each rank restored its own)
     _collective.check_same({"step": state.step, "epoch": state.epoch, "batch_index": state.batch_index},
                            "run_epochs: the ranks start from different states (a checkpoint directory must be shared by all ranks)")
-    if val is not None:  # (each set's means are reduced over the ranks in turn)
-        _collective.check_same({"sets": [name for name, _ in _val_sets(val[1])]},
-                               "run_epochs: the ranks validate on different sets (the names of val's data)")
-    # validation's means are collectives: a rank without val (given on rank 0 only) would leave the others waiting
+    # validation's means are collectives: a rank without val (given on rank 0 only) would leave the others waiting,
+    # and the sets' means are reduced in turn (the same sets, in the same order)
     _collective.check_same({"val": validates, "val_every_n_epochs": val_every_n_epochs, "val_every_n_steps": val_steps,
-                            "sanity_val_batches": sanity_val_batches if validates else 0},
+                            "sanity_val_batches": sanity_val_batches if validates else 0,
+                            "val sets": [name for name, _ in _val_sets(val[1])] if validates else []},  # type: ignore[index]
                            "run_epochs: the ranks have other validation options, and every rank must validate at the "
-                           "same points (give val= on every rank, each its own shard of the validation data)")
+                           "same points (give val= on every rank, each its own shard of the validation data, the "
+                           "same named sets)")
     check_sharding = _collective.active() and "with_ddp" in step.applied  # (at the fit's first batch)
     given = state
     if OVER_RANKS in state.extras:  # restored from a checkpoint holding every rank's running means and RNG: each takes its own

@@ -72,14 +72,14 @@ class _RangeLR(LRScheduler):
         return [base_lr * (self.end_lr / base_lr) ** r for base_lr in self.base_lrs]
 
 
-def _accum_every(step: Any) -> int:
-    """The step's ``with_grad_accum`` factor (1 without one), looked for through whole-step wrappers."""
+def _accum_every(step: Any) -> Callable[[int], int]:
+    """The step's ``with_grad_accum`` factor by epoch (1 without one), looked for through whole-step wrappers."""
     while step is not None:
-        every = getattr(step, "accum_every", None)
-        if isinstance(every, int):
-            return every
+        every_at = getattr(step, "every_at", None)
+        if callable(every_at):
+            return every_at  # type: ignore[no-any-return]
         step = getattr(step, "inner", None)
-    return 1
+    return lambda epoch: 1
 
 
 class _Recorder(Callback):
@@ -87,7 +87,7 @@ class _Recorder(Callback):
 
     reads_only = True
 
-    def __init__(self, start: int, accum_every: int, threshold: float | None) -> None:
+    def __init__(self, start: int, accum_every: Callable[[int], int], threshold: float | None) -> None:
         self.start = start
         self.accum_every = accum_every
         self.threshold = threshold
@@ -113,7 +113,8 @@ class _Recorder(Callback):
             self.losses.append(float("nan"))
             return
         # Lightning's outputs["loss"] is the loss the closure backpropagates: divided by the accumulation factor
-        current = float((loss / self.accum_every).item() if self.accum_every > 1 else loss.item())
+        every = self.accum_every(state.epoch)
+        current = float((loss / every).item() if every > 1 else loss.item())
         current_step = state.step - self.start  # Lightning's trainer.global_step, counted from the search's start
         self.avg_loss = _BETA * self.avg_loss + (1 - _BETA) * current
         smoothed = self.avg_loss / (1 - _BETA ** (current_step + 1))

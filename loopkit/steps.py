@@ -621,7 +621,10 @@ class TrainStep(Step):
 
     loss_fn: LossFn
     precision: Precision | None = None
+    #: the accumulation factor; under a schedule, the largest it takes (``accum_every > 1``: accumulation happens)
     accum_every: int = 1
+    #: ``with_grad_accum(every={epoch: n})``: ``(first epoch, factor)`` pairs, ascending from epoch 0 (empty: none)
+    accum_schedule: tuple[tuple[int, int], ...] = ()
     micro: tuple[GradTransform, ...] = ()
     update: tuple[GradTransform, ...] = ()
     transforms: tuple[str, ...] = ()
@@ -663,6 +666,19 @@ class TrainStep(Step):
     @property
     def applied(self) -> tuple[str, ...]:
         return ("train_step",) + self.transforms
+
+    def every_at(self, epoch: int) -> int:
+        """The accumulation factor in epoch ``epoch`` (``with_grad_accum``'s ``every``, or its schedule's).
+
+        >>> train_step(lambda m, b: None).every_at(3)
+        1
+        """
+        every = self.accum_every
+        for first, factor in self.accum_schedule:
+            if epoch < first:
+                break
+            every = factor
+        return every
 
     @property
     def requires_donation(self) -> str | None:  # type: ignore[override]
@@ -721,17 +737,18 @@ class TrainStep(Step):
         net = model if sync is None else sync.module(model)
         # under DDP a micro-step that does not finish its group keeps its gradient local (no all-reduce);
         # per-micro transforms need each micro-batch's whole gradient, so then every micro-step syncs
-        local = (
-            sync is not None and not per_micro and state.extras.get(_ACCUM_COUNT, 0) + 1 < self.accum_every
-        )
+        every = self.every_at(state.epoch) if self.accum_schedule else self.accum_every
+        local = sync is not None and not per_micro and state.extras.get(_ACCUM_COUNT, 0) + 1 < every
         # a raising guard may refuse this call's gradients: what the parameters hold now is given back then
         held = [p.grad for group in optimizer.param_groups for p in group["params"]] if self.loss_checks else None
         try:
             if local:
                 with sync.no_sync(net):
-                    loss, metrics, stash = self._loss_and_backward(state, batch, net, first, extras, local, intact_on_error)
+                    loss, metrics, stash = self._loss_and_backward(
+                        state, batch, net, first, extras, local, intact_on_error, every)
             else:
-                loss, metrics, stash = self._loss_and_backward(state, batch, net, first, extras, local, intact_on_error)
+                loss, metrics, stash = self._loss_and_backward(
+                    state, batch, net, first, extras, local, intact_on_error, every)
         except BaseException:
             scope.discard()
             raise
@@ -753,12 +770,12 @@ class TrainStep(Step):
                     self.precision.unscale(ctx, extras)
                 for t in self.micro:
                     t.on_grads(ctx)
-                if ctx.params:
-                    torch._foreach_div_(ctx.grads, self.accum_every)
+                if ctx.params and every > 1:
+                    torch._foreach_div_(ctx.grads, every)
                 _unstash_grads(stash)
                 stash = None
             count = extras.get(_ACCUM_COUNT, 0) + 1
-            if count < self.accum_every:
+            if count < every:
                 extras[_ACCUM_COUNT] = count
                 _keep_flags(extras, ctx)
                 return keep_graph(replace(new, extras=extras), loss), metrics
@@ -825,7 +842,7 @@ class TrainStep(Step):
 
     def _loss_and_backward(
         self, state: TrainState, batch: Any, net: torch.nn.Module, first: torch.Tensor,
-        extras: dict[str, Any] | None, local: bool, intact_on_error: bool,
+        extras: dict[str, Any] | None, local: bool, intact_on_error: bool, every: int,
     ) -> tuple[Any, Metrics, Any]:
         """The loss_fn and backward of one micro-batch: ``(loss, aux metrics, stashed grads)``; loss None: skipped.
 
@@ -852,7 +869,7 @@ class TrainStep(Step):
             raise
         per_micro = self.per_micro
         # per-micro transforms see the micro-batch's own gradient; its share (1/every) is taken after them
-        to_backward = loss / self.accum_every if self.accum_every > 1 and not per_micro else loss
+        to_backward = loss / every if every > 1 and not per_micro else loss
         if precision is not None and precision.scales_loss:
             to_backward = precision.scale(to_backward, extras, device)  # type: ignore[arg-type]
         stash = _stash_grads(state.optimizer, getattr(self.sync, "grads_are_views", False)) if per_micro else None
@@ -866,6 +883,7 @@ class TrainStep(Step):
         count = state.extras.get(_ACCUM_COUNT, 0)
         if self.accum_every == 1 or count == 0:
             return state, {}
+        every = self.every_at(state.epoch) if self.accum_schedule else self.accum_every
         extras = extras_copy(state.extras)
         extras.pop(_ACCUM_COUNT)
         marked: list[torch.Tensor] = []
@@ -874,7 +892,7 @@ class TrainStep(Step):
             self.sync.reduce_grads(state.optimizer)
         grads = [p.grad for p in _params_with_grads(state.optimizer)]
         if grads:  # each micro-batch loss was divided by `every`: make it the mean over `count`
-            torch._foreach_mul_(grads, self.accum_every / count)
+            torch._foreach_mul_(grads, every / count)
         metrics: Metrics = {}
         agree = None if self.sync is None else self.sync.agree
         ctx = GradContext(state, metrics, extras.pop(_FOUND_INF, None), extras.pop(_NONFINITE, None), agree)

@@ -130,6 +130,25 @@ def accum(rank: int) -> dict[str, Any]:
     return {"params": _params(state.model), "counts": counts, "steps": steps}
 
 
+def accum_scheduled(rank: int) -> dict[str, Any]:
+    """``with_grad_accum(every={0: 2, 1: 4})`` in a loop of one's own: 4 calls in epoch 0, then 4 in epoch 1."""
+    import loopkit
+
+    data = make_data(2 * STEPS)
+    counter: list[int] = []
+    inner = loopkit.with_ddp(loopkit.train_step(mse), comm_hook=_counting_hook, comm_state=counter)
+    step = loopkit.donate(loopkit.with_grad_accum(inner, every={0: 2, 1: 4}))
+    state = sgd_state(make_model())
+    counts, steps = [], []
+    for i in range(2 * STEPS):
+        if i == STEPS:
+            state = state.evolve(epoch=1, batch_index=0)
+        state, _ = step(state, data[i, rank])
+        counts.append(len(counter))
+        steps.append(state.step)
+    return {"params": _params(state.model), "counts": counts, "steps": steps}
+
+
 def accum_outer(rank: int) -> dict[str, Any]:
     import loopkit
 
@@ -543,7 +562,7 @@ def resume(rank: int, out_dir: str) -> dict[str, Any]:
 
 SCENARIOS = {
     f.__name__: f
-    for f in (plain, accum, accum_outer, bucket_views, static_graph, flush, two_heads, averaged_pruned, nan_skip, nan_raise, fp16, fit,
+    for f in (plain, accum, accum_scheduled, accum_outer, bucket_views, static_graph, flush, two_heads, averaged_pruned, nan_skip, nan_raise, fp16, fit,
               stop_one_rank, callbacks_on_rank0, uneven, apart, loss_error, buffers_apart)
 }
 

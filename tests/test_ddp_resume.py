@@ -224,6 +224,13 @@ def _misuses(rank: int) -> dict:
         refused = "not refused"
     except RuntimeError as e:
         refused = str(e)
+    metric = loopkit.eval_step(lambda m, b: {"mse": _mse(m, b)})
+    try:
+        loopkit.run_epochs(step, _state(), data, epochs=1, val=(metric, {"a": data, ("b" if rank == 0 else "c"): data}),
+                           progress=False)
+        other_sets = "not refused"
+    except RuntimeError as e:
+        other_sets = str(e)
     with warnings.catch_warnings(record=True) as same:
         warnings.simplefilter("always")
         loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(16, 3), torch.randn(16, 1)),
@@ -232,7 +239,8 @@ def _misuses(rank: int) -> dict:
     with warnings.catch_warnings(record=True) as sharded:
         warnings.simplefilter("always")
         loopkit.run_epochs(step, _state(), data, epochs=1, progress=False)
-    return {"refused": refused, "same": [str(w.message) for w in same], "sharded": [str(w.message) for w in sharded]}
+    return {"refused": refused, "other_sets": other_sets, "same": [str(w.message) for w in same],
+            "sharded": [str(w.message) for w in sharded]}
 
 
 @pytest.mark.slow
@@ -244,6 +252,7 @@ def test_val_on_one_rank_is_refused_on_both_and_unsharded_data_is_warned_about(t
     assert time.monotonic() - start < 60
     for r in ranks:
         assert "the ranks have other validation options" in r["refused"] and "rank 1 has" in r["refused"]
+        assert "the same named sets" in r["other_sets"] and "'val sets': ['a', 'c']" in r["other_sets"]
         assert any("every rank got the same first batch" in m for m in r["same"])
         assert not any("same first batch" in m for m in r["sharded"])
 

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from loopkit._numbers import as_int
@@ -16,7 +17,25 @@ from loopkit.transforms._compose import require_train_step
 __all__ = ["with_grad_accum"]
 
 
-def with_grad_accum(step: Any, every: int) -> TrainStep:
+def _schedule(every: Mapping[Any, Any]) -> tuple[tuple[int, int], ...]:
+    """``{epoch: factor}`` as ascending ``(epoch, factor)`` pairs from epoch 0 (factor 1 before the first given,
+    as Lightning's ``GradientAccumulationScheduler`` fills it in)."""
+    if not every:
+        raise ValueError("with_grad_accum: every is an empty schedule; give {epoch: factor, ...} (from epoch 0), "
+                         "or an int")
+    pairs = {}
+    for epoch, factor in every.items():
+        first, count = as_int(epoch), as_int(factor)
+        if first is None or first < 0:
+            raise ValueError(f"with_grad_accum: every's epochs must be ints >= 0 (0 is the first epoch), got {epoch!r}")
+        if count is None or count < 1:
+            raise ValueError(f"with_grad_accum: every's factors must be positive ints, got {factor!r} for epoch {first}")
+        pairs[first] = count
+    pairs.setdefault(0, 1)
+    return tuple(sorted(pairs.items()))
+
+
+def with_grad_accum(step: Any, every: int | Mapping[int, int]) -> TrainStep:
     """Accumulate gradients over ``every`` consecutive calls as if one batch ``every`` times larger.
 
     Each call's loss is divided by ``every``; the optimizer, the scheduler, and
@@ -27,6 +46,12 @@ def with_grad_accum(step: Any, every: int) -> TrainStep:
     the parameters, ``accum/count`` in extras), so purity and checkpoints keep them.
     ``run_epochs`` flushes a partial group at the end of an epoch: that update uses the mean
     over the micro-batches actually seen.
+
+    ``every`` may be a schedule by epoch, ``{0: 8, 4: 4}`` (8 in epochs 0-3, then 4; 1 before
+    the first epoch given), as Lightning's ``GradientAccumulationScheduler(scheduling=...)``:
+    each epoch's groups use its factor, and as ``run_epochs`` flushes each epoch's last group,
+    no group spans two factors (in a loop of your own, call ``step.flush(state)`` at an epoch's
+    end before advancing ``state.epoch``).
 
     >>> import torch
     >>> from loopkit.state import TrainState
@@ -41,13 +66,18 @@ def with_grad_accum(step: Any, every: int) -> TrainStep:
     """
     if callable(every) and not callable(step):
         raise TypeError("with_grad_accum: the step comes first: with_grad_accum(step, every=n)")
-    every_ = as_int(every)
-    if every_ is None or every_ < 1:
-        raise ValueError(f"with_grad_accum: every must be a positive int, got {every!r}")
-    every = every_
+    schedule: tuple[tuple[int, int], ...] = ()
+    if isinstance(every, Mapping):
+        schedule = _schedule(every)
+        every_: int | None = max(factor for _, factor in schedule)
+        if every_ == 1:  # (accumulating nothing in any epoch)
+            schedule = ()
+    else:
+        every_ = as_int(every)
+        if every_ is None or every_ < 1:
+            raise ValueError(f"with_grad_accum: every must be a positive int or a {{epoch: factor}} schedule, got {every!r}")
     base = require_train_step(step, "with_grad_accum")
-    if base.accum_every > 1:
-        raise TypeError(
-            f"with_grad_accum cannot wrap with_grad_accum: accumulate once, with every={base.accum_every * every}"
-        )
-    return base.with_transform("with_grad_accum", accum_every=every)
+    if base.accum_every > 1 or base.accum_schedule:
+        raise TypeError("with_grad_accum cannot wrap with_grad_accum: accumulate once"
+                        + ("" if schedule or base.accum_schedule else f", with every={base.accum_every * every_}"))
+    return base.with_transform("with_grad_accum", accum_every=every_, accum_schedule=schedule)

@@ -19,7 +19,7 @@ import loopkit
 from tests import _ddp_script as ddp
 
 TOL = 1e-6
-SCENARIOS = ["plain", "accum", "accum_outer", "bucket_views", "static_graph", "flush", "two_heads", "averaged_pruned", "nan_skip",
+SCENARIOS = ["plain", "accum", "accum_scheduled", "accum_outer", "bucket_views", "static_graph", "flush", "two_heads", "averaged_pruned", "nan_skip",
              "nan_raise", "fp16", "fit", "stop_one_rank", "callbacks_on_rank0", "uneven", "apart", "signal_one_rank", "signal_apart",
              "signal_in_group", "signal_spaced_votes", "loss_error", "buffers_apart"]
 
@@ -100,6 +100,20 @@ def test_grad_accum_under_ddp_equals_the_big_batch_and_skips_the_first_all_reduc
         # all-reduces seen by the comm hook after each call: none in a group's first micro-step
         assert r["counts"] == [0, 1, 1, 2, 2, 3, 3, 4]
         assert r["steps"] == [0, 1, 1, 2, 2, 3, 3, 4]
+
+
+@pytest.mark.slow
+def test_a_scheduled_accumulation_under_ddp_equals_its_big_batches_and_skips_each_groups_first_all_reduces(ranks):
+    results = ranks("accum_scheduled")
+    data = ddp.make_data(2 * ddp.STEPS)
+    calls = [torch.cat([data[i, 0], data[i, 1]]) for i in range(2 * ddp.STEPS)]
+    big = [torch.cat(calls[0:2]), torch.cat(calls[2:4]), torch.cat(calls[4:8])]  # every 2 in epoch 0, 4 in epoch 1
+    state, _ = _reference(big)
+    _assert_ranks_identical(results)
+    _assert_close(results[0]["params"], state.model)
+    for r in results:
+        assert r["counts"] == [0, 1, 1, 2, 2, 2, 2, 3]
+        assert r["steps"] == [0, 1, 1, 2, 2, 2, 2, 3]
 
 
 @pytest.mark.slow

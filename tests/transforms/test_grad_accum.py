@@ -164,3 +164,100 @@ def test_every_must_be_a_positive_int(every, mse_loss):
     with pytest.raises(ValueError) as info:
         loopkit.with_grad_accum(loopkit.train_step(mse_loss), every=every)
     assert "with_grad_accum: every must be a positive int" in str(info.value) and repr(every) in str(info.value)
+
+
+# --- a schedule by epoch (Lightning's GradientAccumulationScheduler) ------------------------------------------------
+
+
+def _scheduled_raw_loop(model, opt, sched, data, epochs, factor_of, mse_loss):
+    """The hand-written loop: epoch e accumulates factor_of(e) batches as (loss / n).backward(); a partial group at
+    the epoch's end is applied with the mean gradient of the batches it saw (run_epochs' flush)."""
+    for epoch in range(epochs):
+        n, seen = factor_of(epoch), 0
+        for batch in data:
+            loss = mse_loss(model, batch)
+            (loss / n if n > 1 else loss).backward()
+            seen += 1
+            if seen == n:
+                opt.step()
+                sched.step()
+                opt.zero_grad()
+                seen = 0
+        if seen:
+            for p in model.parameters():
+                p.grad.mul_(n / seen)
+            opt.step()
+            sched.step()
+            opt.zero_grad()
+
+
+@pytest.mark.parametrize("schedule, factor_of", [
+    ({0: 2, 2: 4, 3: 1}, lambda e: [2, 2, 4, 1][e]),  # 6 batches: 3 groups, 3, 1 whole and 1 partial of 2, 6
+    ({1: 4}, lambda e: 1 if e == 0 else 4),  # epoch 0 not given: 1, as Lightning fills it in
+])
+def test_a_schedule_by_epoch_is_bitwise_a_raw_loop_changing_its_factor_each_epoch(
+        schedule, factor_of, make_mlp, make_batches, mse_loss, assert_trees_equal):
+    data, epochs = make_batches(6), 4
+    ref_model = make_mlp(0)
+    ref_opt = torch.optim.Adam(ref_model.parameters(), lr=0.01)
+    ref_sched = torch.optim.lr_scheduler.StepLR(ref_opt, 1, 0.9)
+    _scheduled_raw_loop(ref_model, ref_opt, ref_sched, data, epochs, factor_of, mse_loss)
+
+    model = make_mlp(0)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    state = loopkit.TrainState.create(model, opt, torch.optim.lr_scheduler.StepLR(opt, 1, 0.9))
+    step = loopkit.with_grad_accum(loopkit.train_step(mse_loss), every=schedule)
+    state, history = loopkit.run_epochs(step, state, data, epochs=epochs, progress=False)
+    assert [r["step"] for r in history] == [sum(-(-6 // factor_of(k)) for k in range(e + 1)) for e in range(epochs)]
+    assert_trees_equal(dict(state.model.state_dict()), dict(ref_model.state_dict()))
+    assert_trees_equal(state.optimizer.state_dict(), ref_opt.state_dict())
+    assert [step.every_at(e) for e in range(6)] == [factor_of(min(e, 3)) for e in range(6)]
+
+
+def test_a_scheduled_group_resumes_from_a_state_dict_mid_group_as_the_uninterrupted_loop(
+        make_mlp, make_batches, mse_loss, make_adam_state, assert_trees_equal):
+    """A loop of one's own: the epoch set at each epoch's start, the partial group flushed at its end."""
+    data = make_batches(5)
+    step = loopkit.with_grad_accum(loopkit.train_step(mse_loss), every={0: 2, 1: 3})
+
+    def train(state, start=(0, 0), stop=None):
+        for epoch in range(start[0], 2):
+            if (epoch, 0) != start or start == (0, 0):
+                state = state.evolve(epoch=epoch, batch_index=0)
+            for i in range(start[1] if epoch == start[0] else 0, len(data)):
+                if (epoch, i) == stop:
+                    return state
+                state, _ = step(state, data[i])
+            state, _ = step.flush(state)
+        return state
+
+    whole = train(make_adam_state(make_mlp(0)))
+    cut = train(make_adam_state(make_mlp(0)), stop=(1, 1))  # one micro-batch into epoch 1's first group of 3
+    assert cut.extras["accum/count"] == 1
+    template = make_adam_state(make_mlp(7))
+    resumed = train(template.load_state_dict(cut.state_dict()), start=(1, 1))
+    assert resumed.step == whole.step == 3 + 2
+    assert_trees_equal(dict(resumed.model.state_dict()), dict(whole.model.state_dict()))
+    assert_trees_equal(resumed.optimizer.state_dict(), whole.optimizer.state_dict())
+
+
+@pytest.mark.parametrize("every, match", [
+    ({}, "every is an empty schedule"),
+    ({-1: 2}, r"every's epochs must be ints >= 0 \(0 is the first epoch\), got -1"),
+    ({0: 0}, "every's factors must be positive ints, got 0 for epoch 0"),
+    ({0: 2.5}, "every's factors must be positive ints, got 2.5 for epoch 0"),
+    ({"1": 2}, "every's epochs must be ints >= 0"),
+])
+def test_a_bad_schedule_is_refused_naming_the_entry(every, match, mse_loss):
+    with pytest.raises(ValueError, match=match):
+        loopkit.with_grad_accum(loopkit.train_step(mse_loss), every=every)
+
+
+def test_a_schedule_takes_numpy_numbers_and_one_of_ones_accumulates_nothing(mse_loss):
+    import numpy as np
+
+    step = loopkit.with_grad_accum(loopkit.train_step(mse_loss), every={np.int64(0): np.int64(1), np.int64(2): np.int64(3)})
+    assert [step.every_at(e) for e in range(4)] == [1, 1, 3, 3]
+    assert loopkit.with_grad_accum(loopkit.train_step(mse_loss), every={0: 1, 5: 1}).plain
+    with pytest.raises(TypeError, match="with_grad_accum cannot wrap with_grad_accum"):
+        loopkit.with_grad_accum(step, every=2)
