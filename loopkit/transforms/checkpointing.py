@@ -287,7 +287,9 @@ class CheckpointStep(UpdateStep):
             if score is not None and position in saver.names:
                 with saver.lock:
                     self._scores()[saver.names[position]] = score
-            self._prune(write_scores=score is not None, superseded=superseded)
+            # (keep_last=0: an unscored save, a graceful stop's or one of save()'s, stays until the next one)
+            protect = saver.names.get(position) if score is None and self.keep_last == 0 else None
+            self._prune(write_scores=score is not None, superseded=superseded, protect=protect)
 
         saver.run(task, self.async_save)
 
@@ -409,8 +411,9 @@ class CheckpointStep(UpdateStep):
         worst = values[self.keep_best - 1]
         return score < worst if self.mode == "min" else score > worst
 
-    def _prune(self, *, write_scores: bool, superseded: str | None = None) -> None:
-        """Remove what keep_last and keep_best do not keep (and ``superseded``, a checkpoint of the same update).
+    def _prune(self, *, write_scores: bool, superseded: str | None = None, protect: str | None = None) -> None:
+        """Remove what keep_last and keep_best do not keep (and ``superseded``, a checkpoint of the same update);
+        ``protect`` stays (a graceful stop's save under ``keep_last=0``).
 
         ``scores.json`` is rewritten first, then checkpoints are removed: a run killed anywhere in between
         has lost no checkpoint that it keeps (the scores of those still there are also in their
@@ -418,7 +421,9 @@ class CheckpointStep(UpdateStep):
         """
         found = [c for c in checkpoint.list_checkpoints(self.directory) if c.name != superseded]
         names = [c.name for c in found]
-        keep = set(names if self.keep_last is None else names[-self.keep_last:])
+        keep = set(names if self.keep_last is None else names[len(names) - self.keep_last:])
+        if protect is not None:
+            keep.add(protect)
         if self.monitor is not None:
             keep.update(self._kept_by_score(names))
         doomed = [c for c in found if c.name not in keep]
@@ -514,7 +519,9 @@ def with_checkpointing(
       (only :meth:`CheckpointStep.save` and a graceful stop then save, as before that default).
     * ``monitor`` (e.g. ``"val/loss"``), ``mode`` (``"min"``/``"max"``): also keep the
       ``keep_best`` checkpoints with the best value, besides the last ``keep_last``
-      (None keeps all). A ``val/`` metric is read after each validation, any other
+      (None keeps all; 0 keeps the best alone, as Lightning's ``ModelCheckpoint(monitor=...,
+      save_top_k=k)`` without ``save_last``: then an unscored save, a graceful stop's (what a
+      relaunch resumes from) or one of :meth:`CheckpointStep.save`, is kept until the next save). A ``val/`` metric is read after each validation, any other
       (``train/loss``) after each epoch; a validation at a position not yet saved saves
       one only when it ranks among the best. With a monitor, ``keep_best`` is at least 1
       (0 would keep nothing for the score: leave ``monitor`` out instead); without one it
@@ -563,12 +570,21 @@ def with_checkpointing(
     if every_n_steps is None and every_n_epochs is None and monitor is None:
         every_n_epochs = 1  # (no trigger saved nothing in a whole fit: Lightning's ModelCheckpoint() saves each epoch)
     every_n_epochs = every_n_epochs or None  # 0: no epoch saves, as Lightning's every_n_epochs=0
-    keep_last = _check_count("keep_last", keep_last, allow_none=True)
+    keep_last = _check_count("keep_last", keep_last, allow_none=True, minimum=0)
     keep_best = _check_count("keep_best", keep_best, allow_none=False, minimum=0)
     if mode not in ("min", "max"):
         raise ValueError(f"with_checkpointing: mode must be 'min' or 'max', got {mode!r}")
     if monitor is not None and (not isinstance(monitor, str) or not monitor):
         raise ValueError(f"with_checkpointing: monitor must be a metric name such as 'val/loss', got {monitor!r}")
+    if keep_last == 0 and monitor is None:
+        raise ValueError("with_checkpointing: keep_last=0 keeps only the best-scored checkpoints, and without a "
+                         "monitor none is scored: give monitor= (Lightning's save_top_k with its monitor), or keep_last >= 1")
+    if keep_last == 0 and (every_n_steps or every_n_epochs):
+        raise ValueError(
+            f"with_checkpointing: keep_last=0 keeps only the best-scored checkpoints, so the saves of "
+            f"{'every_n_steps' if every_n_steps else 'every_n_epochs'} (unscored) would be removed as soon as written: "
+            "leave it out (the monitor's validations save what ranks), or keep the newest with keep_last >= 1"
+        )
     if monitor is not None and keep_best == 0:
         raise ValueError(
             f"with_checkpointing: keep_best=0 with monitor={monitor!r} keeps no checkpoint for its score, so the "

@@ -304,6 +304,21 @@ def test_monitor_alone_saves_only_what_ranks(tmp_path):
     }
 
 
+def test_keep_last_zero_keeps_only_the_best_as_lightnings_save_top_k_and_an_unscored_save_until_the_next(tmp_path):
+    step = with_checkpointing(_count_step, tmp_path, keep_last=0, monitor="val/loss", keep_best=2)
+    state = TrainState.create(nn.Linear(1, 1))
+    for score in (5.0, 3.0, 4.0, 1.0, 6.0):  # at steps 1..5: the best two are 1.0 (step 4) and 3.0 (step 2)
+        state = _validate(step, state, score)
+    assert _steps(tmp_path) == [2, 4]
+    assert checkpoint.read_meta(checkpoint.best_checkpoint(tmp_path))["step"] == 4
+    state, _ = step(state, None)
+    step.save(state)  # an unscored save (a graceful stop's too): kept, the newest, for a relaunch
+    assert _steps(tmp_path) == [2, 4, 6]
+    assert loopkit.restore(TrainState.create(nn.Linear(1, 1)), tmp_path).step == 6
+    state = _validate(step, state, 2.0)  # step 7 ranks: the unscored one goes, and 3.0's
+    assert _steps(tmp_path) == [4, 7]
+
+
 def test_monitor_of_a_train_metric_is_read_at_epoch_end(tmp_path):
     step = with_checkpointing(train_step(_mse), tmp_path, every_n_epochs=1, keep_last=1, monitor="train/loss")
     _, history = run_epochs(step, _state(), _loader(), epochs=4, progress=False)
@@ -352,7 +367,12 @@ def test_it_wraps_any_gradient_transform_and_reports_its_name(tmp_path):
         ({"every_n_steps": 0}, "every_n_steps must be a positive int or None, got 0"),
         ({"every_n_epochs": 1.5}, "every_n_epochs must be an int >= 0 or None, got 1.5"),
         ({"every_n_epochs": -1}, "every_n_epochs must be an int >= 0 or None, got -1"),
-        ({"keep_last": 0}, "keep_last must be a positive int or None, got 0"),
+        ({"keep_last": -1}, "keep_last must be an int >= 0 or None, got -1"),
+        ({"keep_last": 0}, "keep_last=0 keeps only the best-scored checkpoints, and without a monitor none is scored"),
+        ({"keep_last": 0, "monitor": "val/loss", "every_n_epochs": 1},
+         "the saves of every_n_epochs (unscored) would be removed as soon as written"),
+        ({"keep_last": 0, "monitor": "val/loss", "every_n_steps": 5},
+         "the saves of every_n_steps (unscored) would be removed as soon as written"),
         ({"keep_best": -1}, "keep_best must be an int >= 0, got -1"),
         ({"keep_best": 0, "monitor": "val/loss"}, "keep_best=0 with monitor='val/loss' keeps no checkpoint for its score"),
         ({"mode": "avg"}, "mode must be 'min' or 'max', got 'avg'"),
