@@ -421,7 +421,7 @@ class CheckpointStep(UpdateStep):
         """
         found = [c for c in checkpoint.list_checkpoints(self.directory) if c.name != superseded]
         names = [c.name for c in found]
-        keep = set(names if self.keep_last is None else names[len(names) - self.keep_last:])
+        keep = set(names if self.keep_last is None else names[max(len(names) - self.keep_last, 0):])
         if protect is not None:
             keep.add(protect)
         if self.monitor is not None:
