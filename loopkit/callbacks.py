@@ -28,7 +28,9 @@ hook                                      when
 ``on_fit_end(state, history)``            once, after training
 ========================================  ===================================================
 
-A callback that sets ``should_stop = True`` ends training after the current hook. A callback
+A callback that sets ``should_stop = True`` ends training after the current hook (once
+``run_epochs``' ``min_epochs``/``min_steps`` are met, unless the callback's
+``stops_before_minimum`` is True, as ``loopkit.tune.PruningCallback``'s is). A callback
 with ``state_dict()`` and ``load_state_dict(d)`` (numbers, strings and tensors) has its counters
 kept in ``state.extras["callbacks/<state_key or class name>"]`` at each epoch's start, after
 each validation and epoch, and after the hooks of a batch whose update has a step checkpoint due
@@ -75,6 +77,8 @@ class Callback:
     """
 
     should_stop: bool = False
+    #: its ``should_stop`` ends the fit even before ``run_epochs``' ``min_epochs``/``min_steps`` are met
+    stops_before_minimum: bool = False
 
     def on_fit_start(self, state: Any) -> None:
         """Once, before sanity validation and the first step, with the state the fit trains."""

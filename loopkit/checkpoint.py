@@ -1333,7 +1333,8 @@ def best_checkpoint(directory: str | os.PathLike, monitor: str | None = None, mo
     ``evaluate(eval_step, restore(template, best_checkpoint(directory)), test_data)``.
 
     ``monitor`` and ``mode`` default to those ``with_checkpointing`` recorded in ``scores.json`` (or,
-    without one, in the newest scored checkpoint's ``meta.json``). Of equal scores the older
+    without one, in the newest scored checkpoint's ``meta.json``; a ``monitor`` given alone takes the
+    mode recorded with it). Of equal scores the older
     checkpoint is the best, as Lightning keeps the first; a NaN score is never the best. None
     when no checkpoint has a score (a run without ``monitor``: restore the directory, the newest).
 
@@ -1350,10 +1351,10 @@ def best_checkpoint(directory: str | os.PathLike, monitor: str | None = None, mo
     if mode not in (None, "min", "max"):
         raise ValueError(f"best_checkpoint: mode must be 'min' or 'max', got {mode!r}")
     if monitor is None or mode is None:
-        recorded = _recorded_monitor(directory)
+        recorded = _recorded_monitor(directory, monitor)
         if recorded is None:
             return None
-        monitor, mode = monitor or recorded[0], mode or recorded[1]
+        monitor, mode = recorded[0], mode or recorded[1]
     found = [(v, n) for n, v in scores(directory, monitor, mode).items() if not math.isnan(v)]
     if not found:
         return None
@@ -1362,17 +1363,22 @@ def best_checkpoint(directory: str | os.PathLike, monitor: str | None = None, mo
     return Path(directory) / best[1]
 
 
-def _recorded_monitor(directory: str | os.PathLike) -> tuple[str, str] | None:
-    """``(monitor, mode)`` of ``scores.json``, else of the newest checkpoint whose ``meta.json`` has a score."""
+def _recorded_monitor(directory: str | os.PathLike, monitor: str | None = None) -> tuple[str, str] | None:
+    """``(monitor, mode)`` of ``scores.json``, else of the newest checkpoint whose ``meta.json`` has a score
+    (of ``monitor``, when given)."""
+    def fits(record: Any) -> bool:
+        return (isinstance(record, Mapping) and isinstance(record.get("monitor"), str) and record.get("mode") in ("min", "max")
+                and (monitor is None or record["monitor"] == monitor))
+
     data = read_scores(directory)
-    if isinstance(data.get("monitor"), str) and data.get("mode") in ("min", "max"):
+    if fits(data):
         return data["monitor"], data["mode"]
     for info in reversed(list_checkpoints(directory)):
         try:
             record = read_meta(info.path).get("score")
         except (CheckpointCorruptError, OSError):
             continue
-        if isinstance(record, Mapping) and isinstance(record.get("monitor"), str) and record.get("mode") in ("min", "max"):
+        if fits(record):
             return record["monitor"], record["mode"]
     return None
 

@@ -352,6 +352,7 @@ def evaluate(
     """
     _check_state(state, "evaluate")
     _check_device(device, "evaluate")
+    _check_sets(data, "evaluate: data", "evaluate(eval_step, state, {'name': data})")
     sets = _val_sets(data)
     for name, one in sets:
         _check_data(one, "evaluate: data" if name is None else f"evaluate: data[{name!r}]")
@@ -362,6 +363,9 @@ def evaluate(
     means: dict[str, float] = {}
     for name, one in sets:
         own, _ = _evaluate(step, state, one, limit, device, reduce)
+        if not own and limit != 0 and name is not None:
+            warnings.warn(f"evaluate: no means for data[{name!r}]: it yielded no batch (empty, or an iterator used "
+                          "up), or the step returned no metric", RuntimeWarning, stacklevel=2)
         means.update({_named(k, name): v for k, v in own.items()})
     if not means and limit != 0:
         warnings.warn("evaluate: no means: data yielded no batch (empty, or an iterator used up), or the step "
@@ -551,20 +555,31 @@ def _named(key: str, name: str | None) -> str:
     return key if name is None else f"{key}/{name}"
 
 
+def _check_sets(data: Any, what: str, fix: str) -> None:
+    """Refuse several data sets that cannot be told apart: an empty mapping, a name that is not one, a list
+    mixing DataLoaders (several sets, as Lightning's) with other items (batches)."""
+    if isinstance(data, Mapping):
+        if not data:
+            raise ValueError(f"{what} is an empty mapping: name one data set at least, {fix}")
+        for name in data:
+            if not isinstance(name, str) or not name or name != name.strip() or "/" in name:
+                raise ValueError(f"{what} names its sets {list(data)!r}; each name must be a non-empty string without "
+                                 f"'/' or outer spaces (metrics are named '<metric>/<name>'), got {name!r}")
+    elif isinstance(data, (list, tuple)) and data and any(isinstance(d, torch.utils.data.DataLoader) for d in data):
+        if not all(isinstance(d, torch.utils.data.DataLoader) for d in data):
+            kinds = ", ".join(type(d).__qualname__ for d in data[:4])
+            raise TypeError(f"{what} is a list mixing DataLoaders with other items ({kinds}): a list of DataLoaders is "
+                            "several data sets (Lightning's val_dataloaders=[a, b]); give sets of other kinds by name, "
+                            "{'a': data_a, 'b': data_b}, or one set as a list of batches")
+
+
 def _check_val(val: Any) -> None:
     """(After ``_validate_options``, which checks it is a pair.)"""
     if "train_step" in as_step(val[0]).applied:
         raise TypeError("run_epochs: val's step is a train_step, which would train on the validation data; "
                         "pass eval_step(metric_fn)")
-    if isinstance(val[1], Mapping):
-        if not val[1]:
-            raise ValueError("run_epochs: val's data is an empty mapping: name one validation set at least, "
-                             "val=(eval_step, {'name': val_data}), or pass val=None to train without validation")
-        for name in val[1]:
-            if not isinstance(name, str) or not name or name != name.strip() or "/" in name:
-                raise ValueError(f"run_epochs: val's data names its sets {list(val[1])!r}; each name must be a "
-                                 f"non-empty string without '/' or outer spaces (metrics are named 'val/<metric>/<name>'), "
-                                 f"got {name!r}")
+    _check_sets(val[1], "run_epochs: val's data", "val=(eval_step, {'name': val_data}), or pass val=None to train "
+                "without validation")
     for name, data in _val_sets(val[1]):
         _check_one_val_set(data, "val's data" if name is None else f"val's data[{name!r}]")
 
@@ -808,6 +823,8 @@ class _Hooks:
         self.callbacks = list(callbacks)
         self.min_epochs, self.min_steps = min_epochs, min_steps
         self.stop_asked = False  # a callback asked to stop at the last check, while the minimum was not met
+        # a callback whose stop the minimum does not hold off (a pruned trial's) could ask while one waits
+        self.overriding = any(getattr(cb, "stops_before_minimum", False) for cb in self.callbacks)
         # Callback's own no-op on_batch_end is left out: a batch then calls no hook and reads no should_stop
         self.batch_end = [
             (cb, cb.on_batch_end) for cb in self.callbacks
@@ -865,12 +882,17 @@ class _Hooks:
     def stops(self, state: TrainState) -> bool:
         """Whether the fit stops at ``state``: a callback asks to, and the minimum is met. A collective under
         DDP (see :attr:`should_stop`), but while a stop asked for waits for the minimum (``stop_asked``)."""
-        if self.stop_asked and not self.may_stop(state):
+        if self.stop_asked and not self.may_stop(state) and not self.overriding:
             return False  # (the answer until the minimum is met, whatever the callbacks say meanwhile)
         asked = self.should_stop
-        if self.min_epochs is not None or self.min_steps is not None:
-            self.stop_asked = asked  # checked again after each batch: the minimum may be met mid-epoch
-        return asked and self.may_stop(state)
+        if self.min_epochs is None and self.min_steps is None:
+            return asked
+        self.stop_asked = asked  # checked again after each batch: the minimum may be met mid-epoch
+        if not asked or self.may_stop(state):
+            return asked
+        # (the same on every rank: a collective only where every rank asks it)
+        return _collective.any_rank(any(getattr(cb, "should_stop", False) and getattr(cb, "stops_before_minimum", False)
+                                        for cb in self.callbacks))
 
     @property
     def should_stop(self) -> bool:
@@ -1227,10 +1249,11 @@ def run_epochs(
     # and the sets' means are reduced in turn (the same sets, in the same order)
     _collective.check_same({"val": validates, "val_every_n_epochs": val_every_n_epochs, "val_every_n_steps": val_steps,
                             "sanity_val_batches": sanity_val_batches if validates else 0,
-                            "val sets": [name for name, _ in _val_sets(val[1])] if validates else []},  # type: ignore[index]
-                           "run_epochs: the ranks have other validation options, and every rank must validate at the "
-                           "same points (give val= on every rank, each its own shard of the validation data, the "
-                           "same named sets)")
+                            "val sets": [name for name, _ in _val_sets(val[1])] if validates else [],  # type: ignore[index]
+                            "min_epochs": min_epochs, "min_steps": min_steps},
+                           "run_epochs: the ranks have other validation options (or min_epochs/min_steps), and every "
+                           "rank must validate and stop at the same points (give val= on every rank, each its own shard "
+                           "of the validation data, the same named sets)")
     check_sharding = _collective.active() and "with_ddp" in step.applied  # (at the fit's first batch)
     given = state
     if OVER_RANKS in state.extras:  # restored from a checkpoint holding every rank's running means and RNG: each takes its own
@@ -1275,6 +1298,8 @@ def run_epochs(
                 return (epochs is None or s.epoch < epochs) and (max_steps is None or s.step < max_steps)
 
             batch_hooks = _collective.any_rank(bool(hooks.batch_end))  # (one rank's hooks make every rank ask)
+            if min_epochs is not None or min_steps is not None:
+                hooks.overriding = _collective.any_rank(hooks.overriding)
             step.notify("fit_start", state, {})  # (with_checkpointing's step saves now wait for the batch's callbacks)
             fresh = step.returns_fresh_state
             told_batch_index = False

@@ -267,6 +267,9 @@ class PruningCallback(MonitorCallback):
     """
 
     reads_only = True  # it reports to the trial and changes nothing of the state
+    #: a pruned trial's result is dropped: run_epochs' min_epochs/min_steps do not hold its stop off (as
+    #: optuna-integration's Lightning callback raises TrialPruned in on_validation_end, whatever Trainer's min_epochs)
+    stops_before_minimum = True
 
     def __init__(self, trial: optuna.Trial, monitor: str = "val/loss", *, report_step: str = "count") -> None:
         super().__init__(monitor)

@@ -1031,6 +1031,19 @@ def test_best_checkpoint_is_the_best_scored_epochs_by_the_recorded_mode(tmp_path
     assert checkpoint.best_checkpoint(tmp_path, "val/score", "max" if mode == "min" else "min") is None
 
 
+def test_best_checkpoint_of_a_monitor_given_alone_takes_the_mode_recorded_with_it(tmp_path):
+    _scored_run(tmp_path, [3.0, 1.0, 2.0], "min", keep_best=3, keep_last=1)  # val/score, min: best at epoch 2
+
+    def metric(state, batch):
+        return state, {"acc": torch.tensor([0.1, 0.9, 0.5][state.epoch - 4])}
+
+    state = loopkit.restore(make_state(), tmp_path)
+    step = loopkit.with_checkpointing(train_step(mse), tmp_path, monitor="val/acc", mode="max", keep_last=None)
+    loopkit.run_epochs(step, state, make_data(2), epochs=6, val=(metric, [0]), sanity_val_batches=0, progress=False)
+    assert checkpoint.read_meta(checkpoint.best_checkpoint(tmp_path))["epoch"] == 5  # scores.json's: val/acc, max
+    assert checkpoint.read_meta(checkpoint.best_checkpoint(tmp_path, "val/score"))["epoch"] == 2  # its meta.json: min
+
+
 def test_best_checkpoint_skips_one_removed_and_is_none_without_scores(tmp_path):
     _scored_run(tmp_path / "scored", [3.0, 1.0, 2.0], "min", keep_best=2, keep_last=1)
     best = checkpoint.best_checkpoint(tmp_path / "scored")

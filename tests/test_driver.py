@@ -434,6 +434,18 @@ def test_a_monitor_on_one_validation_set_drives_early_stopping_checkpoints_and_t
     assert [c.step for c in loopkit.checkpoint.list_checkpoints(tmp_path / "ckpt")] == kept
 
 
+def test_evaluate_names_an_empty_set_and_refuses_what_run_epochs_refuses():
+    state = make_state()
+    with pytest.warns(RuntimeWarning, match=r"evaluate: no means for data\['a'\]"):
+        means = loopkit.evaluate(counting_eval()[0], state, {"a": [], "b": make_data(1)})
+    assert list(means) == ["mse/b"]
+    with pytest.raises(ValueError, match=r"each name must be a non-empty string without '/'"):
+        loopkit.evaluate(counting_eval()[0], state, {"a/b": make_data(1)})
+    loader = DataLoader(TensorDataset(*make_data(1, batch_size=4)[0]), batch_size=2)
+    with pytest.raises(TypeError, match=r"evaluate: data is a list mixing DataLoaders with other items \(DataLoader, list\)"):
+        loopkit.evaluate(counting_eval()[0], state, [loader, make_data(1)])
+
+
 @pytest.mark.parametrize("sets, error, match", [
     ({}, ValueError, r"val's data is an empty mapping"),
     ({"": make_data(1)}, ValueError, r"each name must be a non-empty string without '/'"),
@@ -442,6 +454,8 @@ def test_a_monitor_on_one_validation_set_drives_early_stopping_checkpoints_and_t
     ({"a": make_data(1), "b": []}, ValueError, r"val's data\['b'\] is empty"),
     ({"a": iter(make_data(1))}, TypeError, r"val's data\['a'\] is an iterator"),
     ({"a": make_data(1), "b": 3}, TypeError, r"val's data\['b'\] must be an iterable of batches"),
+    ([DataLoader(TensorDataset(torch.zeros(2, 3), torch.zeros(2, 1))), make_data(1)], TypeError,
+     r"val's data is a list mixing DataLoaders with other items \(DataLoader, list\)"),
 ])
 def test_bad_validation_sets_are_refused_naming_the_set(sets, error, match):
     state = make_state()

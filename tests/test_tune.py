@@ -187,6 +187,24 @@ def test_the_callback_alone_raises_trial_pruned_when_the_fit_ends(make_mlp, make
     assert counter.batches == BATCHES
 
 
+def test_min_epochs_does_not_hold_off_a_pruned_trial_while_early_stopping_waits_for_it(make_mlp, make_batches, mse_loss):
+    """optuna-integration's Lightning callback raises TrialPruned in on_validation_end, whatever Trainer's min_epochs."""
+    trial = optuna.create_study(pruner=optuna.pruners.ThresholdPruner(upper=0.0)).ask()
+    step, state, data, val = _pipeline(0.05, make_mlp, make_batches, mse_loss)
+    counter = _CountBatches()
+    stopper = loopkit.EarlyStopping("val/loss", patience=1, stopping_threshold=1e9)  # asks at once, waits for min
+    with pytest.raises(optuna.TrialPruned, match="pruned at step 1: val/loss"):
+        loopkit.run_epochs(step, state, data, val=val, epochs=EPOCHS, min_epochs=EPOCHS - 1, progress=False,
+                           callbacks=[stopper, tune.PruningCallback(trial), counter])
+    assert counter.batches == BATCHES  # one epoch, not min_epochs
+    trial = optuna.create_study(pruner=optuna.pruners.NopPruner()).ask()
+    step, state, data, val = _pipeline(0.05, make_mlp, make_batches, mse_loss)
+    state, history = loopkit.run_epochs(step, state, data, val=val, epochs=EPOCHS, min_epochs=EPOCHS - 1, progress=False,
+                                        callbacks=[loopkit.EarlyStopping("val/loss", patience=1, stopping_threshold=1e9),
+                                                   tune.PruningCallback(trial)])
+    assert len(history) == EPOCHS - 1  # the early stop waited for the minimum
+
+
 def test_history_extras_that_json_cannot_hold_are_read(make_mlp, make_batches, mse_loss, tmp_path):
     """A 0-dim tensor a callback adds to the epoch's record is a number in the trial's history (run_epochs reads it;
     a string there is refused by run_epochs, naming the callback)."""
