@@ -37,7 +37,7 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from loopkit._numbers import as_int, as_real
 from loopkit.callbacks import Callback
-from loopkit.driver import _check_data, _check_device, _check_state, _global_rngs_kept, run_epochs
+from loopkit.driver import _check_data, _check_device, _check_state, _global_rngs_kept, _num_batches, run_epochs
 from loopkit.state import TrainState, fork
 from loopkit.steps import as_step
 
@@ -45,8 +45,9 @@ __all__ = ["LRFinderResult", "lr_find"]
 
 _MODES = ("exponential", "linear")
 _BETA = 0.98  # Lightning's smoothing of the recorded loss
-# transforms that write files (logs, checkpoints) of the probe run: Lightning turns its loggers and callbacks off
-_REFUSED = ("with_checkpointing", "with_logging")
+# what Lightning turns off during the search (its loggers and callbacks): transforms that write files (logs,
+# checkpoints) of the probe run, or change its training apart from the rates (SWA sets rates of its own, pruning zeroes weights)
+_REFUSED = ("with_checkpointing", "with_logging", "with_swa", "with_pruning")
 
 
 class _RangeLR(LRScheduler):
@@ -335,8 +336,11 @@ def lr_find(
     - The update count starts at 0 for any state (Lightning uses ``trainer.global_step``, which only
       agrees when the search starts a fresh trainer); the epochs are not capped by a ``max_epochs``.
     - No validation runs during the search (Lightning validates the probe when an epoch ends).
-    - A step with ``with_logging`` or ``with_checkpointing`` is refused (they would write the
-      probe's logs and checkpoints; Lightning turns loggers and callbacks off): pass the step without them.
+    - A step with ``with_logging``, ``with_checkpointing``, ``with_swa`` or ``with_pruning`` is refused
+      (they would write the probe's logs and checkpoints, set rates of their own or prune it; Lightning
+      turns loggers and callbacks off): pass the step without them.
+    - A closure optimizer (LBFGS) records the loss a raw ``optimizer.step(closure)`` returns, its first
+      evaluation; Lightning records its last.
     - The given state is never touched (Lightning trains the model itself, then restores it from a
       checkpoint, which leaves the global RNG advanced).
     - Suggestions: as Lightning 2.6, ``torch.gradient`` over tensors of torch's default dtype (older
@@ -373,14 +377,20 @@ def lr_find(
         raise ValueError("lr_find: the state has no optimizer (TrainState.create(model, optimizer)): there is no rate to try")
     _check_device(device, "lr_find")
     _check_data(train_data, "lr_find: train_data")
+    if _num_batches(train_data, None, "train_data") == 0:
+        raise ValueError("lr_find: train_data is empty (len() is 0): there is no batch to try a rate on")
+    if not callable(step):
+        raise TypeError(f"lr_find: step must be a step, train_step(loss_fn) or a function (state, batch) -> "
+                        f"(state, metrics), got {type(step).__qualname__}")
     step = as_step(step)
     if "eval_step" in step.applied:
         raise TypeError("lr_find: the step is an eval_step, which updates nothing; pass train_step(loss_fn)")
     refused = [name for name in _REFUSED if name in step.applied]
     if refused:
         raise ValueError(
-            f"lr_find: the step has {' and '.join(refused)}, which would write the search's logs or checkpoints "
-            "(Lightning turns its loggers and callbacks off during the search): pass the step without them"
+            f"lr_find: the step has {' and '.join(refused)}, which would write the search's logs or checkpoints, "
+            "or set rates or prune weights of their own (Lightning turns its loggers and callbacks, SWA and "
+            "pruning among them, off during the search): pass the step without them"
         )
     probe = fork(state)
     for group in probe.optimizer.param_groups:
@@ -388,9 +398,19 @@ def lr_find(
         group["initial_lr"] = min_lr
     probe = probe.evolve(scheduler=_RangeLR(probe.optimizer, max_lr, count, mode))
     recorder = _Recorder(probe.step, _accum_every(step), threshold)
-    with _global_rngs_kept():
+    with _global_rngs_kept(), warnings.catch_warnings():
+        # (its words are run_epochs' options: the search says it in its own below)
+        warnings.filterwarnings("ignore", message=r"run_epochs: epoch \d+ went by without state.step advancing")
         run_epochs(step, probe, train_data, max_steps=probe.step + count, callbacks=[recorder], progress=False,
                    device=device)
+    if len(recorder.lrs) < count and not recorder.should_stop:
+        warnings.warn(
+            f"lr_find: the search ended after {len(recorder.lrs)} of num_training={count} updates: a pass over "
+            "train_data made no update (every batch skipped: a loss_fn returning None, or with_nan_guard skipping "
+            "non-finite updates)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     return LRFinderResult(
         {"lr": recorder.lrs, "loss": recorder.losses},
         mode=mode,

@@ -443,6 +443,38 @@ def test_bad_state_step_and_data_are_named():
         loopkit.lr_find(step, make_state(), 3)
     with pytest.raises(ValueError, match="with_logging"):
         loopkit.lr_find(loopkit.with_logging(step, loopkit.ConsoleLogger()), make_state(), make_data())
+    with pytest.raises(ValueError, match="lr_find: train_data is empty"):
+        loopkit.lr_find(step, make_state(), [])
+    with pytest.raises(TypeError, match="lr_find: step must be a step"):
+        loopkit.lr_find(3, make_state(), make_data())
+
+
+@pytest.mark.parametrize("transform", [lambda s: loopkit.with_swa(s, 0.05, swa_epoch_start=1),
+                                       lambda s: loopkit.with_pruning(s, 0.5, [2])], ids=["swa", "pruning"])
+def test_what_lightning_turns_off_during_the_search_is_refused(transform):
+    """Lightning's search runs without the user's callbacks: with SWA the range's rates stood still, with pruning
+    the weights were pruned mid-search."""
+    state = make_state()
+    before = _snapshot(state)
+    with pytest.raises(ValueError, match="pass the step without them"):
+        loopkit.lr_find(transform(loopkit.train_step(mse)), state, make_data())
+    _assert_same(before, _snapshot(state))
+
+
+def test_a_search_that_makes_no_update_in_a_pass_says_so_in_its_own_words():
+    calls = [0]
+
+    def skips_after_a_while(model, batch):
+        calls[0] += 1
+        return None if calls[0] > 3 else mse(model, batch)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = loopkit.lr_find(loopkit.train_step(skips_after_a_while), make_state(), make_data(), num_training=40)
+    messages = [str(w.message) for w in caught]
+    assert len(result.results["lr"]) == 3 and not result.stopped_early
+    assert any("lr_find: the search ended after 3 of num_training=40 updates" in m for m in messages)
+    assert not any(m.startswith("run_epochs:") for m in messages)
 
 
 def test_numpy_numbers_are_accepted():

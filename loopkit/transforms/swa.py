@@ -25,6 +25,8 @@ from loopkit.state import (
 from loopkit.steps import Metrics, WrapperStep
 from loopkit.transforms._compose import refuse_wrapping, require_step
 from loopkit.transforms.ema import _fitted, _parameters
+from loopkit.transforms.pruning import _MASKS as _PRUNING_MASKS
+from loopkit.transforms.pruning import _masked_parameters
 
 __all__ = ["SWAStep", "swa_state", "with_swa"]
 
@@ -112,7 +114,8 @@ def _put_back_lrs(optimizer: torch.optim.Optimizer, lrs: list[Any]) -> None:
 
 
 def _has_batch_norm(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    """Whether ``model`` has BatchNorm layers that keep running statistics (the ones update_bn recomputes)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats for m in model.modules())
 
 
 @attrs.frozen(eq=False)
@@ -151,10 +154,31 @@ class SWAStep(WrapperStep):
         return self._swa_call(self.inner.run_, state, batch, average=True)
 
     def flush_(self, state: TrainState) -> tuple[TrainState, Metrics]:
-        if state.epoch < self.swa_start:
+        """The epoch's end (``run_epochs`` flushes there): in SWA, the next epoch's SWALR rates are set once its
+        updates are done, as Lightning steps SWALR at an epoch's end, so what reads the optimizer between two epochs
+        (``LearningRateMonitor``'s epoch records, its step record after an epoch's last update) sees the rates the next
+        updates use (the next epoch's first call sets them anyway)."""
+        if state.epoch + 1 < self.swa_start:
             self._check(state)
             return self.inner.flush_(state)
-        return self._swa_call(self.inner.flush_, state, average=False)
+        if state.epoch < self.swa_start:  # (the first SWA epoch's rates are the ones the optimizer has now)
+            new, metrics = self.inner.flush_(state)
+            return new, metrics
+        new, metrics = self._swa_call(self.inner.flush_, state, average=False)
+        extras = new.extras
+        if new.optimizer is not None and _LR_START in extras:
+            _set_lrs(new.optimizer, self._epoch_lrs(extras, self._rates(new)[1], state.epoch + 1))
+        return new, metrics
+
+    def _epoch_lrs(self, extras: Mapping[str, Any], swa_lrs: tuple[float, ...], epoch: int) -> tuple[float, ...]:
+        """SWALR's rates for ``epoch`` (a real SWALR driven once per epoch, cached on the step)."""
+        key = (tuple(extras[_LR_START]), epoch - extras[_LR_EPOCH])
+        lrs = self._lrs_of.get(key)
+        if lrs is None:
+            if len(self._lrs_of) > 64:  # (a long run: the epochs behind it are not asked again)
+                self._lrs_of.clear()
+            lrs = self._lrs_of[key] = _swalr_lrs(key[0], swa_lrs, self.annealing_epochs, self.annealing_strategy, key[1])
+        return lrs
 
     def _check(self, state: TrainState) -> None:
         try:
@@ -190,8 +214,10 @@ class SWAStep(WrapperStep):
                 new_extras[_LR_START] = tuple(float(group["lr"]) for group in optimizer.param_groups)
             elif len(extras[_LR_START]) != len(optimizer.param_groups):
                 raise ValueError(
-                    f"with_swa: the state's extras['{_LR_START}'] hold the rates of {len(extras[_LR_START])} param "
-                    f"groups, but the optimizer has {len(optimizer.param_groups)}; " + _FIX
+                    f"with_swa: SWA began (epoch {extras.get(_LR_EPOCH)}) with {len(extras[_LR_START])} param groups, "
+                    f"and the optimizer has {len(optimizer.param_groups)} now: SWALR anneals the groups it began "
+                    "with (torch's fails on a group added later too); add param groups (unfreeze) before "
+                    "swa_epoch_start, or, for a state of another optimizer, drop the 'swa/' entries from its extras"
                 )
             latest = extras.get(_LATEST, -1)
             if average and state.epoch > latest and (self.swa_end is None or state.epoch <= self.swa_end):
@@ -207,13 +233,7 @@ class SWAStep(WrapperStep):
         except ValueError as error:
             raise leave_intact(error, state)
         now = extras if new_extras is None else new_extras
-        key = (tuple(now[_LR_START]), state.epoch - now[_LR_EPOCH])
-        lrs = self._lrs_of.get(key)
-        if lrs is None:
-            if len(self._lrs_of) > 64:  # (a long run: the epochs behind it are not asked again)
-                self._lrs_of.clear()
-            lrs = self._lrs_of[key] = _swalr_lrs(*key[:1], swa_lrs, self.annealing_epochs, self.annealing_strategy,
-                                                 key[1])
+        lrs = self._epoch_lrs(now, swa_lrs, state.epoch)
         used = replace(state, scheduler=None, extras=now)
         before = _set_lrs(optimizer, lrs)
         try:
@@ -313,6 +333,7 @@ def with_swa(
     (3, 0.01)
     >>> averaged = swa_state(state)  # the average of the weights epochs 1, 2 and 3 started from
     """
+    inner = require_step(step, "with_swa", no_eval="an evaluation step trains no weights to average")
     lrs = _swa_lrs(swa_lrs)
     if epochs is not None:
         epochs_ = as_int(epochs)
@@ -330,7 +351,6 @@ def with_swa(
     if avg_fn is not None and not callable(avg_fn):
         raise TypeError(f"with_swa: avg_fn must be callable as avg_fn(averaged, param, n_averaged), "
                         f"got {type(avg_fn).__qualname__}")
-    inner = require_step(step, "with_swa", no_eval="an evaluation step trains no weights to average")
     refuse_wrapping(inner, "with_swa", {
         "with_swa": "the state holds one set of averages and one learning-rate schedule",
         "with_checkpointing": "in SWA epochs with_swa hands its inner step the state without its scheduler (SWALR "
@@ -380,6 +400,10 @@ def swa_state(state: TrainState, train_data: Any = None, *, device: torch.device
     names, params = _parameters(copy)
     with torch.no_grad():
         torch._foreach_copy_(params, [averages[name] for name in names])
+        masks = state.extras.get(_PRUNING_MASKS)
+        if masks:  # pruned weights stay pruned (Lightning's averages are of weight_orig, under the mask)
+            pruned_names, pruned = _masked_parameters(model, masks)
+            torch._foreach_mul_(pruned, [masks[n].to(p.dtype) for n, p in zip(pruned_names, pruned)])
     if _has_batch_norm(model):
         if train_data is None:
             raise ValueError("swa_state: the model has BatchNorm layers, whose running statistics must be recomputed "
@@ -390,8 +414,24 @@ def swa_state(state: TrainState, train_data: Any = None, *, device: torch.device
         if where.type == "cuda":
             cuda_index = where.index if where.index is not None else torch.cuda.current_device()
         scope = RNGScope(copy.rng or global_rng_state(cuda_index), cuda_index, copy.seed)
+        read = [0]
         try:
-            update_bn(train_data, copy.model, where)
+            update_bn(_inputs(train_data, read), copy.model, where)
         finally:
             scope.discard()
+        if not read[0]:
+            raise ValueError("swa_state: train_data yielded no batch, so no BatchNorm statistics could be computed "
+                             "for the averaged weights (an empty list, or an iterator used up)")
     return copy
+
+
+def _inputs(data: Any, read: list[int]) -> Any:
+    """``data``'s batches for ``update_bn``, each checked to be what it takes; ``read[0]`` counts them."""
+    for batch in data:
+        if not isinstance(batch, (torch.Tensor, list, tuple)) or (not isinstance(batch, torch.Tensor) and not batch):
+            raise TypeError(
+                f"swa_state: a batch of train_data is a {type(batch).__qualname__}; torch's update_bn takes a tensor, "
+                "or a tuple or list whose first item is the model's input: pass e.g. [(b['x'],) for b in data]"
+            )
+        read[0] += 1
+        yield batch

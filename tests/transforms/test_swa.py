@@ -212,6 +212,52 @@ def test_swa_state_of_a_batch_norm_model_needs_the_data(data):
         loopkit.swa_state(state.model)
 
 
+def test_swa_state_names_batches_update_bn_cannot_take_and_refuses_data_without_a_batch(data):
+    step = loopkit.with_swa(loopkit.train_step(_mse), 0.01, swa_epoch_start=1)
+    state, _ = step(_state("sgd"), data[0])
+    with pytest.raises(TypeError, match=r"swa_state: a batch of train_data is a dict; torch's update_bn takes a tensor"):
+        loopkit.swa_state(state, [{"x": x, "y": y} for x, y in data])
+    with pytest.raises(ValueError, match="swa_state: train_data yielded no batch"):  # update_bn would reset the statistics
+        loopkit.swa_state(state, [])
+    no_stats = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8, track_running_stats=False), nn.Linear(8, 2))
+    plain = loopkit.TrainState.create(no_stats, torch.optim.SGD(no_stats.parameters(), lr=0.1))
+    plain, _ = step(plain, data[0])
+    loopkit.swa_state(plain)  # no running statistics to recompute: no data needed
+
+
+def test_swa_state_keeps_pruned_weights_pruned_as_lightnings_averages_under_the_mask(data, assert_trees_equal):
+    """Lightning averages a pruned module's weight_orig and puts it back under the mask: its weights stay sparse."""
+    step = loopkit.with_swa(loopkit.with_pruning(loopkit.train_step(_mse), 0.6, [2, 6, 10]), 0.01, swa_epoch_start=1)
+    state, _ = loopkit.run_epochs(step, _state("sgd"), data, epochs=3, progress=False)
+    masks = state.extras["pruning/masks"]
+    averaged = loopkit.swa_state(state, data)
+    for name, mask in masks.items():
+        weight = averaged.model.get_parameter(name)
+        expected = state.extras["swa/params"][name] * mask
+        assert_trees_equal(weight.detach(), expected)
+        assert int((weight == 0).sum()) >= int((mask == 0).sum()) > 0
+
+
+def test_each_epochs_rate_is_set_at_the_previous_epochs_end_as_lightning_steps_swalr(data):
+    """What reads the optimizer between epochs (LearningRateMonitor's epoch records) sees the rate that epoch's updates
+    use. Reference: the rates the updates used, read after each epoch's first update."""
+    used = _Rates()
+    monitor = loopkit.LearningRateMonitor()
+    step = loopkit.with_swa(loopkit.train_step(_mse), 0.01, swa_epoch_start=2, epochs=EPOCHS, annealing_epochs=2,
+                            annealing_strategy="linear")
+    _, history = loopkit.run_epochs(step, _state("sgd"), data, epochs=EPOCHS, progress=False, callbacks=[monitor, used])
+    assert [r["lr-SGD"] for r in history] == [rates[0] for rates in used.rates]
+
+
+def test_a_param_group_added_mid_swa_is_refused_saying_so(data):
+    step = loopkit.with_swa(loopkit.train_step(_mse), 0.01, swa_epoch_start=1)
+    state = _state("sgd")
+    state, _ = step(state, data[0])
+    state.optimizer.add_param_group({"params": [nn.Parameter(torch.zeros(1))], "lr": 0.1})
+    with pytest.raises(ValueError, match="SWA began .* with 1 param groups, and the optimizer has 2 now"):
+        step(state, data[1])
+
+
 def test_numpy_options_are_taken(data, assert_trees_equal):
     a = loopkit.with_swa(loopkit.train_step(_mse), np.float32(0.25), swa_epoch_start=np.float64(0.5),
                          epochs=np.int64(4), annealing_epochs=np.int64(2))
