@@ -86,6 +86,7 @@ __all__ = [
     "load",
     "read_meta",
     "read_scores",
+    "ranked",
     "read_structure",
     "remove",
     "restore",
@@ -1290,6 +1291,15 @@ def read_scores(directory: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
+def ranked(value: Any) -> bool:
+    """Whether a recorded score takes part in the ranking: any number (±inf included) but NaN.
+
+    >>> ranked(0.5), ranked(float("nan")), ranked(True)
+    (True, False, False)
+    """
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+
+
 def scores(directory: str | os.PathLike, monitor: str, mode: str) -> dict[str, float]:
     """The scores of ``monitor`` (ranked in ``mode``) of the checkpoints in ``directory``, by name.
 
@@ -1321,9 +1331,8 @@ def scores(directory: str | os.PathLike, monitor: str, mode: str) -> dict[str, f
             continue
         if not isinstance(record, Mapping) or (record.get("monitor"), record.get("mode")) != (monitor, mode):
             continue
-        value = record.get("value")
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value):
-            known[info.name] = float(value)
+        if ranked(record.get("value")):
+            known[info.name] = float(record["value"])
     return known
 
 
@@ -1350,11 +1359,13 @@ def best_checkpoint(directory: str | os.PathLike, monitor: str | None = None, mo
     """
     if mode not in (None, "min", "max"):
         raise ValueError(f"best_checkpoint: mode must be 'min' or 'max', got {mode!r}")
-    if monitor is None or mode is None:
-        recorded = _recorded_monitor(directory, monitor)
-        if recorded is None:
-            return None
-        monitor, mode = recorded[0], mode or recorded[1]
+    recorded = _recorded_monitor(directory, monitor)
+    if recorded is None:
+        return None
+    if mode is not None and mode != recorded[1]:
+        raise ValueError(f"best_checkpoint: {recorded[0]!r} was recorded with mode={recorded[1]!r}, not {mode!r}: "
+                         "leave mode out")
+    monitor, mode = recorded
     found = [(v, n) for n, v in scores(directory, monitor, mode).items() if not math.isnan(v)]
     if not found:
         return None

@@ -367,7 +367,7 @@ def evaluate(
             warnings.warn(f"evaluate: no means for data[{name!r}]: it yielded no batch (empty, or an iterator used "
                           "up), or the step returned no metric", RuntimeWarning, stacklevel=2)
         means.update({_named(k, name): v for k, v in own.items()})
-    if not means and limit != 0:
+    if not means and limit != 0 and sets[0][0] is None:  # (a named set without means was warned about)
         warnings.warn("evaluate: no means: data yielded no batch (empty, or an iterator used up), or the step "
                       "returned no metric", RuntimeWarning, stacklevel=2)
     step.notify("evaluate_end", state, means)  # a with_profiler around it writes its trace now
@@ -840,10 +840,11 @@ class _Hooks:
         """Load each stateful callback's counters from ``state.extras`` (a resumed run continues them)."""
         restored = {id(cb) for key, cb in self.stateful if key in state.extras}
         for cb in self.callbacks:
-            if getattr(cb, "should_stop", False) and id(cb) not in restored and self.may_stop(state):
+            if getattr(cb, "should_stop", False) and id(cb) not in restored:
+                when = "before its first batch" if self.may_stop(state) else "as soon as min_epochs/min_steps are met"
                 warnings.warn(
                     f"run_epochs: {type(cb).__qualname__}.should_stop is already set when the fit starts (left from "
-                    "an earlier fit?), so this fit stops before its first batch; reset it in the callback's "
+                    f"an earlier fit?), so this fit stops {when}; reset it in the callback's "
                     "on_fit_start, or make a new one for each fit",
                     RuntimeWarning,
                     stacklevel=3,
@@ -1437,10 +1438,11 @@ def run_epochs(
                 bar.close({k: v for k, v in record.items() if k.startswith("train/")})
                 # not twice at one update: a step validation on the epoch's last update stands for the epoch's;
                 # an epoch a callback stopped short still gets its validation (Lightning validates on should_stop)
+                # (val_every_n_epochs=None: no epoch-end validation, but a stop's, as Lightning's check_val_every_n_epoch=None)
+                due_epoch = val_every_n_epochs is None or (epoch + 1) % val_every_n_epochs == 0
                 validated = (
-                    (exhausted or asked_stop) and validates and val_every_n_epochs is not None
-                    and (epoch + 1) % val_every_n_epochs == 0
-                    and validated_at != state.step
+                    validates and due_epoch and validated_at != state.step
+                    and (asked_stop or (exhausted and val_every_n_epochs is not None))
                 )
                 if validated:
                     last_val, state = validation_end(state, notify=False)

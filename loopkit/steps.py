@@ -673,7 +673,7 @@ class TrainStep(Step):
         >>> train_step(lambda m, b: None).every_at(3)
         1
         """
-        every = self.accum_every
+        every = self.accum_every  # (a schedule starts at epoch 0: its first factor replaces this)
         for first, factor in self.accum_schedule:
             if epoch < first:
                 break

@@ -1028,7 +1028,8 @@ def test_best_checkpoint_is_the_best_scored_epochs_by_the_recorded_mode(tmp_path
     (tmp_path / checkpoint.SCORES).unlink()  # a run killed before scores.json was written: meta.json has the scores
     assert checkpoint.best_checkpoint(tmp_path) == best
     assert checkpoint.best_checkpoint(tmp_path, "val/other", mode) is None
-    assert checkpoint.best_checkpoint(tmp_path, "val/score", "max" if mode == "min" else "min") is None
+    with pytest.raises(ValueError, match="was recorded with mode="):
+        checkpoint.best_checkpoint(tmp_path, "val/score", "max" if mode == "min" else "min")
 
 
 def test_best_checkpoint_of_a_monitor_given_alone_takes_the_mode_recorded_with_it(tmp_path):
@@ -1042,6 +1043,8 @@ def test_best_checkpoint_of_a_monitor_given_alone_takes_the_mode_recorded_with_i
     loopkit.run_epochs(step, state, make_data(2), epochs=6, val=(metric, [0]), sanity_val_batches=0, progress=False)
     assert checkpoint.read_meta(checkpoint.best_checkpoint(tmp_path))["epoch"] == 5  # scores.json's: val/acc, max
     assert checkpoint.read_meta(checkpoint.best_checkpoint(tmp_path, "val/score"))["epoch"] == 2  # its meta.json: min
+    with pytest.raises(ValueError, match="'val/score' was recorded with mode='min', not 'max'"):
+        checkpoint.best_checkpoint(tmp_path, "val/score", "max")
 
 
 def test_best_checkpoint_skips_one_removed_and_is_none_without_scores(tmp_path):

@@ -187,11 +187,11 @@ def test_min_epochs_and_min_steps_hold_off_a_stop_as_lightnings_do(asks, minimum
     assert_bitwise(params_of(state), params_of(reference))  # the same updates as a fit that ends there
 
 
-def test_a_callback_asking_to_stop_from_the_start_is_held_off_by_min_epochs_without_a_warning():
+def test_a_callback_asking_to_stop_from_the_start_is_held_off_by_min_epochs_and_warned_about_as_such():
     asks = _AsksToStop()
     asks.should_stop = True
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    with pytest.warns(RuntimeWarning, match="should_stop is already set when the fit starts .* so this fit stops as "
+                                            "soon as min_epochs/min_steps are met"):
         state, history = run_epochs(train_step(mse), make_state(), make_data(2), epochs=10, min_epochs=2,
                                     callbacks=[asks], progress=False)
     assert (state.epoch, len(history)) == (2, 2)
@@ -336,6 +336,12 @@ def test_val_every_n_epochs_none_validates_only_every_n_steps_as_lightnings_chec
     state, history = run_epochs(train_step(mse), make_state(), make_data(4), epochs=2, val=(counting_eval()[0], make_data(2)),
                                 val_every_n_epochs=None, val_every_n_steps=3, callbacks=[recorder], progress=False)
     assert [s for _, s, _ in recorder.val_metrics] == [3, 6]  # not at the epochs' ends (4, 8)
+    # a stop mid-epoch is validated, as Lightning's (with check_val_every_n_epoch=None, val_check_interval=2, a
+    # callback stopping after update 7 of 4-batch epochs: validations at 2, 4, 6 and 7)
+    recorder = Recorder()
+    run_epochs(train_step(mse), make_state(), make_data(4), epochs=3, val=(counting_eval()[0], make_data(2)),
+               val_every_n_epochs=None, val_every_n_steps=2, callbacks=[_AsksToStop(at_step=7), recorder], progress=False)
+    assert [s for _, s, _ in recorder.val_metrics] == [2, 4, 6, 7]
     with pytest.raises(ValueError, match="val_every_n_epochs=None validates only every val_every_n_steps updates"):
         run_epochs(train_step(mse), state, make_data(4), epochs=3, val=(counting_eval()[0], make_data(2)),
                    val_every_n_epochs=None, progress=False)
@@ -439,6 +445,10 @@ def test_evaluate_names_an_empty_set_and_refuses_what_run_epochs_refuses():
     with pytest.warns(RuntimeWarning, match=r"evaluate: no means for data\['a'\]"):
         means = loopkit.evaluate(counting_eval()[0], state, {"a": [], "b": make_data(1)})
     assert list(means) == ["mse/b"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert loopkit.evaluate(counting_eval()[0], state, {"a": []}) == {}
+    assert [str(w.message)[:38] for w in caught] == ["evaluate: no means for data['a']: it y"]  # once
     with pytest.raises(ValueError, match=r"each name must be a non-empty string without '/'"):
         loopkit.evaluate(counting_eval()[0], state, {"a/b": make_data(1)})
     loader = DataLoader(TensorDataset(*make_data(1, batch_size=4)[0]), batch_size=2)

@@ -40,11 +40,6 @@ __all__ = ["CheckpointStep", "with_checkpointing"]
 Position = tuple[int, int, int]
 
 
-def _ranked(value: Any) -> bool:
-    """Whether a recorded score takes part in the ranking: any number (±inf included) but NaN."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
-
-
 def _worst(mode: str) -> float:
     """The value a NaN score is ranked as (Lightning's ``ModelCheckpoint`` does the same): the worst one."""
     return math.inf if mode == "min" else -math.inf
@@ -403,7 +398,7 @@ class CheckpointStep(UpdateStep):
             return False
         there = {c.name for c in checkpoint.list_checkpoints(self.directory)}  # (not one removed meanwhile)
         with self.saver.lock:
-            values = sorted(v for n, v in self._scores().items() if n in there and _ranked(v))
+            values = sorted(v for n, v in self._scores().items() if n in there and checkpoint.ranked(v))
         if self.mode == "max":
             values.reverse()
         if len(values) < self.keep_best:
@@ -445,7 +440,7 @@ class CheckpointStep(UpdateStep):
         """The ``keep_best`` checkpoints among ``names`` with the best scores (ties: the older first)."""
         with self.saver.lock:
             scores = self._scores()
-            ranked = sorted((v, n) for n, v in scores.items() if n in names and _ranked(v))
+            ranked = sorted((v, n) for n, v in scores.items() if n in names and checkpoint.ranked(v))
         if self.mode == "max":
             ranked.sort(key=lambda item: -item[0])
         return [n for _, n in ranked[: self.keep_best]]
