@@ -25,6 +25,7 @@ from loopkit.summary import ModelSummary, summarize
 from loopkit import distributed  # noqa: E402  (an integration: imports the layers above)
 from loopkit import ensemble  # noqa: E402  (an integration: imports the layers above)
 from loopkit.lr_finder import LRFinderResult, lr_find  # noqa: E402  (an integration: imports the driver)
+from loopkit.batch_size_finder import scale_batch_size  # noqa: E402  (an integration: imports the driver)
 
 __version__ = "0.1.0"
 
@@ -73,6 +74,7 @@ __all__ = [
     "quantized_model",
     "restore",
     "run_epochs",
+    "scale_batch_size",
     "seed_everything",
     "state_at_error",
     "summarize",

@@ -30,7 +30,7 @@ import torch
 
 from loopkit._numbers import as_int, as_real
 from loopkit.driver import _check_data, _check_device, _check_state, _global_rngs_kept, run_epochs
-from loopkit.state import TrainState
+from loopkit.state import TrainState, model_device
 from loopkit.steps import as_step
 
 __all__ = ["scale_batch_size"]
@@ -91,6 +91,9 @@ class _Search:
         self.size = 0
         self.data: Iterable | None = None
         self.tried: list[tuple[int, bool]] = []  # (batch size, fitted)
+        self.error: BaseException | None = None  # the last trial's running out of memory
+        where = torch.device(device) if device is not None else model_device(state.model)
+        self.on_cuda = where.type == "cuda"
 
     def set(self, size: int) -> None:
         self.size = size
@@ -112,7 +115,8 @@ class _Search:
     def fits(self) -> bool:
         """One trial: ``steps_per_trial`` updates of a copy of the state at this size; False when it ran out of memory
         (any other error is raised)."""
-        _free_memory()
+        if self.on_cuda:  # (what the last trial held goes back first; on the CPU only after running out)
+            _free_memory()
         try:
             with _global_rngs_kept():
                 run_epochs(self.step, self.state, self.data, max_steps=self.state.step + self.steps_per_trial,
@@ -120,6 +124,7 @@ class _Search:
         except RuntimeError as error:
             if not is_oom_error(error):
                 raise
+            self.error = error
             self.tried.append((self.size, False))
             _free_memory()
             return False
@@ -141,6 +146,9 @@ def _power(search: _Search, max_trials: int) -> int:
                 break
             any_success = True
         else:
+            if search.size == 1:
+                raise RuntimeError("scale_batch_size: even a batch of 1 runs out of memory (its error is above): a "
+                                   "smaller model, or mixed precision, or another device") from search.error
             search.adjust(factor=0.5)
             if any_success:
                 break
@@ -211,9 +219,11 @@ def scale_batch_size(
       that size (the last that fitted). A first trial that does not fit halves the size and tries again.
     - ``"binsearch"``: double as in ``"power"``; after a trial that does not fit, bisect between the last
       size that fitted and that one; the answer is then reduced by ``margin`` (5% by default).
-    - No size above ``max_val`` is made (a doubling that would pass it is capped there, and then taken as
-      it is, untried, as Lightning does), nor above the length of a DataLoader's data set (a size that
-      reaches it stays). ``max_trials`` bounds the trials.
+    - No size above ``max_val`` is made: a doubling that would pass it is capped there, and then taken as
+      it is, untried, as Lightning's ``"binsearch"`` does (its ``"power"`` returns the doubled size, above
+      ``max_val``). A size that reaches the length of a DataLoader's data set is not doubled again (and
+      is the answer, untried beyond, as in Lightning). ``max_trials`` bounds the trials. A batch of 1 that
+      runs out of memory is a ``RuntimeError``.
 
     Lightning sets the result on the model (``batch_size``); here, build the loader with it:
     ``make_data(scale_batch_size(...))``. Lightning runs the trials under its own trainer with the user's
@@ -264,5 +274,6 @@ def scale_batch_size(
         size = _power(search, counts["max_trials"])
     else:
         size = _binsearch(search, counts["max_trials"], float(fraction))
-    _free_memory()
+    if search.on_cuda:
+        _free_memory()
     return size

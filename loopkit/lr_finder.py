@@ -341,6 +341,9 @@ def lr_find(
       turns loggers and callbacks off): pass the step without them.
     - A closure optimizer (LBFGS) records the loss a raw ``optimizer.step(closure)`` returns, its first
       evaluation; Lightning records its last.
+    - Under a schedule, ``with_grad_accum(every={epoch: n})``, the search accumulates as the schedule
+      says for its epochs; Lightning's ``GradientAccumulationScheduler`` is a callback, off during its
+      search (one update per batch there; an int ``accumulate_grad_batches`` it keeps, as ``every=n`` is kept).
     - The given state is never touched (Lightning trains the model itself, then restores it from a
       checkpoint, which leaves the global RNG advanced).
     - Suggestions: as Lightning 2.6, ``torch.gradient`` over tensors of torch's default dtype (older
