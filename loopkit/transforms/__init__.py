@@ -10,6 +10,7 @@ from loopkit.transforms.ddp import with_ddp
 from loopkit.transforms.ema import ema_state, with_ema
 from loopkit.transforms.grad_accum import with_grad_accum
 from loopkit.transforms.grad_clip import with_grad_clip
+from loopkit.transforms.grad_norm import with_grad_norm
 from loopkit.transforms.logging import with_logging
 from loopkit.transforms.nan_guard import with_nan_guard
 from loopkit.transforms.profiler import with_profiler
@@ -27,6 +28,7 @@ __all__ = [
     "with_ema",
     "with_grad_accum",
     "with_grad_clip",
+    "with_grad_norm",
     "with_logging",
     "with_nan_guard",
     "with_profiler",

@@ -1,7 +1,7 @@
 """Every ``with_*`` transform, alone and in every ordered pair with every other, keeps the step contract.
 
 The transforms: the gradient transforms ``with_amp`` (bfloat16, float16), ``with_grad_accum``,
-``with_grad_clip``, ``with_nan_guard``, and the whole-step transforms ``with_logging`` (into an
+``with_grad_clip``, ``with_grad_norm``, ``with_nan_guard``, and the whole-step transforms ``with_logging`` (into an
 in-memory logger), ``with_checkpointing`` (into a fresh directory per pipeline), ``with_ema``, ``with_pruning``,
 ``with_qat`` (whose prepared modules a restore template gets from ``step.prepare``) and ``with_swa`` (from the first
 epoch on: it averages, sets SWALR's rate and holds the state's scheduler still from the first call).
@@ -77,6 +77,7 @@ TRANSFORMS = {
     "amp_fp16": ("with_amp", lambda s, sinks: loopkit.with_amp(s, dtype=torch.float16, init_scale=2.0**10)),
     "grad_accum": ("with_grad_accum", lambda s, sinks: loopkit.with_grad_accum(s, every=2)),
     "grad_clip": ("with_grad_clip", lambda s, sinks: loopkit.with_grad_clip(s, max_norm=0.3)),
+    "grad_norm": ("with_grad_norm", lambda s, sinks: loopkit.with_grad_norm(s)),
     "nan_guard": ("with_nan_guard", lambda s, sinks: loopkit.with_nan_guard(s)),
     "logging": ("with_logging", lambda s, sinks: loopkit.with_logging(s, sinks.logger(), every_n_steps=LOG_EVERY)),
     "checkpointing": ("with_checkpointing", lambda s, sinks: loopkit.with_checkpointing(s, sinks.directory(), every_n_steps=1)),
@@ -87,7 +88,7 @@ TRANSFORMS = {
 }
 WHOLE_STEP = ["logging", "checkpointing", "ema", "pruning", "qat", "swa"]  # wrap any step; nothing that needs the train step can wrap them
 GRADIENT = [name for name in TRANSFORMS if name not in WHOLE_STEP]
-GRADIENT_ONLY = ["grad_accum", "grad_clip", "nan_guard"]  # need gradients: refuse an eval_step
+GRADIENT_ONLY = ["grad_accum", "grad_clip", "grad_norm", "nan_guard"]  # need gradients: refuse an eval_step
 
 
 def _refused(inner: str, outer: str) -> bool:
@@ -249,7 +250,7 @@ def test_a_gradient_transform_is_refused_around_a_whole_step_at_any_depth(inner,
 
 def test_the_refused_pairs_are_exactly_the_meaningless_ones():
     refused = {(TRANSFORMS[i][0], TRANSFORMS[o][0]) for i, o in PAIRS if _refused(i, o)}
-    gradient_names = {"with_amp", "with_grad_accum", "with_grad_clip", "with_nan_guard"}
+    gradient_names = {"with_amp", "with_grad_accum", "with_grad_clip", "with_grad_norm", "with_nan_guard"}
     wholes = ("with_logging", "with_checkpointing", "with_ema", "with_pruning", "with_qat", "with_swa")
     around_whole = {(w, g) for w in wholes for g in gradient_names}
     doubled = {(t, t) for t in ("with_amp", "with_grad_accum", "with_logging", "with_ema", "with_pruning", "with_qat",
@@ -258,9 +259,9 @@ def test_the_refused_pairs_are_exactly_the_meaningless_ones():
                 ("with_checkpointing", "with_swa")}
     float32_only = {("with_amp", "with_qat")}
     assert refused == doubled | around_whole | too_late | float32_only
-    # pairs of keys: amp doubled 4, accum 1, whole around gradient 6 * 5, five wholes doubled, too late 4, qat(amp) 2
-    assert sum(_refused(*pair) for pair in PAIRS) == 4 + 1 + 6 * 5 + 5 + 4 + 2
-    assert len(PIPELINES) == 11 + 121 - 46 + len(TRIPLES)
+    # pairs of keys: amp doubled 4, accum 1, whole around gradient 6 * 6, five wholes doubled, too late 4, qat(amp) 2
+    assert sum(_refused(*pair) for pair in PAIRS) == 4 + 1 + 6 * 6 + 5 + 4 + 2
+    assert len(PIPELINES) == 12 + 144 - 52 + len(TRIPLES)
     # every whole-step transform is covered around every other transform, and checkpointing around itself
     unwrappable = {("logging", "logging"), ("ema", "ema"), ("pruning", "pruning"), ("qat", "qat"), ("checkpointing", "ema"),
                    ("checkpointing", "pruning"), ("ema", "pruning"), ("amp_bf16", "qat"), ("amp_fp16", "qat"),

@@ -1,0 +1,85 @@
+"""``with_grad_norm``: report each parameter's gradient norm and their total, as Lightning's ``grad_norm``.
+
+>>> from loopkit.steps import train_step
+>>> with_grad_norm(train_step(lambda m, b: None)).applied
+('train_step', 'with_grad_norm')
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import attrs
+import torch
+
+from loopkit._numbers import as_real
+from loopkit.state import TrainState, core_module
+from loopkit.steps import GradContext, TrainStep
+from loopkit.transforms._compose import require_train_step
+
+__all__ = ["GradNorm", "with_grad_norm"]
+
+
+@attrs.frozen
+class GradNorm:
+    """Reports ``grad_<p>_norm/<name>`` for each parameter with a gradient and ``grad_<p>_norm_total``.
+
+    >>> GradNorm(2.0).prefix
+    'grad_2.0_norm'
+    """
+
+    norm_type: float = 2.0
+    name: str = "with_grad_norm"
+    metric_names: ClassVar[tuple[str, ...]] = ()
+
+    @property
+    def prefix(self) -> str:
+        """``grad_<norm_type>_norm``, Lightning's name (``norm_type`` as a float: ``grad_2.0_norm``, ``grad_inf_norm``)."""
+        return f"grad_{self.norm_type}_norm"
+
+    def on_loss(self, loss: torch.Tensor, state: TrainState, ctx: GradContext) -> None:
+        pass
+
+    def on_grads(self, ctx: GradContext) -> None:
+        norms = {
+            f"{self.prefix}/{name}": p.grad.detach().norm(self.norm_type)
+            for name, p in core_module(ctx.state.model).named_parameters()
+            if p.grad is not None
+        }
+        if norms:  # as Lightning's: the total is the norm of the parameters' norms (their values, on the device)
+            norms[f"{self.prefix}_total"] = torch.stack([n.float() for n in norms.values()]).norm(self.norm_type)
+        ctx.metrics.update(norms)
+
+
+def with_grad_norm(step: Any, norm_type: float | str = 2.0) -> TrainStep:
+    """Report the gradients' norms as metrics: Lightning's ``grad_norm(module, norm_type)``, which a
+    ``LightningModule`` logs from ``on_before_optimizer_step``.
+
+    The metrics are ``grad_<p>_norm/<parameter name>`` for each parameter with a gradient and
+    ``grad_<p>_norm_total``, the ``norm_type``-norm of those norms (the norm of all gradients as one
+    vector), with Lightning's names (``grad_2.0_norm/0.weight``); they stay on the device, as every
+    metric, until a logger reads them (``with_logging`` logs them as ``train/grad_2.0_norm/...``).
+    ``norm_type`` is a positive number or ``"inf"``.
+
+    What they measure follows the nesting, as for the other gradient transforms: outside
+    ``with_grad_accum`` the summed gradient once per update (Lightning's hook sees it there),
+    inside it each micro-batch's; under float16 ``with_amp`` the gradients are unscaled first;
+    inside ``with_grad_clip`` (``with_grad_clip(with_grad_norm(step), ...)``) the norms before
+    clipping, as in Lightning, whose hook runs before its clipping; outside it, after.
+
+    >>> import torch
+    >>> from loopkit.state import TrainState
+    >>> from loopkit.steps import train_step
+    >>> model = torch.nn.Linear(2, 1)
+    >>> state = TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    >>> step = with_grad_norm(train_step(lambda m, b: m(b).sum()))
+    >>> state, metrics = step(state, torch.ones(3, 2))
+    >>> sorted(metrics), float(metrics["grad_2.0_norm/bias"])
+    (['grad_2.0_norm/bias', 'grad_2.0_norm/weight', 'grad_2.0_norm_total', 'loss'], 3.0)
+    """
+    value = float("inf") if isinstance(norm_type, str) and norm_type.strip().lower() == "inf" else as_real(norm_type)
+    if value is None or math.isnan(value) or not value > 0:
+        raise ValueError(f"with_grad_norm: norm_type must be a positive number or 'inf', got {norm_type!r}")
+    base = require_train_step(step, "with_grad_norm")
+    return base.add_grad_transform(GradNorm(float(value)))
