@@ -1093,7 +1093,8 @@ def run_epochs(
     (batches) or a fraction in (0, 1]; ``limit_train_batches=0`` turns training off, as in
     Lightning (the sanity validation still runs; the state comes back as given, with an empty
     history), ``limit_val_batches=0`` validation. Batches move to ``device`` (default: the model's)
-    unless that is the CPU. ``progress`` shows a tqdm bar on a terminal.
+    unless that is the CPU. ``progress`` shows a tqdm bar on a terminal (the step's latest metrics, the
+    latest validation's means, the epoch's means when it closes).
 
     Several validation sets: ``val=(eval_step, {"clean": loader, "noisy": loader})`` validates on
     each in turn (the sanity validation and the limits apply to each, as Lightning's do to each
@@ -1205,6 +1206,8 @@ def run_epochs(
     hooks = _Hooks(callbacks, min_epochs, min_steps)
     show = progress_wanted(progress)
 
+    shown: dict[str, float] = {}  # the latest validation's means, which the progress bars show
+
     def validate(current: TrainState, sanity: bool = False) -> dict[str, float]:
         metrics: dict[str, float] = {}
         for name, data in _val_sets(val[1]):  # type: ignore[index]
@@ -1226,6 +1229,8 @@ def run_epochs(
         kept in the state) to the step, whose checkpoints then hold them. At the end of an
         epoch the caller notifies the step after the epoch's callbacks (``notify=False``)."""
         metrics = validate(current)
+        shown.clear()  # (the progress bars show the latest validation's means, as Lightning's shows val_loss)
+        shown.update(metrics)
         kept = {_VALIDATED: current.step}
         if notify:  # mid-epoch: the epoch's record, made later (perhaps by a resumed run), holds them
             kept[_EPOCH_VAL] = metrics
@@ -1348,7 +1353,7 @@ def run_epochs(
                 validated_at = state.extras.get(_VALIDATED) if last_val else None  # the update it saw
                 remaining = None if total is None else max(total - state.batch_index, 0)
                 started_at = state.step
-                bar = ProgressBar(enabled=show, total=remaining, desc=f"epoch {state.epoch}")
+                bar = ProgressBar(enabled=show, total=remaining, desc=f"epoch {state.epoch}", shown=shown)
                 exhausted = True
                 asked_stop = finishing_stop  # a callback asked to stop after one of this epoch's batches
                 if (last_val and hooks.stops(state)) or finishing:
@@ -1435,7 +1440,6 @@ def run_epochs(
                     extras = extras_copy(state.extras)
                     extras[RECORDED] = state.step
                     state = replace_extras(state, extras)
-                bar.close({k: v for k, v in record.items() if k.startswith("train/")})
                 # not twice at one update: a step validation on the epoch's last update stands for the epoch's;
                 # an epoch a callback stopped short still gets its validation (Lightning validates on should_stop)
                 # (val_every_n_epochs=None: no epoch-end validation, but a stop's, as Lightning's check_val_every_n_epoch=None)
@@ -1447,6 +1451,7 @@ def run_epochs(
                 if validated:
                     last_val, state = validation_end(state, notify=False)
                 record.update(last_val)
+                bar.close({k: v for k, v in record.items() if k.startswith("train/")})  # (and the validation's)
                 for cb in hooks.callbacks:
                     if hasattr(cb, "on_epoch_end"):
                         _add_epoch_extras(record, cb, cb.on_epoch_end(state, dict(record)))

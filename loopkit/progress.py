@@ -44,15 +44,18 @@ class ProgressBar:
     The count moves in bunches of about 0.05 s of batches (every batch when a batch takes
     that long), so a fast loop pays for the bar once in many batches and a slow one still sees
     each batch; the latest metrics are read (one host sync) on every 20th batch.
-    ``update(postfix)`` takes floats.
+    ``update(postfix)`` takes floats; ``shown`` (the latest validation's means, as Lightning's bar
+    keeps ``val_loss``) follows them in every postfix.
 
     >>> bar = ProgressBar(enabled=False, total=None, desc="x")
     >>> bar.enabled, bar.every
     (False, 1)
     """
 
-    def __init__(self, *, enabled: bool, total: int | None, desc: str) -> None:
+    def __init__(self, *, enabled: bool, total: int | None, desc: str, shown: Mapping[str, float] | None = None) -> None:
         self.enabled = enabled
+        #: values shown after the metrics in every postfix (the latest validation's, which the caller keeps up to date)
+        self.shown = {} if shown is None else shown
         self.every = 1  # batches per count update
         self._uncounted = 0
         self._unread = 0
@@ -86,15 +89,18 @@ class ProgressBar:
         if self._bar is None:
             return
         if postfix:
-            self._bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
+            self._postfix(postfix)
         self._bar.update(n)
+
+    def _postfix(self, values: Mapping[str, float]) -> None:
+        self._bar.set_postfix({k: f"{v:.4g}" for k, v in {**values, **self.shown}.items()}, refresh=False)  # type: ignore[union-attr]
 
     def close(self, postfix: Mapping[str, float] | None = None) -> None:
         """Count the batches not counted yet, show ``postfix`` (the epoch means) and close."""
         if self._bar is None:
             return
         if postfix:
-            self._bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
+            self._postfix(postfix)
         if self._uncounted:
             self._bar.update(self._uncounted)
             self._uncounted = 0

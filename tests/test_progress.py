@@ -213,3 +213,21 @@ def test_a_disabled_bar_writes_nothing(monkeypatch):
     bar.update({"loss": 1.0})
     bar.close({"train/loss": 1.0})
     assert fake_tty.text == "" and EveryUpdateTqdm.created == []
+
+
+def test_the_bar_shows_the_latest_validation_as_lightnings_shows_val_loss(monkeypatch):
+    """Epoch 0's bar closes with its validation's mean; epoch 1's bar shows it beside the loss until its own."""
+    from loopkit import eval_step
+
+    fake_tty = use_fake_tty(monkeypatch)
+    val = (eval_step(lambda m, b: {"mse": mse(m, b)}), make_data(3))
+    _, history = run_epochs(train_step(mse), make_state(), make_data(45), epochs=2, val=val, progress=True,
+                            sanity_val_batches=1)
+    lines = re.split(r"[\r\n]", fake_tty.text)
+    first = [line for line in lines if line.startswith("epoch 0") and "train/loss=" in line]
+    assert first and f"val/mse={history[0]['val/mse']:.4g}" in first[-1]
+    during = [line for line in lines if line.startswith("epoch 1") and "loss=" in line and "train/loss=" not in line]
+    assert during and all(f"val/mse={history[0]['val/mse']:.4g}" in line for line in during)
+    closing = [line for line in lines if line.startswith("epoch 1") and "train/loss=" in line]
+    assert closing and f"val/mse={history[1]['val/mse']:.4g}" in closing[-1]
+    assert not any("val/mse" in line for line in lines if line.startswith("epoch 0") and "train/loss=" not in line)
