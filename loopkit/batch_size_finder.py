@@ -252,7 +252,7 @@ def scale_batch_size(
     if state.optimizer is None:
         raise ValueError("scale_batch_size: the state has no optimizer (TrainState.create(model, optimizer)): "
                          "a trial trains it")
-    _check_device(device, "scale_batch_size")
+    device = _check_device(device, "scale_batch_size")
     if not callable(make_data):
         raise TypeError(f"scale_batch_size: make_data must be a function of the batch size that returns the "
                         f"training data (e.g. lambda size: DataLoader(train_set, batch_size=size)), got "

@@ -260,10 +260,19 @@ def _batch_size(batch: Any) -> int:
     return next((int(t.shape[0]) for t in tensors(batch) if t.ndim > 0), 1)
 
 
-def _check_device(device: Any, where: str) -> None:
-    """Refuse, before anything moves, a device torch cannot parse, and ``meta`` (it holds no values)."""
+def _check_device(device: Any, where: str) -> Any:
+    """``device``, ``"auto"`` made the accelerator torch finds (``torch.accelerator``: CUDA, MPS, XPU, ...) or the
+    CPU, as Lightning's ``accelerator="auto"``; refused, before anything moves, a device torch cannot parse, and
+    ``meta`` (it holds no values).
+
+    >>> _check_device(None, "run_epochs"), _check_device("cpu", "run_epochs")
+    (None, 'cpu')
+    """
     if device is None:
-        return
+        return None
+    if isinstance(device, str) and device == "auto":
+        found = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+        return torch.device("cpu") if found is None else found
     try:
         parsed = torch.device(device)
     except (RuntimeError, TypeError) as error:
@@ -273,7 +282,8 @@ def _check_device(device: Any, where: str) -> None:
         raise ValueError(f"{where}: device='meta' holds no values: moving the model there would drop its weights")
     if parsed.type != "cpu" and not _available(parsed):
         raise ValueError(f"{where}: device={device!r} is not available here (torch {torch.__version__}: "
-                         f"{_device_count(parsed)} {parsed.type} device(s)); e.g. device='cpu'")
+                         f"{_device_count(parsed)} {parsed.type} device(s)); e.g. device='cpu', or 'auto'")
+    return device
 
 
 def _device_count(device: torch.device) -> int:
@@ -351,7 +361,7 @@ def evaluate(
     {'mean': 0.25}
     """
     _check_state(state, "evaluate")
-    _check_device(device, "evaluate")
+    device = _check_device(device, "evaluate")
     _check_sets(data, "evaluate: data", "evaluate(eval_step, state, {'name': data})")
     sets = _val_sets(data)
     for name, one in sets:
@@ -428,7 +438,7 @@ def predict(
         raise TypeError(f"predict: fn must be callable as fn(model, batch), got {type(fn).__qualname__}")
     check_takes_model_and_batch(fn, "predict: fn")
     _check_state(state, "predict")
-    _check_device(device, "predict")
+    device = _check_device(device, "predict")
     _check_data(data, "predict: data")
     limit = _check_limit(limit, "limit")
     batches = data if limit is None else itertools.islice(data, _num_batches(data, limit, "limit"))
@@ -1092,7 +1102,7 @@ def run_epochs(
     their results go nowhere. ``limit_*_batches`` take an int
     (batches) or a fraction in (0, 1]; ``limit_train_batches=0`` turns training off, as in
     Lightning (the sanity validation still runs; the state comes back as given, with an empty
-    history), ``limit_val_batches=0`` validation. Batches move to ``device`` (default: the model's)
+    history), ``limit_val_batches=0`` validation. Batches move to ``device`` (default: the model's; ``"auto"``: the accelerator torch finds, else the CPU, as Lightning's ``accelerator="auto"``)
     unless that is the CPU. ``progress`` shows a tqdm bar on a terminal (the step's latest metrics, the
     latest validation's means, the epoch's means when it closes).
 
@@ -1155,7 +1165,7 @@ def run_epochs(
     if min_steps is not None and min_epochs is None:  # Lightning's min_epochs default then: a stop asked in the
         min_epochs = 1  # first epoch waits for its end
     _check_state(state, "run_epochs")
-    _check_device(device, "run_epochs")
+    device = _check_device(device, "run_epochs")
     _check_data(train_data, "run_epochs: train_data")
     for name, value in (("donate", donate), ("progress", progress)):
         if not isinstance(value, bool):

@@ -378,7 +378,7 @@ def lr_find(
     _check_state(state, "lr_find")
     if state.optimizer is None:
         raise ValueError("lr_find: the state has no optimizer (TrainState.create(model, optimizer)): there is no rate to try")
-    _check_device(device, "lr_find")
+    device = _check_device(device, "lr_find")
     _check_data(train_data, "lr_find: train_data")
     if _num_batches(train_data, None, "train_data") == 0:
         raise ValueError("lr_find: train_data is empty (len() is 0): there is no batch to try a rate on")

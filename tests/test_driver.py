@@ -1891,3 +1891,17 @@ def test_a_finished_run_whose_last_update_is_a_flush_relaunched_from_its_newest_
     state, again = run_epochs(step, relaunched, make_data(5), callbacks=[rec], **options)
     assert again == [] and rec.val_metrics == []
     assert_bitwise(params_of(state), params_of(final))
+
+
+def test_device_auto_is_the_accelerator_torch_finds_else_the_cpu(monkeypatch):
+    """Lightning's accelerator="auto"; this machine has no accelerator: the CPU, and the fit equals device=None's."""
+    state, _ = run_epochs(train_step(mse), make_state(), make_data(3), epochs=1, device="auto", progress=False)
+    reference, _ = run_epochs(train_step(mse), make_state(), make_data(3), epochs=1, progress=False)
+    assert_bitwise(params_of(state), params_of(reference))
+    assert loopkit.evaluate(counting_eval()[0], state, make_data(2), device="auto") == loopkit.evaluate(
+        counting_eval()[0], state, make_data(2))
+    from loopkit import driver
+
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda: torch.device("cuda"))
+    assert driver._check_device("auto", "run_epochs") == torch.device("cuda")
