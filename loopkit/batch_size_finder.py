@@ -29,9 +29,9 @@ from typing import Any
 import torch
 
 from loopkit._numbers import as_int, as_real
-from loopkit.driver import _check_data, _check_device, _check_state, _global_rngs_kept, run_epochs
+from loopkit._search import search_step
+from loopkit.driver import _check_data, _check_device, _global_rngs_kept, run_epochs
 from loopkit.state import TrainState, model_device
-from loopkit.steps import as_step
 
 __all__ = ["scale_batch_size"]
 
@@ -248,26 +248,12 @@ def scale_batch_size(
     fraction = as_real(margin)
     if fraction is None or not (0.0 <= fraction < 1.0) or math.isnan(fraction):
         raise ValueError(f"scale_batch_size: margin must be a number in [0, 1), got {margin!r}")
-    _check_state(state, "scale_batch_size")
-    if state.optimizer is None:
-        raise ValueError("scale_batch_size: the state has no optimizer (TrainState.create(model, optimizer)): "
-                         "a trial trains it")
+    step = search_step(step, state, "scale_batch_size", _REFUSED, "write the trials' logs or checkpoints")
     device = _check_device(device, "scale_batch_size")
     if not callable(make_data):
         raise TypeError(f"scale_batch_size: make_data must be a function of the batch size that returns the "
                         f"training data (e.g. lambda size: DataLoader(train_set, batch_size=size)), got "
                         f"{type(make_data).__qualname__}")
-    if not callable(step):
-        raise TypeError(f"scale_batch_size: step must be a step, train_step(loss_fn) or a function (state, batch) -> "
-                        f"(state, metrics), got {type(step).__qualname__}")
-    step = as_step(step)
-    if "eval_step" in step.applied:
-        raise TypeError("scale_batch_size: the step is an eval_step, which trains nothing; pass train_step(loss_fn)")
-    refused = [name for name in _REFUSED if name in step.applied]
-    if refused:
-        raise ValueError(f"scale_batch_size: the step has {' and '.join(refused)}, which would write the trials' logs "
-                         "or checkpoints (Lightning turns its loggers and callbacks off during the search): pass the "
-                         "step without them")
     search = _Search(step, state, make_data, counts["steps_per_trial"], counts["max_val"], device)
     search.set(min(counts["init_val"], counts["max_val"]))
     if mode == "power":

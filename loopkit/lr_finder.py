@@ -37,9 +37,9 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from loopkit._numbers import as_int, as_real
 from loopkit.callbacks import Callback
-from loopkit.driver import _check_data, _check_device, _check_state, _global_rngs_kept, _num_batches, run_epochs
+from loopkit._search import search_step
+from loopkit.driver import _check_data, _check_device, _global_rngs_kept, _num_batches, run_epochs
 from loopkit.state import TrainState, fork
-from loopkit.steps import as_step
 
 __all__ = ["LRFinderResult", "lr_find"]
 
@@ -375,26 +375,12 @@ def lr_find(
     if count is None or count < 2:
         raise ValueError(f"lr_find: num_training must be an int >= 2 (optimizer updates to try), got {num_training!r}")
     threshold = None if early_stop_threshold is None else _positive_real(early_stop_threshold, "early_stop_threshold")
-    _check_state(state, "lr_find")
-    if state.optimizer is None:
-        raise ValueError("lr_find: the state has no optimizer (TrainState.create(model, optimizer)): there is no rate to try")
+    step = search_step(step, state, "lr_find", _REFUSED, "write the search's logs or checkpoints, or set rates or "
+                       "prune weights of its own (SWA and pruning are callbacks in Lightning)")
     device = _check_device(device, "lr_find")
     _check_data(train_data, "lr_find: train_data")
     if _num_batches(train_data, None, "train_data") == 0:
         raise ValueError("lr_find: train_data is empty (len() is 0): there is no batch to try a rate on")
-    if not callable(step):
-        raise TypeError(f"lr_find: step must be a step, train_step(loss_fn) or a function (state, batch) -> "
-                        f"(state, metrics), got {type(step).__qualname__}")
-    step = as_step(step)
-    if "eval_step" in step.applied:
-        raise TypeError("lr_find: the step is an eval_step, which updates nothing; pass train_step(loss_fn)")
-    refused = [name for name in _REFUSED if name in step.applied]
-    if refused:
-        raise ValueError(
-            f"lr_find: the step has {' and '.join(refused)}, which would write the search's logs or checkpoints, "
-            "or set rates or prune weights of their own (Lightning turns its loggers and callbacks, SWA and "
-            "pruning among them, off during the search): pass the step without them"
-        )
     probe = fork(state)
     for group in probe.optimizer.param_groups:
         group["lr"] = min_lr
