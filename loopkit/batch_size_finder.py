@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import gc
 import math
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -30,7 +31,7 @@ import torch
 
 from loopkit._numbers import as_int, as_real
 from loopkit._search import search_step
-from loopkit.driver import _check_data, _check_device, _global_rngs_kept, run_epochs
+from loopkit.driver import _check_data, _check_device, _global_rngs_kept, _num_batches, run_epochs
 from loopkit.state import TrainState, model_device
 
 __all__ = ["scale_batch_size"]
@@ -99,14 +100,18 @@ class _Search:
         self.size = size
         self.data = self.make_data(size)
         _check_data(self.data, f"scale_batch_size: make_data({size})")
+        if _num_batches(self.data, None, "make_data") == 0:
+            raise ValueError(f"scale_batch_size: make_data({size}) is empty (len() is 0): there is no batch to try")
 
     def adjust(self, *, factor: float = 1.0, value: int | None = None) -> bool:
-        """Lightning's ``_adjust_batch_size``: a size at or above the data set's length stays; else the new size
-        (``value``, or the size times ``factor``), capped at ``max_val``. Whether it changed."""
-        samples = _samples(self.data) if self.data is not None else None
-        if samples is not None and self.size >= samples:
-            return False
+        """Lightning's ``_adjust_batch_size``: the new size (``value``, or the size times ``factor``), capped at
+        ``max_val``, but a size at or above the data set's length does not grow. Whether it changed. (Lightning
+        keeps such a size from shrinking too, after it ran out of memory: its power mode then answers that size,
+        and its binsearch tries it again without end.)"""
         new = value if value is not None else int(self.size * factor)
+        samples = _samples(self.data) if self.data is not None else None
+        if samples is not None and self.size >= samples and new >= self.size:
+            return False
         new = min(new, self.max_val)
         changed = new != self.size
         self.set(new)
@@ -118,7 +123,9 @@ class _Search:
         if self.on_cuda:  # (what the last trial held goes back first; on the CPU only after running out)
             _free_memory()
         try:
-            with _global_rngs_kept():
+            with _global_rngs_kept(), warnings.catch_warnings():
+                # (each size makes another number of batches: a state saved mid-epoch is not resumed here, only probed)
+                warnings.filterwarnings("ignore", message=r"run_epochs: the state was saved in epoch \d+ of")
                 run_epochs(self.step, self.state, self.data, max_steps=self.state.step + self.steps_per_trial,
                            sanity_val_batches=0, progress=False, device=self.device, donate=False)
         except RuntimeError as error:
@@ -221,9 +228,15 @@ def scale_batch_size(
       size that fitted and that one; the answer is then reduced by ``margin`` (5% by default).
     - No size above ``max_val`` is made: a doubling that would pass it is capped there, and then taken as
       it is, untried, as Lightning's ``"binsearch"`` does (its ``"power"`` returns the doubled size, above
-      ``max_val``). A size that reaches the length of a DataLoader's data set is not doubled again (and
-      is the answer, untried beyond, as in Lightning). ``max_trials`` bounds the trials. A batch of 1 that
-      runs out of memory is a ``RuntimeError``.
+      ``max_val``; and Lightning caps its own steps at 8192 whatever ``max_val``, loopkit at ``max_val``).
+      An ``init_val`` above ``max_val`` starts at ``max_val`` (Lightning answers ``init_val`` untried).
+      A size that reaches the length of a DataLoader's data set is not doubled again; if it fits it is
+      the answer, as in Lightning; if it runs out of memory the search goes down from it (Lightning's
+      power mode answers that size, and its binsearch tries it again without end). ``max_trials`` bounds
+      the trials. A batch of 1 that runs out of memory is a ``RuntimeError``.
+    - Each trial trains a copy of the state while the given one stays where it is: on a GPU keep
+      ``state`` on the CPU and pass ``device="cuda"``, so that only the trial's copy is on the GPU, as a
+      fit's one model is (Lightning trains the model itself and restores it from a checkpoint).
 
     Lightning sets the result on the model (``batch_size``); here, build the loader with it:
     ``make_data(scale_batch_size(...))``. Lightning runs the trials under its own trainer with the user's

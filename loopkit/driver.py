@@ -1181,7 +1181,9 @@ def run_epochs(
     if "eval_step" in step.applied:
         raise TypeError("run_epochs: the step is an eval_step, which updates nothing; pass train_step(loss_fn) "
                         "(and the eval_step as val=(eval_step, val_data))")
-    step = donated(step)
+    # (a step that changes nothing in place, a pure function of one's own, runs as it is when the given state must
+    # stay valid: donated, it would mark the state it is given, the caller's, used up)
+    step = donated(step) if donate or step.changes_state else step
     val_step = None if val is None else as_step(val[0])
     if val_step is not None and "with_profiler" in step.applied and "with_profiler" in val_step.applied:
         raise ValueError(
@@ -1282,6 +1284,7 @@ def run_epochs(
             with torch.no_grad():
                 for name, value in buffers.items():
                     state.model.get_buffer(name).copy_(value)
+    bar: ProgressBar | None = None  # the running epoch's (closed on an error too)
     start: TrainState | None = None  # the state the fit's first epoch trains from, before any step has run
     # while a validation or an epoch's end runs: the state from before it, the callbacks' counters in it (what a
     # failure there leaves whole: a relaunch from it validates, and records the epoch, as from a checkpoint)
@@ -1490,6 +1493,8 @@ def run_epochs(
             hooks.call("on_fit_end", state, history)
             return state, history
     except BaseException as error:
+        if bar is not None:
+            bar.close()
         # an error before the first step changed anything (a batch to_device cannot move, a loss the step
         # refuses, the loss_fn's own exception): the given state is as it was, and stays usable (unless a
         # callback's hook ran before that step: it may have changed the model or optimizer in place)

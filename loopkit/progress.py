@@ -45,7 +45,8 @@ class ProgressBar:
     that long), so a fast loop pays for the bar once in many batches and a slow one still sees
     each batch; the latest metrics are read (one host sync) on every 20th batch.
     ``update(postfix)`` takes floats; ``shown`` (the latest validation's means, as Lightning's bar
-    keeps ``val_loss``) follows them in every postfix.
+    keeps ``val_loss``) follows them in every postfix. A metric named with a ``/`` (a transform's,
+    ``amp/skipped``, or one of ``with_grad_norm``'s per parameter) stays out of the bar.
 
     >>> bar = ProgressBar(enabled=False, total=None, desc="x")
     >>> bar.enabled, bar.every
@@ -93,10 +94,13 @@ class ProgressBar:
         self._bar.update(n)
 
     def _postfix(self, values: Mapping[str, float]) -> None:
-        self._bar.set_postfix({k: f"{v:.4g}" for k, v in {**values, **self.shown}.items()}, refresh=False)  # type: ignore[union-attr]
+        # the step's own metrics (``loss``, ``train/loss``): those of a transform or a part (``amp/skipped``,
+        # ``grad_2.0_norm/<parameter>``, ``train/nan_guard/skipped``) stay in the logs, as Lightning's bar shows prog_bar ones
+        own = {k: v for k, v in values.items() if "/" not in (k[6:] if k.startswith("train/") else k)}
+        self._bar.set_postfix({k: f"{v:.4g}" for k, v in {**own, **self.shown}.items()}, refresh=False)  # type: ignore[union-attr]
 
     def close(self, postfix: Mapping[str, float] | None = None) -> None:
-        """Count the batches not counted yet, show ``postfix`` (the epoch means) and close."""
+        """Count the batches not counted yet, show ``postfix`` (the epoch means) and close (once: again does nothing)."""
         if self._bar is None:
             return
         if postfix:
@@ -105,3 +109,4 @@ class ProgressBar:
             self._bar.update(self._uncounted)
             self._uncounted = 0
         self._bar.close()
+        self._bar = None

@@ -541,6 +541,17 @@ def _fn_name(fn: Any) -> str:
 _NO_METRICS: Mapping[str, str] = types.MappingProxyType({})
 
 
+def _taken_by(key: str, taken: Mapping[str, str]) -> str | None:
+    """The transform that reports a metric named ``key`` (a name of ``taken``, or one starting with a name of it
+    that ends in ``*``, as ``with_grad_norm``'s ``grad_2.0_norm*``), or None."""
+    if key in taken:
+        return taken[key]
+    for name, owner in taken.items():
+        if name.endswith("*") and key.startswith(name[:-1]):
+            return owner
+    return None
+
+
 def _split_loss(out: Any, loss_fn: Any, taken: Mapping[str, str] = _NO_METRICS) -> tuple[torch.Tensor, Metrics]:
     """``(loss, aux metrics)`` of a loss_fn's return, checked; ``taken``: metric names transforms report -> the transform."""
     if type(out) is torch.Tensor and out.ndim == 0 and out.requires_grad and not out.is_leaf and out.is_floating_point():
@@ -554,8 +565,9 @@ def _split_loss(out: Any, loss_fn: Any, taken: Mapping[str, str] = _NO_METRICS) 
         for key, value in extra.items():
             if key == "loss":
                 raise ValueError(f"{where} returned an aux metric named 'loss', which would hide the loss")
-            if key in taken:
-                raise ValueError(f"{where} returned an aux metric named {key!r}, which {taken[key]} reports too; rename it")
+            owner = _taken_by(key, taken)
+            if owner is not None:
+                raise ValueError(f"{where} returned an aux metric named {key!r}, which {owner} reports too; rename it")
             aux[key] = check_metric(value, key, where)
     if not isinstance(out, torch.Tensor):
         raise TypeError(

@@ -132,3 +132,30 @@ def test_bad_steps_states_and_data_are_named():
         loopkit.scale_batch_size(loopkit.eval_step(lambda m, b: {}), _state(), _loader(10))
     assert loopkit.scale_batch_size(step, _state(), _loader(100), init_val=np.int64(4), margin=np.float32(0.0),
                                     mode="binsearch") == 40
+
+
+@pytest.mark.parametrize("mode, answer", [("power", 64), ("binsearch", 76)])
+def test_a_size_at_the_data_sets_length_that_runs_out_of_memory_makes_the_search_go_down(mode, answer):
+    """100 samples, room for 80: 2..64 fit, 128 (one batch of 100) does not. Lightning 2.6.6 answers 128 in power
+    mode (which does not fit) and tries 128 again without end in binsearch mode."""
+    device = _Device(80)
+    assert loopkit.scale_batch_size(loopkit.train_step(device), _state(), _loader(100), mode=mode) == answer
+    assert answer <= 80
+
+
+def test_empty_data_is_named_and_a_pure_function_step_leaves_the_state_usable():
+    from loopkit.state import fork
+
+    with pytest.raises(ValueError, match=r"scale_batch_size: make_data\(2\) is empty"):
+        loopkit.scale_batch_size(loopkit.train_step(_Device(40)), _state(), lambda size: [])
+
+    def own(state, batch):  # a step of one's own, pure as documented: it forks first
+        state = fork(state)
+        _Device(40)(state.model, batch).backward()
+        state.optimizer.step()
+        state.optimizer.zero_grad()
+        return state.evolve(step=state.step + 1, batch_index=state.batch_index + 1), {}
+
+    state, _ = loopkit.run_epochs(own, _state(), _loader(16)(4), max_steps=2, progress=False)  # extras from a fit
+    assert loopkit.scale_batch_size(own, state, _loader(1000)) == 32
+    state.check_usable()

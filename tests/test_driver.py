@@ -1905,3 +1905,21 @@ def test_device_auto_is_the_accelerator_torch_finds_else_the_cpu(monkeypatch):
     monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)
     monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda: torch.device("cuda"))
     assert driver._check_device("auto", "run_epochs") == torch.device("cuda")
+
+
+def test_donate_false_leaves_the_state_usable_for_a_pure_step_of_ones_own():
+    """run_epochs(donate=False) ran a step that changes nothing in place (a function of one's own that forks first)
+    donated without copying: its first call marked the caller's state used up."""
+    from loopkit.state import fork
+
+    def own(state, batch):
+        state = fork(state)
+        mse(state.model, batch).backward()
+        state.optimizer.step()
+        state.optimizer.zero_grad()
+        return state.evolve(step=state.step + 1, batch_index=state.batch_index + 1), {}
+
+    state, _ = run_epochs(own, make_state(), make_data(2), epochs=1, progress=False)
+    again, _ = run_epochs(own, state, make_data(2), epochs=2, progress=False, donate=False)
+    state.check_usable()
+    assert (state.epoch, again.epoch) == (1, 2)

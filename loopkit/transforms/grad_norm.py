@@ -7,8 +7,9 @@
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Any, ClassVar
+from typing import Any
 
 import attrs
 import torch
@@ -31,7 +32,11 @@ class GradNorm:
 
     norm_type: float = 2.0
     name: str = "with_grad_norm"
-    metric_names: ClassVar[tuple[str, ...]] = ()
+
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        """The names it reports, as a prefix (``*``): a loss_fn's aux metric may not take one of them."""
+        return (f"{self.prefix}*",)
 
     @property
     def prefix(self) -> str:
@@ -47,8 +52,11 @@ class GradNorm:
             for name, p in core_module(ctx.state.model).named_parameters()
             if p.grad is not None
         }
-        if norms:  # as Lightning's: the total is the norm of the parameters' norms (their values, on the device)
-            norms[f"{self.prefix}_total"] = torch.stack([n.float() for n in norms.values()]).norm(self.norm_type)
+        if norms:  # as Lightning's: the total is the norm of the parameters' norms, in their dtype (on the first's device)
+            values = list(norms.values())
+            dtype = functools.reduce(torch.promote_types, (n.dtype for n in values))
+            stacked = torch.stack([n.to(device=values[0].device, dtype=dtype) for n in values])
+            norms[f"{self.prefix}_total"] = stacked.norm(self.norm_type)
         ctx.metrics.update(norms)
 
 
@@ -58,7 +66,9 @@ def with_grad_norm(step: Any, norm_type: float | str = 2.0) -> TrainStep:
 
     The metrics are ``grad_<p>_norm/<parameter name>`` for each parameter with a gradient and
     ``grad_<p>_norm_total``, the ``norm_type``-norm of those norms (the norm of all gradients as one
-    vector), with Lightning's names (``grad_2.0_norm/0.weight``); they stay on the device, as every
+    vector), with Lightning's names relative to ``state.model`` (``grad_2.0_norm/0.weight``; a
+    LightningModule holding the network as ``self.model`` names it ``grad_2.0_norm/model.0.weight``),
+    in the gradients' dtype; a loss_fn's aux metric may not take such a name. They stay on the device, as every
     metric, until a logger reads them (``with_logging`` logs them as ``train/grad_2.0_norm/...``).
     ``norm_type`` is a positive number or ``"inf"``.
 
@@ -78,7 +88,14 @@ def with_grad_norm(step: Any, norm_type: float | str = 2.0) -> TrainStep:
     >>> sorted(metrics), float(metrics["grad_2.0_norm/bias"])
     (['grad_2.0_norm/bias', 'grad_2.0_norm/weight', 'grad_2.0_norm_total', 'loss'], 3.0)
     """
-    value = float("inf") if isinstance(norm_type, str) and norm_type.strip().lower() == "inf" else as_real(norm_type)
+    value: float | None
+    if isinstance(norm_type, str):  # as Lightning's float(norm_type): "2", "inf", "Infinity"
+        try:
+            value = float(norm_type)
+        except ValueError:
+            value = None
+    else:
+        value = as_real(norm_type)
     if value is None or math.isnan(value) or not value > 0:
         raise ValueError(f"with_grad_norm: norm_type must be a positive number or 'inf', got {norm_type!r}")
     base = require_train_step(step, "with_grad_norm")
