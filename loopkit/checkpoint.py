@@ -86,7 +86,6 @@ __all__ = [
     "load",
     "read_meta",
     "read_scores",
-    "ranked",
     "read_structure",
     "remove",
     "restore",
@@ -1291,10 +1290,11 @@ def read_scores(directory: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
-def ranked(value: Any) -> bool:
-    """Whether a recorded score takes part in the ranking: any number (±inf included) but NaN.
+def _ranked(value: Any) -> bool:
+    """Whether a recorded score takes part in the ranking: any number (±inf included) but NaN (with_checkpointing's
+    rule too).
 
-    >>> ranked(0.5), ranked(float("nan")), ranked(True)
+    >>> _ranked(0.5), _ranked(float("nan")), _ranked(True)
     (True, False, False)
     """
     return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
@@ -1331,7 +1331,7 @@ def scores(directory: str | os.PathLike, monitor: str, mode: str) -> dict[str, f
             continue
         if not isinstance(record, Mapping) or (record.get("monitor"), record.get("mode")) != (monitor, mode):
             continue
-        if ranked(record.get("value")):
+        if _ranked(record.get("value")):
             known[info.name] = float(record["value"])
     return known
 

@@ -347,6 +347,7 @@ def evaluate(
     the sums and sample counts of all ranks are added in one collective, so every rank
     returns the same means, each sample counted once: every rank must call ``evaluate``
     then. ``reduce=False`` returns this rank's own means (for an evaluation on one rank only).
+    ``device`` places the batches (``"auto"``: the accelerator torch finds, else the CPU).
 
     ``data`` may be a mapping of named data sets (``{"clean": loader, "noisy": loader}``): each is
     evaluated on its own, and its metrics are named ``<metric>/<name>`` (``loss/noisy``); a list

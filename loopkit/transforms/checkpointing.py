@@ -398,7 +398,7 @@ class CheckpointStep(UpdateStep):
             return False
         there = {c.name for c in checkpoint.list_checkpoints(self.directory)}  # (not one removed meanwhile)
         with self.saver.lock:
-            values = sorted(v for n, v in self._scores().items() if n in there and checkpoint.ranked(v))
+            values = sorted(v for n, v in self._scores().items() if n in there and checkpoint._ranked(v))
         if self.mode == "max":
             values.reverse()
         if len(values) < self.keep_best:
@@ -440,7 +440,7 @@ class CheckpointStep(UpdateStep):
         """The ``keep_best`` checkpoints among ``names`` with the best scores (ties: the older first)."""
         with self.saver.lock:
             scores = self._scores()
-            ranked = sorted((v, n) for n, v in scores.items() if n in names and checkpoint.ranked(v))
+            ranked = sorted((v, n) for n, v in scores.items() if n in names and checkpoint._ranked(v))
         if self.mode == "max":
             ranked.sort(key=lambda item: -item[0])
         return [n for _, n in ranked[: self.keep_best]]
