@@ -47,7 +47,7 @@ _MODES = ("exponential", "linear")
 _BETA = 0.98  # Lightning's smoothing of the recorded loss
 # what Lightning turns off during the search (its loggers and callbacks): transforms that write files (logs,
 # checkpoints) of the probe run, or change its training apart from the rates (SWA sets rates of its own, pruning zeroes weights)
-_REFUSED = ("with_checkpointing", "with_logging", "with_swa", "with_pruning")
+_REFUSED = ("with_checkpointing", "with_logging", "with_swa", "with_pruning", "with_epoch_scheduler")
 
 
 class _RangeLR(LRScheduler):

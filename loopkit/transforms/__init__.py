@@ -8,6 +8,7 @@ from loopkit.transforms.checkpointing import with_checkpointing
 from loopkit.transforms.compiling import with_compile
 from loopkit.transforms.ddp import with_ddp
 from loopkit.transforms.ema import ema_state, with_ema
+from loopkit.transforms.epoch_scheduler import with_epoch_scheduler
 from loopkit.transforms.grad_accum import with_grad_accum
 from loopkit.transforms.grad_clip import with_grad_clip
 from loopkit.transforms.grad_norm import with_grad_norm
@@ -26,6 +27,7 @@ __all__ = [
     "with_compile",
     "with_ddp",
     "with_ema",
+    "with_epoch_scheduler",
     "with_grad_accum",
     "with_grad_clip",
     "with_grad_norm",

@@ -3,8 +3,9 @@
 The transforms: the gradient transforms ``with_amp`` (bfloat16, float16), ``with_grad_accum``,
 ``with_grad_clip``, ``with_grad_norm``, ``with_nan_guard``, and the whole-step transforms ``with_logging`` (into an
 in-memory logger), ``with_checkpointing`` (into a fresh directory per pipeline), ``with_ema``, ``with_pruning``,
-``with_qat`` (whose prepared modules a restore template gets from ``step.prepare``) and ``with_swa`` (from the first
-epoch on: it averages, sets SWALR's rate and holds the state's scheduler still from the first call).
+``with_qat`` (whose prepared modules a restore template gets from ``step.prepare``), ``with_swa`` (from the first
+epoch on: it averages, sets SWALR's rate and holds the state's scheduler still from the first call) and
+``with_epoch_scheduler`` (the scheduler held still within the epoch).
 
 For each pipeline: purity (the input state is unchanged), determinism (two calls give identical
 results), exact resume from ``state_dict`` mid-accumulation, float32 parameters stay float32,
@@ -85,8 +86,9 @@ TRANSFORMS = {
     "pruning": ("with_pruning", lambda s, sinks: loopkit.with_pruning(s, 0.5, [1, 2])),
     "qat": ("with_qat", lambda s, sinks: loopkit.with_qat(s)),
     "swa": ("with_swa", lambda s, sinks: loopkit.with_swa(s, 0.05, swa_epoch_start=1, annealing_epochs=1)),
+    "epoch_scheduler": ("with_epoch_scheduler", lambda s, sinks: loopkit.with_epoch_scheduler(s)),
 }
-WHOLE_STEP = ["logging", "checkpointing", "ema", "pruning", "qat", "swa"]  # wrap any step; nothing that needs the train step can wrap them
+WHOLE_STEP = ["logging", "checkpointing", "ema", "pruning", "qat", "swa", "epoch_scheduler"]  # wrap any step; nothing that needs the train step can wrap them
 GRADIENT = [name for name in TRANSFORMS if name not in WHOLE_STEP]
 GRADIENT_ONLY = ["grad_accum", "grad_clip", "grad_norm", "nan_guard"]  # need gradients: refuse an eval_step
 
@@ -96,14 +98,16 @@ def _refused(inner: str, outer: str) -> bool:
     pairs of gradient transforms have no meaning: a second precision, and accumulating an accumulation."""
     if outer in GRADIENT and inner in WHOLE_STEP:
         return True
-    if inner == outer and inner in ("logging", "ema", "pruning", "qat", "swa"):  # one window, averages, masks, preparation
+    if inner == outer and inner in ("logging", "ema", "pruning", "qat", "swa", "epoch_scheduler"):  # one of each
         return True
     if outer == "qat" and inner.startswith("amp"):  # fake quantization runs in float32 only
         return True
     if (inner, outer) in (("checkpointing", "ema"), ("checkpointing", "pruning"), ("ema", "pruning")):
         return True  # the checkpoint or the averages would miss the outer transform's change of this update
-    if (inner, outer) == ("checkpointing", "swa"):
-        return True  # in SWA epochs with_swa hands its inner step the state without its scheduler
+    if (inner, outer) in (("checkpointing", "swa"), ("checkpointing", "epoch_scheduler")):
+        return True  # with_swa (in SWA epochs) and with_epoch_scheduler hand their inner step the state without its scheduler
+    if {inner, outer} == {"swa", "epoch_scheduler"}:
+        return True  # SWA replaces the schedule
     return TRANSFORMS[inner][0] == TRANSFORMS[outer][0] and TRANSFORMS[inner][0] in ("with_amp", "with_grad_accum")
 
 
@@ -251,21 +255,25 @@ def test_a_gradient_transform_is_refused_around_a_whole_step_at_any_depth(inner,
 def test_the_refused_pairs_are_exactly_the_meaningless_ones():
     refused = {(TRANSFORMS[i][0], TRANSFORMS[o][0]) for i, o in PAIRS if _refused(i, o)}
     gradient_names = {"with_amp", "with_grad_accum", "with_grad_clip", "with_grad_norm", "with_nan_guard"}
-    wholes = ("with_logging", "with_checkpointing", "with_ema", "with_pruning", "with_qat", "with_swa")
+    wholes = ("with_logging", "with_checkpointing", "with_ema", "with_pruning", "with_qat", "with_swa",
+              "with_epoch_scheduler")
     around_whole = {(w, g) for w in wholes for g in gradient_names}
     doubled = {(t, t) for t in ("with_amp", "with_grad_accum", "with_logging", "with_ema", "with_pruning", "with_qat",
-                                "with_swa")}
+                                "with_swa", "with_epoch_scheduler")}
     too_late = {("with_checkpointing", "with_ema"), ("with_checkpointing", "with_pruning"), ("with_ema", "with_pruning"),
-                ("with_checkpointing", "with_swa")}
+                ("with_checkpointing", "with_swa"), ("with_checkpointing", "with_epoch_scheduler")}
+    one_schedule = {("with_swa", "with_epoch_scheduler"), ("with_epoch_scheduler", "with_swa")}
     float32_only = {("with_amp", "with_qat")}
-    assert refused == doubled | around_whole | too_late | float32_only
-    # pairs of keys: amp doubled 4, accum 1, whole around gradient 6 * 6, five wholes doubled, too late 4, qat(amp) 2
-    assert sum(_refused(*pair) for pair in PAIRS) == 4 + 1 + 6 * 6 + 5 + 4 + 2
-    assert len(PIPELINES) == 12 + 144 - 52 + len(TRIPLES)
+    assert refused == doubled | around_whole | too_late | one_schedule | float32_only
+    # pairs of keys: amp doubled 4, accum 1, whole around gradient 7 * 6, six wholes doubled, too late 5, one schedule 2,
+    # qat(amp) 2
+    assert sum(_refused(*pair) for pair in PAIRS) == 4 + 1 + 7 * 6 + 6 + 5 + 2 + 2
+    assert len(PIPELINES) == 13 + 169 - 62 + len(TRIPLES)
     # every whole-step transform is covered around every other transform, and checkpointing around itself
     unwrappable = {("logging", "logging"), ("ema", "ema"), ("pruning", "pruning"), ("qat", "qat"), ("checkpointing", "ema"),
                    ("checkpointing", "pruning"), ("ema", "pruning"), ("amp_bf16", "qat"), ("amp_fp16", "qat"),
-                   ("swa", "swa"), ("checkpointing", "swa")}
+                   ("swa", "swa"), ("checkpointing", "swa"), ("epoch_scheduler", "epoch_scheduler"),
+                   ("checkpointing", "epoch_scheduler"), ("swa", "epoch_scheduler"), ("epoch_scheduler", "swa")}
     for whole in WHOLE_STEP:
         assert all((name, whole) in PIPELINES for name in TRANSFORMS if (name, whole) not in unwrappable)
 

@@ -1,0 +1,129 @@
+"""``with_epoch_scheduler``: the state's scheduler steps once per epoch, as Lightning's default ``"interval": "epoch"``.
+
+>>> from loopkit.steps import train_step
+>>> with_epoch_scheduler(train_step(lambda m, b: None)).applied
+('train_step', 'with_epoch_scheduler')
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import attrs
+
+from loopkit._numbers import as_int
+from loopkit.state import TrainState, extras_copy, leave_intact, replace, replace_extras, state_at_error
+from loopkit.steps import Metrics, WrapperStep
+from loopkit.transforms._compose import refuse_wrapping, require_step
+
+__all__ = ["EpochSchedulerStep", "with_epoch_scheduler"]
+
+#: the state's extras: how many epochs' ends the scheduler has seen
+_EPOCHS = "epoch_scheduler/epochs"
+
+
+@attrs.frozen(eq=False)
+class EpochSchedulerStep(WrapperStep):
+    """The step :func:`with_epoch_scheduler` returns: the inner step runs with the scheduler held still, and the
+    scheduler steps at each epoch's end (every ``frequency`` epochs).
+
+    >>> from loopkit.steps import as_step
+    >>> EpochSchedulerStep(as_step(lambda s, b: (s, {})), frequency=2).name
+    'with_epoch_scheduler'
+    """
+
+    frequency: int = 1
+
+    @property
+    def name(self) -> str:
+        return "with_epoch_scheduler"
+
+    @property
+    def changes_state(self) -> bool:  # type: ignore[override]
+        return True  # it steps the state's scheduler, whatever the inner step does
+
+    def run_(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
+        state = self._caught_up(state, state.epoch)  # (a loop of one's own that did not flush the last epoch)
+        return self._held(self.inner.run_, state, batch)
+
+    def flush_(self, state: TrainState) -> tuple[TrainState, Metrics]:
+        """The epoch's end (``run_epochs`` flushes there): after the inner flush's update, the scheduler's step."""
+        state = self._caught_up(state, state.epoch)
+        new, metrics = self._held(self.inner.flush_, state)
+        return self._caught_up(new, new.epoch + 1), metrics
+
+    def _caught_up(self, state: TrainState, finished: int) -> TrainState:
+        """``state`` with the scheduler stepped for the ends of epochs up to ``finished`` (those not stepped yet)."""
+        scheduler = state.scheduler
+        if scheduler is None:
+            raise leave_intact(ValueError(
+                "with_epoch_scheduler: the state has no scheduler to step at each epoch's end; create the state with "
+                "one, TrainState.create(model, optimizer, scheduler)"), state)
+        recorded = state.extras.get(_EPOCHS)
+        # (a state from before this transform: its scheduler is where it is, for its epoch)
+        done = finished if recorded is None else int(recorded)
+        steps = finished // self.frequency - done // self.frequency
+        if steps <= 0 and recorded == finished:
+            return state
+        with warnings.catch_warnings():  # ("lr_scheduler.step() before optimizer.step()": an epoch without update)
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+            for _ in range(max(steps, 0)):
+                scheduler.step()
+        extras = extras_copy(state.extras)
+        extras[_EPOCHS] = finished
+        return replace_extras(state, extras)
+
+    def _held(self, call: Any, state: TrainState, *args: Any) -> tuple[TrainState, Metrics]:
+        """``call`` on ``state`` without its scheduler (the inner step would step it per update), put back after."""
+        used = replace(state, scheduler=None)
+        try:
+            new, metrics = call(used, *args)
+        except BaseException as error:
+            if state_at_error(error) is used:  # nothing changed: the caller's state is whole
+                leave_intact(error, state)
+            raise
+        return replace(new, scheduler=state.scheduler), metrics
+
+
+def with_epoch_scheduler(step: Any, *, frequency: int = 1) -> EpochSchedulerStep:
+    """Step the state's scheduler once per epoch, at its end, as Lightning does with its default
+    ``{"scheduler": ..., "interval": "epoch", "frequency": n}``, instead of once per optimizer update.
+
+    The inner step runs with the scheduler held still; at each epoch's end (``run_epochs`` flushes
+    the step there, after the epoch's last update) the scheduler steps if the epochs done are a
+    multiple of ``frequency``, as Lightning's ``(current_epoch + 1) % frequency == 0``. So epoch ``e``
+    trains at the rate after ``e // frequency`` steps: ``StepLR(opt, step_size=30)`` counts epochs, as
+    it does in Lightning. An epoch cut short (``max_steps``, a stop) does not step it, as in
+    Lightning. In a loop of one's own, call ``step.flush(state)`` at each epoch's end before advancing
+    ``state.epoch``, or the first call of the next epoch steps it. How many epochs it has stepped for
+    is kept in ``state.extras`` (``epoch_scheduler/epochs``): checkpoints resume it exactly.
+
+    ``ReduceLROnPlateau`` steps on a metric: see the guide's callback for it. Apply it inside
+    ``with_checkpointing`` (whose checkpoints must see the scheduler); ``with_swa`` replaces the
+    schedule from its start (as Lightning's SWA replaces the schedulers) and is refused with it.
+
+    >>> import torch
+    >>> from loopkit.driver import run_epochs
+    >>> from loopkit.state import TrainState
+    >>> from loopkit.steps import train_step
+    >>> model = torch.nn.Linear(2, 1)
+    >>> opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    >>> state = TrainState.create(model, opt, torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.1))
+    >>> step = with_epoch_scheduler(train_step(lambda m, b: m(b).pow(2).mean()))
+    >>> state, _ = run_epochs(step, state, [torch.ones(4, 2)] * 3, epochs=3, progress=False)
+    >>> round(state.optimizer.param_groups[0]["lr"], 6)  # stepped after each epoch: 1.0, 1.0, 0.1, then 0.1
+    0.1
+    """
+    inner = require_step(step, "with_epoch_scheduler", no_eval="an evaluation step has no schedule")
+    count = as_int(frequency)
+    if count is None or count < 1:
+        raise ValueError(f"with_epoch_scheduler: frequency must be a positive int (epochs), got {frequency!r}")
+    refuse_wrapping(inner, "with_epoch_scheduler", {
+        "with_epoch_scheduler": "the state has one scheduler, stepped once per epoch",
+        "with_checkpointing": "with_epoch_scheduler hands its inner step the state without its scheduler, so those "
+        "checkpoints would not restore; apply it first, with_checkpointing(with_epoch_scheduler(step), directory)",
+        "with_swa": "with_swa replaces the state's schedule from its start (as Lightning's SWA replaces the "
+        "schedulers); use one of them",
+    })
+    return EpochSchedulerStep(inner, frequency=count)

@@ -1,0 +1,124 @@
+"""with_epoch_scheduler against Lightning's default "interval": "epoch" written out: a raw loop that steps the
+scheduler after each epoch's last update when (epoch + 1) % frequency == 0 (Lightning's update_lr_schedulers)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import loopkit
+
+EPOCHS, BATCHES = 5, 4
+
+
+def _state(make_mlp):
+    model = make_mlp(0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.4, momentum=0.9)
+    return loopkit.TrainState.create(model, opt, torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5))
+
+
+def _raw_loop(state, data, mse_loss, frequency=1, epochs=EPOCHS):
+    model, opt, sched = state.model, state.optimizer, state.scheduler
+    rates = []
+    for epoch in range(epochs):
+        rates.append(opt.param_groups[0]["lr"])
+        for batch in data:
+            opt.zero_grad()
+            mse_loss(model, batch).backward()
+            opt.step()
+        if (epoch + 1) % frequency == 0:
+            sched.step()
+    return rates
+
+
+class _Rates(loopkit.Callback):
+    """The rate each epoch's first update used."""
+
+    def __init__(self):
+        self.rates = []
+
+    def on_batch_end(self, state, metrics):
+        if state.batch_index == 1:
+            self.rates.append(state.optimizer.param_groups[0]["lr"])
+
+
+@pytest.mark.parametrize("frequency", [1, 2])
+def test_the_scheduler_steps_at_each_epochs_end_as_lightnings_default_interval(
+        frequency, make_mlp, make_batches, mse_loss, assert_trees_equal):
+    data = make_batches(BATCHES)
+    ref = _state(make_mlp)
+    expected = _raw_loop(ref, data, mse_loss, frequency)
+    rates = _Rates()
+    step = loopkit.with_epoch_scheduler(loopkit.train_step(mse_loss), frequency=frequency)
+    state, _ = loopkit.run_epochs(step, _state(make_mlp), data, epochs=EPOCHS, callbacks=[rates], progress=False)
+    assert rates.rates == expected
+    assert_trees_equal(dict(state.model.state_dict()), dict(ref.model.state_dict()))
+    assert state.scheduler.state_dict() == ref.scheduler.state_dict()
+    assert state.extras["epoch_scheduler/epochs"] == EPOCHS
+
+
+def test_a_loop_of_ones_own_without_flush_steps_it_at_the_next_epochs_first_call(make_mlp, make_batches, mse_loss,
+                                                                                  assert_trees_equal):
+    data = make_batches(BATCHES)
+    ref = _state(make_mlp)
+    _raw_loop(ref, data, mse_loss, epochs=3)
+    step = loopkit.with_epoch_scheduler(loopkit.train_step(mse_loss))
+    state = _state(make_mlp)
+    for epoch in range(3):
+        state = state.evolve(epoch=epoch, batch_index=0)
+        for batch in data:
+            state, _ = step(state, batch)
+    assert_trees_equal(dict(state.model.state_dict()), dict(ref.model.state_dict()))
+    assert state.scheduler.last_epoch == 2  # epochs 0 and 1's ends, stepped at epochs 1 and 2's first calls
+    flushed, _ = step.flush(state)  # epoch 2's end, as the raw loop stepped after its last epoch
+    assert flushed.scheduler.last_epoch == 3 == ref.scheduler.last_epoch
+
+
+def test_a_crash_mid_epoch_resumes_exactly(tmp_path, make_mlp, make_batches, mse_loss, take_snapshot, assert_trees_equal):
+    data = make_batches(BATCHES)
+    step = loopkit.with_checkpointing(loopkit.with_epoch_scheduler(loopkit.train_step(mse_loss)), tmp_path,
+                                      every_n_steps=3, keep_last=None)
+    whole, _ = loopkit.run_epochs(loopkit.with_epoch_scheduler(loopkit.train_step(mse_loss)), _state(make_mlp), data,
+                                  epochs=EPOCHS, progress=False)
+
+    class Crash(loopkit.Callback):
+        def on_batch_end(self, state, metrics):
+            if state.step == 10:
+                raise RuntimeError("simulated crash")
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        loopkit.run_epochs(step, _state(make_mlp), data, epochs=EPOCHS, callbacks=[Crash()], progress=False)
+    restored = loopkit.restore(_state(make_mlp), tmp_path)
+    assert (restored.step, restored.batch_index) == (9, 1)  # mid-epoch 2
+    resumed, _ = loopkit.run_epochs(step, restored, data, epochs=EPOCHS, progress=False)
+    assert_trees_equal(dict(resumed.model.state_dict()), dict(whole.model.state_dict()))
+    assert resumed.scheduler.state_dict() == whole.scheduler.state_dict()
+
+
+def test_an_epoch_cut_short_does_not_step_it_and_the_step_is_pure(make_mlp, make_batches, mse_loss, take_snapshot,
+                                                                  assert_trees_equal):
+    step = loopkit.with_epoch_scheduler(loopkit.train_step(mse_loss))
+    state, _ = loopkit.run_epochs(step, _state(make_mlp), make_batches(BATCHES), max_steps=6, progress=False)
+    assert state.scheduler.last_epoch == 1  # epoch 0's end only, as Lightning at max_steps mid-epoch
+    before = take_snapshot(state)
+    step(state, make_batches(1)[0])
+    assert_trees_equal(take_snapshot(state), before)
+
+
+def test_what_it_cannot_do_is_refused(tmp_path, make_mlp, make_batches, mse_loss):
+    inner = loopkit.train_step(mse_loss)
+    with pytest.raises(ValueError, match="frequency must be a positive int"):
+        loopkit.with_epoch_scheduler(inner, frequency=0)
+    with pytest.raises(TypeError, match="with_epoch_scheduler cannot wrap with_checkpointing"):
+        loopkit.with_epoch_scheduler(loopkit.with_checkpointing(inner, tmp_path))
+    with pytest.raises(TypeError, match="with_epoch_scheduler cannot wrap with_swa"):
+        loopkit.with_epoch_scheduler(loopkit.with_swa(inner, 0.1, swa_epoch_start=1))
+    with pytest.raises(TypeError, match="with_swa cannot wrap with_epoch_scheduler"):
+        loopkit.with_swa(loopkit.with_epoch_scheduler(inner), 0.1, swa_epoch_start=1)
+    with pytest.raises(ValueError, match="lr_find: the step has with_epoch_scheduler"):
+        loopkit.lr_find(loopkit.with_epoch_scheduler(inner), _state(make_mlp), make_batches(2))
+    model = make_mlp(0)
+    plain = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match="the state has no scheduler"):
+        loopkit.with_epoch_scheduler(inner)(plain, make_batches(1)[0])
+    plain.check_usable()
