@@ -61,11 +61,11 @@ class EpochSchedulerStep(WrapperStep):
                 "with_epoch_scheduler: the state has no scheduler to step at each epoch's end; create the state with "
                 "one, TrainState.create(model, optimizer, scheduler)"), state)
         recorded = state.extras.get(_EPOCHS)
+        if recorded is not None and int(recorded) >= finished:  # (stepped for this epoch's end already: a flushed
+            return state  # state flushed again, as a relaunch from a checkpoint of the flush's update does)
         # (a state from before this transform: its scheduler is where it is, for its epoch)
         done = finished if recorded is None else int(recorded)
         steps = finished // self.frequency - done // self.frequency
-        if steps <= 0 and recorded == finished:
-            return state
         with warnings.catch_warnings():  # ("lr_scheduler.step() before optimizer.step()": an epoch without update)
             warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
             for _ in range(max(steps, 0)):
@@ -95,7 +95,8 @@ def with_epoch_scheduler(step: Any, *, frequency: int = 1) -> EpochSchedulerStep
     multiple of ``frequency``, as Lightning's ``(current_epoch + 1) % frequency == 0``. So epoch ``e``
     trains at the rate after ``e // frequency`` steps: ``StepLR(opt, step_size=30)`` counts epochs, as
     it does in Lightning. An epoch cut short (``max_steps``, a stop) does not step it, as in
-    Lightning. In a loop of one's own, call ``step.flush(state)`` at each epoch's end before advancing
+    Lightning. It steps after the epoch's last update's callbacks (and a step validation on that
+    update), which still see the epoch's rate; Lightning steps it before them. In a loop of one's own, call ``step.flush(state)`` at each epoch's end before advancing
     ``state.epoch``, or the first call of the next epoch steps it. How many epochs it has stepped for
     is kept in ``state.extras`` (``epoch_scheduler/epochs``): checkpoints resume it exactly.
 

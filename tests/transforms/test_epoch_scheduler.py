@@ -122,3 +122,26 @@ def test_what_it_cannot_do_is_refused(tmp_path, make_mlp, make_batches, mse_loss
     with pytest.raises(ValueError, match="the state has no scheduler"):
         loopkit.with_epoch_scheduler(inner)(plain, make_batches(1)[0])
     plain.check_usable()
+
+
+def test_a_relaunch_from_the_checkpoint_of_an_epochs_flushed_update_steps_it_once(tmp_path, make_mlp, make_batches,
+                                                                                   mse_loss, assert_trees_equal):
+    """5 batches in groups of 2: each epoch's last update is the flush's, and step 3's checkpoint is of it (the state
+    still in epoch 0, its batches used up). The relaunch flushes that epoch again: the scheduler stepped twice."""
+    data = make_batches(5)
+    inner = loopkit.with_epoch_scheduler(loopkit.with_grad_accum(loopkit.train_step(mse_loss), every=2))
+    whole, _ = loopkit.run_epochs(inner, _state(make_mlp), data, epochs=3, progress=False)
+    step = loopkit.with_checkpointing(inner, tmp_path, every_n_steps=3, keep_last=None)
+
+    class Crash(loopkit.Callback):
+        def on_batch_end(self, state, metrics):
+            if state.step == 4:
+                raise RuntimeError("simulated crash")
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        loopkit.run_epochs(step, _state(make_mlp), data, epochs=3, callbacks=[Crash()], progress=False)
+    restored = loopkit.restore(_state(make_mlp), tmp_path / "ckpt-000001-step3-epoch0-batch5")
+    assert (restored.epoch, restored.scheduler.last_epoch) == (0, 1)
+    resumed, _ = loopkit.run_epochs(inner, restored, data, epochs=3, progress=False)
+    assert resumed.scheduler.state_dict() == whole.scheduler.state_dict()
+    assert_trees_equal(dict(resumed.model.state_dict()), dict(whole.model.state_dict()))
