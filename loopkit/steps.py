@@ -685,8 +685,8 @@ class TrainStep(Step):
         >>> train_step(lambda m, b: None).every_at(3)
         1
         """
-        every = self.accum_every  # (a schedule starts at epoch 0: its first factor replaces this)
-        for first, factor in self.accum_schedule:
+        every = self.accum_every
+        for first, factor in self.accum_schedule:  # (from epoch 0: its first factor replaces accum_every)
             if epoch < first:
                 break
             every = factor
@@ -749,7 +749,7 @@ class TrainStep(Step):
         net = model if sync is None else sync.module(model)
         # under DDP a micro-step that does not finish its group keeps its gradient local (no all-reduce);
         # per-micro transforms need each micro-batch's whole gradient, so then every micro-step syncs
-        every = self.every_at(state.epoch) if self.accum_schedule else self.accum_every
+        every = self.every_at(state.epoch)
         local = sync is not None and not per_micro and state.extras.get(_ACCUM_COUNT, 0) + 1 < every
         # a raising guard may refuse this call's gradients: what the parameters hold now is given back then
         held = [p.grad for group in optimizer.param_groups for p in group["params"]] if self.loss_checks else None
@@ -895,7 +895,7 @@ class TrainStep(Step):
         count = state.extras.get(_ACCUM_COUNT, 0)
         if self.accum_every == 1 or count == 0:
             return state, {}
-        every = self.every_at(state.epoch) if self.accum_schedule else self.accum_every
+        every = self.every_at(state.epoch)
         extras = extras_copy(state.extras)
         extras.pop(_ACCUM_COUNT)
         marked: list[torch.Tensor] = []
