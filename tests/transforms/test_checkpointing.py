@@ -384,9 +384,9 @@ def test_options_out_of_range_are_named(tmp_path, options, message):
         with_checkpointing(train_step(_mse), tmp_path, **options)
 
 
-def test_keep_best_0_without_a_monitor_is_unused_as_any_keep_best():
+def test_keep_best_0_without_a_monitor_is_unused_as_any_keep_best(tmp_path):
     """(keep_best=0 with a monitor is refused: it would keep nothing for the score, the monitor doing nothing.)"""
-    assert with_checkpointing(_count_step, "unused-dir-never-written", keep_best=0).keep_best == 0
+    assert with_checkpointing(_count_step, tmp_path / "ckpt", keep_best=0).keep_best == 0
 
 
 # --- resume under run_epochs -------------------------------------------------------------------
