@@ -11,6 +11,7 @@ from loopkit.transforms.ema import ema_state, with_ema
 from loopkit.transforms.epoch_scheduler import with_epoch_scheduler
 from loopkit.transforms.grad_accum import with_grad_accum
 from loopkit.transforms.grad_clip import with_grad_clip
+from loopkit.transforms.grad_hook import with_grad_hook
 from loopkit.transforms.grad_norm import with_grad_norm
 from loopkit.transforms.logging import with_logging
 from loopkit.transforms.nan_guard import with_nan_guard
@@ -30,6 +31,7 @@ __all__ = [
     "with_epoch_scheduler",
     "with_grad_accum",
     "with_grad_clip",
+    "with_grad_hook",
     "with_grad_norm",
     "with_logging",
     "with_nan_guard",

@@ -1,7 +1,7 @@
 """Every ``with_*`` transform, alone and in every ordered pair with every other, keeps the step contract.
 
 The transforms: the gradient transforms ``with_amp`` (bfloat16, float16), ``with_grad_accum``,
-``with_grad_clip``, ``with_grad_norm``, ``with_nan_guard``, and the whole-step transforms ``with_logging`` (into an
+``with_grad_clip``, ``with_grad_norm``, ``with_grad_hook`` (halving the gradients, reporting a metric), ``with_nan_guard``, and the whole-step transforms ``with_logging`` (into an
 in-memory logger), ``with_checkpointing`` (into a fresh directory per pipeline), ``with_ema``, ``with_pruning``,
 ``with_qat`` (whose prepared modules a restore template gets from ``step.prepare``), ``with_swa`` (from the first
 epoch on: it averages, sets SWALR's rate and holds the state's scheduler still from the first call) and
@@ -61,6 +61,11 @@ class Sinks:
         self.root = root
         self.loggers: list[MemoryLogger] = []
         self.directories: list[Path] = []
+        self.hooks = 0
+
+    def next_hook(self) -> int:
+        self.hooks += 1
+        return self.hooks
 
     def logger(self) -> MemoryLogger:
         self.loggers.append(MemoryLogger())
@@ -71,6 +76,18 @@ class Sinks:
         return self.directories[-1]
 
 
+def _halving_hook(sinks: Sinks | None):
+    """A with_grad_hook function: halves every gradient, reports their sum under a name of its own in the pipeline."""
+    name = f"hook{sinks.next_hook() if sinks is not None else 0}/grad_sum"
+
+    def hook(state: loopkit.TrainState) -> dict[str, torch.Tensor]:
+        grads = [p.grad for p in state.model.parameters() if p.grad is not None]
+        torch._foreach_mul_(grads, 0.5)
+        return {name: sum(g.sum() for g in grads)}
+
+    return hook
+
+
 LOG_EVERY = 2  # with_logging's window: two optimizer updates (four calls under with_grad_accum)
 
 TRANSFORMS = {
@@ -79,6 +96,7 @@ TRANSFORMS = {
     "grad_accum": ("with_grad_accum", lambda s, sinks: loopkit.with_grad_accum(s, every=2)),
     "grad_clip": ("with_grad_clip", lambda s, sinks: loopkit.with_grad_clip(s, max_norm=0.3)),
     "grad_norm": ("with_grad_norm", lambda s, sinks: loopkit.with_grad_norm(s)),
+    "grad_hook": ("with_grad_hook", lambda s, sinks: loopkit.with_grad_hook(s, _halving_hook(sinks))),
     "nan_guard": ("with_nan_guard", lambda s, sinks: loopkit.with_nan_guard(s)),
     "logging": ("with_logging", lambda s, sinks: loopkit.with_logging(s, sinks.logger(), every_n_steps=LOG_EVERY)),
     "checkpointing": ("with_checkpointing", lambda s, sinks: loopkit.with_checkpointing(s, sinks.directory(), every_n_steps=1)),
@@ -90,7 +108,7 @@ TRANSFORMS = {
 }
 WHOLE_STEP = ["logging", "checkpointing", "ema", "pruning", "qat", "swa", "epoch_scheduler"]  # wrap any step; nothing that needs the train step can wrap them
 GRADIENT = [name for name in TRANSFORMS if name not in WHOLE_STEP]
-GRADIENT_ONLY = ["grad_accum", "grad_clip", "grad_norm", "nan_guard"]  # need gradients: refuse an eval_step
+GRADIENT_ONLY = ["grad_accum", "grad_clip", "grad_norm", "grad_hook", "nan_guard"]  # need gradients: refuse an eval_step
 
 
 def _refused(inner: str, outer: str) -> bool:
@@ -254,7 +272,7 @@ def test_a_gradient_transform_is_refused_around_a_whole_step_at_any_depth(inner,
 
 def test_the_refused_pairs_are_exactly_the_meaningless_ones():
     refused = {(TRANSFORMS[i][0], TRANSFORMS[o][0]) for i, o in PAIRS if _refused(i, o)}
-    gradient_names = {"with_amp", "with_grad_accum", "with_grad_clip", "with_grad_norm", "with_nan_guard"}
+    gradient_names = {"with_amp", "with_grad_accum", "with_grad_clip", "with_grad_norm", "with_grad_hook", "with_nan_guard"}
     wholes = ("with_logging", "with_checkpointing", "with_ema", "with_pruning", "with_qat", "with_swa",
               "with_epoch_scheduler")
     around_whole = {(w, g) for w in wholes for g in gradient_names}
@@ -265,10 +283,10 @@ def test_the_refused_pairs_are_exactly_the_meaningless_ones():
     one_schedule = {("with_swa", "with_epoch_scheduler"), ("with_epoch_scheduler", "with_swa")}
     float32_only = {("with_amp", "with_qat")}
     assert refused == doubled | around_whole | too_late | one_schedule | float32_only
-    # pairs of keys: amp doubled 4, accum 1, whole around gradient 7 * 6, six wholes doubled, too late 5, one schedule 2,
+    # pairs of keys: amp doubled 4, accum 1, whole around gradient 7 * 7, six wholes doubled, too late 5, one schedule 2,
     # qat(amp) 2
-    assert sum(_refused(*pair) for pair in PAIRS) == 4 + 1 + 7 * 6 + 6 + 5 + 2 + 2
-    assert len(PIPELINES) == 13 + 169 - 62 + len(TRIPLES)
+    assert sum(_refused(*pair) for pair in PAIRS) == 4 + 1 + 7 * 7 + 6 + 5 + 2 + 2
+    assert len(PIPELINES) == 14 + 196 - 69 + len(TRIPLES)
     # every whole-step transform is covered around every other transform, and checkpointing around itself
     unwrappable = {("logging", "logging"), ("ema", "ema"), ("pruning", "pruning"), ("qat", "qat"), ("checkpointing", "ema"),
                    ("checkpointing", "pruning"), ("ema", "pruning"), ("amp_bf16", "qat"), ("amp_fp16", "qat"),

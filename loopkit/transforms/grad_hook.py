@@ -1,0 +1,104 @@
+"""``with_grad_hook``: a function of yours that sees (and may change) the gradients before the update,
+as Lightning's ``on_before_optimizer_step`` and ``on_after_backward``.
+
+>>> from loopkit.steps import train_step
+>>> with_grad_hook(train_step(lambda m, b: None), lambda state: None).applied
+('train_step', 'with_grad_hook')
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import attrs
+import torch
+
+from loopkit.state import TrainState
+from loopkit.steps import GradContext, TrainStep, check_metric
+from loopkit.transforms._compose import require_train_step
+
+__all__ = ["GradHook", "with_grad_hook"]
+
+HookFn = Callable[[TrainState], "Mapping[str, Any] | None"]
+
+
+def _hook_name(fn: Any) -> str:
+    return getattr(fn, "__qualname__", None) or type(fn).__qualname__
+
+
+@attrs.frozen
+class GradHook:
+    """Calls ``fn(state)`` where the gradients are ready, and adds the metrics it returns.
+
+    >>> GradHook(print).name
+    'with_grad_hook'
+    """
+
+    fn: HookFn
+    name: str = "with_grad_hook"
+
+    def on_loss(self, loss: torch.Tensor, state: TrainState, ctx: GradContext) -> None:
+        pass
+
+    def on_grads(self, ctx: GradContext) -> None:
+        out = self.fn(ctx.state)
+        if out is None:
+            return
+        where = f"with_grad_hook's fn {_hook_name(self.fn)}"
+        if not isinstance(out, Mapping):
+            raise TypeError(f"{where} returned a {type(out).__qualname__}; expected a dict of metrics or None")
+        for key, value in out.items():
+            metric = check_metric(value, key, where)
+            if key in ctx.metrics:
+                raise ValueError(f"{where} returned a metric named {key!r}, which the step reports already; rename it")
+            ctx.metrics[key] = metric
+
+
+def _check_takes_state(fn: Any) -> None:
+    if not callable(fn):
+        raise TypeError(f"with_grad_hook: fn must be callable as fn(state), got {type(fn).__qualname__}")
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # a builtin without a signature: let the call tell
+        return
+    try:
+        signature.bind(None)
+    except TypeError as error:
+        raise TypeError(f"with_grad_hook: fn {_hook_name(fn)} must take one argument, the state: {error}") from None
+
+
+def with_grad_hook(step: Any, fn: HookFn) -> TrainStep:
+    """Call ``fn(state)`` once the gradients are ready, before the optimizer update: Lightning's
+    ``on_before_optimizer_step`` (outside ``with_grad_accum``) and ``on_after_backward`` (inside it).
+
+    ``fn`` reads ``p.grad`` of ``state.model``'s parameters, may change them in place (the update
+    uses what it leaves), and returns ``None`` or a dict of metrics (0-dim tensors or numbers: keep
+    them tensors, reading one on the host syncs the device), reported with the step's metrics
+    (``with_logging`` logs them as ``train/<name>``). ``state.step`` is the number of updates
+    before this one, as Lightning's ``global_step`` in its hook. Where it runs follows the nesting,
+    as for the other gradient transforms: outside ``with_grad_accum``, once per update on the summed
+    gradient; inside it, on each micro-batch's own gradient (Lightning's ``on_after_backward`` sees
+    the running sum); under float16 ``with_amp``, after unscaling (Lightning's ``on_after_backward``
+    sees scaled gradients); inside ``with_grad_clip``, before clipping, as Lightning's hook. It must
+    not replace the parameters or call the optimizer. Under ``with_ddp`` it sees the averaged
+    gradients (outside accumulation) on every rank; whatever it changes must be the same on each.
+
+    >>> import torch
+    >>> from loopkit.state import TrainState
+    >>> from loopkit.steps import train_step
+    >>> model = torch.nn.Linear(2, 1)
+    >>> state = TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    >>> def freeze_bias(state):  # gradient surgery, and a metric
+    ...     state.model.bias.grad.zero_()
+    ...     return {"weight_grad_max": state.model.weight.grad.abs().max()}
+    >>> step = with_grad_hook(train_step(lambda m, b: m(b).sum()), freeze_bias)
+    >>> bias = model.bias.clone()
+    >>> state, metrics = step(state, torch.ones(3, 2))
+    >>> sorted(metrics), torch.equal(state.model.bias, bias)
+    (['loss', 'weight_grad_max'], True)
+    """
+    _check_takes_state(fn)
+    base = require_train_step(step, "with_grad_hook")
+    return base.add_grad_transform(GradHook(fn))

@@ -1,0 +1,199 @@
+"""with_grad_hook against raw loops that call the same function where Lightning calls its hooks:
+``on_before_optimizer_step`` (once per update, after unscaling, before clipping) and, inside accumulation,
+on each micro-batch's own gradient; the gradients it changes are the ones the update uses."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import loopkit
+
+
+def _surgery(model):
+    """Halve the first layer's weight gradient, zero the last bias's: what the update must then use."""
+    model[0].weight.grad.mul_(0.5)
+    model[2].bias.grad.zero_()
+
+
+def _recording_hook(seen):
+    def hook(state):
+        seen.append([p.grad.clone() for p in state.model.parameters()])
+        _surgery(state.model)
+        return {"hook/step": state.step, "hook/w0": state.model[0].weight.grad.abs().sum()}
+
+    return hook
+
+
+def _assert_grads_equal(seen, expected):
+    assert len(seen) == len(expected)
+    for got, want in zip(seen, expected):
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+
+
+def test_outside_accumulation_and_inside_clipping_it_is_on_before_optimizer_step(make_mlp, make_batches, mse_loss):
+    data = make_batches(6)
+    ref_model = make_mlp(0)
+    ref_opt = torch.optim.SGD(ref_model.parameters(), lr=0.1, momentum=0.9)
+    expected = []
+    for k, batch in enumerate(data, start=1):
+        (mse_loss(ref_model, batch) / 2).backward()
+        if k % 2 == 0:  # Lightning: on_before_optimizer_step on the summed gradient, then the clipping
+            expected.append([p.grad.clone() for p in ref_model.parameters()])
+            _surgery(ref_model)
+            torch.nn.utils.clip_grad_norm_(ref_model.parameters(), 0.05)
+            ref_opt.step()
+            ref_opt.zero_grad()
+
+    model = make_mlp(0)
+    state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
+    seen = []
+    step = loopkit.train_step(mse_loss)
+    step = loopkit.with_grad_clip(loopkit.with_grad_hook(loopkit.with_grad_accum(step, every=2), _recording_hook(seen)), max_norm=0.05)
+    reported = []
+    for batch in data:
+        state, metrics = step(state, batch)
+        if "hook/step" in metrics:
+            reported.append((int(metrics["hook/step"]), float(metrics["hook/w0"])))
+    _assert_grads_equal(seen, expected)
+    for a, b in zip(state.model.parameters(), ref_model.parameters()):
+        assert torch.equal(a, b)
+    assert [r[0] for r in reported] == [0, 1, 2]  # updates before this one, as Lightning's global_step in its hook
+    assert all(r[1] > 0 for r in reported)
+
+
+def test_inside_accumulation_it_sees_each_micro_batchs_own_gradient(make_mlp, make_batches, mse_loss):
+    data = make_batches(4)
+    ref_model = make_mlp(0)
+    ref_opt = torch.optim.SGD(ref_model.parameters(), lr=0.1)
+    expected, total = [], None
+    for k, batch in enumerate(data, start=1):
+        ref_opt.zero_grad()
+        mse_loss(ref_model, batch).backward()
+        expected.append([p.grad.clone() for p in ref_model.parameters()])
+        _surgery(ref_model)
+        shares = [p.grad / 2 for p in ref_model.parameters()]
+        total = shares if total is None else [t + s for t, s in zip(total, shares)]
+        if k % 2 == 0:
+            for p, g in zip(ref_model.parameters(), total):
+                p.grad = g
+            ref_opt.step()
+            total = None
+
+    model = make_mlp(0)
+    state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    seen = []
+    step = loopkit.with_grad_accum(loopkit.with_grad_hook(loopkit.train_step(mse_loss), _recording_hook(seen)), every=2)
+    for batch in data:
+        state, metrics = step(state, batch)
+        assert "hook/w0" in metrics  # every call reports it
+    _assert_grads_equal(seen, expected)
+    for a, b in zip(state.model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)  # the sum of the halves in another order
+
+
+def test_under_float16_it_sees_the_unscaled_gradients_of_a_raw_grad_scaler_loop(make_mlp, make_batches, mse_loss):
+    data = make_batches(3)
+    ref_model = make_mlp(0)
+    ref_opt = torch.optim.SGD(ref_model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    expected = []
+    for batch in data:
+        ref_opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = mse_loss(ref_model, batch)
+        scaler.scale(loss).backward()
+        scaler.unscale_(ref_opt)
+        expected.append([p.grad.clone() for p in ref_model.parameters()])
+        _surgery(ref_model)
+        scaler.step(ref_opt)
+        scaler.update()
+
+    model = make_mlp(0)
+    state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    seen = []
+    step = loopkit.with_grad_hook(loopkit.train_step(mse_loss), _recording_hook(seen))
+    step = loopkit.with_amp(step, dtype=torch.float16, init_scale=2.0**10)
+    for batch in data:
+        state, _ = step(state, batch)
+    _assert_grads_equal(seen, expected)
+    for a, b in zip(state.model.parameters(), ref_model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_the_given_state_is_unchanged_by_a_pure_step(make_mlp, make_batches, mse_loss, take_snapshot, assert_trees_equal):
+    model = make_mlp(0)
+    state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    step = loopkit.with_grad_hook(loopkit.train_step(mse_loss), lambda s: _surgery(s.model))
+    before = take_snapshot(state)
+    batch = make_batches(1)[0]
+    first, _ = step(state, batch)
+    assert_trees_equal(take_snapshot(state), before)
+    second, _ = step(state, batch)
+    assert_trees_equal(take_snapshot(first), take_snapshot(second))
+    assert torch.equal(first.model[2].bias, model[2].bias)  # its gradient was zeroed: plain SGD leaves it
+
+
+def test_under_logging_its_metrics_are_logged_as_train_metrics(make_mlp, make_batches, mse_loss):
+    class Memory:
+        def __init__(self):
+            self.records = []
+
+        def log_metrics(self, metrics, step):
+            self.records.append((step, dict(metrics)))
+
+        def log_hparams(self, hparams, metrics=None):
+            pass
+
+        def finalize(self):
+            pass
+
+    memory = Memory()
+    model = make_mlp(0)
+    state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    values = []
+
+    def hook(state):
+        value = state.model[0].weight.grad.norm()
+        values.append(float(value))
+        return {"w0_norm": value}
+
+    step = loopkit.with_logging(loopkit.with_grad_hook(loopkit.train_step(mse_loss), hook), memory, every_n_steps=2)
+    loopkit.run_epochs(step, state, make_batches(4), epochs=1, progress=False)
+    rows = [(s, m["train/w0_norm"]) for s, m in memory.records if "train/w0_norm" in m]
+    assert rows[:2] == [(2, pytest.approx((values[0] + values[1]) / 2)), (4, pytest.approx((values[2] + values[3]) / 2))]
+
+
+def test_bad_hooks_are_named(make_mlp, make_batches, mse_loss):
+    model = make_mlp(0)
+    state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    batch = make_batches(1)[0]
+
+    def two_args(state, extra):
+        return None
+
+    with pytest.raises(TypeError, match="with_grad_hook: fn .*two_args must take one argument, the state"):
+        loopkit.with_grad_hook(loopkit.train_step(mse_loss), two_args)
+    with pytest.raises(TypeError, match="with_grad_hook: fn must be callable as fn\\(state\\), got int"):
+        loopkit.with_grad_hook(loopkit.train_step(mse_loss), 3)
+    with pytest.raises(TypeError, match="with_grad_hook cannot wrap eval_step"):
+        loopkit.with_grad_hook(loopkit.eval_step(lambda m, b: {}), lambda s: None)
+
+    def gives_loss(state):
+        return {"loss": 1.0}
+
+    with pytest.raises(ValueError, match="with_grad_hook's fn .*gives_loss returned a metric named 'loss', which the step reports already"):
+        loopkit.with_grad_hook(loopkit.train_step(mse_loss), gives_loss)(state, batch)
+
+    def gives_list(state):
+        return [1.0]
+
+    with pytest.raises(TypeError, match="with_grad_hook's fn .*gives_list returned a list; expected a dict of metrics or None"):
+        loopkit.with_grad_hook(loopkit.train_step(mse_loss), gives_list)(state, batch)
+
+    def gives_text(state):
+        return {"note": "high"}
+
+    with pytest.raises(TypeError, match="metric 'note' from with_grad_hook's fn .*gives_text is a str"):
+        loopkit.with_grad_hook(loopkit.train_step(mse_loss), gives_text)(state, batch)
