@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from loopkit._epoch_data import factory_name, is_factory
 from loopkit._numbers import as_int, as_real
 from loopkit._search import search_step
 from loopkit.driver import _check_data, _check_device, _global_rngs_kept, _num_batches, run_epochs
@@ -99,6 +100,13 @@ class _Search:
     def set(self, size: int) -> None:
         self.size = size
         self.data = self.make_data(size)
+        if is_factory(self.data):
+            raise TypeError(
+                f"scale_batch_size: make_data({size}) returned a function ({factory_name(self.data)}), a factory of "
+                "the epoch's data as run_epochs takes? A trial trains steps_per_trial updates on one epoch's data at "
+                "the size, and the search caps the size at that data set's length: return the data itself, e.g. "
+                "lambda size: DataLoader(curriculum(0), batch_size=size)"
+            )
         _check_data(self.data, f"scale_batch_size: make_data({size})")
         if _num_batches(self.data, None, "make_data") == 0:
             raise ValueError(f"scale_batch_size: make_data({size}) is empty (len() is 0): there is no batch to try")

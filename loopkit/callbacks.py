@@ -312,7 +312,10 @@ class LearningRateMonitor(Callback):
     epoch records. Names follow Lightning: ``lr-SGD`` for
     one group, ``lr-SGD/pg1``, ``lr-SGD/pg2`` for several, and a group's ``"name"`` in place of
     ``pgN`` where it has one (``lr-SGD/backbone``; one named group: ``lr-SGD/backbone`` too). Every recorded value is also kept
-    in ``self.history`` as ``(step, {name: lr})``.
+    in ``self.history`` as ``(step, {name: lr})``: the values of the latest fit, as Lightning's ``lrs``, which its
+    ``on_train_start`` resets; ``on_fit_start`` starts the monitor afresh (a fit resumed from a checkpoint, or one
+    that goes on from a fit cut short, with the same monitor records its own epochs; what a resumed epoch needs, the
+    rates it started with, comes from the state).
 
     >>> import torch
     >>> from loopkit.state import TrainState
@@ -339,8 +342,12 @@ class LearningRateMonitor(Callback):
         self._step_seen: int | None = None  # per step: the update whose rates were recorded last
 
     def on_fit_start(self, state: Any) -> None:
-        """Per step, take the fit's starting update as seen: rates are recorded after each update that follows.
-        Groups of one name are refused now, before any step."""
+        """Start afresh, as Lightning's ``on_train_start`` does: ``history`` empty, no epoch under way (a resumed
+        one's start rates come from the state, loaded after this hook). Per step, take the fit's starting update
+        as seen: rates are recorded after each update that follows. Groups of one name are refused now, before
+        any step."""
+        self.history = []
+        self._epoch_start, self._epoch_start_step = None, 0
         self._step_seen = getattr(state, "step", None)
         if getattr(state, "optimizer", None) is not None:
             self.learning_rates(state)
@@ -383,8 +390,6 @@ class LearningRateMonitor(Callback):
             return
         if self._epoch_start is not None and getattr(state, "batch_index", 0) > 0:
             lrs, step = self._epoch_start, self._epoch_start_step  # resumed mid-epoch: the rates it started with
-            if self.history and self.history[-1] == (step, lrs):
-                return  # (this monitor recorded them before the cut: a fit that goes on records them once)
         else:
             lrs, step = self.learning_rates(state), state.step
             self._epoch_start, self._epoch_start_step = lrs, step

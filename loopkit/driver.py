@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import itertools
 import math
@@ -32,6 +31,8 @@ import numpy as np
 import torch
 
 from loopkit import _collective
+from loopkit._epoch_data import TRAIN, VAL, call_seeded, check_factory, factory_name, is_factory
+from loopkit._epoch_data import global_rngs_kept as _global_rngs_kept
 from loopkit._numbers import as_int, as_real
 from loopkit._window import EPOCH, OVER_RANKS, own_buffers, own_rng, own_share
 from loopkit.callbacks import Callback, may_change_state_early
@@ -183,18 +184,6 @@ def _epoch_batches(data: Iterable, seed: int, epoch: int, skip: int, count: int 
 
 
 _END = object()
-
-
-@contextlib.contextmanager
-def _global_rngs_kept() -> Iterator[None]:
-    """Put torch's (CPU), numpy's and Python's global RNGs back as they were when the block ends."""
-    saved = torch.default_generator.get_state(), np.random.get_state(), random.getstate()
-    try:
-        yield
-    finally:
-        torch.default_generator.set_state(saved[0])
-        np.random.set_state(saved[1])
-        random.setstate(saved[2])
 
 
 def _stream_ended(batches: Iterator[Any]) -> bool:
@@ -511,9 +500,19 @@ def _check_state(state: Any, where: str) -> None:
     state.check_usable()
 
 
-def _check_data(data: Any, where: str) -> None:
+def _check_data(data: Any, where: str, *, factories: bool = False) -> None:
+    """Refuse what is not an iterable of batches, naming ``where``; ``factories``: the caller takes a function of
+    the epoch too (``run_epochs``' data), which the message then offers."""
     if isinstance(data, (str, bytes)) or not (hasattr(data, "__iter__") or hasattr(data, "__getitem__")):
-        raise TypeError(f"{where} must be an iterable of batches (a list, a DataLoader), got {type(data).__qualname__}")
+        if factories:
+            wanted = "an iterable of batches (a list, a DataLoader) or a function of the epoch that returns one"
+        else:
+            wanted = "an iterable of batches (a list, a DataLoader)"
+        hint = ""
+        if callable(data) and not factories and not isinstance(data, type):
+            hint = ("; a function of the epoch (a factory of the epoch's data) is taken by run_epochs' train_data and "
+                    "val data only: pass the data it makes, e.g. make(epoch)")
+        raise TypeError(f"{where} must be {wanted}, got {type(data).__qualname__}{hint}")
     if isinstance(data, torch.utils.data.Dataset) and not isinstance(data, torch.utils.data.IterableDataset):
         warnings.warn(
             f"{where} is a torch Dataset: each of its items is taken as a batch (a sample, for most datasets); "
@@ -521,6 +520,98 @@ def _check_data(data: Any, where: str) -> None:
             RuntimeWarning,
             stacklevel=3,
         )
+
+
+def _check_source(source: Any, where: str) -> None:
+    """``run_epochs``' data checked: an iterable of batches, or a factory ``fn(epoch)`` of the epoch's data."""
+    if is_factory(source):
+        check_factory(source, where)
+    else:
+        _check_data(source, where, factories=True)
+
+
+def _made_by(source: Any, what: str, epoch: int) -> str:
+    """Names the data a factory made, for messages: ``what train_data, a factory (make), returned for epoch 3``."""
+    return f"what {what}, a factory ({factory_name(source)}), returned for epoch {epoch},"
+
+
+def _train_data(source: Any, state: TrainState) -> Iterable:
+    """The data of ``state.epoch``: ``source`` itself, or what the factory makes for that epoch (its global RNG
+    draws seeded from the state's seed and the epoch), checked."""
+    if not is_factory(source):
+        return source
+    data = call_seeded(source, state.seed, state.epoch, TRAIN)
+    _check_data(data, f"run_epochs: {_made_by(source, 'train_data', state.epoch)}")
+    return data
+
+
+def _epoch_total(data: Iterable, limit: int | float | None, source: Any, epoch: int) -> int | None:
+    """:func:`_num_batches` of an epoch's data (a factory's: a fraction of that epoch's own length)."""
+    try:
+        return _num_batches(data, limit, "limit_train_batches")
+    except ValueError as error:
+        if not is_factory(source):
+            raise
+        raise ValueError(f"run_epochs: {error} (in the data train_data, a factory ({factory_name(source)}), "
+                         f"made for epoch {epoch})") from None
+
+
+def _no_batches(source: Any, total: int | None, epoch: int) -> str:
+    """The message for an epoch whose data yielded no batch."""
+    if is_factory(source):
+        made = f"what train_data, a factory ({factory_name(source)}), made for epoch {epoch}"
+        return f"run_epochs: {made} is empty (len() is 0)" if total == 0 else f"run_epochs: {made} yielded no batches"
+    if total == 0:
+        return f"run_epochs: train_data is empty (len() is 0; epoch {epoch})"
+    return (f"run_epochs: train_data yielded no batches in epoch {epoch}; a generator or iterator is used up after one "
+            "pass: pass a list, a DataLoader or another iterable that starts over on each iter()")
+
+
+class _ValSets:
+    """A fit's validation sets, each as given or made by its factory for an epoch: once an epoch (the sanity
+    check's data serve its epoch's validations, the first validation of a later epoch makes that epoch's; as
+    Lightning reloads its val dataloaders with ``reload_dataloaders_every_n_epochs=1``)."""
+
+    def __init__(self, data: Any, limit: int | float | None) -> None:
+        self.sets = _val_sets(data)
+        self.limit = limit
+        self._made: dict[str | None, tuple[int, Iterable]] = {}  # a factory's set: (epoch, its data)
+
+    def names(self) -> list[str | None]:
+        return [name for name, _ in self.sets]
+
+    def at(self, epoch: int, seed: int) -> list[tuple[str | None, Iterable]]:
+        """``(name, data)`` of each set for a validation in ``epoch``."""
+        out = []
+        for name, source in self.sets:
+            if is_factory(source):
+                made = self._made.get(name)
+                if made is None or made[0] != epoch:
+                    made = epoch, self._make(name, source, epoch, seed)
+                    self._made[name] = made
+                source = made[1]
+            out.append((name, source))
+        return out
+
+    def _make(self, name: str | None, source: Any, epoch: int, seed: int) -> Iterable:
+        data = call_seeded(source, seed, epoch, VAL)
+        made = _made_by(source, "val's data" if name is None else f"val's data[{name!r}]", epoch)
+        _check_data(data, f"run_epochs: {made}")
+        if isinstance(data, Mapping) or _dataloaders(data):
+            raise TypeError(f"run_epochs: {made} is several data sets ({type(data).__qualname__}); a factory makes one "
+                            "set: give several as val=(eval_step, {'name': factory, ...}) or a list of factories")
+        if isinstance(data, Iterator):
+            raise TypeError(f"run_epochs: {made} is an iterator ({type(data).__qualname__}), used up by its first "
+                            "pass, and the epoch's validations (the sanity check's too) share what its factory made: "
+                            "return a list or a DataLoader")
+        _num_batches(data, self.limit, "limit_val_batches")  # (a fraction of 0 batches: named now)
+        return data
+
+
+def _dataloaders(data: Any) -> bool:
+    """A non-empty list or tuple of DataLoaders (several sets, as Lightning's ``val_dataloaders=[a, b]``)."""
+    return (isinstance(data, (list, tuple)) and bool(data)
+            and all(isinstance(d, torch.utils.data.DataLoader) for d in data))
 
 
 _HOOKS = ("on_fit_start", "on_epoch_start", "on_batch_end", "on_flush_end", "on_validation_end", "on_epoch_end",
@@ -553,12 +644,18 @@ def _check_callbacks(callbacks: Any) -> list[Any]:
 
 def _val_sets(data: Any) -> list[tuple[str | None, Any]]:
     """``(name, data)`` for each validation set: a mapping's items (several named sets), a list of DataLoaders
-    (``dataloader_idx_<i>``, Lightning's names; one alone is unnamed, as there), or ``(None, data)``."""
+    or factories of the epoch's data (``dataloader_idx_<i>``, Lightning's names; one alone is unnamed, as
+    there), or ``(None, data)``."""
     if isinstance(data, Mapping):
         return list(data.items())
-    if isinstance(data, (list, tuple)) and data and all(isinstance(d, torch.utils.data.DataLoader) for d in data):
+    if isinstance(data, (list, tuple)) and data and all(_set_of_its_own(d) for d in data):
         return [(None, data[0])] if len(data) == 1 else [(f"dataloader_idx_{i}", d) for i, d in enumerate(data)]
     return [(None, data)]
+
+
+def _set_of_its_own(item: Any) -> bool:
+    """An item of a list that makes the list several data sets: a DataLoader, or a factory of the epoch's data."""
+    return isinstance(item, torch.utils.data.DataLoader) or is_factory(item)
 
 
 def _named(key: str, name: str | None) -> str:
@@ -576,12 +673,13 @@ def _check_sets(data: Any, what: str, fix: str) -> None:
             if not isinstance(name, str) or not name or name != name.strip() or "/" in name:
                 raise ValueError(f"{what} names its sets {list(data)!r}; each name must be a non-empty string without "
                                  f"'/' or outer spaces (metrics are named '<metric>/<name>'), got {name!r}")
-    elif isinstance(data, (list, tuple)) and data and any(isinstance(d, torch.utils.data.DataLoader) for d in data):
-        if not all(isinstance(d, torch.utils.data.DataLoader) for d in data):
+    elif isinstance(data, (list, tuple)) and data and any(_set_of_its_own(d) for d in data):
+        if not all(_set_of_its_own(d) for d in data):
             kinds = ", ".join(type(d).__qualname__ for d in data[:4])
-            raise TypeError(f"{what} is a list mixing DataLoaders with other items ({kinds}): a list of DataLoaders is "
-                            "several data sets (Lightning's val_dataloaders=[a, b]); give sets of other kinds by name, "
-                            "{'a': data_a, 'b': data_b}, or one set as a list of batches")
+            raise TypeError(f"{what} is a list mixing DataLoaders with other items ({kinds}): a list of DataLoaders "
+                            "(or of factories of the epoch's data) is several data sets (Lightning's val_dataloaders="
+                            "[a, b]); give sets of other kinds by name, {'a': data_a, 'b': data_b}, or one set as a list "
+                            "of batches")
 
 
 def _check_val(val: Any) -> None:
@@ -592,11 +690,15 @@ def _check_val(val: Any) -> None:
     _check_sets(val[1], "run_epochs: val's data", "val=(eval_step, {'name': val_data}), or pass val=None to train "
                 "without validation")
     for name, data in _val_sets(val[1]):
-        _check_one_val_set(data, "val's data" if name is None else f"val's data[{name!r}]")
+        what = "val's data" if name is None else f"val's data[{name!r}]"
+        if is_factory(data):
+            check_factory(data, f"run_epochs: {what}")
+        else:
+            _check_one_val_set(data, what)
 
 
 def _check_one_val_set(data: Any, what: str) -> None:
-    _check_data(data, f"run_epochs: {what}")
+    _check_data(data, f"run_epochs: {what}", factories=True)
     if not isinstance(data, Iterator) and _num_batches(data, None, "val") == 0:  # (an IterableDataset: no len())
         raise ValueError(f"run_epochs: {what} is empty (len() is 0): no validation could give a metric; "
                          "pass val=None to train without validation")
@@ -1084,6 +1186,25 @@ def run_epochs(
     makes the last update ends there (validated, ``state.epoch`` advanced) as it would with a list.
     ``limit_train_batches`` above such data's length takes what there is, as Lightning does.
 
+    ``train_data`` may be a factory of each epoch's data, ``fn(epoch) -> iterable of batches``
+    (told from data by this rule: callable, not a class, and not iterable; a list, a tensor or a
+    ``DataLoader`` is data), called at each epoch's start with the 0-based epoch: Lightning's
+    ``reload_dataloaders_every_n_epochs=1`` (a curriculum, data that changes per epoch), and ``=n``
+    is ``lambda epoch: make(epoch // n * n)`` (with ``make`` under ``functools.lru_cache(maxsize=1)``
+    a loader is built only when Lightning would build one). Each epoch is then that data's: its
+    length (``limit_train_batches``' fraction is of it, as is the progress bar's total), its order
+    (a ``DataLoader``'s shuffling seeded from the state's seed and the epoch, as above), and a run
+    resumed mid-epoch ``k`` calls ``fn(k)`` and skips the batches trained, as the uninterrupted run
+    did. The factory itself runs with torch's (CPU), numpy's and Python's global RNGs seeded from the
+    state's seed and the epoch, and put back after it: a random subset it draws is the same in a
+    resumed run, and the caller's RNGs are untouched. A validation set (``val``'s data, or each of
+    several: ``{name: factory}``, or a list of factories named as a list of DataLoaders) may be a
+    factory too, called with the epoch a validation belongs to (an epoch's end validates that
+    epoch) at most once an epoch, at its first validation, the sanity check's for the fit's first
+    epoch, as Lightning reloads its val dataloaders; it makes one set that starts over on each pass
+    (not an iterator: the epoch's validations share it). No factory is called where training is off
+    (``limit_train_batches=0``) or after a stop.
+
     ``min_epochs`` (epochs finished) and ``min_steps`` (updates) hold off a callback's stop
     (``EarlyStopping``, ``Timer``, any ``should_stop``) until both are met, as Lightning's do: the
     fit then stops at the first check past them (the next epoch's start, or the next batch when
@@ -1155,6 +1276,13 @@ def run_epochs(
     ...     val=(eval_step(lambda m, b: {"mse": mse(m, b)}), data), progress=False)
     >>> sorted(history[0])
     ['epoch', 'step', 'train/loss', 'val/mse']
+
+    A factory of each epoch's data (a curriculum of more batches, each larger, every epoch):
+
+    >>> curriculum = lambda epoch: [(torch.ones(2 + epoch, 1), torch.zeros(2 + epoch, 1))] * (epoch + 1)
+    >>> state, history = run_epochs(train_step(mse), state, curriculum, epochs=4, progress=False)
+    >>> [(record["epoch"], record["step"]) for record in history]  # epoch 0 was trained above
+    [(1, 6), (2, 9), (3, 13)]
     """
     epochs, max_steps, val_every_n_epochs, val_every_n_steps, sanity_val_batches, limit_train_batches, limit_val_batches = (
         _validate_options(
@@ -1167,17 +1295,19 @@ def run_epochs(
         min_epochs = 1  # first epoch waits for its end
     _check_state(state, "run_epochs")
     device = _check_device(device, "run_epochs")
-    _check_data(train_data, "run_epochs: train_data")
+    _check_source(train_data, "run_epochs: train_data")
     for name, value in (("donate", donate), ("progress", progress)):
         if not isinstance(value, bool):
             raise TypeError(f"run_epochs: {name} must be True or False, got {value!r}")
     callbacks = _check_callbacks(callbacks)
     if val is not None:
         _check_val(val)
-    _num_batches(train_data, limit_train_batches, "limit_train_batches")  # a fraction of 0 batches fails now
+    if not is_factory(train_data):  # (a factory's data: at each epoch's start)
+        _num_batches(train_data, limit_train_batches, "limit_train_batches")  # a fraction of 0 batches fails now
     if val is not None and limit_val_batches != 0:
         for _, data in _val_sets(val[1]):
-            _num_batches(data, limit_val_batches, "limit_val_batches")
+            if not is_factory(data):
+                _num_batches(data, limit_val_batches, "limit_val_batches")
     step = as_step(step)
     if "eval_step" in step.applied:
         raise TypeError("run_epochs: the step is an eval_step, which updates nothing; pass train_step(loss_fn) "
@@ -1221,9 +1351,13 @@ def run_epochs(
 
     shown: dict[str, float] = {}  # the latest validation's means, which the progress bars show
 
-    def validate(current: TrainState, sanity: bool = False) -> dict[str, float]:
+    val_sets = None if val is None else _ValSets(val[1], limit_val_batches)
+
+    def validate(current: TrainState, sanity: bool = False, epoch: int | None = None) -> dict[str, float]:
+        """The validation of epoch ``epoch`` (``current.epoch`` by default; an epoch's end validates a state at the
+        next one): a factory's set is the data it makes for that epoch."""
         metrics: dict[str, float] = {}
-        for name, data in _val_sets(val[1]):  # type: ignore[index]
+        for name, data in val_sets.at(current.epoch if epoch is None else epoch, current.seed):  # type: ignore[union-attr]
             limit = limit_val_batches
             if sanity:
                 limited = _num_batches(data, limit_val_batches, "limit_val_batches")
@@ -1237,11 +1371,14 @@ def run_epochs(
             metrics.update({f"val/{_named(k, name)}": v for k, v in means.items()})
         return metrics
 
-    def validation_end(current: TrainState, *, notify: bool = True) -> tuple[dict[str, float], TrainState]:
+    def validation_end(
+        current: TrainState, *, notify: bool = True, epoch: int | None = None,
+    ) -> tuple[dict[str, float], TrainState]:
         """A validation pass that counts: its means go to the callbacks, then (with their counters
         kept in the state) to the step, whose checkpoints then hold them. At the end of an
-        epoch the caller notifies the step after the epoch's callbacks (``notify=False``)."""
-        metrics = validate(current)
+        epoch the caller notifies the step after the epoch's callbacks (``notify=False``) and names
+        the epoch (``current`` is at the next one)."""
+        metrics = validate(current, epoch=epoch)
         shown.clear()  # (the progress bars show the latest validation's means, as Lightning's shows val_loss)
         shown.update(metrics)
         kept = {_VALIDATED: current.step}
@@ -1268,7 +1405,7 @@ def run_epochs(
     # and the sets' means are reduced in turn (the same sets, in the same order)
     _collective.check_same({"val": validates, "val_every_n_epochs": val_every_n_epochs, "val_every_n_steps": val_steps,
                             "sanity_val_batches": sanity_val_batches if validates else 0,
-                            "val sets": [name for name, _ in _val_sets(val[1])] if validates else [],  # type: ignore[index]
+                            "val sets": val_sets.names() if validates else [],  # type: ignore[union-attr]
                             "min_epochs": min_epochs, "min_steps": min_steps},
                            "run_epochs: the ranks have other validation options (or min_epochs/min_steps), and every "
                            "rank must validate and stop at the same points (give val= on every rank, each its own shard "
@@ -1323,8 +1460,6 @@ def run_epochs(
             step.notify("fit_start", state, {})  # (with_checkpointing's step saves now wait for the batch's callbacks)
             fresh = step.returns_fresh_state
             told_batch_index = False
-            # (without a length, an epoch stopped at its last batch is found by a look ahead)
-            sized = _num_batches(train_data, None, "train_data") is not None
             # saved at max_steps, or when a callback had asked to stop, in the middle of an epoch before the epoch was
             # recorded (a crash, a failure in its validation or hooks): only that record is left to make
             unrecorded = (
@@ -1339,16 +1474,15 @@ def run_epochs(
                 state = hooks.keep(state)  # what they know at the epoch's start: a checkpoint mid-epoch holds it
                 if hooks.stops(state) and not resumed_val and not finishing:  # asked in on_epoch_start: no batch of it
                     break
-                total = _num_batches(train_data, limit_train_batches, "limit_train_batches")
+                data = _train_data(train_data, state)  # (a factory's: made for the epoch, now)
+                total = _epoch_total(data, limit_train_batches, train_data, state.epoch)
+                # (without a length, an epoch stopped at its last batch is found by a look ahead)
+                sized = _num_batches(data, None, "train_data") is not None
                 _collective.check_same({"batches": total}, f"run_epochs: epoch {state.epoch} has another number of "
                                        "batches on each rank, and DDP needs one step per batch on all (shard the data evenly)")
-                batches = _epoch_batches(train_data, state.seed, state.epoch, state.batch_index, total)
+                batches = _epoch_batches(data, state.seed, state.epoch, state.batch_index, total)
                 if batches is None:  # training would go on without a step (with max_steps alone, forever)
-                    empty = (
-                        f"run_epochs: train_data is empty (len() is 0; epoch {state.epoch})" if total == 0 else
-                        f"run_epochs: train_data yielded no batches in epoch {state.epoch}; a generator or iterator is "
-                        "used up after one pass: pass a list, a DataLoader or another iterable that starts over on each iter()"
-                    )
+                    empty = _no_batches(train_data, total, state.epoch)
                     if not history:  # nothing trained yet: the given state is intact
                         raise ValueError(empty)
                     warnings.warn(empty + "; stopping here", RuntimeWarning, stacklevel=2)
@@ -1463,7 +1597,7 @@ def run_epochs(
                     and (asked_stop or (exhausted and val_every_n_epochs is not None))
                 )
                 if validated:
-                    last_val, state = validation_end(state, notify=False)
+                    last_val, state = validation_end(state, notify=False, epoch=epoch)
                 record.update(last_val)
                 bar.close({k: v for k, v in record.items() if k.startswith("train/")})  # (and the validation's)
                 for cb in hooks.callbacks:

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch.optim.lr_scheduler import LRScheduler
 
+from loopkit._epoch_data import check_factory, is_factory
 from loopkit._numbers import as_int, as_real
 from loopkit.callbacks import Callback
 from loopkit._search import search_step
@@ -316,7 +317,9 @@ def lr_find(
     epochs as that takes (from the state's epoch and ``batch_index``, in its data order), without
     validation or a progress bar; torch's (CPU), numpy's and Python's global RNGs are put back
     afterwards (a state made with ``global_rng=True`` draws from them). ``state`` (its parameters,
-    optimizer and scheduler state, counters and RNG) is left exactly as it was.
+    optimizer and scheduler state, counters and RNG) is left exactly as it was. ``train_data`` may be a
+    factory of the epoch's data, ``fn(epoch)``, as ``run_epochs`` takes it: the search calls it for each
+    epoch it goes through, from the state's.
 
     After each update the rate it used and the loss go to ``results``, the loss smoothed as
     Lightning does: ``avg = 0.98 * avg + 0.02 * loss``, recorded as ``avg / (1 - 0.98 ** (k + 1))``
@@ -378,9 +381,12 @@ def lr_find(
     step = search_step(step, state, "lr_find", _REFUSED, "write the search's logs or checkpoints, or set rates or "
                        "prune weights of its own (SWA and pruning are callbacks in Lightning)")
     device = _check_device(device, "lr_find")
-    _check_data(train_data, "lr_find: train_data")
-    if _num_batches(train_data, None, "train_data") == 0:
-        raise ValueError("lr_find: train_data is empty (len() is 0): there is no batch to try a rate on")
+    if is_factory(train_data):  # (run_epochs makes each epoch's data, and names what is wrong with it)
+        check_factory(train_data, "lr_find: train_data")
+    else:
+        _check_data(train_data, "lr_find: train_data", factories=True)
+        if _num_batches(train_data, None, "train_data") == 0:
+            raise ValueError("lr_find: train_data is empty (len() is 0): there is no batch to try a rate on")
     probe = fork(state)
     for group in probe.optimizer.param_groups:
         group["lr"] = min_lr

@@ -561,16 +561,43 @@ def test_learning_rate_monitor_resumed_mid_epoch_records_what_the_uninterrupted_
 
 
 @pytest.mark.parametrize("cut_at", [4, 5])
-def test_learning_rate_monitor_of_a_cut_fit_that_goes_on_records_each_epoch_once(cut_at):
-    """The same monitor through a fit cut by max_steps mid-epoch and the fit that goes on: the cut epoch's start was
-    recorded again. Reference: the uninterrupted run's monitor."""
+def test_learning_rate_monitor_of_a_cut_fit_that_goes_on_records_that_fits_epochs_once(cut_at):
+    """The same monitor through a fit cut by max_steps mid-epoch and the fit that goes on: the second fit starts the
+    history afresh (as Lightning's on_train_start does) and records the cut epoch once, with the rate it started with
+    (from the state). Reference: the uninterrupted run's monitor, from the cut epoch (1) on."""
     whole = loopkit.LearningRateMonitor()
     run_epochs(train_step(mse), lr_state(), make_data(3), epochs=3, callbacks=[whole], progress=False)
     monitor = loopkit.LearningRateMonitor()
     cut, _ = run_epochs(train_step(mse), lr_state(), make_data(3), max_steps=cut_at, callbacks=[monitor],
                         progress=False)
+    assert monitor.history == whole.history[:2]
     run_epochs(train_step(mse), cut, make_data(3), epochs=3, callbacks=[monitor], progress=False)
-    assert monitor.history == whole.history
+    assert monitor.history == whole.history[1:]
+
+
+# LearningRateMonitor(logging_interval="epoch").lrs of Lightning 2.6.6, one monitor object through two fits:
+# SGD(lr=0.25) with ExponentialLR(gamma=0.5) stepped per update ("interval": "step"), 3 batches an epoch;
+# Trainer(max_epochs=2).fit(model), then Trainer(max_epochs=3).fit(model, ckpt_path=<the first fit's end>)
+_LIGHTNING_LRS_AFTER_FIRST_FIT = {"lr-SGD": [0.25, 0.03125]}
+_LIGHTNING_LRS_AFTER_SECOND_FIT = {"lr-SGD": [0.00390625]}  # on_train_start reset the first fit's values
+
+
+@pytest.mark.parametrize("resumed", [False, True], ids=["same-state", "restored-from-state-dict"])
+def test_learning_rate_monitor_starts_each_fit_afresh_as_lightnings_does(resumed):
+    """Its history grew across fits; Lightning's LearningRateMonitor resets its lrs at on_train_start. Reference:
+    Lightning 2.6.6's recorded values (above)."""
+    monitor = loopkit.LearningRateMonitor()
+    first, _ = run_epochs(train_step(mse), lr_state(), make_data(3), epochs=2, callbacks=[monitor], progress=False)
+
+    def lrs() -> dict[str, list[float]]:
+        return {"lr-SGD": [rates["lr-SGD"] for _, rates in monitor.history]}
+
+    assert lrs() == _LIGHTNING_LRS_AFTER_FIRST_FIT
+    if resumed:
+        first = lr_state().load_state_dict(first.state_dict())
+    run_epochs(train_step(mse), first, make_data(3), epochs=3, callbacks=[monitor], progress=False)
+    assert lrs() == _LIGHTNING_LRS_AFTER_SECOND_FIT
+    assert monitor.history == [(6, {"lr-SGD": 0.00390625})]
 
 
 def test_learning_rate_monitor_per_step():
