@@ -126,7 +126,7 @@ def test_grad_accum_with_a_partial_group_flushed_at_each_epoch_end(ranks):
     assert outer[0]["unreduced_after_first"] and outer[1]["unreduced_after_first"]  # no reduce-scatter mid-group
 
 
-def test_grad_clip_clips_by_the_global_norm_over_every_shard(ranks):
+def test_grad_clip_and_grad_norm_take_the_global_norm_over_every_shard(ranks):
     clip = ranks("clip")
     _assert_ranks_identical(clip)
     model, _, norms = raw_loop("adam", fsdp.make_data(4), epochs=1, max_norm=0.05)
@@ -134,6 +134,11 @@ def test_grad_clip_clips_by_the_global_norm_over_every_shard(ranks):
     _assert_close(clip[0]["params"], model)
     for r in range(2):
         assert clip[r]["grad_norms"] == pytest.approx(norms, rel=1e-5)
+        assert clip[r]["norm_totals"] == pytest.approx(norms, rel=1e-5)  # with_grad_norm: over every shard too
+    model = fsdp.make_model()
+    fsdp.mse(model, fsdp.global_batch(fsdp.make_data(4), 0)).backward()
+    first = {f"grad_2.0_norm/{n}": float(p.grad.norm()) for n, p in model.named_parameters()}
+    assert clip[0]["first_norms"] == pytest.approx(first, rel=1e-5)
 
 
 def test_nan_guard_skips_on_every_rank_when_one_rank_sees_nan(ranks):
