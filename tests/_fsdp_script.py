@@ -7,7 +7,7 @@ rank trains on its half of every global batch of ``make_data``; the test builds 
 (raw PyTorch loops over the whole global batches, no loopkit) itself. Scenarios:
 
 - ``sgd``: ``run_epochs(with_fsdp(train_step))``, SGD with momentum, 2 epochs of 3 batches,
-  validation each epoch, then ``evaluate``, ``state.state_dict()`` and ``export_weights``.
+  validation each epoch, then ``evaluate``, ``predict``, ``state.state_dict()`` and ``export_weights``.
 - ``adam``: Adam with a ``StepLR`` scheduler, ``reshard_after_forward=False`` (SHARD_GRAD_OP).
 - ``accum``: ``with_grad_accum(with_fsdp(...), every=2)``, Adam with ``StepLR``, 2 epochs of 5 batches: each
   epoch ends in a partial group of one, which ``run_epochs`` flushes.
@@ -111,6 +111,7 @@ def sgd(rank: int, out_dir: str) -> dict[str, Any]:
     path = loopkit.export_weights(state, os.path.join(out_dir, "sgd.safetensors"))
     return {"params": full_params(state.model), "history": history, "step": state.step,
             "evaluate": loopkit.evaluate(evaluator, state, val_batches), "state_dict": sd,
+            "predict": loopkit.predict(lambda m, b: m(b[:, :D_IN]), state, val_batches),
             "sharded": [type(p).__name__ for p in state.model.parameters()],
             "local_shapes": [tuple(p.to_local().shape) for p in state.model.parameters()],
             "exported": path.exists()}

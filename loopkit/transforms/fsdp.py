@@ -380,7 +380,9 @@ def with_fsdp(
     writes the full weights from rank 0. To resume, restore into an unsharded state built as
     usual (``loopkit.restore(TrainState.create(...), directory)``, on every rank) and give it to
     the ``with_fsdp`` step, which shards it; such a checkpoint also restores into a plain model
-    in one process. ``load_state_dict`` of a sharded state is refused.
+    in one process. ``load_state_dict`` of a sharded state is refused. ``loopkit.checkpoint.save``
+    gathers as ``state_dict`` does, but writes on every rank that calls it: save through
+    ``with_checkpointing`` (its own saves, and its ``.save()`` called on every rank, write on rank 0).
 
     The step must be donated (``loopkit.donate``; ``run_epochs`` donates): a call that is not
     raises ``TypeError``. Every rank must call the step, and validate, the same number of times

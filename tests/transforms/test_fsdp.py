@@ -102,7 +102,7 @@ def test_sgd_and_adam_equal_a_raw_loop_over_the_global_batches(ranks):
     assert adam[0]["lr"] == optimizer.param_groups[0]["lr"] == 0.05 * 0.5 ** 2  # the scheduler followed the shards
 
 
-def test_validation_and_evaluate_average_over_the_ranks(ranks):
+def test_validation_and_evaluate_average_over_the_ranks_and_predict_runs_on_each(ranks):
     sgd = ranks("sgd")
     data, val = fsdp.make_data(3), fsdp.make_data(2, seed=99)
     for epoch in range(2):
@@ -111,6 +111,10 @@ def test_validation_and_evaluate_average_over_the_ranks(ranks):
             assert sgd[r]["history"][epoch]["val/mse"] == pytest.approx(_val_mse(model, val), abs=1e-6)
     assert sgd[0]["evaluate"] == sgd[1]["evaluate"]
     assert sgd[0]["evaluate"]["mse"] == pytest.approx(_val_mse(model, val), abs=1e-6)
+    with torch.no_grad():  # predict: each rank's own batches through the sharded model
+        for r in range(2):
+            for i, out in enumerate(sgd[r]["predict"]):
+                assert (out - model(val[i, r, :, :fsdp.D_IN])).abs().max() <= 1e-6
 
 
 def test_grad_accum_with_a_partial_group_flushed_at_each_epoch_end(ranks):
