@@ -1,14 +1,17 @@
 """with_fsdp: two processes on gloo over loopback, each checked against a raw PyTorch loop in one process.
 
-Two torchrun launches (module fixture, about 15 s on two cores) run the scenarios of
-tests/_fsdp_script.py (the second restarts from the first's checkpoints); each test then compares what the ranks saw (parameters gathered whole)
-with a plain PyTorch loop here, no loopkit, over the global batches (both ranks' halves
+Two torchrun launches (module fixture, about 18 s on two busy cores) run the scenarios of
+tests/_fsdp_script.py (the second restarts from the first's checkpoints); each test then compares
+what the ranks saw (parameters gathered whole) with a plain PyTorch loop here, no loopkit, over the global batches (both ranks' halves
 together, the same initial weights and optimizer): mean losses of equal-size halves, so the
-ranks' averaged gradient is the global batch's. Equal within ``TOL`` = 2e-6 (float32): the
-ranks average two half-batch means where the loop takes one mean over the whole batch, so the
-gradients differ in their last bits (about 1e-7 here) and Adam's normalised steps carry that
-over a few updates; the ranks equal each other bitwise, and the crash-resumed run equals the
-uninterrupted one bitwise. The bad inputs are checked in this process (a one-rank group).
+ranks' averaged gradient is the global batch's. Equal within ``TOL`` = 1e-6 (float32, as the
+DDP tests): the ranks average two half-batch means (reduce-scatter, then a division by 2) where
+the loop takes one mean over the whole batch, so the gradients differ in their last bits; the
+largest difference seen after the runs' 4 to 6 updates is 6e-8 (Adam), a few ulps. Not bitwise,
+for that reason. The ranks equal each other bitwise, and the crash-resumed run equals the
+uninterrupted one bitwise. bfloat16 autocast is compared with the float32 loop within 5e-3 (1e-3
+seen). Lightning 2.6.6's ``FSDPStrategy`` refuses the CPU ("requires a GPU accelerator"), so it
+is no reference here. The bad inputs are checked in this process (a one-rank group).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import torch.distributed as dist
 import loopkit
 from tests import _fsdp_script as fsdp
 
-TOL = 2e-6
+TOL = 1e-6
 SCENARIOS = [name for name in fsdp.SCENARIOS if name != "resume"]  # resume: a second launch, after cut
 
 
@@ -158,7 +161,7 @@ def test_bfloat16_autocast_trains_close_to_float32(ranks):
     bf16 = ranks("bf16")
     _assert_ranks_identical(bf16)
     model, _, _ = raw_loop("sgd", fsdp.make_data(4), epochs=1)
-    _assert_close(bf16[0]["params"], model, tol=2e-2)  # bfloat16 matmuls: 8 bits of mantissa
+    _assert_close(bf16[0]["params"], model, tol=5e-3)  # bfloat16 matmuls: 8 bits of mantissa
 
 
 # --- 3. full checkpoints: crash-resume, a plain template, state_dict, export_weights ---------------------------
