@@ -6,7 +6,7 @@ scenarios one after the other in one process group (gloo, 20 s collective timeou
 rank trains on its half of every global batch of ``make_data``; the test builds the references
 (raw PyTorch loops over the whole global batches, no loopkit) itself. Scenarios:
 
-- ``sgd``: ``run_epochs(with_fsdp(train_step))``, SGD with momentum, 2 epochs of 3 batches,
+- ``sgd``: ``run_epochs(with_logging(with_fsdp(train_step)))``, SGD with momentum, 2 epochs of 3 batches,
   validation each epoch, then ``evaluate``, ``predict``, ``state.state_dict()`` and ``export_weights``.
 - ``adam``: Adam with a ``StepLR`` scheduler, ``reshard_after_forward=False`` (SHARD_GRAD_OP).
 - ``accum``: ``with_grad_accum(with_fsdp(...), every=2)``, Adam with ``StepLR``, 2 epochs of 5 batches: each
@@ -105,7 +105,8 @@ def sgd(rank: int, out_dir: str) -> dict[str, Any]:
     data, val = make_data(3), make_data(2, seed=99)
     evaluator = loopkit.eval_step(lambda m, b: {"mse": mse(m, b)})
     val_batches = [val[i, rank] for i in range(len(val))]
-    step = loopkit.with_fsdp(loopkit.train_step(mse), shard=SHARD)
+    logger = loopkit.JSONLLogger(os.path.join(out_dir, "logs"), version=0)
+    step = loopkit.with_logging(loopkit.with_fsdp(loopkit.train_step(mse), shard=SHARD), logger, every_n_steps=3)
     state, history = _fit(step, make_state("sgd"), data, rank, 2, val=(evaluator, val_batches))
     sd = state.state_dict()  # (gathered on every rank)
     path = loopkit.export_weights(state, os.path.join(out_dir, "sgd.safetensors"))

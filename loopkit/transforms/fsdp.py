@@ -386,8 +386,11 @@ def with_fsdp(
 
     The step must be donated (``loopkit.donate``; ``run_epochs`` donates): a call that is not
     raises ``TypeError``. Every rank must call the step, and validate, the same number of times
-    (shard the data with ``loopkit.distributed.shard``); metric means read by ``run_epochs``,
-    ``evaluate`` and ``with_logging`` are means over all ranks.
+    (shard the data with ``loopkit.distributed.shard``), and, as torch's FSDP requires, run the
+    same sharded submodules in each forward and give gradients to the same parameters in each
+    backward (no data-dependent branches that skip a layer on one rank: its all-gather or
+    reduce-scatter would wait for the others); metric means read by ``run_epochs``, ``evaluate``
+    and ``with_logging`` are means over all ranks.
 
     Raises ``RuntimeError`` when no process group is initialised (start with ``torchrun`` and
     call ``loopkit.distributed.init()``), ``TypeError`` for a refused transform or option.

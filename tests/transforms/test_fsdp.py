@@ -112,6 +112,9 @@ def test_validation_and_evaluate_average_over_the_ranks_and_predict_runs_on_each
         model, _, _ = raw_loop("sgd", data, epochs=epoch + 1)
         for r in range(2):
             assert sgd[r]["history"][epoch]["val/mse"] == pytest.approx(_val_mse(model, val), abs=1e-6)
+    logged = [json.loads(line) for line in open(os.path.join(ranks.out, "logs", "default", "version_0", "metrics.jsonl"))]
+    losses = [r["train/loss"] for r in logged if "train/loss" in r]
+    assert len(losses) == 2 and losses == pytest.approx([h["train/loss"] for h in sgd[0]["history"]], rel=1e-6)
     assert sgd[0]["evaluate"] == sgd[1]["evaluate"]
     assert sgd[0]["evaluate"]["mse"] == pytest.approx(_val_mse(model, val), abs=1e-6)
     with torch.no_grad():  # predict: each rank's own batches through the sharded model
