@@ -62,6 +62,7 @@ import numpy as np
 import torch
 
 from loopkit import _collective
+from loopkit._sharded import full, is_sharded
 from loopkit._window import OVER_RANKS, over_ranks, own_share
 from loopkit.errors import CheckpointCorruptError, StateMismatchError
 from loopkit.state import TrainState, _uninitialized, core_module, model_device, replace_extras
@@ -323,11 +324,15 @@ def _devices(tree: Any) -> Any:
     return None
 
 
-def snapshot(state: TrainState, *, reason: str = "", copy: bool = False) -> Snapshot:
+def snapshot(
+    state: TrainState, *, reason: str = "", copy: bool = False, state_dict: Mapping[str, Any] | None = None
+) -> Snapshot:
     """Capture ``state`` and the global RNGs for a checkpoint.
 
     With ``copy=True`` every tensor is copied to CPU memory, so training may go on
     changing the state in place while the snapshot is written in the background.
+    ``state_dict`` is ``state.state_dict()`` where the caller has it already: a state that
+    ``with_fsdp`` sharded gathers it on every rank (a collective), and one rank writes it.
 
     >>> import torch
     >>> from loopkit.state import TrainState
@@ -346,7 +351,7 @@ def snapshot(state: TrainState, *, reason: str = "", copy: bool = False) -> Snap
             f"cannot checkpoint a state whose lazy modules have not run a forward yet ({', '.join(sorted(lazy)[:3])}: "
             "their shapes are not known, and such a checkpoint could not be loaded); save after the first step"
         )
-    sd = state.state_dict()
+    sd = state.state_dict() if state_dict is None else dict(state_dict)
     extras_devices = _devices(sd.get("extras", {})) or {}
     if copy:
         sd = copy_tensors(sd, "cpu")
@@ -1458,6 +1463,9 @@ def export_weights(
     ``metadata`` adds string pairs to the header's ``__metadata__`` (``format``, ``step``
     and ``epoch`` are always there).
 
+    A state that ``with_fsdp`` sharded gives the full weights: every rank must call it (each
+    sharded tensor is gathered whole, a collective), and rank 0 writes the file.
+
     >>> import json, struct, tempfile, torch
     >>> tmp = tempfile.TemporaryDirectory()
     >>> from loopkit.state import TrainState
@@ -1476,7 +1484,12 @@ def export_weights(
         raise IsADirectoryError(f"export_weights: {str(path)!r} is a folder; give a file path, e.g. {str(path / 'model.safetensors')!r}")
     if not path.parent.is_dir():
         raise FileNotFoundError(f"export_weights: the folder {str(path.parent)!r} of {str(path)!r} does not exist")
-    sd = core_module(state.model).state_dict()
+    model = core_module(state.model)
+    sd = model.state_dict()
+    if is_sharded(model):  # under with_fsdp: gathered whole on every rank (a collective), written by rank 0
+        sd = full(sd)
+        if not _collective.is_rank_zero():
+            return path
     _refuse_non_tensors(sd)
     tensors = {name: _raw_bytes(name, t) for name, t in sd.items()}
     info: dict[str, Any] = {"format": "pt", "step": str(state.step), "epoch": str(state.epoch)}

@@ -1410,7 +1410,7 @@ def run_epochs(
                            "run_epochs: the ranks have other validation options (or min_epochs/min_steps), and every "
                            "rank must validate and stop at the same points (give val= on every rank, each its own shard "
                            "of the validation data, the same named sets)")
-    check_sharding = _collective.active() and "with_ddp" in step.applied  # (at the fit's first batch)
+    check_sharding = _collective.active() and ("with_ddp" in step.applied or "with_fsdp" in step.applied)  # (at the fit's first batch)
     given = state
     if OVER_RANKS in state.extras:  # restored from a checkpoint holding every rank's running means and RNG: each takes its own
         rank, size = _collective.rank_and_size()

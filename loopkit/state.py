@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from loopkit._sharded import full, is_sharded
 from loopkit.errors import DonatedStateError, StateMismatchError
 from loopkit.rng import create_rng
 from loopkit.tree import decode_tree, encode_tree, from_plain, to_plain
@@ -225,18 +226,27 @@ class TrainState(_GraphSlot):
     def state_dict(self) -> dict[str, Any]:
         """The whole state as nested dicts of tensors, numbers and strings (tensors are shared).
 
+        A state whose model ``with_fsdp`` sharded gives the full (unsharded) state dict, the same
+        as the unsharded state's: each sharded parameter, gradient and optimizer tensor is
+        gathered whole (new tensors), a collective that every rank must make at the same point.
+
         >>> import torch
         >>> sorted(TrainState.create(torch.nn.Linear(1, 1)).state_dict())
         ['batch_index', 'epoch', 'extras', 'grads', 'model', 'rng', 'seed', 'step']
         """
         self.check_usable()
         model = core_module(self.model)
+        sharded = is_sharded(model)  # under with_fsdp: each DTensor gathered whole (a collective on every rank)
         sd: dict[str, Any] = {
             "model": dict(model.state_dict()),
             "grads": {n: p.grad for n, p in model.named_parameters() if p.grad is not None},
         }
+        if sharded:
+            sd["model"], sd["grads"] = full(sd["model"]), full(sd["grads"])
         if self.optimizer is not None:
             plain = self.optimizer.state_dict()
+            if sharded:
+                plain = {"state": full(plain["state"]), "param_groups": plain["param_groups"]}
             sd["optimizer"] = {  # each parameter's state as it was (LBFGS keeps lists of tensors, and None)
                 "state": {str(i): encode_tree(entry, ("optimizer", "state", str(i))) for i, entry in plain["state"].items()},
                 "param_groups": to_plain(plain["param_groups"], ("optimizer", "param_groups")),
@@ -269,6 +279,9 @@ class TrainState(_GraphSlot):
         process runs the update (a run resumed with ``fused=True`` on a GPU), not where training
         stands (torch's own ``Optimizer.load_state_dict`` takes the saved ones).
 
+        A state whose model ``with_fsdp`` has sharded refuses (``TypeError``): load into the
+        unsharded state, which the ``with_fsdp`` step shards, optimizer state and all, at its first call.
+
         >>> import torch
         >>> a = TrainState.create(torch.nn.Linear(2, 1)).evolve(step=4)
         >>> b = TrainState.create(torch.nn.Linear(2, 1)).load_state_dict(a.state_dict())
@@ -276,6 +289,12 @@ class TrainState(_GraphSlot):
         (4, True)
         """
         self.check_usable()
+        if is_sharded(core_module(self.model)):
+            raise TypeError(
+                "TrainState.load_state_dict: this state's model is sharded (with_fsdp); load into an unsharded "
+                "state instead: build it as usual (TrainState.create(model, optimizer, scheduler)), restore or load "
+                "it, and give it to the with_fsdp step, which shards it at its first call"
+            )
         if isinstance(state_dict, Mapping) and _uninitialized(self.model):  # a lazy module's, before its first forward
             return _shaped(self, state_dict).load_state_dict(state_dict, copy=copy)
         decoded = _decode(self, state_dict)

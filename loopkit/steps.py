@@ -29,6 +29,7 @@ import attrs
 import numpy as np
 import torch
 
+from loopkit._sharded import local
 from loopkit.errors import NonFiniteError
 from loopkit.rng import RNGScope, global_rng_state
 from loopkit.state import (
@@ -407,7 +408,7 @@ class GradContext:
         """
         groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
         for p in self.params:
-            g: torch.Tensor = p.grad  # type: ignore[assignment]
+            g: torch.Tensor = local(p.grad)  # type: ignore[arg-type]  (under with_fsdp: this rank's shard)
             if not (g.is_floating_point() or g.is_complex()):
                 continue
             if g.is_sparse:
@@ -614,8 +615,8 @@ class TrainStep(Step):
     ``micro`` holds gradient transforms that act on each micro-batch's gradient (applied
     before gradient accumulation), ``update`` those that act on the accumulated gradient
     (applied after it). Without accumulation the two are the same thing. ``sync`` is the
-    data-parallel hook that ``with_ddp`` sets (None in one process): ``module(model)`` gives
-    the module the loss_fn runs (a DistributedDataParallel wrapper), ``no_sync(module)`` the
+    data-parallel hook that ``with_ddp`` or ``with_fsdp`` sets (None in one process): ``module(model, optimizer)``
+    gives the module the loss_fn runs (a DistributedDataParallel wrapper; the model, sharded), ``no_sync(module)`` the
     context for micro-steps whose gradients stay local, ``agree(flags)`` all-reduces skip
     flags with MAX, ``reduce_grads(optimizer)`` averages gradients a partial group left local,
     and ``requires_donation`` says why the step cannot run on copies of the state.
@@ -746,7 +747,7 @@ class TrainStep(Step):
         scope = RNGScope(state.rng, _cuda_index(first.device) if first.is_cuda else None, state.seed)
         # building the DDP wrapper broadcasts rank 0's parameters: an error of that call's loss_fn finds them changed
         intact_on_error = sync is None or sync.wraps(model)
-        net = model if sync is None else sync.module(model)
+        net = model if sync is None else sync.module(model, optimizer)
         # under DDP a micro-step that does not finish its group keeps its gradient local (no all-reduce);
         # per-micro transforms need each micro-batch's whole gradient, so then every micro-step syncs
         every = self.every_at(state.epoch)
@@ -961,7 +962,8 @@ def _backward_synced(loss: torch.Tensor, sync: Any, state: TrainState, local: bo
         if local:  # no collective ran: an ordinary error
             raise
         where = f" at step {state.step} (epoch {state.epoch}, batch {state.batch_index})"
-        raise sync.failure("the gradient all-reduce in backward (DistributedDataParallel)", e, where) from e
+        collective = getattr(sync, "backward_collective", "the gradient all-reduce in backward (DistributedDataParallel)")
+        raise sync.failure(collective, e, where) from e
 
 
 def _plain_update(state: TrainState, optimizer: torch.optim.Optimizer, rng: Any, step: TrainStep, batch: Any) -> TrainState:

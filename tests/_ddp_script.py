@@ -586,8 +586,8 @@ def main(out_dir: str, scenarios: list[str]) -> None:
 
 
 def torchrun(out_dir: str, scenarios: list[str], *, nproc: int = 2, timeout: float = 90.0,
-             launcher: list[str] | None = None, env: dict[str, str] | None = None) -> Any:
-    """Run this script under ``python -m torch.distributed.run`` and wait at most ``timeout`` seconds.
+             launcher: list[str] | None = None, env: dict[str, str] | None = None, script: str | None = None) -> Any:
+    """Run this script (or ``script``) under ``python -m torch.distributed.run`` and wait at most ``timeout`` seconds.
 
     ``launcher`` replaces the default ``--standalone --nproc-per-node N`` (a free port on
     127.0.0.1). On a timeout the whole process group (agent and workers) is killed and
@@ -597,7 +597,7 @@ def torchrun(out_dir: str, scenarios: list[str], *, nproc: int = 2, timeout: flo
     import subprocess
 
     args = launcher if launcher is not None else ["--standalone", f"--nproc-per-node={nproc}"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", *args, os.path.abspath(__file__), out_dir, *scenarios]
+    cmd = [sys.executable, "-m", "torch.distributed.run", *args, script or os.path.abspath(__file__), out_dir, *scenarios]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env,
                             start_new_session=True)

@@ -8,6 +8,7 @@ from loopkit.transforms.checkpointing import with_checkpointing
 from loopkit.transforms.compiling import with_compile
 from loopkit.transforms.ddp import with_ddp
 from loopkit.transforms.ema import ema_state, with_ema
+from loopkit.transforms.fsdp import with_fsdp
 from loopkit.transforms.epoch_scheduler import with_epoch_scheduler
 from loopkit.transforms.grad_accum import with_grad_accum
 from loopkit.transforms.grad_clip import with_grad_clip
@@ -29,6 +30,7 @@ __all__ = [
     "with_ddp",
     "with_ema",
     "with_epoch_scheduler",
+    "with_fsdp",
     "with_grad_accum",
     "with_grad_clip",
     "with_grad_hook",

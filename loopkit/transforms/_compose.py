@@ -11,6 +11,7 @@ from loopkit.steps import EvalStep, FnStep, Step, TrainStep, WrapperStep, as_ste
 
 __all__ = [
     "fitted_to", "intact_as", "refuse_wrapping", "require_step", "require_train_or_eval_step", "require_train_step",
+    "sync_refusal",
 ]
 
 
@@ -96,7 +97,26 @@ def require_step(step: Any, transform: str, *, no_eval: str | None = None) -> St
         raise TypeError(f"{transform} cannot wrap eval_step: {no_eval}")
     if step.donated:
         raise TypeError(f"{transform} cannot wrap a donated step: apply donate() last")
+    refusal = sync_refusal(step, transform)
+    if refusal is not None:
+        raise TypeError(refusal)
     return step
+
+
+def sync_refusal(step: Step, transform: str) -> str | None:
+    """Why ``transform`` cannot go around ``step``'s data-parallel hook (``with_fsdp`` refuses some transforms,
+    its ``refuses``), as the message of a ``TypeError`` naming both; None where it can. The hook is found in
+    the train step at the core of ``step``, whatever whole-step transforms wrap it.
+
+    >>> from loopkit.steps import train_step
+    >>> print(sync_refusal(train_step(lambda m, b: None), "with_ema"))
+    None
+    """
+    while isinstance(step, WrapperStep):
+        step = step.inner
+    sync = getattr(step, "sync", None)
+    reason = getattr(sync, "refuses", {}).get(transform)
+    return None if reason is None else f"{transform} cannot wrap {sync.name}: {reason}"
 
 
 def fitted_to(tensor: Any, param: torch.Tensor, what: str, fix: str) -> torch.Tensor | None:

@@ -17,7 +17,7 @@ import torch
 
 from loopkit._numbers import as_int, as_real
 from loopkit.steps import EvalStep, GradContext, TrainStep
-from loopkit.transforms._compose import require_train_or_eval_step
+from loopkit.transforms._compose import require_train_or_eval_step, sync_refusal
 
 __all__ = ["Amp", "with_amp"]
 
@@ -149,4 +149,7 @@ def with_amp(
     if base.precision is not None:
         raise TypeError("with_amp cannot wrap with_amp: a step has one precision; apply with_amp once")
     amp = Amp(dtype, init_scale, growth_factor, backoff_factor, growth_interval, cache_enabled)
+    refusal = sync_refusal(base, "with_amp(float16)") if amp.scales_loss else None
+    if refusal is not None:
+        raise TypeError(refusal)
     return attrs.evolve(base, precision=amp, transforms=base.transforms + ("with_amp",))

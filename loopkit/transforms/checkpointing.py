@@ -29,9 +29,10 @@ from loopkit import checkpoint
 from loopkit import _collective
 from loopkit._collective import is_rank_zero
 from loopkit._numbers import as_int
+from loopkit._sharded import is_sharded
 from loopkit._window import over_ranks
 from loopkit.errors import CheckpointCorruptError, StateMismatchError
-from loopkit.state import TrainState, _uninitialized, extras_copy, leave_intact, replace_extras
+from loopkit.state import TrainState, _uninitialized, core_module, extras_copy, leave_intact, replace_extras
 from loopkit.steps import RECORDED, SAVE_DUE, Metrics, UpdateStep
 from loopkit.transforms._compose import require_step
 
@@ -207,9 +208,10 @@ class CheckpointStep(UpdateStep):
 
         In the background mode the state is copied at once and written by a thread; call
         :meth:`wait` (or let ``run_epochs`` end) to be sure it is on disk. (Under DDP the saves
-        this transform makes itself hold every rank's running means; one you call holds rank 0's.)
+        this transform makes itself hold every rank's running means; one you call holds rank 0's. Under
+        ``with_fsdp`` every rank must call it: the sharded state is gathered whole first, a collective.)
         """
-        self._persist(state, reason, score=None)
+        self._persist(state, reason, score=None, state_dict=_gathered(state))
 
     def wait(self) -> None:
         """Wait until every save this step started is on disk; raise the error of one that failed."""
@@ -233,10 +235,14 @@ class CheckpointStep(UpdateStep):
             self._check_directory(state, agreed=True)
         extras = over_ranks(state.extras, state.rng, state.model)
         state = state if extras is state.extras else replace_extras(state, extras)
-        self._persist(state, reason, score, due=due)
+        self._persist(state, reason, score, due=due, state_dict=_gathered(state))
 
-    def _persist(self, state: TrainState, reason: str, score: float | None, *, due: bool = True) -> None:
-        """Save ``state`` (rank 0), with ``score`` if given; a scored save that is not ``due`` otherwise is
+    def _persist(
+        self, state: TrainState, reason: str, score: float | None, *, due: bool = True,
+        state_dict: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Save ``state`` (rank 0; ``state_dict``: its state dict gathered on every rank, for a sharded state),
+        with ``score`` if given; a scored save that is not ``due`` otherwise is
         made only if the score ranks among the best. A fit's first save at the position it began from, which
         the directory's newest checkpoint holds (a relaunch from it: its step save made before the validation
         of that step, or the fit's end), takes that checkpoint as its own, as the uninterrupted run holds it:
@@ -269,7 +275,7 @@ class CheckpointStep(UpdateStep):
                 return  # not among the best: no need for a checkpoint here
             superseded, carried = self._same_update(position)
             score = carried if score is None else score
-            snap = self._snapshot(state, reason, score)
+            snap = self._snapshot(state, reason, score, state_dict)
             saver.last = position
 
         def task() -> None:
@@ -288,11 +294,13 @@ class CheckpointStep(UpdateStep):
 
         saver.run(task, self.async_save)
 
-    def _snapshot(self, state: TrainState, reason: str, score: float | None) -> checkpoint.Snapshot:
+    def _snapshot(
+        self, state: TrainState, reason: str, score: float | None, state_dict: Mapping[str, Any] | None = None
+    ) -> checkpoint.Snapshot:
         """The checkpoint of ``state``; a scored one records its score in its ``meta.json`` (written before
         the checkpoint is renamed into place), so a run killed before ``scores.json`` was rewritten loses
         no score: :meth:`_scores` reads it back."""
-        snap = checkpoint.snapshot(state, reason=reason, copy=self.async_save)
+        snap = checkpoint.snapshot(state, reason=reason, copy=self.async_save, state_dict=state_dict)
         if score is None:
             return snap
         meta = {**snap.meta, "score": {"monitor": self.monitor, "mode": self.mode, "value": score}}
@@ -479,6 +487,12 @@ def _prepare_directory(directory: Path) -> None:
         raise PermissionError(
             errno.EACCES, f"with_checkpointing: cannot write checkpoints in {directory}: permission denied"
         )
+
+
+def _gathered(state: TrainState) -> dict[str, Any] | None:
+    """``state.state_dict()`` of a state whose model ``with_fsdp`` sharded, gathered whole on every rank (a
+    collective: only rank 0 writes, but every rank takes part); None for any other state (rank 0 takes its own)."""
+    return state.state_dict() if is_sharded(core_module(state.model)) else None
 
 
 def with_checkpointing(

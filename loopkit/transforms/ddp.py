@@ -83,8 +83,8 @@ class DDPSync:
         ref = self._model
         return ref is not None and ref() is model
 
-    def module(self, model: torch.nn.Module) -> DistributedDataParallel:
-        """The DDP wrapper of ``model``, built at the first call with this model object."""
+    def module(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> DistributedDataParallel:
+        """The DDP wrapper of ``model``, built at the first call with this model object (``optimizer`` is not used)."""
         ref = self._model
         if ref is not None and ref() is model:
             return self._ddp  # type: ignore[return-value]
@@ -267,6 +267,8 @@ def with_ddp(
     """
     base = require_train_step(step, "with_ddp")
     if base.sync is not None:
+        if base.sync.name != "with_ddp":
+            raise TypeError(f"with_ddp cannot wrap {base.sync.name}: both make the step data-parallel; use one of them")
         raise TypeError(f"with_ddp cannot wrap {base.sync.name}: the step is already data-parallel; apply with_ddp once")
     if comm_hook is not None and not callable(comm_hook):
         raise TypeError(f"with_ddp: comm_hook must be callable as hook(state, bucket), got {type(comm_hook).__qualname__}")

@@ -13,6 +13,7 @@ import attrs
 import torch
 
 from loopkit._numbers import as_real
+from loopkit._sharded import full
 from loopkit.state import TrainState
 from loopkit.steps import GradContext, TrainStep
 from loopkit.transforms._compose import require_train_step
@@ -74,7 +75,7 @@ class ClipGrad:
             torch.nn.utils.clip_grad_value_(params, self.max_value)
             if self.max_norm is not None:
                 torch.nn.utils.clip_grad_norm_(params, self.max_norm, self.norm_type)
-        ctx.metrics["grad_norm"] = norm
+        ctx.metrics["grad_norm"] = full(norm)  # (under with_fsdp a replicated DTensor: its value, no collective)
 
 
 def with_grad_clip(

@@ -15,6 +15,7 @@ import attrs
 import torch
 
 from loopkit._numbers import as_real
+from loopkit._sharded import full
 from loopkit.state import TrainState, core_module
 from loopkit.steps import GradContext, TrainStep
 from loopkit.transforms._compose import require_train_step
@@ -48,7 +49,7 @@ class GradNorm:
 
     def on_grads(self, ctx: GradContext) -> None:
         norms = {
-            f"{self.prefix}/{name}": p.grad.detach().norm(self.norm_type)
+            f"{self.prefix}/{name}": full(p.grad.detach().norm(self.norm_type))  # (with_fsdp: over every shard)
             for name, p in core_module(ctx.state.model).named_parameters()
             if p.grad is not None
         }

@@ -1,0 +1,431 @@
+"""``with_fsdp``: fully sharded data-parallel training over torch's FSDP2 (``fully_shard``).
+
+Lightning's ``Trainer(strategy="fsdp")`` / ``FSDPStrategy``. Start the processes with
+``torchrun`` and call ``loopkit.distributed.init()`` before building the step; each rank
+trains on its own shard of the data (``loopkit.distributed.shard``). Each rank holds only its
+shard of every parameter, gradient and optimizer moment: the forward all-gathers a module's
+parameters when it runs, and the backward reduce-scatters its gradients (averaged over the ranks).
+
+>>> import torch, torch.distributed as dist
+>>> from loopkit.steps import train_step
+>>> dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+>>> with_fsdp(train_step(lambda m, b: m(b).sum())).applied
+('train_step', 'with_fsdp')
+>>> dist.destroy_process_group()
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+import weakref
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from loopkit._sharded import is_dtensor, local
+from loopkit.steps import TrainStep
+from loopkit.transforms._compose import refuse_wrapping, require_train_step
+
+__all__ = ["FSDPSync", "with_fsdp"]
+
+_NO_GROUP = (
+    "with_fsdp needs a torch.distributed process group, and none is initialised. Start the script "
+    "with torchrun, e.g. `torchrun --nproc-per-node 2 script.py`, and call loopkit.distributed.init() "
+    "before building the step (in one process, leave with_fsdp out)"
+)
+
+_DONATE = (
+    "with_fsdp: the step must be donated: call loopkit.donate(step) and pass each returned state to the "
+    "next call (run_epochs donates for you). fully_shard replaces the model's parameters with sharded ones "
+    "in place, at the step's first call, and points the optimizer at them; a step that is not donated "
+    "works on a fresh copy of the state at every call, which it cannot follow"
+)
+
+#: the transforms that cannot go around (or inside) ``with_fsdp``, and why (``FSDPSync.refuses``)
+_REFUSED: Mapping[str, str] = types.MappingProxyType({
+    "with_ema": "the averages would be copies of this rank's shards of the parameters, which neither the "
+                "checkpoint's full state dict nor an evaluation of the averaged model can use; average in one "
+                "process (or under with_ddp)",
+    "with_swa": "its averaged model would be a copy of this rank's shards, and its BatchNorm update a forward "
+                "outside the sharded model; use with_ddp for SWA",
+    "with_pruning": "its masks and torch.nn.utils.prune's reparametrisation need whole parameters, and "
+                    "fully_shard's are sharded DTensors; prune in one process or under with_ddp",
+    "with_qat": "it swaps the model's modules at its first call, after which fully_shard's sharded parameters "
+                "would belong to modules that are gone; use with_ddp for quantization-aware training",
+    "with_compile": "torch.compile of a fully_shard-ed model is not supported by loopkit yet (its graph breaks "
+                    "at every all-gather hook); leave with_compile out",
+    "with_amp(float16)": "float16 needs a loss scaler, which loopkit does not run over sharded gradients yet; "
+                         "use with_amp(dtype=torch.bfloat16), or with_fsdp(mp_policy=MixedPrecisionPolicy(...))",
+})
+
+_UNSUPPORTED_OPTIONS: Mapping[str, str] = types.MappingProxyType({
+    "offload_policy": "CPU offload (Lightning's cpu_offload=True) is not supported by with_fsdp",
+    "ignored_params": "with_fsdp averages every trained parameter's gradient over the ranks; parameters left "
+                      "out of fully_shard would keep this rank's own",
+    "module": "the module is the state's model; do not pass module=",
+})
+
+
+def _process_group_ready() -> bool:
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized()
+
+
+class FSDPSync:
+    """The fully-sharded data-parallel hook of a :class:`loopkit.TrainStep` (its ``sync`` field).
+
+    Shards a state's model once per model object, at the first call with it: rank 0's
+    parameters and buffers are broadcast to every rank, ``fully_shard`` is applied to each
+    submodule chosen by ``shard`` (innermost first) and then to the model, and the optimizer's
+    ``param_groups`` (and the state it holds, cut into this rank's shards) are pointed at the
+    new, sharded parameters. The model object stays the user's module (its class becomes
+    torch's ``FSDP<Class>``, its state dict keys are unchanged).
+
+    >>> FSDPSync(()).name
+    'with_fsdp'
+    """
+
+    name = "with_fsdp"
+    requires_donation = _DONATE
+    grads_are_views = False
+    backward_collective = "the gradient reduce-scatter in backward (fully_shard)"
+    refuses = _REFUSED
+
+    def __init__(self, shard: Any = (), options: Mapping[str, Any] | None = None) -> None:
+        self.shard = shard
+        self.options = dict(options or {})
+        self._model: weakref.ref | None = None
+
+    def wraps(self, model: nn.Module) -> bool:
+        """Whether ``model`` is sharded already by this hook (:meth:`module` then changes nothing of it).
+
+        >>> FSDPSync(()).wraps(torch.nn.Linear(1, 1))
+        False
+        """
+        ref = self._model
+        return ref is not None and ref() is model
+
+    def module(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> nn.Module:
+        """``model``, sharded at the first call with this model object (``optimizer`` pointed at the shards)."""
+        if self.wraps(model):
+            return model
+        if not _process_group_ready():
+            raise RuntimeError(_NO_GROUP)
+        if optimizer is None:
+            raise ValueError("with_fsdp needs a state with an optimizer (TrainState.create(model, optimizer))")
+        self._model = None
+        if not any(is_dtensor(p) for p in model.parameters()):  # (a model you sharded yourself is taken as it is)
+            _shard(model, optimizer, self.shard, self.options)
+        self._model = weakref.ref(model)
+        return model
+
+    def no_sync(self, module: nn.Module) -> Any:
+        """The context of a micro-step whose gradients stay on this rank, unsharded (no reduce-scatter)."""
+        return _without_gradient_sync(module)
+
+    def failure(self, collective: str, error: BaseException, where: str = "") -> RuntimeError:
+        """The error to raise when ``collective`` failed: it names the collective, this rank and why.
+
+        >>> str(FSDPSync(()).failure("the all-gather", RuntimeError("reset by peer")))[:45]
+        'with_fsdp: the all-gather failed on rank 0 of'
+        """
+        dist = torch.distributed
+        rank = dist.get_rank() if _process_group_ready() else 0
+        size = dist.get_world_size() if _process_group_ready() else 1
+        return RuntimeError(
+            f"with_fsdp: {collective} failed on rank {rank} of {size}{where}: another rank has probably died or "
+            f"stopped (see its log), or the process group's timeout ran out. The error was: {error}"
+        )
+
+    def agree(self, flags: torch.Tensor) -> torch.Tensor:
+        """``flags``' maximum over all ranks (one all-reduce): 1.0 anywhere is 1.0 everywhere."""
+        agreed = local(flags).detach().float().clone()
+        try:
+            torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MAX)
+        except RuntimeError as e:
+            raise self.failure("the all-reduce that agrees on skipping the update", e) from e
+        return agreed
+
+    def reduce_grads(self, optimizer: torch.optim.Optimizer) -> None:
+        """Reduce a flushed partial group's gradients, which ``fully_shard`` holds unsharded on each rank
+        (their backwards ran without gradient sync), into the sharded parameters' gradients: the ranks'
+        mean, cut into this rank's shard, as the reduce-scatter of a synced backward gives it.
+
+        Every rank makes the same collective (one all-reduce per dtype), whatever its micro-batches used:
+        a parameter with a gradient on some rank gets the mean on every rank, one with none on any keeps none.
+        """
+        model = self._model() if self._model is not None else None
+        if model is None:
+            return
+        held = _held_grads(model)
+        by_dtype: dict[torch.dtype, list[tuple[Any, torch.Tensor | None]]] = {}
+        for fsdp_param, grad in held:
+            by_dtype.setdefault(fsdp_param.sharded_param.dtype, []).append((fsdp_param, grad))
+        world = torch.distributed.get_world_size()
+        for dtype, members in by_dtype.items():
+            shapes = [fsdp_param.sharded_param.shape for fsdp_param, _ in members]
+            sizes = [s.numel() for s in shapes]
+            total = sum(sizes)
+            device = local(members[0][0].sharded_param).device
+            flat = torch.zeros(total + len(members), dtype=dtype, device=device)
+            for part, (_, grad) in zip(flat[:total].split(sizes), members):
+                if grad is not None:
+                    part.copy_(local(grad).reshape(-1))
+            flat[total:] = torch.tensor([grad is not None for _, grad in members], dtype=dtype)
+            try:
+                torch.distributed.all_reduce(flat)
+            except RuntimeError as e:
+                raise self.failure("the all-reduce of a flushed group's gradients", e) from e
+            flat[:total].div_(world)
+            anywhere = flat[total:].tolist()  # (one read per flush)
+            for part, shape, (fsdp_param, _), some_rank_had in zip(flat[:total].split(sizes), shapes, members, anywhere):
+                _drop_held_grad(fsdp_param)
+                if some_rank_had:
+                    _add_sharded_grad(fsdp_param.sharded_param, part.view(shape))
+
+    def marked_used(self, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+        """Nothing to mark: ``fully_shard`` keeps no record of the parameters a backward used (unlike DDP's reducer)."""
+        return []
+
+
+@contextlib.contextmanager
+def _without_gradient_sync(module: nn.Module) -> Iterator[None]:
+    """``fully_shard``'s gradient sync turned off for the backward inside (DDP's ``no_sync``), back on after."""
+    module.set_requires_gradient_sync(False)  # type: ignore[operator]
+    try:
+        yield
+    finally:
+        module.set_requires_gradient_sync(True)  # type: ignore[operator]
+
+
+def _chosen(shard: Any) -> Callable[[nn.Module], bool]:
+    """The test of a submodule that ``shard`` (module classes, or a predicate) picks for a ``fully_shard`` of its own."""
+    if callable(shard) and not isinstance(shard, type):
+        return shard
+    classes = tuple(shard)
+    return lambda module: isinstance(module, classes)
+
+
+def _shard(model: nn.Module, optimizer: torch.optim.Optimizer, shard: Any, options: Mapping[str, Any]) -> None:
+    """Shard ``model`` in place (rank 0's weights on every rank first) and point ``optimizer`` at the shards."""
+    from torch.distributed.fsdp import fully_shard
+
+    names = {id(p): name for name, p in model.named_parameters()}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if id(p) not in names:
+                raise ValueError(
+                    f"with_fsdp: the optimizer trains a parameter of shape {tuple(p.shape)} that is not one of the "
+                    "model's; fully_shard shards the model's parameters only (build the optimizer over "
+                    "model.parameters())"
+                )
+    _broadcast_from_rank_zero(model)
+    picked = _chosen(shard)
+    for module in reversed([m for m in model.modules() if m is not model and picked(m)]):  # innermost first
+        fully_shard(module, **options)
+    fully_shard(model, **options)
+    sharded = dict(model.named_parameters())
+    for group in optimizer.param_groups:
+        old = group["params"]
+        group["params"] = [sharded[names[id(p)]] for p in old]
+        for before, after in zip(old, group["params"]):
+            entry = optimizer.state.pop(before, None)
+            if entry is not None:
+                optimizer.state[after] = {k: _shard_like(v, before, after) for k, v in entry.items()}
+
+
+def _shard_like(value: Any, before: torch.Tensor, after: torch.Tensor) -> Any:
+    """An optimizer state value of ``before`` for its sharded ``after``: a tensor of the parameter's shape (a
+    moment) becomes this rank's shard of it, as ``after`` is of ``before``; the rest (a step count) stays."""
+    if not isinstance(value, torch.Tensor) or value.ndim == 0 or value.shape != before.shape:
+        return value
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(value.detach(), after.device_mesh, after.placements, src_data_rank=None)
+
+
+def _broadcast_from_rank_zero(model: nn.Module) -> None:
+    """Make every rank's parameters and buffers rank 0's (as DDP does when it wraps a model): ``fully_shard``
+    keeps each rank's own shard of its own weights, so ranks that built different ones would train a mix.
+    Refused first, on every rank, where the ranks' tensors differ in name, shape or dtype (one all-gather)."""
+    dist = torch.distributed
+    tensors = list(model.named_parameters()) + list(model.named_buffers())
+    mine = [(name, tuple(t.shape), str(t.dtype)) for name, t in tensors]
+    every: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    for rank, theirs in enumerate(every):
+        if theirs != every[0]:
+            diff = next(((a, b) for a, b in zip(every[0], theirs) if a != b), (len(every[0]), len(theirs)))
+            raise ValueError(
+                f"with_fsdp: the model's parameters or buffers differ between ranks (name, shape, dtype): rank 0 has "
+                f"{diff[0]}, rank {rank} has {diff[1]}; every rank must build the same model"
+            )
+    if dist.get_world_size() == 1:
+        return
+    with torch.no_grad():
+        for _, t in tensors:
+            dist.broadcast(t.data, src=0)
+
+
+def _held_grads(model: nn.Module) -> list[tuple[Any, torch.Tensor | None]]:
+    """Each FSDP parameter of ``model`` with the unsharded gradient it holds after backwards without gradient
+    sync (None where it holds none), in the modules' order (the same on every rank). Reads torch's FSDP2 internals
+    (``FSDPParam``): named in the error where a torch version has moved them."""
+    from torch.distributed.fsdp import FSDPModule
+
+    held, seen = [], set()
+    try:
+        for module in model.modules():
+            if not isinstance(module, FSDPModule):
+                continue
+            state = module._get_fsdp_state()
+            groups = getattr(state, "_fsdp_param_groups", None)
+            if groups is None:
+                groups = [g for g in [state._fsdp_param_group] if g is not None]
+            for group in groups:
+                if id(group) in seen:
+                    continue
+                seen.add(id(group))
+                for fsdp_param in group.fsdp_params:
+                    grad = fsdp_param.unsharded_accumulated_grad
+                    if grad is None and hasattr(fsdp_param, "_unsharded_param"):
+                        grad = fsdp_param._unsharded_param.grad
+                    held.append((fsdp_param, grad))
+    except AttributeError as e:
+        raise RuntimeError(
+            f"with_fsdp: cannot reach the gradients fully_shard holds unsharded in torch {torch.__version__} "
+            f"(its FSDP2 internals moved: {e}); flush a partial accumulation group is not possible, so make each "
+            "epoch a whole number of with_grad_accum groups"
+        ) from e
+    return held
+
+
+def _drop_held_grad(fsdp_param: Any) -> None:
+    fsdp_param.unsharded_accumulated_grad = None
+    if hasattr(fsdp_param, "_unsharded_param"):
+        fsdp_param._unsharded_param.grad = None
+
+
+def _add_sharded_grad(param: torch.Tensor, mean: torch.Tensor) -> None:
+    """Add this rank's shard of ``mean`` (a whole gradient) to the sharded ``param``'s gradient."""
+    from torch.distributed.tensor import distribute_tensor
+
+    grad = distribute_tensor(mean.to(param.dtype), param.device_mesh, param.placements, src_data_rank=None)
+    if param.grad is None:
+        param.grad = grad
+    else:
+        param.grad.add_(grad)
+
+
+def _check_shard(shard: Any) -> None:
+    if callable(shard) and not isinstance(shard, type):
+        return
+    if isinstance(shard, type) or isinstance(shard, (str, bytes)) or not hasattr(shard, "__iter__"):
+        raise TypeError(
+            "with_fsdp: shard must be a collection of module classes (e.g. {nn.TransformerEncoderLayer}) or a "
+            f"predicate module -> bool, got {shard!r}"
+        )
+    for cls in shard:
+        if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+            raise TypeError(f"with_fsdp: shard must hold torch.nn.Module subclasses, got {cls!r}")
+
+
+def with_fsdp(
+    step: Any,
+    *,
+    shard: Any = (),
+    reshard_after_forward: bool | int = True,
+    mp_policy: Any = None,
+    **fully_shard_options: Any,
+) -> TrainStep:
+    """Train on every rank of a ``torch.distributed`` process group, the model fully sharded (FSDP2).
+
+    Lightning's ``Trainer(strategy=FSDPStrategy(...))``. At the step's first call with a model
+    object, every rank takes rank 0's parameters and buffers, then ``fully_shard`` is applied to
+    each submodule ``shard`` picks (a collection of module classes, Lightning's
+    ``auto_wrap_policy={nn.TransformerEncoderLayer}``, or a predicate ``module -> bool``), innermost
+    first, and then to the whole model. ``reshard_after_forward=False`` keeps the parameters
+    gathered from the forward to the backward (Lightning's ``sharding_strategy="SHARD_GRAD_OP"``;
+    ``True``, the default, is ``"FULL_SHARD"``). ``mp_policy`` is torch's
+    ``MixedPrecisionPolicy`` (Lightning's ``mixed_precision``); ``fully_shard_options`` go to
+    ``fully_shard`` as they are (``mesh``, ``shard_placement_fn``).
+
+    ``fully_shard`` replaces the model's parameters with new, sharded ones (``DTensor``), so the
+    state is built as usual, ``TrainState.create(model, optimizer, scheduler)`` with the optimizer
+    over ``model.parameters()``, and the first call points the optimizer's ``param_groups`` at the
+    sharded parameters; any state the optimizer holds already (a restored checkpoint's) is cut
+    into this rank's shards with them. The scheduler keeps working on the same param groups.
+
+    With the other transforms, in any order:
+
+    - ``with_grad_accum(every=n)``: the first n-1 calls of a group run their backward without
+      gradient sync (``set_requires_gradient_sync(False)``, DDP's ``no_sync``: the gradients are
+      summed unsharded on each rank), the n-th reduce-scatters the sum. A partial group that
+      ``run_epochs`` flushes at an epoch's end is averaged over the ranks by the flush. Gradient
+      transforms inside the accumulation (per micro-batch) make every call sync.
+    - ``with_grad_clip`` clips by the norm over every rank's shards (the global norm, as one
+      process would); ``with_nan_guard``'s skip flag is all-reduced (MAX) before it is read, so
+      every rank skips the same updates; bfloat16 ``with_amp`` runs the forward under autocast.
+      float16 ``with_amp`` is refused (no loss scaler over sharded gradients yet).
+    - ``with_ddp``, ``with_ema``, ``with_swa``, ``with_pruning``, ``with_qat`` and
+      ``with_compile`` are refused (``TypeError`` naming both), in either order.
+
+    Checkpoints hold the full, unsharded state (Lightning's ``state_dict_type="full"``), in the
+    format of an unsharded state's: ``state.state_dict()`` of a sharded state gathers every
+    sharded tensor whole on every rank (a collective: every rank calls it), ``with_checkpointing``
+    gathers on every rank and writes on rank 0, and ``export_weights`` (called on every rank)
+    writes the full weights from rank 0. To resume, restore into an unsharded state built as
+    usual (``loopkit.restore(TrainState.create(...), directory)``, on every rank) and give it to
+    the ``with_fsdp`` step, which shards it; such a checkpoint also restores into a plain model
+    in one process. ``load_state_dict`` of a sharded state is refused. ``loopkit.checkpoint.save``
+    gathers as ``state_dict`` does, but writes on every rank that calls it: save through
+    ``with_checkpointing`` (its own saves, and its ``.save()`` called on every rank, write on rank 0).
+
+    The step must be donated (``loopkit.donate``; ``run_epochs`` donates): a call that is not
+    raises ``TypeError``. Every rank must call the step, and validate, the same number of times
+    (shard the data with ``loopkit.distributed.shard``), and, as torch's FSDP requires, run the
+    same sharded submodules in each forward and give gradients to the same parameters in each
+    backward (no data-dependent branches that skip a layer on one rank: its all-gather or
+    reduce-scatter would wait for the others); metric means read by ``run_epochs``, ``evaluate``
+    and ``with_logging`` are means over all ranks.
+
+    Raises ``RuntimeError`` when no process group is initialised (start with ``torchrun`` and
+    call ``loopkit.distributed.init()``), ``TypeError`` for a refused transform or option.
+
+    >>> import torch, torch.distributed as dist
+    >>> from loopkit.state import TrainState
+    >>> from loopkit.steps import donate, train_step
+    >>> dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    >>> model = torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.Linear(4, 1))
+    >>> state = TrainState.create(model, torch.optim.Adam(model.parameters(), lr=0.1))
+    >>> step = donate(with_fsdp(train_step(lambda m, b: m(b).pow(2).mean()), shard={torch.nn.Linear}))
+    >>> state, metrics = step(state, torch.ones(4, 2))
+    >>> state.step, type(state.model[0].weight).__name__, list(state.state_dict()["model"])
+    (1, 'DTensor', ['0.weight', '0.bias', '1.weight', '1.bias'])
+    >>> dist.destroy_process_group()
+    """
+    refuse_wrapping(step, "with_fsdp", {name: reason for name, reason in _REFUSED.items()})
+    base = require_train_step(step, "with_fsdp")
+    if base.sync is not None:
+        if base.sync.name == "with_fsdp":
+            raise TypeError("with_fsdp cannot wrap with_fsdp: the model is sharded once; apply with_fsdp once")
+        raise TypeError(f"with_fsdp cannot wrap {base.sync.name}: both make the step data-parallel; use one of them")
+    if "with_compile" in base.transforms:
+        raise TypeError(f"with_fsdp cannot wrap with_compile: {_REFUSED['with_compile']}")
+    if base.precision is not None and base.precision.scales_loss:
+        raise TypeError(f"with_fsdp cannot wrap float16 with_amp: {_REFUSED['with_amp(float16)']}")
+    for option, reason in _UNSUPPORTED_OPTIONS.items():
+        if option in fully_shard_options:
+            raise TypeError(f"with_fsdp: {option}=: {reason}")
+    _check_shard(shard)
+    if not isinstance(reshard_after_forward, (bool, int)):
+        raise TypeError(f"with_fsdp: reshard_after_forward must be True, False or an int, got {reshard_after_forward!r}")
+    if not _process_group_ready():
+        raise RuntimeError(_NO_GROUP)
+    options = dict(fully_shard_options, reshard_after_forward=reshard_after_forward)
+    if mp_policy is not None:
+        options["mp_policy"] = mp_policy
+    return base.with_transform("with_fsdp", sync=FSDPSync(shard, options))

@@ -1,0 +1,227 @@
+"""The worker that tests/transforms/test_fsdp.py starts with torchrun.
+
+``torchrun --nproc-per-node 2 tests/_fsdp_script.py OUT_DIR SCENARIO [SCENARIO ...]`` runs the
+scenarios one after the other in one process group (gloo, 20 s collective timeout) and writes
+``OUT_DIR/<scenario>_rank<r>.pt`` with what each rank saw (the parameters gathered whole). Each
+rank trains on its half of every global batch of ``make_data``; the test builds the references
+(raw PyTorch loops over the whole global batches, no loopkit) itself. Scenarios:
+
+- ``sgd``: ``run_epochs(with_logging(with_fsdp(train_step)))``, SGD with momentum, 2 epochs of 3 batches,
+  validation each epoch, then ``evaluate``, ``predict``, ``state.state_dict()`` and ``export_weights``.
+- ``adam``: Adam with a ``StepLR`` scheduler, ``reshard_after_forward=False`` (SHARD_GRAD_OP).
+- ``accum``: ``with_grad_accum(with_fsdp(...), every=2)``, Adam with ``StepLR``, 2 epochs of 5 batches: each
+  epoch ends in a partial group of one, which ``run_epochs`` flushes.
+- ``accum_outer``: ``with_fsdp(with_grad_accum(...))`` in a loop of one's own, 3 calls then
+  ``flush``; records whether the first call left the sharded gradients unset (no reduce-scatter).
+- ``clip``: ``with_grad_clip(with_grad_norm(with_fsdp(...)), max_norm=0.05)``, Adam; records each call's
+  ``grad_norm`` and ``with_grad_norm``'s norms (of the unclipped gradients).
+- ``nan``: ``with_nan_guard(with_fsdp(...))``; rank 1 alone sees a NaN input at call 1.
+- ``bf16``: ``with_amp(with_fsdp(...), dtype=torch.bfloat16)``.
+- ``cut``: ``accum``'s run under ``with_checkpointing(every_n_steps=1)``, cut at ``max_steps=4``.
+- ``resume`` (run in a second launch, new processes): a new model, optimizer, scheduler and step,
+  as a restarted script builds them, restored from ``cut``'s checkpoints with ``loopkit.restore``
+  and trained to the end.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import torch
+from torch import nn
+
+BATCH = 4  # samples a rank, per batch: a global batch is twice that
+D_IN, D_HID, D_OUT = 3, 5, 2  # 5: the first layer's weight is sharded unevenly (3 rows and 2)
+SHARD = {nn.Linear}
+
+
+def make_model() -> nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(D_IN, D_HID), nn.Tanh(), nn.Linear(D_HID, D_OUT))
+
+
+def make_data(n: int, seed: int = 1234, world: int = 2) -> torch.Tensor:
+    """``[batch, rank, sample, feature]``: inputs and targets side by side in the last axis."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, world, BATCH, D_IN + D_OUT, generator=gen)
+
+
+def global_batch(data: torch.Tensor, i: int) -> torch.Tensor:
+    """The whole global batch ``i`` (both ranks' halves, rank 0's first), for a one-process reference."""
+    return data[i].reshape(-1, D_IN + D_OUT)
+
+
+def mse(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    x, y = batch[:, :D_IN], batch[:, D_IN:]
+    return ((model(x).float() - y) ** 2).mean()
+
+
+def make_optimizer(kind: str, model: nn.Module) -> tuple[torch.optim.Optimizer, Any]:
+    if kind == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), None
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=3, gamma=0.5) if kind == "adam_sched" else None
+    return optimizer, scheduler
+
+
+def make_state(kind: str) -> Any:
+    import loopkit
+
+    model = make_model()
+    optimizer, scheduler = make_optimizer(kind, model)
+    return loopkit.TrainState.create(model, optimizer, scheduler, seed=3)
+
+
+def full_params(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters, each gathered whole (a collective on every rank)."""
+    from loopkit._sharded import full
+
+    return full({n: p.detach() for n, p in model.named_parameters()})
+
+
+def _fit(step: Any, state: Any, data: torch.Tensor, rank: int, epochs: int, **options: Any) -> tuple[Any, Any]:
+    import loopkit
+
+    return loopkit.run_epochs(step, state, [data[i, rank] for i in range(len(data))], epochs=epochs,
+                              progress=False, **options)
+
+
+def _loop(step: Any, state: Any, batches: list[torch.Tensor]) -> tuple[Any, list[dict[str, float]]]:
+    import loopkit
+
+    step, seen = loopkit.donate(step), []
+    for batch in batches:
+        state, metrics = step(state, batch)
+        seen.append({k: float(v) for k, v in metrics.items()})
+    return state, seen
+
+
+def sgd(rank: int, out_dir: str) -> dict[str, Any]:
+    import loopkit
+
+    data, val = make_data(3), make_data(2, seed=99)
+    evaluator = loopkit.eval_step(lambda m, b: {"mse": mse(m, b)})
+    val_batches = [val[i, rank] for i in range(len(val))]
+    logger = loopkit.JSONLLogger(os.path.join(out_dir, "logs"), version=0)
+    step = loopkit.with_logging(loopkit.with_fsdp(loopkit.train_step(mse), shard=SHARD), logger, every_n_steps=3)
+    state, history = _fit(step, make_state("sgd"), data, rank, 2, val=(evaluator, val_batches))
+    sd = state.state_dict()  # (gathered on every rank)
+    path = loopkit.export_weights(state, os.path.join(out_dir, "sgd.safetensors"))
+    return {"params": full_params(state.model), "history": history, "step": state.step,
+            "evaluate": loopkit.evaluate(evaluator, state, val_batches), "state_dict": sd,
+            "predict": loopkit.predict(lambda m, b: m(b[:, :D_IN]), state, val_batches),
+            "sharded": [type(p).__name__ for p in state.model.parameters()],
+            "local_shapes": [tuple(p.to_local().shape) for p in state.model.parameters()],
+            "exported": path.exists()}
+
+
+def adam(rank: int, out_dir: str) -> dict[str, Any]:
+    import loopkit
+
+    data = make_data(3)
+    step = loopkit.with_fsdp(loopkit.train_step(mse), shard=SHARD, reshard_after_forward=False)
+    state, history = _fit(step, make_state("adam_sched"), data, rank, 2)
+    return {"params": full_params(state.model), "history": history, "step": state.step,
+            "lr": state.optimizer.param_groups[0]["lr"]}
+
+
+def accum(rank: int, out_dir: str) -> dict[str, Any]:
+    import loopkit
+
+    data = make_data(5)
+    step = loopkit.with_grad_accum(loopkit.with_fsdp(loopkit.train_step(mse), shard=SHARD), every=2)
+    state, history = _fit(step, make_state("adam_sched"), data, rank, 2)
+    return {"params": full_params(state.model), "history": history, "step": state.step}
+
+
+def accum_outer(rank: int, out_dir: str) -> dict[str, Any]:
+    import loopkit
+
+    data = make_data(3)
+    step = loopkit.donate(loopkit.with_fsdp(loopkit.with_grad_accum(loopkit.train_step(mse), every=2), shard=SHARD))
+    state = make_state("adam")
+    state, _ = step(state, data[0, rank])
+    unreduced = all(p.grad is None for p in state.model.parameters())  # held unsharded: no reduce-scatter yet
+    state, _ = step(state, data[1, rank])
+    state, _ = step(state, data[2, rank])
+    state, _ = step.flush(state)
+    return {"params": full_params(state.model), "step": state.step, "unreduced_after_first": unreduced}
+
+
+def clip(rank: int, out_dir: str) -> dict[str, Any]:
+    import loopkit
+
+    data = make_data(4)
+    step = loopkit.with_grad_norm(loopkit.with_fsdp(loopkit.train_step(mse), shard=SHARD))  # sees the unclipped
+    step = loopkit.with_grad_clip(step, max_norm=0.05)
+    state, seen = _loop(step, make_state("adam"), [data[i, rank] for i in range(len(data))])
+    return {"params": full_params(state.model), "grad_norms": [m["grad_norm"] for m in seen],
+            "norm_totals": [m["grad_2.0_norm_total"] for m in seen],
+            "first_norms": {k: v for k, v in seen[0].items() if k.startswith("grad_2.0_norm/")}}
+
+
+def nan(rank: int, out_dir: str) -> dict[str, Any]:
+    import loopkit
+
+    data = make_data(4).clone()
+    if rank == 1:
+        data[1, 1, 0, 0] = float("nan")
+    step = loopkit.with_nan_guard(loopkit.with_fsdp(loopkit.train_step(mse), shard=SHARD))
+    state, seen = _loop(step, make_state("sgd"), [data[i, rank] for i in range(len(data))])
+    return {"params": full_params(state.model), "skipped": [m["nan_guard/skipped"] for m in seen], "step": state.step}
+
+
+def bf16(rank: int, out_dir: str) -> dict[str, Any]:
+    import loopkit
+
+    data = make_data(4)
+    step = loopkit.with_amp(loopkit.with_fsdp(loopkit.train_step(mse), shard=SHARD), dtype=torch.bfloat16)
+    state, seen = _loop(step, make_state("sgd"), [data[i, rank] for i in range(len(data))])
+    return {"params": full_params(state.model), "losses": [m["loss"] for m in seen]}
+
+
+def _checkpointed(directory: str) -> Any:
+    import loopkit
+
+    inner = loopkit.with_grad_accum(loopkit.with_fsdp(loopkit.train_step(mse), shard=SHARD), every=2)
+    return loopkit.with_checkpointing(inner, directory, every_n_steps=1)
+
+
+def cut(rank: int, out_dir: str) -> dict[str, Any]:
+    """``accum``'s run, checkpointed at every update, cut at ``max_steps=4`` (mid-epoch 1): the processes end."""
+    state, _ = _fit(_checkpointed(os.path.join(out_dir, "ckpt")), make_state("adam_sched"), make_data(5), rank, 2,
+                    max_steps=4)
+    return {"params": full_params(state.model), "step": state.step}
+
+
+def resume(rank: int, out_dir: str) -> dict[str, Any]:
+    """In new processes: a new state, as a restarted script builds it, restored from ``cut``'s checkpoints."""
+    import loopkit
+
+    directory = os.path.join(out_dir, "ckpt")
+    restored = loopkit.restore(make_state("adam_sched"), directory)  # (every rank reads the shared directory)
+    start = (restored.step, restored.epoch, restored.batch_index)
+    state, _ = _fit(_checkpointed(directory), restored, make_data(5), rank, 2)
+    return {"params": full_params(state.model), "start": start, "step": state.step}
+
+
+SCENARIOS = {f.__name__: f for f in (sgd, adam, accum, accum_outer, clip, nan, bf16, cut, resume)}
+
+
+def main(out_dir: str, scenarios: list[str]) -> None:
+    torch.set_num_threads(1)
+    from loopkit import distributed
+
+    assert distributed.init(timeout=float(os.environ.get("LOOPKIT_TEST_TIMEOUT", "20")))
+    rank = distributed.rank()
+    for name in scenarios:
+        torch.save(SCENARIOS[name](rank, out_dir), os.path.join(out_dir, f"{name}_rank{rank}.pt"))
+        print(f"rank {rank} done {name}", flush=True)
+    distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2:])

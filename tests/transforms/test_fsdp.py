@@ -1,0 +1,301 @@
+"""with_fsdp: two processes on gloo over loopback, each checked against a raw PyTorch loop in one process.
+
+Two torchrun launches (module fixture, about 18 s on two busy cores) run the scenarios of
+tests/_fsdp_script.py (the second restarts from the first's checkpoints); each test then compares
+what the ranks saw (parameters gathered whole) with a plain PyTorch loop here, no loopkit, over the global batches (both ranks' halves
+together, the same initial weights and optimizer): mean losses of equal-size halves, so the
+ranks' averaged gradient is the global batch's. Equal within ``TOL`` = 1e-6 (float32, as the
+DDP tests): the ranks average two half-batch means (reduce-scatter, then a division by 2) where
+the loop takes one mean over the whole batch, so the gradients differ in their last bits; the
+largest difference seen after the runs' 4 to 6 updates is 6e-8 (Adam), a few ulps. Not bitwise,
+for that reason. The ranks equal each other bitwise, and the crash-resumed run equals the
+uninterrupted one bitwise. bfloat16 autocast is compared with the float32 loop within 5e-3 (1e-3
+seen). Lightning 2.6.6's ``FSDPStrategy`` refuses the CPU ("requires a GPU accelerator"), so it
+is no reference here. The bad inputs are checked in this process (a one-rank group).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import loopkit
+from tests import _fsdp_script as fsdp
+
+TOL = 1e-6
+SCENARIOS = [name for name in fsdp.SCENARIOS if name != "resume"]  # resume: a second launch, after cut
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory: pytest.TempPathFactory):
+    """``ranks(name)``: the two ranks' results of a scenario (one launch for all of them); ``ranks.out``: the folder."""
+    from tests._ddp_script import torchrun
+
+    out = str(tmp_path_factory.mktemp("fsdp"))
+    for scenarios in (SCENARIOS, ["resume"]):  # the second: new processes, restarted from cut's checkpoints
+        done = torchrun(out, scenarios, timeout=60, script=os.path.abspath(fsdp.__file__))
+        assert done.returncode == 0, done.stdout[-4000:]
+    load = lambda name: [torch.load(os.path.join(out, f"{name}_rank{r}.pt")) for r in range(2)]  # noqa: E731
+    load.out = out  # type: ignore[attr-defined]
+    return load
+
+
+# --- the raw PyTorch reference (no loopkit) ----------------------------------------------------------------
+
+
+def raw_loop(kind: str, data: torch.Tensor, epochs: int, *, every: int = 1, max_norm: float | None = None,
+             skip: frozenset[int] = frozenset(), calls: int | None = None):
+    """A plain loop over the global batches: groups of ``every`` batches (an epoch's last group may be
+    shorter: its mean is over its own batches), ``clip_grad_norm_`` before each update, batch indices in
+    ``skip`` left out. Returns the model, the optimizer and each update's gradient norm."""
+    model = fsdp.make_model()
+    optimizer, scheduler = fsdp.make_optimizer(kind, model)
+    norms = []
+    batches = [i for i in range(len(data) if calls is None else calls) if i not in skip]
+    for _ in range(epochs):
+        for start in range(0, len(batches), every):
+            group = batches[start:start + every]
+            optimizer.zero_grad()
+            for i in group:
+                (fsdp.mse(model, fsdp.global_batch(data, i)) / len(group)).backward()
+            if max_norm is not None:
+                norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)))
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+    return model, optimizer, norms
+
+
+def _assert_close(params, model, tol=TOL):
+    for name, p in model.named_parameters():
+        diff = (params[name] - p.detach()).abs().max().item()
+        assert diff <= tol, f"{name}: max abs diff {diff} > {tol}"
+
+
+def _assert_ranks_identical(results):
+    a, b = results[0]["params"], results[1]["params"]
+    for name in a:
+        assert torch.equal(a[name], b[name]), f"ranks differ at {name}"
+
+
+def _val_mse(model, val):
+    with torch.no_grad():
+        return sum(float(fsdp.mse(model, fsdp.global_batch(val, i))) for i in range(len(val))) / len(val)
+
+
+# --- 1. the sharded runs equal the raw loop -----------------------------------------------------------------
+
+
+def test_sgd_and_adam_equal_a_raw_loop_over_the_global_batches(ranks):
+    sgd, adam = ranks("sgd"), ranks("adam")
+    for results in (sgd, adam):
+        _assert_ranks_identical(results)
+    model, optimizer, _ = raw_loop("sgd", fsdp.make_data(3), epochs=2)
+    _assert_close(sgd[0]["params"], model)
+    assert sgd[0]["step"] == 6
+    assert set(sgd[0]["sharded"]) == {"DTensor"}  # sharded, not replicated: 5 rows of the first layer as 3 and 2
+    assert sgd[0]["local_shapes"][0] == (3, 3) and sgd[1]["local_shapes"][0] == (2, 3)
+    model, optimizer, _ = raw_loop("adam_sched", fsdp.make_data(3), epochs=2)
+    _assert_close(adam[0]["params"], model)
+    assert adam[0]["lr"] == optimizer.param_groups[0]["lr"] == 0.05 * 0.5 ** 2  # the scheduler followed the shards
+
+
+def test_validation_and_evaluate_average_over_the_ranks_and_predict_runs_on_each(ranks):
+    sgd = ranks("sgd")
+    data, val = fsdp.make_data(3), fsdp.make_data(2, seed=99)
+    for epoch in range(2):
+        model, _, _ = raw_loop("sgd", data, epochs=epoch + 1)
+        for r in range(2):
+            assert sgd[r]["history"][epoch]["val/mse"] == pytest.approx(_val_mse(model, val), abs=1e-6)
+    logged = [json.loads(line) for line in open(os.path.join(ranks.out, "logs", "default", "version_0", "metrics.jsonl"))]
+    losses = [r["train/loss"] for r in logged if "train/loss" in r]
+    assert len(losses) == 2 and losses == pytest.approx([h["train/loss"] for h in sgd[0]["history"]], rel=1e-6)
+    assert sgd[0]["evaluate"] == sgd[1]["evaluate"]
+    assert sgd[0]["evaluate"]["mse"] == pytest.approx(_val_mse(model, val), abs=1e-6)
+    with torch.no_grad():  # predict: each rank's own batches through the sharded model
+        for r in range(2):
+            for i, out in enumerate(sgd[r]["predict"]):
+                assert (out - model(val[i, r, :, :fsdp.D_IN])).abs().max() <= 1e-6
+
+
+def test_grad_accum_with_a_partial_group_flushed_at_each_epoch_end(ranks):
+    accum, outer = ranks("accum"), ranks("accum_outer")
+    _assert_ranks_identical(accum)
+    _assert_ranks_identical(outer)
+    model, _, _ = raw_loop("adam_sched", fsdp.make_data(5), epochs=2, every=2)  # groups of 2, 2, 1 each epoch
+    _assert_close(accum[0]["params"], model)
+    assert accum[0]["step"] == 6
+    model, _, _ = raw_loop("adam", fsdp.make_data(3), epochs=1, every=2)  # 2, then 1 flushed by hand
+    _assert_close(outer[0]["params"], model)
+    assert outer[0]["step"] == 2
+    assert outer[0]["unreduced_after_first"] and outer[1]["unreduced_after_first"]  # no reduce-scatter mid-group
+
+
+def test_grad_clip_and_grad_norm_take_the_global_norm_over_every_shard(ranks):
+    clip = ranks("clip")
+    _assert_ranks_identical(clip)
+    model, _, norms = raw_loop("adam", fsdp.make_data(4), epochs=1, max_norm=0.05)
+    assert min(norms) > 0.05  # every update was clipped
+    _assert_close(clip[0]["params"], model)
+    for r in range(2):
+        assert clip[r]["grad_norms"] == pytest.approx(norms, rel=1e-5)
+        assert clip[r]["norm_totals"] == pytest.approx(norms, rel=1e-5)  # with_grad_norm: over every shard too
+    model = fsdp.make_model()
+    fsdp.mse(model, fsdp.global_batch(fsdp.make_data(4), 0)).backward()
+    first = {f"grad_2.0_norm/{n}": float(p.grad.norm()) for n, p in model.named_parameters()}
+    assert clip[0]["first_norms"] == pytest.approx(first, rel=1e-5)
+
+
+def test_nan_guard_skips_on_every_rank_when_one_rank_sees_nan(ranks):
+    nan = ranks("nan")
+    _assert_ranks_identical(nan)
+    assert nan[0]["skipped"] == nan[1]["skipped"] == [0.0, 1.0, 0.0, 0.0]
+    assert nan[0]["step"] == nan[1]["step"] == 3
+    model, _, _ = raw_loop("sgd", fsdp.make_data(4), epochs=1, skip=frozenset({1}))
+    _assert_close(nan[0]["params"], model)
+
+
+def test_bfloat16_autocast_trains_close_to_float32(ranks):
+    bf16 = ranks("bf16")
+    _assert_ranks_identical(bf16)
+    model, _, _ = raw_loop("sgd", fsdp.make_data(4), epochs=1)
+    _assert_close(bf16[0]["params"], model, tol=5e-3)  # bfloat16 matmuls: 8 bits of mantissa
+
+
+# --- 3. full checkpoints: crash-resume, a plain template, state_dict, export_weights ---------------------------
+
+
+def test_crash_resume_equals_the_uninterrupted_run_bitwise(ranks):
+    resumed, uninterrupted, cut = ranks("resume"), ranks("accum"), ranks("cut")
+    assert cut[0]["step"] == 4
+    assert resumed[0]["start"] == resumed[1]["start"] == (4, 1, 2)
+    for r in range(2):
+        for name, p in uninterrupted[r]["params"].items():
+            assert torch.equal(resumed[r]["params"][name], p), name
+
+
+def test_the_checkpoints_restore_into_a_plain_one_process_template(ranks):
+    resumed, cut = ranks("resume"), ranks("cut")
+    directory = os.path.join(ranks.out, "ckpt")
+    at_cut = next(c for c in loopkit.checkpoint.list_checkpoints(directory) if c.step == 4)
+    for path, expected in ((at_cut.path, cut[0]["params"]), (directory, resumed[0]["params"])):
+        template = fsdp.make_state("adam_sched")
+        state = loopkit.restore(template, path)
+        assert type(state.model[0].weight) is torch.nn.Parameter  # a plain model, whole weights
+        for name, p in state.model.named_parameters():
+            assert torch.equal(p.detach(), expected[name]), name
+        assert state.optimizer.state[state.model[0].weight]["exp_avg"].shape == (5, 3)  # the full moments
+
+
+def test_state_dict_and_export_weights_are_full(ranks):
+    sgd = ranks("sgd")
+    for r in range(2):
+        sd = sgd[r]["state_dict"]
+        assert list(sd["model"]) == ["0.weight", "0.bias", "2.weight", "2.bias"]
+        for name, p in sgd[r]["params"].items():
+            assert torch.equal(sd["model"][name], p), name
+        buffers = [entry["momentum_buffer"] for entry in sd["optimizer"]["state"].values()]
+        assert [tuple(b.shape) for b in buffers] == [(5, 3), (5,), (2, 5), (2,)]
+    _, optimizer, _ = raw_loop("sgd", fsdp.make_data(3), epochs=2)
+    for mine, theirs in zip(buffers, (optimizer.state[p]["momentum_buffer"] for p in optimizer.param_groups[0]["params"])):
+        assert (mine - theirs).abs().max() <= TOL
+    raw = open(os.path.join(ranks.out, "sgd.safetensors"), "rb").read()
+    size = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + size])
+    for name, p in sgd[0]["params"].items():
+        begin, end = header[name]["data_offsets"]
+        saved = torch.frombuffer(bytearray(raw[8 + size + begin:8 + size + end]), dtype=torch.float32)
+        assert torch.equal(saved.reshape(header[name]["shape"]), p), name
+    assert sgd[0]["exported"] and sgd[1]["exported"]
+
+
+# --- 4. bad input, in this process --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def one_rank():
+    """A one-rank gloo group in this process (in memory), destroyed after the test."""
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _step():
+    return loopkit.train_step(fsdp.mse)
+
+
+def test_without_a_process_group_the_error_says_how_to_start():
+    assert not dist.is_initialized()
+    with pytest.raises(RuntimeError, match=r"torchrun --nproc-per-node 2 .*loopkit\.distributed\.init\(\)"):
+        loopkit.with_fsdp(_step())
+
+
+def test_a_step_that_is_not_donated_is_refused(one_rank):
+    state = fsdp.make_state("sgd")
+    with pytest.raises(TypeError, match=r"with_fsdp: the step must be donated: call loopkit\.donate"):
+        loopkit.with_fsdp(_step())(state, fsdp.make_data(1)[0, 0])
+    assert type(state.model[0].weight) is torch.nn.Parameter  # refused before anything was sharded
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda s: loopkit.with_ema(loopkit.with_fsdp(s), decay=0.9), "with_ema cannot wrap with_fsdp: the averages"),
+    (lambda s: loopkit.with_fsdp(loopkit.with_ema(s, decay=0.9)), "with_fsdp cannot wrap with_ema: the averages"),
+    (lambda s: loopkit.with_swa(loopkit.with_fsdp(s), 0.01, swa_epoch_start=1), "with_swa cannot wrap with_fsdp"),
+    (lambda s: loopkit.with_fsdp(loopkit.with_swa(s, 0.01, swa_epoch_start=1)), "with_fsdp cannot wrap with_swa"),
+    (lambda s: loopkit.with_pruning(loopkit.with_fsdp(s), 0.5, [1]), "with_pruning cannot wrap with_fsdp"),
+    (lambda s: loopkit.with_fsdp(loopkit.with_pruning(s, 0.5, [1])), "with_fsdp cannot wrap with_pruning"),
+    (lambda s: loopkit.with_qat(loopkit.with_fsdp(s)), "with_qat cannot wrap with_fsdp"),
+    (lambda s: loopkit.with_fsdp(loopkit.with_qat(s)), "with_fsdp cannot wrap with_qat"),
+    (lambda s: loopkit.with_compile(loopkit.with_fsdp(s)), "with_compile cannot wrap with_fsdp"),
+    (lambda s: loopkit.with_fsdp(loopkit.with_compile(s)), "with_fsdp cannot wrap with_compile"),
+    (lambda s: loopkit.with_ddp(loopkit.with_fsdp(s)), "with_ddp cannot wrap with_fsdp: both make the step data-parallel"),
+    (lambda s: loopkit.with_fsdp(loopkit.with_ddp(s)), "with_fsdp cannot wrap with_ddp: both make the step data-parallel"),
+    (lambda s: loopkit.with_fsdp(loopkit.with_fsdp(s)), "with_fsdp cannot wrap with_fsdp: the model is sharded once"),
+    (lambda s: loopkit.with_amp(loopkit.with_fsdp(s), dtype=torch.float16), "with_amp.float16. cannot wrap with_fsdp: float16"),
+    (lambda s: loopkit.with_fsdp(loopkit.with_amp(s, dtype=torch.float16)), "with_fsdp cannot wrap float16 with_amp"),
+    (lambda s: loopkit.with_fsdp(s, offload_policy=object()), "with_fsdp: offload_policy=: CPU offload"),
+    (lambda s: loopkit.with_fsdp(s, shard=torch.nn.Linear), "with_fsdp: shard must be a collection of module classes"),
+    (lambda s: loopkit.with_fsdp(s, shard=[len]), "with_fsdp: shard must hold torch.nn.Module subclasses"),
+])
+def test_refused_pairs_and_options_name_both(one_rank, build, message):
+    with pytest.raises(TypeError, match=message):
+        build(_step())
+
+
+def test_loading_into_a_sharded_state_is_refused_and_the_optimizer_follows_the_shards(one_rank):
+    state = fsdp.make_state("adam_sched")
+    plain = state.state_dict()
+    step = loopkit.donate(loopkit.with_fsdp(_step(), shard=fsdp.SHARD))
+    state, _ = step(state, fsdp.make_data(1)[0, 0])
+    params = list(state.model.parameters())
+    assert state.optimizer.param_groups[0]["params"] == params and all(p in state.optimizer.state for p in params)
+    with pytest.raises(TypeError, match=r"load_state_dict: this state's model is sharded \(with_fsdp\); load into an unsharded"):
+        state.load_state_dict(plain)
+
+
+def test_one_rank_equals_the_plain_step_and_carries_the_optimizer_state_over(one_rank):
+    """Sharded after two plain updates (Adam's moments in the optimizer): the moments are carried over, so
+    the sharded run of one rank equals the plain one bitwise."""
+    data = fsdp.make_data(4)
+    batches = [fsdp.global_batch(data, i) for i in range(4)]
+    plain, sharded = loopkit.donate(_step()), loopkit.donate(loopkit.with_fsdp(_step(), shard=fsdp.SHARD))
+    a = b = None
+    for which in ("plain", "sharded"):
+        state = fsdp.make_state("adam_sched")
+        for i, batch in enumerate(batches):
+            state, _ = (plain if which == "plain" or i < 2 else sharded)(state, batch)
+        if which == "plain":
+            a = state
+        else:
+            b = state
+    assert type(b.model[0].weight).__name__ == "DTensor"
+    full = b.state_dict()
+    for name, p in a.model.named_parameters():
+        assert torch.equal(full["model"][name], p.detach()), name
