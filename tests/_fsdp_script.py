@@ -13,8 +13,8 @@ rank trains on its half of every global batch of ``make_data``; the test builds 
   epoch ends in a partial group of one, which ``run_epochs`` flushes.
 - ``accum_outer``: ``with_fsdp(with_grad_accum(...))`` in a loop of one's own, 3 calls then
   ``flush``; records whether the first call left the sharded gradients unset (no reduce-scatter).
-- ``clip``: ``with_grad_clip(with_grad_norm(with_fsdp(...)), max_norm=0.05)``, Adam; records each call's
-  ``grad_norm`` and ``with_grad_norm``'s norms (of the unclipped gradients).
+- ``clip``: ``with_grad_clip(with_grad_hook(with_grad_norm(with_fsdp(...)), fn), max_norm=0.05)``, Adam; records
+  each call's ``grad_norm``, ``with_grad_norm``'s norms and the hook's (all of the unclipped gradients).
 - ``nan``: ``with_nan_guard(with_fsdp(...))``; rank 1 alone sees a NaN input at call 1.
 - ``bf16``: ``with_amp(with_fsdp(...), dtype=torch.bfloat16)``.
 - ``cut``: ``accum``'s run under ``with_checkpointing(every_n_steps=1)``, cut at ``max_steps=4``.
@@ -156,10 +156,18 @@ def clip(rank: int, out_dir: str) -> dict[str, Any]:
 
     data = make_data(4)
     step = loopkit.with_grad_norm(loopkit.with_fsdp(loopkit.train_step(mse), shard=SHARD))  # sees the unclipped
-    step = loopkit.with_grad_clip(step, max_norm=0.05)
-    state, seen = _loop(step, make_state("adam"), [data[i, rank] for i in range(len(data))])
-    return {"params": full_params(state.model), "grad_norms": [m["grad_norm"] for m in seen],
-            "norm_totals": [m["grad_2.0_norm_total"] for m in seen],
+
+    def hook(state):  # each p.grad a DTensor (this rank's shard): the sum is gathered to its whole value
+        return {"hook/norm": sum(p.grad.pow(2).sum() for p in state.model.parameters()) ** 0.5}
+
+    step = loopkit.donate(loopkit.with_grad_clip(loopkit.with_grad_hook(step, hook), max_norm=0.05))
+    state, seen, plain = make_state("adam"), [], True
+    for i in range(len(data)):
+        state, metrics = step(state, data[i, rank])
+        plain = plain and all(type(v) is torch.Tensor for v in metrics.values())  # no DTensor left for a logger
+        seen.append({k: float(v) for k, v in metrics.items()})
+    return {"plain_metrics": plain, "params": full_params(state.model), "grad_norms": [m["grad_norm"] for m in seen],
+            "norm_totals": [m["grad_2.0_norm_total"] for m in seen], "hook_norms": [m["hook/norm"] for m in seen],
             "first_norms": {k: v for k, v in seen[0].items() if k.startswith("grad_2.0_norm/")}}
 
 

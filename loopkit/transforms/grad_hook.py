@@ -15,6 +15,7 @@ from typing import Any
 import attrs
 import torch
 
+from loopkit._sharded import full, is_dtensor
 from loopkit.state import TrainState
 from loopkit.steps import GradContext, TrainStep, check_metric
 from loopkit.transforms._compose import require_train_step
@@ -50,6 +51,8 @@ class GradHook:
         if not isinstance(out, Mapping):
             raise TypeError(f"{where} returned a {type(out).__qualname__}; expected a dict of metrics or None")
         for key, value in out.items():
+            if is_dtensor(value):  # (under with_fsdp: a reduction over sharded gradients, gathered on every rank)
+                value = full(value)
             metric = check_metric(value, key, where)
             if key in ctx.metrics:
                 raise ValueError(f"{where} returned a metric named {key!r}, which the step reports already; rename it")
@@ -84,6 +87,8 @@ def with_grad_hook(step: Any, fn: HookFn) -> TrainStep:
     sees scaled gradients); inside ``with_grad_clip``, before clipping, as Lightning's hook. It must
     not replace the parameters or call the optimizer. Under ``with_ddp`` it sees the averaged
     gradients (outside accumulation) on every rank; whatever it changes must be the same on each.
+    Under ``with_fsdp`` each ``p.grad`` is a ``DTensor`` holding this rank's shard: change it in
+    place elementwise; a metric computed from it (``p.grad.norm()``) is gathered to its whole value.
 
     >>> import torch
     >>> from loopkit.state import TrainState

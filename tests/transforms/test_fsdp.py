@@ -145,6 +145,8 @@ def test_grad_clip_and_grad_norm_take_the_global_norm_over_every_shard(ranks):
     for r in range(2):
         assert clip[r]["grad_norms"] == pytest.approx(norms, rel=1e-5)
         assert clip[r]["norm_totals"] == pytest.approx(norms, rel=1e-5)  # with_grad_norm: over every shard too
+        assert clip[r]["hook_norms"] == pytest.approx(norms, rel=1e-5)  # with_grad_hook's metric: gathered
+        assert clip[r]["plain_metrics"]
     model = fsdp.make_model()
     fsdp.mse(model, fsdp.global_batch(fsdp.make_data(4), 0)).backward()
     first = {f"grad_2.0_norm/{n}": float(p.grad.norm()) for n, p in model.named_parameters()}
