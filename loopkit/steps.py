@@ -373,6 +373,9 @@ class UpdateStep(WrapperStep):
 # --- protocols the gradient-level transforms implement ------------------------------------------
 
 
+_NO_METRICS: Mapping[str, str] = types.MappingProxyType({})
+
+
 class GradContext:
     """What a gradient transform sees: the parameters with gradients, and the step's flags.
 
@@ -382,15 +385,27 @@ class GradContext:
     that decides on the host (a guard that raises) decides the same on every rank.
     """
 
-    __slots__ = ("state", "params", "metrics", "found_inf", "nonfinite", "agree")
+    __slots__ = ("state", "params", "metrics", "found_inf", "nonfinite", "agree", "taken")
 
-    def __init__(self, state: TrainState, metrics: Metrics, found_inf: Any, nonfinite: Any, agree: Any = None) -> None:
+    def __init__(
+        self, state: TrainState, metrics: Metrics, found_inf: Any, nonfinite: Any, agree: Any = None,
+        taken: Mapping[str, str] = _NO_METRICS,
+    ) -> None:
         self.state = state
         self.params = _params_with_grads(state.optimizer)
         self.metrics = metrics
         self.found_inf = found_inf
         self.nonfinite = nonfinite
         self.agree = agree
+        self.taken = taken  # the metric names the step's transforms report -> the transform (see _taken_by)
+
+    def refresh_params(self) -> None:
+        """Take the parameters with gradients anew (after code of the user's gave or took some)."""
+        self.params = _params_with_grads(self.state.optimizer)
+
+    def taken_by(self, key: str) -> str | None:
+        """The transform of the step that reports a metric named ``key``, or None."""
+        return _taken_by(key, self.taken)
 
     @property
     def grads(self) -> list[torch.Tensor]:
@@ -537,9 +552,6 @@ def _bad_result(fn: Any, out: Any) -> str:
 
 def _fn_name(fn: Any) -> str:
     return getattr(fn, "__qualname__", None) or type(fn).__qualname__
-
-
-_NO_METRICS: Mapping[str, str] = types.MappingProxyType({})
 
 
 def _taken_by(key: str, taken: Mapping[str, str]) -> str | None:
@@ -773,7 +785,8 @@ class TrainStep(Step):
             return keep_graph(_plain_update(state, optimizer, rng, self, batch), loss), metrics
         new = _advance(state, state.step, rng, state.extras)
         ctx = GradContext(
-            new, metrics, extras.pop(_FOUND_INF, None), extras.pop(_NONFINITE, None), None if sync is None else sync.agree
+            new, metrics, extras.pop(_FOUND_INF, None), extras.pop(_NONFINITE, None), None if sync is None else sync.agree,
+            self.transform_metrics,
         )
         for t in self.micro + self.update:
             t.on_loss(loss, new, ctx)
@@ -908,7 +921,9 @@ class TrainStep(Step):
             torch._foreach_mul_(grads, every / count)
         metrics: Metrics = {}
         agree = None if self.sync is None else self.sync.agree
-        ctx = GradContext(state, metrics, extras.pop(_FOUND_INF, None), extras.pop(_NONFINITE, None), agree)
+        ctx = GradContext(
+            state, metrics, extras.pop(_FOUND_INF, None), extras.pop(_NONFINITE, None), agree, self.transform_metrics
+        )
         new = self._apply_update(state, extras, metrics, ctx)
         for p in marked:  # DDP's reducer still counts them used: its next synced backward reduces their (zero) grads
             p.grad = torch.zeros_like(p)

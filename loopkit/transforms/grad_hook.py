@@ -45,17 +45,21 @@ class GradHook:
 
     def on_grads(self, ctx: GradContext) -> None:
         out = self.fn(ctx.state)
+        ctx.refresh_params()  # it may have given a parameter a gradient, or taken one away (p.grad = None)
         if out is None:
             return
         where = f"with_grad_hook's fn {_hook_name(self.fn)}"
         if not isinstance(out, Mapping):
-            raise TypeError(f"{where} returned a {type(out).__qualname__}; expected a dict of metrics or None")
+            hint = " (an in-place op such as p.grad.mul_(...) returns its tensor: end the fn with return None)" if (
+                isinstance(out, torch.Tensor)) else ""
+            raise TypeError(f"{where} returned a {type(out).__qualname__}; expected a dict of metrics or None{hint}")
         for key, value in out.items():
             if is_dtensor(value):  # (under with_fsdp: a reduction over sharded gradients, gathered on every rank)
                 value = full(value)
             metric = check_metric(value, key, where)
-            if key in ctx.metrics:
-                raise ValueError(f"{where} returned a metric named {key!r}, which the step reports already; rename it")
+            owner = "the step" if key in ctx.metrics else ctx.taken_by(key)
+            if owner is not None:
+                raise ValueError(f"{where} returned a metric named {key!r}, which {owner} reports too; rename it")
             ctx.metrics[key] = metric
 
 
@@ -76,8 +80,10 @@ def with_grad_hook(step: Any, fn: HookFn) -> TrainStep:
     """Call ``fn(state)`` once the gradients are ready, before the optimizer update: Lightning's
     ``on_before_optimizer_step`` (outside ``with_grad_accum``) and ``on_after_backward`` (inside it).
 
-    ``fn`` reads ``p.grad`` of ``state.model``'s parameters, may change them in place (the update
-    uses what it leaves), and returns ``None`` or a dict of metrics (0-dim tensors or numbers: keep
+    ``fn`` reads ``p.grad`` of ``state.model``'s parameters, may change them in place or set them
+    (``p.grad = None`` leaves a parameter out of this update; a gradient given to a parameter
+    without one takes part in it): the transforms after it and the update use what it leaves. It
+    returns ``None`` or a dict of metrics, named apart from the step's other metrics (0-dim tensors or numbers: keep
     them tensors, reading one on the host syncs the device), reported with the step's metrics
     (``with_logging`` logs them as ``train/<name>``). ``state.step`` is the number of updates
     before this one, as Lightning's ``global_step`` in its hook. Where it runs follows the nesting,
@@ -85,7 +91,8 @@ def with_grad_hook(step: Any, fn: HookFn) -> TrainStep:
     gradient; inside it, on each micro-batch's own gradient (Lightning's ``on_after_backward`` sees
     the running sum); under float16 ``with_amp``, after unscaling (Lightning's ``on_after_backward``
     sees scaled gradients); inside ``with_grad_clip``, before clipping, as Lightning's hook. It must
-    not replace the parameters or call the optimizer. Under ``with_ddp`` it sees the averaged
+    not replace the parameters or call the optimizer. A guard sees what the hook leaves only from
+    outside it: ``with_nan_guard(with_grad_hook(step, fn))``. Under ``with_ddp`` it sees the averaged
     gradients (outside accumulation) on every rank; whatever it changes must be the same on each.
     Under ``with_fsdp`` each ``p.grad`` is a ``DTensor`` holding this rank's shard: change it in
     place elementwise; a metric computed from it (``p.grad.norm()``) is gathered to its whole value.

@@ -183,7 +183,7 @@ def test_bad_hooks_are_named(make_mlp, make_batches, mse_loss):
     def gives_loss(state):
         return {"loss": 1.0}
 
-    with pytest.raises(ValueError, match="with_grad_hook's fn .*gives_loss returned a metric named 'loss', which the step reports already"):
+    with pytest.raises(ValueError, match="with_grad_hook's fn .*gives_loss returned a metric named 'loss', which the step reports too"):
         loopkit.with_grad_hook(loopkit.train_step(mse_loss), gives_loss)(state, batch)
 
     def gives_list(state):
@@ -191,9 +191,128 @@ def test_bad_hooks_are_named(make_mlp, make_batches, mse_loss):
 
     with pytest.raises(TypeError, match="with_grad_hook's fn .*gives_list returned a list; expected a dict of metrics or None"):
         loopkit.with_grad_hook(loopkit.train_step(mse_loss), gives_list)(state, batch)
+    with pytest.raises(TypeError, match="returned a Tensor; expected a dict of metrics or None .an in-place op"):
+        loopkit.with_grad_hook(loopkit.train_step(mse_loss), lambda s: s.model[0].weight.grad.mul_(0.5))(state, batch)
 
     def gives_text(state):
         return {"note": "high"}
 
     with pytest.raises(TypeError, match="metric 'note' from with_grad_hook's fn .*gives_text is a str"):
         loopkit.with_grad_hook(loopkit.train_step(mse_loss), gives_text)(state, batch)
+
+
+@pytest.mark.parametrize(
+    ("outer", "owner"),
+    [
+        (lambda s: loopkit.with_grad_clip(s, max_norm=1.0), "with_grad_clip"),
+        (lambda s: loopkit.with_nan_guard(s), "with_nan_guard"),
+        (lambda s: loopkit.with_amp(s, dtype=torch.float16), "with_amp"),
+    ],
+)
+def test_a_metric_name_a_transform_outside_it_reports_is_refused(outer, owner, make_mlp, make_batches, mse_loss):
+    """(Those transforms write their metric after the hook: the hook's value would be lost without a word.)"""
+    name = {"with_grad_clip": "grad_norm", "with_nan_guard": "nan_guard/skipped", "with_amp": "amp/skipped"}[owner]
+    model = make_mlp(0)
+    state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    step = outer(loopkit.with_grad_hook(loopkit.train_step(mse_loss), lambda s: {name: 1.0}))
+    with pytest.raises(ValueError, match=f"returned a metric named '{name}', which {owner} reports too"):
+        step(state, make_batches(1)[0])
+
+
+class _WithUnused(torch.nn.Module):
+    """A layer, and a parameter no forward uses: no gradient until a hook gives it one."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layer = torch.nn.Linear(4, 2)
+        self.unused = torch.nn.Parameter(torch.ones(3))
+
+    def forward(self, x):
+        return self.layer(x)
+
+
+def _pull(state):  # an L2 pull on every parameter: gives `unused` a gradient where it had none
+    for p in state.model.parameters():
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        p.grad.add_(p.detach(), alpha=0.5)
+
+
+def _raw_pulled(data, loss_fn, every=1, clip=None):
+    model = _WithUnused()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    total = None
+    for k, batch in enumerate(data, start=1):
+        opt.zero_grad()
+        loss_fn(model, batch).backward()
+        _pull(type("State", (), {"model": model})())
+        shares = [p.grad / every for p in model.parameters()]
+        total = shares if total is None else [t + s for t, s in zip(total, shares)]
+        if k % every == 0:
+            for p, g in zip(model.parameters(), total):
+                p.grad = g
+            if clip is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            opt.step()
+            total = None
+    return model
+
+
+@pytest.mark.parametrize(
+    ("build", "every", "clip"),
+    [
+        (lambda s: loopkit.with_grad_clip(loopkit.with_grad_hook(s, _pull), max_norm=0.1), 1, 0.1),
+        (lambda s: loopkit.with_grad_accum(loopkit.with_grad_hook(s, _pull), every=2), 2, None),
+    ],
+    ids=["clip_after_it", "inside_accumulation"],
+)
+def test_a_gradient_the_hook_gives_is_clipped_and_shared_as_the_others(build, every, clip, make_batches, mse_loss):
+    data = make_batches(4, d_out=2)
+    reference = _raw_pulled(data, mse_loss, every, clip)
+    model = _WithUnused()
+    state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    step = build(loopkit.train_step(mse_loss))
+    for batch in data:
+        state, _ = step(state, batch)
+    for a, b in zip(state.model.parameters(), reference.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert not torch.equal(state.model.unused, torch.ones(3))
+
+
+def test_a_guard_outside_it_sees_a_non_finite_gradient_it_gives(make_batches, mse_loss):
+    model = _WithUnused()
+    state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+
+    def poison(state):
+        state.model.unused.grad = torch.full((3,), float("nan"))
+
+    step = loopkit.with_nan_guard(loopkit.with_grad_hook(loopkit.train_step(mse_loss), poison))
+    state, metrics = step(state, make_batches(1)[0])
+    assert float(metrics["nan_guard/skipped"]) == 1.0 and state.step == 0
+    assert torch.equal(state.model.unused, torch.ones(3))
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda s, fn: loopkit.with_grad_accum(loopkit.with_grad_hook(s, fn), every=2),
+        lambda s, fn: loopkit.with_nan_guard(loopkit.with_grad_hook(s, fn)),
+        lambda s, fn: loopkit.with_grad_clip(loopkit.with_grad_hook(loopkit.with_grad_accum(s, every=2), fn), max_norm=0.1),
+    ],
+    ids=["inside_accumulation", "guard_outside", "outside_accumulation_clip_outside"],
+)
+def test_a_gradient_the_hook_takes_away_leaves_that_parameter_out_of_the_update(build, make_mlp, make_batches, mse_loss):
+    """p.grad = None, the usual way to hold a parameter still for one update (torch's optimizers skip it)."""
+    model = make_mlp(0)
+    state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    bias, weight = model[2].bias.detach().clone(), model[2].weight.detach().clone()
+
+    def hold_bias(state):
+        state.model[2].bias.grad = None
+
+    step = build(loopkit.train_step(mse_loss), hold_bias)
+    for batch in make_batches(4):
+        state, _ = step(state, batch)
+    assert state.step == (4 if "guard" in step.applied[-1] else 2)
+    assert torch.equal(state.model[2].bias, bias) and not torch.equal(state.model[2].weight, weight)
