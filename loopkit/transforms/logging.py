@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -141,7 +142,7 @@ class LoggingStep(WrapperStep):
             scalars = _epoch_scalars(metrics)
         elif event in ("fit_end", "abort"):  # on abort, what was logged is flushed and closed
             for logger in self.loggers:
-                logger.finalize()
+                _finalize(logger, "failed" if event == "abort" else "success")
             return
         else:
             return
@@ -177,6 +178,20 @@ class _ModelWatch:
     def after(self, new: TrainState) -> None:
         if self.due and new.step == self.step:
             self.log(new.model)
+
+
+def _finalize(logger: Any, status: str) -> None:
+    """``logger.finalize(status)`` when it takes a status (Lightning's protocol, :class:`loopkit.Logger`'s), else
+    ``logger.finalize()`` (a logger of one's own may take none)."""
+    if status != "success":
+        try:
+            inspect.signature(logger.finalize).bind(status)
+        except (TypeError, ValueError):  # (no room for a status; a builtin without a signature)
+            pass
+        else:
+            logger.finalize(status)
+            return
+    logger.finalize()
 
 
 def _shares(follower: Any, leader: Any) -> bool:
