@@ -12,14 +12,9 @@ Both are optional extras, imported only when a logger is made: ``pip install 'lo
 later fit resumes from (the file loggers do: see :meth:`loopkit.RunDirLogger.resume_at`): a resumed
 run shows both the crashed run's records after that step and the resumed run's, as with Lightning.
 
->>> import tempfile
->>> tmp = tempfile.TemporaryDirectory()
->>> logger = MLFlowLogger("demo", save_dir=tmp.name)
->>> logger.log_metrics({"train/loss": 0.5}, step=10)
->>> logger.finalize()
->>> [(m.step, m.value) for m in logger.experiment.get_metric_history(logger.run_id, "train/loss")]
-[(10, 0.5)]
->>> tmp.cleanup()
+>>> logger = WandbLogger(project="demo", offline=True)  # nothing is started yet: no run, no folder
+>>> logger.version, logger.name
+(None, 'demo')
 """
 
 from __future__ import annotations

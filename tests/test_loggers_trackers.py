@@ -15,9 +15,11 @@ import glob
 import importlib.util
 import json
 import os
+import shutil
 import struct
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -93,15 +95,26 @@ def _key(item):
     return "/".join(item.nested_key) if item.nested_key else item.key
 
 
+def finished_log(folder, timeout=30.0):
+    """The records of the run folder's transaction log once they end with the exit record: ``run.finish()`` returns
+    when wandb's service has the exit record, and the service writes the file a moment later."""
+    (path,) = glob.glob(os.path.join(folder, "run-*.wandb"))
+    deadline = time.monotonic() + timeout
+    while True:
+        records = wandb_records(path) if os.path.getsize(path) >= 7 else []
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.05)
+
+
 def wandb_runs(save_dir):
     """Each offline run folder under ``save_dir/wandb``, oldest first: ``{"id", "rows", "config", "exit_code",
-    "metrics"}``; ``rows`` holds each history row as ``{key: value}`` (``_step``, ``trainer/global_step`` and the
-    metrics; wandb's ``_runtime`` and ``_timestamp`` left out)."""
+    "metrics", "summary"}``; ``rows`` holds each history row as ``{key: value}`` (``_step``, ``trainer/global_step``
+    and the metrics; wandb's ``_runtime`` and ``_timestamp`` left out)."""
     runs = []
     for folder in sorted(glob.glob(os.path.join(save_dir, "wandb", "offline-run-*"))):  # (a resumed id: -1, -2 after)
-        (path,) = glob.glob(os.path.join(folder, "run-*.wandb"))
         run = {"id": None, "rows": [], "config": {}, "exit_code": None, "metrics": [], "summary": {}}
-        for record in wandb_records(path):
+        for record in finished_log(folder):
             kind = record.WhichOneof("record_type")
             if kind == "run":
                 run["id"] = record.run.run_id
@@ -236,8 +249,10 @@ def merged_by_step(records):
 
 
 @pytest.fixture(scope="module")
-def mlflow_fit(tmp_path_factory):
+def mlflow_fit(tmp_path_factory, _mlflow_template):
     root = tmp_path_factory.mktemp("mlflow_fit")
+    os.makedirs(root / "m")
+    shutil.copyfile(_mlflow_template, root / "m" / "mlflow.db")  # (see the mlflow_dir fixture)
     logger = MLFlowLogger("loopkit-tests", run_name="fit", save_dir=root / "m", tags={"team": "x"})
     logger.log_hparams(HPARAMS)
     _, rows = fit(logger, root)
@@ -261,7 +276,7 @@ def test_mlflow_params_are_the_flattened_hparams_as_text_and_the_run_is_finished
     assert experiment.artifact_location.endswith(os.path.join("m", "artifacts"))
 
 
-def test_mlflow_a_failed_fit_is_marked_failed_and_run_id_continues_the_run(tmp_path):
+def test_mlflow_a_failed_fit_is_marked_failed_and_run_id_continues_the_run(tmp_path, mlflow_dir):
     def crashing(model, batch):
         if crashing.calls == 2:
             raise RuntimeError("boom")
@@ -269,7 +284,7 @@ def test_mlflow_a_failed_fit_is_marked_failed_and_run_id_continues_the_run(tmp_p
         return loss_with_mae(model, batch)
 
     crashing.calls = 0
-    logger = MLFlowLogger(save_dir=tmp_path)
+    logger = MLFlowLogger(save_dir=mlflow_dir(tmp_path))
     step = with_logging(train_step(crashing), logger, every_n_steps=1)
     with pytest.raises(RuntimeError, match="boom"):
         run_epochs(step, sgd_state(tiny_mlp()), synthetic_batches(5), epochs=1, progress=False)
@@ -291,8 +306,8 @@ def test_mlflow_a_failed_fit_is_marked_failed_and_run_id_continues_the_run(tmp_p
     assert client.get_run(logger.run_id).info.status == "FINISHED"
 
 
-def test_mlflow_names_it_would_refuse_are_cleaned_as_lightning_does_and_clashes_refused(tmp_path):
-    logger = MLFlowLogger(save_dir=tmp_path)
+def test_mlflow_names_it_would_refuse_are_cleaned_as_lightning_does_and_clashes_refused(tmp_path, mlflow_dir):
+    logger = MLFlowLogger(save_dir=mlflow_dir(tmp_path))
     with pytest.warns(RuntimeWarning, match="'val/acc@1' is logged as 'val/acc1'"):
         logger.log_metrics({"val/acc@1": 0.5}, step=1)
     with pytest.raises(ValueError, match="'val/acc1' and 'val/acc@1' would both be written as 'val/acc1'"):
@@ -301,10 +316,10 @@ def test_mlflow_names_it_would_refuse_are_cleaned_as_lightning_does_and_clashes_
     assert [m.value for m in logger.experiment.get_metric_history(logger.run_id, "val/acc1")] == [0.5]
 
 
-def test_mlflow_long_params_are_cut_at_mlflows_limit_and_many_go_in_batches(tmp_path):
+def test_mlflow_long_params_are_cut_at_mlflows_limit_and_many_go_in_batches(tmp_path, mlflow_dir):
     from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
-    logger = MLFlowLogger(save_dir=tmp_path, prefix="fold0")
+    logger = MLFlowLogger(save_dir=mlflow_dir(tmp_path), prefix="fold0")
     logger.log_hparams({"long": "x" * (MAX_PARAM_VAL_LENGTH + 10), **{f"p{i}": i for i in range(150)}},
                        metrics={"val/acc": 0.5})
     logger.finalize()
