@@ -328,6 +328,18 @@ def test_mlflow_long_params_are_cut_at_mlflows_limit_and_many_go_in_batches(tmp_
     assert run.data.metrics == {"fold0-val/acc": 0.5}  # the prefix, joined with '-' as Lightning's
 
 
+def test_mlflow_asynchronous_logging_is_flushed_by_finalize_and_logging_again_reopens_it(tmp_path, mlflow_dir):
+    logger = MLFlowLogger(save_dir=mlflow_dir(tmp_path), synchronous=False)
+    for step in (1, 2):
+        logger.log_metrics({"train/loss": 1 / step}, step)
+    logger.finalize()
+    logger.log_metrics({"train/loss": 0.25}, 4)
+    logger.finalize()
+    history = logger.experiment.get_metric_history(logger.run_id, "train/loss")
+    assert [(m.step, m.value) for m in history] == [(1, 1.0), (2, 0.5), (4, 0.25)]
+    assert logger.experiment.get_run(logger.run_id).info.status == "FINISHED"
+
+
 # --- both --------------------------------------------------------------------------------------------
 
 

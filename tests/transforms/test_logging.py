@@ -698,3 +698,46 @@ def test_a_failed_write_at_a_log_point_leaves_that_update_whole(make_mlp, make_b
     assert left is not None and (left.step, left.epoch, left.batch_index) == (10, 1, 2)
     resumed, _ = run_epochs(train_step(mse_loss), left, data, epochs=2, progress=False)
     assert all(torch.equal(a, b) for a, b in zip(resumed.model.parameters(), whole.model.parameters(), strict=True))
+
+
+def test_an_error_out_of_the_fit_finalizes_with_failed_the_loggers_that_take_a_status(make_mlp, make_batches, make_sgd_state):
+    """Lightning's protocol: ``finalize("failed")`` when an error leaves the fit (an MLflow run is then marked
+    FAILED); a logger of one's own whose ``finalize`` takes no status is finalized as before."""
+
+    class Statuses(MemoryLogger):
+        def __init__(self):
+            super().__init__()
+            self.statuses = []
+
+        def finalize(self, status="success"):
+            self.statuses.append(status)
+            super().finalize(status)
+
+    class Plain:
+        def __init__(self):
+            self.finalized = 0
+
+        def log_metrics(self, metrics, step):
+            pass
+
+        def log_hparams(self, hparams, metrics=None):
+            pass
+
+        def finalize(self):
+            self.finalized += 1
+
+    def failing(model, batch):
+        if failing.calls == 2:
+            raise RuntimeError("boom")
+        failing.calls += 1
+        return loss_with_mae(model, batch)
+
+    for fn, expected in ((loss_with_mae, "success"), (failing, "failed")):
+        failing.calls = 0
+        statuses, plain = Statuses(), Plain()
+        step = with_logging(train_step(fn), statuses, plain, every_n_steps=1)
+        try:
+            run_epochs(step, make_sgd_state(make_mlp()), make_batches(4), epochs=1, progress=False)
+        except RuntimeError as error:
+            assert str(error) == "boom" and expected == "failed"
+        assert statuses.statuses == [expected] and statuses.finalized == 1 and plain.finalized == 1
