@@ -95,7 +95,8 @@ class WandbLogger(Logger):
     run's own ``_step`` only counts rows, so a resumed run's rows are never refused for a lower step.
     :meth:`log_hparams` updates ``run.config`` (nested dicts kept nested, numpy and 0-dim tensor
     numbers as numbers), and its ``metrics`` the run's summary. :meth:`finalize` finishes the run
-    (``exit_code=1`` when the fit failed); writing again resumes the same run id. A run given
+    (``exit_code=1`` when the fit failed; wandb's service writes the last records of an offline
+    run's ``.wandb`` file a moment after it returns); writing again resumes the same run id. A run given
     ``id=`` (or ``version=``) of an earlier one continues it (``resume="allow"``): the rows that run
     logged after the checkpoint stay (wandb cannot drop them; Lightning does not either).
 
@@ -201,10 +202,10 @@ class WandbLogger(Logger):
             self._owned = False
             run = wandb.run
         else:
-            settings = dict(self._init, id=self._run_id or self._init.get("id"))
-            if settings.get("dir") is not None:
-                os.makedirs(settings["dir"], exist_ok=True)
-            run = wandb.init(**settings)
+            kwargs = dict(self._init, id=self._run_id or self._init.get("id"))  # (after finalize: the same run)
+            if kwargs.get("dir") is not None:
+                os.makedirs(kwargs["dir"], exist_ok=True)
+            run = wandb.init(**kwargs)
             self._owned = True
         self._run_id = run.id
         if callable(getattr(run, "define_metric", None)):
