@@ -14,6 +14,7 @@ from loopkit.checkpoint import export_weights, restore
 from loopkit.driver import evaluate, predict, run_epochs
 from loopkit.errors import CheckpointCorruptError, DonatedStateError, ImpurityError, NonFiniteError, StateMismatchError
 from loopkit.loggers import ConsoleLogger, CSVLogger, JSONLLogger, Logger, TensorBoardLogger
+from loopkit.trackers import MLFlowLogger, WandbLogger  # (wandb and mlflow are imported only when a logger starts)
 from loopkit.rng import seed_everything
 from loopkit.state import TrainState, state_at_error
 from loopkit.steps import EvalStep, Step, TrainStep, donate, eval_step, train_step
@@ -53,6 +54,7 @@ __all__ = [
     "LRFinderResult",
     "LearningRateMonitor",
     "Logger",
+    "MLFlowLogger",
     "ModelSummary",
     "NonFiniteError",
     "StateMismatchError",
@@ -61,6 +63,7 @@ __all__ = [
     "Timer",
     "TrainState",
     "TrainStep",
+    "WandbLogger",
     "check_purity",
     "distributed",
     "ensemble",

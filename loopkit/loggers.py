@@ -188,10 +188,20 @@ class Logger:
         if is_rank_zero():
             self._write_hparams(plain, final)
 
-    def finalize(self) -> None:
-        """Flush and close whatever is open; logging again afterwards reopens it."""
+    def finalize(self, status: str = "success") -> None:
+        """Flush and close whatever is open; logging again afterwards reopens it.
+
+        ``status`` (Lightning's): ``"success"``, or ``"failed"``, which :func:`loopkit.with_logging`
+        gives when an error leaves ``run_epochs`` (an MLflow run is then marked ``FAILED``); the file
+        loggers close alike either way.
+
+        >>> ConsoleLogger().finalize("failed")
+        """
+        if status not in _STATUSES:
+            raise ValueError(f"{type(self).__name__}.finalize: status must be one of {', '.join(map(repr, _STATUSES))}, "
+                             f"got {status!r}")
         if is_rank_zero():
-            self._finalize()
+            self._end(status)
 
     def _write_metrics(self, metrics: dict[str, float], step: int) -> None:
         raise NotImplementedError
@@ -201,6 +211,14 @@ class Logger:
 
     def _finalize(self) -> None:
         pass
+
+    def _end(self, status: str) -> None:
+        """:meth:`finalize` on rank 0; loggers that tell a failed run from a finished one override it."""
+        self._finalize()
+
+
+#: the statuses :meth:`Logger.finalize` takes (Lightning's; "finished": stopped by a signal, as success)
+_STATUSES = ("success", "failed", "finished")
 
 
 def _check_root(root: str, who: str) -> None:

@@ -8,6 +8,8 @@ and is also exposed as a fixture of the same purpose (fixtures are the way to us
 from __future__ import annotations
 
 import io
+import os
+import shutil
 from collections.abc import Mapping
 from typing import Any
 
@@ -269,3 +271,26 @@ def conversions(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
 
         monkeypatch.setattr(torch.Tensor, name, wrapper)
     return counts
+
+
+@pytest.fixture(scope="session")
+def _mlflow_template(tmp_path_factory):
+    """An empty MLflow SQLite store, made once: creating one runs MLflow's schema migrations (seconds)."""
+    from mlflow.tracking import MlflowClient
+
+    folder = tmp_path_factory.mktemp("mlflow_template")
+    MlflowClient(f"sqlite:///{folder / 'mlflow.db'}").search_experiments()
+    return folder / "mlflow.db"
+
+
+@pytest.fixture
+def mlflow_dir(_mlflow_template):
+    """``mlflow_dir(path)``: ``path`` made a fresh, empty MLflow store (``path/mlflow.db``, copied from a template
+    made once a session) and returned: the ``save_dir`` of an ``MLFlowLogger`` that starts at once."""
+
+    def fresh(path):
+        os.makedirs(path, exist_ok=True)
+        shutil.copyfile(_mlflow_template, os.path.join(path, "mlflow.db"))
+        return path
+
+    return fresh

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -141,7 +142,7 @@ class LoggingStep(WrapperStep):
             scalars = _epoch_scalars(metrics)
         elif event in ("fit_end", "abort"):  # on abort, what was logged is flushed and closed
             for logger in self.loggers:
-                logger.finalize()
+                _finalize(logger, "failed" if event == "abort" else "success")
             return
         else:
             return
@@ -177,6 +178,20 @@ class _ModelWatch:
     def after(self, new: TrainState) -> None:
         if self.due and new.step == self.step:
             self.log(new.model)
+
+
+def _finalize(logger: Any, status: str) -> None:
+    """``logger.finalize(status)`` when it takes a status (Lightning's protocol, :class:`loopkit.Logger`'s), else
+    ``logger.finalize()`` (a logger of one's own may take none)."""
+    if status != "success":
+        try:
+            inspect.signature(logger.finalize).bind(status)
+        except (TypeError, ValueError):  # (no room for a status; a builtin without a signature)
+            pass
+        else:
+            logger.finalize(status)
+            return
+    logger.finalize()
 
 
 def _shares(follower: Any, leader: Any) -> bool:
@@ -219,8 +234,9 @@ def with_logging(step: Any, *loggers: Any, every_n_steps: int = 50) -> LoggingSt
     calls since the last log (under ``with_grad_accum`` a window is n updates), at the global
     step. The ``run_epochs`` events add each validation's ``val/m`` means, and at the end of
     each epoch ``train/m_epoch`` (the epoch means), ``epoch`` and the callbacks' extras; at the
-    end of the fit every logger is finalized (call ``finalize()`` yourself in a loop of your
-    own). Sanity validation is never logged. A custom step is logged per window only if it
+    end of the fit every logger is finalized (``finalize("failed")`` when an error leaves the fit,
+    for loggers whose ``finalize`` takes a status, as Lightning's do; call ``finalize()`` yourself
+    in a loop of your own). Sanity validation is never logged. A custom step is logged per window only if it
     advances ``state.step``. Loggers with ``wants_model``/``log_model``
     (``TensorBoardLogger(histogram_every_n_steps=m)``) get the model when due, from the
     optimizer's step pre-hook; loggers of one root and name share one ``version_N`` folder.

@@ -17,7 +17,9 @@ from loopkit import (
     CSVLogger,
     JSONLLogger,
     Logger,
+    MLFlowLogger,
     TensorBoardLogger,
+    WandbLogger,
     eval_step,
     run_epochs,
     train_step,
@@ -272,7 +274,7 @@ def test_two_runs_land_in_version_0_and_version_1(tmp_path, make_mlp, make_batch
     assert csv_series(version_0, "train/loss") != csv_series(tmp_path / "exp" / "version_1", "train/loss")
 
 
-def _run_with_sanity_validation(root, val_every_n_epochs, make_mlp, make_batches, make_sgd_state):
+def _run_with_sanity_validation(root, val_every_n_epochs, make_mlp, make_batches, make_sgd_state, mlflow_dir):
     validations = []
 
     def counted_mse(model, batch):
@@ -281,20 +283,32 @@ def _run_with_sanity_validation(root, val_every_n_epochs, make_mlp, make_batches
 
     os.makedirs(root)
     console = os.path.join(root, "console.txt")
+    trackers = (WandbLogger(save_dir=os.path.join(root, "wandb"), offline=True),
+                MLFlowLogger(save_dir=mlflow_dir(os.path.join(root, "mlflow"))))
     with open(console, "w") as stream:
         loggers = (TensorBoardLogger(root), CSVLogger(root), JSONLLogger(root), ConsoleLogger(stream=stream))
-        step = with_logging(train_step(loss_with_mae), *loggers, every_n_steps=1)
+        step = with_logging(train_step(loss_with_mae), *loggers, *trackers, every_n_steps=1)
         run_epochs(
             step, make_sgd_state(make_mlp()), make_batches(3), epochs=1, sanity_val_batches=2,
             val=(eval_step(counted_mse), make_batches(2, seed=5)), val_every_n_epochs=val_every_n_epochs,
             progress=False,
         )
-    return len(validations), loggers[0].log_dir, console
+    return len(validations), loggers[0].log_dir, console, _tracked_names(*trackers)
 
 
-def test_sanity_validation_leaves_no_trace_in_any_logger(tmp_path, make_mlp, make_batches, make_sgd_state):
+def _tracked_names(wandb_logger, mlflow_logger):
+    """The metric names each tracker's run holds, read back (wandb's offline transaction log, MLflow's store)."""
+    from tests.test_loggers_trackers import wandb_runs
+
+    (run,) = wandb_runs(wandb_logger.save_dir)
+    in_wandb = set().union(*run["rows"]) - {"_step", "trainer/global_step"}
+    in_mlflow = set(mlflow_logger.experiment.get_run(mlflow_logger.run_id).data.metrics)
+    return in_wandb, in_mlflow
+
+
+def test_sanity_validation_leaves_no_trace_in_any_logger(tmp_path, make_mlp, make_batches, make_sgd_state, mlflow_dir):
     # one epoch, validation every 2nd epoch: the only validation that runs is the sanity check
-    ran, log_dir, console = _run_with_sanity_validation(tmp_path / "a", 2, make_mlp, make_batches, make_sgd_state)
+    ran, log_dir, console, tracked = _run_with_sanity_validation(tmp_path / "a", 2, make_mlp, make_batches, make_sgd_state, mlflow_dir)
     assert ran == 2  # the sanity check did run its two batches
     files = [os.path.join(log_dir, f) for f in os.listdir(log_dir)] + [console]
     assert len(files) == 4  # event file, metrics.csv, metrics.jsonl, console output
@@ -303,11 +317,15 @@ def test_sanity_validation_leaves_no_trace_in_any_logger(tmp_path, make_mlp, mak
         assert b"train/loss" in content, path  # each logger did write
         assert b"val" not in content, path
     assert "val/mse" not in EventAccumulator(log_dir).Reload().Tags()["scalars"]
+    for names in tracked:  # wandb's run, MLflow's run
+        assert "train/loss" in names and not any(name.startswith("val") for name in names), names
     # the control: a real validation is found by the same checks
-    ran, log_dir, console = _run_with_sanity_validation(tmp_path / "b", 1, make_mlp, make_batches, make_sgd_state)
+    ran, log_dir, console, tracked = _run_with_sanity_validation(tmp_path / "b", 1, make_mlp, make_batches, make_sgd_state, mlflow_dir)
     assert ran == 4
     for path in [os.path.join(log_dir, f) for f in os.listdir(log_dir)] + [console]:
         assert b"val/mse" in open(path, "rb").read(), path
+    for names in tracked:
+        assert "val/mse" in names, names
 
 
 def test_hparams_are_written_with_the_final_metrics(tmp_path, make_mlp, make_batches, make_sgd_state):
@@ -680,3 +698,46 @@ def test_a_failed_write_at_a_log_point_leaves_that_update_whole(make_mlp, make_b
     assert left is not None and (left.step, left.epoch, left.batch_index) == (10, 1, 2)
     resumed, _ = run_epochs(train_step(mse_loss), left, data, epochs=2, progress=False)
     assert all(torch.equal(a, b) for a, b in zip(resumed.model.parameters(), whole.model.parameters(), strict=True))
+
+
+def test_an_error_out_of_the_fit_finalizes_with_failed_the_loggers_that_take_a_status(make_mlp, make_batches, make_sgd_state):
+    """Lightning's protocol: ``finalize("failed")`` when an error leaves the fit (an MLflow run is then marked
+    FAILED); a logger of one's own whose ``finalize`` takes no status is finalized as before."""
+
+    class Statuses(MemoryLogger):
+        def __init__(self):
+            super().__init__()
+            self.statuses = []
+
+        def finalize(self, status="success"):
+            self.statuses.append(status)
+            super().finalize(status)
+
+    class Plain:
+        def __init__(self):
+            self.finalized = 0
+
+        def log_metrics(self, metrics, step):
+            pass
+
+        def log_hparams(self, hparams, metrics=None):
+            pass
+
+        def finalize(self):
+            self.finalized += 1
+
+    def failing(model, batch):
+        if failing.calls == 2:
+            raise RuntimeError("boom")
+        failing.calls += 1
+        return loss_with_mae(model, batch)
+
+    for fn, expected in ((loss_with_mae, "success"), (failing, "failed")):
+        failing.calls = 0
+        statuses, plain = Statuses(), Plain()
+        step = with_logging(train_step(fn), statuses, plain, every_n_steps=1)
+        try:
+            run_epochs(step, make_sgd_state(make_mlp()), make_batches(4), epochs=1, progress=False)
+        except RuntimeError as error:
+            assert str(error) == "boom" and expected == "failed"
+        assert statuses.statuses == [expected] and statuses.finalized == 1 and plain.finalized == 1

@@ -1,0 +1,485 @@
+"""Experiment trackers as loggers: :class:`WandbLogger` (Weights & Biases) and :class:`MLFlowLogger` (MLflow).
+
+They follow the :class:`loopkit.Logger` protocol, so :func:`loopkit.with_logging` writes to them as
+to the file loggers: the window means at each log point (``train/m``), each validation's ``val/m``,
+each epoch's ``train/m_epoch`` and ``epoch``; only rank 0 writes under ``torch.distributed``. Each
+starts its run lazily, at its first write on rank 0 (or when :attr:`experiment` is first read), and
+ends it at ``finalize()`` (``run_epochs`` calls it as the fit ends: ``"success"``, or ``"failed"``
+when an error leaves the fit). The arguments mirror Lightning 2.6's loggers of the same names.
+
+Both are optional extras, imported only when a logger is made: ``pip install 'loopkit[wandb]'``,
+``pip install 'loopkit[mlflow]'``. Neither can drop what a run recorded after a checkpoint that a
+later fit resumes from (the file loggers do: see :meth:`loopkit.RunDirLogger.resume_at`): a resumed
+run shows both the crashed run's records after that step and the resumed run's, as with Lightning.
+
+>>> logger = WandbLogger(project="demo", offline=True)  # nothing is started yet: no run, no folder
+>>> logger.version, logger.name
+(None, 'demo')
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import time
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+from loopkit.loggers import Logger, is_rank_zero
+
+__all__ = ["MLFlowLogger", "WandbLogger"]
+
+#: the characters Lightning's MLFlowLogger keeps in a metric name (MLflow refuses most others)
+_MLFLOW_NAME_DROPS = re.compile(r"[^a-zA-Z0-9_/. -]+")
+
+
+def _require(module: str, extra: str, who: str) -> None:
+    """Refuse now, naming the extra to install, when ``module`` is not installed (it is imported only when used)."""
+    if importlib.util.find_spec(module) is None:
+        raise ImportError(
+            f"{who} needs the {module} package, an optional extra: pip install 'loopkit[{extra}]' "
+            f"(or pip install {'mlflow-skinny' if extra == 'mlflow' else extra})"
+        )
+
+
+def _refuse_log_model(log_model: Any, who: str) -> None:
+    if log_model:
+        raise ValueError(
+            f"{who}: log_model={log_model!r} is not supported (Lightning uploads its ModelCheckpoint files; loopkit "
+            "has with_checkpointing): upload a checkpoint yourself through logger.experiment, or pass log_model=False"
+        )
+
+
+def _check_prefix(prefix: Any, who: str) -> str:
+    if not isinstance(prefix, str):
+        raise TypeError(f"{who}: prefix must be a string, got {type(prefix).__qualname__}")
+    return prefix
+
+
+def _prefixed(metrics: Mapping[str, float], prefix: str) -> dict[str, float]:
+    """``metrics`` with ``prefix-`` before each name (Lightning's ``prefix``, joined with ``-``)."""
+    return {f"{prefix}-{k}": v for k, v in metrics.items()} if prefix else dict(metrics)
+
+
+class _Inert:
+    """:attr:`experiment` on ranks other than 0 (Lightning's ``DummyExperiment``): every attribute, call and
+    item is itself, so ``logger.experiment.log(...)`` on every rank writes on rank 0 only.
+
+    >>> _Inert().log({"x": 1}).config["lr"]  # doctest: +ELLIPSIS
+    <loopkit.trackers._Inert object at ...>
+    """
+
+    def __getattr__(self, name: str) -> Any:
+        return self
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self
+
+    def __getitem__(self, key: Any) -> Any:
+        return self
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        pass
+
+
+class WandbLogger(Logger):
+    """Writes to a Weights & Biases run, as Lightning's ``WandbLogger`` does.
+
+    The run starts at the first write on rank 0 (``wandb.init(project=, name=, dir=save_dir, id=,
+    resume="allow", **init_kwargs)``), or when :attr:`experiment` is read; ``offline=True`` runs it
+    offline (``wandb sync`` uploads it later). Each :meth:`log_metrics` is one ``run.log`` row
+    holding the metrics and ``trainer/global_step``, the step, which every metric is plotted
+    against (``define_metric("*", step_metric="trainer/global_step")``): what Lightning writes. The
+    run's own ``_step`` only counts rows, so a resumed run's rows are never refused for a lower step.
+    :meth:`log_hparams` updates ``run.config`` (nested dicts kept nested, numpy and 0-dim tensor
+    numbers as numbers), and its ``metrics`` the run's summary. :meth:`finalize` finishes the run
+    (``exit_code=1`` when the fit failed; wandb's service writes the last records of an offline
+    run's ``.wandb`` file a moment after it returns); writing again resumes the same run id. A run given
+    ``id=`` (or ``version=``) of an earlier one continues it (``resume="allow"``): the rows that run
+    logged after the checkpoint stay (wandb cannot drop them; Lightning does not either).
+
+    >>> import tempfile
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> logger = WandbLogger(project="demo", save_dir=tmp.name, offline=True)
+    >>> logger.log_hparams({"lr": 0.1, "model": {"width": 8}})
+    >>> logger.log_metrics({"train/loss": 0.5}, step=10)
+    >>> dict(logger.experiment.config)
+    {'lr': 0.1, 'model': {'width': 8}}
+    >>> logger.finalize()
+    >>> tmp.cleanup()
+    """
+
+    def __init__(
+        self,
+        name: str | None = None,
+        save_dir: str | os.PathLike = ".",
+        version: str | None = None,
+        offline: bool = False,
+        dir: str | os.PathLike | None = None,
+        id: str | None = None,
+        anonymous: bool | None = None,
+        project: str | None = None,
+        log_model: bool | str = False,
+        experiment: Any = None,
+        prefix: str = "",
+        **init_kwargs: Any,
+    ) -> None:
+        super().__init__()
+        who = type(self).__name__
+        _require("wandb", "wandb", who)
+        _refuse_log_model(log_model, who)
+        if version is not None and id is not None and version != id:
+            raise ValueError(f"{who}: version and id both name the run id; got version={version!r}, id={id!r}")
+        run_id = version if version is not None else id
+        if run_id is not None and (not isinstance(run_id, str) or not run_id):
+            raise TypeError(f"{who}: id (version) must be a non-empty string, got {run_id!r}")
+        for key, value in (("save_dir", save_dir), ("dir", dir)):
+            if value is not None and not isinstance(value, (str, os.PathLike)):
+                raise TypeError(f"{who}: {key} must be a path, got {type(value).__qualname__}")
+        folder = os.fspath(dir) if dir is not None else os.fspath(save_dir) if save_dir is not None else None
+        self._init: dict[str, Any] = {
+            "name": name,
+            "project": project or os.environ.get("WANDB_PROJECT", "lightning_logs"),
+            "dir": folder,
+            "id": run_id,
+            "resume": "allow",
+        }
+        if offline:
+            self._init["mode"] = "offline"
+        if anonymous:
+            self._init["anonymous"] = "allow"
+        self._init.update(init_kwargs)
+        self._prefix = _check_prefix(prefix, who)
+        self._experiment = experiment
+        self._owned = experiment is None  # a run given to the logger is the caller's to finish
+        self._finished = False  # the run was finished by finalize (still readable; a write resumes it)
+        self._run_id: str | None = getattr(experiment, "id", None) or run_id
+
+    @property
+    def name(self) -> str | None:
+        """The project (Lightning's ``name``)."""
+        return self._init.get("project")
+
+    @property
+    def version(self) -> str | None:
+        """The run id: the started run's, else the one given."""
+        return self._run_id
+
+    @property
+    def save_dir(self) -> str | None:
+        """The folder ``wandb/`` is written in."""
+        return self._init.get("dir")
+
+    @property
+    def experiment(self) -> Any:
+        """The ``wandb`` run (started now if need be) for anything else to log: images, tables, artifacts. After
+        :meth:`finalize`, the finished run (its id, config, folder), until the next write resumes it. On ranks
+        other than 0, an object whose every call does nothing (Lightning's ``DummyExperiment``)."""
+        if not is_rank_zero():
+            return _Inert()
+        if self._experiment is None:
+            self._experiment = self._start()
+        return self._experiment
+
+    def _live(self) -> Any:
+        """The run to write to: a run finished by :meth:`finalize` is resumed (the same id)."""
+        if self._finished:
+            self._experiment, self._finished = None, False
+        return self.experiment
+
+    def _start(self) -> Any:
+        import wandb
+
+        if wandb.run is not None:  # (as Lightning: a run the caller started is written to, and left to them)
+            warnings.warn(
+                "WandbLogger: a wandb run is already in progress; this logger writes to it and leaves it open. "
+                "Call wandb.finish() first for a run of the logger's own",
+                UserWarning,
+                stacklevel=3,
+            )
+            self._owned = False
+            run = wandb.run
+        else:
+            kwargs = dict(self._init, id=self._run_id or self._init.get("id"))  # (after finalize: the same run)
+            if kwargs.get("dir") is not None:
+                os.makedirs(kwargs["dir"], exist_ok=True)
+            run = wandb.init(**kwargs)
+            self._owned = True
+        self._run_id = run.id
+        if callable(getattr(run, "define_metric", None)):
+            if self._init.get("sync_tensorboard"):
+                run.define_metric("*", step_metric="global_step")
+            else:
+                run.define_metric("trainer/global_step")
+                run.define_metric("*", step_metric="trainer/global_step", step_sync=True)
+        return run
+
+    def _write_metrics(self, metrics: dict[str, float], step: int) -> None:
+        metrics = _prefixed(metrics, self._prefix)
+        if self._init.get("sync_tensorboard"):  # (as Lightning: TensorBoard's own step is the axis)
+            self._live().log(metrics)
+        else:
+            self._live().log({**metrics, "trainer/global_step": step})
+
+    def _write_hparams(self, hparams: dict[str, Any], metrics: dict[str, float] | None) -> None:
+        run = self._live()
+        run.config.update(hparams, allow_val_change=True)
+        if metrics:
+            run.summary.update(_prefixed(metrics, self._prefix))
+
+    def _end(self, status: str) -> None:
+        if self._experiment is None or self._finished or not self._owned:  # (a run given is the caller's to finish)
+            return
+        self._experiment.finish(exit_code=1 if status == "failed" else 0)
+        self._finished = True
+
+
+class MLFlowLogger(Logger):
+    """Writes to an MLflow run, as Lightning's ``MLFlowLogger`` does.
+
+    The run is created at the first write on rank 0 (or when :attr:`experiment`, :attr:`run_id` or
+    :attr:`experiment_id` is first read) in the experiment ``experiment_name`` (created if need
+    be), tagged with ``tags``, ``run_name`` (``mlflow.runName``) and MLflow's own context tags
+    (user, source, git commit); ``run_id=`` of an existing run continues that run (marked running
+    again until :meth:`finalize`). Each :meth:`log_metrics` is one ``MlflowClient.log_batch`` of the
+    metrics at the step; a metric name MLflow would refuse loses the characters Lightning drops
+    (other than letters, digits, ``_ / . -`` and space), with a warning.
+    :meth:`log_hparams` logs the hyper-parameters as params (nested dicts flattened with ``/``,
+    values as strings cut at MLflow's length limit, 100 a batch) and its ``metrics`` as metrics at
+    the last step logged. :meth:`finalize` sets the run's status: ``FINISHED``, or ``FAILED`` when
+    the fit failed; writing again reopens the run. The records a resumed run logged after its
+    checkpoint stay (MLflow cannot drop them; Lightning does not either).
+
+    ``tracking_uri`` defaults to ``$MLFLOW_TRACKING_URI``, else an SQLite database in ``save_dir``
+    (``sqlite:///<save_dir>/mlflow.db``, artifacts in ``<save_dir>/artifacts``; MLflow's own default
+    backend). Lightning's default, the file store ``file:./mlruns``, is refused by MLflow 3.18 unless
+    ``MLFLOW_ALLOW_FILE_STORE=true``; pass ``tracking_uri="file:./mlruns"`` for it.
+
+    >>> import tempfile
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> logger = MLFlowLogger("demo", run_name="first", save_dir=tmp.name)
+    >>> logger.log_hparams({"lr": 0.1, "model": {"width": 8}})
+    >>> logger.log_metrics({"train/loss": 0.5}, step=10)
+    >>> logger.finalize()
+    >>> run = logger.experiment.get_run(logger.run_id)
+    >>> run.info.status, run.info.run_name, run.data.params, run.data.metrics
+    ('FINISHED', 'first', {'lr': '0.1', 'model/width': '8'}, {'train/loss': 0.5})
+    >>> tmp.cleanup()
+    """
+
+    def __init__(
+        self,
+        experiment_name: str = "lightning_logs",
+        run_name: str | None = None,
+        tracking_uri: str | None = None,
+        tags: Mapping[str, Any] | None = None,
+        save_dir: str | os.PathLike | None = "./mlruns",
+        log_model: bool | str = False,
+        prefix: str = "",
+        artifact_location: str | None = None,
+        run_id: str | None = None,
+        synchronous: bool | None = None,
+    ) -> None:
+        super().__init__()
+        who = type(self).__name__
+        _require("mlflow", "mlflow", who)
+        _refuse_log_model(log_model, who)
+        if not isinstance(experiment_name, str) or not experiment_name:
+            raise ValueError(f"{who}: experiment_name must be a non-empty string, got {experiment_name!r}")
+        for key, value in (("run_name", run_name), ("tracking_uri", tracking_uri), ("run_id", run_id),
+                           ("artifact_location", artifact_location)):
+            if value is not None and not isinstance(value, str):
+                raise TypeError(f"{who}: {key} must be a string or None, got {type(value).__qualname__}")
+        if tags is not None and not isinstance(tags, Mapping):
+            raise TypeError(f"{who}: tags must be a dict of str -> value, got {type(tags).__qualname__}")
+        if save_dir is not None and not isinstance(save_dir, (str, os.PathLike)):
+            raise TypeError(f"{who}: save_dir must be a path, got {type(save_dir).__qualname__}")
+        tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+        self._save_dir = None if save_dir is None else os.path.abspath(os.fspath(save_dir))
+        if not tracking_uri:
+            if self._save_dir is None:
+                raise ValueError(f"{who}: give a tracking_uri (or set MLFLOW_TRACKING_URI), or a save_dir")
+            tracking_uri = "sqlite:///" + os.path.join(self._save_dir, "mlflow.db")
+            if artifact_location is None:
+                artifact_location = os.path.join(self._save_dir, "artifacts")
+        self._experiment_name = experiment_name
+        self._run_name = run_name
+        self._tracking_uri = tracking_uri
+        self.tags = dict(tags) if tags is not None else None
+        self._prefix = _check_prefix(prefix, who)
+        self._artifact_location = artifact_location
+        self._run_id = run_id
+        self._experiment_id: str | None = None
+        self._batch_kwargs = {} if synchronous is None else {"synchronous": bool(synchronous)}
+        self._client: Any = None
+        self._started = False  # the run was created (or the one of run_id found) in this process
+        self._open = False  # the run is marked running (from its start, or a write after finalize, to finalize)
+        self._renamed: dict[str, str] = {}  # metric names MLflow would refuse -> the names written
+        self._last_step = 0
+
+    @property
+    def experiment(self) -> Any:
+        """The ``mlflow.tracking.MlflowClient`` (the run created now if need be) for anything else to log:
+        ``logger.experiment.log_artifact(logger.run_id, path)``. On ranks other than 0, an object whose every
+        call does nothing."""
+        if not is_rank_zero():
+            return _Inert()
+        if self._client is None:
+            self._client = self._connect()
+        if not self._started:
+            self._begin()
+        return self._client
+
+    def _live(self) -> Any:
+        """The client, its run marked running again if :meth:`finalize` ended it."""
+        client = self.experiment
+        if not self._open:
+            client.update_run(self._run_id, status="RUNNING")
+            self._open = True
+        return client
+
+    @property
+    def run_id(self) -> str | None:
+        """The run's id (the run created now if need be; None on ranks other than 0 unless given)."""
+        _ = self.experiment
+        return self._run_id
+
+    @property
+    def experiment_id(self) -> str | None:
+        """The experiment's id (created now if need be)."""
+        _ = self.experiment
+        return self._experiment_id
+
+    @property
+    def name(self) -> str | None:
+        """The experiment's id (Lightning's ``name``)."""
+        return self.experiment_id
+
+    @property
+    def version(self) -> str | None:
+        """The run's id (Lightning's ``version``)."""
+        return self.run_id
+
+    @property
+    def save_dir(self) -> str | None:
+        """The folder of a local tracking store (``file:`` or ``sqlite:``), else None."""
+        for scheme in ("file:", "sqlite:///"):
+            if self._tracking_uri.startswith(scheme):
+                path = self._tracking_uri[len(scheme):]
+                return path if scheme == "file:" else os.path.dirname(path)
+        return None
+
+    def _connect(self) -> Any:
+        from mlflow.tracking import MlflowClient
+
+        if self._tracking_uri.startswith("sqlite:///") and self._save_dir is not None:
+            os.makedirs(os.path.dirname(self._tracking_uri[len("sqlite:///"):]), exist_ok=True)
+        return MlflowClient(self._tracking_uri)
+
+    def _begin(self) -> None:
+        """Create the run (or mark the one of ``run_id`` running again)."""
+        client = self._client
+        if self._run_id is not None:
+            run = client.get_run(self._run_id)
+            self._experiment_id = run.info.experiment_id
+            if run.info.status != "RUNNING":  # (Lightning leaves a continued run's status as it was)
+                client.update_run(self._run_id, status="RUNNING")
+        else:
+            self._experiment_id = self._find_experiment()
+            tags = dict(self.tags or {})
+            if self._run_name is not None:
+                tags["mlflow.runName"] = self._run_name
+            from mlflow.tracking.context.registry import resolve_tags
+
+            run = client.create_run(experiment_id=self._experiment_id, tags=resolve_tags(tags))
+            self._run_id = run.info.run_id
+        self._started = self._open = True
+
+    def _find_experiment(self) -> str:
+        from mlflow.exceptions import MlflowException
+
+        client = self._client
+        found = client.get_experiment_by_name(self._experiment_name)
+        if found is not None and found.lifecycle_stage != "deleted":
+            return found.experiment_id
+        try:
+            return client.create_experiment(self._experiment_name, artifact_location=self._artifact_location)
+        except MlflowException:  # another process created it first
+            found = client.get_experiment_by_name(self._experiment_name)
+            if found is None or found.lifecycle_stage == "deleted":
+                raise
+            return found.experiment_id
+
+    def _key(self, name: str) -> str:
+        """The name MLflow is given for metric ``name`` (Lightning's rule), warning once per renamed metric."""
+        if name not in self._renamed:
+            new = _MLFLOW_NAME_DROPS.sub("", name)
+            if new != name:
+                warnings.warn(
+                    f"MLFlowLogger: MLflow allows only letters, digits, '_', '/', '.', '-' and ' ' in a metric name "
+                    f"(as Lightning writes them): '{name}' is logged as '{new}'",
+                    RuntimeWarning,
+                    stacklevel=5,
+                )
+            self._renamed[name] = new
+        return self._renamed[name]
+
+    def _write_metrics(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        client = self._live()
+        stamp = int(time.time() * 1000)
+        written: dict[str, str] = {}
+        batch = []
+        for name, value in _prefixed(metrics, self._prefix).items():
+            key = self._key(name)
+            if key in written:
+                raise ValueError(
+                    f"MLFlowLogger.log_metrics: metrics '{written[key]}' and '{name}' would both be written as "
+                    f"'{key}' (MLflow refuses their other characters); rename one"
+                )
+            written[key] = name
+            batch.append(Metric(key=key, value=value, timestamp=stamp, step=step))
+        client.log_batch(run_id=self._run_id, metrics=batch, **self._batch_kwargs)
+        self._last_step = max(self._last_step, step)
+
+    def _write_hparams(self, hparams: dict[str, Any], metrics: dict[str, float] | None) -> None:
+        from mlflow.entities import Param
+
+        try:
+            from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH as limit
+        except ImportError:  # pragma: no cover - an MLflow without it: its limit since 1.28
+            limit = 500
+        client = self._live()
+        params = [Param(key=k, value=str(v)[:limit]) for k, v in _flatten_lists(hparams).items()]
+        for at in range(0, len(params), 100):  # (MLflow takes at most 100 params a batch)
+            client.log_batch(run_id=self._run_id, params=params[at:at + 100], **self._batch_kwargs)
+        if metrics:
+            self._write_metrics(metrics, self._last_step)
+
+    def _end(self, status: str) -> None:
+        if not self._open:
+            return
+        self._open = False
+        self._client.set_terminated(self._run_id, "FAILED" if status == "failed" else "FINISHED")
+
+
+def _flatten_lists(hparams: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts flattened with ``/``, and lists of dicts with their index (``layers/0/width``), as Lightning's
+    ``_flatten_dict`` does for MLflow's params.
+
+    >>> _flatten_lists({"opt": {"lr": 0.1}, "layers": [{"width": 8}], "sizes": [1, 2]})
+    {'opt/lr': 0.1, 'layers/0/width': 8, 'sizes': [1, 2]}
+    """
+    flat: dict[str, Any] = {}
+    for key, value in hparams.items():
+        if isinstance(value, Mapping):
+            flat.update(_flatten_lists(value, f"{prefix}{key}/"))
+        elif isinstance(value, list) and value and all(isinstance(item, Mapping) for item in value):
+            for i, item in enumerate(value):
+                flat.update(_flatten_lists(item, f"{prefix}{key}/{i}/"))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

@@ -1,0 +1,416 @@
+"""WandbLogger and MLFlowLogger: real runs under ``with_logging``, read back with each tracker's own
+reader and compared with a CSVLogger written in the same run (an independent record of the same
+values), plus resume, failure status, rank 0 only and bad input.
+
+wandb runs offline (the root conftest.py keeps it quiet and off the network); its offline run is the
+transaction log ``run-<id>.wandb``, read record by record (LevelDB log framing, wandb's own protobuf
+``Record``). MLflow writes to an SQLite store in ``tmp_path``, read with ``MlflowClient``.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import glob
+import importlib.util
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import loopkit
+from loopkit import CSVLogger, MLFlowLogger, WandbLogger, eval_step, run_epochs, train_step, with_logging
+from tests.conftest import sgd_state, synthetic_batches, tiny_mlp
+
+HPARAMS = {"lr": np.float64(0.05), "hidden": np.int64(8), "model": {"depth": 2, "act": "tanh"}, "tags": ("a", "b")}
+PLAIN = {"lr": 0.05, "hidden": 8, "model": {"depth": 2, "act": "tanh"}, "tags": ["a", "b"]}
+
+
+def loss_with_mae(model, batch):
+    x, y = batch
+    err = model(x) - y
+    return (err**2).mean(), {"mae": err.abs().mean()}
+
+
+def mse_metric(model, batch):
+    x, y = batch
+    return {"mse": ((model(x) - y) ** 2).mean()}
+
+
+def fit(logger, root, *, epochs=2, state=None, loss=loss_with_mae, **options):
+    """Two epochs of 5 batches, validation each epoch, logged every 2 steps to ``logger`` and a CSVLogger."""
+    csv_logger = CSVLogger(root, "csv")
+    step = with_logging(train_step(loss), logger, csv_logger, every_n_steps=2)
+    state = state if state is not None else sgd_state(tiny_mlp(), lr=0.05)
+    val = (eval_step(mse_metric), synthetic_batches(2, seed=5))
+    state, _ = run_epochs(step, state, synthetic_batches(5), epochs=epochs, val=val, progress=False, **options)
+    return state, csv_rows(csv_logger.log_dir)
+
+
+def csv_rows(log_dir):
+    """The CSV's records: ``(step, {metric: value})`` in the order written."""
+    with open(os.path.join(log_dir, "metrics.csv"), newline="") as f:
+        return [(int(r.pop("step")), {k: float(v) for k, v in r.items() if v != ""}) for r in csv.DictReader(f)]
+
+
+# --- reading an offline wandb run ------------------------------------------------------------------
+
+_BLOCK = 32768  # the LevelDB log's block; a record header (crc32, length, type) never straddles one
+_FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
+
+
+def wandb_records(path):
+    """Every ``wandb_internal_pb2.Record`` of the transaction log ``path``, in order."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = open(path, "rb").read()
+    ident, magic, _version = struct.unpack("<4sHB", data[:7])
+    assert (ident, magic) == (b":W&B", 0xBEE1), f"{path} is not a wandb transaction log"
+    at, pending, out = 7, b"", []
+    while at + 7 <= len(data):
+        if _BLOCK - at % _BLOCK < 7:  # the block's zero-filled tail
+            at += _BLOCK - at % _BLOCK
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[at:at + 7])
+        chunk, at = data[at + 7:at + 7 + length], at + 7 + length
+        assert len(chunk) == length and kind in (_FULL, _FIRST, _MIDDLE, _LAST), f"{path}: torn record"
+        pending = chunk if kind in (_FULL, _FIRST) else pending + chunk
+        if kind in (_FULL, _LAST):
+            out.append(wandb_internal_pb2.Record.FromString(pending))
+    return out
+
+
+def _value(item):
+    return json.loads(item.value_json)
+
+
+def _key(item):
+    return "/".join(item.nested_key) if item.nested_key else item.key
+
+
+def finished_log(folder, timeout=30.0):
+    """The records of the run folder's transaction log once they end with the exit record: ``run.finish()`` returns
+    when wandb's service has the exit record, and the service writes the file a moment later."""
+    (path,) = glob.glob(os.path.join(folder, "run-*.wandb"))
+    deadline = time.monotonic() + timeout
+    while True:
+        records = wandb_records(path) if os.path.getsize(path) >= 7 else []
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.05)
+
+
+def wandb_runs(save_dir):
+    """Each offline run folder under ``save_dir/wandb``, oldest first: ``{"id", "rows", "config", "exit_code",
+    "metrics", "summary"}``; ``rows`` holds each history row as ``{key: value}`` (``_step``, ``trainer/global_step``
+    and the metrics; wandb's ``_runtime`` and ``_timestamp`` left out)."""
+    runs = []
+    for folder in sorted(glob.glob(os.path.join(save_dir, "wandb", "offline-run-*"))):  # (a resumed id: -1, -2 after)
+        run = {"id": None, "rows": [], "config": {}, "exit_code": None, "metrics": [], "summary": {}}
+        for record in finished_log(folder):
+            kind = record.WhichOneof("record_type")
+            if kind == "run":
+                run["id"] = record.run.run_id
+                run["config"].update({_key(i): _value(i) for i in record.run.config.update})
+            elif kind == "config":
+                run["config"].update({_key(i): _value(i) for i in record.config.update})
+            elif kind == "history":
+                row = {_key(i): _value(i) for i in record.history.item}
+                run["rows"].append({k: v for k, v in row.items() if k not in ("_runtime", "_timestamp")})
+            elif kind == "metric":
+                m = record.metric
+                run["metrics"].append((m.name or m.glob_name, m.step_metric, m.options.step_sync))
+            elif kind == "summary":
+                run["summary"].update({_key(i): _value(i) for i in record.summary.update})
+            elif kind == "exit":
+                run["exit_code"] = record.exit.exit_code
+        run["config"].pop("_wandb", None)
+        runs.append(run)
+    return runs
+
+
+def as_records(rows):
+    """wandb's history rows as the CSV's records: ``(trainer/global_step, {metric: value})``."""
+    out = []
+    for row in rows:
+        metrics = {k: float(v) for k, v in row.items() if k not in ("_step", "trainer/global_step")}
+        out.append((row["trainer/global_step"], metrics))
+    return out
+
+
+# --- wandb -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def wandb_fit(tmp_path_factory):
+    """One real offline run shared by the wandb assertions (a run costs about a second)."""
+    root = tmp_path_factory.mktemp("wandb_fit")
+    logger = WandbLogger(project="loopkit-tests", name="fit", save_dir=root / "w", offline=True)
+    logger.log_hparams(HPARAMS)
+    _, rows = fit(logger, root)
+    return logger, rows, wandb_runs(root / "w")
+
+
+def test_wandb_rows_hold_exactly_what_the_csv_holds_at_the_same_steps(wandb_fit):
+    logger, csv_records, runs = wandb_fit
+    (run,) = runs
+    assert run["id"] == logger.version and run["exit_code"] == 0
+    assert as_records(run["rows"]) == csv_records  # every value bitwise, every step, in the same order
+    assert [row["_step"] for row in run["rows"]] == list(range(len(csv_records)))  # wandb's row counter
+    keys = set().union(*(m for _, m in csv_records))
+    assert {"train/loss", "train/mae", "val/mse", "train/loss_epoch", "epoch"} <= keys
+    assert [s for s, m in csv_records if "train/loss" in m] == [2, 4, 6, 8, 10]
+
+
+def test_wandb_plots_every_metric_against_trainer_global_step_as_lightning_does(wandb_fit):
+    _, _, (run,) = wandb_fit
+    assert ("trainer/global_step", "", False) in run["metrics"]
+    assert ("*", "trainer/global_step", True) in run["metrics"]
+
+
+def test_wandb_config_holds_the_hparams_as_numbers_and_nested_dicts(wandb_fit):
+    _, _, (run,) = wandb_fit
+    assert run["config"] == PLAIN
+    assert type(run["config"]["lr"]) is float and type(run["config"]["hidden"]) is int
+
+
+def test_wandb_finalize_finishes_the_run_and_the_finished_run_stays_readable(wandb_fit):
+    logger, _, _ = wandb_fit
+    import wandb
+
+    assert wandb.run is None
+    assert logger.experiment.id == logger.version and logger.name == "loopkit-tests"
+
+
+def test_wandb_hparams_metrics_go_to_the_summary(tmp_path):
+    logger = WandbLogger(project="p", save_dir=tmp_path, offline=True)
+    logger.log_hparams({"lr": 0.1}, metrics={"val/acc": 0.75})
+    logger.finalize()
+    (run,) = wandb_runs(tmp_path)
+    assert run["config"] == {"lr": 0.1} and run["summary"]["val/acc"] == 0.75 and run["rows"] == []
+
+
+def test_wandb_a_failed_fit_then_a_resumed_one_continue_one_run_id_and_keep_the_crashed_rows(tmp_path):
+    calls = []
+
+    def crashing(model, batch):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("boom")
+        return loss_with_mae(model, batch)
+
+    logger = WandbLogger(project="p", save_dir=tmp_path / "w", offline=True)
+    step = with_logging(train_step(loss_with_mae), logger, every_n_steps=1)
+    state, _ = run_epochs(step, sgd_state(tiny_mlp()), synthetic_batches(5), epochs=1, max_steps=2, progress=False)
+    checkpoint = copy.deepcopy(state.state_dict())  # the state at step 2, as loopkit.restore would give it
+    crash = with_logging(train_step(crashing), logger, every_n_steps=1)
+    with pytest.raises(RuntimeError, match="boom"):
+        run_epochs(crash, state, synthetic_batches(5), epochs=1, progress=False)
+    resumed_logger = WandbLogger(project="p", id=logger.version, save_dir=tmp_path / "w", offline=True)
+    restored = sgd_state(tiny_mlp(seed=1)).load_state_dict(checkpoint)
+    step = with_logging(train_step(loss_with_mae), resumed_logger, every_n_steps=1)
+    run_epochs(step, restored, synthetic_batches(5), epochs=1, max_steps=4, progress=False)
+
+    runs = wandb_runs(tmp_path / "w")
+    assert [r["id"] for r in runs] == [logger.version] * 3  # one run id: wandb sync merges the three parts
+    assert [r["exit_code"] for r in runs] == [0, 1, 0]  # the crashed fit's part is marked failed
+    steps = [[row["trainer/global_step"] for row in r["rows"] if "train/loss" in row] for r in runs]
+    assert steps == [[1, 2], [3, 4], [3, 4]]  # the crashed rows after the checkpoint stay (as with Lightning)
+    assert [row["_step"] for row in runs[2]["rows"]][:1] == [0]  # offline, wandb's row counter starts again
+
+
+# --- MLflow ------------------------------------------------------------------------------------------
+
+
+def mlflow_records(logger):
+    """The run's metrics as the CSV's records: each step's values, steps ascending (MLflow keeps no call order)."""
+    client = logger.experiment
+    run = client.get_run(logger.run_id)
+    by_step: dict[int, dict[str, float]] = {}
+    for key in run.data.metrics:
+        for m in client.get_metric_history(logger.run_id, key):
+            assert key not in by_step.setdefault(m.step, {}), f"{key} logged twice at step {m.step}"
+            by_step[m.step][key] = m.value
+    return sorted(by_step.items())
+
+
+def merged_by_step(records):
+    out: dict[int, dict[str, float]] = {}
+    for step, metrics in records:
+        out.setdefault(step, {}).update(metrics)
+    return sorted(out.items())
+
+
+@pytest.fixture(scope="module")
+def mlflow_fit(tmp_path_factory, _mlflow_template):
+    root = tmp_path_factory.mktemp("mlflow_fit")
+    os.makedirs(root / "m")
+    shutil.copyfile(_mlflow_template, root / "m" / "mlflow.db")  # (see the mlflow_dir fixture)
+    logger = MLFlowLogger("loopkit-tests", run_name="fit", save_dir=root / "m", tags={"team": "x"})
+    logger.log_hparams(HPARAMS)
+    _, rows = fit(logger, root)
+    return logger, rows
+
+
+def test_mlflow_metrics_hold_exactly_what_the_csv_holds_at_the_same_steps(mlflow_fit):
+    logger, csv_records = mlflow_fit
+    assert mlflow_records(logger) == merged_by_step(csv_records)
+    assert [m.step for m in logger.experiment.get_metric_history(logger.run_id, "train/loss")] == [2, 4, 6, 8, 10]
+
+
+def test_mlflow_params_are_the_flattened_hparams_as_text_and_the_run_is_finished(mlflow_fit):
+    logger, _ = mlflow_fit
+    run = logger.experiment.get_run(logger.run_id)
+    assert run.data.params == {"lr": "0.05", "hidden": "8", "model/depth": "2", "model/act": "tanh", "tags": "['a', 'b']"}
+    assert run.info.status == "FINISHED" and run.info.run_name == "fit"
+    assert run.data.tags["team"] == "x" and run.data.tags["mlflow.source.type"] == "LOCAL"
+    experiment = logger.experiment.get_experiment(logger.experiment_id)
+    assert experiment.name == "loopkit-tests" and logger.save_dir == str(logger._save_dir)
+    assert experiment.artifact_location.endswith(os.path.join("m", "artifacts"))
+
+
+def test_mlflow_a_failed_fit_is_marked_failed_and_run_id_continues_the_run(tmp_path, mlflow_dir):
+    def crashing(model, batch):
+        if crashing.calls == 2:
+            raise RuntimeError("boom")
+        crashing.calls += 1
+        return loss_with_mae(model, batch)
+
+    crashing.calls = 0
+    logger = MLFlowLogger(save_dir=mlflow_dir(tmp_path))
+    step = with_logging(train_step(crashing), logger, every_n_steps=1)
+    with pytest.raises(RuntimeError, match="boom"):
+        run_epochs(step, sgd_state(tiny_mlp()), synthetic_batches(5), epochs=1, progress=False)
+    client = logger.experiment
+    assert client.get_run(logger.run_id).info.status == "FAILED"
+
+    resumed = MLFlowLogger(run_id=logger.run_id, save_dir=tmp_path)
+    resumed.log_metrics({"train/loss": 0.25}, step=2)  # a resumed fit logs step 2 again
+    assert client.get_run(logger.run_id).info.status == "RUNNING"
+    resumed.finalize()
+    assert client.get_run(logger.run_id).info.status == "FINISHED"
+    assert resumed.experiment_id == logger.experiment_id
+    history = [(m.step, m.value) for m in client.get_metric_history(logger.run_id, "train/loss")]
+    assert [s for s, _ in history] == [1, 2, 2] and history[-1] == (2, 0.25)  # the crashed run's step 2 stays
+
+    resumed.log_metrics({"train/loss": 0.125}, step=3)  # logging after finalize reopens the run
+    assert client.get_run(logger.run_id).info.status == "RUNNING"
+    resumed.finalize()
+    assert client.get_run(logger.run_id).info.status == "FINISHED"
+
+
+def test_mlflow_names_it_would_refuse_are_cleaned_as_lightning_does_and_clashes_refused(tmp_path, mlflow_dir):
+    logger = MLFlowLogger(save_dir=mlflow_dir(tmp_path))
+    with pytest.warns(RuntimeWarning, match="'val/acc@1' is logged as 'val/acc1'"):
+        logger.log_metrics({"val/acc@1": 0.5}, step=1)
+    with pytest.raises(ValueError, match="'val/acc1' and 'val/acc@1' would both be written as 'val/acc1'"):
+        logger.log_metrics({"val/acc1": 0.5, "val/acc@1": 0.25}, step=2)
+    logger.finalize()
+    assert [m.value for m in logger.experiment.get_metric_history(logger.run_id, "val/acc1")] == [0.5]
+
+
+def test_mlflow_long_params_are_cut_at_mlflows_limit_and_many_go_in_batches(tmp_path, mlflow_dir):
+    from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
+
+    logger = MLFlowLogger(save_dir=mlflow_dir(tmp_path), prefix="fold0")
+    logger.log_hparams({"long": "x" * (MAX_PARAM_VAL_LENGTH + 10), **{f"p{i}": i for i in range(150)}},
+                       metrics={"val/acc": 0.5})
+    logger.finalize()
+    run = logger.experiment.get_run(logger.run_id)
+    assert run.data.params["long"] == "x" * MAX_PARAM_VAL_LENGTH and len(run.data.params) == 151
+    assert run.data.metrics == {"fold0-val/acc": 0.5}  # the prefix, joined with '-' as Lightning's
+
+
+def test_mlflow_asynchronous_logging_is_flushed_by_finalize_and_logging_again_reopens_it(tmp_path, mlflow_dir):
+    logger = MLFlowLogger(save_dir=mlflow_dir(tmp_path), synchronous=False)
+    for step in (1, 2):
+        logger.log_metrics({"train/loss": 1 / step}, step)
+    logger.finalize()
+    logger.log_metrics({"train/loss": 0.25}, 4)
+    logger.finalize()
+    history = logger.experiment.get_metric_history(logger.run_id, "train/loss")
+    assert [(m.step, m.value) for m in history] == [(1, 1.0), (2, 0.5), (4, 0.25)]
+    assert logger.experiment.get_run(logger.run_id).info.status == "FINISHED"
+
+
+# --- both --------------------------------------------------------------------------------------------
+
+
+def make_wandb(path):
+    return WandbLogger(project="p", save_dir=path, offline=True)
+
+
+def make_mlflow(path):
+    return MLFlowLogger(save_dir=path)
+
+
+@pytest.mark.parametrize("make", [make_wandb, make_mlflow], ids=["wandb", "mlflow"])
+def test_bad_metrics_are_refused_before_any_run_starts(tmp_path, make):
+    logger = make(tmp_path)
+    name = type(logger).__name__
+    with pytest.raises(TypeError, match=f"{name}.log_metrics: metric 'loss' is a str; expected a number"):
+        logger.log_metrics({"loss": "0.5"}, step=1)
+    with pytest.raises(TypeError, match=f"{name}.log_metrics: step must be an int"):
+        logger.log_metrics({"loss": 0.5}, step=1.5)
+    with pytest.raises(ValueError, match=f"{name}.finalize: status must be one of"):
+        logger.finalize("crashed")
+    logger.finalize()  # nothing started, nothing to end
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("make", [make_wandb, make_mlflow], ids=["wandb", "mlflow"])
+def test_only_rank_zero_starts_a_run(tmp_path, monkeypatch, make):
+    monkeypatch.setattr(torch.distributed, "is_available", lambda: True)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None: 1)
+    logger = make(tmp_path)
+    logger.log_hparams({"lr": 0.1})
+    logger.log_metrics({"loss": 1.0}, step=1)
+    logger.experiment.log({"x": 1})  # Lightning's DummyExperiment: does nothing
+    logger.finalize("failed")
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    "make, error, match",
+    [
+        (lambda p: WandbLogger(save_dir=p, offline=True, log_model=True), ValueError, "WandbLogger: log_model=True is not supported"),
+        (lambda p: WandbLogger(version="a", id="b"), ValueError, "WandbLogger: version and id both name the run id"),
+        (lambda p: WandbLogger(id=7), TypeError, "WandbLogger: id \\(version\\) must be a non-empty string"),
+        (lambda p: WandbLogger(prefix=1), TypeError, "WandbLogger: prefix must be a string"),
+        (lambda p: MLFlowLogger(log_model="all"), ValueError, "MLFlowLogger: log_model='all' is not supported"),
+        (lambda p: MLFlowLogger(experiment_name=""), ValueError, "MLFlowLogger: experiment_name must be a non-empty"),
+        (lambda p: MLFlowLogger(tags=["a"]), TypeError, "MLFlowLogger: tags must be a dict"),
+        (lambda p: MLFlowLogger(save_dir=None), ValueError, "MLFlowLogger: give a tracking_uri"),
+    ],
+)
+def test_bad_options_are_refused_by_name(tmp_path, make, error, match):
+    with pytest.raises(error, match=match):
+        make(tmp_path)
+
+
+@pytest.mark.parametrize("cls, module, extra", [(WandbLogger, "wandb", "wandb"), (MLFlowLogger, "mlflow", "mlflow")])
+def test_a_missing_package_names_the_extra_to_install(monkeypatch, cls, module, extra):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == module else real(name, *a))
+    with pytest.raises(ImportError, match=f"{cls.__name__} needs the {module} package.*pip install 'loopkit\\[{extra}\\]'"):
+        cls()
+
+
+def test_importing_loopkit_imports_neither_tracker():
+    code = "import sys, loopkit; print(sorted(m for m in ('wandb', 'mlflow') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.strip() == "[]"
+
+
+def test_public_names():
+    assert loopkit.WandbLogger is WandbLogger and loopkit.MLFlowLogger is MLFlowLogger
+    assert {"WandbLogger", "MLFlowLogger"} <= set(loopkit.__all__)
+    assert isinstance(WandbLogger(offline=True), loopkit.Logger) and isinstance(MLFlowLogger(), loopkit.Logger)
