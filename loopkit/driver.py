@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from loopkit import _collective
-from loopkit._epoch_data import TRAIN, VAL, call_seeded, check_factory, factory_name, is_factory
+from loopkit._epoch_data import TRAIN, call_seeded, check_factory, factory_name, is_factory, not_data, val_stream
 from loopkit._epoch_data import global_rngs_kept as _global_rngs_kept
 from loopkit._numbers import as_int, as_real
 from loopkit._window import EPOCH, OVER_RANKS, own_buffers, own_rng, own_share
@@ -502,7 +502,9 @@ def _check_state(state: Any, where: str) -> None:
 
 def _check_data(data: Any, where: str, *, factories: bool = False) -> None:
     """Refuse what is not an iterable of batches, naming ``where``; ``factories``: the caller takes a function of
-    the epoch too (``run_epochs``' data), which the message then offers."""
+    the epoch too (``run_epochs``' data), which the message then offers. A class and a torch ``Module`` are
+    refused too, iterable or not (a ``Dataset`` class has ``__getitem__``, an ``nn.Sequential`` ``__iter__``)."""
+    not_data(data, where, factories=factories)
     if isinstance(data, (str, bytes)) or not (hasattr(data, "__iter__") or hasattr(data, "__getitem__")):
         if factories:
             wanted = "an iterable of batches (a list, a DataLoader) or a function of the epoch that returns one"
@@ -540,7 +542,7 @@ def _train_data(source: Any, state: TrainState) -> Iterable:
     draws seeded from the state's seed and the epoch), checked."""
     if not is_factory(source):
         return source
-    data = call_seeded(source, state.seed, state.epoch, TRAIN)
+    data = call_seeded(source, state.seed, state.epoch, TRAIN, "train_data")
     _check_data(data, f"run_epochs: {_made_by(source, 'train_data', state.epoch)}")
     return data
 
@@ -580,6 +582,12 @@ class _ValSets:
     def names(self) -> list[str | None]:
         return [name for name, _ in self.sets]
 
+    def described(self, name: str | None, epoch: int) -> str:
+        """The set ``name`` in messages: ``val's data['a']``, or what its factory returned for ``epoch``."""
+        what = "val's data" if name is None else f"val's data[{name!r}]"
+        source = dict(self.sets)[name]
+        return _made_by(source, what, epoch).removesuffix(",") if is_factory(source) else what
+
     def at(self, epoch: int, seed: int) -> list[tuple[str | None, Iterable]]:
         """``(name, data)`` of each set for a validation in ``epoch``."""
         out = []
@@ -594,8 +602,10 @@ class _ValSets:
         return out
 
     def _make(self, name: str | None, source: Any, epoch: int, seed: int) -> Iterable:
-        data = call_seeded(source, seed, epoch, VAL)
-        made = _made_by(source, "val's data" if name is None else f"val's data[{name!r}]", epoch)
+        what = "val's data" if name is None else f"val's data[{name!r}]"
+        # (each set draws from a stream of its own, by its name: two sets' random subsets are not the same indices)
+        data = call_seeded(source, seed, epoch, val_stream(name), what)
+        made = _made_by(source, what, epoch)
         _check_data(data, f"run_epochs: {made}")
         if isinstance(data, Mapping) or _dataloaders(data):
             raise TypeError(f"run_epochs: {made} is several data sets ({type(data).__qualname__}); a factory makes one "
@@ -604,6 +614,9 @@ class _ValSets:
             raise TypeError(f"run_epochs: {made} is an iterator ({type(data).__qualname__}), used up by its first "
                             "pass, and the epoch's validations (the sanity check's too) share what its factory made: "
                             "return a list or a DataLoader")
+        if _num_batches(data, None, "val") == 0:  # as for the same data given as it is (_check_one_val_set)
+            raise ValueError(f"run_epochs: {made} is empty (len() is 0): no validation could give a metric; return "
+                             "a set of one batch at least, or pass val=None to train without validation")
         _num_batches(data, self.limit, "limit_val_batches")  # (a fraction of 0 batches: named now)
         return data
 
@@ -751,6 +764,33 @@ def _fresh_persistent_workers(data: Any) -> bool:
         isinstance(data, torch.utils.data.DataLoader) and data.persistent_workers and data.num_workers > 0
         and getattr(data, "_iterator", None) is None
     )
+
+
+def _warn_of_persistent_workers(data: Any, source: Any, epoch: int) -> None:
+    """Warn of a run resumed (at ``epoch``) with a DataLoader whose persistent workers have not started: the
+    uninterrupted run's (a loader given as data, or one a factory keeps across epochs) kept their random streams
+    from the epochs before. ``source``: ``train_data`` as given (``data`` itself, or the factory that made it)."""
+    if not _fresh_persistent_workers(data):
+        return
+    if is_factory(source):
+        warnings.warn(
+            f"run_epochs: resuming with a DataLoader of persistent_workers=True, which train_data, a factory "
+            f"({factory_name(source)}), returned for epoch {epoch}: where the factory keeps one loader across epochs "
+            "(the reload_dataloaders_every_n_epochs=n recipe, lambda epoch: make(epoch // n * n)), the uninterrupted "
+            "run's workers kept their random streams (augmentation) from the epochs before, these start new ones, so "
+            "the batches differ from that run's; for an exact resume use persistent_workers=False (a loader made "
+            "fresh each epoch resumes exactly too: persistent workers gain nothing there)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    else:
+        warnings.warn(
+            "run_epochs: resuming with a DataLoader of persistent_workers=True: an uninterrupted run's workers keep "
+            "their random streams (augmentation) from epoch to epoch, these start new ones, so the batches differ "
+            "from that run's; for an exact resume use persistent_workers=False",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def _monitors(step: Any, callbacks: Sequence[Any]) -> list[tuple[str, str]]:
@@ -1188,22 +1228,30 @@ def run_epochs(
 
     ``train_data`` may be a factory of each epoch's data, ``fn(epoch) -> iterable of batches``
     (told from data by this rule: callable, not a class, and not iterable; a list, a tensor or a
-    ``DataLoader`` is data), called at each epoch's start with the 0-based epoch: Lightning's
+    ``DataLoader`` is data; a class, a ``Dataset`` class where its instance was meant, and a torch
+    ``Module`` are neither, and refused), called at each epoch's start with the 0-based epoch: Lightning's
     ``reload_dataloaders_every_n_epochs=1`` (a curriculum, data that changes per epoch), and ``=n``
     is ``lambda epoch: make(epoch // n * n)`` (with ``make`` under ``functools.lru_cache(maxsize=1)``
     a loader is built only when Lightning would build one). Each epoch is then that data's: its
     length (``limit_train_batches``' fraction is of it, as is the progress bar's total), its order
     (a ``DataLoader``'s shuffling seeded from the state's seed and the epoch, as above), and a run
     resumed mid-epoch ``k`` calls ``fn(k)`` and skips the batches trained, as the uninterrupted run
-    did. The factory itself runs with torch's (CPU), numpy's and Python's global RNGs seeded from the
-    state's seed and the epoch, and put back after it: a random subset it draws is the same in a
-    resumed run, and the caller's RNGs are untouched. A validation set (``val``'s data, or each of
+    did; but a loader the factory keeps across epochs (the ``=n`` recipe's) with ``persistent_workers=True``
+    is not resumed exactly (the uninterrupted run's workers kept their random streams from the epochs
+    before; the resumed run warns), as for such a loader given as data: a loader made fresh each epoch
+    is, as is one with ``persistent_workers=False``. The factory itself runs with torch's (CPU), numpy's
+    and Python's global RNGs seeded from the state's seed, the epoch and the set (the train data, each
+    validation set by its name: two sets' random subsets differ), and put back after it: a random subset
+    it draws is the same in a resumed run, and the caller's RNGs are untouched; an exception it raises
+    comes out as it is, with a note naming the factory and the epoch. A validation set (``val``'s data, or each of
     several: ``{name: factory}``, or a list of factories named as a list of DataLoaders) may be a
     factory too, called with the epoch a validation belongs to (an epoch's end validates that
     epoch) at most once an epoch, at its first validation, the sanity check's for the fit's first
-    epoch, as Lightning reloads its val dataloaders; it makes one set that starts over on each pass
-    (not an iterator: the epoch's validations share it). No factory is called where training is off
-    (``limit_train_batches=0``) or after a stop.
+    epoch, as Lightning reloads its val dataloaders; it makes one non-empty set that starts over on
+    each pass (not an iterator: the epoch's validations share it). Where training is off
+    (``limit_train_batches=0``) the train factory is not called, a validation factory once, for the
+    sanity check (as Lightning calls ``val_dataloader()`` for its sanity check then); no factory is
+    called after a stop.
 
     ``min_epochs`` (epochs finished) and ``min_steps`` (updates) hold off a callback's stop
     (``EarlyStopping``, ``Timer``, any ``should_stop``) until both are met, as Lightning's do: the
@@ -1329,14 +1377,12 @@ def run_epochs(
             state.state_dict()
         except TypeError as e:
             raise TypeError(f"run_epochs: with_checkpointing could not save this state: {e}") from None
-    if (state.epoch or state.batch_index) and _fresh_persistent_workers(train_data):
-        warnings.warn(
-            "run_epochs: resuming with a DataLoader of persistent_workers=True: an uninterrupted run's workers keep "
-            "their random streams (augmentation) from epoch to epoch, these start new ones, so the batches differ "
-            "from that run's; for an exact resume use persistent_workers=False",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+    # a factory's data is looked at once made, for the resumed epoch only (once a fit: the later epochs' loaders are
+    # made, or kept, as in the uninterrupted run)
+    resuming = bool(state.epoch or state.batch_index)
+    if resuming and not is_factory(train_data):
+        resuming = False
+        _warn_of_persistent_workers(train_data, train_data, state.epoch)
     if (step.changes_state and (epochs is None or state.epoch < epochs) and (max_steps is None or state.step < max_steps)
             and limit_train_batches != 0):
         _warn_of_eval_mode(state.model)
@@ -1357,7 +1403,8 @@ def run_epochs(
         """The validation of epoch ``epoch`` (``current.epoch`` by default; an epoch's end validates a state at the
         next one): a factory's set is the data it makes for that epoch."""
         metrics: dict[str, float] = {}
-        for name, data in val_sets.at(current.epoch if epoch is None else epoch, current.seed):  # type: ignore[union-attr]
+        epoch = current.epoch if epoch is None else epoch
+        for name, data in val_sets.at(epoch, current.seed):  # type: ignore[union-attr]
             limit = limit_val_batches
             if sanity:
                 limited = _num_batches(data, limit_val_batches, "limit_val_batches")
@@ -1365,9 +1412,8 @@ def run_epochs(
                     limit = sanity_val_batches if limited is None else min(sanity_val_batches, limited)
             means, read = _evaluate(val_step, current, data, limit, device, True, seeded=True)
             if not read:
-                what = "val's data" if name is None else f"val's data[{name!r}]"
-                warnings.warn(f"run_epochs: a validation read no batch: {what} yielded none (an empty stream, or an "
-                              "iterator used up)", RuntimeWarning, stacklevel=3)
+                warnings.warn(f"run_epochs: a validation read no batch: {val_sets.described(name, epoch)} yielded none "
+                              "(an empty stream, or an iterator used up)", RuntimeWarning, stacklevel=3)
             metrics.update({f"val/{_named(k, name)}": v for k, v in means.items()})
         return metrics
 
@@ -1475,6 +1521,9 @@ def run_epochs(
                 if hooks.stops(state) and not resumed_val and not finishing:  # asked in on_epoch_start: no batch of it
                     break
                 data = _train_data(train_data, state)  # (a factory's: made for the epoch, now)
+                if resuming:
+                    resuming = False
+                    _warn_of_persistent_workers(data, train_data, state.epoch)
                 total = _epoch_total(data, limit_train_batches, train_data, state.epoch)
                 # (without a length, an epoch stopped at its last batch is found by a look ahead)
                 sized = _num_batches(data, None, "train_data") is not None

@@ -113,9 +113,19 @@ class _LightningNamed:
         (dict(val=(eval_step(_metric), (b for b in make_data(2)))), TypeError, "val's data is an iterator"),
         (dict(train_data=None), TypeError, "train_data must be an iterable of batches"),
         (dict(state=nn.Linear(3, 1)), TypeError, "state must be a loopkit.TrainState, got Linear: wrap the model"),
+        # a Dataset class (it has __getitem__) and an nn.Sequential (it has __iter__) would pass as data
+        (dict(train_data=torch.utils.data.TensorDataset), TypeError,
+         "run_epochs: train_data is the class TensorDataset, not data: pass an instance, a DataLoader, or a function"),
+        (dict(val=(eval_step(_metric), {"a": torch.utils.data.TensorDataset})), TypeError,
+         r"run_epochs: val's data\['a'\] is the class TensorDataset, not data"),
+        (dict(train_data=nn.Sequential(nn.Linear(3, 1))), TypeError,
+         r"run_epochs: train_data is a torch Module \(Sequential\), not data: the order is"),
+        (dict(val=(eval_step(_metric), nn.Sequential(nn.Linear(3, 1)))), TypeError,
+         r"run_epochs: val's data is a torch Module \(Sequential\), not data"),
     ],
     ids=["class", "str", "lightning-hook", "donate", "progress", "train-step-val", "eval-step-train", "empty-val",
-         "val-steps-without-val", "val-generator", "no-data", "model"],
+         "val-steps-without-val", "val-generator", "no-data", "model", "data-class", "val-data-class",
+         "data-sequential", "val-data-sequential"],
 )
 def test_run_epochs_refuses_misused_arguments_before_any_step(options, error, match):
     calls = []

@@ -433,3 +433,231 @@ def test_tune_fit_takes_a_factory_as_run_epochs_does():
     trial = optuna.create_study().ask()
     loopkit.tune.fit(trial, train_step(mse), _fresh(), factory, monitor="train/loss", epochs=2, progress=False)
     assert factory.calls == [0, 1] and trial.user_attrs["step"] == 4
+
+
+# --- a tester's findings: persistent workers on resume, an empty validation set, a class or a Module as data, each
+# set's own random draws, a factory's exception -------------------------------------------------------------------
+
+
+class _Augmented(torch.utils.data.Dataset):
+    """Samples with an augmentation drawn in the worker process (from its torch RNG, which the loader seeds)."""
+
+    def __len__(self):
+        return 16
+
+    def __getitem__(self, i):
+        g = torch.Generator().manual_seed(i)
+        x, y = torch.randn(3, generator=g), torch.randn(1, generator=g)
+        return x + 0.1 * torch.randn(3), y
+
+
+def _recipe(n: int, persistent: bool):
+    """``reload_dataloaders_every_n_epochs=n``, the documented recipe: a loader kept for n epochs (a cache of its own)."""
+    @functools.lru_cache(maxsize=1)
+    def make(epoch):
+        return DataLoader(_Augmented(), batch_size=4, shuffle=True, num_workers=2, persistent_workers=persistent)
+
+    return lambda epoch: make(epoch // n * n)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("n", "persistent", "exact"), [(2, True, False), (2, False, True), (1, True, True)],
+                         ids=["kept-persistent", "kept-not-persistent", "fresh-persistent"])
+def test_a_resume_with_a_loader_the_recipe_keeps_with_persistent_workers_is_warned_of_once(tmp_path, n, persistent,
+                                                                                           exact):
+    """The uninterrupted run is the reference. A loader kept across epochs 0 and 1 with persistent workers: its
+    workers' random streams (the augmentation) went on from epoch 0, a run resumed in epoch 1 starts new ones, so it
+    is not bitwise that run, and it says so, once (not again for epoch 2's fresh loader), as for the same loader given
+    as data (tests/test_driver.py); the fit that is no resume says nothing. Without persistent workers, or with a
+    fresh loader each epoch, the resumed run is the uninterrupted one, bitwise."""
+    import warnings
+
+    def fit(state, directory=None, callbacks=()):
+        step = train_step(mse)
+        if directory is not None:
+            step = loopkit.with_checkpointing(step, directory, every_n_steps=1, keep_last=None)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            final, _ = run_epochs(step, state, _recipe(n, persistent), epochs=3, callbacks=list(callbacks),
+                                  progress=False)
+        return final, [str(w.message) for w in caught if "persistent_workers" in str(w.message)]
+
+    whole, told = fit(make_state())
+    assert told == []
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        fit(make_state(), tmp_path, [_CrashAt(1, 3)])
+    mid = loopkit.restore(make_state(), tmp_path)
+    assert (mid.epoch, mid.batch_index) == (1, 2)
+    resumed, told = fit(mid, tmp_path)
+    same = all(torch.equal(a, b) for a, b in zip(params_of(resumed), params_of(whole)))
+    if persistent:  # (n=1: a fresh loader each epoch resumes exactly; which run_epochs cannot tell from the recipe's)
+        assert len(told) == 1 and "which train_data, a factory (_recipe.<locals>.<lambda>), returned for epoch 1" in told[0]
+        assert "for an exact resume use persistent_workers=False" in told[0]
+    else:
+        assert told == []
+    assert same == exact
+
+
+def _drawing(log: list, tag: str):
+    """A factory that takes a random subset (torch's, numpy's and Python's global RNGs) of the epoch's batches."""
+    def make(epoch):
+        log.append((tag, epoch, torch.randperm(9)[:3].tolist(), int(np.random.randint(1000)), random.random()))
+        return make_batches(epoch) * 2
+
+    return make
+
+
+def test_each_validation_set_draws_from_a_stream_of_its_own_and_a_resumed_run_draws_the_same(tmp_path):
+    """Two validation factories taking a random subset each take different ones, and neither the train factory's;
+    a set's draws come from its name (the same with or without the other set); a run resumed mid-epoch 1 from its
+    checkpoint (another process: another global RNG) draws what the uninterrupted run drew for epochs 1 and 2."""
+    ev = eval_step(lambda m, b: {"mse": mse(m, b)})
+
+    def fit(state, sets=("a", "b"), directory=None, callbacks=()):
+        log: list = []
+        step = train_step(mse)
+        if directory is not None:
+            step = loopkit.with_checkpointing(step, directory, every_n_steps=1, keep_last=None)
+        val = {name: _drawing(log, name) for name in sets}
+        run_epochs(step, state, _drawing(log, "train"), epochs=3, val=(ev, val), callbacks=list(callbacks),
+                   progress=False)
+        return {(tag, epoch): draws for tag, epoch, *draws in log}
+
+    loopkit.seed_everything(3)
+    whole = fit(make_state())
+    assert sorted(whole) == sorted(itertools.product(("train", "a", "b"), range(3)))  # once an epoch each
+    for epoch in range(3):
+        train, a, b = (whole[tag, epoch] for tag in ("train", "a", "b"))
+        assert all(a[i] != b[i] and a[i] != train[i] and b[i] != train[i] for i in range(3))  # each RNG's draws
+    assert all(whole["a", epoch] != whole["a", epoch + 1] for epoch in range(2))
+    alone = fit(make_state(), sets=("a",))
+    assert all(alone["a", epoch] == whole["a", epoch] and alone["train", epoch] == whole["train", epoch]
+               for epoch in range(3))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        fit(make_state(), directory=tmp_path, callbacks=[_CrashAt(1, 3)])
+    loopkit.seed_everything(99)  # another process: another global RNG
+    mid = loopkit.restore(make_state(), tmp_path)
+    assert (mid.epoch, mid.batch_index) == (1, 2)
+    resumed = fit(mid, directory=tmp_path)
+    assert resumed == {key: draws for key, draws in whole.items() if key[1] >= 1}
+
+
+def test_a_validation_factory_returning_an_empty_set_is_refused_as_empty_data_given_as_it_is():
+    """The reference: the same empty set given as data is refused (ValueError, before training). A factory's is
+    refused when made, naming the set, the factory and the epoch: before training for the sanity check's (the given
+    state intact), at epoch 1's end otherwise (the newest whole state: epoch 1 trained, its record to make)."""
+    ev = eval_step(lambda m, b: {"mse": mse(m, b)})
+    train = make_batches(0)
+    with pytest.raises(ValueError, match=r"run_epochs: val's data\['b'\] is empty \(len\(\) is 0\)"):
+        run_epochs(train_step(mse), _fresh(), train, epochs=3, val=(ev, {"a": train, "b": []}), progress=False)
+
+    def empty_from(first):
+        return lambda epoch: [] if epoch >= first else make_batches(epoch)
+
+    state = _fresh()
+    with pytest.raises(ValueError, match=r"run_epochs: what val's data\['b'\], a factory \(.*<lambda>\), returned for "
+                                         r"epoch 0, is empty \(len\(\) is 0\): no validation could give a metric"):
+        run_epochs(train_step(mse), state, train, epochs=3, val=(ev, {"a": train, "b": empty_from(0)}), progress=False)
+    state.check_usable()
+    with pytest.raises(ValueError, match=r"what val's data, a factory \(.*<lambda>\), returned for epoch 1, is empty"
+                       ) as info:
+        run_epochs(train_step(mse), state, train, epochs=3, val=(ev, empty_from(1)), progress=False)
+    left = loopkit.state_at_error(info.value)
+    assert (left.epoch, left.batch_index, left.step) == (1, 2, 4)
+
+    class Stream(torch.utils.data.IterableDataset):  # no len(): found empty only once read, and warned of then
+        def __init__(self, epoch):
+            self.epoch = epoch
+
+        def __iter__(self):
+            return iter(make_batches(self.epoch) if self.epoch == 0 else [])
+
+    with pytest.warns(RuntimeWarning, match=r"a validation read no batch: what val's data\['b'\], a factory "
+                                            r"\(.*<lambda>\), returned for epoch 1 yielded none"):
+        run_epochs(train_step(mse), _fresh(), train, epochs=2,
+                   val=(ev, {"a": train, "b": lambda epoch: DataLoader(Stream(epoch), batch_size=None)}), progress=False)
+
+
+class _CurriculumDataset(torch.utils.data.Dataset):
+    def __init__(self, epoch: int = 0):
+        self.epoch = epoch
+
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        return torch.ones(2, 3), torch.ones(2, 1)
+
+
+def test_a_class_or_a_module_given_as_data_or_made_by_a_factory_is_refused_naming_where():
+    """A Dataset class (it has __getitem__: it passed as data, and failed in the first epoch with Python's bare
+    "'type' object is not iterable") and an nn.Sequential (iterable: its layers were taken as batches) are neither
+    data nor a factory; a factory that returns one is named with its epoch."""
+    ev = eval_step(lambda m, b: {"mse": mse(m, b)})
+    train = make_batches(0)
+    sequential = torch.nn.Sequential(torch.nn.Linear(3, 1))
+    cases = [
+        (dict(train_data=_CurriculumDataset), r"run_epochs: train_data is the class _CurriculumDataset, not data: pass "
+                                              r"an instance, a DataLoader, or a function of the epoch"),
+        (dict(val=(ev, _CurriculumDataset)), r"run_epochs: val's data is the class _CurriculumDataset, not data"),
+        (dict(train_data=lambda epoch: _CurriculumDataset),
+         r"what train_data, a factory \(.*<lambda>\), returned for epoch 0, is the class _CurriculumDataset, not data: "
+         r"pass an instance or a DataLoader$"),
+        (dict(train_data=sequential), r"run_epochs: train_data is a torch Module \(Sequential\), not data"),
+        (dict(val=(ev, {"a": sequential})), r"run_epochs: val's data\['a'\] is a torch Module \(Sequential\)"),
+        (dict(val=(ev, {"a": lambda epoch: sequential})),
+         r"what val's data\['a'\], a factory .*returned for epoch 0, is a torch Module \(Sequential\), not data"),
+    ]
+    for options, match in cases:
+        state = _fresh()
+        with pytest.raises(TypeError, match=match):
+            run_epochs(train_step(mse), state, **{"train_data": train, "epochs": 1, "progress": False, **options})
+        state.check_usable()
+    with pytest.raises(TypeError, match=r"evaluate: data is the class _CurriculumDataset, not data: pass an instance "
+                                        r"or a DataLoader"):
+        evaluate(ev, _fresh(), _CurriculumDataset)
+    # the instance is data (a Dataset: each item a batch, as run_epochs warns)
+    with pytest.warns(RuntimeWarning, match="is a torch Dataset"):
+        assert run_epochs(train_step(mse), _fresh(), _CurriculumDataset(), epochs=1, progress=False)[0].step == 2
+
+
+class _FactoryError(Exception):
+    pass
+
+
+def test_an_exception_a_factory_raises_comes_out_as_it_is_with_a_note_naming_the_factory_and_the_epoch():
+    """Its type and its traceback (down to the factory's frame) kept, a note added; loopkit.state_at_error still
+    gives the newest whole state (epoch 0 trained, for a train factory failing at epoch 1), from which training goes
+    on; a validation factory's failure names the set."""
+    import traceback
+
+    def make(epoch):
+        if epoch == 1:
+            raise _FactoryError("no data for epoch 1")
+        return make_batches(epoch)
+
+    with pytest.raises(_FactoryError, match="no data for epoch 1") as info:
+        run_epochs(train_step(mse), _fresh(), make, epochs=2, progress=False)
+    assert info.value.__notes__ == [f"(raised by train_data, a factory ({make.__qualname__}), called for epoch 1)"]
+    assert traceback.extract_tb(info.value.__traceback__)[-1].name == "make"
+    left = loopkit.state_at_error(info.value)
+    assert (left.epoch, left.batch_index, left.step) == (1, 0, 2)
+    assert run_epochs(train_step(mse), left, make_batches, epochs=2, progress=False)[0].step == 4
+
+    ev = eval_step(lambda m, b: {"mse": mse(m, b)})
+    state = _fresh()
+    with pytest.raises(_FactoryError) as info:
+        run_epochs(train_step(mse), state, make_batches, epochs=2, val=(ev, {"hard": make}), progress=False)
+    assert info.value.__notes__ == [f"(raised by val's data['hard'], a factory ({make.__qualname__}), called for "
+                                    "epoch 1)"]
+    left = loopkit.state_at_error(info.value)  # at epoch 1's end, before its record: training on validates it
+    assert (left.epoch, left.batch_index, left.step) == (1, 2, 4)
+
+
+def test_with_training_off_the_train_factory_is_not_called_and_a_validation_factory_once_for_the_sanity_check():
+    """Lightning 2.6.6, measured (limit_train_batches=0, max_epochs=3, reload_dataloaders_every_n_epochs=1):
+    val_dataloader() at epoch 0 for the sanity check, train_dataloader() never."""
+    train, val = Recorded(make_batches), Recorded(make_batches, tag="val")
+    state, history = run_epochs(train_step(mse), _fresh(), train, epochs=3, limit_train_batches=0,
+                                val=(eval_step(lambda m, b: {"mse": mse(m, b)}), val), progress=False)
+    assert (train.calls, val.calls, history, state.step) == ([], [0], [], 0)
