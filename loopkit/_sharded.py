@@ -24,7 +24,7 @@ try:
 except ImportError:  # a torch built without distributed: nothing is ever sharded
     DTensor = None  # type: ignore[assignment, misc]
 
-__all__ = ["full", "is_dtensor", "is_sharded", "local"]
+__all__ = ["full", "held_grads", "holds_unreduced_grads", "is_dtensor", "is_sharded", "local"]
 
 
 def is_dtensor(value: Any) -> bool:
@@ -76,3 +76,52 @@ def local(tensor: torch.Tensor) -> torch.Tensor:
     True
     """
     return tensor._local_tensor if DTensor is not None and isinstance(tensor, DTensor) else tensor
+
+
+def held_grads(model: torch.nn.Module) -> list[tuple[Any, torch.Tensor | None]]:
+    """Each FSDP parameter of ``model`` with the unsharded gradient ``fully_shard`` holds for it after backwards
+    without gradient sync (None where it holds none), in the modules' order (the same on every rank). Reads torch's
+    FSDP2 internals (``FSDPParam``): named in the error where a torch version has moved them.
+
+    >>> held_grads(torch.nn.Linear(1, 1))
+    []
+    """
+    if not is_sharded(model):
+        return []
+    from torch.distributed.fsdp import FSDPModule
+
+    held, seen = [], set()
+    try:
+        for module in model.modules():
+            if not isinstance(module, FSDPModule):
+                continue
+            state = module._get_fsdp_state()
+            groups = getattr(state, "_fsdp_param_groups", None)
+            if groups is None:
+                groups = [g for g in [state._fsdp_param_group] if g is not None]
+            for group in groups:
+                if id(group) in seen:
+                    continue
+                seen.add(id(group))
+                for fsdp_param in group.fsdp_params:
+                    grad = fsdp_param.unsharded_accumulated_grad
+                    if grad is None and hasattr(fsdp_param, "_unsharded_param"):
+                        grad = fsdp_param._unsharded_param.grad
+                    held.append((fsdp_param, grad))
+    except AttributeError as e:
+        raise RuntimeError(
+            f"with_fsdp: cannot reach the gradients fully_shard holds unsharded in torch {torch.__version__} "
+            f"(its FSDP2 internals moved: {e}); flush a partial accumulation group is not possible, so make each "
+            "epoch a whole number of with_grad_accum groups"
+        ) from e
+    return held
+
+
+def holds_unreduced_grads(model: torch.nn.Module) -> bool:
+    """Whether ``fully_shard`` holds gradients of ``model`` that no reduce-scatter has reached yet: inside a
+    ``with_grad_accum`` group under ``with_fsdp`` (each rank's own partial sums, unsharded). No collective.
+
+    >>> holds_unreduced_grads(torch.nn.Linear(1, 1))
+    False
+    """
+    return any(grad is not None for _, grad in held_grads(model))

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from loopkit.errors import ImpurityError
-from loopkit.state import TrainState, module_settings
+from loopkit.state import TrainState, module_settings, refuse_copy_if_sharded
 from loopkit.steps import Metrics
 from loopkit.tree import copy_tensors
 
@@ -156,6 +156,8 @@ def check_purity(
         raise TypeError(f"check_purity: step {_name(step)} is donated, so it may change the state it is given by design")
     if not isinstance(state, TrainState):
         raise TypeError(f"check_purity: state must be a loopkit.TrainState, got {type(state).__qualname__}")
+    refuse_copy_if_sharded(state, "check_purity", "It calls the step twice on copies of the state: check the step "
+                           "on an unsharded state, in one process, without with_fsdp")
     name = _name(step)
     before = _full_snapshot(state)
     global_rng = torch.get_rng_state()

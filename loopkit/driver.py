@@ -38,7 +38,8 @@ from loopkit._window import EPOCH, OVER_RANKS, own_buffers, own_rng, own_share
 from loopkit.callbacks import Callback, may_change_state_early
 from loopkit.progress import ProgressBar, progress_wanted
 from loopkit.state import (
-    TrainState, extras_copy, fork, leave_intact, model_device, put_extras, replace, replace_extras, state_at_error,
+    TrainState, extras_copy, fork, leave_intact, model_device, put_extras, refuse_copy_if_sharded, replace,
+    replace_extras, state_at_error,
 )
 from loopkit.steps import (
     RECORDED, SAVE_DUE, WrapperStep, as_step, check_takes_model_and_batch, evaluating, in_accumulation_group,
@@ -1389,6 +1390,8 @@ def run_epochs(
     if limit_train_batches != 0:
         _warn_of_a_state_past_the_end(state, epochs, max_steps)
     if not donate and step.changes_state:
+        refuse_copy_if_sharded(state, "run_epochs(..., donate=False)", "A run on a sharded state donates it: leave "
+                               "donate=True and go on with the state run_epochs returns")
         state = fork(state)
     _to_device_state(state, device)
     move = _mover(device, state)
@@ -1457,6 +1460,7 @@ def run_epochs(
                            "rank must validate and stop at the same points (give val= on every rank, each its own shard "
                            "of the validation data, the same named sets)")
     check_sharding = _collective.active() and ("with_ddp" in step.applied or "with_fsdp" in step.applied)  # (at the fit's first batch)
+    sharded_run = "with_fsdp" in step.applied
     given = state
     if OVER_RANKS in state.extras:  # restored from a checkpoint holding every rank's running means and RNG: each takes its own
         rank, size = _collective.rank_and_size()
@@ -1586,8 +1590,9 @@ def run_epochs(
                     if stop.voting:  # (every rank stops after the same step)
                         stop.poll()
                     # a graceful stop: no flush, no validation; resume continues here. Under DDP not inside an
-                    # accumulation group: the other ranks' partial gradients (kept local) are in no checkpoint
-                    if stop.agreed and not (stop.voting and in_accumulation_group(state)):
+                    # accumulation group: the other ranks' partial gradients (kept local) are in no checkpoint; under
+                    # with_fsdp not on one rank either (fully_shard holds them unsharded: no state dict has them)
+                    if stop.agreed and not ((stop.voting or sharded_run) and in_accumulation_group(state)):
                         exhausted = False
                         break
                     hooks_ran = batch_hooks  # a callback can only ask to stop from one of its hooks

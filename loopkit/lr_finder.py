@@ -40,7 +40,7 @@ from loopkit._numbers import as_int, as_real
 from loopkit.callbacks import Callback
 from loopkit._search import search_step
 from loopkit.driver import _check_data, _check_device, _global_rngs_kept, _num_batches, run_epochs
-from loopkit.state import TrainState, fork
+from loopkit.state import TrainState, fork, refuse_copy_if_sharded
 
 __all__ = ["LRFinderResult", "lr_find"]
 
@@ -233,6 +233,9 @@ class LRFinderResult:
         """
         if not isinstance(state, TrainState):
             raise TypeError(f"LRFinderResult.apply: state must be a loopkit.TrainState, got {type(state).__qualname__}")
+        refuse_copy_if_sharded(state, "LRFinderResult.apply", "Apply the suggestion to the unsharded state, before "
+                               "training under with_fsdp, or set the rate on this one in place: for group in "
+                               "state.optimizer.param_groups: group['lr'] = result.suggestion()")
         if state.optimizer is None:
             raise ValueError("LRFinderResult.apply: the state has no optimizer")
         if state.scheduler is not None:

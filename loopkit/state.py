@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from loopkit._sharded import full, is_sharded
+from loopkit._sharded import full, holds_unreduced_grads, is_sharded
 from loopkit.errors import DonatedStateError, StateMismatchError
 from loopkit.rng import create_rng
 from loopkit.tree import decode_tree, encode_tree, from_plain, to_plain
@@ -229,6 +229,8 @@ class TrainState(_GraphSlot):
         A state whose model ``with_fsdp`` sharded gives the full (unsharded) state dict, the same
         as the unsharded state's: each sharded parameter, gradient and optimizer tensor is
         gathered whole (new tensors), a collective that every rank must make at the same point.
+        Inside a ``with_grad_accum`` group such a state refuses (``RuntimeError``): its partial
+        gradients are each rank's own, held unsharded by ``fully_shard``; flush the group first.
 
         >>> import torch
         >>> sorted(TrainState.create(torch.nn.Linear(1, 1)).state_dict())
@@ -237,6 +239,14 @@ class TrainState(_GraphSlot):
         self.check_usable()
         model = core_module(self.model)
         sharded = is_sharded(model)  # under with_fsdp: each DTensor gathered whole (a collective on every rank)
+        if sharded and holds_unreduced_grads(model):
+            raise RuntimeError(
+                f"TrainState.state_dict: this state's model is sharded (with_fsdp) and inside a with_grad_accum group "
+                f"(step {self.step}, batch {self.batch_index}): the group's partial gradients are each rank's own, held "
+                "unsharded by fully_shard until the group's last micro-batch reduces them, so no full state exists "
+                "here (a checkpoint of it would resume without them). Flush the group first (state, metrics = "
+                "step.flush(state)), or save at an update (with_checkpointing saves at updates and epoch ends)"
+            )
         sd: dict[str, Any] = {
             "model": dict(model.state_dict()),
             "grads": {n: p.grad for n, p in model.named_parameters() if p.grad is not None},
@@ -718,7 +728,25 @@ def fork(state: TrainState, *, optimizer_state: bool = True) -> TrainState:
     (False, True)
     """
     state.check_usable()
+    refuse_copy_if_sharded(state, "loopkit.state.fork", "copy the unsharded state before the with_fsdp step's first "
+                           "call with it, or make a full, unsharded copy on every rank: TrainState.create(new_model, "
+                           "new_optimizer).load_state_dict(state.state_dict())")
     return _fork(state, {}, optimizer_state=optimizer_state)
+
+
+def refuse_copy_if_sharded(state: TrainState, where: str, instead: str) -> None:
+    """Raise ``TypeError`` naming ``where`` (what copies ``state``) and ``instead`` (what to do) when ``with_fsdp``
+    has sharded ``state``'s model: a copy of a sharded model would need ``fully_shard``'s state of its own (its
+    all-gathers and reduce-scatters would work on the original's), so nothing copies one. Nothing without.
+
+    >>> import torch
+    >>> refuse_copy_if_sharded(TrainState.create(torch.nn.Linear(1, 1)), "lr_find", "")
+    """
+    if is_sharded(core_module(state.model)):
+        raise TypeError(
+            f"{where}: the state's model is sharded (with_fsdp), and {where} copies the state: a copy of a sharded "
+            f"model would need fully_shard's state of its own, so it is not made (nothing changed). {instead}"
+        )
 
 
 def _fork(state: TrainState, memo: dict[int, Any], *, optimizer_state: bool) -> TrainState:

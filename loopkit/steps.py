@@ -33,7 +33,8 @@ from loopkit._sharded import local
 from loopkit.errors import NonFiniteError
 from loopkit.rng import RNGScope, global_rng_state
 from loopkit.state import (
-    _INTACT, TrainState, drop_graph, extras_copy, fork, keep_graph, leave_intact, make_state, model_device, replace,
+    _INTACT, TrainState, drop_graph, extras_copy, fork, keep_graph, leave_intact, make_state, model_device,
+    refuse_copy_if_sharded, replace,
 )
 
 __all__ = [
@@ -180,6 +181,8 @@ class Step:
                 raise TypeError(self.requires_donation)
             if not self.changes_state:
                 return run(state, *args)
+            refuse_copy_if_sharded(state, f"a step that is not donated ({', '.join(self.applied)})", "Such a step "
+                                   "works on a copy of the state at every call: donate it (loopkit.donate(step))")
             new, metrics = run(fork(state), *args)
             drop_graph(new)  # the next call forks new parameters: the graph would only hold memory
             return new, metrics
@@ -764,6 +767,11 @@ class TrainStep(Step):
         # per-micro transforms need each micro-batch's whole gradient, so then every micro-step syncs
         every = self.every_at(state.epoch)
         local = sync is not None and not per_micro and state.extras.get(_ACCUM_COUNT, 0) + 1 < every
+        # with_fsdp's buffers: rank 0's on every rank before a forward that follows a synced backward, as DDP does
+        if sync is not None and (per_micro or not state.extras.get(_ACCUM_COUNT, 0)):
+            before_forward = getattr(sync, "before_forward", None)
+            if before_forward is not None:
+                before_forward(model)
         # a raising guard may refuse this call's gradients: what the parameters hold now is given back then
         held = [p.grad for group in optimizer.param_groups for p in group["params"]] if self.loss_checks else None
         try:

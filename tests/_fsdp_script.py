@@ -21,6 +21,10 @@ rank trains on its half of every global batch of ``make_data``; the test builds 
 - ``resume`` (run in a second launch, new processes): a new model, optimizer, scheduler and step,
   as a restarted script builds them, restored from ``cut``'s checkpoints with ``loopkit.restore``
   and trained to the end.
+- ``bn``, ``bn_ddp``: a model with BatchNorm (rank 1's data shifted), ``with_grad_accum(with_fsdp(...), every=2)``
+  and the same under ``with_ddp``, 2 epochs of 4 batches validated each; ``bn`` records the buffers each forward
+  starts from. ``bn_cut`` / ``bn_resume`` (second launch): ``bn`` checkpointed, cut at ``max_steps=3``, resumed.
+- ``bn_nobroadcast``: ``with_fsdp(broadcast_buffers=False)``, two calls, the buffers each forward starts from.
 """
 
 from __future__ import annotations
@@ -216,7 +220,98 @@ def resume(rank: int, out_dir: str) -> dict[str, Any]:
     return {"params": full_params(state.model), "start": start, "step": state.step}
 
 
-SCENARIOS = {f.__name__: f for f in (sgd, adam, accum, accum_outer, clip, nan, bf16, cut, resume)}
+def make_bn_model() -> nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(D_IN, D_HID), nn.BatchNorm1d(D_HID), nn.Tanh(), nn.Linear(D_HID, D_OUT))
+
+
+def make_bn_state() -> Any:
+    import loopkit
+
+    model = make_bn_model()
+    return loopkit.TrainState.create(model, torch.optim.Adam(model.parameters(), lr=0.05), seed=3)
+
+
+def make_bn_data(n: int, seed: int = 1234) -> torch.Tensor:
+    """``make_data`` with rank 1's half shifted: the ranks' BatchNorm statistics differ."""
+    data = make_data(n, seed).clone()
+    data[:, 1] += 2.0
+    return data
+
+
+def _bn_fit(kind: str, rank: int, out_dir: str, **options: Any) -> tuple[Any, Any, list]:
+    """2 epochs of 4 batches in groups of 2, validated each epoch, of the BatchNorm model: ``kind`` "fsdp" (its
+    loss_fn records the buffers each call's forward starts from), "ddp", or "fsdp_ckpt" (checkpointed at each
+    update into OUT/bn_ckpt; ``state=`` a restored state to start from)."""
+    import loopkit
+
+    seen: list[list[torch.Tensor]] = []
+
+    def loss(model, batch):
+        if kind != "ddp":
+            seen.append([b.detach().clone() for b in model.buffers()])
+        return mse(model, batch)
+
+    sync = loopkit.with_ddp if kind == "ddp" else (lambda s: loopkit.with_fsdp(s, shard=SHARD))
+    step = loopkit.with_grad_accum(sync(loopkit.train_step(loss)), every=2)
+    if kind == "fsdp_ckpt":
+        step = loopkit.with_checkpointing(step, os.path.join(out_dir, "bn_ckpt"), every_n_steps=1)
+    val = make_bn_data(2, seed=99)
+    evaluator = loopkit.eval_step(lambda m, b: {"mse": mse(m, b)})
+    state = options.pop("state", None)
+    state = make_bn_state() if state is None else state
+    state, history = _fit(step, state, make_bn_data(4), rank, 2, val=(evaluator, [val[i, rank] for i in range(2)]),
+                          sanity_val_batches=0, **options)
+    return state, history, seen
+
+
+def _bn_result(state: Any, history: Any, seen: list) -> dict[str, Any]:
+    return {"params": full_params(state.model), "history": history, "step": state.step, "seen": seen,
+            "buffers": {n: b.detach().clone() for n, b in state.model.named_buffers()}}
+
+
+def bn(rank: int, out_dir: str) -> dict[str, Any]:
+    """The BatchNorm model under with_fsdp, uninterrupted."""
+    return _bn_result(*_bn_fit("fsdp", rank, out_dir))
+
+
+def bn_ddp(rank: int, out_dir: str) -> dict[str, Any]:
+    """The same under with_ddp (its default broadcast_buffers=True): the reference for the buffers."""
+    return _bn_result(*_bn_fit("ddp", rank, out_dir))
+
+
+def bn_cut(rank: int, out_dir: str) -> dict[str, Any]:
+    """``bn``'s run checkpointed at each update, cut at max_steps=3 (mid-epoch 1)."""
+    return _bn_result(*_bn_fit("fsdp_ckpt", rank, out_dir, max_steps=3))
+
+
+def bn_resume(rank: int, out_dir: str) -> dict[str, Any]:
+    """In new processes: restored from ``bn_cut``'s checkpoints, trained to the end."""
+    import loopkit
+
+    restored = loopkit.restore(make_bn_state(), os.path.join(out_dir, "bn_ckpt"))
+    return _bn_result(*_bn_fit("fsdp_ckpt", rank, out_dir, state=restored))
+
+
+def bn_nobroadcast(rank: int, out_dir: str) -> dict[str, Any]:
+    """``broadcast_buffers=False``: 2 calls, each recording the buffers its forward starts from."""
+    import loopkit
+
+    seen: list[list[torch.Tensor]] = []
+
+    def loss(model, batch):
+        seen.append([b.detach().clone() for b in model.buffers()])
+        return mse(model, batch)
+
+    step = loopkit.with_fsdp(loopkit.train_step(loss), shard=SHARD, broadcast_buffers=False)
+    data = make_bn_data(2)
+    _loop(step, make_bn_state(), [data[i, rank] for i in range(2)])
+    return {"seen": seen}
+
+
+SCENARIOS = {f.__name__: f for f in (sgd, adam, accum, accum_outer, clip, nan, bf16, cut, resume, bn, bn_ddp, bn_cut,
+                                     bn_nobroadcast, bn_resume)}
 
 
 def main(out_dir: str, scenarios: list[str]) -> None:

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from loopkit._sharded import held_grads as _held_grads
 from loopkit._sharded import is_dtensor, local
 from loopkit.steps import TrainStep
 from loopkit.transforms._compose import refuse_wrapping, require_train_step
@@ -94,9 +95,10 @@ class FSDPSync:
     backward_collective = "the gradient reduce-scatter in backward (fully_shard)"
     refuses = _REFUSED
 
-    def __init__(self, shard: Any = (), options: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, shard: Any = (), options: Mapping[str, Any] | None = None, broadcast_buffers: bool = True) -> None:
         self.shard = shard
         self.options = dict(options or {})
+        self.broadcast_buffers = broadcast_buffers
         self._model: weakref.ref | None = None
 
     def wraps(self, model: nn.Module) -> bool:
@@ -121,6 +123,29 @@ class FSDPSync:
             _shard(model, optimizer, self.shard, self.options)
         self._model = weakref.ref(model)
         return model
+
+    def before_forward(self, model: nn.Module) -> None:
+        """Give every rank rank 0's buffers (BatchNorm's running statistics), as DDP does before a forward with
+        ``broadcast_buffers=True``: the step calls it before the forward of a call that starts an accumulation
+        group (every call without one). One broadcast per dtype and device of the buffers, on device tensors (no
+        host read); nothing with ``broadcast_buffers=False``, in one process, or for a model without buffers.
+
+        >>> FSDPSync(()).before_forward(torch.nn.BatchNorm1d(2))  # (no process group: one process)
+        """
+        if not self.broadcast_buffers or not _process_group_ready() or torch.distributed.get_world_size() == 1:
+            return
+        by_kind: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+        for buffer in model.buffers():
+            by_kind.setdefault((buffer.device, buffer.dtype), []).append(buffer)
+        with torch.no_grad():
+            for members in by_kind.values():
+                flat = torch.cat([b.reshape(-1) for b in members]) if len(members) > 1 else members[0].reshape(-1).clone()
+                try:
+                    torch.distributed.broadcast(flat, src=0)
+                except RuntimeError as e:
+                    raise self.failure("the broadcast of rank 0's buffers before the forward", e) from e
+                for b, part in zip(members, flat.split([b.numel() for b in members])):
+                    b.copy_(part.view(b.shape))
 
     def no_sync(self, module: nn.Module) -> Any:
         """The context of a micro-step whose gradients stay on this rank, unsharded (no reduce-scatter)."""
@@ -222,8 +247,9 @@ def _shard(model: nn.Module, optimizer: torch.optim.Optimizer, shard: Any, optio
                     "model's; fully_shard shards the model's parameters only (build the optimizer over "
                     "model.parameters())"
                 )
-    _broadcast_from_rank_zero(model)
     picked = _chosen(shard)
+    _refuse_split_ties(model, picked)
+    _broadcast_from_rank_zero(model)
     for module in reversed([m for m in model.modules() if m is not model and picked(m)]):  # innermost first
         fully_shard(module, **options)
     fully_shard(model, **options)
@@ -235,6 +261,39 @@ def _shard(model: nn.Module, optimizer: torch.optim.Optimizer, shard: Any, optio
             entry = optimizer.state.pop(before, None)
             if entry is not None:
                 optimizer.state[after] = {k: _shard_like(v, before, after) for k, v in entry.items()}
+
+
+def _refuse_split_ties(model: nn.Module, picked: Callable[[nn.Module], bool]) -> None:
+    """Refuse a parameter tied across modules (the same tensor in two places, an embedding shared with the output
+    layer) that ``shard`` would put into two ``fully_shard`` groups: each occurrence belongs to the innermost picked
+    module that holds it (the model's own group where none does), and torch refuses a parameter of two groups at the
+    step's first forward ("shared with a parameter already managed by another FSDP group"). Raised here, before
+    anything is sharded, naming both places and what to pick instead."""
+    chosen = {name: module for name, module in model.named_modules(remove_duplicate=False)
+              if module is not model and picked(module)}
+
+    def group_of(param_name: str) -> str:
+        parts = param_name.split(".")[:-1]
+        for i in range(len(parts), 0, -1):
+            if ".".join(parts[:i]) in chosen:
+                return ".".join(parts[:i])
+        return ""
+
+    def described(group: str) -> str:
+        return f"'{group}' ({type(chosen[group]).__name__}, picked by shard=)" if group else "the model's own group"
+
+    first: dict[int, tuple[str, str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        group = group_of(name)
+        seen = first.setdefault(id(p), (name, group))
+        if seen[1] != group:
+            raise ValueError(
+                f"with_fsdp: the parameter '{seen[0]}' is tied to '{name}' (the same tensor), and shard= puts them into "
+                f"two fully_shard groups, {described(seen[1])} and {described(group)}; torch's FSDP2 refuses a "
+                "parameter managed by two groups. Leave every module that holds the tied weight out of shard=, so "
+                "that the model's own group holds it (e.g. shard the blocks between them: shard={Block}; shard=() "
+                "works), or pick a module that holds all of its places"
+            )
 
 
 def _shard_like(value: Any, before: torch.Tensor, after: torch.Tensor) -> Any:
@@ -268,39 +327,6 @@ def _broadcast_from_rank_zero(model: nn.Module) -> None:
     with torch.no_grad():
         for _, t in tensors:
             dist.broadcast(t.data, src=0)
-
-
-def _held_grads(model: nn.Module) -> list[tuple[Any, torch.Tensor | None]]:
-    """Each FSDP parameter of ``model`` with the unsharded gradient it holds after backwards without gradient
-    sync (None where it holds none), in the modules' order (the same on every rank). Reads torch's FSDP2 internals
-    (``FSDPParam``): named in the error where a torch version has moved them."""
-    from torch.distributed.fsdp import FSDPModule
-
-    held, seen = [], set()
-    try:
-        for module in model.modules():
-            if not isinstance(module, FSDPModule):
-                continue
-            state = module._get_fsdp_state()
-            groups = getattr(state, "_fsdp_param_groups", None)
-            if groups is None:
-                groups = [g for g in [state._fsdp_param_group] if g is not None]
-            for group in groups:
-                if id(group) in seen:
-                    continue
-                seen.add(id(group))
-                for fsdp_param in group.fsdp_params:
-                    grad = fsdp_param.unsharded_accumulated_grad
-                    if grad is None and hasattr(fsdp_param, "_unsharded_param"):
-                        grad = fsdp_param._unsharded_param.grad
-                    held.append((fsdp_param, grad))
-    except AttributeError as e:
-        raise RuntimeError(
-            f"with_fsdp: cannot reach the gradients fully_shard holds unsharded in torch {torch.__version__} "
-            f"(its FSDP2 internals moved: {e}); flush a partial accumulation group is not possible, so make each "
-            "epoch a whole number of with_grad_accum groups"
-        ) from e
-    return held
 
 
 def _drop_held_grad(fsdp_param: Any) -> None:
@@ -339,6 +365,7 @@ def with_fsdp(
     shard: Any = (),
     reshard_after_forward: bool | int = True,
     mp_policy: Any = None,
+    broadcast_buffers: bool = True,
     **fully_shard_options: Any,
 ) -> TrainStep:
     """Train on every rank of a ``torch.distributed`` process group, the model fully sharded (FSDP2).
@@ -358,6 +385,25 @@ def with_fsdp(
     over ``model.parameters()``, and the first call points the optimizer's ``param_groups`` at the
     sharded parameters; any state the optimizer holds already (a restored checkpoint's) is cut
     into this rank's shards with them. The scheduler keeps working on the same param groups.
+
+    Buffers (BatchNorm's running statistics) are not sharded: each rank holds them whole. With
+    ``broadcast_buffers=True`` (the default, DDP's) every rank takes rank 0's before the forward
+    of each call that starts an accumulation group (each call without ``with_grad_accum``), as
+    DDP broadcasts them before a forward that follows a synced backward (after a flushed partial
+    group DDP does not; ``with_fsdp`` does, so that a run resumed from the epoch's end is the
+    same), and then updates them from its own batch, as under DDP. ``with_checkpointing`` keeps
+    every rank's buffers and ``run_epochs`` gives each rank its own back on resume, so a resumed
+    run is the uninterrupted one, validation included. ``broadcast_buffers=False`` leaves each
+    rank updating its own (they drift apart, and a validation reads each rank's own): a
+    checkpoint's model holds rank 0's, and a resume is exact for the parameters only.
+
+    Tied weights (one tensor in two modules, an embedding shared with the output layer): no
+    module ``shard`` picks may hold the tied weight unless it holds every place of it, since
+    ``fully_shard`` puts each parameter into one group. Leave the tied modules out of ``shard``
+    (the model's own group then holds the weight: shard the blocks between them), or
+    ``shard=()``; the step's first call refuses (``ValueError``) a ``shard`` that splits them,
+    naming both places. torch's ``fully_shard`` refuses a 0-dim (scalar) parameter: make it of
+    shape ``(1,)``.
 
     With the other transforms, in any order:
 
@@ -383,13 +429,27 @@ def with_fsdp(
     in one process. ``load_state_dict`` of a sharded state is refused. ``loopkit.checkpoint.save``
     gathers as ``state_dict`` does, but writes on every rank that calls it: save through
     ``with_checkpointing`` (its own saves, and its ``.save()`` called on every rank, write on rank 0).
+    Inside a ``with_grad_accum`` group the micro-batches' partial gradients are each rank's own,
+    held unsharded by ``fully_shard``, so no full state exists there: ``state_dict`` (and so
+    ``checkpoint.save`` and ``.save()``) refuses (``RuntimeError``; flush the group first with
+    ``step.flush(state)``, or save at an update). ``with_checkpointing``'s own saves come at
+    updates and epoch ends, and a graceful stop (SIGTERM) under ``run_epochs`` waits for the
+    group's end before it saves, on one rank as on several.
+
+    A sharded model cannot be copied (the copy would need ``fully_shard``'s state of its own):
+    what copies a state refuses it (``TypeError``) before anything changes: ``lr_find`` and
+    ``scale_batch_size`` (run them on the unsharded state, before the ``with_fsdp`` step's first
+    call with it: they shard copies of it and leave it unsharded), ``run_epochs(..., donate=False)``,
+    ``LRFinderResult.apply``, a step that is not donated, ``check_purity`` and ``loopkit.state.fork``.
 
     The step must be donated (``loopkit.donate``; ``run_epochs`` donates): a call that is not
     raises ``TypeError``. Every rank must call the step, and validate, the same number of times
     (shard the data with ``loopkit.distributed.shard``), and, as torch's FSDP requires, run the
     same sharded submodules in each forward and give gradients to the same parameters in each
     backward (no data-dependent branches that skip a layer on one rank: its all-gather or
-    reduce-scatter would wait for the others); metric means read by ``run_epochs``, ``evaluate``
+    reduce-scatter would wait for the others); a ``loss_fn`` that returns None (skips the batch)
+    must do so on every rank at once (on one rank alone, the others wait in their collectives
+    until the process group's timeout, as under ``with_ddp``); metric means read by ``run_epochs``, ``evaluate``
     and ``with_logging`` are means over all ranks.
 
     Raises ``RuntimeError`` when no process group is initialised (start with ``torchrun`` and
@@ -423,9 +483,11 @@ def with_fsdp(
     _check_shard(shard)
     if not isinstance(reshard_after_forward, (bool, int)):
         raise TypeError(f"with_fsdp: reshard_after_forward must be True, False or an int, got {reshard_after_forward!r}")
+    if not isinstance(broadcast_buffers, bool):
+        raise TypeError(f"with_fsdp: broadcast_buffers must be True or False, got {broadcast_buffers!r}")
     if not _process_group_ready():
         raise RuntimeError(_NO_GROUP)
     options = dict(fully_shard_options, reshard_after_forward=reshard_after_forward)
     if mp_policy is not None:
         options["mp_policy"] = mp_policy
-    return base.with_transform("with_fsdp", sync=FSDPSync(shard, options))
+    return base.with_transform("with_fsdp", sync=FSDPSync(shard, options, broadcast_buffers))

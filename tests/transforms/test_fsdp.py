@@ -28,7 +28,7 @@ import loopkit
 from tests import _fsdp_script as fsdp
 
 TOL = 1e-6
-SCENARIOS = [name for name in fsdp.SCENARIOS if name != "resume"]  # resume: a second launch, after cut
+SCENARIOS = [name for name in fsdp.SCENARIOS if not name.endswith("resume")]  # resume: a second launch, after cut
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def ranks(tmp_path_factory: pytest.TempPathFactory):
     from tests._ddp_script import torchrun
 
     out = str(tmp_path_factory.mktemp("fsdp"))
-    for scenarios in (SCENARIOS, ["resume"]):  # the second: new processes, restarted from cut's checkpoints
+    for scenarios in (SCENARIOS, ["resume", "bn_resume"]):  # the second: new processes, restarted from checkpoints
         done = torchrun(out, scenarios, timeout=60, script=os.path.abspath(fsdp.__file__))
         assert done.returncode == 0, done.stdout[-4000:]
     load = lambda name: [torch.load(os.path.join(out, f"{name}_rank{r}.pt")) for r in range(2)]  # noqa: E731
@@ -169,6 +169,49 @@ def test_bfloat16_autocast_trains_close_to_float32(ranks):
     _assert_close(bf16[0]["params"], model, tol=5e-3)  # bfloat16 matmuls: 8 bits of mantissa
 
 
+def test_buffers_are_rank_zeros_before_each_group_as_under_ddp(ranks):
+    """BatchNorm's running statistics: every rank's forward that starts a group starts from rank 0's buffers (the
+    ranks' data differ, so without the broadcast rank 1's drift away), and each rank ends with what with_ddp (its
+    broadcast_buffers=True) leaves on it; validation reads them: its means equal DDP's."""
+    bn, ddp, off = ranks("bn"), ranks("bn_ddp"), ranks("bn_nobroadcast")
+    _assert_ranks_identical(bn)
+    assert len(bn[0]["seen"]) == 8
+    for call in range(0, 8, 2):  # the first call of each group of 2
+        for a, b in zip(bn[0]["seen"][call], bn[1]["seen"][call]):
+            assert torch.equal(a, b), f"call {call}: the ranks' buffers differ before the forward"
+    assert not torch.equal(bn[0]["seen"][1][0], bn[1]["seen"][1][0])  # mid-group: each rank's own update
+    for r in range(2):
+        _assert_close(bn[r]["params"], _as_model(ddp[r]["params"]))
+        for name, b in ddp[r]["buffers"].items():
+            assert (bn[r]["buffers"][name].double() - b.double()).abs().max() <= TOL, (r, name)
+        for mine, theirs in zip(bn[r]["history"], ddp[r]["history"]):
+            assert mine["val/mse"] == pytest.approx(theirs["val/mse"], abs=TOL)
+    assert not torch.equal(bn[0]["buffers"]["1.running_mean"], bn[1]["buffers"]["1.running_mean"])  # (after a forward)
+    # broadcast_buffers=False: each rank's own, from the second call on
+    assert torch.equal(off[0]["seen"][0][0], off[1]["seen"][0][0])  # (rank 0's when the model was sharded)
+    assert not torch.equal(off[0]["seen"][1][0], off[1]["seen"][1][0])
+
+
+def test_crash_resume_of_a_batchnorm_model_equals_the_uninterrupted_run_bitwise(ranks):
+    """Cut after update 3 (mid-epoch 1), resumed in new processes: parameters, each rank's buffers and the
+    resumed epoch's validation means equal the uninterrupted run's, bit for bit."""
+    resumed, uninterrupted, cut = ranks("bn_resume"), ranks("bn"), ranks("bn_cut")
+    assert cut[0]["step"] == 3 and resumed[0]["step"] == uninterrupted[0]["step"] == 4
+    for r in range(2):
+        for name, p in uninterrupted[r]["params"].items():
+            assert torch.equal(resumed[r]["params"][name], p), name
+        for name, b in uninterrupted[r]["buffers"].items():
+            assert torch.equal(resumed[r]["buffers"][name], b), (r, name)
+        assert [h["epoch"] for h in resumed[r]["history"]] == [1]
+        assert resumed[r]["history"][0] == uninterrupted[r]["history"][1]
+        assert cut[r]["history"][0] == uninterrupted[r]["history"][0]
+
+
+def _as_model(params):
+    """``params`` (name -> tensor) as an object with ``named_parameters``, for :func:`_assert_close`."""
+    return type("Params", (), {"named_parameters": lambda self: params.items()})()
+
+
 # --- 3. full checkpoints: crash-resume, a plain template, state_dict, export_weights ---------------------------
 
 
@@ -265,6 +308,7 @@ def test_a_step_that_is_not_donated_is_refused(one_rank):
     (lambda s: loopkit.with_fsdp(s, offload_policy=object()), "with_fsdp: offload_policy=: CPU offload"),
     (lambda s: loopkit.with_fsdp(s, shard=torch.nn.Linear), "with_fsdp: shard must be a collection of module classes"),
     (lambda s: loopkit.with_fsdp(s, shard=[len]), "with_fsdp: shard must hold torch.nn.Module subclasses"),
+    (lambda s: loopkit.with_fsdp(s, broadcast_buffers=1), "with_fsdp: broadcast_buffers must be True or False"),
 ])
 def test_refused_pairs_and_options_name_both(one_rank, build, message):
     with pytest.raises(TypeError, match=message):
@@ -301,3 +345,120 @@ def test_one_rank_equals_the_plain_step_and_carries_the_optimizer_state_over(one
     full = b.state_dict()
     for name, p in a.model.named_parameters():
         assert torch.equal(full["model"][name], p.detach()), name
+
+
+# --- 5. what a sharded state cannot do: a copy, a state dict mid-group, tied weights split by shard= ----------
+
+
+def _sharded_state(every: int = 1):
+    """A one-rank state sharded by one call of a donated with_fsdp step (in groups of ``every``), and the step."""
+    inner = loopkit.with_fsdp(_step(), shard=fsdp.SHARD)
+    step = loopkit.donate(inner if every == 1 else loopkit.with_grad_accum(inner, every=every))
+    state, _ = step(fsdp.make_state("adam"), fsdp.global_batch(fsdp.make_data(1), 0))
+    return state, step
+
+
+def test_what_copies_a_sharded_state_refuses_it_naming_itself_and_what_to_do(one_rank):
+    """lr_find and scale_batch_size work on the unsharded state (they shard copies of it); on a sharded one each
+    caller of a copy refuses, naming itself, with_fsdp and what to do, and leaves the state as it was."""
+    from loopkit.debug import check_purity
+    from loopkit.state import fork
+
+    data = [fsdp.global_batch(fsdp.make_data(4), i) for i in range(4)]
+    fsdp_step = loopkit.with_fsdp(_step(), shard=fsdp.SHARD)
+    unsharded = fsdp.make_state("sgd")
+    found = loopkit.lr_find(fsdp_step, unsharded, data, num_training=3)  # works: the search shards its copies
+    assert type(unsharded.model[0].weight) is torch.nn.Parameter
+    state, _ = _sharded_state()
+    before = fsdp.full_params(state.model)
+    calls = {
+        "lr_find": (lambda: loopkit.lr_find(fsdp_step, state, data, num_training=3),
+                    r"Run lr_find on the unsharded state, before training under with_fsdp"),
+        "scale_batch_size": (lambda: loopkit.scale_batch_size(fsdp_step, state, lambda n: data[:2], max_trials=2),
+                             r"Run scale_batch_size on the unsharded state"),
+        r"run_epochs\(\.\.\., donate=False\)": (
+            lambda: loopkit.run_epochs(fsdp_step, state, data, epochs=2, progress=False, donate=False),
+            r"leave donate=True"),
+        r"LRFinderResult\.apply": (lambda: found.apply(state), r"group\['lr'\] = result\.suggestion\(\)"),
+        r"a step that is not donated \(train_step\)": (lambda: _step()(state, data[0]), r"loopkit\.donate\(step\)"),
+        "check_purity": (lambda: check_purity(_step(), state, data[0]), r"without with_fsdp"),
+        r"loopkit\.state\.fork": (lambda: fork(state), r"load_state_dict\(state\.state_dict\(\)\)"),
+    }
+    for where, (call, advice) in calls.items():
+        with pytest.raises(TypeError, match=rf"^{where}: the state's model is sharded \(with_fsdp\).*{advice}"):
+            call()
+        assert not state._consumed
+        after = fsdp.full_params(state.model)
+        assert all(torch.equal(after[n], p) for n, p in before.items()), where
+
+
+def test_a_state_dict_mid_group_is_refused_and_a_graceful_stop_waits_for_the_group_end(one_rank, tmp_path):
+    """Inside a with_grad_accum group fully_shard holds the partial gradients unsharded (no p.grad): state_dict,
+    checkpoint.save and with_checkpointing(...).save() refuse, naming the flush; after the flush they work, and
+    the flushed update equals the plain one-process step's. A SIGTERM in a group's first call (one rank) stops
+    after the group's end: its checkpoint resumes to the uninterrupted run, bitwise."""
+    import signal
+
+    state, step = _sharded_state(every=2)
+    message = r"state_dict: this state's model is sharded \(with_fsdp\) and inside a with_grad_accum group.*step\.flush"
+    with pytest.raises(RuntimeError, match=message):
+        state.state_dict()
+    with pytest.raises(RuntimeError, match=message):
+        loopkit.checkpoint.save(state, tmp_path / "direct")
+    with pytest.raises(RuntimeError, match=message):
+        loopkit.with_checkpointing(_step(), tmp_path / "ckpt").save(state)
+    state, _ = step.flush(state)
+    plain = loopkit.donate(loopkit.with_grad_accum(_step(), every=2))
+    reference, _ = plain(fsdp.make_state("adam"), fsdp.global_batch(fsdp.make_data(1), 0))
+    reference, _ = plain.flush(reference)
+    full = state.state_dict()
+    for name, p in reference.model.named_parameters():
+        assert torch.equal(full["model"][name], p.detach()), name
+
+    calls = [0]
+
+    def loss(model, batch):
+        calls[0] += 1
+        if calls[0] == 3:  # the first micro-batch of the second group
+            os.kill(os.getpid(), signal.SIGTERM)
+        return fsdp.mse(model, batch)
+
+    def fit(state, directory=None, loss_fn=fsdp.mse):
+        inner = loopkit.with_grad_accum(loopkit.with_fsdp(loopkit.train_step(loss_fn), shard=fsdp.SHARD), every=2)
+        step = inner if directory is None else loopkit.with_checkpointing(inner, directory, every_n_epochs=0)
+        return fsdp._fit(step, state, fsdp.make_data(6, world=1), 0, 1)
+
+    uninterrupted, _ = fit(fsdp.make_state("adam"))
+    stopped, _ = fit(fsdp.make_state("adam"), tmp_path / "stop", loss)
+    assert (stopped.step, stopped.batch_index) == (2, 4)  # the group's end, not its first call
+    restored = loopkit.restore(fsdp.make_state("adam"), tmp_path / "stop")
+    assert (restored.step, restored.batch_index) == (2, 4)
+    resumed, _ = fit(restored)
+    a, b = fsdp.full_params(uninterrupted.model), fsdp.full_params(resumed.model)
+    for name, p in a.items():
+        assert torch.equal(b[name], p), name
+
+
+def test_a_tied_weight_split_by_shard_is_refused_naming_both_places(one_rank):
+    """An embedding tied to the output layer: shard= picking either module puts the weight into two groups (torch
+    refuses at the first forward); refused before anything is sharded, naming both and the fix. shard=() trains."""
+    def tied():
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            emb, out = torch.nn.Embedding(7, 4), torch.nn.Linear(4, 7, bias=False)
+        out.weight = emb.weight
+        model = torch.nn.Sequential(emb, torch.nn.Tanh(), out)
+        return loopkit.TrainState.create(model, torch.optim.Adam(model.parameters(), lr=0.05))
+
+    ce = loopkit.train_step(lambda m, b: torch.nn.functional.cross_entropy(m(b[:, 0]), b[:, 1]))
+    batch = torch.randint(0, 7, (8, 2), generator=torch.Generator().manual_seed(0))
+    for shard, places in (({torch.nn.Embedding, torch.nn.Linear}, r"'0' \(Embedding, picked by shard=\) and '2' "
+                                                                  r"\(Linear, picked by shard=\)"),
+                          ({torch.nn.Linear}, r"the model's own group and '2' \(Linear, picked by shard=\)")):
+        state = tied()
+        with pytest.raises(ValueError, match=rf"with_fsdp: the parameter '0\.weight' is tied to '2\.weight'.*{places}"
+                                             r".*Leave every module that holds the tied weight out of shard="):
+            loopkit.donate(loopkit.with_fsdp(ce, shard=shard))(state, batch)
+        assert type(state.model[0].weight) is torch.nn.Parameter  # nothing sharded
+    state, metrics = loopkit.donate(loopkit.with_fsdp(ce))(tied(), batch)
+    assert state.model[0].weight is state.model[2].weight and torch.isfinite(metrics["loss"])
