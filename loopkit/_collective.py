@@ -13,12 +13,13 @@ how many values each rank contributed. :func:`is_rank_zero` says which process w
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 
 __all__ = [
-    "active", "any_rank", "check_same", "fold", "gather", "is_rank_zero", "means", "rank_and_size", "read", "sum_dtype",
+    "active", "agree_max", "any_rank", "check_same", "failure", "fold", "gather", "is_rank_zero", "means", "rank_and_size",
+    "read", "ready", "sum_dtype",
 ]
 
 
@@ -201,3 +202,45 @@ def _summed_over_ranks(sums: Mapping[str, torch.Tensor], counts: Mapping[str, fl
     if keys:
         dist.all_reduce(packed, op=dist.ReduceOp.SUM)
     return keys, packed
+
+
+def ready() -> bool:
+    """True inside an initialised ``torch.distributed`` process group, of any size.
+
+    >>> ready()
+    False
+    """
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized()
+
+
+def failure(transform: str, collective: str, error: BaseException, where: str = "") -> RuntimeError:
+    """The error a data-parallel ``transform`` raises when ``collective`` failed: it names the collective,
+    this rank and the likely cause.
+
+    >>> str(failure("with_ddp", "the gradient all-reduce", RuntimeError("reset by peer")))[:52]
+    'with_ddp: the gradient all-reduce failed on rank 0 o'
+    """
+    rank, size = rank_and_size()
+    return RuntimeError(
+        f"{transform}: {collective} failed on rank {rank} of {size}{where}: another rank has probably died or "
+        f"stopped (see its log), or the process group's timeout ran out. The error was: {error}"
+    )
+
+
+def agree_max(flags: torch.Tensor, failed: Callable[[str, BaseException], RuntimeError]) -> torch.Tensor:
+    """``flags``' maximum over all ranks (one all-reduce, on a float copy): 1.0 anywhere is 1.0 everywhere;
+    a failed all-reduce raises ``failed(collective, error)``.
+
+    >>> import torch.distributed as dist
+    >>> dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    >>> agree_max(torch.tensor([0.0, 1.0]), lambda what, e: RuntimeError(what))
+    tensor([0., 1.])
+    >>> dist.destroy_process_group()
+    """
+    agreed = flags.detach().float().clone()
+    try:
+        torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MAX)
+    except RuntimeError as e:
+        raise failed("the all-reduce that agrees on skipping the update", e) from e
+    return agreed

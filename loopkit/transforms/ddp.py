@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from loopkit import _collective
 from loopkit.steps import TrainStep
 from loopkit.transforms._compose import require_train_step
 
@@ -39,11 +40,6 @@ _DONATE = (
     "broadcasts rank 0's copy when it is built; a step that is not donated works on a fresh copy of the "
     "state at every call, which DDP cannot follow"
 )
-
-
-def _process_group_ready() -> bool:
-    dist = torch.distributed
-    return dist.is_available() and dist.is_initialized()
 
 
 class DDPSync:
@@ -88,7 +84,7 @@ class DDPSync:
         ref = self._model
         if ref is not None and ref() is model:
             return self._ddp  # type: ignore[return-value]
-        if not _process_group_ready():
+        if not _collective.ready():
             raise RuntimeError(_NO_GROUP)
         self._model = self._ddp = None
         options = dict(self.options)
@@ -121,22 +117,11 @@ class DDPSync:
         >>> str(DDPSync({}).failure("the gradient all-reduce", RuntimeError("reset by peer")))[:52]
         'with_ddp: the gradient all-reduce failed on rank 0 o'
         """
-        dist = torch.distributed
-        rank = dist.get_rank() if _process_group_ready() else 0
-        size = dist.get_world_size() if _process_group_ready() else 1
-        return RuntimeError(
-            f"with_ddp: {collective} failed on rank {rank} of {size}{where}: another rank has probably died or "
-            f"stopped (see its log), or the process group's timeout ran out. The error was: {error}"
-        )
+        return _collective.failure("with_ddp", collective, error, where)
 
     def agree(self, flags: torch.Tensor) -> torch.Tensor:
         """``flags``' maximum over all ranks (one all-reduce): 1.0 anywhere is 1.0 everywhere."""
-        agreed = flags.detach().float().clone()
-        try:
-            torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MAX)
-        except RuntimeError as e:
-            raise self.failure("the all-reduce that agrees on skipping the update", e) from e
-        return agreed
+        return _collective.agree_max(flags, self.failure)
 
     def reduce_grads(self, optimizer: torch.optim.Optimizer) -> None:
         """Average a flushed partial group's gradients (kept on each rank under ``no_sync``) over the ranks.
@@ -274,6 +259,6 @@ def with_ddp(
         raise TypeError(f"with_ddp: comm_hook must be callable as hook(state, bucket), got {type(comm_hook).__qualname__}")
     if "module" in ddp_options:
         raise TypeError("with_ddp: the module is the state's model; do not pass module=")
-    if not _process_group_ready():
+    if not _collective.ready():
         raise RuntimeError(_NO_GROUP)
     return base.with_transform("with_ddp", sync=DDPSync(ddp_options, comm_hook, comm_state))

@@ -27,6 +27,7 @@ from torch import nn
 
 from loopkit._sharded import held_grads as _held_grads
 from loopkit._sharded import is_dtensor, local
+from loopkit import _collective
 from loopkit.steps import TrainStep
 from loopkit.transforms._compose import refuse_wrapping, require_train_step
 
@@ -70,11 +71,6 @@ _UNSUPPORTED_OPTIONS: Mapping[str, str] = types.MappingProxyType({
 })
 
 
-def _process_group_ready() -> bool:
-    dist = torch.distributed
-    return dist.is_available() and dist.is_initialized()
-
-
 class FSDPSync:
     """The fully-sharded data-parallel hook of a :class:`loopkit.TrainStep` (its ``sync`` field).
 
@@ -114,7 +110,7 @@ class FSDPSync:
         """``model``, sharded at the first call with this model object (``optimizer`` pointed at the shards)."""
         if self.wraps(model):
             return model
-        if not _process_group_ready():
+        if not _collective.ready():
             raise RuntimeError(_NO_GROUP)
         if optimizer is None:
             raise ValueError("with_fsdp needs a state with an optimizer (TrainState.create(model, optimizer))")
@@ -132,7 +128,7 @@ class FSDPSync:
 
         >>> FSDPSync(()).before_forward(torch.nn.BatchNorm1d(2))  # (no process group: one process)
         """
-        if not self.broadcast_buffers or not _process_group_ready() or torch.distributed.get_world_size() == 1:
+        if not self.broadcast_buffers or not _collective.ready() or torch.distributed.get_world_size() == 1:
             return
         by_kind: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
         for buffer in model.buffers():
@@ -157,22 +153,11 @@ class FSDPSync:
         >>> str(FSDPSync(()).failure("the all-gather", RuntimeError("reset by peer")))[:45]
         'with_fsdp: the all-gather failed on rank 0 of'
         """
-        dist = torch.distributed
-        rank = dist.get_rank() if _process_group_ready() else 0
-        size = dist.get_world_size() if _process_group_ready() else 1
-        return RuntimeError(
-            f"with_fsdp: {collective} failed on rank {rank} of {size}{where}: another rank has probably died or "
-            f"stopped (see its log), or the process group's timeout ran out. The error was: {error}"
-        )
+        return _collective.failure("with_fsdp", collective, error, where)
 
     def agree(self, flags: torch.Tensor) -> torch.Tensor:
         """``flags``' maximum over all ranks (one all-reduce): 1.0 anywhere is 1.0 everywhere."""
-        agreed = local(flags).detach().float().clone()
-        try:
-            torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MAX)
-        except RuntimeError as e:
-            raise self.failure("the all-reduce that agrees on skipping the update", e) from e
-        return agreed
+        return _collective.agree_max(local(flags), self.failure)
 
     def reduce_grads(self, optimizer: torch.optim.Optimizer) -> None:
         """Reduce a flushed partial group's gradients, which ``fully_shard`` holds unsharded on each rank
@@ -485,7 +470,7 @@ def with_fsdp(
         raise TypeError(f"with_fsdp: reshard_after_forward must be True, False or an int, got {reshard_after_forward!r}")
     if not isinstance(broadcast_buffers, bool):
         raise TypeError(f"with_fsdp: broadcast_buffers must be True or False, got {broadcast_buffers!r}")
-    if not _process_group_ready():
+    if not _collective.ready():
         raise RuntimeError(_NO_GROUP)
     options = dict(fully_shard_options, reshard_after_forward=reshard_after_forward)
     if mp_policy is not None:
