@@ -14,12 +14,13 @@ how many values each rank contributed. :func:`is_rank_zero` says which process w
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import torch
 
 __all__ = [
-    "active", "agree_max", "any_rank", "check_same", "failure", "fold", "gather", "is_rank_zero", "means", "rank_and_size",
-    "read", "ready", "sum_dtype",
+    "active", "agree_max", "any_rank", "check_same", "differs_from_rank_zero", "failure", "fold", "gather",
+    "is_rank_zero", "means", "rank_and_size", "read", "ready", "sum_dtype",
 ]
 
 
@@ -244,3 +245,26 @@ def agree_max(flags: torch.Tensor, failed: Callable[[str, BaseException], Runtim
     except RuntimeError as e:
         raise failed("the all-reduce that agrees on skipping the update", e) from e
     return agreed
+
+
+def differs_from_rank_zero(described: list[tuple[str, tuple[int, ...], str]], kind: str) -> str | None:
+    """How this process group's ranks' ``described`` tensors (``(name, shape, dtype)`` each, in order) differ
+    from rank 0's, in words naming the ranks and the first difference; None where every rank's are the same.
+    One all-gather: every rank calls it at the same point. ``kind`` names the tensors ("buffers").
+
+    >>> import torch.distributed as dist
+    >>> dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    >>> print(differs_from_rank_zero([("w", (2,), "torch.float32")], "parameters"))
+    None
+    >>> dist.destroy_process_group()
+    """
+    every: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(every, described)
+    for rank, theirs in enumerate(every):
+        if theirs != every[0]:
+            diff = next(((a, b) for a, b in zip(every[0], theirs) if a != b), None)
+            if diff is not None:
+                return f"rank 0 has {diff[0]}, rank {rank} has {diff[1]}"
+            only = sorted({n for n, *_ in every[0]} ^ {n for n, *_ in theirs})
+            return f"rank 0 has {len(every[0])} {kind}, rank {rank} has {len(theirs)}: {only} on one of them only"
+    return None

@@ -514,7 +514,7 @@ def _check_data(data: Any, where: str, *, factories: bool = False) -> None:
         hint = ""
         if callable(data) and not factories and not isinstance(data, type):
             hint = ("; a function of the epoch (a factory of the epoch's data) is taken by run_epochs' train_data and "
-                    "val data only: pass the data it makes, e.g. make(epoch)")
+                    "val data, lr_find and tune.fit only: pass the data it makes, e.g. make(epoch)")
         raise TypeError(f"{where} must be {wanted}, got {type(data).__qualname__}{hint}")
     if isinstance(data, torch.utils.data.Dataset) and not isinstance(data, torch.utils.data.IterableDataset):
         warnings.warn(

@@ -634,7 +634,9 @@ class TrainStep(Step):
     gives the module the loss_fn runs (a DistributedDataParallel wrapper; the model, sharded), ``no_sync(module)`` the
     context for micro-steps whose gradients stay local, ``agree(flags)`` all-reduces skip
     flags with MAX, ``reduce_grads(optimizer)`` averages gradients a partial group left local,
-    and ``requires_donation`` says why the step cannot run on copies of the state.
+    ``requires_donation`` says why the step cannot run on copies of the state, ``failure(collective,
+    error, where)`` makes the error of a failed collective (``backward_collective`` names the
+    backward's), and ``refuses`` maps the transforms that cannot go with it to why.
 
     >>> import torch
     >>> from loopkit.state import TrainState
@@ -985,8 +987,7 @@ def _backward_synced(loss: torch.Tensor, sync: Any, state: TrainState, local: bo
         if local:  # no collective ran: an ordinary error
             raise
         where = f" at step {state.step} (epoch {state.epoch}, batch {state.batch_index})"
-        collective = getattr(sync, "backward_collective", "the gradient all-reduce in backward (DistributedDataParallel)")
-        raise sync.failure(collective, e, where) from e
+        raise sync.failure(sync.backward_collective, e, where) from e
 
 
 def _plain_update(state: TrainState, optimizer: torch.optim.Optimizer, rng: Any, step: TrainStep, batch: Any) -> TrainState:

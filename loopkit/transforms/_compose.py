@@ -115,7 +115,7 @@ def sync_refusal(step: Step, transform: str) -> str | None:
     while isinstance(step, WrapperStep):
         step = step.inner
     sync = getattr(step, "sync", None)
-    reason = getattr(sync, "refuses", {}).get(transform)
+    reason = None if sync is None else sync.refuses.get(transform)
     return None if reason is None else f"{transform} cannot wrap {sync.name}: {reason}"
 
 

@@ -15,8 +15,9 @@ building the step; each rank trains on its own shard of the data
 from __future__ import annotations
 
 import contextlib
+import types
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -56,6 +57,8 @@ class DDPSync:
 
     name = "with_ddp"
     requires_donation = _DONATE
+    backward_collective = "the gradient all-reduce in backward (DistributedDataParallel)"
+    refuses: Mapping[str, str] = types.MappingProxyType({})  # (it goes with every transform)
 
     def __init__(self, options: dict[str, Any], comm_hook: Callable | None = None, comm_state: Any = None) -> None:
         self.options = dict(options)
@@ -183,18 +186,12 @@ def _check_same_buffers(model: torch.nn.Module) -> None:
     process group's timeout, 30 minutes by default). One small all-gather, once per wrapper."""
     ignored = set(getattr(model, "_ddp_params_and_buffers_to_ignore", ()))  # (DDP's own opt-out: not broadcast)
     mine = [(name, tuple(b.shape), str(b.dtype)) for name, b in model.named_buffers() if name not in ignored]
-    every: list[Any] = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(every, mine)
-    for rank, theirs in enumerate(every):
-        if theirs != every[0]:
-            diff = next(((a, b) for a, b in zip(every[0], theirs) if a != b), None)
-            detail = (f"rank 0 has {diff[0]}, rank {rank} has {diff[1]}" if diff is not None else
-                      f"rank 0 has {len(every[0])} buffers, rank {rank} has {len(theirs)}: "
-                      f"{sorted({n for n, *_ in every[0]} ^ {n for n, *_ in theirs})} on one of them only")
-            raise ValueError(
-                "with_ddp: the model's buffers differ between ranks (name, shape, dtype): " + detail +
-                "; DistributedDataParallel broadcasts rank 0's to every rank, so every rank must build the same model"
-            )
+    detail = _collective.differs_from_rank_zero(mine, "buffers")
+    if detail is not None:
+        raise ValueError(
+            "with_ddp: the model's buffers differ between ranks (name, shape, dtype): " + detail +
+            "; DistributedDataParallel broadcasts rank 0's to every rank, so every rank must build the same model"
+        )
 
 
 def with_ddp(

@@ -298,15 +298,12 @@ def _broadcast_from_rank_zero(model: nn.Module) -> None:
     dist = torch.distributed
     tensors = list(model.named_parameters()) + list(model.named_buffers())
     mine = [(name, tuple(t.shape), str(t.dtype)) for name, t in tensors]
-    every: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(every, mine)
-    for rank, theirs in enumerate(every):
-        if theirs != every[0]:
-            diff = next(((a, b) for a, b in zip(every[0], theirs) if a != b), (len(every[0]), len(theirs)))
-            raise ValueError(
-                f"with_fsdp: the model's parameters or buffers differ between ranks (name, shape, dtype): rank 0 has "
-                f"{diff[0]}, rank {rank} has {diff[1]}; every rank must build the same model"
-            )
+    detail = _collective.differs_from_rank_zero(mine, "parameters and buffers")
+    if detail is not None:
+        raise ValueError(
+            f"with_fsdp: the model's parameters or buffers differ between ranks (name, shape, dtype): {detail}; "
+            "every rank must build the same model"
+        )
     if dist.get_world_size() == 1:
         return
     with torch.no_grad():

@@ -57,7 +57,7 @@ class GradHook:
             if is_dtensor(value):  # (under with_fsdp: a reduction over sharded gradients, gathered on every rank)
                 value = full(value)
             metric = check_metric(value, key, where)
-            owner = "the step" if key in ctx.metrics else ctx.taken_by(key)
+            owner = "the step" if key in ctx.metrics or key == "loss" else ctx.taken_by(key)  # (a flush has no loss)
             if owner is not None:
                 raise ValueError(f"{where} returned a metric named {key!r}, which {owner} reports too; rename it")
             ctx.metrics[key] = metric

@@ -316,3 +316,12 @@ def test_a_gradient_the_hook_takes_away_leaves_that_parameter_out_of_the_update(
         state, _ = step(state, batch)
     assert state.step == (4 if "guard" in step.applied[-1] else 2)
     assert torch.equal(state.model[2].bias, bias) and not torch.equal(state.model[2].weight, weight)
+
+
+def test_a_hook_metric_named_loss_is_refused_at_an_epochs_flush_too(make_mlp, make_batches, mse_loss):
+    """(A flush reports no loss: without the check the hook's value would go into train/loss, mixed with the losses.)"""
+    model = make_mlp(0)
+    state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    step = loopkit.with_grad_hook(loopkit.with_grad_accum(loopkit.train_step(mse_loss), every=4), lambda s: {"loss": 123.0})
+    with pytest.raises(ValueError, match="returned a metric named 'loss', which the step reports too"):
+        loopkit.run_epochs(step, state, make_batches(1), epochs=1, progress=False)
