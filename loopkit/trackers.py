@@ -2,7 +2,8 @@
 
 They follow the :class:`loopkit.Logger` protocol, so :func:`loopkit.with_logging` writes to them as
 to the file loggers: the window means at each log point (``train/m``), each validation's ``val/m``,
-each epoch's ``train/m_epoch`` and ``epoch``; only rank 0 writes under ``torch.distributed``. Each
+each epoch's ``train/m_epoch`` and ``epoch``; only rank 0 writes under ``torch.distributed`` (under
+torchrun before ``loopkit.distributed.init()`` too: the environment's ``RANK`` says which). Each
 starts its run lazily, at its first write on rank 0 (or when :attr:`experiment` is first read), and
 ends it at ``finalize()`` (``run_epochs`` calls it as the fit ends: ``"success"``, or ``"failed"``
 when an error leaves the fit). The arguments mirror Lightning 2.6's loggers of the same names.

@@ -378,6 +378,36 @@ def test_only_rank_zero_starts_a_run(tmp_path, monkeypatch, make):
     assert os.listdir(tmp_path) == []
 
 
+TORCHRUN_RANK_1 = {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": "0",
+                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29555"}
+
+
+@pytest.mark.parametrize("make", [make_wandb, make_mlflow], ids=["wandb", "mlflow"])
+def test_a_process_torchrun_says_is_rank_1_starts_no_run_before_the_process_group_exists(tmp_path, monkeypatch, make,
+                                                                                         mlflow_dir):
+    """Under torchrun, ``logger.log_hparams(cfg)`` before ``loopkit.distributed.init()``: torchrun's ``RANK`` says
+    which process writes, as Lightning's ``rank_zero_only.rank`` (read from the environment); it started a run on
+    every rank, and rank 1's was never finished."""
+    assert not torch.distributed.is_initialized()
+    for name, value in TORCHRUN_RANK_1.items():
+        monkeypatch.setenv(name, value)
+    logger = make(tmp_path)
+    logger.log_hparams({"lr": 0.1})
+    logger.log_metrics({"loss": 1.0}, step=1)
+    logger.experiment.log({"x": 1})  # Lightning's DummyExperiment: does nothing
+    logger.finalize()
+    assert os.listdir(tmp_path) == [] and logger.version is None
+    monkeypatch.setenv("RANK", "0")  # rank 0 of the same torchrun job writes
+    if isinstance(logger, MLFlowLogger):
+        mlflow_dir(tmp_path)  # (an empty store, made once a session)
+    logger.log_hparams({"lr": 0.1})
+    assert logger.version is not None and logger.experiment is not None
+    if isinstance(logger, WandbLogger):
+        logger.experiment.finish()
+    else:
+        logger.finalize()
+
+
 @pytest.mark.parametrize(
     "make, error, match",
     [
