@@ -244,13 +244,16 @@ class MLFlowLogger(Logger):
     :attr:`experiment_id` is first read) in the experiment ``experiment_name`` (created if need
     be), tagged with ``tags``, ``run_name`` (``mlflow.runName``) and MLflow's own context tags
     (user, source, git commit); ``run_id=`` of an existing run continues that run (marked running
-    again until :meth:`finalize`). Each :meth:`log_metrics` is one ``MlflowClient.log_batch`` of the
+    again until :meth:`finalize`, as a crashed run's resume wants). Each :meth:`log_metrics` is one ``MlflowClient.log_batch`` of the
     metrics at the step; a metric name MLflow would refuse loses the characters Lightning drops
     (other than letters, digits, ``_ / . -`` and space), with a warning.
     :meth:`log_hparams` logs the hyper-parameters as params (nested dicts flattened with ``/``,
     values as strings cut at MLflow's length limit, 100 a batch) and its ``metrics`` as metrics at
     the last step logged. :meth:`finalize` sets the run's status: ``FINISHED``, or ``FAILED`` when
-    the fit failed; writing again reopens the run. The records a resumed run logged after its
+    the fit failed. A write after it (``log_hparams(cfg, {"best/loss": ...})`` after ``run_epochs``)
+    goes into the run and leaves its status as it is (MLflow takes writes to a finished run), as
+    Lightning's; with ``synchronous=False`` MLflow flushes such writes at exit, or call
+    :meth:`finalize` again (it sets the status again, with the time it ends). The records a resumed run logged after its
     checkpoint stay (MLflow cannot drop them; Lightning does not either).
 
     ``tracking_uri`` defaults to ``$MLFLOW_TRACKING_URI``, else an SQLite database in ``save_dir``
@@ -316,7 +319,6 @@ class MLFlowLogger(Logger):
         self._batch_kwargs = {} if synchronous is None else {"synchronous": bool(synchronous)}
         self._client: Any = None
         self._started = False  # the run was created (or the one of run_id found) in this process
-        self._open = False  # the run is marked running (from its start, or a write after finalize, to finalize)
         self._renamed: dict[str, str] = {}  # metric names MLflow would refuse -> the names written
         self._last_step = 0
 
@@ -332,14 +334,6 @@ class MLFlowLogger(Logger):
         if not self._started:
             self._begin()
         return self._client
-
-    def _live(self) -> Any:
-        """The client, its run marked running again if :meth:`finalize` ended it."""
-        client = self.experiment
-        if not self._open:
-            client.update_run(self._run_id, status="RUNNING")
-            self._open = True
-        return client
 
     @property
     def run_id(self) -> str | None:
@@ -396,7 +390,7 @@ class MLFlowLogger(Logger):
 
             run = client.create_run(experiment_id=self._experiment_id, tags=resolve_tags(tags))
             self._run_id = run.info.run_id
-        self._started = self._open = True
+        self._started = True
 
     def _find_experiment(self) -> str:
         from mlflow.exceptions import MlflowException
@@ -430,7 +424,7 @@ class MLFlowLogger(Logger):
     def _write_metrics(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
 
-        client = self._live()
+        client = self.experiment
         stamp = int(time.time() * 1000)
         written: dict[str, str] = {}
         batch = []
@@ -453,7 +447,7 @@ class MLFlowLogger(Logger):
             from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH as limit
         except ImportError:  # pragma: no cover - an MLflow without it: its limit since 1.28
             limit = 500
-        client = self._live()
+        client = self.experiment
         params = [Param(key=k, value=str(v)[:limit]) for k, v in _flatten_lists(hparams).items()]
         for at in range(0, len(params), 100):  # (MLflow takes at most 100 params a batch)
             client.log_batch(run_id=self._run_id, params=params[at:at + 100], **self._batch_kwargs)
@@ -461,9 +455,9 @@ class MLFlowLogger(Logger):
             self._write_metrics(metrics, self._last_step)
 
     def _end(self, status: str) -> None:
-        if not self._open:
+        if not self._started:
             return
-        self._open = False
+        # (each finalize sets the status and end time, as Lightning's; and waits for asynchronous writes)
         self._client.set_terminated(self._run_id, "FAILED" if status == "failed" else "FINISHED")
 
 

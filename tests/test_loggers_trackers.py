@@ -300,9 +300,7 @@ def test_mlflow_a_failed_fit_is_marked_failed_and_run_id_continues_the_run(tmp_p
     history = [(m.step, m.value) for m in client.get_metric_history(logger.run_id, "train/loss")]
     assert [s for s, _ in history] == [1, 2, 2] and history[-1] == (2, 0.25)  # the crashed run's step 2 stays
 
-    resumed.log_metrics({"train/loss": 0.125}, step=3)  # logging after finalize reopens the run
-    assert client.get_run(logger.run_id).info.status == "RUNNING"
-    resumed.finalize()
+    resumed.log_metrics({"train/loss": 0.125}, step=3)  # a write after finalize leaves the status (see below)
     assert client.get_run(logger.run_id).info.status == "FINISHED"
 
 
@@ -328,13 +326,35 @@ def test_mlflow_long_params_are_cut_at_mlflows_limit_and_many_go_in_batches(tmp_
     assert run.data.metrics == {"fold0-val/acc": 0.5}  # the prefix, joined with '-' as Lightning's
 
 
-def test_mlflow_asynchronous_logging_is_flushed_by_finalize_and_logging_again_reopens_it(tmp_path, mlflow_dir):
+def test_mlflow_writes_after_the_fit_go_into_the_run_and_leave_its_status(tmp_path, mlflow_dir):
+    """``log_hparams(cfg, {"best/loss": ...})`` or ``log_metrics`` after ``run_epochs``: logged into the finished (or
+    failed) run, whose status stays, as Lightning's MLFlowLogger does; they marked it RUNNING, and nothing ended it."""
+    logger = MLFlowLogger(save_dir=mlflow_dir(tmp_path))
+    step = with_logging(train_step(loss_with_mae), logger, every_n_steps=2)
+    state, history = run_epochs(step, sgd_state(tiny_mlp()), synthetic_batches(4), epochs=1, progress=False)
+    client = logger.experiment
+    assert client.get_run(logger.run_id).info.status == "FINISHED"
+    logger.log_hparams({"lr": 0.05}, {"best/loss": history[-1]["train/loss"]})
+    logger.log_metrics({"test/mae": 0.5}, step=state.step)
+    run = client.get_run(logger.run_id)
+    assert run.info.status == "FINISHED" and run.data.params == {"lr": "0.05"}
+    assert run.data.metrics["best/loss"] == history[-1]["train/loss"] and run.data.metrics["test/mae"] == 0.5
+    assert [m.step for m in client.get_metric_history(logger.run_id, "test/mae")] == [4]
+    logger.finalize("failed")  # a later finalize sets the status again (Lightning's does)
+    logger.log_metrics({"test/mae": 0.25}, step=5)
+    assert client.get_run(logger.run_id).info.status == "FAILED"
+
+
+def test_mlflow_asynchronous_logging_is_flushed_by_finalize_and_a_write_after_it_leaves_the_status(
+    tmp_path, mlflow_dir
+):
     logger = MLFlowLogger(save_dir=mlflow_dir(tmp_path), synchronous=False)
     for step in (1, 2):
         logger.log_metrics({"train/loss": 1 / step}, step)
     logger.finalize()
     logger.log_metrics({"train/loss": 0.25}, 4)
-    logger.finalize()
+    assert logger.experiment.get_run(logger.run_id).info.status == "FINISHED"
+    logger.finalize()  # (flushes the asynchronous write; MLflow's own atexit hook would too)
     history = logger.experiment.get_metric_history(logger.run_id, "train/loss")
     assert [(m.step, m.value) for m in history] == [(1, 1.0), (2, 0.5), (4, 0.25)]
     assert logger.experiment.get_run(logger.run_id).info.status == "FINISHED"
