@@ -4,9 +4,12 @@ They follow the :class:`loopkit.Logger` protocol, so :func:`loopkit.with_logging
 to the file loggers: the window means at each log point (``train/m``), each validation's ``val/m``,
 each epoch's ``train/m_epoch`` and ``epoch``; only rank 0 writes under ``torch.distributed`` (under
 torchrun before ``loopkit.distributed.init()`` too: the environment's ``RANK`` says which). Each
-starts its run lazily, at its first write on rank 0 (or when :attr:`experiment` is first read), and
-ends it at ``finalize()`` (``run_epochs`` calls it as the fit ends: ``"success"``, or ``"failed"``
-when an error leaves the fit). The arguments mirror Lightning 2.6's loggers of the same names.
+starts its run lazily, at its first write on rank 0 (or when :attr:`experiment` is first read);
+``run_epochs`` calls ``finalize`` as the fit ends (``"success"``, or ``"failed"`` when an error
+leaves the fit), as Lightning's trainer does: :class:`MLFlowLogger` then sets the run's status
+(a later write goes into the run and leaves it), :class:`WandbLogger` leaves a successful run open
+for later writes (wandb finishes it at exit; ``logger.experiment.finish()`` ends it now) and
+finishes a failed one. The arguments mirror Lightning 2.6's loggers of the same names.
 
 Both are optional extras, imported only when a logger is made: ``pip install 'loopkit[wandb]'``,
 ``pip install 'loopkit[mlflow]'``. Neither can drop what a run recorded after a checkpoint that a
@@ -95,11 +98,22 @@ class WandbLogger(Logger):
     against (``define_metric("*", step_metric="trainer/global_step")``): what Lightning writes. The
     run's own ``_step`` only counts rows, so a resumed run's rows are never refused for a lower step.
     :meth:`log_hparams` updates ``run.config`` (nested dicts kept nested, numpy and 0-dim tensor
-    numbers as numbers), and its ``metrics`` the run's summary. :meth:`finalize` finishes the run
-    (``exit_code=1`` when the fit failed; wandb's service writes the last records of an offline
-    run's ``.wandb`` file a moment after it returns); writing again resumes the same run id. A run given
-    ``id=`` (or ``version=``) of an earlier one continues it (``resume="allow"``): the rows that run
-    logged after the checkpoint stay (wandb cannot drop them; Lightning does not either).
+    numbers as numbers), and its ``metrics`` the run's summary.
+
+    :meth:`finalize` (``run_epochs``' end) leaves the run open, as Lightning's: a write after the fit
+    (a test evaluation's metrics, ``log_hparams(cfg, {"best/loss": ...})``, ``logger.experiment.log``)
+    goes on in the same run, its ``_step`` counting on; wandb finishes the run when the process exits
+    (its ``atexit`` hook), or end it yourself with ``logger.experiment.finish()`` (before another run
+    in the same process: a logger started while a run is open writes to that run, with a warning, as
+    Lightning's). ``finalize("failed")`` (an error left the fit) finishes the run with ``exit_code=1``
+    (Lightning's does nothing then), so the run shows failed, and a new logger in a process that goes on
+    (a notebook, a retry loop) starts a run of its own rather than writing into the failed one. wandb's service writes the last
+    records of an offline run's ``.wandb`` file a moment after ``finish()`` returns. A write after
+    the logger's run was finished resumes the same run id: online, the same run; offline, a folder
+    of its own (``offline-run-...-<id>``, its ``_step`` from 0 again; wandb's offline resume is not
+    reliable, wandb issue #3841). A run given ``id=`` (or ``version=``) of an earlier one continues it
+    (``resume="allow"``): the rows that run logged after the checkpoint stay (wandb cannot drop them;
+    Lightning does not either).
 
     >>> import tempfile
     >>> tmp = tempfile.TemporaryDirectory()
@@ -108,7 +122,8 @@ class WandbLogger(Logger):
     >>> logger.log_metrics({"train/loss": 0.5}, step=10)
     >>> dict(logger.experiment.config)
     {'lr': 0.1, 'model': {'width': 8}}
-    >>> logger.finalize()
+    >>> logger.finalize()  # (run_epochs' end): the run stays open for later writes
+    >>> logger.experiment.finish()  # ends it now (else wandb does at exit)
     >>> tmp.cleanup()
     """
 
@@ -155,7 +170,7 @@ class WandbLogger(Logger):
         self._prefix = _check_prefix(prefix, who)
         self._experiment = experiment
         self._owned = experiment is None  # a run given to the logger is the caller's to finish
-        self._finished = False  # the run was finished by finalize (still readable; a write resumes it)
+        self._finished = False  # the run was finished by finalize("failed") (still readable; a write resumes it)
         self._run_id: str | None = getattr(experiment, "id", None) or run_id
 
     @property
@@ -175,9 +190,10 @@ class WandbLogger(Logger):
 
     @property
     def experiment(self) -> Any:
-        """The ``wandb`` run (started now if need be) for anything else to log: images, tables, artifacts. After
-        :meth:`finalize`, the finished run (its id, config, folder), until the next write resumes it. On ranks
-        other than 0, an object whose every call does nothing (Lightning's ``DummyExperiment``)."""
+        """The ``wandb`` run (started now if need be) for anything else to log: images, tables, artifacts;
+        ``logger.experiment.finish()`` ends it. Once finished (by that, or :meth:`finalize` of a failed fit), the
+        finished run (its id, config, folder), until the logger's next write resumes it. On ranks other than 0, an
+        object whose every call does nothing (Lightning's ``DummyExperiment``)."""
         if not is_rank_zero():
             return _Inert()
         if self._experiment is None:
@@ -185,8 +201,10 @@ class WandbLogger(Logger):
         return self._experiment
 
     def _live(self) -> Any:
-        """The run to write to: a run finished by :meth:`finalize` is resumed (the same id)."""
-        if self._finished:
+        """The run to write to: the logger's own run, once finished (by :meth:`finalize` of a failed fit, or
+        ``logger.experiment.finish()``), is resumed (the same id); wandb would refuse a finished run's writes."""
+        run = self._experiment
+        if self._finished or (run is not None and self._owned and getattr(run, "_is_finished", False) is True):
             self._experiment, self._finished = None, False
         return self.experiment
 
@@ -231,9 +249,12 @@ class WandbLogger(Logger):
             run.summary.update(_prefixed(metrics, self._prefix))
 
     def _end(self, status: str) -> None:
-        if self._experiment is None or self._finished or not self._owned:  # (a run given is the caller's to finish)
+        # a successful fit's run stays open, as Lightning's (its finalize never finishes the run): later writes go
+        # on in it, and wandb finishes it at exit; a run given (or found open) is the caller's to finish
+        if status != "failed" or self._experiment is None or self._finished or not self._owned:
             return
-        self._experiment.finish(exit_code=1 if status == "failed" else 0)
+        if getattr(self._experiment, "_is_finished", False) is not True:
+            self._experiment.finish(exit_code=1)
         self._finished = True
 
 

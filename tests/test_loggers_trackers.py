@@ -148,53 +148,81 @@ def as_records(rows):
 # --- wandb -------------------------------------------------------------------------------------------
 
 
+@pytest.fixture(autouse=True)
+def _no_wandb_run_left_open():
+    """A run a test leaves open (a successful fit's stays open, as Lightning's) would be the next logger's run."""
+    yield
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.run.finish()
+
+
 @pytest.fixture(scope="module")
 def wandb_fit(tmp_path_factory):
-    """One real offline run shared by the wandb assertions (a run costs about a second)."""
+    """One real offline run shared by the wandb assertions (a run costs about a second): the fit, then a test
+    metric and a row of the user's own after it (the run stays open), then the run finished explicitly."""
+    import wandb
+
     root = tmp_path_factory.mktemp("wandb_fit")
     logger = WandbLogger(project="loopkit-tests", name="fit", save_dir=root / "w", offline=True)
     logger.log_hparams(HPARAMS)
-    _, rows = fit(logger, root)
-    return logger, rows, wandb_runs(root / "w")
+    state, rows = fit(logger, root)
+    open_after_fit = wandb.run is logger.experiment and not logger.experiment._is_finished
+    logger.log_metrics({"test/acc": 0.5}, step=state.step)  # Lightning's fit-then-test habit
+    logger.experiment.log({"samples": 3.0, "trainer/global_step": state.step})  # wandb finished it: UsageError
+    logger.experiment.finish()
+    return logger, rows, wandb_runs(root / "w"), open_after_fit
 
 
 def test_wandb_rows_hold_exactly_what_the_csv_holds_at_the_same_steps(wandb_fit):
-    logger, csv_records, runs = wandb_fit
+    logger, csv_records, runs, _ = wandb_fit
     (run,) = runs
     assert run["id"] == logger.version and run["exit_code"] == 0
-    assert as_records(run["rows"]) == csv_records  # every value bitwise, every step, in the same order
-    assert [row["_step"] for row in run["rows"]] == list(range(len(csv_records)))  # wandb's row counter
+    assert as_records(run["rows"][:len(csv_records)]) == csv_records  # every value bitwise, every step, in order
+    assert [row["_step"] for row in run["rows"]] == list(range(len(csv_records) + 2))  # wandb's row counter
     keys = set().union(*(m for _, m in csv_records))
     assert {"train/loss", "train/mae", "val/mse", "train/loss_epoch", "epoch"} <= keys
     assert [s for s, m in csv_records if "train/loss" in m] == [2, 4, 6, 8, 10]
 
 
 def test_wandb_plots_every_metric_against_trainer_global_step_as_lightning_does(wandb_fit):
-    _, _, (run,) = wandb_fit
+    _, _, (run,), _ = wandb_fit
     assert ("trainer/global_step", "", False) in run["metrics"]
     assert ("*", "trainer/global_step", True) in run["metrics"]
 
 
 def test_wandb_config_holds_the_hparams_as_numbers_and_nested_dicts(wandb_fit):
-    _, _, (run,) = wandb_fit
+    _, _, (run,), _ = wandb_fit
     assert run["config"] == PLAIN
     assert type(run["config"]["lr"]) is float and type(run["config"]["hidden"]) is int
 
 
-def test_wandb_finalize_finishes_the_run_and_the_finished_run_stays_readable(wandb_fit):
-    logger, _, _ = wandb_fit
+def test_wandb_a_successful_fit_leaves_the_run_open_and_writes_after_it_go_on_in_the_same_run(wandb_fit):
+    """As Lightning's WandbLogger (its finalize never finishes the run; wandb does at exit): the fit's end finished
+    the run, and a later write resumed the id in a second offline folder, its ``_step`` from 0 again (wandb's offline
+    resume, wandb issue #3841), and ``logger.experiment.log`` raised wandb's UsageError ("Run ... is finished")."""
+    logger, csv_records, (run,), open_after_fit = wandb_fit
     import wandb
 
-    assert wandb.run is None
-    assert logger.experiment.id == logger.version and logger.name == "loopkit-tests"
+    assert open_after_fit and wandb.run is None  # (finished by logger.experiment.finish())
+    assert run["rows"][len(csv_records):] == [
+        {"test/acc": 0.5, "trainer/global_step": 10, "_step": len(csv_records)},
+        {"samples": 3.0, "trainer/global_step": 10, "_step": len(csv_records) + 1},
+    ]
+    assert logger.experiment.id == logger.version and logger.name == "loopkit-tests"  # the finished run: readable
 
 
-def test_wandb_hparams_metrics_go_to_the_summary(tmp_path):
+def test_wandb_hparams_metrics_go_to_the_summary_and_a_write_after_finish_resumes_the_id(tmp_path):
     logger = WandbLogger(project="p", save_dir=tmp_path, offline=True)
     logger.log_hparams({"lr": 0.1}, metrics={"val/acc": 0.75})
     logger.finalize()
-    (run,) = wandb_runs(tmp_path)
-    assert run["config"] == {"lr": 0.1} and run["summary"]["val/acc"] == 0.75 and run["rows"] == []
+    logger.experiment.finish()
+    logger.log_metrics({"test/acc": 0.5}, step=3)  # the logger's own run, finished by hand: the id resumed
+    logger.experiment.finish()
+    first, second = wandb_runs(tmp_path)
+    assert first["config"] == {"lr": 0.1} and first["summary"]["val/acc"] == 0.75 and first["rows"] == []
+    assert second["id"] == first["id"] == logger.version
+    assert second["rows"] == [{"test/acc": 0.5, "trainer/global_step": 3, "_step": 0}]  # offline: a part of its own
 
 
 def test_wandb_a_failed_fit_then_a_resumed_one_continue_one_run_id_and_keep_the_crashed_rows(tmp_path):
@@ -218,12 +246,15 @@ def test_wandb_a_failed_fit_then_a_resumed_one_continue_one_run_id_and_keep_the_
     step = with_logging(train_step(loss_with_mae), resumed_logger, every_n_steps=1)
     run_epochs(step, restored, synthetic_batches(5), epochs=1, max_steps=4, progress=False)
 
+    resumed_logger.experiment.finish()
+
     runs = wandb_runs(tmp_path / "w")
-    assert [r["id"] for r in runs] == [logger.version] * 3  # one run id: wandb sync merges the three parts
-    assert [r["exit_code"] for r in runs] == [0, 1, 0]  # the crashed fit's part is marked failed
+    assert [r["id"] for r in runs] == [logger.version] * 2  # one run id (offline: two folders)
+    assert [r["exit_code"] for r in runs] == [1, 0]  # the crashed fit finished its run as failed
     steps = [[row["trainer/global_step"] for row in r["rows"] if "train/loss" in row] for r in runs]
-    assert steps == [[1, 2], [3, 4], [3, 4]]  # the crashed rows after the checkpoint stay (as with Lightning)
-    assert [row["_step"] for row in runs[2]["rows"]][:1] == [0]  # offline, wandb's row counter starts again
+    assert steps == [[1, 2, 3, 4], [3, 4]]  # the first fit's run went on; the crashed rows after the checkpoint stay
+    assert [row["_step"] for row in runs[0]["rows"]] == list(range(len(runs[0]["rows"])))
+    assert [row["_step"] for row in runs[1]["rows"]][:1] == [0]  # offline, wandb's row counter starts again
 
 
 # --- MLflow ------------------------------------------------------------------------------------------
