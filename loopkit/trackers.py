@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import posixpath
 import re
 import time
 import warnings
@@ -35,8 +36,21 @@ from loopkit.loggers import Logger, is_rank_zero
 
 __all__ = ["MLFlowLogger", "WandbLogger"]
 
-#: the characters Lightning's MLFlowLogger keeps in a metric name (MLflow refuses most others)
-_MLFLOW_NAME_DROPS = re.compile(r"[^a-zA-Z0-9_/. -]+")
+#: the characters dropped from a metric name: all but letters, digits (of any script: MLflow's ``\w``), ``_ / . -``
+#: and space, which MLflow takes on every platform (Lightning's MLFlowLogger drops non-ASCII letters too, leaving
+#: nothing of a name such as "точность"; ``:``, which MLflow refuses on Windows, is dropped as Lightning drops it)
+_MLFLOW_NAME_DROPS = re.compile(r"[^\w/. -]+")
+
+
+def _mlflow_refuses(name: str) -> bool:
+    """Whether MLflow refuses the (cleaned) metric name: empty, or not its own ``posixpath.normpath`` (MLflow treats
+    names as paths: an empty part, ``train/``, ``a//b``, ``./a``), or starting with ``/`` or ``..``.
+
+    >>> [_mlflow_refuses(n) for n in ("train/loss", "train/точность", "train/", "", "a//b", "../a")]
+    [False, False, True, True, True, True]
+    """
+    norm = posixpath.normpath(name) if name else "."
+    return norm != name or norm == "." or norm.startswith("..") or norm.startswith("/")
 
 
 def _require(module: str, extra: str, who: str) -> None:
@@ -266,8 +280,11 @@ class MLFlowLogger(Logger):
     be), tagged with ``tags``, ``run_name`` (``mlflow.runName``) and MLflow's own context tags
     (user, source, git commit); ``run_id=`` of an existing run continues that run (marked running
     again until :meth:`finalize`, as a crashed run's resume wants). Each :meth:`log_metrics` is one ``MlflowClient.log_batch`` of the
-    metrics at the step; a metric name MLflow would refuse loses the characters Lightning drops
-    (other than letters, digits, ``_ / . -`` and space), with a warning.
+    metrics at the step; a metric name MLflow would refuse loses the characters other than letters
+    and digits (of any script: ``"train/точность"`` is kept, as MLflow takes it), ``_ / . -`` and
+    space, with a warning (Lightning also drops non-ASCII letters, so a name such as ``"точность"``
+    is left empty and MLflow refuses it); a name that MLflow would refuse even so (nothing left
+    of a part: ``"train/🔥"``) is refused with a ``ValueError`` naming it, at its first log point.
     :meth:`log_hparams` logs the hyper-parameters as params (nested dicts flattened with ``/``,
     values as strings cut at MLflow's length limit, 100 a batch) and its ``metrics`` as metrics at
     the last step logged. :meth:`finalize` sets the run's status: ``FINISHED``, or ``FAILED`` when
@@ -429,13 +446,21 @@ class MLFlowLogger(Logger):
             return found.experiment_id
 
     def _key(self, name: str) -> str:
-        """The name MLflow is given for metric ``name`` (Lightning's rule), warning once per renamed metric."""
+        """The name MLflow is given for metric ``name``, warning once per renamed metric; a name MLflow would refuse
+        even so is refused here, naming it (MLflow's own error would not name the logger or the metric given)."""
         if name not in self._renamed:
             new = _MLFLOW_NAME_DROPS.sub("", name)
+            if _mlflow_refuses(new):
+                without = f", which without them is '{new}'" if new != name else ""
+                raise ValueError(
+                    f"MLFlowLogger.log_metrics: metric '{name}' cannot be logged to MLflow{without}: MLflow refuses "
+                    "an empty name or an empty part between '/'s or at the end (its names are paths) and "
+                    "characters other than letters, digits, '_', '/', '.', '-' and ' '; rename the metric"
+                )
             if new != name:
                 warnings.warn(
-                    f"MLFlowLogger: MLflow allows only letters, digits, '_', '/', '.', '-' and ' ' in a metric name "
-                    f"(as Lightning writes them): '{name}' is logged as '{new}'",
+                    f"MLFlowLogger: MLflow allows only letters, digits, '_', '/', '.', '-' and ' ' in a metric name: "
+                    f"'{name}' is logged as '{new}'",
                     RuntimeWarning,
                     stacklevel=5,
                 )

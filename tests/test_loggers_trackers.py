@@ -20,6 +20,7 @@ import struct
 import subprocess
 import sys
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -343,6 +344,31 @@ def test_mlflow_names_it_would_refuse_are_cleaned_as_lightning_does_and_clashes_
         logger.log_metrics({"val/acc1": 0.5, "val/acc@1": 0.25}, step=2)
     logger.finalize()
     assert [m.value for m in logger.experiment.get_metric_history(logger.run_id, "val/acc1")] == [0.5]
+
+
+def test_mlflow_a_metric_named_in_another_script_is_logged_as_named_and_one_with_nothing_left_is_refused_by_name(
+    tmp_path, mlflow_dir
+):
+    """Lightning's rule (ASCII letters only) left ``"train/"`` of ``"точность"``, which MLflow refuses: the fit died at
+    its first log point with MLflow's error. Letters of any script are kept (MLflow takes them), the values as the
+    CSVLogger's of the same fit; a name with nothing left of a part is refused naming the metric and the logger."""
+
+    def loss_in_russian(model, batch):
+        x, y = batch
+        err = model(x) - y
+        return (err**2).mean(), {"точность": err.abs().mean()}
+
+    logger = MLFlowLogger(save_dir=mlflow_dir(tmp_path / "m"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # (kept as named: no renaming warning)
+        _, rows = fit(logger, tmp_path, epochs=1, loss=loss_in_russian)
+    assert mlflow_records(logger) == merged_by_step(rows)
+    assert {"train/точность", "train/точность_epoch"} <= set(logger.experiment.get_run(logger.run_id).data.metrics)
+    with pytest.raises(ValueError, match="MLFlowLogger.log_metrics: metric 'train/🔥' cannot be logged to MLflow, "
+                                         "which without them is 'train/'.*rename the metric"):
+        logger.log_metrics({"train/🔥": 1.0}, step=11)
+    with pytest.raises(ValueError, match="metric 'a//b' cannot be logged to MLflow: MLflow refuses an empty name"):
+        logger.log_metrics({"a//b": 1.0}, step=11)
 
 
 def test_mlflow_long_params_are_cut_at_mlflows_limit_and_many_go_in_batches(tmp_path, mlflow_dir):
