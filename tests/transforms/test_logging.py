@@ -300,6 +300,7 @@ def _tracked_names(wandb_logger, mlflow_logger):
     """The metric names each tracker's run holds, read back (wandb's offline transaction log, MLflow's store)."""
     from tests.test_loggers_trackers import wandb_runs
 
+    wandb_logger.experiment.finish()  # (a successful fit's run stays open, as Lightning's)
     (run,) = wandb_runs(wandb_logger.save_dir)
     in_wandb = set().union(*run["rows"]) - {"_step", "trainer/global_step"}
     in_mlflow = set(mlflow_logger.experiment.get_run(mlflow_logger.run_id).data.metrics)
