@@ -13,6 +13,7 @@ how many values each rank contributed. :func:`is_rank_zero` says which process w
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -35,13 +36,36 @@ def active() -> bool:
 
 
 def is_rank_zero() -> bool:
-    """False only in an initialised ``torch.distributed`` process group on a rank other than 0.
+    """Whether this process is rank 0, the one that writes logs and checkpoints: in an initialised
+    ``torch.distributed`` process group, the group's rank; without one, torchrun's ``RANK`` when the
+    environment sets it (an int), else True (a single process).
+
+    Without the environment's word, under torchrun every process would be "rank 0" until
+    ``loopkit.distributed.init()``, and a write before it (``logger.log_hparams(cfg)`` at the top of
+    the script, a ``with_checkpointing`` folder made when the step is built) would happen on every
+    rank; Lightning's ``rank_zero_only.rank`` reads the environment alike (at import: ``RANK``, then
+    ``LOCAL_RANK``, ``SLURM_PROCID``, ``JSM_NAMESPACE_RANK``; only torchrun's ``RANK`` is read here,
+    the variable ``loopkit.distributed.init()`` forms its group from). Read at each call, so it holds
+    after ``loopkit.distributed.shutdown()`` too.
 
     >>> is_rank_zero()
     True
     """
     dist = torch.distributed
-    return not (dist.is_available() and dist.is_initialized() and dist.get_rank() != 0)
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return _environment_rank() in (None, 0)
+
+
+def _environment_rank() -> int | None:
+    """torchrun's ``RANK`` from the environment, None when it is not set (or not an int)."""
+    value = os.environ.get("RANK")
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:  # (not torchrun's: loopkit.distributed.init() names it, should a group be made from it)
+        return None
 
 
 def rank_and_size() -> tuple[int, int]:

@@ -304,12 +304,15 @@ def local_rank() -> int:
 
 
 def is_rank_zero() -> bool:
-    """True on rank 0 and in a single process: the rank that writes logs and checkpoints.
+    """True on rank 0 and in a single process: the rank that writes logs and checkpoints. Before the
+    process group exists (or without one), torchrun's ``RANK`` when set, as Lightning's
+    ``rank_zero_only.rank``: under torchrun, a logger written to or a checkpoint folder made before
+    :func:`init` is rank 0's alone (while :func:`rank` is 0 until then).
 
     >>> is_rank_zero()
     True
     """
-    return rank() == 0
+    return _collective.is_rank_zero()
 
 
 def shutdown() -> None:

@@ -2,10 +2,14 @@
 
 They follow the :class:`loopkit.Logger` protocol, so :func:`loopkit.with_logging` writes to them as
 to the file loggers: the window means at each log point (``train/m``), each validation's ``val/m``,
-each epoch's ``train/m_epoch`` and ``epoch``; only rank 0 writes under ``torch.distributed``. Each
-starts its run lazily, at its first write on rank 0 (or when :attr:`experiment` is first read), and
-ends it at ``finalize()`` (``run_epochs`` calls it as the fit ends: ``"success"``, or ``"failed"``
-when an error leaves the fit). The arguments mirror Lightning 2.6's loggers of the same names.
+each epoch's ``train/m_epoch`` and ``epoch``; only rank 0 writes under ``torch.distributed`` (under
+torchrun before ``loopkit.distributed.init()`` too: the environment's ``RANK`` says which). Each
+starts its run lazily, at its first write on rank 0 (or when :attr:`experiment` is first read);
+``run_epochs`` calls ``finalize`` as the fit ends (``"success"``, or ``"failed"`` when an error
+leaves the fit), as Lightning's trainer does: :class:`MLFlowLogger` then sets the run's status
+(a later write goes into the run and leaves it), :class:`WandbLogger` leaves a successful run open
+for later writes (wandb finishes it at exit; ``logger.experiment.finish()`` ends it now) and
+finishes a failed one. The arguments mirror Lightning 2.6's loggers of the same names.
 
 Both are optional extras, imported only when a logger is made: ``pip install 'loopkit[wandb]'``,
 ``pip install 'loopkit[mlflow]'``. Neither can drop what a run recorded after a checkpoint that a
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import posixpath
 import re
 import time
 import warnings
@@ -31,8 +36,21 @@ from loopkit.loggers import Logger, is_rank_zero
 
 __all__ = ["MLFlowLogger", "WandbLogger"]
 
-#: the characters Lightning's MLFlowLogger keeps in a metric name (MLflow refuses most others)
-_MLFLOW_NAME_DROPS = re.compile(r"[^a-zA-Z0-9_/. -]+")
+#: the characters dropped from a metric name: all but letters, digits (of any script: MLflow's ``\w``), ``_ / . -``
+#: and space, which MLflow takes on every platform (Lightning's MLFlowLogger drops non-ASCII letters too, leaving
+#: nothing of a name such as "точность"; ``:``, which MLflow refuses on Windows, is dropped as Lightning drops it)
+_MLFLOW_NAME_DROPS = re.compile(r"[^\w/. -]+")
+
+
+def _mlflow_refuses(name: str) -> bool:
+    """Whether MLflow refuses the (cleaned) metric name: empty, or not its own ``posixpath.normpath`` (MLflow treats
+    names as paths: an empty part, ``train/``, ``a//b``, ``./a``), or starting with ``/`` or ``..``.
+
+    >>> [_mlflow_refuses(n) for n in ("train/loss", "train/точность", "train/", "", "a//b", "../a")]
+    [False, False, True, True, True, True]
+    """
+    norm = posixpath.normpath(name) if name else "."
+    return norm != name or norm == "." or norm.startswith("..") or norm.startswith("/")
 
 
 def _require(module: str, extra: str, who: str) -> None:
@@ -94,11 +112,22 @@ class WandbLogger(Logger):
     against (``define_metric("*", step_metric="trainer/global_step")``): what Lightning writes. The
     run's own ``_step`` only counts rows, so a resumed run's rows are never refused for a lower step.
     :meth:`log_hparams` updates ``run.config`` (nested dicts kept nested, numpy and 0-dim tensor
-    numbers as numbers), and its ``metrics`` the run's summary. :meth:`finalize` finishes the run
-    (``exit_code=1`` when the fit failed; wandb's service writes the last records of an offline
-    run's ``.wandb`` file a moment after it returns); writing again resumes the same run id. A run given
-    ``id=`` (or ``version=``) of an earlier one continues it (``resume="allow"``): the rows that run
-    logged after the checkpoint stay (wandb cannot drop them; Lightning does not either).
+    numbers as numbers), and its ``metrics`` the run's summary.
+
+    :meth:`finalize` (``run_epochs``' end) leaves the run open, as Lightning's: a write after the fit
+    (a test evaluation's metrics, ``log_hparams(cfg, {"best/loss": ...})``, ``logger.experiment.log``)
+    goes on in the same run, its ``_step`` counting on; wandb finishes the run when the process exits
+    (its ``atexit`` hook), or end it yourself with ``logger.experiment.finish()`` (before another run
+    in the same process: a logger started while a run is open writes to that run, with a warning, as
+    Lightning's). ``finalize("failed")`` (an error left the fit) finishes the run with ``exit_code=1``
+    (Lightning's does nothing then), so the run shows failed, and a new logger in a process that goes on
+    (a notebook, a retry loop) starts a run of its own rather than writing into the failed one. wandb's service writes the last
+    records of an offline run's ``.wandb`` file a moment after ``finish()`` returns. A write after
+    the logger's run was finished resumes the same run id: online, the same run; offline, a folder
+    of its own (``offline-run-...-<id>``, its ``_step`` from 0 again; wandb's offline resume is not
+    reliable, wandb issue #3841). A run given ``id=`` (or ``version=``) of an earlier one continues it
+    (``resume="allow"``): the rows that run logged after the checkpoint stay (wandb cannot drop them;
+    Lightning does not either).
 
     >>> import tempfile
     >>> tmp = tempfile.TemporaryDirectory()
@@ -107,7 +136,8 @@ class WandbLogger(Logger):
     >>> logger.log_metrics({"train/loss": 0.5}, step=10)
     >>> dict(logger.experiment.config)
     {'lr': 0.1, 'model': {'width': 8}}
-    >>> logger.finalize()
+    >>> logger.finalize()  # (run_epochs' end): the run stays open for later writes
+    >>> logger.experiment.finish()  # ends it now (else wandb does at exit)
     >>> tmp.cleanup()
     """
 
@@ -154,7 +184,7 @@ class WandbLogger(Logger):
         self._prefix = _check_prefix(prefix, who)
         self._experiment = experiment
         self._owned = experiment is None  # a run given to the logger is the caller's to finish
-        self._finished = False  # the run was finished by finalize (still readable; a write resumes it)
+        self._finished = False  # the run was finished by finalize("failed") (still readable; a write resumes it)
         self._run_id: str | None = getattr(experiment, "id", None) or run_id
 
     @property
@@ -174,9 +204,10 @@ class WandbLogger(Logger):
 
     @property
     def experiment(self) -> Any:
-        """The ``wandb`` run (started now if need be) for anything else to log: images, tables, artifacts. After
-        :meth:`finalize`, the finished run (its id, config, folder), until the next write resumes it. On ranks
-        other than 0, an object whose every call does nothing (Lightning's ``DummyExperiment``)."""
+        """The ``wandb`` run (started now if need be) for anything else to log: images, tables, artifacts;
+        ``logger.experiment.finish()`` ends it. Once finished (by that, or :meth:`finalize` of a failed fit), the
+        finished run (its id, config, folder), until the logger's next write resumes it. On ranks other than 0, an
+        object whose every call does nothing (Lightning's ``DummyExperiment``)."""
         if not is_rank_zero():
             return _Inert()
         if self._experiment is None:
@@ -184,8 +215,10 @@ class WandbLogger(Logger):
         return self._experiment
 
     def _live(self) -> Any:
-        """The run to write to: a run finished by :meth:`finalize` is resumed (the same id)."""
-        if self._finished:
+        """The run to write to: the logger's own run, once finished (by :meth:`finalize` of a failed fit, or
+        ``logger.experiment.finish()``), is resumed (the same id); wandb would refuse a finished run's writes."""
+        run = self._experiment
+        if self._finished or (run is not None and self._owned and getattr(run, "_is_finished", False) is True):
             self._experiment, self._finished = None, False
         return self.experiment
 
@@ -230,9 +263,12 @@ class WandbLogger(Logger):
             run.summary.update(_prefixed(metrics, self._prefix))
 
     def _end(self, status: str) -> None:
-        if self._experiment is None or self._finished or not self._owned:  # (a run given is the caller's to finish)
+        # a successful fit's run stays open, as Lightning's (its finalize never finishes the run): later writes go
+        # on in it, and wandb finishes it at exit; a run given (or found open) is the caller's to finish
+        if status != "failed" or self._experiment is None or self._finished or not self._owned:
             return
-        self._experiment.finish(exit_code=1 if status == "failed" else 0)
+        if getattr(self._experiment, "_is_finished", False) is not True:
+            self._experiment.finish(exit_code=1)
         self._finished = True
 
 
@@ -243,13 +279,19 @@ class MLFlowLogger(Logger):
     :attr:`experiment_id` is first read) in the experiment ``experiment_name`` (created if need
     be), tagged with ``tags``, ``run_name`` (``mlflow.runName``) and MLflow's own context tags
     (user, source, git commit); ``run_id=`` of an existing run continues that run (marked running
-    again until :meth:`finalize`). Each :meth:`log_metrics` is one ``MlflowClient.log_batch`` of the
-    metrics at the step; a metric name MLflow would refuse loses the characters Lightning drops
-    (other than letters, digits, ``_ / . -`` and space), with a warning.
+    again until :meth:`finalize`, as a crashed run's resume wants). Each :meth:`log_metrics` is one ``MlflowClient.log_batch`` of the
+    metrics at the step; a metric name MLflow would refuse loses the characters other than letters
+    and digits (of any script: ``"train/точность"`` is kept, as MLflow takes it), ``_ / . -`` and
+    space, with a warning (Lightning also drops non-ASCII letters, so a name such as ``"точность"``
+    is left empty and MLflow refuses it); a name that MLflow would refuse even so (nothing left
+    of a part: ``"train/🔥"``) is refused with a ``ValueError`` naming it, at its first log point.
     :meth:`log_hparams` logs the hyper-parameters as params (nested dicts flattened with ``/``,
     values as strings cut at MLflow's length limit, 100 a batch) and its ``metrics`` as metrics at
     the last step logged. :meth:`finalize` sets the run's status: ``FINISHED``, or ``FAILED`` when
-    the fit failed; writing again reopens the run. The records a resumed run logged after its
+    the fit failed. A write after it (``log_hparams(cfg, {"best/loss": ...})`` after ``run_epochs``)
+    goes into the run and leaves its status as it is (MLflow takes writes to a finished run), as
+    Lightning's; with ``synchronous=False`` MLflow flushes such writes at exit, or call
+    :meth:`finalize` again (it sets the status again, with the time it ends). The records a resumed run logged after its
     checkpoint stay (MLflow cannot drop them; Lightning does not either).
 
     ``tracking_uri`` defaults to ``$MLFLOW_TRACKING_URI``, else an SQLite database in ``save_dir``
@@ -315,7 +357,6 @@ class MLFlowLogger(Logger):
         self._batch_kwargs = {} if synchronous is None else {"synchronous": bool(synchronous)}
         self._client: Any = None
         self._started = False  # the run was created (or the one of run_id found) in this process
-        self._open = False  # the run is marked running (from its start, or a write after finalize, to finalize)
         self._renamed: dict[str, str] = {}  # metric names MLflow would refuse -> the names written
         self._last_step = 0
 
@@ -331,14 +372,6 @@ class MLFlowLogger(Logger):
         if not self._started:
             self._begin()
         return self._client
-
-    def _live(self) -> Any:
-        """The client, its run marked running again if :meth:`finalize` ended it."""
-        client = self.experiment
-        if not self._open:
-            client.update_run(self._run_id, status="RUNNING")
-            self._open = True
-        return client
 
     @property
     def run_id(self) -> str | None:
@@ -395,7 +428,7 @@ class MLFlowLogger(Logger):
 
             run = client.create_run(experiment_id=self._experiment_id, tags=resolve_tags(tags))
             self._run_id = run.info.run_id
-        self._started = self._open = True
+        self._started = True
 
     def _find_experiment(self) -> str:
         from mlflow.exceptions import MlflowException
@@ -413,13 +446,21 @@ class MLFlowLogger(Logger):
             return found.experiment_id
 
     def _key(self, name: str) -> str:
-        """The name MLflow is given for metric ``name`` (Lightning's rule), warning once per renamed metric."""
+        """The name MLflow is given for metric ``name``, warning once per renamed metric; a name MLflow would refuse
+        even so is refused here, naming it (MLflow's own error would not name the logger or the metric given)."""
         if name not in self._renamed:
             new = _MLFLOW_NAME_DROPS.sub("", name)
+            if _mlflow_refuses(new):
+                without = f", which without them is '{new}'" if new != name else ""
+                raise ValueError(
+                    f"MLFlowLogger.log_metrics: metric '{name}' cannot be logged to MLflow{without}: MLflow refuses "
+                    "an empty name or an empty part between '/'s or at the end (its names are paths) and "
+                    "characters other than letters, digits, '_', '/', '.', '-' and ' '; rename the metric"
+                )
             if new != name:
                 warnings.warn(
-                    f"MLFlowLogger: MLflow allows only letters, digits, '_', '/', '.', '-' and ' ' in a metric name "
-                    f"(as Lightning writes them): '{name}' is logged as '{new}'",
+                    f"MLFlowLogger: MLflow allows only letters, digits, '_', '/', '.', '-' and ' ' in a metric name: "
+                    f"'{name}' is logged as '{new}'",
                     RuntimeWarning,
                     stacklevel=5,
                 )
@@ -429,7 +470,7 @@ class MLFlowLogger(Logger):
     def _write_metrics(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
 
-        client = self._live()
+        client = self.experiment
         stamp = int(time.time() * 1000)
         written: dict[str, str] = {}
         batch = []
@@ -452,7 +493,7 @@ class MLFlowLogger(Logger):
             from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH as limit
         except ImportError:  # pragma: no cover - an MLflow without it: its limit since 1.28
             limit = 500
-        client = self._live()
+        client = self.experiment
         params = [Param(key=k, value=str(v)[:limit]) for k, v in _flatten_lists(hparams).items()]
         for at in range(0, len(params), 100):  # (MLflow takes at most 100 params a batch)
             client.log_batch(run_id=self._run_id, params=params[at:at + 100], **self._batch_kwargs)
@@ -460,9 +501,9 @@ class MLFlowLogger(Logger):
             self._write_metrics(metrics, self._last_step)
 
     def _end(self, status: str) -> None:
-        if not self._open:
+        if not self._started:
             return
-        self._open = False
+        # (each finalize sets the status and end time, as Lightning's; and waits for asynchronous writes)
         self._client.set_terminated(self._run_id, "FAILED" if status == "failed" else "FINISHED")
 
 

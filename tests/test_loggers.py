@@ -320,6 +320,32 @@ def test_nothing_is_created_until_something_is_written(tmp_path):
     assert not os.path.exists(tmp_path / "default")
 
 
+def test_a_process_torchrun_says_is_rank_1_writes_no_log_or_checkpoint_before_the_process_group_exists(
+    tmp_path, monkeypatch
+):
+    """torchrun's ``RANK`` says which process writes until ``loopkit.distributed.init()`` makes the group (as
+    Lightning's ``rank_zero_only.rank``): rank 1 makes no version folder and no checkpoint folder, writes no record."""
+    assert not torch.distributed.is_initialized()
+    for name, value in {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": "29555"}.items():
+        monkeypatch.setenv(name, value)
+    assert not loopkit.distributed.is_rank_zero() and loopkit.distributed.rank() == 0  # (no group yet)
+    loggers = [CSVLogger(tmp_path), TensorBoardLogger(tmp_path, "tb"), JSONLLogger(tmp_path, "j", version=0)]
+    model = torch.nn.Linear(2, 1)
+    state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    step = loopkit.with_logging(loopkit.train_step(lambda m, b: m(b).pow(2).mean()), *loggers, every_n_steps=1)
+    step = loopkit.with_checkpointing(step, tmp_path / "ckpt", every_n_steps=1)
+    for logger in loggers:
+        logger.log_hparams({"lr": 0.1})
+    loopkit.run_epochs(step, state, [torch.ones(4, 2)] * 2, epochs=1, progress=False)
+    assert os.listdir(tmp_path) == []
+    assert loggers[0].log_dir == str(tmp_path / "default" / "version_0")  # the folder rank 0 is likely to take
+    monkeypatch.setenv("RANK", "0")
+    assert loopkit.distributed.is_rank_zero()
+    loggers[0].log_metrics({"loss": 1.0}, step=1)
+    assert os.listdir(tmp_path) == ["default"]
+
+
 def test_loggers_of_one_root_and_name_can_share_a_run_folder(tmp_path):
     tb, csv_logger, jsonl = TensorBoardLogger(tmp_path), CSVLogger(tmp_path), JSONLLogger(tmp_path)
     csv_logger.log_hparams({"lr": 0.1})  # held back: the folder is not claimed yet

@@ -20,6 +20,7 @@ import struct
 import subprocess
 import sys
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -148,53 +149,81 @@ def as_records(rows):
 # --- wandb -------------------------------------------------------------------------------------------
 
 
+@pytest.fixture(autouse=True)
+def _no_wandb_run_left_open():
+    """A run a test leaves open (a successful fit's stays open, as Lightning's) would be the next logger's run."""
+    yield
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.run.finish()
+
+
 @pytest.fixture(scope="module")
 def wandb_fit(tmp_path_factory):
-    """One real offline run shared by the wandb assertions (a run costs about a second)."""
+    """One real offline run shared by the wandb assertions (a run costs about a second): the fit, then a test
+    metric and a row of the user's own after it (the run stays open), then the run finished explicitly."""
+    import wandb
+
     root = tmp_path_factory.mktemp("wandb_fit")
     logger = WandbLogger(project="loopkit-tests", name="fit", save_dir=root / "w", offline=True)
     logger.log_hparams(HPARAMS)
-    _, rows = fit(logger, root)
-    return logger, rows, wandb_runs(root / "w")
+    state, rows = fit(logger, root)
+    open_after_fit = wandb.run is logger.experiment and not logger.experiment._is_finished
+    logger.log_metrics({"test/acc": 0.5}, step=state.step)  # Lightning's fit-then-test habit
+    logger.experiment.log({"samples": 3.0, "trainer/global_step": state.step})  # wandb finished it: UsageError
+    logger.experiment.finish()
+    return logger, rows, wandb_runs(root / "w"), open_after_fit
 
 
 def test_wandb_rows_hold_exactly_what_the_csv_holds_at_the_same_steps(wandb_fit):
-    logger, csv_records, runs = wandb_fit
+    logger, csv_records, runs, _ = wandb_fit
     (run,) = runs
     assert run["id"] == logger.version and run["exit_code"] == 0
-    assert as_records(run["rows"]) == csv_records  # every value bitwise, every step, in the same order
-    assert [row["_step"] for row in run["rows"]] == list(range(len(csv_records)))  # wandb's row counter
+    assert as_records(run["rows"][:len(csv_records)]) == csv_records  # every value bitwise, every step, in order
+    assert [row["_step"] for row in run["rows"]] == list(range(len(csv_records) + 2))  # wandb's row counter
     keys = set().union(*(m for _, m in csv_records))
     assert {"train/loss", "train/mae", "val/mse", "train/loss_epoch", "epoch"} <= keys
     assert [s for s, m in csv_records if "train/loss" in m] == [2, 4, 6, 8, 10]
 
 
 def test_wandb_plots_every_metric_against_trainer_global_step_as_lightning_does(wandb_fit):
-    _, _, (run,) = wandb_fit
+    _, _, (run,), _ = wandb_fit
     assert ("trainer/global_step", "", False) in run["metrics"]
     assert ("*", "trainer/global_step", True) in run["metrics"]
 
 
 def test_wandb_config_holds_the_hparams_as_numbers_and_nested_dicts(wandb_fit):
-    _, _, (run,) = wandb_fit
+    _, _, (run,), _ = wandb_fit
     assert run["config"] == PLAIN
     assert type(run["config"]["lr"]) is float and type(run["config"]["hidden"]) is int
 
 
-def test_wandb_finalize_finishes_the_run_and_the_finished_run_stays_readable(wandb_fit):
-    logger, _, _ = wandb_fit
+def test_wandb_a_successful_fit_leaves_the_run_open_and_writes_after_it_go_on_in_the_same_run(wandb_fit):
+    """As Lightning's WandbLogger (its finalize never finishes the run; wandb does at exit): the fit's end finished
+    the run, and a later write resumed the id in a second offline folder, its ``_step`` from 0 again (wandb's offline
+    resume, wandb issue #3841), and ``logger.experiment.log`` raised wandb's UsageError ("Run ... is finished")."""
+    logger, csv_records, (run,), open_after_fit = wandb_fit
     import wandb
 
-    assert wandb.run is None
-    assert logger.experiment.id == logger.version and logger.name == "loopkit-tests"
+    assert open_after_fit and wandb.run is None  # (finished by logger.experiment.finish())
+    assert run["rows"][len(csv_records):] == [
+        {"test/acc": 0.5, "trainer/global_step": 10, "_step": len(csv_records)},
+        {"samples": 3.0, "trainer/global_step": 10, "_step": len(csv_records) + 1},
+    ]
+    assert logger.experiment.id == logger.version and logger.name == "loopkit-tests"  # the finished run: readable
 
 
-def test_wandb_hparams_metrics_go_to_the_summary(tmp_path):
+def test_wandb_hparams_metrics_go_to_the_summary_and_a_write_after_finish_resumes_the_id(tmp_path):
     logger = WandbLogger(project="p", save_dir=tmp_path, offline=True)
     logger.log_hparams({"lr": 0.1}, metrics={"val/acc": 0.75})
     logger.finalize()
-    (run,) = wandb_runs(tmp_path)
-    assert run["config"] == {"lr": 0.1} and run["summary"]["val/acc"] == 0.75 and run["rows"] == []
+    logger.experiment.finish()
+    logger.log_metrics({"test/acc": 0.5}, step=3)  # the logger's own run, finished by hand: the id resumed
+    logger.experiment.finish()
+    first, second = wandb_runs(tmp_path)
+    assert first["config"] == {"lr": 0.1} and first["summary"]["val/acc"] == 0.75 and first["rows"] == []
+    assert second["id"] == first["id"] == logger.version
+    assert second["rows"] == [{"test/acc": 0.5, "trainer/global_step": 3, "_step": 0}]  # offline: a part of its own
 
 
 def test_wandb_a_failed_fit_then_a_resumed_one_continue_one_run_id_and_keep_the_crashed_rows(tmp_path):
@@ -218,12 +247,15 @@ def test_wandb_a_failed_fit_then_a_resumed_one_continue_one_run_id_and_keep_the_
     step = with_logging(train_step(loss_with_mae), resumed_logger, every_n_steps=1)
     run_epochs(step, restored, synthetic_batches(5), epochs=1, max_steps=4, progress=False)
 
+    resumed_logger.experiment.finish()
+
     runs = wandb_runs(tmp_path / "w")
-    assert [r["id"] for r in runs] == [logger.version] * 3  # one run id: wandb sync merges the three parts
-    assert [r["exit_code"] for r in runs] == [0, 1, 0]  # the crashed fit's part is marked failed
+    assert [r["id"] for r in runs] == [logger.version] * 2  # one run id (offline: two folders)
+    assert [r["exit_code"] for r in runs] == [1, 0]  # the crashed fit finished its run as failed
     steps = [[row["trainer/global_step"] for row in r["rows"] if "train/loss" in row] for r in runs]
-    assert steps == [[1, 2], [3, 4], [3, 4]]  # the crashed rows after the checkpoint stay (as with Lightning)
-    assert [row["_step"] for row in runs[2]["rows"]][:1] == [0]  # offline, wandb's row counter starts again
+    assert steps == [[1, 2, 3, 4], [3, 4]]  # the first fit's run went on; the crashed rows after the checkpoint stay
+    assert [row["_step"] for row in runs[0]["rows"]] == list(range(len(runs[0]["rows"])))
+    assert [row["_step"] for row in runs[1]["rows"]][:1] == [0]  # offline, wandb's row counter starts again
 
 
 # --- MLflow ------------------------------------------------------------------------------------------
@@ -300,9 +332,7 @@ def test_mlflow_a_failed_fit_is_marked_failed_and_run_id_continues_the_run(tmp_p
     history = [(m.step, m.value) for m in client.get_metric_history(logger.run_id, "train/loss")]
     assert [s for s, _ in history] == [1, 2, 2] and history[-1] == (2, 0.25)  # the crashed run's step 2 stays
 
-    resumed.log_metrics({"train/loss": 0.125}, step=3)  # logging after finalize reopens the run
-    assert client.get_run(logger.run_id).info.status == "RUNNING"
-    resumed.finalize()
+    resumed.log_metrics({"train/loss": 0.125}, step=3)  # a write after finalize leaves the status (see below)
     assert client.get_run(logger.run_id).info.status == "FINISHED"
 
 
@@ -314,6 +344,31 @@ def test_mlflow_names_it_would_refuse_are_cleaned_as_lightning_does_and_clashes_
         logger.log_metrics({"val/acc1": 0.5, "val/acc@1": 0.25}, step=2)
     logger.finalize()
     assert [m.value for m in logger.experiment.get_metric_history(logger.run_id, "val/acc1")] == [0.5]
+
+
+def test_mlflow_a_metric_named_in_another_script_is_logged_as_named_and_one_with_nothing_left_is_refused_by_name(
+    tmp_path, mlflow_dir
+):
+    """Lightning's rule (ASCII letters only) left ``"train/"`` of ``"точность"``, which MLflow refuses: the fit died at
+    its first log point with MLflow's error. Letters of any script are kept (MLflow takes them), the values as the
+    CSVLogger's of the same fit; a name with nothing left of a part is refused naming the metric and the logger."""
+
+    def loss_in_russian(model, batch):
+        x, y = batch
+        err = model(x) - y
+        return (err**2).mean(), {"точность": err.abs().mean()}
+
+    logger = MLFlowLogger(save_dir=mlflow_dir(tmp_path / "m"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # (kept as named: no renaming warning)
+        _, rows = fit(logger, tmp_path, epochs=1, loss=loss_in_russian)
+    assert mlflow_records(logger) == merged_by_step(rows)
+    assert {"train/точность", "train/точность_epoch"} <= set(logger.experiment.get_run(logger.run_id).data.metrics)
+    with pytest.raises(ValueError, match="MLFlowLogger.log_metrics: metric 'train/🔥' cannot be logged to MLflow, "
+                                         "which without them is 'train/'.*rename the metric"):
+        logger.log_metrics({"train/🔥": 1.0}, step=11)
+    with pytest.raises(ValueError, match="metric 'a//b' cannot be logged to MLflow: MLflow refuses an empty name"):
+        logger.log_metrics({"a//b": 1.0}, step=11)
 
 
 def test_mlflow_long_params_are_cut_at_mlflows_limit_and_many_go_in_batches(tmp_path, mlflow_dir):
@@ -328,13 +383,35 @@ def test_mlflow_long_params_are_cut_at_mlflows_limit_and_many_go_in_batches(tmp_
     assert run.data.metrics == {"fold0-val/acc": 0.5}  # the prefix, joined with '-' as Lightning's
 
 
-def test_mlflow_asynchronous_logging_is_flushed_by_finalize_and_logging_again_reopens_it(tmp_path, mlflow_dir):
+def test_mlflow_writes_after_the_fit_go_into_the_run_and_leave_its_status(tmp_path, mlflow_dir):
+    """``log_hparams(cfg, {"best/loss": ...})`` or ``log_metrics`` after ``run_epochs``: logged into the finished (or
+    failed) run, whose status stays, as Lightning's MLFlowLogger does; they marked it RUNNING, and nothing ended it."""
+    logger = MLFlowLogger(save_dir=mlflow_dir(tmp_path))
+    step = with_logging(train_step(loss_with_mae), logger, every_n_steps=2)
+    state, history = run_epochs(step, sgd_state(tiny_mlp()), synthetic_batches(4), epochs=1, progress=False)
+    client = logger.experiment
+    assert client.get_run(logger.run_id).info.status == "FINISHED"
+    logger.log_hparams({"lr": 0.05}, {"best/loss": history[-1]["train/loss"]})
+    logger.log_metrics({"test/mae": 0.5}, step=state.step)
+    run = client.get_run(logger.run_id)
+    assert run.info.status == "FINISHED" and run.data.params == {"lr": "0.05"}
+    assert run.data.metrics["best/loss"] == history[-1]["train/loss"] and run.data.metrics["test/mae"] == 0.5
+    assert [m.step for m in client.get_metric_history(logger.run_id, "test/mae")] == [4]
+    logger.finalize("failed")  # a later finalize sets the status again (Lightning's does)
+    logger.log_metrics({"test/mae": 0.25}, step=5)
+    assert client.get_run(logger.run_id).info.status == "FAILED"
+
+
+def test_mlflow_asynchronous_logging_is_flushed_by_finalize_and_a_write_after_it_leaves_the_status(
+    tmp_path, mlflow_dir
+):
     logger = MLFlowLogger(save_dir=mlflow_dir(tmp_path), synchronous=False)
     for step in (1, 2):
         logger.log_metrics({"train/loss": 1 / step}, step)
     logger.finalize()
     logger.log_metrics({"train/loss": 0.25}, 4)
-    logger.finalize()
+    assert logger.experiment.get_run(logger.run_id).info.status == "FINISHED"
+    logger.finalize()  # (flushes the asynchronous write; MLflow's own atexit hook would too)
     history = logger.experiment.get_metric_history(logger.run_id, "train/loss")
     assert [(m.step, m.value) for m in history] == [(1, 1.0), (2, 0.5), (4, 0.25)]
     assert logger.experiment.get_run(logger.run_id).info.status == "FINISHED"
@@ -376,6 +453,36 @@ def test_only_rank_zero_starts_a_run(tmp_path, monkeypatch, make):
     logger.experiment.log({"x": 1})  # Lightning's DummyExperiment: does nothing
     logger.finalize("failed")
     assert os.listdir(tmp_path) == []
+
+
+TORCHRUN_RANK_1 = {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": "0",
+                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29555"}
+
+
+@pytest.mark.parametrize("make", [make_wandb, make_mlflow], ids=["wandb", "mlflow"])
+def test_a_process_torchrun_says_is_rank_1_starts_no_run_before_the_process_group_exists(tmp_path, monkeypatch, make,
+                                                                                         mlflow_dir):
+    """Under torchrun, ``logger.log_hparams(cfg)`` before ``loopkit.distributed.init()``: torchrun's ``RANK`` says
+    which process writes, as Lightning's ``rank_zero_only.rank`` (read from the environment); it started a run on
+    every rank, and rank 1's was never finished."""
+    assert not torch.distributed.is_initialized()
+    for name, value in TORCHRUN_RANK_1.items():
+        monkeypatch.setenv(name, value)
+    logger = make(tmp_path)
+    logger.log_hparams({"lr": 0.1})
+    logger.log_metrics({"loss": 1.0}, step=1)
+    logger.experiment.log({"x": 1})  # Lightning's DummyExperiment: does nothing
+    logger.finalize()
+    assert os.listdir(tmp_path) == [] and logger.version is None
+    monkeypatch.setenv("RANK", "0")  # rank 0 of the same torchrun job writes
+    if isinstance(logger, MLFlowLogger):
+        mlflow_dir(tmp_path)  # (an empty store, made once a session)
+    logger.log_hparams({"lr": 0.1})
+    assert logger.version is not None and logger.experiment is not None
+    if isinstance(logger, WandbLogger):
+        logger.experiment.finish()
+    else:
+        logger.finalize()
 
 
 @pytest.mark.parametrize(

@@ -181,17 +181,15 @@ class _ModelWatch:
 
 
 def _finalize(logger: Any, status: str) -> None:
-    """``logger.finalize(status)`` when it takes a status (Lightning's protocol, :class:`loopkit.Logger`'s), else
-    ``logger.finalize()`` (a logger of one's own may take none)."""
-    if status != "success":
-        try:
-            inspect.signature(logger.finalize).bind(status)
-        except (TypeError, ValueError):  # (no room for a status; a builtin without a signature)
-            pass
-        else:
-            logger.finalize(status)
-            return
-    logger.finalize()
+    """``logger.finalize(status)`` when it takes a status, ``"success"`` included (Lightning's protocol: its trainer
+    always passes one, so ``def finalize(self, status)`` has no default), else ``logger.finalize()`` (a logger of
+    one's own may take none)."""
+    try:
+        inspect.signature(logger.finalize).bind(status)
+    except (TypeError, ValueError):  # (no room for a status; a builtin without a signature)
+        logger.finalize()
+    else:
+        logger.finalize(status)
 
 
 def _shares(follower: Any, leader: Any) -> bool:
@@ -234,9 +232,9 @@ def with_logging(step: Any, *loggers: Any, every_n_steps: int = 50) -> LoggingSt
     calls since the last log (under ``with_grad_accum`` a window is n updates), at the global
     step. The ``run_epochs`` events add each validation's ``val/m`` means, and at the end of
     each epoch ``train/m_epoch`` (the epoch means), ``epoch`` and the callbacks' extras; at the
-    end of the fit every logger is finalized (``finalize("failed")`` when an error leaves the fit,
-    for loggers whose ``finalize`` takes a status, as Lightning's do; call ``finalize()`` yourself
-    in a loop of your own). Sanity validation is never logged. A custom step is logged per window only if it
+    end of the fit every logger is finalized: ``finalize("success")``, or ``finalize("failed")`` when an
+    error leaves the fit, for loggers whose ``finalize`` takes a status (as Lightning's trainer always
+    passes one), ``finalize()`` for one that takes none; call ``finalize()`` yourself in a loop of your own. Sanity validation is never logged. A custom step is logged per window only if it
     advances ``state.step``. Loggers with ``wants_model``/``log_model``
     (``TensorBoardLogger(histogram_every_n_steps=m)``) get the model when due, from the
     optimizer's step pre-hook; loggers of one root and name share one ``version_N`` folder.

@@ -300,6 +300,7 @@ def _tracked_names(wandb_logger, mlflow_logger):
     """The metric names each tracker's run holds, read back (wandb's offline transaction log, MLflow's store)."""
     from tests.test_loggers_trackers import wandb_runs
 
+    wandb_logger.experiment.finish()  # (a successful fit's run stays open, as Lightning's)
     (run,) = wandb_runs(wandb_logger.save_dir)
     in_wandb = set().union(*run["rows"]) - {"_step", "trainer/global_step"}
     in_mlflow = set(mlflow_logger.experiment.get_run(mlflow_logger.run_id).data.metrics)
@@ -701,8 +702,10 @@ def test_a_failed_write_at_a_log_point_leaves_that_update_whole(make_mlp, make_b
 
 
 def test_an_error_out_of_the_fit_finalizes_with_failed_the_loggers_that_take_a_status(make_mlp, make_batches, make_sgd_state):
-    """Lightning's protocol: ``finalize("failed")`` when an error leaves the fit (an MLflow run is then marked
-    FAILED); a logger of one's own whose ``finalize`` takes no status is finalized as before."""
+    """Lightning's protocol: ``finalize("success")``, or ``finalize("failed")`` when an error leaves the fit (an
+    MLflow run is then marked FAILED), to every logger whose ``finalize`` takes a status: Lightning's own signature
+    ``finalize(self, status)`` has no default (its trainer always passes one), and a successful fit finalizes it
+    with "success" (it raised a TypeError at the fit's end); a logger whose ``finalize`` takes none gets ``finalize()``."""
 
     class Statuses(MemoryLogger):
         def __init__(self):
@@ -726,6 +729,14 @@ def test_an_error_out_of_the_fit_finalizes_with_failed_the_loggers_that_take_a_s
         def finalize(self):
             self.finalized += 1
 
+    class LightningStyle(Plain):  # lightning.fabric.loggers.Logger.finalize(self, status: str)
+        def __init__(self):
+            super().__init__()
+            self.statuses = []
+
+        def finalize(self, status):
+            self.statuses.append(status)
+
     def failing(model, batch):
         if failing.calls == 2:
             raise RuntimeError("boom")
@@ -734,10 +745,13 @@ def test_an_error_out_of_the_fit_finalizes_with_failed_the_loggers_that_take_a_s
 
     for fn, expected in ((loss_with_mae, "success"), (failing, "failed")):
         failing.calls = 0
-        statuses, plain = Statuses(), Plain()
-        step = with_logging(train_step(fn), statuses, plain, every_n_steps=1)
+        statuses, plain, lightning_style = Statuses(), Plain(), LightningStyle()
+        step = with_logging(train_step(fn), statuses, plain, lightning_style, every_n_steps=1)
         try:
             run_epochs(step, make_sgd_state(make_mlp()), make_batches(4), epochs=1, progress=False)
         except RuntimeError as error:
             assert str(error) == "boom" and expected == "failed"
+        else:
+            assert expected == "success"
         assert statuses.statuses == [expected] and statuses.finalized == 1 and plain.finalized == 1
+        assert lightning_style.statuses == [expected] and lightning_style.finalized == 0
