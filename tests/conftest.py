@@ -58,6 +58,19 @@ def mse(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Ten
     return ((model(x).float() - y) ** 2).mean()
 
 
+def loss_with_mae(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Mean squared error, with the mean absolute error as an aux metric ``mae``."""
+    x, y = batch
+    err = model(x) - y
+    return (err**2).mean(), {"mae": err.abs().mean()}
+
+
+def mse_metric(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An ``eval_step`` metric_fn: ``{"mse": ...}``."""
+    x, y = batch
+    return {"mse": ((model(x) - y) ** 2).mean()}
+
+
 def sgd_state(model: nn.Module, seed: int = 0, *, lr: float = 0.1, momentum: float = 0.9) -> loopkit.TrainState:
     """A state with SGD (momentum) over ``model``."""
     return loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum), seed=seed)

@@ -28,21 +28,10 @@ import torch
 
 import loopkit
 from loopkit import CSVLogger, MLFlowLogger, WandbLogger, eval_step, run_epochs, train_step, with_logging
-from tests.conftest import sgd_state, synthetic_batches, tiny_mlp
+from tests.conftest import loss_with_mae, mse_metric, sgd_state, synthetic_batches, tiny_mlp
 
 HPARAMS = {"lr": np.float64(0.05), "hidden": np.int64(8), "model": {"depth": 2, "act": "tanh"}, "tags": ("a", "b")}
 PLAIN = {"lr": 0.05, "hidden": 8, "model": {"depth": 2, "act": "tanh"}, "tags": ["a", "b"]}
-
-
-def loss_with_mae(model, batch):
-    x, y = batch
-    err = model(x) - y
-    return (err**2).mean(), {"mae": err.abs().mean()}
-
-
-def mse_metric(model, batch):
-    x, y = batch
-    return {"mse": ((model(x) - y) ** 2).mean()}
 
 
 def fit(logger, root, *, epochs=2, state=None, loss=loss_with_mae, **options):

@@ -28,6 +28,7 @@ from loopkit import (
     with_grad_clip,
     with_logging,
 )
+from tests.conftest import loss_with_mae, mse_metric
 
 
 class MemoryLogger(Logger):
@@ -56,17 +57,6 @@ class Recorder:
 
     def on_batch_end(self, state, metrics):
         self.calls.append((state.step, {k: float(v) for k, v in metrics.items()}))
-
-
-def loss_with_mae(model, batch):
-    x, y = batch
-    err = model(x) - y
-    return (err**2).mean(), {"mae": err.abs().mean()}
-
-
-def mse_metric(model, batch):
-    x, y = batch
-    return {"mse": ((model(x) - y) ** 2).mean()}
 
 
 def scalars(log_dir, tag):
