@@ -20,8 +20,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from loopkit.rng import global_rngs_kept
+
 __all__ = [
-    "TRAIN", "call_seeded", "check_factory", "factory_name", "global_rngs_kept", "is_factory", "not_data", "val_stream",
+    "TRAIN", "call_seeded", "check_factory", "factory_name", "is_factory", "not_data", "val_stream",
 ]
 
 #: the train factory's stream of global RNG seeds (a validation set's: :func:`val_stream`)
@@ -98,18 +100,6 @@ def check_factory(fn: Callable[..., Any], where: str) -> None:
             "called as fn(epoch) with the 0-based epoch, and it cannot take that: give it one parameter, e.g. "
             "lambda epoch: DataLoader(curriculum(epoch), batch_size=32)"
         ) from None
-
-
-@contextlib.contextmanager
-def global_rngs_kept() -> Iterator[None]:
-    """Put torch's (CPU), numpy's and Python's global RNGs back as they were when the block ends."""
-    saved = torch.default_generator.get_state(), np.random.get_state(), random.getstate()
-    try:
-        yield
-    finally:
-        torch.default_generator.set_state(saved[0])
-        np.random.set_state(saved[1])
-        random.setstate(saved[2])
 
 
 def call_seeded(fn: Callable[[int], Iterable], seed: int, epoch: int, stream: tuple[int, ...], where: str) -> Any:

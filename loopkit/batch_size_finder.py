@@ -32,7 +32,8 @@ import torch
 from loopkit._epoch_data import factory_name, is_factory
 from loopkit._numbers import as_int, as_real
 from loopkit._search import search_step
-from loopkit.driver import _check_data, _check_device, _global_rngs_kept, _num_batches, run_epochs
+from loopkit.driver import _check_data, _check_device, _num_batches, run_epochs
+from loopkit.rng import global_rngs_kept
 from loopkit.state import TrainState, model_device
 
 __all__ = ["scale_batch_size"]
@@ -131,7 +132,7 @@ class _Search:
         if self.on_cuda:  # (what the last trial held goes back first; on the CPU only after running out)
             _free_memory()
         try:
-            with _global_rngs_kept(), warnings.catch_warnings():
+            with global_rngs_kept(), warnings.catch_warnings():
                 # (each size makes another number of batches: a state saved mid-epoch is not resumed here, only probed)
                 warnings.filterwarnings("ignore", message=r"run_epochs: the state was saved in epoch \d+ of")
                 run_epochs(self.step, self.state, self.data, max_steps=self.state.step + self.steps_per_trial,

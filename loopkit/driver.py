@@ -32,11 +32,11 @@ import torch
 
 from loopkit import _collective
 from loopkit._epoch_data import TRAIN, call_seeded, check_factory, factory_name, is_factory, not_data, val_stream
-from loopkit._epoch_data import global_rngs_kept as _global_rngs_kept
 from loopkit._numbers import as_int, as_real
 from loopkit._window import EPOCH, OVER_RANKS, own_buffers, own_rng, own_share
 from loopkit.callbacks import Callback, may_change_state_early
 from loopkit.progress import ProgressBar, progress_wanted
+from loopkit.rng import global_rngs_kept
 from loopkit.state import (
     TrainState, extras_copy, fork, leave_intact, model_device, put_extras, refuse_copy_if_sharded, replace,
     replace_extras, state_at_error,
@@ -194,7 +194,7 @@ def _stream_ended(batches: Iterator[Any]) -> bool:
     next batch from them: the resumed run reads it as the uninterrupted one). Only where the epoch stops
     (``max_steps``, a callback's stop), not per batch. Under DDP a collective: the epoch ends on every rank
     only if it ended on all (every rank stops after the same batch, and asks here)."""
-    with _global_rngs_kept():
+    with global_rngs_kept():
         ended = next(batches, _END) is _END
     return not _collective.any_rank(not ended)
 
@@ -1487,7 +1487,7 @@ def run_epochs(
             restored = True
             hooks.check_plain()
             if validates and sanity_val_batches != 0:
-                with _global_rngs_kept():  # a val DataLoader's iterator (and a Dataset's augmentation) draws from the
+                with global_rngs_kept():  # a val DataLoader's iterator (and a Dataset's augmentation) draws from the
                     sanity = validate(state, sanity=True)  # global RNGs: a resumed run's extra sanity pass leaves them
                 _warn_of_unseen_monitors(step, callbacks, sanity)
 

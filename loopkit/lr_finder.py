@@ -39,7 +39,8 @@ from loopkit._epoch_data import check_factory, is_factory
 from loopkit._numbers import as_int, as_real
 from loopkit.callbacks import Callback
 from loopkit._search import search_step
-from loopkit.driver import _check_data, _check_device, _global_rngs_kept, _num_batches, run_epochs
+from loopkit.driver import _check_data, _check_device, _num_batches, run_epochs
+from loopkit.rng import global_rngs_kept
 from loopkit.state import TrainState, fork, refuse_copy_if_sharded
 
 __all__ = ["LRFinderResult", "lr_find"]
@@ -396,7 +397,7 @@ def lr_find(
         group["initial_lr"] = min_lr
     probe = probe.evolve(scheduler=_RangeLR(probe.optimizer, max_lr, count, mode))
     recorder = _Recorder(probe.step, _accum_every(step), threshold)
-    with _global_rngs_kept(), warnings.catch_warnings():
+    with global_rngs_kept(), warnings.catch_warnings():
         # (its words are run_epochs' options: the search says it in its own below)
         warnings.filterwarnings("ignore", message=r"run_epochs: epoch \d+ went by without state.step advancing")
         run_epochs(step, probe, train_data, max_steps=probe.step + count, callbacks=[recorder], progress=False,

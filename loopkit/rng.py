@@ -21,15 +21,16 @@ True
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 import os
 import random
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 import torch
 
-__all__ = ["RNGScope", "create_rng", "global_rng_state", "seed_everything"]
+__all__ = ["RNGScope", "create_rng", "global_rng_state", "global_rngs_kept", "seed_everything"]
 
 RNG = Mapping[str, torch.Tensor]
 
@@ -126,6 +127,26 @@ class RNGScope:
         torch.default_generator.set_state(self._saved_cpu)
         if self._cuda_index is not None:
             torch.cuda.set_rng_state(self._saved_cuda, self._cuda_index)
+
+
+@contextlib.contextmanager
+def global_rngs_kept() -> Iterator[None]:
+    """Put torch's (CPU), numpy's and Python's global RNGs back as they were when the block ends.
+
+    >>> before = torch.rand(1); _ = torch.manual_seed(3); a = torch.rand(1)
+    >>> _ = torch.manual_seed(3)
+    >>> with global_rngs_kept():
+    ...     _ = torch.rand(5)
+    >>> bool(torch.equal(torch.rand(1), a))
+    True
+    """
+    saved = torch.default_generator.get_state(), np.random.get_state(), random.getstate()
+    try:
+        yield
+    finally:
+        torch.default_generator.set_state(saved[0])
+        np.random.set_state(saved[1])
+        random.setstate(saved[2])
 
 
 def seed_everything(seed: int) -> int:
