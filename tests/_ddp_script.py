@@ -8,7 +8,8 @@ no expected values. Scenarios:
 
 - ``plain``: ``with_ddp(train_step)``, rank 1 starting from other weights (DDP broadcasts rank 0's).
 - ``accum``: ``with_grad_accum(with_ddp(...), every=2)`` with a comm hook counting all-reduces.
-- ``accum_outer``: ``with_ddp(with_grad_clip(with_grad_accum(...)))``, the other order.
+- ``accum_outer``: ``with_ddp(with_grad_clip(with_grad_hook(with_grad_accum(...))))``, the other order (the hook
+  reports the norm of the gradients it sees).
 - ``bucket_views``: ``with_grad_accum(with_grad_clip(with_ddp(..., gradient_as_bucket_view=True)))``:
   per-micro-batch clipping, whose stashed gradients are views the next backward writes.
 - ``static_graph``: ``with_grad_accum(with_ddp(..., static_graph=True), every=2)``.
@@ -154,7 +155,11 @@ def accum_outer(rank: int) -> dict[str, Any]:
 
     data = make_data(2 * STEPS)
     inner = loopkit.with_grad_accum(loopkit.train_step(mse), every=2)
-    step = loopkit.donate(loopkit.with_ddp(loopkit.with_grad_clip(inner, max_norm=0.3)))
+
+    def hook(state):  # with_grad_hook sees what the clip sees: the group's gradient averaged over the ranks
+        return {"hook/norm": torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in state.model.parameters()]))}
+
+    step = loopkit.donate(loopkit.with_ddp(loopkit.with_grad_clip(loopkit.with_grad_hook(inner, hook), max_norm=0.3)))
     state = sgd_state(make_model())
     state, seen = _loop(step, state, [data[i, rank] for i in range(2 * STEPS)])
     return {"params": _params(state.model), "metrics": seen}

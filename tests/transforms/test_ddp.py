@@ -123,6 +123,8 @@ def test_ddp_outside_accum_and_clip_equals_the_big_batch_clipped(ranks):
     _assert_ranks_identical(results)
     _assert_close(results[0]["params"], state.model)
     assert all(m["grad_norm"] > 0.3 for m in results[0]["metrics"][1::2])  # clipping acted at every update
+    for r in results:  # with_grad_hook saw the averaged gradient (the clip's), before the clipping, on each rank
+        assert [m["hook/norm"] for m in r["metrics"][1::2]] == pytest.approx([m["grad_norm"] for m in r["metrics"][1::2]], rel=1e-6)
 
 
 def _per_micro_clipped_reference(max_norm):
