@@ -288,7 +288,7 @@ def _run_with_sanity_validation(root, val_every_n_epochs, make_mlp, make_batches
 
 def _tracked_names(wandb_logger, mlflow_logger):
     """The metric names each tracker's run holds, read back (wandb's offline transaction log, MLflow's store)."""
-    from tests.test_loggers_trackers import wandb_runs
+    from tests.test_trackers import wandb_runs
 
     wandb_logger.experiment.finish()  # (a successful fit's run stays open, as Lightning's)
     (run,) = wandb_runs(wandb_logger.save_dir)
