@@ -86,6 +86,7 @@ __all__ = [
     "make_directory",
     "load",
     "read_meta",
+    "read_score",
     "read_scores",
     "read_structure",
     "remove",
@@ -97,6 +98,7 @@ __all__ = [
     "structure_mismatch",
     "verify",
     "write",
+    "write_late_score",
     "write_scores",
 ]
 
@@ -106,6 +108,7 @@ PAYLOAD = "state.pt"
 META = "meta.json"
 MANIFEST = "manifest.json"
 SCORES = "scores.json"
+LATE_SCORE = "score.json"  # in a checkpoint: the score a validation gave it after it was written (see write_late_score)
 _REQUIRED = (PAYLOAD, META)
 _LOCK = ".lock"
 _TMP = ".tmp-"
@@ -1309,9 +1312,9 @@ def scores(directory: str | os.PathLike, monitor: str, mode: str) -> dict[str, f
     """The scores of ``monitor`` (ranked in ``mode``) of the checkpoints in ``directory``, by name.
 
     ``scores.json``'s, for the checkpoints still there (one removed by hand or by :func:`remove` has
-    none), completed from the checkpoints' own ``meta.json`` (a run killed after a scored checkpoint
-    was renamed into place, before ``scores.json`` was rewritten; a NaN there, which ranks nowhere,
-    is left out).
+    none), completed from the checkpoints' own records (:func:`read_score`: a run killed after a scored
+    checkpoint was renamed into place, before ``scores.json`` was rewritten, or ``scores.json`` lost; a
+    NaN there, which ranks nowhere, is left out).
 
     >>> import tempfile, torch
     >>> from loopkit.state import TrainState
@@ -1331,7 +1334,7 @@ def scores(directory: str | os.PathLike, monitor: str, mode: str) -> dict[str, f
         if info.name in known:
             continue
         try:
-            record = read_meta(info.path).get("score")
+            record = read_score(info.path)
         except (CheckpointCorruptError, OSError):  # damaged or gone: nothing to rank
             continue
         if not isinstance(record, Mapping) or (record.get("monitor"), record.get("mode")) != (monitor, mode):
@@ -1391,12 +1394,61 @@ def _recorded_monitor(directory: str | os.PathLike, monitor: str | None = None) 
         return data["monitor"], data["mode"]
     for info in reversed(list_checkpoints(directory)):
         try:
-            record = read_meta(info.path).get("score")
+            record = read_score(info.path)
         except (CheckpointCorruptError, OSError):
             continue
         if fits(record):
             return record["monitor"], record["mode"]
     return None
+
+
+def read_score(path: str | os.PathLike) -> Any:
+    """The score record (``{"monitor", "mode", "value"}``) of checkpoint ``path``: its ``meta.json``'s, once its
+    manifest vouches for it, else the one :func:`write_late_score` put beside it; None when it has neither.
+
+    Raises :class:`loopkit.CheckpointCorruptError` for a checkpoint whose manifest or metadata is damaged.
+
+    >>> import tempfile, torch
+    >>> from loopkit.state import TrainState
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> path = save(TrainState.create(torch.nn.Linear(1, 1)), tmp.name)
+    >>> print(read_score(path))
+    None
+    >>> write_late_score(path, {"monitor": "val/loss", "mode": "min", "value": 0.5})
+    >>> read_score(path)["value"]
+    0.5
+    >>> tmp.cleanup()
+    """
+    path = Path(path)
+    record = read_meta(path).get("score")
+    if record is not None:
+        return record
+    late = path / LATE_SCORE
+    if not late.is_file():
+        return None
+    try:
+        return _read_json(late, "score")
+    except CheckpointCorruptError as e:  # (written atomically: only damage on disk gets here)
+        warnings.warn(f"loopkit: ignoring the score of {path.name}: {e}", RuntimeWarning, stacklevel=2)
+        return None
+
+
+def write_late_score(path: str | os.PathLike, record: Mapping[str, Any]) -> None:
+    """Atomically write the score ``record`` a validation gave checkpoint ``path`` after it was written (a step
+    checkpoint at the validation's update) into the checkpoint's folder as ``score.json``: it is kept with the
+    checkpoint, not only in the folder's ``scores.json`` index, which :func:`scores` completes from it.
+
+    >>> import tempfile, torch
+    >>> from loopkit.state import TrainState
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> path = save(TrainState.create(torch.nn.Linear(1, 1)), tmp.name)
+    >>> write_late_score(path, {"monitor": "val/loss", "mode": "min", "value": 0.25})
+    >>> (path / "score.json").is_file()
+    True
+    >>> tmp.cleanup()
+    """
+    raw = json.dumps(dict(record), sort_keys=True).encode()
+    _replace_atomically(Path(path) / LATE_SCORE, lambda f: f.write(raw))
 
 
 def write_scores(directory: str | os.PathLike, data: Mapping[str, Any]) -> None:

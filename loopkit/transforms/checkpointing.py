@@ -286,6 +286,10 @@ class CheckpointStep(UpdateStep):
                     saver.last = None  # let a later save at this position try again
                     raise
             if score is not None and position in saver.names:
+                if snap is None:  # written before this score (a step checkpoint at the validation's update): keep it
+                    checkpoint.write_late_score(  # with the checkpoint too, not only in scores.json
+                        self.directory / saver.names[position], {"monitor": self.monitor, "mode": self.mode, "value": score}
+                    )
                 with saver.lock:
                     self._scores()[saver.names[position]] = score
             # (keep_last=0: an unscored save, a graceful stop's or one of save()'s, stays until the next one)

@@ -293,6 +293,29 @@ def test_monitor_keeps_the_best_besides_the_last(tmp_path):
     assert _steps(tmp_path) == [4, 6]
 
 
+def test_a_score_given_after_its_checkpoint_was_written_is_kept_with_it_when_scores_json_is_lost(tmp_path):
+    """A step checkpoint scored by the validation of its own update: the score is in scores.json and beside the
+    checkpoint (score.json); with scores.json gone, the scores, the best checkpoint and a relaunch's rotation are
+    those of the run that kept it (the reference: the same run and relaunch with scores.json in place)."""
+    runs = {}
+    for name, lose in (("kept", False), ("lost", True)):
+        directory = tmp_path / name
+        step = with_checkpointing(_count_step, directory, every_n_steps=1, keep_last=1, monitor="val/loss", keep_best=2)
+        state = TrainState.create(nn.Linear(1, 1))
+        for score in (5.0, 3.0, 4.0, 1.0, 6.0):  # each validated after its step's checkpoint was written
+            state = _validate(step, state, score)
+        recorded = json.loads((directory / "scores.json").read_text())["scores"]
+        if lose:
+            (directory / "scores.json").unlink()
+        found = checkpoint.scores(directory, "val/loss", "min")
+        best = checkpoint.best_checkpoint(directory)
+        resumed = with_checkpointing(_count_step, directory, every_n_steps=1, keep_last=1, monitor="val/loss", keep_best=2)
+        _validate(resumed, state, 2.0)  # 2.0 beats 3.0: the step-2 checkpoint goes, the best (1.0) stays
+        runs[name] = (recorded, found, best.name, _steps(directory))
+    assert runs["lost"] == runs["kept"]
+    assert sorted(runs["lost"][1].values()) == [1.0, 3.0, 6.0] and runs["lost"][3] == [4, 6]
+
+
 def test_monitor_alone_saves_only_what_ranks(tmp_path):
     step = with_checkpointing(_count_step, tmp_path, keep_last=1, monitor="val/acc", mode="max", keep_best=1)
     state = TrainState.create(nn.Linear(1, 1))
