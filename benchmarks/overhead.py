@@ -511,6 +511,12 @@ def _nan_guard(step: Any) -> Any:
     return with_nan_guard(step)
 
 
+def _grad_hook(step: Any) -> Any:
+    from loopkit import with_grad_hook
+
+    return with_grad_hook(step, lambda state: None)
+
+
 def _amp(step: Any) -> Any:
     from loopkit import with_amp
 
@@ -547,6 +553,7 @@ CONTENDERS: tuple[Contender, ...] = (
     Contender("clip", "+ with_grad_clip(max_norm=1)", _loopkit_step(_clip), "transform", "raw_clip"),
     Contender("accum", "+ with_grad_accum(every=4), per call", _loopkit_step(_accum), "transform", "raw_accum"),
     Contender("nan_guard", "+ with_nan_guard", _loopkit_step(_nan_guard), "transform", "raw"),
+    Contender("grad_hook", "+ with_grad_hook(a no-op fn)", _loopkit_step(_grad_hook), "transform", "raw"),
     Contender("amp", "+ with_amp(bf16)", _loopkit_step(_amp), "transform", "raw_amp"),
     Contender("raw_clip", "ref: raw + clip_grad_norm_(1)", RawClipLoop, "reference"),
     Contender("raw_accum", "ref: raw, accumulate 4, per call", RawAccumLoop, "reference"),

@@ -36,6 +36,7 @@ CONTENDER_ROWS = {
     "clip": "+ with_grad_clip(max_norm=1)",
     "accum": "+ with_grad_accum(every=4), per call",
     "nan_guard": "+ with_nan_guard",
+    "grad_hook": "+ with_grad_hook(a no-op fn)",
     "amp": "+ with_amp(bf16)",
     "trainer": "Lightning Trainer",
     "fabric": "Lightning Fabric",
