@@ -908,3 +908,36 @@ def test_an_evaluation_of_a_lazy_model_before_its_first_forward_and_of_inference
     with torch.inference_mode():
         expected = served.eval()(batches[0][0])
     assert torch.equal(outputs[0], expected)
+
+
+def test_a_bfloat16_model_trains_as_a_raw_bfloat16_loop_lightnings_bf16_true(tmp_path):
+    """Lightning's precision="bf16-true": the weights, the optimizer state and the data in bfloat16, no autocast.
+    The model as a raw loop trains it, bitwise, through run_epochs and a checkpoint restored into a fresh template."""
+    def make():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)).to(torch.bfloat16)
+
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(8, 4, generator=g).bfloat16(), torch.randn(8, 2, generator=g).bfloat16()) for _ in range(6)]
+
+    def mse(model, batch):
+        return ((model(batch[0]) - batch[1]) ** 2).mean()
+
+    reference = make()
+    opt = torch.optim.AdamW(reference.parameters(), lr=1e-2)
+    for batch in data:
+        opt.zero_grad()
+        mse(reference, batch).backward()
+        opt.step()
+
+    model = make()
+    state = loopkit.TrainState.create(model, torch.optim.AdamW(model.parameters(), lr=1e-2))
+    step = loopkit.with_checkpointing(loopkit.train_step(mse), tmp_path, every_n_epochs=1)
+    state, history = loopkit.run_epochs(step, state, data, epochs=1, progress=False)
+    template = make()
+    restored = loopkit.restore(loopkit.TrainState.create(template, torch.optim.AdamW(template.parameters(), lr=1e-2)), tmp_path)
+    for trained in (state, restored):
+        for a, b in zip(trained.model.parameters(), reference.parameters()):
+            assert a.dtype == torch.bfloat16 and torch.equal(a, b)
+    assert restored.optimizer.state_dict()["state"][0]["exp_avg"].dtype == torch.bfloat16
+    assert history[-1]["step"] == 6
