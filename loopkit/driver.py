@@ -1107,8 +1107,8 @@ def _add_extras(record: dict[str, float], callback: Any, extra: Any, hook: str, 
     record.update(extra)
 
 
-def _warn_of_the_same_batch(batch: Any) -> None:
-    """Under DDP, at the fit's first batch (a collective): warn when every rank got the same one, as a
+def _warn_of_the_same_batch(batch: Any, transform: str) -> None:
+    """Under ``transform`` (with_ddp, with_fsdp), at the fit's first batch (a collective): warn when every rank got the same one, as a
     DataLoader without a DistributedSampler gives them (training then sees 1/world_size of the data an epoch)."""
     found = list(tensors(batch))
     fingerprint = [(tuple(t.shape), float(t.detach().double().sum()), float(t.detach().double().abs().sum()))
@@ -1116,7 +1116,7 @@ def _warn_of_the_same_batch(batch: Any) -> None:
     seen = _collective.gather(fingerprint)
     if found and all(other == seen[0] for other in seen):
         warnings.warn(
-            "run_epochs: every rank got the same first batch under with_ddp, so each epoch trains on one rank's share "
+            f"run_epochs: every rank got the same first batch under {transform}, so each epoch trains on one rank's share "
             "of the data only; shard it (loopkit.distributed.shard(dataset, state, batch_size=...), or a DataLoader "
             "with a DistributedSampler)",
             RuntimeWarning,
@@ -1459,7 +1459,8 @@ def run_epochs(
                            "run_epochs: the ranks have other validation options (or min_epochs/min_steps), and every "
                            "rank must validate and stop at the same points (give val= on every rank, each its own shard "
                            "of the validation data, the same named sets)")
-    check_sharding = _collective.active() and ("with_ddp" in step.applied or "with_fsdp" in step.applied)  # (at the fit's first batch)
+    parallel = next((t for t in ("with_ddp", "with_fsdp") if t in step.applied), None)
+    check_sharding = _collective.active() and parallel is not None  # (at the fit's first batch)
     sharded_run = "with_fsdp" in step.applied
     given = state
     if OVER_RANKS in state.extras:  # restored from a checkpoint holding every rank's running means and RNG: each takes its own
@@ -1567,7 +1568,7 @@ def run_epochs(
                         batch = move(batch)
                     if check_sharding:
                         check_sharding = False
-                        _warn_of_the_same_batch(batch)
+                        _warn_of_the_same_batch(batch, parallel)
                     before = state.step
                     state, metrics = step(state, batch)
                     if metrics:
