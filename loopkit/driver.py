@@ -1604,6 +1604,8 @@ def run_epochs(
                         validated_at, hooks_ran = state.step, True
                     reached = max_steps is not None and state.step >= max_steps
                     asked_stop = (hooks_ran or hooks.stop_asked) and hooks.stops(state)  # it still validates, as Lightning's should_stop does
+                    if asked_stop and sharded_run and in_accumulation_group(state):
+                        asked_stop = False  # (fully_shard holds the group's gradients: no state dict has them; at its end)
                     if reached or asked_stop:
                         exhausted = _epoch_over(state, total, sized, batches)
                         break

@@ -310,8 +310,26 @@ def bn_nobroadcast(rank: int, out_dir: str) -> dict[str, Any]:
     return {"seen": seen}
 
 
+def stop_mid_group(rank: int, out_dir: str) -> dict[str, Any]:
+    """A callback's stop inside an accumulation group (a Timer's, say): the fit goes on to the group's end (its
+    gradients, held by fully_shard, are in no state dict) and saves there."""
+    import loopkit
+
+    class StopAtBatch4(loopkit.Callback):
+        def on_batch_end(self, state, metrics):
+            if state.batch_index == 4:
+                self.should_stop = True
+
+    directory = os.path.join(out_dir, "stop_mid_group")
+    step = loopkit.with_fsdp(loopkit.with_grad_accum(loopkit.train_step(mse), every=3), shard=SHARD)
+    step = loopkit.with_checkpointing(step, directory, every_n_steps=1)
+    state, _ = _fit(step, make_state("sgd"), make_data(8), rank, 1, callbacks=[StopAtBatch4()])
+    return {"params": full_params(state.model), "step": state.step, "batch_index": state.batch_index,
+            "saved": [(c.step, c.batch_index) for c in loopkit.checkpoint.list_checkpoints(directory)]}
+
+
 SCENARIOS = {f.__name__: f for f in (sgd, adam, accum, accum_outer, clip, nan, bf16, cut, resume, bn, bn_ddp, bn_cut,
-                                     bn_nobroadcast, bn_resume)}
+                                     bn_nobroadcast, bn_resume, stop_mid_group)}
 
 
 def main(out_dir: str, scenarios: list[str]) -> None:

@@ -462,3 +462,14 @@ def test_a_tied_weight_split_by_shard_is_refused_naming_both_places(one_rank):
         assert type(state.model[0].weight) is torch.nn.Parameter  # nothing sharded
     state, metrics = loopkit.donate(loopkit.with_fsdp(ce))(tied(), batch)
     assert state.model[0].weight is state.model[2].weight and torch.isfinite(metrics["loss"])
+
+
+def test_a_callbacks_stop_inside_an_accumulation_group_waits_for_the_groups_end(ranks):
+    """(fully_shard holds the group's gradients: a fit ended mid-group had no state dict to save at its end.)"""
+    results = ranks("stop_mid_group")
+    _assert_ranks_identical(results)
+    model, _, _ = raw_loop("sgd", fsdp.make_data(8), 1, every=3, calls=6)  # asked at batch 4: the group ends at 6
+    _assert_close(results[0]["params"], model)
+    for r in results:
+        assert (r["step"], r["batch_index"]) == (2, 6)
+        assert r["saved"][-1] == (2, 6)
