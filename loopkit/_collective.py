@@ -38,7 +38,7 @@ def active() -> bool:
 def is_rank_zero() -> bool:
     """Whether this process is rank 0, the one that writes logs and checkpoints: in an initialised
     ``torch.distributed`` process group, the group's rank; without one, torchrun's ``RANK`` when the
-    environment sets it (an int), else True (a single process).
+    environment sets it (an int) with a ``WORLD_SIZE`` above 1, else True (a single process).
 
     Without the environment's word, under torchrun every process would be "rank 0" until
     ``loopkit.distributed.init()``, and a write before it (``logger.log_hparams(cfg)`` at the top of
@@ -58,14 +58,16 @@ def is_rank_zero() -> bool:
 
 
 def _environment_rank() -> int | None:
-    """torchrun's ``RANK`` from the environment, None when it is not set (or not an int)."""
-    value = os.environ.get("RANK")
-    if value is None:
+    """torchrun's ``RANK`` from the environment, None when it is not set (or not an int), or when its
+    ``WORLD_SIZE`` does not say more than one process (a ``RANK`` leaked into a single process: it writes)."""
+    value, size = os.environ.get("RANK"), os.environ.get("WORLD_SIZE")
+    if value is None or size is None:
         return None
     try:
-        return int(value)
+        rank, size_ = int(value), int(size)
     except ValueError:  # (not torchrun's: loopkit.distributed.init() names it, should a group be made from it)
         return None
+    return rank if size_ > 1 else None
 
 
 def rank_and_size() -> tuple[int, int]:

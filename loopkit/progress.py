@@ -22,12 +22,13 @@ _COUNT_EVERY_S = 0.05  # seconds between count updates (tqdm redraws at most eve
 
 
 def progress_wanted(progress: bool, stream: Any = None) -> bool:
-    """Whether to show a bar: asked for, tqdm installed, and the stream is a terminal.
+    """Whether to show a bar: asked for, tqdm installed, the stream is a terminal, and this process is rank 0
+    (as Lightning's bar, which the other ranks disable).
 
     >>> progress_wanted(False)
     False
     """
-    if not progress:
+    if not progress or not _collective.is_rank_zero():
         return False
     stream = sys.stderr if stream is None else stream
     try:

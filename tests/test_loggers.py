@@ -346,6 +346,25 @@ def test_a_process_torchrun_says_is_rank_1_writes_no_log_or_checkpoint_before_th
     assert os.listdir(tmp_path) == ["default"]
 
 
+@pytest.mark.parametrize("world_size", [None, "1"])
+def test_a_rank_left_in_the_environment_of_a_single_process_does_not_stop_its_writes(tmp_path, monkeypatch, world_size):
+    """A RANK leaked into one process (a notebook started from a job's shell): no WORLD_SIZE above 1, so it is
+    the only process and writes its logs and checkpoints, as Lightning's ModelCheckpoint does with devices=1."""
+    monkeypatch.setenv("RANK", "1")
+    if world_size is None:
+        monkeypatch.delenv("WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("WORLD_SIZE", world_size)
+    assert loopkit.distributed.is_rank_zero()
+    model = torch.nn.Linear(2, 1)
+    state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    step = loopkit.with_logging(loopkit.train_step(lambda m, b: m(b).pow(2).mean()), CSVLogger(tmp_path), every_n_steps=1)
+    step = loopkit.with_checkpointing(step, tmp_path / "ckpt", every_n_steps=1)
+    loopkit.run_epochs(step, state, [torch.ones(4, 2)] * 2, epochs=1, progress=False)
+    assert (tmp_path / "default" / "version_0" / "metrics.csv").is_file()
+    assert [c.step for c in loopkit.checkpoint.list_checkpoints(tmp_path / "ckpt")][-1] == 2
+
+
 def test_loggers_of_one_root_and_name_can_share_a_run_folder(tmp_path):
     tb, csv_logger, jsonl = TensorBoardLogger(tmp_path), CSVLogger(tmp_path), JSONLLogger(tmp_path)
     csv_logger.log_hparams({"lr": 0.1})  # held back: the folder is not claimed yet

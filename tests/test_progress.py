@@ -121,6 +121,15 @@ def test_progress_wanted():
     assert progress_wanted(True, FakeTTY())
     assert not progress_wanted(False, FakeTTY())
     assert not progress_wanted(True, io.StringIO())
+
+
+def test_only_rank_0_draws_a_bar(monkeypatch):
+    """As Lightning's bar, which every rank but 0 disables (torchrun's environment for rank 1 of 2, no group yet)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert not progress_wanted(True, FakeTTY())
+    monkeypatch.setenv("RANK", "0")
+    assert progress_wanted(True, FakeTTY())
     assert not progress_wanted(True, object())  # no isatty at all
 
 
