@@ -20,8 +20,8 @@ from typing import Any
 import torch
 
 __all__ = [
-    "active", "agree_max", "any_rank", "check_same", "differs_from_rank_zero", "failure", "fold", "gather",
-    "is_rank_zero", "means", "rank_and_size", "read", "ready", "sum_dtype",
+    "active", "agree_max", "any_rank", "check_same", "differs_from_rank_zero", "failure", "fold", "from_rank_zero",
+    "gather", "is_rank_zero", "mean_over_ranks", "means", "rank_and_size", "read", "ready", "sum_dtype",
 ]
 
 
@@ -170,6 +170,21 @@ def any_rank(flag: bool) -> bool:
     return bool(value.item())
 
 
+def from_rank_zero(value: int) -> int:
+    """Rank 0's ``value`` (a small int) on every rank: one broadcast, a collective every rank must call at the
+    same point; ``value`` itself outside a process group of more than one rank.
+
+    >>> from_rank_zero(2)
+    2
+    """
+    if not active():
+        return value
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.distributed.get_backend() == "nccl" else None
+    told = torch.tensor(value, dtype=torch.int64, device=device)
+    torch.distributed.broadcast(told, src=0)
+    return int(told.item())
+
+
 def check_same(values: Mapping[str, object], what: str) -> None:
     """Raise ``RuntimeError`` naming the first rank whose ``values`` differ from rank 0's (a collective every
     rank must call at the same point); nothing outside a process group.
@@ -294,3 +309,34 @@ def differs_from_rank_zero(described: list[tuple[str, tuple[int, ...], str]], ki
             only = sorted({n for n, *_ in every[0]} ^ {n for n, *_ in theirs})
             return f"rank 0 has {len(every[0])} {kind}, rank {rank} has {len(theirs)}: {only} on one of them only"
     return None
+
+
+def mean_over_ranks(
+    grads: list[torch.Tensor | None], sizes: list[int], dtype: torch.dtype, device: torch.device,
+    failed: Callable[[str, BaseException], RuntimeError],
+) -> list[torch.Tensor | None]:
+    """Each of this rank's dense ``grads`` (None where it has none; ``sizes`` their numbers of elements)
+    averaged over the ranks, flat (1-D views of one new tensor), None where no rank had one: one all-reduce
+    of them all packed with a flag each (``dtype``, ``device``), and one read of the flags. Every rank calls
+    it at the same point with the same sizes in the same order (a collective), whatever gradients it holds;
+    a rank without one contributes zeros. A failed all-reduce raises ``failed(collective, error)``.
+
+    >>> import torch.distributed as dist
+    >>> dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    >>> mean_over_ranks([torch.ones(2, 1), None], [2, 3], torch.float32, torch.device("cpu"), lambda w, e: e)
+    [tensor([1., 1.]), None]
+    >>> dist.destroy_process_group()
+    """
+    total = sum(sizes)
+    flat = torch.zeros(total + len(sizes), dtype=dtype, device=device)
+    for part, grad in zip(flat[:total].split(sizes), grads):
+        if grad is not None:
+            part.copy_(grad.reshape(-1))
+    flat[total:] = torch.tensor([grad is not None for grad in grads], dtype=dtype)
+    try:
+        torch.distributed.all_reduce(flat)
+    except RuntimeError as e:
+        raise failed("the all-reduce of a flushed group's gradients", e) from e
+    flat[:total].div_(torch.distributed.get_world_size())
+    anywhere = flat[total:].tolist()  # (one read per flush)
+    return [part if some_rank_had else None for part, some_rank_had in zip(flat[:total].split(sizes), anywhere)]

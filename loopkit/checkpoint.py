@@ -1516,7 +1516,8 @@ def export_weights(
     and ``epoch`` are always there).
 
     A state that ``with_fsdp`` sharded gives the full weights: every rank must call it (each
-    sharded tensor is gathered whole, a collective), and rank 0 writes the file.
+    sharded tensor is gathered whole, a collective, into rank 0's CPU memory alone: the other
+    ranks hold one whole tensor at a time, never the model), and rank 0 writes the file.
 
     >>> import json, struct, tempfile, torch
     >>> tmp = tempfile.TemporaryDirectory()
@@ -1538,9 +1539,9 @@ def export_weights(
         raise FileNotFoundError(f"export_weights: the folder {str(path.parent)!r} of {str(path)!r} does not exist")
     model = core_module(state.model)
     sd = model.state_dict()
-    if is_sharded(model):  # under with_fsdp: gathered whole on every rank (a collective), written by rank 0
-        sd = full(sd)
-        if not _collective.is_rank_zero():
+    if is_sharded(model):  # under with_fsdp: gathered into rank 0's CPU memory alone (a collective), written there
+        sd = full(sd, to_rank_zero=True)
+        if sd is None:  # (not rank 0)
             return path
     _refuse_non_tensors(sd)
     tensors = {name: _raw_bytes(name, t) for name, t in sd.items()}

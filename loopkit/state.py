@@ -228,7 +228,10 @@ class TrainState(_GraphSlot):
 
         A state whose model ``with_fsdp`` sharded gives the full (unsharded) state dict, the same
         as the unsharded state's: each sharded parameter, gradient and optimizer tensor is
-        gathered whole (new tensors), a collective that every rank must make at the same point.
+        gathered whole (new tensors, on every rank: each rank gets a value it may use, and holds
+        the whole state while it keeps it), a collective that every rank must make at the same
+        point. loopkit's own writers (``with_checkpointing``, ``export_weights``) gather into rank
+        0's CPU memory alone instead (:func:`full_state_dict_on_rank_zero`).
         Inside a ``with_grad_accum`` group such a state refuses (``RuntimeError``): its partial
         gradients are each rank's own, held unsharded by ``fully_shard``; flush the group first.
 
@@ -236,6 +239,13 @@ class TrainState(_GraphSlot):
         >>> sorted(TrainState.create(torch.nn.Linear(1, 1)).state_dict())
         ['batch_index', 'epoch', 'extras', 'grads', 'model', 'rng', 'seed', 'step']
         """
+        sd = self._state_dict(to_rank_zero=False)
+        assert sd is not None
+        return sd
+
+    def _state_dict(self, *, to_rank_zero: bool) -> dict[str, Any] | None:
+        """:meth:`state_dict`; a sharded state's gathered into rank 0's CPU memory alone with ``to_rank_zero``
+        (None on the other ranks, which take part in each gather and drop what it gives at once)."""
         self.check_usable()
         model = core_module(self.model)
         sharded = is_sharded(model)  # under with_fsdp: each DTensor gathered whole (a collective on every rank)
@@ -251,12 +261,14 @@ class TrainState(_GraphSlot):
             "model": dict(model.state_dict()),
             "grads": {n: p.grad for n, p in model.named_parameters() if p.grad is not None},
         }
-        if sharded:
-            sd["model"], sd["grads"] = full(sd["model"]), full(sd["grads"])
-        if self.optimizer is not None:
-            plain = self.optimizer.state_dict()
-            if sharded:
-                plain = {"state": full(plain["state"]), "param_groups": plain["param_groups"]}
+        plain = self.optimizer.state_dict() if self.optimizer is not None else None
+        if sharded:  # (the same gathers in the same order on every rank)
+            sd["model"], sd["grads"] = full(sd["model"], to_rank_zero=to_rank_zero), full(sd["grads"], to_rank_zero=to_rank_zero)
+            if plain is not None:
+                plain = {"state": full(plain["state"], to_rank_zero=to_rank_zero), "param_groups": plain["param_groups"]}
+            if sd["model"] is None:  # (not rank 0: nothing kept)
+                return None
+        if plain is not None:
             sd["optimizer"] = {  # each parameter's state as it was (LBFGS keeps lists of tensors, and None)
                 "state": {str(i): encode_tree(entry, ("optimizer", "state", str(i))) for i, entry in plain["state"].items()},
                 "param_groups": to_plain(plain["param_groups"], ("optimizer", "param_groups")),
@@ -732,6 +744,18 @@ def fork(state: TrainState, *, optimizer_state: bool = True) -> TrainState:
                            "call with it, or make a full, unsharded copy on every rank: TrainState.create(new_model, "
                            "new_optimizer).load_state_dict(state.state_dict())")
     return _fork(state, {}, optimizer_state=optimizer_state)
+
+
+def full_state_dict_on_rank_zero(state: TrainState) -> dict[str, Any] | None:
+    """``state.state_dict()`` for the rank that writes it: a state whose model ``with_fsdp`` sharded is gathered
+    into rank 0's CPU memory alone (a collective every rank makes at the same point; each other rank takes
+    part, holds one whole tensor at a time and gets None: :func:`loopkit._sharded.full`), in the format of
+    an unsharded state's; any other state's ``state_dict()`` as it is, on every rank.
+
+    >>> sorted(full_state_dict_on_rank_zero(TrainState.create(torch.nn.Linear(1, 1)))["model"])
+    ['bias', 'weight']
+    """
+    return state._state_dict(to_rank_zero=True)
 
 
 def refuse_copy_if_sharded(state: TrainState, where: str, instead: str) -> None:

@@ -25,6 +25,10 @@ rank trains on its half of every global batch of ``make_data``; the test builds 
   and the same under ``with_ddp``, 2 epochs of 4 batches validated each; ``bn`` records the buffers each forward
   starts from. ``bn_cut`` / ``bn_resume`` (second launch): ``bn`` checkpointed, cut at ``max_steps=3``, resumed.
 - ``bn_nobroadcast``: ``with_fsdp(broadcast_buffers=False)``, two calls, the buffers each forward starts from.
+- ``gather_to_rank_zero``: checkpoints at each of 2 updates and ``export_weights``, ``DTensor.full_tensor`` watched:
+  the whole tensors each rank still holds at each gather and after.
+- ``norm_collectives``: the all-reduces of ``with_grad_norm``'s and ``with_grad_clip``'s gradient hooks on sharded
+  gradients, counted, with their norms and clipped gradients.
 """
 
 from __future__ import annotations
@@ -328,8 +332,89 @@ def stop_mid_group(rank: int, out_dir: str) -> dict[str, Any]:
             "saved": [(c.step, c.batch_index) for c in loopkit.checkpoint.list_checkpoints(directory)]}
 
 
+def gather_to_rank_zero(rank: int, out_dir: str) -> dict[str, Any]:
+    """``with_checkpointing(every_n_steps=1)`` over 2 calls, then ``export_weights``, with ``DTensor.full_tensor``
+    watched: at each gather, how many whole tensors this rank still holds from earlier gathers (weakrefs), and after
+    the saves. Rank 1 should hold none: each one it gathers for rank 0 is dropped at once."""
+    import weakref
+
+    import loopkit
+    from torch.distributed.tensor import DTensor
+
+    gathered: list[weakref.ref] = []
+    alive_at_gather: list[int] = []
+    original = DTensor.full_tensor
+
+    def watched(self, *args, **kwargs):
+        alive_at_gather.append(sum(ref() is not None for ref in gathered))
+        whole = original(self, *args, **kwargs)
+        gathered.append(weakref.ref(whole))
+        return whole
+
+    directory = os.path.join(out_dir, "gather_ckpt")
+    step = loopkit.with_checkpointing(loopkit.with_fsdp(loopkit.train_step(mse), shard=SHARD), directory,
+                                      every_n_steps=1, keep_last=None)
+    data = make_data(2)
+    DTensor.full_tensor = watched
+    try:
+        state, _ = _loop(step, make_state("adam"), [data[i, rank] for i in range(len(data))])
+        loopkit.export_weights(state, os.path.join(out_dir, "gather.safetensors"))
+        alive_after = sum(ref() is not None for ref in gathered)
+    finally:
+        DTensor.full_tensor = original
+    return {"params": full_params(state.model), "gathers": len(alive_at_gather), "alive_at_gather": alive_at_gather,
+            "alive_after": alive_after, "step": state.step}
+
+
+def norm_collectives(rank: int, out_dir: str) -> dict[str, Any]:
+    """The all-reduces (``torch.distributed.all_reduce`` and the functional one DTensor uses) that with_grad_norm's
+    and with_grad_clip's gradient hooks make on sharded gradients, and their values against the gathered gradients'
+    own (torch's formulas on whole tensors): norms, clipped gradients."""
+    import torch.distributed as dist
+    import torch.distributed._functional_collectives as funcol
+
+    import loopkit
+    from loopkit._sharded import full
+    from loopkit.steps import GradContext
+    from loopkit.transforms.grad_clip import ClipGrad
+    from loopkit.transforms.grad_norm import GradNorm
+
+    data = make_data(2)
+    step = loopkit.donate(loopkit.with_fsdp(loopkit.train_step(mse), shard=SHARD))
+    state, _ = step(make_state("sgd"), data[0, rank])
+    counted = [0]
+    originals = (dist.all_reduce, funcol.all_reduce)
+
+    def counting(original):
+        def call(*args, **kwargs):
+            counted[0] += 1
+            return original(*args, **kwargs)
+        return call
+
+    def run(hook):
+        for p in state.model.parameters():
+            p.grad = None
+        mse(state.model, data[1, rank]).backward()  # (fully_shard's reduce-scatter: DTensor gradients)
+        before = {n: full(p.grad) for n, p in state.model.named_parameters()}
+        ctx = GradContext(state, {}, None, None)
+        counted[0] = 0
+        dist.all_reduce, funcol.all_reduce = counting(originals[0]), counting(originals[1])
+        try:
+            hook.on_grads(ctx)
+        finally:
+            dist.all_reduce, funcol.all_reduce = originals
+        after = {n: full(p.grad) for n, p in state.model.named_parameters()}
+        return {"collectives": counted[0], "before": before, "after": after,
+                "metrics": {k: (type(v).__name__, v.dtype, float(v)) for k, v in ctx.metrics.items()}}
+
+    hooks = {"norm_2": GradNorm(2.0), "norm_inf": GradNorm(float("inf")), "norm_3": GradNorm(3.0),
+             "clip_2": ClipGrad(max_norm=0.05), "clip_inf": ClipGrad(max_norm=0.05, norm_type=float("inf")),
+             "clip_1": ClipGrad(max_norm=0.05, norm_type=1.0), "clip_both": ClipGrad(max_norm=0.05, max_value=0.02)}
+    return {name: run(hook) for name, hook in hooks.items()}
+
+
 SCENARIOS = {f.__name__: f for f in (sgd, adam, accum, accum_outer, clip, nan, bf16, cut, resume, bn, bn_ddp, bn_cut,
-                                     bn_nobroadcast, bn_resume, stop_mid_group)}
+                                     bn_nobroadcast, bn_resume, stop_mid_group, gather_to_rank_zero, norm_collectives)}
 
 
 def main(out_dir: str, scenarios: list[str]) -> None:

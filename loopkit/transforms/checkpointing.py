@@ -32,13 +32,17 @@ from loopkit._numbers import as_int
 from loopkit._sharded import is_sharded
 from loopkit._window import over_ranks
 from loopkit.errors import CheckpointCorruptError, StateMismatchError
-from loopkit.state import TrainState, _uninitialized, core_module, extras_copy, leave_intact, replace_extras
+from loopkit.state import (
+    TrainState, _uninitialized, core_module, extras_copy, full_state_dict_on_rank_zero, leave_intact, replace_extras,
+)
 from loopkit.steps import RECORDED, SAVE_DUE, Metrics, UpdateStep
 from loopkit.transforms._compose import require_step
 
 __all__ = ["CheckpointStep", "with_checkpointing"]
 
 Position = tuple[int, int, int]
+
+_NO_SAVE, _SAVE, _FAILED = 0, 1, 2  # rank 0's word to the other ranks on a save of a sharded state (_persist)
 
 
 def _worst(mode: str) -> float:
@@ -209,9 +213,10 @@ class CheckpointStep(UpdateStep):
         In the background mode the state is copied at once and written by a thread; call
         :meth:`wait` (or let ``run_epochs`` end) to be sure it is on disk. (Under DDP the saves
         this transform makes itself hold every rank's running means; one you call holds rank 0's. Under
-        ``with_fsdp`` every rank must call it: the sharded state is gathered whole first, a collective.)
+        ``with_fsdp`` every rank must call it: rank 0 tells the others whether it saves, and then the sharded
+        state is gathered into its CPU memory, collectives.)
         """
-        self._persist(state, reason, score=None, state_dict=_gathered(state))
+        self._persist(state, reason, score=None)
 
     def wait(self) -> None:
         """Wait until every save this step started is on disk; raise the error of one that failed."""
@@ -235,46 +240,42 @@ class CheckpointStep(UpdateStep):
             self._check_directory(state, agreed=True)
         extras = over_ranks(state.extras, state.rng, state.model)
         state = state if extras is state.extras else replace_extras(state, extras)
-        self._persist(state, reason, score, due=due, state_dict=_gathered(state))
+        self._persist(state, reason, score, due=due)
 
-    def _persist(
-        self, state: TrainState, reason: str, score: float | None, *, due: bool = True,
-        state_dict: Mapping[str, Any] | None = None,
-    ) -> None:
-        """Save ``state`` (rank 0; ``state_dict``: its state dict gathered on every rank, for a sharded state),
-        with ``score`` if given; a scored save that is not ``due`` otherwise is
+    def _persist(self, state: TrainState, reason: str, score: float | None, *, due: bool = True) -> None:
+        """Save ``state`` (rank 0) with ``score`` if given; a scored save that is not ``due`` otherwise is
         made only if the score ranks among the best. A fit's first save at the position it began from, which
         the directory's newest checkpoint holds (a relaunch from it: its step save made before the validation
         of that step, or the fit's end), takes that checkpoint as its own, as the uninterrupted run holds it:
-        a score goes to it, and the rotation runs. (Another run that reaches that position is saved anew.)"""
-        if not is_rank_zero():
+        a score goes to it, and the rotation runs. (Another run that reaches that position is saved anew.)
+
+        A state whose model ``with_fsdp`` sharded reaches this on every rank: rank 0 decides first whether it
+        writes a checkpoint (the ranking, the position: what it alone knows) and tells the others (one
+        broadcast), and only then, only for a save, the state is gathered, into rank 0's CPU memory alone
+        (:func:`loopkit.state.full_state_dict_on_rank_zero`): a validation whose score does not rank, or a
+        position already saved, gathers nothing. A decision that fails on rank 0 fails every rank."""
+        writer = is_rank_zero()
+        sharded = is_sharded(core_module(state.model))
+        plan: tuple[Position, float | None, str | None, bool] | None = None
+        try:
+            plan = self._plan(state, reason, score, due) if writer else None
+        except BaseException:
+            if sharded and _collective.active():
+                _collective.from_rank_zero(_FAILED)  # (the others wait for rank 0's word)
+            raise
+        state_dict = None
+        if sharded:
+            word = _collective.from_rank_zero(_SAVE if plan is not None and plan[3] else _NO_SAVE)
+            if word == _FAILED:
+                raise RuntimeError("with_checkpointing: rank 0 failed to prepare a checkpoint (its error is in its output)")
+            if word == _SAVE:
+                state_dict = full_state_dict_on_rank_zero(state)  # (a collective: None on the other ranks)
+        if plan is None:
             return
-        lazy = _uninitialized(state.model)
-        if lazy:  # (nothing trained yet: nothing is lost; checkpoint.save itself refuses such a state)
-            warnings.warn(f"with_checkpointing: no checkpoint at step {state.step} ({reason}): the model's lazy "
-                          f"modules have not run a forward yet ({', '.join(sorted(lazy)[:3])})", RuntimeWarning,
-                          stacklevel=3)
-            return
-        position = (state.step, state.epoch, state.batch_index)
         saver = self.saver
-        if saver.last is None and position == saver.start:
-            found = checkpoint.list_checkpoints(self.directory)
-            if found and (found[-1].step, found[-1].epoch, found[-1].batch_index) == position:
-                saver.last, saver.names[position] = position, found[-1].name
+        position, score, superseded, fresh = plan
         snap = None
-        if not saver.checked:  # a save of your own (on rank 0 alone, perhaps: no collective)
-            self._check_directory(state, agreed=False)
-        if not saver.looked:
-            saver.looked = True
-            self._warn_of_another_run(position)
-        superseded: str | None = None
-        if saver.last != position:
-            if score is not None:
-                saver.wait()  # a pending save's score counts in the ranking, as it does without async_save
-            if score is not None and not due and not self._ranks(score):
-                return  # not among the best: no need for a checkpoint here
-            superseded, carried = self._same_update(position)
-            score = carried if score is None else score
+        if fresh:
             snap = self._snapshot(state, reason, score, state_dict)
             saver.last = position
 
@@ -297,6 +298,39 @@ class CheckpointStep(UpdateStep):
             self._prune(write_scores=score is not None, superseded=superseded, protect=protect)
 
         saver.run(task, self.async_save)
+
+    def _plan(
+        self, state: TrainState, reason: str, score: float | None, due: bool
+    ) -> tuple[Position, float | None, str | None, bool] | None:
+        """Rank 0's decision on a save of ``state`` (see :meth:`_persist`): None for none at all (a lazy model),
+        else its position, its score (one carried over from the checkpoint it supersedes), that checkpoint
+        and whether a new checkpoint is written (False: the position is saved already, or the score does not
+        rank; a score may still go to the position's checkpoint). Nothing is gathered or written here."""
+        lazy = _uninitialized(state.model)
+        if lazy:  # (nothing trained yet: nothing is lost; checkpoint.save itself refuses such a state)
+            warnings.warn(f"with_checkpointing: no checkpoint at step {state.step} ({reason}): the model's lazy "
+                          f"modules have not run a forward yet ({', '.join(sorted(lazy)[:3])})", RuntimeWarning,
+                          stacklevel=4)
+            return None
+        position = (state.step, state.epoch, state.batch_index)
+        saver = self.saver
+        if saver.last is None and position == saver.start:
+            found = checkpoint.list_checkpoints(self.directory)
+            if found and (found[-1].step, found[-1].epoch, found[-1].batch_index) == position:
+                saver.last, saver.names[position] = position, found[-1].name
+        if not saver.checked:  # a save of your own (on rank 0 alone, perhaps: no collective)
+            self._check_directory(state, agreed=False)
+        if not saver.looked:
+            saver.looked = True
+            self._warn_of_another_run(position)
+        if saver.last == position:
+            return position, score, None, False
+        if score is not None:
+            saver.wait()  # a pending save's score counts in the ranking, as it does without async_save
+        if score is not None and not due and not self._ranks(score):
+            return None  # not among the best: no need for a checkpoint here
+        superseded, carried = self._same_update(position)
+        return position, carried if score is None else score, superseded, True
 
     def _snapshot(
         self, state: TrainState, reason: str, score: float | None, state_dict: Mapping[str, Any] | None = None
@@ -491,12 +525,6 @@ def _prepare_directory(directory: Path) -> None:
         raise PermissionError(
             errno.EACCES, f"with_checkpointing: cannot write checkpoints in {directory}: permission denied"
         )
-
-
-def _gathered(state: TrainState) -> dict[str, Any] | None:
-    """``state.state_dict()`` of a state whose model ``with_fsdp`` sharded, gathered whole on every rank (a
-    collective: only rank 0 writes, but every rank takes part); None for any other state (rank 0 takes its own)."""
-    return state.state_dict() if is_sharded(core_module(state.model)) else None
 
 
 def with_checkpointing(

@@ -142,27 +142,16 @@ class DDPSync:
         by_kind: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
         for p in params:  # one all-reduce per device and dtype (usually one)
             by_kind.setdefault((p.device, p.dtype), []).append(p)
-        world = torch.distributed.get_world_size()
         for (device, dtype), members in by_kind.items():
-            sizes = [p.numel() for p in members]
-            total = sum(sizes)
-            flat = torch.zeros(total + len(members), dtype=dtype, device=device)
-            for part, p in zip(flat[:total].split(sizes), members):
-                if p.grad is not None:
-                    part.copy_((p.grad.to_dense() if p.grad.is_sparse else p.grad).reshape(-1))
-            flat[total:] = torch.tensor([p.grad is not None for p in members], dtype=dtype)
-            try:
-                torch.distributed.all_reduce(flat)
-            except RuntimeError as e:
-                raise self.failure("the all-reduce of a flushed group's gradients", e) from e
-            flat[:total].div_(world)
-            anywhere = flat[total:].tolist()  # (one read per flush)
-            for part, p, some_rank_had in zip(flat[:total].split(sizes), members, anywhere):
-                mean = part.view(p.shape)
+            grads = [None if p.grad is None else p.grad.to_dense() if p.grad.is_sparse else p.grad for p in members]
+            means = _collective.mean_over_ranks(grads, [p.numel() for p in members], dtype, device, self.failure)
+            for p, mean in zip(members, means):
+                if mean is None:
+                    continue
                 if p.grad is not None and not p.grad.is_sparse:
-                    p.grad.copy_(mean)
-                elif some_rank_had:
-                    p.grad = mean.to_sparse() if p.grad is not None else mean.clone()
+                    p.grad.copy_(mean.view(p.shape))
+                else:
+                    p.grad = mean.view(p.shape).to_sparse() if p.grad is not None else mean.view(p.shape).clone()
 
     def marked_used(self, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
         """Under ``find_unused_parameters``, the parameters this rank's no-sync micro-batches used (those with a

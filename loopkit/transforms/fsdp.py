@@ -19,8 +19,8 @@ from __future__ import annotations
 import contextlib
 import types
 import weakref
-from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from collections.abc import Callable, Collection, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -30,6 +30,9 @@ from loopkit._sharded import is_dtensor, local
 from loopkit import _collective
 from loopkit.steps import TrainStep
 from loopkit.transforms._compose import refuse_wrapping, require_train_step
+
+if TYPE_CHECKING:
+    from torch.distributed.fsdp import MixedPrecisionPolicy
 
 __all__ = ["FSDPSync", "with_fsdp"]
 
@@ -91,7 +94,10 @@ class FSDPSync:
     backward_collective = "the gradient reduce-scatter in backward (fully_shard)"
     refuses = _REFUSED
 
-    def __init__(self, shard: Any = (), options: Mapping[str, Any] | None = None, broadcast_buffers: bool = True) -> None:
+    def __init__(
+        self, shard: Collection[type[nn.Module]] | Callable[[nn.Module], bool] = (),
+        options: Mapping[str, Any] | None = None, broadcast_buffers: bool = True,
+    ) -> None:
         self.shard = shard
         self.options = dict(options or {})
         self.broadcast_buffers = broadcast_buffers
@@ -107,7 +113,19 @@ class FSDPSync:
         return ref is not None and ref() is model
 
     def module(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> nn.Module:
-        """``model``, sharded at the first call with this model object (``optimizer`` pointed at the shards)."""
+        """``model``, sharded at the first call with this model object (``optimizer`` pointed at the shards);
+        at a later call with it, ``model`` as it is. Raises ``RuntimeError`` without a process group and
+        ``ValueError`` without an optimizer (or for one that trains a parameter not of the model).
+
+        >>> import torch.distributed as dist
+        >>> dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        >>> model = torch.nn.Linear(2, 1)
+        >>> sync = FSDPSync(())
+        >>> sharded = sync.module(model, torch.optim.SGD(model.parameters(), lr=0.1))
+        >>> sharded is model, type(model.weight).__name__, sync.wraps(model)
+        (True, 'DTensor', True)
+        >>> dist.destroy_process_group()
+        """
         if self.wraps(model):
             return model
         if not _collective.ready():
@@ -143,8 +161,22 @@ class FSDPSync:
                 for b, part in zip(members, flat.split([b.numel() for b in members])):
                     b.copy_(part.view(b.shape))
 
-    def no_sync(self, module: nn.Module) -> Any:
-        """The context of a micro-step whose gradients stay on this rank, unsharded (no reduce-scatter)."""
+    def no_sync(self, module: nn.Module) -> contextlib.AbstractContextManager[None]:
+        """The context of a micro-step whose gradients stay on this rank, unsharded (no reduce-scatter):
+        ``fully_shard``'s gradient sync off inside it, back on after.
+
+        >>> import torch.distributed as dist
+        >>> dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        >>> model = torch.nn.Linear(2, 1)
+        >>> sync = FSDPSync(())
+        >>> model = sync.module(model, torch.optim.SGD(model.parameters(), lr=0.1))
+        >>> with sync.no_sync(model):
+        ...     model(torch.ones(1, 2)).sum().backward()
+        >>> from loopkit._sharded import holds_unreduced_grads
+        >>> model.weight.grad is None, holds_unreduced_grads(model)  # (held unsharded, for reduce_grads)
+        (True, True)
+        >>> dist.destroy_process_group()
+        """
         return _without_gradient_sync(module)
 
     def failure(self, collective: str, error: BaseException, where: str = "") -> RuntimeError:
@@ -156,7 +188,15 @@ class FSDPSync:
         return _collective.failure("with_fsdp", collective, error, where)
 
     def agree(self, flags: torch.Tensor) -> torch.Tensor:
-        """``flags``' maximum over all ranks (one all-reduce): 1.0 anywhere is 1.0 everywhere."""
+        """``flags``' maximum over all ranks (one all-reduce, of this rank's part of a ``DTensor``): 1.0 anywhere
+        is 1.0 everywhere, so that every rank skips the same updates.
+
+        >>> import torch.distributed as dist
+        >>> dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        >>> FSDPSync(()).agree(torch.tensor([0.0, 1.0]))
+        tensor([0., 1.])
+        >>> dist.destroy_process_group()
+        """
         return _collective.agree_max(local(flags), self.failure)
 
     def reduce_grads(self, optimizer: torch.optim.Optimizer) -> None:
@@ -166,6 +206,20 @@ class FSDPSync:
 
         Every rank makes the same collective (one all-reduce per dtype), whatever its micro-batches used:
         a parameter with a gradient on some rank gets the mean on every rank, one with none on any keeps none.
+
+        >>> import torch.distributed as dist
+        >>> dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        >>> model = torch.nn.Linear(2, 1)
+        >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> sync = FSDPSync(())
+        >>> model = sync.module(model, optimizer)
+        >>> with sync.no_sync(model):
+        ...     model(torch.ones(1, 2)).sum().backward()
+        >>> sync.reduce_grads(optimizer)
+        >>> from loopkit._sharded import holds_unreduced_grads
+        >>> model.weight.grad.full_tensor(), holds_unreduced_grads(model)
+        (tensor([[1., 1.]]), False)
+        >>> dist.destroy_process_group()
         """
         model = self._model() if self._model is not None else None
         if model is None:
@@ -174,30 +228,23 @@ class FSDPSync:
         by_dtype: dict[torch.dtype, list[tuple[Any, torch.Tensor | None]]] = {}
         for fsdp_param, grad in held:
             by_dtype.setdefault(fsdp_param.sharded_param.dtype, []).append((fsdp_param, grad))
-        world = torch.distributed.get_world_size()
         for dtype, members in by_dtype.items():
             shapes = [fsdp_param.sharded_param.shape for fsdp_param, _ in members]
-            sizes = [s.numel() for s in shapes]
-            total = sum(sizes)
             device = local(members[0][0].sharded_param).device
-            flat = torch.zeros(total + len(members), dtype=dtype, device=device)
-            for part, (_, grad) in zip(flat[:total].split(sizes), members):
-                if grad is not None:
-                    part.copy_(local(grad).reshape(-1))
-            flat[total:] = torch.tensor([grad is not None for _, grad in members], dtype=dtype)
-            try:
-                torch.distributed.all_reduce(flat)
-            except RuntimeError as e:
-                raise self.failure("the all-reduce of a flushed group's gradients", e) from e
-            flat[:total].div_(world)
-            anywhere = flat[total:].tolist()  # (one read per flush)
-            for part, shape, (fsdp_param, _), some_rank_had in zip(flat[:total].split(sizes), shapes, members, anywhere):
+            grads = [None if grad is None else local(grad) for _, grad in members]
+            means = _collective.mean_over_ranks(grads, [s.numel() for s in shapes], dtype, device, self.failure)
+            for (fsdp_param, _), shape, mean in zip(members, shapes, means):
                 _drop_held_grad(fsdp_param)
-                if some_rank_had:
-                    _add_sharded_grad(fsdp_param.sharded_param, part.view(shape))
+                if mean is not None:
+                    _add_sharded_grad(fsdp_param.sharded_param, mean.view(shape))
 
     def marked_used(self, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
-        """Nothing to mark: ``fully_shard`` keeps no record of the parameters a backward used (unlike DDP's reducer)."""
+        """Nothing to mark: ``fully_shard`` keeps no record of the parameters a backward used (unlike DDP's reducer
+        under ``find_unused_parameters``, whose used parameters a flush leaves with zero gradients).
+
+        >>> FSDPSync(()).marked_used(torch.optim.SGD(torch.nn.Linear(1, 1).parameters(), lr=0.1))
+        []
+        """
         return []
 
 
@@ -211,15 +258,18 @@ def _without_gradient_sync(module: nn.Module) -> Iterator[None]:
         module.set_requires_gradient_sync(True)  # type: ignore[operator]
 
 
-def _chosen(shard: Any) -> Callable[[nn.Module], bool]:
+def _chosen(shard: Collection[type[nn.Module]] | Callable[[nn.Module], bool]) -> Callable[[nn.Module], bool]:
     """The test of a submodule that ``shard`` (module classes, or a predicate) picks for a ``fully_shard`` of its own."""
     if callable(shard) and not isinstance(shard, type):
-        return shard
-    classes = tuple(shard)
+        return shard  # type: ignore[return-value]
+    classes = tuple(shard)  # type: ignore[arg-type]
     return lambda module: isinstance(module, classes)
 
 
-def _shard(model: nn.Module, optimizer: torch.optim.Optimizer, shard: Any, options: Mapping[str, Any]) -> None:
+def _shard(
+    model: nn.Module, optimizer: torch.optim.Optimizer, shard: Collection[type[nn.Module]] | Callable[[nn.Module], bool],
+    options: Mapping[str, Any],
+) -> None:
     """Shard ``model`` in place (rank 0's weights on every rank first) and point ``optimizer`` at the shards."""
     from torch.distributed.fsdp import fully_shard
 
@@ -344,9 +394,9 @@ def _check_shard(shard: Any) -> None:
 def with_fsdp(
     step: Any,
     *,
-    shard: Any = (),
+    shard: Collection[type[nn.Module]] | Callable[[nn.Module], bool] = (),
     reshard_after_forward: bool | int = True,
-    mp_policy: Any = None,
+    mp_policy: MixedPrecisionPolicy | None = None,
     broadcast_buffers: bool = True,
     **fully_shard_options: Any,
 ) -> TrainStep:
@@ -403,9 +453,12 @@ def with_fsdp(
 
     Checkpoints hold the full, unsharded state (Lightning's ``state_dict_type="full"``), in the
     format of an unsharded state's: ``state.state_dict()`` of a sharded state gathers every
-    sharded tensor whole on every rank (a collective: every rank calls it), ``with_checkpointing``
-    gathers on every rank and writes on rank 0, and ``export_weights`` (called on every rank)
-    writes the full weights from rank 0. To resume, restore into an unsharded state built as
+    sharded tensor whole on every rank (a collective: every rank calls it, and each holds the whole
+    state while it keeps the result). ``with_checkpointing`` decides on rank 0 first whether it
+    writes (a score that does not rank, a position already saved: nothing is gathered) and then
+    gathers into rank 0's CPU memory alone, which writes; ``export_weights`` (called on every rank)
+    gathers likewise. The other ranks take part in each gather and drop each whole tensor at once,
+    as torch's ``get_model_state_dict(..., StateDictOptions(full_state_dict=True, cpu_offload=True))``. To resume, restore into an unsharded state built as
     usual (``loopkit.restore(TrainState.create(...), directory)``, on every rank) and give it to
     the ``with_fsdp`` step, which shards it; such a checkpoint also restores into a plain model
     in one process. ``load_state_dict`` of a sharded state is refused. ``loopkit.checkpoint.save``

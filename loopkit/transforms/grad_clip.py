@@ -13,7 +13,7 @@ import attrs
 import torch
 
 from loopkit._numbers import as_real
-from loopkit._sharded import full
+from loopkit._sharded import is_dtensor, local, norms
 from loopkit.state import TrainState
 from loopkit.steps import GradContext, TrainStep
 from loopkit.transforms._compose import require_train_step
@@ -68,6 +68,9 @@ class ClipGrad:
 
     def _clip(self, ctx: GradContext) -> None:
         params = ctx.params
+        if any(is_dtensor(g) for g in ctx.grads):  # under with_fsdp: one all-reduce a norm, not torch's two for inf
+            ctx.metrics["grad_norm"] = self._clip_sharded(ctx)
+            return
         if self.max_value is None:
             norm = torch.nn.utils.clip_grad_norm_(params, self.max_norm, self.norm_type)  # type: ignore[arg-type]
         else:
@@ -75,7 +78,32 @@ class ClipGrad:
             torch.nn.utils.clip_grad_value_(params, self.max_value)
             if self.max_norm is not None:
                 torch.nn.utils.clip_grad_norm_(params, self.max_norm, self.norm_type)
-        ctx.metrics["grad_norm"] = full(norm)  # (under with_fsdp a replicated DTensor: its value, no collective)
+        ctx.metrics["grad_norm"] = norm
+
+    def _clip_sharded(self, ctx: GradContext) -> torch.Tensor:
+        """``_clip`` of sharded gradients (``DTensor``): torch's formulas on each rank's shards, the total norm over
+        every shard taken with one all-reduce (:func:`loopkit._sharded.norms`; ``clip_grad_norm_`` of DTensors makes
+        one for a 2-norm but two for inf, and its returned norm is then a partial one, reduced once more). The norm
+        before clipping, a plain tensor."""
+        norm = self._total_norm(ctx.grads)
+        if self.max_value is not None:
+            torch.nn.utils.clip_grad_value_(ctx.params, self.max_value)  # (elementwise: each shard on its own)
+        if self.max_norm is not None:
+            total = norm if self.max_value is None else self._total_norm(ctx.grads)  # (after the value clipping)
+            coef = torch.clamp(self.max_norm / (total + 1e-6), max=1.0)  # as torch's clip_grads_with_norm_
+            shards: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+            for g in ctx.grads:
+                shards.setdefault((local(g).device, local(g).dtype), []).append(local(g))
+            for (device, _), members in shards.items():
+                torch._foreach_mul_(members, coef.to(device))
+        return norm
+
+    def _total_norm(self, grads: list[torch.Tensor]) -> torch.Tensor:
+        """The ``norm_type``-norm of all ``grads`` as one vector (the norm of their norms, as torch's
+        ``get_total_norm``), over every rank's shard."""
+        each = norms(grads, self.norm_type)
+        device = each[0].device
+        return torch.linalg.vector_norm(torch.stack([n.to(device) for n in each]), self.norm_type)
 
 
 def with_grad_clip(
@@ -87,7 +115,9 @@ def with_grad_clip(
     most ``max_norm`` (``torch.nn.utils.clip_grad_norm_``); ``max_value`` clamps each element
     to ``[-max_value, max_value]``. Under float16 ``with_amp`` the gradients are unscaled
     first. Outside ``with_grad_accum`` it clips the summed gradient once per update; inside, it
-    clips each micro-batch's gradient. ``grad_norm`` is the norm before clipping.
+    clips each micro-batch's gradient. ``grad_norm`` is the norm before clipping. Under ``with_fsdp``
+    the norm is over every rank's shard (one all-reduce; two with both ``max_value`` and ``max_norm``,
+    whose norm is taken again after the value clipping, as torch's).
 
     >>> import torch
     >>> from loopkit.state import TrainState

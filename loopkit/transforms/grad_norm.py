@@ -15,7 +15,7 @@ import attrs
 import torch
 
 from loopkit._numbers import as_real
-from loopkit._sharded import full
+from loopkit._sharded import norms as sharded_norms
 from loopkit.state import TrainState, core_module
 from loopkit.steps import GradContext, TrainStep
 from loopkit.transforms._compose import require_train_step
@@ -48,11 +48,10 @@ class GradNorm:
         pass
 
     def on_grads(self, ctx: GradContext) -> None:
-        norms = {
-            f"{self.prefix}/{name}": full(p.grad.detach().norm(self.norm_type))  # (with_fsdp: over every shard)
-            for name, p in core_module(ctx.state.model).named_parameters()
-            if p.grad is not None
-        }
+        named = [(name, p.grad.detach()) for name, p in core_module(ctx.state.model).named_parameters() if p.grad is not None]
+        # (each p.grad.norm(p), as Lightning's; under with_fsdp over every rank's shard, in one all-reduce)
+        values = sharded_norms([g for _, g in named], self.norm_type)
+        norms = {f"{self.prefix}/{name}": value for (name, _), value in zip(named, values)}
         if norms:  # as Lightning's: the total is the norm of the parameters' norms, in their dtype (on the first's device)
             values = list(norms.values())
             dtype = functools.reduce(torch.promote_types, (n.dtype for n in values))
@@ -77,7 +76,9 @@ def with_grad_norm(step: Any, norm_type: float | str = 2.0) -> TrainStep:
     ``with_grad_accum`` the summed gradient once per update (Lightning's hook sees it there),
     inside it each micro-batch's; under float16 ``with_amp`` the gradients are unscaled first;
     inside ``with_grad_clip`` (``with_grad_clip(with_grad_norm(step), ...)``) the norms before
-    clipping, as in Lightning, whose hook runs before its clipping; outside it, after.
+    clipping, as in Lightning, whose hook runs before its clipping; outside it, after. Under
+    ``with_fsdp`` each norm is over every rank's shard of the gradient (the whole gradient's), all of
+    them in one all-reduce a step (``loopkit._sharded.norms``).
 
     >>> import torch
     >>> from loopkit.state import TrainState

@@ -259,6 +259,62 @@ def test_state_dict_and_export_weights_are_full(ranks):
     assert sgd[0]["exported"] and sgd[1]["exported"]
 
 
+def test_saves_gather_into_rank_zeros_cpu_memory_alone(ranks):
+    """Rank 1 takes part in every gather of the checkpoints and the export (a collective) but drops each whole
+    tensor at once: it never holds two, nor one after the saves (it used to hold the whole state dict until the
+    save had passed it by). The checkpoints are one process's: they restore into a plain template bitwise."""
+    results = ranks("gather_to_rank_zero")
+    _assert_ranks_identical(results)
+    one, zero = results[1], results[0]
+    assert one["gathers"] == zero["gathers"] > 0
+    assert set(one["alive_at_gather"]) == {0} and one["alive_after"] == 0
+    assert max(zero["alive_at_gather"]) > 0  # (rank 0 keeps each until the checkpoint is written: the watch sees it)
+    directory = os.path.join(ranks.out, "gather_ckpt")
+    assert [c.step for c in loopkit.checkpoint.list_checkpoints(directory)] == [1, 2]
+    state = loopkit.restore(fsdp.make_state("adam"), directory)
+    assert type(state.model[0].weight) is torch.nn.Parameter
+    for name, p in state.model.named_parameters():
+        assert torch.equal(p.detach(), zero["params"][name]), name
+
+
+def test_grad_norm_and_grad_clip_take_one_all_reduce_a_norm(ranks):
+    """with_grad_norm used to make one all-reduce a parameter (4 here) and with_grad_clip two for an inf norm;
+    now one a norm (two with max_value and max_norm: the norm is taken again after the value clipping, as torch
+    does). The values are those of the gathered gradients, by torch's formulas on whole tensors."""
+    results = ranks("norm_collectives")
+    for r in range(2):
+        seen = results[r]
+        for name, p in (("norm_2", 2.0), ("norm_inf", float("inf")), ("norm_3", 3.0)):
+            case = seen[name]
+            assert case["collectives"] == 1, (name, case["collectives"])
+            prefix = f"grad_{p}_norm"
+            expected = {f"{prefix}/{n}": g.norm(p) for n, g in case["before"].items()}
+            expected[f"{prefix}_total"] = torch.stack(list(expected.values())).norm(p)
+            assert set(case["metrics"]) == set(expected)
+            for key, value in expected.items():
+                kind, dtype, got = case["metrics"][key]
+                assert kind == "Tensor" and dtype == torch.float32
+                assert got == pytest.approx(float(value), rel=1e-6), (name, key)
+        for name, p, max_value in (("clip_2", 2.0, None), ("clip_inf", float("inf"), None), ("clip_1", 1.0, None),
+                                   ("clip_both", 2.0, 0.02)):
+            case = seen[name]
+            assert case["collectives"] == (2 if max_value else 1), (name, case["collectives"])
+            grads = {n: g.clone() for n, g in case["before"].items()}
+            params = []
+            for n, g in grads.items():
+                params.append(torch.nn.Parameter(torch.zeros_like(g)))
+                params[-1].grad = g
+            norm = torch.nn.utils.get_total_norm(list(grads.values()), p)
+            if max_value is not None:
+                torch.nn.utils.clip_grad_value_(params, max_value)
+            torch.nn.utils.clip_grad_norm_(params, 0.05, p)
+            kind, _, got = case["metrics"]["grad_norm"]
+            assert kind == "Tensor" and got == pytest.approx(float(norm), rel=1e-6), name
+            assert float(norm) > 0.05
+            for (n, g), q in zip(grads.items(), params):
+                assert (case["after"][n] - q.grad).abs().max() <= 1e-7, (name, n)
+
+
 # --- 4. bad input, in this process --------------------------------------------------------------------------
 
 
@@ -345,6 +401,38 @@ def test_one_rank_equals_the_plain_step_and_carries_the_optimizer_state_over(one
     full = b.state_dict()
     for name, p in a.model.named_parameters():
         assert torch.equal(full["model"][name], p.detach()), name
+
+
+def test_a_save_that_writes_nothing_gathers_nothing(one_rank, tmp_path, monkeypatch):
+    """with_checkpointing decides before it gathers: a monitored validation whose score does not rank, and a save
+    at a position already saved, gather nothing (they used to gather the whole state on every rank); a save
+    that writes gathers, into CPU memory, and its checkpoint is the plain state's."""
+    from torch.distributed.tensor import DTensor
+
+    gathers = []
+    original = DTensor.full_tensor
+    monkeypatch.setattr(DTensor, "full_tensor", lambda self, *a, **k: gathers.append(1) or original(self, *a, **k))
+    sharded = loopkit.with_fsdp(_step(), shard=fsdp.SHARD)
+    inner, ckpt = loopkit.donate(sharded), loopkit.with_checkpointing(sharded, tmp_path, monitor="val/score", keep_last=None)
+    data = fsdp.make_data(3)
+    state, _ = inner(fsdp.make_state("adam"), fsdp.global_batch(data, 0))
+    ckpt.on_event("validation_end", state, {"val/score": 1.0})  # the first score ranks: a checkpoint
+    assert len(gathers) > 0 and len(loopkit.checkpoint.list_checkpoints(tmp_path)) == 1
+    state, _ = inner(state, fsdp.global_batch(data, 1))
+    del gathers[:]
+    ckpt.on_event("validation_end", state, {"val/score": 2.0})  # worse (keep_best=1): no checkpoint, no gather
+    assert gathers == [] and len(loopkit.checkpoint.list_checkpoints(tmp_path)) == 1
+    ckpt.save(state)
+    assert len(gathers) > 0 and len(loopkit.checkpoint.list_checkpoints(tmp_path)) == 2
+    del gathers[:]
+    ckpt.save(state)  # this position is saved already
+    assert gathers == [] and len(loopkit.checkpoint.list_checkpoints(tmp_path)) == 2
+    monkeypatch.undo()
+    restored = loopkit.restore(fsdp.make_state("adam"), tmp_path)
+    whole = fsdp.full_params(state.model)
+    for name, p in restored.model.named_parameters():
+        assert torch.equal(p.detach(), whole[name]), name
+    assert restored.optimizer.state[restored.model[0].weight]["exp_avg"].shape == (5, 3)
 
 
 # --- 5. what a sharded state cannot do: a copy, a state dict mid-group, tied weights split by shard= ----------
