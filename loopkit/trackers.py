@@ -102,6 +102,17 @@ class _Inert:
         pass
 
 
+#: the wandb runs a WandbLogger started beside another open run (``reinit="create_new"``): open, none is
+#: ``wandb.run``, and a plain ``wandb.init`` would hand back the latest, so while one is open the loggers' new runs
+#: are started beside too (a run of each logger's own, never another's)
+_BESIDE: list[Any] = []
+
+
+def _beside_open() -> bool:
+    _BESIDE[:] = [run for run in _BESIDE if getattr(run, "_is_finished", False) is not True]
+    return bool(_BESIDE)
+
+
 class WandbLogger(Logger):
     """Writes to a Weights & Biases run, as Lightning's ``WandbLogger`` does.
 
@@ -118,14 +129,19 @@ class WandbLogger(Logger):
     (a test evaluation's metrics, ``log_hparams(cfg, {"best/loss": ...})``, ``logger.experiment.log``)
     goes on in the same run, its ``_step`` counting on; wandb finishes the run when the process exits
     (its ``atexit`` hook), or end it yourself with ``logger.experiment.finish()`` (before another run
-    in the same process: a logger started while a run is open writes to that run, with a warning, as
-    Lightning's). ``finalize("failed")`` (an error left the fit) finishes the run with ``exit_code=1``
+    in the same process: a new logger, never started, while a run is open writes to that run, with a
+    warning naming it, as Lightning's; :func:`loopkit.tune.fit` finishes each trial's run).
+    ``finalize("failed")`` (an error left the fit) finishes the run with ``exit_code=1``
     (Lightning's does nothing then), so the run shows failed, and a new logger in a process that goes on
     (a notebook, a retry loop) starts a run of its own rather than writing into the failed one. wandb's service writes the last
     records of an offline run's ``.wandb`` file a moment after ``finish()`` returns. A write after
-    the logger's run was finished resumes the same run id: online, the same run; offline, a folder
-    of its own (``offline-run-...-<id>``, its ``_step`` from 0 again; wandb's offline resume is not
-    reliable, wandb issue #3841). A run given ``id=`` (or ``version=``) of an earlier one continues it
+    the logger's run was finished resumes the logger's own run id (never another logger's run): online,
+    the same run; offline, a folder of its own (``offline-run-...-<id>``, its ``_step`` from 0 again;
+    wandb's offline resume is not reliable, wandb issue #3841). With another run open in the process
+    (a retry's logger whose fit succeeded), wandb would hand that run back (it holds one run at a time
+    by default), so the logger's run is resumed beside it (wandb's ``reinit="create_new"``): the other
+    run, and ``wandb.run``, stay as they were; while such a run is open, new loggers start their runs
+    beside too (a plain ``wandb.init`` would hand it back). A run given ``id=`` (or ``version=``) of an earlier one continues it
     (``resume="allow"``): the rows that run logged after the checkpoint stay (wandb cannot drop them;
     Lightning does not either).
 
@@ -219,27 +235,61 @@ class WandbLogger(Logger):
         ``logger.experiment.finish()``), is resumed (the same id); wandb would refuse a finished run's writes."""
         run = self._experiment
         if self._finished or (run is not None and self._owned and getattr(run, "_is_finished", False) is True):
-            self._experiment, self._finished = None, False
+            self._experiment = self._resume()  # (refused: the finished run stays, readable)
+            self._finished = False
         return self.experiment
 
     def _start(self) -> Any:
         import wandb
 
-        if wandb.run is not None:  # (as Lightning: a run the caller started is written to, and left to them)
+        if wandb.run is not None:  # (as Lightning: a run already open is written to, and left to its owner)
+            given = f", not the run {self._run_id!r} it was given," if self._run_id not in (None, wandb.run.id) else ""
             warnings.warn(
-                "WandbLogger: a wandb run is already in progress; this logger writes to it and leaves it open. "
-                "Call wandb.finish() first for a run of the logger's own",
+                f"WandbLogger: a wandb run ({wandb.run.id}) is already in progress; this logger writes to it{given} and "
+                "leaves it open, as Lightning's. Finish it first (wandb.finish(), or its logger's "
+                "experiment.finish()) for a run of the logger's own",
                 UserWarning,
                 stacklevel=3,
             )
             self._owned = False
             run = wandb.run
         else:
-            kwargs = dict(self._init, id=self._run_id or self._init.get("id"))  # (after finalize: the same run)
+            kwargs = dict(self._init, id=self._run_id or self._init.get("id"))
+            if "reinit" not in kwargs and _beside_open():  # (wandb.init would hand back a run resumed beside)
+                kwargs["reinit"] = "create_new"
             if kwargs.get("dir") is not None:
                 os.makedirs(kwargs["dir"], exist_ok=True)
             run = wandb.init(**kwargs)
+            if kwargs.get("reinit") == "create_new":
+                _BESIDE.append(run)
             self._owned = True
+        return self._started(run)
+
+    def _resume(self) -> Any:
+        """``wandb.init`` of the logger's own run id again (its own run, finished). wandb holds one run at a time by
+        default: with another run open (another logger's, left open by a successful fit), a plain ``wandb.init``
+        would hand back that run (in a notebook: finish it), so the logger's run is resumed beside it
+        (``reinit="create_new"``: ``wandb.run`` stays the other run) and the other run is left as it is."""
+        import wandb
+
+        kwargs = dict(self._init, id=self._run_id)
+        if "reinit" not in kwargs:  # (one given to the logger is used as given)
+            other = wandb.run is not None and wandb.run.id != self._run_id
+            kwargs["reinit"] = "create_new" if other or _beside_open() else "return_previous"
+        if kwargs.get("dir") is not None:
+            os.makedirs(kwargs["dir"], exist_ok=True)
+        run = wandb.init(**kwargs)
+        if run.id != self._run_id:  # (wandb handed back a run open beside wandb.run: one the user started)
+            raise RuntimeError(
+                f"WandbLogger: cannot write to this logger's run {self._run_id!r} (finished; a write resumes it): "
+                f"wandb.init handed back another open run, {run.id!r} (the write would go into it). Finish that run "
+                "first (its experiment.finish()), or give this logger reinit='create_new'"
+            )
+        if kwargs.get("reinit") == "create_new":
+            _BESIDE.append(run)
+        return self._started(run)
+
+    def _started(self, run: Any) -> Any:
         self._run_id = run.id
         if callable(getattr(run, "define_metric", None)):
             if self._init.get("sync_tensorboard"):
@@ -248,6 +298,13 @@ class WandbLogger(Logger):
                 run.define_metric("trainer/global_step")
                 run.define_metric("*", step_metric="trainer/global_step", step_sync=True)
         return run
+
+    def _finish_run(self) -> None:
+        """Finish the logger's own run now, if open (``loopkit.tune.fit`` at a trial's end); a run given to the
+        logger, or found open, is left to its owner. A later write resumes the run id, as after ``finish()``."""
+        run = self._experiment
+        if run is not None and self._owned and not self._finished and getattr(run, "_is_finished", False) is not True:
+            run.finish()
 
     def _write_metrics(self, metrics: dict[str, float], step: int) -> None:
         metrics = _prefixed(metrics, self._prefix)
@@ -279,7 +336,10 @@ class MLFlowLogger(Logger):
     :attr:`experiment_id` is first read) in the experiment ``experiment_name`` (created if need
     be), tagged with ``tags``, ``run_name`` (``mlflow.runName``) and MLflow's own context tags
     (user, source, git commit); ``run_id=`` of an existing run continues that run (marked running
-    again until :meth:`finalize`, as a crashed run's resume wants). Each :meth:`log_metrics` is one ``MlflowClient.log_batch`` of the
+    again until :meth:`finalize`, as a crashed run's resume wants), from its last step (the highest
+    step of its metrics, read from the run). To add results to a finished run outside ``run_epochs``
+    (an evaluation script: ``MLFlowLogger(run_id=...).log_hparams(cfg, {"test/loss": ...})``), call
+    ``logger.finalize()`` when done, or the run stays ``RUNNING``. Each :meth:`log_metrics` is one ``MlflowClient.log_batch`` of the
     metrics at the step; a metric name MLflow would refuse loses the characters other than letters
     and digits (of any script: ``"train/точность"`` is kept, as MLflow takes it), ``_ / . -`` and
     space, with a warning (Lightning also drops non-ASCII letters, so a name such as ``"точность"``
@@ -287,7 +347,7 @@ class MLFlowLogger(Logger):
     of a part: ``"train/🔥"``) is refused with a ``ValueError`` naming it, at its first log point.
     :meth:`log_hparams` logs the hyper-parameters as params (nested dicts flattened with ``/``,
     values as strings cut at MLflow's length limit, 100 a batch) and its ``metrics`` as metrics at
-    the last step logged. :meth:`finalize` sets the run's status: ``FINISHED``, or ``FAILED`` when
+    the last step logged (the run's, for a run continued with ``run_id=``). :meth:`finalize` sets the run's status: ``FINISHED``, or ``FAILED`` when
     the fit failed. A write after it (``log_hparams(cfg, {"best/loss": ...})`` after ``run_epochs``)
     goes into the run and leaves its status as it is (MLflow takes writes to a finished run), as
     Lightning's; with ``synchronous=False`` MLflow flushes such writes at exit, or call
@@ -417,6 +477,10 @@ class MLFlowLogger(Logger):
         if self._run_id is not None:
             run = client.get_run(self._run_id)
             self._experiment_id = run.info.experiment_id
+            # the run's last step: MLflow keeps each metric's latest value, the one at its highest step (and its
+            # step), so log_hparams' metrics go after what the run holds, as through the logger that wrote it
+            steps = [m.step for m in run.data.to_proto().metrics]
+            self._last_step = max([self._last_step, *steps])
             if run.info.status != "RUNNING":  # (Lightning leaves a continued run's status as it was)
                 client.update_run(self._run_id, status="RUNNING")
         else:

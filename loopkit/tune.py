@@ -360,7 +360,10 @@ def fit(
     ``run_epochs_options`` are ``run_epochs``'s (``epochs``, ``val``, ``max_steps``, ...).
     The trial's user attributes get ``history`` (run_epochs' list of epoch records, numbers
     only: 0-dim tensors a callback added are read, other values left out) and ``step`` (the
-    updates done). A pruned trial raises ``optuna.TrialPruned`` out of here,
+    updates done). The run of a :class:`loopkit.WandbLogger` in ``step`` (which ``run_epochs`` leaves
+    open after a successful fit, as Lightning's) is finished as the trial's fit ends, pruned or
+    not, so each trial has a run of its own (a write through that logger after this resumes its
+    run: log a trial's hyper-parameters before ``fit``). A pruned trial raises ``optuna.TrialPruned`` out of here,
     which ``study.optimize`` records. Use it as an objective's last line (see the module).
     A ``state`` restored from a checkpoint of an earlier fit (the rerun of a trial whose
     process died) reports its validations at the steps the uninterrupted fit would
@@ -381,7 +384,10 @@ def fit(
     callbacks = _check_callbacks(callbacks)  # (run_epochs' rule: one callback alone is taken too)
     pruning = PruningCallback(trial, monitor, report_step=report_step)
     pruning.raise_at_fit_end = False  # raised below, once the history is recorded
-    final, history = run_epochs(step, state, train_data, callbacks=[*callbacks, pruning], **run_epochs_options)
+    try:
+        final, history = run_epochs(step, state, train_data, callbacks=[*callbacks, pruning], **run_epochs_options)
+    finally:
+        _finish_tracker_runs(step)
     trial.set_user_attr("history", [_numbers(record) for record in history])
     trial.set_user_attr("step", final.step)
     pruning.raise_if_pruned()
@@ -389,6 +395,22 @@ def fit(
     if not values:
         raise ValueError(f"loopkit.tune.fit: no epoch recorded '{monitor}' (history keys: {sorted(history[-1]) if history else []})")
     return float(values[-1])
+
+
+def _finish_tracker_runs(step: Any) -> None:
+    """Finish the run of each :class:`loopkit.WandbLogger` of ``step``'s ``with_logging`` layers, which a successful
+    (or pruned) fit leaves open, as Lightning's: the next trial's logger would write into it (wandb holds one run
+    at a time); each trial its own run. MLflow's runs are ended by ``finalize`` already."""
+    from loopkit.trackers import WandbLogger
+    from loopkit.transforms.logging import LoggingStep
+    from loopkit.steps import WrapperStep
+
+    while isinstance(step, WrapperStep):
+        if isinstance(step, LoggingStep):
+            for logger in step.loggers:
+                if isinstance(logger, WandbLogger):
+                    logger._finish_run()
+        step = step.inner
 
 
 def _numbers(record: Mapping[str, Any]) -> dict[str, float]:

@@ -140,11 +140,16 @@ def as_records(rows):
 
 @pytest.fixture(autouse=True)
 def _no_wandb_run_left_open():
-    """A run a test leaves open (a successful fit's stays open, as Lightning's) would be the next logger's run."""
+    """A run a test leaves open (a successful fit's stays open, as Lightning's) would be the next logger's run; so would
+    one a logger resumed beside another run."""
     yield
     wandb = sys.modules.get("wandb")
     if wandb is not None and wandb.run is not None:
         wandb.run.finish()
+    from loopkit import trackers
+
+    while trackers._beside_open():
+        trackers._BESIDE.pop().finish()
 
 
 @pytest.fixture(scope="module")
@@ -247,6 +252,69 @@ def test_wandb_a_failed_fit_then_a_resumed_one_continue_one_run_id_and_keep_the_
     assert [row["_step"] for row in runs[1]["rows"]][:1] == [0]  # offline, wandb's row counter starts again
 
 
+def test_wandb_a_finished_loggers_write_resumes_its_own_run_beside_another_loggers_open_run(tmp_path):
+    """Logger A's fit failed (its run finished, exit code 1), a retry's logger B succeeded (its run left open, as
+    Lightning's): A's later write went into B's run (B's config got A's keys, A.version became B's id). It resumes
+    A's own id beside B's run (wandb's ``reinit="create_new"``), B's run and ``wandb.run`` left as they were."""
+    import wandb
+
+    a = WandbLogger(project="p", save_dir=tmp_path, offline=True)
+    a.log_metrics({"train/loss": 1.0}, step=1)
+    a.finalize("failed")
+    a_id = a.version
+    b = WandbLogger(project="p", save_dir=tmp_path, offline=True)
+    b.log_metrics({"train/loss": 2.0}, step=1)
+    b.finalize("success")  # left open
+    a.log_hparams({"a_only": 1})
+    a.log_metrics({"test/acc": 0.5}, step=1)
+    assert a.version == a_id != b.version and wandb.run is b.experiment and a.experiment is not b.experiment
+    with pytest.warns(UserWarning, match=f"a wandb run \\({b.version}\\) is already in progress"):
+        late = WandbLogger(project="p", save_dir=tmp_path, offline=True)  # never started: Lightning's adoption
+        late.log_hparams({"late": 1})
+    assert late.version == b.version
+    b.experiment.finish()  # wandb.run is None now; a's resumed run is still open beside
+    fresh = WandbLogger(project="p", save_dir=tmp_path, offline=True)
+    fresh.log_metrics({"x": 3.0}, step=1)  # a run of its own (a plain wandb.init would hand back a's)
+    assert fresh.version not in (a_id, b.version)
+    for logger in (a, fresh):
+        logger.experiment.finish()
+    runs = {(r["id"], r["exit_code"]): r for r in wandb_runs(tmp_path)}
+    assert sorted(runs, key=str) == sorted([(a_id, 1), (a_id, 0), (b.version, 0), (fresh.version, 0)], key=str)
+    assert runs[a_id, 0]["config"] == {"a_only": 1} and runs[b.version, 0]["config"] == {"late": 1}
+    assert runs[a_id, 0]["rows"] == [{"test/acc": 0.5, "trainer/global_step": 1, "_step": 0}]
+    assert [row["train/loss"] for row in runs[b.version, 0]["rows"]] == [2.0]
+    assert [row["x"] for row in runs[fresh.version, 0]["rows"]] == [3.0]
+
+
+def test_wandb_tune_fit_finishes_each_trials_run_so_each_trial_has_its_own(tmp_path):
+    """``loopkit.tune.fit`` with a WandbLogger in each trial's step: a successful trial's run stayed open, and the next
+    trial's logger wrote into it (with only a warning): one run held every trial."""
+    optuna = pytest.importorskip("optuna")
+    from loopkit import tune
+
+    loggers = []
+
+    def objective(trial):
+        logger = WandbLogger(project="p", save_dir=tmp_path, offline=True)
+        loggers.append(logger)
+        logger.log_hparams({"trial": trial.number})
+        step = with_logging(train_step(loss_with_mae), logger, every_n_steps=1)
+        return tune.fit(trial, step, sgd_state(tiny_mlp()), synthetic_batches(2), monitor="train/loss", epochs=1,
+                        progress=False)
+
+    import wandb
+
+    study = optuna.create_study()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # (no "a wandb run is already in progress")
+        study.optimize(objective, n_trials=2)
+    assert wandb.run is None and len({lg.version for lg in loggers}) == 2
+    runs = wandb_runs(tmp_path)
+    assert sorted((r["id"], r["exit_code"], r["config"]["trial"]) for r in runs) == sorted(
+        (lg.version, 0, i) for i, lg in enumerate(loggers))
+    assert all([row["trainer/global_step"] for row in r["rows"] if "train/loss" in row] == [1, 2] for r in runs)
+
+
 # --- MLflow ------------------------------------------------------------------------------------------
 
 
@@ -323,6 +391,22 @@ def test_mlflow_a_failed_fit_is_marked_failed_and_run_id_continues_the_run(tmp_p
 
     resumed.log_metrics({"train/loss": 0.125}, step=3)  # a write after finalize leaves the status (see below)
     assert client.get_run(logger.run_id).info.status == "FINISHED"
+
+
+def test_mlflow_run_id_logs_hparams_metrics_at_the_runs_last_step(tmp_path, mlflow_dir):
+    """``MLFlowLogger(run_id=<a finished run>).log_hparams(cfg, {"test/loss": x})`` (an evaluation adding its results):
+    logged at step 0; at the run's last step (the highest, not the last written), as through the fit's own logger."""
+    fit_logger = MLFlowLogger(save_dir=mlflow_dir(tmp_path))
+    for step in (1, 5, 3):
+        fit_logger.log_metrics({"train/loss": 1.0 / step}, step=step)
+    fit_logger.log_metrics({"val/loss": 0.5}, step=2)
+    fit_logger.finalize()
+    evaluation = MLFlowLogger(save_dir=tmp_path, run_id=fit_logger.run_id)
+    evaluation.log_hparams({"lr": 0.1}, {"test/loss": 0.25})
+    evaluation.finalize()  # (else the run stays RUNNING: see the docs)
+    client = evaluation.experiment
+    assert [(m.step, m.value) for m in client.get_metric_history(fit_logger.run_id, "test/loss")] == [(5, 0.25)]
+    assert client.get_run(fit_logger.run_id).info.status == "FINISHED"
 
 
 def test_mlflow_names_it_would_refuse_are_cleaned_as_lightning_does_and_clashes_refused(tmp_path, mlflow_dir):
