@@ -102,15 +102,15 @@ class _Inert:
         pass
 
 
-#: the wandb runs a WandbLogger started beside another open run (``reinit="create_new"``): open, none is
-#: ``wandb.run``, and a plain ``wandb.init`` would hand back the latest, so while one is open the loggers' new runs
-#: are started beside too (a run of each logger's own, never another's)
-_BESIDE: list[Any] = []
-
-
 def _beside_open() -> bool:
-    _BESIDE[:] = [run for run in _BESIDE if getattr(run, "_is_finished", False) is not True]
-    return bool(_BESIDE)
+    """Whether a wandb run other than ``wandb.run`` is open in this process (one started beside another with
+    ``reinit="create_new"``): a plain ``wandb.init`` would hand it back, so a logger's new run is started beside
+    too (a run of each logger's own, never another's). wandb keeps the open runs itself (its setup singleton)."""
+    import wandb
+    from wandb.sdk import wandb_setup
+
+    recent = wandb_setup.singleton().most_recent_active_run
+    return recent is not None and recent is not wandb.run
 
 
 class WandbLogger(Logger):
@@ -260,8 +260,6 @@ class WandbLogger(Logger):
             if kwargs.get("dir") is not None:
                 os.makedirs(kwargs["dir"], exist_ok=True)
             run = wandb.init(**kwargs)
-            if kwargs.get("reinit") == "create_new":
-                _BESIDE.append(run)
             self._owned = True
         return self._started(run)
 
@@ -285,8 +283,6 @@ class WandbLogger(Logger):
                 f"wandb.init handed back another open run, {run.id!r} (the write would go into it). Finish that run "
                 "first (its experiment.finish()), or give this logger reinit='create_new'"
             )
-        if kwargs.get("reinit") == "create_new":
-            _BESIDE.append(run)
         return self._started(run)
 
     def _started(self, run: Any) -> Any:

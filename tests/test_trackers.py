@@ -144,12 +144,12 @@ def _no_wandb_run_left_open():
     one a logger resumed beside another run."""
     yield
     wandb = sys.modules.get("wandb")
-    if wandb is not None and wandb.run is not None:
-        wandb.run.finish()
-    from loopkit import trackers
+    if wandb is None:
+        return
+    from wandb.sdk import wandb_setup
 
-    while trackers._beside_open():
-        trackers._BESIDE.pop().finish()
+    while (run := wandb_setup.singleton().most_recent_active_run) is not None:  # wandb.run and any open beside it
+        run.finish()
 
 
 @pytest.fixture(scope="module")
