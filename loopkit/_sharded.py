@@ -124,7 +124,13 @@ def norms(tensors: Sequence[torch.Tensor], norm_type: float) -> list[torch.Tenso
             by_dtype.setdefault(tensors[i].dtype, []).append(k)
         mine: list[torch.Tensor] = [None] * len(members)  # type: ignore[list-item]
         for ks in by_dtype.values():  # (torch._foreach_norm of one dtype, as torch's get_total_norm groups them)
-            for k, n in zip(ks, torch._foreach_norm([local(tensors[members[k]]) for k in ks], norm_type)):
+            shards = [local(tensors[members[k]]) for k in ks]
+            filled = [k for k, shard in zip(ks, shards) if shard.numel() > 0]  # (an empty shard: a layer with fewer
+            for k, shard in zip(ks, shards):  # rows than ranks; its norm is 0, and inf's refuses an empty tensor)
+                if shard.numel() == 0:
+                    mine[k] = torch.zeros((), dtype=shard.dtype, device=shard.device)
+            found = torch._foreach_norm([local(tensors[members[k]]) for k in filled], norm_type) if filled else []
+            for k, n in zip(filled, found):
                 mine[k] = n
         if mesh.size() == 1:
             for i, n in zip(members, mine):

@@ -1537,19 +1537,19 @@ def export_weights(
         raise IsADirectoryError(f"export_weights: {str(path)!r} is a folder; give a file path, e.g. {str(path / 'model.safetensors')!r}")
     if not path.parent.is_dir():
         raise FileNotFoundError(f"export_weights: the folder {str(path.parent)!r} of {str(path)!r} does not exist")
-    model = core_module(state.model)
-    sd = model.state_dict()
-    if is_sharded(model):  # under with_fsdp: gathered into rank 0's CPU memory alone (a collective), written there
-        sd = full(sd, to_rank_zero=True)
-        if sd is None:  # (not rank 0)
-            return path
-    _refuse_non_tensors(sd)
-    tensors = {name: _raw_bytes(name, t) for name, t in sd.items()}
     info: dict[str, Any] = {"format": "pt", "step": str(state.step), "epoch": str(state.epoch)}
     for key, value in (metadata or {}).items():
         if not isinstance(key, str) or not isinstance(value, str):
             raise TypeError(f"export_weights: metadata must map str to str, got {key!r}: {value!r}")
         info[key] = value
+    model = core_module(state.model)
+    sd = model.state_dict()
+    _refuse_non_tensors(sd)  # (on every rank, before a gather that rank 0 alone would leave)
+    if is_sharded(model):  # under with_fsdp: gathered into rank 0's CPU memory alone (a collective), written there
+        sd = full(sd, to_rank_zero=True)
+        if sd is None:  # (not rank 0)
+            return path
+    tensors = {name: _raw_bytes(name, t) for name, t in sd.items()}
     header: dict[str, Any] = {"__metadata__": info}
     offset = 0
     for name, (dtype, shape, raw) in tensors.items():

@@ -1604,8 +1604,9 @@ def run_epochs(
                         validated_at, hooks_ran = state.step, True
                     reached = max_steps is not None and state.step >= max_steps
                     asked_stop = (hooks_ran or hooks.stop_asked) and hooks.stops(state)  # it still validates, as Lightning's should_stop does
-                    if asked_stop and sharded_run and in_accumulation_group(state):
-                        asked_stop = False  # (fully_shard holds the group's gradients: no state dict has them; at its end)
+                    if asked_stop and (stop.voting or sharded_run) and in_accumulation_group(state):
+                        asked_stop = False  # at the group's end, as a graceful stop: the other ranks' partial gradients
+                        # (kept local under DDP) are in no checkpoint, and under with_fsdp no state dict has any
                     if reached or asked_stop:
                         exhausted = _epoch_over(state, total, sized, batches)
                         break

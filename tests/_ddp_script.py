@@ -197,6 +197,47 @@ def flush(rank: int) -> dict[str, Any]:
     return {"params": _params(state.model), "step": state.step}
 
 
+class SparseNet(nn.Module):
+    """An ``nn.Embedding(sparse=True)`` (its gradient: 1 sparse dimension, the rows) and a dense head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            self.emb, self.head = nn.Embedding(6, 3, sparse=True), nn.Linear(3, D_OUT)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.emb((x[:, 0].abs() * 3).long() % 6))
+
+
+def sparse_flush(rank: int) -> dict[str, Any]:
+    """A partial group flushed with a sparse gradient, SGD with momentum (which takes the layout as it is)."""
+    import loopkit
+
+    data = make_data(3)
+    step = loopkit.with_grad_accum(loopkit.with_ddp(loopkit.train_step(mse)), every=2)
+    state = sgd_state(SparseNet(), momentum=0.9)
+    state, history = loopkit.run_epochs(step, state, [data[i, rank] for i in range(3)], epochs=2, progress=False)
+    return {"params": _params(state.model), "step": state.step}
+
+
+def stop_in_group(rank: int) -> dict[str, Any]:
+    """A callback's stop (a Timer's, say) inside an accumulation group: the fit goes on to the group's end, as a
+    graceful stop does (the other ranks' partial gradients, kept local, would be in no checkpoint)."""
+    import loopkit
+
+    class StopAtBatch4(loopkit.Callback):
+        def on_batch_end(self, state, metrics):
+            if state.batch_index == 4:
+                self.should_stop = True
+
+    data = make_data(8)
+    step = loopkit.with_grad_accum(loopkit.with_ddp(loopkit.train_step(mse)), every=3)
+    state, _ = loopkit.run_epochs(step, sgd_state(make_model()), [data[i, rank] for i in range(8)], epochs=1,
+                                  progress=False, callbacks=[StopAtBatch4()])
+    return {"params": _params(state.model), "step": state.step, "batch_index": state.batch_index}
+
+
 class TwoHeads(nn.Module):
     """A body and two heads: each ``BATCH``-row chunk of the input goes through head ``a`` when its first
     input is > 0, else through head ``b`` (a branch chosen by the data: ``find_unused_parameters``). On a
@@ -568,7 +609,7 @@ def resume(rank: int, out_dir: str) -> dict[str, Any]:
 SCENARIOS = {
     f.__name__: f
     for f in (plain, accum, accum_scheduled, accum_outer, bucket_views, static_graph, flush, two_heads, averaged_pruned, nan_skip, nan_raise, fp16, fit,
-              stop_one_rank, callbacks_on_rank0, uneven, apart, loss_error, buffers_apart)
+              stop_one_rank, callbacks_on_rank0, uneven, apart, loss_error, buffers_apart, sparse_flush, stop_in_group)
 }
 
 WITH_OUT_DIR = {f.__name__: f for f in (resume, signal_one_rank, signal_apart, signal_in_group, signal_spaced_votes)}

@@ -413,8 +413,40 @@ def norm_collectives(rank: int, out_dir: str) -> dict[str, Any]:
     return {name: run(hook) for name, hook in hooks.items()}
 
 
+def empty_shard(rank: int, out_dir: str) -> dict[str, Any]:
+    """A layer with fewer rows than ranks (``Linear(D_HID, 1)``: rank 1's shards of it are empty): the inf norm of
+    with_grad_norm and with_grad_clip (torch's _foreach_norm refuses an empty tensor's); and export_weights with
+    bad metadata, which every rank refuses (rank 0 alone did, after the gather, and rank 1 returned the path)."""
+    import loopkit
+    from loopkit._sharded import full
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(D_IN, D_HID), nn.Tanh(), nn.Linear(D_HID, 1))
+    state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    data = make_data(1)
+
+    def loss(model, batch):
+        return (model(batch[:, :D_IN]) ** 2).mean()
+
+    grads = {}
+
+    def keep(state):
+        grads.update({n: full(p.grad) for n, p in state.model.named_parameters()})
+
+    step = loopkit.with_grad_hook(loopkit.with_fsdp(loopkit.train_step(loss), shard=SHARD), keep)
+    step = loopkit.donate(loopkit.with_grad_clip(loopkit.with_grad_norm(step, "inf"), max_norm=0.05, norm_type=float("inf")))
+    state, metrics = step(state, data[0, rank])
+    try:
+        loopkit.export_weights(state, os.path.join(out_dir, "empty_shard.safetensors"), metadata={"step": 5})
+        refused = None
+    except TypeError as error:
+        refused = str(error)
+    return {"grads": grads, "metrics": {k: float(v) for k, v in metrics.items()}, "export_refused": refused}
+
+
 SCENARIOS = {f.__name__: f for f in (sgd, adam, accum, accum_outer, clip, nan, bf16, cut, resume, bn, bn_ddp, bn_cut,
-                                     bn_nobroadcast, bn_resume, stop_mid_group, gather_to_rank_zero, norm_collectives)}
+                                     bn_nobroadcast, bn_resume, stop_mid_group, gather_to_rank_zero, norm_collectives, empty_shard)}
 
 
 def main(out_dir: str, scenarios: list[str]) -> None:

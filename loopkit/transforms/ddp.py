@@ -150,8 +150,10 @@ class DDPSync:
                     continue
                 if p.grad is not None and not p.grad.is_sparse:
                     p.grad.copy_(mean.view(p.shape))
+                elif p.grad is not None:  # sparse: in its own layout (an Embedding's: 1 sparse dim, its rows)
+                    p.grad = mean.view(p.shape).to_sparse(p.grad.sparse_dim())
                 else:
-                    p.grad = mean.view(p.shape).to_sparse() if p.grad is not None else mean.view(p.shape).clone()
+                    p.grad = mean.view(p.shape).clone()
 
     def marked_used(self, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
         """Under ``find_unused_parameters``, the parameters this rank's no-sync micro-batches used (those with a

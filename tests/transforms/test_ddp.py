@@ -21,7 +21,7 @@ from tests import _ddp_script as ddp
 TOL = 1e-6
 SCENARIOS = ["plain", "accum", "accum_scheduled", "accum_outer", "bucket_views", "static_graph", "flush", "two_heads", "averaged_pruned", "nan_skip",
              "nan_raise", "fp16", "fit", "stop_one_rank", "callbacks_on_rank0", "uneven", "apart", "signal_one_rank", "signal_apart",
-             "signal_in_group", "signal_spaced_votes", "loss_error", "buffers_apart"]
+             "signal_in_group", "signal_spaced_votes", "loss_error", "buffers_apart", "sparse_flush", "stop_in_group"]
 
 
 @pytest.fixture(scope="module")
@@ -161,6 +161,34 @@ def test_flushing_a_partial_group_averages_its_local_gradients_over_the_ranks(ra
     _assert_ranks_identical(results)
     _assert_close(results[0]["params"], state.model)
     assert [r["step"] for r in results] == [2, 2]
+
+
+def test_a_flushed_sparse_gradient_keeps_its_layout_and_equals_one_process(ranks):
+    """An Embedding(sparse=True) under SGD with momentum: the flush made a 2-sparse-dim gradient of a 1-sparse-dim
+    one, and the momentum's add refused it at the epoch's end. Reference: one process over the global batches."""
+    results = ranks("sparse_flush")
+    data = ddp.make_data(3)
+    groups = [torch.cat([data[i, r] for i in range(2) for r in (0, 1)]), torch.cat([data[2, 0], data[2, 1]])]
+    state = ddp.sgd_state(ddp.SparseNet(), momentum=0.9)
+    step = loopkit.donate(loopkit.train_step(ddp.mse))
+    for _ in range(2):
+        for group in groups:
+            state, _ = step(state, group)
+    _assert_ranks_identical(results)
+    _assert_close(results[0]["params"], state.model)
+    assert [r["step"] for r in results] == [4, 4]
+
+
+def test_a_callbacks_stop_inside_a_group_waits_for_the_groups_end(ranks):
+    """Asked at batch 4 of groups of 3: the fit ends at batch 6, with every rank's gradients in the update (a
+    checkpoint there is exact; mid-group it held rank 0's partial gradients alone)."""
+    results = ranks("stop_in_group")
+    data = ddp.make_data(8)
+    groups = [torch.cat([data[i, r] for i in range(k, k + 3) for r in (0, 1)]) for k in (0, 3)]
+    state, _ = _reference(groups)
+    _assert_ranks_identical(results)
+    _assert_close(results[0]["params"], state.model)
+    assert [(r["step"], r["batch_index"]) for r in results] == [(2, 6), (2, 6)]
 
 
 def _two_heads_reference(groups, big_b=False, momentum=0.9):

@@ -561,3 +561,18 @@ def test_a_callbacks_stop_inside_an_accumulation_group_waits_for_the_groups_end(
     for r in results:
         assert (r["step"], r["batch_index"]) == (2, 6)
         assert r["saved"][-1] == (2, 6)
+
+
+def test_a_layer_with_fewer_rows_than_ranks_has_its_inf_norm_and_export_errors_are_raised_on_every_rank(ranks):
+    """Rank 1's shards of Linear(., 1) are empty: the inf norms (with_grad_norm's, with_grad_clip's) raised there
+    alone and left rank 0 in the all-reduce. Reference: torch's norms of the gathered gradients."""
+    results = ranks("empty_shard")
+    for r in results:
+        grads = r["grads"]
+        expected = {f"grad_inf_norm/{n}": float(g.norm(float("inf"))) for n, g in grads.items()}
+        total = max(expected.values())
+        for key, value in expected.items():
+            assert r["metrics"][key] == pytest.approx(value, rel=1e-6)
+        assert r["metrics"]["grad_inf_norm_total"] == pytest.approx(total, rel=1e-6)
+        assert r["metrics"]["grad_norm"] == pytest.approx(total, rel=1e-6)
+        assert r["export_refused"] is not None and "metadata must map str to str" in r["export_refused"]
