@@ -1404,7 +1404,8 @@ def _recorded_monitor(directory: str | os.PathLike, monitor: str | None = None) 
 
 def read_score(path: str | os.PathLike) -> Any:
     """The score record (``{"monitor", "mode", "value"}``) of checkpoint ``path``: its ``meta.json``'s, once its
-    manifest vouches for it, else the one :func:`write_late_score` put beside it; None when it has neither.
+    manifest vouches for it, or the one :func:`write_late_score` put beside it later (which wins); None when it has
+    neither.
 
     Raises :class:`loopkit.CheckpointCorruptError` for a checkpoint whose manifest or metadata is damaged.
 
@@ -1421,34 +1422,41 @@ def read_score(path: str | os.PathLike) -> Any:
     """
     path = Path(path)
     record = read_meta(path).get("score")
-    if record is not None:
-        return record
     late = path / LATE_SCORE
     if not late.is_file():
-        return None
-    try:
+        return record
+    try:  # (the later record: a relaunch that took this checkpoint over may score it again)
         return _read_json(late, "score")
     except CheckpointCorruptError as e:  # (written atomically: only damage on disk gets here)
         warnings.warn(f"loopkit: ignoring the score of {path.name}: {e}", RuntimeWarning, stacklevel=2)
-        return None
+        return record
 
 
-def write_late_score(path: str | os.PathLike, record: Mapping[str, Any]) -> None:
+def write_late_score(path: str | os.PathLike, record: Mapping[str, Any], *, durable: bool = True) -> bool:
     """Atomically write the score ``record`` a validation gave checkpoint ``path`` after it was written (a step
     checkpoint at the validation's update) into the checkpoint's folder as ``score.json``: it is kept with the
     checkpoint, not only in the folder's ``scores.json`` index, which :func:`scores` completes from it.
+    False, and nothing written, where the checkpoint is gone (removed meanwhile: nothing left to score).
+    ``durable=False`` skips the fsyncs, as ``with_checkpointing(durable=False)`` does.
 
     >>> import tempfile, torch
     >>> from loopkit.state import TrainState
     >>> tmp = tempfile.TemporaryDirectory()
     >>> path = save(TrainState.create(torch.nn.Linear(1, 1)), tmp.name)
     >>> write_late_score(path, {"monitor": "val/loss", "mode": "min", "value": 0.25})
+    True
     >>> (path / "score.json").is_file()
     True
     >>> tmp.cleanup()
     """
     raw = json.dumps(dict(record), sort_keys=True).encode()
-    _replace_atomically(Path(path) / LATE_SCORE, lambda f: f.write(raw))
+    try:
+        _replace_atomically(Path(path) / LATE_SCORE, lambda f: f.write(raw), durable=durable)
+    except FileNotFoundError:
+        if Path(path).is_dir():  # (not the checkpoint's absence: a fault of its own)
+            raise
+        return False
+    return True
 
 
 def write_scores(directory: str | os.PathLike, data: Mapping[str, Any]) -> None:
@@ -1465,16 +1473,19 @@ def write_scores(directory: str | os.PathLike, data: Mapping[str, Any]) -> None:
     _replace_atomically(Path(directory) / SCORES, lambda f: f.write(raw))
 
 
-def _replace_atomically(path: Path, fill: Callable[[Any], object]) -> None:
-    """Write ``path`` whole or not at all: ``fill`` writes a temporary beside it, fsync, rename, fsync the folder."""
+def _replace_atomically(path: Path, fill: Callable[[Any], object], durable: bool = True) -> None:
+    """Write ``path`` whole or not at all: ``fill`` writes a temporary beside it, fsync, rename, fsync the folder
+    (``durable=False``: no fsync)."""
     tmp = path.with_name(f"{_TMP}{path.name}-{secrets.token_hex(4)}")
     try:
         with open(tmp, "xb") as f:
             fill(f)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        if durable:
+            _fsync_dir(path.parent)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)

@@ -287,12 +287,13 @@ class CheckpointStep(UpdateStep):
                     saver.last = None  # let a later save at this position try again
                     raise
             if score is not None and position in saver.names:
-                if snap is None:  # written before this score (a step checkpoint at the validation's update): keep it
-                    checkpoint.write_late_score(  # with the checkpoint too, not only in scores.json
-                        self.directory / saver.names[position], {"monitor": self.monitor, "mode": self.mode, "value": score}
-                    )
-                with saver.lock:
-                    self._scores()[saver.names[position]] = score
+                kept = snap is not None or checkpoint.write_late_score(  # written before this score (a step checkpoint
+                    self.directory / saver.names[position],  # at the validation's update): kept with it too
+                    {"monitor": self.monitor, "mode": self.mode, "value": score}, durable=self.durable,
+                )
+                if kept:  # (one removed meanwhile, by hand or another writer, has nothing left to score)
+                    with saver.lock:
+                        self._scores()[saver.names[position]] = score
             # (keep_last=0: an unscored save, a graceful stop's or one of save()'s, stays until the next one)
             protect = saver.names.get(position) if score is None and self.keep_last == 0 else None
             self._prune(write_scores=score is not None, superseded=superseded, protect=protect)

@@ -316,6 +316,23 @@ def test_a_score_given_after_its_checkpoint_was_written_is_kept_with_it_when_sco
     assert sorted(runs["lost"][1].values()) == [1.0, 3.0, 6.0] and runs["lost"][3] == [4, 6]
 
 
+@pytest.mark.parametrize("async_save", [False, True])
+def test_a_checkpoint_removed_before_its_late_score_is_left_unscored(tmp_path, async_save):
+    """(By hand or by another writer of the folder, as the rotation allows: the fit died writing score.json into a
+    folder that was gone.) As if the checkpoint had never been: no score for it, and the next save rotates as usual."""
+    step = with_checkpointing(_count_step, tmp_path, every_n_steps=1, keep_last=1, monitor="val/loss", keep_best=2,
+                              async_save=async_save)
+    state, _ = step(TrainState.create(nn.Linear(1, 1)), None)
+    step.wait()
+    checkpoint.remove(checkpoint.list_checkpoints(tmp_path)[-1].path)
+    step.notify("validation_end", state, {"val/loss": 1.0, "val/acc": -1.0})
+    step.wait()
+    assert checkpoint.scores(tmp_path, "val/loss", "min") == {} and checkpoint.list_checkpoints(tmp_path) == []
+    state = _validate(step, state, 2.0)
+    step.wait()
+    assert _steps(tmp_path) == [2] and list(checkpoint.scores(tmp_path, "val/loss", "min").values()) == [2.0]
+
+
 def test_monitor_alone_saves_only_what_ranks(tmp_path):
     step = with_checkpointing(_count_step, tmp_path, keep_last=1, monitor="val/acc", mode="max", keep_best=1)
     state = TrainState.create(nn.Linear(1, 1))
