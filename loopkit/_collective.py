@@ -14,6 +14,7 @@ how many values each rank contributed. :func:`is_rank_zero` says which process w
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -54,7 +55,17 @@ def is_rank_zero() -> bool:
     dist = torch.distributed
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank() == 0
-    return _environment_rank() in (None, 0)
+    rank = _environment_rank()
+    if rank in (None, 0):
+        return True
+    warnings.warn(  # (once: Python shows a warning of one place once)
+        f"loopkit: this process is rank {rank} of {os.environ.get('WORLD_SIZE')} by its environment (torchrun's RANK and "
+        "WORLD_SIZE), and no process group exists yet: rank 0 alone writes logs and checkpoints. Call "
+        "loopkit.distributed.init() first; for independent processes, unset RANK",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+    return False
 
 
 def _environment_rank() -> int | None:

@@ -305,9 +305,11 @@ def local_rank() -> int:
 
 def is_rank_zero() -> bool:
     """True on rank 0 and in a single process: the rank that writes logs and checkpoints. Before the
-    process group exists (or without one), torchrun's ``RANK`` when set, as Lightning's
-    ``rank_zero_only.rank``: under torchrun, a logger written to or a checkpoint folder made before
-    :func:`init` is rank 0's alone (while :func:`rank` is 0 until then).
+    process group exists (or without one, or after :func:`shutdown`), torchrun's ``RANK`` when set with a
+    ``WORLD_SIZE`` above 1, as Lightning's ``rank_zero_only.rank``: under torchrun, a logger written to or a
+    checkpoint folder made before :func:`init` is rank 0's alone (while :func:`rank` is 0 until then). Such
+    a process writes nothing even without a group (workers torchrun starts as independent processes:
+    unset ``RANK`` there); a ``RuntimeWarning`` says so once.
 
     >>> is_rank_zero()
     True

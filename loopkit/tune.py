@@ -30,6 +30,8 @@ Needs the ``tune`` extra (``pip install loopkit[tune]``, which installs Optuna).
 
 from __future__ import annotations
 
+import contextlib
+
 import math
 import os
 import urllib.parse
@@ -386,8 +388,11 @@ def fit(
     pruning.raise_at_fit_end = False  # raised below, once the history is recorded
     try:
         final, history = run_epochs(step, state, train_data, callbacks=[*callbacks, pruning], **run_epochs_options)
-    finally:
-        _finish_tracker_runs(step)
+    except BaseException:
+        with contextlib.suppress(Exception):  # (the fit's own error is the one to see)
+            _finish_tracker_runs(step)
+        raise
+    _finish_tracker_runs(step)
     trial.set_user_attr("history", [_numbers(record) for record in history])
     trial.set_user_attr("step", final.step)
     pruning.raise_if_pruned()

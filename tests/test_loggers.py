@@ -320,6 +320,7 @@ def test_nothing_is_created_until_something_is_written(tmp_path):
     assert not os.path.exists(tmp_path / "default")
 
 
+@pytest.mark.filterwarnings("ignore:loopkit. this process is rank:RuntimeWarning")
 def test_a_process_torchrun_says_is_rank_1_writes_no_log_or_checkpoint_before_the_process_group_exists(
     tmp_path, monkeypatch
 ):
@@ -329,7 +330,8 @@ def test_a_process_torchrun_says_is_rank_1_writes_no_log_or_checkpoint_before_th
     for name, value in {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
                         "MASTER_PORT": "29555"}.items():
         monkeypatch.setenv(name, value)
-    assert not loopkit.distributed.is_rank_zero() and loopkit.distributed.rank() == 0  # (no group yet)
+    with pytest.warns(RuntimeWarning, match="rank 1 of 2 by its environment .* rank 0 alone writes logs and checkpoints"):
+        assert not loopkit.distributed.is_rank_zero() and loopkit.distributed.rank() == 0  # (no group yet)
     loggers = [CSVLogger(tmp_path), TensorBoardLogger(tmp_path, "tb"), JSONLLogger(tmp_path, "j", version=0)]
     model = torch.nn.Linear(2, 1)
     state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))

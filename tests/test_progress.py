@@ -123,6 +123,7 @@ def test_progress_wanted():
     assert not progress_wanted(True, io.StringIO())
 
 
+@pytest.mark.filterwarnings("ignore:loopkit. this process is rank:RuntimeWarning")
 def test_only_rank_0_draws_a_bar(monkeypatch):
     """As Lightning's bar, which every rank but 0 disables (torchrun's environment for rank 1 of 2, no group yet)."""
     monkeypatch.setenv("WORLD_SIZE", "2")

@@ -533,6 +533,7 @@ TORCHRUN_RANK_1 = {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "LOCAL_WOR
 
 
 @pytest.mark.parametrize("make", [make_wandb, make_mlflow], ids=["wandb", "mlflow"])
+@pytest.mark.filterwarnings("ignore:loopkit. this process is rank:RuntimeWarning")
 def test_a_process_torchrun_says_is_rank_1_starts_no_run_before_the_process_group_exists(tmp_path, monkeypatch, make,
                                                                                          mlflow_dir):
     """Under torchrun, ``logger.log_hparams(cfg)`` before ``loopkit.distributed.init()``: torchrun's ``RANK`` says
