@@ -58,6 +58,20 @@ def mse(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Ten
     return ((model(x).float() - y) ** 2).mean()
 
 
+def assert_params_close(params: dict[str, torch.Tensor], model: nn.Module, tol: float = 1e-6) -> None:
+    """A rank's parameters (by name) within ``tol`` (max abs) of the reference ``model``'s."""
+    for name, p in model.named_parameters():
+        diff = (params[name] - p.detach()).abs().max().item()
+        assert diff <= tol, f"{name}: max abs diff {diff} > {tol}"
+
+
+def assert_ranks_identical(results: list[dict[str, Any]]) -> None:
+    """Two ranks' ``params`` bitwise equal."""
+    a, b = results[0]["params"], results[1]["params"]
+    for name in a:
+        assert torch.equal(a[name], b[name]), f"ranks differ at {name}"
+
+
 def loss_with_mae(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Mean squared error, with the mean absolute error as an aux metric ``mae``."""
     x, y = batch

@@ -17,6 +17,7 @@ import torch
 
 import loopkit
 from tests import _ddp_script as ddp
+from tests.conftest import assert_params_close, assert_ranks_identical
 
 TOL = 1e-6
 SCENARIOS = ["plain", "accum", "accum_scheduled", "accum_outer", "bucket_views", "static_graph", "flush", "two_heads", "averaged_pruned", "nan_skip",
@@ -43,25 +44,13 @@ def _reference(batches, step=None, model_seed=0):
     return state, losses
 
 
-def _assert_close(params, model, tol=TOL):
-    for name, p in model.named_parameters():
-        diff = (params[name] - p.detach()).abs().max().item()
-        assert diff <= tol, f"{name}: max abs diff {diff} > {tol}"
-
-
-def _assert_ranks_identical(results):
-    a, b = results[0]["params"], results[1]["params"]
-    for name in a:
-        assert torch.equal(a[name], b[name]), f"ranks differ at {name}"
-
-
 @pytest.mark.slow
 def test_two_ranks_equal_one_process_over_the_concatenated_batches(ranks):
     results = ranks("plain")
     data = ddp.make_data(ddp.STEPS)
     state, losses = _reference([torch.cat([data[i, 0], data[i, 1]]) for i in range(ddp.STEPS)])
-    _assert_ranks_identical(results)  # rank 1 started from other weights: DDP broadcast rank 0's
-    _assert_close(results[0]["params"], state.model)
+    assert_ranks_identical(results)  # rank 1 started from other weights: DDP broadcast rank 0's
+    assert_params_close(results[0]["params"], state.model)
     assert [r["step"] for r in results] == [ddp.STEPS, ddp.STEPS]
     # metrics are each rank's own loss; their mean is the big batch's loss
     for i in range(ddp.STEPS):
@@ -76,11 +65,11 @@ def test_pruning_and_averages_agree_on_both_ranks_and_with_one_process(ranks):
     data = ddp.make_data(ddp.STEPS)
     step = loopkit.with_ema(loopkit.with_pruning(loopkit.train_step(ddp.mse), 0.5, [2, ddp.STEPS]), 0.8)
     state, _ = _reference([torch.cat([data[i, 0], data[i, 1]]) for i in range(ddp.STEPS)], step)
-    _assert_ranks_identical(results)
+    assert_ranks_identical(results)
     for key in ("averages", "masks"):
         assert all(torch.equal(results[0][key][n], results[1][key][n]) for n in results[0][key]), key
-    _assert_close(results[0]["params"], state.model)
-    _assert_close(results[0]["averages"], loopkit.ema_state(state).model)
+    assert_params_close(results[0]["params"], state.model)
+    assert_params_close(results[0]["averages"], loopkit.ema_state(state).model)
     assert all(torch.equal(results[0]["masks"][n], m) for n, m in state.extras["pruning/masks"].items())
 
 
@@ -94,8 +83,8 @@ def _accum_reference(step=None):
 def test_grad_accum_under_ddp_equals_the_big_batch_and_skips_the_first_all_reduce(ranks):
     results = ranks("accum")
     state, _ = _accum_reference()
-    _assert_ranks_identical(results)
-    _assert_close(results[0]["params"], state.model)
+    assert_ranks_identical(results)
+    assert_params_close(results[0]["params"], state.model)
     for r in results:
         # all-reduces seen by the comm hook after each call: none in a group's first micro-step
         assert r["counts"] == [0, 1, 1, 2, 2, 3, 3, 4]
@@ -109,8 +98,8 @@ def test_a_scheduled_accumulation_under_ddp_equals_its_big_batches_and_skips_eac
     calls = [torch.cat([data[i, 0], data[i, 1]]) for i in range(2 * ddp.STEPS)]
     big = [torch.cat(calls[0:2]), torch.cat(calls[2:4]), torch.cat(calls[4:8])]  # every 2 in epoch 0, 4 in epoch 1
     state, _ = _reference(big)
-    _assert_ranks_identical(results)
-    _assert_close(results[0]["params"], state.model)
+    assert_ranks_identical(results)
+    assert_params_close(results[0]["params"], state.model)
     for r in results:
         assert r["counts"] == [0, 1, 1, 2, 2, 2, 2, 3]
         assert r["steps"] == [0, 1, 1, 2, 2, 2, 2, 3]
@@ -120,8 +109,8 @@ def test_a_scheduled_accumulation_under_ddp_equals_its_big_batches_and_skips_eac
 def test_ddp_outside_accum_and_clip_equals_the_big_batch_clipped(ranks):
     results = ranks("accum_outer")
     state, _ = _accum_reference(loopkit.with_grad_clip(loopkit.train_step(ddp.mse), max_norm=0.3))
-    _assert_ranks_identical(results)
-    _assert_close(results[0]["params"], state.model)
+    assert_ranks_identical(results)
+    assert_params_close(results[0]["params"], state.model)
     assert all(m["grad_norm"] > 0.3 for m in results[0]["metrics"][1::2])  # clipping acted at every update
     for r in results:  # with_grad_hook saw the averaged gradient (the clip's), before the clipping, on each rank
         assert [m["hook/norm"] for m in r["metrics"][1::2]] == pytest.approx([m["grad_norm"] for m in r["metrics"][1::2]], rel=1e-6)
@@ -140,16 +129,16 @@ def _per_micro_clipped_reference(max_norm):
 @pytest.mark.slow
 def test_per_micro_batch_transforms_with_gradients_as_bucket_views_keep_every_micro_batch(ranks):
     results = ranks("bucket_views")
-    _assert_ranks_identical(results)
-    _assert_close(results[0]["params"], _per_micro_clipped_reference(0.3).model)
+    assert_ranks_identical(results)
+    assert_params_close(results[0]["params"], _per_micro_clipped_reference(0.3).model)
 
 
 @pytest.mark.slow
 def test_a_static_graph_trains_under_accumulation_as_the_big_batch(ranks):
     results = ranks("static_graph")
     state, _ = _accum_reference()
-    _assert_ranks_identical(results)
-    _assert_close(results[0]["params"], state.model)
+    assert_ranks_identical(results)
+    assert_params_close(results[0]["params"], state.model)
 
 
 @pytest.mark.slow
@@ -158,8 +147,8 @@ def test_flushing_a_partial_group_averages_its_local_gradients_over_the_ranks(ra
     data = ddp.make_data(4)
     groups = [torch.cat([data[i, r] for i in range(3) for r in (0, 1)]), torch.cat([data[3, 0], data[3, 1]])]
     state, _ = _reference(groups)
-    _assert_ranks_identical(results)
-    _assert_close(results[0]["params"], state.model)
+    assert_ranks_identical(results)
+    assert_params_close(results[0]["params"], state.model)
     assert [r["step"] for r in results] == [2, 2]
 
 
@@ -174,8 +163,8 @@ def test_a_flushed_sparse_gradient_keeps_its_layout_and_equals_one_process(ranks
     for _ in range(2):
         for group in groups:
             state, _ = step(state, group)
-    _assert_ranks_identical(results)
-    _assert_close(results[0]["params"], state.model)
+    assert_ranks_identical(results)
+    assert_params_close(results[0]["params"], state.model)
     assert [r["step"] for r in results] == [4, 4]
 
 
@@ -186,8 +175,8 @@ def test_a_callbacks_stop_inside_a_group_waits_for_the_groups_end(ranks):
     data = ddp.make_data(8)
     groups = [torch.cat([data[i, r] for i in range(k, k + 3) for r in (0, 1)]) for k in (0, 3)]
     state, _ = _reference(groups)
-    _assert_ranks_identical(results)
-    _assert_close(results[0]["params"], state.model)
+    assert_ranks_identical(results)
+    assert_params_close(results[0]["params"], state.model)
     assert [(r["step"], r["batch_index"]) for r in results] == [(2, 6), (2, 6)]
 
 
@@ -216,8 +205,8 @@ def test_a_flushed_group_with_a_different_head_on_each_rank_equals_one_process(r
     the flush averaged each rank's own list of gradients, a's onto b's (the ranks drifted apart for good)."""
     results = [r[order] for r in ranks("two_heads")]
     groups, _ = _two_heads_global_groups()
-    _assert_ranks_identical(results)
-    _assert_close(results[0]["params"], _two_heads_reference(groups))
+    assert_ranks_identical(results)
+    assert_params_close(results[0]["params"], _two_heads_reference(groups))
     assert [r["step"] for r in results] == [2, 2]
 
 
@@ -229,8 +218,8 @@ def test_the_synced_backward_after_a_flushed_group_with_unused_heads_equals_one_
     updates with a zero gradient there, where one process skips it: with momentum the two differ.)"""
     results = [r["two_epochs"] for r in ranks("two_heads")]
     groups, _ = _two_heads_global_groups(ddp.A_THEN_B)
-    _assert_ranks_identical(results)
-    _assert_close(results[0]["params"], _two_heads_reference(groups + groups, momentum=0.0))
+    assert_ranks_identical(results)
+    assert_params_close(results[0]["params"], _two_heads_reference(groups + groups, momentum=0.0))
     assert [r["step"] for r in results] == [4, 4]
 
 
@@ -239,8 +228,8 @@ def test_a_flushed_group_whose_gradients_have_another_size_on_each_rank_equals_o
     """Head b larger than head a: the flush's flattened gradients differed in size (gloo aborted the process)."""
     results = [r["big_b"] for r in ranks("two_heads")]
     groups, _ = _two_heads_global_groups()
-    _assert_ranks_identical(results)
-    _assert_close(results[0]["params"], _two_heads_reference(groups, big_b=True))
+    assert_ranks_identical(results)
+    assert_params_close(results[0]["params"], _two_heads_reference(groups, big_b=True))
     assert [r["step"] for r in results] == [2, 2]
 
 
@@ -251,8 +240,8 @@ def test_a_flushed_group_with_no_gradient_on_one_rank_joins_the_all_reduce(ranks
     results = [r["none_on_rank1"] for r in ranks("two_heads")]
     groups, data = _two_heads_global_groups()
     groups[1] = [(data[2, 0], 0.5)]  # rank 0's micro-batch alone, averaged with rank 1's zeros
-    _assert_ranks_identical(results)
-    _assert_close(results[0]["params"], _two_heads_reference(groups))
+    assert_ranks_identical(results)
+    assert_params_close(results[0]["params"], _two_heads_reference(groups))
     assert [r["step"] for r in results] == [2, 2]
 
 
@@ -262,8 +251,8 @@ def test_nan_on_one_rank_is_skipped_by_both(ranks):
     data = ddp.make_data(ddp.STEPS + 1)
     kept = [0, 2, 4]  # rank 1 had NaN inputs at call 1 and a NaN loss (finite gradients) at call 3
     state, _ = _reference([torch.cat([data[i, 0], data[i, 1]]) for i in kept])
-    _assert_ranks_identical(results)
-    _assert_close(results[0]["params"], state.model)
+    assert_ranks_identical(results)
+    assert_params_close(results[0]["params"], state.model)
     for r in results:
         assert [m["nan_guard/skipped"] for m in r["metrics"]] == [0.0, 1.0, 0.0, 1.0, 0.0]
         assert r["step"] == 3 and r["skipped_total"] == 2
@@ -280,7 +269,7 @@ def test_raise_policy_raises_on_every_rank(ranks):
 @pytest.mark.slow
 def test_fp16_overflow_on_one_rank_is_skipped_by_both(ranks):
     results = ranks("fp16")
-    _assert_ranks_identical(results)
+    assert_ranks_identical(results)
     for r in results:
         assert [m["amp/skipped"] for m in r["metrics"]] == [0.0, 1.0, 0.0, 0.0]
         assert r["step"] == 3
@@ -288,7 +277,7 @@ def test_fp16_overflow_on_one_rank_is_skipped_by_both(ranks):
     data = ddp.make_data(ddp.STEPS)
     state, _ = _reference([torch.cat([data[i, 0], data[i, 1]]) for i in (0, 2, 3)],
                           loopkit.with_amp(loopkit.train_step(ddp.mse), dtype=torch.float16))
-    _assert_close(results[0]["params"], state.model, tol=1e-3)  # float16 forward: rounding differs by batch
+    assert_params_close(results[0]["params"], state.model, tol=1e-3)  # float16 forward: rounding differs by batch
 
 
 def _shard_batches(dataset, seed, epoch, rank, batch=ddp.BATCH, pad=True):
@@ -317,8 +306,8 @@ def test_run_epochs_and_evaluate_under_ddp(ranks):
             losses.append(float(metrics["loss"]))
         means.append(sum(losses) / len(losses))
         vals.append(loopkit.evaluate(evaluator, state, [val_set[:]])["mse"])  # every sample once
-    _assert_ranks_identical(results)
-    _assert_close(results[0]["params"], state.model)
+    assert_ranks_identical(results)
+    assert_params_close(results[0]["params"], state.model)
     assert [r["train_len"] for r in results] == [12, 12]  # 23 samples padded to 24
     assert [r["val_len"] for r in results] == [4, 3]  # 7 samples, each on one rank
     for r in results:
@@ -338,7 +327,7 @@ def test_a_stop_asked_on_one_rank_stops_every_rank_at_the_same_step(ranks):
     waiting in the next all-reduce (it hung until the timeout)."""
     results = ranks("stop_one_rank")
     assert [r["step"] for r in results] == [3, 3]
-    _assert_ranks_identical(results)
+    assert_ranks_identical(results)
 
 
 @pytest.mark.parametrize("name, stopped", [("signal_one_rank", 4), ("signal_apart", 3)])
@@ -351,12 +340,12 @@ def test_a_stop_signal_stops_every_rank_after_the_same_step_and_the_resumed_run_
     assert [r["stopped"] for r in results] == [stopped, stopped]
     assert [r["restored"] for r in results] == [stopped, stopped]
     assert all(r["handler_restored"] for r in results)
-    _assert_ranks_identical(results)
+    assert_ranks_identical(results)
     data = ddp.make_data(ddp.SIGNAL_STEPS)
     batches = [torch.cat([data[i, 0], data[i, 1]]) for i in range(ddp.SIGNAL_STEPS)]
     state, _ = _reference(batches * 2, model_seed=0)
     assert [r["step"] for r in results] == [2 * ddp.SIGNAL_STEPS] * 2
-    _assert_close(results[0]["params"], state.model)
+    assert_params_close(results[0]["params"], state.model)
     assert [[r["epoch"] for r in result["history"]] for result in results] == [[0, 1], [0, 1]]
 
 
@@ -367,11 +356,11 @@ def test_votes_spaced_in_time_still_stop_every_rank_at_one_step_soon_after_the_s
     stopped = results[0]["stopped"]
     assert [r["stopped"] for r in results] == [stopped, stopped] and 3 < stopped <= 3 + 2 * 16  # (max_vote_steps)
     assert stopped < 2 * ddp.SPACED_STEPS  # (it stopped: the run had steps left)
-    _assert_ranks_identical(results)
+    assert_ranks_identical(results)
     data = ddp.make_data(ddp.SPACED_STEPS)
     state, _ = _reference([torch.cat([data[i, 0], data[i, 1]]) for i in range(ddp.SPACED_STEPS)] * 2)
     assert [r["step"] for r in results] == [2 * ddp.SPACED_STEPS] * 2
-    _assert_close(results[0]["params"], state.model, tol=1e-4)  # (200 steps of float32 sums in another order)
+    assert_params_close(results[0]["params"], state.model, tol=1e-4)  # (200 steps of float32 sums in another order)
 
 
 def test_a_stop_signal_inside_an_accumulation_group_stops_every_rank_at_its_end(ranks):
@@ -380,12 +369,12 @@ def test_a_stop_signal_inside_an_accumulation_group_stops_every_rank_at_its_end(
     results = ranks("signal_in_group")
     assert [r["stopped"] for r in results] == [2, 2]  # after call 4: the vote agreed after call 3, mid-group
     assert [r["restored"] for r in results] == [2, 2]
-    _assert_ranks_identical(results)
+    assert_ranks_identical(results)
     data = ddp.make_data(ddp.SIGNAL_STEPS)
     big = [torch.cat([data[i, 0], data[i, 1], data[i + 1, 0], data[i + 1, 1]]) for i in range(0, ddp.SIGNAL_STEPS, 2)]
     state, _ = _reference(big * 2)
     assert [r["step"] for r in results] == [ddp.SIGNAL_STEPS] * 2
-    _assert_close(results[0]["params"], state.model)
+    assert_params_close(results[0]["params"], state.model)
 
 
 def test_a_loss_fn_error_under_ddp_leaves_the_newest_whole_state_but_at_the_call_that_built_the_wrapper(ranks):
@@ -394,17 +383,17 @@ def test_a_loss_fn_error_under_ddp_leaves_the_newest_whole_state_but_at_the_call
     results = ranks("loss_error")
     assert [r["first"] for r in results] == [True, True]
     assert [r["position"] for r in results] == [(3, 0, 3), (3, 0, 3)]
-    _assert_ranks_identical(results)
+    assert_ranks_identical(results)
     data = ddp.make_data(6)
     state, _ = _reference([torch.cat([data[i, 0], data[i, 1]]) for i in range(6)])
     assert [r["step"] for r in results] == [6, 6]
-    _assert_close(results[0]["params"], state.model)
+    assert_params_close(results[0]["params"], state.model)
 
 
 def test_callbacks_on_one_rank_only_do_not_hang_the_others(ranks):
     results = ranks("callbacks_on_rank0")
     assert results[0]["step"] == results[1]["step"] > 0
-    _assert_ranks_identical(results)
+    assert_ranks_identical(results)
 
 
 def test_unequal_batch_counts_and_unequal_starts_are_refused_on_every_rank(ranks):

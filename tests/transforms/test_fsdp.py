@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 import loopkit
 from tests import _fsdp_script as fsdp
+from tests.conftest import assert_params_close, assert_ranks_identical
 
 TOL = 1e-6
 SCENARIOS = [name for name in fsdp.SCENARIOS if not name.endswith("resume")]  # resume: a second launch, after cut
@@ -71,18 +72,6 @@ def raw_loop(kind: str, data: torch.Tensor, epochs: int, *, every: int = 1, max_
     return model, optimizer, norms
 
 
-def _assert_close(params, model, tol=TOL):
-    for name, p in model.named_parameters():
-        diff = (params[name] - p.detach()).abs().max().item()
-        assert diff <= tol, f"{name}: max abs diff {diff} > {tol}"
-
-
-def _assert_ranks_identical(results):
-    a, b = results[0]["params"], results[1]["params"]
-    for name in a:
-        assert torch.equal(a[name], b[name]), f"ranks differ at {name}"
-
-
 def _val_mse(model, val):
     with torch.no_grad():
         return sum(float(fsdp.mse(model, fsdp.global_batch(val, i))) for i in range(len(val))) / len(val)
@@ -94,14 +83,14 @@ def _val_mse(model, val):
 def test_sgd_and_adam_equal_a_raw_loop_over_the_global_batches(ranks):
     sgd, adam = ranks("sgd"), ranks("adam")
     for results in (sgd, adam):
-        _assert_ranks_identical(results)
+        assert_ranks_identical(results)
     model, optimizer, _ = raw_loop("sgd", fsdp.make_data(3), epochs=2)
-    _assert_close(sgd[0]["params"], model)
+    assert_params_close(sgd[0]["params"], model)
     assert sgd[0]["step"] == 6
     assert set(sgd[0]["sharded"]) == {"DTensor"}  # sharded, not replicated: 5 rows of the first layer as 3 and 2
     assert sgd[0]["local_shapes"][0] == (3, 3) and sgd[1]["local_shapes"][0] == (2, 3)
     model, optimizer, _ = raw_loop("adam_sched", fsdp.make_data(3), epochs=2)
-    _assert_close(adam[0]["params"], model)
+    assert_params_close(adam[0]["params"], model)
     assert adam[0]["lr"] == optimizer.param_groups[0]["lr"] == 0.05 * 0.5 ** 2  # the scheduler followed the shards
 
 
@@ -125,23 +114,23 @@ def test_validation_and_evaluate_average_over_the_ranks_and_predict_runs_on_each
 
 def test_grad_accum_with_a_partial_group_flushed_at_each_epoch_end(ranks):
     accum, outer = ranks("accum"), ranks("accum_outer")
-    _assert_ranks_identical(accum)
-    _assert_ranks_identical(outer)
+    assert_ranks_identical(accum)
+    assert_ranks_identical(outer)
     model, _, _ = raw_loop("adam_sched", fsdp.make_data(5), epochs=2, every=2)  # groups of 2, 2, 1 each epoch
-    _assert_close(accum[0]["params"], model)
+    assert_params_close(accum[0]["params"], model)
     assert accum[0]["step"] == 6
     model, _, _ = raw_loop("adam", fsdp.make_data(3), epochs=1, every=2)  # 2, then 1 flushed by hand
-    _assert_close(outer[0]["params"], model)
+    assert_params_close(outer[0]["params"], model)
     assert outer[0]["step"] == 2
     assert outer[0]["unreduced_after_first"] and outer[1]["unreduced_after_first"]  # no reduce-scatter mid-group
 
 
 def test_grad_clip_and_grad_norm_take_the_global_norm_over_every_shard(ranks):
     clip = ranks("clip")
-    _assert_ranks_identical(clip)
+    assert_ranks_identical(clip)
     model, _, norms = raw_loop("adam", fsdp.make_data(4), epochs=1, max_norm=0.05)
     assert min(norms) > 0.05  # every update was clipped
-    _assert_close(clip[0]["params"], model)
+    assert_params_close(clip[0]["params"], model)
     for r in range(2):
         assert clip[r]["grad_norms"] == pytest.approx(norms, rel=1e-5)
         assert clip[r]["norm_totals"] == pytest.approx(norms, rel=1e-5)  # with_grad_norm: over every shard too
@@ -155,18 +144,18 @@ def test_grad_clip_and_grad_norm_take_the_global_norm_over_every_shard(ranks):
 
 def test_nan_guard_skips_on_every_rank_when_one_rank_sees_nan(ranks):
     nan = ranks("nan")
-    _assert_ranks_identical(nan)
+    assert_ranks_identical(nan)
     assert nan[0]["skipped"] == nan[1]["skipped"] == [0.0, 1.0, 0.0, 0.0]
     assert nan[0]["step"] == nan[1]["step"] == 3
     model, _, _ = raw_loop("sgd", fsdp.make_data(4), epochs=1, skip=frozenset({1}))
-    _assert_close(nan[0]["params"], model)
+    assert_params_close(nan[0]["params"], model)
 
 
 def test_bfloat16_autocast_trains_close_to_float32(ranks):
     bf16 = ranks("bf16")
-    _assert_ranks_identical(bf16)
+    assert_ranks_identical(bf16)
     model, _, _ = raw_loop("sgd", fsdp.make_data(4), epochs=1)
-    _assert_close(bf16[0]["params"], model, tol=5e-3)  # bfloat16 matmuls: 8 bits of mantissa
+    assert_params_close(bf16[0]["params"], model, tol=5e-3)  # bfloat16 matmuls: 8 bits of mantissa
 
 
 def test_buffers_are_rank_zeros_before_each_group_as_under_ddp(ranks):
@@ -174,14 +163,14 @@ def test_buffers_are_rank_zeros_before_each_group_as_under_ddp(ranks):
     ranks' data differ, so without the broadcast rank 1's drift away), and each rank ends with what with_ddp (its
     broadcast_buffers=True) leaves on it; validation reads them: its means equal DDP's."""
     bn, ddp, off = ranks("bn"), ranks("bn_ddp"), ranks("bn_nobroadcast")
-    _assert_ranks_identical(bn)
+    assert_ranks_identical(bn)
     assert len(bn[0]["seen"]) == 8
     for call in range(0, 8, 2):  # the first call of each group of 2
         for a, b in zip(bn[0]["seen"][call], bn[1]["seen"][call]):
             assert torch.equal(a, b), f"call {call}: the ranks' buffers differ before the forward"
     assert not torch.equal(bn[0]["seen"][1][0], bn[1]["seen"][1][0])  # mid-group: each rank's own update
     for r in range(2):
-        _assert_close(bn[r]["params"], _as_model(ddp[r]["params"]))
+        assert_params_close(bn[r]["params"], _as_model(ddp[r]["params"]))
         for name, b in ddp[r]["buffers"].items():
             assert (bn[r]["buffers"][name].double() - b.double()).abs().max() <= TOL, (r, name)
         for mine, theirs in zip(bn[r]["history"], ddp[r]["history"]):
@@ -264,7 +253,7 @@ def test_saves_gather_into_rank_zeros_cpu_memory_alone(ranks):
     tensor at once: it never holds two, nor one after the saves (it used to hold the whole state dict until the
     save had passed it by). The checkpoints are one process's: they restore into a plain template bitwise."""
     results = ranks("gather_to_rank_zero")
-    _assert_ranks_identical(results)
+    assert_ranks_identical(results)
     one, zero = results[1], results[0]
     assert one["gathers"] == zero["gathers"] > 0
     assert set(one["alive_at_gather"]) == {0} and one["alive_after"] == 0
@@ -555,9 +544,9 @@ def test_a_tied_weight_split_by_shard_is_refused_naming_both_places(one_rank):
 def test_a_callbacks_stop_inside_an_accumulation_group_waits_for_the_groups_end(ranks):
     """(fully_shard holds the group's gradients: a fit ended mid-group had no state dict to save at its end.)"""
     results = ranks("stop_mid_group")
-    _assert_ranks_identical(results)
+    assert_ranks_identical(results)
     model, _, _ = raw_loop("sgd", fsdp.make_data(8), 1, every=3, calls=6)  # asked at batch 4: the group ends at 6
-    _assert_close(results[0]["params"], model)
+    assert_params_close(results[0]["params"], model)
     for r in results:
         assert (r["step"], r["batch_index"]) == (2, 6)
         assert r["saved"][-1] == (2, 6)
