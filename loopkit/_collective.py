@@ -58,12 +58,12 @@ def is_rank_zero() -> bool:
     rank = _environment_rank()
     if rank in (None, 0):
         return True
-    warnings.warn(  # (once: Python shows a warning of one place once)
+    warnings.warn(  # (stacklevel 1: one place, so Python's default filter shows it once a process)
         f"loopkit: this process is rank {rank} of {os.environ.get('WORLD_SIZE')} by its environment (torchrun's RANK and "
-        "WORLD_SIZE), and no process group exists yet: rank 0 alone writes logs and checkpoints. Call "
-        "loopkit.distributed.init() first; for independent processes, unset RANK",
+        "WORLD_SIZE), and no process group exists (before loopkit.distributed.init(), or after shutdown()): rank 0 "
+        "alone writes logs and checkpoints. Call loopkit.distributed.init() first; for independent processes, unset RANK",
         RuntimeWarning,
-        stacklevel=2,
+        stacklevel=1,
     )
     return False
 

@@ -1462,6 +1462,7 @@ def run_epochs(
     parallel = next((t for t in ("with_ddp", "with_fsdp") if t in step.applied), None)
     check_sharding = _collective.active() and parallel is not None  # (at the fit's first batch)
     sharded_run = "with_fsdp" in step.applied
+    deferred_stop = False  # a callback's stop asked inside an accumulation group (several ranks, or with_fsdp): at its end
     given = state
     if OVER_RANKS in state.extras:  # restored from a checkpoint holding every rank's running means and RNG: each takes its own
         rank, size = _collective.rank_and_size()
@@ -1520,7 +1521,8 @@ def run_epochs(
             finishing_stop = unrecorded and hooks.stops(state)  # (then the epoch's validation is still due)
             finishing = finishing_stop or (unrecorded and max_steps is not None and state.step >= max_steps)
             # a stop asked for by the resumed validation still ends its epoch, as it did in the run that saved the state
-            while (more(state) or finishing) and (not hooks.stops(state) or resumed_val or finishing) and not stop.agreed:
+            while ((more(state) or finishing) and (not hooks.stops(state) or resumed_val or finishing) and not stop.agreed
+                   and not deferred_stop):
                 hooks.call("on_epoch_start", state)
                 state = hooks.keep(state)  # what they know at the epoch's start: a checkpoint mid-epoch holds it
                 if hooks.stops(state) and not resumed_val and not finishing:  # asked in on_epoch_start: no batch of it
@@ -1603,13 +1605,17 @@ def run_epochs(
                         closing = None
                         validated_at, hooks_ran = state.step, True
                     reached = max_steps is not None and state.step >= max_steps
-                    asked_stop = (hooks_ran or hooks.stop_asked) and hooks.stops(state)  # it still validates, as Lightning's should_stop does
+                    # it still validates, as Lightning's should_stop does
+                    asked_stop = ((hooks_ran or hooks.stop_asked) and hooks.stops(state)) or deferred_stop
                     if asked_stop and (stop.voting or sharded_run) and in_accumulation_group(state):
-                        asked_stop = False  # at the group's end, as a graceful stop: the other ranks' partial gradients
-                        # (kept local under DDP) are in no checkpoint, and under with_fsdp no state dict has any
+                        # at the group's end, as a graceful stop (and kept till then, whatever the flag says meanwhile):
+                        # the other ranks' partial gradients (local under DDP) are in no checkpoint, under with_fsdp
+                        # no state dict has any
+                        asked_stop, deferred_stop = False, True
                     if reached or asked_stop:
                         exhausted = _epoch_over(state, total, sized, batches)
                         break
+                asked_stop = asked_stop or deferred_stop  # (put off to the group's end: the epoch's flush ended it)
                 if stop.agreed and not exhausted:  # a graceful stop: the resumed run ends this epoch (and counts it)
                     bar.close()
                     state = hooks.keep(state)

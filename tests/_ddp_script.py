@@ -210,6 +210,13 @@ class SparseNet(nn.Module):
         return self.head(self.emb((x[:, 0].abs() * 3).long() % 6))
 
 
+class RoutedSparseNet(SparseNet):
+    """SparseNet whose embedding a batch may leave out (``use=False``: the head reads zeros)."""
+
+    def forward(self, x: torch.Tensor, use: bool = True) -> torch.Tensor:  # type: ignore[override]
+        return super().forward(x) if use else self.head(torch.zeros(len(x), 3))
+
+
 def sparse_flush(rank: int) -> dict[str, Any]:
     """A partial group flushed with a sparse gradient, SGD with momentum (which takes the layout as it is)."""
     import loopkit
@@ -218,7 +225,21 @@ def sparse_flush(rank: int) -> dict[str, Any]:
     step = loopkit.with_grad_accum(loopkit.with_ddp(loopkit.train_step(mse)), every=2)
     state = sgd_state(SparseNet(), momentum=0.9)
     state, history = loopkit.run_epochs(step, state, [data[i, rank] for i in range(3)], epochs=2, progress=False)
-    return {"params": _params(state.model), "step": state.step}
+
+    # SparseAdam (sparse gradients only), the flushed micro-batch of rank 1 not using the embedding: its mean must
+    # come sparse on rank 1 too
+    def routed(model, batch):
+        x, use = batch
+        return (model(x, use) ** 2).mean()
+
+    model = RoutedSparseNet()
+    optimizer = torch.optim.SparseAdam(list(model.emb.parameters()), lr=0.1)
+    other = loopkit.TrainState.create(model, optimizer)
+    sparse_step = loopkit.with_grad_accum(loopkit.with_ddp(loopkit.train_step(routed), find_unused_parameters=True), every=2)
+    batches = [(data[i, rank], not (rank == 1 and i == 2)) for i in range(3)]
+    other, _ = loopkit.run_epochs(sparse_step, other, batches, epochs=1, progress=False)
+    return {"params": _params(state.model), "step": state.step, "sparse_adam": _params(other.model),
+            "sparse_adam_step": other.step}
 
 
 def stop_in_group(rank: int) -> dict[str, Any]:
@@ -226,16 +247,24 @@ def stop_in_group(rank: int) -> dict[str, Any]:
     graceful stop does (the other ranks' partial gradients, kept local, would be in no checkpoint)."""
     import loopkit
 
-    class StopAtBatch4(loopkit.Callback):
+    class StopAt(loopkit.Callback):  # asks at one batch only (a "loss below a threshold" rule): the ask is kept
+        def __init__(self, at):
+            self.at = at
+
         def on_batch_end(self, state, metrics):
-            if state.batch_index == 4:
-                self.should_stop = True
+            self.should_stop = state.batch_index == self.at
 
     data = make_data(8)
+    evaluator = loopkit.eval_step(lambda m, b: {"mse": mse(m, b)})
     step = loopkit.with_grad_accum(loopkit.with_ddp(loopkit.train_step(mse)), every=3)
-    state, _ = loopkit.run_epochs(step, sgd_state(make_model()), [data[i, rank] for i in range(8)], epochs=1,
-                                  progress=False, callbacks=[StopAtBatch4()])
-    return {"params": _params(state.model), "step": state.step, "batch_index": state.batch_index}
+    state, history = loopkit.run_epochs(step, sgd_state(make_model()), [data[i, rank] for i in range(8)], epochs=2,
+                                        progress=False, callbacks=[StopAt(4)])
+    # asked at an epoch's last batch, inside a group its flush ends: the stop's validation still comes
+    _, last = loopkit.run_epochs(step, sgd_state(make_model()), [data[i, rank] for i in range(5)], epochs=2,
+                                 progress=False, callbacks=[StopAt(5)], val=(evaluator, [data[7, rank]]),
+                                 val_every_n_epochs=None, val_every_n_steps=100, sanity_val_batches=0)
+    return {"params": _params(state.model), "step": state.step, "batch_index": state.batch_index,
+            "epochs": len(history), "last": last}
 
 
 class TwoHeads(nn.Module):

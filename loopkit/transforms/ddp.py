@@ -139,6 +139,7 @@ class DDPSync:
         """
         ignored = self._ignored()
         params = [p for group in optimizer.param_groups for p in group["params"] if id(p) not in ignored]
+        sparse = self._sparse_params()
         by_kind: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
         for p in params:  # one all-reduce per device and dtype (usually one)
             by_kind.setdefault((p.device, p.dtype), []).append(p)
@@ -152,6 +153,8 @@ class DDPSync:
                     p.grad.copy_(mean.view(p.shape))
                 elif p.grad is not None:  # sparse: in its own layout (an Embedding's: 1 sparse dim, its rows)
                     p.grad = mean.view(p.shape).to_sparse(p.grad.sparse_dim())
+                elif id(p) in sparse:  # none here, sparse on the ranks that had one: the same layout on every rank
+                    p.grad = mean.view(p.shape).to_sparse(1)
                 else:
                     p.grad = mean.view(p.shape).clone()
 
@@ -163,6 +166,14 @@ class DDPSync:
         if ddp is None or not getattr(ddp, "find_unused_parameters", False):
             return []
         return [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None and not p.grad.is_sparse]
+
+    def _sparse_params(self) -> set[int]:
+        """The ids of the weights whose gradients are sparse (``Embedding``/``EmbeddingBag`` with ``sparse=True``)."""
+        ddp = self._ddp
+        if ddp is None:
+            return set()
+        kinds = (torch.nn.Embedding, torch.nn.EmbeddingBag)
+        return {id(m.weight) for m in ddp.module.modules() if isinstance(m, kinds) and m.sparse}
 
     def _ignored(self) -> set[int]:
         """The parameters DDP was told to ignore (``_ddp_params_and_buffers_to_ignore``), by id."""

@@ -166,6 +166,10 @@ def test_a_flushed_sparse_gradient_keeps_its_layout_and_equals_one_process(ranks
     assert_ranks_identical(results)
     assert_params_close(results[0]["params"], state.model)
     assert [r["step"] for r in results] == [4, 4]
+    # SparseAdam, rank 1's flushed micro-batch not using the embedding: its gradient came dense there and SparseAdam
+    # refused it on that rank alone (the other waited in the next collective)
+    assert torch.equal(results[0]["sparse_adam"]["emb.weight"], results[1]["sparse_adam"]["emb.weight"])
+    assert [r["sparse_adam_step"] for r in results] == [2, 2]
 
 
 def test_a_callbacks_stop_inside_a_group_waits_for_the_groups_end(ranks):
@@ -177,7 +181,9 @@ def test_a_callbacks_stop_inside_a_group_waits_for_the_groups_end(ranks):
     state, _ = _reference(groups)
     assert_ranks_identical(results)
     assert_params_close(results[0]["params"], state.model)
-    assert [(r["step"], r["batch_index"]) for r in results] == [(2, 6), (2, 6)]
+    assert [(r["step"], r["batch_index"], r["epochs"]) for r in results] == [(2, 6, 1), (2, 6, 1)]  # (the flag dropped)
+    for r in results:  # asked at the last batch: the flush ends the group, and the stop validates
+        assert [(rec["step"], "val/mse" in rec) for rec in r["last"]] == [(2, True)]
 
 
 def _two_heads_reference(groups, big_b=False, momentum=0.9):
