@@ -1416,6 +1416,7 @@ def read_score(path: str | os.PathLike) -> Any:
     >>> print(read_score(path))
     None
     >>> write_late_score(path, {"monitor": "val/loss", "mode": "min", "value": 0.5})
+    True
     >>> read_score(path)["value"]
     0.5
     >>> tmp.cleanup()
