@@ -636,7 +636,9 @@ class TrainStep(Step):
     flags with MAX, ``reduce_grads(optimizer)`` averages gradients a partial group left local,
     ``requires_donation`` says why the step cannot run on copies of the state, ``failure(collective,
     error, where)`` makes the error of a failed collective (``backward_collective`` names the
-    backward's), and ``refuses`` maps the transforms that cannot go with it to why.
+    backward's), ``refuses`` maps the transforms that cannot go with it to why, and
+    ``before_forward(model)`` runs before the forward of a call that starts a group (``with_fsdp``
+    broadcasts rank 0's buffers there).
 
     >>> import torch
     >>> from loopkit.state import TrainState
@@ -771,9 +773,7 @@ class TrainStep(Step):
         local = sync is not None and not per_micro and state.extras.get(_ACCUM_COUNT, 0) + 1 < every
         # with_fsdp's buffers: rank 0's on every rank before a forward that follows a synced backward, as DDP does
         if sync is not None and (per_micro or not state.extras.get(_ACCUM_COUNT, 0)):
-            before_forward = getattr(sync, "before_forward", None)
-            if before_forward is not None:
-                before_forward(model)
+            sync.before_forward(model)
         # a raising guard may refuse this call's gradients: what the parameters hold now is given back then
         held = [p.grad for group in optimizer.param_groups for p in group["params"]] if self.loss_checks else None
         try:

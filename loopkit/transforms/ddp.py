@@ -102,6 +102,13 @@ class DDPSync:
         self._sync_first = bool(options.get("static_graph"))
         return ddp
 
+    def before_forward(self, model: torch.nn.Module) -> None:
+        """Nothing: DistributedDataParallel broadcasts rank 0's buffers itself, in its forward
+        (``broadcast_buffers=True``, its default); ``with_fsdp``'s hook does it by hand.
+
+        >>> DDPSync({}).before_forward(torch.nn.BatchNorm1d(2))
+        """
+
     def no_sync(self, module: DistributedDataParallel) -> Any:
         """The context of a micro-step whose gradients stay on this rank (no all-reduce).
 
