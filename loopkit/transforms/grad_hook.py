@@ -17,16 +17,12 @@ import torch
 
 from loopkit._sharded import full, is_dtensor
 from loopkit.state import TrainState
-from loopkit.steps import GradContext, TrainStep, check_metric
+from loopkit.steps import GradContext, TrainStep, _fn_name, check_metric
 from loopkit.transforms._compose import require_train_step
 
 __all__ = ["GradHook", "with_grad_hook"]
 
 HookFn = Callable[[TrainState], "Mapping[str, Any] | None"]
-
-
-def _hook_name(fn: Any) -> str:
-    return getattr(fn, "__qualname__", None) or type(fn).__qualname__
 
 
 @attrs.frozen
@@ -48,7 +44,7 @@ class GradHook:
         ctx.refresh_params()  # it may have given a parameter a gradient, or taken one away (p.grad = None)
         if out is None:
             return
-        where = f"with_grad_hook's fn {_hook_name(self.fn)}"
+        where = f"with_grad_hook's fn {_fn_name(self.fn)}"
         if not isinstance(out, Mapping):
             hint = " (an in-place op such as p.grad.mul_(...) returns its tensor: end the fn with return None)" if (
                 isinstance(out, torch.Tensor)) else ""
@@ -73,7 +69,7 @@ def _check_takes_state(fn: Any) -> None:
     try:
         signature.bind(None)
     except TypeError as error:
-        raise TypeError(f"with_grad_hook: fn {_hook_name(fn)} must take one argument, the state: {error}") from None
+        raise TypeError(f"with_grad_hook: fn {_fn_name(fn)} must take one argument, the state: {error}") from None
 
 
 def with_grad_hook(step: Any, fn: HookFn) -> TrainStep:
