@@ -10,6 +10,7 @@
 """
 
 from loopkit.callbacks import Callback, EarlyStopping, LearningRateMonitor, Timer
+from loopkit.throughput import ThroughputMonitor, measure_flops
 from loopkit.checkpoint import export_weights, restore
 from loopkit.driver import evaluate, predict, run_epochs
 from loopkit.errors import CheckpointCorruptError, DonatedStateError, ImpurityError, NonFiniteError, StateMismatchError
@@ -60,6 +61,7 @@ __all__ = [
     "StateMismatchError",
     "Step",
     "TensorBoardLogger",
+    "ThroughputMonitor",
     "Timer",
     "TrainState",
     "TrainStep",
@@ -74,6 +76,7 @@ __all__ = [
     "evaluate",
     "export_weights",
     "lr_find",
+    "measure_flops",
     "predict",
     "quantized_model",
     "restore",

@@ -7,6 +7,10 @@ hook                                      when
 ========================================  ===================================================
 ``on_fit_start(state)``                   once, before sanity validation and training
 ``on_epoch_start(state)``                 before the first batch of each epoch
+``on_batch_start(state, batch)``          before each training step, with the batch it is given
+                                          (on the step's device); Lightning's
+                                          ``on_train_batch_start`` (returning -1 to end the
+                                          epoch is not taken: set ``should_stop``)
 ``on_batch_end(state, metrics)``          after each training step; metrics are device tensors;
                                           may return a dict of numbers (or 1-element
                                           tensors, read only when logged), which
@@ -86,6 +90,9 @@ class Callback:
     def on_epoch_start(self, state: Any) -> None:
         """Before each epoch's first batch (``state.batch_index`` > 0 in a run resumed mid-epoch)."""
 
+    def on_batch_start(self, state: Any, batch: Any) -> None:
+        """Before each train step, with the state and the batch it is given (moved to the step's device)."""
+
     def on_batch_end(self, state: Any, metrics: Mapping[str, torch.Tensor]) -> Mapping[str, float | torch.Tensor] | None:
         """After each train step, with its state and metrics (device tensors: reading one syncs).
 
@@ -109,7 +116,7 @@ class Callback:
 
 
 #: the hooks that may run before ``run_epochs``' first step (and so change the state before it)
-_EARLY_HOOKS = ("on_fit_start", "on_epoch_start", "on_validation_end")
+_EARLY_HOOKS = ("on_fit_start", "on_epoch_start", "on_batch_start", "on_validation_end")
 
 
 def may_change_state_early(callback: Any) -> bool:

@@ -81,6 +81,7 @@ __all__ = [
     "checksum",
     "clean",
     "export_weights",
+    "install_global_rng",
     "is_checkpoint",
     "list_checkpoints",
     "make_directory",
@@ -227,6 +228,20 @@ def capture_global_rng() -> dict[str, Any]:
         python["gauss_next"] = float(gauss_next)
     rng["python"] = python
     return rng
+
+
+def install_global_rng(plain: Any, where: str) -> None:
+    """Put back the global RNGs :func:`capture_global_rng` captured; ``where`` names them in the error raised
+    when ``plain`` is not such a capture.
+
+    >>> import torch
+    >>> saved = capture_global_rng()
+    >>> first = torch.rand(2)
+    >>> install_global_rng(saved, "demo")
+    >>> torch.equal(torch.rand(2), first)
+    True
+    """
+    _decode_global_rng(plain, where)()
 
 
 def _rng_error(where: str, key: str, what: str) -> CheckpointCorruptError:
@@ -1529,7 +1544,10 @@ def export_weights(
 
     A state that ``with_fsdp`` sharded gives the full weights: every rank must call it (each
     sharded tensor is gathered whole, a collective, into rank 0's CPU memory alone: the other
-    ranks hold one whole tensor at a time, never the model), and rank 0 writes the file.
+    ranks hold one whole tensor at a time, never the model), and rank 0 writes the file. Under
+    any process group of several ranks (``with_ddp``) only rank 0 writes, as for checkpoints:
+    the other ranks check their arguments and return the path without writing (their
+    BatchNorm statistics, for one, may differ from rank 0's).
 
     >>> import json, struct, tempfile, torch
     >>> tmp = tempfile.TemporaryDirectory()
@@ -1561,6 +1579,8 @@ def export_weights(
         sd = full(sd, to_rank_zero=True)
         if sd is None:  # (not rank 0)
             return path
+    elif _collective.active() and not _collective.is_rank_zero():  # (under DDP each rank's copy: rank 0's is written)
+        return path
     tensors = {name: _raw_bytes(name, t) for name, t in sd.items()}
     header: dict[str, Any] = {"__metadata__": info}
     offset = 0

@@ -35,6 +35,7 @@ from loopkit._epoch_data import TRAIN, call_seeded, check_factory, factory_name,
 from loopkit._numbers import as_int, as_real
 from loopkit._window import EPOCH, OVER_RANKS, own_buffers, own_rng, own_share
 from loopkit.callbacks import Callback, may_change_state_early
+from loopkit.checkpoint import capture_global_rng, install_global_rng
 from loopkit.progress import ProgressBar, progress_wanted
 from loopkit.rng import global_rngs_kept
 from loopkit.state import (
@@ -134,20 +135,44 @@ def _warn_of_eval_mode(model: torch.nn.Module) -> None:
         )
 
 
+def _rngs_after_first(data: Iterable) -> dict[str, Any] | None:
+    """The global RNGs (torch's CPU one, numpy's, Python's) as the epoch's batches after its first are read under,
+    for a resumed run to read the batches it skips under them (see :func:`_epoch_batches`): None where they are
+    not read in this process (a DataLoader's workers) or under DDP (each rank's own; a checkpoint holds rank 0's)."""
+    if isinstance(data, torch.utils.data.DataLoader) and data.num_workers > 0 or _collective.active():
+        return None
+    rngs = capture_global_rng()
+    rngs.pop("cuda", None)  # (data read on the CPU; the caller's CUDA RNG is not put back after the skip)
+    return rngs
+
+
+#: the global RNGs an epoch's batches after the first are read under (:func:`_rngs_after_first`), while it runs
+_EPOCH_RNGS = "run_epochs/epoch_rngs"
+
+#: the stream of numpy's and Python's seeds for an epoch's start (torch's is :func:`_order_seed`, the factories' others)
+_SAMPLERS = 3
+
+
 def _order_seed(seed: int, epoch: int) -> int:
     words = np.random.SeedSequence([seed, epoch]).generate_state(2, np.uint32)
     return (int(words[0]) << 31) ^ int(words[1])
 
 
-def _epoch_batches(data: Iterable, seed: int, epoch: int, skip: int, count: int | None) -> Iterator[Any] | None:
+def _epoch_batches(
+    data: Iterable, seed: int, epoch: int, skip: int, count: int | None, read_on: Mapping[str, Any] | None = None
+) -> Iterator[Any] | None:
     """Iterate one epoch of ``data`` in an order fixed by ``(seed, epoch)``, skipping ``skip`` batches
     (None when ``data`` yields no batch at all).
 
     A ``DataLoader``'s shuffling draws from its own generator, its sampler's or, lacking
-    one, from the global torch RNG when the iterator starts: all are seeded here, and the
-    caller's global RNG is put back afterwards, so the order is the same in a resumed run.
-    The ``skip`` batches are read at once, and the global RNGs put back after them too.
-    An epoch with nothing left (a state saved after its last batch) is not read at all.
+    one, from the global torch RNG when the iterator starts (a sampler of one's own may draw
+    from numpy's or Python's): all are seeded here, and the caller's global RNGs are put back
+    after the first batch, so the order is the same in a resumed run. The ``skip`` batches
+    are read at once, and the global RNGs put back after them too; ``read_on`` (what
+    :func:`_rngs_after_first` recorded when the epoch started) are the global RNGs they are read
+    under, as the uninterrupted run read them: data that draws from them as it goes (an
+    IterableDataset's shuffle buffer in this process) is where it was. An epoch with nothing left
+    (a state saved after its last batch) is not read at all.
     """
     if count is not None and 0 < count <= skip:  # nothing to skip to: no batch read again, no worker started
         return iter(())
@@ -163,20 +188,24 @@ def _epoch_batches(data: Iterable, seed: int, epoch: int, skip: int, count: int 
     # a resumed run reads the batches it skips without drawing from the global RNGs (torch's, numpy's,
     # Python's): a Dataset's augmentation in this process (num_workers=0) draws the next batch from the
     # RNGs the checkpoint holds, as the uninterrupted run did
-    others = (np.random.get_state(), random.getstate()) if skip else None
+    others = (np.random.get_state(), random.getstate())
     cpu.manual_seed(order_seed)
+    words = np.random.SeedSequence([seed, epoch, _SAMPLERS]).generate_state(3, np.uint32)
+    np.random.seed(int(words[0]))
+    random.seed((int(words[1]) << 32) | int(words[2]))
     try:
         if _reused_persistent_workers(data):  # a fresh iterator draws its workers' base seed before the sampler
             torch.empty((), dtype=torch.int64).random_(generator=data.generator)  # draws: a reused one does not
         iterator = iter(data)
         first = next(iterator, _END)
         if first is not _END and skip > 1:
+            if read_on is not None:
+                install_global_rng(read_on, "run_epochs: the epoch's global RNGs")
             next(itertools.islice(iterator, skip - 2, None), None)
     finally:
         cpu.set_state(saved)
-        if others is not None:
-            np.random.set_state(others[0])
-            random.setstate(others[1])
+        np.random.set_state(others[0])
+        random.setstate(others[1])
     if first is _END:
         return None
     if skip:
@@ -628,10 +657,11 @@ def _dataloaders(data: Any) -> bool:
             and all(isinstance(d, torch.utils.data.DataLoader) for d in data))
 
 
-_HOOKS = ("on_fit_start", "on_epoch_start", "on_batch_end", "on_flush_end", "on_validation_end", "on_epoch_end",
-          "on_fit_end")
+_HOOKS = ("on_fit_start", "on_epoch_start", "on_batch_start", "on_batch_end", "on_flush_end", "on_validation_end",
+          "on_epoch_end", "on_fit_end")
 _LIGHTNING_HOOKS = {  # Lightning's names a callback ported as it is may carry, and loopkit's
-    "on_train_start": "on_fit_start", "on_train_epoch_start": "on_epoch_start", "on_train_batch_end": "on_batch_end",
+    "on_train_start": "on_fit_start", "on_train_epoch_start": "on_epoch_start",
+    "on_train_batch_start": "on_batch_start", "on_train_batch_end": "on_batch_end",
     "on_validation_epoch_end": "on_validation_end", "on_train_epoch_end": "on_epoch_end", "on_train_end": "on_fit_end",
 }
 
@@ -970,6 +1000,13 @@ class _StopOnSignal:
             torch.distributed.destroy_process_group(self._group)
 
 
+def _defines(callback: Any, hook: str) -> bool:
+    """Whether ``callback`` has ``hook``, other than :class:`Callback`'s own no-op."""
+    if hook in getattr(callback, "__dict__", {}):
+        return True
+    return getattr(type(callback), hook, None) not in (None, getattr(Callback, hook))
+
+
 class _Hooks:
     """Calls the hooks that the callbacks define (any object; missing hooks are skipped)."""
 
@@ -982,9 +1019,9 @@ class _Hooks:
         # Callback's own no-op on_batch_end is left out: a batch then calls no hook and reads no should_stop
         self.batch_end = [
             (cb, cb.on_batch_end) for cb in self.callbacks
-            if (getattr(type(cb), "on_batch_end", Callback.on_batch_end) is not Callback.on_batch_end
-                or "on_batch_end" in getattr(cb, "__dict__", {})) and not getattr(cb, "batch_end_unused", False)
+            if _defines(cb, "on_batch_end") and not getattr(cb, "batch_end_unused", False)
         ]
+        self.batch_start = [cb.on_batch_start for cb in self.callbacks if _defines(cb, "on_batch_start")]
         self.stateful = _stateful(self.callbacks)
 
     def call(self, name: str, *args: Any) -> list[Any]:
@@ -1506,7 +1543,7 @@ def run_epochs(
                     return False
                 return (epochs is None or s.epoch < epochs) and (max_steps is None or s.step < max_steps)
 
-            batch_hooks = _collective.any_rank(bool(hooks.batch_end))  # (one rank's hooks make every rank ask)
+            batch_hooks = _collective.any_rank(bool(hooks.batch_end or hooks.batch_start))  # (one rank's hooks make every rank ask)
             if min_epochs is not None or min_steps is not None:
                 hooks.overriding = _collective.any_rank(hooks.overriding)
             step.notify("fit_start", state, {})  # (with_checkpointing's step saves now wait for the batch's callbacks)
@@ -1536,7 +1573,8 @@ def run_epochs(
                 sized = _num_batches(data, None, "train_data") is not None
                 _collective.check_same({"batches": total}, f"run_epochs: epoch {state.epoch} has another number of "
                                        "batches on each rank, and DDP needs one step per batch on all (shard the data evenly)")
-                batches = _epoch_batches(data, state.seed, state.epoch, state.batch_index, total)
+                batches = _epoch_batches(data, state.seed, state.epoch, state.batch_index, total,
+                                         None if _collective.active() else state.extras.get(_EPOCH_RNGS))
                 if batches is None:  # training would go on without a step (with max_steps alone, forever)
                     empty = _no_batches(train_data, total, state.epoch)
                     if not history:  # nothing trained yet: the given state is intact
@@ -1545,6 +1583,12 @@ def run_epochs(
                     break
                 if not EPOCH.holds(state.extras):  # kept from a checkpoint taken mid-epoch
                     state = replace_extras(state, EPOCH.start(state.extras))
+                if state.batch_index == 0:  # (a resumed epoch keeps its own)
+                    rngs = _rngs_after_first(data)
+                    if rngs is not None or _EPOCH_RNGS in state.extras:
+                        extras = extras_copy(state.extras)
+                        extras[_EPOCH_RNGS] = rngs
+                        state = replace_extras(state, {k: v for k, v in extras.items() if v is not None})
                 state, changed = _counted_batches(state, total)
                 told_batch_index = told_batch_index or changed  # (the data's length changed: not the step's doing)
                 if donate and given is not state:  # trained in place from here on: the caller's handle is done
@@ -1571,6 +1615,8 @@ def run_epochs(
                     if check_sharding:
                         check_sharding = False
                         _warn_of_the_same_batch(batch, parallel)
+                    for hook in hooks.batch_start:
+                        hook(state, batch)
                     before = state.step
                     state, metrics = step(state, batch)
                     if metrics:
@@ -1646,7 +1692,8 @@ def run_epochs(
                 record.update({f"train/{k}": v for k, v in EPOCH.means(state.extras).items()})
                 closing = state = hooks.keep(state)  # (the counters after the epoch's batches)
                 if exhausted:  # the epoch is done: its means leave the state (a partial one's stay, to go on)
-                    extras = {k: v for k, v in EPOCH.clear(state.extras).items() if k not in (_EPOCH_VAL, RECORDED, _BATCHES)}
+                    extras = {k: v for k, v in EPOCH.clear(state.extras).items()
+                              if k not in (_EPOCH_VAL, RECORDED, _BATCHES, _EPOCH_RNGS)}
                     state = replace(replace_extras(state, extras), epoch=epoch + 1, batch_index=0)
                 else:
                     extras = extras_copy(state.extras)

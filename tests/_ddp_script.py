@@ -635,13 +635,37 @@ def resume(rank: int, out_dir: str) -> dict[str, Any]:
     return {"params": _params(state.model), "start": start, "step": state.step, "history": history}
 
 
+def export_rank_zero(rank: int, out_dir: str) -> dict[str, Any]:
+    """``export_weights`` on every rank of a BatchNorm model (each rank's running statistics its own after the last
+    step: DDP broadcasts rank 0's at the next forward), rank 0 first, then rank 1: the file must hold rank 0's."""
+    import loopkit
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(D_IN, 8), nn.BatchNorm1d(8), nn.Linear(8, D_OUT))
+    state = sgd_state(model)
+    step = loopkit.donate(loopkit.with_ddp(loopkit.train_step(mse)))
+    for batch in make_data(2)[:, rank]:
+        state, _ = step(state, batch)
+    path = os.path.join(out_dir, "exported.safetensors")
+    for turn in (0, 1):
+        if rank == turn:
+            loopkit.export_weights(state, path)
+        torch.distributed.barrier()
+    with open(path, "rb") as f:
+        exported = f.read()
+    return {"buffers": {n: b.detach().clone() for n, b in state.model.named_buffers()}, "params": _params(state.model),
+            "file": exported}
+
+
 SCENARIOS = {
     f.__name__: f
     for f in (plain, accum, accum_scheduled, accum_outer, bucket_views, static_graph, flush, two_heads, averaged_pruned, nan_skip, nan_raise, fp16, fit,
               stop_one_rank, callbacks_on_rank0, uneven, apart, loss_error, buffers_apart, sparse_flush, stop_in_group)
 }
 
-WITH_OUT_DIR = {f.__name__: f for f in (resume, signal_one_rank, signal_apart, signal_in_group, signal_spaced_votes)}
+WITH_OUT_DIR = {f.__name__: f for f in (resume, signal_one_rank, signal_apart, signal_in_group, signal_spaced_votes,
+                                         export_rank_zero)}
 
 
 def main(out_dir: str, scenarios: list[str]) -> None:

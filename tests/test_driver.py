@@ -1397,6 +1397,74 @@ def test_augmentation_from_the_global_rng_in_the_main_process_resumes_mid_epoch_
     assert_bitwise(params_of(resumed), params_of(whole))
 
 
+class _GlobalRNGSampler(torch.utils.data.Sampler):
+    """Shuffles with numpy's and Python's global RNGs when the epoch's iterator starts, as bucketing samplers do."""
+
+    def __len__(self):
+        return 8
+
+    def __iter__(self):
+        order = np.random.permutation(8).tolist()
+        random.shuffle(order)
+        return iter(order)
+
+
+class _ShuffleBuffer(torch.utils.data.IterableDataset):
+    """Yields the samples through a buffer of 4, drawing which one leaves from torch's, numpy's and Python's global
+    RNGs at each sample (an IterableDataset's shuffle buffer read in this process)."""
+
+    def __init__(self):
+        self.data = make_data(8, batch_size=1, seed=3)
+
+    def __iter__(self):
+        buffer = []
+        for x, y in self.data:
+            buffer.append((x[0], y[0]))
+            if len(buffer) == 4:
+                yield buffer.pop((int(torch.randint(4, ())) + np.random.randint(4) + random.randrange(4)) % 4)
+        while buffer:
+            yield buffer.pop(0)
+
+
+@pytest.mark.parametrize("kind", ["sampler", "shuffle_buffer"])
+@pytest.mark.parametrize("crash_after", [1, 3, 6])
+def test_data_drawing_its_order_from_the_global_rngs_resumes_mid_epoch_exactly(tmp_path, kind, crash_after):
+    """A sampler drawing from numpy's and Python's global RNGs at the epoch's start (only torch's was seeded there),
+    and an iterable drawing from all three as it goes (the batches a resumed run skipped were read under the
+    epoch's seeded RNG, the uninterrupted run read them under the caller's): the resumed run's batches and
+    parameters are the uninterrupted run's."""
+    if kind == "sampler":
+        data = make_data(8, batch_size=1, seed=3)
+        loader = DataLoader([(x[0], y[0]) for x, y in data], batch_size=2, sampler=_GlobalRNGSampler())
+    else:
+        loader = DataLoader(_ShuffleBuffer(), batch_size=2)
+    seen: dict[str, list] = {"whole": [], "resumed": []}
+
+    def recording(key):
+        def loss_fn(model, batch):
+            seen[key].append(batch[0].sum().item())
+            if kind == "sampler":  # (the step draws too: the sampler's draws at an epoch's start come from its seeds)
+                np.random.rand()
+                random.random()
+            return mse(model, batch)
+        return loss_fn
+
+    loopkit.seed_everything(11)
+    whole, history = run_epochs(train_step(recording("whole")), make_state(), loader, epochs=2, progress=False)
+    step = loopkit.with_checkpointing(train_step(recording("resumed")), tmp_path, every_n_steps=1)
+    loopkit.seed_everything(11)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_epochs(step, make_state(), loader, epochs=2, callbacks=[CrashAfterStep(crash_after)], progress=False)
+    loopkit.seed_everything(99)  # another process: the checkpoint's global RNGs are what count
+    mid = loopkit.restore(make_state(), tmp_path)
+    assert mid.batch_index == crash_after % 4 and mid.batch_index > 0
+    seen["resumed"] = seen["resumed"][:crash_after]
+    resumed, rest = run_epochs(step, mid, loader, epochs=2, progress=False)
+    assert seen["resumed"] == seen["whole"]
+    assert rest == history[crash_after // 4:]
+    assert_bitwise(params_of(resumed), params_of(whole))
+
+
 def test_validation_data_drawing_from_the_global_rngs_leaves_a_resumed_run_exact(tmp_path):
     """A resumed run's sanity validation read augmented val data, drawing from numpy's and Python's global RNGs
     (only torch's was put back): the training augmentation after it differed from the uninterrupted run's."""

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import attrs
@@ -33,6 +34,9 @@ class ClipGrad:
     max_value: float | None = None
     norm_type: float = 2.0
     name: str = "with_grad_clip"
+    #: a guard's check of the gradients, run before a value clipping: clamping turns inf into +-max_value, so
+    #: a ``with_nan_guard`` outside would see nothing (set by ``with_nan_guard`` around it)
+    check: Callable[[GradContext], None] | None = None
     metric_names: ClassVar[tuple[str, ...]] = ("grad_norm",)
 
     def on_loss(self, loss: torch.Tensor, state: TrainState, ctx: GradContext) -> None:
@@ -68,6 +72,8 @@ class ClipGrad:
 
     def _clip(self, ctx: GradContext) -> None:
         params = ctx.params
+        if self.check is not None and self.max_value is not None:
+            self.check(ctx)
         if any(is_dtensor(g) for g in ctx.grads):  # under with_fsdp: one all-reduce a norm, not torch's two for inf
             ctx.metrics["grad_norm"] = self._clip_sharded(ctx)
             return

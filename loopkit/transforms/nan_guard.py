@@ -18,6 +18,7 @@ from loopkit.errors import NonFiniteError
 from loopkit.state import TrainState
 from loopkit.steps import GradContext, TrainStep
 from loopkit.transforms._compose import require_train_step
+from loopkit.transforms.grad_clip import ClipGrad
 
 __all__ = ["NanGuard", "with_nan_guard"]
 
@@ -109,7 +110,8 @@ def with_nan_guard(step: Any, policy: str = "skip") -> TrainStep:
     the loss or the parameter whose gradient was not finite. Deciding reads one flag per
     update on the host ("raise" reads one per call). Under float16 ``with_amp`` the loss
     scaler owns overflowing gradients (they are expected while it searches for a scale);
-    the guard then checks the loss only.
+    the guard then checks the loss only. A ``with_grad_clip(max_value=...)`` inside the guard
+    is checked by it before it clamps, since clamping makes an infinite gradient finite.
 
     After a raise nothing is lost: a non-finite loss is refused before the backward, non-finite
     gradients before the update, and the gradients are given back as the call found them (none,
@@ -142,4 +144,17 @@ def with_nan_guard(step: Any, policy: str = "skip") -> TrainStep:
     if policy not in _POLICIES:
         raise ValueError(f"with_nan_guard: policy must be 'skip' or 'raise', got {policy!r}")
     base = require_train_step(step, "with_nan_guard")
-    return base.add_grad_transform(NanGuard(policy))
+    guard = NanGuard(policy)
+    guarded = base.add_grad_transform(guard)
+    return attrs.evolve(guarded, micro=_checked_before_clamping(guarded.micro, guard),
+                        update=_checked_before_clamping(guarded.update, guard))
+
+
+def _checked_before_clamping(transforms: tuple[Any, ...], guard: NanGuard) -> tuple[Any, ...]:
+    """``transforms`` with each value clipping inside the guard checked by it first: ``clip_grad_value_`` makes an
+    infinite gradient finite (+-max_value), and what the guard then saw would let it through."""
+    return tuple(
+        attrs.evolve(t, check=guard.on_grads) if type(t) is ClipGrad and t.max_value is not None and t.check is None
+        else t
+        for t in transforms
+    )

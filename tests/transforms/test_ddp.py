@@ -22,7 +22,8 @@ from tests.conftest import assert_params_close, assert_ranks_identical
 TOL = 1e-6
 SCENARIOS = ["plain", "accum", "accum_scheduled", "accum_outer", "bucket_views", "static_graph", "flush", "two_heads", "averaged_pruned", "nan_skip",
              "nan_raise", "fp16", "fit", "stop_one_rank", "callbacks_on_rank0", "uneven", "apart", "signal_one_rank", "signal_apart",
-             "signal_in_group", "signal_spaced_votes", "loss_error", "buffers_apart", "sparse_flush", "stop_in_group"]
+             "signal_in_group", "signal_spaced_votes", "loss_error", "buffers_apart", "sparse_flush", "stop_in_group",
+             "export_rank_zero"]
 
 
 @pytest.fixture(scope="module")
@@ -502,3 +503,16 @@ def test_reducing_a_flushed_group_on_one_rank_keeps_the_gradients_and_creates_no
     sync.reduce_grads(optimizer)
     assert len(before) == 4 and all(torch.equal(model.get_parameter(n).grad, g) for n, g in before.items())
     assert model.b.weight.grad is None and model.b.bias.grad is None
+
+
+def test_export_weights_under_ddp_writes_rank_zeros_weights_alone(ranks):
+    """Rank 1 exported after rank 0 (and its BatchNorm statistics differ): the file still holds rank 0's, as the
+    ``safetensors`` package reads it."""
+    from safetensors.torch import load
+
+    results = ranks("export_rank_zero")
+    mean = "1.running_mean"
+    assert not torch.equal(results[0]["buffers"][mean], results[1]["buffers"][mean])  # (the test can tell them apart)
+    exported = load(results[1]["file"])  # (read after both ranks were done)
+    for name, value in {**results[0]["buffers"], **results[0]["params"]}.items():
+        assert torch.equal(exported[name], value), name

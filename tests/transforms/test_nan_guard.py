@@ -527,3 +527,70 @@ def test_a_complex_parameters_nonfinite_gradient_is_caught(policy, assert_trees_
         assert torch.isfinite(metrics["loss"]) and float(metrics["nan_guard/skipped"]) == 1.0
     state, _ = step(state, _COMPLEX_BATCHES[2])
     assert_trees_equal(dict(state.model.named_parameters()), dict(ref.named_parameters()))
+
+
+def _inf_grad_loss(mse_loss, name="2.bias"):
+    """A finite loss whose gradient for parameter ``name`` alone is +inf (d/du sqrt(u) at u=0)."""
+
+    def loss_fn(model, batch):
+        p = dict(model.named_parameters())[name]
+        u = p.sum() - p.sum().detach()  # == 0, with gradient 1 for every element of p
+        return mse_loss(model, batch) + torch.sqrt(u)
+
+    return loss_fn
+
+
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_a_guard_outside_a_value_clip_still_skips_an_infinite_gradient(
+    accumulate, make_mlp, make_batches, mse_loss, make_sgd_state, assert_trees_equal
+):
+    """clip_grad_value_ clamps inf to +max_value: the guard outside checks the gradients before that clamping
+    (without it the update went through with the clamped gradient), and the result is a raw loop that skips the
+    bad update (the group of it, under accumulation) and then makes the clean one, clipped."""
+    data = make_batches(4)
+    bad = _inf_grad_loss(mse_loss)
+    calls = [(bad, data[0]), (mse_loss, data[1])] if accumulate else [(bad, data[0])]
+    clean = [(mse_loss, data[2]), (mse_loss, data[3])] if accumulate else [(mse_loss, data[2])]
+
+    def stepped(loss_fn):
+        step = loopkit.with_grad_clip(loopkit.train_step(loss_fn), max_value=0.01)
+        return loopkit.with_nan_guard(loopkit.with_grad_accum(step, every=2) if accumulate else step)
+
+    # without the guard, the clamped infinite gradient moves the parameter, as a raw clip_grad_value_ loop's
+    unguarded = loopkit.with_grad_clip(loopkit.train_step(bad), max_value=0.01)(make_sgd_state(make_mlp(0)), data[0])[0]
+    assert unguarded.step == 1 and _finite(unguarded)
+
+    start = make_sgd_state(make_mlp(0))
+    state = start
+    for loss_fn, batch in calls:
+        state, metrics = stepped(loss_fn)(state, batch)
+    assert float(metrics["nan_guard/skipped"]) == 1.0 and state.step == 0
+    assert_trees_equal(dict(state.model.named_parameters()), dict(start.model.named_parameters()))
+    for loss_fn, batch in clean:
+        state, metrics = stepped(loss_fn)(state, batch)
+    assert float(metrics["nan_guard/skipped"]) == 0.0 and state.step == 1
+
+    # the raw loop: the bad update never made; the clean one with each batch's gradient clamped, then its share
+    ref_model = make_mlp(0)
+    ref_opt = torch.optim.SGD(ref_model.parameters(), lr=0.1, momentum=0.9)
+    params = list(ref_model.parameters())
+    for _, batch in clean:
+        grads = torch.autograd.grad(mse_loss(ref_model, batch), params)
+        for p, g in zip(params, grads):
+            g = g.clamp(-0.01, 0.01) / len(clean) if accumulate else g.clamp(-0.01, 0.01)
+            p.grad = g if p.grad is None else p.grad + g
+    ref_opt.step()
+    for name, p in ref_model.named_parameters():
+        torch.testing.assert_close(dict(state.model.named_parameters())[name], p, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_a_raising_guard_outside_a_value_clip_names_the_infinite_gradient(
+    accumulate, make_mlp, make_batches, mse_loss, make_sgd_state, assert_trees_equal
+):
+    step = loopkit.with_grad_clip(loopkit.train_step(_inf_grad_loss(mse_loss)), max_value=0.01)
+    step = loopkit.with_nan_guard(loopkit.with_grad_accum(step, every=2) if accumulate else step, policy="raise")
+    start = make_sgd_state(make_mlp(0))
+    with pytest.raises(loopkit.NonFiniteError, match="non-finite gradient of '2.bias' at step 0"):
+        step(start, make_batches(1)[0])
+    assert all(p.grad is None for p in start.model.parameters())
