@@ -9,7 +9,7 @@
 1
 """
 
-from loopkit.callbacks import Callback, EarlyStopping, LearningRateMonitor, Timer
+from loopkit.callbacks import Callback, EarlyStopping, EarlyStoppingReason, LearningRateMonitor, Timer
 from loopkit.throughput import ThroughputMonitor, measure_flops
 from loopkit.checkpoint import export_weights, restore
 from loopkit.driver import evaluate, predict, run_epochs
@@ -49,6 +49,7 @@ __all__ = [
     "ConsoleLogger",
     "DonatedStateError",
     "EarlyStopping",
+    "EarlyStoppingReason",
     "EvalStep",
     "ImpurityError",
     "JSONLLogger",

@@ -52,20 +52,23 @@ True
 from __future__ import annotations
 
 import datetime
+import enum
 import math
 import numbers
 import re
 import sys
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
 from loopkit._numbers import as_int, as_real
+from loopkit import _collective
 from loopkit._collective import is_rank_zero
 
-__all__ = ["Callback", "EarlyStopping", "LearningRateMonitor", "MonitorCallback", "Timer", "may_change_state_early"]
+__all__ = ["Callback", "EarlyStopping", "EarlyStoppingReason", "LearningRateMonitor", "MonitorCallback", "Timer", "may_change_state_early"]
 
 
 class Callback:
@@ -155,9 +158,17 @@ class MonitorCallback(Callback):
     def check(self, state: Any, value: float) -> None:
         """React to the monitored metric's latest value."""
 
+    #: False: a missing monitor skips the check (Lightning's ``strict=False``) where it raises ``KeyError``
+    strict: bool = True
+
     def _watch(self, state: Any, metrics: Mapping[str, float]) -> None:
         if self.monitor not in metrics:
-            raise KeyError(f"{type(self).__name__}: monitor '{self.monitor}' is not among the metrics {sorted(metrics)}")
+            message = f"{type(self).__name__}: monitor '{self.monitor}' is not among the metrics {sorted(metrics)}"
+            if self.strict:
+                raise KeyError(message)
+            if getattr(self, "verbose", False):
+                warnings.warn(message + " (strict=False: not checked)", RuntimeWarning, stacklevel=3)
+            return
         self.check(state, float(metrics[self.monitor]))
 
     def on_validation_end(self, state: Any, metrics: Mapping[str, float]) -> None:
@@ -171,6 +182,20 @@ class MonitorCallback(Callback):
         # without the epoch's means) has no train/ means to check
         if not self.monitor.startswith("val/") and any(k.startswith("train/") for k in metrics):
             self._watch(state, metrics)
+
+
+class EarlyStoppingReason(enum.Enum):
+    """Why an :class:`EarlyStopping` asked to stop (Lightning 2.6's enum of that name).
+
+    >>> EarlyStopping("val/loss").stopping_reason
+    <EarlyStoppingReason.NOT_STOPPED: 0>
+    """
+
+    NOT_STOPPED = 0
+    STOPPING_THRESHOLD = 1
+    DIVERGENCE_THRESHOLD = 2
+    PATIENCE_EXHAUSTED = 3
+    NON_FINITE_METRIC = 4
 
 
 class EarlyStopping(MonitorCallback):
@@ -218,7 +243,13 @@ class EarlyStopping(MonitorCallback):
         check_finite: bool = True,
         stopping_threshold: float | None = None,
         divergence_threshold: float | None = None,
+        verbose: bool = False,
+        strict: bool = True,
+        log_rank_zero_only: bool = False,
     ) -> None:
+        for name, flag in (("verbose", verbose), ("strict", strict), ("log_rank_zero_only", log_rank_zero_only)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"EarlyStopping: {name} must be True or False, got {flag!r}")
         if mode not in ("min", "max"):
             raise ValueError(f"EarlyStopping: mode must be 'min' or 'max', got {mode!r}")
         patience_, min_delta_ = as_int(patience), as_real(min_delta)
@@ -239,6 +270,7 @@ class EarlyStopping(MonitorCallback):
         self.check_finite = check_finite
         self.stopping_threshold = None if stopping_threshold is None else float(stopping_threshold)
         self.divergence_threshold = None if divergence_threshold is None else float(divergence_threshold)
+        self.verbose, self.strict, self.log_rank_zero_only = verbose, strict, log_rank_zero_only
         self._reset()
 
     def _reset(self) -> None:
@@ -246,6 +278,9 @@ class EarlyStopping(MonitorCallback):
         self.wait = 0
         self.should_stop = False
         self.stopped_at: int | None = None
+        #: why it asked to stop, as Lightning 2.6's ``stopping_reason`` and ``stopping_reason_message``
+        self.stopping_reason = EarlyStoppingReason.NOT_STOPPED
+        self.stopping_reason_message: str | None = None
 
     def on_fit_start(self, state: Any) -> None:
         """Start each fit afresh: one instance reused for the next fold or trial must not stop it at once.
@@ -271,20 +306,50 @@ class EarlyStopping(MonitorCallback):
         """
         current = torch.tensor(value, dtype=torch.float32, device="cpu")  # as Lightning's logged float32 metric
         better = torch.lt if self.mode == "min" else torch.gt  # (Lightning's monitor_op; thresholds in float32 too)
+        sign = "<" if self.mode == "min" else ">"
+        stop = None  # (reason, message) of a stop asked now
+        message = None
         if self.check_finite and not torch.isfinite(current):
-            self.should_stop = True
+            stop = (EarlyStoppingReason.NON_FINITE_METRIC, f"Monitored metric {self.monitor} = {current} is not finite. "
+                    f"Previous best value was {self.best:.3f}. Signaling Trainer to stop.")
         elif self.stopping_threshold is not None and bool(better(current, self.stopping_threshold)):
-            self.should_stop = True
+            stop = (EarlyStoppingReason.STOPPING_THRESHOLD, f"Stopping threshold reached: {self.monitor} = {current} "
+                    f"{sign} {self.stopping_threshold}. Signaling Trainer to stop.")
         elif self.divergence_threshold is not None and bool(better(-current, -self.divergence_threshold)):
-            self.should_stop = True
+            stop = (EarlyStoppingReason.DIVERGENCE_THRESHOLD, f"Divergence threshold reached: {self.monitor} = "
+                    f"{current} {sign} {self.divergence_threshold}. Signaling Trainer to stop.")
         elif self._improved(current):
+            if math.isfinite(self.best):
+                message = (f"Metric {self.monitor} improved by {abs(self.best - float(current)):.3f} >= min_delta = "
+                           f"{abs(self.min_delta)}. New best score: {float(current):.3f}")
+            else:
+                message = f"Metric {self.monitor} improved. New best score: {float(current):.3f}"
             self.best, self.wait = float(current), 0
         else:
             self.wait += 1
-            self.should_stop = self.should_stop or self.wait >= self.patience  # (asked, it stays asked: Lightning's
-            # trainer.should_stop, which a fit's min_epochs/min_steps hold off, is not taken back by an improvement)
+            if self.wait >= self.patience:
+                stop = (EarlyStoppingReason.PATIENCE_EXHAUSTED, f"Monitored metric {self.monitor} did not improve in "
+                        f"the last {self.wait} records. Best score: {self.best:.3f}. Signaling Trainer to stop.")
+            # (asked, it stays asked: Lightning's trainer.should_stop, which a fit's min_epochs/min_steps hold
+            # off, is not taken back by an improvement)
+        if stop is not None:
+            self.should_stop = True
+            self.stopping_reason, message = stop
+            self.stopping_reason_message = message
         if self.should_stop and self.stopped_at is None:
             self.stopped_at = getattr(state, "epoch", None)
+        if message is not None and self.verbose:
+            self._say(message)
+
+    def _say(self, message: str) -> None:
+        """Print ``message`` as Lightning's ``verbose=True`` logs it: prefixed with the rank under several ranks
+        (each rank says it, or rank 0 alone with ``log_rank_zero_only``)."""
+        rank, world = _collective.rank_and_size()
+        if world > 1:
+            if self.log_rank_zero_only and rank != 0:
+                return
+            message = f"[rank: {rank}] {message}"
+        print(message, file=sys.stderr, flush=True)
 
     @property
     def state_key(self) -> str:
@@ -301,11 +366,19 @@ class EarlyStopping(MonitorCallback):
         >>> EarlyStopping("val/loss").state_dict()["wait"]
         0
         """
-        return {"best": self.best, "wait": self.wait, "should_stop": self.should_stop}
+        sd: dict[str, Any] = {"best": self.best, "wait": self.wait, "should_stop": self.should_stop}
+        if self.stopping_reason is not EarlyStoppingReason.NOT_STOPPED:  # (older versions' keys otherwise)
+            sd["stopping_reason"] = self.stopping_reason.value
+        if self.stopping_reason_message is not None:
+            sd["stopping_reason_message"] = self.stopping_reason_message
+        return sd
 
     def load_state_dict(self, sd: Mapping[str, Any]) -> None:
         """Continue from what :meth:`state_dict` returned (a resumed run's patience goes on)."""
         self.best, self.wait, self.should_stop = float(sd["best"]), int(sd["wait"]), bool(sd["should_stop"])
+        self.stopping_reason = EarlyStoppingReason(int(sd.get("stopping_reason", 0)))  # (older checkpoints: none)
+        message = sd.get("stopping_reason_message")
+        self.stopping_reason_message = None if message is None else str(message)
 
 
 class LearningRateMonitor(Callback):

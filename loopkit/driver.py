@@ -834,7 +834,7 @@ def _monitors(step: Any, callbacks: Sequence[Any]) -> list[tuple[str, str]]:
     found = []
     for watcher in watchers:
         monitor = getattr(watcher, "monitor", None)
-        if isinstance(monitor, str):
+        if isinstance(monitor, str) and getattr(watcher, "strict", True) is not False:  # (strict=False: may be absent)
             found.append((watcher.name if isinstance(watcher, WrapperStep) else type(watcher).__name__, monitor))
     return found
 

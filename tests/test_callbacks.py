@@ -1246,3 +1246,74 @@ def test_timer_checks_where_lightnings_does_not_at_each_epoch_start(interval, st
                           val=(clock.evaluator(), make_data(2, seed=1)), sanity_val_batches=0, callbacks=[timer],
                           progress=False)
     assert state.step == stop_step
+
+
+# Lightning 2.6.6's EarlyStopping(verbose=True): the messages its _evaluate_stopping_criteria logged for these
+# values (an improvement, a check without one: nothing, a stop) and its stopping_reason, measured once (Lightning
+# is not in the test environment)
+_LIGHTNING_VERBOSE = {
+    "patience": ({"monitor": "val/loss", "patience": 2, "min_delta": 0.1}, [1.0, 0.5, 0.45, 0.47], [
+        "Metric val/loss improved. New best score: 1.000",
+        "Metric val/loss improved by 0.500 >= min_delta = 0.1. New best score: 0.500",
+        "Monitored metric val/loss did not improve in the last 2 records. Best score: 0.500. Signaling Trainer to stop.",
+    ], "PATIENCE_EXHAUSTED"),
+    "max": ({"monitor": "val/acc", "mode": "max", "patience": 1}, [0.5, 0.75, 0.7], [
+        "Metric val/acc improved. New best score: 0.500",
+        "Metric val/acc improved by 0.250 >= min_delta = 0.0. New best score: 0.750",
+        "Monitored metric val/acc did not improve in the last 1 records. Best score: 0.750. Signaling Trainer to stop.",
+    ], "PATIENCE_EXHAUSTED"),
+    "nonfinite": ({"monitor": "val/loss", "patience": 3}, [1.0, float("nan")], [
+        "Metric val/loss improved. New best score: 1.000",
+        "Monitored metric val/loss = nan is not finite. Previous best value was 1.000. Signaling Trainer to stop.",
+    ], "NON_FINITE_METRIC"),
+    "stopping_threshold": ({"monitor": "val/loss", "patience": 3, "stopping_threshold": 0.3}, [1.0, 0.25], [
+        "Metric val/loss improved. New best score: 1.000",
+        "Stopping threshold reached: val/loss = 0.25 < 0.3. Signaling Trainer to stop.",
+    ], "STOPPING_THRESHOLD"),
+    "divergence_threshold": ({"monitor": "val/loss", "patience": 3, "divergence_threshold": 5.0}, [1.0, 6.0], [
+        "Metric val/loss improved. New best score: 1.000",
+        "Divergence threshold reached: val/loss = 6.0 < 5.0. Signaling Trainer to stop.",
+    ], "DIVERGENCE_THRESHOLD"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_LIGHTNING_VERBOSE))
+def test_verbose_early_stopping_says_what_lightnings_says(case, capsys):
+    options, values, messages, reason = _LIGHTNING_VERBOSE[case]
+    stopper = loopkit.EarlyStopping(verbose=True, **options)
+    for value in values:
+        stopper.on_validation_end(None, {options["monitor"]: value})
+    assert capsys.readouterr().err.splitlines() == messages
+    assert stopper.should_stop and stopper.stopping_reason is loopkit.EarlyStoppingReason[reason]
+    assert stopper.stopping_reason_message == messages[-1]
+    restored = loopkit.EarlyStopping(**options)  # a checkpoint keeps the reason (Lightning's state_dict does)
+    restored.load_state_dict(stopper.state_dict())
+    assert (restored.stopping_reason, restored.stopping_reason_message) == (stopper.stopping_reason, messages[-1])
+
+
+def test_quiet_early_stopping_says_nothing(capsys):
+    stopper = loopkit.EarlyStopping("val/loss", patience=1)
+    for value in (1.0, 2.0):
+        stopper.on_validation_end(None, {"val/loss": value})
+    assert stopper.should_stop and capsys.readouterr().err == ""
+
+
+def test_a_non_strict_monitor_that_is_missing_skips_the_check_where_a_strict_one_raises():
+    """Lightning's strict=False: no error when the fit starts without validation, nor at a check without the metric."""
+    model = torch.nn.Linear(2, 1)
+    state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    step = loopkit.train_step(lambda m, b: m(b).pow(2).mean())
+    data = [torch.ones(2, 2)] * 3
+    with pytest.raises(ValueError, match="monitors 'val/loss', but this fit has no validation"):
+        loopkit.run_epochs(step, state, data, epochs=1, callbacks=[loopkit.EarlyStopping("val/loss")], progress=False)
+    lenient = loopkit.EarlyStopping("val/loss", patience=0, strict=False)
+    _, history = loopkit.run_epochs(step, state, data, epochs=3, callbacks=[lenient], progress=False)
+    assert len(history) == 3 and not lenient.should_stop
+    with pytest.raises(KeyError, match="monitor 'train/acc' is not among the metrics"):
+        loopkit.EarlyStopping("train/acc").on_epoch_end(None, {"train/loss": 1.0})
+    loopkit.EarlyStopping("train/acc", strict=False).on_epoch_end(None, {"train/loss": 1.0})
+
+
+def test_early_stopping_refuses_flags_that_are_not_bools():
+    with pytest.raises(TypeError, match="EarlyStopping: verbose must be True or False, got 1"):
+        loopkit.EarlyStopping("val/loss", verbose=1)
