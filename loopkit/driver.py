@@ -216,6 +216,25 @@ def _epoch_batches(
 _END = object()
 
 
+def _while_every_rank_has_one(batches: Iterator[Any], epoch: int, done: int) -> Iterator[Any]:
+    """``batches`` (data without a length, under DDP) while every rank has one: before each, the ranks agree
+    (a collective) that none has run out, and the epoch ends on all of them when one has, the others' further
+    batches dropped with a warning. Without it a rank whose data ended would go on to the epoch's end while the
+    others wait in their step's all-reduce (until the process group's timeout, 30 minutes by default)."""
+    for count, batch in enumerate(itertools.chain(batches, (_END,)), start=done):
+        if _collective.any_rank(batch is _END):
+            if batch is not _END:
+                warnings.warn(
+                    f"run_epochs: epoch {epoch}: another rank's train_data ended after {count} batches, this rank's "
+                    "has more; the epoch ends here on every rank (DDP needs one step per batch on all), and this "
+                    "rank's further batches are not trained on: shard the data evenly",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            return
+        yield batch
+
+
 def _stream_ended(batches: Iterator[Any]) -> bool:
     """Whether an epoch of unknown length (an IterableDataset's loader) has no batch left after the one just
     trained: one more is read and dropped, as Lightning's data fetcher looks one batch ahead to know its
@@ -1581,6 +1600,8 @@ def run_epochs(
                         raise ValueError(empty)
                     warnings.warn(empty + "; stopping here", RuntimeWarning, stacklevel=2)
                     break
+                if not sized and _collective.active():  # each rank's data may end after another number of batches
+                    batches = _while_every_rank_has_one(batches, state.epoch, state.batch_index)
                 if not EPOCH.holds(state.extras):  # kept from a checkpoint taken mid-epoch
                     state = replace_extras(state, EPOCH.start(state.extras))
                 if state.batch_index == 0:  # (a resumed epoch keeps its own)

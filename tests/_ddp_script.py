@@ -635,6 +635,43 @@ def resume(rank: int, out_dir: str) -> dict[str, Any]:
     return {"params": _params(state.model), "start": start, "step": state.step, "history": history}
 
 
+class _Stream(torch.utils.data.IterableDataset):
+    """``n`` batches of this rank's own, without a length (a stream's shard)."""
+
+    def __init__(self, rank: int, n: int) -> None:
+        self.rank, self.n = rank, n
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.rank)
+        for _ in range(self.n):
+            yield torch.randn(BATCH, D_IN + D_OUT, generator=g)
+
+
+def _stream_fit(rank: int, batches: int) -> dict[str, Any]:
+    import warnings
+
+    import loopkit
+
+    state = sgd_state(make_model())
+    step = loopkit.with_ddp(loopkit.train_step(mse))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        state, history = loopkit.run_epochs(step, state, _Stream(rank, batches), epochs=2, progress=False)
+    return {"params": _params(state.model), "step": state.step, "history": history,
+            "warnings": [str(w.message) for w in caught if "another rank's train_data ended" in str(w.message)]}
+
+
+def uneven_stream(rank: int) -> dict[str, Any]:
+    """Data without a length, 3 batches an epoch on rank 0 and 2 on rank 1: each epoch ends after 2 on both (it
+    hung: rank 1 went on to the epoch's end while rank 0 waited in its third step's all-reduce)."""
+    return _stream_fit(rank, 3 if rank == 0 else 2)
+
+
+def even_stream(rank: int) -> dict[str, Any]:
+    """``uneven_stream`` with rank 0's third batch left out of its data: the reference."""
+    return _stream_fit(rank, 2)
+
+
 def export_rank_zero(rank: int, out_dir: str) -> dict[str, Any]:
     """``export_weights`` on every rank of a BatchNorm model (each rank's running statistics its own after the last
     step: DDP broadcasts rank 0's at the next forward), rank 0 first, then rank 1: the file must hold rank 0's."""
@@ -661,7 +698,8 @@ def export_rank_zero(rank: int, out_dir: str) -> dict[str, Any]:
 SCENARIOS = {
     f.__name__: f
     for f in (plain, accum, accum_scheduled, accum_outer, bucket_views, static_graph, flush, two_heads, averaged_pruned, nan_skip, nan_raise, fp16, fit,
-              stop_one_rank, callbacks_on_rank0, uneven, apart, loss_error, buffers_apart, sparse_flush, stop_in_group)
+              stop_one_rank, callbacks_on_rank0, uneven, apart, loss_error, buffers_apart, sparse_flush, stop_in_group,
+              uneven_stream, even_stream)
 }
 
 WITH_OUT_DIR = {f.__name__: f for f in (resume, signal_one_rank, signal_apart, signal_in_group, signal_spaced_votes,

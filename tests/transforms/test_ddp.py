@@ -23,7 +23,7 @@ TOL = 1e-6
 SCENARIOS = ["plain", "accum", "accum_scheduled", "accum_outer", "bucket_views", "static_graph", "flush", "two_heads", "averaged_pruned", "nan_skip",
              "nan_raise", "fp16", "fit", "stop_one_rank", "callbacks_on_rank0", "uneven", "apart", "signal_one_rank", "signal_apart",
              "signal_in_group", "signal_spaced_votes", "loss_error", "buffers_apart", "sparse_flush", "stop_in_group",
-             "export_rank_zero"]
+             "export_rank_zero", "uneven_stream", "even_stream"]
 
 
 @pytest.fixture(scope="module")
@@ -516,3 +516,16 @@ def test_export_weights_under_ddp_writes_rank_zeros_weights_alone(ranks):
     exported = load(results[1]["file"])  # (read after both ranks were done)
     for name, value in {**results[0]["buffers"], **results[0]["params"]}.items():
         assert torch.equal(exported[name], value), name
+
+
+def test_data_without_a_length_ending_sooner_on_one_rank_ends_the_epoch_on_every_rank(ranks):
+    """Rank 0's third batch of each epoch is dropped (it is warned of there): the run equals the run whose data
+    left it out, on both ranks (it hung until the process group's timeout)."""
+    uneven, even = ranks("uneven_stream"), ranks("even_stream")
+    for got, want in zip(uneven, even, strict=True):
+        assert got["step"] == want["step"] == 4
+        assert got["history"] == want["history"]
+        for name, value in want["params"].items():
+            assert torch.equal(got["params"][name], value), name
+    assert len(uneven[0]["warnings"]) == 2 and "ended after 2 batches" in uneven[0]["warnings"][0]
+    assert uneven[1]["warnings"] == [] and even[0]["warnings"] == []
