@@ -80,12 +80,18 @@ def _check_limit(value: int | float | None, name: str) -> int | float | None:
     return limit
 
 
-def _num_batches(data: Iterable, limit: int | float | None, name: str) -> int | None:
-    """How many batches to take from ``data`` (None: all of an iterable of unknown length)."""
+def _num_batches(data: Iterable, limit: int | float | None, name: str, *, shard: bool = False) -> int | None:
+    """How many batches to take from ``data`` (None: all of an iterable of unknown length).
+
+    ``shard``: ``data`` is this rank's shard of a set evaluated over all ranks (a validation set): under a
+    process group of more than one rank an empty shard is 0 batches whatever the fraction (the other ranks'
+    shards hold the samples, ``shard(val_set, pad=False)`` of a set smaller than the world size)."""
     try:
         total: int | None = len(data)  # type: ignore[arg-type]
     except (TypeError, NotImplementedError):  # (an IterableDataset's loader; a __len__ left unimplemented)
         total = None
+    if shard and total == 0 and _collective.active():
+        return 0
     if limit is None or (isinstance(limit, float) and limit == 1.0):  # (all of it: no len() needed, as in Lightning)
         return total
     if isinstance(limit, int):
@@ -433,7 +439,7 @@ def _evaluate(
     ``seeded``: a shuffling loader's order comes from ``(state.seed, state.step)``, not from the global RNG
     (which is left as it was): a resumed run validates in the uninterrupted run's order, to the last bit."""
     limit = _check_limit(limit, "limit")
-    count = _num_batches(data, limit, "limit")
+    count = _num_batches(data, limit, "limit", shard=reduce)  # (reduced: a rank's empty shard reads nothing)
     move = _mover(device, state)
     sums: dict[str, torch.Tensor] = {}
     sizes: dict[str, int] = {}
@@ -663,10 +669,16 @@ class _ValSets:
             raise TypeError(f"run_epochs: {made} is an iterator ({type(data).__qualname__}), used up by its first "
                             "pass, and the epoch's validations (the sanity check's too) share what its factory made: "
                             "return a list or a DataLoader")
-        if _num_batches(data, None, "val") == 0:  # as for the same data given as it is (_check_one_val_set)
-            raise ValueError(f"run_epochs: {made} is empty (len() is 0): no validation could give a metric; return "
-                             "a set of one batch at least, or pass val=None to train without validation")
-        _num_batches(data, self.limit, "limit_val_batches")  # (a fraction of 0 batches: named now)
+        # as for the same data given as it is (_check_one_val_set): under DDP a rank's shard may be empty (a set
+        # smaller than the world size), not every rank's; every rank makes the epoch's set here, at one point
+        empty = _num_batches(data, None, "val") == 0
+        if _collective.active() and _collective.any_rank(not empty):
+            empty = False
+        if empty:
+            raise ValueError(f"run_epochs: {made} is empty (len() is 0){_on_every_rank()}: no validation could give "
+                             "a metric; return a set of one batch at least, or pass val=None to train without "
+                             "validation")
+        _num_batches(data, self.limit, "limit_val_batches", shard=True)  # (a fraction of 0 batches: named now)
         return data
 
 
@@ -745,31 +757,60 @@ def _check_sets(data: Any, what: str, fix: str) -> None:
                             "of batches")
 
 
-def _check_val(val: Any) -> None:
-    """(After ``_validate_options``, which checks it is a pair.)"""
+def _check_val(val: Any) -> list[str | None]:
+    """The names of the sets empty here (only under a process group of more than one rank: one process refuses
+    an empty set at once; see :func:`_refuse_val_empty_on_every_rank`). (After ``_validate_options``, which checks
+    it is a pair.)"""
     if "train_step" in as_step(val[0]).applied:
         raise TypeError("run_epochs: val's step is a train_step, which would train on the validation data; "
                         "pass eval_step(metric_fn)")
     _check_sets(val[1], "run_epochs: val's data", "val=(eval_step, {'name': val_data}), or pass val=None to train "
                 "without validation")
+    empty: list[str | None] = []
     for name, data in _val_sets(val[1]):
         what = "val's data" if name is None else f"val's data[{name!r}]"
         if is_factory(data):
             check_factory(data, f"run_epochs: {what}")
-        else:
-            _check_one_val_set(data, what)
+        elif _check_one_val_set(data, what):
+            empty.append(name)
+    return empty
 
 
-def _check_one_val_set(data: Any, what: str) -> None:
+def _check_one_val_set(data: Any, what: str) -> bool:
+    """Whether the set is empty: refused in one process; under a process group of more than one rank this rank's
+    shard may be empty (``shard(val_set, pad=False)`` of a set smaller than the world size), decided over the
+    ranks once they agree on the validation (:func:`_refuse_val_empty_on_every_rank`)."""
     _check_data(data, f"run_epochs: {what}", factories=True)
-    if not isinstance(data, Iterator) and _num_batches(data, None, "val") == 0:  # (an IterableDataset: no len())
-        raise ValueError(f"run_epochs: {what} is empty (len() is 0): no validation could give a metric; "
-                         "pass val=None to train without validation")
+    empty = not isinstance(data, Iterator) and _num_batches(data, None, "val") == 0  # (an IterableDataset: no len())
+    if empty and not _collective.active():
+        raise ValueError(_empty_val(what))
     if isinstance(data, Iterator):  # (not iter(): a DataLoader's iterator draws from the global RNG)
         raise TypeError(
             f"run_epochs: {what} is an iterator ({type(data).__qualname__}), used up by its first pass (the "
             "sanity check); pass a list or a DataLoader, which start over on each pass"
         )
+    return empty
+
+
+def _empty_val(what: str) -> str:
+    return (f"run_epochs: {what} is empty (len() is 0){_on_every_rank()}: no validation could give a metric; "
+            "pass val=None to train without validation")
+
+
+def _on_every_rank() -> str:
+    return f" on every rank ({_collective.rank_and_size()[1]} ranks)" if _collective.active() else ""
+
+
+def _refuse_val_empty_on_every_rank(names: Sequence[str | None], empty: Sequence[str | None]) -> None:
+    """Under a process group of more than one rank, refuse (on every rank) a validation set given as it is that is
+    empty on every rank; one rank's empty shard is fine, the means of all ranks' sums and counts hold every sample
+    (as :func:`evaluate`'s). One collective per set, in the order of ``names``, which every rank agrees on (their
+    validation options were found the same): every rank calls it at the same point."""
+    if not _collective.active():
+        return
+    for name in names:  # (a factory's set counts as data here: what it makes is looked at when made)
+        if not _collective.any_rank(name not in empty):
+            raise ValueError(_empty_val("val's data" if name is None else f"val's data[{name!r}]"))
 
 
 def _scalars(value: Any, metrics: Any, callback: Any, hook: str = "on_batch_end") -> bool:
@@ -1405,14 +1446,13 @@ def run_epochs(
         if not isinstance(value, bool):
             raise TypeError(f"run_epochs: {name} must be True or False, got {value!r}")
     callbacks = _check_callbacks(callbacks)
-    if val is not None:
-        _check_val(val)
+    empty_val = [] if val is None else _check_val(val)  # (sets empty on this rank: under DDP, looked at below)
     if not is_factory(train_data):  # (a factory's data: at each epoch's start)
         _num_batches(train_data, limit_train_batches, "limit_train_batches")  # a fraction of 0 batches fails now
     if val is not None and limit_val_batches != 0:
         for _, data in _val_sets(val[1]):
             if not is_factory(data):
-                _num_batches(data, limit_val_batches, "limit_val_batches")
+                _num_batches(data, limit_val_batches, "limit_val_batches", shard=True)
     step = as_step(step)
     if "eval_step" in step.applied:
         raise TypeError("run_epochs: the step is an eval_step, which updates nothing; pass train_step(loss_fn) "
@@ -1466,11 +1506,11 @@ def run_epochs(
         for name, data in val_sets.at(epoch, current.seed):  # type: ignore[union-attr]
             limit = limit_val_batches
             if sanity:
-                limited = _num_batches(data, limit_val_batches, "limit_val_batches")
+                limited = _num_batches(data, limit_val_batches, "limit_val_batches", shard=True)
                 if sanity_val_batches != -1:  # (-1: all of them, as Lightning's num_sanity_val_steps=-1)
                     limit = sanity_val_batches if limited is None else min(sanity_val_batches, limited)
             means, read = _evaluate(val_step, current, data, limit, device, True, seeded=True)
-            if not read:
+            if not read and not means:  # (under DDP a rank's empty shard is fine: the others' batches give the means)
                 warnings.warn(f"run_epochs: a validation read no batch: {val_sets.described(name, epoch)} yielded none "
                               "(an empty stream, or an iterator used up)", RuntimeWarning, stacklevel=3)
             metrics.update({f"val/{_named(k, name)}": v for k, v in means.items()})
@@ -1515,6 +1555,8 @@ def run_epochs(
                            "run_epochs: the ranks have other validation options (or min_epochs/min_steps), and every "
                            "rank must validate and stop at the same points (give val= on every rank, each its own shard "
                            "of the validation data, the same named sets)")
+    if validates:  # (a shard empty on this rank: fine if another rank's holds data; decided by every rank alike)
+        _refuse_val_empty_on_every_rank(val_sets.names(), empty_val)  # type: ignore[union-attr]
     parallel = next((t for t in ("with_ddp", "with_fsdp") if t in step.applied), None)
     check_sharding = _collective.active() and parallel is not None  # (at the fit's first batch)
     sharded_run = "with_fsdp" in step.applied

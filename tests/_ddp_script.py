@@ -27,6 +27,10 @@ no expected values. Scenarios:
 - ``fp16``: float16 ``with_amp`` with an infinite input on rank 1 at call 1.
 - ``fit``: ``run_epochs`` over ``shard``-ed data (23 samples: padded) with validation over 7
   samples (``pad=False``), then ``evaluate`` of the same.
+- ``val_one_sample``: ``run_epochs`` validating over a set of 1 sample, ``shard``-ed with ``pad=False`` (rank 1's
+  shard is empty), given as it is and made by a factory each epoch, and over a rank's own batches, none on rank 1,
+  with a fraction ``limit_val_batches``; ``val_all_empty``: a validation set empty on every rank (refused by every
+  rank).
 - ``stop_one_rank``: a callback asks to stop on rank 0 only; ``uneven``: 3 batches on rank 0, 2
   on rank 1; ``apart``: rank 1 starts from step 2 (each refused before a step, by every rank).
 - ``signal_one_rank``: rank 1 alone gets SIGTERM in its 3rd step; ``signal_apart``: rank 0 gets it in
@@ -417,6 +421,72 @@ def fit(rank: int) -> dict[str, Any]:
             "local": local, "val_len": len(val.sampler), "train_len": len(train.sampler)}
 
 
+class _EpochParams:
+    """Keeps the weights each epoch's validation saw (on_epoch_end comes after it, before any update)."""
+
+    def __init__(self) -> None:
+        self.params: list[dict[str, torch.Tensor]] = []
+
+    def on_epoch_end(self, state: Any, record: Any) -> None:
+        self.params.append(_params(state.model))
+
+
+def _no_batch_warnings(caught: list[Any]) -> list[str]:
+    return [str(w.message) for w in caught if "no batch" in str(w.message) or "no means" in str(w.message)]
+
+
+def val_one_sample(rank: int) -> dict[str, Any]:
+    """A validation set smaller than the world size: rank 1's shard (pad=False) is empty, and the fit validates over
+    rank 0's sample, as evaluate does (it was refused on rank 1 alone, and rank 0 died in the next collective)."""
+    import warnings
+
+    import loopkit
+    from loopkit import distributed
+
+    train_set, val_set = make_dataset(16, 1), make_dataset(1, 2)
+    state = sgd_state(make_model(), seed=5)
+    train = distributed.shard(train_set, state, batch_size=BATCH)
+    val = distributed.shard(val_set, state, batch_size=3, pad=False)
+    evaluator = loopkit.eval_step(lambda m, b: {"mse": mse(m, b)})
+    step = loopkit.with_ddp(loopkit.train_step(mse))
+    kept = _EpochParams()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        state, history = loopkit.run_epochs(
+            step, state, train, epochs=2, progress=False, callbacks=[kept],
+            val=(evaluator, {"given": val,
+                             "made": lambda epoch: distributed.shard(val_set, 0, batch_size=3, pad=False)}))
+        # a fraction of an empty shard is no batch (rank 0: 1 of its 2 batches)
+        own = [val_set[:1], val_set[:1]] if rank == 0 else []
+        fraction = _EpochParams()
+        state, fraction_history = loopkit.run_epochs(step, state, train, epochs=3, progress=False, val=(evaluator, own),
+                                                     limit_val_batches=0.5, callbacks=[fraction])
+    return {"history": history, "epoch_params": kept.params, "fraction_history": fraction_history,
+            "fraction_params": fraction.params, "val_len": len(val), "warnings": _no_batch_warnings(caught)}
+
+
+def val_all_empty(rank: int) -> dict[str, Any]:
+    """A validation set empty on every rank, given as it is or made by a factory: every rank refuses it, no hang."""
+    import loopkit
+    from loopkit import distributed
+
+    train_set, val_set = make_dataset(16, 1), make_dataset(0, 2)
+    state = sgd_state(make_model(), seed=5)
+    train = distributed.shard(train_set, state, batch_size=BATCH)
+    evaluator = loopkit.eval_step(lambda m, b: {"mse": mse(m, b)})
+    step = loopkit.with_ddp(loopkit.train_step(mse))
+    errors = {}
+    for kind, data in (("given", distributed.shard(val_set, state, batch_size=3, pad=False)),
+                       ("made", lambda epoch: distributed.shard(val_set, 0, batch_size=3, pad=False))):
+        try:
+            loopkit.run_epochs(step, state, train, epochs=1, val=(evaluator, data), progress=False)
+            errors[kind] = "not refused"
+        except ValueError as e:
+            errors[kind] = f"ValueError: {e}"
+        state = sgd_state(make_model(), seed=5)
+    return {"errors": errors}
+
+
 def stop_one_rank(rank: int) -> dict[str, Any]:
     """A callback asks to stop on rank 0 only (a time limit reached there first): both ranks stop together."""
     import loopkit
@@ -699,7 +769,7 @@ SCENARIOS = {
     f.__name__: f
     for f in (plain, accum, accum_scheduled, accum_outer, bucket_views, static_graph, flush, two_heads, averaged_pruned, nan_skip, nan_raise, fp16, fit,
               stop_one_rank, callbacks_on_rank0, uneven, apart, loss_error, buffers_apart, sparse_flush, stop_in_group,
-              uneven_stream, even_stream)
+              uneven_stream, even_stream, val_one_sample, val_all_empty)
 }
 
 WITH_OUT_DIR = {f.__name__: f for f in (resume, signal_one_rank, signal_apart, signal_in_group, signal_spaced_votes,

@@ -522,3 +522,49 @@ def test_two_ranks_validate_each_set_over_both_shards_and_hold_a_stop_off_until_
         with torch.no_grad():
             whole = float(((model(x) - y) ** 2).mean(dim=1).double().mean())
         assert ranks[0]["history"][-1][f"val/mse/{name}"] == pytest.approx(whole, rel=1e-5)
+
+
+# --- validation shards: one rank's empty, or every rank's ------------------------------------------
+
+
+def _one_process_mse(params: dict, batches: list) -> float:
+    model = ddp.make_model(seed=0)
+    model.load_state_dict(params)
+    state = loopkit.TrainState.create(model)
+    return loopkit.evaluate(loopkit.eval_step(lambda m, b: {"mse": ddp.mse(m, b)}), state, batches)["mse"]
+
+
+@pytest.mark.slow
+def test_a_validation_set_smaller_than_the_world_size_validates_over_the_rank_that_holds_it(tmp_path):
+    """1 validation sample over 2 ranks (shard pad=False): rank 1's shard is empty. run_epochs refused it on rank 1
+    alone (rank 0 then died in a collective); evaluate took it. Reference: a one-process evaluate over the whole set
+    with the weights each validation saw; the same for a factory's shard and for a fraction of a rank's own batches
+    (none on rank 1)."""
+    done = ddp.torchrun(str(tmp_path), ["val_one_sample"], timeout=120)
+    assert done.returncode == 0, done.stdout[-4000:]
+    ranks = ddp.load(str(tmp_path), "val_one_sample")
+    assert [r["val_len"] for r in ranks] == [1, 0]
+    assert ranks[0]["history"] == ranks[1]["history"] and ranks[0]["fraction_history"] == ranks[1]["fraction_history"]
+    val_set = ddp.make_dataset(1, seed=2)
+    for r in ranks:
+        assert r["warnings"] == []  # (no "read no batch" for rank 1's empty shard: rank 0's gave the means)
+        assert [h["epoch"] for h in r["history"]] == [0, 1]
+        for h, params in zip(r["history"], ranks[0]["epoch_params"], strict=True):
+            whole = _one_process_mse(params, [val_set[:]])
+            assert h["val/mse/given"] == pytest.approx(whole, rel=1e-6)
+            assert h["val/mse/made"] == pytest.approx(whole, rel=1e-6)
+        (h,) = r["fraction_history"]  # limit_val_batches=0.5: 1 of rank 0's 2 batches, none of rank 1's 0
+        assert h["val/mse"] == pytest.approx(_one_process_mse(ranks[0]["fraction_params"][0], [val_set[:1]]), rel=1e-6)
+
+
+@pytest.mark.slow
+def test_a_validation_set_empty_on_every_rank_is_refused_by_every_rank(tmp_path):
+    """Given as it is or made by a factory: the clear error on both ranks, within the timeout (no hang, no gloo
+    error)."""
+    done = ddp.torchrun(str(tmp_path), ["val_all_empty"], timeout=120)
+    assert done.returncode == 0, done.stdout[-4000:]
+    for r in ddp.load(str(tmp_path), "val_all_empty"):
+        assert r["errors"]["given"].startswith("ValueError: run_epochs: val's data is empty (len() is 0) on every rank "
+                                               "(2 ranks)")
+        assert "what val's data, a factory" in r["errors"]["made"]
+        assert "is empty (len() is 0) on every rank (2 ranks)" in r["errors"]["made"]
