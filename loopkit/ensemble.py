@@ -10,9 +10,16 @@ forward and backward instead of K. Then each member's optimizer (and scheduler) 
 member's trajectory is its solo run's (the same arithmetic, batched; equal within float
 rounding, tested against ``train_step`` runs of each member alone).
 
-The batch is the same for every member. A model that draws random numbers (dropout) is
-refused, as vmap's random streams are not the members' own, and so is BatchNorm in training mode
-with running statistics (buffers updated in place; in eval mode it reads them); a forward that changes any other buffer is refused by
+The batch is the same for every member. A ``loss_fn`` that draws random numbers (dropout, RReLU,
+``torch.randn_like`` noise) is run one member at a time instead (``torch.func.grad`` of each
+member's slice, with that member's own RNG installed around it, as :func:`loopkit.train_step`
+installs a solo state's): each member draws its solo run's numbers (its own dropout masks, from
+its own seed), its ``rng`` advances as its solo state's does, and its trajectory is its solo run's
+(bitwise, on the CPU: the same arithmetic, not batched). The step finds this out on its first call
+that draws (vmap refuses the draw) and remembers it (:attr:`EnsembleStep.draws_random`); a loss
+that draws nothing keeps the one vmapped call (one member at a time costs K forwards and backwards).
+A member made with ``global_rng=True`` draws from torch's global RNG, members in order. BatchNorm in training mode
+with running statistics is refused (buffers updated in place; in eval mode it reads them); a forward that changes any other buffer is refused by
 the step that finds it, before any member updates (a non-persistent buffer, a cache outside
 the state dict such as a lazily grown position table, may change). The members' modules must be in the same
 training mode and have the same settings (a convolution's stride, a norm's eps or groups, any plain attribute such as
@@ -48,10 +55,11 @@ import torch
 from torch import nn
 
 from loopkit.errors import DonatedStateError
+from loopkit.rng import RNGScope
 from loopkit.state import (
     _MODULE_STANDARD, TrainState, _fork, fork, is_plain_setting, leave_intact, module_settings, persistent_buffers, replace, state_at_error,
 )
-from loopkit.steps import _split_loss, needs_closure
+from loopkit.steps import _cuda_index, _split_loss, needs_closure
 
 __all__ = ["Ensemble", "EnsembleStep", "stack", "train_step", "unstack"]
 
@@ -460,14 +468,15 @@ class _LossModule(nn.Module):
         super().__init__()
         self.model = model
         self.loss_fn = loss_fn
-        #: the buffers the last forward replaced (``self.n = self.n + 1``), which functional_call would drop
+        #: the buffers its forwards replaced (``self.n = self.n + 1``), which functional_call would drop (each
+        #: member's forward, when the members run one at a time)
         self.reassigned: list[str] = []
 
     def forward(self, batch: Any) -> Any:
         given = dict(self.model.named_buffers())  # the tensors functional_call swapped in
         out = self.loss_fn(self.model, batch)
         now = dict(self.model.named_buffers())
-        self.reassigned = sorted(n for n in given.keys() | now.keys() if given.get(n) is not now.get(n))
+        self.reassigned = sorted({*self.reassigned, *(n for n in given.keys() | now.keys() if given.get(n) is not now.get(n))})
         return out
 
 
@@ -488,6 +497,10 @@ class EnsembleStep:
 
     loss_fn: Callable[[nn.Module, Any], Any]
     donated: bool = False
+    #: whether a call of ``loss_fn`` drew random numbers (dropout, ``torch.randn_like``): vmap cannot draw from each
+    #: member's own RNG, so from that call on the members' gradients are computed one member at a time, each with its
+    #: own RNG installed (found on the first call that draws, when vmap refuses the draw; kept by this step object)
+    draws_random: bool = attrs.field(default=False, init=False, repr=False)
     #: what the step takes instead of one loopkit.TrainState: transforms of a train step refuse it when built
     takes: ClassVar[str] = "a loopkit.ensemble.Ensemble"
 
@@ -505,7 +518,7 @@ class EnsembleStep:
         _check_unchanged(ensemble)
         versions = {n: t._version for n, t in ensemble.buffers.items()}
         try:  # nothing of the ensemble changes in place before its members' update, as with loopkit.donate
-            grads, metrics = self._gradients(ensemble, batch)
+            grads, metrics, rngs = self._gradients(ensemble, batch)
         except BaseException as error:
             if any(t._version != versions[n] for n, t in ensemble.buffers.items()):
                 _consume(ensemble)  # the forward wrote a stacked buffer in place
@@ -515,14 +528,18 @@ class EnsembleStep:
             _copy_written_settings(ensemble)  # what the forward set stays set, as in a solo run (and members agree)
             raise
         try:
-            return self._update(ensemble, grads, metrics)
+            return self._update(ensemble, grads, metrics, rngs)
         finally:  # the members' gradients and optimizer states change in place from here on, even if it fails
             _consume(ensemble)
 
-    def _gradients(self, ensemble: Ensemble, batch: Any) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """Every member's gradients and metrics (vmapped), and the checks of the loss and buffers: nothing of the
-        ensemble changes in place here (but for a stacked buffer that a forward changes, which is refused, and a
-        setting the forward sets on member 0's modules, see :func:`_copy_written_settings`)."""
+    def _gradients(self, ensemble: Ensemble, batch: Any) -> tuple[_Grads, dict[str, torch.Tensor], _RNGs]:
+        """Every member's gradients and metrics, and the checks of the loss and buffers: nothing of the ensemble
+        changes in place here (but for a stacked buffer that a forward changes, which is refused, and a setting the
+        forward sets on member 0's modules, see :func:`_copy_written_settings`).
+
+        Vmapped, the gradients come stacked (``{name: [K, ...]}``) and the RNGs as None (nothing drew). A loss_fn
+        that draws random numbers runs one member at a time (see :func:`_one_member_at_a_time`): the gradients come
+        as one dict per member, and with them each member's advanced RNG."""
         where = f"loss_fn {getattr(self.loss_fn, '__qualname__', type(self.loss_fn).__qualname__)}"
         wrapper = _LossModule(ensemble.skeleton, self.loss_fn)
 
@@ -539,19 +556,21 @@ class EnsembleStep:
         names = list(ensemble.params)
         trained = {n: ensemble.params[n] for n, t in zip(names, trainable) if t}
         fixed = {n: ensemble.params[n] for n, t in zip(names, trainable) if not t} | dict(ensemble.buffers)
-        reached: list[set[str]] = []  # the parameters this call's loss reaches (vmap traces member_loss once)
-        vmapped = torch.func.vmap(torch.func.grad(member_loss, has_aux=True), randomness="error")
+        reached: list[set[str]] = []  # the parameters each call's loss reaches (vmap traces member_loss once)
         versions = {n: t._version for n, t in ensemble.buffers.items()}  # a buffer changed in place bumps its own
+        rngs = None
         try:
-            grads, metrics = vmapped(trained, fixed)
-        except RuntimeError as e:
-            if "randomness" in str(e) or "rrelu" in str(e):  # RReLU's noise has no vmap rule at all
-                raise RuntimeError(
-                    f"ensemble.train_step: {where} draws random numbers (dropout? RReLU?), which a vmapped ensemble "
-                    "cannot draw from each member's own RNG; remove the randomness (e.g. model.eval() for "
-                    f"dropout layers) or train the members apart: {e}"
-                ) from e
-            raise
+            if not self.draws_random:
+                vmapped = torch.func.vmap(torch.func.grad(member_loss, has_aux=True), randomness="error")
+                try:
+                    grads, metrics = vmapped(trained, fixed)
+                except RuntimeError as e:
+                    if not _drew_random(e):
+                        raise
+                    # (vmap refused the draw before it drew: no RNG advanced, and no member changed)
+                    object.__setattr__(self, "draws_random", True)
+            if self.draws_random:
+                grads, metrics, rngs = _one_member_at_a_time(ensemble, member_loss, trained, fixed, reached, where)
         finally:  # (a loss_fn that raised left them too: the ensemble stays usable)
             _refresh_rnn_weights(ensemble.skeleton)
         _refuse_escaped(ensemble.skeleton, where)
@@ -569,27 +588,85 @@ class EnsembleStep:
             )
         # torch.func.grad gives a parameter the loss does not reach a zero gradient, where a solo backward leaves
         # its .grad None (the optimizer skips it: no weight decay, momentum or Adam state): drop those
-        return {n: g for n, g in grads.items() if n in reached[-1]}, metrics
+        if rngs is None:
+            return {n: g for n, g in grads.items() if n in reached[-1]}, metrics, None
+        return grads, metrics, rngs  # (one member at a time: each member's own, dropped per member already)
 
     def _update(
-        self, ensemble: Ensemble, grads: dict[str, torch.Tensor], metrics: dict[str, torch.Tensor]
+        self, ensemble: Ensemble, grads: _Grads, metrics: dict[str, torch.Tensor], rngs: _RNGs = None,
     ) -> tuple[Ensemble, dict[str, torch.Tensor]]:
         """Each member's optimizer (and scheduler) step, in place (and the settings the forward set, see
-        :func:`_copy_written_settings`)."""
+        :func:`_copy_written_settings`); ``grads`` and ``rngs`` as :meth:`_gradients` gives them."""
         _copy_written_settings(ensemble)
         names = list(ensemble.params)
         members = []
-        stacked_grads = [grads.get(name) for name in names]  # None: a frozen parameter
+        stacked_grads = [grads.get(name) for name in names] if rngs is None else None  # None: a frozen parameter
         for k, (member, views) in enumerate(zip(ensemble.members, ensemble.views)):
-            for view, grad in zip(views, stacked_grads):
-                if grad is not None:
-                    view.grad = grad[k]
+            if stacked_grads is not None:
+                for view, grad in zip(views, stacked_grads):
+                    if grad is not None:
+                        view.grad = grad[k]
+            else:  # one member at a time: the member's own gradients (those its own loss reached)
+                own = grads[k]
+                for view, name in zip(views, names):
+                    grad = own.get(name)
+                    if grad is not None:
+                        view.grad = grad
             member.optimizer.step()  # type: ignore[union-attr]
             if member.scheduler is not None:
                 member.scheduler.step()
             member.optimizer.zero_grad(set_to_none=True)  # type: ignore[union-attr]
-            members.append(replace(member, step=member.step + 1, batch_index=member.batch_index + 1))
+            if rngs is None:
+                members.append(replace(member, step=member.step + 1, batch_index=member.batch_index + 1))
+            else:  # (its RNG advanced by its own draws, as its solo step's state's does)
+                members.append(replace(member, step=member.step + 1, batch_index=member.batch_index + 1, rng=rngs[k]))
         return Ensemble(tuple(members), ensemble.params, ensemble.buffers, ensemble.skeleton, ensemble.views), metrics
+
+
+#: the gradients of :meth:`EnsembleStep._gradients`: stacked (vmapped), or one dict per member (one at a time)
+_Grads = Any
+#: each member's advanced RNG (one member at a time), or None (vmapped: nothing drew)
+_RNGs = Any
+
+
+def _drew_random(error: RuntimeError) -> bool:
+    """Whether vmap refused ``error``'s call for drawing random numbers (``randomness="error"``; RReLU's noise has no
+    vmap rule at all)."""
+    text = str(error)
+    return "randomness" in text or "rrelu" in text
+
+
+def _one_member_at_a_time(
+    ensemble: Ensemble, member_loss: Callable[..., Any], trained: Mapping[str, torch.Tensor],
+    fixed: Mapping[str, torch.Tensor], reached: list[set[str]], where: str,
+) -> tuple[list[dict[str, torch.Tensor]], dict[str, torch.Tensor], list[Mapping[str, torch.Tensor]]]:
+    """Each member's gradients (those its loss reached), the metrics stacked (``[K]``), and each member's advanced RNG:
+    ``torch.func.grad`` of ``member_loss`` on member ``k``'s slice of ``trained`` and ``fixed``, with member ``k``'s
+    RNG installed as torch's default generators around it, as a solo :func:`loopkit.train_step` installs its state's
+    (so its dropout draws its solo run's masks). A member whose state draws from the global RNG (``rng`` empty)
+    draws from it, members in order. Nothing of the ensemble changes here: the RNGs come back, the caller's global
+    RNG is put back, also when ``loss_fn`` raises."""
+    grad = torch.func.grad(member_loss, has_aux=True)
+    first = next(iter(ensemble.params.values()))
+    cuda_index = _cuda_index(first.device) if first.is_cuda else None
+    grads, rows, rngs = [], [], []
+    for k, member in enumerate(ensemble.members):
+        scope = RNGScope(member.rng, cuda_index, member.seed)
+        try:
+            own, row = grad({n: t[k] for n, t in trained.items()}, {n: t[k] for n, t in fixed.items()})
+        except BaseException:
+            scope.discard()
+            raise
+        rngs.append(scope.close())
+        grads.append({n: g for n, g in own.items() if n in reached[-1]})
+        if rows and row.keys() != rows[0].keys():
+            raise ValueError(
+                f"ensemble.train_step: {where} returned the metrics {sorted(row)} for member {k} and {sorted(rows[0])} "
+                "for member 0; every member's call must return the same metrics (they are stacked, one value each)"
+            )
+        rows.append(row)
+    metrics = {key: torch.stack([row[key] for row in rows]) for key in rows[0]}
+    return grads, metrics, rngs
 
 
 def _consume(ensemble: Ensemble) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import io
 
 import pytest
 import torch
@@ -190,14 +191,6 @@ def test_bad_input_is_named(make_batches):
         ensemble.train_step(lambda m, b: None)(ens, batch)
     with pytest.raises(ValueError, match="aux metric named 'loss'"):
         ensemble.train_step(lambda m, b: (_loss(m, b)[0], {"loss": 1.0}))(ens, batch)
-    drop = _mlp(0, dropout=True)
-    ens = ensemble.stack([loopkit.TrainState.create(drop, torch.optim.SGD(drop.parameters(), lr=0.1))])
-    with pytest.raises(RuntimeError, match="draws random numbers"):
-        ensemble.train_step(_loss)(ens, batch)
-    rrelu = nn.Sequential(nn.Linear(4, 2), nn.RReLU())  # random in training, and vmap has no rule for it at all
-    ens = ensemble.stack([loopkit.TrainState.create(rrelu, torch.optim.SGD(rrelu.parameters(), lr=0.1))])
-    with pytest.raises(RuntimeError, match="draws random numbers"):
-        ensemble.train_step(_loss)(ens, batch)
     sparse = nn.Embedding(10, 2, sparse=True)
     with pytest.raises(TypeError, match=r"member 0 has Embedding\(sparse=True\)"):
         ensemble.stack([loopkit.TrainState.create(sparse, torch.optim.SparseAdam(sparse.parameters(), lr=0.1))])
@@ -853,3 +846,265 @@ def test_an_lstm_ensemble_stays_usable_after_its_loss_fn_raises(make_batches):
         ensemble.train_step(failing, donated=True)(ens, make_batches(1)[0])
     copy.deepcopy(ens)
     ens, _ = ensemble.train_step(_loss)(ens, make_batches(1)[0])
+
+
+# --- a loss_fn that draws random numbers: one member at a time, each from its own RNG ------------------------------
+
+
+def _noisy_loss(model, batch):
+    """The loss of :func:`_loss` on inputs with Gaussian noise (``torch.randn_like``): a draw outside any module."""
+    x, y = batch
+    err = model(x + 0.3 * torch.randn_like(x)) - y
+    return (err**2).mean(), {"mae": err.abs().mean()}
+
+
+def _raw_random(seed, model, make_opt, make_sched, loss_fn, batches):
+    """The reference for a member whose loss draws: a hand-written loop whose draws come from torch's global RNG
+    seeded with the member's seed (what ``TrainState.create(seed=seed)`` holds), the caller's RNG put back after."""
+    opt = make_opt(model.parameters())
+    sched = make_sched(opt) if make_sched else None
+    losses = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for batch in batches:
+            loss = loss_fn(model, batch)[0]
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if sched is not None:
+                sched.step()
+            losses.append(loss.detach())
+        rng = torch.get_rng_state()
+    return model, torch.stack(losses), rng
+
+
+# (model, loss_fn): a dropout layer's draws, a loss_fn's own torch.randn_like, and both
+RANDOM = {
+    "dropout": (lambda seed: _mlp(seed, dropout=True), _loss),
+    "randn_like_in_the_loss": (lambda seed: _mlp(seed), _noisy_loss),
+    "both": (lambda seed: _mlp(seed, dropout=True), _noisy_loss),
+}
+
+
+def _random_states(make_model, seeds=(10, 11, 12)):
+    """The members of MEMBERS (their initial weights, optimizer, learning rate, scheduler), each with its own RNG
+    seed ``seeds[k]`` (what its dropout masks and noise draw from)."""
+    states = []
+    for (init, make_opt, make_sched), seed in zip(MEMBERS, seeds):
+        model = make_model(init)
+        opt = make_opt(model.parameters())
+        states.append(loopkit.TrainState.create(model, opt, make_sched(opt) if make_sched else None, seed=seed))
+    return states
+
+
+@pytest.mark.parametrize("random", list(RANDOM))
+def test_members_whose_loss_draws_random_numbers_follow_their_solo_runs_bitwise(random, make_batches):
+    """Before, a model with dropout (or a loss_fn calling torch.randn_like) was refused ("draws random numbers ...
+    remove the randomness"): a member's seed never mattered. Now each member draws from its own RNG, one member at a
+    time (no batched arithmetic), so each equals its solo loopkit.train_step run and its own hand-written loop
+    bitwise: parameters, losses, optimizer state and the RNG state it ends with."""
+    make_model, loss_fn = RANDOM[random]
+    batches = make_batches(STEPS)
+    seeds = (10, 11, 12)
+    ens = ensemble.stack(_random_states(make_model, seeds))
+    step = ensemble.train_step(loss_fn, donated=True)
+    losses = []
+    for batch in batches:
+        ens, metrics = step(ens, batch)
+        losses.append(metrics["loss"])
+        assert metrics["loss"].shape == metrics["mae"].shape == (3,)
+    assert step.draws_random
+    losses = torch.stack(losses)
+    for k, ((init, make_opt, make_sched), seed) in enumerate(zip(MEMBERS, seeds)):
+        member = ens.members[k]
+        assert member.step == STEPS and member.batch_index == STEPS
+        raw, raw_losses, raw_rng = _raw_random(seed, make_model(init), make_opt, make_sched, loss_fn, batches)
+        assert torch.equal(losses[:, k], raw_losses), f"member {k}"
+        solo = _random_states(make_model, seeds)[k]
+        solo_step = loopkit.donate(loopkit.train_step(loss_fn))
+        for batch in batches:
+            solo, _ = solo_step(solo, batch)
+        for (name, p), q, r in zip(raw.named_parameters(), member.model.parameters(), solo.model.parameters()):
+            assert torch.equal(q, p), f"member {k} {name}: differs from its hand-written loop"
+            assert torch.equal(q, r), f"member {k} {name}: differs from its solo train_step run"
+            assert torch.equal(ens.params[name][k], p)
+        torch.testing.assert_close(member.optimizer.state_dict(), solo.optimizer.state_dict(), rtol=0, atol=0)
+        assert torch.equal(member.rng["cpu"], solo.rng["cpu"]) and torch.equal(member.rng["cpu"], raw_rng)
+        assert not torch.equal(member.rng["cpu"], loopkit.TrainState.create(nn.Linear(1, 1), seed=seed).rng["cpu"])
+
+
+def _first_draw(model, batch):
+    """The loss of :func:`_loss` through the model's dropout, reporting the first number the loss_fn draws itself and
+    how many units the dropout dropped (its mask)."""
+    x, y = batch
+    noise = torch.randn_like(y)
+    out = model(x)
+    dropped = (model[2](torch.ones(8, 16)) == 0).sum().float()  # (the same Dropout: the next mask it draws)
+    return ((out - y) ** 2).mean() + 0 * noise.sum(), {"noise": noise[0, 0], "dropped": dropped}
+
+
+def test_each_member_draws_from_its_own_seed_and_not_from_the_global_rng(make_batches):
+    """The same initial weights and optimizer in every member: members 0 and 2 share a seed, member 1 has its own. So
+    0 and 2 draw the same masks and noise and stay bitwise equal, and member 1 draws other ones and trains apart
+    (the seed matters). The caller's global RNG neither feeds the draws nor moves."""
+    batches = make_batches(3)
+
+    def states(seeds):
+        out = []
+        for seed in seeds:
+            model = _mlp(0, dropout=True)
+            out.append(loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1), seed=seed))
+        return out
+
+    ens = ensemble.stack(states((5, 6, 5)))
+    step = ensemble.train_step(_first_draw, donated=True)
+    rows = []
+    for batch in batches:
+        torch.manual_seed(1234)  # the global RNG: none of the members' business
+        before = torch.get_rng_state()
+        ens, metrics = step(ens, batch)
+        assert torch.equal(torch.get_rng_state(), before), "the step moved the caller's global RNG"
+        rows.append(metrics)
+    for metrics in rows:
+        assert metrics["noise"][0] == metrics["noise"][2] and metrics["noise"][0] != metrics["noise"][1]
+        assert metrics["dropped"][0] == metrics["dropped"][2]
+    assert any(m["dropped"][0] != m["dropped"][1] for m in rows)
+    for name, stacked in ens.params.items():
+        assert torch.equal(stacked[0], stacked[2]), name
+    assert not torch.equal(ens.params["0.weight"][0], ens.params["0.weight"][1])
+    # and each is what its solo run with its seed draws (the first noise value: the first number drawn)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(6)
+        assert float(rows[0]["noise"][1]) == float(torch.randn(8, 2)[0, 0])
+
+
+def test_a_state_dict_round_trip_mid_run_continues_as_the_uninterrupted_run(make_batches):
+    """Half the run, then each member's state_dict (its RNG among it) saved and loaded into fresh states, stacked
+    again and trained by a new step: the same masks and noise, bitwise the uninterrupted ensemble's (and solo) run."""
+    batches = make_batches(STEPS)
+    make_model, loss_fn = RANDOM["both"]
+    whole = ensemble.stack(_random_states(make_model))
+    step = ensemble.train_step(loss_fn, donated=True)
+    for batch in batches:
+        whole, _ = step(whole, batch)
+
+    ens = ensemble.stack(_random_states(make_model))
+    step = ensemble.train_step(loss_fn, donated=True)
+    for batch in batches[: STEPS // 2]:
+        ens, _ = step(ens, batch)
+    saved = []
+    for member in ensemble.unstack(ens):
+        buffer = io.BytesIO()
+        torch.save(member.state_dict(), buffer)
+        saved.append(buffer.getvalue())
+    fresh = _random_states(make_model, seeds=(20, 21, 22))  # other seeds: the loaded RNGs must replace theirs
+    loaded = [state.load_state_dict(torch.load(io.BytesIO(data), weights_only=False)) for state, data in zip(fresh, saved)]
+    resumed = ensemble.stack(loaded)
+    step = ensemble.train_step(loss_fn, donated=True)
+    for batch in batches[STEPS // 2:]:
+        resumed, _ = step(resumed, batch)
+    for name in whole.params:
+        assert torch.equal(resumed.params[name], whole.params[name]), name
+    for a, b in zip(resumed.members, whole.members):
+        assert a.step == b.step == STEPS and torch.equal(a.rng["cpu"], b.rng["cpu"])
+        torch.testing.assert_close(a.optimizer.state_dict(), b.optimizer.state_dict(), rtol=0, atol=0)
+    _assert_random_follow_solo(whole, make_model, loss_fn, batches)
+
+
+def _assert_random_follow_solo(ens, make_model, loss_fn, batches, seeds=(10, 11, 12)):
+    for k, solo in enumerate(_random_states(make_model, seeds)):
+        solo_step = loopkit.train_step(loss_fn)
+        for batch in batches:
+            solo, _ = solo_step(solo, batch)
+        for (name, p), q in zip(solo.model.named_parameters(), ens.members[k].model.parameters()):
+            assert torch.equal(q, p), f"member {k} {name}"
+
+
+def test_a_pure_step_that_draws_leaves_the_members_rng_as_it_was_and_repeats(make_batches):
+    """Not donated: the given ensemble's members keep their RNG (and all else), so a second call from it draws the
+    same numbers; the returned members' RNGs advanced."""
+    batch = make_batches(1)[0]
+    ens = ensemble.stack(_random_states(RANDOM["both"][0]))
+    rngs = [m.rng["cpu"].clone() for m in ens.members]
+    step = ensemble.train_step(_noisy_loss)
+    a, metrics_a = step(ens, batch)
+    b, metrics_b = step(ens, batch)
+    assert all(torch.equal(m.rng["cpu"], r) for m, r in zip(ens.members, rngs))
+    assert not any(torch.equal(m.rng["cpu"], r) for m, r in zip(a.members, rngs))
+    assert torch.equal(metrics_a["loss"], metrics_b["loss"])
+    for name in a.params:
+        assert torch.equal(a.params[name], b.params[name])
+
+
+def test_a_loss_without_randomness_keeps_the_vmapped_call(make_batches):
+    """The one-at-a-time path is for losses that draw: one that does not stays vmapped (its members' RNGs unmoved),
+    and a model whose dropout is in eval mode draws nothing."""
+    batches = make_batches(2)
+    step = ensemble.train_step(_loss, donated=True)
+    ens = ensemble.stack(_states())
+    rngs = [m.rng["cpu"].clone() for m in ens.members]
+    for batch in batches:
+        ens, _ = step(ens, batch)
+    assert not step.draws_random
+    assert all(torch.equal(m.rng["cpu"], r) for m, r in zip(ens.members, rngs))
+    evaluated = [s.evolve(model=s.model.eval()) for s in _random_states(RANDOM["dropout"][0])]
+    step = ensemble.train_step(_loss, donated=True)
+    ens = ensemble.stack(evaluated)
+    ens, _ = step(ens, batches[0])
+    assert not step.draws_random
+
+
+def test_rrelu_members_train_one_at_a_time_as_their_solo_runs(make_batches):
+    """RReLU's training-mode noise has no vmap rule at all (it was refused too): one member at a time it trains."""
+    batches = make_batches(3)
+
+    def states():
+        out = []
+        for seed, lr in ((0, 0.1), (1, 0.05)):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                model = nn.Sequential(nn.Linear(4, 8), nn.RReLU(), nn.Linear(8, 2))
+            out.append(loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=lr), seed=seed + 7))
+        return out
+
+    ens = ensemble.stack(states())
+    step = ensemble.train_step(_loss, donated=True)
+    for batch in batches:
+        ens, _ = step(ens, batch)
+    for k, solo in enumerate(states()):
+        solo_step = loopkit.train_step(_loss)
+        for batch in batches:
+            solo, _ = solo_step(solo, batch)
+        for (name, p), q in zip(solo.model.named_parameters(), ens.members[k].model.parameters()):
+            assert torch.equal(q, p), f"member {k} {name}"
+
+
+def test_a_drawing_loss_fn_that_raises_for_one_member_leaves_the_ensemble_and_the_global_rng_as_they_were(
+        make_batches, take_snapshot, assert_trees_equal):
+    """One member at a time, member 1's call raises after member 0's drew: nothing of the ensemble changed (its
+    members' RNGs included), the caller's global RNG is put back, and the ensemble trains on as if never called."""
+    batches = make_batches(2)
+    calls = []
+
+    def flaky(model, batch):
+        calls.append(1)
+        if len(calls) == 3:  # (1: the vmapped attempt, refused; 2: member 0; 3: member 1)
+            torch.rand(5)
+            raise KeyError("the loss_fn's own bug")
+        return _noisy_loss(model, batch)
+
+    make_model = RANDOM["dropout"][0]
+    ens = ensemble.stack(_random_states(make_model))
+    before = [take_snapshot(m) for m in ens.members]
+    global_before = torch.get_rng_state()
+    with pytest.raises(KeyError, match="own bug") as error:
+        ensemble.train_step(flaky, donated=True)(ens, batches[0])
+    assert torch.equal(torch.get_rng_state(), global_before)
+    assert loopkit.state_at_error(error.value) is ens
+    for member, snap in zip(ens.members, before):
+        member.check_usable()
+        assert_trees_equal(take_snapshot(member), snap)
+    step = ensemble.train_step(_noisy_loss, donated=True)
+    for batch in batches:
+        ens, _ = step(ens, batch)
+    _assert_random_follow_solo(ens, make_model, _noisy_loss, batches)
