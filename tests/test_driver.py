@@ -1378,20 +1378,29 @@ class _Augmented(torch.utils.data.Dataset):
         return x[0] + noise, y[0]
 
 
+def _crash_then_resume(tmp_path, loader, crash_after, whole_step, crashing_step):
+    """A 2-epoch run of ``whole_step`` (4 batches an epoch) from ``seed_everything(11)``, then one of ``crashing_step``
+    under ``with_checkpointing`` from the same seed that crashes after ``crash_after`` steps, and its newest
+    checkpoint restored in what stands for another process (the global RNGs seeded otherwise: the checkpoint's are
+    what count): ``(whole, history, checkpointing step, restored state)``."""
+    loopkit.seed_everything(11)
+    whole, history = run_epochs(whole_step, make_state(), loader, epochs=2, progress=False)
+    step = loopkit.with_checkpointing(crashing_step, tmp_path, every_n_steps=1)
+    loopkit.seed_everything(11)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_epochs(step, make_state(), loader, epochs=2, callbacks=[CrashAfterStep(crash_after)], progress=False)
+    loopkit.seed_everything(99)
+    mid = loopkit.restore(make_state(), tmp_path)
+    assert mid.batch_index == crash_after % 4 and mid.batch_index > 0
+    return whole, history, step, mid
+
+
 @pytest.mark.parametrize("crash_after", [1, 2, 6])
 def test_augmentation_from_the_global_rng_in_the_main_process_resumes_mid_epoch_exactly(tmp_path, crash_after):
     """The batches a resumed run skips are read without drawing from the global RNG the checkpoint put
     back (they drew from it, so every later batch of the epoch had other noise than the uninterrupted run's)."""
     loader = DataLoader(_Augmented(), batch_size=2, shuffle=True, num_workers=0)
-    loopkit.seed_everything(11)
-    whole, history = run_epochs(train_step(mse), make_state(), loader, epochs=2, progress=False)
-    step = loopkit.with_checkpointing(train_step(mse), tmp_path, every_n_steps=1)
-    loopkit.seed_everything(11)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        run_epochs(step, make_state(), loader, epochs=2, callbacks=[CrashAfterStep(crash_after)], progress=False)
-    loopkit.seed_everything(99)  # another process: the checkpoint's global RNGs are what count
-    mid = loopkit.restore(make_state(), tmp_path)
-    assert mid.batch_index == crash_after % 4 and mid.batch_index > 0
+    whole, history, step, mid = _crash_then_resume(tmp_path, loader, crash_after, train_step(mse), train_step(mse))
     resumed, rest = run_epochs(step, mid, loader, epochs=2, progress=False)
     assert rest == history[crash_after // 4:]
     assert_bitwise(params_of(resumed), params_of(whole))
@@ -1449,15 +1458,8 @@ def test_data_drawing_its_order_from_the_global_rngs_resumes_mid_epoch_exactly(t
             return mse(model, batch)
         return loss_fn
 
-    loopkit.seed_everything(11)
-    whole, history = run_epochs(train_step(recording("whole")), make_state(), loader, epochs=2, progress=False)
-    step = loopkit.with_checkpointing(train_step(recording("resumed")), tmp_path, every_n_steps=1)
-    loopkit.seed_everything(11)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        run_epochs(step, make_state(), loader, epochs=2, callbacks=[CrashAfterStep(crash_after)], progress=False)
-    loopkit.seed_everything(99)  # another process: the checkpoint's global RNGs are what count
-    mid = loopkit.restore(make_state(), tmp_path)
-    assert mid.batch_index == crash_after % 4 and mid.batch_index > 0
+    whole, history, step, mid = _crash_then_resume(
+        tmp_path, loader, crash_after, train_step(recording("whole")), train_step(recording("resumed")))
     seen["resumed"] = seen["resumed"][:crash_after]
     resumed, rest = run_epochs(step, mid, loader, epochs=2, progress=False)
     assert seen["resumed"] == seen["whole"]
