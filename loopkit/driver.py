@@ -36,6 +36,7 @@ from loopkit._numbers import as_int, as_real
 from loopkit._window import EPOCH, OVER_RANKS, own_buffers, own_rng, own_share
 from loopkit.callbacks import Callback, may_change_state_early
 from loopkit.progress import ProgressBar, progress_wanted
+from loopkit.rng import epoch_order_seed as _order_seed
 from loopkit.rng import global_rngs_kept
 from loopkit.state import (
     TrainState, extras_copy, fork, leave_intact, model_device, put_extras, refuse_copy_if_sharded, replace,
@@ -132,11 +133,6 @@ def _warn_of_eval_mode(model: torch.nn.Module) -> None:
             RuntimeWarning,
             stacklevel=3,
         )
-
-
-def _order_seed(seed: int, epoch: int) -> int:
-    words = np.random.SeedSequence([seed, epoch]).generate_state(2, np.uint32)
-    return (int(words[0]) << 31) ^ int(words[1])
 
 
 def _epoch_batches(data: Iterable, seed: int, epoch: int, skip: int, count: int | None) -> Iterator[Any] | None:
