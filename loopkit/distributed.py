@@ -22,7 +22,8 @@ the same port (no environment needed: the address defaults to ``127.0.0.1``)::
     torch.multiprocessing.spawn(worker, args=(29500,), nprocs=2)
 
 In a single process (no ``torchrun`` environment, no ranks given) ``init`` does nothing,
-``rank()`` is 0, ``world_size()`` is 1 and ``shard`` gives the whole data set.
+``rank()`` is 0, ``world_size()`` is 1 and ``shard`` gives the whole data (all that a
+DataLoader yields, with a sampler of its own too).
 
 >>> init(), rank(), world_size(), is_rank_zero()
 (False, 0, 1, True)
@@ -38,10 +39,13 @@ from collections.abc import Iterator, Sized
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
+from torch.utils.data import (
+    BatchSampler, DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler, SequentialSampler,
+)
 
 from loopkit import _collective
 from loopkit._numbers import as_int, as_real
+from loopkit.rng import epoch_order_seed
 from loopkit.state import TrainState
 
 __all__ = ["init", "is_rank_zero", "local_rank", "rank", "shard", "shutdown", "world_size"]
@@ -372,23 +376,120 @@ class _ShardSampler(DistributedSampler):
         return n // self.num_replicas + (1 if self.rank < n % self.num_replicas else 0)
 
 
+class _SamplerShard(Sampler[int]):
+    """This rank's share of the indices a loader's own sampler draws (Lightning's ``DistributedSamplerWrapper``).
+
+    Each epoch the sampler's indices are drawn once, here in the main process, with torch's global
+    generator, the sampler's generator and the loader's (``loader_generator``) seeded as ``run_epochs``
+    seeds the loader's epoch, from ``(seed, epoch)``: ``seed`` is rank 0's, so every rank draws the same
+    indices whatever its own RNG holds, and in one process the draw is the loader's own for the same
+    seed. The generators are put back afterwards. The indices are then split as a ``DistributedSampler``
+    with ``shuffle=False`` splits a dataset's (rank ``r`` takes indices ``r``, ``r + world``, ...), the
+    sampler's order kept: ``pad=True`` repeats the first ones so that every rank takes as many,
+    ``pad=False`` gives each drawn index to one rank only.
+    """
+
+    def __init__(
+        self, sampler: Sampler, loader_generator: torch.Generator | None, *, num_replicas: int, rank: int, seed: int,
+        pad: bool,
+    ) -> None:
+        self.sampler = sampler
+        self.loader_generator = loader_generator
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.seed = seed
+        self.pad = pad
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch whose indices the next iteration draws; told to the sampler too when it takes it."""
+        self.epoch = epoch
+        if callable(getattr(self.sampler, "set_epoch", None)):
+            self.sampler.set_epoch(epoch)
+
+    def _draw(self) -> list[int]:
+        """The sampler's indices this epoch, drawn as the loader's iterator draws them (the workers' base seed
+        from the loader's generator, else torch's global one, first), from generators seeded for the epoch."""
+        order_seed = epoch_order_seed(self.seed, self.epoch)
+        generators = [torch.default_generator]
+        for generator in (self.loader_generator, getattr(self.sampler, "generator", None)):
+            if isinstance(generator, torch.Generator) and all(generator is not g for g in generators):
+                generators.append(generator)
+        saved = [g.get_state() for g in generators]
+        try:
+            for generator in generators:
+                generator.manual_seed(order_seed)
+            torch.empty((), dtype=torch.int64).random_(generator=self.loader_generator)
+            return list(self.sampler)
+        finally:
+            for generator, state in zip(generators, saved):
+                generator.set_state(state)
+
+    def __iter__(self) -> Iterator[int]:
+        indices = self._draw()
+        if self.pad and indices:
+            total = -(-len(indices) // self.num_replicas) * self.num_replicas
+            indices = (indices * -(-total // len(indices)))[:total]
+        return iter(indices[self.rank :: self.num_replicas])
+
+    def __len__(self) -> int:
+        n = len(self.sampler)  # type: ignore[arg-type]
+        if self.pad:
+            return -(-n // self.num_replicas)
+        return n // self.num_replicas + (1 if self.rank < n % self.num_replicas else 0)
+
+
 _LOADER_OPTIONS = (
     "batch_size", "num_workers", "collate_fn", "pin_memory", "drop_last", "timeout", "worker_init_fn",
     "prefetch_factor", "persistent_workers", "pin_memory_device", "in_order",
 )
 
 
-def _loader_options(loader: DataLoader) -> dict[str, Any]:
-    if loader.batch_size is None:
-        raise ValueError(
-            "loopkit.distributed.shard: the DataLoader has a batch_sampler or batch_size=None; shard the dataset "
-            "instead: shard(loader.dataset, state, batch_size=...)"
-        )
+def _loader_options(loader: DataLoader) -> tuple[dict[str, Any], Sampler]:
+    """The options of ``loader`` that a shard keeps, and the sampler its batches are drawn from."""
+    sampler = loader.sampler
     options = {name: getattr(loader, name) for name in _LOADER_OPTIONS if hasattr(loader, name)}
+    if loader.batch_size is None:
+        batches = loader.batch_sampler
+        if batches is None:
+            raise ValueError(
+                "loopkit.distributed.shard: the DataLoader has batch_size=None (no batching); shard the dataset "
+                "instead: shard(loader.dataset, state, batch_size=...)"
+            )
+        if type(batches) is not BatchSampler:
+            raise ValueError(
+                f"loopkit.distributed.shard: the DataLoader's batch_sampler, a {type(batches).__qualname__}, makes "
+                "batches that shard cannot split across ranks (it shards the indices of a sampler, and batches them "
+                "with torch's BatchSampler); give the DataLoader a sampler= and batch_size= instead, shard the "
+                "dataset (shard(loader.dataset, state, batch_size=...)), or build each rank's batch sampler over "
+                "its own share of the indices"
+            )
+        sampler = batches.sampler  # torch's BatchSampler given as batch_sampler=: its sampler, batched the same way
+        options.update(batch_size=batches.batch_size, drop_last=batches.drop_last)
     if options.get("num_workers", 0) == 0:
         options.pop("prefetch_factor", None)
         options.pop("persistent_workers", None)
-    return options
+    return options, sampler
+
+
+def _sampler_to_keep(sampler: Sampler, dataset: Any) -> Sampler | None:
+    """The sampler a shard draws from (and splits across ranks), or None when it is a plain one over the whole
+    ``dataset`` (sequential, or a permutation of it: a ``DistributedSampler`` over the dataset replaces it)."""
+    if isinstance(sampler, _SamplerShard):
+        return sampler.sampler  # a shard sharded again: its loader's sampler
+    if isinstance(sampler, DistributedSampler):
+        return None
+    if type(sampler) is SequentialSampler and sampler.data_source is dataset:
+        return None
+    if (type(sampler) is RandomSampler and sampler.data_source is dataset and not sampler.replacement
+            and sampler.num_samples == len(dataset)):
+        return None
+    if not isinstance(sampler, Sized):
+        raise TypeError(
+            f"loopkit.distributed.shard: the DataLoader's sampler, a {type(sampler).__qualname__}, has no len(); "
+            "shard splits a sampler's indices across ranks, every rank taking as many, and needs its length"
+        )
+    return sampler
 
 
 def shard(
@@ -411,10 +512,24 @@ def shard(
     process group. ``run_epochs`` calls its ``set_epoch(epoch)`` at each epoch, so every epoch
     has its own order and a resumed run sees the same order as an uninterrupted one.
 
+    A ``DataLoader`` with a sampler of its own (anything but torch's ``SequentialSampler``,
+    or a ``RandomSampler`` permuting its whole dataset: a ``SubsetRandomSampler`` of a
+    train/val split, a ``WeightedRandomSampler``, your own) keeps it, as Lightning's
+    ``DistributedSamplerWrapper`` does: each epoch the sampler's indices are drawn once, in
+    the main process, from generators seeded with rank 0's seed and the epoch as
+    ``run_epochs`` seeds an epoch's order, and split across the ranks as a
+    ``DistributedSampler`` splits a dataset (rank ``r`` takes indices ``r``, ``r + world``, ...,
+    padded or not as below); so the shards hold only the samples the loader draws (the
+    held-out ones never), and ``shuffle=`` does not apply. A ``batch_sampler=`` is sharded
+    when it is torch's ``BatchSampler`` (its sampler as above, its batch size and drop_last
+    kept); another is refused, naming it.
+
     ``pad=True`` (training) gives every rank the same number of samples, repeating a few
     when the data does not divide by the world size, as DDP needs (every rank takes the
     same number of steps). ``pad=False`` (evaluation) gives each sample to exactly one rank,
-    so that ``evaluate`` counts each once. In a single process the shard is the whole data.
+    so that ``evaluate`` counts each once. In a single process the shard is the whole data:
+    a dataset's every sample, or what the loader yields (with a sampler of its own, in the
+    loader's order under ``run_epochs`` for the same seed).
 
     Resuming under another world size works (a checkpoint holds nothing per rank, and every
     rank restores the same one), and each epoch's order over all ranks stays fixed by the
@@ -428,6 +543,10 @@ def shard(
     >>> loader = shard(TensorDataset(torch.arange(10.0)), 0, batch_size=4, shuffle=False)
     >>> [len(b[0]) for b in loader], type(loader.sampler).__name__
     ([4, 4, 2], 'DistributedSampler')
+    >>> from torch.utils.data import DataLoader, SubsetRandomSampler
+    >>> train = DataLoader(loader.dataset, batch_size=4, sampler=SubsetRandomSampler(range(6)))  # 6..9 held out
+    >>> sorted(int(v) for b in shard(train, 0) for v in b[0])
+    [0, 1, 2, 3, 4, 5]
     """
     if isinstance(state, TrainState):
         seed = state.seed
@@ -437,10 +556,18 @@ def shard(
         seed = as_int(state)
     else:
         raise TypeError(f"loopkit.distributed.shard: state must be a TrainState, an int seed or None, got {type(state).__qualname__}")
+    kept, generator = None, None
     if isinstance(data, DataLoader):
+        options, own = _loader_options(data)
+        kept = _sampler_to_keep(own, data.dataset)
+        generator = own.loader_generator if isinstance(own, _SamplerShard) else data.generator
+        if kept is not None and shuffle is not None:
+            raise TypeError(
+                f"loopkit.distributed.shard: shuffle= does not apply to a DataLoader with its own sampler (a "
+                f"{type(kept).__qualname__}): shard keeps it, and its indices are this shard's order; leave shuffle= out"
+            )
         if shuffle is None:
-            shuffle = isinstance(data.sampler, RandomSampler) or isinstance(data.sampler, DistributedSampler) and data.sampler.shuffle
-        options = _loader_options(data)
+            shuffle = isinstance(own, RandomSampler) or isinstance(own, DistributedSampler) and own.shuffle
         if batch_size is not None:
             options["batch_size"] = batch_size
         options.update(loader_options)
@@ -460,9 +587,13 @@ def shard(
         raise ValueError(f"loopkit.distributed.shard: batch_size must be a positive int, got {options.get('batch_size')!r}")
     options["batch_size"] = as_int(options["batch_size"])
     seed = int(_collective.gather(seed)[0])  # type: ignore[index,call-overload]  # rank 0's (see above)
-    kind = DistributedSampler if pad else _ShardSampler
-    sampler = kind(dataset, num_replicas=world_size(), rank=rank(), shuffle=bool(shuffle), seed=seed)
     for name in ("shuffle", "sampler", "batch_sampler"):
         if name in options:
             raise TypeError(f"loopkit.distributed.shard: {name}= is not an option here; the sampler is the shard")
+    sampler: Sampler
+    if kept is not None:
+        sampler = _SamplerShard(kept, generator, num_replicas=world_size(), rank=rank(), seed=seed, pad=pad)
+    else:
+        kind = DistributedSampler if pad else _ShardSampler
+        sampler = kind(dataset, num_replicas=world_size(), rank=rank(), shuffle=bool(shuffle), seed=seed)
     return DataLoader(dataset, sampler=sampler, **options)

@@ -37,6 +37,7 @@ from loopkit._window import EPOCH, OVER_RANKS, own_buffers, own_rng, own_share
 from loopkit.callbacks import Callback, may_change_state_early
 from loopkit.checkpoint import capture_global_rng, install_global_rng
 from loopkit.progress import ProgressBar, progress_wanted
+from loopkit.rng import epoch_order_seed as _order_seed
 from loopkit.rng import global_rngs_kept
 from loopkit.state import (
     TrainState, extras_copy, fork, leave_intact, model_device, put_extras, refuse_copy_if_sharded, replace,
@@ -157,11 +158,6 @@ _EPOCH_RNGS = "run_epochs/epoch_rngs"
 
 #: the stream of numpy's and Python's seeds for an epoch's start (torch's is :func:`_order_seed`, the factories' others)
 _SAMPLERS = 3
-
-
-def _order_seed(seed: int, epoch: int) -> int:
-    words = np.random.SeedSequence([seed, epoch]).generate_state(2, np.uint32)
-    return (int(words[0]) << 31) ^ int(words[1])
 
 
 def _epoch_batches(

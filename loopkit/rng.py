@@ -129,6 +129,17 @@ class RNGScope:
             torch.cuda.set_rng_state(self._saved_cuda, self._cuda_index)
 
 
+def epoch_order_seed(seed: int, epoch: int) -> int:
+    """The seed of an epoch's data order: what ``run_epochs`` seeds a loader's generators (and torch's global
+    one) with at the epoch's start, and what ``distributed.shard`` draws a kept sampler's indices with.
+
+    >>> epoch_order_seed(0, 1) == epoch_order_seed(0, 1) != epoch_order_seed(0, 2)
+    True
+    """
+    words = np.random.SeedSequence([seed, epoch]).generate_state(2, np.uint32)
+    return (int(words[0]) << 31) ^ int(words[1])
+
+
 @contextlib.contextmanager
 def global_rngs_kept() -> Iterator[None]:
     """Put torch's (CPU), numpy's and Python's global RNGs back as they were when the block ends.

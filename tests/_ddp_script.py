@@ -40,6 +40,9 @@ no expected values. Scenarios:
   These vote every step; ``signal_spaced_votes`` (100 batches an epoch) spaces its votes as run_epochs does.
 - ``loss_error``: the loss_fn raises on every rank, at a fit's first call, then at another's 4th, whose
   ``state_at_error`` trains on to the epoch's end.
+- ``kept_sampler``: ``shard`` of DataLoaders with samplers of their own (``kept_loader``: a
+  ``SubsetRandomSampler`` of a split, a ``WeightedRandomSampler``), states seeded apart and each rank's
+  global RNG elsewhere; each rank's indices of 2 epochs, through ``run_epochs`` and by hand (unpadded).
 - ``resume``: ``run_epochs`` with ``with_checkpointing(every_n_steps=1)`` from the newest
   checkpoint in ``OUT_DIR/ckpt``; with ``LOOPKIT_TEST_DIE=N`` rank 1 of the first attempt exits
   hard in batch N + 1, after the checkpoint of batch N (written once batch N's hooks have run).
@@ -674,6 +677,45 @@ def signal_in_group(rank: int, out_dir: str) -> dict[str, Any]:
     return _signal_stop(rank, out_dir, "signal_in_group", 2 if rank == 0 else None, every=2)
 
 
+KEPT_N, KEPT_SEED = 20, 11
+KEPT_TRAIN = [0, 2, 3, 5, 7, 8, 11, 12, 14, 15, 17, 18, 19]  # 13 of 20 (odd: the padded shards repeat one)
+
+
+def kept_loader(name: str) -> torch.utils.data.DataLoader:
+    """A DataLoader over ``KEPT_N`` samples (their indices) whose sampler is its own: ``shard`` keeps it."""
+    from torch.utils.data import DataLoader, SubsetRandomSampler, TensorDataset, WeightedRandomSampler
+
+    data = TensorDataset(torch.arange(KEPT_N))
+    if name == "weighted":  # the odd indices never drawn
+        weights = torch.tensor([float(i + 1) if i % 2 == 0 else 0.0 for i in range(KEPT_N)])
+        return DataLoader(data, batch_size=3, sampler=WeightedRandomSampler(weights, 15))
+    return DataLoader(data, batch_size=4, sampler=SubsetRandomSampler(KEPT_TRAIN))
+
+
+def kept_sampler(rank: int) -> dict[str, Any]:
+    import loopkit
+    from loopkit import distributed
+
+    result: dict[str, Any] = {}
+    for name in ("subset", "weighted"):
+        state = loopkit.TrainState.create(nn.Linear(1, 1), seed=KEPT_SEED + rank)  # seeded apart: rank 0's orders
+        seen: list[list[int]] = [[], []]
+
+        def record(state: Any, batch: Any) -> Any:
+            seen[state.epoch].extend(int(v) for v in batch[0])
+            return state.evolve(step=state.step + 1, batch_index=state.batch_index + 1), {}
+
+        loopkit.run_epochs(record, state, distributed.shard(kept_loader(name), state), epochs=2, progress=False)
+        result[name] = seen
+        unpadded = distributed.shard(kept_loader(name), KEPT_SEED + rank, pad=False)
+        torch.manual_seed(100 + rank)  # each rank's global RNG elsewhere: the draw must not depend on it
+        result[name + "_unpadded"] = []
+        for epoch in (0, 1):
+            unpadded.sampler.set_epoch(epoch)
+            result[name + "_unpadded"].append([int(v) for (b,) in unpadded for v in b])
+    return result
+
+
 def resume(rank: int, out_dir: str) -> dict[str, Any]:
     import loopkit
     from loopkit import distributed
@@ -769,7 +811,7 @@ SCENARIOS = {
     f.__name__: f
     for f in (plain, accum, accum_scheduled, accum_outer, bucket_views, static_graph, flush, two_heads, averaged_pruned, nan_skip, nan_raise, fp16, fit,
               stop_one_rank, callbacks_on_rank0, uneven, apart, loss_error, buffers_apart, sparse_flush, stop_in_group,
-              uneven_stream, even_stream, val_one_sample, val_all_empty)
+              uneven_stream, even_stream, val_one_sample, val_all_empty, kept_sampler)
 }
 
 WITH_OUT_DIR = {f.__name__: f for f in (resume, signal_one_rank, signal_apart, signal_in_group, signal_spaced_votes,

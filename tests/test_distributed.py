@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import BatchSampler, DataLoader, SubsetRandomSampler, TensorDataset, WeightedRandomSampler
 
 import loopkit
 from loopkit import distributed
@@ -85,6 +85,75 @@ def test_unpadded_shards_hold_each_sample_exactly_once(n):
     assert [p[: len(s)] for p, s in zip(padded, shards)] == shards  # the same order, less the padding
 
 
+def _epochs_of(loader, seed: int, epochs: int = 2) -> list[list[int]]:
+    """The sample indices ``run_epochs`` feeds a step from ``loader``, epoch by epoch, for a state of ``seed``."""
+    seen: list[list[int]] = [[] for _ in range(epochs)]
+
+    def record(state, batch):
+        seen[state.epoch].extend(int(v) for v in batch[0])
+        return state.evolve(step=state.step + 1, batch_index=state.batch_index + 1), {}
+
+    loopkit.run_epochs(record, loopkit.TrainState.create(torch.nn.Linear(1, 1), seed=seed), loader, epochs=epochs,
+                       progress=False)
+    return seen
+
+
+def test_shard_of_a_loader_with_a_subset_sampler_is_that_subset_in_the_loaders_order():
+    """The usual train/val split of one dataset: the shard trains on the train indices only, each once an epoch,
+    in the order the loader itself gives under run_epochs for the same seed (not a DistributedSampler's)."""
+    train_idx = [0, 2, 3, 5, 7, 8, 11, 12, 14]  # the rest held out
+
+    def loader():
+        return DataLoader(TensorDataset(torch.arange(16)), batch_size=4, sampler=SubsetRandomSampler(train_idx))
+
+    own = _epochs_of(loader(), seed=3)
+    sharded = distributed.shard(loader(), 3)
+    got = _epochs_of(sharded, seed=3)
+    for epoch in got:
+        assert sorted(epoch) == train_idx  # each train sample once, no held-out one
+    assert got == own and got[0] != got[1]
+    for pad in (True, False):  # by hand (set_epoch, as run_epochs calls it): the same samples, each once
+        sharded = distributed.shard(loader(), 3, pad=pad)
+        for epoch in (0, 1):
+            sharded.sampler.set_epoch(epoch)
+            assert sorted(int(v) for (b,) in sharded for v in b) == train_idx
+        assert len(sharded) == 3 and len(sharded.sampler) == len(train_idx)
+
+
+def test_shard_of_a_loader_with_a_weighted_sampler_draws_as_the_sampler():
+    weights = torch.tensor([0.0, 1.0, 0.0, 2.0, 0.0, 3.0, 1.0, 0.0])  # 0, 2, 4, 7 never drawn
+
+    def loader():
+        return DataLoader(TensorDataset(torch.arange(8)), batch_size=5, sampler=WeightedRandomSampler(weights, 12))
+
+    got = _epochs_of(distributed.shard(loader(), 4), seed=4, epochs=3)
+    assert all(len(epoch) == 12 and set(epoch) <= {1, 3, 5, 6} for epoch in got)
+    assert got == _epochs_of(loader(), seed=4, epochs=3)
+    sharded = distributed.shard(loader(), 4)
+    assert len({tuple(int(v) for (b,) in sharded for v in b) for _ in range(3)}) == 1  # one draw per (seed, epoch)
+
+
+def test_shard_of_a_loader_with_a_batch_sampler():
+    data = TensorDataset(torch.arange(10))
+    torch_batches = DataLoader(data, batch_sampler=BatchSampler(SubsetRandomSampler([1, 4, 6, 8, 9]), 2, drop_last=True))
+    sharded = distributed.shard(torch_batches, 0)  # torch's BatchSampler: its sampler kept, batched as it batches
+    assert (sharded.batch_size, sharded.drop_last) == (2, True)
+    assert _epochs_of(sharded, seed=0) == _epochs_of(torch_batches, seed=0)
+    assert all(len(e) == 4 and set(e) <= {1, 4, 6, 8, 9} for e in _epochs_of(sharded, seed=0))
+
+    class Buckets(torch.utils.data.Sampler):
+        def __iter__(self):
+            return iter([[0, 1, 2], [3, 4]])
+
+        def __len__(self):
+            return 2
+
+    with pytest.raises(ValueError, match="batch_sampler, a .*Buckets, makes batches that shard cannot split"):
+        distributed.shard(DataLoader(data, batch_sampler=Buckets()), 0)
+    with pytest.raises(TypeError, match="shuffle= does not apply .* SubsetRandomSampler"):
+        distributed.shard(DataLoader(data, batch_size=2, sampler=SubsetRandomSampler([1, 2])), 0, shuffle=True)
+
+
 # --- several processes -------------------------------------------------------------------------
 
 
@@ -116,6 +185,34 @@ def test_two_nodes_with_a_c10d_rendezvous_on_loopback(tmp_path):
     for r in results:
         assert isinstance(r, subprocess.CompletedProcess) and r.returncode == 0, getattr(r, "stdout", r)
     _assert_the_one_process_run_of_plain(ddp.load(str(tmp_path), "plain"))
+
+
+@pytest.mark.slow
+def test_two_ranks_split_the_indices_a_loaders_own_sampler_draws(tmp_path):
+    """``torchrun --nproc-per-node 2``: states seeded apart, a SubsetRandomSampler's and a WeightedRandomSampler's
+    loader sharded. Each epoch the ranks split the one draw of the sampler, the one-process loader's for rank 0's
+    seed, as a DistributedSampler splits indices: rank r takes r, r + 2, ...; padded, the first ones repeat."""
+    port = _free_port()
+    launcher = ["--nnodes=1", "--nproc-per-node=2", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+                "--rdzv-id=loopkit-kept-sampler"]
+    done = ddp.torchrun(str(tmp_path), ["kept_sampler"], launcher=launcher, timeout=120)
+    assert done.returncode == 0, done.stdout[-4000:]
+    ranks = ddp.load(str(tmp_path), "kept_sampler")
+    for name in ("subset", "weighted"):
+        reference = _epochs_of(ddp.kept_loader(name), seed=ddp.KEPT_SEED)  # the loader's own, in one process
+        for epoch, drawn in enumerate(reference):
+            if name == "subset":
+                assert sorted(drawn) == ddp.KEPT_TRAIN
+            else:
+                assert len(drawn) == 15 and all(i % 2 == 0 for i in drawn)
+            r0, r1 = ranks[0][name + "_unpadded"][epoch], ranks[1][name + "_unpadded"][epoch]
+            assert sorted(r0 + r1) == sorted(drawn) and (r0, r1) == (drawn[0::2], drawn[1::2])
+            padded = drawn + drawn[: len(drawn) % 2]
+            r0, r1 = ranks[0][name][epoch], ranks[1][name][epoch]
+            assert len(r0) == len(r1) == len(padded) // 2 and (r0, r1) == (padded[0::2], padded[1::2])
+            if name == "subset":  # each sample on one rank, the one padding sample on both
+                assert set(r0).isdisjoint(ranks[1][name + "_unpadded"][epoch]) and set(r0) & set(r1) == {drawn[0]}
+        assert reference[0] != reference[1]
 
 
 def _assert_the_one_process_run_of_plain(ranks: list[dict]) -> None:

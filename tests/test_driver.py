@@ -1378,7 +1378,7 @@ class _Augmented(torch.utils.data.Dataset):
         return x[0] + noise, y[0]
 
 
-def _crash_then_resume(tmp_path, loader, crash_after, whole_step, crashing_step):
+def _crashed_and_restored(tmp_path, loader, crash_after, whole_step, crashing_step):
     """A 2-epoch run of ``whole_step`` (4 batches an epoch) from ``seed_everything(11)``, then one of ``crashing_step``
     under ``with_checkpointing`` from the same seed that crashes after ``crash_after`` steps, and its newest
     checkpoint restored in what stands for another process (the global RNGs seeded otherwise: the checkpoint's are
@@ -1400,7 +1400,7 @@ def test_augmentation_from_the_global_rng_in_the_main_process_resumes_mid_epoch_
     """The batches a resumed run skips are read without drawing from the global RNG the checkpoint put
     back (they drew from it, so every later batch of the epoch had other noise than the uninterrupted run's)."""
     loader = DataLoader(_Augmented(), batch_size=2, shuffle=True, num_workers=0)
-    whole, history, step, mid = _crash_then_resume(tmp_path, loader, crash_after, train_step(mse), train_step(mse))
+    whole, history, step, mid = _crashed_and_restored(tmp_path, loader, crash_after, train_step(mse), train_step(mse))
     resumed, rest = run_epochs(step, mid, loader, epochs=2, progress=False)
     assert rest == history[crash_after // 4:]
     assert_bitwise(params_of(resumed), params_of(whole))
@@ -1458,7 +1458,7 @@ def test_data_drawing_its_order_from_the_global_rngs_resumes_mid_epoch_exactly(t
             return mse(model, batch)
         return loss_fn
 
-    whole, history, step, mid = _crash_then_resume(
+    whole, history, step, mid = _crashed_and_restored(
         tmp_path, loader, crash_after, train_step(recording("whole")), train_step(recording("resumed")))
     seen["resumed"] = seen["resumed"][:crash_after]
     resumed, rest = run_epochs(step, mid, loader, epochs=2, progress=False)
