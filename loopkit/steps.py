@@ -99,7 +99,7 @@ class Step:
     donated: bool = False
     #: whether ``run_`` changes the state it is given (and so needs a copy when not donated)
     changes_state: bool = True
-    #: why the step cannot run on a copy of the state (``with_ddp``), or None when it can
+    #: why the step cannot run on a copy of the state (``with_fsdp``), or None when it can
     requires_donation: str | None = None
     #: a call (``run_``, ``flush_``, ``__call__``) that returns metrics returns a state made by that call, held by
     #: nothing else: the caller may add extras to it in place (:func:`loopkit.state.put_extras`)
@@ -924,6 +924,8 @@ class TrainStep(Step):
         extras.pop(_ACCUM_COUNT)
         marked: list[torch.Tensor] = []
         if self.sync is not None and not self.micro:  # the partial group's gradients never left this rank
+            if not self.sync.wraps(state.model):  # a flush that is not donated: the copy it works on gets its wrapper
+                self.sync.module(state.model, state.optimizer)
             marked = self.sync.marked_used(state.optimizer)
             self.sync.reduce_grads(state.optimizer)
         grads = [p.grad for p in _params_with_grads(state.optimizer)]

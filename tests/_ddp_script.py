@@ -7,6 +7,10 @@ references themselves from the same data (``make_data``, ``make_model``), so thi
 no expected values. Scenarios:
 
 - ``plain``: ``with_ddp(train_step)``, rank 1 starting from other weights (DDP broadcasts rank 0's).
+- ``pure``, ``pure_accum``, ``pure_two_heads``: steps that are not donated (each call trains a copy of the state it
+  is given, which is recorded before and after), against the same steps donated and a hand-written DDP loop; plain,
+  inside ``with_logging`` and ``with_checkpointing``, under ``with_grad_accum`` (and a flush), and with
+  ``find_unused_parameters`` (two heads; SparseAdam over a sparse embedding).
 - ``accum``: ``with_grad_accum(with_ddp(...), every=2)`` with a comm hook counting all-reduces.
 - ``accum_outer``: ``with_ddp(with_grad_clip(with_grad_hook(with_grad_accum(...))))``, the other order (the hook
   reports the norm of the gradients it sees).
@@ -333,6 +337,143 @@ def two_heads(rank: int) -> dict[str, Any]:
     state, _ = step.flush(state)
     out["none_on_rank1"] = {"params": _params(state.model), "step": state.step}
     return out
+
+
+def _observed(state: Any) -> dict[str, Any]:
+    """Copies of what a caller sees of ``state``: its state dict (parameters, buffers, optimizer and scheduler
+    state, counters, RNG, extras) and its gradients (a group's local ones)."""
+    import copy
+
+    return {"state_dict": _dense(copy.deepcopy(state.state_dict())),
+            "grads": {n: None if p.grad is None else _dense(p.grad.clone()) for n, p in state.model.named_parameters()}}
+
+
+def _dense(tree: Any) -> Any:
+    """``tree`` with each sparse tensor as ``("sparse", its dense values)`` (torch.equal takes no sparse tensor)."""
+    if isinstance(tree, torch.Tensor) and tree.is_sparse:
+        return ("sparse", tree.to_dense())
+    if isinstance(tree, dict):
+        return {k: _dense(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_dense(v) for v in tree)
+    return tree
+
+
+def _pure_loop(step: Any, state: Any, batches: list[Any]) -> tuple[Any, list[dict[str, Any]]]:
+    """``step`` (not donated) over ``batches``, each call's given state observed before and after it."""
+    calls = []
+    for batch in batches:
+        before = _observed(state)
+        new, metrics = step(state, batch)
+        calls.append({"before": before, "after": _observed(state), "loss": float(metrics["loss"]) if metrics else None})
+        state = new
+    return state, calls
+
+
+def _raw_ddp(rank: int, batches: list[Any], every: int = 1, model: nn.Module | None = None,
+             **options: Any) -> dict[str, torch.Tensor]:
+    """A hand-written DistributedDataParallel + SGD loop (momentum 0.9): each loss divided by ``every``, the first
+    ``every - 1`` micro-batches of a group under ``no_sync``."""
+    import contextlib
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = model if model is not None else make_model(seed=rank)
+    net = DistributedDataParallel(model, **options)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for i, batch in enumerate(batches):
+        last = (i + 1) % every == 0
+        with contextlib.nullcontext() if last else net.no_sync():
+            (mse(net, batch) / every).backward() if every > 1 else mse(net, batch).backward()
+        if last:
+            optimizer.step()
+            optimizer.zero_grad()
+    return _params(model)
+
+
+def pure(rank: int, out_dir: str) -> dict[str, Any]:
+    """``with_ddp(train_step)`` not donated in a loop of one's own (rank 1 starting from other weights), the same
+    donated, and a hand-written DDP loop; inside ``with_logging`` and ``with_checkpointing`` (``OUT_DIR/pure``)."""
+    import loopkit
+
+    data = make_data(STEPS)
+    batches = [data[i, rank] for i in range(STEPS)]
+    state, calls = _pure_loop(loopkit.with_ddp(loopkit.train_step(mse)), sgd_state(make_model(seed=rank)), batches)
+    donate = loopkit.donate(loopkit.with_ddp(loopkit.train_step(mse)))
+    donated, _ = _loop(donate, sgd_state(make_model(seed=rank)), batches)
+    # whole-step transforms around it, and check_purity (two calls on one state, every rank at once)
+    logged = loopkit.with_logging(loopkit.with_ddp(loopkit.train_step(mse)), loopkit.ConsoleLogger(), every_n_steps=1)
+    saving = loopkit.with_checkpointing(logged, os.path.join(out_dir, "pure"), every_n_steps=2, keep_last=1)
+    wrapped, wrapped_calls = _pure_loop(saving, sgd_state(make_model(seed=rank)), batches)
+    torch.distributed.barrier()  # (rank 0 has written its checkpoints)
+    restored = loopkit.restore(sgd_state(make_model(seed=5)), os.path.join(out_dir, "pure"))
+    checked, _ = loopkit.check_purity(loopkit.with_ddp(loopkit.train_step(mse)), state, batches[0])
+    return {"params": _params(state.model), "step": state.step, "calls": calls, "donated": _params(donated.model),
+            "raw": _raw_ddp(rank, batches), "wrapped": _params(wrapped.model), "wrapped_calls": wrapped_calls,
+            "checked": _params(checked.model), "restored": _params(restored.model), "restored_step": restored.step}
+
+
+def pure_accum(rank: int) -> dict[str, Any]:
+    """``with_grad_accum(with_ddp(train_step), every=2)`` not donated (the given state of a group's second call holds
+    the first's local gradients), the same donated, and a hand-written DDP loop with ``no_sync``; then ``every=3``
+    over 4 calls and a flush that is not donated, against the same donated."""
+    import loopkit
+
+    data = make_data(2 * STEPS)
+    batches = [data[i, rank] for i in range(2 * STEPS)]
+    build = lambda every: loopkit.with_grad_accum(loopkit.with_ddp(loopkit.train_step(mse)), every=every)  # noqa: E731
+    state, calls = _pure_loop(build(2), sgd_state(make_model()), batches)
+    donated, _ = _loop(loopkit.donate(build(2)), sgd_state(make_model()), batches)
+    in_group, _ = _loop(loopkit.donate(build(2)), sgd_state(make_model()), batches[:1])
+    checked, _ = loopkit.check_purity(build(2), in_group, batches[1])  # a group's local gradients in the state
+    partial, flush_calls = _pure_loop(build(3), sgd_state(make_model()), batches[:4])
+    before = _observed(partial)
+    flushed, _ = build(3).flush(partial)
+    flush_calls.append({"before": before, "after": _observed(partial), "loss": None})
+    donated_partial, _ = _loop(loopkit.donate(build(3)), sgd_state(make_model()), batches[:4])
+    donated_flushed, _ = loopkit.donate(build(3)).flush(donated_partial)
+    return {"params": _params(state.model), "step": state.step, "calls": calls, "donated": _params(donated.model),
+            "raw": _raw_ddp(rank, batches, every=2), "checked": _params(checked.model),
+            "checked_donated": _params(_loop(loopkit.donate(build(2)), in_group, batches[1:2])[0].model),
+            "flushed": _params(flushed.model), "flushed_step": flushed.step, "flush_calls": flush_calls,
+            "donated_flushed": _params(donated_flushed.model)}
+
+
+def pure_two_heads(rank: int) -> dict[str, Any]:
+    """``find_unused_parameters`` under ``with_grad_accum(every=2)``, not donated: the group's first micro-batch uses
+    head b on both ranks, its second head a on both (b's local gradients, unused by the synced backward's forward,
+    must still be averaged), then a partial group (a on rank 0, b on rank 1) flushed; against the same donated."""
+    import loopkit
+
+    batches = [b for b in two_head_data(((-1.0, -1.0), (1.0, 1.0), (1.0, -1.0)))[:, rank]]
+    build = lambda: loopkit.with_grad_accum(  # noqa: E731
+        loopkit.with_ddp(loopkit.train_step(mse), find_unused_parameters=True), every=2)
+    state, calls = _pure_loop(build(), sgd_state(TwoHeads()), batches)
+    flushed, _ = build().flush(state)
+    donated, _ = _loop(loopkit.donate(build()), sgd_state(TwoHeads()), batches)
+    donated_flushed, _ = loopkit.donate(build()).flush(donated)
+    # sparse_flush's SparseAdam run, not donated: rank 1's flushed micro-batch leaves the embedding no gradient
+    data = make_data(3)
+    routed = [(data[i, rank], not (rank == 1 and i == 2)) for i in range(3)]
+    sparse = lambda: loopkit.with_grad_accum(  # noqa: E731
+        loopkit.with_ddp(loopkit.train_step(_routed_loss), find_unused_parameters=True), every=2)
+    sparse_adam = lambda: loopkit.TrainState.create(model := RoutedSparseNet(),  # noqa: E731
+                                                    torch.optim.SparseAdam(list(model.emb.parameters()), lr=0.1))
+    sparse_state, sparse_calls = _pure_loop(sparse(), sparse_adam(), routed)
+    before = _observed(sparse_state)
+    sparse_flushed, _ = sparse().flush(sparse_state)
+    sparse_calls.append({"before": before, "after": _observed(sparse_state), "loss": None})
+    sparse_donated, _ = _loop(loopkit.donate(sparse()), sparse_adam(), routed)
+    sparse_donated, _ = loopkit.donate(sparse()).flush(sparse_donated)
+    return {"params": _params(flushed.model), "step": flushed.step, "calls": calls + sparse_calls,
+            "donated": _params(donated_flushed.model), "group": _params(state.model),
+            "raw": _raw_ddp(rank, batches[:2], every=2, model=TwoHeads(), find_unused_parameters=True),
+            "sparse": _params(sparse_flushed.model), "sparse_donated": _params(sparse_donated.model)}
+
+
+def _routed_loss(model: nn.Module, batch: Any) -> torch.Tensor:
+    x, use = batch
+    return (model(x, use) ** 2).mean()
 
 
 def averaged_pruned(rank: int) -> dict[str, Any]:
@@ -809,12 +950,12 @@ def export_rank_zero(rank: int, out_dir: str) -> dict[str, Any]:
 
 SCENARIOS = {
     f.__name__: f
-    for f in (plain, accum, accum_scheduled, accum_outer, bucket_views, static_graph, flush, two_heads, averaged_pruned, nan_skip, nan_raise, fp16, fit,
+    for f in (plain, pure_accum, pure_two_heads, accum, accum_scheduled, accum_outer, bucket_views, static_graph, flush, two_heads, averaged_pruned, nan_skip, nan_raise, fp16, fit,
               stop_one_rank, callbacks_on_rank0, uneven, apart, loss_error, buffers_apart, sparse_flush, stop_in_group,
               uneven_stream, even_stream, val_one_sample, val_all_empty, kept_sampler)
 }
 
-WITH_OUT_DIR = {f.__name__: f for f in (resume, signal_one_rank, signal_apart, signal_in_group, signal_spaced_votes,
+WITH_OUT_DIR = {f.__name__: f for f in (pure, resume, signal_one_rank, signal_apart, signal_in_group, signal_spaced_votes,
                                          export_rank_zero)}
 
 

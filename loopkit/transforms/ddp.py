@@ -10,11 +10,18 @@ building the step; each rank trains on its own shard of the data
 >>> with_ddp(train_step(lambda m, b: m(b).sum())).applied
 ('train_step', 'with_ddp')
 >>> dist.destroy_process_group()
+
+In one process, without torchrun (``loopkit.distributed.init()`` makes no group there), the step
+is the plain one:
+
+>>> with_ddp(train_step(lambda m, b: m(b).sum())).sync is None
+True
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import types
 import weakref
 from collections.abc import Callable, Mapping
@@ -35,13 +42,6 @@ _NO_GROUP = (
     "before building the step (in one process, leave with_ddp out)"
 )
 
-_DONATE = (
-    "with_ddp: the step must be donated: call loopkit.donate(step) and pass each returned state to the "
-    "next call (run_epochs donates for you). DistributedDataParallel holds the model's parameters and "
-    "broadcasts rank 0's copy when it is built; a step that is not donated works on a fresh copy of the "
-    "state at every call, which DDP cannot follow"
-)
-
 
 class DDPSync:
     """The data-parallel hook of a :class:`loopkit.TrainStep` (its ``sync`` field).
@@ -49,14 +49,17 @@ class DDPSync:
     Builds the ``DistributedDataParallel`` wrapper of a state's model once per model object
     (building it is a collective that broadcasts rank 0's parameters and buffers: every rank
     builds it at the same call), and keeps the latest one; the model object itself stays the
-    user's module. A state restored from a checkpoint, or copied, gets a new wrapper.
+    user's module. A state restored from a checkpoint, or copied, gets a new wrapper: so does
+    the copy a step that is not donated trains at each call (its purity's cost: one wrapper,
+    and its broadcast, a call), while a donated step's calls reuse one.
 
     >>> DDPSync({}).name
     'with_ddp'
     """
 
     name = "with_ddp"
-    requires_donation = _DONATE
+    #: a step that is not donated runs on a copy of the state, with the copy's own wrapper
+    requires_donation = None
     backward_collective = "the gradient all-reduce in backward (DistributedDataParallel)"
     refuses: Mapping[str, str] = types.MappingProxyType({})  # (it goes with every transform)
 
@@ -98,6 +101,8 @@ class DDPSync:
         ddp = DistributedDataParallel(model, **options)
         if self.comm_hook is not None:
             ddp.register_comm_hook(self.comm_state, self.comm_hook)
+        if options.get("find_unused_parameters") and not options.get("static_graph"):
+            _count_held_gradients_used(ddp)
         self._model, self._ddp = weakref.ref(model), ddp
         self._sync_first = bool(options.get("static_graph"))
         return ddp
@@ -189,6 +194,37 @@ class DDPSync:
         return {id(p) for n, p in ddp.module.named_parameters() if n in names} if names else set()
 
 
+def _count_held_gradients_used(ddp: DistributedDataParallel) -> None:
+    """Let a new wrapper's reducer count the parameters holding gradients as used, as the wrapper that made them would.
+
+    Gradients held when a wrapper is built were kept on this rank under ``no_sync`` by earlier micro-steps
+    of an accumulation group (a pure call trains a copy of the state, with a wrapper of its own, at each
+    call; or a flush left them zero). Under ``find_unused_parameters`` DDP reduces, at the group's synced
+    backward, the parameters some rank used in any micro-step since the last sync, which its reducer
+    recorded during them; a new reducer has no such record, and would leave a held gradient of a
+    parameter the synced micro-batch uses on no rank unreduced, apart on each rank. A backward of a
+    negative zero into each held gradient under ``no_sync`` records it, as a no-sync micro-step that used
+    that parameter would, and changes no gradient: ``x + -0.0`` is ``x``, bit for bit, for every ``x``
+    (a gradient hook registered on such a parameter, ``register_hook``, sees that zero too).
+    """
+    ignored = set(getattr(ddp, "parameters_to_ignore", ()))
+    held = [p for n, p in ddp.module.named_parameters() if p.requires_grad and p.grad is not None and n not in ignored]
+    if not held:
+        return
+    zeros = []
+    for p in held:
+        g = p.grad
+        if g.is_sparse:  # an empty sparse gradient of the same layout (a dense one would make the sum dense)
+            dims = g.sparse_dim()
+            zeros.append(torch.sparse_coo_tensor(
+                torch.empty((dims, 0), dtype=torch.long, device=g.device),
+                torch.empty((0, *g.shape[dims:]), dtype=g.dtype, device=g.device), g.shape))
+        else:
+            zeros.append(torch.full_like(p, -0.0, memory_format=torch.preserve_format))
+    with ddp.no_sync():
+        torch.autograd.backward(held, zeros)
+
+
 def _check_same_buffers(model: torch.nn.Module) -> None:
     """Refuse, on every rank, buffers that differ from rank 0's (names, shapes, dtypes): building the wrapper
     broadcasts them, and torch checks only the parameters (other buffers left every rank waiting for the
@@ -234,15 +270,30 @@ def with_ddp(
       gradients, and their skip flag is all-reduced (MAX) before it is read: every rank skips
       the same updates, and with ``policy="raise"`` every rank raises.
 
-    The step must be donated (``loopkit.donate``; ``run_epochs`` donates): a call that is not
-    raises ``TypeError``, since DDP cannot follow a state copied at every call. Every rank
-    must call the step the same number of times (shard the data with
-    ``loopkit.distributed.shard``), and a loss_fn that returns None must do so on every rank
-    at once. Metric means read by ``run_epochs``, ``evaluate`` and ``with_logging`` are means
-    over all ranks; only rank 0 writes logs and checkpoints.
+    The step is pure as any step: a call that is not donated leaves the state it is given as it
+    was (gradients a group keeps on this rank included) and trains a copy of it, with a wrapper
+    of the copy's own, built at that call (a collective that broadcasts rank 0's parameters,
+    equal on every rank by then): the same new state as the donated call, at that cost a call.
+    ``run_epochs`` donates, and so may a loop of one's own (``loopkit.donate(step)``): its
+    calls reuse one wrapper. (Under ``find_unused_parameters`` the new wrapper of a call
+    inside an accumulation group is told which parameters the group's earlier micro-batches
+    used, as the one wrapper of donated calls knows: a backward of ``-0.0`` into their held
+    gradients, which changes none.) Every rank must call the step the same number of times (shard
+    the data with ``loopkit.distributed.shard``), and a loss_fn that returns None must do so
+    on every rank at once. Metric means read by ``run_epochs``, ``evaluate`` and
+    ``with_logging`` are means over all ranks; only rank 0 writes logs and checkpoints.
 
-    Raises ``RuntimeError`` when no process group is initialised (start with ``torchrun`` and
-    call ``loopkit.distributed.init()``), and ``TypeError`` when applied twice.
+    In one process (no process group, and no torchrun environment: ``WORLD_SIZE`` unset or 1,
+    where ``loopkit.distributed.init()`` makes none) the step trains as the step without
+    ``with_ddp``, bit for bit, and no process group is made: a torchrun script runs as
+    ``python script.py`` too (Lightning's ``strategy="ddp"`` on one device). ``applied``
+    still names ``with_ddp``; the loss_fn gets the model itself (``ddp_options`` and
+    ``comm_hook`` are not used).
+
+    Raises ``RuntimeError`` when the torchrun environment says there are several processes
+    (``WORLD_SIZE`` > 1) and no process group is initialised (call
+    ``loopkit.distributed.init()`` before building the step), and ``TypeError`` when applied
+    twice.
 
     >>> import torch, torch.distributed as dist
     >>> from loopkit.state import TrainState
@@ -257,14 +308,33 @@ def with_ddp(
     >>> dist.destroy_process_group()
     """
     base = require_train_step(step, "with_ddp")
-    if base.sync is not None:
-        if base.sync.name != "with_ddp":
-            raise TypeError(f"with_ddp cannot wrap {base.sync.name}: both make the step data-parallel; use one of them")
-        raise TypeError(f"with_ddp cannot wrap {base.sync.name}: the step is already data-parallel; apply with_ddp once")
+    if base.sync is not None or "with_ddp" in base.transforms:  # (in one process with_ddp records its name alone)
+        name = "with_ddp" if base.sync is None else base.sync.name
+        if name != "with_ddp":
+            raise TypeError(f"with_ddp cannot wrap {name}: both make the step data-parallel; use one of them")
+        raise TypeError(f"with_ddp cannot wrap {name}: the step is already data-parallel; apply with_ddp once")
     if comm_hook is not None and not callable(comm_hook):
         raise TypeError(f"with_ddp: comm_hook must be callable as hook(state, bucket), got {type(comm_hook).__qualname__}")
     if "module" in ddp_options:
         raise TypeError("with_ddp: the module is the state's model; do not pass module=")
     if not _collective.ready():
-        raise RuntimeError(_NO_GROUP)
+        if not _one_process():
+            raise RuntimeError(_NO_GROUP)
+        return base.with_transform("with_ddp")  # one process: the plain step (no wrapper, no process group)
     return base.with_transform("with_ddp", sync=DDPSync(ddp_options, comm_hook, comm_state))
+
+
+def _one_process() -> bool:
+    """Whether the environment says this is the only process: no torchrun ``WORLD_SIZE``, or one of 1 (a
+    ``WORLD_SIZE`` above 1, or one that is not a number, is torchrun's word that there are others).
+
+    >>> _one_process()
+    True
+    """
+    size = os.environ.get("WORLD_SIZE")
+    if size is None:
+        return True
+    try:
+        return int(size) <= 1
+    except ValueError:
+        return False

@@ -17,7 +17,7 @@ import torch
 
 import loopkit
 from tests import _ddp_script as ddp
-from tests.conftest import assert_params_close, assert_ranks_identical
+from tests.conftest import assert_equal_trees, assert_params_close, assert_ranks_identical
 
 TOL = 1e-6
 SCENARIOS = ["plain", "accum", "accum_scheduled", "accum_outer", "bucket_views", "static_graph", "flush", "two_heads", "averaged_pruned", "nan_skip",
@@ -31,6 +31,15 @@ def ranks(tmp_path_factory: pytest.TempPathFactory):
     """``ranks(name)``: the two ranks' results of a scenario (one launch for all of them)."""
     out = str(tmp_path_factory.mktemp("ddp"))
     done = ddp.torchrun(out, SCENARIOS, timeout=120)
+    assert done.returncode == 0, done.stdout[-4000:]
+    return lambda name: ddp.load(out, name)
+
+
+@pytest.fixture(scope="module")
+def pure_ranks(tmp_path_factory: pytest.TempPathFactory):
+    """``pure_ranks(name)``: the two ranks' results of a scenario of steps that are not donated (a launch of their own)."""
+    out = str(tmp_path_factory.mktemp("ddp_pure"))
+    done = ddp.torchrun(out, ["pure", "pure_accum", "pure_two_heads"], timeout=120)
     assert done.returncode == 0, done.stdout[-4000:]
     return lambda name: ddp.load(out, name)
 
@@ -58,6 +67,73 @@ def test_two_ranks_equal_one_process_over_the_concatenated_batches(ranks):
         mean = (results[0]["metrics"][i]["loss"] + results[1]["metrics"][i]["loss"]) / 2
         assert abs(mean - losses[i]) <= 1e-5
     assert results[0]["keys"] == list(state.model.state_dict())  # no "module." prefix
+
+
+def _assert_bitwise(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], what: str) -> None:
+    assert a.keys() == b.keys(), what
+    for name in a:
+        assert torch.equal(a[name], b[name]), f"{what}: {name} differs"
+
+
+def _assert_left_as_given(calls: list[dict]) -> None:
+    """Each call's given state (state dict, gradients) as it was before the call."""
+    for i, call in enumerate(calls):
+        assert_equal_trees(call["before"], call["after"], f"call {i}")
+
+
+@pytest.mark.slow
+def test_a_ddp_step_that_is_not_donated_is_pure_and_trains_as_the_donated_one_and_a_raw_ddp_loop(pure_ranks):
+    """SPEC: a step never changes the state it was given; donating is an opt-in. Each pure call trains a copy,
+    with its own DDP wrapper (rank 1 started from other weights: the first call's wrapper broadcast rank 0's)."""
+    results = pure_ranks("pure")
+    assert_ranks_identical(results)
+    for r in results:
+        _assert_left_as_given(r["calls"])
+        _assert_left_as_given(r["wrapped_calls"])  # inside with_logging and with_checkpointing too
+        assert r["step"] == ddp.STEPS
+        _assert_bitwise(r["params"], r["donated"], "pure vs donated")
+        _assert_bitwise(r["params"], r["raw"], "pure vs DistributedDataParallel + SGD")
+        _assert_bitwise(r["params"], r["wrapped"], "inside with_logging and with_checkpointing")
+        _assert_bitwise(r["params"], r["restored"], "its last checkpoint")
+        assert r["restored_step"] == ddp.STEPS
+        assert not torch.equal(r["calls"][0]["before"]["state_dict"]["model"]["0.weight"], r["params"]["0.weight"])
+    # check_purity's two calls on the final state agree (and would have raised on a changed state)
+    assert torch.equal(results[0]["checked"]["0.weight"], results[1]["checked"]["0.weight"])
+
+
+@pytest.mark.slow
+def test_a_pure_ddp_step_under_grad_accum_keeps_the_given_groups_local_gradients_and_trains_as_donated(pure_ranks):
+    results = pure_ranks("pure_accum")
+    assert_ranks_identical(results)
+    for r in results:
+        _assert_left_as_given(r["calls"])
+        _assert_left_as_given(r["flush_calls"])
+        # a group's second call is given the first's local (no_sync) gradients, and leaves them as they were
+        assert all(g is not None for g in r["calls"][1]["before"]["grads"].values())
+        assert r["step"] == ddp.STEPS
+        _assert_bitwise(r["params"], r["donated"], "pure vs donated")
+        _assert_bitwise(r["params"], r["raw"], "pure vs DistributedDataParallel with no_sync + SGD")
+        _assert_bitwise(r["checked"], r["checked_donated"], "check_purity inside a group vs donated")
+        _assert_bitwise(r["flushed"], r["donated_flushed"], "a flush that is not donated vs donated")
+        assert r["flushed_step"] == 2
+    local = [r["calls"][1]["before"]["grads"]["0.weight"] for r in results]
+    assert not torch.equal(local[0], local[1])  # (each rank's own: the check above sees local gradients)
+
+
+@pytest.mark.slow
+def test_pure_calls_with_unused_parameters_average_a_heads_local_gradients_the_synced_micro_batch_skips(pure_ranks):
+    """find_unused_parameters: head b's gradients of the group's first micro-batch (local) must be averaged at its
+    second, which uses head a on every rank: DDP knows it from the no_sync micro-step, which the pure call's new
+    wrapper did not see. A flush that is not donated finds a sparse gradient's layout on the copy it flushes."""
+    results = pure_ranks("pure_two_heads")
+    assert_ranks_identical(results)
+    for r in results:
+        _assert_left_as_given(r["calls"])
+        _assert_bitwise(r["group"], r["raw"], "the first group vs DistributedDataParallel with no_sync + SGD")
+        _assert_bitwise(r["params"], r["donated"], "pure (and a flush) vs donated")
+        _assert_bitwise(r["sparse"], r["sparse_donated"], "SparseAdam, pure (and a flush) vs donated")
+        assert r["step"] == 2
+    assert torch.equal(results[0]["sparse"]["emb.weight"], results[1]["sparse"]["emb.weight"])
 
 
 @pytest.mark.slow
@@ -428,9 +504,46 @@ def group():
     dist.destroy_process_group()
 
 
-def test_without_a_process_group_the_error_says_how_to_start():
+def test_without_a_process_group_under_torchrun_the_error_says_how_to_start(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun's word that there are others: init() was forgotten
     with pytest.raises(RuntimeError, match=r"torchrun --nproc-per-node 2 .*loopkit\.distributed\.init\(\)"):
         loopkit.with_ddp(loopkit.train_step(ddp.mse))
+
+
+@pytest.mark.parametrize("world_size", [None, "1"])
+@pytest.mark.parametrize("accum", [1, 2])
+def test_in_one_process_without_a_group_with_ddp_trains_as_the_plain_step_bitwise(monkeypatch, world_size, accum):
+    """A torchrun script run as ``python script.py``: init() is a no-op, and with_ddp then changes nothing."""
+    if world_size is None:
+        monkeypatch.delenv("WORLD_SIZE", raising=False)
+        assert loopkit.distributed.init() is False
+    else:  # (a WORLD_SIZE of 1 without a group: with_ddp has no other process to wait for)
+        monkeypatch.setenv("WORLD_SIZE", world_size)
+    data = ddp.make_data(6)
+    batches = [data[i, 0] for i in range(6)]
+
+    def build(parallel: bool):
+        step = loopkit.train_step(ddp.mse)
+        step = loopkit.with_ddp(step) if parallel else step
+        return loopkit.with_grad_accum(step, every=accum) if accum > 1 else step
+
+    assert build(True).applied[:2] == ("train_step", "with_ddp")
+    for donated in (True, False):
+        wrap = loopkit.donate if donated else (lambda s: s)
+        ref, ref_losses = _reference(batches, wrap(build(False)))
+        state, losses = _reference(batches, wrap(build(True)))
+        for (n, a), b in zip(ref.model.named_parameters(), state.model.parameters()):
+            assert torch.equal(a, b), (donated, n)
+        assert losses == ref_losses and state.step == ref.step == 6 // accum
+    given = ddp.sgd_state(ddp.make_model())
+    loopkit.check_purity(build(True), given, batches[0])
+    fitted, _ = loopkit.run_epochs(build(True), ddp.sgd_state(ddp.make_model()), batches, epochs=1, progress=False)
+    plain, _ = loopkit.run_epochs(build(False), ddp.sgd_state(ddp.make_model()), batches, epochs=1, progress=False)
+    for (n, a), b in zip(plain.model.named_parameters(), fitted.model.parameters()):
+        assert torch.equal(a, b), n
+    assert not torch.distributed.is_initialized()  # no process group was made
+    with pytest.raises(TypeError, match="apply with_ddp once"):
+        loopkit.with_ddp(loopkit.with_ddp(loopkit.train_step(ddp.mse)))
 
 
 def test_meaningless_orders_raise_at_build_time(group):
@@ -448,16 +561,21 @@ def test_meaningless_orders_raise_at_build_time(group):
     loopkit.with_ddp(loopkit.with_grad_accum(loopkit.with_grad_clip(loopkit.train_step(ddp.mse), max_norm=1.0), every=2))
 
 
-def test_a_step_that_is_not_donated_is_refused(group):
+def test_a_step_that_is_not_donated_is_pure_and_trains_as_the_donated_one(group):
     step = loopkit.with_ddp(loopkit.train_step(ddp.mse))
+    batches = [b[0] for b in ddp.make_data(3)]
     state = ddp.sgd_state(ddp.make_model())
-    batch = ddp.make_data(1)[0, 0]
-    with pytest.raises(TypeError, match=r"must be donated: call loopkit\.donate\(step\)"):
-        step(state, batch)
-    with pytest.raises(TypeError, match="must be donated"):
-        loopkit.with_logging(step, loopkit.ConsoleLogger(), every_n_steps=1)(state, batch)
-    new, _ = loopkit.donate(step)(state, batch)
-    assert new.step == 1
+    new, _ = loopkit.check_purity(step, state, batches[0])  # the given state unchanged, two calls alike
+    logged = loopkit.with_logging(step, loopkit.ConsoleLogger(), every_n_steps=1)
+    given, pure = state, None
+    for stepper in (step, logged):
+        pure = state
+        for batch in batches:
+            pure, _ = stepper(pure, batch)
+    donated, _ = _reference(batches, step)
+    for (n, a), b in zip(donated.model.named_parameters(), pure.model.parameters()):
+        assert torch.equal(a, b), n
+    assert given.step == 0 and new.step == 1 and pure.step == 3
 
 
 def test_one_rank_matches_the_plain_step_bitwise(group):
