@@ -1547,7 +1547,9 @@ def export_weights(
     ranks hold one whole tensor at a time, never the model), and rank 0 writes the file. Under
     any process group of several ranks (``with_ddp``) only rank 0 writes, as for checkpoints:
     the other ranks check their arguments and return the path without writing (their
-    BatchNorm statistics, for one, may differ from rank 0's).
+    BatchNorm statistics, for one, may differ from rank 0's), at once: a rank that reads the
+    file must wait for rank 0 first (``torch.distributed.barrier()``), and a path of each
+    rank's own gets rank 0's file alone.
 
     >>> import json, struct, tempfile, torch
     >>> tmp = tempfile.TemporaryDirectory()

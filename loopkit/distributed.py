@@ -45,7 +45,7 @@ from torch.utils.data import (
 
 from loopkit import _collective
 from loopkit._numbers import as_int, as_real
-from loopkit.rng import epoch_order_seed
+from loopkit.rng import epoch_order_seed, global_rngs_kept, seed_epoch_start
 from loopkit.state import TrainState
 
 __all__ = ["init", "is_rank_zero", "local_rank", "rank", "shard", "shutdown", "world_size"]
@@ -380,8 +380,8 @@ class _SamplerShard(Sampler[int]):
     """This rank's share of the indices a loader's own sampler draws (Lightning's ``DistributedSamplerWrapper``).
 
     Each epoch the sampler's indices are drawn once, here in the main process, with torch's global
-    generator, the sampler's generator and the loader's (``loader_generator``) seeded as ``run_epochs``
-    seeds the loader's epoch, from ``(seed, epoch)``: ``seed`` is rank 0's, so every rank draws the same
+    generator, the sampler's generator and the loader's (``loader_generator``), numpy's and Python's
+    global RNGs seeded as ``run_epochs`` seeds the loader's epoch, from ``(seed, epoch)``: ``seed`` is rank 0's, so every rank draws the same
     indices whatever its own RNG holds, and in one process the draw is the loader's own for the same
     seed. The generators are put back afterwards. The indices are then split as a ``DistributedSampler``
     with ``shuffle=False`` splits a dataset's (rank ``r`` takes indices ``r``, ``r + world``, ...), the
@@ -417,10 +417,12 @@ class _SamplerShard(Sampler[int]):
                 generators.append(generator)
         saved = [g.get_state() for g in generators]
         try:
-            for generator in generators:
-                generator.manual_seed(order_seed)
-            torch.empty((), dtype=torch.int64).random_(generator=self.loader_generator)
-            return list(self.sampler)
+            with global_rngs_kept():  # (numpy's and Python's too: a sampler of one's own may shuffle with them)
+                for generator in generators:
+                    generator.manual_seed(order_seed)
+                seed_epoch_start(self.seed, self.epoch)
+                torch.empty((), dtype=torch.int64).random_(generator=self.loader_generator)
+                return list(self.sampler)
         finally:
             for generator, state in zip(generators, saved):
                 generator.set_state(state)

@@ -38,6 +38,7 @@ from loopkit.callbacks import Callback, may_change_state_early
 from loopkit.checkpoint import capture_global_rng, install_global_rng
 from loopkit.progress import ProgressBar, progress_wanted
 from loopkit.rng import epoch_order_seed as _order_seed
+from loopkit.rng import seed_epoch_start
 from loopkit.rng import global_rngs_kept
 from loopkit.state import (
     TrainState, extras_copy, fork, leave_intact, model_device, put_extras, refuse_copy_if_sharded, replace,
@@ -156,10 +157,6 @@ def _rngs_after_first(data: Iterable) -> dict[str, Any] | None:
 #: the global RNGs an epoch's batches after the first are read under (:func:`_rngs_after_first`), while it runs
 _EPOCH_RNGS = "run_epochs/epoch_rngs"
 
-#: the stream of numpy's and Python's seeds for an epoch's start (torch's is :func:`_order_seed`, the factories' others)
-_SAMPLERS = 3
-
-
 def _epoch_batches(
     data: Iterable, seed: int, epoch: int, skip: int, count: int | None, read_on: Mapping[str, Any] | None = None
 ) -> Iterator[Any] | None:
@@ -192,9 +189,7 @@ def _epoch_batches(
     # RNGs the checkpoint holds, as the uninterrupted run did
     others = (np.random.get_state(), random.getstate())
     cpu.manual_seed(order_seed)
-    words = np.random.SeedSequence([seed, epoch, _SAMPLERS]).generate_state(3, np.uint32)
-    np.random.seed(int(words[0]))
-    random.seed((int(words[1]) << 32) | int(words[2]))
+    seed_epoch_start(seed, epoch)
     try:
         if _reused_persistent_workers(data):  # a fresh iterator draws its workers' base seed before the sampler
             torch.empty((), dtype=torch.int64).random_(generator=data.generator)  # draws: a reused one does not
@@ -1632,8 +1627,13 @@ def run_epochs(
                                        "batches on each rank, and DDP needs one step per batch on all (shard the data evenly)")
                 batches = _epoch_batches(data, state.seed, state.epoch, state.batch_index, total,
                                          None if _collective.active() else state.extras.get(_EPOCH_RNGS))
+                elsewhere = False  # (data without a length under DDP: another rank's yielding none ends it here too)
+                if not sized and _collective.active() and _collective.any_rank(batches is None) and batches is not None:
+                    batches, elsewhere = None, True
                 if batches is None:  # training would go on without a step (with max_steps alone, forever)
-                    empty = _no_batches(train_data, total, state.epoch)
+                    empty = (f"run_epochs: another rank's train_data yielded no batches in epoch {state.epoch} (DDP "
+                             "needs one step per batch on every rank: shard the data evenly)") if elsewhere else (
+                        _no_batches(train_data, total, state.epoch))
                     if not history:  # nothing trained yet: the given state is intact
                         raise ValueError(empty)
                     warnings.warn(empty + "; stopping here", RuntimeWarning, stacklevel=2)

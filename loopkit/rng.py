@@ -30,7 +30,9 @@ from collections.abc import Iterator, Mapping
 import numpy as np
 import torch
 
-__all__ = ["RNGScope", "create_rng", "global_rng_state", "global_rngs_kept", "seed_everything"]
+__all__ = [
+    "RNGScope", "create_rng", "epoch_order_seed", "global_rng_state", "global_rngs_kept", "seed_epoch_start", "seed_everything",
+]
 
 RNG = Mapping[str, torch.Tensor]
 
@@ -138,6 +140,28 @@ def epoch_order_seed(seed: int, epoch: int) -> int:
     """
     words = np.random.SeedSequence([seed, epoch]).generate_state(2, np.uint32)
     return (int(words[0]) << 31) ^ int(words[1])
+
+
+#: the stream of :func:`seed_epoch_start`'s seeds (the factories' are 1 and 2: :mod:`loopkit._epoch_data`)
+_EPOCH_START = 3
+
+
+def seed_epoch_start(seed: int, epoch: int) -> None:
+    """Seed numpy's and Python's global RNGs from ``(seed, epoch)``: what ``run_epochs`` seeds them with while an
+    epoch's iterator starts (a sampler of one's own may shuffle with them; torch's is :func:`epoch_order_seed`),
+    and ``distributed.shard`` while it draws a kept sampler's indices (from rank 0's seed: every rank the same).
+    The caller puts them back (:func:`global_rngs_kept`).
+
+    >>> import numpy as np
+    >>> with global_rngs_kept():
+    ...     seed_epoch_start(0, 1); a = np.random.rand()
+    ...     seed_epoch_start(0, 1); b = np.random.rand()
+    >>> a == b
+    True
+    """
+    words = np.random.SeedSequence([seed, epoch, _EPOCH_START]).generate_state(3, np.uint32)
+    np.random.seed(int(words[0]))
+    random.seed((int(words[1]) << 32) | int(words[2]))
 
 
 @contextlib.contextmanager

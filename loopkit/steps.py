@@ -197,6 +197,19 @@ class Step:
         return new, metrics
 
 
+_GROUP_MADE_SINCE = (
+    "with_ddp(step) was built before a torch.distributed process group of several ranks existed, so it became the "
+    "plain step of one process; now there is one, and this step would train each rank on its own: build the step "
+    "after loopkit.distributed.init() (in a torch.multiprocessing.spawn worker, inside the worker, after init)"
+)
+
+
+def _group_made() -> bool:
+    """Whether a ``torch.distributed`` process group of more than one rank exists now."""
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def _consume_unless_intact(state: TrainState, error: BaseException) -> None:
     """After ``error`` left a donated call: ``state`` is used up unless nothing of it changed."""
     if getattr(error, _INTACT, None) is not state:
@@ -388,7 +401,7 @@ class GradContext:
     that decides on the host (a guard that raises) decides the same on every rank.
     """
 
-    __slots__ = ("state", "params", "metrics", "found_inf", "nonfinite", "agree", "taken")
+    __slots__ = ("state", "params", "metrics", "found_inf", "nonfinite", "agree", "taken", "checked")
 
     def __init__(
         self, state: TrainState, metrics: Metrics, found_inf: Any, nonfinite: Any, agree: Any = None,
@@ -401,6 +414,8 @@ class GradContext:
         self.nonfinite = nonfinite
         self.agree = agree
         self.taken = taken  # the metric names the step's transforms report -> the transform (see _taken_by)
+        #: a guard checked these gradients already (from inside a value clipping, before it clamped them)
+        self.checked = False
 
     def refresh_params(self) -> None:
         """Take the parameters with gradients anew (after code of the user's gave or took some)."""
@@ -662,6 +677,9 @@ class TrainStep(Step):
     transforms: tuple[str, ...] = ()
     donated: bool = False
     sync: Any = None
+    #: ``with_ddp`` built without a process group (one process: the plain step); each call checks that none has
+    #: been made since (a spawned worker that built the step before ``distributed.init``), which is refused
+    one_process: bool = False
     #: no precision, accumulation or gradient transform: the update follows the backward at once
     plain: bool = attrs.field(init=False, repr=False)
     #: per-micro-batch gradient transforms under accumulation: each micro-batch's gradient is set apart
@@ -682,7 +700,7 @@ class TrainStep(Step):
     def __attrs_post_init__(self) -> None:
         plain = self.precision is None and self.accum_every == 1 and not self.micro and not self.update
         object.__setattr__(self, "plain", plain)
-        object.__setattr__(self, "donated_plain", plain and self.donated and self.sync is None)
+        object.__setattr__(self, "donated_plain", plain and self.donated and self.sync is None and not self.one_process)
         object.__setattr__(self, "per_micro", self.accum_every > 1 and bool(self.micro))
         keeps = any(getattr(t, "keeps_buffers", False) for t in self.micro + self.update)
         object.__setattr__(self, "keeps_buffers", keeps)
@@ -744,6 +762,8 @@ class TrainStep(Step):
     # The in-place core --------------------------------------------------------------------
 
     def run_(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
+        if self.one_process and _group_made():
+            raise leave_intact(RuntimeError(_GROUP_MADE_SINCE), state)
         model, optimizer = state.model, state.optimizer
         if optimizer is None:
             raise leave_intact(

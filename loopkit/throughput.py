@@ -92,6 +92,10 @@ class ThroughputMonitor(Callback):
     would time the launches and not the work: the one per-batch sync loopkit makes, and only with this
     callback. ``latest`` holds the values last computed. Validation, test and predict throughput (Lightning's
     ``validate/...`` keys) are not measured: the driver has no per-batch validation hook.
+
+    >>> monitor = ThroughputMonitor(lambda batch: len(batch[0]), window_size=50)
+    >>> monitor.compute()  # (nothing measured yet)
+    {}
     """
 
     reads_only = True
@@ -147,10 +151,12 @@ class ThroughputMonitor(Callback):
         self._device = None if first is None else first.device
 
     def on_epoch_start(self, state: Any) -> None:
+        """Start the clock at training's first epoch (after the sanity validation)."""
         if self._t0 is None:  # training starts (the sanity validation is over)
             self._t0 = self._last = time.perf_counter()
 
     def on_batch_start(self, state: Any, batch: Any) -> None:
+        """Count the batch's samples (and items) with ``batch_size_fn`` (and ``length_fn``)."""
         if not self._measures:
             return
         samples = _count(self.batch_size_fn(batch), "batch_size_fn")

@@ -822,6 +822,21 @@ KEPT_N, KEPT_SEED = 20, 11
 KEPT_TRAIN = [0, 2, 3, 5, 7, 8, 11, 12, 14, 15, 17, 18, 19]  # 13 of 20 (odd: the padded shards repeat one)
 
 
+class _NumpyShuffled(torch.utils.data.Sampler):
+    """``indices`` shuffled with numpy's global RNG when the epoch's iterator starts (as bucketing samplers do)."""
+
+    def __init__(self, indices: list[int]) -> None:
+        self.indices = list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __iter__(self):
+        import numpy as np
+
+        return iter([self.indices[i] for i in np.random.permutation(len(self.indices))])
+
+
 def kept_loader(name: str) -> torch.utils.data.DataLoader:
     """A DataLoader over ``KEPT_N`` samples (their indices) whose sampler is its own: ``shard`` keeps it."""
     from torch.utils.data import DataLoader, SubsetRandomSampler, TensorDataset, WeightedRandomSampler
@@ -830,6 +845,8 @@ def kept_loader(name: str) -> torch.utils.data.DataLoader:
     if name == "weighted":  # the odd indices never drawn
         weights = torch.tensor([float(i + 1) if i % 2 == 0 else 0.0 for i in range(KEPT_N)])
         return DataLoader(data, batch_size=3, sampler=WeightedRandomSampler(weights, 15))
+    if name == "numpy":
+        return DataLoader(data, batch_size=4, sampler=_NumpyShuffled(KEPT_TRAIN))
     return DataLoader(data, batch_size=4, sampler=SubsetRandomSampler(KEPT_TRAIN))
 
 
@@ -838,7 +855,7 @@ def kept_sampler(rank: int) -> dict[str, Any]:
     from loopkit import distributed
 
     result: dict[str, Any] = {}
-    for name in ("subset", "weighted"):
+    for name in ("subset", "weighted", "numpy"):
         state = loopkit.TrainState.create(nn.Linear(1, 1), seed=KEPT_SEED + rank)  # seeded apart: rank 0's orders
         seen: list[list[int]] = [[], []]
 
@@ -925,6 +942,29 @@ def even_stream(rank: int) -> dict[str, Any]:
     return _stream_fit(rank, 2)
 
 
+def stream_runs_dry(rank: int) -> dict[str, Any]:
+    """Data without a length that yields nothing on rank 1: in the first epoch (both ranks refuse the fit) and in
+    the second (both warn and stop after the first). It hung: rank 1 raised or stopped alone."""
+    import warnings
+
+    import loopkit
+
+    step = loopkit.with_ddp(loopkit.train_step(mse))
+    result: dict[str, Any] = {}
+    try:
+        loopkit.run_epochs(step, sgd_state(make_model()), _Stream(rank, 0 if rank == 1 else 2), epochs=1, progress=False)
+    except ValueError as error:
+        result["refused"] = str(error)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        state, history = loopkit.run_epochs(
+            step, sgd_state(make_model()), lambda epoch: _Stream(rank, 0 if rank == 1 and epoch == 1 else 2), epochs=3,
+            progress=False)
+    result.update(step=state.step, epochs=len(history), params=_params(state.model),
+                  warnings=[str(w.message) for w in caught if "yielded no batches" in str(w.message)])
+    return result
+
+
 def export_rank_zero(rank: int, out_dir: str) -> dict[str, Any]:
     """``export_weights`` on every rank of a BatchNorm model (each rank's running statistics its own after the last
     step: DDP broadcasts rank 0's at the next forward), rank 0 first, then rank 1: the file must hold rank 0's."""
@@ -952,7 +992,7 @@ SCENARIOS = {
     f.__name__: f
     for f in (plain, pure_accum, pure_two_heads, accum, accum_scheduled, accum_outer, bucket_views, static_graph, flush, two_heads, averaged_pruned, nan_skip, nan_raise, fp16, fit,
               stop_one_rank, callbacks_on_rank0, uneven, apart, loss_error, buffers_apart, sparse_flush, stop_in_group,
-              uneven_stream, even_stream, val_one_sample, val_all_empty, kept_sampler)
+              uneven_stream, even_stream, stream_runs_dry, val_one_sample, val_all_empty, kept_sampler)
 }
 
 WITH_OUT_DIR = {f.__name__: f for f in (pure, resume, signal_one_rank, signal_apart, signal_in_group, signal_spaced_votes,

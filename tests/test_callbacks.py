@@ -1250,7 +1250,7 @@ def test_timer_checks_where_lightnings_does_not_at_each_epoch_start(interval, st
 
 # Lightning 2.6.6's EarlyStopping(verbose=True): the messages its _evaluate_stopping_criteria logged for these
 # values (an improvement, a check without one: nothing, a stop) and its stopping_reason, measured once (Lightning
-# is not in the test environment)
+# is not a test dependency)
 _LIGHTNING_VERBOSE = {
     "patience": ({"monitor": "val/loss", "patience": 2, "min_delta": 0.1}, [1.0, 0.5, 0.45, 0.47], [
         "Metric val/loss improved. New best score: 1.000",

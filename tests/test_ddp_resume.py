@@ -302,3 +302,26 @@ def test_a_checkpoint_saved_by_hand_in_one_process_resumed_on_two_weighs_each_up
     for r in ranks:
         (record,) = r["history"]
         assert record["train/loss"] == pytest.approx(_each_update_weighed_alike(one.seen, ranks), rel=1e-6)
+
+
+# --- a step built before the process group -----------------------------------------------------------------
+
+
+def _built_before_init(rank: int, step) -> dict:
+    state = _state()
+    try:
+        step(state, _half(_batches(1)[0], rank))
+    except RuntimeError as e:
+        return {"error": str(e), "intact": not state._consumed}
+    return {"error": "", "intact": True}
+
+
+@pytest.mark.slow
+def test_with_ddp_built_before_a_spawned_workers_init_is_refused_at_its_first_call(tmp_path, monkeypatch):
+    """Built where no group existed (nor a torchrun WORLD_SIZE), with_ddp is the plain step of one process; called in
+    workers whose group has two ranks it trained each rank on its own, silently (the ranks drifted apart)."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    for step in (loopkit.with_ddp(loopkit.train_step(_mse)), loopkit.donate(loopkit.with_ddp(loopkit.train_step(_mse)))):
+        ranks = _spawn(tmp_path, _built_before_init, step)
+        for r in ranks:
+            assert "with_ddp(step) was built before a torch.distributed process group" in r["error"] and r["intact"]

@@ -4,7 +4,7 @@ The references below are what Lightning 2.6.6's ``ThroughputMonitor`` logged in 
 same model and data (``num_sanity_val_steps=2``, ``max_epochs=2``, ``window_size=3``, ``batch_size_fn``
 the batch's rows, ``length_fn`` three items a row, ``flops_per_batch = 10``), its ``time.perf_counter``
 replaced by the same fake clock as here: 0.5 s per training forward and 2 s per validation forward. Lightning
-is not in the test environment; it was run once and its values are kept here (its ``step`` is 0-based,
+is not a test dependency; it was run once and its values are kept here (its ``step`` is 0-based,
 loopkit's ``state.step`` 1-based, so only the values are compared). The clock makes every value exact: the
 time between two batches is 0.5 s whatever runs between them, validation's 6 s is taken out of the
 training clock (``train/time`` goes on from 2.0 to 2.5 across the epoch's validation), and the rates are

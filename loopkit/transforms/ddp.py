@@ -39,7 +39,7 @@ __all__ = ["DDPSync", "with_ddp"]
 _NO_GROUP = (
     "with_ddp needs a torch.distributed process group, and none is initialised. Start the script "
     "with torchrun, e.g. `torchrun --nproc-per-node 2 script.py`, and call loopkit.distributed.init() "
-    "before building the step (in one process, leave with_ddp out)"
+    "before building the step"
 )
 
 
@@ -288,7 +288,16 @@ def with_ddp(
     ``with_ddp``, bit for bit, and no process group is made: a torchrun script runs as
     ``python script.py`` too (Lightning's ``strategy="ddp"`` on one device). ``applied``
     still names ``with_ddp``; the loss_fn gets the model itself (``ddp_options`` and
-    ``comm_hook`` are not used).
+    ``comm_hook`` are not used). Such a step checks at each call that no process group of
+    several ranks has been made since (a ``torch.multiprocessing.spawn`` worker that built the
+    step before ``distributed.init(rank=..., world_size=...)``): it raises then, where it would
+    train each rank on its own.
+
+    A step that is not donated builds a new wrapper for the copy each call trains (see above);
+    building one broadcasts rank 0's parameters and buffers, so with ``broadcast_buffers=False``
+    each such call also puts rank 0's BatchNorm statistics on every rank (donated calls keep
+    each rank's own), and ``static_graph=True`` learns its graph anew at each call (donate the
+    step for either).
 
     Raises ``RuntimeError`` when the torchrun environment says there are several processes
     (``WORLD_SIZE`` > 1) and no process group is initialised (call
@@ -320,7 +329,7 @@ def with_ddp(
     if not _collective.ready():
         if not _one_process():
             raise RuntimeError(_NO_GROUP)
-        return base.with_transform("with_ddp")  # one process: the plain step (no wrapper, no process group)
+        return base.with_transform("with_ddp", one_process=True)  # one process: the plain step (no wrapper, no group)
     return base.with_transform("with_ddp", sync=DDPSync(ddp_options, comm_hook, comm_state))
 
 

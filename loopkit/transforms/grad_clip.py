@@ -74,6 +74,7 @@ class ClipGrad:
         params = ctx.params
         if self.check is not None and self.max_value is not None:
             self.check(ctx)
+            ctx.checked = True  # (the guard's own turn, after the clamping, has nothing left to find)
         if any(is_dtensor(g) for g in ctx.grads):  # under with_fsdp: one all-reduce a norm, not torch's two for inf
             ctx.metrics["grad_norm"] = self._clip_sharded(ctx)
             return

@@ -70,7 +70,7 @@ class NanGuard:
             ctx.flag_nonfinite(bad)
 
     def on_grads(self, ctx: GradContext) -> None:
-        if ctx.found_inf is not None:  # a float16 loss scaler already checked them and owns the skip
+        if ctx.found_inf is not None or ctx.checked:  # a float16 loss scaler owns the skip; or checked before a clamp
             return
         found = ctx.unscale_and_check()
         if found is None:

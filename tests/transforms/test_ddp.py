@@ -23,7 +23,7 @@ TOL = 1e-6
 SCENARIOS = ["plain", "accum", "accum_scheduled", "accum_outer", "bucket_views", "static_graph", "flush", "two_heads", "averaged_pruned", "nan_skip",
              "nan_raise", "fp16", "fit", "stop_one_rank", "callbacks_on_rank0", "uneven", "apart", "signal_one_rank", "signal_apart",
              "signal_in_group", "signal_spaced_votes", "loss_error", "buffers_apart", "sparse_flush", "stop_in_group",
-             "export_rank_zero", "uneven_stream", "even_stream"]
+             "export_rank_zero", "uneven_stream", "even_stream", "stream_runs_dry"]
 
 
 @pytest.fixture(scope="module")
@@ -647,3 +647,13 @@ def test_data_without_a_length_ending_sooner_on_one_rank_ends_the_epoch_on_every
             assert torch.equal(got["params"][name], value), name
     assert len(uneven[0]["warnings"]) == 2 and "ended after 2 batches" in uneven[0]["warnings"][0]
     assert uneven[1]["warnings"] == [] and even[0]["warnings"] == []
+
+
+def test_data_without_a_length_yielding_nothing_on_one_rank_stops_every_rank(ranks):
+    results = ranks("stream_runs_dry")
+    assert "train_data yielded no batches in epoch 0" in results[1]["refused"]
+    assert "another rank's train_data yielded no batches in epoch 0" in results[0]["refused"]
+    for r in results:
+        assert (r["step"], r["epochs"]) == (2, 1) and len(r["warnings"]) == 1 and "epoch 1" in r["warnings"][0]
+    for name, value in results[0]["params"].items():
+        assert torch.equal(results[1]["params"][name], value), name

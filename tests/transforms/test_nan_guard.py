@@ -594,3 +594,19 @@ def test_a_raising_guard_outside_a_value_clip_names_the_infinite_gradient(
     with pytest.raises(loopkit.NonFiniteError, match="non-finite gradient of '2.bias' at step 0"):
         step(start, make_batches(1)[0])
     assert all(p.grad is None for p in start.model.parameters())
+
+
+def test_a_guard_outside_a_value_clip_scans_the_gradients_once_an_update(monkeypatch, make_mlp, make_batches, mse_loss,
+                                                                          make_sgd_state):
+    """Checked before the clamp, the guard does not scan the clamped (finite) gradients again at its own turn."""
+    scans = []
+    real = torch._amp_foreach_non_finite_check_and_unscale_
+
+    def counting(*args):
+        scans.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(torch, "_amp_foreach_non_finite_check_and_unscale_", counting)
+    step = loopkit.with_nan_guard(loopkit.with_grad_clip(loopkit.train_step(mse_loss), max_value=0.01))
+    step(make_sgd_state(make_mlp(0)), make_batches(1)[0])
+    assert len(scans) == 1
