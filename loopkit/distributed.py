@@ -372,8 +372,12 @@ class _ShardSampler(DistributedSampler):
         return iter(order[self.rank : len(order) : self.num_replicas])
 
     def __len__(self) -> int:
-        n = len(self.dataset)  # type: ignore[arg-type]
-        return n // self.num_replicas + (1 if self.rank < n % self.num_replicas else 0)
+        return _unpadded_share(len(self.dataset), self.num_replicas, self.rank)  # type: ignore[arg-type]
+
+
+def _unpadded_share(n: int, world: int, rank: int) -> int:
+    """How many of ``n`` indices rank ``rank`` of ``world`` takes when each goes to one rank (``r, r + world, ...``)."""
+    return n // world + (1 if rank < n % world else 0)
 
 
 class _SamplerShard(Sampler[int]):
@@ -438,7 +442,7 @@ class _SamplerShard(Sampler[int]):
         n = len(self.sampler)  # type: ignore[arg-type]
         if self.pad:
             return -(-n // self.num_replicas)
-        return n // self.num_replicas + (1 if self.rank < n % self.num_replicas else 0)
+        return _unpadded_share(n, self.num_replicas, self.rank)
 
 
 _LOADER_OPTIONS = (

@@ -473,7 +473,9 @@ def _params_with_grads(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
 class GradTransform(Protocol):
     """A transform that acts on gradients before the optimizer update."""
 
-    name: str  # optional too: ``keeps_buffers`` (True: a skip it flags also puts the model's buffers back)
+    name: str  # optional too: ``keeps_buffers`` (True: a skip it flags also puts the model's buffers back), and
+    # ``hides_nonfinite`` (True: it may make a non-finite gradient finite; a guard around it then sets its ``check``
+    # field, a function of the GradContext it calls before it acts)
 
     def on_loss(self, loss: torch.Tensor, state: TrainState, ctx: GradContext) -> None: ...
 

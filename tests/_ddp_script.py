@@ -549,16 +549,23 @@ def fp16(rank: int) -> dict[str, Any]:
             "scale": float(state.extras["amp/scale"])}
 
 
-def fit(rank: int) -> dict[str, Any]:
+def _sharded_fit(train_n: int, val_n: int) -> tuple[Any, Any, Any, Any, Any]:
+    """``(state, train, val, evaluator, step)``: ``train_n`` training samples sharded (padded), ``val_n`` validation
+    samples sharded without padding (each on one rank), an mse evaluator and a ``with_ddp`` train step."""
     import loopkit
     from loopkit import distributed
 
-    train_set, val_set = make_dataset(23, 1), make_dataset(7, 2)
+    train_set, val_set = make_dataset(train_n, 1), make_dataset(val_n, 2)
     state = sgd_state(make_model(), seed=5)
     train = distributed.shard(train_set, state, batch_size=BATCH)
     val = distributed.shard(val_set, state, batch_size=3, pad=False)
-    evaluator = loopkit.eval_step(lambda m, b: {"mse": mse(m, b)})
-    step = loopkit.with_ddp(loopkit.train_step(mse))
+    return state, train, val, loopkit.eval_step(lambda m, b: {"mse": mse(m, b)}), loopkit.with_ddp(loopkit.train_step(mse))
+
+
+def fit(rank: int) -> dict[str, Any]:
+    import loopkit
+
+    state, train, val, evaluator, step = _sharded_fit(23, 7)
     state, history = loopkit.run_epochs(step, state, train, epochs=2, val=(evaluator, val), progress=False)
     local = loopkit.evaluate(evaluator, state, val, reduce=False)
     return {"params": _params(state.model), "history": history, "evaluate": loopkit.evaluate(evaluator, state, val),
@@ -587,12 +594,8 @@ def val_one_sample(rank: int) -> dict[str, Any]:
     import loopkit
     from loopkit import distributed
 
-    train_set, val_set = make_dataset(16, 1), make_dataset(1, 2)
-    state = sgd_state(make_model(), seed=5)
-    train = distributed.shard(train_set, state, batch_size=BATCH)
-    val = distributed.shard(val_set, state, batch_size=3, pad=False)
-    evaluator = loopkit.eval_step(lambda m, b: {"mse": mse(m, b)})
-    step = loopkit.with_ddp(loopkit.train_step(mse))
+    state, train, val, evaluator, step = _sharded_fit(16, 1)
+    val_set = make_dataset(1, 2)  # (the set _sharded_fit sharded, for the factory's shards)
     kept = _EpochParams()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -50,18 +50,23 @@ def _states():
 def _raw(seed, make_opt, make_sched, batches):
     """The reference: a hand-written loop for one member."""
     model = _mlp(seed)
+    return model, _raw_loop(model, make_opt, make_sched, lambda m, b: ((m(b[0]) - b[1]) ** 2).mean(), batches)
+
+
+def _raw_loop(model, make_opt, make_sched, loss_of, batches):
+    """``model`` trained by hand on ``batches`` (``loss_of(model, batch)`` a scalar loss); the losses stacked."""
     opt = make_opt(model.parameters())
     sched = make_sched(opt) if make_sched else None
     losses = []
-    for x, y in batches:
-        loss = ((model(x) - y) ** 2).mean()
+    for batch in batches:
+        loss = loss_of(model, batch)
         opt.zero_grad()
         loss.backward()
         opt.step()
         if sched is not None:
             sched.step()
         losses.append(loss.detach())
-    return model, torch.stack(losses)
+    return torch.stack(losses)
 
 
 def test_each_member_follows_its_own_raw_loop(make_batches):
@@ -861,21 +866,11 @@ def _noisy_loss(model, batch):
 def _raw_random(seed, model, make_opt, make_sched, loss_fn, batches):
     """The reference for a member whose loss draws: a hand-written loop whose draws come from torch's global RNG
     seeded with the member's seed (what ``TrainState.create(seed=seed)`` holds), the caller's RNG put back after."""
-    opt = make_opt(model.parameters())
-    sched = make_sched(opt) if make_sched else None
-    losses = []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        for batch in batches:
-            loss = loss_fn(model, batch)[0]
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            if sched is not None:
-                sched.step()
-            losses.append(loss.detach())
+        losses = _raw_loop(model, make_opt, make_sched, lambda m, b: loss_fn(m, b)[0], batches)
         rng = torch.get_rng_state()
-    return model, torch.stack(losses), rng
+    return model, losses, rng
 
 
 # (model, loss_fn): a dropout layer's draws, a loss_fn's own torch.randn_like, and both

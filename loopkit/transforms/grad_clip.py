@@ -35,8 +35,18 @@ class ClipGrad:
     norm_type: float = 2.0
     name: str = "with_grad_clip"
     #: a guard's check of the gradients, run before a value clipping: clamping turns inf into +-max_value, so
-    #: a ``with_nan_guard`` outside would see nothing (set by ``with_nan_guard`` around it)
+    #: a ``with_nan_guard`` outside would see nothing (set by ``with_nan_guard`` around it: see ``hides_nonfinite``)
     check: Callable[[GradContext], None] | None = None
+
+    @property
+    def hides_nonfinite(self) -> bool:
+        """Whether it may make a non-finite gradient finite (clamping by value does): a guard around it then checks
+        the gradients through its ``check``, before it acts.
+
+        >>> ClipGrad(max_value=1.0).hides_nonfinite, ClipGrad(max_norm=1.0).hides_nonfinite
+        (True, False)
+        """
+        return self.max_value is not None
     metric_names: ClassVar[tuple[str, ...]] = ("grad_norm",)
 
     def on_loss(self, loss: torch.Tensor, state: TrainState, ctx: GradContext) -> None:
@@ -72,7 +82,7 @@ class ClipGrad:
 
     def _clip(self, ctx: GradContext) -> None:
         params = ctx.params
-        if self.check is not None and self.max_value is not None:
+        if self.check is not None and self.hides_nonfinite:
             self.check(ctx)
             ctx.checked = True  # (the guard's own turn, after the clamping, has nothing left to find)
         if any(is_dtensor(g) for g in ctx.grads):  # under with_fsdp: one all-reduce a norm, not torch's two for inf

@@ -18,7 +18,6 @@ from loopkit.errors import NonFiniteError
 from loopkit.state import TrainState
 from loopkit.steps import GradContext, TrainStep
 from loopkit.transforms._compose import require_train_step
-from loopkit.transforms.grad_clip import ClipGrad
 
 __all__ = ["NanGuard", "with_nan_guard"]
 
@@ -151,10 +150,10 @@ def with_nan_guard(step: Any, policy: str = "skip") -> TrainStep:
 
 
 def _checked_before_clamping(transforms: tuple[Any, ...], guard: NanGuard) -> tuple[Any, ...]:
-    """``transforms`` with each value clipping inside the guard checked by it first: ``clip_grad_value_`` makes an
-    infinite gradient finite (+-max_value), and what the guard then saw would let it through."""
+    """``transforms`` with each one inside the guard that may make a non-finite gradient finite (its
+    ``hides_nonfinite``: a value clipping, whose ``clip_grad_value_`` makes inf +-max_value) checked by the guard
+    first, through its ``check`` field: what the guard saw after it would let the gradient through."""
     return tuple(
-        attrs.evolve(t, check=guard.on_grads) if type(t) is ClipGrad and t.max_value is not None and t.check is None
-        else t
+        attrs.evolve(t, check=guard.on_grads) if getattr(t, "hides_nonfinite", False) and t.check is None else t
         for t in transforms
     )
