@@ -1564,6 +1564,8 @@ def export_weights(
     if not isinstance(state, TrainState):
         raise TypeError(f"export_weights: state must be a loopkit.TrainState, got {type(state).__qualname__}")
     state.check_usable()
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"export_weights: path must be a file path such as 'model.safetensors', got {type(path).__qualname__}")
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"export_weights: {str(path)!r} is a folder; give a file path, e.g. {str(path / 'model.safetensors')!r}")

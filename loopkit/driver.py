@@ -45,10 +45,10 @@ from loopkit.state import (
     replace_extras, state_at_error,
 )
 from loopkit.steps import (
-    RECORDED, SAVE_DUE, WrapperStep, as_step, check_takes_model_and_batch, evaluating, in_accumulation_group,
+    RECORDED, SAVE_DUE, EpochRecord, WrapperStep, as_step, check_takes_model_and_batch, evaluating, in_accumulation_group, undonated,
 )
 from loopkit.steps import donate as donated
-from loopkit.tree import tensors, to_device, to_plain
+from loopkit.tree import device_available, devices_here, tensors, to_device, to_plain
 
 __all__ = ["evaluate", "predict", "run_epochs"]
 
@@ -315,28 +315,10 @@ def _check_device(device: Any, where: str) -> Any:
                          "'cuda:1', 'mps'") from None
     if parsed.type == "meta":
         raise ValueError(f"{where}: device='meta' holds no values: moving the model there would drop its weights")
-    if parsed.type != "cpu" and not _available(parsed):
-        raise ValueError(f"{where}: device={device!r} is not available here (torch {torch.__version__}: "
-                         f"{_device_count(parsed)} {parsed.type} device(s)); e.g. device='cpu', or 'auto'")
+    if parsed.type != "cpu" and not device_available(parsed):
+        raise ValueError(f"{where}: device={device!r} is not available here ({devices_here(parsed)}); "
+                         "e.g. device='cpu', or 'auto'")
     return device
-
-
-def _device_count(device: torch.device) -> int:
-    module = getattr(torch, device.type, None)
-    try:
-        return int(module.device_count()) if module is not None and hasattr(module, "device_count") else 0
-    except (RuntimeError, AssertionError):
-        return 0
-
-
-def _available(device: torch.device) -> bool:
-    """Whether ``device`` (not the CPU) exists in this process: its backend is built and running, and its index
-    is below the count (a plugged-in backend without ``device_count`` is taken as there)."""
-    module = getattr(torch, device.type, None)
-    if module is None or not hasattr(module, "device_count"):
-        return True
-    count = _device_count(device)
-    return count > 0 and (device.index is None or device.index < count)
 
 
 def _mover(device: torch.device | str | None, state: TrainState) -> Callable[[Any], Any] | None:
@@ -402,7 +384,7 @@ def evaluate(
     sets = _val_sets(data)
     for name, one in sets:
         _check_data(one, "evaluate: data" if name is None else f"evaluate: data[{name!r}]")
-    step = as_step(eval_step)
+    step = undonated(as_step(eval_step))  # one state for every batch: a donated call would use it up
     if "train_step" in step.applied:
         raise TypeError("evaluate: the step is a train_step, whose metrics are training-mode losses of updates "
                         "on copies; pass eval_step(metric_fn)")
@@ -1451,7 +1433,7 @@ def run_epochs(
     # (a step that changes nothing in place, a pure function of one's own, runs as it is when the given state must
     # stay valid: donated, it would mark the state it is given, the caller's, used up)
     step = donated(step) if donate or step.changes_state else step
-    val_step = None if val is None else as_step(val[0])
+    val_step = None if val is None else undonated(as_step(val[0]))  # (the training's state: never used up by it)
     if val_step is not None and "with_profiler" in step.applied and "with_profiler" in val_step.applied:
         raise ValueError(
             "run_epochs: both the train step and the validation step are under with_profiler; torch.profiler "
@@ -1777,7 +1759,7 @@ def run_epochs(
                     state = hooks.keep(state)  # finishes it calls on_epoch_end for it again, as the whole run does once
                 if validated:  # after every callback of the epoch: a checkpoint taken now holds all their counters
                     step.notify("validation_end", state, last_val)
-                step.notify("epoch_end", state, record)
+                step.notify("epoch_end", state, EpochRecord(record, validated=last_val))
                 if held_save:  # a relaunch from it finds the epoch recorded (or, if whole, finished): saved once the
                     step.notify("save_due", state, {})  # loggers have written the epoch's rows, which it will not redo
                 history.append(record)

@@ -22,7 +22,7 @@ import copy
 import inspect
 import numbers
 import types
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
 import attrs
@@ -30,7 +30,6 @@ import numpy as np
 import torch
 
 from loopkit._sharded import local
-from loopkit.errors import NonFiniteError
 from loopkit.rng import RNGScope, global_rng_state
 from loopkit.state import (
     _INTACT, TrainState, drop_graph, extras_copy, fork, keep_graph, leave_intact, make_state, model_device,
@@ -38,6 +37,7 @@ from loopkit.state import (
 )
 
 __all__ = [
+    "EpochRecord",
     "EvalStep",
     "FnStep",
     "GradContext",
@@ -58,6 +58,7 @@ __all__ = [
     "leave_intact",
     "needs_closure",
     "train_step",
+    "undonated",
 ]
 
 Metrics = dict[str, torch.Tensor]
@@ -75,6 +76,25 @@ SAVE_DUE = "run_epochs/save_due"
 #: resumed fit finishes and records again at its end; a logger drops the cut record then)
 RECORDED = "run_epochs/recorded_step"
 _FOUND_INF = "amp/found_inf"
+
+
+class EpochRecord(dict):
+    """An epoch's history record as ``run_epochs`` tells the step of it (``"epoch_end"``); ``validated`` names the
+    metrics that came from a validation, which the step was told of at its ``"validation_end"`` (not those a
+    callback's ``on_epoch_end`` added, ``val/auroc`` among them).
+
+    >>> record = EpochRecord({"epoch": 0, "val/loss": 0.5, "val/auroc": 0.9}, validated=["val/loss"])
+    >>> record["val/auroc"], sorted(record.validated)
+    (0.9, ['val/loss'])
+    """
+
+    __slots__ = ("validated",)
+
+    def __init__(self, record: Mapping[str, Any], validated: Iterable[str]) -> None:
+        super().__init__(record)
+        self.validated = frozenset(validated)
+
+
 _NONFINITE = "nan_guard/nonfinite"
 _BUFFERS = "nan_guard/buffers"  # the model's buffers before the group's first micro-batch (a skip puts them back)
 
@@ -253,12 +273,32 @@ def donate(step: Callable[[TrainState, Any], tuple[TrainState, Metrics]]) -> Ste
             f"donate cannot wrap {getattr(step, 'name', type(step).__qualname__)}: it takes {step.takes}, not one "
             "loopkit.TrainState; pass donated=True to loopkit.ensemble.train_step, which trains the ensemble in place"
         )
-    step = as_step(step)
+    return _donated_as(as_step(step), True)
+
+
+def undonated(step: Step) -> Step:
+    """``step`` with its calls not donated: the state given to it stays usable (``evaluate`` and ``run_epochs``'
+    validations call one state for every batch). A step that changes nothing in place (an ``eval_step``) then
+    runs on the state as it is, with no copy; one that cannot run on a copy (``with_fsdp``'s) is left donated.
+
+    >>> from loopkit.state import TrainState
+    >>> state = TrainState.create(torch.nn.Linear(1, 1))
+    >>> step = undonated(donate(eval_step(lambda m, b: {"out": m(b).sum()})))
+    >>> _ = step(state, torch.ones(2, 1)); _ = step(state, torch.ones(2, 1))  # the state stays usable
+    >>> step.donated
+    False
+    """
+    if not step.donated or step.requires_donation is not None:
+        return step
+    return _donated_as(step, False)
+
+
+def _donated_as(step: Step, flag: bool) -> Step:
     if attrs.has(type(step)):
-        return attrs.evolve(step, donated=True)
-    donated = copy.copy(step)  # a Step subclass of one's own, not an attrs class
-    object.__setattr__(donated, "donated", True)
-    return donated
+        return attrs.evolve(step, donated=flag)
+    changed = copy.copy(step)  # a Step subclass of one's own, not an attrs class
+    object.__setattr__(changed, "donated", flag)
+    return changed
 
 
 @attrs.frozen(eq=False)
@@ -401,7 +441,7 @@ class GradContext:
     that decides on the host (a guard that raises) decides the same on every rank.
     """
 
-    __slots__ = ("state", "params", "metrics", "found_inf", "nonfinite", "agree", "taken", "checked")
+    __slots__ = ("state", "params", "metrics", "found_inf", "nonfinite", "agree", "taken", "checked", "updating")
 
     def __init__(
         self, state: TrainState, metrics: Metrics, found_inf: Any, nonfinite: Any, agree: Any = None,
@@ -416,6 +456,8 @@ class GradContext:
         self.taken = taken  # the metric names the step's transforms report -> the transform (see _taken_by)
         #: a guard checked these gradients already (from inside a value clipping, before it clamped them)
         self.checked = False
+        #: the optimizer's update began: an error from now on comes half-way through it
+        self.updating = False
 
     def refresh_params(self) -> None:
         """Take the parameters with gradients anew (after code of the user's gave or took some)."""
@@ -690,6 +732,9 @@ class TrainStep(Step):
     keeps_buffers: bool = attrs.field(init=False, repr=False)
     #: the transforms' checks of the loss before the backward (a raising NaN guard's), in one process
     loss_checks: tuple[Callable[[torch.Tensor, TrainState], None], ...] = attrs.field(init=False, repr=False)
+    #: a transform may refuse the gradients before the update (``refuses_grads``: a raising NaN guard, a
+    #: gradient hook's fn), in one process: each call keeps the gradients it began with, to give them back then
+    holds_grads: bool = attrs.field(init=False, repr=False)
     #: the metrics the transforms report (name -> transform): a loss_fn's aux metric may not take their names
     transform_metrics: Mapping[str, str] = attrs.field(init=False, repr=False)
 
@@ -710,6 +755,8 @@ class TrainStep(Step):
             t.check_loss for t in self.micro + self.update if getattr(t, "check_loss", None) is not None
         )
         object.__setattr__(self, "loss_checks", checks)
+        refusing = any(getattr(t, "refuses_grads", False) for t in self.micro + self.update)
+        object.__setattr__(self, "holds_grads", self.sync is None and refusing)
         reported = {
             name: t.name for t in (self.precision, *self.micro, *self.update) for name in getattr(t, "metric_names", ())
         }
@@ -796,8 +843,8 @@ class TrainStep(Step):
         # with_fsdp's buffers: rank 0's on every rank before a forward that follows a synced backward, as DDP does
         if sync is not None and (per_micro or not state.extras.get(_ACCUM_COUNT, 0)):
             sync.before_forward(model)
-        # a raising guard may refuse this call's gradients: what the parameters hold now is given back then
-        held = [p.grad for group in optimizer.param_groups for p in group["params"]] if self.loss_checks else None
+        # a raising guard or a hook may refuse this call's gradients: what the parameters hold now is given back then
+        held = [p.grad for group in optimizer.param_groups for p in group["params"]] if self.holds_grads else None
         try:
             if local:
                 with sync.no_sync(net):
@@ -839,8 +886,8 @@ class TrainStep(Step):
                 return keep_graph(replace(new, extras=extras), loss), metrics
             extras.pop(_ACCUM_COUNT, None)
             return keep_graph(self._apply_update(new, extras, metrics, ctx), loss), metrics
-        except NonFiniteError as error:  # a raising guard refused the gradients, before the update
-            if held is not None and _gradients_back(state, optimizer, held, stash):
+        except BaseException as error:  # a raising guard or a hook refused the gradients, before the update
+            if held is not None and not ctx.updating and _gradients_back(state, optimizer, held, stash):
                 leave_intact(error, state)
             raise
 
@@ -981,6 +1028,7 @@ class TrainStep(Step):
             _agree_flags(ctx)
         skip = _skip_flag(ctx)
         skipped = skip is not None and bool(skip)  # one read per update, only with a scaler or a guard
+        ctx.updating = True
         if not skipped:
             try:
                 optimizer.step()

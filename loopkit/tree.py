@@ -19,7 +19,10 @@ import torch
 
 from loopkit.errors import StateMismatchError
 
-__all__ = ["copy_tensors", "decode_tree", "encode_tree", "from_plain", "path_str", "tensors", "to_device", "to_plain"]
+__all__ = [
+    "copy_tensors", "decode_tree", "device_available", "devices_here", "encode_tree", "from_plain", "path_str", "tensors",
+    "to_device", "to_plain",
+]
 
 #: the key under which :func:`encode_tree` records what a mapping it made stands for
 KIND = "__loopkit_kind__"
@@ -53,7 +56,43 @@ def to_device(batch: Any, device: torch.device | str, *, non_blocking: bool = Fa
         device = torch.device(device)
     except (RuntimeError, TypeError) as e:
         raise ValueError(f"to_device: {device!r} is not a device ('cpu', 'cuda', 'cuda:1', 'mps'): {e}") from None
-    return _move(batch, device, non_blocking, "batch")
+    try:
+        return _move(batch, device, non_blocking, "batch")
+    except (AssertionError, RuntimeError) as error:  # (looked into only when a move failed)
+        if device.type == "cpu" or device_available(device):
+            raise
+        raise ValueError(f"to_device: device {str(device)!r} is not available here ({devices_here(device)})") from error
+
+
+def _device_count(device: torch.device) -> int:
+    module = getattr(torch, device.type, None)
+    try:
+        return int(module.device_count()) if module is not None and hasattr(module, "device_count") else 0
+    except (RuntimeError, AssertionError):
+        return 0
+
+
+def device_available(device: torch.device) -> bool:
+    """Whether ``device`` (not the CPU) exists in this process: its backend is built and running, and its index
+    is below the count (a plugged-in backend without ``device_count`` is taken as there).
+
+    >>> device_available(torch.device("cuda:99"))
+    False
+    """
+    module = getattr(torch, device.type, None)
+    if module is None or not hasattr(module, "device_count"):
+        return True
+    count = _device_count(device)
+    return count > 0 and (device.index is None or device.index < count)
+
+
+def devices_here(device: torch.device) -> str:
+    """What this process has of ``device``'s kind, for an error saying it is not available.
+
+    >>> devices_here(torch.device("cuda:99")).startswith("torch ")
+    True
+    """
+    return f"torch {torch.__version__}: {_device_count(device)} {device.type} device(s)"
 
 
 def tensors(tree: Any) -> Iterator[torch.Tensor]:

@@ -381,6 +381,8 @@ def fit(
     >>> trial.user_attrs["step"], value == trial.user_attrs["history"][-1]["train/loss"]
     (6, True)
     """
+    if not isinstance(monitor, str) or not monitor:
+        raise ValueError(f"loopkit.tune.fit: monitor must be a metric name such as 'val/loss', got {monitor!r}")
     if monitor.startswith("val/") and run_epochs_options.get("val") is None:
         raise ValueError(f"loopkit.tune.fit: monitor '{monitor}' is a validation metric; pass val=(eval_step, val_data)")
     callbacks = _check_callbacks(callbacks)  # (run_epochs' rule: one callback alone is taken too)

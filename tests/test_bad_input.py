@@ -228,9 +228,13 @@ def test_a_misspelt_validation_monitor_is_warned_about_after_the_sanity_check():
         (lambda s: evaluate(eval_step(_metric), s, None), TypeError, "evaluate: data must be an iterable"),
         (lambda s: loopkit.to_device(make_data(1), None), TypeError, "to_device: device must be"),
         (lambda s: loopkit.to_device(make_data(1), "gpu"), ValueError, "to_device: 'gpu' is not a device"),
+        (lambda s: loopkit.to_device(make_data(1), "cuda:99"), ValueError,
+         r"to_device: device 'cuda:99' is not available here \(torch .*: \d+ cuda device\(s\)\)"),
         (lambda s: loopkit.quantized_model(s.model), TypeError, "quantized_model: give the TrainState"),
+        (lambda s: loopkit.export_weights(s, None), TypeError, "export_weights: path must be a file path .* got NoneType"),
     ],
-    ids=["predict-swapped", "predict-model", "evaluate-model", "evaluate-none", "device-none", "device-gpu", "quantized"],
+    ids=["predict-swapped", "predict-model", "evaluate-model", "evaluate-none", "device-none", "device-gpu", "device-absent",
+         "quantized", "export-none"],
 )
 def test_helpers_name_a_misplaced_argument(call, error, match):
     with pytest.raises(error, match=match):
@@ -254,9 +258,11 @@ def test_helpers_name_a_misplaced_argument(call, error, match):
         (lambda p: loopkit.ConsoleLogger(stream="stdout"), TypeError, "ConsoleLogger: stream must be a text stream"),
         (lambda p: loopkit.CSVLogger(p / "file"), NotADirectoryError, "CSVLogger: root .* is a file"),
         (lambda p: loopkit.TensorBoardLogger(p / "file" / "deeper"), NotADirectoryError, "TensorBoardLogger: root"),
+        (lambda p: loopkit.with_checkpointing(train_step(mse), p / "file" / "ckpt"), NotADirectoryError,
+         "with_checkpointing: cannot make the folder .*ckpt' for its checkpoints"),
     ],
     ids=["clip-bool", "accum-order", "compile-dynamic", "compile-fullgraph", "qconfig", "patience-bool", "min-delta-str", "logger-class", "stream", "root-file",
-         "root-under-file"],
+         "root-under-file", "checkpoints-under-file"],
 )
 def test_options_are_refused_when_built(build, error, match, tmp_path):
     (tmp_path / "file").write_text("x")

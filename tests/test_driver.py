@@ -687,6 +687,21 @@ def test_evaluate_leaves_the_state_unchanged():
     assert torch.equal(rng, state.rng["cpu"]) and state.model.training
 
 
+def test_a_donated_eval_step_evaluates_and_validates_as_the_undonated_one():
+    """evaluate and the validations call one state for every batch: a donated eval step is called undonated
+    (an eval step changes nothing in place), and the caller's state, or the training's, stays usable."""
+    metric = lambda m, b: {"mse": mse(m, b)}  # noqa: E731
+    state = make_state()
+    expected = evaluate(eval_step(metric), state, make_data(3))
+    assert evaluate(loopkit.donate(eval_step(metric)), state, make_data(3)) == expected
+    state.check_usable()
+    _, expected_history = run_epochs(train_step(mse), make_state(), make_data(4), epochs=2,
+                                     val=(eval_step(metric), make_data(3, seed=1)), progress=False)
+    _, history = run_epochs(train_step(mse), make_state(), make_data(4), epochs=2,
+                            val=(loopkit.donate(eval_step(metric)), make_data(3, seed=1)), progress=False)
+    assert history == expected_history
+
+
 def test_predict_equals_the_model_in_eval_mode():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 5), nn.BatchNorm1d(5), nn.Dropout(0.5), nn.Linear(5, 2))

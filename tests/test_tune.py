@@ -384,6 +384,9 @@ def test_bad_input_is_named(make_mlp, make_batches, mse_loss, tmp_path):
         RuntimeWarning, match="sanity validation did not report"
     ):
         tune.fit(trial, step, state, data, val=val, monitor="val/acc", epochs=1, progress=False)
+    for monitor in (None, 3, ""):
+        with pytest.raises(ValueError, match=f"loopkit.tune.fit: monitor must be a metric name .* got {monitor!r}"):
+            tune.fit(trial, step, state, data, val=val, monitor=monitor, epochs=1, progress=False)
     with pytest.raises(ValueError, match="n_trials must be a positive int"):
         tune.optimize(lambda t: 0.0, n_trials=0, directory=tmp_path)
     with pytest.raises(ValueError, match="give n_trials or timeout"):

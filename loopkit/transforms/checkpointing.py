@@ -521,7 +521,11 @@ def _prepare_directory(directory: Path) -> None:
     """Create the directory now, so that a bad path fails when the step is built, not hours later."""
     if not is_rank_zero():
         return
-    checkpoint.make_directory(directory)
+    try:
+        checkpoint.make_directory(directory)
+    except OSError as error:  # (a file on the path, a read-only file system: named as with_checkpointing's)
+        raise type(error)(error.errno, f"with_checkpointing: cannot make the folder {str(directory)!r} for its "
+                          f"checkpoints: {error.strerror or error}") from error
     if not os.access(directory, os.W_OK | os.X_OK):
         raise PermissionError(
             errno.EACCES, f"with_checkpointing: cannot write checkpoints in {directory}: permission denied"

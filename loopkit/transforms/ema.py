@@ -265,8 +265,8 @@ def ema_state(state: TrainState) -> TrainState:
 
     Buffers are the model's own (not averaged: recompute BatchNorm statistics for the averaged
     weights with ``torch.optim.swa_utils.update_bn``); before the first update the averages are
-    the parameters. ``state`` is unchanged. Averages that do not fit the model (another's) raise
-    a ValueError. Use it to evaluate, predict or export the averaged weights:
+    the parameters. ``state`` is unchanged. Averages that do not fit the model (another's), or none
+    in a state past its first update (one not trained with ``with_ema``), raise a ValueError. Use it to evaluate, predict or export the averaged weights:
     ``loopkit.evaluate(eval_step(metric_fn), ema_state(state), data)``.
 
     >>> import torch
@@ -280,6 +280,9 @@ def ema_state(state: TrainState) -> TrainState:
         raise TypeError(f"ema_state: expected a loopkit.TrainState, got {type(state).__qualname__}")
     state.check_usable()
     averages = state.extras.get(_EMA)
+    if averages is None and state.step > 0:  # with_ema copies the parameters at the first update
+        raise ValueError(f"ema_state: the state (step {state.step}) holds no EMA averages: it was not trained with "
+                         "with_ema (whose first update starts them), or its extras were dropped")
     copy = fork(replace(state, optimizer=None, scheduler=None))
     if averages is not None:
         averages = _fitted(averages, core_module(copy.model), "ema_state")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import attrs
 import torch
@@ -35,6 +35,9 @@ class GradHook:
 
     fn: HookFn
     name: str = "with_grad_hook"
+    #: the fn may raise (or return what is refused) after the backward, before the update: ``train_step``
+    #: gives the parameters the gradients they had back then, and the state stays usable
+    refuses_grads: ClassVar[bool] = True
 
     def on_loss(self, loss: torch.Tensor, state: TrainState, ctx: GradContext) -> None:
         pass

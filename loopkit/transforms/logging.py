@@ -48,10 +48,12 @@ def _read_means(extras: Mapping[str, Any]) -> dict[str, float]:
 
 
 def _epoch_scalars(record: Mapping[str, float]) -> dict[str, float]:
-    """An epoch's history record as scalars: ``train/<m>_epoch``, ``epoch`` and callback extras."""
+    """An epoch's history record as scalars: ``train/<m>_epoch``, ``epoch`` and callback extras (``val/auroc`` of an
+    ``on_epoch_end`` too; the validation's means were logged at its ``validation_end``)."""
     out: dict[str, float] = {"epoch": record["epoch"]} if "epoch" in record else {}
+    validated = getattr(record, "validated", None)  # (a record of run_epochs: an EpochRecord)
     for key, value in record.items():
-        if key in ("epoch", "step") or key.startswith("val/"):  # val/ was logged at validation_end
+        if key in ("epoch", "step") or (key.startswith("val/") and (validated is None or key in validated)):
             continue
         out[f"{key}_epoch" if key.startswith("train/") else key] = value
     return out

@@ -45,6 +45,11 @@ class NanGuard:
         return self.policy == "skip"
 
     @property
+    def refuses_grads(self) -> bool:
+        """A raising guard refuses the gradients before the update: ``train_step`` gives them back then."""
+        return self.policy == "raise"
+
+    @property
     def check_loss(self) -> Callable[[torch.Tensor, TrainState], None] | None:
         """What ``train_step`` calls between the loss_fn and the backward (in one process): a raising guard's
         loss check, made while nothing of the state has changed (the error leaves it whole).

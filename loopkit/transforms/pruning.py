@@ -98,14 +98,17 @@ class PruningStep(UpdateStep):
         return True  # it zeroes weights in place: a pure call works on a copy, whatever the inner step
 
     def run_(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
+        try:  # the schedule's value after the next update, checked before the step changes anything
+            target = self.schedule(state.step + 1)
+        except BaseException as error:
+            raise leave_intact(error, state)
         masks = state.extras.get(_MASKS)
         if masks is None:
             # the names are checked before the step changes anything, never after an update: the names given
             # at every call until the first prune (a resumed run's first call too), the default ones (read off
             # the model) at the first call and before the update that prunes
             try:
-                if (self.parameters is not None or state.step == 0
-                        or self.schedule(state.step + 1) > state.extras.get(_SPARSITY, 0.0)):
+                if self.parameters is not None or state.step == 0 or target > state.extras.get(_SPARSITY, 0.0):
                     _resolve(core_module(state.model), self._names(state))
             except (KeyError, ValueError) as error:
                 raise leave_intact(error, state)

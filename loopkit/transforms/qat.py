@@ -19,7 +19,7 @@ from torch import nn
 
 from loopkit._numbers import as_int
 from loopkit.state import TrainState, fork
-from loopkit.steps import Metrics, WrapperStep, leave_intact
+from loopkit.steps import Metrics, WrapperStep
 from loopkit.transforms._compose import refuse_wrapping, require_step
 
 __all__ = ["QATStep", "is_prepared", "quantized_model", "with_qat"]
@@ -158,13 +158,9 @@ class QATStep(WrapperStep):
         if is_prepared(model):
             self._freeze(model, state.step)
             return self.inner.run_(state, batch)
-        _prepare(model, self._qconfig(model))
-        try:
-            self._freeze(model, state.step)
-            return self.inner.run_(state, batch)
-        except BaseException as error:
-            leave_intact(error, None)  # the model's modules were swapped in place: the state is not as it was
-            raise
+        _prepare(model, self._qconfig(model))  # in place: the state now holds the prepared model, whole
+        self._freeze(model, state.step)
+        return self.inner.run_(state, batch)  # an error the inner step leaves the state whole for: it is, prepared
 
     def _freeze(self, model: nn.Module, step: int) -> None:
         quantization = _quantization()

@@ -109,6 +109,15 @@ def test_before_any_update_the_averages_are_the_parameters(make_mlp, make_sgd_st
     assert_trees_equal(dict(loopkit.ema_state(state).model.named_parameters()), dict(state.model.named_parameters()))
 
 
+def test_a_state_trained_without_with_ema_is_refused_rather_than_given_its_raw_weights(make_mlp, make_batches, mse_loss,
+                                                                                        make_sgd_state):
+    """(As swa_state refuses a state without averages: its weights are not an average, which the caller asked for.)"""
+    trained, _ = loopkit.run_epochs(loopkit.train_step(mse_loss), make_sgd_state(make_mlp(0)), make_batches(3),
+                                    epochs=1, progress=False)
+    with pytest.raises(ValueError, match=r"ema_state: the state \(step 3\) holds no EMA averages"):
+        loopkit.ema_state(trained)
+
+
 def test_buffers_are_the_models_own(make_bn_dropout, batches, mse_loss, make_sgd_state, assert_trees_equal):
     state = make_sgd_state(make_bn_dropout(0))
     step = loopkit.with_ema(loopkit.train_step(mse_loss), DECAY)

@@ -325,3 +325,58 @@ def test_a_hook_metric_named_loss_is_refused_at_an_epochs_flush_too(make_mlp, ma
     step = loopkit.with_grad_hook(loopkit.with_grad_accum(loopkit.train_step(mse_loss), every=4), lambda s: {"loss": 123.0})
     with pytest.raises(ValueError, match="returned a metric named 'loss', which the step reports too"):
         loopkit.run_epochs(step, state, make_batches(1), epochs=1, progress=False)
+
+
+class _RefusedAt:
+    """A hook that returns a metric loopkit refuses (a str), or raises, at its ``at``-th call; else nothing."""
+
+    def __init__(self, at, how):
+        self.at, self.how, self.calls = at, how, 0
+
+    def __call__(self, state):
+        self.calls += 1
+        if self.calls != self.at:
+            return None
+        if self.how == "raises":
+            raise RuntimeError("the hook's own failure")
+        return {"grad_max": "not a number"}
+
+
+def _hooked(nesting, hook, loss_fn):
+    base = loopkit.train_step(loss_fn)
+    if nesting == "plain":
+        return loopkit.with_grad_hook(base, hook)
+    if nesting == "clip(hook)":
+        return loopkit.with_grad_clip(loopkit.with_grad_hook(base, hook), max_norm=0.5)
+    return loopkit.with_grad_accum(loopkit.with_grad_hook(base, hook), every=2)  # per micro-batch
+
+
+@pytest.mark.parametrize("how", ["refused metric", "raises"])
+@pytest.mark.parametrize("nesting, at, whole_step", [("plain", 1, 0), ("plain", 5, 4), ("clip(hook)", 5, 4), ("accum(hook)", 5, 2)])
+def test_a_hook_that_fails_leaves_the_newest_whole_state_and_a_relaunch_ends_as_the_uninterrupted_run(
+    how, nesting, at, whole_step, make_mlp, make_batches, mse_loss, make_adam_state, take_snapshot, assert_trees_equal
+):
+    """The hook fails after the backward, before the update (under every=2 at the first micro-batch of a group): the
+    failing call's gradients are dropped, and the fit's state before that batch is whole, as a raw loop keeps the
+    model its earlier updates trained; nothing is lost (SPEC: a metric that is not a number, before anything is lost)."""
+    data = make_batches(8)
+    whole, whole_history = loopkit.run_epochs(
+        _hooked(nesting, lambda s: None, mse_loss), make_adam_state(make_mlp(0)), data, epochs=1, progress=False
+    )
+    given = make_adam_state(make_mlp(0))
+    with pytest.raises((TypeError, RuntimeError), match="is a str|the hook's own failure") as caught:
+        loopkit.run_epochs(_hooked(nesting, _RefusedAt(at, how), mse_loss), given, data, epochs=1, progress=False)
+    left = loopkit.state_at_error(caught.value)
+    assert left is not None
+    assert (left.step, left.batch_index) == (whole_step, at - 1)
+    assert all(p.grad is None for p in left.model.parameters())  # the failing call's gradients are not kept
+    by_hand = take_snapshot(loopkit.run_epochs(
+        _hooked(nesting, lambda s: None, mse_loss), make_adam_state(make_mlp(0)), data, epochs=1, max_steps=whole_step,
+        progress=False,
+    )[0]) if whole_step else take_snapshot(make_adam_state(make_mlp(0)))
+    assert_trees_equal(take_snapshot(left)["params"], by_hand["params"])
+    assert_trees_equal(take_snapshot(left)["optimizer"], by_hand["optimizer"])
+    resumed, history = loopkit.run_epochs(_hooked(nesting, lambda s: None, mse_loss), left, data, epochs=1, progress=False)
+    assert history == whole_history
+    assert_trees_equal(take_snapshot(resumed)["params"], take_snapshot(whole)["params"])
+    assert_trees_equal(take_snapshot(resumed)["optimizer"], take_snapshot(whole)["optimizer"])

@@ -248,6 +248,30 @@ def test_a_numpy_number_a_callback_adds_to_the_epoch_record_is_logged(tmp_path, 
     assert records[-1]["custom"] == 0.5 == history[0]["custom"]
 
 
+def test_a_val_metric_a_callback_adds_at_the_epochs_end_is_logged_and_the_validations_once(
+    tmp_path, make_mlp, make_batches, make_sgd_state
+):
+    """A whole-set metric an on_epoch_end computes (``val/auroc``, as self.log in Lightning's on_train_epoch_end) is
+    logged with the epoch's row, as the history holds it; the validation's own means are logged once, at its end
+    (here mid-epoch, at update 2: not again at the epoch's end, update 3)."""
+
+    class WholeSet:
+        def on_epoch_end(self, state, metrics):
+            return {"val/auroc": 0.75 + metrics["epoch"]}
+
+    logger = loopkit.JSONLLogger(tmp_path)
+    step = loopkit.with_logging(loopkit.train_step(loss_with_mae), logger, every_n_steps=100)
+    evaluator = loopkit.eval_step(lambda m, b: {"loss": loss_with_mae(m, b)[0]})
+    _, history = run_epochs(step, make_sgd_state(make_mlp(0)), make_batches(3), epochs=2, callbacks=[WholeSet()],
+                            val=(evaluator, make_batches(2)), val_every_n_steps=2, val_every_n_epochs=None,
+                            sanity_val_batches=0, progress=False)
+    with open(os.path.join(logger.log_dir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    auroc = [(r["step"], r["val/auroc"]) for r in records if "val/auroc" in r]
+    assert auroc == [(h["step"], h["val/auroc"]) for h in history] == [(3, 0.75), (6, 1.75)]
+    assert [r["step"] for r in records if "val/loss" in r] == [2, 4, 6]  # each validation's, once
+
+
 def test_two_runs_land_in_version_0_and_version_1(tmp_path, make_mlp, make_batches, make_sgd_state):
     snapshots = []
     for run in range(2):

@@ -250,6 +250,28 @@ def test_a_schedule_out_of_range_or_a_missing_parameter_is_named(make_batches, m
         loopkit.with_pruning(loopkit.train_step(mse_loss), 0.5, [1], parameters=["head.weight"])(state, batch)
 
 
+@pytest.mark.parametrize("every", [1, 2])
+def test_a_schedule_value_out_of_range_later_in_a_fit_is_refused_before_the_update_it_follows(
+    every, make_batches, mse_loss, make_sgd_state, take_snapshot, assert_trees_equal
+):
+    """schedule(3) is out of range: the error comes before update 3 (under every=2: at the micro-batch that starts
+    its group), and the fit's state after update 2 is whole, as a fit of 2 updates leaves it."""
+    data = make_batches(5 if every == 2 else 4, d_in=4, d_out=2)
+
+    def step(schedule):
+        inner = loopkit.train_step(mse_loss) if every == 1 else loopkit.with_grad_accum(loopkit.train_step(mse_loss), every=2)
+        return loopkit.with_pruning(inner, 0.5, schedule)
+
+    with pytest.raises(ValueError, match=r"schedule\(3\) must be a fraction in \[0, 1\], got 2.0") as caught:
+        loopkit.run_epochs(step(lambda s: 0.5 if s < 3 else 2.0), make_sgd_state(_wide_mlp(0)), data, epochs=1,
+                           progress=False)
+    left = loopkit.state_at_error(caught.value)
+    assert left is not None and left.step == 2
+    two, _ = loopkit.run_epochs(step(lambda s: 0.5), make_sgd_state(_wide_mlp(0)), data[:2 * every], epochs=1,
+                                progress=False)
+    assert_trees_equal(take_snapshot(left)["params"], take_snapshot(two)["params"])
+
+
 def test_meaningless_orders_are_refused_when_built(tmp_path, mse_loss):
     base = loopkit.train_step(mse_loss)
     for inner, name in [(loopkit.with_pruning(base, 0.5, [1]), "with_pruning"), (loopkit.with_ema(base, 0.9), "with_ema"),

@@ -254,22 +254,30 @@ def test_a_nan_batch_skipped_by_nan_guard_leaves_the_observers_as_they_were(make
     assert all(bool(torch.isfinite(b).all()) for b in state.model.buffers() if b.is_floating_point())
 
 
-def test_a_donated_first_call_whose_loss_fails_has_consumed_its_state(make_batches):
-    """The first call swaps the model's modules for QAT ones before the loss runs: a loss refused
-    then leaves a changed state, used up (a refused loss on a prepared model leaves it usable)."""
+def test_a_donated_first_call_whose_loss_fails_leaves_the_prepared_state_whole(make_batches, assert_trees_equal):
+    """The first call prepares the model in place, then the loss is refused before any update: the state is whole
+    (prepared, as every later call finds it), and training it on equals a raw QAT loop whose first forward
+    (the failed one, which moved the observers as any forward does) ran once before the same updates."""
     bad = lambda m, b: (m(b[0]) - b[1]) ** 2  # noqa: E731 (not reduced to a scalar)
-    data = make_batches(2, d_in=4, d_out=2)
-    step = loopkit.donate(loopkit.with_qat(loopkit.train_step(bad)))
+    data = make_batches(3, d_in=4, d_out=2)
     state = _state()
-    with pytest.raises(ValueError, match="scalar"):
-        step(state, data[0])
-    assert is_prepared(state.model)
-    with pytest.raises(loopkit.DonatedStateError):
-        state.check_usable()
-    prepared, _ = loopkit.donate(loopkit.with_qat(loopkit.train_step(_mse)))(_state(), data[0])
-    with pytest.raises(ValueError, match="scalar"):
-        step(prepared, data[1])
-    prepared.check_usable()
+    with pytest.raises(ValueError, match="scalar") as caught:
+        loopkit.donate(loopkit.with_qat(loopkit.train_step(bad)))(state, data[0])
+    assert loopkit.state_at_error(caught.value) is state
+    state.check_usable()
+    assert is_prepared(state.model) and state.step == 0
+    trained, _ = loopkit.run_epochs(loopkit.with_qat(loopkit.train_step(_mse)), state, data, epochs=1, progress=False)
+    q = torch.ao.quantization
+    model = _net(0)
+    model.qconfig = q.get_default_qat_qconfig("x86")
+    q.prepare_qat(model, inplace=True)
+    model(data[0][0])  # the failed call's forward
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for batch in data:
+        opt.zero_grad()
+        _mse(model, batch).backward()
+        opt.step()
+    assert_trees_equal(trained.model.state_dict(), model.state_dict())
 
 
 def test_quantized_model_of_a_model_without_a_quant_stub_is_refused_naming_it(make_batches):
