@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import datetime
 import enum
+import functools
 import math
 import numbers
 import re
@@ -397,6 +398,11 @@ class LearningRateMonitor(Callback):
     that goes on from a fit cut short, with the same monitor records its own epochs; what a resumed epoch needs, the
     rates it started with, comes from the state).
 
+    ``log_momentum=True`` and ``log_weight_decay=True`` (Lightning's) add, after each rate, its group's momentum
+    (``betas[0]`` for an optimizer with ``betas`` among its defaults, as Adam; else the group's ``momentum``, 0 where
+    it has none, which ``on_fit_start`` warns of) and weight decay, as ``<name>-momentum`` and
+    ``<name>-weight_decay`` (``lr-SGD-momentum``, ``lr-Adam/pg2-weight_decay``), recorded wherever the rates are.
+
     >>> import torch
     >>> from loopkit.state import TrainState
     >>> model = torch.nn.Linear(1, 1)
@@ -405,14 +411,22 @@ class LearningRateMonitor(Callback):
     >>> monitor.on_epoch_start(state)
     >>> monitor.on_epoch_end(state, {})
     {'lr-SGD': 0.5}
+    >>> state = TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9))
+    >>> monitor = LearningRateMonitor(log_momentum=True)
+    >>> monitor.on_epoch_start(state)
+    >>> monitor.on_epoch_end(state, {})
+    {'lr-SGD': 0.5, 'lr-SGD-momentum': 0.9}
     """
 
     reads_only = True
 
-    def __init__(self, logging_interval: str = "epoch") -> None:
+    def __init__(self, logging_interval: str = "epoch", log_momentum: bool = False,
+                 log_weight_decay: bool = False) -> None:
         if logging_interval not in ("epoch", "step"):
             raise ValueError(f"LearningRateMonitor: logging_interval must be 'epoch' or 'step', got {logging_interval!r}")
         self.logging_interval = logging_interval
+        self.log_momentum, self.log_weight_decay = log_momentum, log_weight_decay
+        self._read = self._reader()  # what each record reads: the rates alone unless a flag asks for more
         #: per epoch, its on_batch_end does nothing: run_epochs calls no batch hook for it (and under DDP
         #: makes no per-batch agreement on should_stop because of it)
         self.batch_end_unused = logging_interval == "epoch"
@@ -425,12 +439,33 @@ class LearningRateMonitor(Callback):
         """Start afresh, as Lightning's ``on_train_start`` does: ``history`` empty, no epoch under way (a resumed
         one's start rates come from the state, loaded after this hook). Per step, take the fit's starting update
         as seen: rates are recorded after each update that follows. Groups of one name are refused now, before
-        any step."""
+        any step (and, with ``log_weight_decay``, groups without a ``weight_decay``); with ``log_momentum``, an
+        optimizer without momentum is warned of (its momentum is logged as 0, as Lightning's warning says)."""
         self.history = []
         self._epoch_start, self._epoch_start_step = None, 0
         self._step_seen = getattr(state, "step", None)
-        if getattr(state, "optimizer", None) is not None:
-            self.learning_rates(state)
+        self._read = self._reader()
+        optimizer = getattr(state, "optimizer", None)
+        if optimizer is not None:
+            self._read(state)
+            if self.log_momentum and "momentum" not in optimizer.defaults and "betas" not in optimizer.defaults \
+                    and is_rank_zero():
+                warnings.warn(f"LearningRateMonitor: log_momentum=True, but {type(optimizer).__name__} has no momentum "
+                              "(neither 'momentum' nor 'betas' among its defaults): its momentum is logged as 0, "
+                              "as Lightning does", RuntimeWarning, stacklevel=2)
+
+    def _reader(self) -> Callable[[Any], dict[str, float]]:
+        """The function each record reads the state with: :meth:`learning_rates` when both flags are off (the
+        values and the cost of the monitor without them), else one that adds each group's momentum and weight
+        decay after its rate, in Lightning's order."""
+        for option in ("log_momentum", "log_weight_decay"):
+            flag = getattr(self, option)
+            if not isinstance(flag, bool):
+                raise TypeError(f"LearningRateMonitor: {option} must be True or False, got {flag!r}")
+        if not (self.log_momentum or self.log_weight_decay):
+            return self.learning_rates
+        return functools.partial(_rates_and_more, self.learning_rates, momentum=self.log_momentum,
+                                 weight_decay=self.log_weight_decay)
 
     @staticmethod
     def learning_rates(state: Any) -> dict[str, float]:
@@ -454,7 +489,7 @@ class LearningRateMonitor(Callback):
         ``with_grad_accum`` that made no update); per epoch, nothing."""
         if self.logging_interval == "step" and state.step != self._step_seen:
             self._step_seen = state.step
-            lrs = self.learning_rates(state)
+            lrs = self._read(state)
             self.history.append((state.step, lrs))
             return dict(lrs)  # to the loggers (with_logging writes them at its every_n_steps, as Lightning does)
         return None
@@ -471,7 +506,7 @@ class LearningRateMonitor(Callback):
         if self._epoch_start is not None and getattr(state, "batch_index", 0) > 0:
             lrs, step = self._epoch_start, self._epoch_start_step  # resumed mid-epoch: the rates it started with
         else:
-            lrs, step = self.learning_rates(state), state.step
+            lrs, step = self._read(state), state.step
             self._epoch_start, self._epoch_start_step = lrs, step
         self.history.append((step, lrs))
 
@@ -482,7 +517,7 @@ class LearningRateMonitor(Callback):
         lrs, self._epoch_start = self._epoch_start, None
         if self.logging_interval == "step":
             return {}
-        return dict(self.learning_rates(state) if lrs is None else lrs)
+        return dict(self._read(state) if lrs is None else lrs)
 
     def state_dict(self) -> dict[str, Any]:
         """The rates the running epoch started with, for checkpoints (``run_epochs`` keeps them in
@@ -503,6 +538,29 @@ class LearningRateMonitor(Callback):
             self._epoch_start_step = int(sd["epoch_start_step"])
         else:
             self._epoch_start = None
+
+
+def _rates_and_more(learning_rates: Callable[[Any], dict[str, float]], state: Any, momentum: bool,
+                    weight_decay: bool) -> dict[str, float]:
+    """The rates ``learning_rates`` reads with, after each group's, its momentum and/or weight decay, as Lightning's
+    ``_get_optimizer_stats``: ``betas[0]`` where the optimizer's defaults have ``betas``, else the group's
+    ``momentum`` (0 without one)."""
+    rates = learning_rates(state)
+    if not rates:
+        return rates
+    optimizer = state.optimizer
+    use_betas = "betas" in optimizer.defaults
+    values: dict[str, float] = {}
+    for i, ((name, lr), group) in enumerate(zip(rates.items(), optimizer.param_groups)):
+        values[name] = lr
+        if momentum:
+            values[f"{name}-momentum"] = float(group["betas"][0] if use_betas else group.get("momentum", 0))
+        if weight_decay:
+            if "weight_decay" not in group:
+                raise ValueError(f"LearningRateMonitor: log_weight_decay=True, but {type(optimizer).__name__}'s "
+                                 f"parameter group {i} has no 'weight_decay' (Lightning's monitor fails on it too)")
+            values[f"{name}-weight_decay"] = float(group["weight_decay"])
+    return values
 
 
 def _duration_seconds(duration: Any) -> float | None:

@@ -1,8 +1,9 @@
 """Tests of loopkit.callbacks under run_epochs: hook order, EarlyStopping, LearningRateMonitor.
 
 References: scripted validation values with hand-counted stopping epochs, Lightning 2.6's
-EarlyStopping rule written out in float32 torch ops (``lightning_early_stopping``), and learning
-rates computed by hand from the scheduler's formula (exact powers of two).
+EarlyStopping rule written out in float32 torch ops (``lightning_early_stopping``), learning
+rates computed by hand from the scheduler's formula (exact powers of two), and what Lightning 2.6.6's
+LearningRateMonitor logged (recorded from its runs).
 """
 
 from __future__ import annotations
@@ -725,6 +726,194 @@ def test_learning_rate_monitor_two_param_groups():
 def test_learning_rate_monitor_bad_interval():
     with pytest.raises(ValueError, match="logging_interval"):
         loopkit.LearningRateMonitor(logging_interval="batch")
+
+
+# LearningRateMonitor(logging_interval, log_momentum=True, log_weight_decay=True) of Lightning 2.6.6: what its
+# log_metrics calls held, by name, at steps 0..5, for the model of lr_state and the optimizer and scheduler of
+# momentum_state(case) below (configure_optimizers returning them with "interval": "step"; make_data(3), mse,
+# Trainer(max_epochs=2, log_every_n_steps=1), a logger keeping log_metrics calls). Per step it logged at steps 0..5
+# (before updates 1..6), per epoch at steps 0 and 3 the values of those steps here; with one flag alone, these
+# rows without the other flag's names.
+_LIGHTNING_MOMENTUM_AND_WEIGHT_DECAY = {
+    "sgd-onecycle": {
+        "lr-SGD/pg1": [0.010000000000000009, 0.24860385886272793, 0.20293641348744074, 0.11565927566674376,
+                       0.03336938254720765, 1e-06],
+        "lr-SGD/pg1-momentum": [0.95, 0.8505584586887436, 0.8688255099070633, 0.9037365046793212, 0.9366525935914912,
+                                0.95],
+        "lr-SGD/pg1-weight_decay": [0.0001] * 6,
+        "lr-SGD/pg2": [0.030000000000000027, 0.7458115765881839, 0.6088092404623222, 0.3469778270002313,
+                       0.10010814764162296, 3e-06],
+        "lr-SGD/pg2-momentum": [0.95, 0.8505584586887436, 0.8688255099070633, 0.9037365046793212, 0.9366525935914912,
+                                0.95],
+        "lr-SGD/pg2-weight_decay": [0.0001] * 6,
+    },
+    "adam-onecycle": {
+        "lr-Adam/pg1": [0.010000000000000009, 0.24860385886272793, 0.20293641348744074, 0.11565927566674376,
+                        0.03336938254720765, 1e-06],
+        "lr-Adam/pg1-momentum": [0.9, 0.8005584586887436, 0.8188255099070634, 0.8537365046793213, 0.8866525935914913,
+                                 0.9],
+        "lr-Adam/pg1-weight_decay": [0.0001] * 6,
+        "lr-Adam/pg2": [0.030000000000000027, 0.7458115765881839, 0.6088092404623222, 0.3469778270002313,
+                        0.10010814764162296, 3e-06],
+        "lr-Adam/pg2-momentum": [0.9, 0.8005584586887436, 0.8188255099070634, 0.8537365046793213, 0.8866525935914913,
+                                 0.9],
+        "lr-Adam/pg2-weight_decay": [0.01] * 6,
+    },
+    "sgd-steplr": {
+        "lr-SGD": [0.25, 0.25, 0.125, 0.125, 0.0625, 0.0625],
+        "lr-SGD-momentum": [0.9] * 6,
+        "lr-SGD-weight_decay": [0.0001] * 6,
+    },
+    "adagrad": {  # (no momentum: Lightning warned and logged 0)
+        "lr-Adagrad": [0.25, 0.25, 0.125, 0.125, 0.0625, 0.0625],
+        "lr-Adagrad-momentum": [0] * 6,
+        "lr-Adagrad-weight_decay": [0.0001] * 6,
+    },
+}
+
+
+def momentum_state(case: str) -> TrainState:
+    """lr_state's model with the optimizer and scheduler of the Lightning runs above: two groups (0.25, 0.75) under
+    OneCycleLR (cycling SGD's momentum, Adam's betas[0]), or one group under StepLR."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 1))
+    two = [{"params": model[0].parameters(), "lr": 0.25}, {"params": model[1].parameters(), "lr": 0.75}]
+    one = [{"params": model.parameters(), "lr": 0.25}]
+    if case == "sgd-onecycle":
+        opt = torch.optim.SGD(two, momentum=0.9, weight_decay=1e-4)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[0.25, 0.75], total_steps=6)
+    elif case == "adam-onecycle":
+        two[1]["weight_decay"] = 1e-2
+        opt = torch.optim.Adam(two, betas=(0.9, 0.99), weight_decay=1e-4)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[0.25, 0.75], total_steps=6, base_momentum=0.8,
+                                                    max_momentum=0.9)
+    else:
+        opt = (torch.optim.SGD(one, momentum=0.9, weight_decay=1e-4) if case == "sgd-steplr"
+               else torch.optim.Adagrad(one, weight_decay=1e-4))
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    return TrainState.create(model, opt, sched)
+
+
+def lightning_momentum_rows(case: str, names=lambda name: True) -> dict[int, dict[str, float]]:
+    """The Lightning reference of ``case`` by step, with the names ``names`` keeps."""
+    reference = _LIGHTNING_MOMENTUM_AND_WEIGHT_DECAY[case]
+    return {s: {n: values[s] for n, values in reference.items() if names(n)} for s in range(6)}
+
+
+def run_momentum_monitor(case: str, interval: str, **flags):
+    """A fit of momentum_state(case) (2 epochs of 3 updates) with the monitor, its loggers' rows of lr- names."""
+    logger = _Recording()
+    monitor = loopkit.LearningRateMonitor(interval, **flags)
+    _, history = run_epochs(loopkit.with_logging(train_step(mse), logger, every_n_steps=1), momentum_state(case),
+                            make_data(3), epochs=2, callbacks=[monitor], progress=False)
+    logged = [(s, {k: v for k, v in r.items() if k.startswith("lr-")}) for s, r in logger.rows]
+    return monitor, history, [(s, r) for s, r in logged if r]
+
+
+@pytest.mark.parametrize("interval", ["step", "epoch"])
+@pytest.mark.parametrize("case", ["sgd-onecycle", "adam-onecycle", "sgd-steplr"])
+def test_learning_rate_monitor_logs_momentum_and_weight_decay_as_lightning(case, interval):
+    """LearningRateMonitor took no log_momentum or log_weight_decay (TypeError). Reference: Lightning 2.6.6's logs
+    (above), the same names in its order and the same values: per step at the steps both log (loopkit's rows are at
+    1..6, after each update, Lightning's at 0..5, before it: at step s both hold what update s + 1 uses); per epoch
+    the values the epoch starts with, in the epoch's record and history entry (Lightning logs them at its first step,
+    loopkit with the record, at its last)."""
+    monitor, history, logged = run_momentum_monitor(case, interval, log_momentum=True, log_weight_decay=True)
+    lightning = lightning_momentum_rows(case)
+    if interval == "step":
+        assert [s for s, _ in monitor.history] == [s for s, _ in logged] == [1, 2, 3, 4, 5, 6]
+        assert all(rates == logged_rates for (_, rates), (_, logged_rates) in zip(monitor.history, logged))
+        assert [(s, r) for s, r in monitor.history if s in lightning] == [(s, lightning[s]) for s in range(1, 6)]
+        assert all(list(rates) == list(lightning[0]) for _, rates in monitor.history)  # Lightning's order of names
+        assert all(not any(k.startswith("lr-") for k in record) for record in history)
+    else:
+        assert monitor.history == [(0, lightning[0]), (3, lightning[3])]
+        assert [{k: v for k, v in h.items() if k.startswith("lr-")} for h in history] == [lightning[0], lightning[3]]
+        assert logged == [(3, lightning[0]), (6, lightning[3])]
+    assert all(type(v) is float for _, rates in monitor.history for v in rates.values())
+
+
+@pytest.mark.parametrize("flag", ["log_momentum", "log_weight_decay"])
+def test_learning_rate_monitor_logs_one_flags_values_alone_as_lightning(flag):
+    """Reference: Lightning 2.6.6 with that flag alone logged the rows above without the other flag's names."""
+    other = "-weight_decay" if flag == "log_momentum" else "-momentum"
+    monitor, _, logged = run_momentum_monitor("sgd-onecycle", "step", **{flag: True})
+    lightning = lightning_momentum_rows("sgd-onecycle", lambda name: not name.endswith(other))
+    assert [(s, r) for s, r in logged if s < 6] == [(s, lightning[s]) for s in range(1, 6)]
+    assert all(list(rates) == list(lightning[0]) for _, rates in monitor.history)
+
+
+@pytest.mark.parametrize("interval", ["step", "epoch"])
+def test_learning_rate_monitor_warns_once_of_an_optimizer_without_momentum_and_logs_0_as_lightning(interval):
+    """Lightning warns when log_momentum is set and no optimizer has 'momentum' or 'betas' among its defaults, and
+    logs 0 for the momentum. Reference: its logs of Adagrad (above); no warning for SGD (momentum 0 included) and
+    Adam, nor without log_momentum."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        monitor, _, _ = run_momentum_monitor("adagrad", interval, log_momentum=True, log_weight_decay=True)
+    said = [w for w in caught if "momentum" in str(w.message)]
+    assert len(said) == 1 and said[0].category is RuntimeWarning
+    assert str(said[0].message).startswith("LearningRateMonitor: log_momentum=True, but Adagrad has no momentum")
+    lightning = lightning_momentum_rows("adagrad")
+    expected = [(s, lightning[s]) for s in range(1, 6)] if interval == "step" else [(0, lightning[0]), (3, lightning[3])]
+    assert [(s, r) for s, r in monitor.history if s < 6] == expected
+
+    def warnings_of(optimizer, **flags):
+        model = nn.Linear(3, 1)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            run_epochs(train_step(mse), TrainState.create(model, optimizer(model.parameters())), make_data(2),
+                       epochs=1, callbacks=[loopkit.LearningRateMonitor(interval, **flags)], progress=False)
+        return [str(w.message) for w in caught if "momentum" in str(w.message)]
+
+    assert warnings_of(lambda p: torch.optim.SGD(p, lr=0.1), log_momentum=True) == []
+    assert warnings_of(lambda p: torch.optim.Adam(p), log_momentum=True) == []
+    assert warnings_of(lambda p: torch.optim.Adagrad(p), log_weight_decay=True) == []
+
+
+@pytest.mark.parametrize("crash_at", [4, 5], ids=["after-its-first-batch", "after-its-second-batch"])
+def test_learning_rate_monitor_resumed_mid_epoch_keeps_the_momentum_the_epoch_started_with(tmp_path, crash_at):
+    """OneCycleLR moves the momentum at every update: a run resumed from a checkpoint taken mid-epoch records the
+    momentum (and rate) epoch 1 started with, kept in the state, not the one at the resume point. Reference: the
+    uninterrupted run, and Lightning 2.6.6's record of epoch 1 (above, at step 3)."""
+    def monitor():
+        return loopkit.LearningRateMonitor(log_momentum=True, log_weight_decay=True)
+
+    whole = monitor()
+    _, whole_history = run_epochs(train_step(mse), momentum_state("sgd-onecycle"), make_data(3), epochs=2,
+                                  callbacks=[whole], progress=False)
+    step = loopkit.with_checkpointing(train_step(mse), tmp_path, every_n_steps=1, keep_last=None)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_epochs(step, momentum_state("sgd-onecycle"), make_data(3), epochs=2,
+                   callbacks=[monitor(), CrashAfterStep(crash_at)], progress=False)
+    restored = loopkit.restore(momentum_state("sgd-onecycle"), tmp_path)
+    assert restored.step == crash_at
+    resumed = monitor()
+    _, history = run_epochs(train_step(mse), restored, make_data(3), epochs=2, callbacks=[resumed], progress=False)
+    assert history == whole_history[1:]
+    assert resumed.history == whole.history[1:] == [(3, lightning_momentum_rows("sgd-onecycle")[3])]
+    assert resumed.state_dict() == {}  # (the epoch is over)
+
+
+@pytest.mark.parametrize("flags, error, match", [
+    ({"log_momentum": 1}, TypeError, "LearningRateMonitor: log_momentum must be True or False, got 1"),
+    ({"log_weight_decay": "yes"}, TypeError, "LearningRateMonitor: log_weight_decay must be True or False, got 'yes'"),
+    ({"log_momentum": None}, TypeError, "LearningRateMonitor: log_momentum must be True or False, got None"),
+])
+def test_learning_rate_monitor_refuses_flags_that_are_not_bools(flags, error, match):
+    with pytest.raises(error, match=match):
+        loopkit.LearningRateMonitor("step", **flags)
+
+
+def test_learning_rate_monitor_refuses_weight_decay_of_groups_without_one_before_any_step():
+    """Rprop's groups have no weight_decay (Lightning's monitor fails with a KeyError at its first record)."""
+    model = nn.Linear(3, 1)
+    loss = Counter(mse)
+    with pytest.raises(ValueError, match="LearningRateMonitor: log_weight_decay=True, but Rprop's parameter group 0 "
+                                         "has no 'weight_decay'"):
+        run_epochs(train_step(loss), TrainState.create(model, torch.optim.Rprop(model.parameters())), make_data(2),
+                   epochs=1, callbacks=[loopkit.LearningRateMonitor(log_weight_decay=True)], progress=False)
+    assert loss.calls == 0
 
 
 def test_early_stopping_patience_counts_validations_not_epochs():
