@@ -1323,8 +1323,11 @@ def _ranked(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
 
 
-def scores(directory: str | os.PathLike, monitor: str, mode: str) -> dict[str, float]:
+def scores(directory: str | os.PathLike, monitor: str | None = None, mode: str | None = None) -> dict[str, float]:
     """The scores of ``monitor`` (ranked in ``mode``) of the checkpoints in ``directory``, by name.
+
+    ``monitor`` and ``mode`` default to those ``with_checkpointing`` recorded, as :func:`best_checkpoint`'s do
+    (none recorded: ``{}``).
 
     ``scores.json``'s, for the checkpoints still there (one removed by hand or by :func:`remove` has
     none), completed from the checkpoints' own records (:func:`read_score`: a run killed after a scored
@@ -1336,10 +1339,15 @@ def scores(directory: str | os.PathLike, monitor: str, mode: str) -> dict[str, f
     >>> tmp = tempfile.TemporaryDirectory()
     >>> path = save(TrainState.create(torch.nn.Linear(1, 1)), tmp.name)
     >>> write_scores(tmp.name, {"monitor": "val/loss", "mode": "min", "scores": {path.name: 0.5}})
-    >>> scores(tmp.name, "val/loss", "min") == {path.name: 0.5}
+    >>> scores(tmp.name, "val/loss", "min") == {path.name: 0.5} == scores(tmp.name)
     True
     >>> tmp.cleanup()
     """
+    if monitor is None or mode is None:
+        recorded = _recorded_monitor(directory, monitor)
+        if recorded is None:
+            return {}
+        monitor, mode = monitor or recorded[0], mode or recorded[1]
     data = read_scores(directory)
     found = list_checkpoints(directory)
     there = {c.name for c in found}

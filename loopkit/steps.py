@@ -788,7 +788,13 @@ class TrainStep(Step):
         return attrs.evolve(self, transforms=self.transforms + (name,), **changes)
 
     def add_grad_transform(self, transform: GradTransform) -> TrainStep:
-        """Add a gradient transform inside (per micro-batch) or outside (per update) accumulation."""
+        """Add a gradient transform inside (per micro-batch) or outside (per update) accumulation; one that reports a
+        metric of a name the step's transforms report already (``with_grad_norm`` twice) is refused, naming both."""
+        for name in getattr(transform, "metric_names", ()):
+            owner = _taken_by(name.rstrip("*"), self.transform_metrics)
+            if owner is not None and not getattr(transform, "shares_metrics", False):
+                raise TypeError(f"{transform.name} cannot wrap {owner}: both report the metric {name.rstrip('*')!r}, "
+                                "and the outer one's value would replace the inner one's; apply it once")
         if self.accum_every > 1:
             return self.with_transform(transform.name, update=self.update + (transform,))
         return self.with_transform(transform.name, micro=self.micro + (transform,))

@@ -1043,6 +1043,11 @@ def test_best_checkpoint_of_a_monitor_given_alone_takes_the_mode_recorded_with_i
     loopkit.run_epochs(step, state, make_data(2), epochs=6, val=(metric, [0]), sanity_val_batches=0, progress=False)
     assert checkpoint.read_meta(checkpoint.best_checkpoint(tmp_path))["epoch"] == 5  # scores.json's: val/acc, max
     assert checkpoint.read_meta(checkpoint.best_checkpoint(tmp_path, "val/score"))["epoch"] == 2  # its meta.json: min
+    # scores(directory) as the guide calls it: the recorded monitor's (a monitor alone: the mode recorded with it)
+    by_epoch = lambda found: {checkpoint.read_meta(tmp_path / n)["epoch"]: v for n, v in found.items()}  # noqa: E731
+    assert by_epoch(checkpoint.scores(tmp_path)) == by_epoch(checkpoint.scores(tmp_path, "val/acc", "max"))
+    assert by_epoch(checkpoint.scores(tmp_path)) == {4: pytest.approx(0.1), 5: pytest.approx(0.9)}
+    assert by_epoch(checkpoint.scores(tmp_path, "val/score")) == {1: 3.0, 2: 1.0, 3: 2.0}
     with pytest.raises(ValueError, match="'val/score' was recorded with mode='min', not 'max'"):
         checkpoint.best_checkpoint(tmp_path, "val/score", "max")
 

@@ -39,6 +39,8 @@ class NanGuard:
     policy: str
     name: str = "with_nan_guard"
     metric_names: ClassVar[tuple[str, ...]] = ("nan_guard/skipped",)
+    #: guards inside and outside accumulation report one flag, which the step writes once (any guard's skip)
+    shares_metrics: ClassVar[bool] = True
 
     @property
     def keeps_buffers(self) -> bool:

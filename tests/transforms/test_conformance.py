@@ -112,11 +112,12 @@ GRADIENT_ONLY = ["grad_accum", "grad_clip", "grad_norm", "grad_hook", "nan_guard
 
 
 def _refused(inner: str, outer: str) -> bool:
-    """A gradient transform cannot reach the train step through a whole-step transform; and two
-    pairs of gradient transforms have no meaning: a second precision, and accumulating an accumulation."""
+    """A gradient transform cannot reach the train step through a whole-step transform; and some
+    pairs of gradient transforms have no meaning: a second precision, accumulating an accumulation, and
+    a second clipping or norm, whose metrics would replace the first one's."""
     if outer in GRADIENT and inner in WHOLE_STEP:
         return True
-    if inner == outer and inner in ("logging", "ema", "pruning", "qat", "swa", "epoch_scheduler"):  # one of each
+    if inner == outer and inner in ("logging", "ema", "pruning", "qat", "swa", "epoch_scheduler", "grad_clip", "grad_norm"):
         return True
     if outer == "qat" and inner.startswith("amp"):  # fake quantization runs in float32 only
         return True
@@ -277,16 +278,16 @@ def test_the_refused_pairs_are_exactly_the_meaningless_ones():
               "with_epoch_scheduler")
     around_whole = {(w, g) for w in wholes for g in gradient_names}
     doubled = {(t, t) for t in ("with_amp", "with_grad_accum", "with_logging", "with_ema", "with_pruning", "with_qat",
-                                "with_swa", "with_epoch_scheduler")}
+                                "with_swa", "with_epoch_scheduler", "with_grad_clip", "with_grad_norm")}
     too_late = {("with_checkpointing", "with_ema"), ("with_checkpointing", "with_pruning"), ("with_ema", "with_pruning"),
                 ("with_checkpointing", "with_swa"), ("with_checkpointing", "with_epoch_scheduler")}
     one_schedule = {("with_swa", "with_epoch_scheduler"), ("with_epoch_scheduler", "with_swa")}
     float32_only = {("with_amp", "with_qat")}
     assert refused == doubled | around_whole | too_late | one_schedule | float32_only
-    # pairs of keys: amp doubled 4, accum 1, whole around gradient 7 * 7, six wholes doubled, too late 5, one schedule 2,
-    # qat(amp) 2
-    assert sum(_refused(*pair) for pair in PAIRS) == 4 + 1 + 7 * 7 + 6 + 5 + 2 + 2
-    assert len(PIPELINES) == 14 + 196 - 69 + len(TRIPLES)
+    # pairs of keys: amp doubled 4, accum 1, whole around gradient 7 * 7, six wholes doubled, clip and norm doubled 2,
+    # too late 5, one schedule 2, qat(amp) 2
+    assert sum(_refused(*pair) for pair in PAIRS) == 4 + 1 + 7 * 7 + 6 + 2 + 5 + 2 + 2
+    assert len(PIPELINES) == 14 + 196 - 71 + len(TRIPLES)
     # every whole-step transform is covered around every other transform, and checkpointing around itself
     unwrappable = {("logging", "logging"), ("ema", "ema"), ("pruning", "pruning"), ("qat", "qat"), ("checkpointing", "ema"),
                    ("checkpointing", "pruning"), ("ema", "pruning"), ("amp_bf16", "qat"), ("amp_fp16", "qat"),
