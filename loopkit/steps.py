@@ -828,6 +828,8 @@ class TrainStep(Step):
         first = params[0] if params else _first_param(optimizer, state)
         if self.plain and self.sync is None and not first.is_cuda and len(state.rng) <= 1:
             return self._run_plain_cpu(state, batch, model, optimizer)
+        if self.accum_every == 1 and _ACCUM_COUNT in state.extras:
+            raise leave_intact(_held_group(state, self), state)
         if isinstance(optimizer, _LBFGS):
             if not self.plain or self.sync is not None:
                 raise leave_intact(_closure_refused(optimizer, ", ".join(self.transforms) or "with_ddp"), state)
@@ -905,6 +907,8 @@ class TrainStep(Step):
         The same work as the general path (:func:`_plain_update` included), in one frame: the
         hot path of the common step, where each call and attribute read shows in the step's time.
         """
+        if _ACCUM_COUNT in state.extras:
+            raise leave_intact(_held_group(state, self), state)
         if isinstance(optimizer, _LBFGS):  # its step runs the loss_fn itself, through a closure
             return _closure_update(self, state, batch, optimizer)
         generator = _default_generator
@@ -1176,6 +1180,17 @@ def in_accumulation_group(state: TrainState) -> bool:
     False
     """
     return _ACCUM_COUNT in state.extras
+
+
+def _held_group(state: TrainState, step: TrainStep) -> ValueError:
+    """The error for a state half-way through a ``with_grad_accum`` group given to a step that does not accumulate
+    (a checkpoint restored into another pipeline): its update would add the held gradients to its own."""
+    return ValueError(
+        f"{', '.join(step.applied)}: the state is half-way through a with_grad_accum group (accum/count="
+        f"{state.extras[_ACCUM_COUNT]}: the parameters hold the summed gradients of its micro-batches), and this step "
+        "does not accumulate, so its update would add them to its own; train it on with the with_grad_accum step that "
+        "made it, or end the group first with that step's flush (state, _ = accum_step.flush(state))"
+    )
 
 
 def _stash_grads(optimizer: torch.optim.Optimizer, copy: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:

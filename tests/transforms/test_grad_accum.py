@@ -147,6 +147,37 @@ def test_accumulated_gradient_survives_a_state_dict_round_trip(
     assert_trees_equal(take_snapshot(restored), take_snapshot(state))
 
 
+@pytest.mark.parametrize("other", ["plain", "clip"])
+def test_a_state_mid_group_is_refused_by_a_step_that_does_not_accumulate(
+    other, make_mlp, make_batches, mse_loss, make_sgd_state, take_snapshot, assert_trees_equal
+):
+    """A checkpoint taken half-way through a group holds the micro-batches' summed gradients: a step without
+    with_grad_accum would add them to its own update (a raw loop's zero_grad would drop them). It is refused before
+    anything changes, and the group's flush ends it, after which that step trains as a raw loop from those weights."""
+    data = make_batches(3)
+    accum = loopkit.with_grad_accum(loopkit.train_step(mse_loss), every=4)
+    state = make_sgd_state(make_mlp(0))
+    for batch in data[:2]:
+        state, _ = accum(state, batch)
+    restored = make_sgd_state(make_mlp(1)).load_state_dict(state.state_dict())
+    plain = loopkit.train_step(mse_loss)
+    step = plain if other == "plain" else loopkit.with_grad_clip(plain, max_norm=1e6)
+    before = take_snapshot(restored)
+    with pytest.raises(ValueError, match=r"half-way through a with_grad_accum group \(accum/count=2.*does not accumulate"):
+        loopkit.donate(step)(restored, data[2])
+    restored.check_usable()
+    assert_trees_equal(take_snapshot(restored), before)
+    flushed, _ = accum.flush(restored)
+    trained, _ = step(flushed, data[2])
+    raw = make_mlp(1)
+    raw.load_state_dict(flushed.model.state_dict())
+    opt = torch.optim.SGD(raw.parameters(), lr=0.1)
+    opt.load_state_dict(flushed.optimizer.state_dict())
+    mse_loss(raw, data[2]).backward()
+    opt.step()
+    assert_trees_equal(dict(trained.model.named_parameters()), dict(raw.named_parameters()))
+
+
 def test_pure_mid_group(make_mlp, make_batches, mse_loss, make_sgd_state, take_snapshot, assert_trees_equal):
     data = make_batches(3)
     step = loopkit.with_grad_accum(loopkit.train_step(mse_loss), every=4)
