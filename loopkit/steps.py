@@ -76,6 +76,8 @@ SAVE_DUE = "run_epochs/save_due"
 #: resumed fit finishes and records again at its end; a logger drops the cut record then)
 RECORDED = "run_epochs/recorded_step"
 _FOUND_INF = "amp/found_inf"
+_NONFINITE = "nan_guard/nonfinite"
+_BUFFERS = "nan_guard/buffers"  # the model's buffers before the group's first micro-batch (a skip puts them back)
 
 
 class EpochRecord(dict):
@@ -93,10 +95,6 @@ class EpochRecord(dict):
     def __init__(self, record: Mapping[str, Any], validated: Iterable[str]) -> None:
         super().__init__(record)
         self.validated = frozenset(validated)
-
-
-_NONFINITE = "nan_guard/nonfinite"
-_BUFFERS = "nan_guard/buffers"  # the model's buffers before the group's first micro-batch (a skip puts them back)
 
 
 # --- the step protocol -----------------------------------------------------------------------
