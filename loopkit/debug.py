@@ -80,6 +80,11 @@ def _difference(a: Any, b: Any, path: str) -> str | None:
 #: the hooks a module and a parameter hold (torch's attributes): a step that adds one changes the state
 _MODULE_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 _TENSOR_HOOKS = ("_backward_hooks", "_post_accumulate_grad_hooks")
+#: and an optimizer's
+_OPTIMIZER_HOOKS = (
+    "_optimizer_step_pre_hooks", "_optimizer_step_post_hooks", "_optimizer_state_dict_pre_hooks",
+    "_optimizer_state_dict_post_hooks", "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks",
+)
 
 
 def _module_facts(model: torch.nn.Module) -> dict[str, Any]:
@@ -109,12 +114,20 @@ def _trained_parameters(state: TrainState) -> list[list[str | None]]:
     return [[names.get(id(p)) for p in group["params"]] for group in state.optimizer.param_groups]
 
 
+def _optimizer_facts(optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+    """What the optimizer's state dict does not hold: its defaults (which a group added later takes) and hooks."""
+    if optimizer is None:
+        return {}
+    return {"defaults": copy_tensors(dict(optimizer.defaults)),
+            "hooks": [len(getattr(optimizer, h, None) or ()) for h in _OPTIMIZER_HOOKS]}
+
+
 def _full_snapshot(state: TrainState) -> dict[str, Any]:
     # every buffer, non-persistent ones too (a state dict leaves those out)
     buffers = copy_tensors(dict(state.model.named_buffers()))
     return {
         **copy_tensors(state.state_dict()), "buffers": buffers, "modules": _module_facts(state.model),
-        "optimizer parameters": _trained_parameters(state),
+        "optimizer parameters": _trained_parameters(state), "optimizer facts": _optimizer_facts(state.optimizer),
     }
 
 

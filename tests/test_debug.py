@@ -133,6 +133,21 @@ def test_changes_outside_the_state_dict_are_named(change, where, make_mlp, make_
         check_purity(meddling, make_sgd_state(make_mlp(0)), batches[0])
 
 
+@pytest.mark.parametrize("change, where", [
+    (lambda o: o.register_step_pre_hook(lambda *a: None), r"optimizer facts\.hooks\.0 changed from 0 to 1"),
+    (lambda o: o.register_step_post_hook(lambda *a: None), r"optimizer facts\.hooks\.1 changed from 0 to 1"),
+    (lambda o: o.defaults.__setitem__("lr", 5.0), r"optimizer facts\.defaults\.lr changed from 0\.1 to 5\.0"),
+])
+def test_changes_to_the_optimizer_outside_its_state_dict_are_named(change, where, make_mlp, make_sgd_state, batches):
+    """(Later steps run such a hook; a group added later takes the changed defaults.)"""
+    def meddling(state, batch):
+        change(state.optimizer)
+        return state.evolve(step=state.step + 1), {}
+
+    with pytest.raises(ImpurityError, match="changed the state it was given: " + where):
+        check_purity(meddling, make_sgd_state(make_mlp(0)), batches[0])
+
+
 def test_a_step_changing_a_non_persistent_buffer_is_named(make_mlp, make_sgd_state, batches):
     """A state dict leaves non-persistent buffers out; the check does not."""
     state = make_sgd_state(make_mlp(0))
