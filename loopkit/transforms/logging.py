@@ -17,8 +17,8 @@ import attrs
 import torch
 
 from loopkit._numbers import as_int
-from loopkit._window import LOGGED
-from loopkit.state import TrainState, leave_intact, put_extras, replace_extras
+from loopkit._window import EPOCH, LOGGED
+from loopkit.state import TrainState, extras_copy, leave_intact, put_extras, replace_extras
 from loopkit.steps import RECORDED, Metrics, WrapperStep, check_metric
 from loopkit.transforms._compose import refuse_wrapping, require_step
 
@@ -26,6 +26,14 @@ __all__ = ["LoggingStep", "with_logging"]
 
 #: the window of the last n steps' metric records, in ``state.extras`` (every 32 records summed on the device)
 WINDOW = LOGGED
+
+#: in ``state.extras``: a log point's row that a logger's write did not take (it raised), in the state that failure
+#: left whole: ``{"step", "epoch", "batch_index"}`` (where it was left), ``"metrics"`` (the row) and ``"from"`` (the
+#: first logger that did not take it); a fit resumed from that state logs it first, the next log point drops it
+UNLOGGED = "logging/unlogged"
+
+#: what a log point takes out of the state: the window it logged, and a row an earlier write left unlogged
+_LOGGED_KEYS = frozenset(WINDOW.keys) | {UNLOGGED}
 
 
 def _accumulate(extras: Mapping[str, Any], metrics: Metrics) -> Mapping[str, Any]:
@@ -45,6 +53,18 @@ def _accumulate(extras: Mapping[str, Any], metrics: Metrics) -> Mapping[str, Any
 def _read_means(extras: Mapping[str, Any]) -> dict[str, float]:
     """The window's means, read in one transfer (under torch.distributed: over all ranks, one collective)."""
     return {f"train/{k}": v for k, v in WINDOW.means(extras).items()}
+
+
+def _left_unlogged(new: TrainState, metrics: Metrics, means: dict[str, float], taken: int) -> TrainState:
+    """The state a write that raised at a log point leaves whole (:func:`loopkit.state_at_error`): ``new``, its
+    update done (donated, nothing older is whole), with the row the loggers from ``taken`` on did not take
+    (:data:`UNLOGGED`, logged first by a fit resumed from it) and, under ``run_epochs`` (its epoch means in the
+    state), this call's metrics in those means, as the driver adds them once a step returns: the resumed fit goes
+    on at the next batch, and its rows and epoch record are the uninterrupted run's. Only when a write fails."""
+    extras = extras_copy(EPOCH.add(new.extras, metrics) if metrics and EPOCH.holds(new.extras) else new.extras)
+    extras[UNLOGGED] = {"step": new.step, "epoch": new.epoch, "batch_index": new.batch_index,
+                        "metrics": dict(means), "from": taken}
+    return replace_extras(new, extras)
 
 
 def _epoch_scalars(record: Mapping[str, float]) -> dict[str, float]:
@@ -112,12 +132,14 @@ class LoggingStep(WrapperStep):
                 new = replace_extras(new, extras)
         if new.step != before and new.step % self.every_n_steps == 0 and WINDOW.holds(new.extras):
             means = _read_means(new.extras)
-            new = replace_extras(new, WINDOW.clear(new.extras))
+            new = replace_extras(new, {k: v for k, v in new.extras.items() if k not in _LOGGED_KEYS})
+            taken = 0
             try:
                 for logger in self.loggers:
                     logger.log_metrics(means, new.step)
+                    taken += 1
             except BaseException as error:  # a full disk: the update is done, its state whole (loopkit.state_at_error)
-                raise leave_intact(error, new)
+                raise leave_intact(error, _left_unlogged(new, metrics, means, taken))
         return new, metrics
 
     def on_event(self, event: str, state: TrainState, metrics: Mapping[str, float]) -> None:
@@ -133,6 +155,7 @@ class LoggingStep(WrapperStep):
                 if resume_at is not None:
                     # (a logger of one's own may take the step alone)
                     resume_at(state.step, finishes_epoch=True) if finishes else resume_at(state.step)
+            self._log_unlogged(state)
             return
         if event == "validation_end":
             scalars = dict(metrics)
@@ -151,6 +174,18 @@ class LoggingStep(WrapperStep):
         step = int(metrics.get("step", state.step)) if event == "epoch_end" else state.step
         for logger in self.loggers:
             logger.log_metrics(scalars, step)
+
+    def _log_unlogged(self, state: TrainState) -> None:
+        """Log the row a failed write left unlogged (:func:`_left_unlogged`) to the loggers that did not take it,
+        when ``state`` is where that failure left the fit: before anything the resumed fit logs (the validation
+        due at that update), as in the uninterrupted run. Not from a state that went on since (a batch, or the
+        epoch's record: a fit that logged the row and made no update after it returns a state still holding it)."""
+        owed = state.extras.get(UNLOGGED)
+        if owed is None or state.extras.get(RECORDED) == state.step:
+            return
+        if (owed["step"], owed["epoch"], owed["batch_index"]) == (state.step, state.epoch, state.batch_index):
+            for logger in self.loggers[owed["from"]:]:
+                logger.log_metrics(owed["metrics"], state.step)
 
 
 class _ModelWatch:
@@ -239,7 +274,10 @@ def with_logging(step: Any, *loggers: Any, every_n_steps: int = 50) -> LoggingSt
     passes one), ``finalize()`` for one that takes none; call ``finalize()`` yourself in a loop of your own. Sanity validation is never logged. A custom step is logged per window only if it
     advances ``state.step``. Loggers with ``wants_model``/``log_model``
     (``TensorBoardLogger(histogram_every_n_steps=m)``) get the model when due, from the
-    optimizer's step pre-hook; loggers of one root and name share one ``version_N`` folder.
+    optimizer's step pre-hook; loggers of one root and name share one ``version_N`` folder. A write that
+    raises at a log point (a full disk) leaves that update whole (:func:`loopkit.state_at_error`), holding the
+    row not written: ``run_epochs`` from it logs the row first, to the loggers that did not take it, and ends as
+    the uninterrupted run.
 
     >>> import os, tempfile, torch
     >>> from loopkit import TrainState, train_step, run_epochs

@@ -715,6 +715,71 @@ def test_a_failed_write_at_a_log_point_leaves_that_update_whole(make_mlp, make_b
     assert all(torch.equal(a, b) for a, b in zip(resumed.model.parameters(), whole.model.parameters(), strict=True))
 
 
+class _CSVFailingOnce(CSVLogger):
+    """A CSVLogger whose first write at update ``at`` fails, as on a full disk (the next write there goes through)."""
+
+    def __init__(self, *args, at=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.at = at
+
+    def _write_metrics(self, metrics, step):
+        if step == self.at:
+            self.at = None
+            raise OSError(28, "No space left on device")
+        super()._write_metrics(metrics, step)
+
+
+@pytest.mark.parametrize("relaunch", [False, True])
+@pytest.mark.parametrize("at", [4, 6])  # mid-epoch, where a step validation is due; epoch 0's last update
+def test_a_fit_retried_after_a_failed_write_at_a_log_point_logs_and_records_what_the_uninterrupted_fit_does(
+    at, relaunch, tmp_path, make_mlp, make_batches, make_sgd_state
+):
+    """A logger's write raises at a log point: state_at_error is that update, done, holding the row not written and
+    the call's share of the epoch means. run_epochs from it (in this process with the same loggers, or relaunched from
+    its state dict into the same folder) logs the row first, to the loggers from the failed one on, and goes on at the
+    next batch. Reference: the uninterrupted fit's rows, files, history and parameters. (The row was lost, and the
+    epoch means lacked that batch: the history's train/loss and the CSV's train/loss_epoch were off.)"""
+    batches, val = make_batches(6), make_batches(2, seed=3)
+    evaluator = eval_step(mse_metric)
+
+    def pipeline(root, at=None):
+        before, after = MemoryLogger(), MemoryLogger()  # (the loggers before the failing one and after it)
+        loggers = (before, _CSVFailingOnce(root, "run", version=0, at=at), JSONLLogger(root, "run", version=0), after)
+        return with_logging(train_step(loss_with_mae), *loggers, every_n_steps=2), before, after
+
+    def fit(step, state):
+        return run_epochs(step, state, batches, epochs=2, val=(evaluator, val), val_every_n_steps=4, progress=False)
+
+    def files(root):
+        folder = os.path.join(root, "run", "version_0")
+        with open(os.path.join(folder, "metrics.csv")) as f, open(os.path.join(folder, "metrics.jsonl")) as g:
+            return f.read(), g.read()
+
+    step, before, after = pipeline(tmp_path / "a")
+    whole, history = fit(step, make_sgd_state(make_mlp()))
+    straight = before.logged
+    assert after.logged == straight and at in [s for s, m in straight if "train/loss" in m]  # a log point
+
+    step, before, after = pipeline(tmp_path / "b", at=at)
+    with pytest.raises(OSError, match="No space left") as caught:
+        fit(step, make_sgd_state(make_mlp()))
+    left = loopkit.state_at_error(caught.value)
+    assert left is not None and (left.step, left.epoch, left.batch_index) == (at, 0, at)
+    assert before.logged[-1][0] == at and after.logged[-1][0] < at  # the row: taken by the one before the failing one
+    first = before.logged, after.logged
+    if relaunch:
+        left = make_sgd_state(make_mlp(seed=9)).load_state_dict(left.state_dict())
+        step, before, after = pipeline(tmp_path / "b")
+    else:
+        first = [], []
+    resumed, resumed_history = fit(step, left)
+    assert first[0] + before.logged == straight and first[1] + after.logged == straight  # that row once, in its place
+    assert files(tmp_path / "b") == files(tmp_path / "a")
+    assert resumed_history == history
+    assert all(torch.equal(a, b) for a, b in zip(resumed.model.parameters(), whole.model.parameters(), strict=True))
+    assert "logging/unlogged" not in resumed.extras  # (dropped at the next log point)
+
+
 def test_an_error_out_of_the_fit_finalizes_with_failed_the_loggers_that_take_a_status(make_mlp, make_batches, make_sgd_state):
     """Lightning's protocol: ``finalize("success")``, or ``finalize("failed")`` when an error leaves the fit (an
     MLflow run is then marked FAILED), to every logger whose ``finalize`` takes a status: Lightning's own signature
