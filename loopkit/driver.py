@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import itertools
 import math
@@ -1795,5 +1796,10 @@ def run_epochs(
             whole = state if isinstance(state, TrainState) and not state._consumed else state_at_error(error)
             if whole is not None:
                 leave_intact(error, _with_counters(hooks, whole) if restored else whole)
+            elif start is not None and not isinstance(error, (KeyboardInterrupt, SystemExit)):
+                with contextlib.suppress(TypeError):  # (__notes__ set to something not a list: the error as it is)
+                    error.add_note("(run_epochs: the failure came half-way through an update, so no state of the fit "
+                                   "is whole (loopkit.state_at_error is None); the model and optimizer objects hold "
+                                   "what the updates, the failed one included, did to them, as in a plain loop)")
         raise
 
