@@ -89,8 +89,9 @@ class ThroughputMonitor(Callback):
     time is taken out of it; every batch is counted (micro-batches of ``with_grad_accum`` too) and the values
     go to the loggers after an update, at ``with_logging``'s ``every_n_steps``; only rank 0 measures; on a
     CUDA device each batch's end waits for the device (``torch.cuda.synchronize``), without which the clock
-    would time the launches and not the work: the one per-batch sync loopkit makes, and only with this
-    callback. ``latest`` holds the values last computed. Validation, test and predict throughput (Lightning's
+    would time the launches and not the work: a per-batch sync, which only this callback makes (the
+    progress bar reads its metrics every 20th batch; float16 ``with_amp`` and ``with_nan_guard`` read a flag per
+    update). ``latest`` holds the values last computed. Validation, test and predict throughput (Lightning's
     ``validate/...`` keys) are not measured: the driver has no per-batch validation hook.
 
     >>> monitor = ThroughputMonitor(lambda batch: len(batch[0]), window_size=50)

@@ -114,7 +114,8 @@ def with_nan_guard(step: Any, policy: str = "skip") -> TrainStep:
     ``state.extras["nan_guard/skipped_total"]``; ``state.step`` and the scheduler do not
     advance. ``policy="raise"`` raises :class:`loopkit.NonFiniteError` naming the step and
     the loss or the parameter whose gradient was not finite. Deciding reads one flag per
-    update on the host ("raise" reads one per call). Under float16 ``with_amp`` the loss
+    update on the host ("raise" reads one more per call: the loss, checked before the backward, so
+    that a refused loss leaves the state whole even half-way through an accumulation group). Under float16 ``with_amp`` the loss
     scaler owns overflowing gradients (they are expected while it searches for a scale);
     the guard then checks the loss only. A ``with_grad_clip(max_value=...)`` inside the guard
     is checked by it before it clamps, since clamping makes an infinite gradient finite.
