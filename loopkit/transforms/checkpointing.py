@@ -128,6 +128,7 @@ class CheckpointStep(UpdateStep):
                 self._check_directory(state, agreed=True)
             except StateMismatchError as error:
                 raise leave_intact(error, state)  # before the step: nothing of the state changed
+            self._finish_rotation((state.step, state.epoch, state.batch_index))
         return super().run_(state, batch)
 
     def after_update(self, state: TrainState, metrics: Metrics) -> TrainState:
@@ -148,6 +149,7 @@ class CheckpointStep(UpdateStep):
             self.saver.start = (state.step, state.epoch, state.batch_index)
         elif event == "fit_start":
             self._check_directory(state, agreed=True)  # before the first step: a refused run has lost nothing
+            self._finish_rotation(self.saver.start)
             self.saver.defer = True
         elif event == "save_due":
             reason, self.saver.due = self.saver.due, None
@@ -351,7 +353,8 @@ class CheckpointStep(UpdateStep):
         start, what a resumed run continues from) replaces, and the score it carries over; (None, None)
         when there is none. One update is saved once: keep_last counts training points. A fit that has not
         saved yet and began at the directory's newest checkpoint takes that one: a run killed between the two
-        saves resumes from the step save and makes the epoch save."""
+        saves resumes from the step save and makes the epoch save; one killed after the epoch save, before the
+        step save was deleted, resumes from the epoch save and deletes it then (:meth:`_finish_rotation`)."""
         last = self.saver.last
         step, epoch, batch = position
         if batch != 0:
@@ -431,6 +434,39 @@ class CheckpointStep(UpdateStep):
             )
 
     # Which checkpoints to keep -------------------------------------------------------------
+
+    def _finish_rotation(self, start: Position | None) -> None:
+        """Finish the rotation a kill cut short, when a fit begins at ``start``, the position of the
+        directory's newest checkpoint (a relaunch from it: what ``restore`` returned). The save that wrote that
+        checkpoint was followed by its :meth:`_prune`, which a kill may have stopped anywhere after the rename:
+        before ``scores.json`` was rewritten, or before or between the deletions. Run again here, on the same
+        checkpoints and scores (a scored checkpoint holds its score in its ``meta.json``), it leaves the folder
+        the uninterrupted run left, before this fit ranks or saves anything: the step save of the same update
+        that the newest replaced (:meth:`_same_update`; left there, it would tie with the newest's carried
+        score and, the older, outrank it, then keep_last would remove the newest instead), and what keep_last
+        and keep_best no longer keep (which stayed for good when the relaunch saved nothing more), are removed;
+        ``scores.json`` is rewritten where that save's rewrite was lost (the newest is scored and it is not
+        recorded there). The newest stays (under ``keep_last=0`` an unscored one stays until the next save, as
+        :meth:`_persist` keeps it). Rank 0 only; not for a lazy model not compared yet (:meth:`_check_directory`),
+        nor a fit that begins elsewhere (a fresh run, or one restored from an older checkpoint): its first save
+        rotates, as before. Run where a fit starts (``"fit_start"``; in a loop of your own, at the first call)."""
+        if start is None or not is_rank_zero() or not self.saver.checked:
+            return
+        self.saver.wait()  # (a save the owed validation made here, in the background: its rotation first)
+        found = checkpoint.list_checkpoints(self.directory)
+        if not found or (found[-1].step, found[-1].epoch, found[-1].batch_index) != start:
+            return
+        newest = found[-1]
+        step, epoch, batch = start
+        superseded = next((c.name for c in found[:-1] if batch == 0 and c.step == step and c.epoch == epoch - 1
+                           and c.batch_index != 0), None)
+        unwritten = False
+        if self.monitor is not None:
+            with self.saver.lock:
+                value = self._scores().get(newest.name)
+            recorded = checkpoint.read_scores(self.directory).get("scores", {})
+            unwritten = value is not None and recorded.get(newest.name) != value
+        self._prune(write_scores=unwritten, superseded=superseded, protect=newest.name)
 
     def _scores(self) -> dict[str, float]:
         """The scores of the checkpoints in the directory (loaded on first use: :func:`loopkit.checkpoint.scores`)."""

@@ -1000,6 +1000,118 @@ def test_a_killed_run_relaunched_keeps_the_checkpoints_scores_and_rows_of_the_un
     assert rows("killed") == rows("reference")
 
 
+_SUPERSEDED_RUN = _KILLABLE + r"""
+directory, case, die_in, die_at = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+dies_at(die_in, die_at)
+mse = lambda m, b: ((m(b[0]) - b[1]) ** 2).mean()
+g = torch.Generator().manual_seed(0)
+data = [(torch.randn(4, 3, generator=g), torch.randn(4, 1, generator=g)) for _ in range(6)]
+torch.manual_seed(0)
+model = torch.nn.Linear(3, 1)
+state = loopkit.restore(loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.01)), directory)
+if case == "scored":
+    step = loopkit.with_checkpointing(loopkit.train_step(mse), directory, every_n_steps=3, every_n_epochs=1,
+                                      keep_last=1, monitor="val/score", keep_best=1)
+else:  # step saves alone: the fit's last one is at step 18, before its epoch's end
+    step = loopkit.with_checkpointing(loopkit.train_step(mse), directory, every_n_steps=3, keep_last=1)
+class Score:  # epoch 0's last update (step 6, validated at its step save) is the best one
+    def on_validation_end(self, state, metrics):
+        return {"val/score": 1.0 if state.step == 6 else 5.0}
+loopkit.run_epochs(step, state, data, epochs=3, val_every_n_steps=3, sanity_val_batches=0, progress=False,
+                   val=(loopkit.eval_step(lambda m, b: {"mse": mse(m, b)}), data[:2]), callbacks=[Score()])
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case, die_in, die_at, left", [
+    # right after the epoch save of step 6 (its score carried over) is renamed into place
+    ("scored", "write_scores", 3, "ckpt-000002-step6-epoch0-batch6"),
+    # as its rotation deletes the step save it replaced (scores.json already rewritten)
+    ("scored", "remove", 2, "ckpt-000002-step6-epoch0-batch6"),
+    # the same at the fit's last save (step 18), which the relaunch's epoch end takes as its own (and rotates)
+    ("scored", "remove", 6, "ckpt-000008-step18-epoch2-batch6"),
+    # as the last step save's rotation deletes step 15's: the relaunch saves nothing
+    ("plain", "remove", 5, "ckpt-000005-step15-epoch2-batch3"),
+])
+def test_a_kill_in_the_rotation_of_a_save_resumes_to_the_folder_of_the_uninterrupted_run(tmp_path, case, die_in,
+                                                                                         die_at, left):
+    """scored: every_n_steps=3 with every_n_epochs=1, 6 batches an epoch: each epoch's last update is saved at
+    its step (and scored by that step's validation), then once more at the next epoch's start, which replaces
+    it. Killed after that epoch save is renamed into place, before the step save is deleted; plain: killed before
+    the rotation of the fit's last save deleted what keep_last no longer keeps. Then resumed with loopkit.restore.
+    Reference: the same run uninterrupted. Before: the step save stayed for good, kept the best score (tied, the
+    older), and a later rotation removed the epoch save instead; a relaunch that saved nothing kept keep_last + 1
+    checkpoints."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(Path(loopkit.__file__).parents[1]), "OPENBLAS_NUM_THREADS": "1"}
+
+    def run(name: str, die_in: str = "write", die_at: int = 0) -> int:
+        argv = [str(tmp_path / name), case, die_in, str(die_at)]
+        return subprocess.run([sys.executable, "-c", _SUPERSEDED_RUN, *argv], env=env, timeout=300).returncode
+
+    def folder(name: str) -> tuple:
+        best = checkpoint.best_checkpoint(tmp_path / name)
+        return ([c.name for c in checkpoint.list_checkpoints(tmp_path / name)],
+                checkpoint.read_scores(tmp_path / name).get("scores"), best and best.name)
+
+    assert run("reference") == 0
+    assert run("killed", die_in, die_at) == 137
+    assert left in [c.name for c in checkpoint.list_checkpoints(tmp_path / "killed")]
+    assert run("killed") == 0
+    assert folder("killed") == folder("reference")
+    assert folder("reference") == ((
+        ["ckpt-000003-step6-epoch1-batch0", "ckpt-000009-step18-epoch3-batch0"],
+        {"ckpt-000003-step6-epoch1-batch0": 1.0, "ckpt-000009-step18-epoch3-batch0": 5.0},
+        "ckpt-000003-step6-epoch1-batch0",
+    ) if case == "scored" else (["ckpt-000006-step18-epoch2-batch6"], None, None))
+
+
+class _Killed(BaseException):
+    """A kill, in-process: nothing after it runs."""
+
+
+@pytest.mark.parametrize("dies_in", ["remove", "write_scores"])
+def test_a_loop_of_ones_own_relaunched_finishes_the_rotation_a_kill_cut_short(tmp_path, monkeypatch, dies_in):
+    """Killed in the rotation of the step-4 save: remove, as it deletes the step-2 checkpoint keep_last=1 no
+    longer keeps; write_scores, before scores.json records that save's score (1.0, the best; keep_last=None keeps
+    all). Relaunched with restore for one more update, which saves nothing. Reference: the same loop
+    uninterrupted. Before: the relaunch kept the doomed checkpoint, or a scores.json without the best, for good."""
+    options = {"every_n_steps": 2, "keep_last": 1} if dies_in == "remove" else {
+        "keep_last": None, "monitor": "val/loss", "keep_best": 2}
+
+    def fit(directory: Path, scores: list[float], more: int = 0) -> None:
+        step = with_checkpointing(_count_step, directory, **options)
+        state = checkpoint.restore(TrainState.create(nn.Linear(1, 1)), directory)
+        for score in scores:  # (val/loss is unused without a monitor)
+            state = _validate(step, state, score)
+        for _ in range(more):
+            state, _ = step(state, None)
+
+    def folder(directory: Path) -> tuple:
+        best = checkpoint.best_checkpoint(directory)
+        return _kept(directory), best and best.name
+
+    original, calls = getattr(checkpoint, dies_in), []
+
+    def dying(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == (1 if dies_in == "remove" else 4):
+            raise _Killed
+        return original(*args, **kwargs)
+
+    fit(tmp_path / "reference", [5.0, 3.0, 4.0, 1.0], more=1)
+    monkeypatch.setattr(checkpoint, dies_in, dying)
+    with pytest.raises(_Killed):
+        fit(tmp_path / "run", [5.0, 3.0, 4.0, 1.0])
+    monkeypatch.setattr(checkpoint, dies_in, original)
+    assert folder(tmp_path / "run") != folder(tmp_path / "reference")
+    fit(tmp_path / "run", [], more=1)
+    assert folder(tmp_path / "run") == folder(tmp_path / "reference")
+    assert _steps(tmp_path / "reference") == ([4] if dies_in == "remove" else [1, 2, 3, 4])
+
+
 def test_rotation_tolerates_a_checkpoint_another_writer_removed_and_says_so_once(tmp_path, monkeypatch):
     """Two runs in one folder: the other one's rotation removes a checkpoint this one is about to remove.
     Reference: the checkpoints the same run keeps alone. Before: a bare FileNotFoundError from os.rename."""
