@@ -1343,11 +1343,21 @@ def scores(directory: str | os.PathLike, monitor: str | None = None, mode: str |
     True
     >>> tmp.cleanup()
     """
-    if monitor is None or mode is None:
+    if mode not in (None, "min", "max"):
+        raise ValueError(f"scores: mode must be 'min' or 'max', got {mode!r}")
+    if monitor is None:
+        recorded = _recorded_monitor(directory)
+        if recorded is None:
+            return {}
+        if mode is not None and mode != recorded[1]:
+            raise ValueError(f"scores: {recorded[0]!r} was recorded with mode={recorded[1]!r}, not {mode!r}: leave "
+                             "mode out, or name the monitor")
+        monitor, mode = recorded
+    elif mode is None:
         recorded = _recorded_monitor(directory, monitor)
         if recorded is None:
             return {}
-        monitor, mode = monitor or recorded[0], mode or recorded[1]
+        mode = recorded[1]
     data = read_scores(directory)
     found = list_checkpoints(directory)
     there = {c.name for c in found}

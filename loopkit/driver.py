@@ -1798,8 +1798,8 @@ def run_epochs(
                 leave_intact(error, _with_counters(hooks, whole) if restored else whole)
             elif start is not None and not isinstance(error, (KeyboardInterrupt, SystemExit)):
                 with contextlib.suppress(TypeError):  # (__notes__ set to something not a list: the error as it is)
-                    error.add_note("(run_epochs: the failure came half-way through an update, so no state of the fit "
-                                   "is whole (loopkit.state_at_error is None); the model and optimizer objects hold "
-                                   "what the updates, the failed one included, did to them, as in a plain loop)")
+                    error.add_note("(run_epochs: no state of the fit is known whole (loopkit.state_at_error is "
+                                   "None): the failure may have come half-way through an update; the model and "
+                                   "optimizer objects hold what the updates did to them, as in a plain loop)")
         raise
 

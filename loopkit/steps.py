@@ -786,13 +786,22 @@ class TrainStep(Step):
         return attrs.evolve(self, transforms=self.transforms + (name,), **changes)
 
     def add_grad_transform(self, transform: GradTransform) -> TrainStep:
-        """Add a gradient transform inside (per micro-batch) or outside (per update) accumulation; one that reports a
-        metric of a name the step's transforms report already (``with_grad_norm`` twice) is refused, naming both."""
-        for name in getattr(transform, "metric_names", ()):
-            owner = _taken_by(name.rstrip("*"), self.transform_metrics)
-            if owner is not None and not getattr(transform, "shares_metrics", False):
-                raise TypeError(f"{transform.name} cannot wrap {owner}: both report the metric {name.rstrip('*')!r}, "
-                                "and the outer one's value would replace the inner one's; apply it once")
+        """Add a gradient transform inside (per micro-batch) or outside (per update) accumulation.
+
+        One that reports a metric of a name a transform on its side of the accumulation reports already
+        (``with_grad_norm`` twice, with nothing or a clipping between) is refused, naming both: its value would
+        replace the other's at every call. Across ``with_grad_accum`` (a value clip per micro-batch, a norm clip
+        per update) both are seen: the inner one's on the micro-batches, the outer one's on the calls that update.
+        """
+        side = self.update if self.accum_every > 1 else self.micro
+        if not getattr(transform, "shares_metrics", False):
+            mine = {name: t.name for t in side for name in getattr(t, "metric_names", ())}
+            for name in getattr(transform, "metric_names", ()):
+                owner = _taken_by(name.rstrip("*"), mine)
+                if owner is not None:
+                    raise TypeError(f"{transform.name} cannot wrap {owner}: both report the metric "
+                                    f"{name.rstrip('*')!r} at every call, and the outer one's value would replace the "
+                                    "inner one's (with_grad_hook can report what the outer one sees, by a name of its own)")
         if self.accum_every > 1:
             return self.with_transform(transform.name, update=self.update + (transform,))
         return self.with_transform(transform.name, micro=self.micro + (transform,))

@@ -1048,6 +1048,8 @@ def test_best_checkpoint_of_a_monitor_given_alone_takes_the_mode_recorded_with_i
     assert by_epoch(checkpoint.scores(tmp_path)) == by_epoch(checkpoint.scores(tmp_path, "val/acc", "max"))
     assert by_epoch(checkpoint.scores(tmp_path)) == {4: pytest.approx(0.1), 5: pytest.approx(0.9)}
     assert by_epoch(checkpoint.scores(tmp_path, "val/score")) == {1: 3.0, 2: 1.0, 3: 2.0}
+    with pytest.raises(ValueError, match="scores: 'val/acc' was recorded with mode='max', not 'min'"):
+        checkpoint.scores(tmp_path, mode="min")
     with pytest.raises(ValueError, match="'val/score' was recorded with mode='min', not 'max'"):
         checkpoint.best_checkpoint(tmp_path, "val/score", "max")
 

@@ -1743,7 +1743,7 @@ def test_a_failure_half_way_through_an_update_leaves_no_whole_state():
     with pytest.raises(RuntimeError, match="optimizer failed") as caught:
         run_epochs(train_step(mse), state, make_data(3), epochs=1, progress=False)
     assert loopkit.state_at_error(caught.value) is None
-    assert any("no state of the fit is whole" in note and "model and optimizer objects hold" in note
+    assert any("no state of the fit is known whole" in note and "model and optimizer objects hold" in note
                for note in caught.value.__notes__)  # (the traceback says where the training went)
 
 

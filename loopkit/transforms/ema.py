@@ -281,8 +281,9 @@ def ema_state(state: TrainState) -> TrainState:
     state.check_usable()
     averages = state.extras.get(_EMA)
     if averages is None and state.step > 0:  # with_ema copies the parameters at the first update
-        raise ValueError(f"ema_state: the state (step {state.step}) holds no EMA averages: it was not trained with "
-                         "with_ema (whose first update starts them), or its extras were dropped")
+        raise ValueError(f"ema_state: the state (step {state.step}) holds no EMA averages: with_ema has made no "
+                         "update on it (its first update starts them; a state trained without it has none), or its "
+                         "extras were dropped; before with_ema's first update its weights are the state's own")
     copy = fork(replace(state, optimizer=None, scheduler=None))
     if averages is not None:
         averages = _fitted(averages, core_module(copy.model), "ema_state")

@@ -35,8 +35,9 @@ class GradHook:
 
     fn: HookFn
     name: str = "with_grad_hook"
-    #: the fn may raise (or return what is refused) after the backward, before the update: ``train_step``
-    #: gives the parameters the gradients they had back then, and the state stays usable
+    #: the fn may raise (or return what is refused) after the backward, before the update: in one process,
+    #: ``train_step`` then gives the parameters the gradients they had back, and the state stays usable, unless
+    #: the call added into gradients held from before (outside ``with_grad_accum``, at a group's last micro-batch)
     refuses_grads: ClassVar[bool] = True
 
     def on_loss(self, loss: torch.Tensor, state: TrainState, ctx: GradContext) -> None:

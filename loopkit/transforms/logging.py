@@ -179,13 +179,16 @@ class LoggingStep(WrapperStep):
         """Log the row a failed write left unlogged (:func:`_left_unlogged`) to the loggers that did not take it,
         when ``state`` is where that failure left the fit: before anything the resumed fit logs (the validation
         due at that update), as in the uninterrupted run. Not from a state that went on since (a batch, or the
-        epoch's record: a fit that logged the row and made no update after it returns a state still holding it)."""
+        epoch's record: a fit that logged the row and made no update after it returns a state still holding it).
+        Once: the row is marked taken by every logger, in the state, whose fit may fail before it moves (a
+        ``state_at_error`` of that state again, which a further fit must not log twice)."""
         owed = state.extras.get(UNLOGGED)
         if owed is None or state.extras.get(RECORDED) == state.step:
             return
         if (owed["step"], owed["epoch"], owed["batch_index"]) == (state.step, state.epoch, state.batch_index):
             for logger in self.loggers[owed["from"]:]:
                 logger.log_metrics(owed["metrics"], state.step)
+                owed["from"] += 1
 
 
 class _ModelWatch:
@@ -276,8 +279,9 @@ def with_logging(step: Any, *loggers: Any, every_n_steps: int = 50) -> LoggingSt
     (``TensorBoardLogger(histogram_every_n_steps=m)``) get the model when due, from the
     optimizer's step pre-hook; loggers of one root and name share one ``version_N`` folder. A write that
     raises at a log point (a full disk) leaves that update whole (:func:`loopkit.state_at_error`), holding the
-    row not written: ``run_epochs`` from it logs the row first, to the loggers that did not take it, and ends as
-    the uninterrupted run.
+    row not written: ``run_epochs`` from it logs the row first, to the loggers that did not take it, and goes
+    on at the next batch (its rows, history and parameters those of the uninterrupted run; that batch's
+    ``on_batch_end`` hooks, and a save ``with_checkpointing`` outside has due at that update, are not made).
 
     >>> import os, tempfile, torch
     >>> from loopkit import TrainState, train_step, run_epochs

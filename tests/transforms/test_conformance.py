@@ -114,7 +114,7 @@ GRADIENT_ONLY = ["grad_accum", "grad_clip", "grad_norm", "grad_hook", "nan_guard
 def _refused(inner: str, outer: str) -> bool:
     """A gradient transform cannot reach the train step through a whole-step transform; and some
     pairs of gradient transforms have no meaning: a second precision, accumulating an accumulation, and
-    a second clipping or norm, whose metrics would replace the first one's."""
+    a second clipping or norm on the same side of the accumulation, whose metrics would replace the first one's."""
     if outer in GRADIENT and inner in WHOLE_STEP:
         return True
     if inner == outer and inner in ("logging", "ema", "pruning", "qat", "swa", "epoch_scheduler", "grad_clip", "grad_norm"):

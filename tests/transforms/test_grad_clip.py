@@ -140,6 +140,44 @@ def test_clip_inside_accumulation_clips_each_micro_batch(make_mlp, make_batches,
     assert_trees_equal(dict(state.model.named_parameters()), dict(ref_model.named_parameters()))
 
 
+def test_a_value_clip_per_micro_batch_and_a_norm_clip_per_update_are_both_applied_and_reported(
+    make_mlp, make_batches, mse_loss, make_sgd_state, assert_trees_equal
+):
+    """Across with_grad_accum the two clips act at two places (one with_grad_clip cannot): each micro-batch's
+    gradient is clamped, the group's sum is clipped by norm. Each reports its own grad_norm: the inner one's on the
+    micro-batch that makes no update, the outer one's on the call that updates."""
+    data = make_batches(4)
+    ref_model = make_mlp(0)
+    opt = torch.optim.SGD(ref_model.parameters(), lr=0.1, momentum=0.9)
+    params = list(ref_model.parameters())
+    ref_norms = []
+    for start in range(0, len(data), 2):
+        total = None
+        for i, batch in enumerate(data[start : start + 2]):
+            opt.zero_grad()
+            mse_loss(ref_model, batch).backward()
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+            torch.nn.utils.clip_grad_value_(params, 0.01)
+            if i == 0:
+                ref_norms.append(norm)
+            share = [p.grad / 2 for p in params]
+            total = share if total is None else [t + s for t, s in zip(total, share)]
+        for p, g in zip(params, total):
+            p.grad = g
+        ref_norms.append(torch.nn.utils.clip_grad_norm_(params, MAX_NORM))
+        opt.step()
+
+    inner = loopkit.with_grad_accum(loopkit.with_grad_clip(loopkit.train_step(mse_loss), max_value=0.01), every=2)
+    step = loopkit.with_grad_clip(inner, max_norm=MAX_NORM)
+    state = make_sgd_state(make_mlp(0))
+    norms = []
+    for batch in data:
+        state, metrics = step(state, batch)
+        norms.append(metrics["grad_norm"])
+    assert_trees_equal(norms, ref_norms)
+    assert_trees_equal(dict(state.model.named_parameters()), dict(ref_model.named_parameters()))
+
+
 def test_the_two_orders_differ(make_mlp, make_batches, mse_loss, make_sgd_state):
     data = make_batches(4)
     outside = loopkit.with_grad_clip(loopkit.with_grad_accum(loopkit.train_step(mse_loss), every=2), max_norm=MAX_NORM)

@@ -780,6 +780,33 @@ def test_a_fit_retried_after_a_failed_write_at_a_log_point_logs_and_records_what
     assert "logging/unlogged" not in resumed.extras  # (dropped at the next log point)
 
 
+def test_a_row_left_unlogged_is_logged_once_when_the_retry_fails_before_it_moves(tmp_path, make_mlp, make_batches,
+                                                                                  make_sgd_state):
+    """The retry logs the row at its start, then fails at its first batch: its state_at_error is the state it was
+    given, still holding the row; a further retry does not log it again. Reference: the uninterrupted fit's rows."""
+    batches = make_batches(6)
+    transient = {"fail": False}
+
+    def loss(model, batch):
+        if transient["fail"]:
+            transient["fail"] = False
+            raise RuntimeError("a transient failure at the first batch")
+        return loss_with_mae(model, batch)
+
+    reference = MemoryLogger()
+    run_epochs(with_logging(train_step(loss), reference, every_n_steps=2), make_sgd_state(make_mlp()), batches, epochs=1,
+               progress=False)
+    after = MemoryLogger()
+    step = with_logging(train_step(loss), _CSVFailingOnce(tmp_path, at=2), after, every_n_steps=2)
+    with pytest.raises(OSError, match="No space left") as full:
+        run_epochs(step, make_sgd_state(make_mlp()), batches, epochs=1, progress=False)
+    transient["fail"] = True
+    with pytest.raises(RuntimeError, match="transient") as failed:
+        run_epochs(step, loopkit.state_at_error(full.value), batches, epochs=1, progress=False)
+    run_epochs(step, loopkit.state_at_error(failed.value), batches, epochs=1, progress=False)
+    assert after.logged == reference.logged
+
+
 def test_an_error_out_of_the_fit_finalizes_with_failed_the_loggers_that_take_a_status(make_mlp, make_batches, make_sgd_state):
     """Lightning's protocol: ``finalize("success")``, or ``finalize("failed")`` when an error leaves the fit (an
     MLflow run is then marked FAILED), to every logger whose ``finalize`` takes a status: Lightning's own signature
