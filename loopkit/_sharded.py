@@ -24,11 +24,15 @@ from typing import Any
 import torch
 
 try:
+    from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
 except ImportError:  # a torch built without distributed: nothing is ever sharded
     DTensor = None  # type: ignore[assignment, misc]
+    FSDPModule = None  # type: ignore[assignment, misc]
 
-__all__ = ["full", "held_grads", "holds_unreduced_grads", "is_dtensor", "is_sharded", "local", "norms"]
+__all__ = [
+    "fsdp_modules", "full", "held_grads", "holds_unreduced_grads", "is_dtensor", "is_sharded", "local", "norms",
+]
 
 
 def is_dtensor(value: Any) -> bool:
@@ -47,6 +51,17 @@ def is_sharded(model: torch.nn.Module) -> bool:
     False
     """
     return DTensor is not None and any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def fsdp_modules(modules: Sequence[torch.nn.Module]) -> list[Any]:
+    """The modules of ``modules`` that ``fully_shard`` was applied to (``FSDPModule``): each all-gathers its
+    parameters for a forward, and one built with ``reshard_after_forward=False`` keeps them whole after a forward
+    without backward (an evaluation) until its ``reshard()``.
+
+    >>> fsdp_modules(list(torch.nn.Sequential(torch.nn.Linear(1, 1)).modules()))
+    []
+    """
+    return [] if FSDPModule is None else [m for m in modules if isinstance(m, FSDPModule)]
 
 
 def full(tree: Any, *, to_rank_zero: bool = False) -> Any:

@@ -34,6 +34,7 @@ import torch
 from loopkit import _collective
 from loopkit._epoch_data import TRAIN, call_seeded, check_factory, factory_name, is_factory, not_data, val_stream
 from loopkit._numbers import as_int, as_real
+from loopkit._sharded import fsdp_modules
 from loopkit._window import EPOCH, OVER_RANKS, own_buffers, own_rng, own_share
 from loopkit.callbacks import Callback, may_change_state_early
 from loopkit.checkpoint import capture_global_rng, install_global_rng
@@ -42,7 +43,7 @@ from loopkit.rng import epoch_order_seed as _order_seed
 from loopkit.rng import seed_epoch_start
 from loopkit.rng import global_rngs_kept
 from loopkit.state import (
-    TrainState, extras_copy, fork, leave_intact, model_device, put_extras, refuse_copy_if_sharded, replace,
+    TrainState, core_module, extras_copy, fork, leave_intact, model_device, put_extras, refuse_copy_if_sharded, replace,
     replace_extras, state_at_error,
 )
 from loopkit.steps import (
@@ -414,6 +415,8 @@ def _evaluate(
     (which is left as it was): a resumed run validates in the uninterrupted run's order, to the last bit."""
     limit = _check_limit(limit, "limit")
     count = _num_batches(data, limit, "limit", shard=reduce)  # (reduced: a rank's empty shard reads nothing)
+    if reduce:
+        _refuse_uneven_under_fsdp(state, count, "evaluate")
     move = _mover(device, state)
     sums: dict[str, torch.Tensor] = {}
     sizes: dict[str, int] = {}
@@ -429,6 +432,21 @@ def _evaluate(
             sums[key] = weighted if key not in sums else sums[key] + weighted
             sizes[key] = sizes.get(key, 0) + size
     return _collective.means(sums, sizes, reduce=reduce), read
+
+
+def _refuse_uneven_under_fsdp(state: TrainState, count: int | None, where: str) -> None:
+    """Refuse, on every rank, data of as many batches on no two ranks under ``with_fsdp``: each forward gathers the
+    parameters from every rank, so a rank with a batch more waits for the others forever (a collective every rank
+    calls, under a process group with a sharded model only; data without a length is not checked)."""
+    if not _collective.active() or not fsdp_modules(list(core_module(state.model).modules())):
+        return
+    counts = _collective.gather(count)
+    if len(set(counts)) > 1:  # type: ignore[arg-type]
+        raise ValueError(
+            f"{where}: under with_fsdp every rank must read as many batches (each forward gathers the parameters from "
+            f"every rank), but the ranks' data hold {counts} batches: shard it with loopkit.distributed.shard(..., "
+            "pad=True) (as Lightning's sampler pads), or pass limit= no larger than the fewest"
+        )
 
 
 def predict(
@@ -460,7 +478,9 @@ def predict(
     device = _check_device(device, "predict")
     _check_data(data, "predict: data")
     limit = _check_limit(limit, "limit")
-    batches = data if limit is None else itertools.islice(data, _num_batches(data, limit, "limit"))
+    count = _num_batches(data, limit, "limit")
+    _refuse_uneven_under_fsdp(state, count, "predict")
+    batches = data if limit is None else itertools.islice(data, count)
     model = state.model
     move = _mover(device, state)
     outputs = []

@@ -29,7 +29,7 @@ import attrs
 import numpy as np
 import torch
 
-from loopkit._sharded import local
+from loopkit._sharded import fsdp_modules, local
 from loopkit.rng import RNGScope, global_rng_state
 from loopkit.state import (
     _INTACT, TrainState, drop_graph, extras_copy, fork, keep_graph, leave_intact, make_state, model_device,
@@ -1388,15 +1388,19 @@ class evaluating:  # noqa: N801  (a context manager, named as torch.no_grad is)
     (True, False)
     """
 
-    __slots__ = ("_model", "_modes", "_observers")
+    __slots__ = ("_model", "_modes", "_observers", "_sharded")
 
     def __init__(self, model: torch.nn.Module) -> None:
         self._model = model
         self._modes: list[tuple[torch.nn.Module, bool]] = []
         self._observers: list[tuple[torch.nn.Module, torch.Tensor]] = []
+        self._sharded: list[Any] = []
 
     def __enter__(self) -> torch.nn.Module:
         self._modes = [(m, m.training) for m in self._model.modules()]
+        # under with_fsdp(reshard_after_forward=False) a forward without backward leaves the parameters whole (plain
+        # tensors, not the sharded ones): put back on exit, so the state reads as sharded (checkpoints gather)
+        self._sharded = fsdp_modules([m for m, _ in self._modes])
         # a FakeQuantize's observer_enabled flag (a buffer): copied and put back, never read (no host sync)
         self._observers = [(m, m._buffers["observer_enabled"].clone()) for m, _ in self._modes
                            if "observer_enabled" in m._buffers and hasattr(m, "disable_observer")]
@@ -1411,6 +1415,8 @@ class evaluating:  # noqa: N801  (a context manager, named as torch.no_grad is)
         with torch.no_grad():
             for m, flag in self._observers:
                 m.observer_enabled.copy_(flag)
+        for m in self._sharded:  # (local: frees the gathered parameters, no collective)
+            m.reshard()
 
 
 def eval_step(metric_fn: Callable[[torch.nn.Module, Any], Mapping[str, Any]]) -> EvalStep:

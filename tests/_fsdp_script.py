@@ -445,8 +445,45 @@ def empty_shard(rank: int, out_dir: str) -> dict[str, Any]:
     return {"grads": grads, "metrics": {k: float(v) for k, v in metrics.items()}, "export_refused": refused}
 
 
+def shard_grad_op(rank: int, out_dir: str) -> dict[str, Any]:
+    """``reshard_after_forward=False`` (SHARD_GRAD_OP): a validation's forward (no backward) leaves fully_shard's
+    parameters whole; put back sharded after it, the epoch-end checkpoints gather on every rank (they hung) and the
+    state dict after an evaluate is whole. ``sgd``'s run otherwise (the raw loop's reference)."""
+    import loopkit
+
+    data, val = make_data(3), make_data(2, seed=99)
+    evaluator = loopkit.eval_step(lambda m, b: {"mse": mse(m, b)})
+    val_batches = [val[i, rank] for i in range(len(val))]
+    step = loopkit.with_fsdp(loopkit.train_step(mse), shard=SHARD, reshard_after_forward=False)
+    step = loopkit.with_checkpointing(step, os.path.join(out_dir, "sgo_ckpt"), every_n_epochs=1)
+    state, history = _fit(step, make_state("sgd"), data, rank, 2, val=(evaluator, val_batches))
+    means = loopkit.evaluate(evaluator, state, val_batches)
+    return {"params": full_params(state.model), "history": history, "evaluate": means,
+            "sharded": sorted({type(p).__name__ for p in state.model.parameters()}),
+            "state_dict_types": sorted({type(t).__name__ for t in state.state_dict()["model"].values()})}
+
+
+def uneven_val(rank: int, out_dir: str) -> dict[str, Any]:
+    """Validation data of 2 batches on rank 0 and 1 on rank 1 (``shard(..., pad=False)`` of 5 samples): each rank's
+    forward gathers from the others, so it is refused on every rank before the first batch, naming the counts."""
+    import loopkit
+
+    data, val = make_data(1), make_data(2, seed=99)
+    state, _ = _loop(loopkit.with_fsdp(loopkit.train_step(mse), shard=SHARD), make_state("sgd"), [data[0, rank]])
+    evaluator = loopkit.eval_step(lambda m, b: {"mse": mse(m, b)})
+    refused = {}
+    for name, call in (("evaluate", lambda d: loopkit.evaluate(evaluator, state, d)),
+                       ("predict", lambda d: loopkit.predict(lambda m, b: m(b[:, :D_IN]), state, d))):
+        try:
+            call([val[i, rank] for i in range(2 - rank)])
+        except ValueError as error:
+            refused[name] = str(error)
+    return {"refused": refused, "then": loopkit.evaluate(evaluator, state, [val[0, rank]])}  # (the ranks still agree)
+
+
 SCENARIOS = {f.__name__: f for f in (sgd, adam, accum, accum_outer, clip, nan, bf16, cut, resume, bn, bn_ddp, bn_cut,
-                                     bn_nobroadcast, bn_resume, stop_mid_group, gather_to_rank_zero, norm_collectives, empty_shard)}
+                                     bn_nobroadcast, bn_resume, stop_mid_group, gather_to_rank_zero, norm_collectives, empty_shard,
+                                     shard_grad_op, uneven_val)}
 
 
 def main(out_dir: str, scenarios: list[str]) -> None:

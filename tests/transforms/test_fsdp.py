@@ -112,6 +112,29 @@ def test_validation_and_evaluate_average_over_the_ranks_and_predict_runs_on_each
                 assert (out - model(val[i, r, :, :fsdp.D_IN])).abs().max() <= 1e-6
 
 
+def test_reshard_after_forward_false_validates_checkpoints_and_evaluates_as_the_raw_loop(ranks):
+    """(SHARD_GRAD_OP: a validation left the parameters whole and unsharded-looking; the next save hung.)"""
+    sgo = ranks("shard_grad_op")
+    data, val = fsdp.make_data(3), fsdp.make_data(2, seed=99)
+    model, _, _ = raw_loop("sgd", data, epochs=2)
+    for r in range(2):
+        assert_params_close(sgo[r]["params"], model, TOL)
+        assert sgo[r]["sharded"] == ["DTensor"] and sgo[r]["state_dict_types"] == ["Tensor"]
+        assert sgo[r]["evaluate"]["mse"] == pytest.approx(_val_mse(model, val), abs=1e-6)
+        assert [h["val/mse"] for h in sgo[r]["history"]] == [h["val/mse"] for h in ranks("sgd")[r]["history"]]
+    saved = sorted(os.listdir(os.path.join(ranks.out, "sgo_ckpt")))
+    assert [n.split("-", 2)[2] for n in saved if n.startswith("ckpt-")] == ["step3-epoch1-batch0", "step6-epoch2-batch0"]
+
+
+def test_validation_data_of_unequal_lengths_is_refused_on_every_rank_naming_the_counts(ranks):
+    uneven = ranks("uneven_val")
+    for r in range(2):
+        for where in ("evaluate", "predict"):
+            assert f"{where}: under with_fsdp every rank must read as many batches" in uneven[r]["refused"][where]
+            assert "hold [2, 1] batches" in uneven[r]["refused"][where] and "pad=True" in uneven[r]["refused"][where]
+    assert uneven[0]["then"] == uneven[1]["then"]
+
+
 def test_grad_accum_with_a_partial_group_flushed_at_each_epoch_end(ranks):
     accum, outer = ranks("accum"), ranks("accum_outer")
     assert_ranks_identical(accum)
