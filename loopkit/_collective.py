@@ -166,9 +166,10 @@ def read(tensors: Mapping[str, torch.Tensor]) -> dict[str, float]:
     return dict(zip(keys, values))
 
 
-def any_rank(flag: bool) -> bool:
+def any_rank(flag: bool, what: str = "the ranks' agreement (an all-reduce)", who: str = "run_epochs") -> bool:
     """``flag`` or-ed over all ranks (a collective every rank must call at the same point); ``flag`` alone
-    outside a process group.
+    outside a process group. A failed all-reduce (another rank died) raises :func:`failure`'s error, naming
+    ``who``, ``what`` and this rank.
 
     >>> any_rank(True), any_rank(False)
     (True, False)
@@ -177,7 +178,10 @@ def any_rank(flag: bool) -> bool:
         return flag
     device = torch.device("cuda", torch.cuda.current_device()) if torch.distributed.get_backend() == "nccl" else None
     value = torch.tensor(int(flag), device=device)
-    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    try:
+        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    except RuntimeError as error:  # (gloo's "Connection closed by peer", NCCL's timeout: DistBackendError)
+        raise failure(who, what, error) from error
     return bool(value.item())
 
 

@@ -52,7 +52,7 @@ from loopkit.steps import (
 from loopkit.steps import donate as donated
 from loopkit.tree import device_available, devices_here, tensors, to_device, to_plain
 
-__all__ = ["evaluate", "predict", "run_epochs"]
+__all__ = ["History", "evaluate", "predict", "run_epochs"]
 
 Metrics = Mapping[str, torch.Tensor]
 _CALLBACKS = "callbacks/"  # the extras keys of the callbacks' counters
@@ -957,6 +957,20 @@ class _TellingAbort:
                 warnings.warn(f"run_epochs: after {type(error).__name__}, releasing the step failed too: {also!r}", stacklevel=2)
 
 
+class History(list):
+    """What ``run_epochs`` returns besides the state: a list of the epochs' records, and ``stopped_by``, the signal
+    that stopped the fit gracefully (``"SIGTERM"``, ``"SIGINT"``, or ``"a stop signal on another rank"`` under
+    DDP), None when it ran its course (epochs, ``max_steps``, a callback's stop). A fit a signal stopped is not
+    finished: relaunch it from its checkpoint (a script exits non-zero then, so that a scheduler requeues it).
+
+    >>> history = History([{"epoch": 0}])
+    >>> history == [{"epoch": 0}], history.stopped_by
+    (True, None)
+    """
+
+    stopped_by: str | None = None
+
+
 class _StopOnSignal:
     """While active, SIGTERM or SIGINT asks ``run_epochs`` to stop after the current step.
 
@@ -1146,7 +1160,8 @@ class _Hooks:
 
         Under DDP a collective: ``run_epochs`` asks it at the same points on every rank, whatever
         callbacks each rank has (per batch when any rank has a batch hook)."""
-        return _collective.any_rank(any(getattr(cb, "should_stop", False) for cb in self.callbacks))
+        return _collective.any_rank(any(getattr(cb, "should_stop", False) for cb in self.callbacks),
+                                    "the ranks' vote on the callbacks' should_stop")
 
 
 def _add_epoch_extras(record: dict[str, float], callback: Any, extra: Any) -> None:
@@ -1299,7 +1314,7 @@ def run_epochs(
     progress: bool = True,
     device: torch.device | str | None = None,
     donate: bool = True,
-) -> tuple[TrainState, list[dict[str, float]]]:
+) -> tuple[TrainState, History]:
     """Run ``step`` over ``train_data`` until ``epochs`` epochs or ``max_steps`` updates (both absolute).
 
     The step runs donated: no copy per call, and the given state is donated too, so
@@ -1394,7 +1409,8 @@ def run_epochs(
 
     Graceful stop: on SIGTERM or SIGINT (in the main thread) the current step finishes, the
     step is notified with ``"stop"`` (``with_checkpointing`` saves then), and ``run_epochs``
-    returns ``(state, history)`` as usual, without a record (nor ``on_epoch_end``) for the
+    returns ``(state, history)`` as usual, with ``history.stopped_by`` naming the signal (:class:`History`;
+    a script exits non-zero then, so that a scheduler requeues it), without a record (nor ``on_epoch_end``) for the
     interrupted epoch: a run resumed from the state ends that epoch and records it, as an
     uninterrupted run would; a second signal raises ``KeyboardInterrupt`` at
     once, unless it comes within a second of the first (one stop delivered twice, as torchrun's
@@ -1585,7 +1601,7 @@ def run_epochs(
                     sanity = validate(state, sanity=True)  # global RNGs: a resumed run's extra sanity pass leaves them
                 _warn_of_unseen_monitors(step, callbacks, sanity)
 
-            history: list[dict[str, float]] = []
+            history = History()
             # a state saved between an update and its due validation (a step checkpoint, a graceful stop)
             resumed_val: dict[str, float] = {}
             if val_steps and state.step and state.step % val_steps == 0 and state.extras.get(_VALIDATED) != state.step:
@@ -1794,6 +1810,7 @@ def run_epochs(
                         stacklevel=2,
                     )
                     break
+            history.stopped_by = stop.agreed
             for told in lifecycle:
                 if stop.agreed:
                     told.notify("stop", state, {})
