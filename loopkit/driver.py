@@ -456,11 +456,13 @@ def predict(
     *,
     limit: int | float | None = None,
     device: torch.device | str | None = None,
-) -> list[Any]:
+) -> list[Any] | dict[str, list[Any]]:
     """Collect ``fn(model, batch)`` for every batch, in eval mode under ``torch.no_grad()``.
 
     Training mode is restored afterwards, module by module. ``limit`` takes the first batches only,
     as ``evaluate``'s does (Lightning's ``limit_predict_batches``): a count, or a fraction of ``len(data)``.
+    Several data sets, as ``evaluate`` takes them, give each set's outputs: a list of DataLoaders a list of
+    lists (Lightning's ``trainer.predict(dataloaders=[a, b])``), a mapping of named sets a dict.
 
     >>> import torch
     >>> from loopkit.state import TrainState
@@ -476,6 +478,11 @@ def predict(
     check_takes_model_and_batch(fn, "predict: fn")
     _check_state(state, "predict")
     device = _check_device(device, "predict")
+    _check_sets(data, "predict: data", "predict(fn, state, {'name': data})")
+    sets = _val_sets(data)
+    if sets[0][0] is not None:  # several sets: each one's outputs
+        each = [(name, predict(fn, state, one, limit=limit, device=device)) for name, one in sets]
+        return dict(each) if isinstance(data, Mapping) else [outputs for _, outputs in each]
     _check_data(data, "predict: data")
     limit = _check_limit(limit, "limit")
     count = _num_batches(data, limit, "limit")
@@ -574,7 +581,13 @@ def _check_data(data: Any, where: str, *, factories: bool = False) -> None:
 
 
 def _check_source(source: Any, where: str) -> None:
-    """``run_epochs``' data checked: an iterable of batches, or a factory ``fn(epoch)`` of the epoch's data."""
+    """``run_epochs``' data checked: an iterable of batches, or a factory ``fn(epoch)`` of the epoch's data (not
+    several data sets, as validation takes: each key or loader would be taken as a batch)."""
+    several = "a mapping of data sets" if isinstance(source, Mapping) else "a list of DataLoaders" if (
+        isinstance(source, (list, tuple)) and any(_set_of_its_own(d) for d in source)) else None
+    if several is not None:
+        raise TypeError(f"{where} is {several}: training takes one data set (several, as Lightning's CombinedLoader, "
+                        "are not supported); pass one DataLoader, e.g. over torch.utils.data.ConcatDataset of them")
     if is_factory(source):
         check_factory(source, where)
     else:

@@ -184,8 +184,13 @@ def global_rngs_kept() -> Iterator[None]:
         random.setstate(saved[2])
 
 
-def seed_everything(seed: int) -> int:
+def seed_everything(seed: int, workers: bool = False) -> int:
     """Seed Python's ``random``, NumPy, and torch (CPU and every CUDA device); return ``seed``.
+
+    ``workers`` is Lightning's flag, taken for its signature and changing nothing here: a DataLoader's
+    workers get RNG streams of their own and distinct (torch seeds each worker's ``random``, NumPy and torch
+    from the loader's base seed, which ``run_epochs`` draws from the state's seed and the epoch), the same from
+    run to run, which is what Lightning's ``workers=True`` adds to its Trainer.
 
     Also sets ``PYTHONHASHSEED``, which processes started afterwards read: spawned ones
     (``multiprocessing_context="spawn"`` data-loader workers, ``torch.multiprocessing.spawn``).
@@ -200,6 +205,8 @@ def seed_everything(seed: int) -> int:
     """
     if not isinstance(seed, numbers.Integral) or isinstance(seed, (bool, np.bool_)) or not 0 <= seed < 2**32:
         raise ValueError(f"seed_everything: seed must be an int in [0, 2**32), got {seed!r}")
+    if not isinstance(workers, bool):
+        raise TypeError(f"seed_everything: workers must be True or False, got {workers!r}")
     seed = int(seed)
     os.environ["PYTHONHASHSEED"] = str(seed)
     random.seed(seed)

@@ -702,6 +702,22 @@ def test_a_donated_eval_step_evaluates_and_validates_as_the_undonated_one():
     assert history == expected_history
 
 
+def test_predict_over_several_sets_gives_each_sets_outputs_and_training_refuses_them():
+    """As evaluate takes several sets (Lightning's trainer.predict(dataloaders=[a, b]) gives a list per loader);
+    run_epochs' train data of several sets was iterated as batches (a key, a loader) into the loss_fn."""
+    state = make_state()
+    a = DataLoader(TensorDataset(torch.randn(6, 3), torch.randn(6, 1)), batch_size=4)
+    b = DataLoader(TensorDataset(torch.randn(3, 3), torch.randn(3, 1)), batch_size=2)
+    fn = lambda m, batch: m(batch[0])  # noqa: E731
+    each = [predict(fn, state, a), predict(fn, state, b)]
+    for got in (predict(fn, state, [a, b]), list(predict(fn, state, {"a": a, "b": b}).values())):
+        assert len(got) == 2 and all(len(g) == len(e) for g, e in zip(got, each))
+        assert all(torch.equal(x, y) for g, e in zip(got, each) for x, y in zip(g, e))
+    for several, named in (({"a": a, "b": b}, "a mapping of data sets"), ([a, b], "a list of DataLoaders")):
+        with pytest.raises(TypeError, match=f"run_epochs: train_data is {named}: training takes one data set"):
+            run_epochs(train_step(mse), make_state(), several, epochs=1, progress=False)
+
+
 def test_predict_equals_the_model_in_eval_mode():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 5), nn.BatchNorm1d(5), nn.Dropout(0.5), nn.Linear(5, 2))

@@ -52,6 +52,17 @@ def test_seed_everything_matches_each_library_seeded_by_hand():
     assert got[0] == expected[0] and np.array_equal(got[1], expected[1]) and torch.equal(got[2], expected[2])
 
 
+def test_seed_everything_takes_lightnings_workers_flag_and_seeds_the_same():
+    """(Lightning's spelling, seed_everything(s, workers=True), raised a TypeError.)"""
+    seed_everything(5, workers=True)
+    got = draws()
+    seed_everything(5)
+    expected = draws()
+    assert got[0] == expected[0] and np.array_equal(got[1], expected[1]) and torch.equal(got[2], expected[2])
+    with pytest.raises(TypeError, match="seed_everything: workers must be True or False, got 1"):
+        seed_everything(5, workers=1)
+
+
 def test_seed_everything_is_public():
     assert loopkit.seed_everything is seed_everything
 

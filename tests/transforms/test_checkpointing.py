@@ -333,6 +333,20 @@ def test_a_checkpoint_removed_before_its_late_score_is_left_unscored(tmp_path, a
     assert _steps(tmp_path) == [2] and list(checkpoint.scores(tmp_path, "val/loss", "min").values()) == [2.0]
 
 
+def test_in_a_loop_of_ones_own_epoch_saves_alone_are_warned_of_at_the_first_call(tmp_path, recwarn):
+    """The defaults (every_n_epochs=1) save at run_epochs' epoch ends: a loop of one's own (examples/custom_loop.py's)
+    saved nothing, silently. Under run_epochs, or with every_n_steps, nothing is warned of."""
+    state = TrainState.create(nn.Linear(1, 1))
+    with pytest.warns(RuntimeWarning, match="in a loop of your own only every_n_steps saves by itself"):
+        with_checkpointing(_count_step, tmp_path / "own")(state, None)
+    assert _steps(tmp_path / "own") == []
+    recwarn.clear()
+    with_checkpointing(_count_step, tmp_path / "steps", every_n_steps=1)(state, None)
+    loopkit.run_epochs(with_checkpointing(_count_step, tmp_path / "driven"), state, [None] * 2, epochs=2, progress=False)
+    assert not [w for w in recwarn if "loop of your own" in str(w.message)]
+    assert _steps(tmp_path / "driven") == [2, 4] and _steps(tmp_path / "steps") == [1]
+
+
 def test_monitor_alone_saves_only_what_ranks(tmp_path):
     step = with_checkpointing(_count_step, tmp_path, keep_last=1, monitor="val/acc", mode="max", keep_best=1)
     state = TrainState.create(nn.Linear(1, 1))
