@@ -27,6 +27,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import attrs
 import torch
 
 from loopkit.errors import ImpurityError
@@ -138,6 +139,21 @@ def _name(step: Any) -> str:
     return getattr(step, "__qualname__", None) or type(step).__qualname__
 
 
+#: the whole-step transforms whose calls write files of the run: left out of check_purity's calls
+_WRITERS = ("with_checkpointing", "with_logging")
+
+
+def _without_writers(step: Any) -> Any:
+    """``step`` without its :data:`_WRITERS` layers, at any depth of its wrappers (each of which has an ``inner``)."""
+    inner = getattr(step, "inner", None)
+    if inner is None or not attrs.has(type(step)):
+        return step
+    kept = _without_writers(inner)
+    if getattr(step, "name", None) in _WRITERS:
+        return kept
+    return step if kept is inner else attrs.evolve(step, inner=kept)
+
+
 def check_purity(
     step: Callable[[TrainState, Any], tuple[TrainState, Metrics]],
     state: TrainState,
@@ -155,7 +171,10 @@ def check_purity(
     ``deterministic`` (the default), a second call on the same state and batch gives the same
     new state and metrics, bit for bit (pass ``deterministic=False`` for kernels that are not).
     Returns the first call's result. A donated step is refused: it may reuse ``state``. The
-    caller's global RNG is put back as it was, whatever the step did.
+    caller's global RNG is put back as it was, whatever the step did. The ``with_checkpointing`` and
+    ``with_logging`` layers of a pipeline are left out of the calls, the steps inside them checked: they
+    would write the probe's checkpoint into the run's folder (which the run then takes for its own, or
+    restores) and its rows into the run's logs.
 
     >>> import torch, loopkit
     >>> state = loopkit.TrainState.create(torch.nn.Linear(2, 1))
@@ -172,6 +191,7 @@ def check_purity(
     refuse_copy_if_sharded(state, "check_purity", "It calls the step twice on copies of the state: check the step "
                            "on an unsharded state, in one process, without with_fsdp")
     name = _name(step)
+    step = _without_writers(step)
     before = _full_snapshot(state)
     global_rng = torch.get_rng_state()
     # a state that draws from the global RNG draws from CUDA's too: each call starts from the same

@@ -31,6 +31,29 @@ def test_loopkit_steps_pass_and_the_result_is_the_steps_own(pipeline, make_bn_dr
     assert_trees_equal(metrics, direct_metrics)
 
 
+def test_the_layers_that_write_the_runs_files_are_left_out_and_the_steps_inside_checked(
+    tmp_path, make_mlp, make_sgd_state, batches, mse_loss, take_snapshot, assert_trees_equal
+):
+    """A probe through with_checkpointing(every_n_steps=1) wrote a checkpoint of the probe's batch into the run's
+    folder (then taken for the run's own step 1), and through with_logging its rows into the run's logs."""
+    logger = loopkit.CSVLogger(tmp_path / "logs")
+    inner = loopkit.with_grad_clip(loopkit.train_step(mse_loss), max_norm=0.5)
+    pipeline = loopkit.with_checkpointing(loopkit.with_logging(inner, logger, every_n_steps=1), tmp_path / "ckpt",
+                                          every_n_steps=1)
+    state = make_sgd_state(make_mlp(0))
+    new, _ = check_purity(pipeline, state, batches[0])
+    assert loopkit.checkpoint.list_checkpoints(tmp_path / "ckpt") == [] and not (tmp_path / "logs").exists()
+    assert_trees_equal(take_snapshot(new), take_snapshot(inner(state, batches[0])[0]))
+
+    def sloppy(state, batch):  # a step inside them is still checked
+        with torch.no_grad():
+            state.model[0].weight.sub_(0.1)
+        return state.evolve(step=state.step + 1), {}
+
+    with pytest.raises(ImpurityError, match="changed the state it was given"):
+        check_purity(loopkit.with_checkpointing(sloppy, tmp_path / "ckpt2", every_n_steps=1), state, batches[0])
+
+
 def test_a_step_changing_the_callers_parameters_is_named(make_mlp, make_sgd_state, batches):
     def sloppy(state, batch):
         with torch.no_grad():
