@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         if distributed.is_rank_zero():
             print(f"stopped by {history.stopped_by} at epoch {state.epoch} step {state.step}: relaunch to resume")
         distributed.shutdown()
-        return 143 if history.stopped_by == "SIGTERM" else 130  # (128 + the signal's number, as a shell reports it)
+        return 130 if history.stopped_by == "SIGINT" else 143  # (128 + the signal's number, as a shell reports it)
 
     result = loopkit.evaluate(evaluator, state, test)  # the same numbers on every rank, each sample once
     if distributed.is_rank_zero():

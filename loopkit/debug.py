@@ -146,7 +146,8 @@ _WRITERS = ("with_checkpointing", "with_logging")
 def _without_writers(step: Any) -> Any:
     """``step`` without its :data:`_WRITERS` layers, at any depth of its wrappers (each of which has an ``inner``)."""
     inner = getattr(step, "inner", None)
-    if inner is None or not attrs.has(type(step)):
+    # (only a wrapper attrs made, with an inner field, can be rebuilt: one of another kind is called as it is)
+    if inner is None or "__attrs_attrs__" not in type(step).__dict__ or "inner" not in attrs.fields_dict(type(step)):
         return step
     kept = _without_writers(inner)
     if getattr(step, "name", None) in _WRITERS:
@@ -174,7 +175,8 @@ def check_purity(
     caller's global RNG is put back as it was, whatever the step did. The ``with_checkpointing`` and
     ``with_logging`` layers of a pipeline are left out of the calls, the steps inside them checked: they
     would write the probe's checkpoint into the run's folder (which the run then takes for its own, or
-    restores) and its rows into the run's logs.
+    restores) and its rows into the run's logs (under a wrapper of one's own that attrs did not make, which
+    cannot be rebuilt, they stay).
 
     >>> import torch, loopkit
     >>> state = loopkit.TrainState.create(torch.nn.Linear(2, 1))

@@ -441,7 +441,7 @@ def _refuse_uneven_under_fsdp(state: TrainState, count: int | None, where: str) 
     if not _collective.active() or not fsdp_modules(list(core_module(state.model).modules())):
         return
     counts = _collective.gather(count)
-    if len(set(counts)) > 1:  # type: ignore[arg-type]
+    if None not in counts and len(set(counts)) > 1:  # type: ignore[operator, arg-type]
         raise ValueError(
             f"{where}: under with_fsdp every rank must read as many batches (each forward gathers the parameters from "
             f"every rank), but the ranks' data hold {counts} batches: shard it with loopkit.distributed.shard(..., "
@@ -483,6 +483,7 @@ def predict(
     if sets[0][0] is not None:  # several sets: each one's outputs
         each = [(name, predict(fn, state, one, limit=limit, device=device)) for name, one in sets]
         return dict(each) if isinstance(data, Mapping) else [outputs for _, outputs in each]
+    data = sets[0][1]  # (a list of one DataLoader is that set, as evaluate takes it)
     _check_data(data, "predict: data")
     limit = _check_limit(limit, "limit")
     count = _num_batches(data, limit, "limit")
@@ -585,6 +586,9 @@ def _check_source(source: Any, where: str) -> None:
     several data sets, as validation takes: each key or loader would be taken as a batch)."""
     several = "a mapping of data sets" if isinstance(source, Mapping) else "a list of DataLoaders" if (
         isinstance(source, (list, tuple)) and any(_set_of_its_own(d) for d in source)) else None
+    if several is not None and len(source) == 1 and not isinstance(source, Mapping):
+        raise TypeError(f"{where} is a list holding one DataLoader (its items would be taken as batches): pass the "
+                        "DataLoader itself")
     if several is not None:
         raise TypeError(f"{where} is {several}: training takes one data set (several, as Lightning's CombinedLoader, "
                         "are not supported); pass one DataLoader, e.g. over torch.utils.data.ConcatDataset of them")

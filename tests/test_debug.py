@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import loopkit
+from loopkit.steps import WrapperStep
 from loopkit import ImpurityError, check_purity
 
 
@@ -52,6 +53,20 @@ def test_the_layers_that_write_the_runs_files_are_left_out_and_the_steps_inside_
 
     with pytest.raises(ImpurityError, match="changed the state it was given"):
         check_purity(loopkit.with_checkpointing(sloppy, tmp_path / "ckpt2", every_n_steps=1), state, batches[0])
+
+    class Scaled(WrapperStep):  # a wrapper of one's own that attrs did not make (another __init__): called as it is
+        def __init__(self, inner, factor):
+            object.__setattr__(self, "inner", inner)
+            object.__setattr__(self, "factor", factor)
+            object.__setattr__(self, "donated", False)
+
+        def run_(self, state, batch):
+            new, metrics = self.inner.run_(state, batch)
+            return new, {k: v * self.factor for k, v in metrics.items()}
+
+    logged = loopkit.with_logging(inner, loopkit.CSVLogger(tmp_path / "own"), every_n_steps=100)
+    new, metrics = check_purity(Scaled(logged, 2.0), state, batches[0])
+    assert torch.equal(metrics["loss"], 2.0 * inner(state, batches[0])[1]["loss"])
 
 
 def test_a_step_changing_the_callers_parameters_is_named(make_mlp, make_sgd_state, batches):

@@ -716,6 +716,10 @@ def test_predict_over_several_sets_gives_each_sets_outputs_and_training_refuses_
     for several, named in (({"a": a, "b": b}, "a mapping of data sets"), ([a, b], "a list of DataLoaders")):
         with pytest.raises(TypeError, match=f"run_epochs: train_data is {named}: training takes one data set"):
             run_epochs(train_step(mse), make_state(), several, epochs=1, progress=False)
+    one = predict(fn, state, [a])  # one set in a list: that set, as evaluate takes it
+    assert len(one) == len(each[0]) and all(torch.equal(x, y) for x, y in zip(one, each[0]))
+    with pytest.raises(TypeError, match="run_epochs: train_data is a list holding one DataLoader .* pass the DataLoader"):
+        run_epochs(train_step(mse), make_state(), [a], epochs=1, progress=False)
 
 
 def test_predict_equals_the_model_in_eval_mode():

@@ -406,6 +406,27 @@ def test_bad_input_is_named(make_mlp, make_batches, mse_loss, tmp_path):
     assert not list(tmp_path.glob("*.db"))  # nothing was made by a refused call
 
 
+def test_a_trial_a_signal_stopped_is_not_recorded_as_finished(make_mlp, make_batches, mse_loss, tmp_path):
+    """SIGTERM during a trial's fit: run_epochs stops gracefully (history.stopped_by), and tune.fit returned the
+    half-trained value, which Optuna recorded COMPLETE before going on. Now the trial fails and the study stops, as
+    on Ctrl-C."""
+    import signal
+
+    class TermAt(loopkit.Callback):
+        def on_batch_end(self, state, metrics):
+            if state.step == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    def objective(trial):
+        step, state, data, val = _pipeline(0.05, make_mlp, make_batches, mse_loss)
+        return tune.fit(trial, step, state, data, val=val, epochs=2, callbacks=[TermAt()], progress=False)
+
+    study = optuna.create_study()
+    with pytest.raises(KeyboardInterrupt, match="loopkit.tune.fit: SIGTERM stopped the trial's fit at step 2"):
+        study.optimize(objective, n_trials=2)
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.FAIL]
+
+
 def test_loopkit_tune_is_an_attribute_of_the_package():
     assert loopkit.tune is tune
 

@@ -129,12 +129,13 @@ class CheckpointStep(UpdateStep):
             except StateMismatchError as error:
                 raise leave_intact(error, state)  # before the step: nothing of the state changed
             self._finish_rotation((state.step, state.epoch, state.batch_index))
-            if self.every_n_steps is None and self.monitor is None and not self.saver.defer and is_rank_zero():
+            if self.every_n_epochs and self.every_n_steps is None and self.monitor is None and is_rank_zero():
                 warnings.warn(
                     "with_checkpointing: in a loop of your own only every_n_steps saves by itself: every_n_epochs acts "
                     "at the epoch ends run_epochs tells the step of (step.notify('epoch_end', state, record)), so "
                     "unless your loop tells it, nothing will be saved; pass every_n_steps=, or call step.save(state) "
-                    "at your epoch's end", RuntimeWarning, stacklevel=4)
+                    "at your epoch's end (with every_n_epochs=0: epoch saves off, no warning)", RuntimeWarning,
+                    stacklevel=4)
         return super().run_(state, batch)
 
     def after_update(self, state: TrainState, metrics: Metrics) -> TrainState:

@@ -342,6 +342,7 @@ def test_in_a_loop_of_ones_own_epoch_saves_alone_are_warned_of_at_the_first_call
     assert _steps(tmp_path / "own") == []
     recwarn.clear()
     with_checkpointing(_count_step, tmp_path / "steps", every_n_steps=1)(state, None)
+    with_checkpointing(_count_step, tmp_path / "off", every_n_epochs=0)(state, None)  # (epoch saves off: step.save)
     loopkit.run_epochs(with_checkpointing(_count_step, tmp_path / "driven"), state, [None] * 2, epochs=2, progress=False)
     assert not [w for w in recwarn if "loop of your own" in str(w.message)]
     assert _steps(tmp_path / "driven") == [2, 4] and _steps(tmp_path / "steps") == [1]
