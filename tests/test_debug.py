@@ -163,12 +163,17 @@ def test_donated_steps_and_other_states_are_refused(make_mlp, make_sgd_state, ba
      r"optimizer parameters\.0\.0 changed from '0\.weight' to None"),
 ])
 def test_changes_outside_the_state_dict_are_named(change, where, make_mlp, make_sgd_state, batches):
+    with pytest.raises(ImpurityError, match="changed the state it was given: " + where):
+        check_purity(_meddling(lambda state: change(state.model)), make_sgd_state(make_mlp(0)), batches[0])
+
+
+def _meddling(change):
+    """A step that calls ``change(state)`` on the state it is given, and counts an update."""
     def meddling(state, batch):
-        change(state.model)
+        change(state)
         return state.evolve(step=state.step + 1), {}
 
-    with pytest.raises(ImpurityError, match="changed the state it was given: " + where):
-        check_purity(meddling, make_sgd_state(make_mlp(0)), batches[0])
+    return meddling
 
 
 @pytest.mark.parametrize("change, where", [
@@ -178,12 +183,8 @@ def test_changes_outside_the_state_dict_are_named(change, where, make_mlp, make_
 ])
 def test_changes_to_the_optimizer_outside_its_state_dict_are_named(change, where, make_mlp, make_sgd_state, batches):
     """(Later steps run such a hook; a group added later takes the changed defaults.)"""
-    def meddling(state, batch):
-        change(state.optimizer)
-        return state.evolve(step=state.step + 1), {}
-
     with pytest.raises(ImpurityError, match="changed the state it was given: " + where):
-        check_purity(meddling, make_sgd_state(make_mlp(0)), batches[0])
+        check_purity(_meddling(lambda state: change(state.optimizer)), make_sgd_state(make_mlp(0)), batches[0])
 
 
 def test_a_step_changing_a_non_persistent_buffer_is_named(make_mlp, make_sgd_state, batches):
