@@ -52,7 +52,7 @@ from loopkit.steps import (
 from loopkit.steps import donate as donated
 from loopkit.tree import device_available, devices_here, tensors, to_device, to_plain
 
-__all__ = ["History", "evaluate", "predict", "run_epochs"]
+__all__ = ["evaluate", "predict", "run_epochs"]
 
 Metrics = Mapping[str, torch.Tensor]
 _CALLBACKS = "callbacks/"  # the extras keys of the callbacks' counters
@@ -974,20 +974,6 @@ class _TellingAbort:
                 warnings.warn(f"run_epochs: after {type(error).__name__}, releasing the step failed too: {also!r}", stacklevel=2)
 
 
-class History(list):
-    """What ``run_epochs`` returns besides the state: a list of the epochs' records, and ``stopped_by``, the signal
-    that stopped the fit gracefully (``"SIGTERM"``, ``"SIGINT"``, or ``"a stop signal on another rank"`` under
-    DDP), None when it ran its course (epochs, ``max_steps``, a callback's stop). A fit a signal stopped is not
-    finished: relaunch it from its checkpoint (a script exits non-zero then, so that a scheduler requeues it).
-
-    >>> history = History([{"epoch": 0}])
-    >>> history == [{"epoch": 0}], history.stopped_by
-    (True, None)
-    """
-
-    stopped_by: str | None = None
-
-
 class _StopOnSignal:
     """While active, SIGTERM or SIGINT asks ``run_epochs`` to stop after the current step.
 
@@ -1331,7 +1317,7 @@ def run_epochs(
     progress: bool = True,
     device: torch.device | str | None = None,
     donate: bool = True,
-) -> tuple[TrainState, History]:
+) -> tuple[TrainState, list[dict[str, float]]]:
     """Run ``step`` over ``train_data`` until ``epochs`` epochs or ``max_steps`` updates (both absolute).
 
     The step runs donated: no copy per call, and the given state is donated too, so
@@ -1426,9 +1412,9 @@ def run_epochs(
 
     Graceful stop: on SIGTERM or SIGINT (in the main thread) the current step finishes, the
     step is notified with ``"stop"`` (``with_checkpointing`` saves then), and ``run_epochs``
-    returns ``(state, history)`` as usual, with ``history.stopped_by`` naming the signal (:class:`History`;
-    a script exits non-zero then, so that a scheduler requeues it), without a record (nor ``on_epoch_end``) for the
-    interrupted epoch: a run resumed from the state ends that epoch and records it, as an
+    returns ``(state, history)`` as usual (the fit is not finished: a script tells by ``state.epoch`` short of
+    ``epochs``, or ``state.step`` short of ``max_steps``, with no callback's stop, and exits non-zero so that a
+    scheduler requeues it), without a record (nor ``on_epoch_end``) for the interrupted epoch: a run resumed from the state ends that epoch and records it, as an
     uninterrupted run would; a second signal raises ``KeyboardInterrupt`` at
     once, unless it comes within a second of the first (one stop delivered twice, as torchrun's
     agent and SLURM do). The previous signal handlers are restored on return. Under DDP every
@@ -1618,7 +1604,7 @@ def run_epochs(
                     sanity = validate(state, sanity=True)  # global RNGs: a resumed run's extra sanity pass leaves them
                 _warn_of_unseen_monitors(step, callbacks, sanity)
 
-            history = History()
+            history: list[dict[str, float]] = []
             # a state saved between an update and its due validation (a step checkpoint, a graceful stop)
             resumed_val: dict[str, float] = {}
             if val_steps and state.step and state.step % val_steps == 0 and state.extras.get(_VALIDATED) != state.step:
@@ -1827,7 +1813,6 @@ def run_epochs(
                         stacklevel=2,
                     )
                     break
-            history.stopped_by = stop.agreed
             for told in lifecycle:
                 if stop.agreed:
                     told.notify("stop", state, {})

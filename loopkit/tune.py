@@ -366,9 +366,9 @@ def fit(
     open after a successful fit, as Lightning's) is finished as the trial's fit ends, pruned or
     not, so each trial has a run of its own (a write through that logger after this resumes its
     run: log a trial's hyper-parameters before ``fit``). A pruned trial raises ``optuna.TrialPruned`` out of here,
-    which ``study.optimize`` records. A fit a signal stopped gracefully (SIGTERM, Ctrl-C: ``run_epochs``'
-    ``history.stopped_by``) raises ``KeyboardInterrupt``: the trial is not finished (Optuna marks it failed and
-    stops the study, as it does on Ctrl-C). Use it as an objective's last line (see the module).
+    which ``study.optimize`` records. A fit a signal stopped gracefully (SIGTERM, Ctrl-C: short of its
+    ``epochs`` or ``max_steps`` with no callback's stop) raises ``KeyboardInterrupt``: the trial is not finished
+    (Optuna marks it failed and stops the study, as it does on Ctrl-C). Use it as an objective's last line (see the module).
     A ``state`` restored from a checkpoint of an earlier fit (the rerun of a trial whose
     process died) reports its validations at the steps the uninterrupted fit would
     (see :class:`PruningCallback`).
@@ -399,9 +399,9 @@ def fit(
     _finish_tracker_runs(step)
     trial.set_user_attr("history", [_numbers(record) for record in history])
     trial.set_user_attr("step", final.step)
-    if history.stopped_by is not None:  # preempted: not a finished trial (Optuna marks it FAIL and stops the study)
-        raise KeyboardInterrupt(f"loopkit.tune.fit: {history.stopped_by} stopped the trial's fit at step {final.step}; "
-                                "it is not finished, so it reports no value")
+    if _stopped_short(final, run_epochs_options, [*callbacks, pruning]):  # preempted: not a finished trial
+        raise KeyboardInterrupt(f"loopkit.tune.fit: a signal (SIGTERM, Ctrl-C) stopped the trial's fit at step "
+                                f"{final.step}; it is not finished, so it reports no value")
     pruning.raise_if_pruned()
     values = [record[monitor] for record in history if monitor in record]
     if not values:
@@ -423,6 +423,15 @@ def _finish_tracker_runs(step: Any) -> None:
                 if isinstance(logger, WandbLogger):
                     logger._finish_run()
         step = step.inner
+
+
+def _stopped_short(final: TrainState, options: Mapping[str, Any], callbacks: list[Any]) -> bool:
+    """Whether ``run_epochs`` returned before its budget (``epochs``, ``max_steps``) with no callback asking to stop:
+    a graceful stop on a signal, after which the fit is not finished."""
+    if any(getattr(cb, "should_stop", False) for cb in callbacks):
+        return False
+    epochs, max_steps = options.get("epochs"), options.get("max_steps")
+    return not ((epochs is not None and final.epoch >= epochs) or (max_steps is not None and final.step >= max_steps))
 
 
 def _numbers(record: Mapping[str, Any]) -> dict[str, float]:

@@ -1335,11 +1335,10 @@ def test_a_run_stopped_during_its_last_update_at_max_steps_records_its_partial_e
     step = loopkit.with_checkpointing(train_step(mse), tmp_path, every_n_steps=1)
     _, first = run_epochs(step, make_state(), make_data(5), max_steps=7, callbacks=[Term()], progress=False)
     assert first == whole[:1]
-    assert first.stopped_by == "SIGTERM" and whole.stopped_by is None  # (so a script can tell it is not finished)
     restored = loopkit.restore(make_state(), tmp_path)
     assert (restored.step, restored.epoch, restored.batch_index) == (7, 1, 2)
     state, resumed = run_epochs(step, restored, make_data(5), max_steps=7, progress=False)
-    assert resumed == whole[1:] and resumed.stopped_by is None
+    assert resumed == whole[1:]
     assert_bitwise(params_of(state), params_of(final))
     _, again = run_epochs(train_step(mse), state, make_data(5), max_steps=7, progress=False)
     assert again == []  # recorded already: a further run at max_steps adds nothing

@@ -422,7 +422,7 @@ def test_a_trial_a_signal_stopped_is_not_recorded_as_finished(make_mlp, make_bat
         return tune.fit(trial, step, state, data, val=val, epochs=2, callbacks=[TermAt()], progress=False)
 
     study = optuna.create_study()
-    with pytest.raises(KeyboardInterrupt, match="loopkit.tune.fit: SIGTERM stopped the trial's fit at step 2"):
+    with pytest.raises(KeyboardInterrupt, match=r"loopkit.tune.fit: a signal \(SIGTERM, Ctrl-C\) stopped the trial's fit at step 2"):
         study.optimize(objective, n_trials=2)
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.FAIL]
 
