@@ -58,6 +58,18 @@ def mse(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Ten
     return ((model(x).float() - y) ** 2).mean()
 
 
+def assert_grad_norms_and_params(step: Any, state: loopkit.TrainState, data: list[Any], ref_norms: list[torch.Tensor],
+                                 ref_model: nn.Module) -> None:
+    """``step`` over ``data`` from ``state`` reports ``grad_norm`` on every call equal to ``ref_norms`` and ends with
+    ``ref_model``'s parameters, bit for bit (a raw loop's)."""
+    norms = []
+    for batch in data:
+        state, metrics = step(state, batch)
+        norms.append(metrics["grad_norm"])
+    assert_equal_trees(norms, ref_norms)
+    assert_equal_trees(dict(state.model.named_parameters()), dict(ref_model.named_parameters()))
+
+
 def assert_params_close(params: dict[str, torch.Tensor], model: nn.Module, tol: float = 1e-6) -> None:
     """A rank's parameters (by name) within ``tol`` (max abs) of the reference ``model``'s."""
     for name, p in model.named_parameters():

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import loopkit
+from tests.conftest import assert_grad_norms_and_params
 
 INIT_SCALE = 2.0**10  # small enough that the tiny MLP never overflows on its own
 BAD = 2  # the batch that carries an inf
@@ -167,13 +168,7 @@ def test_gradient_clipping_under_float16_sees_unscaled_gradients(make_mlp, make_
             step = loopkit.with_grad_clip(loopkit.with_amp(base, torch.float16, init_scale=INIT_SCALE), max_norm=0.3)
         else:
             step = loopkit.with_amp(loopkit.with_grad_clip(base, max_norm=0.3), torch.float16, init_scale=INIT_SCALE)
-        state = make_sgd_state(make_mlp(0))
-        norms = []
-        for batch in data:
-            state, metrics = step(state, batch)
-            norms.append(metrics["grad_norm"])
-        assert_trees_equal(norms, ref_norms)
-        assert_trees_equal(dict(state.model.named_parameters()), dict(ref_model.named_parameters()))
+        assert_grad_norms_and_params(step, make_sgd_state(make_mlp(0)), data, ref_norms, ref_model)
 
 
 def test_amp_on_eval_step_autocasts_the_forward(make_mlp, make_batches, make_sgd_state):

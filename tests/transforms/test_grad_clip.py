@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import loopkit
+from tests.conftest import assert_grad_norms_and_params
 
 MAX_NORM = 0.3  # the tiny MLP's gradients have norms around 1-2: clipping is active
 MAX_VALUE = 0.05
@@ -169,13 +170,7 @@ def test_a_value_clip_per_micro_batch_and_a_norm_clip_per_update_are_both_applie
 
     inner = loopkit.with_grad_accum(loopkit.with_grad_clip(loopkit.train_step(mse_loss), max_value=0.01), every=2)
     step = loopkit.with_grad_clip(inner, max_norm=MAX_NORM)
-    state = make_sgd_state(make_mlp(0))
-    norms = []
-    for batch in data:
-        state, metrics = step(state, batch)
-        norms.append(metrics["grad_norm"])
-    assert_trees_equal(norms, ref_norms)
-    assert_trees_equal(dict(state.model.named_parameters()), dict(ref_model.named_parameters()))
+    assert_grad_norms_and_params(step, make_sgd_state(make_mlp(0)), data, ref_norms, ref_model)
 
 
 def test_the_two_orders_differ(make_mlp, make_batches, mse_loss, make_sgd_state):
