@@ -326,6 +326,11 @@ def _copy_written_settings(ensemble: Ensemble) -> None:
                     delattr(modules[name], attr)
 
 
+#: a module's standard attributes that hold no tensors (hooks, submodules, flags): :func:`_refuse_escaped` skips them
+#: (``_parameters`` and ``_buffers`` it searches: a forward may register a buffer)
+_NO_TENSORS = _MODULE_STANDARD - {"_parameters", "_buffers"}
+
+
 def _refuse_escaped(model: nn.Module, where: str) -> None:
     """Refuse a forward that kept a tensor on a module (``self.last_h = h.detach()``): under vmap it is a wrapper of
     the batched call, dead once the call returns, and a later copy, pickle or ``unstack`` of the members fails on
@@ -336,6 +341,8 @@ def _refuse_escaped(model: nn.Module, where: str) -> None:
     for name, module in model.named_modules():
         computed = _computed(module)
         for attr, value in list(vars(module).items()):
+            if attr in _NO_TENSORS:
+                continue
             if isinstance(value, torch.Tensor) and is_wrapped(value):
                 object.__setattr__(module, attr, None)
                 if attr not in computed:  # (one torch's hook recomputes before each forward is no one's keeping)

@@ -836,6 +836,30 @@ def test_a_forward_that_keeps_tensors_in_a_list_or_dict_is_refused_and_they_are_
     ensemble.unstack(ens)
 
 
+class _Registering(nn.Module):
+    """Registers its activations as a (non-persistent) buffer in its forward."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.a = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        self.register_buffer("last", h.detach(), persistent=False)
+        return h
+
+
+def test_a_forward_that_registers_a_buffer_is_refused_and_it_is_taken_out(make_batches):
+    """The search for a forward's kept tensors skips a module's hook and submodule registries, not its buffers."""
+    ens = ensemble.stack([_sgd(_Registering(k)) for k in range(2)])
+    with pytest.raises(RuntimeError, match=r"kept tensors of the vmapped call on the model \(_buffers: taken out of it\)"):
+        ensemble.train_step(_loss, donated=True)(ens, make_batches(1)[0])
+    assert "last" not in ens.skeleton._buffers
+    ensemble.unstack(ens)
+
+
 @pytest.mark.filterwarnings("ignore:There is a performance drop")
 def test_an_lstm_ensemble_stays_usable_after_its_loss_fn_raises(make_batches):
     """The LSTM's own list of its weights kept the failed vmapped call's tensors: a later pure step, deepcopy or
