@@ -34,7 +34,8 @@ What a plain-function step must do itself
   in the new state;
 * counters: advance ``state.step`` (here one per batch: one discriminator update and one
   generator update; ``with_logging`` and ``with_checkpointing(every_n_steps=...)`` act on
-  it) and ``state.batch_index`` (``run_epochs`` resumes mid-epoch from it);
+  it) and ``state.batch_index`` (a resumed run finds its place in the epoch by it: ``run_epochs``
+  counts the batches it hands a step that leaves it alone, a loop of one's own must);
 * metrics: 0-dim tensors, detached, never read on the host.
 
     python examples/gan.py            # 30 epochs

@@ -254,14 +254,13 @@ def _epoch_over(state: TrainState, total: int | None, sized: bool, batches: Iter
     return _stream_ended(batches)
 
 
-def _counted_batches(state: TrainState, total: int | None) -> tuple[TrainState, bool]:
-    """``state`` with its epoch's number of batches recorded, and whether a run resumed mid-epoch has data of
-    another length (warned about: it skips the batches already trained of another order, some seen twice)."""
+def _counted_batches(state: TrainState, total: int | None) -> TrainState:
+    """``state`` with its epoch's number of batches recorded; a run resumed mid-epoch with data of another length is
+    warned about (it skips the batches already trained of another order, some seen twice)."""
     saved = state.extras.get(_BATCHES)
     if saved == total:
-        return state, False
-    changed = saved is not None and total is not None and state.batch_index > 0
-    if changed:
+        return state
+    if saved is not None and total is not None and state.batch_index > 0:
         warnings.warn(
             f"run_epochs: the state was saved in epoch {state.epoch} of {saved} batches, after {state.batch_index} of "
             f"them, but train_data has {total} batches now: the resumed epoch skips {state.batch_index} batches of "
@@ -275,7 +274,7 @@ def _counted_batches(state: TrainState, total: int | None) -> tuple[TrainState, 
         extras.pop(_BATCHES, None)
     else:
         extras[_BATCHES] = total
-    return replace_extras(state, extras), changed
+    return replace_extras(state, extras)
 
 
 def _data_generators(data: Iterable) -> list[torch.Generator]:
@@ -1622,7 +1621,6 @@ def run_epochs(
                 hooks.overriding = _collective.any_rank(hooks.overriding)
             step.notify("fit_start", state, {})  # (with_checkpointing's step saves now wait for the batch's callbacks)
             fresh = step.returns_fresh_state
-            told_batch_index = False
             # saved at max_steps, or when a callback had asked to stop, in the middle of an epoch before the epoch was
             # recorded (a crash, a failure in its validation or hooks): only that record is left to make
             unrecorded = (
@@ -1670,8 +1668,7 @@ def run_epochs(
                         extras = extras_copy(state.extras)
                         extras[_EPOCH_RNGS] = rngs
                         state = replace_extras(state, {k: v for k, v in extras.items() if v is not None})
-                state, changed = _counted_batches(state, total)
-                told_batch_index = told_batch_index or changed  # (the data's length changed: not the step's doing)
+                state = _counted_batches(state, total)
                 if donate and given is not state:  # trained in place from here on: the caller's handle is done
                     given.mark_consumed()
                 if start is None:
@@ -1698,8 +1695,10 @@ def run_epochs(
                         _warn_of_the_same_batch(batch, parallel)
                     for hook in hooks.batch_start:
                         hook(state, batch)
-                    before = state.step
+                    before, index = state.step, state.batch_index
                     state, metrics = step(state, batch)
+                    if state.batch_index != index + 1:  # a step of one's own that leaves the count to the driver,
+                        state = replace(state, batch_index=index + 1)  # which consumed the batch (resume finds its place by it)
                     if metrics:
                         extras = EPOCH.add(state.extras, metrics)
                         if fresh:  # the step's new state, not yet seen by anyone: no second new state per batch
@@ -1748,17 +1747,6 @@ def run_epochs(
                     state = hooks.keep(state)
                     break
                 epoch = state.epoch
-                # (without a length, ``total`` is limit_train_batches: data that ends before it is no fault of the step)
-                miscounted = total is not None and (state.batch_index != total if sized else state.batch_index > total)
-                if exhausted and miscounted and not told_batch_index:
-                    told_batch_index = True
-                    warnings.warn(
-                        f"run_epochs: epoch {epoch} had {total} batches but the step left state.batch_index at "
-                        f"{state.batch_index}; a run resumed mid-epoch finds its place by it (a step of your own "
-                        "advances it by one a call, as train_step does)",
-                        RuntimeWarning,
-                        stacklevel=2,
-                    )
                 if exhausted:
                     before = state.step
                     state, due = _flushed(step, state, hooks)
