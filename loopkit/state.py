@@ -221,6 +221,7 @@ class TrainState(_GraphSlot):
         new.__setstate__(copy.deepcopy(self.__getstate__(), memo))
         for param, copied in zip(self.model.parameters(), new.model.parameters(), strict=True):
             _keep_tensor_hooks(param, copied)  # a Parameter's own deep copy leaves its hooks
+        _functions_read_the_copy(new.model, memo)
         return new
 
     def state_dict(self) -> dict[str, Any]:
@@ -833,6 +834,28 @@ def _clone_view(t: torch.Tensor, base: torch.Tensor, memo: dict[int, Any]) -> to
     offset = t.storage_offset() - base.storage_offset() + new_base.storage_offset()
     with torch.no_grad():  # still a view of new_base (its _base), as t is of base: a later copy finds it
         return new_base.as_strided(t.size(), t.stride(), offset)
+
+
+def _functions_read_the_copy(model: nn.Module, memo: dict[int, Any]) -> None:
+    """After ``copy.deepcopy`` of a model (``memo`` its memo): each function in its modules' attributes and hook
+    registries, and in its parameters' gradient hooks, that closes over (or defaults to) one of the original's modules
+    or tensors reads the copy's instead (``copy.deepcopy`` shares functions, so a hook ``lambda m, a: (a[0] * gain,)``
+    of the copy would read the original's ``gain``, and train it)."""
+    def remap(registry: dict[Any, Any]) -> None:
+        for key, value in list(registry.items()):
+            if type(value) is types.FunctionType:
+                registry[key] = _copied_closure(value, memo)
+
+    for module in model.modules():
+        attributes = vars(module)
+        remap(attributes)
+        for value in list(attributes.values()):
+            if isinstance(value, dict) and value:  # (the hook registries, and dicts of one's own)
+                remap(value)
+    for param in model.parameters():
+        for registry in (param._backward_hooks, param._post_accumulate_grad_hooks):
+            if registry:
+                remap(registry)
 
 
 def _keep_tensor_hooks(t: torch.Tensor, new: torch.Tensor) -> None:

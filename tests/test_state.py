@@ -485,6 +485,44 @@ def test_a_deep_copy_keeps_the_gradient_hooks_on_parameters(make_mlp, make_sgd_s
     assert len(calls) == 2 and calls[0] is not calls[1]  # each copy's own parameter
 
 
+class _GainedByAHook(nn.Module):
+    """A forward pre-hook, a gradient hook and an attribute, each a lambda closing over the model's own tensors."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 2)
+        self.gain = nn.Parameter(torch.ones(4))
+        self.register_buffer("mask", torch.tensor([[1.0, 0.0, 1.0, 1.0], [1.0, 1.0, 0.0, 1.0]]))
+        gain, mask = self.gain, self.mask
+        self.lin.register_forward_pre_hook(lambda module, args: (args[0] * gain,))
+        self.lin.weight.register_hook(lambda grad: grad * mask)
+        self.scale = lambda h: h * gain[:2]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale(self.lin(x))
+
+
+def test_a_deep_copy_s_hooks_read_the_copy_s_tensors_where_their_closures_held_the_original_s(
+    take_snapshot, assert_trees_equal
+):
+    """copy.deepcopy shares functions: the copy's hooks read the original's parameter (training the copy wrote its
+    gradient into the original, and the copy's own never trained). Reference: the pure step's copy (fork)."""
+    import copy
+
+    torch.manual_seed(0)
+    model = _GainedByAHook()
+    state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    before = take_snapshot(state)
+    batch = (torch.randn(5, 4), torch.randn(5, 2))
+    loss_fn = lambda m, b: (m(b[0]) - b[1]).pow(2).mean()  # noqa: E731
+    twin_new, _ = loopkit.donate(loopkit.train_step(loss_fn))(copy.deepcopy(state), batch)
+    assert state.model.gain.grad is None and state.model.lin.weight.grad is None
+    assert_trees_equal(take_snapshot(state), before)
+    pure_new, _ = loopkit.train_step(loss_fn)(state, batch)
+    assert not torch.equal(twin_new.model.gain, state.model.gain)
+    assert_trees_equal(take_snapshot(twin_new)["params"], take_snapshot(pure_new)["params"])
+
+
 def test_extras_copy_is_a_new_dict_equal_to_the_extras_of_any_mapping_kind(make_mlp):
     from collections import OrderedDict
     from collections.abc import Mapping
