@@ -1,4 +1,4 @@
-"""``with_grad_clip``: clip gradients by norm and/or value before the update.
+"""``with_grad_clip``: clip gradients by norm and/or value before the update (neither: only report their norm).
 
 >>> from loopkit.steps import train_step
 >>> with_grad_clip(train_step(lambda m, b: None), max_norm=1.0).applied
@@ -24,7 +24,8 @@ __all__ = ["ClipGrad", "with_grad_clip"]
 
 @attrs.frozen
 class ClipGrad:
-    """Clips with ``torch.nn.utils.clip_grad_value_`` then ``clip_grad_norm_``; reports ``grad_norm``.
+    """Clips with ``torch.nn.utils.clip_grad_value_`` then ``clip_grad_norm_``; reports ``grad_norm``
+    (neither ``max_norm`` nor ``max_value``: clips nothing, reports the norm).
 
     >>> ClipGrad(max_norm=1.0).name
     'with_grad_clip'
@@ -37,6 +38,10 @@ class ClipGrad:
     #: a guard's check of the gradients, run before a value clipping: clamping turns inf into +-max_value, so
     #: a ``with_nan_guard`` outside would see nothing (set by ``with_nan_guard`` around it: see ``hides_nonfinite``)
     check: Callable[[GradContext], None] | None = None
+    #: it may refuse the gradients after the backward (a sparse one; a complex one under ``max_value``): in one
+    #: process ``train_step`` then gives the parameters the gradients they had back, so the state stays whole
+    #: (unless the call added into gradients held from before: outside ``with_grad_accum``, a group's last call)
+    refuses_grads: ClassVar[bool] = True
 
     @property
     def hides_nonfinite(self) -> bool:
@@ -53,8 +58,8 @@ class ClipGrad:
         pass
 
     def on_grads(self, ctx: GradContext) -> None:
-        params = ctx.params
-        if not params:
+        if not ctx.params:  # no parameter of the optimizer got a gradient: torch's norm of nothing, 0
+            ctx.metrics["grad_norm"] = _zero_norm(ctx)
             return
         try:
             self._clip(ctx)
@@ -88,7 +93,9 @@ class ClipGrad:
         if any(is_dtensor(g) for g in ctx.grads):  # under with_fsdp: one all-reduce a norm, not torch's two for inf
             ctx.metrics["grad_norm"] = self._clip_sharded(ctx)
             return
-        if self.max_value is None:
+        if self.max_value is None and self.max_norm is None:  # clips nothing: the norm only
+            norm = torch.nn.utils.get_total_norm(ctx.grads, self.norm_type)
+        elif self.max_value is None:
             norm = torch.nn.utils.clip_grad_norm_(params, self.max_norm, self.norm_type)  # type: ignore[arg-type]
         else:
             norm = torch.nn.utils.get_total_norm(ctx.grads, self.norm_type)
@@ -123,6 +130,14 @@ class ClipGrad:
         return torch.linalg.vector_norm(torch.stack([n.to(device) for n in each]), self.norm_type)
 
 
+def _zero_norm(ctx: GradContext) -> torch.Tensor:
+    """A 0-dim zero norm on the optimizer's first parameter's device, of its real dtype (as a norm of its
+    gradient would be): what ``clip_grad_norm_`` returns for no gradients, made without a host sync."""
+    first = local(next(p for group in ctx.state.optimizer.param_groups for p in group["params"]))
+    dtype = first.real.dtype if first.is_floating_point() or first.is_complex() else torch.get_default_dtype()
+    return torch.zeros((), dtype=dtype, device=first.device)
+
+
 def with_grad_clip(
     step: Any, max_norm: float | None = None, max_value: float | None = None, *, norm_type: float = 2.0
 ) -> TrainStep:
@@ -134,7 +149,11 @@ def with_grad_clip(
     first. Outside ``with_grad_accum`` it clips the summed gradient once per update; inside, it
     clips each micro-batch's gradient. ``grad_norm`` is the norm before clipping. Under ``with_fsdp``
     the norm is over every rank's shard (one all-reduce; two with both ``max_value`` and ``max_norm``,
-    whose norm is taken again after the value clipping, as torch's).
+    whose norm is taken again after the value clipping, as torch's). Neither ``max_norm`` nor ``max_value``
+    (Lightning's ``gradient_clip_val=None``) clips nothing and only reports ``grad_norm``. A gradient torch's
+    clipping does not take (a sparse one; a complex one under ``max_value``) is refused with a TypeError, the
+    parameters given back the gradients they had, so the state stays whole (in one process; not outside
+    ``with_grad_accum``, where the refusing call added its gradients into the group's sum).
 
     >>> import torch
     >>> from loopkit.state import TrainState
@@ -145,9 +164,13 @@ def with_grad_clip(
     >>> state, metrics = step(state, torch.ones(4, 2))
     >>> float(metrics["grad_norm"]) > 1.0
     True
+
+    The bare call clips nothing and reports the norm (the total 2-norm):
+
+    >>> state, metrics = with_grad_clip(train_step(lambda m, b: m(b).sum()))(state, torch.ones(4, 2))
+    >>> round(float(metrics["grad_norm"]), 4) == round(4 * 3 ** 0.5, 4)  # d/dw: (4, 4), d/db: 4
+    True
     """
-    if max_norm is None and max_value is None:
-        raise ValueError("with_grad_clip: give max_norm, max_value, or both")
     for name, value in (("max_norm", max_norm), ("max_value", max_value)):
         if value is not None and not (as_real(value) or 0) > 0:
             raise ValueError(f"with_grad_clip: {name} must be a positive number, got {value!r}")

@@ -39,10 +39,18 @@ def _clip_both(params):
     return norm
 
 
+def _clip_nothing(params):
+    """The bare ``with_grad_clip(step)`` (the SPEC's defaults; Lightning's gradient_clip_val=None): the norm only."""
+    return torch.nn.utils.get_total_norm([p.grad for p in params])
+
+
 @pytest.mark.parametrize(
     "options, clip",
-    [({"max_norm": MAX_NORM}, _clip_norm), ({"max_value": MAX_VALUE}, _clip_value), ({"max_norm": MAX_NORM, "max_value": MAX_VALUE}, _clip_both)],
-    ids=["max_norm", "max_value", "both"],
+    [
+        ({"max_norm": MAX_NORM}, _clip_norm), ({"max_value": MAX_VALUE}, _clip_value),
+        ({"max_norm": MAX_NORM, "max_value": MAX_VALUE}, _clip_both), ({}, _clip_nothing),
+    ],
+    ids=["max_norm", "max_value", "both", "neither"],
 )
 def test_clipping_is_bitwise_torch_nn_utils_in_a_raw_loop(options, clip, make_mlp, make_batches, mse_loss, make_sgd_state, assert_trees_equal):
     data = make_batches(4)
@@ -201,14 +209,13 @@ def test_clip_inside_accumulation_does_not_depend_on_every(make_mlp, make_batche
 @pytest.mark.parametrize(
     "options, fragment",
     [
-        ({}, "give max_norm, max_value, or both"),
         ({"max_norm": -1.0}, "max_norm must be a positive number, got -1.0"),
         ({"max_norm": 0}, "max_norm must be a positive number, got 0"),
         ({"max_value": -0.5}, "max_value must be a positive number, got -0.5"),
         ({"max_norm": "1"}, "max_norm must be a positive number, got '1'"),
         ({"max_norm": 1.0, "norm_type": -2}, "norm_type must be positive"),
     ],
-    ids=["neither", "negative-norm", "zero-norm", "negative-value", "string-norm", "bad-norm-type"],
+    ids=["negative-norm", "zero-norm", "negative-value", "string-norm", "bad-norm-type"],
 )
 def test_bad_options_are_refused_naming_the_option(options, fragment, mse_loss):
     with pytest.raises(ValueError) as info:
@@ -251,3 +258,67 @@ def test_a_complex_gradient_is_clipped_by_norm_as_torch_clips_it_and_refused_by_
     # clip_grad_value_ clamps real numbers only: the error names the parameter and the option
     with pytest.raises(TypeError, match="with_grad_clip: parameter 'w' has a complex gradient.*max_value"):
         loopkit.with_grad_clip(loopkit.train_step(loss_fn), max_value=0.1)(state, x)
+
+
+class _Embedding(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = torch.nn.Embedding(10, 3, sparse=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.emb(x).sum(-1)
+
+
+def _refused_case(kind: str) -> tuple[loopkit.TrainState, dict, list]:
+    """A state, clip options and batches whose gradient the clip refuses after the backward."""
+    if kind == "complex":
+        model: torch.nn.Module = _Complex()
+        optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+        return loopkit.TrainState.create(model, optimizer), {"max_value": 0.1}, [torch.ones(3, 2)] * 2
+    model = _Embedding()
+    optimizer = torch.optim.SparseAdam(model.parameters(), lr=0.1)
+    options = {"max_norm": 1.0} if kind == "sparse-norm" else {"max_value": 0.1}
+    return loopkit.TrainState.create(model, optimizer), options, [torch.tensor([[1, 2]])] * 2
+
+
+@pytest.mark.parametrize("kind", ["sparse-norm", "sparse-value", "complex"])
+def test_a_refused_gradient_leaves_the_state_whole_as_before_the_call(kind, take_snapshot, assert_trees_equal):
+    """The refusal comes after the backward: the parameters get their gradients (none) back, so run_epochs' state at
+    the error is the state it was given, bitwise."""
+    state, options, data = _refused_case(kind)
+    before = take_snapshot(state)
+    step = loopkit.with_grad_clip(loopkit.train_step(lambda m, b: m(b).pow(2).mean()), **options)
+    with pytest.raises(TypeError, match="with_grad_clip: parameter ") as info:
+        loopkit.run_epochs(step, state, data, epochs=1, progress=False)
+    whole = loopkit.state_at_error(info.value)
+    assert whole is not None
+    assert all(p.grad is None for p in whole.model.parameters())
+    assert_trees_equal(take_snapshot(whole), before)
+
+
+class _TwoHeads(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = torch.nn.Linear(4, 2), torch.nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor, head: str) -> torch.Tensor:
+        return self.a(x) if head == "a" else self.b(x)
+
+
+@pytest.mark.parametrize("options", [{"max_norm": 1.0}, {"max_value": 0.1}, {}], ids=["max_norm", "max_value", "neither"])
+def test_grad_norm_is_reported_as_torch_s_zero_when_no_parameter_of_the_optimizer_got_a_gradient(options):
+    """A batch routed to a head the optimizer does not train: torch's clip_grad_norm_ of no gradients is 0.0; the
+    metric set stays the same from call to call."""
+    model = _TwoHeads()
+    optimizer = torch.optim.SGD(model.b.parameters(), lr=0.1)
+    step = loopkit.with_grad_clip(loopkit.train_step(lambda m, b: m(b[0], b[1]).pow(2).mean()), **options)
+    state = loopkit.TrainState.create(model, optimizer)
+    state, trained = step(state, (torch.ones(3, 4), "b"))
+    _, untrained = step(state, (torch.ones(3, 4), "a"))
+    reference = torch.nn.utils.clip_grad_norm_([p for p in model.b.parameters() if p.grad is not None], 1.0)
+    assert sorted(untrained) == sorted(trained) == ["grad_norm", "loss"]
+    norm = untrained["grad_norm"]
+    assert (norm.shape, norm.dtype, norm.device) == (reference.shape, reference.dtype, reference.device)
+    assert torch.equal(norm, reference)
