@@ -36,6 +36,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator, Sized
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -48,7 +49,7 @@ from loopkit._numbers import as_int, as_real
 from loopkit.rng import epoch_order_seed, global_rngs_kept, seed_epoch_start
 from loopkit.state import TrainState
 
-__all__ = ["init", "is_rank_zero", "local_rank", "rank", "shard", "shutdown", "world_size"]
+__all__ = ["init", "is_rank_zero", "local_rank", "mean_over_ranks", "rank", "shard", "shutdown", "world_size"]
 
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -319,6 +320,22 @@ def is_rank_zero() -> bool:
     True
     """
     return _collective.is_rank_zero()
+
+
+def mean_over_ranks(metrics: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """Each of a step's ``metrics`` as its mean over all ranks, as Python floats: what ``run_epochs``,
+    ``evaluate`` and ``with_logging`` read from a ``with_ddp`` step, for a loop of one's own (a step's metrics
+    are each rank's own, kept on the device: averaging them at every step would cost a collective per step).
+
+    A collective (one all-gather of the names, one all-reduce of the values): every rank calls it at the same
+    point, so read it on every rank, not under ``if rank() == 0``. A metric only some ranks report is the mean
+    over those. In one process, the metrics as floats.
+
+    >>> import torch
+    >>> mean_over_ranks({"loss": torch.tensor(0.5)})
+    {'loss': 0.5}
+    """
+    return _collective.means(metrics, dict.fromkeys(metrics, 1))
 
 
 def shutdown() -> None:

@@ -115,8 +115,13 @@ def plain(rank: int) -> dict[str, Any]:
     data = make_data(STEPS)
     state = sgd_state(make_model(seed=rank))  # rank 1 starts elsewhere: DDP broadcasts rank 0's weights
     step = loopkit.donate(loopkit.with_ddp(loopkit.train_step(mse)))
-    state, seen = _loop(step, state, [data[i, rank] for i in range(STEPS)])
-    return {"params": _params(state.model), "metrics": seen, "step": state.step, "keys": list(state.model.state_dict())}
+    seen, averaged = [], []
+    for i in range(STEPS):
+        state, metrics = step(state, data[i, rank])
+        seen.append({k: float(v) for k, v in metrics.items()})
+        averaged.append(loopkit.distributed.mean_over_ranks(metrics))
+    return {"params": _params(state.model), "metrics": seen, "averaged": averaged, "step": state.step,
+            "keys": list(state.model.state_dict())}
 
 
 def _counting_hook(counter, bucket):  # no annotations: DDP checks them, and these would be strings

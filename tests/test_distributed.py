@@ -184,7 +184,9 @@ def test_two_nodes_with_a_c10d_rendezvous_on_loopback(tmp_path):
         t.join(120)
     for r in results:
         assert isinstance(r, subprocess.CompletedProcess) and r.returncode == 0, getattr(r, "stdout", r)
-    _assert_the_one_process_run_of_plain(ddp.load(str(tmp_path), "plain"))
+    ranks = ddp.load(str(tmp_path), "plain")
+    _assert_the_one_process_run_of_plain(ranks)
+    _assert_the_means_over_ranks_of_plain(ranks)
 
 
 @pytest.mark.slow
@@ -225,6 +227,21 @@ def _assert_the_one_process_run_of_plain(ranks: list[dict]) -> None:
     for name, p in state.model.named_parameters():
         assert torch.equal(ranks[0]["params"][name], ranks[1]["params"][name])
         assert (ranks[0]["params"][name] - p.detach()).abs().max() <= 1e-6
+
+
+def _assert_the_means_over_ranks_of_plain(ranks: list[dict]) -> None:
+    """``distributed.mean_over_ranks`` of each step's metrics in ``_ddp_script.plain``: on both ranks, the loss of one
+    process stepping on both halves (the mean of the halves' mean losses); the step's own are each rank's."""
+    data = ddp.make_data(ddp.STEPS)
+    state = ddp.sgd_state(ddp.make_model())
+    step = loopkit.donate(loopkit.train_step(ddp.mse))
+    for i in range(ddp.STEPS):
+        state, metrics = step(state, torch.cat([data[i, 0], data[i, 1]]))
+        whole = float(metrics["loss"])
+        for r in (0, 1):
+            assert ranks[r]["averaged"][i].keys() == {"loss"}
+            assert abs(ranks[r]["averaged"][i]["loss"] - whole) <= 1e-6 * max(1.0, whole)
+        assert ranks[0]["metrics"][i]["loss"] != ranks[1]["metrics"][i]["loss"]
 
 
 def _uninterrupted_resume_reference():

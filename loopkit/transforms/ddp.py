@@ -281,7 +281,9 @@ def with_ddp(
     gradients, which changes none.) Every rank must call the step the same number of times (shard
     the data with ``loopkit.distributed.shard``), and a loss_fn that returns None must do so
     on every rank at once. Metric means read by ``run_epochs``, ``evaluate`` and
-    ``with_logging`` are means over all ranks; only rank 0 writes logs and checkpoints.
+    ``with_logging`` are means over all ranks (a step's own metrics are its rank's, on the device:
+    a loop of one's own reads their means with ``loopkit.distributed.mean_over_ranks(metrics)``, on
+    every rank); only rank 0 writes logs and checkpoints.
 
     In one process (no process group, and no torchrun environment: ``WORLD_SIZE`` unset or 1,
     where ``loopkit.distributed.init()`` makes none) the step trains as the step without
