@@ -278,22 +278,30 @@ def _counted_batches(state: TrainState, total: int | None) -> TrainState:
 
 
 def _data_generators(data: Iterable) -> list[torch.Generator]:
-    """The generators ``data`` shuffles with: a DataLoader's own, its sampler's and its batch sampler's sampler's."""
+    """The generators ``data`` shuffles with: a DataLoader's own, its sampler's, its batch sampler's and that one's
+    sampler's (each holder's ``generator``, or a generator it keeps under another name: ``self.rng``)."""
     batch_sampler = getattr(data, "batch_sampler", None)
-    holders = (data, getattr(data, "sampler", None), getattr(batch_sampler, "sampler", None))
+    holders = (data, getattr(data, "sampler", None), batch_sampler, getattr(batch_sampler, "sampler", None))
     found: list[torch.Generator] = []
     for holder in holders:
-        generator = getattr(holder, "generator", None)
-        if isinstance(generator, torch.Generator) and all(generator is not g for g in found):
-            found.append(generator)
+        if holder is None:
+            continue
+        kept = getattr(holder, "__dict__", {})
+        for generator in (getattr(holder, "generator", None), *kept.values()):
+            if isinstance(generator, torch.Generator) and all(generator is not g for g in found):
+                found.append(generator)
     return found
 
 
 def _batch_size(batch: Any) -> int:
     """The length of the batch's first tensor with a batch dimension, depth first through mappings,
     lists, tuples and dataclasses (a collated tuple of strings or a 0-dim tensor before it does not
-    count); 1 when there is none."""
-    return next((int(t.shape[0]) for t in tensors(batch) if t.ndim > 0), 1)
+    count), else through the attributes of an object of one's own (a ``collate_fn``'s batch class);
+    1 when there is none."""
+    found = next((int(t.shape[0]) for t in tensors(batch) if t.ndim > 0), None)
+    if found is None and not isinstance(batch, (torch.Tensor, str, bytes)) and hasattr(batch, "__dict__"):
+        found = next((int(t.shape[0]) for t in tensors(list(vars(batch).values())) if t.ndim > 0), None)
+    return 1 if found is None else found
 
 
 def _check_device(device: Any, where: str) -> Any:
@@ -802,6 +810,19 @@ def _check_one_val_set(data: Any, what: str) -> bool:
     return empty
 
 
+def _refuse_iterator_mid_epoch(data: Any, state: TrainState) -> None:
+    """Refuse a one-shot iterator (a generator, ``iter(loader)``) as the train data of a state part-way through an
+    epoch: the resumed epoch skips ``state.batch_index`` batches of what the iterator has left, not of the epoch's
+    start (and the fit that stopped there read one batch past its stop, for data without a length)."""
+    if isinstance(data, Iterator) and state.batch_index > 0:
+        raise TypeError(
+            f"run_epochs: train_data is an iterator ({type(data).__qualname__}), and the state is {state.batch_index} "
+            f"batch(es) into epoch {state.epoch}: going on would skip that many batches of what the iterator has "
+            "left, not of the epoch's start; pass data that starts over on each pass (a list, a DataLoader, or a "
+            "function of the epoch returning its batches), as the fit that stopped had"
+        )
+
+
 def _empty_val(what: str) -> str:
     return (f"run_epochs: {what} is empty (len() is 0){_on_every_rank()}: no validation could give a metric; "
             "pass val=None to train without validation")
@@ -867,10 +888,21 @@ def _fresh_persistent_workers(data: Any) -> bool:
     )
 
 
-def _warn_of_persistent_workers(data: Any, source: Any, epoch: int) -> None:
+def _warn_of_persistent_workers(data: Any, source: Any, epoch: int, mid_epoch: bool) -> None:
     """Warn of a run resumed (at ``epoch``) with a DataLoader whose persistent workers have not started: the
     uninterrupted run's (a loader given as data, or one a factory keeps across epochs) kept their random streams
-    from the epochs before. ``source``: ``train_data`` as given (``data`` itself, or the factory that made it)."""
+    from the epochs before; and of one going on ``mid_epoch`` with workers that have (they read ahead of the stop).
+    ``source``: ``train_data`` as given (``data`` itself, or the factory that made it)."""
+    if mid_epoch and _reused_persistent_workers(data):
+        warnings.warn(
+            "run_epochs: going on mid-epoch with a DataLoader of persistent_workers=True whose workers have started: "
+            "they read (and augmented) batches past the stop, and the batches skipped to get back to "
+            "state.batch_index are read again, advancing their random streams, so the rest of the epoch differs "
+            "from an uninterrupted run's; for an exact resume use persistent_workers=False",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return
     if not _fresh_persistent_workers(data):
         return
     if is_factory(source):
@@ -1454,6 +1486,7 @@ def run_epochs(
     _check_state(state, "run_epochs")
     device = _check_device(device, "run_epochs")
     _check_source(train_data, "run_epochs: train_data")
+    _refuse_iterator_mid_epoch(train_data, state)
     for name, value in (("donate", donate), ("progress", progress)):
         if not isinstance(value, bool):
             raise TypeError(f"run_epochs: {name} must be True or False, got {value!r}")
@@ -1491,7 +1524,7 @@ def run_epochs(
     resuming = bool(state.epoch or state.batch_index)
     if resuming and not is_factory(train_data):
         resuming = False
-        _warn_of_persistent_workers(train_data, train_data, state.epoch)
+        _warn_of_persistent_workers(train_data, train_data, state.epoch, state.batch_index > 0)
     if (step.changes_state and (epochs is None or state.epoch < epochs) and (max_steps is None or state.step < max_steps)
             and limit_train_batches != 0):
         _warn_of_eval_mode(state.model)
@@ -1639,7 +1672,7 @@ def run_epochs(
                 data = _train_data(train_data, state)  # (a factory's: made for the epoch, now)
                 if resuming:
                     resuming = False
-                    _warn_of_persistent_workers(data, train_data, state.epoch)
+                    _warn_of_persistent_workers(data, train_data, state.epoch, state.batch_index > 0)
                 total = _epoch_total(data, limit_train_batches, train_data, state.epoch)
                 # (without a length, an epoch stopped at its last batch is found by a look ahead)
                 sized = _num_batches(data, None, "train_data") is not None

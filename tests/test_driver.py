@@ -2037,3 +2037,79 @@ def test_donate_false_leaves_the_state_usable_for_a_pure_step_of_ones_own():
     again, _ = run_epochs(own, state, make_data(2), epochs=2, progress=False, donate=False)
     state.check_usable()
     assert (state.epoch, again.epoch) == (1, 2)
+
+
+def test_a_one_shot_iterator_given_to_a_state_part_way_through_an_epoch_is_refused():
+    """It went on by skipping state.batch_index batches of what the iterator had left (and the cut fit had read one
+    past its stop): 3 of 7 batches trained, the epoch recorded as done, silently."""
+    data = make_data(7)
+    batches = iter(data)
+    cut, _ = run_epochs(train_step(mse), make_state(), batches, max_steps=3, progress=False)
+    with pytest.raises(TypeError, match=r"train_data is an iterator \(list_iterator\), and the state is 3 batch\(es\) "
+                                        r"into epoch 0"):
+        run_epochs(train_step(mse), cut, batches, epochs=1, progress=False)
+    assert cut.check_usable() is None
+    whole, _ = run_epochs(train_step(mse), make_state(), data, epochs=1, progress=False)
+    resumed, _ = run_epochs(train_step(mse), cut, data, epochs=1, progress=False)  # the data itself, as the fix says
+    assert_bitwise(params_of(resumed), params_of(whole))
+
+
+class _OwnShuffle(torch.utils.data.Sampler):
+    """Shuffles with a generator of its own, kept under a name of its own."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.rng = n, torch.Generator().manual_seed(0)
+
+    def __iter__(self):
+        return iter(torch.randperm(self.n, generator=self.rng).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def test_a_sampler_s_generator_under_a_name_of_its_own_resumes_in_the_uninterrupted_order():
+    """Only a holder's ``generator`` was seeded per epoch: a sampler with ``self.rng`` redrew a resumed epoch from
+    where its generator happened to be (some samples twice, some never)."""
+    dataset = TensorDataset(torch.arange(10.0).reshape(10, 1), torch.zeros(10, 1))
+    seen: list[list[float]] = []
+
+    def loss(model, batch):
+        seen.append(batch[0].flatten().tolist())
+        return mse(model, (batch[0].expand(-1, 3), batch[1]))
+
+    def loader():
+        return DataLoader(dataset, batch_size=3, sampler=_OwnShuffle(10))
+
+    run_epochs(train_step(loss), make_state(), loader(), epochs=2, progress=False)
+    whole, seen[:] = list(seen), []
+    cut, _ = run_epochs(train_step(loss), make_state(), loader(), max_steps=6, progress=False)  # into epoch 1
+    restored = make_state().load_state_dict(cut.state_dict())  # another process: a fresh loader, a fresh sampler
+    run_epochs(train_step(loss), restored, loader(), epochs=2, progress=False)
+    assert seen == whole and whole[4:] != whole[:4]
+
+
+class _Batch:
+    """A collate_fn's batch of one's own class."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y = x, y
+
+    def to(self, device):
+        return _Batch(self.x.to(device), self.y.to(device))
+
+
+def test_validation_means_of_batches_of_one_s_own_class_are_weighted_by_their_size():
+    """No tensor was found in such a batch, so each counted as one sample: the mean of the batch means."""
+    ys = [torch.full((4, 1), 1.0), torch.full((1, 1), 10.0)]
+    batches = [_Batch(torch.zeros(len(y), 3), y) for y in ys]
+    means = evaluate(eval_step(lambda m, b: {"y": b.y.mean()}), make_state(), batches)
+    assert means["y"] == pytest.approx((4 * 1.0 + 1 * 10.0) / 5)
+
+
+def test_going_on_mid_epoch_with_started_persistent_workers_is_warned_about():
+    """Their workers read ahead of the stop, and the skipped batches are read again: the rest differs, silently."""
+    loader = DataLoader(TensorDataset(torch.randn(12, 3), torch.randn(12, 1)), batch_size=2, num_workers=2,
+                        persistent_workers=True)
+    cut, _ = run_epochs(train_step(mse), make_state(), loader, max_steps=2, progress=False)
+    with pytest.warns(RuntimeWarning, match="going on mid-epoch with a DataLoader of persistent_workers=True"):
+        run_epochs(train_step(mse), cut, loader, epochs=1, progress=False)
