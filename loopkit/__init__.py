@@ -19,7 +19,7 @@ from loopkit.trackers import MLFlowLogger, WandbLogger  # (wandb and mlflow are 
 from loopkit.rng import seed_everything
 from loopkit.state import TrainState, state_at_error
 from loopkit.steps import EvalStep, Step, TrainStep, donate, eval_step, train_step
-from loopkit.transforms import ema_state, quantized_model, with_amp, with_checkpointing, with_compile, with_ddp, with_ema, with_epoch_scheduler, with_grad_accum, with_grad_clip, with_grad_norm, with_logging, with_nan_guard, with_profiler, with_pruning, with_qat
+from loopkit.transforms import ema_state, quantized_model, with_amp, with_checkpointing, with_compile, with_ddp, with_ema, with_epoch_scheduler, with_grad_accum, with_grad_clip, with_grad_norm, with_logging, with_nan_guard, with_profiler, with_pruning, with_qat, with_step_scheduler
 from loopkit.transforms import swa_state, with_fsdp, with_swa
 from loopkit.transforms import with_grad_hook
 from loopkit.tree import to_device
@@ -105,4 +105,5 @@ __all__ = [
     "with_profiler",
     "with_pruning",
     "with_qat",
+    "with_step_scheduler",
 ]

@@ -49,7 +49,8 @@ _MODES = ("exponential", "linear")
 _BETA = 0.98  # Lightning's smoothing of the recorded loss
 # what Lightning turns off during the search (its loggers and callbacks): transforms that write files (logs,
 # checkpoints) of the probe run, or change its training apart from the rates (SWA sets rates of its own, pruning zeroes weights)
-_REFUSED = ("with_checkpointing", "with_logging", "with_swa", "with_pruning", "with_epoch_scheduler")
+_REFUSED = ("with_checkpointing", "with_logging", "with_swa", "with_pruning", "with_epoch_scheduler",
+            "with_step_scheduler")
 
 
 class _RangeLR(LRScheduler):
@@ -343,8 +344,9 @@ def lr_find(
     - The update count starts at 0 for any state (Lightning uses ``trainer.global_step``, which only
       agrees when the search starts a fresh trainer); the epochs are not capped by a ``max_epochs``.
     - No validation runs during the search (Lightning validates the probe when an epoch ends).
-    - A step with ``with_logging``, ``with_checkpointing``, ``with_swa`` or ``with_pruning`` is refused
-      (they would write the probe's logs and checkpoints, set rates of their own or prune it; Lightning
+    - A step with ``with_logging``, ``with_checkpointing``, ``with_swa``, ``with_pruning``, ``with_epoch_scheduler``
+      or ``with_step_scheduler`` is refused (they would write the probe's logs and checkpoints, set rates of
+      their own, hold the search's rates still or prune it; Lightning
       turns loggers and callbacks off): pass the step without them.
     - A closure optimizer (LBFGS) records the loss a raw ``optimizer.step(closure)`` returns, its first
       evaluation; Lightning records its last.

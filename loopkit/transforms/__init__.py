@@ -19,6 +19,7 @@ from loopkit.transforms.nan_guard import with_nan_guard
 from loopkit.transforms.profiler import with_profiler
 from loopkit.transforms.pruning import with_pruning
 from loopkit.transforms.qat import quantized_model, with_qat
+from loopkit.transforms.step_scheduler import with_step_scheduler
 from loopkit.transforms.swa import swa_state, with_swa
 
 __all__ = [
@@ -40,6 +41,7 @@ __all__ = [
     "with_profiler",
     "with_pruning",
     "with_qat",
+    "with_step_scheduler",
     "with_swa",
     "quantized_model",
 ]

@@ -102,7 +102,8 @@ def with_epoch_scheduler(step: Any, *, frequency: int = 1) -> EpochSchedulerStep
 
     ``ReduceLROnPlateau`` steps on a metric: see the guide's callback for it. Apply it inside
     ``with_checkpointing`` (whose checkpoints must see the scheduler); ``with_swa`` replaces the
-    schedule from its start (as Lightning's SWA replaces the schedulers) and is refused with it.
+    schedule from its start (as Lightning's SWA replaces the schedulers) and is refused with it, as is
+    ``with_step_scheduler`` (both step the one scheduler).
 
     >>> import torch
     >>> from loopkit.driver import run_epochs
@@ -122,6 +123,7 @@ def with_epoch_scheduler(step: Any, *, frequency: int = 1) -> EpochSchedulerStep
         raise ValueError(f"with_epoch_scheduler: frequency must be a positive int (epochs), got {frequency!r}")
     refuse_wrapping(inner, "with_epoch_scheduler", {
         "with_epoch_scheduler": "the state has one scheduler, stepped once per epoch",
+        "with_step_scheduler": "both step the state's one scheduler; use one of them",
         "with_checkpointing": "with_epoch_scheduler hands its inner step the state without its scheduler, so those "
         "checkpoints would not restore; apply it first, with_checkpointing(with_epoch_scheduler(step), directory)",
         "with_swa": "with_swa replaces the state's schedule from its start (as Lightning's SWA replaces the "

@@ -355,6 +355,8 @@ def with_swa(
         "with_swa": "the state holds one set of averages and one learning-rate schedule",
         "with_epoch_scheduler": "with_swa replaces the state's schedule from its start (as Lightning's SWA replaces "
         "the schedulers); use one of them",
+        "with_step_scheduler": "with_swa replaces the state's schedule from its start (as Lightning's SWA replaces "
+        "the schedulers); use one of them",
         "with_checkpointing": "in SWA epochs with_swa hands its inner step the state without its scheduler (SWALR "
         "replaces it), so those checkpoints would not restore; apply with_swa first, e.g. "
         "with_checkpointing(with_swa(step, swa_lrs), directory)",

@@ -5,7 +5,8 @@ The transforms: the gradient transforms ``with_amp`` (bfloat16, float16), ``with
 in-memory logger), ``with_checkpointing`` (into a fresh directory per pipeline), ``with_ema``, ``with_pruning``,
 ``with_qat`` (whose prepared modules a restore template gets from ``step.prepare``), ``with_swa`` (from the first
 epoch on: it averages, sets SWALR's rate and holds the state's scheduler still from the first call) and
-``with_epoch_scheduler`` (the scheduler held still within the epoch).
+``with_epoch_scheduler`` (the scheduler held still within the epoch) and ``with_step_scheduler`` (stepped every
+second batch's update).
 
 For each pipeline: purity (the input state is unchanged), determinism (two calls give identical
 results), exact resume from ``state_dict`` mid-accumulation, float32 parameters stay float32,
@@ -105,8 +106,9 @@ TRANSFORMS = {
     "qat": ("with_qat", lambda s, sinks: loopkit.with_qat(s)),
     "swa": ("with_swa", lambda s, sinks: loopkit.with_swa(s, 0.05, swa_epoch_start=1, annealing_epochs=1)),
     "epoch_scheduler": ("with_epoch_scheduler", lambda s, sinks: loopkit.with_epoch_scheduler(s)),
+    "step_scheduler": ("with_step_scheduler", lambda s, sinks: loopkit.with_step_scheduler(s, frequency=2)),
 }
-WHOLE_STEP = ["logging", "checkpointing", "ema", "pruning", "qat", "swa", "epoch_scheduler"]  # wrap any step; nothing that needs the train step can wrap them
+WHOLE_STEP = ["logging", "checkpointing", "ema", "pruning", "qat", "swa", "epoch_scheduler", "step_scheduler"]  # wrap any step; nothing that needs the train step can wrap them
 GRADIENT = [name for name in TRANSFORMS if name not in WHOLE_STEP]
 GRADIENT_ONLY = ["grad_accum", "grad_clip", "grad_norm", "grad_hook", "nan_guard"]  # need gradients: refuse an eval_step
 
@@ -117,16 +119,19 @@ def _refused(inner: str, outer: str) -> bool:
     a second clipping or norm on the same side of the accumulation, whose metrics would replace the first one's."""
     if outer in GRADIENT and inner in WHOLE_STEP:
         return True
-    if inner == outer and inner in ("logging", "ema", "pruning", "qat", "swa", "epoch_scheduler", "grad_clip", "grad_norm"):
+    if inner == outer and inner in ("logging", "ema", "pruning", "qat", "swa", "epoch_scheduler", "step_scheduler",
+                                    "grad_clip", "grad_norm"):
         return True
     if outer == "qat" and inner.startswith("amp"):  # fake quantization runs in float32 only
         return True
     if (inner, outer) in (("checkpointing", "ema"), ("checkpointing", "pruning"), ("ema", "pruning")):
         return True  # the checkpoint or the averages would miss the outer transform's change of this update
-    if (inner, outer) in (("checkpointing", "swa"), ("checkpointing", "epoch_scheduler")):
-        return True  # with_swa (in SWA epochs) and with_epoch_scheduler hand their inner step the state without its scheduler
-    if {inner, outer} == {"swa", "epoch_scheduler"}:
+    if (inner, outer) in (("checkpointing", "swa"), ("checkpointing", "epoch_scheduler"), ("checkpointing", "step_scheduler")):
+        return True  # with_swa (in SWA epochs) and the scheduler transforms hand their inner step the state without its scheduler
+    if {inner, outer} in ({"swa", "epoch_scheduler"}, {"swa", "step_scheduler"}):
         return True  # SWA replaces the schedule
+    if {inner, outer} == {"epoch_scheduler", "step_scheduler"}:
+        return True  # both step the one scheduler
     return TRANSFORMS[inner][0] == TRANSFORMS[outer][0] and TRANSFORMS[inner][0] in ("with_amp", "with_grad_accum")
 
 
@@ -145,6 +150,7 @@ TRIPLES = [  # whole-step stacks as they are used: over gradient transforms, in 
     ("nan_guard", "qat", "logging"),
     ("grad_accum", "swa", "checkpointing"),
     ("nan_guard", "swa", "ema"),
+    ("grad_accum", "step_scheduler", "checkpointing"),
 ]
 PIPELINES = [(name,) for name in TRANSFORMS] + [pair for pair in PAIRS if not _refused(*pair)] + TRIPLES
 LOGGED = [names for names in PIPELINES if "logging" in names]
@@ -275,24 +281,28 @@ def test_the_refused_pairs_are_exactly_the_meaningless_ones():
     refused = {(TRANSFORMS[i][0], TRANSFORMS[o][0]) for i, o in PAIRS if _refused(i, o)}
     gradient_names = {"with_amp", "with_grad_accum", "with_grad_clip", "with_grad_norm", "with_grad_hook", "with_nan_guard"}
     wholes = ("with_logging", "with_checkpointing", "with_ema", "with_pruning", "with_qat", "with_swa",
-              "with_epoch_scheduler")
+              "with_epoch_scheduler", "with_step_scheduler")
     around_whole = {(w, g) for w in wholes for g in gradient_names}
     doubled = {(t, t) for t in ("with_amp", "with_grad_accum", "with_logging", "with_ema", "with_pruning", "with_qat",
-                                "with_swa", "with_epoch_scheduler", "with_grad_clip", "with_grad_norm")}
+                                "with_swa", "with_epoch_scheduler", "with_step_scheduler", "with_grad_clip", "with_grad_norm")}
     too_late = {("with_checkpointing", "with_ema"), ("with_checkpointing", "with_pruning"), ("with_ema", "with_pruning"),
-                ("with_checkpointing", "with_swa"), ("with_checkpointing", "with_epoch_scheduler")}
-    one_schedule = {("with_swa", "with_epoch_scheduler"), ("with_epoch_scheduler", "with_swa")}
+                ("with_checkpointing", "with_swa"), ("with_checkpointing", "with_epoch_scheduler"),
+                ("with_checkpointing", "with_step_scheduler")}
+    schedulers = ("with_swa", "with_epoch_scheduler", "with_step_scheduler")
+    one_schedule = {(a, b) for a in schedulers for b in schedulers if a != b}
     float32_only = {("with_amp", "with_qat")}
     assert refused == doubled | around_whole | too_late | one_schedule | float32_only
-    # pairs of keys: amp doubled 4, accum 1, whole around gradient 7 * 7, six wholes doubled, clip and norm doubled 2,
-    # too late 5, one schedule 2, qat(amp) 2
-    assert sum(_refused(*pair) for pair in PAIRS) == 4 + 1 + 7 * 7 + 6 + 2 + 5 + 2 + 2
-    assert len(PIPELINES) == 14 + 196 - 71 + len(TRIPLES)
+    # pairs of keys: amp doubled 4, accum 1, whole around gradient 8 * 7, seven wholes doubled, clip and norm doubled 2,
+    # too late 6, one schedule 6, qat(amp) 2
+    assert sum(_refused(*pair) for pair in PAIRS) == 4 + 1 + 8 * 7 + 7 + 2 + 6 + 6 + 2
+    assert len(PIPELINES) == 15 + 225 - 84 + len(TRIPLES)
     # every whole-step transform is covered around every other transform, and checkpointing around itself
     unwrappable = {("logging", "logging"), ("ema", "ema"), ("pruning", "pruning"), ("qat", "qat"), ("checkpointing", "ema"),
                    ("checkpointing", "pruning"), ("ema", "pruning"), ("amp_bf16", "qat"), ("amp_fp16", "qat"),
                    ("swa", "swa"), ("checkpointing", "swa"), ("epoch_scheduler", "epoch_scheduler"),
-                   ("checkpointing", "epoch_scheduler"), ("swa", "epoch_scheduler"), ("epoch_scheduler", "swa")}
+                   ("checkpointing", "epoch_scheduler"), ("swa", "epoch_scheduler"), ("epoch_scheduler", "swa"),
+                   ("step_scheduler", "step_scheduler"), ("checkpointing", "step_scheduler"), ("swa", "step_scheduler"),
+                   ("step_scheduler", "swa"), ("epoch_scheduler", "step_scheduler"), ("step_scheduler", "epoch_scheduler")}
     for whole in WHOLE_STEP:
         assert all((name, whole) in PIPELINES for name in TRANSFORMS if (name, whole) not in unwrappable)
 

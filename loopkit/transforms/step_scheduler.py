@@ -1,0 +1,119 @@
+"""``with_step_scheduler``: the state's scheduler steps after every ``frequency``-th batch's update, as Lightning's
+``{"interval": "step", "frequency": n}``.
+
+>>> from loopkit.steps import train_step
+>>> with_step_scheduler(train_step(lambda m, b: None), frequency=2).applied
+('train_step', 'with_step_scheduler')
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import attrs
+
+from loopkit._numbers import as_int
+from loopkit.state import TrainState, leave_intact, replace, state_at_error
+from loopkit.steps import Metrics, WrapperStep
+from loopkit.transforms._compose import refuse_wrapping, require_step
+
+__all__ = ["StepSchedulerStep", "with_step_scheduler"]
+
+
+@attrs.frozen(eq=False)
+class StepSchedulerStep(WrapperStep):
+    """The step :func:`with_step_scheduler` returns: the inner step runs with the scheduler held still, and the
+    scheduler steps after an update whose batch is a multiple of ``frequency`` in its epoch.
+
+    >>> from loopkit.steps import as_step
+    >>> StepSchedulerStep(as_step(lambda s, b: (s, {})), frequency=2).name
+    'with_step_scheduler'
+    """
+
+    frequency: int = 1
+
+    @property
+    def name(self) -> str:
+        return "with_step_scheduler"
+
+    @property
+    def changes_state(self) -> bool:  # type: ignore[override]
+        return True  # it steps the state's scheduler, whatever the inner step does
+
+    def run_(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
+        # this call consumes the epoch's (batch_index + 1)-th batch: Lightning's batch_idx + 1 (read from the given
+        # state: a step of one's own may leave the count to the driver)
+        return self._stepped(self.inner.run_, state, state.batch_index + 1, batch)
+
+    def flush_(self, state: TrainState) -> tuple[TrainState, Metrics]:
+        """The epoch's end (``run_epochs`` flushes there): a partial accumulation group's update is the epoch's last
+        batch's in Lightning, whose ``batch_idx + 1`` is the batches consumed, ``state.batch_index``."""
+        return self._stepped(self.inner.flush_, state, state.batch_index)
+
+    def _stepped(self, call: Any, state: TrainState, consumed: int, *args: Any) -> tuple[TrainState, Metrics]:
+        """``call`` on ``state`` without its scheduler (the inner step would step it per update), put back after and
+        stepped if ``call`` made an update and ``consumed`` (batches of the epoch) is a multiple of ``frequency``."""
+        scheduler = state.scheduler
+        if scheduler is None:
+            raise leave_intact(ValueError(
+                "with_step_scheduler: the state has no scheduler to step; create the state with one, "
+                "TrainState.create(model, optimizer, scheduler)"), state)
+        used = replace(state, scheduler=None)
+        try:
+            new, metrics = call(used, *args)
+        except BaseException as error:
+            if state_at_error(error) is used:  # nothing changed: the caller's state is whole
+                leave_intact(error, state)
+            raise
+        if new.step != state.step and consumed % self.frequency == 0:
+            with warnings.catch_warnings():  # ("lr_scheduler.step() before optimizer.step()": a step of one's own
+                warnings.filterwarnings(  # that counts an update it made without the optimizer)
+                    "ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+                scheduler.step()
+        return replace(new, scheduler=scheduler), metrics
+
+
+def with_step_scheduler(step: Any, *, frequency: int = 1) -> StepSchedulerStep:
+    """Step the state's scheduler after an optimizer update only every ``frequency`` batches, as Lightning does with
+    ``{"scheduler": ..., "interval": "step", "frequency": n}``, instead of after every update.
+
+    The inner step runs with the scheduler held still; after a call that made an update (``state.step``
+    advanced), the scheduler steps if the batches consumed in the epoch (``state.batch_index`` after
+    the call) are a multiple of ``frequency``, as Lightning's ``(batch_idx + 1) % frequency == 0``
+    (``batch_idx`` counts from 0 within each epoch). Under ``with_grad_accum`` (apply this one around
+    it) that is the batch that ends a group; the epoch's partial group, updated by the flush at the
+    epoch's end (``run_epochs`` calls it), counts as the epoch's last batch, as in Lightning. So with
+    an epoch length not divisible by ``frequency`` the count starts over each epoch, as there. A
+    call without an update (a micro-batch, a skipped batch or update) does not step it. Nothing but
+    the scheduler is kept: checkpoints resume it exactly. ``frequency=1`` is ``train_step``'s own
+    stepping.
+
+    Apply it inside ``with_checkpointing`` (whose checkpoints must see the scheduler); refused with
+    ``with_epoch_scheduler`` (both step the one scheduler) and ``with_swa`` (which replaces the schedule).
+
+    >>> import torch
+    >>> from loopkit.driver import run_epochs
+    >>> from loopkit.state import TrainState
+    >>> from loopkit.steps import train_step
+    >>> model = torch.nn.Linear(2, 1)
+    >>> opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    >>> state = TrainState.create(model, opt, torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5))
+    >>> step = with_step_scheduler(train_step(lambda m, b: m(b).pow(2).mean()), frequency=2)
+    >>> state, _ = run_epochs(step, state, [torch.ones(4, 2)] * 5, epochs=2, progress=False)
+    >>> state.scheduler.last_epoch  # after batches 2 and 4 of each epoch: 4 steps for 10 updates
+    4
+    """
+    inner = require_step(step, "with_step_scheduler", no_eval="an evaluation step has no schedule")
+    count = as_int(frequency)
+    if count is None or count < 1:
+        raise ValueError(f"with_step_scheduler: frequency must be a positive int (batches), got {frequency!r}")
+    refuse_wrapping(inner, "with_step_scheduler", {
+        "with_step_scheduler": "the state has one scheduler, stepped by one of them",
+        "with_epoch_scheduler": "both step the state's one scheduler; use one of them",
+        "with_checkpointing": "with_step_scheduler hands its inner step the state without its scheduler, so those "
+        "checkpoints would not restore; apply it first, with_checkpointing(with_step_scheduler(step), directory)",
+        "with_swa": "with_swa replaces the state's schedule from its start (as Lightning's SWA replaces the "
+        "schedulers); use one of them",
+    })
+    return StepSchedulerStep(inner, frequency=count)

@@ -1,0 +1,190 @@
+"""with_step_scheduler against Lightning's {"interval": "step", "frequency": n}: a raw loop that steps the scheduler
+after an update when (batch_idx + 1) % n == 0 (batch_idx from 0 within each epoch), Lightning 2.6 itself under
+gradient accumulation (an epoch's partial group included), exact resume, purity and what it refuses."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import loopkit
+
+EPOCHS, BATCHES = 2, 7  # 7 batches an epoch: divisible by neither frequency
+
+
+def _state(make_mlp, step_size=1):
+    model = make_mlp(0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.4, momentum=0.9)
+    return loopkit.TrainState.create(model, opt, torch.optim.lr_scheduler.StepLR(opt, step_size=step_size, gamma=0.5))
+
+
+def _raw_loop(state, data, mse_loss, frequency):
+    """Lightning's update_lr_schedulers("step") written out; the rate after each batch."""
+    model, opt, sched = state.model, state.optimizer, state.scheduler
+    rates = []
+    for _ in range(EPOCHS):
+        for batch_idx, batch in enumerate(data):
+            opt.zero_grad()
+            mse_loss(model, batch).backward()
+            opt.step()
+            if (batch_idx + 1) % frequency == 0:
+                sched.step()
+            rates.append(opt.param_groups[0]["lr"])
+    return rates
+
+
+class _Rates(loopkit.Callback):
+    def __init__(self):
+        self.rates = []
+
+    def on_batch_end(self, state, metrics):
+        self.rates.append(state.optimizer.param_groups[0]["lr"])
+
+
+@pytest.mark.parametrize("frequency", [2, 3])
+def test_the_scheduler_steps_every_frequency_batches_of_each_epoch_as_a_raw_loop(
+        frequency, make_mlp, make_batches, mse_loss, assert_trees_equal):
+    data = make_batches(BATCHES)
+    ref = _state(make_mlp, step_size=2)
+    expected = _raw_loop(ref, data, mse_loss, frequency)
+    rates = _Rates()
+    step = loopkit.with_step_scheduler(loopkit.train_step(mse_loss), frequency=frequency)
+    state, _ = loopkit.run_epochs(step, _state(make_mlp, step_size=2), data, epochs=EPOCHS, callbacks=[rates],
+                                  progress=False)
+    assert rates.rates == expected
+    assert state.scheduler.last_epoch == EPOCHS * (BATCHES // frequency)  # the count starts over each epoch
+    assert_trees_equal(dict(state.model.state_dict()), dict(ref.model.state_dict()))
+    assert state.scheduler.state_dict() == ref.scheduler.state_dict()
+
+
+# (samples, frequency): 17 samples in batches of 2 are 9 batches, the last one of 1 sample; with every=2 the 9th is
+# a partial group, updated by the epoch's flush, which is Lightning's batch_idx 8: a step with frequency 3 (at 6, 9).
+# 20 samples: 10 batches, no partial group; frequency 4 steps at batches 4 and 8 of each epoch.
+@pytest.mark.parametrize("samples, frequency", [(17, 3), (20, 4)])
+def test_under_grad_accum_it_matches_lightning(samples, frequency, make_mlp, assert_trees_equal):
+    """Two scheduler steps an epoch either way: the flush's update steps it at batch 9 of 9; batch 8 of 10 does."""
+    pl = pytest.importorskip("lightning.pytorch")
+    gen = torch.Generator().manual_seed(7)
+    x, y = torch.randn(samples, 4, generator=gen), torch.randn(samples, 2, generator=gen)
+    data = [(x[i:i + 2], y[i:i + 2]) for i in range(0, samples, 2)]
+
+    def lightning_loss(model, batch):
+        xb, yb = batch
+        return ((model(xb) - yb) ** 2).mean()
+
+    def loss_fn(model, batch):  # the partial group: Lightning divides its one batch's loss by 2 as any, loopkit's
+        # flush takes the mean over the batches seen (x2): halved here, the two updates are bitwise the same
+        loss = lightning_loss(model, batch)
+        return loss * 0.5 if len(batch[0]) == 1 else loss
+
+    def sched(opt):
+        return torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.7)
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = make_mlp(0)
+
+        def training_step(self, batch, batch_idx):
+            return lightning_loss(self.net, batch)
+
+        def configure_optimizers(self):
+            opt = torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched(opt), "interval": "step",
+                                                       "frequency": frequency}}
+
+    module = Module()
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=2, accumulate_grad_batches=2, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         num_sanity_val_steps=0)
+    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=None))
+
+    model = make_mlp(0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    step = loopkit.with_step_scheduler(loopkit.with_grad_accum(loopkit.train_step(loss_fn), every=2),
+                                       frequency=frequency)
+    state, _ = loopkit.run_epochs(step, loopkit.TrainState.create(model, opt, sched(opt)), data, epochs=2,
+                                  progress=False)
+    lightning_sched = trainer.lr_scheduler_configs[0].scheduler
+    assert state.step == trainer.global_step
+    assert state.scheduler.last_epoch == lightning_sched.last_epoch == 4
+    assert state.optimizer.param_groups[0]["lr"] == trainer.optimizers[0].param_groups[0]["lr"]
+    assert_trees_equal(dict(state.model.state_dict()), dict(module.net.state_dict()))
+
+
+def test_a_crash_resumes_exactly_from_mid_epoch_and_from_a_flushs_update(
+        tmp_path, make_mlp, make_batches, mse_loss, assert_trees_equal):
+    """9 batches in groups of 2, frequency 3: updates at batches 2, 4, 6, 8 and the flush's at 9; steps at 6 and 9."""
+    data = make_batches(9)
+    inner = loopkit.with_step_scheduler(loopkit.with_grad_accum(loopkit.train_step(mse_loss), every=2), frequency=3)
+    whole, _ = loopkit.run_epochs(inner, _state(make_mlp), data, epochs=3, progress=False)
+    assert whole.scheduler.last_epoch == 6
+    step = loopkit.with_checkpointing(inner, tmp_path, every_n_steps=1, keep_last=None)
+
+    class Crash(loopkit.Callback):
+        def on_batch_end(self, state, metrics):
+            if state.step == 9:
+                raise RuntimeError("simulated crash")
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        loopkit.run_epochs(step, _state(make_mlp), data, epochs=3, callbacks=[Crash()], progress=False)
+    cuts = {"mid-epoch": ("ckpt-000007-step7-epoch1-batch4", (7, 1, 4, 2)),
+            "the flush's": ("ckpt-000005-step5-epoch0-batch9", (5, 0, 9, 2))}
+    for name, (directory, position) in cuts.items():
+        restored = loopkit.restore(_state(make_mlp), tmp_path / directory)
+        assert (restored.step, restored.epoch, restored.batch_index, restored.scheduler.last_epoch) == position, name
+        resumed, _ = loopkit.run_epochs(inner, restored, data, epochs=3, progress=False)
+        assert resumed.scheduler.state_dict() == whole.scheduler.state_dict(), name
+        assert_trees_equal(dict(resumed.model.state_dict()), dict(whole.model.state_dict()))
+
+
+def test_the_step_and_the_flush_are_pure(make_mlp, make_batches, mse_loss, take_snapshot, assert_trees_equal):
+    step = loopkit.with_step_scheduler(loopkit.with_grad_accum(loopkit.train_step(mse_loss), every=2), frequency=2)
+    state = _state(make_mlp)
+    for batch in make_batches(3):  # batch 2's update steps it; batch 3 starts a group
+        before = take_snapshot(state)
+        scheduler = state.scheduler.state_dict()
+        new, _ = step(state, batch)
+        assert_trees_equal(take_snapshot(state), before)
+        assert state.scheduler.state_dict() == scheduler
+        state = new
+    assert (state.step, state.scheduler.last_epoch) == (1, 1)
+    state = state.evolve(batch_index=4)  # as if its epoch's 4th batch: the flush's update steps it
+    before = take_snapshot(state)
+    flushed, _ = step.flush(state)
+    assert_trees_equal(take_snapshot(state), before)
+    assert (flushed.step, flushed.scheduler.last_epoch, state.scheduler.last_epoch) == (2, 2, 1)
+
+
+def test_what_it_cannot_do_is_refused(tmp_path, make_mlp, make_batches, mse_loss):
+    inner = loopkit.train_step(mse_loss)
+    assert loopkit.with_step_scheduler(inner, frequency=np.int64(2)).frequency == 2
+    for frequency in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="with_step_scheduler: frequency must be a positive int"):
+            loopkit.with_step_scheduler(inner, frequency=frequency)
+    with pytest.raises(TypeError, match="with_step_scheduler cannot wrap with_epoch_scheduler"):
+        loopkit.with_step_scheduler(loopkit.with_epoch_scheduler(inner))
+    with pytest.raises(TypeError, match="with_epoch_scheduler cannot wrap with_step_scheduler"):
+        loopkit.with_epoch_scheduler(loopkit.with_step_scheduler(inner))
+    with pytest.raises(TypeError, match="with_step_scheduler cannot wrap with_step_scheduler"):
+        loopkit.with_step_scheduler(loopkit.with_step_scheduler(inner))
+    with pytest.raises(TypeError, match="with_step_scheduler cannot wrap with_checkpointing"):
+        loopkit.with_step_scheduler(loopkit.with_checkpointing(inner, tmp_path))
+    with pytest.raises(TypeError, match="with_step_scheduler cannot wrap with_swa"):
+        loopkit.with_step_scheduler(loopkit.with_swa(inner, 0.1, swa_epoch_start=1))
+    with pytest.raises(TypeError, match="with_swa cannot wrap with_step_scheduler"):
+        loopkit.with_swa(loopkit.with_step_scheduler(inner), 0.1, swa_epoch_start=1)
+    with pytest.raises(TypeError, match="with_grad_accum cannot wrap with_step_scheduler"):
+        loopkit.with_grad_accum(loopkit.with_step_scheduler(inner), every=2)
+    with pytest.raises(TypeError, match="with_step_scheduler cannot wrap eval_step"):
+        loopkit.with_step_scheduler(loopkit.eval_step(lambda m, b: {}))
+    with pytest.raises(ValueError, match="lr_find: the step has with_step_scheduler"):
+        loopkit.lr_find(loopkit.with_step_scheduler(inner), _state(make_mlp), make_batches(2))
+    model = make_mlp(0)
+    plain = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    for call in (lambda s: loopkit.with_step_scheduler(inner)(s, make_batches(1)[0]),
+                 lambda s: loopkit.with_step_scheduler(inner).flush(s)):
+        with pytest.raises(ValueError, match="with_step_scheduler: the state has no scheduler"):
+            call(plain)
+        plain.check_usable()
