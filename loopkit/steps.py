@@ -437,6 +437,14 @@ class GradContext:
     Both are on-device tensors (1.0 = the update must be skipped). ``agree`` is None in one
     process; under ``with_ddp`` it all-reduces a flag tensor with MAX, so that a transform
     that decides on the host (a guard that raises) decides the same on every rank.
+
+    >>> import torch
+    >>> model = torch.nn.Linear(2, 1)
+    >>> state = TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    >>> model(torch.ones(3, 2)).sum().backward()
+    >>> ctx = GradContext(state, {}, found_inf=None, nonfinite=None)
+    >>> [tuple(g.shape) for g in ctx.grads], float(ctx.unscale_and_check())  # all finite: 0.0
+    ([(1, 2), (1,)], 0.0)
     """
 
     __slots__ = ("state", "params", "metrics", "found_inf", "nonfinite", "agree", "taken", "checked", "updating")
@@ -511,7 +519,25 @@ def _params_with_grads(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
 
 
 class GradTransform(Protocol):
-    """A transform that acts on gradients before the optimizer update."""
+    """A transform that acts on gradients before the optimizer update.
+
+    :meth:`TrainStep.add_grad_transform` puts one in a step (the ``with_grad_*`` transforms do): ``on_loss``
+    sees each call's loss, ``on_grads`` the gradients before the update (``ctx.metrics`` takes what it reports).
+
+    >>> import torch
+    >>> class HalfTheGradients:
+    ...     name = "half"
+    ...     def on_loss(self, loss, state, ctx): pass
+    ...     def on_grads(self, ctx):
+    ...         torch._foreach_mul_(ctx.grads, 0.5)
+    >>> step = train_step(lambda m, b: m(b).sum()).add_grad_transform(HalfTheGradients())
+    >>> model = torch.nn.Linear(1, 1, bias=False); _ = model.weight.data.fill_(1.0)
+    >>> state, _ = step(TrainState.create(model, torch.optim.SGD(model.parameters(), lr=1.0)), torch.ones(2, 1))
+    >>> float(state.model.weight.detach())  # 1 - 0.5 * 2
+    0.0
+    >>> step.applied
+    ('train_step', 'half')
+    """
 
     name: str  # optional too: ``keeps_buffers`` (True: a skip it flags also puts the model's buffers back), and
     # ``hides_nonfinite`` (True: it may make a non-finite gradient finite; a guard around it then sets its ``check``
@@ -523,7 +549,15 @@ class GradTransform(Protocol):
 
 
 class Precision(Protocol):
-    """Mixed precision: an autocast context and, for float16, a loss scaler."""
+    """Mixed precision: an autocast context and, for float16, a loss scaler. ``with_amp`` gives a
+    ``TrainStep`` one (``loopkit.transforms.amp.AmpPrecision``).
+
+    >>> import torch
+    >>> from loopkit.transforms.amp import with_amp
+    >>> precision = with_amp(train_step(lambda m, b: m(b).sum()), dtype=torch.bfloat16).precision
+    >>> precision.name, precision.scales_loss
+    ('with_amp', False)
+    """
 
     name: str
     scales_loss: bool
