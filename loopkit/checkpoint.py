@@ -6,8 +6,8 @@ A checkpoint is a directory ``ckpt-<seq>-step<S>-epoch<E>-batch<B>`` holding
   the run draws from (torch CPU, CUDA when in use, NumPy, Python ``random``), all stored
   as tensors, numbers and strings, so it loads with ``torch.load(weights_only=True)``;
 * ``meta.json``: step, epoch, batch index, seed, why it was saved, and the structure of the
-  model and optimizer (see :func:`structure`), which tells a checkpoint of another model
-  without loading its tensors;
+  model, optimizer and scheduler (see :func:`structure`), which tells a checkpoint of another
+  model without loading its tensors;
 * ``manifest.json``: each file's size and checksum (see :func:`checksum`), written last.
 
 A save writes everything into a temporary directory inside the target directory,
@@ -390,7 +390,7 @@ def snapshot(
         "reason": reason,
         "created_unix": time.time(),
         "torch": torch.__version__,
-        "structure": _structure(sd["model"], state.optimizer),
+        "structure": _structure(sd["model"], state.optimizer, state.scheduler),
     }
     return Snapshot(payload, meta, state.step, state.epoch, state.batch_index)
 
@@ -998,8 +998,9 @@ def _load(path: Path) -> dict[str, Any]:
 def structure(state: TrainState) -> dict[str, Any]:
     """What tells the model and optimizer of ``state`` from another's, as JSON: each key of the
     model's state dict with its shape (parameters and persistent buffers), the optimizer's class
-    and the number of parameters in each of its param groups. Every checkpoint keeps it in its
-    ``meta.json``; :func:`structure_mismatch` compares two.
+    and the number of parameters in each of its param groups, and for a state with a scheduler its
+    class (and a SequentialLR's or ChainedScheduler's schedulers' classes, in their order). Every
+    checkpoint keeps it in its ``meta.json``; :func:`structure_mismatch` compares two.
 
     >>> import torch
     >>> from loopkit.state import TrainState
@@ -1007,17 +1008,37 @@ def structure(state: TrainState) -> dict[str, Any]:
     >>> structure(TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1)))
     {'model': {'weight': [1, 3], 'bias': [1]}, 'optimizer': {'type': 'SGD', 'param_groups': [2]}}
     """
-    return _structure(core_module(state.model).state_dict(), state.optimizer)
+    return _structure(core_module(state.model).state_dict(), state.optimizer, state.scheduler)
 
 
-def _structure(model_sd: Mapping[str, Any], optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
-    return {
+def _structure(
+    model_sd: Mapping[str, Any], optimizer: torch.optim.Optimizer | None, scheduler: Any = None
+) -> dict[str, Any]:
+    found: dict[str, Any] = {
         "model": {key: _shape(value) for key, value in model_sd.items()},
         "optimizer": None if optimizer is None else {
             "type": type(optimizer).__qualname__,
             "param_groups": [len(group["params"]) for group in optimizer.param_groups],
         },
     }
+    if scheduler is not None:  # (no key without one: a checkpoint saved before schedulers were recorded reads alike)
+        found["scheduler"] = _scheduler_structure(scheduler)
+    return found
+
+
+def _scheduler_structure(scheduler: Any) -> dict[str, Any]:
+    """A scheduler's class, and the classes of the schedulers a SequentialLR or ChainedScheduler runs.
+
+    >>> opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    >>> lr = torch.optim.lr_scheduler
+    >>> _scheduler_structure(lr.SequentialLR(opt, [lr.ConstantLR(opt), lr.ExponentialLR(opt, 0.9)], [2]))
+    {'type': 'SequentialLR', 'schedulers': ['ConstantLR', 'ExponentialLR']}
+    """
+    found: dict[str, Any] = {"type": type(scheduler).__qualname__}
+    inner = getattr(scheduler, "_schedulers", None)
+    if isinstance(inner, (list, tuple)):
+        found["schedulers"] = [type(s).__qualname__ for s in inner]
+    return found
 
 
 def _shape(value: Any) -> list[int] | None:
@@ -1030,8 +1051,8 @@ def _shape(value: Any) -> list[int] | None:
 
 def structure_mismatch(found: Mapping[str, Any], expected: Mapping[str, Any]) -> str | None:
     """The first difference between the :func:`structure` of a checkpoint (``found``) and of a state
-    (``expected``), in words; None when they agree. A shape or an optimizer class that either side
-    does not know (None) matches any.
+    (``expected``), in words; None when they agree. A shape or an optimizer or scheduler class that
+    either side does not know (None, or not recorded) matches any.
 
     >>> a = {"model": {"weight": [1, 3], "bias": [1]}, "optimizer": {"type": "SGD", "param_groups": [2]}}
     >>> structure_mismatch(a, a) is None
@@ -1040,6 +1061,8 @@ def structure_mismatch(found: Mapping[str, Any], expected: Mapping[str, Any]) ->
     key 'model.weight' has shape (1, 3) there and (4, 3) in this model
     >>> print(structure_mismatch(a, {"model": a["model"], "optimizer": {"type": "Adam", "param_groups": [2]}}))
     its optimizer is SGD, and this state's Adam
+    >>> print(structure_mismatch({**a, "scheduler": {"type": "LambdaLR"}}, {**a, "scheduler": {"type": "StepLR"}}))
+    its scheduler is LambdaLR, and this state's StepLR
     """
     theirs, mine = found.get("model") or {}, expected.get("model") or {}
     for key, shape in mine.items():
@@ -1051,7 +1074,26 @@ def structure_mismatch(found: Mapping[str, Any], expected: Mapping[str, Any]) ->
     for key, shape in theirs.items():
         if key not in mine:
             return f"it has a key 'model.{key}'{_with_shape(shape)}, which this model has not"
-    return _optimizer_mismatch(found.get("optimizer"), expected.get("optimizer"))
+    differs = _optimizer_mismatch(found.get("optimizer"), expected.get("optimizer"))
+    return differs or _scheduler_mismatch(found.get("scheduler"), expected.get("scheduler"))
+
+
+def _scheduler_mismatch(theirs: Any, mine: Any) -> str | None:
+    """The scheduler part of :func:`structure_mismatch`: its class (and the classes of the schedulers it runs)
+    where both sides record one; with or without a scheduler is ``load_state_dict``'s to judge (a missing or
+    unexpected key). Another class with the same state-dict keys (a LambdaLR's into a MultiplicativeLR) would
+    load silently and change the rates."""
+    if not isinstance(theirs, Mapping) or not isinstance(mine, Mapping):
+        return None  # (one side without a scheduler, one saved before they were recorded, or a malformed record)
+    kind, own = theirs.get("type"), mine.get("type")
+    if not isinstance(kind, str) or not isinstance(own, str):
+        return None
+    inner, own_inner = theirs.get("schedulers"), mine.get("schedulers")
+    if kind == own and (not isinstance(inner, list) or not isinstance(own_inner, list) or inner == own_inner):
+        return None
+    if kind == own:
+        kind, own = f"{kind} of {', '.join(map(str, inner))}", f"{own} of {', '.join(map(str, own_inner))}"
+    return f"its scheduler is {kind}, and this state's {own}"
 
 
 def _optimizer_mismatch(theirs: Mapping[str, Any] | None, mine: Mapping[str, Any] | None) -> str | None:
@@ -1244,14 +1286,19 @@ def _prepare(
 
     Raises :class:`loopkit.StateMismatchError` for a checkpoint of another optimizer class than
     ``state``'s (as ``with_checkpointing`` refuses it): its state would load into this optimizer
-    with that one's hyperparameters (Adam's ``weight_decay=0`` into an ``AdamW``).
+    with that one's hyperparameters (Adam's ``weight_decay=0`` into an ``AdamW``); and for one of
+    another scheduler class (a LambdaLR's state loads into a MultiplicativeLR: the same keys).
     """
     install_rng = _decode_global_rng(payload.get("global_rng"), str(path / PAYLOAD))
     found = payload["meta"].get("structure")
-    theirs = found.get("optimizer") if isinstance(found, Mapping) else None
-    mine = _structure({}, state.optimizer)["optimizer"]
-    differs = _optimizer_mismatch(theirs, mine) if theirs is not None and mine is not None else None
-    if differs is not None:  # (with or without an optimizer is load_state_dict's to judge, as before)
+    found = found if isinstance(found, Mapping) else {}
+    mine = _structure({}, state.optimizer, state.scheduler)
+    theirs = found.get("optimizer")
+    differs = None
+    if theirs is not None and mine["optimizer"] is not None:  # (with or without one is load_state_dict's to judge)
+        differs = _optimizer_mismatch(theirs, mine["optimizer"])
+    differs = differs or _scheduler_mismatch(found.get("scheduler"), mine.get("scheduler"))
+    if differs is not None:
         raise StateMismatchError(f"checkpoint {path} does not fit this state: {differs}")
     return dict(payload["state"]), payload.get("extras_devices") or {}, install_rng
 

@@ -16,7 +16,7 @@ import numbers
 import types
 import warnings
 import weakref
-from collections import OrderedDict, defaultdict
+from collections import Counter, OrderedDict, defaultdict
 from collections.abc import Mapping
 from typing import Any
 
@@ -781,7 +781,7 @@ def _fork(state: TrainState, memo: dict[int, Any], *, optimizer_state: bool) -> 
     if state.optimizer is not None:
         optimizer = _clone_optimizer(state.optimizer, memo, optimizer_state)
         if state.scheduler is not None:
-            scheduler = _clone_scheduler(state.scheduler, optimizer)
+            scheduler = _clone_scheduler(state.scheduler, optimizer, memo)
     return replace(state, model=model, optimizer=optimizer, scheduler=scheduler)
 
 
@@ -1111,24 +1111,74 @@ def _track_step_called(optimizer: torch.optim.Optimizer) -> Any:
     return wrapper
 
 
-def _clone_scheduler(scheduler: Any, optimizer: torch.optim.Optimizer) -> Any:
+def _clone_scheduler(scheduler: Any, optimizer: torch.optim.Optimizer, memo: dict[int, Any]) -> Any:
+    """A copy of ``scheduler`` stepping ``optimizer`` (the copy's), its state its own: its lists and dicts
+    (``base_lrs``, a ``Counter`` of milestones, a list one appends to as a backbone unfreezes), a callable
+    object's state, the schedulers it holds. ``memo`` is :func:`_fork`'s (``id`` of the original's optimizer,
+    tensors and modules to the copy's); it is the one ``copy.deepcopy`` memo of the whole copy, so what an
+    attribute of one's own reaches of the scheduler (a method picked at construction: ``self.f = self._linear``),
+    of the optimizer or of an inner scheduler (kept in a list) is the copy's, not a stray copy of the original's."""
+    found = memo.get(id(scheduler))
+    if found is not None:  # (one held twice: by a SequentialLR and by a warm-up of one's own)
+        return found
     new = object.__new__(type(scheduler))
     attributes = scheduler.__dict__.copy()
     new.__dict__ = attributes
+    _memoize(memo, scheduler, new)
+    _memoize(memo, scheduler.optimizer, optimizer)  # (the state's: _fork's memo maps it already)
     attributes["optimizer"] = optimizer
     if "_schedulers" in attributes:
-        attributes["_schedulers"] = [_clone_scheduler(s, optimizer) for s in scheduler._schedulers]
-    torchs = _torch_scheduler(scheduler)  # (torch's own change no container in place: their callables are copied)
+        attributes["_schedulers"] = [_clone_scheduler(s, optimizer, memo) for s in scheduler._schedulers]
+    torchs = _torch_scheduler(scheduler)
     for name, value in attributes.items():
-        if type(value) in _SHARED_KINDS or name == "optimizer" or name == "_schedulers":
+        kind = type(value)
+        if kind in _SHARED_KINDS or name == "optimizer" or name == "_schedulers":
             continue
-        if isinstance(value, weakref.WeakMethod) and value.__self__ is scheduler:  # type: ignore[attr-defined]
-            attributes[name] = weakref.WeakMethod(getattr(new, value.__func__.__name__))  # type: ignore[attr-defined]
-        elif isinstance(value, torch.optim.lr_scheduler.LRScheduler):  # one held inside (a warm-up's next scheduler)
-            attributes[name] = _clone_scheduler(value, optimizer)
+        if kind in _CONTAINERS and torchs and name not in _SCHEDULER_CALLABLES:
+            attributes[name] = _own_container(value, memo)
+        elif isinstance(value, weakref.WeakMethod) and getattr(value(), "__self__", None) is scheduler:
+            attributes[name] = weakref.WeakMethod(getattr(new, value().__func__.__name__))  # type: ignore[union-attr]
+        elif isinstance(value, _Scheduler):  # one held inside (a warm-up's next scheduler)
+            attributes[name] = _clone_scheduler(value, optimizer, memo)
         elif not torchs or name in _SCHEDULER_CALLABLES or isinstance(value, torch.Tensor):
-            attributes[name] = copy.deepcopy(value)  # (a Counter stays one; functions are shared, objects copied)
+            for inner in _schedulers_in(value):  # (copied as schedulers are, before deepcopy meets them)
+                _clone_scheduler(inner, optimizer, memo)
+            attributes[name] = copy.deepcopy(value, memo)  # (a Counter stays one; functions are shared, objects copied)
     return new
+
+
+_Scheduler = torch.optim.lr_scheduler.LRScheduler
+#: the containers a copy of torch's own scheduler has its own of (``base_lrs``, ``milestones``, a Counter, ...)
+_CONTAINERS = frozenset({list, dict, set, Counter, OrderedDict, defaultdict})
+
+
+def _own_container(value: Any, memo: dict[int, Any]) -> Any:
+    """A list, dict or set of torch's own scheduler as the copy's own: a shallow copy when its items are plain
+    values (the common case, cheap on every pure step), else a deep one (OneCycleLR's list of phases)."""
+    items = value.values() if isinstance(value, dict) else value
+    if _SHARED_KINDS.issuperset(map(type, items)):
+        return value.copy()
+    return copy.deepcopy(value, memo)
+
+
+def _schedulers_in(value: Any) -> list[Any]:
+    """The schedulers an attribute of a scheduler of one's own holds in a list, tuple or dict (or is)."""
+    if isinstance(value, _Scheduler):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [v for v in value if isinstance(v, _Scheduler)]
+    if isinstance(value, dict):
+        return [v for v in value.values() if isinstance(v, _Scheduler)]
+    return []
+
+
+def _memoize(memo: dict[int, Any], original: Any, copied: Any) -> None:
+    """Map ``original`` to ``copied`` in the deepcopy ``memo``, keeping ``original`` alive as long as ``memo``
+    (deepcopy's own convention): a dead object's ``id`` may be another's later."""
+    key = id(original)
+    if key not in memo:
+        memo[key] = copied
+        memo.setdefault(id(memo), []).append(original)
 
 
 #: what torch's schedulers keep of a user's callables (whose ``__dict__`` their state dicts hold)
@@ -1236,6 +1286,7 @@ def _decode_scheduler(plain: Any, scheduler: Any) -> Any:
     scheduler of one's own may have another length (one that keeps a growing history); torch's own are checked
     strictly (a SequentialLR of other schedulers, another number of milestones)."""
     template = _last_lr_per_group(plain, scheduler.state_dict(), len(scheduler.optimizer.param_groups))
+    template = _callables_as_saved(plain, template, ("scheduler",))
     try:
         return from_plain(plain, template, ("scheduler",))
     except StateMismatchError as error:
@@ -1260,6 +1311,51 @@ def _last_lr_per_group(plain: Any, template: Any, groups: int) -> Any:
     inner, saved_inner = template.get("_schedulers"), plain.get("_schedulers")
     if isinstance(inner, list) and isinstance(saved_inner, Mapping):
         out["_schedulers"] = [_last_lr_per_group(saved_inner.get(str(i)), s, groups) for i, s in enumerate(inner)]
+    return out
+
+
+def _callables_as_saved(plain: Any, template: Any, path: tuple[str, ...]) -> Any:
+    """``template`` (torch's scheduler's state dict; nested schedulers' too) with the state of the user's callables
+    it holds (the ``__dict__`` of an ``lr_lambda`` object, of CyclicLR's ``scale_fn``) as ``plain`` holds it: theirs
+    may grow (a memo of the factors computed), so it is taken as saved, not checked against the template's."""
+    if not isinstance(template, Mapping) or not isinstance(plain, Mapping):
+        return template
+    out = dict(template)
+    lambdas, saved = template.get("lr_lambdas"), plain.get("lr_lambdas")
+    if isinstance(lambdas, list) and isinstance(saved, Mapping):
+        out["lr_lambdas"] = [  # (None for a plain function: nothing of it is saved)
+            _as_saved(saved[str(i)], own, path + ("lr_lambdas", str(i)))
+            if isinstance(own, dict) and str(i) in saved else own
+            for i, own in enumerate(lambdas)
+        ]
+    own, saved = template.get("_scale_fn_custom"), plain.get("_scale_fn_custom")
+    if isinstance(own, dict) and saved is not None:
+        out["_scale_fn_custom"] = _as_saved(saved, own, path + ("_scale_fn_custom",))
+    inner, saved_inner = template.get("_schedulers"), plain.get("_schedulers")
+    if isinstance(inner, list) and isinstance(saved_inner, Mapping):
+        out["_schedulers"] = [_callables_as_saved(saved_inner.get(str(i)), s, path + ("_schedulers", str(i)))
+                              for i, s in enumerate(inner)]
+    return out
+
+
+def _as_saved(plain: Any, template: Any, path: tuple[str, ...]) -> Any:
+    """``plain`` decoded as it is, whatever its keys and lengths, in the types ``template`` has where it has them
+    (a list stays one, a dict keyed by ints gets its int keys back); a leaf that is no tensor, number or string
+    is refused (:class:`loopkit.StateMismatchError`)."""
+    if not isinstance(plain, Mapping):
+        return decode_tree(plain, path)
+    if isinstance(template, (list, tuple)) and set(plain) == {str(i) for i in range(len(plain))}:
+        like = [template[min(i, len(template) - 1)] if template else None for i in range(len(plain))]
+        items = [_as_saved(plain[str(i)], item, path + (str(i),)) for i, item in enumerate(like)]
+        return items if isinstance(template, list) else tuple(items)
+    if not isinstance(template, Mapping):
+        return decode_tree(plain, path)
+    keys = {str(k): k for k in template}
+    ints = bool(template) and all(type(k) is int for k in template)
+    out = {}
+    for key, value in plain.items():
+        own = keys.get(key, int(key) if ints and key.lstrip("-").isdigit() else key)
+        out[own] = _as_saved(value, template.get(own), path + (key,))
     return out
 
 

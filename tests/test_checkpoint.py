@@ -436,6 +436,7 @@ def test_meta_records_the_structure_that_read_structure_reads_without_the_tensor
     expected = {
         "model": {"0.weight": [16, 4], "0.bias": [16], "2.weight": [2, 16], "2.bias": [2]},
         "optimizer": {"type": "AdamW", "param_groups": [4]},
+        "scheduler": {"type": "StepLR"},
     }
     assert checkpoint.structure(state) == expected
     assert json.loads((path / "meta.json").read_text())["structure"] == expected
@@ -823,6 +824,55 @@ def test_restore_refuses_a_checkpoint_of_another_optimizer_class_as_with_checkpo
     assert_trees_equal(take_snapshot(template), before)
     assert template.optimizer.param_groups[0]["weight_decay"] == 0.01
     assert torch.equal(torch.get_rng_state(), rng_before)
+
+
+def test_restore_refuses_a_checkpoint_of_another_scheduler_class_and_resumes_one_of_its_own(tmp_path, assert_trees_equal):
+    """Reference: the uninterrupted run. Before: a LambdaLR's checkpoint (the keys a MultiplicativeLR's state has)
+    restored into a MultiplicativeLR silently, and the rates then followed the other rule. A SequentialLR running
+    other schedulers is refused too; a checkpoint saved before the scheduler's class was recorded still loads."""
+    lr = torch.optim.lr_scheduler
+    lambda_lr = lambda o: lr.LambdaLR(o, lambda epoch: 0.9)  # noqa: E731
+    multiplicative = lambda o: lr.MultiplicativeLR(o, lambda epoch: 0.9)  # noqa: E731
+
+    def made(make_scheduler) -> TrainState:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = nn.Linear(4, 2)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        return TrainState.create(model, optimizer, make_scheduler(optimizer))
+
+    step = loopkit.donate(train_step(lambda m, b: m(b).pow(2).mean()))
+    batches = [torch.randn(3, 4, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    uninterrupted = made(lambda_lr)
+    for k, batch in enumerate(batches):
+        uninterrupted, _ = step(uninterrupted, batch)
+        if k == 1:
+            path = checkpoint.save(uninterrupted, tmp_path / "a")
+    expected = "its scheduler is LambdaLR, and this state's MultiplicativeLR"
+    with pytest.raises(StateMismatchError, match=re.escape(expected)) as info:
+        checkpoint.restore(made(multiplicative), tmp_path / "a")
+    assert path.name in str(info.value)
+    assert checkpoint.structure_mismatch(checkpoint.read_structure(path), checkpoint.structure(made(multiplicative))) == (
+        expected  # (as with_checkpointing refuses the directory)
+    )
+    resumed = checkpoint.restore(made(lambda_lr), tmp_path / "a")
+    for batch in batches[2:]:
+        resumed, _ = step(resumed, batch)
+    assert_trees_equal(resumed.state_dict(), uninterrupted.state_dict())
+
+    def sequential(first):
+        return lambda o: lr.SequentialLR(o, [first(o), lr.ExponentialLR(o, 0.5)], milestones=[2])
+
+    seq = checkpoint.save(made(sequential(lambda_lr)), tmp_path / "b")
+    with pytest.raises(StateMismatchError, match=re.escape(
+            "its scheduler is SequentialLR of LambdaLR, ExponentialLR, and this state's SequentialLR of "
+            "MultiplicativeLR, ExponentialLR")):
+        checkpoint.restore(made(sequential(multiplicative)), seq)
+    meta = json.loads((path / "meta.json").read_text())
+    del meta["structure"]["scheduler"]  # saved by a loopkit that did not record it: any scheduler matches
+    (path / "meta.json").write_text(json.dumps(meta))
+    _resign(path)
+    assert checkpoint.restore(made(multiplicative), path).step == 2
 
 
 def test_a_state_pt_of_ones_own_beside_the_checkpoints_does_not_make_the_folder_a_checkpoint(tmp_path, make_mlp):

@@ -1206,6 +1206,65 @@ class _WarmupThen(torch.optim.lr_scheduler.LRScheduler):
         self.__dict__.update({k: v for k, v in state_dict.items() if k != "after"})
 
 
+class _Memoizing:
+    """An ``lr_lambda`` (or CyclicLR ``scale_fn``) object whose state grows: a memo of the factors it computed."""
+
+    def __init__(self, steps):
+        self.steps, self.cache = steps, {}
+
+    def __call__(self, x):
+        if x not in self.cache:
+            self.cache[x] = min(1.0, (x + 1) / self.steps)
+        return self.cache[x]
+
+
+class _PicksItsMethod(torch.optim.lr_scheduler.LRScheduler):
+    """OneCycleLR's pattern in a scheduler of one's own: the annealing function, a bound method, picked at
+    construction."""
+
+    def __init__(self, optimizer, steps, strategy="linear"):
+        self.steps = steps
+        self.anneal = self._linear if strategy == "linear" else self._square
+        super().__init__(optimizer)
+
+    def _linear(self):
+        return min(1.0, (self.last_epoch + 1) / self.steps)
+
+    def _square(self):
+        return min(1.0, ((self.last_epoch + 1) / self.steps) ** 2)
+
+    def get_lr(self):
+        return [lr * self.anneal() for lr in self.base_lrs]
+
+    def state_dict(self):
+        return {k: v for k, v in self.__dict__.items() if k not in ("optimizer", "anneal")}
+
+
+class _RunsAList(torch.optim.lr_scheduler.LRScheduler):
+    """A scheduler of one's own stepping the schedulers it keeps in a list (as ChainedScheduler does)."""
+
+    def __init__(self, optimizer, inner):
+        self.inner = []  # (none stepped by the initial step LRScheduler makes: each made its own)
+        super().__init__(optimizer)
+        self.inner = list(inner)
+
+    def get_lr(self):
+        return [group["lr"] for group in self.optimizer.param_groups]
+
+    def step(self, epoch=None):
+        for scheduler in self.inner:
+            scheduler.step()
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+    def state_dict(self):
+        return {"inner": [s.state_dict() for s in self.inner], "_last_lr": self._last_lr}
+
+    def load_state_dict(self, state_dict):
+        for scheduler, saved in zip(self.inner, state_dict["inner"]):
+            scheduler.load_state_dict(saved)
+        self._last_lr = state_dict["_last_lr"]
+
+
 _LR = torch.optim.lr_scheduler
 _SCHEDULERS = {
     "StepLR": lambda o: _LR.StepLR(o, 3, 0.5),
@@ -1220,6 +1279,11 @@ _SCHEDULERS = {
     "ChainedScheduler": lambda o: _LR.ChainedScheduler([_LR.ConstantLR(o, 0.5, total_iters=2), _LR.ExponentialLR(o, 0.9)]),
     "a scheduler of one's own with a growing list": _KeepsHistory,
     "a warm-up of one's own holding the next scheduler": lambda o: _WarmupThen(o, _LR.StepLR(o, 2, 0.5)),
+    "LambdaLR of an object memoizing its factors": lambda o: _LR.LambdaLR(o, _Memoizing(6)),
+    "CyclicLR of a scale_fn object memoizing": lambda o: _LR.CyclicLR(
+        o, 0.01, 0.1, step_size_up=2, scale_fn=_Memoizing(5), scale_mode="iterations"),
+    "a scheduler of one's own picking its method at construction": lambda o: _PicksItsMethod(o, 6),
+    "a scheduler of one's own stepping those in its list": lambda o: _RunsAList(o, [_LR.ExponentialLR(o, 0.5)]),
 }
 
 
@@ -1235,7 +1299,10 @@ def test_every_kind_of_scheduler_stays_pure_and_resumes_exactly_as_a_raw_loop_ru
     """Reference: a raw loop (backward, step, scheduler.step, zero_grad). A restored MultiStepLR's milestones came
     back a dict (SequentialLR then failed at its milestone); an lr_lambda object and a custom scheduler's list
     were shared with the given state (a pure step changed them; loading changed the template's); a list that grew
-    was refused on load."""
+    was refused on load, and so was an lr_lambda's (or scale_fn's) memo that grew ("unexpected key
+    'scheduler.lr_lambdas.0.cache.1'"). A method a scheduler of one's own picked at construction stayed bound to a
+    deep copy of the original (its last_epoch frozen), and inner schedulers it kept in a list stepped a stray copy
+    of the optimizer (the rate never changed), in pure steps and after loading alike."""
     make = _SCHEDULERS[kind]
     batches = [(torch.randn(4, 3), torch.randn(4, 1)) for _ in range(8)]
     loss = lambda m, b: ((m(b[0]) - b[1]) ** 2).mean()  # noqa: E731
@@ -1260,6 +1327,46 @@ def test_every_kind_of_scheduler_stays_pure_and_resumes_exactly_as_a_raw_loop_ru
     assert_trees_equal(resumed.scheduler.state_dict(), scheduler.state_dict())
     assert torch.equal(resumed.model.weight, model.weight) and torch.equal(resumed.model.bias, model.bias)
     assert resumed.scheduler.get_last_lr() == scheduler.get_last_lr()
+
+
+def test_the_backbone_finetuning_recipe_run_not_donated_leaves_the_given_schedulers_lists_as_they_were(
+        assert_trees_equal):
+    """docs/from_lightning.md's BackboneFinetuning recipe appends the new group's rate to ``scheduler.base_lrs``. A
+    copy of torch's own scheduler shared its lists with the original, so run_epochs(donate=False) appended to the
+    given state's: it then had more base_lrs than groups and could not step. References: the same run donated, and
+    a raw loop's first update for the given state's next step."""
+    def parts():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 1))
+        model[0].requires_grad_(False)
+        optimizer = torch.optim.SGD(model[2].parameters(), lr=0.1)
+        return model, optimizer, _LR.LambdaLR(optimizer, lambda epoch: 0.9 ** epoch)
+
+    class Unfreeze(loopkit.Callback):
+        def on_epoch_start(self, state):
+            if state.epoch == 1:
+                state.model[0].requires_grad_(True)
+                state.optimizer.add_param_group({"params": list(state.model[0].parameters()), "lr": 0.01})
+                state.scheduler.base_lrs.append(0.01)
+                state.scheduler.lr_lambdas.append(lambda epoch: 1.0)
+
+    batches = [(torch.randn(4, 4, generator=torch.Generator().manual_seed(i)), torch.ones(4, 1)) for i in range(3)]
+    loss = lambda m, b: ((m(b[0]) - b[1]) ** 2).mean()  # noqa: E731
+    given = loopkit.TrainState.create(*parts())
+    before = copy.deepcopy(given.scheduler.state_dict())
+    fit = functools.partial(loopkit.run_epochs, loopkit.train_step(loss), train_data=batches, epochs=2,
+                            callbacks=[Unfreeze()], progress=False)
+    kept, _ = fit(given, donate=False)
+    donated, _ = fit(loopkit.TrainState.create(*parts()))
+    assert_trees_equal(kept.state_dict(), donated.state_dict())
+    assert_trees_equal(given.scheduler.state_dict(), before)
+    model, optimizer, scheduler = parts()
+    loss(model, batches[0]).backward()
+    optimizer.step()
+    scheduler.step()
+    stepped, _ = loopkit.train_step(loss)(given, batches[0])
+    assert torch.equal(stepped.model[2].weight, model[2].weight)
+    assert stepped.scheduler.get_last_lr() == scheduler.get_last_lr()
 
 
 def test_a_checkpoint_of_torchs_own_scheduler_of_another_structure_is_refused():

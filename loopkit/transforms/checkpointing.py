@@ -385,11 +385,11 @@ class CheckpointStep(UpdateStep):
             return name, self._scores().get(name)
 
     def _check_directory(self, state: TrainState, *, agreed: bool) -> None:
-        """Refuse a directory whose newest readable checkpoint is of another model or optimizer (another
+        """Refuse a directory whose newest readable checkpoint is of another model, optimizer or scheduler (another
         experiment's, given this directory by mistake): keep_last and keep_best would delete it, and
         ``restore`` could no longer load it. Compared by :func:`loopkit.checkpoint.structure` (names and
-        shapes of the model's parameters and buffers, the optimizer's class), read from the checkpoint's
-        ``meta.json`` without loading its tensors (an older checkpoint without it: from its payload's keys
+        shapes of the model's parameters and buffers, the optimizer's and scheduler's classes), read from the
+        checkpoint's ``meta.json`` without loading its tensors (an older checkpoint without it: from its payload's keys
         and shapes, memory-mapped). Rank 0, which alone writes, reads the directory; with ``agreed`` (a
         point every rank reaches) every rank raises on its word, so none is left waiting in a collective.
         A model with lazy modules not yet initialised is compared again, shapes and all, later."""
@@ -418,8 +418,8 @@ class CheckpointStep(UpdateStep):
             if differs is None:
                 return None
             return (
-                f"with_checkpointing: {self.directory} holds checkpoints of another model or optimizer: the "
-                f"newest, {info.name}, does not fit this state ({differs}); this run's checkpoints would be "
+                f"with_checkpointing: {self.directory} holds checkpoints of another model, optimizer or scheduler: "
+                f"the newest, {info.name}, does not fit this state ({differs}); this run's checkpoints would be "
                 "mixed with them, and keep_last/keep_best would delete them. Give this run a directory of its "
                 "own, or delete the old checkpoints (that directory) if they are no longer needed"
             )
@@ -626,8 +626,8 @@ def with_checkpointing(
     the state after every transform inside it has done its part of the step (under
     ``run_epochs`` its step saves see the outer ones' part too). The directory
     belongs to one run: old checkpoints there are pruned by the same rules. A directory whose
-    newest checkpoint is of another model or optimizer (other parameter or buffer names or
-    shapes, another optimizer class) is refused with a
+    newest checkpoint is of another model, optimizer or scheduler (other parameter or buffer names
+    or shapes, another optimizer or scheduler class) is refused with a
     :class:`loopkit.StateMismatchError` naming it and the first difference, before the first
     step (under ``run_epochs`` when the fit starts, in a loop of your own at the first call),
     so that nothing of the other run's is deleted. Only rank 0

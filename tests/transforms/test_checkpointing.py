@@ -179,7 +179,9 @@ def test_a_run_of_another_model_in_the_directory_is_refused_before_its_first_ste
     with pytest.raises(loopkit.StateMismatchError) as info:
         run_epochs(step, other, _loader(), epochs=2, progress=False)
     message = str(info.value)
-    assert message.startswith(f"with_checkpointing: {tmp_path} holds checkpoints of another model or optimizer")
+    assert message.startswith(
+        f"with_checkpointing: {tmp_path} holds checkpoints of another model, optimizer or scheduler"
+    )
     assert "ckpt-000002-step2-epoch0-batch2" in message
     assert "key 'model.0.weight' has shape (8, 3) there and (16, 3) in this model" in message
     assert "a directory of its own, or delete the old checkpoints" in message
