@@ -180,13 +180,25 @@ class Logger:
             self._write_metrics(metrics, int(step))  # (a numpy integer step as Python's)
 
     def log_hparams(self, hparams: Mapping[str, Any], metrics: Mapping[str, float] | None = None) -> None:
-        """Record the run's hyper-parameters (and optionally the metrics to compare them by)."""
+        """Record the run's hyper-parameters (and optionally the metrics to compare them by). A later call adds
+        to (and updates) those of the earlier ones, as Lightning's loggers' ``log_hyperparams`` do.
+
+        >>> logger = ConsoleLogger()
+        >>> logger.log_hparams({"lr": 0.1, "model": {"hidden": 8}}); logger.log_hparams({"batch_size": 32})
+        >>> logger.hparams
+        {'lr': 0.1, 'model': {'hidden': 8}, 'batch_size': 32}
+        """
         who = type(self).__name__
         plain = _plain_hparams(hparams, who)
         final = None if metrics is None else _check_metrics(metrics, 0, who)
-        self._hparams = plain
+        self._hparams = plain = {**(self._hparams or {}), **plain}
         if is_rank_zero():
             self._write_hparams(plain, final)
+
+    @property
+    def hparams(self) -> dict[str, Any]:
+        """The hyper-parameters :meth:`log_hparams` recorded so far (all its calls')."""
+        return dict(self._hparams or {})
 
     def finalize(self, status: str = "success") -> None:
         """Flush and close whatever is open; logging again afterwards reopens it.
@@ -669,6 +681,7 @@ class TensorBoardLogger(RunDirLogger):
         self._last_step = 0
         self._final_metrics: dict[str, float] | None = None
         self._hparams_written = False
+        self._summaries = 0  # the hyper-parameter summaries this logger wrote
         self._finished = False  # finalized, and nothing written since
         self._earlier: list[str] = []  # the folder's event files when resume_at was last applied
         self._kept: dict[str, tuple[int, float]] = {}  # the newest scalar of each tag _drop_records kept there
@@ -792,8 +805,15 @@ class TensorBoardLogger(RunDirLogger):
         unlogged = {k: v for k, v in metrics.items() if k not in self._last}
         if unlogged:  # final metrics never logged as scalars: add them, for the HPARAMS tab
             self._add(_scalars(unlogged), self._last_step)
-        if self._earlier:  # a resumed run's hyper-parameters replace those of its part before the resume
-            self._drop_records(self._folder(), lambda step, tags: not any(t.startswith(_HPARAMS) for t in tags))
+        # a resumed run's hyper-parameters replace those of its part before the resume, and a summary written again
+        # (log_hparams after the fit, when it was given before too) the one before: TensorBoard reads the first
+        earlier = list(self._earlier)
+        if self._summaries:
+            current = None if self._file is None else self._file.path
+            earlier += [path for path in sorted(self._own) if path != current and path not in earlier and os.path.exists(path)]
+        for path in earlier:
+            _filter_event_file(path, lambda step, tags: not any(t.startswith(_HPARAMS) for t in tags))
+        self._summaries += 1
         flat = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in _flatten(self._hparams).items()}
         for summary in hparams_summary(flat, metrics):
             self._add(summary, 0)

@@ -471,6 +471,47 @@ def test_numpy_hparams_are_numbers_in_hparams_json_and_tensorboard(tmp_path):
     assert start["batch_size"].number_value == 32 and start["lr"].number_value == 0.5
 
 
+def test_a_later_log_hparams_adds_to_the_earlier_ones_as_lightnings_loggers_do(tmp_path):
+    """A second call replaced the first one's hyper-parameters (Lightning's loggers update theirs: hparams.update)."""
+    for cls in (CSVLogger, JSONLLogger, TensorBoardLogger):
+        logger = cls(tmp_path, cls.__name__)
+        logger.log_hparams({"lr": 0.1, "model": {"hidden": 8}})
+        logger.log_metrics({"train/loss": 1.0}, 1)
+        logger.log_hparams({"batch_size": 32, "lr": 0.2}, {"best/loss": 0.5})
+        logger.finalize()
+        written = json.load(open(os.path.join(logger.log_dir, "hparams.json")))
+        assert written == {"lr": 0.2, "model": {"hidden": 8}, "batch_size": 32, "metrics": {"best/loss": 0.5}}
+
+
+def test_tensorboards_hparams_tab_shows_what_log_hparams_gives_after_the_fit_when_given_before_too(tmp_path):
+    """The guide's flow: log_hparams(cfg) before run_epochs, log_hparams(cfg, {"best/loss": ...}) after. The second
+    summary went to a second event file, and TensorBoard reads a tag's first metadata: the tab kept the first."""
+    logger = TensorBoardLogger(tmp_path)
+    logger.log_hparams({"lr": 0.1})
+    model = torch.nn.Linear(2, 1)
+    state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    step = loopkit.with_logging(loopkit.train_step(lambda m, b: m(b).pow(2).mean()), logger, every_n_steps=1)
+    loopkit.run_epochs(step, state, [torch.ones(4, 2)] * 3, epochs=1, progress=False)
+    logger.log_hparams({"tag": "final"}, {"best/loss": 0.5})
+    acc = EventAccumulator(logger.log_dir, size_guidance={"tensors": 0})
+    acc.Reload()
+    content = acc.PluginTagToContent("hparams")
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
+    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
+    assert [info.name.tag for info in experiment.metric_infos] == ["best/loss"]
+    assert sorted(start.hparams) == ["lr", "tag"] and start.hparams["tag"].string_value == "final"
+
+
+def test_two_loggers_of_one_class_in_one_folder_are_refused_however_the_version_is_spelt(tmp_path):
+    step = loopkit.train_step(lambda m, b: m(b).sum())
+    for other in ("version_3", os.path.join(".", "version_3")):
+        with pytest.raises(ValueError, match="both CSVLoggers of one run folder"):
+            loopkit.with_logging(step, CSVLogger(tmp_path, "r", version=3), CSVLogger(tmp_path, "r", version=other))
+    claimed = CSVLogger(tmp_path, "s")
+    with pytest.raises(ValueError, match="both CSVLoggers of one run folder"):  # one claimed version_0, one fixed at it
+        loopkit.with_logging(step, CSVLogger(tmp_path, "s", version=int(os.path.basename(claimed.log_dir)[8:])), claimed)
+
+
 # --- file formats ------------------------------------------------------------------------------
 
 

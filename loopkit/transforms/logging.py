@@ -238,13 +238,16 @@ def _shares(follower: Any, leader: Any) -> bool:
 
 
 def _run_folder(logger: Any) -> Any:
-    """What names a file logger's run folder without claiming it: its last leader, or its fixed version."""
+    """What names a file logger's run folder without claiming it: its last leader's, as the path its fixed version
+    (``3`` or ``"version_3"``) or the folder it claimed already make, else the leader itself."""
     while getattr(logger, "_leader", None) is not None:
         logger = logger._leader
     version = getattr(logger, "version", None)
     if version is not None:
-        return (os.path.abspath(logger.root), logger.name, version)
-    return id(logger)
+        folder = f"version_{version}" if isinstance(version, int) else version
+        return os.path.normpath(os.path.join(os.path.abspath(logger.root), logger.name, folder))
+    claimed = getattr(logger, "_dir", None)
+    return id(logger) if claimed is None else os.path.normpath(os.path.abspath(claimed))
 
 
 def _refuse_one_file_twice(loggers: tuple[Any, ...]) -> None:
