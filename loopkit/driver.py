@@ -182,8 +182,8 @@ def _epoch_batches(
     samplers = (getattr(data, "sampler", None), batch_sampler, getattr(batch_sampler, "sampler", None))
     for sampler in {id(s): s for s in samplers if hasattr(s, "set_epoch")}.values():  # (as Lightning sets them)
         sampler.set_epoch(epoch)
-    for generator in _data_generators(data):
-        generator.manual_seed(order_seed)
+    for k, generator in enumerate(_data_generators(data)):  # (a holder's own ``generator``s first: the epoch's
+        generator.manual_seed(order_seed if k < _named_generators(data) else _order_seed(order_seed, k))  # seed)
     cpu = torch.default_generator  # what samplers without a generator of their own draw from
     saved = cpu.get_state()
     # a resumed run reads the batches it skips without drawing from the global RNGs (torch's, numpy's,
@@ -277,31 +277,54 @@ def _counted_batches(state: TrainState, total: int | None) -> TrainState:
     return replace_extras(state, extras)
 
 
-def _data_generators(data: Iterable) -> list[torch.Generator]:
-    """The generators ``data`` shuffles with: a DataLoader's own, its sampler's, its batch sampler's and that one's
-    sampler's (each holder's ``generator``, or a generator it keeps under another name: ``self.rng``)."""
+def _data_holders(data: Iterable) -> tuple[Any, ...]:
+    """What may hold ``data``'s generators: the DataLoader, its sampler, its batch sampler and that one's sampler."""
     batch_sampler = getattr(data, "batch_sampler", None)
-    holders = (data, getattr(data, "sampler", None), batch_sampler, getattr(batch_sampler, "sampler", None))
+    return tuple(h for h in (data, getattr(data, "sampler", None), batch_sampler, getattr(batch_sampler, "sampler", None))
+                 if h is not None)
+
+
+def _data_generators(data: Iterable) -> list[torch.Generator]:
+    """The generators ``data`` shuffles with: first each holder's ``generator`` (:func:`_named_generators` of
+    them: a DataLoader's own, its sampler's, ...), then those a holder keeps under other names (``self.rng``, a
+    sampler of one's own's). Never torch's global generator (what samplers without one draw from)."""
     found: list[torch.Generator] = []
-    for holder in holders:
-        if holder is None:
-            continue
-        kept = getattr(holder, "__dict__", {})
-        for generator in (getattr(holder, "generator", None), *kept.values()):
-            if isinstance(generator, torch.Generator) and all(generator is not g for g in found):
-                found.append(generator)
+    named = [getattr(holder, "generator", None) for holder in _data_holders(data)]
+    kept = [value for holder in _data_holders(data) for value in getattr(holder, "__dict__", {}).values()]
+    for generator in (*named, *kept):
+        if (isinstance(generator, torch.Generator) and generator is not torch.default_generator
+                and all(generator is not g for g in found)):
+            found.append(generator)
     return found
+
+
+def _named_generators(data: Iterable) -> int:
+    """How many of :func:`_data_generators` are holders' ``generator``: seeded with the epoch's order seed, as
+    a DataLoader's is; each other one gets a seed of its own (a sampler's two, one drawing the order and one a
+    subsample, would draw the same numbers from one seed)."""
+    named = {id(g) for holder in _data_holders(data) if isinstance(g := getattr(holder, "generator", None), torch.Generator)
+             and g is not torch.default_generator}
+    return len(named)
 
 
 def _batch_size(batch: Any) -> int:
     """The length of the batch's first tensor with a batch dimension, depth first through mappings,
     lists, tuples and dataclasses (a collated tuple of strings or a 0-dim tensor before it does not
-    count), else through the attributes of an object of one's own (a ``collate_fn``'s batch class);
+    count), else as an object of one's own says (a ``collate_fn``'s batch class: :func:`_own_batch_size`);
     1 when there is none."""
     found = next((int(t.shape[0]) for t in tensors(batch) if t.ndim > 0), None)
     if found is None and not isinstance(batch, (torch.Tensor, str, bytes)) and hasattr(batch, "__dict__"):
-        found = next((int(t.shape[0]) for t in tensors(list(vars(batch).values())) if t.ndim > 0), None)
+        found = _own_batch_size(batch)
     return 1 if found is None else found
+
+
+def _own_batch_size(batch: Any) -> int | None:
+    """The size of a batch of one's own class: its ``len()`` where it has one, else the first dimension its
+    attributes' tensors agree on (None where they disagree: a ``class_weights`` of 10 beside 4 samples)."""
+    if hasattr(type(batch), "__len__"):
+        return len(batch)
+    sizes = {int(t.shape[0]) for t in tensors(list(vars(batch).values())) if t.ndim > 0}
+    return sizes.pop() if len(sizes) == 1 else None
 
 
 def _check_device(device: Any, where: str) -> Any:

@@ -1154,10 +1154,13 @@ _CONTAINERS = frozenset({list, dict, set, Counter, OrderedDict, defaultdict})
 
 def _own_container(value: Any, memo: dict[int, Any]) -> Any:
     """A list, dict or set of torch's own scheduler as the copy's own: a shallow copy when its items are plain
-    values (the common case, cheap on every pure step), else a deep one (OneCycleLR's list of phases)."""
+    values (the common case, cheap on every pure step), a list of such dicts (OneCycleLR's phases) one level
+    deeper, else a deep one."""
     items = value.values() if isinstance(value, dict) else value
     if _SHARED_KINDS.issuperset(map(type, items)):
         return value.copy()
+    if type(value) is list and all(type(item) is dict and _SHARED_KINDS.issuperset(map(type, item.values())) for item in value):
+        return [item.copy() for item in value]
     return copy.deepcopy(value, memo)
 
 
@@ -1341,9 +1344,17 @@ def _callables_as_saved(plain: Any, template: Any, path: tuple[str, ...]) -> Any
 def _as_saved(plain: Any, template: Any, path: tuple[str, ...]) -> Any:
     """``plain`` decoded as it is, whatever its keys and lengths, in the types ``template`` has where it has them
     (a list stays one, a dict keyed by ints gets its int keys back); a leaf that is no tensor, number or string
-    is refused (:class:`loopkit.StateMismatchError`)."""
+    is refused (:class:`loopkit.StateMismatchError`), and so are numbered entries where ``template`` has none to
+    tell a list, a dict keyed by ints and one keyed by strings apart (a memo empty when the callable is made)."""
     if not isinstance(plain, Mapping):
         return decode_tree(plain, path)
+    if plain and (template is None or template == {}) and all(key.lstrip("-").isdigit() for key in plain):
+        raise StateMismatchError(
+            f"key '{'.'.join(path)}' holds entries numbered {', '.join(list(plain)[:3])}{', ...' if len(plain) > 3 else ''}, "
+            "which this state's, made empty, cannot tell to be a list's, or a dict's keyed by ints or by strings (a "
+            "memo the scheduler's callable fills as it runs); give it an entry when it is made (its keys' type), "
+            "or keep the memo out of the callable's attributes (functools.lru_cache)"
+        )
     if isinstance(template, (list, tuple)) and set(plain) == {str(i) for i in range(len(plain))}:
         like = [template[min(i, len(template) - 1)] if template else None for i in range(len(plain))]
         items = [_as_saved(plain[str(i)], item, path + (str(i),)) for i, item in enumerate(like)]

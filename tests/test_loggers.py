@@ -565,8 +565,11 @@ def test_every_file_logger_writes_hparams_json(tmp_path):
         logger.log_metrics({"loss": 1.0}, 1)
         written = json.load(open(os.path.join(logger.log_dir, "hparams.json")))
         assert written == {"lr": 0.1, "model": {"hidden": 8}, "optimizer": str(torch.optim.SGD), "betas": [0.9, 0.99]}
-        logger.log_hparams({"lr": 0.2}, {"val/loss": 0.5})  # once the folder exists, written at once
-        assert json.load(open(os.path.join(logger.log_dir, "hparams.json"))) == {"lr": 0.2, "metrics": {"val/loss": 0.5}}
+        logger.log_hparams({"lr": 0.2}, {"val/loss": 0.5})  # once the folder exists, written at once (added to the first)
+        assert json.load(open(os.path.join(logger.log_dir, "hparams.json"))) == {
+            "lr": 0.2, "model": {"hidden": 8}, "optimizer": str(torch.optim.SGD), "betas": [0.9, 0.99],
+            "metrics": {"val/loss": 0.5},
+        }
 
 
 def test_jsonl_is_one_object_per_line(tmp_path):

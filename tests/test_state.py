@@ -1218,6 +1218,37 @@ class _Memoizing:
         return self.cache[x]
 
 
+class _MemoFromScratch:
+    """An ``lr_lambda`` whose memo is empty when it is made (LambdaLR's first call, at 0, stores nothing): its keys
+    are ints, which a checkpoint saves as strings."""
+
+    def __init__(self):
+        self.memo = {}
+
+    def __call__(self, s):
+        if s == 0:
+            return 1.0
+        self.memo[s] = self.memo.get(s - 1, 1.0) * 0.9
+        return self.memo[s]
+
+
+def test_a_memo_keyed_by_numbers_that_a_fresh_state_holds_empty_is_refused_rather_than_guessed(tmp_path):
+    """Its keys came back as strings: the resumed schedule silently read an empty memo (lr 0.81 where the
+    uninterrupted run has 0.59049)."""
+    def made():
+        model = nn.Linear(2, 1)
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+        return loopkit.TrainState.create(model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, _MemoFromScratch()))
+
+    state = made()
+    for _ in range(3):
+        state, _ = loopkit.train_step(lambda m, b: m(b).sum())(state, torch.ones(2, 2))
+    loopkit.checkpoint.save(state, tmp_path)
+    with pytest.raises(loopkit.StateMismatchError, match=r"key 'scheduler\.lr_lambdas\.0\.memo' holds entries "
+                                                         r"numbered 1, 2, 3, which this state's, made empty, cannot tell"):
+        loopkit.restore(made(), tmp_path)
+
+
 class _PicksItsMethod(torch.optim.lr_scheduler.LRScheduler):
     """OneCycleLR's pattern in a scheduler of one's own: the annealing function, a bound method, picked at
     construction."""

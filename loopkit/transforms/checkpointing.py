@@ -385,10 +385,11 @@ class CheckpointStep(UpdateStep):
             return name, self._scores().get(name)
 
     def _check_directory(self, state: TrainState, *, agreed: bool) -> None:
-        """Refuse a directory whose newest readable checkpoint is of another model, optimizer or scheduler (another
+        """Refuse a directory whose newest readable checkpoint is of another model or optimizer (another
         experiment's, given this directory by mistake): keep_last and keep_best would delete it, and
         ``restore`` could no longer load it. Compared by :func:`loopkit.checkpoint.structure` (names and
-        shapes of the model's parameters and buffers, the optimizer's and scheduler's classes), read from the
+        shapes of the model's parameters and buffers, the optimizer's class; not the scheduler's: a run may switch
+        schedulers between its phases in one folder), read from the
         checkpoint's ``meta.json`` without loading its tensors (an older checkpoint without it: from its payload's keys
         and shapes, memory-mapped). Rank 0, which alone writes, reads the directory; with ``agreed`` (a
         point every rank reaches) every rank raises on its word, so none is left waiting in a collective.
@@ -410,15 +411,15 @@ class CheckpointStep(UpdateStep):
                 theirs = checkpoint.read_structure(info.path)
             except CheckpointCorruptError:  # an incomplete or damaged one: restore skips it too
                 continue
-            differs = checkpoint.structure_mismatch(theirs, checkpoint.structure(state))
+            differs = checkpoint.structure_mismatch(theirs, _without_scheduler(checkpoint.structure(state)))
             if differs is not None:
                 prepared = self.inner.prepare(state)  # a step that reshapes the model at its first call (with_qat)
                 if prepared is not state:
-                    differs = checkpoint.structure_mismatch(theirs, checkpoint.structure(prepared))
+                    differs = checkpoint.structure_mismatch(theirs, _without_scheduler(checkpoint.structure(prepared)))
             if differs is None:
                 return None
             return (
-                f"with_checkpointing: {self.directory} holds checkpoints of another model, optimizer or scheduler: "
+                f"with_checkpointing: {self.directory} holds checkpoints of another model or optimizer: "
                 f"the newest, {info.name}, does not fit this state ({differs}); this run's checkpoints would be "
                 "mixed with them, and keep_last/keep_best would delete them. Give this run a directory of its "
                 "own, or delete the old checkpoints (that directory) if they are no longer needed"
@@ -626,8 +627,8 @@ def with_checkpointing(
     the state after every transform inside it has done its part of the step (under
     ``run_epochs`` its step saves see the outer ones' part too). The directory
     belongs to one run: old checkpoints there are pruned by the same rules. A directory whose
-    newest checkpoint is of another model, optimizer or scheduler (other parameter or buffer names
-    or shapes, another optimizer or scheduler class) is refused with a
+    newest checkpoint is of another model or optimizer (other parameter or buffer names
+    or shapes, another optimizer class; a scheduler switched between phases of a run is not) is refused with a
     :class:`loopkit.StateMismatchError` naming it and the first difference, before the first
     step (under ``run_epochs`` when the fit starts, in a loop of your own at the first call),
     so that nothing of the other run's is deleted. Only rank 0
@@ -696,3 +697,10 @@ def with_checkpointing(
         async_save=bool(async_save),
         durable=bool(durable),
     )
+
+
+def _without_scheduler(structure: dict[str, Any]) -> dict[str, Any]:
+    """A state's :func:`loopkit.checkpoint.structure` without its scheduler: a run may switch schedulers between its
+    phases in one folder (``state.evolve(scheduler=...)``), so the folder check compares the model and optimizer
+    (``restore`` still refuses a checkpoint of another scheduler class: its state would drive the wrong rule)."""
+    return {key: value for key, value in structure.items() if key != "scheduler"}

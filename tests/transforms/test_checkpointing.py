@@ -59,6 +59,25 @@ def _mse(model: nn.Module, batch) -> torch.Tensor:
     return ((model(x) - y) ** 2).mean()
 
 
+def test_a_run_that_switches_schedulers_between_its_phases_goes_on_in_its_folder_and_restore_picks_the_phase(
+    tmp_path, assert_trees_equal
+):
+    """A second phase of one run (state.evolve(scheduler=...)) in the same folder was refused as another
+    experiment's. Reference: the same two phases without checkpoints. restore still tells the schedulers apart."""
+    def phase_two(state: TrainState) -> TrainState:
+        return state.evolve(scheduler=torch.optim.lr_scheduler.CosineAnnealingLR(state.optimizer, T_max=8))
+
+    step = with_checkpointing(train_step(_mse), tmp_path, every_n_steps=5)
+    first, _ = run_epochs(step, _state(), _loader(), epochs=1, progress=False)
+    second, _ = run_epochs(step, phase_two(first), _loader(), epochs=2, progress=False)
+    plain, _ = run_epochs(train_step(_mse), _state(), _loader(), epochs=1, progress=False)
+    plain, _ = run_epochs(train_step(_mse), phase_two(plain), _loader(), epochs=2, progress=False)
+    assert_trees_equal(second.state_dict(), plain.state_dict())
+    assert loopkit.restore(phase_two(_state()), tmp_path).step == 20
+    with pytest.raises(loopkit.StateMismatchError, match="its scheduler is CosineAnnealingLR, and this state's StepLR"):
+        loopkit.restore(_state(), tmp_path)
+
+
 def _count_step(state: TrainState, batch) -> tuple[TrainState, dict]:
     """A plain function step: one update per call, no model change."""
     return state.evolve(step=state.step + 1, batch_index=state.batch_index + 1), {}
@@ -180,7 +199,7 @@ def test_a_run_of_another_model_in_the_directory_is_refused_before_its_first_ste
         run_epochs(step, other, _loader(), epochs=2, progress=False)
     message = str(info.value)
     assert message.startswith(
-        f"with_checkpointing: {tmp_path} holds checkpoints of another model, optimizer or scheduler"
+        f"with_checkpointing: {tmp_path} holds checkpoints of another model or optimizer"
     )
     assert "ckpt-000002-step2-epoch0-batch2" in message
     assert "key 'model.0.weight' has shape (8, 3) there and (16, 3) in this model" in message
