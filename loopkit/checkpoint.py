@@ -1266,7 +1266,8 @@ def _newest_intact(directory: Path, state: TrainState) -> tuple[Path, tuple[Any,
                 vanished = True
                 break
             except CheckpointCorruptError as e:
-                if not info.path.exists():  # removed between the listing and the load: rotated away, not corrupt
+                if not os.path.lexists(info.path):  # removed between the listing and the load: rotated away, not
+                    # corrupt (a link whose target is gone is there, and corrupt: a disk not mounted)
                     vanished = True
                     break
                 corrupt.add(info.name)

@@ -278,6 +278,22 @@ def test_restore_picks_the_newest_by_save_order(tmp_path, make_mlp):
 # --- corrupt and incomplete checkpoints ---------------------------------------------------------
 
 
+def test_a_newest_checkpoint_that_is_a_link_to_nothing_is_skipped_as_corrupt(tmp_path, make_mlp):
+    """A checkpoint moved to another disk and linked back, that disk not mounted: restore took the dangling link
+    for one rotation had removed, listed the folder again a thousand times and raised."""
+    state = _state(make_mlp)
+    checkpoint.save(state.evolve(step=1), tmp_path)
+    newest = checkpoint.save(state.evolve(step=2), tmp_path)
+    import shutil
+
+    shutil.rmtree(newest)
+    os.symlink(tmp_path / "elsewhere" / newest.name, newest)
+    with pytest.warns(RuntimeWarning, match=f"skipping checkpoint {re.escape(str(newest))}"):
+        assert checkpoint.restore(state, tmp_path).step == 1
+    with pytest.raises(FileNotFoundError, match="does not exist"):  # (by its own path: named, as a path to nothing)
+        checkpoint.restore(state, newest)
+
+
 def _two_checkpoints(tmp_path, make_mlp, make_batches, mse_loss):
     """Two checkpoints of a model big enough that the middle of state.pt is tensor data."""
     sizes = {"d_in": 64, "hidden": 256}

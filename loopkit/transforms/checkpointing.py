@@ -129,13 +129,14 @@ class CheckpointStep(UpdateStep):
             except StateMismatchError as error:
                 raise leave_intact(error, state)  # before the step: nothing of the state changed
             self._finish_rotation((state.step, state.epoch, state.batch_index))
-            if self.every_n_epochs and self.every_n_steps is None and self.monitor is None and is_rank_zero():
+            if (self.every_n_epochs or self.monitor is not None) and self.every_n_steps is None and is_rank_zero():
                 warnings.warn(
-                    "with_checkpointing: in a loop of your own only every_n_steps saves by itself: every_n_epochs acts "
-                    "at the epoch ends run_epochs tells the step of (step.notify('epoch_end', state, record)), so "
+                    "with_checkpointing: in a loop of your own only every_n_steps saves by itself: every_n_epochs and "
+                    "monitor act at the epoch ends and validations run_epochs tells the step of "
+                    "(step.notify('epoch_end', state, record), step.notify('validation_end', state, means)), so "
                     "unless your loop tells it, nothing will be saved; pass every_n_steps=, or call step.save(state) "
-                    "at your epoch's end (with every_n_epochs=0: epoch saves off, no warning)", RuntimeWarning,
-                    stacklevel=4)
+                    "at your epoch's end (with every_n_epochs=0 and no monitor: no saves but step.save's, no warning)",
+                    RuntimeWarning, stacklevel=4)
         return super().run_(state, batch)
 
     def after_update(self, state: TrainState, metrics: Metrics) -> TrainState:
@@ -537,8 +538,15 @@ class CheckpointStep(UpdateStep):
         return [n for _, n in ranked[: self.keep_best]]
 
     def _remove(self, path: Path) -> None:
-        """Remove one checkpoint; one already gone was removed by another writer of this directory (told once)."""
-        if checkpoint.remove(path, missing_ok=True) or self.saver.told_shared:
+        """Remove one checkpoint; one already gone was removed by another writer of this directory (told once), and
+        an entry named like one that is none (a stray file, which restore skips too) is left, with a warning."""
+        try:
+            removed = checkpoint.remove(path, missing_ok=True)
+        except ValueError as error:  # (checkpoint.remove deletes nothing that is no checkpoint)
+            warnings.warn(f"with_checkpointing: leaving {path.name} in {self.directory}, which keep_last/keep_best "
+                          f"would remove: {error}", RuntimeWarning, stacklevel=2)
+            return
+        if removed or self.saver.told_shared:
             return
         self.saver.told_shared = True
         warnings.warn(

@@ -367,6 +367,20 @@ def test_in_a_loop_of_ones_own_epoch_saves_alone_are_warned_of_at_the_first_call
     loopkit.run_epochs(with_checkpointing(_count_step, tmp_path / "driven"), state, [None] * 2, epochs=2, progress=False)
     assert not [w for w in recwarn if "loop of your own" in str(w.message)]
     assert _steps(tmp_path / "driven") == [2, 4] and _steps(tmp_path / "steps") == [1]
+    for options in ({"monitor": "train/loss"}, {"monitor": "val/loss", "keep_last": 0}):  # (a monitor acts at them too)
+        with pytest.warns(RuntimeWarning, match="in a loop of your own only every_n_steps saves by itself"):
+            folder = tmp_path / options["monitor"].replace("/", "_")
+            with_checkpointing(_count_step, folder, **options)(TrainState.create(nn.Linear(1, 1)), None)
+
+
+def test_a_stray_file_named_like_a_checkpoint_is_left_by_the_rotation_with_a_warning(tmp_path):
+    """restore skips it; keep_last's rotation tried to remove it, and checkpoint.remove's refusal stopped the fit."""
+    (tmp_path / "ckpt-000001-step0-epoch0-batch0").write_text("not a checkpoint")
+    step = with_checkpointing(train_step(_mse), tmp_path, every_n_steps=1, keep_last=1)
+    with pytest.warns(RuntimeWarning, match="leaving ckpt-000001-step0-epoch0-batch0 in .*keep_last/keep_best would remove"):
+        state, _ = run_epochs(step, _state(), _loader(), max_steps=3, progress=False)
+    assert state.step == 3 and _steps(tmp_path) == [0, 3]  # (the stray entry, left, and the one kept)
+    assert (tmp_path / "ckpt-000001-step0-epoch0-batch0").read_text() == "not a checkpoint"
 
 
 def test_monitor_alone_saves_only_what_ranks(tmp_path):
