@@ -251,7 +251,8 @@ class RunDirLogger(Logger):
     """A logger that writes files under ``root/name/version_N/`` (see :func:`claim_version_dir`).
 
     ``version=None`` claims the next free N when the logger first writes (or ``log_dir`` is
-    first read); an int uses ``version_<int>``, a string that folder name, and an existing
+    first read: a folder it wrote nothing in is given back when :func:`loopkit.with_logging` makes it share
+    another logger's); an int uses ``version_<int>``, a string that folder name, and an existing
     folder is reused (to continue a run). Loggers that :meth:`share_run_dir` write to one folder.
 
     >>> import tempfile
@@ -331,14 +332,31 @@ class RunDirLogger(Logger):
         """
         if not isinstance(other, RunDirLogger) or other is self:
             return False
-        if self._dir is not None or self._leader is not None or self.version is not None:
+        if self._leader is not None or self.version is not None:
             return False
         leader = other._leader or other
         if leader is self or leader.version is not None:
             return False
         if (os.path.abspath(leader.root), leader.name) != (os.path.abspath(self.root), self.name):
             return False
+        if not self._free_of_a_folder():
+            return False
         self._leader = leader
+        return True
+
+    def _free_of_a_folder(self) -> bool:
+        """Whether this logger has no run folder, or only one it claimed when ``log_dir`` was read and wrote nothing
+        in (then given back, so that it can share another logger's, as Lightning's loggers of one run, whose
+        ``log_dir`` claims nothing, do)."""
+        if self._dir is None:
+            return True
+        if self._top is not None or self._pending_hparams is not None:
+            return False
+        try:
+            os.rmdir(self._dir)  # (only an empty folder: one the logger wrote in, or another process, is kept)
+        except OSError:
+            return False
+        self._dir = None
         return True
 
     def agree_log_dir(self) -> None:

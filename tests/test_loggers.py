@@ -512,6 +512,22 @@ def test_two_loggers_of_one_class_in_one_folder_are_refused_however_the_version_
         loopkit.with_logging(step, CSVLogger(tmp_path, "s", version=int(os.path.basename(claimed.log_dir)[8:])), claimed)
 
 
+def test_loggers_whose_log_dir_was_read_before_the_run_still_share_one_folder_as_lightnings_do(tmp_path):
+    """Reading log_dir claimed a folder for each: version_0 and version_1 for one run (Lightning's: version_0 for
+    both, its log_dir claims nothing). One a logger wrote in stays its own."""
+    tb, csv_ = TensorBoardLogger(tmp_path, "demo"), CSVLogger(tmp_path, "demo")
+    assert (os.path.basename(tb.log_dir), os.path.basename(csv_.log_dir)) == ("version_0", "version_1")
+    model = torch.nn.Linear(2, 1)
+    state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    step = loopkit.with_logging(loopkit.train_step(lambda m, b: m(b).pow(2).mean()), tb, csv_, every_n_steps=1)
+    loopkit.run_epochs(step, state, [torch.ones(4, 2)] * 2, epochs=1, progress=False)
+    assert csv_.log_dir == tb.log_dir and sorted(os.listdir(tmp_path / "demo")) == ["version_0"]
+    used = CSVLogger(tmp_path, "used")
+    used.log_metrics({"a": 1.0}, 1)
+    other = CSVLogger(tmp_path, "used")
+    assert not used.share_run_dir(other) and os.path.basename(used.log_dir) == "version_0"
+
+
 # --- file formats ------------------------------------------------------------------------------
 
 
