@@ -787,7 +787,7 @@ def remove(path: str | os.PathLike, *, missing_ok: bool = False) -> bool:
     >>> tmp.cleanup()
     """
     path = Path(path)
-    if not path.exists():  # (gone: removed by another process, or never there)
+    if not os.path.lexists(path):  # (gone: removed by another process, or never there; a link to nothing is there)
         if missing_ok:
             return False
         raise FileNotFoundError(errno.ENOENT, f"remove: there is no checkpoint at {path}", str(path))

@@ -319,12 +319,17 @@ def _batch_size(batch: Any) -> int:
 
 
 def _own_batch_size(batch: Any) -> int | None:
-    """The size of a batch of one's own class: its ``len()`` where it has one, else the first dimension its
-    attributes' tensors agree on (None where they disagree: a ``class_weights`` of 10 beside 4 samples)."""
-    if hasattr(type(batch), "__len__"):
-        return len(batch)
+    """The size of a batch of one's own class: the first dimension its attributes' tensors agree on, else its
+    ``len()`` where that is a positive int (a ``class_weights`` of 10 beside 4 samples: the batch's ``len``; a
+    ``len`` is not always the size, PyG's ``Data`` counts its fields); None when neither says."""
     sizes = {int(t.shape[0]) for t in tensors(list(vars(batch).values())) if t.ndim > 0}
-    return sizes.pop() if len(sizes) == 1 else None
+    if len(sizes) == 1:
+        return sizes.pop()
+    try:
+        size = len(batch)
+    except Exception:  # noqa: BLE001 - (no len, or one that fails: the size is not known)
+        return None
+    return size if isinstance(size, int) and size > 0 else None
 
 
 def _check_device(device: Any, where: str) -> Any:

@@ -339,8 +339,8 @@ class RunDirLogger(Logger):
             return False
         if (os.path.abspath(leader.root), leader.name) != (os.path.abspath(self.root), self.name):
             return False
-        if not self._free_of_a_folder():
-            return False
+        if self._dir is not None and (leader._dir is None or not self._free_of_a_folder()):
+            return False  # (one that claimed a folder keeps it unless the other has one: that one may follow it)
         self._leader = leader
         return True
 

@@ -2154,8 +2154,18 @@ def test_a_batch_of_one_s_own_class_counts_by_its_len_or_by_the_size_its_tensors
         def __len__(self):
             return len(self.y)
 
+    class Empty(Weighted):
+        def __len__(self):
+            return 0
+
+    class Lazy(_Batch):
+        def __len__(self):
+            raise TypeError("no len before it is materialized")
+
     from loopkit.driver import _batch_size
 
     assert _batch_size(_Batch(torch.zeros(4, 3), torch.zeros(4, 1))) == 4
     assert _batch_size(Weighted(torch.zeros(4, 3), torch.zeros(4, 1))) == 1  # 10 and 4 disagree: counted once
     assert _batch_size(Sized(torch.zeros(4, 3), torch.zeros(4, 1))) == 4
+    assert _batch_size(Empty(torch.zeros(4, 3), torch.zeros(4, 1))) == 1  # (a len of 0 says nothing)
+    assert _batch_size(Lazy(torch.zeros(4, 3), torch.zeros(4, 1))) == 4  # the tensors agree: its len is not asked

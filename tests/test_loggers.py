@@ -526,6 +526,15 @@ def test_loggers_whose_log_dir_was_read_before_the_run_still_share_one_folder_as
     used.log_metrics({"a": 1.0}, 1)
     other = CSVLogger(tmp_path, "used")
     assert not used.share_run_dir(other) and os.path.basename(used.log_dir) == "version_0"
+    for order in ("tb first", "csv first"):  # one read alone keeps its folder, and the other follows it
+        root = tmp_path / order.replace(" ", "_")
+        tb, csv_ = TensorBoardLogger(root, "one"), CSVLogger(root, "one")
+        read = tb.log_dir
+        loggers = (tb, csv_) if order == "tb first" else (csv_, tb)
+        step = loopkit.with_logging(loopkit.train_step(lambda m, b: m(b).pow(2).mean()), *loggers, every_n_steps=1)
+        loopkit.run_epochs(step, loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1)),
+                           [torch.ones(4, 2)] * 2, epochs=1, progress=False)
+        assert tb.log_dir == csv_.log_dir == read and sorted(os.listdir(root / "one")) == ["version_0"]
 
 
 # --- file formats ------------------------------------------------------------------------------

@@ -373,14 +373,20 @@ def test_in_a_loop_of_ones_own_epoch_saves_alone_are_warned_of_at_the_first_call
             with_checkpointing(_count_step, folder, **options)(TrainState.create(nn.Linear(1, 1)), None)
 
 
-def test_a_stray_file_named_like_a_checkpoint_is_left_by_the_rotation_with_a_warning(tmp_path):
-    """restore skips it; keep_last's rotation tried to remove it, and checkpoint.remove's refusal stopped the fit."""
-    (tmp_path / "ckpt-000001-step0-epoch0-batch0").write_text("not a checkpoint")
+@pytest.mark.parametrize("stray", ["file", "link to nothing"])
+def test_a_stray_entry_named_like_a_checkpoint_is_left_by_the_rotation_with_a_warning(tmp_path, stray):
+    """restore skips it; keep_last's rotation tried to remove a file, and checkpoint.remove's refusal stopped the
+    fit; a link to nothing (a checkpoint on a disk not mounted) it took for one another process had removed."""
+    entry = tmp_path / "ckpt-000001-step0-epoch0-batch0"
+    if stray == "file":
+        entry.write_text("not a checkpoint")
+    else:
+        os.symlink(tmp_path / "elsewhere", entry)
     step = with_checkpointing(train_step(_mse), tmp_path, every_n_steps=1, keep_last=1)
     with pytest.warns(RuntimeWarning, match="leaving ckpt-000001-step0-epoch0-batch0 in .*keep_last/keep_best would remove"):
         state, _ = run_epochs(step, _state(), _loader(), max_steps=3, progress=False)
     assert state.step == 3 and _steps(tmp_path) == [0, 3]  # (the stray entry, left, and the one kept)
-    assert (tmp_path / "ckpt-000001-step0-epoch0-batch0").read_text() == "not a checkpoint"
+    assert os.path.lexists(entry) and (stray != "file" or entry.read_text() == "not a checkpoint")
 
 
 def test_monitor_alone_saves_only_what_ranks(tmp_path):
