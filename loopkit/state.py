@@ -957,10 +957,11 @@ def _own_lazy_hooks(new: nn.Module, module: nn.Module) -> None:
         attributes["_load_hook"] = new._register_load_state_dict_pre_hook(new._lazy_load_hook)
 
 
-def _copied_closure(function: types.FunctionType, memo: dict[int, Any]) -> types.FunctionType:
+def _copied_closure(function: types.FunctionType, memo: dict[int, Any], depth: int = 0) -> types.FunctionType:
     """``function`` (a hook) reading the copy's modules and tensors where its closure or its defaults hold the
-    original's (a lambda that reads ``model.gain``, or takes ``model=m``): the same code over new cells and
-    defaults; other values (a list it collects into) shared."""
+    original's (a lambda that reads ``model.gain``, or takes ``model=m``; or reaches it through a list, a dict, a
+    function or an object of one's own: :func:`_remapped`): the same code over new cells and defaults; other values
+    (a list it collects into) shared."""
     cells = function.__closure__ or ()
     new_cells = []
     for cell in cells:
@@ -969,12 +970,12 @@ def _copied_closure(function: types.FunctionType, memo: dict[int, Any]) -> types
         except ValueError:  # (a cell not filled yet)
             new_cells.append(cell)
             continue
-        copied = _copy_of(content, memo)
+        copied = _remapped(content, memo, depth)
         new_cells.append(cell if copied is content else types.CellType(copied))
     defaults = function.__defaults__ or ()
-    new_defaults = tuple(_copy_of(value, memo) for value in defaults)
+    new_defaults = tuple(_remapped(value, memo, depth) for value in defaults)
     kwdefaults = function.__kwdefaults__ or {}
-    new_kwdefaults = {key: _copy_of(value, memo) for key, value in kwdefaults.items()}
+    new_kwdefaults = {key: _remapped(value, memo, depth) for key, value in kwdefaults.items()}
     if (all(a is b for a, b in zip(new_cells, cells)) and all(a is b for a, b in zip(new_defaults, defaults))
             and all(new_kwdefaults[k] is v for k, v in kwdefaults.items())):
         return function
@@ -988,10 +989,43 @@ def _copied_closure(function: types.FunctionType, memo: dict[int, Any]) -> types
     return copied_function
 
 
-def _copy_of(value: Any, memo: dict[int, Any]) -> Any:
-    """The copy's module or tensor for one of the original's (``value`` itself for anything else)."""
+#: how deep :func:`_remapped` looks (a recursive function's closure holds the function itself)
+_REMAP_DEPTH = 4
+
+
+def _remapped(value: Any, memo: dict[int, Any], depth: int = 0) -> Any:
+    """``value`` (what a hook's closure or default holds, or a hook object) reading the copy's modules and tensors
+    where it reaches the original's: a module or tensor of the model, and the lists, tuples, dicts, functions and
+    objects of one's own holding them, a few levels deep (new ones, only where something in them changed).
+    Anything else, and a container reaching none of them (a list the hook collects activations into, which the
+    caller reads), is ``value`` itself: shared."""
     if isinstance(value, (nn.Module, torch.Tensor)):
         return memo.get(id(value), value)
+    if depth >= _REMAP_DEPTH or isinstance(value, _SHARED_VALUES) or isinstance(value, type):
+        return value
+    kind = type(value)
+    if kind is list or kind is tuple or kind is dict:
+        if len(value) > _SMALL and type(next(iter(value.values() if kind is dict else value))) in _SHARED_KINDS:
+            return value  # (a vocabulary: plain values, shared)
+        if kind is dict:
+            items = {k: _remapped(v, memo, depth + 1) for k, v in value.items()}
+            return value if all(items[k] is v for k, v in value.items()) else items
+        remapped = [_remapped(v, memo, depth + 1) for v in value]
+        return value if all(a is b for a, b in zip(remapped, value)) else kind(remapped)
+    if kind is types.FunctionType:
+        if value.__closure__ or value.__defaults__ or value.__kwdefaults__:
+            return _copied_closure(value, memo, depth + 1)
+        return value
+    fields = getattr(value, "__dict__", None)
+    if type(fields) is dict and fields and kind.__module__ != "builtins":
+        new_fields = {k: _remapped(v, memo, depth + 1) for k, v in fields.items()}
+        if any(new_fields[k] is not v for k, v in fields.items()):
+            try:
+                copied = copy.copy(value)
+            except Exception:  # noqa: BLE001 - (an object that cannot be copied: shared, as before)
+                return value
+            copied.__dict__.update(new_fields)
+            return copied
     return value
 
 
@@ -1036,6 +1070,8 @@ def _copied_attribute(value: Any, memo: dict[int, Any]) -> Any:
         copied = copy.copy(value)
         copied.__dict__.update({k: _copied_attribute(v, memo) for k, v in fields.items()})
         return copied
+    if callable(value):  # a hook object of one's own: the copy's where it reaches the model's tensors or modules
+        return _remapped(value, memo)
     return value
 
 

@@ -523,6 +523,76 @@ def test_a_deep_copy_s_hooks_read_the_copy_s_tensors_where_their_closures_held_t
     assert_trees_equal(take_snapshot(twin_new)["params"], take_snapshot(pure_new)["params"])
 
 
+class _ScaleBy:
+    """A forward hook object of one's own holding a parameter of the model."""
+
+    def __init__(self, gain):
+        self.gain = gain
+
+    def __call__(self, module, args, out):
+        return out * self.gain
+
+
+class _Gained(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.gain = nn.Linear(3, 1), nn.Parameter(torch.tensor(1.5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x)
+
+
+def _reaching_the_gain(kind: str, seen: list) -> nn.Module:
+    """A model whose forward hook reaches its parameter ``gain`` in the way ``kind`` names, and collects what it
+    sees into ``seen`` (a list of the caller's, shared by every copy)."""
+    torch.manual_seed(0)
+    model = _Gained()
+    gain = model.gain
+    reach = {
+        "a list": lambda: (lambda ps: lambda m, a, o: o * ps[0])([gain]),
+        "a dict": lambda: (lambda ps: lambda m, a, o: o * ps["g"])({"g": gain}),
+        "a function": lambda: (lambda get: lambda m, a, o: o * get())(lambda: gain),
+        "an object": lambda: (lambda holder: lambda m, a, o: o * holder.gain)(_ScaleBy(gain)),
+        "a hook object": lambda: _ScaleBy(gain),
+    }[kind]()
+    model.lin.register_forward_hook(reach)
+    model.lin.register_forward_hook(lambda m, a, o: seen.append(o.detach()))
+    return model
+
+
+@pytest.mark.parametrize("kind", ["a list", "a dict", "a function", "an object", "a hook object"])
+def test_a_hook_reaching_a_parameter_through_a_container_trains_the_copy_s_in_pure_steps_copies_and_restores(kind):
+    """The pure step's copy (and a deep copy's, and a restored template's) kept such a hook reading the original's
+    parameter: the caller's state got its gradient and the copy's gain never trained. Reference: a raw loop. What
+    the hooks collect still reaches the caller's list."""
+    import copy
+
+    loss_fn = lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1])  # noqa: E731
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(4, 3, generator=g), torch.randn(4, 1, generator=g)) for _ in range(3)]
+    raw = _reaching_the_gain(kind, [])
+    opt = torch.optim.SGD(raw.parameters(), lr=0.1)
+    for batch in batches:
+        opt.zero_grad()
+        loss_fn(raw, batch).backward()
+        opt.step()
+
+    def made(seen):
+        model = _reaching_the_gain(kind, seen)
+        return loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+
+    seen: list = []
+    given = made(seen)
+    for start in (given, copy.deepcopy(given), made([]).load_state_dict(given.state_dict())):
+        state = start
+        for batch in batches:
+            state, _ = loopkit.train_step(loss_fn)(state, batch)
+        assert torch.equal(state.model.gain, raw.gain) and torch.equal(state.model.lin.weight, raw.lin.weight)
+    assert given.model.gain.grad is None and float(given.model.gain.detach()) == 1.5
+    assert len(seen) == 6  # (the pure steps' and the deep copy's: the copy of a list the hook only collects into is
+    # the caller's own; the restored template's hooks collect into their own list)
+
+
 def test_extras_copy_is_a_new_dict_equal_to_the_extras_of_any_mapping_kind(make_mlp):
     from collections import OrderedDict
     from collections.abc import Mapping

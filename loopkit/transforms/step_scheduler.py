@@ -14,11 +14,15 @@ from typing import Any
 import attrs
 
 from loopkit._numbers import as_int
-from loopkit.state import TrainState, leave_intact, replace, state_at_error
+from loopkit.state import TrainState, extras_copy, leave_intact, replace, replace_extras, state_at_error
 from loopkit.steps import Metrics, WrapperStep
 from loopkit.transforms._compose import refuse_wrapping, require_step
 
 __all__ = ["StepSchedulerStep", "with_step_scheduler"]
+
+#: the state's extras: ``{"epoch": e, "count": n}``, the batches of epoch e the inner step skipped (its loss_fn gave
+#: None): with_grad_accum counts no group place for them, so neither does the schedule's count of batches
+_SKIPPED = "step_scheduler/skipped"
 
 
 @attrs.frozen(eq=False)
@@ -43,13 +47,19 @@ class StepSchedulerStep(WrapperStep):
 
     def run_(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
         # this call consumes the epoch's (batch_index + 1)-th batch: Lightning's batch_idx + 1 (read from the given
-        # state: a step of one's own may leave the count to the driver)
-        return self._stepped(self.inner.run_, state, state.batch_index + 1, batch)
+        # state: a step of one's own may leave the count to the driver), less the batches skipped before it
+        skipped = _skipped(state)
+        new, metrics = self._stepped(self.inner.run_, state, state.batch_index + 1 - skipped, batch)
+        if not metrics and new.step == state.step:  # the loss_fn skipped this batch
+            extras = extras_copy(new.extras)
+            extras[_SKIPPED] = {"epoch": state.epoch, "count": skipped + 1}
+            new = replace_extras(new, extras)
+        return new, metrics
 
     def flush_(self, state: TrainState) -> tuple[TrainState, Metrics]:
         """The epoch's end (``run_epochs`` flushes there): a partial accumulation group's update is the epoch's last
         batch's in Lightning, whose ``batch_idx + 1`` is the batches consumed, ``state.batch_index``."""
-        return self._stepped(self.inner.flush_, state, state.batch_index)
+        return self._stepped(self.inner.flush_, state, state.batch_index - _skipped(state))
 
     def _stepped(self, call: Any, state: TrainState, consumed: int, *args: Any) -> tuple[TrainState, Metrics]:
         """``call`` on ``state`` without its scheduler (the inner step would step it per update), put back after and
@@ -74,6 +84,12 @@ class StepSchedulerStep(WrapperStep):
         return replace(new, scheduler=scheduler), metrics
 
 
+def _skipped(state: TrainState) -> int:
+    """The batches of the state's epoch that the inner step skipped so far (see :data:`_SKIPPED`)."""
+    found = state.extras.get(_SKIPPED)
+    return int(found["count"]) if found is not None and int(found["epoch"]) == state.epoch else 0
+
+
 def with_step_scheduler(step: Any, *, frequency: int = 1) -> StepSchedulerStep:
     """Step the state's scheduler after an optimizer update only every ``frequency`` batches, as Lightning does with
     ``{"scheduler": ..., "interval": "step", "frequency": n}``, instead of after every update.
@@ -85,7 +101,10 @@ def with_step_scheduler(step: Any, *, frequency: int = 1) -> StepSchedulerStep:
     it) that is the batch that ends a group; the epoch's partial group, updated by the flush at the
     epoch's end (``run_epochs`` calls it), counts as the epoch's last batch, as in Lightning. So with
     an epoch length not divisible by ``frequency`` the count starts over each epoch, as there. A
-    call without an update (a micro-batch, a skipped batch or update) does not step it. Nothing but
+    call without an update (a micro-batch, a skipped batch or update) does not step it. A batch the
+    ``loss_fn`` skips (returns None) is not counted: ``with_grad_accum`` gives it no place in a group,
+    so the groups' ends stay on the count's multiples (Lightning counts it, and steps the schedule
+    even on it: with such batches the two step it at other updates). Nothing but
     the scheduler is kept: checkpoints resume it exactly. ``frequency=1`` is ``train_step``'s own
     stepping.
 

@@ -188,3 +188,37 @@ def test_what_it_cannot_do_is_refused(tmp_path, make_mlp, make_batches, mse_loss
         with pytest.raises(ValueError, match="with_step_scheduler: the state has no scheduler"):
             call(plain)
         plain.check_usable()
+
+
+def test_batches_the_loss_fn_skips_are_not_counted_so_updates_of_groups_still_step_it(make_mlp, make_batches, mse_loss):
+    """Under with_grad_accum a skipped batch takes no place in a group: the groups' ends moved off the batch count's
+    multiples, and with every=2, frequency=2 the schedule never stepped. Reference: a raw loop that accumulates the
+    batches it trains on and counts them, not the skipped one, in the epoch."""
+    data = make_batches(BATCHES)
+    skip = {1, 4}  # (batch indices of each epoch whose loss_fn gives None)
+
+    def loss_fn(model, batch):
+        return None if any(batch[0] is data[i][0] for i in skip) else mse_loss(model, batch)
+
+    ref = _state(make_mlp)
+    model, opt, sched = ref.model, ref.optimizer, ref.scheduler
+    for _ in range(EPOCHS):
+        counted = 0
+        for batch_idx, batch in enumerate(data):
+            if batch_idx in skip:
+                continue
+            counted += 1
+            (mse_loss(model, batch) / 2).backward()
+            if counted % 2 == 0 or batch_idx == BATCHES - 1:  # a group's end, or the epoch's partial group
+                if counted % 2:  # (the flush: the mean over the one micro-batch seen)
+                    for p in model.parameters():
+                        p.grad.mul_(2)
+                opt.step()
+                opt.zero_grad()
+                if counted % 2 == 0:
+                    sched.step()
+    step = loopkit.with_step_scheduler(loopkit.with_grad_accum(loopkit.train_step(loss_fn), every=2), frequency=2)
+    state, _ = loopkit.run_epochs(step, _state(make_mlp), data, epochs=EPOCHS, progress=False)
+    assert state.scheduler.last_epoch == sched.last_epoch == EPOCHS * 2
+    for p, q in zip(state.model.parameters(), model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
