@@ -17,7 +17,7 @@ from loopkit.state import TrainState, extras_copy, leave_intact, replace, replac
 from loopkit.steps import Metrics, WrapperStep
 from loopkit.transforms._compose import refuse_wrapping, require_step
 
-__all__ = ["EpochSchedulerStep", "with_epoch_scheduler"]
+__all__ = ["EpochSchedulerStep", "scheduler_held", "with_epoch_scheduler"]
 
 #: the state's extras: how many epochs' ends the scheduler has seen
 _EPOCHS = "epoch_scheduler/epochs"
@@ -75,15 +75,29 @@ class EpochSchedulerStep(WrapperStep):
         return replace_extras(state, extras)
 
     def _held(self, call: Any, state: TrainState, *args: Any) -> tuple[TrainState, Metrics]:
-        """``call`` on ``state`` without its scheduler (the inner step would step it per update), put back after."""
-        used = replace(state, scheduler=None)
-        try:
-            new, metrics = call(used, *args)
-        except BaseException as error:
-            if state_at_error(error) is used:  # nothing changed: the caller's state is whole
-                leave_intact(error, state)
-            raise
-        return replace(new, scheduler=state.scheduler), metrics
+        return scheduler_held(call, state, *args)
+
+
+def scheduler_held(call: Any, state: TrainState, *args: Any) -> tuple[TrainState, Metrics]:
+    """``call(state, *args)`` (an inner step's ``run_`` or ``flush_``) on ``state`` without its scheduler (the inner
+    step would step it per update), which the result gets back: ``with_epoch_scheduler``'s and
+    ``with_step_scheduler``'s inner calls. An error that left the state it was given whole leaves ``state`` whole.
+
+    >>> import torch
+    >>> model = torch.nn.Linear(1, 1); opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    >>> state = TrainState.create(model, opt, torch.optim.lr_scheduler.StepLR(opt, 1))
+    >>> new, _ = scheduler_held(lambda s: (s, {"seen": s.scheduler}), state)
+    >>> _["seen"] is None, new.scheduler is state.scheduler
+    (True, True)
+    """
+    used = replace(state, scheduler=None)
+    try:
+        new, metrics = call(used, *args)
+    except BaseException as error:
+        if state_at_error(error) is used:  # nothing changed: the caller's state is whole
+            leave_intact(error, state)
+        raise
+    return replace(new, scheduler=state.scheduler), metrics
 
 
 def with_epoch_scheduler(step: Any, *, frequency: int = 1) -> EpochSchedulerStep:

@@ -14,9 +14,10 @@ from typing import Any
 import attrs
 
 from loopkit._numbers import as_int
-from loopkit.state import TrainState, extras_copy, leave_intact, replace, replace_extras, state_at_error
+from loopkit.state import TrainState, extras_copy, leave_intact, replace_extras
 from loopkit.steps import Metrics, WrapperStep
 from loopkit.transforms._compose import refuse_wrapping, require_step
+from loopkit.transforms.epoch_scheduler import scheduler_held
 
 __all__ = ["StepSchedulerStep", "with_step_scheduler"]
 
@@ -69,19 +70,13 @@ class StepSchedulerStep(WrapperStep):
             raise leave_intact(ValueError(
                 "with_step_scheduler: the state has no scheduler to step; create the state with one, "
                 "TrainState.create(model, optimizer, scheduler)"), state)
-        used = replace(state, scheduler=None)
-        try:
-            new, metrics = call(used, *args)
-        except BaseException as error:
-            if state_at_error(error) is used:  # nothing changed: the caller's state is whole
-                leave_intact(error, state)
-            raise
+        new, metrics = scheduler_held(call, state, *args)
         if new.step != state.step and consumed % self.frequency == 0:
             with warnings.catch_warnings():  # ("lr_scheduler.step() before optimizer.step()": a step of one's own
                 warnings.filterwarnings(  # that counts an update it made without the optimizer)
                     "ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
                 scheduler.step()
-        return replace(new, scheduler=scheduler), metrics
+        return new, metrics
 
 
 def _skipped(state: TrainState) -> int:
