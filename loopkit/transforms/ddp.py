@@ -316,7 +316,9 @@ def with_ddp(
     >>> state, metrics = step(state, torch.ones(4, 2))
     >>> state.step, list(state.model.state_dict())
     (1, ['weight', 'bias'])
-    >>> dist.destroy_process_group()
+    >>> import loopkit
+    >>> del step, state, metrics  # (the step's DDP wrapper holds the process group)
+    >>> loopkit.distributed.shutdown()  # (gloo's threads let go of the step's collectives before anything is freed)
     """
     base = require_train_step(step, "with_ddp")
     if base.sync is not None or "with_ddp" in base.transforms:  # (in one process with_ddp records its name alone)
