@@ -500,7 +500,9 @@ def with_fsdp(
     >>> state, metrics = step(state, torch.ones(4, 2))
     >>> state.step, type(state.model[0].weight).__name__, list(state.state_dict()["model"])
     (1, 'DTensor', ['0.weight', '0.bias', '1.weight', '1.bias'])
-    >>> dist.destroy_process_group()
+    >>> import loopkit
+    >>> del step, state, metrics, model  # (the sharded model holds the process group)
+    >>> loopkit.distributed.shutdown()  # (gloo's threads let go of the step's collectives before anything is freed)
     """
     refuse_wrapping(step, "with_fsdp", {name: reason for name, reason in _REFUSED.items()})
     base = require_train_step(step, "with_fsdp")
