@@ -185,6 +185,8 @@ class Logger:
 
         >>> logger = ConsoleLogger()
         >>> logger.log_hparams({"lr": 0.1, "model": {"hidden": 8}}); logger.log_hparams({"batch_size": 32})
+        hparams  lr=0.1  model/hidden=8
+        hparams  lr=0.1  model/hidden=8  batch_size=32
         >>> logger.hparams
         {'lr': 0.1, 'model': {'hidden': 8}, 'batch_size': 32}
         """
