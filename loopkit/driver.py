@@ -182,8 +182,9 @@ def _epoch_batches(
     samplers = (getattr(data, "sampler", None), batch_sampler, getattr(batch_sampler, "sampler", None))
     for sampler in {id(s): s for s in samplers if hasattr(s, "set_epoch")}.values():  # (as Lightning sets them)
         sampler.set_epoch(epoch)
-    for k, generator in enumerate(_data_generators(data)):  # (a holder's own ``generator``s first: the epoch's
-        generator.manual_seed(order_seed if k < _named_generators(data) else _order_seed(order_seed, k))  # seed)
+    named = _named_generators(data)  # (a holder's own ``generator``s come first: the epoch's order seed)
+    for k, generator in enumerate(_data_generators(data)):
+        generator.manual_seed(order_seed if k < named else _order_seed(order_seed, k))
     cpu = torch.default_generator  # what samplers without a generator of their own draw from
     saved = cpu.get_state()
     # a resumed run reads the batches it skips without drawing from the global RNGs (torch's, numpy's,
