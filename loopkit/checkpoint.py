@@ -1049,10 +1049,13 @@ def _shape(value: Any) -> list[int] | None:
     return list(value.shape)
 
 
-def structure_mismatch(found: Mapping[str, Any], expected: Mapping[str, Any]) -> str | None:
+def structure_mismatch(
+    found: Mapping[str, Any], expected: Mapping[str, Any], *, scheduler: bool = True
+) -> str | None:
     """The first difference between the :func:`structure` of a checkpoint (``found``) and of a state
     (``expected``), in words; None when they agree. A shape or an optimizer or scheduler class that
-    either side does not know (None, or not recorded) matches any.
+    either side does not know (None, or not recorded) matches any; ``scheduler=False`` leaves the
+    scheduler out (a run may switch schedulers between its phases in one folder).
 
     >>> a = {"model": {"weight": [1, 3], "bias": [1]}, "optimizer": {"type": "SGD", "param_groups": [2]}}
     >>> structure_mismatch(a, a) is None
@@ -1075,7 +1078,9 @@ def structure_mismatch(found: Mapping[str, Any], expected: Mapping[str, Any]) ->
         if key not in mine:
             return f"it has a key 'model.{key}'{_with_shape(shape)}, which this model has not"
     differs = _optimizer_mismatch(found.get("optimizer"), expected.get("optimizer"))
-    return differs or _scheduler_mismatch(found.get("scheduler"), expected.get("scheduler"))
+    if differs is None and scheduler:
+        differs = _scheduler_mismatch(found.get("scheduler"), expected.get("scheduler"))
+    return differs
 
 
 def _scheduler_mismatch(theirs: Any, mine: Any) -> str | None:

@@ -182,9 +182,11 @@ def _epoch_batches(
     samplers = (getattr(data, "sampler", None), batch_sampler, getattr(batch_sampler, "sampler", None))
     for sampler in {id(s): s for s in samplers if hasattr(s, "set_epoch")}.values():  # (as Lightning sets them)
         sampler.set_epoch(epoch)
-    named = _named_generators(data)  # (a holder's own ``generator``s come first: the epoch's order seed)
-    for k, generator in enumerate(_data_generators(data)):
-        generator.manual_seed(order_seed if k < named else _order_seed(order_seed, k))
+    named, kept = _data_generators(data)  # (a holder's own ``generator``: the epoch's order seed, as a DataLoader's;
+    for generator in named:  # one kept under another name: a seed of its own, so that two a sampler keeps, for its
+        generator.manual_seed(order_seed)  # order and a subsample, draw other numbers)
+    for k, generator in enumerate(kept, len(named)):
+        generator.manual_seed(_order_seed(order_seed, k))
     cpu = torch.default_generator  # what samplers without a generator of their own draw from
     saved = cpu.get_state()
     # a resumed run reads the batches it skips without drawing from the global RNGs (torch's, numpy's,
@@ -285,27 +287,23 @@ def _data_holders(data: Iterable) -> tuple[Any, ...]:
                  if h is not None)
 
 
-def _data_generators(data: Iterable) -> list[torch.Generator]:
-    """The generators ``data`` shuffles with: first each holder's ``generator`` (:func:`_named_generators` of
-    them: a DataLoader's own, its sampler's, ...), then those a holder keeps under other names (``self.rng``, a
-    sampler of one's own's). Never torch's global generator (what samplers without one draw from)."""
+def _data_generators(data: Iterable) -> tuple[list[torch.Generator], list[torch.Generator]]:
+    """The generators ``data`` shuffles with, each once: the holders' ``generator`` (a DataLoader's own, its
+    sampler's, ...), then those a holder keeps under other names (``self.rng``, a sampler of one's own's). Never
+    torch's global generator (what samplers without one draw from)."""
+    holders = _data_holders(data)
+    named = _new_generators([getattr(h, "generator", None) for h in holders], [])
+    kept = _new_generators([v for h in holders for v in getattr(h, "__dict__", {}).values()], named)
+    return named, kept
+
+
+def _new_generators(candidates: list[Any], known: list[torch.Generator]) -> list[torch.Generator]:
+    """The generators among ``candidates`` (each once) that are not in ``known``, nor torch's global one."""
     found: list[torch.Generator] = []
-    named = [getattr(holder, "generator", None) for holder in _data_holders(data)]
-    kept = [value for holder in _data_holders(data) for value in getattr(holder, "__dict__", {}).values()]
-    for generator in (*named, *kept):
-        if (isinstance(generator, torch.Generator) and generator is not torch.default_generator
-                and all(generator is not g for g in found)):
-            found.append(generator)
+    for g in candidates:
+        if isinstance(g, torch.Generator) and g is not torch.default_generator and all(g is not k for k in (*known, *found)):
+            found.append(g)
     return found
-
-
-def _named_generators(data: Iterable) -> int:
-    """How many of :func:`_data_generators` are holders' ``generator``: seeded with the epoch's order seed, as
-    a DataLoader's is; each other one gets a seed of its own (a sampler's two, one drawing the order and one a
-    subsample, would draw the same numbers from one seed)."""
-    named = {id(g) for holder in _data_holders(data) if isinstance(g := getattr(holder, "generator", None), torch.Generator)
-             and g is not torch.default_generator}
-    return len(named)
 
 
 def _batch_size(batch: Any) -> int:

@@ -306,8 +306,7 @@ class RunDirLogger(Logger):
             return self._dir
         base = os.path.join(self.root, self.name)
         if self.version is not None:
-            folder = f"version_{self.version}" if isinstance(self.version, int) else self.version
-            path = os.path.join(base, folder)
+            path = self.fixed_folder()
             if not is_rank_zero():
                 return path
             os.makedirs(path, exist_ok=True)
@@ -317,6 +316,17 @@ class RunDirLogger(Logger):
             path = claim_version_dir(base)
         self._dir = path
         return path
+
+    def fixed_folder(self) -> str | None:
+        """The run folder a fixed ``version`` names (``3`` and ``"version_3"`` alike: ``root/name/version_3``),
+        without making it; None for ``version=None`` (the folder is claimed when first needed).
+
+        >>> os.path.basename(CSVLogger("runs", version=3).fixed_folder()), CSVLogger("runs").fixed_folder()
+        ('version_3', None)
+        """
+        if self.version is None:
+            return None
+        return os.path.join(self.root, self.name, f"version_{self.version}" if isinstance(self.version, int) else self.version)
 
     def share_run_dir(self, other: Any) -> bool:
         """Write to ``other``'s run folder, when both would take the next free version of one root/name.

@@ -412,11 +412,11 @@ class CheckpointStep(UpdateStep):
                 theirs = checkpoint.read_structure(info.path)
             except CheckpointCorruptError:  # an incomplete or damaged one: restore skips it too
                 continue
-            differs = checkpoint.structure_mismatch(theirs, _without_scheduler(checkpoint.structure(state)))
+            differs = checkpoint.structure_mismatch(theirs, checkpoint.structure(state), scheduler=False)
             if differs is not None:
                 prepared = self.inner.prepare(state)  # a step that reshapes the model at its first call (with_qat)
                 if prepared is not state:
-                    differs = checkpoint.structure_mismatch(theirs, _without_scheduler(checkpoint.structure(prepared)))
+                    differs = checkpoint.structure_mismatch(theirs, checkpoint.structure(prepared), scheduler=False)
             if differs is None:
                 return None
             return (
@@ -706,9 +706,3 @@ def with_checkpointing(
         durable=bool(durable),
     )
 
-
-def _without_scheduler(structure: dict[str, Any]) -> dict[str, Any]:
-    """A state's :func:`loopkit.checkpoint.structure` without its scheduler: a run may switch schedulers between its
-    phases in one folder (``state.evolve(scheduler=...)``), so the folder check compares the model and optimizer
-    (``restore`` still refuses a checkpoint of another scheduler class: its state would drive the wrong rule)."""
-    return {key: value for key, value in structure.items() if key != "scheduler"}

@@ -242,12 +242,8 @@ def _run_folder(logger: Any) -> Any:
     (``3`` or ``"version_3"``) or the folder it claimed already make, else the leader itself."""
     while getattr(logger, "_leader", None) is not None:
         logger = logger._leader
-    version = getattr(logger, "version", None)
-    if version is not None:
-        folder = f"version_{version}" if isinstance(version, int) else version
-        return os.path.normpath(os.path.join(os.path.abspath(logger.root), logger.name, folder))
-    claimed = getattr(logger, "_dir", None)
-    return id(logger) if claimed is None else os.path.normpath(os.path.abspath(claimed))
+    folder = logger.fixed_folder() or getattr(logger, "_dir", None)
+    return id(logger) if folder is None else os.path.normpath(os.path.abspath(folder))
 
 
 def _refuse_one_file_twice(loggers: tuple[Any, ...]) -> None:
