@@ -767,6 +767,9 @@ class TrainStep(Step):
     #: a transform may refuse the gradients before the update (``refuses_grads``: a raising NaN guard, a
     #: gradient hook's fn), in one process: each call keeps the gradients it began with, to give them back then
     holds_grads: bool = attrs.field(init=False, repr=False)
+    #: the update's transforms' checks of a kind of gradient they refuse (``refuse_early``), run at an accumulation
+    #: group's first call, whose gradients can still be given back (the group's last call's are summed into them)
+    early_refusals: tuple[Callable[[GradContext], None], ...] = attrs.field(init=False, repr=False)
     #: the metrics the transforms report (name -> transform): a loss_fn's aux metric may not take their names
     transform_metrics: Mapping[str, str] = attrs.field(init=False, repr=False)
 
@@ -789,6 +792,8 @@ class TrainStep(Step):
         object.__setattr__(self, "loss_checks", checks)
         refusing = any(getattr(t, "refuses_grads", False) for t in self.micro + self.update)
         object.__setattr__(self, "holds_grads", self.sync is None and refusing)
+        early = tuple(t.refuse_early for t in self.update if getattr(t, "refuse_early", None) is not None)
+        object.__setattr__(self, "early_refusals", early if self.sync is None else ())
         reported = {
             name: t.name for t in (self.precision, *self.micro, *self.update) for name in getattr(t, "metric_names", ())
         }
@@ -919,6 +924,9 @@ class TrainStep(Step):
         for t in self.micro + self.update:
             t.on_loss(loss, new, ctx)
         try:
+            if self.early_refusals and not state.extras.get(_ACCUM_COUNT, 0):
+                for refuse in self.early_refusals:
+                    refuse(ctx)
             if per_micro:
                 if self.precision is not None and self.precision.scales_loss:
                     self.precision.unscale(ctx, extras)

@@ -17,7 +17,9 @@ from loopkit.state import TrainState, extras_copy, leave_intact, replace, replac
 from loopkit.steps import Metrics, WrapperStep
 from loopkit.transforms._compose import refuse_wrapping, require_step
 
-__all__ = ["EpochSchedulerStep", "scheduler_held", "with_epoch_scheduler"]
+__all__ = [
+    "EpochSchedulerStep", "scheduler_held", "scheduler_of", "scheduler_transform", "step_quietly", "with_epoch_scheduler",
+]
 
 #: the state's extras: how many epochs' ends the scheduler has seen
 _EPOCHS = "epoch_scheduler/epochs"
@@ -55,21 +57,13 @@ class EpochSchedulerStep(WrapperStep):
 
     def _caught_up(self, state: TrainState, finished: int) -> TrainState:
         """``state`` with the scheduler stepped for the ends of epochs up to ``finished`` (those not stepped yet)."""
-        scheduler = state.scheduler
-        if scheduler is None:
-            raise leave_intact(ValueError(
-                "with_epoch_scheduler: the state has no scheduler to step at each epoch's end; create the state with "
-                "one, TrainState.create(model, optimizer, scheduler)"), state)
+        scheduler = scheduler_of(state, "with_epoch_scheduler", " at each epoch's end")
         recorded = state.extras.get(_EPOCHS)
         if recorded is not None and int(recorded) >= finished:  # (stepped for this epoch's end already: a flushed
             return state  # state flushed again, as a relaunch from a checkpoint of the flush's update does)
         # (a state from before this transform: its scheduler is where it is, for its epoch)
         done = finished if recorded is None else int(recorded)
-        steps = finished // self.frequency - done // self.frequency
-        with warnings.catch_warnings():  # ("lr_scheduler.step() before optimizer.step()": an epoch without update)
-            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
-            for _ in range(max(steps, 0)):
-                scheduler.step()
+        step_quietly(scheduler, finished // self.frequency - done // self.frequency)
         extras = extras_copy(state.extras)
         extras[_EPOCHS] = finished
         return replace_extras(state, extras)
@@ -98,6 +92,66 @@ def scheduler_held(call: Any, state: TrainState, *args: Any) -> tuple[TrainState
             leave_intact(error, state)
         raise
     return replace(new, scheduler=state.scheduler), metrics
+
+
+def scheduler_of(state: TrainState, name: str, when: str = "") -> Any:
+    """The state's scheduler, which transform ``name`` steps (``when``); a state without one refused, left whole.
+
+    >>> import torch
+    >>> model = torch.nn.Linear(1, 1)
+    >>> scheduler_of(TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1)), "with_epoch_scheduler")
+    Traceback (most recent call last):
+    ...
+    ValueError: with_epoch_scheduler: the state has no scheduler to step; create the state with one, TrainState.create(model, optimizer, scheduler)
+    """
+    if state.scheduler is None:
+        raise leave_intact(ValueError(
+            f"{name}: the state has no scheduler to step{when}; create the state with one, "
+            "TrainState.create(model, optimizer, scheduler)"), state)
+    return state.scheduler
+
+
+def step_quietly(scheduler: Any, times: int = 1) -> None:
+    """``scheduler.step()`` ``times`` times (none when not positive), without torch's warning that it stepped before
+    the optimizer: a scheduler transform's step after an epoch or a count of batches without an update of its own, or
+    after a step of one's own that updated without ``optimizer.step()``.
+
+    >>> import torch
+    >>> opt = torch.optim.SGD(torch.nn.Linear(1, 1).parameters(), lr=1.0)
+    >>> scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    >>> step_quietly(scheduler, 2); opt.param_groups[0]["lr"]
+    0.25
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+        for _ in range(max(times, 0)):
+            scheduler.step()
+
+
+def scheduler_transform(step: Any, name: str, frequency: Any, unit: str, rival: str) -> tuple[Any, int]:
+    """The inner step and the frequency of scheduler transform ``name`` (counting ``unit``), checked: a positive int,
+    an inner train step, and no transform around it that steps or replaces the state's scheduler (``rival``, the other
+    scheduler transform) or checkpoints the state while it is held.
+
+    >>> from loopkit.steps import train_step
+    >>> scheduler_transform(train_step(lambda m, b: None), "with_epoch_scheduler", 0, "epochs", "with_step_scheduler")
+    Traceback (most recent call last):
+    ...
+    ValueError: with_epoch_scheduler: frequency must be a positive int (epochs), got 0
+    """
+    inner = require_step(step, name, no_eval="an evaluation step has no schedule")
+    count = as_int(frequency)
+    if count is None or count < 1:
+        raise ValueError(f"{name}: frequency must be a positive int ({unit}), got {frequency!r}")
+    refuse_wrapping(inner, name, {
+        name: "the state has one scheduler, stepped by one of them",
+        rival: "both step the state's one scheduler; use one of them",
+        "with_checkpointing": f"{name} hands its inner step the state without its scheduler, so those "
+        f"checkpoints would not restore; apply it first, with_checkpointing({name}(step), directory)",
+        "with_swa": "with_swa replaces the state's schedule from its start (as Lightning's SWA replaces the "
+        "schedulers); use one of them",
+    })
+    return inner, count
 
 
 def with_epoch_scheduler(step: Any, *, frequency: int = 1) -> EpochSchedulerStep:
@@ -131,16 +185,5 @@ def with_epoch_scheduler(step: Any, *, frequency: int = 1) -> EpochSchedulerStep
     >>> round(state.optimizer.param_groups[0]["lr"], 6)  # stepped after each epoch: 1.0, 1.0, 0.1, then 0.1
     0.1
     """
-    inner = require_step(step, "with_epoch_scheduler", no_eval="an evaluation step has no schedule")
-    count = as_int(frequency)
-    if count is None or count < 1:
-        raise ValueError(f"with_epoch_scheduler: frequency must be a positive int (epochs), got {frequency!r}")
-    refuse_wrapping(inner, "with_epoch_scheduler", {
-        "with_epoch_scheduler": "the state has one scheduler, stepped once per epoch",
-        "with_step_scheduler": "both step the state's one scheduler; use one of them",
-        "with_checkpointing": "with_epoch_scheduler hands its inner step the state without its scheduler, so those "
-        "checkpoints would not restore; apply it first, with_checkpointing(with_epoch_scheduler(step), directory)",
-        "with_swa": "with_swa replaces the state's schedule from its start (as Lightning's SWA replaces the "
-        "schedulers); use one of them",
-    })
+    inner, count = scheduler_transform(step, "with_epoch_scheduler", frequency, "epochs", "with_step_scheduler")
     return EpochSchedulerStep(inner, frequency=count)

@@ -40,7 +40,7 @@ class ClipGrad:
     check: Callable[[GradContext], None] | None = None
     #: it may refuse the gradients after the backward (a sparse one; a complex one under ``max_value``): in one
     #: process ``train_step`` then gives the parameters the gradients they had back, so the state stays whole
-    #: (unless the call added into gradients held from before: outside ``with_grad_accum``, a group's last call)
+    #: (outside ``with_grad_accum`` it refuses them at a group's first call already: see :meth:`refuse_early`)
     refuses_grads: ClassVar[bool] = True
 
     @property
@@ -68,6 +68,13 @@ class ClipGrad:
             if refusal is None:
                 raise
             raise refusal from error
+
+    def refuse_early(self, ctx: GradContext) -> None:
+        """Refuse, at an accumulation group's first call, a kind of gradient :meth:`on_grads` will not take at the
+        group's last (when the group's earlier gradients, summed in the parameters' own, could not be given back)."""
+        refusal = self._refusal(ctx)
+        if refusal is not None:
+            raise refusal
 
     def _refusal(self, ctx: GradContext) -> TypeError | None:
         """Why torch's clipping failed, naming the parameter: a gradient it does not take."""

@@ -8,16 +8,13 @@
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import attrs
 
-from loopkit._numbers import as_int
-from loopkit.state import TrainState, extras_copy, leave_intact, replace_extras
+from loopkit.state import TrainState, extras_copy, replace_extras
 from loopkit.steps import Metrics, WrapperStep
-from loopkit.transforms._compose import refuse_wrapping, require_step
-from loopkit.transforms.epoch_scheduler import scheduler_held
+from loopkit.transforms.epoch_scheduler import scheduler_held, scheduler_of, scheduler_transform, step_quietly
 
 __all__ = ["StepSchedulerStep", "with_step_scheduler"]
 
@@ -65,17 +62,10 @@ class StepSchedulerStep(WrapperStep):
     def _stepped(self, call: Any, state: TrainState, consumed: int, *args: Any) -> tuple[TrainState, Metrics]:
         """``call`` on ``state`` without its scheduler (the inner step would step it per update), put back after and
         stepped if ``call`` made an update and ``consumed`` (batches of the epoch) is a multiple of ``frequency``."""
-        scheduler = state.scheduler
-        if scheduler is None:
-            raise leave_intact(ValueError(
-                "with_step_scheduler: the state has no scheduler to step; create the state with one, "
-                "TrainState.create(model, optimizer, scheduler)"), state)
+        scheduler = scheduler_of(state, "with_step_scheduler")
         new, metrics = scheduler_held(call, state, *args)
         if new.step != state.step and consumed % self.frequency == 0:
-            with warnings.catch_warnings():  # ("lr_scheduler.step() before optimizer.step()": a step of one's own
-                warnings.filterwarnings(  # that counts an update it made without the optimizer)
-                    "ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
-                scheduler.step()
+            step_quietly(scheduler)  # (quietly: a step of one's own may count an update made without the optimizer)
         return new, metrics
 
 
@@ -118,16 +108,5 @@ def with_step_scheduler(step: Any, *, frequency: int = 1) -> StepSchedulerStep:
     >>> state.scheduler.last_epoch  # after batches 2 and 4 of each epoch: 4 steps for 10 updates
     4
     """
-    inner = require_step(step, "with_step_scheduler", no_eval="an evaluation step has no schedule")
-    count = as_int(frequency)
-    if count is None or count < 1:
-        raise ValueError(f"with_step_scheduler: frequency must be a positive int (batches), got {frequency!r}")
-    refuse_wrapping(inner, "with_step_scheduler", {
-        "with_step_scheduler": "the state has one scheduler, stepped by one of them",
-        "with_epoch_scheduler": "both step the state's one scheduler; use one of them",
-        "with_checkpointing": "with_step_scheduler hands its inner step the state without its scheduler, so those "
-        "checkpoints would not restore; apply it first, with_checkpointing(with_step_scheduler(step), directory)",
-        "with_swa": "with_swa replaces the state's schedule from its start (as Lightning's SWA replaces the "
-        "schedulers); use one of them",
-    })
+    inner, count = scheduler_transform(step, "with_step_scheduler", frequency, "batches", "with_epoch_scheduler")
     return StepSchedulerStep(inner, frequency=count)

@@ -322,3 +322,23 @@ def test_grad_norm_is_reported_as_torch_s_zero_when_no_parameter_of_the_optimize
     norm = untrained["grad_norm"]
     assert (norm.shape, norm.dtype, norm.device) == (reference.shape, reference.dtype, reference.device)
     assert torch.equal(norm, reference)
+
+
+@pytest.mark.parametrize("kind", ["sparse-norm", "sparse-value", "complex"])
+def test_a_refused_gradient_outside_accumulation_is_refused_at_the_group_s_first_call_leaving_the_state_whole(
+    kind, take_snapshot, assert_trees_equal
+):
+    """Clipping outside with_grad_accum acts at a group's last call, when the gradients of the group's earlier calls
+    are summed in the parameters' own: a refusal then could not give them back. The kind of gradient is known at the
+    group's first call, which refuses it, so run_epochs' state at the error is the state it was given."""
+    state, options, data = _refused_case(kind)
+    before = take_snapshot(state)
+    step = loopkit.with_grad_clip(
+        loopkit.with_grad_accum(loopkit.train_step(lambda m, b: m(b).pow(2).mean()), every=2), **options
+    )
+    with pytest.raises(TypeError, match="with_grad_clip: parameter ") as info:
+        loopkit.run_epochs(step, state, data, epochs=1, progress=False)
+    whole = loopkit.state_at_error(info.value)
+    assert whole is not None and whole.batch_index == 0 and "accum/count" not in whole.extras
+    assert all(p.grad is None for p in whole.model.parameters())
+    assert_trees_equal(take_snapshot(whole), before)
