@@ -36,7 +36,7 @@ import math
 import os
 import urllib.parse
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -194,6 +194,9 @@ def optimize(
     timeout: float | None = None,
     study: optuna.Study | None = None,
     catch: tuple[type[Exception], ...] = (),
+    callbacks: Sequence[Callable[[optuna.Study, optuna.trial.FrozenTrial], None]] | None = None,
+    gc_after_trial: bool = False,
+    show_progress_bar: bool = False,
     **study_options: Any,
 ) -> optuna.Study:
     """Run ``objective`` for ``n_trials`` more trials (or until ``timeout`` seconds) and return the study.
@@ -203,7 +206,9 @@ def optimize(
     ``pruner``, ``heartbeat_interval``, ``grace_period``, ``max_retry``). Several processes may
     run this on one storage at once: each trial is claimed by one of them. Pruned trials end
     as ``PRUNED``; an exception in ``catch`` marks its trial ``FAIL`` and the search goes on;
-    any other exception stops it. Before each trial, a trial whose process died is marked
+    any other exception stops it. ``callbacks``, ``gc_after_trial`` and ``show_progress_bar`` are
+    Optuna's ``study.optimize`` options, passed on (``optuna.study.MaxTrialsCallback(n)`` caps the
+    study's trials over all the processes that share it). Before each trial, a trial whose process died is marked
     ``FAIL`` and rerun with its parameters (see :func:`create_study`); the rerun counts as one
     of the ``n_trials``.
 
@@ -234,7 +239,10 @@ def optimize(
         study = create_study(**study_options)
     elif study_options:
         raise TypeError(f"loopkit.tune.optimize: {sorted(study_options)} configure a new study; the given study has its own")
-    study.optimize(objective, n_trials=n_trials, timeout=timeout, catch=catch)
+    study.optimize(
+        objective, n_trials=n_trials, timeout=timeout, catch=catch, callbacks=callbacks, gc_after_trial=gc_after_trial,
+        show_progress_bar=show_progress_bar,
+    )
     return study
 
 
