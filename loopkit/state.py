@@ -32,7 +32,7 @@ from loopkit.tree import decode_tree, encode_tree, from_plain, to_plain
 
 __all__ = [
     "TrainState", "drop_graph", "extras_copy", "fork", "keep_graph", "leave_intact", "make_state", "model_device", "put_extras",
-    "replace", "replace_extras", "state_at_error",
+    "replace", "replace_extras", "scheduler_for", "state_at_error",
 ]
 
 _Scheduler = torch.optim.lr_scheduler.LRScheduler
@@ -1145,6 +1145,23 @@ def _track_step_called(optimizer: torch.optim.Optimizer) -> Any:
 
     wrapper._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
     return wrapper
+
+
+def scheduler_for(scheduler: Any, optimizer: torch.optim.Optimizer) -> Any:
+    """``scheduler`` itself when it steps ``optimizer``, else a copy of it that steps ``optimizer`` (its state its own):
+    a held scheduler given back to a state whose step of one's own forked the optimizer (``fork``), so that its steps
+    change the rates the state trains with.
+
+    >>> import torch
+    >>> model = torch.nn.Linear(1, 1); opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    >>> scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    >>> forked = fork(TrainState.create(model, opt))
+    >>> scheduler_for(scheduler, opt) is scheduler, scheduler_for(scheduler, forked.optimizer).optimizer is forked.optimizer
+    (True, True)
+    """
+    if scheduler.optimizer is optimizer:
+        return scheduler
+    return _clone_scheduler(scheduler, optimizer, {})
 
 
 def _clone_scheduler(scheduler: Any, optimizer: torch.optim.Optimizer, memo: dict[int, Any]) -> Any:

@@ -305,3 +305,48 @@ def test_guide_maps_the_hooks_and_flags_a_lightning_user_reaches_for():
     missing = [name for name in hooks + flags if name not in code]
     assert not missing, f"docs/from_lightning.md does not map {missing}"
     assert "class LitClassifier(L.LightningModule)" in text
+
+
+def test_the_guides_plateau_callback_cuts_the_rate_a_forking_step_of_ones_own_trains_with():
+    """The guide's ReduceLROnPlateau callback, taken from the guide, with a step of one's own that forks the state
+    (examples/gan.py's pattern: a new optimizer at every call): its cuts reach the rate the step trains with, as a
+    raw loop's ReduceLROnPlateau does (it cut the fit's first optimizer, which nothing trained with any more)."""
+    code = re.search(r"(class ReduceLROnPlateau\(loopkit\.Callback\).*?)\n\n\nclass ", GUIDE.read_text(encoding="utf-8"),
+                     re.DOTALL).group(1)
+    namespace = {"loopkit": loopkit, "torch": torch}
+    exec(code, namespace)
+    generator = torch.Generator().manual_seed(0)
+    train = [(torch.randn(16, 4, generator=generator), torch.randint(0, 3, (16,), generator=generator)) for _ in range(4)]
+    val = [(torch.randn(16, 4, generator=generator), torch.randint(0, 3, (16,), generator=generator))]
+    loss = lambda m, b: torch.nn.functional.cross_entropy(m(b[0]), b[1])  # noqa: E731
+    options = {"factor": 0.5, "patience": 0, "threshold": 0.5}  # a cut at every epoch
+
+    def fresh():
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 3)
+        return model, torch.optim.SGD(model.parameters(), lr=0.5)
+
+    def step_of_ones_own(state, batch):
+        state = loopkit.state.fork(state)
+        state.optimizer.zero_grad(set_to_none=True)
+        value = loss(state.model, batch)
+        value.backward()
+        state.optimizer.step()
+        return state.evolve(step=state.step + 1), {"loss": value.detach()}
+
+    model, optimizer = fresh()
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, **options)
+    for _ in range(3):
+        for batch in train:
+            optimizer.zero_grad()
+            loss(model, batch).backward()
+            optimizer.step()
+        with torch.no_grad():
+            scheduler.step(loss(model, val[0]).item())
+    final, _ = loopkit.run_epochs(
+        step_of_ones_own, loopkit.TrainState.create(*fresh()), train, epochs=3,
+        val=(loopkit.eval_step(lambda m, b: {"loss": loss(m, b)}), val),
+        callbacks=[namespace["ReduceLROnPlateau"]("val/loss", **options)], progress=False,
+    )
+    assert final.optimizer.param_groups[0]["lr"] == optimizer.param_groups[0]["lr"] == 0.125
+    assert torch.equal(final.model.weight, model.weight) and torch.equal(final.model.bias, model.bias)

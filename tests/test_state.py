@@ -1877,3 +1877,55 @@ def test_a_template_whose_hyper_parameters_are_numpy_numbers_loads_a_state_dict(
     loaded = template().load_state_dict(trained.state_dict())
     assert loaded.step == 3 and loaded.scheduler.last_epoch == 3
     assert torch.equal(loaded.model.weight, trained.model.weight)
+
+
+@pytest.mark.parametrize("crash_at", [4, 7, 9, 13])
+def test_the_backbone_finetuning_recipe_resumes_from_any_checkpoint_as_the_uninterrupted_run(tmp_path, crash_at,
+                                                                                            assert_trees_equal):
+    """docs/from_lightning.md's BackboneFinetuning recipe, resumed from the newest checkpoint (every 3 updates) of a
+    run that crashed before, at the start of, or inside the unfreeze epoch (2; 5 batches an epoch): run_epochs calls
+    on_epoch_start again for the epoch a resumed run finishes, so the recipe adds the group at batch 0 only, and the
+    template holds the group once the checkpoint is past the epoch's start. The reference is the uninterrupted run."""
+    unfreeze = 2
+    generator = torch.Generator().manual_seed(0)
+    data = [(torch.randn(16, 4, generator=generator), torch.randint(0, 3, (16,), generator=generator)) for _ in range(5)]
+
+    def add_group(model, optimizer):
+        model[0].requires_grad_(True)
+        optimizer.add_param_group({"params": list(model[0].parameters()), "lr": 0.01})
+
+    class Unfreeze(loopkit.Callback):  # the recipe
+        def on_fit_start(self, state):
+            if (state.epoch, state.batch_index) > (unfreeze, 0):
+                state.model[0].requires_grad_(True)
+
+        def on_epoch_start(self, state):
+            if state.epoch == unfreeze and state.batch_index == 0:
+                add_group(state.model, state.optimizer)
+
+    class Crash(loopkit.Callback):
+        def on_batch_end(self, state, metrics):
+            if state.step == crash_at:
+                raise RuntimeError("crash")
+
+    def template(with_group):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 3))
+        model[0].requires_grad_(False)
+        optimizer = torch.optim.SGD(model[1].parameters(), lr=0.1)
+        if with_group:
+            add_group(model, optimizer)
+        return loopkit.TrainState.create(model, optimizer)
+
+    def run(directory, state, *extra):
+        loss = lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1])  # noqa: E731
+        step = loopkit.with_checkpointing(loopkit.train_step(loss), directory, every_n_steps=3)
+        return loopkit.run_epochs(step, state, data, epochs=4, callbacks=[Unfreeze(), *extra], progress=False)
+
+    full, _ = run(tmp_path / "full", template(False))
+    with pytest.raises(RuntimeError, match="crash"):
+        run(tmp_path / "cut", template(False), Crash())
+    newest = loopkit.checkpoint.list_checkpoints(tmp_path / "cut")[-1]
+    resumed, _ = run(tmp_path / "cut", loopkit.restore(template((newest.epoch, newest.batch_index) > (unfreeze, 0)),
+                                                       tmp_path / "cut"))
+    assert_trees_equal(resumed.state_dict(), full.state_dict())

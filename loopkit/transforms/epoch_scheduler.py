@@ -13,7 +13,7 @@ from typing import Any
 import attrs
 
 from loopkit._numbers import as_int
-from loopkit.state import TrainState, extras_copy, leave_intact, replace, replace_extras, state_at_error
+from loopkit.state import TrainState, extras_copy, leave_intact, replace, replace_extras, scheduler_for, state_at_error
 from loopkit.steps import Metrics, WrapperStep
 from loopkit.transforms._compose import refuse_wrapping, require_step
 
@@ -75,7 +75,9 @@ class EpochSchedulerStep(WrapperStep):
 def scheduler_held(call: Any, state: TrainState, *args: Any) -> tuple[TrainState, Metrics]:
     """``call(state, *args)`` (an inner step's ``run_`` or ``flush_``) on ``state`` without its scheduler (the inner
     step would step it per update), which the result gets back: ``with_epoch_scheduler``'s and
-    ``with_step_scheduler``'s inner calls. An error that left the state it was given whole leaves ``state`` whole.
+    ``with_step_scheduler``'s inner calls. An error that left the state it was given whole leaves ``state`` whole. An
+    inner step of one's own that forks the state (``loopkit.state.fork``: a new optimizer) gets a copy of the scheduler
+    that steps its optimizer.
 
     >>> import torch
     >>> model = torch.nn.Linear(1, 1); opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -91,7 +93,10 @@ def scheduler_held(call: Any, state: TrainState, *args: Any) -> tuple[TrainState
         if state_at_error(error) is used:  # nothing changed: the caller's state is whole
             leave_intact(error, state)
         raise
-    return replace(new, scheduler=state.scheduler), metrics
+    scheduler = state.scheduler
+    if new.optimizer is not state.optimizer and new.optimizer is not None:  # a step of one's own that forked the state
+        scheduler = scheduler_for(scheduler, new.optimizer)
+    return replace(new, scheduler=scheduler), metrics
 
 
 def scheduler_of(state: TrainState, name: str, when: str = "") -> Any:

@@ -62,10 +62,10 @@ class StepSchedulerStep(WrapperStep):
     def _stepped(self, call: Any, state: TrainState, consumed: int, *args: Any) -> tuple[TrainState, Metrics]:
         """``call`` on ``state`` without its scheduler (the inner step would step it per update), put back after and
         stepped if ``call`` made an update and ``consumed`` (batches of the epoch) is a multiple of ``frequency``."""
-        scheduler = scheduler_of(state, "with_step_scheduler")
+        scheduler_of(state, "with_step_scheduler")
         new, metrics = scheduler_held(call, state, *args)
         if new.step != state.step and consumed % self.frequency == 0:
-            step_quietly(scheduler)  # (quietly: a step of one's own may count an update made without the optimizer)
+            step_quietly(new.scheduler)  # (quietly: a step of one's own may count an update made without the optimizer)
         return new, metrics
 
 

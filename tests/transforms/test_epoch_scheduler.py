@@ -145,3 +145,43 @@ def test_a_relaunch_from_the_checkpoint_of_an_epochs_flushed_update_steps_it_onc
     resumed, _ = loopkit.run_epochs(inner, restored, data, epochs=3, progress=False)
     assert resumed.scheduler.state_dict() == whole.scheduler.state_dict()
     assert_trees_equal(dict(resumed.model.state_dict()), dict(whole.model.state_dict()))
+
+
+def _forking_step(mse_loss):
+    """A step of one's own, pure as the guide writes one (examples/gan.py): it forks the state, so its optimizer is a
+    new object at every call."""
+
+    def step(state, batch):
+        state = loopkit.state.fork(state)
+        state.optimizer.zero_grad(set_to_none=True)
+        loss = mse_loss(state.model, batch)
+        loss.backward()
+        state.optimizer.step()
+        return state.evolve(step=state.step + 1), {"loss": loss.detach()}
+
+    return step
+
+
+@pytest.mark.parametrize("transform", ["with_epoch_scheduler", "with_step_scheduler"])
+def test_a_step_of_ones_own_that_forks_the_state_trains_at_the_scheduled_rates(
+    transform, make_mlp, make_batches, mse_loss, assert_trees_equal
+):
+    """The held scheduler given back to the forked state steps that state's optimizer (it stepped the first call's
+    stale one: the rate never changed), as in a raw loop."""
+    data = make_batches(4)
+    reference = _state(make_mlp)
+    model, opt, sched = reference.model, reference.optimizer, reference.scheduler
+    for _ in range(EPOCHS):
+        for batch in data:
+            opt.zero_grad()
+            mse_loss(model, batch).backward()
+            opt.step()
+            if transform == "with_step_scheduler":
+                sched.step()
+        if transform == "with_epoch_scheduler":
+            sched.step()
+    step = getattr(loopkit, transform)(_forking_step(mse_loss))
+    final, _ = loopkit.run_epochs(step, _state(make_mlp), data, epochs=EPOCHS, progress=False)
+    assert final.scheduler.optimizer is final.optimizer
+    assert final.optimizer.param_groups[0]["lr"] == opt.param_groups[0]["lr"] < 0.4
+    assert_trees_equal(dict(final.model.named_parameters()), dict(model.named_parameters()))
