@@ -278,6 +278,8 @@ class EarlyStopping(MonitorCallback):
         self.best = math.inf if self.mode == "min" else -math.inf
         self.wait = 0
         self.should_stop = False
+        #: the epoch (from 0) whose check asked to stop: an epoch-end check's is the epoch just finished (the state's
+        #: ``epoch`` counts it done already), a step validation's the epoch it ran in; None until it asks
         self.stopped_at: int | None = None
         #: why it asked to stop, as Lightning 2.6's ``stopping_reason`` and ``stopping_reason_message``
         self.stopping_reason = EarlyStoppingReason.NOT_STOPPED
@@ -338,9 +340,37 @@ class EarlyStopping(MonitorCallback):
             self.stopping_reason, message = stop
             self.stopping_reason_message = message
         if self.should_stop and self.stopped_at is None:
-            self.stopped_at = getattr(state, "epoch", None)
+            self.stopped_at = _epoch_checked(state)
         if message is not None and self.verbose:
             self._say(message)
+
+    @property
+    def stopped_epoch(self) -> int:
+        """Lightning's name: the epoch (from 0) whose check asked to stop, 0 until it asks (see :attr:`stopped_at`).
+
+        >>> stopper = EarlyStopping("train/loss", patience=0)
+        >>> _ = stopper.on_epoch_end(None, {"train/loss": 1.0}); stopper.stopped_epoch
+        0
+        """
+        return 0 if self.stopped_at is None else self.stopped_at
+
+    @property
+    def wait_count(self) -> int:
+        """Lightning's name of :attr:`wait`: the checks in a row without improvement.
+
+        >>> EarlyStopping("val/loss").wait_count
+        0
+        """
+        return self.wait
+
+    @property
+    def best_score(self) -> torch.Tensor:
+        """Lightning's name of :attr:`best`, as its type: a float32 0-dim tensor (on the CPU).
+
+        >>> EarlyStopping("val/loss").best_score
+        tensor(inf)
+        """
+        return torch.tensor(self.best, dtype=torch.float32)
 
     def _say(self, message: str) -> None:
         """Print ``message`` as Lightning's ``verbose=True`` logs it: prefixed with the rank under several ranks
@@ -372,6 +402,8 @@ class EarlyStopping(MonitorCallback):
             sd["stopping_reason"] = self.stopping_reason.value
         if self.stopping_reason_message is not None:
             sd["stopping_reason_message"] = self.stopping_reason_message
+        if self.stopped_at is not None:
+            sd["stopped_epoch"] = self.stopped_at
         return sd
 
     def load_state_dict(self, sd: Mapping[str, Any]) -> None:
@@ -380,6 +412,17 @@ class EarlyStopping(MonitorCallback):
         self.stopping_reason = EarlyStoppingReason(int(sd.get("stopping_reason", 0)))  # (older checkpoints: none)
         message = sd.get("stopping_reason_message")
         self.stopping_reason_message = None if message is None else str(message)
+        stopped = sd.get("stopped_epoch")  # (older checkpoints: none)
+        self.stopped_at = None if stopped is None else int(stopped)
+
+
+def _epoch_checked(state: Any) -> int | None:
+    """The epoch (from 0) a check of ``state`` belongs to, Lightning's ``current_epoch`` there: at an epoch's end (its
+    validation, ``on_epoch_end``) the state counts the epoch done (``batch_index`` 0), so it is the one before."""
+    epoch = getattr(state, "epoch", None)
+    if epoch is None:
+        return None
+    return epoch - 1 if epoch > 0 and getattr(state, "batch_index", None) == 0 else epoch
 
 
 class LearningRateMonitor(Callback):

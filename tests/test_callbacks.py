@@ -107,7 +107,7 @@ def test_early_stopping_mode_max():
 def test_early_stopping_stops_on_nan():
     stopper = loopkit.EarlyStopping("val/score", patience=5)
     _, history, _ = run_with_stopper({1: 1.0, 2: 0.5, 3: float("nan"), 4: 0.1}, stopper)
-    assert len(history) == 3 and stopper.stopped_at == 3
+    assert len(history) == 3 and stopper.stopped_at == 2 == history[-1]["epoch"]
 
 
 def test_early_stopping_on_a_train_metric():
@@ -127,6 +127,33 @@ def test_early_stopping_mid_epoch_with_step_validation():
     state, history = run_epochs(train_step(mse), make_state(), make_data(10), epochs=3, val=(val, [0]),
                                 val_every_n_steps=2, callbacks=[stopper], progress=False)
     assert state.step == 4 and state.epoch == 0 and len(history) == 1
+    assert stopper.stopped_epoch == stopper.stopped_at == 0  # the epoch the validation ran in, as Lightning's
+
+
+@pytest.mark.parametrize("every_n_steps", [None, 3])
+def test_early_stopping_stopped_epoch_is_the_epoch_whose_check_asked_as_lightnings(every_n_steps):
+    """Lightning's ``stopped_epoch`` is the trainer's ``current_epoch`` at the check that stops (0 before): the epoch
+    a validation at an epoch's end closes, where the state counts that epoch done already (it was one more). With
+    validations at step 3, 6, 9 (4 batches an epoch) the third asks, in epoch 2; at the epochs' ends the fourth, of
+    epoch 3. ``wait_count``/``best_score`` are Lightning's names of ``wait``/``best``; a checkpoint keeps the epoch."""
+    stopper = loopkit.EarlyStopping("val/score", patience=2)
+    assert (stopper.stopped_epoch, stopper.stopped_at) == (0, None)
+    scores = {1: 1.0, 2: 0.9, 3: 0.95, 4: 0.91, 5: 0.5}
+
+    def val(state, batch):  # the n-th validation's score: n by the step (step validations) or by the epochs done
+        n = state.step // 3 if every_n_steps else state.epoch
+        return state, {"score": torch.tensor(scores.get(n + (1 if every_n_steps else 0), 0.0))}
+
+    options = {"val_every_n_steps": every_n_steps, "val_every_n_epochs": None} if every_n_steps else {}
+    state, history = run_epochs(train_step(mse), make_state(), make_data(4), epochs=6, val=(val, [0]),
+                                callbacks=[stopper], progress=False, **options)
+    expected = 2 if every_n_steps else 3
+    assert stopper.should_stop and stopper.stopped_epoch == stopper.stopped_at == expected == history[-1]["epoch"]
+    assert stopper.wait_count == stopper.wait == 2
+    assert stopper.best_score.dtype == torch.float32 and float(stopper.best_score) == stopper.best == float(torch.tensor(0.9))
+    again = loopkit.EarlyStopping("val/score", patience=2)
+    again.load_state_dict(stopper.state_dict())
+    assert again.stopped_epoch == expected
 
 
 def test_early_stopping_missing_monitor_raises_key_error_naming_it():
