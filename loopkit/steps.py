@@ -477,7 +477,7 @@ class GradContext:
     def grads(self) -> list[torch.Tensor]:
         return [p.grad for p in self.params]  # type: ignore[misc]
 
-    def unscale_and_check(self, inv_scale: torch.Tensor | None = None) -> torch.Tensor | None:
+    def unscale_and_check(self, inv_scale: torch.Tensor | None = None, *, scaler: bool = False) -> torch.Tensor | None:
         """Multiply each floating or complex gradient by ``inv_scale`` in place (None: leave them) and
         return a 1-element float flag on the first gradient's device, 1.0 where any holds inf/NaN (None
         where no gradient is floating or complex).
@@ -485,7 +485,8 @@ class GradContext:
         One ``torch._amp_foreach_non_finite_check_and_unscale_`` per device and dtype, as
         ``torch.amp.GradScaler`` does; a sparse gradient counts by its values (coalesced first
         when float16: duplicates summed in float16 may overflow), a complex one by its real view
-        (its real and imaginary parts).
+        (its real and imaginary parts). ``scaler``: the float16 loss scaler's unscaling, which refuses a float16
+        gradient (``ValueError``), as ``torch.amp.GradScaler`` does: its scaled values overflow where float32's would not.
         """
         groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
         for p in self.params:
@@ -499,6 +500,8 @@ class GradContext:
             if g.is_complex():
                 g = torch.view_as_real(g)  # (a view: unscaling it unscales the gradient)
             groups.setdefault((g.device, g.dtype), []).append(g)
+        if scaler and any(dtype is torch.float16 for _, dtype in groups):
+            raise _half_parameters_refused(self.state)
         found: torch.Tensor | None = None
         for (device, _), grads in groups.items():
             f = torch.zeros(1, dtype=torch.float32, device=device)  # (whatever the caller's default dtype)
@@ -511,6 +514,16 @@ class GradContext:
         """OR ``flag`` (a 0-dim or 1-element float tensor) into the skip flag."""
         flag = flag.reshape(())
         self.nonfinite = flag if self.nonfinite is None else torch.maximum(self.nonfinite, flag)
+
+
+def _half_parameters_refused(state: TrainState) -> ValueError:
+    """The error of float16 ``with_amp`` given float16 parameters (``model.half()``), naming the first."""
+    name = next((n for n, p in state.model.named_parameters() if p.dtype is torch.float16), "?")
+    return ValueError(
+        f"with_amp(torch.float16): parameter {name!r} is float16, and the loss scaler unscales float32 gradients (torch's "
+        "GradScaler, and so Lightning's precision='16-mixed', refuses float16 ones: scaled, they overflow); keep the "
+        "model in float32 (autocast runs its forward in float16), or train it in float16 without with_amp"
+    )
 
 
 def _params_with_grads(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
@@ -876,6 +889,8 @@ class TrainStep(Step):
             return self._run_plain_cpu(state, batch, model, optimizer)
         if self.accum_every == 1 and _ACCUM_COUNT in state.extras:
             raise leave_intact(_held_group(state, self), state)
+        if self.precision is not None and first.dtype is torch.float16 and self.precision.scales_loss:
+            raise leave_intact(_half_parameters_refused(state), state)
         if isinstance(optimizer, _LBFGS):
             if not self.plain or self.sync is not None:
                 raise leave_intact(_closure_refused(optimizer, ", ".join(self.transforms) or "with_ddp"), state)

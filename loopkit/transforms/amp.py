@@ -70,7 +70,7 @@ class Amp:
     def unscale(self, ctx: GradContext, extras: dict[str, Any]) -> None:
         scale = extras[_SCALE]
         inv_scale = scale.double().reciprocal().float().reshape(1)
-        found = ctx.unscale_and_check(inv_scale)
+        found = ctx.unscale_and_check(inv_scale, scaler=True)
         found_inf = torch.zeros((), dtype=torch.float32, device=scale.device) if found is None else found.to(scale.device).reshape(())
         ctx.found_inf = found_inf if ctx.found_inf is None else torch.maximum(ctx.found_inf, found_inf)
 

@@ -77,7 +77,7 @@ def with_grad_accum(step: Any, every: int | Mapping[int, int]) -> TrainStep:
         if every_ is None or every_ < 1:
             raise ValueError(f"with_grad_accum: every must be a positive int or a {{epoch: factor}} schedule, got {every!r}")
     base = require_train_step(step, "with_grad_accum")
-    if base.accum_every > 1 or base.accum_schedule:
+    if "with_grad_accum" in base.transforms:  # (an inner every=1 too: twice is refused, whatever the factors)
         raise TypeError("with_grad_accum cannot wrap with_grad_accum: accumulate once"
                         + ("" if schedule or base.accum_schedule else f", with every={base.accum_every * every_}"))
     return base.with_transform("with_grad_accum", accum_every=every_, accum_schedule=schedule)

@@ -342,3 +342,35 @@ def test_bfloat16_with_the_autocast_cache_on_or_off_is_the_raw_loop_so_autocast(
 def test_cache_enabled_must_be_a_bool(mse_loss):
     with pytest.raises(TypeError, match="cache_enabled must be True or False"):
         loopkit.with_amp(loopkit.train_step(mse_loss), cache_enabled="no")
+
+
+def test_float16_refuses_float16_parameters_as_torchs_grad_scaler_does_leaving_the_state_whole(
+    make_mlp, make_batches, mse_loss, take_snapshot, assert_trees_equal
+):
+    """A model.half() under float16 with_amp: torch's GradScaler raises "Attempting to unscale FP16 gradients" (so
+    does Lightning's "16-mixed"); loopkit trained on, its scaled float16 gradients overflowing. Refused before the
+    forward, naming the parameter; a model half in float16 is refused at the unscaling."""
+    batch = make_batches(1)[0]
+    model = make_mlp(0).half()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu")
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = mse_loss(model, (batch[0].half(), batch[1].half()))
+    scaler.scale(loss).backward()
+    with pytest.raises(ValueError, match="Attempting to unscale FP16 gradients"):
+        scaler.unscale_(optimizer)
+
+    step = loopkit.with_amp(loopkit.train_step(mse_loss), torch.float16)
+    half = make_mlp(0).half()
+    state = loopkit.TrainState.create(half, torch.optim.SGD(half.parameters(), lr=0.1))
+    before = take_snapshot(state)
+    with pytest.raises(ValueError, match=r"with_amp\(torch.float16\): parameter '0.weight' is float16") as info:
+        loopkit.run_epochs(step, state, [(batch[0].half(), batch[1].half())], epochs=1, progress=False)
+    assert_trees_equal(take_snapshot(loopkit.state_at_error(info.value)), before)
+
+    mixed = make_mlp(0)
+    mixed[2].half()
+    state = loopkit.TrainState.create(mixed, torch.optim.SGD(mixed.parameters(), lr=0.1))
+    half_loss = lambda m, b: mse_loss(m, b).float()  # noqa: E731
+    with pytest.raises(ValueError, match=r"parameter '2.weight' is float16"):
+        loopkit.with_amp(loopkit.train_step(half_loss), torch.float16)(state, batch)

@@ -292,3 +292,13 @@ def test_a_schedule_takes_numpy_numbers_and_one_of_ones_accumulates_nothing(mse_
     assert loopkit.with_grad_accum(loopkit.train_step(mse_loss), every={0: 1, 5: 1}).plain
     with pytest.raises(TypeError, match="with_grad_accum cannot wrap with_grad_accum"):
         loopkit.with_grad_accum(step, every=2)
+
+
+
+@pytest.mark.parametrize("inner", [1, {0: 1}, {0: 1, 5: 1}])
+def test_with_grad_accum_twice_is_refused_whatever_the_inner_factor(inner, mse_loss):
+    """An inner every=1 (or a schedule of ones) accumulates nothing, but twice is refused in either order (it was
+    accepted this way round only)."""
+    step = loopkit.with_grad_accum(loopkit.train_step(mse_loss), every=inner)
+    with pytest.raises(TypeError, match="with_grad_accum cannot wrap with_grad_accum"):
+        loopkit.with_grad_accum(step, every=3)
