@@ -33,7 +33,7 @@ from loopkit._sharded import fsdp_modules, local
 from loopkit.rng import RNGScope, global_rng_state
 from loopkit.state import (
     _INTACT, TrainState, drop_graph, extras_copy, fork, keep_graph, leave_intact, make_state, model_device,
-    refuse_copy_if_sharded, replace,
+    refuse_copy_if_sharded, replace, state_at_error,
 )
 
 __all__ = [
@@ -783,6 +783,9 @@ class TrainStep(Step):
     #: the update's transforms' checks of a kind of gradient they refuse (``refuse_early``), run at an accumulation
     #: group's first call, whose gradients can still be given back (the group's last call's are summed into them)
     early_refusals: tuple[Callable[[GradContext], None], ...] = attrs.field(init=False, repr=False)
+    #: a raising guard: each call copies the model's buffers before its forward, to put them back when it refuses
+    #: (a NaN batch's forward leaves BatchNorm's statistics NaN), in one process
+    keeps_call_buffers: bool = attrs.field(init=False, repr=False)
     #: the metrics the transforms report (name -> transform): a loss_fn's aux metric may not take their names
     transform_metrics: Mapping[str, str] = attrs.field(init=False, repr=False)
 
@@ -805,6 +808,8 @@ class TrainStep(Step):
         object.__setattr__(self, "loss_checks", checks)
         refusing = any(getattr(t, "refuses_grads", False) for t in self.micro + self.update)
         object.__setattr__(self, "holds_grads", self.sync is None and refusing)
+        keeps = any(getattr(t, "restores_buffers_on_raise", False) for t in self.micro + self.update)
+        object.__setattr__(self, "keeps_call_buffers", self.sync is None and keeps)
         early = tuple(t.refuse_early for t in self.update if getattr(t, "refuse_early", None) is not None)
         object.__setattr__(self, "early_refusals", early if self.sync is None else ())
         reported = {
@@ -914,6 +919,8 @@ class TrainStep(Step):
             sync.before_forward(model)
         # a raising guard or a hook may refuse this call's gradients: what the parameters hold now is given back then
         held = [p.grad for group in optimizer.param_groups for p in group["params"]] if self.holds_grads else None
+        # a raising guard's refusal (or any error that leaves the state whole) puts back what the forward wrote in place
+        buffers = _buffers_copy(model) if self.keeps_call_buffers else None
         try:
             if local:
                 with sync.no_sync(net):
@@ -922,8 +929,10 @@ class TrainStep(Step):
             else:
                 loss, metrics, stash = self._loss_and_backward(
                     state, batch, net, first, extras, local, intact_on_error, every)
-        except BaseException:
+        except BaseException as error:
             scope.discard()
+            if buffers is not None and state_at_error(error) is state:
+                _restore_buffers(model, buffers)
             raise
         rng = scope.close()
         if loss is None:  # the loss_fn skipped the batch
@@ -960,6 +969,8 @@ class TrainStep(Step):
             return keep_graph(self._apply_update(new, extras, metrics, ctx), loss), metrics
         except BaseException as error:  # a raising guard or a hook refused the gradients, before the update
             if held is not None and not ctx.updating and _gradients_back(state, optimizer, held, stash):
+                if buffers is not None:
+                    _restore_buffers(model, buffers)
                 leave_intact(error, state)
             raise
 
@@ -1303,6 +1314,12 @@ def _first_param(optimizer: torch.optim.Optimizer, state: TrainState) -> torch.T
         if group["params"]:
             return group["params"][0]
     raise leave_intact(ValueError("train_step: the state's optimizer has no parameters to train"), state)
+
+
+def _buffers_copy(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """Copies of ``model``'s buffers (None for a model without any): what a call's forward may write in place."""
+    saved = {name: b.detach().clone() for name, b in model.named_buffers()}
+    return saved or None
 
 
 def _save_buffers(model: torch.nn.Module, extras: dict[str, Any]) -> None:

@@ -45,7 +45,11 @@ def with_grad_accum(step: Any, every: int | Mapping[int, int]) -> TrainStep:
     each micro-batch's gradient. The partial sum and counter live in the state (gradients on
     the parameters, ``accum/count`` in extras), so purity and checkpoints keep them.
     ``run_epochs`` flushes a partial group at the end of an epoch: that update uses the mean
-    over the micro-batches actually seen.
+    over the micro-batches actually seen. A call whose ``loss_fn`` skips its batch (returns None)
+    takes no place in a group: a group is ``every`` batches that gave a loss, so every update
+    averages ``every`` gradients. Lightning counts such a batch in its group (it steps at each
+    ``every``-th batch, with the gradients of the others, each divided by ``every``), so with
+    skipped batches the two update at other batches.
 
     ``every`` may be a schedule by epoch, ``{0: 8, 4: 4}`` (8 in epochs 0-3, then 4; 1 before
     the first epoch given), as Lightning's ``GradientAccumulationScheduler(scheduling=...)``:

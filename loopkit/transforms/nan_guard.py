@@ -47,6 +47,12 @@ class NanGuard:
         return self.policy == "skip"
 
     @property
+    def restores_buffers_on_raise(self) -> bool:
+        """A raising guard puts back what the refused call's forward wrote into the buffers (``train_step`` copies them
+        before each forward): BatchNorm statistics of a NaN batch would be NaN in the state left whole."""
+        return self.policy == "raise"
+
+    @property
     def refuses_grads(self) -> bool:
         """A raising guard refuses the gradients before the update: ``train_step`` gives them back then."""
         return self.policy == "raise"
@@ -126,7 +132,8 @@ def with_nan_guard(step: Any, policy: str = "skip") -> TrainStep:
     look at one micro-batch's). The state the call was given is whole, as after an error of the
     ``loss_fn``: a donated one stays usable and is :func:`loopkit.state_at_error` of the error,
     and under ``run_epochs`` that is the fit's newest whole state, at the failing batch. What the
-    failing forward changed in place stays (BatchNorm statistics; ``policy="skip"`` puts them back).
+    failing forward wrote into the model's buffers (BatchNorm statistics) is put back too: the step
+    copies them before each forward (``policy="skip"`` once per group, to put them back on a skip).
     The state is used up where the backward added into a group's sum in place (the guard outside
     ``with_grad_accum`` finding the summed gradient bad) and under ``with_ddp``.
 

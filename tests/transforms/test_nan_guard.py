@@ -610,3 +610,50 @@ def test_a_guard_outside_a_value_clip_scans_the_gradients_once_an_update(monkeyp
     step = loopkit.with_nan_guard(loopkit.with_grad_clip(loopkit.train_step(mse_loss), max_value=0.01))
     step(make_sgd_state(make_mlp(0)), make_batches(1)[0])
     assert len(scans) == 1
+
+
+@pytest.mark.parametrize("every", [1, 2])
+@pytest.mark.parametrize("where", ["loss", "gradient"])
+def test_a_raising_guard_puts_back_what_the_refused_forward_wrote_into_the_buffers(every, where, assert_trees_equal):
+    """A NaN batch's forward wrote into BatchNorm's running statistics, in place, before the guard refused it (NaN
+    for a NaN input): the state left whole (state_at_error) then evaluated to NaN for good. Its buffers are now those
+    of the calls before the batch (the reference: the donated step over them), mid-group too, for a NaN loss and for
+    a NaN gradient of a finite loss."""
+    generator = torch.Generator().manual_seed(0)
+    data = [(torch.randn(8, 4, generator=generator), torch.randn(8, 1, generator=generator)) for _ in range(6)]
+    bad = data[3][0].clone()
+    bad[0, 0] = float("nan") if where == "loss" else 1e3  # ("gradient": a finite batch the loss below marks bad)
+    poisoned = data[:3] + [(bad, data[3][1])] + data[4:]
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.body = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 1))
+            self.scale = torch.nn.Parameter(torch.ones(()))
+
+    def loss_fn(model, batch):
+        x, y = batch
+        value = ((model.body(x) - y) ** 2).mean()
+        marked = (x.abs().max() > 100).float()  # sqrt(scale * 0): a 0 term whose gradient is inf * 0, NaN
+        return value + torch.sqrt(model.scale * (1 - marked)) - torch.sqrt(model.scale.detach() * (1 - marked))
+
+    def fresh():
+        model = Net()
+        return loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+
+    step = loopkit.with_nan_guard(loopkit.train_step(loss_fn), policy="raise")
+    if every > 1:
+        step = loopkit.with_grad_accum(step, every=every)
+    reference = fresh()
+    for batch in data[:3]:
+        reference, _ = loopkit.donate(step)(reference, batch)
+    with pytest.raises(loopkit.NonFiniteError, match=where) as info:
+        loopkit.run_epochs(step, fresh(), poisoned, epochs=1, progress=False)
+    whole = loopkit.state_at_error(info.value)
+    assert whole is not None and whole.batch_index == 3 and whole.step == reference.step
+    assert torch.isfinite(whole.model.body[1].running_mean).all()
+    kept, expected = whole.state_dict(), reference.state_dict()
+    assert_trees_equal({k: kept[k] for k in ("model", "grads", "optimizer", "step", "batch_index")},
+                       {k: expected[k] for k in ("model", "grads", "optimizer", "step", "batch_index")})
+    assert whole.extras.get("accum/count") == reference.extras.get("accum/count")
