@@ -18,13 +18,19 @@ its own seed), its ``rng`` advances as its solo state's does, and its trajectory
 (bitwise, on the CPU: the same arithmetic, not batched). The step finds this out on its first call
 that draws (vmap refuses the draw) and remembers it (:attr:`EnsembleStep.draws_random`); a loss
 that draws nothing keeps the one vmapped call (one member at a time costs K forwards and backwards).
+A ``loss_fn`` that vmap cannot run at all (``.item()`` in a metric, a branch on a tensor's value, ``nonzero``, an op
+without a batching rule) runs one member at a time too, from the first call vmap refuses on (it warns once, and
+remembers it: :attr:`EnsembleStep.unbatchable`); the ``loss_fn``'s own errors (a shape error) propagate as they are.
 A member made with ``global_rng=True`` draws from torch's global RNG, members in order. BatchNorm in training mode
 with running statistics is refused (buffers updated in place; in eval mode it reads them); a forward that changes any other buffer is refused by
 the step that finds it, before any member updates (a non-persistent buffer, a cache outside
 the state dict such as a lazily grown position table, may change). The members' modules must be in the same
 training mode and have the same settings (a convolution's stride, a norm's eps or groups, any plain attribute such as
-a ``temperature`` the forward reads: the step runs member 0's modules for all), and their optimizers must not need a
-closure (LBFGS). A parameter the loss does not reach in a call keeps its ``.grad`` None, as in a solo run (no weight
+a ``temperature`` the forward reads, a plain tensor attribute: the step runs member 0's modules for all), the same
+parameters must be frozen (``requires_grad``) in every member, and their optimizers must not need a closure (LBFGS);
+a donated step refuses a member changed since stacking in any of these (changed alike in every member, as when
+unfreezing a backbone, it trains on). Members pruned by ``torch.nn.utils.prune`` (each its own mask) train as their
+solo runs. A parameter the loss does not reach in a call keeps its ``.grad`` None, as in a solo run (no weight
 decay, momentum or optimizer state for it). :func:`unstack` copies the members out as independent
 states (for checkpoints, ``evaluate``, export); ``ensemble.members`` are views, usable as
 they are while the ensemble lives.
@@ -46,13 +52,15 @@ they are while the ensemble lives.
 from __future__ import annotations
 
 import copy
+import warnings
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence, Set
 from typing import Any, ClassVar
 
 import attrs
 import torch
 from torch import nn
+from torch.nn.utils import prune
 
 from loopkit.errors import DonatedStateError
 from loopkit.rng import RNGScope
@@ -87,6 +95,9 @@ class Ensemble:
     skeleton: nn.Module
     #: each member's parameters (the views), in the order of ``params``
     views: tuple[tuple[nn.Parameter, ...], ...] = attrs.field(default=(), repr=False)
+    #: each member's values key (see :func:`_all_values`) when last checked (by :func:`stack` or a donated step),
+    #: which a donated step compares cheaply (tensors by identity and version), the values only when one changed
+    _values: tuple[Any, ...] = attrs.field(default=(), repr=False)
     _consumed: bool = attrs.field(default=False, init=False, repr=False)
 
     def __len__(self) -> int:
@@ -135,13 +146,11 @@ def _check_members(states: Sequence[TrainState]) -> None:
                     f"ensemble.stack: member {k} has {type(module).__name__}(sparse=True), whose sparse gradients a "
                     "vmapped step cannot stack; use sparse=False (and a dense optimizer for it)"
                 )
-        shapes = {n: (p.shape, p.dtype, p.device) for n, p in state.model.named_parameters()}
-        expected = {n: (p.shape, p.dtype, p.device) for n, p in first.model.named_parameters()}
-        if shapes != expected or type(state.model) is not type(first.model):
-            differing = sorted(set(shapes.items()) ^ set(expected.items()))
+        difference = _parameter_difference(state.model, first.model)
+        if difference:
             raise ValueError(
-                f"ensemble.stack: member {k}'s model differs from member 0's (parameters {differing[:2]}...); "
-                "every member must have the same architecture"
+                f"ensemble.stack: member {k}'s model differs from member 0's ({difference}); every member must have "
+                "the same architecture, its parameters of the same shapes, dtypes and devices"
             )
         structure, expected_structure = _structure(state.model), _structure(first.model)
         if structure != expected_structure:  # the step runs member 0's modules for every member
@@ -153,7 +162,7 @@ def _check_members(states: Sequence[TrainState]) -> None:
             )
         _check_mode(state.model, first.model, k, "ensemble.stack")
         _check_settings(state.model, first.model, k, "ensemble.stack")
-        _check_attributes(state.model, first.model, k)
+        _check_attributes(state.model, first.model, k, "ensemble.stack")
         frozen = dict(first.model.named_parameters())
         for n, p in state.model.named_parameters():  # one vmapped gradient: the same parameters train in every member
             if p.requires_grad != frozen[n].requires_grad:
@@ -161,6 +170,28 @@ def _check_members(states: Sequence[TrainState]) -> None:
                     f"ensemble.stack: parameter '{n}' has requires_grad={p.requires_grad} in member {k} and "
                     f"{frozen[n].requires_grad} in member 0; every member must freeze the same parameters"
                 )
+
+
+def _parameter_difference(model: nn.Module, first: nn.Module) -> str:
+    """How ``model``'s class or parameters (names, shapes, dtypes, devices) differ from member 0's ``first``, first
+    difference only; ``""`` when they do not."""
+    if type(model) is not type(first):
+        return f"a {type(model).__qualname__} where member 0's is a {type(first).__qualname__}"
+    own, theirs = _described(model), _described(first)
+    if own == theirs:
+        return ""
+    name = next(n for n in sorted(own.keys() | theirs.keys()) if own.get(n) != theirs.get(n))  # (names: strings)
+    if name not in theirs:
+        return f"parameter '{name}' has {own[name]} where member 0 has no such parameter"
+    if name not in own:
+        return f"no parameter '{name}' where member 0's has {theirs[name]}"
+    return f"parameter '{name}' has {own[name]} where member 0's has {theirs[name]}"
+
+
+def _described(model: nn.Module) -> dict[str, str]:
+    """Each of ``model``'s parameters' shape, dtype and device, as text (compared as text: dtypes and devices have
+    no order to sort the differences by)."""
+    return {n: f"shape {tuple(p.shape)}, dtype {p.dtype}, device {p.device}" for n, p in model.named_parameters()}
 
 
 def _check_mode(model: nn.Module, first: nn.Module, k: int, where: str) -> None:
@@ -214,7 +245,7 @@ def _check_settings(model: nn.Module, first: nn.Module, k: int, where: str) -> N
         )
 
 
-def _check_attributes(model: nn.Module, first: nn.Module, k: int) -> None:
+def _check_attributes(model: nn.Module, first: nn.Module, k: int, where: str) -> None:
     """Refuse member ``k``'s ``model`` if a module's other values differ from member 0's: a tensor that is no
     parameter or buffer (a fixed random projection), a dict or list of such values, a ``_private`` number. The step
     runs member 0's modules, and so their values, for every member; other objects (a tokenizer) are not compared."""
@@ -223,30 +254,41 @@ def _check_attributes(model: nn.Module, first: nn.Module, k: int) -> None:
         for attr in sorted(own.keys() | theirs.keys()):
             if attr in own and attr in theirs and _same_value(own[attr], theirs[attr]):
                 continue
-            where = f"module {name or '(model)'} ({type(module).__name__})"
+            module_name = f"module {name or '(model)'} ({type(module).__name__})"
             raise ValueError(
-                f"ensemble.stack: member {k}'s {where} has another {attr!r} than member 0's "
+                f"{where}: member {k}'s {module_name} has another {attr!r} than member 0's "
                 f"({_short(own.get(attr, '<not set>'))} where member 0's is {_short(theirs.get(attr, '<not set>'))}); "
                 "the vmapped step runs member 0's modules, with their values, for all: make it the same in every "
                 "member, or register a tensor as a buffer (each member then has its own)"
             )
 
 
-def _other_values(module: nn.Module) -> dict[str, Any]:
-    """``module``'s attributes that :func:`module_settings` leaves out and :func:`_same_value` can compare."""
+def _other_values(module: nn.Module, names: Set[str] | None = None) -> dict[str, Any]:
+    """``module``'s attributes that :func:`module_settings` leaves out and :func:`_same_value` can compare (of
+    ``names``, if given: its attributes that are neither standard nor settings)."""
+    own = vars(module)
+    if names is None:
+        names = own.keys() - _MODULE_STANDARD - module_settings(module).keys()
+    if not names:  # (the common case: a layer's attributes are its settings)
+        return {}
     held = {id(t) for t in (*module._parameters.values(), *module._buffers.values()) if t is not None}
-    settings = module_settings(module)
     computed = _computed(module)
-    return {
-        attr: value for attr, value in vars(module).items()
-        if attr not in _MODULE_STANDARD and attr not in settings and attr not in computed and _comparable(value, held)
-    }
+    return {attr: own[attr] for attr in sorted(names) if attr not in computed and _comparable(own[attr], held)}
 
 
 def _computed(module: nn.Module) -> set[str]:
-    """The attributes an old-style ``spectral_norm`` / ``weight_norm`` hook of ``module`` computes from its
-    parameters before each forward (``weight``)."""
-    return {name for hook in module._forward_pre_hooks.values() if isinstance(name := getattr(hook, "name", None), str)}
+    """The attributes an old-style ``spectral_norm`` / ``weight_norm`` hook, or a ``torch.nn.utils.prune`` pruning
+    method, of ``module`` computes from its parameters (and mask buffers) before each forward (``weight``)."""
+    return {name for hook in module._forward_pre_hooks.values() if isinstance(name := _computed_name(hook), str)}
+
+
+def _computed_name(hook: Any) -> Any:
+    """The attribute a forward pre-hook computes: old-style ``spectral_norm`` / ``weight_norm`` keep it as ``name``,
+    ``torch.nn.utils.prune``'s pruning methods as ``_tensor_name`` (``weight`` from ``weight_orig * weight_mask``)."""
+    name = getattr(hook, "name", None)
+    if name is None and isinstance(hook, prune.BasePruningMethod):
+        name = getattr(hook, "_tensor_name", None)
+    return name
 
 
 def _comparable(value: Any, held: set[int]) -> bool:
@@ -284,13 +326,102 @@ def _all_settings(model: nn.Module) -> list[dict[str, Any]]:
 
 
 def _check_unchanged(ensemble: Ensemble) -> None:
-    """Refuse the members (as :func:`stack` would) if a module's training mode or settings were changed since they
-    were stacked (a donated step does not stack them again). Member 0's model is the skeleton itself."""
-    reference = _all_settings(ensemble.skeleton)  # (``training`` among them: one comparison for the common case)
+    """Refuse the members (as :func:`stack` would) if, since they were stacked, a module's training mode or settings,
+    a parameter's ``requires_grad`` or another value (see :func:`_other_values`) was changed in some members only (a
+    donated step does not stack them again). Member 0's model is the skeleton itself. Cheap: plain values and flags
+    compared, tensors by identity and version (no device sync)."""
+    reference, key = _scan(ensemble.skeleton)  # (``training`` among the settings: one comparison for the common case)
+    keys = [key]
     for k, member in enumerate(ensemble.members[1:], 1):
-        if _all_settings(member.model) != reference:
+        settings, key = _scan(member.model)
+        keys.append(key)
+        if settings != reference:
             _check_mode(member.model, ensemble.skeleton, k, "ensemble.train_step")
             _check_settings(member.model, ensemble.skeleton, k, "ensemble.train_step")
+    _check_frozen(ensemble)
+    _check_values(ensemble, tuple(keys))
+
+
+def _scan(model: nn.Module) -> tuple[list[dict[str, Any]], list[tuple[tuple[str, Any], ...]]]:
+    """``model``'s :func:`_all_settings` and values key (see :func:`_all_values`), in one walk of its modules (each
+    module's attributes sorted once: the step's checks cost per module and member)."""
+    settings, keys = [], []
+    for module in model.modules():
+        own = vars(module)
+        names = own.keys() - _BOOKKEEPING
+        # (module_settings, from the attributes that are not bookkeeping)
+        found = {attr: own[attr] for attr in names if attr[:1] != "_" and is_plain_setting(own[attr])}
+        settings.append(found)
+        others = _other_values(module, names - found.keys()) if len(names) > len(found) else None
+        keys.append(tuple((attr, _key(value)) for attr, value in others.items()) if others else ())
+    return settings, keys
+
+
+#: a module's standard attributes but ``training`` (a setting): its bookkeeping, neither a setting nor another value
+_BOOKKEEPING = _MODULE_STANDARD - {"training"}
+
+
+def _check_frozen(ensemble: Ensemble) -> None:
+    """Refuse the members if a parameter's ``requires_grad`` differs from member 0's: one vmapped gradient trains
+    member 0's trainable parameters in every member (as :func:`stack` refuses it). The same change in every member
+    (unfreezing a backbone to fine-tune it) is fine."""
+    expected = tuple(p.requires_grad for p in ensemble.views[0])
+    for k, views in enumerate(ensemble.views[1:], 1):
+        flags = tuple(p.requires_grad for p in views)
+        if flags != expected:
+            i = next(i for i, (a, b) in enumerate(zip(flags, expected)) if a != b)
+            raise ValueError(
+                f"ensemble.train_step: parameter '{list(ensemble.params)[i]}' has requires_grad={flags[i]} in member "
+                f"{k} and {expected[i]} in member 0 (changed since they were stacked); every member must freeze the "
+                "same parameters: set requires_grad alike in every member, or train the members apart"
+            )
+
+
+def _check_values(ensemble: Ensemble, keys: tuple[list[tuple[tuple[str, Any], ...]], ...]) -> None:
+    """Refuse the members (see :func:`_check_attributes`) if one's other values (a plain tensor attribute, a
+    ``_private`` number) were changed since they were last checked and now differ from member 0's. Unchanged keys
+    (see :func:`_all_values`) are the common case: no values are compared then. Changed alike in every member, the
+    new keys are kept. ``keys``: each member's, now."""
+    if keys == ensemble._values:
+        return
+    for k, member in enumerate(ensemble.members[1:], 1):
+        _check_attributes(member.model, ensemble.skeleton, k, "ensemble.train_step")
+    object.__setattr__(ensemble, "_values", keys)
+
+
+def _all_values(members: Sequence[TrainState]) -> tuple[list[tuple[tuple[str, Any], ...]], ...]:
+    """Each member's values key: what of its modules' other values (see :func:`_other_values`) a donated step
+    compares between calls, plain values as they are, tensors by identity and version (see :class:`_Seen`), in
+    ``modules()`` order (see :func:`_scan`)."""
+    return tuple(_scan(member.model)[1] for member in members)
+
+
+def _key(value: Any) -> Any:
+    """``value`` (see :func:`_comparable`) as a values key (see :func:`_all_values`) holds it: containers as tuples
+    (a copy: an in-place change of a list shows), tensors as :class:`_Seen`."""
+    if isinstance(value, torch.Tensor):
+        return _Seen(value)
+    if isinstance(value, Mapping):
+        return (dict, tuple((k, _key(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return (type(value), tuple(_key(v) for v in value))
+    return value
+
+
+class _Seen:
+    """A tensor in a values key (see :func:`_all_values`): equal only to the same tensor, not changed in place since
+    (its ``_version``). Compares no elements (no device sync); keeps the tensor alive (its ``id`` is not reused)."""
+
+    __slots__ = ("tensor", "version")
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
+        self.version = tensor._version
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Seen) and self.tensor is other.tensor and self.version == other.version
+
+    __hash__ = None  # type: ignore[assignment]
 
 
 def _differing_settings(model: nn.Module, reference: nn.Module) -> list[tuple[str, nn.Module, nn.Module, set[str]]]:
@@ -429,7 +560,7 @@ def stack(states: Sequence[TrainState]) -> Ensemble:
         memo = {id(p): nn.Parameter(params[n][k], requires_grad=p.requires_grad) for n, p in own.items()}
         members.append(_fork(state, memo, optimizer_state=True))
     views = tuple(tuple(dict(m.model.named_parameters())[n] for n in params) for m in members)
-    return Ensemble(tuple(members), params, buffers, members[0].model, views)
+    return Ensemble(tuple(members), params, buffers, members[0].model, views, _all_values(members))
 
 
 def unstack(ensemble: Ensemble) -> tuple[TrainState, ...]:
@@ -508,6 +639,10 @@ class EnsembleStep:
     #: member's own RNG, so from that call on the members' gradients are computed one member at a time, each with its
     #: own RNG installed (found on the first call that draws, when vmap refuses the draw; kept by this step object)
     draws_random: bool = attrs.field(default=False, init=False, repr=False)
+    #: whether vmap could not run ``loss_fn`` (``.item()``, data-dependent control flow, an op without a batching
+    #: rule): from that call on the members' gradients are computed one member at a time, as for :attr:`draws_random`
+    #: (found on the first call that vmap refuses; warned once, kept by this step object)
+    unbatchable: bool = attrs.field(default=False, init=False, repr=False)
     #: what the step takes instead of one loopkit.TrainState: transforms of a train step refuse it when built
     takes: ClassVar[str] = "a loopkit.ensemble.Ensemble"
 
@@ -522,7 +657,11 @@ class EnsembleStep:
         if not self.donated:
             ensemble = stack(ensemble.members)  # checks the members again (a mode set since)
             return self._update(ensemble, *self._gradients(ensemble, batch))
-        _check_unchanged(ensemble)
+        try:
+            _check_unchanged(ensemble)
+        except ValueError as error:
+            leave_intact(error, ensemble)  # (refused before anything changed: fix the members and call again)
+            raise
         versions = {n: t._version for n, t in ensemble.buffers.items()}
         try:  # nothing of the ensemble changes in place before its members' update, as with loopkit.donate
             grads, metrics, rngs = self._gradients(ensemble, batch)
@@ -567,16 +706,21 @@ class EnsembleStep:
         versions = {n: t._version for n, t in ensemble.buffers.items()}  # a buffer changed in place bumps its own
         rngs = None
         try:
-            if not self.draws_random:
+            if not (self.draws_random or self.unbatchable):
                 vmapped = torch.func.vmap(torch.func.grad(member_loss, has_aux=True), randomness="error")
                 try:
                     grads, metrics = vmapped(trained, fixed)
                 except RuntimeError as e:
-                    if not _drew_random(e):
+                    # (vmap refused the op before running it: no RNG advanced, and no member changed; a stacked
+                    # buffer the forward wrote before is found below, as after any call)
+                    if _drew_random(e):
+                        object.__setattr__(self, "draws_random", True)
+                    elif _cannot_batch(e):
+                        object.__setattr__(self, "unbatchable", True)
+                        _warn_unbatchable(where, e, len(ensemble))
+                    else:
                         raise
-                    # (vmap refused the draw before it drew: no RNG advanced, and no member changed)
-                    object.__setattr__(self, "draws_random", True)
-            if self.draws_random:
+            if self.draws_random or self.unbatchable:
                 grads, metrics, rngs = _one_member_at_a_time(ensemble, member_loss, trained, fixed, reached, where)
         finally:  # (a loss_fn that raised left them too: the ensemble stays usable)
             _refresh_rnn_weights(ensemble.skeleton)
@@ -627,7 +771,9 @@ class EnsembleStep:
                 members.append(replace(member, step=member.step + 1, batch_index=member.batch_index + 1))
             else:  # (its RNG advanced by its own draws, as its solo step's state's does)
                 members.append(replace(member, step=member.step + 1, batch_index=member.batch_index + 1, rng=rngs[k]))
-        return Ensemble(tuple(members), ensemble.params, ensemble.buffers, ensemble.skeleton, ensemble.views), metrics
+        new = Ensemble(tuple(members), ensemble.params, ensemble.buffers, ensemble.skeleton, ensemble.views,
+                       ensemble._values)  # (the members' values are the same objects: their keys hold)
+        return new, metrics
 
 
 #: the gradients of :meth:`EnsembleStep._gradients`: stacked (vmapped), or one dict per member (one at a time)
@@ -643,6 +789,30 @@ def _drew_random(error: RuntimeError) -> bool:
     return "randomness" in text or "rrelu" in text
 
 
+#: the beginnings of vmap's refusals of what runs unbatched (one member at a time) as it does solo: ``.item()`` and
+#: data-dependent control flow ("vmap: It looks like you're ..."), ops whose output shape depends on the data
+#: (``nonzero``, boolean-mask indexing), ops without a batching rule (an ``out=`` op: ``spectral_norm``'s power method)
+_UNBATCHABLE = (
+    "vmap: It looks like you're", "vmap: We do not support batching operators", "Batching rule not implemented",
+)
+
+
+def _cannot_batch(error: RuntimeError) -> bool:
+    """Whether vmap refused ``error``'s call for what it cannot batch (see :data:`_UNBATCHABLE`), not the loss_fn's
+    own error (a shape error, which runs one member at a time no better)."""
+    return str(error).startswith(_UNBATCHABLE)
+
+
+def _warn_unbatchable(where: str, error: RuntimeError, k: int) -> None:
+    """Say once (per step object: it remembers) that the step now runs one member at a time, and why."""
+    warnings.warn(
+        f"loopkit.ensemble.train_step: {where} cannot run under vmap ({_short(str(error).split('. ')[0], 240)}); "
+        "the members' gradients are computed one member at a time from now on, as each member's solo step computes "
+        f"them ({k} forwards and backwards a step instead of one batched one)",
+        RuntimeWarning, stacklevel=4,
+    )
+
+
 def _one_member_at_a_time(
     ensemble: Ensemble, member_loss: Callable[..., Any], trained: Mapping[str, torch.Tensor],
     fixed: Mapping[str, torch.Tensor], reached: list[set[str]], where: str,
@@ -654,10 +824,16 @@ def _one_member_at_a_time(
     draws from it, members in order. Nothing of the ensemble changes here: the RNGs come back, the caller's global
     RNG is put back, also when ``loss_fn`` raises."""
     grad = torch.func.grad(member_loss, has_aux=True)
+    # member 1's settings are member 0's as they were before this call (checked): each member's forward starts from
+    # them, as its solo forward would, not from what a failed vmapped attempt or the member before set (a list a
+    # forward appends to); one member alone has no such copy
+    before = _all_settings(ensemble.members[1].model) if len(ensemble) > 1 else None
     first = next(iter(ensemble.params.values()))
     cuda_index = _cuda_index(first.device) if first.is_cuda else None
     grads, rows, rngs = [], [], []
     for k, member in enumerate(ensemble.members):
+        if before is not None:
+            _restore_settings(ensemble.skeleton, before)
         scope = RNGScope(member.rng, cuda_index, member.seed)
         try:
             own, row = grad({n: t[k] for n, t in trained.items()}, {n: t[k] for n, t in fixed.items()})
@@ -674,6 +850,20 @@ def _one_member_at_a_time(
         rows.append(row)
     metrics = {key: torch.stack([row[key] for row in rows]) for key in rows[0]}
     return grads, metrics, rngs
+
+
+def _restore_settings(model: nn.Module, settings: list[dict[str, Any]]) -> None:
+    """Give ``model``'s modules ``settings`` (see :func:`_all_settings`; copies of them), and remove the settings they
+    lack: undo what a forward set (modules aligned: the same structure)."""
+    for module, own in zip(model.modules(), settings):
+        now = module_settings(module)
+        if now == own:  # (the common case)
+            continue
+        for attr in now.keys() - own.keys():
+            delattr(module, attr)
+        for attr, value in own.items():
+            if attr not in now or not _same(now[attr], value):
+                setattr(module, attr, copy.deepcopy(value))
 
 
 def _consume(ensemble: Ensemble) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import io
+import warnings
 
 import pytest
 import torch
@@ -1127,3 +1128,268 @@ def test_a_drawing_loss_fn_that_raises_for_one_member_leaves_the_ensemble_and_th
     for batch in batches:
         ens, _ = step(ens, batch)
     _assert_random_follow_solo(ens, make_model, _noisy_loss, batches)
+
+
+def _frozen_solo(state, batches, unfreeze_at=None):
+    """``state`` trained alone on ``batches`` (the loss of :func:`_solo`), its first layer unfrozen before batch
+    ``unfreeze_at``."""
+    step = loopkit.train_step(lambda m, b: ((m(b[0]) - b[1]) ** 2).mean())
+    for i, batch in enumerate(batches):
+        if i == unfreeze_at:
+            state.model[0].weight.requires_grad_(True)
+        state, _ = step(state, batch)
+    return state
+
+
+def _unfrozen_in_every_member_trains_as_the_solo_runs(batches: list) -> None:
+    """Fine-tuning: the first layer frozen in every member, then unfrozen in every member after two donated steps;
+    each member equals its solo run."""
+
+    def states():
+        out = [_sgd(_mlp(seed)) for seed in range(3)]
+        for state in out:
+            state.model[0].weight.requires_grad_(False)
+        return out
+
+    ens = ensemble.stack(states())
+    step = ensemble.train_step(lambda m, b: ((m(b[0]) - b[1]) ** 2).mean(), donated=True)
+    for i, batch in enumerate(batches):
+        if i == 2:
+            for member in ens.members:
+                member.model[0].weight.requires_grad_(True)
+        ens, _ = step(ens, batch)
+    for k, state in enumerate(states()):
+        solo = _frozen_solo(state, batches, unfreeze_at=2)
+        for (name, p), q in zip(solo.model.named_parameters(), ens.members[k].model.parameters()):
+            torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7, msg=f"member {k} {name}")
+    assert not torch.equal(ens.members[1].model[0].weight, _mlp(1)[0].weight)  # (it trained, once unfrozen)
+
+
+@pytest.mark.parametrize("frozen_in", [0, 1])
+def test_a_donated_step_refuses_a_parameter_frozen_in_one_member_since_stacking(frozen_in, make_batches):
+    """Before, it trained member 1 wrongly without a word: frozen in member 1 only, its weight moved anyway (by 0.04
+    in 3 steps); frozen in member 0 only, member 1's never trained (the trainable set was member 0's). Refused as
+    stack refuses it, the ensemble stays usable; set back, it trains on as its members' solo runs. Unfrozen in every
+    member (fine-tuning), it trains as their solo runs."""
+    _unfrozen_in_every_member_trains_as_the_solo_runs(make_batches(4))
+    batches = make_batches(3)
+    states = [_sgd(_mlp(seed)) for seed in range(3)]
+    step = ensemble.train_step(lambda m, b: ((m(b[0]) - b[1]) ** 2).mean(), donated=True)
+    ens, _ = step(ensemble.stack(states), batches[0])
+    before = {n: p.clone() for n, p in ens.params.items()}
+    ens.members[frozen_in].model[0].weight.requires_grad_(False)
+    flags = {0: (True, False), 1: (False, True)}[frozen_in]  # (member 1's, member 0's)
+    with pytest.raises(ValueError, match=rf"ensemble.train_step: parameter '0.weight' has requires_grad={flags[0]} in "
+                                         rf"member 1 and {flags[1]} in member 0 \(changed since they were stacked\); "
+                                         "every member must freeze the same parameters") as error:
+        step(ens, batches[1])
+    assert loopkit.state_at_error(error.value) is ens
+    ens.check_usable()
+    assert all(torch.equal(ens.params[n], before[n]) for n in before)
+    ens.members[frozen_in].model[0].weight.requires_grad_(True)
+    for batch in batches[1:]:
+        ens, _ = step(ens, batch)
+    _assert_follow_solo(ens, states, batches)
+
+
+CHANGES = {  # member 1's values changed after stacking, each in another way (the step ran member 0's for it)
+    "proj replaced": lambda m: setattr(m, "proj", torch.eye(4)),
+    "proj changed in place": lambda m: m.proj.mul_(2.0),
+    "cfg changed in place": lambda m: m.cfg.update(scale=3.0),
+    "_shift replaced": lambda m: setattr(m, "_shift", 0.25),
+}
+
+
+def _changed_alike_trains_as_the_solo_runs(batches: list) -> None:
+    """The same new projection in every member (each its own tensor) after stacking: the donated step trains on, each
+    member as its solo run with that projection, and later calls take the new values as checked."""
+    states = [_sgd(_Projected(k, ("proj", "cfg", "_shift"))) for k in range(2)]
+    ens = ensemble.stack(states)
+    for member in ens.members:
+        member.model.proj = torch.eye(4) * 2.0
+    step = ensemble.train_step(_loss, donated=True)
+    for batch in batches:
+        ens, _ = step(ens, batch)
+    for state in states:
+        state.model.proj = torch.eye(4) * 2.0
+    _assert_follow_solo(ens, states, batches)
+
+
+@pytest.mark.parametrize("change", list(CHANGES))
+def test_a_donated_step_refuses_a_value_changed_in_one_member_since_stacking(change, make_batches):
+    """Before, a plain tensor attribute (not a buffer) set on member 1 after stacking was ignored: member 1 trained with
+    member 0's value (its loss 1.31 where its solo run's is 2.27). Refused as stack refuses it, the ensemble usable.
+    Changed alike in every member, it trains on (see :func:`_changed_alike_trains_as_the_solo_runs`)."""
+    _changed_alike_trains_as_the_solo_runs(make_batches(3))
+    batches = make_batches(2)
+    ens = ensemble.stack([_sgd(_Projected(k, ("proj", "cfg", "_shift"))) for k in range(2)])
+    step = ensemble.train_step(_loss, donated=True)
+    ens, _ = step(ens, batches[0])
+    CHANGES[change](ens.members[1].model)
+    attr = change.split()[0]
+    with pytest.raises(ValueError, match=rf"ensemble.train_step: member 1's module \(model\) \(_Projected\) has "
+                                         rf"another '{attr}' than member 0's") as error:
+        step(ens, batches[1])
+    assert loopkit.state_at_error(error.value) is ens
+    ens.check_usable()
+    assert [m.step for m in ens.members] == [1, 1]
+
+
+def test_stacking_members_of_different_dtypes_is_refused_naming_the_parameter_and_both_dtypes():
+    """Before, the refusal's own message failed: TypeError: '<' not supported between instances of 'torch.dtype'."""
+    with pytest.raises(ValueError, match=r"ensemble.stack: member 1's model differs from member 0's \(parameter "
+                                         r"'0.bias' has shape \(16,\), dtype torch.float64, device cpu where member "
+                                         r"0's has shape \(16,\), dtype torch.float32, device cpu\)"):
+        ensemble.stack([_sgd(_mlp(0)), _sgd(_mlp(1).double())])
+    with pytest.raises(ValueError, match=r"member 1's model differs from member 0's \(a Linear where member 0's is a "
+                                         r"Sequential\)"):
+        ensemble.stack([_sgd(_mlp(0)), _sgd(nn.Linear(4, 2))])
+
+
+def _item_loss(model, batch):
+    """A metric taken with ``.item()``, as a Lightning habit has it (vmap refuses it)."""
+    loss, aux = _loss(model, batch)
+    return loss, {"mae": aux["mae"].item()}
+
+
+def _branching_loss(model, batch):
+    """A branch on the loss's value (vmap refuses data-dependent control flow)."""
+    loss, _ = _loss(model, batch)
+    return loss * 2.0 if loss > 0.9 else loss
+
+
+def _nonzero_loss(model, batch):
+    """``nonzero``, whose output's shape depends on the data (vmap refuses it)."""
+    out = model(batch[0])
+    return ((out - batch[1]) ** 2).mean() + 0.01 * out.flatten()[(out.flatten() > 0).nonzero()].sum()
+
+
+UNBATCHABLE = {"item": _item_loss, "branch": _branching_loss, "nonzero": _nonzero_loss}
+
+
+@pytest.mark.parametrize("donated", [False, True])
+@pytest.mark.parametrize("unbatchable", list(UNBATCHABLE))
+def test_a_loss_fn_vmap_cannot_run_trains_one_member_at_a_time_as_the_solo_runs(unbatchable, donated, make_batches):
+    """Before, it failed with torch's raw functorch error ("vmap: It looks like you're calling .item() ..."), though it
+    trains solo, and in an ensemble whose model draws (one member at a time). It warns once."""
+    loss_fn = UNBATCHABLE[unbatchable]
+    batches = make_batches(3)
+    step = ensemble.train_step(loss_fn, donated=donated)
+    ens = ensemble.stack(_states())
+    with pytest.warns(RuntimeWarning, match=rf"loopkit.ensemble.train_step: loss_fn {loss_fn.__name__} cannot run "
+                                            "under vmap .*one member at a time") as caught:
+        losses = []
+        for batch in batches:
+            ens, metrics = step(ens, batch)
+            losses.append(metrics["loss"])
+    assert len([w for w in caught if "cannot run under vmap" in str(w.message)]) == 1
+    assert step.unbatchable and not step.draws_random
+    for k, solo in enumerate(_states()):
+        solo_step = loopkit.train_step(loss_fn)
+        for i, batch in enumerate(batches):
+            solo, solo_metrics = solo_step(solo, batch)
+            torch.testing.assert_close(losses[i][k], solo_metrics["loss"], rtol=1e-6, atol=1e-7)
+        for (name, p), q in zip(solo.model.named_parameters(), ens.members[k].model.parameters()):
+            torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=f"member {k} {name}")
+
+
+def test_the_loss_fns_own_error_under_vmap_propagates_as_it_is(make_batches):
+    """A shape error is the loss_fn's own: torch's error as solo, unwrapped, no fallback, no warning."""
+    def bad_shape(model, batch):
+        return ((model(batch[0]) - batch[1][:, :1].repeat(1, 3)) ** 2).mean()
+
+    batch = make_batches(1)[0]
+    with pytest.raises(RuntimeError) as solo_error:
+        loopkit.train_step(bad_shape)(_states()[0], batch)
+    step = ensemble.train_step(bad_shape, donated=True)
+    ens = ensemble.stack(_states())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(RuntimeError) as error:
+            step(ens, batch)
+    same = str(solo_error.value).split(" at non-singleton")[0]  # (vmap counts its batch dimension among the others)
+    assert str(error.value).startswith(same) and "must match the size" in same
+    assert not step.unbatchable
+    ens.check_usable()
+
+
+def test_a_failed_vmapped_attempt_leaves_nothing_for_the_one_member_at_a_time_step(make_batches, take_snapshot,
+                                                                                   assert_trees_equal):
+    """The first call's vmapped attempt runs the forward up to the .item(): what it set on member 0's modules (a list
+    its forward appends to) is undone before the members run, as their solo runs saw it. A loss_fn that then raises
+    for member 1 leaves the donated ensemble as it was, usable; it trains on as the solo runs."""
+    def item_loss(model, batch):
+        loss = (model(batch[0]) - batch[1]).pow(2).mean()  # (the forward appends to model.widths first)
+        return loss, {"rmse": loss.detach().sqrt().item()}
+
+    calls = []
+
+    def flaky(model, batch):
+        calls.append(1)
+        if len(calls) == 3:  # (1: the vmapped attempt, refused at .item(); 2: member 0; 3: member 1)
+            raise KeyError("the loss_fn's own bug")
+        return item_loss(model, batch)
+
+    batches = make_batches(2)
+    states = [_sgd(_SeenWidth(seed)) for seed in range(3)]
+    ens = ensemble.stack(states)
+    before = [take_snapshot(m) for m in ens.members]
+    with pytest.warns(RuntimeWarning, match="cannot run under vmap"), pytest.raises(KeyError, match="own bug") as error:
+        ensemble.train_step(flaky, donated=True)(ens, batches[0])
+    assert loopkit.state_at_error(error.value) is ens
+    for member, snap in zip(ens.members, before):
+        member.check_usable()
+        assert_trees_equal(take_snapshot(member), snap)
+    step = ensemble.train_step(item_loss, donated=True)
+    with pytest.warns(RuntimeWarning, match="cannot run under vmap"):
+        for batch in batches:
+            ens, _ = step(ens, batch)
+    for k, state in enumerate(states):
+        solo_step = loopkit.train_step(item_loss)
+        solo = state
+        for batch in batches:
+            solo, _ = solo_step(solo, batch)
+        assert ens.members[k].model.widths == solo.model.widths == [4, 4], f"member {k}"
+        torch.testing.assert_close(ens.members[k].model.l.weight, solo.model.l.weight, rtol=1e-6, atol=1e-7)
+
+
+def _spectral(seed: int) -> nn.Sequential:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.utils.parametrizations.spectral_norm(nn.Linear(4, 16)), nn.Tanh(), nn.Linear(16, 2))
+
+
+def test_spectral_norm_members_in_training_mode_are_refused_naming_the_ensemble_step_and_the_buffers(make_batches):
+    """Its power iteration (an out= op: "Batching rule not implemented for aten::div.out") got torch's raw error; run
+    one member at a time it writes its u and v buffers in the forward, which the step refuses by name. In eval mode
+    (no power iteration) the members train as their solo runs."""
+    batches = make_batches(2)
+    ens = ensemble.stack([_sgd(_spectral(k)) for k in range(2)])
+    with pytest.warns(RuntimeWarning, match="aten::div.out"), pytest.raises(
+            RuntimeError, match=r"ensemble.train_step: loss_fn _loss changed the buffer\(s\) "
+                                r"'0.parametrizations.weight.0._u', '0.parametrizations.weight.0._v' in its forward"):
+        ensemble.train_step(_loss)(ens, batches[0])
+    states = [_sgd(_spectral(k).eval()) for k in range(2)]
+    _assert_follow_solo(_together(states, batches), states, batches, rtol=1e-5, atol=1e-6)
+
+
+def _pruned(seed: int) -> nn.Sequential:
+    model = _mlp(seed)
+    torch.nn.utils.prune.l1_unstructured(model[0], "weight", amount=0.5)  # each member its own mask
+    return model
+
+
+@pytest.mark.parametrize("donated", [False, True])
+def test_members_pruned_by_torch_train_as_their_solo_runs(donated, make_batches):
+    """They were refused ("has another 'weight' than member 0's ... register a tensor as a buffer"): prune's forward
+    pre-hook computes weight from weight_orig * weight_mask, both stacked per member."""
+    batches = make_batches(3)
+    states = [_sgd(_pruned(seed)) for seed in range(3)]
+    assert not torch.equal(states[0].model[0].weight_mask, states[1].model[0].weight_mask)
+    ens = _together(states, batches, donated=donated)
+    _assert_follow_solo(ens, states, batches)
+    x = batches[0][0]
+    for k, (state, member) in enumerate(zip(states, ensemble.unstack(ens))):
+        solo = _solo(state, batches)
+        torch.testing.assert_close(member.model(x), solo.model(x), rtol=1e-6, atol=1e-7, msg=f"member {k}")
+        assert torch.equal(member.model[0].weight == 0, solo.model[0].weight == 0)  # (each its own mask kept)
