@@ -34,7 +34,15 @@ hook                                      when
 
 A callback that sets ``should_stop = True`` ends training after the current hook (once
 ``run_epochs``' ``min_epochs``/``min_steps`` are met, unless the callback's
-``stops_before_minimum`` is True, as ``loopkit.tune.PruningCallback``'s is). A callback
+``stops_before_minimum`` is True, as ``loopkit.tune.PruningCallback``'s is); a stop asked at an
+epoch's last update (its last ``on_batch_end``, its ``on_flush_end``) still gets that epoch's
+validation, as Lightning's ``should_stop`` does. Asked in ``on_epoch_start``, no batch of that epoch
+is trained and, unlike Lightning (whose ``on_train_epoch_end`` still runs for the empty epoch, which
+it counts finished), no ``on_epoch_end`` is called for it nor record made: the epoch is not counted
+done (``state.epoch`` stays at it). The ``state`` a hook is handed shares the model and optimizer
+with the fit's later states: once the fit trains on (its next step, or an epoch's flush), a state
+a callback kept is used up (using it raises ``loopkit.DonatedStateError``), never holding weights
+of later updates; keep ``copy.deepcopy(state)`` for a snapshot. A callback
 with ``state_dict()`` and ``load_state_dict(d)`` (numbers, strings and tensors) has its counters
 kept in ``state.extras["callbacks/<state_key or class name>"]`` at each epoch's start, after
 each validation and epoch, and after the hooks of a batch whose update has a step checkpoint due

@@ -1150,7 +1150,10 @@ class _Hooks:
             (cb, cb.on_batch_end) for cb in self.callbacks
             if _defines(cb, "on_batch_end") and not getattr(cb, "batch_end_unused", False)
         ]
-        self.batch_start = [cb.on_batch_start for cb in self.callbacks if _defines(cb, "on_batch_start")]
+        self.own_batch_start = [cb.on_batch_start for cb in self.callbacks if _defines(cb, "on_batch_start")]
+        # what the loop calls before each step: the callbacks' hooks, and now and then a driver's own last
+        # (:class:`_Superseded`: marks used up the states it has replaced, once the next step trains in place)
+        self.batch_start: list[Callable[[TrainState, Any], Any]] = self.own_batch_start
         self.stateful = _stateful(self.callbacks)
 
     def call(self, name: str, *args: Any) -> list[Any]:
@@ -1225,6 +1228,41 @@ class _Hooks:
                                     "the ranks' vote on the callbacks' should_stop")
 
 
+class _Superseded:
+    """The states the callbacks were handed that the driver has since replaced by a new one sharing their model
+    and optimizer (other counters or extras: the epoch's end, a validation, the callbacks' counters kept): once
+    the fit next runs its step in place (a batch's step, or an epoch's flush) their weights are no longer
+    theirs, so they are marked used up then, as the state a donated step is given is (using one raises
+    :class:`loopkit.DonatedStateError`); until then they stay usable. Kept off the per-batch path: only the
+    driver's epoch-end, validation and save points add states, and the marking runs as the last
+    ``on_batch_start`` hook of the next batch only while some wait (``hooks.batch_start``, swapped)."""
+
+    def __init__(self, hooks: _Hooks, donated: bool) -> None:
+        self.hooks = hooks
+        self.donated = donated  # (a step not donated trains new states: the old ones keep their weights)
+        self.states: list[TrainState] = []
+
+    def add(self, *states: TrainState) -> None:
+        """Wait with ``states`` (handed to hooks) for the fit's next in-place training."""
+        if not self.donated:
+            return
+        if not self.states:
+            self.hooks.batch_start = [*self.hooks.own_batch_start, self]
+        self.states.extend(states)
+
+    def retire(self, current: TrainState) -> None:
+        """Mark the states waiting used up, but ``current`` (the one trained now, or the fit's newest)."""
+        for old in self.states:
+            if old is not current:
+                old.mark_consumed()
+        self.states.clear()
+        self.hooks.batch_start = self.hooks.own_batch_start
+
+    def __call__(self, state: TrainState, batch: Any) -> None:
+        """As the next batch's last ``on_batch_start`` hook: its step is about to train ``state`` in place."""
+        self.retire(state)
+
+
 def _add_epoch_extras(record: dict[str, float], callback: Any, extra: Any) -> None:
     """Add what a callback's ``on_epoch_end`` returned to the epoch's history record (names of its own)."""
     if isinstance(extra, Mapping) and extra:  # (numbers, as the record's own: a 1-element tensor is read once, here)
@@ -1291,24 +1329,27 @@ def _warn_of_the_same_batch(batch: Any, transform: str) -> None:
         )
 
 
-def _flushed(step: Any, state: TrainState, hooks: _Hooks) -> tuple[TrainState, bool]:
+def _flushed(step: Any, state: TrainState) -> tuple[TrainState, Metrics, bool]:
     """``state`` after the step's ``flush`` (a partial accumulation group's update at an epoch's end), its
-    metrics in the epoch's means, the callbacks' ``on_flush_end`` told of its update, and whether that update is
-    due a step checkpoint (the mark taken off)."""
-    before = state.step
+    metrics in the epoch's means; those metrics; and whether that update is due a step checkpoint (the mark
+    taken off). The callbacks hear of it after (:func:`_tell_flush_end`), once it is the fit's newest state:
+    a hook that raises leaves it as :func:`loopkit.state_at_error`'s, as after a batch's update."""
     state, metrics = step.flush(state)
     if metrics:
         state = replace_extras(state, EPOCH.add(state.extras, metrics))
     due = SAVE_DUE in state.extras
     if due:
         state = _unmarked(state)
-    if state.step != before:
-        for callback in hooks.callbacks:
-            hook = getattr(callback, "on_flush_end", None)
-            logged = None if hook is None else hook(state, metrics)
-            if logged is not None and _scalars(logged, metrics, callback, "on_flush_end"):
-                step.notify("batch_end", state, logged)
-    return state, due
+    return state, metrics, due
+
+
+def _tell_flush_end(step: Any, hooks: _Hooks, state: TrainState, metrics: Metrics) -> None:
+    """Call the callbacks' ``on_flush_end`` for the flush's update; scalars one returns go to the loggers."""
+    for callback in hooks.callbacks:
+        hook = getattr(callback, "on_flush_end", None)
+        logged = None if hook is None else hook(state, metrics)
+        if logged is not None and _scalars(logged, metrics, callback, "on_flush_end"):
+            step.notify("batch_end", state, logged)
 
 
 def _save_or_hold(step: Any, hooks: _Hooks, state: TrainState, max_steps: int | None) -> tuple[TrainState, bool]:
@@ -1601,7 +1642,9 @@ def run_epochs(
         kept = {_VALIDATED: current.step}
         if notify:  # mid-epoch: the epoch's record, made later (perhaps by a resumed run), holds them
             kept[_EPOCH_VAL] = metrics
-        current = replace_extras(current, {**current.extras, **kept})
+        handed = replace_extras(current, {**current.extras, **kept})
+        superseded.add(current, handed)  # (the state given, and the one the hooks see: both replaced below)
+        current = handed
         for callback in hooks.callbacks:  # (what one returns, the next ones see: the metrics dict is the record's)
             if hasattr(callback, "on_validation_end"):
                 _add_validation_extras(metrics, callback, callback.on_validation_end(current, metrics))
@@ -1650,11 +1693,13 @@ def run_epochs(
     # failure there leaves whole: a relaunch from it validates, and records the epoch, as from a checkpoint)
     closing: TrainState | None = None
     restored = False  # the callbacks' counters are loaded from the state (after that, a failure keeps theirs)
+    superseded = _Superseded(hooks, step.donated)  # states handed to hooks, replaced since: used up at the next update
     early_changes = any(may_change_state_early(cb) for cb in callbacks)  # hooks that run before the first step
     try:
         with _StopOnSignal() as stop, _TellingAbort(lifecycle, state):
             step.notify("fit_begin", state, {})  # (the state a fit continues the run from: with_logging's loggers rewind)
             hooks.call("on_fit_start", state)  # first: a callback may build in it what its load_state_dict fills
+            superseded.add(state)
             hooks.restore(state)
             restored = True
             hooks.check_plain()
@@ -1676,7 +1721,7 @@ def run_epochs(
                     return False
                 return (epochs is None or s.epoch < epochs) and (max_steps is None or s.step < max_steps)
 
-            batch_hooks = _collective.any_rank(bool(hooks.batch_end or hooks.batch_start))  # (one rank's hooks make every rank ask)
+            batch_hooks = _collective.any_rank(bool(hooks.batch_end or hooks.own_batch_start))  # (one rank's hooks make every rank ask)
             if min_epochs is not None or min_steps is not None:
                 hooks.overriding = _collective.any_rank(hooks.overriding)
             step.notify("fit_start", state, {})  # (with_checkpointing's step saves now wait for the batch's callbacks)
@@ -1693,6 +1738,7 @@ def run_epochs(
             while ((more(state) or finishing) and (not hooks.stops(state) or resumed_val or finishing) and not stop.agreed
                    and not deferred_stop):
                 hooks.call("on_epoch_start", state)
+                superseded.add(state)
                 state = hooks.keep(state)  # what they know at the epoch's start: a checkpoint mid-epoch holds it
                 if hooks.stops(state) and not resumed_val and not finishing:  # asked in on_epoch_start: no batch of it
                     break
@@ -1775,6 +1821,7 @@ def run_epochs(
                         if logged is not None and _scalars(logged, metrics, callback) and state.step != before:
                             step.notify("batch_end", state, logged)
                     if due:
+                        superseded.add(state)  # (the on_batch_end hooks' state: the counters are kept in a new one)
                         state, held_save = _save_or_hold(step, hooks, state, max_steps)
                     if stop.voting:  # (every rank stops after the same step)
                         stop.poll()
@@ -1786,6 +1833,7 @@ def run_epochs(
                         break
                     hooks_ran = batch_hooks  # a callback can only ask to stop from one of its hooks
                     if val_steps and state.step != before and state.step % val_steps == 0:
+                        superseded.add(state)  # (the on_batch_end hooks' state)
                         closing = state = hooks.keep(state)
                         last_val, state = validation_end(state)
                         closing = None
@@ -1809,14 +1857,21 @@ def run_epochs(
                 epoch = state.epoch
                 if exhausted:
                     before = state.step
-                    state, due = _flushed(step, state, hooks)
+                    state, flush_metrics, due = _flushed(step, state)
+                    superseded.retire(state)  # (the flush ran in place, as a batch's step: it used up its own state)
+                    flush_updated = state.step != before
+                    if flush_updated:
+                        _tell_flush_end(step, hooks, state, flush_metrics)
+                        superseded.add(state)
                     if due:  # as after a batch's update: saved before its step validation, or held at max_steps
                         state, held_save = _save_or_hold(step, hooks, state, max_steps)
-                    if val_steps and state.step != before and state.step % val_steps == 0:  # as after a batch's update
+                    if val_steps and flush_updated and state.step % val_steps == 0:  # as after a batch's update
                         closing = state = hooks.keep(state)
                         last_val, state = validation_end(state)
                         closing = None
                         validated_at = state.step
+                    if flush_updated:  # a stop asked in its hooks (or its validation's) is one at the epoch's last
+                        asked_stop = asked_stop or hooks.stops(state)  # update: the epoch gets its validation
                 record: dict[str, float] = {"epoch": epoch, "step": state.step}
                 record.update({f"train/{k}": v for k, v in EPOCH.means(state.extras).items()})
                 closing = state = hooks.keep(state)  # (the counters after the epoch's batches)
@@ -1843,6 +1898,7 @@ def run_epochs(
                 for cb in hooks.callbacks:
                     if hasattr(cb, "on_epoch_end"):
                         _add_epoch_extras(record, cb, cb.on_epoch_end(state, dict(record)))
+                superseded.add(state)
                 if exhausted:  # an epoch cut short keeps the counters from before its on_epoch_end: the run that
                     state = hooks.keep(state)  # finishes it calls on_epoch_end for it again, as the whole run does once
                 if validated:  # after every callback of the epoch: a checkpoint taken now holds all their counters

@@ -2169,3 +2169,173 @@ def test_a_batch_of_one_s_own_class_counts_by_its_len_or_by_the_size_its_tensors
     assert _batch_size(Sized(torch.zeros(4, 3), torch.zeros(4, 1))) == 4
     assert _batch_size(Empty(torch.zeros(4, 3), torch.zeros(4, 1))) == 1  # (a len of 0 says nothing)
     assert _batch_size(Lazy(torch.zeros(4, 3), torch.zeros(4, 1))) == 4  # the tensors agree: its len is not asked
+
+
+# --- the states hooks were handed at an epoch's end, and its flushed update ----------------------------------
+
+
+class _KeepsEveryState(loopkit.Callback):
+    """Keeps each state a hook is handed, with a copy of its weights then; ``counting``: a stateful callback
+    (its counters kept in the state, which makes the driver replace the states the hooks saw once more)."""
+
+    def __init__(self, counting: bool = False) -> None:
+        self.kept: list[tuple[str, TrainState, list[torch.Tensor]]] = []
+        if counting:
+            self.state_dict = lambda: {"kept": len(self.kept)}
+            self.load_state_dict = lambda sd: None
+
+    def _keep(self, hook, state):
+        self.kept.append((hook, state, [p.detach().clone() for p in state.model.parameters()]))
+
+    def on_fit_start(self, state):
+        self._keep("on_fit_start", state)
+
+    def on_epoch_start(self, state):
+        self._keep("on_epoch_start", state)
+
+    def on_batch_start(self, state, batch):
+        self._keep("on_batch_start", state)
+
+    def on_batch_end(self, state, metrics):
+        self._keep("on_batch_end", state)
+
+    def on_flush_end(self, state, metrics):
+        self._keep("on_flush_end", state)
+
+    def on_validation_end(self, state, metrics):
+        self._keep("on_validation_end", state)
+
+    def on_epoch_end(self, state, record):
+        self._keep("on_epoch_end", state)
+
+
+@pytest.mark.parametrize("every", [1, 3], ids=["plain", "accumulated"])
+@pytest.mark.parametrize("counting", [False, True], ids=["stateless", "stateful"])
+def test_a_state_a_hook_kept_never_holds_weights_of_later_updates(every, counting):
+    """Every state a hook was handed is either used up (DonatedStateError) or still holds the weights it had
+    then: the epoch's end rebuilds the state several times (its counters, the validation's mark, the callbacks'
+    counters), and each of those the next epoch trains in place. Reference: the weights at the hook's call."""
+    keeper = _KeepsEveryState(counting)
+    step = with_grad_accum(train_step(mse), every=every) if every > 1 else train_step(mse)
+    final, history = run_epochs(step, make_state(), make_data(7), epochs=2, callbacks=[keeper],
+                                **_val_options(val_every_n_steps=3))
+    stale = [(hook, state.step) for hook, state, then in keeper.kept
+             if not state._consumed and not all(torch.equal(a, b) for a, b in zip(then, state.model.parameters()))]
+    assert stale == []
+    hooks = {hook for hook, _, _ in keeper.kept}
+    assert hooks >= {"on_epoch_start", "on_validation_end", "on_epoch_end"} | ({"on_flush_end"} if every > 1 else set())
+    ev = eval_step(lambda m, b: {"mse": mse(m, b)})
+    first_epoch_end = next(state for hook, state, _ in keeper.kept if hook == "on_epoch_end")
+    with pytest.raises(loopkit.DonatedStateError):  # trained in place by epoch 1
+        evaluate(ev, first_epoch_end, make_data(2, seed=1))
+    # nothing trains after the fit's last validation: its state (a best model kept by reference) is still usable,
+    # and evaluates as that validation did
+    last = [state for hook, state, _ in keeper.kept if hook == "on_validation_end"][-1]
+    assert last.step == final.step
+    assert evaluate(ev, last, make_data(2, seed=1))["mse"] == history[-1]["val/mse"]
+    final.check_usable()
+
+
+class _RaisesInFlushEnd(loopkit.Callback):
+    """Raises once in ``on_flush_end`` at the update ``at``; counts batches (a stateful callback)."""
+
+    def __init__(self, at=None):
+        self.at, self.n = at, 0
+
+    def state_dict(self):
+        return {"n": self.n}
+
+    def load_state_dict(self, sd):
+        self.n = sd["n"]
+
+    def on_batch_end(self, state, metrics):
+        self.n += 1
+
+    def on_flush_end(self, state, metrics):
+        if state.step == self.at:
+            self.at = None
+            raise RuntimeError("failed in on_flush_end")
+
+    def on_epoch_end(self, state, record):
+        return {"seen": float(self.n)}
+
+
+@pytest.mark.parametrize("every_n_steps", [None, 2], ids=["epoch-validation", "step-validation"])
+def test_after_on_flush_end_fails_the_flushed_state_trains_on_as_the_uninterrupted_run(tmp_path, every_n_steps):
+    """7 batches with every=3: updates after batches 3 and 6 and the epoch's flush of batch 7 (step 3). A callback
+    raising in on_flush_end leaves that flushed update's state as state_at_error's, as one raising in on_batch_end
+    leaves the batch's; relaunched from it the fit ends as the uninterrupted run (parameters, history). Under
+    with_checkpointing(every_n_steps=1) the flushed update's checkpoint is made once its hooks have run: the last
+    one is step 2's, and a relaunch from it ends as the uninterrupted run too."""
+    options = dict(epochs=2, **_val_options(val_every_n_steps=every_n_steps))
+    whole, whole_history = run_epochs(with_grad_accum(train_step(mse), every=3), make_state(), make_data(7),
+                                      callbacks=[_RaisesInFlushEnd()], **options)
+    step = loopkit.with_checkpointing(with_grad_accum(train_step(mse), every=3), tmp_path, every_n_steps=1)
+    with pytest.raises(RuntimeError, match="failed in on_flush_end") as caught:
+        run_epochs(step, make_state(), make_data(7), callbacks=[_RaisesInFlushEnd(at=3)], **options)
+    left = loopkit.state_at_error(caught.value)
+    assert left is not None and (left.step, left.epoch, left.batch_index) == (3, 0, 7)
+    assert dict(left.extras["callbacks/_RaisesInFlushEnd"]) == {"n": 7}
+    restored = loopkit.restore(make_state(), tmp_path)
+    assert restored.step == 2
+    for relaunch in (left, restored):
+        resumed, history = run_epochs(with_grad_accum(train_step(mse), every=3), relaunch, make_data(7),
+                                      callbacks=[_RaisesInFlushEnd()], **options)
+        assert_bitwise(params_of(resumed), params_of(whole))
+        assert history == whole_history
+
+
+class _StopsInFlushEnd(loopkit.Callback):
+    """Asks to stop in ``on_flush_end`` (kept in its state_dict); records the updates validated; fails once in
+    ``on_validation_end`` at the update ``fail_at``."""
+
+    def __init__(self, fail_at=None):
+        self.validated: list[int] = []
+        self.fail_at = fail_at
+
+    def state_dict(self):
+        return {"should_stop": self.should_stop}
+
+    def load_state_dict(self, sd):
+        self.should_stop = sd["should_stop"]
+
+    def on_flush_end(self, state, metrics):
+        self.should_stop = True
+
+    def on_validation_end(self, state, metrics):
+        if state.step == self.fail_at:
+            self.fail_at = None
+            raise RuntimeError("failed in on_validation_end")
+        self.validated.append(state.step)
+
+
+def test_a_stop_asked_in_on_flush_end_gets_its_validation_as_in_lightning():
+    """Lightning 2.6.6 (accumulate_grad_batches=3, 7 batches, check_val_every_n_epoch=None, val_check_interval=6
+    batches, should_stop set after the last batch's update) validates at global steps [2, 3] and stops at 3: a
+    stop at the epoch's last update gets its validation, as one asked in on_batch_end there does (written out)."""
+    stopper = _StopsInFlushEnd()
+    state, history = run_epochs(with_grad_accum(train_step(mse), every=3), make_state(), make_data(7), epochs=3,
+                                callbacks=[stopper], val_every_n_epochs=None, **_val_options(val_every_n_steps=2))
+    assert stopper.validated == [2, 3]
+    assert (state.step, state.epoch) == (3, 1)
+    assert [(r["epoch"], r["step"]) for r in history] == [(0, 3)] and "val/mse" in history[0]
+
+
+def test_a_crash_in_the_validation_of_a_stop_asked_in_on_flush_end_resumes_as_the_uninterrupted_run(tmp_path):
+    """The flushed update's checkpoint (with the stop in the callback's counters) is made before its validation;
+    a crash in that validation, relaunched from the checkpoint, validates step 3, records the epoch and stops, as
+    the uninterrupted run. Reference: that run's validations, history and parameters."""
+    options = dict(epochs=3, val_every_n_epochs=None, **_val_options(val_every_n_steps=2))
+    whole_stopper = _StopsInFlushEnd()
+    whole, whole_history = run_epochs(with_grad_accum(train_step(mse), every=3), make_state(), make_data(7),
+                                      callbacks=[whole_stopper], **options)
+    step = loopkit.with_checkpointing(with_grad_accum(train_step(mse), every=3), tmp_path, every_n_steps=1)
+    failing = _StopsInFlushEnd(fail_at=3)
+    with pytest.raises(RuntimeError, match="failed in on_validation_end"):
+        run_epochs(step, make_state(), make_data(7), callbacks=[failing], **options)
+    restored = loopkit.restore(make_state(), tmp_path)
+    assert (restored.step, restored.batch_index) == (3, 7)
+    resumed, history = run_epochs(step, restored, make_data(7), callbacks=[failing], **options)
+    assert failing.validated == whole_stopper.validated == [2, 3]
+    assert history == whole_history
+    assert_bitwise(params_of(resumed), params_of(whole))
