@@ -14,6 +14,21 @@ from loopkit import TrainState, eval_step
 
 CONVERSIONS = ("item", "__float__", "__int__", "__bool__", "tolist", "__index__")
 
+def forking_step(loss_fn):
+    """A step of one's own, pure as the guide writes one (examples/gan.py): it forks the state, so its optimizer is
+    a new object at every call, and updates the copy."""
+
+    def step(state, batch):
+        state = loopkit.state.fork(state)
+        state.optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(state.model, batch)
+        loss.backward()
+        state.optimizer.step()
+        return state.evolve(step=state.step + 1), {"loss": loss.detach()}
+
+    return step
+
+
 def make_state(seed: int = 0, *, dropout: bool = False, scheduler: bool = False, lr: float = 0.1) -> TrainState:
     with torch.random.fork_rng():  # the same initial weights every time; the global RNG untouched
         torch.manual_seed(1234)

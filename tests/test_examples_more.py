@@ -29,6 +29,7 @@ from torch import nn
 from torch.nn.functional import binary_cross_entropy_with_logits as bce
 
 import loopkit
+from tests._driver_helpers import forking_step
 
 ROOT = Path(__file__).resolve().parents[1]
 GUIDE = ROOT / "docs" / "from_lightning.md"
@@ -326,14 +327,6 @@ def test_the_guides_plateau_callback_cuts_the_rate_a_forking_step_of_ones_own_tr
         model = torch.nn.Linear(4, 3)
         return model, torch.optim.SGD(model.parameters(), lr=0.5)
 
-    def step_of_ones_own(state, batch):
-        state = loopkit.state.fork(state)
-        state.optimizer.zero_grad(set_to_none=True)
-        value = loss(state.model, batch)
-        value.backward()
-        state.optimizer.step()
-        return state.evolve(step=state.step + 1), {"loss": value.detach()}
-
     model, optimizer = fresh()
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, **options)
     for _ in range(3):
@@ -344,7 +337,7 @@ def test_the_guides_plateau_callback_cuts_the_rate_a_forking_step_of_ones_own_tr
         with torch.no_grad():
             scheduler.step(loss(model, val[0]).item())
     final, _ = loopkit.run_epochs(
-        step_of_ones_own, loopkit.TrainState.create(*fresh()), train, epochs=3,
+        forking_step(loss), loopkit.TrainState.create(*fresh()), train, epochs=3,
         val=(loopkit.eval_step(lambda m, b: {"loss": loss(m, b)}), val),
         callbacks=[namespace["ReduceLROnPlateau"]("val/loss", **options)], progress=False,
     )

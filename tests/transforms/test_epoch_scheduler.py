@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import loopkit
+from tests._driver_helpers import forking_step
 
 EPOCHS, BATCHES = 5, 4
 
@@ -147,21 +148,6 @@ def test_a_relaunch_from_the_checkpoint_of_an_epochs_flushed_update_steps_it_onc
     assert_trees_equal(dict(resumed.model.state_dict()), dict(whole.model.state_dict()))
 
 
-def _forking_step(mse_loss):
-    """A step of one's own, pure as the guide writes one (examples/gan.py): it forks the state, so its optimizer is a
-    new object at every call."""
-
-    def step(state, batch):
-        state = loopkit.state.fork(state)
-        state.optimizer.zero_grad(set_to_none=True)
-        loss = mse_loss(state.model, batch)
-        loss.backward()
-        state.optimizer.step()
-        return state.evolve(step=state.step + 1), {"loss": loss.detach()}
-
-    return step
-
-
 @pytest.mark.parametrize("transform", ["with_epoch_scheduler", "with_step_scheduler"])
 def test_a_step_of_ones_own_that_forks_the_state_trains_at_the_scheduled_rates(
     transform, make_mlp, make_batches, mse_loss, assert_trees_equal
@@ -180,7 +166,7 @@ def test_a_step_of_ones_own_that_forks_the_state_trains_at_the_scheduled_rates(
                 sched.step()
         if transform == "with_epoch_scheduler":
             sched.step()
-    step = getattr(loopkit, transform)(_forking_step(mse_loss))
+    step = getattr(loopkit, transform)(forking_step(mse_loss))
     final, _ = loopkit.run_epochs(step, _state(make_mlp), data, epochs=EPOCHS, progress=False)
     assert final.scheduler.optimizer is final.optimizer
     assert final.optimizer.param_groups[0]["lr"] == opt.param_groups[0]["lr"] < 0.4
