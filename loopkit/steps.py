@@ -69,6 +69,7 @@ _set_consumed = TrainState.__dict__["_consumed"].__set__  # TrainState.mark_cons
 LossFn = Callable[[torch.nn.Module, Any], Any]
 
 _ACCUM_COUNT = "accum/count"
+_Uninitialized = torch.nn.parameter.UninitializedTensorMixin
 #: extras: a whole-step transform (with_checkpointing) has a save due at this update, which it makes when
 #: the driver sends ``"save_due"`` (after the batch's callbacks); set only between ``"fit_start"`` and the fit's end
 SAVE_DUE = "run_epochs/save_due"
@@ -516,9 +517,16 @@ class GradContext:
         self.nonfinite = flag if self.nonfinite is None else torch.maximum(self.nonfinite, flag)
 
 
+def _trains_half(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the optimizer trains a float16 parameter (one that requires grad: a frozen one gets no gradient)."""
+    return any(p.dtype is torch.float16 and p.requires_grad for group in optimizer.param_groups for p in group["params"])
+
+
 def _half_parameters_refused(state: TrainState) -> ValueError:
-    """The error of float16 ``with_amp`` given float16 parameters (``model.half()``), naming the first."""
-    name = next((n for n, p in state.model.named_parameters() if p.dtype is torch.float16), "?")
+    """The error of float16 ``with_amp`` given float16 parameters to train (``model.half()``), naming the first."""
+    trained = {id(p) for group in state.optimizer.param_groups for p in group["params"]}
+    name = next((n for n, p in state.model.named_parameters()
+                 if id(p) in trained and p.dtype is torch.float16 and p.requires_grad), "?")
     return ValueError(
         f"with_amp(torch.float16): parameter {name!r} is float16, and the loss scaler unscales float32 gradients (torch's "
         "GradScaler, and so Lightning's precision='16-mixed', refuses float16 ones: scaled, they overflow); keep the "
@@ -810,8 +818,12 @@ class TrainStep(Step):
         object.__setattr__(self, "holds_grads", self.sync is None and refusing)
         keeps = any(getattr(t, "restores_buffers_on_raise", False) for t in self.micro + self.update)
         object.__setattr__(self, "keeps_call_buffers", self.sync is None and keeps)
-        early = tuple(t.refuse_early for t in self.update if getattr(t, "refuse_early", None) is not None)
-        object.__setattr__(self, "early_refusals", early if self.sync is None else ())
+        early = []  # (the leading ones only, and none after per-micro transforms: what acts before may change the kind)
+        for t in () if self.micro else self.update:
+            if getattr(t, "refuse_early", None) is None:
+                break
+            early.append(t.refuse_early)
+        object.__setattr__(self, "early_refusals", tuple(early) if self.sync is None else ())
         reported = {
             name: t.name for t in (self.precision, *self.micro, *self.update) for name in getattr(t, "metric_names", ())
         }
@@ -894,7 +906,7 @@ class TrainStep(Step):
             return self._run_plain_cpu(state, batch, model, optimizer)
         if self.accum_every == 1 and _ACCUM_COUNT in state.extras:
             raise leave_intact(_held_group(state, self), state)
-        if self.precision is not None and first.dtype is torch.float16 and self.precision.scales_loss:
+        if self.precision is not None and self.precision.scales_loss and _trains_half(optimizer):
             raise leave_intact(_half_parameters_refused(state), state)
         if isinstance(optimizer, _LBFGS):
             if not self.plain or self.sync is not None:
@@ -1317,14 +1329,15 @@ def _first_param(optimizer: torch.optim.Optimizer, state: TrainState) -> torch.T
 
 
 def _buffers_copy(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
-    """Copies of ``model``'s buffers (None for a model without any): what a call's forward may write in place."""
-    saved = {name: b.detach().clone() for name, b in model.named_buffers()}
+    """Copies of ``model``'s buffers (None for a model without any): what a call's forward may write in place. A lazy
+    module's buffer before its first forward has no value to copy (put back, it keeps what that forward made it)."""
+    saved = {name: b.detach().clone() for name, b in model.named_buffers() if not isinstance(b, _Uninitialized)}
     return saved or None
 
 
 def _save_buffers(model: torch.nn.Module, extras: dict[str, Any]) -> None:
     """Copies of ``model``'s buffers into ``extras`` (none kept for a model without buffers)."""
-    saved = {name: b.detach().clone() for name, b in model.named_buffers()}
+    saved = _buffers_copy(model)
     if saved:
         extras[_BUFFERS] = saved
 

@@ -235,6 +235,18 @@ def test_a_non_finite_value_prunes_at_once(make_mlp, make_batches, mse_loss):
     assert len(study.trials[0].intermediate_values) == 1
 
 
+def test_optimize_passes_optunas_own_options_on_as_study_optimize_takes_them(tmp_path):
+    """``callbacks`` (MaxTrialsCallback caps a study shared by processes), ``gc_after_trial`` and ``show_progress_bar``
+    went to create_study, which refused them naming itself. The reference is plain Optuna's study.optimize."""
+    objective = lambda t: t.suggest_float("x", 0, 1)  # noqa: E731
+    seen = []
+    plain = optuna.create_study()
+    plain.optimize(objective, n_trials=5, callbacks=[optuna.study.MaxTrialsCallback(2)])
+    study = tune.optimize(objective, n_trials=5, directory=tmp_path, gc_after_trial=True, show_progress_bar=False,
+                          callbacks=[optuna.study.MaxTrialsCallback(2), lambda s, trial: seen.append(trial.number)])
+    assert len(study.trials) == len(plain.trials) == 2 and seen == [0, 1]
+
+
 def test_the_default_storage_is_sqlite_and_a_study_resumes(tmp_path):
     study = tune.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2, study_name="resume", directory=tmp_path)
     assert (tmp_path / "resume.db").exists()

@@ -11,6 +11,7 @@ import warnings
 from typing import Any
 
 import attrs
+import torch
 
 from loopkit._numbers import as_int
 from loopkit.state import TrainState, extras_copy, leave_intact, replace, replace_extras, scheduler_for, state_at_error
@@ -77,7 +78,7 @@ def scheduler_held(call: Any, state: TrainState, *args: Any) -> tuple[TrainState
     step would step it per update), which the result gets back: ``with_epoch_scheduler``'s and
     ``with_step_scheduler``'s inner calls. An error that left the state it was given whole leaves ``state`` whole. An
     inner step of one's own that forks the state (``loopkit.state.fork``: a new optimizer) gets a copy of the scheduler
-    that steps its optimizer.
+    that steps its optimizer; one that sets a scheduler of its own keeps it.
 
     >>> import torch
     >>> model = torch.nn.Linear(1, 1); opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -93,10 +94,27 @@ def scheduler_held(call: Any, state: TrainState, *args: Any) -> tuple[TrainState
         if state_at_error(error) is used:  # nothing changed: the caller's state is whole
             leave_intact(error, state)
         raise
+    if new.scheduler is not None:  # a step of one's own that set a scheduler of its own: that one is the state's
+        return new, metrics
     scheduler = state.scheduler
-    if new.optimizer is not state.optimizer and new.optimizer is not None:  # a step of one's own that forked the state
-        scheduler = scheduler_for(scheduler, new.optimizer)
+    if new.optimizer is not state.optimizer and new.optimizer is not None:
+        if _forked(state.optimizer, new.optimizer):  # a step of one's own that forked the state
+            scheduler = scheduler_for(scheduler, new.optimizer)
+        else:
+            warnings.warn(
+                "the inner step replaced the state's optimizer with one of other parameter groups, so the scheduler "
+                "held for it steps the old one; give the new state a scheduler of its own (state.evolve(scheduler=...))",
+                RuntimeWarning, stacklevel=3,
+            )
     return replace(new, scheduler=scheduler), metrics
+
+
+def _forked(old: torch.optim.Optimizer, new: torch.optim.Optimizer) -> bool:
+    """Whether ``new`` is a copy of ``old`` (``fork``): as many groups, each with the same settings and as many
+    parameters (a scheduler's own settings, OneCycleLR's ``max_lr``, among them)."""
+    return len(old.param_groups) == len(new.param_groups) and all(
+        a.keys() == b.keys() and len(a["params"]) == len(b["params"]) for a, b in zip(old.param_groups, new.param_groups)
+    )
 
 
 def scheduler_of(state: TrainState, name: str, when: str = "") -> Any:
@@ -149,7 +167,7 @@ def scheduler_transform(step: Any, name: str, frequency: Any, unit: str, rival: 
     if count is None or count < 1:
         raise ValueError(f"{name}: frequency must be a positive int ({unit}), got {frequency!r}")
     refuse_wrapping(inner, name, {
-        name: "the state has one scheduler, stepped by one of them",
+        name: f"the state has one scheduler, which one {name} steps",
         rival: "both step the state's one scheduler; use one of them",
         "with_checkpointing": f"{name} hands its inner step the state without its scheduler, so those "
         f"checkpoints would not restore; apply it first, with_checkpointing({name}(step), directory)",

@@ -77,8 +77,12 @@ class ClipGrad:
             raise refusal
 
     def _refusal(self, ctx: GradContext) -> TypeError | None:
-        """Why torch's clipping failed, naming the parameter: a gradient it does not take."""
+        """Why torch's clipping fails, naming the parameter: a gradient of the optimizer's (what it clips) it does not
+        take."""
+        clipped = {id(p) for p in ctx.params}
         for name, p in ctx.state.model.named_parameters():
+            if id(p) not in clipped:
+                continue
             if p.grad is not None and p.grad.is_sparse:
                 return TypeError(
                     f"with_grad_clip: parameter {name!r} has a sparse gradient (an nn.Embedding(sparse=True)?), "

@@ -374,3 +374,37 @@ def test_float16_refuses_float16_parameters_as_torchs_grad_scaler_does_leaving_t
     half_loss = lambda m, b: mse_loss(m, b).float()  # noqa: E731
     with pytest.raises(ValueError, match=r"parameter '2.weight' is float16"):
         loopkit.with_amp(loopkit.train_step(half_loss), torch.float16)(state, batch)
+
+
+def test_float16_trains_a_frozen_float16_part_as_torchs_grad_scaler_does_and_refuses_a_trained_one_before_the_forward(
+    make_batches, take_snapshot, assert_trees_equal
+):
+    """Only float16 gradients are refused (torch's GradScaler unscales the others): a frozen .half() backbone first in
+    the optimizer trains as the raw GradScaler loop; a trained float16 part after float32 ones is refused before the
+    forward, the state whole (it came at the unscaling, after the backward: the state was lost)."""
+    x = make_batches(1)[0][0]
+    loss_fn = lambda m, b: m(b).float().pow(2).mean()  # noqa: E731
+
+    def backbone_frozen():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))
+        model[0].half().requires_grad_(False)
+        return model, torch.optim.SGD(model.parameters(), lr=0.1)
+
+    model, optimizer = backbone_frozen()
+    scaler = torch.amp.GradScaler("cpu")
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = loss_fn(model, x)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    state, _ = loopkit.with_amp(loopkit.train_step(loss_fn), torch.float16)(loopkit.TrainState.create(*backbone_frozen()), x)
+    assert_trees_equal(dict(state.model.named_parameters()), dict(model.named_parameters()))
+
+    torch.manual_seed(0)
+    mixed = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1).half())
+    state = loopkit.TrainState.create(mixed, torch.optim.SGD(mixed.parameters(), lr=0.1))
+    before = take_snapshot(state)
+    with pytest.raises(ValueError, match=r"parameter '1.weight' is float16") as info:
+        loopkit.run_epochs(loopkit.with_amp(loopkit.train_step(loss_fn), torch.float16), state, [x], epochs=1,
+                           progress=False)
+    assert_trees_equal(take_snapshot(loopkit.state_at_error(info.value)), before)

@@ -171,3 +171,29 @@ def test_a_step_of_ones_own_that_forks_the_state_trains_at_the_scheduled_rates(
     assert final.scheduler.optimizer is final.optimizer
     assert final.optimizer.param_groups[0]["lr"] == opt.param_groups[0]["lr"] < 0.4
     assert_trees_equal(dict(final.model.named_parameters()), dict(model.named_parameters()))
+
+
+@pytest.mark.parametrize("transform", ["with_epoch_scheduler", "with_step_scheduler"])
+def test_a_step_of_ones_own_that_sets_its_own_scheduler_or_replaces_the_optimizer_is_heard(transform, make_mlp,
+                                                                                            make_batches, mse_loss):
+    """A step that sets a scheduler of its own keeps it (it was replaced by the held one, copied onto an optimizer it
+    does not fit: OneCycleLR raised KeyError 'max_lr' after the update); one that replaces the optimizer with one of
+    other groups and no scheduler is warned that the held scheduler steps the old one."""
+    def own_optimizer(with_scheduler):
+        def step(state, batch):
+            state = loopkit.state.fork(state)
+            optimizer = torch.optim.Adam(state.model.parameters(), lr=0.01)
+            mse_loss(state.model, batch).backward()
+            optimizer.step()
+            scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1) if with_scheduler else None
+            return state.evolve(step=state.step + 1, optimizer=optimizer, scheduler=scheduler), {}
+        return step
+
+    model = make_mlp(0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    state = loopkit.TrainState.create(model, optimizer, torch.optim.lr_scheduler.OneCycleLR(optimizer, 1.0, total_steps=9))
+    batch = make_batches(1)[0]
+    new, _ = getattr(loopkit, transform)(own_optimizer(True))(state, batch)
+    assert isinstance(new.scheduler, torch.optim.lr_scheduler.StepLR) and new.scheduler.optimizer is new.optimizer
+    with pytest.warns(RuntimeWarning, match="replaced the state's optimizer with one of other parameter groups"):
+        getattr(loopkit, transform)(own_optimizer(False))(state, batch)

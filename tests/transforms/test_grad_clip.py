@@ -342,3 +342,55 @@ def test_a_refused_gradient_outside_accumulation_is_refused_at_the_group_s_first
     assert whole is not None and whole.batch_index == 0 and "accum/count" not in whole.extras
     assert all(p.grad is None for p in whole.model.parameters())
     assert_trees_equal(take_snapshot(whole), before)
+
+
+class _EmbeddingHead(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = torch.nn.Embedding(10, 4, sparse=True)
+        self.head = torch.nn.Linear(4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.emb(x)).pow(2).mean()
+
+
+def _densify(state):
+    for p in state.model.parameters():
+        if p.grad is not None and p.grad.is_sparse:
+            p.grad = p.grad.to_dense()
+
+
+@pytest.mark.parametrize("case", ["embedding not trained", "hook inside accumulation", "hook before the clip"])
+def test_the_early_refusal_judges_only_what_the_clip_will_see(case, assert_trees_equal):
+    """The group's-first-call refusal looks at the gradients the clipping will take: the optimizer's (a sparse one of
+    a parameter it does not train is no matter), and none when a transform acts on them first (a hook that makes a
+    sparse gradient dense, as the error advises). Each trains as the raw loop that clips the dense sum, every 2."""
+    loss_fn = lambda m, b: m(b)  # noqa: E731
+    reference = _EmbeddingHead()
+    trained = reference.head.parameters() if case == "embedding not trained" else reference.parameters()
+    optimizer = torch.optim.SGD(trained, lr=0.1)
+    batches = [torch.tensor([1, 2, 3]), torch.tensor([2, 5, 7])] * 2
+    for i, batch in enumerate(batches):
+        (loss_fn(reference, batch) / 2).backward()
+        if i % 2 == 1:
+            if case != "embedding not trained":
+                reference.emb.weight.grad = reference.emb.weight.grad.to_dense()
+            torch.nn.utils.clip_grad_norm_(list(optimizer.param_groups[0]["params"]), 1.0)
+            optimizer.step()
+            optimizer.zero_grad()
+    base = loopkit.train_step(loss_fn)
+    if case == "hook inside accumulation":
+        step = loopkit.with_grad_clip(loopkit.with_grad_accum(loopkit.with_grad_hook(base, _densify), every=2), max_norm=1.0)
+    elif case == "hook before the clip":
+        step = loopkit.with_grad_clip(loopkit.with_grad_hook(loopkit.with_grad_accum(base, every=2), _densify), max_norm=1.0)
+    else:
+        step = loopkit.with_grad_clip(loopkit.with_grad_accum(base, every=2), max_norm=1.0)
+    model = _EmbeddingHead()
+    params = model.head.parameters() if case == "embedding not trained" else model.parameters()
+    state = loopkit.TrainState.create(model, torch.optim.SGD(params, lr=0.1))
+    for batch in batches:
+        state, _ = step(state, batch)
+    assert state.step == 2
+    assert torch.allclose(state.model.head.weight, reference.head.weight, rtol=1e-6, atol=1e-7)
+    assert torch.allclose(state.model.emb.weight, reference.emb.weight, rtol=1e-6, atol=1e-7)

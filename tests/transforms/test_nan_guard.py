@@ -657,3 +657,21 @@ def test_a_raising_guard_puts_back_what_the_refused_forward_wrote_into_the_buffe
     assert_trees_equal({k: kept[k] for k in ("model", "grads", "optimizer", "step", "batch_index")},
                        {k: expected[k] for k in ("model", "grads", "optimizer", "step", "batch_index")})
     assert whole.extras.get("accum/count") == reference.extras.get("accum/count")
+
+
+@pytest.mark.parametrize("policy", ["skip", "raise"])
+def test_a_guard_trains_a_model_with_a_lazy_module_as_the_plain_step(policy, assert_trees_equal):
+    """The buffers a guard keeps (raise: before each forward; skip: at a group's start) were copied before a lazy
+    module's first forward made them: torch refused the copy of an uninitialized buffer, and the state was lost."""
+    def fresh():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LazyBatchNorm1d(), torch.nn.Linear(3, 1))
+        return loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+
+    generator = torch.Generator().manual_seed(0)
+    data = [(torch.randn(8, 4, generator=generator), torch.randn(8, 1, generator=generator)) for _ in range(3)]
+    loss_fn = lambda m, b: ((m(b[0]) - b[1]) ** 2).mean()  # noqa: E731
+    guarded, _ = loopkit.run_epochs(loopkit.with_nan_guard(loopkit.train_step(loss_fn), policy=policy), fresh(), data,
+                                    epochs=1, progress=False)
+    plain, _ = loopkit.run_epochs(loopkit.train_step(loss_fn), fresh(), data, epochs=1, progress=False)
+    assert_trees_equal(guarded.state_dict()["model"], plain.state_dict()["model"])
