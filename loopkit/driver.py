@@ -1693,7 +1693,9 @@ def run_epochs(
     # failure there leaves whole: a relaunch from it validates, and records the epoch, as from a checkpoint)
     closing: TrainState | None = None
     restored = False  # the callbacks' counters are loaded from the state (after that, a failure keeps theirs)
-    superseded = _Superseded(hooks, step.donated)  # states handed to hooks, replaced since: used up at the next update
+    # states handed to hooks, replaced since: used up at the fit's next update in place (none by a step of one's own
+    # that forks: it trains copies, and the states it was given keep their weights)
+    superseded = _Superseded(hooks, step.donated and step.changes_state)
     early_changes = any(may_change_state_early(cb) for cb in callbacks)  # hooks that run before the first step
     try:
         with _StopOnSignal() as stop, _TellingAbort(lifecycle, state):
@@ -1858,9 +1860,9 @@ def run_epochs(
                 if exhausted:
                     before = state.step
                     state, flush_metrics, due = _flushed(step, state)
-                    superseded.retire(state)  # (the flush ran in place, as a batch's step: it used up its own state)
                     flush_updated = state.step != before
-                    if flush_updated:
+                    if flush_updated:  # (the update ran in place, as a batch's step; a flush without one changed nothing)
+                        superseded.retire(state)
                         _tell_flush_end(step, hooks, state, flush_metrics)
                         superseded.add(state)
                     if due:  # as after a batch's update: saved before its step validation, or held at max_steps

@@ -65,7 +65,7 @@ from torch.nn.utils import prune
 from loopkit.errors import DonatedStateError
 from loopkit.rng import RNGScope
 from loopkit.state import (
-    _MODULE_STANDARD, TrainState, _fork, fork, is_plain_setting, leave_intact, module_settings, persistent_buffers, replace, state_at_error,
+    _MODULE_STANDARD, _SETTING_SCALARS, TrainState, _fork, fork, is_plain_setting, leave_intact, module_settings, persistent_buffers, replace, state_at_error,
 )
 from loopkit.steps import _cuda_index, _split_loss, needs_closure
 
@@ -245,12 +245,17 @@ def _check_settings(model: nn.Module, first: nn.Module, k: int, where: str) -> N
         )
 
 
-def _check_attributes(model: nn.Module, first: nn.Module, k: int, where: str) -> None:
+def _check_attributes(model: nn.Module, first: nn.Module, k: int, where: str, *, public: bool = False) -> None:
     """Refuse member ``k``'s ``model`` if a module's other values differ from member 0's: a tensor that is no
-    parameter or buffer (a fixed random projection), a dict or list of such values, a ``_private`` number. The step
-    runs member 0's modules, and so their values, for every member; other objects (a tokenizer) are not compared."""
+    parameter or buffer (a fixed random projection), a dict or list of such values, a ``_private`` number (but with
+    ``public``: the donated step's check between calls, where a forward's own ``_private`` counter, which runs on
+    member 0's modules, differs). The step runs member 0's modules, and so their values, for every member; other
+    objects (a tokenizer) are not compared."""
     for (name, module), other in zip(model.named_modules(), first.modules()):
         own, theirs = _other_values(module), _other_values(other)
+        if public:
+            own = {attr: v for attr, v in own.items() if attr[:1] != "_"}
+            theirs = {attr: v for attr, v in theirs.items() if attr[:1] != "_"}
         for attr in sorted(own.keys() | theirs.keys()):
             if attr in own and attr in theirs and _same_value(own[attr], theirs[attr]):
                 continue
@@ -350,9 +355,10 @@ def _scan(model: nn.Module) -> tuple[list[dict[str, Any]], list[tuple[tuple[str,
         own = vars(module)
         names = own.keys() - _BOOKKEEPING
         # (module_settings, from the attributes that are not bookkeeping)
-        found = {attr: own[attr] for attr in names if attr[:1] != "_" and is_plain_setting(own[attr])}
+        public = {attr for attr in names if attr[:1] != "_"}  # (a forward's own _private counter is its business)
+        found = {attr: own[attr] for attr in public if type(own[attr]) in _SETTING_SCALARS or is_plain_setting(own[attr])}
         settings.append(found)
-        others = _other_values(module, names - found.keys()) if len(names) > len(found) else None
+        others = _other_values(module, public - found.keys()) if len(public) > len(found) else None
         keys.append(tuple((attr, _key(value)) for attr, value in others.items()) if others else ())
     return settings, keys
 
@@ -378,14 +384,15 @@ def _check_frozen(ensemble: Ensemble) -> None:
 
 
 def _check_values(ensemble: Ensemble, keys: tuple[list[tuple[tuple[str, Any], ...]], ...]) -> None:
-    """Refuse the members (see :func:`_check_attributes`) if one's other values (a plain tensor attribute, a
-    ``_private`` number) were changed since they were last checked and now differ from member 0's. Unchanged keys
+    """Refuse the members (see :func:`_check_attributes`) if one's other public values (a plain tensor attribute, a
+    dict of numbers) were changed since they were last checked and now differ from member 0's (a ``_private`` value
+    is :func:`stack`'s to compare only: between calls it may be the forward's own counter). Unchanged keys
     (see :func:`_all_values`) are the common case: no values are compared then. Changed alike in every member, the
     new keys are kept. ``keys``: each member's, now."""
     if keys == ensemble._values:
         return
     for k, member in enumerate(ensemble.members[1:], 1):
-        _check_attributes(member.model, ensemble.skeleton, k, "ensemble.train_step")
+        _check_attributes(member.model, ensemble.skeleton, k, "ensemble.train_step", public=True)
     object.__setattr__(ensemble, "_values", keys)
 
 
@@ -831,6 +838,7 @@ def _one_member_at_a_time(
     first = next(iter(ensemble.params.values()))
     cuda_index = _cuda_index(first.device) if first.is_cuda else None
     grads, rows, rngs = [], [], []
+    written: list[dict[str, Any]] | None = None  # the settings member 0's forward left (each member's must match)
     for k, member in enumerate(ensemble.members):
         if before is not None:
             _restore_settings(ensemble.skeleton, before)
@@ -841,6 +849,13 @@ def _one_member_at_a_time(
             scope.discard()
             raise
         rngs.append(scope.close())
+        if before is not None:
+            after = _all_settings(ensemble.skeleton)
+            if written is None:
+                written = after
+            elif after != written:
+                _restore_settings(ensemble.skeleton, before)
+                raise ValueError(_settings_diverged(ensemble.skeleton, where, k, written, after))
         grads.append({n: g for n, g in own.items() if n in reached[-1]})
         if rows and row.keys() != rows[0].keys():
             raise ValueError(
@@ -850,6 +865,19 @@ def _one_member_at_a_time(
         rows.append(row)
     metrics = {key: torch.stack([row[key] for row in rows]) for key in rows[0]}
     return grads, metrics, rngs
+
+
+def _settings_diverged(model: nn.Module, where: str, k: int, first: list[dict[str, Any]], own: list[dict[str, Any]]) -> str:
+    """Why members cannot run one at a time: member ``k``'s forward set a module's setting otherwise than member 0's
+    (a value read from its own outputs, ``.item()``), which every member shares (the step runs member 0's modules)."""
+    for (name, _), a, b in zip(model.named_modules(), first, own):
+        for attr in sorted(a.keys() | b.keys()):
+            if attr not in a or attr not in b or not _same(a[attr], b[attr]):
+                return (f"ensemble.train_step: {where} set {attr!r} of module {name or '(model)'} to "
+                        f"{_short(b.get(attr, '<not set>'))} for member {k} and {_short(a.get(attr, '<not set>'))} for "
+                        "member 0; the step runs member 0's modules for every member, which cannot keep a value of "
+                        "each member's own: keep such a value in a buffer, or train the members apart")
+    return f"ensemble.train_step: {where} set the modules' settings otherwise for member {k} than for member 0"
 
 
 def _restore_settings(model: nn.Module, settings: list[dict[str, Any]]) -> None:

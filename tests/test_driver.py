@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import loopkit
 from loopkit import TrainState, eval_step, evaluate, predict, run_epochs, train_step, with_grad_accum
 from tests._driver_helpers import (
-    Counter, CrashAfterStep, Recorder, counting_eval, make_data, make_state, mse, stream,
+    Counter, CrashAfterStep, Recorder, counting_eval, forking_step, make_data, make_state, mse, stream,
 )
 
 
@@ -2339,3 +2339,33 @@ def test_a_crash_in_the_validation_of_a_stop_asked_in_on_flush_end_resumes_as_th
     assert failing.validated == whole_stopper.validated == [2, 3]
     assert history == whole_history
     assert_bitwise(params_of(resumed), params_of(whole))
+
+
+class _KeepsValidationStates(loopkit.Callback):
+    """Keeps, by reference, each state on_validation_end is handed, with the value the validation saw."""
+
+    def __init__(self):
+        self.kept = []
+
+    def on_validation_end(self, state, metrics):
+        self.kept.append((state, metrics["val/mse"]))
+
+
+@pytest.mark.parametrize("case", ["last validation on the fit's last update", "a step of one's own that forks"])
+def test_a_state_kept_from_a_hook_stays_usable_while_nothing_trained_it_in_place(case):
+    """A kept state is used up only once the fit trains in place after it: not by an epoch's flush without an update
+    (the fit's last step validation was on its last update; a counting callback, EarlyStopping, makes the driver
+    replace that state), and never under a step of one's own that forks (it trains copies). Reference: each kept
+    state evaluates as its validation did."""
+    keep = _KeepsValidationStates()
+    evaluator = eval_step(lambda m, b: {"mse": mse(m, b)})
+    if case == "a step of one's own that forks":
+        step, options = forking_step(mse), {"epochs": 3}
+    else:
+        step, options = train_step(mse), {"epochs": 1, "val_every_n_steps": 5}
+    run_epochs(step, make_state(), make_data(10), val=(evaluator, make_data(2)), sanity_val_batches=0, progress=False,
+               callbacks=[loopkit.EarlyStopping("val/mse", patience=100), keep], **options)
+    stale = keep.kept if case == "a step of one's own that forks" else keep.kept[-1:]
+    assert stale
+    for state, value in stale:
+        assert evaluate(evaluator, state, make_data(2))["mse"] == pytest.approx(value, rel=1e-6, abs=1e-7)

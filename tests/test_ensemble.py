@@ -1196,7 +1196,6 @@ CHANGES = {  # member 1's values changed after stacking, each in another way (th
     "proj replaced": lambda m: setattr(m, "proj", torch.eye(4)),
     "proj changed in place": lambda m: m.proj.mul_(2.0),
     "cfg changed in place": lambda m: m.cfg.update(scale=3.0),
-    "_shift replaced": lambda m: setattr(m, "_shift", 0.25),
 }
 
 
@@ -1219,7 +1218,9 @@ def _changed_alike_trains_as_the_solo_runs(batches: list) -> None:
 def test_a_donated_step_refuses_a_value_changed_in_one_member_since_stacking(change, make_batches):
     """Before, a plain tensor attribute (not a buffer) set on member 1 after stacking was ignored: member 1 trained with
     member 0's value (its loss 1.31 where its solo run's is 2.27). Refused as stack refuses it, the ensemble usable.
-    Changed alike in every member, it trains on (see :func:`_changed_alike_trains_as_the_solo_runs`)."""
+    Changed alike in every member, it trains on (see :func:`_changed_alike_trains_as_the_solo_runs`). A ``_private``
+    value is ``stack``'s to compare only: between calls it may be the forward's own counter, which runs on member 0's
+    modules (see test_a_forwards_own_private_counter_is_not_taken_for_a_member_changed_since_stacking)."""
     _changed_alike_trains_as_the_solo_runs(make_batches(3))
     batches = make_batches(2)
     ens = ensemble.stack([_sgd(_Projected(k, ("proj", "cfg", "_shift"))) for k in range(2)])
@@ -1393,3 +1394,70 @@ def test_members_pruned_by_torch_train_as_their_solo_runs(donated, make_batches)
         solo = _solo(state, batches)
         torch.testing.assert_close(member.model(x), solo.model(x), rtol=1e-6, atol=1e-7, msg=f"member {k}")
         assert torch.equal(member.model[0].weight == 0, solo.model[0].weight == 0)  # (each its own mask kept)
+
+
+class _WarmUp(nn.Module):
+    """Counts its calls in a ``_private`` int (an in-module warm-up), which the step's forward on member 0's modules
+    advances for every member alike."""
+
+    def __init__(self, seed):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.lin = nn.Linear(4, 1)
+        self._calls = 0
+
+    def forward(self, x):
+        self._calls += 1
+        return self.lin(x) * min(1.0, self._calls / 4)
+
+
+class _PeakNormalized(nn.Module):
+    """Divides by the largest output it has seen, a plain float read with ``.item()``: each member's own value."""
+
+    def __init__(self, seed):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.lin = nn.Linear(4, 1)
+        self.peak = 1.0
+
+    def forward(self, x):
+        out = self.lin(x)
+        self.peak = max(self.peak, out.detach().abs().max().item())
+        return out / self.peak
+
+
+def _members(cls, k):
+    return [loopkit.TrainState.create(m := cls(i), torch.optim.SGD(m.parameters(), lr=0.1), seed=i) for i in range(k)]
+
+
+def test_a_forwards_own_private_counter_is_not_taken_for_a_member_changed_since_stacking():
+    """The donated step's check between calls compared ``_private`` values too: the forward's own counter, advanced on
+    member 0's modules only, was refused at the second call as a change to one member. Reference: the solo runs."""
+    loss_fn = lambda m, b: ((m(b[0]) - b[1]) ** 2).mean()  # noqa: E731
+    generator = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(8, 4, generator=generator), torch.randn(8, 1, generator=generator)) for _ in range(3)]
+    ens, step = ensemble.stack(_members(_WarmUp, 3)), ensemble.train_step(loss_fn, donated=True)
+    for batch in batches:
+        ens, _ = step(ens, batch)
+    for k, solo in enumerate(_members(_WarmUp, 3)):
+        for batch in batches:
+            solo, _ = loopkit.train_step(loss_fn)(solo, batch)
+        for p, q in zip(solo.model.parameters(), ens.members[k].model.parameters()):
+            assert torch.allclose(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_members_run_one_at_a_time_whose_forwards_set_a_setting_each_its_own_are_refused_the_ensemble_usable():
+    """One member at a time (``.item()``: vmap cannot run it), a forward may set a plain value from its own member's
+    outputs; every member shares member 0's modules, so the value of the last member ran was every member's next:
+    members but the last left their solo runs, silently. Refused now, naming the value, before any update."""
+    loss_fn = lambda m, b: ((m(b[0]) - b[1]) ** 2).mean()  # noqa: E731
+    generator = torch.Generator().manual_seed(0)
+    batch = (torch.randn(8, 4, generator=generator) * 3, torch.randn(8, 1, generator=generator))
+    ens, step = ensemble.stack(_members(_PeakNormalized, 3)), ensemble.train_step(loss_fn, donated=True)
+    before = [p.detach().clone() for p in ens.members[1].model.parameters()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # (that it runs one member at a time)
+        with pytest.raises(ValueError, match=r"set 'peak' of module \(model\) to .* for member 1 and .* for member 0"):
+            step(ens, batch)
+    assert all(torch.equal(p, q) for p, q in zip(ens.members[1].model.parameters(), before))
+    assert ens.skeleton.peak == 1.0  # (the settings as before the call)
