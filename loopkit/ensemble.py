@@ -713,7 +713,10 @@ class EnsembleStep:
         versions = {n: t._version for n, t in ensemble.buffers.items()}  # a buffer changed in place bumps its own
         rngs = None
         try:
+            alone = None  # one member: no other member's copy holds its settings as before a failed vmapped attempt
             if not (self.draws_random or self.unbatchable):
+                if len(ensemble) == 1:
+                    alone = _all_settings(ensemble.skeleton)
                 vmapped = torch.func.vmap(torch.func.grad(member_loss, has_aux=True), randomness="error")
                 try:
                     grads, metrics = vmapped(trained, fixed)
@@ -728,6 +731,8 @@ class EnsembleStep:
                     else:
                         raise
             if self.draws_random or self.unbatchable:
+                if alone is not None:
+                    _restore_settings(ensemble.skeleton, alone)
                 grads, metrics, rngs = _one_member_at_a_time(ensemble, member_loss, trained, fixed, reached, where)
         finally:  # (a loss_fn that raised left them too: the ensemble stays usable)
             _refresh_rnn_weights(ensemble.skeleton)
@@ -833,7 +838,7 @@ def _one_member_at_a_time(
     grad = torch.func.grad(member_loss, has_aux=True)
     # member 1's settings are member 0's as they were before this call (checked): each member's forward starts from
     # them, as its solo forward would, not from what a failed vmapped attempt or the member before set (a list a
-    # forward appends to); one member alone has no such copy
+    # forward appends to); one member alone has no such copy (the caller put back what a failed attempt set)
     before = _all_settings(ensemble.members[1].model) if len(ensemble) > 1 else None
     first = next(iter(ensemble.params.values()))
     cuda_index = _cuda_index(first.device) if first.is_cuda else None

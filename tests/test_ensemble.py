@@ -1461,3 +1461,43 @@ def test_members_run_one_at_a_time_whose_forwards_set_a_setting_each_its_own_are
             step(ens, batch)
     assert all(torch.equal(p, q) for p, q in zip(ens.members[1].model.parameters(), before))
     assert ens.skeleton.peak == 1.0  # (the settings as before the call)
+
+
+class _CountsCalls(nn.Module):
+    """Scales its output up over its first calls, counted in a plain (public) int."""
+
+    def __init__(self, seed):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.lin = nn.Linear(4, 1)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.lin(x) * min(1.0, self.calls / 10)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_one_member_at_a_time_undoes_what_the_refused_vmapped_attempt_set_also_for_one_member(k):
+    """The failed vmapped attempt (``.item()``) runs the forward, which counts the call; each member's forward must
+    start from the settings before it, as its solo one does. With one member there was no other member's copy to put
+    back from: the attempt counted, and the trajectory left the solo run's at the first call."""
+    def loss_fn(model, batch):
+        loss = ((model(batch[0]) - batch[1]) ** 2).mean()
+        if loss.item() > 1e6:
+            raise FloatingPointError("diverged")
+        return loss
+
+    generator = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(8, 4, generator=generator), torch.randn(8, 1, generator=generator)) for _ in range(3)]
+    ens, step = ensemble.stack(_members(_CountsCalls, k)), ensemble.train_step(loss_fn, donated=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for batch in batches:
+            ens, _ = step(ens, batch)
+    for i, solo in enumerate(_members(_CountsCalls, k)):
+        for batch in batches:
+            solo, _ = loopkit.train_step(loss_fn)(solo, batch)
+        assert ens.members[i].model.calls == solo.model.calls == 3
+        for p, q in zip(solo.model.parameters(), ens.members[i].model.parameters()):
+            assert torch.allclose(p, q, rtol=1e-6, atol=1e-7)
