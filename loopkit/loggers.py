@@ -404,6 +404,11 @@ class RunDirLogger(Logger):
         then held the epoch's means so far), which this fit finishes and records at its end: the
         epoch record at ``step`` (the one holding ``epoch``) is dropped too.
 
+        Records are told apart by their step (and their metric names): epochs that made no update
+        (every batch skipped, or every float16 update overflowed) record at the same step as the
+        one before, so a fit resumed at such a step replaces all the records there of the metrics it
+        logs again, and one resumed at step 0 counts as a fresh run.
+
         >>> import tempfile
         >>> tmp = tempfile.TemporaryDirectory()
         >>> crashed = CSVLogger(tmp.name, version=0)

@@ -478,7 +478,12 @@ def state_at_error(error: BaseException) -> Any:
     model and optimizer objects then hold what the update did to them, as in a plain loop.
     The failed batch's forward may have changed buffers in place (BatchNorm's running
     statistics) and, for a state made with ``global_rng=True``, drawn from the global RNG:
-    training that batch again counts them again, as running a batch again in a plain loop would.
+    training that batch again counts them again, as running a batch again in a plain loop would
+    (a raising ``with_nan_guard`` puts the buffers back). Reading the failed batch drew its
+    random augmentation (a ``Dataset``'s, in this process) from the global RNGs, which do not go
+    back: a fit retried from this state reads that batch again with other draws. For a retry that
+    is the uninterrupted run bitwise, resume from a checkpoint: :func:`loopkit.restore` sets the
+    global RNGs as the checkpoint saved them.
 
     >>> import torch, loopkit
     >>> state = loopkit.TrainState.create(torch.nn.Linear(2, 1))
