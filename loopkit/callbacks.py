@@ -352,6 +352,32 @@ class EarlyStopping(MonitorCallback):
         if message is not None and self.verbose:
             self._say(message)
 
+    def stop_record(self) -> tuple[int | None, int, str | None]:
+        """Why it asked to stop (``stopped_at``, the reason's value, its message): what ``run_epochs`` hands the other
+        ranks' copies under DDP (see :meth:`stop_agreed`).
+
+        >>> EarlyStopping("val/loss").stop_record()
+        (None, 0, None)
+        """
+        return self.stopped_at, self.stopping_reason.value, self.stopping_reason_message
+
+    def stop_agreed(self, state: Any, record: tuple[int | None, int, str | None] | None) -> None:
+        """Stop as another rank's copy asked to (``record``: its :meth:`stop_record`), as Lightning's ``EarlyStopping``
+        reduces its decision over the ranks: every rank's copy then says it stopped, and why.
+
+        >>> stopper = EarlyStopping("val/loss")
+        >>> stopper.stop_agreed(None, (2, EarlyStoppingReason.PATIENCE_EXHAUSTED.value, "no better"))
+        >>> stopper.should_stop, stopper.stopped_epoch, stopper.stopping_reason.name
+        (True, 2, 'PATIENCE_EXHAUSTED')
+        """
+        self.should_stop = True
+        if record is None:
+            record = (_epoch_checked(state), EarlyStoppingReason.NOT_STOPPED.value, None)
+        stopped_at, reason, message = record
+        self.stopped_at = _epoch_checked(state) if stopped_at is None else int(stopped_at)
+        self.stopping_reason = EarlyStoppingReason(int(reason))
+        self.stopping_reason_message = message
+
     @property
     def stopped_epoch(self) -> int:
         """Lightning's name: the epoch (from 0) whose check asked to stop, 0 until it asks (see :attr:`stopped_at`).

@@ -1143,6 +1143,7 @@ class _Hooks:
         self.callbacks = list(callbacks)
         self.min_epochs, self.min_steps = min_epochs, min_steps
         self.stop_asked = False  # a callback asked to stop at the last check, while the minimum was not met
+        self.stop_shared = False  # under DDP: the callbacks that asked on some rank were told on every rank
         # a callback whose stop the minimum does not hold off (a pruned trial's) could ask while one waits
         self.overriding = any(getattr(cb, "stops_before_minimum", False) for cb in self.callbacks)
         # Callback's own no-op on_batch_end is left out: a batch then calls no hook and reads no should_stop
@@ -1209,6 +1210,9 @@ class _Hooks:
         if self.stop_asked and not self.may_stop(state) and not self.overriding:
             return False  # (the answer until the minimum is met, whatever the callbacks say meanwhile)
         asked = self.should_stop
+        if asked and not self.stop_shared and _collective.active():  # (agreed: every rank comes here at once)
+            self.stop_shared = True
+            self._share_stop(state)
         if self.min_epochs is None and self.min_steps is None:
             return asked
         self.stop_asked = asked  # checked again after each batch: the minimum may be met mid-epoch
@@ -1218,6 +1222,26 @@ class _Hooks:
         return _collective.any_rank(any(getattr(cb, "should_stop", False) and getattr(cb, "stops_before_minimum", False)
                                         for cb in self.callbacks))
 
+    def _share_stop(self, state: TrainState) -> None:
+        """Under DDP, once the ranks agree to stop: tell each callback that asked on some rank only (an
+        ``EarlyStopping`` on a rank's own metric, a ``Timer``) its stop on every rank, as Lightning's
+        ``EarlyStopping`` reduces its decision over the ranks: rank 0's, which logs and saves, says why it stopped
+        (``should_stop``, and what :meth:`stop_agreed` takes: ``stopped_epoch``, the reason), so that a fit relaunched
+        from its checkpoint stops as this one did. A callback is matched on other ranks by its ``state_key`` (else
+        its class); a collective, made once a fit."""
+        asked = [(_stop_key(cb), getattr(cb, "stop_record", lambda: None)())
+                 for cb in self.callbacks if getattr(cb, "should_stop", False)]
+        told = {key: record for found in _collective.gather(asked) for key, record in found}  # type: ignore[union-attr]
+        for cb in self.callbacks:
+            key = _stop_key(cb)
+            if key not in told or getattr(cb, "should_stop", False):
+                continue
+            agreed = getattr(cb, "stop_agreed", None)
+            if agreed is not None:
+                agreed(state, told[key])
+            elif hasattr(cb, "should_stop"):
+                cb.should_stop = True
+
     @property
     def should_stop(self) -> bool:
         """Whether a callback asks to stop, on any rank (under DDP every rank stops at the same batch).
@@ -1226,6 +1250,25 @@ class _Hooks:
         callbacks each rank has (per batch when any rank has a batch hook)."""
         return _collective.any_rank(any(getattr(cb, "should_stop", False) for cb in self.callbacks),
                                     "the ranks' vote on the callbacks' should_stop")
+
+
+#: transforms that make no collective: a rank may apply one the others do not (profile rank 0 alone)
+_RANK_LOCAL = frozenset({"with_profiler", "with_compile"})
+
+
+def _loggers_of(step: Any) -> list[str]:
+    """The classes of the loggers the step's ``with_logging`` writes to (outermost first)."""
+    found: list[str] = []
+    while step is not None:
+        found += [type(logger).__qualname__ for logger in getattr(step, "loggers", ())]
+        step = getattr(step, "inner", None)
+    return found
+
+
+def _stop_key(callback: Any) -> str:
+    """What tells a callback apart from the others of its rank, and finds it on the other ranks."""
+    key = getattr(callback, "state_key", None)
+    return key if isinstance(key, str) else type(callback).__qualname__
 
 
 class _Superseded:
@@ -1670,6 +1713,14 @@ def run_epochs(
                            "run_epochs: the ranks have other validation options (or min_epochs/min_steps), and every "
                            "rank must validate and stop at the same points (give val= on every rank, each its own shard "
                            "of the validation data, the same named sets)")
+    # the transforms make collectives (a log point's means, a save's gather, the log folder's agreement): a rank
+    # whose step is wrapped otherwise, or which trains for other epochs, would leave the others waiting in one
+    _collective.check_same({"transforms": [t for t in getattr(step, "applied", ()) if t not in _RANK_LOCAL],
+                            "loggers": _loggers_of(step), "epochs": epochs, "max_steps": max_steps},
+                           "run_epochs: the ranks have other steps (transforms, loggers) or epochs/max_steps, and every "
+                           "rank must make the same collectives at the same points (wrap the step alike on every rank, "
+                           "with the same loggers: with_logging and with_checkpointing write on rank 0 alone by "
+                           "themselves)")
     if validates:  # (a shard empty on this rank: fine if another rank's holds data; decided by every rank alike)
         _refuse_val_empty_on_every_rank(val_sets.names(), empty_val)  # type: ignore[union-attr]
     parallel = next((t for t in ("with_ddp", "with_fsdp") if t in step.applied), None)

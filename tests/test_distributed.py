@@ -689,3 +689,72 @@ def test_a_validation_set_empty_on_every_rank_is_refused_by_every_rank(tmp_path)
                                                "(2 ranks)")
         assert "what val's data, a factory" in r["errors"]["made"]
         assert "is empty (len() is 0) on every rank (2 ranks)" in r["errors"]["made"]
+
+
+# --- the ranks agree: a callback's stop, and the step's collectives ----------------------------------------------
+
+
+class _LocalMetric(loopkit.Callback):
+    """A metric of the rank's own shard (an AUROC over it), as on_validation_end may add: it improves on rank 0 and
+    worsens on rank 1."""
+
+    def on_validation_end(self, state, metrics):
+        return {"val/local": -float(state.epoch) if distributed.rank() == 0 else float(state.epoch)}
+
+
+def _stop_worker(rank: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    distributed.init(rank=rank, world_size=2, master_port=port, timeout=30)
+    try:
+        data = ddp.make_data(ddp.STEPS)
+        stopper = loopkit.EarlyStopping("val/local", patience=1, mode="min")
+        metric = loopkit.eval_step(lambda m, b: {"mse": ddp.mse(m, b)})
+        _, history = loopkit.run_epochs(
+            loopkit.with_ddp(loopkit.train_step(ddp.mse)), ddp.sgd_state(ddp.make_model(seed=0)),
+            [data[i, rank] for i in range(ddp.STEPS)], epochs=6, val=(metric, [data[0, rank]]),
+            callbacks=[_LocalMetric(), stopper], sanity_val_batches=0, progress=False)
+        torch.save({"epochs": len(history), "state": stopper.state_dict(), "stopped_epoch": stopper.stopped_epoch,
+                    "reason": stopper.stopping_reason.name}, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        distributed.shutdown()
+
+
+@pytest.mark.slow
+def test_an_early_stopping_that_asks_on_one_rank_stops_every_ranks_copy_as_lightnings_reduces_its_decision(tmp_path,
+                                                                                                          bare_env):
+    """Lightning's EarlyStopping reduces its decision over the ranks (any rank) and every rank's copy says it stopped:
+    rank 0's, which logs and saves, said "not stopped" (a fit relaunched from its checkpoint trained on)."""
+    _spawn_and_join(_stop_worker, (_free_port(), str(tmp_path)))
+    ranks = [torch.load(os.path.join(tmp_path, f"rank{r}.pt")) for r in (0, 1)]
+    assert ranks[0]["epochs"] == ranks[1]["epochs"] == 2  # (rank 1's value worsened at its second validation)
+    for found in ranks:
+        assert found["state"]["should_stop"] and found["stopped_epoch"] == 1 and found["reason"] == "PATIENCE_EXHAUSTED"
+
+
+def _unlike_steps_worker(rank: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    distributed.init(rank=rank, world_size=2, master_port=port, timeout=30)
+    try:
+        step = loopkit.with_ddp(loopkit.train_step(ddp.mse))
+        if distributed.is_rank_zero():  # the usual pattern of a plain loop: the writer on rank 0 alone
+            step = loopkit.with_logging(step, loopkit.CSVLogger(out), every_n_steps=1)
+        data = ddp.make_data(ddp.STEPS)
+        started = time.monotonic()
+        try:
+            loopkit.run_epochs(step, ddp.sgd_state(ddp.make_model(seed=0)), [data[i, rank] for i in range(ddp.STEPS)],
+                               epochs=1, progress=False)
+        except RuntimeError as error:
+            torch.save({"error": str(error), "seconds": time.monotonic() - started}, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        distributed.shutdown()
+
+
+@pytest.mark.slow
+def test_a_step_wrapped_otherwise_on_one_rank_is_refused_at_once_naming_it(tmp_path, bare_env):
+    """with_logging on rank 0 alone made a log point's means a collective rank 1 never joined: both ranks waited for
+    the process group's timeout (30 minutes by default). Refused when the fit starts, on every rank, naming both."""
+    _spawn_and_join(_unlike_steps_worker, (_free_port(), str(tmp_path)))
+    for r in (0, 1):
+        found = torch.load(os.path.join(tmp_path, f"rank{r}.pt"))
+        assert "the ranks have other steps (transforms, loggers)" in found["error"] and "with_logging" in found["error"]
+        assert found["seconds"] < 10
