@@ -1414,6 +1414,15 @@ def _unmarked(state: TrainState) -> TrainState:
     return replace_extras(state, extras)
 
 
+def _marked(state: TrainState) -> TrainState:
+    """``state`` with the mark of a step save due (:data:`loopkit.steps.SAVE_DUE`): what an error leaves when the
+    save due at its update was not made yet (a hook raised before it, or before the epoch's end it was held for);
+    a fit given that state makes it (with_checkpointing takes it at ``"fit_begin"``)."""
+    if SAVE_DUE in state.extras:
+        return state
+    return replace_extras(state, {**state.extras, SAVE_DUE: True})
+
+
 def _stateful(callbacks: Sequence[Any]) -> list[tuple[str, Any]]:
     """``(extras key, callback)`` for each callback with ``state_dict`` and ``load_state_dict``.
 
@@ -1748,14 +1757,28 @@ def run_epochs(
     # that forks: it trains copies, and the states it was given keep their weights)
     superseded = _Superseded(hooks, step.donated and step.changes_state)
     early_changes = any(may_change_state_early(cb) for cb in callbacks)  # hooks that run before the first step
+    # a step checkpoint due at an update and not made yet (its hooks, or the epoch's end it was held for, raised): the
+    # state an error leaves keeps the mark, and a fit given it (or a checkpoint holding it) makes that save
+    save_pending = False
+    held_at_start = False  # the owed save is the fit's last update's, made once the finishing epoch is recorded
     try:
         with _StopOnSignal() as stop, _TellingAbort(lifecycle, state):
             step.notify("fit_begin", state, {})  # (the state a fit continues the run from: with_logging's loggers rewind)
+            if SAVE_DUE in state.extras:  # (with_checkpointing took it as due at "fit_begin"; the hooks never see it)
+                state, save_pending = _unmarked(state), True
             hooks.call("on_fit_start", state)  # first: a callback may build in it what its load_state_dict fills
             superseded.add(state)
             hooks.restore(state)
             restored = True
             hooks.check_plain()
+            if save_pending:  # made as the run that left it would have: before that update's validation, or (the
+                reached = max_steps is not None and state.step >= max_steps  # fit's last) once its epoch is recorded
+                held_at_start = (reached and state.batch_index > 0 and limit_train_batches != 0  # (the finishing
+                                 and (epochs is None or state.epoch < epochs)  # path below: an unrecorded epoch)
+                                 and state.extras.get(RECORDED) != state.step)
+                if not held_at_start:
+                    step.notify("save_due", state, {})
+                    save_pending = False
             if validates and sanity_val_batches != 0:
                 with global_rngs_kept():  # a val DataLoader's iterator (and a Dataset's augmentation) draws from the
                     sanity = validate(state, sanity=True)  # global RNGs: a resumed run's extra sanity pass leaves them
@@ -1844,7 +1867,8 @@ def run_epochs(
                 if (last_val and hooks.stops(state)) or finishing:
                     batches, exhausted = (), _epoch_over(state, total, sized, batches)
                 finishing = finishing_stop = False
-                held_save = False  # a step checkpoint of the fit's last update, made once the epoch is recorded
+                held_save = held_at_start  # a step checkpoint of the fit's last update, made once the epoch is recorded
+                held_at_start = False
                 batch = _END  # (still it after the loop: the epoch had no batch to train, e.g. resumed at its end)
                 for batch in batches:
                     if move is not None:
@@ -1868,7 +1892,7 @@ def run_epochs(
                         bar.tick(metrics)
                     due = SAVE_DUE in state.extras  # a step checkpoint, made once the hooks have run (they never see the mark)
                     if due:
-                        state = _unmarked(state)
+                        state, save_pending = _unmarked(state), True
                     for callback, hook in hooks.batch_end:
                         logged = hook(state, metrics)  # scalars to log (LearningRateMonitor per step)
                         if logged is not None and _scalars(logged, metrics, callback) and state.step != before:
@@ -1876,6 +1900,7 @@ def run_epochs(
                     if due:
                         superseded.add(state)  # (the on_batch_end hooks' state: the counters are kept in a new one)
                         state, held_save = _save_or_hold(step, hooks, state, max_steps)
+                        save_pending = held_save
                     if stop.voting:  # (every rank stops after the same step)
                         stop.poll()
                     # a graceful stop: no flush, no validation; resume continues here. Under DDP not inside an
@@ -1911,6 +1936,7 @@ def run_epochs(
                 if exhausted:
                     before = state.step
                     state, flush_metrics, due = _flushed(step, state)
+                    save_pending = save_pending or due
                     flush_updated = state.step != before
                     if flush_updated:  # (the update ran in place, as a batch's step; a flush without one changed nothing)
                         superseded.retire(state)
@@ -1918,6 +1944,7 @@ def run_epochs(
                         superseded.add(state)
                     if due:  # as after a batch's update: saved before its step validation, or held at max_steps
                         state, held_save = _save_or_hold(step, hooks, state, max_steps)
+                        save_pending = held_save
                     if val_steps and flush_updated and state.step % val_steps == 0:  # as after a batch's update
                         closing = state = hooks.keep(state)
                         last_val, state = validation_end(state)
@@ -1959,6 +1986,7 @@ def run_epochs(
                 step.notify("epoch_end", state, EpochRecord(record, validated=last_val))
                 if held_save:  # a relaunch from it finds the epoch recorded (or, if whole, finished): saved once the
                     step.notify("save_due", state, {})  # loggers have written the epoch's rows, which it will not redo
+                    save_pending = False
                 history.append(record)
                 closing = None
                 if epochs is None and exhausted and batch is not _END and state.step == started_at:
@@ -1986,12 +2014,13 @@ def run_epochs(
             given.mark_usable()
             leave_intact(error, given)
         elif closing is not None and not closing._consumed:  # in a validation or at an epoch's end
-            leave_intact(error, closing)
+            leave_intact(error, _marked(closing) if save_pending else closing)
         else:  # the newest whole state: before the failing batch, after it when a hook failed, or the new state
             # that a step marked whole after its update (a logger's failed write)
             whole = state if isinstance(state, TrainState) and not state._consumed else state_at_error(error)
             if whole is not None:
-                leave_intact(error, _with_counters(hooks, whole) if restored else whole)
+                whole = _with_counters(hooks, whole) if restored else whole
+                leave_intact(error, _marked(whole) if save_pending else whole)
             elif start is not None and not isinstance(error, (KeyboardInterrupt, SystemExit)):
                 with contextlib.suppress(TypeError):  # (__notes__ set to something not a list: the error as it is)
                     error.add_note("(run_epochs: no state of the fit is known whole (loopkit.state_at_error is "

@@ -472,7 +472,9 @@ def state_at_error(error: BaseException) -> Any:
     to save or to train on (a state the failing batch had not changed yet is at that batch:
     training it again retries it). A failure at an epoch's end (its validation, an
     ``on_epoch_end``) gives the state before the epoch's record, so that training on validates
-    and records that epoch, also one a callback stopped short (then the fit ends). After a
+    and records that epoch, also one a callback stopped short (then the fit ends). A ``with_checkpointing``
+    step save due at an update whose hooks raised (or held for the epoch's end at ``max_steps``) is
+    marked in its extras (:data:`loopkit.steps.SAVE_DUE`): the fit given the state makes it. After a
     donated step's own error, it is the state the step was given, when nothing of it changed.
     None when the failure came half-way through an update (the optimizer's own error): the
     model and optimizer objects then hold what the update did to them, as in a plain loop.

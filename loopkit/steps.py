@@ -71,7 +71,9 @@ LossFn = Callable[[torch.nn.Module, Any], Any]
 _ACCUM_COUNT = "accum/count"
 _Uninitialized = torch.nn.parameter.UninitializedTensorMixin
 #: extras: a whole-step transform (with_checkpointing) has a save due at this update, which it makes when
-#: the driver sends ``"save_due"`` (after the batch's callbacks); set only between ``"fit_start"`` and the fit's end
+#: the driver sends ``"save_due"`` (after the batch's callbacks); set by it between ``"fit_start"`` and the fit's end.
+#: A state an error left before that save was made (``state_at_error``, or a checkpoint taken while the save of the
+#: fit's last update waits for its epoch's record) keeps the mark: the fit given it makes the save
 SAVE_DUE = "run_epochs/save_due"
 #: extras: the update at which ``run_epochs`` recorded the running epoch (one ``max_steps`` cut short, which a
 #: resumed fit finishes and records again at its end; a logger drops the cut record then)
@@ -169,7 +171,8 @@ class Step:
         """Tell the step about a driver event; whole-step transforms (logging, checkpoints) act on it.
 
         ``event`` is ``"fit_begin"`` (``run_epochs`` begins, before its sanity validation and
-        callbacks, from ``state``; metrics empty), ``"fit_start"`` (before the first step of
+        callbacks, from ``state``, which holds :data:`SAVE_DUE` where the run that left it owes that
+        update's step save: ``"save_due"`` follows for it; metrics empty), ``"fit_start"`` (before the first step of
         ``run_epochs``, after a validation a resumed run owes; metrics empty),
         ``"save_due"`` (after a call that returned a state with :data:`SAVE_DUE` in its extras, once
         the batch's callbacks have run and the call's metrics are in the epoch's means; ``state``

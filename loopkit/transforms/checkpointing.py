@@ -155,6 +155,9 @@ class CheckpointStep(UpdateStep):
     def on_event(self, event: str, state: TrainState, metrics: Mapping[str, float]) -> None:
         if event == "fit_begin":  # (before a validation a resumed run owes, which may save at this position)
             self.saver.start = (state.step, state.epoch, state.batch_index)
+            n = self.every_n_steps
+            if SAVE_DUE in state.extras and n and state.step % n == 0:  # a step save this update was due and the run
+                self.saver.due = f"every_n_steps={n}"  # that left the state never made: made on the fit's "save_due"
         elif event == "fit_start":
             self._check_directory(state, agreed=True)  # before the first step: a refused run has lost nothing
             self._finish_rotation(self.saver.start)
@@ -249,6 +252,13 @@ class CheckpointStep(UpdateStep):
         if not self.saver.checked:  # (a lazy module's shapes are known once a step ran)
             self._check_directory(state, agreed=True)
         extras = over_ranks(state.extras, state.rng, state.model)
+        # the mark of a step save due: only in a checkpoint of an epoch not recorded yet, taken while the save of the
+        # fit's last update is held for that record (a relaunch from it makes that save once it records the epoch)
+        owed = (self.saver.due is not None and state.batch_index > 0 and state.extras.get(RECORDED) != state.step)
+        if owed != (SAVE_DUE in extras):
+            extras = {k: v for k, v in extras.items() if k != SAVE_DUE}
+            if owed:
+                extras[SAVE_DUE] = True
         state = state if extras is state.extras else replace_extras(state, extras)
         self._persist(state, reason, score, due=due)
 

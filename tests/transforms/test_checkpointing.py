@@ -1271,3 +1271,97 @@ def test_a_save_of_a_lazy_model_that_never_ran_is_skipped_with_a_warning(tmp_pat
     assert checkpoint.list_checkpoints(tmp_path) == []
     state, _ = run_epochs(step, state, [(torch.ones(2, 4), torch.ones(2, 1))] * 2, epochs=1, progress=False)
     assert [c.step for c in checkpoint.list_checkpoints(tmp_path)] == [2]  # shaped by its first forward: saved
+
+
+# --- a step save due when a hook raised: made by the fit given what the error left --------------------------------
+
+
+def _owed_data(n: int = 6) -> list:
+    return [(torch.randn(4, 3, generator=torch.Generator().manual_seed(i)), torch.zeros(4, 1)) for i in range(n)]
+
+
+class _RaiseOnce(loopkit.Callback):
+    """Raises in ``hook`` at its ``at``-th call (once)."""
+
+    def __init__(self, hook: str, at: int) -> None:
+        self.at, self.n = at, 0
+        setattr(self, hook, self._maybe_raise)
+
+    def _maybe_raise(self, state, metrics):
+        self.n += 1
+        if self.n == self.at:
+            raise RuntimeError("boom")
+
+
+def _positions(directory) -> list[tuple[int, int, int]]:
+    return [(c.step, c.epoch, c.batch_index) for c in checkpoint.list_checkpoints(directory)]
+
+
+def _same_restored(a, b) -> None:
+    ra, rb = loopkit.restore(_state(scheduler=False), a), loopkit.restore(_state(scheduler=False), b)
+    assert (ra.step, ra.epoch, ra.batch_index) == (rb.step, rb.epoch, rb.batch_index)
+    for (name, x), (_, y) in zip(ra.model.state_dict().items(), rb.model.state_dict().items()):
+        assert torch.equal(x, y), name
+    assert {k for k in ra.extras if not k.startswith("callbacks/")} == {k for k in rb.extras if not k.startswith("callbacks/")}
+
+
+def _no_mark(directory) -> None:
+    from loopkit.steps import SAVE_DUE
+
+    for found in checkpoint.list_checkpoints(directory):
+        assert SAVE_DUE not in loopkit.restore(_state(scheduler=False), found.path).extras, found
+
+
+@pytest.mark.parametrize("hook", ["on_batch_end", "on_flush_end"])
+def test_a_save_due_at_an_update_whose_hooks_raised_is_made_by_the_fit_given_state_at_error(tmp_path, hook):
+    # every_n_steps=2; the update of step 2 (a batch's; with on_flush_end, the epoch's flush under with_grad_accum)
+    # has its hooks raise: the fit given state_at_error makes that save first, as the uninterrupted run did
+    def make(directory):
+        inner = train_step(_mse)
+        if hook == "on_flush_end":
+            inner = with_grad_accum(inner, every=2)  # 3 batches an epoch: updates at the 2nd and the flush
+        return with_checkpointing(inner, directory, every_n_steps=2, keep_last=None, every_n_epochs=0)
+
+    data = _owed_data(3 if hook == "on_flush_end" else 6)
+    epochs = 2 if hook == "on_flush_end" else 1
+    run_epochs(make(tmp_path / "a"), _state(scheduler=False), data, epochs=epochs, progress=False)
+    step = make(tmp_path / "b")
+    crash = _RaiseOnce(hook, 2 if hook == "on_batch_end" else 1)
+    with pytest.raises(RuntimeError, match="boom") as info:
+        run_epochs(step, _state(scheduler=False), data, epochs=epochs, callbacks=[crash], progress=False)
+    left = loopkit.state_at_error(info.value)
+    assert left.step == 2
+    run_epochs(step, left, data, epochs=epochs, callbacks=[crash], progress=False)
+    assert _positions(tmp_path / "b") == _positions(tmp_path / "a")
+    _same_restored(tmp_path / "a", tmp_path / "b")
+    _no_mark(tmp_path / "b")
+
+
+@pytest.mark.parametrize(("hook", "resume"), [("on_validation_end", "state_at_error"), ("on_epoch_end", "directory"),
+                                            ("on_epoch_end", "state_at_error")])
+def test_a_save_held_for_max_steps_is_made_by_the_fit_that_finishes_the_epoch(tmp_path, hook, resume):
+    # max_steps at an epoch's last batch, a monitored step validation there: the held step save of the fit's end is
+    # made once the epoch is recorded, also by a fit resumed after a crash at that epoch's end
+    data = _owed_data(4)
+    loss = lambda m, b: {"loss": _mse(m, b)}
+    kw = dict(epochs=3, max_steps=4, val=(loopkit.eval_step(loss), data[:2]), val_every_n_epochs=None,
+              val_every_n_steps=2, progress=False)
+
+    def make(directory):
+        return with_checkpointing(train_step(_mse), directory, every_n_steps=2, keep_last=2, monitor="val/loss")
+
+    run_epochs(make(tmp_path / "a"), _state(scheduler=False), data, **kw)
+    step = make(tmp_path / "b")
+    crash = _RaiseOnce(hook, 2 if hook == "on_validation_end" else 1)
+    with pytest.raises(RuntimeError, match="boom") as info:
+        run_epochs(step, _state(scheduler=False), data, callbacks=[crash], **kw)
+    if resume == "directory":
+        state = loopkit.restore(_state(scheduler=False), tmp_path / "b")
+        step = make(tmp_path / "b")
+    else:
+        state = loopkit.state_at_error(info.value)
+    assert (state.step, state.epoch, state.batch_index) == (4, 0, 4)
+    run_epochs(step, state, data, callbacks=[crash], **kw)
+    assert _positions(tmp_path / "b") == _positions(tmp_path / "a") == [(2, 0, 2), (4, 1, 0)]
+    _same_restored(tmp_path / "a", tmp_path / "b")
+    _no_mark(tmp_path / "b")
