@@ -32,6 +32,7 @@ DataLoader yields, with a sampler of its own too).
 from __future__ import annotations
 
 import datetime
+import numbers
 import os
 import sys
 import time
@@ -331,11 +332,23 @@ def mean_over_ranks(metrics: Mapping[str, torch.Tensor]) -> dict[str, float]:
     point, so read it on every rank, not under ``if rank() == 0``. A metric only some ranks report is the mean
     over those. In one process, the metrics as floats.
 
+    A value may be a 1-element tensor or a Python number; anything else is refused, naming the metric.
+
     >>> import torch
-    >>> mean_over_ranks({"loss": torch.tensor(0.5)})
-    {'loss': 0.5}
+    >>> mean_over_ranks({"loss": torch.tensor(0.5), "acc": 0.75})
+    {'loss': 0.5, 'acc': 0.75}
     """
-    return _collective.means(metrics, dict.fromkeys(metrics, 1))
+    return _collective.means({name: _as_metric(name, value) for name, value in metrics.items()}, dict.fromkeys(metrics, 1))
+
+
+def _as_metric(name: str, value: Any) -> torch.Tensor:
+    """``value`` as the 0-dim tensor :func:`mean_over_ranks` reduces: a 1-element tensor's, a Python number's."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
+        return value.reshape(())
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return torch.tensor(float(value), dtype=torch.float64)
+    raise TypeError(f"loopkit.distributed.mean_over_ranks: metric {name!r} is not a number or a 1-element real tensor "
+                    f"(got {type(value).__qualname__}{'' if not isinstance(value, torch.Tensor) else f' of shape {tuple(value.shape)}'})")
 
 
 def shutdown() -> None:

@@ -758,3 +758,14 @@ def test_a_step_wrapped_otherwise_on_one_rank_is_refused_at_once_naming_it(tmp_p
         found = torch.load(os.path.join(tmp_path, f"rank{r}.pt"))
         assert "the ranks have other steps (transforms, loggers)" in found["error"] and "with_logging" in found["error"]
         assert found["seconds"] < 10
+
+
+def test_mean_over_ranks_takes_numbers_and_names_a_metric_that_is_none():
+    """A Python number (a metric a loss_fn made with .item()) raised AttributeError; in one process the mean is the
+    value itself."""
+    assert distributed.mean_over_ranks({"loss": torch.tensor([0.5]), "acc": 0.75, "n": 3}) == {"loss": 0.5, "acc": 0.75,
+                                                                                                 "n": 3.0}
+    with pytest.raises(TypeError, match="mean_over_ranks: metric 'bad' is not a number or a 1-element real tensor"):
+        distributed.mean_over_ranks({"bad": "high"})
+    with pytest.raises(TypeError, match=r"metric 'vec' .* of shape \(2,\)"):
+        distributed.mean_over_ranks({"vec": torch.ones(2)})
