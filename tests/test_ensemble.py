@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import io
 import warnings
 
@@ -1396,19 +1397,20 @@ def test_members_pruned_by_torch_train_as_their_solo_runs(donated, make_batches)
         assert torch.equal(member.model[0].weight == 0, solo.model[0].weight == 0)  # (each its own mask kept)
 
 
-class _WarmUp(nn.Module):
-    """Counts its calls in a ``_private`` int (an in-module warm-up), which the step's forward on member 0's modules
-    advances for every member alike."""
+class _CountsCalls(nn.Module):
+    """Scales its output up over its first calls, counted in a plain int attribute ``counter`` (``_private``: an
+    in-module warm-up the check between calls leaves alone; public: a setting each member's forward sets)."""
 
-    def __init__(self, seed):
+    def __init__(self, seed, counter="calls"):
         super().__init__()
         torch.manual_seed(seed)
         self.lin = nn.Linear(4, 1)
-        self._calls = 0
+        self.counter = counter
+        setattr(self, counter, 0)
 
     def forward(self, x):
-        self._calls += 1
-        return self.lin(x) * min(1.0, self._calls / 4)
+        setattr(self, self.counter, getattr(self, self.counter) + 1)
+        return self.lin(x) * min(1.0, getattr(self, self.counter) / 10)
 
 
 class _PeakNormalized(nn.Module):
@@ -1436,10 +1438,10 @@ def test_a_forwards_own_private_counter_is_not_taken_for_a_member_changed_since_
     loss_fn = lambda m, b: ((m(b[0]) - b[1]) ** 2).mean()  # noqa: E731
     generator = torch.Generator().manual_seed(0)
     batches = [(torch.randn(8, 4, generator=generator), torch.randn(8, 1, generator=generator)) for _ in range(3)]
-    ens, step = ensemble.stack(_members(_WarmUp, 3)), ensemble.train_step(loss_fn, donated=True)
+    ens, step = ensemble.stack(_members(functools.partial(_CountsCalls, counter="_calls"), 3)), ensemble.train_step(loss_fn, donated=True)
     for batch in batches:
         ens, _ = step(ens, batch)
-    for k, solo in enumerate(_members(_WarmUp, 3)):
+    for k, solo in enumerate(_members(functools.partial(_CountsCalls, counter="_calls"), 3)):
         for batch in batches:
             solo, _ = loopkit.train_step(loss_fn)(solo, batch)
         for p, q in zip(solo.model.parameters(), ens.members[k].model.parameters()):
@@ -1461,20 +1463,6 @@ def test_members_run_one_at_a_time_whose_forwards_set_a_setting_each_its_own_are
             step(ens, batch)
     assert all(torch.equal(p, q) for p, q in zip(ens.members[1].model.parameters(), before))
     assert ens.skeleton.peak == 1.0  # (the settings as before the call)
-
-
-class _CountsCalls(nn.Module):
-    """Scales its output up over its first calls, counted in a plain (public) int."""
-
-    def __init__(self, seed):
-        super().__init__()
-        torch.manual_seed(seed)
-        self.lin = nn.Linear(4, 1)
-        self.calls = 0
-
-    def forward(self, x):
-        self.calls += 1
-        return self.lin(x) * min(1.0, self.calls / 10)
 
 
 @pytest.mark.parametrize("k", [1, 2])
