@@ -1239,8 +1239,11 @@ class _Hooks:
             agreed = getattr(cb, "stop_agreed", None)
             if agreed is not None:
                 agreed(state, told[key])
-            elif hasattr(cb, "should_stop"):
-                cb.should_stop = True
+            else:
+                try:
+                    cb.should_stop = True
+                except AttributeError:  # (a read-only should_stop of one's own: it says what it says; the fit stops)
+                    pass
 
     @property
     def should_stop(self) -> bool:

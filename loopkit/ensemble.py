@@ -858,7 +858,7 @@ def _one_member_at_a_time(
             after = _all_settings(ensemble.skeleton)
             if written is None:
                 written = after
-            elif after != written:
+            elif not _same_settings(after, written):
                 _restore_settings(ensemble.skeleton, before)
                 raise ValueError(_settings_diverged(ensemble.skeleton, where, k, written, after))
         grads.append({n: g for n, g in own.items() if n in reached[-1]})
@@ -870,6 +870,13 @@ def _one_member_at_a_time(
         rows.append(row)
     metrics = {key: torch.stack([row[key] for row in rows]) for key in rows[0]}
     return grads, metrics, rngs
+
+
+def _same_settings(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> bool:
+    """Whether two :func:`_all_settings` lists are alike, value by value as :func:`_same` compares (NaN alike)."""
+    return len(a) == len(b) and all(
+        x.keys() == y.keys() and all(_same(x[k], y[k]) for k in x) for x, y in zip(a, b)
+    )
 
 
 def _settings_diverged(model: nn.Module, where: str, k: int, first: list[dict[str, Any]], own: list[dict[str, Any]]) -> str:

@@ -769,3 +769,38 @@ def test_mean_over_ranks_takes_numbers_and_names_a_metric_that_is_none():
         distributed.mean_over_ranks({"bad": "high"})
     with pytest.raises(TypeError, match=r"metric 'vec' .* of shape \(2,\)"):
         distributed.mean_over_ranks({"vec": torch.ones(2)})
+
+
+class _ReadOnlyStop:
+    """A callback of one's own whose should_stop is a read-only property: it asks on rank 0 after step 3."""
+
+    def __init__(self):
+        self.step = 0
+
+    @property
+    def should_stop(self):
+        return distributed.rank() == 0 and self.step >= 3
+
+    def on_batch_end(self, state, metrics):
+        self.step = state.step
+
+
+def _read_only_stop_worker(rank: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    distributed.init(rank=rank, world_size=2, master_port=port, timeout=30)
+    try:
+        data = ddp.make_data(ddp.STEPS)
+        state, _ = loopkit.run_epochs(loopkit.with_ddp(loopkit.train_step(ddp.mse)), ddp.sgd_state(ddp.make_model(seed=0)),
+                                      [data[i, rank] for i in range(ddp.STEPS)], epochs=3, callbacks=[_ReadOnlyStop()],
+                                      progress=False)
+        torch.save({"step": state.step}, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        distributed.shutdown()
+
+
+@pytest.mark.slow
+def test_a_stop_shared_over_the_ranks_leaves_a_read_only_should_stop_as_it_is(tmp_path, bare_env):
+    """Telling rank 1's copy of the callback that rank 0's asked set its should_stop, which a property of one's own
+    refuses: rank 1 raised and rank 0 waited for the timeout. Both ranks now stop at step 3."""
+    _spawn_and_join(_read_only_stop_worker, (_free_port(), str(tmp_path)))
+    assert [torch.load(os.path.join(tmp_path, f"rank{r}.pt"))["step"] for r in (0, 1)] == [3, 3]

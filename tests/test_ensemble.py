@@ -1489,3 +1489,29 @@ def test_one_member_at_a_time_undoes_what_the_refused_vmapped_attempt_set_also_f
         assert ens.members[i].model.calls == solo.model.calls == 3
         for p, q in zip(solo.model.parameters(), ens.members[i].model.parameters()):
             assert torch.allclose(p, q, rtol=1e-6, atol=1e-7)
+
+
+class _SetsNaN(nn.Module):
+    """Its forward sets a plain value to a fresh NaN, alike for every member (a statistic of an empty selection)."""
+
+    def __init__(self, seed):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.lin, self.drop = nn.Linear(4, 1), nn.Dropout(0.2)
+        self.last = 0.0
+
+    def forward(self, x):
+        self.last = float("nan")
+        return self.lin(self.drop(x))
+
+
+def test_one_member_at_a_time_takes_a_setting_every_member_sets_to_nan_alike():
+    """Each member's settings were compared with ==, where NaN never equals NaN: a value set alike was refused as set
+    otherwise, naming nothing. Reference: the solo runs (dropout: one member at a time, each with its own masks)."""
+    loss_fn = lambda m, b: m(b).pow(2).mean()  # noqa: E731
+    batch = torch.randn(8, 4, generator=torch.Generator().manual_seed(0))
+    ens, _ = ensemble.train_step(loss_fn, donated=True)(ensemble.stack(_members(_SetsNaN, 2)), batch)
+    for k, solo in enumerate(_members(_SetsNaN, 2)):
+        solo, _ = loopkit.train_step(loss_fn)(solo, batch)
+        for p, q in zip(solo.model.parameters(), ens.members[k].model.parameters()):
+            assert torch.allclose(p, q, rtol=1e-6, atol=1e-7)
