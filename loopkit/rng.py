@@ -25,6 +25,7 @@ import contextlib
 import numbers
 import os
 import random
+import warnings
 from collections.abc import Iterator, Mapping
 
 import numpy as np
@@ -184,8 +185,28 @@ def global_rngs_kept() -> Iterator[None]:
         random.setstate(saved[2])
 
 
-def seed_everything(seed: int, workers: bool = False) -> int:
+GLOBAL_SEED_VARIABLE = "LOOPKIT_GLOBAL_SEED"
+
+
+def _seed_from_environment() -> int:
+    """The seed ``LOOPKIT_GLOBAL_SEED`` holds, or 0 with a warning when it is unset."""
+    text = os.environ.get(GLOBAL_SEED_VARIABLE)
+    if text is None:
+        warnings.warn(f"seed_everything: no seed given and {GLOBAL_SEED_VARIABLE} is unset: seed set to 0", stacklevel=3)
+        return 0
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"seed_everything: {GLOBAL_SEED_VARIABLE} must hold an int in [0, 2**32), got {text!r}") from None
+
+
+def seed_everything(seed: int | None = None, workers: bool = False) -> int:
     """Seed Python's ``random``, NumPy, and torch (CPU and every CUDA device); return ``seed``.
+
+    With no ``seed`` (Lightning's ``seed_everything()``), the seed is read from the
+    ``LOOPKIT_GLOBAL_SEED`` environment variable, which every call sets, so processes started
+    afterwards (``torch.multiprocessing.spawn``) that call ``seed_everything()`` take the parent's
+    seed; with the variable unset it is 0, with a warning, as in Lightning.
 
     ``workers`` is Lightning's flag, taken for its signature and changing nothing here: a DataLoader's
     workers get RNG streams of their own and distinct (torch seeds each worker's ``random``, NumPy and torch
@@ -203,11 +224,13 @@ def seed_everything(seed: int, workers: bool = False) -> int:
     >>> _ = seed_everything(7); bool(torch.equal(a, torch.rand(1)))
     True
     """
-    if not isinstance(seed, numbers.Integral) or isinstance(seed, (bool, np.bool_)) or not 0 <= seed < 2**32:
-        raise ValueError(f"seed_everything: seed must be an int in [0, 2**32), got {seed!r}")
     if not isinstance(workers, bool):
         raise TypeError(f"seed_everything: workers must be True or False, got {workers!r}")
+    seed = _seed_from_environment() if seed is None else seed
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, (bool, np.bool_)) or not 0 <= seed < 2**32:
+        raise ValueError(f"seed_everything: seed must be an int in [0, 2**32), got {seed!r}")
     seed = int(seed)
+    os.environ[GLOBAL_SEED_VARIABLE] = str(seed)
     os.environ["PYTHONHASHSEED"] = str(seed)
     random.seed(seed)
     np.random.seed(seed)

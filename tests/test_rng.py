@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -22,6 +24,7 @@ from tests._driver_helpers import CrashAfterStep
 def _restore_hash_seed(monkeypatch):
     """seed_everything sets PYTHONHASHSEED for child processes: put the caller's value back after."""
     monkeypatch.delenv("PYTHONHASHSEED", raising=False)
+    monkeypatch.delenv("LOOPKIT_GLOBAL_SEED", raising=False)
 
 
 def draws() -> tuple[float, np.ndarray, torch.Tensor]:
@@ -67,10 +70,41 @@ def test_seed_everything_is_public():
     assert loopkit.seed_everything is seed_everything
 
 
-@pytest.mark.parametrize("seed", [-1, 2**32, 1.5, "3", True, None])
+@pytest.mark.parametrize("seed", [-1, 2**32, 1.5, "3", True])
 def test_seed_everything_refuses_bad_seeds(seed):
     with pytest.raises(ValueError, match=r"seed_everything: seed must be an int in \[0, 2\*\*32\)"):
         seed_everything(seed)
+
+
+def test_seed_everything_without_a_seed_is_zero_with_a_warning_as_in_lightning():
+    """(Lightning's seed_everything() raised a TypeError here.)"""
+    with pytest.warns(UserWarning, match="no seed given and LOOPKIT_GLOBAL_SEED is unset: seed set to 0"):
+        assert seed_everything() == 0
+    got = draws()
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    expected = draws()
+    assert got[0] == expected[0] and np.array_equal(got[1], expected[1]) and torch.equal(got[2], expected[2])
+
+
+def test_seed_everything_without_a_seed_takes_the_seed_a_parent_process_set():
+    seed_everything(23)
+    assert os.environ["LOOPKIT_GLOBAL_SEED"] == "23"
+    child = "import loopkit, torch; s = loopkit.seed_everything(); print(s, torch.rand(2).tolist())"
+    out = subprocess.run([sys.executable, "-W", "error", "-c", child], capture_output=True, text=True, timeout=120, check=True)
+    seed, _, values = out.stdout.strip().partition(" ")
+    assert seed == "23"
+    assert values == str(torch.rand(2, generator=torch.Generator().manual_seed(23)).tolist())
+
+
+def test_seed_everything_names_a_bad_global_seed_variable(monkeypatch):
+    monkeypatch.setenv("LOOPKIT_GLOBAL_SEED", "abc")
+    with pytest.raises(ValueError, match="LOOPKIT_GLOBAL_SEED must hold an int in \\[0, 2\\*\\*32\\), got 'abc'"):
+        seed_everything()
+    monkeypatch.setenv("LOOPKIT_GLOBAL_SEED", "-4")
+    with pytest.raises(ValueError, match="seed must be an int in"):
+        seed_everything()
 
 
 def test_create_rng_is_a_generator_seeded_with_the_seed():
