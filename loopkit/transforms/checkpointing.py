@@ -64,12 +64,14 @@ class _Saver:
         self.executor: concurrent.futures.ThreadPoolExecutor | None = None
         self.pending: concurrent.futures.Future | None = None
         self.last: Position | None = None  # the last position saved or being saved
+        self.last_recorded = False  # whether that save holds its epoch's record (:func:`_recorded`)
         self.looked = False  # whether the directory was looked at for another run's checkpoints
         self.checked = False  # whether its newest checkpoint was found to be of this model (or there was none)
         self.defer = False  # under run_epochs: a step save waits for the batch's callbacks ("save_due")
         self.due: str | None = None  # the reason of the step save deferred at this update
         self.epoch_val: dict[str, float] | None = None  # an epoch's validation means, scored at its "epoch_end"
         self.start: Position | None = None  # where the fit under run_epochs began (a relaunch: its checkpoint's)
+        self.start_recorded = False  # whether the state it began from held its epoch's record (:func:`_recorded`)
         self.told_shared = False  # whether the warning that another writer shares the directory was given
 
     def run(self, task: Callable[[], None], background: bool) -> None:
@@ -155,6 +157,7 @@ class CheckpointStep(UpdateStep):
     def on_event(self, event: str, state: TrainState, metrics: Mapping[str, float]) -> None:
         if event == "fit_begin":  # (before a validation a resumed run owes, which may save at this position)
             self.saver.start = (state.step, state.epoch, state.batch_index)
+            self.saver.start_recorded = _recorded(state)
             n = self.every_n_steps
             if SAVE_DUE in state.extras and n and state.step % n == 0:  # a step save this update was due and the run
                 self.saver.due = f"every_n_steps={n}"  # that left the state never made: made on the fit's "save_due"
@@ -195,7 +198,8 @@ class CheckpointStep(UpdateStep):
                 # newest checkpoint, as Lightning's last one holds it (its epoch-end save comes at such an end)
                 self._save_all_ranks(state, "fit_end", score=None)
             self.saver.defer, self.saver.due, self.saver.epoch_val, self.saver.start = False, None, None, None
-            self.saver.last = None  # a later run with this step saves afresh, even at the same position
+            self.saver.last, self.saver.last_recorded = None, False  # a later run with this step saves afresh, even
+            # at the same position
             self.saver.looked = False  # and its first save looks at the directory again
             self.saver.checked = False
             if event == "fit_end":
@@ -267,7 +271,11 @@ class CheckpointStep(UpdateStep):
         made only if the score ranks among the best. A fit's first save at the position it began from, which
         the directory's newest checkpoint holds (a relaunch from it: its step save made before the validation
         of that step, or the fit's end), takes that checkpoint as its own, as the uninterrupted run holds it:
-        a score goes to it, and the rotation runs. (Another run that reaches that position is saved anew.)
+        a score goes to it, and the rotation runs. (Another run that reaches that position is saved anew.) A save
+        of a state that holds its epoch's record (max_steps or a stop mid-epoch, recorded at the fit's end) where
+        the checkpoint at its position was taken before that record (a graceful stop's, a step validation's, the
+        fit's own step save) replaces that checkpoint, carrying its score (:meth:`_rerecorded`): a relaunch from
+        it would record the epoch again.
 
         A state whose model ``with_fsdp`` sharded reaches this on every rank: rank 0 decides first whether it
         writes a checkpoint (the ranking, the position: what it alone knows) and tells the others (one
@@ -297,14 +305,14 @@ class CheckpointStep(UpdateStep):
         snap = None
         if fresh:
             snap = self._snapshot(state, reason, score, state_dict)
-            saver.last = position
+            saver.last, saver.last_recorded = position, _recorded(state)
 
         def task() -> None:
             if snap is not None:
                 try:
                     saver.names[position] = checkpoint.write(snap, self.directory, durable=self.durable).name
                 except BaseException:
-                    saver.last = None  # let a later save at this position try again
+                    saver.last, saver.last_recorded = None, False  # let a later save at this position try again
                     raise
             if score is not None and position in saver.names:
                 kept = snap is not None or checkpoint.write_late_score(  # written before this score (a step checkpoint
@@ -339,19 +347,36 @@ class CheckpointStep(UpdateStep):
             found = checkpoint.list_checkpoints(self.directory)
             if found and (found[-1].step, found[-1].epoch, found[-1].batch_index) == position:
                 saver.last, saver.names[position] = position, found[-1].name
+                saver.last_recorded = saver.start_recorded  # (it holds the state the fit began from)
         if not saver.checked:  # a save of your own (on rank 0 alone, perhaps: no collective)
             self._check_directory(state, agreed=False)
         if not saver.looked:
             saver.looked = True
             self._warn_of_another_run(position)
         if saver.last == position:
-            return position, score, None, False
+            if saver.last_recorded or not _recorded(state):
+                return position, score, None, False
+            return self._rerecorded(position, score)
         if score is not None:
             saver.wait()  # a pending save's score counts in the ranking, as it does without async_save
         if score is not None and not due and not self._ranks(score):
             return None  # not among the best: no need for a checkpoint here
         superseded, carried = self._same_update(position)
         return position, carried if score is None else score, superseded, True
+
+    def _rerecorded(self, position: Position, score: float | None) -> tuple[Position, float | None, str | None, bool]:
+        """The plan of a save at ``position`` whose checkpoint (this fit's, or the one it began from) was taken
+        before the epoch was recorded there (:func:`_recorded`): the save held for that record (max_steps mid-epoch),
+        or the fit's end after a monitored step validation or a graceful stop there. A relaunch from that
+        checkpoint would record the epoch again (its ``on_epoch_end``, its history row): a new checkpoint holding
+        the record replaces it, with its score (a new one wins), as the uninterrupted run's end holds it."""
+        self.saver.wait()  # (its name and score are known once it is written)
+        name = self.saver.names.get(position)
+        carried = None
+        if name is not None and self.monitor is not None:
+            with self.saver.lock:
+                carried = self._scores().get(name)
+        return position, carried if score is None else score, name, True
 
     def _snapshot(
         self, state: TrainState, reason: str, score: float | None, state_dict: Mapping[str, Any] | None = None
@@ -566,6 +591,12 @@ class CheckpointStep(UpdateStep):
             RuntimeWarning,
             stacklevel=2,
         )
+
+
+def _recorded(state: TrainState) -> bool:
+    """Whether ``state`` holds its epoch's record: at an epoch's start (the epoch before it done), or mid-epoch once
+    ``run_epochs`` recorded the epoch at this update (:data:`loopkit.steps.RECORDED`: max_steps, a stop)."""
+    return state.batch_index == 0 or state.extras.get(RECORDED) == state.step
 
 
 def _check_count(name: str, value: Any, *, allow_none: bool, minimum: int = 1) -> int | None:

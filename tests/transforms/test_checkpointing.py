@@ -1365,3 +1365,141 @@ def test_a_save_held_for_max_steps_is_made_by_the_fit_that_finishes_the_epoch(tm
     assert _positions(tmp_path / "b") == _positions(tmp_path / "a") == [(2, 0, 2), (4, 1, 0)]
     _same_restored(tmp_path / "a", tmp_path / "b")
     _no_mark(tmp_path / "b")
+
+
+def _marks(directory) -> list[tuple[int, int, int, bool, int | None]]:
+    """Each checkpoint's position, whether it carries the mark of a step save due, and the update its epoch was
+    recorded at (None: not recorded)."""
+    from loopkit.steps import RECORDED, SAVE_DUE
+
+    out = []
+    for found in checkpoint.list_checkpoints(directory):
+        extras = loopkit.restore(_state(scheduler=False), found.path).extras
+        out.append((found.step, found.epoch, found.batch_index, SAVE_DUE in extras, extras.get(RECORDED)))
+    return out
+
+
+class _EpochEnds(loopkit.Callback):
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def on_epoch_end(self, state, record):
+        self.calls += 1
+
+
+@pytest.mark.parametrize("every", [3, 2])
+def test_a_sigterm_at_max_steps_mid_epoch_then_relaunches_leave_the_uninterrupted_runs_checkpoint(tmp_path, every):
+    # max_steps=3 in a 6-batch epoch. every=3: the step save of the fit's last update is held until the epoch is
+    # recorded, and a SIGTERM there saved it marked as owed; every=2: the stop's save was of the unrecorded epoch.
+    # The relaunch recorded the epoch and took the stop's checkpoint, at its start position, as the save it owed:
+    # the directory kept it, and every further relaunch recorded epoch 0 again. Reference: the uninterrupted run
+    data = _owed_data(6)
+    kw = dict(epochs=3, max_steps=3, progress=False)
+
+    def make(directory):
+        return with_checkpointing(train_step(_mse), directory, every_n_steps=every, keep_last=None)
+
+    class Terminate(loopkit.Callback):
+        def on_batch_end(self, state, metrics):
+            if state.step == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    run_epochs(make(tmp_path / "a"), _state(scheduler=False), data, **kw)
+    _, history = run_epochs(make(tmp_path / "b"), _state(scheduler=False), data, callbacks=[Terminate()], **kw)
+    assert history == [] and _positions(tmp_path / "b") == _positions(tmp_path / "a")  # (saved by the stop)
+    ends = _EpochEnds()
+    _, history = run_epochs(make(tmp_path / "b"), loopkit.restore(_state(scheduler=False), tmp_path / "b"), data,
+                            callbacks=[ends], **kw)
+    assert [r["epoch"] for r in history] == [0] and ends.calls == 1  # the relaunch records the stopped epoch
+    expected = ([(2, 0, 2, False, None)] if every == 2 else []) + [(3, 0, 3, False, 3)]
+    assert _marks(tmp_path / "b") == _marks(tmp_path / "a") == expected
+    _same_restored(tmp_path / "a", tmp_path / "b")
+    for directory in ("a", "b"):  # a relaunch of either finished run does nothing
+        ends = _EpochEnds()
+        restored = loopkit.restore(_state(scheduler=False), tmp_path / directory)
+        _, history = run_epochs(make(tmp_path / directory), restored, data, callbacks=[ends], **kw)
+        assert (history, ends.calls) == ([], 0), directory
+        assert _marks(tmp_path / directory) == expected
+
+
+@pytest.mark.parametrize("crash", [None, "state_at_error", "directory"])
+def test_a_monitored_step_validation_at_max_steps_mid_epoch_leaves_the_recorded_checkpoint_scored(tmp_path, crash):
+    # max_steps=3 mid-epoch with a monitored validation at step 3: its scored save was made before the epoch was
+    # recorded, and the held step save then found the position saved: the newest checkpoint stayed unrecorded and
+    # marked, so a relaunch recorded epoch 0 again. Now the recorded state replaces it, with the validation's score.
+    # References: the same run without a monitor (its checkpoint), and the score evaluated on the restored model;
+    # with a crash in on_epoch_end, the uninterrupted run's directory and scores.json
+    data = _owed_data(6)
+    loss = lambda m, b: {"loss": _mse(m, b)}  # noqa: E731
+    kw = dict(epochs=3, max_steps=3, val=(loopkit.eval_step(loss), data[:2]), val_every_n_epochs=None,
+              val_every_n_steps=3, sanity_val_batches=0, progress=False)
+
+    def make(directory, monitor="val/loss"):
+        return with_checkpointing(train_step(_mse), directory, every_n_steps=3, keep_last=2, monitor=monitor)
+
+    run_epochs(make(tmp_path / "plain", monitor=None), _state(scheduler=False), data, **kw)
+    run_epochs(make(tmp_path / "a"), _state(scheduler=False), data, **kw)
+    assert _marks(tmp_path / "a") == _marks(tmp_path / "plain") == [(3, 0, 3, False, 3)]
+    [newest] = checkpoint.list_checkpoints(tmp_path / "a")
+    scores = json.loads((tmp_path / "a" / "scores.json").read_text())["scores"]
+    restored = loopkit.restore(_state(scheduler=False), newest.path)
+    assert scores == {newest.name: pytest.approx(float(loopkit.evaluate(loopkit.eval_step(loss), restored,
+                                                                        data[:2])["loss"]), rel=1e-6)}
+    assert loopkit.checkpoint.best_checkpoint(tmp_path / "a") == newest.path
+    if crash is not None:
+        step = make(tmp_path / "b")
+        with pytest.raises(RuntimeError, match="boom") as info:
+            run_epochs(step, _state(scheduler=False), data, callbacks=[_RaiseOnce("on_epoch_end", 1)], **kw)
+        if crash == "directory":
+            state, step = loopkit.restore(_state(scheduler=False), tmp_path / "b"), make(tmp_path / "b")
+        else:
+            state = loopkit.state_at_error(info.value)
+        run_epochs(step, state, data, **kw)
+        assert _marks(tmp_path / "b") == _marks(tmp_path / "a")
+        assert (tmp_path / "b" / "scores.json").read_text() == (tmp_path / "a" / "scores.json").read_text()
+        _same_restored(tmp_path / "a", tmp_path / "b")
+    directory = tmp_path / ("a" if crash is None else "b")
+    ends = _EpochEnds()  # a relaunch of the finished run does nothing
+    _, history = run_epochs(make(directory), loopkit.restore(_state(scheduler=False), directory), data,
+                            callbacks=[ends], **kw)
+    assert (history, ends.calls) == ([], 0)
+    assert _marks(directory) == [(3, 0, 3, False, 3)]
+
+
+@pytest.mark.parametrize("monitor", [None, "val/loss"])
+def test_a_stop_asked_at_a_step_validation_mid_epoch_leaves_a_checkpoint_a_relaunch_does_nothing_from(
+    tmp_path, monitor
+):
+    # a callback asks to stop at the validation of step 3 (mid-epoch), where the step save was made before the
+    # epoch was recorded: the fit's end found its position saved, and a relaunch recorded epoch 0 again. Reference:
+    # the fit's own history (one epoch), which a relaunch must not add to
+    data = _owed_data(6)
+    loss = lambda m, b: {"loss": _mse(m, b)}  # noqa: E731
+    kw = dict(epochs=3, val=(loopkit.eval_step(loss), data[:2]), val_every_n_epochs=None, val_every_n_steps=3,
+              sanity_val_batches=0, progress=False)
+
+    class Stop(loopkit.Callback):
+        def __init__(self) -> None:
+            self.should_stop = False
+
+        def on_validation_end(self, state, metrics):
+            self.should_stop = True
+
+        def state_dict(self):
+            return {"should_stop": self.should_stop}
+
+        def load_state_dict(self, state_dict):
+            self.should_stop = state_dict["should_stop"]
+
+    def make():
+        return with_checkpointing(train_step(_mse), tmp_path, every_n_steps=3, keep_last=2, monitor=monitor)
+
+    _, history = run_epochs(make(), _state(scheduler=False), data, callbacks=[Stop()], **kw)
+    assert [r["epoch"] for r in history] == [0]
+    assert _marks(tmp_path) == [(3, 0, 3, False, 3)]
+    ends = _EpochEnds()
+    with pytest.warns(UserWarning, match="asks to stop at once"):  # (its stop, restored)
+        _, history = run_epochs(make(), loopkit.restore(_state(scheduler=False), tmp_path), data,
+                                callbacks=[Stop(), ends], **kw)
+    assert (history, ends.calls) == ([], 0)
+    assert _marks(tmp_path) == [(3, 0, 3, False, 3)]
