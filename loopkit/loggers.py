@@ -33,7 +33,7 @@ import time
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Mapping
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 import numpy as np
 import torch
@@ -288,13 +288,14 @@ class RunDirLogger(Logger):
         self._dir: str | None = None
         self._leader: RunDirLogger | None = None
         self._pending_hparams: dict[str, Any] | None = None
-        self._resume_step: int | None = None  # resume_at's step, until the next write applies it
-        self._finishes_epoch = False  # resume_at's: the epoch record logged at that step is dropped too
+        self._resume_pos: _Position | None = None  # resume_at's position, until the next write applies it
         self._top_keys: set[frozenset[str]] = set()  # the records (their metric names) written at _top
-        self._relog_step: int | None = None  # a fit resumed at _top: a record logged there again rewinds first
-        self._redo_step: int | None = None  # the step a resumed run logs again: its metrics there replace the old
-        self._redone: set[frozenset[str]] = set()  # the records already replaced at _redo_step
+        self._relog: _Position | None = None  # a fit resumed at _top: a record logged there again rewinds first
+        self._redo: _Position | None = None  # where a resumed run went on from: its metrics logged again there
+        self._redone: set[frozenset[str]] = set()  # the records already replaced at _redo's step
         self._top: int | None = None  # the highest step this logger has written metrics at, in this process
+        self._epoch_now: int | None = None  # the epoch this logger's records are logged in (None: not known)
+        self._last_record: tuple[int, int | None, bool] | None = None  # its last record: (step, epoch, holds "epoch")
 
     @property
     def log_dir(self) -> str:
@@ -386,28 +387,36 @@ class RunDirLogger(Logger):
         if not is_rank_zero() and owner._dir is None:
             owner._dir = found[0]  # type: ignore[index]
 
-    def resume_at(self, step: int, *, finishes_epoch: bool = False) -> None:
-        """Make this logger's folder hold the run as of a state at ``step``, from its next write on.
+    def resume_at(
+        self, step: int, epoch: int | None = None, batch_index: int | None = None, *, finishes_epoch: bool = False
+    ) -> None:
+        """Make this logger's folder hold the run as of a state at ``step`` (``state.epoch`` ``epoch``,
+        ``state.batch_index`` ``batch_index``), from its next write on.
 
-        ``run_epochs`` calls it through :func:`loopkit.with_logging` as each fit begins. When the
-        folder already holds records (a fixed ``version`` continued after ``loopkit.restore``, or
-        this logger's own, in a fit retried from an earlier state), the next write first drops
-        those logged after ``step`` (the crashed run logged them after the checkpoint, and the
-        resumed run logs them again), and a record logged again at ``step`` itself (a validation
-        or an epoch record the checkpoint was saved before: the same metrics) replaces the old
-        one. A fresh state (``step`` 0) replaces the folder's records (and TensorBoard's
-        hyper-parameters; ``hparams.json`` is replaced when the new run logs its own), with a
-        warning. A fit that goes on from where the last one ended drops nothing, but a record it logs
-        again at that step (a retry whose checkpoint was saved before that step's validation or epoch
-        record) replaces the one there. ``finishes_epoch``:
-        the state is in an epoch that a fit cut by ``max_steps`` recorded at ``step`` (its record
-        then held the epoch's means so far), which this fit finishes and records at its end: the
-        epoch record at ``step`` (the one holding ``epoch``) is dropped too.
+        ``run_epochs`` calls it through :func:`loopkit.with_logging` as each fit begins, with the state's
+        three. When the folder already holds records (a fixed ``version`` continued after ``loopkit.restore``,
+        or this logger's own, in a fit retried from an earlier state), the next write first drops those logged
+        after that position (the crashed run logged them after the checkpoint, and the resumed run logs them
+        again), and a record logged again at ``step`` itself (a validation or an epoch record the checkpoint was
+        saved before: the same metrics) replaces the old one. A fresh state (step 0, epoch 0, batch 0)
+        replaces the folder's records (and TensorBoard's hyper-parameters; ``hparams.json`` is replaced when
+        the new run logs its own), with a warning. A fit that goes on from where the last one ended drops
+        nothing, but a record it logs again at that step (a retry whose checkpoint was saved before that
+        step's validation or epoch record) replaces the one there.
 
-        Records are told apart by their step (and their metric names): epochs that made no update
-        (every batch skipped, or every float16 update overflowed) record at the same step as the
-        one before, so a fit resumed at such a step replaces all the records there of the metrics it
-        logs again, and one resumed at step 0 counts as a fresh run.
+        Epochs that made no update (every batch skipped, or every float16 update overflowed) record at the
+        same step as the one before, so records are told apart by their step, their epoch and their metric
+        names. An epoch's record holds its epoch (``epoch``); any other record is of the epoch whose record
+        comes next at its step in the file, else of the one after the epoch record before it. At ``step``,
+        the records of epochs before ``epoch`` are kept and those of later epochs dropped; of ``epoch``
+        itself, its record is dropped when ``batch_index`` is 0 or the state is in an epoch a fit cut by
+        ``max_steps`` recorded at ``step`` (``finishes_epoch``; the resumed fit records it whole), and the
+        others are dropped when ``batch_index`` is 0 (the epoch had not begun), else kept and replaced when
+        logged again. A record whose epoch the file does not tell (records logged without ``run_epochs``'
+        epoch records), or every record when ``epoch`` is not given, is placed by its step alone: at ``step``
+        it is kept and replaced when logged again (the epoch record too, with ``finishes_epoch``: dropped),
+        and step 0 alone is a fresh state. :class:`TensorBoardLogger` rewrites its files alike; a TensorBoard
+        already showing the folder purges by step alone, from ``step + 1``.
 
         >>> import tempfile
         >>> tmp = tempfile.TemporaryDirectory()
@@ -423,9 +432,14 @@ class RunDirLogger(Logger):
         2,0.4
         >>> tmp.cleanup()
         """
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ValueError(f"{type(self).__name__}.resume_at: step must be an int >= 0, got {step!r}")
-        self._resume_step, self._finishes_epoch = step, bool(finishes_epoch)
+        who = type(self).__name__
+        for label, value in (("step", step), ("epoch", epoch), ("batch_index", batch_index)):
+            if (value is not None or label == "step") and (isinstance(value, bool) or not isinstance(value, int)
+                                                           or value < 0):
+                raise ValueError(f"{who}.resume_at: {label} must be an int >= 0, got {value!r}")
+        self._resume_pos = _Position(step, epoch, batch_index, bool(finishes_epoch))
+        if epoch is not None:  # (the records this logger writes next are of that epoch, until its record)
+            self._epoch_now = epoch
 
     def _path(self, filename: str) -> str:
         """A file in the run folder (claimed now if need be, writing any hparams held back)."""
@@ -435,26 +449,26 @@ class RunDirLogger(Logger):
         """The run folder, claimed now if need be; a pending :meth:`resume_at` is applied, and any
         hparams held back are written into it."""
         folder = self.log_dir
-        if self._resume_step is not None:
-            step, self._resume_step = self._resume_step, None
-            if self._top is None or step < self._top or (step == self._top and self._finishes_epoch):
-                self._resume(folder, step)
-            elif step == self._top:  # a fit going on from this logger's last step: nothing to drop, unless it logs a
-                self._relog_step = step  # record of that step again (a retry from a checkpoint saved before it)
+        if self._resume_pos is not None:
+            pos, self._resume_pos = self._resume_pos, None
+            last = self._last_record
+            place = None if last is None else pos.place(*last)
+            # (a fresh state after this logger's own records at step 0: those written before the fit stay, unless
+            # logged again, as at any step it goes on from)
+            if last is None or (place == _AFTER and not (pos.fresh and last[0] == 0)):
+                self._resume(folder, pos)  # the folder's records, or this logger's own after pos: a rewind
+            elif last[0] == pos.step and place != _BEFORE:  # a fit going on from this logger's last step: nothing
+                self._relog = pos  # to drop, unless it logs a record of that step again (a retry from before it)
         if self._pending_hparams is not None:
             _write_json(os.path.join(folder, "hparams.json"), self._pending_hparams)
             self._pending_hparams = None
         return folder
 
-    def _resume(self, folder: str, step: int) -> None:
-        """Drop what ``folder`` holds after ``step`` (all of it for step 0; see :meth:`resume_at`)."""
-        self._redo_step, self._redone = step, set()
-        finishes = self._finishes_epoch  # (the cut epoch's record at step: the resumed fit records the epoch whole)
-        dropped = self._drop_records(
-            folder, (lambda at, keys: at < step or (at == step and not (finishes and "epoch" in keys))) if step
-            else (lambda at, keys: False),
-        )
-        if dropped and not step:
+    def _resume(self, folder: str, pos: _Position) -> None:
+        """Drop what ``folder`` holds after ``pos`` (all of it for a fresh state; see :meth:`resume_at`)."""
+        self._redo, self._redone = (None if pos.fresh else pos), set()
+        dropped = self._drop_records(folder, lambda at, keys, epoch: pos.place(at, epoch, "epoch" in keys) != _AFTER)
+        if dropped and pos.fresh:
             warnings.warn(
                 f"{type(self).__name__}: {folder} held records of an earlier run (or of this one, restarted from "
                 f"step 0); this run replaces them ({dropped} dropped). A logger with version=None, made anew for "
@@ -465,28 +479,37 @@ class RunDirLogger(Logger):
 
     def _make_room(self, metrics: Any, step: int) -> str:
         """The run folder, before ``metrics`` are written at ``step``: at the step a resumed run logs
-        again, an earlier record of the same metrics there is dropped first (once per set of metrics)."""
+        again, an earlier record of the same metrics there is dropped first (once per set of metrics),
+        unless it is of an epoch before the resumed one."""
         folder = self._folder()
         keys = frozenset(metrics)
-        if self._relog_step is not None and step >= self._relog_step:
-            if step == self._relog_step and keys in self._top_keys:  # logged again: rewound now, and replaced below
-                self._relog_step = None
-                self._resume(folder, step)
-            elif step > self._relog_step:
-                self._relog_step = None
+        relog = self._relog
+        if relog is not None and step >= relog.step:
+            if step == relog.step and keys in self._top_keys:  # logged again: rewound now, and replaced below
+                self._relog = None
+                self._resume(folder, relog)
+            elif step > relog.step:
+                self._relog = None
         if self._top is None or step > self._top:
             self._top, self._top_keys = step, {keys}
         elif step == self._top:
             self._top_keys.add(keys)
-        if step == self._redo_step:
-            if keys not in self._redone:
-                self._redone.add(keys)
-                self._drop_records(folder, lambda at, found: at != step or found != keys)
+        holds = "epoch" in keys
+        epoch = _epoch_value(metrics["epoch"]) if holds else self._epoch_now
+        self._last_record = (step, epoch, holds)
+        if holds:
+            self._epoch_now = None if epoch is None else epoch + 1
+        redo = self._redo
+        if redo is not None and step == redo.step and keys not in self._redone:
+            self._redone.add(keys)
+            self._drop_records(folder, lambda at, found, epoch: (
+                at != step or found != keys or redo.place(at, epoch, "epoch" in found) != _AGAIN))
         return folder
 
-    def _drop_records(self, folder: str, keep: Callable[[int, frozenset[str]], bool]) -> int:
+    def _drop_records(self, folder: str, keep: Callable[[int, frozenset[str], int | None], bool]) -> int:
         """Drop from ``folder``'s files each record (one :meth:`log_metrics` call) for which ``keep(step,
-        its metric names)`` is false; return how many were dropped. Loggers without files have none."""
+        its metric names, its epoch)`` is false (its epoch as :func:`_record_epochs` tells it, None when
+        unknown); return how many were dropped. Loggers without files have none."""
         return 0
 
     def _write_hparams(self, hparams: dict[str, Any], metrics: dict[str, float] | None) -> None:
@@ -508,6 +531,83 @@ def _int_or_none(value: Any) -> int | None:
         return int(value)
     except (TypeError, ValueError):
         return None
+
+
+#: where a folder's record lies from a resumed fit's position (:meth:`_Position.place`): logged before it (kept),
+#: at it (kept, and replaced when the resumed fit logs the same metrics there again), or after it (dropped)
+_BEFORE, _AGAIN, _AFTER = 0, 1, 2
+
+
+class _Position(NamedTuple):
+    """Where a resumed fit goes on from (:meth:`RunDirLogger.resume_at`): its state's step, epoch and batch_index
+    (None: not told), and whether it finishes an epoch a fit cut by ``max_steps`` recorded at that step."""
+
+    step: int
+    epoch: int | None
+    batch_index: int | None
+    finishes_epoch: bool
+
+    @property
+    def fresh(self) -> bool:
+        """A fresh state's (step 0, epoch 0, batch 0): no record of the folder comes before it."""
+        return self.step == 0 and not self.epoch and not self.batch_index
+
+    def place(self, at: int, epoch: int | None, holds_epoch: bool) -> int:
+        """Where a record at step ``at``, logged in ``epoch`` (None: unknown), an epoch's record when it
+        ``holds_epoch``, lies from this position: ``_BEFORE``, ``_AGAIN`` or ``_AFTER``.
+
+        >>> at_epoch_2 = _Position(step=2, epoch=2, batch_index=0, finishes_epoch=False)
+        >>> [at_epoch_2.place(2, e, True) for e in (1, 2)], at_epoch_2.place(1, None, False)
+        ([0, 2], 0)
+        """
+        if self.fresh or at > self.step:
+            return _AFTER
+        if at < self.step:
+            return _BEFORE
+        if self.epoch is None or epoch is None:  # placed by the step alone
+            return _AFTER if holds_epoch and self.finishes_epoch else _AGAIN
+        if epoch < self.epoch:
+            return _BEFORE
+        if epoch > self.epoch or self.batch_index == 0 or (holds_epoch and self.finishes_epoch):
+            return _AFTER
+        return _AGAIN
+
+
+def _epoch_value(value: Any) -> int | None:
+    """An epoch record's ``epoch`` (a number, or its text in a CSV cell) as an int; None when it is not a count."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return int(number) if number.is_integer() and number >= 0 else None
+
+
+def _record_epochs(records: list[tuple[int | None, int | None, bool]]) -> list[int | None]:
+    """The epoch each of a file's records was logged in, from ``(its step, the epoch it holds, whether it holds
+    one)`` in file order: its own for an epoch's record; else that of the first epoch record after it among the
+    records at its step that follow it (the record that closed its epoch); else one more than that of the last
+    epoch record before it; else None (the file does not tell).
+
+    >>> _record_epochs([(1, None, False), (2, None, False), (2, 0, True), (2, None, False), (2, 1, True),
+    ...                 (2, None, False)])
+    [None, 0, 0, 1, 1, 2]
+    """
+    epochs: list[int | None] = [None] * len(records)
+    closing: int | None = None
+    for i in range(len(records) - 1, -1, -1):
+        at, epoch, holds = records[i]
+        if i + 1 < len(records) and records[i + 1][0] != at:
+            closing = None
+        if holds:
+            closing = epoch
+        epochs[i] = closing
+    opened: int | None = None
+    for i, (_, epoch, holds) in enumerate(records):
+        if holds:
+            opened = None if epoch is None else epoch + 1
+        elif epochs[i] is None:
+            epochs[i] = opened
+    return epochs
 
 
 def _write_json(path: str, obj: Any) -> None:
@@ -609,26 +709,52 @@ def _records(data: bytes) -> Iterator[tuple[bytes, bytes]]:
         at = end
 
 
-def _filter_event_file(
-    path: str, keep: Callable[[int, frozenset[str]], bool], last: dict[str, tuple[int, float]] | None = None
-) -> int:
-    """Rewrite the event file ``path`` without the events for which ``keep(step, their tags)`` is false
-    (the file's version header is always kept); return how many were dropped. ``last`` collects the
-    newest scalar kept of each tag, ``tag: (step, value)``."""
+def _events(data: bytes) -> Iterator[tuple[bytes, Any]]:
+    """Each whole event of an event file's bytes, as ``(framed record, Event)``; one that does not decode ends it."""
     from google.protobuf.message import DecodeError
     from tensorboardX.proto.event_pb2 import Event
 
+    for framed, body in _records(data):
+        try:
+            yield framed, Event.FromString(body)
+        except DecodeError:
+            return
+
+
+def _holds_scalars(event: Any) -> bool:
+    """Whether ``event`` is one :meth:`TensorBoardLogger.log_metrics` call's (scalars only): a record."""
+    return event.HasField("summary") and bool(event.summary.value) and all(
+        v.HasField("simple_value") for v in event.summary.value)
+
+
+def _scalar_records(path: str) -> list[tuple[int, int | None, bool]]:
+    """The event file ``path``'s records (:func:`_holds_scalars`), in order, as :func:`_record_epochs` reads them."""
+    with open(path, "rb") as f:
+        data = f.read()
+    out = []
+    for _, event in _events(data):
+        if _holds_scalars(event):
+            held = [v.simple_value for v in event.summary.value if v.tag == "epoch"]
+            out.append((event.step, _epoch_value(held[0]) if held else None, bool(held)))
+    return out
+
+
+def _filter_event_file(
+    path: str, keep: Callable[[int, frozenset[str], int | None], bool], last: dict[str, tuple[int, float]] | None = None,
+    epochs: Iterator[int | None] | None = None,
+) -> int:
+    """Rewrite the event file ``path`` without the events for which ``keep(step, their tags, their epoch)`` is
+    false (the file's version header is always kept); return how many were dropped. ``epochs`` gives, in order, the
+    epoch of each record (:func:`_scalar_records`); other events' is None. ``last`` collects the newest scalar kept
+    of each tag, ``tag: (step, value)``."""
     with open(path, "rb") as f:
         data = f.read()
     out, dropped, read = [], 0, 0
-    for framed, body in _records(data):
-        try:
-            event = Event.FromString(body)
-        except DecodeError:
-            break
+    for framed, event in _events(data):
         read += len(framed)
         tags = frozenset(v.tag for v in event.summary.value) if event.HasField("summary") else frozenset()
-        if not event.HasField("file_version") and not keep(event.step, tags):
+        epoch = next(epochs) if epochs is not None and _holds_scalars(event) else None
+        if not event.HasField("file_version") and not keep(event.step, tags, epoch):
             dropped += 1
             continue
         if last is not None:
@@ -756,11 +882,11 @@ class TensorBoardLogger(RunDirLogger):
         return self._writer
 
     def _add(self, summary: Any, step: int) -> None:
-        if self._file is None or self._resume_step is not None:
+        if self._file is None or self._resume_pos is not None:
             self.open()
         self._file.add(summary, step)  # type: ignore[union-attr]
 
-    def _resume(self, folder: str, step: int) -> None:
+    def _resume(self, folder: str, pos: _Position) -> None:
         for stale in os.listdir(folder):  # a rewrite a crash left unfinished (its file is whole: it was not replaced)
             if stale.startswith(".rewrite-"):
                 os.remove(os.path.join(folder, stale))
@@ -772,15 +898,16 @@ class TensorBoardLogger(RunDirLogger):
                     handle.close()
             self._file = self._writer = None
             self._earlier = _event_files(folder)
-        super()._resume(folder, step)
+        super()._resume(folder, pos)
         last = self._kept  # the newest value of each tag kept: the HPARAMS tab's metrics, as in the run unresumed
         self._last = {tag: value for tag, (_, value) in last.items() if not tag.startswith(_HPARAMS)}
         self._last_step = max((at for at, _ in last.values()), default=0)
-        self._purge_step = step + 1 if step else 0
+        self._purge_step = 0 if pos.fresh else pos.step + 1  # (TensorBoard purges by step alone)
 
-    def _drop_records(self, folder: str, keep: Callable[[int, frozenset[str]], bool]) -> int:
-        self._kept = {}
-        return sum(_filter_event_file(path, keep, self._kept) for path in self._earlier)
+    def _drop_records(self, folder: str, keep: Callable[[int, frozenset[str], int | None], bool]) -> int:
+        self._kept = {}  # (the records' epochs read over the files in name order: TensorBoard's, as they were written)
+        epochs = iter(_record_epochs([record for path in self._earlier for record in _scalar_records(path)]))
+        return sum(_filter_event_file(path, keep, self._kept, epochs) for path in self._earlier)
 
     def _write_metrics(self, metrics: dict[str, float], step: int) -> None:
         self._make_room(metrics, step)
@@ -847,7 +974,7 @@ class TensorBoardLogger(RunDirLogger):
             current = None if self._file is None else self._file.path
             earlier += [path for path in sorted(self._own) if path != current and path not in earlier and os.path.exists(path)]
         for path in earlier:
-            _filter_event_file(path, lambda step, tags: not any(t.startswith(_HPARAMS) for t in tags))
+            _filter_event_file(path, lambda step, tags, _: not any(t.startswith(_HPARAMS) for t in tags))
         self._summaries += 1
         flat = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in _flatten(self._hparams).items()}
         for summary in hparams_summary(flat, metrics):
@@ -896,7 +1023,7 @@ class CSVLogger(RunDirLogger):
                 )
         return self._columns
 
-    def _drop_records(self, folder: str, keep: Callable[[int, frozenset[str]], bool]) -> int:
+    def _drop_records(self, folder: str, keep: Callable[[int, frozenset[str], int | None], bool]) -> int:
         path = os.path.join(folder, self.filename)
         if not os.path.exists(path):
             return 0
@@ -908,11 +1035,15 @@ class CSVLogger(RunDirLogger):
         dropped = 0
         if rows and not text.endswith("\n"):  # the torn last row of a killed run
             rows, dropped = rows[:-1], 1
-        kept = []
+        records = []
         for row in rows:
-            at = _int_or_none(row[0] if row else "")
             keys = frozenset(header[i] for i, v in enumerate(row[1:len(header)], 1) if v != "")
-            if at is not None and not keep(at, keys):
+            epoch = _epoch_value(row[header.index("epoch")]) if "epoch" in keys else None
+            records.append((_int_or_none(row[0] if row else ""), keys, epoch))
+        kept = []
+        epochs = _record_epochs([(at, epoch, "epoch" in keys) for at, keys, epoch in records])
+        for row, (at, keys, _), epoch in zip(rows, records, epochs, strict=True):
+            if at is not None and not keep(at, keys, epoch):
                 dropped += 1
             else:
                 kept.append(row)
@@ -977,21 +1108,29 @@ class JSONLLogger(RunDirLogger):
 
     filename = "metrics.jsonl"
 
-    def _drop_records(self, folder: str, keep: Callable[[int, frozenset[str]], bool]) -> int:
+    def _drop_records(self, folder: str, keep: Callable[[int, frozenset[str], int | None], bool]) -> int:
         path = os.path.join(folder, self.filename)
         if not os.path.exists(path):
             return 0
         with open(path, encoding="utf-8") as f:
             lines = f.read().splitlines()
-        kept, dropped = [], 0
+        records, dropped = [], 0
         for line in lines:
             try:
                 record = json.loads(line)
             except ValueError:  # the torn last line of a killed run
                 dropped += 1
                 continue
-            at = _int_or_none(record.get("step")) if isinstance(record, dict) else None
-            if at is not None and not keep(at, frozenset(record) - {"step"}):
+            if not isinstance(record, dict):  # (a line this logger did not write: kept as it is)
+                records.append((line, None, frozenset(), None))
+                continue
+            keys = frozenset(record) - {"step"}
+            records.append((line, _int_or_none(record.get("step")), keys,
+                            _epoch_value(record["epoch"]) if "epoch" in keys else None))
+        kept = []
+        epochs = _record_epochs([(at, epoch, "epoch" in keys) for _, at, keys, epoch in records])
+        for (line, at, keys, _), epoch in zip(records, epochs, strict=True):
+            if at is not None and not keep(at, keys, epoch):
                 dropped += 1
             else:
                 kept.append(line)

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import threading
+import warnings
 
 import numpy as np
 import pytest
@@ -263,6 +264,92 @@ def test_resume_at_drops_the_torn_last_row_of_a_killed_csv_run(tmp_path):
     resumed.resume_at(2)
     resumed.log_metrics({"train/loss": 0.25}, 3)
     assert [(r["step"], r["train/loss"]) for r in read_csv(resumed.log_dir)[1]] == [("1", "1.0"), ("2", "0.5"), ("3", "0.25")]
+
+
+def _bumped(records):
+    """What a crashed run logged instead: other values (an epoch's record still of its epoch)."""
+    return [(step, {k: v if k == "epoch" else v + 1 for k, v in m.items()}) for step, m in records]
+
+
+_LOSS, _VAL = {"train/loss": 0.5}, {"val/acc": 0.25}
+
+
+@pytest.mark.parametrize(
+    "before, after, position",
+    [
+        # epochs 1 and 2 make no update: epochs 0, 1 and 2 validate and record at step 2; resumed at epoch 2's start
+        ([(1, _LOSS), (2, _LOSS), (2, _VAL), (2, {"epoch": 0.0, "train/loss_epoch": 0.7}), (2, _VAL), (2, {"epoch": 1.0})],
+         [(2, _VAL), (2, {"epoch": 2.0}), (3, _LOSS), (3, _VAL), (3, {"epoch": 3.0, "train/loss_epoch": 0.5})],
+         (2, 2, 0)),
+        # epoch 0 makes no update: it records at step 0; resumed at epoch 1's start (step 0, but no fresh run)
+        ([(0, _VAL), (0, {"epoch": 0.0})], [(1, _LOSS), (1, _VAL), (1, {"epoch": 1.0, "train/loss_epoch": 0.5})],
+         (0, 1, 0)),
+        # in epoch 1, which has made no update yet (step 2, as epoch 0's records): its rate at batch 0 was logged
+        # before the checkpoint, its validation after (logged again: it replaces the crashed run's, not epoch 0's)
+        ([(1, _LOSS), (2, _LOSS), (2, _VAL), (2, {"epoch": 0.0}), (2, {"lr": 0.1})],
+         [(2, _VAL), (2, {"epoch": 1.0}), (3, _LOSS)],
+         (2, 1, 1)),
+    ],
+)
+@pytest.mark.parametrize("same_logger", [False, True])
+@pytest.mark.parametrize("make", [CSVLogger, JSONLLogger, TensorBoardLogger])
+def test_resume_at_tells_the_epochs_that_share_a_step_apart(tmp_path, make, same_logger, before, after, position):
+    """Reference: the records logged once, straight. Epochs that make no update record at the step of the one before:
+    resumed at (step, epoch, batch_index), the records of the epochs before it at that step stay (those of the same
+    metrics were dropped when the resumed run logged its own there), and a resume at step 0 past epoch 0 is no fresh
+    run (epoch 0's records were dropped, with a warning). In a new logger after a restore, or the crashed one."""
+    straight = make(tmp_path / "a", "run", version=0)
+    _log_all(straight, before + after)
+    straight.finalize()
+    crashed = make(tmp_path / "b", "run", version=0)
+    _log_all(crashed, before + _bumped(after) + [(9, {"lr": 0.5})])
+    crashed.finalize()
+    resumed = crashed if same_logger else make(tmp_path / "b", "run", version=0)
+    resumed.resume_at(*position)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _log_all(resumed, after)
+    resumed.finalize()
+    assert _logged(resumed.log_dir, make) == _logged(straight.log_dir, make)
+
+
+@pytest.mark.parametrize("make", [CSVLogger, JSONLLogger, TensorBoardLogger])
+def test_a_folder_without_epoch_records_resumes_by_step_alone(tmp_path, make):
+    """A folder whose records hold no epoch (written before the loggers told epochs apart, or by a loop of one's own
+    without epoch records): resumed at a position with an epoch, its records at the step stay and those logged again
+    there are replaced, as before; those after it go. Reference: the uninterrupted run's file, written out."""
+    folder = tmp_path / "run" / "version_0"
+    folder.mkdir(parents=True)
+    head = [(1, {"train/loss": 1.0}), (2, {"train/loss": 0.5}), (2, {"lr": 0.1})]
+    if make is TensorBoardLogger:  # (its event files are as they were)
+        _log_all(make(tmp_path, "run", version=0), head + [(2, {"val/acc": 0.5}), (3, {"train/loss": 0.4})])
+        straight = make(tmp_path / "ref", "run", version=0)
+        _log_all(straight, head + [(2, {"val/acc": 0.25}), (3, {"train/loss": 0.3})])
+        straight.finalize()
+    elif make is CSVLogger:
+        crashed = "step,train/loss,lr,val/acc\n1,1.0,,\n2,0.5,,\n2,,0.1,\n2,,,0.5\n3,0.4,,\n"
+        straight = "step,train/loss,lr,val/acc\n1,1.0,,\n2,0.5,,\n2,,0.1,\n2,,,0.25\n3,0.3,,\n"
+    else:
+        rows = [{"step": 1, "train/loss": 1.0}, {"step": 2, "train/loss": 0.5}, {"step": 2, "lr": 0.1}]
+        crashed = "".join(json.dumps(r) + "\n" for r in rows + [{"step": 2, "val/acc": 0.5}, {"step": 3, "train/loss": 0.4}])
+        straight = "".join(json.dumps(r) + "\n" for r in rows + [{"step": 2, "val/acc": 0.25}, {"step": 3, "train/loss": 0.3}])
+    if make is not TensorBoardLogger:
+        (folder / make.filename).write_text(crashed)
+    resumed = make(tmp_path, "run", version=0)
+    resumed.resume_at(2, 1, 0)  # at epoch 1's start: the records at step 2, of no known epoch, are placed by step
+    _log_all(resumed, [(2, {"val/acc": 0.25}), (3, {"train/loss": 0.3})])
+    resumed.finalize()
+    if make is TensorBoardLogger:
+        assert _logged(str(folder), make) == _logged(straight.log_dir, make)
+    else:
+        assert (folder / make.filename).read_text() == straight
+
+
+def test_resume_at_refuses_an_epoch_or_batch_index_that_is_not_a_count(tmp_path):
+    for bad in (-1, True, 1.5, "3"):
+        for where in ({"epoch": bad}, {"batch_index": bad}):
+            with pytest.raises(ValueError, match=f"resume_at: {next(iter(where))} must be an int >= 0"):
+                CSVLogger(tmp_path).resume_at(2, **where)
 
 
 def test_resume_at_refuses_a_step_that_is_not_a_count(tmp_path):

@@ -153,8 +153,7 @@ class LoggingStep(WrapperStep):
             for logger in self.loggers:
                 resume_at = getattr(logger, "resume_at", None)
                 if resume_at is not None:
-                    # (a logger of one's own may take the step alone)
-                    resume_at(state.step, finishes_epoch=True) if finishes else resume_at(state.step)
+                    _resume_at(resume_at, state, finishes)
             self._log_unlogged(state)
             return
         if event == "validation_end":
@@ -218,6 +217,18 @@ class _ModelWatch:
     def after(self, new: TrainState) -> None:
         if self.due and new.step == self.step:
             self.log(new.model)
+
+
+def _resume_at(resume_at: Callable[..., Any], state: TrainState, finishes: bool) -> None:
+    """Tell a logger where a fit goes on from: ``resume_at(step, epoch, batch_index, finishes_epoch=...)`` (epochs
+    that made no update record at one step: the file loggers tell their records apart by epoch too), or, to a
+    logger of one's own that takes no epoch, ``resume_at(step)`` (``finishes_epoch=True`` when it is so)."""
+    try:
+        inspect.signature(resume_at).bind(state.step, state.epoch, state.batch_index, finishes_epoch=finishes)
+    except (TypeError, ValueError):  # (no room for them; a builtin without a signature)
+        resume_at(state.step, finishes_epoch=True) if finishes else resume_at(state.step)
+    else:
+        resume_at(state.step, state.epoch, state.batch_index, finishes_epoch=finishes)
 
 
 def _finalize(logger: Any, status: str) -> None:

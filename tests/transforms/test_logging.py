@@ -547,6 +547,90 @@ def test_a_run_cut_by_max_steps_and_resumed_into_its_folder_logs_what_the_uninte
     assert _logged_files(tmp_path / "b" / "run" / "version_0") == _logged_files(tmp_path / "a" / "run" / "version_0")
 
 
+class _Skipping:
+    """A loss_fn that skips the batches of the epochs in ``skipped`` (returns None: no update, as the step documents
+    for a skipped batch); the others get :func:`loss_with_mae`. Also a callback: the epoch, from ``on_epoch_start``."""
+
+    def __init__(self, skipped):
+        self.skipped, self.epoch = skipped, None
+
+    def on_epoch_start(self, state):
+        self.epoch = state.epoch
+
+    def __call__(self, model, batch):
+        return None if self.epoch in self.skipped else loss_with_mae(model, batch)
+
+
+class _CrashAtEpochEnd:
+    def __init__(self, epoch):
+        self.epoch = epoch
+
+    def on_epoch_end(self, state, metrics):
+        if metrics["epoch"] == self.epoch:
+            raise RuntimeError("crash")
+
+
+@pytest.mark.parametrize(
+    "skipped, crash, restored_at",
+    [
+        # epoch 0 makes no update: its record is at step 0; the resumed fit starts at (step 0, epoch 1), no fresh run
+        ((0,), _CrashAfter(0), (0, 1)),
+        # epochs 1 and 2 make no update: epochs 0, 1 and 2 record at step 2; resumed at (step 2, epoch 2), epoch 1's
+        # record and validation there stay (they were dropped as epoch 2's, of the same metrics, were logged again)
+        ((1, 2), _CrashAtEpochEnd(2), (2, 2)),
+    ],
+)
+def test_a_run_resumed_at_a_step_its_epochs_share_logs_what_the_uninterrupted_run_logs(
+    skipped, crash, restored_at, tmp_path, make_mlp, make_batches, make_sgd_state
+):
+    """Reference: the uninterrupted run's files. Epochs that make no update record at the step of the epoch before:
+    the loggers tell the resumed position by (step, epoch), keeping the records of the epochs before it at that step,
+    and a resume at step 0 past epoch 0 is no fresh run (no warning, nothing of epoch 0 dropped)."""
+    batches = make_batches(2)
+    evaluator = eval_step(mse_metric)
+
+    def fit(root, directory, state, callbacks=()):
+        loggers = [TensorBoardLogger(root, "run", version=0), CSVLogger(root, "run", version=0),
+                   JSONLLogger(root, "run", version=0)]
+        loss = _Skipping(skipped)
+        step = loopkit.with_checkpointing(with_logging(train_step(loss), *loggers, every_n_steps=1),
+                                          directory, every_n_epochs=1, keep_last=3)
+        run_epochs(step, state, batches, epochs=4, val=(evaluator, batches[:1]), callbacks=[loss, *callbacks],
+                   progress=False)
+
+    fit(tmp_path / "a", tmp_path / "ca", make_sgd_state(make_mlp()))
+    with pytest.raises(RuntimeError, match="crash"):
+        fit(tmp_path / "b", tmp_path / "cb", make_sgd_state(make_mlp()), [crash])
+    state = loopkit.restore(make_sgd_state(make_mlp()), tmp_path / "cb")
+    assert (state.step, state.epoch, state.batch_index) == (*restored_at, 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (no "earlier run" replaced)
+        fit(tmp_path / "b", tmp_path / "cb", state)
+    straight = _logged_files(tmp_path / "a" / "run" / "version_0")
+    assert _logged_files(tmp_path / "b" / "run" / "version_0") == straight
+    epochs_at = [json.loads(line)["epoch"] for line in straight[1].splitlines() if "epoch" in json.loads(line)]
+    assert epochs_at == [0, 1, 2, 3]  # (each epoch's record is there once)
+
+
+def test_with_logging_tells_a_logger_of_ones_own_the_step_alone_when_its_resume_at_takes_no_epoch(
+    make_mlp, make_batches, make_sgd_state
+):
+    """A logger's ``resume_at(step)`` of one's own still works; the file loggers' get the epoch and batch too."""
+
+    class StepOnly(MemoryLogger):
+        def resume_at(self, step):
+            self.told = (step,)
+
+    class Positioned(MemoryLogger):
+        def resume_at(self, step, epoch=None, batch_index=None, *, finishes_epoch=False):
+            self.told = (step, epoch, batch_index, finishes_epoch)
+
+    state = make_sgd_state(make_mlp()).evolve(step=3, epoch=1)
+    loggers = StepOnly(), Positioned()
+    run_epochs(with_logging(train_step(loss_with_mae), *loggers), state, make_batches(2), epochs=2, progress=False)
+    assert [lg.told for lg in loggers] == [(3,), (3, 1, 0, False)]
+
+
 def test_hyper_parameters_logged_before_a_fit_stay_and_a_new_folder_is_not_warned_about(tmp_path, make_mlp,
                                                                                       make_batches, make_sgd_state):
     """The README's way: TensorBoard's hparams logged, then with_logging(step, tb, csv): the CSV logger's rewind at
