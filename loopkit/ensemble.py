@@ -29,11 +29,13 @@ training mode and have the same settings (a convolution's stride, a norm's eps o
 a ``temperature`` the forward reads, a plain tensor attribute: the step runs member 0's modules for all), the same
 parameters must be frozen (``requires_grad``) in every member, and their optimizers must not need a closure (LBFGS);
 a donated step refuses a member changed since stacking in any of these (changed alike in every member, as when
-unfreezing a backbone, it trains on). Members pruned by ``torch.nn.utils.prune`` (each its own mask) train as their
-solo runs. A parameter the loss does not reach in a call keeps its ``.grad`` None, as in a solo run (no weight
-decay, momentum or optimizer state for it). :func:`unstack` copies the members out as independent
-states (for checkpoints, ``evaluate``, export); ``ensemble.members`` are views, usable as
-they are while the ensemble lives.
+unfreezing a backbone, it trains on; a ``_private`` value is compared by :func:`stack`, and so by a non-donated
+step, not between donated calls). A plain value the forward sets on a module (``self.seen = n``, a ``_private``
+call counter) reaches every member, as each member's solo forward sets it (one member at a time, members whose
+forwards set it otherwise are refused). Members pruned by ``torch.nn.utils.prune`` (each its own mask) train as
+their solo runs. A parameter the loss does not reach in a call keeps its ``.grad`` None, as in a solo run (no weight
+decay, momentum or optimizer state for it). :func:`unstack` copies the members out as independent states (for
+checkpoints, ``evaluate``, export); ``ensemble.members`` are views, usable as they are while the ensemble lives.
 
 >>> import torch
 >>> import loopkit
@@ -248,9 +250,8 @@ def _check_settings(model: nn.Module, first: nn.Module, k: int, where: str) -> N
 def _check_attributes(model: nn.Module, first: nn.Module, k: int, where: str, *, public: bool = False) -> None:
     """Refuse member ``k``'s ``model`` if a module's other values differ from member 0's: a tensor that is no
     parameter or buffer (a fixed random projection), a dict or list of such values, a ``_private`` number (but with
-    ``public``: the donated step's check between calls, where a forward's own ``_private`` counter, which runs on
-    member 0's modules, differs). The step runs member 0's modules, and so their values, for every member; other
-    objects (a tokenizer) are not compared."""
+    ``public``: the donated step's check between calls, which leaves ``_private`` values to :func:`stack`). The step
+    runs member 0's modules, and so their values, for every member; other objects (a tokenizer) are not compared."""
     for (name, module), other in zip(model.named_modules(), first.modules()):
         own, theirs = _other_values(module), _other_values(other)
         if public:
@@ -325,9 +326,45 @@ def _setting(module: nn.Module, attr: str) -> Any:
     return getattr(module, attr, _UNSET)
 
 
-def _all_settings(model: nn.Module) -> list[dict[str, Any]]:
-    """The settings (see :func:`_settings`) of each of ``model``'s modules, in ``modules()`` order."""
-    return [module_settings(module) for module in model.modules()]
+def _plain_values(module: nn.Module) -> dict[str, Any]:
+    """``module``'s plain values that a forward may set: its settings (see :func:`module_settings`) and its
+    ``_private`` plain values (a forward's own call counter), not its bookkeeping (``_is_full_backward_hook``)."""
+    return {name: value for name, value in vars(module).items()
+            if name not in _BOOKKEEPING and (type(value) in _SETTING_SCALARS or is_plain_setting(value))}
+
+
+def _snapshot(model: nn.Module) -> list[dict[str, Any]]:
+    """The plain values (see :func:`_plain_values`) of each of ``model``'s modules, in ``modules()`` order, as they are
+    now: lists copied (a forward that appends to one in place changes the module's, not the snapshot's). Per call:
+    one walk, scalars and tuples of scalars (a stride) taken as they are (immutable), the type checks first."""
+    snapshot = []
+    for module in model.modules():
+        values = {}
+        for name, value in vars(module).items():
+            kind = type(value)
+            if kind in _SETTING_SCALARS:
+                if name not in _BOOKKEEPING:
+                    values[name] = value
+            elif kind is tuple:
+                for item in value:
+                    if type(item) not in _SETTING_SCALARS:  # (a tuple holding a list, or a numpy scalar)
+                        if name not in _BOOKKEEPING and is_plain_setting(value):
+                            values[name] = copy.deepcopy(value)
+                        break
+                else:
+                    values[name] = value
+            elif name not in _BOOKKEEPING and is_plain_setting(value):
+                values[name] = _copy_plain(value)
+        snapshot.append(values)
+    return snapshot
+
+
+def _copy_plain(value: Any) -> Any:
+    """A plain value (see :func:`is_plain_setting`) that no in-place change of ``value`` reaches: lists copied, a
+    numpy scalar as it is."""
+    if type(value) is list:
+        return [v if type(v) in _SETTING_SCALARS else _copy_plain(v) for v in value]
+    return copy.deepcopy(value) if isinstance(value, (list, tuple)) else value  # (a list of a subclass, a namedtuple)
 
 
 def _check_unchanged(ensemble: Ensemble) -> None:
@@ -348,8 +385,8 @@ def _check_unchanged(ensemble: Ensemble) -> None:
 
 
 def _scan(model: nn.Module) -> tuple[list[dict[str, Any]], list[tuple[tuple[str, Any], ...]]]:
-    """``model``'s :func:`_all_settings` and values key (see :func:`_all_values`), in one walk of its modules (each
-    module's attributes sorted once: the step's checks cost per module and member)."""
+    """``model``'s settings (each module's :func:`module_settings`) and values key (see :func:`_all_values`), in one
+    walk of its modules (each module's attributes sorted once: the step's checks cost per module and member)."""
     settings, keys = [], []
     for module in model.modules():
         own = vars(module)
@@ -386,9 +423,10 @@ def _check_frozen(ensemble: Ensemble) -> None:
 def _check_values(ensemble: Ensemble, keys: tuple[list[tuple[tuple[str, Any], ...]], ...]) -> None:
     """Refuse the members (see :func:`_check_attributes`) if one's other public values (a plain tensor attribute, a
     dict of numbers) were changed since they were last checked and now differ from member 0's (a ``_private`` value
-    is :func:`stack`'s to compare only: between calls it may be the forward's own counter). Unchanged keys
-    (see :func:`_all_values`) are the common case: no values are compared then. Changed alike in every member, the
-    new keys are kept. ``keys``: each member's, now."""
+    is :func:`stack`'s to compare, and so a non-donated step's, which stacks its members again; comparing every
+    module's private values here would cost each call; a plain one the forward sets, a call counter, reaches every
+    member, see :func:`_copy_written`). Unchanged keys (see :func:`_all_values`) are the common case: no values are
+    compared then. Changed alike in every member, the new keys are kept. ``keys``: each member's, now."""
     if keys == ensemble._values:
         return
     for k, member in enumerate(ensemble.members[1:], 1):
@@ -445,23 +483,35 @@ def _differing_settings(model: nn.Module, reference: nn.Module) -> list[tuple[st
     return differing
 
 
-def _copy_written_settings(ensemble: Ensemble) -> None:
-    """Give every member the settings the forward set (or removed) on member 0's modules (``self.seen_len = n``).
+def _copy_written(ensemble: Ensemble, before: list[dict[str, Any]]) -> None:
+    """Give every member the plain values the forward set (or removed) on member 0's modules since ``before`` (their
+    :func:`_snapshot` before the call): a setting (``self.seen_len = n``) or a ``_private`` one (a call counter).
 
     The step runs member 0's modules for all, so only theirs changed; each member's own forward would have set the same
-    values (a plain value cannot depend on a member's tensors under vmap) on its own modules. Before the step every
-    member's settings equalled member 0's (checked), so the changes are where member 1's now differ."""
-    if len(ensemble.members) < 2 or _all_settings(ensemble.skeleton) == _all_settings(ensemble.members[1].model):
+    values (a plain value cannot depend on a member's tensors under vmap; one member at a time, members that set it
+    otherwise are refused) on its own modules. What the forward did not set stays each member's."""
+    if len(ensemble.members) < 2:
+        return
+    sources = list(ensemble.skeleton.modules())
+    after = [_plain_values(module) for module in sources]
+    if after == before:
         return  # (the common case: the forward set none)
-    written = _differing_settings(ensemble.skeleton, ensemble.members[1].model)
+    written = []
+    for i, (now, then) in enumerate(zip(after, before)):
+        if now != then:
+            attrs_ = {a for a in now.keys() | then.keys()
+                      if a not in now or a not in then or not _same(now[a], then[a])}
+            if attrs_:
+                written.append((i, attrs_))
     for member in ensemble.members[1:]:
-        modules = dict(member.model.named_modules())
-        for name, source, _, attrs_written in written:
-            for attr in attrs_written:
-                if attr in vars(source):
-                    setattr(modules[name], attr, copy.deepcopy(vars(source)[attr]))
-                elif attr in vars(modules[name]):
-                    delattr(modules[name], attr)
+        modules = list(member.model.modules())
+        for i, attrs_ in written:
+            source, target = vars(sources[i]), modules[i]
+            for attr in attrs_:
+                if attr in source:  # (a value, or what replaced it: a cache's tensor where None was)
+                    setattr(target, attr, copy.deepcopy(source[attr]))
+                elif attr in vars(target):
+                    delattr(target, attr)
 
 
 #: a module's standard attributes that hold no tensors (hooks, submodules, flags): :func:`_refuse_escaped` skips them
@@ -661,34 +711,39 @@ class EnsembleStep:
         if not isinstance(ensemble, Ensemble):
             raise TypeError(f"an ensemble step takes a loopkit.ensemble.Ensemble, got {type(ensemble).__qualname__}")
         ensemble.check_usable()
-        if not self.donated:
-            ensemble = stack(ensemble.members)  # checks the members again (a mode set since)
-            return self._update(ensemble, *self._gradients(ensemble, batch))
+        if not self.donated:  # checks the members again (a mode set since; their _private values too, see stack)
+            ensemble = stack(ensemble.members)
+            before = _snapshot(ensemble.skeleton)
+            return self._update(ensemble, before, *self._gradients(ensemble, batch, before))
         try:
             _check_unchanged(ensemble)
         except ValueError as error:
             leave_intact(error, ensemble)  # (refused before anything changed: fix the members and call again)
             raise
         versions = {n: t._version for n, t in ensemble.buffers.items()}
+        before = _snapshot(ensemble.skeleton)  # (what the forward sets on member 0's modules reaches every member)
         try:  # nothing of the ensemble changes in place before its members' update, as with loopkit.donate
-            grads, metrics, rngs = self._gradients(ensemble, batch)
+            grads, metrics, rngs = self._gradients(ensemble, batch, before)
         except BaseException as error:
             if any(t._version != versions[n] for n, t in ensemble.buffers.items()):
                 _consume(ensemble)  # the forward wrote a stacked buffer in place
             elif state_at_error(leave_intact(error, ensemble)) is not ensemble:  # (an exception without attributes)
                 _consume(ensemble)
             # else: the loss_fn's own exception, a loss or metric refused: fix the cause and call again
-            _copy_written_settings(ensemble)  # what the forward set stays set, as in a solo run (and members agree)
+            _copy_written(ensemble, before)  # what the forward set stays set, as in a solo run (and members agree)
             raise
         try:
-            return self._update(ensemble, grads, metrics, rngs)
+            return self._update(ensemble, before, grads, metrics, rngs)
         finally:  # the members' gradients and optimizer states change in place from here on, even if it fails
             _consume(ensemble)
 
-    def _gradients(self, ensemble: Ensemble, batch: Any) -> tuple[_Grads, dict[str, torch.Tensor], _RNGs]:
+    def _gradients(
+        self, ensemble: Ensemble, batch: Any, before: list[dict[str, Any]],
+    ) -> tuple[_Grads, dict[str, torch.Tensor], _RNGs]:
         """Every member's gradients and metrics, and the checks of the loss and buffers: nothing of the ensemble
-        changes in place here (but for a stacked buffer that a forward changes, which is refused, and a setting the
-        forward sets on member 0's modules, see :func:`_copy_written_settings`).
+        changes in place here (but for a stacked buffer that a forward changes, which is refused, and a plain value the
+        forward sets on member 0's modules, see :func:`_copy_written`). ``before``: member 0's modules' plain values
+        before the call (see :func:`_snapshot`), from which each member's forward starts when they run one at a time.
 
         Vmapped, the gradients come stacked (``{name: [K, ...]}``) and the RNGs as None (nothing drew). A loss_fn
         that draws random numbers runs one member at a time (see :func:`_one_member_at_a_time`): the gradients come
@@ -713,10 +768,7 @@ class EnsembleStep:
         versions = {n: t._version for n, t in ensemble.buffers.items()}  # a buffer changed in place bumps its own
         rngs = None
         try:
-            alone = None  # one member: no other member's copy holds its settings as before a failed vmapped attempt
             if not (self.draws_random or self.unbatchable):
-                if len(ensemble) == 1:
-                    alone = _all_settings(ensemble.skeleton)
                 vmapped = torch.func.vmap(torch.func.grad(member_loss, has_aux=True), randomness="error")
                 try:
                     grads, metrics = vmapped(trained, fixed)
@@ -731,9 +783,8 @@ class EnsembleStep:
                     else:
                         raise
             if self.draws_random or self.unbatchable:
-                if alone is not None:
-                    _restore_settings(ensemble.skeleton, alone)
-                grads, metrics, rngs = _one_member_at_a_time(ensemble, member_loss, trained, fixed, reached, where)
+                grads, metrics, rngs = _one_member_at_a_time(
+                    ensemble, member_loss, trained, fixed, reached, where, before)
         finally:  # (a loss_fn that raised left them too: the ensemble stays usable)
             _refresh_rnn_weights(ensemble.skeleton)
         _refuse_escaped(ensemble.skeleton, where)
@@ -756,11 +807,12 @@ class EnsembleStep:
         return grads, metrics, rngs  # (one member at a time: each member's own, dropped per member already)
 
     def _update(
-        self, ensemble: Ensemble, grads: _Grads, metrics: dict[str, torch.Tensor], rngs: _RNGs = None,
+        self, ensemble: Ensemble, before: list[dict[str, Any]], grads: _Grads, metrics: dict[str, torch.Tensor],
+        rngs: _RNGs = None,
     ) -> tuple[Ensemble, dict[str, torch.Tensor]]:
-        """Each member's optimizer (and scheduler) step, in place (and the settings the forward set, see
-        :func:`_copy_written_settings`); ``grads`` and ``rngs`` as :meth:`_gradients` gives them."""
-        _copy_written_settings(ensemble)
+        """Each member's optimizer (and scheduler) step, in place (and the plain values the forward set since
+        ``before``, see :func:`_copy_written`); ``grads`` and ``rngs`` as :meth:`_gradients` gives them."""
+        _copy_written(ensemble, before)
         names = list(ensemble.params)
         members = []
         stacked_grads = [grads.get(name) for name in names] if rngs is None else None  # None: a frozen parameter
@@ -827,26 +879,26 @@ def _warn_unbatchable(where: str, error: RuntimeError, k: int) -> None:
 
 def _one_member_at_a_time(
     ensemble: Ensemble, member_loss: Callable[..., Any], trained: Mapping[str, torch.Tensor],
-    fixed: Mapping[str, torch.Tensor], reached: list[set[str]], where: str,
+    fixed: Mapping[str, torch.Tensor], reached: list[set[str]], where: str, before: list[dict[str, Any]],
 ) -> tuple[list[dict[str, torch.Tensor]], dict[str, torch.Tensor], list[Mapping[str, torch.Tensor]]]:
     """Each member's gradients (those its loss reached), the metrics stacked (``[K]``), and each member's advanced RNG:
     ``torch.func.grad`` of ``member_loss`` on member ``k``'s slice of ``trained`` and ``fixed``, with member ``k``'s
     RNG installed as torch's default generators around it, as a solo :func:`loopkit.train_step` installs its state's
     (so its dropout draws its solo run's masks). A member whose state draws from the global RNG (``rng`` empty)
     draws from it, members in order. Nothing of the ensemble changes here: the RNGs come back, the caller's global
-    RNG is put back, also when ``loss_fn`` raises."""
+    RNG is put back, also when ``loss_fn`` raises.
+
+    Each member's forward starts from ``before``, member 0's modules' plain values before this call (see
+    :func:`_snapshot`), as its solo forward would, not from what a failed vmapped attempt or the member before set (a
+    call counter, a list a forward appends to); a plain value the members' forwards set otherwise (a ``_private`` one
+    too) is refused (see :func:`_settings_diverged`), the modules' values put back first."""
     grad = torch.func.grad(member_loss, has_aux=True)
-    # member 1's settings are member 0's as they were before this call (checked): each member's forward starts from
-    # them, as its solo forward would, not from what a failed vmapped attempt or the member before set (a list a
-    # forward appends to); one member alone has no such copy (the caller put back what a failed attempt set)
-    before = _all_settings(ensemble.members[1].model) if len(ensemble) > 1 else None
     first = next(iter(ensemble.params.values()))
     cuda_index = _cuda_index(first.device) if first.is_cuda else None
     grads, rows, rngs = [], [], []
     written: list[dict[str, Any]] | None = None  # the settings member 0's forward left (each member's must match)
     for k, member in enumerate(ensemble.members):
-        if before is not None:
-            _restore_settings(ensemble.skeleton, before)
+        _restore_settings(ensemble.skeleton, before)
         scope = RNGScope(member.rng, cuda_index, member.seed)
         try:
             own, row = grad({n: t[k] for n, t in trained.items()}, {n: t[k] for n, t in fixed.items()})
@@ -854,13 +906,12 @@ def _one_member_at_a_time(
             scope.discard()
             raise
         rngs.append(scope.close())
-        if before is not None:
-            after = _all_settings(ensemble.skeleton)
-            if written is None:
-                written = after
-            elif not _same_settings(after, written):
-                _restore_settings(ensemble.skeleton, before)
-                raise ValueError(_settings_diverged(ensemble.skeleton, where, k, written, after))
+        after = _snapshot(ensemble.skeleton)
+        if written is None:
+            written = after
+        elif not _same_settings(after, written):
+            _restore_settings(ensemble.skeleton, before)
+            raise ValueError(_settings_diverged(ensemble.skeleton, where, k, written, after))
         grads.append({n: g for n, g in own.items() if n in reached[-1]})
         if rows and row.keys() != rows[0].keys():
             raise ValueError(
@@ -873,7 +924,7 @@ def _one_member_at_a_time(
 
 
 def _same_settings(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> bool:
-    """Whether two :func:`_all_settings` lists are alike, value by value as :func:`_same` compares (NaN alike)."""
+    """Whether two :func:`_snapshot` lists are alike, value by value as :func:`_same` compares (NaN alike)."""
     return len(a) == len(b) and all(
         x.keys() == y.keys() and all(_same(x[k], y[k]) for k in x) for x, y in zip(a, b)
     )
@@ -893,10 +944,10 @@ def _settings_diverged(model: nn.Module, where: str, k: int, first: list[dict[st
 
 
 def _restore_settings(model: nn.Module, settings: list[dict[str, Any]]) -> None:
-    """Give ``model``'s modules ``settings`` (see :func:`_all_settings`; copies of them), and remove the settings they
+    """Give ``model``'s modules ``settings`` (see :func:`_snapshot`; copies of them), and remove the plain values they
     lack: undo what a forward set (modules aligned: the same structure)."""
     for module, own in zip(model.modules(), settings):
-        now = module_settings(module)
+        now = _plain_values(module)
         if now == own:  # (the common case)
             continue
         for attr in now.keys() - own.keys():

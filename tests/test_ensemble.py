@@ -1414,18 +1414,20 @@ class _CountsCalls(nn.Module):
 
 
 class _PeakNormalized(nn.Module):
-    """Divides by the largest output it has seen, a plain float read with ``.item()``: each member's own value."""
+    """Divides by the largest output it has seen, a plain float read with ``.item()``: each member's own value, kept
+    in the attribute ``attr`` (public, or ``_private``)."""
 
-    def __init__(self, seed):
+    def __init__(self, seed, attr="peak"):
         super().__init__()
         torch.manual_seed(seed)
         self.lin = nn.Linear(4, 1)
-        self.peak = 1.0
+        self.attr = attr
+        setattr(self, attr, 1.0)
 
     def forward(self, x):
         out = self.lin(x)
-        self.peak = max(self.peak, out.detach().abs().max().item())
-        return out / self.peak
+        setattr(self, self.attr, max(getattr(self, self.attr), out.detach().abs().max().item()))
+        return out / getattr(self, self.attr)
 
 
 def _members(cls, k):
@@ -1448,21 +1450,24 @@ def test_a_forwards_own_private_counter_is_not_taken_for_a_member_changed_since_
             assert torch.allclose(p, q, rtol=1e-6, atol=1e-7)
 
 
-def test_members_run_one_at_a_time_whose_forwards_set_a_setting_each_its_own_are_refused_the_ensemble_usable():
+@pytest.mark.parametrize("attr", ["peak", "_peak"])
+def test_members_run_one_at_a_time_whose_forwards_set_a_setting_each_its_own_are_refused_the_ensemble_usable(attr):
     """One member at a time (``.item()``: vmap cannot run it), a forward may set a plain value from its own member's
     outputs; every member shares member 0's modules, so the value of the last member ran was every member's next:
-    members but the last left their solo runs, silently. Refused now, naming the value, before any update."""
+    members but the last left their solo runs, silently. Refused now, naming the value, before any update; a
+    ``_private`` value too (it was not compared: the last member's silently became every member's)."""
     loss_fn = lambda m, b: ((m(b[0]) - b[1]) ** 2).mean()  # noqa: E731
     generator = torch.Generator().manual_seed(0)
     batch = (torch.randn(8, 4, generator=generator) * 3, torch.randn(8, 1, generator=generator))
-    ens, step = ensemble.stack(_members(_PeakNormalized, 3)), ensemble.train_step(loss_fn, donated=True)
+    make = functools.partial(_PeakNormalized, attr=attr)
+    ens, step = ensemble.stack(_members(make, 3)), ensemble.train_step(loss_fn, donated=True)
     before = [p.detach().clone() for p in ens.members[1].model.parameters()]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # (that it runs one member at a time)
-        with pytest.raises(ValueError, match=r"set 'peak' of module \(model\) to .* for member 1 and .* for member 0"):
+        with pytest.raises(ValueError, match=rf"set '{attr}' of module \(model\) to .* for member 1 and .* for member 0"):
             step(ens, batch)
     assert all(torch.equal(p, q) for p, q in zip(ens.members[1].model.parameters(), before))
-    assert ens.skeleton.peak == 1.0  # (the settings as before the call)
+    assert getattr(ens.skeleton, attr) == 1.0  # (the settings as before the call)
 
 
 @pytest.mark.parametrize("k", [1, 2])
@@ -1515,3 +1520,95 @@ def test_one_member_at_a_time_takes_a_setting_every_member_sets_to_nan_alike():
         solo, _ = loopkit.train_step(loss_fn)(solo, batch)
         for p, q in zip(solo.model.parameters(), ens.members[k].model.parameters()):
             assert torch.allclose(p, q, rtol=1e-6, atol=1e-7)
+
+
+def _warm_up_members(k):
+    return _members(functools.partial(_CountsCalls, counter="_calls"), k)
+
+
+def _four_batches():
+    generator = torch.Generator().manual_seed(0)
+    return [(torch.randn(8, 4, generator=generator), torch.randn(8, 1, generator=generator)) for _ in range(4)]
+
+
+def _assert_members_are_their_solo_runs(ens, loss_fn, batches):
+    """Each member of ``ens`` (K ``_CountsCalls`` counting in ``_calls``, trained on ``batches``), as it is, unstacked
+    and stacked again, is its solo run's model: the same count, parameters and outputs (the output is scaled by the
+    count: min(1, calls / 10))."""
+    alone, again = ensemble.unstack(ens), ensemble.stack(list(ens.members))  # (refused before: member 1's count was 0)
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(1))
+    for k, solo in enumerate(_warm_up_members(len(ens))):
+        for batch in batches:
+            solo, _ = loopkit.train_step(loss_fn)(solo, batch)
+        models = {"member": ens.members[k].model, "unstacked": alone[k].model, "stacked again": again.members[k].model}
+        for name, model in models.items():
+            assert model._calls == solo.model._calls == len(batches), f"{name} {k}"
+            for p, q in zip(solo.model.parameters(), model.parameters()):
+                torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7, msg=f"{name} {k}")
+        with torch.no_grad():  # (each model counts this call too)
+            expected = solo.model(x)
+            for name, model in models.items():
+                torch.testing.assert_close(model(x), expected, rtol=1e-6, atol=1e-7, msg=f"{name} {k}'s output")
+
+
+@pytest.mark.parametrize("donated", [False, True])
+def test_a_forwards_own_private_counter_reaches_every_member_as_in_its_solo_run(donated):
+    """Under vmap only member 0's modules run the forward, and only the public values it set reached the other
+    members: members 1 and 2 kept ``_calls == 0``, so each, used alone after training (``members[k]``, ``unstack``),
+    scaled its output by 0 where its solo run's scales it by 0.4; the trained members did not stack again, and the
+    default, non-donated step (which stacks its members again) refused them at its second call. Reference: each
+    member's solo run."""
+    loss_fn = lambda m, b: ((m(b[0]) - b[1]) ** 2).mean()  # noqa: E731
+    batches = _four_batches()
+    ens, step = ensemble.stack(_warm_up_members(3)), ensemble.train_step(loss_fn, donated=donated)
+    for batch in batches:
+        ens, _ = step(ens, batch)
+    _assert_members_are_their_solo_runs(ens, loss_fn, batches)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("donated", [False, True])
+def test_one_member_at_a_time_keeps_each_members_private_counter_as_its_solo_run(donated, k):
+    """One member at a time (``.item()``: vmap cannot run it), a ``_private`` counter was neither put back before
+    each member's forward nor given to the other members: member 0's counted the refused vmapped attempt and every
+    member's call (16 after 5 steps of 3 members) and the others' stayed 0, so no member followed its solo run.
+    Reference: each member's solo run."""
+    def loss_fn(model, batch):
+        loss = ((model(batch[0]) - batch[1]) ** 2).mean()
+        if loss.item() > 1e6:
+            raise FloatingPointError("diverged")
+        return loss
+
+    batches = _four_batches()
+    ens, step = ensemble.stack(_warm_up_members(k)), ensemble.train_step(loss_fn, donated=donated)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # (that it runs one member at a time)
+        for batch in batches:
+            ens, _ = step(ens, batch)
+    assert step.unbatchable
+    _assert_members_are_their_solo_runs(ens, loss_fn, batches)
+
+
+class _CountsInADict(nn.Module):
+    """Counts its calls in a ``_private`` dict, changed in place: no plain value, which the step does not give the
+    other members."""
+
+    def __init__(self, seed):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.lin = nn.Linear(4, 1)
+        self._stats = {"calls": 0}
+
+    def forward(self, x):
+        self._stats["calls"] += 1
+        return self.lin(x)
+
+
+def test_the_default_step_refuses_members_left_apart_by_a_private_value_the_forward_changes_in_place():
+    """The non-donated step stacks its members again, comparing their ``_private`` values as stack does: a dict the
+    forward changes in place, on member 0's modules only, leaves the others' stale, which it refuses at the next call
+    rather than train members whose models alone are not their solo runs' (plain values reach every member)."""
+    ens, step = ensemble.stack(_members(_CountsInADict, 2)), ensemble.train_step(lambda m, b: m(b).pow(2).mean())
+    ens, _ = step(ens, torch.ones(8, 4))
+    with pytest.raises(ValueError, match=r"member 1's module \(model\) \(_CountsInADict\) has another '_stats'"):
+        step(ens, torch.ones(8, 4))
