@@ -22,7 +22,8 @@ import torch
 
 __all__ = [
     "active", "agree_max", "any_rank", "check_same", "differs_from_rank_zero", "failure", "fold", "from_rank_zero",
-    "gather", "is_rank_zero", "mean_over_ranks", "means", "rank_and_size", "read", "ready", "sum_dtype",
+    "gather", "is_rank_zero", "max_over_ranks", "mean_over_ranks", "means", "rank_and_size", "read", "ready",
+    "sum_dtype",
 ]
 
 
@@ -174,15 +175,26 @@ def any_rank(flag: bool, what: str = "the ranks' agreement (an all-reduce)", who
     >>> any_rank(True), any_rank(False)
     (True, False)
     """
+    return bool(max_over_ranks(int(flag), what, who))
+
+
+def max_over_ranks(value: int, what: str = "the ranks' agreement (an all-reduce)", who: str = "run_epochs") -> int:
+    """The largest of every rank's ``value`` (a small int: several flags in one all-reduce), a collective every
+    rank must call at the same point; ``value`` alone outside a process group. A failed all-reduce (another rank
+    died) raises :func:`failure`'s error, naming ``who``, ``what`` and this rank.
+
+    >>> max_over_ranks(2)
+    2
+    """
     if not active():
-        return flag
+        return value
     device = torch.device("cuda", torch.cuda.current_device()) if torch.distributed.get_backend() == "nccl" else None
-    value = torch.tensor(int(flag), device=device)
+    told = torch.tensor(int(value), device=device)
     try:
-        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+        torch.distributed.all_reduce(told, op=torch.distributed.ReduceOp.MAX)
     except RuntimeError as error:  # (gloo's "Connection closed by peer", NCCL's timeout: DistBackendError)
         raise failure(who, what, error) from error
-    return bool(value.item())
+    return int(told.item())
 
 
 def from_rank_zero(value: int) -> int:

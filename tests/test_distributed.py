@@ -804,3 +804,44 @@ def test_a_stop_shared_over_the_ranks_leaves_a_read_only_should_stop_as_it_is(tm
     refuses: rank 1 raised and rank 0 waited for the timeout. Both ranks now stop at step 3."""
     _spawn_and_join(_read_only_stop_worker, (_free_port(), str(tmp_path)))
     assert [torch.load(os.path.join(tmp_path, f"rank{r}.pt"))["step"] for r in (0, 1)] == [3, 3]
+
+
+class _TwoLocalMetrics(loopkit.Callback):
+    """Two metrics of the rank's own shard: both improve on rank 0; on rank 1 ``val/a`` worsens from the first
+    validation on, ``val/b`` from the third."""
+
+    def on_validation_end(self, state, metrics):
+        e = float(state.epoch)
+        return {"val/a": -e if distributed.rank() == 0 else e,
+                "val/b": -e if distributed.rank() == 0 or e < 3 else e}
+
+
+def _later_stop_worker(rank: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    distributed.init(rank=rank, world_size=2, master_port=port, timeout=30)
+    try:
+        data = ddp.make_data(ddp.STEPS)
+        first, later = (loopkit.EarlyStopping(m, patience=0, mode="min") for m in ("val/a", "val/b"))
+        metric = loopkit.eval_step(lambda m, b: {"mse": ddp.mse(m, b)})
+        _, history = loopkit.run_epochs(
+            loopkit.with_ddp(loopkit.train_step(ddp.mse)), ddp.sgd_state(ddp.make_model(seed=0)),
+            [data[i, rank] for i in range(ddp.STEPS)], epochs=8, min_epochs=4, val=(metric, [data[0, rank]]),
+            callbacks=[_TwoLocalMetrics(), first, later], sanity_val_batches=0, progress=False)
+        torch.save({"epochs": len(history), "said": [(s.should_stop, s.stopped_epoch, s.stopping_reason.name)
+                                                     for s in (first, later)]}, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        distributed.shutdown()
+
+
+@pytest.mark.slow
+def test_a_stop_asked_on_one_rank_while_min_epochs_holds_an_earlier_one_reaches_every_ranks_copy_too(tmp_path,
+                                                                                                    bare_env):
+    """The stops were shared once a fit, at the first check where a rank asked: a second EarlyStopping that asked on
+    rank 1 alone while min_epochs held the first one's stop said "not stopped" on rank 0 (whose copy logs and
+    saves). Every rank's copy of each now says it stopped, at the epoch rank 1's did, and why."""
+    _spawn_and_join(_later_stop_worker, (_free_port(), str(tmp_path)))
+    ranks = [torch.load(os.path.join(tmp_path, f"rank{r}.pt")) for r in (0, 1)]
+    assert ranks[0]["epochs"] == ranks[1]["epochs"] == 4  # (held until min_epochs)
+    for found in ranks:
+        assert found["said"] == [(True, 1, "PATIENCE_EXHAUSTED"), (True, 2, "PATIENCE_EXHAUSTED")]
+
