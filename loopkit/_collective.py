@@ -213,17 +213,30 @@ def from_rank_zero(value: int) -> int:
 
 
 def check_same(values: Mapping[str, object], what: str) -> None:
-    """Raise ``RuntimeError`` naming the first rank whose ``values`` differ from rank 0's (a collective every
-    rank must call at the same point); nothing outside a process group.
+    """Raise ``RuntimeError`` naming the first rank whose ``values`` differ from rank 0's, and the values that
+    differ (all of them where the ranks have other keys): a collective every rank must call at the same point;
+    nothing outside a process group.
 
     >>> check_same({"step": 3}, "run_epochs")
     """
     if not active():
         return
-    gathered: list[object] = gather(dict(values))  # type: ignore[assignment]
+    gathered: list[dict[str, object]] = gather(dict(values))  # type: ignore[assignment]
     for rank, other in enumerate(gathered):
         if other != gathered[0]:
-            raise RuntimeError(f"{what}: rank {rank} has {other}, rank 0 has {gathered[0]}")
+            raise RuntimeError(f"{what}: rank {rank} has {_unlike(other, gathered[0])}, "
+                               f"rank 0 has {_unlike(gathered[0], other)}")
+
+
+def _unlike(values: dict[str, object], others: dict[str, object]) -> dict[str, object]:
+    """The items of ``values`` that ``others`` holds otherwise; all of them where the two have other keys.
+
+    >>> _unlike({"a": 1, "b": 2}, {"a": 1, "b": 3}), _unlike({"a": 1}, {"b": 1})
+    ({'b': 2}, {'a': 1})
+    """
+    if values.keys() != others.keys():
+        return values
+    return {key: value for key, value in values.items() if value != others[key]}
 
 
 def _reduce_device(sums: Mapping[str, torch.Tensor]) -> torch.device:

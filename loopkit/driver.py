@@ -1274,6 +1274,19 @@ def _loggers_of(step: Any) -> list[str]:
     return found
 
 
+def _agreed_options(step: Any) -> dict[str, Any]:
+    """The step's :attr:`loopkit.steps.Step.rank_agreed` as a dict (an option a transform applied twice has, the
+    second time, its count in its key: ``"with_nan_guard policy (2)"``)."""
+    found: dict[str, Any] = {}
+    for option, value in getattr(step, "rank_agreed", ()):
+        key, n = option, 1
+        while key in found:
+            n += 1
+            key = f"{option} ({n})"
+        found[key] = value
+    return found
+
+
 def _stop_key(callback: Any) -> str:
     """What tells a callback apart from the others of its rank, and finds it on the other ranks."""
     key = getattr(callback, "state_key", None)
@@ -1739,6 +1752,12 @@ def run_epochs(
                            "rank must make the same collectives at the same points (wrap the step alike on every rank, "
                            "with the same loggers: with_logging and with_checkpointing write on rank 0 alone by "
                            "themselves)")
+    # ... at the same steps: what decides where a transform makes one (with_logging's every_n_steps, with_grad_accum's
+    # every), each transform's agreed_options
+    _collective.check_same(_agreed_options(step),
+                           "run_epochs: the ranks have other options of the transforms that make collectives, and "
+                           "every rank must make them at the same steps (give each transform the same options on "
+                           "every rank)")
     if validates:  # (a shard empty on this rank: fine if another rank's holds data; decided by every rank alike)
         _refuse_val_empty_on_every_rank(val_sets.names(), empty_val)  # type: ignore[union-attr]
     parallel = next((t for t in ("with_ddp", "with_fsdp") if t in step.applied), None)
