@@ -22,7 +22,8 @@ import torch
 
 __all__ = [
     "active", "agree_max", "any_rank", "check_same", "differs_from_rank_zero", "failure", "fold", "from_rank_zero",
-    "gather", "is_rank_zero", "mean_over_ranks", "means", "rank_and_size", "read", "ready", "sum_dtype",
+    "gather", "is_rank_zero", "max_over_ranks", "mean_over_ranks", "means", "rank_and_size", "read", "ready",
+    "sum_dtype",
 ]
 
 
@@ -174,15 +175,26 @@ def any_rank(flag: bool, what: str = "the ranks' agreement (an all-reduce)", who
     >>> any_rank(True), any_rank(False)
     (True, False)
     """
+    return bool(max_over_ranks(int(flag), what, who))
+
+
+def max_over_ranks(value: int, what: str = "the ranks' agreement (an all-reduce)", who: str = "run_epochs") -> int:
+    """The largest of every rank's ``value`` (a small int: several flags in one all-reduce), a collective every
+    rank must call at the same point; ``value`` alone outside a process group. A failed all-reduce (another rank
+    died) raises :func:`failure`'s error, naming ``who``, ``what`` and this rank.
+
+    >>> max_over_ranks(2)
+    2
+    """
     if not active():
-        return flag
+        return value
     device = torch.device("cuda", torch.cuda.current_device()) if torch.distributed.get_backend() == "nccl" else None
-    value = torch.tensor(int(flag), device=device)
+    told = torch.tensor(int(value), device=device)
     try:
-        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+        torch.distributed.all_reduce(told, op=torch.distributed.ReduceOp.MAX)
     except RuntimeError as error:  # (gloo's "Connection closed by peer", NCCL's timeout: DistBackendError)
         raise failure(who, what, error) from error
-    return bool(value.item())
+    return int(told.item())
 
 
 def from_rank_zero(value: int) -> int:
@@ -201,17 +213,30 @@ def from_rank_zero(value: int) -> int:
 
 
 def check_same(values: Mapping[str, object], what: str) -> None:
-    """Raise ``RuntimeError`` naming the first rank whose ``values`` differ from rank 0's (a collective every
-    rank must call at the same point); nothing outside a process group.
+    """Raise ``RuntimeError`` naming the first rank whose ``values`` differ from rank 0's, and the values that
+    differ (all of them where the ranks have other keys): a collective every rank must call at the same point;
+    nothing outside a process group.
 
     >>> check_same({"step": 3}, "run_epochs")
     """
     if not active():
         return
-    gathered: list[object] = gather(dict(values))  # type: ignore[assignment]
+    gathered: list[dict[str, object]] = gather(dict(values))  # type: ignore[assignment]
     for rank, other in enumerate(gathered):
         if other != gathered[0]:
-            raise RuntimeError(f"{what}: rank {rank} has {other}, rank 0 has {gathered[0]}")
+            raise RuntimeError(f"{what}: rank {rank} has {_unlike(other, gathered[0])}, "
+                               f"rank 0 has {_unlike(gathered[0], other)}")
+
+
+def _unlike(values: dict[str, object], others: dict[str, object]) -> dict[str, object]:
+    """The items of ``values`` that ``others`` holds otherwise; all of them where the two have other keys.
+
+    >>> _unlike({"a": 1, "b": 2}, {"a": 1, "b": 3}), _unlike({"a": 1}, {"b": 1})
+    ({'b': 2}, {'a': 1})
+    """
+    if values.keys() != others.keys():
+        return values
+    return {key: value for key, value in values.items() if value != others[key]}
 
 
 def _reduce_device(sums: Mapping[str, torch.Tensor]) -> torch.device:

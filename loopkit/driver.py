@@ -1143,7 +1143,7 @@ class _Hooks:
         self.callbacks = list(callbacks)
         self.min_epochs, self.min_steps = min_epochs, min_steps
         self.stop_asked = False  # a callback asked to stop at the last check, while the minimum was not met
-        self.stop_shared = False  # under DDP: the callbacks that asked on some rank were told on every rank
+        self.shared: set[str] = set()  # under DDP: the callbacks (their keys) whose stop every rank's copy was told
         # a callback whose stop the minimum does not hold off (a pruned trial's) could ask while one waits
         self.overriding = any(getattr(cb, "stops_before_minimum", False) for cb in self.callbacks)
         # Callback's own no-op on_batch_end is left out: a batch then calls no hook and reads no should_stop
@@ -1206,12 +1206,11 @@ class _Hooks:
 
     def stops(self, state: TrainState) -> bool:
         """Whether the fit stops at ``state``: a callback asks to, and the minimum is met. A collective under
-        DDP (see :attr:`should_stop`), but while a stop asked for waits for the minimum (``stop_asked``)."""
+        DDP (see :meth:`_vote`), but while a stop asked for waits for the minimum (``stop_asked``)."""
         if self.stop_asked and not self.may_stop(state) and not self.overriding:
             return False  # (the answer until the minimum is met, whatever the callbacks say meanwhile)
-        asked = self.should_stop
-        if asked and not self.stop_shared and _collective.active():  # (agreed: every rank comes here at once)
-            self.stop_shared = True
+        asked, unshared = self._vote()
+        if unshared:  # (agreed: every rank shares, at the same check)
             self._share_stop(state)
         if self.min_epochs is None and self.min_steps is None:
             return asked
@@ -1222,16 +1221,32 @@ class _Hooks:
         return _collective.any_rank(any(getattr(cb, "should_stop", False) and getattr(cb, "stops_before_minimum", False)
                                         for cb in self.callbacks))
 
+    def _unshared(self) -> list[Any]:
+        """The callbacks of this rank that ask to stop and whose stop the other ranks' copies were not told yet."""
+        return [cb for cb in self.callbacks if getattr(cb, "should_stop", False) and _stop_key(cb) not in self.shared]
+
+    def _vote(self) -> tuple[bool, bool]:
+        """Whether a callback asks to stop, on any rank, and whether one asks whose stop the other ranks' copies have
+        not been told (:meth:`_share_stop` is due): the same on every rank, one collective under DDP, which
+        ``run_epochs`` makes at the same points on every rank, whatever callbacks each rank has (per batch when
+        any rank has a batch hook)."""
+        if not _collective.active():
+            return any(getattr(cb, "should_stop", False) for cb in self.callbacks), False
+        vote = 2 if self._unshared() else int(any(getattr(cb, "should_stop", False) for cb in self.callbacks))
+        agreed = _collective.max_over_ranks(vote, "the ranks' vote on the callbacks' should_stop")
+        return agreed > 0, agreed == 2
+
     def _share_stop(self, state: TrainState) -> None:
-        """Under DDP, once the ranks agree to stop: tell each callback that asked on some rank only (an
-        ``EarlyStopping`` on a rank's own metric, a ``Timer``) its stop on every rank, as Lightning's
-        ``EarlyStopping`` reduces its decision over the ranks: rank 0's, which logs and saves, says why it stopped
-        (``should_stop``, and what :meth:`stop_agreed` takes: ``stopped_epoch``, the reason), so that a fit relaunched
-        from its checkpoint stops as this one did. A callback is matched on other ranks by its ``state_key`` (else
-        its class); a collective, made once a fit."""
-        asked = [(_stop_key(cb), getattr(cb, "stop_record", lambda: None)())
-                 for cb in self.callbacks if getattr(cb, "should_stop", False)]
+        """Under DDP, at the first check where a callback asks to stop on some rank and not on every rank's copy
+        yet (an ``EarlyStopping`` on a rank's own metric, a ``Timer``; one that asks later, while ``min_epochs``
+        holds the stop, too): tell it its stop on every rank, as Lightning's ``EarlyStopping`` reduces its decision
+        over the ranks: rank 0's, which logs and saves, says why it stopped (``should_stop``, and what
+        :meth:`stop_agreed` takes: ``stopped_epoch``, the reason), so that a fit relaunched from its checkpoint
+        stops as this one did. A callback is matched on other ranks by its ``state_key`` (else its class); a
+        collective, made on every rank at the same check (:meth:`_vote` says when), once for each new ask."""
+        asked = [(_stop_key(cb), getattr(cb, "stop_record", lambda: None)()) for cb in self._unshared()]
         told = {key: record for found in _collective.gather(asked) for key, record in found}  # type: ignore[union-attr]
+        self.shared.update(told)
         for cb in self.callbacks:
             key = _stop_key(cb)
             if key not in told or getattr(cb, "should_stop", False):
@@ -1245,15 +1260,6 @@ class _Hooks:
                 except AttributeError:  # (a read-only should_stop of one's own: it says what it says; the fit stops)
                     pass
 
-    @property
-    def should_stop(self) -> bool:
-        """Whether a callback asks to stop, on any rank (under DDP every rank stops at the same batch).
-
-        Under DDP a collective: ``run_epochs`` asks it at the same points on every rank, whatever
-        callbacks each rank has (per batch when any rank has a batch hook)."""
-        return _collective.any_rank(any(getattr(cb, "should_stop", False) for cb in self.callbacks),
-                                    "the ranks' vote on the callbacks' should_stop")
-
 
 #: transforms that make no collective: a rank may apply one the others do not (profile rank 0 alone)
 _RANK_LOCAL = frozenset({"with_profiler", "with_compile"})
@@ -1265,6 +1271,19 @@ def _loggers_of(step: Any) -> list[str]:
     while step is not None:
         found += [type(logger).__qualname__ for logger in getattr(step, "loggers", ())]
         step = getattr(step, "inner", None)
+    return found
+
+
+def _agreed_options(step: Any) -> dict[str, Any]:
+    """The step's :attr:`loopkit.steps.Step.rank_agreed` as a dict (an option a transform applied twice has, the
+    second time, its count in its key: ``"with_nan_guard policy (2)"``)."""
+    found: dict[str, Any] = {}
+    for option, value in getattr(step, "rank_agreed", ()):
+        key, n = option, 1
+        while key in found:
+            n += 1
+            key = f"{option} ({n})"
+        found[key] = value
     return found
 
 
@@ -1733,6 +1752,12 @@ def run_epochs(
                            "rank must make the same collectives at the same points (wrap the step alike on every rank, "
                            "with the same loggers: with_logging and with_checkpointing write on rank 0 alone by "
                            "themselves)")
+    # ... at the same steps: what decides where a transform makes one (with_logging's every_n_steps, with_grad_accum's
+    # every), each transform's agreed_options
+    _collective.check_same(_agreed_options(step),
+                           "run_epochs: the ranks have other options of the transforms that make collectives, and "
+                           "every rank must make them at the same steps (give each transform the same options on "
+                           "every rank)")
     if validates:  # (a shard empty on this rank: fine if another rank's holds data; decided by every rank alike)
         _refuse_val_empty_on_every_rank(val_sets.names(), empty_val)  # type: ignore[union-attr]
     parallel = next((t for t in ("with_ddp", "with_fsdp") if t in step.applied), None)

@@ -137,6 +137,19 @@ class Step:
         """Names of the transforms applied to this step, innermost first."""
         return ()
 
+    @property
+    def rank_agreed(self) -> tuple[tuple[str, Any], ...]:
+        """The options of the applied transforms that decide when the step makes a collective, as
+        ``("<transform> <option>", value)`` pairs, innermost first (``("with_logging every_n_steps", 50)``): under
+        ``torch.distributed`` every rank must hold the same, or one rank reaches a collective the others do not
+        (``run_epochs`` compares them when a fit starts). Each transform declares its own, as its
+        ``agreed_options`` (a mapping of option to value).
+
+        >>> train_step(lambda m, b: None).rank_agreed
+        ()
+        """
+        return ()
+
     def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
         if self.donated and type(state) is TrainState and not state._consumed:  # _invoke's donated path, inline
             try:
@@ -347,6 +360,15 @@ class FnStep(Step):
         return (getattr(self.fn, "__qualname__", type(self.fn).__qualname__),)
 
 
+def _agreed(transform: str, options: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
+    """``transform``'s ``options`` as :attr:`Step.rank_agreed`'s pairs.
+
+    >>> _agreed("with_logging", {"every_n_steps": 5})
+    (('with_logging every_n_steps', 5),)
+    """
+    return tuple((f"{transform} {option}", value) for option, value in options.items())
+
+
 @attrs.frozen(eq=False)
 class WrapperStep(Step):
     """Base of whole-step transforms: runs ``inner`` in place, then does its own work.
@@ -376,6 +398,15 @@ class WrapperStep(Step):
     @property
     def applied(self) -> tuple[str, ...]:
         return self.inner.applied + (self.name,)
+
+    @property
+    def agreed_options(self) -> Mapping[str, Any]:
+        """This transform's options that decide when it makes a collective (see :attr:`Step.rank_agreed`): none."""
+        return {}
+
+    @property
+    def rank_agreed(self) -> tuple[tuple[str, Any], ...]:
+        return self.inner.rank_agreed + _agreed(self.name, self.agreed_options)
 
     def run_(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
         new, metrics = self.inner.run_(state, batch)
@@ -835,6 +866,22 @@ class TrainStep(Step):
     @property
     def applied(self) -> tuple[str, ...]:
         return ("train_step",) + self.transforms
+
+    @property
+    def rank_agreed(self) -> tuple[tuple[str, Any], ...]:
+        """See :attr:`Step.rank_agreed`: the accumulation's factor (or schedule), and the ``agreed_options`` of the
+        precision, the gradient transforms and the data-parallel hook.
+
+        >>> train_step(lambda m, b: None).with_transform("with_grad_accum", accum_every=4).rank_agreed
+        (('with_grad_accum every', 4),)
+        """
+        found: tuple[tuple[str, Any], ...] = ()
+        if "with_grad_accum" in self.transforms:
+            found = (("with_grad_accum every", dict(self.accum_schedule) if self.accum_schedule else self.accum_every),)
+        for part in (self.precision, *self.micro, *self.update, self.sync):
+            if part is not None:
+                found += _agreed(part.name, getattr(part, "agreed_options", {}))
+        return found
 
     def every_at(self, epoch: int) -> int:
         """The accumulation factor in epoch ``epoch`` (``with_grad_accum``'s ``every``, or its schedule's).

@@ -804,3 +804,92 @@ def test_a_stop_shared_over_the_ranks_leaves_a_read_only_should_stop_as_it_is(tm
     refuses: rank 1 raised and rank 0 waited for the timeout. Both ranks now stop at step 3."""
     _spawn_and_join(_read_only_stop_worker, (_free_port(), str(tmp_path)))
     assert [torch.load(os.path.join(tmp_path, f"rank{r}.pt"))["step"] for r in (0, 1)] == [3, 3]
+
+
+class _TwoLocalMetrics(loopkit.Callback):
+    """Two metrics of the rank's own shard: both improve on rank 0; on rank 1 ``val/a`` worsens from the first
+    validation on, ``val/b`` from the third."""
+
+    def on_validation_end(self, state, metrics):
+        e = float(state.epoch)
+        return {"val/a": -e if distributed.rank() == 0 else e,
+                "val/b": -e if distributed.rank() == 0 or e < 3 else e}
+
+
+def _later_stop_worker(rank: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    distributed.init(rank=rank, world_size=2, master_port=port, timeout=30)
+    try:
+        data = ddp.make_data(ddp.STEPS)
+        first, later = (loopkit.EarlyStopping(m, patience=0, mode="min") for m in ("val/a", "val/b"))
+        metric = loopkit.eval_step(lambda m, b: {"mse": ddp.mse(m, b)})
+        _, history = loopkit.run_epochs(
+            loopkit.with_ddp(loopkit.train_step(ddp.mse)), ddp.sgd_state(ddp.make_model(seed=0)),
+            [data[i, rank] for i in range(ddp.STEPS)], epochs=8, min_epochs=4, val=(metric, [data[0, rank]]),
+            callbacks=[_TwoLocalMetrics(), first, later], sanity_val_batches=0, progress=False)
+        torch.save({"epochs": len(history), "said": [(s.should_stop, s.stopped_epoch, s.stopping_reason.name)
+                                                     for s in (first, later)]}, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        distributed.shutdown()
+
+
+@pytest.mark.slow
+def test_a_stop_asked_on_one_rank_while_min_epochs_holds_an_earlier_one_reaches_every_ranks_copy_too(tmp_path,
+                                                                                                    bare_env):
+    """The stops were shared once a fit, at the first check where a rank asked: a second EarlyStopping that asked on
+    rank 1 alone while min_epochs held the first one's stop said "not stopped" on rank 0 (whose copy logs and
+    saves). Every rank's copy of each now says it stopped, at the epoch rank 1's did, and why."""
+    _spawn_and_join(_later_stop_worker, (_free_port(), str(tmp_path)))
+    ranks = [torch.load(os.path.join(tmp_path, f"rank{r}.pt")) for r in (0, 1)]
+    assert ranks[0]["epochs"] == ranks[1]["epochs"] == 4  # (held until min_epochs)
+    for found in ranks:
+        assert found["said"] == [(True, 1, "PATIENCE_EXHAUSTED"), (True, 2, "PATIENCE_EXHAUSTED")]
+
+
+def _unlike_options_worker(rank: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    distributed.init(rank=rank, world_size=2, master_port=port, timeout=30)
+    mine = (lambda zero, one: zero if rank == 0 else one)
+    base = loopkit.with_ddp(loopkit.train_step(ddp.mse))
+    cases = {
+        "log": lambda: loopkit.with_logging(base, loopkit.CSVLogger(os.path.join(out, "logs")),
+                                            every_n_steps=mine(2, 3)),
+        "ckpt": lambda: loopkit.with_checkpointing(base, os.path.join(out, "ckpt"), every_n_epochs=mine(1, 2)),
+        "accum": lambda: loopkit.with_ddp(loopkit.with_grad_accum(loopkit.train_step(ddp.mse), every=mine(2, 3))),
+        # the same options on every rank, with_profiler on rank 0 alone: trains
+        "alike": lambda: mine(lambda s: loopkit.with_profiler(s, os.path.join(out, "prof"), wait=0, warmup=0, active=1),
+                              lambda s: s)(loopkit.with_logging(base, loopkit.CSVLogger(os.path.join(out, "logs2")),
+                                                                every_n_steps=2)),
+    }
+    data = ddp.make_data(ddp.STEPS)
+    found = {}
+    try:
+        for name, make in cases.items():
+            started = time.monotonic()
+            try:
+                state, _ = loopkit.run_epochs(make(), ddp.sgd_state(ddp.make_model(seed=0)),
+                                              [data[i, rank] for i in range(ddp.STEPS)], epochs=1, progress=False)
+                found[name] = {"step": state.step}
+            except RuntimeError as error:
+                found[name] = {"error": str(error), "seconds": time.monotonic() - started}
+        torch.save(found, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        distributed.shutdown()
+
+
+@pytest.mark.slow
+def test_transform_options_that_differ_between_ranks_are_refused_at_once_naming_them(tmp_path, bare_env):
+    """The fit-start check compared the transforms' names alone: with_logging(every_n_steps=2) on rank 0 and 3 on
+    rank 1 (a log point's means), with_checkpointing's every_n_epochs (a save's gather), with_grad_accum's every
+    (the gradients' all-reduce) made collectives at other steps, and both ranks waited for the process group's
+    timeout. Refused when the fit starts, on every rank, naming the option and both values."""
+    _spawn_and_join(_unlike_options_worker, (_free_port(), str(tmp_path)), seconds=90)
+    named = {"log": "'with_logging every_n_steps': 3}, rank 0 has {'with_logging every_n_steps': 2}",
+             "ckpt": "'with_checkpointing every_n_epochs': 2}, rank 0 has {'with_checkpointing every_n_epochs': 1}",
+             "accum": "'with_grad_accum every': 3}, rank 0 has {'with_grad_accum every': 2}"}
+    for r in (0, 1):
+        found = torch.load(os.path.join(tmp_path, f"rank{r}.pt"))
+        for case, values in named.items():
+            assert "the ranks have other options of the transforms" in found[case]["error"], (r, case, found[case])
+            assert f"rank 1 has {{{values}" in found[case]["error"] and found[case]["seconds"] < 10
+        assert found["alike"] == {"step": ddp.STEPS}

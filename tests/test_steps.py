@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import loopkit
+from loopkit.steps import as_step
 
 N_STEPS = 5
 
@@ -941,3 +942,24 @@ def test_a_bfloat16_model_trains_as_a_raw_bfloat16_loop_lightnings_bf16_true(tmp
             assert a.dtype == torch.bfloat16 and torch.equal(a, b)
     assert restored.optimizer.state_dict()["state"][0]["exp_avg"].dtype == torch.bfloat16
     assert history[-1]["step"] == 6
+
+
+def test_rank_agreed_lists_each_transforms_options_that_decide_its_collectives(tmp_path):
+    """What run_epochs compares over the ranks when a fit starts (a rank whose log point or save falls at other steps
+    would wait in a collective the others never reach): each transform's own, innermost first; a transform that makes
+    no collective (with_profiler, with_grad_clip) adds none, so a rank may apply it alone."""
+    core = loopkit.with_nan_guard(loopkit.with_grad_accum(loopkit.with_amp(
+        loopkit.train_step(lambda m, b: m(b).sum()), torch.bfloat16), every={0: 2, 3: 4}), policy="raise")
+    step = loopkit.with_checkpointing(loopkit.with_logging(loopkit.with_grad_clip(core, max_norm=1.0),
+                                                           loopkit.ConsoleLogger(), every_n_steps=7),
+                                      tmp_path, every_n_epochs=2, monitor="val/loss")
+    assert step.rank_agreed == (
+        ("with_grad_accum every", {0: 2, 3: 4}), ("with_amp dtype", "torch.bfloat16"),
+        ("with_nan_guard policy", "raise"),
+        ("with_logging every_n_steps", 7),
+        ("with_checkpointing every_n_steps", None), ("with_checkpointing every_n_epochs", 2),
+        ("with_checkpointing monitor", "val/loss"))
+    profiled = loopkit.with_profiler(step, tmp_path / "prof", wait=0, warmup=0, active=1)
+    assert profiled.rank_agreed == step.rank_agreed
+    assert loopkit.train_step(lambda m, b: m(b).sum()).rank_agreed == ()
+    assert as_step(lambda s, b: (s, {})).rank_agreed == ()

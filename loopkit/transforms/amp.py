@@ -53,6 +53,16 @@ class Amp:
         return self.dtype == torch.float16
 
     @property
+    def agreed_options(self) -> dict[str, Any]:
+        """Under DDP a float16 update's skip is agreed over the ranks (a collective), a bfloat16 one makes none
+        (see :attr:`loopkit.steps.Step.rank_agreed`).
+
+        >>> Amp(torch.float16).agreed_options
+        {'dtype': 'torch.float16'}
+        """
+        return {"dtype": str(self.dtype)}
+
+    @property
     def metric_names(self) -> tuple[str, ...]:
         """The metrics it reports: a float16 update's ``amp/skipped``."""
         return ("amp/skipped",) if self.scales_loss else ()

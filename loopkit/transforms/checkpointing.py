@@ -122,6 +122,12 @@ class CheckpointStep(UpdateStep):
     def name(self) -> str:
         return "with_checkpointing"
 
+    @property
+    def agreed_options(self) -> Mapping[str, Any]:
+        """What decides where it saves: under DDP a save gathers every rank's running means, a collective (see
+        :attr:`loopkit.steps.Step.rank_agreed`)."""
+        return {"every_n_steps": self.every_n_steps, "every_n_epochs": self.every_n_epochs, "monitor": self.monitor}
+
     # Saving after steps -------------------------------------------------------------------
 
     def run_(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:

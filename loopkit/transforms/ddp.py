@@ -43,6 +43,12 @@ _NO_GROUP = (
 )
 
 
+#: the ``DistributedDataParallel`` options every rank must give alike (:attr:`DDPSync.agreed_options`), with the
+#: value torch takes for one not given
+_AGREED_DEFAULTS: Mapping[str, Any] = types.MappingProxyType(
+    {"broadcast_buffers": True, "find_unused_parameters": False, "bucket_cap_mb": None, "static_graph": False})
+
+
 class DDPSync:
     """The data-parallel hook of a :class:`loopkit.TrainStep` (its ``sync`` field).
 
@@ -70,6 +76,20 @@ class DDPSync:
         self._model: weakref.ref | None = None
         self._ddp: DistributedDataParallel | None = None
         self._sync_first = False  # a static graph's first backward must all-reduce (DDP records the graph then)
+
+    @property
+    def agreed_options(self) -> dict[str, Any]:
+        """The ``DistributedDataParallel`` options that decide its collectives (a buffers' broadcast before each
+        forward, the unused parameters' all-reduce, the buckets' sizes, a static graph's first backward) and the
+        comm hook's name: every rank must give the same (see :attr:`loopkit.steps.Step.rank_agreed`).
+
+        >>> DDPSync({"find_unused_parameters": True}).agreed_options["find_unused_parameters"]
+        True
+        """
+        agreed = {option: self.options.get(option, default) for option, default in _AGREED_DEFAULTS.items()}
+        hook = self.comm_hook
+        agreed["comm_hook"] = None if hook is None else getattr(hook, "__qualname__", type(hook).__qualname__)
+        return agreed
 
     @property
     def grads_are_views(self) -> bool:

@@ -103,6 +103,17 @@ class FSDPSync:
         self.broadcast_buffers = broadcast_buffers
         self._model: weakref.ref | None = None
 
+    @property
+    def agreed_options(self) -> dict[str, Any]:
+        """``broadcast_buffers`` (a broadcast before each group's forward) and ``reshard_after_forward`` (the
+        backward's all-gathers): every rank must give the same (see :attr:`loopkit.steps.Step.rank_agreed`).
+
+        >>> FSDPSync((), {"reshard_after_forward": False}).agreed_options
+        {'broadcast_buffers': True, 'reshard_after_forward': False}
+        """
+        return {"broadcast_buffers": self.broadcast_buffers,
+                "reshard_after_forward": self.options.get("reshard_after_forward", True)}
+
     def wraps(self, model: nn.Module) -> bool:
         """Whether ``model`` is sharded already by this hook (:meth:`module` then changes nothing of it).
 

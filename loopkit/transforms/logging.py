@@ -102,6 +102,11 @@ class LoggingStep(WrapperStep):
         return "with_logging"
 
     @property
+    def agreed_options(self) -> Mapping[str, Any]:
+        """A log point's means are a collective, made every ``every_n_steps`` updates (see :attr:`Step.rank_agreed`)."""
+        return {"every_n_steps": self.every_n_steps}
+
+    @property
     def returns_fresh_state(self) -> bool:  # type: ignore[override]
         return self.inner.returns_fresh_state  # its own new states are fresh; its loggers keep none
 

@@ -47,6 +47,16 @@ class NanGuard:
         return self.policy == "skip"
 
     @property
+    def agreed_options(self) -> dict[str, Any]:
+        """Under DDP a skip is agreed once an update, a raise at the loss and at the gradients (collectives; see
+        :attr:`loopkit.steps.Step.rank_agreed`).
+
+        >>> NanGuard("raise").agreed_options
+        {'policy': 'raise'}
+        """
+        return {"policy": self.policy}
+
+    @property
     def restores_buffers_on_raise(self) -> bool:
         """A raising guard puts back what the refused call's forward wrote into the buffers (``train_step`` copies them
         before each forward): BatchNorm statistics of a NaN batch would be NaN in the state left whole."""
