@@ -1221,6 +1221,14 @@ class _Hooks:
         return _collective.any_rank(any(getattr(cb, "should_stop", False) and getattr(cb, "stops_before_minimum", False)
                                         for cb in self.callbacks))
 
+    def share_stops(self, state: TrainState) -> None:
+        """Under DDP, tell every rank's copy of a callback the stop it asked for on some rank since the last check
+        (:meth:`_share_stop`): at an epoch's end, before the counters go into the state that the epoch's checkpoint
+        holds, as Lightning's ``EarlyStopping`` reduces its decision where it makes it. One collective on every rank
+        (whatever callbacks each has); nothing in one process."""
+        if _collective.active() and self._vote()[1]:
+            self._share_stop(state)
+
     def _unshared(self) -> list[Any]:
         """The callbacks of this rank that ask to stop and whose stop the other ranks' copies were not told yet."""
         return [cb for cb in self.callbacks if getattr(cb, "should_stop", False) and _stop_key(cb) not in self.shared]
@@ -2008,7 +2016,9 @@ def run_epochs(
                         _add_epoch_extras(record, cb, cb.on_epoch_end(state, dict(record)))
                 superseded.add(state)
                 if exhausted:  # an epoch cut short keeps the counters from before its on_epoch_end: the run that
-                    state = hooks.keep(state)  # finishes it calls on_epoch_end for it again, as the whole run does once
+                    # finishes it calls on_epoch_end for it again, as the whole run does once; under DDP, a stop
+                    hooks.share_stops(state)  # asked on one rank at the epoch's end: every copy (rank 0's) holds it
+                    state = hooks.keep(state)
                 if validated:  # after every callback of the epoch: a checkpoint taken now holds all their counters
                     step.notify("validation_end", state, last_val)
                 step.notify("epoch_end", state, EpochRecord(record, validated=last_val))

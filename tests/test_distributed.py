@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 
 import pytest
 import torch
@@ -844,6 +845,45 @@ def test_a_stop_asked_on_one_rank_while_min_epochs_holds_an_earlier_one_reaches_
     assert ranks[0]["epochs"] == ranks[1]["epochs"] == 4  # (held until min_epochs)
     for found in ranks:
         assert found["said"] == [(True, 1, "PATIENCE_EXHAUSTED"), (True, 2, "PATIENCE_EXHAUSTED")]
+
+
+def _stop_held_by_checkpoint_worker(rank: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    distributed.init(rank=rank, world_size=2, master_port=port, timeout=30)
+    try:
+        data = ddp.make_data(ddp.STEPS)
+        batches = [data[i, rank] for i in range(ddp.STEPS)]
+        metric = loopkit.eval_step(lambda m, b: {"mse": ddp.mse(m, b)})
+        found = {}
+        folder = os.path.join(out, "checkpoints")
+        stopper = loopkit.EarlyStopping("val/a", patience=0, mode="min")  # (asks on rank 1 at the second epoch's end)
+        step = loopkit.with_checkpointing(loopkit.with_ddp(loopkit.train_step(ddp.mse)), folder, every_n_epochs=1)
+        _, history = loopkit.run_epochs(step, ddp.sgd_state(ddp.make_model(seed=0)), batches, epochs=4,
+                                        val=(metric, [data[0, rank]]), callbacks=[_TwoLocalMetrics(), stopper],
+                                        sanity_val_batches=0, progress=False)
+        newest = loopkit.restore(ddp.sgd_state(ddp.make_model(seed=0)), folder)
+        held = newest.extras["callbacks/" + stopper.state_key]
+        again = loopkit.EarlyStopping("val/a", patience=0, mode="min")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (the restored callback that asks to stop at once: said so)
+            _, relaunched = loopkit.run_epochs(step, newest, batches, epochs=4, val=(metric, [data[0, rank]]),
+                                               callbacks=[_TwoLocalMetrics(), again], sanity_val_batches=0,
+                                               progress=False)
+        torch.save({"epochs": len(history), "step": newest.step, "held": held["should_stop"],
+                    "relaunched": len(relaunched)}, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        distributed.shutdown()
+
+
+@pytest.mark.slow
+def test_a_stop_asked_on_one_rank_at_a_validation_is_held_by_the_checkpoint_saved_there(tmp_path, bare_env):
+    """A stop rank 1's EarlyStopping asked at an epoch's validation was told to rank 0's copy at the next loop check,
+    after the epoch's checkpoint: rank 0's checkpoint (every rank restores it) said "not stopped", and a fit
+    relaunched from it trained on. It is now told before the callbacks' counters are kept."""
+    _spawn_and_join(_stop_held_by_checkpoint_worker, (_free_port(), str(tmp_path)), seconds=90)
+    for r in (0, 1):  # (as one process whose EarlyStopping asked holds it: stopped after 2 epochs, and says so)
+        found = torch.load(os.path.join(tmp_path, f"rank{r}.pt"))
+        assert found == {"epochs": 2, "step": 2 * ddp.STEPS, "held": True, "relaunched": 0}, (r, found)
 
 
 def _unlike_options_worker(rank: int, port: int, out: str) -> None:
