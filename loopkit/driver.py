@@ -310,8 +310,17 @@ def _batch_size(batch: Any) -> int:
     """The length of the batch's first tensor with a batch dimension, depth first through mappings,
     lists, tuples and dataclasses (a collated tuple of strings or a 0-dim tensor before it does not
     count), else as an object of one's own says (a ``collate_fn``'s batch class: :func:`_own_batch_size`);
-    1 when there is none."""
-    found = next((int(t.shape[0]) for t in tensors(batch) if t.ndim > 0), None)
+    1 when there is none. Tensors that disagree get a warning, as Lightning's ``extract_batch_size`` gives: the
+    means may be weighted by a size that is not the batch's (a ``lengths`` tensor before the inputs)."""
+    sizes = [int(t.shape[0]) for t in tensors(batch) if t.ndim > 0]
+    found = sizes[0] if sizes else None
+    if found is not None and any(size != found for size in sizes):
+        warnings.warn(
+            f"the batch's tensors differ in their first dimension ({sorted(set(sizes))}): its size, which weights the "
+            f"validation and evaluate means, is taken from the first one ({found}); put a tensor of the batch's "
+            "samples first (or a batch class of one's own with a __len__), or the means are weighted wrongly",
+            stacklevel=3,
+        )
     if found is None and not isinstance(batch, (torch.Tensor, str, bytes)) and hasattr(batch, "__dict__"):
         found = _own_batch_size(batch)
     return 1 if found is None else found
@@ -391,7 +400,7 @@ def evaluate(
     """Run ``eval_step`` over ``data``; return each metric's mean weighted by batch size.
 
     The batch size is the length of the first tensor in the batch (a batch without a tensor,
-    a list of strings, counts as one). The sums stay on the device until the end, where they
+    a list of strings, counts as one; tensors of other lengths get a warning, as in Lightning). The sums stay on the device until the end, where they
     are read once. No means (data that yields no batch, unless ``limit=0`` asked for none)
     gives ``{}`` with a warning.
 

@@ -665,6 +665,26 @@ def test_evaluate_weights_by_the_first_tensor_with_a_batch_dimension(collate):
     assert got["mean"] == pytest.approx(x.mean().item(), rel=1e-7)  # 3.0; equal weights would give 4.25
 
 
+def test_evaluate_warns_when_the_batchs_tensors_disagree_on_its_size_as_lightning_does():
+    """A ``lengths`` tensor of 2 before 3 samples weighted the batch by 2 with no word (Lightning's
+    extract_batch_size warns of an ambiguous collection). The mean is still the first tensor's weighting, now
+    with a warning naming the sizes; a batch whose tensors agree gets none."""
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(4, 3, generator=g), torch.randn(4, 1, generator=g)
+    data = [{"lens": torch.tensor([1, 2]), "x": x[:3], "y": y[:3]}, {"lens": torch.tensor([1, 2]), "x": x[3:], "y": y[3:]}]
+    step = eval_step(lambda m, b: {"mse": mse(m, (b["x"], b["y"]))})
+    state = make_state()
+    with pytest.warns(UserWarning, match=r"the batch's tensors differ in their first dimension \(\[2, 3\]\): .* "
+                                         r"taken from the first one \(2\)"):
+        got = evaluate(step, state, data)
+    with torch.no_grad():
+        per_batch = [((state.model(b["x"]) - b["y"]) ** 2).mean().item() for b in data]
+    assert got["mse"] == pytest.approx((per_batch[0] * 2 + per_batch[1] * 2) / 4, rel=1e-6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        evaluate(step, state, [{"x": b["x"], "y": b["y"]} for b in data])
+
+
 @pytest.mark.parametrize("limit, batches", [(2, 2), (0.5, 2), (0.75, 3), (None, 4)])
 def test_evaluate_limit(limit, batches):
     data = make_data(4)
