@@ -355,8 +355,12 @@ def snapshot(
     >>> import torch
     >>> from loopkit.state import TrainState
     >>> state = TrainState.create(torch.nn.Linear(1, 1))
-    >>> snap = snapshot(state, copy=True)
-    >>> snap.payload["state"]["model"]["weight"] is state.model.weight
+    >>> shared, copied = snapshot(state), snapshot(state, copy=True)
+    >>> with torch.no_grad():
+    ...     _ = state.model.weight.add_(1.0)  # training goes on in place
+    >>> torch.equal(shared.payload["state"]["model"]["weight"], state.model.weight)
+    True
+    >>> torch.equal(copied.payload["state"]["model"]["weight"], state.model.weight)
     False
     """
     if OVER_RANKS not in state.extras and not _collective.active():  # windows marked as one rank's (any save)

@@ -167,6 +167,23 @@ def test_a_durable_save_fsyncs_every_file_and_directory_and_durable_false_none(
     assert restored.step == state.step and restored.batch_index == state.batch_index
 
 
+def test_a_copied_snapshot_is_written_as_it_was_taken_after_training_changed_the_state_in_place(
+    tmp_path, make_mlp, make_batches, mse_loss, round_trip, assert_trees_equal
+):
+    """``snapshot(copy=True)`` (what ``async_save`` writes in the background) holds the state as it was when taken,
+    though donated training updates its parameters, optimizer state and gradients in place before it is written.
+    Reference: the state dict through ``torch.save`` when the snapshot was taken."""
+    state = _trained(make_mlp, make_batches, mse_loss)
+    taken = round_trip(state.state_dict())
+    snap = checkpoint.snapshot(state, copy=True)
+    step = loopkit.donate(with_grad_accum(train_step(mse_loss), every=2))
+    for batch in make_batches(3, seed=1):
+        state, _ = step(state, batch)
+    assert not torch.equal(state.model[0].weight, taken["model"]["0.weight"])  # (training did change it)
+    written = checkpoint.load(checkpoint.write(snap, tmp_path))
+    assert_trees_equal(written["state"], taken)
+
+
 def test_a_second_save_never_writes_over_the_first(tmp_path, make_mlp):
     state = _state(make_mlp)
     first = checkpoint.save(state, tmp_path)

@@ -17,7 +17,7 @@ import torch
 
 import loopkit
 from loopkit.rng import RNGScope, create_rng, seed_everything
-from tests._driver_helpers import CrashAfterStep
+from tests._driver_helpers import CrashAfterStep, make_data, make_state, mse
 
 
 @pytest.fixture(autouse=True)
@@ -341,3 +341,46 @@ def test_numpy_integer_seeds_are_taken_as_the_ints_they_are():
     state = loopkit.TrainState.create(torch.nn.Linear(1, 1), seed=np.uint32(7))
     assert state.seed == 7 and type(state.seed) is int
     assert torch.equal(state.rng["cpu"], loopkit.TrainState.create(torch.nn.Linear(1, 1), seed=7).rng["cpu"])
+
+
+class _EpochStartSampler(torch.utils.data.Sampler):
+    """Shuffles with numpy's and Python's global RNGs when an epoch's iterator starts (as a bucketing sampler of one's
+    own does), recording what it drew."""
+
+    def __init__(self) -> None:
+        self.drawn: list[tuple[list[int], float]] = []
+
+    def __len__(self) -> int:
+        return 8
+
+    def __iter__(self):
+        order = np.random.permutation(8).tolist()
+        self.drawn.append((order, random.random()))
+        return iter(order)
+
+
+def test_each_epochs_start_seeds_numpys_and_pythons_global_rngs_anew_and_a_resumed_run_draws_the_same():
+    """run_epochs seeds numpy's and Python's global RNGs from ``(seed, epoch)`` while an epoch's iterator starts: a
+    sampler shuffling with them draws another order each epoch (not one order every epoch), and a run resumed from a
+    later epoch (the caller's RNGs elsewhere, the step drawing from them too) draws what the uninterrupted run drew."""
+    samples = [(x[0], y[0]) for x, y in make_data(8, batch_size=1, seed=3)]
+
+    def loss_fn(model, batch):
+        np.random.rand()  # (the step draws from them as it goes: the epoch's start is seeded anew all the same)
+        random.random()
+        return mse(model, batch)
+
+    def fit(state, epochs, caller_seed):
+        sampler = _EpochStartSampler()
+        seed_everything(caller_seed)
+        loader = torch.utils.data.DataLoader(samples, batch_size=2, sampler=sampler)
+        state, _ = loopkit.run_epochs(loopkit.train_step(loss_fn), state, loader, epochs=epochs, progress=False)
+        return state, sampler.drawn
+
+    _, whole = fit(make_state(), 3, caller_seed=0)
+    assert len(whole) == 3
+    assert len({tuple(order) for order, _ in whole}) == 3 and len({x for _, x in whole}) == 3
+    middle, first = fit(make_state(), 1, caller_seed=5)
+    assert first == whole[:1] and middle.epoch == 1
+    _, rest = fit(middle, 3, caller_seed=99)
+    assert rest == whole[1:]

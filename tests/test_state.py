@@ -745,8 +745,12 @@ class _LateKeys(torch.optim.SGD):
                     entry["slow"] = p.detach().clone()
 
 
-def test_an_optimizer_of_ones_own_whose_keys_grow_loads_earlier_and_later_checkpoints(make_mlp, batches, mse_loss):
-    """Its keys are not learnt from a probe (they change as it goes), so none is refused as missing or unexpected."""
+def test_an_optimizer_of_ones_own_whose_keys_grow_loads_earlier_and_later_checkpoints(
+    make_mlp, batches, mse_loss, take_snapshot, assert_trees_equal
+):
+    """Its keys are not learnt from a probe (they change as it goes), so none is refused as missing or unexpected:
+    the loaded state holds the checkpoint's keys (``slow`` gained, or dropped), not the template's, and trains on as
+    the state saved does. Reference: the saved state itself, stepped on beside it; the template before the load."""
     step = loopkit.train_step(mse_loss)
 
     def trained(n):
@@ -757,8 +761,19 @@ def test_an_optimizer_of_ones_own_whose_keys_grow_loads_earlier_and_later_checkp
         return state
 
     early, late = trained(1), trained(4)
-    for template, sd in ((trained(0), late.state_dict()), (late, early.state_dict()), (early, late.state_dict())):
-        template.load_state_dict(sd)
+    for template, saved in ((trained(0), late), (late, early), (early, late)):
+        before = take_snapshot(template)
+        loaded = template.load_state_dict(saved.state_dict())
+        assert_trees_equal(take_snapshot(template), before)  # (load_state_dict returns a new state)
+        keys = {frozenset(entry) for entry in loaded.optimizer.state.values()}
+        assert keys == {frozenset({"count", "slow"} if saved is late else {"count"})}
+        assert_trees_equal(loaded.state_dict(), saved.state_dict())
+        a, b = loaded, saved
+        for batch in batches[4:]:  # (the early state gains its slow copies at its third update, here)
+            a, _ = step(a, batch)
+            b, _ = step(b, batch)
+        assert_trees_equal(take_snapshot(a), take_snapshot(b))
+        assert {frozenset(entry) for entry in a.optimizer.state.values()} == {frozenset({"count", "slow"})}
 
 
 def test_gradient_hooks_on_parameters_run_in_pure_steps_and_after_load_state_dict(make_mlp, batches, mse_loss, assert_trees_equal):

@@ -10,6 +10,7 @@ from tests.conftest import assert_grad_norms_and_params
 
 INIT_SCALE = 2.0**10  # small enough that the tiny MLP never overflows on its own
 BAD = 2  # the batch that carries an inf
+MAX_NORM = 0.3
 
 
 def _raw_autocast_loop(model, data, loss_fn, dtype, scaler=None, opt=None):
@@ -143,6 +144,84 @@ def test_float16_loss_fn_multiplying_by_inf_is_skipped(make_mlp, make_batches, m
     assert new.step == state.step == 1
     assert_trees_equal(dict(new.model.named_parameters()), dict(state.model.named_parameters()))
     assert float(new.extras["amp/scale"]) == INIT_SCALE / 2
+
+
+@pytest.mark.parametrize("overflow", [True, False], ids=["overflowing-call", "clean-call"])
+def test_float16_leaves_the_given_states_loss_scale_and_growth_tracker_as_they_were(
+    overflow, make_mlp, make_batches, mse_loss, make_sgd_state, take_snapshot, assert_trees_equal
+):
+    """Purity of the scaler's state: a call (not donated) that backs the scale off (an overflow) or counts a clean
+    update gives the new state new tensors; the given state keeps its own scale and growth tracker, so it can be
+    stepped again, as the first time. Reference: the given state's snapshot before the call."""
+    data = make_batches(2)
+    step = loopkit.with_amp(loopkit.train_step(mse_loss), dtype=torch.float16, init_scale=INIT_SCALE)
+    given, _ = step(make_sgd_state(make_mlp(0)), data[0])
+    assert int(given.extras["amp/growth_tracker"]) == 1  # (a clean update counted: an overflow resets it to 0)
+    before = take_snapshot(given)
+    batch = _with_inf(data, 1)[1] if overflow else data[1]
+    new, metrics = step(given, batch)
+    assert float(metrics["amp/skipped"]) == float(overflow)
+    scale, growth = (INIT_SCALE / 2, 0) if overflow else (INIT_SCALE, 2)
+    assert (float(new.extras["amp/scale"]), int(new.extras["amp/growth_tracker"])) == (scale, growth)
+    assert_trees_equal(take_snapshot(given), before)
+    again, _ = step(given, batch)
+    assert_trees_equal(take_snapshot(again), take_snapshot(new))
+
+
+def _raw_per_micro_clip_scaler_loop(model, data, loss_fn, every, max_norm):
+    """Float16 loss scaling written out by hand, with each micro-batch's own unscaled gradient clipped: a group
+    whose micro-batches' gradients held an inf/NaN anywhere is skipped and backs the scale off (as GradScaler)."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    params = list(model.parameters())
+    scale, skipped = INIT_SCALE, []
+    for start in range(0, len(data), every):
+        total, overflow = None, False
+        for batch in data[start : start + every]:
+            opt.zero_grad()
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = loss_fn(model, batch)
+            (loss * scale).backward()
+            grads = [p.grad * (1.0 / scale) for p in params]
+            overflow = overflow or not all(torch.isfinite(g).all() for g in grads)
+            for p, g in zip(params, grads):
+                p.grad = g
+            torch.nn.utils.clip_grad_norm_(params, max_norm)
+            share = [p.grad / every for p in params]
+            total = share if total is None else [t + s for t, s in zip(total, share)]
+        skipped.append(float(overflow))
+        if overflow:
+            scale /= 2
+            continue
+        for p, g in zip(params, total):
+            p.grad = g
+        opt.step()
+    return skipped, scale
+
+
+@pytest.mark.parametrize("bad", [0, 1], ids=["first-micro-batch", "last-micro-batch"])
+def test_float16_inside_accumulation_skips_a_group_whose_earlier_micro_batch_alone_overflowed(
+    bad, make_mlp, make_batches, mse_loss, make_sgd_state, assert_trees_equal
+):
+    """With a per-micro-batch transform (a clip inside with_grad_accum) each micro-batch is unscaled and checked on its
+    own: an overflow in the group's first micro-batch, the later ones clean, still skips the group's update (the flags
+    of the group's micro-batches are or-ed, not the last one's taken). Reference: the loss scaling by hand."""
+    data = _with_inf(make_batches(4), bad)
+    ref_model = make_mlp(0)
+    ref_skipped, ref_scale = _raw_per_micro_clip_scaler_loop(ref_model, data, mse_loss, 2, MAX_NORM)
+    assert ref_skipped == [1.0, 0.0]
+
+    inner = loopkit.with_grad_clip(loopkit.with_amp(loopkit.train_step(mse_loss), torch.float16, init_scale=INIT_SCALE),
+                                   max_norm=MAX_NORM)
+    step = loopkit.with_grad_accum(inner, every=2)
+    state = make_sgd_state(make_mlp(0))
+    skipped = []
+    for k, batch in enumerate(data):
+        state, metrics = step(state, batch)
+        if k % 2 == 1:
+            skipped.append(float(metrics["amp/skipped"]))
+    assert skipped == ref_skipped and state.step == 1
+    assert float(state.extras["amp/scale"]) == ref_scale == INIT_SCALE / 2
+    assert_trees_equal(dict(state.model.named_parameters()), dict(ref_model.named_parameters()))
 
 
 def test_gradient_clipping_under_float16_sees_unscaled_gradients(make_mlp, make_batches, mse_loss, make_sgd_state, assert_trees_equal):

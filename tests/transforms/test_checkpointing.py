@@ -588,16 +588,48 @@ def test_outside_the_main_thread_no_handler_is_installed(tmp_path):
 # --- saving in the background ------------------------------------------------------------------
 
 
-def test_async_saves_hold_exactly_what_synchronous_saves_hold(tmp_path, assert_trees_equal):
+def test_async_saves_hold_exactly_what_synchronous_saves_hold(tmp_path, assert_trees_equal, monkeypatch):
+    """The background writer is held back until training has made the next update in place (donated), so a
+    snapshot that shared the live tensors instead of copying them would be written with a later step's
+    weights and optimizer state. Reference: the synchronous run's checkpoints, and each update's weights."""
+    real_write = checkpoint.write
+    seen = threading.Condition()
+    progress = {"step": 0, "held": 0}
+
+    class Progress(loopkit.Callback):
+        def on_batch_end(self, state, metrics):
+            with seen:
+                progress["step"] = state.step
+                seen.notify_all()
+
+    def held_write(snap, *args, **kwargs):  # (the last update has no next one to wait for)
+        if snap.step < 5:
+            with seen:
+                assert seen.wait_for(lambda: progress["step"] > snap.step, timeout=60), "training did not go on"
+                progress["held"] += 1
+        return real_write(snap, *args, **kwargs)
+
+    weights: dict[int, torch.Tensor] = {}
+
+    class Weights(loopkit.Callback):
+        def on_batch_end(self, state, metrics):
+            weights[state.step] = state.model[0].weight.detach().clone()
+
     for mode in ("sync", "async"):
         step = with_checkpointing(with_grad_accum(train_step(_mse), every=2), tmp_path / mode, every_n_steps=1,
                                   keep_last=None, async_save=mode == "async")
-        run_epochs(step, _state(seed=1), _loader(), epochs=1, progress=False)  # donated: updated in place
+        if mode == "async":
+            monkeypatch.setattr(checkpoint, "write", held_write)
+        callbacks = [Weights()] if mode == "sync" else [Progress()]
+        run_epochs(step, _state(seed=1), _loader(), epochs=1, callbacks=callbacks, progress=False)  # donated
+    assert progress["held"] == 4  # each save but the last was written after the next update
     sync, background = (checkpoint.list_checkpoints(tmp_path / m) for m in ("sync", "async"))
     assert [c.name for c in sync] == [c.name for c in background] and len(sync) == 5
+    assert weights[1].ne(weights[2]).any()  # (the updates change the weights: a later step's would differ)
     for a, b in zip(sync, background):
         one, two = checkpoint.load(a.path), checkpoint.load(b.path)
         assert_trees_equal(one["state"], two["state"])
+        assert torch.equal(two["state"]["model"]["0.weight"], weights[b.step])
 
 
 def test_async_saves_for_a_monitor_keep_what_synchronous_saves_keep(tmp_path, monkeypatch):

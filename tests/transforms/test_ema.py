@@ -391,16 +391,42 @@ class _WithIndexTable(nn.Module):
         return self.lin(x[:, self.table[:3]])
 
 
+def _tables(n: int) -> list[torch.Tensor]:
+    """The integer table set by hand before each of ``n`` batches: the forward's indices turn, the unused entry grows."""
+    return [torch.tensor([k % 3, (k + 1) % 3, (k + 2) % 3, 7 + 10 * k]) for k in range(n)]
+
+
+class _SetTable(loopkit.Callback):
+    def __init__(self, tables: list[torch.Tensor]) -> None:
+        self.tables = iter(tables)
+
+    def on_batch_start(self, state, batch):
+        with torch.no_grad():
+            state.model.table.copy_(next(self.tables))
+
+
 def test_an_integer_parameter_is_averaged_as_averaged_model_averages_it(make_batches, assert_trees_equal):
-    # AveragedModel's EMA falls back to (ema * decay + p * (1 - decay)) cast back for a non-float dtype
+    """AveragedModel's EMA falls back to (ema * decay + p * (1 - decay)) cast back for a non-float dtype. The integer
+    parameter (frozen to the optimizer) is set by hand before each batch, so that its average moves: a frozen one's
+    average is itself, whatever the weights. Reference: AveragedModel updated after each update of a raw loop."""
     loss_fn = lambda m, b: ((m(b[0][:, :3]) - b[1]) ** 2).mean()  # noqa: E731
     data = make_batches(5)
+    tables = _tables(len(data))
     ref = _WithIndexTable()
-    averaged = _raw_ema_loop(ref, torch.optim.SGD(ref.lin.parameters(), lr=0.1), data, loss_fn)
+    opt = torch.optim.SGD(ref.lin.parameters(), lr=0.1)
+    averaged = AveragedModel(ref, multi_avg_fn=get_ema_multi_avg_fn(DECAY))
+    for table, batch in zip(tables, data):
+        with torch.no_grad():
+            ref.table.copy_(table)
+        loss_fn(ref, batch).backward()
+        opt.step()
+        opt.zero_grad()
+        averaged.update_parameters(ref)
 
     model = _WithIndexTable()
     state = loopkit.TrainState.create(model, torch.optim.SGD(model.lin.parameters(), lr=0.1))
     state, _ = loopkit.run_epochs(loopkit.with_ema(loopkit.train_step(loss_fn), DECAY), state, data, epochs=1,
-                                  progress=False)
+                                  callbacks=[_SetTable(tables)], progress=False)
     assert_trees_equal(_ema_params(state), _averaged_params(averaged))
-    assert _ema_params(state)["table"].dtype == torch.int64
+    table = _ema_params(state)["table"]
+    assert table.dtype == torch.int64 and int(table[3]) not in {int(t[3]) for t in tables}  # (an average of them)

@@ -394,3 +394,50 @@ def test_the_early_refusal_judges_only_what_the_clip_will_see(case, assert_trees
     assert state.step == 2
     assert torch.allclose(state.model.head.weight, reference.head.weight, rtol=1e-6, atol=1e-7)
     assert torch.allclose(state.model.emb.weight, reference.emb.weight, rtol=1e-6, atol=1e-7)
+
+
+# --- other norm types ------------------------------------------------------------------------------
+
+
+def _clip_of_norm_type(options: dict, norm_type: float):
+    """The raw loop's clipping for ``options`` (as the bitwise test's references) in the ``norm_type``-norm."""
+    def clip(params):
+        if "max_value" not in options and "max_norm" in options:
+            return torch.nn.utils.clip_grad_norm_(params, options["max_norm"], norm_type=norm_type)
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params], norm_type=norm_type)
+        if "max_value" in options:
+            torch.nn.utils.clip_grad_value_(params, options["max_value"])
+        if "max_norm" in options:
+            torch.nn.utils.clip_grad_norm_(params, options["max_norm"], norm_type=norm_type)
+        return norm
+    return clip
+
+
+@pytest.mark.parametrize("norm_type", [float("inf"), 1.0], ids=["inf", "1"])
+@pytest.mark.parametrize(
+    "options",
+    [{"max_norm": MAX_NORM}, {"max_value": MAX_VALUE}, {"max_norm": MAX_NORM, "max_value": MAX_VALUE}, {}],
+    ids=["max_norm", "max_value", "both", "neither"],
+)
+def test_a_norm_type_other_than_2_clips_and_reports_as_torch_nn_utils_in_a_raw_loop(
+    options, norm_type, make_mlp, make_batches, mse_loss, make_sgd_state, assert_trees_equal
+):
+    """``norm_type`` reaches torch's clipping and the reported ``grad_norm`` on every branch, not only under
+    ``with_fsdp``. Reference: the raw loop with ``torch.nn.utils`` given the same ``norm_type``; the 2-norm differs."""
+    data = make_batches(4)
+    ref_model = make_mlp(0)
+    ref_opt, ref_norms = _raw_clipped_loop(ref_model, data, mse_loss, _clip_of_norm_type(options, norm_type))
+    _, two_norms = _raw_clipped_loop(make_mlp(0), data, mse_loss, _clip_of_norm_type(options, 2.0))
+    if options == {"max_norm": MAX_NORM}:
+        assert all(n > MAX_NORM for n in ref_norms)  # clipping by norm is active in this norm too
+    assert all(not torch.equal(a, b) for a, b in zip(ref_norms, two_norms))
+
+    state = make_sgd_state(make_mlp(0))
+    step = loopkit.with_grad_clip(loopkit.train_step(mse_loss), norm_type=norm_type, **options)
+    norms = []
+    for batch in data:
+        state, metrics = step(state, batch)
+        norms.append(metrics["grad_norm"])
+    assert_trees_equal(norms, ref_norms)
+    assert_trees_equal(dict(state.model.named_parameters()), dict(ref_model.named_parameters()))
+    assert_trees_equal(state.optimizer.state_dict(), ref_opt.state_dict())

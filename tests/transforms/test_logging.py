@@ -174,6 +174,28 @@ def test_a_plain_function_step_is_logged_when_it_advances_state_step(tmp_path):
     assert memory.finalized == 1
 
 
+def _same_state(state, batch):
+    return state, {"value": batch.sum()}
+
+
+def _advancing(state, batch):
+    return state.evolve(step=state.step + 1, batch_index=state.batch_index + 1), {"value": batch.sum()}
+
+
+@pytest.mark.parametrize("fn", [_same_state, _advancing], ids=["returns-its-input", "evolves-it"])
+def test_a_plain_function_steps_given_state_keeps_its_extras(fn, take_snapshot, assert_trees_equal):
+    """A function of one's own may return the state it was given (or one sharing its extras): the metrics window goes
+    into the new state's own extras, never into the caller's. Reference: the given state's snapshot before the call."""
+    step = with_logging(fn, MemoryLogger(), every_n_steps=5)
+    given = loopkit.TrainState.create(torch.nn.Linear(1, 1))
+    before = take_snapshot(given)
+    new, _ = step(given, torch.tensor([2.0]))
+    assert_trees_equal(take_snapshot(given), before)
+    assert "logging/pending" not in given.extras
+    again, _ = step(new, torch.tensor([3.0]))
+    assert len(new.extras["logging/pending"]) == 1 and len(again.extras["logging/pending"]) == 2
+
+
 def test_long_windows_keep_a_bounded_number_of_tensors_and_exact_means():
     """A long window: the state holds at most 32 records and one 0-dim sum per metric, whatever its length."""
 

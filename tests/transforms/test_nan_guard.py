@@ -86,6 +86,44 @@ def test_nan_gradient_with_a_finite_loss_is_skipped(make_mlp, make_batches, mse_
     assert all(p.grad is None for p in new.model.parameters())  # the bad gradient does not linger
 
 
+@pytest.mark.parametrize("inf", [float("inf"), -float("inf")], ids=["+inf", "-inf"])
+def test_an_infinite_loss_with_finite_gradients_is_skipped_as_a_raw_loop_without_it(
+    inf, make_mlp, make_batches, mse_loss, make_sgd_state, assert_trees_equal
+):
+    """A loss of +-inf (not NaN) whose gradients are all finite (the infinite part is a constant): only the loss shows
+    it, and "skip" skips that update. Reference: a raw loop without those batches."""
+    data = make_batches(4)
+    bad = {1, 2}
+    calls = []
+
+    def loss_fn(model, batch):
+        calls.append(None)
+        return mse_loss(model, batch) + (torch.tensor(inf) if len(calls) - 1 in bad else 0.0)
+
+    ref_model = make_mlp(0)
+    ref_opt = torch.optim.SGD(ref_model.parameters(), lr=0.1, momentum=0.9)
+    for k, batch in enumerate(data):
+        if k not in bad:
+            ref_opt.zero_grad()
+            mse_loss(ref_model, batch).backward()
+            ref_opt.step()
+    calls.append(None)  # (the next call is a bad one) without the guard: it updates, its gradients finite
+    unguarded, metrics = loopkit.train_step(loss_fn)(make_sgd_state(make_mlp(0)), data[1])
+    assert metrics["loss"] == inf and _finite(unguarded) and unguarded.step == 1
+    assert not torch.equal(unguarded.model[0].weight, make_mlp(0)[0].weight)
+    calls.clear()
+
+    state = make_sgd_state(make_mlp(0))
+    step = loopkit.with_nan_guard(loopkit.train_step(loss_fn))
+    skipped = []
+    for batch in data:
+        state, metrics = step(state, batch)
+        skipped.append(float(metrics["nan_guard/skipped"]))
+    assert skipped == [0.0, 1.0, 1.0, 0.0] and state.step == 2 and state.extras["nan_guard/skipped_total"] == 2
+    assert_trees_equal(dict(state.model.named_parameters()), dict(ref_model.named_parameters()))
+    assert_trees_equal(state.optimizer.state_dict(), ref_opt.state_dict())
+
+
 def _guarded_accumulation(nesting: str, loss_fn):
     """``with_nan_guard`` and ``with_grad_accum(every=2)`` around ``train_step(loss_fn)``, in the order named."""
     base = loopkit.train_step(loss_fn)

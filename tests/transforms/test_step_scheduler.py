@@ -215,3 +215,37 @@ def test_batches_the_loss_fn_skips_are_not_counted_so_updates_of_groups_still_st
     assert state.scheduler.last_epoch == sched.last_epoch == EPOCHS * 2
     for p, q in zip(state.model.parameters(), model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_batches_skipped_in_one_epoch_do_not_shift_the_count_of_the_next(make_mlp, make_batches, mse_loss):
+    """The skipped batches are counted per epoch: an odd number skipped in epoch 0 leaves epoch 1's count of batches
+    from its first batch (Lightning's batch_idx starts over), else the schedule would step at the odd batches there.
+    Reference: a raw loop that counts, in each epoch, the batches it trained on; the rate after each batch."""
+    data = make_batches(BATCHES)
+    skip = {1, 4, 5, BATCHES + 2}  # (the calls whose loss_fn gives None: three in epoch 0, one in epoch 1)
+    calls = []
+
+    def loss_fn(model, batch):
+        calls.append(None)
+        return None if len(calls) - 1 in skip else mse_loss(model, batch)
+
+    ref = _state(make_mlp)
+    model, opt, sched = ref.model, ref.optimizer, ref.scheduler
+    expected = []
+    for epoch in range(EPOCHS):
+        counted = 0
+        for batch_idx, batch in enumerate(data):
+            if epoch * BATCHES + batch_idx not in skip:
+                counted += 1
+                opt.zero_grad()
+                mse_loss(model, batch).backward()
+                opt.step()
+                if counted % 2 == 0:
+                    sched.step()
+            expected.append(opt.param_groups[0]["lr"])
+    rates = _Rates()
+    step = loopkit.with_step_scheduler(loopkit.train_step(loss_fn), frequency=2)
+    state, _ = loopkit.run_epochs(step, _state(make_mlp), data, epochs=EPOCHS, callbacks=[rates], progress=False)
+    assert rates.rates == expected and state.scheduler.last_epoch == sched.last_epoch == 2 + 3
+    for p, q in zip(state.model.parameters(), model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
