@@ -31,8 +31,11 @@ parameters must be frozen (``requires_grad``) in every member, and their optimiz
 a donated step refuses a member changed since stacking in any of these (changed alike in every member, as when
 unfreezing a backbone, it trains on; a ``_private`` value is compared by :func:`stack`, and so by a non-donated
 step, not between donated calls). A plain value the forward sets on a module (``self.seen = n``, a ``_private``
-call counter) reaches every member, as each member's solo forward sets it (one member at a time, members whose
-forwards set it otherwise are refused). Members pruned by ``torch.nn.utils.prune`` (each its own mask) train as
+call counter), or a dict or list of them it sets or changes in place (``self.stats["calls"] += 1``), reaches every
+member, each its own copy, as each member's solo forward sets it (one member at a time, each member's forward starts
+from the values before the call, and members whose forwards set them otherwise are refused). A tensor attribute (no
+buffer) the forward replaces (a counter, ``self.n = self.n + 1``) is refused and put back: keep such a count as a
+Python number. Members pruned by ``torch.nn.utils.prune`` (each its own mask) train as
 their solo runs. A parameter the loss does not reach in a call keeps its ``.grad`` None, as in a solo run (no weight
 decay, momentum or optimizer state for it). :func:`unstack` copies the members out as independent states (for
 checkpoints, ``evaluate``, export); ``ensemble.members`` are views, usable as they are while the ensemble lives.
@@ -57,7 +60,7 @@ import copy
 import warnings
 import weakref
 from collections.abc import Callable, Mapping, Sequence, Set
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import attrs
 import torch
@@ -220,13 +223,17 @@ _UNSET = _Unset()
 
 
 def _same(a: Any, b: Any) -> bool:
-    """Equal settings, as the forward compares them (``0 == 0.0``), sequences item by item; NaN equals NaN. A value
-    that is no setting (a tensor, or ``<not set>``) equals only itself."""
-    if not (is_plain_setting(a) and is_plain_setting(b)):
-        return a is b
+    """Equal settings, as the forward compares them (``0 == 0.0``), sequences item by item and dicts key by key (see
+    :func:`_is_plain_tree`); NaN equals NaN. A value that is no setting (a tensor, or ``<not set>``) equals only
+    itself."""
+    if isinstance(a, Mapping) or isinstance(b, Mapping):
+        return (isinstance(a, Mapping) and isinstance(b, Mapping) and a.keys() == b.keys()
+                and all(_same(a[key], b[key]) for key in a))
     if isinstance(a, (tuple, list)) or isinstance(b, (tuple, list)):
         return (isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)) and len(a) == len(b)
                 and all(_same(x, y) for x, y in zip(a, b)))
+    if not (is_plain_setting(a) and is_plain_setting(b)):
+        return a is b
     return bool(a == b) or (isinstance(a, float) and isinstance(b, float) and a != a and b != b)
 
 
@@ -310,7 +317,8 @@ def _comparable(value: Any, held: set[int]) -> bool:
 
 
 def _same_value(a: Any, b: Any) -> bool:
-    """Equal values of :func:`_comparable`: tensors of one shape, dtype and device with equal elements (NaN equal)."""
+    """Equal values of :func:`_comparable`: tensors of one shape, dtype and device with equal elements (NaN equal),
+    containers item by item."""
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
                 and a.dtype == b.dtype and a.device == b.device and bool(torch.equal(a, b) or (
@@ -318,6 +326,9 @@ def _same_value(a: Any, b: Any) -> bool:
     if isinstance(a, Mapping) or isinstance(b, Mapping):
         return (isinstance(a, Mapping) and isinstance(b, Mapping) and a.keys() == b.keys()
                 and all(_same_value(a[key], b[key]) for key in a))
+    if isinstance(a, (tuple, list)) or isinstance(b, (tuple, list)):
+        return (isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)) and len(a) == len(b)
+                and all(_same_value(x, y) for x, y in zip(a, b)))
     return _same(a, b)
 
 
@@ -326,45 +337,93 @@ def _setting(module: nn.Module, attr: str) -> Any:
     return getattr(module, attr, _UNSET)
 
 
+def _is_plain_tree(value: Any) -> bool:
+    """Whether ``value`` is a plain value (see :func:`is_plain_setting`) or a dict (any mapping, plain keys), list or
+    tuple of such values, nested: what :func:`_check_attributes` compares as it is, and so what a forward that
+    changes it (``self.stats["calls"] += 1``) must change in every member (see :func:`_copy_written`). (Per call, for
+    each such value: the exact types looked up first, one pass over a flat container's items.)"""
+    if type(value) in _SCALAR_TYPES:
+        return True
+    if isinstance(value, Mapping):
+        return (all(type(key) in _SCALAR_TYPES or is_plain_setting(key) for key in value.keys())
+                and all(type(v) in _SCALAR_TYPES or _is_plain_tree(v) for v in value.values()))
+    if isinstance(value, (list, tuple)):
+        return all(type(v) in _SCALAR_TYPES or _is_plain_tree(v) for v in value)
+    return isinstance(value, _SETTING_SCALARS)
+
+
+#: the exact types of :data:`_SETTING_SCALARS` (a numpy scalar's is a subclass: found by ``isinstance``)
+_SCALAR_TYPES = frozenset(_SETTING_SCALARS)
+
+
 def _plain_values(module: nn.Module) -> dict[str, Any]:
-    """``module``'s plain values that a forward may set: its settings (see :func:`module_settings`) and its
-    ``_private`` plain values (a forward's own call counter), not its bookkeeping (``_is_full_backward_hook``)."""
-    return {name: value for name, value in vars(module).items()
-            if name not in _BOOKKEEPING and (type(value) in _SETTING_SCALARS or is_plain_setting(value))}
+    """``module``'s plain values that a forward may set or change in place: its settings (see
+    :func:`module_settings`), its ``_private`` plain values (a forward's own call counter) and dicts and lists of
+    plain values (see :func:`_is_plain_tree`), not its bookkeeping (``_is_full_backward_hook``)."""
+    own = vars(module)
+    return {name: own[name] for name in own.keys() - _BOOKKEEPING
+            if type(own[name]) in _SETTING_SCALARS or _is_plain_tree(own[name])}
 
 
-def _snapshot(model: nn.Module) -> list[dict[str, Any]]:
-    """The plain values (see :func:`_plain_values`) of each of ``model``'s modules, in ``modules()`` order, as they are
-    now: lists copied (a forward that appends to one in place changes the module's, not the snapshot's). Per call:
-    one walk, scalars and tuples of scalars (a stride) taken as they are (immutable), the type checks first."""
-    snapshot = []
-    for module in model.modules():
+class _Snapshot(NamedTuple):
+    """A model's modules' values before a call (see :func:`_snapshot`), in ``modules()`` order."""
+
+    #: each module's plain values (see :func:`_plain_values`), copies: an in-place change of the module's does not
+    #: reach them
+    values: list[dict[str, Any]]
+    #: each module's own tensor attributes (no parameter or buffer), by (module index, name): the objects themselves
+    tensors: dict[tuple[int, str], torch.Tensor]
+
+
+def _snapshot(model: nn.Module) -> _Snapshot:
+    """The plain values (see :func:`_plain_values`) and tensor attributes of each of ``model``'s modules as they are
+    now, lists and dicts copied (a forward that appends to one, or counts in one, changes the module's, not the
+    snapshot's). Per call: one walk, scalars and tuples of scalars (a stride) taken as they are (immutable), the type
+    checks first."""
+    snapshot, tensors = [], {}
+    for i, module in enumerate(model.modules()):
         values = {}
-        for name, value in vars(module).items():
+        own = vars(module)
+        for name in own.keys() - _BOOKKEEPING:  # (a layer's: its settings, a few)
+            value = own[name]
             kind = type(value)
             if kind in _SETTING_SCALARS:
-                if name not in _BOOKKEEPING:
-                    values[name] = value
+                values[name] = value
             elif kind is tuple:
                 for item in value:
                     if type(item) not in _SETTING_SCALARS:  # (a tuple holding a list, or a numpy scalar)
-                        if name not in _BOOKKEEPING and is_plain_setting(value):
+                        if _is_plain_tree(value):
                             values[name] = copy.deepcopy(value)
                         break
                 else:
                     values[name] = value
-            elif name not in _BOOKKEEPING and is_plain_setting(value):
+            elif isinstance(value, torch.Tensor):
+                tensors[(i, name)] = value
+            elif _is_plain_tree(value):
                 values[name] = _copy_plain(value)
         snapshot.append(values)
-    return snapshot
+    return _Snapshot(snapshot, tensors)
 
 
 def _copy_plain(value: Any) -> Any:
-    """A plain value (see :func:`is_plain_setting`) that no in-place change of ``value`` reaches: lists copied, a
-    numpy scalar as it is."""
-    if type(value) is list:
-        return [v if type(v) in _SETTING_SCALARS else _copy_plain(v) for v in value]
-    return copy.deepcopy(value) if isinstance(value, (list, tuple)) else value  # (a list of a subclass, a namedtuple)
+    """A copy of ``value`` (see :func:`_is_plain_tree`) that no in-place change of ``value`` reaches: lists and dicts
+    copied, nested ones too; scalars as they are. Other values (a tensor that replaced a plain one) deep-copied."""
+    kind = type(value)
+    if kind is list:
+        copied = list(value)
+        for i, v in enumerate(copied):
+            if type(v) not in _SCALAR_TYPES:
+                copied[i] = _copy_plain(v)
+        return copied
+    if kind is dict:
+        copied = dict(value)
+        for key, v in copied.items():
+            if type(v) not in _SCALAR_TYPES:
+                copied[key] = _copy_plain(v)
+        return copied
+    if kind in _SCALAR_TYPES:
+        return value
+    return copy.deepcopy(value)  # (a tuple holding a list, a list of a subclass, an OrderedDict, a numpy scalar)
 
 
 def _check_unchanged(ensemble: Ensemble) -> None:
@@ -483,9 +542,10 @@ def _differing_settings(model: nn.Module, reference: nn.Module) -> list[tuple[st
     return differing
 
 
-def _copy_written(ensemble: Ensemble, before: list[dict[str, Any]]) -> None:
-    """Give every member the plain values the forward set (or removed) on member 0's modules since ``before`` (their
-    :func:`_snapshot` before the call): a setting (``self.seen_len = n``) or a ``_private`` one (a call counter).
+def _copy_written(ensemble: Ensemble, before: _Snapshot) -> None:
+    """Give every member the plain values the forward set, changed in place or removed on member 0's modules since
+    ``before`` (their :func:`_snapshot` before the call): a setting (``self.seen_len = n``), a ``_private`` one (a
+    call counter), a dict or list of them (``self.stats["calls"] += 1``), each member its own copy.
 
     The step runs member 0's modules for all, so only theirs changed; each member's own forward would have set the same
     values (a plain value cannot depend on a member's tensors under vmap; one member at a time, members that set it
@@ -494,10 +554,10 @@ def _copy_written(ensemble: Ensemble, before: list[dict[str, Any]]) -> None:
         return
     sources = list(ensemble.skeleton.modules())
     after = [_plain_values(module) for module in sources]
-    if after == before:
+    if after == before.values:
         return  # (the common case: the forward set none)
     written = []
-    for i, (now, then) in enumerate(zip(after, before)):
+    for i, (now, then) in enumerate(zip(after, before.values)):
         if now != then:
             attrs_ = {a for a in now.keys() | then.keys()
                       if a not in now or a not in then or not _same(now[a], then[a])}
@@ -509,7 +569,7 @@ def _copy_written(ensemble: Ensemble, before: list[dict[str, Any]]) -> None:
             source, target = vars(sources[i]), modules[i]
             for attr in attrs_:
                 if attr in source:  # (a value, or what replaced it: a cache's tensor where None was)
-                    setattr(target, attr, copy.deepcopy(source[attr]))
+                    setattr(target, attr, _copy_plain(source[attr]))
                 elif attr in vars(target):
                     delattr(target, attr)
 
@@ -519,24 +579,39 @@ def _copy_written(ensemble: Ensemble, before: list[dict[str, Any]]) -> None:
 _NO_TENSORS = _MODULE_STANDARD - {"_parameters", "_buffers"}
 
 
-def _refuse_escaped(model: nn.Module, where: str) -> None:
+def _refuse_escaped(model: nn.Module, where: str, before: _Snapshot) -> None:
     """Refuse a forward that kept a tensor on a module (``self.last_h = h.detach()``): under vmap it is a wrapper of
     the batched call, dead once the call returns, and a later copy, pickle or ``unstack`` of the members fails on
     it. The attribute is set to None (its value is no member's), such tensors are taken out of a list or dict it
-    holds, and no member has updated yet."""
-    escaped = []
+    holds, and no member has updated yet. A module's own tensor attribute (in ``before``, see :func:`_snapshot`)
+    that the forward replaced so (a counter kept as a tensor, ``self.n = self.n + 1``) is put back as it was."""
+    escaped, replaced = [], []
     is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
-    for name, module in model.named_modules():
+    for i, (name, module) in enumerate(model.named_modules()):
         computed = _computed(module)
         for attr, value in list(vars(module).items()):
             if attr in _NO_TENSORS:
                 continue
             if isinstance(value, torch.Tensor) and is_wrapped(value):
-                object.__setattr__(module, attr, None)
-                if attr not in computed:  # (one torch's hook recomputes before each forward is no one's keeping)
+                if attr in computed:  # (one torch's hook recomputes before each forward: no one's keeping)
+                    object.__setattr__(module, attr, None)
+                elif (i, attr) in before.tensors:
+                    object.__setattr__(module, attr, before.tensors[(i, attr)])
+                    replaced.append(f"{attr!r} of module {name or '(model)'}")
+                else:
+                    object.__setattr__(module, attr, None)
                     escaped.append(f"{name + '.' if name else ''}{attr}: set to None")
             elif isinstance(value, (list, dict)) and _drop_wrapped(value, is_wrapped):
                 escaped.append(f"{name + '.' if name else ''}{attr}: taken out of it")
+    if replaced:
+        raise RuntimeError(
+            f"ensemble.train_step: {where} replaced the tensor attribute(s) {', '.join(replaced)} in its forward (put "
+            "back as they were): the vmapped step runs member 0's modules for every member and cannot keep a tensor "
+            "the forward computes for any member (nor a buffer it changes); keep a count or flag alike for every "
+            "member as a Python number, which reaches every member (self.n += 1 on an int), return a statistic of "
+            "each member's own as a metric, or train the members apart"
+            + (f"; it also kept tensors of the vmapped call ({'; '.join(escaped)})" if escaped else "")
+        )
     if escaped:
         raise RuntimeError(
             f"ensemble.train_step: {where} kept tensors of the vmapped call on the model ({'; '.join(escaped)}), "
@@ -738,7 +813,7 @@ class EnsembleStep:
             _consume(ensemble)
 
     def _gradients(
-        self, ensemble: Ensemble, batch: Any, before: list[dict[str, Any]],
+        self, ensemble: Ensemble, batch: Any, before: _Snapshot,
     ) -> tuple[_Grads, dict[str, torch.Tensor], _RNGs]:
         """Every member's gradients and metrics, and the checks of the loss and buffers: nothing of the ensemble
         changes in place here (but for a stacked buffer that a forward changes, which is refused, and a plain value the
@@ -787,7 +862,7 @@ class EnsembleStep:
                     ensemble, member_loss, trained, fixed, reached, where, before)
         finally:  # (a loss_fn that raised left them too: the ensemble stays usable)
             _refresh_rnn_weights(ensemble.skeleton)
-        _refuse_escaped(ensemble.skeleton, where)
+        _refuse_escaped(ensemble.skeleton, where, before)
         # a buffer the forward changed (a counter's add_, a running statistic) changed the stacked copy only, or was
         # replaced inside functional_call: the members' buffers would silently keep their old values
         # (a non-persistent buffer is a cache the forward may fill or grow: not state, so not checked)
@@ -807,7 +882,7 @@ class EnsembleStep:
         return grads, metrics, rngs  # (one member at a time: each member's own, dropped per member already)
 
     def _update(
-        self, ensemble: Ensemble, before: list[dict[str, Any]], grads: _Grads, metrics: dict[str, torch.Tensor],
+        self, ensemble: Ensemble, before: _Snapshot, grads: _Grads, metrics: dict[str, torch.Tensor],
         rngs: _RNGs = None,
     ) -> tuple[Ensemble, dict[str, torch.Tensor]]:
         """Each member's optimizer (and scheduler) step, in place (and the plain values the forward set since
@@ -879,7 +954,7 @@ def _warn_unbatchable(where: str, error: RuntimeError, k: int) -> None:
 
 def _one_member_at_a_time(
     ensemble: Ensemble, member_loss: Callable[..., Any], trained: Mapping[str, torch.Tensor],
-    fixed: Mapping[str, torch.Tensor], reached: list[set[str]], where: str, before: list[dict[str, Any]],
+    fixed: Mapping[str, torch.Tensor], reached: list[set[str]], where: str, before: _Snapshot,
 ) -> tuple[list[dict[str, torch.Tensor]], dict[str, torch.Tensor], list[Mapping[str, torch.Tensor]]]:
     """Each member's gradients (those its loss reached), the metrics stacked (``[K]``), and each member's advanced RNG:
     ``torch.func.grad`` of ``member_loss`` on member ``k``'s slice of ``trained`` and ``fixed``, with member ``k``'s
@@ -888,10 +963,11 @@ def _one_member_at_a_time(
     draws from it, members in order. Nothing of the ensemble changes here: the RNGs come back, the caller's global
     RNG is put back, also when ``loss_fn`` raises.
 
-    Each member's forward starts from ``before``, member 0's modules' plain values before this call (see
-    :func:`_snapshot`), as its solo forward would, not from what a failed vmapped attempt or the member before set (a
-    call counter, a list a forward appends to); a plain value the members' forwards set otherwise (a ``_private`` one
-    too) is refused (see :func:`_settings_diverged`), the modules' values put back first."""
+    Each member's forward starts from ``before``, member 0's modules' plain values (dicts of them too) and tensor
+    attributes before this call (see :func:`_snapshot`), as its solo forward would, not from what a failed vmapped
+    attempt or the member before set (a call counter, a list a forward appends to, a dict it counts in); a plain value
+    the members' forwards set otherwise (a ``_private`` one too, a dict) is refused (see :func:`_settings_diverged`),
+    the modules' values put back first."""
     grad = torch.func.grad(member_loss, has_aux=True)
     first = next(iter(ensemble.params.values()))
     cuda_index = _cuda_index(first.device) if first.is_cuda else None
@@ -906,7 +982,7 @@ def _one_member_at_a_time(
             scope.discard()
             raise
         rngs.append(scope.close())
-        after = _snapshot(ensemble.skeleton)
+        after = _snapshot(ensemble.skeleton).values
         if written is None:
             written = after
         elif not _same_settings(after, written):
@@ -943,10 +1019,12 @@ def _settings_diverged(model: nn.Module, where: str, k: int, first: list[dict[st
     return f"ensemble.train_step: {where} set the modules' settings otherwise for member {k} than for member 0"
 
 
-def _restore_settings(model: nn.Module, settings: list[dict[str, Any]]) -> None:
-    """Give ``model``'s modules ``settings`` (see :func:`_snapshot`; copies of them), and remove the plain values they
-    lack: undo what a forward set (modules aligned: the same structure)."""
-    for module, own in zip(model.modules(), settings):
+def _restore_settings(model: nn.Module, before: _Snapshot) -> None:
+    """Give ``model``'s modules the plain values of ``before`` (see :func:`_snapshot`; copies of them) and their
+    tensor attributes, and remove the plain values they lack: undo what a forward set (modules aligned: the same
+    structure)."""
+    modules = list(model.modules())
+    for module, own in zip(modules, before.values):
         now = _plain_values(module)
         if now == own:  # (the common case)
             continue
@@ -954,7 +1032,10 @@ def _restore_settings(model: nn.Module, settings: list[dict[str, Any]]) -> None:
             delattr(module, attr)
         for attr, value in own.items():
             if attr not in now or not _same(now[attr], value):
-                setattr(module, attr, copy.deepcopy(value))
+                setattr(module, attr, _copy_plain(value))
+    for (i, attr), tensor in before.tensors.items():
+        if vars(modules[i]).get(attr) is not tensor:
+            object.__setattr__(modules[i], attr, tensor)
 
 
 def _consume(ensemble: Ensemble) -> None:

@@ -701,6 +701,32 @@ def test_members_whose_tensor_dict_or_private_values_differ_are_refused(differin
     _assert_follow_solo(ens, states, batches)
 
 
+class _Listed(nn.Module):
+    """Plain values kept in lists: projections (tensors, not buffers) and per-layer configs (dicts)."""
+
+    def __init__(self, seed: int, scale: float = 1.0) -> None:
+        super().__init__()
+        self.projs = [torch.eye(4) * scale]
+        self.cfgs = [{"scale": scale}]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.l = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.l(x @ self.projs[0]) * self.cfgs[0]["scale"]
+
+
+def test_members_with_equal_lists_of_tensors_or_dicts_stack_and_differing_ones_are_refused(make_batches):
+    """A list of tensors or of dicts was compared by identity (each member's own list never matched): equal members
+    were refused as differing. Reference: the solo runs; members that differ are still refused."""
+    states = [_sgd(_Listed(k)) for k in range(2)]
+    batches = make_batches(3)
+    ens = _together(states, batches, donated=False)
+    _assert_follow_solo(ens, states, batches)
+    with pytest.raises(ValueError, match=r"member 1's module \(model\) \(_Listed\) has another 'cfgs' than member 0's"):
+        ensemble.stack([_sgd(_Listed(0)), _sgd(_Listed(1, scale=2.0))])
+
+
 def test_a_pickled_ensemble_holds_each_member_once():
     """Each member's parameters are views of the stacked storage, and pickle writes a view's whole base: K members
     pickled K x K members' worth (61.6 x one member at K = 8). Reference: the pickled unstacked members."""
@@ -1248,6 +1274,10 @@ def test_stacking_members_of_different_dtypes_is_refused_naming_the_parameter_an
         ensemble.stack([_sgd(_mlp(0)), _sgd(nn.Linear(4, 2))])
 
 
+def _mse_loss(model, batch):
+    return ((model(batch[0]) - batch[1]) ** 2).mean()
+
+
 def _item_loss(model, batch):
     """A metric taken with ``.item()``, as a Lightning habit has it (vmap refuses it)."""
     loss, aux = _loss(model, batch)
@@ -1590,25 +1620,161 @@ def test_one_member_at_a_time_keeps_each_members_private_counter_as_its_solo_run
 
 
 class _CountsInADict(nn.Module):
-    """Counts its calls in a ``_private`` dict, changed in place: no plain value, which the step does not give the
-    other members."""
+    """Scales its output up over its first calls, counted in a dict attribute ``attr`` changed in place
+    (``self.stats["calls"] += 1``; ``nested``: also a dict and a list inside it), alike for every member."""
 
-    def __init__(self, seed):
+    def __init__(self, seed, attr="stats", nested=False):
         super().__init__()
         torch.manual_seed(seed)
         self.lin = nn.Linear(4, 1)
-        self._stats = {"calls": 0}
+        self.attr, self.nested = attr, nested
+        setattr(self, attr, {"calls": 0, "seen": {"rows": 0, "widths": []}} if nested else {"calls": 0})
 
     def forward(self, x):
-        self._stats["calls"] += 1
-        return self.lin(x)
+        stats = getattr(self, self.attr)
+        stats["calls"] += 1
+        if self.nested:
+            stats["seen"]["rows"] += x.shape[0]
+            stats["seen"]["widths"].append(x.shape[-1])
+        return self.lin(x) * min(1.0, stats["calls"] / 10)
 
 
-def test_the_default_step_refuses_members_left_apart_by_a_private_value_the_forward_changes_in_place():
-    """The non-donated step stacks its members again, comparing their ``_private`` values as stack does: a dict the
-    forward changes in place, on member 0's modules only, leaves the others' stale, which it refuses at the next call
-    rather than train members whose models alone are not their solo runs' (plain values reach every member)."""
-    ens, step = ensemble.stack(_members(_CountsInADict, 2)), ensemble.train_step(lambda m, b: m(b).pow(2).mean())
-    ens, _ = step(ens, torch.ones(8, 4))
-    with pytest.raises(ValueError, match=r"member 1's module \(model\) \(_CountsInADict\) has another '_stats'"):
-        step(ens, torch.ones(8, 4))
+def _checked_loss(model, batch):
+    """A loss vmap cannot run (``.item()``): the members run one at a time."""
+    loss = ((model(batch[0]) - batch[1]) ** 2).mean()
+    if loss.item() > 1e6:
+        raise FloatingPointError("diverged")
+    return loss
+
+
+def _assert_dict_counters_are_their_solo_runs(ens, make, loss_fn, batches):
+    """Each member of ``ens`` (K ``make(k)`` models, trained on ``batches``), as it is, unstacked and stacked again,
+    is its solo run's model: the same dict, parameters and outputs; and no two members share the dict or what it
+    holds (a later change of one member's would change the others')."""
+    attr = ens.skeleton.attr
+    alone, again = ensemble.unstack(ens), ensemble.stack(list(ens.members))
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(1))
+    for k, solo in enumerate(_members(make, len(ens))):
+        for batch in batches:
+            solo, _ = loopkit.train_step(loss_fn)(solo, batch)
+        assert getattr(solo.model, attr)["calls"] == len(batches)
+        models = {"member": ens.members[k].model, "unstacked": alone[k].model, "stacked again": again.members[k].model}
+        for name, model in models.items():
+            assert getattr(model, attr) == getattr(solo.model, attr), f"{name} {k}"
+            for p, q in zip(solo.model.parameters(), model.parameters()):
+                torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7, msg=f"{name} {k}")
+        with torch.no_grad():  # (each model counts this call too)
+            expected = solo.model(x)
+            for name, model in models.items():
+                torch.testing.assert_close(model(x), expected, rtol=1e-6, atol=1e-7, msg=f"{name} {k}'s output")
+    dicts = [getattr(m.model, attr) for m in ens.members]
+    assert len({id(d) for d in dicts}) == len(dicts)
+    if ens.skeleton.nested:
+        assert len({id(d["seen"]["widths"]) for d in dicts}) == len(dicts)
+
+
+@pytest.mark.parametrize(("attr", "nested"), [("stats", False), ("_stats", True)])
+@pytest.mark.parametrize("donated", [False, True])
+def test_a_forwards_counter_in_a_dict_reaches_every_member_as_in_its_solo_run(donated, attr, nested):
+    """Only plain values (numbers, lists of them) the forward set reached the other members, not a dict it changed in
+    place (``self.stats["calls"] += 1``), which stack and the donated step's check compare: the step refused the
+    members at its second call, donated or not, saying member 1's 'stats' differed from member 0's as if the user had
+    made them differ. Reference: each member's solo run (K = 3, vmapped)."""
+    loss_fn = _mse_loss
+    make = functools.partial(_CountsInADict, attr=attr, nested=nested)
+    batches = _four_batches()
+    ens, step = ensemble.stack(_members(make, 3)), ensemble.train_step(loss_fn, donated=donated)
+    for batch in batches:
+        ens, _ = step(ens, batch)
+    assert not step.unbatchable
+    _assert_dict_counters_are_their_solo_runs(ens, make, loss_fn, batches)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("donated", [False, True])
+def test_one_member_at_a_time_keeps_each_members_dict_counter_as_its_solo_run(donated, k):
+    """One member at a time (``.item()``), each member's forward must start from the dict as it was before the call
+    (not counting the refused vmapped attempt, nor the members before it), and every member must get it. Reference:
+    each member's solo run."""
+    make = functools.partial(_CountsInADict, attr="_stats", nested=True)
+    batches = _four_batches()
+    ens, step = ensemble.stack(_members(make, k)), ensemble.train_step(_checked_loss, donated=donated)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # (that it runs one member at a time)
+        for batch in batches:
+            ens, _ = step(ens, batch)
+    assert step.unbatchable
+    _assert_dict_counters_are_their_solo_runs(ens, make, _checked_loss, batches)
+
+
+class _PeakInADict(nn.Module):
+    """Divides by the largest output it has seen, kept in a dict (``attr``) from ``.item()``: each member's own."""
+
+    def __init__(self, seed, attr="stats"):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.lin = nn.Linear(4, 1)
+        self.attr = attr
+        setattr(self, attr, {"peak": 1.0})
+
+    def forward(self, x):
+        out = self.lin(x)
+        stats = getattr(self, self.attr)
+        stats["peak"] = max(stats["peak"], out.detach().abs().max().item())
+        return out / stats["peak"]
+
+
+@pytest.mark.parametrize("attr", ["stats", "_stats"])
+@pytest.mark.parametrize("donated", [False, True])
+def test_members_run_one_at_a_time_whose_forwards_set_a_dict_each_its_own_are_refused(donated, attr):
+    """A dict set from each member's own outputs cannot be kept for each member (every member runs member 0's
+    modules): refused naming it, before any update, the dict as before the call, the members usable."""
+    generator = torch.Generator().manual_seed(0)
+    batch = (torch.randn(8, 4, generator=generator) * 3, torch.randn(8, 1, generator=generator))
+    make = functools.partial(_PeakInADict, attr=attr)
+    ens = ensemble.stack(_members(make, 3))
+    before = [p.detach().clone() for p in ens.params.values()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # (that it runs one member at a time)
+        with pytest.raises(ValueError, match=rf"set '{attr}' of module \(model\) to \{{'peak': .*\}} for member 1 and "
+                                             r"\{'peak': .*\} for member 0"):
+            ensemble.train_step(_mse_loss, donated=donated)(ens, batch)
+    assert all(torch.equal(p, q) for p, q in zip(ens.params.values(), before))
+    assert [getattr(m.model, attr) for m in ensemble.unstack(ens)] == [{"peak": 1.0}] * 3
+
+
+class _CountsInATensor(nn.Module):
+    """Counts its calls in a plain tensor attribute (no buffer): ``self.n = self.n + 1``."""
+
+    def __init__(self, seed, attr="n"):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.lin = nn.Linear(4, 1)
+        self.attr = attr
+        setattr(self, attr, torch.zeros(()))
+
+    def forward(self, x):
+        setattr(self, self.attr, getattr(self, self.attr) + 1)
+        return self.lin(x) * getattr(self, self.attr).clamp(max=1)
+
+
+@pytest.mark.parametrize("loss_fn", [_mse_loss, _checked_loss],
+                         ids=["vmapped", "one member at a time"])
+@pytest.mark.parametrize("attr", ["n", "_n"])
+@pytest.mark.parametrize("donated", [False, True])
+def test_a_forwards_counter_in_a_tensor_attribute_is_refused_naming_it_and_put_back(donated, attr, loss_fn):
+    """The forward's ``self.n + 1`` is a tensor of the transformed call (it cannot be kept for any member): it was
+    refused as a tensor "kept" for inspection, and the attribute set to None, in member 0 and (a plain value the
+    forward set) in every member: the counter was lost. Now the refusal says the forward replaced it and how to keep
+    a count, and the counter is as it was in every member, the ensemble usable."""
+    generator = torch.Generator().manual_seed(0)
+    batch = (torch.randn(8, 4, generator=generator), torch.randn(8, 1, generator=generator))
+    make = functools.partial(_CountsInATensor, attr=attr)
+    ens = ensemble.stack(_members(make, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # (that it runs one member at a time)
+        with pytest.raises(RuntimeError, match=rf"replaced the tensor attribute\(s\) '{attr}' of module \(model\) "
+                                               r"in its forward \(put back as they were\).* as a Python number"):
+            ensemble.train_step(loss_fn, donated=donated)(ens, batch)
+    for member in ensemble.unstack(ens):
+        assert torch.equal(getattr(member.model, attr), torch.zeros(()))
