@@ -1015,7 +1015,8 @@ def _settings_diverged(model: nn.Module, where: str, k: int, first: list[dict[st
                 return (f"ensemble.train_step: {where} set {attr!r} of module {name or '(model)'} to "
                         f"{_short(b.get(attr, '<not set>'))} for member {k} and {_short(a.get(attr, '<not set>'))} for "
                         "member 0; the step runs member 0's modules for every member, which cannot keep a value of "
-                        "each member's own: keep such a value in a buffer, or train the members apart")
+                        "each member's own (nor can a buffer the forward changes): return such a value as a metric (each member's "
+                        "own), or train the members apart")
     return f"ensemble.train_step: {where} set the modules' settings otherwise for member {k} than for member 0"
 
 
