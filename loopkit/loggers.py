@@ -289,8 +289,12 @@ class RunDirLogger(Logger):
         self._leader: RunDirLogger | None = None
         self._pending_hparams: dict[str, Any] | None = None
         self._resume_pos: _Position | None = None  # resume_at's position, until the next write applies it
-        self._top_keys: set[frozenset[str]] = set()  # the records (their metric names) written at _top
+        self._top_records: set[_Written] = set()  # the records written at _top: their metric names and epoch
         self._relog: _Position | None = None  # a fit resumed at _top: a record logged there again rewinds first
+        self._relog_records: frozenset[_Written] = frozenset()  # _top_records when _relog was set (before the fit)
+        # the records (log_metrics calls) this logger wrote since its fit's resume position was applied, per file:
+        # the last ones there, which the fit's own rewind and redo never drop (only the records from before it)
+        self._new: dict[str, int] = {}
         self._redo: _Position | None = None  # where a resumed run went on from: its metrics logged again there
         self._redone: set[frozenset[str]] = set()  # the records already replaced at _redo's step
         self._top: int | None = None  # the highest step this logger has written metrics at, in this process
@@ -402,7 +406,9 @@ class RunDirLogger(Logger):
         replaces the folder's records (and TensorBoard's hyper-parameters; ``hparams.json`` is replaced when
         the new run logs its own), with a warning. A fit that goes on from where the last one ended drops
         nothing, but a record it logs again at that step (a retry whose checkpoint was saved before that
-        step's validation or epoch record) replaces the one there.
+        step's validation or epoch record) replaces the one there. A record is logged again when the resumed fit
+        logs the same metrics at that step in the same epoch (when both are told); the records the resumed fit
+        writes itself are never dropped by it.
 
         Epochs that made no update (every batch skipped, or every float16 update overflowed) record at the
         same step as the one before, so records are told apart by their step, their epoch and their metric
@@ -451,6 +457,7 @@ class RunDirLogger(Logger):
         folder = self.log_dir
         if self._resume_pos is not None:
             pos, self._resume_pos = self._resume_pos, None
+            self._new, self._relog, self._redo = {}, None, None  # (an earlier fit's: this one goes on from pos)
             last = self._last_record
             place = None if last is None else pos.place(*last)
             # (a fresh state after this logger's own records at step 0: those written before the fit stay, unless
@@ -458,7 +465,8 @@ class RunDirLogger(Logger):
             if last is None or (place == _AFTER and not (pos.fresh and last[0] == 0)):
                 self._resume(folder, pos)  # the folder's records, or this logger's own after pos: a rewind
             elif last[0] == pos.step and place != _BEFORE:  # a fit going on from this logger's last step: nothing
-                self._relog = pos  # to drop, unless it logs a record of that step again (a retry from before it)
+                # to drop, unless it logs again a record it had written at that step (a retry from before it)
+                self._relog, self._relog_records = pos, frozenset(self._top_records)
         if self._pending_hparams is not None:
             _write_json(os.path.join(folder, "hparams.json"), self._pending_hparams)
             self._pending_hparams = None
@@ -479,38 +487,54 @@ class RunDirLogger(Logger):
 
     def _make_room(self, metrics: Any, step: int) -> str:
         """The run folder, before ``metrics`` are written at ``step``: at the step a resumed run logs
-        again, an earlier record of the same metrics there is dropped first (once per set of metrics),
-        unless it is of an epoch before the resumed one."""
+        again, an earlier record of the same metrics and epoch there is dropped first (once per set of metrics),
+        unless it is of an epoch before the resumed one. Only records from before the fit are dropped: never
+        one it wrote itself."""
         folder = self._folder()
         keys = frozenset(metrics)
+        holds = "epoch" in keys
+        epoch = _epoch_value(metrics["epoch"]) if holds else self._epoch_now
         relog = self._relog
         if relog is not None and step >= relog.step:
-            if step == relog.step and keys in self._top_keys:  # logged again: rewound now, and replaced below
+            # logged again (the same metrics, of the same epoch, as a record before the fit): rewound now, and
+            # replaced below; another epoch's (epochs without an update share a step) is a new record
+            told = None if relog.epoch is None else epoch  # (a position without an epoch: by the metrics alone)
+            if step == relog.step and any(_same(written, keys, told) for written in self._relog_records):
                 self._relog = None
                 self._resume(folder, relog)
             elif step > relog.step:
                 self._relog = None
         if self._top is None or step > self._top:
-            self._top, self._top_keys = step, {keys}
+            self._top, self._top_records = step, {_Written(keys, epoch)}
         elif step == self._top:
-            self._top_keys.add(keys)
-        holds = "epoch" in keys
-        epoch = _epoch_value(metrics["epoch"]) if holds else self._epoch_now
+            self._top_records.add(_Written(keys, epoch))
         self._last_record = (step, epoch, holds)
         if holds:
             self._epoch_now = None if epoch is None else epoch + 1
         redo = self._redo
         if redo is not None and step == redo.step and keys not in self._redone:
             self._redone.add(keys)
-            self._drop_records(folder, lambda at, found, epoch: (
-                at != step or found != keys or redo.place(at, epoch, "epoch" in found) != _AGAIN))
+            told = None if redo.epoch is None else epoch
+            self._drop_records(folder, lambda at, found, was: (
+                at != step or not _same(_Written(found, was), keys, told)
+                or redo.place(at, was, "epoch" in found) != _AGAIN))
         return folder
 
     def _drop_records(self, folder: str, keep: Callable[[int, frozenset[str], int | None], bool]) -> int:
         """Drop from ``folder``'s files each record (one :meth:`log_metrics` call) for which ``keep(step,
         its metric names, its epoch)`` is false (its epoch as :func:`_record_epochs` tells it, None when
-        unknown); return how many were dropped. Loggers without files have none."""
+        unknown); return how many were dropped. The records this logger wrote since its fit's resume position
+        was applied (:meth:`_wrote`: the last ones of their file) are kept, unasked: a fit's rewind and redo
+        replace the records from before it, never its own. Loggers without files have none."""
         return 0
+
+    def _wrote(self, path: str) -> None:
+        """Count a record this logger just wrote (appended) to the file ``path``: one of its fit's own."""
+        self._new[path] = self._new.get(path, 0) + 1
+
+    def _old(self, path: str, records: int) -> int:
+        """How many of the file ``path``'s ``records`` (its first ones) are from before this logger's fit."""
+        return records - self._new.get(path, 0)
 
     def _write_hparams(self, hparams: dict[str, Any], metrics: dict[str, float] | None) -> None:
         # held back until the run folder is claimed, so that loggers can still share it
@@ -531,6 +555,24 @@ def _int_or_none(value: Any) -> int | None:
         return int(value)
     except (TypeError, ValueError):
         return None
+
+
+class _Written(NamedTuple):
+    """A record a logger wrote: its metric names, and the epoch it was logged in (None: not known)."""
+
+    keys: frozenset[str]
+    epoch: int | None
+
+
+def _same(written: _Written, keys: frozenset[str], epoch: int | None) -> bool:
+    """Whether a record of ``keys`` logged in ``epoch`` logs ``written`` again: the same metrics, of the same epoch
+    (when both epochs are known).
+
+    >>> was = _Written(frozenset({"val/mse"}), 0)
+    >>> _same(was, frozenset({"val/mse"}), 0), _same(was, frozenset({"val/mse"}), 1), _same(was, was.keys, None)
+    (True, False, True)
+    """
+    return written.keys == keys and (written.epoch is None or epoch is None or written.epoch == epoch)
 
 
 #: where a folder's record lies from a resumed fit's position (:meth:`_Position.place`): logged before it (kept),
@@ -741,20 +783,24 @@ def _scalar_records(path: str) -> list[tuple[int, int | None, bool]]:
 
 def _filter_event_file(
     path: str, keep: Callable[[int, frozenset[str], int | None], bool], last: dict[str, tuple[int, float]] | None = None,
-    epochs: Iterator[int | None] | None = None,
+    epochs: Iterator[int | None] | None = None, old: int | None = None,
 ) -> int:
     """Rewrite the event file ``path`` without the events for which ``keep(step, their tags, their epoch)`` is
     false (the file's version header is always kept); return how many were dropped. ``epochs`` gives, in order, the
-    epoch of each record (:func:`_scalar_records`); other events' is None. ``last`` collects the newest scalar kept
-    of each tag, ``tag: (step, value)``."""
+    epoch of each record (:func:`_scalar_records`); other events' is None. The records after the first ``old``
+    (None: all of them) are kept unasked, and the events after them. ``last`` collects the newest scalar kept of
+    each tag, ``tag: (step, value)``."""
     with open(path, "rb") as f:
         data = f.read()
-    out, dropped, read = [], 0, 0
+    out, dropped, read, records = [], 0, 0, 0
     for framed, event in _events(data):
         read += len(framed)
         tags = frozenset(v.tag for v in event.summary.value) if event.HasField("summary") else frozenset()
-        epoch = next(epochs) if epochs is not None and _holds_scalars(event) else None
-        if not event.HasField("file_version") and not keep(event.step, tags, epoch):
+        record = _holds_scalars(event)
+        epoch = next(epochs) if epochs is not None and record else None
+        records += record
+        own = old is not None and records > old  # (a record past the first old ones, or an event after it)
+        if not event.HasField("file_version") and not own and not keep(event.step, tags, epoch):
             dropped += 1
             continue
         if last is not None:
@@ -886,6 +932,11 @@ class TensorBoardLogger(RunDirLogger):
             self.open()
         self._file.add(summary, step)  # type: ignore[union-attr]
 
+    def _add_record(self, metrics: Mapping[str, float], step: int) -> None:
+        """``metrics`` as one event of scalars at ``step``: a record (:func:`_holds_scalars`)."""
+        self._add(_scalars(metrics), step)
+        self._wrote(self._file.path)  # type: ignore[union-attr]
+
     def _resume(self, folder: str, pos: _Position) -> None:
         for stale in os.listdir(folder):  # a rewrite a crash left unfinished (its file is whole: it was not replaced)
             if stale.startswith(".rewrite-"):
@@ -905,13 +956,23 @@ class TensorBoardLogger(RunDirLogger):
         self._purge_step = 0 if pos.fresh else pos.step + 1  # (TensorBoard purges by step alone)
 
     def _drop_records(self, folder: str, keep: Callable[[int, frozenset[str], int | None], bool]) -> int:
-        self._kept = {}  # (the records' epochs read over the files in name order: TensorBoard's, as they were written)
-        epochs = iter(_record_epochs([record for path in self._earlier for record in _scalar_records(path)]))
-        return sum(_filter_event_file(path, keep, self._kept, epochs) for path in self._earlier)
+        """Drop from the event files of :meth:`_resume` (:attr:`_earlier`) the records ``keep`` refuses (their
+        epochs read over all the folder's files in name order, TensorBoard's, as they were written: those opened
+        since, with the fit's records after them, tell the epochs of the records before them at their step)."""
+        self._kept = {}
+        files = sorted({*self._earlier, *_event_files(folder)}, key=os.path.basename)
+        records = {path: _scalar_records(path) for path in files}
+        epochs = _record_epochs([record for path in files for record in records[path]])
+        dropped, at = 0, 0
+        for path in files:
+            told, at = epochs[at:at + len(records[path])], at + len(records[path])
+            if path in self._earlier:
+                dropped += _filter_event_file(path, keep, self._kept, iter(told), self._old(path, len(told)))
+        return dropped
 
     def _write_metrics(self, metrics: dict[str, float], step: int) -> None:
         self._make_room(metrics, step)
-        self._add(_scalars(metrics), step)  # one event for the call's scalars, handed to the OS at once
+        self._add_record(metrics, step)  # one event for the call's scalars, handed to the OS at once
         self._file.flush()  # type: ignore[union-attr]
         self._last.update(metrics)
         self._last_step = max(self._last_step, step)
@@ -966,7 +1027,7 @@ class TensorBoardLogger(RunDirLogger):
         metrics = dict(self._last) if self._final_metrics is None else dict(self._final_metrics)
         unlogged = {k: v for k, v in metrics.items() if k not in self._last}
         if unlogged:  # final metrics never logged as scalars: add them, for the HPARAMS tab
-            self._add(_scalars(unlogged), self._last_step)
+            self._add_record(unlogged, self._last_step)
         # a resumed run's hyper-parameters replace those of its part before the resume, and a summary written again
         # (log_hparams after the fit, when it was given before too) the one before: TensorBoard reads the first
         earlier = list(self._earlier)
@@ -1040,10 +1101,10 @@ class CSVLogger(RunDirLogger):
             keys = frozenset(header[i] for i, v in enumerate(row[1:len(header)], 1) if v != "")
             epoch = _epoch_value(row[header.index("epoch")]) if "epoch" in keys else None
             records.append((_int_or_none(row[0] if row else ""), keys, epoch))
-        kept = []
+        kept, old = [], self._old(path, len(rows))
         epochs = _record_epochs([(at, epoch, "epoch" in keys) for at, keys, epoch in records])
-        for row, (at, keys, _), epoch in zip(rows, records, epochs, strict=True):
-            if at is not None and not keep(at, keys, epoch):
+        for i, (row, (at, keys, _), epoch) in enumerate(zip(rows, records, epochs, strict=True)):
+            if i < old and at is not None and not keep(at, keys, epoch):
                 dropped += 1
             else:
                 kept.append(row)
@@ -1076,6 +1137,7 @@ class CSVLogger(RunDirLogger):
         else:
             with open(self._path(self.filename), "a", newline="", encoding="utf-8") as f:
                 csv.DictWriter(f, columns, restval="").writerow(row)
+        self._wrote(self._path(self.filename))  # (the last row, rewritten or appended)
 
     def _rewrite(self, row: dict[str, float]) -> None:
         """The file again under the wider header: its rows as written (read back, not kept in
@@ -1127,10 +1189,10 @@ class JSONLLogger(RunDirLogger):
             keys = frozenset(record) - {"step"}
             records.append((line, _int_or_none(record.get("step")), keys,
                             _epoch_value(record["epoch"]) if "epoch" in keys else None))
-        kept = []
+        kept, old = [], self._old(path, len(records))
         epochs = _record_epochs([(at, epoch, "epoch" in keys) for _, at, keys, epoch in records])
-        for (line, at, keys, _), epoch in zip(records, epochs, strict=True):
-            if at is not None and not keep(at, keys, epoch):
+        for i, ((line, at, keys, _), epoch) in enumerate(zip(records, epochs, strict=True)):
+            if i < old and at is not None and not keep(at, keys, epoch):
                 dropped += 1
             else:
                 kept.append(line)
@@ -1140,8 +1202,10 @@ class JSONLLogger(RunDirLogger):
 
     def _write_metrics(self, metrics: dict[str, float], step: int) -> None:
         self._make_room(metrics, step)
-        with open(self._path(self.filename), "a", encoding="utf-8") as f:
+        path = self._path(self.filename)
+        with open(path, "a", encoding="utf-8") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
+        self._wrote(path)
 
 
 class ConsoleLogger(Logger):

@@ -313,6 +313,59 @@ def test_resume_at_tells_the_epochs_that_share_a_step_apart(tmp_path, make, same
     assert _logged(resumed.log_dir, make) == _logged(straight.log_dir, make)
 
 
+@pytest.mark.parametrize(
+    "before, after",
+    [
+        # the crash came at the end of epoch 0's validation: the retry logs it, then epoch 1 (no update) validates at
+        # step 2 too (of the same metrics: it dropped the retry's own epoch-0 validation)
+        ([(1, _LOSS), (2, _LOSS)],
+         [(2, _VAL), (2, {"epoch": 0.0, "train/loss_epoch": 0.7}), (2, {"val/acc": 0.5}), (2, {"epoch": 1.0}),
+          (3, _LOSS)]),
+        # the crash came at epoch 0's end, after a validation due at its last update, which the retry does not log
+        # again: epoch 1's validation at step 2 dropped the crashed fit's of epoch 0 as the same record logged again
+        ([(1, _LOSS), (2, _LOSS), (2, _VAL)],
+         [(2, {"epoch": 0.0, "train/loss_epoch": 0.7}), (2, {"val/acc": 0.5}), (2, {"epoch": 1.0}), (3, _LOSS)]),
+    ],
+)
+@pytest.mark.parametrize("same_logger", [False, True])
+@pytest.mark.parametrize("make", [CSVLogger, JSONLLogger, TensorBoardLogger])
+def test_a_fit_resumed_where_the_crashed_one_stopped_keeps_what_it_logs_at_a_step_its_epochs_share(
+    tmp_path, make, same_logger, before, after
+):
+    """Reference: the records logged once, straight. The crashed fit logged ``before`` and stopped at the end of
+    epoch 0 (step 2, batch 2); the retry (the same logger, or a new one) goes on from there, and epoch 1 makes no
+    update: its records are at step 2 too. A record of epoch 1 is not epoch 0's of the same metrics logged again."""
+    straight = make(tmp_path / "a", "run", version=0)
+    _log_all(straight, before + after)
+    straight.finalize()
+    crashed = make(tmp_path / "b", "run", version=0)
+    _log_all(crashed, before)
+    crashed.finalize()
+    resumed = crashed if same_logger else make(tmp_path / "b", "run", version=0)
+    resumed.resume_at(2, 0, 2)
+    _log_all(resumed, after)
+    resumed.finalize()
+    assert _logged(resumed.log_dir, make) == _logged(straight.log_dir, make)
+
+
+@pytest.mark.parametrize("make", [CSVLogger, JSONLLogger, TensorBoardLogger])
+def test_a_fits_rewind_and_redo_never_drop_a_record_the_fit_logged_itself(tmp_path, make):
+    """The same logger, resumed at its last step (by step alone): a record of metrics it had logged there (``lr``) is
+    logged again, so the records from before the fit are rewound there and that one is replaced; the fit's own
+    records at that step (``val/acc``, logged before and after it) all stay. Reference: those records, logged
+    straight into a logger of their own."""
+    logger = make(tmp_path / "b", "run", version=0)
+    _log_all(logger, _BEFORE)
+    logger.resume_at(2)
+    own = [(2, {"val/acc": 0.25}), (2, {"lr": 0.2}), (2, {"val/acc": 0.5}), (3, {"train/loss": 0.3})]
+    _log_all(logger, own)
+    logger.finalize()
+    straight = make(tmp_path / "a", "run", version=0)
+    _log_all(straight, _BEFORE[:-1] + own)
+    straight.finalize()
+    assert _logged(logger.log_dir, make) == _logged(straight.log_dir, make)
+
+
 @pytest.mark.parametrize("make", [CSVLogger, JSONLLogger, TensorBoardLogger])
 def test_a_folder_without_epoch_records_resumes_by_step_alone(tmp_path, make):
     """A folder whose records hold no epoch (written before the loggers told epochs apart, or by a loop of one's own

@@ -634,6 +634,73 @@ def test_a_run_resumed_at_a_step_its_epochs_share_logs_what_the_uninterrupted_ru
     assert epochs_at == [0, 1, 2, 3]  # (each epoch's record is there once)
 
 
+class _CrashOnce:
+    """Crashes once, at the end of epoch 0's validation (``"validation"``) or of epoch 0 (``"epoch"``)."""
+
+    def __init__(self, hook):
+        self.hook, self.done = hook, False
+
+    def _crash(self, hook):
+        if hook == self.hook and not self.done:
+            self.done = True
+            raise RuntimeError("crash")
+
+    def on_validation_end(self, state, metrics):
+        self._crash("validation")
+
+    def on_epoch_end(self, state, metrics):
+        self._crash("epoch")
+
+
+@pytest.mark.parametrize("resumed_by", ["state_at_error", "restore"])
+@pytest.mark.parametrize(
+    "crash, val_every_n_steps",
+    [
+        ("validation", None),  # epoch 0's validation: the retry logs it, and epoch 1's dropped it (the retry's own)
+        ("epoch", 2),  # epoch 0's, due at step 4 before its end: the crashed fit's, that the retry does not log again
+    ],
+)
+def test_a_fit_retried_with_the_same_loggers_at_a_step_its_epochs_share_keeps_what_it_logs_there(
+    crash, val_every_n_steps, resumed_by, tmp_path, make_mlp, make_batches, make_sgd_state
+):
+    """Reference: the uninterrupted run's files. Epoch 1 makes no update: epochs 0 and 1 both validate and record at
+    step 4. The fit crashes at the end of epoch 0's validation (or of epoch 0) and is retried in the same process,
+    with the same loggers, from ``state_at_error`` or a ``restore`` of its checkpoint at step 4. The loggers took
+    epoch 1's validation at step 4 (the same metrics as epoch 0's) for epoch 0's logged again and dropped epoch 0's
+    validation there."""
+    batches = make_batches(4)
+    evaluator = eval_step(mse_metric)
+
+    def pipeline(root, directory):
+        loggers = [TensorBoardLogger(root, "run", version=0), CSVLogger(root, "run", version=0),
+                   JSONLLogger(root, "run", version=0)]
+        loss = _Skipping({1})
+        step = loopkit.with_checkpointing(with_logging(train_step(loss), *loggers, every_n_steps=1), directory,
+                                          every_n_steps=1)
+        return step, loss
+
+    def fit(pipe, state, callbacks=()):
+        step, loss = pipe
+        run_epochs(step, state, batches, epochs=2, val=(evaluator, batches[:1]), callbacks=[loss, *callbacks],
+                   progress=False, sanity_val_batches=0, val_every_n_steps=val_every_n_steps)
+
+    fit(pipeline(tmp_path / "a", tmp_path / "ca"), make_sgd_state(make_mlp()))
+    pipe = pipeline(tmp_path / "b", tmp_path / "cb")
+    with pytest.raises(RuntimeError, match="crash") as error:
+        fit(pipe, make_sgd_state(make_mlp()), [_CrashOnce(crash)])
+    if resumed_by == "state_at_error":
+        state = loopkit.state_at_error(error.value)
+    else:
+        state = loopkit.restore(make_sgd_state(make_mlp()), tmp_path / "cb")
+    assert state.step == 4
+    fit(pipe, state)
+    straight = _logged_files(tmp_path / "a" / "run" / "version_0")
+    assert _logged_files(tmp_path / "b" / "run" / "version_0") == straight
+    at_4 = [json.loads(line) for line in straight[1].splitlines() if json.loads(line)["step"] == 4]
+    kinds = ["val" if "val/mse" in r else "epoch %d" % r["epoch"] if "epoch" in r else "train" for r in at_4]
+    assert kinds == ["train", "val", "epoch 0", "val", "epoch 1"]  # (both epochs validate and record there)
+
+
 def test_with_logging_tells_a_logger_of_ones_own_the_step_alone_when_its_resume_at_takes_no_epoch(
     make_mlp, make_batches, make_sgd_state
 ):
