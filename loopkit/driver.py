@@ -307,23 +307,47 @@ def _new_generators(candidates: list[Any], known: list[torch.Generator]) -> list
 
 
 def _batch_size(batch: Any) -> int:
-    """The length of the batch's first tensor with a batch dimension, depth first through mappings,
-    lists, tuples and dataclasses (a collated tuple of strings or a 0-dim tensor before it does not
-    count), else as an object of one's own says (a ``collate_fn``'s batch class: :func:`_own_batch_size`);
-    1 when there is none. Tensors that disagree get a warning, as Lightning's ``extract_batch_size`` gives: the
-    means may be weighted by a size that is not the batch's (a ``lengths`` tensor before the inputs)."""
+    """The size that weights ``batch`` in the means: :func:`_sizes`' first, without a word."""
+    return _sizes(batch)[0]
+
+
+def _sizes(batch: Any) -> tuple[int, list[int]]:
+    """The batch's size and, where its tensors disagree, their distinct first dimensions (else ``[]``).
+
+    The size is the length of the batch's first tensor with a batch dimension, depth first through mappings,
+    lists, tuples and dataclasses (a collated tuple of strings or a 0-dim tensor before it does not count), else
+    as an object of one's own says (a ``collate_fn``'s batch class: :func:`_own_batch_size`); 1 when there is
+    none. Disagreeing tensors are what Lightning's ``extract_batch_size`` warns of: the means may be weighted by a
+    size that is not the batch's (a ``lengths`` tensor before the inputs); :class:`_SizeWarning` says so."""
     sizes = [int(t.shape[0]) for t in tensors(batch) if t.ndim > 0]
     found = sizes[0] if sizes else None
-    if found is not None and any(size != found for size in sizes):
-        warnings.warn(
-            f"the batch's tensors differ in their first dimension ({sorted(set(sizes))}): its size, which weights the "
-            f"validation and evaluate means, is taken from the first one ({found}); put a tensor of the batch's "
-            "samples first (or a batch class of one's own with a __len__), or the means are weighted wrongly",
-            stacklevel=3,
-        )
+    differ = sorted(set(sizes)) if len(set(sizes)) > 1 else []
     if found is None and not isinstance(batch, (torch.Tensor, str, bytes)) and hasattr(batch, "__dict__"):
         found = _own_batch_size(batch)
-    return 1 if found is None else found
+    return (1 if found is None else found), differ
+
+
+class _SizeWarning:
+    """The warning that a batch's tensors differ in their first dimension, given once per owner (an
+    ``evaluate``, or a ``run_epochs``' validations together), as Lightning warns once of an ambiguous batch: a
+    set of varying shapes (token lengths, graph nodes) would otherwise warn once per distinct shape."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+        self.given = False
+
+    def __call__(self, sizes: list[int], taken: int) -> None:
+        """Warn of ``sizes`` (the batch's distinct first dimensions; ``taken`` weighted it) unless warned before."""
+        if self.given or not sizes:
+            return
+        self.given = True
+        warnings.warn(
+            f"{self.where}: the batch's tensors differ in their first dimension (first seen: {sizes}): its size, which "
+            f"weights the means, is taken from its first tensor ({taken}), here and in every such batch (warned once); "
+            "put a tensor of the batch's samples first, or collate into a batch class of one's own with a __len__, "
+            "or the means are weighted wrongly",
+            stacklevel=4,
+        )
 
 
 def _own_batch_size(batch: Any) -> int | None:
@@ -400,8 +424,11 @@ def evaluate(
     """Run ``eval_step`` over ``data``; return each metric's mean weighted by batch size.
 
     The batch size is the length of the first tensor in the batch (a batch without a tensor,
-    a list of strings, counts as one; tensors of other lengths get a warning, as in Lightning). The sums stay on the device until the end, where they
-    are read once. No means (data that yields no batch, unless ``limit=0`` asked for none)
+    a list of strings, counts as one). Tensors of other lengths (token sequences, a graph's nodes) get a warning,
+    once per ``evaluate`` (once per ``run_epochs`` for its validations), as Lightning warns once of an ambiguous
+    batch; to give the size yourself (Lightning's ``self.log(..., batch_size=n)``) put a tensor of the samples
+    first, or collate into a batch class of your own with a ``__len__``. The sums stay on the device until the
+    end, where they are read once. No means (data that yields no batch, unless ``limit=0`` asked for none)
     gives ``{}`` with a warning.
 
     Under ``torch.distributed`` (a process group of more than one rank) each rank
@@ -434,8 +461,9 @@ def evaluate(
         raise TypeError("evaluate: the step is a train_step, whose metrics are training-mode losses of updates "
                         "on copies; pass eval_step(metric_fn)")
     means: dict[str, float] = {}
+    size_warning = _SizeWarning("evaluate")  # (once for every set: one evaluate, one warning)
     for name, one in sets:
-        own, _ = _evaluate(step, state, one, limit, device, reduce)
+        own, _ = _evaluate(step, state, one, limit, device, reduce, size_warning=size_warning)
         if not own and limit != 0 and name is not None:
             warnings.warn(f"evaluate: no means for data[{name!r}]: it yielded no batch (empty, or an iterator used "
                           "up), or the step returned no metric", RuntimeWarning, stacklevel=2)
@@ -449,13 +477,15 @@ def evaluate(
 
 def _evaluate(
     step: Any, state: TrainState, data: Iterable, limit: int | float | None, device: torch.device | str | None,
-    reduce: bool, *, seeded: bool = False,
+    reduce: bool, *, seeded: bool = False, size_warning: _SizeWarning | None = None,
 ) -> tuple[dict[str, float], int]:
     """:func:`evaluate` without telling the step that it ended (``run_epochs``' validations: one profile spans them),
     and the number of batches it read (this rank's).
 
     ``seeded``: a shuffling loader's order comes from ``(state.seed, state.step)``, not from the global RNG
-    (which is left as it was): a resumed run validates in the uninterrupted run's order, to the last bit."""
+    (which is left as it was): a resumed run validates in the uninterrupted run's order, to the last bit.
+    ``size_warning`` warns of batches whose tensors differ in their first dimension (a new one when not given)."""
+    size_warning = _SizeWarning("evaluate") if size_warning is None else size_warning
     limit = _check_limit(limit, "limit")
     count = _num_batches(data, limit, "limit", shard=reduce)  # (reduced: a rank's empty shard reads nothing)
     if reduce:
@@ -468,7 +498,8 @@ def _evaluate(
     for read, batch in enumerate(batches or (), 1):
         if move is not None:
             batch = move(batch)
-        size = _batch_size(batch)
+        size, differ = _sizes(batch)
+        size_warning(differ, size)
         _, metrics = step(state, batch)
         for key, value in metrics.items():
             weighted = value.to(_collective.sum_dtype(value)) * size
@@ -1701,6 +1732,7 @@ def run_epochs(
     shown: dict[str, float] = {}  # the latest validation's means, which the progress bars show
 
     val_sets = None if val is None else _ValSets(val[1], limit_val_batches)
+    size_warning = _SizeWarning("run_epochs: a validation")  # (once a fit, the sanity check's included)
 
     def validate(current: TrainState, sanity: bool = False, epoch: int | None = None) -> dict[str, float]:
         """The validation of epoch ``epoch`` (``current.epoch`` by default; an epoch's end validates a state at the
@@ -1713,7 +1745,7 @@ def run_epochs(
                 limited = _num_batches(data, limit_val_batches, "limit_val_batches", shard=True)
                 if sanity_val_batches != -1:  # (-1: all of them, as Lightning's num_sanity_val_steps=-1)
                     limit = sanity_val_batches if limited is None else min(sanity_val_batches, limited)
-            means, read = _evaluate(val_step, current, data, limit, device, True, seeded=True)
+            means, read = _evaluate(val_step, current, data, limit, device, True, seeded=True, size_warning=size_warning)
             if not read and not means:  # (under DDP a rank's empty shard is fine: the others' batches give the means)
                 warnings.warn(f"run_epochs: a validation read no batch: {val_sets.described(name, epoch)} yielded none "
                               "(an empty stream, or an iterator used up)", RuntimeWarning, stacklevel=3)

@@ -668,14 +668,14 @@ def test_evaluate_weights_by_the_first_tensor_with_a_batch_dimension(collate):
 def test_evaluate_warns_when_the_batchs_tensors_disagree_on_its_size_as_lightning_does():
     """A ``lengths`` tensor of 2 before 3 samples weighted the batch by 2 with no word (Lightning's
     extract_batch_size warns of an ambiguous collection). The mean is still the first tensor's weighting, now
-    with a warning naming the sizes; a batch whose tensors agree gets none."""
+    with a warning naming the sizes (once an evaluate: see the next test); a batch whose tensors agree gets none."""
     g = torch.Generator().manual_seed(3)
     x, y = torch.randn(4, 3, generator=g), torch.randn(4, 1, generator=g)
     data = [{"lens": torch.tensor([1, 2]), "x": x[:3], "y": y[:3]}, {"lens": torch.tensor([1, 2]), "x": x[3:], "y": y[3:]}]
     step = eval_step(lambda m, b: {"mse": mse(m, (b["x"], b["y"]))})
     state = make_state()
-    with pytest.warns(UserWarning, match=r"the batch's tensors differ in their first dimension \(\[2, 3\]\): .* "
-                                         r"taken from the first one \(2\)"):
+    with pytest.warns(UserWarning, match=r"the batch's tensors differ in their first dimension \(first seen: \[2, 3\]\): "
+                                         r".* taken from its first tensor \(2\)"):
         got = evaluate(step, state, data)
     with torch.no_grad():
         per_batch = [((state.model(b["x"]) - b["y"]) ** 2).mean().item() for b in data]
@@ -683,6 +683,58 @@ def test_evaluate_warns_when_the_batchs_tensors_disagree_on_its_size_as_lightnin
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         evaluate(step, state, [{"x": b["x"], "y": b["y"]} for b in data])
+
+
+def _ragged_batches(n: int) -> list[tuple[torch.Tensor, list[torch.Tensor]]]:
+    """``n`` batches of (4 labels, 4 token sequences whose lengths vary from batch to batch): the size is the
+    labels' (4), and the sequences' first dimensions make another set of sizes in nearly every batch."""
+    g = torch.Generator().manual_seed(5)
+    lens = [[3 + (i * 7 + j * 3) % 11 for j in range(4)] for i in range(n)]
+    return [(torch.randn(4, generator=g), [torch.randn(k, generator=g) for k in ls]) for ls in lens]
+
+
+def _size_warnings(caught: list[warnings.WarningMessage]) -> list[str]:
+    return [str(w.message) for w in caught if "differ in their first dimension" in str(w.message)]
+
+
+def test_one_evaluate_over_batches_of_varying_shapes_warns_once_and_weights_by_the_first_tensor():
+    """The warning held each batch's set of sizes, so Python's once-per-message filter let one through per
+    distinct shape: 20 batches of varying token lengths gave 11 (Lightning warns once of an ambiguous batch).
+    Under the "always" filter, which repeats every warning given, one evaluate gives exactly one; so does a
+    mapping of two sets (one evaluate). The means stay the labels-weighted means computed by hand."""
+    data = _ragged_batches(20)
+    data[3] = (torch.randn(2), data[3][1])  # a smaller batch: the weighting is seen
+    step = eval_step(lambda m, b: {"mean": b[0].mean(), "first": b[1][0].sum()})
+    weights = [float(len(b[0])) for b in data]
+    want = {"mean": sum(b[0].sum().item() for b in data) / sum(weights),
+            "first": sum(w * b[1][0].sum().item() for w, b in zip(weights, data)) / sum(weights)}
+    for given, names in ((data, ("mean", "first")), ({"a": data, "b": data[:5]}, ("mean/a", "first/a"))):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got = evaluate(step, TrainState.create(nn.Identity()), given)
+        assert len(_size_warnings(caught)) == 1, _size_warnings(caught)
+        assert _size_warnings(caught)[0].startswith("evaluate: ")
+        assert [got[n] for n in names] == pytest.approx([want["mean"], want["first"]], rel=1e-6)
+    with warnings.catch_warnings(record=True) as caught:  # each evaluate says it anew
+        warnings.simplefilter("always")
+        for _ in range(2):
+            evaluate(step, TrainState.create(nn.Identity()), data[:2])
+    assert len(_size_warnings(caught)) == 2
+
+
+def test_a_fit_whose_validation_batches_vary_in_shape_warns_once():
+    """The sanity check and every epoch's validation (and a validation every n steps) read the same ragged
+    set: one fit warns once, not once per batch or per distinct shape; the validation means stay the
+    labels-weighted mean."""
+    val = _ragged_batches(6)
+    step = eval_step(lambda m, b: {"label": b[0].mean()})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, history = run_epochs(train_step(mse), make_state(), make_data(3), epochs=3, val=(step, val),
+                                val_every_n_steps=2, progress=False)
+    assert len(_size_warnings(caught)) == 1, _size_warnings(caught)
+    assert _size_warnings(caught)[0].startswith("run_epochs: a validation: ")
+    assert history[-1]["val/label"] == pytest.approx(torch.cat([b[0] for b in val]).mean().item(), rel=1e-6)
 
 
 @pytest.mark.parametrize("limit, batches", [(2, 2), (0.5, 2), (0.75, 3), (None, 4)])
