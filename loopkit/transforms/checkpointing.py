@@ -203,6 +203,11 @@ class CheckpointStep(UpdateStep):
                 # a fit that ended mid-epoch (max_steps, a callback's stop at a step validation): its end is the
                 # newest checkpoint, as Lightning's last one holds it (its epoch-end save comes at such an end)
                 self._save_all_ranks(state, "fit_end", score=None)
+            elif event == "fit_end" and state.batch_index != 0 and self.monitor is not None and _recorded(state):
+                # the monitor alone saves (keep_last=0, or no every_n_*): a checkpoint its validation took at this
+                # update before the epoch was recorded here is replaced by the recorded state, with its score; no
+                # checkpoint is added where there was none
+                self._save_all_ranks(state, "fit_end", score=None, rerecord_only=True)
             self.saver.defer, self.saver.due, self.saver.epoch_val, self.saver.start = False, None, None, None
             self.saver.last, self.saver.last_recorded = None, False  # a later run with this step saves afresh, even
             # at the same position
@@ -255,10 +260,13 @@ class CheckpointStep(UpdateStep):
             value = _worst(self.mode)
         self._save_all_ranks(state, due or f"monitor {self.monitor}", score=value, due=due is not None)
 
-    def _save_all_ranks(self, state: TrainState, reason: str, score: float | None, *, due: bool = True) -> None:
+    def _save_all_ranks(
+        self, state: TrainState, reason: str, score: float | None, *, due: bool = True, rerecord_only: bool = False
+    ) -> None:
         """A save this transform makes itself, which every rank reaches at the same point: under DDP the
         running sums and records of every rank go into it (:func:`loopkit._window.over_ranks`, a collective), then
-        rank 0 writes it."""
+        rank 0 writes it (``rerecord_only``: only where it replaces a checkpoint taken before the record,
+        :meth:`_plan`)."""
         if not self.saver.checked:  # (a lazy module's shapes are known once a step ran)
             self._check_directory(state, agreed=True)
         extras = over_ranks(state.extras, state.rng, state.model)
@@ -270,9 +278,11 @@ class CheckpointStep(UpdateStep):
             if owed:
                 extras[SAVE_DUE] = True
         state = state if extras is state.extras else replace_extras(state, extras)
-        self._persist(state, reason, score, due=due)
+        self._persist(state, reason, score, due=due, rerecord_only=rerecord_only)
 
-    def _persist(self, state: TrainState, reason: str, score: float | None, *, due: bool = True) -> None:
+    def _persist(
+        self, state: TrainState, reason: str, score: float | None, *, due: bool = True, rerecord_only: bool = False
+    ) -> None:
         """Save ``state`` (rank 0) with ``score`` if given; a scored save that is not ``due`` otherwise is
         made only if the score ranks among the best. A fit's first save at the position it began from, which
         the directory's newest checkpoint holds (a relaunch from it: its step save made before the validation
@@ -292,7 +302,7 @@ class CheckpointStep(UpdateStep):
         sharded = is_sharded(core_module(state.model))
         plan: tuple[Position, float | None, str | None, bool] | None = None
         try:
-            plan = self._plan(state, reason, score, due) if writer else None
+            plan = self._plan(state, reason, score, due, rerecord_only) if writer else None
         except BaseException:
             if sharded and _collective.active():
                 _collective.from_rank_zero(_FAILED)  # (the others wait for rank 0's word)
@@ -335,12 +345,14 @@ class CheckpointStep(UpdateStep):
         saver.run(task, self.async_save)
 
     def _plan(
-        self, state: TrainState, reason: str, score: float | None, due: bool
+        self, state: TrainState, reason: str, score: float | None, due: bool, rerecord_only: bool = False
     ) -> tuple[Position, float | None, str | None, bool] | None:
         """Rank 0's decision on a save of ``state`` (see :meth:`_persist`): None for none at all (a lazy model),
         else its position, its score (one carried over from the checkpoint it supersedes), that checkpoint
         and whether a new checkpoint is written (False: the position is saved already, or the score does not
-        rank; a score may still go to the position's checkpoint). Nothing is gathered or written here."""
+        rank; a score may still go to the position's checkpoint). Nothing is gathered or written here.
+        ``rerecord_only`` (a fit's end where only the monitor saves): None unless the save replaces the
+        position's checkpoint taken before the epoch's record (:meth:`_rerecorded`)."""
         lazy = _uninitialized(state.model)
         if lazy:  # (nothing trained yet: nothing is lost; checkpoint.save itself refuses such a state)
             warnings.warn(f"with_checkpointing: no checkpoint at step {state.step} ({reason}): the model's lazy "
@@ -361,8 +373,10 @@ class CheckpointStep(UpdateStep):
             self._warn_of_another_run(position)
         if saver.last == position:
             if saver.last_recorded or not _recorded(state):
-                return position, score, None, False
+                return None if rerecord_only else (position, score, None, False)
             return self._rerecorded(position, score)
+        if rerecord_only:
+            return None
         if score is not None:
             saver.wait()  # a pending save's score counts in the ranking, as it does without async_save
         if score is not None and not due and not self._ranks(score):
@@ -666,7 +680,9 @@ def with_checkpointing(
       ``keep_best`` checkpoints with the best value, besides the last ``keep_last``
       (None keeps all; 0 keeps the best alone, as Lightning's ``ModelCheckpoint(monitor=...,
       save_top_k=k)`` without ``save_last``: then an unscored save, a graceful stop's (what a
-      relaunch resumes from) or one of :meth:`CheckpointStep.save`, is kept until the next save). A ``val/`` metric is read after each validation, any other
+      relaunch resumes from) or one of :meth:`CheckpointStep.save`, is kept until the next save; a fit ending
+      mid-epoch at an update its validation saved replaces that checkpoint, score kept, by the state holding the
+      epoch's record, so a relaunch from it does not record the epoch again). A ``val/`` metric is read after each validation, any other
       (``train/loss``) after each epoch; a validation at a position not yet saved saves
       one only when it ranks among the best. With a monitor, ``keep_best`` is at least 1
       (0 would keep nothing for the score: leave ``monitor`` out instead); without one it

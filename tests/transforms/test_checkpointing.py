@@ -1535,3 +1535,73 @@ def test_a_stop_asked_at_a_step_validation_mid_epoch_leaves_a_checkpoint_a_relau
                                 callbacks=[Stop(), ends], **kw)
     assert (history, ends.calls) == ([], 0)
     assert _marks(tmp_path) == [(3, 0, 3, False, 3)]
+
+
+class _StopAtValidation(loopkit.Callback):
+    """Asks to stop at the first validation it sees (kept in checkpoints, as a stateful callback's counters)."""
+
+    def __init__(self) -> None:
+        self.should_stop = False
+
+    def on_validation_end(self, state, metrics):
+        self.should_stop = True
+
+    def state_dict(self):
+        return {"should_stop": self.should_stop}
+
+    def load_state_dict(self, state_dict):
+        self.should_stop = state_dict["should_stop"]
+
+
+@pytest.mark.parametrize("keep_last, keep_best", [(0, 1), (0, 2), (2, 1)])
+@pytest.mark.parametrize("end", ["max_steps", "stop", "crash"])
+def test_a_monitor_alone_at_a_fit_ending_mid_epoch_leaves_the_recorded_checkpoint_scored(tmp_path, keep_last,
+                                                                                          keep_best, end):
+    # Only the monitor saves (keep_last=0, Lightning's save_top_k without save_last; or no every_n_*): its validation
+    # at step 3, where the fit ends mid-epoch (max_steps, or a callback's stop there), took the best checkpoint before
+    # the epoch was recorded at that update, and the fit's end saved nothing (only every_n_* made a fit_end save): the
+    # directory kept the unrecorded checkpoint, and a relaunch from it recorded epoch 0 again (history row,
+    # on_epoch_end). Now the recorded state replaces it, with the validation's score. References: the same run saving
+    # every_n_steps=3 with keep_last=None (its checkpoint: the state the uninterrupted run ends with), the score
+    # evaluated on the restored model; with a crash in on_epoch_end, the relaunch records the epoch once, as owed
+    data = _owed_data(6)
+    loss = lambda m, b: {"loss": _mse(m, b)}  # noqa: E731
+    kw = dict(epochs=3, max_steps=None if end == "stop" else 3, val=(loopkit.eval_step(loss), data[:2]),
+              val_every_n_epochs=None, val_every_n_steps=3, sanity_val_batches=0, progress=False)
+
+    def make(directory, **options):
+        options = options or dict(keep_last=keep_last, monitor="val/loss", keep_best=keep_best)
+        return with_checkpointing(train_step(_mse), directory, **options)
+
+    def callbacks(*more):
+        return [_StopAtValidation(), *more] if end == "stop" else list(more)
+
+    run_epochs(make(tmp_path / "plain", every_n_steps=3, keep_last=None), _state(scheduler=False), data,
+               callbacks=callbacks(), **kw)
+    crash = [_RaiseOnce("on_epoch_end", 1)] if end == "crash" else []
+    if crash:
+        with pytest.raises(RuntimeError, match="boom"):
+            run_epochs(make(tmp_path / "a"), _state(scheduler=False), data, callbacks=callbacks(*crash), **kw)
+        ends = _EpochEnds()  # the relaunch records the epoch the crash left unrecorded, once
+        _, history = run_epochs(make(tmp_path / "a"), loopkit.restore(_state(scheduler=False), tmp_path / "a"), data,
+                                callbacks=callbacks(ends), **kw)
+        assert ([r["epoch"] for r in history], ends.calls) == ([0], 1)
+    else:
+        _, history = run_epochs(make(tmp_path / "a"), _state(scheduler=False), data, callbacks=callbacks(), **kw)
+        assert [r["epoch"] for r in history] == [0]
+    assert _marks(tmp_path / "a") == _marks(tmp_path / "plain") == [(3, 0, 3, False, 3)]
+    _same_restored(tmp_path / "a", tmp_path / "plain")
+    [newest] = checkpoint.list_checkpoints(tmp_path / "a")
+    restored = loopkit.restore(_state(scheduler=False), newest.path)
+    scores = json.loads((tmp_path / "a" / "scores.json").read_text())["scores"]
+    assert scores == {newest.name: pytest.approx(float(loopkit.evaluate(loopkit.eval_step(loss), restored,
+                                                                        data[:2])["loss"]), rel=1e-6)}
+    for _ in range(2):  # relaunches of the finished run do nothing
+        ends = _EpochEnds()
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", ".*asks to stop at once")  # (the stop, restored)
+            _, history = run_epochs(make(tmp_path / "a"), loopkit.restore(_state(scheduler=False), tmp_path / "a"),
+                                    data, callbacks=callbacks(ends), **kw)
+        assert (history, ends.calls) == ([], 0)
+        assert _marks(tmp_path / "a") == [(3, 0, 3, False, 3)]
+        assert json.loads((tmp_path / "a" / "scores.json").read_text())["scores"] == scores
