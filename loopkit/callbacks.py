@@ -226,7 +226,9 @@ class EarlyStopping(MonitorCallback):
     improvement exactly when it does in Lightning (here it does not: in float32,
     0.9 + 0.1 is 1.0). The metrics reach the callback as Python floats, so this costs no
     device sync. (A metric Lightning logs in float64 it compares in float64; loopkit's
-    callbacks see Python floats and always use float32.)
+    callbacks see Python floats and always use float32.) A negative ``min_delta`` is a tolerance, as
+    in Lightning: a value up to ``-min_delta`` worse than ``best`` still counts as an improvement
+    (and becomes ``best``).
 
     >>> stopper = EarlyStopping("train/loss", patience=2, mode="min", min_delta=0.1)
     >>> for loss in (1.0, 0.95, 0.92):
@@ -264,8 +266,8 @@ class EarlyStopping(MonitorCallback):
         patience_, min_delta_ = as_int(patience), as_real(min_delta)
         if patience_ is None or patience_ < 0:  # (0, as in Lightning: stop at the first check without improvement)
             raise ValueError(f"EarlyStopping: patience must be an int >= 0, got {patience!r}")
-        if min_delta_ is None or not min_delta_ >= 0:
-            raise ValueError(f"EarlyStopping: min_delta must be >= 0, got {min_delta!r}")
+        if min_delta_ is None or not math.isfinite(min_delta_):  # (< 0, as in Lightning: a tolerance of a worse value)
+            raise ValueError(f"EarlyStopping: min_delta must be a finite number, got {min_delta!r}")
         patience, min_delta = patience_, min_delta_
         if not isinstance(check_finite, bool):
             raise TypeError(f"EarlyStopping: check_finite must be True or False, got {check_finite!r}")

@@ -188,7 +188,8 @@ def test_a_validation_monitor_in_a_fit_without_validation_is_refused_before_trai
 
 @pytest.mark.parametrize(
     "kwargs, match",
-    [({"mode": "avg"}, "mode"), ({"patience": -1}, "patience"), ({"min_delta": -1.0}, "min_delta")],
+    [({"mode": "avg"}, "mode"), ({"patience": -1}, "patience"), ({"min_delta": float("nan")}, "min_delta"),
+     ({"min_delta": float("-inf")}, "min_delta"), ({"min_delta": "0.1"}, "min_delta")],
 )
 def test_early_stopping_bad_options(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -282,6 +283,24 @@ def test_early_stopping_decides_improvement_as_lightning_does_at_the_min_delta_b
         stopper = loopkit.EarlyStopping("val/loss", patience=1, mode=mode_, min_delta=min_delta)
         assert [s for s, _, _ in loopkit_early_stopping_trace(stopper, values)] == [False, True]
         assert stopper.best == float(torch.tensor(values[0]))
+
+
+@pytest.mark.parametrize("mode", ["min", "max"])
+def test_a_negative_min_delta_is_a_tolerance_as_in_lightning(mode):
+    """Lightning accepts min_delta < 0: a value up to -min_delta worse still improves (and becomes the best).
+    loopkit refused it, so a ported EarlyStopping(min_delta=-0.5) failed to construct."""
+    losses = [5.0, 4.0, 4.3, 4.2, 4.6, 4.9, 5.5, 6.0]
+    values = losses if mode == "min" else [-v for v in losses]
+    expected = lightning_early_stopping(values, mode=mode, patience=1, min_delta=-0.5)
+    stopper = loopkit.EarlyStopping("val/loss", patience=1, mode=mode, min_delta=-0.5)
+    assert loopkit_early_stopping_trace(stopper, values) == expected
+    # by hand: 4.3 (0.3 worse than 4.0) ... 4.9 each improve within the tolerance; 5.5 (0.6 worse) is the first
+    # that does not, so the 7th check stops with 4.9 the best
+    assert len(expected) == 7 and expected[-1] == (True, 1, float(torch.tensor(values[5])))
+    state, history, _ = run_with_stopper({i + 1: v for i, v in enumerate(values)},
+                                         loopkit.EarlyStopping("val/score", patience=1, mode=mode, min_delta=-0.5),
+                                         epochs=len(values))
+    assert len(history) == state.epoch == 7
 
 
 def test_run_epochs_with_early_stopping_trains_as_many_epochs_as_lightning():
