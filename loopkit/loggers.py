@@ -664,6 +664,22 @@ def _replace_file(path: str, content: str | bytes, temporary: str | None = None)
     os.replace(temporary, path)
 
 
+def _cut_torn_row(path: str) -> None:
+    """Drop the torn last row of a run killed mid-write (its file does not end with a newline): the next
+    row appended would run on from it. A file without a whole line is left as it is."""
+    with open(path, "rb") as f:
+        if f.seek(0, os.SEEK_END) == 0:
+            return
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) == b"\n":
+            return
+        f.seek(0)
+        data = f.read()
+    end = data.rfind(b"\n")
+    if end >= 0:
+        _replace_file(path, data[: end + 1])
+
+
 def _tensorflow_bins() -> tuple[float, ...]:
     """TensorBoard's default histogram buckets (what ``SummaryWriter.add_histogram`` uses): +-1e-12 * 1.1**k up to 1e20."""
     buckets = []
@@ -1048,7 +1064,8 @@ class CSVLogger(RunDirLogger):
 
     Columns grow as new metrics appear: the file is rewritten with the wider header, so it
     always has one header row, and a row leaves blank the metrics it does not have. Rows are
-    written as they come (nothing is lost if the run dies). Floats are written exactly.
+    written as they come (nothing is lost if the run dies; a row torn by a kill mid-write is dropped when
+    the folder is written to again, with or without :meth:`resume_at`). Floats are written exactly.
 
     >>> import tempfile
     >>> tmp = tempfile.TemporaryDirectory()
@@ -1082,6 +1099,8 @@ class CSVLogger(RunDirLogger):
                     f"CSVLogger: {path} was not written by a CSVLogger (its first column is {found!r}, not 'step'); "
                     "give the logger another name or version"
                 )
+            if os.path.exists(path):  # (a file of its own: a row a killed run tore is dropped before the next)
+                _cut_torn_row(path)
         return self._columns
 
     def _drop_records(self, folder: str, keep: Callable[[int, frozenset[str], int | None], bool]) -> int:

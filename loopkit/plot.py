@@ -46,7 +46,7 @@ def _matplotlib() -> tuple[Any, Any]:
 def find_runs(path: str | os.PathLike) -> list[str]:
     """The run folders ``path`` names: itself if it holds ``metrics.csv``, else its ``version_*`` runs.
 
-    A path to a ``metrics.csv`` file names its folder. Raises ``FileNotFoundError`` naming the
+    The runs come in the order of their numbers (``version_9`` before ``version_10``). A path to a ``metrics.csv`` file names its folder. Raises ``FileNotFoundError`` naming the
     path when there is no ``metrics.csv`` to read.
 
     >>> import tempfile
@@ -77,6 +77,8 @@ def find_runs(path: str | os.PathLike) -> list[str]:
 
 def read_metrics(run_dir: str | os.PathLike) -> dict[str, tuple[list[int], list[float]]]:
     """Each metric's ``(steps, values)`` from a run's ``metrics.csv``, skipping blank cells.
+
+    A column blank in every row has no values: it is left out (no empty series).
 
     >>> import tempfile
     >>> from loopkit.loggers import CSVLogger
@@ -119,7 +121,10 @@ def plot_runs(
 
     ``run_dirs`` are run folders (or ``root/name`` folders, meaning all their ``version_*``
     runs); ``metrics`` picks and orders the subplots (default: all, in order of first
-    appearance). Returns the matplotlib ``Figure``; ``output`` (PNG, SVG, PDF, by suffix) is
+    appearance: the runs in order, each run's columns in order). The subplots fill a grid
+    row by row, ``columns`` wide (fewer when there are fewer metrics), with as many rows as
+    they need. Each run's label is its ``name/version_N``; when two runs share that (alike
+    runs under different roots), every run is labelled by its path. Returns the matplotlib ``Figure``; ``output`` (PNG, SVG, PDF, by suffix) is
     written when given.
 
     >>> import os, tempfile

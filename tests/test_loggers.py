@@ -266,6 +266,48 @@ def test_resume_at_drops_the_torn_last_row_of_a_killed_csv_run(tmp_path):
     assert [(r["step"], r["train/loss"]) for r in read_csv(resumed.log_dir)[1]] == [("1", "1.0"), ("2", "0.5"), ("3", "0.25")]
 
 
+@pytest.mark.parametrize("torn", ["2", "20,0.0", "20"])
+def test_a_torn_last_row_is_dropped_even_where_its_step_would_be_kept(tmp_path, torn):
+    """Killed mid-write of a row after step 30's: read back, the fragment is a row of step 2 or 20, which a
+    resume at step 20 keeps (while it drops step 30's, rewriting the file); it is dropped as torn, not written
+    back as a whole row, and the next row starts a line of its own."""
+    crashed = _crashed_run(tmp_path, CSVLogger, steps=(10, 20, 30))
+    with open(os.path.join(crashed.log_dir, "metrics.csv"), "a") as f:
+        f.write(torn)
+    resumed = CSVLogger(tmp_path, "run", version=0)
+    resumed.resume_at(20)
+    resumed.log_metrics({"train/loss": 0.04}, 25)
+    with open(os.path.join(resumed.log_dir, "metrics.csv"), newline="") as f:
+        assert f.read() == "step,train/loss\r\n10,0.1\r\n20,0.05\r\n25,0.04\r\n"
+
+
+@pytest.mark.parametrize("metrics", [{"train/loss": 0.04}, {"val/acc": 0.5}])  # (appended; a new column: rewritten)
+def test_a_run_continued_without_resume_at_drops_a_torn_last_row_first(tmp_path, metrics):
+    """A fixed version logged to again in a loop of one's own (no resume_at): the fragment "2" of a killed
+    write is dropped, not run on into the next row ("225,0.04": a row of step 225) nor kept as a row of step 2."""
+    crashed = _crashed_run(tmp_path, CSVLogger, steps=(10, 20))
+    with open(os.path.join(crashed.log_dir, "metrics.csv"), "a") as f:
+        f.write("2")
+    again = CSVLogger(tmp_path, "run", version=0)
+    again.log_metrics(metrics, 25)
+    again.log_metrics({"train/loss": 0.03}, 30)
+    columns, rows = read_csv(again.log_dir)
+    assert columns == ["step", *{"train/loss": None, **metrics}]
+    assert [{k: v for k, v in row.items() if v} for row in rows] == [
+        {"step": "10", "train/loss": "0.1"}, {"step": "20", "train/loss": "0.05"},
+        {"step": "25", **{k: str(v) for k, v in metrics.items()}}, {"step": "30", "train/loss": "0.03"},
+    ]
+
+
+def test_a_foreign_csv_without_a_last_newline_is_refused_and_left_as_it_is(tmp_path):
+    folder = tmp_path / "run" / "version_0"
+    folder.mkdir(parents=True)
+    (folder / "metrics.csv").write_text("epoch,loss\n5,0.1")  # its last row is whole: only a CSVLogger's is cut
+    with pytest.raises(ValueError, match="metrics.csv.*not written by a CSVLogger.*'epoch'"):
+        CSVLogger(tmp_path, "run", version=0).log_metrics({"loss": 0.2}, 2)
+    assert (folder / "metrics.csv").read_text() == "epoch,loss\n5,0.1"
+
+
 def _bumped(records):
     """What a crashed run logged instead: other values (an epoch's record still of its epoch)."""
     return [(step, {k: v if k == "epoch" else v + 1 for k, v in m.items()}) for step, m in records]

@@ -11,7 +11,7 @@ import pytest
 
 from loopkit.__main__ import main
 from loopkit.loggers import CSVLogger
-from loopkit.plot import plot_runs, read_metrics
+from loopkit.plot import find_runs, plot_runs, read_metrics
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -125,3 +125,67 @@ def test_without_matplotlib_the_error_says_how_to_install_it(tmp_path, monkeypat
         plot_runs([runs[0].log_dir])
     assert main(["plot", runs[0].log_dir, "-o", str(tmp_path / "x.png")]) == 1
     assert "needs matplotlib" in capsys.readouterr().err
+
+
+def test_version_folders_come_in_the_order_of_their_numbers(tmp_path):
+    """version_10 after version_9, not between version_1 and version_2 (as a sort of the names has it)."""
+    for _ in range(12):
+        CSVLogger(tmp_path, "exp").log_metrics({"loss": 1.0}, 1)
+    expected = [str(tmp_path / "exp" / f"version_{n}") for n in range(12)]
+    assert find_runs(tmp_path / "exp") == expected
+    fig = plot_runs([tmp_path / "exp"])
+    assert [line.get_label() for line in fig.axes[0].get_lines()] == [f"exp/version_{n}" for n in range(12)]
+
+
+def test_a_column_blank_in_every_row_has_no_series_and_no_subplot(tmp_path):
+    (tmp_path / "metrics.csv").write_text("step,a,blank,b\n1,0.5,,\n2,0.25,,2.0\n")
+    assert read_metrics(tmp_path) == {"a": ([1, 2], [0.5, 0.25]), "b": ([2], [2.0])}
+    assert [ax.get_title() for ax in plot_runs([tmp_path]).axes] == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    ("metrics", "columns", "grid"),
+    [(4, 3, (2, 3)), (4, 2, (2, 2)), (7, 3, (3, 3)), (6, 3, (2, 3)), (2, 3, (1, 2)), (1, 3, (1, 1)), (3, 1, (3, 1))],
+)
+def test_the_grid_has_as_many_rows_as_the_metrics_need(tmp_path, metrics, columns, grid):
+    names = [f"m{i}" for i in range(metrics)]
+    logger = CSVLogger(tmp_path)
+    logger.log_metrics({name: float(i) for i, name in enumerate(names)}, 1)
+    fig = plot_runs([logger.log_dir], columns=columns)
+    assert [ax.get_title() for ax in fig.axes] == names  # each metric its own subplot, in order
+    rows, cols = grid
+    for i, ax in enumerate(fig.axes):  # row by row, left to right, in a rows x cols grid
+        assert ax.get_subplotspec().get_geometry() == (rows, cols, i, i)
+    assert tuple(fig.get_size_inches()) == pytest.approx((4.5 * cols, 3.2 * rows))
+
+
+def test_runs_alike_under_different_roots_get_labels_that_tell_them_apart(tmp_path):
+    """Their name/version_N is the same: each is labelled by its path, in the legend too."""
+    runs = [CSVLogger(tmp_path / root, "exp") for root in ("a", "b")]
+    for i, run in enumerate(runs):
+        run.log_metrics({"loss": float(i)}, 1)
+    fig = plot_runs([run.log_dir for run in runs])
+    labels = [line.get_label() for line in fig.axes[0].get_lines()]
+    assert labels == [run.log_dir for run in runs]
+    assert [text.get_text() for text in fig.axes[0].get_legend().get_texts()] == labels
+    assert [list(line.get_ydata()) for line in fig.axes[0].get_lines()] == [[0.0], [1.0]]
+    # a run alone, or runs whose name/version_N differ, keep the short label
+    other = CSVLogger(tmp_path / "a", "exp2")
+    other.log_metrics({"loss": 2.0}, 1)
+    fig = plot_runs([runs[0].log_dir, other.log_dir])
+    assert [line.get_label() for line in fig.axes[0].get_lines()] == ["exp/version_0", "exp2/version_0"]
+    fig = plot_runs([runs[0].log_dir])
+    assert [line.get_label() for line in fig.axes[0].get_lines()] == ["exp/version_0"]
+    assert fig.axes[0].get_legend() is None  # (one run: no legend)
+
+
+def test_subplots_come_in_order_of_first_appearance_or_as_metrics_names_them(tmp_path):
+    first, second = CSVLogger(tmp_path, "exp"), CSVLogger(tmp_path, "exp")
+    for step, name in enumerate(("zeta", "alpha", "mu"), start=1):
+        first.log_metrics({name: 1.0}, step)
+    second.log_metrics({"beta": 1.0}, 1)
+    second.log_metrics({"zeta": 1.0}, 2)
+    assert [ax.get_title() for ax in plot_runs([tmp_path / "exp"]).axes] == ["zeta", "alpha", "mu", "beta"]
+    assert [ax.get_title() for ax in plot_runs([second.log_dir, first.log_dir]).axes] == ["beta", "zeta", "alpha", "mu"]
+    picked = plot_runs([tmp_path / "exp"], metrics=["mu", "beta", "zeta"])
+    assert [ax.get_title() for ax in picked.axes] == ["mu", "beta", "zeta"]

@@ -180,3 +180,51 @@ def test_measure_flops_counts_a_linear_layer_by_hand():
     assert measure_flops(model, lambda: model(x)) == product
     assert measure_flops(model, lambda: model(x), loss_fn=torch.Tensor.sum) == 2 * product
     assert measure_flops(model, lambda: model(x_grad), loss_fn=torch.Tensor.sum) == 3 * product
+
+
+def _monitored(monkeypatch, world: int, rank: int = 0) -> list[dict | None]:
+    """What ThroughputMonitor hands the loggers after each of 4 batches of 4 samples, ending at 1.0, 3.0, 4.5 and
+    5.0 s on a fake clock (training starts at 0.0), as rank ``rank`` of a world of ``world`` (faked)."""
+    monkeypatch.setattr(throughput_module._collective, "rank_and_size", lambda: (rank, world))
+    monkeypatch.setattr(throughput_module._collective, "is_rank_zero", lambda: rank == 0)
+    now = [0.0]
+    monkeypatch.setattr(throughput_module, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+    monitor = ThroughputMonitor(lambda batch: 4, flops_per_batch=7, available_flops=50, window_size=3)
+    state = TrainState.create(nn.Linear(1, 1))
+    monitor.on_fit_start(state)
+    monitor.on_epoch_start(state)
+    given = []
+    for end in (1.0, 3.0, 4.5, 5.0):
+        monitor.on_batch_start(state, None)
+        now[0] = end
+        state = state.evolve(step=state.step + 1)
+        given.append(monitor.on_batch_end(state, {}))
+    return given
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_flops_and_mfu_are_per_device_as_lightnings(monkeypatch, world):
+    """Lightning's Throughput: each batch adds flops_per_batch * world (all ranks' work); the window's rate is
+    flops_per_sec (logged over several ranks), device/flops_per_sec = flops_per_sec / world and
+    device/mfu = flops_per_sec / world / available_flops. Worked by hand from the clock: the window of the 3rd
+    batch spans 1.0 -> 4.5 s (3.5 s, 2 batches after its first), that of the 4th 3.0 -> 5.0 s (2 s)."""
+    given = _monitored(monkeypatch, world)
+    assert given[0] == {"train/time": 1.0, "train/batches": 1, "train/samples": 4}  # (no full window yet)
+    for out, elapsed, batches in ((given[2], 3.5, 3), (given[3], 2.0, 4)):
+        per_device = 2 * 7 / elapsed  # 2 batches' flops on one device over the window
+        expected = {
+            "train/time": {3: 4.5, 4: 5.0}[batches], "train/batches": batches, "train/samples": 4 * batches,
+            "train/device/batches_per_sec": 2 / elapsed, "train/device/samples_per_sec": 8 / elapsed,
+            "train/device/flops_per_sec": per_device, "train/device/mfu": per_device / 50,
+        }
+        if world > 1:  # the global rates
+            expected |= {"train/batches_per_sec": 2 * 2 / elapsed, "train/samples_per_sec": 2 * 8 / elapsed,
+                         "train/flops_per_sec": 2 * per_device}
+        assert out == pytest.approx(expected, rel=1e-12)
+    assert given[3]["train/device/mfu"] == pytest.approx(0.14)  # (7 flops/s of a device's 50)
+    if world == 2:
+        assert given[3]["train/flops_per_sec"] == pytest.approx(14.0)
+
+
+def test_a_rank_other_than_zero_measures_nothing(monkeypatch):
+    assert _monitored(monkeypatch, world=2, rank=1) == [None] * 4

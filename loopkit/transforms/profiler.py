@@ -155,7 +155,11 @@ def with_profiler(
     ``loopkit.step`` range); then profiling stops and later calls cost nothing extra. The trace
     (``<host>_<pid>.<n>.pt.trace.json``, one per process) opens in TensorBoard's profiler
     plugin, ``chrome://tracing`` or Perfetto; ``summary.txt`` (rank 0) is the table of operators
-    by self time. CUDA activity is recorded too where CUDA is available. A fit that ends before
+    by self time, written when at least one call was recorded (none when the profile stops in
+    the wait or the warm-up). ``record_shapes`` (each operator's input shapes, in the trace),
+    ``profile_memory`` (allocations: ``[memory]`` events, and memory columns in the summary) and
+    ``with_stack`` (the Python calls, in the trace) are ``torch.profiler.profile``'s options of
+    those names, off by default. CUDA activity is recorded too where CUDA is available. A fit that ends before
     the schedule does (``run_epochs`` tells the step) or a call that raises stops the profile
     and writes what it recorded; in a loop of your own, ``step.close()`` does. Works on an
     ``eval_step`` as well. The state is never touched: a profiled step gives the same results.

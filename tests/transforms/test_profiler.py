@@ -175,3 +175,53 @@ def test_bad_steps_and_directories_are_refused(tmp_path, mse_loss):
         loopkit.with_profiler(loopkit.donate(loopkit.train_step(mse_loss)), tmp_path)
     with pytest.raises(TypeError, match="with_grad_clip cannot wrap with_profiler"):
         loopkit.with_grad_clip(loopkit.with_profiler(loopkit.train_step(mse_loss), tmp_path), max_norm=1.0)
+
+
+def _profile_two_calls(directory, **options) -> tuple[list[dict], str]:
+    """One warm-up call and one recorded call of a linear layer on a (4, 2) batch: the trace's events and the summary."""
+    model = torch.nn.Linear(2, 1)
+    state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    step = loopkit.with_profiler(loopkit.train_step(lambda m, b: m(b).pow(2).mean()), directory, wait=0, warmup=1,
+                                 active=1, **options)
+    for _ in range(2):
+        state, _ = step(state, torch.ones(4, 2))
+    assert not _profiling()
+    return _events(directory), (directory / "summary.txt").read_text(encoding="utf-8")
+
+
+def _shows(option: str, events: list[dict], summary: str) -> bool:
+    """Whether the trace (and summary) show what ``option`` asks torch.profiler to record."""
+    if option == "record_shapes":  # each operator's input shapes: addmm(bias, x, weight.T)
+        return any(e.get("name") == "aten::addmm" and e.get("args", {}).get("Input Dims", [])[:3] == [[1], [4, 2], [2, 1]]
+                   for e in events)
+    if option == "profile_memory":  # allocation events, and the summary's memory columns
+        return any(e.get("name") == "[memory]" and "Bytes" in e.get("args", {}) for e in events) and "CPU Mem" in summary
+    return any(e.get("cat") == "python_function" for e in events)  # with_stack: the Python calls
+
+
+@pytest.mark.parametrize("option", ["record_shapes", "profile_memory", "with_stack"])
+def test_each_recording_option_reaches_torch_profiler_and_is_off_by_default(tmp_path, option):
+    events, summary = _profile_two_calls(tmp_path / "on", **{option: True})
+    assert _shows(option, events, summary)
+    assert any(e.get("name") == "aten::addmm" for e in events)  # (the recorded call is there either way)
+    events, summary = _profile_two_calls(tmp_path / "off")
+    assert any(e.get("name") == "aten::addmm" for e in events)
+    assert not _shows(option, events, summary)
+    events, summary = _profile_two_calls(tmp_path / "false", **{option: False})
+    assert not _shows(option, events, summary)
+
+
+@pytest.mark.parametrize(("wait", "warmup", "calls", "summary"),
+                         [(0, 1, 1, False), (1, 1, 1, False), (1, 1, 2, False), (1, 1, 3, True), (0, 1, 2, True)])
+def test_a_summary_is_written_only_when_a_call_was_recorded(tmp_path, make_mlp, batches, mse_loss, make_sgd_state,
+                                                            wait, warmup, calls, summary):
+    """Stopped in the wait or the warm-up (close() in a loop of one's own): no call was recorded, no summary."""
+    step = loopkit.with_profiler(loopkit.train_step(mse_loss), tmp_path, wait=wait, warmup=warmup, active=3)
+    state = make_sgd_state(make_mlp(0))
+    for batch in batches[:calls]:
+        state, _ = step(state, batch)
+    step.close()
+    assert not _profiling()
+    assert (tmp_path / "summary.txt").exists() == summary
+    if summary:
+        assert "aten::addmm" in (tmp_path / "summary.txt").read_text(encoding="utf-8")
