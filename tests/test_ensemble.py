@@ -499,9 +499,31 @@ AUX_OPTIMIZERS = [
 ]
 
 
-def test_a_parameter_the_loss_does_not_reach_keeps_no_gradient_as_in_its_solo_run(make_batches):
+def _noisy_aux_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor, bool]) -> torch.Tensor:
+    """:func:`_aux_loss` on inputs with Gaussian noise: it draws, so the members run one at a time."""
+    x, y, use_aux = batch
+    return _aux_loss(model, (x + 0.3 * torch.randn_like(x), y, use_aux))
+
+
+def _checked_aux_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor, bool]) -> torch.Tensor:
+    """:func:`_aux_loss` with a ``.item()`` check vmap cannot run: the members run one at a time."""
+    loss = _aux_loss(model, batch)
+    if loss.item() > 1e6:
+        raise FloatingPointError("diverged")
+    return loss
+
+
+# how the members' gradients are computed: vmapped, or one member at a time (a draw, or what vmap cannot run)
+AUX_LOSSES = {"vmapped": _aux_loss, "drawing": _noisy_aux_loss, "unbatchable": _checked_aux_loss}
+
+
+@pytest.mark.parametrize("path", list(AUX_LOSSES))
+def test_a_parameter_the_loss_does_not_reach_keeps_no_gradient_as_in_its_solo_run(path, make_batches):
     """Before, torch.func.grad gave the unused aux head a zero gradient: weight decay shrank it, momentum kept moving
-    it after the one batch that used it, and Adam/AdamW made state for it, where a solo run's optimizer skips it."""
+    it after the one batch that used it, and Adam/AdamW made state for it, where a solo run's optimizer skips it.
+    One member at a time (a loss that draws, or one vmap cannot run), each member's own gradients are dropped alike
+    (no test failed when they were kept). Reference: each member's solo train_step run (its own seed's draws)."""
+    loss_fn = AUX_LOSSES[path]
     flags = [False, False, True, False, False]  # unused, used once, unused again
     batches = [(x, y, flag) for (x, y), flag in zip(make_batches(len(flags)), flags)]
 
@@ -513,14 +535,17 @@ def test_a_parameter_the_loss_does_not_reach_keeps_no_gradient_as_in_its_solo_ru
         return out
 
     initial = [s.model.aux_head.weight.detach().clone() for s in states()]
-    ens, step = ensemble.stack(states()), ensemble.train_step(_aux_loss, donated=True)
+    ens, step = ensemble.stack(states()), ensemble.train_step(loss_fn, donated=True)
     for i, batch in enumerate(batches):
-        ens, _ = step(ens, batch)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # (that it runs one member at a time)
+            ens, _ = step(ens, batch)
         if i == 0:  # not reached yet: untouched, and no optimizer state
             for k, member in enumerate(ens.members):
                 assert torch.equal(member.model.aux_head.weight, initial[k]), f"member {k}"
                 assert member.model.aux_head.weight not in member.optimizer.state
-    solo_step = loopkit.train_step(_aux_loss)
+    assert (step.draws_random, step.unbatchable) == (path == "drawing", path == "unbatchable")
+    solo_step = loopkit.train_step(loss_fn)
     for k, solo in enumerate(states()):  # the reference: each member trained alone
         for batch in batches:
             solo, _ = solo_step(solo, batch)
