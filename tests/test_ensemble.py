@@ -1803,3 +1803,40 @@ def test_a_forwards_counter_in_a_tensor_attribute_is_refused_naming_it_and_put_b
             ensemble.train_step(loss_fn, donated=donated)(ens, batch)
     for member in ensemble.unstack(ens):
         assert torch.equal(getattr(member.model, attr), torch.zeros(()))
+
+
+class _SwapsTensors(nn.Module):
+    """Swaps two plain tensor attributes (no buffers) in its forward: ``self.t, self.u = self.u, self.t``."""
+
+    def __init__(self, seed):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.lin = nn.Linear(4, 1)
+        self.t, self.u = torch.zeros(()), torch.ones(())
+
+    def forward(self, x):
+        self.t, self.u = self.u, self.t
+        return self.lin(x) * (1 + self.t)
+
+
+@pytest.mark.parametrize("loss_fn", [_mse_loss, _checked_loss], ids=["vmapped", "one member at a time"])
+@pytest.mark.parametrize("donated", [False, True])
+def test_a_forward_that_swaps_tensor_attributes_is_refused_naming_them_and_put_back(donated, loss_fn):
+    """Before, the swap (tensors of no transformed call) changed member 0's modules only: the first call passed, and
+    the next one refused the members blaming member 1 ("member 1's module (model) (_SwapsTensors) has another 't'
+    than member 0's"), though no member had been changed by hand. Now the first call refuses it naming the attributes
+    and why, before any member updates, and puts them back in member 0."""
+    generator = torch.Generator().manual_seed(0)
+    batch = (torch.randn(8, 4, generator=generator), torch.randn(8, 1, generator=generator))
+    ens = ensemble.stack(_members(_SwapsTensors, 3))
+    before = [p.clone() for p in ens.params.values()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # (that it runs one member at a time)
+        with pytest.raises(RuntimeError, match=r"replaced the tensor attribute\(s\) 't' of module \(model\), 'u' of "
+                                               r"module \(model\) with another tensor in its forward \(put back as "
+                                               r"they were\).* pick the tensor in the forward without assigning it"):
+            ensemble.train_step(loss_fn, donated=donated)(ens, batch)
+    assert all(torch.equal(p, q) for p, q in zip(ens.params.values(), before))
+    for member in ensemble.unstack(ens):
+        assert torch.equal(member.model.t, torch.zeros(())) and torch.equal(member.model.u, torch.ones(()))
+        assert member.step == 0
