@@ -584,8 +584,10 @@ def _refuse_escaped(model: nn.Module, where: str, before: _Snapshot) -> None:
     the batched call, dead once the call returns, and a later copy, pickle or ``unstack`` of the members fails on
     it. The attribute is set to None (its value is no member's), such tensors are taken out of a list or dict it
     holds, and no member has updated yet. A module's own tensor attribute (in ``before``, see :func:`_snapshot`)
-    that the forward replaced so (a counter kept as a tensor, ``self.n = self.n + 1``) is put back as it was."""
-    escaped, replaced = [], []
+    that the forward replaced so (a counter kept as a tensor, ``self.n = self.n + 1``), or with another tensor of
+    no transformed call (``self.t, self.u = self.u, self.t``: member 0's only, where each member's solo forward
+    changes its own), is put back as it was."""
+    escaped, replaced, swapped = [], [], []
     is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
     for i, (name, module) in enumerate(model.named_modules()):
         computed = _computed(module)
@@ -601,23 +603,42 @@ def _refuse_escaped(model: nn.Module, where: str, before: _Snapshot) -> None:
                 else:
                     object.__setattr__(module, attr, None)
                     escaped.append(f"{name + '.' if name else ''}{attr}: set to None")
+            elif (isinstance(value, torch.Tensor) and before.tensors.get((i, attr), value) is not value
+                  and attr not in computed):
+                object.__setattr__(module, attr, before.tensors[(i, attr)])
+                swapped.append(f"{attr!r} of module {name or '(model)'}")
             elif isinstance(value, (list, dict)) and _drop_wrapped(value, is_wrapped):
                 escaped.append(f"{name + '.' if name else ''}{attr}: taken out of it")
+    if replaced or swapped or escaped:
+        raise RuntimeError(_escaped_message(where, replaced, swapped, escaped))
+
+
+def _escaped_message(where: str, replaced: list[str], swapped: list[str], escaped: list[str]) -> str:
+    """Why :func:`_refuse_escaped` refused the forward: the tensor attributes it ``replaced`` with a tensor of the
+    transformed call, those it ``swapped`` for another tensor, the tensors of the call it kept (``escaped``)."""
+    also = f"; it also kept tensors of the vmapped call ({'; '.join(escaped)})" if escaped else ""
     if replaced:
-        raise RuntimeError(
+        return (
             f"ensemble.train_step: {where} replaced the tensor attribute(s) {', '.join(replaced)} in its forward (put "
             "back as they were): the vmapped step runs member 0's modules for every member and cannot keep a tensor "
             "the forward computes for any member (nor a buffer it changes); keep a count or flag alike for every "
             "member as a Python number, which reaches every member (self.n += 1 on an int), return a statistic of "
             "each member's own as a metric, or train the members apart"
-            + (f"; it also kept tensors of the vmapped call ({'; '.join(escaped)})" if escaped else "")
+            + (f"; it also replaced {', '.join(swapped)} with another tensor" if swapped else "") + also
         )
-    if escaped:
-        raise RuntimeError(
-            f"ensemble.train_step: {where} kept tensors of the vmapped call on the model ({'; '.join(escaped)}), "
-            "which belong to no member and break any later copy of the members; keep what you inspect "
-            "out of the forward (return it as a metric), or train the members apart"
+    if swapped:
+        return (
+            f"ensemble.train_step: {where} replaced the tensor attribute(s) {', '.join(swapped)} with another tensor "
+            "in its forward (put back as they were): the step runs member 0's modules for every member, so only "
+            "member 0's would change, where each member's solo forward changes its own; keep which tensor to use as "
+            "a Python value (a flag or an index, which reaches every member) and pick the tensor in the forward "
+            "without assigning it, or train the members apart" + also
         )
+    return (
+        f"ensemble.train_step: {where} kept tensors of the vmapped call on the model ({'; '.join(escaped)}), "
+        "which belong to no member and break any later copy of the members; keep what you inspect "
+        "out of the forward (return it as a metric), or train the members apart"
+    )
 
 
 def _refresh_rnn_weights(model: nn.Module) -> None:

@@ -26,6 +26,10 @@ LIGHTNING = [
     (40, 1000, "binsearch", {"max_val": 20}, 19, [2, 4, 8, 16]),
     (1000, 100, "power", {}, 128, [2, 4, 8, 16, 32, 64, 36, 100]),  # the data set's length stops the doubling
     (1000, 100, "binsearch", {}, 121, [2, 4, 8, 16, 32, 64, 36, 100]),
+    (1000, 16, "power", {}, 16, [2, 4, 8, 16]),  # a doubling that lands on the length: no size above it is made
+    (1000, 16, "binsearch", {}, 15, [2, 4, 8, 16]),
+    (1000, 64, "power", {}, 64, [2, 4, 8, 16, 32, 64]),
+    (1000, 64, "binsearch", {}, 60, [2, 4, 8, 16, 32, 64]),
     (1, 1000, "power", {}, 1, [2, 1]),
     (1, 1000, "binsearch", {}, 1, [2]),
 ]

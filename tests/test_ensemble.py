@@ -499,9 +499,31 @@ AUX_OPTIMIZERS = [
 ]
 
 
-def test_a_parameter_the_loss_does_not_reach_keeps_no_gradient_as_in_its_solo_run(make_batches):
+def _noisy_aux_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor, bool]) -> torch.Tensor:
+    """:func:`_aux_loss` on inputs with Gaussian noise: it draws, so the members run one at a time."""
+    x, y, use_aux = batch
+    return _aux_loss(model, (x + 0.3 * torch.randn_like(x), y, use_aux))
+
+
+def _checked_aux_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor, bool]) -> torch.Tensor:
+    """:func:`_aux_loss` with a ``.item()`` check vmap cannot run: the members run one at a time."""
+    loss = _aux_loss(model, batch)
+    if loss.item() > 1e6:
+        raise FloatingPointError("diverged")
+    return loss
+
+
+# how the members' gradients are computed: vmapped, or one member at a time (a draw, or what vmap cannot run)
+AUX_LOSSES = {"vmapped": _aux_loss, "drawing": _noisy_aux_loss, "unbatchable": _checked_aux_loss}
+
+
+@pytest.mark.parametrize("path", list(AUX_LOSSES))
+def test_a_parameter_the_loss_does_not_reach_keeps_no_gradient_as_in_its_solo_run(path, make_batches):
     """Before, torch.func.grad gave the unused aux head a zero gradient: weight decay shrank it, momentum kept moving
-    it after the one batch that used it, and Adam/AdamW made state for it, where a solo run's optimizer skips it."""
+    it after the one batch that used it, and Adam/AdamW made state for it, where a solo run's optimizer skips it.
+    One member at a time (a loss that draws, or one vmap cannot run), each member's own gradients are dropped alike
+    (no test failed when they were kept). Reference: each member's solo train_step run (its own seed's draws)."""
+    loss_fn = AUX_LOSSES[path]
     flags = [False, False, True, False, False]  # unused, used once, unused again
     batches = [(x, y, flag) for (x, y), flag in zip(make_batches(len(flags)), flags)]
 
@@ -513,14 +535,17 @@ def test_a_parameter_the_loss_does_not_reach_keeps_no_gradient_as_in_its_solo_ru
         return out
 
     initial = [s.model.aux_head.weight.detach().clone() for s in states()]
-    ens, step = ensemble.stack(states()), ensemble.train_step(_aux_loss, donated=True)
+    ens, step = ensemble.stack(states()), ensemble.train_step(loss_fn, donated=True)
     for i, batch in enumerate(batches):
-        ens, _ = step(ens, batch)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # (that it runs one member at a time)
+            ens, _ = step(ens, batch)
         if i == 0:  # not reached yet: untouched, and no optimizer state
             for k, member in enumerate(ens.members):
                 assert torch.equal(member.model.aux_head.weight, initial[k]), f"member {k}"
                 assert member.model.aux_head.weight not in member.optimizer.state
-    solo_step = loopkit.train_step(_aux_loss)
+    assert (step.draws_random, step.unbatchable) == (path == "drawing", path == "unbatchable")
+    solo_step = loopkit.train_step(loss_fn)
     for k, solo in enumerate(states()):  # the reference: each member trained alone
         for batch in batches:
             solo, _ = solo_step(solo, batch)
@@ -1778,3 +1803,40 @@ def test_a_forwards_counter_in_a_tensor_attribute_is_refused_naming_it_and_put_b
             ensemble.train_step(loss_fn, donated=donated)(ens, batch)
     for member in ensemble.unstack(ens):
         assert torch.equal(getattr(member.model, attr), torch.zeros(()))
+
+
+class _SwapsTensors(nn.Module):
+    """Swaps two plain tensor attributes (no buffers) in its forward: ``self.t, self.u = self.u, self.t``."""
+
+    def __init__(self, seed):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.lin = nn.Linear(4, 1)
+        self.t, self.u = torch.zeros(()), torch.ones(())
+
+    def forward(self, x):
+        self.t, self.u = self.u, self.t
+        return self.lin(x) * (1 + self.t)
+
+
+@pytest.mark.parametrize("loss_fn", [_mse_loss, _checked_loss], ids=["vmapped", "one member at a time"])
+@pytest.mark.parametrize("donated", [False, True])
+def test_a_forward_that_swaps_tensor_attributes_is_refused_naming_them_and_put_back(donated, loss_fn):
+    """Before, the swap (tensors of no transformed call) changed member 0's modules only: the first call passed, and
+    the next one refused the members blaming member 1 ("member 1's module (model) (_SwapsTensors) has another 't'
+    than member 0's"), though no member had been changed by hand. Now the first call refuses it naming the attributes
+    and why, before any member updates, and puts them back in member 0."""
+    generator = torch.Generator().manual_seed(0)
+    batch = (torch.randn(8, 4, generator=generator), torch.randn(8, 1, generator=generator))
+    ens = ensemble.stack(_members(_SwapsTensors, 3))
+    before = [p.clone() for p in ens.params.values()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # (that it runs one member at a time)
+        with pytest.raises(RuntimeError, match=r"replaced the tensor attribute\(s\) 't' of module \(model\), 'u' of "
+                                               r"module \(model\) with another tensor in its forward \(put back as "
+                                               r"they were\).* pick the tensor in the forward without assigning it"):
+            ensemble.train_step(loss_fn, donated=donated)(ens, batch)
+    assert all(torch.equal(p, q) for p, q in zip(ens.params.values(), before))
+    for member in ensemble.unstack(ens):
+        assert torch.equal(member.model.t, torch.zeros(())) and torch.equal(member.model.u, torch.ones(()))
+        assert member.step == 0

@@ -189,9 +189,11 @@ def with_qat(
     and observers are buffers of the model, so purity, checkpoints and DDP cover them. Fuse
     Conv-BN-ReLU first (``torch.ao.quantization.fuse_modules_qat``) as PyTorch's QAT recipe
     says, and put ``QuantStub``/``DeQuantStub`` around what should run quantized to convert
-    the result with :func:`quantized_model`. From update ``freeze_observers_after`` on the
-    quantization ranges stop moving; from ``freeze_bn_after`` on fused BatchNorm statistics
-    freeze. To restore a checkpoint, prepare the template the same way:
+    the result with :func:`quantized_model`. From the call whose ``state.step`` is
+    ``freeze_observers_after`` on (that many updates done), the quantization ranges stop moving
+    (``torch.ao.quantization.disable_observer`` before that call's forward); from the call whose
+    ``state.step`` is ``freeze_bn_after`` on, fused BatchNorm running statistics freeze
+    (``freeze_bn_stats``). To restore a checkpoint, prepare the template the same way:
     ``restore(step.prepare(template), directory)``, where ``step`` is this step or any
     pipeline built around it.
 

@@ -101,3 +101,46 @@ def test_it_refuses_an_eval_step_and_a_plain_function():
         loopkit.with_grad_norm(loopkit.eval_step(lambda m, b: {}))
     with pytest.raises(TypeError, match="with_grad_norm"):
         loopkit.with_grad_norm(lambda state, batch: (state, {}))
+
+
+class _MixedDtypes(torch.nn.Module):
+    """A bfloat16 embedding table (first, so the first norm is bfloat16) before a float32 head."""
+
+    def __init__(self):
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            self.emb = torch.nn.Parameter(torch.randn(5, 3).bfloat16())
+            self.head = torch.nn.Linear(3, 1)
+
+    def forward(self, ids):
+        return self.head(self.emb[ids].float())
+
+
+def _mixed_loss(model, ids):
+    return model(ids).pow(2).mean() * 1000.123  # (large gradients: a total rounded to bfloat16 shows)
+
+
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, "inf"])
+def test_parameters_of_two_dtypes_give_the_total_lightning_and_torch_compute(norm_type):
+    """Each parameter's norm in its own dtype (bfloat16 for the embedding, as p.grad.norm gives it), the total over
+    those norms in the promoted dtype (float32), as Lightning's torch.tensor(norms).norm and torch's get_total_norm
+    compute it; a total in the first parameter's dtype (bfloat16) was not caught by any test."""
+    p = float(norm_type)
+    ids = torch.tensor([0, 1, 2])
+    ref_model = _MixedDtypes()
+    _mixed_loss(ref_model, ids).backward()
+    reference = _lightning_grad_norm(ref_model, p)
+    total = reference[f"grad_{p}_norm_total"]
+    assert total.dtype == torch.float32
+    torch.testing.assert_close(total, torch.nn.utils.get_total_norm([q.grad for q in ref_model.parameters()], p),
+                               rtol=1e-6, atol=0)
+
+    model = _MixedDtypes()
+    state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    _, metrics = loopkit.with_grad_norm(loopkit.train_step(_mixed_loss), norm_type)(state, ids)
+    _assert_same(metrics, reference)
+    assert metrics[f"grad_{p}_norm/emb"].dtype == torch.bfloat16
+    assert metrics[f"grad_{p}_norm_total"].dtype == torch.float32
+    if p == 2.0:  # (the bfloat16 rounding of the total would show: 848.0 for 848.27)
+        assert not torch.equal(total.bfloat16().float(), total)

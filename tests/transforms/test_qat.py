@@ -225,6 +225,54 @@ def test_fused_conv_bn_equals_the_raw_recipe_bitwise(assert_trees_equal):
     assert_trees_equal(dict(state.model.state_dict()), dict(ref.state_dict()))
 
 
+def _raw_frozen_qat(data, *, observers_at=None, bn_at=None):
+    """The reference for the freezing options: PyTorch's recipe on :func:`_conv_bn_net` in a hand-written loop that
+    calls torch.ao.quantization's own ``disable_observer`` / ``freeze_bn_stats`` before the update at index
+    ``observers_at`` / ``bn_at`` (the batch trained when that many updates are done) and every one after."""
+    q = torch.ao.quantization
+    model = _conv_bn_net()
+    model.qconfig = q.get_default_qat_qconfig("x86")
+    q.prepare_qat(model, inplace=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    for i, batch in enumerate(data):
+        if observers_at is not None and i >= observers_at:
+            model.apply(q.disable_observer)
+        if bn_at is not None and i >= bn_at:
+            model.apply(torch.ao.nn.intrinsic.qat.freeze_bn_stats)
+        opt.zero_grad()
+        _mse(model, batch).backward()
+        opt.step()
+    return model
+
+
+def _conv_bn_data(n):
+    gen = torch.Generator().manual_seed(0)
+    return [(torch.randn(8, 1, 6, 6, generator=gen) + i, torch.randn(8, 2, generator=gen)) for i in range(n)]
+
+
+@pytest.mark.parametrize("at", [1, 2, 3])
+@pytest.mark.parametrize("option", ["freeze_observers_after", "freeze_bn_after"])
+def test_freezing_starts_at_the_call_whose_state_step_is_the_given_count(option, at, assert_trees_equal):
+    """The docstring's boundary, exactly: from the call whose ``state.step`` is ``at`` (``at`` updates done) on, the
+    quantization ranges (or the fused BatchNorm's running statistics) stop moving; the call before still moves them.
+    Reference: a raw loop calling torch.ao.quantization's own disable_observer / freeze_bn_stats at that step (an
+    off-by-one, freezing a call later or earlier, passed the previous test, which looked at the frozen calls only)."""
+    data = _conv_bn_data(5)
+    model = _conv_bn_net()
+    state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.01))
+    step = loopkit.with_qat(loopkit.train_step(_mse), **{option: at})
+    seen = []
+    for batch in data:
+        state, _ = step(state, batch)
+        seen.append({k: v.clone() for k, v in state.model.state_dict().items()})
+    name = "observers_at" if option == "freeze_observers_after" else "bn_at"
+    assert_trees_equal(dict(state.model.state_dict()), dict(_raw_frozen_qat(data, **{name: at}).state_dict()))
+    for other in (at - 1, at + 1):  # (the boundary shows: a call earlier or later trains another model)
+        assert not torch.equal(state.model[1].weight, _raw_frozen_qat(data, **{name: other})[1].weight)
+    key = "1.weight_fake_quant.scale" if option == "freeze_observers_after" else "1.bn.running_mean"
+    assert all(torch.equal(seen[at - 1][key], later[key]) for later in seen[at:])  # the call at step `at` on
+
+
 def test_a_qconfig_set_on_the_model_is_kept(make_batches):
     state = _state()
     state.model.qconfig = torch.ao.quantization.get_default_qat_qconfig("qnnpack")  # full 8-bit activations
