@@ -101,3 +101,12 @@ def test_it_refuses_an_eval_step_and_a_plain_function():
         loopkit.with_grad_norm(loopkit.eval_step(lambda m, b: {}))
     with pytest.raises(TypeError, match="with_grad_norm"):
         loopkit.with_grad_norm(lambda state, batch: (state, {}))
+
+
+def test_norm_type_is_agreed_over_the_ranks():
+    """Under with_fsdp norm_type picks the op of the norms' all-reduce (sum of powers, or max for inf): a rank with
+    another reduced its norms with the others' by another op, and run_epochs did not compare it. Now it does."""
+    base = loopkit.train_step(lambda m, b: m(b).sum())
+    assert dict(loopkit.with_grad_norm(base, "inf").rank_agreed) == {"with_grad_norm norm_type": float("inf")}
+    assert loopkit.with_grad_norm(base, 2).rank_agreed == loopkit.with_grad_norm(base, "2.0").rank_agreed
+    assert loopkit.with_grad_norm(base, 1).rank_agreed != loopkit.with_grad_norm(base, 2).rank_agreed
