@@ -1802,11 +1802,12 @@ def run_epochs(
                            "with the same loggers: with_logging and with_checkpointing write on rank 0 alone by "
                            "themselves)")
     # ... at the same steps: what decides where a transform makes one (with_logging's every_n_steps, with_grad_accum's
-    # every), each transform's agreed_options
+    # every), what (with_fsdp's shard), or how a rank updates its replica (with_grad_clip's max_norm): each
+    # transform's agreed_options
     _collective.check_same(_agreed_options(step),
-                           "run_epochs: the ranks have other options of the transforms that make collectives, and "
-                           "every rank must make them at the same steps (give each transform the same options on "
-                           "every rank)")
+                           "run_epochs: the ranks have other options of the transforms, which decide where and "
+                           "what collectives they make, or how each rank updates its model, and every rank must do "
+                           "alike (give each transform the same options on every rank)")
     if validates:  # (a shard empty on this rank: fine if another rank's holds data; decided by every rank alike)
         _refuse_val_empty_on_every_rank(val_sets.names(), empty_val)  # type: ignore[union-attr]
     parallel = next((t for t in ("with_ddp", "with_fsdp") if t in step.applied), None)

@@ -139,11 +139,12 @@ class Step:
 
     @property
     def rank_agreed(self) -> tuple[tuple[str, Any], ...]:
-        """The options of the applied transforms that decide when the step makes a collective, as
-        ``("<transform> <option>", value)`` pairs, innermost first (``("with_logging every_n_steps", 50)``): under
-        ``torch.distributed`` every rank must hold the same, or one rank reaches a collective the others do not
-        (``run_epochs`` compares them when a fit starts). Each transform declares its own, as its
-        ``agreed_options`` (a mapping of option to value).
+        """The options of the applied transforms that decide when (and what) the step makes a collective, or how
+        each rank's replica (or shard) is updated, as ``("<transform> <option>", value)`` pairs, innermost first
+        (``("with_logging every_n_steps", 50)``), each described as it acts (two spellings that act alike, alike):
+        under ``torch.distributed`` every rank must hold the same, or one rank reaches a collective the others do
+        not, or trains otherwise (``run_epochs`` compares them when a fit starts). Each transform declares its own,
+        as its ``agreed_options`` (a mapping of option to value).
 
         >>> train_step(lambda m, b: None).rank_agreed
         ()
@@ -367,6 +368,23 @@ def _agreed(transform: str, options: Mapping[str, Any]) -> tuple[tuple[str, Any]
     (('with_logging every_n_steps', 5),)
     """
     return tuple((f"{transform} {option}", value) for option, value in options.items())
+
+
+def _accumulation_as_it_acts(every: int, schedule: tuple[tuple[int, int], ...]) -> int | dict[int, int]:
+    """``with_grad_accum``'s factor as the epochs see it, one description for every spelling of it: the factor where
+    every epoch has the same (``every=2``, ``{0: 2}``, ``{0: 2, 3: 2}``), else the schedule without its entries that
+    repeat the factor before them (``{0: 2, 2: 2, 4: 4}`` is ``{0: 2, 4: 4}``).
+
+    >>> _accumulation_as_it_acts(2, ()), _accumulation_as_it_acts(2, ((0, 2), (2, 2)))
+    (2, 2)
+    >>> _accumulation_as_it_acts(4, ((0, 2), (2, 2), (4, 4), (6, 4)))
+    {0: 2, 4: 4}
+    """
+    changes: dict[int, int] = {}
+    for first, factor in schedule or ((0, every),):
+        if not changes or factor != list(changes.values())[-1]:
+            changes[first] = factor
+    return changes[0] if len(changes) == 1 else changes
 
 
 @attrs.frozen(eq=False)
@@ -869,15 +887,16 @@ class TrainStep(Step):
 
     @property
     def rank_agreed(self) -> tuple[tuple[str, Any], ...]:
-        """See :attr:`Step.rank_agreed`: the accumulation's factor (or schedule), and the ``agreed_options`` of the
-        precision, the gradient transforms and the data-parallel hook.
+        """See :attr:`Step.rank_agreed`: the accumulation's factor (or schedule, as the epochs see it: ``every=2`` and
+        ``every={0: 2}`` are one), and the ``agreed_options`` of the precision, the gradient transforms and the
+        data-parallel hook.
 
         >>> train_step(lambda m, b: None).with_transform("with_grad_accum", accum_every=4).rank_agreed
         (('with_grad_accum every', 4),)
         """
         found: tuple[tuple[str, Any], ...] = ()
         if "with_grad_accum" in self.transforms:
-            found = (("with_grad_accum every", dict(self.accum_schedule) if self.accum_schedule else self.accum_every),)
+            found = (("with_grad_accum every", _accumulation_as_it_acts(self.accum_every, self.accum_schedule)),)
         for part in (self.precision, *self.micro, *self.update, self.sync):
             if part is not None:
                 found += _agreed(part.name, getattr(part, "agreed_options", {}))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import socket
 import subprocess
@@ -12,6 +13,7 @@ import warnings
 
 import pytest
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import BatchSampler, DataLoader, SubsetRandomSampler, TensorDataset, WeightedRandomSampler
 
 import loopkit
@@ -933,3 +935,70 @@ def test_transform_options_that_differ_between_ranks_are_refused_at_once_naming_
             assert "the ranks have other options of the transforms" in found[case]["error"], (r, case, found[case])
             assert f"rank 1 has {{{values}" in found[case]["error"] and found[case]["seconds"] < 10
         assert found["alike"] == {"step": ddp.STEPS}
+
+
+def _agreement_worker(rank: int, port: int, out: str) -> None:
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    torch.set_num_threads(1)
+    distributed.init(rank=rank, world_size=2, master_port=port, timeout=30)
+    mine = (lambda zero, one: zero if rank == 0 else one)
+    fsdp = lambda: loopkit.with_fsdp(loopkit.train_step(ddp.mse), shard={torch.nn.Linear})  # noqa: E731
+    accum = lambda every: loopkit.with_ddp(  # noqa: E731
+        loopkit.with_grad_accum(loopkit.train_step(ddp.mse), every=every))
+    cases = {  # refused: under FSDP each made other collectives (gloo aborted a rank: a "collective mismatch")
+        "clip": lambda: loopkit.with_grad_clip(fsdp(), max_norm=0.01, max_value=mine(None, 0.001)),
+        "shard": lambda: loopkit.with_fsdp(loopkit.train_step(ddp.mse), shard=mine({torch.nn.Linear}, ())),
+        "mp": lambda: loopkit.with_fsdp(loopkit.train_step(ddp.mse), shard={torch.nn.Linear},
+                                        mp_policy=mine(MixedPrecisionPolicy(param_dtype=torch.bfloat16), None)),
+        # trained: other spellings of one option, each against the same spelling on both ranks
+        "accum": lambda: accum(mine(2, {0: 2})), "accum_same": lambda: accum(2),
+        "sched": lambda: accum(mine({0: 2, 1: 2}, {0: 2})), "sched_same": lambda: accum({0: 2}),
+        "buffers": lambda: loopkit.with_ddp(loopkit.train_step(ddp.mse), broadcast_buffers=mine(None, True)),
+        "buffers_same": lambda: loopkit.with_ddp(loopkit.train_step(ddp.mse)),
+    }
+    data = ddp.make_data(ddp.STEPS)
+    found = {}
+    try:
+        for name, make in cases.items():
+            started = time.monotonic()
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # (torch's word that broadcast_buffers is deprecated)
+                    state, _ = loopkit.run_epochs(make(), ddp.sgd_state(ddp.make_model(seed=0)),
+                                                  [data[i, rank] for i in range(ddp.STEPS)], epochs=2, progress=False)
+                found[name] = {"step": state.step, "params": {n: p.detach().clone() for n, p in
+                                                              state.model.named_parameters()}}
+            except RuntimeError as error:
+                found[name] = {"error": str(error), "seconds": time.monotonic() - started}
+        torch.save(found, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        distributed.shutdown()
+
+
+@pytest.mark.slow
+def test_options_that_decide_collectives_are_agreed_as_they_act(tmp_path, bare_env):
+    """with_fsdp's shard and mp_policy and with_grad_clip's max_value were not compared when the fit started: a rank
+    with another made other collectives (another fully_shard group, gathers in another dtype, a second all-reduce of
+    the norm) and gloo aborted a rank. Refused now on every rank, naming the option. And options spelt otherwise that
+    act alike (with_grad_accum every=2 and {0: 2}, a schedule's entry repeating the factor before it, with_ddp's
+    broadcast_buffers=None, torch's default) were refused: they train now, as the same spelling on both ranks does."""
+    _spawn_and_join(_agreement_worker, (_free_port(), str(tmp_path)), seconds=120)
+    # torch's own default (2.13's None: True; before, None was a falsy flag, and refused next to True)
+    none_is_default = inspect.signature(DistributedDataParallel).parameters["broadcast_buffers"].default is None
+    named = {"clip": "'with_grad_clip max_value': 0.001}, rank 0 has {'with_grad_clip max_value': None}",
+             "shard": "'with_fsdp shard': ()}, rank 0 has {'with_fsdp shard': ('torch.nn.modules.linear.Linear',)}",
+             "mp": "'with_fsdp mp_policy': {'param_dtype': None, 'reduce_dtype': None}}, rank 0 has "
+                   "{'with_fsdp mp_policy': {'param_dtype': 'torch.bfloat16', 'reduce_dtype': 'torch.bfloat16'}}"}
+    ranks = [torch.load(os.path.join(tmp_path, f"rank{r}.pt")) for r in (0, 1)]
+    for found in ranks:
+        for case, values in named.items():
+            assert "the ranks have other options of the transforms" in found[case]["error"], (case, found[case])
+            assert f"rank 1 has {{{values}" in found[case]["error"] and found[case]["seconds"] < 10
+        alike = ("accum", "sched") + (("buffers",) if none_is_default else ())
+        assert ("error" in found["buffers"]) is not none_is_default
+        for case in alike:
+            assert "error" not in found[case], found[case]
+            assert found[case]["step"] == found[f"{case}_same"]["step"] == {"buffers": 2}.get(case, 1) * ddp.STEPS
+            for name, value in found[f"{case}_same"]["params"].items():
+                assert torch.equal(found[case]["params"][name], value), (case, name)

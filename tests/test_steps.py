@@ -946,8 +946,9 @@ def test_a_bfloat16_model_trains_as_a_raw_bfloat16_loop_lightnings_bf16_true(tmp
 
 def test_rank_agreed_lists_each_transforms_options_that_decide_its_collectives(tmp_path):
     """What run_epochs compares over the ranks when a fit starts (a rank whose log point or save falls at other steps
-    would wait in a collective the others never reach): each transform's own, innermost first; a transform that makes
-    no collective (with_profiler, with_grad_clip) adds none, so a rank may apply it alone."""
+    would wait in a collective the others never reach; a rank clipping otherwise would update by other gradients):
+    each transform's own, innermost first; a transform that makes no collective and leaves the training alone
+    (with_profiler) adds none, so a rank may apply it alone."""
     core = loopkit.with_nan_guard(loopkit.with_grad_accum(loopkit.with_amp(
         loopkit.train_step(lambda m, b: m(b).sum()), torch.bfloat16), every={0: 2, 3: 4}), policy="raise")
     step = loopkit.with_checkpointing(loopkit.with_logging(loopkit.with_grad_clip(core, max_norm=1.0),
@@ -956,6 +957,7 @@ def test_rank_agreed_lists_each_transforms_options_that_decide_its_collectives(t
     assert step.rank_agreed == (
         ("with_grad_accum every", {0: 2, 3: 4}), ("with_amp dtype", "torch.bfloat16"),
         ("with_nan_guard policy", "raise"),
+        ("with_grad_clip max_norm", 1.0), ("with_grad_clip max_value", None), ("with_grad_clip norm_type", 2.0),
         ("with_logging every_n_steps", 7),
         ("with_checkpointing every_n_steps", None), ("with_checkpointing every_n_epochs", 2),
         ("with_checkpointing monitor", "val/loss"))
@@ -963,3 +965,23 @@ def test_rank_agreed_lists_each_transforms_options_that_decide_its_collectives(t
     assert profiled.rank_agreed == step.rank_agreed
     assert loopkit.train_step(lambda m, b: m(b).sum()).rank_agreed == ()
     assert as_step(lambda s, b: (s, {})).rank_agreed == ()
+
+
+@pytest.mark.parametrize("one, other", [
+    (2, {0: 2}), ({0: 2}, {0: 2, 1: 2, 5: 2}), ({0: 1, 2: 4}, {1: 1, 2: 4, 3: 4}), ({0: 1}, 1)])
+def test_rank_agreed_takes_an_accumulation_as_the_epochs_see_it(one, other):
+    """with_grad_accum(every=2) and every={0: 2} accumulate alike in every epoch, and so does a schedule with entries
+    repeating the factor before them (or giving epoch 0 the factor 1 it has anyway): run_epochs refused such ranks as
+    having other options. One description each now; every_at, what the step acts on, is the reference."""
+    steps = [loopkit.with_grad_accum(loopkit.train_step(lambda m, b: m(b).sum()), every=e) for e in (one, other)]
+    assert [steps[0].every_at(epoch) for epoch in range(8)] == [steps[1].every_at(epoch) for epoch in range(8)]
+    assert steps[0].rank_agreed == steps[1].rank_agreed
+
+
+def test_rank_agreed_tells_accumulations_that_act_otherwise_apart():
+    """Schedules whose factors differ in some epoch stay apart, the description naming the epochs where it changes."""
+    base = loopkit.train_step(lambda m, b: m(b).sum())
+    accum = lambda every: loopkit.with_grad_accum(base, every=every)  # noqa: E731
+    described = {str(accum(e).rank_agreed) for e in (2, 3, {0: 2, 1: 3}, {0: 2, 2: 3}, {1: 2})}
+    assert len(described) == 5
+    assert accum({0: 2, 1: 2, 4: 3, 6: 3}).rank_agreed == (("with_grad_accum every", {0: 2, 4: 3}),)

@@ -54,13 +54,19 @@ class Amp:
 
     @property
     def agreed_options(self) -> dict[str, Any]:
-        """Under DDP a float16 update's skip is agreed over the ranks (a collective), a bfloat16 one makes none
-        (see :attr:`loopkit.steps.Step.rank_agreed`).
+        """Under DDP a float16 update's skip is agreed over the ranks (a collective), a bfloat16 one makes none; a
+        float16 loss scaler's options too: the ranks' gradients are averaged scaled, and each rank unscales the mean
+        by its own scale (see :attr:`loopkit.steps.Step.rank_agreed`).
 
-        >>> Amp(torch.float16).agreed_options
-        {'dtype': 'torch.float16'}
+        >>> Amp(torch.bfloat16).agreed_options
+        {'dtype': 'torch.bfloat16'}
+        >>> Amp(torch.float16).agreed_options["growth_interval"]
+        2000
         """
-        return {"dtype": str(self.dtype)}
+        if not self.scales_loss:
+            return {"dtype": str(self.dtype)}
+        return {"dtype": str(self.dtype), "init_scale": self.init_scale, "growth_factor": self.growth_factor,
+                "backoff_factor": self.backoff_factor, "growth_interval": self.growth_interval}
 
     @property
     def metric_names(self) -> tuple[str, ...]:

@@ -21,6 +21,7 @@ True
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import types
 import weakref
@@ -44,9 +45,39 @@ _NO_GROUP = (
 
 
 #: the ``DistributedDataParallel`` options every rank must give alike (:attr:`DDPSync.agreed_options`), with the
-#: value torch takes for one not given
+#: value torch takes for one not given (the buffers' broadcasts: :func:`_buffer_syncs`). ``bucket_cap_mb=None`` is
+#: not 25: torch gives the default's first bucket 1 MiB (``dist._DEFAULT_FIRST_BUCKET_BYTES``), an explicit 25 one
+#: of 25 MiB, and under ``find_unused_parameters`` (which keeps the buckets each rank made) the ranks' all-reduces
+#: then differ in size once the parameters pass 1 MiB: gloo aborts ("Received data size doesn't match")
 _AGREED_DEFAULTS: Mapping[str, Any] = types.MappingProxyType(
-    {"broadcast_buffers": True, "find_unused_parameters": False, "bucket_cap_mb": None, "static_graph": False})
+    {"find_unused_parameters": False, "bucket_cap_mb": None, "bucket_cap_mb_list": None, "static_graph": False,
+     "skip_all_reduce_unused_params": False})
+
+
+#: whether this torch's ``DistributedDataParallel`` takes ``broadcast_buffers=None`` as its default, True (from torch
+#: 2.13, with ``forward_sync_buffers``); before, None was a falsy flag, False
+_NONE_BROADCASTS: bool = inspect.signature(DistributedDataParallel).parameters["broadcast_buffers"].default is None
+
+
+def _buffer_syncs(options: Mapping[str, Any]) -> dict[str, Any]:
+    """Where ``DistributedDataParallel`` broadcasts rank 0's buffers, as torch reads its options: before each forward
+    (``forward_sync_buffers``, else ``broadcast_buffers``, a flag; ``None`` is this torch's default: see
+    ``_NONE_BROADCASTS``), and what its building broadcasts (``init_sync=False``: nothing; ``broadcast_buffers=False``:
+    the parameters alone).
+
+    >>> _buffer_syncs({}) == _buffer_syncs({"broadcast_buffers": True}) == _buffer_syncs({"forward_sync_buffers": 1})
+    True
+    >>> _buffer_syncs({"broadcast_buffers": False})
+    {'broadcast_buffers': False, 'init_sync': 'parameters'}
+    """
+    forward = options.get("forward_sync_buffers")
+    if forward is None:
+        given = options.get("broadcast_buffers", True)
+        forward = at_init = _NONE_BROADCASTS if given is None else bool(given)
+    else:  # (torch then ignores broadcast_buffers, and always broadcasts the buffers when it builds the wrapper)
+        forward, at_init = bool(forward), True
+    init = ("parameters and buffers" if at_init else "parameters") if options.get("init_sync", True) else "nothing"
+    return {"broadcast_buffers": forward, "init_sync": init}
 
 
 class DDPSync:
@@ -79,14 +110,18 @@ class DDPSync:
 
     @property
     def agreed_options(self) -> dict[str, Any]:
-        """The ``DistributedDataParallel`` options that decide its collectives (a buffers' broadcast before each
-        forward, the unused parameters' all-reduce, the buckets' sizes, a static graph's first backward) and the
-        comm hook's name: every rank must give the same (see :attr:`loopkit.steps.Step.rank_agreed`).
+        """The ``DistributedDataParallel`` options that decide its collectives, as torch takes them (a buffers'
+        broadcast before each forward and when it is built, the unused parameters' all-reduce, the buckets' sizes, a
+        static graph's first backward; an option given as its default is the option not given) and the comm hook's
+        name: every rank must give the same (see :attr:`loopkit.steps.Step.rank_agreed`).
 
         >>> DDPSync({"find_unused_parameters": True}).agreed_options["find_unused_parameters"]
         True
+        >>> DDPSync({"broadcast_buffers": True, "static_graph": False}).agreed_options == DDPSync({}).agreed_options
+        True
         """
-        agreed = {option: self.options.get(option, default) for option, default in _AGREED_DEFAULTS.items()}
+        agreed = _buffer_syncs(self.options)
+        agreed.update((option, self.options.get(option, default)) for option, default in _AGREED_DEFAULTS.items())
         hook = self.comm_hook
         agreed["comm_hook"] = None if hook is None else getattr(hook, "__qualname__", type(hook).__qualname__)
         return agreed

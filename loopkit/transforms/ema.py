@@ -170,6 +170,12 @@ class EMAStep(UpdateStep):
     def name(self) -> str:
         return "with_ema"
 
+    @property
+    def agreed_options(self) -> dict[str, Any]:
+        """``decay``: each rank averages its replica, and another decay on one rank would give the ranks other
+        averaged models (rank 0's checkpointed, each rank's evaluated: see :attr:`loopkit.steps.Step.rank_agreed`)."""
+        return {"decay": self.decay}
+
     def run_(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
         return self._checked_call(super().run_, state, batch)
 

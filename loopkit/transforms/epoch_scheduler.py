@@ -43,6 +43,12 @@ class EpochSchedulerStep(WrapperStep):
         return "with_epoch_scheduler"
 
     @property
+    def agreed_options(self) -> dict[str, Any]:
+        """``frequency``: a rank whose scheduler stepped otherwise would update its replica at other learning rates
+        (see :attr:`loopkit.steps.Step.rank_agreed`)."""
+        return {"frequency": self.frequency}
+
+    @property
     def changes_state(self) -> bool:  # type: ignore[override]
         return True  # it steps the state's scheduler, whatever the inner step does
 

@@ -29,7 +29,7 @@ from loopkit._sharded import held_grads as _held_grads
 from loopkit._sharded import is_dtensor, local
 from loopkit import _collective
 from loopkit.steps import TrainStep
-from loopkit.transforms._compose import refuse_wrapping, require_train_step
+from loopkit.transforms._compose import named_callable, refuse_wrapping, require_train_step
 
 if TYPE_CHECKING:
     from torch.distributed.fsdp import MixedPrecisionPolicy
@@ -105,14 +105,22 @@ class FSDPSync:
 
     @property
     def agreed_options(self) -> dict[str, Any]:
-        """``broadcast_buffers`` (a broadcast before each group's forward) and ``reshard_after_forward`` (the
-        backward's all-gathers): every rank must give the same (see :attr:`loopkit.steps.Step.rank_agreed`).
+        """What decides the collectives, as it acts, which every rank must give alike (see
+        :attr:`loopkit.steps.Step.rank_agreed`): ``broadcast_buffers`` (a broadcast before each group's forward),
+        ``reshard_after_forward`` (the backward's all-gathers), ``shard`` (which submodules are ``fully_shard`` groups
+        of their own, each with its all-gather and reduce-scatter: :func:`_shard_described`), ``mp_policy`` (the
+        dtypes those gather and reduce in: :func:`_precision_described`) and ``shard_placement_fn`` (how each
+        parameter is cut, by name).
 
-        >>> FSDPSync((), {"reshard_after_forward": False}).agreed_options
-        {'broadcast_buffers': True, 'reshard_after_forward': False}
+        >>> agreed = FSDPSync({torch.nn.Linear}, {"reshard_after_forward": False}).agreed_options
+        >>> agreed["reshard_after_forward"], agreed["shard"], agreed["mp_policy"]
+        (False, ('torch.nn.modules.linear.Linear',), {'param_dtype': None, 'reduce_dtype': None})
         """
         return {"broadcast_buffers": self.broadcast_buffers,
-                "reshard_after_forward": self.options.get("reshard_after_forward", True)}
+                "reshard_after_forward": self.options.get("reshard_after_forward", True),
+                "shard": _shard_described(self.shard),
+                "mp_policy": _precision_described(self.options.get("mp_policy")),
+                "shard_placement_fn": named_callable(self.options.get("shard_placement_fn"))}
 
     def wraps(self, model: nn.Module) -> bool:
         """Whether ``model`` is sharded already by this hook (:meth:`module` then changes nothing of it).
@@ -275,6 +283,40 @@ def _chosen(shard: Collection[type[nn.Module]] | Callable[[nn.Module], bool]) ->
         return shard  # type: ignore[return-value]
     classes = tuple(shard)  # type: ignore[arg-type]
     return lambda module: isinstance(module, classes)
+
+
+def _shard_described(shard: Collection[type[nn.Module]] | Callable[[nn.Module], bool]) -> tuple[str, ...] | str:
+    """``shard`` as it picks: its classes by name, sorted, each once (``{nn.Linear}``, ``[nn.Linear, nn.Linear]`` and
+    ``(nn.Linear,)`` pick alike; ``()`` and ``set()`` pick none), or a predicate by name (two predicates of one name
+    that pick otherwise cannot be told apart).
+
+    >>> _shard_described([nn.ReLU, nn.Linear, nn.ReLU]), _shard_described(set())
+    (('torch.nn.modules.activation.ReLU', 'torch.nn.modules.linear.Linear'), ())
+    >>> _shard_described(callable)
+    'predicate builtins.callable'
+    """
+    if callable(shard) and not isinstance(shard, type):
+        return f"predicate {named_callable(shard)}"
+    return tuple(sorted({f"{cls.__module__}.{cls.__qualname__}" for cls in shard}))  # type: ignore[union-attr]
+
+
+def _precision_described(policy: MixedPrecisionPolicy | None) -> dict[str, str | None]:
+    """``mp_policy`` as it acts on the collectives: the dtype the parameters are all-gathered in and the one the
+    gradients are reduced in (torch's ``reduce_dtype=None`` reduces in ``param_dtype``; no policy is
+    ``MixedPrecisionPolicy()``, both None: the parameters' own). ``output_dtype`` and ``cast_forward_inputs`` act on
+    the forward alone. (A ``param_dtype`` that is the parameters' own dtype acts as None, which this cannot tell
+    without the model: such a pair is refused.)
+
+    >>> from torch.distributed.fsdp import MixedPrecisionPolicy
+    >>> _precision_described(MixedPrecisionPolicy(param_dtype=torch.bfloat16))
+    {'param_dtype': 'torch.bfloat16', 'reduce_dtype': 'torch.bfloat16'}
+    >>> _precision_described(None) == _precision_described(MixedPrecisionPolicy(output_dtype=torch.float16))
+    True
+    """
+    param = getattr(policy, "param_dtype", None)
+    reduce = getattr(policy, "reduce_dtype", None) or param
+    return {"param_dtype": None if param is None else str(param),
+            "reduce_dtype": None if reduce is None else str(reduce)}
 
 
 def _shard(

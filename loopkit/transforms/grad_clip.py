@@ -54,6 +54,18 @@ class ClipGrad:
         return self.max_value is not None
     metric_names: ClassVar[tuple[str, ...]] = ("grad_norm",)
 
+    @property
+    def agreed_options(self) -> dict[str, Any]:
+        """What every rank must give alike (see :attr:`loopkit.steps.Step.rank_agreed`): under ``with_fsdp`` the norm
+        is one all-reduce over the shards (``norm_type`` picks its op, sum or max) and ``max_value`` with ``max_norm``
+        makes a second; under either parallel transform a rank that clipped otherwise would update its replica or its
+        shard by other gradients than the others.
+
+        >>> ClipGrad(max_norm=1.0).agreed_options
+        {'max_norm': 1.0, 'max_value': None, 'norm_type': 2.0}
+        """
+        return {"max_norm": self.max_norm, "max_value": self.max_value, "norm_type": self.norm_type}
+
     def on_loss(self, loss: torch.Tensor, state: TrainState, ctx: GradContext) -> None:
         pass
 

@@ -35,6 +35,17 @@ class GradNorm:
     name: str = "with_grad_norm"
 
     @property
+    def agreed_options(self) -> dict[str, Any]:
+        """``norm_type``, which every rank must give alike (see :attr:`loopkit.steps.Step.rank_agreed`): under
+        ``with_fsdp`` it picks the op of the norms' all-reduce (sum of powers, or max for inf), and the metrics' means
+        over the ranks would mix norms of two kinds.
+
+        >>> GradNorm(2.0).agreed_options
+        {'norm_type': 2.0}
+        """
+        return {"norm_type": self.norm_type}
+
+    @property
     def metric_names(self) -> tuple[str, ...]:
         """The names it reports, as a prefix (``*``): a loss_fn's aux metric may not take one of them."""
         return (f"{self.prefix}*",)

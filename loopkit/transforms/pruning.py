@@ -19,7 +19,7 @@ from torch.nn.utils import parametrize, prune
 from loopkit._numbers import as_int, as_real
 from loopkit.state import TrainState, core_module, leave_intact, plain_names, replace, replace_extras
 from loopkit.steps import Metrics, TrainStep, UpdateStep, WrapperStep, needs_closure
-from loopkit.transforms._compose import fitted_to, intact_as, refuse_wrapping, require_step
+from loopkit.transforms._compose import fitted_to, intact_as, named_callable, refuse_wrapping, require_step
 
 __all__ = ["PruningStep", "default_prunable", "with_pruning"]
 
@@ -92,6 +92,14 @@ class PruningStep(UpdateStep):
     @property
     def name(self) -> str:
         return "with_pruning"
+
+    @property
+    def agreed_options(self) -> dict[str, Any]:
+        """How much, when and what it prunes: a rank with others would zero other weights of its replica (see
+        :attr:`loopkit.steps.Step.rank_agreed`). A schedule function is compared by name."""
+        fraction = getattr(self.schedule, "fraction", self.schedule)
+        when = fraction.points if isinstance(fraction, _CubicSchedule) else named_callable(fraction)
+        return {"amount": self.amount, "schedule": when, "parameters": self.parameters}
 
     @property
     def changes_state(self) -> bool:  # type: ignore[override]

@@ -124,6 +124,14 @@ class QATStep(WrapperStep):
         return "with_qat"
 
     @property
+    def agreed_options(self) -> dict[str, Any]:
+        """What decides the fake quantization and when its observers and BatchNorm statistics freeze: a rank with
+        others would compute its gradients through another forward than the others' (see
+        :attr:`loopkit.steps.Step.rank_agreed`; a ``qconfig`` given is not compared)."""
+        return {"backend": self.backend, "freeze_observers_after": self.freeze_observers_after,
+                "freeze_bn_after": self.freeze_bn_after}
+
+    @property
     def changes_state(self) -> bool:  # type: ignore[override]
         return True  # the first call changes the model's modules
 

@@ -23,7 +23,7 @@ from loopkit.state import (
     TrainState, core_module, extras_copy, fork, leave_intact, model_device, replace, state_at_error,
 )
 from loopkit.steps import Metrics, WrapperStep
-from loopkit.transforms._compose import refuse_wrapping, require_step
+from loopkit.transforms._compose import named_callable, refuse_wrapping, require_step
 from loopkit.transforms.ema import _fitted, _parameters
 from loopkit.transforms.pruning import _MASKS as _PRUNING_MASKS
 from loopkit.transforms.pruning import _masked_parameters
@@ -142,6 +142,14 @@ class SWAStep(WrapperStep):
     @property
     def name(self) -> str:
         return "with_swa"
+
+    @property
+    def agreed_options(self) -> dict[str, Any]:
+        """What sets the learning rates and the averaging: a rank with others would update its replica at other
+        rates from another epoch on (see :attr:`loopkit.steps.Step.rank_agreed`)."""
+        return {"swa_lrs": self.swa_lrs, "swa_start": self.swa_start, "swa_end": self.swa_end,
+                "annealing_epochs": self.annealing_epochs, "annealing_strategy": self.annealing_strategy,
+                "avg_fn": named_callable(self.avg_fn)}
 
     @property
     def changes_state(self) -> bool:  # type: ignore[override]

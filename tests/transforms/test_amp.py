@@ -487,3 +487,16 @@ def test_float16_trains_a_frozen_float16_part_as_torchs_grad_scaler_does_and_ref
         loopkit.run_epochs(loopkit.with_amp(loopkit.train_step(loss_fn), torch.float16), state, [x], epochs=1,
                            progress=False)
     assert_trees_equal(take_snapshot(loopkit.state_at_error(info.value)), before)
+
+
+def test_a_float16_scalers_options_are_agreed_over_the_ranks():
+    """The ranks' scaled gradients are averaged, and each rank unscales the mean by its own scale: a rank with another
+    init_scale (or growth) updated by other gradients, and run_epochs compared the dtype alone. bfloat16 has no
+    scaler."""
+    base = loopkit.train_step(lambda m, b: m(b).sum())
+    agreed = lambda **kw: dict(loopkit.with_amp(base, torch.float16, **kw).rank_agreed)  # noqa: E731
+    assert agreed()["with_amp init_scale"] == 2.0 ** 16 and agreed()["with_amp growth_interval"] == 2000
+    for option, value in (("init_scale", 1024.0), ("growth_factor", 4.0), ("backoff_factor", 0.25),
+                          ("growth_interval", 10)):
+        assert agreed(**{option: value}) != agreed(), option
+    assert dict(loopkit.with_amp(base, torch.bfloat16).rank_agreed) == {"with_amp dtype": "torch.bfloat16"}

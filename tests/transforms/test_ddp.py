@@ -657,3 +657,28 @@ def test_data_without_a_length_yielding_nothing_on_one_rank_stops_every_rank(ran
         assert (r["step"], r["epochs"]) == (2, 1) and len(r["warnings"]) == 1 and "epoch 1" in r["warnings"][0]
     for name, value in results[0]["params"].items():
         assert torch.equal(results[1]["params"][name], value), name
+
+
+def test_ddp_options_are_agreed_as_torch_takes_them():
+    """An option given as torch's default is the option not given (broadcast_buffers=None where torch's default is
+    None, static_graph=False); the options that decide DDP's collectives and were not compared are now
+    (init_sync, forward_sync_buffers, bucket_cap_mb_list, skip_all_reduce_unused_params). bucket_cap_mb=25 is not the
+    default: torch gives the default's first bucket 1 MiB (an explicit 25, 25 MiB), and under find_unused_parameters
+    the ranks' all-reduces then differ in size (gloo aborts), so the two stay apart."""
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    from loopkit.transforms.ddp import DDPSync
+
+    def agreed(**options):
+        return DDPSync(options).agreed_options
+
+    assert agreed(static_graph=False, find_unused_parameters=False, init_sync=True) == agreed()
+    assert agreed(broadcast_buffers=True) == agreed(forward_sync_buffers=True) == agreed()
+    none_is_default = inspect.signature(DistributedDataParallel).parameters["broadcast_buffers"].default is None
+    assert (agreed(broadcast_buffers=None) == agreed()) is none_is_default
+    assert agreed(bucket_cap_mb=25) != agreed()
+    kinds = [agreed(), agreed(init_sync=False), agreed(broadcast_buffers=False), agreed(forward_sync_buffers=False),
+             agreed(bucket_cap_mb_list=[1, 25]), agreed(skip_all_reduce_unused_params=True)]
+    assert all(a != b for i, a in enumerate(kinds) for b in kinds[i + 1:])

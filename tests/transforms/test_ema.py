@@ -430,3 +430,10 @@ def test_an_integer_parameter_is_averaged_as_averaged_model_averages_it(make_bat
     assert_trees_equal(_ema_params(state), _averaged_params(averaged))
     table = _ema_params(state)["table"]
     assert table.dtype == torch.int64 and int(table[3]) not in {int(t[3]) for t in tables}  # (an average of them)
+
+
+def test_decay_is_agreed_over_the_ranks():
+    """Each rank averages its replica: another decay on one rank gave the ranks other averaged models (rank 0's
+    checkpointed, each rank's evaluated), and run_epochs compared no option of with_ema. decay now is one."""
+    base = loopkit.train_step(lambda m, b: m(b).sum())
+    assert loopkit.with_ema(base, decay=0.9).rank_agreed == (("with_ema decay", 0.9),)

@@ -197,3 +197,11 @@ def test_a_step_of_ones_own_that_sets_its_own_scheduler_or_replaces_the_optimize
     assert isinstance(new.scheduler, torch.optim.lr_scheduler.StepLR) and new.scheduler.optimizer is new.optimizer
     with pytest.warns(RuntimeWarning, match="replaced the state's optimizer with one of other parameter groups"):
         getattr(loopkit, transform)(own_optimizer(False))(state, batch)
+
+
+def test_frequency_is_agreed_over_the_ranks():
+    """A rank whose scheduler steps every 2 epochs and one every epoch update their replicas at other rates: run_epochs
+    compared no option of with_epoch_scheduler. frequency is now among those the ranks must share."""
+    base = loopkit.train_step(lambda m, b: m(b).sum())
+    assert loopkit.with_epoch_scheduler(base, frequency=2).rank_agreed == (("with_epoch_scheduler frequency", 2),)
+    assert loopkit.with_epoch_scheduler(base).rank_agreed == (("with_epoch_scheduler frequency", 1),)

@@ -588,3 +588,27 @@ def test_a_layer_with_fewer_rows_than_ranks_has_its_inf_norm_and_export_errors_a
         assert r["metrics"]["grad_inf_norm_total"] == pytest.approx(total, rel=1e-6)
         assert r["metrics"]["grad_norm"] == pytest.approx(total, rel=1e-6)
         assert r["export_refused"] is not None and "metadata must map str to str" in r["export_refused"]
+
+
+def test_shard_and_mp_policy_are_agreed_as_they_act(one_rank):
+    """shard (which submodules are fully_shard groups, each with its gathers) and mp_policy (the dtypes they gather and
+    reduce in) were not compared over the ranks: a rank with others aborted in gloo. They are now, as they act: shard's
+    classes whatever the collection, mp_policy's gather and reduce dtypes (torch reduces in param_dtype when
+    reduce_dtype is None; output_dtype acts on the forward alone)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    def agreed(**kw):
+        return dict(loopkit.with_fsdp(_step(), **kw).rank_agreed)
+
+    linear, bf16 = torch.nn.Linear, torch.bfloat16
+    assert agreed(shard={linear})["with_fsdp shard"] == ("torch.nn.modules.linear.Linear",)
+    assert agreed(shard=[linear, linear]) == agreed(shard=(linear,)) and agreed(shard=set()) == agreed()
+    assert agreed(shard={linear}) != agreed() != agreed(shard={torch.nn.Sequential})
+    assert agreed(mp_policy=MixedPrecisionPolicy(param_dtype=bf16)) == agreed(
+        mp_policy=MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=bf16))
+    assert agreed(mp_policy=MixedPrecisionPolicy(output_dtype=bf16)) == agreed(mp_policy=MixedPrecisionPolicy())
+    assert agreed(mp_policy=MixedPrecisionPolicy()) == agreed()
+    kinds = [agreed(), agreed(mp_policy=MixedPrecisionPolicy(param_dtype=bf16)),
+             agreed(mp_policy=MixedPrecisionPolicy(reduce_dtype=bf16)),
+             agreed(mp_policy=MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=torch.float32))]
+    assert all(a != b for i, a in enumerate(kinds) for b in kinds[i + 1:])

@@ -441,3 +441,17 @@ def test_a_norm_type_other_than_2_clips_and_reports_as_torch_nn_utils_in_a_raw_l
     assert_trees_equal(norms, ref_norms)
     assert_trees_equal(dict(state.model.named_parameters()), dict(ref_model.named_parameters()))
     assert_trees_equal(state.optimizer.state_dict(), ref_opt.state_dict())
+
+
+def test_clip_options_are_agreed_over_the_ranks():
+    """Under with_fsdp the sharded clip all-reduces the norm (norm_type picks sum or max; max_value with max_norm adds
+    a second), and a rank clipping otherwise updates by other gradients: run_epochs compared none of them, and a rank
+    given max_value alone aborted in gloo. Each is now among the options the ranks must share."""
+    base = loopkit.train_step(lambda m, b: m(b).sum())
+    agreed = lambda **kw: dict(loopkit.with_grad_clip(base, **kw).rank_agreed)  # noqa: E731
+    assert agreed(max_norm=1.0) == {"with_grad_clip max_norm": 1.0, "with_grad_clip max_value": None,
+                                    "with_grad_clip norm_type": 2.0}
+    assert agreed(max_norm=1, norm_type=2) == agreed(max_norm=1.0)  # (as torch takes them)
+    kinds = [agreed(max_norm=1.0), agreed(max_norm=0.5), agreed(max_norm=1.0, max_value=0.1),
+             agreed(max_norm=1.0, norm_type=float("inf")), agreed()]
+    assert all(a != b for i, a in enumerate(kinds) for b in kinds[i + 1:])

@@ -144,3 +144,12 @@ def test_parameters_of_two_dtypes_give_the_total_lightning_and_torch_compute(nor
     assert metrics[f"grad_{p}_norm_total"].dtype == torch.float32
     if p == 2.0:  # (the bfloat16 rounding of the total would show: 848.0 for 848.27)
         assert not torch.equal(total.bfloat16().float(), total)
+
+
+def test_norm_type_is_agreed_over_the_ranks():
+    """Under with_fsdp norm_type picks the op of the norms' all-reduce (sum of powers, or max for inf): a rank with
+    another reduced its norms with the others' by another op, and run_epochs did not compare it. Now it does."""
+    base = loopkit.train_step(lambda m, b: m(b).sum())
+    assert dict(loopkit.with_grad_norm(base, "inf").rank_agreed) == {"with_grad_norm norm_type": float("inf")}
+    assert loopkit.with_grad_norm(base, 2).rank_agreed == loopkit.with_grad_norm(base, "2.0").rank_agreed
+    assert loopkit.with_grad_norm(base, 1).rank_agreed != loopkit.with_grad_norm(base, 2).rank_agreed

@@ -634,3 +634,20 @@ def test_a_step_of_ones_own_with_two_updates_sees_pruned_weights_zero_between_th
         if not donated:
             assert all(not p._backward_hooks for p in given.model.parameters())
     assert_trees_equal({name: state.model.get_parameter(name).detach() for name in names}, expected)
+
+
+def _prune_once(step: int) -> float:
+    return 1.0 if step >= 2 else 0.0
+
+
+def test_what_and_when_it_prunes_is_agreed_over_the_ranks():
+    """A rank pruning more, at other steps or other weights zeroes other weights of its replica: run_epochs compared no
+    option of with_pruning. Each is now shared; a schedule function by its name."""
+    base = loopkit.train_step(lambda m, b: m(b).sum())
+    def agreed(**kw):
+        return dict(loopkit.with_pruning(base, **{"amount": 0.5, "schedule": [2, 4], **kw}).rank_agreed)
+
+    assert agreed() == {"with_pruning amount": 0.5, "with_pruning schedule": (2, 4), "with_pruning parameters": None}
+    assert agreed(schedule=_prune_once)["with_pruning schedule"] == f"{__name__}._prune_once"
+    kinds = [agreed(), agreed(amount=0.6), agreed(schedule=[2, 5]), agreed(parameters=["weight"])]
+    assert all(a != b for i, a in enumerate(kinds) for b in kinds[i + 1:])

@@ -336,3 +336,12 @@ def test_quantized_model_of_a_model_without_a_quant_stub_is_refused_naming_it(ma
     state, _ = loopkit.with_qat(loopkit.train_step(lambda m, b: m(b[0]).pow(2).mean()))(state, make_batches(1)[0])
     with pytest.raises(ValueError, match="quantized_model: the model has no QuantStub.*QuantWrapper"):
         loopkit.quantized_model(state)
+
+
+def test_the_quantization_and_its_freezing_are_agreed_over_the_ranks():
+    """A rank whose observers or BatchNorm statistics freeze at another step (or of another backend) computes its
+    gradients through another forward: run_epochs compared no option of with_qat. Those are now shared."""
+    base = loopkit.train_step(lambda m, b: m(b).sum())
+    assert dict(loopkit.with_qat(base, freeze_bn_after=3).rank_agreed) == {
+        "with_qat backend": "x86", "with_qat freeze_observers_after": None, "with_qat freeze_bn_after": 3}
+    assert loopkit.with_qat(base, freeze_observers_after=2).rank_agreed != loopkit.with_qat(base).rank_agreed

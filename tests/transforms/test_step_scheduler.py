@@ -249,3 +249,11 @@ def test_batches_skipped_in_one_epoch_do_not_shift_the_count_of_the_next(make_ml
     assert rates.rates == expected and state.scheduler.last_epoch == sched.last_epoch == 2 + 3
     for p, q in zip(state.model.parameters(), model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_frequency_is_agreed_over_the_ranks():
+    """A rank whose scheduler steps every 2 batches and one every batch update their replicas at other rates: run_epochs
+    compared no option of with_step_scheduler. frequency is now among those the ranks must share."""
+    base = loopkit.train_step(lambda m, b: m(b).sum())
+    assert loopkit.with_step_scheduler(base, frequency=2).rank_agreed == (("with_step_scheduler frequency", 2),)
+    assert loopkit.with_step_scheduler(base).rank_agreed == (("with_step_scheduler frequency", 1),)

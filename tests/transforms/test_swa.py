@@ -356,3 +356,17 @@ def test_a_custom_avg_fn_is_used(data, assert_trees_equal):
     state, _ = loopkit.run_epochs(step, _state("sgd"), data, epochs=3, progress=False)
     before_last = loopkit.run_epochs(step, _state("sgd"), data, epochs=2, progress=False)[0]
     assert_trees_equal(dict(state.extras["swa/params"]), _params(before_last.model))
+
+
+def test_the_rates_and_the_averaging_are_agreed_over_the_ranks():
+    """A rank with other SWA rates, start or annealing updates its replica at other rates: run_epochs compared no option
+    of with_swa. Each is now among those the ranks must share (swa_epoch_start as the 0-based epoch it names)."""
+    base = loopkit.train_step(lambda m, b: m(b).sum())
+    def agreed(**kw):
+        return dict(loopkit.with_swa(base, **{"swa_lrs": 0.05, "swa_epoch_start": 2, **kw}).rank_agreed)
+
+    assert agreed() == {"with_swa swa_lrs": (0.05,), "with_swa swa_start": 1, "with_swa swa_end": None,
+                        "with_swa annealing_epochs": 10, "with_swa annealing_strategy": "cos", "with_swa avg_fn": None}
+    for option, value in (("swa_lrs", 0.1), ("swa_epoch_start", 3), ("annealing_epochs", 2),
+                          ("annealing_strategy", "linear")):
+        assert agreed(**{option: value}) != agreed(), option
