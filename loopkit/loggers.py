@@ -664,20 +664,74 @@ def _replace_file(path: str, content: str | bytes, temporary: str | None = None)
     os.replace(temporary, path)
 
 
-def _cut_torn_row(path: str) -> None:
-    """Drop the torn last row of a run killed mid-write (its file does not end with a newline): the next
-    row appended would run on from it. A file without a whole line is left as it is."""
+def _unfinished_line(path: str) -> tuple[bytes, int] | None:
+    """``path``'s content and where its last line begins, when that line lacks its newline (a run killed
+    mid-write); None when the file is empty or ends with one."""
     with open(path, "rb") as f:
         if f.seek(0, os.SEEK_END) == 0:
-            return
+            return None
         f.seek(-1, os.SEEK_END)
         if f.read(1) == b"\n":
-            return
+            return None
         f.seek(0)
         data = f.read()
-    end = data.rfind(b"\n")
-    if end >= 0:
-        _replace_file(path, data[: end + 1])
+    return data, data.rfind(b"\n") + 1
+
+
+def _end_last_line(path: str, data: bytes, start: int, whole: bool) -> None:
+    """Finish the unfinished last line of ``path`` (``data[start:]``): its newline added when ``whole`` (the
+    record's text was all written), else cut (a torn fragment), so that the next record starts a line of its own."""
+    if whole:
+        with open(path, "ab") as f:
+            f.write(b"\n")
+    else:
+        _replace_file(path, data[:start])
+
+
+def _csv_row_is_whole(line: bytes) -> bool:
+    """Whether a CSVLogger row that lacks its newline was written whole: it ends with the ``\\r`` of the csv
+    module's ``\\r\\n`` terminator (its cells are numbers, never quoted: a ``\\r`` comes only from the terminator)."""
+    return len(line) > 1 and line.endswith(b"\r")
+
+
+def _cut_torn_row(path: str) -> None:
+    """Drop the torn last row of a run killed mid-write (its file does not end with a newline): the next
+    row appended would run on from it. A row torn between the ``\\r`` and the ``\\n`` of its terminator is
+    whole: it is kept, its line ended. A file without a whole line is left as it is."""
+    found = _unfinished_line(path)
+    if found is not None and found[1] > 0:
+        data, start = found
+        _end_last_line(path, data, start, _csv_row_is_whole(data[start:]))
+
+
+#: how every line of a JSONLLogger's file begins (``json.dumps`` of ``{"step": ..., ...}``)
+_JSONL_START = b'{"step": '
+
+
+def _jsonl_is_own(path: str) -> bool:
+    """Whether ``path`` (a ``metrics.jsonl``) is empty or a JSONLLogger's: its first line begins ``{"step": ``
+    (or, unfinished, is the start of that: a first record torn by a kill)."""
+    with open(path, "rb") as f:
+        first = f.readline()
+    return first.startswith(_JSONL_START) or (not first.endswith(b"\n") and _JSONL_START.startswith(first))
+
+
+def _jsonl_line_is_whole(line: bytes) -> bool:
+    """Whether a JSONL line that lacks its newline was written whole: it reads as a JSON object (no proper
+    start of one does: the object closes with its last character)."""
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:  # (a torn fragment; UnicodeDecodeError too, torn inside a character)
+        return False
+
+
+def _cut_torn_line(path: str) -> None:
+    """End the last line of a JSONLLogger's file that a run killed mid-write left without its newline: a whole
+    record is kept, its line ended; a torn fragment is dropped (the next record would run on from it)."""
+    found = _unfinished_line(path)
+    if found is not None:
+        data, start = found
+        _end_last_line(path, data, start, _jsonl_line_is_whole(data[start:]))
 
 
 def _tensorflow_bins() -> tuple[float, ...]:
@@ -1064,8 +1118,9 @@ class CSVLogger(RunDirLogger):
 
     Columns grow as new metrics appear: the file is rewritten with the wider header, so it
     always has one header row, and a row leaves blank the metrics it does not have. Rows are
-    written as they come (nothing is lost if the run dies; a row torn by a kill mid-write is dropped when
-    the folder is written to again, with or without :meth:`resume_at`). Floats are written exactly.
+    written as they come, each ending ``\\r\\n`` (nothing is lost if the run dies; a row torn by a kill mid-write
+    is dropped when the folder is written to again, with or without :meth:`resume_at`; one torn between the
+    ``\\r`` and the ``\\n`` holds all its cells: it is kept, its line ended). Floats are written exactly.
 
     >>> import tempfile
     >>> tmp = tempfile.TemporaryDirectory()
@@ -1113,8 +1168,8 @@ class CSVLogger(RunDirLogger):
         if not header or header[0] != "step":  # not a file this logger wrote: left as it is (_load refuses it)
             return 0
         dropped = 0
-        if rows and not text.endswith("\n"):  # the torn last row of a killed run
-            rows, dropped = rows[:-1], 1
+        if rows and not text.endswith("\n") and not _csv_row_is_whole(text[text.rfind("\n") + 1:].encode()):
+            rows, dropped = rows[:-1], 1  # the torn last row of a killed run (one torn inside "\r\n" is whole)
         records = []
         for row in rows:
             keys = frozenset(header[i] for i, v in enumerate(row[1:len(header)], 1) if v != "")
@@ -1176,7 +1231,10 @@ class JSONLLogger(RunDirLogger):
     """``metrics.jsonl``: one JSON object per :meth:`log_metrics`, ``{"step": ..., <metric>: ...}``.
 
     Also writes ``hparams.json``. Non-finite values are written as JSON's ``NaN`` / ``Infinity``
-    (Python's ``json`` reads them back).
+    (Python's ``json`` reads them back). Lines are written as they come: a line torn by a kill mid-write
+    is dropped when the folder is written to again, with or without :meth:`resume_at` (one whose record was
+    written whole, only its newline missing, is kept). A ``metrics.jsonl`` another program wrote (its first
+    line does not begin ``{"step": ``) is refused and left as it is.
 
     >>> import tempfile
     >>> tmp = tempfile.TemporaryDirectory()
@@ -1189,9 +1247,26 @@ class JSONLLogger(RunDirLogger):
 
     filename = "metrics.jsonl"
 
+    def __init__(self, root: str | os.PathLike = "runs", name: str = "default", version: int | str | None = None) -> None:
+        super().__init__(root, name, version)
+        self._checked = False  # whether the file was checked (its own, its last line ended) before a first write
+
+    def _check_file(self) -> None:
+        """Before this logger's first record: refuse a file of the run folder another program wrote (left as it
+        is), and end the last line a killed run left without its newline (see :func:`_cut_torn_line`)."""
+        if self._checked:
+            return
+        path = os.path.join(self.log_dir, self.filename)
+        if os.path.exists(path):
+            if not _jsonl_is_own(path):
+                raise ValueError(f"JSONLLogger: {path} was not written by a JSONLLogger (its first line does not "
+                                 "begin '{\"step\": '); give the logger another name or version")
+            _cut_torn_line(path)
+        self._checked = True
+
     def _drop_records(self, folder: str, keep: Callable[[int, frozenset[str], int | None], bool]) -> int:
         path = os.path.join(folder, self.filename)
-        if not os.path.exists(path):
+        if not os.path.exists(path) or not _jsonl_is_own(path):  # (a foreign file: left as it is, the write refuses it)
             return 0
         with open(path, encoding="utf-8") as f:
             lines = f.read().splitlines()
@@ -1220,6 +1295,7 @@ class JSONLLogger(RunDirLogger):
         return dropped
 
     def _write_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self._check_file()
         self._make_room(metrics, step)
         path = self._path(self.filename)
         with open(path, "a", encoding="utf-8") as f:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -46,8 +47,10 @@ def _matplotlib() -> tuple[Any, Any]:
 def find_runs(path: str | os.PathLike) -> list[str]:
     """The run folders ``path`` names: itself if it holds ``metrics.csv``, else its ``version_*`` runs.
 
-    The runs come in the order of their numbers (``version_9`` before ``version_10``). A path to a ``metrics.csv`` file names its folder. Raises ``FileNotFoundError`` naming the
-    path when there is no ``metrics.csv`` to read.
+    The runs come in natural order: names compared with the numbers in them as numbers (``version_9`` before
+    ``version_10``; a folder of another name by its name, ``b`` before ``version_0`` before ``zz``). A path to a
+    ``metrics.csv`` file names its folder. Raises ``FileNotFoundError`` naming the path when there is no
+    ``metrics.csv`` to read.
 
     >>> import tempfile
     >>> tmp = tempfile.TemporaryDirectory()
@@ -66,13 +69,37 @@ def find_runs(path: str | os.PathLike) -> list[str]:
         return [path]
     versions = sorted(
         (d for d in os.listdir(path) if os.path.isfile(os.path.join(path, d, METRICS_FILE))),
-        key=lambda d: (len(d), d),
+        key=_natural_key,
     ) if os.path.isdir(path) else []
     if versions:
         return [os.path.join(path, d) for d in versions]
     raise FileNotFoundError(
         f"no {METRICS_FILE} in {path} (a run folder written by loopkit.CSVLogger, e.g. runs/default/version_0)"
     )
+
+
+def _natural_key(name: str) -> tuple[list[str | int], str]:
+    """Sort key of a folder name with its runs of digits compared as numbers (the name itself breaks ties:
+    ``v01`` and ``v1``).
+
+    >>> sorted(["version_10", "zz", "version_9", "b"], key=_natural_key)
+    ['b', 'version_9', 'version_10', 'zz']
+    """
+    parts: list[str | int] = [int(p) if i % 2 else p for i, p in enumerate(re.split(r"(\d+)", name))]
+    return parts, name  # (text at even places, numbers at odd ones: never a number compared with text)
+
+
+def _unique_runs(runs: list[str]) -> list[str]:
+    """``runs`` without a run named again (by another path to the same folder: ``exp`` and ``exp/version_0``,
+    or a path given twice), first-seen order kept."""
+    seen: set[str] = set()
+    unique = []
+    for run in runs:
+        real = os.path.realpath(run)
+        if real not in seen:
+            seen.add(real)
+            unique.append(run)
+    return unique
 
 
 def read_metrics(run_dir: str | os.PathLike) -> dict[str, tuple[list[int], list[float]]]:
@@ -124,8 +151,9 @@ def plot_runs(
     appearance: the runs in order, each run's columns in order). The subplots fill a grid
     row by row, ``columns`` wide (fewer when there are fewer metrics), with as many rows as
     they need. Each run's label is its ``name/version_N``; when two runs share that (alike
-    runs under different roots), every run is labelled by its path. Returns the matplotlib ``Figure``; ``output`` (PNG, SVG, PDF, by suffix) is
-    written when given.
+    runs under different roots), every run is labelled by its path. A run named twice (``exp`` and
+    ``exp/version_0``, or one path given twice) is drawn once, where first named. Returns the matplotlib ``Figure``;
+    ``output`` (PNG, SVG, PDF, by suffix) is written when given.
 
     >>> import os, tempfile
     >>> from loopkit.loggers import CSVLogger
@@ -146,7 +174,7 @@ def plot_runs(
         raise ValueError(f"plot_runs: columns must be a positive int, got {columns!r}")
     columns = as_int(columns)
     Figure, FigureCanvasAgg = _matplotlib()
-    runs = [run for path in run_dirs for run in find_runs(path)]
+    runs = _unique_runs([run for path in run_dirs for run in find_runs(path)])
     data = {run: read_metrics(run) for run in runs}
     names = _metric_names(data, metrics)
     labels = _labels(runs)

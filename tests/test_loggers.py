@@ -308,6 +308,85 @@ def test_a_foreign_csv_without_a_last_newline_is_refused_and_left_as_it_is(tmp_p
     assert (folder / "metrics.csv").read_text() == "epoch,loss\n5,0.1"
 
 
+def _file_bytes(logger) -> bytes:
+    with open(os.path.join(logger.log_dir, type(logger).filename), "rb") as f:
+        return f.read()
+
+
+def _tear(logger, cut: int) -> None:
+    """A kill mid-write of the file's last record: its last ``cut`` bytes never written."""
+    path = os.path.join(logger.log_dir, type(logger).filename)
+    with open(path, "rb") as f:
+        data = f.read()
+    with open(path, "wb") as f:
+        f.write(data[:-cut])
+
+
+@pytest.mark.parametrize("resume", [None, 30])
+def test_a_csv_row_torn_between_its_cr_and_lf_is_kept_and_its_line_ended(tmp_path, resume):
+    """CSVLogger ends each row with the csv module's "\\r\\n": a file ending in "\\r" lost only the "\\n" of a
+    whole row. Continued (a loop of one's own, or resumed at that row's step), the file is what a run never
+    killed writes: the row kept, not dropped as torn."""
+    reference = _crashed_run(tmp_path / "ref", CSVLogger, steps=(10, 20, 30, 35))
+    crashed = _crashed_run(tmp_path, CSVLogger, steps=(10, 20, 30))
+    assert _file_bytes(crashed).endswith(b"\r\n")
+    _tear(crashed, 1)
+    again = CSVLogger(tmp_path, "run", version=0)
+    if resume is not None:
+        again.resume_at(resume)
+    again.log_metrics({"train/loss": 1 / 35}, 35)
+    assert _file_bytes(again) == _file_bytes(reference)
+
+
+@pytest.mark.parametrize(("crashed", "cut", "then"), [
+    ((10, 20, 30), 1, (40,)),  # only step 30's newline lost: its record is whole
+    ((10, 20, 30), 5, (30, 40)),  # torn inside a value
+    ((10, 20, 30), 30, (30, 40)),  # torn inside a name
+    ((10,), 5, (10, 20)),  # the first record torn: no whole line in the file
+], ids=["newline", "mid-value", "mid-name", "first-record"])
+def test_a_jsonl_run_continued_without_resume_at_after_a_kill_mid_write_is_what_an_uninterrupted_run_writes(
+        tmp_path, crashed, cut, then):
+    """A fixed version logged to again in a loop of one's own (no resume_at), after a kill while the last line
+    was written: a torn fragment is dropped, not run on into the next record (a line no reader can read); a
+    record that lost only its newline is kept, its line ended."""
+    reference = _crashed_run(tmp_path / "ref", JSONLLogger, steps=sorted({*crashed, *then}))
+    _tear(_crashed_run(tmp_path, JSONLLogger, steps=crashed), cut)
+    again = JSONLLogger(tmp_path, "run", version=0)
+    _log_all(again, [(step, {"train/loss": 1 / step}) for step in then])
+    assert _file_bytes(again) == _file_bytes(reference)
+
+
+@pytest.mark.parametrize(("cut", "resume"), [(1, 30), (1, 20), (5, 30), (5, 20)])
+def test_a_jsonl_run_resumed_after_a_kill_mid_write_is_what_an_uninterrupted_run_writes(tmp_path, cut, resume):
+    """Resumed at a step that keeps the last record (30) or drops it (20): a record that lost only its newline
+    is kept or dropped as a whole one is, and the next record starts a line of its own (it ran on from the kept
+    record when the resume dropped nothing); a torn fragment is dropped either way."""
+    reference = _crashed_run(tmp_path / "ref", JSONLLogger, steps=(10, 20, 30, 40))
+    _tear(_crashed_run(tmp_path, JSONLLogger, steps=(10, 20, 30)), cut)
+    resumed = JSONLLogger(tmp_path, "run", version=0)
+    resumed.resume_at(resume)
+    _log_all(resumed, [(step, {"train/loss": 1 / step}) for step in (30, 40) if step > resume or cut > 1])
+    assert _file_bytes(resumed) == _file_bytes(reference)
+
+
+@pytest.mark.parametrize("resume", [None, 1])
+def test_a_foreign_jsonl_is_refused_and_left_as_it_is(tmp_path, resume):
+    """A metrics.jsonl another program wrote (its last line unfinished too): neither cut nor rewritten, nor
+    written to."""
+    folder = tmp_path / "run" / "version_0"
+    folder.mkdir(parents=True)
+    foreign = '{"epoch": 5, "loss": 0.1}\nnot json\n{"epoch": 6, "lo'
+    (folder / "metrics.jsonl").write_text(foreign)
+    logger = JSONLLogger(tmp_path, "run", version=0)
+    if resume is not None:
+        logger.resume_at(resume)
+        assert logger.log_dir
+        logger.log_hparams({"lr": 0.1})  # (written into the folder now: the resume applied first)
+    with pytest.raises(ValueError, match=r"metrics.jsonl was not written by a JSONLLogger.*first line.*step"):
+        logger.log_metrics({"loss": 0.2}, 2)
+    assert (folder / "metrics.jsonl").read_text() == foreign
+
+
 def _bumped(records):
     """What a crashed run logged instead: other values (an epoch's record still of its epoch)."""
     return [(step, {k: v if k == "epoch" else v + 1 for k, v in m.items()}) for step, m in records]

@@ -137,6 +137,35 @@ def test_version_folders_come_in_the_order_of_their_numbers(tmp_path):
     assert [line.get_label() for line in fig.axes[0].get_lines()] == [f"exp/version_{n}" for n in range(12)]
 
 
+def test_run_folders_of_other_names_come_in_natural_order_with_the_versions(tmp_path):
+    """Numbers inside names compared as numbers, the rest as text: not by the names' length (which put "b" and
+    "zz" before every version_N and a long name after them)."""
+    names = ["run_a", "version_2", "version_10", "b", "zz", "a_much_longer_name", "version_0"]
+    for name in names:
+        CSVLogger(tmp_path, "exp", version=name).log_metrics({"loss": 1.0}, 1)
+    expected = ["a_much_longer_name", "b", "run_a", "version_0", "version_2", "version_10", "zz"]
+    assert find_runs(tmp_path / "exp") == [str(tmp_path / "exp" / name) for name in expected]
+
+
+def test_a_run_named_twice_is_drawn_once_with_its_short_label(tmp_path):
+    """By its root/name folder and its own, by one path given twice, or through a symlink: one line each run,
+    in the order first named, labelled name/version_N (not by the full path, as runs that share a label are)."""
+    runs = write_runs(tmp_path)
+    exp, first, second = tmp_path / "exp", runs[0].log_dir, runs[1].log_dir
+    os.symlink(second, tmp_path / "link")
+    v0, v1 = os.path.join("exp", "version_0"), os.path.join("exp", "version_1")
+    for named, labels in [
+        ([exp, first], [v0, v1]),
+        ([second, exp], [v1, v0]),
+        ([first, first, exp / "version_0" / "metrics.csv"], [v0]),
+        ([second, tmp_path / "link", str(exp) + os.sep], [v1, v0]),
+    ]:
+        fig = plot_runs(named, metrics=["train/loss"])
+        assert [line.get_label() for line in fig.axes[0].get_lines()] == labels, named
+        assert [len(line.get_xdata()) for line in fig.axes[0].get_lines()] == [8] * len(labels)
+    assert fig.axes[0].get_legend() is not None and plot_runs([first, first]).axes[0].get_legend() is None
+
+
 def test_a_column_blank_in_every_row_has_no_series_and_no_subplot(tmp_path):
     (tmp_path / "metrics.csv").write_text("step,a,blank,b\n1,0.5,,\n2,0.25,,2.0\n")
     assert read_metrics(tmp_path) == {"a": ([1, 2], [0.5, 0.25]), "b": ([2], [2.0])}
