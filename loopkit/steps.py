@@ -639,7 +639,9 @@ class Precision(Protocol):
 
     def scale(self, loss: torch.Tensor, extras: dict[str, Any], device: torch.device) -> torch.Tensor: ...
 
-    def unscale(self, ctx: GradContext, extras: dict[str, Any]) -> None: ...
+    # ``share``: what the loss was divided by before ``scale`` (a micro-batch's gradient unscaled on its own under
+    # with_grad_accum); the unscaling multiplies it back, so the gradient is of the micro-batch's whole loss
+    def unscale(self, ctx: GradContext, extras: dict[str, Any], *, share: int = 1) -> None: ...
 
     def after_update(self, ctx: GradContext, extras: dict[str, Any]) -> None: ...
 
@@ -1034,7 +1036,8 @@ class TrainStep(Step):
                     refuse(ctx)
             if per_micro:
                 if self.precision is not None and self.precision.scales_loss:
-                    self.precision.unscale(ctx, extras)
+                    # the backward ran on the share (loss / every): unscaled, it becomes the micro-batch's own gradient
+                    self.precision.unscale(ctx, extras, share=every)
                 for t in self.micro:
                     t.on_grads(ctx)
                 if ctx.params and every > 1:
@@ -1139,10 +1142,13 @@ class TrainStep(Step):
                 leave_intact(error, state)
             raise
         per_micro = self.per_micro
-        # per-micro transforms see the micro-batch's own gradient; its share (1/every) is taken after them
-        to_backward = loss / every if every > 1 and not per_micro else loss
-        if precision is not None and precision.scales_loss:
-            to_backward = precision.scale(to_backward, extras, device)  # type: ignore[arg-type]
+        # per-micro transforms see the micro-batch's own gradient; its share (1/every) is taken after them. Under a
+        # loss scaler the backward still runs on (loss / every) * scale, as torch's GradScaler loop does (loss * scale
+        # overflows float16 at 1/every of its threshold): the unscaling then multiplies the `every` back (run_)
+        scaled = precision is not None and precision.scales_loss
+        to_backward = loss / every if every > 1 and (scaled or not per_micro) else loss
+        if scaled:
+            to_backward = precision.scale(to_backward, extras, device)  # type: ignore[union-attr, arg-type]
         stash = _stash_grads(state.optimizer, getattr(self.sync, "grads_are_views", False)) if per_micro else None
         if self.sync is None:
             to_backward.backward()

@@ -83,9 +83,11 @@ class Amp:
             extras[_GROWTH] = torch.zeros((), dtype=torch.int32, device=device)
         return loss * scale.to(loss.dtype)
 
-    def unscale(self, ctx: GradContext, extras: dict[str, Any]) -> None:
+    def unscale(self, ctx: GradContext, extras: dict[str, Any], *, share: int = 1) -> None:
+        """Unscale the gradients in place (times ``share / scale``: ``share`` is what the loss was divided by before
+        it was scaled, given back here in the same multiplication) and OR their inf/NaN into ``ctx.found_inf``."""
         scale = extras[_SCALE]
-        inv_scale = scale.double().reciprocal().float().reshape(1)
+        inv_scale = (scale.double().reciprocal() * share).float().reshape(1)
         found = ctx.unscale_and_check(inv_scale, scaler=True)
         found_inf = torch.zeros((), dtype=torch.float32, device=scale.device) if found is None else found.to(scale.device).reshape(())
         ctx.found_inf = found_inf if ctx.found_inf is None else torch.maximum(ctx.found_inf, found_inf)

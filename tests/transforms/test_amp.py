@@ -170,7 +170,8 @@ def test_float16_leaves_the_given_states_loss_scale_and_growth_tracker_as_they_w
 
 def _raw_per_micro_clip_scaler_loop(model, data, loss_fn, every, max_norm):
     """Float16 loss scaling written out by hand, with each micro-batch's own unscaled gradient clipped: a group
-    whose micro-batches' gradients held an inf/NaN anywhere is skipped and backs the scale off (as GradScaler)."""
+    whose micro-batches' gradients held an inf/NaN anywhere is skipped and backs the scale off (as GradScaler). The
+    backward runs on (loss / every) * scale, as GradScaler's accumulation recipe does; unscaling gives the `every` back."""
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     params = list(model.parameters())
     scale, skipped = INIT_SCALE, []
@@ -180,8 +181,8 @@ def _raw_per_micro_clip_scaler_loop(model, data, loss_fn, every, max_norm):
             opt.zero_grad()
             with torch.autocast("cpu", dtype=torch.float16):
                 loss = loss_fn(model, batch)
-            (loss * scale).backward()
-            grads = [p.grad * (1.0 / scale) for p in params]
+            (loss / every * scale).backward()
+            grads = [p.grad * (every / scale) for p in params]
             overflow = overflow or not all(torch.isfinite(g).all() for g in grads)
             for p, g in zip(params, grads):
                 p.grad = g
@@ -222,6 +223,107 @@ def test_float16_inside_accumulation_skips_a_group_whose_earlier_micro_batch_alo
     assert skipped == ref_skipped and state.step == 1
     assert float(state.extras["amp/scale"]) == ref_scale == INIT_SCALE / 2
     assert_trees_equal(dict(state.model.named_parameters()), dict(ref_model.named_parameters()))
+
+
+OUTLIER = 3  # the second micro-batch of the second group: one target far off, its gradient large
+
+
+def _with_outlier(data, index, offset=768.0):
+    """One target moved by ``offset``: at INIT_SCALE its float16 output gradient (scale * (out - y) / 8) overflows
+    float16 when the loss is scaled whole, and stays finite when the loss is halved first (with_grad_accum(every=2))."""
+    data = list(data)
+    x, y = data[index]
+    y = y.clone()
+    y[0, 0] -= offset
+    data[index] = (x, y)
+    return data
+
+
+def _raw_accumulating_scaler_loop(model, data, loss_fn, every, divide=True):
+    """torch's GradScaler accumulation recipe: scaler.scale(loss / every).backward() per micro-batch, one
+    step/update per group (``divide=False``: loss not divided, the workload's check). Returns skips and the scaler."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    scaler = torch.amp.GradScaler("cpu", init_scale=INIT_SCALE)
+    skipped = []
+    for start in range(0, len(data), every):
+        opt.zero_grad()
+        for batch in data[start : start + every]:
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = loss_fn(model, batch)
+            scaler.scale(loss / every if divide else loss).backward()
+        before = scaler.get_scale()
+        scaler.step(opt)
+        scaler.update()
+        skipped.append(float(scaler.get_scale() < before))
+    return skipped, scaler
+
+
+@pytest.mark.parametrize(
+    "inner",
+    [
+        loopkit.with_nan_guard,
+        loopkit.with_grad_clip,  # no limit: it reports grad_norm only
+        loopkit.with_grad_norm,
+        lambda s: loopkit.with_grad_hook(s, lambda state: None),
+    ],
+    ids=["nan_guard", "grad_clip_no_limit", "grad_norm", "grad_hook_identity"],
+)
+def test_float16_with_a_transform_inside_accumulation_overflows_where_the_raw_grad_scaler_loop_does(
+    inner, make_mlp, make_batches, mse_loss, make_sgd_state, assert_trees_equal
+):
+    """A transform inside with_grad_accum sees each micro-batch's gradient on its own, yet the backward runs on
+    (loss / every) * scale as the raw GradScaler loop's scaler.scale(loss / every).backward(): an overflow of loss * scale
+    that (loss / every) * scale does not reach skips nothing. The backward once ran on loss * scale: that group was
+    skipped, the scale halved, the parameters left behind. Reference: the raw loop, bitwise (every and the scale are
+    powers of two: the per-micro-batch unscaling rounds as the raw loop's unscaling of the sum)."""
+    data = _with_outlier(make_batches(6), OUTLIER)
+    assert _raw_accumulating_scaler_loop(make_mlp(0), data, mse_loss, 2, divide=False)[0] == [0.0, 1.0, 0.0]  # workload
+    ref_model = make_mlp(0)
+    ref_skipped, scaler = _raw_accumulating_scaler_loop(ref_model, data, mse_loss, 2)
+    assert ref_skipped == [0.0, 0.0, 0.0]
+
+    amp = loopkit.with_amp(loopkit.train_step(mse_loss), torch.float16, init_scale=INIT_SCALE)
+    step = loopkit.with_grad_accum(inner(amp), every=2)
+    state = make_sgd_state(make_mlp(0))
+    skipped = []
+    for k, batch in enumerate(data):
+        state, metrics = step(state, batch)
+        if k % 2 == 1:
+            skipped.append(float(metrics["amp/skipped"]))
+    assert skipped == ref_skipped and state.step == 3
+    assert float(state.extras["amp/scale"]) == scaler.get_scale() == INIT_SCALE
+    assert int(state.extras["amp/growth_tracker"]) == int(scaler._growth_tracker)
+    assert_trees_equal(dict(state.model.named_parameters()), dict(ref_model.named_parameters()))
+
+
+def test_float16_inside_accumulation_a_transform_still_sees_the_micro_batchs_whole_loss_gradient(
+    make_mlp, make_batches, mse_loss, make_sgd_state
+):
+    """The loss is divided before it is scaled, and the unscaling gives the factor back: with_grad_norm inside the
+    accumulation reports the norm of each micro-batch's own (undivided) loss gradient, the outlier's included.
+    Reference: the float32 gradient of that micro-batch's loss at the raw loop's parameters (float16 forward: 1e-2)."""
+    data = _with_outlier(make_batches(4), OUTLIER)
+    ref_model = make_mlp(0)
+    ref_opt = torch.optim.SGD(ref_model.parameters(), lr=0.1, momentum=0.9)
+    expected = []
+    for start in range(0, len(data), 2):
+        for batch in data[start : start + 2]:  # (the parameters change only once per group)
+            grads = torch.autograd.grad(mse_loss(ref_model, batch), list(ref_model.parameters()))
+            expected.append(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+        ref_opt.zero_grad()
+        for batch in data[start : start + 2]:
+            (mse_loss(ref_model, batch) / 2).backward()
+        ref_opt.step()
+
+    amp = loopkit.with_amp(loopkit.train_step(mse_loss), torch.float16, init_scale=INIT_SCALE)
+    step = loopkit.with_grad_accum(loopkit.with_grad_norm(amp), every=2)
+    state = make_sgd_state(make_mlp(0))
+    seen = []
+    for batch in data:
+        state, metrics = step(state, batch)
+        seen.append(metrics["grad_2.0_norm_total"])
+    assert float(expected[OUTLIER]) > 10 * float(expected[OUTLIER - 1])  # (the outlier's own gradient, not half of it)
+    torch.testing.assert_close(torch.stack(seen), torch.stack(expected), rtol=1e-2, atol=0)
 
 
 def test_gradient_clipping_under_float16_sees_unscaled_gradients(make_mlp, make_batches, mse_loss, make_sgd_state, assert_trees_equal):
