@@ -83,6 +83,19 @@ __all__ = ["Callback", "EarlyStopping", "EarlyStoppingReason", "LearningRateMoni
 class Callback:
     """A base with every hook as a no-op; subclass and override what you need.
 
+    A hook under Lightning's name (``on_train_epoch_end``, ``on_train_batch_end``, ``on_train_start``,
+    ``on_validation_epoch_end``, ``setup(trainer, pl_module, stage)``, ``on_exception``, ``on_save_checkpoint``,
+    ... every hook of Lightning 2.6.6's ``Callback`` but the ones that share loopkit's names) is never called by
+    loopkit. So that a callback ported by changing its base does not lose such a hook silently, ``run_epochs``
+    (and ``loopkit.tune.fit``) refuses, when the fit starts and before anything changes, a callback whose
+    class (or the object itself) defines one, naming each with the loopkit hook to rename it to
+    (``on_train_epoch_end -> on_epoch_end``) or saying that none exists. Hooks inherited from this class or
+    from a Lightning base class (one from the ``lightning``/``pytorch_lightning`` packages) are not the
+    callback's own and are not counted. One exception: a callback written for both trainers, whose class
+    defines, besides each Lightning-named hook that has a loopkit counterpart, that counterpart too (and has
+    one such pair at least, e.g. ``on_train_epoch_end`` and ``on_epoch_end``), runs, with a ``UserWarning``
+    naming the Lightning-named hooks loopkit will not call.
+
     >>> class Counter(Callback):
     ...     def __init__(self):
     ...         self.batches = 0

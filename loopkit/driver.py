@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import inspect
 import itertools
 import math
 import numbers
@@ -775,16 +776,47 @@ def _dataloaders(data: Any) -> bool:
 
 _HOOKS = ("on_fit_start", "on_epoch_start", "on_batch_start", "on_batch_end", "on_flush_end", "on_validation_end",
           "on_epoch_end", "on_fit_end")
-_LIGHTNING_HOOKS = {  # Lightning's names a callback ported as it is may carry, and loopkit's
-    "on_train_start": "on_fit_start", "on_train_epoch_start": "on_epoch_start",
-    "on_train_batch_start": "on_batch_start", "on_train_batch_end": "on_batch_end",
-    "on_validation_epoch_end": "on_validation_end", "on_train_epoch_end": "on_epoch_end", "on_train_end": "on_fit_end",
+_TEST = "loopkit.evaluate calls no callbacks: use what it returns"
+_PREDICT = "loopkit.predict calls no callbacks: use what it returns"
+_VAL_BATCH = "no hook per validation batch: compute it in the eval_step's metric_fn"
+#: Lightning 2.6.6's Callback hooks that loopkit never calls (its on_fit_start, on_fit_end, on_validation_end,
+#: state_dict and load_state_dict share loopkit's names): the loopkit hook a port renames each to, or None and what
+#: to do instead
+_LIGHTNING_HOOKS: dict[str, tuple[str | None, str]] = {
+    "setup": ("on_fit_start", ""), "teardown": ("on_fit_end", ""),
+    "on_train_start": ("on_fit_start", ""), "on_train_end": ("on_fit_end", ""),
+    "on_train_epoch_start": ("on_epoch_start", ""), "on_train_epoch_end": ("on_epoch_end", ""),
+    "on_train_batch_start": ("on_batch_start", ""), "on_train_batch_end": ("on_batch_end", ""),
+    "on_validation_epoch_end": ("on_validation_end", ""),
+    "on_sanity_check_start": (None, "the sanity validation calls no hook"),
+    "on_sanity_check_end": (None, "the sanity validation calls no hook"),
+    "on_validation_start": (None, "no hook runs before a validation; on_validation_end runs after it"),
+    "on_validation_epoch_start": (None, "no hook runs before a validation; on_validation_end runs after it"),
+    "on_validation_batch_start": (None, _VAL_BATCH), "on_validation_batch_end": (None, _VAL_BATCH),
+    "on_test_start": (None, _TEST), "on_test_end": (None, _TEST),
+    "on_test_epoch_start": (None, _TEST), "on_test_epoch_end": (None, _TEST),
+    "on_test_batch_start": (None, _TEST), "on_test_batch_end": (None, _TEST),
+    "on_predict_start": (None, _PREDICT), "on_predict_end": (None, _PREDICT),
+    "on_predict_epoch_start": (None, _PREDICT), "on_predict_epoch_end": (None, _PREDICT),
+    "on_predict_batch_start": (None, _PREDICT), "on_predict_batch_end": (None, _PREDICT),
+    "on_exception": (None, "wrap run_epochs in try/except"),
+    "on_save_checkpoint": (None, "give the callback state_dict() and load_state_dict(d): run_epochs keeps them in "
+                                 "state.extras, which checkpoints hold"),
+    "on_load_checkpoint": (None, "give the callback state_dict() and load_state_dict(d): run_epochs keeps them in "
+                                 "state.extras, which checkpoints hold"),
+    "on_before_backward": (None, "the loss is the loss_fn's return: do it there"),
+    "on_after_backward": (None, "a step transform: loopkit.with_grad_hook(step, fn)"),
+    "on_before_optimizer_step": (None, "a step transform: loopkit.with_grad_hook(step, fn) inside with_grad_clip"),
+    "on_before_zero_grad": (None, "a step transform: loopkit.with_grad_hook(step, fn) sees the gradients before "
+                                  "the update"),
 }
+_LIGHTNING_PACKAGES = ("lightning", "pytorch_lightning")  # a Lightning base class's no-op hooks are not the object's
 
 
-def _check_callbacks(callbacks: Any) -> list[Any]:
-    """``callbacks`` as a list (one callback alone is taken, as Lightning takes it); a class, or an object
-    with none of the hooks, is refused by name."""
+def _check_callbacks(callbacks: Any, *, warn: bool = True) -> list[Any]:
+    """``callbacks`` as a list (one callback alone is taken, as Lightning takes it); a class, an object with
+    none of the hooks, or one whose class defines hooks under Lightning's names (which loopkit never calls) is
+    refused by name; ``warn``: warn of an object written for both Lightning and loopkit (:func:`_check_ported`)."""
     if any(hasattr(callbacks, hook) for hook in _HOOKS) or isinstance(callbacks, type):
         callbacks = [callbacks]
     if isinstance(callbacks, (str, bytes)) or not hasattr(callbacks, "__iter__"):
@@ -793,13 +825,58 @@ def _check_callbacks(callbacks: Any) -> list[Any]:
     for i, cb in enumerate(checked):
         if isinstance(cb, type):
             raise TypeError(f"run_epochs: callbacks[{i}] is the class {cb.__qualname__}; pass an instance, {cb.__qualname__}(...)")
+        _check_ported(cb, f"run_epochs: callbacks[{i}] ({type(cb).__qualname__})", warn)
         if not any(hasattr(cb, hook) for hook in _HOOKS):
-            ported = [f"{name} -> {ours}" for name, ours in _LIGHTNING_HOOKS.items() if hasattr(cb, name)]
-            hint = f" (Lightning's hooks: rename {', '.join(ported)})" if ported else ""
             raise TypeError(
-                f"run_epochs: callbacks[{i}] ({type(cb).__qualname__}) has none of the hooks {', '.join(_HOOKS)}{hint}"
+                f"run_epochs: callbacks[{i}] ({type(cb).__qualname__}) has none of the hooks {', '.join(_HOOKS)}"
             )
     return checked
+
+
+def _check_ported(callback: Any, who: str, warn: bool) -> None:
+    """Refuse a callback whose own class defines hooks under Lightning's names, which loopkit never calls (a
+    Lightning callback ported by changing its base), naming each with its loopkit name. A callback that also
+    defines, itself, the loopkit hook of each Lightning-named hook that has one (and of one at least) is taken
+    as written for both trainers: a warning names what loopkit will not call."""
+    ported = [name for name in _LIGHTNING_HOOKS if _own_hook(callback, name)]
+    if not ported:
+        return
+    renamed = [name for name in ported if _LIGHTNING_HOOKS[name][0] is not None]
+    if renamed and all(_own_hook(callback, _LIGHTNING_HOOKS[name][0]) for name in renamed):
+        if warn:
+            pairs = ", ".join(f"{name} beside {_LIGHTNING_HOOKS[name][0]}" for name in renamed)
+            warnings.warn(f"{who} defines Lightning's hooks as well as loopkit's ({pairs}): taken as written for both "
+                          f"trainers, run_epochs never calls {', '.join(ported)}", UserWarning, stacklevel=4)
+        return
+    hints = [f"rename {name} -> {ours}" if ours else f"{name}: no loopkit hook ({advice})"
+             for name, (ours, advice) in ((name, _LIGHTNING_HOOKS[name]) for name in ported)]
+    raise TypeError(f"{who} defines hooks under Lightning's names, which loopkit never calls: {'; '.join(hints)} "
+                    "(a hook receives the state, and the metrics, not (trainer, pl_module): see loopkit.Callback)")
+
+
+def _own_hook(callback: Any, name: str) -> bool:
+    """Whether ``callback`` or a class of its own defines the method ``name``: not inherited from loopkit's
+    :class:`Callback` or from a Lightning base class. A ``setup``/``teardown`` counts only when it takes Lightning's
+    ``(trainer, pl_module, stage)`` (the names are common: a helper of one's own is not a hook)."""
+    if name not in getattr(callback, "__dict__", {}):  # (one set on the object itself is its own)
+        owner = next((c for c in type(callback).__mro__ if name in c.__dict__), None)
+        if owner is None or owner is Callback or owner.__module__.split(".")[0] in _LIGHTNING_PACKAGES:
+            return False
+    hook = getattr(callback, name, None)
+    if not callable(hook):
+        return False
+    return name not in ("setup", "teardown") or _takes(hook, None, None, "fit")
+
+
+def _takes(fn: Callable, *args: Any) -> bool:
+    """Whether ``fn(*args)`` binds to ``fn``'s signature (True when it cannot be read)."""
+    try:
+        inspect.signature(fn).bind(*args)
+    except TypeError:
+        return False
+    except ValueError:
+        return True
+    return True
 
 
 def _val_sets(data: Any) -> list[tuple[str | None, Any]]:

@@ -395,7 +395,7 @@ def fit(
         raise ValueError(f"loopkit.tune.fit: monitor must be a metric name such as 'val/loss', got {monitor!r}")
     if monitor.startswith("val/") and run_epochs_options.get("val") is None:
         raise ValueError(f"loopkit.tune.fit: monitor '{monitor}' is a validation metric; pass val=(eval_step, val_data)")
-    callbacks = _check_callbacks(callbacks)  # (run_epochs' rule: one callback alone is taken too)
+    callbacks = _check_callbacks(callbacks, warn=False)  # (run_epochs' rule: one callback alone is taken too; it warns)
     pruning = PruningCallback(trial, monitor, report_step=report_step)
     pruning.raise_at_fit_end = False  # raised below, once the history is recorded
     try:

@@ -143,6 +143,176 @@ def test_run_epochs_refuses_misused_arguments_before_any_step(options, error, ma
     state.check_usable()
 
 
+# --- callbacks ported from Lightning -----------------------------------------------------------------
+
+# Lightning 2.6.6's Callback hooks that loopkit never calls (read off lightning/pytorch/callbacks/callback.py; its
+# on_fit_start, on_fit_end, on_validation_end, state_dict and load_state_dict are loopkit's names too), each with
+# what the refusal must say: the loopkit hook to rename it to, or that there is none
+_LIGHTNING_ONLY = {
+    "setup": "rename setup -> on_fit_start", "teardown": "rename teardown -> on_fit_end",
+    "on_train_start": "rename on_train_start -> on_fit_start", "on_train_end": "rename on_train_end -> on_fit_end",
+    "on_train_epoch_start": "rename on_train_epoch_start -> on_epoch_start",
+    "on_train_epoch_end": "rename on_train_epoch_end -> on_epoch_end",
+    "on_train_batch_start": "rename on_train_batch_start -> on_batch_start",
+    "on_train_batch_end": "rename on_train_batch_end -> on_batch_end",
+    "on_validation_epoch_end": "rename on_validation_epoch_end -> on_validation_end",
+    **{name: f"{name}: no loopkit hook" for name in (
+        "on_sanity_check_start", "on_sanity_check_end", "on_validation_start", "on_validation_epoch_start",
+        "on_validation_batch_start", "on_validation_batch_end", "on_test_start", "on_test_end",
+        "on_test_epoch_start", "on_test_epoch_end", "on_test_batch_start", "on_test_batch_end", "on_predict_start",
+        "on_predict_end", "on_predict_epoch_start", "on_predict_epoch_end", "on_predict_batch_start",
+        "on_predict_batch_end", "on_exception", "on_save_checkpoint", "on_load_checkpoint", "on_before_backward",
+        "on_after_backward", "on_before_optimizer_step", "on_before_zero_grad")},
+}
+
+
+def _hook(calls: list[str], name: str):
+    def hook(self, *args):
+        calls.append(name)
+    return hook
+
+
+def _fit_refused(callback, match: str) -> str:
+    """``run_epochs`` with ``callback`` raises a TypeError matching ``match`` before any step or hook runs, the
+    state still usable; the message."""
+    steps, state = [], make_state()
+
+    def loss_fn(m, b):
+        steps.append(1)
+        return mse(m, b)
+
+    with pytest.raises(TypeError, match=match) as caught:
+        run_epochs(train_step(loss_fn), state, make_data(2), epochs=1, callbacks=[callback], progress=False)
+    assert steps == []
+    state.check_usable()
+    return str(caught.value)
+
+
+@pytest.mark.parametrize("name", sorted(_LIGHTNING_ONLY))
+def test_a_callback_subclass_defining_a_lightning_named_hook_is_refused_naming_it(name):
+    """Before: a loopkit.Callback subclass (it has every loopkit hook, inherited) with a hook under Lightning's name
+    ran, the hook never called, with no word. Reference: the hook's own record of its calls, and Lightning 2.6.6's
+    Callback's hook names above."""
+    calls: list[str] = []
+    ported = type("Ported", (loopkit.Callback,), {name: _hook(calls, name)})()
+    message = _fit_refused(ported, "callbacks\\[0\\] \\(Ported\\) defines hooks under Lightning's names")
+    assert _LIGHTNING_ONLY[name] in message
+    assert calls == []
+
+
+def test_every_lightning_named_hook_of_a_ported_callback_is_named_with_its_loopkit_name():
+    calls: list[str] = []
+
+    class Ported(loopkit.Callback):  # a Lightning callback ported by changing its base class
+        on_train_epoch_end = _hook(calls, "on_train_epoch_end")
+        on_train_batch_end = _hook(calls, "on_train_batch_end")
+        on_exception = _hook(calls, "on_exception")
+
+    message = _fit_refused(Ported(), "rename on_train_epoch_end -> on_epoch_end")
+    assert "rename on_train_batch_end -> on_batch_end" in message
+    assert "on_exception: no loopkit hook (wrap run_epochs in try/except)" in message
+    assert calls == []
+
+
+def test_a_plain_callback_with_one_loopkit_hook_and_lightning_named_ones_is_refused():
+    """Before: the check for Lightning's names ran only for an object with none of loopkit's hooks."""
+    calls: list[str] = []
+
+    class Half:
+        on_batch_end = _hook(calls, "on_batch_end")
+        on_train_epoch_end = _hook(calls, "on_train_epoch_end")
+        on_validation_epoch_end = _hook(calls, "on_validation_epoch_end")
+
+    message = _fit_refused(Half(), "rename on_train_epoch_end -> on_epoch_end")
+    assert "rename on_validation_epoch_end -> on_validation_end" in message
+    assert calls == []
+
+
+def test_a_lightning_named_hook_set_on_the_instance_is_refused():
+    callback = loopkit.Callback()
+    callback.on_train_batch_end = lambda *args: None
+    _fit_refused(callback, "rename on_train_batch_end -> on_batch_end")
+
+
+def test_a_callback_written_for_both_trainers_runs_with_a_warning_naming_what_loopkit_never_calls():
+    """A class defining Lightning's on_train_epoch_end beside loopkit's on_epoch_end serves both trainers: it runs,
+    its loopkit hook called each epoch, and a warning names the Lightning-named hooks loopkit never calls."""
+    calls: list[str] = []
+
+    class Both:
+        on_epoch_end = _hook(calls, "on_epoch_end")
+        on_train_epoch_end = _hook(calls, "on_train_epoch_end")
+        on_exception = _hook(calls, "on_exception")
+
+    with pytest.warns(UserWarning, match="run_epochs never calls on_train_epoch_end, on_exception") as caught:
+        run_epochs(train_step(mse), make_state(), make_data(2), epochs=2, callbacks=[Both()], progress=False)
+    assert calls == ["on_epoch_end", "on_epoch_end"]
+    assert "on_train_epoch_end beside on_epoch_end" in str(caught[0].message)
+
+
+def test_a_callback_for_both_trainers_missing_one_loopkit_hook_is_refused():
+    """Its on_train_batch_end has no on_batch_end beside it: that one is a port left half done."""
+
+    class Both:
+        on_epoch_end = _hook([], "on_epoch_end")
+        on_train_epoch_end = _hook([], "on_train_epoch_end")
+        on_train_batch_end = _hook([], "on_train_batch_end")
+
+    _fit_refused(Both(), "rename on_train_epoch_end -> on_epoch_end; rename on_train_batch_end -> on_batch_end")
+
+
+class _LightningBase:
+    """A stand-in for Lightning's Callback (tests do not import lightning): every hook, a no-op of its module."""
+
+    __module__ = "lightning.pytorch.callbacks.callback"
+
+
+for _name in _LIGHTNING_ONLY:
+    setattr(_LightningBase, _name, _hook([], _name))
+
+
+def test_the_lightning_named_hooks_of_a_lightning_base_class_are_not_the_callbacks_own():
+    calls: list[str] = []
+
+    class Mixed(loopkit.Callback, _LightningBase):
+        on_epoch_end = _hook(calls, "on_epoch_end")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run_epochs(train_step(mse), make_state(), make_data(2), epochs=1, callbacks=[Mixed()], progress=False)
+    assert calls == ["on_epoch_end"]
+
+    class Ported(loopkit.Callback, _LightningBase):
+        on_train_epoch_end = _hook(calls, "on_train_epoch_end")
+
+    message = _fit_refused(Ported(), "rename on_train_epoch_end -> on_epoch_end")
+    assert "on_exception" not in message  # (the base's, not the class's own)
+
+
+def test_a_setup_helper_of_ones_own_is_not_taken_for_lightnings_setup():
+    """``setup``/``teardown`` are common names: only one taking Lightning's (trainer, pl_module, stage) is its hook."""
+    calls: list[str] = []
+
+    class WithHelper(loopkit.Callback):
+        def setup(self):
+            calls.append("setup")
+
+        def on_epoch_start(self, state):
+            self.setup()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run_epochs(train_step(mse), make_state(), make_data(2), epochs=1, callbacks=[WithHelper()], progress=False)
+    assert calls == ["setup"]
+
+    class Ported(loopkit.Callback):
+        def setup(self, trainer, pl_module, stage):
+            calls.append("lightning setup")
+
+    _fit_refused(Ported(), "rename setup -> on_fit_start")
+    assert calls == ["setup"]
+
+
 def test_validation_data_without_a_length_is_not_taken_for_empty():
     """An IterableDataset's DataLoader is Sized but its len() raises: the empty-val check must not call it."""
 
