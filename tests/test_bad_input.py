@@ -423,7 +423,7 @@ def test_helpers_name_a_misplaced_argument(call, error, match):
         (lambda p: loopkit.with_compile(train_step(mse), fullgraph="yes"), TypeError, "with_compile: fullgraph must be"),
         (lambda p: loopkit.with_qat(train_step(mse), qconfig="x"), TypeError, "with_qat: qconfig must be a torch.ao.quantization.QConfig"),
         (lambda p: loopkit.EarlyStopping("val/loss", patience=True), ValueError, "patience must be an int >= 0"),
-        (lambda p: loopkit.EarlyStopping("val/loss", min_delta="0"), ValueError, "min_delta must be >= 0"),
+        (lambda p: loopkit.EarlyStopping("val/loss", min_delta="0"), ValueError, "min_delta must be a finite number"),
         (lambda p: loopkit.with_logging(train_step(mse), loopkit.CSVLogger), TypeError, "logger 0 is the class CSVLogger"),
         (lambda p: loopkit.ConsoleLogger(stream="stdout"), TypeError, "ConsoleLogger: stream must be a text stream"),
         (lambda p: loopkit.CSVLogger(p / "file"), NotADirectoryError, "CSVLogger: root .* is a file"),

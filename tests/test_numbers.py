@@ -70,8 +70,9 @@ def test_early_stopping_options_may_be_numpy_numbers():
     assert (numpy.patience, numpy.min_delta) == (2, 0.5)
     with pytest.raises(ValueError, match=r"patience must be an int >= 0, got np.int64\(-1\)"):
         loopkit.EarlyStopping("val/loss", patience=np.int64(-1))
-    with pytest.raises(ValueError, match="min_delta must be >= 0"):
-        loopkit.EarlyStopping("val/loss", min_delta=np.float32(-1))
+    assert loopkit.EarlyStopping("val/loss", min_delta=np.float32(-1)).min_delta == -1.0  # (a tolerance, as in Lightning)
+    with pytest.raises(ValueError, match="min_delta must be a finite number"):
+        loopkit.EarlyStopping("val/loss", min_delta=np.float64("nan"))
 
 
 def test_distributed_options_may_be_numpy_numbers():
