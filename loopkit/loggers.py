@@ -708,6 +708,19 @@ def _cut_torn_row(path: str) -> None:
 _JSONL_START = b'{"step": '
 
 
+def _refuse_foreign_csv(path: str) -> list[str]:
+    """The columns of the ``metrics.csv`` at ``path`` (``["step"]`` when there is none, or it is empty); one whose
+    first column is not ``step`` (another program's) is refused with a ValueError."""
+    columns = ["step"]
+    if os.path.exists(path):
+        with open(path, newline="", encoding="utf-8") as f:
+            columns = next(csv.reader(f), None) or ["step"]
+    if columns[0] != "step":
+        raise ValueError(f"CSVLogger: {path} was not written by a CSVLogger (its first column is {columns[0]!r}, not "
+                         "'step'); give the logger another name or version")
+    return columns
+
+
 def _jsonl_is_own(path: str) -> bool:
     """Whether ``path`` (a ``metrics.jsonl``) is empty or a JSONLLogger's: its first line begins ``{"step": ``
     (or, unfinished, is the start of that: a first record torn by a kill)."""
@@ -1120,7 +1133,9 @@ class CSVLogger(RunDirLogger):
     always has one header row, and a row leaves blank the metrics it does not have. Rows are
     written as they come, each ending ``\\r\\n`` (nothing is lost if the run dies; a row torn by a kill mid-write
     is dropped when the folder is written to again, with or without :meth:`resume_at`; one torn between the
-    ``\\r`` and the ``\\n`` holds all its cells: it is kept, its line ended). Floats are written exactly.
+    ``\\r`` and the ``\\n`` holds all its cells: it is kept, its line ended). Floats are written exactly. A
+    ``metrics.csv`` another program wrote (its first column is not ``step``) is refused and left as it is, before
+    the logger changes anything: once it is moved away, the logger writes as if the refused call never happened.
 
     >>> import tempfile
     >>> tmp = tempfile.TemporaryDirectory()
@@ -1140,22 +1155,19 @@ class CSVLogger(RunDirLogger):
         super().__init__(root, name, version)
         self._columns: list[str] | None = None
 
+    def _check_file(self) -> None:
+        """Before a record is written (and anything of this logger changes: its pending :meth:`resume_at`, what
+        it tracks of its records): refuse a file of the run folder another program wrote, left as it is."""
+        _refuse_foreign_csv(os.path.join(self.log_dir, self.filename))
+
     def _load(self) -> list[str]:
         """The columns, read back from an existing file's header when continuing a run in its folder."""
         if self._columns is None:
-            self._columns = ["step"]
             path = self._path(self.filename)
-            if os.path.exists(path):
-                with open(path, newline="", encoding="utf-8") as f:
-                    self._columns = next(csv.reader(f), None) or ["step"]
-            if self._columns[0] != "step":
-                found, self._columns = self._columns[0], None
-                raise ValueError(
-                    f"CSVLogger: {path} was not written by a CSVLogger (its first column is {found!r}, not 'step'); "
-                    "give the logger another name or version"
-                )
+            columns = _refuse_foreign_csv(path)
             if os.path.exists(path):  # (a file of its own: a row a killed run tore is dropped before the next)
                 _cut_torn_row(path)
+            self._columns = columns
         return self._columns
 
     def _drop_records(self, folder: str, keep: Callable[[int, frozenset[str], int | None], bool]) -> int:
@@ -1201,6 +1213,8 @@ class CSVLogger(RunDirLogger):
         return dropped
 
     def _write_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if self._columns is None:  # (a foreign file is refused before _make_room changes anything)
+            self._check_file()
         self._make_room(metrics, step)
         columns = self._load()
         row = {"step": step, **metrics}
@@ -1234,7 +1248,7 @@ class JSONLLogger(RunDirLogger):
     (Python's ``json`` reads them back). Lines are written as they come: a line torn by a kill mid-write
     is dropped when the folder is written to again, with or without :meth:`resume_at` (one whose record was
     written whole, only its newline missing, is kept). A ``metrics.jsonl`` another program wrote (its first
-    line does not begin ``{"step": ``) is refused and left as it is.
+    line does not begin ``{"step": ``) is refused and left as it is, before the logger changes anything.
 
     >>> import tempfile
     >>> tmp = tempfile.TemporaryDirectory()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import json
@@ -385,6 +386,37 @@ def test_a_foreign_jsonl_is_refused_and_left_as_it_is(tmp_path, resume):
     with pytest.raises(ValueError, match=r"metrics.jsonl was not written by a JSONLLogger.*first line.*step"):
         logger.log_metrics({"loss": 0.2}, 2)
     assert (folder / "metrics.jsonl").read_text() == foreign
+
+
+@pytest.mark.parametrize("make, foreign", [(CSVLogger, "epoch,loss\n5,0.1\n"),
+                                           (JSONLLogger, '{"epoch": 5, "loss": 0.1}\n')], ids=["csv", "jsonl"])
+def test_a_refused_foreign_file_leaves_the_logger_as_it_was(tmp_path, make, foreign):
+    """The refusal comes before the logger changes anything (its pending resume_at, what it tracks of its
+    records): once the run's own file is put back, the logger writes what one that never met the foreign file
+    writes (without the fix, the resume was spent on the foreign file: the records after step 2 stayed)."""
+    reference = _crashed_run(tmp_path / "reference", make, steps=(1, 2, 3))
+    own = _file_bytes(reference)
+    crashed = _crashed_run(tmp_path / "met", make, steps=(1, 2, 3))
+    path = os.path.join(crashed.log_dir, make.filename)
+    with open(path, "w") as f:
+        f.write(foreign)  # another program's file in the run's folder
+    resumed = make(tmp_path / "met", "run", version=0)
+    resumed.resume_at(2)
+    assert resumed.log_dir
+    before = copy.deepcopy(vars(resumed))
+    with pytest.raises(ValueError, match=f"{make.filename} was not written by a {make.__name__}"):
+        resumed.log_metrics({"train/loss": 0.2}, 3)
+    assert vars(resumed) == before
+    with open(path) as f:
+        assert f.read() == foreign
+    with open(path, "wb") as f:
+        f.write(own)  # the user puts the run's own file back
+    resumed.log_metrics({"train/loss": 0.2}, 3)
+    fresh = make(tmp_path / "reference", "run", version=0)
+    fresh.resume_at(2)
+    fresh.log_metrics({"train/loss": 0.2}, 3)
+    assert _file_bytes(resumed) == _file_bytes(fresh)
+    assert _file_bytes(fresh).count(b"0.2") == 1 and b"0.3333" not in _file_bytes(fresh)  # step 3 replaced
 
 
 def _bumped(records):
