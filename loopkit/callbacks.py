@@ -90,8 +90,13 @@ class Callback:
     (and ``loopkit.tune.fit``) refuses, when the fit starts and before anything changes, a callback whose
     class (or the object itself) defines one, naming each with the loopkit hook to rename it to
     (``on_train_epoch_end -> on_epoch_end``) or saying that none exists. Hooks inherited from this class or
-    from a Lightning base class (one from the ``lightning``/``pytorch_lightning`` packages) are not the
-    callback's own and are not counted. One exception: a callback written for both trainers, whose class
+    from a Lightning base class (one from the ``lightning``/``pytorch_lightning``/``lightning_fabric`` packages) are
+    not the callback's own and are not counted. A callback of Lightning's own (``EarlyStopping``, ``ModelCheckpoint``,
+    ``LearningRateMonitor``, ...), or one deriving from a Lightning class, is refused too, naming loopkit's
+    counterpart (:class:`EarlyStopping`, ``with_checkpointing``, :class:`LearningRateMonitor`): its hooks take
+    ``(trainer, pl_module)``; only a subclass of this class that puts it ahead of the Lightning base
+    (``class C(loopkit.Callback, L.Callback)``: loopkit's hooks are the ones called) is taken. One exception to the
+    refusal of Lightning-named hooks: a callback written for both trainers, whose class
     defines, besides each Lightning-named hook that has a loopkit counterpart, that counterpart too (and has
     one such pair at least, e.g. ``on_train_epoch_end`` and ``on_epoch_end``), runs, with a ``UserWarning``
     naming the Lightning-named hooks loopkit will not call.

@@ -810,13 +810,20 @@ _LIGHTNING_HOOKS: dict[str, tuple[str | None, str]] = {
     "on_before_zero_grad": (None, "a step transform: loopkit.with_grad_hook(step, fn) sees the gradients before "
                                   "the update"),
 }
-_LIGHTNING_PACKAGES = ("lightning", "pytorch_lightning")  # a Lightning base class's no-op hooks are not the object's
+_LIGHTNING_PACKAGES = ("lightning", "pytorch_lightning", "lightning_fabric")  # told by module name, never imported
+#: loopkit's counterpart of each Lightning callback a fit refuses (by class name); any other: the porting guide
+_LIGHTNING_COUNTERPARTS = {
+    "EarlyStopping": "loopkit.EarlyStopping(monitor, ...)",
+    "ModelCheckpoint": "loopkit.with_checkpointing(step, directory, ...) around the step",
+    "LearningRateMonitor": "loopkit.LearningRateMonitor()",
+}
 
 
 def _check_callbacks(callbacks: Any, *, warn: bool = True) -> list[Any]:
     """``callbacks`` as a list (one callback alone is taken, as Lightning takes it); a class, an object with
-    none of the hooks, or one whose class defines hooks under Lightning's names (which loopkit never calls) is
-    refused by name; ``warn``: warn of an object written for both Lightning and loopkit (:func:`_check_ported`)."""
+    none of the hooks, one of Lightning's own callbacks (:func:`_refuse_lightning_callback`), or one whose class
+    defines hooks under Lightning's names (which loopkit never calls) is refused by name; ``warn``: warn of an
+    object written for both Lightning and loopkit (:func:`_check_ported`)."""
     if any(hasattr(callbacks, hook) for hook in _HOOKS) or isinstance(callbacks, type):
         callbacks = [callbacks]
     if isinstance(callbacks, (str, bytes)) or not hasattr(callbacks, "__iter__"):
@@ -825,12 +832,45 @@ def _check_callbacks(callbacks: Any, *, warn: bool = True) -> list[Any]:
     for i, cb in enumerate(checked):
         if isinstance(cb, type):
             raise TypeError(f"run_epochs: callbacks[{i}] is the class {cb.__qualname__}; pass an instance, {cb.__qualname__}(...)")
+        _refuse_lightning_callback(cb, f"run_epochs: callbacks[{i}] ({type(cb).__qualname__})")
         _check_ported(cb, f"run_epochs: callbacks[{i}] ({type(cb).__qualname__})", warn)
         if not any(hasattr(cb, hook) for hook in _HOOKS):
             raise TypeError(
                 f"run_epochs: callbacks[{i}] ({type(cb).__qualname__}) has none of the hooks {', '.join(_HOOKS)}"
             )
     return checked
+
+
+def _from_lightning(cls: type | None) -> bool:
+    """Whether the class ``cls`` is defined in a Lightning package (told by its module's name)."""
+    return cls is not None and str(getattr(cls, "__module__", "")).split(".")[0] in _LIGHTNING_PACKAGES
+
+
+def _refuse_lightning_callback(callback: Any, who: str) -> None:
+    """Refuse a callback whose class is, or derives from, one of Lightning's (``lightning.pytorch``,
+    ``pytorch_lightning``, ``lightning_fabric``): its hooks take ``(trainer, pl_module)``, which loopkit never
+    gives (it would fail at ``on_fit_start``); the message names loopkit's counterpart. A :class:`Callback`
+    subclass whose loopkit hooks are all loopkit's, none of them Lightning's (``class C(loopkit.Callback,
+    L.Callback)``), is taken: its Lightning base's other hooks are never called (:func:`_check_ported`)."""
+    lightning = [c for c in type(callback).__mro__ if _from_lightning(c)]
+    if not lightning:
+        return
+    if isinstance(callback, Callback) and not any(_from_lightning(_hook_owner(callback, h)) for h in _HOOKS):
+        return
+    named = next((c for c in lightning if c.__name__ in _LIGHTNING_COUNTERPARTS), None)
+    instead = (f"use {_LIGHTNING_COUNTERPARTS[named.__name__]}" if named is not None
+               else "port it to loopkit's hooks (a hook receives the state, and the metrics): see docs/from_lightning.md")
+    base = lightning[0]
+    what = "is Lightning's" if base is type(callback) else "derives from Lightning's"
+    raise TypeError(f"{who} {what} {base.__module__}.{base.__qualname__}, whose hooks take (trainer, pl_module): "
+                    f"loopkit cannot run a Lightning callback; {instead}")
+
+
+def _hook_owner(callback: Any, name: str) -> type | None:
+    """The class of ``callback``'s MRO that defines the method ``name`` (None: none does, or the object itself)."""
+    if name in getattr(callback, "__dict__", {}):
+        return None
+    return next((c for c in type(callback).__mro__ if name in c.__dict__), None)
 
 
 def _check_ported(callback: Any, who: str, warn: bool) -> None:
@@ -859,8 +899,8 @@ def _own_hook(callback: Any, name: str) -> bool:
     :class:`Callback` or from a Lightning base class. A ``setup``/``teardown`` counts only when it takes Lightning's
     ``(trainer, pl_module, stage)`` (the names are common: a helper of one's own is not a hook)."""
     if name not in getattr(callback, "__dict__", {}):  # (one set on the object itself is its own)
-        owner = next((c for c in type(callback).__mro__ if name in c.__dict__), None)
-        if owner is None or owner is Callback or owner.__module__.split(".")[0] in _LIGHTNING_PACKAGES:
+        owner = _hook_owner(callback, name)
+        if owner is None or owner is Callback or _from_lightning(owner):
             return False
     hook = getattr(callback, name, None)
     if not callable(hook):

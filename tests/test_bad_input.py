@@ -289,6 +289,86 @@ def test_the_lightning_named_hooks_of_a_lightning_base_class_are_not_the_callbac
     assert "on_exception" not in message  # (the base's, not the class's own)
 
 
+def _lightning_hook(name: str):
+    """A hook as Lightning's Callback has it: ``(trainer, pl_module)``, recording its calls on the object."""
+    def hook(self, trainer, pl_module):
+        self.calls.append(name)
+    return hook
+
+
+def _stand_in(module: str, name: str, base: type = object) -> type:
+    """A stand-in for a Lightning callback class (tests do not import lightning): its ``__module__`` is
+    Lightning's, its hooks sharing loopkit's names take ``(trainer, pl_module)``, as Lightning 2.6.6's do."""
+    hooks = {hook: _lightning_hook(hook) for hook in ("on_fit_start", "on_fit_end", "on_validation_end")}
+    cls = type(name, (base,), {"__module__": module, "__init__": lambda self: setattr(self, "calls", []),
+                               "state_dict": lambda self: {}, "load_state_dict": lambda self, d: None, **hooks})
+    return cls
+
+
+_PLCallback = _stand_in("lightning.pytorch.callbacks.callback", "Callback")
+_PLEarlyStopping = _stand_in("lightning.pytorch.callbacks.early_stopping", "EarlyStopping", _PLCallback)
+_PLModelCheckpoint = _stand_in("lightning.pytorch.callbacks.model_checkpoint", "ModelCheckpoint", _PLCallback)
+_PLLearningRateMonitor = _stand_in("lightning.pytorch.callbacks.lr_monitor", "LearningRateMonitor", _PLCallback)
+_OldEarlyStopping = _stand_in("pytorch_lightning.callbacks.early_stopping", "EarlyStopping",
+                              _stand_in("pytorch_lightning.callbacks.callback", "Callback"))
+
+
+class _MyFitStart(_PLCallback):
+    """A bare subclass of Lightning's Callback that overrides only a hook loopkit shares the name of."""
+
+    def on_fit_start(self, trainer, pl_module):
+        self.calls.append("own on_fit_start")
+
+
+class _MyEarlyStopping(_OldEarlyStopping):
+    pass
+
+
+_FabricThing = _stand_in("lightning_fabric.utilities.thing", "Thing")
+
+
+@pytest.mark.parametrize("make, match", [
+    (_PLEarlyStopping, r"callbacks\[0\] \(EarlyStopping\) is Lightning's lightning\.pytorch\.callbacks\.early_stopping"
+                       r"\.EarlyStopping, whose hooks take \(trainer, pl_module\).*use loopkit\.EarlyStopping\("),
+    (_PLModelCheckpoint, r"\(ModelCheckpoint\) is Lightning's .*use loopkit\.with_checkpointing\(step, directory"),
+    (_PLLearningRateMonitor, r"\(LearningRateMonitor\) is Lightning's .*use loopkit\.LearningRateMonitor\(\)"),
+    (_PLCallback, r"\(Callback\) is Lightning's lightning\.pytorch\.callbacks\.callback\.Callback.*"
+                  r"port it to loopkit's hooks .*docs/from_lightning\.md"),
+    (_MyFitStart, r"\(_MyFitStart\) derives from Lightning's lightning\.pytorch\.callbacks\.callback\.Callback.*"
+                  r"docs/from_lightning\.md"),
+    (_MyEarlyStopping, r"\(_MyEarlyStopping\) derives from Lightning's pytorch_lightning\.callbacks\.early_stopping"
+                       r"\.EarlyStopping.*use loopkit\.EarlyStopping\("),
+    (_FabricThing, r"\(Thing\) is Lightning's lightning_fabric\.utilities\.thing\.Thing.*docs/from_lightning\.md"),
+], ids=["EarlyStopping", "ModelCheckpoint", "LearningRateMonitor", "Callback", "subclass-of-Callback",
+        "subclass-of-pytorch_lightning-EarlyStopping", "lightning_fabric"])
+def test_a_lightning_callback_is_refused_at_the_fit_start_naming_loopkits_counterpart(make, match):
+    """Before: it passed the check (its Lightning hooks are its base's) and failed in on_fit_start with
+    "missing 1 required positional argument: 'pl_module'". Reference: the stand-in's own record of its calls."""
+    callback = make()
+    _fit_refused(callback, match)
+    assert callback.calls == []
+
+
+def test_a_loopkit_callback_ahead_of_a_lightning_base_runs_and_behind_it_is_refused():
+    """Mixed with loopkit.Callback first, loopkit's hooks are the ones called; with Lightning's base first, its
+    on_fit_start(trainer, pl_module) would be."""
+    calls: list[str] = []
+
+    class Ahead(loopkit.Callback, _PLCallback):
+        on_epoch_end = _hook(calls, "on_epoch_end")
+
+    ahead = Ahead()
+    run_epochs(train_step(mse), make_state(), make_data(2), epochs=1, callbacks=[ahead], progress=False)
+    assert calls == ["on_epoch_end"] and ahead.calls == []
+
+    class Behind(_PLCallback, loopkit.Callback):
+        on_epoch_end = _hook(calls, "on_epoch_end")
+
+    behind = Behind()
+    _fit_refused(behind, r"\.Behind\) derives from Lightning's lightning\.pytorch\.callbacks\.callback\.Callback")
+    assert calls == ["on_epoch_end"] and behind.calls == []
+
+
 def test_a_setup_helper_of_ones_own_is_not_taken_for_lightnings_setup():
     """``setup``/``teardown`` are common names: only one taking Lightning's (trainer, pl_module, stage) is its hook."""
     calls: list[str] = []
@@ -501,6 +581,24 @@ def test_tune_refuses_what_optuna_would_fail_on_later(tmp_path):
         tune.optimize(None, n_trials=1, directory=tmp_path)
     with pytest.raises(TypeError, match="PruningCallback: trial must be an optuna trial"):
         tune.PruningCallback(None)
+
+
+def test_tune_fit_refuses_a_lightning_callback_before_the_trial_reports_anything():
+    optuna = pytest.importorskip("optuna")
+    from loopkit import tune
+
+    steps, state, callback = [], make_state(), _PLEarlyStopping()
+
+    def loss_fn(m, b):
+        steps.append(1)
+        return mse(m, b)
+
+    trial = optuna.create_study().ask()
+    with pytest.raises(TypeError, match=r"\(EarlyStopping\) is Lightning's .*use loopkit\.EarlyStopping\("):
+        tune.fit(trial, train_step(loss_fn), state, make_data(2), monitor="train/loss", epochs=1, progress=False,
+                 callbacks=[callback])
+    assert steps == [] and callback.calls == [] and trial.user_attrs == {}
+    state.check_usable()
 
 
 def test_numpy_counters_are_ints_to_evolve():
