@@ -55,6 +55,7 @@ __all__ = [
     "eval_step",
     "evaluating",
     "in_accumulation_group",
+    "kept_observers",
     "leave_intact",
     "needs_closure",
     "train_step",
@@ -1534,10 +1535,57 @@ class EvalStep(Step):
         return {k: check_metric(v, k, where) for k, v in out.items()}
 
 
+def _plain_observers(modules: Iterable[torch.nn.Module]) -> list[torch.nn.Module]:
+    """The ``torch.ao.quantization`` observers among ``modules`` that no fake-quantizer switches on and off: those an
+    observer-only qconfig (``get_default_qconfig``) puts in, which observe at every forward, training or not."""
+    from torch.ao.quantization import FakeQuantizeBase
+    from torch.ao.quantization.observer import ObserverBase
+
+    modules = list(modules)
+    switched = {id(sub) for m in modules if isinstance(m, FakeQuantizeBase) for sub in m.modules()}
+    return [m for m in modules if isinstance(m, ObserverBase) and id(m) not in switched]
+
+
+class kept_observers:  # noqa: N801  (a context manager, named as torch.no_grad is)
+    """Until exit the plain quantization observers among ``modules`` observe as usual; on exit their buffers are put
+    back as they were (a frozen observer). torch has no switch for them (``disable_observer`` acts on fake-quantizers
+    only): each is copied on entry and copied back in place on exit, even after an error (no host sync).
+
+    >>> import torch
+    >>> observer = torch.ao.quantization.MinMaxObserver()
+    >>> with kept_observers([observer]):
+    ...     _ = observer(torch.tensor([1.0, 5.0]))
+    ...     float(observer.max_val)
+    5.0
+    >>> float(observer.max_val)  # as it was: -inf, nothing observed
+    -inf
+    """
+
+    __slots__ = ("_modules", "_saved")
+
+    def __init__(self, modules: Iterable[torch.nn.Module]) -> None:
+        self._modules = _plain_observers(modules)
+        self._saved: list[tuple[torch.nn.Module, str, torch.Tensor]] = []
+
+    def __enter__(self) -> None:
+        self._saved = [(m, name, buf.detach().clone()) for m in self._modules
+                       for name, buf in m._buffers.items() if buf is not None]
+
+    def __exit__(self, *exc: Any) -> None:
+        with torch.no_grad():
+            for m, name, saved in self._saved:
+                buf = m._buffers[name]
+                if buf.shape != saved.shape:  # (an observer that saw its first input resizes its ranges)
+                    buf.resize_(saved.shape)
+                buf.copy_(saved)
+        self._saved = []
+
+
 class evaluating:  # noqa: N801  (a context manager, named as torch.no_grad is)
     """Eval mode for ``model`` until exit, each module's own mode put back after; quantization
-    observers (``torch.ao.quantization`` fake-quantize modules) are paused meanwhile, as Lightning's
-    QAT callback pauses them outside training, so an evaluation changes no buffer of a QAT model.
+    observers (``torch.ao.quantization`` fake-quantize modules, and the plain observers of an observer-only
+    qconfig, whose buffers are put back on exit) are paused meanwhile, as Lightning's QAT callback pauses
+    them outside training, so an evaluation changes no buffer of a QAT model.
 
     >>> import torch
     >>> model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout())
@@ -1550,12 +1598,13 @@ class evaluating:  # noqa: N801  (a context manager, named as torch.no_grad is)
     (True, False)
     """
 
-    __slots__ = ("_model", "_modes", "_observers", "_sharded")
+    __slots__ = ("_kept", "_model", "_modes", "_observers", "_sharded")
 
     def __init__(self, model: torch.nn.Module) -> None:
         self._model = model
         self._modes: list[tuple[torch.nn.Module, bool]] = []
         self._observers: list[tuple[torch.nn.Module, torch.Tensor]] = []
+        self._kept: kept_observers | None = None
         self._sharded: list[Any] = []
 
     def __enter__(self) -> torch.nn.Module:
@@ -1568,6 +1617,9 @@ class evaluating:  # noqa: N801  (a context manager, named as torch.no_grad is)
                            if "observer_enabled" in m._buffers and hasattr(m, "disable_observer")]
         for m, _ in self._observers:
             m.disable_observer()
+        # a plain observer (observer-only qconfig) has no such flag: its buffers are copied and put back on exit
+        self._kept = kept_observers(m for m, _ in self._modes)
+        self._kept.__enter__()
         self._model.eval()
         return self._model
 
@@ -1577,6 +1629,9 @@ class evaluating:  # noqa: N801  (a context manager, named as torch.no_grad is)
         with torch.no_grad():
             for m, flag in self._observers:
                 m.observer_enabled.copy_(flag)
+        if self._kept is not None:
+            self._kept.__exit__(*exc)
+            self._kept = None
         for m in self._sharded:  # (local: frees the gathered parameters, no collective)
             m.reshard()
 

@@ -985,3 +985,31 @@ def test_rank_agreed_tells_accumulations_that_act_otherwise_apart():
     described = {str(accum(e).rank_agreed) for e in (2, 3, {0: 2, 1: 3}, {0: 2, 2: 3}, {1: 2})}
     assert len(described) == 5
     assert accum({0: 2, 1: 2, 4: 3, 6: 3}).rank_agreed == (("with_grad_accum every", {0: 2, 4: 3}),)
+
+
+def test_evaluating_puts_plain_quantization_observers_back():
+    """An observer-only qconfig's plain observers have no observer_enabled flag: an evaluation moved them (the
+    fake-quantizers' flags were all evaluating paused). Reference: the observers' buffers before the evaluation."""
+    import warnings
+
+    from loopkit.steps import evaluating, kept_observers
+
+    q = torch.ao.quantization
+    torch.manual_seed(0)
+    model = nn.Sequential(q.QuantStub(), nn.Linear(4, 3), q.DeQuantStub())
+    model.qconfig = q.get_default_qconfig("x86")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q.prepare_qat(model, inplace=True)
+    model(torch.randn(5, 4))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with evaluating(model), torch.no_grad():
+        model(torch.randn(5, 4) * 10)
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    fresh = q.PerChannelMinMaxObserver()  # its ranges are empty until its first input, then one per channel
+    with pytest.raises(RuntimeError, match="boom"), kept_observers([fresh]):
+        fresh(torch.randn(3, 2))
+        assert fresh.min_val.shape == (3,)
+        raise RuntimeError("boom")
+    assert fresh.min_val.shape == (0,) and fresh.max_val.shape == (0,)

@@ -19,7 +19,7 @@ from torch import nn
 
 from loopkit._numbers import as_int
 from loopkit.state import TrainState, fork
-from loopkit.steps import Metrics, WrapperStep
+from loopkit.steps import Metrics, WrapperStep, kept_observers
 from loopkit.transforms._compose import refuse_wrapping, require_step
 
 __all__ = ["QATStep", "is_prepared", "quantized_model", "with_qat"]
@@ -45,13 +45,18 @@ def _quantization() -> Any:
 
 
 def is_prepared(model: nn.Module) -> bool:
-    """Whether ``model`` holds fake-quantization modules (``prepare_qat`` ran on it).
+    """Whether ``prepare_qat`` ran on ``model``: it holds a QAT module (``torch.ao.nn.qat`` and
+    ``torch.ao.nn.intrinsic.qat`` forms, each with its ``weight_fake_quant``) or a fake-quantizer.
+    With an observer-only qconfig (``get_default_qconfig``) the QAT modules hold plain observers
+    and no fake-quantizer; their classes (and so this answer) survive a checkpoint's restore
+    into a template prepared as :meth:`QATStep.prepare` does.
 
     >>> is_prepared(torch.nn.Linear(2, 2))
     False
     """
     base = _quantization().FakeQuantizeBase
-    return any(isinstance(m, base) for m in model.modules())
+    return any(isinstance(m, base) or isinstance(getattr(m, "weight_fake_quant", None), nn.Module)
+               for m in model.modules())
 
 
 def _observed_weight(module: nn.Module) -> torch.Tensor | None:
@@ -73,8 +78,10 @@ def _prepare(model: nn.Module, qconfig: Any) -> None:
     """``prepare_qat`` in place, then every weight fake-quantizer observes its weight once, so that
     the per-channel scales have their final shapes before any checkpoint (a fresh template
     prepared the same way then loads a trained one). The first training forward observes the
-    same weight again, which leaves a moving-average observer's values as they are. ``qconfig``
-    None keeps a ``qconfig`` the model already has."""
+    same weight again, which leaves a moving-average observer's values as they are. A plain weight
+    observer (an observer-only qconfig) is left to its first forward, as in a raw loop: it has no
+    scale buffer, and its ranges are resized as a checkpoint loads. ``qconfig`` None keeps a
+    ``qconfig`` the model already has."""
     quantization = _quantization()
     if not model.training:
         raise ValueError("with_qat: the model must be in training mode (model.train()) when QAT starts")
@@ -91,7 +98,7 @@ def _prepare(model: nn.Module, qconfig: Any) -> None:
                 if fake_quant is not None and isinstance(getattr(module, "weight", None), torch.Tensor):
                     found = True
                     weight = _observed_weight(module)
-                    if weight is not None:
+                    if weight is not None and isinstance(fake_quant, quantization.FakeQuantizeBase):
                         fake_quant(weight)
     if not found:
         raise ValueError(
@@ -163,16 +170,22 @@ class QATStep(WrapperStep):
 
     def run_(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
         model = state.model
-        if is_prepared(model):
-            self._freeze(model, state.step)
-            return self.inner.run_(state, batch)
-        _prepare(model, self._qconfig(model))  # in place: the state now holds the prepared model, whole
+        if not is_prepared(model):  # the first call (a restored QAT checkpoint's template is prepared already)
+            # in place: the state now holds the prepared model, whole, also for an error of the inner step
+            _prepare(model, self._qconfig(model))
         self._freeze(model, state.step)
-        return self.inner.run_(state, batch)  # an error the inner step leaves the state whole for: it is, prepared
+        if self._observers_frozen(state.step):
+            # plain observers (an observer-only qconfig) have no switch: their buffers are put back after the call
+            with kept_observers(model.modules()):
+                return self.inner.run_(state, batch)
+        return self.inner.run_(state, batch)
+
+    def _observers_frozen(self, step: int) -> bool:
+        return self.freeze_observers_after is not None and step >= self.freeze_observers_after
 
     def _freeze(self, model: nn.Module, step: int) -> None:
         quantization = _quantization()
-        if self.freeze_observers_after is not None and step >= self.freeze_observers_after:
+        if self._observers_frozen(step):
             model.apply(quantization.disable_observer)
         if self.freeze_bn_after is not None and step >= self.freeze_bn_after:
             from torch.ao.nn.intrinsic.qat import freeze_bn_stats
@@ -197,9 +210,13 @@ def with_qat(
     and observers are buffers of the model, so purity, checkpoints and DDP cover them. Fuse
     Conv-BN-ReLU first (``torch.ao.quantization.fuse_modules_qat``) as PyTorch's QAT recipe
     says, and put ``QuantStub``/``DeQuantStub`` around what should run quantized to convert
-    the result with :func:`quantized_model`. From the call whose ``state.step`` is
+    the result with :func:`quantized_model`. An observer-only ``qconfig``
+    (``get_default_qconfig(backend)``, what Lightning 1.x's ``QuantizationAwareTraining(observer_type="histogram")``
+    sets) is prepared once too: the model then trains in float while plain observers record the
+    ranges that :func:`quantized_model` converts with. From the call whose ``state.step`` is
     ``freeze_observers_after`` on (that many updates done), the quantization ranges stop moving
-    (``torch.ao.quantization.disable_observer`` before that call's forward); from the call whose
+    (``torch.ao.quantization.disable_observer`` before that call's forward; a plain observer, which
+    torch gives no switch, observes and has its buffers put back after the call); from the call whose
     ``state.step`` is ``freeze_bn_after`` on, fused BatchNorm running statistics freeze
     (``freeze_bn_stats``). To restore a checkpoint, prepare the template the same way:
     ``restore(step.prepare(template), directory)``, where ``step`` is this step or any
@@ -255,7 +272,8 @@ def quantized_model(state: TrainState) -> nn.Module:
     if not isinstance(state, TrainState):
         raise TypeError(f"quantized_model: give the TrainState that with_qat trained, got {type(state).__qualname__}")
     if not is_prepared(state.model):
-        raise ValueError("quantized_model: the state's model was not trained with with_qat (no fake-quantizers)")
+        raise ValueError("quantized_model: the state's model was not trained with with_qat (no QAT modules: "
+                         "prepare_qat never ran on it)")
     from torch.ao.quantization import QuantStub
 
     if not any(isinstance(module, QuantStub) for module in state.model.modules()):

@@ -345,3 +345,126 @@ def test_the_quantization_and_its_freezing_are_agreed_over_the_ranks():
     assert dict(loopkit.with_qat(base, freeze_bn_after=3).rank_agreed) == {
         "with_qat backend": "x86", "with_qat freeze_observers_after": None, "with_qat freeze_bn_after": 3}
     assert loopkit.with_qat(base, freeze_observers_after=2).rank_agreed != loopkit.with_qat(base).rank_agreed
+
+
+# --- an observer-only qconfig (get_default_qconfig: plain observers, no fake-quantizer), as Lightning 1.x's
+# QuantizationAwareTraining(observer_type="histogram") sets. prepare_qat ran again at every call (is_prepared looked
+# for fake-quantizers only): one more observer hook per call, other observer values, and quantized_model refused it.
+
+
+def _observer_qconfig():
+    return torch.ao.quantization.get_default_qconfig("x86")
+
+
+def _raw_observer_qat(data, *, keep_observers_at=None):
+    """The reference: prepare_qat once with the observer-only qconfig, then a hand-written loop. With
+    ``keep_observers_at`` it also returns a copy of the observer buffers after that many updates."""
+    q = torch.ao.quantization
+    model = _net(0)
+    model.qconfig = _observer_qconfig()
+    q.prepare_qat(model, inplace=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    kept = None
+    for i, batch in enumerate(data):
+        if i == keep_observers_at:
+            kept = {k: v.clone() for k, v in model.state_dict().items() if "activation_post_process" in k
+                    or "weight_fake_quant" in k}
+        opt.zero_grad()
+        _mse(model, batch).backward()
+        opt.step()
+    return model, kept
+
+
+def _hooks(model):
+    return {name: len(m._forward_hooks) + len(m._forward_pre_hooks) for name, m in model.named_modules()}
+
+
+def _observer_step(**options):
+    return loopkit.with_qat(loopkit.train_step(_mse), qconfig=_observer_qconfig(), **options)
+
+
+def _assert_converts_as_the_raw_model(state, ref, x):
+    q = torch.ao.quantization
+    raw_int8 = q.convert(quantized_model.__globals__["copy"].deepcopy(ref).eval(), inplace=False)
+    int8 = quantized_model(state)
+    assert isinstance(int8[1], torch.ao.nn.quantized.Linear)
+    assert torch.equal(int8(x), raw_int8(x))
+
+
+def test_an_observer_only_qconfig_is_prepared_once_and_trains_as_the_raw_loop(make_batches, assert_trees_equal):
+    data = make_batches(STEPS)
+    ref, _ = _raw_observer_qat(data + data)
+    state, _ = loopkit.run_epochs(_observer_step(), _state(), data, epochs=2, progress=False)
+    assert _hooks(state.model) == _hooks(ref)  # one observer hook each, as prepare_qat once puts in
+    assert _hooks(state.model)["1"] == 1
+    assert is_prepared(state.model)
+    assert not any(isinstance(m, torch.ao.quantization.FakeQuantizeBase) for m in state.model.modules())
+    # weights, biases and every observer's histogram and range
+    assert_trees_equal(dict(state.model.state_dict()), dict(ref.state_dict()))
+    assert sum("histogram" in k for k in state.model.state_dict()) == 3
+    _assert_converts_as_the_raw_model(state, ref, make_batches(1, seed=7)[0][0])
+
+
+def test_an_observer_only_qconfig_resumes_from_a_checkpoint_exactly(make_batches, tmp_path, assert_trees_equal):
+    data = make_batches(STEPS)
+    ref, _ = _raw_observer_qat(data + data)
+    qat = _observer_step()
+    saving = loopkit.with_checkpointing(qat, tmp_path, every_n_steps=STEPS + 2)
+    loopkit.run_epochs(saving, _state(), data, max_steps=STEPS + 2, epochs=2, progress=False)
+    restored = loopkit.restore(qat.prepare(_state(5)), tmp_path)
+    assert is_prepared(restored.model) and restored.step == STEPS + 2
+    resumed, _ = loopkit.run_epochs(qat, restored, data, epochs=2, progress=False)
+    assert _hooks(resumed.model) == _hooks(ref)  # the restored model is not prepared again
+    assert_trees_equal(dict(resumed.model.state_dict()), dict(ref.state_dict()))
+    _assert_converts_as_the_raw_model(resumed, ref, make_batches(1, seed=7)[0][0])
+
+
+@pytest.mark.parametrize("at", [1, 3])
+def test_an_observer_only_qconfig_freezes_its_observers_after_the_given_update(at, make_batches, assert_trees_equal):
+    """torch's disable_observer acts on fake-quantizers only; a plain observer only records (the model trains in
+    float), so frozen from the call whose state.step is ``at``: the raw loop's weights, and the observers as the raw
+    loop had them after ``at`` updates."""
+    data = make_batches(STEPS)
+    ref, kept = _raw_observer_qat(data, keep_observers_at=at)
+    state, _ = loopkit.run_epochs(_observer_step(freeze_observers_after=at), _state(), data, epochs=1, progress=False)
+    trained = dict(state.model.state_dict())
+    assert_trees_equal({k: trained[k] for k in kept}, kept)
+    assert_trees_equal({k: v for k, v in trained.items() if k not in kept},
+                       {k: v for k, v in ref.state_dict().items() if k not in kept})
+    assert not torch.equal(trained["1.activation_post_process.histogram"],
+                           ref.state_dict()["1.activation_post_process.histogram"])  # (freezing showed)
+
+
+def test_an_observer_only_qconfig_is_not_observed_by_an_evaluation(make_batches, assert_trees_equal):
+    data = make_batches(STEPS)
+    ref, _ = _raw_observer_qat(data)
+    val = (loopkit.eval_step(lambda m, b: {"mse": _mse(m, b)}), make_batches(3, seed=9))
+    state, history = loopkit.run_epochs(_observer_step(), _state(), data, epochs=1, val=val, val_every_n_steps=2,
+                                        progress=False)
+    assert "val/mse" in history[0]
+    assert_trees_equal(dict(state.model.state_dict()), dict(ref.state_dict()))
+    before = {k: v.clone() for k, v in state.model.state_dict().items()}
+    loopkit.evaluate(val[0], state, val[1])
+    loopkit.predict(lambda m, b: m(b[0]), state, val[1])
+    assert_trees_equal(dict(state.model.state_dict()), before)
+
+
+def test_a_plain_weight_observer_sees_each_weight_as_often_as_in_the_raw_loop(make_batches, assert_trees_equal):
+    """The first call made every weight quantizer observe its weight once before the forward (for the per-channel
+    scales' shapes of fake-quantizers); a plain histogram observer then counted the first weights twice."""
+    q = torch.ao.quantization
+    qconfig = q.QConfig(activation=q.HistogramObserver.with_args(reduce_range=True),
+                        weight=q.HistogramObserver.with_args(dtype=torch.qint8, qscheme=torch.per_tensor_symmetric))
+    data = make_batches(3)
+    ref = _net(0)
+    ref.qconfig = qconfig
+    q.prepare_qat(ref, inplace=True)
+    opt = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9)
+    for batch in data:
+        opt.zero_grad()
+        _mse(ref, batch).backward()
+        opt.step()
+    step = loopkit.with_qat(loopkit.train_step(_mse), qconfig=qconfig)
+    state, _ = loopkit.run_epochs(step, _state(), data, epochs=1, progress=False)
+    assert_trees_equal(dict(state.model.state_dict()), dict(ref.state_dict()))
+    assert "1.weight_fake_quant.histogram" in ref.state_dict()
