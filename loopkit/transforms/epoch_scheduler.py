@@ -17,6 +17,7 @@ from loopkit._numbers import as_int
 from loopkit.state import TrainState, extras_copy, leave_intact, replace, replace_extras, scheduler_for, state_at_error
 from loopkit.steps import Metrics, WrapperStep
 from loopkit.transforms._compose import refuse_wrapping, require_step
+from loopkit.transforms.swa import swa_start_inside
 
 __all__ = [
     "EpochSchedulerStep", "scheduler_held", "scheduler_of", "scheduler_transform", "step_quietly", "with_epoch_scheduler",
@@ -37,6 +38,13 @@ class EpochSchedulerStep(WrapperStep):
     """
 
     frequency: int = 1
+    #: the first SWA epoch of a ``with_swa`` inside (None: none), from which SWALR sets the rates: the scheduler
+    #: steps at the ends of the epochs before it only, as Lightning swaps it for SWALR when that epoch starts
+    swa_start: int | None = attrs.field(init=False, repr=False)
+
+    @swa_start.default
+    def _swa_start(self) -> int | None:
+        return swa_start_inside(self.inner)
 
     @property
     def name(self) -> str:
@@ -63,8 +71,11 @@ class EpochSchedulerStep(WrapperStep):
         return self._caught_up(new, new.epoch + 1), metrics
 
     def _caught_up(self, state: TrainState, finished: int) -> TrainState:
-        """``state`` with the scheduler stepped for the ends of epochs up to ``finished`` (those not stepped yet)."""
+        """``state`` with the scheduler stepped for the ends of epochs up to ``finished`` (those not stepped yet), and
+        none from the first SWA epoch of a ``with_swa`` inside on (SWALR's schedule then)."""
         scheduler = scheduler_of(state, "with_epoch_scheduler", " at each epoch's end")
+        if self.swa_start is not None:
+            finished = min(finished, self.swa_start)
         recorded = state.extras.get(_EPOCHS)
         if recorded is not None and int(recorded) >= finished:  # (stepped for this epoch's end already: a flushed
             return state  # state flushed again, as a relaunch from a checkpoint of the flush's update does)
@@ -159,8 +170,9 @@ def step_quietly(scheduler: Any, times: int = 1) -> None:
 
 def scheduler_transform(step: Any, name: str, frequency: Any, unit: str, rival: str) -> tuple[Any, int]:
     """The inner step and the frequency of scheduler transform ``name`` (counting ``unit``), checked: a positive int,
-    an inner train step, and no transform around it that steps or replaces the state's scheduler (``rival``, the other
-    scheduler transform) or checkpoints the state while it is held.
+    an inner train step, and no transform around it that steps the state's scheduler (``rival``, the other scheduler
+    transform) or checkpoints the state while it is held. (A ``with_swa`` inside is taken: ``name`` stops stepping at
+    its first SWA epoch.)
 
     >>> from loopkit.steps import train_step
     >>> scheduler_transform(train_step(lambda m, b: None), "with_epoch_scheduler", 0, "epochs", "with_step_scheduler")
@@ -177,8 +189,6 @@ def scheduler_transform(step: Any, name: str, frequency: Any, unit: str, rival: 
         rival: "both step the state's one scheduler; use one of them",
         "with_checkpointing": f"{name} hands its inner step the state without its scheduler, so those "
         f"checkpoints would not restore; apply it first, with_checkpointing({name}(step), directory)",
-        "with_swa": "with_swa replaces the state's schedule from its start (as Lightning's SWA replaces the "
-        "schedulers); use one of them",
     })
     return inner, count
 
@@ -198,9 +208,12 @@ def with_epoch_scheduler(step: Any, *, frequency: int = 1) -> EpochSchedulerStep
     is kept in ``state.extras`` (``epoch_scheduler/epochs``): checkpoints resume it exactly.
 
     ``ReduceLROnPlateau`` steps on a metric: see the guide's callback for it. Apply it inside
-    ``with_checkpointing`` (whose checkpoints must see the scheduler); ``with_swa`` replaces the
-    schedule from its start (as Lightning's SWA replaces the schedulers) and is refused with it, as is
-    ``with_step_scheduler`` (both step the one scheduler).
+    ``with_checkpointing`` (whose checkpoints must see the scheduler). Around ``with_swa``
+    (``with_epoch_scheduler(with_swa(step, swa_lrs, swa_epoch_start=n))``, Lightning's
+    ``[opt], [scheduler]`` with ``StochasticWeightAveraging``) it steps the scheduler at the ends of
+    the epochs before the first SWA epoch only: from there SWALR sets the rates, begun from the ones
+    the scheduler left, as Lightning swaps the scheduler for SWALR when that epoch starts; inside
+    ``with_swa`` it is refused. Refused with ``with_step_scheduler`` (both step the one scheduler).
 
     >>> import torch
     >>> from loopkit.driver import run_epochs

@@ -15,6 +15,7 @@ import attrs
 from loopkit.state import TrainState, extras_copy, replace_extras
 from loopkit.steps import Metrics, WrapperStep
 from loopkit.transforms.epoch_scheduler import scheduler_held, scheduler_of, scheduler_transform, step_quietly
+from loopkit.transforms.swa import swa_start_inside
 
 __all__ = ["StepSchedulerStep", "with_step_scheduler"]
 
@@ -34,6 +35,13 @@ class StepSchedulerStep(WrapperStep):
     """
 
     frequency: int = 1
+    #: the first SWA epoch of a ``with_swa`` inside (None: none), from which SWALR sets the rates: the scheduler
+    #: steps in the epochs before it only, as Lightning swaps it for SWALR when that epoch starts
+    swa_start: int | None = attrs.field(init=False, repr=False)
+
+    @swa_start.default
+    def _swa_start(self) -> int | None:
+        return swa_start_inside(self.inner)
 
     @property
     def name(self) -> str:
@@ -67,10 +75,12 @@ class StepSchedulerStep(WrapperStep):
 
     def _stepped(self, call: Any, state: TrainState, consumed: int, *args: Any) -> tuple[TrainState, Metrics]:
         """``call`` on ``state`` without its scheduler (the inner step would step it per update), put back after and
-        stepped if ``call`` made an update and ``consumed`` (batches of the epoch) is a multiple of ``frequency``."""
+        stepped if ``call`` made an update and ``consumed`` (batches of the epoch) is a multiple of ``frequency``,
+        in an epoch before the first SWA epoch of a ``with_swa`` inside (SWALR's schedule from there)."""
         scheduler_of(state, "with_step_scheduler")
         new, metrics = scheduler_held(call, state, *args)
-        if new.step != state.step and consumed % self.frequency == 0:
+        before_swa = self.swa_start is None or state.epoch < self.swa_start
+        if new.step != state.step and consumed % self.frequency == 0 and before_swa:
             step_quietly(new.scheduler)  # (quietly: a step of one's own may count an update made without the optimizer)
         return new, metrics
 
@@ -99,8 +109,12 @@ def with_step_scheduler(step: Any, *, frequency: int = 1) -> StepSchedulerStep:
     the scheduler is kept: checkpoints resume it exactly. ``frequency=1`` is ``train_step``'s own
     stepping.
 
-    Apply it inside ``with_checkpointing`` (whose checkpoints must see the scheduler); refused with
-    ``with_epoch_scheduler`` (both step the one scheduler) and ``with_swa`` (which replaces the schedule).
+    Apply it inside ``with_checkpointing`` (whose checkpoints must see the scheduler). Around
+    ``with_swa`` (``with_step_scheduler(with_swa(step, swa_lrs, swa_epoch_start=n))``, Lightning's
+    ``"interval": "step"`` scheduler with ``StochasticWeightAveraging``) it steps the scheduler in the
+    epochs before the first SWA epoch only: from there SWALR sets the rates, begun from the ones the
+    scheduler left, as Lightning swaps the scheduler for SWALR when that epoch starts; inside
+    ``with_swa`` it is refused. Refused with ``with_epoch_scheduler`` (both step the one scheduler).
 
     >>> import torch
     >>> from loopkit.driver import run_epochs

@@ -22,13 +22,13 @@ from loopkit.rng import RNGScope, global_rng_state
 from loopkit.state import (
     TrainState, core_module, extras_copy, fork, leave_intact, model_device, replace, state_at_error,
 )
-from loopkit.steps import Metrics, WrapperStep
+from loopkit.steps import Metrics, Step, WrapperStep
 from loopkit.transforms._compose import named_callable, refuse_wrapping, require_step
 from loopkit.transforms.ema import _fitted, _parameters
 from loopkit.transforms.pruning import _MASKS as _PRUNING_MASKS
 from loopkit.transforms.pruning import _masked_parameters
 
-__all__ = ["SWAStep", "swa_state", "with_swa"]
+__all__ = ["SWAStep", "swa_start_inside", "swa_state", "with_swa"]
 
 #: the state's extras: the averages (parameter name -> tensor), how many weights they average, the
 #: last epoch averaged, and the epoch at which SWALR took over with the groups' learning rates then
@@ -317,16 +317,24 @@ def with_swa(
     - the learning rates are ``torch.optim.swa_utils.SWALR``'s (``swa_lrs``, ``annealing_epochs``,
       ``annealing_strategy``), begun from the rates the optimizer has at that epoch's first call and
       stepped once per epoch; the state's own scheduler is held still (not stepped) meanwhile, as
-      Lightning swaps it out, and stays in the state (checkpoints and restore templates keep its keys).
+      Lightning swaps it for SWALR, and stays in the state (checkpoints and restore templates keep its keys).
+
+    Before that epoch the inner step runs as it is, so the state's scheduler steps as it would without SWA:
+    per update under a plain ``train_step``. Lightning's usual set-up, ``configure_optimizers`` returning
+    ``[opt], [StepLR(opt, ...)]`` (stepped per epoch), is ``with_epoch_scheduler(with_swa(step, ...))``
+    (``with_step_scheduler`` for ``"interval": "step"``): the scheduler steps at the ends of the epochs
+    before ``swa_epoch_start`` (the last of them included), SWALR anneals from the rates it left, and the
+    scheduler steps no more, as Lightning swaps it out. The scheduler transform goes around ``with_swa``;
+    inside it, it is refused (with_swa would hand it the state without its scheduler).
 
     What it keeps lives in ``state.extras`` (``swa/params``, ``swa/n_averaged``,
     ``swa/latest_update_epoch``, ``swa/lr_epoch``, ``swa/lr_start``): a step stays pure, and a
     checkpoint or ``state_dict`` resumes the run exactly, mid-SWA included. Averages of another model
     are refused before anything changes, naming the parameter.
 
-    Apply it inside ``with_checkpointing`` (which must see the state's scheduler) and outside the
-    gradient transforms: ``with_checkpointing(with_swa(with_grad_accum(train_step(f), every=2), 0.05,
-    swa_epoch_start=3), directory)``.
+    Apply it inside ``with_checkpointing`` (which must see the state's scheduler), inside a scheduler
+    transform and outside the gradient transforms: ``with_checkpointing(with_epoch_scheduler(with_swa(
+    with_grad_accum(train_step(f), every=2), 0.05, swa_epoch_start=3)), directory)``.
 
     >>> import torch
     >>> from loopkit.driver import run_epochs
@@ -361,16 +369,38 @@ def with_swa(
                         f"got {type(avg_fn).__qualname__}")
     refuse_wrapping(inner, "with_swa", {
         "with_swa": "the state holds one set of averages and one learning-rate schedule",
-        "with_epoch_scheduler": "with_swa replaces the state's schedule from its start (as Lightning's SWA replaces "
-        "the schedulers); use one of them",
-        "with_step_scheduler": "with_swa replaces the state's schedule from its start (as Lightning's SWA replaces "
-        "the schedulers); use one of them",
+        "with_epoch_scheduler": _order("with_epoch_scheduler"),
+        "with_step_scheduler": _order("with_step_scheduler"),
         "with_checkpointing": "in SWA epochs with_swa hands its inner step the state without its scheduler (SWALR "
         "replaces it), so those checkpoints would not restore; apply with_swa first, e.g. "
         "with_checkpointing(with_swa(step, swa_lrs), directory)",
     })
     return SWAStep(inner, swa_lrs=lrs, swa_start=start, swa_end=None if epochs is None else epochs - 1,
                    annealing_epochs=anneal, annealing_strategy=annealing_strategy, avg_fn=avg_fn)
+
+
+def _order(scheduler: str) -> str:
+    """Why ``with_swa`` cannot go around scheduler transform ``scheduler``, and the order that works."""
+    return (f"from swa_epoch_start on with_swa hands its inner step the state without its scheduler (SWALR takes "
+            f"over), which {scheduler} steps; apply {scheduler} around it, {scheduler}(with_swa(step, swa_lrs, ...)): "
+            "it steps the state's scheduler until swa_epoch_start, and no more from there, as Lightning swaps it for "
+            "SWALR")
+
+
+def swa_start_inside(step: Step) -> int | None:
+    """The first SWA epoch (0-based) of a :func:`with_swa` anywhere inside ``step``, or None without one: from that
+    epoch on SWALR sets the learning rates, and a scheduler transform around it no longer steps the state's scheduler.
+
+    >>> from loopkit.steps import train_step
+    >>> inner = train_step(lambda m, b: None)
+    >>> swa_start_inside(with_swa(inner, 0.05, swa_epoch_start=3)), swa_start_inside(inner)
+    (2, None)
+    """
+    while isinstance(step, WrapperStep):
+        if isinstance(step, SWAStep):
+            return step.swa_start
+        step = step.inner
+    return None
 
 
 def swa_state(state: TrainState, train_data: Any = None, *, device: torch.device | str | None = None) -> TrainState:

@@ -128,8 +128,8 @@ def _refused(inner: str, outer: str) -> bool:
         return True  # the checkpoint or the averages would miss the outer transform's change of this update
     if (inner, outer) in (("checkpointing", "swa"), ("checkpointing", "epoch_scheduler"), ("checkpointing", "step_scheduler")):
         return True  # with_swa (in SWA epochs) and the scheduler transforms hand their inner step the state without its scheduler
-    if {inner, outer} in ({"swa", "epoch_scheduler"}, {"swa", "step_scheduler"}):
-        return True  # SWA replaces the schedule
+    if (inner, outer) in (("epoch_scheduler", "swa"), ("step_scheduler", "swa")):
+        return True  # in SWA epochs with_swa hands its inner step the state without its scheduler (SWALR takes over)
     if {inner, outer} == {"epoch_scheduler", "step_scheduler"}:
         return True  # both step the one scheduler
     return TRANSFORMS[inner][0] == TRANSFORMS[outer][0] and TRANSFORMS[inner][0] in ("with_amp", "with_grad_accum")
@@ -151,6 +151,7 @@ TRIPLES = [  # whole-step stacks as they are used: over gradient transforms, in 
     ("grad_accum", "swa", "checkpointing"),
     ("nan_guard", "swa", "ema"),
     ("grad_accum", "step_scheduler", "checkpointing"),
+    ("swa", "epoch_scheduler", "checkpointing"),  # Lightning's [opt], [scheduler] with StochasticWeightAveraging
 ]
 PIPELINES = [(name,) for name in TRANSFORMS] + [pair for pair in PAIRS if not _refused(*pair)] + TRIPLES
 LOGGED = [names for names in PIPELINES if "logging" in names]
@@ -288,21 +289,20 @@ def test_the_refused_pairs_are_exactly_the_meaningless_ones():
     too_late = {("with_checkpointing", "with_ema"), ("with_checkpointing", "with_pruning"), ("with_ema", "with_pruning"),
                 ("with_checkpointing", "with_swa"), ("with_checkpointing", "with_epoch_scheduler"),
                 ("with_checkpointing", "with_step_scheduler")}
-    schedulers = ("with_swa", "with_epoch_scheduler", "with_step_scheduler")
-    one_schedule = {(a, b) for a in schedulers for b in schedulers if a != b}
+    schedulers = ("with_epoch_scheduler", "with_step_scheduler")
+    one_schedule = {(a, b) for a in schedulers for b in schedulers if a != b} | {(a, "with_swa") for a in schedulers}
     float32_only = {("with_amp", "with_qat")}
     assert refused == doubled | around_whole | too_late | one_schedule | float32_only
     # pairs of keys: amp doubled 4, accum 1, whole around gradient 8 * 7, seven wholes doubled, clip and norm doubled 2,
-    # too late 6, one schedule 6, qat(amp) 2
-    assert sum(_refused(*pair) for pair in PAIRS) == 4 + 1 + 8 * 7 + 7 + 2 + 6 + 6 + 2
-    assert len(PIPELINES) == 15 + 225 - 84 + len(TRIPLES)
+    # too late 6, one schedule 4 (the two scheduler transforms, and with_swa around either), qat(amp) 2
+    assert sum(_refused(*pair) for pair in PAIRS) == 4 + 1 + 8 * 7 + 7 + 2 + 6 + 4 + 2
+    assert len(PIPELINES) == 15 + 225 - 82 + len(TRIPLES)
     # every whole-step transform is covered around every other transform, and checkpointing around itself
     unwrappable = {("logging", "logging"), ("ema", "ema"), ("pruning", "pruning"), ("qat", "qat"), ("checkpointing", "ema"),
                    ("checkpointing", "pruning"), ("ema", "pruning"), ("amp_bf16", "qat"), ("amp_fp16", "qat"),
                    ("swa", "swa"), ("checkpointing", "swa"), ("epoch_scheduler", "epoch_scheduler"),
-                   ("checkpointing", "epoch_scheduler"), ("swa", "epoch_scheduler"), ("epoch_scheduler", "swa"),
-                   ("step_scheduler", "step_scheduler"), ("checkpointing", "step_scheduler"), ("swa", "step_scheduler"),
-                   ("step_scheduler", "swa"), ("epoch_scheduler", "step_scheduler"), ("step_scheduler", "epoch_scheduler")}
+                   ("checkpointing", "epoch_scheduler"), ("epoch_scheduler", "swa"),
+                   ("step_scheduler", "step_scheduler"), ("checkpointing", "step_scheduler"), ("step_scheduler", "swa"), ("epoch_scheduler", "step_scheduler"), ("step_scheduler", "epoch_scheduler")}
     for whole in WHOLE_STEP:
         assert all((name, whole) in PIPELINES for name in TRANSFORMS if (name, whole) not in unwrappable)
 

@@ -164,9 +164,7 @@ def test_what_it_cannot_do_is_refused(tmp_path, make_mlp, make_batches, mse_loss
         loopkit.with_step_scheduler(loopkit.with_step_scheduler(inner))
     with pytest.raises(TypeError, match="with_step_scheduler cannot wrap with_checkpointing"):
         loopkit.with_step_scheduler(loopkit.with_checkpointing(inner, tmp_path))
-    with pytest.raises(TypeError, match="with_step_scheduler cannot wrap with_swa"):
-        loopkit.with_step_scheduler(loopkit.with_swa(inner, 0.1, swa_epoch_start=1))
-    with pytest.raises(TypeError, match="with_swa cannot wrap with_step_scheduler"):
+    with pytest.raises(TypeError, match=r"with_swa cannot wrap with_step_scheduler: .*with_step_scheduler\(with_swa\("):
         loopkit.with_swa(loopkit.with_step_scheduler(inner), 0.1, swa_epoch_start=1)
     with pytest.raises(TypeError, match="with_grad_accum cannot wrap with_step_scheduler"):
         loopkit.with_grad_accum(loopkit.with_step_scheduler(inner), every=2)

@@ -29,7 +29,7 @@ def _model(seed: int = 0) -> nn.Sequential:
         return nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
 
 
-def _state(optimizer: str, seed: int = 0, *, two_groups: bool = False) -> loopkit.TrainState:
+def _state(optimizer: str, seed: int = 0, *, two_groups: bool = False, step_size: int = 3) -> loopkit.TrainState:
     model = _model(seed)
     if two_groups:
         params = [{"params": model[0].parameters()}, {"params": list(model[1].parameters()) + list(model[3].parameters()),
@@ -37,7 +37,7 @@ def _state(optimizer: str, seed: int = 0, *, two_groups: bool = False) -> loopki
     else:
         params = model.parameters()
     opt = (torch.optim.SGD(params, lr=0.1, momentum=0.9) if optimizer == "sgd" else torch.optim.Adam(params, lr=0.02))
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.7)  # per update, as loopkit steps it
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=step_size, gamma=0.7)  # per update, as loopkit steps it
     return loopkit.TrainState.create(model, opt, sched)
 
 
@@ -51,9 +51,16 @@ def data(make_batches):
     return make_batches(BATCHES)
 
 
-def _raw_swa_loop(state, data, *, swa_start, swa_lrs, annealing_epochs, strategy, epochs=EPOCHS):
+def _raw_swa_loop(state, data, *, swa_start, swa_lrs, annealing_epochs, strategy, epochs=EPOCHS, interval=None,
+                  frequency=1):
     """Lightning's recipe in a plain loop; returns the averaged model (BN updated) and each epoch's rates
-    after its first update (in an SWA epoch, the rate of all its updates)."""
+    after its first update (in an SWA epoch, the rate of all its updates).
+
+    The model's scheduler steps before SWA as ``interval`` says: None after every update (loopkit's train_step),
+    ``"step"`` after the update of every ``frequency``-th batch of an epoch, ``"epoch"`` at the end of every
+    ``frequency``-th epoch (Lightning's ``configure_optimizers`` intervals). Once SWALR exists it replaces the
+    scheduler: Lightning's ``on_train_epoch_start`` swaps the scheduler config, so the old one never steps again.
+    (Checked against Lightning 2.6.6's Trainer: the same weights and rates, bitwise, for each interval.)"""
     model, opt, sched = state.model, state.optimizer, state.scheduler
     averaged = AveragedModel(model)
     swa_sched = None
@@ -71,12 +78,14 @@ def _raw_swa_loop(state, data, *, swa_start, swa_lrs, annealing_epochs, strategy
             opt.zero_grad()
             _mse(model, batch).backward()
             opt.step()
-            if swa_sched is None:
+            if swa_sched is None and (interval is None or (interval == "step" and (k + 1) % frequency == 0)):
                 sched.step()
             if k == 0:  # what the callback below sees
                 rates.append([g["lr"] for g in opt.param_groups])
         if swa_sched is not None:
             swa_sched.step()
+        elif interval == "epoch" and (epoch + 1) % frequency == 0:  # update_lr_schedulers("epoch")
+            sched.step()
     update_bn(data, averaged.module)
     return averaged, rates
 
@@ -131,6 +140,81 @@ def test_the_averages_bn_statistics_and_rates_are_lightnings_recipe_bitwise(case
     assert_trees_equal(_params(final.model), _params(averaged.module))
     assert_trees_equal(_buffers(final.model), _buffers(averaged.module))
     assert int(final.model[1].num_batches_tracked) == BATCHES and final.model[1].momentum == 0.1
+
+
+def _scheduled(interval: str, frequency: int, step: loopkit.Step) -> loopkit.Step:
+    """``step`` under the scheduler transform of Lightning's ``interval``."""
+    if interval == "epoch":
+        return loopkit.with_epoch_scheduler(step, frequency=frequency)
+    return loopkit.with_step_scheduler(step, frequency=frequency)
+
+
+SCHEDULED = [  # (interval, frequency, swa_epoch_start, swa_start 0-based, annealing_epochs, strategy, StepLR step_size)
+    ("epoch", 1, 3, 2, 1, "cos", 1),  # configure_optimizers -> [opt], [StepLR]: Lightning's most common SWA set-up
+    ("epoch", 2, 0.7, 3, 2, "linear", 1),  # the end of epoch 3 is a multiple of 2, but SWALR has taken over there
+    ("step", 1, 3, 2, 2, "cos", 3),
+    ("step", 2, 2, 1, 1, "cos", 1),
+]
+
+
+@pytest.mark.parametrize("case", SCHEDULED, ids=[f"{c[0]}-every{c[1]}-start{c[2]}" for c in SCHEDULED])
+def test_a_scheduler_transform_around_swa_steps_until_swa_start_then_swalr_takes_over_as_in_lightning(
+        case, data, assert_trees_equal):
+    """Lightning steps the configure_optimizers scheduler (per epoch or per step) in the epochs before swa_start,
+    swaps it for SWALR when that epoch starts, and never steps it again; SWALR anneals from the rate it left."""
+    interval, frequency, start, swa_start, anneal, strategy, step_size = case
+    ref_state = _state("sgd", step_size=step_size)
+    averaged, ref_rates = _raw_swa_loop(ref_state, data, swa_start=swa_start, swa_lrs=0.01, annealing_epochs=anneal,
+                                        strategy=strategy, interval=interval, frequency=frequency)
+
+    swa = loopkit.with_swa(loopkit.train_step(_mse), 0.01, swa_epoch_start=start, epochs=EPOCHS,
+                           annealing_epochs=anneal, annealing_strategy=strategy)
+    rates = _Rates()
+    state, _ = loopkit.run_epochs(_scheduled(interval, frequency, swa), _state("sgd", step_size=step_size), data,
+                                  epochs=EPOCHS, progress=False, callbacks=[rates])
+    assert rates.rates == ref_rates  # floats, compared exactly
+    assert len(set(r[0] for r in ref_rates[:swa_start + 1])) > 1  # the scheduler did change the rate before SWA
+    assert_trees_equal(_params(state.model), _params(ref_state.model))
+    assert state.extras["swa/n_averaged"] == EPOCHS - swa_start == int(averaged.n_averaged)
+    assert_trees_equal(dict(state.extras["swa/params"]), _params(averaged.module))
+    assert state.scheduler.last_epoch == ref_state.scheduler.last_epoch  # not stepped from swa_start on
+    final = loopkit.swa_state(state, data)
+    assert_trees_equal(_params(final.model), _params(averaged.module))
+    assert_trees_equal(_buffers(final.model), _buffers(averaged.module))
+
+
+def test_swa_around_a_scheduler_transform_is_refused_naming_the_order_that_works():
+    inner = loopkit.train_step(_mse)
+    for name in ("with_epoch_scheduler", "with_step_scheduler"):
+        scheduled = getattr(loopkit, name)(inner)
+        with pytest.raises(TypeError, match=rf"with_swa cannot wrap {name}: .*apply {name} around it, "
+                                            rf"{name}\(with_swa\(step, swa_lrs, \.\.\.\)\)"):
+            loopkit.with_swa(scheduled, 0.01, swa_epoch_start=3)
+        around = getattr(loopkit, name)(loopkit.with_swa(inner, 0.01, swa_epoch_start=3))
+        assert around.applied == ("train_step", "with_swa", name) and around.swa_start == 2
+
+
+@pytest.mark.parametrize("interval", ["epoch", "step"])
+def test_a_run_resumed_from_a_checkpoint_around_the_switch_to_swalr_ends_as_the_uninterrupted_one(
+        interval, tmp_path, data, take_snapshot, assert_trees_equal):
+    """Checkpoints mid-epoch before swa_start (epoch 2), at that epoch's last update (the epoch-end flush, and the
+    epoch scheduler's last step, still to come), and after the first and second update of the first SWA epoch: each
+    restored run ends bitwise as the one that never stopped."""
+    def step(directory):
+        swa = loopkit.with_swa(loopkit.train_step(_mse), 0.01, swa_epoch_start=3, epochs=EPOCHS, annealing_epochs=2)
+        return loopkit.with_checkpointing(_scheduled(interval, 1, swa), directory, every_n_steps=1, keep_last=None)
+
+    uninterrupted, _ = loopkit.run_epochs(step(tmp_path / "a"), _state("sgd", step_size=1), data, epochs=EPOCHS,
+                                          progress=False)
+    around = [c for c in checkpoint.list_checkpoints(tmp_path / "a")
+              if (c.epoch, c.batch_index) in ((1, 2), (1, BATCHES), (2, 1), (2, 2))]
+    assert len(around) == 4
+    for saved in around:
+        restored = loopkit.restore(_state("sgd", seed=1, step_size=1), saved.path)
+        resumed, _ = loopkit.run_epochs(step(tmp_path / f"b{saved.seq}"), restored, data, epochs=EPOCHS, progress=False)
+        assert_trees_equal(take_snapshot(resumed), take_snapshot(uninterrupted))
+        assert_trees_equal(take_snapshot(loopkit.swa_state(resumed, data)),
+                           take_snapshot(loopkit.swa_state(uninterrupted, data)))
 
 
 def test_the_weights_the_last_epoch_trains_are_not_averaged_in_as_in_lightning(data, assert_trees_equal):
