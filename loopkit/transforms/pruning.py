@@ -1,4 +1,4 @@
-"""``with_pruning``: magnitude pruning on a schedule, the masks kept in the state.
+"""``with_pruning``: pruning by torch.nn.utils.prune's methods on a schedule, the masks kept in the state.
 
 >>> from loopkit.steps import train_step
 >>> with_pruning(train_step(lambda m, b: None), amount=0.5, schedule=[10, 20]).applied
@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import types
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -17,11 +18,12 @@ from torch import nn
 from torch.nn.utils import parametrize, prune
 
 from loopkit._numbers import as_int, as_real
+from loopkit.rng import RNGScope
 from loopkit.state import TrainState, core_module, leave_intact, plain_names, replace, replace_extras
-from loopkit.steps import Metrics, TrainStep, UpdateStep, WrapperStep, needs_closure
+from loopkit.steps import Metrics, TrainStep, UpdateStep, WrapperStep, _cuda_index, needs_closure
 from loopkit.transforms._compose import fitted_to, intact_as, named_callable, refuse_wrapping, require_step
 
-__all__ = ["PruningStep", "default_prunable", "with_pruning"]
+__all__ = ["PruningMethod", "PruningStep", "default_prunable", "with_pruning"]
 
 _MASKS, _SPARSITY = "pruning/masks", "pruning/sparsity"
 _PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -59,15 +61,77 @@ def cubic_sparsity(amount: float, points: Sequence[int], step: int) -> float:
     return amount * (1.0 - (1.0 - done / len(points)) ** 3)
 
 
-def _global_masks(weights: list[torch.Tensor], masks: list[torch.Tensor], sparsity: float) -> list[torch.Tensor]:
-    """New masks zeroing the ``sparsity`` fraction of all the weights with the smallest magnitude.
+#: Lightning's ``ModelPruning`` names of torch.nn.utils.prune's methods
+_METHODS: Mapping[str, type[prune.BasePruningMethod]] = types.MappingProxyType({
+    "l1_unstructured": prune.L1Unstructured,
+    "random_unstructured": prune.RandomUnstructured,
+    "ln_structured": prune.LnStructured,
+    "random_structured": prune.RandomStructured,
+})
 
-    One threshold over every pruned tensor (``torch.nn.utils.prune.global_unstructured``'s
-    rule), computed by ``prune.L1Unstructured``; weights already masked stay masked.
+
+@attrs.frozen
+class PruningMethod:
+    """Which of torch.nn.utils.prune's methods computes the masks, and how it counts what it prunes.
+
+    An unstructured method prunes entries, a structured one whole channels along ``dim``
+    (the entries sharing an index there); ``norm`` is ``LnStructured``'s ``n``.
+
+    >>> m = PruningMethod("ln_structured", dim=0, norm=2)
+    >>> m.units(torch.ones(3, 4)), m.structured, m.random
+    (3, True, False)
     """
-    flat = torch.cat([(w * m).reshape(-1) for w, m in zip(weights, masks)])
-    flat_mask = torch.cat([m.reshape(-1) for m in masks])
-    new = prune.L1Unstructured(amount=sparsity).compute_mask(flat, default_mask=flat_mask)
+
+    name: str = "l1_unstructured"
+    dim: int | None = None
+    norm: float | str | None = None
+
+    @property
+    def structured(self) -> bool:
+        return self.name.endswith("_structured")
+
+    @property
+    def random(self) -> bool:
+        return self.name.startswith("random")
+
+    def units(self, weight: torch.Tensor) -> int:
+        """How many units ``weight`` has: entries, or channels along ``dim``."""
+        return weight.shape[self.dim] if self.structured else weight.numel()  # type: ignore[index]
+
+    def pruned(self, mask: torch.Tensor) -> int:
+        """How many units ``mask`` prunes: zero entries, or channels all of whose entries are zero (torch's rule)."""
+        if not self.structured:
+            return int((mask == 0).sum())
+        dim = self.dim % mask.dim()  # type: ignore[operator]
+        return int((mask.sum(dim=[d for d in range(mask.dim()) if d != dim]) == 0).sum())
+
+    def mask(self, scores: torch.Tensor, mask: torch.Tensor, want: int) -> torch.Tensor:
+        """A new mask pruning ``want`` units in all: ``mask``'s and more, chosen among the units it keeps.
+
+        ``torch.nn.utils.prune``'s own computation of a repeated pruning (``PruningContainer``):
+        the method, given the count still to prune, ranks (or draws) only the unpruned entries or
+        channels of ``scores``, and ``mask`` is kept. ``mask`` itself is left as it is.
+        """
+        count = max(want - self.pruned(mask), 0)
+        kwargs: dict[str, Any] = {"amount": count}
+        if self.structured:
+            kwargs["dim"] = self.dim
+        if self.name == "ln_structured":
+            kwargs["n"] = self.norm
+        method = _METHODS[self.name](**kwargs)
+        container = prune.PruningContainer()
+        container._tensor_name = method._tensor_name = "weight"  # as global_unstructured names its flat tensor
+        container.add_pruning_method(method)
+        return container.compute_mask(scores, mask.clone(memory_format=torch.contiguous_format))
+
+
+def _global_masks(
+    method: PruningMethod, weights: list[torch.Tensor], masks: list[torch.Tensor], want: int
+) -> list[torch.Tensor]:
+    """New masks pruning ``want`` entries of all the weights together (``torch.nn.utils.prune.global_unstructured``:
+    one ranking, or one draw, over the weights flattened and joined); entries already masked stay masked."""
+    flat = torch.cat([w.reshape(-1) for w in weights])
+    new = method.mask(flat, torch.cat([m.reshape(-1) for m in masks]), want)
     return [part.view_as(w) for part, w in zip(new.split([w.numel() for w in weights]), weights)]
 
 
@@ -80,9 +144,13 @@ class PruningStep(UpdateStep):
     'with_pruning'
     """
 
-    amount: float
+    #: the sparsity the schedule reaches: a fraction of the units (float), or a count of them (int)
+    amount: float | int
     schedule: Callable[[int], float]
     parameters: tuple[str, ...] | None = None
+    method: PruningMethod = PruningMethod()
+    #: one count over all the tensors (unstructured methods only), or each tensor pruned by its own
+    use_global_unstructured: bool = True
     #: whether the step at the pipeline's base is one of one's own (not ``train_step``), which may update and then run
     #: a forward again in one call (set when built: a function of one's own may be named ``train_step`` too)
     own_updates: bool = False
@@ -99,7 +167,11 @@ class PruningStep(UpdateStep):
         :attr:`loopkit.steps.Step.rank_agreed`). A schedule function is compared by name."""
         fraction = getattr(self.schedule, "fraction", self.schedule)
         when = fraction.points if isinstance(fraction, _CubicSchedule) else named_callable(fraction)
-        return {"amount": self.amount, "schedule": when, "parameters": self.parameters}
+        return {
+            "amount": self.amount, "schedule": when, "parameters": self.parameters, "pruning_fn": self.method.name,
+            "use_global_unstructured": self.use_global_unstructured, "pruning_dim": self.method.dim,
+            "pruning_norm": self.method.norm,
+        }
 
     @property
     def changes_state(self) -> bool:  # type: ignore[override]
@@ -117,13 +189,18 @@ class PruningStep(UpdateStep):
             # the model) at the first call and before the update that prunes
             try:
                 if self.parameters is not None or state.step == 0 or target > state.extras.get(_SPARSITY, 0.0):
-                    _resolve(core_module(state.model), self._names(state))
+                    self._check_prunable(*_resolve(core_module(state.model), self._names(state)))
             except (KeyError, ValueError) as error:
                 raise leave_intact(error, state)
             return super().run_(state, batch)
         # the masks are checked against the model before the step changes anything (a state moved to another
         # model, a checkpoint of one): a mask of another shape fails here, naming it, not in the backward
         fitted, names, params = _fitted_state(state, masks)
+        if target > state.extras.get(_SPARSITY, 0.0):  # the update prunes more: the options must fit the tensors
+            try:
+                self._check_prunable(names, params)
+            except ValueError as error:
+                raise leave_intact(error, state)
         try:
             return self._run_masked(fitted, batch, names, params, fitted.extras[_MASKS])
         except BaseException as error:
@@ -183,10 +260,63 @@ class PruningStep(UpdateStep):
         with torch.no_grad():
             if grows:
                 old = [torch.ones_like(w) for w in weights] if masks is None else [masks[n] for n in names]
-                masks = dict(zip(names, _global_masks(weights, old, target)))
-                state = replace(state, extras={**state.extras, _MASKS: masks, _SPARSITY: float(target)})
+                new, rng = self._pruned(state, weights, old, target)
+                masks = dict(zip(names, new))
+                state = replace(state, extras={**state.extras, _MASKS: masks, _SPARSITY: float(target)}, rng=rng)
             torch._foreach_mul_(weights, [masks[n] for n in names])  # pruned weights stay zero, whatever the optimizer did
         return state
+
+    def _pruned(
+        self, state: TrainState, weights: list[torch.Tensor], old: list[torch.Tensor], target: float
+    ) -> tuple[list[torch.Tensor], Any]:
+        """The masks at sparsity ``target``, and the state's RNG after them (a random method draws from it)."""
+        if not self.method.random:
+            return self._masks(weights, old, target), state.rng
+        # torch's random methods draw from the default generators: the state's, installed for the draw (the
+        # global RNG itself for a state without one), as a raw loop's pruning draws from its global RNG
+        device = weights[0].device
+        scope = RNGScope(state.rng, _cuda_index(device) if device.type == "cuda" else None, state.seed)
+        try:
+            masks = self._masks(weights, old, target)
+        except BaseException:
+            scope.discard()
+            raise
+        return masks, scope.close()
+
+    def _masks(self, weights: list[torch.Tensor], old: list[torch.Tensor], target: float) -> list[torch.Tensor]:
+        """New masks pruning ``target`` of the units: of all the tensors together, or of each tensor."""
+        if self.use_global_unstructured:
+            return _global_masks(self.method, weights, old, self._count(target, sum(w.numel() for w in weights)))
+        return [self.method.mask(w, m, self._count(target, self.method.units(w))) for w, m in zip(weights, old)]
+
+    def _count(self, target: float, units: int) -> int:
+        """The units to have pruned out of ``units`` at ``target``: a fraction of them, or (an int amount) a count."""
+        return round(target) if isinstance(self.amount, int) else round(target * units)
+
+    def _check_prunable(self, names: list[str], params: list[torch.Tensor]) -> None:
+        """Refuse, naming the parameter, a tensor the method cannot prune: a count larger than its units, a
+        structured method's ``dim`` it lacks (or a tensor of one dimension, which has no channels)."""
+        method = self.method
+        for name, param in zip(names, params):
+            shape = tuple(param.shape)
+            if method.structured and (param.dim() < 2 or not -param.dim() <= method.dim < param.dim()):  # type: ignore[operator]
+                raise ValueError(
+                    f"with_pruning: {method.name} prunes channels along pruning_dim={method.dim}, which parameter "
+                    f"'{name}' of shape {shape} lacks (a structured method needs a tensor of 2 or more dimensions)"
+                )
+        if not isinstance(self.amount, int):
+            return
+        if self.use_global_unstructured:
+            total = sum(p.numel() for p in params)
+            if self.amount > total:
+                raise ValueError(f"with_pruning: amount={self.amount} weights, but the tensors it prunes "
+                                 f"({', '.join(names)}) hold {total}")
+            return
+        unit = f"channels along dim {method.dim}" if method.structured else "weights"
+        for name, param in zip(names, params):
+            if self.amount > method.units(param):
+                raise ValueError(f"with_pruning: amount={self.amount} {unit} of each tensor, but parameter '{name}' "
+                                 f"of shape {tuple(param.shape)} has {method.units(param)}")
 
     def _names(self, state: TrainState) -> list[str]:
         core = core_module(state.model)
@@ -338,23 +468,47 @@ class _MaskGrad:
 
 def with_pruning(
     step: Any,
-    amount: float,
+    amount: float | int,
     schedule: Sequence[int] | Callable[[int], float],
     *,
     parameters: Sequence[str] | None = None,
+    pruning_fn: str = "l1_unstructured",
+    use_global_unstructured: bool = True,
+    pruning_dim: int | None = None,
+    pruning_norm: float | str | None = None,
 ) -> PruningStep:
-    """Prune the smallest weights by magnitude, step by step, up to a fraction ``amount`` of them.
+    """Prune weights step by step (by default the smallest by magnitude), up to ``amount`` of them.
 
     ``schedule`` says when: a sequence of update counts (``state.step`` values) after which the
     sparsity grows, reaching ``amount`` at the last one along Zhu & Gupta's cubic ramp
     (:func:`cubic_sparsity`); or a function ``schedule(state.step) -> fraction of amount``
     (0 to 1, never decreasing), e.g. ``lambda s: 1.0 if s >= 100 else 0.0`` to prune once.
+    ``amount`` is a fraction in (0, 1) of the units pruned, or an int, a count of them: at
+    a point where the schedule's value is ``f``, ``round(amount * f * units)`` units, or
+    ``round(amount * f)``, are pruned in all (so far and now).
     ``parameters`` names the tensors to prune (default: the weights of every ``Linear`` and
-    ``Conv`` layer); one threshold over all of them decides (global unstructured L1, as
-    ``torch.nn.utils.prune.global_unstructured``); a weight that several modules share (a head
+    ``Conv`` layer). ``pruning_fn`` is the method, named as Lightning's ``ModelPruning`` names
+    torch.nn.utils.prune's: ``"l1_unstructured"`` (the smallest magnitudes), ``"random_unstructured"``
+    (entries drawn at random), ``"ln_structured"`` (the whole channels along ``pruning_dim``,
+    the indices of that dimension, with the smallest L``pruning_norm`` norm, e.g. ``pruning_dim=0,
+    pruning_norm=2``: a Linear's output rows) or ``"random_structured"`` (channels along
+    ``pruning_dim`` drawn at random); its units are entries, or channels. With
+    ``use_global_unstructured=True`` (the default; unstructured methods only) one count over
+    all the tensors decides, their entries ranked (or drawn) together as
+    ``torch.nn.utils.prune.global_unstructured`` does; with ``False`` each tensor is pruned by
+    its own count, as ``torch.nn.utils.prune.l1_unstructured`` (and the others) prune one
+    tensor (an int amount is then a count of each tensor's units). At each point only the units
+    not pruned yet are ranked or drawn, by the count still to prune, as torch's repeated pruning
+    (``PruningContainer``) does. The random methods draw from the state's RNG (``state.rng``,
+    or torch's global RNG for a state made with ``global_rng=True``), which moves on with the
+    draw, as a raw loop's pruning draws from its global RNG (under ``with_ddp``, seed the ranks
+    alike, the default, or their masks differ). A count above a tensor's units, or a
+    ``pruning_dim`` a tensor lacks, is refused before the update that would prune, naming the
+    parameter. A weight that several modules share (a head
     tied to an embedding) is one tensor, pruned once under the first of its names, and every
     module that uses it sees it pruned. The masks live in ``state.extras``
-    (``pruning/masks``, with ``pruning/sparsity``), so checkpoints carry them and the model's
+    (``pruning/masks``, with ``pruning/sparsity``: the schedule's target reached, ``amount``
+    times its fraction, a count for an int amount), so checkpoints carry them and the model's
     own state dict keeps its keys; after every update the pruned weights are set back to
     zero, so the model itself holds the pruned weights (export it as it is). A pruned
     weight's gradient is its gradient times the mask, zero (the gradient of
@@ -391,11 +545,15 @@ def with_pruning(
     ...     state, _ = step(state, torch.ones(4, 10))
     >>> int((state.model.weight == 0).sum()), state.extras["pruning/sparsity"]
     (60, 0.6)
+    >>> rows = with_pruning(train_step(lambda m, b: m(b).pow(2).mean()), amount=3, schedule=[1],
+    ...                     pruning_fn="ln_structured", pruning_dim=0, pruning_norm=2, use_global_unstructured=False)
+    >>> state = TrainState.create(model := torch.nn.Linear(10, 10), torch.optim.SGD(model.parameters(), lr=0.1))
+    >>> state, _ = rows(state, torch.ones(4, 10))
+    >>> int((state.model.weight.abs().sum(dim=1) == 0).sum())  # 3 of the 10 output rows, whole
+    3
     """
-    amount_ = as_real(amount)
-    if amount_ is None or not 0.0 < amount_ < 1.0:
-        raise ValueError(f"with_pruning: amount must be a fraction in (0, 1), e.g. 0.5, got {amount!r}")
-    amount = amount_
+    amount = _checked_amount(amount)
+    method = _checked_method(pruning_fn, use_global_unstructured, pruning_dim, pruning_norm)
     if callable(schedule):
         fraction = schedule
     elif isinstance(schedule, (Sequence, np.ndarray)) and not isinstance(schedule, str) and len(schedule):
@@ -416,14 +574,55 @@ def with_pruning(
         "with_ema": "the averages would take in weights about to be pruned; " + later.format("with_ema"),
         "with_checkpointing": "its checkpoints would hold weights about to be pruned; " + later.format("with_checkpointing"),
     })
-    amount = float(amount)
     return PruningStep(
         inner=inner,
         amount=amount,
         schedule=_Scaled(fraction, amount),
         parameters=None if parameters is None else tuple(parameters),
+        method=method,
+        use_global_unstructured=use_global_unstructured,
         own_updates=not isinstance(_base(inner), TrainStep),
     )
+
+
+def _checked_amount(amount: Any) -> float | int:
+    """``amount`` as a Python float fraction in (0, 1) or int count >= 1, else a ValueError naming it."""
+    count = as_int(amount)
+    if count is not None and count >= 1:
+        return count
+    fraction = as_real(amount)
+    if count is None and fraction is not None and 0.0 < fraction < 1.0:
+        return float(fraction)
+    raise ValueError(f"with_pruning: amount must be a fraction in (0, 1), e.g. 0.5, or a count >= 1 of the units "
+                     f"to prune (an int), got {amount!r}")
+
+
+def _checked_method(pruning_fn: Any, use_global: Any, dim: Any, norm: Any) -> PruningMethod:
+    """The method ``pruning_fn`` names, with its options checked (Lightning's ``ModelPruning`` rules, and an option
+    the method has no use for refused, where Lightning ignores it)."""
+    if not isinstance(pruning_fn, str) or pruning_fn.lower() not in _METHODS:
+        raise ValueError(f"with_pruning: pruning_fn must be one of {', '.join(map(repr, _METHODS))}, got {pruning_fn!r}")
+    name = pruning_fn.lower()
+    if not isinstance(use_global, bool):
+        raise TypeError(f"with_pruning: use_global_unstructured must be True or False, got {use_global!r}")
+    structured = name.endswith("_structured")
+    if structured and use_global:
+        raise ValueError(f"with_pruning: {name} prunes each tensor's channels by its own count: pass "
+                         "use_global_unstructured=False (global pruning is unstructured only, as in Lightning)")
+    if structured != (dim is not None):
+        raise ValueError(f"with_pruning: {name} needs pruning_dim, the dimension whose indices are the channels to "
+                         f"prune (e.g. 0: a Linear's output rows)" if structured else
+                         f"with_pruning: pruning_dim is for the structured methods, not {name}, got {dim!r}")
+    if structured and as_int(dim) is None:
+        raise TypeError(f"with_pruning: pruning_dim must be an int, got {dim!r}")
+    if (name == "ln_structured") != (norm is not None):
+        raise ValueError("with_pruning: ln_structured needs pruning_norm, the norm ranking the channels (e.g. 1, 2)"
+                         if name == "ln_structured" else f"with_pruning: pruning_norm is for ln_structured, not {name}, "
+                         f"got {norm!r}")
+    if norm is not None and norm != "fro" and (as_real(norm) is None or norm != norm):
+        raise ValueError(f"with_pruning: pruning_norm must be a number (p of torch.norm: 1, 2, inf, ...) or 'fro', "
+                         f"got {norm!r}")
+    return PruningMethod(name, None if dim is None else as_int(dim), norm if norm in (None, "fro") else as_real(norm))
 
 
 def _base(step: Any) -> Any:

@@ -647,7 +647,210 @@ def test_what_and_when_it_prunes_is_agreed_over_the_ranks():
     def agreed(**kw):
         return dict(loopkit.with_pruning(base, **{"amount": 0.5, "schedule": [2, 4], **kw}).rank_agreed)
 
-    assert agreed() == {"with_pruning amount": 0.5, "with_pruning schedule": (2, 4), "with_pruning parameters": None}
+    assert agreed() == {"with_pruning amount": 0.5, "with_pruning schedule": (2, 4), "with_pruning parameters": None,
+                        "with_pruning pruning_fn": "l1_unstructured", "with_pruning use_global_unstructured": True,
+                        "with_pruning pruning_dim": None, "with_pruning pruning_norm": None}
     assert agreed(schedule=_prune_once)["with_pruning schedule"] == f"{__name__}._prune_once"
-    kinds = [agreed(), agreed(amount=0.6), agreed(schedule=[2, 5]), agreed(parameters=["weight"])]
+    local = {"use_global_unstructured": False}
+    kinds = [agreed(), agreed(amount=0.6), agreed(schedule=[2, 5]), agreed(parameters=["weight"]), agreed(amount=5),
+             agreed(pruning_fn="random_unstructured"), agreed(**local),
+             agreed(pruning_fn="ln_structured", pruning_dim=0, pruning_norm=2, **local),
+             agreed(pruning_fn="ln_structured", pruning_dim=1, pruning_norm=2, **local),
+             agreed(pruning_fn="ln_structured", pruning_dim=0, pruning_norm=1, **local),
+             agreed(pruning_fn="random_structured", pruning_dim=0, **local)]
     assert all(a != b for i, a in enumerate(kinds) for b in kinds[i + 1:])
+
+
+# --- Lightning's ModelPruning options: pruning_fn, use_global_unstructured, pruning_dim/norm, an int amount ------
+
+_RAW_FUNCTIONS = {"l1_unstructured": prune.l1_unstructured, "random_unstructured": prune.random_unstructured,
+                  "ln_structured": prune.ln_structured, "random_structured": prune.random_structured}
+_RANKED = ("l1_unstructured", "ln_structured")  # (the random ones draw, whatever the weights)
+_RAW_METHODS = {"l1_unstructured": prune.L1Unstructured, "random_unstructured": prune.RandomUnstructured}
+#: (pruning_fn, use_global_unstructured, amount, pruning_dim, pruning_norm): each Lightning option, and an int amount
+_OPTIONS = {
+    "l1 global int": ("l1_unstructured", True, 40, None, None),
+    "random global": ("random_unstructured", True, AMOUNT, None, None),
+    "l1 per tensor": ("l1_unstructured", False, AMOUNT, None, None),
+    "l1 per tensor int": ("l1_unstructured", False, 20, None, None),
+    "random per tensor": ("random_unstructured", False, AMOUNT, None, None),
+    "ln rows": ("ln_structured", False, AMOUNT, 0, 2),
+    "ln columns int": ("ln_structured", False, 3, 1, 1),
+    "ln inf norm": ("ln_structured", False, 0.5, -1, float("inf")),
+    "random rows": ("random_structured", False, AMOUNT, 0, None),
+    "random columns int": ("random_structured", False, 3, -1, None),
+}
+
+
+def _dropout_mlp(seed: int = 0) -> nn.Sequential:
+    """``_wide_mlp`` with a Dropout between its layers (its masks draw from the RNG, before a random pruning's draw);
+    its weights are '0.weight' (16 x 4) and '3.weight' (2 x 16)."""
+    model = _wide_mlp(seed)
+    return nn.Sequential(model[0], model[1], nn.Dropout(0.25), model[2])
+
+
+def _options_step(loss_fn, name):
+    fn, use_global, amount, dim, norm = _OPTIONS[name]
+    return loopkit.with_pruning(loopkit.train_step(loss_fn), amount, POINTS, pruning_fn=fn,
+                                use_global_unstructured=use_global, pruning_dim=dim, pruning_norm=norm)
+
+
+def _raw_options_loop(model, opt, data, loss_fn, name, seed):
+    """The reference: a raw loop seeding torch's global RNG with ``seed`` (dropout and random pruning draw from it),
+    pruning with torch.nn.utils.prune after the updates in POINTS to the cubic ramp's count: globally by
+    ``global_unstructured``, or each tensor by its own function (``l1_unstructured``, ``ln_structured``, ...), each
+    time by the count still to prune, which torch ranks (or draws) among the units not pruned yet. A float amount
+    counts a fraction of the units (entries, or channels along the dim), an int one the units themselves."""
+    fn, use_global, amount, dim, norm = _OPTIONS[name]
+    modules = [model[0], model[3]]
+    units = [m.weight.numel() if dim is None else m.weight.shape[dim] for m in modules]
+    extra = {"n": norm, "dim": dim} if fn == "ln_structured" else {"dim": dim} if dim is not None else {}
+
+    def count(k, n):
+        target = cubic_sparsity(amount, POINTS, k)
+        return round(target) if isinstance(amount, int) else round(target * n)
+
+    torch.manual_seed(seed)
+    pruned = [0] * len(modules)
+    for k, batch in enumerate(data, start=1):
+        opt.zero_grad()
+        loss_fn(model, batch).backward()
+        opt.step()
+        if k not in POINTS:
+            continue
+        if use_global:
+            want = count(k, sum(units))
+            current = {(m, "weight"): m.weight_orig * m.weight_mask for m in modules if prune.is_pruned(m)}
+            prune.global_unstructured([(m, "weight") for m in modules], pruning_method=_RAW_METHODS[fn],
+                                      amount=want - pruned[0], importance_scores=current or None)
+            pruned = [want]
+            continue
+        for i, m in enumerate(modules):
+            want = count(k, units[i])
+            # rank by the weights as they are now, as above (torch ranks a pruned tensor by its last forward's)
+            scores = {"importance_scores": m.weight_orig * m.weight_mask} if prune.is_pruned(m) and fn in _RANKED else {}
+            _RAW_FUNCTIONS[fn](m, "weight", amount=want - pruned[i], **extra, **scores)
+            pruned[i] = want
+    return ({"0.weight": modules[0].weight_mask, "3.weight": modules[1].weight_mask},
+            {"0.weight": (modules[0].weight_orig * modules[0].weight_mask).detach(),
+             "3.weight": (modules[1].weight_orig * modules[1].weight_mask).detach()})
+
+
+@pytest.mark.parametrize("name", list(_OPTIONS))
+def test_each_lightning_pruning_option_is_bitwise_a_raw_torch_prune_loop(name, make_batches, mse_loss, make_adam_state,
+                                                                         assert_trees_equal):
+    """Lightning's ModelPruning takes pruning_fn "random_unstructured", "ln_structured" (pruning_dim, pruning_norm),
+    "random_structured", use_global_unstructured=False and an int amount: with_pruning took none of them (an int
+    amount was refused, 'a fraction in (0, 1)'). Each now makes torch.nn.utils.prune's own masks, bit for bit: the
+    random ones drawn from the state's RNG where the raw loop's global RNG stands (after the step's dropout)."""
+    data = make_batches(8, d_in=4, d_out=2)
+    ref_model = _dropout_mlp(0)
+    masks, weights = _raw_options_loop(ref_model, torch.optim.Adam(ref_model.parameters(), lr=0.01), data, mse_loss,
+                                       name, seed=5)
+    state = make_adam_state(_dropout_mlp(0), seed=5)
+    state, _ = loopkit.run_epochs(_options_step(mse_loss, name), state, data, epochs=1, progress=False)
+    assert_trees_equal(dict(state.extras["pruning/masks"]), masks)
+    assert_trees_equal({n: state.model.get_parameter(n).detach() for n in weights}, weights)
+    assert_trees_equal(state.model[0].bias.detach(), ref_model[0].bias.detach())
+    if _OPTIONS[name][3] is not None:  # whole channels: every entry of a pruned one is zero
+        dim = _OPTIONS[name][3] % 2
+        assert all(bool(((m.sum(dim=1 - dim) == 0) | (m.sum(dim=1 - dim) == m.shape[1 - dim])).all()) for m in masks.values())
+
+
+@pytest.mark.parametrize("name", ["random global", "random per tensor", "random rows"])
+def test_a_state_drawing_from_the_global_rng_prunes_at_random_from_it(name, make_batches, mse_loss, assert_trees_equal):
+    data = make_batches(8, d_in=4, d_out=2)
+    ref_model = _dropout_mlp(0)
+    masks, weights = _raw_options_loop(ref_model, torch.optim.Adam(ref_model.parameters(), lr=0.01), data, mse_loss,
+                                       name, seed=9)
+    model = _dropout_mlp(0)
+    state = loopkit.TrainState.create(model, torch.optim.Adam(model.parameters(), lr=0.01), global_rng=True)
+    torch.manual_seed(9)
+    state, _ = loopkit.run_epochs(_options_step(mse_loss, name), state, data, epochs=1, progress=False)
+    assert_trees_equal(dict(state.extras["pruning/masks"]), masks)
+    assert_trees_equal({n: state.model.get_parameter(n).detach() for n in weights}, weights)
+
+
+@pytest.mark.parametrize("name", ["random global", "l1 per tensor int", "ln columns int", "random rows"])
+def test_each_option_is_pure_and_resumes_bitwise(name, tmp_path, make_batches, mse_loss, make_adam_state, take_snapshot,
+                                                 assert_trees_equal):
+    """A checkpoint after the first pruning point resumes to the uninterrupted run's state (masks, weights, RNG)."""
+    data = make_batches(8, d_in=4, d_out=2)
+    step = loopkit.with_checkpointing(_options_step(mse_loss, name), tmp_path, every_n_steps=3)
+    uninterrupted = make_adam_state(_dropout_mlp(0), seed=3)
+    for batch in data:
+        before = take_snapshot(uninterrupted)
+        new, _ = step(uninterrupted, batch)
+        assert_trees_equal(take_snapshot(uninterrupted), before)  # pure: the random draw too moves the new state's RNG
+        uninterrupted = new
+    resumed = loopkit.restore(make_adam_state(_dropout_mlp(1), seed=3), checkpoint.list_checkpoints(tmp_path)[0].path)
+    assert resumed.step == 3 and sorted(resumed.extras["pruning/masks"]) == ["0.weight", "3.weight"]
+    for batch in data[3:]:
+        resumed, _ = step(resumed, batch)
+    assert_trees_equal(take_snapshot(resumed), take_snapshot(uninterrupted))
+
+
+@pytest.mark.parametrize(
+    "options, error, match",
+    [
+        ({"amount": 0}, ValueError, r"amount must be a fraction in \(0, 1\), e\.g\. 0\.5, or a count >= 1"),
+        ({"amount": 3.0}, ValueError, "amount must be a fraction"),
+        ({"amount": True}, ValueError, "amount must be a fraction"),
+        ({"pruning_fn": "l2_unstructured"}, ValueError, "pruning_fn must be one of 'l1_unstructured', 'random_unstructured'"),
+        ({"pruning_fn": prune.L1Unstructured}, ValueError, "pruning_fn must be one of"),
+        ({"use_global_unstructured": "no"}, TypeError, "use_global_unstructured must be True or False"),
+        ({"pruning_fn": "ln_structured", "pruning_dim": 0, "pruning_norm": 2}, ValueError,
+         "ln_structured prunes each tensor's channels by its own count: pass use_global_unstructured=False"),
+        ({"pruning_fn": "random_structured", "use_global_unstructured": False}, ValueError,
+         "random_structured needs pruning_dim"),
+        ({"pruning_fn": "ln_structured", "pruning_dim": 0, "use_global_unstructured": False}, ValueError,
+         "ln_structured needs pruning_norm"),
+        ({"pruning_fn": "ln_structured", "pruning_dim": 0.5, "pruning_norm": 2, "use_global_unstructured": False},
+         TypeError, "pruning_dim must be an int"),
+        ({"pruning_fn": "ln_structured", "pruning_dim": 0, "pruning_norm": "nuc", "use_global_unstructured": False},
+         ValueError, "pruning_norm must be a number"),
+        ({"pruning_dim": 0}, ValueError, "pruning_dim is for the structured methods, not l1_unstructured"),
+        ({"pruning_fn": "random_structured", "pruning_dim": 0, "pruning_norm": 2, "use_global_unstructured": False},
+         ValueError, "pruning_norm is for ln_structured, not random_structured"),
+    ],
+)
+def test_bad_lightning_options_are_refused_by_name(mse_loss, options, error, match):
+    with pytest.raises(error, match=f"with_pruning: {match}"):
+        loopkit.with_pruning(loopkit.train_step(mse_loss), **{"amount": 0.5, "schedule": [1], **options})
+
+
+@pytest.mark.parametrize("case", ["global count", "per-tensor count", "channel count", "a dim the weight lacks",
+                                  "a tensor without channels"])
+def test_options_that_do_not_fit_a_tensor_are_refused_before_the_update(case, make_batches, mse_loss, make_sgd_state,
+                                                                         take_snapshot, assert_trees_equal):
+    """Torch's methods failed only in the pruning, after the update ('amount=... should be smaller than the number
+    of parameters to prune', an IndexError): each is now named before the step changes anything."""
+    local = {"use_global_unstructured": False}
+    rows = {"pruning_fn": "ln_structured", "pruning_norm": 2, **local}
+    amount, options, match = {
+        "global count": (97, {}, r"amount=97 weights, but the tensors it prunes \(0\.weight, 2\.weight\) hold 96"),
+        "per-tensor count": (40, local, r"amount=40 weights of each tensor, but parameter '2\.weight' of shape "
+                                        r"\(2, 16\) has 32"),
+        "channel count": (3, {**rows, "pruning_dim": 0}, r"amount=3 channels along dim 0 of each tensor, but parameter "
+                                                         r"'2\.weight' of shape \(2, 16\) has 2"),
+        "a dim the weight lacks": (0.5, {**rows, "pruning_dim": 2}, r"ln_structured prunes channels along pruning_dim=2, "
+                                                                    r"which parameter '0\.weight' of shape \(16, 4\) lacks"),
+        "a tensor without channels": (0.5, {**rows, "pruning_dim": 0, "parameters": ["0.bias"]},
+                                      r"parameter '0\.bias' of shape \(16,\) lacks"),
+    }[case]
+    step = loopkit.with_pruning(loopkit.train_step(mse_loss), amount, [2], **options)
+    data = make_batches(3, d_in=4, d_out=2)
+    assert_refused_before_the_update(step, make_sgd_state(_wide_mlp(0)), data, match, "", take_snapshot,
+                                     assert_trees_equal)
+
+
+def test_options_that_do_not_fit_a_pruned_state_are_refused_before_the_next_pruning_update(make_batches, mse_loss,
+                                                                                            take_snapshot,
+                                                                                            assert_trees_equal):
+    """A pruned state (its masks in the state) given a step whose options do not fit its tensors: refused before the
+    update that would prune, not after it."""
+    state, data = _pruned_state(make_batches, loopkit.with_pruning(loopkit.train_step(mse_loss), AMOUNT, [1]))
+    step = loopkit.with_pruning(loopkit.train_step(mse_loss), 0.9, [state.step + 1], pruning_fn="ln_structured",
+                                pruning_dim=3, pruning_norm=2, use_global_unstructured=False)
+    assert_refused_before_the_update(step, state, data, r"pruning_dim=3, which parameter '0\.weight' of shape \(16, 4\) "
+                                     "lacks", "", take_snapshot, assert_trees_equal)
