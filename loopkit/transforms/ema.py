@@ -19,6 +19,8 @@ from loopkit._numbers import as_real
 from loopkit.state import TrainState, core_module, fork, leave_intact, plain_names, replace, replace_extras
 from loopkit.steps import Metrics, UpdateStep
 from loopkit.transforms._compose import fitted_to, intact_as, refuse_wrapping, require_step
+from loopkit.transforms.pruning import _MASKS as _PRUNING_MASKS
+from loopkit.transforms.pruning import _fitted_state as _fitted_masks
 
 __all__ = ["EMAStep", "ema_state", "with_ema"]
 
@@ -225,7 +227,8 @@ def with_ema(step: Any, decay: float) -> EMAStep:
     ``get_ema_multi_avg_fn(decay)``, the same arithmetic; buffers (BatchNorm statistics) are
     not averaged, as there. The averages are part of the state: a step stays pure (new
     tensors each update), and checkpoints carry them. :func:`ema_state` gives a state whose
-    model holds the averages, to evaluate, predict or export.
+    model holds the averages, to evaluate, predict or export (pruned weights, under
+    ``with_pruning``, stay pruned there).
 
     The averages are checked against the model before the step changes anything: averages of
     another model (a state given a new model with ``evolve``) are refused with a ValueError
@@ -271,8 +274,12 @@ def ema_state(state: TrainState) -> TrainState:
 
     Buffers are the model's own (not averaged: recompute BatchNorm statistics for the averaged
     weights with ``torch.optim.swa_utils.update_bn``); before the first update the averages are
-    the parameters. ``state`` is unchanged. Averages that do not fit the model (another's), or none
-    in a state past its first update (one not trained with ``with_ema``), raise a ValueError. Use it to evaluate, predict or export the averaged weights:
+    the parameters. Pruned weights stay pruned: where the state holds ``with_pruning``'s masks,
+    the averages are put under them (an average of weights pruned only lately is not zero), as
+    :func:`loopkit.swa_state` does and as Lightning's averaged ``weight_orig`` is seen through
+    ``weight_mask``. ``state`` is unchanged. Averages (or masks) that do not fit the model
+    (another's), or none in a state past its first update (one not trained with ``with_ema``),
+    raise a ValueError. Use it to evaluate, predict or export the averaged weights:
     ``loopkit.evaluate(eval_step(metric_fn), ema_state(state), data)``.
 
     >>> import torch
@@ -296,4 +303,19 @@ def ema_state(state: TrainState) -> TrainState:
         names, params = _parameters(copy)
         with torch.no_grad():
             torch._foreach_copy_(params, [averages[name] for name in names])
+            _keep_pruned(copy)
     return copy
+
+
+def _keep_pruned(state: TrainState) -> None:
+    """Multiply the weights ``with_pruning``'s masks in ``state.extras`` name by them, in place (none: nothing).
+
+    The masks are checked against the model as ``with_pruning`` checks them (a ValueError naming
+    the parameter), cast to their parameter's dtype and device where only those differ.
+    """
+    masks = state.extras.get(_PRUNING_MASKS)
+    if not masks:
+        return
+    fitted, names, params = _fitted_masks(state, masks)
+    masks = fitted.extras[_PRUNING_MASKS]
+    torch._foreach_mul_(params, [masks[name] for name in names])

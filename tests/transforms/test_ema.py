@@ -437,3 +437,71 @@ def test_decay_is_agreed_over_the_ranks():
     checkpointed, each rank's evaluated), and run_epochs compared no option of with_ema. decay now is one."""
     base = loopkit.train_step(lambda m, b: m(b).sum())
     assert loopkit.with_ema(base, decay=0.9).rank_agreed == (("with_ema decay", 0.9),)
+
+
+# --- a pruned run: ema_state puts the averages under the masks ----------------------------------------------------
+
+
+def _raw_pruned_ema_loop(model, opt, data, loss_fn, masks, prune_at):
+    """The reference: a raw loop pruned after update ``prune_at`` (the weights times ``masks`` after each update from
+    then on, the gradients times them before each later update, as ``weight_orig * weight_mask`` trains), and an
+    AveragedModel(EMA) updated after each update."""
+    averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(DECAY))
+    for k, batch in enumerate(data, start=1):
+        loss_fn(model, batch).backward()
+        if k > prune_at:
+            for name, mask in masks.items():
+                model.get_parameter(name).grad.mul_(mask)
+        opt.step()
+        opt.zero_grad()
+        if k >= prune_at:
+            with torch.no_grad():
+                for name, mask in masks.items():
+                    model.get_parameter(name).mul_(mask)
+        averaged.update_parameters(model)
+    return averaged
+
+
+def test_ema_state_of_a_pruned_run_keeps_the_pruned_weights_pruned(make_mlp, make_batches, mse_loss, make_sgd_state,
+                                                                   assert_trees_equal):
+    """with_ema(with_pruning(...)) (the documented order): the trained model is zero wherever it is pruned, but
+    ema_state gave the averages as they are, dense (an average of weights pruned lately decays toward zero, never
+    reaching it): pruned weights came back in the exported model. Now they are put under the masks, as swa_state
+    does (and as Lightning's averaged weight_orig is seen through weight_mask); the averages kept are left alone.
+    Reference: a raw pruned loop with AveragedModel, its averages times the masks."""
+    data, prune_at = make_batches(6), 3
+    step = loopkit.with_ema(loopkit.with_pruning(loopkit.train_step(mse_loss), amount=0.5, schedule=[prune_at]), DECAY)
+    state, _ = loopkit.run_epochs(step, make_sgd_state(make_mlp(0)), data, epochs=1, progress=False)
+    masks = state.extras["pruning/masks"]
+    assert sorted(masks) == ["0.weight", "2.weight"] and all(bool((m == 0).any()) for m in masks.values())
+
+    ref = make_sgd_state(make_mlp(0))
+    averaged = _raw_pruned_ema_loop(ref.model, ref.optimizer, data, mse_loss, masks, prune_at)
+    assert_trees_equal(dict(state.model.named_parameters()), dict(ref.model.named_parameters()))
+    assert_trees_equal(dict(state.extras["ema/params"]), _averaged_params(averaged))  # kept as they are
+    expected = {name: p * masks[name] if name in masks else p for name, p in _averaged_params(averaged).items()}
+    assert_trees_equal(_ema_params(state), expected)
+    for name, mask in masks.items():  # (the averages themselves are not zero there: the masks make them so)
+        assert bool((state.extras["ema/params"][name][mask == 0] != 0).all())
+        assert bool((_ema_params(state)[name][mask == 0] == 0).all())
+
+
+def test_ema_state_before_the_pruning_point_is_the_plain_average(make_mlp, make_batches, mse_loss, make_sgd_state,
+                                                                 assert_trees_equal):
+    data = make_batches(4)
+    step = loopkit.with_ema(loopkit.with_pruning(loopkit.train_step(mse_loss), amount=0.5, schedule=[10]), DECAY)
+    state, _ = loopkit.run_epochs(step, make_sgd_state(make_mlp(0)), data, epochs=1, progress=False)
+    assert "pruning/masks" not in state.extras
+    ref = make_sgd_state(make_mlp(0))
+    assert_trees_equal(_ema_params(state), _averaged_params(_raw_ema_loop(ref.model, ref.optimizer, data, mse_loss)))
+
+
+def test_ema_state_refuses_masks_of_another_model(make_mlp, make_batches, mse_loss, make_sgd_state):
+    step = loopkit.with_ema(loopkit.with_pruning(loopkit.train_step(mse_loss), amount=0.5, schedule=[1]), DECAY)
+    state, _ = loopkit.run_epochs(step, make_sgd_state(make_mlp(0)), make_batches(2), epochs=1, progress=False)
+    masks = dict(state.extras["pruning/masks"])
+    masks["2.weight"] = masks["2.weight"][:1]
+    bad = state.evolve(extras={**state.extras, "pruning/masks": masks})
+    with pytest.raises(ValueError, match=r"the mask of parameter '2\.weight' has shape \(1, 8\), but the parameter "
+                                         r"has shape \(2, 8\)"):
+        loopkit.ema_state(bad)
