@@ -9,20 +9,29 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 import attrs
 import torch
 from torch import nn
 
-from loopkit._numbers import as_real
+from loopkit._numbers import as_int, as_real
 from loopkit.state import TrainState, core_module, fork, leave_intact, plain_names, replace, replace_extras
 from loopkit.steps import Metrics, UpdateStep
 from loopkit.transforms._compose import fitted_to, intact_as, refuse_wrapping, require_step
+from loopkit.transforms.pruning import _MASKS as _PRUNING_MASKS
+from loopkit.transforms.pruning import _fitted_state as _fitted_masks
 
 __all__ = ["EMAStep", "ema_state", "with_ema"]
 
 _EMA = "ema/params"
+#: the last epoch (0-based) at whose end the averages moved (``update_starting_at_epoch``), as Lightning's
+#: ``_latest_update_epoch``: an epoch's end updates them once, however often it is flushed (a resumed run's flush)
+_LATEST_EPOCH = "ema/latest_update_epoch"
+#: how an update moves the averages: ``torch.lerp`` (``get_ema_multi_avg_fn``) or ``decay * ema + (1 - decay) * param``
+#: (``get_ema_avg_fn``, Lightning's ``EMAWeightAveraging``)
+Formula = Literal["lerp", "weighted_sum"]
+_FORMULAS = ("lerp", "weighted_sum")
 #: what to do about averages that do not fit the model (the end of each such error)
 _FIX = (
     f"the averages belong to another model: to average this one anew from its parameters, drop '{_EMA}' from the "
@@ -40,9 +49,12 @@ def _parameters(state: TrainState) -> tuple[list[str], list[torch.Tensor]]:
 
 
 def _averaged(
-    previous: Mapping[str, torch.Tensor] | None, names: list[str], params: list[torch.Tensor], decay: float
+    previous: Mapping[str, torch.Tensor] | None, names: list[str], params: list[torch.Tensor], decay: float,
+    formula: Formula = "lerp",
 ) -> dict[str, torch.Tensor]:
-    """The new averages after an update: ``ema + (1 - decay) * (param - ema)``, as new tensors.
+    """The new averages after an update, as new tensors: ``torch.lerp(ema, param, 1 - decay)`` (``formula="lerp"``,
+    ``get_ema_multi_avg_fn``'s arithmetic) or ``decay * ema + (1 - decay) * param`` (``"weighted_sum"``,
+    ``get_ema_avg_fn``'s); the two differ in the last bits (about 1e-7 for float32 weights of order 1).
 
     The first update (``previous`` None) copies the parameters (as ``torch.optim.swa_utils.AveragedModel``
     does). The tensors of ``previous`` are never changed in place: an earlier state keeps its own.
@@ -50,6 +62,8 @@ def _averaged(
     if previous is None:
         return {name: p.clone() for name, p in zip(names, params)}
     ema = [previous[name] for name in names]
+    if formula == "weighted_sum":
+        return _weighted_sums(names, ema, params, decay)
     try:
         return dict(zip(names, torch._foreach_lerp(ema, params, 1.0 - decay)))
     except (NotImplementedError, RuntimeError):
@@ -60,6 +74,19 @@ def _averaged(
         name: torch.lerp(e, p, 1.0 - decay) if e.is_floating_point() or e.is_complex() else (e * decay + p * (1 - decay)).to(e.dtype)
         for name, e, p in zip(names, ema, params)
     }
+
+
+def _weighted_sums(
+    names: list[str], ema: list[torch.Tensor], params: list[torch.Tensor], decay: float
+) -> dict[str, torch.Tensor]:
+    """``decay * ema + (1 - decay) * param`` for each tensor, torch's ``get_ema_avg_fn(decay)`` (what Lightning's
+    ``EMAWeightAveraging`` gives ``AveragedModel``) written out, each cast back to its average's dtype as
+    ``AveragedModel.update_parameters`` copies it into the average (an integer parameter's truncated)."""
+    out = {}
+    for name, e, p in zip(names, ema, params):
+        new = decay * e + (1 - decay) * p
+        out[name] = new if new.dtype == e.dtype else new.to(e.dtype)
+    return out
 
 
 class _Checked:
@@ -163,6 +190,12 @@ class EMAStep(UpdateStep):
     """
 
     decay: float = 0.999
+    #: Lightning's ``EMAWeightAveraging`` options, as :func:`with_ema` takes them (``update_starting_at_step`` None
+    #: is 0: from the first update)
+    update_every_n_steps: int = 1
+    update_starting_at_step: int = 0
+    update_starting_at_epoch: int | None = None
+    formula: Formula = "lerp"
     # shared with the donated copy of the step that run_epochs makes (attrs.evolve): what it found holds for both
     _checked: _Checked = attrs.field(factory=_Checked, repr=False)
 
@@ -172,19 +205,51 @@ class EMAStep(UpdateStep):
 
     @property
     def agreed_options(self) -> dict[str, Any]:
-        """``decay``: each rank averages its replica, and another decay on one rank would give the ranks other
-        averaged models (rank 0's checkpointed, each rank's evaluated: see :attr:`loopkit.steps.Step.rank_agreed`)."""
-        return {"decay": self.decay}
+        """What decides the averages: each rank averages its replica, and another decay, formula or schedule of
+        updates on one rank would give the ranks other averaged models (rank 0's checkpointed, each rank's
+        evaluated: see :attr:`loopkit.steps.Step.rank_agreed`). Described as they act: with
+        ``update_every_n_steps=0`` no update follows a step, and ``update_starting_at_step`` is None.
+
+        >>> from loopkit.steps import as_step
+        >>> EMAStep(as_step(lambda s, b: (s, {})), decay=0.9).agreed_options  # doctest: +NORMALIZE_WHITESPACE
+        {'decay': 0.9, 'formula': 'lerp', 'update_every_n_steps': 1, 'update_starting_at_step': 0,
+         'update_starting_at_epoch': None}
+        """
+        every = self.update_every_n_steps
+        return {"decay": self.decay, "formula": self.formula, "update_every_n_steps": every,
+                "update_starting_at_step": self.update_starting_at_step if every else None,
+                "update_starting_at_epoch": self.update_starting_at_epoch}
 
     def run_(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
         return self._checked_call(super().run_, state, batch)
 
     def flush_(self, state: TrainState) -> tuple[TrainState, Metrics]:
-        return self._checked_call(super().flush_, state)
+        return self._checked_call(self._flush_and_end_epoch, state)
 
     def after_update(self, state: TrainState, metrics: Metrics) -> TrainState:
+        return self._updated(state) if self._updates_after_step(state.step - 1) else state
+
+    def _updates_after_step(self, step_index: int) -> bool:
+        """Whether the averages move after the update of 0-based index ``step_index`` (``state.step - 1``): Lightning's
+        ``EMAWeightAveraging.should_update(step_idx=...)``, every ``update_every_n_steps``-th index counted from 0
+        (not from the start), from ``update_starting_at_step`` on."""
+        every = self.update_every_n_steps
+        return every > 0 and step_index >= self.update_starting_at_step and step_index % every == 0
+
+    def _flush_and_end_epoch(self, state: TrainState) -> tuple[TrainState, Metrics]:
+        """The inner flush (a partial group's update, and its averaging), then the epoch's own update when
+        ``update_starting_at_epoch`` asks for it: Lightning's ``on_train_epoch_end``, once per epoch."""
+        new, metrics = super().flush_(state)
+        start = self.update_starting_at_epoch
+        if start is None or new.epoch < start or new.extras.get(_LATEST_EPOCH, -1) >= new.epoch:
+            return new, metrics
+        new = self._updated(new)
+        return replace_extras(new, {**new.extras, _LATEST_EPOCH: new.epoch}), metrics
+
+    def _updated(self, state: TrainState) -> TrainState:
+        """``state`` with its averages moved toward its parameters (the first update copies them)."""
         with torch.no_grad():
-            averages = _averaged(state.extras.get(_EMA), *_parameters(state), self.decay)
+            averages = _averaged(state.extras.get(_EMA), *_parameters(state), self.decay, self.formula)
         self._checked.remember(averages, state)  # made from the model's parameters: they fit it
         return replace_extras(state, {**state.extras, _EMA: averages})
 
@@ -215,17 +280,53 @@ class EMAStep(UpdateStep):
             raise
 
 
-def with_ema(step: Any, decay: float) -> EMAStep:
+def with_ema(
+    step: Any,
+    decay: float,
+    *,
+    update_every_n_steps: int = 1,
+    update_starting_at_step: int | None = None,
+    update_starting_at_epoch: int | None = None,
+    formula: Formula = "lerp",
+) -> EMAStep:
     """Keep an exponential moving average of the model's parameters in ``state.extras``.
 
     After each optimizer update (once per group under ``with_grad_accum``; not after an
     update that ``with_nan_guard`` or float16 ``with_amp`` skipped) every parameter's
     average moves: ``ema = decay * ema + (1 - decay) * param``. The first update copies the
     parameters. This is ``torch.optim.swa_utils.AveragedModel`` with
-    ``get_ema_multi_avg_fn(decay)``, the same arithmetic; buffers (BatchNorm statistics) are
-    not averaged, as there. The averages are part of the state: a step stays pure (new
-    tensors each update), and checkpoints carry them. :func:`ema_state` gives a state whose
-    model holds the averages, to evaluate, predict or export.
+    ``get_ema_multi_avg_fn(decay)``, the same arithmetic (``torch.lerp(ema, param, 1 - decay)``);
+    buffers (BatchNorm statistics) are not averaged, as there. The averages are part of the
+    state: a step stays pure (new tensors each update), and checkpoints carry them.
+    :func:`ema_state` gives a state whose model holds the averages, to evaluate, predict or
+    export (pruned weights, under ``with_pruning``, stay pruned there).
+
+    Lightning's ``EMAWeightAveraging(decay, update_every_n_steps, update_starting_at_step,
+    update_starting_at_epoch)`` computes ``decay * ema + (1 - decay) * param``
+    (``get_ema_avg_fn``), which differs from the lerp in the last bits (about 1e-7 for
+    float32 weights of order 1); ``formula="weighted_sum"`` computes that instead, so a
+    port's averages are Lightning's bitwise. Its options mean here what they mean there,
+    an update's 0-based index being ``state.step - 1`` after it:
+
+    - ``update_every_n_steps`` (default 1): the averages move after the updates whose index
+      is a multiple of it (counted from 0, not from the start step); 0: after none (then give
+      ``update_starting_at_epoch``);
+    - ``update_starting_at_step`` (default None, which is 0): not after an update of a
+      smaller index (a warm-up: the first update at or after it copies the parameters);
+    - ``update_starting_at_epoch`` (default None: never): also at the end of every epoch from
+      this one on (0-based ``state.epoch``), once per epoch, as Lightning's
+      ``on_train_epoch_end``: in addition to the step updates (Lightning's too: with the
+      default ``update_every_n_steps=1`` an epoch's last weights are averaged in twice; pass
+      ``update_every_n_steps=0`` to average once per epoch). The epoch's end is
+      ``run_epochs``' flush of it: an epoch a fit leaves unfinished (``max_steps`` or a stop
+      mid-epoch) is averaged in when a resumed run finishes it, where Lightning's callback
+      updates at the stop too. The last epoch so averaged is kept in ``state.extras``
+      (``ema/latest_update_epoch``), so a checkpoint resumes exactly.
+
+    Until the first update there are no averages (:func:`ema_state` refuses such a state
+    past step 0; Lightning's average is the initial weights then). Updates are counted as
+    ``state.step`` counts them (a skipped one not; Lightning counts an update float16 AMP
+    skipped, and averages after it).
 
     The averages are checked against the model before the step changes anything: averages of
     another model (a state given a new model with ``evolve``) are refused with a ValueError
@@ -256,14 +357,39 @@ def with_ema(step: Any, decay: float) -> EMAStep:
     decay_ = as_real(decay)
     if decay_ is None or not 0.0 <= decay_ < 1.0:
         raise ValueError(f"with_ema: decay must be a number in [0, 1), e.g. 0.999, got {decay!r}")
-    decay = decay_
+    every = _count(update_every_n_steps, "update_every_n_steps")
+    start_step = _count(update_starting_at_step, "update_starting_at_step", none=0)
+    start_epoch = _count(update_starting_at_epoch, "update_starting_at_epoch", none=None)
+    if every == 0 and start_epoch is None:
+        raise ValueError("with_ema: update_every_n_steps=0 moves the averages after no update, and "
+                         "update_starting_at_epoch is None: they would never move; give update_starting_at_epoch "
+                         "(the first epoch, 0-based, whose end updates them) or an update_every_n_steps >= 1")
+    if formula not in _FORMULAS:
+        raise ValueError(f"with_ema: formula must be 'lerp' (torch.lerp, AveragedModel's get_ema_multi_avg_fn) or "
+                         f"'weighted_sum' (decay * ema + (1 - decay) * param, get_ema_avg_fn: Lightning's "
+                         f"EMAWeightAveraging), got {formula!r}")
     inner = require_step(step, "with_ema", no_eval="an evaluation step updates no parameters to average")
     refuse_wrapping(inner, "with_ema", {
         "with_ema": "the state holds one set of averages",
         "with_checkpointing": "its checkpoints would miss the averages' last update; apply with_ema first, "
         "e.g. with_checkpointing(with_ema(step, decay), directory)",
     })
-    return EMAStep(inner, decay=float(decay))
+    return EMAStep(inner, decay=float(decay_), update_every_n_steps=every, update_starting_at_step=start_step,
+                   update_starting_at_epoch=start_epoch, formula=formula)
+
+
+_REQUIRED = object()
+
+
+def _count(value: Any, option: str, *, none: Any = _REQUIRED) -> Any:
+    """``value`` as an int >= 0, or ``none`` for None where the option may be None; else a ValueError naming it."""
+    if value is None and none is not _REQUIRED:
+        return none
+    count = as_int(value)
+    if count is None or count < 0:
+        maybe = " or None" if none is not _REQUIRED else ""
+        raise ValueError(f"with_ema: {option} must be an int >= 0{maybe}, got {value!r}")
+    return count
 
 
 def ema_state(state: TrainState) -> TrainState:
@@ -271,8 +397,13 @@ def ema_state(state: TrainState) -> TrainState:
 
     Buffers are the model's own (not averaged: recompute BatchNorm statistics for the averaged
     weights with ``torch.optim.swa_utils.update_bn``); before the first update the averages are
-    the parameters. ``state`` is unchanged. Averages that do not fit the model (another's), or none
-    in a state past its first update (one not trained with ``with_ema``), raise a ValueError. Use it to evaluate, predict or export the averaged weights:
+    the parameters. Pruned weights stay pruned: where the state holds ``with_pruning``'s masks,
+    the averages are put under them (an average of weights pruned only lately is not zero), as
+    :func:`loopkit.swa_state` does and as Lightning's averaged ``weight_orig`` is seen through
+    ``weight_mask``. ``state`` is unchanged. Averages (or masks) that do not fit the model
+    (another's), or none in a state past its first update (one not trained with ``with_ema``,
+    or still in its ``update_starting_at_step``/``update_starting_at_epoch`` warm-up), raise a
+    ValueError. Use it to evaluate, predict or export the averaged weights:
     ``loopkit.evaluate(eval_step(metric_fn), ema_state(state), data)``.
 
     >>> import torch
@@ -288,12 +419,28 @@ def ema_state(state: TrainState) -> TrainState:
     averages = state.extras.get(_EMA)
     if averages is None and state.step > 0:  # with_ema copies the parameters at the first update
         raise ValueError(f"ema_state: the state (step {state.step}) holds no EMA averages: with_ema has made no "
-                         "update on it (its first update starts them; a state trained without it has none), or its "
-                         "extras were dropped; before with_ema's first update its weights are the state's own")
+                         "update on it (its first update starts them, the first at or after update_starting_at_step "
+                         "or the end of update_starting_at_epoch when given; a state trained without it has none), "
+                         "or its extras were dropped; before with_ema's first update its weights are the state's own")
     copy = fork(replace(state, optimizer=None, scheduler=None))
     if averages is not None:
         averages = _fitted(averages, core_module(copy.model), "ema_state")
         names, params = _parameters(copy)
         with torch.no_grad():
             torch._foreach_copy_(params, [averages[name] for name in names])
+            _keep_pruned(copy)
     return copy
+
+
+def _keep_pruned(state: TrainState) -> None:
+    """Multiply the weights ``with_pruning``'s masks in ``state.extras`` name by them, in place (none: nothing).
+
+    The masks are checked against the model as ``with_pruning`` checks them (a ValueError naming
+    the parameter), cast to their parameter's dtype and device where only those differ.
+    """
+    masks = state.extras.get(_PRUNING_MASKS)
+    if not masks:
+        return
+    fitted, names, params = _fitted_masks(state, masks)
+    masks = fitted.extras[_PRUNING_MASKS]
+    torch._foreach_mul_(params, [masks[name] for name in names])

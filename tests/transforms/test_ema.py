@@ -1,11 +1,12 @@
-"""with_ema: the averages equal torch.optim.swa_utils.AveragedModel's EMA in a raw loop, bitwise."""
+"""with_ema: the averages equal torch.optim.swa_utils.AveragedModel's EMA in a raw loop, bitwise (updated by Lightning's
+EMAWeightAveraging rule, written out, for its options); ema_state of a pruned run keeps the pruned weights pruned."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel, get_ema_avg_fn, get_ema_multi_avg_fn
 
 import loopkit
 from loopkit import checkpoint
@@ -14,6 +15,7 @@ from tests.conftest import (
     prefixed,
     restored_in_float64,
     saved_by_an_older_loopkit,
+    sgd_state,
     through_a_file,
 )
 
@@ -32,6 +34,13 @@ def _raw_ema_loop(model, opt, data, loss_fn, *, every=1, skip=()):
             opt.zero_grad()
             averaged.update_parameters(model)
     return averaged
+
+
+def _averaging(formula):
+    """AveragedModel's keyword for with_ema's ``formula``: get_ema_avg_fn (Lightning's) or get_ema_multi_avg_fn."""
+    if formula == "weighted_sum":
+        return {"avg_fn": get_ema_avg_fn(DECAY)}
+    return {"multi_avg_fn": get_ema_multi_avg_fn(DECAY)}
 
 
 def _ema_params(state) -> dict[str, torch.Tensor]:
@@ -405,16 +414,18 @@ class _SetTable(loopkit.Callback):
             state.model.table.copy_(next(self.tables))
 
 
-def test_an_integer_parameter_is_averaged_as_averaged_model_averages_it(make_batches, assert_trees_equal):
-    """AveragedModel's EMA falls back to (ema * decay + p * (1 - decay)) cast back for a non-float dtype. The integer
-    parameter (frozen to the optimizer) is set by hand before each batch, so that its average moves: a frozen one's
-    average is itself, whatever the weights. Reference: AveragedModel updated after each update of a raw loop."""
+@pytest.mark.parametrize("formula", ["lerp", "weighted_sum"])
+def test_an_integer_parameter_is_averaged_as_averaged_model_averages_it(formula, make_batches, assert_trees_equal):
+    """AveragedModel's EMA falls back to (ema * decay + p * (1 - decay)) cast back for a non-float dtype (its avg_fn
+    get_ema_avg_fn, Lightning's, computes that too, copied into the integer average). The integer parameter (frozen
+    to the optimizer) is set by hand before each batch, so that its average moves: a frozen one's average is itself,
+    whatever the weights. Reference: AveragedModel updated after each update of a raw loop."""
     loss_fn = lambda m, b: ((m(b[0][:, :3]) - b[1]) ** 2).mean()  # noqa: E731
     data = make_batches(5)
     tables = _tables(len(data))
     ref = _WithIndexTable()
     opt = torch.optim.SGD(ref.lin.parameters(), lr=0.1)
-    averaged = AveragedModel(ref, multi_avg_fn=get_ema_multi_avg_fn(DECAY))
+    averaged = AveragedModel(ref, **_averaging(formula))
     for table, batch in zip(tables, data):
         with torch.no_grad():
             ref.table.copy_(table)
@@ -425,8 +436,8 @@ def test_an_integer_parameter_is_averaged_as_averaged_model_averages_it(make_bat
 
     model = _WithIndexTable()
     state = loopkit.TrainState.create(model, torch.optim.SGD(model.lin.parameters(), lr=0.1))
-    state, _ = loopkit.run_epochs(loopkit.with_ema(loopkit.train_step(loss_fn), DECAY), state, data, epochs=1,
-                                  callbacks=[_SetTable(tables)], progress=False)
+    state, _ = loopkit.run_epochs(loopkit.with_ema(loopkit.train_step(loss_fn), DECAY, formula=formula), state, data,
+                                  epochs=1, callbacks=[_SetTable(tables)], progress=False)
     assert_trees_equal(_ema_params(state), _averaged_params(averaged))
     table = _ema_params(state)["table"]
     assert table.dtype == torch.int64 and int(table[3]) not in {int(t[3]) for t in tables}  # (an average of them)
@@ -436,4 +447,266 @@ def test_decay_is_agreed_over_the_ranks():
     """Each rank averages its replica: another decay on one rank gave the ranks other averaged models (rank 0's
     checkpointed, each rank's evaluated), and run_epochs compared no option of with_ema. decay now is one."""
     base = loopkit.train_step(lambda m, b: m(b).sum())
-    assert loopkit.with_ema(base, decay=0.9).rank_agreed == (("with_ema decay", 0.9),)
+    assert dict(loopkit.with_ema(base, decay=0.9).rank_agreed)["with_ema decay"] == 0.9
+
+
+# --- a pruned run: ema_state puts the averages under the masks ----------------------------------------------------
+
+
+def _raw_pruned_ema_loop(model, opt, data, loss_fn, masks, prune_at):
+    """The reference: a raw loop pruned after update ``prune_at`` (the weights times ``masks`` after each update from
+    then on, the gradients times them before each later update, as ``weight_orig * weight_mask`` trains), and an
+    AveragedModel(EMA) updated after each update."""
+    averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(DECAY))
+    for k, batch in enumerate(data, start=1):
+        loss_fn(model, batch).backward()
+        if k > prune_at:
+            for name, mask in masks.items():
+                model.get_parameter(name).grad.mul_(mask)
+        opt.step()
+        opt.zero_grad()
+        if k >= prune_at:
+            with torch.no_grad():
+                for name, mask in masks.items():
+                    model.get_parameter(name).mul_(mask)
+        averaged.update_parameters(model)
+    return averaged
+
+
+def test_ema_state_of_a_pruned_run_keeps_the_pruned_weights_pruned(make_mlp, make_batches, mse_loss, make_sgd_state,
+                                                                   assert_trees_equal):
+    """with_ema(with_pruning(...)) (the documented order): the trained model is zero wherever it is pruned, but
+    ema_state gave the averages as they are, dense (an average of weights pruned lately decays toward zero, never
+    reaching it): pruned weights came back in the exported model. Now they are put under the masks, as swa_state
+    does (and as Lightning's averaged weight_orig is seen through weight_mask); the averages kept are left alone.
+    Reference: a raw pruned loop with AveragedModel, its averages times the masks."""
+    data, prune_at = make_batches(6), 3
+    step = loopkit.with_ema(loopkit.with_pruning(loopkit.train_step(mse_loss), amount=0.5, schedule=[prune_at]), DECAY)
+    state, _ = loopkit.run_epochs(step, make_sgd_state(make_mlp(0)), data, epochs=1, progress=False)
+    masks = state.extras["pruning/masks"]
+    assert sorted(masks) == ["0.weight", "2.weight"] and all(bool((m == 0).any()) for m in masks.values())
+
+    ref = make_sgd_state(make_mlp(0))
+    averaged = _raw_pruned_ema_loop(ref.model, ref.optimizer, data, mse_loss, masks, prune_at)
+    assert_trees_equal(dict(state.model.named_parameters()), dict(ref.model.named_parameters()))
+    assert_trees_equal(dict(state.extras["ema/params"]), _averaged_params(averaged))  # kept as they are
+    expected = {name: p * masks[name] if name in masks else p for name, p in _averaged_params(averaged).items()}
+    assert_trees_equal(_ema_params(state), expected)
+    for name, mask in masks.items():  # (the averages themselves are not zero there: the masks make them so)
+        assert bool((state.extras["ema/params"][name][mask == 0] != 0).all())
+        assert bool((_ema_params(state)[name][mask == 0] == 0).all())
+
+
+def test_ema_state_before_the_pruning_point_is_the_plain_average(make_mlp, make_batches, mse_loss, make_sgd_state,
+                                                                 assert_trees_equal):
+    data = make_batches(4)
+    step = loopkit.with_ema(loopkit.with_pruning(loopkit.train_step(mse_loss), amount=0.5, schedule=[10]), DECAY)
+    state, _ = loopkit.run_epochs(step, make_sgd_state(make_mlp(0)), data, epochs=1, progress=False)
+    assert "pruning/masks" not in state.extras
+    ref = make_sgd_state(make_mlp(0))
+    assert_trees_equal(_ema_params(state), _averaged_params(_raw_ema_loop(ref.model, ref.optimizer, data, mse_loss)))
+
+
+def test_ema_state_refuses_masks_of_another_model(make_mlp, make_batches, mse_loss, make_sgd_state):
+    step = loopkit.with_ema(loopkit.with_pruning(loopkit.train_step(mse_loss), amount=0.5, schedule=[1]), DECAY)
+    state, _ = loopkit.run_epochs(step, make_sgd_state(make_mlp(0)), make_batches(2), epochs=1, progress=False)
+    masks = dict(state.extras["pruning/masks"])
+    masks["2.weight"] = masks["2.weight"][:1]
+    bad = state.evolve(extras={**state.extras, "pruning/masks": masks})
+    with pytest.raises(ValueError, match=r"the mask of parameter '2\.weight' has shape \(1, 8\), but the parameter "
+                                         r"has shape \(2, 8\)"):
+        loopkit.ema_state(bad)
+
+
+# --- Lightning's EMAWeightAveraging options: update_every_n_steps, update_starting_at_step/_epoch, its formula -------
+
+
+def _lightning_should_update(step_idx=None, epoch_idx=None, *, every=1, start_step=None, start_epoch=None):
+    """Lightning 2.6.6's ``EMAWeightAveraging.should_update``, written out: after the optimizer step of 0-based index
+    ``step_idx`` when it is at least ``start_step`` and a multiple of ``every`` (> 0); at the end of epoch
+    ``epoch_idx`` when that is at least ``start_epoch``."""
+    if step_idx is not None:
+        return (start_step is None or step_idx >= start_step) and every > 0 and step_idx % every == 0
+    return start_epoch is not None and epoch_idx >= start_epoch
+
+
+def _raw_lightning_ema_loop(model, opt, data, loss_fn, epochs, avg, *, accum=1, **rule):
+    """The reference: a raw loop of ``epochs`` epochs (``len(data)`` a multiple of ``accum``) with an AveragedModel
+    updated as Lightning's WeightAveraging callback updates it: at each batch's end when an optimizer step was taken
+    since its last step update and the rule says so (``on_train_batch_end``), and at each epoch's end once
+    (``on_train_epoch_end``). ``avg`` is the AveragedModel's keyword: avg_fn (Lightning's) or multi_avg_fn."""
+    averaged = AveragedModel(model, **avg)
+    global_step, latest_step, latest_epoch = 0, 0, -1
+    for epoch in range(epochs):
+        for k, batch in enumerate(data):
+            (loss_fn(model, batch) / accum).backward()
+            if (k + 1) % accum == 0:
+                opt.step()
+                opt.zero_grad()
+                global_step += 1
+            if global_step > latest_step and _lightning_should_update(step_idx=global_step - 1, **rule):
+                averaged.update_parameters(model)
+                latest_step = global_step
+        if epoch > latest_epoch and _lightning_should_update(epoch_idx=epoch, **rule):
+            averaged.update_parameters(model)
+            latest_epoch = epoch
+    return averaged
+
+
+_RULES = {  # (Lightning's options, with_grad_accum's every); 4 batches an epoch, 3 epochs
+    "every update": ({}, 1),
+    "from update 5": ({"update_starting_at_step": 5}, 1),
+    "every 3rd index from 4 (counted from 0)": ({"update_every_n_steps": 3, "update_starting_at_step": 4}, 1),
+    "epoch ends only, from epoch 1": ({"update_every_n_steps": 0, "update_starting_at_epoch": 1}, 1),
+    "every update and epoch ends from 1 (twice there)": ({"update_starting_at_epoch": 1}, 1),
+    "accumulated, every 2nd from 1, epoch ends from 2": (
+        {"update_every_n_steps": 2, "update_starting_at_step": 1, "update_starting_at_epoch": 2}, 2),
+}
+
+
+def _options(rule):
+    return {"every": rule.get("update_every_n_steps", 1), "start_step": rule.get("update_starting_at_step"),
+            "start_epoch": rule.get("update_starting_at_epoch")}
+
+
+def _run_with(rule, accum, formula, make_mlp, data, loss_fn):
+    """The state after 3 epochs of with_ema(rule, formula) over ``data``, accumulating ``accum`` batches."""
+    inner = loopkit.train_step(loss_fn)
+    if accum > 1:
+        inner = loopkit.with_grad_accum(inner, every=accum)
+    step = loopkit.with_ema(inner, DECAY, formula=formula, **rule)
+    return loopkit.run_epochs(step, sgd_state(make_mlp(0)), data, epochs=3, progress=False)[0]
+
+
+@pytest.mark.parametrize("formula", ["weighted_sum", "lerp"])
+@pytest.mark.parametrize("case", list(_RULES))
+def test_lightnings_update_options_average_as_its_callback_does(case, formula, make_mlp, make_batches, mse_loss,
+                                                                 assert_trees_equal):
+    """EMAWeightAveraging's update_every_n_steps, update_starting_at_step and update_starting_at_epoch had no with_ema
+    option. Reference: a raw loop with AveragedModel updated by Lightning's rule written out; formula="weighted_sum"
+    is its avg_fn (get_ema_avg_fn, Lightning's), "lerp" get_ema_multi_avg_fn (AveragedModel's), bitwise either."""
+    rule, accum = _RULES[case]
+    data = make_batches(4)
+    ref = sgd_state(make_mlp(0))
+    averaged = _raw_lightning_ema_loop(ref.model, ref.optimizer, data, mse_loss, 3, _averaging(formula), accum=accum,
+                                       **_options(rule))
+    state = _run_with(rule, accum, formula, make_mlp, data, mse_loss)
+    assert_trees_equal(dict(state.model.named_parameters()), dict(ref.model.named_parameters()))
+    assert_trees_equal(_ema_params(state), _averaged_params(averaged))
+
+
+def test_the_rule_cases_average_differently(make_mlp, make_batches, mse_loss):
+    """(What makes the test above tell the rules apart: each case gives other averages, and the two formulas differ.)"""
+    data = make_batches(4)
+    got = [_ema_params(_run_with(rule, accum, "weighted_sum", make_mlp, data, mse_loss)) for rule, accum in
+           _RULES.values()][:-1]  # (the last case trains otherwise: accumulated)
+    for i, a in enumerate(got):
+        for b in got[i + 1:]:
+            assert not all(torch.equal(a[k], b[k]) for k in a)
+    lerp = _ema_params(_run_with({}, 1, "lerp", make_mlp, data, mse_loss))
+    assert not all(torch.equal(lerp[k], got[0][k]) for k in lerp)
+
+
+def test_the_first_update_after_the_warm_up_copies_the_weights(make_mlp, make_batches, mse_loss, make_sgd_state,
+                                                               assert_trees_equal):
+    """As AveragedModel's first update_parameters (Lightning's first update after update_starting_at_step): no
+    averages before it (ema_state says why), the weights themselves at it."""
+    data = make_batches(4)
+    step = loopkit.with_ema(loopkit.train_step(mse_loss), DECAY, update_starting_at_step=2)
+    state = make_sgd_state(make_mlp(0))
+    for batch in data[:2]:
+        state, _ = step(state, batch)
+    assert "ema/params" not in state.extras
+    with pytest.raises(ValueError, match=r"holds no EMA averages.*update_starting_at_step"):
+        loopkit.ema_state(state)
+    state, _ = step(state, data[2])  # the update of index 2
+    assert_trees_equal(dict(state.extras["ema/params"]), {k: v.detach() for k, v in state.model.named_parameters()})
+
+
+def test_an_epoch_end_is_averaged_in_once_however_often_it_is_flushed(make_mlp, make_batches, mse_loss,
+                                                                      make_sgd_state, take_snapshot, assert_trees_equal):
+    """As Lightning's _latest_update_epoch: a second flush of one epoch (a relaunch from a state saved after its flush)
+    must not average its weights in again."""
+    step = loopkit.with_ema(loopkit.train_step(mse_loss), DECAY, update_every_n_steps=0, update_starting_at_epoch=0)
+    state = make_sgd_state(make_mlp(0))
+    for batch in make_batches(2):
+        state, _ = step(state, batch)
+    assert "ema/params" not in state.extras
+    flushed, _ = step.flush(state)
+    assert flushed.extras["ema/latest_update_epoch"] == 0
+    again, _ = step.flush(flushed)
+    assert_trees_equal(take_snapshot(again), take_snapshot(flushed))
+    later, _ = step.flush(flushed.evolve(epoch=1))
+    assert later.extras["ema/latest_update_epoch"] == 1
+
+
+def _resume_step(directory, every, loss_fn):
+    """All the options, accumulating ``every`` batches, a checkpoint after every update."""
+    ema = loopkit.with_ema(loopkit.with_grad_accum(loopkit.train_step(loss_fn), every=every), DECAY,
+                           update_every_n_steps=2, update_starting_at_step=1, update_starting_at_epoch=1,
+                           formula="weighted_sum")
+    return loopkit.with_checkpointing(ema, directory, every_n_steps=1, keep_last=100)
+
+
+@pytest.mark.parametrize("batches, every", [(4, 2), (5, 2)], ids=["whole groups", "a partial group flushed"])
+def test_every_checkpoint_of_a_run_with_the_options_resumes_it_exactly(batches, every, tmp_path, make_mlp,
+                                                                       make_batches, mse_loss, take_snapshot,
+                                                                       assert_trees_equal):
+    """The options act on state.step and state.epoch, and the last epoch averaged in is kept in the extras: a run
+    restored from any of its checkpoints (one at an update a flush made too, past which the epoch's end is
+    flushed again) ends as the uninterrupted one, bitwise."""
+    data = make_batches(batches)
+    uninterrupted, _ = loopkit.run_epochs(_resume_step(tmp_path / "a", every, mse_loss), sgd_state(make_mlp(0)), data,
+                                          epochs=3, progress=False)
+    saved = checkpoint.list_checkpoints(tmp_path / "a")
+    assert len(saved) >= 5
+    for k, saved_one in enumerate(saved):
+        restored = loopkit.restore(sgd_state(make_mlp(1)), saved_one.path)
+        resumed, _ = loopkit.run_epochs(_resume_step(tmp_path / f"b{k}", every, mse_loss), restored, data, epochs=3,
+                                        progress=False)
+        assert_trees_equal(take_snapshot(resumed), take_snapshot(uninterrupted))
+
+
+def test_a_run_stopped_mid_epoch_resumes_exactly(make_mlp, make_batches, mse_loss, take_snapshot, assert_trees_equal):
+    """A fit stopped mid-epoch (max_steps) leaves the epoch's end to the run that finishes it, from its state dict."""
+    data = make_batches(4)
+    step = loopkit.with_ema(loopkit.train_step(mse_loss), DECAY, update_every_n_steps=3, update_starting_at_epoch=0)
+    uninterrupted, _ = loopkit.run_epochs(step, sgd_state(make_mlp(0)), data, epochs=3, progress=False)
+    part, _ = loopkit.run_epochs(step, sgd_state(make_mlp(0)), data, max_steps=6, progress=False)
+    assert (part.epoch, part.batch_index) == (1, 2)
+    part = sgd_state(make_mlp(1)).load_state_dict(part.state_dict())
+    resumed, _ = loopkit.run_epochs(step, part, data, epochs=3, progress=False)
+    assert_trees_equal(take_snapshot(resumed), take_snapshot(uninterrupted))
+
+
+@pytest.mark.parametrize("option, value, match", [
+    ("update_every_n_steps", -1, "update_every_n_steps must be an int >= 0, got -1"),
+    ("update_every_n_steps", 1.5, "update_every_n_steps must be an int >= 0, got 1.5"),
+    ("update_every_n_steps", None, "update_every_n_steps must be an int >= 0, got None"),
+    ("update_starting_at_step", -2, "update_starting_at_step must be an int >= 0 or None, got -2"),
+    ("update_starting_at_step", True, "update_starting_at_step must be an int >= 0 or None, got True"),
+    ("update_starting_at_epoch", "1", "update_starting_at_epoch must be an int >= 0 or None, got '1'"),
+    ("formula", "lightning", "formula must be 'lerp' .* or 'weighted_sum'"),
+])
+def test_bad_options_are_refused_naming_them(option, value, match, mse_loss):
+    with pytest.raises(ValueError, match=f"with_ema: {match}"):
+        loopkit.with_ema(loopkit.train_step(mse_loss), DECAY, **{option: value})
+
+
+def test_options_that_never_update_are_refused(mse_loss):
+    with pytest.raises(ValueError, match="with_ema: update_every_n_steps=0 .* would never move; give "
+                                         "update_starting_at_epoch"):
+        loopkit.with_ema(loopkit.train_step(mse_loss), DECAY, update_every_n_steps=0)
+
+
+def test_the_options_are_agreed_over_the_ranks_as_they_act():
+    base = loopkit.train_step(lambda m, b: m(b).sum())
+    agreed = lambda **kw: dict(loopkit.with_ema(base, 0.9, **kw).rank_agreed)  # noqa: E731
+    assert agreed() == {"with_ema decay": 0.9, "with_ema formula": "lerp", "with_ema update_every_n_steps": 1,
+                        "with_ema update_starting_at_step": 0, "with_ema update_starting_at_epoch": None}
+    assert agreed(update_starting_at_step=None) == agreed(update_starting_at_step=0)  # alike, as they act
+    assert agreed(update_every_n_steps=0, update_starting_at_step=7, update_starting_at_epoch=1) == agreed(
+        update_every_n_steps=0, update_starting_at_epoch=1)  # no step update: the start step acts on nothing
+    for other in ({"formula": "weighted_sum"}, {"update_every_n_steps": 2}, {"update_starting_at_step": 3},
+                  {"update_starting_at_epoch": 0}):
+        assert agreed(**other) != agreed(), other
