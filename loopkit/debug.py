@@ -24,7 +24,7 @@ loopkit.errors.ImpurityError: step sloppy changed the state it was given: model.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
@@ -33,16 +33,49 @@ import torch
 from loopkit.errors import ImpurityError
 from loopkit.state import TrainState, module_settings, refuse_copy_if_sharded
 from loopkit.steps import Metrics
-from loopkit.tree import copy_tensors
 
 __all__ = ["check_purity"]
+
+
+class _Uninitialized:
+    """What a snapshot holds for a lazy module's parameter or buffer before its first forward: no values to compare."""
+
+    __slots__ = ()
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Uninitialized)
+
+    def __hash__(self) -> int:
+        return 0
+
+    def __repr__(self) -> str:
+        return "uninitialized (a lazy module's, before its first forward)"
+
+
+def _copy(tree: Any) -> Any:
+    """``tree`` with every tensor copied (detached), mappings as dicts, a lazy module's uninitialized parameter or
+    buffer as an :class:`_Uninitialized` (it has no values to copy)."""
+    if isinstance(tree, torch.Tensor):
+        if isinstance(tree, torch.nn.parameter.UninitializedTensorMixin):
+            return _Uninitialized()
+        return tree.detach().clone()
+    if isinstance(tree, Mapping):
+        return {k: _copy(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_copy(v) for v in tree)
+    return tree
+
+
+def _describe(value: Any) -> str:
+    """A snapshot's leaf as an error names it: a tensor by dtype and shape, anything else by its repr."""
+    return f"a tensor {value.dtype}{list(value.shape)}" if isinstance(value, torch.Tensor) else repr(value)
 
 
 def _difference(a: Any, b: Any, path: str) -> str | None:
     """The first difference between two snapshots, as ``"<path> <what>"``, or None when equal."""
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
-            return f"{path} is a tensor on one side only"
+            return f"{path} changed from {_describe(a)} to {_describe(b)}"
         if a.shape != b.shape or a.dtype != b.dtype:
             return f"{path} changed from {a.dtype}{list(a.shape)} to {b.dtype}{list(b.shape)}"
         if a.layout != b.layout:
@@ -119,15 +152,16 @@ def _optimizer_facts(optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
     """What the optimizer's state dict does not hold: its defaults (which a group added later takes) and hooks."""
     if optimizer is None:
         return {}
-    return {"defaults": copy_tensors(dict(optimizer.defaults)),
+    return {"defaults": _copy(dict(optimizer.defaults)),
             "hooks": [len(getattr(optimizer, h, None) or ()) for h in _OPTIMIZER_HOOKS]}
 
 
 def _full_snapshot(state: TrainState) -> dict[str, Any]:
-    # every buffer, non-persistent ones too (a state dict leaves those out)
-    buffers = copy_tensors(dict(state.model.named_buffers()))
+    """A copy of all the state a step may change: the state dict, every buffer (non-persistent ones too, which a
+    state dict leaves out), the modules' and optimizer's facts."""
+    buffers = _copy(dict(state.model.named_buffers()))
     return {
-        **copy_tensors(state.state_dict()), "buffers": buffers, "modules": _module_facts(state.model),
+        **_copy(state.state_dict()), "buffers": buffers, "modules": _module_facts(state.model),
         "optimizer parameters": _trained_parameters(state), "optimizer facts": _optimizer_facts(state.optimizer),
     }
 
@@ -210,14 +244,14 @@ def check_purity(
                 "and put the caller's back"
             )
         if deterministic:
-            result = _full_snapshot(first), copy_tensors(dict(metrics))
+            result = _full_snapshot(first), _copy(dict(metrics))
             if not own_rng:
                 torch.set_rng_state(global_rng)
                 if cuda_rng is not None:
                     torch.cuda.set_rng_state_all(cuda_rng)
             second, again = step(state, batch)
             disagree = _difference(result[0], _full_snapshot(second), "") or _difference(
-                result[1], copy_tensors(dict(again)), "metrics"
+                result[1], _copy(dict(again)), "metrics"
             )
             if disagree:
                 raise ImpurityError(

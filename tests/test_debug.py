@@ -218,3 +218,32 @@ def test_sparse_gradients_mid_accumulation_are_compared_by_value():
 
     with pytest.raises(ImpurityError, match="weight"):
         check_purity(sloppy, state, torch.tensor([[2, 3]]))
+
+
+def _lazy_state(global_rng: bool) -> loopkit.TrainState:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.LazyLinear(3), torch.nn.ReLU(), torch.nn.Linear(3, 1))
+    return loopkit.TrainState.create(model, torch.optim.Adam(model.parameters(), lr=0.1), global_rng=global_rng)
+
+
+@pytest.mark.parametrize("global_rng", [False, True])
+def test_a_lazy_module_before_its_first_forward_is_checked(global_rng, take_snapshot, assert_trees_equal):
+    """An uninitialized parameter has no values to copy: the check crashed with torch's ValueError. Now the pure
+    step passes (its copies are initialized alike on both calls, the caller's module stays lazy), and a step running
+    the caller's own forward, which initializes the caller's parameters, is named."""
+    batch = torch.randn(8, 4)
+    step = loopkit.train_step(lambda m, b: m(b).pow(2).mean())
+    state = _lazy_state(global_rng)
+    new, _ = check_purity(step, state, batch)
+    assert isinstance(state.model[0], torch.nn.LazyLinear)
+    assert isinstance(state.model[0].weight, torch.nn.parameter.UninitializedParameter)
+    if not global_rng:  # the reference: the step called directly (a state with its own RNG initializes alike)
+        assert_trees_equal(take_snapshot(new), take_snapshot(step(_lazy_state(global_rng), batch)[0]))
+
+    def forward_on_the_callers_model(state, batch):
+        state.model(batch)
+        return state.evolve(step=state.step + 1), {}
+
+    with pytest.raises(ImpurityError, match=r"changed the state it was given: model\.0\.weight changed from "
+                                            r"uninitialized .* to a tensor torch\.float32\[3, 4\]"):
+        check_purity(forward_on_the_callers_model, state, batch)
