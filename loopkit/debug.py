@@ -31,7 +31,7 @@ import attrs
 import torch
 
 from loopkit.errors import ImpurityError
-from loopkit.state import TrainState, module_settings, refuse_copy_if_sharded
+from loopkit.state import TrainState, attribute_tensors, module_settings, refuse_copy_if_sharded
 from loopkit.steps import Metrics
 
 __all__ = ["check_purity"]
@@ -158,11 +158,13 @@ def _optimizer_facts(optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
 
 def _full_snapshot(state: TrainState) -> dict[str, Any]:
     """A copy of all the state a step may change: the state dict, every buffer (non-persistent ones too, which a
-    state dict leaves out), the modules' and optimizer's facts."""
+    state dict leaves out), the tensors the modules' own attributes hold (which ``fork`` copies too), the modules'
+    and optimizer's facts."""
     buffers = _copy(dict(state.model.named_buffers()))
     return {
-        **_copy(state.state_dict()), "buffers": buffers, "modules": _module_facts(state.model),
-        "optimizer parameters": _trained_parameters(state), "optimizer facts": _optimizer_facts(state.optimizer),
+        **_copy(state.state_dict()), "buffers": buffers, "attributes": _copy(attribute_tensors(state.model)),
+        "modules": _module_facts(state.model), "optimizer parameters": _trained_parameters(state),
+        "optimizer facts": _optimizer_facts(state.optimizer),
     }
 
 

@@ -220,6 +220,43 @@ def test_sparse_gradients_mid_accumulation_are_compared_by_value():
         check_purity(sloppy, state, torch.tensor([[2, 3]]))
 
 
+class _Counting(torch.nn.Module):
+    """A model keeping plain tensors as attributes (no parameters or buffers), which fork copies as state: a counter
+    its forward updates, and a dict of tensors."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 1)
+        self.seen = torch.zeros(())
+        self.cache = {"last": torch.zeros(4), "labels": ["a", "b"]}
+
+    def forward(self, x):
+        self.seen.add_(1)  # in place, on the model the step was given: the pure step's copy
+        self.cache["last"] = x.detach().mean(0)
+        return self.linear(x)
+
+
+@pytest.mark.parametrize("change, where", [
+    (lambda m: m.seen.add_(1), r"attributes\.seen differs \(max abs difference 1\)"),
+    (lambda m: m.cache["last"].fill_(3.0), r"attributes\.cache\.last differs \(max abs difference 3\)"),
+])
+def test_a_step_changing_a_plain_tensor_attribute_of_the_callers_model_is_named(change, where, batches, mse_loss):
+    """fork copies a module's plain tensor attributes (and the dicts holding them) as state, so train_step leaves
+    the caller's alone: the check compares them too, and names a step that changes the caller's."""
+    torch.manual_seed(0)
+    model = _Counting()
+    state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    step = loopkit.train_step(lambda m, b: m(b).pow(2).mean())
+    batch = torch.randn(8, 4)
+    new, _ = check_purity(step, state, batch)  # the pure step's forward updates its copy's attributes
+    direct, _ = step(state, batch)  # the reference: a pure step leaves the caller's attributes as they were
+    assert float(state.model.seen) == 0.0 and float(direct.model.seen) == float(new.model.seen) == 1.0
+    assert torch.equal(state.model.cache["last"], torch.zeros(4))
+
+    with pytest.raises(ImpurityError, match="changed the state it was given: " + where):
+        check_purity(_meddling(lambda state: change(state.model)), state, batch)
+
+
 def _lazy_state(global_rng: bool) -> loopkit.TrainState:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.LazyLinear(3), torch.nn.ReLU(), torch.nn.Linear(3, 1))
