@@ -175,8 +175,9 @@ def _name(step: Any) -> str:
     return getattr(step, "__qualname__", None) or type(step).__qualname__
 
 
-#: the whole-step transforms whose calls write files of the run: left out of check_purity's calls
-_WRITERS = ("with_checkpointing", "with_logging")
+#: the whole-step transforms whose calls act outside the state (write the run's files, use up a schedule the
+#: run's own calls are counted against): left out of check_purity's calls
+_WRITERS = ("with_checkpointing", "with_logging", "with_profiler")
 
 
 def _without_writers(step: Any) -> Any:

@@ -257,6 +257,23 @@ def test_a_step_changing_a_plain_tensor_attribute_of_the_callers_model_is_named(
         check_purity(_meddling(lambda state: change(state.model)), state, batch)
 
 
+def test_the_profiler_layer_is_left_out_and_the_run_is_profiled_as_configured(tmp_path, make_mlp, make_sgd_state,
+                                                                               batches, mse_loss, take_snapshot,
+                                                                               assert_trees_equal):
+    """A probe through with_profiler wrote its summary and trace into the run's folder and used up the schedule, so
+    the run's own calls were not profiled."""
+    inner = loopkit.train_step(mse_loss)
+    step = loopkit.with_profiler(inner, tmp_path / "prof", wait=0, warmup=1, active=1)
+    state = make_sgd_state(make_mlp(0))
+    new, _ = check_purity(step, state, batches[0])
+    assert list((tmp_path / "prof").iterdir()) == []
+    assert_trees_equal(take_snapshot(new), take_snapshot(inner(state, batches[0])[0]))
+    for batch in batches[:2]:  # the run's own calls: the ones profiled
+        state, _ = step(state, batch)
+    summary = (tmp_path / "prof" / "summary.txt").read_text()
+    assert "loopkit.step" in summary and sum(1 for f in (tmp_path / "prof").iterdir() if f.name.endswith(".pt.trace.json")) == 1
+
+
 def _lazy_state(global_rng: bool) -> loopkit.TrainState:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.LazyLinear(3), torch.nn.ReLU(), torch.nn.Linear(3, 1))
