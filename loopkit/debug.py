@@ -33,6 +33,7 @@ import torch
 from loopkit.errors import ImpurityError
 from loopkit.state import TrainState, attribute_tensors, module_settings, refuse_copy_if_sharded
 from loopkit.steps import Metrics
+from loopkit.tree import named_tensors
 
 __all__ = ["check_purity"]
 
@@ -168,6 +169,11 @@ def _full_snapshot(state: TrainState) -> dict[str, Any]:
     }
 
 
+def _batch_snapshot(batch: Any) -> dict[str, Any]:
+    """A copy of each tensor in ``batch`` (through mappings, lists, tuples and dataclasses), by where it sits."""
+    return {name: _copy(tensor) for name, tensor in named_tensors(batch)}
+
+
 def _name(step: Any) -> str:
     applied = getattr(step, "applied", None)
     if applied:
@@ -232,6 +238,7 @@ def check_purity(
     name = _name(step)
     step = _without_writers(step)
     before = _full_snapshot(state)
+    batch_before = _batch_snapshot(batch)
     global_rng = torch.get_rng_state()
     # a state that draws from the global RNG draws from CUDA's too: each call starts from the same
     cuda_rng = torch.cuda.get_rng_state_all() if not state.rng and torch.cuda.is_initialized() else None
@@ -240,6 +247,12 @@ def check_purity(
         changed = _difference(before, _full_snapshot(state), "")
         if changed:
             raise ImpurityError(f"step {name} changed the state it was given: {changed}")
+        changed = _difference(batch_before, _batch_snapshot(batch), "")
+        if changed:
+            raise ImpurityError(
+                f"step {name} changed the batch it was given in place: {changed} (the caller's data: another epoch "
+                "over the same batches would see other values; change a copy, inputs.clamp(-1, 1), not inputs.clamp_)"
+            )
         own_rng = bool(state.rng)  # else the step draws from the global RNG, as a plain loop does
         if own_rng and not torch.equal(torch.get_rng_state(), global_rng):
             raise ImpurityError(

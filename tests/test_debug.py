@@ -301,3 +301,31 @@ def test_a_lazy_module_before_its_first_forward_is_checked(global_rng, take_snap
     with pytest.raises(ImpurityError, match=r"changed the state it was given: model\.0\.weight changed from "
                                             r"uninitialized .* to a tensor torch\.float32\[3, 4\]"):
         check_purity(forward_on_the_callers_model, state, batch)
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_a_step_changing_the_callers_batch_in_place_is_named(deterministic, make_mlp, make_sgd_state, batches):
+    """The check never looked at the batch: a clamp_ (the same on both calls) passed, and a mul_ with
+    deterministic=True was blamed on the RNG. The changed entry is named, before the calls are compared."""
+    state = make_sgd_state(make_mlp(0))
+    x, y = batches[0][0] * 3, batches[0][1]
+
+    def clamping(model, batch):
+        inputs, target = batch
+        inputs.clamp_(-1, 1)
+        return ((model(inputs) - target) ** 2).mean()
+
+    with pytest.raises(ImpurityError, match=r"changed the batch it was given in place: batch\[0\] differs"):
+        check_purity(loopkit.train_step(clamping), state, (x.clone(), y), deterministic=deterministic)
+
+    def doubling(model, batch):
+        batch["x"].mul_(2)
+        return ((model(batch["x"]) - batch["y"]) ** 2).mean()
+
+    with pytest.raises(ImpurityError, match=r"changed the batch it was given in place: batch\['x'\] differs"):
+        check_purity(loopkit.train_step(doubling), state, {"x": x.clone(), "y": y, "id": "a"},
+                     deterministic=deterministic)
+    clean = (x.clone(), y)
+    check_purity(loopkit.train_step(lambda m, b: ((m(b[0].clamp(-1, 1)) - b[1]) ** 2).mean()), state, clean,
+                 deterministic=deterministic)
+    assert torch.equal(clean[0], x)
