@@ -1,11 +1,12 @@
 """Debugging aids: check that a step keeps loopkit's purity contract, naming what breaks it.
 
 :func:`check_purity` calls a step twice on one state and batch, and checks what the contract
-promises: the given state is unchanged (parameters, buffers, gradients, optimizer and
-scheduler state, counters, RNG, extras), torch's global RNG is as it was, and the two calls
-agree bit for bit (new states and metrics). It is meant for steps written by hand (a plain
-function with two optimizers, a closed-form solve) and for a pipeline of transforms before a
-long run; the first difference is named by its path in ``state.state_dict()``.
+promises: the given state is unchanged (parameters, buffers, gradients, the tensors the modules
+keep as attributes, optimizer and scheduler state, counters, RNG, extras), so is the given batch,
+torch's global RNG is as it was, and the two calls agree bit for bit (new states and metrics). It
+is meant for steps written by hand (a plain function with two optimizers, a closed-form solve) and
+for a pipeline of transforms before a long run; the first difference is named by its path in
+``state.state_dict()`` (or in the batch: ``batch[0]``).
 
 >>> import torch, loopkit
 >>> model = torch.nn.Linear(2, 1)
@@ -208,18 +209,25 @@ def check_purity(
     """Call ``step(state, batch)`` twice and raise :class:`loopkit.ImpurityError` on a broken promise.
 
     Checks, in order: the first call leaves ``state`` as it was (every entry of
-    ``state.state_dict()``, gradients included, every buffer, non-persistent ones too, and each module's class, training mode, hook
-    count and which parameters take gradients) and torch's global CPU RNG too (unless the state
+    ``state.state_dict()``, gradients included, every buffer, non-persistent ones too, the tensors the modules
+    hold as plain attributes, a counter or a dict of cached tensors, which a pure step's copy copies too
+    (named ``attributes.seen``, ``attributes.<module>.<attribute>``), and each module's class, training mode,
+    hook count and which parameters take gradients; a lazy module's parameter before its first forward is compared as uninitialized:
+    a step that initializes the caller's is named, not the pure step's copy), leaves every tensor of ``batch``
+    as it was (named as ``batch[0]``, ``batch['x']``: an in-place change of the caller's data, ``inputs.clamp_``,
+    which another epoch over the same batches would see; checked before the two calls are compared, so such a
+    change is not blamed on the RNG) and torch's global CPU RNG too (unless the state
     draws from the global RNG, ``TrainState.create(..., global_rng=True)``: then the second call
     starts from the global RNG the first call started from); with
     ``deterministic`` (the default), a second call on the same state and batch gives the same
     new state and metrics, bit for bit (pass ``deterministic=False`` for kernels that are not).
     Returns the first call's result. A donated step is refused: it may reuse ``state``. The
-    caller's global RNG is put back as it was, whatever the step did. The ``with_checkpointing`` and
-    ``with_logging`` layers of a pipeline are left out of the calls, the steps inside them checked: they
-    would write the probe's checkpoint into the run's folder (which the run then takes for its own, or
-    restores) and its rows into the run's logs (under a wrapper of one's own that attrs did not make, which
-    cannot be rebuilt, they stay).
+    caller's global RNG is put back as it was, whatever the step did. The ``with_checkpointing``,
+    ``with_logging`` and ``with_profiler`` layers of a pipeline are left out of the calls, the steps inside
+    them checked: they would write the probe's checkpoint into the run's folder (which the run then takes
+    for its own, or restores), its rows into the run's logs, and its profile into the profiler's folder,
+    using up the profile's schedule so that the run's own calls would go unprofiled (under a wrapper of
+    one's own that attrs did not make, which cannot be rebuilt, they stay).
 
     >>> import torch, loopkit
     >>> state = loopkit.TrainState.create(torch.nn.Linear(2, 1))
