@@ -1,11 +1,12 @@
 """Debugging aids: check that a step keeps loopkit's purity contract, naming what breaks it.
 
 :func:`check_purity` calls a step twice on one state and batch, and checks what the contract
-promises: the given state is unchanged (parameters, buffers, gradients, optimizer and
-scheduler state, counters, RNG, extras), torch's global RNG is as it was, and the two calls
-agree bit for bit (new states and metrics). It is meant for steps written by hand (a plain
-function with two optimizers, a closed-form solve) and for a pipeline of transforms before a
-long run; the first difference is named by its path in ``state.state_dict()``.
+promises: the given state is unchanged (parameters, buffers, gradients, the tensors the modules
+keep as attributes, optimizer and scheduler state, counters, RNG, extras), so is the given batch,
+torch's global RNG is as it was, and the two calls agree bit for bit (new states and metrics). It
+is meant for steps written by hand (a plain function with two optimizers, a closed-form solve) and
+for a pipeline of transforms before a long run; the first difference is named by its path in
+``state.state_dict()`` (or in the batch: ``batch[0]``).
 
 >>> import torch, loopkit
 >>> model = torch.nn.Linear(2, 1)
@@ -24,25 +25,59 @@ loopkit.errors.ImpurityError: step sloppy changed the state it was given: model.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
 import torch
 
 from loopkit.errors import ImpurityError
-from loopkit.state import TrainState, module_settings, refuse_copy_if_sharded
+from loopkit.state import TrainState, attribute_tensors, module_settings, refuse_copy_if_sharded
 from loopkit.steps import Metrics
-from loopkit.tree import copy_tensors
+from loopkit.tree import named_tensors
 
 __all__ = ["check_purity"]
+
+
+class _Uninitialized:
+    """What a snapshot holds for a lazy module's parameter or buffer before its first forward: no values to compare."""
+
+    __slots__ = ()
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Uninitialized)
+
+    def __hash__(self) -> int:
+        return 0
+
+    def __repr__(self) -> str:
+        return "uninitialized (a lazy module's, before its first forward)"
+
+
+def _copy(tree: Any) -> Any:
+    """``tree`` with every tensor copied (detached), mappings as dicts, a lazy module's uninitialized parameter or
+    buffer as an :class:`_Uninitialized` (it has no values to copy)."""
+    if isinstance(tree, torch.Tensor):
+        if isinstance(tree, torch.nn.parameter.UninitializedTensorMixin):
+            return _Uninitialized()
+        return tree.detach().clone()
+    if isinstance(tree, Mapping):
+        return {k: _copy(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_copy(v) for v in tree)
+    return tree
+
+
+def _describe(value: Any) -> str:
+    """A snapshot's leaf as an error names it: a tensor by dtype and shape, anything else by its repr."""
+    return f"a tensor {value.dtype}{list(value.shape)}" if isinstance(value, torch.Tensor) else repr(value)
 
 
 def _difference(a: Any, b: Any, path: str) -> str | None:
     """The first difference between two snapshots, as ``"<path> <what>"``, or None when equal."""
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
-            return f"{path} is a tensor on one side only"
+            return f"{path} changed from {_describe(a)} to {_describe(b)}"
         if a.shape != b.shape or a.dtype != b.dtype:
             return f"{path} changed from {a.dtype}{list(a.shape)} to {b.dtype}{list(b.shape)}"
         if a.layout != b.layout:
@@ -119,17 +154,25 @@ def _optimizer_facts(optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
     """What the optimizer's state dict does not hold: its defaults (which a group added later takes) and hooks."""
     if optimizer is None:
         return {}
-    return {"defaults": copy_tensors(dict(optimizer.defaults)),
+    return {"defaults": _copy(dict(optimizer.defaults)),
             "hooks": [len(getattr(optimizer, h, None) or ()) for h in _OPTIMIZER_HOOKS]}
 
 
 def _full_snapshot(state: TrainState) -> dict[str, Any]:
-    # every buffer, non-persistent ones too (a state dict leaves those out)
-    buffers = copy_tensors(dict(state.model.named_buffers()))
+    """A copy of all the state a step may change: the state dict, every buffer (non-persistent ones too, which a
+    state dict leaves out), the tensors the modules' own attributes hold (which ``fork`` copies too), the modules'
+    and optimizer's facts."""
+    buffers = _copy(dict(state.model.named_buffers()))
     return {
-        **copy_tensors(state.state_dict()), "buffers": buffers, "modules": _module_facts(state.model),
-        "optimizer parameters": _trained_parameters(state), "optimizer facts": _optimizer_facts(state.optimizer),
+        **_copy(state.state_dict()), "buffers": buffers, "attributes": _copy(attribute_tensors(state.model)),
+        "modules": _module_facts(state.model), "optimizer parameters": _trained_parameters(state),
+        "optimizer facts": _optimizer_facts(state.optimizer),
     }
+
+
+def _batch_snapshot(batch: Any) -> dict[str, Any]:
+    """A copy of each tensor in ``batch`` (through mappings, lists, tuples and dataclasses), by where it sits."""
+    return {name: _copy(tensor) for name, tensor in named_tensors(batch)}
 
 
 def _name(step: Any) -> str:
@@ -139,8 +182,9 @@ def _name(step: Any) -> str:
     return getattr(step, "__qualname__", None) or type(step).__qualname__
 
 
-#: the whole-step transforms whose calls write files of the run: left out of check_purity's calls
-_WRITERS = ("with_checkpointing", "with_logging")
+#: the whole-step transforms whose calls act outside the state (write the run's files, use up a schedule the
+#: run's own calls are counted against): left out of check_purity's calls
+_WRITERS = ("with_checkpointing", "with_logging", "with_profiler")
 
 
 def _without_writers(step: Any) -> Any:
@@ -165,18 +209,25 @@ def check_purity(
     """Call ``step(state, batch)`` twice and raise :class:`loopkit.ImpurityError` on a broken promise.
 
     Checks, in order: the first call leaves ``state`` as it was (every entry of
-    ``state.state_dict()``, gradients included, every buffer, non-persistent ones too, and each module's class, training mode, hook
-    count and which parameters take gradients) and torch's global CPU RNG too (unless the state
+    ``state.state_dict()``, gradients included, every buffer, non-persistent ones too, the tensors the modules
+    hold as plain attributes, a counter or a dict of cached tensors, which a pure step's copy copies too
+    (named ``attributes.seen``, ``attributes.<module>.<attribute>``), and each module's class, training mode,
+    hook count and which parameters take gradients; a lazy module's parameter before its first forward is compared as uninitialized:
+    a step that initializes the caller's is named, not the pure step's copy), leaves every tensor of ``batch``
+    as it was (named as ``batch[0]``, ``batch['x']``: an in-place change of the caller's data, ``inputs.clamp_``,
+    which another epoch over the same batches would see; checked before the two calls are compared, so such a
+    change is not blamed on the RNG) and torch's global CPU RNG too (unless the state
     draws from the global RNG, ``TrainState.create(..., global_rng=True)``: then the second call
     starts from the global RNG the first call started from); with
     ``deterministic`` (the default), a second call on the same state and batch gives the same
     new state and metrics, bit for bit (pass ``deterministic=False`` for kernels that are not).
     Returns the first call's result. A donated step is refused: it may reuse ``state``. The
-    caller's global RNG is put back as it was, whatever the step did. The ``with_checkpointing`` and
-    ``with_logging`` layers of a pipeline are left out of the calls, the steps inside them checked: they
-    would write the probe's checkpoint into the run's folder (which the run then takes for its own, or
-    restores) and its rows into the run's logs (under a wrapper of one's own that attrs did not make, which
-    cannot be rebuilt, they stay).
+    caller's global RNG is put back as it was, whatever the step did. The ``with_checkpointing``,
+    ``with_logging`` and ``with_profiler`` layers of a pipeline are left out of the calls, the steps inside
+    them checked: they would write the probe's checkpoint into the run's folder (which the run then takes
+    for its own, or restores), its rows into the run's logs, and its profile into the profiler's folder,
+    using up the profile's schedule so that the run's own calls would go unprofiled (under a wrapper of
+    one's own that attrs did not make, which cannot be rebuilt, they stay).
 
     >>> import torch, loopkit
     >>> state = loopkit.TrainState.create(torch.nn.Linear(2, 1))
@@ -195,6 +246,7 @@ def check_purity(
     name = _name(step)
     step = _without_writers(step)
     before = _full_snapshot(state)
+    batch_before = _batch_snapshot(batch)
     global_rng = torch.get_rng_state()
     # a state that draws from the global RNG draws from CUDA's too: each call starts from the same
     cuda_rng = torch.cuda.get_rng_state_all() if not state.rng and torch.cuda.is_initialized() else None
@@ -203,6 +255,12 @@ def check_purity(
         changed = _difference(before, _full_snapshot(state), "")
         if changed:
             raise ImpurityError(f"step {name} changed the state it was given: {changed}")
+        changed = _difference(batch_before, _batch_snapshot(batch), "")
+        if changed:
+            raise ImpurityError(
+                f"step {name} changed the batch it was given in place: {changed} (the caller's data: another epoch "
+                "over the same batches would see other values; change a copy, inputs.clamp(-1, 1), not inputs.clamp_)"
+            )
         own_rng = bool(state.rng)  # else the step draws from the global RNG, as a plain loop does
         if own_rng and not torch.equal(torch.get_rng_state(), global_rng):
             raise ImpurityError(
@@ -210,14 +268,14 @@ def check_purity(
                 "and put the caller's back"
             )
         if deterministic:
-            result = _full_snapshot(first), copy_tensors(dict(metrics))
+            result = _full_snapshot(first), _copy(dict(metrics))
             if not own_rng:
                 torch.set_rng_state(global_rng)
                 if cuda_rng is not None:
                     torch.cuda.set_rng_state_all(cuda_rng)
             second, again = step(state, batch)
             disagree = _difference(result[0], _full_snapshot(second), "") or _difference(
-                result[1], copy_tensors(dict(again)), "metrics"
+                result[1], _copy(dict(again)), "metrics"
             )
             if disagree:
                 raise ImpurityError(

@@ -917,12 +917,8 @@ def _clone_module(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
             attributes[name] = copied = registry.copy()
             if copied and type(copied) is not set:  # (a hook that is a method of the model's: bound to the copy)
                 memo.setdefault(_PENDING, []).extend((copied, k, v) for k, v in copied.items())
-    extra = attributes.keys() - _MODULE_STANDARD  # the module's own attributes (in_features, a user's ...)
-    if extra and not _SHARED_KINDS.issuperset(map(type, map(attributes.__getitem__, extra))):
-        own = [name for name in extra if type(attributes[name]) not in _SHARED_KINDS]  # what may reach the model:
-        if len(own) > 1:  # remapped once the whole model is copied, in the module's order (a view after its base)
-            order = {name: i for i, name in enumerate(attributes)}
-            own.sort(key=order.__getitem__)
+    own = _own_attributes(attributes)  # what may reach the model: remapped once the whole model is copied
+    if own:
         if ("_c" in own or "_actual_script_module" in own) and isinstance(module, torch.jit.ScriptModule):
             raise TypeError(
                 f"loopkit cannot copy the TorchScript module {type(module).__qualname__} in the state's model "
@@ -944,6 +940,86 @@ def _clone_module(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
     elif children and "_orig_mod" in children and callable(getattr(new, "_initialize", None)):
         new._initialize()  # torch.compile's wrapper: its forward, bound to the original's inner module, bound to the copy's
     return new
+
+
+def _own_attributes(attributes: dict[str, Any]) -> list[str]:
+    """The names, in the module's order (a view after its base), of the attributes in ``attributes`` (a module's
+    ``__dict__``) that a copy makes its own by :func:`_copied_attribute`: the module's own ones (not those every
+    ``nn.Module`` has) whose values are not shared as they are (a number, a string, a dtype).
+
+    >>> model = torch.nn.Linear(1, 1)
+    >>> model.seen, model.name = torch.zeros(()), "head"
+    >>> _own_attributes(vars(model))
+    ['seen']
+    """
+    extra = attributes.keys() - _MODULE_STANDARD  # the module's own attributes (in_features, a user's ...)
+    if not extra or _SHARED_KINDS.issuperset(map(type, map(attributes.__getitem__, extra))):
+        return []
+    own = [name for name in extra if type(attributes[name]) not in _SHARED_KINDS]
+    if len(own) > 1:
+        order = {name: i for i, name in enumerate(attributes)}
+        own.sort(key=order.__getitem__)
+    return own
+
+
+def _shared_container(value: Any) -> bool:
+    """Whether the list, tuple, set or dict ``value`` (a module's attribute) is shared by a copy as it is: a large
+    one of plain values (a vocabulary, class names), not copied at every pure step."""
+    if len(value) <= _SMALL:
+        return False
+    return type(next(iter(value.values() if isinstance(value, dict) else value))) in _SHARED_KINDS
+
+
+def _state_fields(value: Any) -> dict[str, Any] | None:
+    """The attributes of ``value`` when it is an object of one's own that holds a tensor or a module (a cache), which
+    a copy copies (:func:`_copied_attribute`); None for any other value."""
+    fields = getattr(value, "__dict__", None)
+    if type(fields) is dict and not callable(value) and any(isinstance(v, (torch.Tensor, nn.Module)) for v in fields.values()):
+        return fields
+    return None
+
+
+def attribute_tensors(model: nn.Module) -> dict[str, Any]:
+    """The state :func:`fork` copies from the modules' own attributes, besides parameters and buffers: each plain
+    tensor (a counter, a cache), each generator's state, in the lists, tuples, dicts and objects of one's own holding
+    them (as dicts by key or index), by ``"<module name>.<attribute>"``; attributes holding none are left out. What
+    ``loopkit.check_purity`` compares, found by the rules the copy follows (:func:`_own_attributes`).
+
+    >>> model = torch.nn.Linear(1, 1)
+    >>> model.seen, model.cache = torch.zeros(()), {"last": torch.ones(2), "label": "x"}
+    >>> {name: sorted(tree) if isinstance(tree, dict) else tree.shape for name, tree in attribute_tensors(model).items()}
+    {'seen': torch.Size([]), 'cache': ['last']}
+    """
+    found: dict[str, Any] = {}
+    for prefix, module in model.named_modules():
+        attributes = vars(module)
+        for name in _own_attributes(attributes):
+            tree = _attribute_tree(attributes[name])
+            if tree is not None:
+                found[f"{prefix}.{name}" if prefix else name] = tree
+    return found
+
+
+def _attribute_tree(value: Any) -> Any:
+    """What of an attribute's value a copy copies as state (:func:`_copied_attribute`): a tensor as it is, a
+    generator as its state, and the containers and objects of one's own holding them as dicts; None when it holds
+    none (plain values, functions, methods, modules: a module of the model is compared as a module)."""
+    if isinstance(value, torch.Tensor):
+        return value
+    kind = type(value)
+    if kind is torch.Generator:
+        return value.get_state()
+    if kind is list or kind is tuple or isinstance(value, dict):
+        if _shared_container(value):
+            return None
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        fields = dict(items)
+    else:
+        fields = _state_fields(value)
+        if fields is None:
+            return None
+    found = {key: tree for key, tree in ((key, _attribute_tree(v)) for key, v in fields.items()) if tree is not None}
+    return found or None
 
 
 def _own_lazy_hooks(new: nn.Module, module: nn.Module) -> None:
@@ -1046,8 +1122,7 @@ def _copied_attribute(value: Any, memo: dict[int, Any]) -> Any:
         return value
     kind = type(value)
     if kind is list or kind is tuple or kind is set or isinstance(value, dict):
-        items = value.values() if isinstance(value, dict) else value
-        if len(value) > _SMALL and type(next(iter(items))) in _SHARED_KINDS:
+        if _shared_container(value):
             return value  # a large container of plain values (a vocabulary): shared, not copied at every pure step
         if kind is list or kind is tuple:
             return kind(_copied_attribute(v, memo) for v in value)
@@ -1072,8 +1147,8 @@ def _copied_attribute(value: Any, memo: dict[int, Any]) -> Any:
         generator = torch.Generator(value.device)
         generator.set_state(value.get_state())
         return generator
-    fields = getattr(value, "__dict__", None)  # an object of one's own holding a tensor or a module (a cache)
-    if type(fields) is dict and not callable(value) and any(isinstance(v, (torch.Tensor, nn.Module)) for v in fields.values()):
+    fields = _state_fields(value)  # an object of one's own holding a tensor or a module (a cache)
+    if fields is not None:
         copied = copy.copy(value)
         copied.__dict__.update({k: _copied_attribute(v, memo) for k, v in fields.items()})
         return copied

@@ -20,7 +20,8 @@ import torch
 from loopkit.errors import StateMismatchError
 
 __all__ = [
-    "copy_tensors", "decode_tree", "device_available", "devices_here", "encode_tree", "from_plain", "path_str", "tensors",
+    "copy_tensors", "decode_tree", "device_available", "devices_here", "encode_tree", "from_plain", "named_tensors", "path_str",
+    "tensors",
     "to_device", "to_plain",
 ]
 
@@ -112,6 +113,25 @@ def tensors(tree: Any) -> Iterator[torch.Tensor]:
     elif dataclasses.is_dataclass(tree) and not isinstance(tree, type):
         for f in dataclasses.fields(tree):
             yield from tensors(getattr(tree, f.name, None))
+
+
+def named_tensors(tree: Any, path: str = "batch") -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors :func:`tensors` finds, in its order, each with where it sits (as :func:`to_device` names it).
+
+    >>> [name for name, _ in named_tensors({"x": torch.zeros(2), "ids": [torch.ones(1), "id"]})]
+    ["batch['x']", "batch['ids'][0]"]
+    """
+    if isinstance(tree, torch.Tensor):
+        yield path, tree
+    elif isinstance(tree, Mapping):
+        for key, value in tree.items():
+            yield from named_tensors(value, f"{path}[{key!r}]")
+    elif isinstance(tree, (list, tuple)):
+        for i, value in enumerate(tree):
+            yield from named_tensors(value, f"{path}[{i}]")
+    elif dataclasses.is_dataclass(tree) and not isinstance(tree, type):
+        for f in dataclasses.fields(tree):
+            yield from named_tensors(getattr(tree, f.name, None), f"{path}.{f.name}")
 
 
 def _move(obj: Any, device: torch.device, non_blocking: bool, path: str) -> Any:

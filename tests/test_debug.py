@@ -218,3 +218,114 @@ def test_sparse_gradients_mid_accumulation_are_compared_by_value():
 
     with pytest.raises(ImpurityError, match="weight"):
         check_purity(sloppy, state, torch.tensor([[2, 3]]))
+
+
+class _Counting(torch.nn.Module):
+    """A model keeping plain tensors as attributes (no parameters or buffers), which fork copies as state: a counter
+    its forward updates, and a dict of tensors."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 1)
+        self.seen = torch.zeros(())
+        self.cache = {"last": torch.zeros(4), "labels": ["a", "b"]}
+
+    def forward(self, x):
+        self.seen.add_(1)  # in place, on the model the step was given: the pure step's copy
+        self.cache["last"] = x.detach().mean(0)
+        return self.linear(x)
+
+
+@pytest.mark.parametrize("change, where", [
+    (lambda m: m.seen.add_(1), r"attributes\.seen differs \(max abs difference 1\)"),
+    (lambda m: m.cache["last"].fill_(3.0), r"attributes\.cache\.last differs \(max abs difference 3\)"),
+])
+def test_a_step_changing_a_plain_tensor_attribute_of_the_callers_model_is_named(change, where, batches, mse_loss):
+    """fork copies a module's plain tensor attributes (and the dicts holding them) as state, so train_step leaves
+    the caller's alone: the check compares them too, and names a step that changes the caller's."""
+    torch.manual_seed(0)
+    model = _Counting()
+    state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    step = loopkit.train_step(lambda m, b: m(b).pow(2).mean())
+    batch = torch.randn(8, 4)
+    new, _ = check_purity(step, state, batch)  # the pure step's forward updates its copy's attributes
+    direct, _ = step(state, batch)  # the reference: a pure step leaves the caller's attributes as they were
+    assert float(state.model.seen) == 0.0 and float(direct.model.seen) == float(new.model.seen) == 1.0
+    assert torch.equal(state.model.cache["last"], torch.zeros(4))
+
+    with pytest.raises(ImpurityError, match="changed the state it was given: " + where):
+        check_purity(_meddling(lambda state: change(state.model)), state, batch)
+
+
+def test_the_profiler_layer_is_left_out_and_the_run_is_profiled_as_configured(tmp_path, make_mlp, make_sgd_state,
+                                                                               batches, mse_loss, take_snapshot,
+                                                                               assert_trees_equal):
+    """A probe through with_profiler wrote its summary and trace into the run's folder and used up the schedule, so
+    the run's own calls were not profiled."""
+    inner = loopkit.train_step(mse_loss)
+    step = loopkit.with_profiler(inner, tmp_path / "prof", wait=0, warmup=1, active=1)
+    state = make_sgd_state(make_mlp(0))
+    new, _ = check_purity(step, state, batches[0])
+    assert list((tmp_path / "prof").iterdir()) == []
+    assert_trees_equal(take_snapshot(new), take_snapshot(inner(state, batches[0])[0]))
+    for batch in batches[:2]:  # the run's own calls: the ones profiled
+        state, _ = step(state, batch)
+    summary = (tmp_path / "prof" / "summary.txt").read_text()
+    assert "loopkit.step" in summary and sum(1 for f in (tmp_path / "prof").iterdir() if f.name.endswith(".pt.trace.json")) == 1
+
+
+def _lazy_state(global_rng: bool) -> loopkit.TrainState:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.LazyLinear(3), torch.nn.ReLU(), torch.nn.Linear(3, 1))
+    return loopkit.TrainState.create(model, torch.optim.Adam(model.parameters(), lr=0.1), global_rng=global_rng)
+
+
+@pytest.mark.parametrize("global_rng", [False, True])
+def test_a_lazy_module_before_its_first_forward_is_checked(global_rng, take_snapshot, assert_trees_equal):
+    """An uninitialized parameter has no values to copy: the check crashed with torch's ValueError. Now the pure
+    step passes (its copies are initialized alike on both calls, the caller's module stays lazy), and a step running
+    the caller's own forward, which initializes the caller's parameters, is named."""
+    batch = torch.randn(8, 4)
+    step = loopkit.train_step(lambda m, b: m(b).pow(2).mean())
+    state = _lazy_state(global_rng)
+    new, _ = check_purity(step, state, batch)
+    assert isinstance(state.model[0], torch.nn.LazyLinear)
+    assert isinstance(state.model[0].weight, torch.nn.parameter.UninitializedParameter)
+    if not global_rng:  # the reference: the step called directly (a state with its own RNG initializes alike)
+        assert_trees_equal(take_snapshot(new), take_snapshot(step(_lazy_state(global_rng), batch)[0]))
+
+    def forward_on_the_callers_model(state, batch):
+        state.model(batch)
+        return state.evolve(step=state.step + 1), {}
+
+    with pytest.raises(ImpurityError, match=r"changed the state it was given: model\.0\.weight changed from "
+                                            r"uninitialized .* to a tensor torch\.float32\[3, 4\]"):
+        check_purity(forward_on_the_callers_model, state, batch)
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_a_step_changing_the_callers_batch_in_place_is_named(deterministic, make_mlp, make_sgd_state, batches):
+    """The check never looked at the batch: a clamp_ (the same on both calls) passed, and a mul_ with
+    deterministic=True was blamed on the RNG. The changed entry is named, before the calls are compared."""
+    state = make_sgd_state(make_mlp(0))
+    x, y = batches[0][0] * 3, batches[0][1]
+
+    def clamping(model, batch):
+        inputs, target = batch
+        inputs.clamp_(-1, 1)
+        return ((model(inputs) - target) ** 2).mean()
+
+    with pytest.raises(ImpurityError, match=r"changed the batch it was given in place: batch\[0\] differs"):
+        check_purity(loopkit.train_step(clamping), state, (x.clone(), y), deterministic=deterministic)
+
+    def doubling(model, batch):
+        batch["x"].mul_(2)
+        return ((model(batch["x"]) - batch["y"]) ** 2).mean()
+
+    with pytest.raises(ImpurityError, match=r"changed the batch it was given in place: batch\['x'\] differs"):
+        check_purity(loopkit.train_step(doubling), state, {"x": x.clone(), "y": y, "id": "a"},
+                     deterministic=deterministic)
+    clean = (x.clone(), y)
+    check_purity(loopkit.train_step(lambda m, b: ((m(b[0].clamp(-1, 1)) - b[1]) ** 2).mean()), state, clean,
+                 deterministic=deterministic)
+    assert torch.equal(clean[0], x)
