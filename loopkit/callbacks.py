@@ -94,12 +94,17 @@ class Callback:
     not the callback's own and are not counted. A callback of Lightning's own (``EarlyStopping``, ``ModelCheckpoint``,
     ``LearningRateMonitor``, ...), or one deriving from a Lightning class, is refused too, naming loopkit's
     counterpart (:class:`EarlyStopping`, ``with_checkpointing``, :class:`LearningRateMonitor`): its hooks take
-    ``(trainer, pl_module)``; only a subclass of this class that puts it ahead of the Lightning base
+    ``(trainer, pl_module)``; a subclass of this class that puts it ahead of the Lightning base
     (``class C(loopkit.Callback, L.Callback)``: loopkit's hooks are the ones called) is taken. One exception to the
-    refusal of Lightning-named hooks: a callback written for both trainers, whose class
+    refusal of Lightning-named hooks and bases: a callback written for both trainers, whose class
     defines, besides each Lightning-named hook that has a loopkit counterpart, that counterpart too (and has
     one such pair at least, e.g. ``on_train_epoch_end`` and ``on_epoch_end``), runs, with a ``UserWarning``
-    naming the Lightning-named hooks loopkit will not call.
+    naming the Lightning-named hooks loopkit will not call. Lightning's Trainer calls every hook of its
+    ``Callback``, so such a callback subclasses it, ahead of this class if at all (``class C(L.Callback)``;
+    with this class ahead, the Trainer calls :meth:`on_fit_start` with ``(trainer, pl_module)`` and fails).
+    loopkit never calls a hook a Lightning class defines, those under loopkit's names included (Lightning's
+    ``on_fit_start``, ``on_fit_end``, ``on_validation_end``, ``state_dict``, ``load_state_dict``); a loopkit hook
+    of the callback's own that takes Lightning's ``(trainer, pl_module)`` is refused when the fit starts.
 
     >>> class Counter(Callback):
     ...     def __init__(self):
@@ -147,6 +152,29 @@ class Callback:
 
 #: the hooks that may run before ``run_epochs``' first step (and so change the state before it)
 _EARLY_HOOKS = ("on_fit_start", "on_epoch_start", "on_batch_start", "on_validation_end")
+_LIGHTNING_PACKAGES = ("lightning", "pytorch_lightning", "lightning_fabric")  # told by module name, never imported
+
+
+def _from_lightning(cls: type | None) -> bool:
+    """Whether the class ``cls`` is defined in a Lightning package (told by its module's name)."""
+    return cls is not None and str(getattr(cls, "__module__", "")).split(".")[0] in _LIGHTNING_PACKAGES
+
+
+def _loopkit_hook(callback: Any, name: str) -> Any:
+    """The hook ``name`` that ``run_epochs`` calls on ``callback`` (its attribute of that name), or None: it has
+    none, or the one it has is inherited from a class of a Lightning package. Lightning's ``Callback`` defines
+    ``on_fit_start``, ``on_fit_end``, ``on_validation_end`` (taking ``(trainer, pl_module)``), ``state_dict`` and
+    ``load_state_dict`` under loopkit's names: a callback written for both trainers subclasses it, and loopkit
+    calls only the hooks of its own.
+
+    >>> _loopkit_hook(Callback(), "on_fit_start") is not None, _loopkit_hook(Callback(), "on_train_start")
+    (True, None)
+    """
+    if name not in getattr(callback, "__dict__", {}):  # (one set on the object itself is its own)
+        owner = next((c for c in type(callback).__mro__ if name in c.__dict__), None)
+        if _from_lightning(owner):
+            return None
+    return getattr(callback, name, None)
 
 
 def may_change_state_early(callback: Any) -> bool:
@@ -162,7 +190,7 @@ def may_change_state_early(callback: Any) -> bool:
             return False  # (a subclass's own early hooks are judged as any callback's)
     return any(
         getattr(type(callback), hook, None) is not getattr(Callback, hook) or hook in getattr(callback, "__dict__", {})
-        for hook in _EARLY_HOOKS if hasattr(callback, hook)
+        for hook in _EARLY_HOOKS if _loopkit_hook(callback, hook) is not None
     )
 
 

@@ -37,7 +37,7 @@ from loopkit._epoch_data import TRAIN, call_seeded, check_factory, factory_name,
 from loopkit._numbers import as_int, as_real
 from loopkit._sharded import fsdp_modules
 from loopkit._window import EPOCH, OVER_RANKS, own_buffers, own_rng, own_share
-from loopkit.callbacks import Callback, may_change_state_early
+from loopkit.callbacks import Callback, _from_lightning, _loopkit_hook, may_change_state_early
 from loopkit.checkpoint import capture_global_rng, install_global_rng
 from loopkit.progress import ProgressBar, progress_wanted
 from loopkit.rng import epoch_order_seed as _order_seed
@@ -810,7 +810,6 @@ _LIGHTNING_HOOKS: dict[str, tuple[str | None, str]] = {
     "on_before_zero_grad": (None, "a step transform: loopkit.with_grad_hook(step, fn) sees the gradients before "
                                   "the update"),
 }
-_LIGHTNING_PACKAGES = ("lightning", "pytorch_lightning", "lightning_fabric")  # told by module name, never imported
 #: loopkit's counterpart of each Lightning callback a fit refuses (by class name); any other: the porting guide
 _LIGHTNING_COUNTERPARTS = {
     "EarlyStopping": "loopkit.EarlyStopping(monitor, ...)",
@@ -821,9 +820,10 @@ _LIGHTNING_COUNTERPARTS = {
 
 def _check_callbacks(callbacks: Any, *, warn: bool = True) -> list[Any]:
     """``callbacks`` as a list (one callback alone is taken, as Lightning takes it); a class, an object with
-    none of the hooks, one of Lightning's own callbacks (:func:`_refuse_lightning_callback`), or one whose class
-    defines hooks under Lightning's names (which loopkit never calls) is refused by name; ``warn``: warn of an
-    object written for both Lightning and loopkit (:func:`_check_ported`)."""
+    none of the hooks, one of Lightning's own callbacks (:func:`_refuse_lightning_callback`), one with a loopkit hook
+    taking Lightning's ``(trainer, pl_module)`` (:func:`_refuse_lightning_signatures`), or one whose class defines
+    hooks under Lightning's names (which loopkit never calls) is refused by name; ``warn``: warn of an object
+    written for both Lightning and loopkit (:func:`_check_ported`)."""
     if any(hasattr(callbacks, hook) for hook in _HOOKS) or isinstance(callbacks, type):
         callbacks = [callbacks]
     if isinstance(callbacks, (str, bytes)) or not hasattr(callbacks, "__iter__"):
@@ -832,30 +832,30 @@ def _check_callbacks(callbacks: Any, *, warn: bool = True) -> list[Any]:
     for i, cb in enumerate(checked):
         if isinstance(cb, type):
             raise TypeError(f"run_epochs: callbacks[{i}] is the class {cb.__qualname__}; pass an instance, {cb.__qualname__}(...)")
-        _refuse_lightning_callback(cb, f"run_epochs: callbacks[{i}] ({type(cb).__qualname__})")
-        _check_ported(cb, f"run_epochs: callbacks[{i}] ({type(cb).__qualname__})", warn)
-        if not any(hasattr(cb, hook) for hook in _HOOKS):
+        who = f"run_epochs: callbacks[{i}] ({type(cb).__qualname__})"
+        _refuse_lightning_callback(cb, who)
+        _refuse_lightning_signatures(cb, who)
+        _check_ported(cb, who, warn)
+        if not any(_loopkit_hook(cb, hook) is not None for hook in _HOOKS):
             raise TypeError(
                 f"run_epochs: callbacks[{i}] ({type(cb).__qualname__}) has none of the hooks {', '.join(_HOOKS)}"
             )
     return checked
 
 
-def _from_lightning(cls: type | None) -> bool:
-    """Whether the class ``cls`` is defined in a Lightning package (told by its module's name)."""
-    return cls is not None and str(getattr(cls, "__module__", "")).split(".")[0] in _LIGHTNING_PACKAGES
-
-
 def _refuse_lightning_callback(callback: Any, who: str) -> None:
     """Refuse a callback whose class is, or derives from, one of Lightning's (``lightning.pytorch``,
     ``pytorch_lightning``, ``lightning_fabric``): its hooks take ``(trainer, pl_module)``, which loopkit never
-    gives (it would fail at ``on_fit_start``); the message names loopkit's counterpart. A :class:`Callback`
-    subclass whose loopkit hooks are all loopkit's, none of them Lightning's (``class C(loopkit.Callback,
-    L.Callback)``), is taken: its Lightning base's other hooks are never called (:func:`_check_ported`)."""
+    gives; the message names loopkit's counterpart. Two kinds are taken: a :class:`Callback` subclass whose loopkit
+    hooks are all loopkit's, none of them Lightning's (``class C(loopkit.Callback, L.Callback)``), and a callback
+    written for both trainers (:func:`_written_for_both`), whose Lightning base's hooks, those under loopkit's names
+    included, loopkit never calls (:func:`loopkit.callbacks._loopkit_hook`)."""
     lightning = [c for c in type(callback).__mro__ if _from_lightning(c)]
     if not lightning:
         return
     if isinstance(callback, Callback) and not any(_from_lightning(_hook_owner(callback, h)) for h in _HOOKS):
+        return
+    if _written_for_both(callback):
         return
     named = next((c for c in lightning if c.__name__ in _LIGHTNING_COUNTERPARTS), None)
     instead = (f"use {_LIGHTNING_COUNTERPARTS[named.__name__]}" if named is not None
@@ -881,17 +881,61 @@ def _check_ported(callback: Any, who: str, warn: bool) -> None:
     ported = [name for name in _LIGHTNING_HOOKS if _own_hook(callback, name)]
     if not ported:
         return
-    renamed = [name for name in ported if _LIGHTNING_HOOKS[name][0] is not None]
-    if renamed and all(_own_hook(callback, _LIGHTNING_HOOKS[name][0]) for name in renamed):
+    if _written_for_both(callback):
         if warn:
+            renamed = [name for name in ported if _LIGHTNING_HOOKS[name][0] is not None]
             pairs = ", ".join(f"{name} beside {_LIGHTNING_HOOKS[name][0]}" for name in renamed)
+            inherited = [name for name in (*_HOOKS, "state_dict", "load_state_dict")
+                         if hasattr(callback, name) and _loopkit_hook(callback, name) is None]
+            nor = f", nor its Lightning base's {', '.join(inherited)}" if inherited else ""
             warnings.warn(f"{who} defines Lightning's hooks as well as loopkit's ({pairs}): taken as written for both "
-                          f"trainers, run_epochs never calls {', '.join(ported)}", UserWarning, stacklevel=4)
+                          f"trainers, run_epochs never calls {', '.join(ported)}{nor}{_for_lightnings_trainer(callback)}",
+                          UserWarning, stacklevel=4)
         return
     hints = [f"rename {name} -> {ours}" if ours else f"{name}: no loopkit hook ({advice})"
              for name, (ours, advice) in ((name, _LIGHTNING_HOOKS[name]) for name in ported)]
     raise TypeError(f"{who} defines hooks under Lightning's names, which loopkit never calls: {'; '.join(hints)} "
                     "(a hook receives the state, and the metrics, not (trainer, pl_module): see loopkit.Callback)")
+
+
+def _written_for_both(callback: Any) -> bool:
+    """Whether ``callback`` is written for both trainers: it defines, itself, hooks under Lightning's names, one with
+    a loopkit counterpart at least, and beside each such hook its loopkit counterpart (``on_train_epoch_end`` and
+    ``on_epoch_end``)."""
+    renamed = [name for name, (ours, _) in _LIGHTNING_HOOKS.items() if ours is not None and _own_hook(callback, name)]
+    return bool(renamed) and all(_own_hook(callback, _LIGHTNING_HOOKS[name][0]) for name in renamed)
+
+
+def _for_lightnings_trainer(callback: Any) -> str:
+    """What a callback written for both trainers lacks for Lightning's Trainer to run it (for the warning), or ""."""
+    if not any(_from_lightning(c) for c in type(callback).__mro__):
+        return ("; Lightning's Trainer calls every hook of its Callback, so subclass lightning.pytorch.Callback for it "
+                "(run_epochs calls none of that base's hooks)")
+    if _hook_owner(callback, "on_fit_start") is Callback:
+        return ("; Lightning's Trainer would call loopkit.Callback's on_fit_start(state) with (trainer, pl_module) and "
+                "fail: put Lightning's Callback ahead of loopkit.Callback, or leave loopkit.Callback out")
+    return ""
+
+
+#: the parameters that tell a hook written for Lightning's Trainer (its hooks take ``(trainer, pl_module, ...)``)
+_LIGHTNING_PARAMETERS = ("trainer", "pl_module")
+
+
+def _refuse_lightning_signatures(callback: Any, who: str) -> None:
+    """Refuse a callback with a loopkit hook of its own that takes Lightning's ``(trainer, pl_module)`` (an
+    ``on_fit_start`` written for Lightning's Trainer): loopkit would call it with the state, and it would fail, or
+    take the state for the trainer, mid-fit."""
+    for name in _HOOKS:
+        hook = _loopkit_hook(callback, name)
+        try:
+            parameters = tuple(inspect.signature(hook).parameters)[:2] if callable(hook) else ()
+        except (TypeError, ValueError):  # (a signature that cannot be read: taken as loopkit's)
+            continue
+        if parameters == _LIGHTNING_PARAMETERS:
+            raise TypeError(f"{who}: its {name} takes Lightning's (trainer, pl_module), but run_epochs calls it with "
+                            "the state (see loopkit.Callback); a callback for both trainers leaves the hooks of the "
+                            "names they share (on_fit_start, on_fit_end, on_validation_end) to lightning.pytorch."
+                            "Callback, or write one callback for each trainer")
 
 
 def _own_hook(callback: Any, name: str) -> bool:
@@ -1287,10 +1331,10 @@ class _StopOnSignal:
 
 
 def _defines(callback: Any, hook: str) -> bool:
-    """Whether ``callback`` has ``hook``, other than :class:`Callback`'s own no-op."""
+    """Whether ``callback`` has ``hook``, other than :class:`Callback`'s own no-op and one of a Lightning class."""
     if hook in getattr(callback, "__dict__", {}):
         return True
-    return getattr(type(callback), hook, None) not in (None, getattr(Callback, hook))
+    return _loopkit_hook(callback, hook) is not None and getattr(type(callback), hook, None) is not getattr(Callback, hook)
 
 
 class _Hooks:
@@ -1315,7 +1359,8 @@ class _Hooks:
         self.stateful = _stateful(self.callbacks)
 
     def call(self, name: str, *args: Any) -> list[Any]:
-        return [getattr(cb, name)(*args) for cb in self.callbacks if hasattr(cb, name)]
+        """Call each callback's hook ``name`` (not one it inherits from a Lightning class: :func:`_loopkit_hook`)."""
+        return [hook(*args) for cb in self.callbacks if (hook := _loopkit_hook(cb, name)) is not None]
 
     def restore(self, state: TrainState) -> None:
         """Load each stateful callback's counters from ``state.extras`` (a resumed run continues them)."""
@@ -1576,7 +1621,7 @@ def _flushed(step: Any, state: TrainState) -> tuple[TrainState, Metrics, bool]:
 def _tell_flush_end(step: Any, hooks: _Hooks, state: TrainState, metrics: Metrics) -> None:
     """Call the callbacks' ``on_flush_end`` for the flush's update; scalars one returns go to the loggers."""
     for callback in hooks.callbacks:
-        hook = getattr(callback, "on_flush_end", None)
+        hook = _loopkit_hook(callback, "on_flush_end")
         logged = None if hook is None else hook(state, metrics)
         if logged is not None and _scalars(logged, metrics, callback, "on_flush_end"):
             step.notify("batch_end", state, logged)
@@ -1611,14 +1656,15 @@ def _marked(state: TrainState) -> TrainState:
 
 
 def _stateful(callbacks: Sequence[Any]) -> list[tuple[str, Any]]:
-    """``(extras key, callback)`` for each callback with ``state_dict`` and ``load_state_dict``.
+    """``(extras key, callback)`` for each callback with ``state_dict`` and ``load_state_dict`` (of its own, not
+    Lightning's ``Callback``'s: :func:`_loopkit_hook`).
 
     The key is ``callbacks/`` and the callback's ``state_key`` (or its class name), with
     ``#2``, ``#3``... for later callbacks of the same key, in the order given.
     """
     keyed: list[tuple[str, Any]] = []
     for cb in callbacks:
-        if callable(getattr(cb, "state_dict", None)) and callable(getattr(cb, "load_state_dict", None)):
+        if callable(_loopkit_hook(cb, "state_dict")) and callable(_loopkit_hook(cb, "load_state_dict")):
             base = f"{_CALLBACKS}{getattr(cb, 'state_key', None) or type(cb).__qualname__}"
             seen = sum(1 for key, _ in keyed if key == base or key.startswith(base + "#"))
             keyed.append((base if not seen else f"{base}#{seen + 1}", cb))
@@ -1886,8 +1932,8 @@ def run_epochs(
         superseded.add(current, handed)  # (the state given, and the one the hooks see: both replaced below)
         current = handed
         for callback in hooks.callbacks:  # (what one returns, the next ones see: the metrics dict is the record's)
-            if hasattr(callback, "on_validation_end"):
-                _add_validation_extras(metrics, callback, callback.on_validation_end(current, metrics))
+            if (hook := _loopkit_hook(callback, "on_validation_end")) is not None:
+                _add_validation_extras(metrics, callback, hook(current, metrics))
         current = hooks.keep(current)
         if notify:
             step.notify("validation_end", current, metrics)
@@ -2171,8 +2217,8 @@ def run_epochs(
                 record.update(last_val)
                 bar.close({k: v for k, v in record.items() if k.startswith("train/")})  # (and the validation's)
                 for cb in hooks.callbacks:
-                    if hasattr(cb, "on_epoch_end"):
-                        _add_epoch_extras(record, cb, cb.on_epoch_end(state, dict(record)))
+                    if (hook := _loopkit_hook(cb, "on_epoch_end")) is not None:
+                        _add_epoch_extras(record, cb, hook(state, dict(record)))
                 superseded.add(state)
                 if exhausted:  # an epoch cut short keeps the counters from before its on_epoch_end: the run that
                     # finishes it calls on_epoch_end for it again, as the whole run does once; under DDP, a stop

@@ -296,16 +296,34 @@ def _lightning_hook(name: str):
     return hook
 
 
-def _stand_in(module: str, name: str, base: type = object) -> type:
+def _state_dict(self):
+    self.calls.append("state_dict")
+    return {}
+
+
+def _load_state_dict(self, state_dict):
+    self.calls.append("load_state_dict")
+
+
+def _stand_in(module: str, name: str, base: type = object, **more) -> type:
     """A stand-in for a Lightning callback class (tests do not import lightning): its ``__module__`` is
-    Lightning's, its hooks sharing loopkit's names take ``(trainer, pl_module)``, as Lightning 2.6.6's do."""
+    Lightning's, its hooks sharing loopkit's names (``on_fit_start``, ``on_fit_end``, ``on_validation_end``,
+    ``state_dict``, ``load_state_dict``) take Lightning 2.6.6's arguments; each records its calls on the object."""
     hooks = {hook: _lightning_hook(hook) for hook in ("on_fit_start", "on_fit_end", "on_validation_end")}
     cls = type(name, (base,), {"__module__": module, "__init__": lambda self: setattr(self, "calls", []),
-                               "state_dict": lambda self: {}, "load_state_dict": lambda self, d: None, **hooks})
+                               "state_dict": _state_dict, "load_state_dict": _load_state_dict, **hooks, **more})
     return cls
 
 
-_PLCallback = _stand_in("lightning.pytorch.callbacks.callback", "Callback")
+def _lightning_only_hook(name: str):
+    def hook(self, trainer, pl_module, *args):
+        self.calls.append(name)
+    return hook
+
+
+# Lightning 2.6.6's Callback: every hook of its (those of loopkit's names above, and the others)
+_PLCallback = _stand_in("lightning.pytorch.callbacks.callback", "Callback",
+                        **{name: _lightning_only_hook(name) for name in _LIGHTNING_ONLY})
 _PLEarlyStopping = _stand_in("lightning.pytorch.callbacks.early_stopping", "EarlyStopping", _PLCallback)
 _PLModelCheckpoint = _stand_in("lightning.pytorch.callbacks.model_checkpoint", "ModelCheckpoint", _PLCallback)
 _PLLearningRateMonitor = _stand_in("lightning.pytorch.callbacks.lr_monitor", "LearningRateMonitor", _PLCallback)
@@ -350,8 +368,8 @@ def test_a_lightning_callback_is_refused_at_the_fit_start_naming_loopkits_counte
 
 
 def test_a_loopkit_callback_ahead_of_a_lightning_base_runs_and_behind_it_is_refused():
-    """Mixed with loopkit.Callback first, loopkit's hooks are the ones called; with Lightning's base first, its
-    on_fit_start(trainer, pl_module) would be."""
+    """Mixed with loopkit.Callback first, loopkit's hooks are the ones called; with Lightning's base first and no
+    hook of Lightning's of its own (not written for both trainers), it is a Lightning callback."""
     calls: list[str] = []
 
     class Ahead(loopkit.Callback, _PLCallback):
@@ -367,6 +385,63 @@ def test_a_loopkit_callback_ahead_of_a_lightning_base_runs_and_behind_it_is_refu
     behind = Behind()
     _fit_refused(behind, r"\.Behind\) derives from Lightning's lightning\.pytorch\.callbacks\.callback\.Callback")
     assert calls == ["on_epoch_end"] and behind.calls == []
+
+
+class _Dual:
+    """The hooks of a callback written for both trainers: Lightning's on_train_epoch_end, loopkit's on_epoch_end."""
+
+    def __init__(self):
+        self.calls = []
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.calls.append("on_train_epoch_end")
+
+    def on_epoch_end(self, state, metrics):
+        self.calls.append("on_epoch_end")
+
+
+@pytest.mark.parametrize("bases", [(_PLCallback,), (_PLCallback, loopkit.Callback)], ids=["L", "L-then-loopkit"])
+def test_a_callback_for_both_trainers_on_lightnings_base_runs_none_of_the_bases_hooks(bases):
+    """Before: docs and loopkit.Callback promised that a callback for both trainers runs, but one Lightning's Trainer
+    can run must subclass Lightning's Callback (the Trainer calls every hook), and such a class was refused (before
+    that, its base's on_fit_start(trainer, pl_module) was called with the state: "missing 'pl_module'"). Now loopkit
+    calls its own hooks and none of the base's, those under loopkit's names included. Reference: the stand-in's
+    record of its calls, its hooks taking Lightning 2.6.6's arguments."""
+    dual = type("Dual", (_Dual, *bases), {})()
+    assert not loopkit.callbacks.may_change_state_early(dual)  # (its on_fit_start, on_validation_end: the base's)
+    with pytest.warns(UserWarning, match="run_epochs never calls on_train_epoch_end, nor its Lightning base's "
+                                         "on_fit_start, on_validation_end, on_fit_end, state_dict, load_state_dict"):
+        final, history = run_epochs(train_step(mse), make_state(), make_data(2), epochs=2, callbacks=[dual],
+                                    val=(eval_step(_metric), make_data(1)), progress=False)
+    assert dual.calls == ["on_epoch_end", "on_epoch_end"]
+    assert len(history) == 2 and not any(key.startswith("callbacks/") for key in final.extras)
+
+
+def test_a_callback_for_both_trainers_with_loopkits_base_ahead_is_warned_that_lightning_fails_on_it():
+    """class Dual(loopkit.Callback, L.Callback) runs here, but Lightning's Trainer calls loopkit.Callback's
+    on_fit_start(state) with (trainer, pl_module) (Lightning 2.6.6: "takes 2 positional arguments but 3 were given");
+    the warning says so and how to order the bases. A plain class is told to subclass Lightning's Callback."""
+    dual = type("Dual", (_Dual, loopkit.Callback, _PLCallback), {})()
+    with pytest.raises(TypeError):
+        dual.on_fit_start("trainer", "pl_module")  # (what Lightning's Trainer does)
+    with pytest.warns(UserWarning, match=r"would call loopkit\.Callback's on_fit_start\(state\) with \(trainer, "
+                                         r"pl_module\) and fail: put Lightning's Callback ahead of loopkit\.Callback"):
+        run_epochs(train_step(mse), make_state(), make_data(2), epochs=1, callbacks=[dual], progress=False)
+    assert dual.calls == ["on_epoch_end"]
+    with pytest.warns(UserWarning, match="subclass lightning.pytorch.Callback for it"):
+        run_epochs(train_step(mse), make_state(), make_data(2), epochs=1, callbacks=[_Dual()], progress=False)
+
+
+@pytest.mark.parametrize("bases, hook", [((_PLCallback,), "on_fit_start"), ((), "on_fit_end"),
+                                         ((loopkit.Callback,), "on_validation_end")], ids=["L", "plain", "loopkit"])
+def test_a_loopkit_named_hook_taking_lightnings_trainer_and_pl_module_is_refused(bases, hook):
+    """Before: a hook of a name both trainers share, written for Lightning's Trainer, was called with the state:
+    on_fit_start failed with "missing 'pl_module'", on_fit_end and on_validation_end took the state for the trainer
+    (and the history, the metrics for pl_module), silently. Reference: the hook's own record of its calls."""
+    dual = type("Dual", (_Dual, *bases), {hook: _lightning_hook(f"own {hook}")})()
+    _fit_refused(dual, rf"\(Dual\): its {hook} takes Lightning's \(trainer, pl_module\), but run_epochs calls it "
+                       "with the state")
+    assert dual.calls == []
 
 
 def test_a_setup_helper_of_ones_own_is_not_taken_for_lightnings_setup():

@@ -80,6 +80,21 @@ def _buffer_syncs(options: Mapping[str, Any]) -> dict[str, Any]:
     return {"broadcast_buffers": forward, "init_sync": init}
 
 
+def _bucket_caps(options: Mapping[str, Any]) -> dict[str, Any]:
+    """``bucket_cap_mb`` and ``bucket_cap_mb_list`` as torch takes them (its ``_BucketCapacityConfig``): a non-empty
+    list sizes the buckets and ``bucket_cap_mb`` is then ignored (None here); an empty one is no list (None).
+
+    >>> _bucket_caps({"bucket_cap_mb": 25, "bucket_cap_mb_list": (5, 10)})
+    {'bucket_cap_mb': None, 'bucket_cap_mb_list': [5, 10]}
+    >>> _bucket_caps({"bucket_cap_mb_list": []}) == _bucket_caps({})
+    True
+    """
+    caps = options.get("bucket_cap_mb_list")
+    if caps:  # (torch's own test: `if bucket_cap_mb_list:`)
+        return {"bucket_cap_mb": None, "bucket_cap_mb_list": list(caps)}
+    return {"bucket_cap_mb": options.get("bucket_cap_mb"), "bucket_cap_mb_list": None}
+
+
 class DDPSync:
     """The data-parallel hook of a :class:`loopkit.TrainStep` (its ``sync`` field).
 
@@ -112,8 +127,10 @@ class DDPSync:
     def agreed_options(self) -> dict[str, Any]:
         """The ``DistributedDataParallel`` options that decide its collectives, as torch takes them (a buffers'
         broadcast before each forward and when it is built, the unused parameters' all-reduce, the buckets' sizes, a
-        static graph's first backward; an option given as its default is the option not given) and the comm hook's
-        name: every rank must give the same (see :attr:`loopkit.steps.Step.rank_agreed`).
+        static graph's first backward; an option given as its default is the option not given, ``bucket_cap_mb``
+        beside a ``bucket_cap_mb_list`` that torch takes instead is not given, an empty list is no list:
+        :func:`_bucket_caps`) and the comm hook's name: every rank must give the same (see
+        :attr:`loopkit.steps.Step.rank_agreed`).
 
         >>> DDPSync({"find_unused_parameters": True}).agreed_options["find_unused_parameters"]
         True
@@ -122,6 +139,7 @@ class DDPSync:
         """
         agreed = _buffer_syncs(self.options)
         agreed.update((option, self.options.get(option, default)) for option, default in _AGREED_DEFAULTS.items())
+        agreed.update(_bucket_caps(self.options))
         hook = self.comm_hook
         agreed["comm_hook"] = None if hook is None else getattr(hook, "__qualname__", type(hook).__qualname__)
         return agreed

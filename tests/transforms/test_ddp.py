@@ -682,3 +682,25 @@ def test_ddp_options_are_agreed_as_torch_takes_them():
     kinds = [agreed(), agreed(init_sync=False), agreed(broadcast_buffers=False), agreed(forward_sync_buffers=False),
              agreed(bucket_cap_mb_list=[1, 25]), agreed(skip_all_reduce_unused_params=True)]
     assert all(a != b for i, a in enumerate(kinds) for b in kinds[i + 1:])
+
+
+def test_ddp_bucket_options_are_agreed_as_torch_builds_the_buckets():
+    """Before: agreed_options held bucket_cap_mb and bucket_cap_mb_list as given, so ranks whose DDP buckets are
+    alike were refused at the fit's start. Reference: torch's own _BucketCapacityConfig for each spelling (a
+    non-empty list sizes the buckets and bucket_cap_mb is ignored; an empty list is no list)."""
+    from torch.nn.parallel.distributed import _BucketCapacityConfig
+
+    from loopkit.transforms.ddp import DDPSync
+
+    def torch_buckets(options):
+        return _BucketCapacityConfig.create(options.get("bucket_cap_mb"), options.get("bucket_cap_mb_list"), False)
+
+    spellings = [{}, {"bucket_cap_mb_list": []}, {"bucket_cap_mb": 25}, {"bucket_cap_mb": 25, "bucket_cap_mb_list": []},
+                 {"bucket_cap_mb": 10}, {"bucket_cap_mb_list": [5, 10]}, {"bucket_cap_mb_list": (5, 10)},
+                 {"bucket_cap_mb": 25, "bucket_cap_mb_list": [5, 10]}, {"bucket_cap_mb": 1, "bucket_cap_mb_list": [5, 10]},
+                 {"bucket_cap_mb_list": [10, 5]}, {"bucket_cap_mb_list": [10]}]
+    for i, a in enumerate(spellings):
+        for b in spellings[i + 1:]:
+            alike = torch_buckets(a) == torch_buckets(b)
+            assert (DDPSync(a).agreed_options == DDPSync(b).agreed_options) is alike, (a, b, alike)
+    assert torch_buckets({"bucket_cap_mb": 25}) != torch_buckets({})  # (the two stay apart: first bucket 25 MiB, 1)
