@@ -438,7 +438,8 @@ def leave_intact(error: BaseException, state: Any) -> BaseException:
     A donated call uses up its state even when it raises, since a failure half-way
     through an update leaves the parameters and optimizer state changed in place. A step
     that fails before its first in-place change (the loss_fn's forward, loopkit's checks
-    of the loss and metrics) marks its error so, and the state stays usable: fix the
+    of the loss and metrics, or its backward, whose gradients ``train_step`` gives back as
+    the call found them) marks its error so, and the state stays usable: fix the
     cause and call again. ``train_step`` and ``eval_step`` do this; a custom step may too.
     In-place updates made by the forward itself (BatchNorm's running statistics) stay,
     as they do in a plain loop.

@@ -1001,18 +1001,19 @@ class TrainStep(Step):
         # with_fsdp's buffers: rank 0's on every rank before a forward that follows a synced backward, as DDP does
         if sync is not None and (per_micro or not state.extras.get(_ACCUM_COUNT, 0)):
             sync.before_forward(model)
-        # a raising guard or a hook may refuse this call's gradients: what the parameters hold now is given back then
-        held = [p.grad for group in optimizer.param_groups for p in group["params"]] if self.holds_grads else None
+        # what the parameters hold now is given back after an error in the backward, or a raising guard's or a hook's
+        # refusal of this call's gradients (in one process: under data parallelism the other ranks went on)
+        held = None if sync is not None else [p.grad for group in optimizer.param_groups for p in group["params"]]
         # a raising guard's refusal (or any error that leaves the state whole) puts back what the forward wrote in place
         buffers = _buffers_copy(model) if self.keeps_call_buffers else None
         try:
             if local:
                 with sync.no_sync(net):
                     loss, metrics, stash = self._loss_and_backward(
-                        state, batch, net, first, extras, local, intact_on_error, every)
+                        state, batch, net, first, extras, local, intact_on_error, every, held)
             else:
                 loss, metrics, stash = self._loss_and_backward(
-                    state, batch, net, first, extras, local, intact_on_error, every)
+                    state, batch, net, first, extras, local, intact_on_error, every, held)
         except BaseException as error:
             scope.discard()
             if buffers is not None and state_at_error(error) is state:
@@ -1023,7 +1024,7 @@ class TrainStep(Step):
             return replace(state, batch_index=state.batch_index + 1, rng=rng), {}
         metrics = {"loss": loss.detach(), **metrics} if metrics else {"loss": loss.detach()}
         if extras is None:  # the plain step: update at once, nothing else to do
-            return keep_graph(_plain_update(state, optimizer, rng, self, batch), loss), metrics
+            return keep_graph(_plain_update(state, optimizer, rng, self, batch, held), loss), metrics
         new = _advance(state, state.step, rng, state.extras)
         ctx = GradContext(
             new, metrics, extras.pop(_FOUND_INF, None), extras.pop(_NONFINITE, None), None if sync is None else sync.agree,
@@ -1053,7 +1054,8 @@ class TrainStep(Step):
             extras.pop(_ACCUM_COUNT, None)
             return keep_graph(self._apply_update(new, extras, metrics, ctx), loss), metrics
         except BaseException as error:  # a raising guard or a hook refused the gradients, before the update
-            if held is not None and not ctx.updating and _gradients_back(state, optimizer, held, stash):
+            refusable = self.holds_grads and held is not None and not ctx.updating
+            if refusable and _gradients_back(state, optimizer, held, stash):  # type: ignore[arg-type]
                 if buffers is not None:
                     _restore_buffers(model, buffers)
                 leave_intact(error, state)
@@ -1076,7 +1078,8 @@ class TrainStep(Step):
         saved = generator.get_state() if rng else None  # the caller's global RNG, put back below
         if saved is not None:
             generator.set_state(rng["cpu"])
-        intact = True  # nothing of the state changed in place yet (the backward is the first thing that does)
+        intact = True  # nothing of the state changed in place yet (the backward changes the gradients only)
+        held = None  # the gradients as the call found them: an error in the backward gives them back
         try:
             out = self.loss_fn(model, batch)
             if type(out) is _Tensor and out.ndim == 0 and out.requires_grad and not out.is_leaf and out.is_floating_point():
@@ -1088,12 +1091,13 @@ class TrainStep(Step):
             else:
                 loss, aux = _split_loss(out, self.loss_fn)
                 metrics = {"loss": loss.detach(), **aux}
+            held = [p.grad for group in optimizer.param_groups for p in group["params"]]
             intact = False
             loss.backward()
             if saved is not None:
                 rng = {"cpu": generator.get_state()}
         except BaseException as error:
-            if intact:
+            if intact or (held is not None and _gradients_back(state, optimizer, held, None)):
                 leave_intact(error, state)
             raise
         finally:
@@ -1104,7 +1108,7 @@ class TrainStep(Step):
         except TypeError:  # another optimizer that needs a closure: found out only now, after a forward of its own
             if not needs_closure(optimizer):
                 raise
-            return _closure_update(self, state, batch, optimizer)
+            return _closure_update(self, state, batch, optimizer, held)
         scheduler = state.scheduler
         if scheduler is not None:
             scheduler.step()
@@ -1117,13 +1121,15 @@ class TrainStep(Step):
 
     def _loss_and_backward(
         self, state: TrainState, batch: Any, net: torch.nn.Module, first: torch.Tensor,
-        extras: dict[str, Any] | None, local: bool, intact_on_error: bool, every: int,
+        extras: dict[str, Any] | None, local: bool, intact_on_error: bool, every: int, held: list[Any] | None,
     ) -> tuple[Any, Metrics, Any]:
         """The loss_fn and backward of one micro-batch: ``(loss, aux metrics, stashed grads)``; loss None: skipped.
 
         ``first`` is the optimizer's first parameter: its device is the step's device.
         ``intact_on_error``: an error before the backward leaves the state whole (not so in the call
-        that built the DDP wrapper, which broadcast rank 0's parameters).
+        that built the DDP wrapper, which broadcast rank 0's parameters). ``held``: the gradients of the
+        optimizer's parameters as the call found them (None under data parallelism); an error in the
+        backward gives them back and leaves the state whole.
         """
         precision = self.precision
         try:  # nothing of the state changes in place before the backward
@@ -1151,10 +1157,23 @@ class TrainStep(Step):
         if scaled:
             to_backward = precision.scale(to_backward, extras, device)  # type: ignore[union-attr, arg-type]
         stash = _stash_grads(state.optimizer, getattr(self.sync, "grads_are_views", False)) if per_micro else None
-        if self.sync is None:
-            to_backward.backward()
-        else:
+        if held is None:  # under data parallelism: an error in the backward uses the state up
             _backward_synced(to_backward, self.sync, state, local)
+            return loss, metrics, stash
+        # a group's sum so far is set apart too, so that a backward failing half-way has added nothing to it: the
+        # backward writes this micro-batch's gradients, which are added to the sum once it is done
+        apart = stash is None and any(g is not None for g in held)
+        if apart:
+            stash = _stash_grads(state.optimizer)
+        try:
+            to_backward.backward()
+        except BaseException as error:
+            if _gradients_back(state, state.optimizer, held, stash):  # type: ignore[arg-type]
+                leave_intact(error, state)
+            raise
+        if apart:
+            _unstash_grads(stash)
+            stash = None
         return loss, metrics, stash
 
     def flush_(self, state: TrainState) -> tuple[TrainState, Metrics]:
@@ -1235,8 +1254,11 @@ def _backward_synced(loss: torch.Tensor, sync: Any, state: TrainState, local: bo
         raise sync.failure(sync.backward_collective, e, where) from e
 
 
-def _plain_update(state: TrainState, optimizer: torch.optim.Optimizer, rng: Any, step: TrainStep, batch: Any) -> TrainState:
-    """The update of a step with no gradient transform: optimizer, scheduler, zeroed gradients, counters."""
+def _plain_update(
+    state: TrainState, optimizer: torch.optim.Optimizer, rng: Any, step: TrainStep, batch: Any, held: list[Any] | None,
+) -> TrainState:
+    """The update of a step with no gradient transform: optimizer, scheduler, zeroed gradients, counters
+    (``held``: the gradients as the call found them, for an optimizer found to need a closure)."""
     try:
         optimizer.step()
     except TypeError as error:  # one that needs a closure (LBFGS)
@@ -1244,7 +1266,7 @@ def _plain_update(state: TrainState, optimizer: torch.optim.Optimizer, rng: Any,
             raise
         if step.sync is not None:
             raise _closure_refused(optimizer, "with_ddp") from error
-        return _closure_update(step, state, batch, optimizer)[0]
+        return _closure_update(step, state, batch, optimizer, held)[0]
     return _after_step(state, optimizer, rng)
 
 
@@ -1287,14 +1309,19 @@ def _closure_refused(optimizer: torch.optim.Optimizer, transforms: str) -> TypeE
     )
 
 
-def _closure_update(step: TrainStep, state: TrainState, batch: Any, optimizer: torch.optim.Optimizer) -> tuple[TrainState, Metrics]:
+def _closure_update(
+    step: TrainStep, state: TrainState, batch: Any, optimizer: torch.optim.Optimizer, held: list[Any] | None = None,
+) -> tuple[TrainState, Metrics]:
     """The update of an optimizer whose step needs a closure (LBFGS), as a loop that hands it one: the
     closure (zeroed gradients, the loss_fn, backward) runs as often as the optimizer asks, drawing from
-    the state's RNG as the call began with it; the metrics are those of its first run (before the update)."""
+    the state's RNG as the call began with it; the metrics are those of its first run (before the update).
+    ``held``: the gradients as the call found them, where the call ran a backward of its own before
+    (an optimizer found to need a closure only then); None: those the parameters hold now."""
     model, loss_fn = state.model, step.loss_fn
     first_param = _first_param(optimizer, state)
     scope = RNGScope(state.rng, _cuda_index(first_param.device) if first_param.is_cuda else None, state.seed)
     runs: list[Metrics] = []
+    finished: list[None] = []  # one per backward that ran to its end
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
@@ -1308,18 +1335,28 @@ def _closure_update(step: TrainStep, state: TrainState, batch: Any, optimizer: t
             loss, aux = _split_loss(out, loss_fn)
             runs.append({"loss": loss.detach(), **aux})
             loss.backward()
+            finished.append(None)
         return loss
 
     params = [p for group in optimizer.param_groups for p in group["params"]]
     versions = [p._version for p in params]
+    found = [p.grad for p in params] if held is None else held
+    known = set(optimizer.state)  # (LBFGS makes its state's entry, counters at 0, before it asks for the loss)
     try:
         optimizer.step(closure)
     except BaseException as error:
         scope.discard()
-        # failed in the first run's forward or checks: nothing changed in place yet, unless the optimizer moved
-        # the parameters before it asked for the loss (SAM's ascent step)
-        if len(runs) == 0 and all(p._version == v for p, v in zip(params, versions)):
-            leave_intact(error, state)
+        # failed in the first run (its forward, its checks or its backward): nothing changed in place but the
+        # gradients, given back as the call found them, unless the optimizer moved the parameters before it asked
+        # for the loss (SAM's ascent step)
+        if not finished and all(p._version == v for p, v in zip(params, versions)):
+            if not runs:  # before the backward: the closure's zero_grad set the gradients aside, none was written
+                for p, g in zip(params, found):
+                    p.grad = g
+            if not runs or _gradients_back(state, optimizer, found, None):
+                for key in [key for key in optimizer.state if key not in known]:
+                    del optimizer.state[key]
+                leave_intact(error, state)
         raise
     rng = scope.close()
     if not runs:
@@ -1372,12 +1409,15 @@ def _gradients_back(
     state: TrainState, optimizer: torch.optim.Optimizer, held: list[Any], stash: list[tuple[torch.Tensor, torch.Tensor]] | None
 ) -> bool:
     """Give the optimizer's parameters ``held``, the gradients they had when the call began, back after a
-    backward whose gradients are refused before the update; False where that backward added into them
-    in place (an accumulation group's sum, unless set apart in ``stash`` and not yet added back), or into
-    a parameter the optimizer does not hold."""
+    backward that failed or whose gradients are refused before the update; False where that backward added
+    into them in place (an accumulation group's sum, unless set apart in ``stash`` and not yet added back),
+    into a parameter the optimizer does not hold, or may have moved a parameter (a post-accumulate-grad hook:
+    an optimizer stepping in the backward)."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
     set_apart = {id(p) for p, _ in stash or ()}
     if any(g is not None and id(p) not in set_apart for p, g in zip(params, held)):
+        return False
+    if any(getattr(p, "_post_accumulate_grad_hooks", None) for p in state.model.parameters()):
         return False
     owned = {id(p) for p in params}
     if any(p.grad is not None and id(p) not in owned for p in state.model.parameters()):

@@ -1874,6 +1874,75 @@ def test_after_a_failure_at_an_epochs_end_the_relaunch_still_validates_and_recor
     assert_bitwise(params_of(resumed), params_of(whole))
 
 
+class _FailsInBackward:
+    """``mse``, whose call ``at`` makes a backward that raises: a tensor hook on the hidden layer's output that
+    raises (the last layer's gradients are written by then), or a NaN that only the backward makes (its forward adds
+    sqrt(0)), which torch.autograd.detect_anomaly() reports, as the guide's detect_anomaly recipe runs it."""
+
+    def __init__(self, at: int, kind: str) -> None:
+        self.at, self.kind, self.calls = at, kind, 0
+
+    def __call__(self, model, batch):
+        self.calls += 1
+        x, y = batch
+        hidden = model[0](x)
+        if self.calls == self.at and self.kind == "hook":
+            hidden.register_hook(self._raise)
+        loss = ((model[2](model[1](hidden)) - y) ** 2).mean()
+        if self.calls == self.at and self.kind == "anomaly":
+            loss = loss + (model[0].weight.sum() * 0).sqrt()
+        return loss
+
+    @staticmethod
+    def _raise(grad):
+        raise RuntimeError("backward boom")
+
+
+def _raw_accumulating_loop(state: TrainState, data, every: int) -> None:
+    """The reference: a hand-written loop over ``state``'s model and optimizer, each loss divided by ``every`` and
+    the optimizer stepping after every ``every`` backwards (the gradients of a partial last group stay on)."""
+    for i, batch in enumerate(data):
+        (mse(state.model, batch) / every if every > 1 else mse(state.model, batch)).backward()
+        if (i + 1) % every == 0:
+            state.optimizer.step()
+            state.optimizer.zero_grad()
+
+
+@pytest.mark.parametrize("every", [1, 2])
+@pytest.mark.parametrize("kind", ["hook", "anomaly"])
+def test_after_an_error_in_a_backward_mid_fit_the_newest_whole_state_is_the_raw_loops_and_trains_on(
+    kind, every, assert_trees_equal
+):
+    """The backward changes only the gradients, which the step gives back: state_at_error is the state before the
+    failing batch, bitwise a raw loop's after the batches before it (under with_grad_accum the group's first
+    micro-batch's gradients held, the failing one being the group's second), and training it on ends as the
+    uninterrupted run. (It was None: the whole fit was lost, though no parameter had changed.)"""
+    data = make_data(6)
+
+    def pipeline(loss_fn):
+        step = train_step(loss_fn)
+        return step if every == 1 else with_grad_accum(step, every=every)
+
+    whole, whole_history = run_epochs(pipeline(mse), make_state(), data, epochs=2, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # anomaly mode's warnings
+        with torch.autograd.detect_anomaly(), pytest.raises(RuntimeError) as caught:
+            run_epochs(pipeline(_FailsInBackward(4, kind)), make_state(), data, epochs=2, progress=False)
+    assert "backward boom" in str(caught.value) or "returned nan values" in str(caught.value)
+    left = loopkit.state_at_error(caught.value)
+    assert left is not None
+    assert (left.step, left.epoch, left.batch_index) == (3 // every, 0, 3)
+    raw = make_state()
+    _raw_accumulating_loop(raw, data[:3], every)
+    for mine, theirs in zip(left.model.parameters(), raw.model.parameters(), strict=True):
+        assert torch.equal(mine, theirs)
+        assert (mine.grad is None and theirs.grad is None) or torch.equal(mine.grad, theirs.grad)
+    assert_trees_equal(left.optimizer.state_dict(), raw.optimizer.state_dict())
+    resumed, history = run_epochs(pipeline(mse), left, data, epochs=2, progress=False)
+    assert_bitwise(params_of(resumed), params_of(whole))
+    assert history == whole_history
+
+
 class _StopAndCount(loopkit.Callback):
     """Counts batches (its state_dict, so kept in the state), asks to stop after update ``stop_at`` and
     fails once in ``fail_in`` at the update ``fail_at``."""

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -368,15 +371,90 @@ def _fail_in_backward(grad):
     raise RuntimeError("backward boom")
 
 
-@pytest.mark.parametrize("path", ["plain", "clip", "accum", "logging"])
-def test_a_donated_step_that_fails_in_its_backward_has_consumed_its_state(path, make_mlp, batches, mse_loss, make_sgd_state):
-    """Past the first in-place change (gradients accumulate during the backward) the state is used up."""
-    state = make_sgd_state(make_mlp(0))
-    list(state.model.parameters())[0].register_hook(_fail_in_backward)  # the last gradient the backward reaches
+def _nan_in_backward(fail):
+    """A loss whose forward is finite (its value is mse's) and whose backward makes a NaN: sqrt(0)'s gradient is
+    inf, times the 0 it came through. Under torch.autograd.detect_anomaly() that backward raises."""
+
+    def loss_fn(m, b):
+        weight = next(m.parameters())
+        return fail(m, b) + (weight.sum() * 0).sqrt()
+
+    return loss_fn
+
+
+def _backward_paths(loss_fn):
+    """Each path of train_step that runs a backward in one process: _step_paths' and the loss scaler's, the
+    per-micro-batch accumulation's (a gradient transform inside) and a raising guard's (it holds the gradients)."""
+    plain = loopkit.train_step(loss_fn)
+    return {
+        **_step_paths(loss_fn),
+        "accum, clip inside": loopkit.with_grad_accum(loopkit.with_grad_clip(plain, max_norm=1.0), every=2),
+        "amp float16": loopkit.with_amp(plain, dtype=torch.float16),
+        "accum, amp float16": loopkit.with_grad_accum(loopkit.with_amp(plain, dtype=torch.float16), every=2),
+        "nan guard raise": loopkit.with_nan_guard(plain, policy="raise"),
+    }
+
+
+@contextlib.contextmanager
+def _failing_backward(kind, model):
+    """The backward of the calls inside fails: a raising hook on the first parameter (the last gradient the backward
+    reaches: the others are written by then), or anomaly mode finding the NaN that _nan_in_backward's loss makes."""
+    if kind == "hook":
+        handle = next(model.parameters()).register_hook(_fail_in_backward)
+        try:
+            yield "backward boom"
+        finally:
+            handle.remove()
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # anomaly mode's own warnings, and the traceback of the forward it prints
+            with torch.autograd.detect_anomaly():
+                yield "returned nan values"
+
+
+@pytest.mark.parametrize("kind", ["hook", "anomaly"])
+@pytest.mark.parametrize("path", list(_backward_paths(lambda m, b: None)))
+def test_a_donated_step_that_fails_in_its_backward_leaves_its_state_usable_and_as_it_was(
+    path, kind, make_mlp, batches, mse_loss, make_sgd_state, take_snapshot, assert_trees_equal
+):
+    """The backward changes nothing of the state but the gradients, which the step gives back as the call found
+    them (none; or, half-way through a with_grad_accum group, the group's sum so far, bitwise): the donated state
+    stays usable and is state_at_error's, equal to an untouched twin (RNG included: the failed call drew from it),
+    and training it on gives what the twin gives. (It was used up: the backward's partial sum was lost.)"""
+    state, untouched = make_sgd_state(make_mlp(0)), make_sgd_state(make_mlp(0))
+    if path.startswith("accum"):  # the failing call is the group's second: the first one's gradients are held
+        first = loopkit.donate(_backward_paths(mse_loss)[path])
+        (state, _), (untouched, _) = first(state, batches[1]), first(untouched, batches[1])
+    bad = _draws_then(mse_loss if kind == "hook" else _nan_in_backward(mse_loss))
     global_rng = torch.get_rng_state()
-    with pytest.raises(RuntimeError, match="backward boom"):
-        loopkit.donate(_step_paths(_draws_then(mse_loss))[path])(state, batches[0])
+    with _failing_backward(kind, state.model) as match, pytest.raises(RuntimeError, match=match) as info:
+        loopkit.donate(_backward_paths(bad)[path])(state, batches[0])
     assert torch.equal(torch.get_rng_state(), global_rng)
+    assert loopkit.state_at_error(info.value) is state
+    state.check_usable()
+    assert_trees_equal(take_snapshot(state), take_snapshot(untouched))
+    good = loopkit.donate(_backward_paths(mse_loss)[path])
+    (new, metrics), (reference, expected) = good(state, batches[0]), good(untouched, batches[0])
+    assert_trees_equal(take_snapshot(new), take_snapshot(reference))
+    assert torch.equal(metrics["loss"], expected["loss"])
+
+
+def _moves_in_backward(param):
+    with torch.no_grad():
+        param.add_(1.0)
+
+
+def test_a_backward_error_under_an_optimizer_stepping_in_the_backward_uses_the_state_up(
+    make_mlp, batches, mse_loss, make_sgd_state
+):
+    """A post-accumulate-grad hook (an optimizer stepping in the backward) may have moved a parameter before the
+    backward failed: giving the gradients back would not make the state whole, so it is used up."""
+    state = make_sgd_state(make_mlp(0))
+    params = list(state.model.parameters())
+    params[-1].register_post_accumulate_grad_hook(_moves_in_backward)
+    with _failing_backward("hook", state.model), pytest.raises(RuntimeError, match="backward boom") as info:
+        loopkit.donate(loopkit.train_step(mse_loss))(state, batches[0])
+    assert loopkit.state_at_error(info.value) is None
     with pytest.raises(loopkit.DonatedStateError):
         state.evolve(step=1)
 
@@ -830,6 +908,43 @@ def test_a_closure_optimizer_whose_loss_fails_is_intact_only_if_nothing_moved(ma
     else:
         assert loopkit.state_at_error(info.value) is state
         state.check_usable()
+
+
+class _FailingOnCall:
+    """A gradient hook that raises at its ``at``-th call (the ``at``-th backward that reaches its parameter)."""
+
+    def __init__(self, at: int) -> None:
+        self.at, self.calls = at, 0
+
+    def __call__(self, grad):
+        self.calls += 1
+        if self.calls == self.at:
+            raise RuntimeError("backward boom")
+
+
+@pytest.mark.parametrize("optimizer, fails_at", [("lbfgs", 1), ("closure sgd", 1), ("closure sgd", 2)])
+def test_a_closure_optimizer_whose_first_backward_fails_leaves_its_state_as_it_was(
+    make_mlp, batches, mse_loss, take_snapshot, assert_trees_equal, optimizer, fails_at
+):
+    """LBFGS runs the backward in its closure; an optimizer found to need one (_ClosureSGD) runs the step's own
+    backward (call 1) and then the closure's (call 2). A failure in either, before the optimizer moved anything,
+    gives the gradients back as the call found them: the state is whole, and trains on as an untouched twin."""
+
+    def make(model):
+        if optimizer == "lbfgs":
+            return loopkit.TrainState.create(model, torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=3))
+        return loopkit.TrainState.create(model, _ClosureSGD(model.parameters(), lr=0.1))
+
+    step = loopkit.donate(loopkit.train_step(mse_loss))
+    state, untouched = make(make_mlp(0)), make(make_mlp(0))
+    handle = next(state.model.parameters()).register_hook(_FailingOnCall(fails_at))
+    with pytest.raises(RuntimeError, match="backward boom") as info:
+        step(state, batches[0])
+    handle.remove()
+    assert loopkit.state_at_error(info.value) is state
+    assert_trees_equal(take_snapshot(state), take_snapshot(untouched))
+    (new, _), (reference, _) = step(state, batches[0]), step(untouched, batches[0])
+    assert_trees_equal(take_snapshot(new), take_snapshot(reference))
 
 
 def test_an_lbfgs_run_resumes_from_a_file_as_the_uninterrupted_run(batches, mse_loss):

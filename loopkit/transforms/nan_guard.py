@@ -144,7 +144,7 @@ def with_nan_guard(step: Any, policy: str = "skip") -> TrainStep:
     and under ``run_epochs`` that is the fit's newest whole state, at the failing batch. What the
     failing forward wrote into the model's buffers (BatchNorm statistics) is put back too: the step
     copies them before each forward (``policy="skip"`` once per group, to put them back on a skip).
-    The state is used up where the backward added into a group's sum in place (the guard outside
+    The state is used up where the refused gradient is already in a group's sum (the guard outside
     ``with_grad_accum`` finding the summed gradient bad) and under ``with_ddp``.
 
     >>> import torch
