@@ -1160,20 +1160,15 @@ class TrainStep(Step):
         if held is None:  # under data parallelism: an error in the backward uses the state up
             _backward_synced(to_backward, self.sync, state, local)
             return loss, metrics, stash
-        # a group's sum so far is set apart too, so that a backward failing half-way has added nothing to it: the
-        # backward writes this micro-batch's gradients, which are added to the sum once it is done
-        apart = stash is None and any(g is not None for g in held)
-        if apart:
-            stash = _stash_grads(state.optimizer)
+        # a group's sum so far is not set apart (that would hold a second set of gradients at the backward's peak,
+        # which a raw accumulation loop does not): a backward failing half-way may have added into it, and
+        # _gradients_back then leaves the state used up
         try:
             to_backward.backward()
         except BaseException as error:
             if _gradients_back(state, state.optimizer, held, stash):  # type: ignore[arg-type]
                 leave_intact(error, state)
             raise
-        if apart:
-            _unstash_grads(stash)
-            stash = None
         return loss, metrics, stash
 
     def flush_(self, state: TrainState) -> tuple[TrainState, Metrics]:

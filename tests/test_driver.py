@@ -1914,10 +1914,12 @@ def test_after_an_error_in_a_backward_mid_fit_the_newest_whole_state_is_the_raw_
     kind, every, assert_trees_equal
 ):
     """The backward changes only the gradients, which the step gives back: state_at_error is the state before the
-    failing batch, bitwise a raw loop's after the batches before it (under with_grad_accum the group's first
-    micro-batch's gradients held, the failing one being the group's second), and training it on ends as the
-    uninterrupted run. (It was None: the whole fit was lost, though no parameter had changed.)"""
+    failing batch, bitwise a raw loop's after the batches before it (under with_grad_accum the failing batch is a
+    group's first), and training it on ends as the uninterrupted run. (It was None: the whole fit was lost, though
+    no parameter had changed.) A plain accumulation's backward past a group's first adds into the group's sum in
+    place, as a raw loop does: there the error uses the state up."""
     data = make_data(6)
+    fail_at = 4 if every == 1 else 5  # (the 5th batch starts the third group of 2)
 
     def pipeline(loss_fn):
         step = train_step(loss_fn)
@@ -1927,13 +1929,17 @@ def test_after_an_error_in_a_backward_mid_fit_the_newest_whole_state_is_the_raw_
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # anomaly mode's warnings
         with torch.autograd.detect_anomaly(), pytest.raises(RuntimeError) as caught:
-            run_epochs(pipeline(_FailsInBackward(4, kind)), make_state(), data, epochs=2, progress=False)
+            run_epochs(pipeline(_FailsInBackward(fail_at, kind)), make_state(), data, epochs=2, progress=False)
+        if every > 1:  # the 4th batch, a group's second
+            with torch.autograd.detect_anomaly(), pytest.raises(RuntimeError) as mid_group:
+                run_epochs(pipeline(_FailsInBackward(4, kind)), make_state(), data, epochs=2, progress=False)
+            assert loopkit.state_at_error(mid_group.value) is None
     assert "backward boom" in str(caught.value) or "returned nan values" in str(caught.value)
     left = loopkit.state_at_error(caught.value)
     assert left is not None
-    assert (left.step, left.epoch, left.batch_index) == (3 // every, 0, 3)
+    assert (left.step, left.epoch, left.batch_index) == ((fail_at - 1) // every, 0, fail_at - 1)
     raw = make_state()
-    _raw_accumulating_loop(raw, data[:3], every)
+    _raw_accumulating_loop(raw, data[:fail_at - 1], every)
     for mine, theirs in zip(left.model.parameters(), raw.model.parameters(), strict=True):
         assert torch.equal(mine, theirs)
         assert (mine.grad is None and theirs.grad is None) or torch.equal(mine.grad, theirs.grad)

@@ -418,9 +418,11 @@ def test_a_donated_step_that_fails_in_its_backward_leaves_its_state_usable_and_a
     path, kind, make_mlp, batches, mse_loss, make_sgd_state, take_snapshot, assert_trees_equal
 ):
     """The backward changes nothing of the state but the gradients, which the step gives back as the call found
-    them (none; or, half-way through a with_grad_accum group, the group's sum so far, bitwise): the donated state
-    stays usable and is state_at_error's, equal to an untouched twin (RNG included: the failed call drew from it),
-    and training it on gives what the twin gives. (It was used up: the backward's partial sum was lost.)"""
+    them (none; or, half-way through a with_grad_accum group whose inner transform sets the group's sum apart,
+    that sum, bitwise): the donated state stays usable and is state_at_error's, equal to an untouched twin (RNG
+    included: the failed call drew from it), and training it on gives what the twin gives. (It was used up.)
+    A plain accumulation's backward past the group's first adds into the sum in place, as a raw loop does (no
+    second set of gradients held): there the error uses the state up."""
     state, untouched = make_sgd_state(make_mlp(0)), make_sgd_state(make_mlp(0))
     if path.startswith("accum"):  # the failing call is the group's second: the first one's gradients are held
         first = loopkit.donate(_backward_paths(mse_loss)[path])
@@ -430,6 +432,11 @@ def test_a_donated_step_that_fails_in_its_backward_leaves_its_state_usable_and_a
     with _failing_backward(kind, state.model) as match, pytest.raises(RuntimeError, match=match) as info:
         loopkit.donate(_backward_paths(bad)[path])(state, batches[0])
     assert torch.equal(torch.get_rng_state(), global_rng)
+    if path in ("accum", "accum, amp float16"):  # added into the group's sum in place
+        assert loopkit.state_at_error(info.value) is None
+        with pytest.raises(loopkit.DonatedStateError):
+            state.check_usable()
+        return
     assert loopkit.state_at_error(info.value) is state
     state.check_usable()
     assert_trees_equal(take_snapshot(state), take_snapshot(untouched))

@@ -43,12 +43,12 @@ def with_grad_accum(step: Any, every: int | Mapping[int, int]) -> TrainStep:
     applied *outside* this one (``with_grad_clip(with_grad_accum(s))`` clips the summed
     gradient). Transforms applied *inside* (``with_grad_accum(with_grad_clip(s))``) act on
     each micro-batch's gradient. The partial sum and counter live in the state (gradients on
-    the parameters, ``accum/count`` in extras), so purity and checkpoints keep them. Each
-    micro-batch's backward writes its own gradients, added to the sum once it is done, so that an
-    error in it (``torch.autograd.detect_anomaly()``, a hook, out of memory) leaves the sum as it
-    was and the state whole (:func:`loopkit.state_at_error`); at the backward's peak it holds one
-    more set of gradients than a backward adding into the sum would (under ``with_ddp`` the
-    backward adds into the sum, and such an error uses the state up).
+    the parameters, ``accum/count`` in extras), so purity and checkpoints keep them. A
+    micro-batch's backward adds into that sum in place, as a raw accumulation loop does (no second
+    set of gradients at its peak), so an error in it (``torch.autograd.detect_anomaly()``, a hook,
+    out of memory) past a group's first micro-batch uses the state up; with a transform inside the
+    accumulation, which sets the sum apart for each micro-batch anyway, the state stays whole
+    (:func:`loopkit.state_at_error`).
     ``run_epochs`` flushes a partial group at the end of an epoch: that update uses the mean
     over the micro-batches actually seen. A call whose ``loss_fn`` skips its batch (returns None)
     takes no place in a group: a group is ``every`` batches that gave a loss, so every update
