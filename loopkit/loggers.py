@@ -3,9 +3,9 @@
 Every logger has the same small protocol: ``log_metrics(metrics, step)`` (a dict of
 floats at a global step), ``log_hparams(hparams, metrics=None)``, ``finalize()`` and a
 ``log_dir`` property. File loggers write each run under ``root/name/version_N/``, N being
-the next free integer (an earlier run is never overwritten, and two runs starting at once
-get different folders). Under ``torch.distributed`` only rank 0 writes; other ranks'
-loggers do nothing and create nothing.
+the next free integer (an earlier run is never overwritten, two runs starting at once
+get different folders, and a logger reused for another fit from a fresh state takes the next N).
+Under ``torch.distributed`` only rank 0 writes; other ranks' loggers do nothing and create nothing.
 
 >>> import tempfile
 >>> tmp = tempfile.TemporaryDirectory()
@@ -22,6 +22,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import math
 import os
 import re
@@ -254,8 +255,9 @@ class RunDirLogger(Logger):
 
     ``version=None`` claims the next free N when the logger first writes (or ``log_dir`` is
     first read: a folder it wrote nothing in is given back when :func:`loopkit.with_logging` makes it share
-    another logger's); an int uses ``version_<int>``, a string that folder name, and an existing
-    folder is reused (to continue a run). Loggers that :meth:`share_run_dir` write to one folder.
+    another logger's), and the next one for each fit from a fresh state after one it logged (see
+    :meth:`resume_at`: each run its own ``version_N``); an int uses ``version_<int>``, a string that folder
+    name, and an existing folder is reused (to continue a run). Loggers that :meth:`share_run_dir` write to one folder.
 
     >>> import tempfile
     >>> tmp = tempfile.TemporaryDirectory()
@@ -300,6 +302,8 @@ class RunDirLogger(Logger):
         self._top: int | None = None  # the highest step this logger has written metrics at, in this process
         self._epoch_now: int | None = None  # the epoch this logger's records are logged in (None: not known)
         self._last_record: tuple[int, int | None, bool] | None = None  # its last record: (step, epoch, holds "epoch")
+        self._fit_dir: str | None = None  # the run folder of this logger's last fit (its resume_at applied there)
+        self._fit_logged = False  # whether this logger wrote a record there since (during or after that fit)
 
     @property
     def log_dir(self) -> str:
@@ -388,7 +392,7 @@ class RunDirLogger(Logger):
             return
         owner = self._leader or self
         found = _collective.gather(owner.log_dir if is_rank_zero() else None)
-        if not is_rank_zero() and owner._dir is None:
+        if not is_rank_zero():  # (each fit: rank 0's may have moved to a new version, see resume_at)
             owner._dir = found[0]  # type: ignore[index]
 
     def resume_at(
@@ -402,9 +406,14 @@ class RunDirLogger(Logger):
         or this logger's own, in a fit retried from an earlier state), the next write first drops those logged
         after that position (the crashed run logged them after the checkpoint, and the resumed run logs them
         again), and a record logged again at ``step`` itself (a validation or an epoch record the checkpoint was
-        saved before: the same metrics) replaces the old one. A fresh state (step 0, epoch 0, batch 0)
-        replaces the folder's records (and TensorBoard's hyper-parameters; ``hparams.json`` is replaced when
-        the new run logs its own), with a warning. A fit that goes on from where the last one ended drops
+        saved before: the same metrics) replaces the old one. A fresh state (step 0, epoch 0, batch 0) after a fit
+        this logger logged (a cross-validation fold, a new run with the same step) is another run: a logger of
+        ``version=None`` leaves that folder as it is for the next free ``version_N`` (with the loggers sharing its
+        folder), writing there as a logger made anew would (its hyper-parameters again, without the earlier run's
+        final metrics), and says so at the ``logging`` INFO level (logger ``loopkit.loggers``). Otherwise (a fixed
+        ``version``, or records of no fit of this logger) a fresh state replaces the folder's records (and
+        TensorBoard's hyper-parameters; ``hparams.json`` is replaced when the new run logs its own), with a
+        warning. A fit that goes on from where the last one ended drops
         nothing, but a record it logs again at that step (a retry whose checkpoint was saved before that
         step's validation or epoch record) replaces the one there. A record is logged again when the resumed fit
         logs the same metrics at that step in the same epoch (when both are told); the records the resumed fit
@@ -443,9 +452,34 @@ class RunDirLogger(Logger):
             if (value is not None or label == "step") and (isinstance(value, bool) or not isinstance(value, int)
                                                            or value < 0):
                 raise ValueError(f"{who}.resume_at: {label} must be an int >= 0, got {value!r}")
-        self._resume_pos = _Position(step, epoch, batch_index, bool(finishes_epoch))
+        pos = _Position(step, epoch, batch_index, bool(finishes_epoch))
+        if pos.fresh and self.version is None and self._fit_logged:  # another run, not a retry: a folder of its own
+            self._next_version()
+        self._resume_pos = pos
         if epoch is not None:  # (the records this logger writes next are of that epoch, until its record)
             self._epoch_now = epoch
+
+    def _next_version(self) -> None:
+        """A fresh fit after one this logger (``version=None``) logged: leave the earlier fit's folder, which keeps its
+        records, for the next free ``version_N`` (claimed now, once for the loggers sharing the folder; said at the
+        ``logging`` INFO level), and write there as a logger made anew would, its hyper-parameters again."""
+        owner = self._leader or self
+        earlier = self._fit_dir
+        self._forget_folder()
+        if earlier is not None and owner._dir == earlier:  # (a logger sharing it moved them both already)
+            owner._dir = None
+            claimed = owner.log_dir  # (now: under torch.distributed, agree_log_dir hands it to the other ranks)
+            logging.getLogger(__name__).info(
+                "%s: a fresh fit (step 0) after a fit logged to %s: this run writes to %s (a fixed version= would "
+                "replace the earlier run's records instead)", type(self).__name__, earlier, claimed)
+
+    def _forget_folder(self) -> None:
+        """Drop what this logger tracks of its run folder's records and files, as a logger made anew has none;
+        its hyper-parameters are held back for the next folder (without the earlier run's final metrics)."""
+        self._new, self._relog, self._relog_records, self._redo, self._redone = {}, None, frozenset(), None, set()
+        self._top, self._top_records, self._epoch_now, self._last_record = None, set(), None, None
+        self._fit_dir, self._fit_logged = None, False
+        self._pending_hparams = None if self._hparams is None else dict(self._hparams)
 
     def _path(self, filename: str) -> str:
         """A file in the run folder (claimed now if need be, writing any hparams held back)."""
@@ -458,6 +492,7 @@ class RunDirLogger(Logger):
         if self._resume_pos is not None:
             pos, self._resume_pos = self._resume_pos, None
             self._new, self._relog, self._redo = {}, None, None  # (an earlier fit's: this one goes on from pos)
+            self._fit_dir, self._fit_logged = folder, False
             last = self._last_record
             place = None if last is None else pos.place(*last)
             # (a fresh state after this logger's own records at step 0: those written before the fit stay, unless
@@ -491,6 +526,7 @@ class RunDirLogger(Logger):
         unless it is of an epoch before the resumed one. Only records from before the fit are dropped: never
         one it wrote itself."""
         folder = self._folder()
+        self._fit_logged = self._fit_dir is not None
         keys = frozenset(metrics)
         holds = "epoch" in keys
         epoch = _epoch_value(metrics["epoch"]) if holds else self._epoch_now
@@ -1020,6 +1056,20 @@ class TensorBoardLogger(RunDirLogger):
         self._add(_scalars(metrics), step)
         self._wrote(self._file.path)  # type: ignore[union-attr]
 
+    def _forget_folder(self) -> None:
+        super()._forget_folder()
+        self._close_files()
+        self._last, self._last_step, self._final_metrics, self._hparams_written = {}, 0, None, False
+        self._summaries, self._finished, self._earlier, self._kept, self._own = 0, False, [], {}, set()
+        self._purge_step = None
+
+    def _close_files(self) -> None:
+        """Close this logger's event file and writer (the next write opens new ones)."""
+        for handle in (self._file, self._writer):
+            if handle is not None:
+                handle.close()
+        self._file = self._writer = None
+
     def _resume(self, folder: str, pos: _Position) -> None:
         for stale in os.listdir(folder):  # a rewrite a crash left unfinished (its file is whole: it was not replaced)
             if stale.startswith(".rewrite-"):
@@ -1027,10 +1077,7 @@ class TensorBoardLogger(RunDirLogger):
         if self._top is None:  # nothing logged by this logger yet: what it wrote (text, hparams) stays as it is
             self._earlier = [path for path in _event_files(folder) if path not in self._own]
         else:  # a rewind: this logger's own files are rewritten too, closed first
-            for handle in (self._file, self._writer):
-                if handle is not None:
-                    handle.close()
-            self._file = self._writer = None
+            self._close_files()
             self._earlier = _event_files(folder)
         super()._resume(folder, pos)
         last = self._kept  # the newest value of each tag kept: the HPARAMS tab's metrics, as in the run unresumed
@@ -1155,6 +1202,10 @@ class CSVLogger(RunDirLogger):
         super().__init__(root, name, version)
         self._columns: list[str] | None = None
 
+    def _forget_folder(self) -> None:
+        super()._forget_folder()
+        self._columns = None  # (the next folder's file has its own)
+
     def _check_file(self) -> None:
         """Before a record is written (and anything of this logger changes: its pending :meth:`resume_at`, what
         it tracks of its records): refuse a file of the run folder another program wrote, left as it is."""
@@ -1264,6 +1315,10 @@ class JSONLLogger(RunDirLogger):
     def __init__(self, root: str | os.PathLike = "runs", name: str = "default", version: int | str | None = None) -> None:
         super().__init__(root, name, version)
         self._checked = False  # whether the file was checked (its own, its last line ended) before a first write
+
+    def _forget_folder(self) -> None:
+        super()._forget_folder()
+        self._checked = False  # (the next folder's file is checked before its first record)
 
     def _check_file(self) -> None:
         """Before this logger's first record: refuse a file of the run folder another program wrote (left as it

@@ -605,6 +605,34 @@ def test_every_rank_reports_the_run_folder_rank_zero_writes(tmp_path, bare_env):
     assert os.path.isfile(os.path.join(dirs[1], "metrics.csv"))
 
 
+def _folds_log_dir_worker(rank: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    distributed.init(rank=rank, world_size=2, master_port=port, timeout=30)
+    try:
+        data = ddp.make_data(ddp.STEPS)
+        logger = loopkit.CSVLogger(os.path.join(out, "logs"), "cv")
+        step = loopkit.with_logging(loopkit.with_ddp(loopkit.train_step(ddp.mse)), logger, every_n_steps=1)
+        seen = []
+        for fold in range(2):  # each fold from a fresh state: a run of its own
+            loopkit.run_epochs(step, ddp.sgd_state(ddp.make_model(seed=fold)),
+                               [data[i, rank] for i in range(ddp.STEPS)], epochs=1, progress=False)
+            seen.append(logger.log_dir)
+        torch.save({"log_dirs": seen}, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        distributed.shutdown()
+
+
+@pytest.mark.slow
+def test_every_rank_reports_the_new_version_a_fresh_fit_after_another_moves_the_logger_to(tmp_path, bare_env):
+    """A logger reused for a second fold (a fresh state) moves to the next version on rank 0; rank 1 kept the folder
+    agreed at the first fold. Reference: the folders holding each fold's metrics.csv."""
+    _spawn_and_join(_folds_log_dir_worker, (_free_port(), str(tmp_path)))
+    dirs = [torch.load(os.path.join(tmp_path, f"rank{r}.pt"))["log_dirs"] for r in (0, 1)]
+    expected = [os.path.join(str(tmp_path), "logs", "cv", f"version_{k}") for k in (0, 1)]
+    assert dirs[0] == dirs[1] == expected
+    assert all(os.path.isfile(os.path.join(d, "metrics.csv")) for d in expected)
+
+
 class _AsksOnRankOne(loopkit.Callback):
     """Asks to stop at the end of the first epoch, on rank 1 only."""
 

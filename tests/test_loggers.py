@@ -196,6 +196,61 @@ def test_a_fresh_run_into_a_version_folder_replaces_the_earlier_records_with_a_w
     assert not [v for e in _events_in(fresh.log_dir) for v in e.summary.value if v.tag.startswith("_hparams_/")]
 
 
+def _hparams_json(folder):
+    with open(os.path.join(folder, "hparams.json")) as f:
+        return json.load(f)
+
+
+@pytest.mark.parametrize("make", [CSVLogger, JSONLLogger, TensorBoardLogger])
+def test_a_fresh_fit_after_one_a_logger_of_no_fixed_version_logged_takes_the_next_version(tmp_path, make, caplog):
+    """Cross-validation with one logger: each fold's fit starts from a fresh state (step 0). The second fold's
+    first write dropped the first fold's records, with a warning ("replaces them"), so the folder ended with the
+    last fold alone (Lightning's CSVLogger reused over Trainers keeps every fold). A fresh fit after one this
+    logger logged is another run: the next version_N, as SPEC's "N counting up per run" (hyper-parameters
+    written there again, said once at INFO). References: the first folder as the first fold left it, and a logger
+    made anew for the second fold. Records logged before the first fit (step 0) and a retry from a checkpoint
+    (step 2) stay in their folder, as before."""
+    folds = [_BEFORE + _AFTER, [(1, {"train/loss": 7.0}), (2, {"val/acc": 0.5}), (3, {"train/loss": 6.0})]]
+    logger = make(tmp_path / "reused", "cv")
+    logger.log_hparams({"lr": 0.1})
+    _log_all(logger, [(0, {"val/acc": 0.125})])  # before the first fit: kept by it, no move
+    logger.resume_at(0)
+    _log_all(logger, folds[0][:3] + [(3, {"train/loss": 9.0})])  # failed after step 3
+    first = logger.log_dir
+    logger.resume_at(2)  # a retry from a checkpoint of step 2: rewinds in its folder, as before
+    _log_all(logger, folds[0][3:])
+    logger.finalize()
+    assert logger.log_dir == first
+    kept = _logged(first, make)
+    with caplog.at_level("INFO", logger="loopkit.loggers"), warnings.catch_warnings():
+        warnings.simplefilter("error")  # (nothing of the first fold replaced)
+        logger.resume_at(0)
+        _log_all(logger, folds[1])
+        logger.finalize()
+    assert os.path.basename(first) == "version_0" and os.path.basename(logger.log_dir) == "version_1"
+    moved = [r.getMessage() for r in caplog.records if r.name == "loopkit.loggers"]
+    assert len(moved) == 1 and first in moved[0] and logger.log_dir in moved[0]
+    straight = make(tmp_path / "a", "cv")
+    straight.log_hparams({"lr": 0.1})
+    _log_all(straight, [(0, {"val/acc": 0.125})] + folds[0])
+    straight.finalize()
+    fresh = make(tmp_path / "b", "cv")
+    fresh.log_hparams({"lr": 0.1})
+    fresh.resume_at(0)
+    _log_all(fresh, folds[1])
+    fresh.finalize()
+    assert _logged(first, make) == kept == _logged(straight.log_dir, make)
+    assert _logged(logger.log_dir, make) == _logged(fresh.log_dir, make)
+    assert _hparams_json(first) == _hparams_json(logger.log_dir) == {"lr": 0.1}
+    if make is TensorBoardLogger:  # the HPARAMS tab: one summary in each folder, the fold's own final metrics
+        for folder, reference in ((first, straight.log_dir), (logger.log_dir, fresh.log_dir)):
+            infos = [_hparams_content(read_events(f))["_hparams_/session_start_info"].session_start_info.hparams
+                     for f in (folder, reference)]
+            assert infos[0] == infos[1]
+            tags = [v.tag for e in _events_in(folder) for v in e.summary.value if v.tag.startswith("_hparams_/")]
+            assert tags == ["_hparams_/experiment", "_hparams_/session_start_info", "_hparams_/session_end_info"]
+
+
 def test_writes_before_a_resumed_fit_do_not_keep_the_crashed_runs_records(tmp_path):
     """A script that reads log_dir, logs hyper-parameters or writes through tb.writer before run_epochs: the
     resume_at of the fit's beginning still applies (the writer's file is closed and rewritten with the rest)."""

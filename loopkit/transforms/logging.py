@@ -151,14 +151,14 @@ class LoggingStep(WrapperStep):
         if event == "fit_begin":  # the step a fit continues the run from: what a folder holds after it goes
             # (in an epoch a max_steps cut recorded at this step: this fit finishes it, and records it whole)
             finishes = state.batch_index > 0 and state.extras.get(RECORDED) == state.step
+            for logger in self.loggers:  # (first: a fresh fit after one a logger logged moves it to a new folder)
+                resume_at = getattr(logger, "resume_at", None)
+                if resume_at is not None:
+                    _resume_at(resume_at, state, finishes)
             for logger in self.loggers:
                 agree = getattr(logger, "agree_log_dir", None)
                 if agree is not None:  # (under DDP, every rank's log_dir is rank 0's folder)
                     agree()
-            for logger in self.loggers:
-                resume_at = getattr(logger, "resume_at", None)
-                if resume_at is not None:
-                    _resume_at(resume_at, state, finishes)
             self._log_unlogged(state)
             return
         if event == "validation_end":

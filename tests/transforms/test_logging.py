@@ -758,6 +758,58 @@ def test_a_fresh_run_into_a_pinned_version_folder_replaces_the_earlier_run_with_
         assert f.read() == second
 
 
+def test_one_step_reused_for_cross_validation_folds_gives_each_fold_a_version_of_its_own(
+    tmp_path, make_mlp, make_batches, make_sgd_state, caplog
+):
+    """One with_logging step (TensorBoard, CSV and JSONL loggers of one folder) built once and run for 3 folds,
+    each from a fresh state: each fold's fit dropped the earlier folds' records, warning that it "replaces them",
+    so version_0 ended with the last fold alone (Lightning's CSVLogger reused over 3 Trainers keeps all 24 rows).
+    Now each fold is a run of its own, version_0..2, said once a fold at INFO and not warned about. Reference: each
+    fold run alone, with loggers made anew."""
+    evaluator = eval_step(mse_metric)
+
+    def loggers(root):
+        tb, csv_logger, jsonl = TensorBoardLogger(root, "cv"), CSVLogger(root, "cv"), JSONLLogger(root, "cv")
+        tb.log_hparams({"lr": 0.1, "folds": 3})
+        return tb, csv_logger, jsonl
+
+    def fold(step, k):
+        batches = make_batches(6, seed=k)
+        train, val = batches[:4], batches[4:]
+        run_epochs(step, make_sgd_state(make_mlp(seed=k)), train, epochs=2, val=(evaluator, val), progress=False)
+
+    reused = loggers(tmp_path / "reused")
+    step = with_logging(train_step(loss_with_mae), *reused, every_n_steps=2)
+    with caplog.at_level("INFO", logger="loopkit.loggers"), warnings.catch_warnings():
+        warnings.simplefilter("error")  # (no earlier fold replaced)
+        for k in range(3):
+            fold(step, k)
+            assert {lg.log_dir for lg in reused} == {str(tmp_path / "reused" / "cv" / f"version_{k}")}
+    assert len([r for r in caplog.records if r.name == "loopkit.loggers"]) == 2  # (once a move, not once a logger)
+    assert sorted(os.listdir(tmp_path / "reused" / "cv")) == ["version_0", "version_1", "version_2"]
+    for k in range(3):
+        alone = loggers(tmp_path / f"alone{k}")
+        fold(with_logging(train_step(loss_with_mae), *alone, every_n_steps=2), k)
+        folder, reference = tmp_path / "reused" / "cv" / f"version_{k}", alone[0].log_dir
+        assert _logged_files(folder) == _logged_files(reference)
+        with open(os.path.join(folder, "hparams.json")) as f, open(os.path.join(reference, "hparams.json")) as g:
+            assert json.load(f) == json.load(g) == {"lr": 0.1, "folds": 3}
+        assert _hparams_tab(folder) == _hparams_tab(reference)  # (once, with the fold's own final metrics)
+
+
+def _hparams_tab(folder):
+    """What TensorBoard's HPARAMS tab shows of a run folder: its summaries' tags, hyper-parameters and metrics."""
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    content = {tag: plugin_data_pb2.HParamsPluginData.FromString(c)
+               for tag, c in events.PluginTagToContent("hparams").items()}
+    start = content["_hparams_/session_start_info"].session_start_info.hparams
+    metrics = [m.name.tag for m in content["_hparams_/experiment"].experiment.metric_infos]
+    return sorted(content), {k: v.number_value for k, v in start.items()}, metrics
+
+
 # --- purity, host syncs, composition ------------------------------------------------------------
 
 
