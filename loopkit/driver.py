@@ -1330,6 +1330,26 @@ class _StopOnSignal:
             torch.distributed.destroy_process_group(self._group)
 
 
+def _signal_stop() -> str | None:
+    """The stop the running ``run_epochs`` of this thread has agreed on after a signal (``"SIGTERM"``, or under DDP
+    ``"a stop signal on another rank"``), or None: no signal came, no fit runs, or this is not the main thread
+    (where alone a fit handles signals). Read from the fit's :class:`_StopOnSignal` handler, so a callback's hook
+    (``on_fit_end``) tells a graceful stop from a fit that ended short of its budget otherwise
+    (``limit_train_batches=0``, data that ran out).
+
+    >>> _signal_stop() is None
+    True
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    for name in ("SIGTERM", "SIGINT"):
+        sig = getattr(signal, name, None)
+        stop = getattr(signal.getsignal(sig), "__self__", None) if sig is not None else None
+        if isinstance(stop, _StopOnSignal):
+            return stop.agreed
+    return None
+
+
 def _defines(callback: Any, hook: str) -> bool:
     """Whether ``callback`` has ``hook``, other than :class:`Callback`'s own no-op and one of a Lightning class."""
     if hook in getattr(callback, "__dict__", {}):

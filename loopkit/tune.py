@@ -6,9 +6,12 @@ validation's ``monitor`` value is reported to the trial, and a trial the study's
 judges hopeless stops there (``optuna.TrialPruned``). :func:`create_study` keeps the study
 in SQLite by default (``<directory>/<study_name>.db``), so an interrupted search resumes: the
 finished trials stay, and a trial whose process died (killed, out of memory) is marked ``FAIL``
-and run again with the same parameters (Optuna's heartbeat: see :func:`create_study`); any
+and run again with the same parameters (Optuna's heartbeat: see :func:`create_study`;
+:func:`retried_trial_number` names the dead trial whose checkpoints the rerun resumes); any
 Optuna storage URL (``postgresql://...``, ``mysql://...``) lets processes on many machines
-work on one study, each running :func:`optimize` with the same name and URL.
+work on one study, each running :func:`optimize` with the same name and URL. Each process
+runs its own trials: under a ``torch.distributed`` group of several ranks :func:`optimize`
+is refused (see there for DDP trials).
 Needs the ``tune`` extra (``pip install loopkit[tune]``, which installs Optuna).
 
 >>> import tempfile, torch, loopkit
@@ -31,25 +34,30 @@ Needs the ``tune`` extra (``pip install loopkit[tune]``, which installs Optuna).
 from __future__ import annotations
 
 import contextlib
-
 import math
 import os
 import urllib.parse
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from loopkit._collective import rank_and_size
 from loopkit._numbers import as_int, as_real
 from loopkit.callbacks import MonitorCallback
-from loopkit.driver import _check_callbacks, run_epochs
+from loopkit.driver import _check_callbacks, _signal_stop, run_epochs
 from loopkit.state import TrainState
+
+try:  # serialises the making of a new SQLite study (POSIX); without it, made as Optuna makes it
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
 
 if TYPE_CHECKING:  # optuna is an optional dependency, imported when used
     import optuna
 
-__all__ = ["PruningCallback", "create_study", "fit", "optimize", "storage_url"]
+__all__ = ["PruningCallback", "create_study", "fit", "optimize", "retried_trial_number", "storage_url"]
 
 
 def _optuna() -> Any:
@@ -112,6 +120,14 @@ def create_study(
     trial stays ``RUNNING``). A ``storage=`` storage object is used as it was made; configure
     its heartbeat there (these three options are then refused).
 
+    Several processes may make (or resume) one SQLite study at once (a job array's workers, each
+    calling :func:`optimize`): they take turns on an exclusive lock of ``<file>.lock``, a file left
+    next to the SQLite file (``fcntl.flock``), while the storage and the study are made, since
+    Optuna's schema creation is not safe against a second process doing the same (``table ...
+    already exists``, optuna/optuna#4621). Where ``fcntl`` is missing (Windows) there is no lock:
+    start one process first there. Other storages (``postgresql://``, a storage object) are made
+    as Optuna makes them.
+
     >>> import tempfile
     >>> tmp = tempfile.TemporaryDirectory()
     >>> study = create_study("s", directory=tmp.name)
@@ -139,16 +155,17 @@ def create_study(
                 "loopkit.tune: heartbeat_interval, grace_period and max_retry configure the storage made from a URL; "
                 "the given storage object has its own (optuna.storages.RDBStorage(url, heartbeat_interval=...))"
             )
-    elif heartbeat_interval is not None:
-        storage = _heartbeat_storage(optuna, storage, heartbeat_interval, grace_period, max_retry)
-    study = optuna.create_study(
-        storage=storage,
-        study_name=study_name,
-        direction=direction or "minimize",
-        sampler=sampler,
-        pruner=pruner if pruner is not None else optuna.pruners.MedianPruner(),
-        load_if_exists=load_if_exists,
-    )
+    with _creation_lock(where):  # (Optuna's schema creation races in SQLite: optuna/optuna#4621)
+        if isinstance(storage, str) and heartbeat_interval is not None:
+            storage = _heartbeat_storage(optuna, storage, heartbeat_interval, grace_period, max_retry)
+        study = optuna.create_study(
+            storage=storage,
+            study_name=study_name,
+            direction=direction or "minimize",
+            sampler=sampler,
+            pruner=pruner if pruner is not None else optuna.pruners.MedianPruner(),
+            load_if_exists=load_if_exists,
+        )
     stored = study.direction.name.lower()
     if direction is not None and stored != direction:
         raise ValueError(
@@ -173,6 +190,42 @@ def _check_heartbeat(heartbeat_interval: Any, grace_period: Any, max_retry: Any)
             )
     if max_retry is not None and (as_int(max_retry) is None or as_int(max_retry) < 0):
         raise ValueError(f"loopkit.tune: max_retry must be an int >= 0 or None (no limit), got {max_retry!r}")
+
+
+@contextlib.contextmanager
+def _creation_lock(storage: Any) -> Iterator[None]:
+    """Hold an exclusive ``fcntl.flock`` on ``<file>.lock`` beside the file of an SQLite storage URL while a study is
+    made in it, so that processes making one new study at once take turns in Optuna's schema creation; nothing for
+    another storage, an in-memory SQLite, a folder that does not exist (Optuna names it) or without ``fcntl``."""
+    path = _sqlite_file(storage) if fcntl is not None else None
+    handle = None
+    if path is not None:
+        with contextlib.suppress(OSError):  # (a folder one cannot write to: made as Optuna makes it)
+            handle = open(path + ".lock", "a")  # noqa: SIM115 - closed below
+    if handle is None:
+        yield
+        return
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        yield
+    finally:
+        handle.close()  # (releases the lock)
+
+
+def _sqlite_file(storage: Any) -> str | None:
+    """The absolute path of the database file an SQLite storage URL names, or None (another storage, in memory).
+
+    >>> _sqlite_file("sqlite:////tmp/a%20b/s.db"), _sqlite_file("sqlite://"), _sqlite_file("postgresql://h/db")
+    ('/tmp/a b/s.db', None, None)
+    """
+    if not isinstance(storage, str) or not storage.startswith("sqlite:"):
+        return None
+    from sqlalchemy.engine import make_url  # (Optuna's RDB storage is SQLAlchemy's)
+
+    database = make_url(storage).database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    return os.path.abspath(database)
 
 
 def _heartbeat_storage(optuna: Any, url: str, heartbeat_interval: int, grace_period: int | None, max_retry: int | None) -> Any:
@@ -210,7 +263,16 @@ def optimize(
     Optuna's ``study.optimize`` options, passed on (``optuna.study.MaxTrialsCallback(n)`` caps the
     study's trials over all the processes that share it). Before each trial, a trial whose process died is marked
     ``FAIL`` and rerun with its parameters (see :func:`create_study`); the rerun counts as one
-    of the ``n_trials``.
+    of the ``n_trials`` (:func:`retried_trial_number` tells its objective which trial's checkpoints to resume).
+
+    Under a ``torch.distributed`` process group of more than one process (torchrun) it is refused:
+    each rank would ask the study for a trial of its own, and the ranks of one DDP job would train
+    their replicas with other hyper-parameters. Run the search with one process per trial (workers
+    without a process group, each calling this with the same study name and storage), or train each
+    trial under DDP with a trial the ranks share: Optuna's ``TorchDistributedTrial``
+    (``optuna-integration``): on rank 0 ``create_study(...).optimize(lambda t:
+    objective(TorchDistributedTrial(t)), n_trials=n)``, on the others ``objective(TorchDistributedTrial(None))``
+    ``n`` times; :func:`fit` takes that trial.
 
     >>> import tempfile
     >>> tmp = tempfile.TemporaryDirectory()
@@ -235,6 +297,7 @@ def optimize(
             "dropout masks and their values could not be reproduced; run trials in parallel processes instead, "
             "each calling optimize with the same study_name and storage"
         )
+    _refuse_process_group("loopkit.tune.optimize")
     if study is None:
         study = create_study(**study_options)
     elif study_options:
@@ -244,6 +307,54 @@ def optimize(
         show_progress_bar=show_progress_bar,
     )
     return study
+
+
+def _refuse_process_group(who: str) -> None:
+    """Refuse a search (or a fit of one process's own trial) under a ``torch.distributed`` group of several ranks."""
+    rank, size = rank_and_size()
+    if size > 1:
+        raise RuntimeError(
+            f"{who}: this process is rank {rank} of a torch.distributed process group of {size}: each rank would ask "
+            "the study for a trial of its own, and the ranks of one DDP job would train their replicas with other "
+            "hyper-parameters (DDP averages their gradients: the replicas drift apart and each trial records a mix). "
+            "Run the search with one process per trial (workers without a process group, each calling "
+            "tune.optimize with the same study_name and storage), or share each trial over the ranks with "
+            "optuna_integration.TorchDistributedTrial: on rank 0 tune.create_study(...).optimize(lambda t: "
+            "objective(TorchDistributedTrial(t)), n_trials=n), on the others objective(TorchDistributedTrial(None)) "
+            "n times (tune.fit takes that trial)"
+        )
+
+
+def retried_trial_number(trial: Any) -> int | None:
+    """The number of the trial whose process died that ``trial`` reruns with its parameters, or None (not a rerun).
+
+    Optuna's heartbeat (see :func:`create_study`) marks a trial whose process died ``FAIL`` and
+    queues a copy; the objective of that rerun finds the dead trial's checkpoints by this number
+    (the first trial of the series: a rerun of a rerun gives the trial that died first, so every
+    rerun resumes from the one folder). ``trial`` is the objective's argument (or a
+    ``FrozenTrial``); Optuna's ``RetryFailedTrialCallback.retried_trial_number`` takes a frozen
+    trial only (Optuna 5's live trial has no ``system_attrs``)::
+
+        def objective(trial):
+            died = tune.retried_trial_number(trial)
+            folder = f"checkpoints/trial-{trial.number if died is None else died}"  # (not `died or`: trial 0)
+            step = loopkit.with_checkpointing(loopkit.train_step(loss_fn), folder, every_n_epochs=1)
+            state = loopkit.restore(build(trial), folder)  # (the built state itself where nothing was saved)
+            return tune.fit(trial, step, state, train, val=val, epochs=10)
+
+    >>> import optuna
+    >>> study = optuna.create_study()
+    >>> retried_trial_number(study.ask())
+    """
+    system_attrs = getattr(trial, "system_attrs", None)  # a FrozenTrial's
+    if system_attrs is None:
+        study, number = getattr(trial, "study", None), getattr(trial, "number", None)
+        if number is None or not callable(getattr(study, "get_trials", None)):
+            raise TypeError(f"loopkit.tune.retried_trial_number: trial must be an optuna trial (the objective's argument), "
+                            f"got {type(trial).__qualname__}")
+        system_attrs = next((t.system_attrs for t in study.get_trials(deepcopy=False) if t.number == number), {})
+    number = system_attrs.get("failed_trial")
+    return None if number is None else int(number)
 
 
 class PruningCallback(MonitorCallback):
@@ -261,12 +372,17 @@ class PruningCallback(MonitorCallback):
     fit runs again (its state was saved before it) keeps its step. A step the trial already
     holds (an earlier fit of this same trial reported that validation) is not reported again:
     Optuna would ignore the value with a warning. A state without the count (trained
-    without this callback) starts it at 1.
+    without this callback) starts it at 1. The extras keep the run's last value and the step it
+    was reported at too (``last``, a ``(step, value)`` pair): a fit with no validation left to run
+    (the rerun of a trial that died after its fit's last checkpoint, or whose remaining epochs
+    do not validate) gives :func:`fit` the value the uninterrupted fit returns.
 
     When the study's pruner says so (or the value is NaN or infinite) the callback asks
     ``run_epochs`` to stop (``should_stop``): that validation is still logged and checkpointed,
     the fit ends as usual, and then ``on_fit_end`` raises ``optuna.TrialPruned`` (:func:`fit`
     raises it itself, after recording the history). ``reported`` holds what this fit reported.
+    ``signal`` is the signal that stopped the fit gracefully (``"SIGTERM"``; see
+    :func:`loopkit.run_epochs`), read at ``on_fit_end``, or None.
 
     >>> import optuna, torch
     >>> trial = optuna.create_study().ask()
@@ -291,6 +407,8 @@ class PruningCallback(MonitorCallback):
         self.report_step = report_step
         self.reported: dict[int, float] = {}
         self.count = 0  # the values checked in the run so far (a resumed fit's state holds the earlier ones)
+        self.last: tuple[int, float] | None = None  # the run's last value checked and the step it was reported at
+        self.signal: str | None = None  # the signal that stopped the fit (on_fit_end reads it)
         self.should_stop = False
         self.pruned = False
         self.raise_at_fit_end = True
@@ -306,23 +424,43 @@ class PruningCallback(MonitorCallback):
         return f"PruningCallback[{self.monitor}]"
 
     def state_dict(self) -> dict[str, Any]:
-        """The count of values checked so far, for checkpoints (``run_epochs`` keeps it in ``state.extras``)."""
-        return {"count": self.count}
+        """The count of values checked so far and the last one (``step``, ``value``; None before the first), for
+        checkpoints (``run_epochs`` keeps it in ``state.extras``)."""
+        step, value = self.last if self.last is not None else (None, None)
+        return {"count": self.count, "step": step, "value": value}
 
     def load_state_dict(self, sd: Mapping[str, Any]) -> None:
-        """Continue the count :meth:`state_dict` returned (a fit resumed from a checkpoint)."""
+        """Continue the count :meth:`state_dict` returned (a fit resumed from a checkpoint), and its last value (a
+        state saved by a loopkit that kept only the count has none)."""
         self.count = int(sd["count"])
+        step, value = sd.get("step"), sd.get("value")
+        self.last = None if step is None or value is None else (int(step), float(value))
 
     def on_fit_start(self, state: TrainState) -> None:
         """Start each fit afresh; a resumed run's count comes back from ``state.extras`` right after."""
         self.count = 0
+        self.last = self.signal = None
         self.reported = {}
         self.should_stop = self.pruned = False
 
     def on_fit_end(self, state: TrainState, history: list[dict[str, float]]) -> None:
-        """Raise ``optuna.TrialPruned`` now if the trial was pruned (and ``raise_at_fit_end``)."""
+        """Note the signal that stopped the fit, if one did; raise ``optuna.TrialPruned`` now if the trial was pruned
+        (and ``raise_at_fit_end``)."""
+        self.signal = _signal_stop()
         if self.pruned and self.raise_at_fit_end:
             self.raise_if_pruned()
+
+    def report_last(self) -> None:
+        """Report the run's last value (``last``, from the state) at its step, as :meth:`check` did, and ask the
+        pruner: for a fit that checked none (nothing left to validate), whose trial (a rerun) holds none yet."""
+        if self.last is None:
+            raise ValueError("PruningCallback.report_last: the run has checked no value yet")
+        step, value = self.last
+        if not _holds_step(self.trial, step):
+            self.trial.report(value, step)
+        self.reported[step] = value
+        if not math.isfinite(value) or self.trial.should_prune():
+            self.pruned = True
 
     def raise_if_pruned(self) -> None:
         """Raise ``optuna.TrialPruned`` if the pruner stopped this trial."""
@@ -337,6 +475,7 @@ class PruningCallback(MonitorCallback):
         if not _holds_step(self.trial, step):
             self.trial.report(value, step)
         self.reported[step] = value
+        self.last = step, float(value)
         if not math.isfinite(value) or self.trial.should_prune():
             self.pruned = self.should_stop = True
 
@@ -374,12 +513,22 @@ def fit(
     open after a successful fit, as Lightning's) is finished as the trial's fit ends, pruned or
     not, so each trial has a run of its own (a write through that logger after this resumes its
     run: log a trial's hyper-parameters before ``fit``). A pruned trial raises ``optuna.TrialPruned`` out of here,
-    which ``study.optimize`` records. A fit a signal stopped gracefully (SIGTERM, Ctrl-C: short of its
-    ``epochs`` or ``max_steps`` with no callback's stop) raises ``KeyboardInterrupt``: the trial is not finished
-    (Optuna marks it failed and stops the study, as it does on Ctrl-C). Use it as an objective's last line (see the module).
+    which ``study.optimize`` records. A fit a signal stopped gracefully (SIGTERM, Ctrl-C: ``run_epochs`` agreed to
+    stop on one, short of its ``epochs`` or ``max_steps``, with no callback's stop) raises ``KeyboardInterrupt``: the
+    trial is not finished (Optuna marks it failed and stops the study, as it does on Ctrl-C). A fit that ends short
+    of its budget otherwise (the data ran out) returns its last value, as ``run_epochs`` returns (with a warning).
+    ``limit_train_batches=0`` (training off: no epoch, no value) is refused; a baseline's value is
+    ``loopkit.evaluate(eval_step, state, val_data)``. Use it as an objective's last line (see the module).
     A ``state`` restored from a checkpoint of an earlier fit (the rerun of a trial whose
-    process died) reports its validations at the steps the uninterrupted fit would
-    (see :class:`PruningCallback`).
+    process died: :func:`retried_trial_number` names the trial whose checkpoints to restore)
+    reports its validations at the steps the uninterrupted fit would (see :class:`PruningCallback`);
+    one restored at its fit's end (the process died after the last checkpoint), or with no
+    validation left to run, reports the run's last value (kept in the state's extras) at its
+    step, asks the pruner, and returns it: the uninterrupted fit's value.
+
+    Under a ``torch.distributed`` process group of several ranks, a trial of the study's own
+    (``optuna.trial.Trial``, which each rank would have asked for itself) is refused (see
+    :func:`optimize`); a trial the ranks share (``TorchDistributedTrial``) is taken.
 
     >>> import optuna, torch, loopkit
     >>> model = torch.nn.Linear(2, 1)
@@ -395,6 +544,13 @@ def fit(
         raise ValueError(f"loopkit.tune.fit: monitor must be a metric name such as 'val/loss', got {monitor!r}")
     if monitor.startswith("val/") and run_epochs_options.get("val") is None:
         raise ValueError(f"loopkit.tune.fit: monitor '{monitor}' is a validation metric; pass val=(eval_step, val_data)")
+    if isinstance(trial, _optuna().trial.Trial):
+        _refuse_process_group("loopkit.tune.fit")
+    limit = run_epochs_options.get("limit_train_batches")
+    if limit is not None and not isinstance(limit, bool) and as_real(limit) == 0:
+        raise ValueError(f"loopkit.tune.fit: limit_train_batches={limit!r} turns training off: run_epochs runs no "
+                         f"epoch, so the trial would have no '{monitor}' to report or return; for a baseline's value "
+                         "use loopkit.evaluate(eval_step, state, val_data)")
     callbacks = _check_callbacks(callbacks, warn=False)  # (run_epochs' rule: one callback alone is taken too; it warns)
     pruning = PruningCallback(trial, monitor, report_step=report_step)
     pruning.raise_at_fit_end = False  # raised below, once the history is recorded
@@ -407,14 +563,19 @@ def fit(
     _finish_tracker_runs(step)
     trial.set_user_attr("history", [_numbers(record) for record in history])
     trial.set_user_attr("step", final.step)
-    if _stopped_short(final, run_epochs_options, [*callbacks, pruning]):  # preempted: not a finished trial
-        raise KeyboardInterrupt(f"loopkit.tune.fit: a signal (SIGTERM, Ctrl-C) stopped the trial's fit at step "
+    if pruning.signal is not None and _stopped_short(final, run_epochs_options, [*callbacks, pruning]):
+        raise KeyboardInterrupt(f"loopkit.tune.fit: a signal ({pruning.signal}) stopped the trial's fit at step "
                                 f"{final.step}; it is not finished, so it reports no value")
     pruning.raise_if_pruned()
     values = [record[monitor] for record in history if monitor in record]
-    if not values:
+    if values:
+        return float(values[-1])
+    if pruning.last is None:
         raise ValueError(f"loopkit.tune.fit: no epoch recorded '{monitor}' (history keys: {sorted(history[-1]) if history else []})")
-    return float(values[-1])
+    if not pruning.reported:  # nothing left to validate: the run's last value, kept in the state, as the whole fit's
+        pruning.report_last()
+        pruning.raise_if_pruned()
+    return pruning.last[1]
 
 
 def _finish_tracker_runs(step: Any) -> None:
@@ -435,7 +596,7 @@ def _finish_tracker_runs(step: Any) -> None:
 
 def _stopped_short(final: TrainState, options: Mapping[str, Any], callbacks: list[Any]) -> bool:
     """Whether ``run_epochs`` returned before its budget (``epochs``, ``max_steps``) with no callback asking to stop:
-    a graceful stop on a signal, after which the fit is not finished."""
+    after a graceful stop on a signal (which the caller checks), the fit is then not finished."""
     if any(getattr(cb, "should_stop", False) for cb in callbacks):
         return False
     epochs, max_steps = options.get("epochs"), options.get("max_steps")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import json
 import os
 import re
 import subprocess
@@ -136,12 +138,58 @@ def test_a_fit_resumed_from_a_checkpoint_reports_each_validation_at_the_uninterr
     assert sorted(resumed) == sorted(expected)
 
 
+# (run_epochs options, the update at which the first fit dies after its newest checkpoint, the rerun's epochs
+# left): every epoch validated, the process died after the fit's last checkpoint (post-fit work); or validations
+# every 2 epochs, died in the 3rd, whose checkpoint (after epoch 2) leaves an epoch without validation
+_RESTORED_LATE = {"at its end": ({}, None), "before an epoch without validation": ({"val_every_n_epochs": 2}, 2 * BATCHES + 1)}
+
+
+@pytest.mark.parametrize("case", sorted(_RESTORED_LATE))
+def test_a_rerun_with_no_validation_left_returns_and_reports_the_uninterrupted_value(
+    case, make_mlp, make_batches, mse_loss, tmp_path
+):
+    """A trial that died after its fit's last checkpoint: the rerun restored a finished state and tune.fit raised
+    ValueError "no epoch recorded 'val/loss' (history keys: [])". The run's last value is kept in the state's extras
+    beside the pruning count; the reference is the same trial's fit run without interruption."""
+    options, crash = _RESTORED_LATE[case]
+    epochs = 3
+    study = optuna.create_study(pruner=optuna.pruners.NopPruner())
+    reference = study.ask()
+    step, state, data, val = _pipeline(0.05, make_mlp, make_batches, mse_loss)
+    value = tune.fit(reference, step, state, data, val=val, epochs=epochs, progress=False, **options)
+    full = study.tell(reference, value).intermediate_values
+
+    first = study.ask()
+    step, state, data, val = _pipeline(0.05, make_mlp, make_batches, mse_loss)
+    step = loopkit.with_checkpointing(step, tmp_path / "ckpt", every_n_epochs=1)
+    if crash is None:  # the fit ends; the objective's work after it dies
+        assert tune.fit(first, step, state, data, val=val, epochs=epochs, progress=False, **options) == value
+    else:
+        with pytest.raises(RuntimeError, match=f"died at step {crash}"):
+            tune.fit(first, step, state, data, val=val, epochs=epochs, progress=False, callbacks=[_CrashAt(crash)],
+                     **options)
+    study.tell(first, state=optuna.trial.TrialState.FAIL)
+    rerun = study.ask()
+    restored = loopkit.restore(_pipeline(0.05, make_mlp, make_batches, mse_loss)[1], tmp_path / "ckpt")
+    assert restored.epoch == (epochs if crash is None else 2)
+    assert tune.fit(rerun, step, restored, data, val=val, epochs=epochs, progress=False, **options) == value
+    last = max(full)
+    assert study.tell(rerun, value).intermediate_values == {last: full[last]}  # at the uninterrupted trial's step
+
+    # the rerun asks the pruner as the uninterrupted trial did at that validation
+    pruning = optuna.create_study(pruner=optuna.pruners.ThresholdPruner(upper=0.0))
+    restored = loopkit.restore(_pipeline(0.05, make_mlp, make_batches, mse_loss)[1], tmp_path / "ckpt")
+    with pytest.raises(optuna.TrialPruned, match=f"pruned at step {last}: val/loss"):
+        tune.fit(pruning.ask(), step, restored, data, val=val, epochs=epochs, progress=False, **options)
+
+
 def test_the_count_is_kept_in_the_state_and_starts_afresh_without_it(make_mlp, make_batches, mse_loss):
     trial = optuna.create_study(pruner=optuna.pruners.NopPruner()).ask()
     callback = tune.PruningCallback(trial)
     step, state, data, val = _pipeline(0.05, make_mlp, make_batches, mse_loss)
-    state, _ = loopkit.run_epochs(step, state, data, val=val, epochs=2, progress=False, callbacks=[callback])
-    assert state.extras["callbacks/PruningCallback[val/loss]"] == {"count": 2} and list(callback.reported) == [1, 2]
+    state, history = loopkit.run_epochs(step, state, data, val=val, epochs=2, progress=False, callbacks=[callback])
+    kept = {"count": 2, "step": 2, "value": history[-1]["val/loss"]}
+    assert state.extras["callbacks/PruningCallback[val/loss]"] == kept and list(callback.reported) == [1, 2]
     # the same callback in another fit: the count goes on from the state's, or starts at 1 without it
     state, _ = loopkit.run_epochs(step, state, data, val=val, epochs=3, progress=False, callbacks=[callback])
     assert list(callback.reported) == [3]
@@ -304,6 +352,7 @@ def test_a_trial_whose_process_was_killed_fails_and_reruns_with_its_parameters_o
     time.sleep(3.5)  # the dead trial's heartbeat is now older than the resume's grace period (SQLite keeps whole seconds)
 
     def objective(trial):
+        trial.set_user_attr("rerun_of", tune.retried_trial_number(trial))  # (where its checkpoints would be)
         return trial.suggest_float("x", 0, 1)
 
     study = tune.optimize(objective, n_trials=2, study_name="killed", directory=tmp_path, heartbeat_interval=1,
@@ -313,7 +362,29 @@ def test_a_trial_whose_process_was_killed_fails_and_reruns_with_its_parameters_o
     dead, retry = study.trials[1], study.trials[2]
     assert retry.params == dead.params == {"x": float((tmp_path / "inside").read_text())}
     assert retry.system_attrs["failed_trial"] == 1
+    assert [t.user_attrs.get("rerun_of", "-") for t in study.trials[2:]] == [1, None]
     assert states.count("COMPLETE") == 3  # the search's n_trials=3, as if it had never been killed
+
+
+def test_retried_trial_number_names_the_trial_that_died_first_for_live_and_frozen_trials():
+    """Optuna 5's RetryFailedTrialCallback.retried_trial_number(trial) raised AttributeError on the objective's (live)
+    trial; the reference is the WAITING copy Optuna's heartbeat callback queues for a dead trial."""
+    study = optuna.create_study()
+    died = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+    assert tune.retried_trial_number(died) is None
+    frozen = study.tell(died, state=optuna.trial.TrialState.FAIL)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        requeue = optuna.storages.RetryHeartbeatStaleTrialCallback()
+    requeue(study, frozen)
+    rerun = study.ask()
+    assert (rerun.params, tune.retried_trial_number(rerun)) == (died.params, died.number)
+    requeue(study, study.tell(rerun, state=optuna.trial.TrialState.FAIL))  # the rerun dies too
+    again = study.ask()
+    assert tune.retried_trial_number(again) == died.number  # the first of the series: one folder of checkpoints
+    assert [tune.retried_trial_number(t) for t in study.trials] == [None, died.number, died.number]
+    with pytest.raises(TypeError, match="retried_trial_number: trial must be an optuna trial"):
+        tune.retried_trial_number("trial 3")
 
 
 def test_the_heartbeat_is_on_for_the_storages_made_from_urls_and_a_storage_object_is_used_as_made(tmp_path):
@@ -387,6 +458,117 @@ def test_two_processes_share_one_study_through_its_storage(tmp_path):
     assert sorted(t.user_attrs["worker"] for t in study.trials) == ["0"] * 3 + ["1"] * 3
 
 
+_AT_ONCE = textwrap.dedent(
+    """
+    import pathlib, sys, time, optuna
+    from optuna.storages._rdb import storage as rdb
+    from loopkit import tune
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    stamp = rdb._VersionManager._set_alembic_revision
+    folder = pathlib.Path(sys.argv[1])
+
+    def slow_stamp(self, revision):  # found no schema version: the race's window, held open until the other worker
+        (folder / f"window{sys.argv[2]}").touch()  # has found none too (or 2 s have passed: it waits on the lock)
+        deadline = time.monotonic() + 2
+        while len(list(folder.glob("window*"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        stamp(self, revision)
+
+    rdb._VersionManager._set_alembic_revision = slow_stamp
+    (folder / f"ready{sys.argv[2]}").touch()
+    deadline = time.monotonic() + 60
+    while not (folder / "go").exists() and time.monotonic() < deadline:  # all start together
+        time.sleep(0.005)
+    tune.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2, study_name="new", directory=folder)
+    """
+)
+
+
+@pytest.mark.slow
+def test_processes_making_one_new_sqlite_study_at_once_take_turns(tmp_path):
+    """Several workers starting a new SQLite study at the same moment died 10-40% of the time in Optuna's schema
+    creation ("table studies already exists", "UNIQUE constraint failed: alembic_version"). The race is made
+    certain here: the workers start within milliseconds of each other, and each worker's Optuna, having found no
+    schema version, waits for the other to find none too before writing it; they now take turns on a lock file beside
+    the database (the first then waits 2 s in vain)."""
+    workers = [subprocess.Popen([sys.executable, "-c", _AT_ONCE, str(tmp_path), str(i)], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(tmp_path.glob("ready*"))) < len(workers):
+            assert all(w.poll() is None for w in workers), [w.communicate()[0] for w in workers if w.poll() is not None]
+            assert time.monotonic() < deadline, "the workers never got ready"
+            time.sleep(0.05)
+        (tmp_path / "go").touch()
+        outputs = [w.communicate(timeout=120)[0] for w in workers]
+    finally:
+        for w in workers:
+            w.kill()
+    assert [w.returncode for w in workers] == [0, 0], "\n".join(o[-1500:] for o in outputs)
+    trials = optuna.load_study(study_name="new", storage=tune.storage_url("new", tmp_path)).trials
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 4
+
+
+_TWO_RANKS = textwrap.dedent(
+    """
+    import json, pathlib, sys, torch, optuna, loopkit
+    from loopkit import distributed, tune
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    folder, rank = pathlib.Path(sys.argv[1]), int(sys.argv[2])
+    distributed.init(init_method=(folder / "rendezvous").as_uri(), rank=rank, world_size=2, timeout=60)
+    gen = torch.Generator().manual_seed(0)
+    data = [(torch.randn(8, 3, generator=gen), torch.randn(8, 1, generator=gen)) for _ in range(2)]
+    mse = lambda m, b: ((m(b[0]) - b[1]) ** 2).mean()
+    val = (loopkit.eval_step(lambda m, b: {"loss": mse(m, b)}), data)
+
+    def fit(trial):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(3, 1)
+        state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=trial.suggest_float("lr", 1e-3, 1e-1)))
+        return tune.fit(trial, loopkit.with_ddp(loopkit.train_step(mse)), state, data, val=val, epochs=1, progress=False)
+
+    out = {}
+    for name, call in [("optimize", lambda: tune.optimize(fit, n_trials=1, study_name="ddp", directory=folder)),
+                       ("fit", lambda: fit(optuna.create_study().ask()))]:
+        try:
+            call()
+            out[name] = "ran"
+        except RuntimeError as e:
+            out[name] = str(e)
+    value = fit(optuna.trial.FixedTrial({"lr": 0.05}))  # a trial the ranks share
+    values = [None, None]
+    torch.distributed.all_gather_object(values, value)
+    out["shared"] = values
+    (folder / f"rank{rank}.json").write_text(json.dumps(out))
+    distributed.shutdown()
+    """
+)
+
+
+@pytest.mark.slow
+def test_a_search_under_a_process_group_of_several_ranks_is_refused(tmp_path):
+    """Under torchrun each rank asked the study for a trial of its own: one DDP job trained its replicas with two
+    learning rates, and two COMPLETE trials recorded the value of a mix. Now tune.optimize, and tune.fit given a
+    trial of the study's own, refuse; a trial the ranks share (here a FixedTrial) trains as one."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    ranks = [subprocess.Popen([sys.executable, "-c", _TWO_RANKS, str(tmp_path), str(r)], env={**env, "OMP_NUM_THREADS": "1"},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    try:
+        outputs = [r.communicate(timeout=180)[0] for r in ranks]
+    finally:
+        for r in ranks:
+            r.kill()
+    assert [r.returncode for r in ranks] == [0, 0], "\n".join(o[-2000:] for o in outputs)
+    for rank in range(2):
+        out = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        for name in ("optimize", "fit"):
+            assert out[name].startswith(f"loopkit.tune.{name}: this process is rank {rank} of a torch.distributed "
+                                        "process group of 2"), out[name]
+            assert "TorchDistributedTrial" in out[name] and "one process per trial" in out[name]
+        assert out["shared"][0] == out["shared"][1]  # one model, the same value on both ranks
+    assert not list(tmp_path.glob("*.db"))  # no study made, no trial asked for
+
+
 def test_bad_input_is_named(make_mlp, make_batches, mse_loss, tmp_path):
     trial = optuna.create_study().ask()
     step, state, data, val = _pipeline(0.05, make_mlp, make_batches, mse_loss)
@@ -434,9 +616,43 @@ def test_a_trial_a_signal_stopped_is_not_recorded_as_finished(make_mlp, make_bat
         return tune.fit(trial, step, state, data, val=val, epochs=2, callbacks=[TermAt()], progress=False)
 
     study = optuna.create_study()
-    with pytest.raises(KeyboardInterrupt, match=r"loopkit.tune.fit: a signal \(SIGTERM, Ctrl-C\) stopped the trial's fit at step 2"):
+    with pytest.raises(KeyboardInterrupt, match=r"loopkit.tune.fit: a signal \(SIGTERM\) stopped the trial's fit at step 2"):
         study.optimize(objective, n_trials=2)
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.FAIL]
+
+
+@contextlib.contextmanager
+def _no_keyboard_interrupt():
+    """A KeyboardInterrupt out of the block fails the test (rather than ending pytest's session)."""
+    try:
+        yield
+    except KeyboardInterrupt as e:
+        pytest.fail(f"KeyboardInterrupt though no signal came: {e}")
+
+
+def test_a_fit_short_of_its_epochs_without_a_signal_is_no_signals_stop(make_mlp, make_batches, mse_loss):
+    """tune.fit took any fit that ended short of its epochs with no callback's stop for a signal's, and raised
+    KeyboardInterrupt ("a signal (SIGTERM, Ctrl-C) stopped the trial's fit"), which optimize's catch=(Exception,)
+    does not catch: the search stopped. Now it asks run_epochs' signal handler whether a signal came. Data used up
+    after one epoch: run_epochs warns and returns (the reference), and tune.fit returns that value."""
+    step, state, data, val = _pipeline(0.05, make_mlp, make_batches, mse_loss)
+    with pytest.warns(RuntimeWarning, match="yielded no batches in epoch 1"):
+        _, history = loopkit.run_epochs(step, state, iter(data), val=val, epochs=EPOCHS, progress=False)
+    step, state, data, val = _pipeline(0.05, make_mlp, make_batches, mse_loss)
+    with pytest.warns(RuntimeWarning, match="yielded no batches in epoch 1"), _no_keyboard_interrupt():
+        value = tune.fit(optuna.create_study().ask(), step, state, iter(data), val=val, epochs=EPOCHS, progress=False)
+    assert len(history) == 1 and value == history[0]["val/loss"]
+
+    # training turned off: no epoch runs, so there is no value: named before the fit (not a signal)
+    step, state, data, val = _pipeline(0.05, make_mlp, make_batches, mse_loss)
+    counter = _CountBatches()
+    for off in (0, 0.0):
+        with pytest.raises(ValueError, match=rf"limit_train_batches={off} turns training off.*loopkit.evaluate"), (
+            _no_keyboard_interrupt()
+        ):
+            tune.fit(optuna.create_study().ask(), step, state, data, val=val, epochs=EPOCHS, limit_train_batches=off,
+                     callbacks=[counter], progress=False)
+    assert counter.batches == 0 and state.step == 0
 
 
 def test_loopkit_tune_is_an_attribute_of_the_package():
