@@ -46,9 +46,10 @@ def with_grad_accum(step: Any, every: int | Mapping[int, int]) -> TrainStep:
     the parameters, ``accum/count`` in extras), so purity and checkpoints keep them. A
     micro-batch's backward adds into that sum in place, as a raw accumulation loop does (no second
     set of gradients at its peak), so an error in it (``torch.autograd.detect_anomaly()``, a hook,
-    out of memory) past a group's first micro-batch uses the state up; with a transform inside the
-    accumulation, which sets the sum apart for each micro-batch anyway, the state stays whole
-    (:func:`loopkit.state_at_error`).
+    out of memory) past a group's first micro-batch uses the state up; with a gradient transform
+    inside the accumulation (``with_grad_clip``, ``with_nan_guard``, ``with_grad_norm``,
+    ``with_grad_hook``), which sets the sum apart for each micro-batch anyway, the state stays whole
+    (:func:`loopkit.state_at_error`); ``with_amp`` inside sets nothing apart.
     ``run_epochs`` flushes a partial group at the end of an epoch: that update uses the mean
     over the micro-batches actually seen. A call whose ``loss_fn`` skips its batch (returns None)
     takes no place in a group: a group is ``every`` batches that gave a loss, so every update
