@@ -146,6 +146,28 @@ def _flatten(hparams: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+class _Inert:
+    """:attr:`TensorBoardLogger.writer` and the trackers' ``experiment`` on ranks other than 0 (Lightning's
+    ``DummyExperiment``): every attribute, call and item is itself, so ``logger.experiment.log(...)`` (or
+    ``logger.writer.add_text(...)``) on every rank writes on rank 0 only.
+
+    >>> _Inert().log({"x": 1}).config["lr"]  # doctest: +ELLIPSIS
+    <loopkit.loggers._Inert object at ...>
+    """
+
+    def __getattr__(self, name: str) -> Any:
+        return self
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self
+
+    def __getitem__(self, key: Any) -> Any:
+        return self
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        pass
+
+
 class Logger:
     """The logger protocol, and a base class that writes only on rank 0.
 
@@ -976,7 +998,7 @@ class TensorBoardLogger(RunDirLogger):
     each m-th optimizer update, as the optimizer sees them (after clipping and unscaling).
     Events are encoded by tensorboardX and written in the calling thread, flushed at every
     call (no background threads); :attr:`writer` is a ``tensorboardX.SummaryWriter`` on the
-    same folder for anything else.
+    same folder for anything else (on rank 0; other ranks get one that writes nothing).
 
     >>> import tempfile
     >>> tmp = tempfile.TemporaryDirectory()
@@ -1021,7 +1043,9 @@ class TensorBoardLogger(RunDirLogger):
         return f".{os.getpid()}.{self._token}.{self._opened}"
 
     def open(self) -> None:
-        """Open the event file now (it is otherwise opened by the first write)."""
+        """Open the event file now (it is otherwise opened by the first write); on ranks other than 0, nothing."""
+        if not is_rank_zero():
+            return
         folder = self._folder()  # (first: a pending resume_at rewrites the files there, closing this logger's)
         if self._file is None:
             files = _event_files(folder)
@@ -1035,7 +1059,11 @@ class TensorBoardLogger(RunDirLogger):
     @property
     def writer(self) -> Any:
         """A ``tensorboardX.SummaryWriter`` on this run's folder (opened on first use, closed by
-        :meth:`finalize`), for anything else to log: images, text, graphs."""
+        :meth:`finalize`), for anything else to log: images, text, graphs. On ranks other than 0, an object whose
+        every attribute and call does nothing (Lightning's ``DummyExperiment``), so that code calling
+        ``logger.writer.add_text(...)`` on every rank writes on rank 0 only."""
+        if not is_rank_zero():
+            return _Inert()
         if self._writer is None:
             from tensorboardX import SummaryWriter
 

@@ -1105,6 +1105,12 @@ def test_only_rank_zero_writes(tmp_path, monkeypatch, rank):
     if tb.wants_model(1):
         tb.log_model(torch.nn.Linear(1, 1), 1)
         tb.finalize()
+    # what code outside the loggers writes on every rank (Lightning's logger.experiment is a DummyExperiment off
+    # rank 0): the writer of images and text, and an event file opened by hand
+    tb.writer.add_text("sample", "written by every rank", 1)
+    tb.writer.flush()
+    tb.open()
+    tb.finalize()
     if rank == 0:  # the control: the same calls write everything on rank 0
         assert "events.out.tfevents" in " ".join(files_under(tmp_path))
         assert {"csv/version_0/metrics.csv", "jsonl/version_0/metrics.jsonl"} <= set(files_under(tmp_path))
