@@ -991,7 +991,7 @@ class TensorBoardLogger(RunDirLogger):
     """Scalars (and optionally histograms) as TensorBoard event files in ``root/name/version_N``.
 
     Hyper-parameters given to :meth:`log_hparams` are written at :meth:`finalize` (at once when
-    given after it, as after ``run_epochs``) with the
+    given after it, as after ``run_epochs``, metrics logged or the :attr:`writer` used since or not) with the
     final metrics (the last value of every logged tag, or the ``metrics`` given), so
     TensorBoard's HPARAMS tab compares runs by them. ``histogram_every_n_steps=m`` writes
     histograms of every parameter (``params/<name>``) and gradient (``grads/<name>``) on
@@ -1030,12 +1030,20 @@ class TensorBoardLogger(RunDirLogger):
         self._final_metrics: dict[str, float] | None = None
         self._hparams_written = False
         self._summaries = 0  # the hyper-parameter summaries this logger wrote
-        self._finished = False  # finalized, and nothing written since
+        self._finished = False  # finalized (a fit's end), and no fit begun since (resume_at): hparams go out at once
         self._earlier: list[str] = []  # the folder's event files when resume_at was last applied
         self._kept: dict[str, tuple[int, float]] = {}  # the newest scalar of each tag _drop_records kept there
         self._own: set[str] = set()  # the event files this logger made, in this process
         self._token = secrets.token_hex(4)  # in its files' names (an id is reused once its logger is collected)
         self._purge_step: int | None = None  # a resumed run's new event file tells a live TensorBoard to drop from here
+
+    def resume_at(
+        self, step: int, epoch: int | None = None, batch_index: int | None = None, *, finishes_epoch: bool = False
+    ) -> None:
+        """:meth:`RunDirLogger.resume_at`; a fit begins, so hyper-parameters given from now on wait for its
+        :meth:`finalize` (to be written with its final metrics)."""
+        super().resume_at(step, epoch, batch_index, finishes_epoch=finishes_epoch)
+        self._finished = False
 
     def _suffix(self) -> str:
         # event files are named by the second: one reopened within it would clobber the last
@@ -1054,7 +1062,6 @@ class TensorBoardLogger(RunDirLogger):
             if self._purge_step is not None:  # (what tensorboardX's purge_step writes)
                 self._file.session_start(self._purge_step)
                 self._purge_step = None
-            self._finished = False
 
     @property
     def writer(self) -> Any:
@@ -1071,7 +1078,6 @@ class TensorBoardLogger(RunDirLogger):
             before = set(_event_files(folder))
             self._writer = SummaryWriter(folder, filename_suffix=self._suffix())
             self._own.update(set(_event_files(folder)) - before)
-            self._finished = False
         return self._writer
 
     def _add(self, summary: Any, step: int) -> None:
@@ -1139,8 +1145,9 @@ class TensorBoardLogger(RunDirLogger):
         super()._write_hparams(hparams, metrics)  # hparams.json in the run folder, as the other file loggers write
         self._final_metrics = metrics
         self._hparams_written = False
-        if self._finished:  # given after the run was finalized (run_epochs does at its end): no later finalize
-            self._finalize()  # would come to write them, so they are written now
+        if self._finished:  # given after the fit was finalized (run_epochs does at its end), even with a test
+            # evaluation logged (or the writer used) since: no later finalize would come, so they are written now
+            self._finalize()  # (and the files closed: a later summary goes to a new file, the earlier one dropped)
 
     def wants_model(self, step: int) -> bool:
         """Whether :meth:`log_model` should be called for the update that reaches ``step``."""

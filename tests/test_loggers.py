@@ -1019,6 +1019,30 @@ def test_tensorboard_hparams_given_after_the_fit_finalized_the_logger_are_writte
     assert [e.step for e in events.Scalars("train/loss")] == [2, 4]  # the run's scalars are all still there
 
 
+@pytest.mark.parametrize("after_fit", ["log_metrics", "writer"])
+def test_tensorboard_hparams_given_after_a_test_evaluation_logged_after_the_fit_are_written(tmp_path, after_fit):
+    """The guide's flow: run_epochs, then a test evaluation logged (or text through the writer), then
+    log_hparams(cfg, {"test/loss": ...}). The write after the fit reopened the event file and made the logger
+    forget it was finalized, so the summary waited for a finalize nobody calls: the run was missing from the tab."""
+    logger = TensorBoardLogger(tmp_path)
+    step = loopkit.with_logging(loopkit.train_step(lambda m, b: m(b).pow(2).mean()), logger, every_n_steps=2)
+    model = torch.nn.Linear(2, 1)
+    state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    state, _ = loopkit.run_epochs(step, state, [torch.ones(4, 2)] * 4, epochs=1, progress=False)
+    if after_fit == "log_metrics":
+        logger.log_metrics({"test/loss": 0.5}, step=state.step)
+    else:
+        logger.writer.add_text("notes", "a test evaluation follows", state.step)
+        logger.writer.flush()
+    logger.log_hparams({"lr": 0.1, "hidden": 8}, {"test/loss": 0.5})  # no finalize after it
+    content = _hparams_content(read_events(logger.log_dir))
+    assert sorted(content["_hparams_/session_start_info"].session_start_info.hparams) == ["hidden", "lr"]
+    assert {m.name.tag for m in content["_hparams_/experiment"].experiment.metric_infos} == {"test/loss"}
+    logger.log_hparams({"lr": 0.2})  # again after the fit: this one replaces it at once (the tab reads the first)
+    start = _hparams_content(read_events(logger.log_dir))["_hparams_/session_start_info"].session_start_info
+    assert start.hparams["lr"].number_value == 0.2
+
+
 def test_tensorboard_without_hparams_writes_no_hparams(tmp_path):
     logger = TensorBoardLogger(tmp_path)
     logger.log_metrics({"train/loss": 1.0}, 1)
