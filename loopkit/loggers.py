@@ -19,7 +19,9 @@ Under ``torch.distributed`` only rank 0 writes; other ranks' loggers do nothing 
 
 from __future__ import annotations
 
+import argparse
 import csv
+import dataclasses
 import io
 import json
 import logging
@@ -114,13 +116,38 @@ def _check_metrics(metrics: Mapping[str, Any], step: Any, who: str) -> dict[str,
     return out
 
 
-def _plain_hparams(hparams: Mapping[str, Any], who: str) -> dict[str, Any]:
+def _plain_hparams(hparams: Mapping[str, Any] | argparse.Namespace, who: str) -> dict[str, Any]:
+    """``hparams`` (a dict, or an ``argparse.Namespace`` as Lightning's ``_convert_params`` takes) as plain values."""
+    if isinstance(hparams, argparse.Namespace):
+        hparams = vars(hparams)
     if not isinstance(hparams, Mapping):
-        raise TypeError(f"{who}.log_hparams: hparams must be a dict, got {type(hparams).__qualname__}")
+        raise TypeError(f"{who}.log_hparams: hparams must be a dict or an argparse.Namespace, "
+                        f"got {type(hparams).__qualname__}")
     return {str(k): _plain_value(v) for k, v in hparams.items()}
 
 
+def _fields(value: Any) -> dict[str, Any] | None:
+    """A dataclass instance's or an ``argparse.Namespace``'s fields as a dict (None for anything else): nested
+    hyper-parameters, flattened as Lightning's ``_flatten_dict`` does (``opt/lr``), not one string."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    if isinstance(value, argparse.Namespace):
+        return vars(value)
+    return None
+
+
 def _plain_value(value: Any) -> Any:
+    """A hyper-parameter as JSON can write it: dicts (dataclasses and Namespaces as dicts) and lists of plain
+    values, numbers (numpy's and one-element tensors' as Python's), strings, None; anything else as its ``str``.
+
+    >>> import argparse, dataclasses
+    >>> Opt = dataclasses.make_dataclass("Opt", [("lr", float), ("betas", tuple)])
+    >>> _plain_value({"opt": Opt(0.1, (0.9, 0.99)), "ns": argparse.Namespace(depth=3), "cls": Opt})
+    {'opt': {'lr': 0.1, 'betas': [0.9, 0.99]}, 'ns': {'depth': 3}, 'cls': "<class 'types.Opt'>"}
+    """
+    fields = _fields(value)
+    if fields is not None:
+        value = fields
     if isinstance(value, Mapping):
         return {str(k): _plain_value(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -202,9 +229,16 @@ class Logger:
         if metrics and is_rank_zero():
             self._write_metrics(metrics, int(step))  # (a numpy integer step as Python's)
 
-    def log_hparams(self, hparams: Mapping[str, Any], metrics: Mapping[str, float] | None = None) -> None:
+    def log_hparams(
+        self, hparams: Mapping[str, Any] | argparse.Namespace, metrics: Mapping[str, float] | None = None
+    ) -> None:
         """Record the run's hyper-parameters (and optionally the metrics to compare them by). A later call adds
         to (and updates) those of the earlier ones, as Lightning's loggers' ``log_hyperparams`` do.
+
+        ``hparams`` is a dict or an ``argparse.Namespace`` (an argparse script's ``args``). Nested dicts, and
+        dataclass instances and Namespaces among the values, are kept as dicts (``hparams.json``, wandb's config)
+        and flattened with ``/`` where the values must be flat (``opt/lr``: TensorBoard, MLflow), as Lightning's
+        ``_flatten_dict`` does; values other than numbers, strings, None and lists of them are written as text.
 
         >>> logger = ConsoleLogger()
         >>> logger.log_hparams({"lr": 0.1, "model": {"hidden": 8}}); logger.log_hparams({"batch_size": 32})

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import copy
 import csv
+import dataclasses
 import io
 import json
 import os
@@ -829,6 +831,54 @@ def test_a_later_log_hparams_adds_to_the_earlier_ones_as_lightnings_loggers_do(t
         logger.finalize()
         written = json.load(open(os.path.join(logger.log_dir, "hparams.json")))
         assert written == {"lr": 0.2, "model": {"hidden": 8}, "batch_size": 32, "metrics": {"best/loss": 0.5}}
+
+
+@dataclasses.dataclass
+class _Optim:
+    lr: float = 0.1
+    betas: tuple = (0.9, 0.99)
+
+
+@dataclasses.dataclass
+class _Config:
+    optim: _Optim = dataclasses.field(default_factory=_Optim)
+    depth: int = 3
+
+
+def test_dataclass_and_namespace_hparams_are_nested_and_flattened_as_lightnings_flatten_dict_does(tmp_path):
+    """A dataclass or argparse.Namespace value became one string ("_Optim(lr=0.1, ...)"): TensorBoard's tab
+    could not sort by opt/lr. Lightning's _flatten_dict turns them into dicts (asdict, vars), nested ones too."""
+    hparams = {"cfg": _Config(), "ns": argparse.Namespace(width=8, inner=argparse.Namespace(p=0.5)), "batch": 32,
+               "cls": _Optim}
+    nested = {"cfg": {"optim": {"lr": 0.1, "betas": [0.9, 0.99]}, "depth": 3},
+              "ns": {"width": 8, "inner": {"p": 0.5}}, "batch": 32, "cls": str(_Optim)}  # (a class: its name)
+    for cls in (CSVLogger, JSONLLogger, TensorBoardLogger):
+        logger = cls(tmp_path, cls.__name__)
+        logger.log_hparams(hparams)
+        logger.finalize()
+        assert logger.hparams == nested
+        assert json.load(open(os.path.join(logger.log_dir, "hparams.json"))) == nested
+    start = _hparams_content(read_events(logger.log_dir))["_hparams_/session_start_info"].session_start_info.hparams
+    assert sorted(start) == ["batch", "cfg/depth", "cfg/optim/betas", "cfg/optim/lr", "cls", "ns/inner/p", "ns/width"]
+    assert start["cfg/optim/lr"].number_value == 0.1 and start["ns/inner/p"].number_value == 0.5
+    out = io.StringIO()
+    ConsoleLogger(stream=out).log_hparams({"opt": _Optim()})
+    assert out.getvalue() == "hparams  opt/lr=0.1  opt/betas=[0.9, 0.99]\n"
+
+
+@pytest.mark.parametrize("cls", [CSVLogger, JSONLLogger, TensorBoardLogger, ConsoleLogger])
+def test_log_hparams_takes_an_argparse_namespace_as_lightnings_log_hyperparams_does(tmp_path, cls):
+    """An argparse script's logger.log_hparams(args): refused with "hparams must be a dict"."""
+    logger = cls(stream=io.StringIO()) if cls is ConsoleLogger else cls(tmp_path)
+    logger.log_hparams(argparse.Namespace(lr=0.1, depth=3))
+    logger.log_hparams(argparse.Namespace(depth=4))  # adds to (and updates) the first, as a dict would
+    assert logger.hparams == {"lr": 0.1, "depth": 4}
+    if cls is not ConsoleLogger:
+        logger.finalize()  # (hparams.json is written once the run folder is claimed)
+        assert json.load(open(os.path.join(logger.log_dir, "hparams.json"))) == {"lr": 0.1, "depth": 4}
+    with pytest.raises(TypeError, match="hparams must be a dict or an argparse.Namespace, got _Optim"):
+        logger.log_hparams(_Optim())  # (as Lightning's: a dataclass is taken as a value, not as the hparams)
+    assert logger.hparams == {"lr": 0.1, "depth": 4}
 
 
 def test_tensorboards_hparams_tab_shows_what_log_hparams_gives_after_the_fit_when_given_before_too(tmp_path):
