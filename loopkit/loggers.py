@@ -315,6 +315,11 @@ class RunDirLogger(Logger):
     :meth:`resume_at`: each run its own ``version_N``); an int uses ``version_<int>``, a string that folder
     name, and an existing folder is reused (to continue a run). Loggers that :meth:`share_run_dir` write to one folder.
 
+    :meth:`log_hparams` writes the hyper-parameters (all its calls') to ``hparams.json`` in the run folder, nested
+    as given (as Lightning's ``hparams.yaml``), and the metrics given with them (all its calls', a later one's
+    updating an earlier one's) to ``hparams_metrics.json`` beside it, so that no hyper-parameter name can clash
+    with them.
+
     >>> import tempfile
     >>> tmp = tempfile.TemporaryDirectory()
     >>> os.path.basename(RunDirLogger(tmp.name, "demo", version=7).log_dir)
@@ -345,7 +350,8 @@ class RunDirLogger(Logger):
         self.version = version
         self._dir: str | None = None
         self._leader: RunDirLogger | None = None
-        self._pending_hparams: dict[str, Any] | None = None
+        self._pending_hparams: dict[str, Any] | None = None  # hparams.json (and _HPARAMS_METRICS) to write
+        self._final_metrics: dict[str, float] | None = None  # all the metrics log_hparams gave for this folder
         self._resume_pos: _Position | None = None  # resume_at's position, until the next write applies it
         self._top_records: set[_Written] = set()  # the records written at _top: their metric names and epoch
         self._relog: _Position | None = None  # a fit resumed at _top: a record logged there again rewinds first
@@ -532,6 +538,7 @@ class RunDirLogger(Logger):
     def _forget_folder(self) -> None:
         """Drop what this logger tracks of its run folder's records and files, as a logger made anew has none;
         its hyper-parameters are held back for the next folder (without the earlier run's final metrics)."""
+        self._final_metrics = None
         self._new, self._relog, self._relog_records, self._redo, self._redone = {}, None, frozenset(), None, set()
         self._top, self._top_records, self._epoch_now, self._last_record = None, set(), None, None
         self._fit_dir, self._fit_logged = None, False
@@ -559,7 +566,7 @@ class RunDirLogger(Logger):
                 # to drop, unless it logs again a record it had written at that step (a retry from before it)
                 self._relog, self._relog_records = pos, frozenset(self._top_records)
         if self._pending_hparams is not None:
-            _write_json(os.path.join(folder, "hparams.json"), self._pending_hparams)
+            _write_hparams_files(folder, self._pending_hparams, self._final_metrics)
             self._pending_hparams = None
         return folder
 
@@ -630,7 +637,9 @@ class RunDirLogger(Logger):
 
     def _write_hparams(self, hparams: dict[str, Any], metrics: dict[str, float] | None) -> None:
         # held back until the run folder is claimed, so that loggers can still share it
-        self._pending_hparams = hparams if metrics is None else {**hparams, "metrics": metrics}
+        self._pending_hparams = hparams
+        if metrics is not None:  # (a later call's add to, and update, the earlier ones', as its hparams do)
+            self._final_metrics = {**(self._final_metrics or {}), **metrics}
         if (self._leader or self)._dir is not None:
             self._path("hparams.json")
 
@@ -742,6 +751,22 @@ def _record_epochs(records: list[tuple[int | None, int | None, bool]]) -> list[i
         elif epochs[i] is None:
             epochs[i] = opened
     return epochs
+
+
+#: the file beside ``hparams.json`` that holds the metrics given to ``log_hparams`` (``hparams.json`` holds the
+#: hyper-parameters alone, as Lightning's ``hparams.yaml``: a hyper-parameter may be named anything, "metrics" too)
+_HPARAMS_METRICS = "hparams_metrics.json"
+
+
+def _write_hparams_files(folder: str, hparams: dict[str, Any], metrics: dict[str, float] | None) -> None:
+    """``hparams.json`` in ``folder``, and :data:`_HPARAMS_METRICS` when ``log_hparams`` was given metrics (else
+    one left there by an earlier write is removed: the two files hold what this logger's calls gave)."""
+    _write_json(os.path.join(folder, "hparams.json"), hparams)
+    path = os.path.join(folder, _HPARAMS_METRICS)
+    if metrics is not None:
+        _write_json(path, metrics)
+    elif os.path.exists(path):
+        os.remove(path)
 
 
 def _write_json(path: str, obj: Any) -> None:
@@ -1061,7 +1086,6 @@ class TensorBoardLogger(RunDirLogger):
         self._opened = 0
         self._last: dict[str, float] = {}
         self._last_step = 0
-        self._final_metrics: dict[str, float] | None = None
         self._hparams_written = False
         self._summaries = 0  # the hyper-parameter summaries this logger wrote
         self._finished = False  # finalized (a fit's end), and no fit begun since (resume_at): hparams go out at once
@@ -1127,7 +1151,7 @@ class TensorBoardLogger(RunDirLogger):
     def _forget_folder(self) -> None:
         super()._forget_folder()
         self._close_files()
-        self._last, self._last_step, self._final_metrics, self._hparams_written = {}, 0, None, False
+        self._last, self._last_step, self._hparams_written = {}, 0, False
         self._summaries, self._finished, self._earlier, self._kept, self._own = 0, False, [], {}, set()
         self._purge_step = None
 
@@ -1177,7 +1201,6 @@ class TensorBoardLogger(RunDirLogger):
 
     def _write_hparams(self, hparams: dict[str, Any], metrics: dict[str, float] | None) -> None:
         super()._write_hparams(hparams, metrics)  # hparams.json in the run folder, as the other file loggers write
-        self._final_metrics = metrics
         self._hparams_written = False
         if self._finished:  # given after the fit was finalized (run_epochs does at its end), even with a test
             # evaluation logged (or the writer used) since: no later finalize would come, so they are written now
@@ -1243,7 +1266,8 @@ class TensorBoardLogger(RunDirLogger):
 
 
 class CSVLogger(RunDirLogger):
-    """``metrics.csv`` (a ``step`` column, then one column per metric) and ``hparams.json``.
+    """``metrics.csv`` (a ``step`` column, then one column per metric), ``hparams.json`` and
+    ``hparams_metrics.json`` (see :class:`RunDirLogger`).
 
     Columns grow as new metrics appear: the file is rewritten with the wider header, so it
     always has one header row, and a row leaves blank the metrics it does not have. Rows are
@@ -1364,8 +1388,8 @@ class CSVLogger(RunDirLogger):
 class JSONLLogger(RunDirLogger):
     """``metrics.jsonl``: one JSON object per :meth:`log_metrics`, ``{"step": ..., <metric>: ...}``.
 
-    Also writes ``hparams.json``. Non-finite values are written as JSON's ``NaN`` / ``Infinity``
-    (Python's ``json`` reads them back). Lines are written as they come: a line torn by a kill mid-write
+    Also writes ``hparams.json`` and ``hparams_metrics.json`` (see :class:`RunDirLogger`). Non-finite values
+    are written as JSON's ``NaN`` / ``Infinity`` (Python's ``json`` reads them back). Lines are written as they come: a line torn by a kill mid-write
     is dropped when the folder is written to again, with or without :meth:`resume_at` (one whose record was
     written whole, only its newline missing, is kept). A ``metrics.jsonl`` another program wrote (its first
     line does not begin ``{"step": ``) is refused and left as it is, before the logger changes anything.

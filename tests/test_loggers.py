@@ -830,7 +830,8 @@ def test_a_later_log_hparams_adds_to_the_earlier_ones_as_lightnings_loggers_do(t
         logger.log_hparams({"batch_size": 32, "lr": 0.2}, {"best/loss": 0.5})
         logger.finalize()
         written = json.load(open(os.path.join(logger.log_dir, "hparams.json")))
-        assert written == {"lr": 0.2, "model": {"hidden": 8}, "batch_size": 32, "metrics": {"best/loss": 0.5}}
+        assert written == {"lr": 0.2, "model": {"hidden": 8}, "batch_size": 32}
+        assert json.load(open(os.path.join(logger.log_dir, "hparams_metrics.json"))) == {"best/loss": 0.5}
 
 
 @dataclasses.dataclass
@@ -879,6 +880,27 @@ def test_log_hparams_takes_an_argparse_namespace_as_lightnings_log_hyperparams_d
     with pytest.raises(TypeError, match="hparams must be a dict or an argparse.Namespace, got _Optim"):
         logger.log_hparams(_Optim())  # (as Lightning's: a dataclass is taken as a value, not as the hparams)
     assert logger.hparams == {"lr": 0.1, "depth": 4}
+
+
+def test_log_hparams_metrics_never_take_the_place_of_a_hyper_parameter_named_metrics(tmp_path):
+    """hparams.json was {**hparams, "metrics": metrics}: a hyper-parameter named "metrics" was replaced by the final
+    metrics there, and a later log_hparams without metrics dropped them again. Now hparams.json holds the
+    hyper-parameters alone (as Lightning's hparams.yaml), hparams_metrics.json the metrics (all the calls')."""
+    for cls in (CSVLogger, JSONLLogger, TensorBoardLogger):
+        logger = cls(tmp_path, cls.__name__)
+        logger.log_hparams({"lr": 0.1, "metrics": ["acc", "f1"]})
+        logger.log_metrics({"val/acc": 0.9}, step=1)
+        logger.log_hparams({"batch_size": 4}, {"best/acc": 0.9})
+        logger.log_hparams({"wd": 0.0})  # no metrics: those given before stay
+        logger.log_hparams({}, {"test/acc": 0.8})  # more: added to them
+        logger.finalize()
+        hparams = json.load(open(os.path.join(logger.log_dir, "hparams.json")))
+        assert hparams == logger.hparams == {"lr": 0.1, "metrics": ["acc", "f1"], "batch_size": 4, "wd": 0.0}
+        metrics = json.load(open(os.path.join(logger.log_dir, "hparams_metrics.json")))
+        assert metrics == {"best/acc": 0.9, "test/acc": 0.8}
+    start = _hparams_content(read_events(logger.log_dir))  # TensorBoard's tab: the given metrics, all of them
+    assert {m.name.tag for m in start["_hparams_/experiment"].experiment.metric_infos} == {"best/acc", "test/acc"}
+    assert start["_hparams_/session_start_info"].session_start_info.hparams["metrics"].string_value == "['acc', 'f1']"
 
 
 def test_tensorboards_hparams_tab_shows_what_log_hparams_gives_after_the_fit_when_given_before_too(tmp_path):
@@ -991,8 +1013,8 @@ def test_every_file_logger_writes_hparams_json(tmp_path):
         logger.log_hparams({"lr": 0.2}, {"val/loss": 0.5})  # once the folder exists, written at once (added to the first)
         assert json.load(open(os.path.join(logger.log_dir, "hparams.json"))) == {
             "lr": 0.2, "model": {"hidden": 8}, "optimizer": str(torch.optim.SGD), "betas": [0.9, 0.99],
-            "metrics": {"val/loss": 0.5},
         }
+        assert json.load(open(os.path.join(logger.log_dir, "hparams_metrics.json"))) == {"val/loss": 0.5}
 
 
 def test_jsonl_is_one_object_per_line(tmp_path):
