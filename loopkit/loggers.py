@@ -19,7 +19,9 @@ Under ``torch.distributed`` only rank 0 writes; other ranks' loggers do nothing 
 
 from __future__ import annotations
 
+import argparse
 import csv
+import dataclasses
 import io
 import json
 import logging
@@ -114,13 +116,38 @@ def _check_metrics(metrics: Mapping[str, Any], step: Any, who: str) -> dict[str,
     return out
 
 
-def _plain_hparams(hparams: Mapping[str, Any], who: str) -> dict[str, Any]:
+def _plain_hparams(hparams: Mapping[str, Any] | argparse.Namespace, who: str) -> dict[str, Any]:
+    """``hparams`` (a dict, or an ``argparse.Namespace`` as Lightning's ``_convert_params`` takes) as plain values."""
+    if isinstance(hparams, argparse.Namespace):
+        hparams = vars(hparams)
     if not isinstance(hparams, Mapping):
-        raise TypeError(f"{who}.log_hparams: hparams must be a dict, got {type(hparams).__qualname__}")
+        raise TypeError(f"{who}.log_hparams: hparams must be a dict or an argparse.Namespace, "
+                        f"got {type(hparams).__qualname__}")
     return {str(k): _plain_value(v) for k, v in hparams.items()}
 
 
+def _fields(value: Any) -> dict[str, Any] | None:
+    """A dataclass instance's or an ``argparse.Namespace``'s fields as a dict (None for anything else): nested
+    hyper-parameters, flattened as Lightning's ``_flatten_dict`` does (``opt/lr``), not one string."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    if isinstance(value, argparse.Namespace):
+        return vars(value)
+    return None
+
+
 def _plain_value(value: Any) -> Any:
+    """A hyper-parameter as JSON can write it: dicts (dataclasses and Namespaces as dicts) and lists of plain
+    values, numbers (numpy's and one-element tensors' as Python's), strings, None; anything else as its ``str``.
+
+    >>> import argparse, dataclasses
+    >>> Opt = dataclasses.make_dataclass("Opt", [("lr", float), ("betas", tuple)])
+    >>> _plain_value({"opt": Opt(0.1, (0.9, 0.99)), "ns": argparse.Namespace(depth=3), "cls": Opt})
+    {'opt': {'lr': 0.1, 'betas': [0.9, 0.99]}, 'ns': {'depth': 3}, 'cls': "<class 'types.Opt'>"}
+    """
+    fields = _fields(value)
+    if fields is not None:
+        value = fields
     if isinstance(value, Mapping):
         return {str(k): _plain_value(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -144,6 +171,28 @@ def _flatten(hparams: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
+
+
+class _Inert:
+    """:attr:`TensorBoardLogger.writer` and the trackers' ``experiment`` on ranks other than 0 (Lightning's
+    ``DummyExperiment``): every attribute, call and item is itself, so ``logger.experiment.log(...)`` (or
+    ``logger.writer.add_text(...)``) on every rank writes on rank 0 only.
+
+    >>> _Inert().log({"x": 1}).config["lr"]  # doctest: +ELLIPSIS
+    <loopkit.loggers._Inert object at ...>
+    """
+
+    def __getattr__(self, name: str) -> Any:
+        return self
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self
+
+    def __getitem__(self, key: Any) -> Any:
+        return self
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        pass
 
 
 class Logger:
@@ -180,9 +229,16 @@ class Logger:
         if metrics and is_rank_zero():
             self._write_metrics(metrics, int(step))  # (a numpy integer step as Python's)
 
-    def log_hparams(self, hparams: Mapping[str, Any], metrics: Mapping[str, float] | None = None) -> None:
+    def log_hparams(
+        self, hparams: Mapping[str, Any] | argparse.Namespace, metrics: Mapping[str, float] | None = None
+    ) -> None:
         """Record the run's hyper-parameters (and optionally the metrics to compare them by). A later call adds
         to (and updates) those of the earlier ones, as Lightning's loggers' ``log_hyperparams`` do.
+
+        ``hparams`` is a dict or an ``argparse.Namespace`` (an argparse script's ``args``). Nested dicts, and
+        dataclass instances and Namespaces among the values, are kept as dicts (``hparams.json``, wandb's config)
+        and flattened with ``/`` where the values must be flat (``opt/lr``: TensorBoard, MLflow), as Lightning's
+        ``_flatten_dict`` does; values other than numbers, strings, None and lists of them are written as text.
 
         >>> logger = ConsoleLogger()
         >>> logger.log_hparams({"lr": 0.1, "model": {"hidden": 8}}); logger.log_hparams({"batch_size": 32})
@@ -259,6 +315,11 @@ class RunDirLogger(Logger):
     :meth:`resume_at`: each run its own ``version_N``); an int uses ``version_<int>``, a string that folder
     name, and an existing folder is reused (to continue a run). Loggers that :meth:`share_run_dir` write to one folder.
 
+    :meth:`log_hparams` writes the hyper-parameters (all its calls') to ``hparams.json`` in the run folder, nested
+    as given (as Lightning's ``hparams.yaml``), and the metrics given with them (all its calls', a later one's
+    updating an earlier one's) to ``hparams_metrics.json`` beside it, so that no hyper-parameter name can clash
+    with them.
+
     >>> import tempfile
     >>> tmp = tempfile.TemporaryDirectory()
     >>> os.path.basename(RunDirLogger(tmp.name, "demo", version=7).log_dir)
@@ -289,7 +350,8 @@ class RunDirLogger(Logger):
         self.version = version
         self._dir: str | None = None
         self._leader: RunDirLogger | None = None
-        self._pending_hparams: dict[str, Any] | None = None
+        self._pending_hparams: dict[str, Any] | None = None  # hparams.json (and _HPARAMS_METRICS) to write
+        self._final_metrics: dict[str, float] | None = None  # all the metrics log_hparams gave for this folder
         self._resume_pos: _Position | None = None  # resume_at's position, until the next write applies it
         self._top_records: set[_Written] = set()  # the records written at _top: their metric names and epoch
         self._relog: _Position | None = None  # a fit resumed at _top: a record logged there again rewinds first
@@ -476,6 +538,7 @@ class RunDirLogger(Logger):
     def _forget_folder(self) -> None:
         """Drop what this logger tracks of its run folder's records and files, as a logger made anew has none;
         its hyper-parameters are held back for the next folder (without the earlier run's final metrics)."""
+        self._final_metrics = None
         self._new, self._relog, self._relog_records, self._redo, self._redone = {}, None, frozenset(), None, set()
         self._top, self._top_records, self._epoch_now, self._last_record = None, set(), None, None
         self._fit_dir, self._fit_logged = None, False
@@ -503,7 +566,7 @@ class RunDirLogger(Logger):
                 # to drop, unless it logs again a record it had written at that step (a retry from before it)
                 self._relog, self._relog_records = pos, frozenset(self._top_records)
         if self._pending_hparams is not None:
-            _write_json(os.path.join(folder, "hparams.json"), self._pending_hparams)
+            _write_hparams_files(folder, self._pending_hparams, self._final_metrics)
             self._pending_hparams = None
         return folder
 
@@ -574,7 +637,9 @@ class RunDirLogger(Logger):
 
     def _write_hparams(self, hparams: dict[str, Any], metrics: dict[str, float] | None) -> None:
         # held back until the run folder is claimed, so that loggers can still share it
-        self._pending_hparams = hparams if metrics is None else {**hparams, "metrics": metrics}
+        self._pending_hparams = hparams
+        if metrics is not None:  # (a later call's add to, and update, the earlier ones', as its hparams do)
+            self._final_metrics = {**(self._final_metrics or {}), **metrics}
         if (self._leader or self)._dir is not None:
             self._path("hparams.json")
 
@@ -686,6 +751,22 @@ def _record_epochs(records: list[tuple[int | None, int | None, bool]]) -> list[i
         elif epochs[i] is None:
             epochs[i] = opened
     return epochs
+
+
+#: the file beside ``hparams.json`` that holds the metrics given to ``log_hparams`` (``hparams.json`` holds the
+#: hyper-parameters alone, as Lightning's ``hparams.yaml``: a hyper-parameter may be named anything, "metrics" too)
+_HPARAMS_METRICS = "hparams_metrics.json"
+
+
+def _write_hparams_files(folder: str, hparams: dict[str, Any], metrics: dict[str, float] | None) -> None:
+    """``hparams.json`` in ``folder``, and :data:`_HPARAMS_METRICS` when ``log_hparams`` was given metrics (else
+    one left there by an earlier write is removed: the two files hold what this logger's calls gave)."""
+    _write_json(os.path.join(folder, "hparams.json"), hparams)
+    path = os.path.join(folder, _HPARAMS_METRICS)
+    if metrics is not None:
+        _write_json(path, metrics)
+    elif os.path.exists(path):
+        os.remove(path)
 
 
 def _write_json(path: str, obj: Any) -> None:
@@ -969,14 +1050,14 @@ class TensorBoardLogger(RunDirLogger):
     """Scalars (and optionally histograms) as TensorBoard event files in ``root/name/version_N``.
 
     Hyper-parameters given to :meth:`log_hparams` are written at :meth:`finalize` (at once when
-    given after it, as after ``run_epochs``) with the
+    given after it, as after ``run_epochs``, metrics logged or the :attr:`writer` used since or not) with the
     final metrics (the last value of every logged tag, or the ``metrics`` given), so
     TensorBoard's HPARAMS tab compares runs by them. ``histogram_every_n_steps=m`` writes
     histograms of every parameter (``params/<name>``) and gradient (``grads/<name>``) on
     each m-th optimizer update, as the optimizer sees them (after clipping and unscaling).
     Events are encoded by tensorboardX and written in the calling thread, flushed at every
     call (no background threads); :attr:`writer` is a ``tensorboardX.SummaryWriter`` on the
-    same folder for anything else.
+    same folder for anything else (on rank 0; other ranks get one that writes nothing).
 
     >>> import tempfile
     >>> tmp = tempfile.TemporaryDirectory()
@@ -1005,15 +1086,22 @@ class TensorBoardLogger(RunDirLogger):
         self._opened = 0
         self._last: dict[str, float] = {}
         self._last_step = 0
-        self._final_metrics: dict[str, float] | None = None
         self._hparams_written = False
         self._summaries = 0  # the hyper-parameter summaries this logger wrote
-        self._finished = False  # finalized, and nothing written since
+        self._finished = False  # finalized (a fit's end), and no fit begun since (resume_at): hparams go out at once
         self._earlier: list[str] = []  # the folder's event files when resume_at was last applied
         self._kept: dict[str, tuple[int, float]] = {}  # the newest scalar of each tag _drop_records kept there
         self._own: set[str] = set()  # the event files this logger made, in this process
         self._token = secrets.token_hex(4)  # in its files' names (an id is reused once its logger is collected)
         self._purge_step: int | None = None  # a resumed run's new event file tells a live TensorBoard to drop from here
+
+    def resume_at(
+        self, step: int, epoch: int | None = None, batch_index: int | None = None, *, finishes_epoch: bool = False
+    ) -> None:
+        """:meth:`RunDirLogger.resume_at`; a fit begins, so hyper-parameters given from now on wait for its
+        :meth:`finalize` (to be written with its final metrics)."""
+        super().resume_at(step, epoch, batch_index, finishes_epoch=finishes_epoch)
+        self._finished = False
 
     def _suffix(self) -> str:
         # event files are named by the second: one reopened within it would clobber the last
@@ -1021,7 +1109,9 @@ class TensorBoardLogger(RunDirLogger):
         return f".{os.getpid()}.{self._token}.{self._opened}"
 
     def open(self) -> None:
-        """Open the event file now (it is otherwise opened by the first write)."""
+        """Open the event file now (it is otherwise opened by the first write); on ranks other than 0, nothing."""
+        if not is_rank_zero():
+            return
         folder = self._folder()  # (first: a pending resume_at rewrites the files there, closing this logger's)
         if self._file is None:
             files = _event_files(folder)
@@ -1030,12 +1120,15 @@ class TensorBoardLogger(RunDirLogger):
             if self._purge_step is not None:  # (what tensorboardX's purge_step writes)
                 self._file.session_start(self._purge_step)
                 self._purge_step = None
-            self._finished = False
 
     @property
     def writer(self) -> Any:
         """A ``tensorboardX.SummaryWriter`` on this run's folder (opened on first use, closed by
-        :meth:`finalize`), for anything else to log: images, text, graphs."""
+        :meth:`finalize`), for anything else to log: images, text, graphs. On ranks other than 0, an object whose
+        every attribute and call does nothing (Lightning's ``DummyExperiment``), so that code calling
+        ``logger.writer.add_text(...)`` on every rank writes on rank 0 only."""
+        if not is_rank_zero():
+            return _Inert()
         if self._writer is None:
             from tensorboardX import SummaryWriter
 
@@ -1043,7 +1136,6 @@ class TensorBoardLogger(RunDirLogger):
             before = set(_event_files(folder))
             self._writer = SummaryWriter(folder, filename_suffix=self._suffix())
             self._own.update(set(_event_files(folder)) - before)
-            self._finished = False
         return self._writer
 
     def _add(self, summary: Any, step: int) -> None:
@@ -1059,7 +1151,7 @@ class TensorBoardLogger(RunDirLogger):
     def _forget_folder(self) -> None:
         super()._forget_folder()
         self._close_files()
-        self._last, self._last_step, self._final_metrics, self._hparams_written = {}, 0, None, False
+        self._last, self._last_step, self._hparams_written = {}, 0, False
         self._summaries, self._finished, self._earlier, self._kept, self._own = 0, False, [], {}, set()
         self._purge_step = None
 
@@ -1109,10 +1201,10 @@ class TensorBoardLogger(RunDirLogger):
 
     def _write_hparams(self, hparams: dict[str, Any], metrics: dict[str, float] | None) -> None:
         super()._write_hparams(hparams, metrics)  # hparams.json in the run folder, as the other file loggers write
-        self._final_metrics = metrics
         self._hparams_written = False
-        if self._finished:  # given after the run was finalized (run_epochs does at its end): no later finalize
-            self._finalize()  # would come to write them, so they are written now
+        if self._finished:  # given after the fit was finalized (run_epochs does at its end), even with a test
+            # evaluation logged (or the writer used) since: no later finalize would come, so they are written now
+            self._finalize()  # (and the files closed: a later summary goes to a new file, the earlier one dropped)
 
     def wants_model(self, step: int) -> bool:
         """Whether :meth:`log_model` should be called for the update that reaches ``step``."""
@@ -1174,7 +1266,8 @@ class TensorBoardLogger(RunDirLogger):
 
 
 class CSVLogger(RunDirLogger):
-    """``metrics.csv`` (a ``step`` column, then one column per metric) and ``hparams.json``.
+    """``metrics.csv`` (a ``step`` column, then one column per metric), ``hparams.json`` and
+    ``hparams_metrics.json`` (see :class:`RunDirLogger`).
 
     Columns grow as new metrics appear: the file is rewritten with the wider header, so it
     always has one header row, and a row leaves blank the metrics it does not have. Rows are
@@ -1295,8 +1388,8 @@ class CSVLogger(RunDirLogger):
 class JSONLLogger(RunDirLogger):
     """``metrics.jsonl``: one JSON object per :meth:`log_metrics`, ``{"step": ..., <metric>: ...}``.
 
-    Also writes ``hparams.json``. Non-finite values are written as JSON's ``NaN`` / ``Infinity``
-    (Python's ``json`` reads them back). Lines are written as they come: a line torn by a kill mid-write
+    Also writes ``hparams.json`` and ``hparams_metrics.json`` (see :class:`RunDirLogger`). Non-finite values
+    are written as JSON's ``NaN`` / ``Infinity`` (Python's ``json`` reads them back). Lines are written as they come: a line torn by a kill mid-write
     is dropped when the folder is written to again, with or without :meth:`resume_at` (one whose record was
     written whole, only its newline missing, is kept). A ``metrics.jsonl`` another program wrote (its first
     line does not begin ``{"step": ``) is refused and left as it is, before the logger changes anything.

@@ -32,7 +32,7 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
-from loopkit.loggers import Logger, is_rank_zero
+from loopkit.loggers import Logger, _Inert, is_rank_zero
 
 __all__ = ["MLFlowLogger", "WandbLogger"]
 
@@ -79,27 +79,6 @@ def _check_prefix(prefix: Any, who: str) -> str:
 def _prefixed(metrics: Mapping[str, float], prefix: str) -> dict[str, float]:
     """``metrics`` with ``prefix-`` before each name (Lightning's ``prefix``, joined with ``-``)."""
     return {f"{prefix}-{k}": v for k, v in metrics.items()} if prefix else dict(metrics)
-
-
-class _Inert:
-    """:attr:`experiment` on ranks other than 0 (Lightning's ``DummyExperiment``): every attribute, call and
-    item is itself, so ``logger.experiment.log(...)`` on every rank writes on rank 0 only.
-
-    >>> _Inert().log({"x": 1}).config["lr"]  # doctest: +ELLIPSIS
-    <loopkit.trackers._Inert object at ...>
-    """
-
-    def __getattr__(self, name: str) -> Any:
-        return self
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self
-
-    def __getitem__(self, key: Any) -> Any:
-        return self
-
-    def __setitem__(self, key: Any, value: Any) -> None:
-        pass
 
 
 def _beside_open() -> bool:

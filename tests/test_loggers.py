@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import copy
 import csv
+import dataclasses
 import io
 import json
 import os
@@ -828,7 +830,77 @@ def test_a_later_log_hparams_adds_to_the_earlier_ones_as_lightnings_loggers_do(t
         logger.log_hparams({"batch_size": 32, "lr": 0.2}, {"best/loss": 0.5})
         logger.finalize()
         written = json.load(open(os.path.join(logger.log_dir, "hparams.json")))
-        assert written == {"lr": 0.2, "model": {"hidden": 8}, "batch_size": 32, "metrics": {"best/loss": 0.5}}
+        assert written == {"lr": 0.2, "model": {"hidden": 8}, "batch_size": 32}
+        assert json.load(open(os.path.join(logger.log_dir, "hparams_metrics.json"))) == {"best/loss": 0.5}
+
+
+@dataclasses.dataclass
+class _Optim:
+    lr: float = 0.1
+    betas: tuple = (0.9, 0.99)
+
+
+@dataclasses.dataclass
+class _Config:
+    optim: _Optim = dataclasses.field(default_factory=_Optim)
+    depth: int = 3
+
+
+def test_dataclass_and_namespace_hparams_are_nested_and_flattened_as_lightnings_flatten_dict_does(tmp_path):
+    """A dataclass or argparse.Namespace value became one string ("_Optim(lr=0.1, ...)"): TensorBoard's tab
+    could not sort by opt/lr. Lightning's _flatten_dict turns them into dicts (asdict, vars), nested ones too."""
+    hparams = {"cfg": _Config(), "ns": argparse.Namespace(width=8, inner=argparse.Namespace(p=0.5)), "batch": 32,
+               "cls": _Optim}
+    nested = {"cfg": {"optim": {"lr": 0.1, "betas": [0.9, 0.99]}, "depth": 3},
+              "ns": {"width": 8, "inner": {"p": 0.5}}, "batch": 32, "cls": str(_Optim)}  # (a class: its name)
+    for cls in (CSVLogger, JSONLLogger, TensorBoardLogger):
+        logger = cls(tmp_path, cls.__name__)
+        logger.log_hparams(hparams)
+        logger.finalize()
+        assert logger.hparams == nested
+        assert json.load(open(os.path.join(logger.log_dir, "hparams.json"))) == nested
+    start = _hparams_content(read_events(logger.log_dir))["_hparams_/session_start_info"].session_start_info.hparams
+    assert sorted(start) == ["batch", "cfg/depth", "cfg/optim/betas", "cfg/optim/lr", "cls", "ns/inner/p", "ns/width"]
+    assert start["cfg/optim/lr"].number_value == 0.1 and start["ns/inner/p"].number_value == 0.5
+    out = io.StringIO()
+    ConsoleLogger(stream=out).log_hparams({"opt": _Optim()})
+    assert out.getvalue() == "hparams  opt/lr=0.1  opt/betas=[0.9, 0.99]\n"
+
+
+@pytest.mark.parametrize("cls", [CSVLogger, JSONLLogger, TensorBoardLogger, ConsoleLogger])
+def test_log_hparams_takes_an_argparse_namespace_as_lightnings_log_hyperparams_does(tmp_path, cls):
+    """An argparse script's logger.log_hparams(args): refused with "hparams must be a dict"."""
+    logger = cls(stream=io.StringIO()) if cls is ConsoleLogger else cls(tmp_path)
+    logger.log_hparams(argparse.Namespace(lr=0.1, depth=3))
+    logger.log_hparams(argparse.Namespace(depth=4))  # adds to (and updates) the first, as a dict would
+    assert logger.hparams == {"lr": 0.1, "depth": 4}
+    if cls is not ConsoleLogger:
+        logger.finalize()  # (hparams.json is written once the run folder is claimed)
+        assert json.load(open(os.path.join(logger.log_dir, "hparams.json"))) == {"lr": 0.1, "depth": 4}
+    with pytest.raises(TypeError, match="hparams must be a dict or an argparse.Namespace, got _Optim"):
+        logger.log_hparams(_Optim())  # (as Lightning's: a dataclass is taken as a value, not as the hparams)
+    assert logger.hparams == {"lr": 0.1, "depth": 4}
+
+
+def test_log_hparams_metrics_never_take_the_place_of_a_hyper_parameter_named_metrics(tmp_path):
+    """hparams.json was {**hparams, "metrics": metrics}: a hyper-parameter named "metrics" was replaced by the final
+    metrics there, and a later log_hparams without metrics dropped them again. Now hparams.json holds the
+    hyper-parameters alone (as Lightning's hparams.yaml), hparams_metrics.json the metrics (all the calls')."""
+    for cls in (CSVLogger, JSONLLogger, TensorBoardLogger):
+        logger = cls(tmp_path, cls.__name__)
+        logger.log_hparams({"lr": 0.1, "metrics": ["acc", "f1"]})
+        logger.log_metrics({"val/acc": 0.9}, step=1)
+        logger.log_hparams({"batch_size": 4}, {"best/acc": 0.9})
+        logger.log_hparams({"wd": 0.0})  # no metrics: those given before stay
+        logger.log_hparams({}, {"test/acc": 0.8})  # more: added to them
+        logger.finalize()
+        hparams = json.load(open(os.path.join(logger.log_dir, "hparams.json")))
+        assert hparams == logger.hparams == {"lr": 0.1, "metrics": ["acc", "f1"], "batch_size": 4, "wd": 0.0}
+        metrics = json.load(open(os.path.join(logger.log_dir, "hparams_metrics.json")))
+        assert metrics == {"best/acc": 0.9, "test/acc": 0.8}
+    start = _hparams_content(read_events(logger.log_dir))  # TensorBoard's tab: the given metrics, all of them
+    assert {m.name.tag for m in start["_hparams_/experiment"].experiment.metric_infos} == {"best/acc", "test/acc"}
+    assert start["_hparams_/session_start_info"].session_start_info.hparams["metrics"].string_value == "['acc', 'f1']"
 
 
 def test_tensorboards_hparams_tab_shows_what_log_hparams_gives_after_the_fit_when_given_before_too(tmp_path):
@@ -941,8 +1013,8 @@ def test_every_file_logger_writes_hparams_json(tmp_path):
         logger.log_hparams({"lr": 0.2}, {"val/loss": 0.5})  # once the folder exists, written at once (added to the first)
         assert json.load(open(os.path.join(logger.log_dir, "hparams.json"))) == {
             "lr": 0.2, "model": {"hidden": 8}, "optimizer": str(torch.optim.SGD), "betas": [0.9, 0.99],
-            "metrics": {"val/loss": 0.5},
         }
+        assert json.load(open(os.path.join(logger.log_dir, "hparams_metrics.json"))) == {"val/loss": 0.5}
 
 
 def test_jsonl_is_one_object_per_line(tmp_path):
@@ -1017,6 +1089,30 @@ def test_tensorboard_hparams_given_after_the_fit_finalized_the_logger_are_writte
     assert content["_hparams_/session_start_info"].session_start_info.hparams["lr"].number_value == 0.1
     assert {m.name.tag for m in content["_hparams_/experiment"].experiment.metric_infos} == {"train/loss"}
     assert [e.step for e in events.Scalars("train/loss")] == [2, 4]  # the run's scalars are all still there
+
+
+@pytest.mark.parametrize("after_fit", ["log_metrics", "writer"])
+def test_tensorboard_hparams_given_after_a_test_evaluation_logged_after_the_fit_are_written(tmp_path, after_fit):
+    """The guide's flow: run_epochs, then a test evaluation logged (or text through the writer), then
+    log_hparams(cfg, {"test/loss": ...}). The write after the fit reopened the event file and made the logger
+    forget it was finalized, so the summary waited for a finalize nobody calls: the run was missing from the tab."""
+    logger = TensorBoardLogger(tmp_path)
+    step = loopkit.with_logging(loopkit.train_step(lambda m, b: m(b).pow(2).mean()), logger, every_n_steps=2)
+    model = torch.nn.Linear(2, 1)
+    state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    state, _ = loopkit.run_epochs(step, state, [torch.ones(4, 2)] * 4, epochs=1, progress=False)
+    if after_fit == "log_metrics":
+        logger.log_metrics({"test/loss": 0.5}, step=state.step)
+    else:
+        logger.writer.add_text("notes", "a test evaluation follows", state.step)
+        logger.writer.flush()
+    logger.log_hparams({"lr": 0.1, "hidden": 8}, {"test/loss": 0.5})  # no finalize after it
+    content = _hparams_content(read_events(logger.log_dir))
+    assert sorted(content["_hparams_/session_start_info"].session_start_info.hparams) == ["hidden", "lr"]
+    assert {m.name.tag for m in content["_hparams_/experiment"].experiment.metric_infos} == {"test/loss"}
+    logger.log_hparams({"lr": 0.2})  # again after the fit: this one replaces it at once (the tab reads the first)
+    start = _hparams_content(read_events(logger.log_dir))["_hparams_/session_start_info"].session_start_info
+    assert start.hparams["lr"].number_value == 0.2
 
 
 def test_tensorboard_without_hparams_writes_no_hparams(tmp_path):
@@ -1105,6 +1201,12 @@ def test_only_rank_zero_writes(tmp_path, monkeypatch, rank):
     if tb.wants_model(1):
         tb.log_model(torch.nn.Linear(1, 1), 1)
         tb.finalize()
+    # what code outside the loggers writes on every rank (Lightning's logger.experiment is a DummyExperiment off
+    # rank 0): the writer of images and text, and an event file opened by hand
+    tb.writer.add_text("sample", "written by every rank", 1)
+    tb.writer.flush()
+    tb.open()
+    tb.finalize()
     if rank == 0:  # the control: the same calls write everything on rank 0
         assert "events.out.tfevents" in " ".join(files_under(tmp_path))
         assert {"csv/version_0/metrics.csv", "jsonl/version_0/metrics.jsonl"} <= set(files_under(tmp_path))

@@ -456,6 +456,26 @@ def test_mlflow_long_params_are_cut_at_mlflows_limit_and_many_go_in_batches(tmp_
     assert run.data.metrics == {"fold0-val/acc": 0.5}  # the prefix, joined with '-' as Lightning's
 
 
+def test_mlflow_params_flatten_dataclass_and_namespace_values_as_lightnings_do(tmp_path, mlflow_dir):
+    """A dataclass or argparse.Namespace value was one param ("Opt(lr=0.1, wd=0.0)"); Lightning's _flatten_dict
+    makes them opt/lr, opt/wd; and log_hparams(Namespace) itself was refused."""
+    import argparse
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Opt:
+        lr: float = 0.1
+        wd: float = 0.0
+
+    logger = MLFlowLogger(save_dir=mlflow_dir(tmp_path))
+    logger.log_hparams({"opt": Opt(), "ns": argparse.Namespace(depth=3), "layers": [{"w": Opt(lr=0.2)}]})
+    logger.log_hparams(argparse.Namespace(batch=32))
+    logger.finalize()
+    params = logger.experiment.get_run(logger.run_id).data.params
+    assert params == {"opt/lr": "0.1", "opt/wd": "0.0", "ns/depth": "3", "layers/0/w/lr": "0.2",
+                      "layers/0/w/wd": "0.0", "batch": "32"}
+
+
 def test_mlflow_writes_after_the_fit_go_into_the_run_and_leave_its_status(tmp_path, mlflow_dir):
     """``log_hparams(cfg, {"best/loss": ...})`` or ``log_metrics`` after ``run_epochs``: logged into the finished (or
     failed) run, whose status stays, as Lightning's MLFlowLogger does; they marked it RUNNING, and nothing ended it."""
