@@ -331,7 +331,8 @@ def with_logging(step: Any, *loggers: Any, every_n_steps: int = 50) -> LoggingSt
     checkpoint carries a partial window. When ``state.step`` reaches a multiple of
     ``every_n_steps`` they are summed and read once (the only host sync), and every logger's ``log_metrics`` gets ``train/m``, the mean over the
     calls since the last log (under ``with_grad_accum`` a window is n updates), at the global
-    step. The ``run_epochs`` events add each validation's ``val/m`` means, and at the end of
+    step (``run_epochs`` warns at a fit's start when an epoch of known length makes fewer updates than
+    ``every_n_steps``, as Lightning warns of its ``log_every_n_steps``). The ``run_epochs`` events add each validation's ``val/m`` means, and at the end of
     each epoch ``train/m_epoch`` (the epoch means), ``epoch`` and the callbacks' extras; at the
     end of the fit every logger is finalized: ``finalize("success")``, or ``finalize("failed")`` when an
     error leaves the fit, for loggers whose ``finalize`` takes a status (as Lightning's trainer always
