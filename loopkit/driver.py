@@ -167,7 +167,9 @@ def _warn_of_a_long_log_interval(step: Any, total: int | None, epoch: int) -> No
     updates = -(-total // every)
     if updates >= interval:
         return
-    made = f"{total} training batches" + (f", {updates} updates under with_grad_accum(every={every})" if every > 1 else "")
+    made = f"{total} training batches"
+    if every > 1:
+        made += f", {updates} updates under with_grad_accum(every={every})"
     warnings.warn(
         f"run_epochs: an epoch has {made}, fewer than the logging interval with_logging(every_n_steps={interval}): "
         f"a train/* row is logged every {interval} updates, across epochs, so none within an epoch (and none in a "

@@ -2,9 +2,10 @@
 
 Every logger has the same small protocol: ``log_metrics(metrics, step)`` (a dict of
 floats at a global step), ``log_hparams(hparams, metrics=None)`` (``log_hyperparams``, Lightning's name, on
-:class:`Logger`), ``finalize()`` and a ``log_dir`` property (file loggers' ``version``: N once ``version_N`` is claimed). File loggers write each run under ``root/name/version_N/``, N being
-the next free integer (an earlier run is never overwritten, two runs starting at once
-get different folders, and a logger reused for another fit from a fresh state takes the next N).
+:class:`Logger`), ``finalize()`` and a ``log_dir`` property. File loggers write each run under
+``root/name/version_N/`` (their ``version``: N, once the folder is claimed), N being the next free integer
+(an earlier run is never overwritten, two runs starting at once get different folders, and a logger reused
+for another fit from a fresh state takes the next N).
 Under ``torch.distributed`` only rank 0 writes; other ranks' loggers do nothing and create nothing.
 
 >>> import tempfile

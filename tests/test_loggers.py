@@ -60,7 +60,8 @@ def test_each_logger_takes_the_next_version_and_never_overwrites(tmp_path):
 def test_version_is_the_number_of_the_folder_the_logger_writes_to_once_claimed(tmp_path, make):
     """Reference: the ``version_N`` folder each logger writes to (``log_dir``). ``logger.version`` stayed None after
     the logger wrote ``version_0`` (Lightning's gives 0); it is now N once the folder is claimed, that of the leader
-    for a logger sharing its folder, and the next one after a fresh fit moves the logger on; a given version as given."""
+    for a logger sharing its folder, and the next one after a fresh fit moves the logger on; a given version as
+    given."""
 
     def number(logger):
         return int(os.path.basename(logger.log_dir).split("_")[1])
