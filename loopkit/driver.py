@@ -133,6 +133,52 @@ def _warn_of_a_state_past_the_end(state: TrainState, epochs: int | None, max_ste
         )
 
 
+def _log_interval(step: Any) -> int | None:
+    """The ``every_n_steps`` of the step's ``with_logging``, looked for through the whole-step wrappers (None
+    without one)."""
+    while step is not None:
+        if getattr(step, "name", None) == "with_logging":
+            return as_int(getattr(step, "every_n_steps", None))
+        step = getattr(step, "inner", None)
+    return None
+
+
+def _accumulation_at(step: Any, epoch: int) -> int:
+    """The step's ``with_grad_accum`` factor in ``epoch`` (1 without one), looked for through the whole-step
+    wrappers."""
+    while step is not None:
+        every_at = getattr(step, "every_at", None)
+        if callable(every_at):
+            return max(as_int(every_at(epoch)) or 1, 1)
+        step = getattr(step, "inner", None)
+    return 1
+
+
+def _warn_of_a_long_log_interval(step: Any, total: int | None, epoch: int) -> None:
+    """Warn, as Lightning does of its ``log_every_n_steps``, when an epoch of ``total`` batches makes fewer
+    updates than ``with_logging``'s ``every_n_steps``: no ``train/*`` row comes within an epoch (none at all in a
+    fit of fewer updates). Updates, not batches, since the log points count updates: under ``with_grad_accum(every=k)``
+    an epoch makes ``ceil(total / k)`` of them (Lightning compares the batches, and stays silent there). Nothing
+    without a ``with_logging``, a known length, or on a rank other than 0."""
+    interval = _log_interval(step)
+    if interval is None or not total or not _collective.is_rank_zero():
+        return
+    every = _accumulation_at(step, epoch)
+    updates = -(-total // every)
+    if updates >= interval:
+        return
+    made = f"{total} training batches"
+    if every > 1:
+        made += f", {updates} updates under with_grad_accum(every={every})"
+    warnings.warn(
+        f"run_epochs: an epoch has {made}, fewer than the logging interval with_logging(every_n_steps={interval}): "
+        f"a train/* row is logged every {interval} updates, across epochs, so none within an epoch (and none in a "
+        "fit of fewer updates). Set a lower every_n_steps if you want to see logs for the training epoch",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
 def _warn_of_eval_mode(model: torch.nn.Module) -> None:
     """Warn, as Lightning does, when modules start training in eval mode (dropout off, BatchNorm frozen)."""
     frozen = [name or "the model" for name, module in model.named_modules() if not module.training]
@@ -2071,6 +2117,7 @@ def run_epochs(
             )
             finishing_stop = unrecorded and hooks.stops(state)  # (then the epoch's validation is still due)
             finishing = finishing_stop or (unrecorded and max_steps is not None and state.step >= max_steps)
+            interval_checked = False  # whether the epoch's updates were checked against with_logging's every_n_steps
             # a stop asked for by the resumed validation still ends its epoch, as it did in the run that saved the state
             while ((more(state) or finishing) and (not hooks.stops(state) or resumed_val or finishing) and not stop.agreed
                    and not deferred_stop):
@@ -2084,6 +2131,9 @@ def run_epochs(
                     resuming = False
                     _warn_of_persistent_workers(data, train_data, state.epoch, state.batch_index > 0)
                 total = _epoch_total(data, limit_train_batches, train_data, state.epoch)
+                if not interval_checked:  # (once a fit, at its first epoch: a factory's data has its length then)
+                    interval_checked = True
+                    _warn_of_a_long_log_interval(step, total, state.epoch)
                 # (without a length, an epoch stopped at its last batch is found by a look ahead)
                 sized = _num_batches(data, None, "train_data") is not None
                 _collective.check_same({"batches": total}, f"run_epochs: epoch {state.epoch} has another number of "

@@ -1,10 +1,11 @@
 """Loggers: where :func:`loopkit.with_logging` writes metrics.
 
 Every logger has the same small protocol: ``log_metrics(metrics, step)`` (a dict of
-floats at a global step), ``log_hparams(hparams, metrics=None)``, ``finalize()`` and a
-``log_dir`` property. File loggers write each run under ``root/name/version_N/``, N being
-the next free integer (an earlier run is never overwritten, two runs starting at once
-get different folders, and a logger reused for another fit from a fresh state takes the next N).
+floats at a global step), ``log_hparams(hparams, metrics=None)`` (``log_hyperparams``, Lightning's name, on
+:class:`Logger`), ``finalize()`` and a ``log_dir`` property. File loggers write each run under
+``root/name/version_N/`` (their ``version``: N, once the folder is claimed), N being the next free integer
+(an earlier run is never overwritten, two runs starting at once get different folders, and a logger reused
+for another fit from a fresh state takes the next N).
 Under ``torch.distributed`` only rank 0 writes; other ranks' loggers do nothing and create nothing.
 
 >>> import tempfile
@@ -254,6 +255,14 @@ class Logger:
         if is_rank_zero():
             self._write_hparams(plain, final)
 
+    def log_hyperparams(self, params: Mapping[str, Any], metrics: Mapping[str, float] | None = None) -> None:
+        """:meth:`log_hparams` under Lightning's name (its loggers' ``log_hyperparams(params, metrics=None)``).
+
+        >>> ConsoleLogger().log_hyperparams({"lr": 0.1})
+        hparams  lr=0.1
+        """
+        self.log_hparams(params, metrics)
+
     @property
     def hparams(self) -> dict[str, Any]:
         """The hyper-parameters :meth:`log_hparams` recorded so far (all its calls')."""
@@ -347,7 +356,7 @@ class RunDirLogger(Logger):
         _check_root(os.fspath(root), who)
         self.root = os.fspath(root)
         self.name = name
-        self.version = version
+        self._version = version  # the version given (None: the next free version_N, claimed when first needed)
         self._dir: str | None = None
         self._leader: RunDirLogger | None = None
         self._pending_hparams: dict[str, Any] | None = None  # hparams.json (and _HPARAMS_METRICS) to write
@@ -376,7 +385,7 @@ class RunDirLogger(Logger):
         if self._dir is not None:
             return self._dir
         base = os.path.join(self.root, self.name)
-        if self.version is not None:
+        if self._version is not None:
             path = self.fixed_folder()
             if not is_rank_zero():
                 return path
@@ -388,6 +397,30 @@ class RunDirLogger(Logger):
         self._dir = path
         return path
 
+    @property
+    def version(self) -> int | str | None:
+        """The run folder's version, as Lightning's ``logger.version``: the ``version`` given, or (``version=None``)
+        N of the ``version_N`` folder once it is claimed (at the first write, or when ``log_dir`` is read; the
+        folder of the logger it shares one with; a fresh fit after one it logged moves it to the next N), None
+        until then (reading it claims nothing).
+
+        >>> import tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> logger = CSVLogger(tmp.name)
+        >>> logger.version is None
+        True
+        >>> logger.log_metrics({"train/loss": 0.5}, step=1)
+        >>> logger.version, CSVLogger(tmp.name, version="fold0").version
+        (0, 'fold0')
+        >>> tmp.cleanup()
+        """
+        if self._version is not None:
+            return self._version
+        if self._leader is not None:
+            return self._leader.version
+        found = None if self._dir is None else _VERSION.match(os.path.basename(os.path.normpath(self._dir)))
+        return None if found is None else int(found.group(1))
+
     def fixed_folder(self) -> str | None:
         """The run folder a fixed ``version`` names (``3`` and ``"version_3"`` alike: ``root/name/version_3``),
         without making it; None for ``version=None`` (the folder is claimed when first needed).
@@ -395,9 +428,10 @@ class RunDirLogger(Logger):
         >>> os.path.basename(CSVLogger("runs", version=3).fixed_folder()), CSVLogger("runs").fixed_folder()
         ('version_3', None)
         """
-        if self.version is None:
+        version = self._version
+        if version is None:
             return None
-        return os.path.join(self.root, self.name, f"version_{self.version}" if isinstance(self.version, int) else self.version)
+        return os.path.join(self.root, self.name, f"version_{version}" if isinstance(version, int) else version)
 
     def share_run_dir(self, other: Any) -> bool:
         """Write to ``other``'s run folder, when both would take the next free version of one root/name.
@@ -415,10 +449,10 @@ class RunDirLogger(Logger):
         """
         if not isinstance(other, RunDirLogger) or other is self:
             return False
-        if self._leader is not None or self.version is not None:
+        if self._leader is not None or self._version is not None:
             return False
         leader = other._leader or other
-        if leader is self or leader.version is not None:
+        if leader is self or leader._version is not None:
             return False
         if (os.path.abspath(leader.root), leader.name) != (os.path.abspath(self.root), self.name):
             return False
@@ -515,7 +549,7 @@ class RunDirLogger(Logger):
                                                            or value < 0):
                 raise ValueError(f"{who}.resume_at: {label} must be an int >= 0, got {value!r}")
         pos = _Position(step, epoch, batch_index, bool(finishes_epoch))
-        if pos.fresh and self.version is None and self._fit_logged:  # another run, not a retry: a folder of its own
+        if pos.fresh and self._version is None and self._fit_logged:  # another run, not a retry: a folder of its own
             self._next_version()
         self._resume_pos = pos
         if epoch is not None:  # (the records this logger writes next are of that epoch, until its record)

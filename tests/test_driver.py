@@ -2516,3 +2516,73 @@ def test_a_state_kept_from_a_hook_stays_usable_while_nothing_trained_it_in_place
     assert stale
     for state, value in stale:
         assert evaluate(evaluator, state, make_data(2))["mse"] == pytest.approx(value, rel=1e-6, abs=1e-7)
+
+
+class _RowRecorder(loopkit.Logger):
+    """A logger of one's own that keeps the steps of the training rows (``train/<m>``, not the epoch means)."""
+
+    def __init__(self):
+        super().__init__()
+        self.train_steps = []
+
+    def _write_metrics(self, metrics, step):
+        if any(k.startswith("train/") and not k.endswith("_epoch") for k in metrics):
+            self.train_steps.append(step)
+
+
+def _interval_warnings(caught):
+    return [w for w in caught if "every_n_steps" in str(w.message) and "logging interval" in str(w.message)]
+
+
+@pytest.mark.parametrize(
+    "batches, accumulate, every_n_steps",
+    [
+        (8, 1, 50),  # with_logging's default: no row in a fit of 16 updates
+        (8, 1, 8),  # a row at each epoch's last update
+        (8, 4, 3),  # 2 updates an epoch (Lightning compares the 8 batches, and would not warn)
+        (8, 2, 4),  # 4 updates an epoch: a row at each epoch's end
+    ],
+)
+def test_a_logging_interval_longer_than_an_epochs_updates_is_warned_of_once(batches, accumulate, every_n_steps):
+    """Reference: the training rows the logger got. The fit warns once, at its start, exactly when its first epoch
+    got no row (every_n_steps more than an epoch's updates), naming the epoch's batches and every_n_steps. (No
+    warning came: with with_logging's default every_n_steps=50, 8 batches an epoch logged no training row at all.)"""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    state = TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    step = train_step(lambda m, b: m(b).pow(2).mean())
+    if accumulate > 1:
+        step = with_grad_accum(step, every=accumulate)
+    logger = _RowRecorder()
+    data = [torch.randn(4, 3) for _ in range(batches)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        state, _ = run_epochs(loopkit.with_logging(step, logger, every_n_steps=every_n_steps), state, data, epochs=3,
+                              progress=False)
+    first_epoch = state.step // 3
+    row_in_first_epoch = any(s <= first_epoch for s in logger.train_steps)
+    warned = _interval_warnings(caught)
+    assert len(warned) == (0 if row_in_first_epoch else 1)
+    if warned:
+        assert f"{batches} training batches" in str(warned[0].message)
+        assert f"every_n_steps={every_n_steps}" in str(warned[0].message)
+        assert warned[0].filename == __file__  # (at the caller's run_epochs)
+
+
+def test_no_logging_interval_warning_without_with_logging_or_a_known_length():
+    """Nothing to warn of: no with_logging (the interval is its), or data without a length (an epoch's updates are
+    not known)."""
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter([torch.ones(4, 3)] * 2)
+
+    model = nn.Linear(3, 1)
+    loss = train_step(lambda m, b: m(b).pow(2).mean())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        state = TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+        state, _ = run_epochs(loss, state, [torch.ones(4, 3)] * 2, epochs=1, progress=False)
+        run_epochs(loopkit.with_logging(loss, _RowRecorder()), state,
+                   DataLoader(Stream(), batch_size=None), epochs=2, progress=False)
+    assert not _interval_warnings(caught)

@@ -57,6 +57,49 @@ def test_each_logger_takes_the_next_version_and_never_overwrites(tmp_path):
     assert os.path.basename(other.log_dir) == "version_0"
 
 
+
+@pytest.mark.parametrize("make", [CSVLogger, JSONLLogger, TensorBoardLogger])
+def test_version_is_the_number_of_the_folder_the_logger_writes_to_once_claimed(tmp_path, make):
+    """Reference: the ``version_N`` folder each logger writes to (``log_dir``). ``logger.version`` stayed None after
+    the logger wrote ``version_0`` (Lightning's gives 0); it is now N once the folder is claimed, that of the leader
+    for a logger sharing its folder, and the next one after a fresh fit moves the logger on; a given version as
+    given."""
+
+    def number(logger):
+        return int(os.path.basename(logger.log_dir).split("_")[1])
+
+    first, second = make(tmp_path, "exp"), make(tmp_path, "exp")
+    assert first.version is None and not os.path.exists(tmp_path / "exp")  # (reading it claims nothing)
+    first.resume_at(0)  # (a fit from a fresh state, as with_logging tells it)
+    first.log_metrics({"loss": 1.0}, 1)
+    second.log_metrics({"loss": 1.0}, 1)
+    assert (first.version, second.version) == (number(first), number(second)) == (0, 1)
+    follower = CSVLogger(tmp_path, "shared") if make is not CSVLogger else JSONLLogger(tmp_path, "shared")
+    leader = make(tmp_path, "shared")
+    CSVLogger(tmp_path, "shared").log_metrics({"loss": 1.0}, 1)  # (another run takes version_0 first)
+    assert follower.share_run_dir(leader) and follower.version is None
+    leader.log_metrics({"loss": 1.0}, 1)
+    assert follower.version == leader.version == number(follower) == 1
+    first.finalize()
+    first.resume_at(0)  # another fit from a fresh state after one it logged: the next free version
+    first.log_metrics({"loss": 2.0}, 1)
+    assert first.version == number(first) == 2
+    assert make(tmp_path, "exp", version=7).version == 7 and make(tmp_path, "exp", version="fold0").version == "fold0"
+    first.finalize(), second.finalize(), leader.finalize(), follower.finalize()
+
+
+def test_log_hyperparams_is_log_hparams_under_lightnings_name(tmp_path):
+    """Reference: a logger given the same calls through ``log_hparams``. (``log_hyperparams``, as Lightning's
+    loggers name it, raised AttributeError.)"""
+    by_lightnings_name, by_ours = CSVLogger(tmp_path, "a"), CSVLogger(tmp_path, "b")
+    by_lightnings_name.log_hyperparams({"lr": 0.1, "model": {"depth": 2}})
+    by_lightnings_name.log_hyperparams({"batch_size": 8}, {"val/loss": 0.5})
+    by_ours.log_hparams({"lr": 0.1, "model": {"depth": 2}})
+    by_ours.log_hparams({"batch_size": 8}, {"val/loss": 0.5})
+    by_lightnings_name.finalize(), by_ours.finalize()
+    assert by_lightnings_name.hparams == by_ours.hparams
+    assert _hparams_json(by_lightnings_name.log_dir) == _hparams_json(by_ours.log_dir)
+
 def test_version_counts_up_past_gaps_and_ignores_other_folders(tmp_path):
     for name in ("version_0", "version_3", "version_x", "notes"):
         os.makedirs(tmp_path / "exp" / name)

@@ -615,3 +615,39 @@ def test_public_names():
     assert loopkit.WandbLogger is WandbLogger and loopkit.MLFlowLogger is MLFlowLogger
     assert {"WandbLogger", "MLFlowLogger"} <= set(loopkit.__all__)
     assert isinstance(WandbLogger(offline=True), loopkit.Logger) and isinstance(MLFlowLogger(), loopkit.Logger)
+
+
+class _EpochRecordFailsOnce(loopkit.Logger):
+    """A logger of one's own whose first write of an epoch's record fails, as on a full disk."""
+
+    def __init__(self):
+        super().__init__()
+        self.failed = False
+
+    def _write_metrics(self, metrics, step):
+        if "epoch" in metrics and not self.failed:
+            self.failed = True
+            raise OSError(28, "No space left on device")
+
+
+def test_mlflow_a_fit_retried_after_a_failed_epoch_record_write_holds_each_validation_once(tmp_path, mlflow_dir):
+    """The write of epoch 0's record fails at a logger before the MLflow one, after both took its validation; the fit
+    retried from state_at_error validates and records epoch 0 again. Reference: the uninterrupted fit's MLflow
+    history, every metric's (val/mse held epoch 0's validation twice at its step)."""
+
+    def histories(failing, root):
+        logger = MLFlowLogger(save_dir=mlflow_dir(root))
+        step = with_logging(train_step(loss_with_mae), *failing, logger, every_n_steps=2)
+        val = (eval_step(mse_metric), synthetic_batches(2, seed=5))
+        try:
+            run_epochs(step, sgd_state(tiny_mlp(), lr=0.05), synthetic_batches(5), epochs=2, val=val, progress=False)
+        except OSError as error:
+            run_epochs(step, loopkit.state_at_error(error), synthetic_batches(5), epochs=2, val=val, progress=False)
+        client = logger.experiment
+        return {key: [(m.step, m.value) for m in client.get_metric_history(logger.run_id, key)]
+                for key in ("train/loss", "val/mse", "train/loss_epoch", "epoch")}
+
+    failing = _EpochRecordFailsOnce()
+    straight = histories((), tmp_path / "a")
+    assert [s for s, _ in straight["val/mse"]] == [5, 10]
+    assert histories((failing,), tmp_path / "b") == straight and failing.failed

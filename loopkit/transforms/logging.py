@@ -67,6 +67,34 @@ def _left_unlogged(new: TrainState, metrics: Metrics, means: dict[str, float], t
     return replace_extras(new, extras)
 
 
+class _Given:
+    """The rows each appending logger (one without ``resume_at``, which cannot replace a record it was given: an
+    experiment tracker, the console, a logger of one's own) took at the latest step an event's row was logged, by
+    the row's event, state (epoch, batch_index) and metric names, so that a fit retried from a state a failure left
+    before those rows (a write, a save or a callback failing at an epoch's end or in a validation: the retry
+    validates, and records the epoch, again) gives each of them each row once. Shared by the step's donated copies,
+    as its loggers are; only read and changed when a row is logged, never on the hot path."""
+
+    __slots__ = ("rows", "step")
+
+    def __init__(self) -> None:
+        self.step: int | None = None
+        self.rows: dict[tuple[Any, ...], set[int]] = {}
+
+    def begin(self, state: TrainState) -> None:
+        """A fit begins from ``state``: what was taken stays only when it goes on at that step (a retry), and not
+        from a fresh state (another run: a cross-validation fold logs its rows anew)."""
+        fresh = state.step == 0 and state.epoch == 0 and state.batch_index == 0
+        if fresh or state.step != self.step:
+            self.step, self.rows = None, {}
+
+    def taken(self, step: int, row: tuple[Any, ...]) -> set[int]:
+        """The indices of the appending loggers that took ``row`` at ``step`` (to be added to as they take it)."""
+        if step != self.step:
+            self.step, self.rows = step, {}
+        return self.rows.setdefault(row, set())
+
+
 def _epoch_scalars(record: Mapping[str, float]) -> dict[str, float]:
     """An epoch's history record as scalars: ``train/<m>_epoch``, ``epoch`` and callback extras (``val/auroc`` of an
     ``on_epoch_end`` too; the validation's means were logged at its ``validation_end``)."""
@@ -90,12 +118,18 @@ class LoggingStep(WrapperStep):
 
     loggers: tuple[Any, ...] = ()
     every_n_steps: int = 50
+    #: what the appending loggers took of the rows logged at the latest step (shared with the step's copies)
+    given: _Given = attrs.field(factory=_Given, repr=False, kw_only=True)
     #: the loggers that may want the model (``wants_model``/``log_model``), found once
     watchers: tuple[Any, ...] = attrs.field(init=False, default=(), repr=False)
+    #: the indices of the loggers that cannot replace a record logged again (no ``resume_at``), found once
+    appending: frozenset[int] = attrs.field(init=False, default=frozenset(), repr=False)
 
     def __attrs_post_init__(self) -> None:
         watchers = tuple(lg for lg in self.loggers if callable(getattr(lg, "wants_model", None)))
         object.__setattr__(self, "watchers", watchers)
+        appending = frozenset(i for i, lg in enumerate(self.loggers) if not callable(getattr(lg, "resume_at", None)))
+        object.__setattr__(self, "appending", appending)
 
     @property
     def name(self) -> str:
@@ -159,6 +193,7 @@ class LoggingStep(WrapperStep):
                 agree = getattr(logger, "agree_log_dir", None)
                 if agree is not None:  # (under DDP, every rank's log_dir is rank 0's folder)
                     agree()
+            self.given.begin(state)
             self._log_unlogged(state)
             return
         if event == "validation_end":
@@ -176,8 +211,19 @@ class LoggingStep(WrapperStep):
         else:
             return
         step = int(metrics.get("step", state.step)) if event == "epoch_end" else state.step
-        for logger in self.loggers:
+        self._log_row(scalars, step, (event, state.epoch, state.batch_index, frozenset(scalars)))
+
+    def _log_row(self, scalars: dict[str, float], step: int, row: tuple[Any, ...]) -> None:
+        """Log an event's row at ``step`` to each logger, but not again to an appending one that took it already
+        (in a fit whose epoch's end, or validation, failed after it: :class:`_Given`). A logger that rewinds its
+        records (``resume_at``: the file loggers) is given it again, and replaces the one it holds."""
+        taken = self.given.taken(step, row)
+        for i, logger in enumerate(self.loggers):
+            if i in taken:
+                continue
             logger.log_metrics(scalars, step)
+            if i in self.appending:
+                taken.add(i)
 
     def _log_unlogged(self, state: TrainState) -> None:
         """Log the row a failed write left unlogged (:func:`_left_unlogged`) to the loggers that did not take it,
@@ -285,7 +331,8 @@ def with_logging(step: Any, *loggers: Any, every_n_steps: int = 50) -> LoggingSt
     checkpoint carries a partial window. When ``state.step`` reaches a multiple of
     ``every_n_steps`` they are summed and read once (the only host sync), and every logger's ``log_metrics`` gets ``train/m``, the mean over the
     calls since the last log (under ``with_grad_accum`` a window is n updates), at the global
-    step. The ``run_epochs`` events add each validation's ``val/m`` means, and at the end of
+    step (``run_epochs`` warns at a fit's start when an epoch of known length makes fewer updates than
+    ``every_n_steps``, as Lightning warns of its ``log_every_n_steps``). The ``run_epochs`` events add each validation's ``val/m`` means, and at the end of
     each epoch ``train/m_epoch`` (the epoch means), ``epoch`` and the callbacks' extras; at the
     end of the fit every logger is finalized: ``finalize("success")``, or ``finalize("failed")`` when an
     error leaves the fit, for loggers whose ``finalize`` takes a status (as Lightning's trainer always
@@ -296,7 +343,11 @@ def with_logging(step: Any, *loggers: Any, every_n_steps: int = 50) -> LoggingSt
     raises at a log point (a full disk) leaves that update whole (:func:`loopkit.state_at_error`), holding the
     row not written: ``run_epochs`` from it logs the row first, to the loggers that did not take it, and goes
     on at the next batch (its rows, history and parameters those of the uninterrupted run; that batch's
-    ``on_batch_end`` hooks, and a save ``with_checkpointing`` outside has due at that update, are not made).
+    ``on_batch_end`` hooks, and a save ``with_checkpointing`` outside has due at that update, are not made). A fit
+    retried, through the same step, from the state a failure in a validation or at an epoch's end left (it
+    validates, and records the epoch, again) gives each logger each row once: a logger with ``resume_at`` (the file
+    loggers) replaces the row it is given again, and one without (a tracker, ``ConsoleLogger``, a logger of one's own)
+    is not given again a row it took.
 
     >>> import os, tempfile, torch
     >>> from loopkit import TrainState, train_step, run_epochs

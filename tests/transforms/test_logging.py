@@ -1032,6 +1032,74 @@ def test_a_row_left_unlogged_is_logged_once_when_the_retry_fails_before_it_moves
     assert after.logged == reference.logged
 
 
+class _FailingOnce(MemoryLogger):
+    """A logger of one's own (no ``resume_at``: it cannot replace a record) whose first write of ``key`` at ``step``
+    fails, as on a full disk; it keeps what it took."""
+
+    def __init__(self, key, step):
+        super().__init__()
+        self.at = (key, step)
+
+    def _write_metrics(self, metrics, step):
+        if self.at is not None and self.at[0] in metrics and self.at[1] == step:
+            self.at = None
+            raise OSError(28, "No space left on device")
+        super()._write_metrics(metrics, step)
+
+
+@pytest.mark.parametrize(
+    "key, at",
+    [
+        ("val/mse", 4),  # a step validation mid-epoch
+        ("val/mse", 6),  # epoch 0's validation, at its end
+        ("epoch", 6),  # epoch 0's record, after its validation was logged
+        ("epoch", 12),  # epoch 1's record, after the step validation at its last update
+    ],
+)
+def test_a_fit_retried_after_a_write_failed_at_an_epochs_end_gives_each_logger_each_row_once(
+    key, at, make_mlp, make_batches, make_sgd_state
+):
+    """A logger's write raises in a validation's row or an epoch's record; the fit retried from state_at_error (as the
+    README advises) validates and records again, and the loggers that cannot replace a record (a tracker, a logger of
+    one's own) must not take again the rows they took: each logger's rows are the uninterrupted fit's. (The ones
+    before the failing logger took the validation's row, or the epoch's, a second time.)"""
+    batches, val = make_batches(6), make_batches(2, seed=3)
+
+    def fit(step, state):
+        return run_epochs(step, state, batches, epochs=2, val=(eval_step(mse_metric), val), val_every_n_steps=4,
+                          progress=False)
+
+    reference = MemoryLogger()
+    fit(with_logging(train_step(loss_with_mae), reference, every_n_steps=2), make_sgd_state(make_mlp()))
+    straight = reference.logged
+    assert (at, key) in [(s, k) for s, m in straight for k in m]
+
+    loggers = MemoryLogger(), _FailingOnce(key, at), MemoryLogger()
+    step = with_logging(train_step(loss_with_mae), *loggers, every_n_steps=2)
+    with pytest.raises(OSError, match="No space left") as caught:
+        fit(step, make_sgd_state(make_mlp()))
+    assert loggers[0].logged[-1][0] == at and key in loggers[0].logged[-1][1]  # took the row the next one did not
+    fit(step, loopkit.state_at_error(caught.value))
+    for logger in loggers:
+        assert logger.logged == straight
+
+
+def test_a_fresh_fit_with_the_same_step_logs_its_rows_though_an_earlier_fit_logged_the_same_there(
+    make_mlp, make_batches, make_sgd_state
+):
+    """Cross-validation folds through one step, each fit from a fresh state, whose first epoch makes no update (its
+    validation and record at step 0, as the earlier fold's): every fold's rows reach a logger that cannot replace a
+    record, those at the step an earlier fold ended at included."""
+    batches, val = make_batches(4), make_batches(2, seed=3)
+    logger = MemoryLogger()
+    loss = _Skipping({0})
+    step = with_logging(train_step(loss), logger, every_n_steps=2)
+    for _ in range(2):
+        run_epochs(step, make_sgd_state(make_mlp()), batches, epochs=1, val=(eval_step(mse_metric), val),
+                   callbacks=[loss], progress=False)
+    half = len(logger.logged) // 2
+    assert half == 2 and {s for s, _ in logger.logged} == {0} and logger.logged[:half] == logger.logged[half:]
+
 def test_an_error_out_of_the_fit_finalizes_with_failed_the_loggers_that_take_a_status(make_mlp, make_batches, make_sgd_state):
     """Lightning's protocol: ``finalize("success")``, or ``finalize("failed")`` when an error leaves the fit (an
     MLflow run is then marked FAILED), to every logger whose ``finalize`` takes a status: Lightning's own signature
