@@ -356,11 +356,24 @@ def _refuse_split_ties(model: nn.Module, picked: Callable[[nn.Module], bool]) ->
     layer) that ``shard`` would put into two ``fully_shard`` groups: each occurrence belongs to the innermost picked
     module that holds it (the model's own group where none does), and torch refuses a parameter of two groups at the
     step's first forward ("shared with a parameter already managed by another FSDP group"). Raised here, before
-    anything is sharded, naming both places and what to pick instead."""
-    chosen = {name: module for name, module in model.named_modules(remove_duplicate=False)
-              if module is not model and picked(module)}
+    anything is sharded, naming both places and what to pick instead. A group is a module object, not a name: one
+    module reused in two places (``nn.ModuleList([block, block])``, ALBERT's shared layer) is one group, sharded
+    once, and its weights are in it wherever it runs.
+
+    >>> block = nn.Linear(2, 2)
+    >>> _refuse_split_ties(nn.Sequential(block, block), lambda m: isinstance(m, nn.Linear))  # one group: allowed
+    >>> a, b = nn.Linear(2, 2), nn.Linear(2, 2)
+    >>> b.weight = a.weight
+    >>> _refuse_split_ties(nn.Sequential(a, b), lambda m: isinstance(m, nn.Linear))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: with_fsdp: the parameter '0.weight' is tied to '1.weight' (the same tensor), and shard= puts them ...
+    """
+    modules = dict(model.named_modules(remove_duplicate=False))
+    chosen = {name for name, module in modules.items() if module is not model and picked(module)}
 
     def group_of(param_name: str) -> str:
+        """The name (one of its names) of the innermost picked module holding ``param_name``; "" for the model."""
         parts = param_name.split(".")[:-1]
         for i in range(len(parts), 0, -1):
             if ".".join(parts[:i]) in chosen:
@@ -368,13 +381,13 @@ def _refuse_split_ties(model: nn.Module, picked: Callable[[nn.Module], bool]) ->
         return ""
 
     def described(group: str) -> str:
-        return f"'{group}' ({type(chosen[group]).__name__}, picked by shard=)" if group else "the model's own group"
+        return f"'{group}' ({type(modules[group]).__name__}, picked by shard=)" if group else "the model's own group"
 
     first: dict[int, tuple[str, str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         group = group_of(name)
         seen = first.setdefault(id(p), (name, group))
-        if seen[1] != group:
+        if modules[seen[1]] is not modules[group]:
             raise ValueError(
                 f"with_fsdp: the parameter '{seen[0]}' is tied to '{name}' (the same tensor), and shard= puts them into "
                 f"two fully_shard groups, {described(seen[1])} and {described(group)}; torch's FSDP2 refuses a "
@@ -487,8 +500,9 @@ def with_fsdp(
     ``fully_shard`` puts each parameter into one group. Leave the tied modules out of ``shard``
     (the model's own group then holds the weight: shard the blocks between them), or
     ``shard=()``; the step's first call refuses (``ValueError``) a ``shard`` that splits them,
-    naming both places. torch's ``fully_shard`` refuses a 0-dim (scalar) parameter: make it of
-    shape ``(1,)``.
+    naming both places. One module object reused in several places (``nn.ModuleList([block, block])``,
+    ALBERT-style) is one group, sharded once: ``shard={Block}`` trains it. torch's ``fully_shard``
+    refuses a 0-dim (scalar) parameter: make it of shape ``(1,)``.
 
     With the other transforms, in any order:
 

@@ -564,6 +564,53 @@ def test_a_tied_weight_split_by_shard_is_refused_naming_both_places(one_rank):
     assert state.model[0].weight is state.model[2].weight and torch.isfinite(metrics["loss"])
 
 
+class _Block(torch.nn.Module):
+    def __init__(self, width: int = 4) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + torch.tanh(self.lin(x))
+
+
+def test_one_block_reused_in_two_places_is_one_group_and_trains_as_a_raw_loop(one_rank):
+    """ALBERT-style sharing, ModuleList([block, block]): one module object is one fully_shard group, so shard={Block}
+    trains it (as a raw PyTorch loop does); a weight tied between two different Block objects is still refused."""
+    def shared_model():
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            block = _Block()
+            return torch.nn.Sequential(torch.nn.Linear(3, 4), *[block, block], torch.nn.Linear(4, 1))
+
+    batches = [torch.randn(6, 3, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    loss_fn = lambda m, b: m(b).pow(2).mean()  # noqa: E731
+    raw = shared_model()
+    optimizer = torch.optim.SGD(raw.parameters(), lr=0.1)
+    for batch in batches:
+        optimizer.zero_grad()
+        loss_fn(raw, batch).backward()
+        optimizer.step()
+    model = shared_model()
+    state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    step = loopkit.donate(loopkit.with_fsdp(loopkit.train_step(loss_fn), shard={_Block}))
+    for batch in batches:
+        state, _ = step(state, batch)
+    assert state.model[1] is state.model[2] and type(state.model[1].lin.weight).__name__ == "DTensor"
+    full = state.state_dict()["model"]
+    assert set(full) == set(raw.state_dict())
+    for name, p in raw.state_dict().items():
+        assert (full[name] - p).abs().max() <= TOL, name
+
+    first, second = _Block(), _Block()
+    second.lin = first.lin  # one Linear in two different Block objects: two groups
+    split = torch.nn.Sequential(first, second)
+    state = loopkit.TrainState.create(split, torch.optim.SGD(split.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match=r"the parameter '0\.lin\.weight' is tied to '1\.lin\.weight'.*'0' \(_Block, "
+                                         r"picked by shard=\) and '1' \(_Block, picked by shard=\)"):
+        loopkit.donate(loopkit.with_fsdp(loopkit.train_step(loss_fn), shard={_Block}))(state, torch.ones(2, 4))
+    assert type(split[0].lin.weight) is torch.nn.Parameter  # nothing sharded
+
+
 def test_a_callbacks_stop_inside_an_accumulation_group_waits_for_the_groups_end(ranks):
     """(fully_shard holds the group's gradients: a fit ended mid-group had no state dict to save at its end.)"""
     results = ranks("stop_mid_group")
