@@ -508,9 +508,15 @@ def _loader_options(loader: DataLoader) -> tuple[dict[str, Any], Sampler]:
     return options, sampler
 
 
+#: the attribute that marks a ``DistributedSampler`` ``shard`` made (one the user built has none)
+_MADE_BY_SHARD = "_loopkit_shard"
+
+
 def _sampler_to_keep(sampler: Sampler, dataset: Any) -> Sampler | None:
     """The sampler a shard draws from (and splits across ranks), or None when it is a plain one over the whole
-    ``dataset`` (sequential, or a permutation of it: a ``DistributedSampler`` over the dataset replaces it)."""
+    ``dataset`` (sequential, or a permutation of it, or a ``DistributedSampler`` a shard made: a new
+    ``DistributedSampler`` over the dataset replaces it). A ``DistributedSampler`` of the user's own is not one
+    (:func:`_users_distributed_sampler` keeps it as it is)."""
     if isinstance(sampler, _SamplerShard):
         return sampler.sampler  # a shard sharded again: its loader's sampler
     if isinstance(sampler, DistributedSampler):
@@ -526,6 +532,51 @@ def _sampler_to_keep(sampler: Sampler, dataset: Any) -> Sampler | None:
             "shard splits a sampler's indices across ranks, every rank taking as many, and needs its length"
         )
     return sampler
+
+
+def _users_distributed_sampler(sampler: Sampler) -> DistributedSampler | None:
+    """``sampler`` when it is a ``DistributedSampler`` the user built (not one a shard made), else None."""
+    if isinstance(sampler, DistributedSampler) and not getattr(sampler, _MADE_BY_SHARD, False):
+        return sampler
+    return None
+
+
+def _users_sampler_problem(sampler: DistributedSampler, pad: bool) -> str | None:
+    """Why the user's ``DistributedSampler`` cannot be kept, or None: it splits the data for another process group
+    than this one (its ``num_replicas`` and ``rank``), or ``pad=False`` asks for each sample exactly once and it
+    pads or drops some (``drop_last``)."""
+    if (sampler.num_replicas, sampler.rank) != (world_size(), rank()):
+        return (f"on rank {rank()}, the DataLoader's DistributedSampler splits the data for rank {sampler.rank} of "
+                f"num_replicas={sampler.num_replicas}, but this process is rank {rank()} of {world_size()}; build it "
+                "with num_replicas=loopkit.distributed.world_size() and rank=loopkit.distributed.rank() (its "
+                "defaults, after loopkit.distributed.init()), or give shard the dataset or a DataLoader without it")
+    n = len(sampler.dataset)  # type: ignore[arg-type]
+    if not pad and sampler.total_size != n:
+        how = "drops" if sampler.drop_last else "pads with"
+        return (f"on rank {rank()}, pad=False gives each sample to exactly one rank, but the DataLoader's own DistributedSampler (kept "
+                f"as it is) {how} {abs(sampler.total_size - n)} of the {n} samples over {sampler.num_replicas} ranks; "
+                "shard the dataset instead (shard(loader.dataset, state, batch_size=..., pad=False)), or leave pad= "
+                "out to keep the sampler")
+    return None
+
+
+def _agreed_seed(seed: int, users: DistributedSampler | None, pad: bool) -> int:
+    """Rank 0's ``seed``, after refusing on every rank (one gather, a collective) a user's ``DistributedSampler``
+    that some rank cannot keep (:func:`_users_sampler_problem`) or that differs between the ranks (seed, shuffle,
+    drop_last; one rank with one, another without): their shards would not split one order."""
+    problem = None if users is None else _users_sampler_problem(users, pad)
+    described = None if users is None else (users.seed, users.shuffle, users.drop_last)
+    seen = _collective.gather((seed, described, problem))
+    for _, _, other in seen:  # type: ignore[union-attr,misc]
+        if other is not None:
+            raise ValueError(f"loopkit.distributed.shard: {other}")
+    if any(other[1] != seen[0][1] for other in seen):  # type: ignore[index,union-attr]
+        raise ValueError(
+            "loopkit.distributed.shard: the ranks' DataLoaders' own DistributedSamplers differ (seed, shuffle, "
+            f"drop_last; None: no DistributedSampler), rank by rank: {[other[1] for other in seen]}; "  # type: ignore[index,union-attr]
+            "every rank must build the same one, or none"
+        )
+    return int(seen[0][0])  # type: ignore[index]
 
 
 def shard(
@@ -556,7 +607,13 @@ def shard(
     ``run_epochs`` seeds an epoch's order, and split across the ranks as a
     ``DistributedSampler`` splits a dataset (rank ``r`` takes indices ``r``, ``r + world``, ...,
     padded or not as below); so the shards hold only the samples the loader draws (the
-    held-out ones never), and ``shuffle=`` does not apply. A ``batch_sampler=`` is sharded
+    held-out ones never), and ``shuffle=`` does not apply. A loader whose sampler is a
+    ``DistributedSampler`` of your own keeps it as it is (as Lightning leaves it): its seed,
+    ``shuffle`` and ``drop_last`` decide this rank's samples, not the state's seed nor ``pad=True``
+    (``run_epochs`` calls its ``set_epoch`` each epoch, so a resumed run sees the same order);
+    ``shuffle=`` does not apply, and it is refused, on every rank, when its ``num_replicas`` and
+    ``rank`` are not this process group's, when the ranks' samplers differ (seed, shuffle,
+    drop_last), or under ``pad=False`` when it pads or drops samples. A ``batch_sampler=`` is sharded
     when it is torch's ``BatchSampler`` (its sampler as above, its batch size and drop_last
     kept); another is refused, naming it.
 
@@ -592,15 +649,17 @@ def shard(
         seed = as_int(state)
     else:
         raise TypeError(f"loopkit.distributed.shard: state must be a TrainState, an int seed or None, got {type(state).__qualname__}")
-    kept, generator = None, None
+    kept, generator, users = None, None, None
     if isinstance(data, DataLoader):
         options, own = _loader_options(data)
+        users = _users_distributed_sampler(own)
         kept = _sampler_to_keep(own, data.dataset)
         generator = own.loader_generator if isinstance(own, _SamplerShard) else data.generator
-        if kept is not None and shuffle is not None:
+        if (kept or users) is not None and shuffle is not None:
             raise TypeError(
                 f"loopkit.distributed.shard: shuffle= does not apply to a DataLoader with its own sampler (a "
-                f"{type(kept).__qualname__}): shard keeps it, and its indices are this shard's order; leave shuffle= out"
+                f"{type(kept or users).__qualname__}): shard keeps it, and its indices are this shard's order; "
+                "leave shuffle= out"
             )
         if shuffle is None:
             shuffle = isinstance(own, RandomSampler) or isinstance(own, DistributedSampler) and own.shuffle
@@ -622,14 +681,17 @@ def shard(
     if (as_int(options.get("batch_size")) or 0) < 1:
         raise ValueError(f"loopkit.distributed.shard: batch_size must be a positive int, got {options.get('batch_size')!r}")
     options["batch_size"] = as_int(options["batch_size"])
-    seed = int(_collective.gather(seed)[0])  # type: ignore[index,call-overload]  # rank 0's (see above)
     for name in ("shuffle", "sampler", "batch_sampler"):
         if name in options:
             raise TypeError(f"loopkit.distributed.shard: {name}= is not an option here; the sampler is the shard")
+    seed = _agreed_seed(seed, users, pad)  # rank 0's (see above)
+    if users is not None:  # kept as it is, as Lightning keeps it (run_epochs calls its set_epoch)
+        return DataLoader(dataset, sampler=users, **options)
     sampler: Sampler
     if kept is not None:
         sampler = _SamplerShard(kept, generator, num_replicas=world_size(), rank=rank(), seed=seed, pad=pad)
     else:
         kind = DistributedSampler if pad else _ShardSampler
         sampler = kind(dataset, num_replicas=world_size(), rank=rank(), shuffle=bool(shuffle), seed=seed)
+        setattr(sampler, _MADE_BY_SHARD, True)
     return DataLoader(dataset, sampler=sampler, **options)

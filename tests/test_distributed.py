@@ -157,6 +157,57 @@ def test_shard_of_a_loader_with_a_batch_sampler():
         distributed.shard(DataLoader(data, batch_size=2, sampler=SubsetRandomSampler([1, 2])), 0, shuffle=True)
 
 
+def test_shard_keeps_a_users_distributed_sampler_and_resumes_in_its_order(monkeypatch):
+    """A loader with the user's own DistributedSampler (seed=42, drop_last=True), as rank 1 of 2 (faked): shard keeps
+    it as it is (as Lightning does), so each epoch under run_epochs is that sampler's own draw for the epoch, and a
+    run stopped mid-epoch resumes to the uninterrupted order. One built for another group, one that differs between
+    the ranks, shuffle= and pad=False with a sampler that drops samples are refused, naming why."""
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(distributed, "rank", lambda: 1)
+    data = TensorDataset(torch.arange(21))
+
+    def loader(**kwargs):
+        kwargs = {"num_replicas": 2, "rank": 1, "seed": 42, "drop_last": True, **kwargs}
+        return DataLoader(data, batch_size=4, sampler=torch.utils.data.DistributedSampler(data, **kwargs))
+
+    user = loader()
+    sharded = distributed.shard(user, 0)  # the state's seed (0) is not the sampler's
+    assert sharded.sampler is user.sampler and len(sharded.sampler) == 10
+    expected = []
+    for epoch in range(3):  # the reference: torch's DistributedSampler itself
+        reference = torch.utils.data.DistributedSampler(data, num_replicas=2, rank=1, seed=42, drop_last=True)
+        reference.set_epoch(epoch)
+        expected.append(list(reference))
+    assert _epochs_of(sharded, seed=0, epochs=3) == expected and expected[0] != expected[1]
+
+    seen: list[list[int]] = [[] for _ in range(3)]
+
+    def record(state, batch):
+        seen[state.epoch].extend(int(v) for v in batch[0])
+        return state.evolve(step=state.step + 1, batch_index=state.batch_index + 1), {}
+
+    fresh = loopkit.TrainState.create(torch.nn.Linear(1, 1), seed=0)
+    stopped, _ = loopkit.run_epochs(record, fresh, distributed.shard(loader(), 0), epochs=3, max_steps=4,
+                                    progress=False)
+    assert (stopped.epoch, stopped.batch_index) == (1, 1)  # mid-epoch 1
+    restored = loopkit.TrainState.create(torch.nn.Linear(1, 1), seed=0).load_state_dict(stopped.state_dict())
+    loopkit.run_epochs(record, restored, distributed.shard(loader(), 0), epochs=3, progress=False)
+    assert seen == expected
+
+    with pytest.raises(ValueError, match=r"on rank 1, the DataLoader's DistributedSampler splits the data for rank 0 "
+                                         r"of num_replicas=2, but this process is rank 1 of 2"):
+        distributed.shard(loader(rank=0), 0)
+    with pytest.raises(ValueError, match=r"pad=False gives each sample to exactly one rank.*drops 1 of the 21"):
+        distributed.shard(loader(), 0, pad=False)
+    assert distributed.shard(loader(drop_last=False, num_replicas=2), 0, pad=True).sampler.total_size == 22
+    with pytest.raises(TypeError, match=r"shuffle= does not apply .* DistributedSampler"):
+        distributed.shard(loader(), 0, shuffle=False)
+    other_rank = [(0, (7, True, True), None)]  # rank 0 built its sampler with seed=7
+    monkeypatch.setattr(loopkit._collective, "gather", lambda value, **_: other_rank + [value])
+    with pytest.raises(ValueError, match=r"DistributedSamplers differ .* \[\(7, True, True\), \(42, True, True\)\]"):
+        distributed.shard(loader(), 0)
+
+
 # --- several processes -------------------------------------------------------------------------
 
 
