@@ -799,7 +799,9 @@ class TrainStep(Step):
     (applied after it). Without accumulation the two are the same thing. ``sync`` is the
     data-parallel hook that ``with_ddp`` or ``with_fsdp`` sets (None in one process): ``module(model, optimizer)``
     gives the module the loss_fn runs (a DistributedDataParallel wrapper; the model, sharded), ``no_sync(module)`` the
-    context for micro-steps whose gradients stay local, ``agree(flags)`` all-reduces skip
+    context for micro-steps whose gradients stay local (``module(model, optimizer, extras)`` reads the state's extras,
+    where ``after_forward(module, extras)`` recorded whether the last forward ran in it: a new wrapper then acts as
+    the one a run that was not interrupted keeps), ``agree(flags)`` all-reduces skip
     flags with MAX, ``reduce_grads(optimizer)`` averages gradients a partial group left local,
     ``requires_donation`` says why the step cannot run on copies of the state, ``failure(collective,
     error, where)`` makes the error of a failed collective (``backward_collective`` names the
@@ -993,7 +995,7 @@ class TrainStep(Step):
         scope = RNGScope(state.rng, _cuda_index(first.device) if first.is_cuda else None, state.seed)
         # building the DDP wrapper broadcasts rank 0's parameters: an error of that call's loss_fn finds them changed
         intact_on_error = sync is None or sync.wraps(model)
-        net = model if sync is None else sync.module(model, optimizer)
+        net = model if sync is None else sync.module(model, optimizer, state.extras)
         # under DDP a micro-step that does not finish its group keeps its gradient local (no all-reduce);
         # per-micro transforms need each micro-batch's whole gradient, so then every micro-step syncs
         every = self.every_at(state.epoch)
@@ -1020,6 +1022,8 @@ class TrainStep(Step):
                 _restore_buffers(model, buffers)
             raise
         rng = scope.close()
+        if sync is not None and extras is not None:  # whether this forward was under no_sync (a new wrapper takes it)
+            sync.after_forward(net, extras)
         if loss is None:  # the loss_fn skipped the batch
             return replace(state, batch_index=state.batch_index + 1, rng=rng), {}
         metrics = {"loss": loss.detach(), **metrics} if metrics else {"loss": loss.detach()}
@@ -1181,7 +1185,7 @@ class TrainStep(Step):
         marked: list[torch.Tensor] = []
         if self.sync is not None and not self.micro:  # the partial group's gradients never left this rank
             if not self.sync.wraps(state.model):  # a flush that is not donated: the copy it works on gets its wrapper
-                self.sync.module(state.model, state.optimizer)
+                self.sync.module(state.model, state.optimizer, state.extras)
             marked = self.sync.marked_used(state.optimizer)
             self.sync.reduce_grads(state.optimizer)
         grads = [p.grad for p in _params_with_grads(state.optimizer)]

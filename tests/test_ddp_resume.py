@@ -212,6 +212,56 @@ def test_the_validation_a_resumed_run_owes_reads_each_ranks_own_batchnorm_statis
         assert r["resumed"] == r["whole"]  # the step-2 validation it owed first, then step 4's
 
 
+def _accumulated_batchnorm(rank: int, directory: str) -> dict:
+    gen = torch.Generator().manual_seed(1)
+    train = [(torch.randn(2, 3, generator=gen), torch.randn(2, 1, generator=gen)) for _ in range(10)][rank::2]
+    val = [(torch.randn(5, 3, generator=gen), torch.randn(5, 1, generator=gen)) for _ in range(2)][rank:rank + 1]
+
+    def bn_state():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(3, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 1))
+        return loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+
+    def fit(state, max_steps):  # 5 batches a rank: groups of 2, 2, then 1 flushed at the epoch's end
+        step = loopkit.with_ddp(loopkit.with_grad_accum(loopkit.train_step(_mse), every=2))
+        step = loopkit.with_checkpointing(step, directory, every_n_epochs=1)
+        state, _ = loopkit.run_epochs(step, state, train, epochs=2, max_steps=max_steps, progress=False,
+                                      sanity_val_batches=0)
+        metrics = loopkit.evaluate(loopkit.eval_step(lambda m, b: {"mse": _mse(m, b)}), state, val)
+        return {"buffers": {n: b.clone() for n, b in state.model.named_buffers()}, "params": _params(state),
+                "val": metrics["mse"], "step": state.step}
+
+    whole = fit(bn_state(), 4)  # (its own checkpoints, removed before the interrupted run writes its own)
+    torch.distributed.barrier()
+    if rank == 0:
+        import shutil
+        shutil.rmtree(directory)
+    torch.distributed.barrier()
+    fit(bn_state(), 3)  # epoch 0, checkpointed at its end
+    torch.distributed.barrier()  # (rank 0 has written the checkpoint)
+    return {"whole": whole, "resumed": fit(loopkit.restore(bn_state(), directory), 4), "rank": rank}
+
+
+@pytest.mark.slow
+def test_a_resume_after_a_flushed_partial_group_keeps_each_ranks_batchnorm_statistics(tmp_path):
+    """The epoch's last, partial group ran under no_sync, so DDP broadcast no buffers before the next epoch's first
+    forward; the resumed run's new wrapper did (it starts as after a synced forward, and its build broadcasts rank 0's):
+    rank 1's running statistics, and the validation's mean over the ranks, were not the uninterrupted run's."""
+    start = time.monotonic()
+    ranks = _spawn(tmp_path, _accumulated_batchnorm, str(tmp_path / "ckpt"))
+    assert time.monotonic() - start < 60
+    assert ranks[0]["whole"]["buffers"]["1.running_mean"].ne(ranks[1]["whole"]["buffers"]["1.running_mean"]).any()
+    for r in ranks:
+        whole, resumed = r["whole"], r["resumed"]
+        assert whole["step"] == resumed["step"] == 4
+        for name, p in whole["params"].items():
+            assert torch.equal(resumed["params"][name], p), name
+        for name, b in whole["buffers"].items():
+            assert torch.equal(resumed["buffers"][name], b), (r["rank"], name)
+    for r in ranks:  # (a mean over the ranks)
+        assert r["resumed"]["val"] == r["whole"]["val"]
+
+
 # --- misuses named on every rank ---------------------------------------------------------------
 
 

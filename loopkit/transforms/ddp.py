@@ -37,6 +37,12 @@ from loopkit.transforms._compose import require_train_step
 
 __all__ = ["DDPSync", "with_ddp"]
 
+#: an extras key: True when the step's last forward through the wrapper ran under ``no_sync`` (a micro-step that does
+#: not finish its accumulation group, the last one of a flushed partial group); absent after a synced one. DDP then
+#: does not broadcast rank 0's buffers before the next forward (its ``require_forward_param_sync`` flag): a wrapper
+#: built anew (a resumed run, a step that is not donated) takes the flag from here, as the one wrapper would have it
+UNSYNCED_FORWARD = "ddp/unsynced_forward"
+
 _NO_GROUP = (
     "with_ddp needs a torch.distributed process group, and none is initialised. Start the script "
     "with torchrun, e.g. `torchrun --nproc-per-node 2 script.py`, and call loopkit.distributed.init() "
@@ -158,8 +164,19 @@ class DDPSync:
         ref = self._model
         return ref is not None and ref() is model
 
-    def module(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> DistributedDataParallel:
-        """The DDP wrapper of ``model``, built at the first call with this model object (``optimizer`` is not used)."""
+    def module(
+        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
+        extras: Mapping[str, Any] | None = None,
+    ) -> DistributedDataParallel:
+        """The DDP wrapper of ``model``, built at the first call with this model object (``optimizer`` is not used).
+
+        ``extras`` is the state's: where it says the last forward ran under ``no_sync``
+        (:data:`UNSYNCED_FORWARD`, :meth:`after_forward`), a new wrapper is what the one wrapper of an uninterrupted
+        run is then: each rank keeps its own buffers (its build broadcasts rank 0's; they are put back) and the next
+        forward broadcasts none (DDP's ``require_forward_param_sync`` is False), so that a run resumed after a
+        flushed partial group, or a step that is not donated inside a group, updates and validates with each rank's
+        own BatchNorm statistics, as the uninterrupted donated run does.
+        """
         ref = self._model
         if ref is not None and ref() is model:
             return self._ddp  # type: ignore[return-value]
@@ -171,7 +188,14 @@ class DDPSync:
         if device.type == "cuda" and "device_ids" not in options:
             options["device_ids"] = [device.index if device.index is not None else torch.cuda.current_device()]
         _check_same_buffers(model)
+        unsynced = extras is not None and bool(extras.get(UNSYNCED_FORWARD))
+        own = [(b, b.detach().clone()) for b in model.buffers()] if unsynced else []
         ddp = DistributedDataParallel(model, **options)
+        if unsynced:  # (once a wrapper, not a call: a donated step's calls reuse it)
+            with torch.no_grad():
+                for buffer, value in own:
+                    buffer.copy_(value)
+            ddp.require_forward_param_sync = False
         if self.comm_hook is not None:
             ddp.register_comm_hook(self.comm_state, self.comm_hook)
         if options.get("find_unused_parameters") and not options.get("static_graph"):
@@ -179,6 +203,20 @@ class DDPSync:
         self._model, self._ddp = weakref.ref(model), ddp
         self._sync_first = bool(options.get("static_graph"))
         return ddp
+
+    def after_forward(self, module: DistributedDataParallel, extras: dict[str, Any]) -> None:
+        """Record in ``extras`` (the new state's) whether the forward that just ran was under ``no_sync``
+        (:data:`UNSYNCED_FORWARD`), as DDP's ``require_forward_param_sync`` says: a Python flag, no host sync.
+
+        >>> extras = {UNSYNCED_FORWARD: True}
+        >>> DDPSync({}).after_forward(types.SimpleNamespace(require_forward_param_sync=True), extras)
+        >>> extras
+        {}
+        """
+        if getattr(module, "require_forward_param_sync", True):
+            extras.pop(UNSYNCED_FORWARD, None)
+        else:
+            extras[UNSYNCED_FORWARD] = True
 
     def before_forward(self, model: torch.nn.Module) -> None:
         """Nothing: DistributedDataParallel broadcasts rank 0's buffers itself, in its forward
@@ -333,7 +371,11 @@ def with_ddp(
       under ``no_sync`` (no all-reduce), the n-th all-reduces the summed gradients. With
       gradient transforms *inside* the accumulation (per micro-batch), every call syncs, so
       that they see the micro-batch's gradient over all ranks. A partial group that
-      ``run_epochs`` flushes at an epoch's end is averaged over the ranks by the flush. Under
+      ``run_epochs`` flushes at an epoch's end is averaged over the ranks by the flush. After a
+      forward under ``no_sync`` DDP broadcasts no buffers before the next one; the state records
+      it (``extras["ddp/unsynced_forward"]``, checkpointed), so that a wrapper built anew (a run
+      resumed from the epoch's end, a call that is not donated) keeps each rank's own BatchNorm
+      statistics too (its build's broadcast of rank 0's undone), as the one wrapper would. Under
       ``find_unused_parameters`` DDP then still counts the parameters that group used on this
       rank as used, and its next synced backward needs their gradients: they are left zero
       (not None) after the flush, so one of them that no rank uses in the next group updates

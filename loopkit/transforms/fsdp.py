@@ -131,10 +131,14 @@ class FSDPSync:
         ref = self._model
         return ref is not None and ref() is model
 
-    def module(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> nn.Module:
+    def module(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, extras: Mapping[str, Any] | None = None
+    ) -> nn.Module:
         """``model``, sharded at the first call with this model object (``optimizer`` pointed at the shards);
         at a later call with it, ``model`` as it is. Raises ``RuntimeError`` without a process group and
-        ``ValueError`` without an optimizer (or for one that trains a parameter not of the model).
+        ``ValueError`` without an optimizer (or for one that trains a parameter not of the model). ``extras`` (the
+        state's) is not used: where rank 0's buffers are broadcast is decided by the state's accumulation count
+        alone (:meth:`before_forward`), the same in a resumed run.
 
         >>> import torch.distributed as dist
         >>> dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
@@ -156,6 +160,12 @@ class FSDPSync:
             _shard(model, optimizer, self.shard, self.options)
         self._model = weakref.ref(model)
         return model
+
+    def after_forward(self, module: nn.Module, extras: dict[str, Any]) -> None:
+        """Nothing: the buffers' broadcast needs no record of the last forward (see :meth:`module`).
+
+        >>> FSDPSync(()).after_forward(torch.nn.Linear(1, 1), {})
+        """
 
     def before_forward(self, model: nn.Module) -> None:
         """Give every rank rank 0's buffers (BatchNorm's running statistics), as DDP does before a forward with
