@@ -411,10 +411,9 @@ def with_ddp(
     train each rank on its own.
 
     A step that is not donated builds a new wrapper for the copy each call trains (see above);
-    building one broadcasts rank 0's parameters and buffers, so with ``broadcast_buffers=False``
-    each such call also puts rank 0's BatchNorm statistics on every rank (donated calls keep
-    each rank's own), and ``static_graph=True`` learns its graph anew at each call (donate the
-    step for either).
+    building one broadcasts rank 0's parameters (and, with ``broadcast_buffers`` on, its buffers,
+    as its forwards do anyway; with it off, each rank keeps its own, as torch's ``DistributedDataParallel``
+    leaves them), and ``static_graph=True`` learns its graph anew at each call (donate the step).
 
     Raises ``RuntimeError`` when the torchrun environment says there are several processes
     (``WORLD_SIZE`` > 1) and no process group is initialised (call
