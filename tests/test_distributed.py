@@ -967,6 +967,30 @@ def test_a_stop_asked_on_one_rank_at_a_validation_is_held_by_the_checkpoint_save
         assert found == {"epochs": 2, "step": 2 * ddp.STEPS, "held": True, "relaunched": 0}, (r, found)
 
 
+def _fit_each_case(cases, rank: int, out: str, epochs: int, with_params: bool = False) -> None:
+    """Fit each case's step on this rank's batches, save per case its step count (and parameters) or its error and
+    how long it took to ``out/rank{rank}.pt``, then shut the process group down."""
+    data = ddp.make_data(ddp.STEPS)
+    found = {}
+    try:
+        for name, make in cases.items():
+            started = time.monotonic()
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # (torch's word that broadcast_buffers is deprecated)
+                    state, _ = loopkit.run_epochs(make(), ddp.sgd_state(ddp.make_model(seed=0)),
+                                                  [data[i, rank] for i in range(ddp.STEPS)], epochs=epochs,
+                                                  progress=False)
+                found[name] = {"step": state.step}
+                if with_params:
+                    found[name]["params"] = {n: p.detach().clone() for n, p in state.model.named_parameters()}
+            except RuntimeError as error:
+                found[name] = {"error": str(error), "seconds": time.monotonic() - started}
+        torch.save(found, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        distributed.shutdown()
+
+
 def _unlike_options_worker(rank: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     distributed.init(rank=rank, world_size=2, master_port=port, timeout=30)
@@ -982,20 +1006,7 @@ def _unlike_options_worker(rank: int, port: int, out: str) -> None:
                               lambda s: s)(loopkit.with_logging(base, loopkit.CSVLogger(os.path.join(out, "logs2")),
                                                                 every_n_steps=2)),
     }
-    data = ddp.make_data(ddp.STEPS)
-    found = {}
-    try:
-        for name, make in cases.items():
-            started = time.monotonic()
-            try:
-                state, _ = loopkit.run_epochs(make(), ddp.sgd_state(ddp.make_model(seed=0)),
-                                              [data[i, rank] for i in range(ddp.STEPS)], epochs=1, progress=False)
-                found[name] = {"step": state.step}
-            except RuntimeError as error:
-                found[name] = {"error": str(error), "seconds": time.monotonic() - started}
-        torch.save(found, os.path.join(out, f"rank{rank}.pt"))
-    finally:
-        distributed.shutdown()
+    _fit_each_case(cases, rank, out, epochs=1)
 
 
 @pytest.mark.slow
@@ -1036,23 +1047,7 @@ def _agreement_worker(rank: int, port: int, out: str) -> None:
         "buffers": lambda: loopkit.with_ddp(loopkit.train_step(ddp.mse), broadcast_buffers=mine(None, True)),
         "buffers_same": lambda: loopkit.with_ddp(loopkit.train_step(ddp.mse)),
     }
-    data = ddp.make_data(ddp.STEPS)
-    found = {}
-    try:
-        for name, make in cases.items():
-            started = time.monotonic()
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")  # (torch's word that broadcast_buffers is deprecated)
-                    state, _ = loopkit.run_epochs(make(), ddp.sgd_state(ddp.make_model(seed=0)),
-                                                  [data[i, rank] for i in range(ddp.STEPS)], epochs=2, progress=False)
-                found[name] = {"step": state.step, "params": {n: p.detach().clone() for n, p in
-                                                              state.model.named_parameters()}}
-            except RuntimeError as error:
-                found[name] = {"error": str(error), "seconds": time.monotonic() - started}
-        torch.save(found, os.path.join(out, f"rank{rank}.pt"))
-    finally:
-        distributed.shutdown()
+    _fit_each_case(cases, rank, out, epochs=2, with_params=True)
 
 
 @pytest.mark.slow

@@ -215,14 +215,20 @@ def test_float16_inside_accumulation_skips_a_group_whose_earlier_micro_batch_alo
                                    max_norm=MAX_NORM)
     step = loopkit.with_grad_accum(inner, every=2)
     state = make_sgd_state(make_mlp(0))
-    skipped = []
-    for k, batch in enumerate(data):
-        state, metrics = step(state, batch)
-        if k % 2 == 1:
-            skipped.append(float(metrics["amp/skipped"]))
+    state, skipped = _skips_per_update(step, state, data, every=2)
     assert skipped == ref_skipped and state.step == 1
     assert float(state.extras["amp/scale"]) == ref_scale == INIT_SCALE / 2
     assert_trees_equal(dict(state.model.named_parameters()), dict(ref_model.named_parameters()))
+
+
+def _skips_per_update(step, state, data, every):
+    """Train ``step`` over ``data`` in groups of ``every`` batches: the final state and each update's amp/skipped."""
+    skipped = []
+    for k, batch in enumerate(data):
+        state, metrics = step(state, batch)
+        if k % every == every - 1:
+            skipped.append(float(metrics["amp/skipped"]))
+    return state, skipped
 
 
 OUTLIER = 3  # the second micro-batch of the second group: one target far off, its gradient large
@@ -285,11 +291,7 @@ def test_float16_with_a_transform_inside_accumulation_overflows_where_the_raw_gr
     amp = loopkit.with_amp(loopkit.train_step(mse_loss), torch.float16, init_scale=INIT_SCALE)
     step = loopkit.with_grad_accum(inner(amp), every=2)
     state = make_sgd_state(make_mlp(0))
-    skipped = []
-    for k, batch in enumerate(data):
-        state, metrics = step(state, batch)
-        if k % 2 == 1:
-            skipped.append(float(metrics["amp/skipped"]))
+    state, skipped = _skips_per_update(step, state, data, every=2)
     assert skipped == ref_skipped and state.step == 3
     assert float(state.extras["amp/scale"]) == scaler.get_scale() == INIT_SCALE
     assert int(state.extras["amp/growth_tracker"]) == int(scaler._growth_tracker)
