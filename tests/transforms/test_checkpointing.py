@@ -1510,29 +1510,16 @@ def test_a_stop_asked_at_a_step_validation_mid_epoch_leaves_a_checkpoint_a_relau
     kw = dict(epochs=3, val=(loopkit.eval_step(loss), data[:2]), val_every_n_epochs=None, val_every_n_steps=3,
               sanity_val_batches=0, progress=False)
 
-    class Stop(loopkit.Callback):
-        def __init__(self) -> None:
-            self.should_stop = False
-
-        def on_validation_end(self, state, metrics):
-            self.should_stop = True
-
-        def state_dict(self):
-            return {"should_stop": self.should_stop}
-
-        def load_state_dict(self, state_dict):
-            self.should_stop = state_dict["should_stop"]
-
     def make():
         return with_checkpointing(train_step(_mse), tmp_path, every_n_steps=3, keep_last=2, monitor=monitor)
 
-    _, history = run_epochs(make(), _state(scheduler=False), data, callbacks=[Stop()], **kw)
+    _, history = run_epochs(make(), _state(scheduler=False), data, callbacks=[_StopAtValidation()], **kw)
     assert [r["epoch"] for r in history] == [0]
     assert _marks(tmp_path) == [(3, 0, 3, False, 3)]
     ends = _EpochEnds()
     with pytest.warns(UserWarning, match="asks to stop at once"):  # (its stop, restored)
         _, history = run_epochs(make(), loopkit.restore(_state(scheduler=False), tmp_path), data,
-                                callbacks=[Stop(), ends], **kw)
+                                callbacks=[_StopAtValidation(), ends], **kw)
     assert (history, ends.calls) == ([], 0)
     assert _marks(tmp_path) == [(3, 0, 3, False, 3)]
 

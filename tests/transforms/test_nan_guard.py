@@ -53,9 +53,8 @@ def test_nan_loss_is_skipped_and_counted(make_mlp, make_batches, mse_loss, make_
     assert state.step == 3 and state.batch_index == 5 and _finite(state)
 
 
-def test_skipping_equals_a_raw_loop_without_the_bad_batches(make_mlp, make_batches, mse_loss, make_sgd_state, assert_trees_equal):
-    data = make_batches(5)
-    bad = {1, 3}
+def _raw_sgd_without(bad, data, make_mlp, mse_loss):
+    """The reference: a raw SGD loop (momentum 0.9) over ``data`` without the batches at the indices in ``bad``."""
     ref_model = make_mlp(0)
     ref_opt = torch.optim.SGD(ref_model.parameters(), lr=0.1, momentum=0.9)
     for k, batch in enumerate(data):
@@ -63,6 +62,13 @@ def test_skipping_equals_a_raw_loop_without_the_bad_batches(make_mlp, make_batch
             ref_opt.zero_grad()
             mse_loss(ref_model, batch).backward()
             ref_opt.step()
+    return ref_model, ref_opt
+
+
+def test_skipping_equals_a_raw_loop_without_the_bad_batches(make_mlp, make_batches, mse_loss, make_sgd_state, assert_trees_equal):
+    data = make_batches(5)
+    bad = {1, 3}
+    ref_model, ref_opt = _raw_sgd_without(bad, data, make_mlp, mse_loss)
 
     state = make_sgd_state(make_mlp(0))
     step = loopkit.with_nan_guard(loopkit.train_step(mse_loss))
@@ -100,13 +106,7 @@ def test_an_infinite_loss_with_finite_gradients_is_skipped_as_a_raw_loop_without
         calls.append(None)
         return mse_loss(model, batch) + (torch.tensor(inf) if len(calls) - 1 in bad else 0.0)
 
-    ref_model = make_mlp(0)
-    ref_opt = torch.optim.SGD(ref_model.parameters(), lr=0.1, momentum=0.9)
-    for k, batch in enumerate(data):
-        if k not in bad:
-            ref_opt.zero_grad()
-            mse_loss(ref_model, batch).backward()
-            ref_opt.step()
+    ref_model, ref_opt = _raw_sgd_without(bad, data, make_mlp, mse_loss)
     calls.append(None)  # (the next call is a bad one) without the guard: it updates, its gradients finite
     unguarded, metrics = loopkit.train_step(loss_fn)(make_sgd_state(make_mlp(0)), data[1])
     assert metrics["loss"] == inf and _finite(unguarded) and unguarded.step == 1
