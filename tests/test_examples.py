@@ -137,6 +137,21 @@ def test_readme_quick_start_is_what_ci_runs():
     assert "torch==2.13.0" in requirements and "-e ." in requirements
 
 
+def test_pyproject_minimum_python_is_the_one_the_readme_states():
+    """``requires-python`` is the README's Python, and is one loopkit's code runs on (``add_note`` is 3.11+)."""
+    import tomllib
+
+    with open(ROOT / "pyproject.toml", "rb") as f:
+        requires = tomllib.load(f)["project"]["requires-python"]
+    declared = re.fullmatch(r">=\s*3\.(\d+)", requires)
+    assert declared, f"pyproject.toml requires-python {requires!r} is not of the form '>=3.N'"
+    stated = re.search(r"\bwith Python 3\.(\d+)\b", README.read_text(encoding="utf-8"))
+    assert stated, "README.md's quick start should name the Python it needs ('with Python 3.N')"
+    assert int(declared.group(1)) == int(stated.group(1)), (requires, stated.group(0))
+    uses_add_note = any("add_note(" in p.read_text(encoding="utf-8") for p in (ROOT / "loopkit").rglob("*.py"))
+    assert not uses_add_note or int(declared.group(1)) >= 11, "BaseException.add_note needs Python 3.11"
+
+
 def test_readme_names_only_transforms_that_exist():
     named = set(re.findall(r"\bwith_[a-z_]+\b", README.read_text(encoding="utf-8")))
     assert {"with_amp", "with_grad_accum", "with_grad_clip", "with_nan_guard"} <= named
