@@ -31,7 +31,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line ``argv`` (default: ``sys.argv[1:]``); return the exit status.
 
     Errors (a missing ``metrics.csv``, matplotlib not installed) are printed as one line
-    naming what was wrong, and give exit status 1.
+    naming what was wrong, and give exit status 1; an output that names a folder is a usage
+    error, printed as one line, with exit status 2 (as argparse's own).
 
     >>> import tempfile, os
     >>> from loopkit.loggers import CSVLogger
@@ -47,11 +48,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         from loopkit.plot import output_path, plot_runs
 
         try:
-            plot_runs(args.runs, args.output, metrics=args.metrics, columns=args.columns)
+            output = output_path(args.output)
+        except ValueError as e:
+            print(f"loopkit plot: error: {e}", file=sys.stderr)
+            return 2
+        try:
+            plot_runs(args.runs, output, metrics=args.metrics, columns=args.columns)
         except (ImportError, OSError, ValueError) as e:
             print(f"loopkit plot: error: {e}", file=sys.stderr)
             return 1
-        print(f"wrote {output_path(args.output)}")
+        print(f"wrote {output}")
     return 0
 
 

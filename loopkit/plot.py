@@ -153,7 +153,7 @@ def plot_runs(
     they need. Each run's label is its ``name/version_N``; when two runs share that (alike
     runs under different roots), every run is labelled by its path. A run named twice (``exp`` and
     ``exp/version_0``, or one path given twice) is drawn once, where first named. Returns the matplotlib ``Figure``;
-    ``output`` (PNG, SVG, PDF, by suffix) is written when given.
+    ``output`` (PNG, SVG, PDF, by suffix; see :func:`output_path`) is written when given.
 
     >>> import os, tempfile
     >>> from loopkit.loggers import CSVLogger
@@ -168,6 +168,7 @@ def plot_runs(
     """
     if isinstance(run_dirs, (str, os.PathLike)):
         run_dirs = [run_dirs]
+    path = None if output is None else output_path(output)
     if not run_dirs:
         raise ValueError("plot_runs: give at least one run folder")
     if (as_int(columns) or 0) < 1:
@@ -193,19 +194,29 @@ def plot_runs(
         ax.grid(True, alpha=0.3)
         if len(runs) > 1:
             ax.legend(fontsize="small")
-    if output is not None:
-        fig.savefig(output_path(output))
+    if path is not None:  # the format given, so that matplotlib writes the very file output_path names
+        fig.savefig(path, format=os.path.splitext(path)[1][1:])
     return fig
 
 
 def output_path(output: str | os.PathLike) -> str:
     """Where :func:`plot_runs` writes ``output``: the path itself, with ``.png`` added when it has no suffix.
 
-    >>> output_path("curves"), output_path("curves.svg")
-    ('curves.png', 'curves.svg')
+    A name that ends in ``.`` has no suffix either. An ``output`` that names a folder (one that ends in
+    a separator, or an existing folder) is a ``ValueError``.
+
+    >>> output_path("curves"), output_path("curves."), output_path("curves.svg")
+    ('curves.png', 'curves.png', 'curves.svg')
+    >>> output_path("out/")
+    Traceback (most recent call last):
+    ...
+    ValueError: output 'out/' names a folder, not an image file (give a file name, e.g. out/curves.png)
     """
     path = os.fspath(output)
-    return path if os.path.splitext(path)[1] else path + ".png"
+    if not os.path.basename(path).strip(".") or os.path.isdir(path):
+        example = os.path.join(path, "curves.png")
+        raise ValueError(f"output {path!r} names a folder, not an image file (give a file name, e.g. {example})")
+    return path if os.path.splitext(path)[1] not in ("", ".") else path.rstrip(".") + ".png"
 
 
 def _metric_names(data: dict[str, dict[str, Any]], wanted: Sequence[str] | None) -> list[str]:

@@ -79,6 +79,30 @@ def test_an_output_without_a_suffix_is_a_png_and_the_command_names_the_file_it_w
     assert_png(tmp_path / "curves.png")
 
 
+def test_an_output_ending_in_a_dot_is_the_png_the_command_names(tmp_path, capsys):
+    runs = write_runs(tmp_path)
+    assert main(["plot", runs[0].log_dir, "-o", str(tmp_path / "curves.")]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote {tmp_path / 'curves.png'}"
+    assert_png(tmp_path / "curves.png")
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["curves.png"]
+
+
+@pytest.mark.parametrize("output", ["out" + os.sep, "out", "new" + os.sep])
+def test_an_output_that_names_a_folder_is_a_usage_error(tmp_path, capsys, output):
+    """``out/`` (existing or not) and an existing ``out`` would have given a hidden ``.png.png`` inside."""
+    runs = write_runs(tmp_path / "runs")
+    (tmp_path / "out").mkdir()
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    assert main(["plot", runs[0].log_dir, "-o", os.path.join(tmp_path, output)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.count("\n") == 1 and captured.err.startswith("loopkit plot: error: output ")
+    assert "names a folder, not an image file" in captured.err
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before  # nothing written
+    with pytest.raises(ValueError, match="names a folder"):
+        plot_runs([runs[0].log_dir], os.path.join(tmp_path, output))
+
+
 @pytest.mark.slow  # a fresh interpreter imports torch and matplotlib
 def test_command_line_writes_the_png(tmp_path):
     runs = write_runs(tmp_path)
