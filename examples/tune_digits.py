@@ -41,7 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="a short search for CI")
     parser.add_argument("--trials", type=int, default=None, help="trials to add (default 16, or 7 with --quick)")
     parser.add_argument("--epochs", type=int, default=None, help="epochs per trial (default 8, or 4 with --quick)")
-    parser.add_argument("--directory", default=None, help="where the study's SQLite file lives (default: a temporary folder)")
+    parser.add_argument("--directory", default=None, help="where the study's SQLite file lives (made if missing; default: a temporary folder)")
     parser.add_argument("--min-acc", type=float, default=0.9, help="the best trial's test accuracy must reach this")
     args = parser.parse_args(argv)
     args.trials = args.trials or (7 if args.quick else 16)

@@ -81,6 +81,33 @@ def storage_url(study_name: str, directory: str | os.PathLike = ".") -> str:
     return "sqlite:///" + urllib.parse.quote(os.path.abspath(os.path.join(os.fspath(directory), f"{study_name}.db")))
 
 
+def _make_folder(directory: str | os.PathLike) -> None:
+    """Make ``directory`` (with its parents) where it is missing, as CSVLogger makes its root; a file in its way is refused.
+
+    >>> import tempfile
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> _make_folder(os.path.join(tmp.name, "a", "b")); os.path.isdir(os.path.join(tmp.name, "a", "b"))
+    True
+    >>> open(os.path.join(tmp.name, "f"), "w").close()
+    >>> _make_folder(os.path.join(tmp.name, "f", "b"))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    NotADirectoryError: loopkit.tune: directory '.../f/b' (where the study's SQLite file goes) cannot be made: '.../f' is a file
+    >>> tmp.cleanup()
+    """
+    folder = os.path.abspath(os.fspath(directory))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as e:
+        blocker = folder
+        while not os.path.exists(blocker):
+            blocker = os.path.dirname(blocker)
+        raise NotADirectoryError(
+            f"loopkit.tune: directory {str(directory)!r} (where the study's SQLite file goes) cannot be made: "
+            f"{blocker!r} is a file"
+        ) from e
+
+
 _HEARTBEAT_INTERVAL = 60  # seconds between a running trial's heartbeats in the storage create_study makes
 _MAX_RETRY = 2  # reruns of one configuration whose process died (three tries in all)
 
@@ -99,6 +126,9 @@ def create_study(
     max_retry: int | None = _MAX_RETRY,
 ) -> optuna.Study:
     """An Optuna study kept in ``storage`` (default: SQLite in ``directory``), resumed if it exists.
+
+    ``directory`` is made (with its parents) when it does not exist yet; a file in its way is a
+    ``NotADirectoryError``.
 
     ``direction`` is ``"minimize"`` (the default for a new study) or ``"maximize"``; a study
     resumed with the other direction is refused (Optuna would keep the stored one).
@@ -144,10 +174,8 @@ def create_study(
         raise TypeError(f"loopkit.tune: pruner must be an optuna pruner (optuna.pruners.MedianPruner()), got {pruner!r}")
     _check_heartbeat(heartbeat_interval, grace_period, max_retry)
     if storage is None:
-        folder = os.path.abspath(os.fspath(directory))
-        if not os.path.isdir(folder):
-            raise NotADirectoryError(f"loopkit.tune: directory {str(directory)!r} (where the study's SQLite file goes) is not a folder")
         storage = storage_url(study_name, directory)
+        _make_folder(directory)
     where = storage
     if not isinstance(storage, str):
         if (heartbeat_interval, grace_period, max_retry) != (_HEARTBEAT_INTERVAL, None, _MAX_RETRY):

@@ -648,7 +648,7 @@ def test_tune_refuses_what_optuna_would_fail_on_later(tmp_path):
     for options, error, match in (
         (dict(pruner="median"), TypeError, "pruner must be an optuna pruner"),
         (dict(sampler="tpe"), TypeError, "sampler must be an optuna sampler"),
-        (dict(directory=tmp_path / "file"), NotADirectoryError, "is not a folder"),
+        (dict(directory=tmp_path / "file"), NotADirectoryError, "cannot be made: .*file' is a file"),
     ):
         with pytest.raises(error, match=match):
             tune.create_study("s", **({"directory": tmp_path} | options))

@@ -305,6 +305,18 @@ def test_the_default_storage_is_sqlite_and_a_study_resumes(tmp_path):
         tune.create_study("resume", directory=tmp_path, direction="maximize")
 
 
+def test_a_missing_directory_is_made_and_a_file_in_its_way_is_refused(tmp_path):
+    directory = tmp_path / "new" / "deeper"
+    tune.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=1, study_name="s", directory=directory)
+    assert (directory / "s.db").is_file()
+    assert len(tune.create_study("s", directory=directory).trials) == 1  # the study made there, resumed
+    (tmp_path / "file").write_text("x")
+    for under_file in (tmp_path / "file", tmp_path / "file" / "deeper"):
+        with pytest.raises(NotADirectoryError, match=rf"cannot be made: '{re.escape(str(tmp_path / 'file'))}' is a file"):
+            tune.create_study("s", directory=under_file)
+    assert (tmp_path / "file").read_text() == "x"
+
+
 @pytest.mark.parametrize("folder", ["a b", "q?x", "pct%20x", "h#1"])
 def test_any_folder_name_holds_the_default_storage(folder, tmp_path):
     directory = tmp_path / folder
@@ -665,9 +677,10 @@ def test_loopkit_tune_is_an_attribute_of_the_package():
 def test_tune_digits_example_prunes_and_its_study_holds_what_it_printed(tmp_path):
     from tests.test_examples_more import found, output_of, run_example
 
-    proc = run_example("tune_digits.py", "--quick", "--directory", str(tmp_path))
+    directory = tmp_path / "new" / "study"  # (a folder that does not exist yet is made)
+    proc = run_example("tune_digits.py", "--quick", "--directory", str(directory))
     assert proc.returncode == 0, output_of(proc)
-    study = optuna.load_study(study_name="digits_search", storage=tune.storage_url("digits_search", tmp_path))
+    study = optuna.load_study(study_name="digits_search", storage=tune.storage_url("digits_search", directory))
     printed = re.findall(r"^trial +(\d+)  (\w+) +lr ([0-9.e+-]+)  hidden +(\d+)  reports (\d+)", proc.stdout, re.MULTILINE)
     assert [(int(n), state, int(r)) for n, state, _, _, r in printed] == [
         (t.number, t.state.name, len(t.intermediate_values)) for t in study.trials
