@@ -96,6 +96,15 @@ def test_custom_loop_learns_keeps_the_initial_state_and_donation_matches():
     assert "reusing the donated state is refused" in proc.stdout, output_of(proc)
 
 
+def test_custom_loop_exits_nonzero_when_the_loss_does_not_fall_even_under_python_O(monkeypatch):
+    """One update (one epoch of one batch) cannot cut the loss by 80%; the check holds without asserts."""
+    monkeypatch.setenv("PYTHONOPTIMIZE", "1")
+    proc = run_example("custom_loop.py", "--epochs", "1", "--batch-size", "1000", "--log-every", "1", timeout=120)
+    assert proc.returncode == 1, output_of(proc)
+    assert "FAILED: validation mse fell only from" in proc.stderr and "Traceback" not in proc.stderr, output_of(proc)
+    assert "custom loop OK" not in proc.stdout, output_of(proc)
+
+
 # --- README.md ------------------------------------------------------------------------------
 
 
