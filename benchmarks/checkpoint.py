@@ -203,6 +203,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--width", type=int, default=2048, help="the MLP's width (2048: about 100 MB)")
     parser.add_argument("--dir", default=None, help="where to write (default: a temporary directory)")
     args = parser.parse_args(argv)
+    if args.repeats < 1 or args.width < 1:
+        parser.error("--repeats and --width must be at least 1")
     width, repeats = (128, 1) if args.quick else (args.width, args.repeats)
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
     pinned = fresh_memory_per_load()

@@ -148,11 +148,16 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds, args.steps = 2, 5
+    if args.rounds < 1 or args.steps < 1:
+        parser.error("--rounds and --steps must be at least 1")
+    counts = args.nprocs.split(",")
+    if not all(n.isdecimal() and int(n) >= 1 for n in counts):
+        parser.error(f"--nprocs: give comma-separated process counts of at least 1, got {args.nprocs!r}")
     if args.worker:
         _worker(args.steps, args.rounds, args.worker)
         return
     results: dict[int, Any] = {}
-    for n in (int(v) for v in args.nprocs.split(",")):
+    for n in map(int, counts):
         results[n] = _launch(n, args.steps, args.rounds)
     print(f"# with_ddp step time (gloo, CPU, {args.rounds} rounds x {args.steps} steps; median of rounds)\n")
     print(table(results))

@@ -124,11 +124,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--members", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--steps", type=int, default=20, help="batches per timed pass")
-    parser.add_argument("--workloads", default="tiny,small")
+    parser.add_argument("--workloads", default="tiny,small", help="comma-separated, from: " + ", ".join(WORKLOADS))
     parser.add_argument("--quick", action="store_true", help="2 rounds of 3 batches, K = 3")
     args = parser.parse_args(argv)
     if args.quick:
         args.members, args.rounds, args.steps = 3, 2, 3
+    if min(args.members, args.rounds, args.steps) < 1:
+        parser.error("--members, --rounds and --steps must be at least 1")
+    unknown = [w for w in args.workloads.split(",") if w not in WORKLOADS]
+    if unknown:
+        parser.error(f"--workloads: unknown {unknown}; choose from {list(WORKLOADS)}")
     torch.set_num_threads(1)
     print("# loopkit ensemble benchmark\n")
     print(f"- cpu: {platform.processor() or platform.machine()}; torch {torch.__version__}; 1 thread")

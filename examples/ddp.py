@@ -33,11 +33,13 @@ from loopkit import distributed
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="3 epochs; checks test accuracy >= 80%%")
-    parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--epochs", type=int, default=None, help="epochs (default 15, or 3 with --quick)")
     parser.add_argument("--batch-size", type=int, default=32, help="per process")
     parser.add_argument("--checkpoints", default=None, help="directory for checkpoints (resumed from if present)")
     args = parser.parse_args(argv)
-    epochs = args.epochs or (3 if args.quick else 15)
+    epochs = args.epochs if args.epochs is not None else (3 if args.quick else 15)
+    if epochs < 1 or args.batch_size < 1:
+        parser.error("--epochs and --batch-size must be at least 1")
     bar = 0.80 if args.quick else 0.95
 
     distributed.init(timeout=120)  # from torchrun's environment; nothing in a single process

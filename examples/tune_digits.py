@@ -44,8 +44,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--directory", default=None, help="where the study's SQLite file lives (made if missing; default: a temporary folder)")
     parser.add_argument("--min-acc", type=float, default=0.9, help="the best trial's test accuracy must reach this")
     args = parser.parse_args(argv)
-    args.trials = args.trials or (7 if args.quick else 16)
-    args.epochs = args.epochs or (4 if args.quick else 8)
+    if args.trials is None:
+        args.trials = 7 if args.quick else 16
+    if args.epochs is None:
+        args.epochs = 4 if args.quick else 8
+    if args.trials < 1 or args.epochs < 1:
+        parser.error("--trials and --epochs must be at least 1")
     return args
 
 

@@ -17,6 +17,15 @@ import pytest
 BENCHMARK = Path(__file__).resolve().parent.parent / "benchmarks" / "checkpoint.py"
 
 
+@pytest.mark.parametrize("args", [("--repeats", "0", "--width", "64"), ("--quick", "--width", "0")])
+def test_bad_options_are_usage_errors(args, tmp_path):
+    result = subprocess.run([sys.executable, str(BENCHMARK), *args, "--dir", str(tmp_path)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and "--repeats and --width must be at least 1" in result.stderr
+    assert result.stdout == "" and list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.slow
 def test_the_quick_benchmark_prints_every_row(tmp_path):
     result = subprocess.run(

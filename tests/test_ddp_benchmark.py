@@ -12,6 +12,19 @@ import pytest
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "ddp.py"
 
 
+@pytest.mark.parametrize("args, message", [
+    (("--rounds", "0"), "--rounds and --steps must be at least 1"),
+    (("--nprocs", "2,x"), "--nprocs: give comma-separated process counts of at least 1, got '2,x'"),
+    (("--quick", "--nprocs", "0"), "--nprocs: give comma-separated process counts of at least 1, got '0'"),
+])
+def test_bad_options_are_usage_errors_before_any_launch(args, message):
+    proc = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=120,
+                          stdin=subprocess.DEVNULL)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr and message in proc.stderr, proc.stderr
+    assert proc.stdout == ""
+
+
 @pytest.mark.slow
 def test_quick_run_reports_every_contender_with_a_time(tmp_path):
     out = tmp_path / "times.json"

@@ -15,6 +15,18 @@ import pytest
 BENCHMARK = Path(__file__).resolve().parent.parent / "benchmarks" / "ensemble.py"
 
 
+@pytest.mark.parametrize("args, message", [
+    (("--quick", "--workloads", "tinny"), "--workloads: unknown ['tinny']; choose from ['tiny', 'small']"),
+    (("--rounds", "0"), "--members, --rounds and --steps must be at least 1"),
+    (("--members", "0", "--workloads", "tiny"), "--members, --rounds and --steps must be at least 1"),
+])
+def test_bad_options_are_usage_errors(args, message):
+    result = subprocess.run([sys.executable, str(BENCHMARK), *args], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and message in result.stderr, result.stderr
+    assert result.stdout == ""
+
+
 @pytest.mark.slow
 def test_the_quick_benchmark_prints_every_row():
     result = subprocess.run([sys.executable, str(BENCHMARK), "--quick"], capture_output=True, text=True, timeout=180)

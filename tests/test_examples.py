@@ -105,6 +105,19 @@ def test_custom_loop_exits_nonzero_when_the_loss_does_not_fall_even_under_python
     assert "custom loop OK" not in proc.stdout, output_of(proc)
 
 
+# --- examples/ddp.py -----------------------------------------------------------------------
+# (its run under torchrun is tests/test_distributed.py's)
+
+
+@pytest.mark.parametrize("args", [("--epochs", "0"), ("--quick", "--epochs", "-1"), ("--batch-size", "0")])
+def test_ddp_example_refuses_options_it_cannot_run_with_a_usage_error(args):
+    """An explicit 0 is refused, not replaced by the default (``--epochs 0`` trained 15 epochs)."""
+    proc = run_example("ddp.py", *args, timeout=300)
+    assert proc.returncode == 2, output_of(proc)
+    assert "error: --epochs and --batch-size must be at least 1" in proc.stderr, output_of(proc)
+    assert proc.stdout == "", output_of(proc)
+
+
 # --- README.md ------------------------------------------------------------------------------
 
 

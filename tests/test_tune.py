@@ -720,6 +720,18 @@ def test_tune_digits_example_fails_below_its_bar():
     assert "FAILED: test accuracy" in proc.stderr, output_of(proc)
 
 
+@pytest.mark.parametrize("args", [("--trials", "0"), ("--quick", "--epochs", "0"), ("--epochs", "-2")])
+def test_tune_digits_example_refuses_counts_below_one_rather_than_taking_the_default(args, capsys):
+    from tests.test_examples_more import load_example
+
+    example = load_example("tune_digits")
+    assert (example.parse_args(["--quick"]).trials, example.parse_args([]).epochs) == (7, 8)  # the defaults
+    with pytest.raises(SystemExit) as exit:
+        example.parse_args(list(args))
+    assert exit.value.code == 2
+    assert "error: --trials and --epochs must be at least 1" in capsys.readouterr().err
+
+
 def test_fit_takes_one_callback_alone_as_run_epochs_does(make_mlp, make_batches, mse_loss):
     """tune.fit(callbacks=monitor) failed with Python's "Value after * must be an iterable"; run_epochs, whose
     options tune.fit passes on, takes one callback alone (as Lightning does) and names a None."""
