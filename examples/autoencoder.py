@@ -61,8 +61,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.epochs is None:
         args.epochs = 20 if args.quick else 40
-    if args.epochs < 2 or args.log_every < 1:
+    if args.epochs < 2:
         parser.error("--epochs must be at least 2 (the check compares the last epoch with the first)")
+    if args.log_every < 1:
+        parser.error("--log-every must be at least 1")
     return args
 
 

@@ -99,6 +99,13 @@ def test_autoencoder_fails_when_the_loss_has_not_halved():
     assert "FAILED: the validation loss fell only" in proc.stderr, output_of(proc)
 
 
+@pytest.mark.parametrize("args, message", [(("--epochs", "1"), "--epochs must be at least 2"),
+                                           (("--log-every", "0"), "--log-every must be at least 1")])
+def test_autoencoder_refuses_bad_counts_naming_the_option(args, message):
+    proc = run_example("autoencoder.py", *args)
+    assert proc.returncode == 2 and message in proc.stderr, output_of(proc)
+
+
 # --- examples/gan.py ------------------------------------------------------------------------
 
 
