@@ -1200,8 +1200,9 @@ def _warn_of_persistent_workers(data: Any, source: Any, epoch: int, mid_epoch: b
         )
 
 
-def _monitors(step: Any, callbacks: Sequence[Any]) -> list[tuple[str, str]]:
-    """``(who, metric)`` for each callback and transform of ``step`` that watches a metric."""
+def _monitors(step: Any, callbacks: Sequence[Any], *, strict_only: bool = False) -> list[tuple[str, str]]:
+    """``(who, metric)`` for each callback and transform of ``step`` that watches a metric (``strict_only``: leaving
+    out those with ``strict=False``, whose metric may be absent)."""
     watchers = list(callbacks)
     wrapped = step
     while isinstance(wrapped, WrapperStep):
@@ -1210,19 +1211,21 @@ def _monitors(step: Any, callbacks: Sequence[Any]) -> list[tuple[str, str]]:
     found = []
     for watcher in watchers:
         monitor = getattr(watcher, "monitor", None)
-        if isinstance(monitor, str) and getattr(watcher, "strict", True) is not False:  # (strict=False: may be absent)
+        if isinstance(monitor, str) and not (strict_only and getattr(watcher, "strict", True) is False):
             found.append((watcher.name if isinstance(watcher, WrapperStep) else type(watcher).__name__, monitor))
     return found
 
 
 def _val_monitors(step: Any, callbacks: Sequence[Any]) -> list[tuple[str, str]]:
-    """``(who, metric)`` for each callback and transform of ``step`` that watches a ``val/`` metric."""
-    return [(who, monitor) for who, monitor in _monitors(step, callbacks) if monitor.startswith("val/")]
+    """``(who, metric)`` for each callback and transform of ``step`` that watches a ``val/`` metric it needs
+    (``strict=False`` ones may miss it)."""
+    return [(who, monitor) for who, monitor in _monitors(step, callbacks, strict_only=True) if monitor.startswith("val/")]
 
 
 def _warn_of_lightning_names(step: Any, callbacks: Sequence[Any]) -> None:
     """A monitor named the way a LightningModule logs (``val_loss``): loopkit's are ``val/loss`` and ``train/loss``,
-    and the mistake would otherwise show only after an epoch of training."""
+    and the mistake would otherwise show only after an epoch of training (or, with ``strict=False``, never: the
+    check is skipped for want of the metric)."""
     for who, monitor in _monitors(step, callbacks):
         prefix, _, rest = monitor.partition("_")
         if prefix in ("val", "train") and rest:
