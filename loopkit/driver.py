@@ -39,7 +39,7 @@ from loopkit._sharded import fsdp_modules
 from loopkit._window import EPOCH, OVER_RANKS, own_buffers, own_rng, own_share
 from loopkit.callbacks import Callback, _from_lightning, _loopkit_hook, may_change_state_early
 from loopkit.checkpoint import capture_global_rng, install_global_rng
-from loopkit.progress import ProgressBar, progress_wanted
+from loopkit.progress import ProgressBar, progress_wanted, write_line
 from loopkit.rng import epoch_order_seed as _order_seed
 from loopkit.rng import seed_epoch_start
 from loopkit.rng import global_rngs_kept
@@ -1340,7 +1340,7 @@ class _StopOnSignal:
         if not self.voting:
             self.agreed = name
         when = "with every rank, at the next vote" if self.voting else "after the current step"
-        print(f"run_epochs: {name} received, stopping {when} (send it again to stop at once)", file=sys.stderr, flush=True)
+        write_line(f"run_epochs: {name} received, stopping {when} (send it again to stop at once)", sys.stderr)
 
     def poll(self) -> None:
         """Under DDP, once a step on every rank: at a vote's step, read the vote in flight, send this one's."""

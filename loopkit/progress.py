@@ -1,4 +1,5 @@
-"""A tqdm progress bar that only appears on a terminal, and never reads a tensor by itself.
+"""A tqdm progress bar that only appears on a terminal, and never reads a tensor by itself; and
+:func:`write_line`, which prints a message without breaking an open bar.
 
 >>> bar = ProgressBar(enabled=False, total=10, desc="epoch 0")
 >>> bar.update({"loss": 0.5}); bar.close()
@@ -9,13 +10,13 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import IO, Any
 
 import torch
 
 from loopkit import _collective
 
-__all__ = ["ProgressBar", "progress_wanted"]
+__all__ = ["ProgressBar", "progress_wanted", "write_line"]
 
 _READ_EVERY = 20  # batches between two readings of the latest metrics (a host sync each)
 _COUNT_EVERY_S = 0.05  # seconds between count updates (tqdm redraws at most every 0.1 s)
@@ -37,6 +38,25 @@ def progress_wanted(progress: bool, stream: Any = None) -> bool:
         return False
     isatty = getattr(stream, "isatty", None)
     return bool(isatty and isatty())
+
+
+def write_line(line: str, stream: IO[str]) -> None:
+    """Write ``line`` and a newline to ``stream``, through tqdm when it is installed: an open bar is cleared
+    first and drawn again below the line, where a plain ``print`` would write over it (what the loggers,
+    the callbacks' messages and a fit's signal notice print while a bar may be open). Flushed.
+
+    >>> write_line("epoch 0 done", sys.stdout)
+    epoch 0 done
+    """
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        print(line, file=stream)
+    else:
+        tqdm.write(line, file=stream)
+    flush = getattr(stream, "flush", None)  # (a stream of one's own may have none)
+    if flush is not None:
+        flush()
 
 
 class ProgressBar:

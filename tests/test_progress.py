@@ -17,7 +17,7 @@ import tqdm.auto
 import tqdm.std
 from torch import nn
 
-from loopkit import TrainState, run_epochs, train_step
+from loopkit import TrainState, eval_step, run_epochs, train_step
 from loopkit import progress as progress_module
 from loopkit.progress import ProgressBar, progress_wanted
 
@@ -241,3 +241,69 @@ def test_the_bar_shows_the_latest_validation_as_lightnings_shows_val_loss(monkey
     closing = [line for line in lines if line.startswith("epoch 1") and "train/loss=" in line]
     assert closing and f"val/mse={history[1]['val/mse']:.4g}" in closing[-1]
     assert not any("val/mse" in line for line in lines if line.startswith("epoch 0") and "train/loss=" not in line)
+
+
+def visible_lines(text: str) -> list[str]:
+    """What a terminal shows of each line of ``text``: each carriage return writes over the line from its start."""
+    lines = []
+    for raw in text.split("\n"):
+        shown = ""
+        for part in raw.split("\r"):
+            shown = part + shown[len(part):]
+        lines.append(shown.rstrip())
+    return lines
+
+
+def test_write_line_draws_an_open_bar_again_below_the_line(monkeypatch):
+    fake_tty = use_fake_tty(monkeypatch)
+    bar = ProgressBar(enabled=True, total=3, desc="epoch 0")
+    bar.update()
+    progress_module.write_line("a message", sys.stderr)
+    bar.close()
+    lines = visible_lines(fake_tty.text)
+    (at,) = [i for i, line in enumerate(lines) if "a message" in line]
+    assert lines[at] == "a message" and lines[at + 1].startswith("epoch 0")
+
+
+def _early_stopping_fit():
+    from loopkit import EarlyStopping
+
+    return dict(val=(eval_step(lambda m, b: {"mse": mse(m, b)}), make_data(2)), sanity_val_batches=0,
+                callbacks=[EarlyStopping("val/mse", patience=3, verbose=True)]), "Metric val/mse improved"
+
+
+def _timer_fit():
+    from loopkit import Timer
+
+    ticks = itertools.count()  # (a second a reading)
+    return dict(callbacks=[Timer(5, clock=lambda: next(ticks))]), "Timer: time limit reached"
+
+
+def _signal_fit():
+    import os
+    import signal
+
+    def loss(model, batch):
+        loss.calls += 1
+        if loss.calls == 5:
+            os.kill(os.getpid(), signal.SIGINT)
+        return mse(model, batch)
+
+    loss.calls = 0
+    return dict(step=train_step(loss)), "run_epochs: SIGINT received"
+
+
+@pytest.mark.parametrize("fit", [_early_stopping_fit, _timer_fit, _signal_fit])
+def test_loopkits_messages_during_a_fit_leave_the_bar_whole(monkeypatch, fit):
+    """EarlyStopping's and Timer's verbose messages and the stop signal's notice go through tqdm (as ConsoleLogger's
+    lines): on a line of their own, the bar drawn again below, not written on at its end."""
+    kwargs, message = fit()
+    fake_tty = use_fake_tty(monkeypatch)
+    step = kwargs.pop("step", train_step(mse))
+    run_epochs(step, make_state(), make_data(10), epochs=2, progress=True, **kwargs)
+    lines = visible_lines(fake_tty.text)
+    said = [i for i, line in enumerate(lines) if message in line]
+    assert said, fake_tty.text
+    for i in said:
+        assert lines[i].startswith(message) and "it/s" not in lines[i], lines[i]
+        assert lines[i + 1].startswith("epoch")
