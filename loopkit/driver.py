@@ -1991,9 +1991,13 @@ def run_epochs(
         kept in the state) to the step, whose checkpoints then hold them. At the end of an
         epoch the caller notifies the step after the epoch's callbacks (``notify=False``) and names
         the epoch (``current`` is at the next one)."""
+        if bar is not None:  # the epoch's count caught up first (Lightning's bar shows 10/10 while it validates)
+            bar.refresh()
         metrics = validate(current, epoch=epoch)
         shown.clear()  # (the progress bars show the latest validation's means, as Lightning's shows val_loss)
         shown.update(metrics)
+        if bar is not None:  # (at once, not at the next reading of the metrics)
+            bar.refresh()
         kept = {_VALIDATED: current.step}
         if notify:  # mid-epoch: the epoch's record, made later (perhaps by a resumed run), holds them
             kept[_EPOCH_VAL] = metrics

@@ -66,7 +66,8 @@ class ProgressBar:
     that long), so a fast loop pays for the bar once in many batches and a slow one still sees
     each batch; the latest metrics are read (one host sync) on every 20th batch.
     ``update(postfix)`` takes floats; ``shown`` (the latest validation's means, as Lightning's bar
-    keeps ``val_loss``) follows them in every postfix. A metric named with a ``/`` (a transform's,
+    keeps ``val_loss``) follows them in every postfix, from the bar's first draw on; :meth:`refresh` catches
+    the count up and shows ``shown`` anew (around a validation). A metric named with a ``/`` (a transform's,
     ``amp/skipped``, or one of ``with_grad_norm``'s per parameter) stays out of the bar.
 
     >>> bar = ProgressBar(enabled=False, total=None, desc="x")
@@ -81,12 +82,15 @@ class ProgressBar:
         self.every = 1  # batches per count update
         self._uncounted = 0
         self._unread = 0
+        self._own: dict[str, float] = {}  # the metrics of the latest postfix (shown again by refresh)
         self._last = time.perf_counter()
         self._bar = None
         if enabled:
             from tqdm.auto import tqdm
 
-            self._bar = tqdm(total=total, desc=desc, leave=True, dynamic_ncols=True)
+            # (``shown`` from the first draw on, as Lightning's bar shows val_loss at an epoch's start)
+            self._bar = tqdm(total=total, desc=desc, leave=True, dynamic_ncols=True,
+                             postfix=self._text() or None)
 
     def tick(self, metrics: Mapping[str, torch.Tensor]) -> None:
         """One more batch, whose ``metrics`` the bar shows when it is a 20th batch."""
@@ -117,8 +121,27 @@ class ProgressBar:
     def _postfix(self, values: Mapping[str, float]) -> None:
         # the step's own metrics (``loss``, ``train/loss``): those of a transform or a part (``amp/skipped``,
         # ``grad_2.0_norm/<parameter>``, ``train/nan_guard/skipped``) stay in the logs, as Lightning's bar shows prog_bar ones
-        own = {k: v for k, v in values.items() if "/" not in (k[6:] if k.startswith("train/") else k)}
-        self._bar.set_postfix({k: f"{v:.4g}" for k, v in {**own, **self.shown}.items()}, refresh=False)  # type: ignore[union-attr]
+        self._own = {k: v for k, v in values.items() if "/" not in (k[6:] if k.startswith("train/") else k)}
+        self._bar.set_postfix_str(self._text(), refresh=False)  # type: ignore[union-attr]
+
+    def _text(self) -> str:
+        """The postfix: the latest metrics, then ``shown``."""
+        return ", ".join(f"{k}={v:.4g}" for k, v in {**self._own, **self.shown}.items())
+
+    def refresh(self) -> None:
+        """Count the batches not counted yet and draw the bar now, with ``shown`` as it is now: before a
+        validation (which would otherwise find the count behind, as Lightning's shows 10/10 then), and after
+        it (its means at once). No metric is read."""
+        if self._bar is None:
+            return
+        n, self._uncounted = self._uncounted, 0
+        self._unread += n  # (below the next reading: every stops the count there)
+        self.every = max(1, min(self.every - n, _READ_EVERY - self._unread))
+        self._bar.set_postfix_str(self._text(), refresh=False)
+        if n:
+            self._bar.update(n)
+        self._bar.refresh()
+        self._last = time.perf_counter()  # (a validation's time is no batch's)
 
     def close(self, postfix: Mapping[str, float] | None = None) -> None:
         """Count the batches not counted yet, show ``postfix`` (the epoch means) and close (once: again does nothing)."""

@@ -92,6 +92,15 @@ def use_fake_tty(monkeypatch) -> FakeTTY:
     return stream
 
 
+@pytest.fixture(autouse=True)
+def _close_bars():
+    """Close the bars a test left open (one that failed half-way): an open bar would move the next test's below it."""
+    yield
+    for bar in EveryUpdateTqdm.created:
+        bar.close()
+    EveryUpdateTqdm.created = []
+
+
 @pytest.fixture
 def no_tqdm(monkeypatch):
     calls = []
@@ -226,7 +235,8 @@ def test_a_disabled_bar_writes_nothing(monkeypatch):
 
 
 def test_the_bar_shows_the_latest_validation_as_lightnings_shows_val_loss(monkeypatch):
-    """Epoch 0's bar closes with its validation's mean; epoch 1's bar shows it beside the loss until its own."""
+    """Epoch 0's bar closes with its validation's mean; epoch 1's bar shows it beside the loss until its own
+    (drawn as soon as it is known, before the bar closes)."""
     from loopkit import eval_step
 
     fake_tty = use_fake_tty(monkeypatch)
@@ -237,10 +247,14 @@ def test_the_bar_shows_the_latest_validation_as_lightnings_shows_val_loss(monkey
     first = [line for line in lines if line.startswith("epoch 0") and "train/loss=" in line]
     assert first and f"val/mse={history[0]['val/mse']:.4g}" in first[-1]
     during = [line for line in lines if line.startswith("epoch 1") and "loss=" in line and "train/loss=" not in line]
-    assert during and all(f"val/mse={history[0]['val/mse']:.4g}" in line for line in during)
+    assert during and all(f"val/mse={history[0]['val/mse']:.4g}" in line for line in during[:-1])
+    assert f"val/mse={history[1]['val/mse']:.4g}" in during[-1]  # (right after epoch 1's validation)
     closing = [line for line in lines if line.startswith("epoch 1") and "train/loss=" in line]
     assert closing and f"val/mse={history[1]['val/mse']:.4g}" in closing[-1]
-    assert not any("val/mse" in line for line in lines if line.startswith("epoch 0") and "train/loss=" not in line)
+    # the sanity check's means are not shown: epoch 0's bar has none until its validation
+    before = [line for line in lines if line.startswith("epoch 0") and "train/loss=" not in line]
+    assert not any("val/mse" in line for line in before[:-1])
+    assert f"val/mse={history[0]['val/mse']:.4g}" in before[-1]
 
 
 def visible_lines(text: str) -> list[str]:
@@ -252,6 +266,96 @@ def visible_lines(text: str) -> list[str]:
             shown = part + shown[len(part):]
         lines.append(shown.rstrip())
     return lines
+
+
+def epoch_bars() -> list[EveryUpdateTqdm]:
+    return [bar for bar in EveryUpdateTqdm.created if bar.desc.startswith("epoch")]
+
+
+class BarAtValidation:
+    """A validation metric that records, at each validation's first batch, the epoch bar's count and the bar line last
+    drawn (the validations run while the epoch's bar is open)."""
+
+    def __init__(self, fake_tty: FakeTTY):
+        self.fake_tty = fake_tty
+        self.seen: list[tuple[int, str]] = []
+        self._batches = 0
+
+    def __call__(self, model, batch):
+        if self._batches % 3 == 0:  # (3 batches a validation)
+            bar = epoch_bars()[-1]
+            drawn = [line for line in re.split(r"[\r\n]", self.fake_tty.text) if line.startswith("epoch")]
+            self.seen.append((bar.n, drawn[-1]))
+        self._batches += 1
+        return {"mse": mse(model, batch)}
+
+
+def test_the_count_is_caught_up_and_drawn_before_each_validation(monkeypatch):
+    """Fast batches are counted in bunches; a validation, at an epoch's end or after an update, finds the count
+    caught up and drawn (as Lightning's bar shows 10/10 while the epoch's validation runs), not where the last
+    bunch left it."""
+    fake_tty = use_fake_tty(monkeypatch)
+    metric = BarAtValidation(fake_tty)
+    run_epochs(train_step(mse), make_state(), make_data(10), epochs=1, val=(eval_step(metric), make_data(3)),
+               val_every_n_steps=4, sanity_val_batches=0, progress=True)
+    # validations after updates 4 and 8, then the epoch's
+    assert [n for n, _ in metric.seen] == [4, 8, 10]
+    assert [re.search(r"(\d+)/10\b", line).group(1) for _, line in metric.seen] == ["4", "8", "10"]
+
+
+class ShownAtValidationEnd:
+    """Records the epoch bar's line last drawn when a validation's means reach the callbacks."""
+
+    def __init__(self, fake_tty: FakeTTY):
+        self.fake_tty = fake_tty
+        self.seen: list[tuple[float, str]] = []
+
+    def on_validation_end(self, state, metrics):
+        drawn = [line for line in re.split(r"[\r\n]", self.fake_tty.text) if line.startswith("epoch")]
+        self.seen.append((metrics["val/mse"], drawn[-1]))
+
+
+def test_the_latest_validation_is_shown_from_the_bars_first_draw_and_right_after_each_validation(monkeypatch):
+    """As Lightning's bar, which shows val_loss from an epoch's first draw: not only from the 20th batch's reading
+    of the metrics (an epoch of fewer batches never showed it before closing)."""
+    fake_tty = use_fake_tty(monkeypatch)
+    shown = ShownAtValidationEnd(fake_tty)
+    _, history = run_epochs(train_step(mse), make_state(), make_data(10), epochs=2,
+                            val=(eval_step(lambda m, b: {"mse": mse(m, b)}), make_data(3)), val_every_n_steps=5,
+                            sanity_val_batches=0, callbacks=[shown], progress=True)
+    assert len(shown.seen) == 4  # (after updates 5, 10, 15 and 20: the 10th and 20th stand for their epochs')
+    for value, line in shown.seen:
+        assert f"val/mse={value:.4g}" in line
+    epoch_1 = [line for line in re.split(r"[\r\n]", fake_tty.text) if line.startswith("epoch 1")]
+    assert "0/10" in epoch_1[0] and f"val/mse={history[0]['val/mse']:.4g}" in epoch_1[0]
+
+
+def test_the_progress_bar_refresh_unit(monkeypatch):
+    """refresh: the uncounted batches counted and drawn, with ``shown`` as it is now; no metric read, and the next
+    reading still on the 20th batch."""
+    use_fake_tty(monkeypatch)
+    monkeypatch.setattr(tqdm.auto, "tqdm", CountingTqdm)
+    shown = {"val/mse": 1.0}
+    bar = ProgressBar(enabled=True, total=45, desc="epoch 0", shown=shown)
+    (tq,) = EveryUpdateTqdm.created
+    assert tq.postfix == "val/mse=1"
+    read = []
+    monkeypatch.setattr(progress_module._collective, "read", lambda metrics: read.append(1) or {"loss": 0.5})
+    metrics = {"loss": torch.tensor(0.5)}
+    bar.every = 5
+    for _ in range(3):
+        bar.tick(metrics)
+    assert tq.n == 0
+    shown["val/mse"] = 2.0
+    bar.refresh()
+    assert tq.n == 3 and tq.postfix == "val/mse=2" and read == []
+    monkeypatch.setattr(progress_module, "_COUNT_EVERY_S", 0.0)  # (from here on every batch is counted)
+    for _ in range(16):
+        bar.tick(metrics)
+    assert tq.n == 19 and read == []
+    bar.tick(metrics)
+    assert tq.n == 20 and read == [1] and tq.postfix == "loss=0.5, val/mse=2"
+    bar.close()
 
 
 def test_write_line_draws_an_open_bar_again_below_the_line(monkeypatch):
