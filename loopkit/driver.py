@@ -48,7 +48,8 @@ from loopkit.state import (
     replace_extras, state_at_error,
 )
 from loopkit.steps import (
-    RECORDED, SAVE_DUE, EpochRecord, WrapperStep, as_step, check_takes_model_and_batch, evaluating, in_accumulation_group, undonated,
+    RECORDED, SAVE_DUE, EpochRecord, WrapperStep, accumulated, as_step, check_takes_model_and_batch, evaluating,
+    in_accumulation_group, undonated,
 )
 from loopkit.steps import donate as donated
 from loopkit.tree import device_available, devices_here, tensors, to_device, to_plain
@@ -152,6 +153,23 @@ def _accumulation_at(step: Any, epoch: int) -> int:
             return max(as_int(every_at(epoch)) or 1, 1)
         step = getattr(step, "inner", None)
     return 1
+
+
+def _bar_total(total: int | None, state: TrainState, max_steps: int | None, step: Any) -> int | None:
+    """The total of the bar of an epoch of ``total`` batches that starts from ``state``: fewer where ``max_steps``
+    ends the fit inside it, the batches its remaining updates take (``with_grad_accum``'s factor each, less the
+    micro-batches of a group under way), so that the fit's last bar ends full; as Lightning's bar, which does so
+    only without ``max_epochs``, and counts an update as a batch.
+
+    >>> import torch
+    >>> state = TrainState.create(torch.nn.Linear(1, 1))
+    >>> _bar_total(10, state, 7, None), _bar_total(10, state, 13, None), _bar_total(10, state, None, None)
+    (7, 10, 10)
+    """
+    if total is None or max_steps is None:
+        return total
+    needed = (max_steps - state.step) * _accumulation_at(step, state.epoch) - accumulated(state)
+    return min(total, state.batch_index + max(needed, 0))
 
 
 def _warn_of_a_long_log_interval(step: Any, total: int | None, epoch: int) -> None:
@@ -1838,6 +1856,7 @@ def run_epochs(
     history), ``limit_val_batches=0`` validation. Batches move to ``device`` (default: the model's; ``"auto"``: the accelerator torch finds, else the CPU, as Lightning's ``accelerator="auto"``)
     unless that is the CPU. ``progress`` shows a tqdm bar on a terminal (the step's latest metrics, the
     latest validation's means, the epoch's means when it closes).
+    Each epoch's bar counts from where its epoch resumed, and ends at the batch where ``max_steps`` ends the fit.
 
     Several validation sets: ``val=(eval_step, {"clean": loader, "noisy": loader})`` validates on
     each in turn (the sanity validation and the limits apply to each, as Lightning's do to each
@@ -2177,9 +2196,9 @@ def run_epochs(
                 last_val = resumed_val or ({k: float(v) for k, v in state.extras.get(_EPOCH_VAL, {}).items()} if validates else {})
                 resumed_val = {}
                 validated_at = state.extras.get(_VALIDATED) if last_val else None  # the update it saw
-                remaining = None if total is None else max(total - state.batch_index, 0)
                 started_at = state.step
-                bar = ProgressBar(enabled=show, total=remaining, desc=f"epoch {state.epoch}", shown=shown)
+                bar = ProgressBar(enabled=show, total=_bar_total(total, state, max_steps, step),
+                                  initial=state.batch_index, desc=f"epoch {state.epoch}", shown=shown)
                 exhausted = True
                 asked_stop = finishing_stop  # a callback asked to stop after one of this epoch's batches
                 if (last_val and hooks.stops(state)) or finishing:

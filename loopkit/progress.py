@@ -68,14 +68,18 @@ class ProgressBar:
     ``update(postfix)`` takes floats; ``shown`` (the latest validation's means, as Lightning's bar
     keeps ``val_loss``) follows them in every postfix, from the bar's first draw on; :meth:`refresh` catches
     the count up and shows ``shown`` anew (around a validation). A metric named with a ``/`` (a transform's,
-    ``amp/skipped``, or one of ``with_grad_norm``'s per parameter) stays out of the bar.
+    ``amp/skipped``, or one of ``with_grad_norm``'s per parameter) stays out of the bar. ``initial``: the
+    batches counted before the bar (a resumed epoch's).
 
     >>> bar = ProgressBar(enabled=False, total=None, desc="x")
     >>> bar.enabled, bar.every
     (False, 1)
     """
 
-    def __init__(self, *, enabled: bool, total: int | None, desc: str, shown: Mapping[str, float] | None = None) -> None:
+    def __init__(
+        self, *, enabled: bool, total: int | None, desc: str, shown: Mapping[str, float] | None = None,
+        initial: int = 0,
+    ) -> None:
         self.enabled = enabled
         #: values shown after the metrics in every postfix (the latest validation's, which the caller keeps up to date)
         self.shown = {} if shown is None else shown
@@ -89,7 +93,7 @@ class ProgressBar:
             from tqdm.auto import tqdm
 
             # (``shown`` from the first draw on, as Lightning's bar shows val_loss at an epoch's start)
-            self._bar = tqdm(total=total, desc=desc, leave=True, dynamic_ncols=True,
+            self._bar = tqdm(total=total, initial=initial, desc=desc, leave=True, dynamic_ncols=True,
                              postfix=self._text() or None)
 
     def tick(self, metrics: Mapping[str, torch.Tensor]) -> None:
@@ -152,5 +156,7 @@ class ProgressBar:
         if self._uncounted:
             self._bar.update(self._uncounted)
             self._uncounted = 0
+        if self._bar.total is not None and self._bar.n > self._bar.total:  # a total that was an estimate (max_steps')
+            self._bar.total = self._bar.n
         self._bar.close()
         self._bar = None

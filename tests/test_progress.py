@@ -71,6 +71,7 @@ class EveryUpdateTqdm(tqdm.std.tqdm):
     def __init__(self, *args, **kwargs):
         kwargs.update(mininterval=0, miniters=1)
         super().__init__(*args, **kwargs)
+        self.first_total = self.total  # (the total it was made with)
         EveryUpdateTqdm.created.append(self)
 
 
@@ -356,6 +357,112 @@ def test_the_progress_bar_refresh_unit(monkeypatch):
     bar.tick(metrics)
     assert tq.n == 20 and read == [1] and tq.postfix == "loss=0.5, val/mse=2"
     bar.close()
+
+
+def resumed_mid_epoch(batches_done: int, n: int = 10) -> TrainState:
+    """A state stopped after ``batches_done`` batches of epoch 0 (of ``n``), as a checkpoint of it restores."""
+    state, _ = run_epochs(train_step(mse), make_state(), make_data(n), max_steps=batches_done, progress=False)
+    assert (state.epoch, state.batch_index) == (0, batches_done)
+    return state
+
+
+def test_a_resumed_epochs_bar_counts_from_where_it_resumed(monkeypatch):
+    """As the uninterrupted run's bar, and Lightning's (n = batch_idx + 1 of the epoch's batches): 7/10 to 10/10,
+    not 0/3 to 3/3."""
+    state = resumed_mid_epoch(7)
+    fake_tty = use_fake_tty(monkeypatch)
+    run_epochs(train_step(mse), state, make_data(10), epochs=1, progress=True)
+    (bar,) = EveryUpdateTqdm.created
+    assert (bar.initial, bar.n, bar.total) == (7, 10, 10)
+    drawn = [line for line in re.split(r"[\r\n]", fake_tty.text) if line.startswith("epoch 0")]
+    assert "7/10" in drawn[0] and "10/10" in drawn[-1]
+
+
+def test_a_run_resumed_at_an_epochs_end_shows_it_full(monkeypatch, tmp_path):
+    """A step checkpoint of an epoch's last update, its validation not made (a crash in it): the resumed run only
+    validates and records that epoch; its bar shows 10/10, not 0it."""
+    from loopkit import restore, with_checkpointing
+
+    calls = []
+
+    def crashing(model, batch):
+        calls.append(1)
+        if len(calls) == 2:  # (the first validation after the sanity check's batch)
+            raise RuntimeError("crash in the validation")
+        return {"mse": mse(model, batch)}
+
+    step = with_checkpointing(train_step(mse), str(tmp_path), every_n_steps=10)
+    with pytest.raises(RuntimeError, match="crash in the validation"):
+        run_epochs(step, make_state(), make_data(10), epochs=2, val=(eval_step(crashing), make_data(1)),
+                   sanity_val_batches=1, progress=False)
+    state = restore(make_state(), str(tmp_path))
+    assert (state.epoch, state.batch_index, state.step) == (0, 10, 10)
+    fake_tty = use_fake_tty(monkeypatch)
+    run_epochs(train_step(mse), state, make_data(10), epochs=2,
+               val=(eval_step(lambda m, b: {"mse": mse(m, b)}), make_data(1)), sanity_val_batches=0, progress=True)
+    assert [(bar.desc, bar.n, bar.total) for bar in epoch_bars()] == [("epoch 0", 10, 10), ("epoch 1", 10, 10)]
+    assert not re.search(r"epoch 0:[^\r\n]*\b0it", fake_tty.text)
+
+
+@pytest.mark.parametrize("epochs, max_steps, expected", [
+    (None, 7, [(7, 7)]),  # as Lightning's bar: min(the epoch's batches, the updates left)
+    (None, 13, [(10, 10), (3, 3)]),
+    (5, 13, [(10, 10), (3, 3)]),  # (Lightning caps only without max_epochs: its last bar ends at 3/10)
+    (None, 20, [(10, 10), (10, 10)]),
+])
+def test_the_last_bar_ends_full_where_max_steps_ends_the_fit_inside_its_epoch(monkeypatch, epochs, max_steps, expected):
+    use_fake_tty(monkeypatch)
+    run_epochs(train_step(mse), make_state(), make_data(10), epochs=epochs, max_steps=max_steps, progress=True)
+    assert [(bar.n, bar.total) for bar in epoch_bars()] == expected
+    assert all(bar.first_total == bar.total for bar in epoch_bars())  # (sized so from the start)
+
+
+def test_the_capped_total_counts_the_accumulated_batches_of_each_update(monkeypatch):
+    """with_grad_accum's factor of each epoch (a schedule: 1, then 3): the batches the remaining updates take."""
+    from loopkit import with_grad_accum
+
+    use_fake_tty(monkeypatch)
+    step = with_grad_accum(train_step(mse), every={0: 1, 1: 3})
+    state, _ = run_epochs(step, make_state(), make_data(10), max_steps=12, progress=True)
+    assert state.step == 12 and [(bar.first_total, bar.n, bar.total) for bar in epoch_bars()] == [(10, 10, 10), (6, 6, 6)]
+
+
+class StopAt:
+    """Asks to stop after ``batches`` batches."""
+
+    def __init__(self, batches: int):
+        self.batches, self.seen, self.should_stop = batches, 0, False
+
+    def on_batch_end(self, state, metrics):
+        self.seen += 1
+        self.should_stop = self.seen >= self.batches
+
+
+def test_the_capped_total_of_a_run_resumed_inside_an_accumulation_group(monkeypatch):
+    """Stopped after batch 4 under every=3 (one micro-batch of the second group held): to reach update 2 the resumed
+    run trains batches 5 and 6, and its bar goes from 4 to 6 of 6."""
+    from loopkit import with_grad_accum
+    from loopkit.steps import accumulated
+
+    step = with_grad_accum(train_step(mse), every=3)
+    state, _ = run_epochs(step, make_state(), make_data(10), epochs=1, callbacks=[StopAt(4)], progress=False)
+    assert (state.batch_index, state.step, accumulated(state)) == (4, 1, 1)
+    use_fake_tty(monkeypatch)
+    state, _ = run_epochs(step, state, make_data(10), max_steps=2, progress=True)
+    assert (state.batch_index, state.step) == (6, 2)
+    ((bar),) = epoch_bars()
+    assert (bar.initial, bar.first_total, bar.n, bar.total) == (4, 6, 6, 6)
+
+
+def test_a_bar_whose_total_was_too_low_closes_at_its_count(monkeypatch):
+    """The capped total is an estimate (a batch whose loss_fn skips it makes no update): the bar then closes at the
+    count it reached, not past its total (5 updates from 10 batches, 2 skipped: 7 batches, where 5 were expected)."""
+    use_fake_tty(monkeypatch)
+    skips = iter([True, True] + [False] * 20)
+    run_epochs(train_step(lambda m, b: None if next(skips) else mse(m, b)), make_state(), make_data(10), max_steps=5,
+               progress=True)
+    ((bar),) = epoch_bars()
+    assert (bar.first_total, bar.n, bar.total) == (5, 7, 7)
 
 
 def test_write_line_draws_an_open_bar_again_below_the_line(monkeypatch):
