@@ -542,14 +542,16 @@ def evaluate(
 
 def _evaluate(
     step: Any, state: TrainState, data: Iterable, limit: int | float | None, device: torch.device | str | None,
-    reduce: bool, *, seeded: bool = False, size_warning: _SizeWarning | None = None,
+    reduce: bool, *, seeded: bool = False, size_warning: _SizeWarning | None = None, bar: str | None = None,
 ) -> tuple[dict[str, float], int]:
     """:func:`evaluate` without telling the step that it ended (``run_epochs``' validations: one profile spans them),
     and the number of batches it read (this rank's).
 
     ``seeded``: a shuffling loader's order comes from ``(state.seed, state.step)``, not from the global RNG
     (which is left as it was): a resumed run validates in the uninterrupted run's order, to the last bit.
-    ``size_warning`` warns of batches whose tensors differ in their first dimension (a new one when not given)."""
+    ``size_warning`` warns of batches whose tensors differ in their first dimension (a new one when not given).
+    ``bar``: the description of a bar that counts the batches (no metric read) and is cleared when done, as
+    Lightning's validation bar (``run_epochs``' validations on a terminal); None: no bar."""
     size_warning = _SizeWarning("evaluate") if size_warning is None else size_warning
     limit = _check_limit(limit, "limit")
     count = _num_batches(data, limit, "limit", shard=reduce)  # (reduced: a rank's empty shard reads nothing)
@@ -560,16 +562,22 @@ def _evaluate(
     sizes: dict[str, int] = {}
     batches = _epoch_batches(data, state.seed, state.step, 0, count) if seeded else itertools.islice(data, count)
     read = 0
-    for read, batch in enumerate(batches or (), 1):
-        if move is not None:
-            batch = move(batch)
-        size, differ = _sizes(batch)
-        size_warning(differ, size)
-        _, metrics = step(state, batch)
-        for key, value in metrics.items():
-            weighted = value.to(_collective.sum_dtype(value)) * size
-            sums[key] = weighted if key not in sums else sums[key] + weighted
-            sizes[key] = sizes.get(key, 0) + size
+    progress = ProgressBar(enabled=bar is not None, total=count, desc=bar or "", leave=False)
+    try:
+        for read, batch in enumerate(batches or (), 1):
+            if move is not None:
+                batch = move(batch)
+            size, differ = _sizes(batch)
+            size_warning(differ, size)
+            _, metrics = step(state, batch)
+            for key, value in metrics.items():
+                weighted = value.to(_collective.sum_dtype(value)) * size
+                sums[key] = weighted if key not in sums else sums[key] + weighted
+                sizes[key] = sizes.get(key, 0) + size
+            if progress.enabled:
+                progress.tick({})  # (batches only: the metrics stay on the device)
+    finally:
+        progress.close()
     return _collective.means(sums, sizes, reduce=reduce), read
 
 
@@ -1857,6 +1865,7 @@ def run_epochs(
     unless that is the CPU. ``progress`` shows a tqdm bar on a terminal (the step's latest metrics, the
     latest validation's means, the epoch's means when it closes).
     Each epoch's bar counts from where its epoch resumed, and ends at the batch where ``max_steps`` ends the fit.
+    A validation (or the sanity check) shows its own bar of batches below it, cleared when done.
 
     Several validation sets: ``val=(eval_step, {"clean": loader, "noisy": loader})`` validates on
     each in turn (the sanity validation and the limits apply to each, as Lightning's do to each
@@ -1996,7 +2005,9 @@ def run_epochs(
                 limited = _num_batches(data, limit_val_batches, "limit_val_batches", shard=True)
                 if sanity_val_batches != -1:  # (-1: all of them, as Lightning's num_sanity_val_steps=-1)
                     limit = sanity_val_batches if limited is None else min(sanity_val_batches, limited)
-            means, read = _evaluate(val_step, current, data, limit, device, True, seeded=True, size_warning=size_warning)
+            described = "Sanity Checking" if sanity else "Validation"
+            means, read = _evaluate(val_step, current, data, limit, device, True, seeded=True, size_warning=size_warning,
+                                    bar=(described if name is None else f"{described} {name}") if show else None)
             if not read and not means:  # (under DDP a rank's empty shard is fine: the others' batches give the means)
                 warnings.warn(f"run_epochs: a validation read no batch: {val_sets.described(name, epoch)} yielded none "
                               "(an empty stream, or an iterator used up)", RuntimeWarning, stacklevel=3)

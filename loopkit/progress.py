@@ -69,7 +69,8 @@ class ProgressBar:
     keeps ``val_loss``) follows them in every postfix, from the bar's first draw on; :meth:`refresh` catches
     the count up and shows ``shown`` anew (around a validation). A metric named with a ``/`` (a transform's,
     ``amp/skipped``, or one of ``with_grad_norm``'s per parameter) stays out of the bar. ``initial``: the
-    batches counted before the bar (a resumed epoch's).
+    batches counted before the bar (a resumed epoch's); ``leave=False``: the bar is cleared when it closes
+    (a validation's, under the epoch's).
 
     >>> bar = ProgressBar(enabled=False, total=None, desc="x")
     >>> bar.enabled, bar.every
@@ -78,7 +79,7 @@ class ProgressBar:
 
     def __init__(
         self, *, enabled: bool, total: int | None, desc: str, shown: Mapping[str, float] | None = None,
-        initial: int = 0,
+        initial: int = 0, leave: bool = True,
     ) -> None:
         self.enabled = enabled
         #: values shown after the metrics in every postfix (the latest validation's, which the caller keeps up to date)
@@ -93,7 +94,7 @@ class ProgressBar:
             from tqdm.auto import tqdm
 
             # (``shown`` from the first draw on, as Lightning's bar shows val_loss at an epoch's start)
-            self._bar = tqdm(total=total, initial=initial, desc=desc, leave=True, dynamic_ncols=True,
+            self._bar = tqdm(total=total, initial=initial, desc=desc, leave=leave, dynamic_ncols=True,
                              postfix=self._text() or None)
 
     def tick(self, metrics: Mapping[str, torch.Tensor]) -> None:

@@ -465,6 +465,39 @@ def test_a_bar_whose_total_was_too_low_closes_at_its_count(monkeypatch):
     assert (bar.first_total, bar.n, bar.total) == (5, 7, 7)
 
 
+def test_a_validation_bar_counts_each_validations_batches_and_is_cleared(monkeypatch, conversions):
+    """As Lightning's 'Sanity Checking' and 'Validation' bars (leave=False, under the train bar); no metric read."""
+    use_fake_tty(monkeypatch)
+    val = (eval_step(lambda m, b: {"mse": mse(m, b)}), make_data(45))
+    before = conversions["n"]
+    run_epochs(train_step(mse), make_state(), make_data(3), epochs=2, val=val, sanity_val_batches=2, progress=True)
+    with_bars = conversions["n"] - before
+    bars = [(bar.desc, bar.n, bar.total, bar.leave) for bar in EveryUpdateTqdm.created]
+    assert bars == [("Sanity Checking", 2, 2, False), ("epoch 0", 3, 3, True), ("Validation", 45, 45, False),
+                    ("epoch 1", 3, 3, True), ("Validation", 45, 45, False)]
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # no terminal: no bar
+    before = conversions["n"]
+    run_epochs(train_step(mse), make_state(), make_data(3), epochs=2, val=val, sanity_val_batches=2, progress=True)
+    assert with_bars == conversions["n"] - before  # (epochs of 3 batches: the train bar reads nothing either)
+
+
+def test_each_named_validation_set_has_its_bar(monkeypatch):
+    use_fake_tty(monkeypatch)
+    val = (eval_step(lambda m, b: {"mse": mse(m, b)}), {"clean": make_data(2), "noisy": make_data(3)})
+    run_epochs(train_step(mse), make_state(), make_data(3), epochs=1, val=val, sanity_val_batches=1, progress=True)
+    assert [(bar.desc, bar.n, bar.total) for bar in EveryUpdateTqdm.created if not bar.desc.startswith("epoch")] == [
+        ("Sanity Checking clean", 1, 1), ("Sanity Checking noisy", 1, 1), ("Validation clean", 2, 2),
+        ("Validation noisy", 3, 3)]
+
+
+def test_evaluate_called_directly_draws_no_bar(monkeypatch, no_tqdm):
+    from loopkit import evaluate
+
+    monkeypatch.setattr(sys, "stderr", FakeTTY())
+    assert evaluate(eval_step(lambda m, b: {"mse": mse(m, b)}), make_state(), make_data(3))
+    assert no_tqdm == []
+
+
 def test_write_line_draws_an_open_bar_again_below_the_line(monkeypatch):
     fake_tty = use_fake_tty(monkeypatch)
     bar = ProgressBar(enabled=True, total=3, desc="epoch 0")
