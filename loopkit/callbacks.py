@@ -76,6 +76,7 @@ import torch
 from loopkit._numbers import as_int, as_real
 from loopkit import _collective
 from loopkit._collective import is_rank_zero
+from loopkit.progress import write_line
 
 __all__ = ["Callback", "EarlyStopping", "EarlyStoppingReason", "LearningRateMonitor", "MonitorCallback", "Timer", "may_change_state_early"]
 
@@ -462,7 +463,7 @@ class EarlyStopping(MonitorCallback):
             if self.log_rank_zero_only and rank != 0:
                 return
             message = f"[rank: {rank}] {message}"
-        print(message, file=sys.stderr, flush=True)
+        write_line(message, sys.stderr)  # (through tqdm: an open progress bar is drawn again below it)
 
     @property
     def state_key(self) -> str:
@@ -792,8 +793,8 @@ class Timer(Callback):
         if elapsed >= self.duration:
             self.should_stop = True
             if self.verbose and is_rank_zero():
-                print(f"Timer: time limit reached ({datetime.timedelta(seconds=int(elapsed))} spent); stopping at "
-                      f"step {getattr(state, 'step', '?')}", file=sys.stderr, flush=True)
+                write_line(f"Timer: time limit reached ({datetime.timedelta(seconds=int(elapsed))} spent); stopping "
+                           f"at step {getattr(state, 'step', '?')}", sys.stderr)
 
     def on_fit_start(self, state: Any) -> None:
         """Start each fit afresh; a resumed run's time spent comes back from ``state.extras`` right after."""

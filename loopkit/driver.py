@@ -39,7 +39,7 @@ from loopkit._sharded import fsdp_modules
 from loopkit._window import EPOCH, OVER_RANKS, own_buffers, own_rng, own_share
 from loopkit.callbacks import Callback, _from_lightning, _loopkit_hook, may_change_state_early
 from loopkit.checkpoint import capture_global_rng, install_global_rng
-from loopkit.progress import ProgressBar, progress_wanted
+from loopkit.progress import ProgressBar, progress_wanted, write_line
 from loopkit.rng import epoch_order_seed as _order_seed
 from loopkit.rng import seed_epoch_start
 from loopkit.rng import global_rngs_kept
@@ -48,7 +48,8 @@ from loopkit.state import (
     replace_extras, state_at_error,
 )
 from loopkit.steps import (
-    RECORDED, SAVE_DUE, EpochRecord, WrapperStep, as_step, check_takes_model_and_batch, evaluating, in_accumulation_group, undonated,
+    RECORDED, SAVE_DUE, EpochRecord, WrapperStep, accumulated, as_step, check_takes_model_and_batch, evaluating,
+    in_accumulation_group, undonated,
 )
 from loopkit.steps import donate as donated
 from loopkit.tree import device_available, devices_here, tensors, to_device, to_plain
@@ -152,6 +153,23 @@ def _accumulation_at(step: Any, epoch: int) -> int:
             return max(as_int(every_at(epoch)) or 1, 1)
         step = getattr(step, "inner", None)
     return 1
+
+
+def _bar_total(total: int | None, state: TrainState, max_steps: int | None, step: Any) -> int | None:
+    """The total of the bar of an epoch of ``total`` batches that starts from ``state``: fewer where ``max_steps``
+    ends the fit inside it, the batches its remaining updates take (``with_grad_accum``'s factor each, less the
+    micro-batches of a group under way), so that the fit's last bar ends full; as Lightning's bar, which does so
+    only without ``max_epochs``, and counts an update as a batch.
+
+    >>> import torch
+    >>> state = TrainState.create(torch.nn.Linear(1, 1))
+    >>> _bar_total(10, state, 7, None), _bar_total(10, state, 13, None), _bar_total(10, state, None, None)
+    (7, 10, 10)
+    """
+    if total is None or max_steps is None:
+        return total
+    needed = (max_steps - state.step) * _accumulation_at(step, state.epoch) - accumulated(state)
+    return min(total, state.batch_index + max(needed, 0))
 
 
 def _warn_of_a_long_log_interval(step: Any, total: int | None, epoch: int) -> None:
@@ -524,14 +542,16 @@ def evaluate(
 
 def _evaluate(
     step: Any, state: TrainState, data: Iterable, limit: int | float | None, device: torch.device | str | None,
-    reduce: bool, *, seeded: bool = False, size_warning: _SizeWarning | None = None,
+    reduce: bool, *, seeded: bool = False, size_warning: _SizeWarning | None = None, bar: str | None = None,
 ) -> tuple[dict[str, float], int]:
     """:func:`evaluate` without telling the step that it ended (``run_epochs``' validations: one profile spans them),
     and the number of batches it read (this rank's).
 
     ``seeded``: a shuffling loader's order comes from ``(state.seed, state.step)``, not from the global RNG
     (which is left as it was): a resumed run validates in the uninterrupted run's order, to the last bit.
-    ``size_warning`` warns of batches whose tensors differ in their first dimension (a new one when not given)."""
+    ``size_warning`` warns of batches whose tensors differ in their first dimension (a new one when not given).
+    ``bar``: the description of a bar that counts the batches (no metric read) and is cleared when done, as
+    Lightning's validation bar (``run_epochs``' validations on a terminal); None: no bar."""
     size_warning = _SizeWarning("evaluate") if size_warning is None else size_warning
     limit = _check_limit(limit, "limit")
     count = _num_batches(data, limit, "limit", shard=reduce)  # (reduced: a rank's empty shard reads nothing)
@@ -542,16 +562,22 @@ def _evaluate(
     sizes: dict[str, int] = {}
     batches = _epoch_batches(data, state.seed, state.step, 0, count) if seeded else itertools.islice(data, count)
     read = 0
-    for read, batch in enumerate(batches or (), 1):
-        if move is not None:
-            batch = move(batch)
-        size, differ = _sizes(batch)
-        size_warning(differ, size)
-        _, metrics = step(state, batch)
-        for key, value in metrics.items():
-            weighted = value.to(_collective.sum_dtype(value)) * size
-            sums[key] = weighted if key not in sums else sums[key] + weighted
-            sizes[key] = sizes.get(key, 0) + size
+    progress = ProgressBar(enabled=bar is not None, total=count, desc=bar or "", leave=False)
+    try:
+        for read, batch in enumerate(batches or (), 1):
+            if move is not None:
+                batch = move(batch)
+            size, differ = _sizes(batch)
+            size_warning(differ, size)
+            _, metrics = step(state, batch)
+            for key, value in metrics.items():
+                weighted = value.to(_collective.sum_dtype(value)) * size
+                sums[key] = weighted if key not in sums else sums[key] + weighted
+                sizes[key] = sizes.get(key, 0) + size
+            if progress.enabled:
+                progress.tick({})  # (batches only: the metrics stay on the device)
+    finally:
+        progress.close()
     return _collective.means(sums, sizes, reduce=reduce), read
 
 
@@ -1200,8 +1226,9 @@ def _warn_of_persistent_workers(data: Any, source: Any, epoch: int, mid_epoch: b
         )
 
 
-def _monitors(step: Any, callbacks: Sequence[Any]) -> list[tuple[str, str]]:
-    """``(who, metric)`` for each callback and transform of ``step`` that watches a metric."""
+def _monitors(step: Any, callbacks: Sequence[Any], *, strict_only: bool = False) -> list[tuple[str, str]]:
+    """``(who, metric)`` for each callback and transform of ``step`` that watches a metric (``strict_only``: leaving
+    out those with ``strict=False``, whose metric may be absent)."""
     watchers = list(callbacks)
     wrapped = step
     while isinstance(wrapped, WrapperStep):
@@ -1210,19 +1237,21 @@ def _monitors(step: Any, callbacks: Sequence[Any]) -> list[tuple[str, str]]:
     found = []
     for watcher in watchers:
         monitor = getattr(watcher, "monitor", None)
-        if isinstance(monitor, str) and getattr(watcher, "strict", True) is not False:  # (strict=False: may be absent)
+        if isinstance(monitor, str) and not (strict_only and getattr(watcher, "strict", True) is False):
             found.append((watcher.name if isinstance(watcher, WrapperStep) else type(watcher).__name__, monitor))
     return found
 
 
 def _val_monitors(step: Any, callbacks: Sequence[Any]) -> list[tuple[str, str]]:
-    """``(who, metric)`` for each callback and transform of ``step`` that watches a ``val/`` metric."""
-    return [(who, monitor) for who, monitor in _monitors(step, callbacks) if monitor.startswith("val/")]
+    """``(who, metric)`` for each callback and transform of ``step`` that watches a ``val/`` metric it needs
+    (``strict=False`` ones may miss it)."""
+    return [(who, monitor) for who, monitor in _monitors(step, callbacks, strict_only=True) if monitor.startswith("val/")]
 
 
 def _warn_of_lightning_names(step: Any, callbacks: Sequence[Any]) -> None:
     """A monitor named the way a LightningModule logs (``val_loss``): loopkit's are ``val/loss`` and ``train/loss``,
-    and the mistake would otherwise show only after an epoch of training."""
+    and the mistake would otherwise show only after an epoch of training (or, with ``strict=False``, never: the
+    check is skipped for want of the metric)."""
     for who, monitor in _monitors(step, callbacks):
         prefix, _, rest = monitor.partition("_")
         if prefix in ("val", "train") and rest:
@@ -1337,7 +1366,7 @@ class _StopOnSignal:
         if not self.voting:
             self.agreed = name
         when = "with every rank, at the next vote" if self.voting else "after the current step"
-        print(f"run_epochs: {name} received, stopping {when} (send it again to stop at once)", file=sys.stderr, flush=True)
+        write_line(f"run_epochs: {name} received, stopping {when} (send it again to stop at once)", sys.stderr)
 
     def poll(self) -> None:
         """Under DDP, once a step on every rank: at a vote's step, read the vote in flight, send this one's."""
@@ -1835,6 +1864,8 @@ def run_epochs(
     history), ``limit_val_batches=0`` validation. Batches move to ``device`` (default: the model's; ``"auto"``: the accelerator torch finds, else the CPU, as Lightning's ``accelerator="auto"``)
     unless that is the CPU. ``progress`` shows a tqdm bar on a terminal (the step's latest metrics, the
     latest validation's means, the epoch's means when it closes).
+    Each epoch's bar counts from where its epoch resumed, and ends at the batch where ``max_steps`` ends the fit.
+    A validation (or the sanity check) shows its own bar of batches below it, cleared when done.
 
     Several validation sets: ``val=(eval_step, {"clean": loader, "noisy": loader})`` validates on
     each in turn (the sanity validation and the limits apply to each, as Lightning's do to each
@@ -1974,7 +2005,9 @@ def run_epochs(
                 limited = _num_batches(data, limit_val_batches, "limit_val_batches", shard=True)
                 if sanity_val_batches != -1:  # (-1: all of them, as Lightning's num_sanity_val_steps=-1)
                     limit = sanity_val_batches if limited is None else min(sanity_val_batches, limited)
-            means, read = _evaluate(val_step, current, data, limit, device, True, seeded=True, size_warning=size_warning)
+            described = "Sanity Checking" if sanity else "Validation"
+            means, read = _evaluate(val_step, current, data, limit, device, True, seeded=True, size_warning=size_warning,
+                                    bar=(described if name is None else f"{described} {name}") if show else None)
             if not read and not means:  # (under DDP a rank's empty shard is fine: the others' batches give the means)
                 warnings.warn(f"run_epochs: a validation read no batch: {val_sets.described(name, epoch)} yielded none "
                               "(an empty stream, or an iterator used up)", RuntimeWarning, stacklevel=3)
@@ -1988,9 +2021,13 @@ def run_epochs(
         kept in the state) to the step, whose checkpoints then hold them. At the end of an
         epoch the caller notifies the step after the epoch's callbacks (``notify=False``) and names
         the epoch (``current`` is at the next one)."""
+        if bar is not None:  # the epoch's count caught up first (Lightning's bar shows 10/10 while it validates)
+            bar.refresh()
         metrics = validate(current, epoch=epoch)
         shown.clear()  # (the progress bars show the latest validation's means, as Lightning's shows val_loss)
         shown.update(metrics)
+        if bar is not None:  # (at once, not at the next reading of the metrics)
+            bar.refresh()
         kept = {_VALIDATED: current.step}
         if notify:  # mid-epoch: the epoch's record, made later (perhaps by a resumed run), holds them
             kept[_EPOCH_VAL] = metrics
@@ -2170,9 +2207,9 @@ def run_epochs(
                 last_val = resumed_val or ({k: float(v) for k, v in state.extras.get(_EPOCH_VAL, {}).items()} if validates else {})
                 resumed_val = {}
                 validated_at = state.extras.get(_VALIDATED) if last_val else None  # the update it saw
-                remaining = None if total is None else max(total - state.batch_index, 0)
                 started_at = state.step
-                bar = ProgressBar(enabled=show, total=remaining, desc=f"epoch {state.epoch}", shown=shown)
+                bar = ProgressBar(enabled=show, total=_bar_total(total, state, max_steps, step),
+                                  initial=state.batch_index, desc=f"epoch {state.epoch}", shown=shown)
                 exhausted = True
                 asked_stop = finishing_stop  # a callback asked to stop after one of this epoch's batches
                 if (last_val and hooks.stops(state)) or finishing:

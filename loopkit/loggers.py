@@ -45,6 +45,7 @@ import torch
 from loopkit import _collective
 from loopkit._collective import is_rank_zero
 from loopkit._numbers import as_int
+from loopkit.progress import write_line
 
 __all__ = [
     "CSVLogger",
@@ -1520,13 +1521,7 @@ class ConsoleLogger(Logger):
         self.digits = digits
 
     def _print(self, line: str) -> None:
-        stream = self.stream if self.stream is not None else sys.stdout
-        try:
-            from tqdm import tqdm
-        except ImportError:
-            print(line, file=stream)
-        else:
-            tqdm.write(line, file=stream)
+        write_line(line, self.stream if self.stream is not None else sys.stdout)
 
     def _format(self, value: float) -> str:
         if math.isfinite(value) and value == int(value) and abs(value) < 1e15:

@@ -1,4 +1,5 @@
-"""A tqdm progress bar that only appears on a terminal, and never reads a tensor by itself.
+"""A tqdm progress bar that only appears on a terminal, and never reads a tensor by itself; and
+:func:`write_line`, which prints a message without breaking an open bar.
 
 >>> bar = ProgressBar(enabled=False, total=10, desc="epoch 0")
 >>> bar.update({"loss": 0.5}); bar.close()
@@ -9,13 +10,13 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import IO, Any
 
 import torch
 
 from loopkit import _collective
 
-__all__ = ["ProgressBar", "progress_wanted"]
+__all__ = ["ProgressBar", "progress_wanted", "write_line"]
 
 _READ_EVERY = 20  # batches between two readings of the latest metrics (a host sync each)
 _COUNT_EVERY_S = 0.05  # seconds between count updates (tqdm redraws at most every 0.1 s)
@@ -39,6 +40,25 @@ def progress_wanted(progress: bool, stream: Any = None) -> bool:
     return bool(isatty and isatty())
 
 
+def write_line(line: str, stream: IO[str]) -> None:
+    """Write ``line`` and a newline to ``stream``, through tqdm when it is installed: an open bar is cleared
+    first and drawn again below the line, where a plain ``print`` would write over it (what the loggers,
+    the callbacks' messages and a fit's signal notice print while a bar may be open). Flushed.
+
+    >>> write_line("epoch 0 done", sys.stdout)
+    epoch 0 done
+    """
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        print(line, file=stream)
+    else:
+        tqdm.write(line, file=stream)
+    flush = getattr(stream, "flush", None)  # (a stream of one's own may have none)
+    if flush is not None:
+        flush()
+
+
 class ProgressBar:
     """One epoch's bar: :meth:`tick` once per batch, :meth:`close` at the end of the epoch.
 
@@ -46,27 +66,36 @@ class ProgressBar:
     that long), so a fast loop pays for the bar once in many batches and a slow one still sees
     each batch; the latest metrics are read (one host sync) on every 20th batch.
     ``update(postfix)`` takes floats; ``shown`` (the latest validation's means, as Lightning's bar
-    keeps ``val_loss``) follows them in every postfix. A metric named with a ``/`` (a transform's,
-    ``amp/skipped``, or one of ``with_grad_norm``'s per parameter) stays out of the bar.
+    keeps ``val_loss``) follows them in every postfix, from the bar's first draw on; :meth:`refresh` catches
+    the count up and shows ``shown`` anew (around a validation). A metric named with a ``/`` (a transform's,
+    ``amp/skipped``, or one of ``with_grad_norm``'s per parameter) stays out of the bar. ``initial``: the
+    batches counted before the bar (a resumed epoch's); ``leave=False``: the bar is cleared when it closes
+    (a validation's, under the epoch's).
 
     >>> bar = ProgressBar(enabled=False, total=None, desc="x")
     >>> bar.enabled, bar.every
     (False, 1)
     """
 
-    def __init__(self, *, enabled: bool, total: int | None, desc: str, shown: Mapping[str, float] | None = None) -> None:
+    def __init__(
+        self, *, enabled: bool, total: int | None, desc: str, shown: Mapping[str, float] | None = None,
+        initial: int = 0, leave: bool = True,
+    ) -> None:
         self.enabled = enabled
         #: values shown after the metrics in every postfix (the latest validation's, which the caller keeps up to date)
         self.shown = {} if shown is None else shown
         self.every = 1  # batches per count update
         self._uncounted = 0
         self._unread = 0
+        self._own: dict[str, float] = {}  # the metrics of the latest postfix (shown again by refresh)
         self._last = time.perf_counter()
         self._bar = None
         if enabled:
             from tqdm.auto import tqdm
 
-            self._bar = tqdm(total=total, desc=desc, leave=True, dynamic_ncols=True)
+            # (``shown`` from the first draw on, as Lightning's bar shows val_loss at an epoch's start)
+            self._bar = tqdm(total=total, initial=initial, desc=desc, leave=leave, dynamic_ncols=True,
+                             postfix=self._text() or None)
 
     def tick(self, metrics: Mapping[str, torch.Tensor]) -> None:
         """One more batch, whose ``metrics`` the bar shows when it is a 20th batch."""
@@ -97,8 +126,27 @@ class ProgressBar:
     def _postfix(self, values: Mapping[str, float]) -> None:
         # the step's own metrics (``loss``, ``train/loss``): those of a transform or a part (``amp/skipped``,
         # ``grad_2.0_norm/<parameter>``, ``train/nan_guard/skipped``) stay in the logs, as Lightning's bar shows prog_bar ones
-        own = {k: v for k, v in values.items() if "/" not in (k[6:] if k.startswith("train/") else k)}
-        self._bar.set_postfix({k: f"{v:.4g}" for k, v in {**own, **self.shown}.items()}, refresh=False)  # type: ignore[union-attr]
+        self._own = {k: v for k, v in values.items() if "/" not in (k[6:] if k.startswith("train/") else k)}
+        self._bar.set_postfix_str(self._text(), refresh=False)  # type: ignore[union-attr]
+
+    def _text(self) -> str:
+        """The postfix: the latest metrics, then ``shown``."""
+        return ", ".join(f"{k}={v:.4g}" for k, v in {**self._own, **self.shown}.items())
+
+    def refresh(self) -> None:
+        """Count the batches not counted yet and draw the bar now, with ``shown`` as it is now: before a
+        validation (which would otherwise find the count behind, as Lightning's shows 10/10 then), and after
+        it (its means at once). No metric is read."""
+        if self._bar is None:
+            return
+        n, self._uncounted = self._uncounted, 0
+        self._unread += n  # (below the next reading: every stops the count there)
+        self.every = max(1, min(self.every - n, _READ_EVERY - self._unread))
+        self._bar.set_postfix_str(self._text(), refresh=False)
+        if n:
+            self._bar.update(n)
+        self._bar.refresh()
+        self._last = time.perf_counter()  # (a validation's time is no batch's)
 
     def close(self, postfix: Mapping[str, float] | None = None) -> None:
         """Count the batches not counted yet, show ``postfix`` (the epoch means) and close (once: again does nothing)."""
@@ -109,5 +157,7 @@ class ProgressBar:
         if self._uncounted:
             self._bar.update(self._uncounted)
             self._uncounted = 0
+        if self._bar.total is not None and self._bar.n > self._bar.total:  # a total that was an estimate (max_steps')
+            self._bar.total = self._bar.n
         self._bar.close()
         self._bar = None

@@ -48,6 +48,7 @@ __all__ = [
     "TrainStep",
     "UpdateStep",
     "WrapperStep",
+    "accumulated",
     "as_step",
     "check_metric",
     "check_takes_model_and_batch",
@@ -1379,6 +1380,17 @@ def in_accumulation_group(state: TrainState) -> bool:
     False
     """
     return _ACCUM_COUNT in state.extras
+
+
+def accumulated(state: TrainState) -> int:
+    """The micro-batches of the ``with_grad_accum`` group under way in ``state`` (0 outside one).
+
+    >>> import torch
+    >>> from loopkit.state import TrainState
+    >>> accumulated(TrainState.create(torch.nn.Linear(1, 1)))
+    0
+    """
+    return int(state.extras.get(_ACCUM_COUNT, 0))
 
 
 def _held_group(state: TrainState, step: TrainStep) -> ValueError:

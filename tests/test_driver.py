@@ -1786,6 +1786,17 @@ def test_a_monitor_named_in_lightnings_style_is_warned_about_before_training(mon
                    callbacks=[loopkit.EarlyStopping(expected, patience=2)], progress=False)
 
 
+def test_a_non_strict_monitor_named_in_lightnings_style_is_warned_about_too():
+    """strict=False lets the metric be missing, so EarlyStopping('val_loss', strict=False) would silently never
+    check: the name is warned about all the same (and the fit runs, its checks skipped)."""
+    ev, _ = counting_eval(lambda m, b: {"loss": mse(m, b)})
+    stopper = loopkit.EarlyStopping("val_loss", patience=0, strict=False)
+    with pytest.warns(RuntimeWarning, match="EarlyStopping monitors 'val_loss'.*did you mean 'val/loss'"):
+        _, history = run_epochs(train_step(mse), make_state(), make_data(2), epochs=2, val=(ev, make_data(1)),
+                                callbacks=[stopper], progress=False)
+    assert len(history) == 2 and not stopper.should_stop
+
+
 # --- the newest whole state after an error (loopkit.state_at_error) -------------------------------------
 
 

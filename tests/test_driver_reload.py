@@ -319,28 +319,32 @@ def test_several_validation_sets_made_per_epoch_validate_that_epochs_data(sets):
 
 
 class _Bars:
-    """Records the totals of the progress bars run_epochs opens."""
+    """Records the totals (and the counts they start from) of the progress bars run_epochs opens."""
 
     def __init__(self, monkeypatch):
         self.totals: list = []
+        self.initials: list = []
         real = loopkit.driver.ProgressBar
 
         def bar(*args, **kwargs):
             self.totals.append(kwargs["total"])
+            self.initials.append(kwargs.get("initial", 0))
             return real(*args, **kwargs)
 
         monkeypatch.setattr(loopkit.driver, "ProgressBar", bar)
 
 
-def test_the_progress_bar_counts_each_epochs_own_batches_and_a_resumed_epochs_rest(monkeypatch):
+def test_the_progress_bar_counts_each_epochs_own_batches_and_a_resumed_epoch_from_where_it_resumed(monkeypatch):
     bars = _Bars(monkeypatch)
     make = lambda epoch: _in_own_order(epoch, _LENGTHS[epoch])  # noqa: E731
     run_epochs(train_step(idx_mse), make_state(), make, epochs=3, limit_train_batches=0.5, progress=False)
     assert bars.totals == _LIGHTNING_LIMITED[0.5]
     bars.totals.clear()
+    bars.initials.clear()
     cut, _ = run_epochs(train_step(idx_mse), make_state(), make, max_steps=4, progress=False)  # epoch 1, 2 of 5
     run_epochs(train_step(idx_mse), cut, make, epochs=3, progress=False)
-    assert bars.totals == [2, 5, 3, 4]
+    # (the cut run's epoch 1 ends at max_steps: its bar is sized to its 2 batches; the resumed one counts 2 to 5)
+    assert (bars.totals, bars.initials) == ([2, 2, 5, 4], [0, 0, 2, 0])
 
 
 # --- bad input ---------------------------------------------------------------------------------------------------
