@@ -1000,6 +1000,40 @@ def test_loggers_whose_log_dir_was_read_before_the_run_still_share_one_folder_as
         assert tb.log_dir == csv_.log_dir == read and sorted(os.listdir(root / "one")) == ["version_0"]
 
 
+def test_loggers_sharing_a_folder_reused_for_a_fresh_fit_move_together_to_the_next_version(tmp_path):
+    """Cross-validation with a CSVLogger and a JSONLLogger sharing one folder: the second fold (a fresh state)
+    moves both to one new folder, version_1 (the first logger to write claimed it for both; the second must not
+    claim a version_2 of its own and leave version_1 without its file). Reference: each fold logged by a pair of
+    loggers made anew for it."""
+    data = [(torch.full((4, 3), float(i)), torch.full((4, 1), float(i % 2))) for i in range(4)]
+
+    def fit(step, fold):
+        torch.manual_seed(fold)
+        model = torch.nn.Linear(3, 1)
+        state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1), seed=fold)
+        loopkit.run_epochs(step, state, data, epochs=1, progress=False)
+
+    def loss(m, b):
+        return torch.nn.functional.mse_loss(m(b[0]), b[1])
+
+    reused = CSVLogger(tmp_path / "reused"), JSONLLogger(tmp_path / "reused")
+    step = loopkit.with_logging(loopkit.train_step(loss), *reused, every_n_steps=2)
+    references = []
+    for fold in range(2):
+        fit(step, fold)
+        assert reused[0].log_dir == reused[1].log_dir
+        assert os.path.basename(reused[0].log_dir) == f"version_{fold}"
+        fresh = CSVLogger(tmp_path / f"fold{fold}"), JSONLLogger(tmp_path / f"fold{fold}")
+        fit(loopkit.with_logging(loopkit.train_step(loss), *fresh, every_n_steps=2), fold)
+        references.append(fresh[0].log_dir)
+    assert sorted(os.listdir(tmp_path / "reused" / "default")) == ["version_0", "version_1"]
+    for fold, reference in enumerate(references):
+        folder = tmp_path / "reused" / "default" / f"version_{fold}"
+        assert files_under(folder) == files_under(reference)
+        for make in (CSVLogger, JSONLLogger):
+            assert _logged(folder, make) == _logged(reference, make)
+
+
 # --- file formats ------------------------------------------------------------------------------
 
 
