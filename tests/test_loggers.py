@@ -1192,6 +1192,46 @@ def test_tensorboard_hparams_given_after_a_test_evaluation_logged_after_the_fit_
     assert start.hparams["lr"].number_value == 0.2
 
 
+class _HparamsAtFitStart(loopkit.Callback):
+    def __init__(self, logger) -> None:
+        self.logger = logger
+
+    def on_fit_start(self, state):
+        self.logger.log_hparams({"lr": 0.1})
+
+
+def test_tensorboard_hparams_given_as_a_second_fit_with_the_logger_begins_wait_for_its_finalize(tmp_path):
+    """The same logger (version=0) for a fit going on from the first: hyper-parameters given as it begins wait for
+    its finalize, so the HPARAMS tab lists the metrics it logs first (val/loss), as TensorBoard reads the folder's
+    scalars; they were written at once (the first fit's finalize still counted), with the first fit's metrics, into
+    an event file of their own. Reference: a twin whose second fit is given no hyper-parameters (its event files)."""
+    data = [(torch.full((4, 3), float(i)), torch.full((4, 1), float(i % 2))) for i in range(4)]
+
+    def loss(m, b):
+        return torch.nn.functional.mse_loss(m(b[0]), b[1])
+
+    val = (loopkit.eval_step(lambda m, b: {"loss": loss(m, b)}), data[:2])
+    folders = []
+    for hparams_again in (True, False):
+        tb = TensorBoardLogger(tmp_path / str(hparams_again), version=0)
+        step = loopkit.with_logging(loopkit.train_step(loss), tb, every_n_steps=2)
+        torch.manual_seed(0)
+        model = torch.nn.Linear(3, 1)
+        state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+        state, _ = loopkit.run_epochs(step, state, data, epochs=1, progress=False, callbacks=[_HparamsAtFitStart(tb)])
+        loopkit.run_epochs(step, state, data, epochs=2, progress=False, val=val, sanity_val_batches=0,
+                           callbacks=[_HparamsAtFitStart(tb)] if hparams_again else [])
+        folders.append(tb.log_dir)
+    events = read_events(folders[0])
+    listed = [m.name.tag for m in _hparams_content(events)["_hparams_/experiment"].experiment.metric_infos]
+    assert "val/loss" in listed and sorted(listed) == sorted(events.Tags()["scalars"])
+    assert [_logged(folder, TensorBoardLogger) for folder in folders] == [_logged(folders[1], TensorBoardLogger)] * 2
+    files = [sorted(n for n in os.listdir(folder) if n.startswith("events.out.tfevents")) for folder in folders]
+    assert len(files[0]) == len(files[1])
+    tags = [v.tag for e in _events_in(folders[0]) for v in e.summary.value if v.tag.startswith("_hparams_/")]
+    assert tags == ["_hparams_/experiment", "_hparams_/session_start_info", "_hparams_/session_end_info"]
+
+
 def test_tensorboard_without_hparams_writes_no_hparams(tmp_path):
     logger = TensorBoardLogger(tmp_path)
     logger.log_metrics({"train/loss": 1.0}, 1)
