@@ -457,6 +457,23 @@ def test_a_jsonl_run_continued_without_resume_at_after_a_kill_mid_write_is_what_
     assert _file_bytes(again) == _file_bytes(reference)
 
 
+@pytest.mark.parametrize("torn", ['{"ste', "{"])
+@pytest.mark.parametrize("resume", [None, 0])
+def test_a_jsonl_file_holding_only_a_first_record_torn_before_its_step_is_the_loggers_own(tmp_path, torn, resume):
+    """A kill while the very first record was written, before its '{"step": ' was: the fragment is the start of
+    a JSONLLogger's line, not another program's file; it is dropped, and the file is what an uninterrupted run
+    writes (reference)."""
+    reference = _crashed_run(tmp_path / "ref", JSONLLogger, steps=(10, 20))
+    folder = tmp_path / "run" / "version_0"
+    folder.mkdir(parents=True)
+    (folder / "metrics.jsonl").write_text(torn)
+    again = JSONLLogger(tmp_path, "run", version=0)
+    if resume is not None:
+        again.resume_at(resume)
+    _log_all(again, [(step, {"train/loss": 1 / step}) for step in (10, 20)])
+    assert _file_bytes(again) == _file_bytes(reference)
+
+
 @pytest.mark.parametrize(("cut", "resume"), [(1, 30), (1, 20), (5, 30), (5, 20)])
 def test_a_jsonl_run_resumed_after_a_kill_mid_write_is_what_an_uninterrupted_run_writes(tmp_path, cut, resume):
     """Resumed at a step that keeps the last record (30) or drops it (20): a record that lost only its newline
