@@ -963,6 +963,27 @@ def test_log_hparams_metrics_never_take_the_place_of_a_hyper_parameter_named_met
     assert start["_hparams_/session_start_info"].session_start_info.hparams["metrics"].string_value == "['acc', 'f1']"
 
 
+@pytest.mark.parametrize("cls", [CSVLogger, JSONLLogger, TensorBoardLogger])
+def test_a_new_run_in_a_fixed_version_logging_hparams_without_metrics_leaves_no_earlier_hparams_metrics(tmp_path, cls):
+    """A folder reused (version=0) by a new run whose log_hparams gives no metrics: the earlier run's
+    hparams_metrics.json goes, so the folder's JSON files hold what the new logger's calls gave, as a folder
+    of its own would (reference)."""
+    first = cls(tmp_path / "reused", version=0)
+    first.log_hparams({"lr": 0.1}, {"val/acc": 0.9})
+    first.log_metrics({"train/loss": 0.5}, step=1)
+    first.finalize()
+    assert os.path.exists(os.path.join(first.log_dir, "hparams_metrics.json"))
+    folders = []
+    for root in ("reused", "fresh"):
+        second = cls(tmp_path / root, version=0)
+        second.log_hparams({"lr": 0.2})
+        second.log_metrics({"train/loss": 0.4}, step=1)
+        second.finalize()
+        folders.append(second.log_dir)
+    written = [{f: open(os.path.join(d, f)).read() for f in os.listdir(d) if f.endswith(".json")} for d in folders]
+    assert written[0] == written[1] and sorted(written[0]) == ["hparams.json"]
+
+
 def test_tensorboards_hparams_tab_shows_what_log_hparams_gives_after_the_fit_when_given_before_too(tmp_path):
     """The guide's flow: log_hparams(cfg) before run_epochs, log_hparams(cfg, {"best/loss": ...}) after. The second
     summary went to a second event file, and TensorBoard reads a tag's first metadata: the tab kept the first."""
