@@ -746,6 +746,33 @@ def test_fit_takes_one_callback_alone_as_run_epochs_does(make_mlp, make_batches,
                  progress=False, callbacks=None)
 
 
+class _ForBothTrainers(loopkit.Callback):
+    """A callback written for both trainers: Lightning's on_train_epoch_end beside loopkit's on_epoch_end."""
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        pass
+
+    def on_epoch_end(self, state, record):
+        pass
+
+
+def test_fit_warns_of_a_callback_for_both_trainers_once_as_run_epochs_does(make_mlp, make_batches, mse_loss):
+    """tune.fit checks the callbacks itself (before run_epochs does) and leaves the warning to run_epochs: the
+    warning naming the Lightning hooks loopkit never calls comes once, as from run_epochs alone (the reference)."""
+    counts = []
+    for fit in ("run_epochs", "tune.fit"):
+        step, state, data, val = _pipeline(0.1, make_mlp, make_batches, mse_loss)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if fit == "tune.fit":
+                tune.fit(optuna.create_study().ask(), step, state, data, val=val, epochs=1, progress=False,
+                         callbacks=[_ForBothTrainers()])
+            else:
+                loopkit.run_epochs(step, state, data, val=val, epochs=1, progress=False, callbacks=[_ForBothTrainers()])
+        counts.append(sum("never calls on_train_epoch_end" in str(w.message) for w in caught))
+    assert counts == [1, 1]
+
+
 def test_optimize_refuses_trials_in_threads(tmp_path):
     """n_jobs failed deep in create_study with "unexpected keyword argument 'n_jobs'"; trials in threads share torch's
     one generator, which each step installs its state's RNG into, so they would draw each other's masks."""
