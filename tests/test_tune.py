@@ -325,6 +325,17 @@ def test_any_folder_name_holds_the_default_storage(folder, tmp_path):
     assert sorted(p.name for p in tmp_path.rglob("*.db")) == ["s.db"] and (directory / "s.db").exists()
 
 
+def test_an_sqlite_uri_filename_storage_holds_the_study_and_leaves_no_stray_lock_file(tmp_path, monkeypatch):
+    """sqlite:///file:study.db?uri=true names its file by an SQLite URI, not a path: no lock file is made beside
+    "file:study.db" (a path no database is at, which guards nothing); the study is in SQLite's study.db (reference:
+    Optuna's load_study of that URL)."""
+    monkeypatch.chdir(tmp_path)
+    url = "sqlite:///file:study.db?uri=true"
+    study = tune.create_study("s", storage=url)
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=1)
+    assert sorted(os.listdir(tmp_path)) == ["study.db"]
+    assert [t.params for t in optuna.load_study(study_name="s", storage=url).trials] == [study.trials[0].params]
+
 
 _KILLED = textwrap.dedent(
     """
