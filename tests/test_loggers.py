@@ -439,6 +439,24 @@ def test_a_csv_row_torn_between_its_cr_and_lf_is_kept_and_its_line_ended(tmp_pat
     assert _file_bytes(again) == _file_bytes(reference)
 
 
+@pytest.mark.parametrize("resume", [None, 0])
+def test_a_csv_header_torn_between_its_cr_and_lf_is_kept_and_its_line_ended(tmp_path, resume):
+    """A run killed as its first write ended: the file holds the header alone, torn between its "\\r" and "\\n".
+    The header was whole but left unended (the file has no whole line), so the next row ran on from it
+    ("step,train/loss\\r1,0.5\\r\\n": one line for line-based tools). Reference: an uninterrupted run's file."""
+    reference = _crashed_run(tmp_path / "ref", CSVLogger, steps=(1, 2))
+    header = _file_bytes(reference).split(b"\n")[0]
+    assert header == b"step,train/loss\r"
+    folder = tmp_path / "run" / "version_0"
+    folder.mkdir(parents=True)
+    (folder / "metrics.csv").write_bytes(header)
+    again = CSVLogger(tmp_path, "run", version=0)
+    if resume is not None:
+        again.resume_at(resume)
+    _log_all(again, [(step, {"train/loss": 1 / step}) for step in (1, 2)])
+    assert _file_bytes(again) == _file_bytes(reference)
+
+
 @pytest.mark.parametrize(("crashed", "cut", "then"), [
     ((10, 20, 30), 1, (40,)),  # only step 30's newline lost: its record is whole
     ((10, 20, 30), 5, (30, 40)),  # torn inside a value
