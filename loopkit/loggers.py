@@ -849,11 +849,14 @@ def _csv_row_is_whole(line: bytes) -> bool:
 def _cut_torn_row(path: str) -> None:
     """Drop the torn last row of a run killed mid-write (its file does not end with a newline): the next
     row appended would run on from it. A row torn between the ``\\r`` and the ``\\n`` of its terminator is
-    whole: it is kept, its line ended. A file without a whole line is left as it is."""
+    whole: it is kept, its line ended (the header too, when it is the file's only line). A file holding only
+    a torn header is left as it is."""
     found = _unfinished_line(path)
-    if found is not None and found[1] > 0:
+    if found is not None:
         data, start = found
-        _end_last_line(path, data, start, _csv_row_is_whole(data[start:]))
+        whole = _csv_row_is_whole(data[start:])
+        if whole or start > 0:
+            _end_last_line(path, data, start, whole)
 
 
 #: how every line of a JSONLLogger's file begins (``json.dumps`` of ``{"step": ..., ...}``)

@@ -417,6 +417,21 @@ def test_a_callback_for_both_trainers_on_lightnings_base_runs_none_of_the_bases_
     assert len(history) == 2 and not any(key.startswith("callbacks/") for key in final.extras)
 
 
+@pytest.mark.parametrize("hook", ["on_fit_start", "on_fit_end"])
+def test_a_hook_set_on_an_instance_of_a_callback_for_both_trainers_is_its_own_and_called(hook):
+    """A hook of loopkit's name assigned on the object itself (``cb.on_fit_end = fn``) is the callback's own, though
+    its class inherits that name from Lightning's Callback: called with loopkit's arguments, the base's still not.
+    Reference: the assigned hook's record of its calls, and the stand-in's of its base's."""
+    dual = type("Dual", (_Dual, _PLCallback), {})()
+    got: list[tuple] = []
+    setattr(dual, hook, lambda state, *rest: got.append((state.step, len(rest))))
+    with pytest.warns(UserWarning, match="run_epochs never calls on_train_epoch_end") as caught:
+        run_epochs(train_step(mse), make_state(), make_data(2), epochs=1, callbacks=[dual], progress=False)
+    assert got == ([(0, 0)] if hook == "on_fit_start" else [(2, 1)])  # (on_fit_end: the state and the history)
+    assert dual.calls == ["on_epoch_end"]
+    assert all(hook not in str(w.message) for w in caught)  # (not among the base's hooks it never calls)
+
+
 def test_a_callback_for_both_trainers_with_loopkits_base_ahead_is_warned_that_lightning_fails_on_it():
     """class Dual(loopkit.Callback, L.Callback) runs here, but Lightning's Trainer calls loopkit.Callback's
     on_fit_start(state) with (trainer, pl_module) (Lightning 2.6.6: "takes 2 positional arguments but 3 were given");

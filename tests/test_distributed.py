@@ -208,6 +208,23 @@ def test_shard_keeps_a_users_distributed_sampler_and_resumes_in_its_order(monkey
         distributed.shard(loader(), 0)
 
 
+def test_a_loader_shard_made_is_sharded_again_as_its_dataset_would_be():
+    """shard's own DistributedSampler is not one of the user's (kept as it is): a loader shard made, sharded again,
+    takes the new seed (each epoch's order torch's DistributedSampler's for it), and shuffle= applies to it."""
+    data = TensorDataset(torch.arange(20))
+    first = distributed.shard(data, 0, batch_size=4, shuffle=True)
+    again = distributed.shard(first, 5)
+    expected = []
+    for epoch in range(2):  # the reference: torch's DistributedSampler of the seed 5, epoch by epoch
+        reference = torch.utils.data.DistributedSampler(data, num_replicas=1, rank=0, seed=5, shuffle=True)
+        reference.set_epoch(epoch)
+        expected.append(list(reference))
+    assert _epochs_of(again, seed=5) == expected == _epochs_of(distributed.shard(data, 5, batch_size=4), seed=5)
+    assert expected != _epochs_of(first, seed=0)
+    in_order = distributed.shard(first, 5, shuffle=False)
+    assert _epochs_of(in_order, seed=5) == [list(range(20))] * 2
+
+
 # --- several processes -------------------------------------------------------------------------
 
 

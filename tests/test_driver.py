@@ -2580,6 +2580,25 @@ def test_a_logging_interval_longer_than_an_epochs_updates_is_warned_of_once(batc
         assert warned[0].filename == __file__  # (at the caller's run_epochs)
 
 
+def test_a_logging_interval_is_found_through_the_transforms_wrapping_with_logging(tmp_path):
+    """with_logging under with_checkpointing (the usual order: the checkpoint saves what the logger saw): its
+    every_n_steps=50 over epochs of 4 batches is warned of as it is with with_logging outermost. Reference: the
+    training rows the logger got (none in the first epoch)."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    state = TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    logger = _RowRecorder()
+    logged = loopkit.with_logging(train_step(lambda m, b: m(b).pow(2).mean()), logger, every_n_steps=50)
+    step = loopkit.with_checkpointing(logged, tmp_path, every_n_epochs=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        state, _ = run_epochs(step, state, [torch.randn(4, 3) for _ in range(4)], epochs=2, progress=False)
+    assert state.step == 8 and not any(s <= 4 for s in logger.train_steps)
+    warned = _interval_warnings(caught)
+    assert len(warned) == 1 and "4 training batches" in str(warned[0].message)
+    assert "every_n_steps=50" in str(warned[0].message)
+
+
 def test_no_logging_interval_warning_without_with_logging_or_a_known_length():
     """Nothing to warn of: no with_logging (the interval is its), or data without a length (an epoch's updates are
     not known)."""

@@ -439,6 +439,24 @@ def test_a_csv_row_torn_between_its_cr_and_lf_is_kept_and_its_line_ended(tmp_pat
     assert _file_bytes(again) == _file_bytes(reference)
 
 
+@pytest.mark.parametrize("resume", [None, 0])
+def test_a_csv_header_torn_between_its_cr_and_lf_is_kept_and_its_line_ended(tmp_path, resume):
+    """A run killed as its first write ended: the file holds the header alone, torn between its "\\r" and "\\n".
+    The header was whole but left unended (the file has no whole line), so the next row ran on from it
+    ("step,train/loss\\r1,0.5\\r\\n": one line for line-based tools). Reference: an uninterrupted run's file."""
+    reference = _crashed_run(tmp_path / "ref", CSVLogger, steps=(1, 2))
+    header = _file_bytes(reference).split(b"\n")[0]
+    assert header == b"step,train/loss\r"
+    folder = tmp_path / "run" / "version_0"
+    folder.mkdir(parents=True)
+    (folder / "metrics.csv").write_bytes(header)
+    again = CSVLogger(tmp_path, "run", version=0)
+    if resume is not None:
+        again.resume_at(resume)
+    _log_all(again, [(step, {"train/loss": 1 / step}) for step in (1, 2)])
+    assert _file_bytes(again) == _file_bytes(reference)
+
+
 @pytest.mark.parametrize(("crashed", "cut", "then"), [
     ((10, 20, 30), 1, (40,)),  # only step 30's newline lost: its record is whole
     ((10, 20, 30), 5, (30, 40)),  # torn inside a value
@@ -454,6 +472,23 @@ def test_a_jsonl_run_continued_without_resume_at_after_a_kill_mid_write_is_what_
     _tear(_crashed_run(tmp_path, JSONLLogger, steps=crashed), cut)
     again = JSONLLogger(tmp_path, "run", version=0)
     _log_all(again, [(step, {"train/loss": 1 / step}) for step in then])
+    assert _file_bytes(again) == _file_bytes(reference)
+
+
+@pytest.mark.parametrize("torn", ['{"ste', "{"])
+@pytest.mark.parametrize("resume", [None, 0])
+def test_a_jsonl_file_holding_only_a_first_record_torn_before_its_step_is_the_loggers_own(tmp_path, torn, resume):
+    """A kill while the very first record was written, before its '{"step": ' was: the fragment is the start of
+    a JSONLLogger's line, not another program's file; it is dropped, and the file is what an uninterrupted run
+    writes (reference)."""
+    reference = _crashed_run(tmp_path / "ref", JSONLLogger, steps=(10, 20))
+    folder = tmp_path / "run" / "version_0"
+    folder.mkdir(parents=True)
+    (folder / "metrics.jsonl").write_text(torn)
+    again = JSONLLogger(tmp_path, "run", version=0)
+    if resume is not None:
+        again.resume_at(resume)
+    _log_all(again, [(step, {"train/loss": 1 / step}) for step in (10, 20)])
     assert _file_bytes(again) == _file_bytes(reference)
 
 
@@ -946,6 +981,27 @@ def test_log_hparams_metrics_never_take_the_place_of_a_hyper_parameter_named_met
     assert start["_hparams_/session_start_info"].session_start_info.hparams["metrics"].string_value == "['acc', 'f1']"
 
 
+@pytest.mark.parametrize("cls", [CSVLogger, JSONLLogger, TensorBoardLogger])
+def test_a_new_run_in_a_fixed_version_logging_hparams_without_metrics_leaves_no_earlier_hparams_metrics(tmp_path, cls):
+    """A folder reused (version=0) by a new run whose log_hparams gives no metrics: the earlier run's
+    hparams_metrics.json goes, so the folder's JSON files hold what the new logger's calls gave, as a folder
+    of its own would (reference)."""
+    first = cls(tmp_path / "reused", version=0)
+    first.log_hparams({"lr": 0.1}, {"val/acc": 0.9})
+    first.log_metrics({"train/loss": 0.5}, step=1)
+    first.finalize()
+    assert os.path.exists(os.path.join(first.log_dir, "hparams_metrics.json"))
+    folders = []
+    for root in ("reused", "fresh"):
+        second = cls(tmp_path / root, version=0)
+        second.log_hparams({"lr": 0.2})
+        second.log_metrics({"train/loss": 0.4}, step=1)
+        second.finalize()
+        folders.append(second.log_dir)
+    written = [{f: open(os.path.join(d, f)).read() for f in os.listdir(d) if f.endswith(".json")} for d in folders]
+    assert written[0] == written[1] and sorted(written[0]) == ["hparams.json"]
+
+
 def test_tensorboards_hparams_tab_shows_what_log_hparams_gives_after_the_fit_when_given_before_too(tmp_path):
     """The guide's flow: log_hparams(cfg) before run_epochs, log_hparams(cfg, {"best/loss": ...}) after. The second
     summary went to a second event file, and TensorBoard reads a tag's first metadata: the tab kept the first."""
@@ -998,6 +1054,40 @@ def test_loggers_whose_log_dir_was_read_before_the_run_still_share_one_folder_as
         loopkit.run_epochs(step, loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1)),
                            [torch.ones(4, 2)] * 2, epochs=1, progress=False)
         assert tb.log_dir == csv_.log_dir == read and sorted(os.listdir(root / "one")) == ["version_0"]
+
+
+def test_loggers_sharing_a_folder_reused_for_a_fresh_fit_move_together_to_the_next_version(tmp_path):
+    """Cross-validation with a CSVLogger and a JSONLLogger sharing one folder: the second fold (a fresh state)
+    moves both to one new folder, version_1 (the first logger to write claimed it for both; the second must not
+    claim a version_2 of its own and leave version_1 without its file). Reference: each fold logged by a pair of
+    loggers made anew for it."""
+    data = [(torch.full((4, 3), float(i)), torch.full((4, 1), float(i % 2))) for i in range(4)]
+
+    def fit(step, fold):
+        torch.manual_seed(fold)
+        model = torch.nn.Linear(3, 1)
+        state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1), seed=fold)
+        loopkit.run_epochs(step, state, data, epochs=1, progress=False)
+
+    def loss(m, b):
+        return torch.nn.functional.mse_loss(m(b[0]), b[1])
+
+    reused = CSVLogger(tmp_path / "reused"), JSONLLogger(tmp_path / "reused")
+    step = loopkit.with_logging(loopkit.train_step(loss), *reused, every_n_steps=2)
+    references = []
+    for fold in range(2):
+        fit(step, fold)
+        assert reused[0].log_dir == reused[1].log_dir
+        assert os.path.basename(reused[0].log_dir) == f"version_{fold}"
+        fresh = CSVLogger(tmp_path / f"fold{fold}"), JSONLLogger(tmp_path / f"fold{fold}")
+        fit(loopkit.with_logging(loopkit.train_step(loss), *fresh, every_n_steps=2), fold)
+        references.append(fresh[0].log_dir)
+    assert sorted(os.listdir(tmp_path / "reused" / "default")) == ["version_0", "version_1"]
+    for fold, reference in enumerate(references):
+        folder = tmp_path / "reused" / "default" / f"version_{fold}"
+        assert files_under(folder) == files_under(reference)
+        for make in (CSVLogger, JSONLLogger):
+            assert _logged(folder, make) == _logged(reference, make)
 
 
 # --- file formats ------------------------------------------------------------------------------
@@ -1156,6 +1246,46 @@ def test_tensorboard_hparams_given_after_a_test_evaluation_logged_after_the_fit_
     logger.log_hparams({"lr": 0.2})  # again after the fit: this one replaces it at once (the tab reads the first)
     start = _hparams_content(read_events(logger.log_dir))["_hparams_/session_start_info"].session_start_info
     assert start.hparams["lr"].number_value == 0.2
+
+
+class _HparamsAtFitStart(loopkit.Callback):
+    def __init__(self, logger) -> None:
+        self.logger = logger
+
+    def on_fit_start(self, state):
+        self.logger.log_hparams({"lr": 0.1})
+
+
+def test_tensorboard_hparams_given_as_a_second_fit_with_the_logger_begins_wait_for_its_finalize(tmp_path):
+    """The same logger (version=0) for a fit going on from the first: hyper-parameters given as it begins wait for
+    its finalize, so the HPARAMS tab lists the metrics it logs first (val/loss), as TensorBoard reads the folder's
+    scalars; they were written at once (the first fit's finalize still counted), with the first fit's metrics, into
+    an event file of their own. Reference: a twin whose second fit is given no hyper-parameters (its event files)."""
+    data = [(torch.full((4, 3), float(i)), torch.full((4, 1), float(i % 2))) for i in range(4)]
+
+    def loss(m, b):
+        return torch.nn.functional.mse_loss(m(b[0]), b[1])
+
+    val = (loopkit.eval_step(lambda m, b: {"loss": loss(m, b)}), data[:2])
+    folders = []
+    for hparams_again in (True, False):
+        tb = TensorBoardLogger(tmp_path / str(hparams_again), version=0)
+        step = loopkit.with_logging(loopkit.train_step(loss), tb, every_n_steps=2)
+        torch.manual_seed(0)
+        model = torch.nn.Linear(3, 1)
+        state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+        state, _ = loopkit.run_epochs(step, state, data, epochs=1, progress=False, callbacks=[_HparamsAtFitStart(tb)])
+        loopkit.run_epochs(step, state, data, epochs=2, progress=False, val=val, sanity_val_batches=0,
+                           callbacks=[_HparamsAtFitStart(tb)] if hparams_again else [])
+        folders.append(tb.log_dir)
+    events = read_events(folders[0])
+    listed = [m.name.tag for m in _hparams_content(events)["_hparams_/experiment"].experiment.metric_infos]
+    assert "val/loss" in listed and sorted(listed) == sorted(events.Tags()["scalars"])
+    assert [_logged(folder, TensorBoardLogger) for folder in folders] == [_logged(folders[1], TensorBoardLogger)] * 2
+    files = [sorted(n for n in os.listdir(folder) if n.startswith("events.out.tfevents")) for folder in folders]
+    assert len(files[0]) == len(files[1])
+    tags = [v.tag for e in _events_in(folders[0]) for v in e.summary.value if v.tag.startswith("_hparams_/")]
+    assert tags == ["_hparams_/experiment", "_hparams_/session_start_info", "_hparams_/session_end_info"]
 
 
 def test_tensorboard_without_hparams_writes_no_hparams(tmp_path):

@@ -954,6 +954,27 @@ def test_a_closure_optimizer_whose_first_backward_fails_leaves_its_state_as_it_w
     assert_trees_equal(take_snapshot(new), take_snapshot(reference))
 
 
+def test_an_lbfgs_loss_fn_failing_in_its_first_forward_gives_back_the_gradients_held(
+    make_mlp, batches, mse_loss, take_snapshot, assert_trees_equal
+):
+    """The closure's zero_grad sets the gradients aside before the loss_fn runs: a forward that fails then (before
+    any backward) hands the state back whole, the gradients it held (a backward of one's own before the call)
+    among it, as a snapshot taken before the call."""
+
+    def failing(model, batch):
+        raise RuntimeError("forward boom")
+
+    model = make_mlp(0)
+    state = loopkit.TrainState.create(model, torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=3))
+    mse_loss(model, batches[1]).backward()  # gradients held by the state before the call
+    before = take_snapshot(state)
+    with pytest.raises(RuntimeError, match="forward boom") as info:
+        loopkit.donate(loopkit.train_step(failing))(state, batches[0])
+    assert loopkit.state_at_error(info.value) is state
+    assert all(p.grad is not None for p in state.model.parameters())
+    assert_trees_equal(take_snapshot(state), before)
+
+
 def test_an_lbfgs_run_resumes_from_a_file_as_the_uninterrupted_run(batches, mse_loss):
     """LBFGS keeps lists of tensors (and None) in its state: a state dict written to a file and loaded
     back must give them back as lists (they came back as {'0': ...} dicts, and the next step failed)."""

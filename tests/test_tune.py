@@ -325,6 +325,17 @@ def test_any_folder_name_holds_the_default_storage(folder, tmp_path):
     assert sorted(p.name for p in tmp_path.rglob("*.db")) == ["s.db"] and (directory / "s.db").exists()
 
 
+def test_an_sqlite_uri_filename_storage_holds_the_study_and_leaves_no_stray_lock_file(tmp_path, monkeypatch):
+    """sqlite:///file:study.db?uri=true names its file by an SQLite URI, not a path: no lock file is made beside
+    "file:study.db" (a path no database is at, which guards nothing); the study is in SQLite's study.db (reference:
+    Optuna's load_study of that URL)."""
+    monkeypatch.chdir(tmp_path)
+    url = "sqlite:///file:study.db?uri=true"
+    study = tune.create_study("s", storage=url)
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=1)
+    assert sorted(os.listdir(tmp_path)) == ["study.db"]
+    assert [t.params for t in optuna.load_study(study_name="s", storage=url).trials] == [study.trials[0].params]
+
 
 _KILLED = textwrap.dedent(
     """
@@ -744,6 +755,33 @@ def test_fit_takes_one_callback_alone_as_run_epochs_does(make_mlp, make_batches,
     with pytest.raises(TypeError, match="callbacks must be a list of callbacks, got NoneType"):
         tune.fit(optuna.create_study().ask(), step, state, data, monitor="train/loss", epochs=1,
                  progress=False, callbacks=None)
+
+
+class _ForBothTrainers(loopkit.Callback):
+    """A callback written for both trainers: Lightning's on_train_epoch_end beside loopkit's on_epoch_end."""
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        pass
+
+    def on_epoch_end(self, state, record):
+        pass
+
+
+def test_fit_warns_of_a_callback_for_both_trainers_once_as_run_epochs_does(make_mlp, make_batches, mse_loss):
+    """tune.fit checks the callbacks itself (before run_epochs does) and leaves the warning to run_epochs: the
+    warning naming the Lightning hooks loopkit never calls comes once, as from run_epochs alone (the reference)."""
+    counts = []
+    for fit in ("run_epochs", "tune.fit"):
+        step, state, data, val = _pipeline(0.1, make_mlp, make_batches, mse_loss)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if fit == "tune.fit":
+                tune.fit(optuna.create_study().ask(), step, state, data, val=val, epochs=1, progress=False,
+                         callbacks=[_ForBothTrainers()])
+            else:
+                loopkit.run_epochs(step, state, data, val=val, epochs=1, progress=False, callbacks=[_ForBothTrainers()])
+        counts.append(sum("never calls on_train_epoch_end" in str(w.message) for w in caught))
+    assert counts == [1, 1]
 
 
 def test_optimize_refuses_trials_in_threads(tmp_path):

@@ -1592,3 +1592,31 @@ def test_a_monitor_alone_at_a_fit_ending_mid_epoch_leaves_the_recorded_checkpoin
         assert (history, ends.calls) == ([], 0)
         assert _marks(tmp_path / "a") == [(3, 0, 3, False, 3)]
         assert json.loads((tmp_path / "a" / "scores.json").read_text())["scores"] == scores
+
+
+def test_a_monitor_alone_adds_no_checkpoint_at_a_fit_ending_mid_epoch_after_its_validation(tmp_path):
+    # Only the monitor saves (keep_last=0, keep_best=1: Lightning's ModelCheckpoint(monitor=..., save_top_k=1) without
+    # save_last); the fit ends mid-epoch at step 4, an update no validation scored (the last was at step 3): the fit's
+    # end adds no checkpoint where there was none, so the directory holds the validation's alone. Reference: the same
+    # run saving every_n_steps=3 with keep_last=None (the model of its step 3 checkpoint), the score evaluated on the
+    # restored model
+    data = _owed_data(6)
+    loss = lambda m, b: {"loss": _mse(m, b)}  # noqa: E731
+    kw = dict(epochs=3, max_steps=4, val=(loopkit.eval_step(loss), data[:2]), val_every_n_epochs=None,
+              val_every_n_steps=3, sanity_val_batches=0, progress=False)
+    run_epochs(with_checkpointing(train_step(_mse), tmp_path / "plain", every_n_steps=3, keep_last=None),
+               _state(scheduler=False), data, **kw)
+    state, _ = run_epochs(with_checkpointing(train_step(_mse), tmp_path / "a", keep_last=0, monitor="val/loss",
+                                             keep_best=1), _state(scheduler=False), data, **kw)
+    assert state.step == 4 and _steps(tmp_path / "a") == [3]
+    [ours] = checkpoint.list_checkpoints(tmp_path / "a")
+    reference = checkpoint.list_checkpoints(tmp_path / "plain")[0]
+    restored = loopkit.restore(_state(scheduler=False), ours.path)
+    expected = loopkit.restore(_state(scheduler=False), reference.path)
+    positions = [(s.step, s.epoch, s.batch_index) for s in (restored, expected)]
+    assert positions == [(3, 0, 3), (3, 0, 3)]
+    assert all(torch.equal(a, b) for a, b in zip(restored.model.state_dict().values(),
+                                                 expected.model.state_dict().values(), strict=True))
+    scores = json.loads((tmp_path / "a" / "scores.json").read_text())["scores"]
+    assert scores == {ours.name: pytest.approx(float(loopkit.evaluate(loopkit.eval_step(loss), restored,
+                                                                      data[:2])["loss"]), rel=1e-6)}
