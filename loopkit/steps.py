@@ -1026,7 +1026,11 @@ class TrainStep(Step):
         if sync is not None and extras is not None:  # whether this forward was under no_sync (a new wrapper takes it)
             sync.after_forward(net, extras)
         if loss is None:  # the loss_fn skipped the batch
-            return replace(state, batch_index=state.batch_index + 1, rng=rng), {}
+            kept = state.extras
+            if sync is not None and extras is not None:  # what the wrapper's flag says of a forward it ran, recorded
+                kept = extras_copy(state.extras)
+                sync.after_forward(net, kept)
+            return replace(state, batch_index=state.batch_index + 1, rng=rng, extras=kept), {}
         metrics = {"loss": loss.detach(), **metrics} if metrics else {"loss": loss.detach()}
         if extras is None:  # the plain step: update at once, nothing else to do
             return keep_graph(_plain_update(state, optimizer, rng, self, batch, held), loss), metrics

@@ -212,9 +212,18 @@ def test_the_validation_a_resumed_run_owes_reads_each_ranks_own_batchnorm_statis
         assert r["resumed"] == r["whole"]  # the step-2 validation it owed first, then step 4's
 
 
-def _accumulated_batchnorm(rank: int, directory: str) -> dict:
+def _mse_or_skip(model, batch):
+    """The loss, or None (the batch skipped) for a batch marked so: after the model's forward, which ran."""
+    x, y, skip = batch
+    loss = _mse(model, (x, y))
+    return None if skip else loss
+
+
+def _accumulated_batchnorm(rank: int, directory: str, skip_last: bool) -> dict:
     gen = torch.Generator().manual_seed(1)
     train = [(torch.randn(2, 3, generator=gen), torch.randn(2, 1, generator=gen)) for _ in range(10)][rank::2]
+    train = [(x, y, skip_last and k == 4) for k, (x, y) in enumerate(train)]
+    updates = 2 if skip_last else 3  # an epoch's
     val = [(torch.randn(5, 3, generator=gen), torch.randn(5, 1, generator=gen)) for _ in range(2)][rank:rank + 1]
 
     def bn_state():
@@ -222,38 +231,41 @@ def _accumulated_batchnorm(rank: int, directory: str) -> dict:
         model = nn.Sequential(nn.Linear(3, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 1))
         return loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
 
-    def fit(state, max_steps):  # 5 batches a rank: groups of 2, 2, then 1 flushed at the epoch's end
-        step = loopkit.with_ddp(loopkit.with_grad_accum(loopkit.train_step(_mse), every=2))
+    def fit(state, max_steps, epochs=2):  # 5 batches a rank: groups of 2, 2, then 1 flushed at the epoch's end (or skipped)
+        step = loopkit.with_ddp(loopkit.with_grad_accum(loopkit.train_step(_mse_or_skip), every=2))
         step = loopkit.with_checkpointing(step, directory, every_n_epochs=1)
-        state, _ = loopkit.run_epochs(step, state, train, epochs=2, max_steps=max_steps, progress=False,
+        state, _ = loopkit.run_epochs(step, state, train, epochs=epochs, max_steps=max_steps, progress=False,
                                       sanity_val_batches=0)
         metrics = loopkit.evaluate(loopkit.eval_step(lambda m, b: {"mse": _mse(m, b)}), state, val)
         return {"buffers": {n: b.clone() for n, b in state.model.named_buffers()}, "params": _params(state),
                 "val": metrics["mse"], "step": state.step}
 
-    whole = fit(bn_state(), 4)  # (its own checkpoints, removed before the interrupted run writes its own)
+    whole = fit(bn_state(), updates + 1)  # (its own checkpoints, removed before the interrupted run writes its own)
     torch.distributed.barrier()
     if rank == 0:
         import shutil
         shutil.rmtree(directory)
     torch.distributed.barrier()
-    fit(bn_state(), 3)  # epoch 0, checkpointed at its end
+    fit(bn_state(), None, epochs=1)  # epoch 0 (its skipped last batch too), checkpointed at its end
     torch.distributed.barrier()  # (rank 0 has written the checkpoint)
-    return {"whole": whole, "resumed": fit(loopkit.restore(bn_state(), directory), 4), "rank": rank}
+    return {"whole": whole, "resumed": fit(loopkit.restore(bn_state(), directory), updates + 1), "rank": rank}
 
 
 @pytest.mark.slow
-def test_a_resume_after_a_flushed_partial_group_keeps_each_ranks_batchnorm_statistics(tmp_path):
+@pytest.mark.parametrize("skip_last", [False, True], ids=["flushed", "skipped"])
+def test_a_resume_after_a_flushed_partial_group_keeps_each_ranks_batchnorm_statistics(tmp_path, skip_last):
     """The epoch's last, partial group ran under no_sync, so DDP broadcast no buffers before the next epoch's first
     forward; the resumed run's new wrapper did (it starts as after a synced forward, and its build broadcasts rank 0's):
-    rank 1's running statistics, and the validation's mean over the ranks, were not the uninterrupted run's."""
+    rank 1's running statistics, and the validation's mean over the ranks, were not the uninterrupted run's. Also when
+    that last micro-batch's loss_fn ran the forward (under no_sync) and then skipped the batch (returned None): its
+    state did not record the forward, and the resumed run broadcast rank 0's buffers."""
     start = time.monotonic()
-    ranks = _spawn(tmp_path, _accumulated_batchnorm, str(tmp_path / "ckpt"))
+    ranks = _spawn(tmp_path, _accumulated_batchnorm, str(tmp_path / "ckpt"), skip_last)
     assert time.monotonic() - start < 60
     assert ranks[0]["whole"]["buffers"]["1.running_mean"].ne(ranks[1]["whole"]["buffers"]["1.running_mean"]).any()
     for r in ranks:
         whole, resumed = r["whole"], r["resumed"]
-        assert whole["step"] == resumed["step"] == 4
+        assert whole["step"] == resumed["step"] == (3 if skip_last else 4)
         for name, p in whole["params"].items():
             assert torch.equal(resumed["params"][name], p), name
         for name, b in whole["buffers"].items():
