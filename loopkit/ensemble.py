@@ -11,11 +11,12 @@ member's trajectory is its solo run's (the same arithmetic, batched; equal withi
 rounding, tested against ``train_step`` runs of each member alone).
 
 The batch is the same for every member. A ``loss_fn`` that draws random numbers (dropout, RReLU,
-``torch.randn_like`` noise) is run one member at a time instead (``torch.func.grad`` of each
-member's slice, with that member's own RNG installed around it, as :func:`loopkit.train_step`
-installs a solo state's): each member draws its solo run's numbers (its own dropout masks, from
-its own seed), its ``rng`` advances as its solo state's does, and its trajectory is its solo run's
-(bitwise, on the CPU: the same arithmetic, not batched). The step finds this out on its first call
+``torch.randn_like`` noise) is run one member at a time instead (the loss of each member's slice
+differentiated by ``torch.autograd.grad``, as a solo backward, with that member's own RNG installed
+around it, as :func:`loopkit.train_step` installs a solo state's): each member draws its solo run's
+numbers (its own dropout masks, from its own seed, also of a non-contiguous activation's), its ``rng``
+advances as its solo state's does, and its trajectory is its solo run's (bitwise, on the CPU: the
+same arithmetic, not batched). The step finds this out on its first call
 that draws (vmap refuses the draw) and remembers it (:attr:`EnsembleStep.draws_random`); a loss
 that draws nothing keeps the one vmapped call (one member at a time costs K forwards and backwards).
 A ``loss_fn`` that vmap cannot run at all (``.item()`` in a metric, a branch on a tensor's value, ``nonzero``, an op
@@ -579,16 +580,19 @@ def _copy_written(ensemble: Ensemble, before: _Snapshot) -> None:
 _NO_TENSORS = _MODULE_STANDARD - {"_parameters", "_buffers"}
 
 
-def _refuse_escaped(model: nn.Module, where: str, before: _Snapshot) -> None:
+def _refuse_escaped(
+    model: nn.Module, where: str, before: _Snapshot, of_call: Callable[[torch.Tensor], bool] | None = None,
+) -> None:
     """Refuse a forward that kept a tensor on a module (``self.last_h = h.detach()``): under vmap it is a wrapper of
     the batched call, dead once the call returns, and a later copy, pickle or ``unstack`` of the members fails on
-    it. The attribute is set to None (its value is no member's), such tensors are taken out of a list or dict it
-    holds, and no member has updated yet. A module's own tensor attribute (in ``before``, see :func:`_snapshot`)
-    that the forward replaced so (a counter kept as a tensor, ``self.n = self.n + 1``), or with another tensor of
-    no transformed call (``self.t, self.u = self.u, self.t``: member 0's only, where each member's solo forward
-    changes its own), is put back as it was."""
+    it; one member at a time it is the last member's, kept on member 0's module. The attribute is set to None (its
+    value is no member's), such tensors are taken out of a list or dict it holds, and no member has updated yet. A
+    module's own tensor attribute (in ``before``, see :func:`_snapshot`) that the forward replaced so (a counter kept
+    as a tensor, ``self.n = self.n + 1``), or with another tensor of no call (``self.t, self.u = self.u, self.t``:
+    member 0's only, where each member's solo forward changes its own), is put back as it was. ``of_call``: whether
+    a tensor is the call's (by default a functorch wrapper: the vmapped call's; see :func:`_made_by_call`)."""
     escaped, replaced, swapped = [], [], []
-    is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    is_wrapped = of_call or torch._C._functorch.is_functorch_wrapped_tensor
     for i, (name, module) in enumerate(model.named_modules()):
         computed = _computed(module)
         for attr, value in list(vars(module).items()):
@@ -611,6 +615,26 @@ def _refuse_escaped(model: nn.Module, where: str, before: _Snapshot) -> None:
                 escaped.append(f"{name + '.' if name else ''}{attr}: taken out of it")
     if replaced or swapped or escaped:
         raise RuntimeError(_escaped_message(where, replaced, swapped, escaped))
+
+
+def _made_by_call(model: nn.Module, before: _Snapshot) -> Callable[[torch.Tensor], bool]:
+    """Whether a tensor is one the call about to run one member at a time makes (plain tensors there, not functorch
+    wrappers): a wrapper (of a refused vmapped attempt), or a tensor that none of ``model``'s modules holds now as an
+    attribute, in a list or dict (see :func:`_refuse_escaped`), a parameter or a buffer, and that ``before`` does
+    not hold."""
+    held = {id(t): t for t in before.tensors.values()}  # (the tensors kept alive with their ids: no id is reused)
+    for module in model.modules():
+        for attr, value in vars(module).items():
+            if attr in _NO_TENSORS:
+                continue
+            if isinstance(value, torch.Tensor):
+                held[id(value)] = value
+            elif isinstance(value, (list, dict)) and len(value) <= _SCANNED:
+                for item in value.values() if isinstance(value, dict) else value:
+                    if isinstance(item, torch.Tensor):
+                        held[id(item)] = item
+    is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    return lambda tensor: is_wrapped(tensor) or id(tensor) not in held
 
 
 def _escaped_message(where: str, replaced: list[str], swapped: list[str], escaped: list[str]) -> str:
@@ -862,7 +886,7 @@ class EnsembleStep:
         fixed = {n: ensemble.params[n] for n, t in zip(names, trainable) if not t} | dict(ensemble.buffers)
         reached: list[set[str]] = []  # the parameters each call's loss reaches (vmap traces member_loss once)
         versions = {n: t._version for n, t in ensemble.buffers.items()}  # a buffer changed in place bumps its own
-        rngs = None
+        rngs = of_call = None
         try:
             if not (self.draws_random or self.unbatchable):
                 vmapped = torch.func.vmap(torch.func.grad(member_loss, has_aux=True), randomness="error")
@@ -879,11 +903,12 @@ class EnsembleStep:
                     else:
                         raise
             if self.draws_random or self.unbatchable:
+                of_call = _made_by_call(ensemble.skeleton, before)
                 grads, metrics, rngs = _one_member_at_a_time(
-                    ensemble, member_loss, trained, fixed, reached, where, before)
+                    ensemble, member_loss, trained, fixed, where, before)
         finally:  # (a loss_fn that raised left them too: the ensemble stays usable)
             _refresh_rnn_weights(ensemble.skeleton)
-        _refuse_escaped(ensemble.skeleton, where, before)
+        _refuse_escaped(ensemble.skeleton, where, before, of_call)
         # a buffer the forward changed (a counter's add_, a running statistic) changed the stacked copy only, or was
         # replaced inside functional_call: the members' buffers would silently keep their old values
         # (a non-persistent buffer is a cache the forward may fill or grow: not state, so not checked)
@@ -900,7 +925,7 @@ class EnsembleStep:
         # its .grad None (the optimizer skips it: no weight decay, momentum or Adam state): drop those
         if rngs is None:
             return {n: g for n, g in grads.items() if n in reached[-1]}, metrics, None
-        return grads, metrics, rngs  # (one member at a time: each member's own, dropped per member already)
+        return grads, metrics, rngs  # (one member at a time: each member's own, those its loss reached)
 
     def _update(
         self, ensemble: Ensemble, before: _Snapshot, grads: _Grads, metrics: dict[str, torch.Tensor],
@@ -975,11 +1000,11 @@ def _warn_unbatchable(where: str, error: RuntimeError, k: int) -> None:
 
 def _one_member_at_a_time(
     ensemble: Ensemble, member_loss: Callable[..., Any], trained: Mapping[str, torch.Tensor],
-    fixed: Mapping[str, torch.Tensor], reached: list[set[str]], where: str, before: _Snapshot,
+    fixed: Mapping[str, torch.Tensor], where: str, before: _Snapshot,
 ) -> tuple[list[dict[str, torch.Tensor]], dict[str, torch.Tensor], list[Mapping[str, torch.Tensor]]]:
     """Each member's gradients (those its loss reached), the metrics stacked (``[K]``), and each member's advanced RNG:
-    ``torch.func.grad`` of ``member_loss`` on member ``k``'s slice of ``trained`` and ``fixed``, with member ``k``'s
-    RNG installed as torch's default generators around it, as a solo :func:`loopkit.train_step` installs its state's
+    the gradients of ``member_loss`` on member ``k``'s slice of ``trained`` and ``fixed`` (see
+    :func:`_member_gradients`), with member ``k``'s RNG installed as torch's default generators around it, as a solo :func:`loopkit.train_step` installs its state's
     (so its dropout draws its solo run's masks). A member whose state draws from the global RNG (``rng`` empty)
     draws from it, members in order. Nothing of the ensemble changes here: the RNGs come back, the caller's global
     RNG is put back, also when ``loss_fn`` raises.
@@ -989,7 +1014,6 @@ def _one_member_at_a_time(
     attempt or the member before set (a call counter, a list a forward appends to, a dict it counts in); a plain value
     the members' forwards set otherwise (a ``_private`` one too, a dict) is refused (see :func:`_settings_diverged`),
     the modules' values put back first."""
-    grad = torch.func.grad(member_loss, has_aux=True)
     first = next(iter(ensemble.params.values()))
     cuda_index = _cuda_index(first.device) if first.is_cuda else None
     grads, rows, rngs = [], [], []
@@ -998,7 +1022,7 @@ def _one_member_at_a_time(
         _restore_settings(ensemble.skeleton, before)
         scope = RNGScope(member.rng, cuda_index, member.seed)
         try:
-            own, row = grad({n: t[k] for n, t in trained.items()}, {n: t[k] for n, t in fixed.items()})
+            own, row = _member_gradients(member_loss, {n: t[k] for n, t in trained.items()}, {n: t[k] for n, t in fixed.items()})
         except BaseException:
             scope.discard()
             raise
@@ -1009,7 +1033,7 @@ def _one_member_at_a_time(
         elif not _same_settings(after, written):
             _restore_settings(ensemble.skeleton, before)
             raise ValueError(_settings_diverged(ensemble.skeleton, where, k, written, after))
-        grads.append({n: g for n, g in own.items() if n in reached[-1]})
+        grads.append(own)
         if rows and row.keys() != rows[0].keys():
             raise ValueError(
                 f"ensemble.train_step: {where} returned the metrics {sorted(row)} for member {k} and {sorted(rows[0])} "
@@ -1018,6 +1042,20 @@ def _one_member_at_a_time(
         rows.append(row)
     metrics = {key: torch.stack([row[key] for row in rows]) for key in rows[0]}
     return grads, metrics, rngs
+
+
+def _member_gradients(
+    member_loss: Callable[..., Any], trained: Mapping[str, torch.Tensor], fixed: Mapping[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """One member's gradients (of the ``trained`` tensors its loss reaches) and metrics: ``member_loss`` on leaves
+    that share ``trained``'s storage, differentiated by ``torch.autograd.grad``, the solo step's autograd. Not
+    ``torch.func.grad``: under it torch decomposes dropout into other ops, which fill a non-contiguous input's mask
+    (a transposed activation, attention's) in another order than the solo run's dropout draws it."""
+    leaves = {n: t.detach().requires_grad_() for n, t in trained.items()}
+    with torch.enable_grad():
+        loss, row = member_loss(leaves, fixed)
+        grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+    return {n: g for n, g in zip(leaves, grads) if g is not None}, row
 
 
 def _same_settings(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> bool:

@@ -804,14 +804,17 @@ class _Keeping(nn.Module):
         return self.b(h)
 
 
+@pytest.mark.parametrize("path", ["vmapped", "one member at a time"])
 @pytest.mark.parametrize("donated", [False, True])
-def test_a_forward_that_keeps_a_tensor_on_the_model_is_refused_before_any_member_updates(donated, make_batches):
+def test_a_forward_that_keeps_a_tensor_on_the_model_is_refused_before_any_member_updates(donated, path, make_batches):
     """It trained, and left a tensor of the vmapped call on member 0's module: unstack, deepcopy and pickle of the
-    members then failed in functorch ("your tensor may have escaped"). Reference: the members as stacked."""
+    members then failed in functorch ("your tensor may have escaped"). One member at a time (a loss that draws) the
+    tensor is a plain one, the last member's, as much no member's own. Reference: the members as stacked."""
+    loss_fn = {"vmapped": _loss, "one member at a time": _noisy_loss}[path]
     ens = ensemble.stack([_sgd(_Keeping(k)) for k in range(2)])
     before = {n: t.clone() for n, t in ens.params.items()}
     with pytest.raises(RuntimeError, match=r"kept tensors of the vmapped call on the model \(last_h: set to None\)"):
-        ensemble.train_step(_loss, donated=donated)(ens, make_batches(1)[0])
+        ensemble.train_step(loss_fn, donated=donated)(ens, make_batches(1)[0])
     assert all(torch.equal(ens.params[n], before[n]) for n in before)
     members = ensemble.unstack(ens)  # (still usable, and copies)
     assert torch.equal(members[1].model.a.weight, before["a.weight"][1])
@@ -950,11 +953,33 @@ def _raw_random(seed, model, make_opt, make_sched, loss_fn, batches):
     return model, losses, rng
 
 
+class _Transposed(nn.Module):
+    """Dropout of a non-contiguous activation (a transpose, as attention and conv-to-sequence code have), or a
+    TransformerEncoderLayer with dropout: under torch.func.grad torch fills such a mask in another order than the
+    solo run's dropout does (the members drew other masks than their solo runs)."""
+
+    def __init__(self, seed: int, transformer: bool = False) -> None:
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.a, self.b = nn.Linear(4, 12), nn.Linear(4, 2)
+            self.mid = (nn.TransformerEncoderLayer(4, 2, 8, dropout=0.2, batch_first=True) if transformer
+                        else nn.Dropout(0.3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x).view(-1, 3, 4)
+        if isinstance(self.mid, nn.Dropout):
+            return self.b(self.mid(h.transpose(1, 2)).mean(2))  # (the dropout's input: [N, 4, 3], not contiguous)
+        return self.b(self.mid(h).mean(1))
+
+
 # (model, loss_fn): a dropout layer's draws, a loss_fn's own torch.randn_like, and both
 RANDOM = {
     "dropout": (lambda seed: _mlp(seed, dropout=True), _loss),
     "randn_like_in_the_loss": (lambda seed: _mlp(seed), _noisy_loss),
     "both": (lambda seed: _mlp(seed, dropout=True), _noisy_loss),
+    "dropout_of_a_transposed_activation": (_Transposed, _loss),
+    "transformer_encoder_layer": (functools.partial(_Transposed, transformer=True), _loss),
 }
 
 
