@@ -27,9 +27,10 @@ with running statistics is refused (buffers updated in place; in eval mode it re
 the step that finds it, before any member updates (a non-persistent buffer, a cache outside
 the state dict such as a lazily grown position table, may change). The members' modules must be in the same
 training mode and have the same settings (a convolution's stride, a norm's eps or groups, any plain attribute such as
-a ``temperature`` the forward reads, a plain tensor attribute: the step runs member 0's modules for all), the same
-parameters must be frozen (``requires_grad``) in every member, and their optimizers must not need a closure (LBFGS);
-a donated step refuses a member changed since stacking in any of these (changed alike in every member, as when
+a ``temperature`` the forward reads, a plain tensor attribute: the step runs member 0's modules for all) and the same
+forward hooks and forward pre-hooks (the same function, or a method of the member's own module; torch's pruning and
+old-style weight_norm hooks are each member's own), the same parameters must be frozen (``requires_grad``) in every
+member, and their optimizers must not need a closure (LBFGS); a donated step refuses a member changed since stacking in any of these (changed alike in every member, as when
 unfreezing a backbone, it trains on; a ``_private`` value is compared by :func:`stack`, and so by a non-donated
 step, not between donated calls). A plain value the forward sets on a module (``self.seen = n``, a ``_private``
 call counter), or a dict or list of them it sets or changes in place (``self.stats["calls"] += 1``), reaches every
@@ -168,6 +169,7 @@ def _check_members(states: Sequence[TrainState]) -> None:
             )
         _check_mode(state.model, first.model, k, "ensemble.stack")
         _check_settings(state.model, first.model, k, "ensemble.stack")
+        _check_hooks(state.model, first.model, k, "ensemble.stack")
         _check_attributes(state.model, first.model, k, "ensemble.stack")
         frozen = dict(first.model.named_parameters())
         for n, p in state.model.named_parameters():  # one vmapped gradient: the same parameters train in every member
@@ -253,6 +255,87 @@ def _check_settings(model: nn.Module, first: nn.Module, k: int, where: str) -> N
             f"{_short(_setting(module, attr))} where member 0's has {attr}={_short(_setting(expected, attr))}; the "
             "vmapped step runs member 0's modules for all: every member's layers must have the same settings"
         )
+
+
+#: each hooked module's index in ``modules()`` and its forward hooks' keys (see :func:`_hooks`)
+_Hooks = list[tuple[int, tuple[Any, ...]]]
+
+
+def _hooks(model: nn.Module) -> _Hooks:
+    """``model``'s forward pre-hooks and forward hooks, as the step runs them (member 0's for all): for each module
+    that has any, its index in ``modules()`` and each hook's kind, flags and key (see :func:`_hook_key`), in order."""
+    return _hooks_of(model, [(i, m) for i, m in enumerate(model.modules()) if m._forward_hooks or m._forward_pre_hooks])
+
+
+def _hooks_of(model: nn.Module, hooked: list[tuple[int, nn.Module]]) -> _Hooks:
+    """:func:`_hooks` of ``hooked``, ``model``'s modules with hooks (and their indices)."""
+    positions: dict[int, int] = {}  # (a bound method's module: by its index, filled when first needed)
+    found = []
+    for i, module in hooked:
+        kinds = [("forward pre-hook", h, module._forward_pre_hooks_with_kwargs.get(n, False), False)
+                 for n, h in module._forward_pre_hooks.items()]
+        kinds += [("forward hook", h, module._forward_hooks_with_kwargs.get(n, False),
+                   module._forward_hooks_always_called.get(n, False)) for n, h in module._forward_hooks.items()]
+        found.append((i, tuple((kind, _hook_key(hook, model, positions), *flags) for kind, hook, *flags in kinds)))
+    return found
+
+
+def _hook_key(hook: Any, model: nn.Module, positions: dict[int, int]) -> Any:
+    """What makes two members' hooks alike: any of torch's pruning methods by the attribute it computes (from each
+    member's own mask), an old-style ``weight_norm`` / ``spectral_norm`` hook by its class and settings (each member
+    has its own object), a bound method by its function and its object (a module of the member by its index in
+    ``model.modules()``: each member's own), any other function (a lambda made for each member too) by identity."""
+    if isinstance(hook, prune.BasePruningMethod):
+        return prune.BasePruningMethod, hook._tensor_name
+    if isinstance(_computed_name(hook), str):
+        return type(hook), tuple(sorted((a, v) for a, v in vars(hook).items() if is_plain_setting(v)))
+    func, owner = getattr(hook, "__func__", None), getattr(hook, "__self__", None)
+    if func is None or owner is None:
+        return _Identity(hook)
+    if isinstance(owner, nn.Module):
+        if not positions:
+            positions.update((id(m), i) for i, m in enumerate(model.modules()))
+        if id(owner) in positions:
+            return func, positions[id(owner)]
+    return func, _Identity(owner)
+
+
+class _Identity:
+    """An object compared by identity (a hook function, or a bound method's object outside the member)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Identity) and self.value is other.value
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def _check_hooks(model: nn.Module, first: nn.Module, k: int, where: str) -> None:
+    """Refuse member ``k``'s ``model`` if a module's forward pre-hooks or forward hooks differ from member 0's (see
+    :func:`_hooks`): the step runs member 0's modules, and so their hooks, for every member."""
+    own, theirs = dict(_hooks(model)), dict(_hooks(first))
+    if own == theirs:
+        return
+    i = next(i for i in sorted(own.keys() | theirs.keys()) if own.get(i) != theirs.get(i))
+    (name, module), expected = list(model.named_modules())[i], list(first.modules())[i]
+    raise ValueError(
+        f"{where}: member {k}'s module {name or '(model)'} ({type(module).__name__}) has other forward hooks than "
+        f"member 0's ({_hook_names(module)} where member 0's has {_hook_names(expected)}); the vmapped step runs "
+        "member 0's modules, with their hooks, for all: register the same hook function in every member (one "
+        "function, not one made for each member; a method of the member's own module is its own), or train the "
+        "members apart"
+    )
+
+
+def _hook_names(module: nn.Module) -> str:
+    """``module``'s forward pre-hooks and forward hooks, named, for a message."""
+    hooks = [("forward pre-hook", h) for h in module._forward_pre_hooks.values()]
+    hooks += [("forward hook", h) for h in module._forward_hooks.values()]
+    return ", ".join(f"{kind} {getattr(h, '__qualname__', type(h).__qualname__)}" for kind, h in hooks) or "none"
 
 
 def _check_attributes(model: nn.Module, first: nn.Module, k: int, where: str, *, public: bool = False) -> None:
@@ -432,23 +515,28 @@ def _check_unchanged(ensemble: Ensemble) -> None:
     a parameter's ``requires_grad`` or another value (see :func:`_other_values`) was changed in some members only (a
     donated step does not stack them again). Member 0's model is the skeleton itself. Cheap: plain values and flags
     compared, tensors by identity and version (no device sync)."""
-    reference, key = _scan(ensemble.skeleton)  # (``training`` among the settings: one comparison for the common case)
+    reference, hooks, key = _scan(ensemble.skeleton)  # (``training`` among the settings: one comparison, commonly)
     keys = [key]
     for k, member in enumerate(ensemble.members[1:], 1):
-        settings, key = _scan(member.model)
+        settings, own_hooks, key = _scan(member.model)
         keys.append(key)
         if settings != reference:
             _check_mode(member.model, ensemble.skeleton, k, "ensemble.train_step")
             _check_settings(member.model, ensemble.skeleton, k, "ensemble.train_step")
+        if own_hooks != hooks:
+            _check_hooks(member.model, ensemble.skeleton, k, "ensemble.train_step")
     _check_frozen(ensemble)
     _check_values(ensemble, tuple(keys))
 
 
-def _scan(model: nn.Module) -> tuple[list[dict[str, Any]], list[tuple[tuple[str, Any], ...]]]:
-    """``model``'s settings (each module's :func:`module_settings`) and values key (see :func:`_all_values`), in one
-    walk of its modules (each module's attributes sorted once: the step's checks cost per module and member)."""
-    settings, keys = [], []
-    for module in model.modules():
+def _scan(model: nn.Module) -> tuple[list[dict[str, Any]], _Hooks, list[tuple[tuple[str, Any], ...]]]:
+    """``model``'s settings (each module's :func:`module_settings`), forward hooks (see :func:`_hooks`) and values key
+    (see :func:`_all_values`), in one walk of its modules (each module's attributes sorted once: the step's checks
+    cost per module and member)."""
+    settings, keys, hooked = [], [], []
+    for i, module in enumerate(model.modules()):
+        if module._forward_hooks or module._forward_pre_hooks:
+            hooked.append((i, module))
         own = vars(module)
         names = own.keys() - _BOOKKEEPING
         # (module_settings, from the attributes that are not bookkeeping)
@@ -457,7 +545,7 @@ def _scan(model: nn.Module) -> tuple[list[dict[str, Any]], list[tuple[tuple[str,
         settings.append(found)
         others = _other_values(module, public - found.keys()) if len(public) > len(found) else None
         keys.append(tuple((attr, _key(value)) for attr, value in others.items()) if others else ())
-    return settings, keys
+    return settings, _hooks_of(model, hooked) if hooked else [], keys
 
 
 #: a module's standard attributes but ``training`` (a setting): its bookkeeping, neither a setting nor another value
@@ -498,7 +586,7 @@ def _all_values(members: Sequence[TrainState]) -> tuple[list[tuple[tuple[str, An
     """Each member's values key: what of its modules' other values (see :func:`_other_values`) a donated step
     compares between calls, plain values as they are, tensors by identity and version (see :class:`_Seen`), in
     ``modules()`` order (see :func:`_scan`)."""
-    return tuple(_scan(member.model)[1] for member in members)
+    return tuple(_scan(member.model)[2] for member in members)
 
 
 def _key(value: Any) -> Any:
@@ -716,8 +804,8 @@ def stack(states: Sequence[TrainState]) -> Ensemble:
     """An :class:`Ensemble` of copies of ``states`` (which stay unchanged), parameters stacked.
 
     Every member needs the same architecture, its modules in the same training modes and with the
-    same settings (plain attributes: ``stride``, ``eps``, ...) as member 0's, and an optimizer (of
-    any kind and settings, but not one whose step needs a closure).
+    same settings (plain attributes: ``stride``, ``eps``, ...) and forward hooks as member 0's, and
+    an optimizer (of any kind and settings, but not one whose step needs a closure).
 
     >>> import torch, loopkit
     >>> models = [torch.nn.Linear(2, 2) for _ in range(4)]

@@ -5,7 +5,9 @@ from __future__ import annotations
 import copy
 import functools
 import io
+import re
 import warnings
+from typing import Any
 
 import pytest
 import torch
@@ -1865,3 +1867,116 @@ def test_a_forward_that_swaps_tensor_attributes_is_refused_naming_them_and_put_b
     for member in ensemble.unstack(ens):
         assert torch.equal(member.model.t, torch.zeros(())) and torch.equal(member.model.u, torch.ones(()))
         assert member.step == 0
+
+
+# --- forward hooks: the step runs member 0's modules, and so their hooks, for every member -------------------------
+
+
+def _halve(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+    return out * 0.5
+
+
+def _double(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+    return out * 2.0
+
+
+class _Recorder:
+    """Counts the calls of the module it hooks (a bound method's object outside the member)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def hook(self, module: nn.Module, args: tuple) -> None:
+        self.calls += 1
+
+
+class _SelfHooked(nn.Module):
+    """Scales its first layer's output by its own ``scale`` in a forward hook that is a method of its own."""
+
+    def __init__(self, seed: int, scale: float = 0.5) -> None:
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 2)
+        self.scale = scale
+        self.a.register_forward_hook(self._scaled)
+
+    def _scaled(self, module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+        return out * self.scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.tanh(self.a(x)))
+
+
+def _hooked(seed: int, *hooks: Any, pre: bool = False) -> loopkit.TrainState:
+    """An MLP of :func:`_mlp` whose first layer has ``hooks`` (forward hooks, or with ``pre`` forward pre-hooks)."""
+    model = _mlp(seed)
+    for hook in hooks:
+        (model[0].register_forward_pre_hook if pre else model[0].register_forward_hook)(hook)
+    return _sgd(model)
+
+
+HOOKS_THAT_DIFFER = {  # member 0's and member 1's, and what the refusal says of them
+    "one in member 1 only": ((), (_halve,), False, "forward hook _halve where member 0's has none"),
+    "another function": ((_halve,), (_double,), False, "forward hook _double where member 0's has forward hook _halve"),
+    "one more": ((_halve,), (_halve, _halve), False,
+                 "forward hook _halve, forward hook _halve where member 0's has forward hook _halve"),
+    "a lambda made for each member": ((lambda m, a, o: o * 2.0,), (lambda m, a, o: o * 2.0,), False,
+                                      "forward hook <lambda> where member 0's has forward hook <lambda>"),
+    "a method of each member's own recorder": ((_Recorder().hook,), (_Recorder().hook,), True,
+                                               "forward pre-hook _Recorder.hook where member 0's has forward pre-hook "
+                                               "_Recorder.hook"),
+}
+
+
+@pytest.mark.parametrize("differ", list(HOOKS_THAT_DIFFER))
+def test_members_whose_forward_hooks_differ_are_refused_naming_the_module(differ):
+    """Before, they stacked without a word and every member ran member 0's hooks: member 1's own hook was never called
+    (its loss 0.55 where its solo run's is 0.67), or member 0's ran on it."""
+    first, second, pre, said = HOOKS_THAT_DIFFER[differ]
+    with pytest.raises(ValueError, match=r"ensemble.stack: member 1's module 0 \(Linear\) has other forward hooks than "
+                                         rf"member 0's \({re.escape(said)}\); the vmapped step runs member 0's modules, "
+                                         "with their hooks, for all"):
+        ensemble.stack([_hooked(0, *first, pre=pre), _hooked(1, *second, pre=pre)])
+
+
+def test_members_with_the_same_hook_function_or_a_method_of_their_own_module_follow_their_solo_runs(make_batches):
+    """One function for every member, a recorder shared by all, and a method of each member's own module (bound to
+    it: alike by its place in the member; the ``scale`` it reads is a setting, compared as settings are) stack and
+    train as their solo runs."""
+    batches = make_batches(3)
+    recorder = _Recorder()
+    for make in (lambda k: _hooked(k, _halve), lambda k: _hooked(k, recorder.hook, pre=True),
+                 lambda k: _sgd(_SelfHooked(k))):
+        states = [make(k) for k in range(3)]
+        _assert_follow_solo(_together(states, batches), states, batches)
+    assert recorder.calls > 0
+    with pytest.raises(ValueError, match=r"member 1's module \(model\) \(_SelfHooked\) has scale=2.0 where member 0's "
+                                         r"has scale=0.5"):
+        ensemble.stack([_sgd(_SelfHooked(0)), _sgd(_SelfHooked(1, scale=2.0))])
+
+
+def test_a_donated_step_refuses_a_hook_added_to_one_member_since_stacking_and_trains_on_once_alike(make_batches):
+    """Before, a hook added to member 1 after stacking was never called (the step runs member 0's modules). Refused as
+    stack refuses it, the ensemble usable; added alike to every member, it trains on as the solo runs do."""
+    batches = make_batches(3)
+    states = [_sgd(_mlp(seed)) for seed in range(3)]
+    step = ensemble.train_step(lambda m, b: ((m(b[0]) - b[1]) ** 2).mean(), donated=True)
+    ens, _ = step(ensemble.stack(states), batches[0])
+    before = {n: p.clone() for n, p in ens.params.items()}
+    ens.members[1].model[0].register_forward_hook(_halve)
+    with pytest.raises(ValueError, match=r"ensemble.train_step: member 1's module 0 \(Linear\) has other forward hooks "
+                                         r"than member 0's \(forward hook _halve where member 0's has none\)") as error:
+        step(ens, batches[1])
+    assert loopkit.state_at_error(error.value) is ens
+    assert all(torch.equal(ens.params[n], before[n]) for n in before)
+    for member in (ens.members[0], ens.members[2]):
+        member.model[0].register_forward_hook(_halve)
+    for batch in batches[1:]:
+        ens, _ = step(ens, batch)
+    for k, state in enumerate(states):
+        solo = _solo(state, batches[:1])
+        solo.model[0].register_forward_hook(_halve)
+        solo = _solo(solo, batches[1:])
+        for (name, p), q in zip(solo.model.named_parameters(), ens.members[k].model.parameters()):
+            torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7, msg=f"member {k} {name}")
