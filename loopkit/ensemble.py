@@ -27,10 +27,11 @@ with running statistics is refused (buffers updated in place; in eval mode it re
 the step that finds it, before any member updates (a non-persistent buffer, a cache outside
 the state dict such as a lazily grown position table, may change). The members' modules must be in the same
 training mode and have the same settings (a convolution's stride, a norm's eps or groups, any plain attribute such as
-a ``temperature`` the forward reads, a plain tensor attribute: the step runs member 0's modules for all) and the same
-forward hooks and forward pre-hooks (the same function, or a method of the member's own module; torch's pruning and
-old-style weight_norm hooks are each member's own), the same parameters must be frozen (``requires_grad``) in every
-member, and their optimizers must not need a closure (LBFGS); a donated step refuses a member changed since stacking in any of these (changed alike in every member, as when
+a ``temperature`` the forward reads, a plain tensor attribute, a function kept as one, ``self.act = torch.relu``: the
+step runs member 0's modules for all) and the same forward hooks and forward pre-hooks (the same function, or a
+method of the member's own module; torch's pruning and old-style weight_norm hooks are each member's own), the same
+parameters must be frozen (``requires_grad``) in every member, and their optimizers must not need a closure (LBFGS);
+a donated step refuses a member changed since stacking in any of these (changed alike in every member, as when
 unfreezing a backbone, it trains on; a ``_private`` value is compared by :func:`stack`, and so by a non-donated
 step, not between donated calls). A plain value the forward sets on a module (``self.seen = n``, a ``_private``
 call counter), or a dict or list of them it sets or changes in place (``self.stats["calls"] += 1``), reaches every
@@ -59,6 +60,7 @@ checkpoints, ``evaluate``, export); ``ensemble.members`` are views, usable as th
 from __future__ import annotations
 
 import copy
+import types
 import warnings
 import weakref
 from collections.abc import Callable, Mapping, Sequence, Set
@@ -241,8 +243,16 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def _short(value: Any, limit: int = 80) -> str:
-    text = repr(value)
+    text = _function_name(value) if isinstance(value, _FUNCTIONS) else repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _function_name(function: Any) -> str:
+    """A function's (a bound method's: its function's) module and name, ``torch.relu``, for a message."""
+    function = getattr(function, "__func__", function)
+    name = function.__qualname__ if isinstance(function, types.FunctionType) else function.__name__
+    module = getattr(function, "__module__", None)
+    return f"{module}.{name}" if module else name
 
 
 def _check_settings(model: nn.Module, first: nn.Module, k: int, where: str) -> None:
@@ -284,24 +294,25 @@ def _hook_key(hook: Any, model: nn.Module, positions: dict[int, int]) -> Any:
     """What makes two members' hooks alike: any of torch's pruning methods by the attribute it computes (from each
     member's own mask), an old-style ``weight_norm`` / ``spectral_norm`` hook by its class and settings (each member
     has its own object), a bound method by its function and its object (a module of the member by its index in
-    ``model.modules()``: each member's own), any other function (a lambda made for each member too) by identity."""
+    ``model.modules()``: each member's own), any other function as :func:`_same_function` compares it."""
     if isinstance(hook, prune.BasePruningMethod):
         return prune.BasePruningMethod, hook._tensor_name
     if isinstance(_computed_name(hook), str):
         return type(hook), tuple(sorted((a, v) for a, v in vars(hook).items() if is_plain_setting(v)))
     func, owner = getattr(hook, "__func__", None), getattr(hook, "__self__", None)
     if func is None or owner is None:
-        return _Identity(hook)
+        return _Function(hook)
     if isinstance(owner, nn.Module):
         if not positions:
             positions.update((id(m), i) for i, m in enumerate(model.modules()))
         if id(owner) in positions:
             return func, positions[id(owner)]
-    return func, _Identity(owner)
+    return func, _Function(owner)
 
 
-class _Identity:
-    """An object compared by identity (a hook function, or a bound method's object outside the member)."""
+class _Function:
+    """A function (or a bound method's object outside the member) in a hooks key, compared as :func:`_same_function`
+    compares it."""
 
     __slots__ = ("value",)
 
@@ -309,9 +320,26 @@ class _Identity:
         self.value = value
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, _Identity) and self.value is other.value
+        return isinstance(other, _Function) and _same_function(self.value, other.value)
 
     __hash__ = None  # type: ignore[assignment]
+
+
+#: the functions a module's attribute may hold that :func:`_same_function` compares (``torch.relu``, ``F.gelu``)
+_FUNCTIONS = (types.FunctionType, types.BuiltinFunctionType, types.MethodType)
+
+
+def _same_function(a: Any, b: Any) -> bool:
+    """Whether ``a`` and ``b`` compute alike: the same object, or bound methods of one function (each member's object,
+    a copy), or functions of the same code without a closure or defaults (a lambda made for each member, ``self.act
+    = lambda x: x * 2``). Any other functions differ (one closing over a member's own scale)."""
+    if a is b:
+        return True
+    if isinstance(a, types.MethodType) and isinstance(b, types.MethodType):
+        return a.__func__ is b.__func__
+    return (isinstance(a, types.FunctionType) and isinstance(b, types.FunctionType) and a.__code__ is b.__code__
+            and a.__globals__ is b.__globals__ and a.__closure__ is b.__closure__ is None
+            and a.__defaults__ is b.__defaults__ is None and a.__kwdefaults__ is b.__kwdefaults__ is None)
 
 
 def _check_hooks(model: nn.Module, first: nn.Module, k: int, where: str) -> None:
@@ -340,7 +368,8 @@ def _hook_names(module: nn.Module) -> str:
 
 def _check_attributes(model: nn.Module, first: nn.Module, k: int, where: str, *, public: bool = False) -> None:
     """Refuse member ``k``'s ``model`` if a module's other values differ from member 0's: a tensor that is no
-    parameter or buffer (a fixed random projection), a dict or list of such values, a ``_private`` number (but with
+    parameter or buffer (a fixed random projection), a function (``self.act = torch.tanh``), a dict or list of such
+    values, a ``_private`` number (but with
     ``public``: the donated step's check between calls, which leaves ``_private`` values to :func:`stack`). The step
     runs member 0's modules, and so their values, for every member; other objects (a tokenizer) are not compared."""
     for (name, module), other in zip(model.named_modules(), first.modules()):
@@ -390,19 +419,20 @@ def _computed_name(hook: Any) -> Any:
 
 def _comparable(value: Any, held: set[int]) -> bool:
     """A value whose equality says whether two members compute alike: a tensor that is none of the module's own
-    parameters and buffers, a plain value, and dicts, lists and tuples of those (not empty)."""
+    parameters and buffers, a plain value, a function (``self.act = torch.relu``, see :data:`_FUNCTIONS`), and dicts,
+    lists and tuples of those (not empty)."""
     if isinstance(value, torch.Tensor):
         return id(value) not in held
     if isinstance(value, Mapping):
         return bool(value) and all(_comparable(v, held) for v in value.values())
     if isinstance(value, (list, tuple)):
         return bool(value) and all(_comparable(v, held) for v in value)
-    return is_plain_setting(value)
+    return is_plain_setting(value) or isinstance(value, _FUNCTIONS)
 
 
 def _same_value(a: Any, b: Any) -> bool:
     """Equal values of :func:`_comparable`: tensors of one shape, dtype and device with equal elements (NaN equal),
-    containers item by item."""
+    functions as :func:`_same_function` compares them, containers item by item."""
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
                 and a.dtype == b.dtype and a.device == b.device and bool(torch.equal(a, b) or (
@@ -413,6 +443,8 @@ def _same_value(a: Any, b: Any) -> bool:
     if isinstance(a, (tuple, list)) or isinstance(b, (tuple, list)):
         return (isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)) and len(a) == len(b)
                 and all(_same_value(x, y) for x, y in zip(a, b)))
+    if isinstance(a, _FUNCTIONS) or isinstance(b, _FUNCTIONS):
+        return _same_function(a, b)
     return _same(a, b)
 
 

@@ -7,6 +7,7 @@ import functools
 import io
 import re
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -1880,6 +1881,11 @@ def _double(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
     return out * 2.0
 
 
+def _halving() -> Callable[..., torch.Tensor]:
+    """A new lambda (the same code, no closure) at each call, as a loop registering one on each member makes."""
+    return lambda module, args, out: out * 0.5
+
+
 class _Recorder:
     """Counts the calls of the module it hooks (a bound method's object outside the member)."""
 
@@ -1941,13 +1947,13 @@ def test_members_whose_forward_hooks_differ_are_refused_naming_the_module(differ
 
 
 def test_members_with_the_same_hook_function_or_a_method_of_their_own_module_follow_their_solo_runs(make_batches):
-    """One function for every member, a recorder shared by all, and a method of each member's own module (bound to
-    it: alike by its place in the member; the ``scale`` it reads is a setting, compared as settings are) stack and
-    train as their solo runs."""
+    """One function for every member, a recorder shared by all, a lambda of the same code made for each member (no
+    closure), and a method of each member's own module (bound to it: alike by its place in the member; the ``scale``
+    it reads is a setting, compared as settings are) stack and train as their solo runs."""
     batches = make_batches(3)
     recorder = _Recorder()
     for make in (lambda k: _hooked(k, _halve), lambda k: _hooked(k, recorder.hook, pre=True),
-                 lambda k: _sgd(_SelfHooked(k))):
+                 lambda k: _hooked(k, _halving()), lambda k: _sgd(_SelfHooked(k))):
         states = [make(k) for k in range(3)]
         _assert_follow_solo(_together(states, batches), states, batches)
     assert recorder.calls > 0
@@ -1980,3 +1986,69 @@ def test_a_donated_step_refuses_a_hook_added_to_one_member_since_stacking_and_tr
         solo = _solo(solo, batches[1:])
         for (name, p), q in zip(solo.model.named_parameters(), ens.members[k].model.parameters()):
             torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7, msg=f"member {k} {name}")
+
+
+# --- functions held as attributes: the step runs member 0's modules, and so their functions, for every member -------
+
+
+class _Activated(nn.Module):
+    """Keeps its activation as an attribute: a function given (``torch.relu``), a lambda made in ``__init__`` (the
+    same code in every member), or a method of its own (bound to each member's module)."""
+
+    def __init__(self, seed: int, act: Any = torch.tanh) -> None:
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 2)
+        made = {"lambda": lambda x: torch.tanh(2.0 * x), "method": self._soft, "other method": self._hard}
+        self.act = made.get(act, act) if isinstance(act, str) else act
+
+    def _soft(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.softsign(x)
+
+    def _hard(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.hardtanh(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.act(self.a(x)))
+
+
+def _times(scale: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda x: torch.tanh(x) * scale
+
+
+FUNCTIONS_THAT_DIFFER = {  # member 0's activation and member 1's, and how the refusal names them
+    "builtin": (torch.relu, torch.tanh, r"torch\.tanh where member 0's is torch\.relu"),
+    "python function": (nn.functional.relu, nn.functional.silu,
+                        r"torch\.nn\.functional\.silu where member 0's is torch\.nn\.functional\.relu"),
+    "closing over another scale": (_times(1.0), _times(2.0),
+                                   r"\S*_times\.<locals>\.<lambda> where member 0's is \S*_times\.<locals>\.<lambda>"),
+    "another method": ("method", "other method", r"\S*_Activated\._hard where member 0's is \S*_Activated\._soft"),
+}
+
+
+@pytest.mark.parametrize("differ", list(FUNCTIONS_THAT_DIFFER))
+def test_members_whose_function_attributes_differ_are_refused_naming_the_attribute(differ):
+    """Before, they stacked and every member ran member 0's function: member 1 (tanh) trained with relu, its loss 0.59
+    where its solo run's is 0.55."""
+    first, second, said = FUNCTIONS_THAT_DIFFER[differ]
+    with pytest.raises(ValueError, match=r"ensemble.stack: member 1's module \(model\) \(_Activated\) has another 'act' "
+                                         rf"than member 0's \({said}\); the vmapped step runs member 0's modules, with "
+                                         "their values, for all"):
+        ensemble.stack([_sgd(_Activated(0, first)), _sgd(_Activated(1, second))])
+
+
+@pytest.mark.parametrize("act", ["function", "lambda made in __init__", "method of its own"])
+def test_members_with_the_same_function_attribute_follow_their_solo_runs(act, make_batches):
+    """The same function, a lambda of the same code made by each member's ``__init__``, or a method of each member's
+    own module: alike, so they stack and train as their solo runs (and a donated step refuses member 1's replaced)."""
+    given = {"function": torch.relu, "lambda made in __init__": "lambda", "method of its own": "method"}[act]
+    batches = make_batches(3)
+    states = [_sgd(_Activated(k, given)) for k in range(3)]
+    _assert_follow_solo(_together(states, batches), states, batches)
+    ens = _together(states, batches[:1])
+    ens.members[1].model.act = torch.tanh
+    with pytest.raises(ValueError, match=r"ensemble.train_step: member 1's module \(model\) \(_Activated\) has another "
+                                         r"'act' than member 0's") as error:
+        ensemble.train_step(_mse_loss, donated=True)(ens, batches[1])
+    assert loopkit.state_at_error(error.value) is ens
