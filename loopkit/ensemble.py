@@ -159,7 +159,7 @@ def _check_members(states: Sequence[TrainState]) -> None:
         if difference:
             raise ValueError(
                 f"ensemble.stack: member {k}'s model differs from member 0's ({difference}); every member must have "
-                "the same architecture, its parameters of the same shapes, dtypes and devices"
+                "the same architecture, its parameters and buffers of the same shapes, dtypes and devices"
             )
         structure, expected_structure = _structure(state.model), _structure(first.model)
         if structure != expected_structure:  # the step runs member 0's modules for every member
@@ -183,25 +183,28 @@ def _check_members(states: Sequence[TrainState]) -> None:
 
 
 def _parameter_difference(model: nn.Module, first: nn.Module) -> str:
-    """How ``model``'s class or parameters (names, shapes, dtypes, devices) differ from member 0's ``first``, first
-    difference only; ``""`` when they do not."""
+    """How ``model``'s class, parameters or buffers (names, shapes, dtypes, devices) differ from member 0's ``first``,
+    first difference only (parameters first); ``""`` when they do not."""
     if type(model) is not type(first):
         return f"a {type(model).__qualname__} where member 0's is a {type(first).__qualname__}"
     own, theirs = _described(model), _described(first)
     if own == theirs:
         return ""
-    name = next(n for n in sorted(own.keys() | theirs.keys()) if own.get(n) != theirs.get(n))  # (names: strings)
-    if name not in theirs:
-        return f"parameter '{name}' has {own[name]} where member 0 has no such parameter"
-    if name not in own:
-        return f"no parameter '{name}' where member 0's has {theirs[name]}"
-    return f"parameter '{name}' has {own[name]} where member 0's has {theirs[name]}"
+    kind, name = next(key for key in sorted(own.keys() | theirs.keys()) if own.get(key) != theirs.get(key))
+    what = f"{('parameter', 'buffer')[kind]} '{name}'"
+    if (kind, name) not in theirs:
+        return f"{what} has {own[kind, name]} where member 0 has no such {what.split()[0]}"
+    if (kind, name) not in own:
+        return f"no {what} where member 0's has {theirs[kind, name]}"
+    return f"{what} has {own[kind, name]} where member 0's has {theirs[kind, name]}"
 
 
-def _described(model: nn.Module) -> dict[str, str]:
-    """Each of ``model``'s parameters' shape, dtype and device, as text (compared as text: dtypes and devices have
-    no order to sort the differences by)."""
-    return {n: f"shape {tuple(p.shape)}, dtype {p.dtype}, device {p.device}" for n, p in model.named_parameters()}
+def _described(model: nn.Module) -> dict[tuple[int, str], str]:
+    """Each of ``model``'s parameters' (kind 0) and buffers' (kind 1) shape, dtype and device, as text, by kind and
+    name (compared as text: dtypes and devices have no order to sort the differences by)."""
+    tensors = [(0, model.named_parameters()), (1, model.named_buffers())]
+    return {(kind, n): f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}" for kind, named in tensors
+            for n, t in named}
 
 
 def _check_mode(model: nn.Module, first: nn.Module, k: int, where: str) -> None:
@@ -835,9 +838,10 @@ def _structure(model: nn.Module) -> list[str]:
 def stack(states: Sequence[TrainState]) -> Ensemble:
     """An :class:`Ensemble` of copies of ``states`` (which stay unchanged), parameters stacked.
 
-    Every member needs the same architecture, its modules in the same training modes and with the
-    same settings (plain attributes: ``stride``, ``eps``, ...) and forward hooks as member 0's, and
-    an optimizer (of any kind and settings, but not one whose step needs a closure).
+    Every member needs the same architecture (its parameters and buffers of the same names,
+    shapes, dtypes and devices), its modules in the same training modes and with the same settings
+    (plain attributes: ``stride``, ``eps``, ...) and forward hooks as member 0's, and an optimizer
+    (of any kind and settings, but not one whose step needs a closure).
 
     >>> import torch, loopkit
     >>> models = [torch.nn.Linear(2, 2) for _ in range(4)]

@@ -2052,3 +2052,42 @@ def test_members_with_the_same_function_attribute_follow_their_solo_runs(act, ma
                                          r"'act' than member 0's") as error:
         ensemble.train_step(_mse_loss, donated=True)(ens, batches[1])
     assert loopkit.state_at_error(error.value) is ens
+
+
+# --- buffers: stacked for the step, checked as the parameters are ---------------------------------------------------
+
+
+class _Masked(nn.Module):
+    """Scales its output by the mean of a ``mask`` buffer (a mask or position table of its own length and dtype)."""
+
+    def __init__(self, seed: int, n: int = 4, dtype: torch.dtype = torch.float32, mask: bool = True) -> None:
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.l = nn.Linear(4, 2)
+        self.register_buffer("mask", torch.ones(n, dtype=dtype) if mask else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.l(x) * (self.mask.mean() if self.mask is not None else 1.0)
+
+
+BUFFERS_THAT_DIFFER = {  # member 1's _Masked, and what the refusal says (member 0's: 4 float32 ones)
+    "shape": ({"n": 6}, "buffer 'mask' has shape (6,), dtype torch.float32, device cpu where member 0's has shape (4,), "
+                        "dtype torch.float32, device cpu"),
+    "dtype": ({"dtype": torch.float64}, "buffer 'mask' has shape (4,), dtype torch.float64, device cpu where member "
+                                        "0's has shape (4,), dtype torch.float32, device cpu"),
+    "missing": ({"mask": False}, "no buffer 'mask' where member 0's has shape (4,), dtype torch.float32, device cpu"),
+}
+
+
+@pytest.mark.parametrize("differ", list(BUFFERS_THAT_DIFFER))
+def test_members_whose_buffers_differ_are_refused_naming_the_buffer(differ):
+    """Before, a buffer of another shape got torch's bare "stack expects each tensor to be equal size" (naming neither
+    member nor buffer), one of another dtype was promoted without a word (member 0's float32 buffer ran as float64),
+    and one missing was named as a module of another architecture ("(model): _Masked() where member 0 has (model):
+    _Masked")."""
+    given, said = BUFFERS_THAT_DIFFER[differ]
+    with pytest.raises(ValueError, match=r"ensemble.stack: member 1's model differs from member 0's "
+                                         rf"\({re.escape(said)}\); every member must have the same architecture, its "
+                                         "parameters and buffers of the same shapes, dtypes and devices"):
+        ensemble.stack([_sgd(_Masked(0)), _sgd(_Masked(1, **given))])
