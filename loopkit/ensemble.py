@@ -22,9 +22,9 @@ that draws nothing keeps the one vmapped call (one member at a time costs K forw
 A ``loss_fn`` that vmap cannot run at all (``.item()`` in a metric, a branch on a tensor's value, ``nonzero``, an op
 without a batching rule) runs one member at a time too, from the first call vmap refuses on (it warns once, and
 remembers it: :attr:`EnsembleStep.unbatchable`); the ``loss_fn``'s own errors (a shape error) propagate as they are.
-A member made with ``global_rng=True`` draws from torch's global RNG, members in order. BatchNorm in training mode
-with running statistics is refused (buffers updated in place; in eval mode it reads them); a forward that changes any other buffer is refused by
-the step that finds it, before any member updates (a non-persistent buffer, a cache outside
+A member made with ``global_rng=True`` draws from torch's global RNG, members in order. BatchNorm or InstanceNorm in
+training mode with running statistics is refused (buffers updated in place; in eval mode it reads them); a forward
+that changes any other buffer is refused by the step that finds it, before any member updates (a non-persistent buffer, a cache outside
 the state dict such as a lazily grown position table, may change). The members' modules must be in the same
 training mode and have the same settings (a convolution's stride, a norm's eps or groups, any plain attribute such as
 a ``temperature`` the forward reads, a plain tensor attribute, a function kept as one, ``self.act = torch.relu``: the
@@ -144,11 +144,11 @@ def _check_members(states: Sequence[TrainState]) -> None:
                 "that member alone with loopkit.train_step, or use an optimizer whose step() needs no closure"
             )
         for module in state.model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats and module.training:
-                raise TypeError(
+            if isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats and module.training:
+                raise TypeError(  # (BatchNorm, InstanceNorm(track_running_stats=True))
                     f"ensemble.stack: member {k} has {type(module).__name__} in training mode with running statistics, "
                     "which a vmapped step cannot update in place; freeze it (.eval(): it reads its statistics, as a "
-                    "fine-tuned backbone's does), or use GroupNorm/LayerNorm"
+                    "fine-tuned backbone's does), make it with track_running_stats=False, or use GroupNorm/LayerNorm"
                 )
             if getattr(module, "sparse", False) is True and isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
                 raise TypeError(

@@ -2091,3 +2091,29 @@ def test_members_whose_buffers_differ_are_refused_naming_the_buffer(differ):
                                          rf"\({re.escape(said)}\); every member must have the same architecture, its "
                                          "parameters and buffers of the same shapes, dtypes and devices"):
         ensemble.stack([_sgd(_Masked(0)), _sgd(_Masked(1, **given))])
+
+
+def _instance_normed(seed: int, track_running_stats: bool = True, train: bool = True) -> loopkit.TrainState:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Conv1d(2, 3, 3), nn.InstanceNorm1d(3, track_running_stats=track_running_stats),
+                              nn.Flatten(), nn.Linear(3 * 6, 1))
+    if track_running_stats:
+        with torch.no_grad():
+            model[1].running_mean.fill_(0.1 * seed)
+            model[1].running_var.fill_(1.0 + seed)
+    return _sgd(model.train(train))
+
+
+def test_instancenorm_updating_running_statistics_is_refused_by_stack_as_batchnorm_is():
+    """Before, stack took it (it refused only BatchNorm), and the first donated step failed on the buffers it updated
+    and used the ensemble up. Reading its statistics (eval mode), or with none (track_running_stats=False), it trains
+    as the solo runs."""
+    with pytest.raises(TypeError, match=r"ensemble.stack: member 0 has InstanceNorm1d in training mode with running "
+                                        r"statistics, which a vmapped step cannot update in place; freeze it"):
+        ensemble.stack([_instance_normed(k) for k in range(2)])
+    generator = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(4, 2, 8, generator=generator), torch.randn(4, 1, generator=generator)) for _ in range(3)]
+    for kwargs in ({"train": False}, {"track_running_stats": False}):
+        states = [_instance_normed(k, **kwargs) for k in range(3)]
+        _assert_follow_solo(_together(states, batches), states, batches)
