@@ -24,8 +24,9 @@ without a batching rule) runs one member at a time too, from the first call vmap
 remembers it: :attr:`EnsembleStep.unbatchable`); the ``loss_fn``'s own errors (a shape error) propagate as they are.
 A member made with ``global_rng=True`` draws from torch's global RNG, members in order. BatchNorm or InstanceNorm in
 training mode with running statistics is refused (buffers updated in place; in eval mode it reads them); a forward
-that changes any other buffer is refused by the step that finds it, before any member updates (a non-persistent buffer, a cache outside
-the state dict such as a lazily grown position table, may change). The members' modules must be in the same
+that changes any other buffer is refused by the step that finds it, before any member updates (a non-persistent
+buffer, a cache outside the state dict such as a lazily grown position table, may change; a donated step's refusal
+leaves the ensemble usable: only the stacked copy of the buffers changed, which it stacks again). The members' modules must be in the same
 training mode and have the same settings (a convolution's stride, a norm's eps or groups, any plain attribute such as
 a ``temperature`` the forward reads, a plain tensor attribute, a function kept as one, ``self.act = torch.relu``: the
 step runs member 0's modules for all) and the same forward hooks and forward pre-hooks (the same function, or a
@@ -969,11 +970,12 @@ class EnsembleStep:
         try:  # nothing of the ensemble changes in place before its members' update, as with loopkit.donate
             grads, metrics, rngs = self._gradients(ensemble, batch, before)
         except BaseException as error:
-            if any(t._version != versions[n] for n, t in ensemble.buffers.items()):
-                _consume(ensemble)  # the forward wrote a stacked buffer in place
-            elif state_at_error(leave_intact(error, ensemble)) is not ensemble:  # (an exception without attributes)
+            written = [n for n, t in ensemble.buffers.items() if t._version != versions[n]]
+            if written:  # the forward wrote stacked copies in place (refused): the members' own are as they were
+                _restack_buffers(ensemble, written)
+            if state_at_error(leave_intact(error, ensemble)) is not ensemble:  # (an exception without attributes)
                 _consume(ensemble)
-            # else: the loss_fn's own exception, a loss or metric refused: fix the cause and call again
+            # else: the loss_fn's own exception, a loss, metric or buffer change refused: fix the cause and call again
             _copy_written(ensemble, before)  # what the forward set stays set, as in a solo run (and members agree)
             raise
         try:
@@ -1222,6 +1224,16 @@ def _restore_settings(model: nn.Module, before: _Snapshot) -> None:
             object.__setattr__(modules[i], attr, tensor)
 
 
+def _restack_buffers(ensemble: Ensemble, names: Sequence[str]) -> None:
+    """Copy the members' own buffers ``names`` into ``ensemble.buffers``, the stacked copies the step reads, which a
+    forward wrote in place (the step runs member 0's modules on the stacked copies: the members' own stay as they
+    were)."""
+    owns = [dict(member.model.named_buffers()) for member in ensemble.members]
+    with torch.no_grad():
+        for name in names:
+            ensemble.buffers[name].copy_(torch.stack([own[name] for own in owns]))
+
+
 def _consume(ensemble: Ensemble) -> None:
     object.__setattr__(ensemble, "_consumed", True)
     for member in ensemble.members:
@@ -1233,10 +1245,11 @@ def train_step(loss_fn: Callable[[nn.Module, Any], Any], *, donated: bool = Fals
 
     ``donated=True`` updates the given ensemble in place (using it again raises
     :class:`loopkit.DonatedStateError`), as :func:`loopkit.donate` does for one state: an error
-    raised before the step changed anything in place (the ``loss_fn``'s own exception, a loss or
-    metric the step refuses) leaves the given ensemble and its members usable
-    (:func:`loopkit.state_at_error` returns it); past the first in-place change (the members' update)
-    they are used up.
+    raised before the members' update (the ``loss_fn``'s own exception, a loss or metric the step
+    refuses, a forward's buffer change refused: only the stacked copy of the buffers changed, which
+    is stacked again from the members') leaves the given ensemble and its members usable
+    (:func:`loopkit.state_at_error` returns it); past the first in-place change of the members (their
+    update) they are used up.
 
     >>> import torch, loopkit
     >>> models = [torch.nn.Linear(2, 1) for _ in range(3)]
