@@ -14,11 +14,11 @@ The batch is the same for every member. A ``loss_fn`` that draws random numbers 
 ``torch.randn_like`` noise) is run one member at a time instead (the loss of each member's slice
 differentiated by ``torch.autograd.grad``, as a solo backward, with that member's own RNG installed
 around it, as :func:`loopkit.train_step` installs a solo state's): each member draws its solo run's
-numbers (its own dropout masks, from its own seed, also of a non-contiguous activation's), its ``rng``
-advances as its solo state's does, and its trajectory is its solo run's (bitwise, on the CPU: the
-same arithmetic, not batched). The step finds this out on its first call
-that draws (vmap refuses the draw) and remembers it (:attr:`EnsembleStep.draws_random`); a loss
-that draws nothing keeps the one vmapped call (one member at a time costs K forwards and backwards).
+numbers (its own dropout masks, from its own seed, also of a non-contiguous activation's), its
+``rng`` advances as its solo state's does, and its trajectory is its solo run's (bitwise, on the
+CPU: the same arithmetic, not batched). The step finds this out on its first call that draws (vmap
+refuses the draw) and remembers it (:attr:`EnsembleStep.draws_random`); a loss that draws nothing
+keeps the one vmapped call (one member at a time costs K forwards and backwards).
 A ``loss_fn`` that vmap cannot run at all (``.item()`` in a metric, a branch on a tensor's value, ``nonzero``, an op
 without a batching rule) runs one member at a time too, from the first call vmap refuses on (it warns once, and
 remembers it: :attr:`EnsembleStep.unbatchable`); the ``loss_fn``'s own errors (a shape error) propagate as they are.
@@ -26,13 +26,13 @@ A member made with ``global_rng=True`` draws from torch's global RNG, members in
 training mode with running statistics is refused (buffers updated in place; in eval mode it reads them); a forward
 that changes any other buffer is refused by the step that finds it, before any member updates (a non-persistent
 buffer, a cache outside the state dict such as a lazily grown position table, may change; a donated step's refusal
-leaves the ensemble usable: only the stacked copy of the buffers changed, which it stacks again). The members' modules must be in the same
-training mode and have the same settings (a convolution's stride, a norm's eps or groups, any plain attribute such as
-a ``temperature`` the forward reads, a plain tensor attribute, a function kept as one, ``self.act = torch.relu``: the
-step runs member 0's modules for all) and the same forward hooks and forward pre-hooks (the same function, or a
-method of the member's own module; torch's pruning and old-style weight_norm hooks are each member's own), the same
-parameters must be frozen (``requires_grad``) in every member, and their optimizers must not need a closure (LBFGS);
-a donated step refuses a member changed since stacking in any of these (changed alike in every member, as when
+leaves the ensemble usable: only the stacked copy of the buffers changed, which it stacks again). The members'
+modules must be in the same training mode and have the same settings (a convolution's stride, a norm's eps or groups,
+any plain attribute such as a ``temperature`` the forward reads, a plain tensor attribute, a function kept as one,
+``self.act = torch.relu``: the step runs member 0's modules for all) and the same forward hooks and forward pre-hooks
+(the same function, or a method of the member's own module; torch's pruning and old-style weight_norm hooks are each
+member's own), the same parameters must be frozen (``requires_grad``) in every member, and their optimizers must
+not need a closure (LBFGS); a donated step refuses a member changed since stacking in any of these (changed alike in every member, as when
 unfreezing a backbone, it trains on; a ``_private`` value is compared by :func:`stack`, and so by a non-donated
 step, not between donated calls). A plain value the forward sets on a module (``self.seen = n``, a ``_private``
 call counter), or a dict or list of them it sets or changes in place (``self.stats["calls"] += 1``), reaches every
@@ -373,9 +373,9 @@ def _hook_names(module: nn.Module) -> str:
 def _check_attributes(model: nn.Module, first: nn.Module, k: int, where: str, *, public: bool = False) -> None:
     """Refuse member ``k``'s ``model`` if a module's other values differ from member 0's: a tensor that is no
     parameter or buffer (a fixed random projection), a function (``self.act = torch.tanh``), a dict or list of such
-    values, a ``_private`` number (but with
-    ``public``: the donated step's check between calls, which leaves ``_private`` values to :func:`stack`). The step
-    runs member 0's modules, and so their values, for every member; other objects (a tokenizer) are not compared."""
+    values, a ``_private`` number (but with ``public``: the donated step's check between calls, which leaves
+    ``_private`` values to :func:`stack`). The step runs member 0's modules, and so their values, for every member;
+    other objects (a tokenizer) are not compared."""
     for (name, module), other in zip(model.named_modules(), first.modules()):
         own, theirs = _other_values(module), _other_values(other)
         if public:
@@ -1130,10 +1130,10 @@ def _one_member_at_a_time(
 ) -> tuple[list[dict[str, torch.Tensor]], dict[str, torch.Tensor], list[Mapping[str, torch.Tensor]]]:
     """Each member's gradients (those its loss reached), the metrics stacked (``[K]``), and each member's advanced RNG:
     the gradients of ``member_loss`` on member ``k``'s slice of ``trained`` and ``fixed`` (see
-    :func:`_member_gradients`), with member ``k``'s RNG installed as torch's default generators around it, as a solo :func:`loopkit.train_step` installs its state's
-    (so its dropout draws its solo run's masks). A member whose state draws from the global RNG (``rng`` empty)
-    draws from it, members in order. Nothing of the ensemble changes here: the RNGs come back, the caller's global
-    RNG is put back, also when ``loss_fn`` raises.
+    :func:`_member_gradients`), with member ``k``'s RNG installed as torch's default generators around it, as a solo
+    :func:`loopkit.train_step` installs its state's (so its dropout draws its solo run's masks). A member whose state
+    draws from the global RNG (``rng`` empty) draws from it, members in order. Nothing of the ensemble changes here:
+    the RNGs come back, the caller's global RNG is put back, also when ``loss_fn`` raises.
 
     Each member's forward starts from ``before``, member 0's modules' plain values (dicts of them too) and tensor
     attributes before this call (see :func:`_snapshot`), as its solo forward would, not from what a failed vmapped
@@ -1148,7 +1148,8 @@ def _one_member_at_a_time(
         _restore_settings(ensemble.skeleton, before)
         scope = RNGScope(member.rng, cuda_index, member.seed)
         try:
-            own, row = _member_gradients(member_loss, {n: t[k] for n, t in trained.items()}, {n: t[k] for n, t in fixed.items()})
+            own, row = _member_gradients(
+                member_loss, {n: t[k] for n, t in trained.items()}, {n: t[k] for n, t in fixed.items()})
         except BaseException:
             scope.discard()
             raise
