@@ -11,24 +11,28 @@ member's trajectory is its solo run's (the same arithmetic, batched; equal withi
 rounding, tested against ``train_step`` runs of each member alone).
 
 The batch is the same for every member. A ``loss_fn`` that draws random numbers (dropout, RReLU,
-``torch.randn_like`` noise) is run one member at a time instead (``torch.func.grad`` of each
-member's slice, with that member's own RNG installed around it, as :func:`loopkit.train_step`
-installs a solo state's): each member draws its solo run's numbers (its own dropout masks, from
-its own seed), its ``rng`` advances as its solo state's does, and its trajectory is its solo run's
-(bitwise, on the CPU: the same arithmetic, not batched). The step finds this out on its first call
-that draws (vmap refuses the draw) and remembers it (:attr:`EnsembleStep.draws_random`); a loss
-that draws nothing keeps the one vmapped call (one member at a time costs K forwards and backwards).
+``torch.randn_like`` noise) is run one member at a time instead (the loss of each member's slice
+differentiated by ``torch.autograd.grad``, as a solo backward, with that member's own RNG installed
+around it, as :func:`loopkit.train_step` installs a solo state's): each member draws its solo run's
+numbers (its own dropout masks, from its own seed, also of a non-contiguous activation's), its
+``rng`` advances as its solo state's does, and its trajectory is its solo run's (bitwise, on the
+CPU: the same arithmetic, not batched). The step finds this out on its first call that draws (vmap
+refuses the draw) and remembers it (:attr:`EnsembleStep.draws_random`); a loss that draws nothing
+keeps the one vmapped call (one member at a time costs K forwards and backwards).
 A ``loss_fn`` that vmap cannot run at all (``.item()`` in a metric, a branch on a tensor's value, ``nonzero``, an op
 without a batching rule) runs one member at a time too, from the first call vmap refuses on (it warns once, and
 remembers it: :attr:`EnsembleStep.unbatchable`); the ``loss_fn``'s own errors (a shape error) propagate as they are.
-A member made with ``global_rng=True`` draws from torch's global RNG, members in order. BatchNorm in training mode
-with running statistics is refused (buffers updated in place; in eval mode it reads them); a forward that changes any other buffer is refused by
-the step that finds it, before any member updates (a non-persistent buffer, a cache outside
-the state dict such as a lazily grown position table, may change). The members' modules must be in the same
-training mode and have the same settings (a convolution's stride, a norm's eps or groups, any plain attribute such as
-a ``temperature`` the forward reads, a plain tensor attribute: the step runs member 0's modules for all), the same
-parameters must be frozen (``requires_grad``) in every member, and their optimizers must not need a closure (LBFGS);
-a donated step refuses a member changed since stacking in any of these (changed alike in every member, as when
+A member made with ``global_rng=True`` draws from torch's global RNG, members in order. BatchNorm or InstanceNorm in
+training mode with running statistics is refused (buffers updated in place; in eval mode it reads them); a forward
+that changes any other buffer is refused by the step that finds it, before any member updates (a non-persistent
+buffer, a cache outside the state dict such as a lazily grown position table, may change; a donated step's refusal
+leaves the ensemble usable: only the stacked copy of the buffers changed, which it stacks again). The members'
+modules must be in the same training mode and have the same settings (a convolution's stride, a norm's eps or groups,
+any plain attribute such as a ``temperature`` the forward reads, a plain tensor attribute, a function kept as one,
+``self.act = torch.relu``: the step runs member 0's modules for all) and the same forward hooks and forward pre-hooks
+(the same function, or a method of the member's own module; torch's pruning and old-style weight_norm hooks are each
+member's own), the same parameters must be frozen (``requires_grad``) in every member, and their optimizers must
+not need a closure (LBFGS); a donated step refuses a member changed since stacking in any of these (changed alike in every member, as when
 unfreezing a backbone, it trains on; a ``_private`` value is compared by :func:`stack`, and so by a non-donated
 step, not between donated calls). A plain value the forward sets on a module (``self.seen = n``, a ``_private``
 call counter), or a dict or list of them it sets or changes in place (``self.stats["calls"] += 1``), reaches every
@@ -57,6 +61,7 @@ checkpoints, ``evaluate``, export); ``ensemble.members`` are views, usable as th
 from __future__ import annotations
 
 import copy
+import types
 import warnings
 import weakref
 from collections.abc import Callable, Mapping, Sequence, Set
@@ -140,11 +145,11 @@ def _check_members(states: Sequence[TrainState]) -> None:
                 "that member alone with loopkit.train_step, or use an optimizer whose step() needs no closure"
             )
         for module in state.model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats and module.training:
-                raise TypeError(
+            if isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats and module.training:
+                raise TypeError(  # (BatchNorm, InstanceNorm(track_running_stats=True))
                     f"ensemble.stack: member {k} has {type(module).__name__} in training mode with running statistics, "
                     "which a vmapped step cannot update in place; freeze it (.eval(): it reads its statistics, as a "
-                    "fine-tuned backbone's does), or use GroupNorm/LayerNorm"
+                    "fine-tuned backbone's does), make it with track_running_stats=False, or use GroupNorm/LayerNorm"
                 )
             if getattr(module, "sparse", False) is True and isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
                 raise TypeError(
@@ -155,7 +160,7 @@ def _check_members(states: Sequence[TrainState]) -> None:
         if difference:
             raise ValueError(
                 f"ensemble.stack: member {k}'s model differs from member 0's ({difference}); every member must have "
-                "the same architecture, its parameters of the same shapes, dtypes and devices"
+                "the same architecture, its parameters and buffers of the same shapes, dtypes and devices"
             )
         structure, expected_structure = _structure(state.model), _structure(first.model)
         if structure != expected_structure:  # the step runs member 0's modules for every member
@@ -167,6 +172,7 @@ def _check_members(states: Sequence[TrainState]) -> None:
             )
         _check_mode(state.model, first.model, k, "ensemble.stack")
         _check_settings(state.model, first.model, k, "ensemble.stack")
+        _check_hooks(state.model, first.model, k, "ensemble.stack")
         _check_attributes(state.model, first.model, k, "ensemble.stack")
         frozen = dict(first.model.named_parameters())
         for n, p in state.model.named_parameters():  # one vmapped gradient: the same parameters train in every member
@@ -178,25 +184,28 @@ def _check_members(states: Sequence[TrainState]) -> None:
 
 
 def _parameter_difference(model: nn.Module, first: nn.Module) -> str:
-    """How ``model``'s class or parameters (names, shapes, dtypes, devices) differ from member 0's ``first``, first
-    difference only; ``""`` when they do not."""
+    """How ``model``'s class, parameters or buffers (names, shapes, dtypes, devices) differ from member 0's ``first``,
+    first difference only (parameters first); ``""`` when they do not."""
     if type(model) is not type(first):
         return f"a {type(model).__qualname__} where member 0's is a {type(first).__qualname__}"
     own, theirs = _described(model), _described(first)
     if own == theirs:
         return ""
-    name = next(n for n in sorted(own.keys() | theirs.keys()) if own.get(n) != theirs.get(n))  # (names: strings)
-    if name not in theirs:
-        return f"parameter '{name}' has {own[name]} where member 0 has no such parameter"
-    if name not in own:
-        return f"no parameter '{name}' where member 0's has {theirs[name]}"
-    return f"parameter '{name}' has {own[name]} where member 0's has {theirs[name]}"
+    kind, name = next(key for key in sorted(own.keys() | theirs.keys()) if own.get(key) != theirs.get(key))
+    what = f"{('parameter', 'buffer')[kind]} '{name}'"
+    if (kind, name) not in theirs:
+        return f"{what} has {own[kind, name]} where member 0 has no such {what.split()[0]}"
+    if (kind, name) not in own:
+        return f"no {what} where member 0's has {theirs[kind, name]}"
+    return f"{what} has {own[kind, name]} where member 0's has {theirs[kind, name]}"
 
 
-def _described(model: nn.Module) -> dict[str, str]:
-    """Each of ``model``'s parameters' shape, dtype and device, as text (compared as text: dtypes and devices have
-    no order to sort the differences by)."""
-    return {n: f"shape {tuple(p.shape)}, dtype {p.dtype}, device {p.device}" for n, p in model.named_parameters()}
+def _described(model: nn.Module) -> dict[tuple[int, str], str]:
+    """Each of ``model``'s parameters' (kind 0) and buffers' (kind 1) shape, dtype and device, as text, by kind and
+    name (compared as text: dtypes and devices have no order to sort the differences by)."""
+    tensors = [(0, model.named_parameters()), (1, model.named_buffers())]
+    return {(kind, n): f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}" for kind, named in tensors
+            for n, t in named}
 
 
 def _check_mode(model: nn.Module, first: nn.Module, k: int, where: str) -> None:
@@ -238,8 +247,16 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def _short(value: Any, limit: int = 80) -> str:
-    text = repr(value)
+    text = _function_name(value) if isinstance(value, _FUNCTIONS) else repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _function_name(function: Any) -> str:
+    """A function's (a bound method's: its function's) module and name, ``torch.relu``, for a message."""
+    function = getattr(function, "__func__", function)
+    name = function.__qualname__ if isinstance(function, types.FunctionType) else function.__name__
+    module = getattr(function, "__module__", None)
+    return f"{module}.{name}" if module else name
 
 
 def _check_settings(model: nn.Module, first: nn.Module, k: int, where: str) -> None:
@@ -254,11 +271,111 @@ def _check_settings(model: nn.Module, first: nn.Module, k: int, where: str) -> N
         )
 
 
+#: each hooked module's index in ``modules()`` and its forward hooks' keys (see :func:`_hooks`)
+_Hooks = list[tuple[int, tuple[Any, ...]]]
+
+
+def _hooks(model: nn.Module) -> _Hooks:
+    """``model``'s forward pre-hooks and forward hooks, as the step runs them (member 0's for all): for each module
+    that has any, its index in ``modules()`` and each hook's kind, flags and key (see :func:`_hook_key`), in order."""
+    return _hooks_of(model, [(i, m) for i, m in enumerate(model.modules()) if m._forward_hooks or m._forward_pre_hooks])
+
+
+def _hooks_of(model: nn.Module, hooked: list[tuple[int, nn.Module]]) -> _Hooks:
+    """:func:`_hooks` of ``hooked``, ``model``'s modules with hooks (and their indices)."""
+    positions: dict[int, int] = {}  # (a bound method's module: by its index, filled when first needed)
+    found = []
+    for i, module in hooked:
+        kinds = [("forward pre-hook", h, module._forward_pre_hooks_with_kwargs.get(n, False), False)
+                 for n, h in module._forward_pre_hooks.items()]
+        kinds += [("forward hook", h, module._forward_hooks_with_kwargs.get(n, False),
+                   module._forward_hooks_always_called.get(n, False)) for n, h in module._forward_hooks.items()]
+        found.append((i, tuple((kind, _hook_key(hook, model, positions), *flags) for kind, hook, *flags in kinds)))
+    return found
+
+
+def _hook_key(hook: Any, model: nn.Module, positions: dict[int, int]) -> Any:
+    """What makes two members' hooks alike: any of torch's pruning methods by the attribute it computes (from each
+    member's own mask), an old-style ``weight_norm`` / ``spectral_norm`` hook by its class and settings (each member
+    has its own object), a bound method by its function and its object (a module of the member by its index in
+    ``model.modules()``: each member's own), any other function as :func:`_same_function` compares it."""
+    if isinstance(hook, prune.BasePruningMethod):
+        return prune.BasePruningMethod, hook._tensor_name
+    if isinstance(_computed_name(hook), str):
+        return type(hook), tuple(sorted((a, v) for a, v in vars(hook).items() if is_plain_setting(v)))
+    func, owner = getattr(hook, "__func__", None), getattr(hook, "__self__", None)
+    if func is None or owner is None:
+        return _Function(hook)
+    if isinstance(owner, nn.Module):
+        if not positions:
+            positions.update((id(m), i) for i, m in enumerate(model.modules()))
+        if id(owner) in positions:
+            return func, positions[id(owner)]
+    return func, _Function(owner)
+
+
+class _Function:
+    """A function (or a bound method's object outside the member) in a hooks key, compared as :func:`_same_function`
+    compares it."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Function) and _same_function(self.value, other.value)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+#: the functions a module's attribute may hold that :func:`_same_function` compares (``torch.relu``, ``F.gelu``)
+_FUNCTIONS = (types.FunctionType, types.BuiltinFunctionType, types.MethodType)
+
+
+def _same_function(a: Any, b: Any) -> bool:
+    """Whether ``a`` and ``b`` compute alike: the same object, or bound methods of one function (each member's object,
+    a copy), or functions of the same code without a closure or defaults (a lambda made for each member, ``self.act
+    = lambda x: x * 2``). Any other functions differ (one closing over a member's own scale)."""
+    if a is b:
+        return True
+    if isinstance(a, types.MethodType) and isinstance(b, types.MethodType):
+        return a.__func__ is b.__func__
+    return (isinstance(a, types.FunctionType) and isinstance(b, types.FunctionType) and a.__code__ is b.__code__
+            and a.__globals__ is b.__globals__ and a.__closure__ is b.__closure__ is None
+            and a.__defaults__ is b.__defaults__ is None and a.__kwdefaults__ is b.__kwdefaults__ is None)
+
+
+def _check_hooks(model: nn.Module, first: nn.Module, k: int, where: str) -> None:
+    """Refuse member ``k``'s ``model`` if a module's forward pre-hooks or forward hooks differ from member 0's (see
+    :func:`_hooks`): the step runs member 0's modules, and so their hooks, for every member."""
+    own, theirs = dict(_hooks(model)), dict(_hooks(first))
+    if own == theirs:
+        return
+    i = next(i for i in sorted(own.keys() | theirs.keys()) if own.get(i) != theirs.get(i))
+    (name, module), expected = list(model.named_modules())[i], list(first.modules())[i]
+    raise ValueError(
+        f"{where}: member {k}'s module {name or '(model)'} ({type(module).__name__}) has other forward hooks than "
+        f"member 0's ({_hook_names(module)} where member 0's has {_hook_names(expected)}); the vmapped step runs "
+        "member 0's modules, with their hooks, for all: register the same hook function in every member (one "
+        "function, not one made for each member; a method of the member's own module is its own), or train the "
+        "members apart"
+    )
+
+
+def _hook_names(module: nn.Module) -> str:
+    """``module``'s forward pre-hooks and forward hooks, named, for a message."""
+    hooks = [("forward pre-hook", h) for h in module._forward_pre_hooks.values()]
+    hooks += [("forward hook", h) for h in module._forward_hooks.values()]
+    return ", ".join(f"{kind} {getattr(h, '__qualname__', type(h).__qualname__)}" for kind, h in hooks) or "none"
+
+
 def _check_attributes(model: nn.Module, first: nn.Module, k: int, where: str, *, public: bool = False) -> None:
     """Refuse member ``k``'s ``model`` if a module's other values differ from member 0's: a tensor that is no
-    parameter or buffer (a fixed random projection), a dict or list of such values, a ``_private`` number (but with
-    ``public``: the donated step's check between calls, which leaves ``_private`` values to :func:`stack`). The step
-    runs member 0's modules, and so their values, for every member; other objects (a tokenizer) are not compared."""
+    parameter or buffer (a fixed random projection), a function (``self.act = torch.tanh``), a dict or list of such
+    values, a ``_private`` number (but with ``public``: the donated step's check between calls, which leaves
+    ``_private`` values to :func:`stack`). The step runs member 0's modules, and so their values, for every member;
+    other objects (a tokenizer) are not compared."""
     for (name, module), other in zip(model.named_modules(), first.modules()):
         own, theirs = _other_values(module), _other_values(other)
         if public:
@@ -306,19 +423,20 @@ def _computed_name(hook: Any) -> Any:
 
 def _comparable(value: Any, held: set[int]) -> bool:
     """A value whose equality says whether two members compute alike: a tensor that is none of the module's own
-    parameters and buffers, a plain value, and dicts, lists and tuples of those (not empty)."""
+    parameters and buffers, a plain value, a function (``self.act = torch.relu``, see :data:`_FUNCTIONS`), and dicts,
+    lists and tuples of those (not empty)."""
     if isinstance(value, torch.Tensor):
         return id(value) not in held
     if isinstance(value, Mapping):
         return bool(value) and all(_comparable(v, held) for v in value.values())
     if isinstance(value, (list, tuple)):
         return bool(value) and all(_comparable(v, held) for v in value)
-    return is_plain_setting(value)
+    return is_plain_setting(value) or isinstance(value, _FUNCTIONS)
 
 
 def _same_value(a: Any, b: Any) -> bool:
     """Equal values of :func:`_comparable`: tensors of one shape, dtype and device with equal elements (NaN equal),
-    containers item by item."""
+    functions as :func:`_same_function` compares them, containers item by item."""
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
                 and a.dtype == b.dtype and a.device == b.device and bool(torch.equal(a, b) or (
@@ -329,6 +447,8 @@ def _same_value(a: Any, b: Any) -> bool:
     if isinstance(a, (tuple, list)) or isinstance(b, (tuple, list)):
         return (isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)) and len(a) == len(b)
                 and all(_same_value(x, y) for x, y in zip(a, b)))
+    if isinstance(a, _FUNCTIONS) or isinstance(b, _FUNCTIONS):
+        return _same_function(a, b)
     return _same(a, b)
 
 
@@ -431,23 +551,28 @@ def _check_unchanged(ensemble: Ensemble) -> None:
     a parameter's ``requires_grad`` or another value (see :func:`_other_values`) was changed in some members only (a
     donated step does not stack them again). Member 0's model is the skeleton itself. Cheap: plain values and flags
     compared, tensors by identity and version (no device sync)."""
-    reference, key = _scan(ensemble.skeleton)  # (``training`` among the settings: one comparison for the common case)
+    reference, hooks, key = _scan(ensemble.skeleton)  # (``training`` among the settings: one comparison, commonly)
     keys = [key]
     for k, member in enumerate(ensemble.members[1:], 1):
-        settings, key = _scan(member.model)
+        settings, own_hooks, key = _scan(member.model)
         keys.append(key)
         if settings != reference:
             _check_mode(member.model, ensemble.skeleton, k, "ensemble.train_step")
             _check_settings(member.model, ensemble.skeleton, k, "ensemble.train_step")
+        if own_hooks != hooks:
+            _check_hooks(member.model, ensemble.skeleton, k, "ensemble.train_step")
     _check_frozen(ensemble)
     _check_values(ensemble, tuple(keys))
 
 
-def _scan(model: nn.Module) -> tuple[list[dict[str, Any]], list[tuple[tuple[str, Any], ...]]]:
-    """``model``'s settings (each module's :func:`module_settings`) and values key (see :func:`_all_values`), in one
-    walk of its modules (each module's attributes sorted once: the step's checks cost per module and member)."""
-    settings, keys = [], []
-    for module in model.modules():
+def _scan(model: nn.Module) -> tuple[list[dict[str, Any]], _Hooks, list[tuple[tuple[str, Any], ...]]]:
+    """``model``'s settings (each module's :func:`module_settings`), forward hooks (see :func:`_hooks`) and values key
+    (see :func:`_all_values`), in one walk of its modules (each module's attributes sorted once: the step's checks
+    cost per module and member)."""
+    settings, keys, hooked = [], [], []
+    for i, module in enumerate(model.modules()):
+        if module._forward_hooks or module._forward_pre_hooks:
+            hooked.append((i, module))
         own = vars(module)
         names = own.keys() - _BOOKKEEPING
         # (module_settings, from the attributes that are not bookkeeping)
@@ -456,7 +581,7 @@ def _scan(model: nn.Module) -> tuple[list[dict[str, Any]], list[tuple[tuple[str,
         settings.append(found)
         others = _other_values(module, public - found.keys()) if len(public) > len(found) else None
         keys.append(tuple((attr, _key(value)) for attr, value in others.items()) if others else ())
-    return settings, keys
+    return settings, _hooks_of(model, hooked) if hooked else [], keys
 
 
 #: a module's standard attributes but ``training`` (a setting): its bookkeeping, neither a setting nor another value
@@ -497,7 +622,7 @@ def _all_values(members: Sequence[TrainState]) -> tuple[list[tuple[tuple[str, An
     """Each member's values key: what of its modules' other values (see :func:`_other_values`) a donated step
     compares between calls, plain values as they are, tensors by identity and version (see :class:`_Seen`), in
     ``modules()`` order (see :func:`_scan`)."""
-    return tuple(_scan(member.model)[1] for member in members)
+    return tuple(_scan(member.model)[2] for member in members)
 
 
 def _key(value: Any) -> Any:
@@ -579,16 +704,19 @@ def _copy_written(ensemble: Ensemble, before: _Snapshot) -> None:
 _NO_TENSORS = _MODULE_STANDARD - {"_parameters", "_buffers"}
 
 
-def _refuse_escaped(model: nn.Module, where: str, before: _Snapshot) -> None:
+def _refuse_escaped(
+    model: nn.Module, where: str, before: _Snapshot, of_call: Callable[[torch.Tensor], bool] | None = None,
+) -> None:
     """Refuse a forward that kept a tensor on a module (``self.last_h = h.detach()``): under vmap it is a wrapper of
     the batched call, dead once the call returns, and a later copy, pickle or ``unstack`` of the members fails on
-    it. The attribute is set to None (its value is no member's), such tensors are taken out of a list or dict it
-    holds, and no member has updated yet. A module's own tensor attribute (in ``before``, see :func:`_snapshot`)
-    that the forward replaced so (a counter kept as a tensor, ``self.n = self.n + 1``), or with another tensor of
-    no transformed call (``self.t, self.u = self.u, self.t``: member 0's only, where each member's solo forward
-    changes its own), is put back as it was."""
+    it; one member at a time it is the last member's, kept on member 0's module. The attribute is set to None (its
+    value is no member's), such tensors are taken out of a list or dict it holds, and no member has updated yet. A
+    module's own tensor attribute (in ``before``, see :func:`_snapshot`) that the forward replaced so (a counter kept
+    as a tensor, ``self.n = self.n + 1``), or with another tensor of no call (``self.t, self.u = self.u, self.t``:
+    member 0's only, where each member's solo forward changes its own), is put back as it was. ``of_call``: whether
+    a tensor is the call's (by default a functorch wrapper: the vmapped call's; see :func:`_made_by_call`)."""
     escaped, replaced, swapped = [], [], []
-    is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    is_wrapped = of_call or torch._C._functorch.is_functorch_wrapped_tensor
     for i, (name, module) in enumerate(model.named_modules()):
         computed = _computed(module)
         for attr, value in list(vars(module).items()):
@@ -611,6 +739,26 @@ def _refuse_escaped(model: nn.Module, where: str, before: _Snapshot) -> None:
                 escaped.append(f"{name + '.' if name else ''}{attr}: taken out of it")
     if replaced or swapped or escaped:
         raise RuntimeError(_escaped_message(where, replaced, swapped, escaped))
+
+
+def _made_by_call(model: nn.Module, before: _Snapshot) -> Callable[[torch.Tensor], bool]:
+    """Whether a tensor is one the call about to run one member at a time makes (plain tensors there, not functorch
+    wrappers): a wrapper (of a refused vmapped attempt), or a tensor that none of ``model``'s modules holds now as an
+    attribute, in a list or dict (see :func:`_refuse_escaped`), a parameter or a buffer, and that ``before`` does
+    not hold."""
+    held = {id(t): t for t in before.tensors.values()}  # (the tensors kept alive with their ids: no id is reused)
+    for module in model.modules():
+        for attr, value in vars(module).items():
+            if attr in _NO_TENSORS:
+                continue
+            if isinstance(value, torch.Tensor):
+                held[id(value)] = value
+            elif isinstance(value, (list, dict)) and len(value) <= _SCANNED:
+                for item in value.values() if isinstance(value, dict) else value:
+                    if isinstance(item, torch.Tensor):
+                        held[id(item)] = item
+    is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    return lambda tensor: is_wrapped(tensor) or id(tensor) not in held
 
 
 def _escaped_message(where: str, replaced: list[str], swapped: list[str], escaped: list[str]) -> str:
@@ -691,9 +839,10 @@ def _structure(model: nn.Module) -> list[str]:
 def stack(states: Sequence[TrainState]) -> Ensemble:
     """An :class:`Ensemble` of copies of ``states`` (which stay unchanged), parameters stacked.
 
-    Every member needs the same architecture, its modules in the same training modes and with the
-    same settings (plain attributes: ``stride``, ``eps``, ...) as member 0's, and an optimizer (of
-    any kind and settings, but not one whose step needs a closure).
+    Every member needs the same architecture (its parameters and buffers of the same names,
+    shapes, dtypes and devices), its modules in the same training modes and with the same settings
+    (plain attributes: ``stride``, ``eps``, ...) and forward hooks as member 0's, and an optimizer
+    (of any kind and settings, but not one whose step needs a closure).
 
     >>> import torch, loopkit
     >>> models = [torch.nn.Linear(2, 2) for _ in range(4)]
@@ -821,11 +970,12 @@ class EnsembleStep:
         try:  # nothing of the ensemble changes in place before its members' update, as with loopkit.donate
             grads, metrics, rngs = self._gradients(ensemble, batch, before)
         except BaseException as error:
-            if any(t._version != versions[n] for n, t in ensemble.buffers.items()):
-                _consume(ensemble)  # the forward wrote a stacked buffer in place
-            elif state_at_error(leave_intact(error, ensemble)) is not ensemble:  # (an exception without attributes)
+            written = [n for n, t in ensemble.buffers.items() if t._version != versions[n]]
+            if written:  # the forward wrote stacked copies in place (refused): the members' own are as they were
+                _restack_buffers(ensemble, written)
+            if state_at_error(leave_intact(error, ensemble)) is not ensemble:  # (an exception without attributes)
                 _consume(ensemble)
-            # else: the loss_fn's own exception, a loss or metric refused: fix the cause and call again
+            # else: the loss_fn's own exception, a loss, metric or buffer change refused: fix the cause and call again
             _copy_written(ensemble, before)  # what the forward set stays set, as in a solo run (and members agree)
             raise
         try:
@@ -862,7 +1012,7 @@ class EnsembleStep:
         fixed = {n: ensemble.params[n] for n, t in zip(names, trainable) if not t} | dict(ensemble.buffers)
         reached: list[set[str]] = []  # the parameters each call's loss reaches (vmap traces member_loss once)
         versions = {n: t._version for n, t in ensemble.buffers.items()}  # a buffer changed in place bumps its own
-        rngs = None
+        rngs = of_call = None
         try:
             if not (self.draws_random or self.unbatchable):
                 vmapped = torch.func.vmap(torch.func.grad(member_loss, has_aux=True), randomness="error")
@@ -879,11 +1029,12 @@ class EnsembleStep:
                     else:
                         raise
             if self.draws_random or self.unbatchable:
+                of_call = _made_by_call(ensemble.skeleton, before)
                 grads, metrics, rngs = _one_member_at_a_time(
-                    ensemble, member_loss, trained, fixed, reached, where, before)
+                    ensemble, member_loss, trained, fixed, where, before)
         finally:  # (a loss_fn that raised left them too: the ensemble stays usable)
             _refresh_rnn_weights(ensemble.skeleton)
-        _refuse_escaped(ensemble.skeleton, where, before)
+        _refuse_escaped(ensemble.skeleton, where, before, of_call)
         # a buffer the forward changed (a counter's add_, a running statistic) changed the stacked copy only, or was
         # replaced inside functional_call: the members' buffers would silently keep their old values
         # (a non-persistent buffer is a cache the forward may fill or grow: not state, so not checked)
@@ -900,7 +1051,7 @@ class EnsembleStep:
         # its .grad None (the optimizer skips it: no weight decay, momentum or Adam state): drop those
         if rngs is None:
             return {n: g for n, g in grads.items() if n in reached[-1]}, metrics, None
-        return grads, metrics, rngs  # (one member at a time: each member's own, dropped per member already)
+        return grads, metrics, rngs  # (one member at a time: each member's own, those its loss reached)
 
     def _update(
         self, ensemble: Ensemble, before: _Snapshot, grads: _Grads, metrics: dict[str, torch.Tensor],
@@ -975,21 +1126,20 @@ def _warn_unbatchable(where: str, error: RuntimeError, k: int) -> None:
 
 def _one_member_at_a_time(
     ensemble: Ensemble, member_loss: Callable[..., Any], trained: Mapping[str, torch.Tensor],
-    fixed: Mapping[str, torch.Tensor], reached: list[set[str]], where: str, before: _Snapshot,
+    fixed: Mapping[str, torch.Tensor], where: str, before: _Snapshot,
 ) -> tuple[list[dict[str, torch.Tensor]], dict[str, torch.Tensor], list[Mapping[str, torch.Tensor]]]:
     """Each member's gradients (those its loss reached), the metrics stacked (``[K]``), and each member's advanced RNG:
-    ``torch.func.grad`` of ``member_loss`` on member ``k``'s slice of ``trained`` and ``fixed``, with member ``k``'s
-    RNG installed as torch's default generators around it, as a solo :func:`loopkit.train_step` installs its state's
-    (so its dropout draws its solo run's masks). A member whose state draws from the global RNG (``rng`` empty)
-    draws from it, members in order. Nothing of the ensemble changes here: the RNGs come back, the caller's global
-    RNG is put back, also when ``loss_fn`` raises.
+    the gradients of ``member_loss`` on member ``k``'s slice of ``trained`` and ``fixed`` (see
+    :func:`_member_gradients`), with member ``k``'s RNG installed as torch's default generators around it, as a solo
+    :func:`loopkit.train_step` installs its state's (so its dropout draws its solo run's masks). A member whose state
+    draws from the global RNG (``rng`` empty) draws from it, members in order. Nothing of the ensemble changes here:
+    the RNGs come back, the caller's global RNG is put back, also when ``loss_fn`` raises.
 
     Each member's forward starts from ``before``, member 0's modules' plain values (dicts of them too) and tensor
     attributes before this call (see :func:`_snapshot`), as its solo forward would, not from what a failed vmapped
     attempt or the member before set (a call counter, a list a forward appends to, a dict it counts in); a plain value
     the members' forwards set otherwise (a ``_private`` one too, a dict) is refused (see :func:`_settings_diverged`),
     the modules' values put back first."""
-    grad = torch.func.grad(member_loss, has_aux=True)
     first = next(iter(ensemble.params.values()))
     cuda_index = _cuda_index(first.device) if first.is_cuda else None
     grads, rows, rngs = [], [], []
@@ -998,7 +1148,8 @@ def _one_member_at_a_time(
         _restore_settings(ensemble.skeleton, before)
         scope = RNGScope(member.rng, cuda_index, member.seed)
         try:
-            own, row = grad({n: t[k] for n, t in trained.items()}, {n: t[k] for n, t in fixed.items()})
+            own, row = _member_gradients(
+                member_loss, {n: t[k] for n, t in trained.items()}, {n: t[k] for n, t in fixed.items()})
         except BaseException:
             scope.discard()
             raise
@@ -1009,7 +1160,7 @@ def _one_member_at_a_time(
         elif not _same_settings(after, written):
             _restore_settings(ensemble.skeleton, before)
             raise ValueError(_settings_diverged(ensemble.skeleton, where, k, written, after))
-        grads.append({n: g for n, g in own.items() if n in reached[-1]})
+        grads.append(own)
         if rows and row.keys() != rows[0].keys():
             raise ValueError(
                 f"ensemble.train_step: {where} returned the metrics {sorted(row)} for member {k} and {sorted(rows[0])} "
@@ -1018,6 +1169,20 @@ def _one_member_at_a_time(
         rows.append(row)
     metrics = {key: torch.stack([row[key] for row in rows]) for key in rows[0]}
     return grads, metrics, rngs
+
+
+def _member_gradients(
+    member_loss: Callable[..., Any], trained: Mapping[str, torch.Tensor], fixed: Mapping[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """One member's gradients (of the ``trained`` tensors its loss reaches) and metrics: ``member_loss`` on leaves
+    that share ``trained``'s storage, differentiated by ``torch.autograd.grad``, the solo step's autograd. Not
+    ``torch.func.grad``: under it torch decomposes dropout into other ops, which fill a non-contiguous input's mask
+    (a transposed activation, attention's) in another order than the solo run's dropout draws it."""
+    leaves = {n: t.detach().requires_grad_() for n, t in trained.items()}
+    with torch.enable_grad():
+        loss, row = member_loss(leaves, fixed)
+        grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+    return {n: g for n, g in zip(leaves, grads) if g is not None}, row
 
 
 def _same_settings(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> bool:
@@ -1060,6 +1225,16 @@ def _restore_settings(model: nn.Module, before: _Snapshot) -> None:
             object.__setattr__(modules[i], attr, tensor)
 
 
+def _restack_buffers(ensemble: Ensemble, names: Sequence[str]) -> None:
+    """Copy the members' own buffers ``names`` into ``ensemble.buffers``, the stacked copies the step reads, which a
+    forward wrote in place (the step runs member 0's modules on the stacked copies: the members' own stay as they
+    were)."""
+    owns = [dict(member.model.named_buffers()) for member in ensemble.members]
+    with torch.no_grad():
+        for name in names:
+            ensemble.buffers[name].copy_(torch.stack([own[name] for own in owns]))
+
+
 def _consume(ensemble: Ensemble) -> None:
     object.__setattr__(ensemble, "_consumed", True)
     for member in ensemble.members:
@@ -1071,10 +1246,11 @@ def train_step(loss_fn: Callable[[nn.Module, Any], Any], *, donated: bool = Fals
 
     ``donated=True`` updates the given ensemble in place (using it again raises
     :class:`loopkit.DonatedStateError`), as :func:`loopkit.donate` does for one state: an error
-    raised before the step changed anything in place (the ``loss_fn``'s own exception, a loss or
-    metric the step refuses) leaves the given ensemble and its members usable
-    (:func:`loopkit.state_at_error` returns it); past the first in-place change (the members' update)
-    they are used up.
+    raised before the members' update (the ``loss_fn``'s own exception, a loss or metric the step
+    refuses, a forward's buffer change refused: only the stacked copy of the buffers changed, which
+    is stacked again from the members') leaves the given ensemble and its members usable
+    (:func:`loopkit.state_at_error` returns it); past the first in-place change of the members (their
+    update) they are used up.
 
     >>> import torch, loopkit
     >>> models = [torch.nn.Linear(2, 1) for _ in range(3)]

@@ -5,7 +5,10 @@ from __future__ import annotations
 import copy
 import functools
 import io
+import re
 import warnings
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -444,22 +447,52 @@ def test_a_donated_ensemble_step_that_fails_after_changing_something_uses_the_en
     for member in ens.members:
         with pytest.raises(loopkit.DonatedStateError):
             member.check_usable()
-    # a forward that changed a stacked buffer in place (refused) changed the ensemble too: used up as well
-    states = [loopkit.TrainState.create(m, torch.optim.SGD(m.parameters(), lr=0.1)) for m in (_Counter(0), _Counter(1))]
+
+
+class _CountsLater(_Counter):
+    """Counts its calls in a buffer from its second call on (a statistic tracked after a warm-up)."""
+
+    def forward(self, x):
+        self.warm = getattr(self, "warm", False)
+        if self.warm and self.reassign:
+            self.calls = self.calls + 1
+        elif self.warm:
+            self.calls += 1
+        self.warm = True
+        return self.l(x) * self.scale
+
+
+@pytest.mark.parametrize("path", ["vmapped", "one member at a time"])
+@pytest.mark.parametrize("reassign", [False, True], ids=["in place", "replaced"])
+def test_a_donated_step_that_refuses_a_buffer_change_leaves_the_trained_ensemble_usable(reassign, path, make_batches):
+    """Before, a buffer changed in place (only the step's stacked copy of the buffers: the members' own are never
+    written) used up the whole trained ensemble: state_at_error gave nothing back and every member raised
+    DonatedStateError. Now the stacked copy is stacked again from the members' own, and the ensemble, its members as
+    they were, trains on once the forward leaves its buffers alone (reference: a run without the refused call)."""
+    loss_fn = {"vmapped": _loss, "one member at a time": _noisy_loss}[path]
+    batches = make_batches(3)
+    states = [_sgd(_CountsLater(k, reassign)) for k in range(2)]
     ens = ensemble.stack(states)
-    with pytest.raises(RuntimeError, match="changed the buffer") as error:
-        ensemble.train_step(_loss, donated=True)(ens, batch)
-    assert loopkit.state_at_error(error.value) is None
-    with pytest.raises(loopkit.DonatedStateError):
-        ens.members[0].check_usable()
-    # one that only replaced it inside functional_call changed nothing of the ensemble: usable
-    states = [loopkit.TrainState.create(m, torch.optim.SGD(m.parameters(), lr=0.1))
-              for m in (_Counter(0, reassign=True), _Counter(1, reassign=True))]
-    ens = ensemble.stack(states)
-    with pytest.raises(RuntimeError, match="changed the buffer") as error:
-        ensemble.train_step(_loss, donated=True)(ens, batch)
+    step = ensemble.train_step(loss_fn, donated=True)
+    ens, _ = step(ens, batches[0])
+    params = {n: p.clone() for n, p in ens.params.items()}
+    with pytest.raises(RuntimeError, match=r"changed the buffer\(s\) 'calls' in its forward") as error:
+        step(ens, batches[1])
     assert loopkit.state_at_error(error.value) is ens
-    assert float(ens.buffers["calls"].sum()) == 0 and float(ens.members[0].model.calls) == 0
+    ens.check_usable()
+    assert [m.step for m in ens.members] == [1, 1]
+    assert all(torch.equal(ens.params[n], params[n]) for n in params)
+    assert float(ens.buffers["calls"].abs().sum()) == 0 and float(ens.members[1].model.calls) == 0
+    for member in ens.members:
+        member.model.warm = False  # (fixed: it counts no more)
+    ens, _ = step(ens, batches[1])
+    reference = ensemble.stack(states)
+    for batch in batches[:2]:
+        for state in reference.members:
+            state.model.warm = False
+        reference, _ = ensemble.train_step(loss_fn, donated=True)(reference, batch)
+    assert all(torch.equal(ens.params[n], reference.params[n]) for n in params)
+    assert [m.step for m in ens.members] == [2, 2]
 
 
 def test_donated_must_be_a_bool():
@@ -804,14 +837,17 @@ class _Keeping(nn.Module):
         return self.b(h)
 
 
+@pytest.mark.parametrize("path", ["vmapped", "one member at a time"])
 @pytest.mark.parametrize("donated", [False, True])
-def test_a_forward_that_keeps_a_tensor_on_the_model_is_refused_before_any_member_updates(donated, make_batches):
+def test_a_forward_that_keeps_a_tensor_on_the_model_is_refused_before_any_member_updates(donated, path, make_batches):
     """It trained, and left a tensor of the vmapped call on member 0's module: unstack, deepcopy and pickle of the
-    members then failed in functorch ("your tensor may have escaped"). Reference: the members as stacked."""
+    members then failed in functorch ("your tensor may have escaped"). One member at a time (a loss that draws) the
+    tensor is a plain one, the last member's, as much no member's own. Reference: the members as stacked."""
+    loss_fn = {"vmapped": _loss, "one member at a time": _noisy_loss}[path]
     ens = ensemble.stack([_sgd(_Keeping(k)) for k in range(2)])
     before = {n: t.clone() for n, t in ens.params.items()}
     with pytest.raises(RuntimeError, match=r"kept tensors of the vmapped call on the model \(last_h: set to None\)"):
-        ensemble.train_step(_loss, donated=donated)(ens, make_batches(1)[0])
+        ensemble.train_step(loss_fn, donated=donated)(ens, make_batches(1)[0])
     assert all(torch.equal(ens.params[n], before[n]) for n in before)
     members = ensemble.unstack(ens)  # (still usable, and copies)
     assert torch.equal(members[1].model.a.weight, before["a.weight"][1])
@@ -950,11 +986,33 @@ def _raw_random(seed, model, make_opt, make_sched, loss_fn, batches):
     return model, losses, rng
 
 
+class _Transposed(nn.Module):
+    """Dropout of a non-contiguous activation (a transpose, as attention and conv-to-sequence code have), or a
+    TransformerEncoderLayer with dropout: under torch.func.grad torch fills such a mask in another order than the
+    solo run's dropout does (the members drew other masks than their solo runs)."""
+
+    def __init__(self, seed: int, transformer: bool = False) -> None:
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.a, self.b = nn.Linear(4, 12), nn.Linear(4, 2)
+            self.mid = (nn.TransformerEncoderLayer(4, 2, 8, dropout=0.2, batch_first=True) if transformer
+                        else nn.Dropout(0.3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x).view(-1, 3, 4)
+        if isinstance(self.mid, nn.Dropout):
+            return self.b(self.mid(h.transpose(1, 2)).mean(2))  # (the dropout's input: [N, 4, 3], not contiguous)
+        return self.b(self.mid(h).mean(1))
+
+
 # (model, loss_fn): a dropout layer's draws, a loss_fn's own torch.randn_like, and both
 RANDOM = {
     "dropout": (lambda seed: _mlp(seed, dropout=True), _loss),
     "randn_like_in_the_loss": (lambda seed: _mlp(seed), _noisy_loss),
     "both": (lambda seed: _mlp(seed, dropout=True), _noisy_loss),
+    "dropout_of_a_transposed_activation": (_Transposed, _loss),
+    "transformer_encoder_layer": (functools.partial(_Transposed, transformer=True), _loss),
 }
 
 
@@ -1840,3 +1898,252 @@ def test_a_forward_that_swaps_tensor_attributes_is_refused_naming_them_and_put_b
     for member in ensemble.unstack(ens):
         assert torch.equal(member.model.t, torch.zeros(())) and torch.equal(member.model.u, torch.ones(()))
         assert member.step == 0
+
+
+# --- forward hooks: the step runs member 0's modules, and so their hooks, for every member -------------------------
+
+
+def _halve(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+    return out * 0.5
+
+
+def _double(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+    return out * 2.0
+
+
+def _halving() -> Callable[..., torch.Tensor]:
+    """A new lambda (the same code, no closure) at each call, as a loop registering one on each member makes."""
+    return lambda module, args, out: out * 0.5
+
+
+class _Recorder:
+    """Counts the calls of the module it hooks (a bound method's object outside the member)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def hook(self, module: nn.Module, args: tuple) -> None:
+        self.calls += 1
+
+
+class _SelfHooked(nn.Module):
+    """Scales its first layer's output by its own ``scale`` in a forward hook that is a method of its own."""
+
+    def __init__(self, seed: int, scale: float = 0.5) -> None:
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 2)
+        self.scale = scale
+        self.a.register_forward_hook(self._scaled)
+
+    def _scaled(self, module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+        return out * self.scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.tanh(self.a(x)))
+
+
+def _hooked(seed: int, *hooks: Any, pre: bool = False) -> loopkit.TrainState:
+    """An MLP of :func:`_mlp` whose first layer has ``hooks`` (forward hooks, or with ``pre`` forward pre-hooks)."""
+    model = _mlp(seed)
+    for hook in hooks:
+        (model[0].register_forward_pre_hook if pre else model[0].register_forward_hook)(hook)
+    return _sgd(model)
+
+
+HOOKS_THAT_DIFFER = {  # member 0's and member 1's, and what the refusal says of them
+    "one in member 1 only": ((), (_halve,), False, "forward hook _halve where member 0's has none"),
+    "another function": ((_halve,), (_double,), False, "forward hook _double where member 0's has forward hook _halve"),
+    "one more": ((_halve,), (_halve, _halve), False,
+                 "forward hook _halve, forward hook _halve where member 0's has forward hook _halve"),
+    "a lambda made for each member": ((lambda m, a, o: o * 2.0,), (lambda m, a, o: o * 2.0,), False,
+                                      "forward hook <lambda> where member 0's has forward hook <lambda>"),
+    "a method of each member's own recorder": ((_Recorder().hook,), (_Recorder().hook,), True,
+                                               "forward pre-hook _Recorder.hook where member 0's has forward pre-hook "
+                                               "_Recorder.hook"),
+}
+
+
+@pytest.mark.parametrize("differ", list(HOOKS_THAT_DIFFER))
+def test_members_whose_forward_hooks_differ_are_refused_naming_the_module(differ):
+    """Before, they stacked without a word and every member ran member 0's hooks: member 1's own hook was never called
+    (its loss 0.55 where its solo run's is 0.67), or member 0's ran on it."""
+    first, second, pre, said = HOOKS_THAT_DIFFER[differ]
+    with pytest.raises(ValueError, match=r"ensemble.stack: member 1's module 0 \(Linear\) has other forward hooks than "
+                                         rf"member 0's \({re.escape(said)}\); the vmapped step runs member 0's modules, "
+                                         "with their hooks, for all"):
+        ensemble.stack([_hooked(0, *first, pre=pre), _hooked(1, *second, pre=pre)])
+
+
+def test_members_with_the_same_hook_function_or_a_method_of_their_own_module_follow_their_solo_runs(make_batches):
+    """One function for every member, a recorder shared by all, a lambda of the same code made for each member (no
+    closure), and a method of each member's own module (bound to it: alike by its place in the member; the ``scale``
+    it reads is a setting, compared as settings are) stack and train as their solo runs."""
+    batches = make_batches(3)
+    recorder = _Recorder()
+    for make in (lambda k: _hooked(k, _halve), lambda k: _hooked(k, recorder.hook, pre=True),
+                 lambda k: _hooked(k, _halving()), lambda k: _sgd(_SelfHooked(k))):
+        states = [make(k) for k in range(3)]
+        _assert_follow_solo(_together(states, batches), states, batches)
+    assert recorder.calls > 0
+    with pytest.raises(ValueError, match=r"member 1's module \(model\) \(_SelfHooked\) has scale=2.0 where member 0's "
+                                         r"has scale=0.5"):
+        ensemble.stack([_sgd(_SelfHooked(0)), _sgd(_SelfHooked(1, scale=2.0))])
+
+
+def test_a_donated_step_refuses_a_hook_added_to_one_member_since_stacking_and_trains_on_once_alike(make_batches):
+    """Before, a hook added to member 1 after stacking was never called (the step runs member 0's modules). Refused as
+    stack refuses it, the ensemble usable; added alike to every member, it trains on as the solo runs do."""
+    batches = make_batches(3)
+    states = [_sgd(_mlp(seed)) for seed in range(3)]
+    step = ensemble.train_step(lambda m, b: ((m(b[0]) - b[1]) ** 2).mean(), donated=True)
+    ens, _ = step(ensemble.stack(states), batches[0])
+    before = {n: p.clone() for n, p in ens.params.items()}
+    ens.members[1].model[0].register_forward_hook(_halve)
+    with pytest.raises(ValueError, match=r"ensemble.train_step: member 1's module 0 \(Linear\) has other forward hooks "
+                                         r"than member 0's \(forward hook _halve where member 0's has none\)") as error:
+        step(ens, batches[1])
+    assert loopkit.state_at_error(error.value) is ens
+    assert all(torch.equal(ens.params[n], before[n]) for n in before)
+    for member in (ens.members[0], ens.members[2]):
+        member.model[0].register_forward_hook(_halve)
+    for batch in batches[1:]:
+        ens, _ = step(ens, batch)
+    for k, state in enumerate(states):
+        solo = _solo(state, batches[:1])
+        solo.model[0].register_forward_hook(_halve)
+        solo = _solo(solo, batches[1:])
+        for (name, p), q in zip(solo.model.named_parameters(), ens.members[k].model.parameters()):
+            torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7, msg=f"member {k} {name}")
+
+
+# --- functions held as attributes: the step runs member 0's modules, and so their functions, for every member -------
+
+
+class _Activated(nn.Module):
+    """Keeps its activation as an attribute: a function given (``torch.relu``), a lambda made in ``__init__`` (the
+    same code in every member), or a method of its own (bound to each member's module)."""
+
+    def __init__(self, seed: int, act: Any = torch.tanh) -> None:
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 2)
+        made = {"lambda": lambda x: torch.tanh(2.0 * x), "method": self._soft, "other method": self._hard}
+        self.act = made.get(act, act) if isinstance(act, str) else act
+
+    def _soft(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.softsign(x)
+
+    def _hard(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.hardtanh(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.act(self.a(x)))
+
+
+def _times(scale: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda x: torch.tanh(x) * scale
+
+
+FUNCTIONS_THAT_DIFFER = {  # member 0's activation and member 1's, and how the refusal names them
+    "builtin": (torch.relu, torch.tanh, r"torch\.tanh where member 0's is torch\.relu"),
+    "python function": (nn.functional.relu, nn.functional.silu,
+                        r"torch\.nn\.functional\.silu where member 0's is torch\.nn\.functional\.relu"),
+    "closing over another scale": (_times(1.0), _times(2.0),
+                                   r"\S*_times\.<locals>\.<lambda> where member 0's is \S*_times\.<locals>\.<lambda>"),
+    "another method": ("method", "other method", r"\S*_Activated\._hard where member 0's is \S*_Activated\._soft"),
+}
+
+
+@pytest.mark.parametrize("differ", list(FUNCTIONS_THAT_DIFFER))
+def test_members_whose_function_attributes_differ_are_refused_naming_the_attribute(differ):
+    """Before, they stacked and every member ran member 0's function: member 1 (tanh) trained with relu, its loss 0.59
+    where its solo run's is 0.55."""
+    first, second, said = FUNCTIONS_THAT_DIFFER[differ]
+    with pytest.raises(ValueError, match=r"ensemble.stack: member 1's module \(model\) \(_Activated\) has another 'act' "
+                                         rf"than member 0's \({said}\); the vmapped step runs member 0's modules, with "
+                                         "their values, for all"):
+        ensemble.stack([_sgd(_Activated(0, first)), _sgd(_Activated(1, second))])
+
+
+@pytest.mark.parametrize("act", ["function", "lambda made in __init__", "method of its own"])
+def test_members_with_the_same_function_attribute_follow_their_solo_runs(act, make_batches):
+    """The same function, a lambda of the same code made by each member's ``__init__``, or a method of each member's
+    own module: alike, so they stack and train as their solo runs (and a donated step refuses member 1's replaced)."""
+    given = {"function": torch.relu, "lambda made in __init__": "lambda", "method of its own": "method"}[act]
+    batches = make_batches(3)
+    states = [_sgd(_Activated(k, given)) for k in range(3)]
+    _assert_follow_solo(_together(states, batches), states, batches)
+    ens = _together(states, batches[:1])
+    ens.members[1].model.act = torch.tanh
+    with pytest.raises(ValueError, match=r"ensemble.train_step: member 1's module \(model\) \(_Activated\) has another "
+                                         r"'act' than member 0's") as error:
+        ensemble.train_step(_mse_loss, donated=True)(ens, batches[1])
+    assert loopkit.state_at_error(error.value) is ens
+
+
+# --- buffers: stacked for the step, checked as the parameters are ---------------------------------------------------
+
+
+class _Masked(nn.Module):
+    """Scales its output by the mean of a ``mask`` buffer (a mask or position table of its own length and dtype)."""
+
+    def __init__(self, seed: int, n: int = 4, dtype: torch.dtype = torch.float32, mask: bool = True) -> None:
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.l = nn.Linear(4, 2)
+        self.register_buffer("mask", torch.ones(n, dtype=dtype) if mask else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.l(x) * (self.mask.mean() if self.mask is not None else 1.0)
+
+
+BUFFERS_THAT_DIFFER = {  # member 1's _Masked, and what the refusal says (member 0's: 4 float32 ones)
+    "shape": ({"n": 6}, "buffer 'mask' has shape (6,), dtype torch.float32, device cpu where member 0's has shape (4,), "
+                        "dtype torch.float32, device cpu"),
+    "dtype": ({"dtype": torch.float64}, "buffer 'mask' has shape (4,), dtype torch.float64, device cpu where member "
+                                        "0's has shape (4,), dtype torch.float32, device cpu"),
+    "missing": ({"mask": False}, "no buffer 'mask' where member 0's has shape (4,), dtype torch.float32, device cpu"),
+}
+
+
+@pytest.mark.parametrize("differ", list(BUFFERS_THAT_DIFFER))
+def test_members_whose_buffers_differ_are_refused_naming_the_buffer(differ):
+    """Before, a buffer of another shape got torch's bare "stack expects each tensor to be equal size" (naming neither
+    member nor buffer), one of another dtype was promoted without a word (member 0's float32 buffer ran as float64),
+    and one missing was named as a module of another architecture ("(model): _Masked() where member 0 has (model):
+    _Masked")."""
+    given, said = BUFFERS_THAT_DIFFER[differ]
+    with pytest.raises(ValueError, match=r"ensemble.stack: member 1's model differs from member 0's "
+                                         rf"\({re.escape(said)}\); every member must have the same architecture, its "
+                                         "parameters and buffers of the same shapes, dtypes and devices"):
+        ensemble.stack([_sgd(_Masked(0)), _sgd(_Masked(1, **given))])
+
+
+def _instance_normed(seed: int, track_running_stats: bool = True, train: bool = True) -> loopkit.TrainState:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Conv1d(2, 3, 3), nn.InstanceNorm1d(3, track_running_stats=track_running_stats),
+                              nn.Flatten(), nn.Linear(3 * 6, 1))
+    if track_running_stats:
+        with torch.no_grad():
+            model[1].running_mean.fill_(0.1 * seed)
+            model[1].running_var.fill_(1.0 + seed)
+    return _sgd(model.train(train))
+
+
+def test_instancenorm_updating_running_statistics_is_refused_by_stack_as_batchnorm_is():
+    """Before, stack took it (it refused only BatchNorm), and the first donated step failed on the buffers it updated
+    and used the ensemble up. Reading its statistics (eval mode), or with none (track_running_stats=False), it trains
+    as the solo runs."""
+    with pytest.raises(TypeError, match=r"ensemble.stack: member 0 has InstanceNorm1d in training mode with running "
+                                        r"statistics, which a vmapped step cannot update in place; freeze it"):
+        ensemble.stack([_instance_normed(k) for k in range(2)])
+    generator = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(4, 2, 8, generator=generator), torch.randn(4, 1, generator=generator)) for _ in range(3)]
+    for kwargs in ({"train": False}, {"track_running_stats": False}):
+        states = [_instance_normed(k, **kwargs) for k in range(3)]
+        _assert_follow_solo(_together(states, batches), states, batches)
