@@ -569,6 +569,38 @@ def test_a_run_cut_by_max_steps_and_resumed_into_its_folder_logs_what_the_uninte
     assert _logged_files(tmp_path / "b" / "run" / "version_0") == _logged_files(tmp_path / "a" / "run" / "version_0")
 
 
+@pytest.mark.parametrize("resumed_by", ["state_at_error", "restore"])
+def test_a_fit_that_went_on_from_a_cut_and_failed_before_a_row_leaves_no_cut_record_to_its_resume(
+    resumed_by, tmp_path, make_mlp, make_batches, make_sgd_state
+):
+    """Reference: the uninterrupted run's files. A fit cut by max_steps at update 2 records epoch 0 there; the fit
+    going on from it fails at update 5, before its first row (every 6 updates), its newest checkpoint update 4's.
+    Resumed from either (past the cut, in that epoch), the folder kept the cut's epoch-0 record at step 2 beside
+    the whole epoch's: the resumed fit was placed after it, and nothing dropped it."""
+    batches = make_batches(6)
+    made = {}
+
+    def fit(root, directory, state, callbacks=(), **budget):
+        if root not in made or resumed_by == "restore":
+            made[root] = [TensorBoardLogger(root, "run", version=0), CSVLogger(root, "run", version=0),
+                          JSONLLogger(root, "run", version=0)]
+        step = loopkit.with_checkpointing(with_logging(train_step(loss_with_mae), *made[root], every_n_steps=6),
+                                          directory, every_n_steps=2)
+        return run_epochs(step, state, batches, epochs=2, callbacks=list(callbacks), progress=False, **budget)[0]
+
+    fit(tmp_path / "a", tmp_path / "ca", make_sgd_state(make_mlp()))
+    cut = fit(tmp_path / "b", tmp_path / "cb", make_sgd_state(make_mlp()), max_steps=2)
+    with pytest.raises(RuntimeError, match="crash") as error:
+        fit(tmp_path / "b", tmp_path / "cb", cut, [_CrashAfter(4)])
+    if resumed_by == "state_at_error":
+        state = loopkit.state_at_error(error.value)
+    else:
+        state = loopkit.restore(make_sgd_state(make_mlp()), tmp_path / "cb")
+    assert (state.step, state.epoch) == ((5, 0) if resumed_by == "state_at_error" else (4, 0))
+    fit(tmp_path / "b", tmp_path / "cb", state)
+    assert _logged_files(tmp_path / "b" / "run" / "version_0") == _logged_files(tmp_path / "a" / "run" / "version_0")
+
+
 class _Skipping:
     """A loss_fn that skips the batches of the epochs in ``skipped`` (returns None: no update, as the step documents
     for a skipped batch); the others get :func:`loss_with_mae`. Also a callback: the epoch, from ``on_epoch_start``."""
