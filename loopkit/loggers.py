@@ -498,37 +498,39 @@ class RunDirLogger(Logger):
         """Make this logger's folder hold the run as of a state at ``step`` (``state.epoch`` ``epoch``,
         ``state.batch_index`` ``batch_index``), from its next write on.
 
-        ``run_epochs`` calls it through :func:`loopkit.with_logging` as each fit begins, with the state's
-        three. When the folder already holds records (a fixed ``version`` continued after ``loopkit.restore``,
-        or this logger's own, in a fit retried from an earlier state), the next write first drops those logged
-        after that position (the crashed run logged them after the checkpoint, and the resumed run logs them
-        again), and a record logged again at ``step`` itself (a validation or an epoch record the checkpoint was
+        ``run_epochs`` calls it through :func:`loopkit.with_logging` as each fit begins, with the state's three (from
+        a state in an epoch a fit cut short recorded at its step: at the fit's first row, or its end, once
+        ``finishes_epoch`` is known). When the folder already holds records (a fixed ``version`` continued after
+        ``loopkit.restore``, or this logger's own, in a fit retried from an earlier state), the next write first drops
+        those logged after that position (the crashed run logged them after the checkpoint, and the resumed run logs
+        them again), and a record logged again at ``step`` itself (a validation or an epoch record the checkpoint was
         saved before: the same metrics) replaces the old one. A fresh state (step 0, epoch 0, batch 0) after a fit
         this logger logged (a cross-validation fold, a new run with the same step) is another run: a logger of
         ``version=None`` leaves that folder as it is for the next free ``version_N`` (with the loggers sharing its
         folder), writing there as a logger made anew would (its hyper-parameters again, without the earlier run's
         final metrics), and says so at the ``logging`` INFO level (logger ``loopkit.loggers``). Otherwise (a fixed
         ``version``, or records of no fit of this logger) a fresh state replaces the folder's records (and
-        TensorBoard's hyper-parameters; ``hparams.json`` is replaced when the new run logs its own), with a
-        warning. A fit that goes on from where the last one ended drops
-        nothing, but a record it logs again at that step (a retry whose checkpoint was saved before that
-        step's validation or epoch record) replaces the one there. A record is logged again when the resumed fit
-        logs the same metrics at that step in the same epoch (when both are told); the records the resumed fit
-        writes itself are never dropped by it.
+        TensorBoard's hyper-parameters; ``hparams.json`` is replaced when the new run logs its own), with a warning. A
+        fit that goes on from where the last one ended drops nothing, but a record it logs again at that step (a retry
+        whose checkpoint was saved before that step's validation or epoch record) replaces the one there. A record is
+        logged again when the resumed fit logs the same metrics at that step in the same epoch (when both are told);
+        the records the resumed fit writes itself are never dropped by it.
 
         Epochs that made no update (every batch skipped, or every float16 update overflowed) record at the
         same step as the one before, so records are told apart by their step, their epoch and their metric
         names. An epoch's record holds its epoch (``epoch``); any other record is of the epoch whose record
         comes next at its step in the file, else of the one after the epoch record before it. At ``step``,
         the records of epochs before ``epoch`` are kept and those of later epochs dropped; of ``epoch``
-        itself, its record is dropped when ``batch_index`` is 0 or the state is in an epoch a fit cut by
-        ``max_steps`` recorded at ``step`` (``finishes_epoch``; the resumed fit records it whole), and the
-        others are dropped when ``batch_index`` is 0 (the epoch had not begun), else kept and replaced when
-        logged again. A record whose epoch the file does not tell (records logged without ``run_epochs``'
-        epoch records), or every record when ``epoch`` is not given, is placed by its step alone: at ``step``
-        it is kept and replaced when logged again (the epoch record too, with ``finishes_epoch``: dropped),
-        and step 0 alone is a fresh state. :class:`TensorBoardLogger` rewrites its files alike; a TensorBoard
-        already showing the folder purges by step alone, from ``step + 1``.
+        itself, its record is dropped when ``batch_index`` is 0 or the state is in an epoch a fit cut short
+        (``max_steps``, a callback's stop) recorded at ``step`` and the resumed fit goes on in that epoch
+        (``finishes_epoch``: it records the epoch whole; a relaunch that trains no further keeps the record, which
+        holds the epoch), and the others are dropped when ``batch_index`` is 0 (the epoch had not begun), else kept
+        and replaced when logged again. Before ``step``, records are kept, but a record of ``epoch`` when
+        ``batch_index`` > 0 (a cut's, that the run went on from). A record whose epoch the file does not tell
+        (records logged without ``run_epochs``' epoch records), or every record when ``epoch`` is not given, is
+        placed by its step alone: at ``step`` it is kept and replaced when logged again (the epoch record too,
+        with ``finishes_epoch``: dropped), and step 0 alone is a fresh state. :class:`TensorBoardLogger` rewrites
+        its files alike; a TensorBoard already showing the folder purges by step alone, from ``step + 1``.
 
         >>> import tempfile
         >>> tmp = tempfile.TemporaryDirectory()
@@ -718,7 +720,7 @@ _BEFORE, _AGAIN, _AFTER = 0, 1, 2
 
 class _Position(NamedTuple):
     """Where a resumed fit goes on from (:meth:`RunDirLogger.resume_at`): its state's step, epoch and batch_index
-    (None: not told), and whether it finishes an epoch a fit cut by ``max_steps`` recorded at that step."""
+    (None: not told), and whether it goes on in an epoch a fit cut short recorded at that step."""
 
     step: int
     epoch: int | None
@@ -737,11 +739,14 @@ class _Position(NamedTuple):
         >>> at_epoch_2 = _Position(step=2, epoch=2, batch_index=0, finishes_epoch=False)
         >>> [at_epoch_2.place(2, e, True) for e in (1, 2)], at_epoch_2.place(1, None, False)
         ([0, 2], 0)
+        >>> in_epoch_2 = _Position(step=5, epoch=2, batch_index=3, finishes_epoch=False)  # went on from a cut at 4
+        >>> in_epoch_2.place(4, 2, True), in_epoch_2.place(4, 2, False), in_epoch_2.place(5, 2, True)
+        (2, 0, 1)
         """
         if self.fresh or at > self.step:
             return _AFTER
-        if at < self.step:
-            return _BEFORE
+        if at < self.step:  # (but this epoch's record, before a state in it: a cut's, that the run went on from)
+            return _AFTER if holds_epoch and self.batch_index and epoch is not None and epoch == self.epoch else _BEFORE
         if self.epoch is None or epoch is None:  # placed by the step alone
             return _AFTER if holds_epoch and self.finishes_epoch else _AGAIN
         if epoch < self.epoch:

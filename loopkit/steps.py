@@ -77,8 +77,8 @@ _Uninitialized = torch.nn.parameter.UninitializedTensorMixin
 #: A state an error left before that save was made (``state_at_error``, or a checkpoint taken while the save of the
 #: fit's last update waits for its epoch's record) keeps the mark: the fit given it makes the save
 SAVE_DUE = "run_epochs/save_due"
-#: extras: the update at which ``run_epochs`` recorded the running epoch (one ``max_steps`` cut short, which a
-#: resumed fit finishes and records again at its end; a logger drops the cut record then)
+#: extras: the update at which ``run_epochs`` recorded the running epoch (one ``max_steps`` or a stop cut short,
+#: which a resumed fit that goes on in it finishes and records again at its end; a logger drops the cut record then)
 RECORDED = "run_epochs/recorded_step"
 _FOUND_INF = "amp/found_inf"
 _NONFINITE = "nan_guard/nonfinite"

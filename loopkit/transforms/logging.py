@@ -95,6 +95,19 @@ class _Given:
         return self.rows.setdefault(row, set())
 
 
+class _Held:
+    """Where a fit began, not yet told to the loggers that rewind their records (``resume_at``): its state's step,
+    epoch and batch_index, held when that state is in an epoch a fit cut short (``max_steps``, a callback's stop)
+    recorded at that step. Whether this fit goes on in that epoch (its record then replaced by the whole epoch's) or
+    trains no further (a relaunch from the end of a finished run: the record stays) is known once it logs a row, or
+    ends: they are told then. Shared by the step's donated copies; only read when a row is logged, or a fit ends."""
+
+    __slots__ = ("at",)
+
+    def __init__(self) -> None:
+        self.at: tuple[int, int, int] | None = None
+
+
 def _epoch_scalars(record: Mapping[str, float]) -> dict[str, float]:
     """An epoch's history record as scalars: ``train/<m>_epoch``, ``epoch`` and callback extras (``val/auroc`` of an
     ``on_epoch_end`` too; the validation's means were logged at its ``validation_end``)."""
@@ -120,6 +133,8 @@ class LoggingStep(WrapperStep):
     every_n_steps: int = 50
     #: what the appending loggers took of the rows logged at the latest step (shared with the step's copies)
     given: _Given = attrs.field(factory=_Given, repr=False, kw_only=True)
+    #: where the fit began, until the loggers with ``resume_at`` are told (shared with the step's copies)
+    held: _Held = attrs.field(factory=_Held, repr=False, kw_only=True)
     #: the loggers that may want the model (``wants_model``/``log_model``), found once
     watchers: tuple[Any, ...] = attrs.field(init=False, default=(), repr=False)
     #: the indices of the loggers that cannot replace a record logged again (no ``resume_at``), found once
@@ -172,6 +187,8 @@ class LoggingStep(WrapperStep):
         if new.step != before and new.step % self.every_n_steps == 0 and WINDOW.holds(new.extras):
             means = _read_means(new.extras)
             new = replace_extras(new, {k: v for k, v in new.extras.items() if k not in _LOGGED_KEYS})
+            if self.held.at is not None:  # (the fit's first row: it went on from where it began)
+                self._release(new)
             taken = 0
             try:
                 for logger in self.loggers:
@@ -183,12 +200,11 @@ class LoggingStep(WrapperStep):
 
     def on_event(self, event: str, state: TrainState, metrics: Mapping[str, float]) -> None:
         if event == "fit_begin":  # the step a fit continues the run from: what a folder holds after it goes
-            # (in an epoch a max_steps cut recorded at this step: this fit finishes it, and records it whole)
-            finishes = state.batch_index > 0 and state.extras.get(RECORDED) == state.step
-            for logger in self.loggers:  # (first: a fresh fit after one a logger logged moves it to a new folder)
-                resume_at = getattr(logger, "resume_at", None)
-                if resume_at is not None:
-                    _resume_at(resume_at, state, finishes)
+            at = (state.step, state.epoch, state.batch_index)
+            # (in an epoch a cut recorded at this step: told once it is known whether this fit goes on in it)
+            self.held.at = at if state.batch_index > 0 and state.extras.get(RECORDED) == state.step else None
+            if self.held.at is None:  # (first: a fresh fit after one a logger logged moves it to a new folder)
+                self._resume(at, finishes=False)
             for logger in self.loggers:
                 agree = getattr(logger, "agree_log_dir", None)
                 if agree is not None:  # (under DDP, every rank's log_dir is rank 0's folder)
@@ -205,13 +221,35 @@ class LoggingStep(WrapperStep):
         elif event == "epoch_end":
             scalars = _epoch_scalars(metrics)
         elif event in ("fit_end", "abort"):  # on abort, what was logged is flushed and closed
+            self._release(state if event == "fit_end" else None)  # (abort: the state may be donated, unread)
             for logger in self.loggers:
                 _finalize(logger, "failed" if event == "abort" else "success")
             return
         else:
             return
         step = int(metrics.get("step", state.step)) if event == "epoch_end" else state.step
+        self._release(state)
         self._log_row(scalars, step, (event, state.epoch, state.batch_index, frozenset(scalars)))
+
+    def _resume(self, at: tuple[int, int, int], finishes: bool) -> None:
+        """Tell each logger with ``resume_at`` that the fit goes on from ``at`` (step, epoch, batch_index), and whether
+        it goes on in an epoch a cut recorded there (``finishes``: that record goes, replaced by the whole epoch's)."""
+        for logger in self.loggers:
+            resume_at = getattr(logger, "resume_at", None)
+            if resume_at is not None:
+                _resume_at(resume_at, at, finishes)
+
+    def _release(self, state: TrainState | None) -> None:
+        """Tell the loggers where the fit began, when that was held at ``"fit_begin"`` (:class:`_Held`): before the
+        fit's first row, or at its end. It went on in the cut epoch when ``state`` (where it logs, or ends) has moved
+        from there; a relaunch that trains no further keeps the cut's record, which holds that epoch. At an abort
+        (``state`` None: the state is not read) it is told it did not: a fit that went on, failed before a row and
+        is resumed past the cut is placed after that record, which :meth:`loopkit.RunDirLogger.resume_at` drops."""
+        at = self.held.at
+        if at is None:
+            return
+        self.held.at = None
+        self._resume(at, finishes=state is not None and (state.step, state.epoch, state.batch_index) != at)
 
     def _log_row(self, scalars: dict[str, float], step: int, row: tuple[Any, ...]) -> None:
         """Log an event's row at ``step`` to each logger, but not again to an appending one that took it already
@@ -270,16 +308,18 @@ class _ModelWatch:
             self.log(new.model)
 
 
-def _resume_at(resume_at: Callable[..., Any], state: TrainState, finishes: bool) -> None:
-    """Tell a logger where a fit goes on from: ``resume_at(step, epoch, batch_index, finishes_epoch=...)`` (epochs
-    that made no update record at one step: the file loggers tell their records apart by epoch too), or, to a
-    logger of one's own that takes no epoch, ``resume_at(step)`` (``finishes_epoch=True`` when it is so)."""
+def _resume_at(resume_at: Callable[..., Any], at: tuple[int, int, int], finishes: bool) -> None:
+    """Tell a logger where a fit goes on from, ``at`` (its state's step, epoch and batch_index): ``resume_at(step,
+    epoch, batch_index, finishes_epoch=...)`` (epochs that made no update record at one step: the file loggers tell
+    their records apart by epoch too), or, to a logger of one's own that takes no epoch, ``resume_at(step)``
+    (``finishes_epoch=True`` when it is so)."""
+    step, epoch, batch_index = at
     try:
-        inspect.signature(resume_at).bind(state.step, state.epoch, state.batch_index, finishes_epoch=finishes)
+        inspect.signature(resume_at).bind(step, epoch, batch_index, finishes_epoch=finishes)
     except (TypeError, ValueError):  # (no room for them; a builtin without a signature)
-        resume_at(state.step, finishes_epoch=True) if finishes else resume_at(state.step)
+        resume_at(step, finishes_epoch=True) if finishes else resume_at(step)
     else:
-        resume_at(state.step, state.epoch, state.batch_index, finishes_epoch=finishes)
+        resume_at(step, epoch, batch_index, finishes_epoch=finishes)
 
 
 def _finalize(logger: Any, status: str) -> None:

@@ -542,13 +542,23 @@ def test_a_retry_with_the_same_loggers_from_a_checkpoint_saved_before_its_steps_
     assert _logged_files(tmp_path / "b" / "run" / "version_0") == _logged_files(tmp_path / "a" / "run" / "version_0")
 
 
+class _Positioned(MemoryLogger):
+    """A logger of one's own that rewinds: ``told`` is what its ``resume_at`` was told last."""
+
+    told = None
+
+    def resume_at(self, step, epoch=None, batch_index=None, *, finishes_epoch=False):
+        self.told = (step, epoch, batch_index, finishes_epoch)
+
+
 @pytest.mark.parametrize("same_process", [False, True])
 def test_a_run_cut_by_max_steps_and_resumed_into_its_folder_logs_what_the_uninterrupted_run_logs(
     same_process, tmp_path, make_mlp, make_batches, make_sgd_state
 ):
     """Reference: the uninterrupted run's files. A fit cut by max_steps mid-epoch records that epoch (its means so
     far) at the cut step and saves there; the resumed fit records the epoch whole at its end: the cut record went
-    (it stayed, a second epoch-0 point), and the CSV's columns come in the uninterrupted run's order."""
+    (it stayed, a second epoch-0 point), and the CSV's columns come in the uninterrupted run's order. A logger of
+    one's own is told that the fit goes on in that epoch: resume_at(4, 0, 4, finishes_epoch=True)."""
     batches = make_batches(6)
     evaluator = eval_step(lambda m, b: {"mse": torch.nn.functional.mse_loss(m(b[0]), b[1])})
     loggers = {}
@@ -556,7 +566,7 @@ def test_a_run_cut_by_max_steps_and_resumed_into_its_folder_logs_what_the_uninte
     def fit(root, directory, state, **budget):
         if root not in loggers or not same_process:
             loggers[root] = [TensorBoardLogger(root, "run", version=0), CSVLogger(root, "run", version=0),
-                             JSONLLogger(root, "run", version=0)]
+                             JSONLLogger(root, "run", version=0), _Positioned()]
         step = loopkit.with_checkpointing(with_logging(train_step(loss_with_mae), *loggers[root], every_n_steps=2),
                                           directory, every_n_steps=2)
         return run_epochs(step, state, batches, val=(evaluator, batches[:2]), progress=False, **budget)[0]
@@ -566,6 +576,84 @@ def test_a_run_cut_by_max_steps_and_resumed_into_its_folder_logs_what_the_uninte
     state = cut if same_process else loopkit.restore(make_sgd_state(make_mlp()), tmp_path / "cb")
     assert (state.step, state.batch_index) == (4, 4)
     fit(tmp_path / "b", tmp_path / "cb", state, epochs=2)
+    assert _logged_files(tmp_path / "b" / "run" / "version_0") == _logged_files(tmp_path / "a" / "run" / "version_0")
+    assert loggers[tmp_path / "b"][-1].told == (4, 0, 4, True)
+
+
+@pytest.mark.parametrize("same_process", [False, True])
+@pytest.mark.parametrize("ended_by", ["max_steps", "early_stopping"])
+def test_a_relaunch_from_the_end_of_a_fit_ended_mid_epoch_leaves_its_files_as_they_were(
+    ended_by, same_process, tmp_path, make_mlp, make_batches, make_sgd_state
+):
+    """Reference: the files as the fit left them. A fit ended mid-epoch (max_steps, or EarlyStopping at a step
+    validation) records that epoch at its last update and saves there; a relaunch from that checkpoint (the script
+    run again, hyper-parameters logged first) trains no further, and its writes dropped the epoch's record (the CSV
+    row and its columns, TensorBoard's epoch and train/*_epoch points) as if it went on to record the epoch whole.
+    A logger of one's own is told so: resume_at(4, 0, 4, finishes_epoch=False)."""
+    batches = make_batches(6)
+    evaluator = eval_step(lambda m, b: {"mse": torch.nn.functional.mse_loss(m(b[0]), b[1])})
+    root, directory = tmp_path / "logs", tmp_path / "ckpt"
+    made = {}
+
+    def fit(state):
+        if not made or not same_process:
+            made["loggers"] = [TensorBoardLogger(root, "run", version=0), CSVLogger(root, "run", version=0),
+                               JSONLLogger(root, "run", version=0), _Positioned()]
+        for logger in made["loggers"]:
+            logger.log_hparams({"lr": 0.1})
+        step = loopkit.with_checkpointing(with_logging(train_step(loss_with_mae), *made["loggers"], every_n_steps=1),
+                                          directory, every_n_steps=2)
+        if ended_by == "max_steps":
+            budget = {"max_steps": 4}
+        else:  # (the validation at update 4 is no better by 100 than update 2's: a stop there, 2 batches early)
+            stopping = loopkit.EarlyStopping("val/mse", patience=1, min_delta=100.0)
+            budget = {"val_every_n_steps": 2, "callbacks": [stopping]}
+        return run_epochs(step, state, batches, epochs=2, val=(evaluator, batches[:2]), sanity_val_batches=0,
+                          progress=False, **budget)[0]
+
+    ended = fit(make_sgd_state(make_mlp()))
+    assert (ended.step, ended.epoch, ended.batch_index) == (4, 0, 4)
+    folder = root / "run" / "version_0"
+    left = _logged_files(folder)
+    assert {"epoch", "train/loss_epoch"} <= set(left[0].splitlines()[0].split(","))
+    assert [step for step, _ in left[2]["epoch"]] == [4]  # (the epoch's record, at the last update)
+    state = ended if same_process else loopkit.restore(make_sgd_state(make_mlp()), directory)
+    with warnings.catch_warnings():  # (the restored EarlyStopping asks to stop at once: said, as it should be)
+        warnings.filterwarnings("ignore", "run_epochs: EarlyStopping restored", UserWarning)
+        fit(state)
+    assert _logged_files(folder) == left
+    assert made["loggers"][-1].told == (4, 0, 4, False)
+
+
+@pytest.mark.parametrize("resumed_by", ["state_at_error", "restore"])
+def test_a_fit_that_went_on_from_a_cut_and_failed_before_a_row_leaves_no_cut_record_to_its_resume(
+    resumed_by, tmp_path, make_mlp, make_batches, make_sgd_state
+):
+    """Reference: the uninterrupted run's files. A fit cut by max_steps at update 2 records epoch 0 there; the fit
+    going on from it fails at update 5, before its first row (every 6 updates), its newest checkpoint update 4's.
+    Resumed from either (past the cut, in that epoch), the folder kept the cut's epoch-0 record at step 2 beside
+    the whole epoch's: the resumed fit was placed after it, and nothing dropped it."""
+    batches = make_batches(6)
+    made = {}
+
+    def fit(root, directory, state, callbacks=(), **budget):
+        if root not in made or resumed_by == "restore":
+            made[root] = [TensorBoardLogger(root, "run", version=0), CSVLogger(root, "run", version=0),
+                          JSONLLogger(root, "run", version=0)]
+        step = loopkit.with_checkpointing(with_logging(train_step(loss_with_mae), *made[root], every_n_steps=6),
+                                          directory, every_n_steps=2)
+        return run_epochs(step, state, batches, epochs=2, callbacks=list(callbacks), progress=False, **budget)[0]
+
+    fit(tmp_path / "a", tmp_path / "ca", make_sgd_state(make_mlp()))
+    cut = fit(tmp_path / "b", tmp_path / "cb", make_sgd_state(make_mlp()), max_steps=2)
+    with pytest.raises(RuntimeError, match="crash") as error:
+        fit(tmp_path / "b", tmp_path / "cb", cut, [_CrashAfter(4)])
+    if resumed_by == "state_at_error":
+        state = loopkit.state_at_error(error.value)
+    else:
+        state = loopkit.restore(make_sgd_state(make_mlp()), tmp_path / "cb")
+    assert (state.step, state.epoch) == ((5, 0) if resumed_by == "state_at_error" else (4, 0))
+    fit(tmp_path / "b", tmp_path / "cb", state)
     assert _logged_files(tmp_path / "b" / "run" / "version_0") == _logged_files(tmp_path / "a" / "run" / "version_0")
 
 
