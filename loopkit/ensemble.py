@@ -16,11 +16,13 @@ differentiated by ``torch.autograd.grad``, as a solo backward, with that member'
 around it, as :func:`loopkit.train_step` installs a solo state's): each member draws its solo run's
 numbers (its own dropout masks, from its own seed, also of a non-contiguous activation's), its
 ``rng`` advances as its solo state's does, and its trajectory is its solo run's (bitwise, on the
-CPU: the same arithmetic, not batched). The step finds this out on its first call that draws (vmap
+CPU: the same arithmetic, not batched; the backward runs while the model holds the member's parameters, so
+activation checkpointing recomputes with them). The step finds this out on its first call that draws (vmap
 refuses the draw) and remembers it (:attr:`EnsembleStep.draws_random`); a loss that draws nothing
 keeps the one vmapped call (one member at a time costs K forwards and backwards).
 A ``loss_fn`` that vmap cannot run at all (``.item()`` in a metric, a branch on a tensor's value, ``nonzero``, an op
-without a batching rule) runs one member at a time too, from the first call vmap refuses on (it warns once, and
+without a batching rule, activation checkpointing by ``torch.utils.checkpoint``, a custom ``autograd.Function``
+without ``setup_context``) runs one member at a time too, from the first call vmap refuses on (it warns once, and
 remembers it: :attr:`EnsembleStep.unbatchable`); the ``loss_fn``'s own errors (a shape error) propagate as they are.
 A member made with ``global_rng=True`` draws from torch's global RNG, members in order. BatchNorm or InstanceNorm in
 training mode with running statistics is refused (buffers updated in place; in eval mode it reads them); a forward
@@ -61,6 +63,7 @@ checkpoints, ``evaluate``, export); ``ensemble.members`` are views, usable as th
 from __future__ import annotations
 
 import copy
+import functools
 import types
 import warnings
 import weakref
@@ -912,12 +915,14 @@ class _LossModule(nn.Module):
         #: member's forward, when the members run one at a time)
         self.reassigned: list[str] = []
 
-    def forward(self, batch: Any) -> Any:
+    def forward(self, batch: Any, then: Callable[[Any], Any]) -> Any:
+        """``then`` of ``loss_fn(model, batch)``'s output, both inside ``functional_call`` (``model`` holds the tensors
+        it swapped in)."""
         given = dict(self.model.named_buffers())  # the tensors functional_call swapped in
         out = self.loss_fn(self.model, batch)
         now = dict(self.model.named_buffers())
         self.reassigned = sorted({*self.reassigned, *(n for n in given.keys() | now.keys() if given.get(n) is not now.get(n))})
-        return out
+        return then(out)
 
 
 @attrs.frozen(eq=False)
@@ -997,14 +1002,27 @@ class EnsembleStep:
         where = f"loss_fn {getattr(self.loss_fn, '__qualname__', type(self.loss_fn).__qualname__)}"
         wrapper = _LossModule(ensemble.skeleton, self.loss_fn)
 
-        def member_loss(trained: dict[str, torch.Tensor], fixed: dict[str, torch.Tensor]) -> Any:
+        def member_loss(
+            trained: dict[str, torch.Tensor], fixed: dict[str, torch.Tensor], differentiate: bool = False,
+        ) -> Any:
+            """The loss of ``trained`` and ``fixed`` (vmap's batched tensors, or one member's) and the metrics; with
+            ``differentiate`` (one member at a time: ``trained`` are leaves) its gradients of ``trained`` instead of
+            the loss (see :func:`_member_gradients`), computed inside the ``functional_call``: the model's code that
+            the backward runs (activation checkpointing's recompute) reads the member's tensors, not member 0's."""
             tensors = {f"model.{n}": t for n, t in trained.items()} | {f"model.{n}": t for n, t in fixed.items()}
-            out = torch.func.functional_call(wrapper, tensors, (batch,))
+            then = functools.partial(finish, trained=trained, differentiate=differentiate)
+            return torch.func.functional_call(wrapper, tensors, (batch, then))
+
+        def finish(out: Any, trained: dict[str, torch.Tensor], differentiate: bool) -> Any:
             if out is None:
                 raise ValueError(f"{where} returned None: an ensemble step cannot skip a batch for some members")
             loss, aux = _split_loss(out, self.loss_fn)
+            metrics = {"loss": loss.detach(), **{k: v.detach() for k, v in aux.items()}}
+            if differentiate:  # (allow_unused: a parameter the loss does not reach gets None, as in a solo backward)
+                grads = torch.autograd.grad(loss, list(trained.values()), allow_unused=True)
+                return {n: g for n, g in zip(trained, grads) if g is not None}, metrics
             reached.append(_reached(loss, trained))
-            return loss, {"loss": loss.detach(), **{k: v.detach() for k, v in aux.items()}}
+            return loss, metrics
 
         trainable = [p.requires_grad for p in ensemble.views[0]]
         names = list(ensemble.params)
@@ -1102,9 +1120,14 @@ def _drew_random(error: RuntimeError) -> bool:
 
 #: the beginnings of vmap's refusals of what runs unbatched (one member at a time) as it does solo: ``.item()`` and
 #: data-dependent control flow ("vmap: It looks like you're ..."), ops whose output shape depends on the data
-#: (``nonzero``, boolean-mask indexing), ops without a batching rule (an ``out=`` op: ``spectral_norm``'s power method)
+#: (``nonzero``, boolean-mask indexing), ops without a batching rule (an ``out=`` op: ``spectral_norm``'s power method),
+#: saved tensor hooks, which ``torch.func.grad`` does not support (activation checkpointing,
+#: ``torch.utils.checkpoint`` with ``use_reentrant=False``), a custom ``torch.autograd.Function`` without
+#: ``setup_context`` (its ``forward`` takes ``ctx``), which torch.func transforms refuse
 _UNBATCHABLE = (
     "vmap: It looks like you're", "vmap: We do not support batching operators", "Batching rule not implemented",
+    "torch.func.{grad, vjp, jacrev, hessian} don't yet support saved tensor hooks",
+    "In order to use an autograd.Function with functorch transforms",
 )
 
 
@@ -1177,12 +1200,13 @@ def _member_gradients(
     """One member's gradients (of the ``trained`` tensors its loss reaches) and metrics: ``member_loss`` on leaves
     that share ``trained``'s storage, differentiated by ``torch.autograd.grad``, the solo step's autograd. Not
     ``torch.func.grad``: under it torch decomposes dropout into other ops, which fill a non-contiguous input's mask
-    (a transposed activation, attention's) in another order than the solo run's dropout draws it."""
+    (a transposed activation, attention's) in another order than the solo run's dropout draws it. The backward runs
+    while the model holds the member's tensors (inside ``member_loss``'s ``functional_call``): activation
+    checkpointing recomputes its forward in the backward, with the member's weights. No walk of the graph for the
+    parameters the loss reaches (see :func:`_reached`): those it does not reach get no gradient (``allow_unused``)."""
     leaves = {n: t.detach().requires_grad_() for n, t in trained.items()}
     with torch.enable_grad():
-        loss, row = member_loss(leaves, fixed)
-        grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
-    return {n: g for n, g in zip(leaves, grads) if g is not None}, row
+        return member_loss(leaves, fixed, differentiate=True)
 
 
 def _same_settings(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> bool:
