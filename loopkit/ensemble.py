@@ -27,8 +27,9 @@ remembers it: :attr:`EnsembleStep.unbatchable`); the ``loss_fn``'s own errors (a
 A member made with ``global_rng=True`` draws from torch's global RNG, members in order. BatchNorm or InstanceNorm in
 training mode with running statistics is refused (buffers updated in place; in eval mode it reads them); a forward
 that changes any other buffer is refused by the step that finds it, before any member updates (a non-persistent
-buffer, a cache outside the state dict such as a lazily grown position table, may change; a donated step's refusal
-leaves the ensemble usable: only the stacked copy of the buffers changed, which it stacks again). The members'
+buffer, a cache outside the state dict such as a lazily grown position table, may change: one filled in place
+reaches each member's own buffer, as its solo forward fills it; a donated step's refusal leaves the ensemble usable:
+only the stacked copy of the other buffers changed, which it stacks again). The members'
 modules must be in the same training mode and have the same settings (a convolution's stride, a norm's eps or groups,
 any plain attribute such as a ``temperature`` the forward reads, a plain tensor attribute, a function kept as one,
 ``self.act = torch.relu``: the step runs member 0's modules for all) and the same forward hooks and forward pre-hooks
@@ -975,9 +976,8 @@ class EnsembleStep:
         try:  # nothing of the ensemble changes in place before its members' update, as with loopkit.donate
             grads, metrics, rngs = self._gradients(ensemble, batch, before)
         except BaseException as error:
-            written = [n for n, t in ensemble.buffers.items() if t._version != versions[n]]
-            if written:  # the forward wrote stacked copies in place (refused): the members' own are as they were
-                _restack_buffers(ensemble, written)
+            # the forward wrote stacked copies in place: the members' own are as they were (a cache's too)
+            _settle_buffers(ensemble, [n for n, t in ensemble.buffers.items() if t._version != versions[n]])
             if state_at_error(leave_intact(error, ensemble)) is not ensemble:  # (an exception without attributes)
                 _consume(ensemble)
             # else: the loss_fn's own exception, a loss, metric or buffer change refused: fix the cause and call again
@@ -992,8 +992,9 @@ class EnsembleStep:
         self, ensemble: Ensemble, batch: Any, before: _Snapshot,
     ) -> tuple[_Grads, dict[str, torch.Tensor], _RNGs]:
         """Every member's gradients and metrics, and the checks of the loss and buffers: nothing of the ensemble
-        changes in place here (but for a stacked buffer that a forward changes, which is refused, and a plain value the
-        forward sets on member 0's modules, see :func:`_copy_written`). ``before``: member 0's modules' plain values
+        changes in place here (but for a stacked buffer that a forward changes, which is refused, a cache it fills,
+        which reaches the members' own at the end, see :func:`_settle_buffers`, and a plain value the forward sets on
+        member 0's modules, see :func:`_copy_written`). ``before``: member 0's modules' plain values
         before the call (see :func:`_snapshot`), from which each member's forward starts when they run one at a time.
 
         Vmapped, the gradients come stacked (``{name: [K, ...]}``) and the RNGs as None (nothing drew). A loss_fn
@@ -1057,14 +1058,15 @@ class EnsembleStep:
         # replaced inside functional_call: the members' buffers would silently keep their old values
         # (a non-persistent buffer is a cache the forward may fill or grow: not state, so not checked)
         caches = _non_persistent(ensemble.skeleton)
-        changed = {n for n, t in ensemble.buffers.items() if t._version != versions[n]} | set(wrapper.reassigned)
-        written = sorted(changed - caches)
+        in_place = [n for n, t in ensemble.buffers.items() if t._version != versions[n]]
+        written = sorted({*in_place, *wrapper.reassigned} - caches)
         if written:
             raise RuntimeError(
                 f"ensemble.train_step: {where} changed the buffer(s) {', '.join(repr(n) for n in written)} in its "
                 "forward, which a vmapped ensemble step cannot keep for each member (the change would be lost); "
                 "leave buffers unchanged in the forward, or train the members apart"
             )
+        _settle_buffers(ensemble, in_place)  # (caches filled in place: to the members' own)
         # torch.func.grad gives a parameter the loss does not reach a zero gradient, where a solo backward leaves
         # its .grad None (the optimizer skips it: no weight decay, momentum or Adam state): drop those
         if rngs is None:
@@ -1155,8 +1157,10 @@ def _one_member_at_a_time(
     the gradients of ``member_loss`` on member ``k``'s slice of ``trained`` and ``fixed`` (see
     :func:`_member_gradients`), with member ``k``'s RNG installed as torch's default generators around it, as a solo
     :func:`loopkit.train_step` installs its state's (so its dropout draws its solo run's masks). A member whose state
-    draws from the global RNG (``rng`` empty) draws from it, members in order. Nothing of the ensemble changes here:
-    the RNGs come back, the caller's global RNG is put back, also when ``loss_fn`` raises.
+    draws from the global RNG (``rng`` empty) draws from it, members in order. Nothing of the ensemble changes here
+    (but for the stacked caches a forward fills, each member's slice, see :func:`_settle_buffers`, and when member
+    ``k``'s call raises, see :func:`_spread_caches`): the RNGs come back, the caller's global RNG is put back, also
+    when ``loss_fn`` raises.
 
     Each member's forward starts from ``before``, member 0's modules' plain values (dicts of them too) and tensor
     attributes before this call (see :func:`_snapshot`), as its solo forward would, not from what a failed vmapped
@@ -1167,14 +1171,17 @@ def _one_member_at_a_time(
     cuda_index = _cuda_index(first.device) if first.is_cuda else None
     grads, rows, rngs = [], [], []
     written: list[dict[str, Any]] | None = None  # the settings member 0's forward left (each member's must match)
+    caches = [ensemble.buffers[n] for n in _non_persistent(ensemble.skeleton)]
     for k, member in enumerate(ensemble.members):
         _restore_settings(ensemble.skeleton, before)
         scope = RNGScope(member.rng, cuda_index, member.seed)
+        versions = [t._version for t in caches]
         try:
             own, row = _member_gradients(
                 member_loss, {n: t[k] for n, t in trained.items()}, {n: t[k] for n, t in fixed.items()})
         except BaseException:
             scope.discard()
+            _spread_caches(caches, versions, k)
             raise
         rngs.append(scope.close())
         after = _snapshot(ensemble.skeleton).values
@@ -1192,6 +1199,16 @@ def _one_member_at_a_time(
         rows.append(row)
     metrics = {key: torch.stack([row[key] for row in rows]) for key in rows[0]}
     return grads, metrics, rngs
+
+
+def _spread_caches(caches: Sequence[torch.Tensor], versions: Sequence[int], k: int) -> None:
+    """Give the members after member ``k``, whose forwards did not run, member ``k``'s slice of each stacked cache
+    (a non-persistent buffer) that its forward filled in place (``versions``: the caches' before it) before its call
+    raised, as they take the plain values it set, a flag saying the cache is filled (see :func:`_copy_written`)."""
+    with torch.no_grad():
+        for cache, version in zip(caches, versions):
+            if cache._version != version:
+                cache[k + 1:] = cache[k]
 
 
 def _member_gradients(
@@ -1249,14 +1266,23 @@ def _restore_settings(model: nn.Module, before: _Snapshot) -> None:
             object.__setattr__(modules[i], attr, tensor)
 
 
-def _restack_buffers(ensemble: Ensemble, names: Sequence[str]) -> None:
-    """Copy the members' own buffers ``names`` into ``ensemble.buffers``, the stacked copies the step reads, which a
-    forward wrote in place (the step runs member 0's modules on the stacked copies: the members' own stay as they
-    were)."""
+def _settle_buffers(ensemble: Ensemble, names: Sequence[str]) -> None:
+    """After a call whose forward wrote the stacked buffers ``names`` (``ensemble.buffers``) in place: the step runs
+    member 0's modules on the stacked copies, so the members' own buffers are as they were. A cache (a non-persistent
+    buffer, see :func:`_non_persistent`) reaches each member's own buffer, as each member's solo forward fills its own
+    (a plain flag set beside it reaches every member, see :func:`_copy_written`); any other buffer (a change refused)
+    is stacked again from the members' own."""
+    if not names:
+        return
+    caches = _non_persistent(ensemble.skeleton)
     owns = [dict(member.model.named_buffers()) for member in ensemble.members]
     with torch.no_grad():
         for name in names:
-            ensemble.buffers[name].copy_(torch.stack([own[name] for own in owns]))
+            if name in caches:
+                for k, own in enumerate(owns):
+                    own[name].copy_(ensemble.buffers[name][k])
+            else:
+                ensemble.buffers[name].copy_(torch.stack([own[name] for own in owns]))
 
 
 def _consume(ensemble: Ensemble) -> None:
@@ -1272,7 +1298,8 @@ def train_step(loss_fn: Callable[[nn.Module, Any], Any], *, donated: bool = Fals
     :class:`loopkit.DonatedStateError`), as :func:`loopkit.donate` does for one state: an error
     raised before the members' update (the ``loss_fn``'s own exception, a loss or metric the step
     refuses, a forward's buffer change refused: only the stacked copy of the buffers changed, which
-    is stacked again from the members') leaves the given ensemble and its members usable
+    is stacked again from the members'; a cache the forward filled stays filled, in each member's own
+    buffer, as after a solo step's error) leaves the given ensemble and its members usable
     (:func:`loopkit.state_at_error` returns it); past the first in-place change of the members (their
     update) they are used up.
 

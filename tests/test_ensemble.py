@@ -495,6 +495,87 @@ def test_a_donated_step_that_refuses_a_buffer_change_leaves_the_trained_ensemble
     assert [m.step for m in ens.members] == [2, 2]
 
 
+class _FilledCache(nn.Module):
+    """A non-persistent cache buffer (a position or rotary table) that the first forward fills in place, with a plain
+    flag saying so, and that the forward reads."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.l = nn.Linear(4, 2)
+        self.register_buffer("table", torch.zeros(4), persistent=False)
+        self.filled = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.filled:
+            self.table.copy_(torch.arange(1.0, 5.0))
+            self.filled = True
+        return self.l(x * self.table)
+
+
+def _unscalar_metric(loss_fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``loss_fn`` returning a metric that is no scalar, which the step refuses after the forward ran."""
+    def refused(model, batch):
+        return loss_fn(model, batch)[0], {"oops": torch.ones(3)}
+    return refused
+
+
+def _cache_states() -> list[loopkit.TrainState]:
+    return [loopkit.TrainState.create(m, torch.optim.SGD(m.parameters(), lr=0.1), seed=10 + k)
+            for k, m in enumerate(_FilledCache(k) for k in range(3))]
+
+
+def _assert_cached_members_are_their_solo_runs(ens, loss_fn, batches, refused_first=False, rtol=1e-6, atol=1e-7):
+    """Each member of ``ens``, and its unstacked copy trained one batch further, equals its solo run (donated, after
+    the same refused call first if ``refused_first``): its table, flag and parameters."""
+    for k, (solo, member) in enumerate(zip(_cache_states(), ensemble.unstack(ens))):
+        step = loopkit.donate(loopkit.train_step(loss_fn))
+        if refused_first:
+            with pytest.raises(TypeError, match="metric 'oops'") as error:
+                loopkit.donate(loopkit.train_step(_unscalar_metric(loss_fn)))(solo, batches[0])
+            solo = loopkit.state_at_error(error.value)
+        for batch in batches:
+            solo, _ = step(solo, batch)
+        assert torch.equal(ens.members[k].model.table, solo.model.table), f"member {k}: {ens.members[k].model.table}"
+        assert ens.members[k].model.filled and member.model.filled
+        solo, _ = step(solo, batches[0])
+        member, _ = step(member, batches[0])
+        for (name, p), q in zip(solo.model.named_parameters(), member.model.parameters()):
+            torch.testing.assert_close(q, p, rtol=rtol, atol=atol, msg=f"member {k} {name}")
+
+
+@pytest.mark.parametrize("donated", [False, True])
+@pytest.mark.parametrize("path", ["vmapped", "one member at a time"])
+def test_a_cache_the_forward_fills_in_place_reaches_every_members_own_as_in_its_solo_run(path, donated, make_batches):
+    """Before, only the step's stacked copy of the buffers was filled, while the plain flag reached every member: a
+    member used alone (unstack, members[k]) ran with an empty table where its solo run has the filled one."""
+    loss_fn = {"vmapped": _loss, "one member at a time": _noisy_loss}[path]
+    batches = make_batches(2)
+    ens = ensemble.stack(_cache_states())
+    step = ensemble.train_step(loss_fn, donated=donated)
+    for batch in batches:
+        ens, _ = step(ens, batch)
+    _assert_cached_members_are_their_solo_runs(ens, loss_fn, batches)
+
+
+@pytest.mark.parametrize("path", ["vmapped", "one member at a time"])
+def test_a_donated_step_refused_after_the_forward_filled_a_cache_keeps_it_filled_as_its_solo_run(path, make_batches):
+    """Before, the refused call stacked every buffer the forward wrote again from the members' own (a cache too, never
+    filled there) while the flag stayed set: the next calls trained on an empty table (losses off the solo runs')."""
+    loss_fn = {"vmapped": _loss, "one member at a time": _noisy_loss}[path]
+    batches = make_batches(2)
+    ens = ensemble.stack(_cache_states())
+    with pytest.raises(TypeError, match="metric 'oops'") as error:
+        ensemble.train_step(_unscalar_metric(loss_fn), donated=True)(ens, batches[0])
+    ens = loopkit.state_at_error(error.value)
+    assert torch.equal(ens.buffers["table"], torch.arange(1.0, 5.0).expand(3, 4))
+    step = ensemble.train_step(loss_fn, donated=True)
+    for batch in batches:
+        ens, _ = step(ens, batch)
+    _assert_cached_members_are_their_solo_runs(ens, loss_fn, batches, refused_first=True)
+
+
 def test_donated_must_be_a_bool():
     """Before, donated="no" was taken as donated (truthy)."""
     for bad in ("no", 1, None):
