@@ -33,8 +33,10 @@ only the stacked copy of the other buffers changed, which it stacks again). The 
 modules must be in the same training mode and have the same settings (a convolution's stride, a norm's eps or groups,
 any plain attribute such as a ``temperature`` the forward reads, a plain tensor attribute, a function kept as one,
 ``self.act = torch.relu``: the step runs member 0's modules for all) and the same forward hooks and forward pre-hooks
-(the same function, or a method of the member's own module; torch's pruning and old-style weight_norm hooks are each
-member's own), the same parameters must be frozen (``requires_grad``) in every member, and their optimizers must
+(the same function, or one made alike for each member: a method of the member's own module, a ``functools.partial``
+with equal arguments, a lambda or nested function closing over the member's own module or equal values, a callable
+object of one class with equal attributes; torch's pruning and old-style weight_norm hooks are each member's own),
+the same parameters must be frozen (``requires_grad``) in every member, and their optimizers must
 not need a closure (LBFGS); a donated step refuses a member changed since stacking in any of these (changed alike in every member, as when
 unfreezing a backbone, it trains on; a ``_private`` value is compared by :func:`stack`, and so by a non-donated
 step, not between donated calls). A plain value the forward sets on a module (``self.seen = n``, a ``_private``
@@ -110,7 +112,8 @@ class Ensemble:
     #: each member's parameters (the views), in the order of ``params``
     views: tuple[tuple[nn.Parameter, ...], ...] = attrs.field(default=(), repr=False)
     #: each member's values key (see :func:`_all_values`) when last checked (by :func:`stack` or a donated step),
-    #: which a donated step compares cheaply (tensors by identity and version), the values only when one changed
+    #: which a donated step compares cheaply (tensors by identity and version, hooks by identity), the values and hooks
+    #: only when one changed
     _values: tuple[Any, ...] = attrs.field(default=(), repr=False)
     _consumed: bool = attrs.field(default=False, init=False, repr=False)
 
@@ -257,6 +260,8 @@ def _short(value: Any, limit: int = 80) -> str:
 
 def _function_name(function: Any) -> str:
     """A function's (a bound method's: its function's) module and name, ``torch.relu``, for a message."""
+    if isinstance(function, functools.partial):
+        return f"functools.partial({_function_name(function.func)}, ...)"
     function = getattr(function, "__func__", function)
     name = function.__qualname__ if isinstance(function, types.FunctionType) else function.__name__
     module = getattr(function, "__module__", None)
@@ -282,72 +287,144 @@ _Hooks = list[tuple[int, tuple[Any, ...]]]
 def _hooks(model: nn.Module) -> _Hooks:
     """``model``'s forward pre-hooks and forward hooks, as the step runs them (member 0's for all): for each module
     that has any, its index in ``modules()`` and each hook's kind, flags and key (see :func:`_hook_key`), in order."""
-    return _hooks_of(model, [(i, m) for i, m in enumerate(model.modules()) if m._forward_hooks or m._forward_pre_hooks])
-
-
-def _hooks_of(model: nn.Module, hooked: list[tuple[int, nn.Module]]) -> _Hooks:
-    """:func:`_hooks` of ``hooked``, ``model``'s modules with hooks (and their indices)."""
-    positions: dict[int, int] = {}  # (a bound method's module: by its index, filled when first needed)
+    places = _Places(model)
     found = []
-    for i, module in hooked:
+    for i, module in enumerate(model.modules()):
+        if not (module._forward_hooks or module._forward_pre_hooks):
+            continue
         kinds = [("forward pre-hook", h, module._forward_pre_hooks_with_kwargs.get(n, False), False)
                  for n, h in module._forward_pre_hooks.items()]
         kinds += [("forward hook", h, module._forward_hooks_with_kwargs.get(n, False),
                    module._forward_hooks_always_called.get(n, False)) for n, h in module._forward_hooks.items()]
-        found.append((i, tuple((kind, _hook_key(hook, model, positions), *flags) for kind, hook, *flags in kinds)))
+        found.append((i, tuple((kind, _hook_key(hook, places), *flags) for kind, hook, *flags in kinds)))
     return found
 
 
-def _hook_key(hook: Any, model: nn.Module, positions: dict[int, int]) -> Any:
+def _hook_identity(module: nn.Module) -> tuple[Any, ...]:
+    """``module``'s forward pre-hooks and forward hooks by identity: each one's handle id (never reused) and the hook
+    itself (compared by identity, short of a hook's own ``==``): what a donated step compares cheaply between calls
+    (see :func:`_scan`), their keys (see :func:`_hooks`) only when it changed."""
+    return tuple(module._forward_pre_hooks.items()), tuple(module._forward_hooks.items())
+
+
+def _hook_key(hook: Any, places: _Places) -> Any:
     """What makes two members' hooks alike: any of torch's pruning methods by the attribute it computes (from each
     member's own mask), an old-style ``weight_norm`` / ``spectral_norm`` hook by its class and settings (each member
-    has its own object), a bound method by its function and its object (a module of the member by its index in
-    ``model.modules()``: each member's own), any other function as :func:`_same_function` compares it."""
+    has its own object), a method of an object outside the member (a recorder) by its function and that object, any
+    other function or callable object as :func:`_same_function` compares it (a method of the member's own module:
+    by its place in the member, see :class:`_Places`)."""
     if isinstance(hook, prune.BasePruningMethod):
         return prune.BasePruningMethod, hook._tensor_name
     if isinstance(_computed_name(hook), str):
         return type(hook), tuple(sorted((a, v) for a, v in vars(hook).items() if is_plain_setting(v)))
     func, owner = getattr(hook, "__func__", None), getattr(hook, "__self__", None)
-    if func is None or owner is None:
-        return _Function(hook)
-    if isinstance(owner, nn.Module):
-        if not positions:
-            positions.update((id(m), i) for i, m in enumerate(model.modules()))
-        if id(owner) in positions:
-            return func, positions[id(owner)]
-    return func, _Function(owner)
+    if func is not None and owner is not None and places[owner] is None:
+        return func, id(owner)  # (each member's own recorder: member 0's would count every member's calls)
+    return _Function(hook, places)
+
+
+class _Places:
+    """A member's modules by their index in its ``model.modules()`` (found when first needed): a module of the
+    member's own that a function holds (a hook that is a method of it, a lambda closing over ``self``) is alike to
+    the other member's at the same place (each member has its own)."""
+
+    __slots__ = ("model", "index")
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.index: dict[int, int] | None = None
+
+    def __getitem__(self, value: Any) -> int | None:
+        """``value``'s index in ``model.modules()``; None if it is none of them."""
+        if self.index is None:
+            self.index = {id(m): i for i, m in enumerate(self.model.modules())}
+        return self.index.get(id(value)) if isinstance(value, nn.Module) else None
+
+
+class _Alike:
+    """Two members' values being compared (see :func:`_same_value`): their places (see :class:`_Places`) and the
+    pairs of functions being compared (a nested function that calls itself holds itself in its closure: alike
+    meanwhile)."""
+
+    __slots__ = ("places", "comparing")
+
+    def __init__(self, a: _Places, b: _Places) -> None:
+        self.places = (a, b)
+        self.comparing: set[tuple[int, int]] = set()
+
+    def same_module(self, a: nn.Module, b: nn.Module) -> bool:
+        """Whether ``a`` and ``b`` are one module, or each member's own at the same place."""
+        place = self.places[0][a]
+        return a is b or (place is not None and place == self.places[1][b])
 
 
 class _Function:
-    """A function (or a bound method's object outside the member) in a hooks key, compared as :func:`_same_function`
-    compares it."""
+    """A function or callable object in a hooks key, compared as :func:`_same_function` compares it, with its
+    member's places (see :class:`_Places`)."""
 
-    __slots__ = ("value",)
+    __slots__ = ("value", "places")
 
-    def __init__(self, value: Any) -> None:
+    def __init__(self, value: Any, places: _Places) -> None:
         self.value = value
+        self.places = places
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, _Function) and _same_function(self.value, other.value)
+        if not isinstance(other, _Function):
+            return False
+        return _same_function(self.value, other.value, _Alike(self.places, other.places))
 
     __hash__ = None  # type: ignore[assignment]
 
 
-#: the functions a module's attribute may hold that :func:`_same_function` compares (``torch.relu``, ``F.gelu``)
-_FUNCTIONS = (types.FunctionType, types.BuiltinFunctionType, types.MethodType)
+#: the functions a module's attribute may hold that :func:`_same_function` compares (``torch.relu``, ``F.gelu``,
+#: ``functools.partial(F.leaky_relu, negative_slope=0.1)``)
+_FUNCTIONS = (types.FunctionType, types.BuiltinFunctionType, types.MethodType, functools.partial)
 
 
-def _same_function(a: Any, b: Any) -> bool:
-    """Whether ``a`` and ``b`` compute alike: the same object, or bound methods of one function (each member's object,
-    a copy), or functions of the same code without a closure or defaults (a lambda made for each member, ``self.act
-    = lambda x: x * 2``). Any other functions differ (one closing over a member's own scale)."""
+def _same_function(a: Any, b: Any, alike: _Alike) -> bool:
+    """Whether ``a`` and ``b``, functions of two members, compute alike: the same object; bound methods of one function
+    (of each member's own module at the same place, or of any other object: each member's copy); ``functools.partial``
+    s of alike functions with alike arguments; functions of one code whose defaults and closures hold alike values
+    (see :func:`_same_value`: a lambda made for each member, closing over its own module or an equal number); callable
+    objects of one class whose attributes are alike (a hook object made for each member, ``Scale(2.0)``). Any other
+    functions differ (``torch.relu`` and ``torch.tanh``, a lambda closing over each member's own scale)."""
     if a is b:
         return True
-    if isinstance(a, types.MethodType) and isinstance(b, types.MethodType):
-        return a.__func__ is b.__func__
-    return (isinstance(a, types.FunctionType) and isinstance(b, types.FunctionType) and a.__code__ is b.__code__
-            and a.__globals__ is b.__globals__ and a.__closure__ is b.__closure__ is None
-            and a.__defaults__ is b.__defaults__ is None and a.__kwdefaults__ is b.__kwdefaults__ is None)
+    if type(a) is not type(b):
+        return False
+    pair = (id(a), id(b))
+    if pair in alike.comparing:
+        return True
+    alike.comparing.add(pair)
+    try:
+        if isinstance(a, functools.partial):
+            return (_same_function(a.func, b.func, alike) and _same_value(a.args, b.args, alike)
+                    and _same_value(a.keywords, b.keywords, alike))
+        if isinstance(a, types.MethodType):
+            return a.__func__ is b.__func__ and (not isinstance(a.__self__, nn.Module)
+                                                 or _same_value(a.__self__, b.__self__, alike))
+        if isinstance(a, types.FunctionType):
+            return (a.__code__ is b.__code__ and a.__globals__ is b.__globals__
+                    and _same_value(a.__defaults__ or (), b.__defaults__ or (), alike)
+                    and _same_value(a.__kwdefaults__ or {}, b.__kwdefaults__ or {}, alike)
+                    and _same_value(_cells(a), _cells(b), alike))
+        if isinstance(a, nn.Module):  # (a module of the member's own as a hook)
+            return alike.same_module(a, b)
+        fields = getattr(a, "__dict__", None)
+        return callable(a) and not isinstance(a, type) and type(fields) is dict and _same_value(fields, vars(b), alike)
+    finally:
+        alike.comparing.discard(pair)
+
+
+def _cells(function: types.FunctionType) -> tuple[Any, ...]:
+    """What ``function``'s closure holds, cell by cell (``_UNSET`` for a cell not filled yet)."""
+    found = []
+    for cell in function.__closure__ or ():
+        try:
+            found.append(cell.cell_contents)
+        except ValueError:
+            found.append(_UNSET)
+    return tuple(found)
 
 
 def _check_hooks(model: nn.Module, first: nn.Module, k: int, where: str) -> None:
@@ -380,13 +457,14 @@ def _check_attributes(model: nn.Module, first: nn.Module, k: int, where: str, *,
     values, a ``_private`` number (but with ``public``: the donated step's check between calls, which leaves
     ``_private`` values to :func:`stack`). The step runs member 0's modules, and so their values, for every member;
     other objects (a tokenizer) are not compared."""
+    alike = _Alike(_Places(model), _Places(first))
     for (name, module), other in zip(model.named_modules(), first.modules()):
         own, theirs = _other_values(module), _other_values(other)
         if public:
             own = {attr: v for attr, v in own.items() if attr[:1] != "_"}
             theirs = {attr: v for attr, v in theirs.items() if attr[:1] != "_"}
         for attr in sorted(own.keys() | theirs.keys()):
-            if attr in own and attr in theirs and _same_value(own[attr], theirs[attr]):
+            if attr in own and attr in theirs and _same_value(own[attr], theirs[attr], alike):
                 continue
             module_name = f"module {name or '(model)'} ({type(module).__name__})"
             raise ValueError(
@@ -438,21 +516,25 @@ def _comparable(value: Any, held: set[int]) -> bool:
     return is_plain_setting(value) or isinstance(value, _FUNCTIONS)
 
 
-def _same_value(a: Any, b: Any) -> bool:
-    """Equal values of :func:`_comparable`: tensors of one shape, dtype and device with equal elements (NaN equal),
-    functions as :func:`_same_function` compares them, containers item by item."""
+def _same_value(a: Any, b: Any, alike: _Alike) -> bool:
+    """Equal values of two members (of :func:`_comparable`, or held by their functions): tensors of one shape, dtype
+    and device with equal elements (NaN equal), functions as :func:`_same_function` compares them, containers item by
+    item, a module of each member's own at the same place (see :class:`_Places`), other values as :func:`_same`
+    compares them."""
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
                 and a.dtype == b.dtype and a.device == b.device and bool(torch.equal(a, b) or (
                     a.is_floating_point() and torch.allclose(a, b, rtol=0, atol=0, equal_nan=True))))
     if isinstance(a, Mapping) or isinstance(b, Mapping):
         return (isinstance(a, Mapping) and isinstance(b, Mapping) and a.keys() == b.keys()
-                and all(_same_value(a[key], b[key]) for key in a))
+                and all(_same_value(a[key], b[key], alike) for key in a))
     if isinstance(a, (tuple, list)) or isinstance(b, (tuple, list)):
         return (isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)) and len(a) == len(b)
-                and all(_same_value(x, y) for x, y in zip(a, b)))
+                and all(_same_value(x, y, alike) for x, y in zip(a, b)))
+    if isinstance(a, nn.Module) or isinstance(b, nn.Module):
+        return isinstance(a, nn.Module) and isinstance(b, nn.Module) and alike.same_module(a, b)
     if isinstance(a, _FUNCTIONS) or isinstance(b, _FUNCTIONS):
-        return _same_function(a, b)
+        return _same_function(a, b, alike)
     return _same(a, b)
 
 
@@ -552,31 +634,33 @@ def _copy_plain(value: Any) -> Any:
 
 def _check_unchanged(ensemble: Ensemble) -> None:
     """Refuse the members (as :func:`stack` would) if, since they were stacked, a module's training mode or settings,
-    a parameter's ``requires_grad`` or another value (see :func:`_other_values`) was changed in some members only (a
-    donated step does not stack them again). Member 0's model is the skeleton itself. Cheap: plain values and flags
-    compared, tensors by identity and version (no device sync)."""
-    reference, hooks, key = _scan(ensemble.skeleton)  # (``training`` among the settings: one comparison, commonly)
+    a parameter's ``requires_grad``, another value (see :func:`_other_values`) or a forward hook was changed in some
+    members only (a donated step does not stack them again). Member 0's model is the skeleton itself. Cheap: plain
+    values and flags compared, tensors and hooks by identity (tensors and version; no device sync)."""
+    reference, key = _scan(ensemble.skeleton)  # (``training`` among the settings: one comparison, commonly)
     keys = [key]
     for k, member in enumerate(ensemble.members[1:], 1):
-        settings, own_hooks, key = _scan(member.model)
+        settings, key = _scan(member.model)
         keys.append(key)
         if settings != reference:
             _check_mode(member.model, ensemble.skeleton, k, "ensemble.train_step")
             _check_settings(member.model, ensemble.skeleton, k, "ensemble.train_step")
-        if own_hooks != hooks:
-            _check_hooks(member.model, ensemble.skeleton, k, "ensemble.train_step")
     _check_frozen(ensemble)
     _check_values(ensemble, tuple(keys))
 
 
-def _scan(model: nn.Module) -> tuple[list[dict[str, Any]], _Hooks, list[tuple[tuple[str, Any], ...]]]:
-    """``model``'s settings (each module's :func:`module_settings`), forward hooks (see :func:`_hooks`) and values key
-    (see :func:`_all_values`), in one walk of its modules (each module's attributes sorted once: the step's checks
-    cost per module and member)."""
+#: a member's values key (see :func:`_all_values`): each module's other values (see :func:`_key`), and each hooked
+#: module's index and hooks by identity (see :func:`_hook_identity`)
+_ValuesKey = tuple[list[tuple[tuple[str, Any], ...]], list[tuple[int, tuple[Any, ...]]]]
+
+
+def _scan(model: nn.Module) -> tuple[list[dict[str, Any]], _ValuesKey]:
+    """``model``'s settings (each module's :func:`module_settings`) and values key (see :func:`_all_values`), in one
+    walk of its modules (each module's attributes sorted once: the step's checks cost per module and member)."""
     settings, keys, hooked = [], [], []
     for i, module in enumerate(model.modules()):
         if module._forward_hooks or module._forward_pre_hooks:
-            hooked.append((i, module))
+            hooked.append((i, _hook_identity(module)))
         own = vars(module)
         names = own.keys() - _BOOKKEEPING
         # (module_settings, from the attributes that are not bookkeeping)
@@ -585,7 +669,7 @@ def _scan(model: nn.Module) -> tuple[list[dict[str, Any]], _Hooks, list[tuple[tu
         settings.append(found)
         others = _other_values(module, public - found.keys()) if len(public) > len(found) else None
         keys.append(tuple((attr, _key(value)) for attr, value in others.items()) if others else ())
-    return settings, _hooks_of(model, hooked) if hooked else [], keys
+    return settings, (keys, hooked)
 
 
 #: a module's standard attributes but ``training`` (a setting): its bookkeeping, neither a setting nor another value
@@ -608,25 +692,28 @@ def _check_frozen(ensemble: Ensemble) -> None:
             )
 
 
-def _check_values(ensemble: Ensemble, keys: tuple[list[tuple[tuple[str, Any], ...]], ...]) -> None:
-    """Refuse the members (see :func:`_check_attributes`) if one's other public values (a plain tensor attribute, a
-    dict of numbers) were changed since they were last checked and now differ from member 0's (a ``_private`` value
-    is :func:`stack`'s to compare, and so a non-donated step's, which stacks its members again; comparing every
-    module's private values here would cost each call; a plain one the forward sets, a call counter, reaches every
-    member, see :func:`_copy_written`). Unchanged keys (see :func:`_all_values`) are the common case: no values are
-    compared then. Changed alike in every member, the new keys are kept. ``keys``: each member's, now."""
+def _check_values(ensemble: Ensemble, keys: tuple[_ValuesKey, ...]) -> None:
+    """Refuse the members (see :func:`_check_attributes` and :func:`_check_hooks`) if one's other public values (a
+    plain tensor attribute, a dict of numbers) or forward hooks were changed since they were last checked and now
+    differ from member 0's (a ``_private`` value is :func:`stack`'s to compare, and so a non-donated step's, which
+    stacks its members again; comparing every module's private values here would cost each call; a plain one the
+    forward sets, a call counter, reaches every member, see :func:`_copy_written`). Unchanged keys (see
+    :func:`_all_values`) are the common case: no values or hooks are compared then (a hook object changed in place,
+    not replaced, is not compared again). Changed alike in every member, the new keys are kept. ``keys``: each
+    member's, now."""
     if keys == ensemble._values:
         return
     for k, member in enumerate(ensemble.members[1:], 1):
         _check_attributes(member.model, ensemble.skeleton, k, "ensemble.train_step", public=True)
+        _check_hooks(member.model, ensemble.skeleton, k, "ensemble.train_step")
     object.__setattr__(ensemble, "_values", keys)
 
 
-def _all_values(members: Sequence[TrainState]) -> tuple[list[tuple[tuple[str, Any], ...]], ...]:
-    """Each member's values key: what of its modules' other values (see :func:`_other_values`) a donated step
-    compares between calls, plain values as they are, tensors by identity and version (see :class:`_Seen`), in
-    ``modules()`` order (see :func:`_scan`)."""
-    return tuple(_scan(member.model)[2] for member in members)
+def _all_values(members: Sequence[TrainState]) -> tuple[_ValuesKey, ...]:
+    """Each member's values key: what of its modules' other values (see :func:`_other_values`) and forward hooks a
+    donated step compares between calls, plain values as they are, tensors by identity and version (see
+    :class:`_Seen`), in ``modules()`` order, and hooks by identity (see :func:`_hook_identity`; see :func:`_scan`)."""
+    return tuple(_scan(member.model)[1] for member in members)
 
 
 def _key(value: Any) -> Any:

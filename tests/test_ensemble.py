@@ -2145,6 +2145,24 @@ def _hooked(seed: int, *hooks: Any, pre: bool = False) -> loopkit.TrainState:
     return _sgd(model)
 
 
+def _scaled_by(module: nn.Module, args: tuple, out: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    return out * scale
+
+
+class _Scale:
+    """A callable hook object: scales a module's output by its ``scale``."""
+
+    def __init__(self, scale: float) -> None:
+        self.scale = scale
+
+    def __call__(self, module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+        return out * self.scale
+
+
+def _scaling(scale: float) -> Callable[..., torch.Tensor]:
+    return lambda module, args, out: out * scale
+
+
 HOOKS_THAT_DIFFER = {  # member 0's and member 1's, and what the refusal says of them
     "one in member 1 only": ((), (_halve,), False, "forward hook _halve where member 0's has none"),
     "another function": ((_halve,), (_double,), False, "forward hook _double where member 0's has forward hook _halve"),
@@ -2155,6 +2173,14 @@ HOOKS_THAT_DIFFER = {  # member 0's and member 1's, and what the refusal says of
     "a method of each member's own recorder": ((_Recorder().hook,), (_Recorder().hook,), True,
                                                "forward pre-hook _Recorder.hook where member 0's has forward pre-hook "
                                                "_Recorder.hook"),
+    "a partial with another argument": ((functools.partial(_scaled_by, scale=0.5),),
+                                        (functools.partial(_scaled_by, scale=2.0),), False,
+                                        "forward hook partial where member 0's has forward hook partial"),
+    "a callable object with another setting": ((_Scale(0.5),), (_Scale(2.0),), False,
+                                               "forward hook _Scale where member 0's has forward hook _Scale"),
+    "a lambda closing over another number": ((_scaling(0.5),), (_scaling(2.0),), False,
+                                             "forward hook _scaling.<locals>.<lambda> where member 0's has forward "
+                                             "hook _scaling.<locals>.<lambda>"),
 }
 
 
@@ -2211,6 +2237,45 @@ def test_a_donated_step_refuses_a_hook_added_to_one_member_since_stacking_and_tr
             torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7, msg=f"member {k} {name}")
 
 
+def test_a_donated_step_compares_the_hooks_again_only_when_one_was_added_or_removed(make_batches, monkeypatch):
+    """Before, every donated step built every member's hook keys again (``_hook_key`` for each hook of each member,
+    40% more time in the step's checks for a model with a hook on each layer), though none had changed. Now the hooks
+    are compared by identity between calls and their keys built when one was added or removed (then refused as
+    before, see above, or kept when alike)."""
+    built = []
+    key = ensemble._hook_key
+    monkeypatch.setattr(ensemble, "_hook_key", lambda hook, places: built.append(hook) or key(hook, places))
+    batches = make_batches(4)
+    states = [_hooked(seed, _halve) for seed in range(3)]
+    step = ensemble.train_step(lambda m, b: ((m(b[0]) - b[1]) ** 2).mean(), donated=True)
+    ens = ensemble.stack(states)
+    assert built  # (stack compares them)
+    built.clear()
+    for batch in batches[:2]:
+        ens, _ = step(ens, batch)
+    assert not built
+    for member in ens.members:
+        member.model[2].register_forward_pre_hook(_Recorder().hook)
+    with pytest.raises(ValueError, match="has other forward hooks than member 0's"):
+        step(ens, batches[2])
+    assert built
+    for member in ens.members:
+        member.model[2]._forward_pre_hooks.clear()
+        member.model[2].register_forward_hook(_double)
+    built.clear()
+    ens, _ = step(ens, batches[2])
+    assert len(built) == 2 * 4  # (members 1 and 2 against member 0: two hooks each)
+    built.clear()
+    ens, _ = step(ens, batches[3])
+    assert not built
+    for k, state in enumerate(states):
+        solo = _solo(state, batches[:2])
+        solo.model[2].register_forward_hook(_double)
+        solo = _solo(solo, batches[2:])
+        for (name, p), q in zip(solo.model.named_parameters(), ens.members[k].model.parameters()):
+            torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7, msg=f"member {k} {name}")
+
+
 # --- functions held as attributes: the step runs member 0's modules, and so their functions, for every member -------
 
 
@@ -2240,6 +2305,12 @@ def _times(scale: float) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda x: torch.tanh(x) * scale
 
 
+def _leaky(slope: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    def act(x: torch.Tensor, slope: float = slope) -> torch.Tensor:
+        return nn.functional.leaky_relu(x, slope)
+    return act
+
+
 FUNCTIONS_THAT_DIFFER = {  # member 0's activation and member 1's, and how the refusal names them
     "builtin": (torch.relu, torch.tanh, r"torch\.tanh where member 0's is torch\.relu"),
     "python function": (nn.functional.relu, nn.functional.silu,
@@ -2247,6 +2318,13 @@ FUNCTIONS_THAT_DIFFER = {  # member 0's activation and member 1's, and how the r
     "closing over another scale": (_times(1.0), _times(2.0),
                                    r"\S*_times\.<locals>\.<lambda> where member 0's is \S*_times\.<locals>\.<lambda>"),
     "another method": ("method", "other method", r"\S*_Activated\._hard where member 0's is \S*_Activated\._soft"),
+    "a partial with another argument": (
+        functools.partial(nn.functional.leaky_relu, negative_slope=0.1),
+        functools.partial(nn.functional.leaky_relu, negative_slope=0.3),
+        r"functools\.partial\(torch\.nn\.functional\.leaky_relu, \.\.\.\) where member 0's is "
+        r"functools\.partial\(torch\.nn\.functional\.leaky_relu, \.\.\.\)"),
+    "a nested function with another default": (
+        _leaky(0.1), _leaky(0.3), r"\S*_leaky\.<locals>\.act where member 0's is \S*_leaky\.<locals>\.act"),
 }
 
 
@@ -2275,6 +2353,68 @@ def test_members_with_the_same_function_attribute_follow_their_solo_runs(act, ma
                                          r"'act' than member 0's") as error:
         ensemble.train_step(_mse_loss, donated=True)(ens, batches[1])
     assert loopkit.state_at_error(error.value) is ens
+
+
+class _MadeAlike(nn.Module):
+    """A model whose ``__init__`` makes a hook on its first layer, or its activation, anew for each member, in one of
+    the usual ways (``kind``): each member's object computes what member 0's does (on its own module)."""
+
+    def __init__(self, seed: int, kind: str) -> None:
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 2)
+        self.scale = 0.5
+        scale, slope = 0.5, 0.1
+
+        def nested(module: nn.Module, args: tuple, out: torch.Tensor, factor: float = 0.5) -> torch.Tensor:
+            return out * factor
+
+        def act(x: torch.Tensor, slope: float = 0.1) -> torch.Tensor:
+            return nn.functional.leaky_relu(x, slope)
+
+        hooks = {
+            "a partial of a function": lambda: functools.partial(_scaled_by, scale=0.5),
+            "a partial of its own method": lambda: functools.partial(self._scaled, 0.5),
+            "a lambda closing over its module": lambda: lambda module, args, out: out * self.scale,
+            "a lambda closing over an equal number": lambda: lambda module, args, out: out * scale,
+            "a callable object": lambda: _Scale(0.5),
+            "a nested function with a default": lambda: nested,
+        }
+        acts = {
+            "activation: a lambda closing over its module": lambda: lambda x: torch.tanh(x) * self.scale,
+            "activation: a nested function with a default": lambda: act,
+            "activation: a lambda closing over an equal number": lambda: lambda x: nn.functional.leaky_relu(x, slope),
+            "activation: a partial": lambda: functools.partial(nn.functional.leaky_relu, negative_slope=0.1),
+        }
+        if kind in hooks:
+            self.a.register_forward_hook(hooks[kind]())
+        self.act = acts[kind]() if kind in acts else torch.tanh
+
+    def _scaled(self, scale: float, module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+        return out * scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.act(self.a(x)))
+
+
+MADE_ALIKE = ["a partial of a function", "a partial of its own method", "a lambda closing over its module",
+              "a lambda closing over an equal number", "a callable object", "a nested function with a default",
+              "activation: a lambda closing over its module", "activation: a nested function with a default",
+              "activation: a lambda closing over an equal number", "activation: a partial"]
+
+
+@pytest.mark.parametrize("donated", [False, True])
+@pytest.mark.parametrize("kind", MADE_ALIKE)
+def test_members_whose_hooks_or_functions_are_made_alike_for_each_member_follow_their_solo_runs(kind, donated,
+                                                                                                make_batches):
+    """Before, stack refused them (hooks and function attributes alike only as one object, bound methods, or one code
+    without closure or defaults), though each member's copy computes the same: a partial (compared by its function
+    and arguments), a lambda or nested function closing over its own module (by its place in the member) or over an
+    equal value, or with defaults (by value), a callable hook object (by its class and attributes)."""
+    batches = make_batches(3)
+    states = [_sgd(_MadeAlike(k, kind)) for k in range(3)]
+    _assert_follow_solo(_together(states, batches, donated=donated), states, batches)
 
 
 # --- buffers: stacked for the step, checked as the parameters are ---------------------------------------------------
