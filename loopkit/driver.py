@@ -155,21 +155,26 @@ def _accumulation_at(step: Any, epoch: int) -> int:
     return 1
 
 
-def _bar_total(total: int | None, state: TrainState, max_steps: int | None, step: Any) -> int | None:
+def _bar_total(total: int | None, state: TrainState, max_steps: int | None, step: Any,
+               epochs: int | None = None) -> int | None:
     """The total of the bar of an epoch of ``total`` batches that starts from ``state``: fewer where ``max_steps``
     ends the fit inside it, the batches its remaining updates take (``with_grad_accum``'s factor each, less the
     micro-batches of a group under way), so that the fit's last bar ends full; as Lightning's bar, which does so
-    only without ``max_epochs``, and counts an update as a batch.
+    only without ``max_epochs``, and counts an update as a batch. Data of no length (``total`` None) gets the
+    batches ``max_steps`` leaves when no ``epochs`` is set, as Lightning's ``min(inf, max_steps)``; none otherwise.
 
     >>> import torch
     >>> state = TrainState.create(torch.nn.Linear(1, 1))
     >>> _bar_total(10, state, 7, None), _bar_total(10, state, 13, None), _bar_total(10, state, None, None)
     (7, 10, 10)
+    >>> _bar_total(None, state, 7, None), _bar_total(None, state, 7, None, epochs=2)
+    (7, None)
     """
-    if total is None or max_steps is None:
+    if max_steps is None or (total is None and epochs is not None):
         return total
     needed = (max_steps - state.step) * _accumulation_at(step, state.epoch) - accumulated(state)
-    return min(total, state.batch_index + max(needed, 0))
+    left = state.batch_index + max(needed, 0)
+    return left if total is None else min(total, left)
 
 
 def _warn_of_a_long_log_interval(step: Any, total: int | None, epoch: int) -> None:
@@ -2208,7 +2213,7 @@ def run_epochs(
                 resumed_val = {}
                 validated_at = state.extras.get(_VALIDATED) if last_val else None  # the update it saw
                 started_at = state.step
-                bar = ProgressBar(enabled=show, total=_bar_total(total, state, max_steps, step),
+                bar = ProgressBar(enabled=show, total=_bar_total(total, state, max_steps, step, epochs),
                                   initial=state.batch_index, desc=f"epoch {state.epoch}", shown=shown)
                 exhausted = True
                 asked_stop = finishing_stop  # a callback asked to stop after one of this epoch's batches

@@ -78,7 +78,8 @@ def storage_url(study_name: str, directory: str | os.PathLike = ".") -> str:
     """
     if not isinstance(study_name, str) or not study_name or os.sep in study_name:
         raise ValueError(f"loopkit.tune: study_name must be a non-empty name without '{os.sep}', got {study_name!r}")
-    return "sqlite:///" + urllib.parse.quote(os.path.abspath(os.path.join(os.fspath(directory), f"{study_name}.db")))
+    folder = os.path.expanduser(os.fspath(directory))
+    return "sqlite:///" + urllib.parse.quote(os.path.abspath(os.path.join(folder, f"{study_name}.db")))
 
 
 def _make_folder(directory: str | os.PathLike) -> None:
@@ -95,16 +96,17 @@ def _make_folder(directory: str | os.PathLike) -> None:
     NotADirectoryError: loopkit.tune: directory '.../f/b' (where the study's SQLite file goes) cannot be made: '.../f' is a file
     >>> tmp.cleanup()
     """
-    folder = os.path.abspath(os.fspath(directory))
+    folder = os.path.abspath(os.path.expanduser(os.fspath(directory)))
     try:
         os.makedirs(folder, exist_ok=True)
-    except (FileExistsError, NotADirectoryError) as e:
+    except (FileExistsError, FileNotFoundError, NotADirectoryError) as e:  # FileNotFoundError: a dangling link
         blocker = folder
-        while not os.path.exists(blocker):
+        while not os.path.lexists(blocker):
             blocker = os.path.dirname(blocker)
+        what = "a link to nothing" if os.path.islink(blocker) and not os.path.exists(blocker) else "a file"
         raise NotADirectoryError(
             f"loopkit.tune: directory {str(directory)!r} (where the study's SQLite file goes) cannot be made: "
-            f"{blocker!r} is a file"
+            f"{blocker!r} is {what}"
         ) from e
 
 

@@ -417,6 +417,25 @@ def test_the_last_bar_ends_full_where_max_steps_ends_the_fit_inside_its_epoch(mo
     assert all(bar.first_total == bar.total for bar in epoch_bars())  # (sized so from the start)
 
 
+class _Stream(torch.utils.data.IterableDataset):
+    """Data of no length: 10 batches an epoch, as make_data(10), that the bar cannot count."""
+
+    def __iter__(self):
+        return iter(make_data(10))
+
+
+@pytest.mark.parametrize("epochs, expected", [
+    (None, [(13, 13)]),  # as Lightning's bar: min(inf, the updates left), in one epoch of a stream long enough
+    (2, [(10, None), (3, None)]),  # (with max_epochs Lightning's bar has no total either)
+])
+def test_data_of_no_length_gets_the_batches_max_steps_leaves_without_epochs(monkeypatch, epochs, expected):
+    use_fake_tty(monkeypatch)
+    stream = torch.utils.data.DataLoader(_Stream(), batch_size=None)
+    data = stream if epochs else itertools.chain.from_iterable(itertools.repeat(make_data(10), 2))
+    state, _ = run_epochs(train_step(mse), make_state(), data, epochs=epochs, max_steps=13, progress=True)
+    assert state.step == 13 and [(bar.n, bar.total) for bar in epoch_bars()] == expected
+
+
 def test_the_capped_total_counts_the_accumulated_batches_of_each_update(monkeypatch):
     """with_grad_accum's factor of each epoch (a schedule: 1, then 3): the batches the remaining updates take."""
     from loopkit import with_grad_accum

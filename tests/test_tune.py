@@ -317,6 +317,18 @@ def test_a_missing_directory_is_made_and_a_file_in_its_way_is_refused(tmp_path):
     assert (tmp_path / "file").read_text() == "x"
 
 
+def test_a_directory_under_home_is_expanded_and_a_dangling_link_named(tmp_path, monkeypatch):
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir(), work.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    tune.create_study("s", directory="~/studies")
+    assert (home / "studies" / "s.db").is_file() and not (work / "~").exists()  # not a folder named '~'
+    (tmp_path / "gone").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(NotADirectoryError, match=rf"'{re.escape(str(tmp_path / 'gone'))}' is a link to nothing"):
+        tune.create_study("s", directory=tmp_path / "gone" / "deeper")
+
+
 @pytest.mark.parametrize("folder", ["a b", "q?x", "pct%20x", "h#1"])
 def test_any_folder_name_holds_the_default_storage(folder, tmp_path):
     directory = tmp_path / folder
