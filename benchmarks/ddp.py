@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
         args.rounds, args.steps = 2, 5
     if args.rounds < 1 or args.steps < 1:
         parser.error("--rounds and --steps must be at least 1")
-    counts = args.nprocs.split(",")
+    counts = [n.strip() for n in args.nprocs.split(",")]
     if not all(n.isdecimal() and int(n) >= 1 for n in counts):
         parser.error(f"--nprocs: give comma-separated process counts of at least 1, got {args.nprocs!r}")
     if args.worker:

@@ -855,13 +855,16 @@ def _cut_torn_row(path: str) -> None:
     """Drop the torn last row of a run killed mid-write (its file does not end with a newline): the next
     row appended would run on from it. A row torn between the ``\\r`` and the ``\\n`` of its terminator is
     whole: it is kept, its line ended (the header too, when it is the file's only line). A file holding only
-    a torn header is left as it is."""
+    a torn header of a CSVLogger's (``step,...``: no row yet) is emptied, so that a whole header is written; another
+    program's is left for the foreign-file check to refuse."""
     found = _unfinished_line(path)
     if found is not None:
         data, start = found
         whole = _csv_row_is_whole(data[start:])
         if whole or start > 0:
             _end_last_line(path, data, start, whole)
+        elif data.startswith(b"step,"):
+            _replace_file(path, b"")
 
 
 #: how every line of a JSONLLogger's file begins (``json.dumps`` of ``{"step": ..., ...}``)
@@ -1351,10 +1354,10 @@ class CSVLogger(RunDirLogger):
         """The columns, read back from an existing file's header when continuing a run in its folder."""
         if self._columns is None:
             path = self._path(self.filename)
-            columns = _refuse_foreign_csv(path)
+            _refuse_foreign_csv(path)
             if os.path.exists(path):  # (a file of its own: a row a killed run tore is dropped before the next)
                 _cut_torn_row(path)
-            self._columns = columns
+            self._columns = _refuse_foreign_csv(path)  # (a torn header is gone: its file emptied)
         return self._columns
 
     def _drop_records(self, folder: str, keep: Callable[[int, frozenset[str], int | None], bool]) -> int:

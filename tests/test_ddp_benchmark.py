@@ -25,6 +25,16 @@ def test_bad_options_are_usage_errors_before_any_launch(args, message):
     assert proc.stdout == ""
 
 
+def test_process_counts_may_be_given_with_spaces():
+    """'--nprocs "1, 2"' launches 1 then 2 processes (torchrun stubbed: only the parse is tested)."""
+    stub = ("import sys; sys.path.insert(0, sys.argv[1]); import ddp\n"
+            "ddp._launch = lambda n, steps, rounds: print('launch', n) or sys.exit(0) if n == 2 else print('launch', n) or {}\n"
+            "ddp.main(['--nprocs', '1, 2', '--quick'])")
+    proc = subprocess.run([sys.executable, "-c", stub, str(SCRIPT.parent)], capture_output=True, text=True,
+                          timeout=120, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0 and proc.stdout.split() == ["launch", "1", "launch", "2"], proc.stdout + proc.stderr
+
+
 @pytest.mark.slow
 def test_quick_run_reports_every_contender_with_a_time(tmp_path):
     out = tmp_path / "times.json"

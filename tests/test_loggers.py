@@ -457,6 +457,18 @@ def test_a_csv_header_torn_between_its_cr_and_lf_is_kept_and_its_line_ended(tmp_
     assert _file_bytes(again) == _file_bytes(reference)
 
 
+@pytest.mark.parametrize("torn", [b"step,tra", b"step,"])
+def test_a_csv_file_holding_only_a_torn_header_gets_a_whole_one(tmp_path, torn):
+    """A header torn by a kill (a power loss: headers are written whole, by a rename) holds no record: it is
+    dropped, not kept as the first columns ('tra' a bogus one). Reference: an uninterrupted run's file."""
+    reference = _crashed_run(tmp_path / "ref", CSVLogger, steps=(1, 2))
+    folder = tmp_path / "run" / "version_0"
+    folder.mkdir(parents=True)
+    (folder / "metrics.csv").write_bytes(torn)
+    _log_all(CSVLogger(tmp_path, "run", version=0), [(step, {"train/loss": 1 / step}) for step in (1, 2)])
+    assert _file_bytes(CSVLogger(tmp_path, "run", version=0)) == _file_bytes(reference)
+
+
 @pytest.mark.parametrize(("crashed", "cut", "then"), [
     ((10, 20, 30), 1, (40,)),  # only step 30's newline lost: its record is whole
     ((10, 20, 30), 5, (30, 40)),  # torn inside a value
