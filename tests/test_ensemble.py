@@ -2229,10 +2229,16 @@ def test_a_donated_step_refuses_a_hook_added_to_one_member_since_stacking_and_tr
         member.model[0].register_forward_hook(_halve)
     for batch in batches[1:]:
         ens, _ = step(ens, batch)
+    _assert_members_train_as_solos_hooked_after(ens, states, batches, 1, 0, _halve)
+
+
+def _assert_members_train_as_solos_hooked_after(ens, states, batches, done, layer, hook):
+    """Each member of ``ens`` is its state trained alone on ``batches``, ``hook`` added to its layer ``layer`` after
+    the first ``done`` batches (reference: the plain loop of ``_solo``)."""
     for k, state in enumerate(states):
-        solo = _solo(state, batches[:1])
-        solo.model[0].register_forward_hook(_halve)
-        solo = _solo(solo, batches[1:])
+        solo = _solo(state, batches[:done])
+        solo.model[layer].register_forward_hook(hook)
+        solo = _solo(solo, batches[done:])
         for (name, p), q in zip(solo.model.named_parameters(), ens.members[k].model.parameters()):
             torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7, msg=f"member {k} {name}")
 
@@ -2268,12 +2274,7 @@ def test_a_donated_step_compares_the_hooks_again_only_when_one_was_added_or_remo
     built.clear()
     ens, _ = step(ens, batches[3])
     assert not built
-    for k, state in enumerate(states):
-        solo = _solo(state, batches[:2])
-        solo.model[2].register_forward_hook(_double)
-        solo = _solo(solo, batches[2:])
-        for (name, p), q in zip(solo.model.named_parameters(), ens.members[k].model.parameters()):
-            torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7, msg=f"member {k} {name}")
+    _assert_members_train_as_solos_hooked_after(ens, states, batches, 2, 2, _double)
 
 
 # --- functions held as attributes: the step runs member 0's modules, and so their functions, for every member -------

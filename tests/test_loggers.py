@@ -439,36 +439,6 @@ def test_a_csv_row_torn_between_its_cr_and_lf_is_kept_and_its_line_ended(tmp_pat
     assert _file_bytes(again) == _file_bytes(reference)
 
 
-@pytest.mark.parametrize("resume", [None, 0])
-def test_a_csv_header_torn_between_its_cr_and_lf_is_kept_and_its_line_ended(tmp_path, resume):
-    """A run killed as its first write ended: the file holds the header alone, torn between its "\\r" and "\\n".
-    The header was whole but left unended (the file has no whole line), so the next row ran on from it
-    ("step,train/loss\\r1,0.5\\r\\n": one line for line-based tools). Reference: an uninterrupted run's file."""
-    reference = _crashed_run(tmp_path / "ref", CSVLogger, steps=(1, 2))
-    header = _file_bytes(reference).split(b"\n")[0]
-    assert header == b"step,train/loss\r"
-    folder = tmp_path / "run" / "version_0"
-    folder.mkdir(parents=True)
-    (folder / "metrics.csv").write_bytes(header)
-    again = CSVLogger(tmp_path, "run", version=0)
-    if resume is not None:
-        again.resume_at(resume)
-    _log_all(again, [(step, {"train/loss": 1 / step}) for step in (1, 2)])
-    assert _file_bytes(again) == _file_bytes(reference)
-
-
-@pytest.mark.parametrize("torn", [b"step,tra", b"step,"])
-def test_a_csv_file_holding_only_a_torn_header_gets_a_whole_one(tmp_path, torn):
-    """A header torn by a kill (a power loss: headers are written whole, by a rename) holds no record: it is
-    dropped, not kept as the first columns ('tra' a bogus one). Reference: an uninterrupted run's file."""
-    reference = _crashed_run(tmp_path / "ref", CSVLogger, steps=(1, 2))
-    folder = tmp_path / "run" / "version_0"
-    folder.mkdir(parents=True)
-    (folder / "metrics.csv").write_bytes(torn)
-    _log_all(CSVLogger(tmp_path, "run", version=0), [(step, {"train/loss": 1 / step}) for step in (1, 2)])
-    assert _file_bytes(CSVLogger(tmp_path, "run", version=0)) == _file_bytes(reference)
-
-
 @pytest.mark.parametrize(("crashed", "cut", "then"), [
     ((10, 20, 30), 1, (40,)),  # only step 30's newline lost: its record is whole
     ((10, 20, 30), 5, (30, 40)),  # torn inside a value
@@ -487,20 +457,26 @@ def test_a_jsonl_run_continued_without_resume_at_after_a_kill_mid_write_is_what_
     assert _file_bytes(again) == _file_bytes(reference)
 
 
-@pytest.mark.parametrize("torn", ['{"ste', "{"])
+@pytest.mark.parametrize(("logger", "held"), [
+    (CSVLogger, b"step,train/loss\r"),  # torn between its "\r" and "\n"
+    (CSVLogger, b"step,tra"), (CSVLogger, b"step,"),  # torn before (a power loss: a header is written by a rename)
+    (JSONLLogger, b'{"ste'), (JSONLLogger, b"{"),  # the first record torn before its '{"step": ' was written
+], ids=["csv-cr", "csv-mid-name", "csv-comma", "jsonl-ste", "jsonl-brace"])
 @pytest.mark.parametrize("resume", [None, 0])
-def test_a_jsonl_file_holding_only_a_first_record_torn_before_its_step_is_the_loggers_own(tmp_path, torn, resume):
-    """A kill while the very first record was written, before its '{"step": ' was: the fragment is the start of
-    a JSONLLogger's line, not another program's file; it is dropped, and the file is what an uninterrupted run
-    writes (reference)."""
-    reference = _crashed_run(tmp_path / "ref", JSONLLogger, steps=(10, 20))
+def test_a_file_holding_only_a_torn_first_line_is_what_an_uninterrupted_run_writes(tmp_path, logger, held, resume):
+    """A run killed as its first write ended. CSV torn at the "\r": the header was whole but left unended, so the
+    next row ran on from it ("step,train/loss\r1,0.5\r\n": one line for line-based tools); torn before, it holds
+    no record, and was kept as the first columns ('tra' a bogus one). JSONL: the fragment is the start of a
+    JSONLLogger's line, not another program's file; it is dropped. Reference: an uninterrupted run's file."""
+    reference = _crashed_run(tmp_path / "ref", logger, steps=(1, 2))
+    filename = "metrics.csv" if logger is CSVLogger else "metrics.jsonl"
     folder = tmp_path / "run" / "version_0"
     folder.mkdir(parents=True)
-    (folder / "metrics.jsonl").write_text(torn)
-    again = JSONLLogger(tmp_path, "run", version=0)
+    (folder / filename).write_bytes(held)
+    again = logger(tmp_path, "run", version=0)
     if resume is not None:
         again.resume_at(resume)
-    _log_all(again, [(step, {"train/loss": 1 / step}) for step in (10, 20)])
+    _log_all(again, [(step, {"train/loss": 1 / step}) for step in (1, 2)])
     assert _file_bytes(again) == _file_bytes(reference)
 
 
