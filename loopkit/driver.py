@@ -42,7 +42,7 @@ from loopkit.checkpoint import capture_global_rng, install_global_rng
 from loopkit.progress import ProgressBar, progress_wanted, write_line
 from loopkit.rng import epoch_order_seed as _order_seed
 from loopkit.rng import seed_epoch_start
-from loopkit.rng import global_rngs_kept
+from loopkit.rng import batch_rngs, global_rng_state, global_rngs_kept
 from loopkit.state import (
     TrainState, core_module, extras_copy, fork, leave_intact, model_device, put_extras, refuse_copy_if_sharded, replace,
     replace_extras, state_at_error,
@@ -508,6 +508,10 @@ def evaluate(
     then. ``reduce=False`` returns this rank's own means (for an evaluation on one rank only).
     ``device`` places the batches (``"auto"``: the accelerator torch finds, else the CPU).
 
+    A stochastic ``metric_fn`` (MC dropout, random timesteps) draws fresh numbers in each batch, as a raw loop's
+    batches do: the first what ``eval_step(state, batch)`` draws, the rest from states drawn from ``state.rng`` (a
+    copy of the global RNG for a ``global_rng=True`` state). The same state draws alike; nothing global moves.
+
     ``data`` may be a mapping of named data sets (``{"clean": loader, "noisy": loader}``): each is
     evaluated on its own, and its metrics are named ``<metric>/<name>`` (``loss/noisy``); a list
     of DataLoaders names them ``dataloader_idx_<i>``, as Lightning does.
@@ -567,6 +571,7 @@ def _evaluate(
     sizes: dict[str, int] = {}
     batches = _epoch_batches(data, state.seed, state.step, 0, count) if seeded else itertools.islice(data, count)
     read = 0
+    rngs = _evaluation_rngs(state)
     progress = ProgressBar(enabled=bar is not None, total=count, desc=bar or "", leave=False)
     try:
         for read, batch in enumerate(batches or (), 1):
@@ -574,7 +579,7 @@ def _evaluate(
                 batch = move(batch)
             size, differ = _sizes(batch)
             size_warning(differ, size)
-            _, metrics = step(state, batch)
+            _, metrics = step(state if read == 1 else replace(state, rng=next(rngs)), batch)
             for key, value in metrics.items():
                 weighted = value.to(_collective.sum_dtype(value)) * size
                 sums[key] = weighted if key not in sums else sums[key] + weighted
@@ -584,6 +589,15 @@ def _evaluate(
     finally:
         progress.close()
     return _collective.means(sums, sizes, reduce=reduce), read
+
+
+def _evaluation_rngs(state: TrainState) -> Iterator[dict[str, torch.Tensor]]:
+    """The RNG states of an evaluation's batches after its first (which draws from ``state``'s own, as the step
+    called on it does): fresh numbers for each, drawn from ``state.rng``, or from a copy of the global RNG for a
+    state that draws from it (left where it was: an evaluation changes nothing), as Lightning's batches draw anew."""
+    device = model_device(state.model)
+    cuda_index = None if device.type != "cuda" else device.index if device.index is not None else torch.cuda.current_device()
+    return batch_rngs(state.rng or global_rng_state(cuda_index), cuda_index)
 
 
 def _refuse_uneven_under_fsdp(state: TrainState, count: int | None, where: str) -> None:

@@ -32,7 +32,8 @@ import numpy as np
 import torch
 
 __all__ = [
-    "RNGScope", "create_rng", "epoch_order_seed", "global_rng_state", "global_rngs_kept", "seed_epoch_start", "seed_everything",
+    "RNGScope", "batch_rngs", "create_rng", "epoch_order_seed", "global_rng_state", "global_rngs_kept", "seed_epoch_start",
+    "seed_everything",
 ]
 
 RNG = Mapping[str, torch.Tensor]
@@ -64,6 +65,28 @@ def global_rng_state(cuda_index: int | None) -> dict[str, torch.Tensor]:
     if cuda_index is not None:
         rng[f"cuda:{cuda_index}"] = torch.cuda.get_rng_state(cuda_index)
     return rng
+
+
+def batch_rngs(start: RNG, cuda_index: int | None) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless RNG states, one for each batch of an evaluation after its first, drawn from ``start``: the CPU
+    generator (and CUDA device ``cuda_index``'s) seeded with the next number of a generator started at
+    ``start["cpu"]``. So each batch of a stochastic evaluation (MC dropout, a diffusion model's random timesteps)
+    draws fresh numbers, as a raw loop's batches do, and the same ones for the same ``start``; nothing global moves.
+
+    >>> import torch
+    >>> rngs = batch_rngs(create_rng(0), None)
+    >>> a, b = next(rngs), next(rngs)
+    >>> torch.equal(a["cpu"], b["cpu"]), torch.equal(a["cpu"], next(batch_rngs(create_rng(0), None))["cpu"])
+    (False, True)
+    """
+    seeds = torch.Generator()
+    seeds.set_state(start["cpu"])
+    while True:
+        seed = int(torch.randint(2**62, (), generator=seeds))
+        rng = {"cpu": torch.Generator().manual_seed(seed).get_state()}
+        if cuda_index is not None:
+            rng[f"cuda:{cuda_index}"] = torch.Generator(device=f"cuda:{cuda_index}").manual_seed(seed).get_state()
+        yield rng
 
 
 def _cuda_state(rng: RNG, index: int, seed: int) -> torch.Tensor:

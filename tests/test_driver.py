@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import loopkit
 from loopkit import TrainState, eval_step, evaluate, predict, run_epochs, train_step, with_grad_accum
+from loopkit.rng import create_rng
 from tests._driver_helpers import (
     Counter, CrashAfterStep, Recorder, counting_eval, forking_step, make_data, make_state, mse, stream,
 )
@@ -757,6 +758,41 @@ def test_evaluate_leaves_the_state_unchanged():
     evaluate(eval_step(lambda m, b: {"mse": mse(m, b)}), state, make_data(3))
     assert_bitwise(before, params_of(state))
     assert torch.equal(rng, state.rng["cpu"]) and state.model.training
+
+
+@pytest.mark.parametrize("global_rng", [False, True])
+def test_each_batch_of_an_evaluation_draws_fresh_numbers_the_same_for_the_same_state(global_rng):
+    """A stochastic evaluation (MC dropout, a diffusion model's random timesteps) averages over draws, as a raw
+    loop's and Lightning's batches draw anew (every batch drew the first batch's numbers). Its first batch draws
+    what the step called on the state draws; two evaluations of one state draw alike; nothing global moves."""
+    drawn: list[torch.Tensor] = []
+    step = eval_step(lambda m, b: {"u": drawn.append(torch.rand(())) or drawn[-1]})
+    state = TrainState.create(nn.Linear(2, 1), seed=3, global_rng=global_rng)
+    data = [torch.zeros(1, 2)] * 60
+    torch.manual_seed(11)
+    start = torch.get_rng_state()
+    means = evaluate(step, state, data)
+    first, again = drawn[:], (drawn.clear(), evaluate(step, state, data), drawn[:])[2]
+    assert len({float(u) for u in first}) == 60 and 0.35 < means["u"] < 0.65  # 60 uniforms: sd 0.037
+    assert means["u"] == pytest.approx(float(torch.stack(first).double().mean()), rel=1e-6)
+    assert [float(u) for u in again] == [float(u) for u in first]
+    assert float(step(state, data[0])[1]["u"]) == float(first[0])
+    assert torch.equal(torch.get_rng_state(), start) and (global_rng or torch.equal(state.rng["cpu"], create_rng(3)["cpu"]))
+
+
+def test_a_validation_draws_as_evaluate_on_the_state_it_validates():
+    """run_epochs' validations are evaluate's (reference: evaluate called on the state each one saw)."""
+    noise = eval_step(lambda m, b: {"u": torch.rand(()) + 0 * mse(m, b)})
+    val_data = make_data(5, seed=1)
+    drawn: list[float] = []
+
+    class EvaluateNow:
+        def on_epoch_end(self, state, metrics):
+            drawn.append(evaluate(noise, state, val_data)["u"])
+
+    _, history = run_epochs(train_step(mse), make_state(dropout=True), make_data(4), epochs=2, val=(noise, val_data),
+                            callbacks=[EvaluateNow()], progress=False)
+    assert [h["val/u"] for h in history] == drawn and drawn[0] != drawn[1]
 
 
 def test_a_donated_eval_step_evaluates_and_validates_as_the_undonated_one():
