@@ -482,6 +482,21 @@ def _to_device_state(state: TrainState, device: torch.device | str | None) -> No
                     entry[key] = value.to(device)
 
 
+def _refuse_model_elsewhere(state: TrainState, device: torch.device | str | None, where: str) -> None:
+    """Refuse ``device`` for an evaluation whose model is on another device: its ``device`` places the batches
+    only (it leaves the state as it was: moving the model would change it), so they would meet the model on
+    another device in its first forward (torch's 'Expected all tensors to be on the same device')."""
+    if device is None or not any(True for _ in itertools.chain(state.model.parameters(), state.model.buffers())):
+        return
+    target, found = torch.device(device), model_device(state.model)
+    if found.type != target.type or None not in (found.index, target.index) and found.index != target.index:
+        raise ValueError(
+            f"{where}: device={str(device)!r} places the batches, but the model is on {str(found)!r}; {where} leaves "
+            f"the state as it is, so move the model first (state.model.to({str(target)!r}), or train with "
+            "run_epochs(..., device=...), which moves it), or pass the model's device"
+        )
+
+
 def evaluate(
     eval_step: Callable[[TrainState, Any], tuple[TrainState, Metrics]],
     state: TrainState,
@@ -506,7 +521,8 @@ def evaluate(
     the sums and sample counts of all ranks are added in one collective, so every rank
     returns the same means, each sample counted once: every rank must call ``evaluate``
     then. ``reduce=False`` returns this rank's own means (for an evaluation on one rank only).
-    ``device`` places the batches (``"auto"``: the accelerator torch finds, else the CPU).
+    ``device`` places the batches (``"auto"``: the accelerator torch finds, else the CPU); the model must be there
+    already (a model on another device is refused: ``evaluate`` leaves the state as it is, so it moves nothing).
 
     A stochastic ``metric_fn`` (MC dropout, random timesteps) draws fresh numbers in each batch, as a raw loop's
     batches do: the first what ``eval_step(state, batch)`` draws, the rest from states drawn from ``state.rng`` (a
@@ -526,6 +542,7 @@ def evaluate(
     """
     _check_state(state, "evaluate")
     device = _check_device(device, "evaluate")
+    _refuse_model_elsewhere(state, device, "evaluate")
     _check_sets(data, "evaluate: data", "evaluate(eval_step, state, {'name': data})")
     sets = _val_sets(data)
     for name, one in sets:
@@ -625,7 +642,8 @@ def predict(
 ) -> list[Any] | dict[str, list[Any]]:
     """Collect ``fn(model, batch)`` for every batch, in eval mode under ``torch.no_grad()``.
 
-    Training mode is restored afterwards, module by module. ``limit`` takes the first batches only,
+    Training mode is restored afterwards, module by module. ``device`` places the batches, as ``evaluate``'s
+    does (the model must be there already). ``limit`` takes the first batches only,
     as ``evaluate``'s does (Lightning's ``limit_predict_batches``): a count, or a fraction of ``len(data)``.
     Several data sets, as ``evaluate`` takes them, give each set's outputs: a list of DataLoaders a list of
     lists (Lightning's ``trainer.predict(dataloaders=[a, b])``), a mapping of named sets a dict.
@@ -644,6 +662,7 @@ def predict(
     check_takes_model_and_batch(fn, "predict: fn")
     _check_state(state, "predict")
     device = _check_device(device, "predict")
+    _refuse_model_elsewhere(state, device, "predict")
     _check_sets(data, "predict: data", "predict(fn, state, {'name': data})")
     sets = _val_sets(data)
     if sets[0][0] is not None:  # several sets: each one's outputs

@@ -795,6 +795,24 @@ def test_a_validation_draws_as_evaluate_on_the_state_it_validates():
     assert [h["val/u"] for h in history] == drawn and drawn[0] != drawn[1]
 
 
+@pytest.mark.parametrize("call", [
+    lambda state, data: evaluate(eval_step(lambda m, b: {"mse": mse(m, b)}), state, data, device="cpu"),
+    lambda state, data: predict(lambda m, b: m(b[0]), state, data, device="cpu"),
+], ids=["evaluate", "predict"])
+def test_a_device_other_than_the_models_is_refused_before_a_batch_is_read(call):
+    """device= places the batches only (the state is left as it is); a model elsewhere met them in its first forward
+    with torch's 'not on the expected device'. (A meta model stands for a CUDA one, as this machine has no GPU.)"""
+    read = []
+    data = (read.append(b) or b for b in make_data(2))
+    state = TrainState.create(nn.Linear(3, 1, device="meta"))
+    with pytest.raises(ValueError, match=r"device='cpu' places the batches, but the model is on 'meta'.*"
+                                         r"state\.model\.to\('cpu'\)"):
+        call(state, data)
+    assert not read
+    assert evaluate(eval_step(lambda m, b: {"n": torch.ones(())}), TrainState.create(nn.Identity()),
+                    make_data(1), device="cpu") == {"n": 1.0}  # (a model of no parameter is anywhere)
+
+
 def test_a_donated_eval_step_evaluates_and_validates_as_the_undonated_one():
     """evaluate and the validations call one state for every batch: a donated eval step is called undonated
     (an eval step changes nothing in place), and the caller's state, or the training's, stays usable."""
