@@ -855,7 +855,7 @@ def _made_by_call(model: nn.Module, before: _Snapshot) -> Callable[[torch.Tensor
 def _escaped_message(where: str, replaced: list[str], swapped: list[str], escaped: list[str]) -> str:
     """Why :func:`_refuse_escaped` refused the forward: the tensor attributes it ``replaced`` with a tensor of the
     transformed call, those it ``swapped`` for another tensor, the tensors of the call it kept (``escaped``)."""
-    also = f"; it also kept tensors of the vmapped call ({'; '.join(escaped)})" if escaped else ""
+    also = f"; it also kept tensors of the step's call ({'; '.join(escaped)})" if escaped else ""
     if replaced:
         return (
             f"ensemble.train_step: {where} replaced the tensor attribute(s) {', '.join(replaced)} in its forward (put "
@@ -874,7 +874,8 @@ def _escaped_message(where: str, replaced: list[str], swapped: list[str], escape
             "without assigning it, or train the members apart" + also
         )
     return (
-        f"ensemble.train_step: {where} kept tensors of the vmapped call on the model ({'; '.join(escaped)}), "
+        f"ensemble.train_step: {where} kept tensors of the step's call (vmapped, or one member at a time) on the "
+        f"model ({'; '.join(escaped)}), "
         "which belong to no member and break any later copy of the members; keep what you inspect "
         "out of the forward (return it as a metric), or train the members apart"
     )
