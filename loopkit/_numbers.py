@@ -15,7 +15,7 @@ from __future__ import annotations
 import numbers
 from typing import Any
 
-__all__ = ["as_int", "as_real"]
+__all__ = ["as_int", "as_norm_type", "as_real"]
 
 
 def as_int(value: Any) -> int | None:
@@ -30,3 +30,20 @@ def as_real(value: Any) -> int | float | None:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         return None
     return int(value) if isinstance(value, numbers.Integral) else float(value)
+
+
+def as_norm_type(value: Any) -> float | None:
+    """A norm's order as a positive float, as Lightning's and torch's ``float(norm_type)`` read it (a number, or a
+    string: ``"2"``, ``"inf"``); None when it is none (zero, negative, NaN, a bool, another string).
+
+    >>> as_norm_type("inf"), as_norm_type(2), as_norm_type("x"), as_norm_type(0)
+    (inf, 2.0, None, None)
+    """
+    if isinstance(value, str):
+        try:
+            real: int | float | None = float(value)
+        except ValueError:
+            return None
+    else:
+        real = as_real(value)
+    return float(real) if real is not None and real > 0 else None  # (NaN > 0 is False)

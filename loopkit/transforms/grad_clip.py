@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 import attrs
 import torch
 
-from loopkit._numbers import as_real
+from loopkit._numbers import as_norm_type, as_real
 from loopkit._sharded import is_dtensor, local, norms
 from loopkit.state import TrainState
 from loopkit.steps import GradContext, TrainStep
@@ -162,7 +162,7 @@ def _zero_norm(ctx: GradContext) -> torch.Tensor:
 
 
 def with_grad_clip(
-    step: Any, max_norm: float | None = None, max_value: float | None = None, *, norm_type: float = 2.0
+    step: Any, max_norm: float | None = None, max_value: float | None = None, *, norm_type: float | str = 2.0
 ) -> TrainStep:
     """Clip the gradients before the optimizer update; report their total norm as ``grad_norm``.
 
@@ -197,8 +197,9 @@ def with_grad_clip(
     for name, value in (("max_norm", max_norm), ("max_value", max_value)):
         if value is not None and not (as_real(value) or 0) > 0:
             raise ValueError(f"with_grad_clip: {name} must be a positive number, got {value!r}")
-    if not (as_real(norm_type) or 0) > 0:
-        raise ValueError(f"with_grad_clip: norm_type must be positive (or inf), got {norm_type!r}")
-    max_norm, max_value, norm_type = (None if v is None else as_real(v) for v in (max_norm, max_value, norm_type))
+    order = as_norm_type(norm_type)  # as torch's clip_grad_norm_: a number, or "inf"
+    if order is None:
+        raise ValueError(f"with_grad_clip: norm_type must be a positive number or 'inf', got {norm_type!r}")
+    max_norm, max_value = (None if v is None else as_real(v) for v in (max_norm, max_value))
     base = require_train_step(step, "with_grad_clip")
-    return base.add_grad_transform(ClipGrad(max_norm, max_value, float(norm_type)))
+    return base.add_grad_transform(ClipGrad(max_norm, max_value, order))

@@ -8,13 +8,12 @@
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any
 
 import attrs
 import torch
 
-from loopkit._numbers import as_real
+from loopkit._numbers import as_norm_type
 from loopkit._sharded import norms as sharded_norms
 from loopkit.state import TrainState, core_module
 from loopkit.steps import GradContext, TrainStep
@@ -101,15 +100,8 @@ def with_grad_norm(step: Any, norm_type: float | str = 2.0) -> TrainStep:
     >>> sorted(metrics), float(metrics["grad_2.0_norm/bias"])
     (['grad_2.0_norm/bias', 'grad_2.0_norm/weight', 'grad_2.0_norm_total', 'loss'], 3.0)
     """
-    value: float | None
-    if isinstance(norm_type, str):  # as Lightning's float(norm_type): "2", "inf", "Infinity"
-        try:
-            value = float(norm_type)
-        except ValueError:
-            value = None
-    else:
-        value = as_real(norm_type)
-    if value is None or math.isnan(value) or not value > 0:
+    value = as_norm_type(norm_type)  # as Lightning's float(norm_type): "2", "inf", "Infinity"
+    if value is None:
         raise ValueError(f"with_grad_norm: norm_type must be a positive number or 'inf', got {norm_type!r}")
     base = require_train_step(step, "with_grad_norm")
-    return base.add_grad_transform(GradNorm(float(value)))
+    return base.add_grad_transform(GradNorm(value))

@@ -213,9 +213,10 @@ def test_clip_inside_accumulation_does_not_depend_on_every(make_mlp, make_batche
         ({"max_norm": 0}, "max_norm must be a positive number, got 0"),
         ({"max_value": -0.5}, "max_value must be a positive number, got -0.5"),
         ({"max_norm": "1"}, "max_norm must be a positive number, got '1'"),
-        ({"max_norm": 1.0, "norm_type": -2}, "norm_type must be positive"),
+        ({"max_norm": 1.0, "norm_type": -2}, "norm_type must be a positive number or 'inf', got -2"),
+        ({"max_norm": 1.0, "norm_type": "two"}, "norm_type must be a positive number or 'inf', got 'two'"),
     ],
-    ids=["negative-norm", "zero-norm", "negative-value", "string-norm", "bad-norm-type"],
+    ids=["negative-norm", "zero-norm", "negative-value", "string-norm", "bad-norm-type", "string-norm-type"],
 )
 def test_bad_options_are_refused_naming_the_option(options, fragment, mse_loss):
     with pytest.raises(ValueError) as info:
@@ -413,7 +414,7 @@ def _clip_of_norm_type(options: dict, norm_type: float):
     return clip
 
 
-@pytest.mark.parametrize("norm_type", [float("inf"), 1.0], ids=["inf", "1"])
+@pytest.mark.parametrize("norm_type", [float("inf"), "inf", 1.0], ids=["inf", "inf-string", "1"])
 @pytest.mark.parametrize(
     "options",
     [{"max_norm": MAX_NORM}, {"max_value": MAX_VALUE}, {"max_norm": MAX_NORM, "max_value": MAX_VALUE}, {}],
@@ -426,7 +427,7 @@ def test_a_norm_type_other_than_2_clips_and_reports_as_torch_nn_utils_in_a_raw_l
     ``with_fsdp``. Reference: the raw loop with ``torch.nn.utils`` given the same ``norm_type``; the 2-norm differs."""
     data = make_batches(4)
     ref_model = make_mlp(0)
-    ref_opt, ref_norms = _raw_clipped_loop(ref_model, data, mse_loss, _clip_of_norm_type(options, norm_type))
+    ref_opt, ref_norms = _raw_clipped_loop(ref_model, data, mse_loss, _clip_of_norm_type(options, float(norm_type)))
     _, two_norms = _raw_clipped_loop(make_mlp(0), data, mse_loss, _clip_of_norm_type(options, 2.0))
     if options == {"max_norm": MAX_NORM}:
         assert all(n > MAX_NORM for n in ref_norms)  # clipping by norm is active in this norm too
