@@ -855,7 +855,7 @@ def _cut_torn_row(path: str) -> None:
     """Drop the torn last row of a run killed mid-write (its file does not end with a newline): the next
     row appended would run on from it. A row torn between the ``\\r`` and the ``\\n`` of its terminator is
     whole: it is kept, its line ended (the header too, when it is the file's only line). A file holding only
-    a torn header of a CSVLogger's (``step,...``: no row yet) is emptied, so that a whole header is written; another
+    a torn header of a CSVLogger's (``step,...``, or the start of that: no row yet) is emptied, so that a whole header is written; another
     program's is left for the foreign-file check to refuse."""
     found = _unfinished_line(path)
     if found is not None:
@@ -863,12 +863,24 @@ def _cut_torn_row(path: str) -> None:
         whole = _csv_row_is_whole(data[start:])
         if whole or start > 0:
             _end_last_line(path, data, start, whole)
-        elif data.startswith(b"step,"):
+        elif data.startswith(_CSV_START) or _CSV_START.startswith(data):
             _replace_file(path, b"")
 
 
 #: how every line of a JSONLLogger's file begins (``json.dumps`` of ``{"step": ..., ...}``)
 _JSONL_START = b'{"step": '
+
+
+#: how a CSVLogger's file begins (its header's first column)
+_CSV_START = b"step,"
+
+
+def _is_torn_header_start(path: str) -> bool:
+    """Whether the file at ``path`` holds only the start of a CSVLogger's header, torn before its first column
+    ended (``s``, ``ste``, ``step``: no line end), as :func:`_jsonl_is_own` takes a torn first record."""
+    with open(path, "rb") as f:
+        data = f.read(len(_CSV_START) + 1)
+    return 0 < len(data) < len(_CSV_START) and _CSV_START.startswith(data)
 
 
 def _refuse_foreign_csv(path: str) -> list[str]:
@@ -878,7 +890,7 @@ def _refuse_foreign_csv(path: str) -> list[str]:
     if os.path.exists(path):
         with open(path, newline="", encoding="utf-8") as f:
             columns = next(csv.reader(f), None) or ["step"]
-    if columns[0] != "step":
+    if columns[0] != "step" and not _is_torn_header_start(path):
         raise ValueError(f"CSVLogger: {path} was not written by a CSVLogger (its first column is {columns[0]!r}, not "
                          "'step'); give the logger another name or version")
     return columns

@@ -459,9 +459,10 @@ def test_a_jsonl_run_continued_without_resume_at_after_a_kill_mid_write_is_what_
 
 @pytest.mark.parametrize(("logger", "held"), [
     (CSVLogger, b"step,train/loss\r"),  # torn between its "\r" and "\n"
-    (CSVLogger, b"step,tra"), (CSVLogger, b"step,"),  # torn before (a power loss: a header is written by a rename)
+    (CSVLogger, b"step,tra"), (CSVLogger, b"step,"), (CSVLogger, b"ste"),  # torn before (a power loss: a header is
+    # written by a rename)
     (JSONLLogger, b'{"ste'), (JSONLLogger, b"{"),  # the first record torn before its '{"step": ' was written
-], ids=["csv-cr", "csv-mid-name", "csv-comma", "jsonl-ste", "jsonl-brace"])
+], ids=["csv-cr", "csv-mid-name", "csv-comma", "csv-ste", "jsonl-ste", "jsonl-brace"])
 @pytest.mark.parametrize("resume", [None, 0])
 def test_a_file_holding_only_a_torn_first_line_is_what_an_uninterrupted_run_writes(tmp_path, logger, held, resume):
     """A run killed as its first write ended. CSV torn at the "\r": the header was whole but left unended, so the
