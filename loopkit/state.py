@@ -1370,6 +1370,12 @@ def _decode_model(plain: Any, template: Mapping[str, Any], model: nn.Module) -> 
         return from_plain(plain, template, ("model",))
     except StateMismatchError as error:
         resizable = _resizable_buffers(model)
+        if not resizable and isinstance(plain, Mapping) and any(_is_qat_key(key) for key in plain):
+            raise StateMismatchError(
+                f"{error}: the state dict is of a model prepared for quantization-aware training (its keys hold "
+                "fake-quantizers and observers), this state's model is not; load it into a template prepared as the "
+                "step prepares it: loopkit.restore(step.prepare(template), directory) (step: the with_qat pipeline)"
+            ) from None
         if not resizable or not isinstance(plain, Mapping):
             raise
         loose = {k: plain[k] if k in resizable and isinstance(plain.get(k), torch.Tensor) else v for k, v in template.items()}
@@ -1377,6 +1383,20 @@ def _decode_model(plain: Any, template: Mapping[str, Any], model: nn.Module) -> 
             return from_plain(plain, loose, ("model",))
         except StateMismatchError:
             raise error from None
+
+
+#: what names the buffers of torch.ao.quantization's fake-quantizers and observers in a model's state dict
+_QAT_KEY_PARTS = ("activation_post_process.", "weight_fake_quant.", "fake_quant_enabled", "observer_enabled")
+
+
+def _is_qat_key(key: Any) -> bool:
+    """Whether ``key`` of a model's state dict names a buffer that ``prepare_qat`` added (loopkit.transforms.qat's
+    modules are not imported here: a lower layer).
+
+    >>> _is_qat_key("0.activation_post_process.scale"), _is_qat_key("0.weight")
+    (True, False)
+    """
+    return isinstance(key, str) and any(part in key for part in _QAT_KEY_PARTS)
 
 
 def _resizable_buffers(model: nn.Module) -> set[str]:

@@ -1239,6 +1239,29 @@ def test_a_model_prepared_for_qat_by_hand_resumes_its_per_channel_scales():
         fresh().load_state_dict({**saved, "model": {**saved["model"], "0.weight": torch.zeros(3, 4)}})
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
+def test_a_qat_state_dict_loaded_into_an_unprepared_model_says_to_prepare_the_template(fused):
+    """A with_qat checkpoint's model holds fake-quantizers and observers that an unprepared template lacks (an
+    unexpected key; a fused Conv-BN-ReLU's renamed weight, a missing one): the error says to restore into
+    ``step.prepare(template)``; a template that lacks nothing QAT-like gets the bare mismatch."""
+    from torch.ao.quantization import fuse_modules_qat, get_default_qat_qconfig, prepare_qat
+
+    def model():
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU(), nn.Flatten(), nn.Linear(8, 2)).train()
+        return fuse_modules_qat(net, [["0", "1", "2"]]) if fused else net
+
+    prepared = model()
+    prepared.qconfig = get_default_qat_qconfig("x86")
+    prepare_qat(prepared, inplace=True)
+    saved = loopkit.TrainState.create(prepared).state_dict()
+    with pytest.raises(loopkit.StateMismatchError, match=re.escape("restore(step.prepare(template), directory)")):
+        loopkit.TrainState.create(model()).load_state_dict(saved)
+    plain = loopkit.TrainState.create(model()).state_dict()
+    with pytest.raises(loopkit.StateMismatchError, match=r"unexpected key 'model.extra'$"):
+        loopkit.TrainState.create(model()).load_state_dict({**plain, "model": {**plain["model"], "extra": torch.ones(1)}})
+
+
 # --- schedulers of every kind: purity and exact resume against a raw loop ---------------------------
 
 

@@ -22,6 +22,7 @@ from loopkit.rng import RNGScope
 from loopkit.state import TrainState, core_module, leave_intact, plain_names, replace, replace_extras
 from loopkit.steps import Metrics, TrainStep, UpdateStep, WrapperStep, _cuda_index, needs_closure
 from loopkit.transforms._compose import fitted_to, intact_as, named_callable, refuse_wrapping, require_step
+from loopkit.transforms.qat import is_prepared
 
 __all__ = ["PruningMethod", "PruningStep", "default_prunable", "with_pruning"]
 
@@ -189,7 +190,7 @@ class PruningStep(UpdateStep):
             # the model) at the first call and before the update that prunes
             try:
                 if self.parameters is not None or state.step == 0 or target > state.extras.get(_SPARSITY, 0.0):
-                    self._check_prunable(*_resolve(core_module(state.model), self._names(state)))
+                    self._check_prunable(*self._named_parameters(state))
             except (KeyError, ValueError) as error:
                 raise leave_intact(error, state)
             return super().run_(state, batch)
@@ -318,6 +319,22 @@ class PruningStep(UpdateStep):
                 raise ValueError(f"with_pruning: amount={self.amount} {unit} of each tensor, but parameter '{name}' "
                                  f"of shape {tuple(param.shape)} has {method.units(param)}")
 
+    def _named_parameters(self, state: TrainState) -> tuple[list[str], list[torch.Tensor]]:
+        """The parameters to prune (as :func:`_resolve`), looked up in the model as this call's inner steps make it:
+        the names given name the model that a ``with_qat`` inside prepares at its first call (``prepare_qat`` renames
+        a fused module's parameters: a fused Conv-BN-ReLU's ``1.0.weight`` is ``1.weight``), so before that call they
+        are looked up in a copy prepared so (:meth:`loopkit.Step.prepare`), and a name only the model as given has is
+        refused at once, not from the next call on."""
+        core = core_module(state.model)
+        if self.parameters is None or "with_qat" not in self.inner.applied or is_prepared(core):
+            return _resolve(core, self._names(state))  # the default names are read off the model as it is
+        prepared = core_module(self.inner.prepare(state).model)
+        names = self._names(state)
+        try:
+            return _resolve(prepared, names)
+        except KeyError as error:
+            raise _renamed_by_qat(error, names, core, prepared) from None
+
     def _names(self, state: TrainState) -> list[str]:
         core = core_module(state.model)
         if self.parameters is None:
@@ -358,6 +375,41 @@ def _resolve(model: nn.Module, names: list[str]) -> tuple[list[str], list[torch.
             kept.append(name)
             params.append(param)
     return kept, params
+
+
+def _renamed_by_qat(error: KeyError, names: list[str], model: nn.Module, prepared: nn.Module) -> KeyError:
+    """``error`` (a name that ``prepared``, ``model`` prepared for QAT, lacks), or, for a name that ``model`` has,
+    what ``prepare_qat`` made of it and the ways out."""
+    known = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    now = {name for name, _ in prepared.named_parameters(remove_duplicate=False)}
+    renamed = next((name for name in names if name in known and name not in now), None)
+    if renamed is None:
+        return error
+    owner = renamed.rpartition(".")[0]
+    while owner and not _has_submodule(prepared, owner):  # the deepest module over it that the prepared model has
+        owner = owner.rpartition(".")[0]
+    replaced = prepared.get_submodule(owner)
+    held = ", ".join(f"'{owner + '.' if owner else ''}{name}'" for name, _ in replaced.named_parameters())
+    return KeyError(
+        f"with_pruning: parameter '{renamed}' is renamed when the with_qat inside prepares the model: prepare_qat "
+        f"makes {f'module {owner!r}' if owner else 'the model'} a {type(replaced).__qualname__}, whose parameters "
+        f"are {held}; name those "
+        "(parameters=[...] names the prepared model's parameters), or apply with_qat outside: "
+        "with_qat(with_pruning(step, ...)), which prepares the model before with_pruning looks up the names"
+    )
+
+
+def _has_submodule(model: nn.Module, name: str) -> bool:
+    """Whether ``model`` has a module named ``name``.
+
+    >>> _has_submodule(nn.Sequential(nn.Linear(1, 1)), "0"), _has_submodule(nn.Sequential(nn.Linear(1, 1)), "0.0")
+    (True, False)
+    """
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
 
 
 def _fitted_state(state: TrainState, masks: Any) -> tuple[TrainState, list[str], list[torch.Tensor]]:
@@ -487,7 +539,10 @@ def with_pruning(
     a point where the schedule's value is ``f``, ``round(amount * f * units)`` units, or
     ``round(amount * f)``, are pruned in all (so far and now).
     ``parameters`` names the tensors to prune (default: the weights of every ``Linear`` and
-    ``Conv`` layer). ``pruning_fn`` is the method, named as Lightning's ``ModelPruning`` names
+    ``Conv`` layer); around ``with_qat`` (either order) it names the model as ``with_qat``
+    prepares it, whose fused modules' parameters ``prepare_qat`` renames (a fused Conv-BN-ReLU's
+    ``1.0.weight`` is ``1.weight``): a name that only the model as given has is refused at the
+    first call, saying what it becomes. ``pruning_fn`` is the method, named as Lightning's ``ModelPruning`` names
     torch.nn.utils.prune's: ``"l1_unstructured"`` (the smallest magnitudes), ``"random_unstructured"``
     (entries drawn at random), ``"ln_structured"`` (the whole channels along ``pruning_dim``,
     the indices of that dimension, with the smallest L``pruning_norm`` norm, e.g. ``pruning_dim=0,

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from loopkit._numbers import as_int
-from loopkit.state import TrainState, fork
+from loopkit.state import TrainState, fork, leave_intact
 from loopkit.steps import Metrics, WrapperStep, kept_observers
 from loopkit.transforms._compose import refuse_wrapping, require_step
 
@@ -171,6 +171,8 @@ class QATStep(WrapperStep):
     def run_(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
         model = state.model
         if not is_prepared(model):  # the first call (a restored QAT checkpoint's template is prepared already)
+            if self._observers_frozen(state.step):
+                raise leave_intact(self._never_observed(state.step), state)
             # in place: the state now holds the prepared model, whole, also for an error of the inner step
             _prepare(model, self._qconfig(model))
         self._freeze(model, state.step)
@@ -182,6 +184,17 @@ class QATStep(WrapperStep):
 
     def _observers_frozen(self, step: int) -> bool:
         return self.freeze_observers_after is not None and step >= self.freeze_observers_after
+
+    def _never_observed(self, step: int) -> ValueError:
+        """The error for observers frozen from the call that prepares the model: no range would ever be observed."""
+        return ValueError(
+            f"with_qat: freeze_observers_after={self.freeze_observers_after} freezes the observers from this call "
+            f"(state.step={step}) on, and this call prepares the model: its observers would never record a range "
+            "(the activations fake-quantized with the observers' initial scales, never the data's); give "
+            f"freeze_observers_after > {step} (at least one update observed), or prepare and calibrate the model "
+            "first (torch.ao.quantization.prepare_qat, then forwards with the observers on), which with_qat takes as "
+            "it is"
+        )
 
     def _freeze(self, model: nn.Module, step: int) -> None:
         quantization = _quantization()
@@ -216,11 +229,14 @@ def with_qat(
     ranges that :func:`quantized_model` converts with. From the call whose ``state.step`` is
     ``freeze_observers_after`` on (that many updates done), the quantization ranges stop moving
     (``torch.ao.quantization.disable_observer`` before that call's forward; a plain observer, which
-    torch gives no switch, observes and has its buffers put back after the call); from the call whose
+    torch gives no switch, observes and has its buffers put back after the call); a model that the
+    call freezing them would prepare is refused (its observers would never record a range): a
+    ``freeze_observers_after`` of 0 is for a model prepared and calibrated before (``prepare_qat``,
+    then forwards with the observers on), which this step takes as it is; from the call whose
     ``state.step`` is ``freeze_bn_after`` on, fused BatchNorm running statistics freeze
     (``freeze_bn_stats``). To restore a checkpoint, prepare the template the same way:
     ``restore(step.prepare(template), directory)``, where ``step`` is this step or any
-    pipeline built around it.
+    pipeline built around it (an unprepared template is refused: a ``StateMismatchError`` that says so).
 
     ``torch.ao.quantization`` is deprecated in favour of torchao (it still works in torch
     2.x); its deprecation warnings are silenced inside this step.

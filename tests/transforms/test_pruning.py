@@ -319,6 +319,69 @@ def test_a_missing_parameter_is_refused_before_a_resumed_run_trains(make_batches
     state, _ = loopkit.train_step(mse_loss)(state, data[2])
 
 
+def _fused_qat_net() -> nn.Sequential:
+    """Conv-BN-ReLU fused for QAT (PyTorch's recipe): prepare_qat names the fused conv's weight '1.weight', where the
+    model as given has '1.0.weight'."""
+    q = torch.ao.quantization
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = nn.Sequential(q.QuantStub(), nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                              nn.Linear(4 * 4 * 4, 2), q.DeQuantStub())
+    return q.fuse_modules_qat(model.train(), [["1", "2", "3"]])
+
+
+def _fused_qat_data(n):
+    gen = torch.Generator().manual_seed(0)
+    return [(torch.randn(8, 1, 6, 6, generator=gen), torch.randn(8, 2, generator=gen)) for _ in range(n)]
+
+
+@pytest.mark.filterwarnings("ignore")  # torch.ao.quantization's deprecation warnings
+@pytest.mark.parametrize("qat_outside", [False, True])
+def test_a_fused_qat_models_prepared_names_prune_it_as_a_raw_loop_in_either_order(qat_outside, mse_loss,
+                                                                                  assert_trees_equal):
+    """parameters= names the model as with_qat prepares it ('1.weight'), with with_qat inside (checked against a
+    prepared copy before the first call prepares the model) or outside; the weight is bitwise a raw prepare_qat loop's
+    pruned by torch.nn.utils.prune (the prepared name was refused at the first call, the given one at the second)."""
+    q = torch.ao.quantization
+    data = _fused_qat_data(7)
+    ref = _fused_qat_net()
+    ref.qconfig = q.get_default_qat_qconfig("x86")
+    q.prepare_qat(ref, inplace=True)
+    expected = _raw_pruned_loop(ref, torch.optim.SGD(ref.parameters(), lr=0.01), data, mse_loss, {"1.weight": ref[1]})
+
+    model = _fused_qat_net()
+    state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.01))
+    base = loopkit.train_step(mse_loss)
+    if qat_outside:
+        step = loopkit.with_qat(loopkit.with_pruning(base, AMOUNT, POINTS, parameters=["1.weight"]))
+    else:
+        step = loopkit.with_pruning(loopkit.with_qat(base), AMOUNT, POINTS, parameters=["1.weight"])
+    for batch in data:
+        state, _ = step(state, batch)
+    assert list(state.extras["pruning/masks"]) == ["1.weight"]
+    assert_trees_equal({"1.weight": state.model[1].weight.detach()}, expected)
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_a_name_that_with_qat_inside_renames_is_refused_at_the_first_call_saying_what_it_becomes(
+    mse_loss, take_snapshot, assert_trees_equal
+):
+    model = _fused_qat_net()
+    state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.01))
+    before = take_snapshot(state)
+    step = loopkit.donate(loopkit.with_pruning(loopkit.with_qat(loopkit.train_step(mse_loss)), AMOUNT, POINTS,
+                                               parameters=["1.0.weight"]))
+    with pytest.raises(KeyError, match=r"parameter '1.0.weight' is renamed when the with_qat inside prepares the "
+                                       r"model: prepare_qat makes module '1' a ConvBnReLU2d, whose parameters are "
+                                       r"'1.weight', .*with_qat\(with_pruning\(step, ...\)\)"):
+        step(state, _fused_qat_data(1)[0])
+    assert "1.0.weight" in dict(state.model.named_parameters())  # not prepared: the donated state is intact
+    assert_trees_equal(take_snapshot(state), before)
+    with pytest.raises(KeyError, match="with_pruning: the model has no parameter '1.nothing'"):  # no hint to give
+        loopkit.with_pruning(loopkit.with_qat(loopkit.train_step(mse_loss)), AMOUNT, POINTS,
+                             parameters=["1.weight", "1.nothing"])(state, _fused_qat_data(1)[0])
+
+
 @pytest.mark.parametrize("max_norm", [0.5, 3.0])
 def test_clipping_inside_sees_the_gradients_of_weight_orig_as_in_a_raw_loop(max_norm, make_batches, mse_loss,
                                                                             assert_trees_equal):

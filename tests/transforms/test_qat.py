@@ -225,14 +225,16 @@ def test_fused_conv_bn_equals_the_raw_recipe_bitwise(assert_trees_equal):
     assert_trees_equal(dict(state.model.state_dict()), dict(ref.state_dict()))
 
 
-def _raw_frozen_qat(data, *, observers_at=None, bn_at=None):
-    """The reference for the freezing options: PyTorch's recipe on :func:`_conv_bn_net` in a hand-written loop that
-    calls torch.ao.quantization's own ``disable_observer`` / ``freeze_bn_stats`` before the update at index
-    ``observers_at`` / ``bn_at`` (the batch trained when that many updates are done) and every one after."""
+def _raw_frozen_qat(data, *, observers_at=None, bn_at=None, model=None):
+    """The reference for the freezing options: PyTorch's recipe on :func:`_conv_bn_net` (or ``model``, prepared
+    already) in a hand-written loop that calls torch.ao.quantization's own ``disable_observer`` / ``freeze_bn_stats``
+    before the update at index ``observers_at`` / ``bn_at`` (the batch trained when that many updates are done) and
+    every one after."""
     q = torch.ao.quantization
-    model = _conv_bn_net()
-    model.qconfig = q.get_default_qat_qconfig("x86")
-    q.prepare_qat(model, inplace=True)
+    if model is None:
+        model = _conv_bn_net()
+        model.qconfig = q.get_default_qat_qconfig("x86")
+        q.prepare_qat(model, inplace=True)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     for i, batch in enumerate(data):
         if observers_at is not None and i >= observers_at:
@@ -271,6 +273,49 @@ def test_freezing_starts_at_the_call_whose_state_step_is_the_given_count(option,
         assert not torch.equal(state.model[1].weight, _raw_frozen_qat(data, **{name: other})[1].weight)
     key = "1.weight_fake_quant.scale" if option == "freeze_observers_after" else "1.bn.running_mean"
     assert all(torch.equal(seen[at - 1][key], later[key]) for later in seen[at:])  # the call at step `at` on
+
+
+@pytest.mark.parametrize("done", [0, 2])
+def test_observers_frozen_from_the_call_that_prepares_the_model_are_refused(done, take_snapshot, assert_trees_equal):
+    """freeze_observers_after=0 (or a count a state has reached before QAT starts) would prepare the model with its
+    observers off: no activation range ever observed (the observers' initial scales), the weights' ranges from the
+    initial weights only; neither the raw recipe nor usable, refused before anything changes (a donated state too)."""
+    model = _conv_bn_net()
+    state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.01)).evolve(step=done)
+    before = take_snapshot(state)
+    step = loopkit.donate(loopkit.with_qat(loopkit.train_step(_mse), freeze_observers_after=done))
+    with pytest.raises(ValueError, match=rf"freeze_observers_after={done} freezes the observers .* never record a "
+                                         rf"range.* freeze_observers_after > {done}.* prepare and calibrate"):
+        step(state, _conv_bn_data(1)[0])
+    assert not is_prepared(state.model)
+    assert_trees_equal(take_snapshot(state), before)
+    state, _ = loopkit.donate(loopkit.with_qat(loopkit.train_step(_mse), freeze_observers_after=done + 1))(
+        state, _conv_bn_data(1)[0])  # the state is intact: it trains
+    assert is_prepared(state.model)
+
+
+def test_observers_frozen_from_the_first_call_on_a_calibrated_model_train_as_the_raw_recipe(assert_trees_equal):
+    """freeze_observers_after=0 for a model prepared and calibrated by hand: its observed ranges are kept from the
+    first update on, as a raw loop disabling the observers before every update keeps them."""
+    q = torch.ao.quantization
+
+    def calibrated():
+        model = _conv_bn_net()
+        model.qconfig = q.get_default_qat_qconfig("x86")
+        q.prepare_qat(model, inplace=True)
+        with torch.no_grad():
+            for x, _ in _conv_bn_data(3):
+                model(x)
+        return model
+
+    data = _conv_bn_data(4)
+    state = loopkit.TrainState.create(model := calibrated(), torch.optim.SGD(model.parameters(), lr=0.01))
+    step = loopkit.with_qat(loopkit.train_step(_mse), freeze_observers_after=0)
+    for batch in data:
+        state, _ = step(state, batch)
+    ref = _raw_frozen_qat(data, observers_at=0, model=calibrated())
+    assert_trees_equal(dict(state.model.state_dict()), dict(ref.state_dict()))
+    assert torch.equal(state.model[1].weight_fake_quant.scale, calibrated()[1].weight_fake_quant.scale)
 
 
 def test_a_qconfig_set_on_the_model_is_kept(make_batches):
