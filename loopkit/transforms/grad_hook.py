@@ -37,7 +37,8 @@ class GradHook:
     name: str = "with_grad_hook"
     #: the fn may raise (or return what is refused) after the backward, before the update: in one process,
     #: ``train_step`` then gives the parameters the gradients they had back, and the state stays usable, unless
-    #: the call added into gradients held from before (outside ``with_grad_accum``, at a group's last micro-batch)
+    #: the call added into gradients held from before (outside ``with_grad_accum``, at a group's last micro-batch);
+    #: at an epoch's flush of a partial group (no backward there), the flush's state stays whole, the group's sums kept
     refuses_grads: ClassVar[bool] = True
 
     def on_loss(self, loss: torch.Tensor, state: TrainState, ctx: GradContext) -> None:
