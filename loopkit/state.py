@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import copy
 import functools
 import numbers
@@ -31,8 +32,8 @@ from loopkit.rng import create_rng
 from loopkit.tree import decode_tree, encode_tree, from_plain, to_plain
 
 __all__ = [
-    "TrainState", "drop_graph", "extras_copy", "fork", "keep_graph", "leave_intact", "make_state", "model_device", "put_extras",
-    "replace", "replace_extras", "scheduler_for", "state_at_error",
+    "HELD_SCHEDULER", "TrainState", "drop_graph", "extras_copy", "fork", "keep_graph", "leave_intact", "make_state",
+    "model_device", "put_extras", "replace", "replace_extras", "scheduler_for", "state_at_error", "with_held_scheduler",
 ]
 
 _Scheduler = torch.optim.lr_scheduler.LRScheduler
@@ -499,6 +500,35 @@ def state_at_error(error: BaseException) -> Any:
     """
     found = getattr(error, _INTACT, None)
     return found if found is not None and not found._consumed else None
+
+
+#: the state's scheduler while a transform runs its inner step on the state without it, so that the inner step does
+#: not step it (``with_step_scheduler``'s, ``with_epoch_scheduler``'s): held still there, it is still the state's
+#: to code of the user's that step calls (:func:`with_held_scheduler`). None outside such a call, and in
+#: ``with_swa``'s SWA epochs (SWALR's rates, not the scheduler's, train there)
+HELD_SCHEDULER: contextvars.ContextVar[Any] = contextvars.ContextVar("loopkit_held_scheduler", default=None)
+
+
+def with_held_scheduler(state: TrainState) -> TrainState:
+    """``state`` with the scheduler a transform around the step holds still (:data:`HELD_SCHEDULER`), where it has
+    none: what ``with_grad_hook``'s fn sees, as a raw loop's hook sees the loop's scheduler (Lightning's
+    ``self.lr_schedulers()`` in ``on_before_optimizer_step``).
+
+    >>> import torch
+    >>> model = torch.nn.Linear(1, 1); opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    >>> scheduler = torch.optim.lr_scheduler.StepLR(opt, 1)
+    >>> held = replace(TrainState.create(model, opt, scheduler), scheduler=None)  # a scheduler transform's inner state
+    >>> token = HELD_SCHEDULER.set(scheduler)
+    >>> with_held_scheduler(held).scheduler is scheduler
+    True
+    >>> HELD_SCHEDULER.reset(token); with_held_scheduler(held) is held
+    True
+    """
+    if state.scheduler is None:
+        scheduler = HELD_SCHEDULER.get()
+        if scheduler is not None:
+            return replace(state, scheduler=scheduler)
+    return state
 
 
 def make_state(

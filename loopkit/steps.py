@@ -1193,22 +1193,38 @@ class TrainStep(Step):
                 self.sync.module(state.model, state.optimizer, state.extras)
             marked = self.sync.marked_used(state.optimizer)
             self.sync.reduce_grads(state.optimizer)
-        grads = [p.grad for p in _params_with_grads(state.optimizer)]
-        if grads:  # each micro-batch loss was divided by `every`: make it the mean over `count`
-            torch._foreach_mul_(grads, every / count)
+        # a transform that may refuse the update (a hook's or a raising guard's error) finds the mean in new tensors:
+        # the group's sums, as the flush found them, are given back then, and the state stays whole
+        held = [p.grad for group in state.optimizer.param_groups for p in group["params"]] if self.holds_grads else None
+        params = _params_with_grads(state.optimizer)
+        if params:  # each micro-batch loss was divided by `every`: make it the mean over `count`
+            grads = [p.grad for p in params]
+            if held is None:
+                torch._foreach_mul_(grads, every / count)
+            else:
+                for p, mean in zip(params, torch._foreach_mul(grads, every / count)):
+                    p.grad = mean
         metrics: Metrics = {}
         agree = None if self.sync is None else self.sync.agree
         ctx = GradContext(
             state, metrics, extras.pop(_FOUND_INF, None), extras.pop(_NONFINITE, None), agree, self.transform_metrics
         )
-        new = self._apply_update(state, extras, metrics, ctx)
+        try:
+            new = self._apply_update(state, extras, metrics, ctx, held)
+        except BaseException as error:  # refused before the update: the sums back, the state as the flush found it
+            if held and not ctx.updating and _gradients_back(state, state.optimizer, held, None, kept=True):
+                leave_intact(error, state)
+            raise
         for p in marked:  # DDP's reducer still counts them used: its next synced backward reduces their (zero) grads
             p.grad = torch.zeros_like(p)
         return new, metrics
 
     def _apply_update(
-        self, state: TrainState, extras: dict[str, Any], metrics: Metrics, ctx: GradContext
+        self, state: TrainState, extras: dict[str, Any], metrics: Metrics, ctx: GradContext,
+        held: list[Any] | None = None,
     ) -> TrainState:
+        """The update on the gradients ``ctx`` holds: the gradient transforms, the optimizer and scheduler steps.
+        ``held``: gradients a flush keeps to give back on a refusal, let go once the update begins."""
         optimizer, scheduler = state.optimizer, state.scheduler
         if self.accum_every > 1:  # micro-batches since the context was made may have added gradients
             ctx.params = _params_with_grads(optimizer)
@@ -1225,6 +1241,8 @@ class TrainStep(Step):
         skip = _skip_flag(ctx)
         skipped = skip is not None and bool(skip)  # one read per update, only with a scaler or a guard
         ctx.updating = True
+        if held:  # (no second set of gradients through the optimizer's step)
+            held.clear()
         if not skipped:
             try:
                 optimizer.step()
@@ -1421,16 +1439,18 @@ def _stash_grads(optimizer: torch.optim.Optimizer, copy: bool = False) -> list[t
 
 
 def _gradients_back(
-    state: TrainState, optimizer: torch.optim.Optimizer, held: list[Any], stash: list[tuple[torch.Tensor, torch.Tensor]] | None
+    state: TrainState, optimizer: torch.optim.Optimizer, held: list[Any], stash: list[tuple[torch.Tensor, torch.Tensor]] | None,
+    *, kept: bool = False,
 ) -> bool:
     """Give the optimizer's parameters ``held``, the gradients they had when the call began, back after a
     backward that failed or whose gradients are refused before the update; False where that backward added
     into them in place (an accumulation group's sum, unless set apart in ``stash`` and not yet added back),
     into a parameter the optimizer does not hold, or may have moved a parameter (a post-accumulate-grad hook:
-    an optimizer stepping in the backward)."""
+    an optimizer stepping in the backward). ``kept``: nothing added into ``held`` (a flush, which runs no backward,
+    made the mean in new tensors)."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
     set_apart = {id(p) for p, _ in stash or ()}
-    if any(g is not None and id(p) not in set_apart for p, g in zip(params, held)):
+    if not kept and any(g is not None and id(p) not in set_apart for p, g in zip(params, held)):
         return False
     if any(getattr(p, "_post_accumulate_grad_hooks", None) for p in state.model.parameters()):
         return False

@@ -14,7 +14,9 @@ import attrs
 import torch
 
 from loopkit._numbers import as_int
-from loopkit.state import TrainState, extras_copy, leave_intact, replace, replace_extras, scheduler_for, state_at_error
+from loopkit.state import (
+    HELD_SCHEDULER, TrainState, extras_copy, leave_intact, replace, replace_extras, scheduler_for, state_at_error,
+)
 from loopkit.steps import Metrics, WrapperStep
 from loopkit.transforms._compose import refuse_wrapping, require_step
 from loopkit.transforms.swa import swa_start_inside
@@ -93,9 +95,10 @@ class EpochSchedulerStep(WrapperStep):
 def scheduler_held(call: Any, state: TrainState, *args: Any) -> tuple[TrainState, Metrics]:
     """``call(state, *args)`` (an inner step's ``run_`` or ``flush_``) on ``state`` without its scheduler (the inner
     step would step it per update), which the result gets back: ``with_epoch_scheduler``'s and
-    ``with_step_scheduler``'s inner calls. An error that left the state it was given whole leaves ``state`` whole. An
-    inner step of one's own that forks the state (``loopkit.state.fork``: a new optimizer) gets a copy of the scheduler
-    that steps its optimizer; one that sets a scheduler of its own keeps it.
+    ``with_step_scheduler``'s inner calls. ``with_grad_hook``'s fn still sees it as the state's, held still
+    (:func:`loopkit.state.with_held_scheduler`). An error that left the state it was given whole leaves ``state``
+    whole. An inner step of one's own that forks the state (``loopkit.state.fork``: a new optimizer) gets a copy of
+    the scheduler that steps its optimizer; one that sets a scheduler of its own keeps it.
 
     >>> import torch
     >>> model = torch.nn.Linear(1, 1); opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -105,12 +108,15 @@ def scheduler_held(call: Any, state: TrainState, *args: Any) -> tuple[TrainState
     (True, True)
     """
     used = replace(state, scheduler=None)
+    held = HELD_SCHEDULER.set(state.scheduler)  # still the state's to a gradient hook, held still
     try:
         new, metrics = call(used, *args)
     except BaseException as error:
         if state_at_error(error) is used:  # nothing changed: the caller's state is whole
             leave_intact(error, state)
         raise
+    finally:
+        HELD_SCHEDULER.reset(held)
     if new.scheduler is not None:  # a step of one's own that set a scheduler of its own: that one is the state's
         return new, metrics
     scheduler = state.scheduler

@@ -51,8 +51,10 @@ def with_grad_accum(step: Any, every: int | Mapping[int, int]) -> TrainStep:
     ``with_grad_hook``), which sets the sum apart for each micro-batch anyway, the state stays whole
     (:func:`loopkit.state_at_error`); ``with_amp`` inside sets nothing apart.
     ``run_epochs`` flushes a partial group at the end of an epoch: that update uses the mean
-    over the micro-batches actually seen. A call whose ``loss_fn`` skips its batch (returns None)
-    takes no place in a group: a group is ``every`` batches that gave a loss, so every update
+    over the micro-batches actually seen. The flush runs no backward: a gradient transform outside
+    that refuses its update (a hook's error, a raising guard) leaves the state as the flush found
+    it, the group's sums kept, and a relaunch from it flushes again. A call whose ``loss_fn``
+    skips its batch (returns None) takes no place in a group: a group is ``every`` batches that gave a loss, so every update
     averages ``every`` gradients. Lightning counts such a batch in its group (it steps at each
     ``every``-th batch, with the gradients of the others, each divided by ``every``), so with
     skipped batches the two update at other batches.

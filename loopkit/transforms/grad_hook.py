@@ -16,7 +16,7 @@ import attrs
 import torch
 
 from loopkit._sharded import full, is_dtensor
-from loopkit.state import TrainState
+from loopkit.state import TrainState, with_held_scheduler
 from loopkit.steps import GradContext, TrainStep, _fn_name, check_metric
 from loopkit.transforms._compose import require_train_step
 
@@ -37,14 +37,15 @@ class GradHook:
     name: str = "with_grad_hook"
     #: the fn may raise (or return what is refused) after the backward, before the update: in one process,
     #: ``train_step`` then gives the parameters the gradients they had back, and the state stays usable, unless
-    #: the call added into gradients held from before (outside ``with_grad_accum``, at a group's last micro-batch)
+    #: the call added into gradients held from before (outside ``with_grad_accum``, at a group's last micro-batch);
+    #: at an epoch's flush of a partial group (no backward there), the flush's state stays whole, the group's sums kept
     refuses_grads: ClassVar[bool] = True
 
     def on_loss(self, loss: torch.Tensor, state: TrainState, ctx: GradContext) -> None:
         pass
 
     def on_grads(self, ctx: GradContext) -> None:
-        out = self.fn(ctx.state)
+        out = self.fn(with_held_scheduler(ctx.state))  # (under a scheduler transform: the scheduler it holds still)
         ctx.refresh_params()  # it may have given a parameter a gradient, or taken one away (p.grad = None)
         if out is None:
             return
@@ -86,7 +87,11 @@ def with_grad_hook(step: Any, fn: HookFn) -> TrainStep:
     returns ``None`` or a dict of metrics, named apart from the step's other metrics (0-dim tensors or numbers: keep
     them tensors, reading one on the host syncs the device), reported with the step's metrics
     (``with_logging`` logs them as ``train/<name>``). ``state.step`` is the number of updates
-    before this one, as Lightning's ``global_step`` in its hook. Where it runs follows the nesting,
+    before this one, as Lightning's ``global_step`` in its hook. ``state.scheduler`` is the state's
+    scheduler (Lightning's ``self.lr_schedulers()``), also under ``with_step_scheduler`` or
+    ``with_epoch_scheduler``, which hold it still in the inner step and step it after:
+    ``get_last_lr()`` is the rate of the update to come (none in ``with_swa``'s SWA epochs, where
+    SWALR's rates train). Where it runs follows the nesting,
     as for the other gradient transforms: outside ``with_grad_accum``, once per update on the summed
     gradient; inside it, on each micro-batch's own gradient (Lightning's ``on_after_backward`` sees
     the running sum); under float16 ``with_amp``, after unscaling (Lightning's ``on_after_backward``

@@ -380,3 +380,82 @@ def test_a_hook_that_fails_leaves_the_newest_whole_state_and_a_relaunch_ends_as_
     assert history == whole_history
     assert_trees_equal(take_snapshot(resumed)["params"], take_snapshot(whole)["params"])
     assert_trees_equal(take_snapshot(resumed)["optimizer"], take_snapshot(whole)["optimizer"])
+
+
+@pytest.mark.parametrize("how", ["refused metric", "raises"])
+@pytest.mark.parametrize("clipped", [False, True], ids=["hook(accum)", "clip(hook(accum))"])
+def test_a_hook_that_fails_at_an_epochs_flush_leaves_the_state_before_it_and_a_relaunch_ends_as_the_uninterrupted_run(
+    how, clipped, make_mlp, make_batches, mse_loss, make_adam_state, take_snapshot, assert_trees_equal
+):
+    """Outside accumulation the hook sees the mean of an epoch's partial last group at run_epochs' flush (no
+    backward there adds into the group's sums): its failure leaves the state as the flush found it, the sums kept."""
+    def hooked(hook):
+        step = loopkit.with_grad_hook(loopkit.with_grad_accum(loopkit.train_step(mse_loss), every=3), hook)
+        return loopkit.with_grad_clip(step, max_norm=0.5) if clipped else step
+
+    data = make_batches(4)  # a group of 3, then the flush of a group of 1: the hook's 2nd call (and 4th)
+    whole, whole_history = loopkit.run_epochs(
+        hooked(lambda s: None), make_adam_state(make_mlp(0)), data, epochs=2, progress=False
+    )
+    with pytest.raises((TypeError, RuntimeError), match="is a str|the hook's own failure") as caught:
+        loopkit.run_epochs(hooked(_RefusedAt(2, how)), make_adam_state(make_mlp(0)), data, epochs=2, progress=False)
+    left = loopkit.state_at_error(caught.value)
+    assert left is not None
+    assert (left.step, left.epoch, left.batch_index, left.extras["accum/count"]) == (1, 0, 4, 1)
+    by_hand = make_adam_state(make_mlp(0))  # the group of 3's update, then batch 3's share of the sums
+    for batch in data:
+        by_hand, _ = hooked(lambda s: None)(by_hand, batch)
+    assert_trees_equal(take_snapshot(left)["params"], take_snapshot(by_hand)["params"])
+    assert_trees_equal(take_snapshot(left)["optimizer"], take_snapshot(by_hand)["optimizer"])
+    assert all(torch.equal(a.grad, b.grad) for a, b in zip(left.model.parameters(), by_hand.model.parameters()))
+    resumed, history = loopkit.run_epochs(hooked(lambda s: None), left, data, epochs=2, progress=False)
+    assert history == whole_history
+    assert_trees_equal(take_snapshot(resumed)["params"], take_snapshot(whole)["params"])
+    assert_trees_equal(take_snapshot(resumed)["optimizer"], take_snapshot(whole)["optimizer"])
+
+
+@pytest.mark.parametrize("every", [1, 2], ids=["hook", "hook(accum)"])
+@pytest.mark.parametrize("interval", ["step", "epoch"])
+def test_under_a_scheduler_transform_it_sees_the_held_scheduler_as_a_raw_loops_hook_sees_the_loops(
+    interval, every, make_mlp, make_batches, mse_loss
+):
+    """Lightning's self.lr_schedulers() in on_before_optimizer_step: the scheduler, at the rate of the update to come
+    (the transform holds it still in the inner step, and steps it after); at the epoch's flush too (every=2)."""
+    data = make_batches(5)
+    ref_model = make_mlp(0)
+    ref_opt = torch.optim.SGD(ref_model.parameters(), lr=0.1)
+    ref_sched = torch.optim.lr_scheduler.StepLR(ref_opt, step_size=1, gamma=0.5)
+    expected = []
+    for _ in range(3):
+        for k, batch in enumerate(data, start=1):
+            (mse_loss(ref_model, batch) / every).backward()
+            if k % every and k < len(data):
+                continue
+            if k % every:  # the epoch's partial group: its mean
+                for p in ref_model.parameters():
+                    p.grad.mul_(every / (k % every))
+            expected.append(ref_sched.get_last_lr())
+            ref_opt.step()
+            ref_opt.zero_grad()
+            if interval == "step" and k % 2 == 0:  # frequency=2: (batch_idx + 1) % 2 == 0
+                ref_sched.step()
+        if interval == "epoch":
+            ref_sched.step()
+
+    model = make_mlp(0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    seen = []
+
+    def hook(state):
+        assert state.scheduler is scheduler
+        seen.append(state.scheduler.get_last_lr())
+
+    step = loopkit.with_grad_hook(loopkit.with_grad_accum(loopkit.train_step(mse_loss), every=every), hook)
+    step = loopkit.with_step_scheduler(step, frequency=2) if interval == "step" else loopkit.with_epoch_scheduler(step)
+    given = loopkit.TrainState.create(model, opt, scheduler)
+    state, _ = loopkit.run_epochs(step, given, data, epochs=3, progress=False)
+    assert seen == expected and len(set(map(tuple, seen))) > 1  # floats, compared exactly; the rate did change
+    assert state.scheduler is scheduler and scheduler.last_epoch == ref_sched.last_epoch
+    for a, b in zip(state.model.parameters(), ref_model.parameters()):
+        assert torch.equal(a, b)

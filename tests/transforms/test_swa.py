@@ -183,6 +183,18 @@ def test_a_scheduler_transform_around_swa_steps_until_swa_start_then_swalr_takes
     assert_trees_equal(_buffers(final.model), _buffers(averaged.module))
 
 
+@pytest.mark.parametrize("interval", [None, "step", "epoch"])
+def test_a_gradient_hook_sees_the_scheduler_before_swa_start_and_none_from_it(interval, data):
+    """A scheduler transform holds the scheduler still in its inner step, where a hook still sees it; from swa_start
+    SWALR's rates train, not the scheduler's (Lightning's self.lr_schedulers() is SWALR there): none is seen."""
+    seen = []
+    hooked = loopkit.with_grad_hook(loopkit.train_step(_mse), lambda s: seen.append((s.epoch, s.scheduler is not None)))
+    step = loopkit.with_swa(hooked, 0.01, swa_epoch_start=3, epochs=EPOCHS)  # SWA from epoch 2 (0-based)
+    loopkit.run_epochs(step if interval is None else _scheduled(interval, 1, step), _state("sgd"), data, epochs=EPOCHS,
+                       progress=False)
+    assert seen == [(epoch, epoch < 2) for epoch in range(EPOCHS) for _ in range(BATCHES)]
+
+
 def test_swa_around_a_scheduler_transform_is_refused_naming_the_order_that_works():
     inner = loopkit.train_step(_mse)
     for name in ("with_epoch_scheduler", "with_step_scheduler"):
