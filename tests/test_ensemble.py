@@ -2314,6 +2314,16 @@ def _leaky(slope: float) -> Callable[[torch.Tensor], torch.Tensor]:
     return act
 
 
+class _Scaler:
+    """A plain object (no module) whose method ``apply`` is kept as an activation: scales by its ``s``."""
+
+    def __init__(self, s: float) -> None:
+        self.s = s
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x) * self.s
+
+
 FUNCTIONS_THAT_DIFFER = {  # member 0's activation and member 1's, and how the refusal names them
     "builtin": (torch.relu, torch.tanh, r"torch\.tanh where member 0's is torch\.relu"),
     "python function": (nn.functional.relu, nn.functional.silu,
@@ -2328,13 +2338,17 @@ FUNCTIONS_THAT_DIFFER = {  # member 0's activation and member 1's, and how the r
         r"functools\.partial\(torch\.nn\.functional\.leaky_relu, \.\.\.\)"),
     "a nested function with another default": (
         _leaky(0.1), _leaky(0.3), r"\S*_leaky\.<locals>\.act where member 0's is \S*_leaky\.<locals>\.act"),
+    "a method of a plain object with another value": (
+        _Scaler(1.0).apply, _Scaler(3.0).apply, r"\S*_Scaler\.apply where member 0's is \S*_Scaler\.apply"),
 }
 
 
 @pytest.mark.parametrize("differ", list(FUNCTIONS_THAT_DIFFER))
 def test_members_whose_function_attributes_differ_are_refused_naming_the_attribute(differ):
     """Before, they stacked and every member ran member 0's function: member 1 (tanh) trained with relu, its loss 0.59
-    where its solo run's is 0.55."""
+    where its solo run's is 0.55; a method of a plain object (``Scaler(3.0).apply``, no module) was compared by its
+    function only, member 1 running member 0's ``Scaler(1.0)``: its loss 0.42 where its solo run's is 1.93. (Each is
+    accepted where alike: see the made-alike test below, which compares with the solo runs.)"""
     first, second, said = FUNCTIONS_THAT_DIFFER[differ]
     with pytest.raises(ValueError, match=r"ensemble.stack: member 1's module \(model\) \(_Activated\) has another 'act' "
                                          rf"than member 0's \({said}\); the vmapped step runs member 0's modules, with "
@@ -2389,6 +2403,7 @@ class _MadeAlike(nn.Module):
             "activation: a nested function with a default": lambda: act,
             "activation: a lambda closing over an equal number": lambda: lambda x: nn.functional.leaky_relu(x, slope),
             "activation: a partial": lambda: functools.partial(nn.functional.leaky_relu, negative_slope=0.1),
+            "activation: a method of a plain object": lambda: _Scaler(0.5).apply,
         }
         if kind in hooks:
             self.a.register_forward_hook(hooks[kind]())
@@ -2404,7 +2419,8 @@ class _MadeAlike(nn.Module):
 MADE_ALIKE = ["a partial of a function", "a partial of its own method", "a lambda closing over its module",
               "a lambda closing over an equal number", "a callable object", "a nested function with a default",
               "activation: a lambda closing over its module", "activation: a nested function with a default",
-              "activation: a lambda closing over an equal number", "activation: a partial"]
+              "activation: a lambda closing over an equal number", "activation: a partial",
+              "activation: a method of a plain object"]
 
 
 @pytest.mark.parametrize("donated", [False, True])
@@ -2414,7 +2430,9 @@ def test_members_whose_hooks_or_functions_are_made_alike_for_each_member_follow_
     """Before, stack refused them (hooks and function attributes alike only as one object, bound methods, or one code
     without closure or defaults), though each member's copy computes the same: a partial (compared by its function
     and arguments), a lambda or nested function closing over its own module (by its place in the member) or over an
-    equal value, or with defaults (by value), a callable hook object (by its class and attributes)."""
+    equal value, or with defaults (by value), a callable hook object, or a method of a plain object made
+    for each member (by its class and attributes; a plain object's was accepted whatever its attributes before, see
+    above)."""
     batches = make_batches(3)
     states = [_sgd(_MadeAlike(k, kind)) for k in range(3)]
     _assert_follow_solo(_together(states, batches, donated=donated), states, batches)
