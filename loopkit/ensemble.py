@@ -32,7 +32,8 @@ reaches each member's own buffer, as its solo forward fills it; a donated step's
 only the stacked copy of the other buffers changed, which it stacks again). The members'
 modules must be in the same training mode and have the same settings (a convolution's stride, a norm's eps or groups,
 any plain attribute such as a ``temperature`` the forward reads, a plain tensor attribute, a function kept as one,
-``self.act = torch.relu``: the step runs member 0's modules for all) and the same forward hooks and forward pre-hooks
+``self.act = torch.relu``, or a method of a plain object made for each member, ``Scaler(0.5).apply``, alike by its
+class and attributes: the step runs member 0's modules for all) and the same forward hooks and forward pre-hooks
 (the same function, or one made alike for each member: a method of the member's own module, a ``functools.partial``
 with equal arguments, a lambda or nested function closing over the member's own module or equal values, a callable
 object of one class with equal attributes; torch's pruning and old-style weight_norm hooks are each member's own),
@@ -383,11 +384,13 @@ _FUNCTIONS = (types.FunctionType, types.BuiltinFunctionType, types.MethodType, f
 
 def _same_function(a: Any, b: Any, alike: _Alike) -> bool:
     """Whether ``a`` and ``b``, functions of two members, compute alike: the same object; bound methods of one function
-    (of each member's own module at the same place, or of any other object: each member's copy); ``functools.partial``
-    s of alike functions with alike arguments; functions of one code whose defaults and closures hold alike values
-    (see :func:`_same_value`: a lambda made for each member, closing over its own module or an equal number); callable
+    (of each member's own module at the same place, or of alike objects, see :func:`_same_object`: each member's
+    ``Scaler(0.5).apply``); ``functools.partial`` s of alike functions with alike arguments (positional and keyword);
+    functions of one code whose defaults (keyword-only ones too) and closures hold alike values (see
+    :func:`_same_value`: a lambda made for each member, closing over its own module or an equal number); callable
     objects of one class whose attributes are alike (a hook object made for each member, ``Scale(2.0)``). Any other
-    functions differ (``torch.relu`` and ``torch.tanh``, a lambda closing over each member's own scale)."""
+    functions differ (``torch.relu`` and ``torch.tanh``, a lambda closing over each member's own scale, methods of
+    ``Scaler(1.0)`` and ``Scaler(3.0)``)."""
     if a is b:
         return True
     if type(a) is not type(b):
@@ -401,8 +404,9 @@ def _same_function(a: Any, b: Any, alike: _Alike) -> bool:
             return (_same_function(a.func, b.func, alike) and _same_value(a.args, b.args, alike)
                     and _same_value(a.keywords, b.keywords, alike))
         if isinstance(a, types.MethodType):
-            return a.__func__ is b.__func__ and (not isinstance(a.__self__, nn.Module)
-                                                 or _same_value(a.__self__, b.__self__, alike))
+            owner = a.__self__
+            return a.__func__ is b.__func__ and (_same_value(owner, b.__self__, alike) if isinstance(owner, nn.Module)
+                                                 else _same_object(owner, b.__self__, alike))
         if isinstance(a, types.FunctionType):
             return (a.__code__ is b.__code__ and a.__globals__ is b.__globals__
                     and _same_value(a.__defaults__ or (), b.__defaults__ or (), alike)
@@ -410,10 +414,27 @@ def _same_function(a: Any, b: Any, alike: _Alike) -> bool:
                     and _same_value(_cells(a), _cells(b), alike))
         if isinstance(a, nn.Module):  # (a module of the member's own as a hook)
             return alike.same_module(a, b)
-        fields = getattr(a, "__dict__", None)
-        return callable(a) and not isinstance(a, type) and type(fields) is dict and _same_value(fields, vars(b), alike)
+        return callable(a) and _same_object(a, b, alike)
     finally:
         alike.comparing.discard(pair)
+
+
+def _same_object(a: Any, b: Any, alike: _Alike) -> bool:
+    """Whether ``a`` and ``b``, objects of two members that are no modules (a callable hook object, the object a
+    method is bound to), are one object, or of one class (no class themselves) with alike attributes (see
+    :func:`_same_value`): ``Scaler(0.5)`` made for each member, not ``Scaler(1.0)`` and ``Scaler(3.0)``.
+
+    >>> class Scaler:
+    ...     def __init__(self, s): self.s = s
+    >>> alike = _Alike(_Places(nn.Identity()), _Places(nn.Identity()))
+    >>> _same_object(Scaler(0.5), Scaler(0.5), alike), _same_object(Scaler(1.0), Scaler(3.0), alike)
+    (True, False)
+    """
+    if a is b:
+        return True
+    fields = getattr(a, "__dict__", None)
+    return (type(a) is type(b) and not isinstance(a, type) and type(fields) is dict
+            and _same_value(fields, vars(b), alike))
 
 
 def _cells(function: types.FunctionType) -> tuple[Any, ...]:

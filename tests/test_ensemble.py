@@ -2234,15 +2234,43 @@ def test_a_donated_step_refuses_a_hook_added_to_one_member_since_stacking_and_tr
     _assert_members_train_as_solos_hooked_after(ens, states, batches, 1, 0, _halve)
 
 
-def _assert_members_train_as_solos_hooked_after(ens, states, batches, done, layer, hook):
+def _assert_members_train_as_solos_hooked_after(ens, states, batches, done, layer, hook, replace=False):
     """Each member of ``ens`` is its state trained alone on ``batches``, ``hook`` added to its layer ``layer`` after
-    the first ``done`` batches (reference: the plain loop of ``_solo``)."""
+    the first ``done`` batches (with ``replace``: in place of its forward hooks; reference: the plain loop of
+    ``_solo``)."""
     for k, state in enumerate(states):
         solo = _solo(state, batches[:done])
+        if replace:
+            solo.model[layer]._forward_hooks.clear()
         solo.model[layer].register_forward_hook(hook)
         solo = _solo(solo, batches[done:])
         for (name, p), q in zip(solo.model.named_parameters(), ens.members[k].model.parameters()):
             torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7, msg=f"member {k} {name}")
+
+
+def test_a_donated_step_refuses_a_hook_replaced_in_one_member_only_and_trains_on_once_alike(make_batches):
+    """A hook replaced on a module already hooked (its module stays hooked: the same modules have hooks) in member 1
+    only, between donated calls, is refused as stack refuses it (member 1 would run member 0's ``_halve``), the
+    ensemble usable; replaced alike in every member, it trains on as the solo runs do."""
+    batches = make_batches(3)
+    states = [_hooked(seed, _halve) for seed in range(3)]
+    step = ensemble.train_step(lambda m, b: ((m(b[0]) - b[1]) ** 2).mean(), donated=True)
+    ens, _ = step(ensemble.stack(states), batches[0])
+    before = {n: p.clone() for n, p in ens.params.items()}
+    ens.members[1].model[0]._forward_hooks.clear()
+    ens.members[1].model[0].register_forward_hook(_double)
+    with pytest.raises(ValueError, match=r"ensemble.train_step: member 1's module 0 \(Linear\) has other forward hooks "
+                                         r"than member 0's \(forward hook _double where member 0's has forward hook "
+                                         r"_halve\)") as error:
+        step(ens, batches[1])
+    assert loopkit.state_at_error(error.value) is ens
+    assert all(torch.equal(ens.params[n], before[n]) for n in before)
+    for member in (ens.members[0], ens.members[2]):
+        member.model[0]._forward_hooks.clear()
+        member.model[0].register_forward_hook(_double)
+    for batch in batches[1:]:
+        ens, _ = step(ens, batch)
+    _assert_members_train_as_solos_hooked_after(ens, states, batches, 1, 0, _double, replace=True)
 
 
 def test_a_donated_step_compares_the_hooks_again_only_when_one_was_added_or_removed(make_batches, monkeypatch):
@@ -2291,7 +2319,8 @@ class _Activated(nn.Module):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 2)
-        made = {"lambda": lambda x: torch.tanh(2.0 * x), "method": self._soft, "other method": self._hard}
+        made = {"lambda": lambda x: torch.tanh(2.0 * x), "method": self._soft, "other method": self._hard,
+                "weighted by a": _weighted(self.a), "weighted by b": _weighted(self.b)}
         self.act = made.get(act, act) if isinstance(act, str) else act
 
     def _soft(self, x: torch.Tensor) -> torch.Tensor:
@@ -2314,6 +2343,27 @@ def _leaky(slope: float) -> Callable[[torch.Tensor], torch.Tensor]:
     return act
 
 
+def _kw_leaky(slope: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    def act(x: torch.Tensor, *, slope: float = slope) -> torch.Tensor:  # (a keyword-only default, no closure)
+        return nn.functional.leaky_relu(x, slope)
+    return act
+
+
+def _weighted(layer: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """An activation closing over ``layer`` (a module of the member's own): scales by its weight's mean."""
+    return lambda x: torch.tanh(x) * layer.weight.mean()
+
+
+class _Scaler:
+    """A plain object (no module) whose method ``apply`` is kept as an activation: scales by its ``s``."""
+
+    def __init__(self, s: float) -> None:
+        self.s = s
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x) * self.s
+
+
 FUNCTIONS_THAT_DIFFER = {  # member 0's activation and member 1's, and how the refusal names them
     "builtin": (torch.relu, torch.tanh, r"torch\.tanh where member 0's is torch\.relu"),
     "python function": (nn.functional.relu, nn.functional.silu,
@@ -2328,13 +2378,26 @@ FUNCTIONS_THAT_DIFFER = {  # member 0's activation and member 1's, and how the r
         r"functools\.partial\(torch\.nn\.functional\.leaky_relu, \.\.\.\)"),
     "a nested function with another default": (
         _leaky(0.1), _leaky(0.3), r"\S*_leaky\.<locals>\.act where member 0's is \S*_leaky\.<locals>\.act"),
+    "a nested function with another keyword-only default": (
+        _kw_leaky(0.1), _kw_leaky(0.3),
+        r"\S*_kw_leaky\.<locals>\.act where member 0's is \S*_kw_leaky\.<locals>\.act"),
+    "a partial with another positional argument": (
+        functools.partial(torch.mul, 0.5), functools.partial(torch.mul, 2.0),
+        r"functools\.partial\(torch\.mul, \.\.\.\) where member 0's is functools\.partial\(torch\.mul, \.\.\.\)"),
+    "a lambda closing over its own module at another place": (
+        "weighted by a", "weighted by b",
+        r"\S*_weighted\.<locals>\.<lambda> where member 0's is \S*_weighted\.<locals>\.<lambda>"),
+    "a method of a plain object with another value": (
+        _Scaler(1.0).apply, _Scaler(3.0).apply, r"\S*_Scaler\.apply where member 0's is \S*_Scaler\.apply"),
 }
 
 
 @pytest.mark.parametrize("differ", list(FUNCTIONS_THAT_DIFFER))
 def test_members_whose_function_attributes_differ_are_refused_naming_the_attribute(differ):
     """Before, they stacked and every member ran member 0's function: member 1 (tanh) trained with relu, its loss 0.59
-    where its solo run's is 0.55."""
+    where its solo run's is 0.55; a method of a plain object (``Scaler(3.0).apply``, no module) was compared by its
+    function only, member 1 running member 0's ``Scaler(1.0)``: its loss 0.42 where its solo run's is 1.93. (Each is
+    accepted where alike: see the made-alike test below, which compares with the solo runs.)"""
     first, second, said = FUNCTIONS_THAT_DIFFER[differ]
     with pytest.raises(ValueError, match=r"ensemble.stack: member 1's module \(model\) \(_Activated\) has another 'act' "
                                          rf"than member 0's \({said}\); the vmapped step runs member 0's modules, with "
@@ -2376,6 +2439,9 @@ class _MadeAlike(nn.Module):
         def act(x: torch.Tensor, slope: float = 0.1) -> torch.Tensor:
             return nn.functional.leaky_relu(x, slope)
 
+        def kw_act(x: torch.Tensor, *, slope: float = 0.1) -> torch.Tensor:
+            return nn.functional.leaky_relu(x, slope)
+
         hooks = {
             "a partial of a function": lambda: functools.partial(_scaled_by, scale=0.5),
             "a partial of its own method": lambda: functools.partial(self._scaled, 0.5),
@@ -2389,6 +2455,10 @@ class _MadeAlike(nn.Module):
             "activation: a nested function with a default": lambda: act,
             "activation: a lambda closing over an equal number": lambda: lambda x: nn.functional.leaky_relu(x, slope),
             "activation: a partial": lambda: functools.partial(nn.functional.leaky_relu, negative_slope=0.1),
+            "activation: a nested function with a keyword-only default": lambda: kw_act,
+            "activation: a partial with a positional argument": lambda: functools.partial(torch.mul, 0.5),
+            "activation: a lambda closing over one of its layers": lambda: _weighted(self.a),
+            "activation: a method of a plain object": lambda: _Scaler(0.5).apply,
         }
         if kind in hooks:
             self.a.register_forward_hook(hooks[kind]())
@@ -2404,7 +2474,10 @@ class _MadeAlike(nn.Module):
 MADE_ALIKE = ["a partial of a function", "a partial of its own method", "a lambda closing over its module",
               "a lambda closing over an equal number", "a callable object", "a nested function with a default",
               "activation: a lambda closing over its module", "activation: a nested function with a default",
-              "activation: a lambda closing over an equal number", "activation: a partial"]
+              "activation: a lambda closing over an equal number", "activation: a partial",
+              "activation: a nested function with a keyword-only default",
+              "activation: a partial with a positional argument", "activation: a lambda closing over one of its layers",
+              "activation: a method of a plain object"]
 
 
 @pytest.mark.parametrize("donated", [False, True])
@@ -2414,7 +2487,9 @@ def test_members_whose_hooks_or_functions_are_made_alike_for_each_member_follow_
     """Before, stack refused them (hooks and function attributes alike only as one object, bound methods, or one code
     without closure or defaults), though each member's copy computes the same: a partial (compared by its function
     and arguments), a lambda or nested function closing over its own module (by its place in the member) or over an
-    equal value, or with defaults (by value), a callable hook object (by its class and attributes)."""
+    equal value, or with defaults, keyword-only ones too (by value), a callable hook object, or a method of a plain
+    object made for each member (by its class and attributes; a plain object's was accepted whatever its attributes
+    before, see above)."""
     batches = make_batches(3)
     states = [_sgd(_MadeAlike(k, kind)) for k in range(3)]
     _assert_follow_solo(_together(states, batches, donated=donated), states, batches)
