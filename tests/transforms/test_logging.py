@@ -482,6 +482,7 @@ def _logged_files(folder):
     [
         (5, 8, 5),  # mid-epoch: the crashed run logged steps 6 and 8, and epoch 0's record and validation (step 6)
         (6, 7, 6),  # at epoch 0's last batch, saved before its record: the resumed run validates and records it again
+        (4, 9, 8),  # mid-epoch 1: epoch 0's record (step 6) stays (it was dropped); the crashed run logged step 10
     ],
 )
 def test_a_run_resumed_into_its_pinned_version_folder_logs_what_the_uninterrupted_run_logs(
@@ -554,14 +555,17 @@ class _Positioned(MemoryLogger):
         self.tells.append(self.told)
 
 
+@pytest.mark.filterwarnings("ignore:run_epochs. an epoch has 6 training batches, fewer than the logging interval")
+@pytest.mark.parametrize("every_n_steps", [2, 100])
 @pytest.mark.parametrize("same_process", [False, True])
 def test_a_run_cut_by_max_steps_and_resumed_into_its_folder_logs_what_the_uninterrupted_run_logs(
-    same_process, tmp_path, make_mlp, make_batches, make_sgd_state
+    same_process, every_n_steps, tmp_path, make_mlp, make_batches, make_sgd_state
 ):
     """Reference: the uninterrupted run's files. A fit cut by max_steps mid-epoch records that epoch (its means so
     far) at the cut step and saves there; the resumed fit records the epoch whole at its end: the cut record went
     (it stayed, a second epoch-0 point), and the CSV's columns come in the uninterrupted run's order. A logger of
-    one's own is told that the fit goes on in that epoch: resume_at(4, 0, 4, finishes_epoch=True)."""
+    one's own is told that the fit goes on in that epoch: resume_at(4, 0, 4, finishes_epoch=True). With no train/
+    row (every_n_steps=100), the resumed fit's first row is its epoch's validation: they are told there."""
     batches = make_batches(6)
     evaluator = eval_step(lambda m, b: {"mse": torch.nn.functional.mse_loss(m(b[0]), b[1])})
     loggers = {}
@@ -570,8 +574,8 @@ def test_a_run_cut_by_max_steps_and_resumed_into_its_folder_logs_what_the_uninte
         if root not in loggers or not same_process:
             loggers[root] = [TensorBoardLogger(root, "run", version=0), CSVLogger(root, "run", version=0),
                              JSONLLogger(root, "run", version=0), _Positioned()]
-        step = loopkit.with_checkpointing(with_logging(train_step(loss_with_mae), *loggers[root], every_n_steps=2),
-                                          directory, every_n_steps=2)
+        logged = with_logging(train_step(loss_with_mae), *loggers[root], every_n_steps=every_n_steps)
+        step = loopkit.with_checkpointing(logged, directory, every_n_steps=2)
         return run_epochs(step, state, batches, val=(evaluator, batches[:2]), progress=False, **budget)[0]
 
     fit(tmp_path / "a", tmp_path / "ca", make_sgd_state(make_mlp()), epochs=2)
