@@ -374,6 +374,8 @@ class RunDirLogger(Logger):
         self._top: int | None = None  # the highest step this logger has written metrics at, in this process
         self._epoch_now: int | None = None  # the epoch this logger's records are logged in (None: not known)
         self._last_record: tuple[int, int | None, bool] | None = None  # its last record: (step, epoch, holds "epoch")
+        # the folder's last epoch record as this logger knows it (its own, or kept by its last rewind): (step, epoch)
+        self._last_epoch: tuple[int, int | None] | None = None
         self._fit_dir: str | None = None  # the run folder of this logger's last fit (its resume_at applied there)
         self._fit_logged = False  # whether this logger wrote a record there since (during or after that fit)
 
@@ -500,7 +502,9 @@ class RunDirLogger(Logger):
 
         ``run_epochs`` calls it through :func:`loopkit.with_logging` as each fit begins, with the state's three (from
         a state in an epoch a fit cut short recorded at its step: at the fit's first row, or its end, once
-        ``finishes_epoch`` is known). When the folder already holds records (a fixed ``version`` continued after
+        ``finishes_epoch`` is known; a validation owed there logs its row before: told then, and again, with
+        ``finishes_epoch=True``, when the fit goes on in that epoch, which drops the cut's record and keeps what this
+        logger wrote since it was last told). When the folder already holds records (a fixed ``version`` continued after
         ``loopkit.restore``, or this logger's own, in a fit retried from an earlier state), the next write first drops
         those logged after that position (the crashed run logged them after the checkpoint, and the resumed run logs
         them again), and a record logged again at ``step`` itself (a validation or an epoch record the checkpoint was
@@ -578,6 +582,7 @@ class RunDirLogger(Logger):
         self._final_metrics = None
         self._new, self._relog, self._relog_records, self._redo, self._redone = {}, None, frozenset(), None, set()
         self._top, self._top_records, self._epoch_now, self._last_record = None, set(), None, None
+        self._last_epoch = None
         self._fit_dir, self._fit_logged = None, False
         self._pending_hparams = None if self._hparams is None else dict(self._hparams)
 
@@ -591,13 +596,19 @@ class RunDirLogger(Logger):
         folder = self.log_dir
         if self._resume_pos is not None:
             pos, self._resume_pos = self._resume_pos, None
-            self._new, self._relog, self._redo = {}, None, None  # (an earlier fit's: this one goes on from pos)
-            self._fit_dir, self._fit_logged = folder, False
-            last = self._last_record
+            last, cut = self._last_record, self._last_epoch
             place = None if last is None else pos.place(*last)
+            # the record of an epoch a fit cut short, written before this logger's last record (the validation a fit
+            # from the cut owed there, run first), placed after pos (the fit went on in that epoch): it goes, and
+            # what this logger wrote since its last position stays (that validation's row, after the cut's record,
+            # which the file takes for the next epoch's)
+            finishing = cut is not None and place != _AFTER and pos.place(*cut, True) == _AFTER
+            self._new = self._new if finishing else {}  # (an earlier fit's: this one goes on from pos)
+            self._relog, self._redo = None, None
+            self._fit_dir, self._fit_logged = folder, False
             # (a fresh state after this logger's own records at step 0: those written before the fit stay, unless
             # logged again, as at any step it goes on from)
-            if last is None or (place == _AFTER and not (pos.fresh and last[0] == 0)):
+            if last is None or (place == _AFTER and not (pos.fresh and last[0] == 0)) or finishing:
                 self._resume(folder, pos)  # the folder's records, or this logger's own after pos: a rewind
             elif last[0] == pos.step and place != _BEFORE:  # a fit going on from this logger's last step: nothing
                 # to drop, unless it logs again a record it had written at that step (a retry from before it)
@@ -609,8 +620,15 @@ class RunDirLogger(Logger):
 
     def _resume(self, folder: str, pos: _Position) -> None:
         """Drop what ``folder`` holds after ``pos`` (all of it for a fresh state; see :meth:`resume_at`)."""
-        self._redo, self._redone = (None if pos.fresh else pos), set()
-        dropped = self._drop_records(folder, lambda at, keys, epoch: pos.place(at, epoch, "epoch" in keys) != _AFTER)
+        self._redo, self._redone, self._last_epoch = (None if pos.fresh else pos), set(), None
+
+        def keep(at: int, keys: frozenset[str], epoch: int | None) -> bool:
+            kept = pos.place(at, epoch, "epoch" in keys) != _AFTER
+            if kept and "epoch" in keys:  # (read in the order written: the last one kept is the folder's last)
+                self._last_epoch = (at, epoch)
+            return kept
+
+        dropped = self._drop_records(folder, keep)
         if dropped and pos.fresh:
             warnings.warn(
                 f"{type(self).__name__}: {folder} held records of an earlier run (or of this one, restarted from "
@@ -646,7 +664,7 @@ class RunDirLogger(Logger):
             self._top_records.add(_Written(keys, epoch))
         self._last_record = (step, epoch, holds)
         if holds:
-            self._epoch_now = None if epoch is None else epoch + 1
+            self._epoch_now, self._last_epoch = None if epoch is None else epoch + 1, (step, epoch)
         redo = self._redo
         if redo is not None and step == redo.step and keys not in self._redone:
             self._redone.add(keys)

@@ -643,6 +643,33 @@ def test_a_fits_rewind_and_redo_never_drop_a_record_the_fit_logged_itself(tmp_pa
     assert _logged(logger.log_dir, make) == _logged(straight.log_dir, make)
 
 
+@pytest.mark.parametrize("same_logger", [False, True])
+@pytest.mark.parametrize("make", [CSVLogger, JSONLLogger, TensorBoardLogger])
+def test_told_again_that_the_fit_goes_on_in_the_cut_epoch_after_a_record_there_drops_the_cuts_record(
+    tmp_path, make, same_logger
+):
+    """Reference: the records logged straight. A fit cut at step 2, mid-epoch 0, recorded the epoch there; the fit
+    going on from it (the same logger, or a new one) first logs the validation owed there, told resume_at(2, 0, 2)
+    (whether it goes on in the epoch not known yet), then is told again, finishes_epoch=True, and records the epoch
+    whole at its end. The cut's record stayed (the logger's last record was at that step), and once it went, the
+    validation's went too (logged after the cut's record, the file takes it for epoch 1's)."""
+    cut = [(1, _LOSS), (2, _LOSS)]
+    after = [(3, {"train/loss": 0.3}), (3, {"epoch": 0.0, "train/loss_epoch": 0.4})]
+    straight = make(tmp_path / "a", "run", version=0)
+    _log_all(straight, cut + [(2, _VAL)] + after)
+    straight.finalize()
+    first = make(tmp_path / "b", "run", version=0)
+    _log_all(first, cut + [(2, {"epoch": 0.0, "train/loss_epoch": 0.5})])
+    first.finalize()
+    resumed = first if same_logger else make(tmp_path / "b", "run", version=0)
+    resumed.resume_at(2, 0, 2)
+    _log_all(resumed, [(2, _VAL)])
+    resumed.resume_at(2, 0, 2, finishes_epoch=True)
+    _log_all(resumed, after)
+    resumed.finalize()
+    assert _logged(resumed.log_dir, make) == _logged(straight.log_dir, make)
+
+
 @pytest.mark.parametrize("make", [CSVLogger, JSONLLogger, TensorBoardLogger])
 def test_a_folder_without_epoch_records_resumes_by_step_alone(tmp_path, make):
     """A folder whose records hold no epoch (written before the loggers told epochs apart, or by a loop of one's own

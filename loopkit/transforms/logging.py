@@ -100,12 +100,16 @@ class _Held:
     epoch and batch_index, held when that state is in an epoch a fit cut short (``max_steps``, a callback's stop)
     recorded at that step. Whether this fit goes on in that epoch (its record then replaced by the whole epoch's) or
     trains no further (a relaunch from the end of a finished run: the record stays) is known once it logs a row, or
-    ends: they are told then. Shared by the step's donated copies; only read when a row is logged, or a fit ends."""
+    ends: they are told then. A validation owed at that step (``val_every_n_steps``, run first) logs its row there
+    before it is known: they are told at that row that the fit goes on from there (``told``), and told again, once
+    known, when it goes on in that epoch. Shared by the step's donated copies; only read when a row is logged, or a
+    fit ends."""
 
-    __slots__ = ("at",)
+    __slots__ = ("at", "told")
 
     def __init__(self) -> None:
         self.at: tuple[int, int, int] | None = None
+        self.told = False  # (the loggers were told ``at``, finishes_epoch=False, at a validation's row there)
 
 
 def _epoch_scalars(record: Mapping[str, float]) -> dict[str, float]:
@@ -203,6 +207,7 @@ class LoggingStep(WrapperStep):
             at = (state.step, state.epoch, state.batch_index)
             # (in an epoch a cut recorded at this step: told once it is known whether this fit goes on in it)
             self.held.at = at if state.batch_index > 0 and state.extras.get(RECORDED) == state.step else None
+            self.held.told = False
             if self.held.at is None:  # (first: a fresh fit after one a logger logged moves it to a new folder)
                 self._resume(at, finishes=False)
             for logger in self.loggers:
@@ -228,7 +233,12 @@ class LoggingStep(WrapperStep):
         else:
             return
         step = int(metrics.get("step", state.step)) if event == "epoch_end" else state.step
-        self._release(state)
+        if event == "validation_end" and (state.step, state.epoch, state.batch_index) == self.held.at:
+            if not self.held.told:  # (a validation owed where the fit began: its row is placed there, and the fit
+                self.held.told = True  # may still go on in the cut epoch: held until it is known, see _Held)
+                self._resume(self.held.at, finishes=False)
+        else:
+            self._release(state)
         self._log_row(scalars, step, (event, state.epoch, state.batch_index, frozenset(scalars)))
 
     def _resume(self, at: tuple[int, int, int], finishes: bool) -> None:
@@ -244,12 +254,15 @@ class LoggingStep(WrapperStep):
         fit's first row, or at its end. It went on in the cut epoch when ``state`` (where it logs, or ends) has moved
         from there; a relaunch that trains no further keeps the cut's record, which holds that epoch. At an abort
         (``state`` None: the state is not read) it is told it did not: a fit that went on, failed before a row and
-        is resumed past the cut is placed after that record, which :meth:`loopkit.RunDirLogger.resume_at` drops."""
+        is resumed past the cut is placed after that record, which :meth:`loopkit.RunDirLogger.resume_at` drops.
+        Loggers told already that it did not (at a validation's row there, :class:`_Held`) are told only that it did."""
         at = self.held.at
         if at is None:
             return
         self.held.at = None
-        self._resume(at, finishes=state is not None and (state.step, state.epoch, state.batch_index) != at)
+        finishes = state is not None and (state.step, state.epoch, state.batch_index) != at
+        if finishes or not self.held.told:
+            self._resume(at, finishes=finishes)
 
     def _log_row(self, scalars: dict[str, float], step: int, row: tuple[Any, ...]) -> None:
         """Log an event's row at ``step`` to each logger, but not again to an appending one that took it already

@@ -482,6 +482,7 @@ def _logged_files(folder):
     [
         (5, 8, 5),  # mid-epoch: the crashed run logged steps 6 and 8, and epoch 0's record and validation (step 6)
         (6, 7, 6),  # at epoch 0's last batch, saved before its record: the resumed run validates and records it again
+        (4, 9, 8),  # mid-epoch 1: epoch 0's record (step 6) stays (it was dropped); the crashed run logged step 10
     ],
 )
 def test_a_run_resumed_into_its_pinned_version_folder_logs_what_the_uninterrupted_run_logs(
@@ -543,22 +544,28 @@ def test_a_retry_with_the_same_loggers_from_a_checkpoint_saved_before_its_steps_
 
 
 class _Positioned(MemoryLogger):
-    """A logger of one's own that rewinds: ``told`` is what its ``resume_at`` was told last."""
+    """A logger of one's own that rewinds: ``told`` is what its ``resume_at`` was told last, ``tells`` all of it."""
 
-    told = None
+    def __init__(self):
+        super().__init__()
+        self.told, self.tells = None, []
 
     def resume_at(self, step, epoch=None, batch_index=None, *, finishes_epoch=False):
         self.told = (step, epoch, batch_index, finishes_epoch)
+        self.tells.append(self.told)
 
 
+@pytest.mark.filterwarnings("ignore:run_epochs. an epoch has 6 training batches, fewer than the logging interval")
+@pytest.mark.parametrize("every_n_steps", [2, 100])
 @pytest.mark.parametrize("same_process", [False, True])
 def test_a_run_cut_by_max_steps_and_resumed_into_its_folder_logs_what_the_uninterrupted_run_logs(
-    same_process, tmp_path, make_mlp, make_batches, make_sgd_state
+    same_process, every_n_steps, tmp_path, make_mlp, make_batches, make_sgd_state
 ):
     """Reference: the uninterrupted run's files. A fit cut by max_steps mid-epoch records that epoch (its means so
     far) at the cut step and saves there; the resumed fit records the epoch whole at its end: the cut record went
     (it stayed, a second epoch-0 point), and the CSV's columns come in the uninterrupted run's order. A logger of
-    one's own is told that the fit goes on in that epoch: resume_at(4, 0, 4, finishes_epoch=True)."""
+    one's own is told that the fit goes on in that epoch: resume_at(4, 0, 4, finishes_epoch=True). With no train/
+    row (every_n_steps=100), the resumed fit's first row is its epoch's validation: they are told there."""
     batches = make_batches(6)
     evaluator = eval_step(lambda m, b: {"mse": torch.nn.functional.mse_loss(m(b[0]), b[1])})
     loggers = {}
@@ -567,8 +574,8 @@ def test_a_run_cut_by_max_steps_and_resumed_into_its_folder_logs_what_the_uninte
         if root not in loggers or not same_process:
             loggers[root] = [TensorBoardLogger(root, "run", version=0), CSVLogger(root, "run", version=0),
                              JSONLLogger(root, "run", version=0), _Positioned()]
-        step = loopkit.with_checkpointing(with_logging(train_step(loss_with_mae), *loggers[root], every_n_steps=2),
-                                          directory, every_n_steps=2)
+        logged = with_logging(train_step(loss_with_mae), *loggers[root], every_n_steps=every_n_steps)
+        step = loopkit.with_checkpointing(logged, directory, every_n_steps=2)
         return run_epochs(step, state, batches, val=(evaluator, batches[:2]), progress=False, **budget)[0]
 
     fit(tmp_path / "a", tmp_path / "ca", make_sgd_state(make_mlp()), epochs=2)
@@ -625,6 +632,53 @@ def test_a_relaunch_from_the_end_of_a_fit_ended_mid_epoch_leaves_its_files_as_th
     assert made["loggers"][-1].told == (4, 0, 4, False)
 
 
+def _records(files):
+    """What ``_logged_files`` read, as sets of records (each a row's or line's metrics): the records, whatever order
+    they were logged in at a step (a cut's epoch record, then the validation a relaunch owed there)."""
+    text, lines, scalars = files
+    rows = {frozenset((k, v) for k, v in row.items() if v != "") for row in csv.DictReader(text.splitlines())}
+    return rows, {frozenset(json.loads(line).items()) for line in lines.splitlines()}, scalars
+
+
+@pytest.mark.parametrize("same_process", [False, True])
+@pytest.mark.parametrize("goes_on", [True, False])
+def test_a_relaunch_from_a_cut_that_first_validates_there_logs_what_the_uninterrupted_run_logs(
+    goes_on, same_process, tmp_path, make_mlp, make_batches, make_sgd_state
+):
+    """Reference: the uninterrupted run's files (of step validations, every 3 updates). A fit cut by max_steps at
+    update 3 mid-epoch records epoch 0 there, without a validation; relaunched with val_every_n_steps=3, the fit
+    first runs the validation owed at update 3, logging its row there, then goes on to record the epoch whole at
+    update 6. The cut's epoch-0 record stayed beside the whole epoch's (the validation's row, where the fit began,
+    was taken for a fit that trains no further). A relaunch that trains no further (max_steps=3 again) keeps it:
+    its files hold the uninterrupted run's records of max_steps=3 (the validation's after the epoch's). A logger of
+    one's own is told resume_at(3, 0, 3, finishes_epoch=False) at the validation's row, and finishes_epoch=True
+    once the fit goes on."""
+    batches = make_batches(6)
+    evaluator = eval_step(lambda m, b: {"mse": torch.nn.functional.mse_loss(m(b[0]), b[1])})
+    loggers = {}
+    budget = {} if goes_on else {"max_steps": 3}
+
+    def fit(root, state, **options):
+        if root not in loggers or not same_process:
+            loggers[root] = [TensorBoardLogger(root, "run", version=0), CSVLogger(root, "run", version=0),
+                             JSONLLogger(root, "run", version=0), _Positioned()]
+        step = with_logging(train_step(loss_with_mae), *loggers[root], every_n_steps=1)
+        return run_epochs(step, state, batches, epochs=1, val=(evaluator, batches[:2]), sanity_val_batches=0,
+                          progress=False, **options)[0]
+
+    fit(tmp_path / "a", make_sgd_state(make_mlp()), val_every_n_steps=3, **budget)
+    cut = fit(tmp_path / "b", make_sgd_state(make_mlp()), max_steps=3)
+    assert (cut.step, cut.epoch, cut.batch_index) == (3, 0, 3)
+    loggers[tmp_path / "b"][-1].tells.clear()  # (the cut's fit's, in one process)
+    fit(tmp_path / "b", cut, val_every_n_steps=3, **budget)
+    logged, expected = (_logged_files(tmp_path / root / "run" / "version_0") for root in ("b", "a"))
+    if goes_on:
+        assert logged == expected
+    else:
+        assert _records(logged) == _records(expected)
+    assert loggers[tmp_path / "b"][-1].tells == [(3, 0, 3, False)] + [(3, 0, 3, True)] * goes_on
+
+
 @pytest.mark.parametrize("resumed_by", ["state_at_error", "restore"])
 def test_a_fit_that_went_on_from_a_cut_and_failed_before_a_row_leaves_no_cut_record_to_its_resume(
     resumed_by, tmp_path, make_mlp, make_batches, make_sgd_state
@@ -654,6 +708,41 @@ def test_a_fit_that_went_on_from_a_cut_and_failed_before_a_row_leaves_no_cut_rec
         state = loopkit.restore(make_sgd_state(make_mlp()), tmp_path / "cb")
     assert (state.step, state.epoch) == ((5, 0) if resumed_by == "state_at_error" else (4, 0))
     fit(tmp_path / "b", tmp_path / "cb", state)
+    assert _logged_files(tmp_path / "b" / "run" / "version_0") == _logged_files(tmp_path / "a" / "run" / "version_0")
+
+
+@pytest.mark.parametrize("resumed_by", ["state_at_error", "restore"])
+def test_a_fit_that_validated_at_a_cut_went_on_and_failed_before_a_row_leaves_no_cut_record_to_its_resume(
+    resumed_by, tmp_path, make_mlp, make_batches, make_sgd_state
+):
+    """Reference: the uninterrupted run's files (of step validations, every 2 updates). A fit cut by max_steps at
+    update 2 records epoch 0 there, without a validation; the fit going on from it (val_every_n_steps=2) first runs
+    the validation owed there, then fails at update 3, before a row. Resumed with the same loggers from the state
+    the failure left (update 3), the folder kept the cut's epoch-0 record beside the whole epoch's (the loggers' last
+    record was that validation's, before the resumed fit); from the cut's checkpoint, it is a relaunch again."""
+    batches = make_batches(6)
+    evaluator = eval_step(lambda m, b: {"mse": torch.nn.functional.mse_loss(m(b[0]), b[1])})
+    made = {}
+
+    def fit(root, directory, state, callbacks=(), **budget):
+        if root not in made or resumed_by == "restore":
+            made[root] = [TensorBoardLogger(root, "run", version=0), CSVLogger(root, "run", version=0),
+                          JSONLLogger(root, "run", version=0)]
+        step = loopkit.with_checkpointing(with_logging(train_step(loss_with_mae), *made[root], every_n_steps=6),
+                                          directory, every_n_steps=2)
+        return run_epochs(step, state, batches, epochs=1, val=(evaluator, batches[:2]), sanity_val_batches=0,
+                          callbacks=list(callbacks), progress=False, **budget)[0]
+
+    fit(tmp_path / "a", tmp_path / "ca", make_sgd_state(make_mlp()), val_every_n_steps=2)
+    cut = fit(tmp_path / "b", tmp_path / "cb", make_sgd_state(make_mlp()), max_steps=2)
+    with pytest.raises(RuntimeError, match="crash") as error:
+        fit(tmp_path / "b", tmp_path / "cb", cut, [_CrashAfter(2)], val_every_n_steps=2)
+    if resumed_by == "state_at_error":
+        state = loopkit.state_at_error(error.value)
+    else:
+        state = loopkit.restore(make_sgd_state(make_mlp()), tmp_path / "cb")
+    assert (state.step, state.epoch) == ((3, 0) if resumed_by == "state_at_error" else (2, 0))
+    fit(tmp_path / "b", tmp_path / "cb", state, val_every_n_steps=2)
     assert _logged_files(tmp_path / "b" / "run" / "version_0") == _logged_files(tmp_path / "a" / "run" / "version_0")
 
 
