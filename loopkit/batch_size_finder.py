@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import gc
 import math
+import sys
+import traceback
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -34,7 +36,7 @@ from loopkit._numbers import as_int, as_real
 from loopkit._search import search_step
 from loopkit.driver import _check_data, _check_device, _num_batches, run_epochs
 from loopkit.rng import global_rngs_kept
-from loopkit.state import TrainState, model_device
+from loopkit.state import TrainState, leave_intact, model_device
 
 __all__ = ["scale_batch_size"]
 
@@ -71,6 +73,32 @@ def _free_memory() -> None:
         except RuntimeError as error:  # (it can run out of memory itself)
             if not is_oom_error(error):
                 raise
+
+
+def _let_go(error: BaseException, outer: BaseException | None) -> BaseException:
+    """``error`` (and the errors it was raised from, up to ``outer``, the one being handled when the trial began)
+    without what the failed trial held: the locals of its traceback's frames (activations, the trial's copy of the
+    state; the printed traceback keeps its lines) and the state a loopkit error carries (:func:`state_at_error`'s).
+    Lightning lets go of the whole exception before freeing memory; loopkit keeps it as the cause of a batch of 1
+    that runs out of memory.
+
+    >>> def trial():
+    ...     activations = torch.ones(3)
+    ...     raise torch.OutOfMemoryError("CUDA out of memory.")
+    >>> try:
+    ...     trial()
+    ... except torch.OutOfMemoryError as e:
+    ...     error = _let_go(e, None)
+    >>> error.__traceback__.tb_next.tb_frame.f_locals
+    {}
+    """
+    seen, current = set(), error
+    while current is not None and current is not outer and id(current) not in seen:
+        seen.add(id(current))
+        traceback.clear_frames(current.__traceback__)  # (a frame still running, the trial's caller's, stays)
+        leave_intact(current, None)
+        current = current.__cause__ or current.__context__
+    return error
 
 
 def _samples(data: Iterable) -> int | None:
@@ -131,6 +159,7 @@ class _Search:
         (any other error is raised)."""
         if self.on_cuda:  # (what the last trial held goes back first; on the CPU only after running out)
             _free_memory()
+        outer = sys.exc_info()[1]
         try:
             with global_rngs_kept(), warnings.catch_warnings():
                 # (each size makes another number of batches: a state saved mid-epoch is not resumed here, only probed)
@@ -140,7 +169,7 @@ class _Search:
         except RuntimeError as error:
             if not is_oom_error(error):
                 raise
-            self.error = error
+            self.error = _let_go(error, outer)  # (else its frames would hold the trial's memory through the next)
             self.tried.append((self.size, False))
             _free_memory()
             return False
@@ -227,7 +256,8 @@ def scale_batch_size(
     ``steps_per_trial`` updates with :func:`loopkit.run_epochs` (no sanity validation, no progress
     bar; torch's CPU, numpy's and Python's global RNGs are put back); a trial that runs out of memory
     (:func:`is_oom_error`: torch's ``OutOfMemoryError``, or the CUDA, cuDNN and CPU-allocator messages
-    Lightning knows) counts as too large, any other error is raised. ``state`` is left as it was.
+    Lightning knows) counts as too large (what it held, its error's frames too, is freed before the next
+    trial, as in Lightning), any other error is raised. ``state`` is left as it was.
 
     As Lightning's search, from ``init_val``:
 

@@ -8,7 +8,10 @@ size Lightning returned and the batch lengths its trials ran, in order of first 
 
 from __future__ import annotations
 
+import gc
 import random
+import traceback
+import weakref
 
 import numpy as np
 import pytest
@@ -103,8 +106,32 @@ def test_only_running_out_of_memory_makes_a_size_too_large():
 
 
 def test_a_batch_of_one_that_runs_out_of_memory_is_named():
-    with pytest.raises(RuntimeError, match="even a batch of 1 runs out of memory"):
+    with pytest.raises(RuntimeError, match="even a batch of 1 runs out of memory") as caught:
         loopkit.scale_batch_size(loopkit.train_step(_Device(0)), _state(), _loader(100))
+    cause = caught.value.__cause__
+    assert isinstance(cause, torch.OutOfMemoryError) and loopkit.state_at_error(cause) is None
+    assert "in __call__" in "".join(traceback.format_tb(cause.__traceback__))  # where it ran out still shows
+
+
+@pytest.mark.parametrize("options", [{"mode": "power", "init_val": 128}, {"mode": "binsearch"}])
+def test_a_trial_that_ran_out_of_memory_holds_nothing_during_the_next(options):
+    """As Lightning's search, which lets go of the exception before freeing memory: the failed trial's
+    activations and its copy of the model are freed before the next (smaller) trial runs."""
+    failed, alive = [], []
+
+    def loss_fn(model, batch):
+        activations = torch.empty(len(batch), 100)  # what a trial's forward allocates
+        if len(batch) > 40:
+            failed.extend((weakref.ref(activations), weakref.ref(model.weight)))
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        gc.collect()
+        alive.append(sum(ref() is not None for ref in failed))
+        return model(batch).pow(2).mean()
+
+    assert loopkit.scale_batch_size(loopkit.train_step(loss_fn), _state(), _loader(1000), **options) == {
+        "power": 32, "binsearch": 38}[options["mode"]]
+    assert failed and alive  # trials ran after one ran out of memory (128 and 64 first in power mode)
+    assert alive == [0] * len(alive)
 
 
 @pytest.mark.parametrize("options, error, match", [
