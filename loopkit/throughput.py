@@ -164,16 +164,20 @@ class ThroughputMonitor(Callback):
         items = 0 if self.length_fn is None else _count(self.length_fn(batch), "length_fn")
         self._pending = (samples, items)
 
+    def _now(self) -> float:
+        """The clock once the device's work is done (a CUDA device is waited for); the latest batch's end now."""
+        if self._device is not None and self._device.type == "cuda":
+            torch.cuda.synchronize(self._device)
+        self._last = time.perf_counter()
+        return self._last
+
     def on_batch_end(self, state: Any, metrics: Mapping[str, torch.Tensor]) -> dict[str, float] | None:
         """Count the batch; after an update, the values for the loggers."""
         if not self._measures:
             return None
-        if self._device is not None and self._device.type == "cuda":
-            torch.cuda.synchronize(self._device)
-        now = time.perf_counter()
+        now = self._now()
         if self._t0 is None:
             self._t0 = now
-        self._last = now
         samples, items = self._pending
         self._pending = (0, 0)
         self._batches += 1
@@ -195,9 +199,13 @@ class ThroughputMonitor(Callback):
 
     def on_flush_end(self, state: Any, metrics: Mapping[str, torch.Tensor]) -> dict[str, float] | None:
         """After the update of an epoch's partial accumulation group (its batches already counted), the values
-        for the loggers, as Lightning gives them after the epoch's last batch, whose update that is there."""
+        for the loggers, as Lightning gives them after the epoch's last batch, whose update that is there: the
+        update's time is the last batch's, as there."""
         if not self._measures or state.step == self._step_seen:
             return None
+        times = self._window["time"]
+        if self._t0 is not None and times:
+            times[-1] = self._now() - self._t0
         self._step_seen = state.step
         self.latest = self.compute()
         return dict(self.latest)
