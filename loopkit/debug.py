@@ -133,7 +133,7 @@ def _module_facts(model: torch.nn.Module) -> dict[str, Any]:
         facts[name or "<root>"] = {
             "class": type(module).__qualname__,
             "training": module.training,
-            "settings": module_settings(module),
+            "settings": _copy(module_settings(module)),  # (a list setting changed in place is seen too)
             "hooks": [len(getattr(module, h, None) or ()) for h in _MODULE_HOOKS],
             "gradient hooks": {n: [len(getattr(p, h, None) or ()) for h in _TENSOR_HOOKS] for n, p in own.items()},
             "requires_grad": {n: p.requires_grad for n, p in own.items()},
@@ -212,7 +212,7 @@ def check_purity(
     ``state.state_dict()``, gradients included, every buffer, non-persistent ones too, the tensors the modules
     hold as plain attributes, a counter or a dict of cached tensors, which a pure step's copy copies too
     (named ``attributes.seen``, ``attributes.<module>.<attribute>``), and each module's class, training mode,
-    hook count and which parameters take gradients; a lazy module's parameter before its first forward is compared as uninitialized:
+    plain settings (``in_features``, a list a forward appends to), hook count and which parameters take gradients; a lazy module's parameter before its first forward is compared as uninitialized:
     a step that initializes the caller's is named, not the pure step's copy), leaves every tensor of ``batch``
     as it was (named as ``batch[0]``, ``batch['x']``: an in-place change of the caller's data, ``inputs.clamp_``,
     which another epoch over the same batches would see; checked before the two calls are compared, so such a

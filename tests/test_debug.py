@@ -167,6 +167,35 @@ def test_changes_outside_the_state_dict_are_named(change, where, make_mlp, make_
         check_purity(_meddling(lambda state: change(state.model)), make_sgd_state(make_mlp(0)), batches[0])
 
 
+class _Sizes(torch.nn.Module):
+    """A linear layer whose forward appends each batch's length to a list setting of its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.seen_sizes, self.history = torch.nn.Linear(2, 1), [], [[]]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen_sizes.append(len(x))
+        return self.lin(x)
+
+
+@pytest.mark.parametrize("change, where", [
+    (lambda m: m(torch.ones(4, 2)), r"modules\.<root>\.settings\.seen_sizes changed length from 0 to 1"),
+    (lambda m: m.history[0].append(1.5), r"modules\.<root>\.settings\.history\.0 changed length from 0 to 1"),
+])
+def test_a_list_setting_changed_in_place_is_named_and_a_pure_steps_forward_passes(change, where):
+    """As a counter setting reassigned (self.calls += 1): the snapshot holds a copy of the list, not the list."""
+    def state():
+        model = _Sizes()
+        return loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+
+    with pytest.raises(ImpurityError, match="changed the state it was given: " + where):
+        check_purity(_meddling(lambda s: change(s.model)), state(), None)
+    given = state()
+    check_purity(loopkit.train_step(lambda m, b: m(b).pow(2).mean()), given, torch.ones(4, 2))  # its copy's list
+    assert given.model.seen_sizes == [] and given.model.history == [[]]
+
+
 def _meddling(change):
     """A step that calls ``change(state)`` on the state it is given, and counts an update."""
     def meddling(state, batch):
