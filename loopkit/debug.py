@@ -33,7 +33,7 @@ import torch
 
 from loopkit.errors import ImpurityError
 from loopkit.state import TrainState, attribute_tensors, module_settings, refuse_copy_if_sharded
-from loopkit.steps import Metrics
+from loopkit.steps import Metrics, as_step
 from loopkit.tree import named_tensors
 
 __all__ = ["check_purity"]
@@ -221,9 +221,11 @@ def check_purity(
     starts from the global RNG the first call started from); with
     ``deterministic`` (the default), a second call on the same state and batch gives the same
     new state and metrics, bit for bit (pass ``deterministic=False`` for kernels that are not).
-    Returns the first call's result. A donated step is refused: it may reuse ``state``. The
-    caller's global RNG is put back as it was, whatever the step did. The ``with_checkpointing``,
-    ``with_logging`` and ``with_profiler`` layers of a pipeline are left out of the calls, the steps inside
+    Returns the first call's result. A function's result is checked as :func:`loopkit.run_epochs` checks it
+    (a wrong shape, ``state`` alone or ``(state, None)``, is named; its metrics come back as 0-dim tensors).
+    A donated step is refused: it may reuse ``state``. The caller's global RNG is put back as it was, whatever
+    the step did. The ``with_checkpointing``, ``with_logging`` and ``with_profiler`` layers of a pipeline are
+    left out of the calls, the steps inside
     them checked: they would write the probe's checkpoint into the run's folder (which the run then takes
     for its own, or restores), its rows into the run's logs, and its profile into the profiler's folder,
     using up the profile's schedule so that the run's own calls would go unprofiled (under a wrapper of
@@ -244,7 +246,7 @@ def check_purity(
     refuse_copy_if_sharded(state, "check_purity", "It calls the step twice on copies of the state: check the step "
                            "on an unsharded state, in one process, without with_fsdp")
     name = _name(step)
-    step = _without_writers(step)
+    step = as_step(_without_writers(step))  # (as run_epochs calls it: a function's wrong result is named)
     before = _full_snapshot(state)
     batch_before = _batch_snapshot(batch)
     global_rng = torch.get_rng_state()

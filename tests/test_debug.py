@@ -147,6 +147,23 @@ def test_donated_steps_and_other_states_are_refused(make_mlp, make_sgd_state, ba
         check_purity(None, make_sgd_state(make_mlp(0)), batches[0])
 
 
+@pytest.mark.parametrize("returns, got", [
+    (lambda state: state, r"a TrainState; a step returns \(new_state, metrics\)"),
+    (lambda state: (state, None), r"a \(TrainState, NoneType\) pair; a step returns \(new_state, metrics\)"),
+    (lambda state: {"loss": 1.0}, r"a dict; a step returns \(new_state, metrics\).*pass eval_step\(metric_fn\)"),
+])
+def test_a_step_returning_the_wrong_shape_is_named_as_run_epochs_names_it(returns, got, make_mlp, make_sgd_state,
+                                                                         batches):
+    def shapeless(state, batch):
+        return returns(state)
+
+    match = r"step test_a_step_.*\.shapeless returned " + got
+    with pytest.raises(TypeError, match=match):
+        loopkit.run_epochs(shapeless, make_sgd_state(make_mlp(0)), batches[:1], epochs=1, progress=False)
+    with pytest.raises(TypeError, match=match):
+        check_purity(shapeless, make_sgd_state(make_mlp(0)), batches[0])
+
+
 @pytest.mark.parametrize("change, where", [
     (lambda m: m.eval(), r"modules\.<root>\.training changed from True to False"),
     (lambda m: m[0].weight.requires_grad_(False), r"modules\.0\.requires_grad\.weight changed from True to False"),
