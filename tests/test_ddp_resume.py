@@ -291,7 +291,7 @@ def _bn_state() -> loopkit.TrainState:
     return loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1), seed=0)
 
 
-def _validated_with_rank_zeros_buffers(rank: int) -> dict:
+def _bn_validations(rank: int, every: int = 1) -> dict:
     train, val_set = _bn_val_data()
 
     class Kept(loopkit.Callback):  # each validation's model (its buffers this rank's own, as the state holds them)
@@ -303,17 +303,18 @@ def _validated_with_rank_zeros_buffers(rank: int) -> dict:
 
     def fit(validate: bool):
         state, kept = _bn_state(), Kept()
-        step = loopkit.with_ddp(loopkit.train_step(_mse))
-        validation = (loopkit.eval_step(lambda m, b: {"loss": _mse(m, b)}),
-                      distributed.shard(val_set, state, batch_size=2, pad=False)) if validate else None
+        step = loopkit.with_ddp(loopkit.with_grad_accum(loopkit.train_step(_mse), every=every))
+        validation = (loopkit.eval_step(lambda m, b: {"loss": _mse(m, b)}), val_shard) if validate else None
         state, history = loopkit.run_epochs(step, state, distributed.shard(train, state, batch_size=4), epochs=2,
                                             val=validation, callbacks=[kept], progress=False)
         buffers = {n: b.clone() for n, b in state.model.named_buffers()}
         return history, kept.models, buffers
 
+    val_shard = distributed.shard(val_set, _bn_state(), batch_size=2, pad=False, shuffle=False)
     history, models, buffers = fit(True)
     _, _, unvalidated = fit(False)
-    return {"history": history, "models": models, "buffers": buffers, "unvalidated": unvalidated}
+    return {"history": history, "models": models, "buffers": buffers, "unvalidated": unvalidated,
+            "val_shard": list(val_shard)}
 
 
 @pytest.mark.slow
@@ -321,7 +322,7 @@ def test_a_validation_under_broadcast_buffers_reads_rank_zeros_batchnorm_statist
     """Each rank validated its shard with its own BatchNorm running statistics: val/loss (and EarlyStopping, a
     monitor) was a blend of rank 0's and rank 1's, no model's; Lightning's validation through the DDP wrapper, whose
     forward broadcasts rank 0's first, reads rank 0's on every rank. The state's buffers stay each rank's own."""
-    ranks = _spawn(tmp_path, _validated_with_rank_zeros_buffers)
+    ranks = _spawn(tmp_path, _bn_validations)
     assert ranks[0]["history"] == ranks[1]["history"]
     assert ranks[0]["buffers"]["1.running_mean"].ne(ranks[1]["buffers"]["1.running_mean"]).any()  # (apart)
     _, val = _bn_val_data()
@@ -332,6 +333,31 @@ def test_a_validation_under_broadcast_buffers_reads_rank_zeros_batchnorm_statist
         reference = loopkit.evaluate(metric, loopkit.TrainState.create(model), [val.tensors])["loss"]
         assert record["val/loss"] == pytest.approx(reference, rel=1e-6, abs=0)
     for r in ranks:  # (the validation put each rank's own back: the same as a fit that never validated)
+        for name, b in r["unvalidated"].items():
+            assert torch.equal(r["buffers"][name], b), name
+
+
+@pytest.mark.slow
+def test_a_validation_after_a_flushed_partial_group_reads_each_ranks_own_batchnorm_statistics(tmp_path):
+    """The epoch's last, partial group ran under no_sync, after which DDP broadcasts no buffers before its next
+    forward (Lightning's validation through the wrapper reads each rank's own then): so does run_epochs'. The val
+    means are each rank's model on its own shard, summed over the ranks; without with_grad_accum, rank 0's."""
+    ranks = _spawn(tmp_path, _bn_validations, 2)  # 3 batches a rank: groups of 2, then 1 flushed
+    assert ranks[0]["history"] == ranks[1]["history"]
+    assert ranks[0]["buffers"]["1.running_mean"].ne(ranks[1]["buffers"]["1.running_mean"]).any()
+    for k, record in enumerate(ranks[0]["history"]):
+        total, count = 0.0, 0
+        for r in ranks:
+            model = _bn_state().model
+            model.load_state_dict(r["models"][k])
+            model.eval()
+            with torch.no_grad():
+                for x, y in r["val_shard"]:
+                    total += float(((model(x) - y) ** 2).mean()) * len(x)
+                    count += len(x)
+        assert count == 8
+        assert record["val/loss"] == pytest.approx(total / count, rel=1e-6, abs=0)
+    for r in ranks:
         for name, b in r["unvalidated"].items():
             assert torch.equal(r["buffers"][name], b), name
 
