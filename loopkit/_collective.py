@@ -13,17 +13,18 @@ how many values each rank contributed. :func:`is_rank_zero` says which process w
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 
 __all__ = [
-    "active", "agree_max", "any_rank", "check_same", "differs_from_rank_zero", "failure", "fold", "from_rank_zero",
-    "gather", "is_rank_zero", "max_over_ranks", "mean_over_ranks", "means", "rank_and_size", "read", "ready",
-    "sum_dtype",
+    "active", "agree_max", "any_rank", "broadcast_from_rank_zero", "check_same", "differs_from_rank_zero", "failure", "fold", "from_rank_zero",
+    "gather", "is_rank_zero", "max_over_ranks", "mean_over_ranks", "means", "rank_and_size", "rank_zero_values",
+    "read", "ready", "sum_dtype",
 ]
 
 
@@ -308,6 +309,66 @@ def failure(transform: str, collective: str, error: BaseException, where: str = 
         f"{transform}: {collective} failed on rank {rank} of {size}{where}: another rank has probably died or "
         f"stopped (see its log), or the process group's timeout ran out. The error was: {error}"
     )
+
+
+def broadcast_from_rank_zero(
+    tensors: Iterable[torch.Tensor], failed: Callable[[str, BaseException], RuntimeError], what: str,
+    group: Any = None,
+) -> None:
+    """Copy rank 0's ``tensors`` (buffers: the same names, shapes and dtypes on every rank) into every rank's, in
+    place: one broadcast per device and dtype, on device tensors (no host read); a failed broadcast raises
+    ``failed(what, error)``. A collective every rank must call at the same point (of ``group``, from its rank 0;
+    the default group when None).
+
+    >>> import torch.distributed as dist
+    >>> dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    >>> mean = torch.ones(2)
+    >>> broadcast_from_rank_zero([mean], lambda what, e: RuntimeError(what), "the broadcast")
+    >>> mean
+    tensor([1., 1.])
+    >>> dist.destroy_process_group()
+    """
+    source = 0 if group is None else torch.distributed.get_global_rank(group, 0)
+    by_kind: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    for tensor in tensors:
+        by_kind.setdefault((tensor.device, tensor.dtype), []).append(tensor)
+    with torch.no_grad():
+        for members in by_kind.values():
+            flat = torch.cat([t.reshape(-1) for t in members]) if len(members) > 1 else members[0].reshape(-1).clone()
+            try:
+                torch.distributed.broadcast(flat, src=source, group=group)
+            except RuntimeError as e:
+                raise failed(what, e) from e
+            for t, part in zip(members, flat.split([t.numel() for t in members])):
+                t.copy_(part.view(t.shape))
+
+
+@contextlib.contextmanager
+def rank_zero_values(
+    tensors: Iterable[torch.Tensor], failed: Callable[[str, BaseException], RuntimeError], what: str,
+    group: Any = None,
+) -> Iterator[None]:
+    """Inside, ``tensors`` hold rank 0's values on every rank (:func:`broadcast_from_rank_zero`); on exit, even
+    after an error, each rank's own are copied back in place (a copy of them is kept meanwhile).
+
+    >>> import torch.distributed as dist
+    >>> dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    >>> mean = torch.ones(2)
+    >>> with rank_zero_values([mean], lambda what, e: RuntimeError(what), "the broadcast"):
+    ...     _ = mean.add_(1)
+    >>> mean
+    tensor([1., 1.])
+    >>> dist.destroy_process_group()
+    """
+    tensors = list(tensors)
+    own = [t.detach().clone() for t in tensors]
+    try:
+        broadcast_from_rank_zero(tensors, failed, what, group)
+        yield
+    finally:
+        with torch.no_grad():
+            for t, value in zip(tensors, own):
+                t.copy_(value)
 
 
 def agree_max(flags: torch.Tensor, failed: Callable[[str, BaseException], RuntimeError]) -> torch.Tensor:

@@ -520,7 +520,9 @@ def evaluate(
     evaluates its own ``data`` (e.g. ``loopkit.distributed.shard(val_set, pad=False)``) and
     the sums and sample counts of all ranks are added in one collective, so every rank
     returns the same means, each sample counted once: every rank must call ``evaluate``
-    then. ``reduce=False`` returns this rank's own means (for an evaluation on one rank only).
+    then. ``reduce=False`` returns this rank's own means (for an evaluation on one rank only). Each rank's model
+    keeps its own buffers (BatchNorm's statistics); ``with train_step.validating(state): evaluate(...)`` evaluates
+    with those ``run_epochs`` validates with (under ``with_ddp``: rank 0's).
     ``device`` places the batches (``"auto"``: the accelerator torch finds, else the CPU); the model must be there
     already (a model on another device is refused: ``evaluate`` leaves the state as it is, so it moves nothing).
 
@@ -2037,19 +2039,22 @@ def run_epochs(
         next one): a factory's set is the data it makes for that epoch."""
         metrics: dict[str, float] = {}
         epoch = current.epoch if epoch is None else epoch
-        for name, data in val_sets.at(epoch, current.seed):  # type: ignore[union-attr]
-            limit = limit_val_batches
-            if sanity:
-                limited = _num_batches(data, limit_val_batches, "limit_val_batches", shard=True)
-                if sanity_val_batches != -1:  # (-1: all of them, as Lightning's num_sanity_val_steps=-1)
-                    limit = sanity_val_batches if limited is None else min(sanity_val_batches, limited)
-            described = "Sanity Checking" if sanity else "Validation"
-            means, read = _evaluate(val_step, current, data, limit, device, True, seeded=True, size_warning=size_warning,
-                                    bar=(described if name is None else f"{described} {name}") if show else None)
-            if not read and not means:  # (under DDP a rank's empty shard is fine: the others' batches give the means)
-                warnings.warn(f"run_epochs: a validation read no batch: {val_sets.described(name, epoch)} yielded none "
-                              "(an empty stream, or an iterator used up)", RuntimeWarning, stacklevel=3)
-            metrics.update({f"val/{_named(k, name)}": v for k, v in means.items()})
+        sets = val_sets.at(epoch, current.seed)  # type: ignore[union-attr]
+        with step.validating(current):  # (under with_ddp: rank 0's buffers, as DDP's next forward, then its own back)
+            for name, data in sets:
+                limit = limit_val_batches
+                if sanity:
+                    limited = _num_batches(data, limit_val_batches, "limit_val_batches", shard=True)
+                    if sanity_val_batches != -1:  # (-1: all of them, as Lightning's num_sanity_val_steps=-1)
+                        limit = sanity_val_batches if limited is None else min(sanity_val_batches, limited)
+                described = "Sanity Checking" if sanity else "Validation"
+                means, read = _evaluate(val_step, current, data, limit, device, True, seeded=True,
+                                        size_warning=size_warning,
+                                        bar=(described if name is None else f"{described} {name}") if show else None)
+                if not read and not means:  # (under DDP a rank's empty shard is fine: the others' give the means)
+                    warnings.warn(f"run_epochs: a validation read no batch: {val_sets.described(name, epoch)} yielded "
+                                  "none (an empty stream, or an iterator used up)", RuntimeWarning, stacklevel=3)
+                metrics.update({f"val/{_named(k, name)}": v for k, v in means.items()})
         return metrics
 
     def validation_end(

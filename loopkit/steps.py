@@ -18,6 +18,7 @@ step as a :class:`WrapperStep`.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import numbers
@@ -182,6 +183,20 @@ class Step:
         True
         """
         return state
+
+    def validating(self, state: TrainState) -> contextlib.AbstractContextManager[None]:
+        """The context to evaluate ``state`` in as this step's training sees its model (``run_epochs`` runs its
+        validations in it): nothing for most steps; under ``with_ddp`` (``broadcast_buffers``, its default) every
+        rank's model holds rank 0's buffers inside, the BatchNorm statistics DDP's next forward would broadcast, as
+        Lightning validates through the DDP wrapper, and its own again after. Under ``torch.distributed`` every rank
+        must enter it at the same point.
+
+        >>> import torch
+        >>> from loopkit.state import TrainState
+        >>> with train_step(lambda m, b: m(b).sum()).validating(TrainState.create(torch.nn.Linear(1, 1))):
+        ...     pass
+        """
+        return contextlib.nullcontext()
 
     def notify(self, event: str, state: TrainState, metrics: Mapping[str, float]) -> None:
         """Tell the step about a driver event; whole-step transforms (logging, checkpoints) act on it.
@@ -441,6 +456,9 @@ class WrapperStep(Step):
 
     def prepare(self, state: TrainState) -> TrainState:
         return self.inner.prepare(state)
+
+    def validating(self, state: TrainState) -> contextlib.AbstractContextManager[None]:
+        return self.inner.validating(state)
 
     def notify(self, event: str, state: TrainState, metrics: Mapping[str, float]) -> None:
         try:
@@ -808,7 +826,8 @@ class TrainStep(Step):
     error, where)`` makes the error of a failed collective (``backward_collective`` names the
     backward's), ``refuses`` maps the transforms that cannot go with it to why, and
     ``before_forward(model)`` runs before the forward of a call that starts a group (``with_fsdp``
-    broadcasts rank 0's buffers there).
+    broadcasts rank 0's buffers there); ``validating(model, extras)``, where the hook has it, is the context of
+    :meth:`validating` (``with_ddp``: rank 0's buffers inside, each rank's own after).
 
     >>> import torch
     >>> from loopkit.state import TrainState
@@ -924,6 +943,11 @@ class TrainStep(Step):
     @property
     def requires_donation(self) -> str | None:  # type: ignore[override]
         return None if self.sync is None else self.sync.requires_donation
+
+    def validating(self, state: TrainState) -> contextlib.AbstractContextManager[None]:
+        """See :meth:`Step.validating`: the data-parallel hook's (``sync.validating(model, extras)``), if it has one."""
+        hook = getattr(self.sync, "validating", None)
+        return contextlib.nullcontext() if hook is None else hook(state.model, state.extras)
 
     def with_transform(self, name: str, **changes: Any) -> TrainStep:
         """A copy with ``changes`` applied and ``name`` recorded (used by the ``with_*`` transforms)."""

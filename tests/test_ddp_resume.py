@@ -203,9 +203,10 @@ def _batchnorm_validated(rank: int, directory: str) -> dict:
 
 
 @pytest.mark.slow
-def test_the_validation_a_resumed_run_owes_reads_each_ranks_own_batchnorm_statistics(tmp_path):
+def test_the_validation_a_resumed_run_owes_reads_the_uninterrupted_runs_batchnorm_statistics(tmp_path):
     """The checkpoint held rank 0's buffers alone: rank 1 validated with rank 0's running statistics before
-    the next training forward broadcast them anyway (its val means, and so every rank's, differed)."""
+    the next training forward broadcast them anyway (its val means, and so every rank's, differed; validations
+    now read rank 0's, broadcast, and the resumed run's equal the uninterrupted run's still)."""
     ranks = _spawn(tmp_path, _batchnorm_validated, str(tmp_path / "ckpt"))
     for r in ranks:
         assert [step for step, _ in r["whole"]] == [2, 4]
@@ -272,6 +273,93 @@ def test_a_resume_after_a_flushed_partial_group_keeps_each_ranks_batchnorm_stati
             assert torch.equal(resumed["buffers"][name], b), (r["rank"], name)
     for r in ranks:  # (a mean over the ranks)
         assert r["resumed"]["val"] == r["whole"]["val"]
+
+
+# --- validation with rank 0's buffers ----------------------------------------------------------
+
+
+def _bn_val_data():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(30, 3, generator=gen)
+    y = x.sum(1, keepdim=True) + 0.1 * torch.randn(30, 1, generator=gen)
+    return torch.utils.data.TensorDataset(x[:22], y[:22]), torch.utils.data.TensorDataset(x[22:], y[22:])
+
+
+def _bn_state() -> loopkit.TrainState:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 1))
+    return loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1), seed=0)
+
+
+def _bn_validations(rank: int, every: int = 1) -> dict:
+    train, val_set = _bn_val_data()
+
+    class Kept(loopkit.Callback):  # each validation's model (its buffers this rank's own, as the state holds them)
+        def __init__(self):
+            self.models = []
+
+        def on_validation_end(self, state, metrics):
+            self.models.append({k: v.clone() for k, v in state.model.state_dict().items()})
+
+    def fit(validate: bool):
+        state, kept = _bn_state(), Kept()
+        step = loopkit.with_ddp(loopkit.with_grad_accum(loopkit.train_step(_mse), every=every))
+        validation = (loopkit.eval_step(lambda m, b: {"loss": _mse(m, b)}), val_shard) if validate else None
+        state, history = loopkit.run_epochs(step, state, distributed.shard(train, state, batch_size=4), epochs=2,
+                                            val=validation, callbacks=[kept], progress=False)
+        buffers = {n: b.clone() for n, b in state.model.named_buffers()}
+        return history, kept.models, buffers
+
+    val_shard = distributed.shard(val_set, _bn_state(), batch_size=2, pad=False, shuffle=False)
+    history, models, buffers = fit(True)
+    _, _, unvalidated = fit(False)
+    return {"history": history, "models": models, "buffers": buffers, "unvalidated": unvalidated,
+            "val_shard": list(val_shard)}
+
+
+@pytest.mark.slow
+def test_a_validation_under_broadcast_buffers_reads_rank_zeros_batchnorm_statistics(tmp_path):
+    """Each rank validated its shard with its own BatchNorm running statistics: val/loss (and EarlyStopping, a
+    monitor) was a blend of rank 0's and rank 1's, no model's; Lightning's validation through the DDP wrapper, whose
+    forward broadcasts rank 0's first, reads rank 0's on every rank. The state's buffers stay each rank's own."""
+    ranks = _spawn(tmp_path, _bn_validations)
+    assert ranks[0]["history"] == ranks[1]["history"]
+    assert ranks[0]["buffers"]["1.running_mean"].ne(ranks[1]["buffers"]["1.running_mean"]).any()  # (apart)
+    _, val = _bn_val_data()
+    metric = loopkit.eval_step(lambda m, b: {"loss": _mse(m, b)})
+    for record, weights in zip(ranks[0]["history"], ranks[0]["models"], strict=True):
+        model = _bn_state().model
+        model.load_state_dict(weights)
+        reference = loopkit.evaluate(metric, loopkit.TrainState.create(model), [val.tensors])["loss"]
+        assert record["val/loss"] == pytest.approx(reference, rel=1e-6, abs=0)
+    for r in ranks:  # (the validation put each rank's own back: the same as a fit that never validated)
+        for name, b in r["unvalidated"].items():
+            assert torch.equal(r["buffers"][name], b), name
+
+
+@pytest.mark.slow
+def test_a_validation_after_a_flushed_partial_group_reads_each_ranks_own_batchnorm_statistics(tmp_path):
+    """The epoch's last, partial group ran under no_sync, after which DDP broadcasts no buffers before its next
+    forward (Lightning's validation through the wrapper reads each rank's own then): so does run_epochs'. The val
+    means are each rank's model on its own shard, summed over the ranks; without with_grad_accum, rank 0's."""
+    ranks = _spawn(tmp_path, _bn_validations, 2)  # 3 batches a rank: groups of 2, then 1 flushed
+    assert ranks[0]["history"] == ranks[1]["history"]
+    assert ranks[0]["buffers"]["1.running_mean"].ne(ranks[1]["buffers"]["1.running_mean"]).any()
+    for k, record in enumerate(ranks[0]["history"]):
+        total, count = 0.0, 0
+        for r in ranks:
+            model = _bn_state().model
+            model.load_state_dict(r["models"][k])
+            model.eval()
+            with torch.no_grad():
+                for x, y in r["val_shard"]:
+                    total += float(((model(x) - y) ** 2).mean()) * len(x)
+                    count += len(x)
+        assert count == 8
+        assert record["val/loss"] == pytest.approx(total / count, rel=1e-6, abs=0)
+    for r in ranks:
+        for name, b in r["unvalidated"].items():
+            assert torch.equal(r["buffers"][name], b), name
 
 
 # --- misuses named on every rank ---------------------------------------------------------------

@@ -225,6 +225,24 @@ class DDPSync:
         >>> DDPSync({}).before_forward(torch.nn.BatchNorm1d(2))
         """
 
+    def validating(self, model: torch.nn.Module, extras: Mapping[str, Any]) -> contextlib.AbstractContextManager[None]:
+        """The context of an evaluation of ``model`` (``run_epochs``' validations): inside, the model holds the buffers
+        the wrapper's next forward would see, as Lightning's validation through the wrapper sees them, rank 0's
+        (BatchNorm's running statistics, broadcast) unless ``broadcast_buffers`` is off or the last forward ran under
+        ``no_sync`` (``extras``: :data:`UNSYNCED_FORWARD`); on exit each rank's own are put back, so the state's
+        buffers (and a resumed run) are as they were. One broadcast per dtype and device of the buffers, and a copy
+        of this rank's; nothing for a model without buffers. Every rank must enter it at the same point.
+
+        >>> with DDPSync({"broadcast_buffers": False}).validating(torch.nn.BatchNorm1d(2), {}):
+        ...     pass
+        """
+        ignored = set(getattr(model, "_ddp_params_and_buffers_to_ignore", ()))  # (DDP's own opt-out: not broadcast)
+        buffers = [b for name, b in model.named_buffers() if name not in ignored]
+        if not buffers or not _buffer_syncs(self.options)["broadcast_buffers"] or extras.get(UNSYNCED_FORWARD):
+            return contextlib.nullcontext()
+        what = "the broadcast of rank 0's buffers before a validation"
+        return _collective.rank_zero_values(buffers, self.failure, what, self.options.get("process_group"))
+
     def no_sync(self, module: DistributedDataParallel) -> Any:
         """The context of a micro-step whose gradients stay on this rank (no all-reduce).
 
@@ -381,6 +399,10 @@ def with_ddp(
       (not None) after the flush, so one of them that no rank uses in the next group updates
       with a zero gradient there (no change under plain SGD; momentum, weight decay or Adam's
       moments move it, where one process would skip it).
+    - ``run_epochs``' validations (:meth:`loopkit.steps.Step.validating`): with ``broadcast_buffers`` on (the
+      default) every rank validates with rank 0's buffers (BatchNorm's running statistics), those the wrapper's next
+      forward would broadcast, as Lightning validates through the wrapper (each rank's own after a forward under
+      ``no_sync``, as there); the state keeps each rank's own, put back after the validation.
     - ``with_grad_clip``, ``with_nan_guard``, float16 ``with_amp`` act on the averaged
       gradients, and their skip flag is all-reduced (MAX) before it is read: every rank skips
       the same updates, and with ``policy="raise"`` every rank raises.

@@ -177,18 +177,22 @@ class FSDPSync:
         """
         if not self.broadcast_buffers or not _collective.ready() or torch.distributed.get_world_size() == 1:
             return
-        by_kind: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
-        for buffer in model.buffers():
-            by_kind.setdefault((buffer.device, buffer.dtype), []).append(buffer)
-        with torch.no_grad():
-            for members in by_kind.values():
-                flat = torch.cat([b.reshape(-1) for b in members]) if len(members) > 1 else members[0].reshape(-1).clone()
-                try:
-                    torch.distributed.broadcast(flat, src=0)
-                except RuntimeError as e:
-                    raise self.failure("the broadcast of rank 0's buffers before the forward", e) from e
-                for b, part in zip(members, flat.split([b.numel() for b in members])):
-                    b.copy_(part.view(b.shape))
+        what = "the broadcast of rank 0's buffers before the forward"
+        _collective.broadcast_from_rank_zero(model.buffers(), self.failure, what)
+
+    def validating(self, model: nn.Module, extras: Mapping[str, Any]) -> contextlib.AbstractContextManager[None]:
+        """The context of an evaluation of ``model`` (``run_epochs``' validations, which come between accumulation
+        groups): inside, every rank's model holds rank 0's buffers, as the next group's forward would
+        (:meth:`before_forward`; ``with_ddp`` validates so too), and each rank's own again on exit; nothing with
+        ``broadcast_buffers=False``, in one process, or for a model without buffers (``extras`` is not used).
+
+        >>> with FSDPSync(()).validating(torch.nn.BatchNorm1d(2), {}):  # (no process group: one process)
+        ...     pass
+        """
+        buffers = list(model.buffers())
+        if not buffers or not self.broadcast_buffers or not _collective.ready() or torch.distributed.get_world_size() == 1:
+            return contextlib.nullcontext()
+        return _collective.rank_zero_values(buffers, self.failure, "the broadcast of rank 0's buffers before a validation")
 
     def no_sync(self, module: nn.Module) -> contextlib.AbstractContextManager[None]:
         """The context of a micro-step whose gradients stay on this rank, unsharded (no reduce-scatter):

@@ -184,7 +184,8 @@ def test_bfloat16_autocast_trains_close_to_float32(ranks):
 def test_buffers_are_rank_zeros_before_each_group_as_under_ddp(ranks):
     """BatchNorm's running statistics: every rank's forward that starts a group starts from rank 0's buffers (the
     ranks' data differ, so without the broadcast rank 1's drift away), and each rank ends with what with_ddp (its
-    broadcast_buffers=True) leaves on it; validation reads them: its means equal DDP's."""
+    broadcast_buffers=True) leaves on it; validation reads rank 0's, as DDP's: its means equal DDP's (each rank's
+    own were read, where with_ddp reads rank 0's, as Lightning's validation through the DDP wrapper)."""
     bn, ddp, off = ranks("bn"), ranks("bn_ddp"), ranks("bn_nobroadcast")
     assert_ranks_identical(bn)
     assert len(bn[0]["seen"]) == 8
