@@ -94,24 +94,28 @@ def rank_and_size() -> tuple[int, int]:
     return 0, 1
 
 
-def gather(value: object, *, to_rank_zero: bool = False) -> list[object] | None:
+def gather(value: object, *, who: str, what: str, to_rank_zero: bool = False) -> list[object] | None:
     """Every rank's ``value`` (picklable; CPU tensors), in rank order, on every rank (or on rank 0 alone,
     None elsewhere, with ``to_rank_zero``): a collective every rank must call at the same point;
-    ``[value]`` outside a process group.
+    ``[value]`` outside a process group. A failed gather (another rank died) raises :func:`failure`'s
+    error, naming ``who`` calls it, ``what`` it gathers and this rank.
 
-    >>> gather({"n": 1})
+    >>> gather({"n": 1}, who="run_epochs", what="the gather of every rank's count")
     [{'n': 1}]
     """
     if not active():
         return [value]
     dist = torch.distributed
     gathered: list[object] = [None] * dist.get_world_size()
-    if not to_rank_zero:
-        dist.all_gather_object(gathered, value)
-        return gathered
     rank_zero = dist.get_rank() == 0
-    dist.gather_object(value, gathered if rank_zero else None, dst=0)
-    return gathered if rank_zero else None
+    try:
+        if not to_rank_zero:
+            dist.all_gather_object(gathered, value)
+        else:
+            dist.gather_object(value, gathered if rank_zero else None, dst=0)
+    except RuntimeError as error:  # (gloo's "Connection reset by peer", its send timeout: the raw message)
+        raise failure(who, what, error) from error
+    return gathered if rank_zero or not to_rank_zero else None
 
 
 def sum_dtype(values: torch.Tensor) -> torch.dtype:
@@ -212,16 +216,17 @@ def from_rank_zero(value: int) -> int:
     return int(told.item())
 
 
-def check_same(values: Mapping[str, object], what: str) -> None:
+def check_same(values: Mapping[str, object], what: str, who: str = "run_epochs") -> None:
     """Raise ``RuntimeError`` naming the first rank whose ``values`` differ from rank 0's, and the values that
     differ (all of them where the ranks have other keys): a collective every rank must call at the same point;
-    nothing outside a process group.
+    nothing outside a process group. A failed gather raises :func:`failure`'s error naming ``who``.
 
     >>> check_same({"step": 3}, "run_epochs")
     """
     if not active():
         return
-    gathered: list[dict[str, object]] = gather(dict(values))  # type: ignore[assignment]
+    gathered: list[dict[str, object]] = gather(  # type: ignore[assignment]
+        dict(values), who=who, what="the gather that checks every rank agrees with rank 0")
     for rank, other in enumerate(gathered):
         if other != gathered[0]:
             raise RuntimeError(f"{what}: rank {rank} has {_unlike(other, gathered[0])}, "

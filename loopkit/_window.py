@@ -101,7 +101,8 @@ OVER_RANKS = "windows/over_ranks"
 
 
 def over_ranks(
-    extras: Mapping[str, Any], rng: Mapping[str, torch.Tensor] | None = None, model: torch.nn.Module | None = None
+    extras: Mapping[str, Any], rng: Mapping[str, torch.Tensor] | None = None, model: torch.nn.Module | None = None,
+    *, who: str = "a checkpoint's save",
 ) -> Mapping[str, Any]:
     """``extras`` for a checkpoint, with every other rank's windows, RNG (``state.rng``) and ``model``'s
     persistent buffers as they are under DDP (a collective every rank must call at the same point). Only
@@ -112,6 +113,7 @@ def over_ranks(
     :func:`own_buffers` give each rank its own back on restore, so the resumed run is the uninterrupted
     one, bit for bit. In one process the windows are marked as one rank's, so that a run resumed on
     several ranks takes their records once (rank 0 takes them, weighed as its updates are, the others start empty).
+    A failed gather (another rank died) raises :func:`loopkit._collective.failure`'s error naming ``who`` saves.
 
     >>> import torch
     >>> extras = EPOCH.add({}, {"loss": torch.tensor(2.0)})
@@ -139,7 +141,8 @@ def over_ranks(
             mine[_RNG] = dict(rng)
         if model is not None:
             mine[_BUFFERS] = {name: b.detach().cpu() for name, b in persistent_buffers(model)}
-    gathered = _collective.gather(mine, to_rank_zero=True)
+    gathered = _collective.gather(mine, who=who, what="the save's gather of every rank's running means, RNG and buffers",
+                                  to_rank_zero=True)
     if gathered is None:  # not rank 0, which alone writes checkpoints
         return extras
     new = extras_copy(extras)

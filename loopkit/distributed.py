@@ -566,7 +566,8 @@ def _agreed_seed(seed: int, users: DistributedSampler | None, pad: bool) -> int:
     drop_last; one rank with one, another without): their shards would not split one order."""
     problem = None if users is None else _users_sampler_problem(users, pad)
     described = None if users is None else (users.seed, users.shuffle, users.drop_last)
-    seen = _collective.gather((seed, described, problem))
+    seen = _collective.gather((seed, described, problem), who="loopkit.distributed.shard",
+                              what="the gather of every rank's seed and DistributedSampler")
     for _, _, other in seen:  # type: ignore[union-attr,misc]
         if other is not None:
             raise ValueError(f"loopkit.distributed.shard: {other}")

@@ -623,7 +623,7 @@ def _refuse_uneven_under_fsdp(state: TrainState, count: int | None, where: str) 
     calls, under a process group with a sharded model only; data without a length is not checked)."""
     if not _collective.active() or not fsdp_modules(list(core_module(state.model).modules())):
         return
-    counts = _collective.gather(count)
+    counts = _collective.gather(count, who=where, what="the gather of every rank's number of batches")
     if None not in counts and len(set(counts)) > 1:  # type: ignore[operator, arg-type]
         raise ValueError(
             f"{where}: under with_fsdp every rank must read as many batches (each forward gathers the parameters from "
@@ -1588,7 +1588,8 @@ class _Hooks:
         stops as this one did. A callback is matched on other ranks by its ``state_key`` (else its class); a
         collective, made on every rank at the same check (:meth:`_vote` says when), once for each new ask."""
         asked = [(_stop_key(cb), getattr(cb, "stop_record", lambda: None)()) for cb in self._unshared()]
-        told = {key: record for found in _collective.gather(asked) for key, record in found}  # type: ignore[union-attr]
+        gathered = _collective.gather(asked, who="run_epochs", what="the gather of every rank's callbacks' stops (should_stop)")
+        told = {key: record for found in gathered for key, record in found}  # type: ignore[union-attr]
         self.shared.update(told)
         for cb in self.callbacks:
             key = _stop_key(cb)
@@ -1726,7 +1727,7 @@ def _warn_of_the_same_batch(batch: Any, transform: str) -> None:
     found = list(tensors(batch))
     fingerprint = [(tuple(t.shape), float(t.detach().double().sum()), float(t.detach().double().abs().sum()))
                    for t in found]  # (a host read once a fit)
-    seen = _collective.gather(fingerprint)
+    seen = _collective.gather(fingerprint, who="run_epochs", what="the gather of every rank's first batch (whether they differ)")
     if found and all(other == seen[0] for other in seen):
         warnings.warn(
             f"run_epochs: every rank got the same first batch under {transform}, so each epoch trains on one rank's share "
