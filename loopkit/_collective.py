@@ -7,7 +7,7 @@ every rank in one collective first, so that every rank reads the same means, wei
 how many values each rank contributed. :func:`is_rank_zero` says which process writes.
 
 >>> import torch
->>> means({"loss": torch.tensor(3.0)}, {"loss": 2})
+>>> means({"loss": torch.tensor(3.0)}, {"loss": 2}, who="evaluate")
 {'loss': 1.5}
 """
 
@@ -250,33 +250,43 @@ def _reduce_device(sums: Mapping[str, torch.Tensor]) -> torch.device:
     return torch.device("cpu")
 
 
-def means(sums: Mapping[str, torch.Tensor], counts: Mapping[str, float], *, reduce: bool = True) -> dict[str, float]:
+def means(
+    sums: Mapping[str, torch.Tensor], counts: Mapping[str, float], *, who: str, advice: str = "", reduce: bool = True
+) -> dict[str, float]:
     """``sums[k] / counts[k]`` for each key, over all ranks when a process group is active (and ``reduce``).
 
     Under a process group every rank must call this at the same point (it is a collective).
     The keys of all ranks are joined first, so a rank that saw no value of a metric (or no
-    batch at all) still takes part; the sums and counts then travel in one all-reduce.
+    batch at all) still takes part; the sums and counts then travel in one all-reduce. Where that
+    fails (a rank never came, or died) the error names ``who`` asks for the means, this rank and
+    ``advice`` (how to call ``who`` on every rank).
+
+    >>> means({"loss": torch.tensor(3.0)}, {"loss": 2}, who="evaluate")
+    {'loss': 1.5}
     """
     if not (reduce and active()):
         return {k: total / counts[k] for k, total in read(sums).items()}
-    keys, packed = _summed_over_ranks(sums, counts)
+    keys, packed = _summed_over_ranks(sums, counts, who, advice)
     values = packed.tolist()
     n = len(keys)
     return {k: values[i] / values[n + i] for i, k in enumerate(keys) if values[n + i] > 0}
 
 
-def _summed_over_ranks(sums: Mapping[str, torch.Tensor], counts: Mapping[str, float]) -> tuple[list[str], torch.Tensor]:
+def _summed_over_ranks(
+    sums: Mapping[str, torch.Tensor], counts: Mapping[str, float], who: str, advice: str
+) -> tuple[list[str], torch.Tensor]:
     """The keys of all ranks, and one float64 tensor of their sums then their counts, all-reduced (one
-    all-gather of the keys, one all-reduce: a rank that saw no value of a metric still takes part)."""
+    all-gather of the keys, one all-reduce: a rank that saw no value of a metric still takes part); a failed
+    all-gather raises an error naming ``who`` and giving ``advice`` (see :func:`means`)."""
     dist = torch.distributed
     gathered: list[list[str] | None] = [None] * dist.get_world_size()
     try:
         dist.all_gather_object(gathered, list(sums))
     except RuntimeError as e:  # (the first collective of the means: where a rank that never came is found out)
         raise RuntimeError(
-            f"loopkit: the means over {dist.get_world_size()} ranks could not be reduced on rank {dist.get_rank()}: "
-            "every rank must reach them at the same point (call evaluate on every rank, or evaluate(..., "
-            f"reduce=False) for one rank's own means), or another rank has died or stopped. The error was: {e}"
+            f"{who}: the means over {dist.get_world_size()} ranks could not be reduced on rank {dist.get_rank()}: "
+            f"every rank must reach them at the same point{advice}, or another rank has died or stopped. "
+            f"The error was: {e}"
         ) from e
     keys: list[str] = []
     for rank_keys in gathered:

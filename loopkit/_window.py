@@ -6,7 +6,7 @@ no host sync), every ``fold_every`` records are summed on the device into one fl
 metric, and the means are read in one transfer when asked for.
 
 >>> import torch
->>> w = Window("demo/sums", "demo/counts", "demo/pending")
+>>> w = Window("demo/sums", "demo/counts", "demo/pending", "demo")
 >>> extras = w.add({}, {"loss": torch.tensor(1.0)})
 >>> w.means(w.add(extras, {"loss": torch.tensor(3.0)}))
 {'loss': 2.0}
@@ -32,11 +32,14 @@ Metrics = Mapping[str, Any]
 
 @attrs.frozen
 class Window:
-    """The extras keys of one window of running means, and how often it folds."""
+    """The extras keys of one window of running means, how often it folds, and ``owner``, the transform or
+    driver that keeps it (named where its means over the ranks fail), with ``advice`` on calling it on every rank."""
 
     sums: str
     counts: str
     pending: str
+    owner: str
+    advice: str = ""
     fold_every: int = 32
 
     @property
@@ -81,7 +84,7 @@ class Window:
     def means(self, extras: Mapping[str, Any], *, reduce: bool = True) -> dict[str, float]:
         """Each metric's mean over the window, read in one transfer (over all ranks when ``reduce``)."""
         sums, counts = self._fold(extras, self.records(extras))
-        return _collective.means(sums, counts, reduce=reduce)
+        return _collective.means(sums, counts, who=self.owner, advice=self.advice, reduce=reduce)
 
     def _fold(self, extras: Mapping[str, Any], pending: tuple[Metrics, ...]) -> tuple[dict[str, Any], dict[str, int]]:
         return _collective.fold(extras.get(self.sums, {}), extras.get(self.counts, {}), pending)
@@ -89,10 +92,11 @@ class Window:
 
 #: ``run_epochs``' epoch means, kept in ``state.extras`` while an epoch runs: a checkpoint taken
 #: mid-epoch carries them, so a resumed run's epoch means are the uninterrupted run's
-EPOCH = Window("run_epochs/epoch_sums", "run_epochs/epoch_counts", "run_epochs/epoch", fold_every=32)
+EPOCH = Window("run_epochs/epoch_sums", "run_epochs/epoch_counts", "run_epochs/epoch", "run_epochs", fold_every=32)
 
 #: ``with_logging``'s window of the calls since its last log
-LOGGED = Window("logging/window", "logging/counts", "logging/pending", fold_every=32)
+LOGGED = Window("logging/window", "logging/counts", "logging/pending", "with_logging",
+                " (call the step with_logging wraps on every rank, as many times)", fold_every=32)
 
 #: an extras key of a checkpoint written under DDP: the windows of the ranks other than 0 (rank 0's are
 #: its own), ``{"world_size": n, "ranks": {"1": {window key: value}, ...}}``; in the earlier form, ``True``:

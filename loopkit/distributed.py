@@ -338,7 +338,8 @@ def mean_over_ranks(metrics: Mapping[str, torch.Tensor]) -> dict[str, float]:
     >>> mean_over_ranks({"loss": torch.tensor(0.5), "acc": 0.75})
     {'loss': 0.5, 'acc': 0.75}
     """
-    return _collective.means({name: _as_metric(name, value) for name, value in metrics.items()}, dict.fromkeys(metrics, 1))
+    return _collective.means({name: _as_metric(name, value) for name, value in metrics.items()}, dict.fromkeys(metrics, 1),
+                             who="loopkit.distributed.mean_over_ranks", advice=" (call it on every rank)")
 
 
 def _as_metric(name: str, value: Any) -> torch.Tensor:

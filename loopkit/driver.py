@@ -569,6 +569,8 @@ def evaluate(
 def _evaluate(
     step: Any, state: TrainState, data: Iterable, limit: int | float | None, device: torch.device | str | None,
     reduce: bool, *, seeded: bool = False, size_warning: _SizeWarning | None = None, bar: str | None = None,
+    who: str = "evaluate", advice: str = " (call evaluate on every rank, or evaluate(..., reduce=False) for one rank's "
+                                         "own means)",
 ) -> tuple[dict[str, float], int]:
     """:func:`evaluate` without telling the step that it ended (``run_epochs``' validations: one profile spans them),
     and the number of batches it read (this rank's).
@@ -577,7 +579,8 @@ def _evaluate(
     (which is left as it was): a resumed run validates in the uninterrupted run's order, to the last bit.
     ``size_warning`` warns of batches whose tensors differ in their first dimension (a new one when not given).
     ``bar``: the description of a bar that counts the batches (no metric read) and is cleared when done, as
-    Lightning's validation bar (``run_epochs``' validations on a terminal); None: no bar."""
+    Lightning's validation bar (``run_epochs``' validations on a terminal); None: no bar. ``who`` and ``advice``:
+    what a failed reduction of the means names (:func:`loopkit._collective.means`)."""
     size_warning = _SizeWarning("evaluate") if size_warning is None else size_warning
     limit = _check_limit(limit, "limit")
     count = _num_batches(data, limit, "limit", shard=reduce)  # (reduced: a rank's empty shard reads nothing)
@@ -605,7 +608,7 @@ def _evaluate(
                 progress.tick({})  # (batches only: the metrics stay on the device)
     finally:
         progress.close()
-    return _collective.means(sums, sizes, reduce=reduce), read
+    return _collective.means(sums, sizes, who=who, advice=advice, reduce=reduce), read
 
 
 def _evaluation_rngs(state: TrainState) -> Iterator[dict[str, torch.Tensor]]:
@@ -2046,7 +2049,8 @@ def run_epochs(
                     limit = sanity_val_batches if limited is None else min(sanity_val_batches, limited)
             described = "Sanity Checking" if sanity else "Validation"
             means, read = _evaluate(val_step, current, data, limit, device, True, seeded=True, size_warning=size_warning,
-                                    bar=(described if name is None else f"{described} {name}") if show else None)
+                                    bar=(described if name is None else f"{described} {name}") if show else None,
+                                    who="run_epochs' validation", advice="")
             if not read and not means:  # (under DDP a rank's empty shard is fine: the others' batches give the means)
                 warnings.warn(f"run_epochs: a validation read no batch: {val_sets.described(name, epoch)} yielded none "
                               "(an empty stream, or an iterator used up)", RuntimeWarning, stacklevel=3)
