@@ -7,7 +7,7 @@ every rank in one collective first, so that every rank reads the same means, wei
 how many values each rank contributed. :func:`is_rank_zero` says which process writes.
 
 >>> import torch
->>> means({"loss": torch.tensor(3.0)}, {"loss": 2})
+>>> means({"loss": torch.tensor(3.0)}, {"loss": 2}, who="evaluate")
 {'loss': 1.5}
 """
 
@@ -95,24 +95,28 @@ def rank_and_size() -> tuple[int, int]:
     return 0, 1
 
 
-def gather(value: object, *, to_rank_zero: bool = False) -> list[object] | None:
+def gather(value: object, *, who: str, what: str, to_rank_zero: bool = False) -> list[object] | None:
     """Every rank's ``value`` (picklable; CPU tensors), in rank order, on every rank (or on rank 0 alone,
     None elsewhere, with ``to_rank_zero``): a collective every rank must call at the same point;
-    ``[value]`` outside a process group.
+    ``[value]`` outside a process group. A failed gather (another rank died) raises :func:`failure`'s
+    error, naming ``who`` calls it, ``what`` it gathers and this rank.
 
-    >>> gather({"n": 1})
+    >>> gather({"n": 1}, who="run_epochs", what="the gather of every rank's count")
     [{'n': 1}]
     """
     if not active():
         return [value]
     dist = torch.distributed
     gathered: list[object] = [None] * dist.get_world_size()
-    if not to_rank_zero:
-        dist.all_gather_object(gathered, value)
-        return gathered
     rank_zero = dist.get_rank() == 0
-    dist.gather_object(value, gathered if rank_zero else None, dst=0)
-    return gathered if rank_zero else None
+    try:
+        if not to_rank_zero:
+            dist.all_gather_object(gathered, value)
+        else:
+            dist.gather_object(value, gathered if rank_zero else None, dst=0)
+    except RuntimeError as error:  # (gloo's "Connection reset by peer", its send timeout: the raw message)
+        raise failure(who, what, error) from error
+    return gathered if rank_zero or not to_rank_zero else None
 
 
 def sum_dtype(values: torch.Tensor) -> torch.dtype:
@@ -213,16 +217,17 @@ def from_rank_zero(value: int) -> int:
     return int(told.item())
 
 
-def check_same(values: Mapping[str, object], what: str) -> None:
+def check_same(values: Mapping[str, object], what: str, who: str = "run_epochs") -> None:
     """Raise ``RuntimeError`` naming the first rank whose ``values`` differ from rank 0's, and the values that
     differ (all of them where the ranks have other keys): a collective every rank must call at the same point;
-    nothing outside a process group.
+    nothing outside a process group. A failed gather raises :func:`failure`'s error naming ``who``.
 
     >>> check_same({"step": 3}, "run_epochs")
     """
     if not active():
         return
-    gathered: list[dict[str, object]] = gather(dict(values))  # type: ignore[assignment]
+    gathered: list[dict[str, object]] = gather(  # type: ignore[assignment]
+        dict(values), who=who, what="the gather that checks every rank agrees with rank 0")
     for rank, other in enumerate(gathered):
         if other != gathered[0]:
             raise RuntimeError(f"{what}: rank {rank} has {_unlike(other, gathered[0])}, "
@@ -246,33 +251,43 @@ def _reduce_device(sums: Mapping[str, torch.Tensor]) -> torch.device:
     return torch.device("cpu")
 
 
-def means(sums: Mapping[str, torch.Tensor], counts: Mapping[str, float], *, reduce: bool = True) -> dict[str, float]:
+def means(
+    sums: Mapping[str, torch.Tensor], counts: Mapping[str, float], *, who: str, advice: str = "", reduce: bool = True
+) -> dict[str, float]:
     """``sums[k] / counts[k]`` for each key, over all ranks when a process group is active (and ``reduce``).
 
     Under a process group every rank must call this at the same point (it is a collective).
     The keys of all ranks are joined first, so a rank that saw no value of a metric (or no
-    batch at all) still takes part; the sums and counts then travel in one all-reduce.
+    batch at all) still takes part; the sums and counts then travel in one all-reduce. Where that
+    fails (a rank never came, or died) the error names ``who`` asks for the means, this rank and
+    ``advice`` (how to call ``who`` on every rank).
+
+    >>> means({"loss": torch.tensor(3.0)}, {"loss": 2}, who="evaluate")
+    {'loss': 1.5}
     """
     if not (reduce and active()):
         return {k: total / counts[k] for k, total in read(sums).items()}
-    keys, packed = _summed_over_ranks(sums, counts)
+    keys, packed = _summed_over_ranks(sums, counts, who, advice)
     values = packed.tolist()
     n = len(keys)
     return {k: values[i] / values[n + i] for i, k in enumerate(keys) if values[n + i] > 0}
 
 
-def _summed_over_ranks(sums: Mapping[str, torch.Tensor], counts: Mapping[str, float]) -> tuple[list[str], torch.Tensor]:
+def _summed_over_ranks(
+    sums: Mapping[str, torch.Tensor], counts: Mapping[str, float], who: str, advice: str
+) -> tuple[list[str], torch.Tensor]:
     """The keys of all ranks, and one float64 tensor of their sums then their counts, all-reduced (one
-    all-gather of the keys, one all-reduce: a rank that saw no value of a metric still takes part)."""
+    all-gather of the keys, one all-reduce: a rank that saw no value of a metric still takes part); a failed
+    all-gather raises an error naming ``who`` and giving ``advice`` (see :func:`means`)."""
     dist = torch.distributed
     gathered: list[list[str] | None] = [None] * dist.get_world_size()
     try:
         dist.all_gather_object(gathered, list(sums))
     except RuntimeError as e:  # (the first collective of the means: where a rank that never came is found out)
         raise RuntimeError(
-            f"loopkit: the means over {dist.get_world_size()} ranks could not be reduced on rank {dist.get_rank()}: "
-            "every rank must reach them at the same point (call evaluate on every rank, or evaluate(..., "
-            f"reduce=False) for one rank's own means), or another rank has died or stopped. The error was: {e}"
+            f"{who}: the means over {dist.get_world_size()} ranks could not be reduced on rank {dist.get_rank()}: "
+            f"every rank must reach them at the same point{advice}, or another rank has died or stopped. "
+            f"The error was: {e}"
         ) from e
     keys: list[str] = []
     for rank_keys in gathered:

@@ -6,7 +6,7 @@ no host sync), every ``fold_every`` records are summed on the device into one fl
 metric, and the means are read in one transfer when asked for.
 
 >>> import torch
->>> w = Window("demo/sums", "demo/counts", "demo/pending")
+>>> w = Window("demo/sums", "demo/counts", "demo/pending", "demo")
 >>> extras = w.add({}, {"loss": torch.tensor(1.0)})
 >>> w.means(w.add(extras, {"loss": torch.tensor(3.0)}))
 {'loss': 2.0}
@@ -32,11 +32,14 @@ Metrics = Mapping[str, Any]
 
 @attrs.frozen
 class Window:
-    """The extras keys of one window of running means, and how often it folds."""
+    """The extras keys of one window of running means, how often it folds, and ``owner``, the transform or
+    driver that keeps it (named where its means over the ranks fail), with ``advice`` on calling it on every rank."""
 
     sums: str
     counts: str
     pending: str
+    owner: str
+    advice: str = ""
     fold_every: int = 32
 
     @property
@@ -81,7 +84,7 @@ class Window:
     def means(self, extras: Mapping[str, Any], *, reduce: bool = True) -> dict[str, float]:
         """Each metric's mean over the window, read in one transfer (over all ranks when ``reduce``)."""
         sums, counts = self._fold(extras, self.records(extras))
-        return _collective.means(sums, counts, reduce=reduce)
+        return _collective.means(sums, counts, who=self.owner, advice=self.advice, reduce=reduce)
 
     def _fold(self, extras: Mapping[str, Any], pending: tuple[Metrics, ...]) -> tuple[dict[str, Any], dict[str, int]]:
         return _collective.fold(extras.get(self.sums, {}), extras.get(self.counts, {}), pending)
@@ -89,10 +92,11 @@ class Window:
 
 #: ``run_epochs``' epoch means, kept in ``state.extras`` while an epoch runs: a checkpoint taken
 #: mid-epoch carries them, so a resumed run's epoch means are the uninterrupted run's
-EPOCH = Window("run_epochs/epoch_sums", "run_epochs/epoch_counts", "run_epochs/epoch", fold_every=32)
+EPOCH = Window("run_epochs/epoch_sums", "run_epochs/epoch_counts", "run_epochs/epoch", "run_epochs", fold_every=32)
 
 #: ``with_logging``'s window of the calls since its last log
-LOGGED = Window("logging/window", "logging/counts", "logging/pending", fold_every=32)
+LOGGED = Window("logging/window", "logging/counts", "logging/pending", "with_logging",
+                " (call the step with_logging wraps on every rank, as many times)", fold_every=32)
 
 #: an extras key of a checkpoint written under DDP: the windows of the ranks other than 0 (rank 0's are
 #: its own), ``{"world_size": n, "ranks": {"1": {window key: value}, ...}}``; in the earlier form, ``True``:
@@ -101,7 +105,8 @@ OVER_RANKS = "windows/over_ranks"
 
 
 def over_ranks(
-    extras: Mapping[str, Any], rng: Mapping[str, torch.Tensor] | None = None, model: torch.nn.Module | None = None
+    extras: Mapping[str, Any], rng: Mapping[str, torch.Tensor] | None = None, model: torch.nn.Module | None = None,
+    *, who: str = "a checkpoint's save",
 ) -> Mapping[str, Any]:
     """``extras`` for a checkpoint, with every other rank's windows, RNG (``state.rng``) and ``model``'s
     persistent buffers as they are under DDP (a collective every rank must call at the same point). Only
@@ -112,6 +117,7 @@ def over_ranks(
     :func:`own_buffers` give each rank its own back on restore, so the resumed run is the uninterrupted
     one, bit for bit. In one process the windows are marked as one rank's, so that a run resumed on
     several ranks takes their records once (rank 0 takes them, weighed as its updates are, the others start empty).
+    A failed gather (another rank died) raises :func:`loopkit._collective.failure`'s error naming ``who`` saves.
 
     >>> import torch
     >>> extras = EPOCH.add({}, {"loss": torch.tensor(2.0)})
@@ -139,7 +145,8 @@ def over_ranks(
             mine[_RNG] = dict(rng)
         if model is not None:
             mine[_BUFFERS] = {name: b.detach().cpu() for name, b in persistent_buffers(model)}
-    gathered = _collective.gather(mine, to_rank_zero=True)
+    gathered = _collective.gather(mine, who=who, what="the save's gather of every rank's running means, RNG and buffers",
+                                  to_rank_zero=True)
     if gathered is None:  # not rank 0, which alone writes checkpoints
         return extras
     new = extras_copy(extras)

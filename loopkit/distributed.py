@@ -338,7 +338,8 @@ def mean_over_ranks(metrics: Mapping[str, torch.Tensor]) -> dict[str, float]:
     >>> mean_over_ranks({"loss": torch.tensor(0.5), "acc": 0.75})
     {'loss': 0.5, 'acc': 0.75}
     """
-    return _collective.means({name: _as_metric(name, value) for name, value in metrics.items()}, dict.fromkeys(metrics, 1))
+    return _collective.means({name: _as_metric(name, value) for name, value in metrics.items()}, dict.fromkeys(metrics, 1),
+                             who="loopkit.distributed.mean_over_ranks", advice=" (call it on every rank)")
 
 
 def _as_metric(name: str, value: Any) -> torch.Tensor:
@@ -566,7 +567,8 @@ def _agreed_seed(seed: int, users: DistributedSampler | None, pad: bool) -> int:
     drop_last; one rank with one, another without): their shards would not split one order."""
     problem = None if users is None else _users_sampler_problem(users, pad)
     described = None if users is None else (users.seed, users.shuffle, users.drop_last)
-    seen = _collective.gather((seed, described, problem))
+    seen = _collective.gather((seed, described, problem), who="loopkit.distributed.shard",
+                              what="the gather of every rank's seed and DistributedSampler")
     for _, _, other in seen:  # type: ignore[union-attr,misc]
         if other is not None:
             raise ValueError(f"loopkit.distributed.shard: {other}")

@@ -571,6 +571,8 @@ def evaluate(
 def _evaluate(
     step: Any, state: TrainState, data: Iterable, limit: int | float | None, device: torch.device | str | None,
     reduce: bool, *, seeded: bool = False, size_warning: _SizeWarning | None = None, bar: str | None = None,
+    who: str = "evaluate", advice: str = " (call evaluate on every rank, or evaluate(..., reduce=False) for one rank's "
+                                         "own means)",
 ) -> tuple[dict[str, float], int]:
     """:func:`evaluate` without telling the step that it ended (``run_epochs``' validations: one profile spans them),
     and the number of batches it read (this rank's).
@@ -579,7 +581,8 @@ def _evaluate(
     (which is left as it was): a resumed run validates in the uninterrupted run's order, to the last bit.
     ``size_warning`` warns of batches whose tensors differ in their first dimension (a new one when not given).
     ``bar``: the description of a bar that counts the batches (no metric read) and is cleared when done, as
-    Lightning's validation bar (``run_epochs``' validations on a terminal); None: no bar."""
+    Lightning's validation bar (``run_epochs``' validations on a terminal); None: no bar. ``who`` and ``advice``:
+    what a failed reduction of the means names (:func:`loopkit._collective.means`)."""
     size_warning = _SizeWarning("evaluate") if size_warning is None else size_warning
     limit = _check_limit(limit, "limit")
     count = _num_batches(data, limit, "limit", shard=reduce)  # (reduced: a rank's empty shard reads nothing)
@@ -607,7 +610,7 @@ def _evaluate(
                 progress.tick({})  # (batches only: the metrics stay on the device)
     finally:
         progress.close()
-    return _collective.means(sums, sizes, reduce=reduce), read
+    return _collective.means(sums, sizes, who=who, advice=advice, reduce=reduce), read
 
 
 def _evaluation_rngs(state: TrainState) -> Iterator[dict[str, torch.Tensor]]:
@@ -625,7 +628,7 @@ def _refuse_uneven_under_fsdp(state: TrainState, count: int | None, where: str) 
     calls, under a process group with a sharded model only; data without a length is not checked)."""
     if not _collective.active() or not fsdp_modules(list(core_module(state.model).modules())):
         return
-    counts = _collective.gather(count)
+    counts = _collective.gather(count, who=where, what="the gather of every rank's number of batches")
     if None not in counts and len(set(counts)) > 1:  # type: ignore[operator, arg-type]
         raise ValueError(
             f"{where}: under with_fsdp every rank must read as many batches (each forward gathers the parameters from "
@@ -1590,7 +1593,8 @@ class _Hooks:
         stops as this one did. A callback is matched on other ranks by its ``state_key`` (else its class); a
         collective, made on every rank at the same check (:meth:`_vote` says when), once for each new ask."""
         asked = [(_stop_key(cb), getattr(cb, "stop_record", lambda: None)()) for cb in self._unshared()]
-        told = {key: record for found in _collective.gather(asked) for key, record in found}  # type: ignore[union-attr]
+        gathered = _collective.gather(asked, who="run_epochs", what="the gather of every rank's callbacks' stops (should_stop)")
+        told = {key: record for found in gathered for key, record in found}  # type: ignore[union-attr]
         self.shared.update(told)
         for cb in self.callbacks:
             key = _stop_key(cb)
@@ -1728,7 +1732,7 @@ def _warn_of_the_same_batch(batch: Any, transform: str) -> None:
     found = list(tensors(batch))
     fingerprint = [(tuple(t.shape), float(t.detach().double().sum()), float(t.detach().double().abs().sum()))
                    for t in found]  # (a host read once a fit)
-    seen = _collective.gather(fingerprint)
+    seen = _collective.gather(fingerprint, who="run_epochs", what="the gather of every rank's first batch (whether they differ)")
     if found and all(other == seen[0] for other in seen):
         warnings.warn(
             f"run_epochs: every rank got the same first batch under {transform}, so each epoch trains on one rank's share "
@@ -2050,7 +2054,8 @@ def run_epochs(
                 described = "Sanity Checking" if sanity else "Validation"
                 means, read = _evaluate(val_step, current, data, limit, device, True, seeded=True,
                                         size_warning=size_warning,
-                                        bar=(described if name is None else f"{described} {name}") if show else None)
+                                        bar=(described if name is None else f"{described} {name}") if show else None,
+                                        who="run_epochs' validation", advice="")
                 if not read and not means:  # (under DDP a rank's empty shard is fine: the others' give the means)
                     warnings.warn(f"run_epochs: a validation read no batch: {val_sets.described(name, epoch)} yielded "
                                   "none (an empty stream, or an iterator used up)", RuntimeWarning, stacklevel=3)

@@ -490,7 +490,8 @@ class RunDirLogger(Logger):
         if not _collective.active():
             return
         owner = self._leader or self
-        found = _collective.gather(owner.log_dir if is_rank_zero() else None)
+        found = _collective.gather(owner.log_dir if is_rank_zero() else None, who=f"{type(owner).__name__}.agree_log_dir",
+                                   what="the gather of rank 0's log folder")
         if not is_rank_zero():  # (each fit: rank 0's may have moved to a new version, see resume_at)
             owner._dir = found[0]  # type: ignore[index]
 

@@ -28,12 +28,31 @@ class _DiesAfterItsUpdate(loopkit.Callback):
             os._exit(3)
 
 
+_UPDATES = [0]  # (the updates made so far in this process)
+
+
+def _dies_after_its_third_update(optimizer, args, kwargs) -> None:
+    """On rank 1, exits right after its 3rd update, before with_checkpointing's save at step 3 (every_n_steps=3):
+    rank 0's next collective is that save's gather of every rank's running means."""
+    _UPDATES[0] += 1
+    if distributed.rank() == 1 and _UPDATES[0] == 3:
+        print("rank 1 dies at call 3", flush=True)
+        os._exit(3)
+
+
 def main() -> None:
     distributed.init(timeout=datetime.timedelta(seconds=float(os.environ.get("LOOPKIT_TEST_TIMEOUT", "20"))))
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 1)
     state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
-    step = loopkit.donate(loopkit.with_ddp(loopkit.train_step(lambda m, b: m(b).pow(2).mean())))
+    step = loopkit.with_ddp(loopkit.train_step(lambda m, b: m(b).pow(2).mean()))
+    if sys.argv[1:2] == ["checkpoint"]:  # (argv[2]: the checkpoint folder)
+        step = loopkit.donate(loopkit.with_checkpointing(step, sys.argv[2], every_n_steps=3))
+        state.optimizer.register_step_post_hook(_dies_after_its_third_update)
+        loopkit.run_epochs(step, state, [torch.randn(8, 4) for _ in range(6)], epochs=1, progress=False)
+        print(f"rank {distributed.rank()} finished", flush=True)
+        return
+    step = loopkit.donate(step)
     if sys.argv[1:] == ["run_epochs"]:
         data = [torch.randn(8, 4) for _ in range(10)]
         loopkit.run_epochs(step, state, data, epochs=1, callbacks=[_DiesAfterItsUpdate()], progress=False)

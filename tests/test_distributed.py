@@ -387,10 +387,13 @@ def test_the_ddp_example_runs_under_torchrun_and_passes_its_bar():
 @pytest.mark.parametrize("where, named", [
     ("step", "with_ddp: the gradient all-reduce in backward (DistributedDataParallel) failed on rank 0 of 2"),
     ("run_epochs", "run_epochs: the ranks' vote on the callbacks' should_stop failed on rank 0 of 2"),
+    ("checkpoint", "with_checkpointing: the save's gather of every rank's running means, RNG and buffers failed on "
+                   "rank 0 of 2"),
 ])
-def test_when_a_rank_dies_the_other_fails_within_the_timeout_naming_the_collective(where, named):
+def test_when_a_rank_dies_the_other_fails_within_the_timeout_naming_the_collective(where, named, tmp_path):
     """Two processes with torchrun's variables; rank 1 exits at call 3, rank 0 must not hang. Under run_epochs with
-    a batch hook rank 0's next collective is the driver's own vote (it raised gloo's bare "Connection closed")."""
+    a batch hook rank 0's next collective is the driver's own vote (it raised gloo's bare "Connection closed"); under
+    with_checkpointing(every_n_steps=3) it is the save's gather (it raised gloo's bare "Connection reset by peer")."""
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_ddp_die_script.py")
     port = _free_port()
     procs = []
@@ -398,7 +401,8 @@ def test_when_a_rank_dies_the_other_fails_within_the_timeout_naming_the_collecti
         env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
                "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2", "OMP_NUM_THREADS": "1",
                "LOOPKIT_TEST_TIMEOUT": "20"}
-        procs.append(subprocess.Popen([sys.executable, script] + ([where] if where != "step" else []), env=env,
+        args = {"step": [], "run_epochs": ["run_epochs"], "checkpoint": ["checkpoint", str(tmp_path)]}[where]
+        procs.append(subprocess.Popen([sys.executable, script] + args, env=env,
                                       stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL))
     outputs = []

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loopkit._window import EPOCH, OVER_RANKS, own_share
+import loopkit._collective
+from loopkit._window import EPOCH, LOGGED, OVER_RANKS, own_share
 
 
 def _window_of(*losses: float) -> dict:
@@ -65,3 +66,26 @@ def test_windows_past_a_fold_and_the_logging_window_come_back_too():
     merged = own_share(saved, 0, 1, "cpu")  # one rank now: rank 0 takes both
     assert EPOCH.means(merged) == {"loss": (1.0 + sum(values)) / 41}
     assert LOGGED.means(merged) == {"loss": (5.0 + 2 * sum(values)) / 41}
+
+
+@pytest.mark.parametrize("window, owner, advice", [
+    (LOGGED, "with_logging", "call the step with_logging wraps on every rank"),
+    (EPOCH, "run_epochs", ""),
+])
+def test_means_that_fail_over_the_ranks_name_the_windows_owner_not_evaluate(monkeypatch, window, owner, advice):
+    """Rank 0 of 2 whose other rank died: the all-gather of the means' keys raises gloo's error. The error names the
+    window's owner (it said "call evaluate on every rank" in with_logging's and run_epochs' means too)."""
+    def died(*args, **kwargs):
+        raise RuntimeError("Connection reset by peer")
+
+    monkeypatch.setattr(loopkit._collective, "active", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda *a, **k: 2)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda *a, **k: 0)
+    monkeypatch.setattr(torch.distributed, "all_gather_object", died)
+    with pytest.raises(RuntimeError) as raised:
+        window.means(window.add({}, {"loss": torch.tensor(1.0)}))
+    message = str(raised.value)
+    assert message.startswith(f"{owner}: the means over 2 ranks could not be reduced on rank 0: every rank must reach "
+                              "them at the same point")
+    assert advice in message and "evaluate" not in message
+    assert "another rank has died or stopped. The error was: Connection reset by peer" in message

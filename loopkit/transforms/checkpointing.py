@@ -269,7 +269,7 @@ class CheckpointStep(UpdateStep):
         :meth:`_plan`)."""
         if not self.saver.checked:  # (a lazy module's shapes are known once a step ran)
             self._check_directory(state, agreed=True)
-        extras = over_ranks(state.extras, state.rng, state.model)
+        extras = over_ranks(state.extras, state.rng, state.model, who="with_checkpointing")
         # the mark of a step save due: only in a checkpoint of an epoch not recorded yet, taken while the save of the
         # fit's last update is held for that record (a relaunch from it makes that save once it records the epoch)
         owed = (self.saver.due is not None and state.batch_index > 0 and state.extras.get(RECORDED) != state.step)
@@ -452,7 +452,7 @@ class CheckpointStep(UpdateStep):
         A model with lazy modules not yet initialised is compared again, shapes and all, later."""
         problem = self._directory_problem(state) if is_rank_zero() else None
         if agreed and _collective.active():
-            problem = _collective.gather(problem)[0]
+            problem = _collective.gather(problem, who="with_checkpointing", what="the gather of rank 0's check of its directory")[0]
         if problem is not None:
             raise StateMismatchError(problem)
         model = state.model
