@@ -48,8 +48,8 @@ from loopkit.state import (
     replace_extras, state_at_error,
 )
 from loopkit.steps import (
-    RECORDED, SAVE_DUE, EpochRecord, WrapperStep, accumulated, as_step, check_takes_model_and_batch, evaluating,
-    in_accumulation_group, undonated,
+    RECORDED, SAVE_DUE, VALIDATED, VALIDATES, EpochRecord, WrapperStep, accumulated, as_step,
+    check_takes_model_and_batch, evaluating, in_accumulation_group, undonated,
 )
 from loopkit.steps import donate as donated
 from loopkit.tree import device_available, devices_here, tensors, to_device, to_plain
@@ -58,9 +58,7 @@ __all__ = ["evaluate", "predict", "run_epochs"]
 
 Metrics = Mapping[str, torch.Tensor]
 _CALLBACKS = "callbacks/"  # the extras keys of the callbacks' counters
-# extras: the update the last validation that counted saw (a step checkpoint is written before
-# its step's validation: a run resumed from one runs that validation first)
-_VALIDATED = "run_epochs/validated_step"
+_VALIDATED = VALIDATED  # (a step checkpoint is written before its step's validation: a resumed run runs it first)
 # extras: the means of the running epoch's latest validation (a resumed run's record of the epoch holds them)
 _EPOCH_VAL = "run_epochs/epoch_val"
 #: the number of batches of the epoch under way (a resumed run with other data is told so)
@@ -2155,7 +2153,8 @@ def run_epochs(
     held_at_start = False  # the owed save is the fit's last update's, made once the finishing epoch is recorded
     try:
         with _StopOnSignal() as stop, _TellingAbort(lifecycle, state):
-            step.notify("fit_begin", state, {})  # (the state a fit continues the run from: with_logging's loggers rewind)
+            # (the state a fit continues the run from: with_logging's loggers rewind)
+            step.notify("fit_begin", state, {VALIDATES: float(validates)})
             if SAVE_DUE in state.extras:  # (with_checkpointing took it as due at "fit_begin"; the hooks never see it)
                 state, save_pending = _unmarked(state), True
             hooks.call("on_fit_start", state)  # first: a callback may build in it what its load_state_dict fills

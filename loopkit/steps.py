@@ -81,6 +81,11 @@ SAVE_DUE = "run_epochs/save_due"
 #: extras: the update at which ``run_epochs`` recorded the running epoch (one ``max_steps`` or a stop cut short,
 #: which a resumed fit that goes on in it finishes and records again at its end; a logger drops the cut record then)
 RECORDED = "run_epochs/recorded_step"
+#: extras: the update the last validation of ``run_epochs`` that counted saw (an epoch's own validation included)
+VALIDATED = "run_epochs/validated_step"
+#: the metrics of ``"fit_begin"``: 1.0 when the fit validates (``val`` given, ``limit_val_batches`` not 0), else 0.0
+#: (with_checkpointing's default then saves after each validation, else after each epoch, as ModelCheckpoint())
+VALIDATES = "run_epochs/validates"
 _FOUND_INF = "amp/found_inf"
 _NONFINITE = "nan_guard/nonfinite"
 _BUFFERS = "nan_guard/buffers"  # the model's buffers before the group's first micro-batch (a skip puts them back)
@@ -203,8 +208,8 @@ class Step:
 
         ``event`` is ``"fit_begin"`` (``run_epochs`` begins, before its sanity validation and
         callbacks, from ``state``, which holds :data:`SAVE_DUE` where the run that left it owes that
-        update's step save: ``"save_due"`` follows for it; metrics empty), ``"fit_start"`` (before the first step of
-        ``run_epochs``, after a validation a resumed run owes; metrics empty),
+        update's step save: ``"save_due"`` follows for it; metrics: :data:`VALIDATES`), ``"fit_start"`` (before the
+        first step of ``run_epochs``, after a validation a resumed run owes; metrics empty),
         ``"save_due"`` (after a call that returned a state with :data:`SAVE_DUE` in its extras, once
         the batch's callbacks have run and the call's metrics are in the epoch's means; ``state``
         without that key: a checkpoint due at that update saves it), ``"validation_end"`` (metrics: ``val/...`` means), ``"epoch_end"``

@@ -35,7 +35,7 @@ from loopkit.errors import CheckpointCorruptError, StateMismatchError
 from loopkit.state import (
     TrainState, _uninitialized, core_module, extras_copy, full_state_dict_on_rank_zero, leave_intact, replace_extras,
 )
-from loopkit.steps import RECORDED, SAVE_DUE, Metrics, UpdateStep
+from loopkit.steps import RECORDED, SAVE_DUE, VALIDATED, VALIDATES, Metrics, UpdateStep
 from loopkit.transforms._compose import require_step
 
 __all__ = ["CheckpointStep", "with_checkpointing"]
@@ -70,6 +70,7 @@ class _Saver:
         self.defer = False  # under run_epochs: a step save waits for the batch's callbacks ("save_due")
         self.due: str | None = None  # the reason of the step save deferred at this update
         self.epoch_val: dict[str, float] | None = None  # an epoch's validation means, scored at its "epoch_end"
+        self.at_validations = False  # this fit's saves are its validations' (the default in a fit that validates)
         self.start: Position | None = None  # where the fit under run_epochs began (a relaunch: its checkpoint's)
         self.start_recorded = False  # whether the state it began from held its epoch's record (:func:`_recorded`)
         self.told_shared = False  # whether the warning that another writer shares the directory was given
@@ -116,6 +117,8 @@ class CheckpointStep(UpdateStep):
     keep_best: int = 1
     async_save: bool = False
     durable: bool = True
+    on_validation: bool = False  # (no trigger given) in a fit that validates: saves after each validation, not
+    # every_n_epochs' epoch ends (Lightning's ModelCheckpoint._should_save_on_train_epoch_end)
     saver: _Saver = attrs.field(factory=_Saver, repr=False)
 
     @property
@@ -126,7 +129,8 @@ class CheckpointStep(UpdateStep):
     def agreed_options(self) -> Mapping[str, Any]:
         """What decides where it saves: under DDP a save gathers every rank's running means, a collective (see
         :attr:`loopkit.steps.Step.rank_agreed`)."""
-        return {"every_n_steps": self.every_n_steps, "every_n_epochs": self.every_n_epochs, "monitor": self.monitor}
+        return {"every_n_steps": self.every_n_steps, "every_n_epochs": self.every_n_epochs, "monitor": self.monitor,
+                "on_validation": self.on_validation}
 
     # Saving after steps -------------------------------------------------------------------
 
@@ -164,6 +168,7 @@ class CheckpointStep(UpdateStep):
         if event == "fit_begin":  # (before a validation a resumed run owes, which may save at this position)
             self.saver.start = (state.step, state.epoch, state.batch_index)
             self.saver.start_recorded = _recorded(state)
+            self.saver.at_validations = self.on_validation and bool(metrics.get(VALIDATES))
             n = self.every_n_steps
             if SAVE_DUE in state.extras and n and state.step % n == 0:  # a step save this update was due and the run
                 self.saver.due = f"every_n_steps={n}"  # that left the state never made: made on the fit's "save_due"
@@ -176,20 +181,25 @@ class CheckpointStep(UpdateStep):
             if reason is not None:
                 self._save_all_ranks(state, reason, score=None)
         elif event == "validation_end":
-            if self.monitor is not None and self.monitor.startswith("val/"):
+            if (self.monitor is not None and self.monitor.startswith("val/")) or self.saver.at_validations:
                 # an epoch's own validation (the state past the epoch, or a stopped epoch's, recorded at this step):
                 # "epoch_end" follows, after which the loggers hold the epoch's rows: scored and saved then
                 if (state.batch_index == 0 and state.epoch > 0) or state.extras.get(RECORDED) == state.step:
                     self.saver.epoch_val = dict(metrics)
-                else:
+                elif self.monitor is not None:
                     self._score(state, metrics)
+                else:  # a validation mid-epoch (or a resumed run's owed one), as Lightning's on_validation_end saves
+                    self._save_all_ranks(state, "validation", score=None)
         elif event == "epoch_end":
             n = self.every_n_epochs
             completed = state.batch_index == 0 and state.epoch > 0  # not a partial epoch cut by max_steps
             due = f"every_n_epochs={n}" if n and completed and state.epoch % n == 0 else None
+            if self.saver.at_validations:  # saved if its last update was validated (by its own validation, or by a
+                # step validation that stands for it, whose checkpoint this one replaces: the epoch recorded in it)
+                due = "validation" if state.extras.get(VALIDATED) == state.step else None
             no_steps = not any(k.startswith("train/") for k in metrics)  # e.g. resumed right at its end
             validated, self.saver.epoch_val = self.saver.epoch_val, None
-            if validated is not None:
+            if validated is not None and self.monitor is not None:
                 self._score(state, validated, due=due)  # one save, after the epoch's rows are written
             elif self.monitor is not None and not self.monitor.startswith("val/") and not no_steps:
                 self._score(state, metrics, due=due)  # one save, its score in its meta.json (a kill loses none)
@@ -209,6 +219,7 @@ class CheckpointStep(UpdateStep):
                 # checkpoint is added where there was none
                 self._save_all_ranks(state, "fit_end", score=None, rerecord_only=True)
             self.saver.defer, self.saver.due, self.saver.epoch_val, self.saver.start = False, None, None, None
+            self.saver.at_validations = False
             self.saver.last, self.saver.last_recorded = None, False  # a later run with this step saves afresh, even
             # at the same position
             self.saver.looked = False  # and its first save looks at the directory again
@@ -673,9 +684,13 @@ def with_checkpointing(
       sends ``"save_due"``), so it holds what every outer transform and stateful callback kept
       of that batch; in a loop of your own, inside the call.
     * ``every_n_epochs``: save after every n-th completed epoch (driver's ``epoch_end``).
-      Without ``every_n_steps``, ``every_n_epochs`` and ``monitor`` it is 1, as Lightning's
-      ``ModelCheckpoint()`` saves after every epoch; ``every_n_epochs=0`` saves at no epoch's end
-      (only :meth:`CheckpointStep.save` and a graceful stop then save, as before that default).
+      ``every_n_epochs=0`` saves at no epoch's end (only :meth:`CheckpointStep.save` and a graceful stop
+      then save).
+    * Without ``every_n_steps``, ``every_n_epochs`` and ``monitor`` it saves as Lightning's
+      ``ModelCheckpoint()`` does: under ``run_epochs`` after every validation of a fit that validates (a
+      mid-epoch one of ``val_every_n_steps`` where it ran, an epoch's own once the epoch is recorded; an
+      epoch whose last update a step validation saw is saved at its end too, that checkpoint replaced), and
+      after every epoch of a fit that does not (and in a loop of your own: ``every_n_epochs=1``).
     * ``monitor`` (e.g. ``"val/loss"``), ``mode`` (``"min"``/``"max"``): also keep the
       ``keep_best`` checkpoints with the best value, besides the last ``keep_last``
       (None keeps all; 0 keeps the best alone, as Lightning's ``ModelCheckpoint(monitor=...,
@@ -728,8 +743,9 @@ def with_checkpointing(
     """
     every_n_steps = _check_count("every_n_steps", every_n_steps, allow_none=True)
     every_n_epochs = _check_count("every_n_epochs", every_n_epochs, allow_none=True, minimum=0)
-    if every_n_steps is None and every_n_epochs is None and monitor is None:
-        every_n_epochs = 1  # (no trigger saved nothing in a whole fit: Lightning's ModelCheckpoint() saves each epoch)
+    on_validation = every_n_steps is None and every_n_epochs is None and monitor is None
+    if on_validation:  # (no trigger saved nothing in a whole fit: Lightning's ModelCheckpoint() saves after each
+        every_n_epochs = 1  # validation of a fit that validates, else after each epoch)
     every_n_epochs = every_n_epochs or None  # 0: no epoch saves, as Lightning's every_n_epochs=0
     keep_last = _check_count("keep_last", keep_last, allow_none=True, minimum=0)
     keep_best = _check_count("keep_best", keep_best, allow_none=False, minimum=0)
@@ -767,5 +783,6 @@ def with_checkpointing(
         keep_best=keep_best,
         async_save=bool(async_save),
         durable=bool(durable),
+        on_validation=on_validation,
     )
 

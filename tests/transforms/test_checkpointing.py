@@ -1292,6 +1292,70 @@ def test_with_no_trigger_it_saves_after_every_epoch_as_lightnings_model_checkpoi
     assert manual.every_n_epochs is None and [c.step for c in checkpoint.list_checkpoints(tmp_path / "manual")] == [20]
 
 
+class _CrashAtStep(loopkit.Callback):
+    """Raises after update ``at`` (a crash mid-epoch, after the batch's hooks)."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_batch_end(self, state, metrics):
+        if state.step == self.at:
+            raise RuntimeError("crash")
+
+
+def _positions(directory: Path) -> list[tuple[int, int, int]]:
+    return [(c.step, c.epoch, c.batch_index) for c in checkpoint.list_checkpoints(directory)]
+
+
+@pytest.mark.parametrize("keep_last", [1, 3])
+def test_with_no_trigger_it_saves_after_each_validation_mid_epoch_ones_included_as_lightnings_model_checkpoint(
+    tmp_path, keep_last, assert_trees_equal
+):
+    """A fit validating every 2 updates saved only at its epoch's end, so a crash at update 7 of an 8-batch epoch
+    left no checkpoint and restore gave the fresh state. Reference (hand-written, Lightning 2.6.6's ModelCheckpoint()
+    with val_check_interval=2, max_epochs=1): after each validation, so the crash leaves epoch=0-step=6.ckpt alone
+    (its save_top_k=1 is keep_last=1 here; keep_last=3 keeps steps 2, 4, 6), the whole run epoch=0-step=8.ckpt (held
+    at the epoch's end, past its record); and the uninterrupted run, which the run resumed from step 6 equals."""
+    data = _owed_data(8)
+    loss = lambda m, b: {"loss": _mse(m, b)}  # noqa: E731
+    kw = dict(epochs=1, val=(loopkit.eval_step(loss), data[:2]), val_every_n_steps=2, sanity_val_batches=0,
+              progress=False)
+    whole, whole_history = run_epochs(with_checkpointing(train_step(_mse), tmp_path / "whole", keep_last=keep_last),
+                                      _state(), data, **kw)
+    assert _positions(tmp_path / "whole") == [(4, 0, 4), (6, 0, 6), (8, 1, 0)][-keep_last:]
+
+    def make():
+        return with_checkpointing(train_step(_mse), tmp_path / "crashed", keep_last=keep_last)
+
+    with pytest.raises(RuntimeError, match="crash"):
+        run_epochs(make(), _state(), data, callbacks=[_CrashAtStep(7)], **kw)
+    assert _positions(tmp_path / "crashed") == [(2, 0, 2), (4, 0, 4), (6, 0, 6)][-keep_last:]
+    restored = loopkit.restore(_state(), tmp_path / "crashed")
+    assert (restored.step, restored.epoch, restored.batch_index) == (6, 0, 6)
+    resumed, history = run_epochs(make(), restored, data, **kw)
+    assert_trees_equal(resumed.model.state_dict(), whole.model.state_dict())
+    assert_trees_equal(resumed.optimizer.state_dict(), whole.optimizer.state_dict())
+    assert history == whole_history
+    assert _positions(tmp_path / "crashed") == _positions(tmp_path / "whole")
+
+
+def test_with_no_trigger_a_fit_validating_every_other_epoch_saves_after_its_validations_alone(tmp_path):
+    """Lightning's ModelCheckpoint() saves at its validations when the fit validates other than once an epoch
+    (check_val_every_n_epoch=2: epochs 1 and 3 of 4), at every epoch's end when it does not validate; the defaults
+    saved every epoch's end. Reference: hand-written, from ModelCheckpoint._should_save_on_train_epoch_end."""
+    data = _owed_data(4)
+    loss = lambda m, b: {"loss": _mse(m, b)}  # noqa: E731
+    kw = dict(epochs=4, sanity_val_batches=0, progress=False)
+    run_epochs(with_checkpointing(train_step(_mse), tmp_path / "v", keep_last=None), _state(), data,
+               val=(loopkit.eval_step(loss), data[:2]), val_every_n_epochs=2, **kw)
+    assert _positions(tmp_path / "v") == [(8, 2, 0), (16, 4, 0)]
+    run_epochs(with_checkpointing(train_step(_mse), tmp_path / "n", keep_last=None), _state(), data, **kw)
+    assert _positions(tmp_path / "n") == [(4, 1, 0), (8, 2, 0), (12, 3, 0), (16, 4, 0)]
+    explicit = with_checkpointing(train_step(_mse), tmp_path / "e", every_n_epochs=1, keep_last=None)  # as before
+    run_epochs(explicit, _state(), data, val=(loopkit.eval_step(loss), data[:2]), val_every_n_epochs=2, **kw)
+    assert _positions(tmp_path / "e") == [(4, 1, 0), (8, 2, 0), (12, 3, 0), (16, 4, 0)]
+
+
 def test_a_save_of_a_lazy_model_that_never_ran_is_skipped_with_a_warning(tmp_path):
     """Its checkpoint could not be loaded, and checkpoint.save now refuses it; with_checkpointing's own saves (a
     graceful stop before the first step, a manual save) raised out of run_epochs where nothing was yet lost."""
