@@ -679,6 +679,18 @@ def test_a_relaunch_from_a_cut_that_first_validates_there_logs_what_the_uninterr
     assert loggers[tmp_path / "b"][-1].tells == [(3, 0, 3, False)] + [(3, 0, 3, True)] * goes_on
 
 
+def _logged_fit(made, resumed_by, root, directory, state, batches, callbacks, **options):
+    """run_epochs of a step logged to TensorBoard, CSV and JSONL in ``root/run/version_0`` (a row every 6 updates),
+    checkpointed every 2 updates in ``directory``: the loggers are made once per root, or anew for each fit when
+    the run is ``resumed_by`` restore (a new process's)."""
+    if root not in made or resumed_by == "restore":
+        made[root] = [TensorBoardLogger(root, "run", version=0), CSVLogger(root, "run", version=0),
+                      JSONLLogger(root, "run", version=0)]
+    step = loopkit.with_checkpointing(with_logging(train_step(loss_with_mae), *made[root], every_n_steps=6),
+                                      directory, every_n_steps=2)
+    return run_epochs(step, state, batches, callbacks=list(callbacks), progress=False, **options)[0]
+
+
 @pytest.mark.parametrize("resumed_by", ["state_at_error", "restore"])
 def test_a_fit_that_went_on_from_a_cut_and_failed_before_a_row_leaves_no_cut_record_to_its_resume(
     resumed_by, tmp_path, make_mlp, make_batches, make_sgd_state
@@ -691,12 +703,7 @@ def test_a_fit_that_went_on_from_a_cut_and_failed_before_a_row_leaves_no_cut_rec
     made = {}
 
     def fit(root, directory, state, callbacks=(), **budget):
-        if root not in made or resumed_by == "restore":
-            made[root] = [TensorBoardLogger(root, "run", version=0), CSVLogger(root, "run", version=0),
-                          JSONLLogger(root, "run", version=0)]
-        step = loopkit.with_checkpointing(with_logging(train_step(loss_with_mae), *made[root], every_n_steps=6),
-                                          directory, every_n_steps=2)
-        return run_epochs(step, state, batches, epochs=2, callbacks=list(callbacks), progress=False, **budget)[0]
+        return _logged_fit(made, resumed_by, root, directory, state, batches, callbacks, epochs=2, **budget)
 
     fit(tmp_path / "a", tmp_path / "ca", make_sgd_state(make_mlp()))
     cut = fit(tmp_path / "b", tmp_path / "cb", make_sgd_state(make_mlp()), max_steps=2)
@@ -725,13 +732,8 @@ def test_a_fit_that_validated_at_a_cut_went_on_and_failed_before_a_row_leaves_no
     made = {}
 
     def fit(root, directory, state, callbacks=(), **budget):
-        if root not in made or resumed_by == "restore":
-            made[root] = [TensorBoardLogger(root, "run", version=0), CSVLogger(root, "run", version=0),
-                          JSONLLogger(root, "run", version=0)]
-        step = loopkit.with_checkpointing(with_logging(train_step(loss_with_mae), *made[root], every_n_steps=6),
-                                          directory, every_n_steps=2)
-        return run_epochs(step, state, batches, epochs=1, val=(evaluator, batches[:2]), sanity_val_batches=0,
-                          callbacks=list(callbacks), progress=False, **budget)[0]
+        return _logged_fit(made, resumed_by, root, directory, state, batches, callbacks, epochs=1,
+                           val=(evaluator, batches[:2]), sanity_val_batches=0, **budget)
 
     fit(tmp_path / "a", tmp_path / "ca", make_sgd_state(make_mlp()), val_every_n_steps=2)
     cut = fit(tmp_path / "b", tmp_path / "cb", make_sgd_state(make_mlp()), max_steps=2)
