@@ -28,7 +28,7 @@ import torch
 from loopkit import checkpoint
 from loopkit import _collective
 from loopkit._collective import is_rank_zero
-from loopkit._numbers import as_int
+from loopkit._numbers import as_float32, as_int
 from loopkit._sharded import is_sharded
 from loopkit._window import over_ranks
 from loopkit.errors import CheckpointCorruptError, StateMismatchError
@@ -255,7 +255,7 @@ class CheckpointStep(UpdateStep):
         ``due`` (its reason) at this point."""
         if self.monitor not in metrics:
             raise KeyError(f"with_checkpointing: monitor '{self.monitor}' is not among the metrics {sorted(metrics)}")
-        value = float(metrics[self.monitor])
+        value = as_float32(metrics[self.monitor])  # ranked in float32, as Lightning's ModelCheckpoint (and EarlyStopping)
         if math.isnan(value):  # ranked as the worst value, as Lightning's ModelCheckpoint ranks it
             value = _worst(self.mode)
         self._save_all_ranks(state, due or f"monitor {self.monitor}", score=value, due=due is not None)
@@ -684,7 +684,9 @@ def with_checkpointing(
       mid-epoch at an update its validation saved replaces that checkpoint, score kept, by the state holding the
       epoch's record, so a relaunch from it does not record the epoch again). A ``val/`` metric is read after each validation, any other
       (``train/loss``) after each epoch; a validation at a position not yet saved saves
-      one only when it ranks among the best. With a monitor, ``keep_best`` is at least 1
+      one only when it ranks among the best. Scores are rounded to float32 (as Lightning's logged metrics, and
+      :class:`loopkit.EarlyStopping`'s checks, are) before they are ranked and recorded: 0.2999999999 after 0.3
+      is no better, and the older checkpoint stays the best. With a monitor, ``keep_best`` is at least 1
       (0 would keep nothing for the score: leave ``monitor`` out instead); without one it
       is unused.
     * On a graceful stop (SIGTERM/SIGINT under ``run_epochs``) it saves the current state.

@@ -1247,6 +1247,31 @@ def test_nan_and_infinite_scores_are_ranked_as_lightning_ranks_them(tmp_path, sc
     assert sorted(c.step - 1 for c in checkpoint.list_checkpoints(tmp_path) if c.name in recorded) == lightning_keeps
 
 
+@pytest.mark.parametrize("values, mode, lightning_keeps", [
+    # equal in float32, as Lightning's logged metrics are: its ModelCheckpoint(save_top_k=1) keeps the first
+    ([0.3, 0.2999999999, 0.2999999998], "min", [0]),
+    ([0.7, 0.7000000001], "max", [0]),
+    ([1e39, 2e39, 1.0], "min", [2]),  # beyond float32's range: +inf both, tied, then beaten
+])
+def test_scores_are_ranked_in_float32_as_lightning_and_early_stopping_rank_them(tmp_path, values, mode,
+                                                                                lightning_keeps):
+    """Before: ranked in float64, 0.2999999999 beat 0.3 and evicted it, where Lightning keeps the first (and
+    loopkit's EarlyStopping, told the same values, finds no improvement). References: the checkpoints Lightning's
+    ModelCheckpoint keeps, and the last check EarlyStopping counts as an improvement."""
+    monitor = "val/loss" if mode == "min" else "val/acc"  # (_validate reports val/acc = -score)
+    step = with_checkpointing(_count_step, tmp_path, keep_last=0, monitor=monitor, mode=mode, keep_best=1)
+    stopper = loopkit.EarlyStopping(monitor, mode=mode, patience=len(values) + 1, check_finite=False)
+    state = TrainState.create(nn.Linear(1, 1))
+    improved_last = None
+    for epoch, value in enumerate(values):  # epoch e's value at step e + 1
+        state = _validate(step, state, value if mode == "min" else -value)
+        stopper.check(None, value)
+        improved_last = epoch if stopper.wait == 0 else improved_last
+    recorded = json.loads((tmp_path / "scores.json").read_text())["scores"]
+    kept = sorted(c.step - 1 for c in checkpoint.list_checkpoints(tmp_path) if c.name in recorded)
+    assert kept == lightning_keeps == [improved_last]
+
+
 def test_a_step_save_and_an_epoch_save_of_the_same_update_are_one_checkpoint(tmp_path, assert_trees_equal):
     """every_n_steps=4 with every_n_epochs=1 and 4 batches an epoch: each epoch's last update is saved once, at
     the next epoch's start (what a resumed run continues from). Reference: every_n_epochs alone. Before:
