@@ -484,7 +484,18 @@ class CheckpointStep(UpdateStep):
 
     def _warn_of_another_run(self, position: Position) -> None:
         """A first save behind the newest checkpoint already there: those are another run's (the same
-        script run again), which keep_last, keep_best and ``restore`` would mix with this one's."""
+        script run again), which keep_last, keep_best and ``restore`` would mix with this one's. Or a first save
+        beside another trainer's checkpoints (:func:`loopkit.checkpoint._foreign_checkpoints`), which restore
+        does not load."""
+        foreign = checkpoint._foreign_checkpoints(self.directory)
+        if foreign is not None:
+            warnings.warn(
+                f"with_checkpointing: {self.directory} holds {foreign}, which look like checkpoints of another kind "
+                "(Lightning's *.ckpt, a torch.save file), and no loopkit checkpoint: this run saves its own beside "
+                "them (loopkit.restore does not load those); give each run a directory of its own",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         found = checkpoint.list_checkpoints(self.directory)
         newest = max(found, key=lambda c: (c.step, c.epoch, c.batch_index), default=None)
         if newest is not None and (newest.step, newest.epoch, newest.batch_index) > position:

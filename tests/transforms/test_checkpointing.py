@@ -155,6 +155,30 @@ def test_a_directory_holding_a_further_run_is_named_when_a_new_run_first_saves(t
         fit(_state(), 1)
 
 
+def test_a_directory_holding_lightnings_checkpoints_is_named_at_the_first_save_and_the_run_saves_beside_them(
+        tmp_path):
+    """A folder of Lightning's checkpoints given to a migrated script (restore returns its template there, and
+    warns): before, the run saved beside them silently. Reference: the same run in an empty folder saves the same
+    checkpoints (Lightning's are left alone), and warns of nothing."""
+
+    def fit(directory: Path) -> None:
+        run_epochs(with_checkpointing(train_step(_mse), directory, every_n_steps=5), _state(), _loader(), epochs=1,
+                   progress=False)
+
+    (tmp_path / "lightning").mkdir()
+    for name in ("epoch=3-step=16.ckpt", "last.ckpt"):
+        torch.save({"state_dict": {}, "pytorch-lightning_version": "2.6.6"}, tmp_path / "lightning" / name)
+    with pytest.warns(RuntimeWarning, match=r"lightning holds epoch=3-step=16\.ckpt, last\.ckpt, which look like "
+                                            r"checkpoints of another kind") as caught:
+        fit(tmp_path / "lightning")
+    assert len([w for w in caught if "another kind" in str(w.message)]) == 1  # once, at the first save
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fit(tmp_path / "empty")
+    assert _steps(tmp_path / "lightning") == _steps(tmp_path / "empty") == [5, 10]
+    assert {"epoch=3-step=16.ckpt", "last.ckpt"} <= {p.name for p in (tmp_path / "lightning").iterdir()}
+
+
 # --- a directory holding another model's checkpoints -------------------------------------------
 
 
