@@ -6,12 +6,14 @@ they can be kept and compared), the batches that run sees, and scores chosen by 
 
 from __future__ import annotations
 
+import datetime
 import errno
 import json
 import os
 import re
 import signal
 import threading
+import types
 import warnings
 from pathlib import Path
 
@@ -22,6 +24,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import loopkit
 from loopkit import TrainState, checkpoint, run_epochs, train_step, with_checkpointing, with_grad_accum
+from loopkit.transforms import checkpointing as checkpointing_module
 from loopkit.transforms.checkpointing import CheckpointStep
 
 # --- helpers -----------------------------------------------------------------------------------
@@ -88,6 +91,65 @@ def _steps(directory: Path) -> list[int]:
 
 
 # --- when it saves -----------------------------------------------------------------------------
+
+
+def _fake_clock(monkeypatch) -> list[float]:
+    """with_checkpointing's ``time.monotonic`` reads the returned list's one value (seconds), set by the test."""
+    now = [0.0]
+    monkeypatch.setattr(checkpointing_module, "time", types.SimpleNamespace(monotonic=lambda: now[0]))
+    return now
+
+
+def test_train_time_interval_saves_at_the_first_update_past_it_and_a_resumed_fit_restarts_its_clock(
+        tmp_path, monkeypatch):
+    """Lightning's ModelCheckpoint(train_time_interval=...): a save at the first batch end at which the interval
+    has passed since the training's start (on_train_start, a resumed fit's too) or the last time save; no epoch
+    saves besides. Reference: the steps computed by hand from a fake clock, each update taking 3 s."""
+    now = _fake_clock(monkeypatch)
+
+    def loss(model, batch):
+        now[0] += 3.0
+        return _mse(model, batch)
+
+    def fit(state: TrainState, epochs: int) -> TrainState:
+        step = with_checkpointing(train_step(loss), tmp_path, train_time_interval=datetime.timedelta(seconds=10),
+                                  keep_last=None)
+        return run_epochs(step, state, _loader(), epochs=epochs, progress=False)[0]
+
+    fit(_state(), 1)  # clock from 0; update k ends at 3k s: 12 s >= 10 at step 4, then 24 - 12 at step 8
+    assert _steps(tmp_path) == [4, 8]
+    now[0] = 100.0  # a relaunch, later: the clock starts again at its fit's start (time between does not count)
+    resumed = loopkit.restore(_state(), tmp_path)
+    assert resumed.step == 8
+    fit(resumed, 2)  # steps 9..20 end at 103, 106, ...: 112 s (step 12), 124 s (step 16), 136 s (step 20)
+    assert _steps(tmp_path) == [4, 8, 12, 16, 20]
+
+
+def test_train_time_interval_in_a_loop_of_your_own_starts_its_clock_at_the_first_call(tmp_path, monkeypatch):
+    """Reference: by hand, calls at 3, 6, ..., 30 s, the clock from the first (3 s): 15 s (step 5), 27 s (step 9);
+    with every_n_steps=4 too (step 4 a step save, not a time one): 4, 5, 8, 9."""
+    now = _fake_clock(monkeypatch)
+    for every, expected in (({}, [5, 9]), ({"every_n_steps": 4}, [4, 5, 8, 9])):
+        directory = tmp_path / str(len(every))
+        step = with_checkpointing(_count_step, directory, train_time_interval=10, keep_last=None, **every)
+        state, now[0] = TrainState.create(nn.Linear(1, 1)), 0.0
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # (no "only every_n_steps saves by itself" warning: it saves by itself)
+            for _ in range(10):
+                now[0] += 3.0
+                state, _ = step(state, None)
+        assert _steps(directory) == expected
+
+
+@pytest.mark.parametrize("interval", [0, -1.0, float("inf"), float("nan"), "10", datetime.timedelta(0), True])
+def test_a_train_time_interval_that_is_no_positive_time_is_refused(tmp_path, interval):
+    with pytest.raises(ValueError, match="train_time_interval must be a positive datetime.timedelta"):
+        with_checkpointing(_count_step, tmp_path, train_time_interval=interval)
+
+
+def test_train_time_interval_with_keep_last_0_is_refused_as_the_other_unscored_triggers(tmp_path):
+    with pytest.raises(ValueError, match="the saves of train_time_interval \\(unscored\\) would be removed"):
+        with_checkpointing(_count_step, tmp_path, train_time_interval=60, keep_last=0, monitor="val/loss")
 
 
 def test_every_n_steps_saves_once_per_update_under_grad_accum(tmp_path, make_batches, mse_loss, take_snapshot,
