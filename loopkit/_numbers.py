@@ -8,6 +8,8 @@ An option may come from numpy (``np.arange`` gives ``np.int64``, a float32 array
 (3, None, None)
 >>> as_real(np.float32(0.5)), as_real(2), as_real("0.5")
 (0.5, 2, None)
+>>> as_float32(0.2999999999) == as_float32(0.3) == float(np.float32(0.3))
+True
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ from __future__ import annotations
 import numbers
 from typing import Any
 
-__all__ = ["as_int", "as_norm_type", "as_real"]
+import torch
+
+__all__ = ["as_float32", "as_int", "as_norm_type", "as_real"]
 
 
 def as_int(value: Any) -> int | None:
@@ -30,6 +34,17 @@ def as_real(value: Any) -> int | float | None:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         return None
     return int(value) if isinstance(value, numbers.Integral) else float(value)
+
+
+def as_float32(value: Any) -> float:
+    """``value`` (a Python or numpy number, a 0-dim tensor) rounded to float32, as a Python float: the value a metric
+    has once Lightning logs it (its ``ModelCheckpoint`` and ``EarlyStopping`` compare those); beyond float32's range,
+    ±inf; NaN stays NaN.
+
+    >>> as_float32(0.1) == 0.1, as_float32(1e39), as_float32(torch.tensor(0.5, dtype=torch.float64))
+    (False, inf, 0.5)
+    """
+    return float(torch.tensor(float(value), dtype=torch.float32))
 
 
 def as_norm_type(value: Any) -> float | None:

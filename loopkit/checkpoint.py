@@ -1209,7 +1209,8 @@ def restore(state: TrainState, path: str | os.PathLike) -> TrainState:
 
     ``path`` is one checkpoint, or a directory of them: then the newest whose manifest
     verifies is used, and each incomplete or corrupt one is skipped with a warning; where
-    there is none (or no such directory) ``state`` itself is returned. A corrupt checkpoint
+    there is none (or no such directory) ``state`` itself is returned (with a warning where the directory holds
+    files that look like checkpoints of another kind: Lightning's ``*.ckpt``, a ``*.pt`` or ``*.pth``). A corrupt checkpoint
     named directly raises :class:`loopkit.CheckpointCorruptError` naming the bad file. A
     checkpoint of another model raises :class:`loopkit.StateMismatchError` naming the first
     missing, unexpected or mis-shaped key. Nothing is changed before everything checks out:
@@ -1250,7 +1251,58 @@ def restore(state: TrainState, path: str | os.PathLike) -> TrainState:
         )
     clean(path)
     found = _newest_intact(path, state)
-    return state if found is None else _restore_from(state, *found[1], found[0])
+    if found is None:
+        _warn_of_foreign(path)
+        return state
+    return _restore_from(state, *found[1], found[0])
+
+
+_FOREIGN_SUFFIXES = (".ckpt", ".pt", ".pth")  # Lightning's, torch.save's (not export_weights' weights alone)
+
+
+def _foreign_checkpoints(directory: str | os.PathLike) -> str | None:
+    """The entries of ``directory`` that look like checkpoints of another kind (Lightning's ``epoch=3-step=16.ckpt``,
+    ``last.ckpt``; a ``model.pt``), listed for a message, where it holds no loopkit checkpoint; else None.
+
+    >>> import tempfile
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> _foreign_checkpoints(tmp.name) is None
+    True
+    >>> for name in ("last.ckpt", "epoch=3-step=16.ckpt", "notes.txt"):
+    ...     _ = open(os.path.join(tmp.name, name), "w").close()
+    >>> _foreign_checkpoints(tmp.name)
+    'epoch=3-step=16.ckpt, last.ckpt'
+    >>> tmp.cleanup()
+    """
+    if list_checkpoints(directory):
+        return None
+    try:
+        entries = os.scandir(directory)
+    except OSError:  # (none there, or not a folder)
+        return None
+    with entries:
+        foreign = sorted(e.name for e in entries if e.name.lower().endswith(_FOREIGN_SUFFIXES))
+    if not foreign:
+        return None
+    return ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+
+
+def _warn_of_foreign(directory: Path) -> None:
+    """Warn when ``directory``, holding no loopkit checkpoint (any there were corrupt, each warned of as skipped),
+    holds another trainer's: restore gives the template, and a fit from it would start afresh beside them."""
+    shown = _foreign_checkpoints(directory)
+    if shown is None:
+        return
+    warnings.warn(
+        f"loopkit.restore: {directory} holds no loopkit checkpoint, but {shown}, which look like checkpoints of "
+        "another kind (Lightning's *.ckpt, a torch.save file): restore cannot load them and returns the state it "
+        "was given, so a fit from it starts from that state (a with_checkpointing run there would save beside them). "
+        "To start from such a file, load its weights into the model yourself (Lightning's: "
+        "torch.load(path)['state_dict'], keys prefixed with the LightningModule's attribute name); resume loopkit "
+        "runs from a directory of their own",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 _RELISTS = 1000  # a writer rotating faster than restore reads for this long is not one to wait for

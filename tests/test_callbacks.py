@@ -104,6 +104,39 @@ def test_early_stopping_mode_max():
     assert len(history) == 3
 
 
+class EpochEndStopping(loopkit.EarlyStopping):
+    """docs/from_lightning.md's recipe for Lightning's EarlyStopping(check_on_train_epoch_end=True)."""
+
+    def on_validation_end(self, state, metrics):
+        pass
+
+    def on_epoch_end(self, state, record):
+        if self.monitor in record:
+            self.check(state, record[self.monitor])
+
+
+def test_the_guides_check_on_train_epoch_end_recipe_checks_each_epochs_latest_validation_once():
+    """Lightning's check_on_train_epoch_end=True with validations every 2 of an epoch's 4 updates: one check an
+    epoch, of its latest validation's value. Reference: a plain EarlyStopping validated at the epochs' ends alone
+    (the same values: 4.0, 3.0, 3.5, 3.75, no improvement twice: stopped after epoch 3); the plain one validated
+    mid-epoch too sees the better mid-epoch values and stops in the next epoch."""
+    values = {2: 5.0, 4: 4.0, 6: 1.0, 8: 3.0, 10: 0.5, 12: 3.5, 14: 0.25, 16: 3.75}
+
+    def fit(stopper, **every):
+        def val(state, batch):
+            return state, {"score": torch.tensor(values.get(state.step, 9.0))}
+
+        state, history = run_epochs(train_step(mse), make_state(), make_data(4), epochs=8, val=(val, [0]),
+                                    callbacks=[stopper], progress=False, **every)
+        return state.epoch, stopper.best, [h.get("val/score") for h in history]
+
+    recipe = fit(EpochEndStopping("val/score", patience=2), val_every_n_steps=2)
+    reference = fit(loopkit.EarlyStopping("val/score", patience=2))
+    assert recipe == reference == (4, 3.0, [4.0, 3.0, 3.5, 3.75])
+    plain = fit(loopkit.EarlyStopping("val/score", patience=2), val_every_n_steps=2)  # best 0.25 (step 14), then
+    assert plain == (4, 0.25, [4.0, 3.0, 3.5, 3.75, 9.0])  # 3.75 and 9.0 (step 18): stopped in epoch 4
+
+
 def test_early_stopping_stops_on_nan():
     stopper = loopkit.EarlyStopping("val/score", patience=5)
     _, history, _ = run_with_stopper({1: 1.0, 2: 0.5, 3: float("nan"), 4: 0.1}, stopper)

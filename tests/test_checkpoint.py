@@ -277,6 +277,26 @@ def test_restore_without_checkpoints_returns_the_given_state(tmp_path, make_mlp)
         checkpoint.restore(state, tmp_path / "ckpt-000009-step1-epoch0-batch1")
 
 
+def test_restore_of_a_folder_of_lightning_checkpoints_warns_and_returns_the_given_state(tmp_path, make_mlp):
+    """Before: a folder holding only Lightning's checkpoints gave the template silently, and the fit started afresh.
+    Reference: the given state (SPEC: restore gives it where there is no checkpoint), and no warning for an empty
+    folder nor once a loopkit checkpoint is there."""
+    state = _state(make_mlp)
+    for name in ("epoch=3-step=16.ckpt", "last.ckpt"):  # the layout of Lightning's (torch.save of a dict)
+        weights = {f"net.{k}": v for k, v in state.model.state_dict().items()}
+        torch.save({"epoch": 3, "global_step": 16, "state_dict": weights, "pytorch-lightning_version": "2.6.6"},
+                   tmp_path / name)
+    foreign = r"holds no loopkit checkpoint, but epoch=3-step=16\.ckpt, last\.ckpt"
+    with pytest.warns(RuntimeWarning, match=foreign) as caught:
+        assert checkpoint.restore(state, tmp_path) is state
+    assert str(tmp_path) in str(caught[0].message) and caught[0].filename == __file__
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert checkpoint.restore(state, tmp_path / "empty") is state
+        checkpoint.save(state.evolve(step=3), tmp_path)
+        assert checkpoint.restore(state, tmp_path).step == 3
+
+
 @pytest.mark.parametrize("path", [None, 3, ["ckpt"]])
 def test_restore_names_a_path_that_is_not_one(make_mlp, path):
     """Before, restore(state, None) raised Path's bare "expected str, bytes or os.PathLike object"."""

@@ -650,6 +650,44 @@ def test_every_rank_restores_the_fits_last_checkpoint_right_after_the_fit(tmp_pa
     assert [r["restored"] for r in ranks] == [r["trained"] for r in ranks] == [2 * ddp.STEPS] * 2
 
 
+def _time_interval_worker(rank: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    import types
+
+    from loopkit.transforms import checkpointing
+
+    distributed.init(rank=rank, world_size=2, master_port=port, timeout=30)
+    try:
+        now = [0.0]  # rank 0's updates take 3 s, rank 1's none: only rank 0's clock passes the interval
+        checkpointing.time = types.SimpleNamespace(monotonic=lambda: now[0])
+
+        def loss(model, batch):
+            now[0] += 3.0 if rank == 0 else 0.0
+            return ddp.mse(model, batch)
+
+        data = ddp.make_data(ddp.STEPS)
+        step = loopkit.with_checkpointing(loopkit.with_ddp(loopkit.train_step(loss)), os.path.join(out, "ckpt"),
+                                          train_time_interval=5, keep_last=None)
+        state, _ = loopkit.run_epochs(step, ddp.sgd_state(ddp.make_model(seed=0)),
+                                      [data[i, rank] for i in range(ddp.STEPS)], epochs=2, progress=False)
+        saved = [c.step for c in loopkit.checkpoint.list_checkpoints(os.path.join(out, "ckpt"))]
+        torch.save({"trained": state.step, "saved": saved}, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        distributed.shutdown()
+
+
+@pytest.mark.slow
+def test_train_time_interval_saves_where_rank_zeros_clock_says_on_every_rank(tmp_path, bare_env):
+    """with_checkpointing(train_time_interval=5): a save is a collective (every rank's running means), so the ranks
+    must agree on it; rank 0's clock decides, as Lightning broadcasts its decision. Reference: by hand, rank 0's
+    updates ending at 3, 6, ..., 24 s from the fit's start at 0: saves at steps 2 (6 s), 4 (12 s), 6 (18 s), 8 (24 s);
+    rank 1's clock, which never moves, would save none (and without the agreement the fit hangs or fails)."""
+    _spawn_and_join(_time_interval_worker, (_free_port(), str(tmp_path)))
+    ranks = [torch.load(os.path.join(tmp_path, f"rank{r}.pt")) for r in (0, 1)]
+    assert [r["trained"] for r in ranks] == [2 * ddp.STEPS] * 2
+    assert [r["saved"] for r in ranks] == [[2, 4, 6, 8]] * 2
+
+
 def _log_dir_worker(rank: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     distributed.init(rank=rank, world_size=2, master_port=port, timeout=30)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import loopkit
-from loopkit._numbers import as_int, as_real
+from loopkit._numbers import as_float32, as_int, as_real
 from loopkit.transforms import with_ema, with_grad_accum, with_grad_clip, with_pruning
 
 
@@ -22,6 +22,13 @@ def test_as_int_and_as_real_keep_python_numbers_and_refuse_bools():
     for no in (False, np.bool_(False), 1j, "0.5", None):
         assert as_real(no) is None, no
 
+
+
+def test_as_float32_rounds_as_a_float32_tensor_does():
+    for value in (0.3, 0.2999999999, 1e39, -1e39, 1e-50, np.float64(0.1), torch.tensor(0.1, dtype=torch.float64), 2):
+        expected = torch.tensor(float(value), dtype=torch.float32).item()
+        assert type(as_float32(value)) is float and as_float32(value) == expected, value
+    assert np.isnan(as_float32(float("nan")))
 
 def _params(state):
     return [p.detach().clone() for p in state.model.parameters()]

@@ -1103,7 +1103,8 @@ def test_rank_agreed_lists_each_transforms_options_that_decide_its_collectives(t
         ("with_grad_clip max_norm", 1.0), ("with_grad_clip max_value", None), ("with_grad_clip norm_type", 2.0),
         ("with_logging every_n_steps", 7),
         ("with_checkpointing every_n_steps", None), ("with_checkpointing every_n_epochs", 2),
-        ("with_checkpointing monitor", "val/loss"))
+        ("with_checkpointing train_time_interval", None), ("with_checkpointing monitor", "val/loss"),
+        ("with_checkpointing on_validation", False))
     profiled = loopkit.with_profiler(step, tmp_path / "prof", wait=0, warmup=0, active=1)
     assert profiled.rank_agreed == step.rank_agreed
     assert loopkit.train_step(lambda m, b: m(b).sum()).rank_agreed == ()

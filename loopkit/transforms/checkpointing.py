@@ -12,11 +12,13 @@
 from __future__ import annotations
 
 import concurrent.futures
+import datetime
 import errno
 import itertools
 import math
 import os
 import threading
+import time
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -28,7 +30,7 @@ import torch
 from loopkit import checkpoint
 from loopkit import _collective
 from loopkit._collective import is_rank_zero
-from loopkit._numbers import as_int
+from loopkit._numbers import as_float32, as_int, as_real
 from loopkit._sharded import is_sharded
 from loopkit._window import over_ranks
 from loopkit.errors import CheckpointCorruptError, StateMismatchError
@@ -74,6 +76,7 @@ class _Saver:
         self.start: Position | None = None  # where the fit under run_epochs began (a relaunch: its checkpoint's)
         self.start_recorded = False  # whether the state it began from held its epoch's record (:func:`_recorded`)
         self.told_shared = False  # whether the warning that another writer shares the directory was given
+        self.timed_from: float | None = None  # train_time_interval's clock: the fit's start, then its last time save
 
     def run(self, task: Callable[[], None], background: bool) -> None:
         if not background:
@@ -111,6 +114,7 @@ class CheckpointStep(UpdateStep):
     directory: Path
     every_n_steps: int | None = None
     every_n_epochs: int | None = None
+    train_time_interval: float | None = None  # seconds
     keep_last: int | None = 3
     monitor: str | None = None
     mode: str = "min"
@@ -129,7 +133,8 @@ class CheckpointStep(UpdateStep):
     def agreed_options(self) -> Mapping[str, Any]:
         """What decides where it saves: under DDP a save gathers every rank's running means, a collective (see
         :attr:`loopkit.steps.Step.rank_agreed`)."""
-        return {"every_n_steps": self.every_n_steps, "every_n_epochs": self.every_n_epochs, "monitor": self.monitor,
+        return {"every_n_steps": self.every_n_steps, "every_n_epochs": self.every_n_epochs,
+                "train_time_interval": self.train_time_interval, "monitor": self.monitor,
                 "on_validation": self.on_validation}
 
     # Saving after steps -------------------------------------------------------------------
@@ -141,7 +146,10 @@ class CheckpointStep(UpdateStep):
             except StateMismatchError as error:
                 raise leave_intact(error, state)  # before the step: nothing of the state changed
             self._finish_rotation((state.step, state.epoch, state.batch_index))
-            if (self.every_n_epochs or self.monitor is not None) and self.every_n_steps is None and is_rank_zero():
+            if self.saver.timed_from is None:  # train_time_interval's clock starts with the loop
+                self.saver.timed_from = time.monotonic()
+            if ((self.every_n_epochs or self.monitor is not None) and self.every_n_steps is None
+                    and self.train_time_interval is None and is_rank_zero()):
                 warnings.warn(
                     "with_checkpointing: in a loop of your own only every_n_steps saves by itself: every_n_epochs and "
                     "monitor act at the epoch ends and validations run_epochs tells the step of "
@@ -152,15 +160,31 @@ class CheckpointStep(UpdateStep):
         return super().run_(state, batch)
 
     def after_update(self, state: TrainState, metrics: Metrics) -> TrainState:
-        n = self.every_n_steps
-        if n and state.step % n == 0:  # once per update, not per micro-batch
+        reason = self._due_at_update(state)  # once per update, not per micro-batch
+        if reason is not None:
             if self.saver.defer:  # under run_epochs: saved on "save_due", once the callbacks and the outer
-                self.saver.due = f"every_n_steps={n}"  # transforms (with_logging) have had this call
+                self.saver.due = reason  # transforms (with_logging) have had this call
                 extras = extras_copy(state.extras)
                 extras[SAVE_DUE] = True
                 return replace_extras(state, extras)
-            self._save_all_ranks(state, f"every_n_steps={n}", score=None)
+            self._save_all_ranks(state, reason, score=None)
         return state
+
+    def _due_at_update(self, state: TrainState) -> str | None:
+        """Why a save is due after this update, if one is: ``every_n_steps`` divides the step, or
+        ``train_time_interval`` has passed since the fit's start or the last save it made (its clock then restarts,
+        as Lightning's ``_last_time_checked``; under DDP rank 0's clock decides: one broadcast an update)."""
+        n = self.every_n_steps
+        reason = f"every_n_steps={n}" if n and state.step % n == 0 else None
+        interval = self.train_time_interval
+        if interval is not None:
+            now = time.monotonic()
+            if self.saver.timed_from is None:
+                self.saver.timed_from = now
+            if _collective.from_rank_zero(int(now - self.saver.timed_from >= interval)):
+                self.saver.timed_from = now
+                reason = reason or f"train_time_interval={interval:g}s"
+        return reason
 
     # Saving on driver events --------------------------------------------------------------
 
@@ -172,8 +196,11 @@ class CheckpointStep(UpdateStep):
             n = self.every_n_steps
             if SAVE_DUE in state.extras and n and state.step % n == 0:  # a step save this update was due and the run
                 self.saver.due = f"every_n_steps={n}"  # that left the state never made: made on the fit's "save_due"
+            elif SAVE_DUE in state.extras and self.train_time_interval is not None:  # (a time save, then)
+                self.saver.due = f"train_time_interval={self.train_time_interval:g}s"
         elif event == "fit_start":
             self._check_directory(state, agreed=True)  # before the first step: a refused run has lost nothing
+            self.saver.timed_from = time.monotonic()  # train_time_interval's clock starts (a resumed fit's afresh)
             self._finish_rotation(self.saver.start)
             self.saver.defer = True
         elif event == "save_due":
@@ -209,7 +236,8 @@ class CheckpointStep(UpdateStep):
             self._save_all_ranks(state, "stop", score=None)
             self._wait_on_every_rank(self.saver.wait)
         elif event in ("fit_end", "abort"):  # on abort: the saves already started finish
-            if event == "fit_end" and state.batch_index != 0 and (self.every_n_steps or self.every_n_epochs):
+            if event == "fit_end" and state.batch_index != 0 and (
+                    self.every_n_steps or self.every_n_epochs or self.train_time_interval is not None):
                 # a fit that ended mid-epoch (max_steps, a callback's stop at a step validation): its end is the
                 # newest checkpoint, as Lightning's last one holds it (its epoch-end save comes at such an end)
                 self._save_all_ranks(state, "fit_end", score=None)
@@ -224,6 +252,7 @@ class CheckpointStep(UpdateStep):
             # at the same position
             self.saver.looked = False  # and its first save looks at the directory again
             self.saver.checked = False
+            self.saver.timed_from = None
             if event == "fit_end":
                 self._wait_on_every_rank(lambda: self.saver.wait(close=True))
             else:
@@ -266,7 +295,7 @@ class CheckpointStep(UpdateStep):
         ``due`` (its reason) at this point."""
         if self.monitor not in metrics:
             raise KeyError(f"with_checkpointing: monitor '{self.monitor}' is not among the metrics {sorted(metrics)}")
-        value = float(metrics[self.monitor])
+        value = as_float32(metrics[self.monitor])  # ranked in float32, as Lightning's ModelCheckpoint (and EarlyStopping)
         if math.isnan(value):  # ranked as the worst value, as Lightning's ModelCheckpoint ranks it
             value = _worst(self.mode)
         self._save_all_ranks(state, due or f"monitor {self.monitor}", score=value, due=due is not None)
@@ -495,7 +524,18 @@ class CheckpointStep(UpdateStep):
 
     def _warn_of_another_run(self, position: Position) -> None:
         """A first save behind the newest checkpoint already there: those are another run's (the same
-        script run again), which keep_last, keep_best and ``restore`` would mix with this one's."""
+        script run again), which keep_last, keep_best and ``restore`` would mix with this one's. Or a first save
+        beside another trainer's checkpoints (:func:`loopkit.checkpoint._foreign_checkpoints`), which restore
+        does not load."""
+        foreign = checkpoint._foreign_checkpoints(self.directory)
+        if foreign is not None:
+            warnings.warn(
+                f"with_checkpointing: {self.directory} holds {foreign}, which look like checkpoints of another kind "
+                "(Lightning's *.ckpt, a torch.save file), and no loopkit checkpoint: this run saves its own beside "
+                "them (loopkit.restore does not load those); give each run a directory of its own",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         found = checkpoint.list_checkpoints(self.directory)
         newest = max(found, key=lambda c: (c.step, c.epoch, c.batch_index), default=None)
         if newest is not None and (newest.step, newest.epoch, newest.batch_index) > position:
@@ -641,6 +681,21 @@ def _check_count(name: str, value: Any, *, allow_none: bool, minimum: int = 1) -
     return count
 
 
+def _check_interval(value: Any) -> float | None:
+    """``train_time_interval`` in seconds: a positive ``datetime.timedelta`` or number, or None.
+
+    >>> _check_interval(datetime.timedelta(minutes=30)), _check_interval(90), _check_interval(None)
+    (1800.0, 90.0, None)
+    """
+    if value is None:
+        return None
+    seconds = value.total_seconds() if isinstance(value, datetime.timedelta) else as_real(value)
+    if seconds is None or not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError("with_checkpointing: train_time_interval must be a positive datetime.timedelta or number of "
+                         f"seconds, or None, got {value!r}")
+    return float(seconds)
+
+
 def _prepare_directory(directory: Path) -> None:
     """Create the directory now, so that a bad path fails when the step is built, not hours later."""
     if not is_rank_zero():
@@ -662,6 +717,7 @@ def with_checkpointing(
     *,
     every_n_steps: int | None = None,
     every_n_epochs: int | None = None,
+    train_time_interval: datetime.timedelta | float | None = None,
     keep_last: int | None = 3,
     monitor: str | None = None,
     mode: str = "min",
@@ -686,11 +742,18 @@ def with_checkpointing(
     * ``every_n_epochs``: save after every n-th completed epoch (driver's ``epoch_end``).
       ``every_n_epochs=0`` saves at no epoch's end (only :meth:`CheckpointStep.save` and a graceful stop
       then save).
-    * Without ``every_n_steps``, ``every_n_epochs`` and ``monitor`` it saves as Lightning's
+    * Without ``every_n_steps``, ``every_n_epochs``, ``train_time_interval`` and ``monitor`` it saves as Lightning's
       ``ModelCheckpoint()`` does: under ``run_epochs`` after every validation of a fit that validates (a
       mid-epoch one of ``val_every_n_steps`` where it ran, an epoch's own once the epoch is recorded; an
       epoch whose last update a step validation saw is saved at its end too, that checkpoint replaced), and
       after every epoch of a fit that does not (and in a loop of your own: ``every_n_epochs=1``).
+    * ``train_time_interval`` (a ``datetime.timedelta``, or seconds): save after the first update at which
+      that much time (``time.monotonic``) has passed since the fit started or since the last save it made, as
+      Lightning's ``ModelCheckpoint(train_time_interval=...)`` (for long epochs). The clock starts at the fit's
+      start (a resumed fit's too: time before a relaunch does not count) or, in a loop of your own, at the first
+      call. Checked at updates, as ``every_n_steps`` (Lightning checks at every batch's end, micro-batches of an
+      accumulation included); it may be combined with the other triggers (Lightning refuses that). Under DDP rank
+      0's clock decides (one small broadcast each update, as Lightning's).
     * ``monitor`` (e.g. ``"val/loss"``), ``mode`` (``"min"``/``"max"``): also keep the
       ``keep_best`` checkpoints with the best value, besides the last ``keep_last``
       (None keeps all; 0 keeps the best alone, as Lightning's ``ModelCheckpoint(monitor=...,
@@ -699,7 +762,9 @@ def with_checkpointing(
       mid-epoch at an update its validation saved replaces that checkpoint, score kept, by the state holding the
       epoch's record, so a relaunch from it does not record the epoch again). A ``val/`` metric is read after each validation, any other
       (``train/loss``) after each epoch; a validation at a position not yet saved saves
-      one only when it ranks among the best. With a monitor, ``keep_best`` is at least 1
+      one only when it ranks among the best. Scores are rounded to float32 (as Lightning's logged metrics, and
+      :class:`loopkit.EarlyStopping`'s checks, are) before they are ranked and recorded: 0.2999999999 after 0.3
+      is no better, and the older checkpoint stays the best. With a monitor, ``keep_best`` is at least 1
       (0 would keep nothing for the score: leave ``monitor`` out instead); without one it
       is unused.
     * On a graceful stop (SIGTERM/SIGINT under ``run_epochs``) it saves the current state.
@@ -743,7 +808,8 @@ def with_checkpointing(
     """
     every_n_steps = _check_count("every_n_steps", every_n_steps, allow_none=True)
     every_n_epochs = _check_count("every_n_epochs", every_n_epochs, allow_none=True, minimum=0)
-    on_validation = every_n_steps is None and every_n_epochs is None and monitor is None
+    seconds = _check_interval(train_time_interval)
+    on_validation = every_n_steps is None and every_n_epochs is None and seconds is None and monitor is None
     if on_validation:  # (no trigger saved nothing in a whole fit: Lightning's ModelCheckpoint() saves after each
         every_n_epochs = 1  # validation of a fit that validates, else after each epoch)
     every_n_epochs = every_n_epochs or None  # 0: no epoch saves, as Lightning's every_n_epochs=0
@@ -756,10 +822,11 @@ def with_checkpointing(
     if keep_last == 0 and monitor is None:
         raise ValueError("with_checkpointing: keep_last=0 keeps only the best-scored checkpoints, and without a "
                          "monitor none is scored: give monitor= (Lightning's save_top_k with its monitor), or keep_last >= 1")
-    if keep_last == 0 and (every_n_steps or every_n_epochs):
+    if keep_last == 0 and (every_n_steps or every_n_epochs or seconds is not None):
+        trigger = "every_n_steps" if every_n_steps else "every_n_epochs" if every_n_epochs else "train_time_interval"
         raise ValueError(
             f"with_checkpointing: keep_last=0 keeps only the best-scored checkpoints, so the saves of "
-            f"{'every_n_steps' if every_n_steps else 'every_n_epochs'} (unscored) would be removed as soon as written: "
+            f"{trigger} (unscored) would be removed as soon as written: "
             "leave it out (the monitor's validations save what ranks), or keep the newest with keep_last >= 1"
         )
     if monitor is not None and keep_best == 0:
@@ -777,6 +844,7 @@ def with_checkpointing(
         directory=path,
         every_n_steps=every_n_steps,
         every_n_epochs=every_n_epochs,
+        train_time_interval=seconds,
         keep_last=keep_last,
         monitor=monitor,
         mode=mode,

@@ -6,12 +6,14 @@ they can be kept and compared), the batches that run sees, and scores chosen by 
 
 from __future__ import annotations
 
+import datetime
 import errno
 import json
 import os
 import re
 import signal
 import threading
+import types
 import warnings
 from pathlib import Path
 
@@ -22,6 +24,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import loopkit
 from loopkit import TrainState, checkpoint, run_epochs, train_step, with_checkpointing, with_grad_accum
+from loopkit.transforms import checkpointing as checkpointing_module
 from loopkit.transforms.checkpointing import CheckpointStep
 
 # --- helpers -----------------------------------------------------------------------------------
@@ -90,6 +93,65 @@ def _steps(directory: Path) -> list[int]:
 # --- when it saves -----------------------------------------------------------------------------
 
 
+def _fake_clock(monkeypatch) -> list[float]:
+    """with_checkpointing's ``time.monotonic`` reads the returned list's one value (seconds), set by the test."""
+    now = [0.0]
+    monkeypatch.setattr(checkpointing_module, "time", types.SimpleNamespace(monotonic=lambda: now[0]))
+    return now
+
+
+def test_train_time_interval_saves_at_the_first_update_past_it_and_a_resumed_fit_restarts_its_clock(
+        tmp_path, monkeypatch):
+    """Lightning's ModelCheckpoint(train_time_interval=...): a save at the first batch end at which the interval
+    has passed since the training's start (on_train_start, a resumed fit's too) or the last time save; no epoch
+    saves besides. Reference: the steps computed by hand from a fake clock, each update taking 3 s."""
+    now = _fake_clock(monkeypatch)
+
+    def loss(model, batch):
+        now[0] += 3.0
+        return _mse(model, batch)
+
+    def fit(state: TrainState, epochs: int) -> TrainState:
+        step = with_checkpointing(train_step(loss), tmp_path, train_time_interval=datetime.timedelta(seconds=10),
+                                  keep_last=None)
+        return run_epochs(step, state, _loader(), epochs=epochs, progress=False)[0]
+
+    fit(_state(), 1)  # clock from 0; update k ends at 3k s: 12 s >= 10 at step 4, then 24 - 12 at step 8
+    assert _steps(tmp_path) == [4, 8]
+    now[0] = 100.0  # a relaunch, later: the clock starts again at its fit's start (time between does not count)
+    resumed = loopkit.restore(_state(), tmp_path)
+    assert resumed.step == 8
+    fit(resumed, 2)  # steps 9..20 end at 103, 106, ...: 112 s (step 12), 124 s (step 16), 136 s (step 20)
+    assert _steps(tmp_path) == [4, 8, 12, 16, 20]
+
+
+def test_train_time_interval_in_a_loop_of_your_own_starts_its_clock_at_the_first_call(tmp_path, monkeypatch):
+    """Reference: by hand, calls at 3, 6, ..., 30 s, the clock from the first (3 s): 15 s (step 5), 27 s (step 9);
+    with every_n_steps=4 too (step 4 a step save, not a time one): 4, 5, 8, 9."""
+    now = _fake_clock(monkeypatch)
+    for every, expected in (({}, [5, 9]), ({"every_n_steps": 4}, [4, 5, 8, 9])):
+        directory = tmp_path / str(len(every))
+        step = with_checkpointing(_count_step, directory, train_time_interval=10, keep_last=None, **every)
+        state, now[0] = TrainState.create(nn.Linear(1, 1)), 0.0
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # (no "only every_n_steps saves by itself" warning: it saves by itself)
+            for _ in range(10):
+                now[0] += 3.0
+                state, _ = step(state, None)
+        assert _steps(directory) == expected
+
+
+@pytest.mark.parametrize("interval", [0, -1.0, float("inf"), float("nan"), "10", datetime.timedelta(0), True])
+def test_a_train_time_interval_that_is_no_positive_time_is_refused(tmp_path, interval):
+    with pytest.raises(ValueError, match="train_time_interval must be a positive datetime.timedelta"):
+        with_checkpointing(_count_step, tmp_path, train_time_interval=interval)
+
+
+def test_train_time_interval_with_keep_last_0_is_refused_as_the_other_unscored_triggers(tmp_path):
+    with pytest.raises(ValueError, match="the saves of train_time_interval \\(unscored\\) would be removed"):
+        with_checkpointing(_count_step, tmp_path, train_time_interval=60, keep_last=0, monitor="val/loss")
+
+
 def test_every_n_steps_saves_once_per_update_under_grad_accum(tmp_path, make_batches, mse_loss, take_snapshot,
                                                               assert_trees_equal):
     step = with_checkpointing(with_grad_accum(train_step(mse_loss), every=2), tmp_path, every_n_steps=2, keep_last=None)
@@ -153,6 +215,30 @@ def test_a_directory_holding_a_further_run_is_named_when_a_new_run_first_saves(t
         fit(loopkit.restore(_state(), tmp_path), 3)  # resumed from its newest checkpoint: no warning
     with pytest.warns(RuntimeWarning, match="holds checkpoints further along .*step30.* than this run \\(step 5\\)"):
         fit(_state(), 1)
+
+
+def test_a_directory_holding_lightnings_checkpoints_is_named_at_the_first_save_and_the_run_saves_beside_them(
+        tmp_path):
+    """A folder of Lightning's checkpoints given to a migrated script (restore returns its template there, and
+    warns): before, the run saved beside them silently. Reference: the same run in an empty folder saves the same
+    checkpoints (Lightning's are left alone), and warns of nothing."""
+
+    def fit(directory: Path) -> None:
+        run_epochs(with_checkpointing(train_step(_mse), directory, every_n_steps=5), _state(), _loader(), epochs=1,
+                   progress=False)
+
+    (tmp_path / "lightning").mkdir()
+    for name in ("epoch=3-step=16.ckpt", "last.ckpt"):
+        torch.save({"state_dict": {}, "pytorch-lightning_version": "2.6.6"}, tmp_path / "lightning" / name)
+    with pytest.warns(RuntimeWarning, match=r"lightning holds epoch=3-step=16\.ckpt, last\.ckpt, which look like "
+                                            r"checkpoints of another kind") as caught:
+        fit(tmp_path / "lightning")
+    assert len([w for w in caught if "another kind" in str(w.message)]) == 1  # once, at the first save
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fit(tmp_path / "empty")
+    assert _steps(tmp_path / "lightning") == _steps(tmp_path / "empty") == [5, 10]
+    assert {"epoch=3-step=16.ckpt", "last.ckpt"} <= {p.name for p in (tmp_path / "lightning").iterdir()}
 
 
 # --- a directory holding another model's checkpoints -------------------------------------------
@@ -1245,6 +1331,31 @@ def test_nan_and_infinite_scores_are_ranked_as_lightning_ranks_them(tmp_path, sc
         state = _validate(step, state, score)
     recorded = json.loads((tmp_path / "scores.json").read_text())["scores"]
     assert sorted(c.step - 1 for c in checkpoint.list_checkpoints(tmp_path) if c.name in recorded) == lightning_keeps
+
+
+@pytest.mark.parametrize("values, mode, lightning_keeps", [
+    # equal in float32, as Lightning's logged metrics are: its ModelCheckpoint(save_top_k=1) keeps the first
+    ([0.3, 0.2999999999, 0.2999999998], "min", [0]),
+    ([0.7, 0.7000000001], "max", [0]),
+    ([1e39, 2e39, 1.0], "min", [2]),  # beyond float32's range: +inf both, tied, then beaten
+])
+def test_scores_are_ranked_in_float32_as_lightning_and_early_stopping_rank_them(tmp_path, values, mode,
+                                                                                lightning_keeps):
+    """Before: ranked in float64, 0.2999999999 beat 0.3 and evicted it, where Lightning keeps the first (and
+    loopkit's EarlyStopping, told the same values, finds no improvement). References: the checkpoints Lightning's
+    ModelCheckpoint keeps, and the last check EarlyStopping counts as an improvement."""
+    monitor = "val/loss" if mode == "min" else "val/acc"  # (_validate reports val/acc = -score)
+    step = with_checkpointing(_count_step, tmp_path, keep_last=0, monitor=monitor, mode=mode, keep_best=1)
+    stopper = loopkit.EarlyStopping(monitor, mode=mode, patience=len(values) + 1, check_finite=False)
+    state = TrainState.create(nn.Linear(1, 1))
+    improved_last = None
+    for epoch, value in enumerate(values):  # epoch e's value at step e + 1
+        state = _validate(step, state, value if mode == "min" else -value)
+        stopper.check(None, value)
+        improved_last = epoch if stopper.wait == 0 else improved_last
+    recorded = json.loads((tmp_path / "scores.json").read_text())["scores"]
+    kept = sorted(c.step - 1 for c in checkpoint.list_checkpoints(tmp_path) if c.name in recorded)
+    assert kept == lightning_keeps == [improved_last]
 
 
 def test_a_step_save_and_an_epoch_save_of_the_same_update_are_one_checkpoint(tmp_path, assert_trees_equal):
