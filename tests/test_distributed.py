@@ -1058,7 +1058,7 @@ def _unlike_options_worker(rank: int, port: int, out: str) -> None:
     cases = {
         "log": lambda: loopkit.with_logging(base, loopkit.CSVLogger(os.path.join(out, "logs")),
                                             every_n_steps=mine(2, 3)),
-        "ckpt": lambda: loopkit.with_checkpointing(base, os.path.join(out, "ckpt"), every_n_epochs=mine(1, 2)),
+        "ckpt": lambda: loopkit.with_checkpointing(base, os.path.join(out, "ckpt"), every_n_epochs=mine(2, 3)),
         "accum": lambda: loopkit.with_ddp(loopkit.with_grad_accum(loopkit.train_step(ddp.mse), every=mine(2, 3))),
         # the same options on every rank, with_profiler on rank 0 alone: trains
         "alike": lambda: mine(lambda s: loopkit.with_profiler(s, os.path.join(out, "prof"), wait=0, warmup=0, active=1),
@@ -1076,7 +1076,7 @@ def test_transform_options_that_differ_between_ranks_are_refused_at_once_naming_
     timeout. Refused when the fit starts, on every rank, naming the option and both values."""
     _spawn_and_join(_unlike_options_worker, (_free_port(), str(tmp_path)), seconds=90)
     named = {"log": "'with_logging every_n_steps': 3}, rank 0 has {'with_logging every_n_steps': 2}",
-             "ckpt": "'with_checkpointing every_n_epochs': 2}, rank 0 has {'with_checkpointing every_n_epochs': 1}",
+             "ckpt": "'with_checkpointing every_n_epochs': 3}, rank 0 has {'with_checkpointing every_n_epochs': 2}",
              "accum": "'with_grad_accum every': 3}, rank 0 has {'with_grad_accum every': 2}"}
     for r in (0, 1):
         found = torch.load(os.path.join(tmp_path, f"rank{r}.pt"))

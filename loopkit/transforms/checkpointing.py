@@ -742,7 +742,8 @@ def with_checkpointing(
     * ``every_n_epochs``: save after every n-th completed epoch (driver's ``epoch_end``).
       ``every_n_epochs=0`` saves at no epoch's end (only :meth:`CheckpointStep.save` and a graceful stop
       then save).
-    * Without ``every_n_steps``, ``every_n_epochs``, ``train_time_interval`` and ``monitor`` it saves as Lightning's
+    * Without ``every_n_steps``, ``train_time_interval`` and ``monitor``, and ``every_n_epochs`` 1 or not given, it
+      saves as Lightning's
       ``ModelCheckpoint()`` does: under ``run_epochs`` after every validation of a fit that validates (a
       mid-epoch one of ``val_every_n_steps`` where it ran, an epoch's own once the epoch is recorded; an
       epoch whose last update a step validation saw is saved at its end too, that checkpoint replaced), and
@@ -809,9 +810,11 @@ def with_checkpointing(
     every_n_steps = _check_count("every_n_steps", every_n_steps, allow_none=True)
     every_n_epochs = _check_count("every_n_epochs", every_n_epochs, allow_none=True, minimum=0)
     seconds = _check_interval(train_time_interval)
-    on_validation = every_n_steps is None and every_n_epochs is None and seconds is None and monitor is None
-    if on_validation:  # (no trigger saved nothing in a whole fit: Lightning's ModelCheckpoint() saves after each
-        every_n_epochs = 1  # validation of a fit that validates, else after each epoch)
+    # Lightning's ModelCheckpoint() (every_n_epochs=1 given or not) saves after each validation of a fit that
+    # validates, else after each epoch (no trigger saved nothing in a whole fit)
+    on_validation = every_n_steps is None and every_n_epochs in (None, 1) and seconds is None and monitor is None
+    if on_validation:
+        every_n_epochs = 1
     every_n_epochs = every_n_epochs or None  # 0: no epoch saves, as Lightning's every_n_epochs=0
     keep_last = _check_count("keep_last", keep_last, allow_none=True, minimum=0)
     keep_best = _check_count("keep_best", keep_best, allow_none=False, minimum=0)

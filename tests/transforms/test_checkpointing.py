@@ -1418,9 +1418,10 @@ def _positions(directory: Path) -> list[tuple[int, int, int]]:
     return [(c.step, c.epoch, c.batch_index) for c in checkpoint.list_checkpoints(directory)]
 
 
+@pytest.mark.parametrize("given", [{}, {"every_n_epochs": 1}], ids=["default", "every_n_epochs=1"])
 @pytest.mark.parametrize("keep_last", [1, 3])
 def test_with_no_trigger_it_saves_after_each_validation_mid_epoch_ones_included_as_lightnings_model_checkpoint(
-    tmp_path, keep_last, assert_trees_equal
+    tmp_path, keep_last, given, assert_trees_equal
 ):
     """A fit validating every 2 updates saved only at its epoch's end, so a crash at update 7 of an 8-batch epoch
     left no checkpoint and restore gave the fresh state. Reference (hand-written, Lightning 2.6.6's ModelCheckpoint()
@@ -1431,12 +1432,12 @@ def test_with_no_trigger_it_saves_after_each_validation_mid_epoch_ones_included_
     loss = lambda m, b: {"loss": _mse(m, b)}  # noqa: E731
     kw = dict(epochs=1, val=(loopkit.eval_step(loss), data[:2]), val_every_n_steps=2, sanity_val_batches=0,
               progress=False)
-    whole, whole_history = run_epochs(with_checkpointing(train_step(_mse), tmp_path / "whole", keep_last=keep_last),
-                                      _state(), data, **kw)
+    whole, whole_history = run_epochs(
+        with_checkpointing(train_step(_mse), tmp_path / "whole", keep_last=keep_last, **given), _state(), data, **kw)
     assert _positions(tmp_path / "whole") == [(4, 0, 4), (6, 0, 6), (8, 1, 0)][-keep_last:]
 
     def make():
-        return with_checkpointing(train_step(_mse), tmp_path / "crashed", keep_last=keep_last)
+        return with_checkpointing(train_step(_mse), tmp_path / "crashed", keep_last=keep_last, **given)
 
     with pytest.raises(RuntimeError, match="crash"):
         run_epochs(make(), _state(), data, callbacks=[_CrashAtStep(7)], **kw)
@@ -1462,9 +1463,12 @@ def test_with_no_trigger_a_fit_validating_every_other_epoch_saves_after_its_vali
     assert _positions(tmp_path / "v") == [(8, 2, 0), (16, 4, 0)]
     run_epochs(with_checkpointing(train_step(_mse), tmp_path / "n", keep_last=None), _state(), data, **kw)
     assert _positions(tmp_path / "n") == [(4, 1, 0), (8, 2, 0), (12, 3, 0), (16, 4, 0)]
-    explicit = with_checkpointing(train_step(_mse), tmp_path / "e", every_n_epochs=1, keep_last=None)  # as before
-    run_epochs(explicit, _state(), data, val=(loopkit.eval_step(loss), data[:2]), val_every_n_epochs=2, **kw)
-    assert _positions(tmp_path / "e") == [(4, 1, 0), (8, 2, 0), (12, 3, 0), (16, 4, 0)]
+    explicit = with_checkpointing(train_step(_mse), tmp_path / "e", every_n_epochs=1, keep_last=None)  # (Lightning's
+    run_epochs(explicit, _state(), data, val=(loopkit.eval_step(loss), data[:2]), val_every_n_epochs=2, **kw)  # too)
+    assert _positions(tmp_path / "e") == [(8, 2, 0), (16, 4, 0)]
+    run_epochs(with_checkpointing(train_step(_mse), tmp_path / "2", every_n_epochs=2, keep_last=None), _state(), data,
+               val=(loopkit.eval_step(loss), data[:2]), val_every_n_steps=2, val_every_n_epochs=None, **kw)
+    assert _positions(tmp_path / "2") == [(8, 2, 0), (16, 4, 0)]  # (n > 1: every n-th epoch's end, validated or not)
 
 
 def test_a_save_of_a_lazy_model_that_never_ran_is_skipped_with_a_warning(tmp_path):
