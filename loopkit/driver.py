@@ -461,7 +461,7 @@ def _check_device(device: Any, where: str) -> Any:
 def _mover(device: torch.device | str | None, state: TrainState) -> Callable[[Any], Any] | None:
     """The function that places batches, or None when batches stay where they are (the CPU)."""
     target = torch.device(device) if device is not None else model_device(state.model)
-    if target.type == "cpu":
+    if target.type in ("cpu", "meta"):  # (meta: a spare part of a model, whose forward runs elsewhere)
         return None
     return lambda batch: to_device(batch, target, non_blocking=True)
 
@@ -481,18 +481,26 @@ def _to_device_state(state: TrainState, device: torch.device | str | None) -> No
 
 
 def _refuse_model_elsewhere(state: TrainState, device: torch.device | str | None, where: str) -> None:
-    """Refuse ``device`` for an evaluation whose model is on another device: its ``device`` places the batches
-    only (it leaves the state as it was: moving the model would change it), so they would meet the model on
-    another device in its first forward (torch's 'Expected all tensors to be on the same device')."""
-    if device is None or not any(True for _ in itertools.chain(state.model.parameters(), state.model.buffers())):
+    """Refuse ``device`` for an evaluation whose model has nothing there: its ``device`` places the batches only
+    (it leaves the state as it was: moving the model would change it), so they would meet the model on another
+    device in its first forward (torch's 'Expected all tensors to be on the same device'). A model spread over
+    several devices (a spare part on ``meta``, a pipeline over two GPUs) is taken when any part is there."""
+    if device is None:
         return
-    target, found = torch.device(device), model_device(state.model)
-    if found.type != target.type or None not in (found.index, target.index) and found.index != target.index:
-        raise ValueError(
-            f"{where}: device={str(device)!r} places the batches, but the model is on {str(found)!r}; {where} leaves "
-            f"the state as it is, so move the model first (state.model.to({str(target)!r}), or train with "
-            "run_epochs(..., device=...), which moves it), or pass the model's device"
-        )
+    target = torch.device(device)
+    found = [t.device for t in itertools.chain(state.model.parameters(), state.model.buffers())]
+    if not found or any(_is_on(d, target) for d in found):
+        return
+    raise ValueError(
+        f"{where}: device={str(device)!r} places the batches, but the model is on {str(found[0])!r}; {where} leaves "
+        f"the state as it is, so move the model first (state.model.to({str(target)!r}), or train with "
+        "run_epochs(..., device=...), which moves it), or pass the model's device"
+    )
+
+
+def _is_on(found: torch.device, target: torch.device) -> bool:
+    """Whether ``found`` is ``target`` (``"cuda"`` without an index: any CUDA device)."""
+    return found.type == target.type and None in (found.index, target.index) or found == target
 
 
 def evaluate(

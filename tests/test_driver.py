@@ -813,6 +813,30 @@ def test_a_device_other_than_the_models_is_refused_before_a_batch_is_read(call):
                     make_data(1), device="cpu") == {"n": 1.0}  # (a model of no parameter is anywhere)
 
 
+class _SpareFirst(nn.Module):
+    """A spare head on meta, registered first, beside the CPU body its forward uses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spare = nn.Linear(3, 1, device="meta")
+        torch.manual_seed(0)
+        self.body = nn.Linear(3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+@pytest.mark.parametrize("device", ["cpu", None])
+def test_a_model_spread_over_devices_is_evaluated_where_a_part_of_it_is(device):
+    """Its first parameter (on meta) is not where it runs: device='cpu' was refused (the model 'on meta'), and
+    device=None moved the batches to meta. Reference: a raw loop of its forward."""
+    model, data = _SpareFirst(), make_data(3)
+    with torch.no_grad():
+        raw = sum(float(((model(x) - y) ** 2).mean()) * len(x) for x, y in data) / sum(len(x) for x, _ in data)
+    means = evaluate(eval_step(lambda m, b: {"mse": mse(m, b)}), TrainState.create(model), data, device=device)
+    assert means["mse"] == pytest.approx(raw, rel=1e-6)
+
+
 def test_a_donated_eval_step_evaluates_and_validates_as_the_undonated_one():
     """evaluate and the validations call one state for every batch: a donated eval step is called undonated
     (an eval step changes nothing in place), and the caller's state, or the training's, stays usable."""
