@@ -42,7 +42,7 @@ from loopkit.checkpoint import capture_global_rng, install_global_rng
 from loopkit.progress import ProgressBar, progress_wanted, write_line
 from loopkit.rng import epoch_order_seed as _order_seed
 from loopkit.rng import seed_epoch_start
-from loopkit.rng import batch_rngs, global_rng_state, global_rngs_kept
+from loopkit.rng import batch_rngs, cuda_index, global_rng_state, global_rngs_kept
 from loopkit.state import (
     TrainState, core_module, extras_copy, fork, leave_intact, model_device, put_extras, refuse_copy_if_sharded, replace,
     replace_extras, state_at_error,
@@ -58,7 +58,6 @@ __all__ = ["evaluate", "predict", "run_epochs"]
 
 Metrics = Mapping[str, torch.Tensor]
 _CALLBACKS = "callbacks/"  # the extras keys of the callbacks' counters
-_VALIDATED = VALIDATED  # (a step checkpoint is written before its step's validation: a resumed run runs it first)
 # extras: the means of the running epoch's latest validation (a resumed run's record of the epoch holds them)
 _EPOCH_VAL = "run_epochs/epoch_val"
 #: the number of batches of the epoch under way (a resumed run with other data is told so)
@@ -623,9 +622,8 @@ def _evaluation_rngs(state: TrainState) -> Iterator[dict[str, torch.Tensor]]:
     """The RNG states of an evaluation's batches after its first (which draws from ``state``'s own, as the step
     called on it does): fresh numbers for each, drawn from ``state.rng``, or from a copy of the global RNG for a
     state that draws from it (left where it was: an evaluation changes nothing), as Lightning's batches draw anew."""
-    device = model_device(state.model)
-    cuda_index = None if device.type != "cuda" else device.index if device.index is not None else torch.cuda.current_device()
-    return batch_rngs(state.rng or global_rng_state(cuda_index), cuda_index)
+    index = cuda_index(model_device(state.model))
+    return batch_rngs(state.rng or global_rng_state(index), index)
 
 
 def _refuse_uneven_under_fsdp(state: TrainState, count: int | None, where: str) -> None:
@@ -2082,7 +2080,7 @@ def run_epochs(
         shown.update(metrics)
         if bar is not None:  # (at once, not at the next reading of the metrics)
             bar.refresh()
-        kept = {_VALIDATED: current.step}
+        kept = {VALIDATED: current.step}
         if notify:  # mid-epoch: the epoch's record, made later (perhaps by a resumed run), holds them
             kept[_EPOCH_VAL] = metrics
         handed = replace_extras(current, {**current.extras, **kept})
@@ -2186,7 +2184,7 @@ def run_epochs(
             history: list[dict[str, float]] = []
             # a state saved between an update and its due validation (a step checkpoint, a graceful stop)
             resumed_val: dict[str, float] = {}
-            if val_steps and state.step and state.step % val_steps == 0 and state.extras.get(_VALIDATED) != state.step:
+            if val_steps and state.step and state.step % val_steps == 0 and state.extras.get(VALIDATED) != state.step:
                 closing = state
                 resumed_val, state = validation_end(state)
                 closing = None
@@ -2261,7 +2259,7 @@ def run_epochs(
                 # the latest validation of this epoch (one before a crash mid-epoch included)
                 last_val = resumed_val or ({k: float(v) for k, v in state.extras.get(_EPOCH_VAL, {}).items()} if validates else {})
                 resumed_val = {}
-                validated_at = state.extras.get(_VALIDATED) if last_val else None  # the update it saw
+                validated_at = state.extras.get(VALIDATED) if last_val else None  # the update it saw
                 started_at = state.step
                 bar = ProgressBar(enabled=show, total=_bar_total(total, state, max_steps, step, epochs),
                                   initial=state.batch_index, desc=f"epoch {state.epoch}", shown=shown)

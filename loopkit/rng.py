@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 __all__ = [
-    "RNGScope", "batch_rngs", "create_rng", "epoch_order_seed", "global_rng_state", "global_rngs_kept", "seed_epoch_start",
+    "RNGScope", "batch_rngs", "create_rng", "cuda_index", "epoch_order_seed", "global_rng_state", "global_rngs_kept", "seed_epoch_start",
     "seed_everything",
 ]
 
@@ -65,6 +65,18 @@ def global_rng_state(cuda_index: int | None) -> dict[str, torch.Tensor]:
     if cuda_index is not None:
         rng[f"cuda:{cuda_index}"] = torch.cuda.get_rng_state(cuda_index)
     return rng
+
+
+def cuda_index(device: torch.device) -> int | None:
+    """The index of the CUDA device ``device`` (the current one where it names none), whose generator a step on it
+    draws from; None for another kind of device.
+
+    >>> cuda_index(torch.device("cpu")) is None
+    True
+    """
+    if device.type != "cuda":
+        return None
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 def batch_rngs(start: RNG, cuda_index: int | None) -> Iterator[dict[str, torch.Tensor]]:

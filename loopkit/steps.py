@@ -32,6 +32,7 @@ import torch
 
 from loopkit._sharded import fsdp_modules, local
 from loopkit.rng import RNGScope, global_rng_state
+from loopkit.rng import cuda_index as _cuda_index
 from loopkit.state import (
     _INTACT, TrainState, drop_graph, extras_copy, fork, keep_graph, leave_intact, make_state, model_device,
     refuse_copy_if_sharded, replace, state_at_error,
@@ -81,7 +82,8 @@ SAVE_DUE = "run_epochs/save_due"
 #: extras: the update at which ``run_epochs`` recorded the running epoch (one ``max_steps`` or a stop cut short,
 #: which a resumed fit that goes on in it finishes and records again at its end; a logger drops the cut record then)
 RECORDED = "run_epochs/recorded_step"
-#: extras: the update the last validation of ``run_epochs`` that counted saw (an epoch's own validation included)
+#: extras: the update the last validation of ``run_epochs`` that counted saw (an epoch's own validation included; a
+#: step checkpoint is written before its step's validation: a run resumed from one runs that validation first)
 VALIDATED = "run_epochs/validated_step"
 #: the metrics of ``"fit_begin"``: 1.0 when the fit validates (``val`` given, ``limit_val_batches`` not 0), else 0.0
 #: (with_checkpointing's default then saves after each validation, else after each epoch, as ModelCheckpoint())
@@ -803,12 +805,6 @@ def _split_loss(out: Any, loss_fn: Any, taken: Mapping[str, str] = _NO_METRICS) 
     if out.is_leaf:  # a parameter: its copy is the loss (the metric must not change with the update)
         out = out.clone()
     return out, aux
-
-
-def _cuda_index(device: torch.device) -> int | None:
-    if device.type != "cuda":
-        return None
-    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 # --- the training step -------------------------------------------------------------------------

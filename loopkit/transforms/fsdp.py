@@ -175,10 +175,14 @@ class FSDPSync:
 
         >>> FSDPSync(()).before_forward(torch.nn.BatchNorm1d(2))  # (no process group: one process)
         """
-        if not self.broadcast_buffers or not _collective.ready() or torch.distributed.get_world_size() == 1:
+        if not self._broadcasts():
             return
         what = "the broadcast of rank 0's buffers before the forward"
         _collective.broadcast_from_rank_zero(model.buffers(), self.failure, what)
+
+    def _broadcasts(self) -> bool:
+        """Whether rank 0's buffers are broadcast: ``broadcast_buffers`` on, under a process group of several ranks."""
+        return self.broadcast_buffers and _collective.ready() and torch.distributed.get_world_size() > 1
 
     def validating(self, model: nn.Module, extras: Mapping[str, Any]) -> contextlib.AbstractContextManager[None]:
         """The context of an evaluation of ``model`` (``run_epochs``' validations, which come between accumulation
@@ -190,7 +194,7 @@ class FSDPSync:
         ...     pass
         """
         buffers = list(model.buffers())
-        if not buffers or not self.broadcast_buffers or not _collective.ready() or torch.distributed.get_world_size() == 1:
+        if not buffers or not self._broadcasts():
             return contextlib.nullcontext()
         return _collective.rank_zero_values(buffers, self.failure, "the broadcast of rank 0's buffers before a validation")
 

@@ -18,7 +18,7 @@ from torch import nn
 from torch.optim.swa_utils import SWALR, update_bn
 
 from loopkit._numbers import as_int, as_real
-from loopkit.rng import RNGScope, global_rng_state
+from loopkit.rng import RNGScope, cuda_index, global_rng_state
 from loopkit.state import (
     HELD_SCHEDULER, TrainState, core_module, extras_copy, fork, leave_intact, model_device, replace, state_at_error,
 )
@@ -455,10 +455,8 @@ def swa_state(state: TrainState, train_data: Any = None, *, device: torch.device
                              "for the averaged weights (Lightning's extra epoch): pass the training data, "
                              "swa_state(state, train_data)")
         where = model_device(copy.model) if device is None else torch.device(device)
-        cuda_index = None
-        if where.type == "cuda":
-            cuda_index = where.index if where.index is not None else torch.cuda.current_device()
-        scope = RNGScope(copy.rng or global_rng_state(cuda_index), cuda_index, copy.seed)
+        index = cuda_index(where)
+        scope = RNGScope(copy.rng or global_rng_state(index), index, copy.seed)
         read = [0]
         try:
             update_bn(_inputs(train_data, read), copy.model, where)
