@@ -870,12 +870,13 @@ def _csv_row_is_whole(line: bytes) -> bool:
     return len(line) > 1 and line.endswith(b"\r")
 
 
-def _cut_torn_row(path: str) -> None:
+def _cut_torn_row(path: str) -> bool:
     """Drop the torn last row of a run killed mid-write (its file does not end with a newline): the next
     row appended would run on from it. A row torn between the ``\\r`` and the ``\\n`` of its terminator is
     whole: it is kept, its line ended (the header too, when it is the file's only line). A file holding only
     a torn header of a CSVLogger's (``step,...``, or the start of that: no row yet) is emptied, so that a whole header is written; another
-    program's is left for the foreign-file check to refuse."""
+    program's is left for the foreign-file check to refuse. Return whether the file was emptied (the only
+    change to its header: a kept row's line ended leaves the header's columns as they were)."""
     found = _unfinished_line(path)
     if found is not None:
         data, start = found
@@ -884,6 +885,8 @@ def _cut_torn_row(path: str) -> None:
             _end_last_line(path, data, start, whole)
         elif data.startswith(_CSV_START) or _CSV_START.startswith(data):
             _replace_file(path, b"")
+            return True
+    return False
 
 
 #: how every line of a JSONLLogger's file begins (``json.dumps`` of ``{"step": ..., ...}``)
@@ -1385,10 +1388,11 @@ class CSVLogger(RunDirLogger):
         """The columns, read back from an existing file's header when continuing a run in its folder."""
         if self._columns is None:
             path = self._path(self.filename)
-            _refuse_foreign_csv(path)
-            if os.path.exists(path):  # (a file of its own: a row a killed run tore is dropped before the next)
-                _cut_torn_row(path)
-            self._columns = _refuse_foreign_csv(path)  # (a torn header is gone: its file emptied)
+            columns = _refuse_foreign_csv(path)  # (read once: cutting a torn row leaves the header as it is)
+            # a file of its own: a row a killed run tore is dropped before the next; a torn header goes with its file
+            if os.path.exists(path) and _cut_torn_row(path):
+                columns = ["step"]
+            self._columns = columns
         return self._columns
 
     def _drop_records(self, folder: str, keep: Callable[[int, frozenset[str], int | None], bool]) -> int:
