@@ -1406,6 +1406,14 @@ def _decode_model(plain: Any, template: Mapping[str, Any], model: nn.Module) -> 
                 "fake-quantizers and observers), this state's model is not; load it into a template prepared as the "
                 "step prepares it: loopkit.restore(step.prepare(template), directory) (step: the with_qat pipeline)"
             ) from None
+        if resizable and isinstance(plain, Mapping) and not any(_is_qat_key(key) for key in plain):
+            raise StateMismatchError(
+                f"{error}: the state dict is of a model not prepared for quantization-aware training (its keys hold no "
+                "fake-quantizer or observer: a run without with_qat, or one saved before with_qat's first call), this "
+                "state's model is prepared; load it into the unprepared template: loopkit.restore(template, directory), "
+                "whose model with_qat prepares at its first call (to start QAT afresh from those weights alone, give "
+                "that restored model a new TrainState, before with_qat prepares it)"
+            ) from None
         if not resizable or not isinstance(plain, Mapping):
             raise
         loose = {k: plain[k] if k in resizable and isinstance(plain.get(k), torch.Tensor) else v for k, v in template.items()}

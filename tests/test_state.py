@@ -1262,6 +1262,32 @@ def test_a_qat_state_dict_loaded_into_an_unprepared_model_says_to_prepare_the_te
         loopkit.TrainState.create(model()).load_state_dict({**plain, "model": {**plain["model"], "extra": torch.ones(1)}})
 
 
+
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
+def test_a_plain_state_dict_loaded_into_a_prepared_model_says_to_load_the_unprepared_template(fused):
+    """The reverse: a state dict without fake-quantizers and observers (a plain run's, or one saved before with_qat's
+    first call) into a prepared template (missing keys; a fused Conv-BN-ReLU's weights under other names): the error
+    says to load it into the unprepared template, which with_qat prepares; a QAT state dict that does not fit either
+    gets the bare mismatch."""
+    from torch.ao.quantization import fuse_modules_qat, get_default_qat_qconfig, prepare_qat
+
+    def model(prepared):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU(), nn.Flatten(), nn.Linear(8, 2)).train()
+        net = fuse_modules_qat(net, [["0", "1", "2"]]) if fused else net
+        if prepared:
+            net.qconfig = get_default_qat_qconfig("x86")
+            prepare_qat(net, inplace=True)
+        return net
+
+    saved = loopkit.TrainState.create(model(False)).state_dict()
+    with pytest.raises(loopkit.StateMismatchError, match=r"key 'model\.0\..*not prepared for quantization-aware training"
+                       r".*load it into the unprepared template: loopkit\.restore\(template, directory\)"):
+        loopkit.TrainState.create(model(True)).load_state_dict(saved)
+    qat = loopkit.TrainState.create(model(True)).state_dict()
+    with pytest.raises(loopkit.StateMismatchError, match=r"unexpected key 'model.extra'$"):
+        loopkit.TrainState.create(model(True)).load_state_dict({**qat, "model": {**qat["model"], "extra": torch.ones(1)}})
+
 # --- schedulers of every kind: purity and exact resume against a raw loop ---------------------------
 
 

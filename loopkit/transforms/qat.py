@@ -236,7 +236,9 @@ def with_qat(
     ``state.step`` is ``freeze_bn_after`` on, fused BatchNorm running statistics freeze
     (``freeze_bn_stats``). To restore a checkpoint, prepare the template the same way:
     ``restore(step.prepare(template), directory)``, where ``step`` is this step or any
-    pipeline built around it (an unprepared template is refused: a ``StateMismatchError`` that says so).
+    pipeline built around it (an unprepared template is refused: a ``StateMismatchError`` that says so). A checkpoint
+    without QAT's buffers (a plain run's, or one saved before this step's first call) goes into the unprepared
+    template, whose model this step prepares at its first call (a prepared template refuses it, saying so).
 
     ``torch.ao.quantization`` is deprecated in favour of torchao (it still works in torch
     2.x); its deprecation warnings are silenced inside this step.

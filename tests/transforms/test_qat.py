@@ -119,6 +119,23 @@ def test_resume_from_a_checkpoint_into_a_prepared_template_is_exact(make_batches
     assert_trees_equal(resumed.optimizer.state_dict(), whole.optimizer.state_dict())
 
 
+def test_a_plain_checkpoint_into_a_prepared_template_says_to_restore_into_the_unprepared_one(make_batches, tmp_path, assert_trees_equal):
+    """A checkpoint without QAT's buffers (a plain run's, e.g. a pretraining one) into a prepared template: refused,
+    saying to restore into the unprepared template, which then loads it and trains on under with_qat."""
+    data = make_batches(STEPS)
+    plain = loopkit.train_step(_mse)
+    saved, _ = loopkit.run_epochs(loopkit.with_checkpointing(plain, tmp_path, every_n_steps=STEPS), _state(), data,
+                                  epochs=1, progress=False)
+    qat = loopkit.with_qat(plain)
+    with pytest.raises(loopkit.StateMismatchError, match=r"fake_quant.*not prepared for quantization-aware training"
+                       r".*prepared; load it into the unprepared template: loopkit\.restore\(template, directory\)"):
+        loopkit.restore(qat.prepare(_state(5)), tmp_path)
+    restored = loopkit.restore(_state(5), tmp_path)  # as the message says
+    assert_trees_equal(dict(restored.model.state_dict()), dict(saved.model.state_dict()))
+    trained, _ = qat(restored, data[0])
+    assert is_prepared(trained.model) and trained.step == STEPS + 1
+
+
 def _scale(state):
     return state.model[1].weight_fake_quant.scale.clone()
 
