@@ -22,8 +22,8 @@ from typing import Any
 import torch
 
 __all__ = [
-    "active", "agree_max", "any_rank", "broadcast_from_rank_zero", "check_same", "differs_from_rank_zero", "failure", "fold", "from_rank_zero",
-    "gather", "is_rank_zero", "max_over_ranks", "mean_over_ranks", "means", "rank_and_size", "rank_zero_values",
+    "active", "agree_max", "any_rank", "broadcast_from_rank_zero", "check_same", "differs_from_rank_zero", "failing_as",
+    "failure", "fold", "from_rank_zero", "gather", "is_rank_zero", "max_over_ranks", "mean_over_ranks", "means", "rank_and_size", "rank_zero_values",
     "read", "ready", "sum_dtype",
 ]
 
@@ -109,13 +109,11 @@ def gather(value: object, *, who: str, what: str, to_rank_zero: bool = False) ->
     dist = torch.distributed
     gathered: list[object] = [None] * dist.get_world_size()
     rank_zero = dist.get_rank() == 0
-    try:
+    with failing_as(who, what):
         if not to_rank_zero:
             dist.all_gather_object(gathered, value)
         else:
             dist.gather_object(value, gathered if rank_zero else None, dst=0)
-    except RuntimeError as error:  # (gloo's "Connection reset by peer", its send timeout: the raw message)
-        raise failure(who, what, error) from error
     return gathered if rank_zero or not to_rank_zero else None
 
 
@@ -195,25 +193,25 @@ def max_over_ranks(value: int, what: str = "the ranks' agreement (an all-reduce)
         return value
     device = torch.device("cuda", torch.cuda.current_device()) if torch.distributed.get_backend() == "nccl" else None
     told = torch.tensor(int(value), device=device)
-    try:
+    with failing_as(who, what):
         torch.distributed.all_reduce(told, op=torch.distributed.ReduceOp.MAX)
-    except RuntimeError as error:  # (gloo's "Connection closed by peer", NCCL's timeout: DistBackendError)
-        raise failure(who, what, error) from error
     return int(told.item())
 
 
-def from_rank_zero(value: int) -> int:
+def from_rank_zero(value: int, *, who: str, what: str) -> int:
     """Rank 0's ``value`` (a small int) on every rank: one broadcast, a collective every rank must call at the
-    same point; ``value`` itself outside a process group of more than one rank.
+    same point; ``value`` itself outside a process group of more than one rank. A failed broadcast (another rank
+    died) raises :func:`failure`'s error, naming ``who`` calls it, ``what`` it tells and this rank.
 
-    >>> from_rank_zero(2)
+    >>> from_rank_zero(2, who="with_checkpointing", what="the broadcast of rank 0's word on a save")
     2
     """
     if not active():
         return value
     device = torch.device("cuda", torch.cuda.current_device()) if torch.distributed.get_backend() == "nccl" else None
     told = torch.tensor(value, dtype=torch.int64, device=device)
-    torch.distributed.broadcast(told, src=0)
+    with failing_as(who, what):
+        torch.distributed.broadcast(told, src=0)
     return int(told.item())
 
 
@@ -258,9 +256,9 @@ def means(
 
     Under a process group every rank must call this at the same point (it is a collective).
     The keys of all ranks are joined first, so a rank that saw no value of a metric (or no
-    batch at all) still takes part; the sums and counts then travel in one all-reduce. Where that
-    fails (a rank never came, or died) the error names ``who`` asks for the means, this rank and
-    ``advice`` (how to call ``who`` on every rank).
+    batch at all) still takes part; the sums and counts then travel in one all-reduce. Where either
+    fails (a rank never came, or died) :func:`failure`'s error names ``who`` asks for the means, this rank
+    and ``advice`` (how to call ``who`` on every rank).
 
     >>> means({"loss": torch.tensor(3.0)}, {"loss": 2}, who="evaluate")
     {'loss': 1.5}
@@ -278,17 +276,12 @@ def _summed_over_ranks(
 ) -> tuple[list[str], torch.Tensor]:
     """The keys of all ranks, and one float64 tensor of their sums then their counts, all-reduced (one
     all-gather of the keys, one all-reduce: a rank that saw no value of a metric still takes part); a failed
-    all-gather raises an error naming ``who`` and giving ``advice`` (see :func:`means`)."""
+    collective raises :func:`failure`'s error naming ``who`` and giving ``advice`` (see :func:`means`)."""
     dist = torch.distributed
+    what = "the reduction of the means over the ranks"
     gathered: list[list[str] | None] = [None] * dist.get_world_size()
-    try:
+    with failing_as(who, what, advice):  # (the first collective of the means: where a rank that never came is found out)
         dist.all_gather_object(gathered, list(sums))
-    except RuntimeError as e:  # (the first collective of the means: where a rank that never came is found out)
-        raise RuntimeError(
-            f"{who}: the means over {dist.get_world_size()} ranks could not be reduced on rank {dist.get_rank()}: "
-            f"every rank must reach them at the same point{advice}, or another rank has died or stopped. "
-            f"The error was: {e}"
-        ) from e
     keys: list[str] = []
     for rank_keys in gathered:
         keys.extend(k for k in rank_keys or () if k not in keys)
@@ -298,7 +291,8 @@ def _summed_over_ranks(
     numbers = torch.tensor([float(counts.get(k, 0)) for k in keys], dtype=torch.float64, device=device)
     packed = torch.cat([torch.stack(totals), numbers]) if keys else numbers
     if keys:
-        dist.all_reduce(packed, op=dist.ReduceOp.SUM)
+        with failing_as(who, what, advice):
+            dist.all_reduce(packed, op=dist.ReduceOp.SUM)
     return keys, packed
 
 
@@ -312,18 +306,37 @@ def ready() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def failure(transform: str, collective: str, error: BaseException, where: str = "") -> RuntimeError:
-    """The error a data-parallel ``transform`` raises when ``collective`` failed: it names the collective,
-    this rank and the likely cause.
+def failure(transform: str, collective: str, error: BaseException, where: str = "", advice: str = "") -> RuntimeError:
+    """The error a data-parallel ``transform`` (or the function that calls ``collective``) raises when
+    ``collective`` failed: it names the collective, this rank and the likely cause; ``advice``, where given,
+    says how every rank reaches it (a parenthesis, as " (call evaluate on every rank)").
 
     >>> str(failure("with_ddp", "the gradient all-reduce", RuntimeError("reset by peer")))[:52]
     'with_ddp: the gradient all-reduce failed on rank 0 o'
     """
     rank, size = rank_and_size()
+    reach = f"every rank must reach it at the same point{advice}, or " if advice else ""
     return RuntimeError(
-        f"{transform}: {collective} failed on rank {rank} of {size}{where}: another rank has probably died or "
+        f"{transform}: {collective} failed on rank {rank} of {size}{where}: {reach}another rank has probably died or "
         f"stopped (see its log), or the process group's timeout ran out. The error was: {error}"
     )
+
+
+@contextlib.contextmanager
+def failing_as(who: str, what: str, advice: str = "") -> Iterator[None]:
+    """The context of one collective call: a ``RuntimeError`` it raises (gloo's raw "Connection reset by peer",
+    its timeout, NCCL's ``DistBackendError``) is raised again as :func:`failure`'s error naming ``who``, ``what``
+    and this rank (the original as its cause).
+
+    >>> with failing_as("evaluate", "the all-reduce of the means"):
+    ...     raise RuntimeError("Connection reset by peer")
+    Traceback (most recent call last):
+    RuntimeError: evaluate: the all-reduce of the means failed on rank 0 of 1: another rank has probably died or stopped (see its log), or the process group's timeout ran out. The error was: Connection reset by peer
+    """
+    try:
+        yield
+    except RuntimeError as error:
+        raise failure(who, what, error, advice=advice) from error
 
 
 def broadcast_from_rank_zero(

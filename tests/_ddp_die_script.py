@@ -1,4 +1,5 @@
-"""A 2-rank run in which rank 1 dies at call 3: rank 0 must fail fast, naming the failed collective.
+"""A 2-rank run in which rank 1 dies at call 3 (or, ``evaluate``, at its means' all-reduce): rank 0 must fail
+fast, naming the failed collective.
 
 Started by tests/test_distributed.py with torchrun's environment variables set by hand (one
 process per rank), so that the survivor is not stopped by a launcher and its error is seen.
@@ -40,6 +41,13 @@ def _dies_after_its_third_update(optimizer, args, kwargs) -> None:
         os._exit(3)
 
 
+def _dies_at_the_all_reduce(*args, **kwargs) -> None:
+    """Rank 1's ``torch.distributed.all_reduce`` under ``evaluate``: it exits instead, after the all-gather of the
+    means' names, so rank 0's next collective is the all-reduce of their sums and counts."""
+    print("rank 1 dies at its means' all-reduce", flush=True)
+    os._exit(3)
+
+
 def main() -> None:
     distributed.init(timeout=datetime.timedelta(seconds=float(os.environ.get("LOOPKIT_TEST_TIMEOUT", "20"))))
     torch.manual_seed(0)
@@ -50,6 +58,18 @@ def main() -> None:
         step = loopkit.donate(loopkit.with_checkpointing(step, sys.argv[2], every_n_steps=3))
         state.optimizer.register_step_post_hook(_dies_after_its_third_update)
         loopkit.run_epochs(step, state, [torch.randn(8, 4) for _ in range(6)], epochs=1, progress=False)
+        print(f"rank {distributed.rank()} finished", flush=True)
+        return
+    if sys.argv[1:2] == ["clock"]:  # (argv[2]: the checkpoint folder) rank 0's next collective: with_checkpointing's broadcast of its clock
+        step = loopkit.donate(loopkit.with_checkpointing(step, sys.argv[2], train_time_interval=3600))
+        state.optimizer.register_step_post_hook(_dies_after_its_third_update)
+        loopkit.run_epochs(step, state, [torch.randn(8, 4) for _ in range(6)], epochs=1, progress=False)
+        print(f"rank {distributed.rank()} finished", flush=True)
+        return
+    if sys.argv[1:] == ["evaluate"]:
+        if distributed.rank() == 1:
+            torch.distributed.all_reduce = _dies_at_the_all_reduce
+        loopkit.evaluate(loopkit.eval_step(lambda m, b: {"mean": m(b).mean()}), state, [torch.randn(8, 4)])
         print(f"rank {distributed.rank()} finished", flush=True)
         return
     step = loopkit.donate(step)

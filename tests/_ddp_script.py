@@ -35,6 +35,8 @@ no expected values. Scenarios:
   shard is empty), given as it is and made by a factory each epoch, and over a rank's own batches, none on rank 1,
   with a fraction ``limit_val_batches``; ``val_all_empty``: a validation set empty on every rank (refused by every
   rank).
+- ``validating_evaluate``: ``with step.validating(state): loopkit.evaluate(...)`` of a BatchNorm model whose ranks'
+  running statistics differ (2 updates under ``with_ddp``), and ``evaluate`` after the block.
 - ``stop_one_rank``: a callback asks to stop on rank 0 only; ``uneven``: 3 batches on rank 0, 2
   on rank 1; ``apart``: rank 1 starts from step 2 (each refused before a step, by every rank).
 - ``signal_one_rank``: rank 1 alone gets SIGTERM in its 3rd step; ``signal_apart``: rank 0 gets it in
@@ -978,10 +980,7 @@ def export_rank_zero(rank: int, out_dir: str) -> dict[str, Any]:
     step: DDP broadcasts rank 0's at the next forward), rank 0 first, then rank 1: the file must hold rank 0's."""
     import loopkit
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(D_IN, 8), nn.BatchNorm1d(8), nn.Linear(8, D_OUT))
-    state = sgd_state(model)
+    state = sgd_state(make_bn_model())
     step = loopkit.donate(loopkit.with_ddp(loopkit.train_step(mse)))
     for batch in make_data(2)[:, rank]:
         state, _ = step(state, batch)
@@ -992,15 +991,48 @@ def export_rank_zero(rank: int, out_dir: str) -> dict[str, Any]:
         torch.distributed.barrier()
     with open(path, "rb") as f:
         exported = f.read()
-    return {"buffers": {n: b.detach().clone() for n, b in state.model.named_buffers()}, "params": _params(state.model),
-            "file": exported}
+    return {"buffers": _buffers(state.model), "params": _params(state.model), "file": exported}
+
+
+def make_bn_model() -> nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(D_IN, 8), nn.BatchNorm1d(8), nn.Linear(8, D_OUT))
+
+
+def _buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: b.detach().clone() for n, b in model.named_buffers()}
+
+
+def validating_evaluate(rank: int) -> dict[str, Any]:
+    """The documented pattern for an evaluation of one's own, ``with step.validating(state): loopkit.evaluate(...)``,
+    of a BatchNorm model after 2 updates under ``with_ddp`` (each rank's running statistics its own: DDP broadcasts
+    rank 0's at the next forward). Each rank evaluates its half of ``make_dataset(16, 3)`` (2 batches) inside the
+    block (reduced and not) and after it (not reduced), recording its buffers before, inside and after."""
+    import loopkit
+
+    state = sgd_state(make_bn_model())
+    step = loopkit.donate(loopkit.with_ddp(loopkit.train_step(mse)))
+    for batch in make_data(2)[:, rank]:
+        state, _ = step(state, batch + 2.0 * rank)  # (rank 1's shifted: its statistics move away from rank 0's)
+    x, y = make_dataset(16, 3)[8 * rank:8 * rank + 8]
+    val = [(x[:4], y[:4]), (x[4:], y[4:])]
+    evaluator = loopkit.eval_step(lambda m, b: {"mse": mse(m, b)})
+    own = _buffers(state.model)
+    with step.validating(state):
+        inside = {"reduced": loopkit.evaluate(evaluator, state, val), "local": loopkit.evaluate(evaluator, state, val,
+                                                                                               reduce=False)}
+        inside_buffers = _buffers(state.model)
+    after = loopkit.evaluate(evaluator, state, val, reduce=False)
+    return {"params": _params(state.model), "own": own, "inside": inside, "inside_buffers": inside_buffers,
+            "after": after, "after_buffers": _buffers(state.model)}
 
 
 SCENARIOS = {
     f.__name__: f
     for f in (plain, pure_accum, pure_two_heads, accum, accum_scheduled, accum_outer, bucket_views, static_graph, flush, two_heads, averaged_pruned, nan_skip, nan_raise, fp16, fit,
               stop_one_rank, callbacks_on_rank0, uneven, apart, loss_error, buffers_apart, sparse_flush, stop_in_group,
-              uneven_stream, even_stream, stream_runs_dry, val_one_sample, val_all_empty, kept_sampler)
+              uneven_stream, even_stream, stream_runs_dry, val_one_sample, val_all_empty, kept_sampler, validating_evaluate)
 }
 
 WITH_OUT_DIR = {f.__name__: f for f in (pure, resume, signal_one_rank, signal_apart, signal_in_group, signal_spaced_votes,

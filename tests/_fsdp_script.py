@@ -24,7 +24,8 @@ rank trains on its half of every global batch of ``make_data``; the test builds 
 - ``bn``, ``bn_ddp``: a model with BatchNorm (rank 1's data shifted), ``with_grad_accum(with_fsdp(...), every=2)``
   and the same under ``with_ddp``, 2 epochs of 4 batches validated each; ``bn`` records the buffers each forward
   starts from. ``bn_cut`` / ``bn_resume`` (second launch): ``bn`` checkpointed, cut at ``max_steps=3``, resumed.
-- ``bn_nobroadcast``: ``with_fsdp(broadcast_buffers=False)``, two calls, the buffers each forward starts from.
+- ``bn_nobroadcast``: ``with_fsdp(broadcast_buffers=False)``, two calls, the buffers each forward starts from, then
+  ``evaluate(reduce=False)`` inside ``step.validating(state)``.
 - ``gather_to_rank_zero``: checkpoints at each of 2 updates and ``export_weights``, ``DTensor.full_tensor`` watched:
   the whole tensors each rank still holds at each gather and after.
 - ``norm_collectives``: the all-reduces of ``with_grad_norm``'s and ``with_grad_clip``'s gradient hooks on sharded
@@ -299,7 +300,9 @@ def bn_resume(rank: int, out_dir: str) -> dict[str, Any]:
 
 
 def bn_nobroadcast(rank: int, out_dir: str) -> dict[str, Any]:
-    """``broadcast_buffers=False``: 2 calls, each recording the buffers its forward starts from."""
+    """``broadcast_buffers=False``: 2 calls, each recording the buffers its forward starts from, then each rank's
+    ``evaluate(reduce=False)`` of its batch of ``make_bn_data(1, seed=7)`` inside ``step.validating(state)``, with the
+    buffers there."""
     import loopkit
 
     seen: list[list[torch.Tensor]] = []
@@ -310,8 +313,14 @@ def bn_nobroadcast(rank: int, out_dir: str) -> dict[str, Any]:
 
     step = loopkit.with_fsdp(loopkit.train_step(loss), shard=SHARD, broadcast_buffers=False)
     data = make_bn_data(2)
-    _loop(step, make_bn_state(), [data[i, rank] for i in range(2)])
-    return {"seen": seen}
+    state, _ = _loop(step, make_bn_state(), [data[i, rank] for i in range(2)])
+    own = {n: b.detach().clone() for n, b in state.model.named_buffers()}
+    with step.validating(state):
+        inside = loopkit.evaluate(loopkit.eval_step(lambda m, b: {"mse": mse(m, b)}), state,
+                                  [make_bn_data(1, seed=7)[0, rank]], reduce=False)
+        inside_buffers = {n: b.detach().clone() for n, b in state.model.named_buffers()}
+    return {"seen": seen, "params": full_params(state.model), "own": own, "inside": inside,
+            "inside_buffers": inside_buffers}
 
 
 def stop_mid_group(rank: int, out_dir: str) -> dict[str, Any]:

@@ -389,11 +389,17 @@ def test_the_ddp_example_runs_under_torchrun_and_passes_its_bar():
     ("run_epochs", "run_epochs: the ranks' vote on the callbacks' should_stop failed on rank 0 of 2"),
     ("checkpoint", "with_checkpointing: the save's gather of every rank's running means, RNG and buffers failed on "
                    "rank 0 of 2"),
+    ("clock", "with_checkpointing: the broadcast of rank 0's clock (whether train_time_interval passed) failed on rank "
+              "0 of 2"),
+    ("evaluate", "evaluate: the reduction of the means over the ranks failed on rank 0 of 2: every rank must reach it "
+                 "at the same point (call evaluate on every rank"),
 ])
 def test_when_a_rank_dies_the_other_fails_within_the_timeout_naming_the_collective(where, named, tmp_path):
     """Two processes with torchrun's variables; rank 1 exits at call 3, rank 0 must not hang. Under run_epochs with
     a batch hook rank 0's next collective is the driver's own vote (it raised gloo's bare "Connection closed"); under
-    with_checkpointing(every_n_steps=3) it is the save's gather (it raised gloo's bare "Connection reset by peer")."""
+    with_checkpointing(every_n_steps=3) it is the save's gather (it raised gloo's bare "Connection reset by peer"); under
+    with_checkpointing(train_time_interval=...) the broadcast of rank 0's clock, and under evaluate (rank 1 exiting
+    after the all-gather of the means' names) the all-reduce of their sums (both raised gloo's bare error)."""
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_ddp_die_script.py")
     port = _free_port()
     procs = []
@@ -401,7 +407,8 @@ def test_when_a_rank_dies_the_other_fails_within_the_timeout_naming_the_collecti
         env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
                "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2", "OMP_NUM_THREADS": "1",
                "LOOPKIT_TEST_TIMEOUT": "20"}
-        args = {"step": [], "run_epochs": ["run_epochs"], "checkpoint": ["checkpoint", str(tmp_path)]}[where]
+        args = {"step": [], "run_epochs": ["run_epochs"], "checkpoint": ["checkpoint", str(tmp_path)],
+                "clock": ["clock", str(tmp_path)], "evaluate": ["evaluate"]}[where]
         procs.append(subprocess.Popen([sys.executable, script] + args, env=env,
                                       stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL))
@@ -412,7 +419,7 @@ def test_when_a_rank_dies_the_other_fails_within_the_timeout_naming_the_collecti
     finally:
         for proc in procs:
             proc.kill()
-    assert procs[1].returncode == 3 and "rank 1 dies at call 3" in outputs[1]
+    assert procs[1].returncode == 3 and "rank 1 dies at" in outputs[1]
     assert procs[0].returncode != 0 and "rank 0 finished" not in outputs[0]
     assert named in outputs[0] and "another rank has probably died" in outputs[0]
     if where == "step":
@@ -527,7 +534,8 @@ def test_evaluate_on_one_rank_fails_at_the_timeout_saying_what_to_do(tmp_path, b
     _spawn_and_join(_evaluating_on_rank_zero_only_worker, (_free_port(), str(tmp_path)))
     with open(os.path.join(tmp_path, "rank0.txt")) as f:
         message = f.read()
-    assert "means over 2 ranks could not be reduced on rank 0" in message and "reduce=False" in message, message
+    assert "evaluate: the reduction of the means over the ranks failed on rank 0 of 2: every rank must reach it at " \
+           "the same point (call evaluate on every rank, or evaluate(..., reduce=False)" in message, message
 
 
 def test_init_with_world_size_one_makes_a_real_group_without_a_port(bare_env):

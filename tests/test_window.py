@@ -79,13 +79,15 @@ def test_means_that_fail_over_the_ranks_name_the_windows_owner_not_evaluate(monk
         raise RuntimeError("Connection reset by peer")
 
     monkeypatch.setattr(loopkit._collective, "active", lambda: True)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.distributed, "get_world_size", lambda *a, **k: 2)
     monkeypatch.setattr(torch.distributed, "get_rank", lambda *a, **k: 0)
     monkeypatch.setattr(torch.distributed, "all_gather_object", died)
     with pytest.raises(RuntimeError) as raised:
         window.means(window.add({}, {"loss": torch.tensor(1.0)}))
     message = str(raised.value)
-    assert message.startswith(f"{owner}: the means over 2 ranks could not be reduced on rank 0: every rank must reach "
-                              "them at the same point")
+    assert message.startswith(f"{owner}: the reduction of the means over the ranks failed on rank 0 of 2: ")
     assert advice in message and "evaluate" not in message
-    assert "another rank has died or stopped. The error was: Connection reset by peer" in message
+    assert ("every rank must reach it at the same point" in message) == bool(advice)
+    assert "another rank has probably died or stopped" in message
+    assert message.endswith("The error was: Connection reset by peer")

@@ -45,6 +45,7 @@ __all__ = ["CheckpointStep", "with_checkpointing"]
 Position = tuple[int, int, int]
 
 _NO_SAVE, _SAVE, _FAILED = 0, 1, 2  # rank 0's word to the other ranks on a save of a sharded state (_persist)
+_WORD = "the broadcast of rank 0's word on whether it saves the sharded state"  # (named where it fails)
 
 
 def _worst(mode: str) -> float:
@@ -181,7 +182,9 @@ class CheckpointStep(UpdateStep):
             now = time.monotonic()
             if self.saver.timed_from is None:
                 self.saver.timed_from = now
-            if _collective.from_rank_zero(int(now - self.saver.timed_from >= interval)):
+            due = _collective.from_rank_zero(int(now - self.saver.timed_from >= interval), who="with_checkpointing",
+                                             what="the broadcast of rank 0's clock (whether train_time_interval passed)")
+            if due:
                 self.saver.timed_from = now
                 reason = reason or f"train_time_interval={interval:g}s"
         return reason
@@ -345,11 +348,12 @@ class CheckpointStep(UpdateStep):
             plan = self._plan(state, reason, score, due, rerecord_only) if writer else None
         except BaseException:
             if sharded and _collective.active():
-                _collective.from_rank_zero(_FAILED)  # (the others wait for rank 0's word)
+                _collective.from_rank_zero(_FAILED, who="with_checkpointing", what=_WORD)  # (the others wait for it)
             raise
         state_dict = None
         if sharded:
-            word = _collective.from_rank_zero(_SAVE if plan is not None and plan[3] else _NO_SAVE)
+            word = _collective.from_rank_zero(_SAVE if plan is not None and plan[3] else _NO_SAVE, who="with_checkpointing",
+                                              what=_WORD)
             if word == _FAILED:
                 raise RuntimeError("with_checkpointing: rank 0 failed to prepare a checkpoint (its error is in its output)")
             if word == _SAVE:

@@ -23,7 +23,7 @@ TOL = 1e-6
 SCENARIOS = ["plain", "accum", "accum_scheduled", "accum_outer", "bucket_views", "static_graph", "flush", "two_heads", "averaged_pruned", "nan_skip",
              "nan_raise", "fp16", "fit", "stop_one_rank", "callbacks_on_rank0", "uneven", "apart", "signal_one_rank", "signal_apart",
              "signal_in_group", "signal_spaced_votes", "loss_error", "buffers_apart", "sparse_flush", "stop_in_group",
-             "export_rank_zero", "uneven_stream", "even_stream", "stream_runs_dry"]
+             "export_rank_zero", "uneven_stream", "even_stream", "stream_runs_dry", "validating_evaluate"]
 
 
 @pytest.fixture(scope="module")
@@ -634,6 +634,37 @@ def test_export_weights_under_ddp_writes_rank_zeros_weights_alone(ranks):
     exported = load(results[1]["file"])  # (read after both ranks were done)
     for name, value in {**results[0]["buffers"], **results[0]["params"]}.items():
         assert torch.equal(exported[name], value), name
+
+
+def _raw_mse(params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], samples: slice) -> float:
+    """The BatchNorm model of ``params`` and ``buffers`` in eval mode over ``samples`` of the validation set, in one
+    process, by hand (no loopkit)."""
+    model = ddp.make_bn_model()
+    model.load_state_dict({**params, **buffers})
+    model.eval()
+    x, y = ddp.make_dataset(16, 3)[samples]
+    with torch.no_grad():
+        return float(((model(x) - y) ** 2).mean())
+
+
+def test_evaluate_inside_validating_reads_rank_zeros_buffers_and_leaves_each_ranks_own_after(ranks):
+    """The pattern the README gives for an evaluation of one's own under with_ddp, ``with step.validating(state):
+    loopkit.evaluate(...)``: inside, every rank evaluates with rank 0's running statistics (the means over both
+    ranks, and each rank's own, equal rank 0's model evaluated in one process); after the block each rank holds its
+    own buffers again, bit for bit, and evaluates with them."""
+    results = ranks("validating_evaluate")
+    assert_ranks_identical(results)
+    params, rank_zeros = results[0]["params"], results[0]["own"]
+    assert not torch.equal(rank_zeros["1.running_mean"], results[1]["own"]["1.running_mean"])  # (the test can tell)
+    whole = _raw_mse(params, rank_zeros, slice(0, 16))
+    for rank, r in enumerate(results):
+        half = slice(8 * rank, 8 * rank + 8)
+        assert r["inside"]["reduced"]["mse"] == pytest.approx(whole, abs=TOL)
+        assert r["inside"]["local"]["mse"] == pytest.approx(_raw_mse(params, rank_zeros, half), abs=TOL)
+        _assert_bitwise(r["inside_buffers"], rank_zeros, f"rank {rank} inside")
+        _assert_bitwise(r["after_buffers"], r["own"], f"rank {rank} after")
+        assert r["after"]["mse"] == pytest.approx(_raw_mse(params, r["own"], half), abs=TOL)
+    assert abs(results[1]["after"]["mse"] - results[1]["inside"]["local"]["mse"]) > 1e-3  # (rank 1's own differ)
 
 
 def test_data_without_a_length_ending_sooner_on_one_rank_ends_the_epoch_on_every_rank(ranks):

@@ -205,6 +205,23 @@ def test_buffers_are_rank_zeros_before_each_group_as_under_ddp(ranks):
     assert not torch.equal(off[0]["seen"][1][0], off[1]["seen"][1][0])
 
 
+def test_without_broadcast_buffers_each_rank_validates_with_its_own_buffers(ranks):
+    """with_fsdp(broadcast_buffers=False): ``with step.validating(state): evaluate(...)`` leaves each rank's own
+    running statistics in place (no broadcast), and each rank's evaluation equals its own model (the gathered
+    parameters, its buffers) evaluated in one process, by hand."""
+    off = ranks("bn_nobroadcast")
+    assert not torch.equal(off[0]["own"]["1.running_mean"], off[1]["own"]["1.running_mean"])  # (the test can tell)
+    for rank, r in enumerate(off):
+        for name, b in r["own"].items():
+            assert torch.equal(r["inside_buffers"][name], b), (rank, name)
+        model = fsdp.make_bn_model()
+        model.load_state_dict({**r["params"], **r["own"]})
+        model.eval()
+        with torch.no_grad():
+            expected = float(fsdp.mse(model, fsdp.make_bn_data(1, seed=7)[0, rank]))
+        assert r["inside"]["mse"] == pytest.approx(expected, abs=TOL)
+
+
 def test_crash_resume_of_a_batchnorm_model_equals_the_uninterrupted_run_bitwise(ranks):
     """Cut after update 3 (mid-epoch 1), resumed in new processes: parameters, each rank's buffers and the
     resumed epoch's validation means equal the uninterrupted run's, bit for bit."""
