@@ -417,19 +417,21 @@ def agree_max(flags: torch.Tensor, failed: Callable[[str, BaseException], Runtim
     return agreed
 
 
-def differs_from_rank_zero(described: list[tuple[str, tuple[int, ...], str]], kind: str) -> str | None:
+def differs_from_rank_zero(described: list[tuple[str, tuple[int, ...], str]], kind: str, *, who: str) -> str | None:
     """How this process group's ranks' ``described`` tensors (``(name, shape, dtype)`` each, in order) differ
     from rank 0's, in words naming the ranks and the first difference; None where every rank's are the same.
-    One all-gather: every rank calls it at the same point. ``kind`` names the tensors ("buffers").
+    One all-gather: every rank calls it at the same point (a failed one raises :func:`failure`'s error naming
+    ``who`` checks). ``kind`` names the tensors ("buffers").
 
     >>> import torch.distributed as dist
     >>> dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    >>> print(differs_from_rank_zero([("w", (2,), "torch.float32")], "parameters"))
+    >>> print(differs_from_rank_zero([("w", (2,), "torch.float32")], "parameters", who="with_ddp"))
     None
     >>> dist.destroy_process_group()
     """
     every: list[Any] = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(every, described)
+    with failing_as(who, f"the all-gather of every rank's {kind} (names, shapes, dtypes)"):
+        torch.distributed.all_gather_object(every, described)
     for rank, theirs in enumerate(every):
         if theirs != every[0]:
             diff = next(((a, b) for a, b in zip(every[0], theirs) if a != b), None)

@@ -360,7 +360,7 @@ def _check_same_buffers(model: torch.nn.Module) -> None:
     process group's timeout, 30 minutes by default). One small all-gather, once per wrapper."""
     ignored = set(getattr(model, "_ddp_params_and_buffers_to_ignore", ()))  # (DDP's own opt-out: not broadcast)
     mine = [(name, tuple(b.shape), str(b.dtype)) for name, b in model.named_buffers() if name not in ignored]
-    detail = _collective.differs_from_rank_zero(mine, "buffers")
+    detail = _collective.differs_from_rank_zero(mine, "buffers", who="with_ddp")
     if detail is not None:
         raise ValueError(
             "with_ddp: the model's buffers differ between ranks (name, shape, dtype): " + detail +

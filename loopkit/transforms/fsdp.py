@@ -428,11 +428,12 @@ def _shard_like(value: Any, before: torch.Tensor, after: torch.Tensor) -> Any:
 def _broadcast_from_rank_zero(model: nn.Module) -> None:
     """Make every rank's parameters and buffers rank 0's (as DDP does when it wraps a model): ``fully_shard``
     keeps each rank's own shard of its own weights, so ranks that built different ones would train a mix.
-    Refused first, on every rank, where the ranks' tensors differ in name, shape or dtype (one all-gather)."""
+    Refused first, on every rank, where the ranks' tensors differ in name, shape or dtype (one all-gather). A failed
+    collective (another rank died) raises :func:`loopkit._collective.failure`'s error naming it."""
     dist = torch.distributed
     tensors = list(model.named_parameters()) + list(model.named_buffers())
     mine = [(name, tuple(t.shape), str(t.dtype)) for name, t in tensors]
-    detail = _collective.differs_from_rank_zero(mine, "parameters and buffers")
+    detail = _collective.differs_from_rank_zero(mine, "parameters and buffers", who="with_fsdp")
     if detail is not None:
         raise ValueError(
             f"with_fsdp: the model's parameters or buffers differ between ranks (name, shape, dtype): {detail}; "
@@ -440,7 +441,7 @@ def _broadcast_from_rank_zero(model: nn.Module) -> None:
         )
     if dist.get_world_size() == 1:
         return
-    with torch.no_grad():
+    with torch.no_grad(), _collective.failing_as("with_fsdp", "the broadcast of rank 0's parameters and buffers"):
         for _, t in tensors:
             dist.broadcast(t.data, src=0)
 

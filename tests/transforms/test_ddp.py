@@ -735,3 +735,19 @@ def test_ddp_bucket_options_are_agreed_as_torch_builds_the_buckets():
             alike = torch_buckets(a) == torch_buckets(b)
             assert (DDPSync(a).agreed_options == DDPSync(b).agreed_options) is alike, (a, b, alike)
     assert torch_buckets({"bucket_cap_mb": 25}) != torch_buckets({})  # (the two stay apart: first bucket 25 MiB, 1)
+
+
+def test_a_rank_dying_at_the_check_of_the_buffers_names_it(group, monkeypatch):
+    """The first call's all-gather of every rank's buffer names, before DDP wraps the model (gloo's raw error
+    before); the state is left as it was."""
+    def connection_reset(*args, **kwargs):
+        raise RuntimeError("Connection reset by peer")  # (gloo's word when the other rank died)
+
+    monkeypatch.setattr(torch.distributed, "all_gather_object", connection_reset)
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(RuntimeError, match=r"^with_ddp: the all-gather of every rank's buffers \(names, shapes, dtypes\) "
+                                           r"failed on rank 0 of 1: another rank has probably died"):
+        loopkit.donate(loopkit.with_ddp(loopkit.train_step(lambda m, b: m(b).sum())))(state, torch.ones(4, 2))
+    assert_equal_trees(model.state_dict(), before)

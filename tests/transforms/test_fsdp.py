@@ -677,3 +677,30 @@ def test_shard_and_mp_policy_are_agreed_as_they_act(one_rank):
              agreed(mp_policy=MixedPrecisionPolicy(reduce_dtype=bf16)),
              agreed(mp_policy=MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=torch.float32))]
     assert all(a != b for i, a in enumerate(kinds) for b in kinds[i + 1:])
+
+
+def _connection_reset(*args, **kwargs):
+    raise RuntimeError("Connection reset by peer")  # (gloo's word when the other rank died)
+
+
+def test_a_rank_dying_at_the_check_of_the_models_names_it(one_rank, monkeypatch):
+    """The first call's all-gather of every rank's parameter and buffer names (gloo's raw error before)."""
+    monkeypatch.setattr(dist, "all_gather_object", _connection_reset)
+    state = fsdp.make_state("sgd")
+    with pytest.raises(RuntimeError, match=r"^with_fsdp: the all-gather of every rank's parameters and buffers \(names, "
+                                           r"shapes, dtypes\) failed on rank 0 of 1: another rank has probably died"):
+        loopkit.donate(loopkit.with_fsdp(_step()))(state, fsdp.make_data(1)[0, 0])
+    assert type(state.model[0].weight) is torch.nn.Parameter  # nothing sharded
+
+
+def test_a_rank_dying_at_the_broadcast_of_rank_zeros_weights_names_it(one_rank, monkeypatch):
+    """The first call's broadcast of rank 0's weights (gloo's raw error before), as a second rank sees it: the
+    group reports two ranks that agree on the model, and the broadcast fails."""
+    monkeypatch.setattr(loopkit._collective, "differs_from_rank_zero", lambda *args, **kwargs: None)
+    monkeypatch.setattr(dist, "get_world_size", lambda *args, **kwargs: 2)
+    monkeypatch.setattr(dist, "broadcast", _connection_reset)
+    state = fsdp.make_state("sgd")
+    with pytest.raises(RuntimeError, match=r"with_fsdp: the broadcast of rank 0's parameters and buffers failed on "
+                                           r"rank 0 of 2: another rank has probably died"):
+        loopkit.donate(loopkit.with_fsdp(_step()))(state, fsdp.make_data(1)[0, 0])
+    assert type(state.model[0].weight) is torch.nn.Parameter
