@@ -48,7 +48,7 @@ from loopkit.state import (
     replace_extras, state_at_error,
 )
 from loopkit.steps import (
-    RECORDED, SAVE_DUE, VALIDATED, VALIDATES, EpochRecord, WrapperStep, accumulated, as_step,
+    RECORDED, SAVE_DUE, VALIDATED, VALIDATES, VALIDATES_AT_EPOCH_ENDS, EpochRecord, WrapperStep, accumulated, as_step,
     check_takes_model_and_batch, evaluating, in_accumulation_group, undonated,
 )
 from loopkit.steps import donate as donated
@@ -2159,8 +2159,9 @@ def run_epochs(
     held_at_start = False  # the owed save is the fit's last update's, made once the finishing epoch is recorded
     try:
         with _StopOnSignal() as stop, _TellingAbort(lifecycle, state):
+            at_epoch_ends = validates and val_steps is None and val_every_n_epochs == 1  # (and nowhere else)
             # (the state a fit continues the run from: with_logging's loggers rewind)
-            step.notify("fit_begin", state, {VALIDATES: float(validates)})
+            step.notify("fit_begin", state, {VALIDATES: float(validates), VALIDATES_AT_EPOCH_ENDS: float(at_epoch_ends)})
             if SAVE_DUE in state.extras:  # (with_checkpointing took it as due at "fit_begin"; the hooks never see it)
                 state, save_pending = _unmarked(state), True
             hooks.call("on_fit_start", state)  # first: a callback may build in it what its load_state_dict fills

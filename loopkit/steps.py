@@ -86,8 +86,14 @@ RECORDED = "run_epochs/recorded_step"
 #: step checkpoint is written before its step's validation: a run resumed from one runs that validation first)
 VALIDATED = "run_epochs/validated_step"
 #: the metrics of ``"fit_begin"``: 1.0 when the fit validates (``val`` given, ``limit_val_batches`` not 0), else 0.0
-#: (with_checkpointing's default then saves after each validation, else after each epoch, as ModelCheckpoint())
+#: (with_checkpointing's default then saves after each validation, else after each epoch, as ModelCheckpoint(); after
+#: each epoch too where the fit validates only at every epoch's end: :data:`VALIDATES_AT_EPOCH_ENDS`)
 VALIDATES = "run_epochs/validates"
+#: the metrics of ``"fit_begin"`` too: 1.0 when the fit validates at every epoch's end and nowhere else
+#: (``val_every_n_epochs=1`` without ``val_every_n_steps``; a callback's stop validates too), else 0.0: Lightning's
+#: ``val_check_interval=1.0, check_val_every_n_epoch=1``, under which ``ModelCheckpoint()`` saves at every epoch's end,
+#: one ``max_steps`` cuts short included, not after each validation (``_should_save_on_train_epoch_end``)
+VALIDATES_AT_EPOCH_ENDS = "run_epochs/validates_at_epoch_ends"
 _FOUND_INF = "amp/found_inf"
 _NONFINITE = "nan_guard/nonfinite"
 _BUFFERS = "nan_guard/buffers"  # the model's buffers before the group's first micro-batch (a skip puts them back)
@@ -210,7 +216,7 @@ class Step:
 
         ``event`` is ``"fit_begin"`` (``run_epochs`` begins, before its sanity validation and
         callbacks, from ``state``, which holds :data:`SAVE_DUE` where the run that left it owes that
-        update's step save: ``"save_due"`` follows for it; metrics: :data:`VALIDATES`), ``"fit_start"`` (before the
+        update's step save: ``"save_due"`` follows for it; metrics: :data:`VALIDATES`, :data:`VALIDATES_AT_EPOCH_ENDS`), ``"fit_start"`` (before the
         first step of ``run_epochs``, after a validation a resumed run owes; metrics empty),
         ``"save_due"`` (after a call that returned a state with :data:`SAVE_DUE` in its extras, once
         the batch's callbacks have run and the call's metrics are in the epoch's means; ``state``

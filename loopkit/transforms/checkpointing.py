@@ -37,7 +37,7 @@ from loopkit.errors import CheckpointCorruptError, StateMismatchError
 from loopkit.state import (
     TrainState, _uninitialized, core_module, extras_copy, full_state_dict_on_rank_zero, leave_intact, replace_extras,
 )
-from loopkit.steps import RECORDED, SAVE_DUE, VALIDATED, VALIDATES, Metrics, UpdateStep
+from loopkit.steps import RECORDED, SAVE_DUE, VALIDATED, VALIDATES, VALIDATES_AT_EPOCH_ENDS, Metrics, UpdateStep
 from loopkit.transforms._compose import require_step
 
 __all__ = ["CheckpointStep", "with_checkpointing"]
@@ -73,7 +73,8 @@ class _Saver:
         self.defer = False  # under run_epochs: a step save waits for the batch's callbacks ("save_due")
         self.due: str | None = None  # the reason of the step save deferred at this update
         self.epoch_val: dict[str, float] | None = None  # an epoch's validation means, scored at its "epoch_end"
-        self.at_validations = False  # this fit's saves are its validations' (the default in a fit that validates)
+        self.at_validations = False  # this fit's saves are its validations' (the default in a fit that validates
+        # other than once at every epoch's end)
         self.start: Position | None = None  # where the fit under run_epochs began (a relaunch: its checkpoint's)
         self.start_recorded = False  # whether the state it began from held its epoch's record (:func:`_recorded`)
         self.told_shared = False  # whether the warning that another writer shares the directory was given
@@ -122,8 +123,8 @@ class CheckpointStep(UpdateStep):
     keep_best: int = 1
     async_save: bool = False
     durable: bool = True
-    on_validation: bool = False  # (no trigger given) in a fit that validates: saves after each validation, not
-    # every_n_epochs' epoch ends (Lightning's ModelCheckpoint._should_save_on_train_epoch_end)
+    on_validation: bool = False  # (no trigger given) in a fit that validates other than once at every epoch's end:
+    # saves after each validation, not every_n_epochs' epoch ends (Lightning's not _should_save_on_train_epoch_end)
     saver: _Saver = attrs.field(factory=_Saver, repr=False)
 
     @property
@@ -195,7 +196,8 @@ class CheckpointStep(UpdateStep):
         if event == "fit_begin":  # (before a validation a resumed run owes, which may save at this position)
             self.saver.start = (state.step, state.epoch, state.batch_index)
             self.saver.start_recorded = _recorded(state)
-            self.saver.at_validations = self.on_validation and bool(metrics.get(VALIDATES))
+            self.saver.at_validations = (self.on_validation and bool(metrics.get(VALIDATES))
+                                         and not metrics.get(VALIDATES_AT_EPOCH_ENDS))
             n = self.every_n_steps
             if SAVE_DUE in state.extras and n and state.step % n == 0:  # a step save this update was due and the run
                 self.saver.due = f"every_n_steps={n}"  # that left the state never made: made on the fit's "save_due"
@@ -240,9 +242,11 @@ class CheckpointStep(UpdateStep):
             self._wait_on_every_rank(self.saver.wait)
         elif event in ("fit_end", "abort"):  # on abort: the saves already started finish
             if event == "fit_end" and state.batch_index != 0 and (
-                    self.every_n_steps or self.every_n_epochs or self.train_time_interval is not None):
+                    self.every_n_steps or self.train_time_interval is not None
+                    or (self.every_n_epochs and not self.saver.at_validations)):
                 # a fit that ended mid-epoch (max_steps, a callback's stop at a step validation): its end is the
-                # newest checkpoint, as Lightning's last one holds it (its epoch-end save comes at such an end)
+                # newest checkpoint, as Lightning's last one holds it (its epoch-end save comes at such an end; saving
+                # at validations, it saves none there: nor does the default then, the epoch's end saved if validated)
                 self._save_all_ranks(state, "fit_end", score=None)
             elif event == "fit_end" and state.batch_index != 0 and self.monitor is not None and _recorded(state):
                 # the monitor alone saves (keep_last=0, or no every_n_*): a checkpoint its validation took at this
@@ -748,10 +752,13 @@ def with_checkpointing(
       then save).
     * Without ``every_n_steps``, ``train_time_interval`` and ``monitor``, and ``every_n_epochs`` 1 or not given, it
       saves as Lightning's
-      ``ModelCheckpoint()`` does: under ``run_epochs`` after every validation of a fit that validates (a
-      mid-epoch one of ``val_every_n_steps`` where it ran, an epoch's own once the epoch is recorded; an
-      epoch whose last update a step validation saw is saved at its end too, that checkpoint replaced), and
-      after every epoch of a fit that does not (and in a loop of your own: ``every_n_epochs=1``).
+      ``ModelCheckpoint()`` does: under ``run_epochs`` after every validation of a fit that validates other than
+      once at every epoch's end (``val_every_n_steps``, or ``val_every_n_epochs`` other than 1: a
+      mid-epoch one where it ran, an epoch's own once the epoch is recorded; an
+      epoch whose last update a step validation saw is saved at its end too, that checkpoint replaced; the end of
+      a fit ``max_steps`` cuts mid-epoch is saved only if validated there), and after every epoch of a fit that
+      validates only at every epoch's end, or not at all (an epoch ``max_steps`` cuts short included, at the fit's
+      end), as Lightning's ``_should_save_on_train_epoch_end`` decides (in a loop of your own: ``every_n_epochs=1``).
     * ``train_time_interval`` (a ``datetime.timedelta``, or seconds): save after the first update at which
       that much time (``time.monotonic``) has passed since the fit started or since the last save it made, as
       Lightning's ``ModelCheckpoint(train_time_interval=...)`` (for long epochs). The clock starts at the fit's
@@ -815,7 +822,7 @@ def with_checkpointing(
     every_n_epochs = _check_count("every_n_epochs", every_n_epochs, allow_none=True, minimum=0)
     seconds = _check_interval(train_time_interval)
     # Lightning's ModelCheckpoint() (every_n_epochs=1 given or not) saves after each validation of a fit that
-    # validates, else after each epoch (no trigger saved nothing in a whole fit)
+    # validates other than once at every epoch's end, else after each epoch (no trigger saved nothing in a whole fit)
     on_validation = every_n_steps is None and every_n_epochs in (None, 1) and seconds is None and monitor is None
     if on_validation:
         every_n_epochs = 1

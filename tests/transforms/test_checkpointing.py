@@ -1471,6 +1471,77 @@ def test_with_no_trigger_a_fit_validating_every_other_epoch_saves_after_its_vali
     assert _positions(tmp_path / "2") == [(8, 2, 0), (16, 4, 0)]  # (n > 1: every n-th epoch's end, validated or not)
 
 
+@pytest.mark.parametrize(("schedule", "max_steps", "expected"), [
+    ({"val_every_n_steps": 2}, 5, [2, 4]),  # val_check_interval=2: ends off a validation
+    ({"val_every_n_steps": 2}, 6, [2, 4, 6]),  # on one
+    ({"val_every_n_steps": 2}, 13, [2, 4, 6, 8, 10, 12]),  # in the second epoch
+    ({"val_every_n_steps": 3, "val_every_n_epochs": None}, 10, [3, 6, 9]),  # check_val_every_n_epoch=None
+    ({"val_every_n_epochs": 2}, 11, []),  # check_val_every_n_epoch=2: cut in an epoch that would validate
+    ({"val_every_n_epochs": 2}, 19, [16]),
+    ({}, 11, [8, 11]),  # validates at every epoch's end: saves at epochs' ends, the cut one's included
+    (None, 11, [8, 11]),  # no validation: the same
+], ids=["steps2-off", "steps2-on", "steps2-epoch1", "steps3-no-epochs", "epochs2-cut-epoch0", "epochs2-cut-epoch2",
+        "each-epoch", "no-val"])
+def test_with_no_trigger_a_fit_ending_mid_epoch_saves_its_end_only_where_lightnings_model_checkpoint_does(
+    tmp_path, schedule, max_steps, expected, assert_trees_equal
+):
+    """The defaults saved a fit's end cut by max_steps mid-epoch wherever it fell (step 5 with validations every 2
+    updates). Reference (hand-written, from Lightning 2.6.6 runs of ModelCheckpoint(save_top_k=-1) on 8 batches an
+    epoch, max_steps as here): saving after validations (validations mid-epoch or not every epoch) it adds no save
+    at such an end, saving at epochs' ends (validation at each epoch's end, or none) it saves the cut epoch's end.
+    A relaunch from the newest kept checkpoint with the same max_steps ends as the cut fit did, adding none."""
+    data = _owed_data(8)
+    loss = lambda m, b: {"loss": _mse(m, b)}  # noqa: E731
+    val = {} if schedule is None else {"val": (loopkit.eval_step(loss), data[:2]), **schedule}
+    kw = dict(epochs=5, max_steps=max_steps, sanity_val_batches=0, progress=False, **val)
+
+    def make():
+        return with_checkpointing(train_step(_mse), tmp_path, keep_last=None)
+
+    cut, _ = run_epochs(make(), _state(), data, **kw)
+    assert [c.step for c in checkpoint.list_checkpoints(tmp_path)] == expected
+    relaunched, _ = run_epochs(make(), loopkit.restore(_state(), tmp_path), data, **kw)
+    assert [c.step for c in checkpoint.list_checkpoints(tmp_path)] == expected
+    assert relaunched.step == max_steps
+    assert_trees_equal(relaunched.model.state_dict(), cut.model.state_dict())
+    assert_trees_equal(relaunched.optimizer.state_dict(), cut.optimizer.state_dict())
+
+
+_SCORES = {2: 5.0, 4: 0.5, 6: 4.0, 8: 3.0, 10: 6.0, 12: 0.1, 14: 7.0, 16: 1.0, 18: 8.0, 20: 9.0, 22: 0.2, 24: 2.0}
+
+
+class _ScriptedScore(loopkit.Callback):
+    """``val/score`` at each validation: ``_SCORES`` by the update it saw (as the Lightning reference logs it)."""
+
+    def on_validation_end(self, state, metrics):
+        return {"val/score": _SCORES[state.step]}
+
+
+@pytest.mark.parametrize(("options", "max_steps", "expected"), [
+    ({"monitor": "val/score", "keep_best": 1, "keep_last": 0}, None, [16]),  # save_top_k=1
+    ({"monitor": "val/score", "keep_best": 2, "keep_last": 0}, None, [16, 24]),  # save_top_k=2
+    ({"keep_last": None}, None, [8, 16, 24]),  # no monitor, save_top_k=-1
+    ({"keep_last": None}, 13, [8, 13]),  # the same, max_steps cutting the second epoch short
+], ids=["top1", "top2", "all", "all-cut"])
+def test_the_save_on_train_epoch_end_recipe_saves_where_lightnings_model_checkpoint_does(tmp_path, options, max_steps,
+                                                                                         expected):
+    """docs/from_lightning.md's recipe for ModelCheckpoint(save_on_train_epoch_end=True) in a fit validating mid-epoch
+    (Lightning's val_check_interval=2, 8 batches an epoch, 3 epochs): the same with_checkpointing, the fit validating
+    at epochs' ends only (val_every_n_steps=None, the default). Reference (hand-written, checked against Lightning
+    2.6.6 with val_score logged from _SCORES by global_step): only epochs' ends are ranked, with the latest score,
+    that of the epoch's last update (3, 1, 2 at steps 8, 16, 24), so save_top_k=1 keeps step 16, save_top_k=2 steps 16
+    and 24; without a monitor every epoch's end is saved, one max_steps cuts short included. (Lightning's default,
+    save_on_train_epoch_end=None, ranks every validation: step 12's 0.1 would be kept.)"""
+    data = _owed_data(8)
+    loss = lambda m, b: {"loss": _mse(m, b)}  # noqa: E731
+    step = with_checkpointing(train_step(_mse), tmp_path, **options)
+    run_epochs(step, _state(), data, epochs=3, max_steps=max_steps, val=(loopkit.eval_step(loss), data[:2]),
+               callbacks=[_ScriptedScore()], sanity_val_batches=0, progress=False)
+    assert [c.step for c in checkpoint.list_checkpoints(tmp_path)] == expected
+    if "monitor" in options:
+        assert checkpoint.best_checkpoint(tmp_path).name == checkpoint.list_checkpoints(tmp_path)[0].name  # step 16
+
+
 def test_a_save_of_a_lazy_model_that_never_ran_is_skipped_with_a_warning(tmp_path):
     """Its checkpoint could not be loaded, and checkpoint.save now refuses it; with_checkpointing's own saves (a
     graceful stop before the first step, a manual save) raised out of run_epochs where nothing was yet lost."""
