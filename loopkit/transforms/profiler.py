@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import os
 from collections.abc import Mapping
@@ -23,7 +24,7 @@ from torch.profiler import ProfilerActivity, profile, record_function, schedule,
 
 from loopkit._collective import is_rank_zero
 from loopkit._numbers import as_int
-from loopkit.state import TrainState
+from loopkit.state import TrainState, leave_intact
 from loopkit.steps import Metrics, WrapperStep
 from loopkit.transforms._compose import refuse_wrapping, require_step
 
@@ -91,6 +92,12 @@ class _Session:
             (options.directory / SUMMARY).write_text(table + "\n", encoding="utf-8")
 
 
+def _note(error: BaseException, note: str) -> None:
+    """Add ``note`` to ``error`` (nothing when its ``__notes__`` is not a list)."""
+    with contextlib.suppress(TypeError):
+        error.add_note(note)
+
+
 @attrs.frozen(eq=False, kw_only=True)
 class ProfilerStep(WrapperStep):
     """The step :func:`with_profiler` returns; :meth:`close` ends a profile a loop of your own left open.
@@ -117,16 +124,33 @@ class ProfilerStep(WrapperStep):
         return "with_profiler"
 
     def run_(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
-        if self.session.begin(self) is None:  # the profile is over: the step runs as it is
+        try:
+            profiling = self.session.begin(self) is not None
+        except BaseException as error:  # refused (another torch profiler runs): before the step, nothing changed
+            raise leave_intact(error, state)
+        if not profiling:  # the profile is over: the step runs as it is
             return self.inner.run_(state, batch)
         try:
             with record_function("loopkit.step"):
-                result = self.inner.run_(state, batch)
-        except BaseException:
-            self.close()
+                new, metrics = self.inner.run_(state, batch)
+        except BaseException as error:
+            self._close_after(error)
             raise
-        self.session.advance(self)
-        return result
+        try:
+            self.session.advance(self)
+        except BaseException as error:  # the trace's write (its folder gone, a full disk): the update is done, whole
+            _note(error, f"(with_profiler: writing the profile to {str(self.directory)!r} failed after this call's "
+                         "update; loopkit.state_at_error(e) is the updated state)")
+            self._close_after(error)
+            raise leave_intact(error, new)
+        return new, metrics
+
+    def _close_after(self, error: BaseException) -> None:
+        """Stop profiling after ``error``; a failure of that (the trace's write) is a note on ``error``, not raised."""
+        try:
+            self.close()
+        except Exception as also:
+            _note(error, f"(with_profiler: stopping the profile after this error failed too: {also!r})")
 
     def on_event(self, event: str, state: TrainState, metrics: Mapping[str, float]) -> None:
         if event in ("stop", "fit_end", "abort", "evaluate_end"):
@@ -161,8 +185,15 @@ def with_profiler(
     ``with_stack`` (the Python calls, in the trace) are ``torch.profiler.profile``'s options of
     those names, off by default. CUDA activity is recorded too where CUDA is available. A fit that ends before
     the schedule does (``run_epochs`` tells the step) or a call that raises stops the profile
-    and writes what it recorded; in a loop of your own, ``step.close()`` does. Works on an
-    ``eval_step`` as well. The state is never touched: a profiled step gives the same results.
+    and writes what it recorded; in a loop of your own, ``step.close()`` does. A trace that
+    cannot be written (its folder gone, a full disk) raises from the call that ends the active
+    window, after that call's update, and leaves that update's state whole, as ``with_logging``'s
+    failed write does (:func:`loopkit.state_at_error`): a fit given it trains on (the same step,
+    its profile over, unprofiled). A write that fails after a call's own error is a note on that
+    error, which is the one raised. Another torch profiler running when profiling would start
+    (a ``with torch.profiler.profile():`` around the fit) is refused before the step runs,
+    leaving the state as it was. Works on an ``eval_step`` as well. The state is never touched:
+    a profiled step gives the same results.
 
     >>> import os, tempfile, torch
     >>> from loopkit.state import TrainState

@@ -90,6 +90,56 @@ def test_a_failing_call_stops_the_profile(tmp_path, make_mlp, batches, mse_loss,
     assert not _profiling()
 
 
+def _unwritable(directory) -> None:
+    """Make ``directory`` impossible to write a trace into (as a full disk would): a file in its place."""
+    import shutil
+
+    shutil.rmtree(directory)
+    directory.write_text("not a folder")
+
+
+def test_a_trace_that_cannot_be_written_leaves_the_updated_state_whole_to_train_on(
+    tmp_path, make_mlp, make_batches, mse_loss, make_sgd_state, take_snapshot, assert_trees_equal
+):
+    """Reference: the uninterrupted run of the plain step. The trace's write at the end of the active window (call 3)
+    fails after that call's update: the error leaves that update's state (loopkit.state_at_error, as with_logging's
+    failed write does), and the fit given it, with the same step (its profile over), ends as the reference."""
+    data = make_batches(6)
+    reference, _ = loopkit.run_epochs(loopkit.train_step(mse_loss), make_sgd_state(make_mlp(0)), data, epochs=1,
+                                      progress=False)
+    step = loopkit.with_profiler(loopkit.train_step(mse_loss), tmp_path / "prof", wait=0, warmup=1, active=2)
+    _unwritable(tmp_path / "prof")
+    with pytest.raises(RuntimeError) as error:
+        loopkit.run_epochs(step, make_sgd_state(make_mlp(0)), data, epochs=1, progress=False)
+    kept = loopkit.state_at_error(error.value)
+    assert kept is not None and (kept.step, kept.batch_index) == (3, 3)
+    assert not _profiling()
+    assert any("with_profiler: writing the profile" in note for note in error.value.__notes__)
+    resumed, _ = loopkit.run_epochs(step, kept, data, epochs=1, progress=False)
+    assert resumed.step == 6
+    assert_trees_equal(take_snapshot(resumed), take_snapshot(reference))
+
+
+def test_a_trace_that_cannot_be_written_after_a_failing_call_leaves_that_calls_error(tmp_path, make_mlp, batches,
+                                                                                      mse_loss, make_sgd_state):
+    """The loss_fn's error is the one raised (state_at_error: the state before it), the failed write a note on it."""
+    calls = []
+
+    def loss_fn(model, batch):
+        calls.append(1)
+        if len(calls) == 2:
+            raise ValueError("boom")
+        return mse_loss(model, batch)
+
+    step = loopkit.with_profiler(loopkit.train_step(loss_fn), tmp_path / "prof", wait=0, warmup=1, active=2)
+    _unwritable(tmp_path / "prof")
+    with pytest.raises(ValueError, match="boom") as error:
+        loopkit.run_epochs(step, make_sgd_state(make_mlp(0)), batches, epochs=1, progress=False)
+    assert not _profiling()
+    assert any("stopping the profile after this error failed too" in note for note in error.value.__notes__)
+    assert loopkit.state_at_error(error.value).step == 1
+
+
 def test_an_eval_step_can_be_profiled(tmp_path, make_mlp, batches, mse_loss, make_sgd_state):
     evaluator = loopkit.with_profiler(loopkit.eval_step(lambda m, b: {"mse": mse_loss(m, b)}), tmp_path, wait=0, warmup=1, active=2)
     state = make_sgd_state(make_mlp(0))
@@ -154,6 +204,17 @@ def test_profiling_both_the_train_and_the_validation_step_is_refused(tmp_path, m
     with pytest.raises(ValueError, match="profile one of them"):
         loopkit.run_epochs(step, state, batches, epochs=1, val=(evaluator, batches), progress=False)
     state.check_usable()  # refused before anything ran
+
+
+def test_a_fit_inside_another_torch_profiler_is_refused_leaving_the_state_usable(tmp_path, make_mlp, batches,
+                                                                                   mse_loss, make_sgd_state):
+    state = make_sgd_state(make_mlp(0))
+    step = loopkit.with_profiler(loopkit.train_step(mse_loss), tmp_path)
+    with torch.profiler.profile():
+        with pytest.raises(RuntimeError, match="another torch profiler is running") as error:
+            loopkit.run_epochs(step, state, batches, epochs=1, progress=False)
+    state.check_usable()  # refused before the step ran
+    assert loopkit.state_at_error(error.value) is state
 
 
 @pytest.mark.parametrize(
