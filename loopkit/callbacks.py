@@ -195,6 +195,24 @@ def may_change_state_early(callback: Any) -> bool:
     )
 
 
+def _batch_end_unused(callback: Any) -> bool:
+    """Whether ``callback``'s ``on_batch_end`` does nothing under its current settings, so that ``run_epochs`` need
+    not call it after each batch: its ``batch_end_unused`` says so (a per-epoch :class:`LearningRateMonitor`, a
+    :class:`Timer` per epoch or without a duration), and its ``on_batch_end`` is the one of the class that defines
+    that flag (a subclass's own ``on_batch_end``, or one set on the object, is called as any callback's).
+
+    >>> class Counting(LearningRateMonitor):
+    ...     def on_batch_end(self, state, metrics):
+    ...         pass
+    >>> _batch_end_unused(LearningRateMonitor()), _batch_end_unused(Counting()), _batch_end_unused(Timer(60))
+    (True, False, False)
+    """
+    if not getattr(callback, "batch_end_unused", False) or "on_batch_end" in getattr(callback, "__dict__", {}):
+        return False
+    owner = next((c for c in type(callback).__mro__ if "batch_end_unused" in c.__dict__), type(callback))
+    return getattr(type(callback), "on_batch_end", None) is getattr(owner, "on_batch_end", None)
+
+
 class MonitorCallback(Callback):
     """Base of callbacks that watch one metric: :meth:`check` gets its value after each
     validation for a ``val/...`` metric, after each epoch for any other (``train/loss``).
@@ -553,13 +571,17 @@ class LearningRateMonitor(Callback):
         self.logging_interval = logging_interval
         self.log_momentum, self.log_weight_decay = log_momentum, log_weight_decay
         self._read = self._reader()  # what each record reads: the rates alone unless a flag asks for more
-        #: per epoch, its on_batch_end does nothing: run_epochs calls no batch hook for it (and under DDP
-        #: makes no per-batch agreement on should_stop because of it)
-        self.batch_end_unused = logging_interval == "epoch"
         self.history: list[tuple[int, dict[str, float]]] = []
         self._epoch_start: dict[str, float] | None = None
         self._epoch_start_step = 0
         self._step_seen: int | None = None  # per step: the update whose rates were recorded last
+
+    @property
+    def batch_end_unused(self) -> bool:
+        """Per epoch, its ``on_batch_end`` does nothing: ``run_epochs`` calls no batch hook for it (and under DDP
+        makes no per-batch agreement on ``should_stop`` because of it), as read from ``logging_interval`` when the
+        fit starts; a subclass's own ``on_batch_end`` is called (see :func:`_batch_end_unused`)."""
+        return self.logging_interval == "epoch"
 
     def on_fit_start(self, state: Any) -> None:
         """Start afresh, as Lightning's ``on_train_start`` does: ``history`` empty, no epoch under way (a resumed
@@ -732,6 +754,7 @@ class Timer(Callback):
     resumed with its time already spent stops before its first batch, as Lightning's does.
     Under DDP every rank stops at the same batch (the first rank whose clock runs out decides).
     ``clock`` is the time source in seconds (``time.monotonic``; a test may pass its own).
+    ``duration`` (seconds) and ``interval`` may be changed between fits: each fit reads them when it starts.
 
     >>> ticks = iter(range(0, 100, 10))                    # a clock that moves 10 s a reading
     >>> timer = Timer(duration="00:00:00:25", clock=lambda: next(ticks))
@@ -765,9 +788,15 @@ class Timer(Callback):
         self.interval = interval
         self.verbose = verbose
         self.clock = clock
-        #: per epoch, its on_batch_end does nothing: run_epochs calls no batch hook for it
-        self.batch_end_unused = interval == "epoch" or self.duration is None
         self._reset()
+
+    @property
+    def batch_end_unused(self) -> bool:
+        """Per epoch, or without a duration, its ``on_batch_end`` does nothing: ``run_epochs`` calls no batch hook
+        for it, as read from ``interval`` and ``duration`` when the fit starts (a ``duration`` set after
+        construction, in seconds, is checked); a subclass's own ``on_batch_end`` is called (see
+        :func:`_batch_end_unused`)."""
+        return self.interval == "epoch" or self.duration is None
 
     def _reset(self) -> None:
         self.should_stop = False

@@ -37,7 +37,7 @@ from loopkit._epoch_data import TRAIN, call_seeded, check_factory, factory_name,
 from loopkit._numbers import as_int, as_real
 from loopkit._sharded import fsdp_modules
 from loopkit._window import EPOCH, OVER_RANKS, own_buffers, own_rng, own_share
-from loopkit.callbacks import Callback, _from_lightning, _loopkit_hook, may_change_state_early
+from loopkit.callbacks import Callback, _batch_end_unused, _from_lightning, _loopkit_hook, may_change_state_early
 from loopkit.checkpoint import capture_global_rng, install_global_rng
 from loopkit.progress import ProgressBar, progress_wanted, write_line
 from loopkit.rng import epoch_order_seed as _order_seed
@@ -1489,10 +1489,11 @@ class _Hooks:
         self.shared: set[str] = set()  # under DDP: the callbacks (their keys) whose stop every rank's copy was told
         # a callback whose stop the minimum does not hold off (a pruned trial's) could ask while one waits
         self.overriding = any(getattr(cb, "stops_before_minimum", False) for cb in self.callbacks)
-        # Callback's own no-op on_batch_end is left out: a batch then calls no hook and reads no should_stop
+        # Callback's own no-op on_batch_end is left out (and one that does nothing under its callback's current
+        # settings: _batch_end_unused): a batch then calls no hook and reads no should_stop
         self.batch_end = [
             (cb, cb.on_batch_end) for cb in self.callbacks
-            if _defines(cb, "on_batch_end") and not getattr(cb, "batch_end_unused", False)
+            if _defines(cb, "on_batch_end") and not _batch_end_unused(cb)
         ]
         self.own_batch_start = [cb.on_batch_start for cb in self.callbacks if _defines(cb, "on_batch_start")]
         # what the loop calls before each step: the callbacks' hooks, and now and then a driver's own last

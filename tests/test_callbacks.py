@@ -1418,6 +1418,63 @@ def test_timer_says_when_it_stops(capsys):
     assert "Timer: time limit reached (0:00:02 spent); stopping at step 2" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("interval", ["step", "epoch"])
+def test_a_timer_given_its_duration_after_construction_stops_as_one_given_it_at_construction(interval):
+    """Reference: a Timer constructed with the duration (each on a work clock of its own): both stop after the same
+    update (4 per step; 6, epoch 1's end, per epoch)."""
+    ref_clock, clock = _WorkClock(), _WorkClock()
+    expected, _ = run_epochs(train_step(ref_clock.train_loss), make_state(), make_data(3), epochs=5, progress=False,
+                             callbacks=[loopkit.Timer(4, interval=interval, clock=ref_clock, verbose=False)])
+    timer = loopkit.Timer(clock=clock, verbose=False)  # measure-only when constructed
+    timer.duration, timer.interval = 4.0, interval
+    state, _ = run_epochs(train_step(clock.train_loss), make_state(), make_data(3), epochs=5, callbacks=[timer],
+                          progress=False)
+    assert timer.should_stop and state.step == expected.step == {"step": 4, "epoch": 6}[interval]
+
+
+@pytest.mark.parametrize("base, kwargs", [
+    (loopkit.Timer, {}), (loopkit.Timer, {"duration": 60, "interval": "epoch"}), (loopkit.LearningRateMonitor, {}),
+])
+def test_a_subclass_of_a_callback_whose_batch_hook_is_unused_has_its_own_on_batch_end_called_per_batch(base, kwargs):
+    """A measure-only Timer, a per-epoch one, a per-epoch LearningRateMonitor: their own on_batch_end does nothing
+    and is not called, but a subclass's own is. Reference: a plain Callback counting batches (5 per epoch, 2 epochs)."""
+
+    class Counting(base):
+        def __init__(self):
+            super().__init__(**kwargs)
+            self.batches = 0
+
+        def on_batch_end(self, state, metrics):
+            super().on_batch_end(state, metrics)
+            self.batches += 1
+
+    class Reference(loopkit.Callback):
+        batches = 0
+
+        def on_batch_end(self, state, metrics):
+            self.batches += 1
+
+    counting, reference = Counting(), Reference()
+    run_epochs(train_step(mse), make_state(), make_data(5), epochs=2, callbacks=[counting, reference], progress=False)
+    assert counting.batches == reference.batches == 10
+
+
+def test_loopkits_callbacks_whose_batch_hook_does_nothing_are_not_called_per_batch(monkeypatch):
+    """The per-epoch LearningRateMonitor and a measure-only Timer cost the loop no call per batch; per step they are
+    called after each one."""
+    calls = []
+    for cls in (loopkit.LearningRateMonitor, loopkit.Timer):
+        original = cls.on_batch_end
+        monkeypatch.setattr(cls, "on_batch_end", lambda self, state, metrics, _f=original: calls.append(type(self)) or
+                            _f(self, state, metrics))
+    run_epochs(train_step(mse), make_state(), make_data(3), epochs=1, progress=False,
+               callbacks=[loopkit.LearningRateMonitor(), loopkit.Timer(), loopkit.Timer(60, interval="epoch")])
+    assert calls == []
+    run_epochs(train_step(mse), make_state(), make_data(3), epochs=1, progress=False,
+               callbacks=[loopkit.LearningRateMonitor("step"), loopkit.Timer(60)])
+    assert calls == [loopkit.LearningRateMonitor, loopkit.Timer] * 3
+
+
 @pytest.mark.parametrize("kwargs, error, match", [
     ({"duration": "12:00:00"}, ValueError, "DD:HH:MM:SS"),
     ({"duration": -1}, ValueError, ">= 0 seconds"),
