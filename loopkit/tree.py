@@ -37,8 +37,9 @@ def to_device(batch: Any, device: torch.device | str, *, non_blocking: bool = Fa
     Handles tensors, tuples, lists, dicts, namedtuples, dataclasses and any object with a
     ``.to(device)`` method. An object with its own ``.to`` is moved by it, not taken apart, even a mapping or a
     dataclass (a ``PackedSequence``, transformers' ``BatchEncoding``), as Lightning's ``move_data_to_device``
-    does. Strings, numbers (numpy's scalars too) and ``None`` pass through unchanged. Anything
-    else raises ``TypeError`` naming where in the batch it sits.
+    does; one whose ``.to`` moves it in place and returns None is returned itself. Strings, numbers (numpy's
+    scalars too) and ``None`` pass through unchanged. Anything else raises ``TypeError`` naming where in the
+    batch it sits.
 
     >>> import torch
     >>> from collections import namedtuple
@@ -142,9 +143,11 @@ def _move(obj: Any, device: torch.device, non_blocking: bool, path: str) -> Any:
         return obj
     # one that moves itself, by its own .to before any taking apart, as Lightning's move_data_to_device: a
     # PackedSequence (its batch_sizes stay on the CPU, as torch's own .to keeps them), a Mapping (transformers'
-    # BatchEncoding keeps its other attributes), a dataclass (its .to knows its fields)
+    # BatchEncoding keeps its other attributes), a dataclass (its .to knows its fields). One whose .to moves it in
+    # place and returns None is kept, as Lightning keeps it
     if callable(getattr(obj, "to", None)) and not isinstance(obj, type):
-        return obj.to(device)
+        moved = obj.to(device)
+        return obj if moved is None else moved
     if isinstance(obj, Mapping):
         moved = {k: _move(v, device, non_blocking, f"{path}[{k!r}]") for k, v in obj.items()}
         return moved if type(obj) is dict else _rebuild_mapping(obj, moved)

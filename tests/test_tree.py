@@ -148,6 +148,25 @@ def test_to_device_moves_a_mapping_or_a_dataclass_with_its_own_to_by_it_as_light
     assert moved.ids is reference.ids is batch.ids
 
 
+class MovedInPlace:
+    """A graph-like batch whose ``.to`` moves its tensors in place and returns nothing."""
+
+    def __init__(self):
+        self.x = torch.ones(2)
+
+    def to(self, device, **kwargs):
+        self.x = self.x.to(device)
+
+
+def test_to_device_keeps_an_object_whose_to_moves_it_in_place_and_returns_none_as_lightning_does():
+    """Reference: the object after its own .to, in place (Lightning's batch_to returns the object when .to returns
+    None); it became None."""
+    graph, reference = MovedInPlace(), MovedInPlace()
+    reference.to("meta")
+    moved = to_device({"g": graph, "y": torch.zeros(1)}, "meta")
+    assert moved["g"] is graph and on_meta(graph.x) and on_meta(reference.x) and on_meta(moved["y"])
+
+
 def test_to_device_passes_strings_numbers_and_none_through():
     leaves = ["text", b"raw", 3, 2.5, 1j, True, None, np.float32(1.5), np.int64(2), np.bool_(True), np.float64(3.0)]
     moved = to_device([torch.ones(1)] + leaves, "meta")
