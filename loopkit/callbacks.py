@@ -94,7 +94,8 @@ class Callback:
     from a Lightning base class (one from the ``lightning``/``pytorch_lightning``/``lightning_fabric`` packages) are
     not the callback's own and are not counted. A callback of Lightning's own (``EarlyStopping``, ``ModelCheckpoint``,
     ``LearningRateMonitor``, ...), or one deriving from a Lightning class, is refused too, naming loopkit's
-    counterpart (:class:`EarlyStopping`, ``with_checkpointing``, :class:`LearningRateMonitor`): its hooks take
+    counterpart (:class:`EarlyStopping`, ``with_checkpointing``, :class:`LearningRateMonitor`, :class:`Timer`,
+    ``with_swa``, ``with_pruning``, ``with_grad_accum``, ``summarize``, ...): its hooks take
     ``(trainer, pl_module)``; a subclass of this class that puts it ahead of the Lightning base
     (``class C(loopkit.Callback, L.Callback)``: loopkit's hooks are the ones called) is taken. One exception to the
     refusal of Lightning-named hooks and bases: a callback written for both trainers, whose class

@@ -934,6 +934,15 @@ _LIGHTNING_COUNTERPARTS = {
     "EarlyStopping": "loopkit.EarlyStopping(monitor, ...)",
     "ModelCheckpoint": "loopkit.with_checkpointing(step, directory, ...) around the step",
     "LearningRateMonitor": "loopkit.LearningRateMonitor()",
+    "Timer": "loopkit.Timer(duration, ...)",
+    "ThroughputMonitor": "loopkit.ThroughputMonitor(batch_size_fn, ...)",
+    "StochasticWeightAveraging": "loopkit.with_swa(step, swa_lrs, ...) around the step",
+    "EMAWeightAveraging": "loopkit.with_ema(step, decay) around the step",
+    "ModelPruning": "loopkit.with_pruning(step, amount, schedule, ...) around the step",
+    "GradientAccumulationScheduler": "loopkit.with_grad_accum(step, every={epoch: n, ...}) around the step",
+    "ModelSummary": "print(loopkit.summarize(state, max_depth=n)) before the fit (a loopkit.ModelSummary)",
+    "LearningRateFinder": "loopkit.lr_find(step, state, train_data, ...) before the fit",
+    "BatchSizeFinder": "loopkit.scale_batch_size(step, state, make_data, ...) before the fit",
 }
 
 

@@ -367,6 +367,38 @@ def test_a_lightning_callback_is_refused_at_the_fit_start_naming_loopkits_counte
     assert callback.calls == []
 
 
+# Lightning 2.6.6's callbacks (lightning.pytorch.callbacks.<module>.<class>, its base: RichModelSummary's is
+# ModelSummary, EMAWeightAveraging's WeightAveraging) that loopkit has a counterpart of, and that counterpart
+_PL_WITH_COUNTERPART = [
+    ("timer", "Timer", None, "loopkit.Timer("),
+    ("throughput_monitor", "ThroughputMonitor", None, "loopkit.ThroughputMonitor("),
+    ("stochastic_weight_avg", "StochasticWeightAveraging", None, "loopkit.with_swa("),
+    ("weight_averaging", "EMAWeightAveraging", "WeightAveraging", "loopkit.with_ema("),
+    ("pruning", "ModelPruning", None, "loopkit.with_pruning("),
+    ("gradient_accumulation_scheduler", "GradientAccumulationScheduler", None, "loopkit.with_grad_accum("),
+    ("model_summary", "ModelSummary", None, "loopkit.summarize("),
+    ("rich_model_summary", "RichModelSummary", "ModelSummary", "loopkit.summarize("),
+    ("lr_finder", "LearningRateFinder", None, "loopkit.lr_find("),
+    ("batch_size_finder", "BatchSizeFinder", None, "loopkit.scale_batch_size("),
+]
+
+
+@pytest.mark.parametrize("module, name, base, counterpart", _PL_WITH_COUNTERPART,
+                         ids=[case[1] for case in _PL_WITH_COUNTERPART])
+def test_lightnings_callbacks_that_loopkit_has_a_counterpart_of_are_refused_naming_it(module, name, base, counterpart):
+    """Before: "port it to loopkit's hooks", though loopkit ships the counterpart. Reference: loopkit's public
+    names (the counterpart named exists)."""
+    parent = _PLCallback
+    if base is not None:  # (defined in the same module as the class, or in ModelSummary's)
+        parent = _stand_in(f"lightning.pytorch.callbacks.{'model_summary' if base == 'ModelSummary' else module}",
+                           base, _PLCallback)
+    callback = _stand_in(f"lightning.pytorch.callbacks.{module}", name, parent)()
+    message = _fit_refused(callback, rf"\({name}\) is Lightning's lightning\.pytorch\.callbacks\.{module}\.{name}, "
+                                     r"whose hooks take \(trainer, pl_module\).*use ")
+    assert counterpart in message and "port it" not in message and callback.calls == []
+    assert callable(getattr(loopkit, counterpart[len("loopkit."):-1]))
+
+
 def test_a_loopkit_callback_ahead_of_a_lightning_base_runs_and_behind_it_is_refused():
     """Mixed with loopkit.Callback first, loopkit's hooks are the ones called; with Lightning's base first and no
     hook of Lightning's of its own (not written for both trainers), it is a Lightning callback."""
