@@ -756,6 +756,8 @@ class Timer(Callback):
     Under DDP every rank stops at the same batch (the first rank whose clock runs out decides).
     ``clock`` is the time source in seconds (``time.monotonic``; a test may pass its own).
     ``duration`` (seconds) and ``interval`` may be changed between fits: each fit reads them when it starts.
+    :meth:`time_elapsed`, :meth:`time_remaining`, :meth:`start_time` and :meth:`end_time` take Lightning's
+    ``stage`` argument, ``"train"`` alone (this Timer times the fit).
 
     >>> ticks = iter(range(0, 100, 10))                    # a clock that moves 10 s a reading
     >>> timer = Timer(duration="00:00:00:25", clock=lambda: next(ticks))
@@ -805,15 +807,48 @@ class Timer(Callback):
         self._start: float | None = None
         self._end: float | None = None
 
-    def time_elapsed(self) -> float:
-        """Seconds of training so far (the fit's, and a resumed run's before it)."""
+    @staticmethod
+    def _check_stage(stage: Any) -> None:
+        """Refuse a ``stage`` other than ``"train"`` (Lightning's ``RunningStage.TRAINING``, a ``str`` enum, equals it):
+        loopkit's Timer times the fit alone."""
+        if not isinstance(stage, str) or stage != "train":
+            raise ValueError(f"Timer: stage {stage!r}: loopkit's Timer times the fit only (stage 'train', its "
+                             "validations included); time evaluate() or predict() around the call")
+
+    def start_time(self, stage: str = "train") -> float | None:
+        """The ``clock``'s reading when this fit's clock started (its first epoch's start), or None before; as
+        Lightning's ``start_time``, for ``stage="train"`` only (see :meth:`time_elapsed`)."""
+        self._check_stage(stage)
+        return self._start
+
+    def end_time(self, stage: str = "train") -> float | None:
+        """The ``clock``'s reading when this fit ended, or None while it runs (or before); as Lightning's
+        ``end_time``, for ``stage="train"`` only."""
+        self._check_stage(stage)
+        return self._end
+
+    def time_elapsed(self, stage: str = "train") -> float:
+        """Seconds of training so far (the fit's, and a resumed run's before it). ``stage``: Lightning's argument;
+        only ``"train"``, its default, is taken (a ``ValueError`` for ``"validate"``, ``"test"``, ...: this Timer
+        times the fit, its validations included).
+
+        >>> Timer(60).time_elapsed("train")
+        0.0
+        >>> Timer(60).time_elapsed("validate")
+        Traceback (most recent call last):
+        ...
+        ValueError: Timer: stage 'validate': loopkit's Timer times the fit only (stage 'train', its validations included); time evaluate() or predict() around the call
+        """
+        self._check_stage(stage)
         if self._start is None:
             return self._offset
         end = self.clock() if self._end is None else self._end
         return self._offset + (end - self._start)
 
-    def time_remaining(self) -> float | None:
-        """Seconds left of ``duration`` (None without one); below 0 once it is spent."""
+    def time_remaining(self, stage: str = "train") -> float | None:
+        """Seconds left of ``duration`` (None without one); below 0 once it is spent. ``stage``: as for
+        :meth:`time_elapsed`."""
+        self._check_stage(stage)
         return None if self.duration is None else self.duration - self.time_elapsed()
 
     def _check(self, state: Any) -> None:

@@ -1475,6 +1475,24 @@ def test_loopkits_callbacks_whose_batch_hook_does_nothing_are_not_called_per_bat
     assert calls == [loopkit.LearningRateMonitor, loopkit.Timer] * 3
 
 
+def test_timer_takes_lightnings_stage_argument_and_has_its_start_and_end_times():
+    """Lightning's Timer API: time_elapsed(stage), time_remaining(stage), start_time(stage), end_time(stage).
+    Reference: the work clock's readings (the sanity validation's 2 s before the start, then 3 s of training and 2
+    of validation per epoch)."""
+    clock = _WorkClock()
+    timer = loopkit.Timer(60, clock=clock, verbose=False)
+    assert timer.start_time("train") is None and timer.end_time() is None
+    run_epochs(train_step(clock.train_loss), make_state(), make_data(3), epochs=2,
+               val=(clock.evaluator(), make_data(2, seed=1)), callbacks=[timer], progress=False)
+    assert (timer.start_time("train"), timer.end_time("train"), clock.now) == (2.0, 12.0, 12.0)
+    assert timer.time_elapsed("train") == timer.time_elapsed() == 10.0
+    assert timer.time_remaining("train") == timer.time_remaining() == 50.0
+    for stage in ("validate", "test", "predict", "sanity_check", "fit", None):
+        for method in (timer.time_elapsed, timer.time_remaining, timer.start_time, timer.end_time):
+            with pytest.raises(ValueError, match="loopkit's Timer times the fit only"):
+                method(stage)
+
+
 @pytest.mark.parametrize("kwargs, error, match", [
     ({"duration": "12:00:00"}, ValueError, "DD:HH:MM:SS"),
     ({"duration": -1}, ValueError, ">= 0 seconds"),
