@@ -947,11 +947,13 @@ _LIGHTNING_COUNTERPARTS = {
 
 
 def _check_callbacks(callbacks: Any, *, warn: bool = True) -> list[Any]:
-    """``callbacks`` as a list (one callback alone is taken, as Lightning takes it); a class, an object with
-    none of the hooks, one of Lightning's own callbacks (:func:`_refuse_lightning_callback`), one with a loopkit hook
-    taking Lightning's ``(trainer, pl_module)`` (:func:`_refuse_lightning_signatures`), or one whose class defines
-    hooks under Lightning's names (which loopkit never calls) is refused by name; ``warn``: warn of an object
-    written for both Lightning and loopkit (:func:`_check_ported`)."""
+    """``callbacks`` as a list (one callback alone is taken, and None as none, as Lightning takes them); a class, an
+    object with none of the hooks, one of Lightning's own callbacks (:func:`_refuse_lightning_callback`), one with
+    a loopkit hook taking Lightning's ``(trainer, pl_module)`` (:func:`_refuse_lightning_signatures`), or one whose
+    class defines hooks under Lightning's names (which loopkit never calls) is refused by name; ``warn``: warn of an
+    object written for both Lightning and loopkit (:func:`_check_ported`)."""
+    if callbacks is None:  # (Lightning's Trainer default)
+        return []
     if any(hasattr(callbacks, hook) for hook in _HOOKS) or isinstance(callbacks, type):
         callbacks = [callbacks]
     if isinstance(callbacks, (str, bytes)) or not hasattr(callbacks, "__iter__"):
@@ -1850,7 +1852,7 @@ def run_epochs(
     sanity_val_batches: int = 2,
     limit_train_batches: int | float | None = None,
     limit_val_batches: int | float | None = None,
-    callbacks: Sequence[Any] = (),
+    callbacks: Sequence[Any] | None = (),
     progress: bool = True,
     device: torch.device | str | None = None,
     donate: bool = True,

@@ -143,6 +143,18 @@ def test_run_epochs_refuses_misused_arguments_before_any_step(options, error, ma
     state.check_usable()
 
 
+def test_run_epochs_takes_callbacks_none_as_no_callbacks_as_lightning_does():
+    """Lightning's Trainer(callbacks=None), its default, means none; it was refused. Reference: the same fit with
+    callbacks=() (bitwise the same parameters and history). A non-list is still refused."""
+    fits = [run_epochs(train_step(mse), make_state(), make_data(3), epochs=2, callbacks=callbacks, progress=False)
+            for callbacks in (None, ())]
+    (state, history), (ref, ref_history) = fits
+    assert history == ref_history and state.step == ref.step == 6
+    assert all(torch.equal(a, b) for a, b in zip(state.model.parameters(), ref.model.parameters()))
+    with pytest.raises(TypeError, match="callbacks must be a list of callbacks, got int"):
+        run_epochs(train_step(mse), make_state(), make_data(3), epochs=1, callbacks=5, progress=False)
+
+
 # --- callbacks ported from Lightning -----------------------------------------------------------------
 
 # Lightning 2.6.6's Callback hooks that loopkit never calls (read off lightning/pytorch/callbacks/callback.py; its
