@@ -94,7 +94,8 @@ class Callback:
     from a Lightning base class (one from the ``lightning``/``pytorch_lightning``/``lightning_fabric`` packages) are
     not the callback's own and are not counted. A callback of Lightning's own (``EarlyStopping``, ``ModelCheckpoint``,
     ``LearningRateMonitor``, ...), or one deriving from a Lightning class, is refused too, naming loopkit's
-    counterpart (:class:`EarlyStopping`, ``with_checkpointing``, :class:`LearningRateMonitor`): its hooks take
+    counterpart (:class:`EarlyStopping`, ``with_checkpointing``, :class:`LearningRateMonitor`, :class:`Timer`,
+    ``with_swa``, ``with_pruning``, ``with_grad_accum``, ``summarize``, ...): its hooks take
     ``(trainer, pl_module)``; a subclass of this class that puts it ahead of the Lightning base
     (``class C(loopkit.Callback, L.Callback)``: loopkit's hooks are the ones called) is taken. One exception to the
     refusal of Lightning-named hooks and bases: a callback written for both trainers, whose class
@@ -193,6 +194,24 @@ def may_change_state_early(callback: Any) -> bool:
         getattr(type(callback), hook, None) is not getattr(Callback, hook) or hook in getattr(callback, "__dict__", {})
         for hook in _EARLY_HOOKS if _loopkit_hook(callback, hook) is not None
     )
+
+
+def _batch_end_unused(callback: Any) -> bool:
+    """Whether ``callback``'s ``on_batch_end`` does nothing under its current settings, so that ``run_epochs`` need
+    not call it after each batch: its ``batch_end_unused`` says so (a per-epoch :class:`LearningRateMonitor`, a
+    :class:`Timer` per epoch or without a duration), and its ``on_batch_end`` is the one of the class that defines
+    that flag (a subclass's own ``on_batch_end``, or one set on the object, is called as any callback's).
+
+    >>> class Counting(LearningRateMonitor):
+    ...     def on_batch_end(self, state, metrics):
+    ...         pass
+    >>> _batch_end_unused(LearningRateMonitor()), _batch_end_unused(Counting()), _batch_end_unused(Timer(60))
+    (True, False, False)
+    """
+    if not getattr(callback, "batch_end_unused", False) or "on_batch_end" in getattr(callback, "__dict__", {}):
+        return False
+    owner = next((c for c in type(callback).__mro__ if "batch_end_unused" in c.__dict__), type(callback))
+    return getattr(type(callback), "on_batch_end", None) is getattr(owner, "on_batch_end", None)
 
 
 class MonitorCallback(Callback):
@@ -553,13 +572,17 @@ class LearningRateMonitor(Callback):
         self.logging_interval = logging_interval
         self.log_momentum, self.log_weight_decay = log_momentum, log_weight_decay
         self._read = self._reader()  # what each record reads: the rates alone unless a flag asks for more
-        #: per epoch, its on_batch_end does nothing: run_epochs calls no batch hook for it (and under DDP
-        #: makes no per-batch agreement on should_stop because of it)
-        self.batch_end_unused = logging_interval == "epoch"
         self.history: list[tuple[int, dict[str, float]]] = []
         self._epoch_start: dict[str, float] | None = None
         self._epoch_start_step = 0
         self._step_seen: int | None = None  # per step: the update whose rates were recorded last
+
+    @property
+    def batch_end_unused(self) -> bool:
+        """Per epoch, its ``on_batch_end`` does nothing: ``run_epochs`` calls no batch hook for it (and under DDP
+        makes no per-batch agreement on ``should_stop`` because of it), as read from ``logging_interval`` when the
+        fit starts; a subclass's own ``on_batch_end`` is called (see :func:`_batch_end_unused`)."""
+        return self.logging_interval == "epoch"
 
     def on_fit_start(self, state: Any) -> None:
         """Start afresh, as Lightning's ``on_train_start`` does: ``history`` empty, no epoch under way (a resumed
@@ -732,6 +755,9 @@ class Timer(Callback):
     resumed with its time already spent stops before its first batch, as Lightning's does.
     Under DDP every rank stops at the same batch (the first rank whose clock runs out decides).
     ``clock`` is the time source in seconds (``time.monotonic``; a test may pass its own).
+    ``duration`` (seconds) and ``interval`` may be changed between fits: each fit reads them when it starts.
+    :meth:`time_elapsed`, :meth:`time_remaining`, :meth:`start_time` and :meth:`end_time` take Lightning's
+    ``stage`` argument, ``"train"`` alone (this Timer times the fit).
 
     >>> ticks = iter(range(0, 100, 10))                    # a clock that moves 10 s a reading
     >>> timer = Timer(duration="00:00:00:25", clock=lambda: next(ticks))
@@ -765,9 +791,15 @@ class Timer(Callback):
         self.interval = interval
         self.verbose = verbose
         self.clock = clock
-        #: per epoch, its on_batch_end does nothing: run_epochs calls no batch hook for it
-        self.batch_end_unused = interval == "epoch" or self.duration is None
         self._reset()
+
+    @property
+    def batch_end_unused(self) -> bool:
+        """Per epoch, or without a duration, its ``on_batch_end`` does nothing: ``run_epochs`` calls no batch hook
+        for it, as read from ``interval`` and ``duration`` when the fit starts (a ``duration`` set after
+        construction, in seconds, is checked); a subclass's own ``on_batch_end`` is called (see
+        :func:`_batch_end_unused`)."""
+        return self.interval == "epoch" or self.duration is None
 
     def _reset(self) -> None:
         self.should_stop = False
@@ -775,15 +807,48 @@ class Timer(Callback):
         self._start: float | None = None
         self._end: float | None = None
 
-    def time_elapsed(self) -> float:
-        """Seconds of training so far (the fit's, and a resumed run's before it)."""
+    @staticmethod
+    def _check_stage(stage: Any) -> None:
+        """Refuse a ``stage`` other than ``"train"`` (Lightning's ``RunningStage.TRAINING``, a ``str`` enum, equals it):
+        loopkit's Timer times the fit alone."""
+        if not isinstance(stage, str) or stage != "train":
+            raise ValueError(f"Timer: stage {stage!r}: loopkit's Timer times the fit only (stage 'train', its "
+                             "validations included); time evaluate() or predict() around the call")
+
+    def start_time(self, stage: str = "train") -> float | None:
+        """The ``clock``'s reading when this fit's clock started (its first epoch's start), or None before; as
+        Lightning's ``start_time``, for ``stage="train"`` only (see :meth:`time_elapsed`)."""
+        self._check_stage(stage)
+        return self._start
+
+    def end_time(self, stage: str = "train") -> float | None:
+        """The ``clock``'s reading when this fit ended, or None while it runs (or before); as Lightning's
+        ``end_time``, for ``stage="train"`` only."""
+        self._check_stage(stage)
+        return self._end
+
+    def time_elapsed(self, stage: str = "train") -> float:
+        """Seconds of training so far (the fit's, and a resumed run's before it). ``stage``: Lightning's argument;
+        only ``"train"``, its default, is taken (a ``ValueError`` for ``"validate"``, ``"test"``, ...: this Timer
+        times the fit, its validations included).
+
+        >>> Timer(60).time_elapsed("train")
+        0.0
+        >>> Timer(60).time_elapsed("validate")
+        Traceback (most recent call last):
+        ...
+        ValueError: Timer: stage 'validate': loopkit's Timer times the fit only (stage 'train', its validations included); time evaluate() or predict() around the call
+        """
+        self._check_stage(stage)
         if self._start is None:
             return self._offset
         end = self.clock() if self._end is None else self._end
         return self._offset + (end - self._start)
 
-    def time_remaining(self) -> float | None:
-        """Seconds left of ``duration`` (None without one); below 0 once it is spent."""
+    def time_remaining(self, stage: str = "train") -> float | None:
+        """Seconds left of ``duration`` (None without one); below 0 once it is spent. ``stage``: as for
+        :meth:`time_elapsed`."""
+        self._check_stage(stage)
         return None if self.duration is None else self.duration - self.time_elapsed()
 
     def _check(self, state: Any) -> None:

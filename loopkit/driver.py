@@ -37,7 +37,7 @@ from loopkit._epoch_data import TRAIN, call_seeded, check_factory, factory_name,
 from loopkit._numbers import as_int, as_real
 from loopkit._sharded import fsdp_modules
 from loopkit._window import EPOCH, OVER_RANKS, own_buffers, own_rng, own_share
-from loopkit.callbacks import Callback, _from_lightning, _loopkit_hook, may_change_state_early
+from loopkit.callbacks import Callback, _batch_end_unused, _from_lightning, _loopkit_hook, may_change_state_early
 from loopkit.checkpoint import capture_global_rng, install_global_rng
 from loopkit.progress import ProgressBar, progress_wanted, write_line
 from loopkit.rng import epoch_order_seed as _order_seed
@@ -934,15 +934,26 @@ _LIGHTNING_COUNTERPARTS = {
     "EarlyStopping": "loopkit.EarlyStopping(monitor, ...)",
     "ModelCheckpoint": "loopkit.with_checkpointing(step, directory, ...) around the step",
     "LearningRateMonitor": "loopkit.LearningRateMonitor()",
+    "Timer": "loopkit.Timer(duration, ...)",
+    "ThroughputMonitor": "loopkit.ThroughputMonitor(batch_size_fn, ...)",
+    "StochasticWeightAveraging": "loopkit.with_swa(step, swa_lrs, ...) around the step",
+    "EMAWeightAveraging": "loopkit.with_ema(step, decay) around the step",
+    "ModelPruning": "loopkit.with_pruning(step, amount, schedule, ...) around the step",
+    "GradientAccumulationScheduler": "loopkit.with_grad_accum(step, every={epoch: n, ...}) around the step",
+    "ModelSummary": "print(loopkit.summarize(state, max_depth=n)) before the fit (a loopkit.ModelSummary)",
+    "LearningRateFinder": "loopkit.lr_find(step, state, train_data, ...) before the fit",
+    "BatchSizeFinder": "loopkit.scale_batch_size(step, state, make_data, ...) before the fit",
 }
 
 
 def _check_callbacks(callbacks: Any, *, warn: bool = True) -> list[Any]:
-    """``callbacks`` as a list (one callback alone is taken, as Lightning takes it); a class, an object with
-    none of the hooks, one of Lightning's own callbacks (:func:`_refuse_lightning_callback`), one with a loopkit hook
-    taking Lightning's ``(trainer, pl_module)`` (:func:`_refuse_lightning_signatures`), or one whose class defines
-    hooks under Lightning's names (which loopkit never calls) is refused by name; ``warn``: warn of an object
-    written for both Lightning and loopkit (:func:`_check_ported`)."""
+    """``callbacks`` as a list (one callback alone is taken, and None as none, as Lightning takes them); a class, an
+    object with none of the hooks, one of Lightning's own callbacks (:func:`_refuse_lightning_callback`), one with
+    a loopkit hook taking Lightning's ``(trainer, pl_module)`` (:func:`_refuse_lightning_signatures`), or one whose
+    class defines hooks under Lightning's names (which loopkit never calls) is refused by name; ``warn``: warn of an
+    object written for both Lightning and loopkit (:func:`_check_ported`)."""
+    if callbacks is None:  # (Lightning's Trainer default)
+        return []
     if any(hasattr(callbacks, hook) for hook in _HOOKS) or isinstance(callbacks, type):
         callbacks = [callbacks]
     if isinstance(callbacks, (str, bytes)) or not hasattr(callbacks, "__iter__"):
@@ -1489,10 +1500,11 @@ class _Hooks:
         self.shared: set[str] = set()  # under DDP: the callbacks (their keys) whose stop every rank's copy was told
         # a callback whose stop the minimum does not hold off (a pruned trial's) could ask while one waits
         self.overriding = any(getattr(cb, "stops_before_minimum", False) for cb in self.callbacks)
-        # Callback's own no-op on_batch_end is left out: a batch then calls no hook and reads no should_stop
+        # Callback's own no-op on_batch_end is left out (and one that does nothing under its callback's current
+        # settings: _batch_end_unused): a batch then calls no hook and reads no should_stop
         self.batch_end = [
             (cb, cb.on_batch_end) for cb in self.callbacks
-            if _defines(cb, "on_batch_end") and not getattr(cb, "batch_end_unused", False)
+            if _defines(cb, "on_batch_end") and not _batch_end_unused(cb)
         ]
         self.own_batch_start = [cb.on_batch_start for cb in self.callbacks if _defines(cb, "on_batch_start")]
         # what the loop calls before each step: the callbacks' hooks, and now and then a driver's own last
@@ -1840,7 +1852,7 @@ def run_epochs(
     sanity_val_batches: int = 2,
     limit_train_batches: int | float | None = None,
     limit_val_batches: int | float | None = None,
-    callbacks: Sequence[Any] = (),
+    callbacks: Sequence[Any] | None = (),
     progress: bool = True,
     device: torch.device | str | None = None,
     donate: bool = True,

@@ -35,9 +35,11 @@ def to_device(batch: Any, device: torch.device | str, *, non_blocking: bool = Fa
     """Move every tensor in a nested batch to ``device``.
 
     Handles tensors, tuples, lists, dicts, namedtuples, dataclasses and any object with a
-    ``.to(device)`` method (a ``PackedSequence`` too, by its own). Strings, numbers (numpy's scalars
-    too) and ``None`` pass through unchanged. Anything
-    else raises ``TypeError`` naming where in the batch it sits.
+    ``.to(device)`` method. An object with its own ``.to`` is moved by it, not taken apart, even a mapping or a
+    dataclass (a ``PackedSequence``, transformers' ``BatchEncoding``), as Lightning's ``move_data_to_device``
+    does; one whose ``.to`` moves it in place and returns None is returned itself. Strings, numbers (numpy's
+    scalars too) and ``None`` pass through unchanged. Anything else raises ``TypeError`` naming where in the
+    batch it sits.
 
     >>> import torch
     >>> from collections import namedtuple
@@ -139,11 +141,16 @@ def _move(obj: Any, device: torch.device, non_blocking: bool, path: str) -> Any:
         return obj.to(device, non_blocking=non_blocking)
     if isinstance(obj, _PASS_THROUGH):
         return obj
+    # one that moves itself, by its own .to before any taking apart, as Lightning's move_data_to_device: a
+    # PackedSequence (its batch_sizes stay on the CPU, as torch's own .to keeps them), a Mapping (transformers'
+    # BatchEncoding keeps its other attributes), a dataclass (its .to knows its fields). One whose .to moves it in
+    # place and returns None is kept, as Lightning keeps it
+    if callable(getattr(obj, "to", None)) and not isinstance(obj, type):
+        moved = obj.to(device)
+        return obj if moved is None else moved
     if isinstance(obj, Mapping):
         moved = {k: _move(v, device, non_blocking, f"{path}[{k!r}]") for k, v in obj.items()}
         return moved if type(obj) is dict else _rebuild_mapping(obj, moved)
-    if isinstance(obj, tuple) and callable(getattr(obj, "to", None)):  # one that moves itself (PackedSequence: its
-        return obj.to(device)  # batch_sizes stay on the CPU, as torch's own .to keeps them)
     if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
         return type(obj)(*(_move(v, device, non_blocking, f"{path}.{f}") for f, v in zip(obj._fields, obj)))
     if isinstance(obj, (list, tuple)):
@@ -156,8 +163,6 @@ def _move(obj: Any, device: torch.device, non_blocking: bool, path: str) -> Any:
             if hasattr(obj, f.name):
                 object.__setattr__(new, f.name, _move(getattr(obj, f.name), device, non_blocking, f"{path}.{f.name}"))
         return new
-    if callable(getattr(obj, "to", None)) and not isinstance(obj, type):
-        return obj.to(device)
     raise TypeError(
         f"to_device cannot move {path} of type {type(obj).__qualname__} to {device}: only tensors, "
         "tuples, lists, dicts, dataclasses, namedtuples, objects with .to(device), strings, numbers "

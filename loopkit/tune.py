@@ -531,7 +531,7 @@ def fit(
     *,
     monitor: str = "val/loss",
     report_step: str = "count",
-    callbacks: Iterable[Any] = (),
+    callbacks: Iterable[Any] | None = (),
     **run_epochs_options: Any,
 ) -> float:
     """Train with :func:`loopkit.run_epochs` under a :class:`PruningCallback`; return the last ``monitor`` value.

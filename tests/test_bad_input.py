@@ -143,6 +143,18 @@ def test_run_epochs_refuses_misused_arguments_before_any_step(options, error, ma
     state.check_usable()
 
 
+def test_run_epochs_takes_callbacks_none_as_no_callbacks_as_lightning_does():
+    """Lightning's Trainer(callbacks=None), its default, means none; it was refused. Reference: the same fit with
+    callbacks=() (bitwise the same parameters and history). A non-list is still refused."""
+    fits = [run_epochs(train_step(mse), make_state(), make_data(3), epochs=2, callbacks=callbacks, progress=False)
+            for callbacks in (None, ())]
+    (state, history), (ref, ref_history) = fits
+    assert history == ref_history and state.step == ref.step == 6
+    assert all(torch.equal(a, b) for a, b in zip(state.model.parameters(), ref.model.parameters()))
+    with pytest.raises(TypeError, match="callbacks must be a list of callbacks, got int"):
+        run_epochs(train_step(mse), make_state(), make_data(3), epochs=1, callbacks=5, progress=False)
+
+
 # --- callbacks ported from Lightning -----------------------------------------------------------------
 
 # Lightning 2.6.6's Callback hooks that loopkit never calls (read off lightning/pytorch/callbacks/callback.py; its
@@ -365,6 +377,38 @@ def test_a_lightning_callback_is_refused_at_the_fit_start_naming_loopkits_counte
     callback = make()
     _fit_refused(callback, match)
     assert callback.calls == []
+
+
+# Lightning 2.6.6's callbacks (lightning.pytorch.callbacks.<module>.<class>, its base: RichModelSummary's is
+# ModelSummary, EMAWeightAveraging's WeightAveraging) that loopkit has a counterpart of, and that counterpart
+_PL_WITH_COUNTERPART = [
+    ("timer", "Timer", None, "loopkit.Timer("),
+    ("throughput_monitor", "ThroughputMonitor", None, "loopkit.ThroughputMonitor("),
+    ("stochastic_weight_avg", "StochasticWeightAveraging", None, "loopkit.with_swa("),
+    ("weight_averaging", "EMAWeightAveraging", "WeightAveraging", "loopkit.with_ema("),
+    ("pruning", "ModelPruning", None, "loopkit.with_pruning("),
+    ("gradient_accumulation_scheduler", "GradientAccumulationScheduler", None, "loopkit.with_grad_accum("),
+    ("model_summary", "ModelSummary", None, "loopkit.summarize("),
+    ("rich_model_summary", "RichModelSummary", "ModelSummary", "loopkit.summarize("),
+    ("lr_finder", "LearningRateFinder", None, "loopkit.lr_find("),
+    ("batch_size_finder", "BatchSizeFinder", None, "loopkit.scale_batch_size("),
+]
+
+
+@pytest.mark.parametrize("module, name, base, counterpart", _PL_WITH_COUNTERPART,
+                         ids=[case[1] for case in _PL_WITH_COUNTERPART])
+def test_lightnings_callbacks_that_loopkit_has_a_counterpart_of_are_refused_naming_it(module, name, base, counterpart):
+    """Before: "port it to loopkit's hooks", though loopkit ships the counterpart. Reference: loopkit's public
+    names (the counterpart named exists)."""
+    parent = _PLCallback
+    if base is not None:  # (defined in the same module as the class, or in ModelSummary's)
+        parent = _stand_in(f"lightning.pytorch.callbacks.{'model_summary' if base == 'ModelSummary' else module}",
+                           base, _PLCallback)
+    callback = _stand_in(f"lightning.pytorch.callbacks.{module}", name, parent)()
+    message = _fit_refused(callback, rf"\({name}\) is Lightning's lightning\.pytorch\.callbacks\.{module}\.{name}, "
+                                     r"whose hooks take \(trainer, pl_module\).*use ")
+    assert counterpart in message and "port it" not in message and callback.calls == []
+    assert callable(getattr(loopkit, counterpart[len("loopkit."):-1]))
 
 
 def test_a_loopkit_callback_ahead_of_a_lightning_base_runs_and_behind_it_is_refused():

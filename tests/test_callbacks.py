@@ -1418,6 +1418,81 @@ def test_timer_says_when_it_stops(capsys):
     assert "Timer: time limit reached (0:00:02 spent); stopping at step 2" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("interval", ["step", "epoch"])
+def test_a_timer_given_its_duration_after_construction_stops_as_one_given_it_at_construction(interval):
+    """Reference: a Timer constructed with the duration (each on a work clock of its own): both stop after the same
+    update (4 per step; 6, epoch 1's end, per epoch)."""
+    ref_clock, clock = _WorkClock(), _WorkClock()
+    expected, _ = run_epochs(train_step(ref_clock.train_loss), make_state(), make_data(3), epochs=5, progress=False,
+                             callbacks=[loopkit.Timer(4, interval=interval, clock=ref_clock, verbose=False)])
+    timer = loopkit.Timer(clock=clock, verbose=False)  # measure-only when constructed
+    timer.duration, timer.interval = 4.0, interval
+    state, _ = run_epochs(train_step(clock.train_loss), make_state(), make_data(3), epochs=5, callbacks=[timer],
+                          progress=False)
+    assert timer.should_stop and state.step == expected.step == {"step": 4, "epoch": 6}[interval]
+
+
+@pytest.mark.parametrize("base, kwargs", [
+    (loopkit.Timer, {}), (loopkit.Timer, {"duration": 60, "interval": "epoch"}), (loopkit.LearningRateMonitor, {}),
+])
+def test_a_subclass_of_a_callback_whose_batch_hook_is_unused_has_its_own_on_batch_end_called_per_batch(base, kwargs):
+    """A measure-only Timer, a per-epoch one, a per-epoch LearningRateMonitor: their own on_batch_end does nothing
+    and is not called, but a subclass's own is. Reference: a plain Callback counting batches (5 per epoch, 2 epochs)."""
+
+    class Counting(base):
+        def __init__(self):
+            super().__init__(**kwargs)
+            self.batches = 0
+
+        def on_batch_end(self, state, metrics):
+            super().on_batch_end(state, metrics)
+            self.batches += 1
+
+    class Reference(loopkit.Callback):
+        batches = 0
+
+        def on_batch_end(self, state, metrics):
+            self.batches += 1
+
+    counting, reference = Counting(), Reference()
+    run_epochs(train_step(mse), make_state(), make_data(5), epochs=2, callbacks=[counting, reference], progress=False)
+    assert counting.batches == reference.batches == 10
+
+
+def test_loopkits_callbacks_whose_batch_hook_does_nothing_are_not_called_per_batch(monkeypatch):
+    """The per-epoch LearningRateMonitor and a measure-only Timer cost the loop no call per batch; per step they are
+    called after each one."""
+    calls = []
+    for cls in (loopkit.LearningRateMonitor, loopkit.Timer):
+        original = cls.on_batch_end
+        monkeypatch.setattr(cls, "on_batch_end", lambda self, state, metrics, _f=original: calls.append(type(self)) or
+                            _f(self, state, metrics))
+    run_epochs(train_step(mse), make_state(), make_data(3), epochs=1, progress=False,
+               callbacks=[loopkit.LearningRateMonitor(), loopkit.Timer(), loopkit.Timer(60, interval="epoch")])
+    assert calls == []
+    run_epochs(train_step(mse), make_state(), make_data(3), epochs=1, progress=False,
+               callbacks=[loopkit.LearningRateMonitor("step"), loopkit.Timer(60)])
+    assert calls == [loopkit.LearningRateMonitor, loopkit.Timer] * 3
+
+
+def test_timer_takes_lightnings_stage_argument_and_has_its_start_and_end_times():
+    """Lightning's Timer API: time_elapsed(stage), time_remaining(stage), start_time(stage), end_time(stage).
+    Reference: the work clock's readings (the sanity validation's 2 s before the start, then 3 s of training and 2
+    of validation per epoch)."""
+    clock = _WorkClock()
+    timer = loopkit.Timer(60, clock=clock, verbose=False)
+    assert timer.start_time("train") is None and timer.end_time() is None
+    run_epochs(train_step(clock.train_loss), make_state(), make_data(3), epochs=2,
+               val=(clock.evaluator(), make_data(2, seed=1)), callbacks=[timer], progress=False)
+    assert (timer.start_time("train"), timer.end_time("train"), clock.now) == (2.0, 12.0, 12.0)
+    assert timer.time_elapsed("train") == timer.time_elapsed() == 10.0
+    assert timer.time_remaining("train") == timer.time_remaining() == 50.0
+    for stage in ("validate", "test", "predict", "sanity_check", "fit", None):
+        for method in (timer.time_elapsed, timer.time_remaining, timer.start_time, timer.end_time):
+            with pytest.raises(ValueError, match="loopkit's Timer times the fit only"):
+                method(stage)
+
+
 @pytest.mark.parametrize("kwargs, error, match", [
     ({"duration": "12:00:00"}, ValueError, "DD:HH:MM:SS"),
     ({"duration": -1}, ValueError, ">= 0 seconds"),

@@ -7,8 +7,9 @@ moved reports ``device.type == "meta"``; one that was not still says ``cpu``.
 from __future__ import annotations
 
 import dataclasses
-from collections import OrderedDict, namedtuple
+from collections import OrderedDict, UserDict, namedtuple
 
+import numpy as np
 import pytest
 import torch
 
@@ -112,9 +113,61 @@ def test_to_device_moves_a_packed_sequence_as_its_own_to_does():
     assert moved.batch_sizes.device == torch.device("cpu")
 
 
-def test_to_device_passes_strings_numbers_and_none_through():
-    import numpy as np
+class EncodingLike(UserDict):
+    """The shape of transformers' BatchEncoding: a mapping with attributes of its own and a ``.to`` that keeps them."""
 
+    def __init__(self, data=None, encodings=None):
+        super().__init__(data)
+        self.encodings = encodings
+
+    def to(self, device):
+        self.data = {k: v.to(device) for k, v in self.data.items()}
+        return self
+
+
+@dataclasses.dataclass
+class OwnMoveBatch:
+    x: torch.Tensor
+    ids: np.ndarray  # left where it is by the batch's own .to (to_device alone refuses an array)
+
+    def to(self, device):
+        return OwnMoveBatch(self.x.to(device), self.ids)
+
+
+def test_to_device_moves_a_mapping_or_a_dataclass_with_its_own_to_by_it_as_lightning_does():
+    """Reference: the object's own .to (Lightning's move_data_to_device calls it before taking a mapping or a
+    dataclass apart); taken apart, the mapping lost its encodings and the dataclass's array was refused."""
+    encoding = EncodingLike({"input_ids": torch.ones(2, 3)}, encodings=[[None, 0, 1]])
+    reference = EncodingLike({"input_ids": torch.ones(2, 3)}, encodings=[[None, 0, 1]]).to("meta")
+    moved = to_device({"enc": encoding}, "meta")["enc"]
+    assert type(moved) is EncodingLike and moved.encodings == reference.encodings == [[None, 0, 1]]
+    assert list(moved) == list(reference) and on_meta(moved["input_ids"]) and on_meta(reference["input_ids"])
+    batch = OwnMoveBatch(torch.ones(2), np.arange(2))
+    moved, reference = to_device([batch], "meta")[0], batch.to("meta")
+    assert type(moved) is OwnMoveBatch and on_meta(moved.x) and on_meta(reference.x)
+    assert moved.ids is reference.ids is batch.ids
+
+
+class MovedInPlace:
+    """A graph-like batch whose ``.to`` moves its tensors in place and returns nothing."""
+
+    def __init__(self):
+        self.x = torch.ones(2)
+
+    def to(self, device, **kwargs):
+        self.x = self.x.to(device)
+
+
+def test_to_device_keeps_an_object_whose_to_moves_it_in_place_and_returns_none_as_lightning_does():
+    """Reference: the object after its own .to, in place (Lightning's batch_to returns the object when .to returns
+    None); it became None."""
+    graph, reference = MovedInPlace(), MovedInPlace()
+    reference.to("meta")
+    moved = to_device({"g": graph, "y": torch.zeros(1)}, "meta")
+    assert moved["g"] is graph and on_meta(graph.x) and on_meta(reference.x) and on_meta(moved["y"])
+
+
+def test_to_device_passes_strings_numbers_and_none_through():
     leaves = ["text", b"raw", 3, 2.5, 1j, True, None, np.float32(1.5), np.int64(2), np.bool_(True), np.float64(3.0)]
     moved = to_device([torch.ones(1)] + leaves, "meta")
     assert on_meta(moved[0])
@@ -193,8 +246,6 @@ def test_number_like_leaves_are_held_as_plain_python_values():
     Reference: the Python value each stands for, and a weights_only load of the encoding."""
     import enum
     import io
-
-    import numpy as np
 
     from loopkit.tree import decode_tree, encode_tree
 
