@@ -35,6 +35,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=40)
     parser.add_argument("--log-every", type=int, default=50, help="read the loss on the host every k calls")
     parser.add_argument("--quick", action="store_true", help="accepted for symmetry with digits.py (this run is short)")
+    parser.add_argument(
+        "--threads", type=int, default=1,
+        help="torch intra-op threads (tensors this small gain nothing from more; on a busy machine they cost)",
+    )
     args = parser.parse_args(argv)
     if args.epochs < 1 or args.log_every < 1:
         parser.error("--epochs and --log-every must be at least 1")
@@ -106,6 +110,7 @@ def train(step, state: loopkit.TrainState, data, args: argparse.Namespace, label
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    torch.set_num_threads(args.threads)
     train_data, (val_x, val_y) = make_data(1000, seed=0), make_data(512, seed=1)
 
     torch.manual_seed(0)

@@ -36,6 +36,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of the one-cycle schedule")
     parser.add_argument("--seed", type=int, default=0, help="seeds the split, the initial weights, dropout and data order")
     parser.add_argument("--min-acc", type=float, default=None, help="override the accuracy bar")
+    parser.add_argument(
+        "--threads", type=int, default=1,
+        help="torch intra-op threads (tensors this small gain nothing from more; on a busy machine they cost)",
+    )
     args = parser.parse_args(argv)
     if args.epochs is None:
         args.epochs = 4 if args.quick else 30
@@ -89,6 +93,7 @@ def metric_fn(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> dic
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    torch.set_num_threads(args.threads)
     started = time.perf_counter()
     train_set, val_set, test_set = load_splits(args.seed)
     # run_epochs seeds the shuffling from (state.seed, epoch): the same order on every run,

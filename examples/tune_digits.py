@@ -43,6 +43,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=None, help="epochs per trial (default 8, or 4 with --quick)")
     parser.add_argument("--directory", default=None, help="where the study's SQLite file lives (made if missing; default: a temporary folder)")
     parser.add_argument("--min-acc", type=float, default=0.9, help="the best trial's test accuracy must reach this")
+    parser.add_argument(
+        "--threads", type=int, default=1,
+        help="torch intra-op threads (tensors this small gain nothing from more; on a busy machine they cost)",
+    )
     args = parser.parse_args(argv)
     if args.trials is None:
         args.trials = 7 if args.quick else 16
@@ -90,6 +94,7 @@ def sampler_for(study: optuna.Study, seed: int = SEED) -> optuna.samplers.TPESam
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    torch.set_num_threads(args.threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     train_set, val_set, test_set = load_splits()
     train = DataLoader(train_set, batch_size=64, shuffle=True)

@@ -185,10 +185,10 @@ def plot_runs(
     FigureCanvasAgg(fig)
     for i, name in enumerate(names):
         ax = fig.add_subplot(nrows, ncols, i + 1)
-        for run in runs:
+        for k, run in enumerate(runs):  # (one colour per run in every panel, also where an earlier run lacks the metric)
             if name in data[run]:
                 steps, values = data[run][name]
-                ax.plot(steps, values, label=labels[run], marker="." if len(steps) < 30 else None)
+                ax.plot(steps, values, label=labels[run], color=f"C{k % 10}", marker="." if len(steps) < 30 else None)
         ax.set_title(name)
         ax.set_xlabel("step")
         ax.grid(True, alpha=0.3)

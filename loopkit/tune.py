@@ -132,8 +132,9 @@ def create_study(
     ``directory`` is made (with its parents) when it does not exist yet; a file in its way is a
     ``NotADirectoryError``.
 
-    ``direction`` is ``"minimize"`` (the default for a new study) or ``"maximize"``; a study
-    resumed with the other direction is refused (Optuna would keep the stored one).
+    ``direction`` is ``"minimize"`` (the default for a new study) or ``"maximize"`` (or Optuna's
+    ``StudyDirection`` of either); a study resumed with the other direction is refused (Optuna would
+    keep the stored one).
 
     ``pruner`` defaults to Optuna's ``MedianPruner`` (a trial stops when its reported value
     is worse than the median of earlier trials at the same step, after 5 complete trials).
@@ -168,6 +169,8 @@ def create_study(
     >>> tmp.cleanup()
     """
     optuna = _optuna()
+    if isinstance(direction, optuna.study.StudyDirection) and direction.name in ("MINIMIZE", "MAXIMIZE"):
+        direction = direction.name.lower()  # (optuna.create_study takes its enum too)
     if direction not in (None, "minimize", "maximize"):
         raise ValueError(f"loopkit.tune: direction must be 'minimize' or 'maximize', got {direction!r}")
     if sampler is not None and not isinstance(sampler, optuna.samplers.BaseSampler):

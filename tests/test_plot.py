@@ -61,6 +61,18 @@ def test_each_metric_gets_a_subplot_with_every_runs_curve(tmp_path):
             assert list(zip(line.get_xdata(), line.get_ydata())) == expected
 
 
+def test_a_run_has_one_colour_in_every_subplot_also_where_an_earlier_run_lacks_the_metric(tmp_path):
+    """lr-SGD is run 1's only: each panel's colour cycle started afresh drew it in run 0's colour there."""
+    runs = write_runs(tmp_path)
+    fig = plot_runs([run.log_dir for run in runs])
+    colours: dict[str, set] = {}
+    for ax in fig.axes:
+        for line in ax.get_lines():
+            colours.setdefault(line.get_label(), set()).add(line.get_color())
+    assert len(colours) == 2 and all(len(c) == 1 for c in colours.values()), colours
+    assert len(set.union(*colours.values())) == 2  # and the two runs' colours differ
+
+
 def test_a_root_name_folder_means_all_its_versions_and_metrics_pick_subplots(tmp_path):
     write_runs(tmp_path)
     fig = plot_runs([tmp_path / "exp"], metrics=["val/acc"])

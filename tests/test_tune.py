@@ -305,6 +305,19 @@ def test_the_default_storage_is_sqlite_and_a_study_resumes(tmp_path):
         tune.create_study("resume", directory=tmp_path, direction="maximize")
 
 
+def test_optunas_study_direction_enum_is_taken_as_optuna_create_study_takes_it(tmp_path):
+    made = tune.create_study("up", directory=tmp_path, direction=optuna.study.StudyDirection.MAXIMIZE)
+    assert made.direction == optuna.create_study(direction=optuna.study.StudyDirection.MAXIMIZE).direction
+    assert made.direction == optuna.study.StudyDirection.MAXIMIZE
+    study = tune.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2, study_name="up", directory=tmp_path,
+                          direction=optuna.study.StudyDirection.MAXIMIZE)  # (resumed: the stored direction agrees)
+    assert study.best_value == max(t.value for t in study.trials)
+    with pytest.raises(ValueError, match="was made to maximize; it cannot be resumed to minimize"):
+        tune.create_study("up", directory=tmp_path, direction=optuna.study.StudyDirection.MINIMIZE)
+    with pytest.raises(ValueError, match="direction must be 'minimize' or 'maximize'"):
+        tune.create_study("x", directory=tmp_path, direction=optuna.study.StudyDirection.NOT_SET)
+
+
 def test_a_missing_directory_is_made_and_a_file_in_its_way_is_refused(tmp_path):
     directory = tmp_path / "new" / "deeper"
     tune.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=1, study_name="s", directory=directory)
