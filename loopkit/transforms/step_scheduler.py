@@ -74,9 +74,9 @@ class StepSchedulerStep(WrapperStep):
         return self._stepped(self.inner.flush_, state, state.batch_index - _skipped(state))
 
     def _stepped(self, call: Any, state: TrainState, consumed: int, *args: Any) -> tuple[TrainState, Metrics]:
-        """``call`` on ``state`` without its scheduler (the inner step would step it per update), put back after and
-        stepped if ``call`` made an update and ``consumed`` (batches of the epoch) is a multiple of ``frequency``,
-        in an epoch before the first SWA epoch of a ``with_swa`` inside (SWALR's schedule from there)."""
+        """``call`` on ``state`` with its scheduler held still (the inner step would step it per update), given
+        back and stepped if ``call`` made an update and ``consumed`` (batches of the epoch) is a multiple of
+        ``frequency``, in an epoch before the first SWA epoch of a ``with_swa`` inside (SWALR's schedule from there)."""
         scheduler_of(state, "with_step_scheduler")
         new, metrics = scheduler_held(call, state, *args)
         before_swa = self.swa_start is None or state.epoch < self.swa_start
@@ -95,8 +95,10 @@ def with_step_scheduler(step: Any, *, frequency: int = 1) -> StepSchedulerStep:
     """Step the state's scheduler after an optimizer update only every ``frequency`` batches, as Lightning does with
     ``{"scheduler": ..., "interval": "step", "frequency": n}``, instead of after every update.
 
-    The inner step runs with the scheduler held still; after a call that made an update (``state.step``
-    advanced), the scheduler steps if the batches consumed in the epoch (``state.batch_index`` after
+    The inner step runs with the scheduler held still (its state's scheduler is a
+    :class:`loopkit.state.HeldScheduler`: ``step()`` does nothing, also called by a step of one's
+    own); after a call that made an update (``state.step`` advanced), the scheduler steps if the
+    batches consumed in the epoch (``state.batch_index`` after
     the call) are a multiple of ``frequency``, as Lightning's ``(batch_idx + 1) % frequency == 0``
     (``batch_idx`` counts from 0 within each epoch). Under ``with_grad_accum`` (apply this one around
     it) that is the batch that ends a group; the epoch's partial group, updated by the flush at the

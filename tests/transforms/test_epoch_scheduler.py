@@ -191,6 +191,81 @@ def test_a_step_of_ones_own_that_forks_the_state_trains_at_the_scheduled_rates(
     assert_trees_equal(dict(final.model.named_parameters()), dict(model.named_parameters()))
 
 
+@pytest.mark.parametrize("donated", [True, False], ids=["donated", "pure"])
+@pytest.mark.parametrize("transform", ["with_epoch_scheduler", "with_step_scheduler"])
+def test_a_step_of_ones_own_that_steps_the_states_scheduler_leaves_it_to_the_transform(
+    transform, donated, make_mlp, make_batches, mse_loss, assert_trees_equal
+):
+    """A raw loop's step written as a step of one's own (``state.scheduler.step()`` after its update): the transform
+    holds the scheduler still in it (its state had no scheduler: AttributeError), so the rates are the transform's
+    schedule alone, as in a raw loop that steps the scheduler where the transform does; on the pure path (a fork of
+    the held scheduler in each call) the given state's scheduler stays as it was."""
+    data = make_batches(BATCHES)
+    reference = _state(make_mlp)
+    model, opt, sched = reference.model, reference.optimizer, reference.scheduler
+    for _ in range(EPOCHS):
+        for batch in data:
+            opt.zero_grad()
+            mse_loss(model, batch).backward()
+            opt.step()
+            if transform == "with_step_scheduler":
+                sched.step()
+        if transform == "with_epoch_scheduler":
+            sched.step()
+
+    def own(state, batch):
+        state.optimizer.zero_grad()
+        loss = mse_loss(state.model, batch)
+        loss.backward()
+        state.optimizer.step()
+        state.scheduler.step()
+        return state.evolve(step=state.step + 1, batch_index=state.batch_index + 1), {"loss": loss.detach()}
+
+    step = getattr(loopkit, transform)(own)
+    if donated:
+        final, _ = loopkit.run_epochs(step, _state(make_mlp), data, epochs=EPOCHS, progress=False)
+    else:
+        final = _state(make_mlp)
+        for epoch in range(EPOCHS):
+            for batch in data:
+                given = final.scheduler.state_dict()
+                final, _ = step(final, batch)
+            final, _ = step.flush(final)
+            final = final.evolve(epoch=epoch + 1, batch_index=0)
+        assert given["last_epoch"] < final.scheduler.last_epoch  # (the last call's given state: stepped only after)
+    assert type(final.scheduler) is torch.optim.lr_scheduler.StepLR and final.scheduler.optimizer is final.optimizer
+    assert final.scheduler.state_dict() == sched.state_dict()
+    assert final.optimizer.param_groups[0]["lr"] == opt.param_groups[0]["lr"] < 0.4
+    assert_trees_equal(dict(final.model.named_parameters()), dict(model.named_parameters()))
+
+
+@pytest.mark.parametrize("transform", ["with_epoch_scheduler", "with_step_scheduler"])
+def test_its_checkpoints_hold_the_scheduler_itself(transform, tmp_path, make_mlp, make_batches, mse_loss):
+    """with_checkpointing around the transform saves the state it returns: the StepLR given back (not the held
+    stand-in its inner step sees, which a gradient hook reads here), whose state restores as it was saved."""
+    seen = []
+    inner = loopkit.with_grad_hook(loopkit.train_step(mse_loss), lambda s: seen.append(type(s.scheduler)))
+    step = loopkit.with_checkpointing(getattr(loopkit, transform)(inner), tmp_path, every_n_steps=1, keep_last=None)
+
+    class Saved(loopkit.Callback):
+        def __init__(self):
+            self.schedulers = {}
+
+        def on_batch_end(self, state, metrics):
+            self.schedulers[state.step] = state.scheduler.state_dict()
+
+    saved = Saved()
+    loopkit.run_epochs(step, _state(make_mlp), make_batches(BATCHES), epochs=2, callbacks=[saved], progress=False)
+    assert set(seen) == {torch.optim.lr_scheduler.StepLR}
+    infos = loopkit.checkpoint.list_checkpoints(tmp_path)
+    assert [info.step for info in infos] == list(range(1, 2 * BATCHES + 1))  # (one save at each update)
+    for info in infos:
+        assert loopkit.checkpoint.read_structure(info.path)["scheduler"] == {"type": "StepLR"}
+        restored = loopkit.restore(_state(make_mlp), info.path)
+        assert type(restored.scheduler) is torch.optim.lr_scheduler.StepLR
+        assert restored.scheduler.state_dict() == saved.schedulers[info.step]
+
+
 @pytest.mark.parametrize("transform", ["with_epoch_scheduler", "with_step_scheduler"])
 def test_a_step_of_ones_own_that_sets_its_own_scheduler_or_replaces_the_optimizer_is_heard(transform, make_mlp,
                                                                                             make_batches, mse_loss):
