@@ -98,9 +98,10 @@ def scheduler_held(call: Any, state: TrainState, *args: Any) -> tuple[TrainState
     :class:`loopkit.state.HeldScheduler`: the inner step's ``scheduler.step()`` does nothing, where it would step it
     per update), the result given the scheduler back: ``with_epoch_scheduler``'s and ``with_step_scheduler``'s inner
     calls. ``with_grad_hook``'s fn sees the scheduler itself (:func:`loopkit.state.with_held_scheduler`). An error that
-    left the state it was given whole leaves ``state`` whole. An inner step of one's own that forks the state
-    (``loopkit.state.fork``: a new optimizer) gets a copy of the scheduler that steps its optimizer; one that sets a
-    scheduler of its own keeps it.
+    left the state it was given whole leaves ``state`` whole; one that left a state of the inner step's whole (an
+    update done, a logger's write failed) leaves it whole with the scheduler given back. An inner step of one's own
+    that forks the state (``loopkit.state.fork``: a new optimizer) gets a copy of the scheduler that steps its
+    optimizer; one that sets a scheduler of its own keeps it.
 
     >>> import torch
     >>> model = torch.nn.Linear(1, 1); opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -114,8 +115,11 @@ def scheduler_held(call: Any, state: TrainState, *args: Any) -> tuple[TrainState
     try:
         new, metrics = call(used, *args)
     except BaseException as error:
-        if state_at_error(error) is used:  # nothing changed: the caller's state is whole
+        whole = state_at_error(error)
+        if whole is used:  # nothing changed: the caller's state is whole
             leave_intact(error, state)
+        elif whole is not None and isinstance(whole.scheduler, HeldScheduler):  # (an update done, a write failed)
+            leave_intact(error, _given_back(whole, held))
         raise
     return _given_back(new, held), metrics
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import attrs
 
-from loopkit.state import TrainState, extras_copy, replace_extras
+from loopkit.state import TrainState, extras_copy, replace_extras, state_at_error
 from loopkit.steps import Metrics, WrapperStep
 from loopkit.transforms.epoch_scheduler import scheduler_held, scheduler_of, scheduler_transform, step_quietly
 from loopkit.transforms.swa import swa_start_inside
@@ -74,15 +74,26 @@ class StepSchedulerStep(WrapperStep):
         return self._stepped(self.inner.flush_, state, state.batch_index - _skipped(state))
 
     def _stepped(self, call: Any, state: TrainState, consumed: int, *args: Any) -> tuple[TrainState, Metrics]:
-        """``call`` on ``state`` with its scheduler held still (the inner step would step it per update), given
-        back and stepped if ``call`` made an update and ``consumed`` (batches of the epoch) is a multiple of
-        ``frequency``, in an epoch before the first SWA epoch of a ``with_swa`` inside (SWALR's schedule from there)."""
+        """``call`` on ``state`` with its scheduler held still (the inner step would step it per update), given back
+        after and stepped as :meth:`_step_after` says."""
         scheduler_of(state, "with_step_scheduler")
-        new, metrics = scheduler_held(call, state, *args)
+        try:
+            new, metrics = scheduler_held(call, state, *args)
+        except BaseException as error:
+            whole = state_at_error(error)
+            if whole is not None:  # (an update done, its state whole: a logger's failed write) stepped as it would be
+                self._step_after(state, whole, consumed)
+            raise
+        self._step_after(state, new, consumed)
+        return new, metrics
+
+    def _step_after(self, state: TrainState, new: TrainState, consumed: int) -> None:
+        """Step ``new``'s scheduler if the inner call from ``state`` to ``new`` made an update and ``consumed``
+        (batches of the epoch) is a multiple of ``frequency``, in an epoch before the first SWA epoch of a ``with_swa``
+        inside (SWALR's schedule from there)."""
         before_swa = self.swa_start is None or state.epoch < self.swa_start
         if new.step != state.step and consumed % self.frequency == 0 and before_swa:
             step_quietly(new.scheduler)  # (quietly: a step of one's own may count an update made without the optimizer)
-        return new, metrics
 
 
 def _skipped(state: TrainState) -> int:

@@ -247,9 +247,12 @@ class SWAStep(WrapperStep):
         try:
             new, metrics = call(used, *args)
         except BaseException as error:
-            if state_at_error(error) is used:  # nothing changed but the rates: put them back
+            whole = state_at_error(error)
+            if whole is used:  # nothing changed but the rates: put them back
                 _put_back_lrs(optimizer, before)
                 leave_intact(error, state)
+            elif whole is not None and whole.scheduler is None is not state.scheduler:  # (an update done, its state
+                leave_intact(error, replace(whole, scheduler=state.scheduler))  # whole: a logger's failed write)
             raise
         return replace(new, scheduler=state.scheduler), metrics
 

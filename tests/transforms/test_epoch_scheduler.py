@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import loopkit
-from tests._driver_helpers import forking_step
+from tests._driver_helpers import FullDisk, forking_step
 
 EPOCHS, BATCHES = 5, 4
 
@@ -237,6 +237,33 @@ def test_a_step_of_ones_own_that_steps_the_states_scheduler_leaves_it_to_the_tra
     assert final.scheduler.state_dict() == sched.state_dict()
     assert final.optimizer.param_groups[0]["lr"] == opt.param_groups[0]["lr"] < 0.4
     assert_trees_equal(dict(final.model.named_parameters()), dict(model.named_parameters()))
+
+
+@pytest.mark.parametrize("transform", ["with_epoch_scheduler", "with_step_scheduler"])
+def test_an_update_whose_log_write_failed_inside_is_left_whole_with_the_scheduler_stepped_as_it_would_be(
+    transform, make_mlp, make_batches, mse_loss, take_snapshot, assert_trees_equal
+):
+    """with_logging inside marks the state of an update whose write failed whole (loopkit.state_at_error): the
+    transform gives it the scheduler back (it had none, then the held stand-in) and, with_step_scheduler, steps it
+    for that update as it would have (batch 2 of epoch 1, frequency 2); training on from it ends as the
+    uninterrupted run."""
+    def scheduled(step):
+        return getattr(loopkit, transform)(step, frequency=2 if transform == "with_step_scheduler" else 1)
+
+    data = make_batches(BATCHES)
+    whole, _ = loopkit.run_epochs(scheduled(loopkit.train_step(mse_loss)), _state(make_mlp), data, epochs=EPOCHS,
+                                  progress=False)
+    logged = scheduled(loopkit.with_logging(loopkit.train_step(mse_loss), FullDisk(at=BATCHES + 2), every_n_steps=2))
+    with pytest.raises(OSError, match="No space left") as caught:
+        loopkit.run_epochs(logged, _state(make_mlp), data, epochs=EPOCHS, progress=False)
+    left = loopkit.state_at_error(caught.value)
+    assert left is not None and (left.step, left.epoch, left.batch_index) == (BATCHES + 2, 1, 2)
+    assert type(left.scheduler) is torch.optim.lr_scheduler.StepLR and left.scheduler.optimizer is left.optimizer
+    assert left.scheduler.last_epoch == (3 if transform == "with_step_scheduler" else 1)  # (2 a epoch, and this one)
+    resumed, _ = loopkit.run_epochs(scheduled(loopkit.train_step(mse_loss)), left, data, epochs=EPOCHS, progress=False)
+    assert resumed.scheduler.state_dict() == whole.scheduler.state_dict()
+    for part in ("params", "optimizer"):  # (its extras keep the unlogged means, for a with_logging to go on with)
+        assert_trees_equal(take_snapshot(resumed)[part], take_snapshot(whole)[part])
 
 
 @pytest.mark.parametrize("transform", ["with_epoch_scheduler", "with_step_scheduler"])
