@@ -65,7 +65,7 @@ from loopkit import _collective
 from loopkit._sharded import full, is_sharded
 from loopkit._window import OVER_RANKS, over_ranks, own_share
 from loopkit.errors import CheckpointCorruptError, StateMismatchError
-from loopkit.state import TrainState, _uninitialized, core_module, model_device, replace_extras
+from loopkit.state import TrainState, _uninitialized, core_module, held_scheduler, model_device, replace_extras
 from loopkit.tree import copy_tensors
 
 try:  # POSIX: advisory locks keep a cleaner away from another process's save in progress
@@ -1038,6 +1038,7 @@ def _scheduler_structure(scheduler: Any) -> dict[str, Any]:
     >>> _scheduler_structure(lr.SequentialLR(opt, [lr.ConstantLR(opt), lr.ExponentialLR(opt, 0.9)], [2]))
     {'type': 'SequentialLR', 'schedulers': ['ConstantLR', 'ExponentialLR']}
     """
+    scheduler = held_scheduler(scheduler)  # (a scheduler transform's inner state: the scheduler it holds still)
     found: dict[str, Any] = {"type": type(scheduler).__qualname__}
     inner = getattr(scheduler, "_schedulers", None)
     if isinstance(inner, (list, tuple)):

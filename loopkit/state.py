@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import contextvars
 import copy
 import functools
 import numbers
@@ -32,8 +31,9 @@ from loopkit.rng import create_rng
 from loopkit.tree import decode_tree, encode_tree, from_plain, to_plain
 
 __all__ = [
-    "HELD_SCHEDULER", "TrainState", "drop_graph", "extras_copy", "fork", "keep_graph", "leave_intact", "make_state",
-    "model_device", "put_extras", "replace", "replace_extras", "scheduler_for", "state_at_error", "with_held_scheduler",
+    "HeldScheduler", "TrainState", "drop_graph", "extras_copy", "fork", "held_scheduler", "keep_graph", "leave_intact",
+    "make_state", "model_device", "put_extras", "replace", "replace_extras", "scheduler_for", "state_at_error",
+    "with_held_scheduler",
 ]
 
 _Scheduler = torch.optim.lr_scheduler.LRScheduler
@@ -502,32 +502,81 @@ def state_at_error(error: BaseException) -> Any:
     return found if found is not None and not found._consumed else None
 
 
-#: the state's scheduler while a transform runs its inner step on the state without it, so that the inner step does
-#: not step it (``with_step_scheduler``'s, ``with_epoch_scheduler``'s): held still there, it is still the state's
-#: to code of the user's that step calls (:func:`with_held_scheduler`). None outside such a call, and in
-#: ``with_swa``'s SWA epochs (SWALR's rates, not the scheduler's, train there)
-HELD_SCHEDULER: contextvars.ContextVar[Any] = contextvars.ContextVar("loopkit_held_scheduler", default=None)
+class HeldScheduler(_Scheduler):
+    """A scheduler held still: ``step()`` does nothing, everything else is the scheduler it holds (``get_last_lr()``,
+    ``last_epoch``, ``state_dict()``, ``optimizer``, ...). ``with_step_scheduler`` and ``with_epoch_scheduler`` put
+    one in their inner step's state, so that the inner step (a ``train_step``'s update, a step of one's own that
+    calls ``state.scheduler.step()``) does not step the scheduler, which they step themselves after, and give the
+    state they return the scheduler it holds back. ``fork`` copies one as a held copy of the copied scheduler; a
+    checkpoint never sees one (``with_checkpointing`` inside a scheduler transform is refused).
+
+    >>> import torch
+    >>> opt = torch.optim.SGD(torch.nn.Linear(1, 1).parameters(), lr=1.0)
+    >>> scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    >>> held = HeldScheduler(scheduler)
+    >>> held.step(); held.get_last_lr(), held.last_epoch, held.optimizer is opt
+    ([1.0], 0, True)
+    """
+
+    def __init__(self, scheduler: _Scheduler) -> None:  # (not LRScheduler's: the scheduler it holds is set up)
+        object.__setattr__(self, "_held", scheduler)
+
+    def step(self, *args: Any, **kwargs: Any) -> None:
+        """Nothing: the scheduler is held still."""
+
+    def get_last_lr(self) -> list[Any]:
+        return self._held.get_last_lr()
+
+    def get_lr(self) -> list[Any]:
+        return self._held.get_lr()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._held.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._held.load_state_dict(state_dict)
+
+    def __getattr__(self, name: str) -> Any:  # (what the class does not have: the held scheduler's attributes)
+        if name == "_held" or name.startswith("__"):  # (a copy under construction; copy's and pickle's probes)
+            raise AttributeError(name)
+        return getattr(self._held, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self._held, name, value)
+
+    def __repr__(self) -> str:
+        return f"HeldScheduler({self._held!r})"
+
+
+def held_scheduler(scheduler: Any) -> Any:
+    """The scheduler that ``scheduler`` stands for: the one a :class:`HeldScheduler` holds, any other as it is.
+
+    >>> import torch
+    >>> opt = torch.optim.SGD(torch.nn.Linear(1, 1).parameters(), lr=1.0)
+    >>> scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1)
+    >>> held_scheduler(HeldScheduler(scheduler)) is scheduler, held_scheduler(scheduler) is scheduler
+    (True, True)
+    """
+    return scheduler._held if type(scheduler) is HeldScheduler else scheduler
 
 
 def with_held_scheduler(state: TrainState) -> TrainState:
-    """``state`` with the scheduler a transform around the step holds still (:data:`HELD_SCHEDULER`), where it has
-    none: what ``with_grad_hook``'s fn sees, as a raw loop's hook sees the loop's scheduler (Lightning's
-    ``self.lr_schedulers()`` in ``on_before_optimizer_step``).
+    """``state`` with the scheduler a transform around the step holds still (a :class:`HeldScheduler` in its
+    ``scheduler``) as its scheduler, where it holds one; else ``state`` itself: what ``with_grad_hook``'s fn sees, as
+    a raw loop's hook sees the loop's scheduler (Lightning's ``self.lr_schedulers()`` in
+    ``on_before_optimizer_step``).
 
     >>> import torch
     >>> model = torch.nn.Linear(1, 1); opt = torch.optim.SGD(model.parameters(), lr=0.1)
     >>> scheduler = torch.optim.lr_scheduler.StepLR(opt, 1)
-    >>> held = replace(TrainState.create(model, opt, scheduler), scheduler=None)  # a scheduler transform's inner state
-    >>> token = HELD_SCHEDULER.set(scheduler)
-    >>> with_held_scheduler(held).scheduler is scheduler
-    True
-    >>> HELD_SCHEDULER.reset(token); with_held_scheduler(held) is held
-    True
+    >>> state = TrainState.create(model, opt, scheduler)
+    >>> inner = replace(state, scheduler=HeldScheduler(scheduler))  # a scheduler transform's inner state
+    >>> with_held_scheduler(inner).scheduler is scheduler, with_held_scheduler(state) is state
+    (True, True)
     """
-    if state.scheduler is None:
-        scheduler = HELD_SCHEDULER.get()
-        if scheduler is not None:
-            return replace(state, scheduler=scheduler)
+    scheduler = state.scheduler
+    if type(scheduler) is HeldScheduler:
+        return replace(state, scheduler=scheduler._held)
     return state
 
 
@@ -1287,6 +1336,10 @@ def _clone_scheduler(scheduler: Any, optimizer: torch.optim.Optimizer, memo: dic
     found = memo.get(id(scheduler))
     if found is not None:  # (one held twice: by a SequentialLR and by a warm-up of one's own)
         return found
+    if type(scheduler) is HeldScheduler:  # (a scheduler transform's inner state: the copy's held still too)
+        held = HeldScheduler(_clone_scheduler(scheduler._held, optimizer, memo))
+        _memoize(memo, scheduler, held)
+        return held
     new = object.__new__(type(scheduler))
     attributes = scheduler.__dict__.copy()
     new.__dict__ = attributes

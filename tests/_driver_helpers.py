@@ -116,6 +116,19 @@ class CrashAfterStep(loopkit.Callback):
             raise RuntimeError("simulated crash")
 
 
+class FullDisk(loopkit.Logger):
+    """A logger whose write at update ``at`` fails, as on a full disk (``with_logging`` writes after the update, so
+    ``loopkit.state_at_error`` gives that update's state)."""
+
+    def __init__(self, at: int):
+        super().__init__()
+        self.at = at
+
+    def _write_metrics(self, metrics, step):
+        if step == self.at:
+            raise OSError(28, "No space left on device")
+
+
 class Stream(torch.utils.data.IterableDataset):
     """The given batches as an IterableDataset: a loader over it has no len(), as a streamed dataset's has none."""
 

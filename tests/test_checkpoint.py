@@ -483,6 +483,29 @@ def test_missing_and_unexpected_keys_are_named(tmp_path):
         checkpoint.restore(TrainState.create(nn.Sequential(nn.Linear(2, 2))), tmp_path / "big")
 
 
+def test_a_save_of_a_scheduler_transforms_inner_state_records_the_scheduler_it_holds_still(tmp_path, make_mlp,
+                                                                                            make_batches, mse_loss):
+    """A step of one's own under with_step_scheduler that saves the state it is given (its scheduler a HeldScheduler):
+    the checkpoint holds the StepLR's class and state (not the held stand-in's class, which a restore into the
+    state's template refused), and restores into the template as the state was."""
+    saved = []
+
+    def own(state, batch):
+        saved.append((checkpoint.save(state, tmp_path / str(state.step)), state.scheduler.state_dict()))
+        state.optimizer.zero_grad()
+        mse_loss(state.model, batch).backward()
+        state.optimizer.step()
+        return state.evolve(step=state.step + 1, batch_index=state.batch_index + 1), {}
+
+    loopkit.run_epochs(loopkit.with_step_scheduler(own), _state(make_mlp), make_batches(3), epochs=1, progress=False)
+    assert [scheduler["last_epoch"] for _, scheduler in saved] == [0, 1, 2]  # (stepped by the transform alone)
+    for path, scheduler in saved:
+        assert checkpoint.read_structure(path)["scheduler"] == {"type": "StepLR"}
+        restored = checkpoint.restore(_state(make_mlp, seed=1), path)
+        assert type(restored.scheduler) is torch.optim.lr_scheduler.StepLR
+        assert restored.scheduler.state_dict() == scheduler
+
+
 def test_meta_records_the_structure_that_read_structure_reads_without_the_tensors(tmp_path, make_mlp, monkeypatch):
     state = _state(make_mlp, hidden=16)
     path = checkpoint.save(state, tmp_path)

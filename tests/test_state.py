@@ -1534,6 +1534,36 @@ def test_the_backbone_finetuning_recipe_run_not_donated_leaves_the_given_schedul
     assert stepped.scheduler.get_last_lr() == scheduler.get_last_lr()
 
 
+@pytest.mark.parametrize("copied", ["fork", "deepcopy"])
+def test_a_held_scheduler_steps_nothing_is_its_scheduler_otherwise_and_copies_as_a_held_copy(copied):
+    """A scheduler transform's inner state holds its scheduler in a HeldScheduler: step() does nothing, the rest is the
+    scheduler's; a copy of such a state (a pure step's fork, a deepcopy) holds a held copy of the scheduler, which
+    steps the copy's optimizer, the original's left as it was."""
+    model = nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[1, 2], gamma=0.5)
+    state = loopkit.TrainState.create(model, opt, scheduler)
+    held = loopkit.state.HeldScheduler(scheduler)
+    inner = loopkit.state.replace(state, scheduler=held)
+    held.step()
+    assert (scheduler.last_epoch, held.last_epoch, held.get_last_lr(), opt.param_groups[0]["lr"]) == (0, 0, [1.0], 1.0)
+    assert held.state_dict() == scheduler.state_dict() and held.optimizer is opt
+    assert held.milestones is scheduler.milestones  # (its own attributes too)
+    assert isinstance(held, torch.optim.lr_scheduler.LRScheduler)
+    assert inner.evolve(model=model, step=1).scheduler is held  # (evolve's checks take it: it steps the optimizer)
+    assert loopkit.state.with_held_scheduler(inner).scheduler is scheduler
+    copy_ = fork(inner) if copied == "fork" else copy.deepcopy(inner)
+    twin = loopkit.state.held_scheduler(copy_.scheduler)
+    assert type(copy_.scheduler) is loopkit.state.HeldScheduler and type(twin) is torch.optim.lr_scheduler.MultiStepLR
+    assert twin is not scheduler and twin.optimizer is copy_.optimizer and twin.state_dict() == scheduler.state_dict()
+    copy_.scheduler.step()
+    assert twin.last_epoch == 0
+    copy_.optimizer.step()  # (no gradients: nothing changes; torch's schedulers warn of a step before it)
+    twin.step()
+    assert (twin.last_epoch, copy_.optimizer.param_groups[0]["lr"]) == (1, 0.5)
+    assert (scheduler.last_epoch, opt.param_groups[0]["lr"], dict(scheduler.milestones)) == (0, 1.0, {1: 1, 2: 1})
+
+
 def test_a_checkpoint_of_torchs_own_scheduler_of_another_structure_is_refused():
     """Lists may change length in the state dict of a scheduler of one's own only: a SequentialLR of three
     schedulers loaded into one of two raised IndexError from torch, into one of four loaded silently."""

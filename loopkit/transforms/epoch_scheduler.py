@@ -15,7 +15,8 @@ import torch
 
 from loopkit._numbers import as_int
 from loopkit.state import (
-    HELD_SCHEDULER, TrainState, extras_copy, leave_intact, replace, replace_extras, scheduler_for, state_at_error,
+    HeldScheduler, TrainState, extras_copy, held_scheduler, leave_intact, replace, replace_extras, scheduler_for,
+    state_at_error,
 )
 from loopkit.steps import Metrics, WrapperStep
 from loopkit.transforms._compose import refuse_wrapping, require_step
@@ -93,43 +94,57 @@ class EpochSchedulerStep(WrapperStep):
 
 
 def scheduler_held(call: Any, state: TrainState, *args: Any) -> tuple[TrainState, Metrics]:
-    """``call(state, *args)`` (an inner step's ``run_`` or ``flush_``) on ``state`` without its scheduler (the inner
-    step would step it per update), which the result gets back: ``with_epoch_scheduler``'s and
-    ``with_step_scheduler``'s inner calls. ``with_grad_hook``'s fn still sees it as the state's, held still
-    (:func:`loopkit.state.with_held_scheduler`). An error that left the state it was given whole leaves ``state``
-    whole. An inner step of one's own that forks the state (``loopkit.state.fork``: a new optimizer) gets a copy of
-    the scheduler that steps its optimizer; one that sets a scheduler of its own keeps it.
+    """``call(state, *args)`` (an inner step's ``run_`` or ``flush_``) on ``state`` with its scheduler held still (a
+    :class:`loopkit.state.HeldScheduler`: the inner step's ``scheduler.step()`` does nothing, where it would step it
+    per update), the result given the scheduler back: ``with_epoch_scheduler``'s and ``with_step_scheduler``'s inner
+    calls. ``with_grad_hook``'s fn sees the scheduler itself (:func:`loopkit.state.with_held_scheduler`). An error that
+    left the state it was given whole leaves ``state`` whole; one that left a state of the inner step's whole (an
+    update done, a logger's write failed) leaves it whole with the scheduler given back. An inner step of one's own
+    that forks the state (``loopkit.state.fork``: a new optimizer) gets a copy of the scheduler that steps its
+    optimizer; one that sets a scheduler of its own keeps it.
 
     >>> import torch
     >>> model = torch.nn.Linear(1, 1); opt = torch.optim.SGD(model.parameters(), lr=0.1)
     >>> state = TrainState.create(model, opt, torch.optim.lr_scheduler.StepLR(opt, 1))
-    >>> new, _ = scheduler_held(lambda s: (s, {"seen": s.scheduler}), state)
-    >>> _["seen"] is None, new.scheduler is state.scheduler
-    (True, True)
+    >>> new, seen = scheduler_held(lambda s: (s, {"seen": s.scheduler}), state)
+    >>> type(seen["seen"]).__name__, new.scheduler is state.scheduler
+    ('HeldScheduler', True)
     """
-    used = replace(state, scheduler=None)
-    held = HELD_SCHEDULER.set(state.scheduler)  # still the state's to a gradient hook, held still
+    held = HeldScheduler(state.scheduler)
+    used = replace(state, scheduler=held)
     try:
         new, metrics = call(used, *args)
     except BaseException as error:
-        if state_at_error(error) is used:  # nothing changed: the caller's state is whole
+        whole = state_at_error(error)
+        if whole is used:  # nothing changed: the caller's state is whole
             leave_intact(error, state)
+        elif whole is not None and isinstance(whole.scheduler, HeldScheduler):  # (an update done, a write failed)
+            leave_intact(error, _given_back(whole, held))
         raise
-    finally:
-        HELD_SCHEDULER.reset(held)
-    if new.scheduler is not None:  # a step of one's own that set a scheduler of its own: that one is the state's
-        return new, metrics
-    scheduler = state.scheduler
-    if new.optimizer is not state.optimizer and new.optimizer is not None:
-        if _forked(state.optimizer, new.optimizer):  # a step of one's own that forked the state
-            scheduler = scheduler_for(scheduler, new.optimizer)
+    return _given_back(new, held), metrics
+
+
+def _given_back(new: TrainState, held: HeldScheduler) -> TrainState:
+    """``new`` (the inner step's state) with the scheduler that ``held`` held still, or the held copy a fork of the
+    state made, given back; with a scheduler of its own, as it is."""
+    found = new.scheduler
+    if found is held or found is None:  # (None: a step of one's own that set none, as before the scheduler was held)
+        scheduler = held_scheduler(held)
+    elif isinstance(found, HeldScheduler):  # a step of one's own that forked the state: the copy's
+        scheduler = held_scheduler(found)
+    else:  # a step of one's own that set a scheduler of its own: that one is the state's
+        return new
+    optimizer = new.optimizer
+    if optimizer is not scheduler.optimizer and optimizer is not None:
+        if _forked(scheduler.optimizer, optimizer):  # a step of one's own that forked the optimizer alone
+            scheduler = scheduler_for(scheduler, optimizer)
         else:
             warnings.warn(
                 "the inner step replaced the state's optimizer with one of other parameter groups, so the scheduler "
                 "held for it steps the old one; give the new state a scheduler of its own (state.evolve(scheduler=...))",
-                RuntimeWarning, stacklevel=3,
+                RuntimeWarning, stacklevel=4,
             )
-    return replace(new, scheduler=scheduler), metrics
+    return replace(new, scheduler=scheduler)
 
 
 def _forked(old: torch.optim.Optimizer, new: torch.optim.Optimizer) -> bool:
@@ -193,8 +208,9 @@ def scheduler_transform(step: Any, name: str, frequency: Any, unit: str, rival: 
     refuse_wrapping(inner, name, {
         name: f"the state has one scheduler, which one {name} steps",
         rival: "both step the state's one scheduler; use one of them",
-        "with_checkpointing": f"{name} hands its inner step the state without its scheduler, so those "
-        f"checkpoints would not restore; apply it first, with_checkpointing({name}(step), directory)",
+        "with_checkpointing": f"{name} hands its inner step the state with its scheduler held still, stepped "
+        f"after, so those checkpoints would not resume exactly; apply it first, with_checkpointing({name}(step), "
+        "directory)",
     })
     return inner, count
 
@@ -203,8 +219,10 @@ def with_epoch_scheduler(step: Any, *, frequency: int = 1) -> EpochSchedulerStep
     """Step the state's scheduler once per epoch, at its end, as Lightning does with its default
     ``{"scheduler": ..., "interval": "epoch", "frequency": n}``, instead of once per optimizer update.
 
-    The inner step runs with the scheduler held still; at each epoch's end (``run_epochs`` flushes
-    the step there, after the epoch's last update) the scheduler steps if the epochs done are a
+    The inner step runs with the scheduler held still (its state's scheduler is a
+    :class:`loopkit.state.HeldScheduler`: ``step()`` does nothing, also called by a step of one's
+    own); at each epoch's end (``run_epochs`` flushes the step there, after the epoch's last
+    update) the scheduler steps if the epochs done are a
     multiple of ``frequency``, as Lightning's ``(current_epoch + 1) % frequency == 0``. So epoch ``e``
     trains at the rate after ``e // frequency`` steps: ``StepLR(opt, step_size=30)`` counts epochs, as
     it does in Lightning. An epoch cut short (``max_steps``, a stop) does not step it, as in

@@ -45,7 +45,7 @@ class GradHook:
         pass
 
     def on_grads(self, ctx: GradContext) -> None:
-        out = self.fn(with_held_scheduler(ctx.state))  # (under a scheduler transform: the scheduler it holds still)
+        out = self.fn(with_held_scheduler(ctx.state))  # (under a scheduler transform: the scheduler itself)
         ctx.refresh_params()  # it may have given a parameter a gradient, or taken one away (p.grad = None)
         if out is None:
             return

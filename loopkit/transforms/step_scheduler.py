@@ -12,7 +12,7 @@ from typing import Any
 
 import attrs
 
-from loopkit.state import TrainState, extras_copy, replace_extras
+from loopkit.state import TrainState, extras_copy, replace_extras, state_at_error
 from loopkit.steps import Metrics, WrapperStep
 from loopkit.transforms.epoch_scheduler import scheduler_held, scheduler_of, scheduler_transform, step_quietly
 from loopkit.transforms.swa import swa_start_inside
@@ -74,15 +74,26 @@ class StepSchedulerStep(WrapperStep):
         return self._stepped(self.inner.flush_, state, state.batch_index - _skipped(state))
 
     def _stepped(self, call: Any, state: TrainState, consumed: int, *args: Any) -> tuple[TrainState, Metrics]:
-        """``call`` on ``state`` without its scheduler (the inner step would step it per update), put back after and
-        stepped if ``call`` made an update and ``consumed`` (batches of the epoch) is a multiple of ``frequency``,
-        in an epoch before the first SWA epoch of a ``with_swa`` inside (SWALR's schedule from there)."""
+        """``call`` on ``state`` with its scheduler held still (the inner step would step it per update), given back
+        after and stepped as :meth:`_step_after` says."""
         scheduler_of(state, "with_step_scheduler")
-        new, metrics = scheduler_held(call, state, *args)
+        try:
+            new, metrics = scheduler_held(call, state, *args)
+        except BaseException as error:
+            whole = state_at_error(error)
+            if whole is not None:  # (an update done, its state whole: a logger's failed write) stepped as it would be
+                self._step_after(state, whole, consumed)
+            raise
+        self._step_after(state, new, consumed)
+        return new, metrics
+
+    def _step_after(self, state: TrainState, new: TrainState, consumed: int) -> None:
+        """Step ``new``'s scheduler if the inner call from ``state`` to ``new`` made an update and ``consumed``
+        (batches of the epoch) is a multiple of ``frequency``, in an epoch before the first SWA epoch of a ``with_swa``
+        inside (SWALR's schedule from there)."""
         before_swa = self.swa_start is None or state.epoch < self.swa_start
         if new.step != state.step and consumed % self.frequency == 0 and before_swa:
             step_quietly(new.scheduler)  # (quietly: a step of one's own may count an update made without the optimizer)
-        return new, metrics
 
 
 def _skipped(state: TrainState) -> int:
@@ -95,8 +106,10 @@ def with_step_scheduler(step: Any, *, frequency: int = 1) -> StepSchedulerStep:
     """Step the state's scheduler after an optimizer update only every ``frequency`` batches, as Lightning does with
     ``{"scheduler": ..., "interval": "step", "frequency": n}``, instead of after every update.
 
-    The inner step runs with the scheduler held still; after a call that made an update (``state.step``
-    advanced), the scheduler steps if the batches consumed in the epoch (``state.batch_index`` after
+    The inner step runs with the scheduler held still (its state's scheduler is a
+    :class:`loopkit.state.HeldScheduler`: ``step()`` does nothing, also called by a step of one's
+    own); after a call that made an update (``state.step`` advanced), the scheduler steps if the
+    batches consumed in the epoch (``state.batch_index`` after
     the call) are a multiple of ``frequency``, as Lightning's ``(batch_idx + 1) % frequency == 0``
     (``batch_idx`` counts from 0 within each epoch). Under ``with_grad_accum`` (apply this one around
     it) that is the batch that ends a group; the epoch's partial group, updated by the flush at the

@@ -20,7 +20,7 @@ from torch.optim.swa_utils import SWALR, update_bn
 from loopkit._numbers import as_int, as_real
 from loopkit.rng import RNGScope, cuda_index, global_rng_state
 from loopkit.state import (
-    HELD_SCHEDULER, TrainState, core_module, extras_copy, fork, leave_intact, model_device, replace, state_at_error,
+    TrainState, core_module, extras_copy, fork, leave_intact, model_device, replace, state_at_error,
 )
 from loopkit.steps import Metrics, Step, WrapperStep
 from loopkit.transforms._compose import named_callable, refuse_wrapping, require_step
@@ -242,18 +242,18 @@ class SWAStep(WrapperStep):
             raise leave_intact(error, state)
         now = extras if new_extras is None else new_extras
         lrs = self._epoch_lrs(now, swa_lrs, state.epoch)
-        used = replace(state, scheduler=None, extras=now)
+        used = replace(state, scheduler=None, extras=now)  # (none to the inner step, a gradient hook's fn included)
         before = _set_lrs(optimizer, lrs)
-        held = HELD_SCHEDULER.set(None)  # (a gradient hook sees no scheduler: SWALR's rates train here)
         try:
             new, metrics = call(used, *args)
         except BaseException as error:
-            if state_at_error(error) is used:  # nothing changed but the rates: put them back
+            whole = state_at_error(error)
+            if whole is used:  # nothing changed but the rates: put them back
                 _put_back_lrs(optimizer, before)
                 leave_intact(error, state)
+            elif whole is not None and whole.scheduler is None is not state.scheduler:  # (an update done, its state
+                leave_intact(error, replace(whole, scheduler=state.scheduler))  # whole: a logger's failed write)
             raise
-        finally:
-            HELD_SCHEDULER.reset(held)
         return replace(new, scheduler=state.scheduler), metrics
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import loopkit
-from tests._driver_helpers import forking_step
+from tests._driver_helpers import FullDisk, forking_step
 
 EPOCHS, BATCHES = 5, 4
 
@@ -189,6 +189,108 @@ def test_a_step_of_ones_own_that_forks_the_state_trains_at_the_scheduled_rates(
     assert final.scheduler.optimizer is final.optimizer
     assert final.optimizer.param_groups[0]["lr"] == opt.param_groups[0]["lr"] < 0.4
     assert_trees_equal(dict(final.model.named_parameters()), dict(model.named_parameters()))
+
+
+@pytest.mark.parametrize("donated", [True, False], ids=["donated", "pure"])
+@pytest.mark.parametrize("transform", ["with_epoch_scheduler", "with_step_scheduler"])
+def test_a_step_of_ones_own_that_steps_the_states_scheduler_leaves_it_to_the_transform(
+    transform, donated, make_mlp, make_batches, mse_loss, assert_trees_equal
+):
+    """A raw loop's step written as a step of one's own (``state.scheduler.step()`` after its update): the transform
+    holds the scheduler still in it (its state had no scheduler: AttributeError), so the rates are the transform's
+    schedule alone, as in a raw loop that steps the scheduler where the transform does; on the pure path (a fork of
+    the held scheduler in each call) the given state's scheduler stays as it was."""
+    data = make_batches(BATCHES)
+    reference = _state(make_mlp)
+    model, opt, sched = reference.model, reference.optimizer, reference.scheduler
+    for _ in range(EPOCHS):
+        for batch in data:
+            opt.zero_grad()
+            mse_loss(model, batch).backward()
+            opt.step()
+            if transform == "with_step_scheduler":
+                sched.step()
+        if transform == "with_epoch_scheduler":
+            sched.step()
+
+    def own(state, batch):
+        state.optimizer.zero_grad()
+        loss = mse_loss(state.model, batch)
+        loss.backward()
+        state.optimizer.step()
+        state.scheduler.step()
+        return state.evolve(step=state.step + 1, batch_index=state.batch_index + 1), {"loss": loss.detach()}
+
+    step = getattr(loopkit, transform)(own)
+    if donated:
+        final, _ = loopkit.run_epochs(step, _state(make_mlp), data, epochs=EPOCHS, progress=False)
+    else:
+        final = _state(make_mlp)
+        for epoch in range(EPOCHS):
+            for batch in data:
+                given = final.scheduler.state_dict()
+                final, _ = step(final, batch)
+            final, _ = step.flush(final)
+            final = final.evolve(epoch=epoch + 1, batch_index=0)
+        assert given["last_epoch"] < final.scheduler.last_epoch  # (the last call's given state: stepped only after)
+    assert type(final.scheduler) is torch.optim.lr_scheduler.StepLR and final.scheduler.optimizer is final.optimizer
+    assert final.scheduler.state_dict() == sched.state_dict()
+    assert final.optimizer.param_groups[0]["lr"] == opt.param_groups[0]["lr"] < 0.4
+    assert_trees_equal(dict(final.model.named_parameters()), dict(model.named_parameters()))
+
+
+@pytest.mark.parametrize("transform", ["with_epoch_scheduler", "with_step_scheduler"])
+def test_an_update_whose_log_write_failed_inside_is_left_whole_with_the_scheduler_stepped_as_it_would_be(
+    transform, make_mlp, make_batches, mse_loss, take_snapshot, assert_trees_equal
+):
+    """with_logging inside marks the state of an update whose write failed whole (loopkit.state_at_error): the
+    transform gives it the scheduler back (it had none, then the held stand-in) and, with_step_scheduler, steps it
+    for that update as it would have (batch 2 of epoch 1, frequency 2); training on from it ends as the
+    uninterrupted run."""
+    def scheduled(step):
+        return getattr(loopkit, transform)(step, frequency=2 if transform == "with_step_scheduler" else 1)
+
+    data = make_batches(BATCHES)
+    whole, _ = loopkit.run_epochs(scheduled(loopkit.train_step(mse_loss)), _state(make_mlp), data, epochs=EPOCHS,
+                                  progress=False)
+    logged = scheduled(loopkit.with_logging(loopkit.train_step(mse_loss), FullDisk(at=BATCHES + 2), every_n_steps=2))
+    with pytest.raises(OSError, match="No space left") as caught:
+        loopkit.run_epochs(logged, _state(make_mlp), data, epochs=EPOCHS, progress=False)
+    left = loopkit.state_at_error(caught.value)
+    assert left is not None and (left.step, left.epoch, left.batch_index) == (BATCHES + 2, 1, 2)
+    assert type(left.scheduler) is torch.optim.lr_scheduler.StepLR and left.scheduler.optimizer is left.optimizer
+    assert left.scheduler.last_epoch == (3 if transform == "with_step_scheduler" else 1)  # (2 a epoch, and this one)
+    resumed, _ = loopkit.run_epochs(scheduled(loopkit.train_step(mse_loss)), left, data, epochs=EPOCHS, progress=False)
+    assert resumed.scheduler.state_dict() == whole.scheduler.state_dict()
+    for part in ("params", "optimizer"):  # (its extras keep the unlogged means, for a with_logging to go on with)
+        assert_trees_equal(take_snapshot(resumed)[part], take_snapshot(whole)[part])
+
+
+@pytest.mark.parametrize("transform", ["with_epoch_scheduler", "with_step_scheduler"])
+def test_its_checkpoints_hold_the_scheduler_itself(transform, tmp_path, make_mlp, make_batches, mse_loss):
+    """with_checkpointing around the transform saves the state it returns: the StepLR given back (not the held
+    stand-in its inner step sees, which a gradient hook reads here), whose state restores as it was saved."""
+    seen = []
+    inner = loopkit.with_grad_hook(loopkit.train_step(mse_loss), lambda s: seen.append(type(s.scheduler)))
+    step = loopkit.with_checkpointing(getattr(loopkit, transform)(inner), tmp_path, every_n_steps=1, keep_last=None)
+
+    class Saved(loopkit.Callback):
+        def __init__(self):
+            self.schedulers = {}
+
+        def on_batch_end(self, state, metrics):
+            self.schedulers[state.step] = state.scheduler.state_dict()
+
+    saved = Saved()
+    loopkit.run_epochs(step, _state(make_mlp), make_batches(BATCHES), epochs=2, callbacks=[saved], progress=False)
+    assert set(seen) == {torch.optim.lr_scheduler.StepLR}
+    infos = loopkit.checkpoint.list_checkpoints(tmp_path)
+    assert [info.step for info in infos] == list(range(1, 2 * BATCHES + 1))  # (one save at each update)
+    for info in infos:
+        assert loopkit.checkpoint.read_structure(info.path)["scheduler"] == {"type": "StepLR"}
+        restored = loopkit.restore(_state(make_mlp), info.path)
+        assert type(restored.scheduler) is torch.optim.lr_scheduler.StepLR
+        assert restored.scheduler.state_dict() == saved.schedulers[info.step]
 
 
 @pytest.mark.parametrize("transform", ["with_epoch_scheduler", "with_step_scheduler"])

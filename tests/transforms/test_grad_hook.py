@@ -414,13 +414,16 @@ def test_a_hook_that_fails_at_an_epochs_flush_leaves_the_state_before_it_and_a_r
     assert_trees_equal(take_snapshot(resumed)["optimizer"], take_snapshot(whole)["optimizer"])
 
 
+@pytest.mark.parametrize("donated", [True, False], ids=["donated", "pure"])
 @pytest.mark.parametrize("every", [1, 2], ids=["hook", "hook(accum)"])
 @pytest.mark.parametrize("interval", ["step", "epoch"])
 def test_under_a_scheduler_transform_it_sees_the_held_scheduler_as_a_raw_loops_hook_sees_the_loops(
-    interval, every, make_mlp, make_batches, mse_loss
+    interval, every, donated, make_mlp, make_batches, mse_loss
 ):
     """Lightning's self.lr_schedulers() in on_before_optimizer_step: the scheduler, at the rate of the update to come
-    (the transform holds it still in the inner step, and steps it after); at the epoch's flush too (every=2)."""
+    (the transform holds it still in the inner step, and steps it after); at the epoch's flush too (every=2). The
+    scheduler itself, not the held stand-in the inner step has: on the pure path, the copy that steps the call's
+    copied optimizer (and the given state's stays as it was)."""
     data = make_batches(5)
     ref_model = make_mlp(0)
     ref_opt = torch.optim.SGD(ref_model.parameters(), lr=0.1)
@@ -434,7 +437,7 @@ def test_under_a_scheduler_transform_it_sees_the_held_scheduler_as_a_raw_loops_h
             if k % every:  # the epoch's partial group: its mean
                 for p in ref_model.parameters():
                     p.grad.mul_(every / (k % every))
-            expected.append(ref_sched.get_last_lr())
+            expected.append((ref_sched.get_last_lr(), ref_sched.last_epoch))
             ref_opt.step()
             ref_opt.zero_grad()
             if interval == "step" and k % 2 == 0:  # frequency=2: (batch_idx + 1) % 2 == 0
@@ -448,14 +451,25 @@ def test_under_a_scheduler_transform_it_sees_the_held_scheduler_as_a_raw_loops_h
     seen = []
 
     def hook(state):
-        assert state.scheduler is scheduler
-        seen.append(state.scheduler.get_last_lr())
+        assert type(state.scheduler) is torch.optim.lr_scheduler.StepLR
+        assert state.scheduler is scheduler if donated else state.scheduler.optimizer is state.optimizer is not opt
+        seen.append((state.scheduler.get_last_lr(), state.scheduler.last_epoch))
 
     step = loopkit.with_grad_hook(loopkit.with_grad_accum(loopkit.train_step(mse_loss), every=every), hook)
     step = loopkit.with_step_scheduler(step, frequency=2) if interval == "step" else loopkit.with_epoch_scheduler(step)
-    given = loopkit.TrainState.create(model, opt, scheduler)
-    state, _ = loopkit.run_epochs(step, given, data, epochs=3, progress=False)
-    assert seen == expected and len(set(map(tuple, seen))) > 1  # floats, compared exactly; the rate did change
-    assert state.scheduler is scheduler and scheduler.last_epoch == ref_sched.last_epoch
+    state = loopkit.TrainState.create(model, opt, scheduler)
+    if donated:
+        state, _ = loopkit.run_epochs(step, state, data, epochs=3, progress=False)
+    else:  # run_epochs' calls, made by hand with the step as it is (not donated: each call on a copy)
+        for epoch in range(3):
+            for batch in data:
+                given = state.scheduler.state_dict()
+                new, _ = step(state, batch)
+                assert state.scheduler.state_dict() == given
+                state = new
+            state, _ = step.flush(state)
+            state = state.evolve(epoch=epoch + 1, batch_index=0)
+    assert seen == expected and len({tuple(lr) for lr, _ in seen}) > 1  # floats, compared exactly; the rate changed
+    assert (state.scheduler is scheduler) is donated and state.scheduler.last_epoch == ref_sched.last_epoch
     for a, b in zip(state.model.parameters(), ref_model.parameters()):
         assert torch.equal(a, b)

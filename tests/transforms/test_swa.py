@@ -19,6 +19,7 @@ from torch.optim.swa_utils import SWALR, AveragedModel, update_bn
 
 import loopkit
 from loopkit import checkpoint
+from tests._driver_helpers import FullDisk
 
 EPOCHS, BATCHES = 6, 4
 
@@ -193,6 +194,32 @@ def test_a_gradient_hook_sees_the_scheduler_before_swa_start_and_none_from_it(in
     loopkit.run_epochs(step if interval is None else _scheduled(interval, 1, step), _state("sgd"), data, epochs=EPOCHS,
                        progress=False)
     assert seen == [(epoch, epoch < 2) for epoch in range(EPOCHS) for _ in range(BATCHES)]
+
+
+@pytest.mark.parametrize("interval", [None, "step", "epoch"])
+def test_an_swa_epochs_update_whose_log_write_failed_inside_is_left_whole_with_the_scheduler(
+    interval, data, take_snapshot, assert_trees_equal
+):
+    """with_logging inside marks the state of an update whose write failed whole (loopkit.state_at_error): with_swa
+    gives it back the scheduler it held (it had none), and a scheduler transform around the scheduler itself;
+    training on from it ends as the uninterrupted run."""
+    def swa(step):
+        step = loopkit.with_swa(step, 0.01, swa_epoch_start=3, epochs=EPOCHS)  # SWA from epoch 2 (0-based)
+        return step if interval is None else _scheduled(interval, 1, step)
+
+    whole, _ = loopkit.run_epochs(swa(loopkit.train_step(_mse)), _state("sgd"), data, epochs=EPOCHS, progress=False)
+    at = 3 * BATCHES + 2
+    logged = swa(loopkit.with_logging(loopkit.train_step(_mse), FullDisk(at), every_n_steps=2))
+    with pytest.raises(OSError, match="No space left") as caught:
+        loopkit.run_epochs(logged, _state("sgd"), data, epochs=EPOCHS, progress=False)
+    left = loopkit.state_at_error(caught.value)
+    assert left is not None and (left.step, left.epoch, left.batch_index) == (at, 3, 2)
+    assert type(left.scheduler) is torch.optim.lr_scheduler.StepLR and left.scheduler.optimizer is left.optimizer
+    resumed, _ = loopkit.run_epochs(swa(loopkit.train_step(_mse)), left, data, epochs=EPOCHS, progress=False)
+    assert resumed.scheduler.state_dict() == whole.scheduler.state_dict()
+    for part in ("params", "optimizer"):  # (its extras keep the unlogged means, for a with_logging to go on with)
+        assert_trees_equal(take_snapshot(resumed)[part], take_snapshot(whole)[part])
+    assert_trees_equal(dict(resumed.extras["swa/params"]), dict(whole.extras["swa/params"]))
 
 
 def test_swa_around_a_scheduler_transform_is_refused_naming_the_order_that_works():
