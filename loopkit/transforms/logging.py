@@ -376,8 +376,20 @@ def _refuse_one_file_twice(loggers: tuple[Any, ...]) -> None:
         seen[key] = i
 
 
+def _flat_loggers(loggers: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The loggers given, a list or tuple of them (Lightning's ``Trainer(logger=[tb, csv])``) taken as its loggers.
+
+    >>> _flat_loggers((["a", "b"], "c"))
+    ('a', 'b', 'c')
+    """
+    return tuple(lg for given in loggers for lg in (given if isinstance(given, (list, tuple)) else (given,)))
+
+
 def with_logging(step: Any, *loggers: Any, every_n_steps: int = 50) -> LoggingStep:
     """Log the means of the step's metrics over each ``every_n_steps`` optimizer updates.
+
+    The loggers go as separate arguments, ``with_logging(step, tb, csv)``, or as a list, ``with_logging(step, [tb,
+    csv])`` (as Lightning's ``Trainer(logger=[tb, csv])`` takes them).
 
     Each call's metric tensors are kept in ``state.extras`` (``logging/pending``; every 32
     calls summed on the device into ``logging/window``), so the step stays pure and a
@@ -418,6 +430,7 @@ def with_logging(step: Any, *loggers: Any, every_n_steps: int = 50) -> LoggingSt
     if (as_int(every_n_steps) or 0) < 1:
         raise ValueError(f"with_logging: every_n_steps must be a positive int, got {every_n_steps!r}")
     every_n_steps = as_int(every_n_steps)
+    loggers = _flat_loggers(loggers)
     if not loggers:
         raise ValueError("with_logging needs at least one logger, e.g. with_logging(step, TensorBoardLogger())")
     for i, logger in enumerate(loggers):

@@ -1066,6 +1066,18 @@ def test_bad_arguments_are_refused(args, kwargs, error, match):
         with_logging(train_step(loss_with_mae), *args, **kwargs)
 
 
+def test_a_list_of_loggers_is_taken_as_lightnings_logger_list(tmp_path):
+    """``with_logging(step, [tb, csv])``, as Lightning's ``Trainer(logger=[tb, csv])``, is
+    ``with_logging(step, tb, csv)``; a tuple too, and a list beside a logger."""
+    tb, csv_logger, jsonl = TensorBoardLogger(tmp_path), CSVLogger(tmp_path), JSONLLogger(tmp_path)
+    assert with_logging(train_step(loss_with_mae), [tb, csv_logger]).loggers == (tb, csv_logger)
+    assert with_logging(train_step(loss_with_mae), (tb, csv_logger), jsonl).loggers == (tb, csv_logger, jsonl)
+    with pytest.raises(ValueError, match="at least one logger"):
+        with_logging(train_step(loss_with_mae), [])
+    with pytest.raises(TypeError, match=r"logger 1 \(object\) has no log_metrics\(\)"):
+        with_logging(train_step(loss_with_mae), [MemoryLogger(), object()])
+
+
 def test_a_donated_step_and_a_bad_metric_are_refused(make_mlp, make_sgd_state):
     with pytest.raises(TypeError, match="donated"):
         with_logging(loopkit.donate(train_step(loss_with_mae)), MemoryLogger())
