@@ -398,7 +398,9 @@ def with_logging(step: Any, *loggers: Any, every_n_steps: int = 50) -> LoggingSt
     calls since the last log (under ``with_grad_accum`` a window is n updates), at the global
     step (``run_epochs`` warns at a fit's start when an epoch of known length makes fewer updates than
     ``every_n_steps``, as Lightning warns of its ``log_every_n_steps``). The ``run_epochs`` events add each validation's ``val/m`` means, and at the end of
-    each epoch ``train/m_epoch`` (the epoch means), ``epoch`` and the callbacks' extras; at the
+    each epoch ``train/m_epoch`` (the epoch means), ``epoch`` and the callbacks' extras (only the epoch's record holds
+    ``epoch``, which tells it apart when a run is resumed; Lightning puts it on every row: every row comes before its
+    epoch's record, so backfilling the column gives each its epoch); at the
     end of the fit every logger is finalized: ``finalize("success")``, or ``finalize("failed")`` when an
     error leaves the fit, for loggers whose ``finalize`` takes a status (as Lightning's trainer always
     passes one), ``finalize()`` for one that takes none; call ``finalize()`` yourself in a loop of your own. Sanity validation is never logged. A custom step is logged per window only if it
