@@ -157,7 +157,9 @@ def fold(
 
 
 def read(tensors: Mapping[str, torch.Tensor]) -> dict[str, float]:
-    """Each 0-dim tensor as a float, read in one transfer (the only host sync).
+    """Each 0-dim tensor as a float, read in one transfer (the only host sync): stacked on the first one's device
+    in float64, or in float32 on MPS, which has no float64 (its tensors, and :func:`sum_dtype`'s sums there, are
+    float32 at most: nothing is lost).
 
     >>> read({"a": torch.tensor(0.5), "b": torch.tensor(2)})
     {'a': 0.5, 'b': 2.0}
@@ -166,7 +168,8 @@ def read(tensors: Mapping[str, torch.Tensor]) -> dict[str, float]:
         return {}
     keys = list(tensors)
     device = tensors[keys[0]].device
-    values = torch.stack([tensors[k].detach().reshape(()).to(device, torch.float64) for k in keys]).tolist()
+    dtype = torch.float32 if device.type == "mps" else torch.float64
+    values = torch.stack([tensors[k].detach().reshape(()).to(device, dtype) for k in keys]).tolist()
     return dict(zip(keys, values))
 
 

@@ -32,6 +32,10 @@ hook                                      when
 ``on_fit_end(state, history)``            once, after training
 ========================================  ===================================================
 
+A callback with ``set_log_interval(every_n_steps)`` is told, before ``on_fit_start``, the ``every_n_steps`` of the
+step's ``with_logging`` (None without one), as Lightning's callbacks read ``trainer.log_every_n_steps``:
+``LearningRateMonitor("step")`` reads the rates at those updates only.
+
 A callback that sets ``should_stop = True`` ends training after the current hook (once
 ``run_epochs``' ``min_epochs``/``min_steps`` are met, unless the callback's
 ``stops_before_minimum`` is True, as ``loopkit.tune.PruningCallback``'s is); a stop asked at an
@@ -532,10 +536,11 @@ class LearningRateMonitor(Callback):
 
     As Lightning's: an epoch's value is the rate the epoch starts with (what its first update
     uses; a scheduler that steps at the end of the epoch shows in the next one), added to the
-    epoch's ``run_epochs`` history record; per step, the rate after each update, at
-    ``state.step``: the rate the next update uses, handed to ``with_logging``'s loggers
-    (every ``every_n_steps`` updates, as Lightning's ``log_every_n_steps``) and not to the
-    epoch records. Names follow Lightning: ``lr-SGD`` for
+    epoch's ``run_epochs`` history record; per step, the rate after each ``every_n_steps``-th update of the fit's
+    ``with_logging`` (``run_epochs`` tells it, :meth:`set_log_interval`), at ``state.step``: the rate the next update
+    uses, handed to its loggers and not to the epoch records, read then only, as Lightning's monitor reads at its
+    ``log_every_n_steps`` (a tensor rate, of a capturable or compiled optimizer, costs no read between log points);
+    without a ``with_logging``, after every update. Names follow Lightning: ``lr-SGD`` for
     one group, ``lr-SGD/pg1``, ``lr-SGD/pg2`` for several, and a group's ``"name"`` in place of
     ``pgN`` where it has one (``lr-SGD/backbone``; one named group: ``lr-SGD/backbone`` too). Every recorded value is also kept
     in ``self.history`` as ``(step, {name: lr})``: the values of the latest fit, as Lightning's ``lrs``, which its
@@ -576,6 +581,7 @@ class LearningRateMonitor(Callback):
         self._epoch_start: dict[str, float] | None = None
         self._epoch_start_step = 0
         self._step_seen: int | None = None  # per step: the update whose rates were recorded last
+        self._log_every: int | None = None  # per step: with_logging's every_n_steps (None: every update)
 
     @property
     def batch_end_unused(self) -> bool:
@@ -602,6 +608,24 @@ class LearningRateMonitor(Callback):
                 warnings.warn(f"LearningRateMonitor: log_momentum=True, but {type(optimizer).__name__} has no momentum "
                               "(neither 'momentum' nor 'betas' among its defaults): its momentum is logged as 0, "
                               "as Lightning does", RuntimeWarning, stacklevel=2)
+
+    def set_log_interval(self, every_n_steps: int | None) -> None:
+        """The ``every_n_steps`` of the fit's ``with_logging`` (None without one), which ``run_epochs`` tells before
+        :meth:`on_fit_start`: per step, the rates are read and recorded at those updates only, where the loggers
+        write them (Lightning's monitor reads its trainer's ``log_every_n_steps``).
+
+        >>> import torch
+        >>> from loopkit.state import TrainState
+        >>> model = torch.nn.Linear(1, 1)
+        >>> state = TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.5))
+        >>> monitor = LearningRateMonitor("step")
+        >>> monitor.set_log_interval(2)
+        >>> [monitor.on_batch_end(state.evolve(step=s), {}) for s in (1, 2)]
+        [None, {'lr-SGD': 0.5}]
+        >>> monitor.history
+        [(2, {'lr-SGD': 0.5})]
+        """
+        self._log_every = every_n_steps
 
     def _reader(self) -> Callable[[Any], dict[str, float]]:
         """The function each record reads the state with: :meth:`learning_rates` when both flags are off (the
@@ -634,13 +658,16 @@ class LearningRateMonitor(Callback):
         return rates
 
     def on_batch_end(self, state: Any, metrics: Mapping[str, torch.Tensor]) -> dict[str, float] | None:
-        """Per step, the rates after this batch's update, for the loggers (nothing after a micro-batch of
-        ``with_grad_accum`` that made no update); per epoch, nothing."""
+        """Per step, the rates after this batch's update when the loggers write it (:meth:`set_log_interval`;
+        nothing after a micro-batch of ``with_grad_accum`` that made no update, nothing read between log points);
+        per epoch, nothing."""
         if self.logging_interval == "step" and state.step != self._step_seen:
             self._step_seen = state.step
+            if self._log_every is not None and state.step % self._log_every:
+                return None  # not a log point: nothing read (a tensor rate would sync), nothing recorded
             lrs = self._read(state)
             self.history.append((state.step, lrs))
-            return dict(lrs)  # to the loggers (with_logging writes them at its every_n_steps, as Lightning does)
+            return dict(lrs)  # to the loggers (with_logging writes them at this update, as Lightning does)
         return None
 
     def on_flush_end(self, state: Any, metrics: Mapping[str, torch.Tensor]) -> dict[str, float] | None:

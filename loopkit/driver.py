@@ -141,6 +141,16 @@ def _log_interval(step: Any) -> int | None:
     return None
 
 
+def _tell_log_interval(callbacks: Iterable[Any], step: Any) -> None:
+    """Tell each callback with ``set_log_interval`` (``LearningRateMonitor``) the ``every_n_steps`` of the step's
+    ``with_logging`` (None without one), before its ``on_fit_start``: it reads what it logs at those updates only."""
+    interval = _log_interval(step)
+    for callback in callbacks:
+        tell = getattr(callback, "set_log_interval", None)
+        if callable(tell):
+            tell(interval)
+
+
 def _accumulation_at(step: Any, epoch: int) -> int:
     """The step's ``with_grad_accum`` factor in ``epoch`` (1 without one), looked for through the whole-step
     wrappers."""
@@ -2176,6 +2186,7 @@ def run_epochs(
             step.notify("fit_begin", state, {VALIDATES: float(validates), VALIDATES_AT_EPOCH_ENDS: float(at_epoch_ends)})
             if SAVE_DUE in state.extras:  # (with_checkpointing took it as due at "fit_begin"; the hooks never see it)
                 state, save_pending = _unmarked(state), True
+            _tell_log_interval(callbacks, step)
             hooks.call("on_fit_start", state)  # first: a callback may build in it what its load_state_dict fills
             superseded.add(state)
             hooks.restore(state)

@@ -1126,13 +1126,35 @@ def _close_event_file(file: IO[bytes]) -> None:
     file.close()
 
 
+def _tensorboard_value(value: Any) -> bool | float | str:
+    """A flattened hyper-parameter as TensorBoard's HPARAMS summary holds it: a bool or a string as it is, a number
+    as a float (TensorBoard's ``number_value``: an int outside int64 too, a 128-bit seed, which tensorboardX's
+    ``make_np`` cannot take, as Lightning's summary, by ``torch.utils.tensorboard``, writes it), and anything else,
+    an int beyond any float included, as text (Lightning's raises ``OverflowError`` there).
+
+    >>> [_tensorboard_value(v) for v in (True, 3, 2**100, 10**400 // 10**399, "adam", None, [4, 8])]
+    [True, 3.0, 1.2676506002282294e+30, 10.0, 'adam', 'None', '[4, 8]']
+    >>> _tensorboard_value(10**400)[:5]
+    '10000'
+    """
+    if isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, (int, float)):
+        try:
+            return float(value)
+        except OverflowError:
+            pass
+    return str(value)
+
+
 class TensorBoardLogger(RunDirLogger):
     """Scalars (and optionally histograms) as TensorBoard event files in ``root/name/version_N``.
 
     Hyper-parameters given to :meth:`log_hparams` are written at :meth:`finalize` (at once when
     given after it, as after ``run_epochs``, metrics logged or the :attr:`writer` used since or not) with the
     final metrics (the last value of every logged tag, or the ``metrics`` given), so
-    TensorBoard's HPARAMS tab compares runs by them. ``histogram_every_n_steps=m`` writes
+    TensorBoard's HPARAMS tab compares runs by them (numbers as floats, an int outside int64 too, as Lightning's;
+    lists and other values as text). ``histogram_every_n_steps=m`` writes
     histograms of every parameter (``params/<name>``) and gradient (``grads/<name>``) on
     each m-th optimizer update, as the optimizer sees them (after clipping and unscaling).
     Events are encoded by tensorboardX and written in the calling thread, flushed at every
@@ -1339,7 +1361,7 @@ class TensorBoardLogger(RunDirLogger):
         for path in earlier:
             _filter_event_file(path, lambda step, tags, _: not any(t.startswith(_HPARAMS) for t in tags))
         self._summaries += 1
-        flat = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in _flatten(self._hparams).items()}
+        flat = {k: _tensorboard_value(v) for k, v in _flatten(self._hparams).items()}
         for summary in hparams_summary(flat, metrics):
             self._add(summary, 0)
         self._hparams_written = True

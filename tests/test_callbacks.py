@@ -1556,8 +1556,43 @@ def test_learning_rate_monitor_per_step_records_and_logs_the_update_of_a_flushed
     step = loopkit.with_logging(loopkit.with_grad_accum(train_step(mse), every=2), logger, every_n_steps=2)
     state, _ = run_epochs(step, lr_state(), make_data(7), epochs=2, callbacks=[monitor], progress=False)
     assert state.step == 8
-    assert monitor.history == [(s, {"lr-SGD": 0.25 * 0.5**s}) for s in range(1, 9)]
+    assert monitor.history == [(s, {"lr-SGD": 0.25 * 0.5**s}) for s in (2, 4, 6, 8)]  # (what was logged)
     assert [(s, r["lr-SGD"]) for s, r in logger.rows if "lr-SGD" in r] == [(s, 0.25 * 0.5**s) for s in (2, 4, 6, 8)]
+
+
+def test_learning_rate_monitor_per_step_reads_and_records_the_rates_at_the_log_points_only(conversions):
+    """A tensor rate (a capturable or compiled optimizer's) was read (float(), a device sync on a GPU) after every
+    update, and ``history`` grew by one entry an update, although with_logging writes the rate every n updates;
+    Lightning's monitor reads and records at its log points only (its ``lrs``: one entry each). Reference: the rate
+    halved by hand after each update; reads counted: 8 updates more make only their 2 log points' reads more."""
+
+    def fit(batches: int) -> tuple[int, loopkit.LearningRateMonitor, list]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 1))
+        opt = torch.optim.SGD(model.parameters(), lr=torch.tensor(0.25))
+        state = TrainState.create(model, opt, torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.5))
+        logger, monitor = _Recording(), loopkit.LearningRateMonitor("step")
+        step = loopkit.with_logging(train_step(mse), logger, every_n_steps=4)
+        before = conversions["n"]
+        run_epochs(step, state, make_data(batches), epochs=1, callbacks=[monitor], progress=False)
+        return conversions["n"] - before, monitor, logger.rows
+
+    reads_8, _, _ = fit(8)
+    reads_16, monitor, rows = fit(16)
+    assert monitor.history == [(s, {"lr-SGD": 0.25 * 0.5**s}) for s in (4, 8, 12, 16)]
+    assert [(s, r["lr-SGD"]) for s, r in rows if "lr-SGD" in r] == [(s, 0.25 * 0.5**s) for s in (4, 8, 12, 16)]
+    # 8 updates more, 2 log points more, each reading the window's means (one transfer) and the rate: 4 reads
+    assert reads_16 - reads_8 == 2 * 2
+
+
+def test_learning_rate_monitor_per_step_without_with_logging_records_every_update():
+    """No loggers, no log points: the history (its only output then) holds the rate after every update."""
+    monitor = loopkit.LearningRateMonitor(logging_interval="step")
+    run_epochs(train_step(mse), lr_state(), make_data(3), epochs=2, callbacks=[monitor], progress=False)
+    assert monitor.history == [(s, {"lr-SGD": 0.25 * 0.5**s}) for s in range(1, 7)]
+    monitor.set_log_interval(3)  # (told again at each fit's start: the next fit's with_logging, or none)
+    run_epochs(train_step(mse), lr_state(), make_data(3), epochs=2, callbacks=[monitor], progress=False)
+    assert len(monitor.history) == 6
 
 
 def test_on_flush_end_hears_of_the_update_a_flushed_group_makes():

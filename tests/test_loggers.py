@@ -915,6 +915,24 @@ def test_numpy_hparams_are_numbers_in_hparams_json_and_tensorboard(tmp_path):
     assert start["batch_size"].number_value == 32 and start["lr"].number_value == 0.5
 
 
+def test_tensorboard_writes_an_int_outside_int64_as_lightnings_tensorboard_logger_does(
+    tmp_path, make_mlp, make_batches, make_sgd_state, mse_loss
+):
+    """A 128-bit seed (numpy's ``SeedSequence().entropy``) failed at the fit's end, when the summary was written
+    (tensorboardX's ``make_np`` on it); Lightning's summary (``torch.utils.tensorboard``) holds it as the double
+    ``float(seed)``. An int no float holds is written as text (Lightning's raises ``OverflowError``)."""
+    logger = TensorBoardLogger(tmp_path)
+    hparams = {"seed": 2**100, "low": -2**63 - 1, "huge": 10**400, "lr": 0.1, "depth": 3}
+    logger.log_hparams(hparams)
+    step = loopkit.with_logging(loopkit.train_step(mse_loss), logger, every_n_steps=2)
+    loopkit.run_epochs(step, make_sgd_state(make_mlp()), make_batches(4), epochs=1, progress=False)
+    start = _hparams_content(read_events(logger.log_dir))["_hparams_/session_start_info"].session_start_info.hparams
+    assert start["seed"].number_value == float(2**100) and start["low"].number_value == float(-2**63 - 1)
+    assert start["huge"].string_value == str(10**400)
+    assert start["lr"].number_value == 0.1 and start["depth"].number_value == 3
+    assert json.load(open(os.path.join(logger.log_dir, "hparams.json"))) == hparams  # (exact there)
+
+
 def test_a_later_log_hparams_adds_to_the_earlier_ones_as_lightnings_loggers_do(tmp_path):
     """A second call replaced the first one's hyper-parameters (Lightning's loggers update theirs: hparams.update)."""
     for cls in (CSVLogger, JSONLLogger, TensorBoardLogger):

@@ -91,3 +91,31 @@ def test_means_that_fail_over_the_ranks_name_the_windows_owner_not_evaluate(monk
     assert ("every rank must reach it at the same point" in message) == bool(advice)
     assert "another rank has probably died or stopped" in message
     assert message.endswith("The error was: Connection reset by peer")
+
+
+class _OnMPS(torch.Tensor):
+    """A CPU tensor that says it is on MPS and, as MPS does, refuses to become float64 there (MPS has no float64:
+    ``TypeError: Cannot convert a MPS Tensor to float64 dtype ...``); moved to the CPU it is a plain tensor."""
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("mps")
+
+    def to(self, *args, **kwargs):
+        device = next((a for a in args if isinstance(a, (torch.device, str))), kwargs.get("device"))
+        dtype = next((a for a in args if isinstance(a, torch.dtype)), kwargs.get("dtype"))
+        if dtype == torch.float64 and (device is None or torch.device(device).type == "mps"):
+            raise TypeError("Cannot convert a MPS Tensor to float64 dtype as the MPS framework doesn't support float64")
+        plain = self.as_subclass(torch.Tensor)
+        plain = plain if dtype is None else torch.Tensor.to(plain, dtype)
+        return plain if device is not None and torch.device(device).type == "cpu" else plain.as_subclass(_OnMPS)
+
+
+def test_the_means_of_sums_on_mps_are_read_without_float64():
+    """The first log point read the window's sums as float64 on their device, which MPS refuses (its sums are
+    float32, sum_dtype); they are read in float32 there, every value as it is. (MPS simulated: see _OnMPS.)"""
+    sums = {"loss": torch.tensor(0.1).as_subclass(_OnMPS), "tokens": torch.tensor(2.0**24).as_subclass(_OnMPS)}
+    assert loopkit._collective.read(sums) == {"loss": float(torch.tensor(0.1)), "tokens": 2.0**24}
+    assert loopkit._collective.means(sums, {"loss": 2, "tokens": 4}, who="with_logging") == {
+        "loss": float(torch.tensor(0.1)) / 2, "tokens": 2.0**22}
+    assert loopkit._collective.read({"loss": torch.tensor(0.1, dtype=torch.float64)}) == {"loss": 0.1}  # (float64 elsewhere)

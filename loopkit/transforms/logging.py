@@ -376,8 +376,20 @@ def _refuse_one_file_twice(loggers: tuple[Any, ...]) -> None:
         seen[key] = i
 
 
+def _flat_loggers(loggers: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The loggers given, a list or tuple of them (Lightning's ``Trainer(logger=[tb, csv])``) taken as its loggers.
+
+    >>> _flat_loggers((["a", "b"], "c"))
+    ('a', 'b', 'c')
+    """
+    return tuple(lg for given in loggers for lg in (given if isinstance(given, (list, tuple)) else (given,)))
+
+
 def with_logging(step: Any, *loggers: Any, every_n_steps: int = 50) -> LoggingStep:
     """Log the means of the step's metrics over each ``every_n_steps`` optimizer updates.
+
+    The loggers go as separate arguments, ``with_logging(step, tb, csv)``, or as a list, ``with_logging(step, [tb,
+    csv])`` (as Lightning's ``Trainer(logger=[tb, csv])`` takes them).
 
     Each call's metric tensors are kept in ``state.extras`` (``logging/pending``; every 32
     calls summed on the device into ``logging/window``), so the step stays pure and a
@@ -386,7 +398,9 @@ def with_logging(step: Any, *loggers: Any, every_n_steps: int = 50) -> LoggingSt
     calls since the last log (under ``with_grad_accum`` a window is n updates), at the global
     step (``run_epochs`` warns at a fit's start when an epoch of known length makes fewer updates than
     ``every_n_steps``, as Lightning warns of its ``log_every_n_steps``). The ``run_epochs`` events add each validation's ``val/m`` means, and at the end of
-    each epoch ``train/m_epoch`` (the epoch means), ``epoch`` and the callbacks' extras; at the
+    each epoch ``train/m_epoch`` (the epoch means), ``epoch`` and the callbacks' extras (only the epoch's record holds
+    ``epoch``, which tells it apart when a run is resumed; Lightning puts it on every row: every row comes before its
+    epoch's record, so backfilling the column gives each its epoch); at the
     end of the fit every logger is finalized: ``finalize("success")``, or ``finalize("failed")`` when an
     error leaves the fit, for loggers whose ``finalize`` takes a status (as Lightning's trainer always
     passes one), ``finalize()`` for one that takes none; call ``finalize()`` yourself in a loop of your own. Sanity validation is never logged. A custom step is logged per window only if it
@@ -418,6 +432,7 @@ def with_logging(step: Any, *loggers: Any, every_n_steps: int = 50) -> LoggingSt
     if (as_int(every_n_steps) or 0) < 1:
         raise ValueError(f"with_logging: every_n_steps must be a positive int, got {every_n_steps!r}")
     every_n_steps = as_int(every_n_steps)
+    loggers = _flat_loggers(loggers)
     if not loggers:
         raise ValueError("with_logging needs at least one logger, e.g. with_logging(step, TensorBoardLogger())")
     for i, logger in enumerate(loggers):

@@ -1066,6 +1066,40 @@ def test_bad_arguments_are_refused(args, kwargs, error, match):
         with_logging(train_step(loss_with_mae), *args, **kwargs)
 
 
+def test_a_list_of_loggers_is_taken_as_lightnings_logger_list(tmp_path):
+    """``with_logging(step, [tb, csv])``, as Lightning's ``Trainer(logger=[tb, csv])``, is
+    ``with_logging(step, tb, csv)``; a tuple too, and a list beside a logger."""
+    tb, csv_logger, jsonl = TensorBoardLogger(tmp_path), CSVLogger(tmp_path), JSONLLogger(tmp_path)
+    assert with_logging(train_step(loss_with_mae), [tb, csv_logger]).loggers == (tb, csv_logger)
+    assert with_logging(train_step(loss_with_mae), (tb, csv_logger), jsonl).loggers == (tb, csv_logger, jsonl)
+    with pytest.raises(ValueError, match="at least one logger"):
+        with_logging(train_step(loss_with_mae), [])
+    with pytest.raises(TypeError, match=r"logger 1 \(object\) has no log_metrics\(\)"):
+        with_logging(train_step(loss_with_mae), [MemoryLogger(), object()])
+
+
+def test_each_row_before_an_epoch_record_is_of_that_epoch_so_a_backfilled_epoch_column_tells_every_rows_epoch(
+    tmp_path, make_mlp, make_batches, make_sgd_state
+):
+    """Lightning's rows each carry ``epoch`` (its current_epoch); loopkit's only the epoch records (they tell a resumed
+    run's records apart). What the guide says instead: every row (train, validation, learning rate) comes before the
+    record of its epoch (an epoch cut by ``max_steps`` is recorded at the cut), so the column backfilled gives each row
+    its epoch. Reference: by hand, 5 updates an epoch, a row at step s is of epoch (s - 1) // 5."""
+    logger = CSVLogger(tmp_path)
+    step = with_logging(train_step(loss_with_mae), logger, every_n_steps=2)
+    run_epochs(step, make_sgd_state(make_mlp()), make_batches(5), epochs=3, max_steps=13,
+               val=(eval_step(mse_metric), make_batches(2)), val_every_n_steps=3, val_every_n_epochs=1,
+               callbacks=[loopkit.LearningRateMonitor("step")], progress=False)
+    rows = list(csv.DictReader(open(os.path.join(logger.log_dir, "metrics.csv"))))
+    backfilled, later = [], ""
+    for row in reversed(rows):
+        later = row["epoch"] or later
+        backfilled.append((int(row["step"]), later))
+    backfilled.reverse()
+    assert {k for row in rows for k, v in row.items() if v} >= {"train/loss", "val/mse", "lr-SGD", "epoch"}
+    assert [e for _, e in backfilled] == [f"{(s - 1) // 5}.0" for s, _ in backfilled]  # (epoch 2: the cut's record)
+
+
 def test_a_donated_step_and_a_bad_metric_are_refused(make_mlp, make_sgd_state):
     with pytest.raises(TypeError, match="donated"):
         with_logging(loopkit.donate(train_step(loss_with_mae)), MemoryLogger())
