@@ -305,7 +305,7 @@ def test_guide_maps_the_hooks_and_flags_a_lightning_user_reaches_for():
     flags = ["max_epochs", "max_steps", "accumulate_grad_batches", "gradient_clip_val",
              "gradient_clip_algorithm", '"16-mixed"', '"bf16-mixed"', "val_check_interval",
              "check_val_every_n_epoch", "num_sanity_val_steps", "limit_train_batches", "limit_val_batches",
-             "callbacks=", "logger=", "enable_progress_bar", "deterministic", "seed_everything",
+             "callbacks=", "logger=", "enable_progress_bar", "deterministic", "CUBLAS_WORKSPACE_CONFIG", "barebones=True", "seed_everything",
              "default_root_dir", 'ckpt_path="last"', "detect_anomaly", "fast_dev_run", "devices=", 'strategy="ddp"',
              "num_nodes", "WandbLogger(", "MLFlowLogger("]
     rows = [line for line in text.splitlines() if line.startswith("| ")]
