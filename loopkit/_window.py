@@ -3,7 +3,9 @@
 ``with_logging``'s window (the last n steps) and ``run_epochs``' epoch means are both one
 :class:`Window`: each call's metrics dict is appended to an immutable tuple (no tensor work,
 no host sync), every ``fold_every`` records are summed on the device into one float32 sum per
-metric, and the means are read in one transfer when asked for.
+metric, and the means are read in one transfer when asked for. A record carrying ``with_nan_guard``'s skip flag
+(:data:`SKIPPED`) weighs ``1 - flag``: a call the guard skipped adds nothing to the means (its NaN loss, its
+gradient norm), weighed on the device (:func:`loopkit._collective.fold`); the flag's own mean is the fraction skipped.
 
 >>> import torch
 >>> w = Window("demo/sums", "demo/counts", "demo/pending", "demo")
@@ -25,9 +27,12 @@ from loopkit import _collective
 from loopkit.state import extras_copy, persistent_buffers
 from loopkit.tree import to_device
 
-__all__ = ["EPOCH", "LOGGED", "OVER_RANKS", "Window", "over_ranks", "own_buffers", "own_rng", "own_share"]
+__all__ = ["EPOCH", "LOGGED", "OVER_RANKS", "SKIPPED", "Window", "over_ranks", "own_buffers", "own_rng", "own_share"]
 
 Metrics = Mapping[str, Any]
+
+#: the metric of a call's skip flag (``with_nan_guard``'s): a record carrying it weighs ``1 - flag`` in the means
+SKIPPED = "nan_guard/skipped"
 
 
 @attrs.frozen
@@ -86,8 +91,8 @@ class Window:
         sums, counts = self._fold(extras, self.records(extras))
         return _collective.means(sums, counts, who=self.owner, advice=self.advice, reduce=reduce)
 
-    def _fold(self, extras: Mapping[str, Any], pending: tuple[Metrics, ...]) -> tuple[dict[str, Any], dict[str, int]]:
-        return _collective.fold(extras.get(self.sums, {}), extras.get(self.counts, {}), pending)
+    def _fold(self, extras: Mapping[str, Any], pending: tuple[Metrics, ...]) -> tuple[dict[str, Any], dict[str, Any]]:
+        return _collective.fold(extras.get(self.sums, {}), extras.get(self.counts, {}), pending, skip_flag=SKIPPED)
 
 
 #: ``run_epochs``' epoch means, kept in ``state.extras`` while an epoch runs: a checkpoint taken
