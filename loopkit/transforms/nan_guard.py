@@ -139,7 +139,9 @@ def with_nan_guard(step: Any, policy: str = "skip") -> TrainStep:
     update on the host ("raise" reads one more per call: the loss, checked before the backward, so
     that a refused loss leaves the state whole even half-way through an accumulation group). Under float16 ``with_amp`` the loss
     scaler owns overflowing gradients (they are expected while it searches for a scale);
-    the guard then checks the loss only. A ``with_grad_clip(max_value=...)`` inside the guard
+    the guard then checks the loss only, and its skip of a non-finite loss leaves the scale and
+    its growth tracker as they were (``amp/skipped`` 0.0: the guard's skip, not an overflow).
+    A ``with_grad_clip(max_value=...)`` inside the guard
     is checked by it before it clamps, since clamping makes an infinite gradient finite.
 
     After a raise nothing is lost: a non-finite loss is refused before the backward, non-finite
