@@ -137,10 +137,12 @@ def fold(
     """New sums and counts with every record's metrics added: one stack-and-sum per key (:func:`sum_dtype`, no sync).
 
     ``skip_flag``: the key of a record's skip flag (``with_nan_guard``'s ``nan_guard/skipped``, 1.0 on a skipped
-    call): a record that carries it weighs ``1 - flag`` in every other key's sum and count, on the device (its values
+    update): a record that carries it weighs ``1 - flag`` in every other key's sum and count, on the device (its values
     summed as ``where(flag, 0, value)``, a NaN loss included; the key's count a device sum of the weights, read with
-    the sums by :func:`means`), so that a skipped call adds nothing to the means. The flag itself is counted as any
-    metric (its mean: the fraction skipped). Records without it are summed as they are, counted by the host.
+    the sums by :func:`means`), so that a skipped call adds nothing to the means; so do the records without the flag
+    just before it (the micro-batches of the accumulation group whose update it flags). The flag itself is counted as
+    any metric (its mean: the fraction of updates skipped). Records without it and no flagged one after them are
+    summed as they are, counted by the host.
 
     >>> s, c = fold({}, {}, [{"loss": torch.tensor(1.0)}, {"loss": torch.tensor(2.0), "acc": torch.tensor(1)}])
     >>> {k: float(v) for k, v in s.items()}, c
@@ -150,17 +152,36 @@ def fold(
     >>> s, c = fold({}, {}, records, skip_flag="skip")
     >>> float(s["loss"]), float(c["loss"]), float(s["skip"]), c["skip"]
     (1.0, 1.0, 1.0, 2)
+    >>> group = [{"loss": torch.tensor(float("nan"))}, records[1]]  # the micro-batches of a skipped group
+    >>> s, c = fold({}, {}, [records[0], *group], skip_flag="skip")
+    >>> float(s["loss"]), float(c["loss"])
+    (1.0, 1.0)
     """
     new_sums, new_counts = dict(sums), dict(counts)
     values: dict[str, list[torch.Tensor]] = {}
     flags: dict[str, dict[int, torch.Tensor]] = {}  # key -> {index among its values: the skip flag of that record}
+    waiting: list[dict[str, int]] = []  # the places of the records without the flag since the last one with it
+    records = tuple(records)
+    weighed = skip_flag is not None and any(skip_flag in record for record in records)
     for record in records:
-        flag = record.get(skip_flag) if skip_flag is not None else None
+        if not weighed:  # (plain records: as they are)
+            for key, value in record.items():
+                values.setdefault(key, []).append(value)
+            continue
+        placed: dict[str, int] = {}
         for key, value in record.items():
             held = values.setdefault(key, [])
-            if flag is not None and key != skip_flag:
-                flags.setdefault(key, {})[len(held)] = flag
+            placed[key] = len(held)
             held.append(value)
+        flag = record.get(skip_flag)  # type: ignore[arg-type]
+        if flag is None:
+            waiting.append(placed)
+            continue
+        for places in (*waiting, placed):  # (an accumulation group's micro-batches take its update's flag)
+            for key, i in places.items():
+                if key != skip_flag:
+                    flags.setdefault(key, {})[i] = flag
+        waiting = []
     for key, tensors in values.items():
         stacked = _stacked(tensors)
         marks = flags.get(key)

@@ -177,3 +177,20 @@ def test_weighed_counts_are_summed_over_the_ranks(monkeypatch):
     monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
     extras = _guarded_window(3, {1})  # losses 0, (skipped), 2
     assert EPOCH.means(extras) == pytest.approx({"loss": (0 + 2 + 10) / 4, "nan_guard/skipped": 1 / 5})
+
+
+def test_an_accumulation_groups_micro_batches_take_its_flag_across_a_fold():
+    """Records without the flag before a flagged one (a group's micro-batches, its update's flag on the last) weigh as
+    it does; at a fold (32 records) those after the last flagged record are held back until their flag comes."""
+    extras: dict = {}
+    for group in range(12):  # groups of 3: losses 3g, 3g+1, 3g+2; group 5 skipped (its first loss NaN)
+        for i in range(3):
+            loss = float("nan") if (group, i) == (5, 0) else float(3 * group + i)
+            record = {"loss": torch.tensor(loss)}
+            if i == 2:
+                record["nan_guard/skipped"] = torch.tensor(float(group == 5))
+            extras = dict(EPOCH.add(extras, record))
+        if group == 10:  # 33 records: folded at the 32nd, the group of records 30-32 held back then (30, 31 pending)
+            assert len(EPOCH.records(extras)) == 3
+    kept = [3 * g + i for g in range(12) if g != 5 for i in range(3)]
+    assert EPOCH.means(extras) == pytest.approx({"loss": sum(kept) / len(kept), "nan_guard/skipped": 1 / 12})

@@ -131,9 +131,9 @@ def with_nan_guard(step: Any, policy: str = "skip") -> TrainStep:
     advance. A skipped call adds nothing to ``run_epochs``' epoch means nor to ``with_logging``'s window: its
     record weighs ``1 - nan_guard/skipped`` in every other metric's mean (its NaN loss, the gradient norms of
     ``with_grad_clip``/``with_grad_norm``), on the device, as Lightning's ``training_step`` returning None before
-    ``self.log`` leaves it out; ``nan_guard/skipped``'s own mean is the fraction of calls skipped, and a window of
+    ``self.log`` leaves it out; ``nan_guard/skipped``'s own mean is the fraction of updates skipped, and a window of
     skipped calls alone has no mean of the others (no ``train/loss`` then). Under ``with_grad_accum`` the flag is
-    the group's, reported by the call that ends it: that call's record is left out, the earlier micro-batches' not.
+    the group's, reported by the call that ends it: the group's earlier micro-batches are left out with it.
     ``policy="raise"`` raises :class:`loopkit.NonFiniteError` naming the step and
     the loss or the parameter whose gradient was not finite. Deciding reads one flag per
     update on the host ("raise" reads one more per call: the loss, checked before the backward, so

@@ -808,3 +808,22 @@ def test_a_skipped_record_is_left_out_of_folded_sums_across_a_resume(make_mlp, m
     resumed = make_sgd_state(make_mlp(5), lr=0.01).load_state_dict(mid.state_dict())
     _, rest = loopkit.run_epochs(step, resumed, data, epochs=1, progress=False)
     assert rest == whole and whole[0]["train/loss"] == whole[0]["train/loss"]  # (not NaN)
+
+
+def test_under_accumulation_the_skipped_groups_micro_batches_add_nothing_to_the_epoch_means(
+    make_mlp, make_batches, mse_loss, make_sgd_state,
+):
+    """Under with_grad_accum the guard drops the whole group; its flag comes with the call that ends it. The group's
+    earlier micro-batches (one with the NaN loss) are left out too, also when the group spans the window's fold (32
+    records: the group of batches 30-32 is held back until its flag comes), and the epoch's partial group, flushed at
+    its end. (lr=0: every loss is the first model's, the mean a plain one over the kept groups' batches.)"""
+    data = make_batches(40, batch_size=2)
+    bad = {4, 30, 39}  # groups of 3: (3, 4, 5), (30, 31, 32), and the flushed (39,)
+    data = [_nan_batch(b) if k in bad else b for k, b in enumerate(data)]
+    model = make_mlp(0)
+    kept = [float(mse_loss(model, b).detach()) for k, b in enumerate(data) if k // 3 not in {k // 3 for k in bad}]
+    step = loopkit.with_nan_guard(loopkit.with_grad_accum(loopkit.train_step(mse_loss), every=3))
+    state, history = loopkit.run_epochs(step, make_sgd_state(make_mlp(0), lr=0.0), data, epochs=1, progress=False)
+    assert state.extras["nan_guard/skipped_total"] == 3
+    assert history[0]["train/loss"] == pytest.approx(sum(kept) / len(kept), rel=1e-6)
+    assert history[0]["train/nan_guard/skipped"] == pytest.approx(3 / 14)  # 14 updates (13 groups, one flushed)
