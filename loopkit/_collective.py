@@ -131,29 +131,97 @@ def sum_dtype(values: torch.Tensor) -> torch.dtype:
 
 
 def fold(
-    sums: Mapping[str, torch.Tensor], counts: Mapping[str, int], records: Iterable[Mapping[str, torch.Tensor]]
-) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    sums: Mapping[str, torch.Tensor], counts: Mapping[str, Any], records: Iterable[Mapping[str, torch.Tensor]],
+    *, skip_flag: str | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """New sums and counts with every record's metrics added: one stack-and-sum per key (:func:`sum_dtype`, no sync).
+
+    ``skip_flag``: the key of a record's skip flag (``with_nan_guard``'s ``nan_guard/skipped``, 1.0 on a skipped
+    update): a record that carries it weighs ``1 - flag`` in every other key's sum and count, on the device (its values
+    summed as ``where(flag, 0, value)``, a NaN loss included; the key's count a device sum of the weights, read with
+    the sums by :func:`means`), so that a skipped call adds nothing to the means; so do the records without the flag
+    just before it (the micro-batches of the accumulation group whose update it flags). The flag itself is counted as
+    any metric (its mean: the fraction of updates skipped). Records without it and no flagged one after them are
+    summed as they are, counted by the host.
 
     >>> s, c = fold({}, {}, [{"loss": torch.tensor(1.0)}, {"loss": torch.tensor(2.0), "acc": torch.tensor(1)}])
     >>> {k: float(v) for k, v in s.items()}, c
     ({'loss': 3.0, 'acc': 1.0}, {'loss': 2, 'acc': 1})
+    >>> records = [{"loss": torch.tensor(1.0), "skip": torch.tensor(0.0)},
+    ...            {"loss": torch.tensor(float("nan")), "skip": torch.tensor(1.0)}]
+    >>> s, c = fold({}, {}, records, skip_flag="skip")
+    >>> float(s["loss"]), float(c["loss"]), float(s["skip"]), c["skip"]
+    (1.0, 1.0, 1.0, 2)
+    >>> group = [{"loss": torch.tensor(float("nan"))}, records[1]]  # the micro-batches of a skipped group
+    >>> s, c = fold({}, {}, [records[0], *group], skip_flag="skip")
+    >>> float(s["loss"]), float(c["loss"])
+    (1.0, 1.0)
     """
     new_sums, new_counts = dict(sums), dict(counts)
     values: dict[str, list[torch.Tensor]] = {}
+    flags: dict[str, dict[int, torch.Tensor]] = {}  # key -> {index among its values: the skip flag of that record}
+    waiting: list[dict[str, int]] = []  # the places of the records without the flag since the last one with it
+    records = tuple(records)
+    weighed = skip_flag is not None and any(skip_flag in record for record in records)
     for record in records:
+        if not weighed:  # (plain records: as they are)
+            for key, value in record.items():
+                values.setdefault(key, []).append(value)
+            continue
+        placed: dict[str, int] = {}
         for key, value in record.items():
-            values.setdefault(key, []).append(value)
+            held = values.setdefault(key, [])
+            placed[key] = len(held)
+            held.append(value)
+        flag = record.get(skip_flag)  # type: ignore[arg-type]
+        if flag is None:
+            waiting.append(placed)
+            continue
+        for places in (*waiting, placed):  # (an accumulation group's micro-batches take its update's flag)
+            for key, i in places.items():
+                if key != skip_flag:
+                    flags.setdefault(key, {})[i] = flag
+        waiting = []
     for key, tensors in values.items():
-        try:  # the common case: one device (stack promotes mixed dtypes); no per-tensor conversion
-            stacked = torch.stack(tensors)
-        except RuntimeError:  # metrics of one key on several devices
-            device = tensors[0].device
-            stacked = torch.stack([t.to(device) for t in tensors])
-        total = stacked.sum(dtype=sum_dtype(stacked))
+        stacked = _stacked(tensors)
+        marks = flags.get(key)
+        if marks is None:
+            total = stacked.sum(dtype=sum_dtype(stacked))
+            count: Any = len(tensors)
+        else:
+            skipped = _skipped(marks, len(tensors), stacked.device)
+            total = stacked.masked_fill(skipped, 0).sum(dtype=sum_dtype(stacked))
+            count = (~skipped).sum(dtype=torch.float32 if stacked.device.type == "mps" else torch.float64)
         new_sums[key] = total if key not in new_sums else new_sums[key] + total
-        new_counts[key] = new_counts.get(key, 0) + len(tensors)
+        new_counts[key] = count if key not in new_counts else _added(new_counts[key], count)
     return new_sums, new_counts
+
+
+def _stacked(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """``tensors`` in one tensor on the first one's device (stack promotes mixed dtypes)."""
+    try:  # the common case: one device; no per-tensor conversion
+        return torch.stack(tensors)
+    except RuntimeError:  # metrics of one key on several devices
+        device = tensors[0].device
+        return torch.stack([t.to(device) for t in tensors])
+
+
+def _skipped(marks: Mapping[int, torch.Tensor], n: int, device: torch.device) -> torch.Tensor:
+    """A bool tensor of ``n`` on ``device``: True where ``marks`` holds a non-zero skip flag (the records without
+    one, not skipped)."""
+    if len(marks) == n:
+        flags = _stacked([f.reshape(()) for f in marks.values()]).to(device)
+    else:
+        zero = torch.zeros((), device=device)
+        flags = _stacked([marks[i].reshape(()).to(device) if i in marks else zero for i in range(n)])
+    return flags != 0
+
+
+def _added(count: Any, more: Any) -> Any:
+    """Two counts added, a device count (a tensor) moved to the other's device where both are tensors."""
+    if isinstance(count, torch.Tensor) and isinstance(more, torch.Tensor):
+        return count + more.to(count.device)
+    return count + more
 
 
 def read(tensors: Mapping[str, torch.Tensor]) -> dict[str, float]:
@@ -253,9 +321,11 @@ def _reduce_device(sums: Mapping[str, torch.Tensor]) -> torch.device:
 
 
 def means(
-    sums: Mapping[str, torch.Tensor], counts: Mapping[str, float], *, who: str, advice: str = "", reduce: bool = True
+    sums: Mapping[str, torch.Tensor], counts: Mapping[str, Any], *, who: str, advice: str = "", reduce: bool = True
 ) -> dict[str, float]:
     """``sums[k] / counts[k]`` for each key, over all ranks when a process group is active (and ``reduce``).
+    A count may be a number or a device tensor (a weighed count of :func:`fold`), read with the sums, in the same
+    transfer; a key whose count is 0 (every call of it skipped) has no mean.
 
     Under a process group every rank must call this at the same point (it is a collective).
     The keys of all ranks are joined first, so a rank that saw no value of a metric (or no
@@ -267,7 +337,12 @@ def means(
     {'loss': 1.5}
     """
     if not (reduce and active()):
-        return {k: total / counts[k] for k, total in read(sums).items()}
+        weighed = {k: c for k, c in counts.items() if isinstance(c, torch.Tensor)}
+        if not weighed:
+            return {k: total / counts[k] for k, total in read(sums).items()}
+        values = read({**{f"sum {k}": v for k, v in sums.items()}, **{f"count {k}": c for k, c in weighed.items()}})
+        read_counts = {k: values.get(f"count {k}", counts[k]) for k in sums}
+        return {k: values[f"sum {k}"] / read_counts[k] for k in sums if read_counts[k] > 0}
     keys, packed = _summed_over_ranks(sums, counts, who, advice)
     values = packed.tolist()
     n = len(keys)
@@ -291,7 +366,11 @@ def _summed_over_ranks(
     device = _reduce_device(sums)
     zero = torch.zeros((), dtype=torch.float64, device=device)
     totals = [sums[k].detach().reshape(()).to(device, torch.float64) if k in sums else zero for k in keys]
-    numbers = torch.tensor([float(counts.get(k, 0)) for k in keys], dtype=torch.float64, device=device)
+    plain = [0.0 if isinstance(counts.get(k), torch.Tensor) else float(counts.get(k, 0)) for k in keys]
+    numbers = torch.tensor(plain, dtype=torch.float64, device=device)
+    for i, k in enumerate(keys):  # weighed counts (skipped calls weigh 0, :func:`fold`): device sums, added there
+        if isinstance(counts.get(k), torch.Tensor):
+            numbers[i] += counts[k].detach().reshape(()).to(device, torch.float64)
     packed = torch.cat([torch.stack(totals), numbers]) if keys else numbers
     if keys:
         with failing_as(who, what, advice):

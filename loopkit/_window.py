@@ -3,7 +3,11 @@
 ``with_logging``'s window (the last n steps) and ``run_epochs``' epoch means are both one
 :class:`Window`: each call's metrics dict is appended to an immutable tuple (no tensor work,
 no host sync), every ``fold_every`` records are summed on the device into one float32 sum per
-metric, and the means are read in one transfer when asked for.
+metric, and the means are read in one transfer when asked for. A record carrying ``with_nan_guard``'s skip flag
+(:data:`SKIPPED`) weighs ``1 - flag``: a call the guard skipped adds nothing to the means (its NaN loss, its
+gradient norm), nor do the micro-batches of an accumulation group whose update it skipped (the records before the
+flagged one, held back from a fold until it comes), weighed on the device (:func:`loopkit._collective.fold`); the
+flag's own mean is the fraction of updates skipped.
 
 >>> import torch
 >>> w = Window("demo/sums", "demo/counts", "demo/pending", "demo")
@@ -25,9 +29,12 @@ from loopkit import _collective
 from loopkit.state import extras_copy, persistent_buffers
 from loopkit.tree import to_device
 
-__all__ = ["EPOCH", "LOGGED", "OVER_RANKS", "Window", "over_ranks", "own_buffers", "own_rng", "own_share"]
+__all__ = ["EPOCH", "LOGGED", "OVER_RANKS", "SKIPPED", "Window", "over_ranks", "own_buffers", "own_rng", "own_share"]
 
 Metrics = Mapping[str, Any]
+
+#: the metric of a call's skip flag (``with_nan_guard``'s): a record carrying it weighs ``1 - flag`` in the means
+SKIPPED = "nan_guard/skipped"
 
 
 @attrs.frozen
@@ -65,8 +72,9 @@ class Window:
         if len(pending) < self.fold_every:
             new[self.pending] = pending
         else:
-            new[self.sums], new[self.counts] = self._fold(extras, pending)
-            new[self.pending] = ()
+            folded, held = _groups_ended(pending)
+            new[self.sums], new[self.counts] = self._fold(extras, folded)
+            new[self.pending] = held
         return types.MappingProxyType(new)
 
     def start(self, extras: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -86,8 +94,23 @@ class Window:
         sums, counts = self._fold(extras, self.records(extras))
         return _collective.means(sums, counts, who=self.owner, advice=self.advice, reduce=reduce)
 
-    def _fold(self, extras: Mapping[str, Any], pending: tuple[Metrics, ...]) -> tuple[dict[str, Any], dict[str, int]]:
-        return _collective.fold(extras.get(self.sums, {}), extras.get(self.counts, {}), pending)
+    def _fold(self, extras: Mapping[str, Any], pending: tuple[Metrics, ...]) -> tuple[dict[str, Any], dict[str, Any]]:
+        return _collective.fold(extras.get(self.sums, {}), extras.get(self.counts, {}), pending, skip_flag=SKIPPED)
+
+
+def _groups_ended(pending: tuple[Metrics, ...]) -> tuple[tuple[Metrics, ...], tuple[Metrics, ...]]:
+    """``pending`` split into the records to fold now and those held back: after the last record carrying the skip
+    flag, those without it (the micro-batches of an accumulation group whose update, which flags them all, is to come).
+
+    >>> _groups_ended(({"loss": 1, SKIPPED: 0}, {"loss": 2}))
+    (({'loss': 1, 'nan_guard/skipped': 0},), ({'loss': 2},))
+    >>> _groups_ended(({"loss": 1}, {"loss": 2}))[1]  # (no flag: nothing held)
+    ()
+    """
+    last = next((i for i in range(len(pending) - 1, -1, -1) if SKIPPED in pending[i]), None)
+    if last is None:
+        return pending, ()
+    return pending[: last + 1], pending[last + 1:]
 
 
 #: ``run_epochs``' epoch means, kept in ``state.extras`` while an epoch runs: a checkpoint taken

@@ -83,8 +83,13 @@ def _check_limit(value: int | float | None, name: str) -> int | float | None:
     return limit
 
 
-def _num_batches(data: Iterable, limit: int | float | None, name: str, *, shard: bool = False) -> int | None:
+def _num_batches(
+    data: Iterable, limit: int | float | None, name: str, *, shard: bool = False, of: str | None = None
+) -> int | None:
     """How many batches to take from ``data`` (None: all of an iterable of unknown length).
+
+    ``of``: the name of the validation set ``data`` is, where there are several (named in the error of a
+    fraction that leaves it 0 batches).
 
     ``shard``: ``data`` is this rank's shard of a set evaluated over all ranks (a validation set): under a
     process group of more than one rank an empty shard is 0 batches whatever the fraction (the other ranks'
@@ -103,7 +108,8 @@ def _num_batches(data: Iterable, limit: int | float | None, name: str, *, shard:
         raise ValueError(f"{name}={limit} is a fraction, but the data has no len(); pass an int")
     count = int(total * limit)
     if count == 0:
-        raise ValueError(f"{name}={limit} of {total} batches is 0 batches; raise it or pass an int")
+        where = "" if of is None else f" of the validation set {of!r}"
+        raise ValueError(f"{name}={limit} of {total} batches{where} is 0 batches; raise it or pass an int")
     return count
 
 
@@ -893,7 +899,7 @@ class _ValSets:
             raise ValueError(f"run_epochs: {made} is empty (len() is 0){_on_every_rank()}: no validation could give "
                              "a metric; return a set of one batch at least, or pass val=None to train without "
                              "validation")
-        _num_batches(data, self.limit, "limit_val_batches", shard=True)  # (a fraction of 0 batches: named now)
+        _num_batches(data, self.limit, "limit_val_batches", shard=True, of=name)  # (a fraction of 0 batches: named now)
         return data
 
 
@@ -2015,9 +2021,9 @@ def run_epochs(
     if not is_factory(train_data):  # (a factory's data: at each epoch's start)
         _num_batches(train_data, limit_train_batches, "limit_train_batches")  # a fraction of 0 batches fails now
     if val is not None and limit_val_batches != 0:
-        for _, data in _val_sets(val[1]):
+        for name, data in _val_sets(val[1]):
             if not is_factory(data):
-                _num_batches(data, limit_val_batches, "limit_val_batches", shard=True)
+                _num_batches(data, limit_val_batches, "limit_val_batches", shard=True, of=name)
     step = as_step(step)
     if "eval_step" in step.applied:
         raise TypeError("run_epochs: the step is an eval_step, which updates nothing; pass train_step(loss_fn) "

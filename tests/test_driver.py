@@ -1241,6 +1241,18 @@ def test_bad_options_raise_before_any_step(options, error, match):
     assert loss.calls == 0
 
 
+@pytest.mark.parametrize("sets, named", [
+    (lambda: {"a": make_data(4), "noisy": make_data(2)}, "'noisy'"),
+    (lambda: {"a": make_data(4), "noisy": lambda epoch: make_data(2)}, "'noisy'"),  # a factory's: at the validation
+    (lambda: [lambda epoch: make_data(4), lambda epoch: make_data(2)], "'dataloader_idx_1'"),
+])
+def test_a_val_fraction_of_zero_batches_names_the_set_among_several(sets, named):
+    ev, _ = counting_eval()
+    with pytest.raises(ValueError, match=f"limit_val_batches=0.3 of 2 batches of the validation set {named} is 0"):
+        run_epochs(train_step(mse), make_state(), make_data(3), epochs=1, val=(ev, sets()),
+                   limit_val_batches=0.3, progress=False)
+
+
 def test_a_val_fraction_of_zero_batches_raises_before_training():
     loss = Counter(mse)
     ev, _ = counting_eval()

@@ -305,7 +305,7 @@ def test_guide_maps_the_hooks_and_flags_a_lightning_user_reaches_for():
     flags = ["max_epochs", "max_steps", "accumulate_grad_batches", "gradient_clip_val",
              "gradient_clip_algorithm", '"16-mixed"', '"bf16-mixed"', "val_check_interval",
              "check_val_every_n_epoch", "num_sanity_val_steps", "limit_train_batches", "limit_val_batches",
-             "callbacks=", "logger=", "enable_progress_bar", "deterministic", "seed_everything",
+             "callbacks=", "logger=", "enable_progress_bar", "deterministic", "CUBLAS_WORKSPACE_CONFIG", "barebones=True", "seed_everything",
              "default_root_dir", 'ckpt_path="last"', "detect_anomaly", "fast_dev_run", "devices=", 'strategy="ddp"',
              "num_nodes", "WandbLogger(", "MLFlowLogger("]
     rows = [line for line in text.splitlines() if line.startswith("| ")]
@@ -313,6 +313,21 @@ def test_guide_maps_the_hooks_and_flags_a_lightning_user_reaches_for():
     missing = [name for name in hooks + flags if name not in code]
     assert not missing, f"docs/from_lightning.md does not map {missing}"
     assert "class LitClassifier(L.LightningModule)" in text
+
+
+def test_the_guides_training_step_row_says_a_skipped_batch_is_no_step_unlike_lightnings():
+    """A ``loss_fn`` returning None makes no update: ``state.step`` and the scheduler stay (Lightning counts the
+    batch in ``global_step`` and steps an ``interval="step"`` scheduler); the guide's ``training_step`` row says so."""
+    row = next(line for line in GUIDE.read_text(encoding="utf-8").splitlines()
+               if line.startswith("| `training_step(batch, batch_idx)`"))
+    assert "global_step" in row and "max_steps" in row and "every_n_steps" in row and "scheduler" in row
+    model = nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    state = loopkit.TrainState.create(model, optimizer, torch.optim.lr_scheduler.StepLR(optimizer, 1, 0.5))
+    data = [torch.ones(1, 2) * i for i in range(4)]
+    step = loopkit.train_step(lambda m, b: None if float(b.sum()) == 2 else m(b).sum())
+    state, _ = loopkit.run_epochs(step, state, data, epochs=1, progress=False)
+    assert (state.step, state.batch_index, state.scheduler.last_epoch) == (3, 0, 3)
 
 
 def test_the_guides_plateau_callback_cuts_the_rate_a_forking_step_of_ones_own_trains_with():

@@ -119,3 +119,78 @@ def test_the_means_of_sums_on_mps_are_read_without_float64():
     assert loopkit._collective.means(sums, {"loss": 2, "tokens": 4}, who="with_logging") == {
         "loss": float(torch.tensor(0.1)) / 2, "tokens": 2.0**22}
     assert loopkit._collective.read({"loss": torch.tensor(0.1, dtype=torch.float64)}) == {"loss": 0.1}  # (float64 elsewhere)
+
+
+def _flagged(loss: float, skipped: bool) -> dict:
+    """A record of a step under with_nan_guard: its loss, and its skip flag."""
+    return {"loss": torch.tensor(loss), "nan_guard/skipped": torch.tensor(float(skipped))}
+
+
+def _guarded_window(n: int, skipped: set[int], window=EPOCH) -> dict:
+    extras: dict = {}
+    for i in range(n):
+        extras = dict(window.add(extras, _flagged(float("nan") if i in skipped else float(i), i in skipped)))
+    return extras
+
+
+@pytest.mark.parametrize("window", [EPOCH, LOGGED])
+def test_a_record_the_guard_skipped_adds_nothing_to_the_means_but_its_flag(window):
+    """40 records (32 folded on the device, 8 pending), 3 skipped with a NaN loss: the loss mean is the other 37's,
+    the flag's mean the fraction skipped; the weighed counts are device tensors (no host read until the means)."""
+    extras = _guarded_window(40, {3, 17, 35}, window)
+    kept = [i for i in range(40) if i not in {3, 17, 35}]
+    assert window.means(extras) == pytest.approx({"loss": sum(kept) / 37, "nan_guard/skipped": 3 / 40})
+    assert isinstance(extras[window.counts]["loss"], torch.Tensor) and extras[window.counts]["nan_guard/skipped"] == 32
+    assert window.means(_guarded_window(2, {0, 1}, window)) == {"nan_guard/skipped": 1.0}  # every call skipped
+
+
+def test_plain_records_are_counted_by_the_host_as_before():
+    extras = _window_of(*[float(v) for v in range(33)])
+    assert extras[EPOCH.counts] == {"loss": 32} and type(extras[EPOCH.counts]["loss"]) is int
+
+
+def test_weighed_windows_come_back_to_each_rank_and_with_another_number_of_ranks():
+    """A DDP checkpoint's windows of guarded records (weighed counts: tensors) go back to each rank (the same number
+    of ranks), or into rank 0's, weighed as this run's updates (another number), as plain ones do."""
+    mine, theirs = _guarded_window(40, {3, 35}), _guarded_window(5, {1})
+    saved = {**mine, OVER_RANKS: {"world_size": 2, "ranks": {"1": theirs}}}
+    assert EPOCH.means(own_share(saved, 0, 2, "cpu")) == EPOCH.means(mine)
+    assert EPOCH.means(own_share(saved, 1, 2, "cpu")) == EPOCH.means(theirs) == {"loss": 2.25, "nan_guard/skipped": 0.2}
+    merged = own_share(saved, 0, 4, "cpu")  # each saved record weighs 4/2: the weights cancel in the means
+    kept = [i for i in range(40) if i not in {3, 35}] + [0, 2, 3, 4]
+    assert EPOCH.means(merged) == pytest.approx({"loss": sum(kept) / len(kept), "nan_guard/skipped": 3 / 45})
+
+
+def test_weighed_counts_are_summed_over_the_ranks(monkeypatch):
+    """Under DDP the means' all-reduce sums each rank's weighed counts (device tensors) with the plain ones: rank 0 of
+    2 (simulated: the other rank's sums and counts added by the all-reduce) reads the mean over both ranks' kept calls."""
+    def all_gather_object(out, keys):
+        out[:] = [keys, ["loss", "nan_guard/skipped"]]
+
+    def all_reduce(packed, op=None):
+        packed += torch.tensor([10.0, 0.0, 2.0, 2.0], dtype=packed.dtype)  # rank 1: 2 calls, losses 4 and 6, none skipped
+
+    monkeypatch.setattr(loopkit._collective, "active", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda *a, **k: 2)
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda *a, **k: "gloo")
+    monkeypatch.setattr(torch.distributed, "all_gather_object", all_gather_object)
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+    extras = _guarded_window(3, {1})  # losses 0, (skipped), 2
+    assert EPOCH.means(extras) == pytest.approx({"loss": (0 + 2 + 10) / 4, "nan_guard/skipped": 1 / 5})
+
+
+def test_an_accumulation_groups_micro_batches_take_its_flag_across_a_fold():
+    """Records without the flag before a flagged one (a group's micro-batches, its update's flag on the last) weigh as
+    it does; at a fold (32 records) those after the last flagged record are held back until their flag comes."""
+    extras: dict = {}
+    for group in range(12):  # groups of 3: losses 3g, 3g+1, 3g+2; group 5 skipped (its first loss NaN)
+        for i in range(3):
+            loss = float("nan") if (group, i) == (5, 0) else float(3 * group + i)
+            record = {"loss": torch.tensor(loss)}
+            if i == 2:
+                record["nan_guard/skipped"] = torch.tensor(float(group == 5))
+            extras = dict(EPOCH.add(extras, record))
+        if group == 10:  # 33 records: folded at the 32nd, the group of records 30-32 held back then (30, 31 pending)
+            assert len(EPOCH.records(extras)) == 3
+    kept = [3 * g + i for g in range(12) if g != 5 for i in range(3)]
+    assert EPOCH.means(extras) == pytest.approx({"loss": sum(kept) / len(kept), "nan_guard/skipped": 1 / 12})

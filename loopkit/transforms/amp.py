@@ -93,13 +93,26 @@ class Amp:
         ctx.found_inf = found_inf if ctx.found_inf is None else torch.maximum(ctx.found_inf, found_inf)
 
     def after_update(self, ctx: GradContext, extras: dict[str, Any]) -> None:
-        found_inf = ctx.found_inf if ctx.found_inf is not None else torch.zeros((), dtype=torch.float32, device=extras[_SCALE].device)
-        scale, growth = extras[_SCALE].clone(), extras[_GROWTH].clone()
+        """The scale and growth tracker after the update (backed off on an overflow, grown after ``growth_interval``
+        clean updates), and metric ``amp/skipped``. An update a guard skipped for a non-finite loss (``ctx.nonfinite``:
+        under float16 the guard checks the loss only) leaves both as they were and reports ``amp/skipped`` 0 (the
+        guard's skip, its own metric), as a GradScaler loop that skips such a loss before its backward (Lightning's
+        ``training_step`` returning None: no ``scaler.step``/``update``); chosen on the device (``torch.where``)."""
+        old_scale, old_growth = extras[_SCALE], extras[_GROWTH]
+        found_inf = ctx.found_inf
+        if found_inf is None:
+            found_inf = torch.zeros((), dtype=torch.float32, device=old_scale.device)
+        scale, growth = old_scale.clone(), old_growth.clone()
         torch._amp_update_scale_(
             scale, growth, found_inf.reshape(1), self.growth_factor, self.backoff_factor, self.growth_interval
         )
+        found_inf = found_inf.reshape(())
+        if ctx.nonfinite is not None:  # (only under with_nan_guard(policy="skip"))
+            guarded = ctx.nonfinite.reshape(()).to(scale.device) != 0
+            scale, growth = torch.where(guarded, old_scale, scale), torch.where(guarded, old_growth, growth)
+            found_inf = torch.where(guarded, torch.zeros_like(found_inf), found_inf)
         extras[_SCALE], extras[_GROWTH] = scale, growth
-        ctx.metrics["amp/skipped"] = found_inf.reshape(())
+        ctx.metrics["amp/skipped"] = found_inf
 
 
 @overload
@@ -131,7 +144,10 @@ def with_amp(
 
     bfloat16 needs no scaler. float16 keeps a dynamic loss scale in ``state.extras``; an
     update whose gradients overflow is skipped (``state.step`` does not advance, nor does
-    the scheduler) and reported as metric ``amp/skipped`` (1.0). Deciding the skip reads one
+    the scheduler) and reported as metric ``amp/skipped`` (1.0). An update ``with_nan_guard``
+    skips for a non-finite loss is the guard's (``nan_guard/skipped`` 1.0, ``amp/skipped`` 0.0):
+    the scale and its growth tracker stay as they were, as in a GradScaler loop that skips such
+    a loss before its backward (Lightning's ``training_step`` returning None). Deciding the skip reads one
     flag per update on the host, as ``torch.amp.GradScaler`` does with non-fused optimizers.
     Works on ``train_step`` and ``eval_step``; gradient clipping and NaN guards always see
     unscaled gradients, whatever the nesting order. ``cache_enabled`` is ``torch.autocast``'s

@@ -128,12 +128,20 @@ def with_nan_guard(step: Any, policy: str = "skip") -> TrainStep:
     puts the model's buffers back as they were before it (BatchNorm statistics, QAT observers:
     a NaN batch would leave them NaN), reports metric ``nan_guard/skipped`` (1.0 on a skipped update) and counts skips in
     ``state.extras["nan_guard/skipped_total"]``; ``state.step`` and the scheduler do not
-    advance. ``policy="raise"`` raises :class:`loopkit.NonFiniteError` naming the step and
+    advance. A skipped call adds nothing to ``run_epochs``' epoch means nor to ``with_logging``'s window: its
+    record weighs ``1 - nan_guard/skipped`` in every other metric's mean (its NaN loss, the gradient norms of
+    ``with_grad_clip``/``with_grad_norm``), on the device, as Lightning's ``training_step`` returning None before
+    ``self.log`` leaves it out; ``nan_guard/skipped``'s own mean is the fraction of updates skipped, and a window of
+    skipped calls alone has no mean of the others (no ``train/loss`` then). Under ``with_grad_accum`` the flag is
+    the group's, reported by the call that ends it: the group's earlier micro-batches are left out with it.
+    ``policy="raise"`` raises :class:`loopkit.NonFiniteError` naming the step and
     the loss or the parameter whose gradient was not finite. Deciding reads one flag per
     update on the host ("raise" reads one more per call: the loss, checked before the backward, so
     that a refused loss leaves the state whole even half-way through an accumulation group). Under float16 ``with_amp`` the loss
     scaler owns overflowing gradients (they are expected while it searches for a scale);
-    the guard then checks the loss only. A ``with_grad_clip(max_value=...)`` inside the guard
+    the guard then checks the loss only, and its skip of a non-finite loss leaves the scale and
+    its growth tracker as they were (``amp/skipped`` 0.0: the guard's skip, not an overflow).
+    A ``with_grad_clip(max_value=...)`` inside the guard
     is checked by it before it clamps, since clamping makes an infinite gradient finite.
 
     After a raise nothing is lost: a non-finite loss is refused before the backward, non-finite

@@ -128,6 +128,49 @@ def test_float16_inf_skips_exactly_that_update(make_mlp, make_batches, mse_loss,
     assert float(sgd.extras["amp/scale"]) == scaler.get_scale() == INIT_SCALE / 2
 
 
+@pytest.mark.parametrize("guard_outside", [True, False], ids=["guard-outside", "guard-inside"])
+def test_float16_leaves_the_scale_to_a_guards_skip_of_a_nan_loss_as_a_grad_scaler_loop_skipping_it(
+    guard_outside, make_mlp, make_batches, mse_loss, make_sgd_state, assert_trees_equal,
+):
+    """A NaN loss (bad data, not an overflow) that with_nan_guard skips halved the scale and reset the growth tracker
+    (its NaN gradients went into the scaler's found_inf), reported as amp/skipped=1. A raw GradScaler loop that skips a
+    non-finite loss before its backward (Lightning's training_step returning None: no scaler.step/update) leaves both
+    alone: so does the guard's skip now, amp/skipped 0. The scaler's own overflows (init_scale 2**16: the first
+    updates overflow) still back it off, and clean updates grow it (growth_interval=2)."""
+    data = make_batches(8)
+    bad = (3, 6)
+    for k in bad:
+        x, y = data[k]
+        data[k] = (x, torch.full_like(y, float("nan")))
+    options = dict(init_scale=2.0**16, growth_interval=2)
+    ref_model = make_mlp(0)
+    ref_opt = torch.optim.SGD(ref_model.parameters(), lr=0.1, momentum=0.9)
+    scaler = torch.amp.GradScaler("cpu", **options)
+    for batch in data:
+        ref_opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = mse_loss(ref_model, batch)
+        if not torch.isfinite(loss):
+            continue
+        scaler.scale(loss).backward()
+        scaler.step(ref_opt)
+        scaler.update()
+
+    amp = lambda s: loopkit.with_amp(s, dtype=torch.float16, **options)  # noqa: E731
+    guard = loopkit.with_nan_guard
+    step = guard(amp(loopkit.train_step(mse_loss))) if guard_outside else amp(guard(loopkit.train_step(mse_loss)))
+    state = make_sgd_state(make_mlp(0))
+    skipped = []
+    for k, batch in enumerate(data):
+        state, metrics = step(state, batch)
+        skipped.append((float(metrics["amp/skipped"]), float(metrics["nan_guard/skipped"])))
+    assert [skipped[k] for k in bad] == [(0.0, 1.0)] * 2
+    assert skipped[0] == (1.0, 0.0)  # the scaler's own overflow
+    assert float(state.extras["amp/scale"]) == scaler.get_scale()
+    assert int(state.extras["amp/growth_tracker"]) == int(scaler._growth_tracker)
+    assert_trees_equal(dict(state.model.named_parameters()), dict(ref_model.named_parameters()))
+
+
 def test_float16_loss_fn_multiplying_by_inf_is_skipped(make_mlp, make_batches, mse_loss, make_sgd_state, assert_trees_equal):
     calls = []
 

@@ -713,3 +713,117 @@ def test_a_guard_trains_a_model_with_a_lazy_module_as_the_plain_step(policy, ass
                                     epochs=1, progress=False)
     plain, _ = loopkit.run_epochs(loopkit.train_step(loss_fn), fresh(), data, epochs=1, progress=False)
     assert_trees_equal(guarded.state_dict()["model"], plain.state_dict()["model"])
+
+
+def _good_losses(bad, data, make_mlp, mse_loss, epochs):
+    """A raw loop's epochs that leave out the bad batches: each epoch's losses of the good batches (before their update)
+    and of the gradient norms, the model and optimizer."""
+    torch.manual_seed(0)
+    model = make_mlp(0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    per_epoch = []
+    for _ in range(epochs):
+        losses, norms = [], []
+        for k, batch in enumerate(data):
+            if k in bad:
+                continue
+            optimizer.zero_grad()
+            loss = mse_loss(model, batch)
+            loss.backward()
+            norms.append(float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))))
+            optimizer.step()
+            losses.append(float(loss.detach()))
+        per_epoch.append((sum(losses) / len(losses), sum(norms) / len(norms)))
+    return per_epoch
+
+
+def test_a_skipped_batch_adds_nothing_to_the_epoch_means_and_early_stopping_on_train_loss_goes_on(
+    make_mlp, make_batches, mse_loss, make_sgd_state,
+):
+    """The skipped call's NaN loss (and NaN gradient norm) went into the epoch means: train/loss was NaN, and
+    EarlyStopping("train/loss") (check_finite) stopped the fit at once. As Lightning's training_step returning None
+    for a non-finite loss before self.log: the means are those of the other batches, the raw loop's without them."""
+    data = make_batches(6)
+    data = [_nan_batch(b) if k == 2 else b for k, b in enumerate(data)]
+    expected = _good_losses({2}, data, make_mlp, mse_loss, epochs=3)
+    step = loopkit.with_nan_guard(loopkit.with_grad_norm(loopkit.train_step(mse_loss)))
+    state, history = loopkit.run_epochs(step, make_sgd_state(make_mlp(0)), data, epochs=3, progress=False,
+                                        callbacks=[loopkit.EarlyStopping("train/loss", patience=5)])
+    assert len(history) == 3 and state.extras["nan_guard/skipped_total"] == 3
+    for record, (loss, norm) in zip(history, expected):
+        assert record["train/loss"] == pytest.approx(loss, rel=1e-6)
+        assert record["train/grad_2.0_norm_total"] == pytest.approx(norm, rel=1e-5)
+        assert record["train/nan_guard/skipped"] == pytest.approx(1 / 6)  # still the fraction of calls skipped
+
+
+def test_a_skipped_batch_adds_nothing_to_the_logged_window(make_mlp, make_batches, mse_loss, make_sgd_state):
+    """with_logging's window of the calls since its last row leaves the skipped call out too (its row the mean of
+    the other calls); a window of skipped calls alone has no train/loss mean."""
+    from loopkit._window import LOGGED
+    from tests.transforms.test_logging import MemoryLogger
+
+    data = make_batches(6)
+    bad = {1, 4, 5}
+    losses = [float(mse_loss(make_mlp(0), b).detach()) for b in data]  # (lr=0: every call sees the first model)
+    logger = MemoryLogger()
+    step = loopkit.with_logging(loopkit.with_nan_guard(loopkit.train_step(mse_loss)), logger, every_n_steps=1)
+    state = make_sgd_state(make_mlp(0), lr=0.0)
+    for k, batch in enumerate(data):
+        state, _ = step(state, _nan_batch(batch) if k in bad else batch)
+    assert [v for _, v in logger.series("train/loss")] == pytest.approx([losses[0], losses[2], losses[3]])
+    assert [v for _, v in logger.series("train/nan_guard/skipped")] == [0.0, 0.5, 0.0]
+    assert LOGGED.means(state.extras) == {"nan_guard/skipped": 1.0}  # the two skipped calls at the end, not logged yet
+
+
+@pytest.mark.parametrize("via", ["state_dict", "checkpoint"])
+def test_a_resume_mid_epoch_with_a_skipped_batch_in_the_window_gives_the_uninterrupted_epoch_means(
+    tmp_path, via, make_mlp, make_batches, mse_loss, make_sgd_state,
+):
+    """The epoch's window, saved mid-epoch with a skipped call's record in it (its count a device tensor), comes
+    back whole: the resumed fit's epoch means are the uninterrupted fit's."""
+    data = make_batches(7)
+    data = [_nan_batch(b) if k == 1 else b for k, b in enumerate(data)]
+    step = loopkit.with_nan_guard(loopkit.train_step(mse_loss))
+    _, whole = loopkit.run_epochs(step, make_sgd_state(make_mlp(0)), data, epochs=2, progress=False)
+    mid, _ = loopkit.run_epochs(step, make_sgd_state(make_mlp(0)), data, max_steps=3, progress=False)
+    assert mid.batch_index == 4 and mid.extras["nan_guard/skipped_total"] == 1
+    template = make_sgd_state(make_mlp(5))
+    if via == "state_dict":
+        resumed = template.load_state_dict(mid.state_dict())
+    else:
+        resumed = loopkit.restore(template, loopkit.checkpoint.save(mid, tmp_path))
+    _, rest = loopkit.run_epochs(step, resumed, data, epochs=2, progress=False)
+    assert rest == whole
+
+
+def test_a_skipped_record_is_left_out_of_folded_sums_across_a_resume(make_mlp, make_batches, mse_loss, make_sgd_state):
+    """Past the window's fold (32 records summed on the device, the skipped ones weighing 0): a state dict round trip
+    mid-epoch keeps the weighed counts, and the epoch's mean is the uninterrupted one."""
+    data = make_batches(40, batch_size=2)
+    data = [_nan_batch(b) if k in (3, 33) else b for k, b in enumerate(data)]
+    step = loopkit.with_nan_guard(loopkit.train_step(mse_loss))
+    _, whole = loopkit.run_epochs(step, make_sgd_state(make_mlp(0), lr=0.01), data, epochs=1, progress=False)
+    mid, _ = loopkit.run_epochs(step, make_sgd_state(make_mlp(0), lr=0.01), data, max_steps=35, progress=False)
+    assert mid.batch_index == 37
+    resumed = make_sgd_state(make_mlp(5), lr=0.01).load_state_dict(mid.state_dict())
+    _, rest = loopkit.run_epochs(step, resumed, data, epochs=1, progress=False)
+    assert rest == whole and whole[0]["train/loss"] == whole[0]["train/loss"]  # (not NaN)
+
+
+def test_under_accumulation_the_skipped_groups_micro_batches_add_nothing_to_the_epoch_means(
+    make_mlp, make_batches, mse_loss, make_sgd_state,
+):
+    """Under with_grad_accum the guard drops the whole group; its flag comes with the call that ends it. The group's
+    earlier micro-batches (one with the NaN loss) are left out too, also when the group spans the window's fold (32
+    records: the group of batches 30-32 is held back until its flag comes), and the epoch's partial group, flushed at
+    its end. (lr=0: every loss is the first model's, the mean a plain one over the kept groups' batches.)"""
+    data = make_batches(40, batch_size=2)
+    bad = {4, 30, 39}  # groups of 3: (3, 4, 5), (30, 31, 32), and the flushed (39,)
+    data = [_nan_batch(b) if k in bad else b for k, b in enumerate(data)]
+    model = make_mlp(0)
+    kept = [float(mse_loss(model, b).detach()) for k, b in enumerate(data) if k // 3 not in {k // 3 for k in bad}]
+    step = loopkit.with_nan_guard(loopkit.with_grad_accum(loopkit.train_step(mse_loss), every=3))
+    state, history = loopkit.run_epochs(step, make_sgd_state(make_mlp(0), lr=0.0), data, epochs=1, progress=False)
+    assert state.extras["nan_guard/skipped_total"] == 3
+    assert history[0]["train/loss"] == pytest.approx(sum(kept) / len(kept), rel=1e-6)
+    assert history[0]["train/nan_guard/skipped"] == pytest.approx(3 / 14)  # 14 updates (13 groups, one flushed)
