@@ -260,8 +260,8 @@ def _epoch_batches(
     for sampler in {id(s): s for s in samplers if hasattr(s, "set_epoch")}.values():  # (as Lightning sets them)
         sampler.set_epoch(epoch)
     named, kept = _data_generators(data)  # (a holder's own ``generator``: the epoch's order seed, as a DataLoader's;
-    for generator in named:  # one kept under another name: a seed of its own, so that two a sampler keeps, for its
-        generator.manual_seed(order_seed)  # order and a subsample, draw other numbers)
+    for generator in named:  # one kept under another name, or a dataset's: a seed of its own, so that two a sampler
+        generator.manual_seed(order_seed)  # keeps, for its order and a subsample, draw other numbers)
     for k, generator in enumerate(kept, len(named)):
         generator.manual_seed(_order_seed(order_seed, k))
     cpu = torch.default_generator  # what samplers without a generator of their own draw from
@@ -366,11 +366,24 @@ def _data_holders(data: Iterable) -> tuple[Any, ...]:
 
 def _data_generators(data: Iterable) -> tuple[list[torch.Generator], list[torch.Generator]]:
     """The generators ``data`` shuffles with, each once: the holders' ``generator`` (a DataLoader's own, its
-    sampler's, ...), then those a holder keeps under other names (``self.rng``, a sampler of one's own's). Never
-    torch's global generator (what samplers without one draw from)."""
+    sampler's, ...), then those a holder keeps under other names (``self.rng``, a sampler of one's own's), then
+    those its dataset holds (a shuffle buffer's, an augmentation's: its ``generator`` too, which thus draws other
+    numbers than the loader's). Never torch's global generator (what samplers without one draw from).
+
+    >>> class Noisy(torch.utils.data.Dataset):
+    ...     def __init__(self): self.generator = torch.Generator()
+    ...     def __len__(self): return 4
+    ...     def __getitem__(self, i): return torch.rand((), generator=self.generator)
+    >>> loader = torch.utils.data.DataLoader(Noisy(), generator=torch.Generator())
+    >>> named, kept = _data_generators(loader)
+    >>> named == [loader.generator] and kept == [loader.dataset.generator]
+    True
+    """
     holders = _data_holders(data)
     named = _new_generators([getattr(h, "generator", None) for h in holders], [])
-    kept = _new_generators([v for h in holders for v in getattr(h, "__dict__", {}).values()], named)
+    dataset = getattr(data, "dataset", None)  # (a loader's; data read as it is is a holder itself)
+    own = [] if dataset is None else [getattr(dataset, "generator", None), *getattr(dataset, "__dict__", {}).values()]
+    kept = _new_generators([v for h in holders for v in getattr(h, "__dict__", {}).values()] + own, named)
     return named, kept
 
 
