@@ -841,13 +841,24 @@ def _epoch_total(data: Iterable, limit: int | float | None, source: Any, epoch: 
                          f"made for epoch {epoch})") from None
 
 
-def _no_batches(source: Any, total: int | None, epoch: int) -> str:
-    """The message for an epoch whose data yielded no batch."""
+def _no_batches(source: Any, total: int | None, epoch: int, trained: bool) -> str:
+    """The message for an epoch whose data yielded no batch: used up, where it is an iterator or ``trained`` (an
+    epoch of this fit was); empty otherwise (a DataLoader over an IterableDataset that yields nothing).
+
+    >>> class Stream:  # (no length; starts over on each iter())
+    ...     def __iter__(self): return iter(())
+    >>> _no_batches(Stream(), None, 0, False)
+    'run_epochs: train_data yielded no batches in epoch 0: it is empty'
+    >>> "used up" in _no_batches(Stream(), None, 1, True), "used up" in _no_batches(iter(()), None, 0, False)
+    (True, True)
+    """
     if is_factory(source):
         made = f"what train_data, a factory ({factory_name(source)}), made for epoch {epoch}"
         return f"run_epochs: {made} is empty (len() is 0)" if total == 0 else f"run_epochs: {made} yielded no batches"
     if total == 0:
         return f"run_epochs: train_data is empty (len() is 0; epoch {epoch})"
+    if not isinstance(source, Iterator) and not trained:
+        return f"run_epochs: train_data yielded no batches in epoch {epoch}: it is empty"
     return (f"run_epochs: train_data yielded no batches in epoch {epoch}; a generator or iterator is used up after one "
             "pass: pass a list, a DataLoader or another iterable that starts over on each iter()")
 
@@ -2273,7 +2284,7 @@ def run_epochs(
                 if batches is None:  # training would go on without a step (with max_steps alone, forever)
                     empty = (f"run_epochs: another rank's train_data yielded no batches in epoch {state.epoch} (DDP "
                              "needs one step per batch on every rank: shard the data evenly)") if elsewhere else (
-                        _no_batches(train_data, total, state.epoch))
+                        _no_batches(train_data, total, state.epoch, bool(history)))
                     if not history:  # nothing trained yet: the given state is intact
                         raise ValueError(empty)
                     warnings.warn(empty + "; stopping here", RuntimeWarning, stacklevel=2)

@@ -113,6 +113,21 @@ def test_empty_train_data_is_refused_before_the_state_is_touched(data, message):
     state.check_usable()  # not donated: nothing ran
 
 
+class _NothingStream(torch.utils.data.IterableDataset):
+    """Yields nothing (a filter that dropped every sample, an empty shard)."""
+
+    def __iter__(self):
+        return iter(())
+
+
+@pytest.mark.parametrize("epoch", [0, 3])
+def test_a_fresh_dataloader_yielding_nothing_is_refused_as_empty_not_as_used_up(epoch):
+    """A DataLoader in the fit's first epoch was refused with the advice for a used-up iterator (pass a DataLoader)."""
+    state = make_state() if epoch == 0 else make_state().evolve(epoch=epoch)
+    with pytest.raises(ValueError, match=f"train_data yielded no batches in epoch {epoch}: it is empty$"):
+        run_epochs(train_step(mse), state, DataLoader(_NothingStream(), batch_size=4), epochs=5, progress=False)
+
+
 def test_a_used_up_iterator_ends_the_fit_with_a_warning_instead_of_looping():
     data = make_data(5)
     loss = Counter(mse)
