@@ -266,8 +266,8 @@ def _epoch_batches(
     for sampler in {id(s): s for s in samplers if hasattr(s, "set_epoch")}.values():  # (as Lightning sets them)
         sampler.set_epoch(epoch)
     named, kept = _data_generators(data)  # (a holder's own ``generator``: the epoch's order seed, as a DataLoader's;
-    for generator in named:  # one kept under another name: a seed of its own, so that two a sampler keeps, for its
-        generator.manual_seed(order_seed)  # order and a subsample, draw other numbers)
+    for generator in named:  # one kept under another name, or a dataset's: a seed of its own, so that two a sampler
+        generator.manual_seed(order_seed)  # keeps, for its order and a subsample, draw other numbers)
     for k, generator in enumerate(kept, len(named)):
         generator.manual_seed(_order_seed(order_seed, k))
     cpu = torch.default_generator  # what samplers without a generator of their own draw from
@@ -372,11 +372,24 @@ def _data_holders(data: Iterable) -> tuple[Any, ...]:
 
 def _data_generators(data: Iterable) -> tuple[list[torch.Generator], list[torch.Generator]]:
     """The generators ``data`` shuffles with, each once: the holders' ``generator`` (a DataLoader's own, its
-    sampler's, ...), then those a holder keeps under other names (``self.rng``, a sampler of one's own's). Never
-    torch's global generator (what samplers without one draw from)."""
+    sampler's, ...), then those a holder keeps under other names (``self.rng``, a sampler of one's own's), then
+    those its dataset holds (a shuffle buffer's, an augmentation's: its ``generator`` too, which thus draws other
+    numbers than the loader's). Never torch's global generator (what samplers without one draw from).
+
+    >>> class Noisy(torch.utils.data.Dataset):
+    ...     def __init__(self): self.generator = torch.Generator()
+    ...     def __len__(self): return 4
+    ...     def __getitem__(self, i): return torch.rand((), generator=self.generator)
+    >>> loader = torch.utils.data.DataLoader(Noisy(), generator=torch.Generator())
+    >>> named, kept = _data_generators(loader)
+    >>> named == [loader.generator] and kept == [loader.dataset.generator]
+    True
+    """
     holders = _data_holders(data)
     named = _new_generators([getattr(h, "generator", None) for h in holders], [])
-    kept = _new_generators([v for h in holders for v in getattr(h, "__dict__", {}).values()], named)
+    dataset = getattr(data, "dataset", None)  # (a loader's; data read as it is is a holder itself)
+    own = [] if dataset is None else [getattr(dataset, "generator", None), *getattr(dataset, "__dict__", {}).values()]
+    kept = _new_generators([v for h in holders for v in getattr(h, "__dict__", {}).values()] + own, named)
     return named, kept
 
 
@@ -834,13 +847,24 @@ def _epoch_total(data: Iterable, limit: int | float | None, source: Any, epoch: 
                          f"made for epoch {epoch})") from None
 
 
-def _no_batches(source: Any, total: int | None, epoch: int) -> str:
-    """The message for an epoch whose data yielded no batch."""
+def _no_batches(source: Any, total: int | None, epoch: int, trained: bool) -> str:
+    """The message for an epoch whose data yielded no batch: used up, where it is an iterator or ``trained`` (an
+    epoch of this fit was); empty otherwise (a DataLoader over an IterableDataset that yields nothing).
+
+    >>> class Stream:  # (no length; starts over on each iter())
+    ...     def __iter__(self): return iter(())
+    >>> _no_batches(Stream(), None, 0, False)
+    'run_epochs: train_data yielded no batches in epoch 0: it is empty'
+    >>> "used up" in _no_batches(Stream(), None, 1, True), "used up" in _no_batches(iter(()), None, 0, False)
+    (True, True)
+    """
     if is_factory(source):
         made = f"what train_data, a factory ({factory_name(source)}), made for epoch {epoch}"
         return f"run_epochs: {made} is empty (len() is 0)" if total == 0 else f"run_epochs: {made} yielded no batches"
     if total == 0:
         return f"run_epochs: train_data is empty (len() is 0; epoch {epoch})"
+    if not isinstance(source, Iterator) and not trained:
+        return f"run_epochs: train_data yielded no batches in epoch {epoch}: it is empty"
     return (f"run_epochs: train_data yielded no batches in epoch {epoch}; a generator or iterator is used up after one "
             "pass: pass a list, a DataLoader or another iterable that starts over on each iter()")
 
@@ -2266,7 +2290,7 @@ def run_epochs(
                 if batches is None:  # training would go on without a step (with max_steps alone, forever)
                     empty = (f"run_epochs: another rank's train_data yielded no batches in epoch {state.epoch} (DDP "
                              "needs one step per batch on every rank: shard the data evenly)") if elsewhere else (
-                        _no_batches(train_data, total, state.epoch))
+                        _no_batches(train_data, total, state.epoch, bool(history)))
                     if not history:  # nothing trained yet: the given state is intact
                         raise ValueError(empty)
                     warnings.warn(empty + "; stopping here", RuntimeWarning, stacklevel=2)

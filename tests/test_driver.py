@@ -113,6 +113,21 @@ def test_empty_train_data_is_refused_before_the_state_is_touched(data, message):
     state.check_usable()  # not donated: nothing ran
 
 
+class _NothingStream(torch.utils.data.IterableDataset):
+    """Yields nothing (a filter that dropped every sample, an empty shard)."""
+
+    def __iter__(self):
+        return iter(())
+
+
+@pytest.mark.parametrize("epoch", [0, 3])
+def test_a_fresh_dataloader_yielding_nothing_is_refused_as_empty_not_as_used_up(epoch):
+    """A DataLoader in the fit's first epoch was refused with the advice for a used-up iterator (pass a DataLoader)."""
+    state = make_state() if epoch == 0 else make_state().evolve(epoch=epoch)
+    with pytest.raises(ValueError, match=f"train_data yielded no batches in epoch {epoch}: it is empty$"):
+        run_epochs(train_step(mse), state, DataLoader(_NothingStream(), batch_size=4), epochs=5, progress=False)
+
+
 def test_a_used_up_iterator_ends_the_fit_with_a_warning_instead_of_looping():
     data = make_data(5)
     loss = Counter(mse)
@@ -2333,6 +2348,59 @@ def test_a_sampler_s_generator_under_a_name_of_its_own_resumes_in_the_uninterrup
     restored = make_state().load_state_dict(cut.state_dict())  # another process: a fresh loader, a fresh sampler
     run_epochs(train_step(loss), restored, loader(), epochs=2, progress=False)
     assert seen == whole and whole[4:] != whole[:4]
+
+
+class _OwnShuffleBuffer(torch.utils.data.IterableDataset):
+    """Yields its 8 samples in an order drawn from its own ``generator`` (a shuffle buffer read in this process)."""
+
+    def __init__(self):
+        self.data, self.generator = make_data(8, batch_size=1, seed=3), torch.Generator().manual_seed(0)
+
+    def __iter__(self):
+        return iter([(self.data[i][0][0], self.data[i][1][0]) for i in torch.randperm(8, generator=self.generator)])
+
+
+class _OwnAugmented(_Augmented):
+    """Noise drawn in ``__getitem__`` from a generator of its own, kept under a name of its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.noise = torch.Generator().manual_seed(0)
+
+    def __getitem__(self, i):
+        x, y = self.data[i]
+        return x[0] + torch.rand(3, generator=self.noise), y[0]
+
+
+@pytest.mark.parametrize("kind", ["shuffle_buffer", "augmented"])
+@pytest.mark.parametrize("crash_after", [2, 6])
+def test_a_dataset_s_generator_of_its_own_resumes_mid_epoch_exactly(tmp_path, kind, crash_after):
+    """Only the loader's and its samplers' generators were seeded per epoch, not its dataset's: a process resumed
+    in epoch 1 drew that epoch from a fresh dataset's generator, where the uninterrupted run's had drawn epoch 0
+    already (other batches). Each run has a fresh loader and dataset, as another process would."""
+    seen: list[float] = []
+
+    def loader():
+        if kind == "shuffle_buffer":
+            return DataLoader(_OwnShuffleBuffer(), batch_size=2)
+        return DataLoader(_OwnAugmented(), batch_size=2, shuffle=True)
+
+    def loss(model, batch):
+        seen.append(batch[0].sum().item())
+        return mse(model, batch)
+
+    whole_state, history = run_epochs(train_step(loss), make_state(), loader(), epochs=2, progress=False)
+    whole, seen[:] = list(seen), []
+    step = loopkit.with_checkpointing(train_step(loss), tmp_path, every_n_steps=1)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_epochs(step, make_state(), loader(), epochs=2, callbacks=[CrashAfterStep(crash_after)], progress=False)
+    mid = loopkit.restore(make_state(), tmp_path)
+    assert (mid.epoch, mid.batch_index) == (crash_after // 4, crash_after % 4)
+    seen[crash_after:] = []
+    resumed, rest = run_epochs(step, mid, loader(), epochs=2, progress=False)
+    assert seen == whole and whole[4:] != whole[:4]
+    assert rest == history[crash_after // 4:]
+    assert_bitwise(params_of(resumed), params_of(whole_state))
 
 
 class _Batch:
