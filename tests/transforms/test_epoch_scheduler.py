@@ -166,6 +166,22 @@ def test_a_relaunch_from_the_checkpoint_of_an_epochs_flushed_update_steps_it_onc
     assert_trees_equal(dict(resumed.model.state_dict()), dict(whole.model.state_dict()))
 
 
+def _raw_scheduled(transform, reference, data, loss_fn):
+    """A raw loop over ``data`` for EPOCHS epochs stepping ``reference``'s scheduler where ``transform`` does
+    (after every update, or at every epoch's end): its model, optimizer and scheduler after."""
+    model, opt, sched = reference.model, reference.optimizer, reference.scheduler
+    for _ in range(EPOCHS):
+        for batch in data:
+            opt.zero_grad()
+            loss_fn(model, batch).backward()
+            opt.step()
+            if transform == "with_step_scheduler":
+                sched.step()
+        if transform == "with_epoch_scheduler":
+            sched.step()
+    return model, opt, sched
+
+
 @pytest.mark.parametrize("transform", ["with_epoch_scheduler", "with_step_scheduler"])
 def test_a_step_of_ones_own_that_forks_the_state_trains_at_the_scheduled_rates(
     transform, make_mlp, make_batches, mse_loss, assert_trees_equal
@@ -173,17 +189,7 @@ def test_a_step_of_ones_own_that_forks_the_state_trains_at_the_scheduled_rates(
     """The held scheduler given back to the forked state steps that state's optimizer (it stepped the first call's
     stale one: the rate never changed), as in a raw loop."""
     data = make_batches(4)
-    reference = _state(make_mlp)
-    model, opt, sched = reference.model, reference.optimizer, reference.scheduler
-    for _ in range(EPOCHS):
-        for batch in data:
-            opt.zero_grad()
-            mse_loss(model, batch).backward()
-            opt.step()
-            if transform == "with_step_scheduler":
-                sched.step()
-        if transform == "with_epoch_scheduler":
-            sched.step()
+    model, opt, sched = _raw_scheduled(transform, _state(make_mlp), data, mse_loss)
     step = getattr(loopkit, transform)(forking_step(mse_loss))
     final, _ = loopkit.run_epochs(step, _state(make_mlp), data, epochs=EPOCHS, progress=False)
     assert final.scheduler.optimizer is final.optimizer
@@ -201,17 +207,7 @@ def test_a_step_of_ones_own_that_steps_the_states_scheduler_leaves_it_to_the_tra
     schedule alone, as in a raw loop that steps the scheduler where the transform does; on the pure path (a fork of
     the held scheduler in each call) the given state's scheduler stays as it was."""
     data = make_batches(BATCHES)
-    reference = _state(make_mlp)
-    model, opt, sched = reference.model, reference.optimizer, reference.scheduler
-    for _ in range(EPOCHS):
-        for batch in data:
-            opt.zero_grad()
-            mse_loss(model, batch).backward()
-            opt.step()
-            if transform == "with_step_scheduler":
-                sched.step()
-        if transform == "with_epoch_scheduler":
-            sched.step()
+    model, opt, sched = _raw_scheduled(transform, _state(make_mlp), data, mse_loss)
 
     def own(state, batch):
         state.optimizer.zero_grad()
