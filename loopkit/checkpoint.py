@@ -45,6 +45,7 @@ import json
 import math
 import mmap
 import os
+import pickle
 import random
 import re
 import secrets
@@ -64,7 +65,7 @@ import torch
 from loopkit import _collective
 from loopkit._sharded import full, is_sharded
 from loopkit._window import OVER_RANKS, over_ranks, own_share
-from loopkit.errors import CheckpointCorruptError, StateMismatchError
+from loopkit.errors import CheckpointCorruptError, CheckpointLoadError, StateMismatchError
 from loopkit.state import TrainState, _uninitialized, core_module, held_scheduler, model_device, replace_extras
 from loopkit.tree import copy_tensors
 
@@ -867,15 +868,33 @@ def _manifest(path: Path) -> tuple[dict[str, Any], Mapping[str, Any]]:
     files = manifest.get("files")
     if manifest.get("format") != FORMAT or not isinstance(files, Mapping):
         raise CheckpointCorruptError(f"checkpoint manifest {manifest_path} is not a {FORMAT} manifest")
-    if manifest.get("version") != VERSION:
-        raise CheckpointCorruptError(
-            f"checkpoint manifest {manifest_path} has format version {manifest.get('version')!r}; "
-            f"this loopkit reads version {VERSION}"
-        )
+    _check_version(manifest.get("version"), manifest_path)
     for name in _REQUIRED:
         if name not in files:
             raise CheckpointCorruptError(f"checkpoint manifest {manifest_path} does not list {name}")
     return manifest, files
+
+
+def _check_version(version: Any, file: Path) -> None:
+    """Refuse a manifest's or payload's format version other than :data:`VERSION`: one written by a newer loopkit
+    is intact (:class:`loopkit.CheckpointLoadError`: an upgrade reads it, and restore must not skip it for an
+    older checkpoint that a fit would then rotate it away with); anything else is a malformed file.
+
+    >>> _check_version(2, Path("runs/ckpt-000003-step12-epoch2-batch4/manifest.json"))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    loopkit.errors.CheckpointLoadError: checkpoint runs/ckpt-000003-step12-epoch2-batch4 has format version 2 ...
+    """
+    if version == VERSION:
+        return
+    if type(version) is int and version > VERSION:
+        raise CheckpointLoadError(
+            f"checkpoint {file.parent} has format version {version} (its {file.name}), and this loopkit reads "
+            f"version {VERSION}: it was written by a newer loopkit. Upgrade loopkit to load it; restore does not "
+            "skip it for an older checkpoint (a fit from that would rotate it away)"
+        )
+    raise CheckpointCorruptError(f"checkpoint file {file} has format version {version!r}; this loopkit reads "
+                                 f"version {VERSION}")
 
 
 def _check_checksum(path: Path, name: str, expected: Mapping[str, Any]) -> None:
@@ -928,15 +947,29 @@ def _safe_load(file: Path) -> Any:
     """``torch.load`` with an explicit ``weights_only=True``: no environment variable can turn it off.
 
     The tensors are read into memory of their own (no memory map): nothing that is returned
-    refers to the file, which checkpoint rotation may delete.
+    refers to the file, which checkpoint rotation may delete. Any failure raises
+    :class:`loopkit.CheckpointLoadError`, which :func:`_load` replaces with the
+    :class:`loopkit.CheckpointCorruptError` of a file that does not verify: a file that verifies
+    and fails to load is intact (out of memory here; objects that ``weights_only`` refuses).
     """
     try:
         loaded = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as e:  # an UnpicklingError for anything but tensors, numbers, strings, containers
-        raise CheckpointCorruptError(
-            f"checkpoint file {file} was refused: it cannot be loaded with torch.load(weights_only=True) "
-            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); loopkit never unpickles "
-            "arbitrary objects, and nothing in the file was run"
+    except Exception as e:
+        detail = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        folder = file.parent.parent
+        if isinstance(e, pickle.UnpicklingError):  # anything but tensors, numbers, strings, containers
+            raise CheckpointLoadError(
+                f"checkpoint file {file} was refused: it cannot be loaded with torch.load(weights_only=True) "
+                f"({detail}); loopkit never unpickles arbitrary objects, and nothing in the file was run. Its files "
+                "match its manifest: it holds objects of another kind (written by another program, or by a newer "
+                "loopkit or torch). restore does not skip it for an older checkpoint (a fit from that would rotate "
+                f"it away): load it with what wrote it, or move it out of {folder} to resume from the one before"
+            ) from e
+        raise CheckpointLoadError(
+            f"checkpoint {file.parent} is intact (its files match its manifest) but could not be loaded here "
+            f"({detail}). restore does not skip it for an older checkpoint or the given state (a fit from those "
+            "would rotate it away): remove the cause (free memory, on a machine with too little) and restore "
+            f"again, or move it out of {folder} to resume from the one before"
         ) from e
     return loaded
 
@@ -952,13 +985,18 @@ def load(path: str | os.PathLike) -> dict[str, Any]:
     >>> payload["state"]["step"], payload["meta"]["step"]
     (2, 2)
     >>> tmp.cleanup()
+
+    Raises :class:`loopkit.CheckpointCorruptError` for a checkpoint that does not verify (a file missing,
+    truncated or altered, a malformed manifest or payload), and :class:`loopkit.CheckpointLoadError` for one
+    that verifies but cannot be loaded (written by a newer loopkit, holding what ``weights_only`` refuses, or
+    a load that fails here, out of memory).
     """
     path = Path(path)
     was_there = path.is_dir()
     try:
         return _load(path)
-    except (CheckpointCorruptError, FileNotFoundError) as e:
-        if not was_there or path.is_dir():  # (a wrong path, or damage: said as it is)
+    except (CheckpointCorruptError, CheckpointLoadError, FileNotFoundError) as e:
+        if not was_there or path.is_dir():  # (a wrong path, damage, or a failed load: said as it is)
             raise
         raise _VanishedError(
             errno.ENOENT, f"checkpoint {path} was removed while it was read (another process rotating the "
@@ -978,18 +1016,14 @@ def _load(path: Path) -> dict[str, Any]:
         verified = pool.submit(verify, path)
         try:
             payload = _safe_load(path / PAYLOAD)
-        except CheckpointCorruptError:
+        except CheckpointLoadError:
             verified.result()  # a corrupt file explains the failure best
             raise
         verified.result()
     meta = _read_json(path / META, "metadata")
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointCorruptError(f"checkpoint file {path / PAYLOAD} is not a {FORMAT} payload")
-    if payload.get("version") != VERSION:
-        raise CheckpointCorruptError(
-            f"checkpoint file {path / PAYLOAD} has format version {payload.get('version')!r}; "
-            f"this loopkit reads {VERSION}"
-        )
+    _check_version(payload.get("version"), path / PAYLOAD)
     if not isinstance(payload.get("state"), Mapping):
         raise CheckpointCorruptError(f"checkpoint file {path / PAYLOAD} holds no state")
     payload["meta"] = meta
@@ -1212,7 +1246,12 @@ def restore(state: TrainState, path: str | os.PathLike) -> TrainState:
     verifies is used, and each incomplete or corrupt one is skipped with a warning; where
     there is none (or no such directory) ``state`` itself is returned (with a warning where the directory holds
     files that look like checkpoints of another kind: Lightning's ``*.ckpt``, a ``*.pt`` or ``*.pth``). A corrupt checkpoint
-    named directly raises :class:`loopkit.CheckpointCorruptError` naming the bad file. A
+    named directly raises :class:`loopkit.CheckpointCorruptError` naming the bad file. A checkpoint
+    that verifies but cannot be loaded (written by a newer loopkit, holding what
+    ``torch.load(weights_only=True)`` refuses, or a load that fails here, out of memory) is not
+    skipped, named directly or in a directory: it raises :class:`loopkit.CheckpointLoadError`
+    naming it and the cause (falling back to an older checkpoint or to ``state`` would let the
+    relaunched fit's rotation delete it). A
     checkpoint of another model raises :class:`loopkit.StateMismatchError` naming the first
     missing, unexpected or mis-shaped key. Nothing is changed before everything checks out:
     ``state`` is never modified (a new state is returned); the global RNGs (torch, CUDA,
@@ -1312,7 +1351,8 @@ _RELISTS = 1000  # a writer rotating faster than restore reads for this long is 
 def _newest_intact(directory: Path, state: TrainState) -> tuple[Path, tuple[Any, ...]] | None:
     """The newest checkpoint in ``directory`` that verifies, loaded and prepared for ``state``; None if none.
 
-    Each corrupt or incomplete one is skipped with a warning (once). One that vanished while it was
+    Each corrupt or incomplete one is skipped with a warning (once); one that verifies but cannot be loaded
+    raises :class:`loopkit.CheckpointLoadError` (not skipped: see :func:`restore`). One that vanished while it was
     read was removed by a writer rotating the checkpoints, which does so only after it saved a newer
     one: the directory is listed again, so the template is never returned while an intact one exists.
     """

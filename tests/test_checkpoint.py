@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 import loopkit
-from loopkit import CheckpointCorruptError, StateMismatchError, TrainState, checkpoint, train_step, with_grad_accum
+from loopkit import CheckpointCorruptError, CheckpointLoadError, StateMismatchError, TrainState, checkpoint, train_step, with_grad_accum
 from tests._driver_helpers import make_data, make_state, mse
 
 # --- helpers -----------------------------------------------------------------------------------
@@ -436,20 +436,89 @@ class _Payload:
 
 
 def test_a_checkpoint_whose_pickle_would_run_code_is_refused_and_nothing_runs(tmp_path, make_mlp, monkeypatch):
+    """A verified file that weights_only refuses is intact, not corrupt: restore of its folder raises too (it used to
+    skip it with a warning and return the template, from which a fit rotated the checkpoints away)."""
     monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")  # must not switch the safe loader off
-    ckpt = checkpoint.save(_state(make_mlp), tmp_path / "run")
+    older = checkpoint.save(_state(make_mlp), tmp_path / "run")
+    ckpt = checkpoint.save(_state(make_mlp).evolve(step=1), tmp_path / "run")
     marker = tmp_path / "code-ran"
     torch.save({"format": "loopkit-checkpoint", "version": 1, "state": {"step": _Payload(marker)}}, ckpt / "state.pt")
     _resign(ckpt)  # a valid manifest: the refusal must come from the safe loader itself
     checkpoint.verify(ckpt)
-    with pytest.raises(CheckpointCorruptError, match=r"state\.pt was refused: .*weights_only=True"):
-        checkpoint.restore(_state(make_mlp), ckpt)
-    with pytest.warns(RuntimeWarning, match="refused"):
-        state = _state(make_mlp)
-        assert checkpoint.restore(state, tmp_path / "run") is state
+    for path in (ckpt, tmp_path / "run"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with pytest.raises(CheckpointLoadError, match=r"state\.pt was refused: .*weights_only=True") as info:
+                checkpoint.restore(_state(make_mlp), path)
+        assert "move it out of" in str(info.value)
+    assert [c.path for c in checkpoint.list_checkpoints(tmp_path / "run")] == [older, ckpt]
     assert not marker.exists()
     torch.load(ckpt / "state.pt", weights_only=False)  # the planted file is live: an unsafe load runs it
     assert marker.exists()
+
+
+def _fit_into(directory: Path, epochs: int = 3):
+    """A fit with step checkpoints every 4 updates and keep_last=2, from ``loopkit.restore`` of ``directory`` (the
+    relaunch README's crash-safe training prescribes)."""
+    def fresh() -> TrainState:
+        torch.manual_seed(0)
+        model = nn.Linear(4, 3)
+        return TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1), seed=0)
+
+    batches = [(torch.randn(8, 4, generator=torch.Generator().manual_seed(i)), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]))
+               for i in range(4)]
+    loss = lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1])  # noqa: E731
+    step = loopkit.with_checkpointing(train_step(loss), directory, every_n_steps=4, keep_last=2)
+    return loopkit.run_epochs(step, loopkit.restore(fresh(), directory), batches, epochs=epochs, progress=False)[0]
+
+
+def test_a_checkpoint_that_verifies_but_fails_to_load_raises_and_nothing_is_deleted(tmp_path, monkeypatch):
+    """A load that fails on a smaller machine (out of memory) made every intact checkpoint 'corrupt': restore
+    returned the template, the relaunch trained from step 0 and keep_last deleted them. Reference: the checkpoints
+    the first fit left, still there; a load that works again resumes from the newest (step 12)."""
+    _fit_into(tmp_path)
+    before = checkpoint.list_checkpoints(tmp_path)
+    assert [c.step for c in before] == [8, 12]
+    failure = getattr(torch, "OutOfMemoryError", MemoryError)
+
+    def oom(*args, **kwargs):
+        raise failure("simulated: not enough memory to load it")
+
+    monkeypatch.setattr(torch, "load", oom)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # not skipped as corrupt
+        with pytest.raises(CheckpointLoadError) as info:
+            _fit_into(tmp_path)
+    message = str(info.value)
+    assert before[-1].name in message and "is intact" in message and "not enough memory" in message
+    assert "free memory" in message and "restore again" in message
+    assert isinstance(info.value.__cause__, failure)
+    assert checkpoint.list_checkpoints(tmp_path) == before
+    monkeypatch.undo()
+    assert _fit_into(tmp_path, epochs=4).step == 16  # resumed at 12
+
+
+def test_a_checkpoint_of_a_newer_format_version_raises_and_nothing_is_deleted(tmp_path):
+    """A newer loopkit's checkpoints (manifest version 2) were skipped as corrupt and then deleted by keep_last.
+    Reference: the checkpoints the first fit left, still there; with_checkpointing refuses the folder as well
+    (a fit without restore), and a malformed version is still corrupt and skipped."""
+    _fit_into(tmp_path)
+    before = checkpoint.list_checkpoints(tmp_path)
+    for info in before:
+        manifest = json.loads((info.path / "manifest.json").read_text())
+        (info.path / "manifest.json").write_text(json.dumps({**manifest, "version": 2}))
+    with pytest.raises(CheckpointLoadError, match=rf"{before[-1].name} has format version 2 .*newer loopkit.*Upgrade"):
+        _fit_into(tmp_path)
+    with pytest.raises(CheckpointLoadError, match="holds a checkpoint this loopkit cannot read"):
+        loopkit.run_epochs(loopkit.with_checkpointing(train_step(lambda m, b: m(b[0]).sum()), tmp_path, keep_last=1,
+                                                      every_n_steps=1), TrainState.create(nn.Linear(4, 3)),
+                           [(torch.ones(2, 4), None)], epochs=1, progress=False)
+    assert checkpoint.list_checkpoints(tmp_path) == before
+    newest = before[-1].path / "manifest.json"
+    newest.write_text(json.dumps({**json.loads(newest.read_text()), "version": "2"}))
+    with pytest.warns(RuntimeWarning, match="skipping checkpoint .*format version '2'"):
+        with pytest.raises(CheckpointLoadError, match=f"{before[0].name} has format version 2"):
+            checkpoint.restore(TrainState.create(nn.Linear(4, 3)), tmp_path)
 
 
 # --- a checkpoint of another model -------------------------------------------------------------
