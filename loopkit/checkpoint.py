@@ -636,11 +636,14 @@ def _fsync_dir(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def _writer_lock(directory: Path) -> Iterator[None]:
-    """Hold a shared lock on ``directory/.lock`` while saving, after cleaning stale temporaries."""
+def _writer_lock(directory: Path, *, clean: bool = True) -> Iterator[None]:
+    """Hold a shared lock on ``directory/.lock`` while a temporary of ours is there (a checkpoint's being saved,
+    ``scores.json``'s being replaced), after cleaning stale temporaries (with ``clean``): a cleaner removes them
+    only under the exclusive lock."""
     fd = _open_lock(directory)
     try:
-        _clean_stale(directory, fd)
+        if clean:
+            _clean_stale(directory, fd)
         if fd is not None and fcntl is not None:
             fcntl.flock(fd, fcntl.LOCK_SH)
         yield
@@ -660,8 +663,8 @@ def _open_lock(directory: Path) -> int | None:
 def _clean_stale(directory: Path, fd: int | None) -> None:
     """Remove temporaries and trash of crashed saves, unless some process is saving right now.
 
-    A save holds a shared lock on ``.lock`` from before its temporary exists until it is
-    renamed, so an exclusive lock means every temporary there is stale. Where locks are
+    A save (and a rewrite of ``scores.json``) holds a shared lock on ``.lock`` from before its
+    temporary exists until it is renamed, so an exclusive lock means every temporary there is stale. Where locks are
     unavailable, only temporaries older than ``_STALE_WITHOUT_LOCKS_S`` are removed.
     """
     max_age = _STALE_WITHOUT_LOCKS_S
@@ -1646,15 +1649,19 @@ def write_late_score(path: str | os.PathLike, record: Mapping[str, Any], *, dura
 def write_scores(directory: str | os.PathLike, data: Mapping[str, Any]) -> None:
     """Atomically replace ``directory/scores.json`` (written to a temporary, fsynced, renamed).
 
+    The temporary is written under the shared lock a save holds, so a :func:`restore` or :func:`clean`
+    of another process never takes it for a crashed save's and removes it.
+
     >>> import tempfile
     >>> tmp = tempfile.TemporaryDirectory()
     >>> write_scores(tmp.name, {"monitor": "val/acc", "mode": "max", "scores": {}})
     >>> sorted(p.name for p in Path(tmp.name).iterdir())
-    ['scores.json']
+    ['.lock', 'scores.json']
     >>> tmp.cleanup()
     """
     raw = json.dumps(data, indent=1, sort_keys=True).encode()
-    _replace_atomically(Path(directory) / SCORES, lambda f: f.write(raw))
+    with _writer_lock(Path(directory), clean=False):
+        _replace_atomically(Path(directory) / SCORES, lambda f: f.write(raw))
 
 
 def _replace_atomically(path: Path, fill: Callable[[Any], object], durable: bool = True) -> None:
