@@ -15,7 +15,7 @@ fsyncs the files, writes the manifest, fsyncs, renames the directory to its fina
 and fsyncs the parent: a checkpoint is visible only once complete, and an existing one
 is never written over. ``<seq>`` counts up per directory, so the newest checkpoint is
 the one saved last. Temporaries left by a crashed save are removed by the next save or
-restore. Every file is read with an explicit ``torch.load(..., weights_only=True)`` or as
+restore (of a folder holding a checkpoint; only the names loopkit gives them, see :func:`clean`). Every file is read with an explicit ``torch.load(..., weights_only=True)`` or as
 JSON: a file that would need arbitrary unpickling is refused and nothing in it runs.
 
 >>> import tempfile, torch
@@ -116,6 +116,8 @@ _LOCK = ".lock"
 _TMP = ".tmp-"
 _TRASH = ".trash-"
 _NAME = re.compile(r"^ckpt-(\d+)-step(\d+)-epoch(\d+)-batch(\d+)$")
+# what a crashed save, removal or rewrite of scores.json leaves: a save's temporary, a removed checkpoint's trash
+_LEFTOVER = re.compile(r"^\.(?:tmp|trash)-ckpt-\d+-step\d+-epoch\d+-batch\d+-[0-9A-Za-z-]+$|^\.tmp-scores\.json-[0-9a-f]+$")
 _FOLD = 4096
 _CHECKSUM = "fold_crc32_sha256"  # the manifest key of checksum()
 _FOLD_ONLY = "fold_sha256"  # the key of manifests written before the CRC joined the fold
@@ -681,7 +683,7 @@ def _clean_stale(directory: Path, fd: int | None) -> None:
         return
     now = time.time()
     for entry in entries:
-        if not entry.name.startswith((_TMP, _TRASH)):
+        if not _is_leftover(entry.name):
             continue
         try:
             if max_age and now - entry.stat(follow_symlinks=False).st_mtime < max_age:
@@ -692,6 +694,18 @@ def _clean_stale(directory: Path, fd: int | None) -> None:
                 os.unlink(entry.path)
         except OSError:
             pass
+
+
+def _is_leftover(name: str) -> bool:
+    """Whether ``name`` is one loopkit gives a temporary or trash in a folder of checkpoints (:func:`write`,
+    :func:`remove`, :func:`write_scores`): the cleaner removes those alone, never another's ``.tmp-*``.
+
+    >>> _is_leftover(".tmp-ckpt-000002-step8-epoch1-batch4-p41h0a1b2c3d-9f8e7d6c"), _is_leftover(".tmp-scores.json-9f8e7d6c")
+    (True, True)
+    >>> _is_leftover(".trash-ckpt-000001-step4-epoch0-batch4-9f8e7d6c"), _is_leftover(".tmp-dataset-cache")
+    (True, False)
+    """
+    return _LEFTOVER.match(name) is not None
 
 
 def _writer_tag() -> str:
@@ -732,7 +746,7 @@ def _clean_orphans(directory: Path) -> None:
     PID namespace that is no longer running; those of running processes, and of other machines or namespaces, are
     left."""
     try:
-        entries = [e for e in os.scandir(directory) if e.name.startswith(_TMP)]
+        entries = [e for e in os.scandir(directory) if e.name.startswith(_TMP) and _is_leftover(e.name)]
     except OSError:
         return
     here = _where()
@@ -759,7 +773,9 @@ def _running(pid: int) -> bool:
 
 
 def clean(directory: str | os.PathLike) -> None:
-    """Remove what crashed saves left in ``directory`` (never a save in progress elsewhere).
+    """Remove what crashed saves left in ``directory`` (never a save in progress elsewhere, nor an entry named
+    ``.tmp-*`` or ``.trash-*`` that loopkit did not write): temporaries of checkpoints and of ``scores.json``,
+    trash of removed checkpoints. Makes the lock file ``.lock`` the cleaner and the writers share.
 
     >>> import tempfile
     >>> tmp = tempfile.TemporaryDirectory()
@@ -1246,8 +1262,9 @@ def restore(state: TrainState, path: str | os.PathLike) -> TrainState:
     """The state saved in a checkpoint, loaded into ``state``'s model, optimizer and scheduler.
 
     ``path`` is one checkpoint, or a directory of them: then the newest whose manifest
-    verifies is used, and each incomplete or corrupt one is skipped with a warning; where
-    there is none (or no such directory) ``state`` itself is returned (with a warning where the directory holds
+    verifies is used, and each incomplete or corrupt one is skipped with a warning (what crashed
+    saves left there is removed first, see :func:`clean`); where
+    there is none (or no such directory) ``state`` itself is returned, and the directory is left as it is (with a warning where the directory holds
     files that look like checkpoints of another kind: Lightning's ``*.ckpt``, a ``*.pt`` or ``*.pth``). A corrupt checkpoint
     named directly raises :class:`loopkit.CheckpointCorruptError` naming the bad file. A checkpoint
     that verifies but cannot be loaded (written by a newer loopkit, holding what
@@ -1292,7 +1309,8 @@ def restore(state: TrainState, path: str | os.PathLike) -> TrainState:
         raise NotADirectoryError(
             errno.ENOTDIR, f"restore: {path} is neither a checkpoint nor a directory of checkpoints", str(path)
         )
-    clean(path)
+    if list_checkpoints(path):  # (a folder holding none is left as it is: nothing cleaned, no lock file made)
+        clean(path)
     found = _newest_intact(path, state)
     if found is None:
         _warn_of_foreign(path)

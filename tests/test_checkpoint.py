@@ -754,6 +754,31 @@ def test_the_next_save_or_restore_removes_what_a_crashed_save_left(tmp_path, mak
     assert _leftovers(tmp_path) == []
 
 
+def test_restore_and_save_remove_only_what_loopkit_left_and_restore_leaves_a_folder_without_checkpoints_alone(
+        tmp_path, make_mlp):
+    """restore rmtree'd any '.tmp-*' or '.trash-*' entry of the folder it was given (a user's '.tmp-dataset-cache/',
+    '.trash-old-notes.txt'), and made '.lock' in a folder without checkpoints (the project root given by mistake).
+    Reference: the folder's entries before, and the names loopkit gives its temporaries and trash."""
+    (tmp_path / ".tmp-dataset-cache").mkdir()
+    (tmp_path / ".tmp-dataset-cache" / "shard0.bin").write_bytes(b"user data")
+    (tmp_path / ".trash-old-notes.txt").write_text("user notes")
+    (tmp_path / ".tmp-ckpt-notes").write_text("user notes")  # (named almost like a save's temporary)
+    (tmp_path / ".tmp-ckpt-000009-step9-epoch0-batch9-0badc0de").mkdir()  # a crashed save's, left by the first save
+    before = sorted(p.name for p in tmp_path.iterdir())
+    state = _state(make_mlp)
+    assert checkpoint.restore(state, tmp_path) is state
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    checkpoint.save(state, tmp_path)
+    ours = _crashed_save(tmp_path) + [tmp_path / ".tmp-scores.json-0badc0de"]
+    ours[-1].write_text("{}")
+    for then in (lambda: checkpoint.restore(state, tmp_path), lambda: checkpoint.save(state, tmp_path)):
+        then()
+        assert not any(p.exists() for p in ours)
+        assert [n for n in before if not (tmp_path / n).exists()] == [".tmp-ckpt-000009-step9-epoch0-batch9-0badc0de"]
+        assert (tmp_path / ".tmp-dataset-cache" / "shard0.bin").read_bytes() == b"user data"
+        ours = _crashed_save(tmp_path)
+
+
 @pytest.mark.skipif(checkpoint.fcntl is None, reason="needs POSIX advisory locks")
 def test_a_killed_saves_temporary_goes_though_its_forked_workers_still_hold_the_lock(tmp_path, make_mlp):
     """DataLoader workers forked while a background save held the shared lock keep it after the saving process is
