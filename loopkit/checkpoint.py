@@ -543,9 +543,12 @@ def _write_payload(payload: Mapping[str, Any], path: Path, durable: bool = True)
     """``torch.save`` the payload to ``path``, fsync it (when ``durable``); return its size and checksum.
 
     The fsync runs in a second thread while this one reads the file back from the page cache
-    to checksum it (both release the GIL).
+    to checksum it (both release the GIL). torch writes through a file object of ours: a failed
+    write then raises the ``OSError`` it got (``ENOSPC``: a full disk), where a path's own C++ stream
+    raises a ``RuntimeError`` (``unexpected pos``) that says nothing of the cause.
     """
-    torch.save(payload, path)
+    with open(path, "xb") as f:
+        torch.save(payload, f)
     if not durable:
         return _digest(path)
     with open(path, "r+b") as f:

@@ -679,6 +679,36 @@ def test_a_full_disk_keeps_the_previous_checkpoints_and_says_so(tmp_path, make_m
     assert checkpoint.restore(_state(make_mlp, seed=1), tmp_path).step == 0
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+def test_a_real_full_disk_during_the_payload_write_is_the_oserror_that_says_so(tmp_path, make_mlp, monkeypatch):
+    """The test above fakes the OSError; a real full disk made torch.save (given a path, its own C++ stream) raise
+    RuntimeError('[enforce fail at inline_container.cc] unexpected pos ...'), passed on without errno or message.
+    Here the payload's bytes go to /dev/full, whose every write the kernel answers with ENOSPC, written the way
+    torch.save is called (to a path: /dev/full's path; to a file object: /dev/full opened). Reference: the message
+    of the faked full disk above, and the first checkpoint as it was."""
+    state = _state(make_mlp)
+    first = checkpoint.save(state, tmp_path)
+    real_save = torch.save
+
+    def onto_full_disk(obj, f, *args, **kwargs):
+        if not str(getattr(f, "name", f)).endswith("state.pt"):
+            return real_save(obj, f, *args, **kwargs)
+        if isinstance(f, (str, os.PathLike)):
+            return real_save(obj, "/dev/full", *args, **kwargs)
+        with open("/dev/full", "wb") as full:
+            return real_save(obj, full, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", onto_full_disk)
+    with pytest.raises(OSError) as info:
+        checkpoint.save(state.evolve(step=1), tmp_path)
+    message = str(info.value)
+    assert info.value.errno == errno.ENOSPC and "no space left on device" in message and str(tmp_path) in message
+    assert "previous checkpoints are intact" in message and first.name in message
+    assert [c.path for c in checkpoint.list_checkpoints(tmp_path)] == [first] and _leftovers(tmp_path) == []
+    monkeypatch.undo()
+    assert checkpoint.restore(_state(make_mlp, seed=1), tmp_path).step == 0
+
+
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root ignores directory permissions")
 def test_a_directory_without_permission_is_named(tmp_path, make_mlp):
     locked = tmp_path / "locked"
