@@ -1268,7 +1268,8 @@ def restore(state: TrainState, path: str | os.PathLike) -> TrainState:
     verifies is used, and each incomplete or corrupt one is skipped with a warning (what crashed
     saves left there is removed first, see :func:`clean`); where
     there is none (or no such directory) ``state`` itself is returned, and the directory is left as it is (with a warning where the directory holds
-    files that look like checkpoints of another kind: Lightning's ``*.ckpt``, a ``*.pt`` or ``*.pth``). A corrupt checkpoint
+    files that look like checkpoints of another kind: Lightning's ``*.ckpt``, a ``*.pt`` or ``*.pth``; such a file
+    given as ``path`` raises ``NotADirectoryError`` saying how to load its weights yourself). A corrupt checkpoint
     named directly raises :class:`loopkit.CheckpointCorruptError` naming the bad file. A checkpoint
     that verifies but cannot be loaded (written by a newer loopkit, holding what
     ``torch.load(weights_only=True)`` refuses, or a load that fails here, out of memory) is not
@@ -1309,9 +1310,7 @@ def restore(state: TrainState, path: str | os.PathLike) -> TrainState:
     if not path.exists():
         return state
     if not path.is_dir():
-        raise NotADirectoryError(
-            errno.ENOTDIR, f"restore: {path} is neither a checkpoint nor a directory of checkpoints", str(path)
-        )
+        raise NotADirectoryError(errno.ENOTDIR, _not_a_directory(path), str(path))
     if list_checkpoints(path):  # (a folder holding none is left as it is: nothing cleaned, no lock file made)
         clean(path)
     found = _newest_intact(path, state)
@@ -1322,6 +1321,31 @@ def restore(state: TrainState, path: str | os.PathLike) -> TrainState:
 
 
 _FOREIGN_SUFFIXES = (".ckpt", ".pt", ".pth")  # Lightning's, torch.save's (not export_weights' weights alone)
+_START_FROM_FOREIGN = (
+    "To start from such a file, load its weights into the model yourself (Lightning's: torch.load(path)['state_dict'], "
+    "keys prefixed with the LightningModule's attribute name; a torch.save(state.state_dict(), path) of loopkit's "
+    "Resume recipe: template.load_state_dict(torch.load(path, weights_only=True))"
+)
+
+
+def _not_a_directory(path: Path) -> str:
+    """What :func:`restore` says of a ``path`` that is a file: with :data:`_START_FROM_FOREIGN` where it looks like
+    a checkpoint of another kind (``last.ckpt``, ``model.pt``; ``model.safetensors``, export_weights' weights).
+
+    >>> print(_not_a_directory(Path("notes.txt")))
+    restore: notes.txt is neither a checkpoint nor a directory of checkpoints
+    >>> print(_not_a_directory(Path("last.ckpt")))  # doctest: +ELLIPSIS
+    restore: last.ckpt is neither a checkpoint nor a directory of checkpoints: ...torch.load(path)['state_dict']...
+    """
+    said = f"restore: {path} is neither a checkpoint nor a directory of checkpoints"
+    suffix = path.suffix.lower()
+    if suffix not in (*_FOREIGN_SUFFIXES, ".safetensors"):
+        return said
+    weights = ("; a safetensors file's, as export_weights writes: "
+               "state.model.load_state_dict(safetensors.torch.load_file(path)))") if suffix == ".safetensors" else ")"
+    return (f"{said}: a file, which looks like a checkpoint of another kind (Lightning's *.ckpt, a torch.save file, "
+            f"safetensors weights): restore loads loopkit's checkpoints alone (folders ckpt-..., as with_checkpointing "
+            f"and loopkit.checkpoint.save write them). {_START_FROM_FOREIGN}{weights}")
 
 
 def _foreign_checkpoints(directory: str | os.PathLike) -> str | None:
@@ -1361,9 +1385,7 @@ def _warn_of_foreign(directory: Path) -> None:
         f"loopkit.restore: {directory} holds no loopkit checkpoint, but {shown}, which look like checkpoints of "
         "another kind (Lightning's *.ckpt, a torch.save file): restore cannot load them and returns the state it "
         "was given, so a fit from it starts from that state (a with_checkpointing run there would save beside them). "
-        "To start from such a file, load its weights into the model yourself (Lightning's: "
-        "torch.load(path)['state_dict'], keys prefixed with the LightningModule's attribute name); resume loopkit "
-        "runs from a directory of their own",
+        f"{_START_FROM_FOREIGN}); resume loopkit runs from a directory of their own",
         RuntimeWarning,
         stacklevel=3,
     )

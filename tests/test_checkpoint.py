@@ -297,6 +297,29 @@ def test_restore_of_a_folder_of_lightning_checkpoints_warns_and_returns_the_give
         assert checkpoint.restore(state, tmp_path).step == 3
 
 
+@pytest.mark.parametrize("name", ["epoch=1-step=8.ckpt", "last.CKPT", "model.pt", "model.pth", "model.safetensors",
+                                  "notes.txt"])
+def test_restore_of_a_single_file_of_another_kind_gives_the_hint_the_folder_of_them_gets(tmp_path, make_mlp, name):
+    """docs/from_lightning.md maps load_from_checkpoint(path) to loopkit.restore(template, path): given Lightning's
+    .ckpt file (or a torch.save / safetensors file) restore raised a bare NotADirectoryError, where a folder of them
+    gets a warning saying how to start from one. Reference: that warning's text; a file of no such kind is named
+    as before, without it."""
+    state = _state(make_mlp)
+    torch.save({"epoch": 1, "global_step": 8, "pytorch-lightning_version": "2.6.6",
+                "state_dict": {f"net.{k}": v for k, v in state.model.state_dict().items()}}, tmp_path / name)
+    (tmp_path / "folder").mkdir()
+    torch.save({}, tmp_path / "folder" / "last.ckpt")
+    with pytest.warns(RuntimeWarning) as caught:
+        checkpoint.restore(state, tmp_path / "folder")
+    hint = re.search(r"To start from such a file, .*weights_only=True\)", str(caught[0].message)).group(0)
+    with pytest.raises(NotADirectoryError, match="is neither a checkpoint nor a directory of checkpoints") as info:
+        loopkit.restore(state, tmp_path / name)
+    message = str(info.value)
+    assert str(tmp_path / name) in message
+    assert (hint in message) == (name != "notes.txt")
+    assert ("safetensors.torch.load_file(path)" in message) == name.endswith(".safetensors")
+
+
 @pytest.mark.parametrize("path", [None, 3, ["ckpt"]])
 def test_restore_names_a_path_that_is_not_one(make_mlp, path):
     """Before, restore(state, None) raised Path's bare "expected str, bytes or os.PathLike object"."""
