@@ -117,7 +117,9 @@ _TMP = ".tmp-"
 _TRASH = ".trash-"
 _NAME = re.compile(r"^ckpt-(\d+)-step(\d+)-epoch(\d+)-batch(\d+)$")
 # what a crashed save, removal or rewrite of scores.json leaves: a save's temporary, a removed checkpoint's trash
-_LEFTOVER = re.compile(r"^\.(?:tmp|trash)-ckpt-\d+-step\d+-epoch\d+-batch\d+-[0-9A-Za-z-]+$|^\.tmp-scores\.json-[0-9a-f]+$")
+_LEFTOVER = re.compile(
+    r"^\.tmp-ckpt-\d+-step\d+-epoch\d+-batch\d+-[0-9A-Za-z-]+$|^\.trash-ckpt-.+-[0-9a-f]{8}$|^\.tmp-scores\.json-[0-9a-f]+$"
+)
 _FOLD = 4096
 _CHECKSUM = "fold_crc32_sha256"  # the manifest key of checksum()
 _FOLD_ONLY = "fold_sha256"  # the key of manifests written before the CRC joined the fold
@@ -705,8 +707,10 @@ def _is_leftover(name: str) -> bool:
 
     >>> _is_leftover(".tmp-ckpt-000002-step8-epoch1-batch4-p41h0a1b2c3d-9f8e7d6c"), _is_leftover(".tmp-scores.json-9f8e7d6c")
     (True, True)
-    >>> _is_leftover(".trash-ckpt-000001-step4-epoch0-batch4-9f8e7d6c"), _is_leftover(".tmp-dataset-cache")
-    (True, False)
+    >>> _is_leftover(".trash-ckpt-000001-step4-epoch0-batch4-9f8e7d6c"), _is_leftover(".trash-ckpt-best-9f8e7d6c")
+    (True, True)
+    >>> _is_leftover(".tmp-dataset-cache"), _is_leftover(".trash-old-notes.txt")
+    (False, False)
     """
     return _LEFTOVER.match(name) is not None
 
@@ -822,7 +826,8 @@ def remove(path: str | os.PathLike, *, missing_ok: bool = False) -> bool:
     if not path.is_dir() or (_NAME.match(path.name) is None and not (path / MANIFEST).is_file()):
         raise ValueError(f"remove: {path} is not a checkpoint (a folder named ckpt-...-step...-epoch...-batch...); "
                          "nothing was deleted")
-    trash = path.with_name(f"{_TRASH}{path.name}-{secrets.token_hex(4)}")
+    prefix = "" if _NAME.match(path.name) else "ckpt-"  # (a checkpoint renamed: its trash named as the cleaner knows)
+    trash = path.with_name(f"{_TRASH}{prefix}{path.name}-{secrets.token_hex(4)}")
     try:
         os.rename(path, trash)
     except FileNotFoundError:
@@ -1219,7 +1224,8 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     """The ``meta.json`` of checkpoint ``path``, once its manifest vouches for it (size and checksum).
 
     The payload is not read. Raises :class:`loopkit.CheckpointCorruptError` for a checkpoint that is
-    incomplete, or whose manifest or metadata is damaged.
+    incomplete, or whose manifest or metadata is damaged, and :class:`loopkit.CheckpointLoadError` for one
+    of a newer loopkit's format version.
 
     >>> import tempfile, torch
     >>> tmp = tempfile.TemporaryDirectory()

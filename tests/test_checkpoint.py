@@ -832,6 +832,25 @@ def test_restore_and_save_remove_only_what_loopkit_left_and_restore_leaves_a_fol
         ours = _crashed_save(tmp_path)
 
 
+
+def test_a_removal_of_a_renamed_checkpoint_killed_midway_leaves_trash_the_next_restore_removes(tmp_path, make_mlp,
+                                                                                               monkeypatch):
+    """remove() takes a checkpoint renamed by hand (its manifest says what it is); its trash, left by a removal killed
+    before the deletion, must carry a name the cleaner knows, now that it removes no other '.trash-*'. Reference:
+    the trash of a checkpoint of loopkit's name, which goes alike."""
+    state = _state(make_mlp)
+    best = checkpoint.save(state, tmp_path).rename(tmp_path / "best")
+    newest = checkpoint.save(state.evolve(step=1), tmp_path)
+    monkeypatch.setattr(checkpoint, "_delete", lambda trash: None)  # killed after the rename
+    checkpoint.remove(best)
+    checkpoint.remove(newest)
+    assert len(_leftovers(tmp_path)) == 2
+    monkeypatch.undo()
+    checkpoint.save(state, tmp_path)
+    checkpoint.restore(state, tmp_path)
+    assert _leftovers(tmp_path) == []
+
+
 @pytest.mark.skipif(checkpoint.fcntl is None, reason="needs POSIX advisory locks")
 def test_a_killed_saves_temporary_goes_though_its_forked_workers_still_hold_the_lock(tmp_path, make_mlp):
     """DataLoader workers forked while a background save held the shared lock keep it after the saving process is
