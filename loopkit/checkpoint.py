@@ -15,8 +15,9 @@ fsyncs the files, writes the manifest, fsyncs, renames the directory to its fina
 and fsyncs the parent: a checkpoint is visible only once complete, and an existing one
 is never written over. ``<seq>`` counts up per directory, so the newest checkpoint is
 the one saved last. Temporaries left by a crashed save are removed by the next save or
-restore (of a folder holding a checkpoint; only the names loopkit gives them, see :func:`clean`). Every file is read with an explicit ``torch.load(..., weights_only=True)`` or as
-JSON: a file that would need arbitrary unpickling is refused and nothing in it runs.
+restore (of a folder holding a checkpoint; only the names loopkit gives them, see :func:`clean`).
+Every file is read with an explicit ``torch.load(..., weights_only=True)`` or as JSON: a file
+that would need arbitrary unpickling is refused and nothing in it runs.
 
 >>> import tempfile, torch
 >>> tmp = tempfile.TemporaryDirectory()
@@ -1272,8 +1273,8 @@ def restore(state: TrainState, path: str | os.PathLike) -> TrainState:
 
     ``path`` is one checkpoint, or a directory of them: then the newest whose manifest
     verifies is used, and each incomplete or corrupt one is skipped with a warning (what crashed
-    saves left there is removed first, see :func:`clean`); where
-    there is none (or no such directory) ``state`` itself is returned, and the directory is left as it is (with a warning where the directory holds
+    saves left there is removed first, see :func:`clean`); where there is none (or no such
+    directory) ``state`` itself is returned, and the directory is left as it is (with a warning where the directory holds
     files that look like checkpoints of another kind: Lightning's ``*.ckpt``, a ``*.pt`` or ``*.pth``; such a file
     given as ``path`` raises ``NotADirectoryError`` saying how to load its weights yourself). A corrupt checkpoint
     named directly raises :class:`loopkit.CheckpointCorruptError` naming the bad file. A checkpoint
