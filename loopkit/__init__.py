@@ -13,7 +13,7 @@ from loopkit.callbacks import Callback, EarlyStopping, EarlyStoppingReason, Lear
 from loopkit.throughput import ThroughputMonitor, measure_flops
 from loopkit.checkpoint import export_weights, restore
 from loopkit.driver import evaluate, predict, run_epochs
-from loopkit.errors import CheckpointCorruptError, DonatedStateError, ImpurityError, NonFiniteError, StateMismatchError
+from loopkit.errors import CheckpointCorruptError, CheckpointLoadError, DonatedStateError, ImpurityError, NonFiniteError, StateMismatchError
 from loopkit.loggers import ConsoleLogger, CSVLogger, JSONLLogger, Logger, TensorBoardLogger
 from loopkit.trackers import MLFlowLogger, WandbLogger  # (wandb and mlflow are imported only when a logger starts)
 from loopkit.rng import seed_everything
@@ -46,6 +46,7 @@ __all__ = [
     "CSVLogger",
     "Callback",
     "CheckpointCorruptError",
+    "CheckpointLoadError",
     "ConsoleLogger",
     "DonatedStateError",
     "EarlyStopping",

@@ -15,8 +15,9 @@ fsyncs the files, writes the manifest, fsyncs, renames the directory to its fina
 and fsyncs the parent: a checkpoint is visible only once complete, and an existing one
 is never written over. ``<seq>`` counts up per directory, so the newest checkpoint is
 the one saved last. Temporaries left by a crashed save are removed by the next save or
-restore. Every file is read with an explicit ``torch.load(..., weights_only=True)`` or as
-JSON: a file that would need arbitrary unpickling is refused and nothing in it runs.
+restore (of a folder holding a checkpoint; only the names loopkit gives them, see :func:`clean`).
+Every file is read with an explicit ``torch.load(..., weights_only=True)`` or as JSON: a file
+that would need arbitrary unpickling is refused and nothing in it runs.
 
 >>> import tempfile, torch
 >>> tmp = tempfile.TemporaryDirectory()
@@ -45,6 +46,7 @@ import json
 import math
 import mmap
 import os
+import pickle
 import random
 import re
 import secrets
@@ -64,7 +66,7 @@ import torch
 from loopkit import _collective
 from loopkit._sharded import full, is_sharded
 from loopkit._window import OVER_RANKS, over_ranks, own_share
-from loopkit.errors import CheckpointCorruptError, StateMismatchError
+from loopkit.errors import CheckpointCorruptError, CheckpointLoadError, StateMismatchError
 from loopkit.state import TrainState, _uninitialized, core_module, held_scheduler, model_device, replace_extras
 from loopkit.tree import copy_tensors
 
@@ -115,6 +117,10 @@ _LOCK = ".lock"
 _TMP = ".tmp-"
 _TRASH = ".trash-"
 _NAME = re.compile(r"^ckpt-(\d+)-step(\d+)-epoch(\d+)-batch(\d+)$")
+# what a crashed save, removal or rewrite of scores.json leaves: a save's temporary, a removed checkpoint's trash
+_LEFTOVER = re.compile(
+    r"^\.tmp-ckpt-\d+-step\d+-epoch\d+-batch\d+-[0-9A-Za-z-]+$|^\.trash-ckpt-.+-[0-9a-f]{8}$|^\.tmp-scores\.json-[0-9a-f]+$"
+)
 _FOLD = 4096
 _CHECKSUM = "fold_crc32_sha256"  # the manifest key of checksum()
 _FOLD_ONLY = "fold_sha256"  # the key of manifests written before the CRC joined the fold
@@ -540,9 +546,12 @@ def _write_payload(payload: Mapping[str, Any], path: Path, durable: bool = True)
     """``torch.save`` the payload to ``path``, fsync it (when ``durable``); return its size and checksum.
 
     The fsync runs in a second thread while this one reads the file back from the page cache
-    to checksum it (both release the GIL).
+    to checksum it (both release the GIL). torch writes through a file object of ours: a failed
+    write then raises the ``OSError`` it got (``ENOSPC``: a full disk), where a path's own C++ stream
+    raises a ``RuntimeError`` (``unexpected pos``) that says nothing of the cause.
     """
-    torch.save(payload, path)
+    with open(path, "xb") as f:
+        torch.save(payload, f)
     if not durable:
         return _digest(path)
     with open(path, "r+b") as f:
@@ -635,11 +644,14 @@ def _fsync_dir(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def _writer_lock(directory: Path) -> Iterator[None]:
-    """Hold a shared lock on ``directory/.lock`` while saving, after cleaning stale temporaries."""
+def _writer_lock(directory: Path, *, clean: bool = True) -> Iterator[None]:
+    """Hold a shared lock on ``directory/.lock`` while a temporary of ours is there (a checkpoint's being saved,
+    ``scores.json``'s being replaced), after cleaning stale temporaries (with ``clean``): a cleaner removes them
+    only under the exclusive lock."""
     fd = _open_lock(directory)
     try:
-        _clean_stale(directory, fd)
+        if clean:
+            _clean_stale(directory, fd)
         if fd is not None and fcntl is not None:
             fcntl.flock(fd, fcntl.LOCK_SH)
         yield
@@ -659,8 +671,8 @@ def _open_lock(directory: Path) -> int | None:
 def _clean_stale(directory: Path, fd: int | None) -> None:
     """Remove temporaries and trash of crashed saves, unless some process is saving right now.
 
-    A save holds a shared lock on ``.lock`` from before its temporary exists until it is
-    renamed, so an exclusive lock means every temporary there is stale. Where locks are
+    A save (and a rewrite of ``scores.json``) holds a shared lock on ``.lock`` from before its
+    temporary exists until it is renamed, so an exclusive lock means every temporary there is stale. Where locks are
     unavailable, only temporaries older than ``_STALE_WITHOUT_LOCKS_S`` are removed.
     """
     max_age = _STALE_WITHOUT_LOCKS_S
@@ -677,7 +689,7 @@ def _clean_stale(directory: Path, fd: int | None) -> None:
         return
     now = time.time()
     for entry in entries:
-        if not entry.name.startswith((_TMP, _TRASH)):
+        if not _is_leftover(entry.name):
             continue
         try:
             if max_age and now - entry.stat(follow_symlinks=False).st_mtime < max_age:
@@ -688,6 +700,20 @@ def _clean_stale(directory: Path, fd: int | None) -> None:
                 os.unlink(entry.path)
         except OSError:
             pass
+
+
+def _is_leftover(name: str) -> bool:
+    """Whether ``name`` is one loopkit gives a temporary or trash in a folder of checkpoints (:func:`write`,
+    :func:`remove`, :func:`write_scores`): the cleaner removes those alone, never another's ``.tmp-*``.
+
+    >>> _is_leftover(".tmp-ckpt-000002-step8-epoch1-batch4-p41h0a1b2c3d-9f8e7d6c"), _is_leftover(".tmp-scores.json-9f8e7d6c")
+    (True, True)
+    >>> _is_leftover(".trash-ckpt-000001-step4-epoch0-batch4-9f8e7d6c"), _is_leftover(".trash-ckpt-best-9f8e7d6c")
+    (True, True)
+    >>> _is_leftover(".tmp-dataset-cache"), _is_leftover(".trash-old-notes.txt")
+    (False, False)
+    """
+    return _LEFTOVER.match(name) is not None
 
 
 def _writer_tag() -> str:
@@ -728,7 +754,7 @@ def _clean_orphans(directory: Path) -> None:
     PID namespace that is no longer running; those of running processes, and of other machines or namespaces, are
     left."""
     try:
-        entries = [e for e in os.scandir(directory) if e.name.startswith(_TMP)]
+        entries = [e for e in os.scandir(directory) if e.name.startswith(_TMP) and _is_leftover(e.name)]
     except OSError:
         return
     here = _where()
@@ -755,7 +781,9 @@ def _running(pid: int) -> bool:
 
 
 def clean(directory: str | os.PathLike) -> None:
-    """Remove what crashed saves left in ``directory`` (never a save in progress elsewhere).
+    """Remove what crashed saves left in ``directory`` (never a save in progress elsewhere, nor an entry named
+    ``.tmp-*`` or ``.trash-*`` that loopkit did not write): temporaries of checkpoints and of ``scores.json``,
+    trash of removed checkpoints. Makes the lock file ``.lock`` the cleaner and the writers share.
 
     >>> import tempfile
     >>> tmp = tempfile.TemporaryDirectory()
@@ -799,7 +827,8 @@ def remove(path: str | os.PathLike, *, missing_ok: bool = False) -> bool:
     if not path.is_dir() or (_NAME.match(path.name) is None and not (path / MANIFEST).is_file()):
         raise ValueError(f"remove: {path} is not a checkpoint (a folder named ckpt-...-step...-epoch...-batch...); "
                          "nothing was deleted")
-    trash = path.with_name(f"{_TRASH}{path.name}-{secrets.token_hex(4)}")
+    prefix = "" if _NAME.match(path.name) else "ckpt-"  # (a checkpoint renamed: its trash named as the cleaner knows)
+    trash = path.with_name(f"{_TRASH}{prefix}{path.name}-{secrets.token_hex(4)}")
     try:
         os.rename(path, trash)
     except FileNotFoundError:
@@ -867,15 +896,33 @@ def _manifest(path: Path) -> tuple[dict[str, Any], Mapping[str, Any]]:
     files = manifest.get("files")
     if manifest.get("format") != FORMAT or not isinstance(files, Mapping):
         raise CheckpointCorruptError(f"checkpoint manifest {manifest_path} is not a {FORMAT} manifest")
-    if manifest.get("version") != VERSION:
-        raise CheckpointCorruptError(
-            f"checkpoint manifest {manifest_path} has format version {manifest.get('version')!r}; "
-            f"this loopkit reads version {VERSION}"
-        )
+    _check_version(manifest.get("version"), manifest_path)
     for name in _REQUIRED:
         if name not in files:
             raise CheckpointCorruptError(f"checkpoint manifest {manifest_path} does not list {name}")
     return manifest, files
+
+
+def _check_version(version: Any, file: Path) -> None:
+    """Refuse a manifest's or payload's format version other than :data:`VERSION`: one written by a newer loopkit
+    is intact (:class:`loopkit.CheckpointLoadError`: an upgrade reads it, and restore must not skip it for an
+    older checkpoint that a fit would then rotate it away with); anything else is a malformed file.
+
+    >>> _check_version(2, Path("runs/ckpt-000003-step12-epoch2-batch4/manifest.json"))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    loopkit.errors.CheckpointLoadError: checkpoint runs/ckpt-000003-step12-epoch2-batch4 has format version 2 ...
+    """
+    if version == VERSION:
+        return
+    if type(version) is int and version > VERSION:
+        raise CheckpointLoadError(
+            f"checkpoint {file.parent} has format version {version} (its {file.name}), and this loopkit reads "
+            f"version {VERSION}: it was written by a newer loopkit. Upgrade loopkit to load it; restore does not "
+            "skip it for an older checkpoint (a fit from that would rotate it away)"
+        )
+    raise CheckpointCorruptError(f"checkpoint file {file} has format version {version!r}; this loopkit reads "
+                                 f"version {VERSION}")
 
 
 def _check_checksum(path: Path, name: str, expected: Mapping[str, Any]) -> None:
@@ -928,15 +975,29 @@ def _safe_load(file: Path) -> Any:
     """``torch.load`` with an explicit ``weights_only=True``: no environment variable can turn it off.
 
     The tensors are read into memory of their own (no memory map): nothing that is returned
-    refers to the file, which checkpoint rotation may delete.
+    refers to the file, which checkpoint rotation may delete. Any failure raises
+    :class:`loopkit.CheckpointLoadError`, which :func:`_load` replaces with the
+    :class:`loopkit.CheckpointCorruptError` of a file that does not verify: a file that verifies
+    and fails to load is intact (out of memory here; objects that ``weights_only`` refuses).
     """
     try:
         loaded = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as e:  # an UnpicklingError for anything but tensors, numbers, strings, containers
-        raise CheckpointCorruptError(
-            f"checkpoint file {file} was refused: it cannot be loaded with torch.load(weights_only=True) "
-            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); loopkit never unpickles "
-            "arbitrary objects, and nothing in the file was run"
+    except Exception as e:
+        detail = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        folder = file.parent.parent
+        if isinstance(e, pickle.UnpicklingError):  # anything but tensors, numbers, strings, containers
+            raise CheckpointLoadError(
+                f"checkpoint file {file} was refused: it cannot be loaded with torch.load(weights_only=True) "
+                f"({detail}); loopkit never unpickles arbitrary objects, and nothing in the file was run. Its files "
+                "match its manifest: it holds objects of another kind (written by another program, or by a newer "
+                "loopkit or torch). restore does not skip it for an older checkpoint (a fit from that would rotate "
+                f"it away): load it with what wrote it, or move it out of {folder} to resume from the one before"
+            ) from e
+        raise CheckpointLoadError(
+            f"checkpoint {file.parent} is intact (its files match its manifest) but could not be loaded here "
+            f"({detail}). restore does not skip it for an older checkpoint or the given state (a fit from those "
+            "would rotate it away): remove the cause (free memory, on a machine with too little) and restore "
+            f"again, or move it out of {folder} to resume from the one before"
         ) from e
     return loaded
 
@@ -952,13 +1013,18 @@ def load(path: str | os.PathLike) -> dict[str, Any]:
     >>> payload["state"]["step"], payload["meta"]["step"]
     (2, 2)
     >>> tmp.cleanup()
+
+    Raises :class:`loopkit.CheckpointCorruptError` for a checkpoint that does not verify (a file missing,
+    truncated or altered, a malformed manifest or payload), and :class:`loopkit.CheckpointLoadError` for one
+    that verifies but cannot be loaded (written by a newer loopkit, holding what ``weights_only`` refuses, or
+    a load that fails here, out of memory).
     """
     path = Path(path)
     was_there = path.is_dir()
     try:
         return _load(path)
-    except (CheckpointCorruptError, FileNotFoundError) as e:
-        if not was_there or path.is_dir():  # (a wrong path, or damage: said as it is)
+    except (CheckpointCorruptError, CheckpointLoadError, FileNotFoundError) as e:
+        if not was_there or path.is_dir():  # (a wrong path, damage, or a failed load: said as it is)
             raise
         raise _VanishedError(
             errno.ENOENT, f"checkpoint {path} was removed while it was read (another process rotating the "
@@ -978,18 +1044,14 @@ def _load(path: Path) -> dict[str, Any]:
         verified = pool.submit(verify, path)
         try:
             payload = _safe_load(path / PAYLOAD)
-        except CheckpointCorruptError:
+        except CheckpointLoadError:
             verified.result()  # a corrupt file explains the failure best
             raise
         verified.result()
     meta = _read_json(path / META, "metadata")
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointCorruptError(f"checkpoint file {path / PAYLOAD} is not a {FORMAT} payload")
-    if payload.get("version") != VERSION:
-        raise CheckpointCorruptError(
-            f"checkpoint file {path / PAYLOAD} has format version {payload.get('version')!r}; "
-            f"this loopkit reads {VERSION}"
-        )
+    _check_version(payload.get("version"), path / PAYLOAD)
     if not isinstance(payload.get("state"), Mapping):
         raise CheckpointCorruptError(f"checkpoint file {path / PAYLOAD} holds no state")
     payload["meta"] = meta
@@ -1163,7 +1225,8 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     """The ``meta.json`` of checkpoint ``path``, once its manifest vouches for it (size and checksum).
 
     The payload is not read. Raises :class:`loopkit.CheckpointCorruptError` for a checkpoint that is
-    incomplete, or whose manifest or metadata is damaged.
+    incomplete, or whose manifest or metadata is damaged, and :class:`loopkit.CheckpointLoadError` for one
+    of a newer loopkit's format version.
 
     >>> import tempfile, torch
     >>> tmp = tempfile.TemporaryDirectory()
@@ -1209,10 +1272,17 @@ def restore(state: TrainState, path: str | os.PathLike) -> TrainState:
     """The state saved in a checkpoint, loaded into ``state``'s model, optimizer and scheduler.
 
     ``path`` is one checkpoint, or a directory of them: then the newest whose manifest
-    verifies is used, and each incomplete or corrupt one is skipped with a warning; where
-    there is none (or no such directory) ``state`` itself is returned (with a warning where the directory holds
-    files that look like checkpoints of another kind: Lightning's ``*.ckpt``, a ``*.pt`` or ``*.pth``). A corrupt checkpoint
-    named directly raises :class:`loopkit.CheckpointCorruptError` naming the bad file. A
+    verifies is used, and each incomplete or corrupt one is skipped with a warning (what crashed
+    saves left there is removed first, see :func:`clean`); where there is none (or no such
+    directory) ``state`` itself is returned, and the directory is left as it is (with a warning where the directory holds
+    files that look like checkpoints of another kind: Lightning's ``*.ckpt``, a ``*.pt`` or ``*.pth``; such a file
+    given as ``path`` raises ``NotADirectoryError`` saying how to load its weights yourself). A corrupt checkpoint
+    named directly raises :class:`loopkit.CheckpointCorruptError` naming the bad file. A checkpoint
+    that verifies but cannot be loaded (written by a newer loopkit, holding what
+    ``torch.load(weights_only=True)`` refuses, or a load that fails here, out of memory) is not
+    skipped, named directly or in a directory: it raises :class:`loopkit.CheckpointLoadError`
+    naming it and the cause (falling back to an older checkpoint or to ``state`` would let the
+    relaunched fit's rotation delete it). A
     checkpoint of another model raises :class:`loopkit.StateMismatchError` naming the first
     missing, unexpected or mis-shaped key. Nothing is changed before everything checks out:
     ``state`` is never modified (a new state is returned); the global RNGs (torch, CUDA,
@@ -1247,10 +1317,9 @@ def restore(state: TrainState, path: str | os.PathLike) -> TrainState:
     if not path.exists():
         return state
     if not path.is_dir():
-        raise NotADirectoryError(
-            errno.ENOTDIR, f"restore: {path} is neither a checkpoint nor a directory of checkpoints", str(path)
-        )
-    clean(path)
+        raise NotADirectoryError(errno.ENOTDIR, _not_a_directory(path), str(path))
+    if list_checkpoints(path):  # (a folder holding none is left as it is: nothing cleaned, no lock file made)
+        clean(path)
     found = _newest_intact(path, state)
     if found is None:
         _warn_of_foreign(path)
@@ -1259,6 +1328,31 @@ def restore(state: TrainState, path: str | os.PathLike) -> TrainState:
 
 
 _FOREIGN_SUFFIXES = (".ckpt", ".pt", ".pth")  # Lightning's, torch.save's (not export_weights' weights alone)
+_START_FROM_FOREIGN = (
+    "To start from such a file, load its weights into the model yourself (Lightning's: torch.load(path)['state_dict'], "
+    "keys prefixed with the LightningModule's attribute name; a torch.save(state.state_dict(), path) of loopkit's "
+    "Resume recipe: template.load_state_dict(torch.load(path, weights_only=True))"
+)
+
+
+def _not_a_directory(path: Path) -> str:
+    """What :func:`restore` says of a ``path`` that is a file: with :data:`_START_FROM_FOREIGN` where it looks like
+    a checkpoint of another kind (``last.ckpt``, ``model.pt``; ``model.safetensors``, export_weights' weights).
+
+    >>> print(_not_a_directory(Path("notes.txt")))
+    restore: notes.txt is neither a checkpoint nor a directory of checkpoints
+    >>> print(_not_a_directory(Path("last.ckpt")))  # doctest: +ELLIPSIS
+    restore: last.ckpt is neither a checkpoint nor a directory of checkpoints: ...torch.load(path)['state_dict']...
+    """
+    said = f"restore: {path} is neither a checkpoint nor a directory of checkpoints"
+    suffix = path.suffix.lower()
+    if suffix not in (*_FOREIGN_SUFFIXES, ".safetensors"):
+        return said
+    weights = ("; a safetensors file's, as export_weights writes: "
+               "state.model.load_state_dict(safetensors.torch.load_file(path)))") if suffix == ".safetensors" else ")"
+    return (f"{said}: a file, which looks like a checkpoint of another kind (Lightning's *.ckpt, a torch.save file, "
+            f"safetensors weights): restore loads loopkit's checkpoints alone (folders ckpt-..., as with_checkpointing "
+            f"and loopkit.checkpoint.save write them). {_START_FROM_FOREIGN}{weights}")
 
 
 def _foreign_checkpoints(directory: str | os.PathLike) -> str | None:
@@ -1298,9 +1392,7 @@ def _warn_of_foreign(directory: Path) -> None:
         f"loopkit.restore: {directory} holds no loopkit checkpoint, but {shown}, which look like checkpoints of "
         "another kind (Lightning's *.ckpt, a torch.save file): restore cannot load them and returns the state it "
         "was given, so a fit from it starts from that state (a with_checkpointing run there would save beside them). "
-        "To start from such a file, load its weights into the model yourself (Lightning's: "
-        "torch.load(path)['state_dict'], keys prefixed with the LightningModule's attribute name); resume loopkit "
-        "runs from a directory of their own",
+        f"{_START_FROM_FOREIGN}); resume loopkit runs from a directory of their own",
         RuntimeWarning,
         stacklevel=3,
     )
@@ -1312,7 +1404,8 @@ _RELISTS = 1000  # a writer rotating faster than restore reads for this long is 
 def _newest_intact(directory: Path, state: TrainState) -> tuple[Path, tuple[Any, ...]] | None:
     """The newest checkpoint in ``directory`` that verifies, loaded and prepared for ``state``; None if none.
 
-    Each corrupt or incomplete one is skipped with a warning (once). One that vanished while it was
+    Each corrupt or incomplete one is skipped with a warning (once); one that verifies but cannot be loaded
+    raises :class:`loopkit.CheckpointLoadError` (not skipped: see :func:`restore`). One that vanished while it was
     read was removed by a writer rotating the checkpoints, which does so only after it saved a newer
     one: the directory is listed again, so the template is never returned while an intact one exists.
     """
@@ -1606,15 +1699,19 @@ def write_late_score(path: str | os.PathLike, record: Mapping[str, Any], *, dura
 def write_scores(directory: str | os.PathLike, data: Mapping[str, Any]) -> None:
     """Atomically replace ``directory/scores.json`` (written to a temporary, fsynced, renamed).
 
+    The temporary is written under the shared lock a save holds, so a :func:`restore` or :func:`clean`
+    of another process never takes it for a crashed save's and removes it.
+
     >>> import tempfile
     >>> tmp = tempfile.TemporaryDirectory()
     >>> write_scores(tmp.name, {"monitor": "val/acc", "mode": "max", "scores": {}})
     >>> sorted(p.name for p in Path(tmp.name).iterdir())
-    ['scores.json']
+    ['.lock', 'scores.json']
     >>> tmp.cleanup()
     """
     raw = json.dumps(data, indent=1, sort_keys=True).encode()
-    _replace_atomically(Path(directory) / SCORES, lambda f: f.write(raw))
+    with _writer_lock(Path(directory), clean=False):
+        _replace_atomically(Path(directory) / SCORES, lambda f: f.write(raw))
 
 
 def _replace_atomically(path: Path, fill: Callable[[Any], object], durable: bool = True) -> None:

@@ -6,7 +6,7 @@ True
 
 from __future__ import annotations
 
-__all__ = ["CheckpointCorruptError", "DonatedStateError", "ImpurityError", "NonFiniteError", "StateMismatchError"]
+__all__ = ["CheckpointCorruptError", "CheckpointLoadError", "DonatedStateError", "ImpurityError", "NonFiniteError", "StateMismatchError"]
 
 
 class DonatedStateError(RuntimeError):
@@ -49,6 +49,21 @@ class CheckpointCorruptError(RuntimeError):
     Traceback (most recent call last):
     ...
     loopkit.errors.CheckpointCorruptError: checkpoint step_10: checksum mismatch
+    """
+
+
+class CheckpointLoadError(RuntimeError):
+    """A checkpoint that is intact on disk (its files match its manifest) cannot be loaded by this process.
+
+    Written by a newer loopkit (a format version this one does not read), holding objects that
+    ``torch.load(weights_only=True)`` refuses, or failing to load here (out of memory). Unlike a
+    corrupt checkpoint, :func:`loopkit.restore` does not skip it: falling back to an older one or
+    to the given state would let the relaunched fit's rotation delete it. Nothing is changed.
+
+    >>> raise CheckpointLoadError("checkpoint ckpt-000003-step12-epoch2-batch4 has format version 2")
+    Traceback (most recent call last):
+    ...
+    loopkit.errors.CheckpointLoadError: checkpoint ckpt-000003-step12-epoch2-batch4 has format version 2
     """
 
 

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 import loopkit
-from loopkit import CheckpointCorruptError, StateMismatchError, TrainState, checkpoint, train_step, with_grad_accum
+from loopkit import CheckpointCorruptError, CheckpointLoadError, StateMismatchError, TrainState, checkpoint, train_step, with_grad_accum
 from tests._driver_helpers import make_data, make_state, mse
 
 # --- helpers -----------------------------------------------------------------------------------
@@ -297,6 +297,29 @@ def test_restore_of_a_folder_of_lightning_checkpoints_warns_and_returns_the_give
         assert checkpoint.restore(state, tmp_path).step == 3
 
 
+@pytest.mark.parametrize("name", ["epoch=1-step=8.ckpt", "last.CKPT", "model.pt", "model.pth", "model.safetensors",
+                                  "notes.txt"])
+def test_restore_of_a_single_file_of_another_kind_gives_the_hint_the_folder_of_them_gets(tmp_path, make_mlp, name):
+    """docs/from_lightning.md maps load_from_checkpoint(path) to loopkit.restore(template, path): given Lightning's
+    .ckpt file (or a torch.save / safetensors file) restore raised a bare NotADirectoryError, where a folder of them
+    gets a warning saying how to start from one. Reference: that warning's text; a file of no such kind is named
+    as before, without it."""
+    state = _state(make_mlp)
+    torch.save({"epoch": 1, "global_step": 8, "pytorch-lightning_version": "2.6.6",
+                "state_dict": {f"net.{k}": v for k, v in state.model.state_dict().items()}}, tmp_path / name)
+    (tmp_path / "folder").mkdir()
+    torch.save({}, tmp_path / "folder" / "last.ckpt")
+    with pytest.warns(RuntimeWarning) as caught:
+        checkpoint.restore(state, tmp_path / "folder")
+    hint = re.search(r"To start from such a file, .*weights_only=True\)", str(caught[0].message)).group(0)
+    with pytest.raises(NotADirectoryError, match="is neither a checkpoint nor a directory of checkpoints") as info:
+        loopkit.restore(state, tmp_path / name)
+    message = str(info.value)
+    assert str(tmp_path / name) in message
+    assert (hint in message) == (name != "notes.txt")
+    assert ("safetensors.torch.load_file(path)" in message) == name.endswith(".safetensors")
+
+
 @pytest.mark.parametrize("path", [None, 3, ["ckpt"]])
 def test_restore_names_a_path_that_is_not_one(make_mlp, path):
     """Before, restore(state, None) raised Path's bare "expected str, bytes or os.PathLike object"."""
@@ -436,20 +459,89 @@ class _Payload:
 
 
 def test_a_checkpoint_whose_pickle_would_run_code_is_refused_and_nothing_runs(tmp_path, make_mlp, monkeypatch):
+    """A verified file that weights_only refuses is intact, not corrupt: restore of its folder raises too (it used to
+    skip it with a warning and return the template, from which a fit rotated the checkpoints away)."""
     monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")  # must not switch the safe loader off
-    ckpt = checkpoint.save(_state(make_mlp), tmp_path / "run")
+    older = checkpoint.save(_state(make_mlp), tmp_path / "run")
+    ckpt = checkpoint.save(_state(make_mlp).evolve(step=1), tmp_path / "run")
     marker = tmp_path / "code-ran"
     torch.save({"format": "loopkit-checkpoint", "version": 1, "state": {"step": _Payload(marker)}}, ckpt / "state.pt")
     _resign(ckpt)  # a valid manifest: the refusal must come from the safe loader itself
     checkpoint.verify(ckpt)
-    with pytest.raises(CheckpointCorruptError, match=r"state\.pt was refused: .*weights_only=True"):
-        checkpoint.restore(_state(make_mlp), ckpt)
-    with pytest.warns(RuntimeWarning, match="refused"):
-        state = _state(make_mlp)
-        assert checkpoint.restore(state, tmp_path / "run") is state
+    for path in (ckpt, tmp_path / "run"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with pytest.raises(CheckpointLoadError, match=r"state\.pt was refused: .*weights_only=True") as info:
+                checkpoint.restore(_state(make_mlp), path)
+        assert "move it out of" in str(info.value)
+    assert [c.path for c in checkpoint.list_checkpoints(tmp_path / "run")] == [older, ckpt]
     assert not marker.exists()
     torch.load(ckpt / "state.pt", weights_only=False)  # the planted file is live: an unsafe load runs it
     assert marker.exists()
+
+
+def _fit_into(directory: Path, epochs: int = 3):
+    """A fit with step checkpoints every 4 updates and keep_last=2, from ``loopkit.restore`` of ``directory`` (the
+    relaunch README's crash-safe training prescribes)."""
+    def fresh() -> TrainState:
+        torch.manual_seed(0)
+        model = nn.Linear(4, 3)
+        return TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1), seed=0)
+
+    batches = [(torch.randn(8, 4, generator=torch.Generator().manual_seed(i)), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]))
+               for i in range(4)]
+    loss = lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1])  # noqa: E731
+    step = loopkit.with_checkpointing(train_step(loss), directory, every_n_steps=4, keep_last=2)
+    return loopkit.run_epochs(step, loopkit.restore(fresh(), directory), batches, epochs=epochs, progress=False)[0]
+
+
+def test_a_checkpoint_that_verifies_but_fails_to_load_raises_and_nothing_is_deleted(tmp_path, monkeypatch):
+    """A load that fails on a smaller machine (out of memory) made every intact checkpoint 'corrupt': restore
+    returned the template, the relaunch trained from step 0 and keep_last deleted them. Reference: the checkpoints
+    the first fit left, still there; a load that works again resumes from the newest (step 12)."""
+    _fit_into(tmp_path)
+    before = checkpoint.list_checkpoints(tmp_path)
+    assert [c.step for c in before] == [8, 12]
+    failure = getattr(torch, "OutOfMemoryError", MemoryError)
+
+    def oom(*args, **kwargs):
+        raise failure("simulated: not enough memory to load it")
+
+    monkeypatch.setattr(torch, "load", oom)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # not skipped as corrupt
+        with pytest.raises(CheckpointLoadError) as info:
+            _fit_into(tmp_path)
+    message = str(info.value)
+    assert before[-1].name in message and "is intact" in message and "not enough memory" in message
+    assert "free memory" in message and "restore again" in message
+    assert isinstance(info.value.__cause__, failure)
+    assert checkpoint.list_checkpoints(tmp_path) == before
+    monkeypatch.undo()
+    assert _fit_into(tmp_path, epochs=4).step == 16  # resumed at 12
+
+
+def test_a_checkpoint_of_a_newer_format_version_raises_and_nothing_is_deleted(tmp_path):
+    """A newer loopkit's checkpoints (manifest version 2) were skipped as corrupt and then deleted by keep_last.
+    Reference: the checkpoints the first fit left, still there; with_checkpointing refuses the folder as well
+    (a fit without restore), and a malformed version is still corrupt and skipped."""
+    _fit_into(tmp_path)
+    before = checkpoint.list_checkpoints(tmp_path)
+    for info in before:
+        manifest = json.loads((info.path / "manifest.json").read_text())
+        (info.path / "manifest.json").write_text(json.dumps({**manifest, "version": 2}))
+    with pytest.raises(CheckpointLoadError, match=rf"{before[-1].name} has format version 2 .*newer loopkit.*Upgrade"):
+        _fit_into(tmp_path)
+    with pytest.raises(CheckpointLoadError, match="holds a checkpoint this loopkit cannot read"):
+        loopkit.run_epochs(loopkit.with_checkpointing(train_step(lambda m, b: m(b[0]).sum()), tmp_path, keep_last=1,
+                                                      every_n_steps=1), TrainState.create(nn.Linear(4, 3)),
+                           [(torch.ones(2, 4), None)], epochs=1, progress=False)
+    assert checkpoint.list_checkpoints(tmp_path) == before
+    newest = before[-1].path / "manifest.json"
+    newest.write_text(json.dumps({**json.loads(newest.read_text()), "version": "2"}))
+    with pytest.warns(RuntimeWarning, match="skipping checkpoint .*format version '2'"):
+        with pytest.raises(CheckpointLoadError, match=f"{before[0].name} has format version 2"):
+            checkpoint.restore(TrainState.create(nn.Linear(4, 3)), tmp_path)
 
 
 # --- a checkpoint of another model -------------------------------------------------------------
@@ -610,6 +702,36 @@ def test_a_full_disk_keeps_the_previous_checkpoints_and_says_so(tmp_path, make_m
     assert checkpoint.restore(_state(make_mlp, seed=1), tmp_path).step == 0
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+def test_a_real_full_disk_during_the_payload_write_is_the_oserror_that_says_so(tmp_path, make_mlp, monkeypatch):
+    """The test above fakes the OSError; a real full disk made torch.save (given a path, its own C++ stream) raise
+    RuntimeError('[enforce fail at inline_container.cc] unexpected pos ...'), passed on without errno or message.
+    Here the payload's bytes go to /dev/full, whose every write the kernel answers with ENOSPC, written the way
+    torch.save is called (to a path: /dev/full's path; to a file object: /dev/full opened). Reference: the message
+    of the faked full disk above, and the first checkpoint as it was."""
+    state = _state(make_mlp)
+    first = checkpoint.save(state, tmp_path)
+    real_save = torch.save
+
+    def onto_full_disk(obj, f, *args, **kwargs):
+        if not str(getattr(f, "name", f)).endswith("state.pt"):
+            return real_save(obj, f, *args, **kwargs)
+        if isinstance(f, (str, os.PathLike)):
+            return real_save(obj, "/dev/full", *args, **kwargs)
+        with open("/dev/full", "wb") as full:
+            return real_save(obj, full, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", onto_full_disk)
+    with pytest.raises(OSError) as info:
+        checkpoint.save(state.evolve(step=1), tmp_path)
+    message = str(info.value)
+    assert info.value.errno == errno.ENOSPC and "no space left on device" in message and str(tmp_path) in message
+    assert "previous checkpoints are intact" in message and first.name in message
+    assert [c.path for c in checkpoint.list_checkpoints(tmp_path)] == [first] and _leftovers(tmp_path) == []
+    monkeypatch.undo()
+    assert checkpoint.restore(_state(make_mlp, seed=1), tmp_path).step == 0
+
+
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root ignores directory permissions")
 def test_a_directory_without_permission_is_named(tmp_path, make_mlp):
     locked = tmp_path / "locked"
@@ -682,6 +804,50 @@ def test_the_next_save_or_restore_removes_what_a_crashed_save_left(tmp_path, mak
         checkpoint.save(state, tmp_path)
     else:
         checkpoint.restore(state, tmp_path)
+    assert _leftovers(tmp_path) == []
+
+
+def test_restore_and_save_remove_only_what_loopkit_left_and_restore_leaves_a_folder_without_checkpoints_alone(
+        tmp_path, make_mlp):
+    """restore rmtree'd any '.tmp-*' or '.trash-*' entry of the folder it was given (a user's '.tmp-dataset-cache/',
+    '.trash-old-notes.txt'), and made '.lock' in a folder without checkpoints (the project root given by mistake).
+    Reference: the folder's entries before, and the names loopkit gives its temporaries and trash."""
+    (tmp_path / ".tmp-dataset-cache").mkdir()
+    (tmp_path / ".tmp-dataset-cache" / "shard0.bin").write_bytes(b"user data")
+    (tmp_path / ".trash-old-notes.txt").write_text("user notes")
+    (tmp_path / ".tmp-ckpt-notes").write_text("user notes")  # (named almost like a save's temporary)
+    (tmp_path / ".tmp-ckpt-000009-step9-epoch0-batch9-0badc0de").mkdir()  # a crashed save's, left by the first save
+    before = sorted(p.name for p in tmp_path.iterdir())
+    state = _state(make_mlp)
+    assert checkpoint.restore(state, tmp_path) is state
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    checkpoint.save(state, tmp_path)
+    ours = _crashed_save(tmp_path) + [tmp_path / ".tmp-scores.json-0badc0de"]
+    ours[-1].write_text("{}")
+    for then in (lambda: checkpoint.restore(state, tmp_path), lambda: checkpoint.save(state, tmp_path)):
+        then()
+        assert not any(p.exists() for p in ours)
+        assert [n for n in before if not (tmp_path / n).exists()] == [".tmp-ckpt-000009-step9-epoch0-batch9-0badc0de"]
+        assert (tmp_path / ".tmp-dataset-cache" / "shard0.bin").read_bytes() == b"user data"
+        ours = _crashed_save(tmp_path)
+
+
+
+def test_a_removal_of_a_renamed_checkpoint_killed_midway_leaves_trash_the_next_restore_removes(tmp_path, make_mlp,
+                                                                                               monkeypatch):
+    """remove() takes a checkpoint renamed by hand (its manifest says what it is); its trash, left by a removal killed
+    before the deletion, must carry a name the cleaner knows, now that it removes no other '.trash-*'. Reference:
+    the trash of a checkpoint of loopkit's name, which goes alike."""
+    state = _state(make_mlp)
+    best = checkpoint.save(state, tmp_path).rename(tmp_path / "best")
+    newest = checkpoint.save(state.evolve(step=1), tmp_path)
+    monkeypatch.setattr(checkpoint, "_delete", lambda trash: None)  # killed after the rename
+    checkpoint.remove(best)
+    checkpoint.remove(newest)
+    assert len(_leftovers(tmp_path)) == 2
+    monkeypatch.undo()
+    checkpoint.save(state, tmp_path)
+    checkpoint.restore(state, tmp_path)
     assert _leftovers(tmp_path) == []
 
 

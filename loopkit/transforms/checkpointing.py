@@ -33,7 +33,7 @@ from loopkit._collective import is_rank_zero
 from loopkit._numbers import as_float32, as_int, as_real
 from loopkit._sharded import is_sharded
 from loopkit._window import over_ranks
-from loopkit.errors import CheckpointCorruptError, StateMismatchError
+from loopkit.errors import CheckpointCorruptError, CheckpointLoadError, StateMismatchError
 from loopkit.state import (
     TrainState, _uninitialized, core_module, extras_copy, full_state_dict_on_rank_zero, leave_intact, replace_extras,
 )
@@ -502,19 +502,23 @@ class CheckpointStep(UpdateStep):
         if agreed and _collective.active():
             problem = _collective.gather(problem, who="with_checkpointing", what="the gather of rank 0's check of its directory")[0]
         if problem is not None:
-            raise StateMismatchError(problem)
+            raise problem
         model = state.model
         self.saver.checked = not any(
             torch.nn.parameter.is_lazy(t) for t in itertools.chain(model.parameters(), model.buffers())
         )
 
-    def _directory_problem(self, state: TrainState) -> str | None:
-        """Why the newest readable checkpoint in the directory does not fit ``state``; None when it does."""
+    def _directory_problem(self, state: TrainState) -> Exception | None:
+        """Why the newest readable checkpoint in the directory does not fit ``state`` (the error to raise); None when
+        it does. One this loopkit cannot read (a newer loopkit's), which restore refuses too, is no fit either."""
         for info in reversed(checkpoint.list_checkpoints(self.directory)):
             try:
                 theirs = checkpoint.read_structure(info.path)
             except CheckpointCorruptError:  # an incomplete or damaged one: restore skips it too
                 continue
+            except CheckpointLoadError as error:
+                return CheckpointLoadError(f"with_checkpointing: {self.directory} holds a checkpoint this loopkit "
+                                           f"cannot read, which keep_last/keep_best would delete: {error}")
             differs = checkpoint.structure_mismatch(theirs, checkpoint.structure(state), scheduler=False)
             if differs is not None:
                 prepared = self.inner.prepare(state)  # a step that reshapes the model at its first call (with_qat)
@@ -522,7 +526,7 @@ class CheckpointStep(UpdateStep):
                     differs = checkpoint.structure_mismatch(theirs, checkpoint.structure(prepared), scheduler=False)
             if differs is None:
                 return None
-            return (
+            return StateMismatchError(
                 f"with_checkpointing: {self.directory} holds checkpoints of another model or optimizer: "
                 f"the newest, {info.name}, does not fit this state ({differs}); this run's checkpoints would be "
                 "mixed with them, and keep_last/keep_best would delete them. Give this run a directory of its "

@@ -424,6 +424,39 @@ def test_a_score_given_after_its_checkpoint_was_written_is_kept_with_it_when_sco
 
 
 @pytest.mark.parametrize("async_save", [False, True])
+def test_a_restore_by_another_process_while_scores_json_is_rewritten_leaves_the_writer_alone(tmp_path, monkeypatch,
+                                                                                            async_save):
+    """A restore from the folder a run trains into (README: supported) cleaned it under the exclusive lock, which
+    no rewrite of scores.json held, and removed the rewrite's temporary: the run died in os.replace with
+    FileNotFoundError. Here the reader's restore lands while the temporary is open (a second lock of this process
+    conflicts as another process's). Reference: the same run with no reader, its checkpoints and scores."""
+    real, restores = checkpoint._replace_atomically, []
+
+    def reader_restores_meanwhile(path, fill, durable=True):
+        def fill_then_restore(f):
+            fill(f)
+            if path.name == "scores.json":
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    restores.append(loopkit.restore(TrainState.create(nn.Linear(1, 1)), path.parent).step)
+        return real(path, fill_then_restore, durable)
+
+    runs = {}
+    for name in ("alone", "read"):
+        if name == "read":
+            monkeypatch.setattr(checkpoint, "_replace_atomically", reader_restores_meanwhile)
+        step = with_checkpointing(_count_step, tmp_path / name, every_n_steps=1, keep_last=1, monitor="val/loss",
+                                  keep_best=1, async_save=async_save)
+        state = TrainState.create(nn.Linear(1, 1))
+        for score in (5.0, 3.0, 4.0, 1.0, 6.0):
+            state = _validate(step, state, score)
+        step.wait()
+        runs[name] = (state.step, _steps(tmp_path / name), checkpoint.scores(tmp_path / name, "val/loss", "min"))
+    assert restores and runs["read"] == runs["alone"]
+    assert runs["alone"][:2] == (5, [4, 5])
+
+
+@pytest.mark.parametrize("async_save", [False, True])
 def test_a_checkpoint_removed_before_its_late_score_is_left_unscored(tmp_path, async_save):
     """(By hand or by another writer of the folder, as the rotation allows: the fit died writing score.json into a
     folder that was gone.) As if the checkpoint had never been: no score for it, and the next save rotates as usual."""
