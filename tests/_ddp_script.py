@@ -49,6 +49,9 @@ no expected values. Scenarios:
 - ``kept_sampler``: ``shard`` of DataLoaders with samplers of their own (``kept_loader``: a
   ``SubsetRandomSampler`` of a split, a ``WeightedRandomSampler``), states seeded apart and each rank's
   global RNG elsewhere; each rank's indices of 2 epochs, through ``run_epochs`` and by hand (unpadded).
+- ``unfreeze``: ``run_epochs`` of a model whose first layer is frozen until epoch 1 (docs/from_lightning.md's
+  ``BackboneFinetuning`` recipe: ``requires_grad_(True)`` and ``add_param_group``), 3 epochs of 2 batches, and the same
+  run stopped after epoch 1 (before the unfreeze) and after epoch 2, each resumed from its state dict to the end.
 - ``resume``: ``run_epochs`` with ``with_checkpointing(every_n_steps=1)`` from the newest
   checkpoint in ``OUT_DIR/ckpt``; with ``LOOPKIT_TEST_DIE=N`` rank 1 of the first attempt exits
   hard in batch N + 1, after the checkpoint of batch N (written once batch N's hooks have run).
@@ -1028,11 +1031,62 @@ def validating_evaluate(rank: int) -> dict[str, Any]:
             "after": after, "after_buffers": _buffers(state.model)}
 
 
+UNFREEZE_EPOCHS, UNFREEZE_AT = 3, 1
+
+
+class Unfreeze:
+    """docs/from_lightning.md's ``BackboneFinetuning`` recipe: at epoch ``UNFREEZE_AT`` the first layer trains too,
+    in a group of its own; a resumed fit past that point unfreezes it at its start (the group is in the optimizer)."""
+
+    def on_fit_start(self, state: Any) -> None:
+        if (state.epoch, state.batch_index) > (UNFREEZE_AT, 0):
+            state.model[0].requires_grad_(True)
+
+    def on_epoch_start(self, state: Any) -> None:
+        if state.epoch == UNFREEZE_AT and state.batch_index == 0:
+            state.model[0].requires_grad_(True)
+            state.optimizer.add_param_group({"params": list(state.model[0].parameters()), "lr": 0.05})
+
+
+def frozen_state(groups: int = 1) -> Any:
+    """``make_model()`` with its first layer frozen, SGD (momentum 0.9) over the last; ``groups=2``: the first
+    layer's group added (still frozen), a resume's template after the unfreeze."""
+    import loopkit
+
+    model = make_model()
+    model[0].requires_grad_(False)
+    optimizer = torch.optim.SGD(model[2].parameters(), lr=0.1, momentum=0.9)
+    if groups == 2:
+        optimizer.add_param_group({"params": list(model[0].parameters()), "lr": 0.05})
+    return loopkit.TrainState.create(model, optimizer)
+
+
+def unfreeze(rank: int) -> dict[str, Any]:
+    """A fit that unfreezes its first layer at epoch 1 (DDP then reduces its gradients too), uninterrupted and
+    stopped before or after the unfreeze then resumed, each resume from a template with the run's groups then."""
+    import loopkit
+
+    data = list(make_data(2)[:, rank])
+    step = loopkit.with_ddp(loopkit.train_step(mse))
+
+    def fit(state: Any, epochs: int) -> Any:
+        return loopkit.run_epochs(step, state, data, epochs=epochs, callbacks=[Unfreeze()], progress=False)[0]
+
+    whole = fit(frozen_state(), UNFREEZE_EPOCHS)
+    resumed = {}
+    for cut in (UNFREEZE_AT, UNFREEZE_AT + 1):
+        saved = fit(frozen_state(), cut).state_dict()
+        template = frozen_state(2 if cut > UNFREEZE_AT else 1)
+        resumed[cut] = _params(fit(template.load_state_dict(saved), UNFREEZE_EPOCHS).model)
+    return {"params": _params(whole.model), "step": whole.step, "resumed": resumed}
+
+
 SCENARIOS = {
     f.__name__: f
     for f in (plain, pure_accum, pure_two_heads, accum, accum_scheduled, accum_outer, bucket_views, static_graph, flush, two_heads, averaged_pruned, nan_skip, nan_raise, fp16, fit,
               stop_one_rank, callbacks_on_rank0, uneven, apart, loss_error, buffers_apart, sparse_flush, stop_in_group,
-              uneven_stream, even_stream, stream_runs_dry, val_one_sample, val_all_empty, kept_sampler, validating_evaluate)
+              uneven_stream, even_stream, stream_runs_dry, val_one_sample, val_all_empty, kept_sampler, validating_evaluate,
+              unfreeze)
 }
 
 WITH_OUT_DIR = {f.__name__: f for f in (pure, resume, signal_one_rank, signal_apart, signal_in_group, signal_spaced_votes,

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import operator
 import os
 import types
 import weakref
@@ -32,7 +33,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from loopkit import _collective
-from loopkit.steps import TrainStep
+from loopkit.steps import _ACCUM_COUNT, TrainStep
 from loopkit.transforms._compose import require_train_step
 
 __all__ = ["DDPSync", "with_ddp"]
@@ -42,6 +43,9 @@ __all__ = ["DDPSync", "with_ddp"]
 #: does not broadcast rank 0's buffers before the next forward (its ``require_forward_param_sync`` flag): a wrapper
 #: built anew (a resumed run, a step that is not donated) takes the flag from here, as the one wrapper would have it
 UNSYNCED_FORWARD = "ddp/unsynced_forward"
+
+#: a parameter's ``requires_grad`` (the flags a wrapper was built with: :meth:`DDPSync.module`)
+_REQUIRES_GRAD = operator.attrgetter("requires_grad")
 
 _NO_GROUP = (
     "with_ddp needs a torch.distributed process group, and none is initialised. Start the script "
@@ -107,9 +111,11 @@ class DDPSync:
     Builds the ``DistributedDataParallel`` wrapper of a state's model once per model object
     (building it is a collective that broadcasts rank 0's parameters and buffers: every rank
     builds it at the same call), and keeps the latest one; the model object itself stays the
-    user's module. A state restored from a checkpoint, or copied, gets a new wrapper: so does
-    the copy a step that is not donated trains at each call (its purity's cost: one wrapper,
-    and its broadcast, a call), while a donated step's calls reuse one.
+    user's module. DDP reduces the gradients of the parameters that required them when it was
+    built: a change of the model's ``requires_grad`` flags (a backbone unfrozen mid-fit) builds
+    the wrapper anew, at the next call. A state restored from a checkpoint, or copied, gets a
+    new wrapper: so does the copy a step that is not donated trains at each call (its purity's
+    cost: one wrapper, and its broadcast, a call), while a donated step's calls reuse one.
 
     >>> DDPSync({}).name
     'with_ddp'
@@ -127,6 +133,9 @@ class DDPSync:
         self.comm_state = comm_state
         self._model: weakref.ref | None = None
         self._ddp: DistributedDataParallel | None = None
+        self._params: tuple[torch.nn.Parameter, ...] = ()  # the wrapped model's parameters, and their requires_grad
+        self._flags: tuple[bool, ...] = ()  # flags when the wrapper was built: another flag builds it anew
+        self._checked = False  # wraps() just found the wrapper current: the next module() does not compare again
         self._sync_first = False  # a static graph's first backward must all-reduce (DDP records the graph then)
 
     @property
@@ -156,19 +165,34 @@ class DDPSync:
         return bool(self.options.get("gradient_as_bucket_view"))
 
     def wraps(self, model: torch.nn.Module) -> bool:
-        """Whether the wrapper of ``model`` is built (:meth:`module` then changes nothing of it).
+        """Whether the wrapper of ``model`` is built, with its parameters' ``requires_grad`` as they are now
+        (:meth:`module` then changes nothing of it, and, called next, returns it without comparing the flags again:
+        ``train_step`` calls both at each call).
 
         >>> DDPSync({}).wraps(torch.nn.Linear(1, 1))
         False
         """
         ref = self._model
-        return ref is not None and ref() is model
+        self._checked = ref is not None and ref() is model and tuple(map(_REQUIRES_GRAD, self._params)) == self._flags
+        return self._checked
 
     def module(
         self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
         extras: Mapping[str, Any] | None = None,
     ) -> DistributedDataParallel:
-        """The DDP wrapper of ``model``, built at the first call with this model object (``optimizer`` is not used).
+        """The DDP wrapper of ``model``, built at the first call with this model object, and built anew when the
+        ``requires_grad`` of one of its parameters changed since (``optimizer`` is not used).
+
+        DDP registers, when it is built, the parameters that require a gradient, and reduces theirs alone: a
+        parameter unfrozen later (``requires_grad_(True)``, Lightning's ``BackboneFinetuning``) would train on each
+        rank's own gradient, the ranks apart. The flags are compared at each call (one attribute read a parameter,
+        no device sync); the new wrapper's build broadcasts rank 0's parameters, the same on every rank by then, and
+        its buffers as the next forward would (see below), so that the run goes on as a run resumed there, with a
+        wrapper built with the new flags, bit for bit. Inside an accumulation group (``with_grad_accum``: extras'
+        count of micro-steps) a parameter unfrozen trains on the group's later micro-batches, as in one process; one
+        frozen while it holds the group's gradient (which the new wrapper would not reduce, and the optimizer would
+        still apply) is refused, with a ``ValueError`` on every rank: change the flags between groups (an
+        ``on_epoch_start`` at ``batch_index == 0``, or after a group's last micro-batch).
 
         ``extras`` is the state's: where it says the last forward ran under ``no_sync``
         (:data:`UNSYNCED_FORWARD`, :meth:`after_forward`), a new wrapper is what the one wrapper of an uninterrupted
@@ -178,11 +202,15 @@ class DDPSync:
         own BatchNorm statistics, as the uninterrupted donated run does.
         """
         ref = self._model
-        if ref is not None and ref() is model:
+        checked, self._checked = self._checked, False
+        if ref is not None and ref() is model and (checked or tuple(map(_REQUIRES_GRAD, self._params)) == self._flags):
             return self._ddp  # type: ignore[return-value]
         if not _collective.ready():
             raise RuntimeError(_NO_GROUP)
+        if extras is not None and extras.get(_ACCUM_COUNT):
+            _refuse_frozen_held(model)
         self._model = self._ddp = None
+        self._params = self._flags = ()
         options = dict(self.options)
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         if device.type == "cuda" and "device_ids" not in options:
@@ -201,6 +229,8 @@ class DDPSync:
         if options.get("find_unused_parameters") and not options.get("static_graph"):
             _count_held_gradients_used(ddp)
         self._model, self._ddp = weakref.ref(model), ddp
+        self._params = tuple(model.parameters())
+        self._flags = tuple(map(_REQUIRES_GRAD, self._params))
         self._sync_first = bool(options.get("static_graph"))
         return ddp
 
@@ -354,6 +384,29 @@ def _count_held_gradients_used(ddp: DistributedDataParallel) -> None:
         torch.autograd.backward(held, zeros)
 
 
+def _refuse_frozen_held(model: torch.nn.Module) -> None:
+    """Refuse a wrapper built inside an accumulation group while a parameter that does not require a gradient holds
+    one (the group's sum so far, kept on this rank under ``no_sync``): frozen since the group began, DDP would not
+    reduce it, and the optimizer would apply each rank's own. No collective: every rank that changed the flags alike
+    refuses at the same call.
+
+    >>> model = torch.nn.Linear(1, 1)
+    >>> model.weight.grad = torch.zeros(1, 1)
+    >>> try:
+    ...     _refuse_frozen_held(model.requires_grad_(False))
+    ... except ValueError as error:
+    ...     print(str(error)[:71])
+    with_ddp: requires_grad of weight was turned off inside an accumulation
+    """
+    held = [name for name, p in model.named_parameters() if p.grad is not None and not p.requires_grad]
+    if held:
+        names = ", ".join(held[:3]) + (f" and {len(held) - 3} more" if len(held) > 3 else "")
+        raise ValueError(
+            f"with_ddp: requires_grad of {names} was turned off inside an accumulation group (it holds the "
+            "group's gradient, kept on this rank, which DistributedDataParallel would not average); change "
+            "requires_grad between groups (e.g. in on_epoch_start)")
+
+
 def _check_same_buffers(model: torch.nn.Module) -> None:
     """Refuse, on every rank, buffers that differ from rank 0's (names, shapes, dtypes): building the wrapper
     broadcasts them, and torch checks only the parameters (other buffers left every rank waiting for the
@@ -381,7 +434,11 @@ def with_ddp(
     ``gradient_as_bucket_view``, ``static_graph``, ...); ``comm_hook`` / ``comm_state`` are
     registered with ``register_comm_hook`` (e.g. ``fp16_compress_hook``). The wrapper is
     built at the first call with a model object, and building it broadcasts rank 0's
-    parameters and buffers to all ranks.
+    parameters and buffers to all ranks. DDP reduces the gradients of the parameters that
+    required them when it was built: a change of ``requires_grad`` (a backbone unfrozen by a
+    callback) builds the wrapper anew at the next call, as a resumed run would (every rank
+    must change the flags alike; see :meth:`DDPSync.module` for a change inside an
+    accumulation group).
 
     With the other transforms, in any order:
 

@@ -23,7 +23,7 @@ TOL = 1e-6
 SCENARIOS = ["plain", "accum", "accum_scheduled", "accum_outer", "bucket_views", "static_graph", "flush", "two_heads", "averaged_pruned", "nan_skip",
              "nan_raise", "fp16", "fit", "stop_one_rank", "callbacks_on_rank0", "uneven", "apart", "signal_one_rank", "signal_apart",
              "signal_in_group", "signal_spaced_votes", "loss_error", "buffers_apart", "sparse_flush", "stop_in_group",
-             "export_rank_zero", "uneven_stream", "even_stream", "stream_runs_dry", "validating_evaluate"]
+             "export_rank_zero", "uneven_stream", "even_stream", "stream_runs_dry", "validating_evaluate", "unfreeze"]
 
 
 @pytest.fixture(scope="module")
@@ -605,6 +605,60 @@ def test_the_ddp_wrapper_is_built_once_per_model(group):
     state, _ = step(state, batch)
     assert seen[0] is seen[1] and isinstance(seen[0], torch.nn.parallel.DistributedDataParallel)
     assert seen[0].module is state.model
+
+
+@pytest.mark.slow
+def test_a_layer_unfrozen_mid_fit_is_reduced_over_the_ranks_and_resumes_as_the_uninterrupted_run(ranks):
+    """docs/from_lightning.md's BackboneFinetuning recipe under with_ddp: DDP reduces only the parameters that
+    required gradients when its wrapper was built; the wrapper kept the frozen layer out, each rank trained it on
+    its own gradient, and a resumed run (a wrapper built after the unfreeze) trained another model."""
+    results = ranks("unfreeze")
+    assert_ranks_identical(results)
+    data = ddp.make_data(2)
+    batches = [torch.cat([data[i, 0], data[i, 1]]) for i in range(2)]
+    state, _ = loopkit.run_epochs(loopkit.train_step(ddp.mse), ddp.frozen_state(), batches,
+                                  epochs=ddp.UNFREEZE_EPOCHS, callbacks=[ddp.Unfreeze()], progress=False)
+    assert state.model[0].weight.requires_grad and len(state.optimizer.param_groups) == 2
+    assert not torch.equal(state.model[0].weight, ddp.make_model()[0].weight)  # (the layer trained)
+    assert_params_close(results[0]["params"], state.model)
+    for result in results:
+        for cut, params in result["resumed"].items():
+            _assert_bitwise(params, result["params"], f"resumed after epoch {cut}")
+
+
+def test_a_requires_grad_change_builds_the_wrapper_anew_and_freezing_inside_a_group_is_refused(group):
+    """One rank: the wrapper is built again when a flag changes (and only then); a parameter frozen while it holds
+    an accumulation group's gradient is refused (DDP would not reduce it), one unfrozen there is not."""
+    step = loopkit.donate(loopkit.with_grad_accum(loopkit.with_ddp(loopkit.train_step(ddp.mse)), every=2))
+    state = ddp.sgd_state(ddp.make_model())
+    state.model[0].requires_grad_(False)
+    seen = []
+    loss_fn = step.loss_fn
+
+    def spy(model, batch):
+        seen.append(model)
+        return loss_fn(model, batch)
+
+    import attrs
+    step = attrs.evolve(step, loss_fn=spy)
+    batches = ddp.make_data(6)[:, 0]
+    plain = loopkit.donate(loopkit.with_grad_accum(loopkit.train_step(ddp.mse), every=2))
+    reference = ddp.sgd_state(ddp.make_model())
+    reference.model[0].requires_grad_(False)
+    for i, batch in enumerate(batches[:4]):
+        if i == 3:  # inside a group: unfrozen, it trains on the group's second micro-batch
+            state.model[0].requires_grad_(True)
+            reference.model[0].requires_grad_(True)
+        state, _ = step(state, batch)
+        reference, _ = plain(reference, batch)
+    assert seen[0] is seen[2] and seen[3] is not seen[2]
+    _assert_bitwise(ddp._params(state.model), ddp._params(reference.model), "unfrozen inside a group")
+    wrapped = dict(seen[3].named_parameters())
+    assert all(p.requires_grad for p in wrapped.values()) and seen[3].module is state.model
+    state, _ = step(state, batches[4])
+    state.model[2].requires_grad_(False)  # inside a group, holding its gradient
+    with pytest.raises(ValueError, match=r"requires_grad of 2\.weight, 2\.bias was turned off inside an accumulation"):
+        step(state, batches[5])
 
 
 def test_reducing_a_flushed_group_on_one_rank_keeps_the_gradients_and_creates_none(group):
