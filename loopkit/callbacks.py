@@ -782,7 +782,7 @@ class Timer(Callback):
     resumed with its time already spent stops before its first batch, as Lightning's does.
     Under DDP every rank stops at the same batch (the first rank whose clock runs out decides).
     ``clock`` is the time source in seconds (``time.monotonic``; a test may pass its own).
-    ``duration`` (seconds) and ``interval`` may be changed between fits: each fit reads them when it starts.
+    ``duration`` (in any of those forms) and ``interval`` may be changed between fits: each fit reads them when it starts.
     :meth:`time_elapsed`, :meth:`time_remaining`, :meth:`start_time` and :meth:`end_time` take Lightning's
     ``stage`` argument, ``"train"`` alone (this Timer times the fit).
 
@@ -814,18 +814,31 @@ class Timer(Callback):
             raise TypeError(f"Timer: verbose must be True or False, got {verbose!r}")
         if not callable(clock):
             raise TypeError(f"Timer: clock must be a function returning seconds, got {clock!r}")
-        self.duration = _duration_seconds(duration)
+        self.duration = duration
         self.interval = interval
         self.verbose = verbose
         self.clock = clock
         self._reset()
 
     @property
+    def duration(self) -> float | None:
+        """The training time after which the fit stops, in seconds (None: none); set it as the constructor's
+        ``duration`` (``"DD:HH:MM:SS"``, a ``timedelta``, a dict, seconds), checked and turned into seconds as there.
+
+        >>> timer = Timer(); timer.duration = "00:01:00:00"; timer.duration
+        3600.0
+        """
+        return self._duration
+
+    @duration.setter
+    def duration(self, value: str | datetime.timedelta | Mapping[str, float] | float | None) -> None:
+        self._duration = _duration_seconds(value)
+
+    @property
     def batch_end_unused(self) -> bool:
         """Per epoch, or without a duration, its ``on_batch_end`` does nothing: ``run_epochs`` calls no batch hook
         for it, as read from ``interval`` and ``duration`` when the fit starts (a ``duration`` set after
-        construction, in seconds, is checked); a subclass's own ``on_batch_end`` is called (see
-        :func:`_batch_end_unused`)."""
+        construction is checked); a subclass's own ``on_batch_end`` is called (see :func:`_batch_end_unused`)."""
         return self.interval == "epoch" or self.duration is None
 
     def _reset(self) -> None:

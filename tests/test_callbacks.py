@@ -9,6 +9,7 @@ LearningRateMonitor logged (recorded from its runs).
 from __future__ import annotations
 
 import copy
+import datetime
 import os
 import warnings
 
@@ -1418,18 +1419,22 @@ def test_timer_says_when_it_stops(capsys):
     assert "Timer: time limit reached (0:00:02 spent); stopping at step 2" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("duration", [4.0, "00:00:00:04", datetime.timedelta(seconds=4), {"seconds": 4}])
 @pytest.mark.parametrize("interval", ["step", "epoch"])
-def test_a_timer_given_its_duration_after_construction_stops_as_one_given_it_at_construction(interval):
+def test_a_timer_given_its_duration_after_construction_stops_as_one_given_it_at_construction(interval, duration):
     """Reference: a Timer constructed with the duration (each on a work clock of its own): both stop after the same
     update (4 per step; 6, epoch 1's end, per epoch)."""
     ref_clock, clock = _WorkClock(), _WorkClock()
     expected, _ = run_epochs(train_step(ref_clock.train_loss), make_state(), make_data(3), epochs=5, progress=False,
                              callbacks=[loopkit.Timer(4, interval=interval, clock=ref_clock, verbose=False)])
     timer = loopkit.Timer(clock=clock, verbose=False)  # measure-only when constructed
-    timer.duration, timer.interval = 4.0, interval
+    timer.duration, timer.interval = duration, interval  # (any form the constructor takes: "DD:HH:MM:SS" too)
     state, _ = run_epochs(train_step(clock.train_loss), make_state(), make_data(3), epochs=5, callbacks=[timer],
                           progress=False)
     assert timer.should_stop and state.step == expected.step == {"step": 4, "epoch": 6}[interval]
+    with pytest.raises(ValueError, match="Timer"):
+        timer.duration = "four seconds"
+    assert timer.duration == 4.0  # (a refused value leaves it as it was)
 
 
 @pytest.mark.parametrize("base, kwargs", [
