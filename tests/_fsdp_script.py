@@ -28,6 +28,9 @@ rank trains on its half of every global batch of ``make_data``; the test builds 
   ``evaluate(reduce=False)`` inside ``step.validating(state)``.
 - ``gather_to_rank_zero``: checkpoints at each of 2 updates and ``export_weights``, ``DTensor.full_tensor`` watched:
   the whole tensors each rank still holds at each gather and after.
+- ``unfreeze``: docs/from_lightning.md's ``BackboneFinetuning`` recipe, the first layer frozen until epoch 1, 3 epochs
+  of 2 batches, and the same run stopped after epoch 1 (before the unfreeze) and after epoch 2, each resumed from its
+  state dict to the end.
 - ``norm_collectives``: the all-reduces of ``with_grad_norm``'s and ``with_grad_clip``'s gradient hooks on sharded
   gradients, counted, with their norms and clipped gradients.
 """
@@ -490,9 +493,64 @@ def uneven_val(rank: int, out_dir: str) -> dict[str, Any]:
     return {"refused": refused, "then": loopkit.evaluate(evaluator, state, [val[0, rank]])}  # (the ranks still agree)
 
 
+UNFREEZE_EPOCHS, UNFREEZE_AT = 3, 1
+
+
+class Unfreeze:
+    """docs/from_lightning.md's ``BackboneFinetuning`` recipe: at epoch ``UNFREEZE_AT`` the first layer trains too,
+    in a group of its own (its parameters are the sharded ones by then: ``model[0].parameters()`` gives them); a
+    resumed fit past that point unfreezes it at its start (the group is in the optimizer)."""
+
+    def on_fit_start(self, state: Any) -> None:
+        if (state.epoch, state.batch_index) > (UNFREEZE_AT, 0):
+            state.model[0].requires_grad_(True)
+
+    def on_epoch_start(self, state: Any) -> None:
+        if state.epoch == UNFREEZE_AT and state.batch_index == 0:
+            state.model[0].requires_grad_(True)
+            state.optimizer.add_param_group({"params": list(state.model[0].parameters()), "lr": 0.05})
+
+
+def frozen_state(groups: int = 1) -> Any:
+    """``make_model()`` with its first layer frozen, SGD (momentum 0.9) over the last; ``groups=2``: the first
+    layer's group added (still frozen), a resume's template after the unfreeze."""
+    import loopkit
+
+    model = make_model()
+    model[0].requires_grad_(False)
+    optimizer = torch.optim.SGD(model[2].parameters(), lr=0.1, momentum=0.9)
+    if groups == 2:
+        optimizer.add_param_group({"params": list(model[0].parameters()), "lr": 0.05})
+    return loopkit.TrainState.create(model, optimizer)
+
+
+def unfreeze(rank: int, out_dir: str) -> dict[str, Any]:
+    """A fit that unfreezes its first layer at epoch 1, uninterrupted, and stopped before or after the unfreeze then
+    resumed (each from its gathered state dict, in a template with the run's groups then); records whether the
+    added group holds the sharded parameters."""
+    import loopkit
+
+    data = list(make_data(2)[:, rank])
+    step = loopkit.with_fsdp(loopkit.train_step(mse), shard=SHARD)
+
+    def fit(state: Any, epochs: int) -> Any:
+        return loopkit.run_epochs(step, state, data, epochs=epochs, callbacks=[Unfreeze()], progress=False)[0]
+
+    whole = fit(frozen_state(), UNFREEZE_EPOCHS)
+    added = whole.optimizer.param_groups[1]["params"]
+    holds_shards = all(type(p).__name__ == "DTensor" and any(p is q for q in whole.model.parameters()) for p in added)
+    resumed = {}
+    for cut in (UNFREEZE_AT, UNFREEZE_AT + 1):
+        saved = fit(frozen_state(), cut).state_dict()
+        template = frozen_state(2 if cut > UNFREEZE_AT else 1)
+        resumed[cut] = full_params(fit(template.load_state_dict(saved), UNFREEZE_EPOCHS).model)
+    return {"params": full_params(whole.model), "step": whole.step, "resumed": resumed, "holds_shards": holds_shards,
+            "groups": len(whole.optimizer.param_groups)}
+
+
 SCENARIOS = {f.__name__: f for f in (sgd, adam, accum, accum_outer, clip, nan, bf16, cut, resume, bn, bn_ddp, bn_cut,
                                      bn_nobroadcast, bn_resume, stop_mid_group, gather_to_rank_zero, norm_collectives, empty_shard,
-                                     shard_grad_op, uneven_val)}
+                                     shard_grad_op, uneven_val, unfreeze)}
 
 
 def main(out_dir: str, scenarios: list[str]) -> None:

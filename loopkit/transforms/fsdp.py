@@ -102,6 +102,7 @@ class FSDPSync:
         self.options = dict(options or {})
         self.broadcast_buffers = broadcast_buffers
         self._model: weakref.ref | None = None
+        self._groups = 0  # the optimizer's param groups when last checked (module): one added since is checked
 
     @property
     def agreed_options(self) -> dict[str, Any]:
@@ -150,6 +151,9 @@ class FSDPSync:
         >>> dist.destroy_process_group()
         """
         if self.wraps(model):
+            if optimizer is not None and len(optimizer.param_groups) != self._groups:  # a group added since
+                _refuse_foreign(model, optimizer, _STALE)
+                self._groups = len(optimizer.param_groups)
             return model
         if not _collective.ready():
             raise RuntimeError(_NO_GROUP)
@@ -158,7 +162,7 @@ class FSDPSync:
         self._model = None
         if not any(is_dtensor(p) for p in model.parameters()):  # (a model you sharded yourself is taken as it is)
             _shard(model, optimizer, self.shard, self.options)
-        self._model = weakref.ref(model)
+        self._model, self._groups = weakref.ref(model), len(optimizer.param_groups)
         return model
 
     def after_forward(self, module: nn.Module, extras: dict[str, Any]) -> None:
@@ -345,14 +349,7 @@ def _shard(
     from torch.distributed.fsdp import fully_shard
 
     names = {id(p): name for name, p in model.named_parameters()}
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            if id(p) not in names:
-                raise ValueError(
-                    f"with_fsdp: the optimizer trains a parameter of shape {tuple(p.shape)} that is not one of the "
-                    "model's; fully_shard shards the model's parameters only (build the optimizer over "
-                    "model.parameters())"
-                )
+    _refuse_foreign(model, optimizer, _NOT_OF_MODEL)
     picked = _chosen(shard)
     _refuse_split_ties(model, picked)
     _broadcast_from_rank_zero(model)
@@ -367,6 +364,31 @@ def _shard(
             entry = optimizer.state.pop(before, None)
             if entry is not None:
                 optimizer.state[after] = {k: _shard_like(v, before, after) for k, v in entry.items()}
+
+
+_NOT_OF_MODEL = ("fully_shard shards the model's parameters only (build the optimizer over model.parameters())")
+_STALE = ("a parameter taken before the step's first call, which fully_shard replaced with a sharded one, would never "
+          "train; add the group with the model's parameters as they are when you add it, e.g. "
+          "optimizer.add_param_group({'params': list(state.model.backbone.parameters())}) in a callback's "
+          "on_epoch_start (docs/from_lightning.md, BackboneFinetuning)")
+
+
+def _refuse_foreign(model: nn.Module, optimizer: torch.optim.Optimizer, advice: str) -> None:
+    """Refuse (``ValueError``) an optimizer that trains a parameter not of ``model`` (by identity), naming its group,
+    its shape and ``advice``.
+
+    >>> model = torch.nn.Linear(2, 1)
+    >>> _refuse_foreign(model, torch.optim.SGD(model.parameters(), lr=0.1), "")
+    >>> _refuse_foreign(model, torch.optim.SGD(torch.nn.Linear(2, 1).parameters(), lr=0.1), "advice")
+    Traceback (most recent call last):
+    ValueError: with_fsdp: the optimizer's param group 0 trains a parameter of shape (1, 2) that is not one of the model's; advice
+    """
+    mine = {id(p) for p in model.parameters()}
+    for index, group in enumerate(optimizer.param_groups):
+        for p in group["params"]:
+            if id(p) not in mine:
+                raise ValueError(f"with_fsdp: the optimizer's param group {index} trains a parameter of shape "
+                                 f"{tuple(p.shape)} that is not one of the model's; {advice}")
 
 
 def _refuse_split_ties(model: nn.Module, picked: Callable[[nn.Module], bool]) -> None:
@@ -501,7 +523,12 @@ def with_fsdp(
     state is built as usual, ``TrainState.create(model, optimizer, scheduler)`` with the optimizer
     over ``model.parameters()``, and the first call points the optimizer's ``param_groups`` at the
     sharded parameters; any state the optimizer holds already (a restored checkpoint's) is cut
-    into this rank's shards with them. The scheduler keeps working on the same param groups.
+    into this rank's shards with them. The scheduler keeps working on the same param groups. A
+    group added later (a backbone unfrozen mid-fit: ``requires_grad_(True)``, which ``fully_shard``
+    follows, and ``add_param_group``) must hold the model's parameters as they are then, the
+    sharded ones (``list(state.model.backbone.parameters())`` in the callback): a group holding
+    parameters taken before the first call, which would never train, is refused (``ValueError``)
+    at the next call.
 
     Buffers (BatchNorm's running statistics) are not sharded: each rank holds them whole. With
     ``broadcast_buffers=True`` (the default, DDP's) every rank takes rank 0's before the forward

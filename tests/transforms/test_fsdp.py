@@ -237,6 +237,33 @@ def test_crash_resume_of_a_batchnorm_model_equals_the_uninterrupted_run_bitwise(
         assert cut[r]["history"][0] == uninterrupted[r]["history"][0]
 
 
+def test_a_layer_unfrozen_mid_fit_trains_on_every_rank_as_a_raw_loop_and_resumes_across_the_unfreeze(ranks):
+    """docs/from_lightning.md's BackboneFinetuning recipe (``requires_grad_(True)`` and ``add_param_group`` at epoch
+    1's start): the added group holds the sharded parameters, the ranks agree, the run equals a raw loop that unfreezes
+    likewise, and runs stopped before and after the unfreeze then resumed equal the uninterrupted one bitwise."""
+    results = ranks("unfreeze")
+    assert_ranks_identical(results)
+    model = fsdp.make_model()
+    model[0].requires_grad_(False)
+    optimizer = torch.optim.SGD(model[2].parameters(), lr=0.1, momentum=0.9)
+    data = fsdp.make_data(2)
+    for epoch in range(fsdp.UNFREEZE_EPOCHS):
+        if epoch == fsdp.UNFREEZE_AT:
+            model[0].requires_grad_(True)
+            optimizer.add_param_group({"params": list(model[0].parameters()), "lr": 0.05})
+        for i in range(len(data)):
+            optimizer.zero_grad()
+            fsdp.mse(model, fsdp.global_batch(data, i)).backward()
+            optimizer.step()
+    assert not torch.equal(model[0].weight, fsdp.make_model()[0].weight)  # (the layer trained)
+    assert_params_close(results[0]["params"], model)
+    for result in results:
+        assert result["holds_shards"] and result["groups"] == 2 and result["step"] == 6
+        for cut, params in result["resumed"].items():
+            for name, p in result["params"].items():
+                assert torch.equal(params[name], p), (cut, name)
+
+
 def _as_model(params):
     """``params`` (name -> tensor) as an object with ``named_parameters``, for :func:`_assert_close`."""
     return type("Params", (), {"named_parameters": lambda self: params.items()})()
@@ -410,6 +437,23 @@ def test_loading_into_a_sharded_state_is_refused_and_the_optimizer_follows_the_s
     assert state.optimizer.param_groups[0]["params"] == params and all(p in state.optimizer.state for p in params)
     with pytest.raises(TypeError, match=r"load_state_dict: this state's model is sharded \(with_fsdp\); load into an unsharded"):
         state.load_state_dict(plain)
+
+
+def test_a_group_added_with_parameters_taken_before_the_sharding_is_refused(one_rank):
+    """fully_shard replaces the model's parameters at the first call: a group added later with the ones taken before
+    (which would never train) is refused at the next call, naming the group (the recipe's group, taken from the model
+    when it is added, trains: test_a_layer_unfrozen_mid_fit_...)."""
+    state = fsdp.frozen_state()
+    kept = list(state.model[0].parameters())
+    step = loopkit.donate(loopkit.with_fsdp(_step(), shard=fsdp.SHARD))
+    batch = fsdp.make_data(1)[0, 0]
+    state, _ = step(state, batch)
+    state.model[0].requires_grad_(True)
+    state.optimizer.add_param_group({"params": kept, "lr": 0.05})
+    with pytest.raises(ValueError, match=r"with_fsdp: the optimizer's param group 1 trains a parameter of shape \(5, 3\) "
+                                         r"that is not one of the model's; a parameter taken before the step's first "
+                                         r"call, which fully_shard replaced"):
+        step(state, batch)
 
 
 def test_one_rank_equals_the_plain_step_and_carries_the_optimizer_state_over(one_rank):
