@@ -1027,7 +1027,12 @@ class TrainStep(Step):
         scope = RNGScope(state.rng, _cuda_index(first.device) if first.is_cuda else None, state.seed)
         # building the DDP wrapper broadcasts rank 0's parameters: an error of that call's loss_fn finds them changed
         intact_on_error = sync is None or sync.wraps(model)
-        net = model if sync is None else sync.module(model, optimizer, state.extras)
+        try:
+            net = model if sync is None else sync.module(model, optimizer, state.extras)
+        except ValueError as error:  # (a refusal of a model wrapped before, e.g. with_fsdp's stale group: nothing ran)
+            if intact_on_error:
+                raise leave_intact(error, state)
+            raise
         # under DDP a micro-step that does not finish its group keeps its gradient local (no all-reduce);
         # per-micro transforms need each micro-batch's whole gradient, so then every micro-step syncs
         every = self.every_at(state.epoch)

@@ -452,8 +452,14 @@ def test_a_group_added_with_parameters_taken_before_the_sharding_is_refused(one_
     state.optimizer.add_param_group({"params": kept, "lr": 0.05})
     with pytest.raises(ValueError, match=r"with_fsdp: the optimizer's param group 1 trains a parameter of shape \(5, 3\) "
                                          r"that is not one of the model's; a parameter taken before the step's first "
-                                         r"call, which fully_shard replaced"):
+                                         r"call, which fully_shard replaced") as refused:
         step(state, batch)
+    assert loopkit.state_at_error(refused.value) is state  # refused before anything ran: the state is usable
+    state.check_usable()
+    state.optimizer.param_groups[1]["params"] = list(state.model[0].parameters())  # the group as the recipe adds it
+    before = {n: p.full_tensor().clone() for n, p in state.model[0].named_parameters()}
+    state, _ = step(state, batch)
+    assert all(not torch.equal(p.full_tensor(), before[n]) for n, p in state.model[0].named_parameters())
 
 
 def test_one_rank_equals_the_plain_step_and_carries_the_optimizer_state_over(one_rank):
