@@ -29,7 +29,9 @@ from loopkit import _collective
 from loopkit.state import extras_copy, persistent_buffers
 from loopkit.tree import to_device
 
-__all__ = ["EPOCH", "LOGGED", "OVER_RANKS", "SKIPPED", "Window", "over_ranks", "own_buffers", "own_rng", "own_share"]
+__all__ = [
+    "EPOCH", "LOGGED", "OVER_RANKS", "SKIPPED", "Window", "guarded", "over_ranks", "own_buffers", "own_rng", "own_share",
+]
 
 Metrics = Mapping[str, Any]
 
@@ -48,6 +50,10 @@ class Window:
     owner: str
     advice: str = ""
     fold_every: int = 32
+    #: the records are a ``with_nan_guard``-ed step's (:func:`guarded`): at a fold, the records after the last one
+    #: carrying the skip flag are held back, all of them where none does (an accumulation group longer than
+    #: ``fold_every``, whose update, which flags them all, is to come)
+    holds_open_groups: bool = False
 
     @property
     def keys(self) -> tuple[str, str, str]:
@@ -72,7 +78,7 @@ class Window:
         if len(pending) < self.fold_every:
             new[self.pending] = pending
         else:
-            folded, held = _groups_ended(pending)
+            folded, held = _groups_ended(pending, self.holds_open_groups)
             new[self.sums], new[self.counts] = self._fold(extras, folded)
             new[self.pending] = held
         return types.MappingProxyType(new)
@@ -98,19 +104,38 @@ class Window:
         return _collective.fold(extras.get(self.sums, {}), extras.get(self.counts, {}), pending, skip_flag=SKIPPED)
 
 
-def _groups_ended(pending: tuple[Metrics, ...]) -> tuple[tuple[Metrics, ...], tuple[Metrics, ...]]:
+def _groups_ended(
+    pending: tuple[Metrics, ...], holds_open_groups: bool = False
+) -> tuple[tuple[Metrics, ...], tuple[Metrics, ...]]:
     """``pending`` split into the records to fold now and those held back: after the last record carrying the skip
-    flag, those without it (the micro-batches of an accumulation group whose update, which flags them all, is to come).
+    flag, those without it (the micro-batches of an accumulation group whose update, which flags them all, is to come);
+    where none carries it, all of them with ``holds_open_groups`` (a guarded step's group longer than the fold),
+    else none.
 
     >>> _groups_ended(({"loss": 1, SKIPPED: 0}, {"loss": 2}))
     (({'loss': 1, 'nan_guard/skipped': 0},), ({'loss': 2},))
     >>> _groups_ended(({"loss": 1}, {"loss": 2}))[1]  # (no flag: nothing held)
     ()
+    >>> _groups_ended(({"loss": 1}, {"loss": 2}), holds_open_groups=True)[0]  # (a guarded step's open group: all held)
+    ()
     """
     last = next((i for i in range(len(pending) - 1, -1, -1) if SKIPPED in pending[i]), None)
     if last is None:
-        return pending, ()
+        return ((), pending) if holds_open_groups else (pending, ())
     return pending[: last + 1], pending[last + 1:]
+
+
+def guarded(window: Window, step: Any) -> Window:
+    """``window`` as ``step``'s records need it: holding open accumulation groups back from its folds where the step
+    is ``with_nan_guard``-ed (a skipped group's micro-batches are left out of the means with it, however long).
+
+    >>> from loopkit import train_step, with_nan_guard
+    >>> guarded(EPOCH, with_nan_guard(train_step(lambda m, b: None))).holds_open_groups, guarded(EPOCH, None) is EPOCH
+    (True, True)
+    """
+    if "with_nan_guard" in getattr(step, "applied", ()):
+        return attrs.evolve(window, holds_open_groups=True)
+    return window
 
 
 #: ``run_epochs``' epoch means, kept in ``state.extras`` while an epoch runs: a checkpoint taken

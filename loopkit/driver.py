@@ -36,7 +36,7 @@ from loopkit import _collective
 from loopkit._epoch_data import TRAIN, call_seeded, check_factory, factory_name, is_factory, not_data, val_stream
 from loopkit._numbers import as_int, as_real
 from loopkit._sharded import fsdp_modules
-from loopkit._window import EPOCH, OVER_RANKS, own_buffers, own_rng, own_share
+from loopkit._window import EPOCH, OVER_RANKS, guarded, own_buffers, own_rng, own_share
 from loopkit.callbacks import Callback, _batch_end_unused, _from_lightning, _loopkit_hook, may_change_state_early
 from loopkit.checkpoint import capture_global_rng, install_global_rng
 from loopkit.progress import ProgressBar, progress_wanted, write_line
@@ -1806,7 +1806,7 @@ def _flushed(step: Any, state: TrainState) -> tuple[TrainState, Metrics, bool]:
     a hook that raises leaves it as :func:`loopkit.state_at_error`'s, as after a batch's update."""
     state, metrics = step.flush(state)
     if metrics:
-        state = replace_extras(state, EPOCH.add(state.extras, metrics))
+        state = replace_extras(state, guarded(EPOCH, step).add(state.extras, metrics))
     due = SAVE_DUE in state.extras
     if due:
         state = _unmarked(state)
@@ -2049,6 +2049,7 @@ def run_epochs(
             if not is_factory(data):
                 _num_batches(data, limit_val_batches, "limit_val_batches", shard=True, of=name)
     step = as_step(step)
+    epoch_window = guarded(EPOCH, step)  # (a guarded step's skipped groups left out of the epoch means, however long)
     if "eval_step" in step.applied:
         raise TypeError("run_epochs: the step is an eval_step, which updates nothing; pass train_step(loss_fn) "
                         "(and the eval_step as val=(eval_step, val_data))")
@@ -2338,7 +2339,7 @@ def run_epochs(
                     if state.batch_index != index + 1:  # a step of one's own that leaves the count to the driver,
                         state = replace(state, batch_index=index + 1)  # which consumed the batch (resume finds its place by it)
                     if metrics:
-                        extras = EPOCH.add(state.extras, metrics)
+                        extras = epoch_window.add(state.extras, metrics)
                         if fresh:  # the step's new state, not yet seen by anyone: no second new state per batch
                             put_extras(state, extras)
                         else:

@@ -17,7 +17,7 @@ import attrs
 import torch
 
 from loopkit._numbers import as_int
-from loopkit._window import EPOCH, LOGGED
+from loopkit._window import EPOCH, LOGGED, Window, guarded
 from loopkit.state import TrainState, extras_copy, leave_intact, put_extras, replace_extras
 from loopkit.steps import RECORDED, Metrics, WrapperStep, check_metric
 from loopkit.transforms._compose import refuse_wrapping, require_step
@@ -36,7 +36,7 @@ UNLOGGED = "logging/unlogged"
 _LOGGED_KEYS = frozenset(WINDOW.keys) | {UNLOGGED}
 
 
-def _accumulate(extras: Mapping[str, Any], metrics: Metrics) -> Mapping[str, Any]:
+def _accumulate(extras: Mapping[str, Any], metrics: Metrics, window: Window = WINDOW) -> Mapping[str, Any]:
     """``extras`` with this call's metrics added to the window (tensors stay on the device).
 
     The hot path only appends the call's record to an immutable tuple (no tensor arithmetic,
@@ -47,7 +47,7 @@ def _accumulate(extras: Mapping[str, Any], metrics: Metrics) -> Mapping[str, Any
     for key, value in record.items():
         if type(value) is not torch.Tensor or value.ndim or value.requires_grad:
             record[key] = check_metric(value, key, "the step wrapped by with_logging")
-    return WINDOW.add(extras, record)
+    return window.add(extras, record)
 
 
 def _read_means(extras: Mapping[str, Any]) -> dict[str, float]:
@@ -55,13 +55,15 @@ def _read_means(extras: Mapping[str, Any]) -> dict[str, float]:
     return {f"train/{k}": v for k, v in WINDOW.means(extras).items()}
 
 
-def _left_unlogged(new: TrainState, metrics: Metrics, means: dict[str, float], taken: int) -> TrainState:
+def _left_unlogged(
+    new: TrainState, metrics: Metrics, means: dict[str, float], taken: int, epoch: Window = EPOCH
+) -> TrainState:
     """The state a write that raised at a log point leaves whole (:func:`loopkit.state_at_error`): ``new``, its
     update done (donated, nothing older is whole), with the row the loggers from ``taken`` on did not take
     (:data:`UNLOGGED`, logged first by a fit resumed from it) and, under ``run_epochs`` (its epoch means in the
     state), this call's metrics in those means, as the driver adds them once a step returns: the resumed fit goes
     on at the next batch, and its rows and epoch record are the uninterrupted run's. Only when a write fails."""
-    extras = extras_copy(EPOCH.add(new.extras, metrics) if metrics and EPOCH.holds(new.extras) else new.extras)
+    extras = extras_copy(epoch.add(new.extras, metrics) if metrics and epoch.holds(new.extras) else new.extras)
     extras[UNLOGGED] = {"step": new.step, "epoch": new.epoch, "batch_index": new.batch_index,
                         "metrics": dict(means), "from": taken}
     return replace_extras(new, extras)
@@ -143,10 +145,13 @@ class LoggingStep(WrapperStep):
     watchers: tuple[Any, ...] = attrs.field(init=False, default=(), repr=False)
     #: the indices of the loggers that cannot replace a record logged again (no ``resume_at``), found once
     appending: frozenset[int] = attrs.field(init=False, default=frozenset(), repr=False)
+    #: the window and run_epochs' epoch means as the inner step's records need them (:func:`loopkit._window.guarded`)
+    windows: tuple[Window, Window] = attrs.field(init=False, default=(WINDOW, EPOCH), repr=False)
 
     def __attrs_post_init__(self) -> None:
         watchers = tuple(lg for lg in self.loggers if callable(getattr(lg, "wants_model", None)))
         object.__setattr__(self, "watchers", watchers)
+        object.__setattr__(self, "windows", (guarded(WINDOW, self.inner), guarded(EPOCH, self.inner)))
         appending = frozenset(i for i, lg in enumerate(self.loggers) if not callable(getattr(lg, "resume_at", None)))
         object.__setattr__(self, "appending", appending)
 
@@ -183,7 +188,7 @@ class LoggingStep(WrapperStep):
         else:
             new, metrics = run(state, *args)
         if metrics:
-            extras = _accumulate(new.extras, metrics)
+            extras = _accumulate(new.extras, metrics, self.windows[0])
             if self.inner.returns_fresh_state:  # the inner step's new state: nobody else has it yet
                 put_extras(new, extras)
             else:
@@ -199,7 +204,7 @@ class LoggingStep(WrapperStep):
                     logger.log_metrics(means, new.step)
                     taken += 1
             except BaseException as error:  # a full disk: the update is done, its state whole (loopkit.state_at_error)
-                raise leave_intact(error, _left_unlogged(new, metrics, means, taken))
+                raise leave_intact(error, _left_unlogged(new, metrics, means, taken, self.windows[1]))
         return new, metrics
 
     def on_event(self, event: str, state: TrainState, metrics: Mapping[str, float]) -> None:

@@ -827,3 +827,32 @@ def test_under_accumulation_the_skipped_groups_micro_batches_add_nothing_to_the_
     assert state.extras["nan_guard/skipped_total"] == 3
     assert history[0]["train/loss"] == pytest.approx(sum(kept) / len(kept), rel=1e-6)
     assert history[0]["train/nan_guard/skipped"] == pytest.approx(3 / 14)  # 14 updates (13 groups, one flushed)
+
+
+@pytest.mark.parametrize("nesting", ["guard(accum)", "accum(guard)"])
+def test_a_skipped_group_longer_than_the_windows_fold_adds_nothing_to_the_means(
+    nesting, make_mlp, make_batches, mse_loss, make_sgd_state,
+):
+    """Groups of 40 micro-batches, more than a window folds at once (32): the first fold came before the group's
+    flag, so its NaN loss was summed as a plain record (train/loss NaN in the epoch means and the logged row).
+    Reference: the plain mean of the kept group's losses (lr=0: every loss is the first model's)."""
+    every = 40
+    data = make_batches(2 * every, batch_size=2)
+    data[5] = _nan_batch(data[5])  # group 0 (batches 0-39) skipped
+    model = make_mlp(0)
+    kept = [float(mse_loss(model, b).detach()) for b in data[every:]]
+    base = loopkit.train_step(mse_loss)
+    inner = (loopkit.with_nan_guard(loopkit.with_grad_accum(base, every=every)) if nesting == "guard(accum)"
+             else loopkit.with_grad_accum(loopkit.with_nan_guard(base), every=every))
+    rows: list[dict] = []
+
+    class Rows(loopkit.Logger):
+        def _write_metrics(self, metrics, step):
+            rows.append(dict(metrics))
+
+    step = loopkit.with_logging(inner, Rows(), every_n_steps=1)
+    state, history = loopkit.run_epochs(step, make_sgd_state(make_mlp(0), lr=0.0), data, epochs=1, progress=False)
+    assert state.extras["nan_guard/skipped_total"] == 1
+    assert history[0]["train/loss"] == pytest.approx(sum(kept) / len(kept), rel=1e-6)
+    logged = [row["train/loss"] for row in rows if "train/loss" in row]
+    assert logged == [pytest.approx(sum(kept) / len(kept), rel=1e-6)]  # the kept group's row alone (step 1)
