@@ -272,9 +272,13 @@ class Logger:
     def finalize(self, status: str = "success") -> None:
         """Flush and close whatever is open; logging again afterwards reopens it.
 
-        ``status`` (Lightning's): ``"success"``, or ``"failed"``, which :func:`loopkit.with_logging`
-        gives when an error leaves ``run_epochs`` (an MLflow run is then marked ``FAILED``); the file
-        loggers close alike either way.
+        ``status``: ``"success"``, or ``"failed"``, which :func:`loopkit.with_logging`
+        gives when an error leaves ``run_epochs`` (an MLflow run is then marked ``FAILED``), or
+        ``"killed"``, which it gives when SIGTERM or Ctrl-C stopped the fit (``run_epochs`` saved and
+        returned: a resumable stop, not a failure; an MLflow run is marked ``KILLED``, a wandb run
+        finished with ``exit_code=1``; Lightning's trainer passes ``"failed"`` then, which
+        :func:`loopkit.with_logging` gives a logger that is not loopkit's); ``"finished"`` is
+        Lightning's other name for ``"success"``. The file loggers close alike either way.
 
         >>> ConsoleLogger().finalize("failed")
         """
@@ -298,8 +302,9 @@ class Logger:
         self._finalize()
 
 
-#: the statuses :meth:`Logger.finalize` takes (Lightning's; "finished": stopped by a signal, as success)
-_STATUSES = ("success", "failed", "finished")
+#: the statuses :meth:`Logger.finalize` takes: Lightning's ("finished": as "success"), and "killed" (a fit that a
+#: signal stopped, resumable: MLflow's ``KILLED``)
+_STATUSES = ("success", "failed", "finished", "killed")
 
 
 def _check_root(root: str, who: str) -> None:

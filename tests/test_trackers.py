@@ -393,6 +393,48 @@ def test_mlflow_a_failed_fit_is_marked_failed_and_run_id_continues_the_run(tmp_p
     assert client.get_run(logger.run_id).info.status == "FINISHED"
 
 
+@pytest.mark.parametrize("signum", ["SIGTERM", "SIGINT"])
+def test_a_fit_stopped_by_a_signal_is_finalized_killed_mlflow_killed_wandb_exit_code_1(tmp_path, mlflow_dir, signum):
+    """A graceful stop (``run_epochs`` saves and returns) is no success: MLflow's ``KILLED``, a wandb run finished with
+    exit code 1, and ``"failed"`` (what Lightning's trainer passes after SIGTERM or Ctrl-C) to a Lightning-style logger."""
+    import signal
+
+    class LightningStyle:
+        statuses = []
+
+        def log_metrics(self, metrics, step):
+            pass
+
+        def log_hparams(self, hparams, metrics=None):
+            pass
+
+        def finalize(self, status):
+            self.statuses.append(status)
+
+    def preempted(model, batch):
+        preempted.calls += 1
+        if preempted.calls == 3:
+            os.kill(os.getpid(), getattr(signal, signum))
+        return loss_with_mae(model, batch)
+
+    preempted.calls = 0
+    mlflow_logger = MLFlowLogger(save_dir=mlflow_dir(tmp_path / "m"))
+    wandb_logger, other = WandbLogger(project="p", save_dir=tmp_path / "w", offline=True), LightningStyle()
+    step = with_logging(train_step(preempted), mlflow_logger, wandb_logger, other, every_n_steps=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the driver's note that it stops after the current step)
+        state, _ = run_epochs(step, sgd_state(tiny_mlp()), synthetic_batches(5), epochs=2, progress=False)
+    assert state.step == 3
+    assert mlflow_logger.experiment.get_run(mlflow_logger.run_id).info.status == "KILLED"
+    assert [r["exit_code"] for r in wandb_runs(tmp_path / "w")] == [1]
+    assert other.statuses == ["failed"]
+
+    ended = []  # a fit after it, with the same step, ends "success" again
+    mlflow_logger.finalize = lambda status="success": ended.append(status)
+    run_epochs(step, state, synthetic_batches(5), epochs=1, max_steps=4, progress=False)
+    assert ended == ["success"] and other.statuses == ["failed", "success"]
+
+
 def test_mlflow_run_id_logs_hparams_metrics_at_the_runs_last_step(tmp_path, mlflow_dir):
     """``MLFlowLogger(run_id=<a finished run>).log_hparams(cfg, {"test/loss": x})`` (an evaluation adding its results):
     logged at step 0; at the run's last step (the highest, not the last written), as through the fit's own logger."""
