@@ -235,7 +235,9 @@ class Logger:
         self, hparams: Mapping[str, Any] | argparse.Namespace, metrics: Mapping[str, float] | None = None
     ) -> None:
         """Record the run's hyper-parameters (and optionally the metrics to compare them by). A later call adds
-        to (and updates) those of the earlier ones, as Lightning's loggers' ``log_hyperparams`` do.
+        to (and updates) those of the earlier ones, as Lightning's loggers' ``log_hyperparams`` do; except
+        :class:`loopkit.MLFlowLogger`'s: MLflow params cannot change, so a new value for one the run holds is
+        refused with a ``ValueError`` (the same value again is skipped).
 
         ``hparams`` is a dict or an ``argparse.Namespace`` (an argparse script's ``args``). Nested dicts, and
         dataclass instances and Namespaces among the values, are kept as dicts (``hparams.json``, wandb's config)

@@ -323,7 +323,10 @@ class MLFlowLogger(Logger):
     is left empty and MLflow refuses it); a name that MLflow would refuse even so (nothing left
     of a part: ``"train/🔥"``) is refused with a ``ValueError`` naming it, at its first log point.
     :meth:`log_hparams` logs the hyper-parameters as params (nested dicts flattened with ``/``,
-    values as strings cut at MLflow's length limit, 100 a batch) and its ``metrics`` as metrics at
+    values as strings cut at MLflow's length limit, 100 a batch; those the run holds already, with the same
+    value, are skipped). MLflow params cannot change, so unlike the other loggers a later call cannot update a
+    value the run holds (an earlier call's, or for a run continued with ``run_id=`` the crashed run's): it raises a
+    ``ValueError`` naming each such param, its old and new value, before anything is sent. Its ``metrics`` are logged as metrics at
     the last step logged (the run's, for a run continued with ``run_id=``). :meth:`finalize` sets the run's status: ``FINISHED``, ``FAILED`` when
     the fit failed, or ``KILLED`` when SIGTERM or Ctrl-C stopped it (``run_epochs`` saved and returned: MLflow's
     status for a killed run, as a resumable stop is no failure; Lightning's trainer marks it ``FAILED``). A write after it (``log_hparams(cfg, {"best/loss": ...})`` after ``run_epochs``)
@@ -536,7 +539,16 @@ class MLFlowLogger(Logger):
         except ImportError:  # pragma: no cover - an MLflow without it: its limit since 1.28
             limit = 500
         client = self.experiment
-        params = [Param(key=k, value=str(v)[:limit]) for k, v in _flatten_lists(hparams).items()]
+        logged = client.get_run(self._run_id).data.params  # (MLflow refuses a param's value to change)
+        values = {k: str(v)[:limit] for k, v in _flatten_lists(hparams).items()}
+        changed = {k: (logged[k], v) for k, v in values.items() if k in logged and logged[k] != v}
+        if changed:
+            raise ValueError(
+                f"MLFlowLogger.log_hparams: MLflow params cannot change once logged, and run {self._run_id} holds "
+                + ", ".join(f"{k}={old!r} (now {new!r})" for k, (old, new) in changed.items())
+                + "; log the new values under other names, or start a new run (no run_id=)"
+            )
+        params = [Param(key=k, value=v) for k, v in values.items() if k not in logged]
         for at in range(0, len(params), 100):  # (MLflow takes at most 100 params a batch)
             client.log_batch(run_id=self._run_id, params=params[at:at + 100], **self._batch_kwargs)
         if metrics:

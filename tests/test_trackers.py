@@ -498,6 +498,25 @@ def test_mlflow_long_params_are_cut_at_mlflows_limit_and_many_go_in_batches(tmp_
     assert run.data.metrics == {"fold0-val/acc": 0.5}  # the prefix, joined with '-' as Lightning's
 
 
+def test_mlflow_a_later_log_hparams_adds_params_skips_unchanged_and_refuses_a_changed_value_by_name(
+    tmp_path, mlflow_dir
+):
+    """MLflow params cannot change: a new value is refused with a ValueError naming it (old and new), before anything
+    is sent, also in a run continued with ``run_id=``; the same values again and new names go in."""
+    logger = MLFlowLogger(save_dir=mlflow_dir(tmp_path))
+    logger.log_hparams({"lr": 0.1, "bs": 4})
+    logger.log_hparams({"lr": 0.1, "opt": {"name": "sgd"}})  # the same value again, and a new param
+    with pytest.raises(ValueError, match=r"MLflow params cannot change.*lr='0\.1' \(now '0\.2'\)"):
+        logger.log_hparams({"lr": 0.2, "wd": 0.01})
+    resumed = MLFlowLogger(run_id=logger.run_id, save_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"bs='4' \(now '8'\)"):
+        resumed.log_hparams({"bs": 8, "lr": 0.1})
+    resumed.log_hparams({"bs": 4, "seed": 1})
+    resumed.finalize()
+    params = logger.experiment.get_run(logger.run_id).data.params
+    assert params == {"lr": "0.1", "bs": "4", "opt/name": "sgd", "seed": "1"}  # nothing of the refused calls
+
+
 def test_mlflow_params_flatten_dataclass_and_namespace_values_as_lightnings_do(tmp_path, mlflow_dir):
     """A dataclass or argparse.Namespace value was one param ("Opt(lr=0.1, wd=0.0)"); Lightning's _flatten_dict
     makes them opt/lr, opt/wd; and log_hparams(Namespace) itself was refused."""
