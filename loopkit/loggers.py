@@ -23,6 +23,8 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import functools
+import inspect
 import io
 import json
 import logging
@@ -140,12 +142,19 @@ def _fields(value: Any) -> dict[str, Any] | None:
 
 def _plain_value(value: Any) -> Any:
     """A hyper-parameter as JSON can write it: dicts (dataclasses and Namespaces as dicts) and lists of plain
-    values, numbers (numpy's and one-element tensors' as Python's), strings, None; anything else as its ``str``.
+    values, numbers (numpy's and one-element tensors' as Python's), strings, None; a class or function (method,
+    builtin) as its ``__qualname__`` (``"ReLU"``, ``"Net.act"``, ``"make.<locals>.act"``: the same in every run, where
+    its repr holds a memory address, and telling nested ones apart; a builtin's ``__name__``, its qualname naming an
+    internal holder such as ``_VariableFunctionsClass.tanh``; Lightning's WandbLogger writes ``__name__``), a ``functools.partial`` as
+    ``functools.partial(<its function's>, <its arguments>)``; anything else as its ``str``, any memory address
+    (``" at 0x7f..."``, a default repr's) taken out.
 
-    >>> import argparse, dataclasses
+    >>> import argparse, dataclasses, functools
     >>> Opt = dataclasses.make_dataclass("Opt", [("lr", float), ("betas", tuple)])
     >>> _plain_value({"opt": Opt(0.1, (0.9, 0.99)), "ns": argparse.Namespace(depth=3), "cls": Opt})
-    {'opt': {'lr': 0.1, 'betas': [0.9, 0.99]}, 'ns': {'depth': 3}, 'cls': "<class 'types.Opt'>"}
+    {'opt': {'lr': 0.1, 'betas': [0.9, 0.99]}, 'ns': {'depth': 3}, 'cls': 'Opt'}
+    >>> _plain_value([torch.nn.ReLU, torch.tanh, functools.partial(torch.clamp, min=0), object()])
+    ['ReLU', 'tanh', 'functools.partial(clamp, min=0)', '<object object>']
     """
     fields = _fields(value)
     if fields is not None:
@@ -162,7 +171,22 @@ def _plain_value(value: Any) -> Any:
         return value.item()  # numpy's numbers as Python's: a number in hparams.json and TensorBoard, not a string
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
-    return str(value)
+    if isinstance(value, type) or inspect.isroutine(value):
+        names = ("__name__", "__qualname__") if inspect.isbuiltin(value) else ("__qualname__", "__name__")
+        return next((n for n in (getattr(value, a, None) for a in names) if isinstance(n, str)), _addressless(value))
+    if isinstance(value, functools.partial):
+        given = [repr(_plain_value(v)) for v in value.args] + [f"{k}={_plain_value(v)!r}" for k, v in value.keywords.items()]
+        return f"functools.partial({', '.join([_plain_value(value.func), *given])})"
+    return _addressless(value)
+
+
+def _addressless(value: Any) -> str:
+    """``str(value)`` without the memory addresses a default repr holds (``<Foo object at 0x7f...>``), which differ
+    in every run."""
+    return _ADDRESS.sub("", str(value))
+
+
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 
 def _flatten(hparams: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -242,7 +266,9 @@ class Logger:
         ``hparams`` is a dict or an ``argparse.Namespace`` (an argparse script's ``args``). Nested dicts, and
         dataclass instances and Namespaces among the values, are kept as dicts (``hparams.json``, wandb's config)
         and flattened with ``/`` where the values must be flat (``opt/lr``: TensorBoard, MLflow), as Lightning's
-        ``_flatten_dict`` does; values other than numbers, strings, None and lists of them are written as text.
+        ``_flatten_dict`` does; values other than numbers, strings, None and lists of them are written as text: a
+        class or function as its ``__qualname__`` (``"ReLU"``; Lightning's WandbLogger writes ``__name__``), never a
+        repr with a memory address, which would differ in every run.
 
         >>> logger = ConsoleLogger()
         >>> logger.log_hparams({"lr": 0.1, "model": {"hidden": 8}}); logger.log_hparams({"batch_size": 32})

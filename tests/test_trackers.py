@@ -192,6 +192,18 @@ def test_wandb_config_holds_the_hparams_as_numbers_and_nested_dicts(wandb_fit):
     assert type(run["config"]["lr"]) is float and type(run["config"]["hidden"]) is int
 
 
+def test_wandb_config_holds_a_class_or_function_hparam_by_name_as_lightnings_without_an_address(tmp_path):
+    def init_fn(x):
+        return x
+
+    logger = WandbLogger(project="p", save_dir=tmp_path / "w", offline=True)
+    logger.log_hparams({"activation": torch.nn.ReLU, "init": init_fn, "model": {"norm": torch.nn.LayerNorm}})
+    logger.experiment.finish()
+    (run,) = wandb_runs(tmp_path / "w")
+    assert run["config"] == {"activation": "ReLU", "init": init_fn.__qualname__, "model": {"norm": "LayerNorm"}}
+    assert init_fn.__qualname__.endswith("<locals>.init_fn")
+
+
 def test_wandb_a_successful_fit_leaves_the_run_open_and_writes_after_it_go_on_in_the_same_run(wandb_fit):
     """As Lightning's WandbLogger (its finalize never finishes the run; wandb does at exit): the fit's end finished
     the run, and a later write resumed the id in a second offline folder, its ``_step`` from 0 again (wandb's offline
