@@ -23,6 +23,8 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import functools
+import inspect
 import io
 import json
 import logging
@@ -140,12 +142,19 @@ def _fields(value: Any) -> dict[str, Any] | None:
 
 def _plain_value(value: Any) -> Any:
     """A hyper-parameter as JSON can write it: dicts (dataclasses and Namespaces as dicts) and lists of plain
-    values, numbers (numpy's and one-element tensors' as Python's), strings, None; anything else as its ``str``.
+    values, numbers (numpy's and one-element tensors' as Python's), strings, None; a class or function (method,
+    builtin) as its ``__qualname__`` (``"ReLU"``, ``"Net.act"``, ``"make.<locals>.act"``: the same in every run, where
+    its repr holds a memory address, and telling nested ones apart; a builtin's ``__name__``, its qualname naming an
+    internal holder such as ``_VariableFunctionsClass.tanh``; Lightning's WandbLogger writes ``__name__``), a ``functools.partial`` as
+    ``functools.partial(<its function's>, <its arguments>)``; anything else as its ``str``, any memory address
+    (``" at 0x7f..."``, a default repr's) taken out.
 
-    >>> import argparse, dataclasses
+    >>> import argparse, dataclasses, functools
     >>> Opt = dataclasses.make_dataclass("Opt", [("lr", float), ("betas", tuple)])
     >>> _plain_value({"opt": Opt(0.1, (0.9, 0.99)), "ns": argparse.Namespace(depth=3), "cls": Opt})
-    {'opt': {'lr': 0.1, 'betas': [0.9, 0.99]}, 'ns': {'depth': 3}, 'cls': "<class 'types.Opt'>"}
+    {'opt': {'lr': 0.1, 'betas': [0.9, 0.99]}, 'ns': {'depth': 3}, 'cls': 'Opt'}
+    >>> _plain_value([torch.nn.ReLU, torch.tanh, functools.partial(torch.clamp, min=0), object()])
+    ['ReLU', 'tanh', 'functools.partial(clamp, min=0)', '<object object>']
     """
     fields = _fields(value)
     if fields is not None:
@@ -162,7 +171,22 @@ def _plain_value(value: Any) -> Any:
         return value.item()  # numpy's numbers as Python's: a number in hparams.json and TensorBoard, not a string
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
-    return str(value)
+    if isinstance(value, type) or inspect.isroutine(value):
+        names = ("__name__", "__qualname__") if inspect.isbuiltin(value) else ("__qualname__", "__name__")
+        return next((n for n in (getattr(value, a, None) for a in names) if isinstance(n, str)), _addressless(value))
+    if isinstance(value, functools.partial):
+        given = [repr(_plain_value(v)) for v in value.args] + [f"{k}={_plain_value(v)!r}" for k, v in value.keywords.items()]
+        return f"functools.partial({', '.join([_plain_value(value.func), *given])})"
+    return _addressless(value)
+
+
+def _addressless(value: Any) -> str:
+    """``str(value)`` without the memory addresses a default repr holds (``<Foo object at 0x7f...>``), which differ
+    in every run."""
+    return _ADDRESS.sub("", str(value))
+
+
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 
 def _flatten(hparams: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -217,6 +241,9 @@ class Logger:
     ([(3, {'train/loss': 0.25})], None)
     """
 
+    #: the statuses :meth:`finalize` takes (``with_logging`` gives ``"killed"`` only to a logger that lists it)
+    finalize_statuses: tuple[str, ...] = ("success", "failed", "finished", "killed")
+
     def __init__(self) -> None:
         self._hparams: dict[str, Any] | None = None
 
@@ -235,12 +262,16 @@ class Logger:
         self, hparams: Mapping[str, Any] | argparse.Namespace, metrics: Mapping[str, float] | None = None
     ) -> None:
         """Record the run's hyper-parameters (and optionally the metrics to compare them by). A later call adds
-        to (and updates) those of the earlier ones, as Lightning's loggers' ``log_hyperparams`` do.
+        to (and updates) those of the earlier ones, as Lightning's loggers' ``log_hyperparams`` do; except
+        :class:`loopkit.MLFlowLogger`'s: MLflow params cannot change, so a new value for one the run holds is
+        refused with a ``ValueError`` (the same value again is skipped).
 
         ``hparams`` is a dict or an ``argparse.Namespace`` (an argparse script's ``args``). Nested dicts, and
         dataclass instances and Namespaces among the values, are kept as dicts (``hparams.json``, wandb's config)
         and flattened with ``/`` where the values must be flat (``opt/lr``: TensorBoard, MLflow), as Lightning's
-        ``_flatten_dict`` does; values other than numbers, strings, None and lists of them are written as text.
+        ``_flatten_dict`` does; values other than numbers, strings, None and lists of them are written as text: a
+        class or function as its ``__qualname__`` (``"ReLU"``; Lightning's WandbLogger writes ``__name__``), never a
+        repr with a memory address, which would differ in every run.
 
         >>> logger = ConsoleLogger()
         >>> logger.log_hparams({"lr": 0.1, "model": {"hidden": 8}}); logger.log_hparams({"batch_size": 32})
@@ -272,9 +303,13 @@ class Logger:
     def finalize(self, status: str = "success") -> None:
         """Flush and close whatever is open; logging again afterwards reopens it.
 
-        ``status`` (Lightning's): ``"success"``, or ``"failed"``, which :func:`loopkit.with_logging`
-        gives when an error leaves ``run_epochs`` (an MLflow run is then marked ``FAILED``); the file
-        loggers close alike either way.
+        ``status``: ``"success"``, or ``"failed"``, which :func:`loopkit.with_logging`
+        gives when an error leaves ``run_epochs`` (an MLflow run is then marked ``FAILED``), or
+        ``"killed"``, which it gives when SIGTERM or Ctrl-C stopped the fit (``run_epochs`` saved and
+        returned: a resumable stop, not a failure; an MLflow run is marked ``KILLED``, a wandb run
+        finished with ``exit_code=1``; Lightning's trainer passes ``"failed"`` then, which
+        :func:`loopkit.with_logging` gives a logger that is not loopkit's); ``"finished"`` is
+        Lightning's other name for ``"success"``. The file loggers close alike either way.
 
         >>> ConsoleLogger().finalize("failed")
         """
@@ -298,8 +333,9 @@ class Logger:
         self._finalize()
 
 
-#: the statuses :meth:`Logger.finalize` takes (Lightning's; "finished": stopped by a signal, as success)
-_STATUSES = ("success", "failed", "finished")
+#: the statuses :meth:`Logger.finalize` takes: Lightning's ("finished": as "success"), and "killed" (a fit that a
+#: signal stopped, resumable: MLflow's ``KILLED``)
+_STATUSES = Logger.finalize_statuses
 
 
 def _check_root(root: str, who: str) -> None:

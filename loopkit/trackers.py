@@ -5,11 +5,12 @@ to the file loggers: the window means at each log point (``train/m``), each vali
 each epoch's ``train/m_epoch`` and ``epoch``; only rank 0 writes under ``torch.distributed`` (under
 torchrun before ``loopkit.distributed.init()`` too: the environment's ``RANK`` says which). Each
 starts its run lazily, at its first write on rank 0 (or when :attr:`experiment` is first read);
-``run_epochs`` calls ``finalize`` as the fit ends (``"success"``, or ``"failed"`` when an error
-leaves the fit), as Lightning's trainer does: :class:`MLFlowLogger` then sets the run's status
+``run_epochs`` calls ``finalize`` as the fit ends (``"success"``, ``"failed"`` when an error
+leaves the fit, ``"killed"`` when SIGTERM or Ctrl-C stopped it, where Lightning's trainer passes
+``"failed"``): :class:`MLFlowLogger` then sets the run's status
 (a later write goes into the run and leaves it), :class:`WandbLogger` leaves a successful run open
 for later writes (wandb finishes it at exit; ``logger.experiment.finish()`` ends it now) and
-finishes a failed one. The arguments mirror Lightning 2.6's loggers of the same names.
+finishes a failed or killed one. The arguments mirror Lightning 2.6's loggers of the same names.
 
 Both are optional extras, imported only when a logger is made: ``pip install 'loopkit[wandb]'``,
 ``pip install 'loopkit[mlflow]'``. Neither can drop what a run recorded after a checkpoint that a
@@ -110,7 +111,8 @@ class WandbLogger(Logger):
     (its ``atexit`` hook), or end it yourself with ``logger.experiment.finish()`` (before another run
     in the same process: a new logger, never started, while a run is open writes to that run, with a
     warning naming it, as Lightning's; :func:`loopkit.tune.fit` finishes each trial's run).
-    ``finalize("failed")`` (an error left the fit) finishes the run with ``exit_code=1``
+    ``finalize("failed")`` (an error left the fit) and ``finalize("killed")`` (SIGTERM or Ctrl-C stopped
+    it: ``run_epochs`` saved and returned) finish the run with ``exit_code=1``
     (Lightning's does nothing then), so the run shows failed, and a new logger in a process that goes on
     (a notebook, a retry loop) starts a run of its own rather than writing into the failed one. wandb's service writes the last
     records of an offline run's ``.wandb`` file a moment after ``finish()`` returns. A write after
@@ -297,7 +299,7 @@ class WandbLogger(Logger):
     def _end(self, status: str) -> None:
         # a successful fit's run stays open, as Lightning's (its finalize never finishes the run): later writes go
         # on in it, and wandb finishes it at exit; a run given (or found open) is the caller's to finish
-        if status != "failed" or self._experiment is None or self._finished or not self._owned:
+        if status not in ("failed", "killed") or self._experiment is None or self._finished or not self._owned:
             return
         if getattr(self._experiment, "_is_finished", False) is not True:
             self._experiment.finish(exit_code=1)
@@ -321,9 +323,13 @@ class MLFlowLogger(Logger):
     is left empty and MLflow refuses it); a name that MLflow would refuse even so (nothing left
     of a part: ``"train/🔥"``) is refused with a ``ValueError`` naming it, at its first log point.
     :meth:`log_hparams` logs the hyper-parameters as params (nested dicts flattened with ``/``,
-    values as strings cut at MLflow's length limit, 100 a batch) and its ``metrics`` as metrics at
-    the last step logged (the run's, for a run continued with ``run_id=``). :meth:`finalize` sets the run's status: ``FINISHED``, or ``FAILED`` when
-    the fit failed. A write after it (``log_hparams(cfg, {"best/loss": ...})`` after ``run_epochs``)
+    values as strings cut at MLflow's length limit, 100 a batch; those the run holds already, with the same
+    value, are skipped). MLflow params cannot change, so unlike the other loggers a later call cannot update a
+    value the run holds (an earlier call's, or for a run continued with ``run_id=`` the crashed run's): it raises a
+    ``ValueError`` naming each such param, its old and new value, before anything is sent. Its ``metrics`` are logged as metrics at
+    the last step logged (the run's, for a run continued with ``run_id=``). :meth:`finalize` sets the run's status: ``FINISHED``, ``FAILED`` when
+    the fit failed, or ``KILLED`` when SIGTERM or Ctrl-C stopped it (``run_epochs`` saved and returned: MLflow's
+    status for a killed run, as a resumable stop is no failure; Lightning's trainer marks it ``FAILED``). A write after it (``log_hparams(cfg, {"best/loss": ...})`` after ``run_epochs``)
     goes into the run and leaves its status as it is (MLflow takes writes to a finished run), as
     Lightning's; with ``synchronous=False`` MLflow flushes such writes at exit, or call
     :meth:`finalize` again (it sets the status again, with the time it ends). The records a resumed run logged after its
@@ -533,7 +539,16 @@ class MLFlowLogger(Logger):
         except ImportError:  # pragma: no cover - an MLflow without it: its limit since 1.28
             limit = 500
         client = self.experiment
-        params = [Param(key=k, value=str(v)[:limit]) for k, v in _flatten_lists(hparams).items()]
+        logged = client.get_run(self._run_id).data.params  # (MLflow refuses a param's value to change)
+        values = {k: str(v)[:limit] for k, v in _flatten_lists(hparams).items()}
+        changed = {k: (logged[k], v) for k, v in values.items() if k in logged and logged[k] != v}
+        if changed:
+            raise ValueError(
+                f"MLFlowLogger.log_hparams: MLflow params cannot change once logged, and run {self._run_id} holds "
+                + ", ".join(f"{k}={old!r} (now {new!r})" for k, (old, new) in changed.items())
+                + "; log the new values under other names, or start a new run (no run_id=)"
+            )
+        params = [Param(key=k, value=v) for k, v in values.items() if k not in logged]
         for at in range(0, len(params), 100):  # (MLflow takes at most 100 params a batch)
             client.log_batch(run_id=self._run_id, params=params[at:at + 100], **self._batch_kwargs)
         if metrics:
@@ -543,7 +558,7 @@ class MLFlowLogger(Logger):
         if not self._started:
             return
         # (each finalize sets the status and end time, as Lightning's; and waits for asynchronous writes)
-        self._client.set_terminated(self._run_id, "FAILED" if status == "failed" else "FINISHED")
+        self._client.set_terminated(self._run_id, {"failed": "FAILED", "killed": "KILLED"}.get(status, "FINISHED"))
 
 
 def _flatten_lists(hparams: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -897,6 +897,40 @@ def test_other_numpy_hparams_are_written_as_text_and_a_numpy_step_as_an_int(tmp_
     assert [json.loads(line)["step"] for line in open(os.path.join(logger.log_dir, "metrics.jsonl"))] == [3]
 
 
+class _Net:
+    def act(self, x):
+        return x
+
+
+class _Opaque:  # (a default repr: "<...._Opaque object at 0x7f...>")
+    pass
+
+
+def test_class_and_function_hparams_are_written_by_name_without_a_memory_address(tmp_path):
+    """A class or function's repr holds a memory address, different in every run: written by name (``__qualname__``,
+    a builtin's ``__name__``; Lightning's WandbLogger writes ``__name__``), a partial as its function and arguments,
+    another object with a default repr without its address; in hparams.json and TensorBoard's hparams alike."""
+    import functools
+
+    def init_fn(x):
+        return x
+
+    hparams = {"activation": torch.nn.ReLU, "init": init_fn, "act": _Net.act, "bound": _Net().act, "op": torch.tanh,
+               "sched": functools.partial(init_fn, 2, k=_Net), "opaque": _Opaque(), "layers": [torch.nn.Tanh, 8]}
+    expected = {"activation": "ReLU", "op": "tanh", "act": "_Net.act", "bound": "_Net.act", "layers": ["Tanh", 8],
+                "init": f"{init_fn.__qualname__}",
+                "sched": f"functools.partial({init_fn.__qualname__}, 2, k='_Net')", "opaque": f"<{__name__}._Opaque object>"}
+    assert expected["init"] == "test_class_and_function_hparams_are_written_by_name_without_a_memory_address.<locals>.init_fn"
+    for cls in (CSVLogger, TensorBoardLogger):
+        logger = cls(tmp_path, cls.__name__)
+        logger.log_hparams(hparams)
+        logger.log_metrics({"loss": 1.0}, 1)
+        logger.finalize()
+        assert json.load(open(os.path.join(logger.log_dir, "hparams.json"))) == expected
+    start = _hparams_content(read_events(logger.log_dir))["_hparams_/session_start_info"].session_start_info.hparams
+    assert start["activation"].string_value == "ReLU" and start["sched"].string_value == expected["sched"]
+
+
 def test_numpy_hparams_are_numbers_in_hparams_json_and_tensorboard(tmp_path):
     hparams = {"batch_size": np.int64(32), "lr": np.float32(0.5), "amsgrad": np.bool_(True), "decay": np.array(0.25)}
     expected = {"batch_size": 32, "lr": 0.5, "amsgrad": True, "decay": 0.25}
@@ -964,7 +998,7 @@ def test_dataclass_and_namespace_hparams_are_nested_and_flattened_as_lightnings_
     hparams = {"cfg": _Config(), "ns": argparse.Namespace(width=8, inner=argparse.Namespace(p=0.5)), "batch": 32,
                "cls": _Optim}
     nested = {"cfg": {"optim": {"lr": 0.1, "betas": [0.9, 0.99]}, "depth": 3},
-              "ns": {"width": 8, "inner": {"p": 0.5}}, "batch": 32, "cls": str(_Optim)}  # (a class: its name)
+              "ns": {"width": 8, "inner": {"p": 0.5}}, "batch": 32, "cls": "_Optim"}  # (a class: its name, no repr)
     for cls in (CSVLogger, JSONLLogger, TensorBoardLogger):
         logger = cls(tmp_path, cls.__name__)
         logger.log_hparams(hparams)
@@ -1176,10 +1210,10 @@ def test_every_file_logger_writes_hparams_json(tmp_path):
         logger.log_hparams(hparams)
         logger.log_metrics({"loss": 1.0}, 1)
         written = json.load(open(os.path.join(logger.log_dir, "hparams.json")))
-        assert written == {"lr": 0.1, "model": {"hidden": 8}, "optimizer": str(torch.optim.SGD), "betas": [0.9, 0.99]}
+        assert written == {"lr": 0.1, "model": {"hidden": 8}, "optimizer": "SGD", "betas": [0.9, 0.99]}
         logger.log_hparams({"lr": 0.2}, {"val/loss": 0.5})  # once the folder exists, written at once (added to the first)
         assert json.load(open(os.path.join(logger.log_dir, "hparams.json"))) == {
-            "lr": 0.2, "model": {"hidden": 8}, "optimizer": str(torch.optim.SGD), "betas": [0.9, 0.99],
+            "lr": 0.2, "model": {"hidden": 8}, "optimizer": "SGD", "betas": [0.9, 0.99],
         }
         assert json.load(open(os.path.join(logger.log_dir, "hparams_metrics.json"))) == {"val/loss": 0.5}
 

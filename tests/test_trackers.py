@@ -192,6 +192,18 @@ def test_wandb_config_holds_the_hparams_as_numbers_and_nested_dicts(wandb_fit):
     assert type(run["config"]["lr"]) is float and type(run["config"]["hidden"]) is int
 
 
+def test_wandb_config_holds_a_class_or_function_hparam_by_name_as_lightnings_without_an_address(tmp_path):
+    def init_fn(x):
+        return x
+
+    logger = WandbLogger(project="p", save_dir=tmp_path / "w", offline=True)
+    logger.log_hparams({"activation": torch.nn.ReLU, "init": init_fn, "model": {"norm": torch.nn.LayerNorm}})
+    logger.experiment.finish()
+    (run,) = wandb_runs(tmp_path / "w")
+    assert run["config"] == {"activation": "ReLU", "init": init_fn.__qualname__, "model": {"norm": "LayerNorm"}}
+    assert init_fn.__qualname__.endswith("<locals>.init_fn")
+
+
 def test_wandb_a_successful_fit_leaves_the_run_open_and_writes_after_it_go_on_in_the_same_run(wandb_fit):
     """As Lightning's WandbLogger (its finalize never finishes the run; wandb does at exit): the fit's end finished
     the run, and a later write resumed the id in a second offline folder, its ``_step`` from 0 again (wandb's offline
@@ -393,6 +405,48 @@ def test_mlflow_a_failed_fit_is_marked_failed_and_run_id_continues_the_run(tmp_p
     assert client.get_run(logger.run_id).info.status == "FINISHED"
 
 
+@pytest.mark.parametrize("signum", ["SIGTERM", "SIGINT"])
+def test_a_fit_stopped_by_a_signal_is_finalized_killed_mlflow_killed_wandb_exit_code_1(tmp_path, mlflow_dir, signum):
+    """A graceful stop (``run_epochs`` saves and returns) is no success: MLflow's ``KILLED``, a wandb run finished with
+    exit code 1, and ``"failed"`` (what Lightning's trainer passes after SIGTERM or Ctrl-C) to a Lightning-style logger."""
+    import signal
+
+    class LightningStyle:
+        statuses = []
+
+        def log_metrics(self, metrics, step):
+            pass
+
+        def log_hparams(self, hparams, metrics=None):
+            pass
+
+        def finalize(self, status):
+            self.statuses.append(status)
+
+    def preempted(model, batch):
+        preempted.calls += 1
+        if preempted.calls == 3:
+            os.kill(os.getpid(), getattr(signal, signum))
+        return loss_with_mae(model, batch)
+
+    preempted.calls = 0
+    mlflow_logger = MLFlowLogger(save_dir=mlflow_dir(tmp_path / "m"))
+    wandb_logger, other = WandbLogger(project="p", save_dir=tmp_path / "w", offline=True), LightningStyle()
+    step = with_logging(train_step(preempted), mlflow_logger, wandb_logger, other, every_n_steps=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the driver's note that it stops after the current step)
+        state, _ = run_epochs(step, sgd_state(tiny_mlp()), synthetic_batches(5), epochs=2, progress=False)
+    assert state.step == 3
+    assert mlflow_logger.experiment.get_run(mlflow_logger.run_id).info.status == "KILLED"
+    assert [r["exit_code"] for r in wandb_runs(tmp_path / "w")] == [1]
+    assert other.statuses == ["failed"]
+
+    ended = []  # a fit after it, with the same step, ends "success" again
+    mlflow_logger.finalize = lambda status="success": ended.append(status)
+    run_epochs(step, state, synthetic_batches(5), epochs=1, max_steps=4, progress=False)
+    assert ended == ["success"] and other.statuses == ["failed", "success"]
+
+
 def test_mlflow_run_id_logs_hparams_metrics_at_the_runs_last_step(tmp_path, mlflow_dir):
     """``MLFlowLogger(run_id=<a finished run>).log_hparams(cfg, {"test/loss": x})`` (an evaluation adding its results):
     logged at step 0; at the run's last step (the highest, not the last written), as through the fit's own logger."""
@@ -454,6 +508,25 @@ def test_mlflow_long_params_are_cut_at_mlflows_limit_and_many_go_in_batches(tmp_
     run = logger.experiment.get_run(logger.run_id)
     assert run.data.params["long"] == "x" * MAX_PARAM_VAL_LENGTH and len(run.data.params) == 151
     assert run.data.metrics == {"fold0-val/acc": 0.5}  # the prefix, joined with '-' as Lightning's
+
+
+def test_mlflow_a_later_log_hparams_adds_params_skips_unchanged_and_refuses_a_changed_value_by_name(
+    tmp_path, mlflow_dir
+):
+    """MLflow params cannot change: a new value is refused with a ValueError naming it (old and new), before anything
+    is sent, also in a run continued with ``run_id=``; the same values again and new names go in."""
+    logger = MLFlowLogger(save_dir=mlflow_dir(tmp_path))
+    logger.log_hparams({"lr": 0.1, "bs": 4})
+    logger.log_hparams({"lr": 0.1, "opt": {"name": "sgd"}})  # the same value again, and a new param
+    with pytest.raises(ValueError, match=r"MLflow params cannot change.*lr='0\.1' \(now '0\.2'\)"):
+        logger.log_hparams({"lr": 0.2, "wd": 0.01})
+    resumed = MLFlowLogger(run_id=logger.run_id, save_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"bs='4' \(now '8'\)"):
+        resumed.log_hparams({"bs": 8, "lr": 0.1})
+    resumed.log_hparams({"bs": 4, "seed": 1})
+    resumed.finalize()
+    params = logger.experiment.get_run(logger.run_id).data.params
+    assert params == {"lr": "0.1", "bs": "4", "opt/name": "sgd", "seed": "1"}  # nothing of the refused calls
 
 
 def test_mlflow_params_flatten_dataclass_and_namespace_values_as_lightnings_do(tmp_path, mlflow_dir):

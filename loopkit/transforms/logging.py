@@ -107,11 +107,12 @@ class _Held:
     known, when it goes on in that epoch. Shared by the step's donated copies; only read when a row is logged, or a
     fit ends."""
 
-    __slots__ = ("at", "told")
+    __slots__ = ("at", "stopped", "told")
 
     def __init__(self) -> None:
         self.at: tuple[int, int, int] | None = None
         self.told = False  # (the loggers were told ``at``, finishes_epoch=False, at a validation's row there)
+        self.stopped = False  # (the fit was told ``"stop"``: a signal stopped it, and it ends ``"killed"``)
 
 
 def _epoch_scalars(record: Mapping[str, float]) -> dict[str, float]:
@@ -213,6 +214,7 @@ class LoggingStep(WrapperStep):
             # (in an epoch a cut recorded at this step: told once it is known whether this fit goes on in it)
             self.held.at = at if state.batch_index > 0 and state.extras.get(RECORDED) == state.step else None
             self.held.told = False
+            self.held.stopped = False
             if self.held.at is None:  # (first: a fresh fit after one a logger logged moves it to a new folder)
                 self._resume(at, finishes=False)
             for logger in self.loggers:
@@ -230,10 +232,14 @@ class LoggingStep(WrapperStep):
             scalars = dict(metrics)
         elif event == "epoch_end":
             scalars = _epoch_scalars(metrics)
+        elif event == "stop":  # a graceful stop on SIGTERM/SIGINT: "fit_end" follows, and finalizes "killed"
+            self.held.stopped = True
+            return
         elif event in ("fit_end", "abort"):  # on abort, what was logged is flushed and closed
             self._release(state if event == "fit_end" else None)  # (abort: the state may be donated, unread)
+            status = "failed" if event == "abort" else "killed" if self.held.stopped else "success"
             for logger in self.loggers:
-                _finalize(logger, "failed" if event == "abort" else "success")
+                _finalize(logger, status)
             return
         else:
             return
@@ -343,7 +349,11 @@ def _resume_at(resume_at: Callable[..., Any], at: tuple[int, int, int], finishes
 def _finalize(logger: Any, status: str) -> None:
     """``logger.finalize(status)`` when it takes a status, ``"success"`` included (Lightning's protocol: its trainer
     always passes one, so ``def finalize(self, status)`` has no default), else ``logger.finalize()`` (a logger of
-    one's own may take none)."""
+    one's own may take none). ``"killed"`` (a fit a signal stopped) goes only to a logger whose ``finalize_statuses``
+    lists it (loopkit's); any other is given ``"failed"``, what Lightning's trainer passes after a SIGTERM or Ctrl-C
+    (its loggers know no other)."""
+    if status == "killed" and status not in getattr(logger, "finalize_statuses", ()):
+        status = "failed"
     try:
         inspect.signature(logger.finalize).bind(status)
     except (TypeError, ValueError):  # (no room for a status; a builtin without a signature)
@@ -406,8 +416,10 @@ def with_logging(step: Any, *loggers: Any, every_n_steps: int = 50) -> LoggingSt
     each epoch ``train/m_epoch`` (the epoch means), ``epoch`` and the callbacks' extras (only the epoch's record holds
     ``epoch``, which tells it apart when a run is resumed; Lightning puts it on every row: every row comes before its
     epoch's record, so backfilling the column gives each its epoch); at the
-    end of the fit every logger is finalized: ``finalize("success")``, or ``finalize("failed")`` when an
-    error leaves the fit, for loggers whose ``finalize`` takes a status (as Lightning's trainer always
+    end of the fit every logger is finalized: ``finalize("success")``, ``finalize("failed")`` when an
+    error leaves the fit, or ``finalize("killed")`` when SIGTERM or Ctrl-C stopped it (``run_epochs`` saved and
+    returned: a resumable stop, an MLflow run ``KILLED``; a logger not of loopkit's gets ``"failed"``, as
+    Lightning's trainer gives), for loggers whose ``finalize`` takes a status (as Lightning's trainer always
     passes one), ``finalize()`` for one that takes none; call ``finalize()`` yourself in a loop of your own. Sanity validation is never logged. A custom step is logged per window only if it
     advances ``state.step``. Loggers with ``wants_model``/``log_model``
     (``TensorBoardLogger(histogram_every_n_steps=m)``) get the model when due, from the
