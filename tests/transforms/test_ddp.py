@@ -588,18 +588,24 @@ def test_one_rank_matches_the_plain_step_bitwise(group):
         assert torch.equal(a, b), n
 
 
-def test_the_ddp_wrapper_is_built_once_per_model(group):
-    step = loopkit.donate(loopkit.with_ddp(loopkit.train_step(ddp.mse)))
-    state = ddp.sgd_state(ddp.make_model())
-    seen = []
+def _spying(step):
+    """``step`` with its loss_fn recording the module it is given (the DDP wrapper), and the list it records in."""
+    import attrs
+
+    seen: list = []
     loss_fn = step.loss_fn
 
     def spy(model, batch):
         seen.append(model)
         return loss_fn(model, batch)
 
-    import attrs
-    step = attrs.evolve(step, loss_fn=spy)
+    return attrs.evolve(step, loss_fn=spy), seen
+
+
+def test_the_ddp_wrapper_is_built_once_per_model(group):
+    step = loopkit.donate(loopkit.with_ddp(loopkit.train_step(ddp.mse)))
+    state = ddp.sgd_state(ddp.make_model())
+    step, seen = _spying(step)
     batch = ddp.make_data(1)[0, 0]
     state, _ = step(state, batch)
     state, _ = step(state, batch)
@@ -632,15 +638,7 @@ def test_a_requires_grad_change_builds_the_wrapper_anew_and_freezing_inside_a_gr
     step = loopkit.donate(loopkit.with_grad_accum(loopkit.with_ddp(loopkit.train_step(ddp.mse)), every=2))
     state = ddp.sgd_state(ddp.make_model())
     state.model[0].requires_grad_(False)
-    seen = []
-    loss_fn = step.loss_fn
-
-    def spy(model, batch):
-        seen.append(model)
-        return loss_fn(model, batch)
-
-    import attrs
-    step = attrs.evolve(step, loss_fn=spy)
+    step, seen = _spying(step)
     batches = ddp.make_data(6)[:, 0]
     plain = loopkit.donate(loopkit.with_grad_accum(loopkit.train_step(ddp.mse), every=2))
     reference = ddp.sgd_state(ddp.make_model())
