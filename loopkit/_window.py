@@ -127,13 +127,16 @@ def _groups_ended(
 
 def guarded(window: Window, step: Any) -> Window:
     """``window`` as ``step``'s records need it: holding open accumulation groups back from its folds where the step
-    is ``with_nan_guard``-ed (a skipped group's micro-batches are left out of the means with it, however long).
+    is ``with_nan_guard(policy="skip")``-ed (a skipped group's micro-batches are left out of the means with it, however
+    long); ``policy="raise"`` reports no skip flag, so nothing would ever fold.
 
     >>> from loopkit import train_step, with_nan_guard
     >>> guarded(EPOCH, with_nan_guard(train_step(lambda m, b: None))).holds_open_groups, guarded(EPOCH, None) is EPOCH
     (True, True)
+    >>> guarded(EPOCH, with_nan_guard(train_step(lambda m, b: None), policy="raise")) is EPOCH
+    True
     """
-    if "with_nan_guard" in getattr(step, "applied", ()):
+    if ("with_nan_guard policy", "skip") in getattr(step, "rank_agreed", ()):
         return attrs.evolve(window, holds_open_groups=True)
     return window
 

@@ -856,3 +856,35 @@ def test_a_skipped_group_longer_than_the_windows_fold_adds_nothing_to_the_means(
     assert history[0]["train/loss"] == pytest.approx(sum(kept) / len(kept), rel=1e-6)
     logged = [row["train/loss"] for row in rows if "train/loss" in row]
     assert logged == [pytest.approx(sum(kept) / len(kept), rel=1e-6)]  # the kept group's row alone (step 1)
+
+
+@pytest.mark.parametrize("policy, nesting", [("raise", "guard"), ("raise", "accum(guard)"), ("skip", "guard")])
+def test_a_guarded_steps_windows_still_fold_every_32_records_where_records_carry_no_open_group(
+    policy, nesting, make_mlp, make_batches, mse_loss, make_sgd_state,
+):
+    """policy="raise" reports no skip flag: its windows held every record back from their folds (the whole epoch's
+    records kept, in every mid-epoch checkpoint). Reference: the fold size, 32 records, as a step without a guard's;
+    and the epoch mean is the plain mean of the calls' losses (lr=0)."""
+    data = make_batches(100, batch_size=2)
+    inner = loopkit.with_nan_guard(loopkit.train_step(mse_loss), policy=policy)
+    if nesting == "accum(guard)":
+        inner = loopkit.with_grad_accum(inner, every=2)
+    longest = {"run_epochs/epoch": 0, "logging/pending": 0}
+
+    class Pending(loopkit.Callback):
+        def on_batch_end(self, state, metrics):
+            for key in longest:
+                longest[key] = max(longest[key], len(state.extras.get(key, ())))
+
+    class Quiet(loopkit.Logger):
+        def _write_metrics(self, metrics, step):
+            pass
+
+    step = loopkit.with_logging(inner, Quiet(), every_n_steps=1000)
+    model = make_mlp(0)
+    expected = sum(float(mse_loss(model, b).detach()) for b in data) / len(data)
+    with pytest.warns(UserWarning, match="fewer than the logging interval"):
+        _, history = loopkit.run_epochs(step, make_sgd_state(make_mlp(0), lr=0.0), data, epochs=1,
+                                        callbacks=[Pending()], progress=False)
+    assert 0 < max(longest.values()) < 32, longest
+    assert history[0]["train/loss"] == pytest.approx(expected, rel=1e-6)
