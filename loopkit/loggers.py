@@ -283,9 +283,13 @@ class Logger:
         who = type(self).__name__
         plain = _plain_hparams(hparams, who)
         final = None if metrics is None else _check_metrics(metrics, 0, who)
-        self._hparams = plain = {**(self._hparams or {}), **plain}
+        before, self._hparams = self._hparams, {**(self._hparams or {}), **plain}
         if is_rank_zero():
-            self._write_hparams(plain, final)
+            try:
+                self._write_hparams(self._hparams, final)
+            except BaseException:  # a refused call (MLflow's changed param) records nothing: later calls go on
+                self._hparams = before
+                raise
 
     def log_hyperparams(self, params: Mapping[str, Any], metrics: Mapping[str, float] | None = None) -> None:
         """:meth:`log_hparams` under Lightning's name (its loggers' ``log_hyperparams(params, metrics=None)``).

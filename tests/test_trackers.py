@@ -520,13 +520,15 @@ def test_mlflow_a_later_log_hparams_adds_params_skips_unchanged_and_refuses_a_ch
     logger.log_hparams({"lr": 0.1, "opt": {"name": "sgd"}})  # the same value again, and a new param
     with pytest.raises(ValueError, match=r"MLflow params cannot change.*lr='0\.1' \(now '0\.2'\)"):
         logger.log_hparams({"lr": 0.2, "wd": 0.01})
+    assert logger.hparams == {"lr": 0.1, "bs": 4, "opt": {"name": "sgd"}}  # the refused call recorded nothing
+    logger.log_hparams({"lr_new": 0.2})  # so a later call goes in (it re-sent the refused lr=0.2 and failed again)
     resumed = MLFlowLogger(run_id=logger.run_id, save_dir=tmp_path)
     with pytest.raises(ValueError, match=r"bs='4' \(now '8'\)"):
         resumed.log_hparams({"bs": 8, "lr": 0.1})
     resumed.log_hparams({"bs": 4, "seed": 1})
     resumed.finalize()
     params = logger.experiment.get_run(logger.run_id).data.params
-    assert params == {"lr": "0.1", "bs": "4", "opt/name": "sgd", "seed": "1"}  # nothing of the refused calls
+    assert params == {"lr": "0.1", "bs": "4", "opt/name": "sgd", "lr_new": "0.2", "seed": "1"}  # none of the refused
 
 
 def test_mlflow_params_flatten_dataclass_and_namespace_values_as_lightnings_do(tmp_path, mlflow_dir):
