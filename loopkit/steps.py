@@ -47,6 +47,7 @@ __all__ = [
     "Precision",
     "SAVE_DUE",
     "Step",
+    "SyncRefusal",
     "TrainStep",
     "UpdateStep",
     "WrapperStep",
@@ -816,6 +817,15 @@ def _split_loss(out: Any, loss_fn: Any, taken: Mapping[str, str] = _NO_METRICS) 
 # --- the training step -------------------------------------------------------------------------
 
 
+class SyncRefusal(ValueError):
+    """A data-parallel hook's refusal in ``module(...)`` raised before it changed anything (no wrapper built, nothing
+    broadcast): the step leaves the state it was given usable (:func:`loopkit.state_at_error`).
+
+    >>> isinstance(SyncRefusal("with_ddp: ..."), ValueError)
+    True
+    """
+
+
 @attrs.frozen(eq=False)
 class TrainStep(Step):
     """The step ``train_step(loss_fn)`` returns; transforms return modified copies of it.
@@ -1029,10 +1039,8 @@ class TrainStep(Step):
         intact_on_error = sync is None or sync.wraps(model)
         try:
             net = model if sync is None else sync.module(model, optimizer, state.extras)
-        except ValueError as error:  # (a refusal of a model wrapped before, e.g. with_fsdp's stale group: nothing ran)
-            if intact_on_error:
-                raise leave_intact(error, state)
-            raise
+        except SyncRefusal as error:  # (with_fsdp's stale group, with_ddp's freeze inside a group: nothing ran)
+            raise leave_intact(error, state)
         # under DDP a micro-step that does not finish its group keeps its gradient local (no all-reduce);
         # per-micro transforms need each micro-batch's whole gradient, so then every micro-step syncs
         every = self.every_at(state.epoch)

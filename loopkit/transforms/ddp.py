@@ -33,7 +33,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from loopkit import _collective
-from loopkit.steps import _ACCUM_COUNT, TrainStep
+from loopkit.steps import _ACCUM_COUNT, SyncRefusal, TrainStep
 from loopkit.transforms._compose import require_train_step
 
 __all__ = ["DDPSync", "with_ddp"]
@@ -401,7 +401,7 @@ def _refuse_frozen_held(model: torch.nn.Module) -> None:
     held = [name for name, p in model.named_parameters() if p.grad is not None and not p.requires_grad]
     if held:
         names = ", ".join(held[:3]) + (f" and {len(held) - 3} more" if len(held) > 3 else "")
-        raise ValueError(
+        raise SyncRefusal(
             f"with_ddp: requires_grad of {names} was turned off inside an accumulation group (it holds the "
             "group's gradient, kept on this rank, which DistributedDataParallel would not average); change "
             "requires_grad between groups (e.g. in on_epoch_start)")

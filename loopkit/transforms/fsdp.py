@@ -28,7 +28,7 @@ from torch import nn
 from loopkit._sharded import held_grads as _held_grads
 from loopkit._sharded import is_dtensor, local
 from loopkit import _collective
-from loopkit.steps import TrainStep
+from loopkit.steps import SyncRefusal, TrainStep
 from loopkit.transforms._compose import named_callable, refuse_wrapping, require_train_step
 
 if TYPE_CHECKING:
@@ -374,21 +374,21 @@ _STALE = ("a parameter taken before the step's first call, which fully_shard rep
 
 
 def _refuse_foreign(model: nn.Module, optimizer: torch.optim.Optimizer, advice: str) -> None:
-    """Refuse (``ValueError``) an optimizer that trains a parameter not of ``model`` (by identity), naming its group,
-    its shape and ``advice``.
+    """Refuse (:class:`loopkit.steps.SyncRefusal`, a ``ValueError``) an optimizer that trains a parameter not of
+    ``model`` (by identity), naming its group, its shape and ``advice``.
 
     >>> model = torch.nn.Linear(2, 1)
     >>> _refuse_foreign(model, torch.optim.SGD(model.parameters(), lr=0.1), "")
     >>> _refuse_foreign(model, torch.optim.SGD(torch.nn.Linear(2, 1).parameters(), lr=0.1), "advice")
     Traceback (most recent call last):
-    ValueError: with_fsdp: the optimizer's param group 0 trains a parameter of shape (1, 2) that is not one of the model's; advice
+    loopkit.steps.SyncRefusal: with_fsdp: the optimizer's param group 0 trains a parameter of shape (1, 2) that is not one of the model's; advice
     """
     mine = {id(p) for p in model.parameters()}
     for index, group in enumerate(optimizer.param_groups):
         for p in group["params"]:
             if id(p) not in mine:
-                raise ValueError(f"with_fsdp: the optimizer's param group {index} trains a parameter of shape "
-                                 f"{tuple(p.shape)} that is not one of the model's; {advice}")
+                raise SyncRefusal(f"with_fsdp: the optimizer's param group {index} trains a parameter of shape "
+                                  f"{tuple(p.shape)} that is not one of the model's; {advice}")
 
 
 def _refuse_split_ties(model: nn.Module, picked: Callable[[nn.Module], bool]) -> None:

@@ -655,8 +655,15 @@ def test_a_requires_grad_change_builds_the_wrapper_anew_and_freezing_inside_a_gr
     assert all(p.requires_grad for p in wrapped.values()) and seen[3].module is state.model
     state, _ = step(state, batches[4])
     state.model[2].requires_grad_(False)  # inside a group, holding its gradient
-    with pytest.raises(ValueError, match=r"requires_grad of 2\.weight, 2\.bias was turned off inside an accumulation"):
+    with pytest.raises(ValueError, match=r"requires_grad of 2\.weight, 2\.bias was turned off inside an accumulation") \
+            as refused:
         step(state, batches[5])
+    assert loopkit.state_at_error(refused.value) is state  # refused before anything ran: the state is usable
+    state.model[2].requires_grad_(True)  # the flag put back: the group goes on, as the plain accumulation's
+    state, _ = step(state, batches[5])
+    for batch in batches[4:]:
+        reference, _ = plain(reference, batch)
+    _assert_bitwise(ddp._params(state.model), ddp._params(reference.model), "after the refusal")
 
 
 def test_reducing_a_flushed_group_on_one_rank_keeps_the_gradients_and_creates_none(group):
