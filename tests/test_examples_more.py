@@ -365,3 +365,42 @@ def test_the_guides_plateau_callback_cuts_the_rate_a_forking_step_of_ones_own_tr
     )
     assert final.optimizer.param_groups[0]["lr"] == optimizer.param_groups[0]["lr"] == 0.125
     assert torch.equal(final.model.weight, model.weight) and torch.equal(final.model.bias, model.bias)
+
+
+def _group_added_and_stepped(make, steps: int = 12, *, append_base_lr: bool = False) -> None:
+    """The BackboneFinetuning row's case in a plain loop: a scheduler made over one group, a second group added after
+    the first step (with ``base_lrs`` extended when asked), then ``steps`` optimizer and scheduler steps."""
+    import torch
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+    optimizer = torch.optim.SGD(model[1].parameters(), lr=0.1)
+    scheduler = make(optimizer)
+    for step in range(steps):
+        if step == 1:
+            optimizer.add_param_group({"params": list(model[0].parameters()), "lr": 0.01})
+            if append_base_lr:
+                scheduler.base_lrs.append(0.01)
+        optimizer.step()
+        scheduler.step(1.0) if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau) else scheduler.step()
+
+
+def test_the_guides_backbone_finetuning_row_sorts_the_schedulers_as_torch_does():
+    """The row's list of schedulers that take a group added mid-fit as the others, and of those that refuse it
+    (CosineAnnealingLR at its T_max + 1-th step) unless the new group's rate is appended to base_lrs."""
+    import torch
+
+    lr = torch.optim.lr_scheduler
+    row = next(line for line in GUIDE.read_text().splitlines() if line.startswith("| `BackboneFinetuning`"))
+    takes = {"StepLR": lambda o: lr.StepLR(o, 2), "MultiStepLR": lambda o: lr.MultiStepLR(o, [2, 5]),
+             "ExponentialLR": lambda o: lr.ExponentialLR(o, 0.9), "LinearLR": lambda o: lr.LinearLR(o),
+             "ConstantLR": lambda o: lr.ConstantLR(o), "PolynomialLR": lambda o: lr.PolynomialLR(o),
+             "ReduceLROnPlateau": lambda o: lr.ReduceLROnPlateau(o)}
+    listed = re.search(r"one that steps each group from its own rate \(([^:]*):", row).group(1)
+    assert sorted(re.findall(r"`(\w+)`", listed)) == sorted(takes)
+    for make in takes.values():
+        _group_added_and_stepped(make)
+    cosine = lambda o: lr.CosineAnnealingLR(o, T_max=3)  # noqa: E731
+    assert "`CosineAnnealingLR` (at its `T_max + 1`-th step)" in row
+    with pytest.raises(ValueError, match=r"zip\(\) argument 2 is"):
+        _group_added_and_stepped(cosine)
+    _group_added_and_stepped(cosine, append_base_lr=True)  # the row's remedy
