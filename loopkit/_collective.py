@@ -24,7 +24,7 @@ import torch
 __all__ = [
     "active", "agree_max", "any_rank", "broadcast_from_rank_zero", "check_same", "differs_from_rank_zero", "failing_as",
     "failure", "fold", "from_rank_zero", "gather", "is_rank_zero", "max_over_ranks", "mean_over_ranks", "means", "rank_and_size", "rank_zero_values",
-    "read", "ready", "sum_dtype",
+    "read", "ready", "sum_dtype", "widest_float",
 ]
 
 
@@ -117,6 +117,15 @@ def gather(value: object, *, who: str, what: str, to_rank_zero: bool = False) ->
     return gathered if rank_zero or not to_rank_zero else None
 
 
+def widest_float(device: torch.device) -> torch.dtype:
+    """The widest float dtype on ``device``: float64, or float32 on MPS, which has no float64.
+
+    >>> widest_float(torch.device("cpu")), widest_float(torch.device("mps"))
+    (torch.float64, torch.float32)
+    """
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 def sum_dtype(values: torch.Tensor) -> torch.dtype:
     """The dtype metrics like ``values`` are summed in: float64 for float64 and int64 ones (no precision
     lost to float32's 24 bits: token counts, float64 models), float32 for the rest. (A metric given as
@@ -125,8 +134,8 @@ def sum_dtype(values: torch.Tensor) -> torch.dtype:
     >>> sum_dtype(torch.ones(2)), sum_dtype(torch.ones(2, dtype=torch.float64)), sum_dtype(torch.ones(2, dtype=torch.int64))
     (torch.float32, torch.float64, torch.float64)
     """
-    if values.dtype in (torch.float64, torch.int64) and values.device.type != "mps":  # MPS has no float64
-        return torch.float64
+    if values.dtype in (torch.float64, torch.int64):
+        return widest_float(values.device)
     return torch.float32
 
 
@@ -191,7 +200,7 @@ def fold(
         else:
             skipped = _skipped(marks, len(tensors), stacked.device)
             total = stacked.masked_fill(skipped, 0).sum(dtype=sum_dtype(stacked))
-            count = (~skipped).sum(dtype=torch.float32 if stacked.device.type == "mps" else torch.float64)
+            count = (~skipped).sum(dtype=widest_float(stacked.device))
         new_sums[key] = total if key not in new_sums else new_sums[key] + total
         new_counts[key] = count if key not in new_counts else _added(new_counts[key], count)
     return new_sums, new_counts
@@ -236,7 +245,7 @@ def read(tensors: Mapping[str, torch.Tensor]) -> dict[str, float]:
         return {}
     keys = list(tensors)
     device = tensors[keys[0]].device
-    dtype = torch.float32 if device.type == "mps" else torch.float64
+    dtype = widest_float(device)
     values = torch.stack([tensors[k].detach().reshape(()).to(device, dtype) for k in keys]).tolist()
     return dict(zip(keys, values))
 

@@ -36,7 +36,7 @@ from loopkit import _collective
 from loopkit._epoch_data import TRAIN, call_seeded, check_factory, factory_name, is_factory, not_data, val_stream
 from loopkit._numbers import as_int, as_real
 from loopkit._sharded import fsdp_modules
-from loopkit._window import EPOCH, OVER_RANKS, guarded, own_buffers, own_rng, own_share
+from loopkit._window import EPOCH, OVER_RANKS, Window, guarded, own_buffers, own_rng, own_share
 from loopkit.callbacks import Callback, _batch_end_unused, _from_lightning, _loopkit_hook, may_change_state_early
 from loopkit.checkpoint import capture_global_rng, install_global_rng
 from loopkit.progress import ProgressBar, progress_wanted, write_line
@@ -1799,14 +1799,15 @@ def _warn_of_the_same_batch(batch: Any, transform: str) -> None:
         )
 
 
-def _flushed(step: Any, state: TrainState) -> tuple[TrainState, Metrics, bool]:
+def _flushed(step: Any, state: TrainState, epoch_window: Window) -> tuple[TrainState, Metrics, bool]:
     """``state`` after the step's ``flush`` (a partial accumulation group's update at an epoch's end), its
     metrics in the epoch's means; those metrics; and whether that update is due a step checkpoint (the mark
     taken off). The callbacks hear of it after (:func:`_tell_flush_end`), once it is the fit's newest state:
-    a hook that raises leaves it as :func:`loopkit.state_at_error`'s, as after a batch's update."""
+    a hook that raises leaves it as :func:`loopkit.state_at_error`'s, as after a batch's update. ``epoch_window``:
+    the fit's window of epoch means (:func:`loopkit._window.guarded`)."""
     state, metrics = step.flush(state)
     if metrics:
-        state = replace_extras(state, guarded(EPOCH, step).add(state.extras, metrics))
+        state = replace_extras(state, epoch_window.add(state.extras, metrics))
     due = SAVE_DUE in state.extras
     if due:
         state = _unmarked(state)
@@ -2391,7 +2392,7 @@ def run_epochs(
                 epoch = state.epoch
                 if exhausted:
                     before = state.step
-                    state, flush_metrics, due = _flushed(step, state)
+                    state, flush_metrics, due = _flushed(step, state, epoch_window)
                     save_pending = save_pending or due
                     flush_updated = state.step != before
                     if flush_updated:  # (the update ran in place, as a batch's step; a flush without one changed nothing)
