@@ -393,6 +393,30 @@ def _data_generators(data: Iterable) -> tuple[list[torch.Generator], list[torch.
     return named, kept
 
 
+@contextlib.contextmanager
+def _generators_kept(data: Iterable) -> Iterator[None]:
+    """Put the generators ``data`` shuffles and draws with (:func:`_data_generators`) back as they were when the
+    block ends.
+
+    >>> class Noisy(torch.utils.data.Dataset):
+    ...     def __init__(self): self.generator = torch.Generator().manual_seed(0)
+    ...     def __len__(self): return 2
+    ...     def __getitem__(self, i): return torch.rand((), generator=self.generator)
+    >>> data = Noisy()
+    >>> with _generators_kept(torch.utils.data.DataLoader(data)):
+    ...     _ = data.generator.manual_seed(5), data[0]
+    >>> bool(data[0] == Noisy()[0])
+    True
+    """
+    named, kept = _data_generators(data)
+    saved = [(generator, generator.get_state()) for generator in (*named, *kept)]
+    try:
+        yield
+    finally:
+        for generator, held in saved:
+            generator.set_state(held)
+
+
 def _new_generators(candidates: list[Any], known: list[torch.Generator]) -> list[torch.Generator]:
     """The generators among ``candidates`` (each once) that are not in ``known``, nor torch's global one."""
     found: list[torch.Generator] = []
@@ -612,7 +636,10 @@ def _evaluate(
     and the number of batches it read (this rank's).
 
     ``seeded``: a shuffling loader's order comes from ``(state.seed, state.step)``, not from the global RNG
-    (which is left as it was): a resumed run validates in the uninterrupted run's order, to the last bit.
+    (which is left as it was): a resumed run validates in the uninterrupted run's order, to the last bit. The
+    generators the data holds (:func:`_data_generators`), seeded and drawn from here, are put back as they were
+    when it ends: the train data's stream does not move when it shares them (the same dataset, or
+    ``torch.Generator``, under both loaders).
     ``size_warning`` warns of batches whose tensors differ in their first dimension (a new one when not given).
     ``bar``: the description of a bar that counts the batches (no metric read) and is cleared when done, as
     Lightning's validation bar (``run_epochs``' validations on a terminal); None: no bar. ``who`` and ``advice``:
@@ -625,25 +652,26 @@ def _evaluate(
     move = _mover(device, state)
     sums: dict[str, torch.Tensor] = {}
     sizes: dict[str, int] = {}
-    batches = _epoch_batches(data, state.seed, state.step, 0, count) if seeded else itertools.islice(data, count)
-    read = 0
-    rngs = _evaluation_rngs(state)
-    progress = ProgressBar(enabled=bar is not None, total=count, desc=bar or "", leave=False)
-    try:
-        for read, batch in enumerate(batches or (), 1):
-            if move is not None:
-                batch = move(batch)
-            size, differ = _sizes(batch)
-            size_warning(differ, size)
-            _, metrics = step(state if read == 1 else replace(state, rng=next(rngs)), batch)
-            for key, value in metrics.items():
-                weighted = value.to(_collective.sum_dtype(value)) * size
-                sums[key] = weighted if key not in sums else sums[key] + weighted
-                sizes[key] = sizes.get(key, 0) + size
-            if progress.enabled:
-                progress.tick({})  # (batches only: the metrics stay on the device)
-    finally:
-        progress.close()
+    with _generators_kept(data) if seeded else contextlib.nullcontext():
+        batches = _epoch_batches(data, state.seed, state.step, 0, count) if seeded else itertools.islice(data, count)
+        read = 0
+        rngs = _evaluation_rngs(state)
+        progress = ProgressBar(enabled=bar is not None, total=count, desc=bar or "", leave=False)
+        try:
+            for read, batch in enumerate(batches or (), 1):
+                if move is not None:
+                    batch = move(batch)
+                size, differ = _sizes(batch)
+                size_warning(differ, size)
+                _, metrics = step(state if read == 1 else replace(state, rng=next(rngs)), batch)
+                for key, value in metrics.items():
+                    weighted = value.to(_collective.sum_dtype(value)) * size
+                    sums[key] = weighted if key not in sums else sums[key] + weighted
+                    sizes[key] = sizes.get(key, 0) + size
+                if progress.enabled:
+                    progress.tick({})  # (batches only: the metrics stay on the device)
+        finally:
+            progress.close()
     return _collective.means(sums, sizes, who=who, advice=advice, reduce=reduce), read
 
 

@@ -2403,6 +2403,59 @@ def test_a_dataset_s_generator_of_its_own_resumes_mid_epoch_exactly(tmp_path, ki
     assert_bitwise(params_of(resumed), params_of(whole_state))
 
 
+def _train_and_val_sharing(what: str) -> tuple[DataLoader, DataLoader]:
+    """A train and a validation loader (4 batches an epoch) that share a generator: one augmenting dataset under
+    both, or one ``torch.Generator`` given to both, the train loader's sampler drawing its indices from it as it
+    goes (``RandomSampler(replacement=True)`` draws them 32 at a time: past the 32nd of 40, mid-epoch)."""
+    if what == "dataset":
+        dataset = _OwnAugmented()
+        return DataLoader(dataset, batch_size=2, shuffle=True), DataLoader(dataset, batch_size=2)
+    generator = torch.Generator()
+    dataset = TensorDataset(*(torch.cat(t) for t in zip(*make_data(40, batch_size=1, seed=3))))
+    sampler = torch.utils.data.RandomSampler(dataset, replacement=True, generator=generator)
+    return (DataLoader(dataset, batch_size=10, sampler=sampler),
+            DataLoader(_OwnAugmented(), batch_size=2, shuffle=True, generator=generator))
+
+
+@pytest.mark.parametrize("shared", ["dataset", "generator"])
+@pytest.mark.parametrize("crash_after", [3, 7])
+def test_a_validation_sharing_the_train_data_s_generator_leaves_its_stream_as_it_was(tmp_path, shared, crash_after):
+    """A validation seeded the generators its data holds (from the state's seed and step) and left them so: one the
+    train data shares (one dataset, or one ``torch.Generator``, under both loaders) drew the rest of the epoch
+    from that seed, so the train batches after a mid-epoch validation were not those of the same fit without
+    validation, and a run resumed in that epoch (which skips the batches it trained without validating) trained on
+    others than the uninterrupted run. Validations at updates 3 (the checkpoint of a crash after it is saved before
+    it) and 6 (the one a crash after 7 resumes after). Each run has fresh loaders, as another process would."""
+    seen: list[float] = []
+
+    def loss(model, batch):
+        seen.append(batch[0].sum().item())
+        return mse(model, batch)
+
+    def fit(step, state, **kw):
+        train, val = _train_and_val_sharing(shared)
+        return run_epochs(step, state, train, epochs=2, val=(eval_step(lambda m, b: {"mse": mse(m, b)}), val),
+                          val_every_n_steps=3, sanity_val_batches=0, progress=False, **kw)
+
+    train, _ = _train_and_val_sharing(shared)
+    unvalidated, _ = run_epochs(train_step(loss), make_state(), train, epochs=2, progress=False)
+    reference, seen[:] = list(seen), []
+    whole_state, history = fit(train_step(loss), make_state())
+    whole, seen[:] = list(seen), []
+    assert whole == reference and "val/mse" in history[0]
+    assert_bitwise(params_of(whole_state), params_of(unvalidated))
+    step = loopkit.with_checkpointing(train_step(loss), tmp_path, every_n_steps=1)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        fit(step, make_state(), callbacks=[CrashAfterStep(crash_after)])
+    mid = loopkit.restore(make_state(), tmp_path)
+    assert (mid.epoch, mid.batch_index) == (crash_after // 4, crash_after % 4)
+    seen[crash_after:] = []
+    resumed, rest = fit(step, mid)
+    assert seen == whole
+    assert rest == history[crash_after // 4:]
+    assert_bitwise(params_of(resumed), params_of(whole_state))
+
+
 class _Batch:
     """A collate_fn's batch of one's own class."""
 
