@@ -508,7 +508,9 @@ class HeldScheduler(_Scheduler):
     one in their inner step's state, so that the inner step (a ``train_step``'s update, a step of one's own that
     calls ``state.scheduler.step()``) does not step the scheduler, which they step themselves after, and give the
     state they return the scheduler it holds back. ``fork`` copies one as a held copy of the copied scheduler; a
-    checkpoint never sees one (``with_checkpointing`` inside a scheduler transform is refused).
+    checkpoint never sees one (``with_checkpointing`` inside a scheduler transform is refused). Its ``__class__`` is the
+    held scheduler's, as a ``unittest.mock`` spec's is, so that a step's own ``isinstance(state.scheduler, StepLR)``
+    holds; ``type()`` tells it apart (``type(held) is HeldScheduler``), and it pickles and copies as a held one.
 
     >>> import torch
     >>> opt = torch.optim.SGD(torch.nn.Linear(1, 1).parameters(), lr=1.0)
@@ -516,10 +518,16 @@ class HeldScheduler(_Scheduler):
     >>> held = HeldScheduler(scheduler)
     >>> held.step(); held.get_last_lr(), held.last_epoch, held.optimizer is opt
     ([1.0], 0, True)
+    >>> isinstance(held, torch.optim.lr_scheduler.StepLR), type(held).__name__
+    (True, 'HeldScheduler')
     """
 
     def __init__(self, scheduler: _Scheduler) -> None:  # (not LRScheduler's: the scheduler it holds is set up)
         object.__setattr__(self, "_held", scheduler)
+
+    @property  # type: ignore[misc]
+    def __class__(self) -> type:  # (as unittest.mock's: isinstance checks see the held scheduler's class)
+        return self._held.__class__
 
     def step(self, *args: Any, **kwargs: Any) -> None:
         """Nothing: the scheduler is held still."""
@@ -543,6 +551,9 @@ class HeldScheduler(_Scheduler):
 
     def __setattr__(self, name: str, value: Any) -> None:
         setattr(self._held, name, value)
+
+    def __reduce__(self) -> tuple[Any, ...]:  # (pickle's default checks ``__class__``, which is the held one's)
+        return HeldScheduler, (self._held,)
 
     def __repr__(self) -> str:
         return f"HeldScheduler({self._held!r})"

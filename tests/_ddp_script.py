@@ -67,6 +67,11 @@ from typing import Any
 import torch
 from torch import nn
 
+if not __package__:  # run as a file (torchrun's workers): the repository's root on the path, for tests' helpers
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from tests._finetune import UNFREEZE_AT, UNFREEZE_EPOCHS, Unfreeze, frozen_state  # noqa: E402
+
 STEPS = 4
 BATCH = 4
 D_IN, D_OUT = 3, 2
@@ -1031,36 +1036,6 @@ def validating_evaluate(rank: int) -> dict[str, Any]:
             "after": after, "after_buffers": _buffers(state.model)}
 
 
-UNFREEZE_EPOCHS, UNFREEZE_AT = 3, 1
-
-
-class Unfreeze:
-    """docs/from_lightning.md's ``BackboneFinetuning`` recipe: at epoch ``UNFREEZE_AT`` the first layer trains too,
-    in a group of its own; a resumed fit past that point unfreezes it at its start (the group is in the optimizer)."""
-
-    def on_fit_start(self, state: Any) -> None:
-        if (state.epoch, state.batch_index) > (UNFREEZE_AT, 0):
-            state.model[0].requires_grad_(True)
-
-    def on_epoch_start(self, state: Any) -> None:
-        if state.epoch == UNFREEZE_AT and state.batch_index == 0:
-            state.model[0].requires_grad_(True)
-            state.optimizer.add_param_group({"params": list(state.model[0].parameters()), "lr": 0.05})
-
-
-def frozen_state(groups: int = 1) -> Any:
-    """``make_model()`` with its first layer frozen, SGD (momentum 0.9) over the last; ``groups=2``: the first
-    layer's group added (still frozen), a resume's template after the unfreeze."""
-    import loopkit
-
-    model = make_model()
-    model[0].requires_grad_(False)
-    optimizer = torch.optim.SGD(model[2].parameters(), lr=0.1, momentum=0.9)
-    if groups == 2:
-        optimizer.add_param_group({"params": list(model[0].parameters()), "lr": 0.05})
-    return loopkit.TrainState.create(model, optimizer)
-
-
 def unfreeze(rank: int) -> dict[str, Any]:
     """A fit that unfreezes its first layer at epoch 1 (DDP then reduces its gradients too), uninterrupted and
     stopped before or after the unfreeze then resumed, each resume from a template with the run's groups then."""
@@ -1072,11 +1047,11 @@ def unfreeze(rank: int) -> dict[str, Any]:
     def fit(state: Any, epochs: int) -> Any:
         return loopkit.run_epochs(step, state, data, epochs=epochs, callbacks=[Unfreeze()], progress=False)[0]
 
-    whole = fit(frozen_state(), UNFREEZE_EPOCHS)
+    whole = fit(frozen_state(make_model()), UNFREEZE_EPOCHS)
     resumed = {}
     for cut in (UNFREEZE_AT, UNFREEZE_AT + 1):
-        saved = fit(frozen_state(), cut).state_dict()
-        template = frozen_state(2 if cut > UNFREEZE_AT else 1)
+        saved = fit(frozen_state(make_model()), cut).state_dict()
+        template = frozen_state(make_model(), 2 if cut > UNFREEZE_AT else 1)
         resumed[cut] = _params(fit(template.load_state_dict(saved), UNFREEZE_EPOCHS).model)
     return {"params": _params(whole.model), "step": whole.step, "resumed": resumed}
 

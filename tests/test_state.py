@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import copy
 import functools
+import pickle
 import re
 import types
 
@@ -1534,11 +1535,12 @@ def test_the_backbone_finetuning_recipe_run_not_donated_leaves_the_given_schedul
     assert stepped.scheduler.get_last_lr() == scheduler.get_last_lr()
 
 
-@pytest.mark.parametrize("copied", ["fork", "deepcopy"])
+@pytest.mark.parametrize("copied", ["fork", "deepcopy", "pickle"])
 def test_a_held_scheduler_steps_nothing_is_its_scheduler_otherwise_and_copies_as_a_held_copy(copied):
     """A scheduler transform's inner state holds its scheduler in a HeldScheduler: step() does nothing, the rest is the
-    scheduler's; a copy of such a state (a pure step's fork, a deepcopy) holds a held copy of the scheduler, which
-    steps the copy's optimizer, the original's left as it was."""
+    scheduler's (isinstance checks of its class included); a copy of such a state (a pure step's fork, a deepcopy, a
+    pickle's round trip) holds a held copy of the scheduler, which steps the copy's optimizer, the original's left as
+    it was."""
     model = nn.Linear(2, 1)
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[1, 2], gamma=0.5)
@@ -1549,12 +1551,16 @@ def test_a_held_scheduler_steps_nothing_is_its_scheduler_otherwise_and_copies_as
     assert (scheduler.last_epoch, held.last_epoch, held.get_last_lr(), opt.param_groups[0]["lr"]) == (0, 0, [1.0], 1.0)
     assert held.state_dict() == scheduler.state_dict() and held.optimizer is opt
     assert held.milestones is scheduler.milestones  # (its own attributes too)
-    assert isinstance(held, torch.optim.lr_scheduler.LRScheduler)
+    assert isinstance(held, torch.optim.lr_scheduler.LRScheduler) and isinstance(held, loopkit.state.HeldScheduler)
+    assert isinstance(held, torch.optim.lr_scheduler.MultiStepLR) and held.__class__ is type(scheduler)
+    assert not isinstance(held, (torch.optim.lr_scheduler.StepLR, torch.optim.lr_scheduler.ReduceLROnPlateau))
+    assert type(held) is loopkit.state.HeldScheduler and not isinstance(scheduler, loopkit.state.HeldScheduler)
     assert inner.evolve(model=model, step=1).scheduler is held  # (evolve's checks take it: it steps the optimizer)
     assert loopkit.state.with_held_scheduler(inner).scheduler is scheduler
-    copy_ = fork(inner) if copied == "fork" else copy.deepcopy(inner)
+    copy_ = {"fork": fork, "deepcopy": copy.deepcopy, "pickle": lambda s: pickle.loads(pickle.dumps(s))}[copied](inner)
     twin = loopkit.state.held_scheduler(copy_.scheduler)
     assert type(copy_.scheduler) is loopkit.state.HeldScheduler and type(twin) is torch.optim.lr_scheduler.MultiStepLR
+    assert isinstance(copy_.scheduler, torch.optim.lr_scheduler.MultiStepLR)
     assert twin is not scheduler and twin.optimizer is copy_.optimizer and twin.state_dict() == scheduler.state_dict()
     copy_.scheduler.step()
     assert twin.last_epoch == 0
@@ -1562,6 +1568,25 @@ def test_a_held_scheduler_steps_nothing_is_its_scheduler_otherwise_and_copies_as
     twin.step()
     assert (twin.last_epoch, copy_.optimizer.param_groups[0]["lr"]) == (1, 0.5)
     assert (scheduler.last_epoch, opt.param_groups[0]["lr"], dict(scheduler.milestones)) == (0, 1.0, {1: 1, 2: 1})
+
+
+@pytest.mark.parametrize("copied", ["deepcopy", "pickle"])
+def test_a_held_reduce_lr_on_plateau_is_one_to_isinstance_and_steps_nothing_on_a_metric(copied):
+    """Lightning's ``isinstance(sch, ReduceLROnPlateau): sch.step(metric)`` on a held one: True, and the step does
+    nothing (a state does not take one, a scheduler transform never holds one: the class is what the check sees); a
+    copy is a held copy."""
+    opt = torch.optim.SGD(nn.Linear(2, 1).parameters(), lr=1.0)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=0, factor=0.5)
+    held = loopkit.state.HeldScheduler(scheduler)
+    assert isinstance(held, torch.optim.lr_scheduler.ReduceLROnPlateau)
+    assert not isinstance(held, torch.optim.lr_scheduler.StepLR) and type(held) is loopkit.state.HeldScheduler
+    for metric in (1.0, 2.0, 3.0):
+        held.step(metric)
+    assert (scheduler.num_bad_epochs, opt.param_groups[0]["lr"]) == (0, 1.0)
+    copy_ = copy.deepcopy(held) if copied == "deepcopy" else pickle.loads(pickle.dumps(held))
+    twin = loopkit.state.held_scheduler(copy_)
+    assert type(copy_) is loopkit.state.HeldScheduler and type(twin) is torch.optim.lr_scheduler.ReduceLROnPlateau
+    assert twin is not scheduler and twin.state_dict() == scheduler.state_dict()
 
 
 def test_a_checkpoint_of_torchs_own_scheduler_of_another_structure_is_refused():

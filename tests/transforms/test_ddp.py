@@ -17,6 +17,7 @@ import torch
 
 import loopkit
 from tests import _ddp_script as ddp
+from tests._finetune import UNFREEZE_EPOCHS, Unfreeze, frozen_state
 from tests.conftest import assert_equal_trees, assert_params_close, assert_ranks_identical
 
 TOL = 1e-6
@@ -622,8 +623,8 @@ def test_a_layer_unfrozen_mid_fit_is_reduced_over_the_ranks_and_resumes_as_the_u
     assert_ranks_identical(results)
     data = ddp.make_data(2)
     batches = [torch.cat([data[i, 0], data[i, 1]]) for i in range(2)]
-    state, _ = loopkit.run_epochs(loopkit.train_step(ddp.mse), ddp.frozen_state(), batches,
-                                  epochs=ddp.UNFREEZE_EPOCHS, callbacks=[ddp.Unfreeze()], progress=False)
+    state, _ = loopkit.run_epochs(loopkit.train_step(ddp.mse), frozen_state(ddp.make_model()), batches,
+                                  epochs=UNFREEZE_EPOCHS, callbacks=[Unfreeze()], progress=False)
     assert state.model[0].weight.requires_grad and len(state.optimizer.param_groups) == 2
     assert not torch.equal(state.model[0].weight, ddp.make_model()[0].weight)  # (the layer trained)
     assert_params_close(results[0]["params"], state.model)

@@ -235,6 +235,52 @@ def test_a_step_of_ones_own_that_steps_the_states_scheduler_leaves_it_to_the_tra
     assert_trees_equal(dict(final.model.named_parameters()), dict(model.named_parameters()))
 
 
+_SCHEDULERS = {
+    "StepLR": lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5),
+    "OneCycleLR": lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.4, total_steps=2 * EPOCHS * BATCHES),
+}
+
+
+@pytest.mark.parametrize("kind", list(_SCHEDULERS))
+@pytest.mark.parametrize("transform", ["with_epoch_scheduler", "with_step_scheduler"])
+def test_a_step_of_ones_own_that_checks_the_schedulers_class_sees_the_held_ones(
+    transform, kind, make_mlp, make_batches, mse_loss, assert_trees_equal
+):
+    """A Lightning user's stepping written in a step of one's own (``isinstance(sch, ReduceLROnPlateau)``: step on
+    the loss, else ``sch.step()``): the held scheduler is an instance of the scheduler's class (it was not: the step
+    never stepped it), and of no other, and still steps nothing there; the rates are the transform's schedule, as
+    in a raw loop that steps the scheduler where the transform does."""
+    plateau, cls = torch.optim.lr_scheduler.ReduceLROnPlateau, getattr(torch.optim.lr_scheduler, kind)
+
+    def made():
+        model = make_mlp(0)
+        opt = torch.optim.SGD(model.parameters(), lr=0.4, momentum=0.9)
+        return loopkit.TrainState.create(model, opt, _SCHEDULERS[kind](opt))
+
+    data = make_batches(BATCHES)
+    model, opt, sched = _raw_scheduled(transform, made(), data, mse_loss)
+    seen = []
+
+    def own(state, batch):
+        state.optimizer.zero_grad()
+        loss = mse_loss(state.model, batch)
+        loss.backward()
+        state.optimizer.step()
+        scheduler, before = state.scheduler, state.scheduler.state_dict()
+        if isinstance(scheduler, plateau):
+            scheduler.step(loss.detach())
+        elif isinstance(scheduler, cls):
+            scheduler.step()
+        seen.append((isinstance(scheduler, cls), isinstance(scheduler, plateau), scheduler.state_dict() == before))
+        return state.evolve(step=state.step + 1, batch_index=state.batch_index + 1), {}
+
+    final, _ = loopkit.run_epochs(getattr(loopkit, transform)(own), made(), data, epochs=EPOCHS, progress=False)
+    assert seen == [(True, False, True)] * (EPOCHS * BATCHES)
+    assert type(final.scheduler) is cls and final.scheduler.state_dict() == sched.state_dict()
+    assert final.optimizer.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+    assert_trees_equal(dict(final.model.named_parameters()), dict(model.named_parameters()))
+
+
 @pytest.mark.parametrize("transform", ["with_epoch_scheduler", "with_step_scheduler"])
 def test_an_update_whose_log_write_failed_inside_is_left_whole_with_the_scheduler_stepped_as_it_would_be(
     transform, make_mlp, make_batches, mse_loss, take_snapshot, assert_trees_equal

@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 import loopkit
 from tests import _fsdp_script as fsdp
+from tests._finetune import UNFREEZE_AT, UNFREEZE_EPOCHS, frozen_state
 from tests.conftest import assert_params_close, assert_ranks_identical
 
 TOL = 1e-6
@@ -247,8 +248,8 @@ def test_a_layer_unfrozen_mid_fit_trains_on_every_rank_as_a_raw_loop_and_resumes
     model[0].requires_grad_(False)
     optimizer = torch.optim.SGD(model[2].parameters(), lr=0.1, momentum=0.9)
     data = fsdp.make_data(2)
-    for epoch in range(fsdp.UNFREEZE_EPOCHS):
-        if epoch == fsdp.UNFREEZE_AT:
+    for epoch in range(UNFREEZE_EPOCHS):
+        if epoch == UNFREEZE_AT:
             model[0].requires_grad_(True)
             optimizer.add_param_group({"params": list(model[0].parameters()), "lr": 0.05})
         for i in range(len(data)):
@@ -443,7 +444,7 @@ def test_a_group_added_with_parameters_taken_before_the_sharding_is_refused(one_
     """fully_shard replaces the model's parameters at the first call: a group added later with the ones taken before
     (which would never train) is refused at the next call, naming the group (the recipe's group, taken from the model
     when it is added, trains: test_a_layer_unfrozen_mid_fit_...)."""
-    state = fsdp.frozen_state()
+    state = frozen_state(fsdp.make_model())
     kept = list(state.model[0].parameters())
     step = loopkit.donate(loopkit.with_fsdp(_step(), shard=fsdp.SHARD))
     batch = fsdp.make_data(1)[0, 0]
