@@ -135,7 +135,6 @@ class DDPSync:
         self._ddp: DistributedDataParallel | None = None
         self._params: tuple[torch.nn.Parameter, ...] = ()  # the wrapped model's parameters, and their requires_grad
         self._flags: tuple[bool, ...] = ()  # flags when the wrapper was built: another flag builds it anew
-        self._checked = False  # wraps() just found the wrapper current: the next module() does not compare again
         self._sync_first = False  # a static graph's first backward must all-reduce (DDP records the graph then)
 
     @property
@@ -166,22 +165,23 @@ class DDPSync:
 
     def wraps(self, model: torch.nn.Module) -> bool:
         """Whether the wrapper of ``model`` is built, with its parameters' ``requires_grad`` as they are now
-        (:meth:`module` then changes nothing of it, and, called next, returns it without comparing the flags again:
-        ``train_step`` calls both at each call).
+        (:meth:`module` then builds nothing): a question, which changes nothing (one attribute read a parameter).
 
         >>> DDPSync({}).wraps(torch.nn.Linear(1, 1))
         False
         """
         ref = self._model
-        self._checked = ref is not None and ref() is model and tuple(map(_REQUIRES_GRAD, self._params)) == self._flags
-        return self._checked
+        return ref is not None and ref() is model and tuple(map(_REQUIRES_GRAD, self._params)) == self._flags
 
     def module(
         self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
         extras: Mapping[str, Any] | None = None,
-    ) -> DistributedDataParallel:
-        """The DDP wrapper of ``model``, built at the first call with this model object, and built anew when the
-        ``requires_grad`` of one of its parameters changed since (``optimizer`` is not used).
+    ) -> tuple[DistributedDataParallel, bool]:
+        """The DDP wrapper of ``model``, and whether this call built it (its build broadcast rank 0's parameters: an
+        error later in the call finds them changed). It is built at the first call with this model object, and
+        built anew when the ``requires_grad`` of one of its parameters changed since (``optimizer`` is not used);
+        the flags are compared once a call (:meth:`wraps`), and nothing is kept from one call to the next but the
+        wrapper.
 
         DDP registers, when it is built, the parameters that require a gradient, and reduces theirs alone: a
         parameter unfrozen later (``requires_grad_(True)``, Lightning's ``BackboneFinetuning``) would train on each
@@ -201,10 +201,8 @@ class DDPSync:
         flushed partial group, or a step that is not donated inside a group, updates and validates with each rank's
         own BatchNorm statistics, as the uninterrupted donated run does.
         """
-        ref = self._model
-        checked, self._checked = self._checked, False
-        if ref is not None and ref() is model and (checked or tuple(map(_REQUIRES_GRAD, self._params)) == self._flags):
-            return self._ddp  # type: ignore[return-value]
+        if self.wraps(model):
+            return self._ddp, False  # type: ignore[return-value]
         if not _collective.ready():
             raise RuntimeError(_NO_GROUP)
         if extras is not None and extras.get(_ACCUM_COUNT):
@@ -232,7 +230,7 @@ class DDPSync:
         self._params = tuple(model.parameters())
         self._flags = tuple(map(_REQUIRES_GRAD, self._params))
         self._sync_first = bool(options.get("static_graph"))
-        return ddp
+        return ddp, True
 
     def after_forward(self, module: DistributedDataParallel, extras: dict[str, Any]) -> None:
         """Record in ``extras`` (the new state's) whether the forward that just ran was under ``no_sync``

@@ -666,6 +666,31 @@ def test_a_requires_grad_change_builds_the_wrapper_anew_and_freezing_inside_a_gr
     _assert_bitwise(ddp._params(state.model), ddp._params(reference.model), "after the refusal")
 
 
+def test_module_says_whether_it_built_and_wraps_is_a_question_that_module_does_not_trust(group, monkeypatch):
+    """wraps() left a note that the next module() trusted without comparing the flags: after a wraps() whose
+    module() never came, a flag changed, the next module() returned the wrapper built with the old flags."""
+    from loopkit.transforms import ddp as ddp_module
+
+    model = ddp.make_model()
+    sync = ddp_module.DDPSync({})
+    first, built = sync.module(model)
+    assert built and first.module is model
+    assert sync.wraps(model) and sync.module(model) == (first, False)
+    assert sync.wraps(model)  # (a question alone: no module() follows it)
+    model[0].requires_grad_(False)
+    second, built = sync.module(model)
+    assert built and second is not first and not any(p.requires_grad for p in second.module[0].parameters())
+    reads = []  # a donated step's call reads each flag once (one comparison: the hot path of every DDP step)
+    monkeypatch.setattr(ddp_module, "_REQUIRES_GRAD", lambda p: reads.append(p) or p.requires_grad)
+    step = loopkit.donate(loopkit.with_ddp(loopkit.train_step(ddp.mse)))
+    state = ddp.sgd_state(model)
+    batch = ddp.make_data(1)[0, 0]
+    state, _ = step(state, batch)  # (builds the step's own wrapper: the flags are read to compare, then recorded)
+    reads.clear()
+    state, _ = step(state, batch)
+    assert len(reads) == len(list(model.parameters()))
+
+
 def test_reducing_a_flushed_group_on_one_rank_keeps_the_gradients_and_creates_none(group):
     """World size 1: the mean is the gradient; a parameter without one (on every rank) keeps none."""
     from loopkit.transforms.ddp import DDPSync
