@@ -192,7 +192,13 @@ class DDPSync:
         count of micro-steps) a parameter unfrozen trains on the group's later micro-batches, as in one process; one
         frozen while it holds the group's gradient (which the new wrapper would not reduce, and the optimizer would
         still apply) is refused, with a ``ValueError`` on every rank: change the flags between groups (an
-        ``on_epoch_start`` at ``batch_index == 0``, or after a group's last micro-batch).
+        ``on_epoch_start`` at ``batch_index == 0``, or after a group's last micro-batch). Every rank must change
+        the flags alike: each build compares them over the ranks first (one small all-gather a wrapper built, none
+        when the wrapper is reused), and flags that differ are refused on every rank with a
+        :class:`loopkit.steps.SyncRefusal` (a ``ValueError``) naming the parameters and the ranks, before anything
+        changed (where each rank built with its own flags, gloo aborted the processes); a rank that changed them
+        alone builds alone, and its comparison waits for the others until the process group's timeout, its error
+        then saying so.
 
         ``extras`` is the state's: where it says the last forward ran under ``no_sync``
         (:data:`UNSYNCED_FORWARD`, :meth:`after_forward`), a new wrapper is what the one wrapper of an uninterrupted
@@ -205,6 +211,7 @@ class DDPSync:
             return self._ddp, False  # type: ignore[return-value]
         if not _collective.ready():
             raise RuntimeError(_NO_GROUP)
+        _refuse_flags_apart(model)
         if extras is not None and extras.get(_ACCUM_COUNT):
             _refuse_frozen_held(model)
         self._model = self._ddp = None
@@ -382,6 +389,28 @@ def _count_held_gradients_used(ddp: DistributedDataParallel) -> None:
         torch.autograd.backward(held, zeros)
 
 
+def _refuse_flags_apart(model: torch.nn.Module) -> None:
+    """Refuse, on every rank, parameters whose ``requires_grad`` differs from rank 0's, naming them and the first
+    rank that differs: DDP builds its buckets from the parameters that require a gradient, and ranks with other
+    flags made gloo abort the processes (its check of the parameters' shapes) or wait for each other until the
+    process group's timeout. A :class:`loopkit.steps.SyncRefusal` raised before anything changed (the state stays
+    usable: put the flags alike on every rank and call again). One small all-gather a wrapper built (a first call,
+    a change of the flags; never a call that reuses the wrapper), none in a group of one rank. A rank that changed
+    its flags alone builds its wrapper alone: this gather then waits for the others until the process group's
+    timeout, and its error says so.
+
+    >>> _refuse_flags_apart(torch.nn.Linear(1, 1))  # (no process group of several ranks: nothing to compare)
+    """
+    ignored = set(getattr(model, "_ddp_params_and_buffers_to_ignore", ()))  # (DDP's own opt-out: not reduced)
+    flags = {name: p.requires_grad for name, p in model.named_parameters() if name not in ignored}
+    _collective.check_same(
+        flags, "with_ddp: requires_grad differs between the ranks (DistributedDataParallel reduces the parameters "
+        "that require a gradient, and every rank must reduce the same; change requires_grad alike on every rank)",
+        "with_ddp", error=SyncRefusal,
+        advice=" (a change of requires_grad builds the wrapper anew at the next call: a rank that changed it alone "
+        "builds it alone; change it alike on every rank)")
+
+
 def _refuse_frozen_held(model: torch.nn.Module) -> None:
     """Refuse a wrapper built inside an accumulation group while a parameter that does not require a gradient holds
     one (the group's sum so far, kept on this rank under ``no_sync``): frozen since the group began, DDP would not
@@ -435,7 +464,8 @@ def with_ddp(
     parameters and buffers to all ranks. DDP reduces the gradients of the parameters that
     required them when it was built: a change of ``requires_grad`` (a backbone unfrozen by a
     callback) builds the wrapper anew at the next call, as a resumed run would (every rank
-    must change the flags alike; see :meth:`DDPSync.module` for a change inside an
+    must change the flags alike: flags that differ between the ranks are refused on every rank
+    when the wrapper is built; see :meth:`DDPSync.module`, and for a change inside an
     accumulation group).
 
     With the other transforms, in any order:
