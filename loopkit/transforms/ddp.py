@@ -115,7 +115,8 @@ class DDPSync:
     built: a change of the model's ``requires_grad`` flags (a backbone unfrozen mid-fit) builds
     the wrapper anew, at the next call. A state restored from a checkpoint, or copied, gets a
     new wrapper: so does the copy a step that is not donated trains at each call (its purity's
-    cost: one wrapper, and its broadcast, a call), while a donated step's calls reuse one.
+    cost: one wrapper, and its broadcast, a call, with the all-gather that checks the ranks' flags agree: see
+    :meth:`module`), while a donated step's calls reuse one.
 
     >>> DDPSync({}).name
     'with_ddp'
