@@ -95,11 +95,13 @@ def rank_and_size() -> tuple[int, int]:
     return 0, 1
 
 
-def gather(value: object, *, who: str, what: str, to_rank_zero: bool = False) -> list[object] | None:
+def gather(
+    value: object, *, who: str, what: str, to_rank_zero: bool = False, advice: str = ""
+) -> list[object] | None:
     """Every rank's ``value`` (picklable; CPU tensors), in rank order, on every rank (or on rank 0 alone,
     None elsewhere, with ``to_rank_zero``): a collective every rank must call at the same point;
     ``[value]`` outside a process group. A failed gather (another rank died) raises :func:`failure`'s
-    error, naming ``who`` calls it, ``what`` it gathers and this rank.
+    error, naming ``who`` calls it, ``what`` it gathers and this rank (and giving ``advice``, where given).
 
     >>> gather({"n": 1}, who="run_epochs", what="the gather of every rank's count")
     [{'n': 1}]
@@ -109,7 +111,7 @@ def gather(value: object, *, who: str, what: str, to_rank_zero: bool = False) ->
     dist = torch.distributed
     gathered: list[object] = [None] * dist.get_world_size()
     rank_zero = dist.get_rank() == 0
-    with failing_as(who, what):
+    with failing_as(who, what, advice):
         if not to_rank_zero:
             dist.all_gather_object(gathered, value)
         else:
@@ -295,21 +297,25 @@ def from_rank_zero(value: int, *, who: str, what: str) -> int:
     return int(told.item())
 
 
-def check_same(values: Mapping[str, object], what: str, who: str = "run_epochs") -> None:
-    """Raise ``RuntimeError`` naming the first rank whose ``values`` differ from rank 0's, and the values that
-    differ (all of them where the ranks have other keys): a collective every rank must call at the same point;
-    nothing outside a process group. A failed gather raises :func:`failure`'s error naming ``who``.
+def check_same(
+    values: Mapping[str, object], what: str, who: str = "run_epochs", *,
+    error: Callable[[str], Exception] = RuntimeError, advice: str = "",
+) -> None:
+    """Raise ``error`` (a ``RuntimeError`` unless given) naming the first rank whose ``values`` differ from rank
+    0's, and the values that differ (all of them where the ranks have other keys): a collective every rank must
+    call at the same point; nothing outside a process group. A failed gather raises :func:`failure`'s error naming
+    ``who`` (and giving ``advice``: how every rank reaches it).
 
     >>> check_same({"step": 3}, "run_epochs")
     """
     if not active():
         return
     gathered: list[dict[str, object]] = gather(  # type: ignore[assignment]
-        dict(values), who=who, what="the gather that checks every rank agrees with rank 0")
+        dict(values), who=who, what="the gather that checks every rank agrees with rank 0", advice=advice)
     for rank, other in enumerate(gathered):
         if other != gathered[0]:
-            raise RuntimeError(f"{what}: rank {rank} has {_unlike(other, gathered[0])}, "
-                               f"rank 0 has {_unlike(gathered[0], other)}")
+            raise error(f"{what}: rank {rank} has {_unlike(other, gathered[0])}, "
+                        f"rank 0 has {_unlike(gathered[0], other)}")
 
 
 def _unlike(values: dict[str, object], others: dict[str, object]) -> dict[str, object]:

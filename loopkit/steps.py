@@ -834,7 +834,9 @@ class TrainStep(Step):
     before gradient accumulation), ``update`` those that act on the accumulated gradient
     (applied after it). Without accumulation the two are the same thing. ``sync`` is the
     data-parallel hook that ``with_ddp`` or ``with_fsdp`` sets (None in one process): ``module(model, optimizer)``
-    gives the module the loss_fn runs (a DistributedDataParallel wrapper; the model, sharded), ``no_sync(module)`` the
+    gives the module the loss_fn runs (a DistributedDataParallel wrapper; the model, sharded) and whether that call
+    built it (an error later in the call then finds the state changed), ``wraps(model)`` whether it is built (a
+    question: it changes nothing), ``no_sync(module)`` the
     context for micro-steps whose gradients stay local (``module(model, optimizer, extras)`` reads the state's extras,
     where ``after_forward(module, extras)`` recorded whether the last forward ran in it: a new wrapper then acts as
     the one a run that was not interrupted keeps), ``agree(flags)`` all-reduces skip
@@ -1035,12 +1037,14 @@ class TrainStep(Step):
         per_micro = self.per_micro
         # is_cuda first: no device object is made per call on the CPU
         scope = RNGScope(state.rng, _cuda_index(first.device) if first.is_cuda else None, state.seed)
+        net, built = model, False
+        if sync is not None:
+            try:
+                net, built = sync.module(model, optimizer, state.extras)
+            except SyncRefusal as error:  # (with_fsdp's stale group, with_ddp's freeze inside a group: nothing ran)
+                raise leave_intact(error, state)
         # building the DDP wrapper broadcasts rank 0's parameters: an error of that call's loss_fn finds them changed
-        intact_on_error = sync is None or sync.wraps(model)
-        try:
-            net = model if sync is None else sync.module(model, optimizer, state.extras)
-        except SyncRefusal as error:  # (with_fsdp's stale group, with_ddp's freeze inside a group: nothing ran)
-            raise leave_intact(error, state)
+        intact_on_error = not built
         # under DDP a micro-step that does not finish its group keeps its gradient local (no all-reduce);
         # per-micro transforms need each micro-batch's whole gradient, so then every micro-step syncs
         every = self.every_at(state.epoch)

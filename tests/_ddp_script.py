@@ -52,6 +52,8 @@ no expected values. Scenarios:
 - ``unfreeze``: ``run_epochs`` of a model whose first layer is frozen until epoch 1 (docs/from_lightning.md's
   ``BackboneFinetuning`` recipe: ``requires_grad_(True)`` and ``add_param_group``), 3 epochs of 2 batches, and the same
   run stopped after epoch 1 (before the unfreeze) and after epoch 2, each resumed from its state dict to the end.
+- ``flags_apart``: ``requires_grad`` set otherwise on each rank, mid-fit (each rank rebuilds its wrapper) and at a
+  first call: refused on every rank, the state left usable (the flags put alike, the fit goes on).
 - ``resume``: ``run_epochs`` with ``with_checkpointing(every_n_steps=1)`` from the newest
   checkpoint in ``OUT_DIR/ckpt``; with ``LOOPKIT_TEST_DIE=N`` rank 1 of the first attempt exits
   hard in batch N + 1, after the checkpoint of batch N (written once batch N's hooks have run).
@@ -1056,12 +1058,46 @@ def unfreeze(rank: int) -> dict[str, Any]:
     return {"params": _params(whole.model), "step": whole.step, "resumed": resumed}
 
 
+def flags_apart(rank: int) -> dict[str, Any]:
+    """``requires_grad`` set otherwise on each rank: mid-fit (both ranks change it, differently: each builds its
+    wrapper anew), then at the first call of another model (rank 1 freezes a bias). Each is refused on every rank,
+    naming the parameters and the ranks, leaving the state usable: the flags put alike, the fit goes on (before:
+    gloo aborted both processes, in DDP's check of the parameters' shapes)."""
+    import loopkit
+
+    data = make_data(FLAGS_APART_STEPS)
+    step = loopkit.donate(loopkit.with_ddp(loopkit.train_step(mse)))
+    state = sgd_state(make_model())
+    state.model[0].requires_grad_(False)
+    state, _ = step(state, data[0, rank])
+    (state.model[0].weight if rank == 0 else state.model[0].bias).requires_grad_(True)
+    seen: dict[str, Any] = {}
+    try:
+        step(state, data[1, rank])
+        seen["mid_fit"] = "not refused"
+    except loopkit.steps.SyncRefusal as e:
+        seen["mid_fit"], seen["intact"] = str(e), loopkit.state_at_error(e) is state
+    state.model[0].requires_grad_(True)  # alike on every rank: the fit goes on
+    for i in range(1, FLAGS_APART_STEPS):
+        state, _ = step(state, data[i, rank])
+    fresh = sgd_state(make_model())
+    fresh.model[2].bias.requires_grad_(rank == 0)
+    try:
+        loopkit.donate(loopkit.with_ddp(loopkit.train_step(mse)))(fresh, data[0, rank])
+        seen["first_call"] = "not refused"
+    except loopkit.steps.SyncRefusal as e:
+        seen["first_call"] = str(e)
+    return {**seen, "params": _params(state.model), "step": state.step}
+
+
+FLAGS_APART_STEPS = 4
+
 SCENARIOS = {
     f.__name__: f
     for f in (plain, pure_accum, pure_two_heads, accum, accum_scheduled, accum_outer, bucket_views, static_graph, flush, two_heads, averaged_pruned, nan_skip, nan_raise, fp16, fit,
               stop_one_rank, callbacks_on_rank0, uneven, apart, loss_error, buffers_apart, sparse_flush, stop_in_group,
               uneven_stream, even_stream, stream_runs_dry, val_one_sample, val_all_empty, kept_sampler, validating_evaluate,
-              unfreeze)
+              unfreeze, flags_apart)
 }
 
 WITH_OUT_DIR = {f.__name__: f for f in (pure, resume, signal_one_rank, signal_apart, signal_in_group, signal_spaced_votes,

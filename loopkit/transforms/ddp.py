@@ -115,7 +115,8 @@ class DDPSync:
     built: a change of the model's ``requires_grad`` flags (a backbone unfrozen mid-fit) builds
     the wrapper anew, at the next call. A state restored from a checkpoint, or copied, gets a
     new wrapper: so does the copy a step that is not donated trains at each call (its purity's
-    cost: one wrapper, and its broadcast, a call), while a donated step's calls reuse one.
+    cost: one wrapper, and its broadcast, a call, with the all-gather that checks the ranks' flags agree: see
+    :meth:`module`), while a donated step's calls reuse one.
 
     >>> DDPSync({}).name
     'with_ddp'
@@ -135,7 +136,6 @@ class DDPSync:
         self._ddp: DistributedDataParallel | None = None
         self._params: tuple[torch.nn.Parameter, ...] = ()  # the wrapped model's parameters, and their requires_grad
         self._flags: tuple[bool, ...] = ()  # flags when the wrapper was built: another flag builds it anew
-        self._checked = False  # wraps() just found the wrapper current: the next module() does not compare again
         self._sync_first = False  # a static graph's first backward must all-reduce (DDP records the graph then)
 
     @property
@@ -166,22 +166,23 @@ class DDPSync:
 
     def wraps(self, model: torch.nn.Module) -> bool:
         """Whether the wrapper of ``model`` is built, with its parameters' ``requires_grad`` as they are now
-        (:meth:`module` then changes nothing of it, and, called next, returns it without comparing the flags again:
-        ``train_step`` calls both at each call).
+        (:meth:`module` then builds nothing): a question, which changes nothing (one attribute read a parameter).
 
         >>> DDPSync({}).wraps(torch.nn.Linear(1, 1))
         False
         """
         ref = self._model
-        self._checked = ref is not None and ref() is model and tuple(map(_REQUIRES_GRAD, self._params)) == self._flags
-        return self._checked
+        return ref is not None and ref() is model and tuple(map(_REQUIRES_GRAD, self._params)) == self._flags
 
     def module(
         self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
         extras: Mapping[str, Any] | None = None,
-    ) -> DistributedDataParallel:
-        """The DDP wrapper of ``model``, built at the first call with this model object, and built anew when the
-        ``requires_grad`` of one of its parameters changed since (``optimizer`` is not used).
+    ) -> tuple[DistributedDataParallel, bool]:
+        """The DDP wrapper of ``model``, and whether this call built it (its build broadcast rank 0's parameters: an
+        error later in the call finds them changed). It is built at the first call with this model object, and
+        built anew when the ``requires_grad`` of one of its parameters changed since (``optimizer`` is not used);
+        the flags are compared once a call (:meth:`wraps`), and nothing is kept from one call to the next but the
+        wrapper.
 
         DDP registers, when it is built, the parameters that require a gradient, and reduces theirs alone: a
         parameter unfrozen later (``requires_grad_(True)``, Lightning's ``BackboneFinetuning``) would train on each
@@ -192,7 +193,13 @@ class DDPSync:
         count of micro-steps) a parameter unfrozen trains on the group's later micro-batches, as in one process; one
         frozen while it holds the group's gradient (which the new wrapper would not reduce, and the optimizer would
         still apply) is refused, with a ``ValueError`` on every rank: change the flags between groups (an
-        ``on_epoch_start`` at ``batch_index == 0``, or after a group's last micro-batch).
+        ``on_epoch_start`` at ``batch_index == 0``, or after a group's last micro-batch). Every rank must change
+        the flags alike: each build compares them over the ranks first (one small all-gather a wrapper built, none
+        when the wrapper is reused), and flags that differ are refused on every rank with a
+        :class:`loopkit.steps.SyncRefusal` (a ``ValueError``) naming the parameters and the ranks, before anything
+        changed (where each rank built with its own flags, gloo aborted the processes); a rank that changed them
+        alone builds alone, and its comparison waits for the others until the process group's timeout, its error
+        then saying so.
 
         ``extras`` is the state's: where it says the last forward ran under ``no_sync``
         (:data:`UNSYNCED_FORWARD`, :meth:`after_forward`), a new wrapper is what the one wrapper of an uninterrupted
@@ -201,12 +208,11 @@ class DDPSync:
         flushed partial group, or a step that is not donated inside a group, updates and validates with each rank's
         own BatchNorm statistics, as the uninterrupted donated run does.
         """
-        ref = self._model
-        checked, self._checked = self._checked, False
-        if ref is not None and ref() is model and (checked or tuple(map(_REQUIRES_GRAD, self._params)) == self._flags):
-            return self._ddp  # type: ignore[return-value]
+        if self.wraps(model):
+            return self._ddp, False  # type: ignore[return-value]
         if not _collective.ready():
             raise RuntimeError(_NO_GROUP)
+        _refuse_flags_apart(model)
         if extras is not None and extras.get(_ACCUM_COUNT):
             _refuse_frozen_held(model)
         self._model = self._ddp = None
@@ -232,7 +238,7 @@ class DDPSync:
         self._params = tuple(model.parameters())
         self._flags = tuple(map(_REQUIRES_GRAD, self._params))
         self._sync_first = bool(options.get("static_graph"))
-        return ddp
+        return ddp, True
 
     def after_forward(self, module: DistributedDataParallel, extras: dict[str, Any]) -> None:
         """Record in ``extras`` (the new state's) whether the forward that just ran was under ``no_sync``
@@ -384,6 +390,28 @@ def _count_held_gradients_used(ddp: DistributedDataParallel) -> None:
         torch.autograd.backward(held, zeros)
 
 
+def _refuse_flags_apart(model: torch.nn.Module) -> None:
+    """Refuse, on every rank, parameters whose ``requires_grad`` differs from rank 0's, naming them and the first
+    rank that differs: DDP builds its buckets from the parameters that require a gradient, and ranks with other
+    flags made gloo abort the processes (its check of the parameters' shapes) or wait for each other until the
+    process group's timeout. A :class:`loopkit.steps.SyncRefusal` raised before anything changed (the state stays
+    usable: put the flags alike on every rank and call again). One small all-gather a wrapper built (a first call,
+    a change of the flags; never a call that reuses the wrapper), none in a group of one rank. A rank that changed
+    its flags alone builds its wrapper alone: this gather then waits for the others until the process group's
+    timeout, and its error says so.
+
+    >>> _refuse_flags_apart(torch.nn.Linear(1, 1))  # (no process group of several ranks: nothing to compare)
+    """
+    ignored = set(getattr(model, "_ddp_params_and_buffers_to_ignore", ()))  # (DDP's own opt-out: not reduced)
+    flags = {name: p.requires_grad for name, p in model.named_parameters() if name not in ignored}
+    _collective.check_same(
+        flags, "with_ddp: requires_grad differs between the ranks (DistributedDataParallel reduces the parameters "
+        "that require a gradient, and every rank must reduce the same; change requires_grad alike on every rank)",
+        "with_ddp", error=SyncRefusal,
+        advice=" (a change of requires_grad builds the wrapper anew at the next call: a rank that changed it alone "
+        "builds it alone; change it alike on every rank)")
+
+
 def _refuse_frozen_held(model: torch.nn.Module) -> None:
     """Refuse a wrapper built inside an accumulation group while a parameter that does not require a gradient holds
     one (the group's sum so far, kept on this rank under ``no_sync``): frozen since the group began, DDP would not
@@ -437,7 +465,8 @@ def with_ddp(
     parameters and buffers to all ranks. DDP reduces the gradients of the parameters that
     required them when it was built: a change of ``requires_grad`` (a backbone unfrozen by a
     callback) builds the wrapper anew at the next call, as a resumed run would (every rank
-    must change the flags alike; see :meth:`DDPSync.module` for a change inside an
+    must change the flags alike: flags that differ between the ranks are refused on every rank
+    when the wrapper is built; see :meth:`DDPSync.module`, and for a change inside an
     accumulation group).
 
     With the other transforms, in any order:

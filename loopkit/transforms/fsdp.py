@@ -134,9 +134,10 @@ class FSDPSync:
 
     def module(
         self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, extras: Mapping[str, Any] | None = None
-    ) -> nn.Module:
+    ) -> tuple[nn.Module, bool]:
         """``model``, sharded at the first call with this model object (``optimizer`` pointed at the shards);
-        at a later call with it, ``model`` as it is. Raises ``RuntimeError`` without a process group and
+        at a later call with it, ``model`` as it is; and whether this call took the model on (sharded it: an error
+        later in the call finds its parameters replaced). Raises ``RuntimeError`` without a process group and
         ``ValueError`` without an optimizer (or for one that trains a parameter not of the model). ``extras`` (the
         state's) is not used: where rank 0's buffers are broadcast is decided by the state's accumulation count
         alone (:meth:`before_forward`), the same in a resumed run.
@@ -145,16 +146,16 @@ class FSDPSync:
         >>> dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
         >>> model = torch.nn.Linear(2, 1)
         >>> sync = FSDPSync(())
-        >>> sharded = sync.module(model, torch.optim.SGD(model.parameters(), lr=0.1))
-        >>> sharded is model, type(model.weight).__name__, sync.wraps(model)
-        (True, 'DTensor', True)
+        >>> sharded, built = sync.module(model, torch.optim.SGD(model.parameters(), lr=0.1))
+        >>> sharded is model, built, type(model.weight).__name__, sync.wraps(model)
+        (True, True, 'DTensor', True)
         >>> dist.destroy_process_group()
         """
         if self.wraps(model):
             if optimizer is not None and len(optimizer.param_groups) != self._groups:  # a group added since
                 _refuse_foreign(model, optimizer, _STALE)
                 self._groups = len(optimizer.param_groups)
-            return model
+            return model, False
         if not _collective.ready():
             raise RuntimeError(_NO_GROUP)
         if optimizer is None:
@@ -163,7 +164,7 @@ class FSDPSync:
         if not any(is_dtensor(p) for p in model.parameters()):  # (a model you sharded yourself is taken as it is)
             _shard(model, optimizer, self.shard, self.options)
         self._model, self._groups = weakref.ref(model), len(optimizer.param_groups)
-        return model
+        return model, True
 
     def after_forward(self, module: nn.Module, extras: dict[str, Any]) -> None:
         """Nothing: the buffers' broadcast needs no record of the last forward (see :meth:`module`).
@@ -210,7 +211,7 @@ class FSDPSync:
         >>> dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
         >>> model = torch.nn.Linear(2, 1)
         >>> sync = FSDPSync(())
-        >>> model = sync.module(model, torch.optim.SGD(model.parameters(), lr=0.1))
+        >>> model, _ = sync.module(model, torch.optim.SGD(model.parameters(), lr=0.1))
         >>> with sync.no_sync(model):
         ...     model(torch.ones(1, 2)).sum().backward()
         >>> from loopkit._sharded import holds_unreduced_grads
@@ -253,7 +254,7 @@ class FSDPSync:
         >>> model = torch.nn.Linear(2, 1)
         >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         >>> sync = FSDPSync(())
-        >>> model = sync.module(model, optimizer)
+        >>> model, _ = sync.module(model, optimizer)
         >>> with sync.no_sync(model):
         ...     model(torch.ones(1, 2)).sum().backward()
         >>> sync.reduce_grads(optimizer)

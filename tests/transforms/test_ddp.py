@@ -633,6 +633,58 @@ def test_a_layer_unfrozen_mid_fit_is_reduced_over_the_ranks_and_resumes_as_the_u
             _assert_bitwise(params, result["params"], f"resumed after epoch {cut}")
 
 
+@pytest.fixture(scope="module")
+def flags_apart(tmp_path_factory: pytest.TempPathFactory):
+    """The two ranks' results of the ``flags_apart`` scenario (a launch of its own: gloo aborted it)."""
+    out = str(tmp_path_factory.mktemp("ddp_flags_apart"))
+    done = ddp.torchrun(out, ["flags_apart"], timeout=120)
+    assert done.returncode == 0, done.stdout[-4000:]
+    return ddp.load(out, "flags_apart")
+
+
+def test_requires_grad_set_otherwise_on_each_rank_is_refused_on_every_rank_leaving_the_state_usable(flags_apart):
+    """Before: each rank built its wrapper with its own flags, and gloo aborted both processes (DDP's check of the
+    parameters' shapes): now every rank refuses the build, naming the parameters whose flags differ and the ranks."""
+    refused = r"^with_ddp: requires_grad differs between the ranks .*change requires_grad alike on every rank\): "
+    for result in flags_apart:
+        assert re.search(refused + re.escape("rank 1 has {'0.weight': False, '0.bias': True}, "
+                                             "rank 0 has {'0.weight': True, '0.bias': False}") + "$", result["mid_fit"])
+        assert re.search(refused + re.escape("rank 1 has {'2.bias': False}, rank 0 has {'2.bias': True}") + "$",
+                         result["first_call"])
+        assert result["intact"]
+    assert_ranks_identical(flags_apart)
+    data = ddp.make_data(ddp.FLAGS_APART_STEPS)
+    state = ddp.sgd_state(ddp.make_model())
+    state.model[0].requires_grad_(False)
+    step = loopkit.donate(loopkit.train_step(ddp.mse))
+    for i in range(ddp.FLAGS_APART_STEPS):  # the refused call changed nothing: one process, unfrozen after step 0
+        state, _ = step(state, torch.cat([data[i, 0], data[i, 1]]))
+        state.model[0].requires_grad_(True)
+    assert [r["step"] for r in flags_apart] == [ddp.FLAGS_APART_STEPS] * 2
+    assert_params_close(flags_apart[0]["params"], state.model)
+
+
+def test_a_ranks_lone_rebuild_says_in_its_error_that_every_rank_must_change_requires_grad_alike(group, monkeypatch):
+    """A rank that changed requires_grad alone builds its wrapper alone: its check of the flags waits for the
+    others until the timeout, and its error said only that another rank had probably died."""
+    from loopkit import _collective
+
+    step = loopkit.donate(loopkit.with_ddp(loopkit.train_step(ddp.mse)))
+    state, _ = step(ddp.sgd_state(ddp.make_model()), ddp.make_data(1)[0, 0])
+    state.model[0].requires_grad_(False)
+
+    def timed_out(*args, **kwargs):
+        raise RuntimeError("Timed out waiting 1800000ms for send operation to complete")  # (gloo's, at the timeout)
+
+    monkeypatch.setattr(_collective, "active", lambda: True)  # (as in a group of several ranks)
+    monkeypatch.setattr(torch.distributed, "all_gather_object", timed_out)
+    with pytest.raises(RuntimeError, match=r"^with_ddp: the gather that checks every rank agrees with rank 0 failed on "
+                                           r"rank 0 of 1: every rank must reach it at the same point \(a change of "
+                                           r"requires_grad builds the wrapper anew at the next call: a rank that changed "
+                                           r"it alone builds it alone; change it alike on every rank\), or another"):
+        step(state, ddp.make_data(1)[0, 0])
+
+
 def test_a_requires_grad_change_builds_the_wrapper_anew_and_freezing_inside_a_group_is_refused(group):
     """One rank: the wrapper is built again when a flag changes (and only then); a parameter frozen while it holds
     an accumulation group's gradient is refused (DDP would not reduce it), one unfrozen there is not."""
@@ -665,6 +717,31 @@ def test_a_requires_grad_change_builds_the_wrapper_anew_and_freezing_inside_a_gr
     for batch in batches[4:]:
         reference, _ = plain(reference, batch)
     _assert_bitwise(ddp._params(state.model), ddp._params(reference.model), "after the refusal")
+
+
+def test_module_says_whether_it_built_and_wraps_is_a_question_that_module_does_not_trust(group, monkeypatch):
+    """wraps() left a note that the next module() trusted without comparing the flags: after a wraps() whose
+    module() never came, a flag changed, the next module() returned the wrapper built with the old flags."""
+    from loopkit.transforms import ddp as ddp_module
+
+    model = ddp.make_model()
+    sync = ddp_module.DDPSync({})
+    first, built = sync.module(model)
+    assert built and first.module is model
+    assert sync.wraps(model) and sync.module(model) == (first, False)
+    assert sync.wraps(model)  # (a question alone: no module() follows it)
+    model[0].requires_grad_(False)
+    second, built = sync.module(model)
+    assert built and second is not first and not any(p.requires_grad for p in second.module[0].parameters())
+    reads = []  # a donated step's call reads each flag once (one comparison: the hot path of every DDP step)
+    monkeypatch.setattr(ddp_module, "_REQUIRES_GRAD", lambda p: reads.append(p) or p.requires_grad)
+    step = loopkit.donate(loopkit.with_ddp(loopkit.train_step(ddp.mse)))
+    state = ddp.sgd_state(model)
+    batch = ddp.make_data(1)[0, 0]
+    state, _ = step(state, batch)  # (builds the step's own wrapper: the flags are read to compare, then recorded)
+    reads.clear()
+    state, _ = step(state, batch)
+    assert len(reads) == len(list(model.parameters()))
 
 
 def test_reducing_a_flushed_group_on_one_rank_keeps_the_gradients_and_creates_none(group):
