@@ -38,7 +38,7 @@ import sys
 import time
 import warnings
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import IO, Any, NamedTuple
 
 import numpy as np
@@ -413,7 +413,7 @@ class RunDirLogger(Logger):
         self._redone: set[frozenset[str]] = set()  # the records already replaced at _redo's step
         self._top: int | None = None  # the highest step this logger has written metrics at, in this process
         self._epoch_now: int | None = None  # the epoch this logger's records are logged in (None: not known)
-        self._last_record: tuple[int, int | None, bool] | None = None  # its last record: (step, epoch, holds "epoch")
+        self._last_record: tuple[int, int | None, bool] | None = None  # its last record: (step, epoch, an epoch's)
         # the folder's last epoch record as this logger knows it (its own, or kept by its last rewind): (step, epoch)
         self._last_epoch: tuple[int, int | None] | None = None
         self._fit_dir: str | None = None  # the run folder of this logger's last fit (its resume_at applied there)
@@ -563,8 +563,11 @@ class RunDirLogger(Logger):
 
         Epochs that made no update (every batch skipped, or every float16 update overflowed) record at the
         same step as the one before, so records are told apart by their step, their epoch and their metric
-        names. An epoch's record holds its epoch (``epoch``); any other record is of the epoch whose record
-        comes next at its step in the file, else of the one after the epoch record before it. At ``step``,
+        names. An epoch's record holds its epoch (``epoch``) with its epoch means (a metric named ``*_epoch``,
+        ``train/loss_epoch``), or its epoch alone (:func:`_is_epoch_record`); any other record holding ``epoch`` (each
+        row :func:`loopkit.with_logging` writes, as Lightning's) is of that epoch; a record without it is of the epoch
+        whose record comes next at its step in the file, else of the last record before it that holds one (of the
+        one after, when that is an epoch's record). At ``step``,
         the records of epochs before ``epoch`` are kept and those of later epochs dropped; of ``epoch``
         itself, its record is dropped when ``batch_index`` is 0 or the state is in an epoch a fit cut short
         (``max_steps``, a callback's stop) recorded at ``step`` and the resumed fit goes on in that epoch
@@ -572,7 +575,7 @@ class RunDirLogger(Logger):
         holds the epoch), and the others are dropped when ``batch_index`` is 0 (the epoch had not begun), else kept
         and replaced when logged again. Before ``step``, records are kept, but a record of ``epoch`` when
         ``batch_index`` > 0 (a cut's, that the run went on from). A record whose epoch the file does not tell
-        (records logged without ``run_epochs``' epoch records), or every record when ``epoch`` is not given, is
+        (records logged without ``epoch``), or every record when ``epoch`` is not given, is
         placed by its step alone: at ``step`` it is kept and replaced when logged again (the epoch record too,
         with ``finishes_epoch``: dropped), and step 0 alone is a fresh state. :class:`TensorBoardLogger` rewrites
         its files alike; a TensorBoard already showing the folder purges by step alone, from ``step + 1``.
@@ -664,8 +667,9 @@ class RunDirLogger(Logger):
         self._redo, self._redone, self._last_epoch = (None if pos.fresh else pos), set(), None
 
         def keep(at: int, keys: frozenset[str], epoch: int | None) -> bool:
-            kept = pos.place(at, epoch, "epoch" in keys) != _AFTER
-            if kept and "epoch" in keys:  # (read in the order written: the last one kept is the folder's last)
+            closes = _is_epoch_record(keys)
+            kept = pos.place(at, epoch, closes) != _AFTER
+            if kept and closes:  # (read in the order written: the last one kept is the folder's last)
                 self._last_epoch = (at, epoch)
             return kept
 
@@ -687,8 +691,8 @@ class RunDirLogger(Logger):
         folder = self._folder()
         self._fit_logged = self._fit_dir is not None
         keys = frozenset(metrics)
-        holds = "epoch" in keys
-        epoch = _epoch_value(metrics["epoch"]) if holds else self._epoch_now
+        epoch = _epoch_value(metrics["epoch"]) if "epoch" in keys else self._epoch_now
+        closes = _is_epoch_record(keys)
         relog = self._relog
         if relog is not None and step >= relog.step:
             # logged again (the same metrics, of the same epoch, as a record before the fit): rewound now, and
@@ -703,16 +707,18 @@ class RunDirLogger(Logger):
             self._top, self._top_records = step, {_Written(keys, epoch)}
         elif step == self._top:
             self._top_records.add(_Written(keys, epoch))
-        self._last_record = (step, epoch, holds)
-        if holds:
+        self._last_record = (step, epoch, closes)
+        if closes:
             self._epoch_now, self._last_epoch = None if epoch is None else epoch + 1, (step, epoch)
+        elif epoch is not None:  # (a row of an epoch: the records logged next without ``epoch`` are of it too)
+            self._epoch_now = epoch
         redo = self._redo
         if redo is not None and step == redo.step and keys not in self._redone:
             self._redone.add(keys)
             told = None if redo.epoch is None else epoch
             self._drop_records(folder, lambda at, found, was: (
                 at != step or not _same(_Written(found, was), keys, told)
-                or redo.place(at, was, "epoch" in found) != _AGAIN))
+                or redo.place(at, was, _is_epoch_record(found)) != _AGAIN))
         return folder
 
     def _drop_records(self, folder: str, keep: Callable[[int, frozenset[str], int | None], bool]) -> int:
@@ -791,9 +797,9 @@ class _Position(NamedTuple):
         """A fresh state's (step 0, epoch 0, batch 0): no record of the folder comes before it."""
         return self.step == 0 and not self.epoch and not self.batch_index
 
-    def place(self, at: int, epoch: int | None, holds_epoch: bool) -> int:
-        """Where a record at step ``at``, logged in ``epoch`` (None: unknown), an epoch's record when it
-        ``holds_epoch``, lies from this position: ``_BEFORE``, ``_AGAIN`` or ``_AFTER``.
+    def place(self, at: int, epoch: int | None, epoch_record: bool) -> int:
+        """Where a record at step ``at``, logged in ``epoch`` (None: unknown), an epoch's record when
+        ``epoch_record`` (:func:`_is_epoch_record`), lies from this position: ``_BEFORE``, ``_AGAIN`` or ``_AFTER``.
 
         >>> at_epoch_2 = _Position(step=2, epoch=2, batch_index=0, finishes_epoch=False)
         >>> [at_epoch_2.place(2, e, True) for e in (1, 2)], at_epoch_2.place(1, None, False)
@@ -805,14 +811,32 @@ class _Position(NamedTuple):
         if self.fresh or at > self.step:
             return _AFTER
         if at < self.step:  # (but this epoch's record, before a state in it: a cut's, that the run went on from)
-            return _AFTER if holds_epoch and self.batch_index and epoch is not None and epoch == self.epoch else _BEFORE
+            return _AFTER if epoch_record and self.batch_index and epoch is not None and epoch == self.epoch else _BEFORE
         if self.epoch is None or epoch is None:  # placed by the step alone
-            return _AFTER if holds_epoch and self.finishes_epoch else _AGAIN
+            return _AFTER if epoch_record and self.finishes_epoch else _AGAIN
         if epoch < self.epoch:
             return _BEFORE
-        if epoch > self.epoch or self.batch_index == 0 or (holds_epoch and self.finishes_epoch):
+        if epoch > self.epoch or self.batch_index == 0 or (epoch_record and self.finishes_epoch):
             return _AFTER
         return _AGAIN
+
+
+def _is_epoch_record(keys: Iterable[str]) -> bool:
+    """Whether a record of metrics ``keys`` is an epoch's record, as the file loggers tell a resumed run's records
+    apart: it holds ``epoch`` with the epoch's means (a name ending ``_epoch``, ``train/loss_epoch``, as Lightning
+    names its ``on_epoch`` means), or ``epoch`` alone. Any other record holding ``epoch`` is a row of that epoch:
+    :func:`loopkit.with_logging` puts it on every row (as Lightning's), but not on one with a name ending ``_epoch``
+    (a step metric so named), which would read as an epoch's record. An epoch's record without such a name (a step that
+    returns no metrics, with a callback's ``on_epoch_end`` extras) is read as a row: a fit resumed in an epoch cut
+    short then keeps the cut's record beside the whole epoch's.
+
+    >>> _is_epoch_record({"epoch", "train/loss_epoch"}), _is_epoch_record({"epoch"})
+    (True, True)
+    >>> _is_epoch_record({"epoch", "train/loss"}), _is_epoch_record({"train/loss_epoch"})
+    (False, False)
+    """
+    keys = frozenset(keys)
+    return "epoch" in keys and (len(keys) == 1 or any(key.endswith("_epoch") for key in keys))
 
 
 def _epoch_value(value: Any) -> int | None:
@@ -825,28 +849,33 @@ def _epoch_value(value: Any) -> int | None:
 
 
 def _record_epochs(records: list[tuple[int | None, int | None, bool]]) -> list[int | None]:
-    """The epoch each of a file's records was logged in, from ``(its step, the epoch it holds, whether it holds
-    one)`` in file order: its own for an epoch's record; else that of the first epoch record after it among the
-    records at its step that follow it (the record that closed its epoch); else one more than that of the last
-    epoch record before it; else None (the file does not tell).
+    """The epoch each of a file's records was logged in, from ``(its step, the epoch it holds (None: none), whether
+    it is an epoch's record)`` in file order (:func:`_is_epoch_record`): its own when it holds one (an epoch's record,
+    a row of ``with_logging``); else that of the first epoch record after it among the records at its step that
+    follow it (the record that closed its epoch); else that of the last record before it that holds one (one more
+    after an epoch's record); else None (the file does not tell).
 
     >>> _record_epochs([(1, None, False), (2, None, False), (2, 0, True), (2, None, False), (2, 1, True),
     ...                 (2, None, False)])
     [None, 0, 0, 1, 1, 2]
+    >>> _record_epochs([(1, 0, False), (2, None, False), (2, 0, True), (3, 1, False), (3, None, False)])
+    [0, 0, 0, 1, 1]
     """
     epochs: list[int | None] = [None] * len(records)
     closing: int | None = None
     for i in range(len(records) - 1, -1, -1):
-        at, epoch, holds = records[i]
+        at, epoch, closes = records[i]
         if i + 1 < len(records) and records[i + 1][0] != at:
             closing = None
-        if holds:
+        if closes:
             closing = epoch
-        epochs[i] = closing
+        epochs[i] = epoch if epoch is not None else closing
     opened: int | None = None
-    for i, (_, epoch, holds) in enumerate(records):
-        if holds:
+    for i, (_, epoch, closes) in enumerate(records):
+        if closes:
             opened = None if epoch is None else epoch + 1
+        elif epoch is not None:
+            opened = epoch
         elif epochs[i] is None:
             epochs[i] = opened
     return epochs
@@ -1097,7 +1126,8 @@ def _scalar_records(path: str) -> list[tuple[int, int | None, bool]]:
     for _, event in _events(data):
         if _holds_scalars(event):
             held = [v.simple_value for v in event.summary.value if v.tag == "epoch"]
-            out.append((event.step, _epoch_value(held[0]) if held else None, bool(held)))
+            out.append((event.step, _epoch_value(held[0]) if held else None,
+                        _is_epoch_record(v.tag for v in event.summary.value)))
     return out
 
 
@@ -1475,7 +1505,7 @@ class CSVLogger(RunDirLogger):
             epoch = _epoch_value(row[header.index("epoch")]) if "epoch" in keys else None
             records.append((_int_or_none(row[0] if row else ""), keys, epoch))
         kept, old = [], self._old(path, len(rows))
-        epochs = _record_epochs([(at, epoch, "epoch" in keys) for at, keys, epoch in records])
+        epochs = _record_epochs([(at, epoch, _is_epoch_record(keys)) for at, keys, epoch in records])
         for i, (row, (at, keys, _), epoch) in enumerate(zip(rows, records, epochs, strict=True)):
             if i < old and at is not None and not keep(at, keys, epoch):
                 dropped += 1
@@ -1589,7 +1619,7 @@ class JSONLLogger(RunDirLogger):
             records.append((line, _int_or_none(record.get("step")), keys,
                             _epoch_value(record["epoch"]) if "epoch" in keys else None))
         kept, old = [], self._old(path, len(records))
-        epochs = _record_epochs([(at, epoch, "epoch" in keys) for _, at, keys, epoch in records])
+        epochs = _record_epochs([(at, epoch, _is_epoch_record(keys)) for _, at, keys, epoch in records])
         for i, ((line, at, keys, _), epoch) in enumerate(zip(records, epochs, strict=True)):
             if i < old and at is not None and not keep(at, keys, epoch):
                 dropped += 1

@@ -2,8 +2,9 @@
 
 They follow the :class:`loopkit.Logger` protocol, so :func:`loopkit.with_logging` writes to them as
 to the file loggers: the window means at each log point (``train/m``), each validation's ``val/m``,
-each epoch's ``train/m_epoch`` and ``epoch``; only rank 0 writes under ``torch.distributed`` (under
-torchrun before ``loopkit.distributed.init()`` too: the environment's ``RANK`` says which). Each
+each epoch's ``train/m_epoch``, every row with its ``epoch`` (as Lightning's); only rank 0 writes under
+``torch.distributed`` (under torchrun before ``loopkit.distributed.init()`` too: the environment's ``RANK``
+says which). Each
 starts its run lazily, at its first write on rank 0 (or when :attr:`experiment` is first read);
 ``run_epochs`` calls ``finalize`` as the fit ends (``"success"``, ``"failed"`` when an error
 leaves the fit, ``"killed"`` when SIGTERM or Ctrl-C stopped it, where Lightning's trainer passes

@@ -670,6 +670,38 @@ def test_told_again_that_the_fit_goes_on_in_the_cut_epoch_after_a_record_there_d
     assert _logged(resumed.log_dir, make) == _logged(straight.log_dir, make)
 
 
+def _row(epoch, metrics):
+    """A row as ``with_logging`` logs it: its metrics with the epoch of its step (as Lightning's rows)."""
+    return {"epoch": float(epoch), **metrics}
+
+
+@pytest.mark.parametrize("cut", [False, True])
+@pytest.mark.parametrize("make", [CSVLogger, JSONLLogger, TensorBoardLogger])
+def test_rows_that_hold_their_epoch_are_told_from_the_epochs_record_when_resumed_mid_epoch(tmp_path, make, cut):
+    """Reference: the records logged straight. Every row holds ``epoch`` (as with_logging writes them); the epoch's
+    record is the one with its means (``train/loss_epoch``). Resumed in epoch 0 at step 2 (batch 2): the rows of
+    that epoch up to step 2 stay, those after go. With ``cut``, a fit cut at step 2 recorded epoch 0 there, and the
+    resumed fit goes on in that epoch (``finishes_epoch``): only that record goes, replaced by the whole epoch's."""
+    head = [(1, _row(0, {"train/loss": 1.0})), (2, _row(0, {"train/loss": 0.5})), (2, _row(0, {"val/acc": 0.25}))]
+    after = [(3, _row(0, {"train/loss": 0.3})), (4, _row(0, {"train/loss": 0.2})),
+             (4, _row(0, {"train/loss_epoch": 0.5})), (5, _row(1, {"train/loss": 0.1}))]
+    straight = make(tmp_path / "a", "run", version=0)
+    _log_all(straight, head + after)
+    straight.finalize()
+    crashed = make(tmp_path / "b", "run", version=0)
+    if cut:  # (the cut's record of epoch 0)
+        tail = [(2, _row(0, {"train/loss_epoch": 0.7}))]
+    else:  # (the crashed run's rows after the checkpoint)
+        tail = [(3, _row(0, {"train/loss": 9.0})), (4, _row(0, {"val/acc": 9.0}))]
+    _log_all(crashed, head + tail)
+    crashed.finalize()
+    resumed = make(tmp_path / "b", "run", version=0)
+    resumed.resume_at(2, 0, 2, finishes_epoch=cut)
+    _log_all(resumed, after)
+    resumed.finalize()
+    assert _logged(resumed.log_dir, make) == _logged(straight.log_dir, make)
+
+
 @pytest.mark.parametrize("make", [CSVLogger, JSONLLogger, TensorBoardLogger])
 def test_a_folder_without_epoch_records_resumes_by_step_alone(tmp_path, make):
     """A folder whose records hold no epoch (written before the loggers told epochs apart, or by a loop of one's own

@@ -337,7 +337,8 @@ def mlflow_records(logger):
     by_step: dict[int, dict[str, float]] = {}
     for key in run.data.metrics:
         for m in client.get_metric_history(logger.run_id, key):
-            assert key not in by_step.setdefault(m.step, {}), f"{key} logged twice at step {m.step}"
+            held = by_step.setdefault(m.step, {})  # (``epoch``, on every row, is logged again by each row of a step)
+            assert key not in held or key == "epoch" and held[key] == m.value, f"{key} logged twice at step {m.step}"
             by_step[m.step][key] = m.value
     return sorted(by_step.items())
 

@@ -18,6 +18,7 @@ import torch
 
 from loopkit._numbers import as_int
 from loopkit._window import EPOCH, LOGGED, Window, guarded
+from loopkit.loggers import _is_epoch_record
 from loopkit.state import TrainState, extras_copy, leave_intact, put_extras, replace_extras
 from loopkit.steps import RECORDED, Metrics, WrapperStep, check_metric
 from loopkit.transforms._compose import refuse_wrapping, require_step
@@ -115,6 +116,27 @@ class _Held:
         self.stopped = False  # (the fit was told ``"stop"``: a signal stopped it, and it ends ``"killed"``)
 
 
+def _with_epoch(row: dict[str, float], epoch: int) -> dict[str, float]:
+    """A row with ``epoch``, the epoch of its step, added (as Lightning's logger connector adds its ``current_epoch``
+    to every row; a metric of the row's own named ``epoch`` is kept). Not to an empty row (none is written), nor to a
+    row that would then read as an epoch's record (a metric named ``*_epoch``: see
+    :func:`loopkit.loggers._is_epoch_record`), which the file loggers would take for one when a run is resumed.
+
+    >>> _with_epoch({"train/loss": 0.5}, 2), _with_epoch({"train/loss_epoch": 0.5}, 2), _with_epoch({}, 2)
+    ({'epoch': 2, 'train/loss': 0.5}, {'train/loss_epoch': 0.5}, {})
+    """
+    if "epoch" in row or _is_epoch_record({*row, "epoch"}):
+        return row
+    return {"epoch": epoch, **row}  # (first, as in the epoch's record: a CSV's columns in one order, however resumed)
+
+
+def _validation_epoch(state: TrainState) -> int:
+    """The epoch a validation's row is of (Lightning's ``current_epoch`` there): ``state.epoch``, but the one before
+    after an epoch that ended (``batch_index`` 0: ``run_epochs`` validates an epoch's end once the state is at the
+    next epoch, and a step validation follows an update of the epoch, ``batch_index`` > 0)."""
+    return state.epoch - 1 if state.batch_index == 0 and state.epoch > 0 else state.epoch
+
+
 def _epoch_scalars(record: Mapping[str, float]) -> dict[str, float]:
     """An epoch's history record as scalars: ``train/<m>_epoch``, ``epoch`` and callback extras (``val/auroc`` of an
     ``on_epoch_end`` too; the validation's means were logged at its ``validation_end``)."""
@@ -195,7 +217,7 @@ class LoggingStep(WrapperStep):
             else:
                 new = replace_extras(new, extras)
         if new.step != before and new.step % self.every_n_steps == 0 and WINDOW.holds(new.extras):
-            means = _read_means(new.extras)
+            means = _with_epoch(_read_means(new.extras), new.epoch)
             new = replace_extras(new, {k: v for k, v in new.extras.items() if k not in _LOGGED_KEYS})
             if self.held.at is not None:  # (the fit's first row: it went on from where it began)
                 self._release(new)
@@ -225,11 +247,11 @@ class LoggingStep(WrapperStep):
             self._log_unlogged(state)
             return
         if event == "validation_end":
-            scalars = dict(metrics)
+            scalars = _with_epoch(dict(metrics), _validation_epoch(state))
         elif event == "batch_end":  # a callback's scalars after an update (the rates of LearningRateMonitor("step"))
             if state.step % self.every_n_steps:
                 return
-            scalars = dict(metrics)
+            scalars = _with_epoch(dict(metrics), state.epoch)
         elif event == "epoch_end":
             scalars = _epoch_scalars(metrics)
         elif event == "stop":  # a graceful stop on SIGTERM/SIGINT: "fit_end" follows, and finalizes "killed"
@@ -413,9 +435,10 @@ def with_logging(step: Any, *loggers: Any, every_n_steps: int = 50) -> LoggingSt
     calls since the last log (under ``with_grad_accum`` a window is n updates), at the global
     step (``run_epochs`` warns at a fit's start when an epoch of known length makes fewer updates than
     ``every_n_steps``, as Lightning warns of its ``log_every_n_steps``). The ``run_epochs`` events add each validation's ``val/m`` means, and at the end of
-    each epoch ``train/m_epoch`` (the epoch means), ``epoch`` and the callbacks' extras (only the epoch's record holds
-    ``epoch``, which tells it apart when a run is resumed; Lightning puts it on every row: every row comes before its
-    epoch's record, so backfilling the column gives each its epoch); at the
+    each epoch ``train/m_epoch`` (the epoch means) and the callbacks' extras. Every row holds ``epoch``, the epoch of
+    its step, as Lightning's logger connector adds its ``current_epoch`` to each (a validation at an epoch's end, and
+    the epoch's record, hold that epoch; the file loggers tell the epoch's record apart by its means when a run is
+    resumed, :func:`loopkit.loggers._is_epoch_record`); at the
     end of the fit every logger is finalized: ``finalize("success")``, ``finalize("failed")`` when an
     error leaves the fit, or ``finalize("killed")`` when SIGTERM or Ctrl-C stopped it (``run_epochs`` saved and
     returned: a resumable stop, an MLflow run ``KILLED``; a logger not of loopkit's gets ``"failed"``, as
@@ -443,7 +466,7 @@ def with_logging(step: Any, *loggers: Any, every_n_steps: int = 50) -> LoggingSt
     >>> step = with_logging(train_step(lambda m, b: m(b).pow(2).mean()), logger, every_n_steps=2)
     >>> state, _ = run_epochs(step, state, [torch.ones(4, 2)] * 4, epochs=1, progress=False)
     >>> print(open(os.path.join(logger.log_dir, "metrics.csv")).readline().strip())
-    step,train/loss,epoch,train/loss_epoch
+    step,epoch,train/loss,train/loss_epoch
     >>> tmp.cleanup()
     """
     if (as_int(every_n_steps) or 0) < 1:

@@ -347,7 +347,7 @@ def test_whole_step_transform_wraps_a_plain_function_step(name, sinks, fresh_sta
     assert_trees_equal(take_snapshot(start), before)
     assert state.step == 4
     for logger in sinks.loggers:
-        assert logger.records == [(2, {"train/value": 1.5}), (4, {"train/value": 3.5})]
+        assert logger.records == [(2, {"epoch": 0, "train/value": 1.5}), (4, {"epoch": 0, "train/value": 3.5})]
     for directory in sinks.directories:
         assert [p[0] for p in _positions(directory)] == [2, 3, 4]  # keep_last=3
 
@@ -459,9 +459,10 @@ def test_run_epochs_matches_calling_the_step(pipeline, make_sinks, fresh_state, 
     assert_trees_equal(take_snapshot(driven)["params"], take_snapshot(by_hand)["params"])
     assert_trees_equal(take_snapshot(driven)["optimizer"], take_snapshot(by_hand)["optimizer"])
     for hand, logger in zip(hand_sinks.loggers, driven_sinks.loggers):
-        per_window = [(s, m) for s, m in logger.records if "epoch" not in m]  # the driver adds the epoch's record
+        # the driver adds the epoch's record (its means, train/*_epoch); every row holds the epoch, 0
+        per_window = [(s, m) for s, m in logger.records if "train/loss_epoch" not in m]
         assert per_window == hand.records and hand.records
-        assert [m["epoch"] for _, m in logger.records if "epoch" in m] == [0]
+        assert [m["epoch"] for _, m in logger.records if "train/loss_epoch" in m] == [0]
         assert logger.finalized == 1 and hand.finalized == 0
     for hand, directory in zip(hand_sinks.directories, driven_sinks.directories):
         assert _positions(directory) == _positions(hand) and _positions(hand)[-1][0] == by_hand.step
@@ -482,7 +483,8 @@ def test_loggers_get_finite_means_of_the_metrics_the_step_returned(names, sinks,
         for key, value in metrics.items():
             window.setdefault(key, []).append(value.detach().clone())
         if state.step != before and state.step % LOG_EVERY == 0:
-            expected.append((state.step, {f"train/{k}": torch.stack(v).sum().item() / len(v) for k, v in window.items()}))
+            means = {f"train/{k}": torch.stack(v).sum().item() / len(v) for k, v in window.items()}
+            expected.append((state.step, {"epoch": state.epoch, **means}))  # (every row holds its epoch)
             window = {}
     assert len(expected) >= 1
     for logger in sinks.loggers:

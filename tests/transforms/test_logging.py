@@ -104,8 +104,9 @@ def test_event_files_and_csv_hold_the_window_epoch_and_validation_means(tmp_path
     per_epoch = {
         "train/loss_epoch": [(7 * (e + 1), history[e]["train/loss"]) for e in range(2)],
         "val/mse": [(7 * (e + 1), history[e]["val/mse"]) for e in range(2)],
-        "epoch": [(7, 0.0), (14, 1.0)],
     }
+    # every row holds the epoch of its step: windows at 3, 6 (epoch 0), 9, 12 (epoch 1); validation and record at 7, 14
+    per_epoch["epoch"] = [(s, float((s - 1) // 7)) for s in (3, 6, 7, 7, 9, 12, 14, 14)]
     # the epoch means are the driver's too: the reference of the reference
     assert history[0]["train/loss"] == pytest.approx(mean(m["loss"] for _, m in calls[:7]), rel=1e-6)
     for tag, expected in {**windows, **per_epoch}.items():
@@ -623,7 +624,7 @@ def test_a_relaunch_from_the_end_of_a_fit_ended_mid_epoch_leaves_its_files_as_th
     folder = root / "run" / "version_0"
     left = _logged_files(folder)
     assert {"epoch", "train/loss_epoch"} <= set(left[0].splitlines()[0].split(","))
-    assert [step for step, _ in left[2]["epoch"]] == [4]  # (the epoch's record, at the last update)
+    assert [step for step, _ in left[2]["train/loss_epoch"]] == [4]  # (the epoch's record, at the last update)
     state = ended if same_process else loopkit.restore(make_sgd_state(make_mlp()), directory)
     with warnings.catch_warnings():  # (the restored EarlyStopping asks to stop at once: said, as it should be)
         warnings.filterwarnings("ignore", "run_epochs: EarlyStopping restored", UserWarning)
@@ -809,7 +810,8 @@ def test_a_run_resumed_at_a_step_its_epochs_share_logs_what_the_uninterrupted_ru
         fit(tmp_path / "b", tmp_path / "cb", state)
     straight = _logged_files(tmp_path / "a" / "run" / "version_0")
     assert _logged_files(tmp_path / "b" / "run" / "version_0") == straight
-    epochs_at = [json.loads(line)["epoch"] for line in straight[1].splitlines() if "epoch" in json.loads(line)]
+    records = [json.loads(line) for line in straight[1].splitlines()]
+    epochs_at = [r["epoch"] for r in records if not {"train/loss", "val/mse"} & set(r)]  # (rows hold epoch too)
     assert epochs_at == [0, 1, 2, 3]  # (each epoch's record is there once)
 
 
@@ -876,7 +878,7 @@ def test_a_fit_retried_with_the_same_loggers_at_a_step_its_epochs_share_keeps_wh
     straight = _logged_files(tmp_path / "a" / "run" / "version_0")
     assert _logged_files(tmp_path / "b" / "run" / "version_0") == straight
     at_4 = [json.loads(line) for line in straight[1].splitlines() if json.loads(line)["step"] == 4]
-    kinds = ["val" if "val/mse" in r else "epoch %d" % r["epoch"] if "epoch" in r else "train" for r in at_4]
+    kinds = ["val" if "val/mse" in r else "train" if "train/loss" in r else "epoch %d" % r["epoch"] for r in at_4]
     assert kinds == ["train", "val", "epoch 0", "val", "epoch 1"]  # (both epochs validate and record there)
 
 
@@ -1078,26 +1080,28 @@ def test_a_list_of_loggers_is_taken_as_lightnings_logger_list(tmp_path):
         with_logging(train_step(loss_with_mae), [MemoryLogger(), object()])
 
 
-def test_each_row_before_an_epoch_record_is_of_that_epoch_so_a_backfilled_epoch_column_tells_every_rows_epoch(
+def test_every_row_holds_the_epoch_of_its_step_as_lightnings_in_every_file_logger(
     tmp_path, make_mlp, make_batches, make_sgd_state
 ):
-    """Lightning's rows each carry ``epoch`` (its current_epoch); loopkit's only the epoch records (they tell a resumed
-    run's records apart). What the guide says instead: every row (train, validation, learning rate) comes before the
-    record of its epoch (an epoch cut by ``max_steps`` is recorded at the cut), so the column backfilled gives each row
-    its epoch. Reference: by hand, 5 updates an epoch, a row at step s is of epoch (s - 1) // 5."""
-    logger = CSVLogger(tmp_path)
-    step = with_logging(train_step(loss_with_mae), logger, every_n_steps=2)
+    """Lightning's logger connector adds ``epoch`` (its current_epoch) to every row; so does with_logging: train
+    windows, validations (mid-epoch, and at an epoch's end, where state.epoch is already the next one), the learning
+    rate rows and the epoch records, in the CSV, the JSONL lines and TensorBoard's ``epoch`` series. Reference: by
+    hand, 5 updates an epoch, a row at step s is of epoch (s - 1) // 5 (epoch 2 is cut at 13 by max_steps)."""
+    tb, csv_logger, jsonl = TensorBoardLogger(tmp_path), CSVLogger(tmp_path), JSONLLogger(tmp_path)
+    step = with_logging(train_step(loss_with_mae), tb, csv_logger, jsonl, every_n_steps=2)
     run_epochs(step, make_sgd_state(make_mlp()), make_batches(5), epochs=3, max_steps=13,
                val=(eval_step(mse_metric), make_batches(2)), val_every_n_steps=3, val_every_n_epochs=1,
                callbacks=[loopkit.LearningRateMonitor("step")], progress=False)
-    rows = list(csv.DictReader(open(os.path.join(logger.log_dir, "metrics.csv"))))
-    backfilled, later = [], ""
-    for row in reversed(rows):
-        later = row["epoch"] or later
-        backfilled.append((int(row["step"]), later))
-    backfilled.reverse()
-    assert {k for row in rows for k, v in row.items() if v} >= {"train/loss", "val/mse", "lr-SGD", "epoch"}
-    assert [e for _, e in backfilled] == [f"{(s - 1) // 5}.0" for s, _ in backfilled]  # (epoch 2: the cut's record)
+    rows = list(csv.DictReader(open(os.path.join(csv_logger.log_dir, "metrics.csv"))))
+    assert {k for row in rows for k, v in row.items() if v} >= {"train/loss", "val/mse", "lr-SGD", "train/loss_epoch"}
+    steps = [int(row["step"]) for row in rows]
+    assert [s for s, row in zip(steps, rows) if row["val/mse"]] == [3, 5, 6, 9, 10, 12]  # (at 5, 10: epochs' ends)
+    assert [s for s, row in zip(steps, rows) if row["train/loss"]] == [2, 4, 6, 8, 10, 12]  # (10: epoch 1's last)
+    assert [s for s, row in zip(steps, rows) if row["train/loss_epoch"]] == [5, 10, 13]  # (13: the cut's record)
+    assert [row["epoch"] for row in rows] == [f"{(s - 1) // 5}.0" for s in steps]
+    lines = [json.loads(line) for line in open(os.path.join(jsonl.log_dir, "metrics.jsonl"))]
+    assert [(line["step"], line["epoch"]) for line in lines] == [(s, (s - 1) // 5) for s in steps]
+    assert scalars(tb.log_dir, "epoch") == [(s, float((s - 1) // 5)) for s in steps]
 
 
 def test_a_donated_step_and_a_bad_metric_are_refused(make_mlp, make_sgd_state):
