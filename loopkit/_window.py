@@ -19,7 +19,7 @@ flag's own mean is the fraction of updates skipped.
 from __future__ import annotations
 
 import types
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import attrs
@@ -30,7 +30,8 @@ from loopkit.state import extras_copy, persistent_buffers
 from loopkit.tree import to_device
 
 __all__ = [
-    "EPOCH", "LOGGED", "OVER_RANKS", "SKIPPED", "Window", "guarded", "over_ranks", "own_buffers", "own_rng", "own_share",
+    "EPOCH", "LOGGED", "OVER_RANKS", "SKIPPED", "Window", "guarded", "is_epoch_record", "over_ranks", "own_buffers",
+    "own_rng", "own_share",
 ]
 
 Metrics = Mapping[str, Any]
@@ -293,3 +294,21 @@ def _merge_into(extras: dict[str, Any], window: Window, part: Mapping[str, Any])
         own_sums[key] = own_sums[key] + total.to(own_sums[key].device) if key in own_sums else total
         own_counts[key] = own_counts.get(key, 0) + counts[key]
     extras[window.sums], extras[window.counts] = own_sums, own_counts
+
+
+def is_epoch_record(keys: Iterable[str]) -> bool:
+    """Whether a record of metrics ``keys`` is an epoch's record, as the file loggers tell a resumed run's records
+    apart: it holds ``epoch`` with the epoch's means (a name ending ``_epoch``, ``train/loss_epoch``, as Lightning
+    names its ``on_epoch`` means), or ``epoch`` alone. Any other record holding ``epoch`` is a row of that epoch:
+    :func:`loopkit.with_logging` puts it on every row (as Lightning's), but not on one with a name ending ``_epoch``
+    (a step metric so named), which would read as an epoch's record. An epoch's record without such a name (a step that
+    returns no metrics, with a callback's ``on_epoch_end`` extras) is read as a row: a fit resumed in an epoch cut
+    short then keeps the cut's record beside the whole epoch's.
+
+    >>> is_epoch_record({"epoch", "train/loss_epoch"}), is_epoch_record({"epoch"})
+    (True, True)
+    >>> is_epoch_record({"epoch", "train/loss"}), is_epoch_record({"train/loss_epoch"})
+    (False, False)
+    """
+    keys = frozenset(keys)
+    return "epoch" in keys and (len(keys) == 1 or any(key.endswith("_epoch") for key in keys))

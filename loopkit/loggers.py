@@ -47,6 +47,7 @@ import torch
 from loopkit import _collective
 from loopkit._collective import is_rank_zero
 from loopkit._numbers import as_int
+from loopkit._window import is_epoch_record
 from loopkit.progress import write_line
 
 __all__ = [
@@ -564,7 +565,7 @@ class RunDirLogger(Logger):
         Epochs that made no update (every batch skipped, or every float16 update overflowed) record at the
         same step as the one before, so records are told apart by their step, their epoch and their metric
         names. An epoch's record holds its epoch (``epoch``) with its epoch means (a metric named ``*_epoch``,
-        ``train/loss_epoch``), or its epoch alone (:func:`_is_epoch_record`); any other record holding ``epoch`` (each
+        ``train/loss_epoch``), or its epoch alone (:func:`is_epoch_record`); any other record holding ``epoch`` (each
         row :func:`loopkit.with_logging` writes, as Lightning's) is of that epoch; a record without it is of the epoch
         whose record comes next at its step in the file, else of the last record before it that holds one (of the
         one after, when that is an epoch's record). At ``step``,
@@ -667,7 +668,7 @@ class RunDirLogger(Logger):
         self._redo, self._redone, self._last_epoch = (None if pos.fresh else pos), set(), None
 
         def keep(at: int, keys: frozenset[str], epoch: int | None) -> bool:
-            closes = _is_epoch_record(keys)
+            closes = is_epoch_record(keys)
             kept = pos.place(at, epoch, closes) != _AFTER
             if kept and closes:  # (read in the order written: the last one kept is the folder's last)
                 self._last_epoch = (at, epoch)
@@ -692,7 +693,7 @@ class RunDirLogger(Logger):
         self._fit_logged = self._fit_dir is not None
         keys = frozenset(metrics)
         epoch = _epoch_value(metrics["epoch"]) if "epoch" in keys else self._epoch_now
-        closes = _is_epoch_record(keys)
+        closes = is_epoch_record(keys)
         relog = self._relog
         if relog is not None and step >= relog.step:
             # logged again (the same metrics, of the same epoch, as a record before the fit): rewound now, and
@@ -718,7 +719,7 @@ class RunDirLogger(Logger):
             told = None if redo.epoch is None else epoch
             self._drop_records(folder, lambda at, found, was: (
                 at != step or not _same(_Written(found, was), keys, told)
-                or redo.place(at, was, _is_epoch_record(found)) != _AGAIN))
+                or redo.place(at, was, is_epoch_record(found)) != _AGAIN))
         return folder
 
     def _drop_records(self, folder: str, keep: Callable[[int, frozenset[str], int | None], bool]) -> int:
@@ -799,7 +800,7 @@ class _Position(NamedTuple):
 
     def place(self, at: int, epoch: int | None, epoch_record: bool) -> int:
         """Where a record at step ``at``, logged in ``epoch`` (None: unknown), an epoch's record when
-        ``epoch_record`` (:func:`_is_epoch_record`), lies from this position: ``_BEFORE``, ``_AGAIN`` or ``_AFTER``.
+        ``epoch_record`` (:func:`is_epoch_record`), lies from this position: ``_BEFORE``, ``_AGAIN`` or ``_AFTER``.
 
         >>> at_epoch_2 = _Position(step=2, epoch=2, batch_index=0, finishes_epoch=False)
         >>> [at_epoch_2.place(2, e, True) for e in (1, 2)], at_epoch_2.place(1, None, False)
@@ -821,24 +822,6 @@ class _Position(NamedTuple):
         return _AGAIN
 
 
-def _is_epoch_record(keys: Iterable[str]) -> bool:
-    """Whether a record of metrics ``keys`` is an epoch's record, as the file loggers tell a resumed run's records
-    apart: it holds ``epoch`` with the epoch's means (a name ending ``_epoch``, ``train/loss_epoch``, as Lightning
-    names its ``on_epoch`` means), or ``epoch`` alone. Any other record holding ``epoch`` is a row of that epoch:
-    :func:`loopkit.with_logging` puts it on every row (as Lightning's), but not on one with a name ending ``_epoch``
-    (a step metric so named), which would read as an epoch's record. An epoch's record without such a name (a step that
-    returns no metrics, with a callback's ``on_epoch_end`` extras) is read as a row: a fit resumed in an epoch cut
-    short then keeps the cut's record beside the whole epoch's.
-
-    >>> _is_epoch_record({"epoch", "train/loss_epoch"}), _is_epoch_record({"epoch"})
-    (True, True)
-    >>> _is_epoch_record({"epoch", "train/loss"}), _is_epoch_record({"train/loss_epoch"})
-    (False, False)
-    """
-    keys = frozenset(keys)
-    return "epoch" in keys and (len(keys) == 1 or any(key.endswith("_epoch") for key in keys))
-
-
 def _epoch_value(value: Any) -> int | None:
     """An epoch record's ``epoch`` (a number, or its text in a CSV cell) as an int; None when it is not a count."""
     try:
@@ -850,7 +833,7 @@ def _epoch_value(value: Any) -> int | None:
 
 def _record_epochs(records: list[tuple[int | None, int | None, bool]]) -> list[int | None]:
     """The epoch each of a file's records was logged in, from ``(its step, the epoch it holds (None: none), whether
-    it is an epoch's record)`` in file order (:func:`_is_epoch_record`): its own when it holds one (an epoch's record,
+    it is an epoch's record)`` in file order (:func:`is_epoch_record`): its own when it holds one (an epoch's record,
     a row of ``with_logging``); else that of the first epoch record after it among the records at its step that
     follow it (the record that closed its epoch); else that of the last record before it that holds one (one more
     after an epoch's record); else None (the file does not tell).
@@ -1127,7 +1110,7 @@ def _scalar_records(path: str) -> list[tuple[int, int | None, bool]]:
         if _holds_scalars(event):
             held = [v.simple_value for v in event.summary.value if v.tag == "epoch"]
             out.append((event.step, _epoch_value(held[0]) if held else None,
-                        _is_epoch_record(v.tag for v in event.summary.value)))
+                        is_epoch_record(v.tag for v in event.summary.value)))
     return out
 
 
@@ -1505,7 +1488,7 @@ class CSVLogger(RunDirLogger):
             epoch = _epoch_value(row[header.index("epoch")]) if "epoch" in keys else None
             records.append((_int_or_none(row[0] if row else ""), keys, epoch))
         kept, old = [], self._old(path, len(rows))
-        epochs = _record_epochs([(at, epoch, _is_epoch_record(keys)) for at, keys, epoch in records])
+        epochs = _record_epochs([(at, epoch, is_epoch_record(keys)) for at, keys, epoch in records])
         for i, (row, (at, keys, _), epoch) in enumerate(zip(rows, records, epochs, strict=True)):
             if i < old and at is not None and not keep(at, keys, epoch):
                 dropped += 1
@@ -1619,7 +1602,7 @@ class JSONLLogger(RunDirLogger):
             records.append((line, _int_or_none(record.get("step")), keys,
                             _epoch_value(record["epoch"]) if "epoch" in keys else None))
         kept, old = [], self._old(path, len(records))
-        epochs = _record_epochs([(at, epoch, _is_epoch_record(keys)) for _, at, keys, epoch in records])
+        epochs = _record_epochs([(at, epoch, is_epoch_record(keys)) for _, at, keys, epoch in records])
         for i, ((line, at, keys, _), epoch) in enumerate(zip(records, epochs, strict=True)):
             if i < old and at is not None and not keep(at, keys, epoch):
                 dropped += 1

@@ -17,8 +17,7 @@ import attrs
 import torch
 
 from loopkit._numbers import as_int
-from loopkit._window import EPOCH, LOGGED, Window, guarded
-from loopkit.loggers import _is_epoch_record
+from loopkit._window import EPOCH, LOGGED, Window, guarded, is_epoch_record
 from loopkit.state import TrainState, extras_copy, leave_intact, put_extras, replace_extras
 from loopkit.steps import RECORDED, Metrics, WrapperStep, check_metric
 from loopkit.transforms._compose import refuse_wrapping, require_step
@@ -120,12 +119,12 @@ def _with_epoch(row: dict[str, float], epoch: int) -> dict[str, float]:
     """A row with ``epoch``, the epoch of its step, added (as Lightning's logger connector adds its ``current_epoch``
     to every row; a metric of the row's own named ``epoch`` is kept). Not to an empty row (none is written), nor to a
     row that would then read as an epoch's record (a metric named ``*_epoch``: see
-    :func:`loopkit.loggers._is_epoch_record`), which the file loggers would take for one when a run is resumed.
+    :func:`is_epoch_record`), which the file loggers would take for one when a run is resumed.
 
     >>> _with_epoch({"train/loss": 0.5}, 2), _with_epoch({"train/loss_epoch": 0.5}, 2), _with_epoch({}, 2)
     ({'epoch': 2, 'train/loss': 0.5}, {'train/loss_epoch': 0.5}, {})
     """
-    if "epoch" in row or _is_epoch_record({*row, "epoch"}):
+    if "epoch" in row or is_epoch_record({*row, "epoch"}):
         return row
     return {"epoch": epoch, **row}  # (first, as in the epoch's record: a CSV's columns in one order, however resumed)
 
@@ -438,7 +437,7 @@ def with_logging(step: Any, *loggers: Any, every_n_steps: int = 50) -> LoggingSt
     each epoch ``train/m_epoch`` (the epoch means) and the callbacks' extras. Every row holds ``epoch``, the epoch of
     its step, as Lightning's logger connector adds its ``current_epoch`` to each (a validation at an epoch's end, and
     the epoch's record, hold that epoch; the file loggers tell the epoch's record apart by its means when a run is
-    resumed, :func:`loopkit.loggers._is_epoch_record`); at the
+    resumed, :func:`is_epoch_record`); at the
     end of the fit every logger is finalized: ``finalize("success")``, ``finalize("failed")`` when an
     error leaves the fit, or ``finalize("killed")`` when SIGTERM or Ctrl-C stopped it (``run_epochs`` saved and
     returned: a resumable stop, an MLflow run ``KILLED``; a logger not of loopkit's gets ``"failed"``, as
