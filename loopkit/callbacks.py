@@ -358,7 +358,8 @@ class EarlyStopping(MonitorCallback):
         self.best = math.inf if self.mode == "min" else -math.inf
         self.wait = 0
         self.should_stop = False
-        #: the epoch (from 0) whose check asked to stop: an epoch-end check's is the epoch just finished (the state's
+        #: the epoch (from 0) of the last check that asked to stop (under ``min_epochs``/``min_steps``, which hold
+        #: the stop off, the epoch the fit stopped at): an epoch-end check's is the epoch just finished (the state's
         #: ``epoch`` counts it done already), a step validation's the epoch it ran in; None until it asks
         self.stopped_at: int | None = None
         #: why it asked to stop, as Lightning 2.6's ``stopping_reason`` and ``stopping_reason_message``
@@ -415,11 +416,10 @@ class EarlyStopping(MonitorCallback):
                         f"the last {self.wait} records. Best score: {self.best:.3f}. Signaling Trainer to stop.")
             # (asked, it stays asked: Lightning's trainer.should_stop, which a fit's min_epochs/min_steps hold
             # off, is not taken back by an improvement)
-        if stop is not None:
-            self.should_stop = True
+        if stop is not None:  # (each check that asks, as Lightning's: one held off by min_epochs is not where it
+            self.should_stop = True  # stopped, the last one is)
             self.stopping_reason, message = stop
             self.stopping_reason_message = message
-        if self.should_stop and self.stopped_at is None:
             self.stopped_at = _epoch_checked(state)
         if message is not None and self.verbose:
             self._say(message)
@@ -452,7 +452,8 @@ class EarlyStopping(MonitorCallback):
 
     @property
     def stopped_epoch(self) -> int:
-        """Lightning's name: the epoch (from 0) whose check asked to stop, 0 until it asks (see :attr:`stopped_at`).
+        """Lightning's name: the epoch (from 0) of the last check that asked to stop, 0 until one asks (see
+        :attr:`stopped_at`).
 
         >>> stopper = EarlyStopping("train/loss", patience=0)
         >>> _ = stopper.on_epoch_end(None, {"train/loss": 1.0}); stopper.stopped_epoch
