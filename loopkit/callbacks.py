@@ -9,8 +9,10 @@ hook                                      when
 ``on_epoch_start(state)``                 before the first batch of each epoch
 ``on_batch_start(state, batch)``          before each training step, with the batch it is given
                                           (on the step's device); Lightning's
-                                          ``on_train_batch_start`` (returning -1 to end the
-                                          epoch is not taken: set ``should_stop``)
+                                          ``on_train_batch_start``; returns None (a value, as
+                                          Lightning's -1 that skips the rest of the epoch, is
+                                          refused before the update: set ``should_stop``, or
+                                          pass ``limit_train_batches``)
 ``on_batch_end(state, metrics)``          after each training step; metrics are device tensors;
                                           may return a dict of numbers (or 1-element
                                           tensors, read only when logged), which
@@ -132,7 +134,10 @@ class Callback:
         """Before each epoch's first batch (``state.batch_index`` > 0 in a run resumed mid-epoch)."""
 
     def on_batch_start(self, state: Any, batch: Any) -> None:
-        """Before each train step, with the state and the batch it is given (moved to the step's device)."""
+        """Before each train step, with the state and the batch it is given (moved to the step's device).
+
+        Returns None: ``run_epochs`` refuses a value (Lightning's ``on_train_batch_start`` returns -1 to skip the rest
+        of the epoch, which loopkit does not do) with a ``ValueError`` before the batch's update."""
 
     def on_batch_end(self, state: Any, metrics: Mapping[str, torch.Tensor]) -> Mapping[str, float | torch.Tensor] | None:
         """After each train step, with its state and metrics (device tensors: reading one syncs).

@@ -1800,6 +1800,26 @@ class _Superseded:
         self.retire(state)
 
 
+def _batch_start_returned(hook: Callable[..., Any]) -> ValueError:
+    """The error of an ``on_batch_start`` hook that returned something (Lightning's ``on_train_batch_start`` returns
+    -1 to skip the rest of the epoch): loopkit takes no return there, and a fit that went on would train batches the
+    ported callback meant to skip.
+
+    >>> class Skip:
+    ...     def on_batch_start(self, state, batch): return -1
+    >>> print(_batch_start_returned(Skip().on_batch_start))  # doctest: +ELLIPSIS
+    run_epochs: Skip.on_batch_start returned a value...
+    """
+    owner = getattr(hook, "__self__", hook)
+    return ValueError(
+        f"run_epochs: {type(owner).__qualname__}.on_batch_start returned a value, which loopkit does not take: "
+        "it does not skip the rest of an epoch on -1 (Lightning's on_train_batch_start), and this batch was not "
+        "trained on. Return None; to end the fit after this batch set the callback's should_stop = True; to train "
+        "fewer batches an epoch pass run_epochs(..., limit_train_batches=n), or give train_data as a factory "
+        "(lambda epoch: data) that makes each epoch's batches"
+    )
+
+
 def _add_epoch_extras(record: dict[str, float], callback: Any, extra: Any) -> None:
     """Add what a callback's ``on_epoch_end`` returned to the epoch's history record (names of its own)."""
     if isinstance(extra, Mapping) and extra:  # (numbers, as the record's own: a 1-element tensor is read once, here)
@@ -2401,7 +2421,8 @@ def run_epochs(
                         check_sharding = False
                         _warn_of_the_same_batch(batch, parallel)
                     for hook in hooks.batch_start:
-                        hook(state, batch)
+                        if hook(state, batch) is not None:  # (Lightning's -1: refused before the update)
+                            raise _batch_start_returned(hook)
                     before, index = state.step, state.batch_index
                     state, metrics = step(state, batch)
                     if state.batch_index != index + 1:  # a step of one's own that leaves the count to the driver,

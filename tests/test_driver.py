@@ -1993,6 +1993,25 @@ def test_after_a_callback_fails_the_newest_whole_state_holds_that_batchs_update(
     assert_bitwise(params_of(left), params_of(reference))
 
 
+def test_an_on_batch_start_that_returns_minus_one_is_refused_before_that_batchs_update():
+    """Lightning's on_train_batch_start returns -1 to skip the rest of the epoch; loopkit does not skip it, so a
+    ported callback that does is refused (it trained every batch, silently), naming the callback and the hook,
+    before the batch's update: the newest whole state is that of a fit over the batches before it (reference)."""
+
+    class SkipRest:
+        def on_batch_start(self, state, batch):
+            if state.batch_index >= 2:
+                return -1
+
+    with pytest.raises(ValueError, match=r"SkipRest\.on_batch_start returned .* does not skip the rest of an epoch "
+                                         r"on -1 .*should_stop.*limit_train_batches") as caught:
+        run_epochs(train_step(mse), make_state(), make_data(5), epochs=2, callbacks=[SkipRest()], progress=False)
+    left = loopkit.state_at_error(caught.value)
+    reference, _ = run_epochs(train_step(mse), make_state(), make_data(2), epochs=1, progress=False)
+    assert (left.step, left.epoch, left.batch_index) == (2, 0, 2)
+    assert_bitwise(params_of(left), params_of(reference))
+
+
 def test_a_failure_half_way_through_an_update_leaves_no_whole_state():
     class BrokenSGD(torch.optim.SGD):
         def step(self, closure=None):
