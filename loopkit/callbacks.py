@@ -9,8 +9,10 @@ hook                                      when
 ``on_epoch_start(state)``                 before the first batch of each epoch
 ``on_batch_start(state, batch)``          before each training step, with the batch it is given
                                           (on the step's device); Lightning's
-                                          ``on_train_batch_start`` (returning -1 to end the
-                                          epoch is not taken: set ``should_stop``)
+                                          ``on_train_batch_start``; returns None (a value, as
+                                          Lightning's -1 that skips the rest of the epoch, is
+                                          refused before the update: set ``should_stop``, or
+                                          pass ``limit_train_batches``)
 ``on_batch_end(state, metrics)``          after each training step; metrics are device tensors;
                                           may return a dict of numbers (or 1-element
                                           tensors, read only when logged), which
@@ -132,7 +134,10 @@ class Callback:
         """Before each epoch's first batch (``state.batch_index`` > 0 in a run resumed mid-epoch)."""
 
     def on_batch_start(self, state: Any, batch: Any) -> None:
-        """Before each train step, with the state and the batch it is given (moved to the step's device)."""
+        """Before each train step, with the state and the batch it is given (moved to the step's device).
+
+        Returns None: ``run_epochs`` refuses a value (Lightning's ``on_train_batch_start`` returns -1 to skip the rest
+        of the epoch, which loopkit does not do) with a ``ValueError`` before the batch's update."""
 
     def on_batch_end(self, state: Any, metrics: Mapping[str, torch.Tensor]) -> Mapping[str, float | torch.Tensor] | None:
         """After each train step, with its state and metrics (device tensors: reading one syncs).
@@ -358,7 +363,8 @@ class EarlyStopping(MonitorCallback):
         self.best = math.inf if self.mode == "min" else -math.inf
         self.wait = 0
         self.should_stop = False
-        #: the epoch (from 0) whose check asked to stop: an epoch-end check's is the epoch just finished (the state's
+        #: the epoch (from 0) of the last check that asked to stop (under ``min_epochs``/``min_steps``, which hold
+        #: the stop off, the epoch the fit stopped at): an epoch-end check's is the epoch just finished (the state's
         #: ``epoch`` counts it done already), a step validation's the epoch it ran in; None until it asks
         self.stopped_at: int | None = None
         #: why it asked to stop, as Lightning 2.6's ``stopping_reason`` and ``stopping_reason_message``
@@ -415,11 +421,10 @@ class EarlyStopping(MonitorCallback):
                         f"the last {self.wait} records. Best score: {self.best:.3f}. Signaling Trainer to stop.")
             # (asked, it stays asked: Lightning's trainer.should_stop, which a fit's min_epochs/min_steps hold
             # off, is not taken back by an improvement)
-        if stop is not None:
-            self.should_stop = True
+        if stop is not None:  # (each check that asks, as Lightning's: one held off by min_epochs is not where it
+            self.should_stop = True  # stopped, the last one is)
             self.stopping_reason, message = stop
             self.stopping_reason_message = message
-        if self.should_stop and self.stopped_at is None:
             self.stopped_at = _epoch_checked(state)
         if message is not None and self.verbose:
             self._say(message)
@@ -452,7 +457,8 @@ class EarlyStopping(MonitorCallback):
 
     @property
     def stopped_epoch(self) -> int:
-        """Lightning's name: the epoch (from 0) whose check asked to stop, 0 until it asks (see :attr:`stopped_at`).
+        """Lightning's name: the epoch (from 0) of the last check that asked to stop, 0 until one asks (see
+        :attr:`stopped_at`).
 
         >>> stopper = EarlyStopping("train/loss", patience=0)
         >>> _ = stopper.on_epoch_end(None, {"train/loss": 1.0}); stopper.stopped_epoch

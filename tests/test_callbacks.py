@@ -190,6 +190,31 @@ def test_early_stopping_stopped_epoch_is_the_epoch_whose_check_asked_as_lightnin
     assert again.stopped_epoch == expected
 
 
+def test_early_stopping_stopped_epoch_under_min_epochs_is_the_epoch_the_fit_stopped_at():
+    """min_epochs holds a stop off; each later check that asks moves stopped_epoch on, as Lightning's (it kept the
+    first check that asked, epoch 1): the epoch of the fit's last record, in an uninterrupted fit and in one resumed
+    from a state saved between two checks that ask (the callback's counters travel in the state)."""
+    scores = {0: 0.0, 1: 1.0, 2: 1.1, 3: 1.2, 4: 1.3, 5: 1.4}  # (0: the sanity check) worse at every check from the
+    # second: each asks
+
+    def val(state, batch):
+        return state, {"score": torch.tensor(scores[state.epoch])}
+
+    def fit(state, stopper, **options):
+        return run_epochs(train_step(mse), state, make_data(4), epochs=8, min_epochs=4, val=(val, [0]),
+                          callbacks=[stopper], progress=False, **options)
+
+    stopper = loopkit.EarlyStopping("val/score", patience=1)
+    _, history = fit(make_state(), stopper)
+    assert stopper.should_stop and stopper.stopped_epoch == history[-1]["epoch"] == 3
+    first = loopkit.EarlyStopping("val/score", patience=1)
+    halfway, _ = fit(make_state(), first, max_steps=12)  # (3 epochs: two checks asked, epochs 1 and 2)
+    assert first.stopped_epoch == 2
+    resumed = loopkit.EarlyStopping("val/score", patience=1)
+    _, rest = fit(halfway, resumed)
+    assert resumed.stopped_epoch == rest[-1]["epoch"] == 3 and resumed.state_dict() == stopper.state_dict()
+
+
 def test_early_stopping_missing_monitor_raises_key_error_naming_it():
     stopper = loopkit.EarlyStopping("val/acc", patience=2)
     with pytest.raises(KeyError, match="val/acc") as info, pytest.warns(RuntimeWarning, match="sanity validation did not report"):

@@ -315,6 +315,30 @@ def test_guide_maps_the_hooks_and_flags_a_lightning_user_reaches_for():
     assert "class LitClassifier(L.LightningModule)" in text
 
 
+def test_the_guide_says_how_to_predict_under_the_fits_mixed_precision():
+    """Lightning's trainer.predict runs predict_step under the Trainer's precision (autocast); with_amp wraps steps
+    and refuses a predict fn, so the guide's predict_step and mixed-precision rows say that fn autocasts itself,
+    and the fn they give predicts as a raw autocast loop over the model in eval mode (the reference)."""
+    rows = [line for line in GUIDE.read_text(encoding="utf-8").splitlines() if line.startswith(("| `predict_step`",
+            '| `precision="16-mixed"`', '| `precision="bf16-mixed"`'))]
+    assert len(rows) == 3 and all("predict" in row and "torch.autocast(" in row for row in rows)
+    with pytest.raises(TypeError, match="with_amp needs a loopkit train_step"):
+        loopkit.with_amp(lambda model, batch: model(batch[0]), dtype=torch.bfloat16)
+
+    def fn(model, batch):  # as the predict_step row writes it
+        with torch.autocast(batch[0].device.type, dtype=torch.bfloat16, cache_enabled=False):
+            return model(batch[0])
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.ReLU(), nn.Linear(8, 2))
+    data = [(torch.randn(3, 4),) for _ in range(2)]
+    reference = copy.deepcopy(model).eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = [reference(x) for (x,) in data]
+    got = loopkit.predict(fn, loopkit.TrainState.create(model), data)
+    assert all(g.dtype == torch.bfloat16 and torch.equal(g, e) for g, e in zip(got, expected))
+
+
 def test_the_guides_training_step_row_says_a_skipped_batch_is_no_step_unlike_lightnings():
     """A ``loss_fn`` returning None makes no update: ``state.step`` and the scheduler stay (Lightning counts the
     batch in ``global_step`` and steps an ``interval="step"`` scheduler); the guide's ``training_step`` row says so."""
