@@ -26,12 +26,12 @@ import attrs
 import torch
 
 from loopkit import _collective
-from loopkit.state import extras_copy, persistent_buffers
+from loopkit.state import TrainState, extras_copy, leave_intact, persistent_buffers, replace_extras
 from loopkit.tree import to_device
 
 __all__ = [
-    "EPOCH", "LOGGED", "OVER_RANKS", "SKIPPED", "Window", "guarded", "is_epoch_record", "over_ranks", "own_buffers",
-    "own_rng", "own_share",
+    "EPOCH", "LOGGED", "OVER_RANKS", "SKIPPED", "Window", "guarded", "is_epoch_record", "leave_updated",
+    "left_metrics", "over_ranks", "own_buffers", "own_rng", "own_share",
 ]
 
 Metrics = Mapping[str, Any]
@@ -149,6 +149,45 @@ EPOCH = Window("run_epochs/epoch_sums", "run_epochs/epoch_counts", "run_epochs/e
 #: ``with_logging``'s window of the calls since its last log
 LOGGED = Window("logging/window", "logging/counts", "logging/pending", "with_logging",
                 " (call the step with_logging wraps on every rank, as many times)", fold_every=32)
+
+#: the attribute an error carries with the metrics of the call whose updated state it left whole (:func:`leave_updated`)
+_LEFT_METRICS = "_loopkit_left_metrics"
+
+
+def leave_updated(error: BaseException, new: TrainState, metrics: Metrics, epoch: Window = EPOCH) -> BaseException:
+    """Mark ``error``, raised by a step call after its update (a logger's write, a profiler's trace failed), as leaving
+    ``new``, that update's state, whole (:func:`loopkit.state_at_error`); returns ``error``. The call's ``metrics``,
+    returned to no one, are kept as a returned call's are: under ``run_epochs`` (its epoch means in
+    ``new``'s extras, ``epoch``: :func:`guarded` for the step that made them) added to those means, as the driver adds
+    them once a step returns, and carried on ``error`` (:func:`left_metrics`) for a ``with_logging`` outside, which
+    adds them to its window. A fit given the state goes on at the next batch; its epoch means and rows are the
+    uninterrupted run's. Only on a failure.
+
+    >>> import torch
+    >>> state = TrainState.create(torch.nn.Linear(1, 1)).evolve(extras=EPOCH.start({}))
+    >>> error = leave_updated(OSError("disk full"), state, {"loss": torch.tensor(2.0)})
+    >>> from loopkit.state import state_at_error
+    >>> EPOCH.means(state_at_error(error).extras), sorted(left_metrics(error))
+    ({'loss': 2.0}, ['loss'])
+    """
+    if metrics and epoch.holds(new.extras):
+        new = replace_extras(new, epoch.add(new.extras, metrics))
+    leave_intact(error, new)
+    try:
+        setattr(error, _LEFT_METRICS, dict(metrics) if metrics else {})
+    except AttributeError:  # (an exception type without attributes: leave_intact could mark nothing either)
+        pass
+    return error
+
+
+def left_metrics(error: BaseException) -> Metrics | None:
+    """The metrics of the call whose updated state ``error`` left whole (:func:`leave_updated`), or None.
+
+    >>> left_metrics(ValueError("x")) is None
+    True
+    """
+    return getattr(error, _LEFT_METRICS, None)
+
 
 #: an extras key of a checkpoint written under DDP: the windows of the ranks other than 0 (rank 0's are
 #: its own), ``{"world_size": n, "ranks": {"1": {window key: value}, ...}}``; in the earlier form, ``True``:

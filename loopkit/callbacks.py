@@ -788,7 +788,8 @@ class Timer(Callback):
     resumed with its time already spent stops before its first batch, as Lightning's does.
     Under DDP every rank stops at the same batch (the first rank whose clock runs out decides).
     ``clock`` is the time source in seconds (``time.monotonic``; a test may pass its own).
-    ``duration`` (in any of those forms) and ``interval`` may be changed between fits: each fit reads them when it starts.
+    ``duration`` (in any of those forms) and ``interval`` may be changed between fits, checked as the constructor
+    checks them: each fit reads them when it starts.
     :meth:`time_elapsed`, :meth:`time_remaining`, :meth:`start_time` and :meth:`end_time` take Lightning's
     ``stage`` argument, ``"train"`` alone (this Timer times the fit).
 
@@ -814,14 +815,12 @@ class Timer(Callback):
         *,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if interval not in ("step", "epoch"):
-            raise ValueError(f"Timer: interval must be 'step' or 'epoch', got {interval!r}")
+        self.interval = interval
         if not isinstance(verbose, bool):
             raise TypeError(f"Timer: verbose must be True or False, got {verbose!r}")
         if not callable(clock):
             raise TypeError(f"Timer: clock must be a function returning seconds, got {clock!r}")
         self.duration = duration
-        self.interval = interval
         self.verbose = verbose
         self.clock = clock
         self._reset()
@@ -841,10 +840,30 @@ class Timer(Callback):
         self._duration = _duration_seconds(value)
 
     @property
+    def interval(self) -> str:
+        """When the time is checked: ``"step"`` (after every batch) or ``"epoch"`` (after each epoch); set it as the
+        constructor's ``interval``, checked as there.
+
+        >>> timer = Timer(60); timer.interval = "epoch"; timer.interval
+        'epoch'
+        >>> timer.interval = "epochs"
+        Traceback (most recent call last):
+        ...
+        ValueError: Timer: interval must be 'step' or 'epoch', got 'epochs'
+        """
+        return self._interval
+
+    @interval.setter
+    def interval(self, value: str) -> None:
+        if value not in ("step", "epoch"):
+            raise ValueError(f"Timer: interval must be 'step' or 'epoch', got {value!r}")
+        self._interval = value
+
+    @property
     def batch_end_unused(self) -> bool:
         """Per epoch, or without a duration, its ``on_batch_end`` does nothing: ``run_epochs`` calls no batch hook
-        for it, as read from ``interval`` and ``duration`` when the fit starts (a ``duration`` set after
-        construction is checked); a subclass's own ``on_batch_end`` is called (see :func:`_batch_end_unused`)."""
+        for it, as read from ``interval`` and ``duration`` when the fit starts (a ``duration`` or ``interval``
+        set after construction is checked); a subclass's own ``on_batch_end`` is called (see :func:`_batch_end_unused`)."""
         return self.interval == "epoch" or self.duration is None
 
     def _reset(self) -> None:

@@ -681,7 +681,32 @@ def _check_parts(model: Any, optimizer: Any, scheduler: Any, where: str = "Train
                 "outside the state and call scheduler.step(metric) yourself (e.g. from a callback's on_validation_end)"
             )
         if scheduler.optimizer is not optimizer:
-            raise ValueError(f"{where}: the scheduler was built for a different optimizer than the state's")
+            raise ValueError(_other_optimizer(where, scheduler))
+
+
+def _other_optimizer(where: str, scheduler: Any) -> str:
+    """The refusal of a ``scheduler`` that steps another optimizer than the state's, saying what to pass: to
+    :meth:`TrainState.evolve` given a new optimizer, a scheduler for it too (:func:`scheduler_for` copies the state's
+    onto it); a :class:`HeldScheduler` (a scheduler transform's inner state, whose step of one's own gave it a new
+    optimizer) named as one.
+
+    >>> import torch
+    >>> opt = torch.optim.SGD(torch.nn.Linear(1, 1).parameters(), lr=1.0)
+    >>> print(_other_optimizer("TrainState.evolve", HeldScheduler(torch.optim.lr_scheduler.StepLR(opt, 1))))
+    TrainState.evolve: the scheduler, held still by the with_step_scheduler or with_epoch_scheduler around this step (which steps it after the step), was built for a different optimizer than the state's; a new optimizer needs a scheduler of its own: state.evolve(optimizer=new, scheduler=loopkit.state.scheduler_for(state.scheduler, new)) gives the state a copy of it that steps new, held still as well (the transform steps that copy and gives it back)
+    """
+    held = type(scheduler) is HeldScheduler
+    what = ("the scheduler, held still by the with_step_scheduler or with_epoch_scheduler around this step (which "
+            "steps it after the step)," if held else "the scheduler")
+    refused = f"{where}: {what} was built for a different optimizer than the state's; "
+    if where != "TrainState.evolve":
+        return refused + ("build it from the optimizer given, or copy it onto that optimizer: "
+                          "loopkit.state.scheduler_for(scheduler, optimizer)")
+    return refused + (
+        "a new optimizer needs a scheduler of its own: state.evolve(optimizer=new, "
+        "scheduler=loopkit.state.scheduler_for(state.scheduler, new)) gives the state a copy of it that steps new"
+        + (", held still as well (the transform steps that copy and gives it back)" if held else ", or build one for it")
+    )
 
 
 _CPU_RNG_SHAPE = torch.Generator().get_state().shape  # (a constant of the torch build)
@@ -1323,7 +1348,9 @@ def _track_step_called(optimizer: torch.optim.Optimizer) -> Any:
 def scheduler_for(scheduler: Any, optimizer: torch.optim.Optimizer) -> Any:
     """``scheduler`` itself when it steps ``optimizer``, else a copy of it that steps ``optimizer`` (its state its own):
     a held scheduler given back to a state whose step of one's own forked the optimizer (``fork``), so that its steps
-    change the rates the state trains with.
+    change the rates the state trains with, or the scheduler to pass with a new optimizer,
+    ``state.evolve(optimizer=new, scheduler=scheduler_for(state.scheduler, new))``. As a torch scheduler built for it
+    would, it wraps ``optimizer.step`` (to tell a scheduler step before the optimizer's).
 
     >>> import torch
     >>> model = torch.nn.Linear(1, 1); opt = torch.optim.SGD(model.parameters(), lr=1.0)
@@ -1334,6 +1361,8 @@ def scheduler_for(scheduler: Any, optimizer: torch.optim.Optimizer) -> Any:
     """
     if scheduler.optimizer is optimizer:
         return scheduler
+    if not hasattr(optimizer.step, "_wrapped_by_lr_sched"):  # (as torch's schedulers wrap the optimizer they are
+        optimizer.step = _track_step_called(optimizer)  # built for: no warning that its step was overridden)
     return _clone_scheduler(scheduler, optimizer, {})
 
 

@@ -1462,6 +1462,23 @@ def test_a_timer_given_its_duration_after_construction_stops_as_one_given_it_at_
     assert timer.duration == 4.0  # (a refused value leaves it as it was)
 
 
+def test_a_timer_refuses_a_bad_interval_set_after_construction_and_a_good_one_takes_effect():
+    """A typo set after construction ("epochs") is refused as the constructor refuses it, leaving the interval as it
+    was; a valid change takes effect. Reference: a Timer constructed with that interval (on a work clock of its own)
+    stops after the same update (4, per step, where per epoch it would be 6)."""
+    ref_clock, clock = _WorkClock(), _WorkClock()
+    expected, _ = run_epochs(train_step(ref_clock.train_loss), make_state(), make_data(3), epochs=5, progress=False,
+                             callbacks=[loopkit.Timer(4, interval="step", clock=ref_clock, verbose=False)])
+    timer = loopkit.Timer(4, interval="epoch", clock=clock, verbose=False)
+    with pytest.raises(ValueError, match="Timer: interval must be 'step' or 'epoch', got 'epochs'"):
+        timer.interval = "epochs"
+    assert timer.interval == "epoch"  # (a refused value leaves it as it was)
+    timer.interval = "step"
+    state, _ = run_epochs(train_step(clock.train_loss), make_state(), make_data(3), epochs=5, callbacks=[timer],
+                          progress=False)
+    assert timer.should_stop and state.step == expected.step == 4
+
+
 @pytest.mark.parametrize("base, kwargs", [
     (loopkit.Timer, {}), (loopkit.Timer, {"duration": 60, "interval": "epoch"}), (loopkit.LearningRateMonitor, {}),
 ])

@@ -66,6 +66,25 @@ def test_create_refuses_wrong_types_and_mismatched_scheduler(make_mlp):
             loopkit.TrainState.create(model, opt, seed=seed)
 
 
+def test_evolve_refuses_a_new_optimizer_without_its_scheduler_saying_what_to_pass(make_mlp):
+    """The scheduler stepping the old optimizer is refused, naming scheduler_for; passing what it names is taken,
+    a scheduler stepping the new optimizer with the old one's schedule (its state_dict)."""
+    model = make_mlp(0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    state = loopkit.TrainState.create(model, opt, torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5))
+    opt.step()
+    state.scheduler.step()
+    new = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"different optimizer than the state's; a new optimizer needs a scheduler "
+                                         r"of its own: .*loopkit\.state\.scheduler_for\(state\.scheduler, new\)"):
+        state.evolve(optimizer=new)
+    evolved = state.evolve(optimizer=new, scheduler=loopkit.state.scheduler_for(state.scheduler, new))
+    assert evolved.scheduler.optimizer is new and evolved.scheduler.state_dict() == state.scheduler.state_dict()
+    with pytest.raises(ValueError, match=r"TrainState: the scheduler was built for a different optimizer than the "
+                                         r"state's; build it from the optimizer given"):
+        loopkit.TrainState.create(model, opt, torch.optim.lr_scheduler.StepLR(new, 1))
+
+
 def test_state_is_frozen_and_evolve_returns_a_new_state(make_mlp):
     state = loopkit.TrainState.create(make_mlp(0))
     with pytest.raises(attrs.exceptions.FrozenInstanceError):

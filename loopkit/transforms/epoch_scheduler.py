@@ -135,6 +135,8 @@ def _given_back(new: TrainState, held: HeldScheduler) -> TrainState:
     else:  # a step of one's own that set a scheduler of its own: that one is the state's
         return new
     optimizer = new.optimizer
+    # (a new optimizer with the held scheduler: state.evolve(optimizer=new, scheduler=None), or attrs.evolve and
+    # loopkit.state.replace, which check nothing; state.evolve(optimizer=new) alone is refused, naming scheduler_for)
     if optimizer is not scheduler.optimizer and optimizer is not None:
         if _forked(scheduler.optimizer, optimizer):  # a step of one's own that forked the optimizer alone
             scheduler = scheduler_for(scheduler, optimizer)

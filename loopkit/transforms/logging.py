@@ -17,8 +17,8 @@ import attrs
 import torch
 
 from loopkit._numbers import as_int
-from loopkit._window import EPOCH, LOGGED, Window, guarded, is_epoch_record
-from loopkit.state import TrainState, extras_copy, leave_intact, put_extras, replace_extras
+from loopkit._window import EPOCH, LOGGED, Window, guarded, is_epoch_record, leave_updated, left_metrics
+from loopkit.state import TrainState, extras_copy, leave_intact, put_extras, replace_extras, state_at_error
 from loopkit.steps import RECORDED, Metrics, WrapperStep, check_metric
 from loopkit.transforms._compose import refuse_wrapping, require_step
 
@@ -55,15 +55,12 @@ def _read_means(extras: Mapping[str, Any]) -> dict[str, float]:
     return {f"train/{k}": v for k, v in WINDOW.means(extras).items()}
 
 
-def _left_unlogged(
-    new: TrainState, metrics: Metrics, means: dict[str, float], taken: int, epoch: Window = EPOCH
-) -> TrainState:
-    """The state a write that raised at a log point leaves whole (:func:`loopkit.state_at_error`): ``new``, its
-    update done (donated, nothing older is whole), with the row the loggers from ``taken`` on did not take
-    (:data:`UNLOGGED`, logged first by a fit resumed from it) and, under ``run_epochs`` (its epoch means in the
-    state), this call's metrics in those means, as the driver adds them once a step returns: the resumed fit goes
-    on at the next batch, and its rows and epoch record are the uninterrupted run's. Only when a write fails."""
-    extras = extras_copy(epoch.add(new.extras, metrics) if metrics and epoch.holds(new.extras) else new.extras)
+def _left_unlogged(new: TrainState, means: dict[str, float], taken: int) -> TrainState:
+    """``new``, the state a log point whose row the loggers from ``taken`` on did not take leaves whole (a write
+    that raised, or a failure inside after the update: :func:`loopkit.state_at_error`), with that row
+    (:data:`UNLOGGED`), logged first by a fit resumed from it: its rows are the uninterrupted run's. The call's
+    metrics go into ``run_epochs``' epoch means by :func:`loopkit._window.leave_updated`. Only on a failure."""
+    extras = extras_copy(new.extras)
     extras[UNLOGGED] = {"step": new.step, "epoch": new.epoch, "batch_index": new.batch_index,
                         "metrics": dict(means), "from": taken}
     return replace_extras(new, extras)
@@ -199,16 +196,20 @@ class LoggingStep(WrapperStep):
     def _logged(self, run: Callable[..., tuple[TrainState, Metrics]], state: TrainState, *args: Any):
         before = state.step
         due = [lg for lg in self.watchers if lg.wants_model(before + 1)] if self.watchers else None
-        if due:
-            watch = _ModelWatch(due, state, before + 1)
-            try:
+        try:
+            if due:
+                watch = _ModelWatch(due, state, before + 1)
+                try:
+                    new, metrics = run(state, *args)
+                finally:
+                    watch.close()
+                if new.step != before:
+                    watch.after(new)
+            else:
                 new, metrics = run(state, *args)
-            finally:
-                watch.close()
-            if new.step != before:
-                watch.after(new)
-        else:
-            new, metrics = run(state, *args)
+        except BaseException as error:
+            self._left_inside(error, state, before)
+            raise
         if metrics:
             extras = _accumulate(new.extras, metrics, self.windows[0])
             if self.inner.returns_fresh_state:  # the inner step's new state: nobody else has it yet
@@ -216,18 +217,37 @@ class LoggingStep(WrapperStep):
             else:
                 new = replace_extras(new, extras)
         if new.step != before and new.step % self.every_n_steps == 0 and WINDOW.holds(new.extras):
-            means = _with_epoch(_read_means(new.extras), new.epoch)
-            new = replace_extras(new, {k: v for k, v in new.extras.items() if k not in _LOGGED_KEYS})
-            if self.held.at is not None:  # (the fit's first row: it went on from where it began)
-                self._release(new)
+            new, means = self._taken(new)
             taken = 0
             try:
                 for logger in self.loggers:
                     logger.log_metrics(means, new.step)
                     taken += 1
             except BaseException as error:  # a full disk: the update is done, its state whole (loopkit.state_at_error)
-                raise leave_intact(error, _left_unlogged(new, metrics, means, taken, self.windows[1]))
+                raise leave_updated(error, _left_unlogged(new, means, taken), metrics, self.windows[1])
         return new, metrics
+
+    def _taken(self, new: TrainState) -> tuple[TrainState, dict[str, float]]:
+        """At a log point: ``new`` without the window (and a row left unlogged before), and the window's means."""
+        means = _with_epoch(_read_means(new.extras), new.epoch)
+        new = replace_extras(new, {k: v for k, v in new.extras.items() if k not in _LOGGED_KEYS})
+        if self.held.at is not None:  # (the fit's first row: it went on from where it began)
+            self._release(new)
+        return new, means
+
+    def _left_inside(self, error: BaseException, state: TrainState, before: int) -> None:
+        """An inner step's call from ``state`` that raised after its update (``with_profiler``'s trace write failed:
+        :func:`loopkit._window.leave_updated`): the state it left whole is left with its metrics in the window and,
+        at a log point, the row not logged (:func:`_left_unlogged`, logged first by a fit resumed from it), as the
+        uninterrupted run has them. Nothing for any other error."""
+        metrics, whole = left_metrics(error), state_at_error(error)
+        if metrics is None or whole is None or whole is state:
+            return
+        whole = replace_extras(whole, _accumulate(whole.extras, metrics, self.windows[0])) if metrics else whole
+        if whole.step != before and whole.step % self.every_n_steps == 0 and WINDOW.holds(whole.extras):
+            whole, means = self._taken(whole)
+            whole = _left_unlogged(whole, means, 0)
+        leave_intact(error, whole)
 
     def on_event(self, event: str, state: TrainState, metrics: Mapping[str, float]) -> None:
         if event == "fit_begin":  # the step a fit continues the run from: what a folder holds after it goes
@@ -449,7 +469,9 @@ def with_logging(step: Any, *loggers: Any, every_n_steps: int = 50) -> LoggingSt
     raises at a log point (a full disk) leaves that update whole (:func:`loopkit.state_at_error`), holding the
     row not written: ``run_epochs`` from it logs the row first, to the loggers that did not take it, and goes
     on at the next batch (its rows, history and parameters those of the uninterrupted run; that batch's
-    ``on_batch_end`` hooks, and a save ``with_checkpointing`` outside has due at that update, are not made). A fit
+    ``on_batch_end`` hooks, and a save ``with_checkpointing`` outside has due at that update, are not made); so
+    does a layer inside that raises after its update (``with_profiler``'s trace write), that call's metrics kept in
+    the window and its row, if due, held for the fit resumed from the state it left. A fit
     retried, through the same step, from the state a failure in a validation or at an epoch's end left (it
     validates, and records the epoch, again) gives each logger each row once: a logger with ``resume_at`` (the file
     loggers) replaces the row it is given again, and one without (a tracker, ``ConsoleLogger``, a logger of one's own)

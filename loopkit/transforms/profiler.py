@@ -24,6 +24,7 @@ from torch.profiler import ProfilerActivity, profile, record_function, schedule,
 
 from loopkit._collective import is_rank_zero
 from loopkit._numbers import as_int
+from loopkit._window import EPOCH, guarded, leave_updated
 from loopkit.state import TrainState, leave_intact
 from loopkit.steps import Metrics, WrapperStep
 from loopkit.transforms._compose import refuse_wrapping, require_step
@@ -142,7 +143,7 @@ class ProfilerStep(WrapperStep):
             _note(error, f"(with_profiler: writing the profile to {str(self.directory)!r} failed after this call's "
                          "update; loopkit.state_at_error(e) is the updated state)")
             self._close_after(error)
-            raise leave_intact(error, new)
+            raise leave_updated(error, new, metrics, guarded(EPOCH, self.inner))
         return new, metrics
 
     def _close_after(self, error: BaseException) -> None:
@@ -188,11 +189,13 @@ def with_profiler(
     and writes what it recorded; in a loop of your own, ``step.close()`` does. A trace that
     cannot be written (its folder gone, a full disk) raises from the call that ends the active
     window, after that call's update, and leaves that update's state whole, as ``with_logging``'s
-    failed write does (:func:`loopkit.state_at_error`): a fit given it trains on (the same step,
-    its profile over, unprofiled). A write that fails after a call's own error is a note on that
-    error, which is the one raised. Another torch profiler running when profiling would start
-    (a ``with torch.profiler.profile():`` around the fit) is refused before the step runs,
-    leaving the state as it was. Works on an ``eval_step`` as well. The state is never touched:
+    failed write does (:func:`loopkit.state_at_error`), with that call's metrics in ``run_epochs``'
+    epoch means and in the window of a ``with_logging`` outside (its row at that update, if one is
+    due, logged first by the fit given the state): a fit given it trains on (the same step, its
+    profile over, unprofiled), with the uninterrupted run's epoch means and rows. A write that fails
+    after a call's own error is a note on that error, which is the one raised. Another torch
+    profiler running when profiling would start (a ``with torch.profiler.profile():`` around the
+    fit) is refused before the step runs, leaving the state as it was. Works on an ``eval_step`` as well. The state is never touched:
     a profiled step gives the same results.
 
     >>> import os, tempfile, torch

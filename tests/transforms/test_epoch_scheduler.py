@@ -3,6 +3,8 @@ scheduler after each epoch's last update when (epoch + 1) % frequency == 0 (Ligh
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -193,6 +195,41 @@ def test_a_step_of_ones_own_that_forks_the_state_trains_at_the_scheduled_rates(
     step = getattr(loopkit, transform)(forking_step(mse_loss))
     final, _ = loopkit.run_epochs(step, _state(make_mlp), data, epochs=EPOCHS, progress=False)
     assert final.scheduler.optimizer is final.optimizer
+    assert final.optimizer.param_groups[0]["lr"] == opt.param_groups[0]["lr"] < 0.4
+    assert_trees_equal(dict(final.model.named_parameters()), dict(model.named_parameters()))
+
+
+@pytest.mark.parametrize("transform", ["with_epoch_scheduler", "with_step_scheduler"])
+def test_a_step_of_ones_own_that_gives_the_state_a_new_optimizer_is_told_to_pass_its_scheduler_and_trains_so(
+    transform, make_mlp, make_batches, mse_loss, assert_trees_equal
+):
+    """A step that trains a copy of the optimizer (an instance of its own) and gives it to the state alone is refused
+    (as outside a scheduler transform), told that the scheduler is the transform's held one and what to pass; passing
+    it (scheduler_for) trains at the transform's schedule, as a raw loop stepping the scheduler where it does, with no
+    torch warning that the optimizer's step was overridden (scheduler_for wraps it as a torch scheduler would)."""
+    data = make_batches(BATCHES)
+    model, opt, sched = _raw_scheduled(transform, _state(make_mlp), data, mse_loss)
+
+    def own(with_scheduler):
+        def step(state, batch):
+            optimizer = torch.optim.SGD(state.model.parameters(), lr=0.4, momentum=0.9)
+            optimizer.load_state_dict(state.optimizer.state_dict())
+            optimizer.zero_grad()
+            mse_loss(state.model, batch).backward()
+            optimizer.step()
+            changes = {"scheduler": loopkit.state.scheduler_for(state.scheduler, optimizer)} if with_scheduler else {}
+            return state.evolve(optimizer=optimizer, step=state.step + 1, **changes), {}
+        return step
+
+    with pytest.raises(ValueError, match=r"held still by the with_step_scheduler or with_epoch_scheduler around this "
+                                         r"step.*scheduler=loopkit\.state\.scheduler_for\(state\.scheduler, new\)"):
+        loopkit.run_epochs(getattr(loopkit, transform)(own(False)), _state(make_mlp), data, epochs=1, progress=False)
+    with warnings.catch_warnings():  # (nor does torch warn that the new optimizer's step was overridden)
+        warnings.filterwarnings("error", message=r".*optimizer\.step\(\)")
+        final, _ = loopkit.run_epochs(getattr(loopkit, transform)(own(True)), _state(make_mlp), data, epochs=EPOCHS,
+                                      progress=False)
+    assert type(final.scheduler) is torch.optim.lr_scheduler.StepLR and final.scheduler.optimizer is final.optimizer
+    assert final.scheduler.state_dict() == sched.state_dict()
     assert final.optimizer.param_groups[0]["lr"] == opt.param_groups[0]["lr"] < 0.4
     assert_trees_equal(dict(final.model.named_parameters()), dict(model.named_parameters()))
 

@@ -120,6 +120,50 @@ def test_a_trace_that_cannot_be_written_leaves_the_updated_state_whole_to_train_
     assert_trees_equal(take_snapshot(resumed), take_snapshot(reference))
 
 
+class _Rows:
+    """A logger that keeps the rows it is given: ``rows`` is a list of ``(step, metrics)``."""
+
+    def __init__(self):
+        self.rows: list[tuple[int, dict[str, float]]] = []
+
+    def log_metrics(self, metrics, step):
+        self.rows.append((step, dict(metrics)))
+
+    def log_hparams(self, *args, **kwargs):
+        pass
+
+    def finalize(self, *args):
+        pass
+
+
+@pytest.mark.parametrize("every_n_steps", [1, 2, 3])
+def test_a_trace_that_cannot_be_written_keeps_that_calls_metrics_in_the_epoch_means_and_the_logged_rows(
+    tmp_path, make_mlp, make_batches, mse_loss, make_sgd_state, every_n_steps
+):
+    """Reference: the uninterrupted run of with_logging around the plain step. The trace's write fails after call 3's
+    update (a log point, or not, by every_n_steps): the fit given loopkit.state_at_error's state logs the rows and
+    records the epoch means of the reference, call 3's metrics among them."""
+    data = make_batches(6)
+    ref_rows = _Rows()
+    _, ref_history = loopkit.run_epochs(loopkit.with_logging(loopkit.train_step(mse_loss), ref_rows,
+                                                             every_n_steps=every_n_steps),
+                                        make_sgd_state(make_mlp(0)), data, epochs=1, progress=False)
+    rows = _Rows()
+    profiled = loopkit.with_profiler(loopkit.train_step(mse_loss), tmp_path / "prof", wait=0, warmup=1, active=2)
+    step = loopkit.with_logging(profiled, rows, every_n_steps=every_n_steps)
+    _unwritable(tmp_path / "prof")
+    with pytest.raises(RuntimeError) as error:
+        loopkit.run_epochs(step, make_sgd_state(make_mlp(0)), data, epochs=1, progress=False)
+    kept = loopkit.state_at_error(error.value)
+    assert kept is not None and kept.step == 3
+    _, history = loopkit.run_epochs(step, kept, data, epochs=1, progress=False)
+    assert [s for s, _ in rows.rows] == [s for s, _ in ref_rows.rows]
+    for (_, got), (_, want) in zip(rows.rows, ref_rows.rows):
+        assert got.keys() == want.keys()
+        assert all(got[k] == pytest.approx(want[k], rel=1e-6) for k in want)
+    assert history[0]["train/loss"] == pytest.approx(ref_history[0]["train/loss"], rel=1e-6)
+
+
 def test_a_trace_that_cannot_be_written_after_a_failing_call_leaves_that_calls_error(tmp_path, make_mlp, batches,
                                                                                       mse_loss, make_sgd_state):
     """The loss_fn's error is the one raised (state_at_error: the state before it), the failed write a note on it."""
