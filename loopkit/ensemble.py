@@ -46,7 +46,9 @@ member, each its own copy, as each member's solo forward sets it (one member at 
 from the values before the call, and members whose forwards set them otherwise are refused). A tensor attribute (no
 buffer) the forward replaces (a counter, ``self.n = self.n + 1``) is refused and put back: keep such a count as a
 Python number. Members pruned by ``torch.nn.utils.prune`` (each its own mask) train as
-their solo runs. A parameter the loss does not reach in a call keeps its ``.grad`` None, as in a solo run (no weight
+their solo runs. Gradient hooks on a member's parameters (``p.register_hook(lambda g: g.clamp(-c, c))``,
+``register_post_accumulate_grad_hook``) are each member's own: the step runs them on its gradient as its solo
+backward does (see :func:`_accumulate`). A parameter the loss does not reach in a call keeps its ``.grad`` None, as in a solo run (no weight
 decay, momentum or optimizer state for it). :func:`unstack` copies the members out as independent states (for
 checkpoints, ``evaluate``, export); ``ensemble.members`` are views, usable as they are while the ensemble lives.
 
@@ -82,7 +84,8 @@ from torch.nn.utils import prune
 from loopkit.errors import DonatedStateError
 from loopkit.rng import RNGScope
 from loopkit.state import (
-    _MODULE_STANDARD, _SETTING_SCALARS, TrainState, _fork, fork, is_plain_setting, leave_intact, module_settings, persistent_buffers, replace, state_at_error,
+    _MODULE_STANDARD, _SETTING_SCALARS, TrainState, _fork, _keep_tensor_hooks, fork, is_plain_setting, leave_intact, module_settings,
+    persistent_buffers, replace, state_at_error,
 )
 from loopkit.steps import _cuda_index, _split_loss, needs_closure
 
@@ -972,7 +975,10 @@ def stack(states: Sequence[TrainState]) -> Ensemble:
     for k, (state, own) in enumerate(zip(states, named)):
         # the copy takes views of the stacked storage for its parameters (tied ones stay tied), and its
         # optimizer (groups and state, copied) follows them: one copy of the parameters in all
-        memo = {id(p): nn.Parameter(params[n][k], requires_grad=p.requires_grad) for n, p in own.items()}
+        memo = {}
+        for n, p in own.items():
+            memo[id(p)] = view = nn.Parameter(params[n][k], requires_grad=p.requires_grad)
+            _keep_tensor_hooks(p, view)  # (its gradient hooks, which the step runs on the member's gradient)
         members.append(_fork(state, memo, optimizer_state=True))
     views = tuple(tuple(dict(m.model.named_parameters())[n] for n in params) for m in members)
     return Ensemble(tuple(members), params, buffers, members[0].model, views, _all_values(members))
@@ -1196,13 +1202,13 @@ class EnsembleStep:
             if stacked_grads is not None:
                 for view, grad in zip(views, stacked_grads):
                     if grad is not None:
-                        view.grad = grad[k]
+                        _accumulate(view, grad[k])
             else:  # one member at a time: the member's own gradients (those its own loss reached)
                 own = grads[k]
                 for view, name in zip(views, names):
                     grad = own.get(name)
                     if grad is not None:
-                        view.grad = grad
+                        _accumulate(view, grad)
             member.optimizer.step()  # type: ignore[union-attr]
             if member.scheduler is not None:
                 member.scheduler.step()
@@ -1214,6 +1220,35 @@ class EnsembleStep:
         new = Ensemble(tuple(members), ensemble.params, ensemble.buffers, ensemble.skeleton, ensemble.views,
                        ensemble._values)  # (the members' values are the same objects: their keys hold)
         return new, metrics
+
+
+def _accumulate(view: nn.Parameter, grad: torch.Tensor) -> None:
+    """Give a member's parameter ``view`` (its ``.grad`` None) its gradient ``grad`` as a solo backward's accumulation
+    does: the parameter's gradient hooks (``register_hook``) run on ``grad`` first, in order, one that returns a tensor
+    replacing it (clipping by value: ``lambda g: g.clamp(-c, c)``), then ``.grad`` is set, then its
+    post-accumulate-grad hooks (``register_post_accumulate_grad_hook``) run on the parameter; hooks run without
+    grad mode, as in a backward. (The step's gradients come from ``torch.func`` or ``torch.autograd.grad`` of
+    stacked tensors or fresh leaves, which run no hook of the member's parameters.) Without hooks: two reads.
+
+    >>> p = nn.Parameter(torch.zeros(2))
+    >>> _ = p.register_hook(lambda g: g.clamp(-1.0, 1.0))
+    >>> _accumulate(p, torch.tensor([-3.0, 0.5]))
+    >>> p.grad
+    tensor([-1.0000,  0.5000])
+    """
+    hooks = view._backward_hooks
+    if hooks:
+        with torch.no_grad():
+            for hook in tuple(hooks.values()):
+                replaced = hook(grad)
+                if replaced is not None:
+                    grad = replaced
+    view.grad = grad
+    hooks = view._post_accumulate_grad_hooks
+    if hooks:
+        with torch.no_grad():
+            for hook in tuple(hooks.values()):
+                hook(view)
 
 
 #: the gradients of :meth:`EnsembleStep._gradients`: stacked (vmapped), or one dict per member (one at a time)

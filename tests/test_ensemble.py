@@ -2558,3 +2558,64 @@ def test_instancenorm_updating_running_statistics_is_refused_by_stack_as_batchno
     for kwargs in ({"train": False}, {"track_running_stats": False}):
         states = [_instance_normed(k, **kwargs) for k in range(3)]
         _assert_follow_solo(_together(states, batches), states, batches)
+
+
+def _scaled_loss(model, batch):
+    """:func:`_mse_loss` times 100: gradients large enough for a clamp to bite."""
+    return _mse_loss(model, batch) * 100
+
+
+def _checked_scaled_loss(model, batch):
+    """:func:`_scaled_loss` with a ``.item()`` check vmap cannot run: the members run one at a time."""
+    loss = _scaled_loss(model, batch)
+    if loss.item() > 1e9:
+        raise FloatingPointError("diverged")
+    return loss
+
+
+def _halve_grad(param):
+    param.grad.mul_(0.5)
+
+
+def _hooked_states():
+    """The members of MEMBERS, every parameter's gradient clamped by a tensor hook (clipping by value), member 1's
+    halved after accumulation (a post-accumulate-grad hook)."""
+    states = _states()
+    for k, state in enumerate(states):
+        for p in state.model.parameters():
+            p.register_hook(lambda g: g.clamp(-0.01, 0.01))
+            if k == 1:
+                p.register_post_accumulate_grad_hook(_halve_grad)
+    return states
+
+
+@pytest.mark.parametrize(("path", "donated"), [("vmapped", True), ("one member at a time", False)])
+def test_gradient_hooks_on_a_members_parameters_run_on_its_gradient_as_in_its_solo_run(path, donated, make_batches):
+    """Before, stack dropped the hooks of the members' parameters (new views) and the step's torch.func gradients
+    would not have run them: a member clipping its gradients by value trained 1.8e5 off its solo run, silently. Now
+    each member's hooks run on its own gradient (a hook registered on a member after stacking too), as its solo
+    backward runs them: equal to its solo train_step run and its hand-written loop (bitwise one member at a time)."""
+    loss_fn = _scaled_loss if path == "vmapped" else _checked_scaled_loss
+    batches = make_batches(3)
+    ens = ensemble.stack(_hooked_states())
+    ens.members[2].model[0].weight.register_hook(lambda g: g * 0)  # member 2's only, after stacking
+    step = ensemble.train_step(loss_fn, donated=donated)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # (one member at a time: said once)
+        for batch in batches:
+            ens, _ = step(ens, batch)
+    assert step.unbatchable == (path != "vmapped")
+    exact = {"rtol": 0, "atol": 0} if path != "vmapped" else {"rtol": 1e-5, "atol": 1e-6}
+    for k, (solo, raw) in enumerate(zip(_hooked_states(), _hooked_states())):
+        if k == 2:
+            solo.model[0].weight.register_hook(lambda g: g * 0)
+            raw.model[0].weight.register_hook(lambda g: g * 0)
+        _, make_opt, make_sched = MEMBERS[k]
+        _raw_loop(raw.model, make_opt, make_sched, loss_fn, batches)
+        solo_step = loopkit.train_step(loss_fn)
+        for batch in batches:
+            solo, _ = solo_step(solo, batch)
+        for (name, p), q, r in zip(solo.model.named_parameters(), ens.members[k].model.parameters(),
+                                   raw.model.parameters()):
+            torch.testing.assert_close(q, p, **exact, msg=f"member {k} {name}: differs from its solo run")
+            torch.testing.assert_close(q, r, **exact, msg=f"member {k} {name}: differs from its hand-written loop")
