@@ -125,9 +125,29 @@ class Ensemble:
         return len(self.members)
 
     def check_usable(self) -> None:
-        """Raise :class:`loopkit.DonatedStateError` if this ensemble was given to a donated step."""
+        """Raise :class:`loopkit.DonatedStateError` if this ensemble was given to a donated step, or one of its
+        members was (``run_epochs(step, ens.members[k], ...)`` trains the member's views of the stacked storage in
+        place, and its returned state holds them).
+
+        >>> import torch, loopkit
+        >>> models = [torch.nn.Linear(2, 1) for _ in range(2)]
+        >>> ens = stack([loopkit.TrainState.create(m, torch.optim.SGD(m.parameters(), lr=0.1)) for m in models])
+        >>> ens.members[1].mark_consumed()
+        >>> ens.check_usable()
+        Traceback (most recent call last):
+        ...
+        loopkit.errors.DonatedStateError: member 1 of this Ensemble was given to a donated step ...
+        """
         if self._consumed:
             raise DonatedStateError("this Ensemble was given to a donated ensemble step; use the one that step returned")
+        for k, member in enumerate(self.members):
+            if member._consumed:
+                raise DonatedStateError(
+                    f"member {k} of this Ensemble was given to a donated step (run_epochs, loopkit.donate), which "
+                    "trained its parameters, views of the ensemble's stacked storage, in place: the state that step "
+                    "returned holds them now. Stack the members again with that state in its place "
+                    f"(ensemble.stack([...members before it, trained, ...members after it]) copies them)"
+                )
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Ensemble:
         # stacked again: a copy's members must be views of the copy's own ``params`` (deepcopy copies a view apart)

@@ -130,6 +130,28 @@ def test_a_donated_ensemble_and_its_members_cannot_be_used_again(make_batches):
     step(new, make_batches(1)[0])
 
 
+@pytest.mark.parametrize("donated", [True, False])
+def test_an_ensemble_whose_member_a_donated_solo_run_used_up_is_refused_naming_it(donated, make_batches):
+    """Before, a donated ensemble step checked only the ensemble: it trained on a member that run_epochs (donated)
+    had trained in place and used up, changing the state run_epochs returned behind its back. Now every ensemble
+    step refuses it naming the member, as stack refuses the used-up member, and nothing changes; stacked again with
+    the returned state in its place, the members train on."""
+    batches = make_batches(3)
+    ens, _ = ensemble.train_step(_loss, donated=True)(ensemble.stack(_states()), batches[0])
+    # (run_epochs resumes the member's epoch at its batch 1: it trains on batches[1])
+    trained, _ = loopkit.run_epochs(loopkit.train_step(_loss), ens.members[1], batches[:2], epochs=1, progress=False)
+    assert trained.step == 2
+    solo_params = {n: p.clone() for n, p in trained.model.named_parameters()}
+    params = {n: p.clone() for n, p in ens.params.items()}
+    with pytest.raises(loopkit.DonatedStateError, match="member 1 of this Ensemble was given to a donated step"):
+        ensemble.train_step(_loss, donated=donated)(ens, batches[2])
+    assert all(torch.equal(p, solo_params[n]) for n, p in trained.model.named_parameters())
+    assert all(torch.equal(p, params[n]) for n, p in ens.params.items())
+    again = ensemble.stack([ens.members[0], trained, ens.members[2]])
+    again, _ = ensemble.train_step(_loss, donated=donated)(again, batches[2])
+    assert [m.step for m in again.members] == [2, 3, 2]
+
+
 @pytest.mark.parametrize("how", ["deepcopy", "pickle"])
 def test_a_copied_ensemble_trains_as_the_original_and_apart_from_it(make_batches, how):
     # a copy's members must be views of the copy's stacked params, or a donated step trains detached copies
