@@ -50,7 +50,9 @@ their solo runs. Gradient hooks on a member's parameters (``p.register_hook(lamb
 ``register_post_accumulate_grad_hook``) are each member's own: the step runs them on its gradient as its solo
 backward does (see :func:`_accumulate`). A parameter the loss does not reach in a call keeps its ``.grad`` None, as in a solo run (no weight
 decay, momentum or optimizer state for it). :func:`unstack` copies the members out as independent states (for
-checkpoints, ``evaluate``, export); ``ensemble.members`` are views, usable as they are while the ensemble lives.
+checkpoints, ``evaluate``, export); ``ensemble.members`` are views, usable as they are while the ensemble lives (a
+checkpoint or ``state_dict`` of ``members[k]`` holds that member's values alone, copied out of the stacked storage
+when saved: see :meth:`loopkit.TrainState.state_dict`).
 
 >>> import torch
 >>> import loopkit
