@@ -1152,8 +1152,10 @@ class EnsembleStep:
             return torch.func.functional_call(wrapper, tensors, (batch, then))
 
         def finish(out: Any, trained: dict[str, torch.Tensor], differentiate: bool) -> Any:
-            if out is None:
-                raise ValueError(f"{where} returned None: an ensemble step cannot skip a batch for some members")
+            if out is None:  # the loss_fn skipped the batch: vmapped, for every member (it ran once for all)
+                if differentiate:
+                    return None, None  # (one member at a time: each member's own, see _one_member_at_a_time)
+                raise _Skipped
             loss, aux = _split_loss(out, self.loss_fn)
             metrics = {"loss": loss.detach(), **{k: v.detach() for k, v in aux.items()}}
             if differentiate:  # (allow_unused: a parameter the loss does not reach gets None, as in a solo backward)
@@ -1174,6 +1176,8 @@ class EnsembleStep:
                 vmapped = torch.func.vmap(torch.func.grad(member_loss, has_aux=True), randomness="error")
                 try:
                     grads, metrics = vmapped(trained, fixed)
+                except _Skipped:
+                    grads, metrics = None, {}
                 except RuntimeError as e:
                     # (vmap refused the op before running it: no RNG advanced, and no member changed; a stacked
                     # buffer the forward wrote before is found below, as after any call)
@@ -1204,6 +1208,8 @@ class EnsembleStep:
                 "leave buffers unchanged in the forward, or train the members apart"
             )
         _settle_buffers(ensemble, in_place)  # (caches filled in place: to the members' own)
+        if grads is None:  # every member's loss_fn skipped the batch
+            return None, metrics, rngs
         # torch.func.grad gives a parameter the loss does not reach a zero gradient, where a solo backward leaves
         # its .grad None (the optimizer skips it: no weight decay, momentum or Adam state): drop those
         if rngs is None:
@@ -1215,8 +1221,16 @@ class EnsembleStep:
         rngs: _RNGs = None,
     ) -> tuple[Ensemble, dict[str, torch.Tensor]]:
         """Each member's optimizer (and scheduler) step, in place (and the plain values the forward set since
-        ``before``, see :func:`_copy_written`); ``grads`` and ``rngs`` as :meth:`_gradients` gives them."""
+        ``before``, see :func:`_copy_written`); ``grads`` and ``rngs`` as :meth:`_gradients` gives them. ``grads``
+        None: every member's ``loss_fn`` skipped the batch, and each member is as :func:`loopkit.train_step` leaves a
+        skipping state: no update, ``step`` as it was, ``batch_index`` one on, its RNG as its draws left it; no
+        metrics."""
         _copy_written(ensemble, before)
+        if grads is None:
+            skipped = tuple(replace(member, batch_index=member.batch_index + 1, rng=member.rng if rngs is None else rngs[k])
+                            for k, member in enumerate(ensemble.members))
+            return Ensemble(skipped, ensemble.params, ensemble.buffers, ensemble.skeleton, ensemble.views,
+                            ensemble._values), {}
         names = list(ensemble.params)
         members = []
         stacked_grads = [grads.get(name) for name in names] if rngs is None else None  # None: a frozen parameter
@@ -1273,7 +1287,12 @@ def _accumulate(view: nn.Parameter, grad: torch.Tensor) -> None:
                 hook(view)
 
 
-#: the gradients of :meth:`EnsembleStep._gradients`: stacked (vmapped), or one dict per member (one at a time)
+class _Skipped(Exception):
+    """The vmapped ``loss_fn`` returned None: it skipped the batch, for every member (one call for all)."""
+
+
+#: the gradients of :meth:`EnsembleStep._gradients`: stacked (vmapped), or one dict per member (one at a time); None
+#: when every member's ``loss_fn`` skipped the batch
 _Grads = Any
 #: each member's advanced RNG (one member at a time), or None (vmapped: nothing drew)
 _RNGs = Any
@@ -1319,7 +1338,9 @@ def _one_member_at_a_time(
     ensemble: Ensemble, member_loss: Callable[..., Any], trained: Mapping[str, torch.Tensor],
     fixed: Mapping[str, torch.Tensor], where: str, before: _Snapshot,
 ) -> tuple[list[dict[str, torch.Tensor]], dict[str, torch.Tensor], list[Mapping[str, torch.Tensor]]]:
-    """Each member's gradients (those its loss reached), the metrics stacked (``[K]``), and each member's advanced RNG:
+    """Each member's gradients (those its loss reached), the metrics stacked (``[K]``), and each member's advanced RNG
+    (the gradients None and no metrics when every member's ``loss_fn`` returned None, skipping the batch; a skip by
+    some members only is refused):
     the gradients of ``member_loss`` on member ``k``'s slice of ``trained`` and ``fixed`` (see
     :func:`_member_gradients`), with member ``k``'s RNG installed as torch's default generators around it, as a solo
     :func:`loopkit.train_step` installs its state's (so its dropout draws its solo run's masks). A member whose state
@@ -1335,7 +1356,7 @@ def _one_member_at_a_time(
     the modules' values put back first."""
     first = next(iter(ensemble.params.values()))
     cuda_index = _cuda_index(first.device) if first.is_cuda else None
-    grads, rows, rngs = [], [], []
+    grads, rows, rngs, skipped = [], [], [], []
     written: list[dict[str, Any]] | None = None  # the settings member 0's forward left (each member's must match)
     caches = [ensemble.buffers[n] for n in _non_persistent(ensemble.skeleton)]
     for k, member in enumerate(ensemble.members):
@@ -1356,6 +1377,9 @@ def _one_member_at_a_time(
         elif not _same_settings(after, written):
             _restore_settings(ensemble.skeleton, before)
             raise ValueError(_settings_diverged(ensemble.skeleton, where, k, written, after))
+        if row is None:  # its loss_fn skipped the batch
+            skipped.append(k)
+            continue
         grads.append(own)
         if rows and row.keys() != rows[0].keys():
             raise ValueError(
@@ -1363,6 +1387,15 @@ def _one_member_at_a_time(
                 "for member 0; every member's call must return the same metrics (they are stacked, one value each)"
             )
         rows.append(row)
+    if skipped:
+        if rows:  # (each member has one step and one batch_index: the members update together, or skip together)
+            trains = [k for k in range(len(ensemble.members)) if k not in skipped]
+            raise ValueError(
+                f"ensemble.train_step: {where} returned None (skip the batch) for member(s) {skipped} and a loss for "
+                f"member(s) {trains}; an ensemble step updates every member or none: skip a batch for every member "
+                "(decide from the batch alone, not from a member's outputs), or train the members apart"
+            )
+        return None, {}, rngs  # every member skipped the batch
     metrics = {key: torch.stack([row[key] for row in rows]) for key in rows[0]}
     return grads, metrics, rngs
 
@@ -1459,6 +1492,10 @@ def _consume(ensemble: Ensemble) -> None:
 
 def train_step(loss_fn: Callable[[nn.Module, Any], Any], *, donated: bool = False) -> EnsembleStep:
     """One vmapped training step for every member: ``loss_fn(model, batch)`` as in :func:`loopkit.train_step`.
+
+    A ``loss_fn`` that returns None skips the batch for every member, as :func:`loopkit.train_step` skips it (no
+    update, ``step`` as it was, ``batch_index`` one on, no metrics); one that skips for some members only (one member
+    at a time, deciding from a member's own outputs) is refused before any member updates.
 
     ``donated=True`` updates the given ensemble in place (using it again raises
     :class:`loopkit.DonatedStateError`), as :func:`loopkit.donate` does for one state: an error

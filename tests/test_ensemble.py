@@ -259,8 +259,6 @@ def test_bad_input_is_named(make_batches):
     ens = ensemble.stack(_states())
     with pytest.raises(ValueError, match=r"returned a loss of shape \(8, 2\); the loss must be a scalar \(0-dim\)"):
         ensemble.train_step(lambda m, b: m(b[0]) - b[1])(ens, batch)
-    with pytest.raises(ValueError, match="returned None: an ensemble step cannot skip a batch"):
-        ensemble.train_step(lambda m, b: None)(ens, batch)
     with pytest.raises(ValueError, match="aux metric named 'loss'"):
         ensemble.train_step(lambda m, b: (_loss(m, b)[0], {"loss": 1.0}))(ens, batch)
     sparse = nn.Embedding(10, 2, sparse=True)
@@ -455,7 +453,6 @@ REFUSED = {
     "no_gradient": (lambda m, b: _loss(m, b)[0].detach(), ValueError, "without a gradient"),
     "bad_metric": (lambda m, b: (_loss(m, b)[0], {"note": "text"}), TypeError, "note"),
     "aux_named_loss": (lambda m, b: (_loss(m, b)[0], {"loss": 1.0}), ValueError, "aux metric named 'loss'"),
-    "none": (lambda m, b: None, ValueError, "returned None"),  # (loopkit.train_step skips that batch instead)
 }
 
 
@@ -465,12 +462,12 @@ def test_a_donated_ensemble_step_that_fails_before_changing_anything_leaves_the_
     """As loopkit.donate leaves one state. Before, a finally: used up every member, and nothing came back."""
     loss_fn, kind, message = REFUSED[refused]
     batches = make_batches(2)
-    if refused != "none":  # the reference: loopkit.donate keeps one state usable, and state_at_error gives it back
-        solo = _states()[0]
-        with pytest.raises(kind, match=message) as solo_error:
-            loopkit.donate(loopkit.train_step(loss_fn))(solo, batches[0])
-        solo.check_usable()
-        assert loopkit.state_at_error(solo_error.value) is solo
+    # the reference: loopkit.donate keeps one state usable, and state_at_error gives it back
+    solo = _states()[0]
+    with pytest.raises(kind, match=message) as solo_error:
+        loopkit.donate(loopkit.train_step(loss_fn))(solo, batches[0])
+    solo.check_usable()
+    assert loopkit.state_at_error(solo_error.value) is solo
 
     ens = ensemble.stack(_states())
     ens, _ = ensemble.train_step(_loss, donated=True)(ens, batches[0])  # some training, not to be lost
@@ -491,6 +488,81 @@ def test_a_donated_ensemble_step_that_fails_before_changing_anything_leaves_the_
         reference, _ = ensemble.train_step(_loss, donated=True)(reference, batch)
     assert_trees_equal(dict(again.params), dict(reference.params))
     assert [m.step for m in again.members] == [2, 2, 2]
+
+
+def _skipping(loss_fn):
+    """``loss_fn`` on batches that have labelled rows (a third item, a mask): None (skip the batch) on one that has
+    none, decided from the batch alone."""
+    def skipping(model, batch):
+        x, y, valid = batch
+        if not valid.any():
+            return None
+        return loss_fn(model, (x[valid], y[valid]))
+    return skipping
+
+
+def _noisy_mse(model, batch):
+    """:func:`_mse_loss` on inputs with Gaussian noise: it draws, so the members run one at a time."""
+    x, y = batch
+    return _mse_loss(model, (x + 0.1 * torch.randn_like(x), y))
+
+
+@pytest.mark.parametrize("donated", [True, False])
+@pytest.mark.parametrize("path", ["vmapped", "drawing", "unbatchable"])
+def test_a_batch_every_members_loss_fn_skips_is_skipped_as_in_their_solo_runs(path, donated, make_batches):
+    """Before, a loss_fn returning None (SPEC: skip the update for that batch) was refused ("an ensemble step cannot
+    skip a batch for some members") though every member skipped it. Now the step skips it as loopkit.train_step does:
+    no update, step as it was, batch_index one on, each member's RNG as its draws left it, no metrics; each member
+    ends as its solo train_step run on the same batches (bitwise one member at a time)."""
+    loss_fn = _skipping({"vmapped": _mse_loss, "drawing": _noisy_mse, "unbatchable": _checked_scaled_loss}[path])
+    labelled = [(x, y, torch.ones(len(x), dtype=torch.bool)) for x, y in make_batches(3)]
+    empty = (labelled[0][0], labelled[0][1], torch.zeros(len(labelled[0][0]), dtype=torch.bool))
+    batches = [labelled[0], empty, labelled[1], empty, labelled[2]]
+    ens = ensemble.stack(_states())
+    step = ensemble.train_step(loss_fn, donated=donated)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # (unbatchable: said once)
+        for i, batch in enumerate(batches):
+            params = {n: p.clone() for n, p in ens.params.items()}
+            ens, metrics = step(ens, batch)
+            if batch is empty:
+                assert metrics == {} and all(torch.equal(p, params[n]) for n, p in ens.params.items())
+    assert step.draws_random == (path == "drawing") and step.unbatchable == (path == "unbatchable")
+    exact = {"rtol": 0, "atol": 0} if path != "vmapped" else {"rtol": 1e-5, "atol": 1e-6}
+    for k, solo in enumerate(_states()):
+        solo_step = loopkit.train_step(loss_fn)
+        for batch in batches:
+            solo, _ = solo_step(solo, batch)
+        member = ens.members[k]
+        assert (member.step, member.batch_index) == (solo.step, solo.batch_index) == (3, 5)
+        assert torch.equal(member.rng["cpu"], solo.rng["cpu"])
+        for (name, p), q in zip(solo.model.named_parameters(), member.model.parameters()):
+            torch.testing.assert_close(q, p, **exact, msg=f"member {k} {name}")
+        torch.testing.assert_close(member.optimizer.state_dict(), solo.optimizer.state_dict(), **exact)
+
+
+def test_a_batch_some_members_skip_is_refused_naming_them_and_the_ensemble_stays_usable(make_batches):
+    """One member at a time, a loss_fn may decide from a member's own values: a skip by some members only cannot be
+    one update of every member (each has one step and one batch_index), and is refused before any member updates."""
+    def skips_the_largest(model, batch):
+        if model[0].bias.sum().item() > biases[1]:
+            return None
+        return _mse_loss(model, batch)
+
+    batches = make_batches(2)
+    ens, _ = ensemble.train_step(_loss, donated=True)(ensemble.stack(_states()), batches[0])
+    biases = sorted(m.model[0].bias.sum().item() for m in ens.members)
+    largest = max(range(3), key=lambda k: ens.members[k].model[0].bias.sum().item())
+    params = {n: p.clone() for n, p in ens.params.items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        with pytest.raises(ValueError, match=rf"returned None \(skip the batch\) for member\(s\) \[{largest}\] and a "
+                                             "loss for member.*updates every member or none") as error:
+            ensemble.train_step(skips_the_largest, donated=True)(ens, batches[1])
+    assert loopkit.state_at_error(error.value) is ens
+    assert all(torch.equal(p, params[n]) for n, p in ens.params.items())
+    assert [m.step for m in ens.members] == [1, 1, 1] and [m.batch_index for m in ens.members] == [1, 1, 1]
+    ensemble.train_step(_loss, donated=True)(ens, batches[1])
 
 
 def test_a_donated_ensemble_step_that_fails_after_changing_something_uses_the_ensemble_up(make_batches):
