@@ -122,6 +122,13 @@ class Ensemble:
     #: only when one changed
     _values: tuple[Any, ...] = attrs.field(default=(), repr=False)
     _consumed: bool = attrs.field(default=False, init=False, repr=False)
+    #: what to do instead, said where one TrainState belongs (run_epochs, evaluate, predict, checkpoints, lr_find,
+    #: summarize, a step of one state: see :func:`loopkit.state.state_hint`, which reads it without importing this)
+    instead_of_a_state: ClassVar[str] = (
+        "an Ensemble is K member TrainStates, trained by its ensemble step in a loop of your own: for batch in data: "
+        "ens, metrics = step(ens, batch); where one TrainState belongs, give a member: ens.members[k] as it is, or "
+        "loopkit.ensemble.unstack(ens) for independent copies, which loopkit.ensemble.stack puts together again"
+    )
 
     def __len__(self) -> int:
         return len(self.members)

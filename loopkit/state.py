@@ -851,6 +851,37 @@ def full_state_dict_on_rank_zero(state: TrainState) -> dict[str, Any] | None:
     return state._state_dict(to_rank_zero=True)
 
 
+def not_a_state(where: str, value: Any) -> TypeError:
+    """The error for ``value`` given to ``where`` in place of a :class:`TrainState`, saying what to do for what it is
+    (see :func:`state_hint`).
+
+    >>> str(not_a_state("evaluate", torch.nn.Linear(1, 1)))
+    'evaluate: state must be a loopkit.TrainState, got Linear: wrap the model, loopkit.TrainState.create(model, optimizer)'
+    """
+    return TypeError(f"{where}: state must be a loopkit.TrainState, got {type(value).__qualname__}{state_hint(value)}")
+
+
+def state_hint(value: Any) -> str:
+    """What to do with ``value``, given where a :class:`TrainState` belongs, for the end of a message: for a model,
+    wrap it; for a step, the order of the arguments; for an object whose class says what to do instead in its
+    ``instead_of_a_state`` (``loopkit.ensemble.Ensemble``: found so, without this module knowing the higher ones),
+    that; else nothing.
+
+    >>> class Ensemble:
+    ...     instead_of_a_state = "give one member"
+    >>> state_hint(Ensemble()), state_hint(3)
+    (' (give one member)', '')
+    """
+    instead = getattr(type(value), "instead_of_a_state", None)
+    if isinstance(instead, str):
+        return f" ({instead})"
+    if isinstance(value, nn.Module):
+        return ": wrap the model, loopkit.TrainState.create(model, optimizer)"
+    if callable(value):
+        return " (a step? the order is (step, state, data))"
+    return ""
+
+
 def refuse_copy_if_sharded(state: TrainState, where: str, instead: str) -> None:
     """Raise ``TypeError`` naming ``where`` (what copies ``state``) and ``instead`` (what to do) when ``with_fsdp``
     has sharded ``state``'s model: a copy of a sharded model would need ``fully_shard``'s state of its own (its

@@ -442,6 +442,61 @@ def test_transforms_of_one_state_refuse_an_ensemble_step_when_built(transform, t
         transform(ensemble.train_step(_loss), tmp_path)
 
 
+# what takes one loopkit.TrainState, given an ensemble (``e``, its step ``step``, data ``d``, a folder ``p``)
+ONE_STATE = {
+    "run_epochs": lambda e, step, d, p: loopkit.run_epochs(step, e, d, epochs=1, progress=False),
+    "evaluate": lambda e, step, d, p: loopkit.evaluate(loopkit.eval_step(lambda m, b: {"mse": _mse_loss(m, b)}), e, d),
+    "predict": lambda e, step, d, p: loopkit.predict(lambda m, b: m(b[0]), e, d),
+    "restore": lambda e, step, d, p: loopkit.restore(e, p),
+    "save": lambda e, step, d, p: loopkit.checkpoint.save(e, p),
+    "export_weights": lambda e, step, d, p: loopkit.export_weights(e, p / "w.safetensors"),
+    "check_purity": lambda e, step, d, p: loopkit.check_purity(step, e, d[0]),
+    "lr_find": lambda e, step, d, p: loopkit.lr_find(loopkit.train_step(_mse_loss), e, d),
+    "scale_batch_size": lambda e, step, d, p: loopkit.scale_batch_size(loopkit.train_step(_mse_loss), e, lambda n: d),
+    "summarize": lambda e, step, d, p: loopkit.summarize(e),
+    "train_step": lambda e, step, d, p: loopkit.train_step(_mse_loss)(e, d[0]),
+}
+
+
+@pytest.mark.parametrize("where", list(ONE_STATE))
+def test_what_takes_one_train_state_refuses_an_ensemble_saying_how_to_train_and_use_it(where, make_batches, tmp_path):
+    """Before, the driver, evaluate, predict, restore, export_weights, check_purity, lr_find and summarize said only
+    "state must be a loopkit.TrainState, got Ensemble" (checkpoint.save alone named unstack). Now each says what an
+    Ensemble is, how to train it (its step in a loop of one's own) and how to give a member; the driver finds that
+    out without importing loopkit.ensemble (the Ensemble class says it: instead_of_a_state)."""
+    ens = ensemble.stack(_states())
+    with pytest.raises(TypeError, match=r"got Ensemble \(an Ensemble is K member TrainStates, trained by its ensemble "
+                                        r"step in a loop of your own: .*ens.members\[k\] as it is, or "
+                                        r"loopkit.ensemble.unstack\(ens\)"):
+        ONE_STATE[where](ens, ensemble.train_step(_mse_loss), make_batches(2), tmp_path)
+    ens.check_usable()
+
+
+def _clip_norm(optimizer, args, kwargs):
+    """An optimizer step pre-hook: its parameters' gradients clipped to norm 0.5 (the README's recipe)."""
+    torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], max_norm=0.5)
+
+
+def test_per_member_clipping_by_an_optimizer_step_pre_hook_follows_the_solo_with_grad_clip_runs(make_batches):
+    """The README's way to clip each member's gradients (no transform wraps an ensemble step): a step pre-hook on
+    each member's optimizer, which the ensemble step runs as it steps that optimizer; each member ends as its solo
+    run under loopkit.with_grad_clip."""
+    batches = [(x, 10 * y) for x, y in make_batches(4)]  # (large errors: the clip bites)
+    states = _states()
+    for state in states:
+        state.optimizer.register_step_pre_hook(_clip_norm)
+    ens = ensemble.stack(states)
+    step = ensemble.train_step(_mse_loss, donated=True)
+    for batch in batches:
+        ens, _ = step(ens, batch)
+    for k, solo in enumerate(_states()):
+        clipped = loopkit.with_grad_clip(loopkit.train_step(_mse_loss), max_norm=0.5)
+        for batch in batches:
+            solo, _ = clipped(solo, batch)
+        for (name, p), q in zip(solo.model.named_parameters(), ens.members[k].model.parameters()):
+            torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=f"member {k} {name}")
+
+
 def _raising(model, batch):
     raise KeyError("the loss_fn's own bug")
 
