@@ -44,8 +44,8 @@ from loopkit.rng import epoch_order_seed as _order_seed
 from loopkit.rng import seed_epoch_start
 from loopkit.rng import batch_rngs, cuda_index, global_rng_state, global_rngs_kept
 from loopkit.state import (
-    TrainState, core_module, extras_copy, fork, leave_intact, model_device, not_a_state, put_extras, refuse_copy_if_sharded,
-    replace, replace_extras, state_at_error,
+    TrainState, core_module, extras_copy, fork, leave_intact, model_device, not_a_state, put_extras,
+    refuse_copy_if_sharded, replace, replace_extras, state_at_error,
 )
 from loopkit.steps import (
     RECORDED, SAVE_DUE, VALIDATED, VALIDATES, VALIDATES_AT_EPOCH_ENDS, EpochRecord, WrapperStep, accumulated, as_step,

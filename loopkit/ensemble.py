@@ -48,11 +48,12 @@ buffer) the forward replaces (a counter, ``self.n = self.n + 1``) is refused and
 Python number. Members pruned by ``torch.nn.utils.prune`` (each its own mask) train as
 their solo runs. Gradient hooks on a member's parameters (``p.register_hook(lambda g: g.clamp(-c, c))``,
 ``register_post_accumulate_grad_hook``) are each member's own: the step runs them on its gradient as its solo
-backward does (see :func:`_accumulate`). A parameter the loss does not reach in a call keeps its ``.grad`` None, as in a solo run (no weight
-decay, momentum or optimizer state for it). :func:`unstack` copies the members out as independent states (for
-checkpoints, ``evaluate``, export); ``ensemble.members`` are views, usable as they are while the ensemble lives (a
-checkpoint or ``state_dict`` of ``members[k]`` holds that member's values alone, copied out of the stacked storage
-when saved: see :meth:`loopkit.TrainState.state_dict`).
+backward does (see :func:`_accumulate`). A parameter the loss does not reach in a call keeps its ``.grad`` None,
+as in a solo run (no weight decay, momentum or optimizer state for it). A ``loss_fn`` that returns None skips the
+batch for every member, as :func:`loopkit.train_step` skips it (see :func:`train_step`). :func:`unstack` copies the
+members out as independent states (for checkpoints, ``evaluate``, export); ``ensemble.members`` are views, usable as
+they are while the ensemble lives (a checkpoint or ``state_dict`` of ``members[k]`` holds that member's values alone,
+copied out of the stacked storage when saved: see :meth:`loopkit.TrainState.state_dict`).
 
 >>> import torch
 >>> import loopkit
@@ -86,8 +87,8 @@ from torch.nn.utils import prune
 from loopkit.errors import DonatedStateError
 from loopkit.rng import RNGScope
 from loopkit.state import (
-    _MODULE_STANDARD, _SETTING_SCALARS, TrainState, _fork, _keep_tensor_hooks, fork, is_plain_setting, leave_intact, module_settings,
-    persistent_buffers, replace, state_at_error,
+    _MODULE_STANDARD, _SETTING_SCALARS, TrainState, _fork, _keep_tensor_hooks, fork, is_plain_setting, leave_intact,
+    module_settings, persistent_buffers, replace, state_at_error,
 )
 from loopkit.steps import _cuda_index, _split_loss, needs_closure
 
@@ -155,7 +156,7 @@ class Ensemble:
                     f"member {k} of this Ensemble was given to a donated step (run_epochs, loopkit.donate), which "
                     "trained its parameters, views of the ensemble's stacked storage, in place: the state that step "
                     "returned holds them now. Stack the members again with that state in its place "
-                    f"(ensemble.stack([...members before it, trained, ...members after it]) copies them)"
+                    "(ensemble.stack([...members before it, trained, ...members after it]) copies them)"
                 )
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Ensemble:
@@ -1234,8 +1235,9 @@ class EnsembleStep:
         metrics."""
         _copy_written(ensemble, before)
         if grads is None:
-            skipped = tuple(replace(member, batch_index=member.batch_index + 1, rng=member.rng if rngs is None else rngs[k])
-                            for k, member in enumerate(ensemble.members))
+            skipped = tuple(
+                replace(member, batch_index=member.batch_index + 1, rng=member.rng if rngs is None else rngs[k])
+                for k, member in enumerate(ensemble.members))
             return Ensemble(skipped, ensemble.params, ensemble.buffers, ensemble.skeleton, ensemble.views,
                             ensemble._values), {}
         names = list(ensemble.params)

@@ -20,7 +20,8 @@ import torch
 from loopkit.errors import StateMismatchError
 
 __all__ = [
-    "compact_views", "copy_tensors", "decode_tree", "device_available", "devices_here", "encode_tree", "from_plain", "named_tensors", "path_str",
+    "compact_views", "copy_tensors", "decode_tree", "device_available", "devices_here", "encode_tree", "from_plain",
+    "named_tensors", "path_str",
     "tensors",
     "to_device", "to_plain",
 ]
