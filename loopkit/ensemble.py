@@ -48,7 +48,7 @@ buffer) the forward replaces (a counter, ``self.n = self.n + 1``) is refused and
 Python number. Members pruned by ``torch.nn.utils.prune`` (each its own mask) train as
 their solo runs. Gradient hooks on a member's parameters (``p.register_hook(lambda g: g.clamp(-c, c))``,
 ``register_post_accumulate_grad_hook``) are each member's own: the step runs them on its gradient as its solo
-backward does (see :func:`_accumulate`). A parameter the loss does not reach in a call keeps its ``.grad`` None,
+backward does (see :func:`_members_grads`). A parameter the loss does not reach in a call keeps its ``.grad`` None,
 as in a solo run (no weight decay, momentum or optimizer state for it). A ``loss_fn`` that returns None skips the
 batch for every member, as :func:`loopkit.train_step` skips it (see :func:`train_step`). :func:`unstack` copies the
 members out as independent states (for checkpoints, ``evaluate``, export); ``ensemble.members`` are views, usable as
@@ -1142,9 +1142,10 @@ class EnsembleStep:
         member 0's modules, see :func:`_copy_written`). ``before``: member 0's modules' plain values
         before the call (see :func:`_snapshot`), from which each member's forward starts when they run one at a time.
 
-        Vmapped, the gradients come stacked (``{name: [K, ...]}``) and the RNGs as None (nothing drew). A loss_fn
-        that draws random numbers runs one member at a time (see :func:`_one_member_at_a_time`): the gradients come
-        as one dict per member, and with them each member's advanced RNG."""
+        The gradients come as each member's list (see :func:`_members_grads`: its parameters' gradient hooks run),
+        vmapped with the RNGs as None (nothing drew). A loss_fn that draws random numbers runs one member at a time
+        (see :func:`_one_member_at_a_time`), and with the gradients come each member's advanced RNG. Every member's
+        loss_fn returning None (skipping the batch): the gradients None."""
         where = f"loss_fn {getattr(self.loss_fn, '__qualname__', type(self.loss_fn).__qualname__)}"
         wrapper = _LossModule(ensemble.skeleton, self.loss_fn)
 
@@ -1221,8 +1222,9 @@ class EnsembleStep:
         # torch.func.grad gives a parameter the loss does not reach a zero gradient, where a solo backward leaves
         # its .grad None (the optimizer skips it: no weight decay, momentum or Adam state): drop those
         if rngs is None:
-            return {n: g for n, g in grads.items() if n in reached[-1]}, metrics, None
-        return grads, metrics, rngs  # (one member at a time: each member's own, those its loss reached)
+            grads = {n: g for n, g in grads.items() if n in reached[-1]}
+        # (one member at a time: each member's own, those its loss reached)
+        return _members_grads(ensemble, grads, rngs), metrics, rngs
 
     def _update(
         self, ensemble: Ensemble, before: _Snapshot, grads: _Grads, metrics: dict[str, torch.Tensor],
@@ -1240,20 +1242,11 @@ class EnsembleStep:
                 for k, member in enumerate(ensemble.members))
             return Ensemble(skipped, ensemble.params, ensemble.buffers, ensemble.skeleton, ensemble.views,
                             ensemble._values), {}
-        names = list(ensemble.params)
         members = []
-        stacked_grads = [grads.get(name) for name in names] if rngs is None else None  # None: a frozen parameter
         for k, (member, views) in enumerate(zip(ensemble.members, ensemble.views)):
-            if stacked_grads is not None:
-                for view, grad in zip(views, stacked_grads):
-                    if grad is not None:
-                        _accumulate(view, grad[k])
-            else:  # one member at a time: the member's own gradients (those its own loss reached)
-                own = grads[k]
-                for view, name in zip(views, names):
-                    grad = own.get(name)
-                    if grad is not None:
-                        _accumulate(view, grad)
+            for view, grad in zip(views, grads[k]):
+                if grad is not None:
+                    _accumulate(view, grad)
             member.optimizer.step()  # type: ignore[union-attr]
             if member.scheduler is not None:
                 member.scheduler.step()
@@ -1267,18 +1260,30 @@ class EnsembleStep:
         return new, metrics
 
 
-def _accumulate(view: nn.Parameter, grad: torch.Tensor) -> None:
-    """Give a member's parameter ``view`` (its ``.grad`` None) its gradient ``grad`` as a solo backward's accumulation
-    does: the parameter's gradient hooks (``register_hook``) run on ``grad`` first, in order, one that returns a tensor
-    replacing it (clipping by value: ``lambda g: g.clamp(-c, c)``), then ``.grad`` is set, then its
-    post-accumulate-grad hooks (``register_post_accumulate_grad_hook``) run on the parameter; hooks run without
-    grad mode, as in a backward. (The step's gradients come from ``torch.func`` or ``torch.autograd.grad`` of
-    stacked tensors or fresh leaves, which run no hook of the member's parameters.) Without hooks: two reads.
+def _members_grads(ensemble: Ensemble, grads: Any, rngs: _RNGs) -> list[list[torch.Tensor | None]]:
+    """Each member's gradients, in the order of its ``views`` (None: a frozen parameter, or one its loss did not
+    reach), from the stacked ``grads`` (vmapped: ``rngs`` None) or each member's own dict, with its parameters'
+    gradient hooks run on them (see :func:`_hooked`): before any member updates, so that a hook's error (a check
+    that the gradients are finite) leaves the ensemble as it was, as a solo step's backward leaves its state."""
+    names = list(ensemble.params)
+    if rngs is None:
+        stacked = [grads.get(name) for name in names]
+        return [[None if grad is None else _hooked(view, grad[k]) for view, grad in zip(views, stacked)]
+                for k, views in enumerate(ensemble.views)]
+    return [[_hooked(view, own[name]) if name in own else None for view, name in zip(views, names)]
+            for own, views in zip(grads, ensemble.views)]
+
+
+def _hooked(view: nn.Parameter, grad: torch.Tensor) -> torch.Tensor:
+    """``grad``, a member's gradient of its parameter ``view``, after the parameter's gradient hooks
+    (``register_hook``), as a solo backward runs them before it accumulates the gradient: in order, one that returns a
+    tensor replacing it (clipping by value: ``lambda g: g.clamp(-c, c)``), without grad mode. (The step's gradients
+    come from ``torch.func`` or ``torch.autograd.grad`` of stacked tensors or fresh leaves, which run no hook of the
+    member's parameters.) Without hooks: one read.
 
     >>> p = nn.Parameter(torch.zeros(2))
     >>> _ = p.register_hook(lambda g: g.clamp(-1.0, 1.0))
-    >>> _accumulate(p, torch.tensor([-3.0, 0.5]))
-    >>> p.grad
+    >>> _hooked(p, torch.tensor([-3.0, 0.5]))
     tensor([-1.0000,  0.5000])
     """
     hooks = view._backward_hooks
@@ -1288,6 +1293,13 @@ def _accumulate(view: nn.Parameter, grad: torch.Tensor) -> None:
                 replaced = hook(grad)
                 if replaced is not None:
                     grad = replaced
+    return grad
+
+
+def _accumulate(view: nn.Parameter, grad: torch.Tensor) -> None:
+    """Set ``view.grad`` (None) to ``grad`` (hooked already, see :func:`_hooked`) and run the parameter's
+    post-accumulate-grad hooks (``register_post_accumulate_grad_hook``) on it, as a solo backward does after it
+    accumulates the gradient, without grad mode. Without hooks: a write and a read."""
     view.grad = grad
     hooks = view._post_accumulate_grad_hooks
     if hooks:
@@ -1300,8 +1312,8 @@ class _Skipped(Exception):
     """The vmapped ``loss_fn`` returned None: it skipped the batch, for every member (one call for all)."""
 
 
-#: the gradients of :meth:`EnsembleStep._gradients`: stacked (vmapped), or one dict per member (one at a time); None
-#: when every member's ``loss_fn`` skipped the batch
+#: the gradients of :meth:`EnsembleStep._gradients`: each member's, a list in the order of its views (see
+#: :func:`_members_grads`); None when every member's ``loss_fn`` skipped the batch
 _Grads = Any
 #: each member's advanced RNG (one member at a time), or None (vmapped: nothing drew)
 _RNGs = Any

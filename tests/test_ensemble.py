@@ -2762,6 +2762,44 @@ def _checked_scaled_loss(model, batch):
     return loss
 
 
+def _refuse_large(grad):
+    """A gradient hook that checks the gradient (as a check that gradients are finite would) and raises."""
+    if grad.abs().max() > 1e3:
+        raise FloatingPointError("gradient too large")
+
+
+@pytest.mark.parametrize("path", ["vmapped", "one member at a time"])
+def test_a_gradient_hook_that_raises_leaves_the_donated_ensemble_usable_as_a_solo_step_leaves_its_state(
+        path, make_batches, take_snapshot, assert_trees_equal):
+    """The hooks run on every member's gradient before any member updates: a hook's error leaves the donated ensemble
+    usable (state_at_error returns it), each member as it was, as loopkit.donate leaves one state whose backward's
+    hook raised; without the hook it trains on."""
+    loss_fn = _scaled_loss if path == "vmapped" else _checked_scaled_loss
+    big = [(x, 100 * y) for x, y in make_batches(2)]
+    solo = _states()[2]
+    handle = solo.model[0].weight.register_hook(_refuse_large)
+    with pytest.raises(FloatingPointError) as solo_error:
+        loopkit.donate(loopkit.train_step(loss_fn))(solo, big[0])
+    assert loopkit.state_at_error(solo_error.value) is solo
+    ens = ensemble.stack(_states())
+    hook = ens.members[2].model[0].weight.register_hook(_refuse_large)  # member 2's only
+    before = [take_snapshot(m) for m in ens.members]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        with pytest.raises(FloatingPointError, match="gradient too large") as error:
+            ensemble.train_step(loss_fn, donated=True)(ens, big[0])
+    assert loopkit.state_at_error(error.value) is ens
+    for member, snap in zip(ens.members, before):
+        member.check_usable()
+        assert_trees_equal(take_snapshot(member), snap)
+    hook.remove()
+    handle.remove()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        ens, _ = ensemble.train_step(loss_fn, donated=True)(ens, big[1])
+    assert [m.step for m in ens.members] == [1, 1, 1]
+
+
 def _halve_grad(param):
     param.grad.mul_(0.5)
 
