@@ -67,7 +67,9 @@ from loopkit import _collective
 from loopkit._sharded import full, is_sharded
 from loopkit._window import OVER_RANKS, over_ranks, own_share
 from loopkit.errors import CheckpointCorruptError, CheckpointLoadError, StateMismatchError
-from loopkit.state import TrainState, _uninitialized, core_module, held_scheduler, model_device, replace_extras
+from loopkit.state import (
+    TrainState, _uninitialized, core_module, held_scheduler, model_device, not_a_state, replace_extras,
+)
 from loopkit.tree import copy_tensors
 
 try:  # POSIX: advisory locks keep a cleaner away from another process's save in progress
@@ -434,16 +436,10 @@ def _require_state(caller: str, state: Any) -> None:
     >>> _require_state("save", torch.nn.Linear(1, 1))  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    TypeError: save: state must be a loopkit.TrainState, got Linear (wrap the model: ...)
+    TypeError: save: state must be a loopkit.TrainState, got Linear: wrap the model, ...
     """
-    if isinstance(state, TrainState):
-        return
-    hint = ""
-    if type(state).__name__ == "Ensemble" and type(state).__module__ == "loopkit.ensemble":
-        hint = " (an Ensemble is saved member by member: loopkit.ensemble.unstack gives its TrainStates)"
-    elif isinstance(state, torch.nn.Module):
-        hint = " (wrap the model: loopkit.TrainState.create(model, optimizer))"
-    raise TypeError(f"{caller}: state must be a loopkit.TrainState, got {type(state).__qualname__}{hint}")
+    if not isinstance(state, TrainState):
+        raise not_a_state(caller, state)
 
 
 def write(snap: Snapshot, directory: str | os.PathLike, *, durable: bool = True) -> Path:
@@ -1301,8 +1297,7 @@ def restore(state: TrainState, path: str | os.PathLike) -> TrainState:
     (2, 7, 5)
     >>> tmp.cleanup()
     """
-    if not isinstance(state, TrainState):
-        raise TypeError(f"restore: state must be a loopkit.TrainState, got {type(state).__qualname__}")
+    _require_state("restore", state)
     state.check_usable()
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(
@@ -1786,8 +1781,7 @@ def export_weights(
     ('F32', [2, 3], 'pt')
     >>> tmp.cleanup()
     """
-    if not isinstance(state, TrainState):
-        raise TypeError(f"export_weights: state must be a loopkit.TrainState, got {type(state).__qualname__}")
+    _require_state("export_weights", state)
     state.check_usable()
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"export_weights: path must be a file path such as 'model.safetensors', got {type(path).__qualname__}")

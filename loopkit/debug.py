@@ -32,7 +32,7 @@ import attrs
 import torch
 
 from loopkit.errors import ImpurityError
-from loopkit.state import TrainState, attribute_tensors, module_settings, refuse_copy_if_sharded
+from loopkit.state import TrainState, attribute_tensors, module_settings, not_a_state, refuse_copy_if_sharded
 from loopkit.steps import Metrics, as_step
 from loopkit.tree import named_tensors
 
@@ -242,7 +242,7 @@ def check_purity(
     if getattr(step, "donated", False):
         raise TypeError(f"check_purity: step {_name(step)} is donated, so it may change the state it is given by design")
     if not isinstance(state, TrainState):
-        raise TypeError(f"check_purity: state must be a loopkit.TrainState, got {type(state).__qualname__}")
+        raise not_a_state("check_purity", state)
     refuse_copy_if_sharded(state, "check_purity", "It calls the step twice on copies of the state: check the step "
                            "on an unsharded state, in one process, without with_fsdp")
     name = _name(step)

@@ -44,8 +44,8 @@ from loopkit.rng import epoch_order_seed as _order_seed
 from loopkit.rng import seed_epoch_start
 from loopkit.rng import batch_rngs, cuda_index, global_rng_state, global_rngs_kept
 from loopkit.state import (
-    TrainState, core_module, extras_copy, fork, leave_intact, model_device, put_extras, refuse_copy_if_sharded, replace,
-    replace_extras, state_at_error,
+    TrainState, core_module, extras_copy, fork, leave_intact, model_device, not_a_state, put_extras,
+    refuse_copy_if_sharded, replace, replace_extras, state_at_error,
 )
 from loopkit.steps import (
     RECORDED, SAVE_DUE, VALIDATED, VALIDATES, VALIDATES_AT_EPOCH_ENDS, EpochRecord, WrapperStep, accumulated, as_step,
@@ -838,12 +838,7 @@ def _check_minimum(value: Any, maximum: int | None, name: str, max_name: str) ->
 
 def _check_state(state: Any, where: str) -> None:
     if not isinstance(state, TrainState):
-        hint = ""
-        if isinstance(state, torch.nn.Module):
-            hint = ": wrap the model, loopkit.TrainState.create(model, optimizer)"
-        elif callable(state):
-            hint = " (a step? the order is (step, state, data))"
-        raise TypeError(f"{where}: state must be a loopkit.TrainState, got {type(state).__qualname__}{hint}")
+        raise not_a_state(where, state)  # (with what to do for what it is: a model, a step, an ensemble)
     state.check_usable()
 
 

@@ -46,9 +46,14 @@ member, each its own copy, as each member's solo forward sets it (one member at 
 from the values before the call, and members whose forwards set them otherwise are refused). A tensor attribute (no
 buffer) the forward replaces (a counter, ``self.n = self.n + 1``) is refused and put back: keep such a count as a
 Python number. Members pruned by ``torch.nn.utils.prune`` (each its own mask) train as
-their solo runs. A parameter the loss does not reach in a call keeps its ``.grad`` None, as in a solo run (no weight
-decay, momentum or optimizer state for it). :func:`unstack` copies the members out as independent states (for
-checkpoints, ``evaluate``, export); ``ensemble.members`` are views, usable as they are while the ensemble lives.
+their solo runs. Gradient hooks on a member's parameters (``p.register_hook(lambda g: g.clamp(-c, c))``,
+``register_post_accumulate_grad_hook``) are each member's own: the step runs them on its gradient as its solo
+backward does (see :func:`_members_grads`). A parameter the loss does not reach in a call keeps its ``.grad`` None,
+as in a solo run (no weight decay, momentum or optimizer state for it). A ``loss_fn`` that returns None skips the
+batch for every member, as :func:`loopkit.train_step` skips it (see :func:`train_step`). :func:`unstack` copies the
+members out as independent states (for checkpoints, ``evaluate``, export); ``ensemble.members`` are views, usable as
+they are while the ensemble lives (a checkpoint or ``state_dict`` of ``members[k]`` holds that member's values alone,
+copied out of the stacked storage when saved: see :meth:`loopkit.TrainState.state_dict`).
 
 >>> import torch
 >>> import loopkit
@@ -82,7 +87,8 @@ from torch.nn.utils import prune
 from loopkit.errors import DonatedStateError
 from loopkit.rng import RNGScope
 from loopkit.state import (
-    _MODULE_STANDARD, _SETTING_SCALARS, TrainState, _fork, fork, is_plain_setting, leave_intact, module_settings, persistent_buffers, replace, state_at_error,
+    _MODULE_STANDARD, _SETTING_SCALARS, TrainState, _fork, _keep_tensor_hooks, fork, is_plain_setting, leave_intact,
+    module_settings, persistent_buffers, replace, state_at_error,
 )
 from loopkit.steps import _cuda_index, _split_loss, needs_closure
 
@@ -117,14 +123,41 @@ class Ensemble:
     #: only when one changed
     _values: tuple[Any, ...] = attrs.field(default=(), repr=False)
     _consumed: bool = attrs.field(default=False, init=False, repr=False)
+    #: what to do instead, said where one TrainState belongs (run_epochs, evaluate, predict, checkpoints, lr_find,
+    #: summarize, a step of one state: see :func:`loopkit.state.state_hint`, which reads it without importing this)
+    instead_of_a_state: ClassVar[str] = (
+        "an Ensemble is K member TrainStates, trained by its ensemble step in a loop of your own: for batch in data: "
+        "ens, metrics = step(ens, batch); where one TrainState belongs, give a member: ens.members[k] as it is, or "
+        "loopkit.ensemble.unstack(ens) for independent copies, which loopkit.ensemble.stack puts together again"
+    )
 
     def __len__(self) -> int:
         return len(self.members)
 
     def check_usable(self) -> None:
-        """Raise :class:`loopkit.DonatedStateError` if this ensemble was given to a donated step."""
+        """Raise :class:`loopkit.DonatedStateError` if this ensemble was given to a donated step, or one of its
+        members was (``run_epochs(step, ens.members[k], ...)`` trains the member's views of the stacked storage in
+        place, and its returned state holds them).
+
+        >>> import torch, loopkit
+        >>> models = [torch.nn.Linear(2, 1) for _ in range(2)]
+        >>> ens = stack([loopkit.TrainState.create(m, torch.optim.SGD(m.parameters(), lr=0.1)) for m in models])
+        >>> ens.members[1].mark_consumed()
+        >>> ens.check_usable()
+        Traceback (most recent call last):
+        ...
+        loopkit.errors.DonatedStateError: member 1 of this Ensemble was given to a donated step ...
+        """
         if self._consumed:
             raise DonatedStateError("this Ensemble was given to a donated ensemble step; use the one that step returned")
+        for k, member in enumerate(self.members):
+            if member._consumed:
+                raise DonatedStateError(
+                    f"member {k} of this Ensemble was given to a donated step (run_epochs, loopkit.donate), which "
+                    "trained its parameters, views of the ensemble's stacked storage, in place: the state that step "
+                    "returned holds them now. Stack the members again with that state in its place "
+                    "(ensemble.stack([...members before it, trained, ...members after it]) copies them)"
+                )
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Ensemble:
         # stacked again: a copy's members must be views of the copy's own ``params`` (deepcopy copies a view apart)
@@ -972,7 +1005,10 @@ def stack(states: Sequence[TrainState]) -> Ensemble:
     for k, (state, own) in enumerate(zip(states, named)):
         # the copy takes views of the stacked storage for its parameters (tied ones stay tied), and its
         # optimizer (groups and state, copied) follows them: one copy of the parameters in all
-        memo = {id(p): nn.Parameter(params[n][k], requires_grad=p.requires_grad) for n, p in own.items()}
+        memo = {}
+        for n, p in own.items():
+            memo[id(p)] = view = nn.Parameter(params[n][k], requires_grad=p.requires_grad)
+            _keep_tensor_hooks(p, view)  # (its gradient hooks, which the step runs on the member's gradient)
         members.append(_fork(state, memo, optimizer_state=True))
     views = tuple(tuple(dict(m.model.named_parameters())[n] for n in params) for m in members)
     return Ensemble(tuple(members), params, buffers, members[0].model, views, _all_values(members))
@@ -1106,9 +1142,10 @@ class EnsembleStep:
         member 0's modules, see :func:`_copy_written`). ``before``: member 0's modules' plain values
         before the call (see :func:`_snapshot`), from which each member's forward starts when they run one at a time.
 
-        Vmapped, the gradients come stacked (``{name: [K, ...]}``) and the RNGs as None (nothing drew). A loss_fn
-        that draws random numbers runs one member at a time (see :func:`_one_member_at_a_time`): the gradients come
-        as one dict per member, and with them each member's advanced RNG."""
+        The gradients come as each member's list (see :func:`_members_grads`: its parameters' gradient hooks run),
+        vmapped with the RNGs as None (nothing drew). A loss_fn that draws random numbers runs one member at a time
+        (see :func:`_one_member_at_a_time`), and with the gradients come each member's advanced RNG. Every member's
+        loss_fn returning None (skipping the batch): the gradients None."""
         where = f"loss_fn {getattr(self.loss_fn, '__qualname__', type(self.loss_fn).__qualname__)}"
         wrapper = _LossModule(ensemble.skeleton, self.loss_fn)
 
@@ -1124,8 +1161,10 @@ class EnsembleStep:
             return torch.func.functional_call(wrapper, tensors, (batch, then))
 
         def finish(out: Any, trained: dict[str, torch.Tensor], differentiate: bool) -> Any:
-            if out is None:
-                raise ValueError(f"{where} returned None: an ensemble step cannot skip a batch for some members")
+            if out is None:  # the loss_fn skipped the batch: vmapped, for every member (it ran once for all)
+                if differentiate:
+                    return None, None  # (one member at a time: each member's own, see _one_member_at_a_time)
+                raise _Skipped
             loss, aux = _split_loss(out, self.loss_fn)
             metrics = {"loss": loss.detach(), **{k: v.detach() for k, v in aux.items()}}
             if differentiate:  # (allow_unused: a parameter the loss does not reach gets None, as in a solo backward)
@@ -1146,6 +1185,8 @@ class EnsembleStep:
                 vmapped = torch.func.vmap(torch.func.grad(member_loss, has_aux=True), randomness="error")
                 try:
                     grads, metrics = vmapped(trained, fixed)
+                except _Skipped:
+                    grads, metrics = None, {}
                 except RuntimeError as e:
                     # (vmap refused the op before running it: no RNG advanced, and no member changed; a stacked
                     # buffer the forward wrote before is found below, as after any call)
@@ -1176,33 +1217,36 @@ class EnsembleStep:
                 "leave buffers unchanged in the forward, or train the members apart"
             )
         _settle_buffers(ensemble, in_place)  # (caches filled in place: to the members' own)
+        if grads is None:  # every member's loss_fn skipped the batch
+            return None, metrics, rngs
         # torch.func.grad gives a parameter the loss does not reach a zero gradient, where a solo backward leaves
         # its .grad None (the optimizer skips it: no weight decay, momentum or Adam state): drop those
         if rngs is None:
-            return {n: g for n, g in grads.items() if n in reached[-1]}, metrics, None
-        return grads, metrics, rngs  # (one member at a time: each member's own, those its loss reached)
+            grads = {n: g for n, g in grads.items() if n in reached[-1]}
+        # (one member at a time: each member's own, those its loss reached)
+        return _members_grads(ensemble, grads, rngs), metrics, rngs
 
     def _update(
         self, ensemble: Ensemble, before: _Snapshot, grads: _Grads, metrics: dict[str, torch.Tensor],
         rngs: _RNGs = None,
     ) -> tuple[Ensemble, dict[str, torch.Tensor]]:
         """Each member's optimizer (and scheduler) step, in place (and the plain values the forward set since
-        ``before``, see :func:`_copy_written`); ``grads`` and ``rngs`` as :meth:`_gradients` gives them."""
+        ``before``, see :func:`_copy_written`); ``grads`` and ``rngs`` as :meth:`_gradients` gives them. ``grads``
+        None: every member's ``loss_fn`` skipped the batch, and each member is as :func:`loopkit.train_step` leaves a
+        skipping state: no update, ``step`` as it was, ``batch_index`` one on, its RNG as its draws left it; no
+        metrics."""
         _copy_written(ensemble, before)
-        names = list(ensemble.params)
+        if grads is None:
+            skipped = tuple(
+                replace(member, batch_index=member.batch_index + 1, rng=member.rng if rngs is None else rngs[k])
+                for k, member in enumerate(ensemble.members))
+            return Ensemble(skipped, ensemble.params, ensemble.buffers, ensemble.skeleton, ensemble.views,
+                            ensemble._values), {}
         members = []
-        stacked_grads = [grads.get(name) for name in names] if rngs is None else None  # None: a frozen parameter
         for k, (member, views) in enumerate(zip(ensemble.members, ensemble.views)):
-            if stacked_grads is not None:
-                for view, grad in zip(views, stacked_grads):
-                    if grad is not None:
-                        view.grad = grad[k]
-            else:  # one member at a time: the member's own gradients (those its own loss reached)
-                own = grads[k]
-                for view, name in zip(views, names):
-                    grad = own.get(name)
-                    if grad is not None:
-                        view.grad = grad
+            for view, grad in zip(views, grads[k]):
+                if grad is not None:
+                    _accumulate(view, grad)
             member.optimizer.step()  # type: ignore[union-attr]
             if member.scheduler is not None:
                 member.scheduler.step()
@@ -1216,7 +1260,60 @@ class EnsembleStep:
         return new, metrics
 
 
-#: the gradients of :meth:`EnsembleStep._gradients`: stacked (vmapped), or one dict per member (one at a time)
+def _members_grads(ensemble: Ensemble, grads: Any, rngs: _RNGs) -> list[list[torch.Tensor | None]]:
+    """Each member's gradients, in the order of its ``views`` (None: a frozen parameter, or one its loss did not
+    reach), from the stacked ``grads`` (vmapped: ``rngs`` None) or each member's own dict, with its parameters'
+    gradient hooks run on them (see :func:`_hooked`): before any member updates, so that a hook's error (a check
+    that the gradients are finite) leaves the ensemble as it was, as a solo step's backward leaves its state."""
+    names = list(ensemble.params)
+    if rngs is None:
+        stacked = [grads.get(name) for name in names]
+        return [[None if grad is None else _hooked(view, grad[k]) for view, grad in zip(views, stacked)]
+                for k, views in enumerate(ensemble.views)]
+    return [[_hooked(view, own[name]) if name in own else None for view, name in zip(views, names)]
+            for own, views in zip(grads, ensemble.views)]
+
+
+def _hooked(view: nn.Parameter, grad: torch.Tensor) -> torch.Tensor:
+    """``grad``, a member's gradient of its parameter ``view``, after the parameter's gradient hooks
+    (``register_hook``), as a solo backward runs them before it accumulates the gradient: in order, one that returns a
+    tensor replacing it (clipping by value: ``lambda g: g.clamp(-c, c)``), without grad mode. (The step's gradients
+    come from ``torch.func`` or ``torch.autograd.grad`` of stacked tensors or fresh leaves, which run no hook of the
+    member's parameters.) Without hooks: one read.
+
+    >>> p = nn.Parameter(torch.zeros(2))
+    >>> _ = p.register_hook(lambda g: g.clamp(-1.0, 1.0))
+    >>> _hooked(p, torch.tensor([-3.0, 0.5]))
+    tensor([-1.0000,  0.5000])
+    """
+    hooks = view._backward_hooks
+    if hooks:
+        with torch.no_grad():
+            for hook in tuple(hooks.values()):
+                replaced = hook(grad)
+                if replaced is not None:
+                    grad = replaced
+    return grad
+
+
+def _accumulate(view: nn.Parameter, grad: torch.Tensor) -> None:
+    """Set ``view.grad`` (None) to ``grad`` (hooked already, see :func:`_hooked`) and run the parameter's
+    post-accumulate-grad hooks (``register_post_accumulate_grad_hook``) on it, as a solo backward does after it
+    accumulates the gradient, without grad mode. Without hooks: a write and a read."""
+    view.grad = grad
+    hooks = view._post_accumulate_grad_hooks
+    if hooks:
+        with torch.no_grad():
+            for hook in tuple(hooks.values()):
+                hook(view)
+
+
+class _Skipped(Exception):
+    """The vmapped ``loss_fn`` returned None: it skipped the batch, for every member (one call for all)."""
+
+
+#: the gradients of :meth:`EnsembleStep._gradients`: each member's, a list in the order of its views (see
+#: :func:`_members_grads`); None when every member's ``loss_fn`` skipped the batch
 _Grads = Any
 #: each member's advanced RNG (one member at a time), or None (vmapped: nothing drew)
 _RNGs = Any
@@ -1262,7 +1359,9 @@ def _one_member_at_a_time(
     ensemble: Ensemble, member_loss: Callable[..., Any], trained: Mapping[str, torch.Tensor],
     fixed: Mapping[str, torch.Tensor], where: str, before: _Snapshot,
 ) -> tuple[list[dict[str, torch.Tensor]], dict[str, torch.Tensor], list[Mapping[str, torch.Tensor]]]:
-    """Each member's gradients (those its loss reached), the metrics stacked (``[K]``), and each member's advanced RNG:
+    """Each member's gradients (those its loss reached), the metrics stacked (``[K]``), and each member's advanced RNG
+    (the gradients None and no metrics when every member's ``loss_fn`` returned None, skipping the batch; a skip by
+    some members only is refused):
     the gradients of ``member_loss`` on member ``k``'s slice of ``trained`` and ``fixed`` (see
     :func:`_member_gradients`), with member ``k``'s RNG installed as torch's default generators around it, as a solo
     :func:`loopkit.train_step` installs its state's (so its dropout draws its solo run's masks). A member whose state
@@ -1278,7 +1377,7 @@ def _one_member_at_a_time(
     the modules' values put back first."""
     first = next(iter(ensemble.params.values()))
     cuda_index = _cuda_index(first.device) if first.is_cuda else None
-    grads, rows, rngs = [], [], []
+    grads, rows, rngs, skipped = [], [], [], []
     written: list[dict[str, Any]] | None = None  # the settings member 0's forward left (each member's must match)
     caches = [ensemble.buffers[n] for n in _non_persistent(ensemble.skeleton)]
     for k, member in enumerate(ensemble.members):
@@ -1299,6 +1398,9 @@ def _one_member_at_a_time(
         elif not _same_settings(after, written):
             _restore_settings(ensemble.skeleton, before)
             raise ValueError(_settings_diverged(ensemble.skeleton, where, k, written, after))
+        if row is None:  # its loss_fn skipped the batch
+            skipped.append(k)
+            continue
         grads.append(own)
         if rows and row.keys() != rows[0].keys():
             raise ValueError(
@@ -1306,6 +1408,15 @@ def _one_member_at_a_time(
                 "for member 0; every member's call must return the same metrics (they are stacked, one value each)"
             )
         rows.append(row)
+    if skipped:
+        if rows:  # (each member has one step and one batch_index: the members update together, or skip together)
+            trains = [k for k in range(len(ensemble.members)) if k not in skipped]
+            raise ValueError(
+                f"ensemble.train_step: {where} returned None (skip the batch) for member(s) {skipped} and a loss for "
+                f"member(s) {trains}; an ensemble step updates every member or none: skip a batch for every member "
+                "(decide from the batch alone, not from a member's outputs), or train the members apart"
+            )
+        return None, {}, rngs  # every member skipped the batch
     metrics = {key: torch.stack([row[key] for row in rows]) for key in rows[0]}
     return grads, metrics, rngs
 
@@ -1402,6 +1513,10 @@ def _consume(ensemble: Ensemble) -> None:
 
 def train_step(loss_fn: Callable[[nn.Module, Any], Any], *, donated: bool = False) -> EnsembleStep:
     """One vmapped training step for every member: ``loss_fn(model, batch)`` as in :func:`loopkit.train_step`.
+
+    A ``loss_fn`` that returns None skips the batch for every member, as :func:`loopkit.train_step` skips it (no
+    update, ``step`` as it was, ``batch_index`` one on, no metrics); one that skips for some members only (one member
+    at a time, deciding from a member's own outputs) is refused before any member updates.
 
     ``donated=True`` updates the given ensemble in place (using it again raises
     :class:`loopkit.DonatedStateError`), as :func:`loopkit.donate` does for one state: an error

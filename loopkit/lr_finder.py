@@ -41,7 +41,7 @@ from loopkit.callbacks import Callback
 from loopkit._search import search_step
 from loopkit.driver import _check_data, _check_device, _num_batches, run_epochs
 from loopkit.rng import global_rngs_kept
-from loopkit.state import TrainState, fork, refuse_copy_if_sharded
+from loopkit.state import TrainState, fork, not_a_state, refuse_copy_if_sharded
 
 __all__ = ["LRFinderResult", "lr_find"]
 
@@ -234,7 +234,7 @@ class LRFinderResult:
         (0.001, 1.0)
         """
         if not isinstance(state, TrainState):
-            raise TypeError(f"LRFinderResult.apply: state must be a loopkit.TrainState, got {type(state).__qualname__}")
+            raise not_a_state("LRFinderResult.apply", state)
         refuse_copy_if_sharded(state, "LRFinderResult.apply", "Apply the suggestion to the unsharded state, before "
                                "training under with_fsdp, or set the rate on this one in place: for group in "
                                "state.optimizer.param_groups: group['lr'] = result.suggestion()")

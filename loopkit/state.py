@@ -28,7 +28,7 @@ from torch import nn
 from loopkit._sharded import full, holds_unreduced_grads, is_sharded
 from loopkit.errors import DonatedStateError, StateMismatchError
 from loopkit.rng import create_rng
-from loopkit.tree import decode_tree, encode_tree, from_plain, to_plain
+from loopkit.tree import compact_views, decode_tree, encode_tree, from_plain, to_plain
 
 __all__ = [
     "HeldScheduler", "TrainState", "drop_graph", "extras_copy", "fork", "held_scheduler", "keep_graph", "leave_intact",
@@ -228,6 +228,11 @@ class TrainState(_GraphSlot):
     def state_dict(self) -> dict[str, Any]:
         """The whole state as nested dicts of tensors, numbers and strings (tensors are shared).
 
+        A tensor that is a view of part of a larger storage (a parameter of ``ensemble.members[k]``, a slice of the
+        stacked ``[K, ...]`` storage) comes copied out compactly (see :func:`loopkit.tree.compact_views`), so that
+        ``torch.save`` and checkpoints write this state's values alone, not the whole storage; tensors that share a
+        storage (tied weights) still share one.
+
         A state whose model ``with_fsdp`` sharded gives the full (unsharded) state dict, the same
         as the unsharded state's: each sharded parameter, gradient and optimizer tensor is
         gathered whole (new tensors, on every rank: each rank gets a value it may use, and holds
@@ -285,7 +290,7 @@ class TrainState(_GraphSlot):
             rng=dict(self.rng),
             extras=encode_tree(self.extras, ("extras",)),  # its tuples, lists and None come back as they were
         )
-        return sd
+        return compact_views(sd)  # (torch.save writes a view's whole storage: an ensemble member's, all K members')
 
     def load_state_dict(self, state_dict: Mapping[str, Any], *, copy: bool = True) -> TrainState:
         """Return a new state restored from ``state_dict``; this state is left unchanged.
@@ -880,6 +885,37 @@ def full_state_dict_on_rank_zero(state: TrainState) -> dict[str, Any] | None:
     ['bias', 'weight']
     """
     return state._state_dict(to_rank_zero=True)
+
+
+def not_a_state(where: str, value: Any) -> TypeError:
+    """The error for ``value`` given to ``where`` in place of a :class:`TrainState`, saying what to do for what it is
+    (see :func:`state_hint`).
+
+    >>> str(not_a_state("evaluate", torch.nn.Linear(1, 1)))
+    'evaluate: state must be a loopkit.TrainState, got Linear: wrap the model, loopkit.TrainState.create(model, optimizer)'
+    """
+    return TypeError(f"{where}: state must be a loopkit.TrainState, got {type(value).__qualname__}{state_hint(value)}")
+
+
+def state_hint(value: Any) -> str:
+    """What to do with ``value``, given where a :class:`TrainState` belongs, for the end of a message: for a model,
+    wrap it; for a step, the order of the arguments; for an object whose class says what to do instead in its
+    ``instead_of_a_state`` (``loopkit.ensemble.Ensemble``: found so, without this module knowing the higher ones),
+    that; else nothing.
+
+    >>> class Ensemble:
+    ...     instead_of_a_state = "give one member"
+    >>> state_hint(Ensemble()), state_hint(3)
+    (' (give one member)', '')
+    """
+    instead = getattr(type(value), "instead_of_a_state", None)
+    if isinstance(instead, str):
+        return f" ({instead})"
+    if isinstance(value, nn.Module):
+        return ": wrap the model, loopkit.TrainState.create(model, optimizer)"
+    if callable(value):
+        return " (a step? the order is (step, state, data))"
+    return ""
 
 
 def refuse_copy_if_sharded(state: TrainState, where: str, instead: str) -> None:

@@ -35,7 +35,7 @@ from loopkit.rng import RNGScope, global_rng_state
 from loopkit.rng import cuda_index as _cuda_index
 from loopkit.state import (
     _INTACT, TrainState, drop_graph, extras_copy, fork, keep_graph, leave_intact, make_state, model_device,
-    refuse_copy_if_sharded, replace, state_at_error,
+    refuse_copy_if_sharded, replace, state_at_error, state_hint,
 )
 
 __all__ = [
@@ -240,7 +240,7 @@ class Step:
 
     def _invoke(self, run: Callable[..., tuple[TrainState, Metrics]], state: TrainState, *args: Any):
         if type(state) is not TrainState and not isinstance(state, TrainState):
-            raise TypeError(f"a step takes a loopkit.TrainState, got {type(state).__qualname__}")
+            raise TypeError(f"a step takes a loopkit.TrainState, got {type(state).__qualname__}{state_hint(state)}")
         if state._consumed:
             state.check_usable()
         if not self.donated:

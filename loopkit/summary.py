@@ -32,6 +32,7 @@ import torch
 from torch.nn.parameter import UninitializedParameter
 
 from loopkit._numbers import as_int
+from loopkit.state import state_hint
 
 __all__ = ["LayerSummary", "ModelSummary", "summarize"]
 
@@ -130,7 +131,8 @@ class ModelSummary:
 def _model_of(target: Any) -> torch.nn.Module:
     model = getattr(target, "model", target) if not isinstance(target, torch.nn.Module) else target
     if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"summarize: expected an nn.Module or a TrainState, got {type(target).__qualname__}")
+        raise TypeError(
+            f"summarize: expected an nn.Module or a TrainState, got {type(target).__qualname__}{state_hint(target)}")
     inner = getattr(model, "_orig_mod", None)  # a torch.compile'd model: its own module's names
     return inner if isinstance(inner, torch.nn.Module) else model
 

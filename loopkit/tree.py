@@ -20,7 +20,8 @@ import torch
 from loopkit.errors import StateMismatchError
 
 __all__ = [
-    "copy_tensors", "decode_tree", "device_available", "devices_here", "encode_tree", "from_plain", "named_tensors", "path_str",
+    "compact_views", "copy_tensors", "decode_tree", "device_available", "devices_here", "encode_tree", "from_plain",
+    "named_tensors", "path_str",
     "tensors",
     "to_device", "to_plain",
 ]
@@ -193,6 +194,67 @@ def copy_tensors(tree: Any, device: torch.device | str | None = None) -> Any:
         return {k: copy_tensors(v, device) for k, v in tree.items()}
     if isinstance(tree, (list, tuple)):
         return type(tree)(copy_tensors(v, device) for v in tree)
+    return tree
+
+
+def compact_views(tree: Any) -> Any:
+    """``tree`` (mappings, lists, tuples) with the tensors that use only part of their storage copied out compactly,
+    for saving: ``torch.save`` writes a tensor's whole storage, so a view of part of a larger one (a member of a live
+    ``loopkit.ensemble``: its parameters are slices ``[k]`` of the stacked ``[K, ...]`` storage) would write every
+    member's. The tensors of one storage are copied together, as views of one copy of the bytes they span: tensors
+    that share a storage (tied weights) still share one, and tensors that span their whole storage are kept as they
+    are (not copied). A tree with no such tensor comes back as it is (the same object); else a new one, mappings as
+    dicts. Plain strided tensors only (a tensor subclass, a quantized, conjugated or meta tensor is kept as it is).
+
+    >>> stacked = torch.arange(8.0).reshape(4, 2)
+    >>> out = compact_views({"w": stacked[1], "tied": stacked[1], "all": torch.ones(3)})
+    >>> out["w"].tolist(), out["w"].untyped_storage().nbytes(), out["tied"].data_ptr() == out["w"].data_ptr()
+    ([2.0, 3.0], 8, True)
+    >>> tree = {"w": torch.ones(3)}
+    >>> compact_views(tree) is tree
+    True
+    """
+    groups: dict[tuple[torch.device, int], list[torch.Tensor]] = {}
+    for t in tensors(tree):
+        if type(t) is torch.Tensor and t.layout is torch.strided and t.device.type != "meta" and not (
+                t.is_quantized or t.is_conj() or t.is_neg()):
+            storage = t.untyped_storage()
+            if storage.nbytes():
+                groups.setdefault((t.device, storage.data_ptr()), []).append(t)
+    copies: dict[int, torch.Tensor] = {}
+    for group in groups.values():
+        copies.update(_compacted(group))
+    return _with_tensors(tree, copies) if copies else tree
+
+
+def _compacted(group: list[torch.Tensor]) -> dict[int, torch.Tensor]:
+    """For tensors of one storage: ``id`` of each -> its view of one copy of the bytes they span, if they span less
+    than the whole storage (and each starts a whole number of its elements into that span); else nothing."""
+    spans = []
+    for t in group:
+        size = t.element_size()
+        extent = 0 if t.numel() == 0 else 1 + sum((n - 1) * step for n, step in zip(t.shape, t.stride()))
+        spans.append((t.storage_offset() * size, (t.storage_offset() + extent) * size))
+    start, end = min(a for a, _ in spans), max(b for _, b in spans)
+    storage = group[0].untyped_storage()
+    if end - start >= storage.nbytes() or any((a - start) % t.element_size() for t, (a, _) in zip(group, spans)):
+        return {}
+    with torch.no_grad():
+        part = torch.empty(0, dtype=torch.uint8, device=group[0].device).set_(storage)[start:end].clone()
+        held = part.untyped_storage()
+        return {id(t): torch.empty(0, dtype=t.dtype, device=t.device).set_(
+            held, (a - start) // t.element_size(), t.size(), t.stride()) for t, (a, _) in zip(group, spans)}
+
+
+def _with_tensors(tree: Any, copies: Mapping[int, torch.Tensor]) -> Any:
+    """``tree`` with each tensor whose ``id`` is in ``copies`` replaced by its copy (mappings as dicts)."""
+    if isinstance(tree, torch.Tensor):
+        return copies.get(id(tree), tree)
+    if isinstance(tree, Mapping):
+        return {k: _with_tensors(v, copies) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        items = [_with_tensors(v, copies) for v in tree]
+        return type(tree)(*items) if hasattr(tree, "_fields") else type(tree)(items)  # (a namedtuple: by position)
     return tree
 
 

@@ -130,6 +130,28 @@ def test_a_donated_ensemble_and_its_members_cannot_be_used_again(make_batches):
     step(new, make_batches(1)[0])
 
 
+@pytest.mark.parametrize("donated", [True, False])
+def test_an_ensemble_whose_member_a_donated_solo_run_used_up_is_refused_naming_it(donated, make_batches):
+    """Before, a donated ensemble step checked only the ensemble: it trained on a member that run_epochs (donated)
+    had trained in place and used up, changing the state run_epochs returned behind its back. Now every ensemble
+    step refuses it naming the member, as stack refuses the used-up member, and nothing changes; stacked again with
+    the returned state in its place, the members train on."""
+    batches = make_batches(3)
+    ens, _ = ensemble.train_step(_loss, donated=True)(ensemble.stack(_states()), batches[0])
+    # (run_epochs resumes the member's epoch at its batch 1: it trains on batches[1])
+    trained, _ = loopkit.run_epochs(loopkit.train_step(_loss), ens.members[1], batches[:2], epochs=1, progress=False)
+    assert trained.step == 2
+    solo_params = {n: p.clone() for n, p in trained.model.named_parameters()}
+    params = {n: p.clone() for n, p in ens.params.items()}
+    with pytest.raises(loopkit.DonatedStateError, match="member 1 of this Ensemble was given to a donated step"):
+        ensemble.train_step(_loss, donated=donated)(ens, batches[2])
+    assert all(torch.equal(p, solo_params[n]) for n, p in trained.model.named_parameters())
+    assert all(torch.equal(p, params[n]) for n, p in ens.params.items())
+    again = ensemble.stack([ens.members[0], trained, ens.members[2]])
+    again, _ = ensemble.train_step(_loss, donated=donated)(again, batches[2])
+    assert [m.step for m in again.members] == [2, 3, 2]
+
+
 @pytest.mark.parametrize("how", ["deepcopy", "pickle"])
 def test_a_copied_ensemble_trains_as_the_original_and_apart_from_it(make_batches, how):
     # a copy's members must be views of the copy's stacked params, or a donated step trains detached copies
@@ -173,6 +195,46 @@ def test_unstack_copies_members_out_for_evaluate_and_checkpoints(make_batches, t
     torch.testing.assert_close(restored.model[2].bias, ens.params["2.bias"][1], rtol=0, atol=0)
 
 
+def _wide_tied_state(seed):
+    """A member large enough for its checkpoint's size to show how many members it holds, with a tied weight."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 64), nn.Linear(64, 2))
+    model[2].weight = model[0].weight
+    return loopkit.TrainState.create(model, torch.optim.Adam(model.parameters(), lr=0.01), seed=seed)
+
+
+def test_a_checkpoint_of_a_live_member_holds_that_member_alone_and_restores_bitwise(make_batches, tmp_path):
+    """Before, checkpoint.save(ens.members[k]) (and torch.save of its state_dict) wrote all K members' weights: its
+    parameters are views of the stacked storage, and torch.save writes a view's whole storage (2.1 MB where the
+    unstacked member's is 0.29 MB at K = 8). Now it is the size of the unstacked member's, restores bitwise, keeps
+    its tied weight tied in the file, and the member stays a view of the ensemble, which trains on."""
+    batches = make_batches(3, d_in=64)
+    ens = ensemble.stack([_wide_tied_state(k) for k in range(8)])
+    step = ensemble.train_step(_mse_loss, donated=True)
+    for batch in batches[:2]:
+        ens, _ = step(ens, batch)
+    member, copy_ = ens.members[1], ensemble.unstack(ens)[1]
+    sizes, saved = [], []
+    for state, name in [(member, "view"), (copy_, "copy")]:
+        saved.append(loopkit.checkpoint.save(state, tmp_path / name))
+        sizes.append((saved[-1] / "state.pt").stat().st_size)
+        buffer = io.BytesIO()
+        torch.save(state.state_dict(), buffer)
+        sizes.append(buffer.tell())
+    assert sizes[0] <= 1.02 * sizes[2] and sizes[1] <= 1.02 * sizes[3], sizes
+    model = loopkit.checkpoint.load(saved[0])["state"]["model"]
+    assert model["0.weight"].untyped_storage().data_ptr() == model["2.weight"].untyped_storage().data_ptr()
+    restored = loopkit.restore(_wide_tied_state(99), tmp_path / "view")
+    assert restored.step == member.step == 2 and restored.model[2].weight is restored.model[0].weight
+    for (name, p), q in zip(member.model.named_parameters(), restored.model.parameters()):
+        assert torch.equal(p, q), name
+    torch.testing.assert_close(restored.optimizer.state_dict(), member.optimizer.state_dict(), rtol=0, atol=0)
+    assert member.model[0].weight.data_ptr() == ens.params["0.weight"][1].data_ptr()
+    ens, _ = step(ens, batches[2])
+    assert [m.step for m in ens.members] == [3] * 8
+
+
 def test_bad_input_is_named(make_batches):
     batch = make_batches(1)[0]
     model = nn.Linear(4, 2)
@@ -197,8 +259,6 @@ def test_bad_input_is_named(make_batches):
     ens = ensemble.stack(_states())
     with pytest.raises(ValueError, match=r"returned a loss of shape \(8, 2\); the loss must be a scalar \(0-dim\)"):
         ensemble.train_step(lambda m, b: m(b[0]) - b[1])(ens, batch)
-    with pytest.raises(ValueError, match="returned None: an ensemble step cannot skip a batch"):
-        ensemble.train_step(lambda m, b: None)(ens, batch)
     with pytest.raises(ValueError, match="aux metric named 'loss'"):
         ensemble.train_step(lambda m, b: (_loss(m, b)[0], {"loss": 1.0}))(ens, batch)
     sparse = nn.Embedding(10, 2, sparse=True)
@@ -382,6 +442,61 @@ def test_transforms_of_one_state_refuse_an_ensemble_step_when_built(transform, t
         transform(ensemble.train_step(_loss), tmp_path)
 
 
+# what takes one loopkit.TrainState, given an ensemble (``e``, its step ``step``, data ``d``, a folder ``p``)
+ONE_STATE = {
+    "run_epochs": lambda e, step, d, p: loopkit.run_epochs(step, e, d, epochs=1, progress=False),
+    "evaluate": lambda e, step, d, p: loopkit.evaluate(loopkit.eval_step(lambda m, b: {"mse": _mse_loss(m, b)}), e, d),
+    "predict": lambda e, step, d, p: loopkit.predict(lambda m, b: m(b[0]), e, d),
+    "restore": lambda e, step, d, p: loopkit.restore(e, p),
+    "save": lambda e, step, d, p: loopkit.checkpoint.save(e, p),
+    "export_weights": lambda e, step, d, p: loopkit.export_weights(e, p / "w.safetensors"),
+    "check_purity": lambda e, step, d, p: loopkit.check_purity(step, e, d[0]),
+    "lr_find": lambda e, step, d, p: loopkit.lr_find(loopkit.train_step(_mse_loss), e, d),
+    "scale_batch_size": lambda e, step, d, p: loopkit.scale_batch_size(loopkit.train_step(_mse_loss), e, lambda n: d),
+    "summarize": lambda e, step, d, p: loopkit.summarize(e),
+    "train_step": lambda e, step, d, p: loopkit.train_step(_mse_loss)(e, d[0]),
+}
+
+
+@pytest.mark.parametrize("where", list(ONE_STATE))
+def test_what_takes_one_train_state_refuses_an_ensemble_saying_how_to_train_and_use_it(where, make_batches, tmp_path):
+    """Before, the driver, evaluate, predict, restore, export_weights, check_purity, lr_find and summarize said only
+    "state must be a loopkit.TrainState, got Ensemble" (checkpoint.save alone named unstack). Now each says what an
+    Ensemble is, how to train it (its step in a loop of one's own) and how to give a member; the driver finds that
+    out without importing loopkit.ensemble (the Ensemble class says it: instead_of_a_state)."""
+    ens = ensemble.stack(_states())
+    with pytest.raises(TypeError, match=r"got Ensemble \(an Ensemble is K member TrainStates, trained by its ensemble "
+                                        r"step in a loop of your own: .*ens.members\[k\] as it is, or "
+                                        r"loopkit.ensemble.unstack\(ens\)"):
+        ONE_STATE[where](ens, ensemble.train_step(_mse_loss), make_batches(2), tmp_path)
+    ens.check_usable()
+
+
+def _clip_norm(optimizer, args, kwargs):
+    """An optimizer step pre-hook: its parameters' gradients clipped to norm 0.5 (the README's recipe)."""
+    torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], max_norm=0.5)
+
+
+def test_per_member_clipping_by_an_optimizer_step_pre_hook_follows_the_solo_with_grad_clip_runs(make_batches):
+    """The README's way to clip each member's gradients (no transform wraps an ensemble step): a step pre-hook on
+    each member's optimizer, which the ensemble step runs as it steps that optimizer; each member ends as its solo
+    run under loopkit.with_grad_clip."""
+    batches = [(x, 10 * y) for x, y in make_batches(4)]  # (large errors: the clip bites)
+    states = _states()
+    for state in states:
+        state.optimizer.register_step_pre_hook(_clip_norm)
+    ens = ensemble.stack(states)
+    step = ensemble.train_step(_mse_loss, donated=True)
+    for batch in batches:
+        ens, _ = step(ens, batch)
+    for k, solo in enumerate(_states()):
+        clipped = loopkit.with_grad_clip(loopkit.train_step(_mse_loss), max_norm=0.5)
+        for batch in batches:
+            solo, _ = clipped(solo, batch)
+        for (name, p), q in zip(solo.model.named_parameters(), ens.members[k].model.parameters()):
+            torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=f"member {k} {name}")
+
+
 def _raising(model, batch):
     raise KeyError("the loss_fn's own bug")
 
@@ -393,7 +508,6 @@ REFUSED = {
     "no_gradient": (lambda m, b: _loss(m, b)[0].detach(), ValueError, "without a gradient"),
     "bad_metric": (lambda m, b: (_loss(m, b)[0], {"note": "text"}), TypeError, "note"),
     "aux_named_loss": (lambda m, b: (_loss(m, b)[0], {"loss": 1.0}), ValueError, "aux metric named 'loss'"),
-    "none": (lambda m, b: None, ValueError, "returned None"),  # (loopkit.train_step skips that batch instead)
 }
 
 
@@ -403,12 +517,12 @@ def test_a_donated_ensemble_step_that_fails_before_changing_anything_leaves_the_
     """As loopkit.donate leaves one state. Before, a finally: used up every member, and nothing came back."""
     loss_fn, kind, message = REFUSED[refused]
     batches = make_batches(2)
-    if refused != "none":  # the reference: loopkit.donate keeps one state usable, and state_at_error gives it back
-        solo = _states()[0]
-        with pytest.raises(kind, match=message) as solo_error:
-            loopkit.donate(loopkit.train_step(loss_fn))(solo, batches[0])
-        solo.check_usable()
-        assert loopkit.state_at_error(solo_error.value) is solo
+    # the reference: loopkit.donate keeps one state usable, and state_at_error gives it back
+    solo = _states()[0]
+    with pytest.raises(kind, match=message) as solo_error:
+        loopkit.donate(loopkit.train_step(loss_fn))(solo, batches[0])
+    solo.check_usable()
+    assert loopkit.state_at_error(solo_error.value) is solo
 
     ens = ensemble.stack(_states())
     ens, _ = ensemble.train_step(_loss, donated=True)(ens, batches[0])  # some training, not to be lost
@@ -429,6 +543,81 @@ def test_a_donated_ensemble_step_that_fails_before_changing_anything_leaves_the_
         reference, _ = ensemble.train_step(_loss, donated=True)(reference, batch)
     assert_trees_equal(dict(again.params), dict(reference.params))
     assert [m.step for m in again.members] == [2, 2, 2]
+
+
+def _skipping(loss_fn):
+    """``loss_fn`` on batches that have labelled rows (a third item, a mask): None (skip the batch) on one that has
+    none, decided from the batch alone."""
+    def skipping(model, batch):
+        x, y, valid = batch
+        if not valid.any():
+            return None
+        return loss_fn(model, (x[valid], y[valid]))
+    return skipping
+
+
+def _noisy_mse(model, batch):
+    """:func:`_mse_loss` on inputs with Gaussian noise: it draws, so the members run one at a time."""
+    x, y = batch
+    return _mse_loss(model, (x + 0.1 * torch.randn_like(x), y))
+
+
+@pytest.mark.parametrize("donated", [True, False])
+@pytest.mark.parametrize("path", ["vmapped", "drawing", "unbatchable"])
+def test_a_batch_every_members_loss_fn_skips_is_skipped_as_in_their_solo_runs(path, donated, make_batches):
+    """Before, a loss_fn returning None (SPEC: skip the update for that batch) was refused ("an ensemble step cannot
+    skip a batch for some members") though every member skipped it. Now the step skips it as loopkit.train_step does:
+    no update, step as it was, batch_index one on, each member's RNG as its draws left it, no metrics; each member
+    ends as its solo train_step run on the same batches (bitwise one member at a time)."""
+    loss_fn = _skipping({"vmapped": _mse_loss, "drawing": _noisy_mse, "unbatchable": _checked_scaled_loss}[path])
+    labelled = [(x, y, torch.ones(len(x), dtype=torch.bool)) for x, y in make_batches(3)]
+    empty = (labelled[0][0], labelled[0][1], torch.zeros(len(labelled[0][0]), dtype=torch.bool))
+    batches = [labelled[0], empty, labelled[1], empty, labelled[2]]
+    ens = ensemble.stack(_states())
+    step = ensemble.train_step(loss_fn, donated=donated)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # (unbatchable: said once)
+        for i, batch in enumerate(batches):
+            params = {n: p.clone() for n, p in ens.params.items()}
+            ens, metrics = step(ens, batch)
+            if batch is empty:
+                assert metrics == {} and all(torch.equal(p, params[n]) for n, p in ens.params.items())
+    assert step.draws_random == (path == "drawing") and step.unbatchable == (path == "unbatchable")
+    exact = {"rtol": 0, "atol": 0} if path != "vmapped" else {"rtol": 1e-5, "atol": 1e-6}
+    for k, solo in enumerate(_states()):
+        solo_step = loopkit.train_step(loss_fn)
+        for batch in batches:
+            solo, _ = solo_step(solo, batch)
+        member = ens.members[k]
+        assert (member.step, member.batch_index) == (solo.step, solo.batch_index) == (3, 5)
+        assert torch.equal(member.rng["cpu"], solo.rng["cpu"])
+        for (name, p), q in zip(solo.model.named_parameters(), member.model.parameters()):
+            torch.testing.assert_close(q, p, **exact, msg=f"member {k} {name}")
+        torch.testing.assert_close(member.optimizer.state_dict(), solo.optimizer.state_dict(), **exact)
+
+
+def test_a_batch_some_members_skip_is_refused_naming_them_and_the_ensemble_stays_usable(make_batches):
+    """One member at a time, a loss_fn may decide from a member's own values: a skip by some members only cannot be
+    one update of every member (each has one step and one batch_index), and is refused before any member updates."""
+    def skips_the_largest(model, batch):
+        if model[0].bias.sum().item() > biases[1]:
+            return None
+        return _mse_loss(model, batch)
+
+    batches = make_batches(2)
+    ens, _ = ensemble.train_step(_loss, donated=True)(ensemble.stack(_states()), batches[0])
+    biases = sorted(m.model[0].bias.sum().item() for m in ens.members)
+    largest = max(range(3), key=lambda k: ens.members[k].model[0].bias.sum().item())
+    params = {n: p.clone() for n, p in ens.params.items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        with pytest.raises(ValueError, match=rf"returned None \(skip the batch\) for member\(s\) \[{largest}\] and a "
+                                             "loss for member.*updates every member or none") as error:
+            ensemble.train_step(skips_the_largest, donated=True)(ens, batches[1])
+    assert loopkit.state_at_error(error.value) is ens
+    assert all(torch.equal(p, params[n]) for n, p in ens.params.items())
+    assert [m.step for m in ens.members] == [1, 1, 1] and [m.batch_index for m in ens.members] == [1, 1, 1]
+    ensemble.train_step(_loss, donated=True)(ens, batches[1])
 
 
 def test_a_donated_ensemble_step_that_fails_after_changing_something_uses_the_ensemble_up(make_batches):
@@ -2558,3 +2747,102 @@ def test_instancenorm_updating_running_statistics_is_refused_by_stack_as_batchno
     for kwargs in ({"train": False}, {"track_running_stats": False}):
         states = [_instance_normed(k, **kwargs) for k in range(3)]
         _assert_follow_solo(_together(states, batches), states, batches)
+
+
+def _scaled_loss(model, batch):
+    """:func:`_mse_loss` times 100: gradients large enough for a clamp to bite."""
+    return _mse_loss(model, batch) * 100
+
+
+def _checked_scaled_loss(model, batch):
+    """:func:`_scaled_loss` with a ``.item()`` check vmap cannot run: the members run one at a time."""
+    loss = _scaled_loss(model, batch)
+    if loss.item() > 1e9:
+        raise FloatingPointError("diverged")
+    return loss
+
+
+def _refuse_large(grad):
+    """A gradient hook that checks the gradient (as a check that gradients are finite would) and raises."""
+    if grad.abs().max() > 1e3:
+        raise FloatingPointError("gradient too large")
+
+
+@pytest.mark.parametrize("path", ["vmapped", "one member at a time"])
+def test_a_gradient_hook_that_raises_leaves_the_donated_ensemble_usable_as_a_solo_step_leaves_its_state(
+        path, make_batches, take_snapshot, assert_trees_equal):
+    """The hooks run on every member's gradient before any member updates: a hook's error leaves the donated ensemble
+    usable (state_at_error returns it), each member as it was, as loopkit.donate leaves one state whose backward's
+    hook raised; without the hook it trains on."""
+    loss_fn = _scaled_loss if path == "vmapped" else _checked_scaled_loss
+    big = [(x, 100 * y) for x, y in make_batches(2)]
+    solo = _states()[2]
+    handle = solo.model[0].weight.register_hook(_refuse_large)
+    with pytest.raises(FloatingPointError) as solo_error:
+        loopkit.donate(loopkit.train_step(loss_fn))(solo, big[0])
+    assert loopkit.state_at_error(solo_error.value) is solo
+    ens = ensemble.stack(_states())
+    hook = ens.members[2].model[0].weight.register_hook(_refuse_large)  # member 2's only
+    before = [take_snapshot(m) for m in ens.members]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        with pytest.raises(FloatingPointError, match="gradient too large") as error:
+            ensemble.train_step(loss_fn, donated=True)(ens, big[0])
+    assert loopkit.state_at_error(error.value) is ens
+    for member, snap in zip(ens.members, before):
+        member.check_usable()
+        assert_trees_equal(take_snapshot(member), snap)
+    hook.remove()
+    handle.remove()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        ens, _ = ensemble.train_step(loss_fn, donated=True)(ens, big[1])
+    assert [m.step for m in ens.members] == [1, 1, 1]
+
+
+def _halve_grad(param):
+    param.grad.mul_(0.5)
+
+
+def _hooked_states():
+    """The members of MEMBERS, every parameter's gradient clamped by a tensor hook (clipping by value), member 1's
+    halved after accumulation (a post-accumulate-grad hook)."""
+    states = _states()
+    for k, state in enumerate(states):
+        for p in state.model.parameters():
+            p.register_hook(lambda g: g.clamp(-0.01, 0.01))
+            if k == 1:
+                p.register_post_accumulate_grad_hook(_halve_grad)
+    return states
+
+
+@pytest.mark.parametrize(("path", "donated"), [("vmapped", True), ("one member at a time", False)])
+def test_gradient_hooks_on_a_members_parameters_run_on_its_gradient_as_in_its_solo_run(path, donated, make_batches):
+    """Before, stack dropped the hooks of the members' parameters (new views) and the step's torch.func gradients
+    would not have run them: a member clipping its gradients by value trained 1.8e5 off its solo run, silently. Now
+    each member's hooks run on its own gradient (a hook registered on a member after stacking too), as its solo
+    backward runs them: equal to its solo train_step run and its hand-written loop (bitwise one member at a time)."""
+    loss_fn = _scaled_loss if path == "vmapped" else _checked_scaled_loss
+    batches = make_batches(3)
+    ens = ensemble.stack(_hooked_states())
+    ens.members[2].model[0].weight.register_hook(lambda g: g * 0)  # member 2's only, after stacking
+    step = ensemble.train_step(loss_fn, donated=donated)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # (one member at a time: said once)
+        for batch in batches:
+            ens, _ = step(ens, batch)
+    assert step.unbatchable == (path != "vmapped")
+    exact = {"rtol": 0, "atol": 0} if path != "vmapped" else {"rtol": 1e-5, "atol": 1e-6}
+    for k, (solo, raw) in enumerate(zip(_hooked_states(), _hooked_states())):
+        if k == 2:
+            solo.model[0].weight.register_hook(lambda g: g * 0)
+            raw.model[0].weight.register_hook(lambda g: g * 0)
+        _, make_opt, make_sched = MEMBERS[k]
+        _raw_loop(raw.model, make_opt, make_sched, loss_fn, batches)
+        solo_step = loopkit.train_step(loss_fn)
+        for batch in batches:
+            solo, _ = solo_step(solo, batch)
+        for (name, p), q, r in zip(solo.model.named_parameters(), ens.members[k].model.parameters(),
+                                   raw.model.parameters()):
+            torch.testing.assert_close(q, p, **exact, msg=f"member {k} {name}: differs from its solo run")
+            torch.testing.assert_close(q, r, **exact, msg=f"member {k} {name}: differs from its hand-written loop")

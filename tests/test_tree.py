@@ -7,6 +7,7 @@ moved reports ``device.type == "meta"``; one that was not still says ``cpu``.
 from __future__ import annotations
 
 import dataclasses
+import io
 from collections import OrderedDict, UserDict, namedtuple
 
 import numpy as np
@@ -15,7 +16,7 @@ import torch
 
 import loopkit
 from loopkit.errors import StateMismatchError
-from loopkit.tree import from_plain, path_str, to_device, to_plain
+from loopkit.tree import compact_views, from_plain, path_str, to_device, to_plain
 
 Pair = namedtuple("Pair", "x y")
 
@@ -266,3 +267,30 @@ def test_number_like_leaves_are_held_as_plain_python_values():
         buffer.seek(0)
         assert torch.load(buffer, weights_only=True) == expected
     assert decode_tree(encode_tree(tree)) == expected
+
+
+def test_compact_views_copies_out_the_part_of_a_larger_storage_that_views_use_and_keeps_ties():
+    """torch.save writes a view's whole storage: a slice [k] of a stacked [K, ...] tensor (an ensemble member's
+    parameter) wrote all K. The views of one storage are copied together (they still share one, as tied weights do);
+    tensors that span their storage (a buffer and a slice of it, together) are kept as they are, not copied."""
+    stacked, moments = torch.randn(8, 16, 16), torch.randn(8, 16)
+    whole = torch.randn(10)
+    head = whole[:4]
+    tree = {"model": {"w": stacked[3], "tied": stacked[3], "t": stacked[3].t(), "b": whole, "head": head},
+            "opt": [moments[5], (1, "x")]}
+    out = compact_views(tree)
+    for path in [("model", "w"), ("model", "tied"), ("model", "t")]:
+        assert torch.equal(out[path[0]][path[1]], tree[path[0]][path[1]])
+    assert out["model"]["w"].untyped_storage().nbytes() == 16 * 16 * 4  # member 3's alone, not 8 members'
+    assert out["model"]["tied"].untyped_storage().data_ptr() == out["model"]["w"].untyped_storage().data_ptr()
+    assert out["model"]["t"].stride() == (1, 16) and out["model"]["t"].data_ptr() == out["model"]["w"].data_ptr()
+    assert torch.equal(out["opt"][0], moments[5]) and out["opt"][0].untyped_storage().nbytes() == 16 * 4
+    assert out["model"]["b"] is whole and out["model"]["head"] is head and out["opt"][1] == (1, "x")
+    sizes = []
+    for saved in (tree, out):
+        buffer = io.BytesIO()
+        torch.save(saved, buffer)
+        sizes.append(buffer.tell())
+    assert sizes[1] < sizes[0] / 3
+    plain = {"w": torch.ones(3), "n": 1}
+    assert compact_views(plain) is plain  # nothing to copy: the same tree, its tensors shared
