@@ -1599,7 +1599,8 @@ class _Hooks:
         self.callbacks = list(callbacks)
         self.min_epochs, self.min_steps = min_epochs, min_steps
         self.stop_asked = False  # a callback asked to stop at the last check, while the minimum was not met
-        self.shared: set[str] = set()  # under DDP: the callbacks (their keys) whose stop every rank's copy was told
+        # under DDP: the callbacks (their keys) whose stop every rank's copy was told, with their stop record then
+        self.shared: dict[str, Any] = {}
         # a callback whose stop the minimum does not hold off (a pruned trial's) could ask while one waits
         self.overriding = any(getattr(cb, "stops_before_minimum", False) for cb in self.callbacks)
         # Callback's own no-op on_batch_end is left out (and one that does nothing under its callback's current
@@ -1689,7 +1690,8 @@ class _Hooks:
 
     def _unshared(self) -> list[Any]:
         """The callbacks of this rank that ask to stop and whose stop the other ranks' copies were not told yet."""
-        return [cb for cb in self.callbacks if getattr(cb, "should_stop", False) and _stop_key(cb) not in self.shared]
+        return [cb for cb in self.callbacks if getattr(cb, "should_stop", False)
+                and self.shared.get(_stop_key(cb), _UNTOLD) != _stop_record(cb)]
 
     def _vote(self) -> tuple[bool, bool]:
         """Whether a callback asks to stop, on any rank, and whether one asks whose stop the other ranks' copies have
@@ -1703,29 +1705,51 @@ class _Hooks:
         return agreed > 0, agreed == 2
 
     def _share_stop(self, state: TrainState) -> None:
-        """Under DDP, at the first check where a callback asks to stop on some rank and not on every rank's copy
-        yet (an ``EarlyStopping`` on a rank's own metric, a ``Timer``; one that asks later, while ``min_epochs``
-        holds the stop, too): tell it its stop on every rank, as Lightning's ``EarlyStopping`` reduces its decision
-        over the ranks: rank 0's, which logs and saves, says why it stopped (``should_stop``, and what
-        :meth:`stop_agreed` takes: ``stopped_epoch``, the reason), so that a fit relaunched from its checkpoint
-        stops as this one did. A callback is matched on other ranks by its ``state_key`` (else its class); a
+        """Under DDP, at each check where a callback asks to stop on some rank and its copies were not told that ask
+        yet (an ``EarlyStopping`` on a rank's own metric, a ``Timer``; one that asks later, or again, while
+        ``min_epochs`` holds the stop, too): tell it its stop on every rank, as Lightning's ``EarlyStopping`` reduces
+        its decision over the ranks at each check: rank 0's, which logs and saves, says why it stopped
+        (``should_stop``, and what :meth:`stop_agreed` takes: ``stopped_epoch``, the latest over the ranks, the
+        reason), so that a fit relaunched from its checkpoint stops as this one did. A copy that asked at that epoch
+        itself keeps its own reason. A callback is matched on other ranks by its ``state_key`` (else its class); a
         collective, made on every rank at the same check (:meth:`_vote` says when), once for each new ask."""
-        asked = [(_stop_key(cb), getattr(cb, "stop_record", lambda: None)()) for cb in self._unshared()]
+        asked = [(_stop_key(cb), _stop_record(cb)) for cb in self._unshared()]
         gathered = _collective.gather(asked, who="run_epochs", what="the gather of every rank's callbacks' stops (should_stop)")
-        told = {key: record for found in gathered for key, record in found}  # type: ignore[union-attr]
-        self.shared.update(told)
+        told: dict[str, Any] = {}
+        for found in gathered:  # (rank by rank: a later ask than the ranks' before wins)
+            for key, record in found:  # type: ignore[union-attr]
+                if key not in told or _stopped_at(record) > _stopped_at(told[key]):
+                    told[key] = record
         for cb in self.callbacks:
             key = _stop_key(cb)
-            if key not in told or getattr(cb, "should_stop", False):
+            if key not in told:
                 continue
-            agreed = getattr(cb, "stop_agreed", None)
-            if agreed is not None:
-                agreed(state, told[key])
-            else:
-                try:
-                    cb.should_stop = True
-                except AttributeError:  # (a read-only should_stop of one's own: it says what it says; the fit stops)
-                    pass
+            if not (getattr(cb, "should_stop", False) and _stopped_at(_stop_record(cb)) >= _stopped_at(told[key])):
+                agreed = getattr(cb, "stop_agreed", None)
+                if agreed is not None:
+                    agreed(state, told[key])
+                elif not getattr(cb, "should_stop", False):
+                    try:
+                        cb.should_stop = True
+                    except AttributeError:  # (a read-only should_stop of one's own: it says what it says; the fit stops)
+                        pass
+            self.shared[key] = _stop_record(cb)
+
+
+#: a callback whose stop was never told (:attr:`_Hooks.shared`)
+_UNTOLD = object()
+
+
+def _stop_record(callback: Any) -> Any:
+    """What a callback that asks to stop tells the other ranks' copies (its ``stop_record()``; None without one)."""
+    record = getattr(callback, "stop_record", None)
+    return None if record is None else record()
+
+
+def _stopped_at(record: Any) -> float:
+    """The epoch a stop record says the stop was asked at; -inf where it says none."""
+    at = record[0] if isinstance(record, tuple) and record else None
+    return -math.inf if at is None else float(at)
 
 
 #: transforms that make no collective: a rank may apply one the others do not (profile rank 0 alone)

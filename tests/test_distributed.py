@@ -987,12 +987,15 @@ def test_a_stop_asked_on_one_rank_while_min_epochs_holds_an_earlier_one_reaches_
                                                                                                     bare_env):
     """The stops were shared once a fit, at the first check where a rank asked: a second EarlyStopping that asked on
     rank 1 alone while min_epochs held the first one's stop said "not stopped" on rank 0 (whose copy logs and
-    saves). Every rank's copy of each now says it stopped, at the epoch rank 1's did, and why."""
+    saves). Every rank's copy of each now says it stopped, and why, at the epoch of the last check where a rank
+    asked, as Lightning's, which reduces the decision at each check and sets ``stopped_epoch`` where any rank asks:
+    rank 1 asks at epochs 1, 2, 3 (``val/a``) and 2, 3 (``val/b``) while min_epochs holds the stop; rank 0's copies
+    had kept the first ask's epochs (1 and 2)."""
     _spawn_and_join(_later_stop_worker, (_free_port(), str(tmp_path)))
     ranks = [torch.load(os.path.join(tmp_path, f"rank{r}.pt")) for r in (0, 1)]
     assert ranks[0]["epochs"] == ranks[1]["epochs"] == 4  # (held until min_epochs)
     for found in ranks:
-        assert found["said"] == [(True, 1, "PATIENCE_EXHAUSTED"), (True, 2, "PATIENCE_EXHAUSTED")]
+        assert found["said"] == [(True, 3, "PATIENCE_EXHAUSTED"), (True, 3, "PATIENCE_EXHAUSTED")]
 
 
 def _stop_held_by_checkpoint_worker(rank: int, port: int, out: str) -> None:
