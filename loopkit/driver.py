@@ -333,8 +333,29 @@ def _own_order(data: Iterable, count: int | None) -> Iterator[Any]:
     return iter(()) if count == 0 else _epoch_batches(data, None, 0, 0, count) or iter(())
 
 
+def _counted_by_len(data: Iterable) -> bool:
+    """Whether ``data``'s epoch is counted by its ``len()`` (checked the same on every rank before it starts) rather
+    than read to its end with a vote per batch (:func:`_while_every_rank_has_one`): data with a length, but under a
+    process group of several ranks not an ``IterableDataset`` or a ``DataLoader`` over one, whose ``len()`` torch
+    takes as an estimate (a rank's shard may yield fewer batches than it says). Its length still bounds the epoch
+    and sizes the progress bar.
+
+    >>> class Stream(torch.utils.data.IterableDataset):
+    ...     def __len__(self): return 3
+    ...     def __iter__(self): return iter(range(3))
+    >>> _counted_by_len([1, 2]), _counted_by_len(torch.utils.data.DataLoader(Stream())), _counted_by_len(iter([1]))
+    (True, True, False)
+    """
+    if _num_batches(data, None, "train_data") is None:
+        return False
+    streamed = isinstance(data, torch.utils.data.IterableDataset) or isinstance(
+        getattr(data, "dataset", None), torch.utils.data.IterableDataset)
+    return not (streamed and _collective.active())
+
+
 def _while_every_rank_has_one(batches: Iterator[Any], epoch: int, done: int) -> Iterator[Any]:
-    """``batches`` (data without a length, under DDP) while every rank has one: before each, the ranks agree
+    """``batches`` (data not counted by its length, under DDP: :func:`_counted_by_len`) while every rank has one:
+    before each, the ranks agree
     (a collective) that none has run out, and the epoch ends on all of them when one has, the others' further
     batches dropped with a warning. Without it a rank whose data ended would go on to the epoch's end while the
     others wait in their step's all-reduce (until the process group's timeout, 30 minutes by default)."""
@@ -2367,8 +2388,8 @@ def run_epochs(
                 if not interval_checked:  # (once a fit, at its first epoch: a factory's data has its length then)
                     interval_checked = True
                     _warn_of_a_long_log_interval(step, total, state.epoch)
-                # (without a length, an epoch stopped at its last batch is found by a look ahead)
-                sized = _num_batches(data, None, "train_data") is not None
+                # (not counted by a length, an epoch stopped at its last batch is found by a look ahead)
+                sized = _counted_by_len(data)
                 _collective.check_same({"batches": total}, f"run_epochs: epoch {state.epoch} has another number of "
                                        "batches on each rank, and DDP needs one step per batch on all (shard the data evenly)")
                 batches = _epoch_batches(data, state.seed, state.epoch, state.batch_index, total,

@@ -937,7 +937,18 @@ class _Stream(torch.utils.data.IterableDataset):
             yield torch.randn(BATCH, D_IN + D_OUT, generator=g)
 
 
-def _stream_fit(rank: int, batches: int) -> dict[str, Any]:
+class _SizedStream(_Stream):
+    """A ``_Stream`` whose ``len()`` says ``length`` batches (an estimate, as torch takes an IterableDataset's)."""
+
+    def __init__(self, rank: int, n: int, length: int) -> None:
+        super().__init__(rank, n)
+        self.length = length
+
+    def __len__(self) -> int:
+        return self.length
+
+
+def _stream_fit(rank: int, batches: int, data: Any = None) -> dict[str, Any]:
     import warnings
 
     import loopkit
@@ -946,7 +957,8 @@ def _stream_fit(rank: int, batches: int) -> dict[str, Any]:
     step = loopkit.with_ddp(loopkit.train_step(mse))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        state, history = loopkit.run_epochs(step, state, _Stream(rank, batches), epochs=2, progress=False)
+        data = _Stream(rank, batches) if data is None else data
+        state, history = loopkit.run_epochs(step, state, data, epochs=2, progress=False)
     return {"params": _params(state.model), "step": state.step, "history": history,
             "warnings": [str(w.message) for w in caught if "another rank's train_data ended" in str(w.message)]}
 
@@ -955,6 +967,16 @@ def uneven_stream(rank: int) -> dict[str, Any]:
     """Data without a length, 3 batches an epoch on rank 0 and 2 on rank 1: each epoch ends after 2 on both (it
     hung: rank 1 went on to the epoch's end while rank 0 waited in its third step's all-reduce)."""
     return _stream_fit(rank, 3 if rank == 0 else 2)
+
+
+def uneven_sized_stream(rank: int) -> dict[str, Any]:
+    """``uneven_stream`` through a DataLoader whose ``len()`` says 3 batches on both ranks (torch's estimate of an
+    IterableDataset's): each epoch ends after 2 on both, as for data without a length (it hung: the counts agreed,
+    and rank 0 waited in its third step's all-reduce while rank 1 waited in the epoch's means)."""
+    from torch.utils.data import DataLoader
+
+    n = 3 if rank == 0 else 2
+    return _stream_fit(rank, n, DataLoader(_SizedStream(rank, n, 3), batch_size=None))
 
 
 def even_stream(rank: int) -> dict[str, Any]:
@@ -1096,7 +1118,7 @@ SCENARIOS = {
     f.__name__: f
     for f in (plain, pure_accum, pure_two_heads, accum, accum_scheduled, accum_outer, bucket_views, static_graph, flush, two_heads, averaged_pruned, nan_skip, nan_raise, fp16, fit,
               stop_one_rank, callbacks_on_rank0, uneven, apart, loss_error, buffers_apart, sparse_flush, stop_in_group,
-              uneven_stream, even_stream, stream_runs_dry, val_one_sample, val_all_empty, kept_sampler, validating_evaluate,
+              uneven_stream, uneven_sized_stream, even_stream, stream_runs_dry, val_one_sample, val_all_empty, kept_sampler, validating_evaluate,
               unfreeze, flags_apart)
 }
 

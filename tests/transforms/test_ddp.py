@@ -24,7 +24,7 @@ TOL = 1e-6
 SCENARIOS = ["plain", "accum", "accum_scheduled", "accum_outer", "bucket_views", "static_graph", "flush", "two_heads", "averaged_pruned", "nan_skip",
              "nan_raise", "fp16", "fit", "stop_one_rank", "callbacks_on_rank0", "uneven", "apart", "signal_one_rank", "signal_apart",
              "signal_in_group", "signal_spaced_votes", "loss_error", "buffers_apart", "sparse_flush", "stop_in_group",
-             "export_rank_zero", "uneven_stream", "even_stream", "stream_runs_dry", "validating_evaluate", "unfreeze"]
+             "export_rank_zero", "uneven_stream", "uneven_sized_stream", "even_stream", "stream_runs_dry", "validating_evaluate", "unfreeze"]
 
 
 @pytest.fixture(scope="module")
@@ -815,6 +815,19 @@ def test_data_without_a_length_ending_sooner_on_one_rank_ends_the_epoch_on_every
             assert torch.equal(got["params"][name], value), name
     assert len(uneven[0]["warnings"]) == 2 and "ended after 2 batches" in uneven[0]["warnings"][0]
     assert uneven[1]["warnings"] == [] and even[0]["warnings"] == []
+
+
+def test_an_iterable_datasets_loader_ending_before_its_len_on_one_rank_ends_the_epoch_on_every_rank(ranks):
+    """A DataLoader over an IterableDataset whose len() (torch's estimate) says 3 batches on both ranks, rank 1's
+    yielding 2: it ends each epoch on both ranks as data without a length does (it hung until the timeout)."""
+    uneven, even = ranks("uneven_sized_stream"), ranks("even_stream")
+    for got, want in zip(uneven, even, strict=True):
+        assert got["step"] == want["step"] == 4
+        assert got["history"] == want["history"]
+        for name, value in want["params"].items():
+            assert torch.equal(got["params"][name], value), name
+    assert len(uneven[0]["warnings"]) == 2 and "ended after 2 batches" in uneven[0]["warnings"][0]
+    assert uneven[1]["warnings"] == []
 
 
 def test_data_without_a_length_yielding_nothing_on_one_rank_stops_every_rank(ranks):
