@@ -198,6 +198,21 @@ class Step:
         """
         return state
 
+    def wrap_parallel(self, state: TrainState) -> bool:
+        """Give ``state``'s model the data-parallel wrapper this step's next call would give it, now, and whether this
+        call built it: under ``with_ddp`` its build broadcasts rank 0's parameters (and buffers) to every rank, which
+        the state then holds (changed in place). A whole-step transform that reads the parameters before its inner
+        call (``with_swa``'s average at an SWA epoch's start) calls it first, so that every rank reads rank 0's, as
+        Lightning's DDP broadcasts them at setup, before any hook. Nothing for most steps (False); under
+        ``torch.distributed`` every rank must call it at the same point (a collective when it builds).
+
+        >>> import torch
+        >>> from loopkit.state import TrainState
+        >>> train_step(lambda m, b: m(b).sum()).wrap_parallel(TrainState.create(torch.nn.Linear(1, 1)))
+        False
+        """
+        return False
+
     def validating(self, state: TrainState) -> contextlib.AbstractContextManager[None]:
         """The context to evaluate ``state`` in as this step's training sees its model (``run_epochs`` runs its
         validations in it): nothing for most steps; under ``with_ddp`` (``broadcast_buffers``, its default) every
@@ -470,6 +485,9 @@ class WrapperStep(Step):
 
     def prepare(self, state: TrainState) -> TrainState:
         return self.inner.prepare(state)
+
+    def wrap_parallel(self, state: TrainState) -> bool:
+        return self.inner.wrap_parallel(state)
 
     def validating(self, state: TrainState) -> contextlib.AbstractContextManager[None]:
         return self.inner.validating(state)
@@ -962,6 +980,16 @@ class TrainStep(Step):
     @property
     def requires_donation(self) -> str | None:  # type: ignore[override]
         return None if self.sync is None else self.sync.requires_donation
+
+    def wrap_parallel(self, state: TrainState) -> bool:
+        """See :meth:`Step.wrap_parallel`: the data-parallel hook's ``module(...)``, whose refusal (before anything
+        changed) leaves ``state`` intact; False without one."""
+        if self.sync is None:
+            return False
+        try:
+            return self.sync.module(state.model, state.optimizer, state.extras)[1]
+        except SyncRefusal as error:
+            raise leave_intact(error, state)
 
     def validating(self, state: TrainState) -> contextlib.AbstractContextManager[None]:
         """See :meth:`Step.validating`: the data-parallel hook's (``sync.validating(model, extras)``), if it has one."""

@@ -504,6 +504,20 @@ def averaged_pruned(rank: int) -> dict[str, Any]:
     return {"params": _params(state.model), "averages": averages, "masks": dict(state.extras["pruning/masks"])}
 
 
+def swa_from_start(rank: int) -> dict[str, Any]:
+    """``with_swa(with_ddp(...))`` averaging from the first epoch, rank 1 starting from other weights: the first
+    average is taken at the run's first call, before which the wrapper's build broadcasts rank 0's weights (rank 1
+    averaged its own untrained ones in)."""
+    import loopkit
+
+    data = make_data(2)
+    step = loopkit.with_swa(loopkit.with_ddp(loopkit.train_step(mse)), swa_lrs=0.02, swa_epoch_start=1,
+                            annealing_epochs=1)
+    state, _ = loopkit.run_epochs(step, sgd_state(make_model(seed=rank)), [data[i, rank] for i in range(2)], epochs=3,
+                                  progress=False)
+    return {"params": _params(state.model), "averages": _params(loopkit.swa_state(state).model)}
+
+
 def _nan_loss(model: nn.Module, batch: Any) -> torch.Tensor:
     x, poison = batch
     loss = mse(model, x)
@@ -1117,7 +1131,7 @@ FLAGS_APART_STEPS = 4
 SCENARIOS = {
     f.__name__: f
     for f in (plain, pure_accum, pure_two_heads, accum, accum_scheduled, accum_outer, bucket_views, static_graph, flush, two_heads, averaged_pruned, nan_skip, nan_raise, fp16, fit,
-              stop_one_rank, callbacks_on_rank0, uneven, apart, loss_error, buffers_apart, sparse_flush, stop_in_group,
+              stop_one_rank, callbacks_on_rank0, uneven, apart, swa_from_start, loss_error, buffers_apart, sparse_flush, stop_in_group,
               uneven_stream, uneven_sized_stream, even_stream, stream_runs_dry, val_one_sample, val_all_empty, kept_sampler, validating_evaluate,
               unfreeze, flags_apart)
 }

@@ -24,7 +24,8 @@ TOL = 1e-6
 SCENARIOS = ["plain", "accum", "accum_scheduled", "accum_outer", "bucket_views", "static_graph", "flush", "two_heads", "averaged_pruned", "nan_skip",
              "nan_raise", "fp16", "fit", "stop_one_rank", "callbacks_on_rank0", "uneven", "apart", "signal_one_rank", "signal_apart",
              "signal_in_group", "signal_spaced_votes", "loss_error", "buffers_apart", "sparse_flush", "stop_in_group",
-             "export_rank_zero", "uneven_stream", "uneven_sized_stream", "even_stream", "stream_runs_dry", "validating_evaluate", "unfreeze"]
+             "export_rank_zero", "uneven_stream", "uneven_sized_stream", "even_stream", "stream_runs_dry", "validating_evaluate", "unfreeze",
+             "swa_from_start"]
 
 
 @pytest.fixture(scope="module")
@@ -149,6 +150,21 @@ def test_pruning_and_averages_agree_on_both_ranks_and_with_one_process(ranks):
     assert_params_close(results[0]["params"], state.model)
     assert_params_close(results[0]["averages"], loopkit.ema_state(state).model)
     assert all(torch.equal(results[0]["masks"][n], m) for n, m in state.extras["pruning/masks"].items())
+
+
+def test_swa_from_the_first_epoch_averages_rank_zeros_broadcast_weights(ranks):
+    """with_swa(with_ddp(...)) whose first average is taken at the run's first call, rank 1 starting from other
+    weights: both ranks' averages are the one-process run's over the global batches (rank 1's took its own untrained
+    weights in: the average was read before the wrapper's build broadcast rank 0's)."""
+    results = ranks("swa_from_start")
+    data = ddp.make_data(2)
+    step = loopkit.with_swa(loopkit.train_step(ddp.mse), swa_lrs=0.02, swa_epoch_start=1, annealing_epochs=1)
+    state, _ = loopkit.run_epochs(step, ddp.sgd_state(ddp.make_model(0)), [torch.cat([data[i, 0], data[i, 1]])
+                                                                           for i in range(2)], epochs=3, progress=False)
+    assert_ranks_identical(results)
+    assert all(torch.equal(results[0]["averages"][n], results[1]["averages"][n]) for n in results[0]["averages"])
+    assert_params_close(results[0]["params"], state.model)
+    assert_params_close(results[0]["averages"], loopkit.swa_state(state).model)
 
 
 def _accum_reference(step=None):
