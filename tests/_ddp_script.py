@@ -566,6 +566,64 @@ def nan_raise(rank: int) -> dict[str, Any]:
     return {"raised": raised, "calls": calls}
 
 
+def nan_raise_resumed(rank: int) -> dict[str, Any]:
+    """``with_nan_guard(with_ddp(...), policy="raise")``: a NaN batch refused on every rank leaves the state whole.
+
+    ``fit``: ``run_epochs`` over 4 batches, rank 1's third NaN: both ranks raise, and the fit resumed from
+    ``state_at_error`` with that batch mended (``resumed``) against the fit that never saw it (``clean``).
+    ``bn``: a BatchNorm model's calls, rank 0's second batch NaN: the refused call's state (``kept``: step, gradients,
+    parameters and buffers, against ``before``), and the next call from it (``after``) against a run whose second
+    call was never made (``skipped``). It was used up (``state_at_error`` None)."""
+    import loopkit
+
+    data = make_data(4)
+    clean = [data[i, rank] for i in range(4)]
+    bad = [b.clone() for b in clean]
+    if rank == 1:
+        bad[2][0, 0] = float("nan")
+
+    def guarded() -> Any:
+        return loopkit.with_nan_guard(loopkit.with_ddp(loopkit.train_step(mse)), policy="raise")
+
+    result: dict[str, Any] = {}
+    try:
+        loopkit.run_epochs(guarded(), sgd_state(make_model()), bad, epochs=1, progress=False)
+    except loopkit.NonFiniteError as error:
+        left = loopkit.state_at_error(error)
+        result["left_at"] = None if left is None else (left.step, left.batch_index)
+    if result.get("left_at") is not None:
+        state, _ = loopkit.run_epochs(guarded(), left, clean, epochs=1, progress=False)
+        result["resumed"] = _params(state.model)
+    state, _ = loopkit.run_epochs(guarded(), sgd_state(make_model()), clean, epochs=1, progress=False)
+    result["clean"] = _params(state.model)
+
+    def bn_model() -> nn.Module:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return nn.Sequential(nn.Linear(D_IN, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, D_OUT))
+
+    def whole(state: Any) -> dict[str, Any]:
+        return {"step": state.step, "model": {k: v.clone() for k, v in state.model.state_dict().items()},
+                "grads": [p.grad for p in state.model.parameters()]}
+
+    nan = clean[1].clone()
+    if rank == 0:
+        nan[0, 0] = float("nan")
+    step = loopkit.donate(guarded())
+    state, _ = step(sgd_state(bn_model()), clean[0])
+    result["before"] = whole(state)
+    try:
+        step(state, nan)
+    except loopkit.NonFiniteError as error:
+        kept = loopkit.state_at_error(error)
+        result["kept"] = None if kept is None else whole(kept)
+    if result.get("kept") is not None:
+        result["after"] = whole(step(kept, clean[2])[0])
+    other = loopkit.donate(guarded())
+    result["skipped"] = whole(other(other(sgd_state(bn_model()), clean[0])[0], clean[2])[0])
+    return result
+
+
 def fp16(rank: int) -> dict[str, Any]:
     import loopkit
 
@@ -1130,7 +1188,7 @@ FLAGS_APART_STEPS = 4
 
 SCENARIOS = {
     f.__name__: f
-    for f in (plain, pure_accum, pure_two_heads, accum, accum_scheduled, accum_outer, bucket_views, static_graph, flush, two_heads, averaged_pruned, nan_skip, nan_raise, fp16, fit,
+    for f in (plain, pure_accum, pure_two_heads, accum, accum_scheduled, accum_outer, bucket_views, static_graph, flush, two_heads, averaged_pruned, nan_skip, nan_raise, nan_raise_resumed, fp16, fit,
               stop_one_rank, callbacks_on_rank0, uneven, apart, swa_from_start, loss_error, buffers_apart, sparse_flush, stop_in_group,
               uneven_stream, uneven_sized_stream, even_stream, stream_runs_dry, val_one_sample, val_all_empty, kept_sampler, validating_evaluate,
               unfreeze, flags_apart)

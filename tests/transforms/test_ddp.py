@@ -25,7 +25,7 @@ SCENARIOS = ["plain", "accum", "accum_scheduled", "accum_outer", "bucket_views",
              "nan_raise", "fp16", "fit", "stop_one_rank", "callbacks_on_rank0", "uneven", "apart", "signal_one_rank", "signal_apart",
              "signal_in_group", "signal_spaced_votes", "loss_error", "buffers_apart", "sparse_flush", "stop_in_group",
              "export_rank_zero", "uneven_stream", "uneven_sized_stream", "even_stream", "stream_runs_dry", "validating_evaluate", "unfreeze",
-             "swa_from_start"]
+             "swa_from_start", "nan_raise_resumed"]
 
 
 @pytest.fixture(scope="module")
@@ -364,6 +364,24 @@ def test_raise_policy_raises_on_every_rank(ranks):
     assert [r["calls"] for r in results] == [1, 1]
     assert "non-finite loss (nan) at step 1" in results[1]["raised"]
     assert "on another rank" in results[0]["raised"]
+
+
+def test_a_raising_guards_refusal_leaves_the_state_whole_on_every_rank(ranks):
+    """A NaN batch on one rank, refused by every rank outside an accumulation group: state_at_error is the state the
+    refused call was given (its gradients None, its buffers as they were), and training on from it is the run that
+    never saw the batch, bitwise (it was used up: state_at_error None)."""
+    results = ranks("nan_raise_resumed")
+    data = ddp.make_data(4)
+    state, _ = _reference([torch.cat([data[i, 0], data[i, 1]]) for i in range(4)])
+    for r in results:
+        assert r["left_at"] == (2, 2)
+        _assert_bitwise(r["resumed"], r["clean"], "the resumed fit")
+        assert_params_close(r["resumed"], state.model)
+        assert r["kept"]["step"] == r["before"]["step"] == 1 and r["kept"]["grads"] == [None] * 6  # (BatchNorm's too)
+        _assert_bitwise(r["kept"]["model"], r["before"]["model"], "the refused call's state")
+        assert r["after"]["step"] == 2
+        _assert_bitwise(r["after"]["model"], r["skipped"]["model"], "the call after the refused one")
+    assert_ranks_identical([{"params": r["resumed"]} for r in results])
 
 
 @pytest.mark.slow
