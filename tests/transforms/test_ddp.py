@@ -516,7 +516,8 @@ def test_callbacks_on_one_rank_only_do_not_hang_the_others(ranks):
 
 def test_unequal_batch_counts_and_unequal_starts_are_refused_on_every_rank(ranks):
     """Before: a hang until the timeout, or (under accumulation) two replicas silently drifting apart."""
-    for name, message in (("uneven", "epoch 0 has another number of batches on each rank.*: rank 1 has {'batches': 2}, rank 0 has {'batches': 3}"),
+    for name, message in (("uneven", "epoch 0 has another number of batches on each rank, and with_ddp needs one step per batch on "
+                                     "every rank .*: rank 1 has {'batches': 2}, rank 0 has {'batches': 3}"),
                           ("apart", "the ranks start from different states .*: rank 1 has {'step': 2")):
         for result in ranks(name):
             assert re.search(message, result["error"]), result["error"]

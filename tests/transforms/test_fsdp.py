@@ -189,6 +189,12 @@ def test_a_raising_guards_refusal_leaves_the_state_whole_on_every_rank(ranks):
     assert_ranks_identical([{"params": r["resumed"]} for r in results])
 
 
+def test_unequal_batch_counts_are_refused_on_every_rank_naming_with_fsdp(ranks):
+    for result in ranks("uneven"):
+        assert "epoch 0 has another number of batches on each rank, and with_fsdp needs one step per batch on every " \
+               "rank" in result["error"] and "DDP" not in result["error"], result["error"]
+
+
 def test_bfloat16_autocast_trains_close_to_float32(ranks):
     bf16 = ranks("bf16")
     assert_ranks_identical(bf16)
