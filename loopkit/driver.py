@@ -333,17 +333,51 @@ def _own_order(data: Iterable, count: int | None) -> Iterator[Any]:
     return iter(()) if count == 0 else _epoch_batches(data, None, 0, 0, count) or iter(())
 
 
-def _while_every_rank_has_one(batches: Iterator[Any], epoch: int, done: int) -> Iterator[Any]:
-    """``batches`` (data without a length, under DDP) while every rank has one: before each, the ranks agree
+def _counted_by_len(data: Iterable) -> bool:
+    """Whether ``data``'s epoch is counted by its ``len()`` (checked the same on every rank before it starts) rather
+    than read to its end with a vote per batch (:func:`_while_every_rank_has_one`): data with a length, but under a
+    process group of several ranks not an ``IterableDataset`` or a ``DataLoader`` over one, whose ``len()`` torch
+    takes as an estimate (a rank's shard may yield fewer batches than it says). Its length still bounds the epoch
+    and sizes the progress bar.
+
+    >>> class Stream(torch.utils.data.IterableDataset):
+    ...     def __len__(self): return 3
+    ...     def __iter__(self): return iter(range(3))
+    >>> _counted_by_len([1, 2]), _counted_by_len(torch.utils.data.DataLoader(Stream())), _counted_by_len(iter([1]))
+    (True, True, False)
+    """
+    if _num_batches(data, None, "train_data") is None:
+        return False
+    streamed = isinstance(data, torch.utils.data.IterableDataset) or isinstance(
+        getattr(data, "dataset", None), torch.utils.data.IterableDataset)
+    return not (streamed and _collective.active())
+
+
+def _one_step_per_batch(parallel: str | None) -> str:
+    """Why every rank must train as many batches an epoch, naming the transform in use (``with_ddp``, ``with_fsdp``;
+    None: a step of one's own under a process group).
+
+    >>> _one_step_per_batch("with_fsdp")
+    'with_fsdp needs one step per batch on every rank'
+    >>> _one_step_per_batch(None)
+    'data-parallel training needs one step per batch on every rank'
+    """
+    return f"{parallel or 'data-parallel training'} needs one step per batch on every rank"
+
+
+def _while_every_rank_has_one(batches: Iterator[Any], epoch: int, done: int, parallel: str | None) -> Iterator[Any]:
+    """``batches`` (data not counted by its length, under DDP: :func:`_counted_by_len`) while every rank has one:
+    before each, the ranks agree
     (a collective) that none has run out, and the epoch ends on all of them when one has, the others' further
     batches dropped with a warning. Without it a rank whose data ended would go on to the epoch's end while the
-    others wait in their step's all-reduce (until the process group's timeout, 30 minutes by default)."""
+    others wait in their step's all-reduce (until the process group's timeout, 30 minutes by default). ``parallel``:
+    the data-parallel transform in use, named in the warning (:func:`_one_step_per_batch`)."""
     for count, batch in enumerate(itertools.chain(batches, (_END,)), start=done):
         if _collective.any_rank(batch is _END):
             if batch is not _END:
                 warnings.warn(
                     f"run_epochs: epoch {epoch}: another rank's train_data ended after {count} batches, this rank's "
-                    "has more; the epoch ends here on every rank (DDP needs one step per batch on all), and this "
+                    f"has more; the epoch ends here on every rank ({_one_step_per_batch(parallel)}), and this "
                     "rank's further batches are not trained on: shard the data evenly",
                     RuntimeWarning,
                     stacklevel=2,
@@ -2386,25 +2420,26 @@ def run_epochs(
                 if not interval_checked:  # (once a fit, at its first epoch: a factory's data has its length then)
                     interval_checked = True
                     _warn_of_a_long_log_interval(step, total, state.epoch)
-                # (without a length, an epoch stopped at its last batch is found by a look ahead)
-                sized = _num_batches(data, None, "train_data") is not None
+                # (not counted by a length, an epoch stopped at its last batch is found by a look ahead)
+                sized = _counted_by_len(data)
                 _collective.check_same({"batches": total}, f"run_epochs: epoch {state.epoch} has another number of "
-                                       "batches on each rank, and DDP needs one step per batch on all (shard the data evenly)")
+                                       f"batches on each rank, and {_one_step_per_batch(parallel)} (shard the data "
+                                       "evenly)")
                 batches = _epoch_batches(data, state.seed, state.epoch, state.batch_index, total,
                                          None if _collective.active() else state.extras.get(_EPOCH_RNGS))
                 elsewhere = False  # (data without a length under DDP: another rank's yielding none ends it here too)
                 if not sized and _collective.active() and _collective.any_rank(batches is None) and batches is not None:
                     batches, elsewhere = None, True
                 if batches is None:  # training would go on without a step (with max_steps alone, forever)
-                    empty = (f"run_epochs: another rank's train_data yielded no batches in epoch {state.epoch} (DDP "
-                             "needs one step per batch on every rank: shard the data evenly)") if elsewhere else (
+                    empty = (f"run_epochs: another rank's train_data yielded no batches in epoch {state.epoch} "
+                             f"({_one_step_per_batch(parallel)}: shard the data evenly)") if elsewhere else (
                         _no_batches(train_data, total, state.epoch, bool(history)))
                     if not history:  # nothing trained yet: the given state is intact
                         raise ValueError(empty)
                     warnings.warn(empty + "; stopping here", RuntimeWarning, stacklevel=2)
                     break
                 if not sized and _collective.active():  # each rank's data may end after another number of batches
-                    batches = _while_every_rank_has_one(batches, state.epoch, state.batch_index)
+                    batches = _while_every_rank_has_one(batches, state.epoch, state.batch_index, parallel)
                 if not EPOCH.holds(state.extras):  # kept from a checkpoint taken mid-epoch
                     state = replace_extras(state, EPOCH.start(state.extras))
                 if state.batch_index == 0:  # (a resumed epoch keeps its own)

@@ -198,6 +198,21 @@ class Step:
         """
         return state
 
+    def wrap_parallel(self, state: TrainState) -> bool:
+        """Give ``state``'s model the data-parallel wrapper this step's next call would give it, now, and whether this
+        call built it: under ``with_ddp`` its build broadcasts rank 0's parameters (and buffers) to every rank, which
+        the state then holds (changed in place). A whole-step transform that reads the parameters before its inner
+        call (``with_swa``'s average at an SWA epoch's start) calls it first, so that every rank reads rank 0's, as
+        Lightning's DDP broadcasts them at setup, before any hook. Nothing for most steps (False); under
+        ``torch.distributed`` every rank must call it at the same point (a collective when it builds).
+
+        >>> import torch
+        >>> from loopkit.state import TrainState
+        >>> train_step(lambda m, b: m(b).sum()).wrap_parallel(TrainState.create(torch.nn.Linear(1, 1)))
+        False
+        """
+        return False
+
     def validating(self, state: TrainState) -> contextlib.AbstractContextManager[None]:
         """The context to evaluate ``state`` in as this step's training sees its model (``run_epochs`` runs its
         validations in it): nothing for most steps; under ``with_ddp`` (``broadcast_buffers``, its default) every
@@ -471,6 +486,9 @@ class WrapperStep(Step):
     def prepare(self, state: TrainState) -> TrainState:
         return self.inner.prepare(state)
 
+    def wrap_parallel(self, state: TrainState) -> bool:
+        return self.inner.wrap_parallel(state)
+
     def validating(self, state: TrainState) -> contextlib.AbstractContextManager[None]:
         return self.inner.validating(state)
 
@@ -534,7 +552,8 @@ class GradContext:
     ([(1, 2), (1,)], 0.0)
     """
 
-    __slots__ = ("state", "params", "metrics", "found_inf", "nonfinite", "agree", "taken", "checked", "updating")
+    __slots__ = ("state", "params", "metrics", "found_inf", "nonfinite", "agree", "taken", "checked", "updating",
+                 "agreed_refusal")
 
     def __init__(
         self, state: TrainState, metrics: Metrics, found_inf: Any, nonfinite: Any, agree: Any = None,
@@ -551,6 +570,8 @@ class GradContext:
         self.checked = False
         #: the optimizer's update began: an error from now on comes half-way through it
         self.updating = False
+        #: the error being raised refuses the gradients on every rank alike (a raising guard's, its flag agreed)
+        self.agreed_refusal = False
 
     def refresh_params(self) -> None:
         """Take the parameters with gradients anew (after code of the user's gave or took some)."""
@@ -884,6 +905,10 @@ class TrainStep(Step):
     #: a transform may refuse the gradients before the update (``refuses_grads``: a raising NaN guard, a
     #: gradient hook's fn), in one process: each call keeps the gradients it began with, to give them back then
     holds_grads: bool = attrs.field(init=False, repr=False)
+    #: under data parallelism, a transform refuses the gradients on every rank alike (``refuses_on_every_rank``: a
+    #: raising NaN guard, whose flag is agreed): a call outside an accumulation group, which found no gradients, gives
+    #: them back (None) then, and leaves the state whole
+    refuses_alike: bool = attrs.field(init=False, repr=False)
     #: the update's transforms' checks of a kind of gradient they refuse (``refuse_early``), run at an accumulation
     #: group's first call, whose gradients can still be given back (the group's last call's are summed into them)
     early_refusals: tuple[Callable[[GradContext], None], ...] = attrs.field(init=False, repr=False)
@@ -912,8 +937,10 @@ class TrainStep(Step):
         object.__setattr__(self, "loss_checks", checks)
         refusing = any(getattr(t, "refuses_grads", False) for t in self.micro + self.update)
         object.__setattr__(self, "holds_grads", self.sync is None and refusing)
+        alike = any(getattr(t, "refuses_on_every_rank", False) for t in self.micro + self.update)
+        object.__setattr__(self, "refuses_alike", self.sync is not None and alike)
         keeps = any(getattr(t, "restores_buffers_on_raise", False) for t in self.micro + self.update)
-        object.__setattr__(self, "keeps_call_buffers", self.sync is None and keeps)
+        object.__setattr__(self, "keeps_call_buffers", (self.sync is None or alike) and keeps)
         early = []  # (the leading ones only, and none after per-micro transforms: what acts before may change the kind)
         for t in () if self.micro else self.update:
             if getattr(t, "refuse_early", None) is None:
@@ -962,6 +989,16 @@ class TrainStep(Step):
     @property
     def requires_donation(self) -> str | None:  # type: ignore[override]
         return None if self.sync is None else self.sync.requires_donation
+
+    def wrap_parallel(self, state: TrainState) -> bool:
+        """See :meth:`Step.wrap_parallel`: the data-parallel hook's ``module(...)``, whose refusal (before anything
+        changed) leaves ``state`` intact; False without one."""
+        if self.sync is None:
+            return False
+        try:
+            return self.sync.module(state.model, state.optimizer, state.extras)[1]
+        except SyncRefusal as error:
+            raise leave_intact(error, state)
 
     def validating(self, state: TrainState) -> contextlib.AbstractContextManager[None]:
         """See :meth:`Step.validating`: the data-parallel hook's (``sync.validating(model, extras)``), if it has one."""
@@ -1055,8 +1092,12 @@ class TrainStep(Step):
         # what the parameters hold now is given back after an error in the backward, or a raising guard's or a hook's
         # refusal of this call's gradients (in one process: under data parallelism the other ranks went on)
         held = None if sync is not None else [p.grad for group in optimizer.param_groups for p in group["params"]]
+        # under data parallelism only a refusal every rank makes (a raising guard's agreed flag), of a call that found
+        # no gradients (outside a group; the wrapper not built by it), gives them back: None, after the synced backward
+        back = held if sync is None else _no_grads(optimizer) if (
+            self.refuses_alike and intact_on_error and not state.extras.get(_ACCUM_COUNT, 0)) else None
         # a raising guard's refusal (or any error that leaves the state whole) puts back what the forward wrote in place
-        buffers = _buffers_copy(model) if self.keeps_call_buffers else None
+        buffers = _buffers_copy(model) if self.keeps_call_buffers and back is not None else None
         try:
             if local:
                 with sync.no_sync(net):
@@ -1087,9 +1128,9 @@ class TrainStep(Step):
             new, metrics, extras.pop(_FOUND_INF, None), extras.pop(_NONFINITE, None), None if sync is None else sync.agree,
             self.transform_metrics,
         )
-        for t in self.micro + self.update:
-            t.on_loss(loss, new, ctx)
         try:
+            for t in self.micro + self.update:
+                t.on_loss(loss, new, ctx)
             if self.early_refusals and not state.extras.get(_ACCUM_COUNT, 0):
                 for refuse in self.early_refusals:
                     refuse(ctx)
@@ -1111,8 +1152,8 @@ class TrainStep(Step):
             extras.pop(_ACCUM_COUNT, None)
             return keep_graph(self._apply_update(new, extras, metrics, ctx), loss), metrics
         except BaseException as error:  # a raising guard or a hook refused the gradients, before the update
-            refusable = self.holds_grads and held is not None and not ctx.updating
-            if refusable and _gradients_back(state, optimizer, held, stash):  # type: ignore[arg-type]
+            refusable = back is not None and not ctx.updating and (self.holds_grads or ctx.agreed_refusal)
+            if refusable and _gradients_back(state, optimizer, back, stash):  # type: ignore[arg-type]
                 if buffers is not None:
                     _restore_buffers(model, buffers)
                 leave_intact(error, state)
@@ -1484,6 +1525,18 @@ def _stash_grads(optimizer: torch.optim.Optimizer, copy: bool = False) -> list[t
                 stash.append((p, p.grad.clone() if copy else p.grad))
                 p.grad = None
     return stash
+
+
+def _no_grads(optimizer: torch.optim.Optimizer) -> list[None] | None:
+    """A None for each of the optimizer's parameters where none holds a gradient (what :func:`_gradients_back` gives
+    back then), else None: one attribute read a parameter, no device sync.
+
+    >>> model = torch.nn.Linear(1, 1)
+    >>> _no_grads(torch.optim.SGD(model.parameters(), lr=0.1))
+    [None, None]
+    """
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    return None if any(p.grad is not None for p in params) else [None] * len(params)
 
 
 def _gradients_back(

@@ -504,6 +504,20 @@ def averaged_pruned(rank: int) -> dict[str, Any]:
     return {"params": _params(state.model), "averages": averages, "masks": dict(state.extras["pruning/masks"])}
 
 
+def swa_from_start(rank: int) -> dict[str, Any]:
+    """``with_swa(with_ddp(...))`` averaging from the first epoch, rank 1 starting from other weights: the first
+    average is taken at the run's first call, before which the wrapper's build broadcasts rank 0's weights (rank 1
+    averaged its own untrained ones in)."""
+    import loopkit
+
+    data = make_data(2)
+    step = loopkit.with_swa(loopkit.with_ddp(loopkit.train_step(mse)), swa_lrs=0.02, swa_epoch_start=1,
+                            annealing_epochs=1)
+    state, _ = loopkit.run_epochs(step, sgd_state(make_model(seed=rank)), [data[i, rank] for i in range(2)], epochs=3,
+                                  progress=False)
+    return {"params": _params(state.model), "averages": _params(loopkit.swa_state(state).model)}
+
+
 def _nan_loss(model: nn.Module, batch: Any) -> torch.Tensor:
     x, poison = batch
     loss = mse(model, x)
@@ -550,6 +564,64 @@ def nan_raise(rank: int) -> dict[str, Any]:
         raised = str(exc)
     torch.distributed.barrier()  # both ranks reach here, or the launch times out
     return {"raised": raised, "calls": calls}
+
+
+def nan_raise_resumed(rank: int) -> dict[str, Any]:
+    """``with_nan_guard(with_ddp(...), policy="raise")``: a NaN batch refused on every rank leaves the state whole.
+
+    ``fit``: ``run_epochs`` over 4 batches, rank 1's third NaN: both ranks raise, and the fit resumed from
+    ``state_at_error`` with that batch mended (``resumed``) against the fit that never saw it (``clean``).
+    ``bn``: a BatchNorm model's calls, rank 0's second batch NaN: the refused call's state (``kept``: step, gradients,
+    parameters and buffers, against ``before``), and the next call from it (``after``) against a run whose second
+    call was never made (``skipped``). It was used up (``state_at_error`` None)."""
+    import loopkit
+
+    data = make_data(4)
+    clean = [data[i, rank] for i in range(4)]
+    bad = [b.clone() for b in clean]
+    if rank == 1:
+        bad[2][0, 0] = float("nan")
+
+    def guarded() -> Any:
+        return loopkit.with_nan_guard(loopkit.with_ddp(loopkit.train_step(mse)), policy="raise")
+
+    result: dict[str, Any] = {}
+    try:
+        loopkit.run_epochs(guarded(), sgd_state(make_model()), bad, epochs=1, progress=False)
+    except loopkit.NonFiniteError as error:
+        left = loopkit.state_at_error(error)
+        result["left_at"] = None if left is None else (left.step, left.batch_index)
+    if result.get("left_at") is not None:
+        state, _ = loopkit.run_epochs(guarded(), left, clean, epochs=1, progress=False)
+        result["resumed"] = _params(state.model)
+    state, _ = loopkit.run_epochs(guarded(), sgd_state(make_model()), clean, epochs=1, progress=False)
+    result["clean"] = _params(state.model)
+
+    def bn_model() -> nn.Module:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return nn.Sequential(nn.Linear(D_IN, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, D_OUT))
+
+    def whole(state: Any) -> dict[str, Any]:
+        return {"step": state.step, "model": {k: v.clone() for k, v in state.model.state_dict().items()},
+                "grads": [p.grad for p in state.model.parameters()]}
+
+    nan = clean[1].clone()
+    if rank == 0:
+        nan[0, 0] = float("nan")
+    step = loopkit.donate(guarded())
+    state, _ = step(sgd_state(bn_model()), clean[0])
+    result["before"] = whole(state)
+    try:
+        step(state, nan)
+    except loopkit.NonFiniteError as error:
+        kept = loopkit.state_at_error(error)
+        result["kept"] = None if kept is None else whole(kept)
+    if result.get("kept") is not None:
+        result["after"] = whole(step(kept, clean[2])[0])
+    other = loopkit.donate(guarded())
+    result["skipped"] = whole(other(other(sgd_state(bn_model()), clean[0])[0], clean[2])[0])
+    return result
 
 
 def fp16(rank: int) -> dict[str, Any]:
@@ -937,7 +1009,18 @@ class _Stream(torch.utils.data.IterableDataset):
             yield torch.randn(BATCH, D_IN + D_OUT, generator=g)
 
 
-def _stream_fit(rank: int, batches: int) -> dict[str, Any]:
+class _SizedStream(_Stream):
+    """A ``_Stream`` whose ``len()`` says ``length`` batches (an estimate, as torch takes an IterableDataset's)."""
+
+    def __init__(self, rank: int, n: int, length: int) -> None:
+        super().__init__(rank, n)
+        self.length = length
+
+    def __len__(self) -> int:
+        return self.length
+
+
+def _stream_fit(rank: int, batches: int, data: Any = None) -> dict[str, Any]:
     import warnings
 
     import loopkit
@@ -946,7 +1029,8 @@ def _stream_fit(rank: int, batches: int) -> dict[str, Any]:
     step = loopkit.with_ddp(loopkit.train_step(mse))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        state, history = loopkit.run_epochs(step, state, _Stream(rank, batches), epochs=2, progress=False)
+        data = _Stream(rank, batches) if data is None else data
+        state, history = loopkit.run_epochs(step, state, data, epochs=2, progress=False)
     return {"params": _params(state.model), "step": state.step, "history": history,
             "warnings": [str(w.message) for w in caught if "another rank's train_data ended" in str(w.message)]}
 
@@ -955,6 +1039,16 @@ def uneven_stream(rank: int) -> dict[str, Any]:
     """Data without a length, 3 batches an epoch on rank 0 and 2 on rank 1: each epoch ends after 2 on both (it
     hung: rank 1 went on to the epoch's end while rank 0 waited in its third step's all-reduce)."""
     return _stream_fit(rank, 3 if rank == 0 else 2)
+
+
+def uneven_sized_stream(rank: int) -> dict[str, Any]:
+    """``uneven_stream`` through a DataLoader whose ``len()`` says 3 batches on both ranks (torch's estimate of an
+    IterableDataset's): each epoch ends after 2 on both, as for data without a length (it hung: the counts agreed,
+    and rank 0 waited in its third step's all-reduce while rank 1 waited in the epoch's means)."""
+    from torch.utils.data import DataLoader
+
+    n = 3 if rank == 0 else 2
+    return _stream_fit(rank, n, DataLoader(_SizedStream(rank, n, 3), batch_size=None))
 
 
 def even_stream(rank: int) -> dict[str, Any]:
@@ -1094,9 +1188,9 @@ FLAGS_APART_STEPS = 4
 
 SCENARIOS = {
     f.__name__: f
-    for f in (plain, pure_accum, pure_two_heads, accum, accum_scheduled, accum_outer, bucket_views, static_graph, flush, two_heads, averaged_pruned, nan_skip, nan_raise, fp16, fit,
-              stop_one_rank, callbacks_on_rank0, uneven, apart, loss_error, buffers_apart, sparse_flush, stop_in_group,
-              uneven_stream, even_stream, stream_runs_dry, val_one_sample, val_all_empty, kept_sampler, validating_evaluate,
+    for f in (plain, pure_accum, pure_two_heads, accum, accum_scheduled, accum_outer, bucket_views, static_graph, flush, two_heads, averaged_pruned, nan_skip, nan_raise, nan_raise_resumed, fp16, fit,
+              stop_one_rank, callbacks_on_rank0, uneven, apart, swa_from_start, loss_error, buffers_apart, sparse_flush, stop_in_group,
+              uneven_stream, uneven_sized_stream, even_stream, stream_runs_dry, val_one_sample, val_all_empty, kept_sampler, validating_evaluate,
               unfreeze, flags_apart)
 }
 

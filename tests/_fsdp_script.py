@@ -16,6 +16,8 @@ rank trains on its half of every global batch of ``make_data``; the test builds 
 - ``clip``: ``with_grad_clip(with_grad_hook(with_grad_norm(with_fsdp(...)), fn), max_norm=0.05)``, Adam; records
   each call's ``grad_norm``, ``with_grad_norm``'s norms and the hook's (all of the unclipped gradients).
 - ``nan``: ``with_nan_guard(with_fsdp(...))``; rank 1 alone sees a NaN input at call 1.
+- ``uneven``: 3 batches on rank 0, 2 on rank 1 (refused).
+- ``nan_raise``: the same guard raising, rank 1's third batch of a fit NaN; the fit resumed from ``state_at_error``.
 - ``bf16``: ``with_amp(with_fsdp(...), dtype=torch.bfloat16)``.
 - ``cut``: ``accum``'s run under ``with_checkpointing(every_n_steps=1)``, cut at ``max_steps=4``.
 - ``resume`` (run in a second launch, new processes): a new model, optimizer, scheduler and step,
@@ -197,6 +199,42 @@ def nan(rank: int, out_dir: str) -> dict[str, Any]:
     step = loopkit.with_nan_guard(loopkit.with_fsdp(loopkit.train_step(mse), shard=SHARD))
     state, seen = _loop(step, make_state("sgd"), [data[i, rank] for i in range(len(data))])
     return {"params": full_params(state.model), "skipped": [m["nan_guard/skipped"] for m in seen], "step": state.step}
+
+
+def nan_raise(rank: int, out_dir: str) -> dict[str, Any]:
+    """``with_nan_guard(with_fsdp(...), policy="raise")`` fitting 4 batches, rank 1's third NaN: every rank raises,
+    the state left at the refused batch (it was used up), and the fit resumed from it with the batch mended
+    (``resumed``) against the fit that never saw it (``clean``)."""
+    import loopkit
+
+    data = make_data(4)
+    bad = data.clone()
+    if rank == 1:
+        bad[2, 1, 0, 0] = float("nan")
+    step = loopkit.with_nan_guard(loopkit.with_fsdp(loopkit.train_step(mse), shard=SHARD), policy="raise")
+    result: dict[str, Any] = {"left_at": None}
+    try:
+        _fit(step, make_state("sgd"), bad, rank, 1)
+    except loopkit.NonFiniteError as error:
+        left = loopkit.state_at_error(error)
+        if left is not None:
+            result["left_at"] = (left.step, left.batch_index)
+            result["resumed"] = full_params(_fit(step, left, data, rank, 1)[0].model)
+    clean = loopkit.with_nan_guard(loopkit.with_fsdp(loopkit.train_step(mse), shard=SHARD), policy="raise")
+    result["clean"] = full_params(_fit(clean, make_state("sgd"), data, rank, 1)[0].model)
+    return result
+
+
+def uneven(rank: int, out_dir: str) -> dict[str, Any]:
+    """Rank 0 has 3 batches an epoch, rank 1 has 2: refused on every rank before a step, naming with_fsdp."""
+    import loopkit
+
+    step = loopkit.with_fsdp(loopkit.train_step(mse), shard=SHARD)
+    try:
+        _fit(step, make_state("sgd"), make_data(3 - rank), rank, 1)
+    except RuntimeError as error:
+        return {"error": str(error)}
+    return {"error": None}
 
 
 def bf16(rank: int, out_dir: str) -> dict[str, Any]:
@@ -522,7 +560,7 @@ def unfreeze(rank: int, out_dir: str) -> dict[str, Any]:
             "groups": len(whole.optimizer.param_groups)}
 
 
-SCENARIOS = {f.__name__: f for f in (sgd, adam, accum, accum_outer, clip, nan, bf16, cut, resume, bn, bn_ddp, bn_cut,
+SCENARIOS = {f.__name__: f for f in (sgd, adam, accum, accum_outer, clip, nan, nan_raise, uneven, bf16, cut, resume, bn, bn_ddp, bn_cut,
                                      bn_nobroadcast, bn_resume, stop_mid_group, gather_to_rank_zero, norm_collectives, empty_shard,
                                      shard_grad_op, uneven_val, unfreeze)}
 

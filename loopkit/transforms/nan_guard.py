@@ -68,6 +68,12 @@ class NanGuard:
         return self.policy == "raise"
 
     @property
+    def refuses_on_every_rank(self) -> bool:
+        """A raising guard's refusal is agreed over the ranks (every rank raises, or none does): under data
+        parallelism ``train_step`` gives the gradients back then, where the call found none."""
+        return self.policy == "raise"
+
+    @property
     def check_loss(self) -> Callable[[torch.Tensor, TrainState], None] | None:
         """What ``train_step`` calls between the loss_fn and the backward (in one process): a raising guard's
         loss check, made while nothing of the state has changed (the error leaves it whole).
@@ -85,6 +91,7 @@ class NanGuard:
             if ctx.agree is not None:  # under with_ddp: every rank raises, or none does
                 bad = ctx.agree(bad)
             if bool(bad):
+                ctx.agreed_refusal = True
                 value = float(loss.detach())
                 seen = f"{value}" if not math.isfinite(value) else f"on another rank; this rank's is {value}"
                 raise NonFiniteError(f"with_nan_guard: non-finite loss ({seen}) at {_where(state)}")
@@ -101,6 +108,7 @@ class NanGuard:
             if ctx.agree is not None:
                 found = ctx.agree(found)
             if bool(found):
+                ctx.agreed_refusal = True
                 raise NonFiniteError(f"with_nan_guard: non-finite gradient of {_first_bad(ctx)} at {_where(ctx.state)}")
         else:
             ctx.flag_nonfinite(found)
@@ -153,7 +161,11 @@ def with_nan_guard(step: Any, policy: str = "skip") -> TrainStep:
     failing forward wrote into the model's buffers (BatchNorm statistics) is put back too: the step
     copies them before each forward (``policy="skip"`` once per group, to put them back on a skip).
     The state is used up where the refused gradient is already in a group's sum (the guard outside
-    ``with_grad_accum`` finding the summed gradient bad) and under ``with_ddp``.
+    ``with_grad_accum`` finding the summed gradient bad). Under ``with_ddp`` and ``with_fsdp`` the loss is checked
+    after the backward (every rank's backward takes part in the gradients' reduction) and every rank raises or none
+    does (the flag agreed, a collective): a call that found no gradients (outside an accumulation group, and not the
+    one that built the wrapper, whose build broadcast rank 0's weights) gives them back (None) and its buffers, and
+    leaves the state whole on every rank, as in one process; inside a group the state is used up.
 
     >>> import torch
     >>> from loopkit.state import TrainState

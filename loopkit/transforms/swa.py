@@ -210,10 +210,13 @@ class SWAStep(WrapperStep):
 
     def _swa_call(self, call: Any, state: TrainState, *args: Any, average: bool) -> tuple[TrainState, Metrics]:
         """``call`` on ``state`` in an SWA epoch: first the epoch's start weights averaged in (``average``: once
-        per epoch, at its first call, as Lightning's ``on_train_epoch_start``), then SWALR's rate set, the inner
-        step run without the state's scheduler (SWALR replaces it), and the scheduler put back unstepped."""
+        per epoch, at its first call, as Lightning's ``on_train_epoch_start``; under ``with_ddp`` rank 0's, the
+        wrapper built first, as Lightning's DDP broadcasts them at setup: :meth:`Step.wrap_parallel`), then SWALR's
+        rate set, the inner step run without the state's scheduler (SWALR replaces it), and the scheduler put back
+        unstepped."""
         extras = state.extras
         new_extras: dict[str, Any] | None = None
+        built = False  # whether the data-parallel wrapper was built here (its broadcast changed the parameters)
         try:
             optimizer, swa_lrs = self._rates(state)
             if _LR_START not in extras:  # SWALR takes over from the rates the optimizer has now
@@ -233,13 +236,14 @@ class SWAStep(WrapperStep):
                 if averages is not None:
                     averages = _fitted(averages, core_module(state.model), "with_swa", _SWA, _FIX)
                 n = int(extras.get(_N, 0))
+                built = self.inner.wrap_parallel(state)  # every rank averages rank 0's (broadcast) parameters
                 with torch.no_grad():
                     averaged = _averaged(averages, *_parameters(state), n, self.avg_fn)
                 if new_extras is None:
                     new_extras = extras_copy(extras)
                 new_extras.update({_SWA: averaged, _N: n + 1, _LATEST: state.epoch})
         except ValueError as error:
-            raise leave_intact(error, state)
+            raise leave_intact(error, None if built else state)
         now = extras if new_extras is None else new_extras
         lrs = self._epoch_lrs(now, swa_lrs, state.epoch)
         used = replace(state, scheduler=None, extras=now)  # (none to the inner step, a gradient hook's fn included)
@@ -248,9 +252,9 @@ class SWAStep(WrapperStep):
             new, metrics = call(used, *args)
         except BaseException as error:
             whole = state_at_error(error)
-            if whole is used:  # nothing changed but the rates: put them back
-                _put_back_lrs(optimizer, before)
-                leave_intact(error, state)
+            if whole is used:  # nothing changed but the rates (and the parameters, where the wrapper's build here
+                _put_back_lrs(optimizer, before)  # broadcast rank 0's, as the inner call's would): put them back
+                leave_intact(error, None if built else state)
             elif whole is not None and whole.scheduler is None is not state.scheduler:  # (an update done, its state
                 leave_intact(error, replace(whole, scheduler=state.scheduler))  # whole: a logger's failed write)
             raise

@@ -24,7 +24,8 @@ TOL = 1e-6
 SCENARIOS = ["plain", "accum", "accum_scheduled", "accum_outer", "bucket_views", "static_graph", "flush", "two_heads", "averaged_pruned", "nan_skip",
              "nan_raise", "fp16", "fit", "stop_one_rank", "callbacks_on_rank0", "uneven", "apart", "signal_one_rank", "signal_apart",
              "signal_in_group", "signal_spaced_votes", "loss_error", "buffers_apart", "sparse_flush", "stop_in_group",
-             "export_rank_zero", "uneven_stream", "even_stream", "stream_runs_dry", "validating_evaluate", "unfreeze"]
+             "export_rank_zero", "uneven_stream", "uneven_sized_stream", "even_stream", "stream_runs_dry", "validating_evaluate", "unfreeze",
+             "swa_from_start", "nan_raise_resumed"]
 
 
 @pytest.fixture(scope="module")
@@ -149,6 +150,21 @@ def test_pruning_and_averages_agree_on_both_ranks_and_with_one_process(ranks):
     assert_params_close(results[0]["params"], state.model)
     assert_params_close(results[0]["averages"], loopkit.ema_state(state).model)
     assert all(torch.equal(results[0]["masks"][n], m) for n, m in state.extras["pruning/masks"].items())
+
+
+def test_swa_from_the_first_epoch_averages_rank_zeros_broadcast_weights(ranks):
+    """with_swa(with_ddp(...)) whose first average is taken at the run's first call, rank 1 starting from other
+    weights: both ranks' averages are the one-process run's over the global batches (rank 1's took its own untrained
+    weights in: the average was read before the wrapper's build broadcast rank 0's)."""
+    results = ranks("swa_from_start")
+    data = ddp.make_data(2)
+    step = loopkit.with_swa(loopkit.train_step(ddp.mse), swa_lrs=0.02, swa_epoch_start=1, annealing_epochs=1)
+    state, _ = loopkit.run_epochs(step, ddp.sgd_state(ddp.make_model(0)), [torch.cat([data[i, 0], data[i, 1]])
+                                                                           for i in range(2)], epochs=3, progress=False)
+    assert_ranks_identical(results)
+    assert all(torch.equal(results[0]["averages"][n], results[1]["averages"][n]) for n in results[0]["averages"])
+    assert_params_close(results[0]["params"], state.model)
+    assert_params_close(results[0]["averages"], loopkit.swa_state(state).model)
 
 
 def _accum_reference(step=None):
@@ -350,6 +366,24 @@ def test_raise_policy_raises_on_every_rank(ranks):
     assert "on another rank" in results[0]["raised"]
 
 
+def test_a_raising_guards_refusal_leaves_the_state_whole_on_every_rank(ranks):
+    """A NaN batch on one rank, refused by every rank outside an accumulation group: state_at_error is the state the
+    refused call was given (its gradients None, its buffers as they were), and training on from it is the run that
+    never saw the batch, bitwise (it was used up: state_at_error None)."""
+    results = ranks("nan_raise_resumed")
+    data = ddp.make_data(4)
+    state, _ = _reference([torch.cat([data[i, 0], data[i, 1]]) for i in range(4)])
+    for r in results:
+        assert r["left_at"] == (2, 2)
+        _assert_bitwise(r["resumed"], r["clean"], "the resumed fit")
+        assert_params_close(r["resumed"], state.model)
+        assert r["kept"]["step"] == r["before"]["step"] == 1 and r["kept"]["grads"] == [None] * 6  # (BatchNorm's too)
+        _assert_bitwise(r["kept"]["model"], r["before"]["model"], "the refused call's state")
+        assert r["after"]["step"] == 2
+        _assert_bitwise(r["after"]["model"], r["skipped"]["model"], "the call after the refused one")
+    assert_ranks_identical([{"params": r["resumed"]} for r in results])
+
+
 @pytest.mark.slow
 def test_fp16_overflow_on_one_rank_is_skipped_by_both(ranks):
     results = ranks("fp16")
@@ -482,7 +516,8 @@ def test_callbacks_on_one_rank_only_do_not_hang_the_others(ranks):
 
 def test_unequal_batch_counts_and_unequal_starts_are_refused_on_every_rank(ranks):
     """Before: a hang until the timeout, or (under accumulation) two replicas silently drifting apart."""
-    for name, message in (("uneven", "epoch 0 has another number of batches on each rank.*: rank 1 has {'batches': 2}, rank 0 has {'batches': 3}"),
+    for name, message in (("uneven", "epoch 0 has another number of batches on each rank, and with_ddp needs one step per batch on "
+                                     "every rank .*: rank 1 has {'batches': 2}, rank 0 has {'batches': 3}"),
                           ("apart", "the ranks start from different states .*: rank 1 has {'step': 2")):
         for result in ranks(name):
             assert re.search(message, result["error"]), result["error"]
@@ -815,6 +850,19 @@ def test_data_without_a_length_ending_sooner_on_one_rank_ends_the_epoch_on_every
             assert torch.equal(got["params"][name], value), name
     assert len(uneven[0]["warnings"]) == 2 and "ended after 2 batches" in uneven[0]["warnings"][0]
     assert uneven[1]["warnings"] == [] and even[0]["warnings"] == []
+
+
+def test_an_iterable_datasets_loader_ending_before_its_len_on_one_rank_ends_the_epoch_on_every_rank(ranks):
+    """A DataLoader over an IterableDataset whose len() (torch's estimate) says 3 batches on both ranks, rank 1's
+    yielding 2: it ends each epoch on both ranks as data without a length does (it hung until the timeout)."""
+    uneven, even = ranks("uneven_sized_stream"), ranks("even_stream")
+    for got, want in zip(uneven, even, strict=True):
+        assert got["step"] == want["step"] == 4
+        assert got["history"] == want["history"]
+        for name, value in want["params"].items():
+            assert torch.equal(got["params"][name], value), name
+    assert len(uneven[0]["warnings"]) == 2 and "ended after 2 batches" in uneven[0]["warnings"][0]
+    assert uneven[1]["warnings"] == []
 
 
 def test_data_without_a_length_yielding_nothing_on_one_rank_stops_every_rank(ranks):

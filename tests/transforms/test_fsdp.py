@@ -175,6 +175,26 @@ def test_nan_guard_skips_on_every_rank_when_one_rank_sees_nan(ranks):
     assert_params_close(nan[0]["params"], model)
 
 
+def test_a_raising_guards_refusal_leaves_the_state_whole_on_every_rank(ranks):
+    """A NaN batch on rank 1, refused by every rank outside an accumulation group: state_at_error is the state at
+    that batch on both (it was used up: None), and the fit resumed from it, the batch mended, is the fit that never
+    saw it, bitwise."""
+    results = ranks("nan_raise")
+    model, _, _ = raw_loop("sgd", fsdp.make_data(4), epochs=1)
+    for r in results:
+        assert r["left_at"] == (2, 2)
+        for name, value in r["clean"].items():
+            assert torch.equal(r["resumed"][name], value), name
+        assert_params_close(r["resumed"], model)
+    assert_ranks_identical([{"params": r["resumed"]} for r in results])
+
+
+def test_unequal_batch_counts_are_refused_on_every_rank_naming_with_fsdp(ranks):
+    for result in ranks("uneven"):
+        assert "epoch 0 has another number of batches on each rank, and with_fsdp needs one step per batch on every " \
+               "rank" in result["error"] and "DDP" not in result["error"], result["error"]
+
+
 def test_bfloat16_autocast_trains_close_to_float32(ranks):
     bf16 = ranks("bf16")
     assert_ranks_identical(bf16)
