@@ -839,10 +839,13 @@ def test_evaluate_inside_validating_reads_rank_zeros_buffers_and_leaves_each_ran
     assert abs(results[1]["after"]["mse"] - results[1]["inside"]["local"]["mse"]) > 1e-3  # (rank 1's own differ)
 
 
-def test_data_without_a_length_ending_sooner_on_one_rank_ends_the_epoch_on_every_rank(ranks):
-    """Rank 0's third batch of each epoch is dropped (it is warned of there): the run equals the run whose data
-    left it out, on both ranks (it hung until the process group's timeout)."""
-    uneven, even = ranks("uneven_stream"), ranks("even_stream")
+@pytest.mark.parametrize("scenario", ["uneven_stream", "uneven_sized_stream"])
+def test_data_ending_sooner_on_one_rank_than_its_length_says_ends_the_epoch_on_every_rank(ranks, scenario):
+    """``uneven_stream``: data without a length, rank 0's third batch of each epoch dropped (it is warned of there).
+    ``uneven_sized_stream``: a DataLoader over an IterableDataset whose len() (torch's estimate) says 3 batches on both
+    ranks, rank 1's yielding 2. Each run equals the run whose data left the batch out, on both ranks (each hung until
+    the process group's timeout)."""
+    uneven, even = ranks(scenario), ranks("even_stream")
     for got, want in zip(uneven, even, strict=True):
         assert got["step"] == want["step"] == 4
         assert got["history"] == want["history"]
@@ -850,19 +853,6 @@ def test_data_without_a_length_ending_sooner_on_one_rank_ends_the_epoch_on_every
             assert torch.equal(got["params"][name], value), name
     assert len(uneven[0]["warnings"]) == 2 and "ended after 2 batches" in uneven[0]["warnings"][0]
     assert uneven[1]["warnings"] == [] and even[0]["warnings"] == []
-
-
-def test_an_iterable_datasets_loader_ending_before_its_len_on_one_rank_ends_the_epoch_on_every_rank(ranks):
-    """A DataLoader over an IterableDataset whose len() (torch's estimate) says 3 batches on both ranks, rank 1's
-    yielding 2: it ends each epoch on both ranks as data without a length does (it hung until the timeout)."""
-    uneven, even = ranks("uneven_sized_stream"), ranks("even_stream")
-    for got, want in zip(uneven, even, strict=True):
-        assert got["step"] == want["step"] == 4
-        assert got["history"] == want["history"]
-        for name, value in want["params"].items():
-            assert torch.equal(got["params"][name], value), name
-    assert len(uneven[0]["warnings"]) == 2 and "ended after 2 batches" in uneven[0]["warnings"][0]
-    assert uneven[1]["warnings"] == []
 
 
 def test_data_without_a_length_yielding_nothing_on_one_rank_stops_every_rank(ranks):
