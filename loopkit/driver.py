@@ -243,8 +243,7 @@ def _rngs_after_first(data: Iterable) -> dict[str, Any] | None:
 _EPOCH_RNGS = "run_epochs/epoch_rngs"
 
 def _epoch_batches(
-    data: Iterable, seed: int | None, epoch: int, skip: int, count: int | None,
-    read_on: Mapping[str, Any] | None = None,
+    data: Iterable, seed: int, epoch: int, skip: int, count: int | None, read_on: Mapping[str, Any] | None = None
 ) -> Iterator[Any] | None:
     """Iterate one epoch of ``data`` in an order fixed by ``(seed, epoch)``, skipping ``skip`` batches
     (None when ``data`` yields no batch at all).
@@ -258,25 +257,30 @@ def _epoch_batches(
     under, as the uninterrupted run read them: data that draws from them as it goes (an
     IterableDataset's shuffle buffer in this process) is where it was. An epoch with nothing left
     (a state saved after its last batch) is not read at all.
-
-    ``seed=None`` (:func:`_own_order`): the data's own order, nothing it holds seeded; the global RNGs are seeded
-    from a number drawn from a copy of torch's while the iterator starts, and put back after the first batch.
     """
     if count is not None and 0 < count <= skip:  # nothing to skip to: no batch read again, no worker started
         return iter(())
+    order_seed = _order_seed(seed, epoch)
+    batch_sampler = getattr(data, "batch_sampler", None)
+    samplers = (getattr(data, "sampler", None), batch_sampler, getattr(batch_sampler, "sampler", None))
+    for sampler in {id(s): s for s in samplers if hasattr(s, "set_epoch")}.values():  # (as Lightning sets them)
+        sampler.set_epoch(epoch)
+    named, kept = _data_generators(data)  # (a holder's own ``generator``: the epoch's order seed, as a DataLoader's;
+    for generator in named:  # one kept under another name, or a dataset's: a seed of its own, so that two a sampler
+        generator.manual_seed(order_seed)  # keeps, for its order and a subsample, draw other numbers)
+    for k, generator in enumerate(kept, len(named)):
+        generator.manual_seed(_order_seed(order_seed, k))
     cpu = torch.default_generator  # what samplers without a generator of their own draw from
     saved = cpu.get_state()
     # a resumed run reads the batches it skips without drawing from the global RNGs (torch's, numpy's,
     # Python's): a Dataset's augmentation in this process (num_workers=0) draws the next batch from the
     # RNGs the checkpoint holds, as the uninterrupted run did
     others = (np.random.get_state(), random.getstate())
+    cpu.manual_seed(order_seed)
+    seed_epoch_start(seed, epoch)
     try:
-        if seed is not None:
-            _seed_epoch_order(data, seed, epoch)
-        else:  # the data's own order, started under global RNGs seeded from a number the caller's would draw next
-            own = int(torch.randint(2**62, (), generator=torch.Generator().set_state(saved)))  # (not under the
-            cpu.manual_seed(own)  # caller's, which the batches after the first draw from: they would draw the first
-            seed_epoch_start(own, 0)  # one's numbers again)
+        if _reused_persistent_workers(data):  # a fresh iterator draws its workers' base seed before the sampler
+            torch.empty((), dtype=torch.int64).random_(generator=data.generator)  # draws: a reused one does not
         iterator = iter(data)
         first = next(iterator, _END)
         if first is not _END and skip > 1:
@@ -294,43 +298,7 @@ def _epoch_batches(
     return itertools.islice(itertools.chain((first,), iterator), count)
 
 
-def _seed_epoch_order(data: Iterable, seed: int, epoch: int) -> None:
-    """Seed what ``data``'s order for epoch ``epoch`` draws from (:func:`_epoch_batches`): its samplers'
-    ``set_epoch``, the generators it holds, and the global RNGs (the caller puts those back)."""
-    order_seed = _order_seed(seed, epoch)
-    batch_sampler = getattr(data, "batch_sampler", None)
-    samplers = (getattr(data, "sampler", None), batch_sampler, getattr(batch_sampler, "sampler", None))
-    for sampler in {id(s): s for s in samplers if hasattr(s, "set_epoch")}.values():  # (as Lightning sets them)
-        sampler.set_epoch(epoch)
-    named, kept = _data_generators(data)  # (a holder's own ``generator``: the epoch's order seed, as a DataLoader's;
-    for generator in named:  # one kept under another name, or a dataset's: a seed of its own, so that two a sampler
-        generator.manual_seed(order_seed)  # keeps, for its order and a subsample, draw other numbers)
-    for k, generator in enumerate(kept, len(named)):
-        generator.manual_seed(_order_seed(order_seed, k))
-    torch.default_generator.manual_seed(order_seed)
-    seed_epoch_start(seed, epoch)
-    if _reused_persistent_workers(data):  # a fresh iterator draws its workers' base seed before the sampler
-        torch.empty((), dtype=torch.int64).random_(generator=data.generator)  # draws: a reused one does not
-
-
 _END = object()
-
-
-def _own_order(data: Iterable, count: int | None) -> Iterator[Any]:
-    """The first ``count`` batches of ``data`` (None: all), in its own order, for ``evaluate`` and ``predict``:
-    its iterator starts and reads its first batch under torch's (CPU), numpy's and Python's global RNGs seeded from
-    the next number torch's would draw, and they are put back after it (:func:`_epoch_batches`), so a shuffling
-    ``DataLoader`` without a generator of its own, which draws its order's and its workers' seeds from torch's then,
-    leaves them as they were (as ``run_epochs``' validations do): its order changes only when they have moved. A
-    ``Dataset`` that draws from them as it goes in this process (``num_workers=0``) draws the later batches' numbers
-    from them, as a raw loop. ``count=0`` reads nothing.
-
-    >>> loader = torch.utils.data.DataLoader(torch.arange(4), shuffle=True)
-    >>> before = torch.get_rng_state()
-    >>> len(list(_own_order(loader, None))), bool(torch.equal(before, torch.get_rng_state()))
-    (4, True)
-    """
-    return iter(()) if count == 0 else _epoch_batches(data, None, 0, 0, count) or iter(())
 
 
 def _counted_by_len(data: Iterable) -> bool:
@@ -652,13 +620,11 @@ def evaluate(
 
     A stochastic ``metric_fn`` (MC dropout, random timesteps) draws fresh numbers in each batch, as a raw loop's
     batches do: the first what ``eval_step(state, batch)`` draws, the rest from states drawn from ``state.rng`` (a
-    copy of the global RNG for a ``global_rng=True`` state). The same state draws alike; nothing global moves.
-    ``data`` is read in its own order: a ``DataLoader(..., shuffle=True)`` without a generator of its own, which
-    draws its order from torch's global RNG as its iterator starts, draws it from numbers of its own seeded from
-    the global RNG, which is put back after the first batch (as ``run_epochs``' validations leave it), so two
-    ``evaluate`` calls read the same order unless something drew from the global RNG in between (a training step of
-    a ``global_rng=True`` state); give the loader a ``generator`` for an order of your own. Only a ``Dataset`` that
-    draws from the global RNGs itself as it goes (an augmentation, ``num_workers=0``) moves them, as in a raw loop.
+    copy of the global RNG for a ``global_rng=True`` state). The same state draws alike; ``metric_fn``'s draws move
+    nothing global. ``data`` is read as a raw loop reads it: a ``DataLoader(..., shuffle=True)`` without a
+    ``generator`` of its own draws its order from torch's global RNG as its iterator starts, and a ``Dataset`` that
+    augments from the global RNGs (``num_workers=0``) draws from them; give the loader a ``generator`` to leave the
+    global RNG alone (``run_epochs``' validations read in an order seeded from the state, and leave it as it was).
 
     ``data`` may be a mapping of named data sets (``{"clean": loader, "noisy": loader}``): each is
     evaluated on its own, and its metrics are named ``<metric>/<name>`` (``loss/noisy``); a list
@@ -725,7 +691,7 @@ def _evaluate(
     sums: dict[str, torch.Tensor] = {}
     sizes: dict[str, int] = {}
     with _generators_kept(data) if seeded else contextlib.nullcontext():
-        batches = _epoch_batches(data, state.seed, state.step, 0, count) if seeded else _own_order(data, count)
+        batches = _epoch_batches(data, state.seed, state.step, 0, count) if seeded else itertools.islice(data, count)
         read = 0
         rngs = _evaluation_rngs(state)
         progress = ProgressBar(enabled=bar is not None, total=count, desc=bar or "", leave=False)
@@ -784,9 +750,7 @@ def predict(
     does (the model must be there already). ``limit`` takes the first batches only,
     as ``evaluate``'s does (Lightning's ``limit_predict_batches``): a count, or a fraction of ``len(data)``.
     Several data sets, as ``evaluate`` takes them, give each set's outputs: a list of DataLoaders a list of
-    lists (Lightning's ``trainer.predict(dataloaders=[a, b])``), a mapping of named sets a dict. ``data`` is read
-    as ``evaluate`` reads it: a shuffling ``DataLoader`` without a generator of its own leaves torch's global RNG as
-    it was (``fn``'s own draws move it, as in a raw loop).
+    lists (Lightning's ``trainer.predict(dataloaders=[a, b])``), a mapping of named sets a dict.
 
     >>> import torch
     >>> from loopkit.state import TrainState
@@ -813,11 +777,12 @@ def predict(
     limit = _check_limit(limit, "limit")
     count = _num_batches(data, limit, "limit")
     _refuse_uneven_under_fsdp(state, count, "predict")
+    batches = data if limit is None else itertools.islice(data, count)
     model = state.model
     move = _mover(device, state)
     outputs = []
     with evaluating(model), torch.no_grad():
-        for batch in _own_order(data, None if limit is None else count):
+        for batch in batches:
             outputs.append(fn(model, move(batch) if move is not None else batch))
     return outputs
 

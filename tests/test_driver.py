@@ -795,52 +795,6 @@ def test_each_batch_of_an_evaluation_draws_fresh_numbers_the_same_for_the_same_s
     assert torch.equal(torch.get_rng_state(), start) and (global_rng or torch.equal(state.rng["cpu"], create_rng(3)["cpu"]))
 
 
-class _Noisy(torch.utils.data.Dataset):
-    """A dataset whose items draw from torch's global RNG (an augmentation in this process)."""
-
-    def __len__(self) -> int:
-        return 32
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return torch.rand(())
-
-
-def test_evaluate_and_predict_over_a_shuffling_loader_leave_the_global_rngs():
-    """A DataLoader(shuffle=True) without a generator of its own draws its order's and its workers' seeds from
-    torch's global RNG as its iterator starts (a raw loop's iter(loader) moves it): evaluate and predict put it
-    back, as run_epochs' validations do (reference: the global RNGs before the call), and two calls read one
-    order. A global_rng=True fit with dropout whose callback evaluates over such a loader (as the guide advises for
-    EMA weights) ends with the weights of the same fit without the callback. Data that draws from the global RNG
-    as it goes draws no batch's numbers twice (its first batch is read under RNGs of its own)."""
-    x, y = torch.randn(64, 3), torch.randn(64, 1)
-    val = DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True)
-    step = eval_step(lambda m, b: {"mse": mse(m, b)})
-    state = TrainState.create(nn.Linear(3, 1))
-    before = torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
-    means = evaluate(step, state, val)
-    outputs = predict(lambda m, b: b[1], state, val)
-    assert torch.equal(before[0], torch.get_rng_state()) and np.array_equal(before[1], np.random.get_state()[1])
-    assert before[2] == random.getstate()
-    assert evaluate(step, state, val) == means and not torch.equal(torch.cat(outputs), y)  # (shuffled)
-    assert all(torch.equal(a, b) for a, b in zip(outputs, predict(lambda m, b: b[1], state, val)))
-
-    def fit(callbacks: list) -> list[torch.Tensor]:
-        torch.manual_seed(1)
-        model = nn.Sequential(nn.Linear(3, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 1))
-        fitted = TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.05), global_rng=True)
-        out, _ = run_epochs(train_step(mse), fitted, make_data(4), epochs=3, val=(step, val), progress=False,
-                            callbacks=callbacks)
-        return params_of(out)
-
-    class EvaluateToo(loopkit.Callback):
-        def on_validation_end(self, state, metrics):
-            return {"val/again": evaluate(step, state, val)["mse"]}
-
-    assert_bitwise(fit([]), fit([EvaluateToo()]))
-    drawn = torch.cat(predict(lambda m, b: b, state, DataLoader(_Noisy(), batch_size=8, shuffle=True)))
-    assert len(set(drawn.tolist())) == 32
-
-
 def test_a_validation_draws_as_evaluate_on_the_state_it_validates():
     """run_epochs' validations are evaluate's (reference: evaluate called on the state each one saw)."""
     noise = eval_step(lambda m, b: {"u": torch.rand(()) + 0 * mse(m, b)})
@@ -2892,3 +2846,32 @@ def test_no_logging_interval_warning_without_with_logging_or_a_known_length():
         run_epochs(loopkit.with_logging(loss, _RowRecorder()), state,
                    DataLoader(Stream(), batch_size=None), epochs=2, progress=False)
     assert not _interval_warnings(caught)
+
+
+class _AugmentsFromTheGlobalRng(torch.utils.data.Dataset):
+    """Each item plus noise drawn from torch's global RNG as it is read (an augmentation, ``num_workers=0``)."""
+
+    def __len__(self) -> int:
+        return 6
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.full((2,), float(i)) + torch.rand(2)
+
+
+def test_evaluate_and_predict_read_their_data_as_a_raw_loop_does():
+    """A shuffling loader without a generator of its own and a Dataset augmenting from the global RNG: predict's
+    batches, evaluate's mean and the global RNG after each equal a raw loop's from the same global RNG (a version
+    that seeded the iterator's start privately drew the first batch's noise from a stream of its own)."""
+    loader = DataLoader(_AugmentsFromTheGlobalRng(), batch_size=2, shuffle=True)
+    state = TrainState.create(nn.Identity())
+    torch.manual_seed(123)
+    raw = [batch.clone() for batch in loader]
+    raw_after = torch.get_rng_state()
+    torch.manual_seed(123)
+    got = predict(lambda m, b: b.clone(), state, loader)
+    assert all(torch.equal(a, b) for a, b in zip(got, raw, strict=True))
+    assert torch.equal(torch.get_rng_state(), raw_after)
+    torch.manual_seed(123)
+    metrics = evaluate(eval_step(lambda m, b: {"mean": b.mean()}), state, loader)
+    assert metrics["mean"] == pytest.approx(float(torch.stack([b.mean() for b in raw]).mean()), rel=1e-6)
+    assert torch.equal(torch.get_rng_state(), raw_after)
