@@ -48,7 +48,8 @@ buffer) the forward replaces (a counter, ``self.n = self.n + 1``) is refused and
 Python number. Members pruned by ``torch.nn.utils.prune`` (each its own mask) train as
 their solo runs. Gradient hooks on a member's parameters (``p.register_hook(lambda g: g.clamp(-c, c))``,
 ``register_post_accumulate_grad_hook``) are each member's own: the step runs them on its gradient as its solo
-backward does (see :func:`_members_grads`). A parameter the loss does not reach in a call keeps its ``.grad`` None,
+backward does (see :func:`_members_grads`), every member's (its post-accumulate-grad hooks too, see
+:func:`_give_grads`) before any member updates. A parameter the loss does not reach in a call keeps its ``.grad`` None,
 as in a solo run (no weight decay, momentum or optimizer state for it). A ``loss_fn`` that returns None skips the
 batch for every member, as :func:`loopkit.train_step` skips it (see :func:`train_step`). :func:`unstack` copies the
 members out as independent states (for checkpoints, ``evaluate``, export); ``ensemble.members`` are views, usable as
@@ -1129,9 +1130,15 @@ class EnsembleStep:
             _copy_written(ensemble, before)  # what the forward set stays set, as in a solo run (and members agree)
             raise
         try:
-            return self._update(ensemble, before, grads, metrics, rngs)
-        finally:  # the members' gradients and optimizer states change in place from here on, even if it fails
-            _consume(ensemble)
+            new = self._update(ensemble, before, grads, metrics, rngs)
+        except BaseException as error:
+            # the members' parameters and optimizer states change in place from their first update on (or a
+            # post-accumulate-grad hook that moved one): used up; an error before that left it whole (see _give_grads)
+            if state_at_error(error) is not ensemble:
+                _consume(ensemble)
+            raise
+        _consume(ensemble)
+        return new
 
     def _gradients(
         self, ensemble: Ensemble, batch: Any, before: _Snapshot,
@@ -1242,11 +1249,9 @@ class EnsembleStep:
                 for k, member in enumerate(ensemble.members))
             return Ensemble(skipped, ensemble.params, ensemble.buffers, ensemble.skeleton, ensemble.views,
                             ensemble._values), {}
+        _give_grads(ensemble, grads)  # every member's, before any member updates
         members = []
-        for k, (member, views) in enumerate(zip(ensemble.members, ensemble.views)):
-            for view, grad in zip(views, grads[k]):
-                if grad is not None:
-                    _accumulate(view, grad)
+        for k, member in enumerate(ensemble.members):
             member.optimizer.step()  # type: ignore[union-attr]
             if member.scheduler is not None:
                 member.scheduler.step()
@@ -1294,6 +1299,49 @@ def _hooked(view: nn.Parameter, grad: torch.Tensor) -> torch.Tensor:
                 if replaced is not None:
                     grad = replaced
     return grad
+
+
+def _give_grads(ensemble: Ensemble, grads: list[list[torch.Tensor | None]]) -> None:
+    """Give every member's parameters their gradients ``grads`` (as :func:`_members_grads` gives them, hooked) and
+    run their post-accumulate-grad hooks (see :func:`_accumulate`), member by member, before any member's optimizer
+    steps: a hook's error (a check that the gradients are finite) finds no member updated. It gives the gradients
+    back as the call found them and leaves ``ensemble`` whole (:func:`loopkit.state_at_error` returns it), unless a
+    hook that ran changed a parameter in place (an optimizer stepping in the backward): the error then names no
+    state, and the donated step uses the ensemble up, as a solo step's backward error under such a hook uses its
+    state up. (A solo step uses its state up at any post-accumulate-grad hook's error, since it cannot tell whether
+    a hook moved a parameter; here the stacked parameters' version counters tell, which every member's in-place
+    change bumps.)
+
+    >>> import loopkit
+    >>> def member(seed):
+    ...     torch.manual_seed(seed); m = nn.Linear(2, 1)
+    ...     return loopkit.TrainState.create(m, torch.optim.SGD(m.parameters(), lr=0.1))
+    >>> ens = stack([member(0), member(1)])
+    >>> def refuse(p):
+    ...     raise FloatingPointError("not finite")
+    >>> _ = ens.members[1].model.weight.register_post_accumulate_grad_hook(refuse)
+    >>> try:
+    ...     _give_grads(ens, [[torch.ones(1, 2), torch.ones(1)]] * 2)
+    ... except FloatingPointError as error:
+    ...     print(loopkit.state_at_error(error) is ens, ens.members[0].model.weight.grad)
+    True None
+    """
+    held = [[view.grad for view in views] for views in ensemble.views]
+    versions = [t._version for t in ensemble.params.values()]
+    try:
+        for views, own in zip(ensemble.views, grads):
+            for view, grad in zip(views, own):
+                if grad is not None:
+                    _accumulate(view, grad)
+    except BaseException as error:
+        if any(t._version != v for t, v in zip(ensemble.params.values(), versions)):
+            leave_intact(error, None)  # a hook moved a parameter: giving the gradients back would not undo it
+            raise
+        for views, was in zip(ensemble.views, held):
+            for view, grad in zip(views, was):
+                view.grad = grad
+        leave_intact(error, ensemble)
+        raise
 
 
 def _accumulate(view: nn.Parameter, grad: torch.Tensor) -> None:
@@ -1523,9 +1571,10 @@ def train_step(loss_fn: Callable[[nn.Module, Any], Any], *, donated: bool = Fals
     raised before the members' update (the ``loss_fn``'s own exception, a loss or metric the step
     refuses, a forward's buffer change refused: only the stacked copy of the buffers changed, which
     is stacked again from the members'; a cache the forward filled stays filled, in each member's own
-    buffer, as after a solo step's error) leaves the given ensemble and its members usable
+    buffer, as after a solo step's error; a gradient hook's error, every member's hooks running before any member
+    updates, see :func:`_give_grads`) leaves the given ensemble and its members usable
     (:func:`loopkit.state_at_error` returns it); past the first in-place change of the members (their
-    update) they are used up.
+    update, or a post-accumulate-grad hook that changed a parameter in place) they are used up.
 
     >>> import torch, loopkit
     >>> models = [torch.nn.Linear(2, 1) for _ in range(3)]

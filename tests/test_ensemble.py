@@ -2800,6 +2800,80 @@ def test_a_gradient_hook_that_raises_leaves_the_donated_ensemble_usable_as_a_sol
     assert [m.step for m in ens.members] == [1, 1, 1]
 
 
+def _refuse_large_accumulated(param):
+    """A post-accumulate-grad hook that checks the accumulated gradient (as a check that gradients are finite would)
+    and raises."""
+    if param.grad.abs().max() > 1e3:
+        raise FloatingPointError("accumulated gradient too large")
+
+
+def _moves_its_parameter(param):
+    """A post-accumulate-grad hook that changes its parameter in place (as an optimizer stepping in the backward)."""
+    with torch.no_grad():
+        param.add_(1.0)
+
+
+@pytest.mark.parametrize("path", ["vmapped", "one member at a time"])
+def test_a_post_accumulate_grad_hook_that_raises_leaves_the_donated_ensemble_as_it_was_and_trains_on_as_the_solo_runs(
+        path, make_batches, take_snapshot, assert_trees_equal):
+    """Before, each member's gradients were set (its post-accumulate-grad hooks run) and its optimizer stepped one
+    member at a time: member 2's hook raising left members 0 and 1 updated and the ensemble used up (state_at_error
+    None). Now every member's hooks run before any member's optimizer steps: the error gives the gradients back (None,
+    as the call found them) and leaves the ensemble whole, each member as it was (parameters, optimizer state, RNG,
+    counters), as the solo step's failed backward leaves its parameters and optimizer state (the solo step uses its
+    state up, not knowing whether a post-accumulate-grad hook moved a parameter); the hook removed, the ensemble
+    trains on as the solo runs do."""
+    loss_fn = _scaled_loss if path == "vmapped" else _checked_scaled_loss
+    big = [(x, 100 * y) for x, y in make_batches(2)]
+    solo = _states()[2]
+    solo_before = take_snapshot(solo)
+    solo.model[0].weight.register_post_accumulate_grad_hook(_refuse_large_accumulated)
+    with pytest.raises(FloatingPointError, match="accumulated gradient too large") as solo_error:
+        loopkit.donate(loopkit.train_step(loss_fn))(solo, big[0])
+    assert loopkit.state_at_error(solo_error.value) is None
+    solo_after = take_snapshot(solo)
+    for part in ("params", "optimizer", "rng", "counters"):
+        assert_trees_equal(solo_after[part], solo_before[part])
+    ens = ensemble.stack(_states())
+    hook = ens.members[2].model[0].weight.register_post_accumulate_grad_hook(_refuse_large_accumulated)
+    before = [take_snapshot(m) for m in ens.members]
+    step = ensemble.train_step(loss_fn, donated=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # (one member at a time: said once)
+        with pytest.raises(FloatingPointError, match="accumulated gradient too large") as error:
+            step(ens, big[0])
+    assert loopkit.state_at_error(error.value) is ens
+    ens.check_usable()
+    for member, snap in zip(ens.members, before):
+        member.check_usable()
+        assert_trees_equal(take_snapshot(member), snap)
+    hook.remove()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        ens, _ = step(ens, big[1])
+    assert [m.step for m in ens.members] == [1, 1, 1]
+    exact = {"rtol": 0, "atol": 0} if path != "vmapped" else {"rtol": 1e-5, "atol": 1e-6}
+    for k, solo in enumerate(_states()):
+        solo, _ = loopkit.train_step(loss_fn)(solo, big[1])
+        for (name, p), q in zip(solo.model.named_parameters(), ens.members[k].model.parameters()):
+            torch.testing.assert_close(q, p, **exact, msg=f"member {k} {name}: differs from its solo run")
+
+
+def test_a_post_accumulate_grad_hook_error_after_a_hook_moved_a_parameter_uses_the_donated_ensemble_up():
+    """Member 0's post-accumulate-grad hook changes its parameter in place (an optimizer stepping in the backward)
+    before member 2's raises: giving the gradients back would not undo it, so the donated ensemble is used up
+    (state_at_error None), as a solo step's backward error under such a hook uses its state up."""
+    batch = (torch.randn(6, 4, generator=torch.Generator().manual_seed(0)), torch.full((6, 2), 1e3))
+    ens = ensemble.stack(_states())
+    ens.members[0].model[0].weight.register_post_accumulate_grad_hook(_moves_its_parameter)
+    ens.members[2].model[0].weight.register_post_accumulate_grad_hook(_refuse_large_accumulated)
+    with pytest.raises(FloatingPointError, match="accumulated gradient too large") as error:
+        ensemble.train_step(_scaled_loss, donated=True)(ens, batch)
+    assert loopkit.state_at_error(error.value) is None
+    with pytest.raises(loopkit.DonatedStateError):
+        ens.check_usable()
+
+
 def _halve_grad(param):
     param.grad.mul_(0.5)
 
