@@ -360,10 +360,11 @@ def _check_root(root: str, who: str) -> None:
 class RunDirLogger(Logger):
     """A logger that writes files under ``root/name/version_N/`` (see :func:`claim_version_dir`).
 
-    ``version=None`` claims the next free N when the logger first writes (or ``log_dir`` is
-    first read: a folder it wrote nothing in is given back when :func:`loopkit.with_logging` makes it share
-    another logger's), and the next one for each fit from a fresh state after one it logged (see
-    :meth:`resume_at`: each run its own ``version_N``); an int uses ``version_<int>``, a string that folder
+    ``version=None`` claims the next free N when the logger first writes (under :func:`loopkit.with_logging`, at a
+    fit's first step; or when ``log_dir`` is first read: a folder it wrote nothing in is given back when
+    :func:`loopkit.with_logging` makes it share another logger's), and the next one for each fit from a fresh state
+    after one it logged (see :meth:`resume_at`: each run its own ``version_N``; and for a fit going on from a state
+    whose rows went to another folder, :meth:`continues_from`); an int uses ``version_<int>``, a string that folder
     name, and an existing folder is reused (to continue a run). Loggers that :meth:`share_run_dir` write to one folder.
 
     :meth:`log_hparams` writes the hyper-parameters (all its calls') to ``hparams.json`` in the run folder, nested
@@ -606,6 +607,40 @@ class RunDirLogger(Logger):
         self._resume_pos = pos
         if epoch is not None:  # (the records this logger writes next are of that epoch, until its record)
             self._epoch_now = epoch
+
+    def continues_from(self, log_dir: str) -> None:
+        """A fit goes on from a state whose rows this logger's place logged to ``log_dir`` (:func:`loopkit.with_logging`
+        records it in the state, and calls this as a fit from a state that is not fresh begins, before
+        :meth:`resume_at`). When this logger (``version=None``) last fitted in another folder (another run's, logged
+        since: model B trained with the same step after model A, and A continued), rewinding that folder to the
+        state's step would drop the other run's records: it leaves that folder as it is for the next free
+        ``version_N`` instead (once for the loggers sharing its folder), with a warning naming both. Nothing for a
+        fixed ``version`` (the folder named), nor when it goes on in ``log_dir`` (a retry, a crashed run resumed).
+
+        >>> import tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> logger = CSVLogger(tmp.name)
+        >>> logger.continues_from(os.path.join(tmp.name, "default", "version_0"))  # (no fit yet: nothing to leave)
+        >>> logger.version is None
+        True
+        >>> tmp.cleanup()
+        """
+        earlier = self._fit_dir
+        if self._version is not None or earlier is None:
+            return
+        if os.path.normpath(os.path.abspath(earlier)) == os.path.normpath(os.path.abspath(log_dir)):
+            return
+        owner = self._leader or self
+        self._forget_folder()
+        if owner._dir == earlier:  # (a logger sharing it moved them both already)
+            owner._dir = None
+            claimed = owner.log_dir
+            warnings.warn(
+                f"{type(self).__name__}: this fit goes on from a state whose rows were logged to {log_dir}, but the "
+                f"logger last wrote another run's records to {earlier}, which are kept: this run writes to {claimed}",
+                UserWarning,
+                stacklevel=2,
+            )
 
     def _next_version(self) -> None:
         """A fresh fit after one this logger (``version=None``) logged: leave the earlier fit's folder, which keeps its

@@ -296,6 +296,39 @@ def test_a_fresh_fit_after_one_a_logger_of_no_fixed_version_logged_takes_the_nex
             assert tags == ["_hparams_/experiment", "_hparams_/session_start_info", "_hparams_/session_end_info"]
 
 
+@pytest.mark.parametrize("make", [CSVLogger, JSONLLogger, TensorBoardLogger])
+def test_a_fit_going_on_from_a_state_logged_to_another_folder_leaves_the_run_this_logger_wrote_since(tmp_path, make):
+    """Model A's fit (version_0), then model B's (version_1), then A going on from its state of step 2: its
+    resume_at(2) rewound version_1, B's folder, dropping B's records after step 2. Told first where A's rows went
+    (``continues_from``, as with_logging does from the state), the logger leaves version_1 as it was for version_2,
+    with a warning naming both. Reference: B's folder read before. Told its own folder (a retry), or with a fixed
+    version, it stays and rewinds as before."""
+    logger = make(tmp_path, "r")
+    logger.resume_at(0)
+    _log_all(logger, _BEFORE)
+    a_dir = logger.log_dir
+    logger.resume_at(0)
+    _log_all(logger, _BEFORE + _AFTER)
+    b_dir = logger.log_dir
+    kept = _logged(b_dir, make)
+    with pytest.warns(UserWarning, match="version_0.*version_1"):
+        logger.continues_from(a_dir)
+    logger.resume_at(2, 0, 1)
+    _log_all(logger, [(3, {"train/loss": 9.0})])
+    logger.finalize()
+    assert [os.path.basename(f) for f in (a_dir, b_dir, logger.log_dir)] == ["version_0", "version_1", "version_2"]
+    assert _logged(b_dir, make) == kept
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        logger.continues_from(logger.log_dir)  # (its own folder: a retry goes on there)
+        assert os.path.basename(logger.log_dir) == "version_2"
+        pinned = make(tmp_path, "r", version=1)
+        pinned.resume_at(2)
+        _log_all(pinned, [(3, {"train/loss": 8.0})])
+        pinned.continues_from(a_dir)  # (a fixed version: the folder named)
+        assert pinned.log_dir == b_dir
+
+
 def test_writes_before_a_resumed_fit_do_not_keep_the_crashed_runs_records(tmp_path):
     """A script that reads log_dir, logs hyper-parameters or writes through tb.writer before run_epochs: the
     resume_at of the fit's beginning still applies (the writer's file is closed and rewritten with the rest)."""

@@ -32,6 +32,12 @@ WINDOW = LOGGED
 #: first logger that did not take it); a fit resumed from that state logs it first, the next log point drops it
 UNLOGGED = "logging/unlogged"
 
+#: in ``state.extras``: the run folder each file logger (one with ``continues_from``) logged the state's rows to,
+#: ``{logger index: folder}``, set at a fit's first call and at a log point, when it changed; a fit going on from the
+#: state through a logger now in another folder (another run's, logged since) moves that logger to a new folder
+#: instead of rewinding that run's records (:meth:`loopkit.RunDirLogger.continues_from`)
+RUN_DIRS = "logging/run_dirs"
+
 #: what a log point takes out of the state: the window it logged, and a row an earlier write left unlogged
 _LOGGED_KEYS = frozenset(WINDOW.keys) | {UNLOGGED}
 
@@ -104,10 +110,11 @@ class _Held:
     known, when it goes on in that epoch. Shared by the step's donated copies; only read when a row is logged, or a
     fit ends."""
 
-    __slots__ = ("at", "stopped", "told")
+    __slots__ = ("at", "first", "stopped", "told")
 
     def __init__(self) -> None:
         self.at: tuple[int, int, int] | None = None
+        self.first = False  # (no call made since the fit began: its first records the run folders, RUN_DIRS)
         self.told = False  # (the loggers were told ``at``, finishes_epoch=False, at a validation's row there)
         self.stopped = False  # (the fit was told ``"stop"``: a signal stopped it, and it ends ``"killed"``)
 
@@ -225,6 +232,10 @@ class LoggingStep(WrapperStep):
                     taken += 1
             except BaseException as error:  # a full disk: the update is done, its state whole (loopkit.state_at_error)
                 raise leave_updated(error, _left_unlogged(new, means, taken), metrics, self.windows[1])
+            new = _with_run_dirs(new, _run_dirs(self.loggers), fresh=True)  # (new: by _taken)
+        elif self.held.first:  # (a fit's first call: the folders it goes on in, though no log point is reached)
+            new = _with_run_dirs(new, _run_dirs(self.loggers), self.inner.returns_fresh_state)
+        self.held.first = False
         return new, metrics
 
     def _taken(self, new: TrainState) -> tuple[TrainState, dict[str, float]]:
@@ -256,6 +267,9 @@ class LoggingStep(WrapperStep):
             self.held.at = at if state.batch_index > 0 and state.extras.get(RECORDED) == state.step else None
             self.held.told = False
             self.held.stopped = False
+            self.held.first = True
+            if at != (0, 0, 0):  # (first: a logger now in another run's folder moves to a new one, before any rewind)
+                _continue_from(self.loggers, state.extras.get(RUN_DIRS))
             if self.held.at is None:  # (first: a fresh fit after one a logger logged moves it to a new folder)
                 self._resume(at, finishes=False)
             for logger in self.loggers:
@@ -387,6 +401,45 @@ def _resume_at(resume_at: Callable[..., Any], at: tuple[int, int, int], finishes
         resume_at(step, epoch, batch_index, finishes_epoch=finishes)
 
 
+def _run_dirs(loggers: tuple[Any, ...]) -> dict[int, str]:
+    """The run folder (``log_dir``) of each logger that can be told it (``continues_from``: the file loggers), by
+    index: where the rows of the state it logs are (:data:`RUN_DIRS`). Read at a fit's first call (claiming the
+    folder of a logger with ``version=None`` then, not at its first write: a fit that logs only its epochs' records
+    records it too) and at each log point."""
+    folders = {}
+    for i, logger in enumerate(loggers):
+        if callable(getattr(logger, "continues_from", None)):
+            folder = getattr(logger, "log_dir", None)
+            if isinstance(folder, (str, os.PathLike)):
+                folders[i] = os.path.normpath(os.path.abspath(folder))
+    return folders
+
+
+def _with_run_dirs(new: TrainState, folders: dict[int, str], fresh: bool) -> TrainState:
+    """``new`` recording ``folders`` (:data:`RUN_DIRS`) when it records other ones (in place when ``fresh``: nobody
+    holds ``new`` yet)."""
+    if not folders or new.extras.get(RUN_DIRS) == folders:
+        return new
+    extras = extras_copy(new.extras)
+    extras[RUN_DIRS] = folders
+    if fresh:
+        put_extras(new, extras)
+        return new
+    return replace_extras(new, extras)
+
+
+def _continue_from(loggers: tuple[Any, ...], folders: Any) -> None:
+    """A fit begins from a state that is not fresh, whose rows were logged to ``folders`` (:data:`RUN_DIRS`; None for
+    a state no logger logged, or an older checkpoint): each logger with ``continues_from`` is told its own, and
+    leaves a folder of another run rather than rewind that run's records to this state's step."""
+    if not isinstance(folders, Mapping):
+        return
+    for i, logger in enumerate(loggers):
+        continues_from = getattr(logger, "continues_from", None)
+        if callable(continues_from) and isinstance(folders.get(i), str):
+            continues_from(folders[i])
+
+
 def _finalize(logger: Any, status: str) -> None:
     """``logger.finalize(status)`` when it takes a status, ``"success"`` included (Lightning's protocol: its trainer
     always passes one, so ``def finalize(self, status)`` has no default), else ``logger.finalize()`` (a logger of
@@ -475,7 +528,11 @@ def with_logging(step: Any, *loggers: Any, every_n_steps: int = 50) -> LoggingSt
     retried, through the same step, from the state a failure in a validation or at an epoch's end left (it
     validates, and records the epoch, again) gives each logger each row once: a logger with ``resume_at`` (the file
     loggers) replaces the row it is given again, and one without (a tracker, ``ConsoleLogger``, a logger of one's own)
-    is not given again a row it took.
+    is not given again a row it took. The state records the folder each file logger logs its rows to
+    (``logging/run_dirs``, claimed at a fit's first step): a fit going on from a state a logger logged to another
+    folder than its last fit's (model A trained further after model B went on, fresh, with the same step) goes on
+    in the next ``version_N``, with a warning naming both, and leaves the other run's records as they are; a retry,
+    or a run resumed from a checkpoint, goes on in its folder, as before.
 
     >>> import os, tempfile, torch
     >>> from loopkit import TrainState, train_step, run_epochs

@@ -514,19 +514,21 @@ def test_a_run_resumed_into_its_pinned_version_folder_logs_what_the_uninterrupte
     assert _logged_files(tmp_path / "b" / "run" / "version_0") == _logged_files(tmp_path / "a" / "run" / "version_0")
 
 
+@pytest.mark.parametrize("version", [0, None])
 def test_a_retry_with_the_same_loggers_from_a_checkpoint_saved_before_its_steps_records_logs_them_once(
-    tmp_path, make_mlp, make_batches, make_sgd_state
+    version, tmp_path, make_mlp, make_batches, make_sgd_state
 ):
     """A try/except retry in one process, the same step (and loggers): the newest checkpoint (update 6) was saved
     before update 6's validation and epoch 0's record, which the crashed fit had logged and the retry logs again.
     They were written twice (the logger took a fit from its own last step for one going on). Reference: the
-    uninterrupted run's files."""
+    uninterrupted run's files. With ``version=None`` too: the checkpoint's state records the folder its rows went to
+    (the crashed fit's), so the retry goes on there, unwarned, and claims no new version."""
     batches = make_batches(6)
     evaluator = eval_step(lambda m, b: {"mse": torch.nn.functional.mse_loss(m(b[0]), b[1])})
 
     def pipeline(root, directory):
-        loggers = [TensorBoardLogger(root, "run", version=0), CSVLogger(root, "run", version=0),
-                   JSONLLogger(root, "run", version=0)]
+        loggers = [TensorBoardLogger(root, "run", version=version), CSVLogger(root, "run", version=version),
+                   JSONLLogger(root, "run", version=version)]
         return loopkit.with_checkpointing(with_logging(train_step(loss_with_mae), *loggers, every_n_steps=2),
                                           directory, every_n_steps=1)
 
@@ -540,7 +542,10 @@ def test_a_retry_with_the_same_loggers_from_a_checkpoint_saved_before_its_steps_
         fit(step, make_sgd_state(make_mlp()), [_CrashAfter(6)])
     state = loopkit.restore(make_sgd_state(make_mlp()), tmp_path / "cb")
     assert state.step == 6
-    fit(step, state)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fit(step, state)
+    assert os.listdir(tmp_path / "b" / "run") == ["version_0"]
     assert _logged_files(tmp_path / "b" / "run" / "version_0") == _logged_files(tmp_path / "a" / "run" / "version_0")
 
 
@@ -976,6 +981,58 @@ def test_one_step_reused_for_cross_validation_folds_gives_each_fold_a_version_of
         with open(os.path.join(folder, "hparams.json")) as f, open(os.path.join(reference, "hparams.json")) as g:
             assert json.load(f) == json.load(g) == {"lr": 0.1, "folds": 3}
         assert _hparams_tab(folder) == _hparams_tab(reference)  # (once, with the fold's own final metrics)
+
+
+@pytest.mark.filterwarnings("ignore:run_epochs. an epoch has 4 training batches, fewer than the logging interval")
+@pytest.mark.parametrize("every_n_steps", [2, 100])
+@pytest.mark.parametrize("kinds", [(CSVLogger,), (TensorBoardLogger,), (TensorBoardLogger, CSVLogger, JSONLLogger)])
+def test_a_state_continued_after_another_run_logged_with_the_same_step_leaves_that_runs_records(
+    kinds, every_n_steps, tmp_path, make_mlp, make_batches, make_sgd_state
+):
+    """One with_logging step trains model A for an epoch (version_0), then a fresh model B for three (version_1), then
+    A goes on from its returned state: A's fit rewound version_1 to A's step, deleting B's later records and writing
+    A's there. Now B's folder holds what it held before A went on, and A goes on in a folder of its own (version_2),
+    with a warning naming both; a further fit of A from there goes on in version_2. Also when the fits log only
+    their epochs' and validations' rows (``every_n_steps`` past them). Reference: B's files read before; A run
+    uninterrupted, with loggers made anew."""
+    batches = make_batches(4)
+    evaluator = eval_step(mse_metric)
+
+    def fit(step, state, epochs):
+        return run_epochs(step, state, batches, epochs=epochs, val=(evaluator, batches[:2]), progress=False)[0]
+
+    def rows(folder):
+        tags = ("train/loss", "val/mse", "train/loss_epoch")
+        if kinds[0] is CSVLogger:
+            return {tag: csv_series(folder, tag) for tag in tags}
+        return {tag: scalars(str(folder), tag) for tag in tags}
+
+    run = tmp_path / "reused" / "r"
+    step = with_logging(train_step(loss_with_mae), *[kind(tmp_path / "reused", "r") for kind in kinds],
+                        every_n_steps=every_n_steps)
+    a = fit(step, make_sgd_state(make_mlp(seed=0)), 1)
+    fit(step, make_sgd_state(make_mlp(seed=1)), 3)
+    files = _logged_files if len(kinds) == 3 else rows
+    before = {k: files(run / f"version_{k}") for k in (0, 1)}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        a = fit(step, a, 3)
+    assert {k: files(run / f"version_{k}") for k in (0, 1)} == before  # (B's records, and A's first epoch's)
+    assert sorted(os.listdir(run)) == ["version_0", "version_1", "version_2"]
+    assert len([w for w in caught if "version_0" in str(w.message) and "version_1" in str(w.message)]) == 1
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(step, a, 4)
+    assert sorted(os.listdir(run)) == ["version_0", "version_1", "version_2"]
+    assert not [w for w in caught if "version_" in str(w.message)]
+    assert {k: files(run / f"version_{k}") for k in (0, 1)} == before
+    alone = tmp_path / "alone" / "r"
+    fit(with_logging(train_step(loss_with_mae), *[kind(tmp_path / "alone", "r") for kind in kinds],
+                     every_n_steps=every_n_steps), make_sgd_state(make_mlp(seed=0)), 4)
+    a_first, a_then, reference = rows(run / "version_0"), rows(run / "version_2"), rows(alone / "version_0")
+    assert all(a_then[tag] for tag in reference if reference[tag])
+    for tag in reference:
+        assert_series(a_first[tag] + a_then[tag], reference[tag], rel=1e-6)
 
 
 def _hparams_tab(folder):
