@@ -44,8 +44,8 @@ from loopkit.rng import epoch_order_seed as _order_seed
 from loopkit.rng import seed_epoch_start
 from loopkit.rng import batch_rngs, cuda_index, global_rng_state, global_rngs_kept
 from loopkit.state import (
-    TrainState, core_module, extras_copy, fork, leave_intact, model_device, not_a_state, put_extras,
-    refuse_copy_if_sharded, replace, replace_extras, state_at_error,
+    FAILED_FIT, TrainState, core_module, extras_copy, fork, leave_intact, mark_used_up_by_error, model_device,
+    not_a_state, put_extras, refuse_copy_if_sharded, replace, replace_extras, state_at_error,
 )
 from loopkit.steps import (
     RECORDED, SAVE_DUE, VALIDATED, VALIDATES, VALIDATES_AT_EPOCH_ENDS, EpochRecord, WrapperStep, accumulated, as_step,
@@ -2592,5 +2592,6 @@ def run_epochs(
                     error.add_note("(run_epochs: no state of the fit is known whole (loopkit.state_at_error is "
                                    "None): the failure may have come half-way through an update; the model and "
                                    "optimizer objects hold what the updates did to them, as in a plain loop)")
-        raise
+        mark_used_up_by_error(given, FAILED_FIT)  # (the state passed, trained in place: its later use's error
+        raise  # names state_at_error, not a returned state)
 
