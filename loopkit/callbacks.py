@@ -784,8 +784,13 @@ class Timer(Callback):
     validations included, as Lightning's training time does. ``interval="step"`` checks after
     every batch (the fit stops mid-epoch; that epoch is still validated and recorded, as for any
     stop), ``"epoch"`` after each epoch. The time spent is kept in checkpoints (``run_epochs``
-    keeps it in ``state.extras``), so a run resumed from one counts on from there, and one
-    resumed with its time already spent stops before its first batch, as Lightning's does.
+    keeps it in ``state.extras["callbacks/Timer"]``), so a run resumed from one counts on from there, and one
+    resumed with its time already spent stops before its first batch, as Lightning's ``ckpt_path`` resume does.
+    A fit's returned state holds it too: a fit continued from it ("train 10 more epochs") counts on as well, the
+    budget covering every fit the state went through (Lightning's ``fit`` called again times itself afresh);
+    ``run_epochs`` warns when the restored time already spends the whole ``duration``. To time a fit afresh,
+    drop that key (``state.evolve(extras={k: v for k, v in state.extras.items() if k != "callbacks/Timer"})``),
+    or give a longer ``duration``. A new fit from a fresh state starts at zero, with this Timer or another.
     Under DDP every rank stops at the same batch (the first rank whose clock runs out decides).
     ``clock`` is the time source in seconds (``time.monotonic``; a test may pass its own).
     ``duration`` (in any of those forms) and ``interval`` may be changed between fits, checked as the constructor

@@ -37,15 +37,15 @@ from loopkit._epoch_data import TRAIN, call_seeded, check_factory, factory_name,
 from loopkit._numbers import as_int, as_real
 from loopkit._sharded import fsdp_modules
 from loopkit._window import EPOCH, OVER_RANKS, Window, guarded, own_buffers, own_rng, own_share
-from loopkit.callbacks import Callback, _batch_end_unused, _from_lightning, _loopkit_hook, may_change_state_early
+from loopkit.callbacks import Callback, Timer, _batch_end_unused, _from_lightning, _loopkit_hook, may_change_state_early
 from loopkit.checkpoint import capture_global_rng, install_global_rng
 from loopkit.progress import ProgressBar, progress_wanted, write_line
 from loopkit.rng import epoch_order_seed as _order_seed
 from loopkit.rng import seed_epoch_start
 from loopkit.rng import batch_rngs, cuda_index, global_rng_state, global_rngs_kept
 from loopkit.state import (
-    TrainState, core_module, extras_copy, fork, leave_intact, model_device, not_a_state, put_extras,
-    refuse_copy_if_sharded, replace, replace_extras, state_at_error,
+    FAILED_FIT, TrainState, core_module, extras_copy, fork, leave_intact, mark_used_up_by_error, model_device,
+    not_a_state, put_extras, refuse_copy_if_sharded, replace, replace_extras, state_at_error,
 )
 from loopkit.steps import (
     RECORDED, SAVE_DUE, VALIDATED, VALIDATES, VALIDATES_AT_EPOCH_ENDS, EpochRecord, WrapperStep, accumulated, as_step,
@@ -1642,6 +1642,8 @@ class _Hooks:
                         f"state.extras.items() if not k.startswith({_CALLBACKS!r})}})",
                         stacklevel=3,
                     )
+                elif isinstance(cb, Timer):
+                    _warn_of_spent_timer(cb, key, self.may_stop(state))
 
     def keep(self, state: TrainState) -> TrainState:
         """``state`` with each stateful callback's ``state_dict()`` in its extras (checkpoints carry them)."""
@@ -1816,6 +1818,27 @@ class _Superseded:
     def __call__(self, state: TrainState, batch: Any) -> None:
         """As the next batch's last ``on_batch_start`` hook: its step is about to train ``state`` in place."""
         self.retire(state)
+
+
+def _warn_of_spent_timer(timer: Timer, key: str, may_stop: bool) -> None:
+    """Warn when ``timer``, restored from ``state.extras[key]``, has already spent its whole ``duration``: the fit
+    stops at its first epoch's start (once ``may_stop``: min_epochs/min_steps met) with only the Timer's usual line.
+    A fit continued from a fit's returned state counts on, as one resumed from a checkpoint does (Lightning's
+    ``ckpt_path`` resume; its ``fit`` called again times itself afresh): "train 10 more epochs" with the same Timer
+    would otherwise stop at once, unexplained. Not when time remains (that fit gets what is left)."""
+    if timer.duration is None or timer.time_elapsed() < timer.duration:
+        return
+    when = "before its first batch" if may_stop else "as soon as min_epochs/min_steps are met"
+    spent = datetime.timedelta(seconds=int(timer.time_elapsed()))
+    warnings.warn(
+        f"run_epochs: {type(timer).__qualname__} restored from state.extras[{key!r}] has already spent its duration "
+        f"({spent} of {datetime.timedelta(seconds=int(timer.duration))}, counted over the fits this state went "
+        f"through: a fit continued from a returned state or a checkpoint counts on), so this fit stops {when}; to "
+        f"time this fit afresh, drop that key: state.evolve(extras={{k: v for k, v in state.extras.items() if k != "
+        f"{key!r}}}), or give the Timer a longer duration (timer.duration = ...)",
+        RuntimeWarning,
+        stacklevel=4,
+    )
 
 
 def _batch_start_returned(hook: Callable[..., Any]) -> ValueError:
@@ -2592,5 +2615,6 @@ def run_epochs(
                     error.add_note("(run_epochs: no state of the fit is known whole (loopkit.state_at_error is "
                                    "None): the failure may have come half-way through an update; the model and "
                                    "optimizer objects hold what the updates did to them, as in a plain loop)")
-        raise
+        mark_used_up_by_error(given, FAILED_FIT)  # (the state passed, trained in place: its later use's error
+        raise  # names state_at_error, not a returned state)
 

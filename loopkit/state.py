@@ -81,7 +81,8 @@ class TrainState(_GraphSlot):
     rng: Mapping[str, torch.Tensor] = attrs.field(factory=lambda: create_rng(0))
     extras: Mapping[str, Any] = attrs.field(factory=dict, converter=_frozen_mapping)
     seed: int = 0
-    _consumed: bool = attrs.field(default=False, init=False, repr=False)
+    _consumed: bool | str = attrs.field(default=False, init=False, repr=False)  # True: given to a donated step;
+    # a string: to that call, which raised (:func:`mark_used_up_by_error`), for DonatedStateError's advice
 
     @classmethod
     def create(
@@ -167,10 +168,7 @@ class TrainState(_GraphSlot):
         >>> TrainState.create(torch.nn.Linear(1, 1)).check_usable()
         """
         if self._consumed:
-            raise DonatedStateError(
-                f"this TrainState (step {self.step}, epoch {self.epoch}, batch {self.batch_index}) was "
-                "given to a donated step, which reused its storage; use the state that step returned"
-            )
+            raise DonatedStateError(_used_up(self))
 
     def mark_consumed(self) -> None:
         """Mark this state as donated: any later use raises :class:`loopkit.DonatedStateError`."""
@@ -465,6 +463,46 @@ def leave_intact(error: BaseException, state: Any) -> BaseException:
     except AttributeError:  # an exception type without attributes: the state counts as used up
         pass
     return error
+
+
+#: what a state that a donated call used up and then raised was given to (:func:`mark_used_up_by_error`)
+FAILED_FIT = "run_epochs"
+FAILED_STEP = "a donated step"
+
+
+def mark_used_up_by_error(state: TrainState, call: str) -> None:
+    """Mark ``state``, which ``call`` (:data:`FAILED_FIT`, :data:`FAILED_STEP`) used up and then raised, returning
+    no state: a later use's :class:`loopkit.DonatedStateError` then names the ways back (:func:`state_at_error`, a
+    fresh state or a checkpoint, ``donate=False``), not the returned state there is none of. Only on the error path:
+    a donated call that returns marks its state used up as it does (``True``). Nothing for a state still usable.
+
+    >>> import torch
+    >>> state = TrainState.create(torch.nn.Linear(1, 1))
+    >>> state.mark_consumed(); mark_used_up_by_error(state, FAILED_FIT)
+    >>> state.check_usable()
+    Traceback (most recent call last):
+    ...
+    loopkit.errors.DonatedStateError: this TrainState (step 0, epoch 0, batch 0) was given to run_epochs, which ...
+    """
+    if type(state) is TrainState and state._consumed:
+        object.__setattr__(state, "_consumed", call)
+
+
+def _used_up(state: TrainState) -> str:
+    """The message of the :class:`loopkit.DonatedStateError` of a used-up ``state``: how to go on from there."""
+    where = f"this TrainState (step {state.step}, epoch {state.epoch}, batch {state.batch_index})"
+    if state._consumed == FAILED_FIT:
+        return (f"{where} was given to run_epochs, which trained it in place (it donates its state) and then "
+                "raised, so it returned no state: go on from the fit's newest whole state, "
+                "loopkit.state_at_error(error) of that error (None when the failure came half-way through an "
+                "update), or start from a fresh state or a checkpoint (loopkit.restore); run_epochs(..., "
+                "donate=False) trains a copy and leaves the state you pass as it was")
+    if state._consumed == FAILED_STEP:
+        return (f"{where} was given to a donated step, which changed it in place and then raised, so it "
+                "returned no state (loopkit.state_at_error(error) of that error is None): start from a fresh "
+                "state or a checkpoint (loopkit.restore), or keep a copy to come back to (copy.deepcopy(state), "
+                "or a step that is not donated)")
+    return f"{where} was given to a donated step, which reused its storage; use the state that step returned"
 
 
 def state_at_error(error: BaseException) -> Any:

@@ -34,7 +34,7 @@ from loopkit._sharded import fsdp_modules, local
 from loopkit.rng import RNGScope, global_rng_state
 from loopkit.rng import cuda_index as _cuda_index
 from loopkit.state import (
-    _INTACT, TrainState, drop_graph, extras_copy, fork, keep_graph, leave_intact, make_state, model_device,
+    _INTACT, FAILED_STEP, TrainState, drop_graph, extras_copy, fork, keep_graph, leave_intact, make_state, model_device,
     refuse_copy_if_sharded, replace, state_at_error, state_hint,
 )
 
@@ -295,7 +295,7 @@ def _group_made() -> bool:
 def _consume_unless_intact(state: TrainState, error: BaseException) -> None:
     """After ``error`` left a donated call: ``state`` is used up unless nothing of it changed."""
     if getattr(error, _INTACT, None) is not state:
-        _set_consumed(state, True)
+        _set_consumed(state, FAILED_STEP)  # (its DonatedStateError names no returned state: there is none)
 
 
 def as_step(step: Any) -> Step:

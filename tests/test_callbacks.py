@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import datetime
 import os
+import re
 import warnings
 
 import pytest
@@ -1415,9 +1416,45 @@ def test_timer_resumed_with_its_time_spent_trains_nothing(tmp_path):
     restored = loopkit.restore(make_state(), tmp_path)
     assert stopped.step == restored.step == 3
     before = clock.now
-    state, history = run_epochs(step, restored, make_data(3), epochs=10, progress=False,
-                                callbacks=[loopkit.Timer(3, interval="epoch", clock=clock, verbose=False)])
+    with pytest.warns(RuntimeWarning, match="Timer restored from .* has already spent its duration"):
+        state, history = run_epochs(step, restored, make_data(3), epochs=10, progress=False,
+                                    callbacks=[loopkit.Timer(3, interval="epoch", clock=clock, verbose=False)])
     assert state.step == 3 and history == [] and clock.now == before
+
+
+def test_a_timer_reused_to_train_on_from_a_fits_returned_state_counts_on_and_warns_when_its_time_is_spent():
+    """A fit's returned state holds its Timer's time spent, as a checkpoint does: "train on" with it counts on
+    (Lightning's ckpt_path resume; its fit called again times afresh). The second fit stopped at once with only
+    the Timer's usual line; it warns, naming the key to drop, and dropping it times the fit afresh. Reference: time
+    left, the continued fits stop where the uninterrupted one does, without a warning."""
+    clock = _WorkClock()
+    timer = loopkit.Timer(3, interval="epoch", clock=clock, verbose=False)  # 1 s a batch, 3 batches an epoch
+    state, _ = run_epochs(train_step(clock.train_loss), make_state(), make_data(3), epochs=10, callbacks=[timer],
+                          progress=False)
+    assert state.step == 3 and state.extras["callbacks/Timer"] == {"time_elapsed": 3.0}
+    with pytest.warns(RuntimeWarning, match=re.escape(
+            "Timer restored from state.extras['callbacks/Timer'] has already spent its duration (0:00:03 of "
+            "0:00:03, ") + r".*a fit continued from a returned state or a checkpoint counts on\), so this fit stops "
+            r"before its first batch; .*if k != 'callbacks/Timer'.*timer\.duration"):
+        again, history = run_epochs(train_step(clock.train_loss), state, make_data(3), epochs=10, callbacks=[timer],
+                                    progress=False)
+    assert again.step == 3 and history == []
+    fresh = again.evolve(extras={k: v for k, v in again.extras.items() if k != "callbacks/Timer"})
+    more, _ = run_epochs(train_step(clock.train_loss), fresh, make_data(3), epochs=10, callbacks=[timer],
+                         progress=False)  # the advice: timed afresh, 3 s more
+    assert more.step == 6 and timer.time_elapsed() == 3
+
+    clock = _WorkClock()
+    _, whole = run_epochs(train_step(clock.train_loss), make_state(), make_data(3), epochs=10, progress=False,
+                          callbacks=[loopkit.Timer(10, interval="epoch", clock=clock, verbose=False)])
+    timer = loopkit.Timer(10, interval="epoch", clock=clock, verbose=False)
+    state, first = run_epochs(train_step(clock.train_loss), make_state(), make_data(3), epochs=1, callbacks=[timer],
+                              progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # 3 s of 10 spent: no warning
+        state, rest = run_epochs(train_step(clock.train_loss), state, make_data(3), epochs=10, callbacks=[timer],
+                                 progress=False)
+    assert state.step == 12 and first + rest == whole and timer.time_elapsed() == 12
 
 
 def test_one_timer_reused_for_the_next_fit_starts_afresh():

@@ -1356,6 +1356,27 @@ def test_an_error_after_a_step_has_trained_uses_the_given_state_up():
         state.check_usable()
 
 
+def test_the_state_a_failed_fit_used_up_names_the_ways_back_not_a_returned_state():
+    """A fit that raised returned nothing: the used-up state's DonatedStateError said "use the state that step
+    returned" (a notebook cell run again with the same state). It names state_at_error, a fresh state or a
+    checkpoint, and donate=False; following it goes on. A state a fit that returned used up names the returned one."""
+    state = make_state()
+    with pytest.raises(ValueError, match="scalar") as caught:
+        run_epochs(train_step(_bad_loss_at(3)), state, make_data(4), epochs=1, progress=False)
+    for use in (state.check_usable, lambda: run_epochs(train_step(mse), state, make_data(4), epochs=1, progress=False)):
+        with pytest.raises(loopkit.DonatedStateError, match=r"given to run_epochs, which trained it in place .* and "
+                           r"then raised, so it returned no state: .*loopkit\.state_at_error\(error\).*fresh state "
+                           r"or a checkpoint .*donate=False"):
+            use()
+    whole = loopkit.state_at_error(caught.value)
+    assert whole is not None and whole.step == 2
+    run_epochs(train_step(mse), whole, make_data(4), epochs=1, progress=False)  # the way back it names
+    done = make_state()
+    run_epochs(train_step(mse), done, make_data(4), epochs=1, progress=False)
+    with pytest.raises(loopkit.DonatedStateError, match="use the state that step returned"):
+        done.check_usable()
+
+
 def test_resuming_with_fresh_persistent_workers_is_warned_about():
     """Persistent workers keep their random streams across epochs; a resumed process's new ones cannot
     continue them (the README's exact-resume rule), which run_epochs says when it resumes so."""

@@ -76,6 +76,8 @@ class _Saver:
         self.at_validations = False  # this fit's saves are its validations' (the default in a fit that validates
         # other than once at every epoch's end)
         self.start: Position | None = None  # where the fit under run_epochs began (a relaunch: its checkpoint's)
+        self.began: Position | None = None  # where this fit, or a loop of your own (its first call), began: a
+        # checkpoint already at a first save's position is this run's own only if it began there
         self.start_recorded = False  # whether the state it began from held its epoch's record (:func:`_recorded`)
         self.told_shared = False  # whether the warning that another writer shares the directory was given
         self.timed_from: float | None = None  # train_time_interval's clock: the fit's start, then its last time save
@@ -142,6 +144,8 @@ class CheckpointStep(UpdateStep):
     # Saving after steps -------------------------------------------------------------------
 
     def run_(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
+        if self.saver.began is None:  # the first call in a loop of your own (run_epochs sets it at "fit_begin")
+            self.saver.began = (state.step, state.epoch, state.batch_index)
         if not self.saver.checked:  # the first call in a loop of your own (run_epochs checks at "fit_start")
             try:
                 self._check_directory(state, agreed=True)
@@ -194,7 +198,7 @@ class CheckpointStep(UpdateStep):
 
     def on_event(self, event: str, state: TrainState, metrics: Mapping[str, float]) -> None:
         if event == "fit_begin":  # (before a validation a resumed run owes, which may save at this position)
-            self.saver.start = (state.step, state.epoch, state.batch_index)
+            self.saver.start = self.saver.began = (state.step, state.epoch, state.batch_index)
             self.saver.start_recorded = _recorded(state)
             self.saver.at_validations = (self.on_validation and bool(metrics.get(VALIDATES))
                                          and not metrics.get(VALIDATES_AT_EPOCH_ENDS))
@@ -254,6 +258,7 @@ class CheckpointStep(UpdateStep):
                 # checkpoint is added where there was none
                 self._save_all_ranks(state, "fit_end", score=None, rerecord_only=True)
             self.saver.defer, self.saver.due, self.saver.epoch_val, self.saver.start = False, None, None, None
+            self.saver.began = None
             self.saver.at_validations = False
             self.saver.last, self.saver.last_recorded = None, False  # a later run with this step saves afresh, even
             # at the same position
@@ -535,10 +540,12 @@ class CheckpointStep(UpdateStep):
         return None
 
     def _warn_of_another_run(self, position: Position) -> None:
-        """A first save behind the newest checkpoint already there: those are another run's (the same
-        script run again), which keep_last, keep_best and ``restore`` would mix with this one's. Or a first save
-        beside another trainer's checkpoints (:func:`loopkit.checkpoint._foreign_checkpoints`), which restore
-        does not load."""
+        """A first save behind the newest checkpoint already there, or at its very position when this run did not
+        begin from it (a fresh run of as many steps): those are another run's (the same script run again), which
+        keep_last, keep_best and ``restore`` would mix with this one's. (A run resumed from that checkpoint began
+        there, and is not warned about; nor is a save of your own before any step, which may be of the state
+        just restored.) Or a first save beside another trainer's checkpoints
+        (:func:`loopkit.checkpoint._foreign_checkpoints`), which restore does not load."""
         foreign = checkpoint._foreign_checkpoints(self.directory)
         if foreign is not None:
             warnings.warn(
@@ -550,15 +557,23 @@ class CheckpointStep(UpdateStep):
             )
         found = checkpoint.list_checkpoints(self.directory)
         newest = max(found, key=lambda c: (c.step, c.epoch, c.batch_index), default=None)
-        if newest is not None and (newest.step, newest.epoch, newest.batch_index) > position:
-            warnings.warn(
-                f"with_checkpointing: {self.directory} holds checkpoints further along ({newest.name}) than this "
-                f"run (step {position[0]}): another run's, or a later point of this one it went back from; "
-                "keep_last and keep_best rank this run's checkpoints with them, and loopkit.restore may return "
-                "theirs: give each run a directory of its own, or empty it",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+        if newest is None:
+            return
+        theirs = (newest.step, newest.epoch, newest.batch_index)
+        if theirs > position:
+            where = f"checkpoints further along ({newest.name}) than this run (step {position[0]})"
+        elif theirs == position and self.saver.began is not None and self.saver.began != position:
+            where = (f"a checkpoint at this run's first save ({newest.name}, step {position[0]}), which this run "
+                     f"did not begin from (it began at step {self.saver.began[0]})")
+        else:
+            return
+        warnings.warn(
+            f"with_checkpointing: {self.directory} holds {where}: another run's, or a later point of this one it "
+            "went back from; keep_last and keep_best rank this run's checkpoints with them, and loopkit.restore "
+            "may return theirs: give each run a directory of its own, or empty it",
+            RuntimeWarning,
+            stacklevel=2,
+        )
 
     # Which checkpoints to keep -------------------------------------------------------------
 

@@ -11,6 +11,7 @@ import errno
 import json
 import os
 import re
+import shutil
 import signal
 import threading
 import types
@@ -217,6 +218,36 @@ def test_a_directory_holding_a_further_run_is_named_when_a_new_run_first_saves(t
         fit(_state(), 1)
 
 
+def test_a_directory_holding_another_runs_checkpoint_at_the_first_saves_position_is_named_unless_resumed_from_it(
+        tmp_path):
+    """A fresh run of as many steps into a directory holding the last run's checkpoints (a notebook cell run
+    again): its first save lands on their newest position, which was not warned about (only one further along
+    was), and both runs' step-10 checkpoints were kept side by side. A run resumed from that checkpoint, whose
+    first save is at the position it began from (its end, at the max_steps it already reached), and one that
+    trains on from it, are not warned about."""
+    def fit(state, every=5, **limits):
+        step = with_checkpointing(train_step(_mse), tmp_path, every_n_steps=every, keep_last=None)
+        return run_epochs(step, state, _loader(), progress=False, **limits)[0]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fit(_state(), max_steps=5)  # ends mid-epoch: (step 5, epoch 0, batch 5)
+        fit(loopkit.restore(_state(), tmp_path), max_steps=5)  # resumed at its end: saves there, no warning
+        fit(loopkit.restore(_state(), tmp_path), max_steps=15)  # resumed, trains on: no warning
+    shutil.rmtree(tmp_path)
+    fit(_state(), max_steps=5)
+    with pytest.warns(RuntimeWarning, match=r"holds a checkpoint at this run's first save \(ckpt-\S*step5-epoch0-batch5, "
+                                            r"step 5\), which this run did not begin from \(it began at step 0\)"):
+        fit(_state(seed=1), max_steps=5)
+    assert _steps(tmp_path) == [5, 5]  # (both runs' step-5 checkpoints: what the warning names)
+    shutil.rmtree(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fit(_state(), every=None, epochs=1)  # the epoch's end: (step 10, epoch 1, batch 0)
+    with pytest.warns(RuntimeWarning, match="holds a checkpoint at this run's first save"):
+        fit(_state(seed=1), every=None, epochs=1)  # a notebook cell run again
+
+
 def test_a_directory_holding_lightnings_checkpoints_is_named_at_the_first_save_and_the_run_saves_beside_them(
         tmp_path):
     """A folder of Lightning's checkpoints given to a migrated script (restore returns its template there, and
@@ -344,7 +375,8 @@ def test_a_step_that_reshapes_the_model_at_its_first_call_or_a_lazy_model_is_com
         return with_checkpointing(loopkit.with_qat(train_step(_mse)), tmp_path / "qat", every_n_steps=5)
 
     run_epochs(qat(), _state(scheduler=False), _loader(), max_steps=5, progress=False)
-    run_epochs(qat(), _state(seed=1, scheduler=False), _loader(), max_steps=5, progress=False)
+    with pytest.warns(RuntimeWarning, match="holds a checkpoint at this run's first save"):  # (another run's)
+        run_epochs(qat(), _state(seed=1, scheduler=False), _loader(), max_steps=5, progress=False)
     assert _steps(tmp_path / "qat") == [5, 5]
 
     def lazy(out):  # nothing but a lazy module: its shapes are known once the first call's forward ran
@@ -355,7 +387,8 @@ def test_a_step_that_reshapes_the_model_at_its_first_call_or_a_lazy_model_is_com
     lazy_step = lambda: with_checkpointing(train_step(loss), tmp_path / "lazy", every_n_steps=5)  # noqa: E731
     run_epochs(lazy_step(), lazy(4), _loader(), max_steps=5, progress=False)
     kept = _files(tmp_path / "lazy")
-    run_epochs(lazy_step(), lazy(4), _loader(), max_steps=5, progress=False)
+    with pytest.warns(RuntimeWarning, match="holds a checkpoint at this run's first save"):
+        run_epochs(lazy_step(), lazy(4), _loader(), max_steps=5, progress=False)
     assert _steps(tmp_path / "lazy") == [5, 5]
     refused = re.escape("'model.0.weight' has shape (4, 3) there and (6, 3)")
     with pytest.raises(loopkit.StateMismatchError, match=refused):
@@ -839,7 +872,8 @@ def test_after_fit_end_the_same_position_is_saved_again(tmp_path):
     step.notify("stop", first, {})  # the same position: not saved twice within one run
     assert _steps(tmp_path) == [1]
     step.notify("fit_end", first, {})
-    step(start, None)  # a second run with the same step object reaches the same position
+    with pytest.warns(RuntimeWarning, match="holds a checkpoint at this run's first save"):  # (named: two runs
+        step(start, None)  # a second run with the same step object reaches the same position
     assert _steps(tmp_path) == [1, 1]
 
 
