@@ -615,7 +615,9 @@ class RunDirLogger(Logger):
         since: model B trained with the same step after model A, and A continued), rewinding that folder to the
         state's step would drop the other run's records: it leaves that folder as it is for the next free
         ``version_N`` instead (once for the loggers sharing its folder), with a warning naming both. Nothing for a
-        fixed ``version`` (the folder named), nor when it goes on in ``log_dir`` (a retry, a crashed run resumed).
+        fixed ``version`` (the folder named), nor when it goes on in ``log_dir`` (a retry, a crashed run resumed), nor
+        for a ``log_dir`` outside this logger's ``root/name`` (another logger's, recorded at that place in an earlier
+        ``with_logging`` list of loggers).
 
         >>> import tempfile
         >>> tmp = tempfile.TemporaryDirectory()
@@ -628,8 +630,9 @@ class RunDirLogger(Logger):
         earlier = self._fit_dir
         if self._version is not None or earlier is None:
             return
-        if os.path.normpath(os.path.abspath(earlier)) == os.path.normpath(os.path.abspath(log_dir)):
-            return
+        earlier_at, recorded = (os.path.normpath(os.path.abspath(folder)) for folder in (earlier, log_dir))
+        if earlier_at == recorded or os.path.dirname(earlier_at) != os.path.dirname(recorded):
+            return  # (the same run; or a folder of another logger's ``root/name``: not this one's to compare)
         owner = self._leader or self
         self._forget_folder()
         if owner._dir == earlier:  # (a logger sharing it moved them both already)

@@ -495,13 +495,15 @@ def _used_up(state: TrainState) -> str:
         return (f"{where} was given to run_epochs, which trained it in place (it donates its state) and then "
                 "raised, so it returned no state: go on from the fit's newest whole state, "
                 "loopkit.state_at_error(error) of that error (None when the failure came half-way through an "
-                "update), or start from a fresh state or a checkpoint (loopkit.restore); run_epochs(..., "
-                "donate=False) trains a copy and leaves the state you pass as it was")
+                "update), or start from a fresh state, or from a checkpoint restored into one "
+                "(loopkit.restore(<a new TrainState>, path)); run_epochs(..., donate=False) trains a copy and leaves "
+                "the state you pass as it was")
     if state._consumed == FAILED_STEP:
         return (f"{where} was given to a donated step, which changed it in place and then raised, so it "
-                "returned no state (loopkit.state_at_error(error) of that error is None): start from a fresh "
-                "state or a checkpoint (loopkit.restore), or keep a copy to come back to (copy.deepcopy(state), "
-                "or a step that is not donated)")
+                "returned no state: go on from loopkit.state_at_error(error) of that error (the state it left "
+                "whole; None when the failure came half-way through an update), or start from a fresh state, or "
+                "from a checkpoint restored into one (loopkit.restore(<a new TrainState>, path)), or keep a copy to "
+                "come back to (copy.deepcopy(state), or a step that is not donated)")
     return f"{where} was given to a donated step, which reused its storage; use the state that step returned"
 
 

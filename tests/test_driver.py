@@ -1365,8 +1365,9 @@ def test_the_state_a_failed_fit_used_up_names_the_ways_back_not_a_returned_state
         run_epochs(train_step(_bad_loss_at(3)), state, make_data(4), epochs=1, progress=False)
     for use in (state.check_usable, lambda: run_epochs(train_step(mse), state, make_data(4), epochs=1, progress=False)):
         with pytest.raises(loopkit.DonatedStateError, match=r"given to run_epochs, which trained it in place .* and "
-                           r"then raised, so it returned no state: .*loopkit\.state_at_error\(error\).*fresh state "
-                           r"or a checkpoint .*donate=False"):
+                           r"then raised, so it returned no state: .*loopkit\.state_at_error\(error\).*fresh state, "
+                           r"or from a checkpoint restored into one \(loopkit\.restore\(<a new TrainState>, path\)\)"
+                           r".*donate=False"):
             use()
     whole = loopkit.state_at_error(caught.value)
     assert whole is not None and whole.step == 2

@@ -484,7 +484,8 @@ def test_a_custom_step_that_raises_has_consumed_its_state_unless_it_says_otherwi
             state.check_usable()
         else:  # (it returned no state: the error says so, not "use the state that step returned")
             with pytest.raises(loopkit.DonatedStateError, match=r"given to a donated step, which changed it in place "
-                               r"and then raised, so it returned no state .*fresh state or a checkpoint"):
+                               r"and then raised, so it returned no state: go on from loopkit\.state_at_error\(error\) "
+                               r".*None when .*fresh state.*loopkit\.restore\(<a new TrainState>, path\)"):
                 state.check_usable()
 
 
@@ -1158,3 +1159,29 @@ def test_evaluating_puts_plain_quantization_observers_back():
         assert fresh.min_val.shape == (3,)
         raise RuntimeError("boom")
     assert fresh.min_val.shape == (0,) and fresh.max_val.shape == (0,)
+
+
+def test_a_donated_step_that_raises_after_its_update_points_its_used_up_state_to_state_at_error():
+    """A donated step whose logger write failed after the update leaves the updated state whole
+    (``state_at_error``); the given state's DonatedStateError had said that state_at_error of that error is None."""
+
+    class FullDisk(loopkit.Logger):
+        def log_metrics(self, metrics, step):
+            raise OSError("disk full")
+
+        def log_hparams(self, params):
+            pass
+
+        def finalize(self, status="success"):
+            pass
+
+    model = nn.Linear(2, 1)
+    state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    step = loopkit.donate(loopkit.with_logging(loopkit.train_step(lambda m, b: m(b).pow(2).mean()), FullDisk(), every_n_steps=1))
+    with pytest.raises(OSError, match="disk full") as caught:
+        step(state, torch.ones(4, 2))
+    assert loopkit.state_at_error(caught.value).step == 1
+    with pytest.raises(loopkit.DonatedStateError) as used:
+        state.check_usable()
+    assert "state_at_error(error) of that error is None" not in str(used.value)
+    assert "go on from loopkit.state_at_error(error)" in str(used.value)

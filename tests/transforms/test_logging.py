@@ -1428,3 +1428,30 @@ def test_an_error_out_of_the_fit_finalizes_with_failed_the_loggers_that_take_a_s
             assert expected == "success"
         assert statuses.statuses == [expected] and statuses.finalized == 1 and plain.finalized == 1
         assert lightning_style.statuses == [expected] and lightning_style.finalized == 0
+
+
+def test_a_state_trained_on_with_fewer_loggers_goes_on_in_each_loggers_own_folder(
+    tmp_path, make_mlp, make_batches, make_sgd_state
+):
+    """The run folders a state records are by the loggers' places in ``with_logging``'s list: going on with
+    TensorBoard dropped (``tb, csv`` then ``csv`` alone) told the CSV logger TensorBoard's folder, and it moved the
+    same run to a new version with a warning of another run. Now it goes on in its own folder, unwarned, and its
+    records equal an uninterrupted fit's."""
+    batches = make_batches(4)
+
+    def fit(*loggers, state, epochs):
+        return run_epochs(with_logging(train_step(loss_with_mae), *loggers, every_n_steps=2), state, batches,
+                          epochs=epochs, progress=False)[0]
+
+    csv = CSVLogger(tmp_path / "csv", "r")
+    state = fit(TensorBoardLogger(tmp_path / "tb", "r"), csv, state=make_sgd_state(make_mlp(seed=0)), epochs=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fit(csv, state=state, epochs=2)
+    assert sorted(os.listdir(tmp_path / "csv" / "r")) == ["version_0"]
+    fit(CSVLogger(tmp_path / "whole", "r"), state=make_sgd_state(make_mlp(seed=0)), epochs=2)
+    for tag in ("train/loss", "train/loss_epoch"):
+        got, want = csv_series(tmp_path / "csv" / "r" / "version_0", tag), csv_series(
+            tmp_path / "whole" / "r" / "version_0", tag)
+        assert got and [s for s, _ in got] == [s for s, _ in want]
+        assert_series(got, want, rel=1e-6)
