@@ -144,9 +144,9 @@ class CheckpointStep(UpdateStep):
     # Saving after steps -------------------------------------------------------------------
 
     def run_(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
-        if self.saver.began is None:  # the first call in a loop of your own (run_epochs sets it at "fit_begin")
-            self.saver.began = (state.step, state.epoch, state.batch_index)
         if not self.saver.checked:  # the first call in a loop of your own (run_epochs checks at "fit_start")
+            if self.saver.began is None:  # (run_epochs sets it at "fit_begin"; nothing a call once checked)
+                self.saver.began = (state.step, state.epoch, state.batch_index)
             try:
                 self._check_directory(state, agreed=True)
             except StateMismatchError as error:

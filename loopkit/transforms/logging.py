@@ -233,9 +233,10 @@ class LoggingStep(WrapperStep):
             except BaseException as error:  # a full disk: the update is done, its state whole (loopkit.state_at_error)
                 raise leave_updated(error, _left_unlogged(new, means, taken), metrics, self.windows[1])
             new = _with_run_dirs(new, _run_dirs(self.loggers), fresh=True)  # (new: by _taken)
+            self.held.first = False
         elif self.held.first:  # (a fit's first call: the folders it goes on in, though no log point is reached)
             new = _with_run_dirs(new, _run_dirs(self.loggers), self.inner.returns_fresh_state)
-        self.held.first = False
+            self.held.first = False
         return new, metrics
 
     def _taken(self, new: TrainState) -> tuple[TrainState, dict[str, float]]:

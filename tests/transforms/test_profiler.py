@@ -73,15 +73,21 @@ def test_close_ends_a_profile_left_open_by_a_loop_of_ones_own(tmp_path, make_mlp
     assert not _profiling() and len(_traces(tmp_path)) == 1
 
 
-def test_a_failing_call_stops_the_profile(tmp_path, make_mlp, batches, mse_loss, make_sgd_state):
+def _failing_at_second_call(loss, error):
+    """``loss``, but raising ``error("boom")`` at its second call."""
     calls = []
 
     def loss_fn(model, batch):
         calls.append(1)
         if len(calls) == 2:
-            raise RuntimeError("boom")
-        return mse_loss(model, batch)
+            raise error("boom")
+        return loss(model, batch)
 
+    return loss_fn
+
+
+def test_a_failing_call_stops_the_profile(tmp_path, make_mlp, batches, mse_loss, make_sgd_state):
+    loss_fn = _failing_at_second_call(mse_loss, RuntimeError)
     step = loopkit.with_profiler(loopkit.train_step(loss_fn), tmp_path, wait=0, warmup=1, active=2)
     state, _ = step(make_sgd_state(make_mlp(0)), batches[0])
     assert _profiling()  # the next call is recorded
@@ -167,14 +173,7 @@ def test_a_trace_that_cannot_be_written_keeps_that_calls_metrics_in_the_epoch_me
 def test_a_trace_that_cannot_be_written_after_a_failing_call_leaves_that_calls_error(tmp_path, make_mlp, batches,
                                                                                       mse_loss, make_sgd_state):
     """The loss_fn's error is the one raised (state_at_error: the state before it), the failed write a note on it."""
-    calls = []
-
-    def loss_fn(model, batch):
-        calls.append(1)
-        if len(calls) == 2:
-            raise ValueError("boom")
-        return mse_loss(model, batch)
-
+    loss_fn = _failing_at_second_call(mse_loss, ValueError)
     step = loopkit.with_profiler(loopkit.train_step(loss_fn), tmp_path / "prof", wait=0, warmup=1, active=2)
     _unwritable(tmp_path / "prof")
     with pytest.raises(ValueError, match="boom") as error:
