@@ -363,9 +363,10 @@ class RunDirLogger(Logger):
     ``version=None`` claims the next free N when the logger first writes (under :func:`loopkit.with_logging`, at a
     fit's first step; or when ``log_dir`` is first read: a folder it wrote nothing in is given back when
     :func:`loopkit.with_logging` makes it share another logger's), and the next one for each fit from a fresh state
-    after one it logged (see :meth:`resume_at`: each run its own ``version_N``; and for a fit going on from a state
-    whose rows went to another folder, :meth:`continues_from`); an int uses ``version_<int>``, a string that folder
-    name, and an existing folder is reused (to continue a run). Loggers that :meth:`share_run_dir` write to one folder.
+    after one it logged or claimed a folder for (see :meth:`resume_at` and :meth:`claim_for_fit`: each run its own
+    ``version_N``; and for a fit going on from a state whose rows went to another folder, :meth:`continues_from`);
+    an int uses ``version_<int>``, a string that folder name, and an existing folder is reused (to continue a run).
+    Loggers that :meth:`share_run_dir` write to one folder.
 
     :meth:`log_hparams` writes the hyper-parameters (all its calls') to ``hparams.json`` in the run folder, nested
     as given (as Lightning's ``hparams.yaml``), and the metrics given with them (all its calls', a later one's
@@ -418,8 +419,9 @@ class RunDirLogger(Logger):
         self._last_record: tuple[int, int | None, bool] | None = None  # its last record: (step, epoch, an epoch's)
         # the folder's last epoch record as this logger knows it (its own, or kept by its last rewind): (step, epoch)
         self._last_epoch: tuple[int, int | None] | None = None
-        self._fit_dir: str | None = None  # the run folder of this logger's last fit (its resume_at applied there)
-        self._fit_logged = False  # whether this logger wrote a record there since (during or after that fit)
+        self._fit_dir: str | None = None  # the run folder of this logger's last fit (claimed at its first step, or
+        # its resume_at applied there)
+        self._fit_logged = False  # whether a fit claimed it (claim_for_fit), or this logger wrote a record there since
 
     @property
     def log_dir(self) -> str:
@@ -552,7 +554,8 @@ class RunDirLogger(Logger):
         those logged after that position (the crashed run logged them after the checkpoint, and the resumed run logs
         them again), and a record logged again at ``step`` itself (a validation or an epoch record the checkpoint was
         saved before: the same metrics) replaces the old one. A fresh state (step 0, epoch 0, batch 0) after a fit
-        this logger logged (a cross-validation fold, a new run with the same step) is another run: a logger of
+        this logger logged or claimed its folder for (:meth:`claim_for_fit`: a cross-validation fold, a new run with
+        the same step, a retry from scratch of a fit that failed before its first row) is another run: a logger of
         ``version=None`` leaves that folder as it is for the next free ``version_N`` (with the loggers sharing its
         folder), writing there as a logger made anew would (its hyper-parameters again, without the earlier run's
         final metrics), and says so at the ``logging`` INFO level (logger ``loopkit.loggers``). Otherwise (a fixed
@@ -645,6 +648,30 @@ class RunDirLogger(Logger):
                 stacklevel=2,
             )
 
+    def claim_for_fit(self) -> str:
+        """The run folder (:attr:`log_dir`, claimed now if need be) that a fit logs to, counted as that fit's:
+        :func:`loopkit.with_logging` calls it at a fit's first step, and the state records it
+        (``logging/run_dirs``). A fresh fit after it (another run with the same step) takes the next free
+        ``version_N`` (see :meth:`resume_at`), as after a fit that wrote a record, also when this one failed before
+        its first row: the state that failure left (:func:`loopkit.state_at_error`) goes on from this folder, which
+        the other run's records must not have taken, and a retry from a fresh state is another run too (the empty
+        folder stays, as a run of Lightning's that crashed leaves its ``version_N``). Nothing more for a fixed
+        ``version``, or on ranks other than 0 (they write nothing).
+
+        >>> import tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> logger = CSVLogger(tmp.name)
+        >>> first = logger.claim_for_fit()
+        >>> logger.resume_at(0)  # (a fresh fit next: another run)
+        >>> [os.path.basename(folder) for folder in (first, logger.log_dir)]
+        ['version_0', 'version_1']
+        >>> tmp.cleanup()
+        """
+        folder = self.log_dir
+        if self._version is None and is_rank_zero():
+            self._fit_dir, self._fit_logged = folder, True
+        return folder
+
     def _next_version(self) -> None:
         """A fresh fit after one this logger (``version=None``) logged: leave the earlier fit's folder, which keeps its
         records, for the next free ``version_N`` (claimed now, once for the loggers sharing the folder; said at the
@@ -656,7 +683,7 @@ class RunDirLogger(Logger):
             owner._dir = None
             claimed = owner.log_dir  # (now: under torch.distributed, agree_log_dir hands it to the other ranks)
             logging.getLogger(__name__).info(
-                "%s: a fresh fit (step 0) after a fit logged to %s: this run writes to %s (a fixed version= would "
+                "%s: a fresh fit (step 0) after a fit in %s: this run writes to %s (a fixed version= would "
                 "replace the earlier run's records instead)", type(self).__name__, earlier, claimed)
 
     def _forget_folder(self) -> None:
@@ -688,7 +715,8 @@ class RunDirLogger(Logger):
             finishing = cut is not None and place != _AFTER and pos.place(*cut, True) == _AFTER
             self._new = self._new if finishing else {}  # (an earlier fit's: this one goes on from pos)
             self._relog, self._redo = None, None
-            self._fit_dir, self._fit_logged = folder, False
+            # (a claim of this fit's, or records of an earlier one, stay counted: a fresh fit next takes a new folder)
+            self._fit_dir, self._fit_logged = folder, self._fit_logged and self._fit_dir == folder
             # (a fresh state after this logger's own records at step 0: those written before the fit stay, unless
             # logged again, as at any step it goes on from)
             if last is None or (place == _AFTER and not (pos.fresh and last[0] == 0)) or finishing:

@@ -329,6 +329,47 @@ def test_a_fit_going_on_from_a_state_logged_to_another_folder_leaves_the_run_thi
         assert pinned.log_dir == b_dir
 
 
+
+@pytest.mark.parametrize("make", [CSVLogger, JSONLLogger, TensorBoardLogger])
+def test_a_folder_claimed_for_a_fit_that_wrote_no_record_is_left_by_the_next_fresh_fit(tmp_path, make, caplog):
+    """Model A's fit claims its folder at its first step (``claim_for_fit``, as with_logging does) and fails before
+    its first record, its hyper-parameters written as it ends; model B's fresh fit next wrote its records into
+    version_0 (A logged nothing there), which A's state records: A going on from it rewound them. Now B takes
+    version_1, said at INFO, and version_0 holds none of its records. A retry from A's own state goes on in its
+    folder, and a fixed version stays, as before."""
+    logger = make(tmp_path, "r")
+    logger.log_hparams({"lr": 0.1})
+    logger.resume_at(0)
+    a_dir = logger.claim_for_fit()
+    logger.finalize("failed")  # (hparams.json written: the fit's resume_at applied in version_0)
+    with caplog.at_level("INFO", logger="loopkit.loggers"):
+        logger.resume_at(0)  # (model B, fresh)
+    _log_all(logger, _BEFORE)
+    logger.finalize()
+    b_dir = logger.log_dir
+    assert [os.path.basename(f) for f in (a_dir, b_dir)] == ["version_0", "version_1"]
+    assert len([r for r in caplog.records if "version_1" in r.getMessage()]) == 1
+    assert os.path.exists(os.path.join(a_dir, "hparams.json"))
+    if make is TensorBoardLogger:
+        assert _logged(a_dir, make) == {}
+    else:
+        assert not os.path.exists(os.path.join(a_dir, make.filename))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        retried = make(tmp_path, "s")
+        retried.resume_at(0)
+        folder = retried.claim_for_fit()
+        retried.finalize("failed")
+        retried.continues_from(folder)  # (A again from the state its failure left, at step 2)
+        retried.resume_at(2, 0, 2)
+        _log_all(retried, [(4, {"train/loss": 0.3})])
+        assert retried.log_dir == folder
+        pinned = make(tmp_path, "p", version=0)
+        pinned.resume_at(0)
+        folder = pinned.claim_for_fit()
+        pinned.resume_at(0)
+        assert pinned.log_dir == folder
+
 def test_writes_before_a_resumed_fit_do_not_keep_the_crashed_runs_records(tmp_path):
     """A script that reads log_dir, logs hyper-parameters or writes through tb.writer before run_epochs: the
     resume_at of the fit's beginning still applies (the writer's file is closed and rewritten with the rest)."""

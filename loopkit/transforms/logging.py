@@ -235,7 +235,7 @@ class LoggingStep(WrapperStep):
             new = _with_run_dirs(new, _run_dirs(self.loggers), fresh=True)  # (new: by _taken)
             self.held.first = False
         elif self.held.first:  # (a fit's first call: the folders it goes on in, though no log point is reached)
-            new = _with_run_dirs(new, _run_dirs(self.loggers), self.inner.returns_fresh_state)
+            new = _with_run_dirs(new, _run_dirs(self.loggers, claim=True), self.inner.returns_fresh_state)
             self.held.first = False
         return new, metrics
 
@@ -402,15 +402,18 @@ def _resume_at(resume_at: Callable[..., Any], at: tuple[int, int, int], finishes
         resume_at(step, epoch, batch_index, finishes_epoch=finishes)
 
 
-def _run_dirs(loggers: tuple[Any, ...]) -> dict[int, str]:
+def _run_dirs(loggers: tuple[Any, ...], claim: bool = False) -> dict[int, str]:
     """The run folder (``log_dir``) of each logger that can be told it (``continues_from``: the file loggers), by
-    index: where the rows of the state it logs are (:data:`RUN_DIRS`). Read at a fit's first call (claiming the
-    folder of a logger with ``version=None`` then, not at its first write: a fit that logs only its epochs' records
-    records it too) and at each log point."""
+    index: where the rows of the state it logs are (:data:`RUN_DIRS`). Read at each log point, and at a fit's first
+    call, which ``claim``s them (:meth:`loopkit.RunDirLogger.claim_for_fit`: the folder of a logger with
+    ``version=None`` is claimed then, not at its first write, so that a fit that logs only its epochs' records
+    records it too, and it is counted as the fit's, so that a fresh fit next, another run, takes a folder of its own
+    even when this one fails before its first row: the state that failure left goes on in it)."""
     folders = {}
     for i, logger in enumerate(loggers):
         if callable(getattr(logger, "continues_from", None)):
-            folder = getattr(logger, "log_dir", None)
+            claim_for_fit = getattr(logger, "claim_for_fit", None) if claim else None
+            folder = claim_for_fit() if callable(claim_for_fit) else getattr(logger, "log_dir", None)
             if isinstance(folder, (str, os.PathLike)):
                 folders[i] = os.path.normpath(os.path.abspath(folder))
     return folders
@@ -533,7 +536,9 @@ def with_logging(step: Any, *loggers: Any, every_n_steps: int = 50) -> LoggingSt
     (``logging/run_dirs``, claimed at a fit's first step): a fit going on from a state a logger logged to another
     folder than its last fit's (model A trained further after model B went on, fresh, with the same step) goes on
     in the next ``version_N``, with a warning naming both, and leaves the other run's records as they are; a retry,
-    or a run resumed from a checkpoint, goes on in its folder, as before.
+    or a run resumed from a checkpoint, goes on in its folder, as before. The folder claimed is the fit's even when
+    it fails before its first row: a fresh fit next (another model, or the same again from scratch) takes the next
+    ``version_N``, so that the state the failure left goes on in a folder no other run wrote to.
 
     >>> import os, tempfile, torch
     >>> from loopkit import TrainState, train_step, run_epochs

@@ -1035,6 +1035,85 @@ def test_a_state_continued_after_another_run_logged_with_the_same_step_leaves_th
         assert_series(a_first[tag] + a_then[tag], reference[tag], rel=1e-6)
 
 
+@pytest.mark.filterwarnings("ignore:run_epochs. an epoch has 4 training batches, fewer than the logging interval")
+@pytest.mark.parametrize("kinds", [(CSVLogger,), (TensorBoardLogger,), (TensorBoardLogger, CSVLogger, JSONLLogger)])
+def test_a_fit_that_failed_before_its_first_row_keeps_its_folder_from_the_next_fresh_fit(
+    kinds, tmp_path, make_mlp, make_batches, make_sgd_state
+):
+    """One with_logging step: model A's fit claims version_0 at its first step and fails at its third, before any
+    row (rows every 100 steps, validations at epochs' ends); then a fresh model B trains with the same step; then A
+    goes on from the state its failure left. B wrote into version_0 (A had logged nothing there) and A's state
+    recorded version_0, so A's fit rewound it to A's step: B's later records were deleted, A's written there. Now
+    A's claim counts as its fit's: B takes version_1, A goes on in a folder of its own (version_2, warned), and
+    version_0 is left without a record (its hyper-parameters only); a plain retry of A from a fresh state after
+    such a failure also takes a folder of its own, unwarned. Reference: B's files read before A went on; A and B
+    each run uninterrupted, with loggers made anew."""
+    batches = make_batches(4)
+    evaluator = eval_step(mse_metric)
+    calls = [None]  # (the loss's calls since armed with 0: the third fails, once)
+
+    def loss(model, batch):
+        if calls[0] is not None:
+            calls[0] += 1
+            if calls[0] == 3:
+                calls[0] = None
+                raise RuntimeError("boom")
+        return loss_with_mae(model, batch)
+
+    def fit(step, state):
+        return run_epochs(step, state, batches, epochs=2, val=(evaluator, batches[:2]), progress=False)[0]
+
+    def fails(step, state):
+        calls[0] = 0
+        with pytest.raises(RuntimeError, match="boom") as error:
+            fit(step, state)
+        return loopkit.state_at_error(error.value)
+
+    def step_of(root):
+        loggers = [kind(root, "r") for kind in kinds]
+        loggers[0].log_hparams({"lr": 0.1})  # (written into the folder as the failed fit ends)
+        return with_logging(train_step(loss), *loggers, every_n_steps=100)
+
+    def no_records(folder):
+        return not scalars(str(folder), "train/loss_epoch") and not {"metrics.csv", "metrics.jsonl"} & {
+            *os.listdir(folder)}
+
+    def rows(folder):
+        tags = ("val/mse", "train/loss_epoch", "train/mae_epoch")  # (no window's row: every 100 steps)
+        if kinds[0] is CSVLogger:
+            return {tag: csv_series(folder, tag) for tag in tags}
+        return {tag: scalars(str(folder), tag) for tag in tags}
+
+    run = tmp_path / "reused" / "r"
+    step = step_of(tmp_path / "reused")
+    a = fails(step, make_sgd_state(make_mlp(seed=0)))
+    assert (a.step, a.epoch) == (2, 0) and sorted(os.listdir(run)) == ["version_0"]
+    fit(step, make_sgd_state(make_mlp(seed=1)))  # B
+    files = _logged_files if len(kinds) == 3 else rows
+    b = files(run / "version_1")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(step, a)
+    assert sorted(os.listdir(run)) == ["version_0", "version_1", "version_2"]
+    assert no_records(run / "version_0") and files(run / "version_1") == b  # (B's records kept)
+    assert len([w for w in caught if "version_0" in str(w.message) and "version_1" in str(w.message)]) == 1
+    fit(step_of(tmp_path / "a"), make_sgd_state(make_mlp(seed=0)))
+    fit(step_of(tmp_path / "b"), make_sgd_state(make_mlp(seed=1)))
+    a_alone, b_alone = rows(tmp_path / "a" / "r" / "version_0"), rows(tmp_path / "b" / "r" / "version_0")
+    assert all(a_alone.values()) and all(b_alone.values())
+    for folder, reference in ((run / "version_1", b_alone), (run / "version_2", a_alone)):
+        for tag, series in rows(folder).items():
+            assert_series(series, reference[tag], rel=1e-6)
+    fails(step, make_sgd_state(make_mlp(seed=0)))  # (in version_3, which it leaves without a record)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(step, make_sgd_state(make_mlp(seed=0)))  # (retried from a fresh state)
+    assert not [w for w in caught if "version_" in str(w.message) or "replaces" in str(w.message)]
+    assert sorted(os.listdir(run)) == [f"version_{k}" for k in range(5)] and no_records(run / "version_3")
+    for tag, series in rows(run / "version_4").items():
+        assert_series(series, a_alone[tag], rel=1e-6)
+
+
 def _hparams_tab(folder):
     """What TensorBoard's HPARAMS tab shows of a run folder: its summaries' tags, hyper-parameters and metrics."""
     from tensorboard.plugins.hparams import plugin_data_pb2
