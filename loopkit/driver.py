@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import inspect
 import itertools
 import math
@@ -333,23 +334,32 @@ def _one_step_per_batch(parallel: str | None) -> str:
     return f"{parallel or 'data-parallel training'} needs one step per batch on every rank"
 
 
-def _while_every_rank_has_one(batches: Iterator[Any], epoch: int, done: int, parallel: str | None) -> Iterator[Any]:
-    """``batches`` (data not counted by its length, under DDP: :func:`_counted_by_len`) while every rank has one:
-    before each, the ranks agree
-    (a collective) that none has run out, and the epoch ends on all of them when one has, the others' further
-    batches dropped with a warning. Without it a rank whose data ended would go on to the epoch's end while the
-    others wait in their step's all-reduce (until the process group's timeout, 30 minutes by default). ``parallel``:
-    the data-parallel transform in use, named in the warning (:func:`_one_step_per_batch`)."""
+def _train_data_dropped(epoch: int, parallel: str | None, count: int) -> str:
+    """The warning of a rank whose ``train_data`` has more batches after ``count`` of epoch ``epoch``, where another
+    rank's ended (:func:`_while_every_rank_has_one`); ``parallel`` as :func:`_one_step_per_batch` takes it.
+
+    >>> _train_data_dropped(1, "with_ddp", 2)[:68]
+    "run_epochs: epoch 1: another rank's train_data ended after 2 batches"
+    """
+    return (f"run_epochs: epoch {epoch}: another rank's train_data ended after {count} batches, this rank's has more; "
+            f"the epoch ends here on every rank ({_one_step_per_batch(parallel)}), and this rank's further batches "
+            "are not trained on: shard the data evenly")
+
+
+def _while_every_rank_has_one(
+    batches: Iterator[Any], done: int, dropped: Callable[[int], str], who: str = "run_epochs"
+) -> Iterator[Any]:
+    """``batches`` (data not counted by its length, under a process group: :func:`_counted_by_len`) while every rank
+    has one: before each, the ranks agree (a collective) that none has run out, and the reading ends on all of them
+    when one has, the others' further batches dropped with a warning, ``dropped(count)`` (``count``: the batches read
+    before, ``done`` of them before this call, a resumed epoch's). Without it a rank whose data ended would go on to
+    the end while the others wait in a collective of their next batch (until the process group's timeout, 30
+    minutes by default): under DDP a training step's all-reduce, under ``with_fsdp`` any forward's all-gather, an
+    evaluation's too (:func:`_read_together_under_fsdp`). ``who``: what a failed vote names."""
     for count, batch in enumerate(itertools.chain(batches, (_END,)), start=done):
-        if _collective.any_rank(batch is _END):
+        if _collective.any_rank(batch is _END, who=who):
             if batch is not _END:
-                warnings.warn(
-                    f"run_epochs: epoch {epoch}: another rank's train_data ended after {count} batches, this rank's "
-                    f"has more; the epoch ends here on every rank ({_one_step_per_batch(parallel)}), and this "
-                    "rank's further batches are not trained on: shard the data evenly",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
+                warnings.warn(dropped(count), RuntimeWarning, stacklevel=2)
             return
         yield batch
 
@@ -612,7 +622,11 @@ def evaluate(
     evaluates its own ``data`` (e.g. ``loopkit.distributed.shard(val_set, pad=False)``) and
     the sums and sample counts of all ranks are added in one collective, so every rank
     returns the same means, each sample counted once: every rank must call ``evaluate``
-    then. ``reduce=False`` returns this rank's own means (for an evaluation on one rank only). Each rank's model
+    then. Under ``with_fsdp`` (each forward gathers the parameters from every rank) every rank must read as many
+    batches: data with a length of another number of batches on one rank is refused on every rank, and a stream (an
+    ``IterableDataset``'s loader, whose ``len()`` is an estimate, or data without a length) is read while every rank
+    has a batch (one small collective a batch), the means over those, other ranks' further batches left out with a
+    warning. ``reduce=False`` returns this rank's own means (for an evaluation on one rank only). Each rank's model
     keeps its own buffers (BatchNorm's statistics); ``with train_step.validating(state): evaluate(...)`` evaluates
     with those ``run_epochs`` validates with (under ``with_ddp``: rank 0's).
     ``device`` places the batches (``"auto"``: the accelerator torch finds, else the CPU); the model must be there
@@ -685,13 +699,14 @@ def _evaluate(
     size_warning = _SizeWarning("evaluate") if size_warning is None else size_warning
     limit = _check_limit(limit, "limit")
     count = _num_batches(data, limit, "limit", shard=reduce)  # (reduced: a rank's empty shard reads nothing)
-    if reduce:
-        _refuse_uneven_under_fsdp(state, count, "evaluate")
+    together = reduce and _read_together_under_fsdp(state, data, count, "evaluate")
     move = _mover(device, state)
     sums: dict[str, torch.Tensor] = {}
     sizes: dict[str, int] = {}
     with _generators_kept(data) if seeded else contextlib.nullcontext():
         batches = _epoch_batches(data, state.seed, state.step, 0, count) if seeded else itertools.islice(data, count)
+        if together:
+            batches = _read_together(batches, who)
         read = 0
         rngs = _evaluation_rngs(state)
         progress = ProgressBar(enabled=bar is not None, total=count, desc=bar or "", leave=False)
@@ -721,12 +736,16 @@ def _evaluation_rngs(state: TrainState) -> Iterator[dict[str, torch.Tensor]]:
     return batch_rngs(state.rng or global_rng_state(index), index)
 
 
-def _refuse_uneven_under_fsdp(state: TrainState, count: int | None, where: str) -> None:
-    """Refuse, on every rank, data of as many batches on no two ranks under ``with_fsdp``: each forward gathers the
-    parameters from every rank, so a rank with a batch more waits for the others forever (a collective every rank
-    calls, under a process group with a sharded model only; data without a length is not checked)."""
+def _read_together_under_fsdp(state: TrainState, data: Iterable, count: int | None, where: str) -> bool:
+    """Whether ``data`` (``count`` batches of it: :func:`_num_batches`) must be read through a vote per batch
+    (:func:`_read_together`): under ``with_fsdp`` each forward gathers the parameters from every rank, so a rank
+    with a batch more would wait for the others forever. Data counted by its length (:func:`_counted_by_len`) of as
+    many batches on no two ranks is refused on every rank first, naming the counts; data not counted by its length
+    (an ``IterableDataset``'s loader, whose ``len()`` is an estimate, or data without one) is read while every rank
+    has a batch. A collective every rank calls, under a process group with a sharded model only (False without one:
+    no work at all)."""
     if not _collective.active() or not fsdp_modules(list(core_module(state.model).modules())):
-        return
+        return False
     counts = _collective.gather(count, who=where, what="the gather of every rank's number of batches")
     if None not in counts and len(set(counts)) > 1:  # type: ignore[operator, arg-type]
         raise ValueError(
@@ -734,6 +753,17 @@ def _refuse_uneven_under_fsdp(state: TrainState, count: int | None, where: str) 
             f"every rank), but the ranks' data hold {counts} batches: shard it with loopkit.distributed.shard(..., "
             "pad=True) (as Lightning's sampler pads), or pass limit= no larger than the fewest"
         )
+    return not _counted_by_len(data)
+
+
+def _read_together(batches: Iterable[Any] | None, who: str) -> Iterator[Any]:
+    """``batches`` (None: none) while every rank has one (:func:`_while_every_rank_has_one`), for an evaluation or a
+    prediction under ``with_fsdp`` (:func:`_read_together_under_fsdp`); ``who``: what its warning and a failed vote
+    name (``evaluate``, ``run_epochs' validation``, ``predict``)."""
+    return _while_every_rank_has_one(iter(() if batches is None else batches), 0, lambda count: (
+        f"{who}: another rank's data ended after {count} batches, this rank's has more; {who} ends here on every "
+        "rank (under with_fsdp each forward gathers the parameters from every rank), and this rank's further batches "
+        "are left out: shard the data evenly"), who)
 
 
 def predict(
@@ -750,7 +780,9 @@ def predict(
     does (the model must be there already). ``limit`` takes the first batches only,
     as ``evaluate``'s does (Lightning's ``limit_predict_batches``): a count, or a fraction of ``len(data)``.
     Several data sets, as ``evaluate`` takes them, give each set's outputs: a list of DataLoaders a list of
-    lists (Lightning's ``trainer.predict(dataloaders=[a, b])``), a mapping of named sets a dict.
+    lists (Lightning's ``trainer.predict(dataloaders=[a, b])``), a mapping of named sets a dict. Under ``with_fsdp``
+    every rank must read as many batches, as ``evaluate``'s: data with a length of another number on one rank is
+    refused, a stream is read while every rank has a batch (the outputs of those).
 
     >>> import torch
     >>> from loopkit.state import TrainState
@@ -776,8 +808,9 @@ def predict(
     _check_data(data, "predict: data")
     limit = _check_limit(limit, "limit")
     count = _num_batches(data, limit, "limit")
-    _refuse_uneven_under_fsdp(state, count, "predict")
     batches = data if limit is None else itertools.islice(data, count)
+    if _read_together_under_fsdp(state, data, count, "predict"):
+        batches = _read_together(batches, "predict")
     model = state.model
     move = _mover(device, state)
     outputs = []
@@ -2427,7 +2460,8 @@ def run_epochs(
                     warnings.warn(empty + "; stopping here", RuntimeWarning, stacklevel=2)
                     break
                 if not sized and _collective.active():  # each rank's data may end after another number of batches
-                    batches = _while_every_rank_has_one(batches, state.epoch, state.batch_index, parallel)
+                    batches = _while_every_rank_has_one(batches, state.batch_index, functools.partial(
+                        _train_data_dropped, state.epoch, parallel))
                 if not EPOCH.holds(state.extras):  # kept from a checkpoint taken mid-epoch
                     state = replace_extras(state, EPOCH.start(state.extras))
                 if state.batch_index == 0:  # (a resumed epoch keeps its own)

@@ -33,6 +33,9 @@ rank trains on its half of every global batch of ``make_data``; the test builds 
 - ``unfreeze``: docs/from_lightning.md's ``BackboneFinetuning`` recipe, the first layer frozen until epoch 1, 3 epochs
   of 2 batches, and the same run stopped after epoch 1 (before the unfreeze) and after epoch 2, each resumed from its
   state dict to the end.
+- ``stream_val`` (a launch of its own, with a short collective timeout: it hung): validation data streamed
+  unevenly (3 batches on rank 0, 2 on rank 1) with a ``len()`` of 3 and without one, through ``evaluate``,
+  ``predict`` and a fit's validations.
 - ``norm_collectives``: the all-reduces of ``with_grad_norm``'s and ``with_grad_clip``'s gradient hooks on sharded
   gradients, counted, with their norms and clipped gradients.
 """
@@ -536,6 +539,62 @@ def uneven_val(rank: int, out_dir: str) -> dict[str, Any]:
     return {"refused": refused, "then": loopkit.evaluate(evaluator, state, [val[0, rank]])}  # (the ranks still agree)
 
 
+class _Stream(torch.utils.data.IterableDataset):
+    """``batches``, a stream's shard: no ``len()`` (a DataLoader over it has none)."""
+
+    def __init__(self, batches: list[torch.Tensor]) -> None:
+        self.batches = batches
+
+    def __iter__(self):
+        return iter(self.batches)
+
+
+class _SizedStream(_Stream):
+    """A ``_Stream`` whose ``len()`` says ``length`` batches (an estimate, as torch takes an IterableDataset's)."""
+
+    def __init__(self, batches: list[torch.Tensor], length: int) -> None:
+        super().__init__(batches)
+        self.length = length
+
+    def __len__(self) -> int:
+        return self.length
+
+
+def stream_val(rank: int, out_dir: str) -> dict[str, Any]:
+    """Validation data that streams 3 batches on rank 0 and 2 on rank 1, through a DataLoader whose ``len()`` says
+    3 on both (torch's estimate of an IterableDataset's), and without a length: ``evaluate``, ``predict`` and a
+    fit's validations end after 2 batches on both ranks, rank 0's third dropped with a warning (they hung: rank 0's
+    third forward waited in its all-gather while rank 1 had ended). One step of ``sgd``'s first, then a fit of one
+    epoch validated on the sized stream; the warnings each call gave (their messages)."""
+    import warnings
+
+    import loopkit
+    from torch.utils.data import DataLoader
+
+    data, val = make_data(1), make_data(3, seed=99)
+    state, _ = _loop(loopkit.with_fsdp(loopkit.train_step(mse), shard=SHARD), make_state("sgd"), [data[0, rank]])
+    evaluator = loopkit.eval_step(lambda m, b: {"mse": mse(m, b)})
+    mine = [val[i, rank] for i in range(3 - rank)]
+    loaders = {"sized": lambda: DataLoader(_SizedStream(mine, 3), batch_size=None),
+               "unsized": lambda: DataLoader(_Stream(mine), batch_size=None)}
+    result: dict[str, Any] = {}
+
+    def caught(name: str, call: Any) -> None:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            result[name] = call()
+        result[f"{name}_warnings"] = [str(w.message) for w in seen]
+
+    for kind, loader in loaders.items():
+        caught(f"evaluate_{kind}", lambda: loopkit.evaluate(evaluator, state, loader()))
+        caught(f"predict_{kind}", lambda: loopkit.predict(lambda m, b: m(b[:, :D_IN]), state, loader()))
+    fit_step = loopkit.with_fsdp(loopkit.train_step(mse), shard=SHARD)
+    caught("fit", lambda: _fit(fit_step, make_state("sgd"), data, rank, 1,
+                               val=(evaluator, loaders["sized"]()))[1])
+    result["then"] = loopkit.evaluate(evaluator, state, [val[0, rank]])  # (the ranks still agree)
+    return result
+
+
 def unfreeze(rank: int, out_dir: str) -> dict[str, Any]:
     """A fit that unfreezes its first layer at epoch 1, uninterrupted, and stopped before or after the unfreeze then
     resumed (each from its gathered state dict, in a template with the run's groups then); records whether the
@@ -562,7 +621,7 @@ def unfreeze(rank: int, out_dir: str) -> dict[str, Any]:
 
 SCENARIOS = {f.__name__: f for f in (sgd, adam, accum, accum_outer, clip, nan, nan_raise, uneven, bf16, cut, resume, bn, bn_ddp, bn_cut,
                                      bn_nobroadcast, bn_resume, stop_mid_group, gather_to_rank_zero, norm_collectives, empty_shard,
-                                     shard_grad_op, uneven_val, unfreeze)}
+                                     shard_grad_op, uneven_val, stream_val, unfreeze)}
 
 
 def main(out_dir: str, scenarios: list[str]) -> None:

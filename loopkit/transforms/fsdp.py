@@ -593,7 +593,9 @@ def with_fsdp(
 
     The step must be donated (``loopkit.donate``; ``run_epochs`` donates): a call that is not
     raises ``TypeError``. Every rank must call the step, and validate, the same number of times
-    (shard the data with ``loopkit.distributed.shard``), and, as torch's FSDP requires, run the
+    (shard the data with ``loopkit.distributed.shard``; ``run_epochs``, ``evaluate`` and ``predict`` refuse data
+    with a length of another number of batches on one rank, and read a stream, with a ``len()`` or without, while
+    every rank has a batch), and, as torch's FSDP requires, run the
     same sharded submodules in each forward and give gradients to the same parameters in each
     backward (no data-dependent branches that skip a layer on one rank: its all-gather or
     reduce-scatter would wait for the others); a ``loss_fn`` that returns None (skips the batch)

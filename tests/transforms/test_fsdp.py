@@ -30,7 +30,8 @@ from tests._finetune import UNFREEZE_AT, UNFREEZE_EPOCHS, frozen_state
 from tests.conftest import assert_params_close, assert_ranks_identical
 
 TOL = 1e-6
-SCENARIOS = [name for name in fsdp.SCENARIOS if not name.endswith("resume")]  # resume: a second launch, after cut
+# resume: a second launch, after cut; stream_val: a launch of its own, with a short collective timeout (it hung)
+SCENARIOS = [name for name in fsdp.SCENARIOS if not name.endswith("resume") and name != "stream_val"]
 
 
 @pytest.fixture(scope="module")
@@ -134,6 +135,37 @@ def test_validation_data_of_unequal_lengths_is_refused_on_every_rank_naming_the_
             assert f"{where}: under with_fsdp every rank must read as many batches" in uneven[r]["refused"][where]
             assert "hold [2, 1] batches" in uneven[r]["refused"][where] and "pad=True" in uneven[r]["refused"][where]
     assert uneven[0]["then"] == uneven[1]["then"]
+
+
+def test_streamed_validation_data_ends_on_every_rank_with_the_shortest_shard(tmp_path):
+    """Data that streams 3 batches on rank 0 and 2 on rank 1, with a ``len()`` of 3 (torch's estimate) or without
+    one: ``evaluate``, ``predict`` and a fit's validations end after 2 batches on both ranks (a vote before each
+    batch), rank 0's third dropped with a warning. They hung (rank 0's third forward waited in its all-gather):
+    a collective timeout of 5 s makes a hang a failure in seconds."""
+    from tests._ddp_script import load, torchrun
+
+    done = torchrun(str(tmp_path), ["stream_val"], timeout=90, script=os.path.abspath(fsdp.__file__),
+                    env={"LOOPKIT_TEST_TIMEOUT": "5"})
+    assert done.returncode == 0, done.stdout[-4000:]
+    results = load(str(tmp_path), "stream_val")
+    val = fsdp.make_data(3, seed=99)[:2]  # the batches both ranks read
+    model, _, _ = raw_loop("sgd", fsdp.make_data(1), epochs=1)
+    dropped = "another rank's data ended after 2 batches, this rank's has more"
+    for r, result in enumerate(results):
+        for kind in ("sized", "unsized"):
+            assert result[f"evaluate_{kind}"]["mse"] == pytest.approx(_val_mse(model, val), abs=1e-6)
+            assert len(result[f"predict_{kind}"]) == 2
+            with torch.no_grad():
+                for i, out in enumerate(result[f"predict_{kind}"]):
+                    assert (out - model(val[i, r, :, :fsdp.D_IN])).abs().max() <= 1e-6
+            for where in ("evaluate", "predict"):
+                warned = [w for w in result[f"{where}_{kind}_warnings"] if dropped in w]
+                assert len(warned) == (1 - r), (r, kind, where, result[f"{where}_{kind}_warnings"])
+                assert all(w.startswith(f"{where}: ") and "with_fsdp" in w for w in warned)
+        assert result["fit"][0]["val/mse"] == pytest.approx(_val_mse(model, val), abs=1e-6)
+        warned = [w for w in result["fit_warnings"] if dropped in w]  # (the sanity check reads 2 batches: no warning)
+        assert len(warned) == 1 - r and all(w.startswith("run_epochs' validation: ") for w in warned)
+    assert results[0]["evaluate_sized"] == results[1]["evaluate_sized"] and results[0]["then"] == results[1]["then"]
 
 
 def test_grad_accum_with_a_partial_group_flushed_at_each_epoch_end(ranks):
