@@ -298,13 +298,15 @@ def from_rank_zero(value: int, *, who: str, what: str) -> int:
 
 
 def check_same(
-    values: Mapping[str, object], what: str, who: str = "run_epochs", *,
+    values: Mapping[str, object], what: str | Mapping[str, str], who: str = "run_epochs", *,
     error: Callable[[str], Exception] = RuntimeError, advice: str = "",
 ) -> None:
     """Raise ``error`` (a ``RuntimeError`` unless given) naming the first rank whose ``values`` differ from rank
     0's, and the values that differ (all of them where the ranks have other keys): a collective every rank must
-    call at the same point; nothing outside a process group. A failed gather raises :func:`failure`'s error naming
-    ``who`` (and giving ``advice``: how every rank reaches it).
+    call at the same point; nothing outside a process group. ``what`` begins the message: one text, or one for
+    each key (several facts checked in one gather; the texts of the keys that differ begin it, see
+    :func:`_what_differs`). A failed gather raises :func:`failure`'s error naming ``who`` (and giving ``advice``:
+    how every rank reaches it).
 
     >>> check_same({"step": 3}, "run_epochs")
     """
@@ -314,8 +316,23 @@ def check_same(
         dict(values), who=who, what="the gather that checks every rank agrees with rank 0", advice=advice)
     for rank, other in enumerate(gathered):
         if other != gathered[0]:
-            raise error(f"{what}: rank {rank} has {_unlike(other, gathered[0])}, "
+            differs = _unlike(other, gathered[0])
+            raise error(f"{_what_differs(what, differs)}: rank {rank} has {differs}, "
                         f"rank 0 has {_unlike(gathered[0], other)}")
+
+
+def _what_differs(what: str | Mapping[str, str], differs: Mapping[str, object]) -> str:
+    """The beginning of :func:`check_same`'s message: ``what`` itself, or the texts ``what`` gives the keys that
+    differ, each once, joined by "; " (all of its texts where no key of it differs: the ranks have other keys).
+
+    >>> texts = {"batches": "another number of batches", "flags": "other flags"}
+    >>> _what_differs("the ranks differ", {"a": 1}), _what_differs(texts, {"flags": []})
+    ('the ranks differ', 'other flags')
+    """
+    if isinstance(what, str):
+        return what
+    texts = [what[key] for key in differs if key in what] or list(what.values())
+    return "; ".join(dict.fromkeys(texts))
 
 
 def _unlike(values: dict[str, object], others: dict[str, object]) -> dict[str, object]:

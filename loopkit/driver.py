@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import functools
+import hashlib
 import inspect
 import itertools
 import math
@@ -332,6 +333,31 @@ def _one_step_per_batch(parallel: str | None) -> str:
     'data-parallel training needs one step per batch on every rank'
     """
     return f"{parallel or 'data-parallel training'} needs one step per batch on every rank"
+
+
+_FROZEN_LISTED = 16  # the names of parameters without requires_grad that the ranks' check at an epoch's start sends
+
+
+def _frozen(model: torch.nn.Module) -> dict[str, list[str]]:
+    """Which parameters of ``model`` require no gradient, for the ranks' check at an epoch's start (with the epoch's
+    number of batches, in one gather): their names, in the model's order, up to ``_FROZEN_LISTED`` of them, then a
+    line with how many more and a digest of every name (the gather stays small, and any difference still shows).
+    Those DDP is told to ignore (``_ddp_params_and_buffers_to_ignore``) are left out, as ``with_ddp`` leaves them.
+
+    >>> model = torch.nn.Sequential(torch.nn.Linear(1, 1), torch.nn.Linear(1, 1))
+    >>> _ = model[0].requires_grad_(False)
+    >>> _frozen(model)
+    {'requires_grad off': ['0.weight', '0.bias']}
+    >>> _frozen(torch.nn.Sequential(*(torch.nn.Linear(1, 1) for _ in range(9))).requires_grad_(False))[
+    ...     "requires_grad off"][-2:]
+    ['7.bias', '... and 2 more (digest c6daa07b5ff6ec90)']
+    """
+    ignored = set(getattr(model, "_ddp_params_and_buffers_to_ignore", ()))
+    names = [name for name, p in model.named_parameters() if not p.requires_grad and name not in ignored]
+    if len(names) > _FROZEN_LISTED:
+        digest = hashlib.blake2b("\n".join(names).encode(), digest_size=8).hexdigest()
+        names = [*names[:_FROZEN_LISTED], f"... and {len(names) - _FROZEN_LISTED} more (digest {digest})"]
+    return {"requires_grad off": names}
 
 
 def _train_data_dropped(epoch: int, parallel: str | None, count: int) -> str:
@@ -2344,7 +2370,8 @@ def run_epochs(
     if validates:  # (a shard empty on this rank: fine if another rank's holds data; decided by every rank alike)
         _refuse_val_empty_on_every_rank(val_sets.names(), empty_val)  # type: ignore[union-attr]
     parallel = next((t for t in ("with_ddp", "with_fsdp") if t in step.applied), None)
-    check_sharding = _collective.active() and parallel is not None  # (at the fit's first batch)
+    flags_checked = _collective.active() and parallel is not None  # (requires_grad, at each epoch's start)
+    check_sharding = flags_checked  # (at the fit's first batch)
     sharded_run = "with_fsdp" in step.applied
     deferred_stop = False  # a callback's stop asked inside an accumulation group (several ranks, or with_fsdp): at its end
     given = state
@@ -2443,9 +2470,17 @@ def run_epochs(
                     _warn_of_a_long_log_interval(step, total, state.epoch)
                 # (not counted by a length, an epoch stopped at its last batch is found by a look ahead)
                 sized = _counted_by_len(data)
-                _collective.check_same({"batches": total}, f"run_epochs: epoch {state.epoch} has another number of "
-                                       f"batches on each rank, and {_one_step_per_batch(parallel)} (shard the data "
-                                       "evenly)")
+                # (and, where the step is data-parallel, the parameters' requires_grad: a rank whose callback changed
+                # it alone would build its wrapper alone at the epoch's first step, and wait until the timeout)
+                _collective.check_same(
+                    {"batches": total, **(_frozen(state.model) if flags_checked else {})},
+                    {"batches": f"run_epochs: epoch {state.epoch} has another number of batches on each rank, and "
+                                f"{_one_step_per_batch(parallel)} (shard the data evenly)",
+                     "requires_grad off": f"run_epochs: the parameters' requires_grad differs between the ranks at "
+                                          f"the start of epoch {state.epoch} (changed on some ranks only: in "
+                                          f"on_epoch_start, or before the fit), and {parallel} reduces the gradients "
+                                          "of the parameters that require one, the same on every rank (change "
+                                          "requires_grad alike on every rank)"})
                 batches = _epoch_batches(data, state.seed, state.epoch, state.batch_index, total,
                                          None if _collective.active() else state.extras.get(_EPOCH_RNGS))
                 elsewhere = False  # (data without a length under DDP: another rank's yielding none ends it here too)

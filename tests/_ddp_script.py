@@ -54,6 +54,8 @@ no expected values. Scenarios:
   run stopped after epoch 1 (before the unfreeze) and after epoch 2, each resumed from its state dict to the end.
 - ``flags_apart``: ``requires_grad`` set otherwise on each rank, mid-fit (each rank rebuilds its wrapper) and at a
   first call: refused on every rank, the state left usable (the flags put alike, the fit goes on).
+  ``flags_apart_epoch``: ``unfreeze``'s fit with the layer unfrozen on rank 1 alone in ``on_epoch_start``, then a fit
+  whose last bias rank 1 froze alone before it: refused at the epoch's start, the state left usable.
 - ``resume``: ``run_epochs`` with ``with_checkpointing(every_n_steps=1)`` from the newest
   checkpoint in ``OUT_DIR/ckpt``; with ``LOOPKIT_TEST_DIE=N`` rank 1 of the first attempt exits
   hard in batch N + 1, after the checkpoint of batch N (written once batch N's hooks have run).
@@ -1184,6 +1186,56 @@ def flags_apart(rank: int) -> dict[str, Any]:
     return {**seen, "params": _params(state.model), "step": state.step}
 
 
+class LoneUnfreeze:
+    """``Unfreeze`` on the ranks in ``ranks`` only: the first layer unfrozen (and its group added) at epoch
+    ``UNFREEZE_AT``, once (a later fit of a rank that unfroze it already leaves it)."""
+
+    def __init__(self, rank: int, ranks: set[int]) -> None:
+        self.rank, self.ranks = rank, ranks
+
+    def on_epoch_start(self, state: Any) -> None:
+        layer = state.model[0]
+        due = state.epoch == UNFREEZE_AT and state.batch_index == 0 and self.rank in self.ranks
+        if due and not layer.weight.requires_grad:
+            layer.requires_grad_(True)
+            state.optimizer.add_param_group({"params": list(layer.parameters()), "lr": 0.05})
+
+
+def flags_apart_epoch(rank: int) -> dict[str, Any]:
+    """``unfreeze``'s fit with the layer unfrozen on rank 1 alone (``LoneUnfreeze``), then a fit whose state rank 1
+    changed alone before it (its last bias frozen): each refused on every rank at the epoch's start, before any
+    step of it (before: rank 1 built its wrapper alone at the epoch's first step, and waited in its check of the
+    flags until the timeout), leaving a usable state: the flags put alike, the fit goes on from it."""
+    import loopkit
+
+    data = list(make_data(2)[:, rank])
+    step = loopkit.with_ddp(loopkit.train_step(mse))
+    lone = LoneUnfreeze(rank, {1})
+    seen: dict[str, Any] = {}
+
+    def fit(state: Any, epochs: int = UNFREEZE_EPOCHS) -> Any:
+        return loopkit.run_epochs(step, state, data, epochs=epochs, callbacks=[lone], progress=False)[0]
+
+    state = frozen_state(make_model())
+    try:
+        fit(state)
+        seen["epoch"] = "not refused"
+    except RuntimeError as e:
+        seen["epoch"], state = str(e), loopkit.state_at_error(e)
+        seen["at"] = (state.epoch, state.batch_index, state.step)
+    lone.ranks = {0, 1}  # alike on every rank: the fit goes on from the state the error left
+    state = fit(state)
+    fresh = frozen_state(make_model())
+    fresh.model[2].bias.requires_grad_(rank == 0)
+    try:
+        fit(fresh, 1)
+        seen["before_fit"] = "not refused"
+    except RuntimeError as e:
+        seen["before_fit"], left = str(e), loopkit.state_at_error(e)
+        seen["before_fit_at"] = (left.epoch, left.batch_index, left.step)
+    return {**seen, "params": _params(state.model), "step": state.step}
+
+
 FLAGS_APART_STEPS = 4
 
 SCENARIOS = {
@@ -1191,7 +1243,7 @@ SCENARIOS = {
     for f in (plain, pure_accum, pure_two_heads, accum, accum_scheduled, accum_outer, bucket_views, static_graph, flush, two_heads, averaged_pruned, nan_skip, nan_raise, nan_raise_resumed, fp16, fit,
               stop_one_rank, callbacks_on_rank0, uneven, apart, swa_from_start, loss_error, buffers_apart, sparse_flush, stop_in_group,
               uneven_stream, uneven_sized_stream, even_stream, stream_runs_dry, val_one_sample, val_all_empty, kept_sampler, validating_evaluate,
-              unfreeze, flags_apart)
+              unfreeze, flags_apart, flags_apart_epoch)
 }
 
 WITH_OUT_DIR = {f.__name__: f for f in (pure, resume, signal_one_rank, signal_apart, signal_in_group, signal_spaced_votes,

@@ -199,7 +199,8 @@ class DDPSync:
         :class:`loopkit.steps.SyncRefusal` (a ``ValueError``) naming the parameters and the ranks, before anything
         changed (where each rank built with its own flags, gloo aborted the processes); a rank that changed them
         alone builds alone, and its comparison waits for the others until the process group's timeout, its error
-        then saying so.
+        then saying so (under ``run_epochs`` a change made on some ranks only in ``on_epoch_start``, or before the
+        fit, is refused at the epoch's start instead, on every rank, before the epoch's first step).
 
         ``extras`` is the state's: where it says the last forward ran under ``no_sync``
         (:data:`UNSYNCED_FORWARD`, :meth:`after_forward`), a new wrapper is what the one wrapper of an uninterrupted
@@ -398,7 +399,8 @@ def _refuse_flags_apart(model: torch.nn.Module) -> None:
     usable: put the flags alike on every rank and call again). One small all-gather a wrapper built (a first call,
     a change of the flags; never a call that reuses the wrapper), none in a group of one rank. A rank that changed
     its flags alone builds its wrapper alone: this gather then waits for the others until the process group's
-    timeout, and its error says so.
+    timeout, and its error says so (``run_epochs`` compares the flags at each epoch's start, and refuses such a
+    change there, on every rank, before the epoch's first step: a change in ``on_epoch_start`` or before the fit).
 
     >>> _refuse_flags_apart(torch.nn.Linear(1, 1))  # (no process group of several ranks: nothing to compare)
     """
@@ -466,8 +468,8 @@ def with_ddp(
     required them when it was built: a change of ``requires_grad`` (a backbone unfrozen by a
     callback) builds the wrapper anew at the next call, as a resumed run would (every rank
     must change the flags alike: flags that differ between the ranks are refused on every rank
-    when the wrapper is built; see :meth:`DDPSync.module`, and for a change inside an
-    accumulation group).
+    when the wrapper is built, and by ``run_epochs`` at each epoch's start; see
+    :meth:`DDPSync.module`, and for a change inside an accumulation group).
 
     With the other transforms, in any order:
 

@@ -17,7 +17,7 @@ import torch
 
 import loopkit
 from tests import _ddp_script as ddp
-from tests._finetune import UNFREEZE_EPOCHS, Unfreeze, frozen_state
+from tests._finetune import UNFREEZE_AT, UNFREEZE_EPOCHS, Unfreeze, frozen_state
 from tests.conftest import assert_equal_trees, assert_params_close, assert_ranks_identical
 
 TOL = 1e-6
@@ -697,6 +697,45 @@ def test_requires_grad_set_otherwise_on_each_rank_is_refused_on_every_rank_leavi
         state.model[0].requires_grad_(True)
     assert [r["step"] for r in flags_apart] == [ddp.FLAGS_APART_STEPS] * 2
     assert_params_close(flags_apart[0]["params"], state.model)
+
+
+@pytest.fixture(scope="module")
+def flags_apart_epoch(tmp_path_factory: pytest.TempPathFactory):
+    """The two ranks' results of the ``flags_apart_epoch`` scenario (a launch of its own, with a short timeout of
+    the process group: before, rank 1 waited in it)."""
+    out = str(tmp_path_factory.mktemp("ddp_flags_apart_epoch"))
+    done = ddp.torchrun(out, ["flags_apart_epoch"], timeout=90, env={"LOOPKIT_TEST_TIMEOUT": "10"})
+    assert done.returncode == 0, done.stdout[-4000:]
+    return ddp.load(out, "flags_apart_epoch")
+
+
+def test_requires_grad_changed_on_one_rank_alone_is_refused_at_the_epochs_start_leaving_the_state_usable(
+        flags_apart_epoch):
+    """A callback unfreezing a layer on rank 1 alone in on_epoch_start (and a change of rank 1 alone between fits):
+    rank 1 built its wrapper alone at the epoch's first step, its check of the flags waiting for the others until the
+    process group's timeout, while rank 0 trained on. Now run_epochs' check of the epoch's start compares the flags
+    too, in the same gather: every rank refuses before any step of the epoch, naming the parameters and the ranks,
+    and the state left goes on, the flags put alike, as the one-process run that unfroze the layer at that epoch."""
+    refused = (r"^run_epochs: the parameters' requires_grad differs between the ranks at the start of epoch {} "
+               r"\(changed on some ranks only: in on_epoch_start, or before the fit\), and with_ddp reduces .*"
+               r"\(change requires_grad alike on every rank\): ")
+    for result in flags_apart_epoch:
+        assert re.search(refused.format(UNFREEZE_AT) + re.escape(
+            "rank 1 has {'requires_grad off': []}, rank 0 has {'requires_grad off': ['0.weight', '0.bias']}") + "$",
+            result["epoch"]), result["epoch"]
+        assert result["at"] == (UNFREEZE_AT, 0, 2 * UNFREEZE_AT)  # before any step of the epoch
+        assert re.search(refused.format(0) + re.escape(
+            "rank 1 has {'requires_grad off': ['0.weight', '0.bias', '2.bias']}, "
+            "rank 0 has {'requires_grad off': ['0.weight', '0.bias']}") + "$", result["before_fit"]), \
+            result["before_fit"]
+        assert result["before_fit_at"] == (0, 0, 0)
+    assert_ranks_identical(flags_apart_epoch)
+    data = ddp.make_data(2)
+    batches = [torch.cat([data[i, 0], data[i, 1]]) for i in range(2)]
+    state, _ = loopkit.run_epochs(loopkit.train_step(ddp.mse), frozen_state(ddp.make_model()), batches,
+                                  epochs=UNFREEZE_EPOCHS, callbacks=[Unfreeze()], progress=False)
+    assert [r["step"] for r in flags_apart_epoch] == [2 * UNFREEZE_EPOCHS] * 2
+    assert_params_close(flags_apart_epoch[0]["params"], state.model)
 
 
 def test_a_ranks_lone_rebuild_says_in_its_error_that_every_rank_must_change_requires_grad_alike(group, monkeypatch):
