@@ -709,6 +709,7 @@ def _evaluate(
     reduce: bool, *, seeded: bool = False, size_warning: _SizeWarning | None = None, bar: str | None = None,
     who: str = "evaluate", advice: str = " (call evaluate on every rank, or evaluate(..., reduce=False) for one rank's "
                                          "own means)",
+    limit_name: str = "limit",
 ) -> tuple[dict[str, float], int]:
     """:func:`evaluate` without telling the step that it ended (``run_epochs``' validations: one profile spans them),
     and the number of batches it read (this rank's).
@@ -721,11 +722,12 @@ def _evaluate(
     ``size_warning`` warns of batches whose tensors differ in their first dimension (a new one when not given).
     ``bar``: the description of a bar that counts the batches (no metric read) and is cleared when done, as
     Lightning's validation bar (``run_epochs``' validations on a terminal); None: no bar. ``who`` and ``advice``:
-    what a failed reduction of the means names (:func:`loopkit._collective.means`)."""
+    what a failed reduction of the means names (:func:`loopkit._collective.means`); ``who`` and ``limit_name`` (the
+    caller's option for ``limit``): what a refusal of uneven data under ``with_fsdp`` names."""
     size_warning = _SizeWarning("evaluate") if size_warning is None else size_warning
     limit = _check_limit(limit, "limit")
     count = _num_batches(data, limit, "limit", shard=reduce)  # (reduced: a rank's empty shard reads nothing)
-    together = reduce and _read_together_under_fsdp(state, data, count, "evaluate")
+    together = reduce and _read_together_under_fsdp(state, data, count, who, limit_name)
     move = _mover(device, state)
     sums: dict[str, torch.Tensor] = {}
     sizes: dict[str, int] = {}
@@ -762,24 +764,48 @@ def _evaluation_rngs(state: TrainState) -> Iterator[dict[str, torch.Tensor]]:
     return batch_rngs(state.rng or global_rng_state(index), index)
 
 
-def _read_together_under_fsdp(state: TrainState, data: Iterable, count: int | None, where: str) -> bool:
+def _count_under_fsdp(data: Iterable, count: int | None) -> int | None:
+    """The number of batches of ``data`` (``count``: :func:`_num_batches`, after the limit) that every rank must read
+    as many of under ``with_fsdp``, checked before the reading; None for data not counted by its length
+    (:func:`_counted_by_len`: a stream, read while every rank has a batch instead).
+
+    >>> _count_under_fsdp([1, 2, 3], 2), _count_under_fsdp(iter([1]), None)
+    (2, None)
+    """
+    return count if _counted_by_len(data) else None
+
+
+def _uneven_under_fsdp(who: str, counts: Any, limit_name: str) -> str:
+    """The refusal of validation data (or evaluate's, predict's) whose ranks hold ``counts`` batches under
+    ``with_fsdp``, where ``who`` reads it and ``limit_name`` is the option that takes fewer.
+
+    >>> _uneven_under_fsdp("evaluate", [2, 1], "limit")[:69]
+    'evaluate: under with_fsdp every rank must read as many batches (each '
+    """
+    return (f"{who}: under with_fsdp every rank must read as many batches (each forward gathers the parameters from "
+            f"every rank), but the ranks' data hold {counts} batches: shard it with loopkit.distributed.shard(..., "
+            f"pad=True) (as Lightning's sampler pads), or pass {limit_name}= no larger than the fewest")
+
+
+def _read_together_under_fsdp(
+    state: TrainState, data: Iterable, count: int | None, where: str, limit_name: str = "limit"
+) -> bool:
     """Whether ``data`` (``count`` batches of it: :func:`_num_batches`) must be read through a vote per batch
     (:func:`_read_together`): under ``with_fsdp`` each forward gathers the parameters from every rank, so a rank
     with a batch more would wait for the others forever. Data counted by its length (:func:`_counted_by_len`) of as
-    many batches on no two ranks is refused on every rank first, naming the counts; data not counted by its length
-    (an ``IterableDataset``'s loader, whose ``len()`` is an estimate, or data without one) is read while every rank
-    has a batch. A collective every rank calls, under a process group with a sharded model only (False without one:
-    no work at all)."""
+    many batches on no two ranks is refused on every rank first, naming the counts (and ``limit_name``, the option
+    that takes fewer); data not counted by its length (an ``IterableDataset``'s loader, whose ``len()`` is an
+    estimate, or data without one) is read while every rank has a batch, whatever its ``len()`` says. A collective
+    every rank calls, under a process group with a sharded model only (False without one: no work at all).
+    ``run_epochs`` checks its validation sets' counts at the fit's start (:func:`_val_counts_under_fsdp`), before
+    the model is sharded; a set a factory makes is checked here."""
     if not _collective.active() or not fsdp_modules(list(core_module(state.model).modules())):
         return False
-    counts = _collective.gather(count, who=where, what="the gather of every rank's number of batches")
+    counted = _count_under_fsdp(data, count)
+    counts = _collective.gather(counted, who=where, what="the gather of every rank's number of batches")
     if None not in counts and len(set(counts)) > 1:  # type: ignore[operator, arg-type]
-        raise ValueError(
-            f"{where}: under with_fsdp every rank must read as many batches (each forward gathers the parameters from "
-            f"every rank), but the ranks' data hold {counts} batches: shard it with loopkit.distributed.shard(..., "
-            "pad=True) (as Lightning's sampler pads), or pass limit= no larger than the fewest"
-        )
-    return not _counted_by_len(data)
+        raise ValueError(_uneven_under_fsdp(where, counts, limit_name))
+    return counted is None
 
 
 def _read_together(batches: Iterable[Any] | None, who: str) -> Iterator[Any]:
@@ -1348,6 +1374,27 @@ def _empty_val(what: str) -> str:
 
 def _on_every_rank() -> str:
     return f" on every rank ({_collective.rank_and_size()[1]} ranks)" if _collective.active() else ""
+
+
+_UNEVEN_VAL = (  # (run_epochs' refusal of validation sets of other counts under with_fsdp)
+    ", of as many batches under with_fsdp, whose every forward gathers the parameters from every rank: shard it with "
+    "loopkit.distributed.shard(..., pad=True), as Lightning's sampler pads, or pass limit_val_batches= no larger than "
+    "the fewest")
+
+
+def _val_counts_under_fsdp(val_sets: _ValSets, limit: int | float | None) -> dict[str, int | None]:
+    """The batches this rank reads of each validation set (after ``limit_val_batches``), by the set's name in
+    messages, which under ``with_fsdp`` every rank must read as many of (each forward gathers the parameters from
+    every rank): ``run_epochs`` checks them with its validation options, at the fit's start. None for a set not
+    counted by its length (:func:`_count_under_fsdp`: a stream, read while every rank has a batch) and for one a
+    factory makes (its data: checked at its validations, :func:`_read_together_under_fsdp`).
+
+    >>> _val_counts_under_fsdp(_ValSets({"a": [1, 2, 3], "b": lambda epoch: [1]}, 2), 2)
+    {"val's data['a']": 2, "val's data['b']": None}
+    """
+    return {"val's data" if name is None else f"val's data[{name!r}]": None if is_factory(data) else
+            _count_under_fsdp(data, _num_batches(data, limit, "limit_val_batches", shard=True))
+            for name, data in val_sets.sets}
 
 
 def _refuse_val_empty_on_every_rank(names: Sequence[str | None], empty: Sequence[str | None]) -> None:
@@ -2300,7 +2347,7 @@ def run_epochs(
                 means, read = _evaluate(val_step, current, data, limit, device, True, seeded=True,
                                         size_warning=size_warning,
                                         bar=(described if name is None else f"{described} {name}") if show else None,
-                                        who="run_epochs' validation", advice="")
+                                        who="run_epochs' validation", advice="", limit_name="limit_val_batches")
                 if not read and not means:  # (under DDP a rank's empty shard is fine: the others' give the means)
                     warnings.warn(f"run_epochs: a validation read no batch: {val_sets.described(name, epoch)} yielded "
                                   "none (an empty stream, or an iterator used up)", RuntimeWarning, stacklevel=3)
@@ -2337,6 +2384,11 @@ def run_epochs(
 
     validates = val is not None and limit_val_batches != 0
     val_steps = val_every_n_steps if validates else None
+    sharded_run = "with_fsdp" in step.applied
+    # under with_fsdp each validation forward gathers the parameters from every rank: the sets' counts, checked with
+    # the options below (before the first step shards the model, which evaluate's own check waits for)
+    val_counts = (_val_counts_under_fsdp(val_sets, limit_val_batches)  # type: ignore[arg-type]
+                  if validates and sharded_run and _collective.active() else None)
 
     # the validation step hears of the fit's end too (a profiler around it closes its trace)
     lifecycle = (step,) if val_step is None else (step, val_step)
@@ -2348,10 +2400,11 @@ def run_epochs(
     _collective.check_same({"val": validates, "val_every_n_epochs": val_every_n_epochs, "val_every_n_steps": val_steps,
                             "sanity_val_batches": sanity_val_batches if validates else 0,
                             "val sets": val_sets.names() if validates else [],  # type: ignore[union-attr]
-                            "min_epochs": min_epochs, "min_steps": min_steps},
+                            "val batches": val_counts, "min_epochs": min_epochs, "min_steps": min_steps},
                            "run_epochs: the ranks have other validation options (or min_epochs/min_steps), and every "
                            "rank must validate and stop at the same points (give val= on every rank, each its own shard "
-                           "of the validation data, the same named sets)")
+                           "of the validation data, the same named sets" + ("" if val_counts is None else
+                           _UNEVEN_VAL) + ")")
     # the transforms make collectives (a log point's means, a save's gather, the log folder's agreement): a rank
     # whose step is wrapped otherwise, or which trains for other epochs, would leave the others waiting in one
     _collective.check_same({"transforms": [t for t in getattr(step, "applied", ()) if t not in _RANK_LOCAL],
@@ -2372,7 +2425,6 @@ def run_epochs(
     parallel = next((t for t in ("with_ddp", "with_fsdp") if t in step.applied), None)
     flags_checked = _collective.active() and parallel is not None  # (requires_grad, at each epoch's start)
     check_sharding = flags_checked  # (at the fit's first batch)
-    sharded_run = "with_fsdp" in step.applied
     deferred_stop = False  # a callback's stop asked inside an accumulation group (several ranks, or with_fsdp): at its end
     given = state
     if OVER_RANKS in state.extras:  # restored from a checkpoint holding every rank's running means and RNG: each takes its own

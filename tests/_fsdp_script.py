@@ -36,6 +36,9 @@ rank trains on its half of every global batch of ``make_data``; the test builds 
 - ``stream_val`` (a launch of its own, with a short collective timeout: it hung): validation data streamed
   unevenly (3 batches on rank 0, 2 on rank 1) with a ``len()`` of 3 and without one, through ``evaluate``,
   ``predict`` and a fit's validations.
+- ``uneven_val_fit``: a fit validated on data of 3 batches on rank 0 and 2 on rank 1, and of 1 and none: refused
+  at its start; the state and step then trained with ``limit_val_batches`` the fewest. The same data made by a
+  factory (refused at the epoch's validation), and a stream whose ``len()`` says 3 and 2 (read while both have one).
 - ``norm_collectives``: the all-reduces of ``with_grad_norm``'s and ``with_grad_clip``'s gradient hooks on sharded
   gradients, counted, with their norms and clipped gradients.
 """
@@ -595,6 +598,53 @@ def stream_val(rank: int, out_dir: str) -> dict[str, Any]:
     return result
 
 
+def _attempt(call: Any) -> tuple[Any, str | None]:
+    """``call()``'s value and None, or None and its error (type and message): a scenario that goes on either way."""
+    try:
+        return call(), None
+    except Exception as error:  # noqa: BLE001 (recorded: the test asserts on it)
+        return None, f"{type(error).__name__}: {error}"
+
+
+def uneven_val_fit(rank: int, out_dir: str) -> dict[str, Any]:
+    """A fit (one epoch of ``sgd``'s 3 batches) validated on data of 3 batches on rank 0 and 2 on rank 1, and of 1
+    and none (an empty shard, which with_ddp takes): refused on every rank at the fit's start, before any update
+    (they trained a whole epoch, then the epoch's validation refused them, naming evaluate and limit=); the state
+    given and the step then train the same fit with ``limit_val_batches`` the fewest. Validation data a factory
+    makes (checked once made, at the epoch's validation), and a DataLoader of a stream whose ``len()`` says 3 and
+    2 (an estimate: read while every rank has a batch, not refused)."""
+    import warnings
+
+    import loopkit
+    from torch.utils.data import DataLoader
+
+    data, val = make_data(3), make_data(3, seed=99)
+    evaluator = loopkit.eval_step(lambda m, b: {"mse": mse(m, b)})
+    result: dict[str, Any] = {}
+    for case, counts in (("uneven", (3, 2)), ("empty", (1, 0))):
+        mine = [val[i, rank] for i in range(counts[rank])]
+        state, step = make_state("sgd"), loopkit.with_fsdp(loopkit.train_step(mse), shard=SHARD)
+        _, result[f"{case}_refused"] = _attempt(lambda: _fit(step, state, data, rank, 1, val=(evaluator, mine)))
+        result[f"{case}_before"] = _attempt(lambda: (state.step, {n: p.detach().clone()
+                                                                  for n, p in state.model.named_parameters()}))
+        fitted, result[f"{case}_retry_error"] = _attempt(lambda: _fit(
+            step, state, data, rank, 1, val=(evaluator, mine), limit_val_batches=min(counts)))
+        if fitted is not None:
+            result[f"{case}_params"], result[f"{case}_history"] = full_params(fitted[0].model), fitted[1]
+    mine = [val[i, rank] for i in range(3 - rank)]
+    step = loopkit.with_fsdp(loopkit.train_step(mse), shard=SHARD)
+    _, result["factory_refused"] = _attempt(lambda: _fit(step, make_state("sgd"), data, rank, 1,
+                                                         val=(evaluator, lambda epoch: mine)))
+    step, stream = loopkit.with_fsdp(loopkit.train_step(mse), shard=SHARD), _SizedStream(mine, 3 - rank)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        fitted, result["stream_error"] = _attempt(lambda: _fit(
+            step, make_state("sgd"), data, rank, 1, val=(evaluator, DataLoader(stream, batch_size=None))))
+    result["stream_history"] = None if fitted is None else fitted[1]
+    result["stream_warnings"] = [str(w.message) for w in seen]
+    return result
+
+
 def unfreeze(rank: int, out_dir: str) -> dict[str, Any]:
     """A fit that unfreezes its first layer at epoch 1, uninterrupted, and stopped before or after the unfreeze then
     resumed (each from its gathered state dict, in a template with the run's groups then); records whether the
@@ -621,7 +671,7 @@ def unfreeze(rank: int, out_dir: str) -> dict[str, Any]:
 
 SCENARIOS = {f.__name__: f for f in (sgd, adam, accum, accum_outer, clip, nan, nan_raise, uneven, bf16, cut, resume, bn, bn_ddp, bn_cut,
                                      bn_nobroadcast, bn_resume, stop_mid_group, gather_to_rank_zero, norm_collectives, empty_shard,
-                                     shard_grad_op, uneven_val, stream_val, unfreeze)}
+                                     shard_grad_op, uneven_val, stream_val, uneven_val_fit, unfreeze)}
 
 
 def main(out_dir: str, scenarios: list[str]) -> None:

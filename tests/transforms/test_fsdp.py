@@ -168,6 +168,41 @@ def test_streamed_validation_data_ends_on_every_rank_with_the_shortest_shard(tmp
     assert results[0]["evaluate_sized"] == results[1]["evaluate_sized"] and results[0]["then"] == results[1]["then"]
 
 
+def test_a_fit_validating_on_uneven_data_is_refused_at_its_start_before_any_update(ranks):
+    """Validation data of 3 batches on rank 0 and 2 on rank 1, and of 1 and none (an empty shard, which with_ddp
+    takes): the fit refuses it on every rank before the first update, naming the set, the counts and
+    limit_val_batches= (it trained a whole epoch, then its validation refused, naming evaluate and limit=); the
+    state given is untouched, and the same fit with limit_val_batches the fewest equals the raw loop. Data a factory
+    makes is refused by its validation, naming run_epochs and limit_val_batches=; a stream whose len() says 3 and 2
+    (an estimate) is read while both ranks have a batch (it was refused, the lengths taken as counts)."""
+    results = ranks("uneven_val_fit")
+    data, val = fsdp.make_data(3), fsdp.make_data(3, seed=99)
+    model, _, _ = raw_loop("sgd", data, epochs=1)
+    untouched = dict(fsdp.make_model().named_parameters())
+    for r, result in enumerate(results):
+        for case, counts in (("uneven", (3, 2)), ("empty", (1, 0))):
+            refused = result[f"{case}_refused"]
+            assert refused.startswith("RuntimeError: run_epochs: "), refused
+            assert (f"""rank 1 has {{'val batches': {{"val's data": {counts[1]}}}}}, """
+                    f"""rank 0 has {{'val batches': {{"val's data": {counts[0]}}}}}""") in refused
+            assert "under with_fsdp" in refused and "pad=True" in refused and "limit_val_batches=" in refused
+            (step, params), error = result[f"{case}_before"]
+            assert error is None and step == 0
+            assert all(torch.equal(params[n], p) for n, p in untouched.items())
+            assert result[f"{case}_retry_error"] is None
+            assert_params_close(result[f"{case}_params"], model, TOL)
+        assert result["uneven_history"][0]["val/mse"] == pytest.approx(_val_mse(model, val[:2]), abs=1e-6)
+        assert "val/mse" not in result["empty_history"][0]  # (limit_val_batches=0: no validation)
+        refused = result["factory_refused"]
+        assert refused.startswith("ValueError: run_epochs' validation: under with_fsdp every rank must read as many")
+        assert "hold [3, 2] batches" in refused and "pass limit_val_batches= no larger" in refused
+        assert result["stream_error"] is None
+        assert result["stream_history"][0]["val/mse"] == pytest.approx(_val_mse(model, val[:2]), abs=1e-6)
+        dropped = [w for w in result["stream_warnings"] if "another rank's data ended after 2 batches" in w]
+        assert len(dropped) == 1 - r
+    assert_ranks_identical([{"params": result["uneven_params"]} for result in results])
+
+
 def test_grad_accum_with_a_partial_group_flushed_at_each_epoch_end(ranks):
     accum, outer = ranks("accum"), ranks("accum_outer")
     assert_ranks_identical(accum)
