@@ -34,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from loopkit import _collective
 from loopkit.steps import _ACCUM_COUNT, SyncRefusal, TrainStep
-from loopkit.transforms._compose import require_train_step
+from loopkit.transforms._compose import check_option_names, require_train_step
 
 __all__ = ["DDPSync", "with_ddp"]
 
@@ -528,7 +528,10 @@ def with_ddp(
     Raises ``RuntimeError`` when the torchrun environment says there are several processes
     (``WORLD_SIZE`` > 1) and no process group is initialised (call
     ``loopkit.distributed.init()`` before building the step), and ``TypeError`` when applied
-    twice.
+    twice. An option ``DistributedDataParallel`` does not take (the nearest name suggested) and a
+    ``comm_hook`` its ``register_comm_hook`` refuses (:func:`_check_comm_hook`) raise ``TypeError``
+    when the step is built, in one process too (torch refused them at the first step under a process
+    group).
 
     >>> import torch, torch.distributed as dist
     >>> from loopkit.state import TrainState
@@ -550,15 +553,57 @@ def with_ddp(
         if name != "with_ddp":
             raise TypeError(f"with_ddp cannot wrap {name}: both make the step data-parallel; use one of them")
         raise TypeError(f"with_ddp cannot wrap {name}: the step is already data-parallel; apply with_ddp once")
-    if comm_hook is not None and not callable(comm_hook):
-        raise TypeError(f"with_ddp: comm_hook must be callable as hook(state, bucket), got {type(comm_hook).__qualname__}")
+    if comm_hook is not None:
+        _check_comm_hook(comm_hook)
     if "module" in ddp_options:
         raise TypeError("with_ddp: the module is the state's model; do not pass module=")
+    check_option_names("with_ddp", ddp_options, DistributedDataParallel.__init__, "DistributedDataParallel",
+                       not_passed={"module"}, own=("comm_hook", "comm_state"))
     if not _collective.ready():
         if not _one_process():
             raise RuntimeError(_NO_GROUP)
         return base.with_transform("with_ddp", one_process=True)  # one process: the plain step (no wrapper, no group)
     return base.with_transform("with_ddp", sync=DDPSync(ddp_options, comm_hook, comm_state))
+
+
+def _check_comm_hook(hook: Any) -> None:
+    """Refuse, with a ``TypeError`` (``ValueError`` for an annotation) naming ``with_ddp``, a ``comm_hook`` that
+    torch's ``register_comm_hook`` refuses only when the wrapper is built, at the first step: one not callable as
+    ``hook(state, bucket)``, without a parameter named ``bucket`` (torch reads its annotation by that name), with
+    another annotation of it than ``dist.GradBucket`` or of its result than ``torch.futures.Future[torch.Tensor]``,
+    or without the ``__name__`` and ``__qualname__`` torch reads (a ``functools.partial``: wrap it in a function).
+
+    >>> from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+    >>> _check_comm_hook(allreduce_hook)
+    >>> _check_comm_hook(lambda bucket: bucket)
+    Traceback (most recent call last):
+    ...
+    TypeError: with_ddp: comm_hook must be callable as hook(state, bucket), got <lambda>(bucket)
+    """
+    if not callable(hook):
+        raise TypeError(f"with_ddp: comm_hook must be callable as hook(state, bucket), got {type(hook).__qualname__}")
+    name = getattr(hook, "__qualname__", type(hook).__qualname__)
+    try:
+        signature = inspect.signature(hook)
+    except (TypeError, ValueError):  # (no signature to read: torch's check reads it at the first step)
+        return
+    try:
+        signature.bind(None, None)
+    except TypeError:
+        raise TypeError(f"with_ddp: comm_hook must be callable as hook(state, bucket), got {name}{signature}") from None
+    bucket = signature.parameters.get("bucket")
+    if bucket is None:
+        raise TypeError(f"with_ddp: comm_hook's second parameter must be named bucket (torch's register_comm_hook "
+                        f"reads it by that name), got {name}{signature}")
+    if bucket.annotation not in (inspect.Parameter.empty, torch.distributed.GradBucket):
+        raise ValueError(f"with_ddp: comm_hook's bucket annotation must be torch.distributed.GradBucket (or none), "
+                         f"got {name}{signature}")
+    if signature.return_annotation not in (inspect.Signature.empty, torch.futures.Future[torch.Tensor]):
+        raise ValueError(f"with_ddp: comm_hook's return annotation must be torch.futures.Future[torch.Tensor] (or "
+                         f"none), got {name}{signature}")
+    if not (hasattr(hook, "__name__") and hasattr(hook, "__qualname__")):
+        raise TypeError(f"with_ddp: torch's register_comm_hook reads the comm_hook's __name__ and __qualname__, and "
+                        f"{name} has none: pass a function (def or lambda) that calls it")
 
 
 def _one_process() -> bool:

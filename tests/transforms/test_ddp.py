@@ -965,3 +965,47 @@ def test_a_rank_dying_at_the_check_of_the_buffers_names_it(group, monkeypatch):
                                            r"failed on rank 0 of 1: another rank has probably died"):
         loopkit.donate(loopkit.with_ddp(loopkit.train_step(lambda m, b: m(b).sum())))(state, torch.ones(4, 2))
     assert_equal_trees(model.state_dict(), before)
+
+
+def _hook_of_an_int_bucket(state, bucket: int):
+    return bucket
+
+
+@pytest.mark.parametrize("options, error, message", [
+    ({"find_unused_parameter": True}, TypeError,
+     r"^with_ddp: find_unused_parameter= is not an option of with_ddp nor of DistributedDataParallel; "
+     r"did you mean find_unused_parameters=\?$"),
+    ({"comm_hok": None}, TypeError, r"^with_ddp: comm_hok= is not .*; did you mean comm_hook=\?$"),
+    ({"comm_hook": lambda bucket: bucket}, TypeError,
+     r"^with_ddp: comm_hook must be callable as hook\(state, bucket\), got .*<lambda>\(bucket\)$"),
+    ({"comm_hook": lambda state, grads: grads}, TypeError, r"^with_ddp: comm_hook's second parameter must be named bucket"),
+    ({"comm_hook": _hook_of_an_int_bucket}, ValueError, r"^with_ddp: comm_hook's bucket annotation must be"),
+    ({"comm_hook": "allreduce"}, TypeError, r"^with_ddp: comm_hook must be callable as hook\(state, bucket\), got str"),
+])
+def test_ddp_options_torch_refuses_at_the_first_step_are_refused_at_build_also_in_one_process(
+        monkeypatch, options, error, message):
+    """They were accepted (and, in one process, ignored): the first step under a process group then raised torch's
+    own error (DistributedDataParallel.__init__'s unexpected keyword, the hook's call), the donated state used up."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    dist = torch.distributed
+    for grouped in (False, True):
+        if grouped:
+            dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        try:
+            with pytest.raises(error, match=message):
+                loopkit.with_ddp(loopkit.train_step(ddp.mse), **options)
+        finally:
+            if grouped:
+                dist.destroy_process_group()
+
+
+def test_ddp_options_and_hooks_torch_takes_are_accepted(group):
+    import functools
+
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+    step = loopkit.with_ddp(loopkit.train_step(ddp.mse), comm_hook=allreduce_hook, find_unused_parameters=True,
+                            bucket_cap_mb=5, gradient_as_bucket_view=True)
+    assert step.sync.options == {"find_unused_parameters": True, "bucket_cap_mb": 5, "gradient_as_bucket_view": True}
+    with pytest.raises(TypeError, match=r"reads the comm_hook's __name__ and __qualname__, and partial has none"):
+        loopkit.with_ddp(loopkit.train_step(ddp.mse), comm_hook=functools.partial(allreduce_hook))  # (torch: AttributeError)
+
