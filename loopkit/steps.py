@@ -62,6 +62,7 @@ __all__ = [
     "kept_observers",
     "leave_intact",
     "needs_closure",
+    "sync_unchanged",
     "train_step",
     "undonated",
 ]
@@ -840,11 +841,36 @@ def _split_loss(out: Any, loss_fn: Any, taken: Mapping[str, str] = _NO_METRICS) 
 
 class SyncRefusal(ValueError):
     """A data-parallel hook's refusal in ``module(...)`` raised before it changed anything (no wrapper built, nothing
-    broadcast): the step leaves the state it was given usable (:func:`loopkit.state_at_error`).
+    broadcast): the step leaves the state it was given usable (:func:`loopkit.state_at_error`). An error of another
+    type raised there before anything changed (torch's wrapper refusing the model before its first collective) is
+    marked so with :func:`sync_unchanged`.
 
     >>> isinstance(SyncRefusal("with_ddp: ..."), ValueError)
     True
     """
+
+
+#: the mark :func:`sync_unchanged` sets on an error
+_SYNC_UNCHANGED = "_loopkit_sync_unchanged"
+
+
+def sync_unchanged(error: BaseException) -> BaseException:
+    """Mark ``error``, raised by a data-parallel hook's ``module(...)`` before it changed anything, as a
+    :class:`SyncRefusal` is (the step leaves the state it was given usable), its type kept; returns ``error``.
+
+    >>> _refused_unchanged(sync_unchanged(RuntimeError("no process group"))), _refused_unchanged(RuntimeError())
+    (True, False)
+    """
+    try:
+        setattr(error, _SYNC_UNCHANGED, True)
+    except AttributeError:  # an exception type without attributes: the state counts as used up
+        pass
+    return error
+
+
+def _refused_unchanged(error: BaseException) -> bool:
+    """Whether a data-parallel hook's ``module(...)`` raised ``error`` before it changed anything."""
+    return isinstance(error, SyncRefusal) or getattr(error, _SYNC_UNCHANGED, False)
 
 
 @attrs.frozen(eq=False)
@@ -997,8 +1023,10 @@ class TrainStep(Step):
             return False
         try:
             return self.sync.module(state.model, state.optimizer, state.extras)[1]
-        except SyncRefusal as error:
-            raise leave_intact(error, state)
+        except Exception as error:
+            if _refused_unchanged(error):
+                leave_intact(error, state)
+            raise
 
     def validating(self, state: TrainState) -> contextlib.AbstractContextManager[None]:
         """See :meth:`Step.validating`: the data-parallel hook's (``sync.validating(model, extras)``), if it has one."""
@@ -1078,8 +1106,10 @@ class TrainStep(Step):
         if sync is not None:
             try:
                 net, built = sync.module(model, optimizer, state.extras)
-            except SyncRefusal as error:  # (with_fsdp's stale group, with_ddp's freeze inside a group: nothing ran)
-                raise leave_intact(error, state)
+            except Exception as error:  # (with_fsdp's stale group, with_ddp's freeze inside a group: nothing ran)
+                if _refused_unchanged(error):
+                    leave_intact(error, state)
+                raise
         # building the DDP wrapper broadcasts rank 0's parameters: an error of that call's loss_fn finds them changed
         intact_on_error = not built
         # under DDP a micro-step that does not finish its group keeps its gradient local (no all-reduce);

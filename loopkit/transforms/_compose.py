@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
+import inspect
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import torch
@@ -10,8 +13,8 @@ from loopkit.state import TrainState, leave_intact, state_at_error
 from loopkit.steps import EvalStep, FnStep, Step, TrainStep, WrapperStep, as_step
 
 __all__ = [
-    "fitted_to", "intact_as", "named_callable", "refuse_wrapping", "require_step", "require_train_or_eval_step",
-    "require_train_step", "sync_refusal",
+    "check_option_names", "fitted_to", "intact_as", "named_callable", "refuse_wrapping", "require_step",
+    "require_train_or_eval_step", "require_train_step", "sync_refusal",
 ]
 
 
@@ -27,6 +30,38 @@ def named_callable(fn: Any) -> str | None:
     module = getattr(fn, "__module__", None) or type(fn).__module__
     name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
     return f"{module}.{name}"
+
+
+def check_option_names(
+    transform: str, options: Mapping[str, Any], target: Callable[..., Any], takes: str, *,
+    not_passed: Collection[str] = (), own: Collection[str] = (),
+) -> None:
+    """Refuse, with a ``TypeError`` naming ``transform`` and the option (and the nearest valid name, where one is
+    close), an option that ``target`` (the torch callable ``transform`` passes ``options`` to, named ``takes``) does
+    not take: torch would refuse it only when the wrapper is built, at the first step. ``not_passed`` are the
+    parameters of ``target`` that cannot be given (``module``: loopkit passes its own), ``own`` the transform's own
+    keywords, offered as near names too. A ``target`` that takes ``**kwargs`` (or has no signature) takes any name.
+
+    >>> def fully_shard(module, *, mesh=None, reshard_after_forward=True): ...
+    >>> check_option_names("with_fsdp", {"mesh": None}, fully_shard, "fully_shard", not_passed={"module"})
+    >>> check_option_names("with_fsdp", {"reshard_after_foward": True}, fully_shard, "fully_shard")
+    Traceback (most recent call last):
+    ...
+    TypeError: with_fsdp: reshard_after_foward= is not an option of with_fsdp nor of fully_shard; did you mean reshard_after_forward=?
+    """
+    try:
+        parameters = inspect.signature(target).parameters.values()
+    except (TypeError, ValueError):  # (no signature to read: torch checks the names itself)
+        return
+    if any(p.kind is p.VAR_KEYWORD for p in parameters):
+        return
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    valid = [p.name for p in parameters if p.kind in kinds and p.name not in not_passed and p.name != "self"]
+    for name in options:
+        if name not in valid:
+            near = difflib.get_close_matches(name, [*own, *valid], n=1)
+            hint = f"; did you mean {near[0]}=?" if near else f" (its options: {', '.join(valid)})"
+            raise TypeError(f"{transform}: {name}= is not an option of {transform} nor of {takes}{hint}")
 
 
 def _refuse(transform: str, step: Step, needs: str) -> TypeError:

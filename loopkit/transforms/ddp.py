@@ -33,8 +33,8 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from loopkit import _collective
-from loopkit.steps import _ACCUM_COUNT, SyncRefusal, TrainStep
-from loopkit.transforms._compose import require_train_step
+from loopkit.steps import _ACCUM_COUNT, SyncRefusal, TrainStep, sync_unchanged
+from loopkit.transforms._compose import check_option_names, require_train_step
 
 __all__ = ["DDPSync", "with_ddp"]
 
@@ -212,7 +212,7 @@ class DDPSync:
         if self.wraps(model):
             return self._ddp, False  # type: ignore[return-value]
         if not _collective.ready():
-            raise RuntimeError(_NO_GROUP)
+            raise sync_unchanged(RuntimeError(_NO_GROUP))
         _refuse_flags_apart(model)
         if extras is not None and extras.get(_ACCUM_COUNT):
             _refuse_frozen_held(model)
@@ -225,7 +225,7 @@ class DDPSync:
         _check_same_buffers(model)
         unsynced = extras is not None and bool(extras.get(UNSYNCED_FORWARD))
         own = [(b, b.detach().clone()) for b in model.buffers()] if unsynced else []
-        ddp = DistributedDataParallel(model, **options)
+        ddp = _wrapper(model, options)
         if unsynced:  # (once a wrapper, not a call: a donated step's calls reuse it)
             with torch.no_grad():
                 for buffer, value in own:
@@ -437,15 +437,54 @@ def _refuse_frozen_held(model: torch.nn.Module) -> None:
             "requires_grad between groups (e.g. in on_epoch_start)")
 
 
+#: the options under which DistributedDataParallel's collectives are not all on the default process group, or its
+#: building changes the model before its first one (:func:`_wrapper` cannot tell then whether it changed anything)
+_UNTOLD: frozenset[str] = frozenset({"process_group", "device_mesh", "delay_all_reduce_named_params"})
+
+
+def _wrapper(model: torch.nn.Module, options: Mapping[str, Any]) -> DistributedDataParallel:
+    """``DistributedDataParallel(model, **options)``. An error it raises before its first collective (torch refusing
+    the model: no parameter that requires a gradient, parameters not yet initialised, on devices of several types)
+    changed nothing, and is marked so (:func:`loopkit.steps.sync_unchanged`: the step leaves the state usable); the
+    default process group's count of collectives (its sequence number) tells, one read before and one after an
+    error. Not marked where that count cannot tell (``_UNTOLD``, or a torch without it).
+
+    >>> import torch.distributed as dist
+    >>> dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    >>> try:
+    ...     _wrapper(torch.nn.Linear(1, 1).requires_grad_(False), {})
+    ... except RuntimeError as error:
+    ...     print(getattr(error, "_loopkit_sync_unchanged", False))
+    True
+    >>> dist.destroy_process_group()
+    """
+    count = None if _UNTOLD & options.keys() else _collectives_so_far()
+    try:
+        return DistributedDataParallel(model, **options)
+    except Exception as error:
+        if count is not None and _collectives_so_far() == count:
+            sync_unchanged(error)
+        raise
+
+
+def _collectives_so_far() -> int | None:
+    """The default process group's count of collectives (None where this torch does not say)."""
+    try:
+        return torch.distributed.distributed_c10d._get_default_group()._get_sequence_number_for_group()
+    except (AttributeError, RuntimeError, ValueError):
+        return None
+
+
 def _check_same_buffers(model: torch.nn.Module) -> None:
     """Refuse, on every rank, buffers that differ from rank 0's (names, shapes, dtypes): building the wrapper
     broadcasts them, and torch checks only the parameters (other buffers left every rank waiting for the
-    process group's timeout, 30 minutes by default). One small all-gather, once per wrapper."""
+    process group's timeout, 30 minutes by default). One small all-gather, once per wrapper; a refusal is a
+    :class:`loopkit.steps.SyncRefusal` (a ``ValueError``), raised before anything changed: the state stays usable."""
     ignored = set(getattr(model, "_ddp_params_and_buffers_to_ignore", ()))  # (DDP's own opt-out: not broadcast)
     mine = [(name, tuple(b.shape), str(b.dtype)) for name, b in model.named_buffers() if name not in ignored]
     detail = _collective.differs_from_rank_zero(mine, "buffers", who="with_ddp")
-    if detail is not None:
-        raise ValueError(
+    if detail is not None:  # (refused on every rank, before anything changed)
+        raise SyncRefusal(
             "with_ddp: the model's buffers differ between ranks (name, shape, dtype): " + detail +
             "; DistributedDataParallel broadcasts rank 0's to every rank, so every rank must build the same model"
         )
@@ -528,7 +567,12 @@ def with_ddp(
     Raises ``RuntimeError`` when the torchrun environment says there are several processes
     (``WORLD_SIZE`` > 1) and no process group is initialised (call
     ``loopkit.distributed.init()`` before building the step), and ``TypeError`` when applied
-    twice.
+    twice. An option ``DistributedDataParallel`` does not take (the nearest name suggested) and a
+    ``comm_hook`` its ``register_comm_hook`` refuses (:func:`_check_comm_hook`) raise ``TypeError``
+    when the step is built, in one process too (torch refused them at the first step under a process
+    group). An error of ``DistributedDataParallel`` raised when the wrapper is built, before its first
+    collective (torch refusing the model: no parameter that requires a gradient), leaves the state
+    usable (``loopkit.state_at_error``); one after its broadcast of rank 0's parameters does not.
 
     >>> import torch, torch.distributed as dist
     >>> from loopkit.state import TrainState
@@ -550,15 +594,57 @@ def with_ddp(
         if name != "with_ddp":
             raise TypeError(f"with_ddp cannot wrap {name}: both make the step data-parallel; use one of them")
         raise TypeError(f"with_ddp cannot wrap {name}: the step is already data-parallel; apply with_ddp once")
-    if comm_hook is not None and not callable(comm_hook):
-        raise TypeError(f"with_ddp: comm_hook must be callable as hook(state, bucket), got {type(comm_hook).__qualname__}")
+    if comm_hook is not None:
+        _check_comm_hook(comm_hook)
     if "module" in ddp_options:
         raise TypeError("with_ddp: the module is the state's model; do not pass module=")
+    check_option_names("with_ddp", ddp_options, DistributedDataParallel.__init__, "DistributedDataParallel",
+                       not_passed={"module"}, own=("comm_hook", "comm_state"))
     if not _collective.ready():
         if not _one_process():
             raise RuntimeError(_NO_GROUP)
         return base.with_transform("with_ddp", one_process=True)  # one process: the plain step (no wrapper, no group)
     return base.with_transform("with_ddp", sync=DDPSync(ddp_options, comm_hook, comm_state))
+
+
+def _check_comm_hook(hook: Any) -> None:
+    """Refuse, with a ``TypeError`` (``ValueError`` for an annotation) naming ``with_ddp``, a ``comm_hook`` that
+    torch's ``register_comm_hook`` refuses only when the wrapper is built, at the first step: one not callable as
+    ``hook(state, bucket)``, without a parameter named ``bucket`` (torch reads its annotation by that name), with
+    another annotation of it than ``dist.GradBucket`` or of its result than ``torch.futures.Future[torch.Tensor]``,
+    or without the ``__name__`` and ``__qualname__`` torch reads (a ``functools.partial``: wrap it in a function).
+
+    >>> from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+    >>> _check_comm_hook(allreduce_hook)
+    >>> _check_comm_hook(lambda bucket: bucket)
+    Traceback (most recent call last):
+    ...
+    TypeError: with_ddp: comm_hook must be callable as hook(state, bucket), got <lambda>(bucket)
+    """
+    if not callable(hook):
+        raise TypeError(f"with_ddp: comm_hook must be callable as hook(state, bucket), got {type(hook).__qualname__}")
+    name = getattr(hook, "__qualname__", type(hook).__qualname__)
+    try:
+        signature = inspect.signature(hook)
+    except (TypeError, ValueError):  # (no signature to read: torch's check reads it at the first step)
+        return
+    try:
+        signature.bind(None, None)
+    except TypeError:
+        raise TypeError(f"with_ddp: comm_hook must be callable as hook(state, bucket), got {name}{signature}") from None
+    bucket = signature.parameters.get("bucket")
+    if bucket is None:
+        raise TypeError(f"with_ddp: comm_hook's second parameter must be named bucket (torch's register_comm_hook "
+                        f"reads it by that name), got {name}{signature}")
+    if bucket.annotation not in (inspect.Parameter.empty, torch.distributed.GradBucket):
+        raise ValueError(f"with_ddp: comm_hook's bucket annotation must be torch.distributed.GradBucket (or none), "
+                         f"got {name}{signature}")
+    if signature.return_annotation not in (inspect.Signature.empty, torch.futures.Future[torch.Tensor]):
+        raise ValueError(f"with_ddp: comm_hook's return annotation must be torch.futures.Future[torch.Tensor] (or "
+                         f"none), got {name}{signature}")
+    if not (hasattr(hook, "__name__") and hasattr(hook, "__qualname__")):
+        raise TypeError(f"with_ddp: torch's register_comm_hook reads the comm_hook's __name__ and __qualname__, and "
+                        f"{name} has none: pass a function (def or lambda) that calls it")
 
 
 def _one_process() -> bool:

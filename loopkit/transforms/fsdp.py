@@ -29,7 +29,7 @@ from loopkit._sharded import held_grads as _held_grads
 from loopkit._sharded import is_dtensor, local
 from loopkit import _collective
 from loopkit.steps import SyncRefusal, TrainStep
-from loopkit.transforms._compose import named_callable, refuse_wrapping, require_train_step
+from loopkit.transforms._compose import check_option_names, named_callable, refuse_wrapping, require_train_step
 
 if TYPE_CHECKING:
     from torch.distributed.fsdp import MixedPrecisionPolicy
@@ -499,6 +499,34 @@ def _check_shard(shard: Any) -> None:
             raise TypeError(f"with_fsdp: shard must hold torch.nn.Module subclasses, got {cls!r}")
 
 
+def _check_fully_shard_options(mp_policy: Any, options: Mapping[str, Any]) -> None:
+    """Refuse, with a ``TypeError`` naming ``with_fsdp`` and the option, what ``fully_shard`` would refuse only at the
+    step's first call, after rank 0's weights were broadcast and some submodules sharded: a name it does not take
+    (the nearest valid one suggested), an ``mp_policy`` that is not a ``MixedPrecisionPolicy``, a ``mesh`` that is
+    not a ``DeviceMesh``, a ``shard_placement_fn`` that is not callable.
+
+    >>> _check_fully_shard_options(None, {"mesh": None})
+    >>> _check_fully_shard_options("bf16", {})
+    Traceback (most recent call last):
+    ...
+    TypeError: with_fsdp: mp_policy must be a torch.distributed.fsdp.MixedPrecisionPolicy (e.g. MixedPrecisionPolicy(param_dtype=torch.bfloat16)) or None, got 'bf16'
+    """
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    check_option_names("with_fsdp", options, fully_shard, "fully_shard", not_passed=_UNSUPPORTED_OPTIONS,
+                       own=("shard", "reshard_after_forward", "mp_policy", "broadcast_buffers"))
+    if mp_policy is not None and not isinstance(mp_policy, MixedPrecisionPolicy):
+        raise TypeError("with_fsdp: mp_policy must be a torch.distributed.fsdp.MixedPrecisionPolicy (e.g. "
+                        f"MixedPrecisionPolicy(param_dtype=torch.bfloat16)) or None, got {mp_policy!r}")
+    mesh = options.get("mesh")
+    if mesh is not None and not isinstance(mesh, DeviceMesh):
+        raise TypeError(f"with_fsdp: mesh must be a torch.distributed.device_mesh.DeviceMesh or None, got {mesh!r}")
+    placement = options.get("shard_placement_fn")
+    if placement is not None and not callable(placement):
+        raise TypeError(f"with_fsdp: shard_placement_fn must be callable as fn(parameter) or None, got {placement!r}")
+
+
 def with_fsdp(
     step: Any,
     *,
@@ -604,7 +632,10 @@ def with_fsdp(
     and ``with_logging`` are means over all ranks.
 
     Raises ``RuntimeError`` when no process group is initialised (start with ``torchrun`` and
-    call ``loopkit.distributed.init()``), ``TypeError`` for a refused transform or option.
+    call ``loopkit.distributed.init()``), ``TypeError`` for a refused transform or option: an option
+    ``fully_shard`` does not take (the nearest name suggested), an ``mp_policy`` that is not a
+    ``MixedPrecisionPolicy``, a ``mesh`` that is not a ``DeviceMesh``, a ``shard_placement_fn`` that is
+    not callable (checked when the step is built, before the process group is looked for).
 
     >>> import torch, torch.distributed as dist
     >>> from loopkit.state import TrainState
@@ -638,6 +669,7 @@ def with_fsdp(
         raise TypeError(f"with_fsdp: reshard_after_forward must be True, False or an int, got {reshard_after_forward!r}")
     if not isinstance(broadcast_buffers, bool):
         raise TypeError(f"with_fsdp: broadcast_buffers must be True or False, got {broadcast_buffers!r}")
+    _check_fully_shard_options(mp_policy, fully_shard_options)
     if not _collective.ready():
         raise RuntimeError(_NO_GROUP)
     options = dict(fully_shard_options, reshard_after_forward=reshard_after_forward)

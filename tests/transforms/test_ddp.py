@@ -965,3 +965,93 @@ def test_a_rank_dying_at_the_check_of_the_buffers_names_it(group, monkeypatch):
                                            r"failed on rank 0 of 1: another rank has probably died"):
         loopkit.donate(loopkit.with_ddp(loopkit.train_step(lambda m, b: m(b).sum())))(state, torch.ones(4, 2))
     assert_equal_trees(model.state_dict(), before)
+
+
+def _hook_of_an_int_bucket(state, bucket: int):
+    return bucket
+
+
+@pytest.mark.parametrize("options, error, message", [
+    ({"find_unused_parameter": True}, TypeError,
+     r"^with_ddp: find_unused_parameter= is not an option of with_ddp nor of DistributedDataParallel; "
+     r"did you mean find_unused_parameters=\?$"),
+    ({"comm_hok": None}, TypeError, r"^with_ddp: comm_hok= is not .*; did you mean comm_hook=\?$"),
+    ({"comm_hook": lambda bucket: bucket}, TypeError,
+     r"^with_ddp: comm_hook must be callable as hook\(state, bucket\), got .*<lambda>\(bucket\)$"),
+    ({"comm_hook": lambda state, grads: grads}, TypeError, r"^with_ddp: comm_hook's second parameter must be named bucket"),
+    ({"comm_hook": _hook_of_an_int_bucket}, ValueError, r"^with_ddp: comm_hook's bucket annotation must be"),
+    ({"comm_hook": "allreduce"}, TypeError, r"^with_ddp: comm_hook must be callable as hook\(state, bucket\), got str"),
+])
+def test_ddp_options_torch_refuses_at_the_first_step_are_refused_at_build_also_in_one_process(
+        monkeypatch, options, error, message):
+    """They were accepted (and, in one process, ignored): the first step under a process group then raised torch's
+    own error (DistributedDataParallel.__init__'s unexpected keyword, the hook's call), the donated state used up."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    dist = torch.distributed
+    for grouped in (False, True):
+        if grouped:
+            dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        try:
+            with pytest.raises(error, match=message):
+                loopkit.with_ddp(loopkit.train_step(ddp.mse), **options)
+        finally:
+            if grouped:
+                dist.destroy_process_group()
+
+
+def test_ddp_options_and_hooks_torch_takes_are_accepted(group):
+    import functools
+
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+    step = loopkit.with_ddp(loopkit.train_step(ddp.mse), comm_hook=allreduce_hook, find_unused_parameters=True,
+                            bucket_cap_mb=5, gradient_as_bucket_view=True)
+    assert step.sync.options == {"find_unused_parameters": True, "bucket_cap_mb": 5, "gradient_as_bucket_view": True}
+    with pytest.raises(TypeError, match=r"reads the comm_hook's __name__ and __qualname__, and partial has none"):
+        loopkit.with_ddp(loopkit.train_step(ddp.mse), comm_hook=functools.partial(allreduce_hook))  # (torch: AttributeError)
+
+
+def test_an_error_building_the_wrapper_before_its_first_collective_leaves_the_state_usable(group, monkeypatch):
+    """torch's refusal of the model in DistributedDataParallel.__init__ before its broadcast, loopkit's refusal of
+    buffers that differ, a process group gone since the build: nothing changed, and the state was used up (state_at_error
+    None). An error after the broadcast (torch refusing SyncBatchNorm on the CPU) still uses it up."""
+    dist = torch.distributed
+    step = loopkit.donate(loopkit.with_ddp(loopkit.train_step(ddp.mse)))
+    batch = ddp.make_data(1)[0, 0]
+
+    frozen = ddp.sgd_state(ddp.make_model())
+    frozen.model.requires_grad_(False)
+    with pytest.raises(RuntimeError, match="DistributedDataParallel is not needed when a module doesn't have any") as e:
+        step(frozen, batch)
+    assert loopkit.state_at_error(e.value) is frozen
+    frozen.check_usable()
+    with pytest.raises(RuntimeError, match="DistributedDataParallel is not needed") as e:  # run_epochs' own call
+        loopkit.run_epochs(loopkit.with_ddp(loopkit.train_step(ddp.mse)), frozen, [batch], epochs=1, progress=False)
+    assert loopkit.state_at_error(e.value) is frozen
+    frozen.check_usable()
+    assert frozen.step == 0
+
+    from loopkit.transforms import ddp as ddp_module
+    with monkeypatch.context() as patch:
+        patch.setattr(ddp_module._collective, "differs_from_rank_zero", lambda *args, **kwargs: "rank 1 has 1 buffer")
+        state = ddp.sgd_state(ddp.make_model())
+        with pytest.raises(ValueError, match="with_ddp: the model's buffers differ between ranks") as e:
+            step(state, batch)
+        assert loopkit.state_at_error(e.value) is state
+    state, _ = step(state, batch)  # the cause gone, it trains on
+    assert state.step == 1
+
+    state = ddp.sgd_state(ddp.make_model())
+    dist.destroy_process_group()
+    try:
+        with pytest.raises(RuntimeError, match="with_ddp needs a torch.distributed process group") as e:
+            step(state, batch)
+        assert loopkit.state_at_error(e.value) is state
+        state.check_usable()
+    finally:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 2), torch.nn.SyncBatchNorm(2))
+    used = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match="SyncBatchNorm layers only work with GPU modules") as e:
+        step(used, torch.ones(4, 4))
+    assert loopkit.state_at_error(e.value) is None  # (raised after the broadcast of rank 0's weights)

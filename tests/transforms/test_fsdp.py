@@ -516,6 +516,31 @@ def test_refused_pairs_and_options_name_both(one_rank, build, message):
         build(_step())
 
 
+@pytest.mark.parametrize("options, message", [
+    ({"reshard_after_foward": True}, r"^with_fsdp: reshard_after_foward= is not an option of with_fsdp nor of "
+                                     r"fully_shard; did you mean reshard_after_forward=\?$"),
+    ({"shard_placement": None}, r"^with_fsdp: shard_placement= is not .*; did you mean shard_placement_fn=\?$"),
+    ({"mp_policy": "bf16"}, r"^with_fsdp: mp_policy must be a torch\.distributed\.fsdp\.MixedPrecisionPolicy .*'bf16'$"),
+    ({"mesh": "cpu"}, r"^with_fsdp: mesh must be a torch\.distributed\.device_mesh\.DeviceMesh or None, got 'cpu'$"),
+    ({"shard_placement_fn": 0}, r"^with_fsdp: shard_placement_fn must be callable"),
+])
+def test_options_fully_shard_refuses_at_the_first_call_are_refused_at_build(options, message):
+    """They were accepted: the first call, after rank 0's weights were broadcast (and some submodules sharded),
+    raised fully_shard's own error (an unexpected keyword; 'str' object has no attribute 'param_dtype'), the
+    donated state used up. Checked before the process group is looked for: in one process too."""
+    assert not dist.is_initialized()
+    with pytest.raises(TypeError, match=message):
+        loopkit.with_fsdp(_step(), **options)
+
+
+def test_options_fully_shard_takes_are_accepted(one_rank):
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    step = loopkit.with_fsdp(_step(), mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16), mesh=None,
+                             shard_placement_fn=None, reshard_after_forward=False)
+    assert step.sync.options["mp_policy"].param_dtype is torch.bfloat16 and step.sync.options["mesh"] is None
+
+
 def test_loading_into_a_sharded_state_is_refused_and_the_optimizer_follows_the_shards(one_rank):
     state = fsdp.make_state("adam_sched")
     plain = state.state_dict()
