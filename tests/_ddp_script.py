@@ -53,7 +53,9 @@ no expected values. Scenarios:
   ``BackboneFinetuning`` recipe: ``requires_grad_(True)`` and ``add_param_group``), 3 epochs of 2 batches, and the same
   run stopped after epoch 1 (before the unfreeze) and after epoch 2, each resumed from its state dict to the end.
 - ``flags_apart``: ``requires_grad`` set otherwise on each rank, mid-fit (each rank rebuilds its wrapper) and at a
-  first call: refused on every rank, the state left usable (the flags put alike, the fit goes on).
+  first call: refused on every rank, the state left usable (the flags put alike, the fit goes on); then the ranks'
+  optimizers apart at a first call (rank 1's lr, class, or a group without the last bias): refused alike, and the
+  lr mended, the fit goes on.
   ``flags_apart_epoch``: ``unfreeze``'s fit with the layer unfrozen on rank 1 alone in ``on_epoch_start``, then a fit
   whose last bias rank 1 froze alone before it: refused at the epoch's start, the state left usable.
 - ``resume``: ``run_epochs`` with ``with_checkpointing(every_n_steps=1)`` from the newest
@@ -1183,6 +1185,7 @@ def flags_apart(rank: int) -> dict[str, Any]:
         seen["first_call"] = "not refused"
     except loopkit.steps.SyncRefusal as e:
         seen["first_call"] = str(e)
+    seen.update(_optimizers_apart(rank, data))
     return {**seen, "params": _params(state.model), "step": state.step}
 
 
@@ -1234,6 +1237,35 @@ def flags_apart_epoch(rank: int) -> dict[str, Any]:
         seen["before_fit"], left = str(e), loopkit.state_at_error(e)
         seen["before_fit_at"] = (left.epoch, left.batch_index, left.step)
     return {**seen, "params": _params(state.model), "step": state.step}
+
+
+def _optimizers_apart(rank: int, data: torch.Tensor) -> dict[str, Any]:
+    """Rank 1's optimizer otherwise at a first call: its SGD's lr 0.0, an Adam, a group without the last bias
+    (before: the ranks updated the averaged gradients each with its own, their replicas apart, unwarned). Each
+    refusal's message (and whether the state stayed usable); then rank 1's lr mended, the fit's parameters."""
+    import loopkit
+
+    step, seen = loopkit.donate(loopkit.with_ddp(loopkit.train_step(mse))), {}
+    kept = None
+    for kind in ("lr", "class", "group"):
+        model = make_model()
+        params = list(model.parameters())
+        optimizer = torch.optim.SGD(params, lr=0.1, momentum=0.9)
+        if rank == 1:
+            optimizer = {"lr": lambda: torch.optim.SGD(params, lr=0.0, momentum=0.9),
+                         "class": lambda: torch.optim.Adam(params, lr=0.1),
+                         "group": lambda: torch.optim.SGD(params[:-1], lr=0.1, momentum=0.9)}[kind]()
+        state = loopkit.TrainState.create(model, optimizer)
+        try:
+            state, _ = step(state, data[0, rank])
+            seen[kind] = "not refused"
+        except loopkit.steps.SyncRefusal as e:
+            seen[kind] = str(e) + ("" if loopkit.state_at_error(e) is state else " (the state changed)")
+        kept = state if kept is None else kept
+    kept.optimizer.param_groups[0]["lr"] = 0.1  # mended: the fit goes on
+    for i in range(kept.step, FLAGS_APART_STEPS):
+        kept, _ = step(kept, data[i, rank])
+    return {**seen, "mended": _params(kept.model)}
 
 
 FLAGS_APART_STEPS = 4

@@ -39,6 +39,9 @@ rank trains on its half of every global batch of ``make_data``; the test builds 
 - ``uneven_val_fit``: a fit validated on data of 3 batches on rank 0 and 2 on rank 1, and of 1 and none: refused
   at its start; the state and step then trained with ``limit_val_batches`` the fewest. The same data made by a
   factory (refused at the epoch's validation), and a stream whose ``len()`` says 3 and 2 (read while both have one).
+- ``apart`` (a launch of its own: gloo aborted it): the ranks' ``requires_grad`` or optimizers apart (a frozen weight,
+  an lr, an optimizer class, a group's size; a group added mid-fit with another lr and flag), each refused, then
+  mended and trained on.
 - ``norm_collectives``: the all-reduces of ``with_grad_norm``'s and ``with_grad_clip``'s gradient hooks on sharded
   gradients, counted, with their norms and clipped gradients.
 """
@@ -669,9 +672,57 @@ def unfreeze(rank: int, out_dir: str) -> dict[str, Any]:
             "groups": len(whole.optimizer.param_groups)}
 
 
+def apart(rank: int, out_dir: str) -> dict[str, Any]:
+    """The ranks' flags or optimizers apart, each refused on every rank before anything changed, then mended and
+    trained on: at the first call, rank 1's first weight frozen (before: gloo aborted the processes at the first
+    backward), its SGD's lr 0.0, an Adam, or a group without the last bias (before: each rank updated its shard with
+    its own optimizer, a mix); then a group added mid-fit, with another lr and another flag on rank 1."""
+    import loopkit
+    from loopkit._sharded import is_sharded
+
+    data, seen = make_data(APART_CALLS), {}
+    step = loopkit.donate(loopkit.with_fsdp(loopkit.train_step(mse), shard=SHARD))
+
+    def refused(state: Any, batch: torch.Tensor, sharded: bool = False) -> str:
+        """The refusal's message, and whether it left ``state`` usable (``sharded`` as it was: nothing sharded)."""
+        try:
+            step(state, batch)
+            return "not refused"
+        except loopkit.steps.SyncRefusal as error:
+            intact = loopkit.state_at_error(error) is state and is_sharded(state.model) == sharded
+            return str(error) + ("" if intact else " (the state changed)")
+
+    state = make_state("sgd")
+    state.model[0].weight.requires_grad_(rank == 0)
+    seen["flags"] = refused(state, data[0, rank])
+    state.model[0].weight.requires_grad_(True)
+    state.optimizer.param_groups[0]["lr"] = 0.1 if rank == 0 else 0.0
+    seen["lr"] = refused(state, data[0, rank])
+    state.optimizer.param_groups[0]["lr"] = 0.1  # mended: the fit equals one process's
+    state, _ = _loop(step, state, [data[i, rank] for i in range(APART_CALLS)])
+    seen["params"] = full_params(state.model)
+    for kind in ("class", "group"):
+        model = make_model()
+        params = list(model.parameters())
+        optimizer = (torch.optim.Adam(params, lr=0.1) if kind == "class" else
+                     torch.optim.SGD(params[:-1], lr=0.1, momentum=0.9)) if rank == 1 else make_optimizer("sgd", model)[0]
+        seen[kind] = refused(loopkit.TrainState.create(model, optimizer), data[0, rank])
+    state = frozen_state(make_model())
+    state, _ = step(state, data[0, rank])
+    (state.model[0] if rank == 0 else state.model[0].weight).requires_grad_(True)
+    state.optimizer.add_param_group({"params": list(state.model[0].parameters()), "lr": 0.05 if rank == 0 else 0.01})
+    seen["added"] = refused(state, data[1, rank], sharded=True)
+    state.model[0].requires_grad_(True)
+    state.optimizer.param_groups[1]["lr"] = 0.05  # mended: the fit goes on
+    state, _ = _loop(step, state, [data[i, rank] for i in range(1, APART_CALLS)])
+    return {**seen, "added_params": full_params(state.model)}
+
+
+APART_CALLS = 3
+
 SCENARIOS = {f.__name__: f for f in (sgd, adam, accum, accum_outer, clip, nan, nan_raise, uneven, bf16, cut, resume, bn, bn_ddp, bn_cut,
                                      bn_nobroadcast, bn_resume, stop_mid_group, gather_to_rank_zero, norm_collectives, empty_shard,
-                                     shard_grad_op, uneven_val, stream_val, uneven_val_fit, unfreeze)}
+                                     shard_grad_op, uneven_val, stream_val, uneven_val_fit, unfreeze, apart)}
 
 
 def main(out_dir: str, scenarios: list[str]) -> None:

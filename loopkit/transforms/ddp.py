@@ -33,6 +33,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from loopkit import _collective
+from loopkit._agreement import refuse_apart
 from loopkit.steps import _ACCUM_COUNT, SyncRefusal, TrainStep, sync_unchanged
 from loopkit.transforms._compose import check_option_names, require_train_step
 
@@ -180,8 +181,8 @@ class DDPSync:
     ) -> tuple[DistributedDataParallel, bool]:
         """The DDP wrapper of ``model``, and whether this call built it (its build broadcast rank 0's parameters: an
         error later in the call finds them changed). It is built at the first call with this model object, and
-        built anew when the ``requires_grad`` of one of its parameters changed since (``optimizer`` is not used);
-        the flags are compared once a call (:meth:`wraps`), and nothing is kept from one call to the next but the
+        built anew when the ``requires_grad`` of one of its parameters changed since (``optimizer`` is compared over
+        the ranks where the wrapper is built, with the flags: see below); the flags are compared once a call (:meth:`wraps`), and nothing is kept from one call to the next but the
         wrapper.
 
         DDP registers, when it is built, the parameters that require a gradient, and reduces theirs alone: a
@@ -194,10 +195,12 @@ class DDPSync:
         frozen while it holds the group's gradient (which the new wrapper would not reduce, and the optimizer would
         still apply) is refused, with a ``ValueError`` on every rank: change the flags between groups (an
         ``on_epoch_start`` at ``batch_index == 0``, or after a group's last micro-batch). Every rank must change
-        the flags alike: each build compares them over the ranks first (one small all-gather a wrapper built, none
-        when the wrapper is reused), and flags that differ are refused on every rank with a
-        :class:`loopkit.steps.SyncRefusal` (a ``ValueError``) naming the parameters and the ranks, before anything
-        changed (where each rank built with its own flags, gloo aborted the processes); a rank that changed them
+        the flags alike: each build compares them over the ranks first, with the optimizer (its class, each param
+        group's size and hyper-parameters: ranks that update the averaged gradients otherwise drift apart, unwarned),
+        in one small all-gather a wrapper built, none when the wrapper is reused; flags or optimizers that differ are
+        refused on every rank with a :class:`loopkit.steps.SyncRefusal` (a ``ValueError``) naming what differs and
+        the ranks, before anything changed (where each rank built with its own flags, gloo aborted the processes);
+        a rank that changed them
         alone builds alone, and its comparison waits for the others until the process group's timeout, its error
         then saying so (under ``run_epochs`` a change made on some ranks only in ``on_epoch_start``, or before the
         fit, is refused at the epoch's start instead, on every rank, before the epoch's first step).
@@ -213,7 +216,7 @@ class DDPSync:
             return self._ddp, False  # type: ignore[return-value]
         if not _collective.ready():
             raise sync_unchanged(RuntimeError(_NO_GROUP))
-        _refuse_flags_apart(model)
+        _refuse_flags_apart(model, optimizer)
         if extras is not None and extras.get(_ACCUM_COUNT):
             _refuse_frozen_held(model)
         self._model = self._ddp = None
@@ -391,25 +394,26 @@ def _count_held_gradients_used(ddp: DistributedDataParallel) -> None:
         torch.autograd.backward(held, zeros)
 
 
-def _refuse_flags_apart(model: torch.nn.Module) -> None:
-    """Refuse, on every rank, parameters whose ``requires_grad`` differs from rank 0's, naming them and the first
-    rank that differs: DDP builds its buckets from the parameters that require a gradient, and ranks with other
-    flags made gloo abort the processes (its check of the parameters' shapes) or wait for each other until the
-    process group's timeout. A :class:`loopkit.steps.SyncRefusal` raised before anything changed (the state stays
-    usable: put the flags alike on every rank and call again). One small all-gather a wrapper built (a first call,
-    a change of the flags; never a call that reuses the wrapper), none in a group of one rank. A rank that changed
-    its flags alone builds its wrapper alone: this gather then waits for the others until the process group's
-    timeout, and its error says so (``run_epochs`` compares the flags at each epoch's start, and refuses such a
-    change there, on every rank, before the epoch's first step: a change in ``on_epoch_start`` or before the fit).
+def _refuse_flags_apart(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+    """Refuse, on every rank, parameters whose ``requires_grad`` differs from rank 0's, or an optimizer that differs
+    from rank 0's (its class, a param group's size or hyper-parameters), naming what differs and the first rank
+    that differs (:func:`loopkit._agreement.refuse_apart`): DDP builds its buckets from the parameters that require
+    a gradient, and ranks with other flags made gloo abort the processes (its check of the parameters' shapes) or
+    wait for each other until the process group's timeout; ranks with other optimizers updated the averaged
+    gradients otherwise, the replicas apart, unwarned. A :class:`loopkit.steps.SyncRefusal` raised before anything
+    changed (the state stays usable: put the flags and the optimizer alike on every rank and call again). One small
+    all-gather a wrapper built (a first call, a change of the flags; never a call that reuses the wrapper), none in
+    a group of one rank. A rank that changed its flags alone builds its wrapper alone: this gather then waits for
+    the others until the process group's timeout, and its error says so (``run_epochs`` compares the flags at each
+    epoch's start, and refuses such a change there, on every rank, before the epoch's first step: a change in
+    ``on_epoch_start`` or before the fit).
 
-    >>> _refuse_flags_apart(torch.nn.Linear(1, 1))  # (no process group of several ranks: nothing to compare)
+    >>> _refuse_flags_apart(torch.nn.Linear(1, 1), None)  # (no process group of several ranks: nothing to compare)
     """
-    ignored = set(getattr(model, "_ddp_params_and_buffers_to_ignore", ()))  # (DDP's own opt-out: not reduced)
-    flags = {name: p.requires_grad for name, p in model.named_parameters() if name not in ignored}
-    _collective.check_same(
-        flags, "with_ddp: requires_grad differs between the ranks (DistributedDataParallel reduces the parameters "
-        "that require a gradient, and every rank must reduce the same; change requires_grad alike on every rank)",
-        "with_ddp", error=SyncRefusal,
+    refuse_apart(
+        model, optimizer, "with_ddp", "DistributedDataParallel reduces the parameters that require a gradient, and "
+        "every rank must reduce the same and update them alike", ignored=getattr(
+            model, "_ddp_params_and_buffers_to_ignore", ()),  # (DDP's own opt-out: not reduced)
         advice=" (a change of requires_grad builds the wrapper anew at the next call: a rank that changed it alone "
         "builds it alone; change it alike on every rank)")
 
@@ -506,9 +510,10 @@ def with_ddp(
     parameters and buffers to all ranks. DDP reduces the gradients of the parameters that
     required them when it was built: a change of ``requires_grad`` (a backbone unfrozen by a
     callback) builds the wrapper anew at the next call, as a resumed run would (every rank
-    must change the flags alike: flags that differ between the ranks are refused on every rank
-    when the wrapper is built, and by ``run_epochs`` at each epoch's start; see
-    :meth:`DDPSync.module`, and for a change inside an accumulation group).
+    must change the flags alike, and update with the same optimizer: flags, an optimizer class,
+    or a param group's size or hyper-parameters that differ between the ranks are refused on
+    every rank when the wrapper is built, and a change of the flags by ``run_epochs`` at each
+    epoch's start; see :meth:`DDPSync.module`, and for a change inside an accumulation group).
 
     With the other transforms, in any order:
 

@@ -28,6 +28,7 @@ from torch import nn
 from loopkit._sharded import held_grads as _held_grads
 from loopkit._sharded import is_dtensor, local
 from loopkit import _collective
+from loopkit._agreement import refuse_apart
 from loopkit.steps import SyncRefusal, TrainStep
 from loopkit.transforms._compose import check_option_names, named_callable, refuse_wrapping, require_train_step
 
@@ -138,7 +139,12 @@ class FSDPSync:
         """``model``, sharded at the first call with this model object (``optimizer`` pointed at the shards);
         at a later call with it, ``model`` as it is; and whether this call took the model on (sharded it: an error
         later in the call finds its parameters replaced). Raises ``RuntimeError`` without a process group and
-        ``ValueError`` without an optimizer (or for one that trains a parameter not of the model). ``extras`` (the
+        ``ValueError`` without an optimizer (or for one that trains a parameter not of the model). Where it shards
+        the model, and at a call that finds a param group added since the last, it compares the parameters'
+        ``requires_grad`` and the optimizer (its class, each group's size and hyper-parameters) over the ranks (one
+        small all-gather; none at the other calls) and refuses, on every rank, flags or optimizers that differ with a
+        :class:`loopkit.steps.SyncRefusal` naming what differs and the ranks, before anything changed
+        (:func:`_refuse_apart`). ``extras`` (the
         state's) is not used: where rank 0's buffers are broadcast is decided by the state's accumulation count
         alone (:meth:`before_forward`), the same in a resumed run.
 
@@ -154,6 +160,7 @@ class FSDPSync:
         if self.wraps(model):
             if optimizer is not None and len(optimizer.param_groups) != self._groups:  # a group added since
                 _refuse_foreign(model, optimizer, _STALE)
+                _refuse_apart(model, optimizer)
                 self._groups = len(optimizer.param_groups)
             return model, False
         if not _collective.ready():
@@ -163,6 +170,8 @@ class FSDPSync:
         self._model = None
         if not any(is_dtensor(p) for p in model.parameters()):  # (a model you sharded yourself is taken as it is)
             _shard(model, optimizer, self.shard, self.options)
+        else:
+            _refuse_apart(model, optimizer)
         self._model, self._groups = weakref.ref(model), len(optimizer.param_groups)
         return model, True
 
@@ -353,6 +362,8 @@ def _shard(
     _refuse_foreign(model, optimizer, _NOT_OF_MODEL)
     picked = _chosen(shard)
     _refuse_split_ties(model, picked)
+    _refuse_other_tensors(model)
+    _refuse_apart(model, optimizer)
     _broadcast_from_rank_zero(model)
     for module in reversed([m for m in model.modules() if m is not model and picked(m)]):  # innermost first
         fully_shard(module, **options)
@@ -448,12 +459,10 @@ def _shard_like(value: Any, before: torch.Tensor, after: torch.Tensor) -> Any:
     return distribute_tensor(value.detach(), after.device_mesh, after.placements, src_data_rank=None)
 
 
-def _broadcast_from_rank_zero(model: nn.Module) -> None:
-    """Make every rank's parameters and buffers rank 0's (as DDP does when it wraps a model): ``fully_shard``
-    keeps each rank's own shard of its own weights, so ranks that built different ones would train a mix.
-    Refused first, on every rank, where the ranks' tensors differ in name, shape or dtype (one all-gather). A failed
-    collective (another rank died) raises :func:`loopkit._collective.failure`'s error naming it."""
-    dist = torch.distributed
+def _refuse_other_tensors(model: nn.Module) -> None:
+    """Refuse, on every rank, a model whose tensors differ from rank 0's in name, shape or dtype (one all-gather):
+    :func:`_broadcast_from_rank_zero` broadcasts them. A failed collective (another rank died) raises
+    :func:`loopkit._collective.failure`'s error naming it."""
     tensors = list(model.named_parameters()) + list(model.named_buffers())
     mine = [(name, tuple(t.shape), str(t.dtype)) for name, t in tensors]
     detail = _collective.differs_from_rank_zero(mine, "parameters and buffers", who="with_fsdp")
@@ -462,8 +471,37 @@ def _broadcast_from_rank_zero(model: nn.Module) -> None:
             f"with_fsdp: the model's parameters or buffers differ between ranks (name, shape, dtype): {detail}; "
             "every rank must build the same model"
         )
+
+
+def _refuse_apart(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Refuse, on every rank, parameters whose ``requires_grad`` differs from rank 0's, or an optimizer that differs
+    from rank 0's (its class, a param group's size or hyper-parameters), naming what differs and the first rank
+    that differs (:func:`loopkit._agreement.refuse_apart`, as ``with_ddp`` refuses them where it builds its
+    wrapper): ``fully_shard`` reduce-scatters the gradients of the parameters that require one, and ranks with
+    other flags made gloo abort the processes at the first backward; each rank updates its own shard of every
+    parameter with its own optimizer, and ranks with other optimizers trained a mix of them, unwarned. A
+    :class:`loopkit.steps.SyncRefusal` raised before anything changed (nothing sharded; the state stays usable).
+    One small all-gather, where the model is sharded and where a param group was added since the last call; none
+    in a group of one rank.
+
+    >>> _refuse_apart(torch.nn.Linear(1, 1), None)  # (no process group of several ranks: nothing to compare)
+    """
+    refuse_apart(
+        model, optimizer, "with_fsdp", "fully_shard reduce-scatters the gradients of the parameters that require "
+        "one, and each rank updates its own shard of every parameter: every rank must reduce the same and update "
+        "alike", advice=" (a param group added is compared over the ranks at the next call: a rank that added one "
+        "alone compares alone; add param groups alike on every rank)")
+
+
+def _broadcast_from_rank_zero(model: nn.Module) -> None:
+    """Make every rank's parameters and buffers rank 0's (as DDP does when it wraps a model): ``fully_shard``
+    keeps each rank's own shard of its own weights, so ranks that built different ones would train a mix (refused
+    before, where the ranks' tensors differ: :func:`_refuse_other_tensors`). A failed collective (another rank died)
+    raises :func:`loopkit._collective.failure`'s error naming it."""
+    dist = torch.distributed
     if dist.get_world_size() == 1:
         return
+    tensors = list(model.named_parameters()) + list(model.named_buffers())
     with torch.no_grad(), _collective.failing_as("with_fsdp", "the broadcast of rank 0's parameters and buffers"):
         for _, t in tensors:
             dist.broadcast(t.data, src=0)
@@ -557,7 +595,14 @@ def with_fsdp(
     follows, and ``add_param_group``) must hold the model's parameters as they are then, the
     sharded ones (``list(state.model.backbone.parameters())`` in the callback): a group holding
     parameters taken before the first call, which would never train, is refused (``ValueError``)
-    at the next call.
+    at the next call. Every rank must hold the same flags and optimizer: where the model is
+    sharded, and at the call after a group was added, the parameters' ``requires_grad`` and the
+    optimizer (its class, each param group's size and hyper-parameters) are compared over the
+    ranks, and any that differ are refused on every rank (:class:`loopkit.steps.SyncRefusal`, a
+    ``ValueError``, naming what differs and the ranks) before anything changed: the state stays
+    usable (ranks with other flags made gloo abort the processes at the first backward; ranks
+    with other optimizers each updated its own shard with its own, a mixed model). A change of
+    ``requires_grad`` on some ranks alone, without a group added, is not seen there.
 
     Buffers (BatchNorm's running statistics) are not sharded: each rank holds them whole. With
     ``broadcast_buffers=True`` (the default, DDP's) every rank takes rank 0's before the forward

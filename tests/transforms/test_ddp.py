@@ -680,7 +680,7 @@ def flags_apart(tmp_path_factory: pytest.TempPathFactory):
 def test_requires_grad_set_otherwise_on_each_rank_is_refused_on_every_rank_leaving_the_state_usable(flags_apart):
     """Before: each rank built its wrapper with its own flags, and gloo aborted both processes (DDP's check of the
     parameters' shapes): now every rank refuses the build, naming the parameters whose flags differ and the ranks."""
-    refused = r"^with_ddp: requires_grad differs between the ranks .*change requires_grad alike on every rank\): "
+    refused = r"^with_ddp: requires_grad or the optimizer differs between the ranks .*alike on every rank\): "
     for result in flags_apart:
         assert re.search(refused + re.escape("rank 1 has {'0.weight': False, '0.bias': True}, "
                                              "rank 0 has {'0.weight': True, '0.bias': False}") + "$", result["mid_fit"])
@@ -736,6 +736,31 @@ def test_requires_grad_changed_on_one_rank_alone_is_refused_at_the_epochs_start_
                                   epochs=UNFREEZE_EPOCHS, callbacks=[Unfreeze()], progress=False)
     assert [r["step"] for r in flags_apart_epoch] == [2 * UNFREEZE_EPOCHS] * 2
     assert_params_close(flags_apart_epoch[0]["params"], state.model)
+
+
+def test_optimizers_apart_are_refused_on_every_rank_at_the_wrappers_build_then_mended_train_as_a_raw_loop(flags_apart):
+    """Rank 1's SGD with lr 0.0, an Adam, or a group without the last bias: before, each rank updated the averaged
+    gradients with its own optimizer, the replicas apart, unwarned; now every rank refuses the wrapper's build (in
+    the flags' gather), naming the optimizer's class or the param group and the ranks, the state left usable.
+    Mended (rank 1's lr put to 0.1), the fit equals a raw loop over the global batches."""
+    refused = r"^with_ddp: requires_grad or the optimizer differs between the ranks .*alike on every rank\): rank 1 has "
+    for result in flags_apart:
+        assert re.search(refused + r"\{'optimizer param group 0': \{'params': 4, 'lr': 0\.0, .*\}\}, rank 0 has "
+                         r"\{'optimizer param group 0': \{'params': 4, 'lr': 0\.1, ", result["lr"])
+        assert re.search(refused + re.escape("{'optimizer class': 'torch.optim.adam.Adam', ") + ".* rank 0 has "
+                         + re.escape("{'optimizer class': 'torch.optim.sgd.SGD', "), result["class"])
+        assert re.search(refused + r"\{'optimizer param group 0': \{'params': 3, .*\}\}, rank 0 has "
+                         r"\{'optimizer param group 0': \{'params': 4, ", result["group"])
+        assert not any(result[kind].endswith("(the state changed)") for kind in ("lr", "class", "group"))
+    assert_ranks_identical([{"params": result["mended"]} for result in flags_apart])
+    model = ddp.make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    data = ddp.make_data(ddp.FLAGS_APART_STEPS)
+    for i in range(ddp.FLAGS_APART_STEPS):
+        optimizer.zero_grad()
+        ddp.mse(model, torch.cat([data[i, 0], data[i, 1]])).backward()
+        optimizer.step()
+    assert_params_close(flags_apart[0]["mended"], model)
 
 
 def test_a_ranks_lone_rebuild_says_in_its_error_that_every_rank_must_change_requires_grad_alike(group, monkeypatch):

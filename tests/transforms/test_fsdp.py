@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 
 import pytest
@@ -30,8 +31,9 @@ from tests._finetune import UNFREEZE_AT, UNFREEZE_EPOCHS, frozen_state
 from tests.conftest import assert_params_close, assert_ranks_identical
 
 TOL = 1e-6
-# resume: a second launch, after cut; stream_val: a launch of its own, with a short collective timeout (it hung)
-SCENARIOS = [name for name in fsdp.SCENARIOS if not name.endswith("resume") and name != "stream_val"]
+# resume: a second launch, after cut; stream_val, apart: launches of their own, with a short collective timeout (they
+# hung, or gloo aborted)
+SCENARIOS = [name for name in fsdp.SCENARIOS if not name.endswith("resume") and name not in ("stream_val", "apart")]
 
 
 @pytest.fixture(scope="module")
@@ -350,6 +352,54 @@ def test_a_layer_unfrozen_mid_fit_trains_on_every_rank_as_a_raw_loop_and_resumes
         for cut, params in result["resumed"].items():
             for name, p in result["params"].items():
                 assert torch.equal(params[name], p), (cut, name)
+
+
+def test_flags_or_optimizers_apart_are_refused_on_every_rank_before_anything_changed_then_mended_train_as_a_raw_loop(
+        tmp_path):
+    """The ranks' requires_grad apart at the first call (before: gloo aborted rank 1 at the first backward), their
+    optimizers apart (an lr, a class, a group without a parameter; before: each rank updated its own shard with its
+    own, a mixed model, unwarned), and a group added mid-fit with another lr and flag on rank 1: each is refused on
+    every rank, naming what differs and the ranks, the state left as it was (unsharded at a first call); mended,
+    the fits equal raw loops over the global batches. A launch of its own, with a short collective timeout."""
+    from tests._ddp_script import load, torchrun
+
+    done = torchrun(str(tmp_path), ["apart"], timeout=90, script=os.path.abspath(fsdp.__file__),
+                    env={"LOOPKIT_TEST_TIMEOUT": "5"})
+    assert done.returncode == 0, done.stdout[-4000:]
+    results = load(str(tmp_path), "apart")
+    refused = (r"^with_fsdp: requires_grad or the optimizer differs between the ranks \(.*change requires_grad and "
+               r"the optimizer alike on every rank\): rank 1 has ")
+
+    def group(index: int, **settings):  # a param group's settings in the error, as a pattern
+        return "'optimizer param group %d': \\{%s, " % (index, ", ".join(f"'{k}': {re.escape(repr(v))}"
+                                                                      for k, v in settings.items()))
+
+    for result in results:
+        assert re.search(refused + re.escape("{'0.weight': False}, rank 0 has {'0.weight': True}") + "$", result["flags"])
+        assert re.search(refused + "{" + group(0, params=4, lr=0.0) + ".*}}, rank 0 has {" + group(0, params=4, lr=0.1),
+                         result["lr"])
+        assert re.search(refused + re.escape("{'optimizer class': 'torch.optim.adam.Adam', ") + ".*rank 0 has "
+                         + re.escape("{'optimizer class': 'torch.optim.sgd.SGD', "), result["class"])
+        assert re.search(refused + "{" + group(0, params=3) + ".*}}, rank 0 has {" + group(0, params=4), result["group"])
+        assert re.search(refused + "{'0.bias': False, " + group(1, params=2, lr=0.01) + ".*}}, rank 0 has {'0.bias': "
+                         "True, " + group(1, params=2, lr=0.05), result["added"])
+        assert "(the state changed)" not in "".join(result[k] for k in ("flags", "lr", "class", "group", "added"))
+    assert_ranks_identical(results)
+    data = fsdp.make_data(fsdp.APART_CALLS)
+    model, _, _ = raw_loop("sgd", data, epochs=1)  # the first state, its flags and lr mended after the refusals
+    assert_params_close(results[0]["params"], model, TOL)
+    model = fsdp.make_model()  # the group added mid-fit, mended
+    model[0].requires_grad_(False)
+    optimizer = torch.optim.SGD(model[2].parameters(), lr=0.1, momentum=0.9)
+    for i in range(fsdp.APART_CALLS):
+        if i == 1:
+            model[0].requires_grad_(True)
+            optimizer.add_param_group({"params": list(model[0].parameters()), "lr": 0.05})
+        optimizer.zero_grad()
+        fsdp.mse(model, fsdp.global_batch(data, i)).backward()
+        optimizer.step()
+    assert not torch.equal(model[0].weight, fsdp.make_model()[0].weight)  # (the added group trained)
+    assert_params_close(results[0]["added_params"], model, TOL)
 
 
 def _as_model(params):
@@ -858,8 +908,9 @@ def test_a_rank_dying_at_the_check_of_the_models_names_it(one_rank, monkeypatch)
 
 def test_a_rank_dying_at_the_broadcast_of_rank_zeros_weights_names_it(one_rank, monkeypatch):
     """The first call's broadcast of rank 0's weights (gloo's raw error before), as a second rank sees it: the
-    group reports two ranks that agree on the model, and the broadcast fails."""
+    group reports two ranks that agree on the model (its tensors, flags and optimizer), and the broadcast fails."""
     monkeypatch.setattr(loopkit._collective, "differs_from_rank_zero", lambda *args, **kwargs: None)
+    monkeypatch.setattr(loopkit._collective, "check_same", lambda *args, **kwargs: None)
     monkeypatch.setattr(dist, "get_world_size", lambda *args, **kwargs: 2)
     monkeypatch.setattr(dist, "broadcast", _connection_reset)
     state = fsdp.make_state("sgd")
