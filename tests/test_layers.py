@@ -18,7 +18,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent / "loopkit"
 LAYERS: dict[str, int] = {
     **dict.fromkeys(["errors", "rng", "_numbers", "_collective", "_sharded", "tree", "plot"], 0),
     **dict.fromkeys(["state", "_epoch_data", "progress"], 1),
-    **dict.fromkeys(["steps", "_window", "checkpoint", "debug", "summary"], 2),
+    **dict.fromkeys(["steps", "_window", "_agreement", "checkpoint", "debug", "summary"], 2),
     "transforms": 3,  # (the package and each transform's module)
     **dict.fromkeys(["callbacks", "driver"], 4),
     **dict.fromkeys(["loggers", "trackers", "distributed", "tune", "lr_finder", "batch_size_finder", "_search",
