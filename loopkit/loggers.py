@@ -343,17 +343,33 @@ class Logger:
 _STATUSES = Logger.finalize_statuses
 
 
-def _check_root(root: str, who: str) -> None:
-    """Refuse now a root the first write could not make: a file in its way, or a folder it may not write to."""
-    path = os.path.abspath(root)
+def _check_root(root: str, who: str, folder: str | None = None) -> None:
+    """Refuse now a root, or the run ``folder`` under it (``root/name``, or the one a fixed version names), that the
+    first write could not make: a file in its way, or a folder it may not write to.
+
+    >>> import tempfile
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> open(os.path.join(tmp.name, "run"), "w").close()
+    >>> _check_root(tmp.name, "CSVLogger", os.path.join(tmp.name, "run", "version_0"))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    NotADirectoryError: CSVLogger: the run folder '.../run/version_0' cannot be made: '.../run' is a file; ...
+    >>> tmp.cleanup()
+    """
+    base = os.path.abspath(root)
+    path = base if folder is None else os.path.abspath(folder)
     while not os.path.exists(path):
         parent = os.path.dirname(path)
         if parent == path:
             return
         path = parent
+    inside = folder is not None and path.startswith(os.path.join(base, ""))  # (in the run folder's way, under root)
     if not os.path.isdir(path):
+        if inside:
+            raise NotADirectoryError(f"{who}: the run folder {folder!r} cannot be made: {path!r} is a file; remove "
+                                     "it, or give another name (or version)")
         raise NotADirectoryError(f"{who}: root {root!r} cannot be a folder: {path!r} is a file")
-    if path != os.path.abspath(root) and not os.access(path, os.W_OK | os.X_OK):
+    if path != base and not inside and not os.access(path, os.W_OK | os.X_OK):  # (an existing root: the write tells)
         raise PermissionError(f"{who}: root {root!r} cannot be made: {path!r} is not writable")
 
 
@@ -397,10 +413,10 @@ class RunDirLogger(Logger):
             raise ValueError(f"{who}: a version given as a string is a folder inside root/name ('' for root/name "
                              f"itself, 'fold0/seed1' nested, as in Lightning), not an absolute path or one "
                              f"with '..', got {version!r}")
-        _check_root(os.fspath(root), who)
         self.root = os.fspath(root)
         self.name = name
         self._version = version  # the version given (None: the next free version_N, claimed when first needed)
+        _check_root(self.root, who, self.fixed_folder() or os.path.join(self.root, name))
         self._dir: str | None = None
         self._leader: RunDirLogger | None = None
         self._pending_hparams: dict[str, Any] | None = None  # hparams.json (and _HPARAMS_METRICS) to write

@@ -130,7 +130,9 @@ def create_study(
     """An Optuna study kept in ``storage`` (default: SQLite in ``directory``), resumed if it exists.
 
     ``directory`` is made (with its parents) when it does not exist yet; a file in its way is a
-    ``NotADirectoryError``.
+    ``NotADirectoryError``. A ``storage=`` is a database URL or an Optuna storage object: anything else, a URL of a
+    database kind SQLAlchemy does not know, or an SQLite file whose folder does not exist (it is not made: leave
+    ``storage`` out for that) is refused at the call, naming it.
 
     ``direction`` is ``"minimize"`` (the default for a new study) or ``"maximize"`` (or Optuna's
     ``StudyDirection`` of either); a study resumed with the other direction is refused (Optuna would
@@ -181,6 +183,8 @@ def create_study(
     if storage is None:
         storage = storage_url(study_name, directory)
         _make_folder(directory)
+    else:
+        _check_storage(optuna, storage)
     where = storage
     if not isinstance(storage, str):
         if (heartbeat_interval, grace_period, max_retry) != (_HEARTBEAT_INTERVAL, None, _MAX_RETRY):
@@ -207,6 +211,44 @@ def create_study(
     return study
 
 
+def _check_storage(optuna: Any, storage: Any) -> None:
+    """Refuse a ``storage=`` that Optuna would fail on inside (an ``AttributeError`` for a non-storage, SQLAlchemy's
+    "unable to open database file" naming no path), naming it: a URL that is none, of a database kind SQLAlchemy does
+    not know, or an SQLite file whose folder is missing.
+
+    >>> import optuna
+    >>> _check_storage(optuna, "sqlite:////no/such/folder/s.db")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    FileNotFoundError: loopkit.tune: storage 'sqlite:////no/such/folder/s.db' is an SQLite file in '/no/such/folder', ...
+    """
+    if isinstance(storage, optuna.storages.BaseStorage):
+        return
+    if not isinstance(storage, str):
+        path = ("; for an SQLite file at a path, leave storage out and give directory= (the file is "
+                "<directory>/<study_name>.db), or give storage=loopkit.tune.storage_url(study_name, directory)"
+                if isinstance(storage, os.PathLike) else "")
+        raise TypeError(f"loopkit.tune: storage must be a database URL ('sqlite:///search.db', 'postgresql://...') or "
+                        f"an optuna storage (optuna.storages.RDBStorage(url)), or None, got {storage!r}{path}")
+    from sqlalchemy.engine import make_url  # (Optuna's RDB storage is SQLAlchemy's)
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        make_url(storage).get_dialect()  # (loads the dialect, not its driver)
+    except ArgumentError as error:  # (NoSuchModuleError, an unknown database kind, is one)
+        raise ValueError(f"loopkit.tune: storage {storage!r} is not a database URL SQLAlchemy can open ({error}): "
+                         "give one such as 'sqlite:///search.db' or 'postgresql://user@host/db'") from None
+    path = _sqlite_file(storage)
+    folder = None if path is None else os.path.dirname(path)
+    if folder is not None and not os.path.isdir(folder):
+        if os.path.exists(folder):
+            raise NotADirectoryError(f"loopkit.tune: storage {storage!r} is an SQLite file in {folder!r}, which is a "
+                                     "file, not a folder")
+        raise FileNotFoundError(f"loopkit.tune: storage {storage!r} is an SQLite file in {folder!r}, which does not "
+                                "exist; make the folder first, or leave storage out for one in directory= (made for "
+                                "you)")
+
+
 def _check_heartbeat(heartbeat_interval: Any, grace_period: Any, max_retry: Any) -> None:
     def positive_int(value: Any) -> bool:
         return (as_int(value) or 0) > 0
@@ -229,7 +271,8 @@ def _check_heartbeat(heartbeat_interval: Any, grace_period: Any, max_retry: Any)
 def _creation_lock(storage: Any) -> Iterator[None]:
     """Hold an exclusive ``fcntl.flock`` on ``<file>.lock`` beside the file of an SQLite storage URL while a study is
     made in it, so that processes making one new study at once take turns in Optuna's schema creation; nothing for
-    another storage, an in-memory SQLite, a folder that does not exist (Optuna names it) or without ``fcntl``."""
+    another storage, an in-memory SQLite, a folder one cannot write to (made as Optuna makes it; one that does not
+    exist is refused before, :func:`_check_storage`) or without ``fcntl``."""
     path = _sqlite_file(storage) if fcntl is not None else None
     handle = None
     if path is not None:

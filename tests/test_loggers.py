@@ -952,6 +952,26 @@ def test_bad_options_are_refused_by_name(tmp_path, make, error):
         make(tmp_path)
 
 
+@pytest.mark.parametrize("version", [None, 3, "fold0/seed1"])
+def test_a_file_in_the_run_folders_way_is_refused_when_built_naming_the_logger(tmp_path, version):
+    """A file at root/name (or on the way to the folder a fixed version names) was accepted, and the fit's first step
+    raised os.makedirs' bare FileExistsError with its state lost; the root alone was checked."""
+    (tmp_path / "run").write_text("x")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "version_3").write_text("x")
+    (tmp_path / "other" / "fold0").write_text("x")
+    for make in (loopkit.CSVLogger, loopkit.JSONLLogger, loopkit.TensorBoardLogger):
+        who = make.__name__
+        with pytest.raises(NotADirectoryError, match=rf"{who}: the run folder .*run.* cannot be made: .*run' is a "
+                                                     r"file; remove it, or give another name \(or version\)"):
+            make(tmp_path, "run", version=version)
+        if version is not None:
+            with pytest.raises(NotADirectoryError, match=rf"{who}: the run folder .* cannot be made: "
+                                                         rf".*other.{'version_3' if version == 3 else 'fold0'}' is a file"):
+                make(tmp_path, "other", version=version)
+        make(tmp_path, "fresh", version=version)  # (none in the way)
+
+
 def test_numpy_numbers_are_logged_as_floats(tmp_path):
     import numpy as np
 

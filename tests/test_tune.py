@@ -330,6 +330,29 @@ def test_a_missing_directory_is_made_and_a_file_in_its_way_is_refused(tmp_path):
     assert (tmp_path / "file").read_text() == "x"
 
 
+def test_a_storage_optuna_would_fail_on_inside_is_refused_naming_what_is_wrong(tmp_path):
+    """A URL of an SQLite file in a missing folder gave SQLAlchemy's "unable to open database file" (no path), an
+    unknown scheme its "Can't load plugin", a non-URL Optuna's AttributeError: each is named at the call, and nothing
+    is made; a URL in an existing folder, and a storage object, still make the study."""
+    missing = tmp_path / "no" / "such"
+    with pytest.raises(FileNotFoundError, match=rf"loopkit.tune: storage '.*' is an SQLite file in "
+                                                rf"'{re.escape(str(missing))}', which does not exist"):
+        tune.create_study("s", storage=f"sqlite:///{missing}/s.db")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError, match=rf"is an SQLite file in '{re.escape(str(tmp_path / 'file'))}', which is "
+                                                 "a file"):
+        tune.create_study("s", storage=f"sqlite:///{tmp_path}/file/s.db")
+    with pytest.raises(ValueError, match=r"loopkit.tune: storage 'sqllite:///.*' is not a database URL SQLAlchemy can "
+                                         r"open \(Can't load plugin: sqlalchemy.dialects:sqllite\)"):
+        tune.create_study("s", storage=f"sqllite:///{tmp_path}/s.db")
+    for bad in (3, tmp_path / "s.db"):
+        with pytest.raises(TypeError, match=r"loopkit.tune: storage must be a database URL .* or an optuna storage"):
+            tune.create_study("s", storage=bad)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+    assert tune.create_study("s", storage=f"sqlite:///{tmp_path}/s.db").study_name == "s"
+    assert tune.create_study("m", storage=optuna.storages.InMemoryStorage()).study_name == "m"
+
+
 def test_a_directory_under_home_is_expanded_and_a_dangling_link_named(tmp_path, monkeypatch):
     home, work = tmp_path / "home", tmp_path / "work"
     home.mkdir(), work.mkdir()

@@ -37,7 +37,9 @@ from loopkit.errors import CheckpointCorruptError, CheckpointLoadError, StateMis
 from loopkit.state import (
     TrainState, _uninitialized, core_module, extras_copy, full_state_dict_on_rank_zero, leave_intact, replace_extras,
 )
-from loopkit.steps import RECORDED, SAVE_DUE, VALIDATED, VALIDATES, VALIDATES_AT_EPOCH_ENDS, Metrics, UpdateStep
+from loopkit.steps import (
+    RECORDED, SAVE_DUE, VALIDATED, VALIDATES, VALIDATES_AT_EPOCH_ENDS, Metrics, UpdateStep, WrapperStep,
+)
 from loopkit.transforms._compose import require_step
 
 __all__ = ["CheckpointStep", "with_checkpointing"]
@@ -738,6 +740,35 @@ def _prepare_directory(directory: Path) -> None:
         )
 
 
+def _options(step: CheckpointStep) -> str:
+    """A checkpointer's saving and keeping options, as given (``every_n_steps=1, keep_last=1``).
+
+    >>> _options(CheckpointStep(inner=None, directory=Path("ck"), every_n_steps=5, keep_last=1))
+    'every_n_steps=5, keep_last=1'
+    """
+    given = {"every_n_steps": step.every_n_steps, "every_n_epochs": None if step.on_validation else step.every_n_epochs,
+             "train_time_interval": step.train_time_interval, "monitor": step.monitor,
+             "keep_best": step.keep_best if step.monitor is not None else None}
+    return ", ".join([f"{k}={v!r}" for k, v in given.items() if v is not None] + [f"keep_last={step.keep_last!r}"])
+
+
+def _refuse_one_directory_twice(inner: Any, path: Path, options: str) -> None:
+    """A ``with_checkpointing`` inside ``inner`` saving into ``path`` too: each one's rotation (``keep_last``,
+    ``keep_best``) would delete the other's checkpoints, the best-scored among them; refused naming both."""
+    here = os.path.realpath(path)
+    while isinstance(inner, WrapperStep):
+        if isinstance(inner, CheckpointStep) and os.path.realpath(inner.directory) == here:
+            raise ValueError(
+                f"with_checkpointing: this one ({options}) and the with_checkpointing inside it ({_options(inner)}) "
+                f"both save into {str(path)!r}, and each one's keep_last/keep_best would delete the other's "
+                "checkpoints (the best-scored among them); a directory belongs to one checkpointer. For Lightning's "
+                "two ModelCheckpoints (the newest every N steps, and the best by a metric) use one: "
+                "with_checkpointing(step, directory, every_n_steps=N, keep_last=1, monitor='val/loss', keep_best=1) "
+                "keeps the newest and the best; or give each its own directory"
+            )
+        inner = inner.inner
+
+
 def with_checkpointing(
     step: Any,
     directory: str | os.PathLike,
@@ -808,7 +839,11 @@ def with_checkpointing(
     Apply it outermost (``with_checkpointing(with_logging(...), ...)``): what it saves is
     the state after every transform inside it has done its part of the step (under
     ``run_epochs`` its step saves see the outer ones' part too). The directory
-    belongs to one run: old checkpoints there are pruned by the same rules. A directory whose
+    belongs to one run and one checkpointer: old checkpoints there are pruned by the same rules, and a second
+    ``with_checkpointing`` of it inside is refused (each one's rotation would delete the other's checkpoints): for
+    Lightning's two ``ModelCheckpoint`` callbacks, the newest and the best, one
+    ``with_checkpointing(step, directory, every_n_steps=n, keep_last=1, monitor="val/loss", keep_best=1)`` keeps
+    both, or give each its own directory. A directory whose
     newest checkpoint is of another model or optimizer (other parameter or buffer names
     or shapes, another optimizer class; a scheduler switched between phases of a run is not) is refused with a
     :class:`loopkit.StateMismatchError` naming it and the first difference, before the first
@@ -871,8 +906,7 @@ def with_checkpointing(
         raise TypeError(f"with_checkpointing: directory must be a path, got {type(directory).__qualname__}")
     inner = require_step(step, "with_checkpointing", no_eval="an evaluation step changes no state to save")
     path = Path(directory)
-    _prepare_directory(path)
-    return CheckpointStep(
+    made = CheckpointStep(
         inner=inner,
         directory=path,
         every_n_steps=every_n_steps,
@@ -886,4 +920,7 @@ def with_checkpointing(
         durable=bool(durable),
         on_validation=on_validation,
     )
+    _refuse_one_directory_twice(inner, path, _options(made))
+    _prepare_directory(path)
+    return made
 

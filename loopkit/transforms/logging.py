@@ -235,7 +235,11 @@ class LoggingStep(WrapperStep):
             new = _with_run_dirs(new, _run_dirs(self.loggers), fresh=True)  # (new: by _taken)
             self.held.first = False
         elif self.held.first:  # (a fit's first call: the folders it goes on in, though no log point is reached)
-            new = _with_run_dirs(new, _run_dirs(self.loggers, claim=True), self.inner.returns_fresh_state)
+            try:
+                folders = _run_dirs(self.loggers, claim=True)
+            except BaseException as error:  # (a folder that cannot be made): the update is done, its state whole
+                raise leave_updated(error, new, metrics, self.windows[1])
+            new = _with_run_dirs(new, folders, self.inner.returns_fresh_state)
             self.held.first = False
         return new, metrics
 

@@ -150,7 +150,8 @@ def with_nan_guard(step: Any, policy: str = "skip") -> TrainStep:
     the guard then checks the loss only, and its skip of a non-finite loss leaves the scale and
     its growth tracker as they were (``amp/skipped`` 0.0: the guard's skip, not an overflow).
     A ``with_grad_clip(max_value=...)`` inside the guard
-    is checked by it before it clamps, since clamping makes an infinite gradient finite.
+    is checked by it before it clamps, since clamping makes an infinite gradient finite. A step has one guard: a
+    second ``with_nan_guard`` (around ``with_grad_accum`` or not) is refused, since the inner one acts first.
 
     After a raise nothing is lost: a non-finite loss is refused before the backward, non-finite
     gradients before the update, and the gradients are given back as the call found them (none,
@@ -188,6 +189,11 @@ def with_nan_guard(step: Any, policy: str = "skip") -> TrainStep:
     if policy not in _POLICIES:
         raise ValueError(f"with_nan_guard: policy must be 'skip' or 'raise', got {policy!r}")
     base = require_train_step(step, "with_nan_guard")
+    inside = next((t for t in base.micro + base.update if isinstance(t, NanGuard)), None)
+    if inside is not None:
+        raise TypeError(f"with_nan_guard cannot wrap with_nan_guard: the one inside (policy={inside.policy!r}) acts on "
+                        f"the first non-finite loss or gradient, so this one (policy={policy!r}) would never see one; "
+                        "apply with_nan_guard once, with the policy you want")
     guard = NanGuard(policy)
     guarded = base.add_grad_transform(guard)
     return attrs.evolve(guarded, micro=_checked_before_clamping(guarded.micro, guard),

@@ -184,7 +184,7 @@ def with_profiler(
     the wait or the warm-up). ``record_shapes`` (each operator's input shapes, in the trace),
     ``profile_memory`` (allocations: ``[memory]`` events, and memory columns in the summary) and
     ``with_stack`` (the Python calls, in the trace) are ``torch.profiler.profile``'s options of
-    those names, off by default. CUDA activity is recorded too where CUDA is available. A fit that ends before
+    those names, True or False, off by default. CUDA activity is recorded too where CUDA is available. A fit that ends before
     the schedule does (``run_epochs`` tells the step) or a call that raises stops the profile
     and writes what it recorded; in a loop of your own, ``step.close()`` does. A trace that
     cannot be written (its folder gone, a full disk) raises from the call that ends the active
@@ -217,6 +217,9 @@ def with_profiler(
     wait, warmup, active = as_int(wait), as_int(warmup), as_int(active)
     if not isinstance(directory, (str, os.PathLike)):
         raise TypeError(f"with_profiler: directory must be a path, got {type(directory).__qualname__}")
+    for name, flag in (("record_shapes", record_shapes), ("profile_memory", profile_memory), ("with_stack", with_stack)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"with_profiler: {name} must be True or False, got {flag!r}")
     inner = require_step(step, "with_profiler")
     refuse_wrapping(inner, "with_profiler", {  # torch.profiler: one session at a time (two that overlap crash)
         "with_profiler": "torch.profiler runs one profile at a time in a process; profile the step once",
@@ -224,14 +227,36 @@ def with_profiler(
     path = Path(directory)
     if path.exists() and not path.is_dir():
         raise NotADirectoryError(f"with_profiler: {str(path)!r} exists and is not a directory")
-    path.mkdir(parents=True, exist_ok=True)
+    _make_directory(path)
     return ProfilerStep(
         inner=inner,
         directory=path,
         wait=wait,
         warmup=warmup,
         active=active,
-        record_shapes=bool(record_shapes),
-        profile_memory=bool(profile_memory),
-        with_stack=bool(with_stack),
+        record_shapes=record_shapes,
+        profile_memory=profile_memory,
+        with_stack=with_stack,
     )
+
+
+def _make_directory(path: Path) -> None:
+    """Make the traces' folder now, naming with_profiler and what is in the way (a file on the path) if it cannot be.
+
+    >>> import tempfile
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> _ = open(os.path.join(tmp.name, "file"), "w").close()
+    >>> _make_directory(Path(tmp.name, "file", "prof"))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    NotADirectoryError: [Errno 20] with_profiler: cannot make the folder '.../file/prof' for its traces: '.../file' is a file
+    >>> tmp.cleanup()
+    """
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # (a file on the path, a read-only file system)
+        in_the_way = next((p for p in path.parents if p.exists()), None)
+        why = f"{str(in_the_way)!r} is a file" if in_the_way is not None and not in_the_way.is_dir() else \
+            error.strerror or str(error)
+        raise type(error)(error.errno, f"with_profiler: cannot make the folder {str(path)!r} for its traces: "
+                                       f"{why}") from error

@@ -620,8 +620,14 @@ def with_pruning(
         raise TypeError(
             f"with_pruning: schedule must be a non-empty list of update counts or a function of the step, got {schedule!r}"
         )
-    if parameters is not None and (isinstance(parameters, str) or not all(isinstance(p, str) for p in parameters)):
-        raise TypeError(f"with_pruning: parameters must be a list of parameter names, got {parameters!r}")
+    if parameters is not None:
+        names = None if isinstance(parameters, str) or not hasattr(parameters, "__iter__") else tuple(parameters)
+        if names is None or not all(isinstance(p, str) for p in names):
+            raise TypeError(f"with_pruning: parameters must be a list of parameter names, got {parameters!r}")
+        if not names:  # (its first prune failed inside torch, after the update, the state lost)
+            raise ValueError("with_pruning: parameters is empty, naming no tensor to prune: name some "
+                             "(parameters=['0.weight']), or leave it None for the weights of every Linear and Conv layer")
+        parameters = names
     inner = require_step(step, "with_pruning", no_eval="an evaluation step updates no weights to prune")
     later = "apply with_pruning first, e.g. {}(with_pruning(step, ...), ...)"
     refuse_wrapping(inner, "with_pruning", {

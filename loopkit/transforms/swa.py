@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
@@ -237,8 +238,11 @@ class SWAStep(WrapperStep):
                     averages = _fitted(averages, core_module(state.model), "with_swa", _SWA, _FIX)
                 n = int(extras.get(_N, 0))
                 built = self.inner.wrap_parallel(state)  # every rank averages rank 0's (broadcast) parameters
-                with torch.no_grad():
-                    averaged = _averaged(averages, *_parameters(state), n, self.avg_fn)
+                try:
+                    with torch.no_grad():
+                        averaged = _averaged(averages, *_parameters(state), n, self.avg_fn)
+                except Exception as error:  # (a user avg_fn's own): the averages are new tensors, nothing changed
+                    raise leave_intact(error, None if built else state)
                 if new_extras is None:
                     new_extras = extras_copy(extras)
                 new_extras.update({_SWA: averaged, _N: n + 1, _LATEST: state.epoch})
@@ -317,7 +321,9 @@ def with_swa(
     ``max_epochs``). From that epoch on:
 
     - the weights each epoch starts from are averaged in (equal weights, ``avg + (w - avg) / (n + 1)``,
-      Lightning's arithmetic; ``avg_fn(avg, w, n_averaged)`` instead if given), at the epoch's first call,
+      Lightning's arithmetic; ``avg_fn(avg, w, n_averaged)`` instead if given: one that cannot take three
+      arguments is refused when built, and one that raises leaves the state the epoch started from to
+      ``loopkit.state_at_error``), at the epoch's first call,
       as Lightning does at ``on_train_epoch_start``: the first average holds the weights from before
       the SWA epochs, and the weights the last epoch trains are never averaged in (Lightning's too);
       with ``epochs`` given, no epoch past ``epochs - 1`` is averaged;
@@ -371,9 +377,8 @@ def with_swa(
                          f"got {annealing_epochs!r}")
     if annealing_strategy not in ("cos", "linear"):
         raise ValueError(f"with_swa: annealing_strategy must be 'cos' or 'linear', got {annealing_strategy!r}")
-    if avg_fn is not None and not callable(avg_fn):
-        raise TypeError(f"with_swa: avg_fn must be callable as avg_fn(averaged, param, n_averaged), "
-                        f"got {type(avg_fn).__qualname__}")
+    if avg_fn is not None:
+        _check_avg_fn(avg_fn)
     refuse_wrapping(inner, "with_swa", {
         "with_swa": "the state holds one set of averages and one learning-rate schedule",
         "with_epoch_scheduler": _order("with_epoch_scheduler"),
@@ -384,6 +389,30 @@ def with_swa(
     })
     return SWAStep(inner, swa_lrs=lrs, swa_start=start, swa_end=None if epochs is None else epochs - 1,
                    annealing_epochs=anneal, annealing_strategy=annealing_strategy, avg_fn=avg_fn)
+
+
+def _check_avg_fn(avg_fn: Any) -> None:
+    """Refuse an ``avg_fn`` that cannot be called as ``avg_fn(averaged, param, n_averaged)`` (its signature, where
+    Python can read one), before the first SWA epoch's call would raise it.
+
+    >>> _check_avg_fn(lambda avg, w: avg)
+    Traceback (most recent call last):
+    ...
+    TypeError: with_swa: avg_fn (<lambda>(avg, w)) must take three arguments, avg_fn(averaged, param, n_averaged): too many positional arguments
+    """
+    if not callable(avg_fn):
+        raise TypeError(f"with_swa: avg_fn must be callable as avg_fn(averaged, param, n_averaged), "
+                        f"got {type(avg_fn).__qualname__}")
+    try:
+        signature = inspect.signature(avg_fn)
+    except (TypeError, ValueError):  # (a builtin without a signature: the call tells)
+        return
+    try:
+        signature.bind(None, None, None)
+    except TypeError as error:
+        name = getattr(avg_fn, "__qualname__", None) or type(avg_fn).__qualname__
+        raise TypeError(f"with_swa: avg_fn ({name}{signature}) must take three arguments, "
+                        f"avg_fn(averaged, param, n_averaged): {error}") from None
 
 
 def _order(scheduler: str) -> str:

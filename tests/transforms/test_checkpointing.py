@@ -433,6 +433,27 @@ def test_monitor_keeps_the_best_besides_the_last(tmp_path):
     assert _steps(tmp_path) == [4, 6]
 
 
+def test_two_checkpointers_of_one_directory_are_refused_naming_both_and_the_one_that_keeps_newest_and_best(tmp_path):
+    """Lightning's habit of two ModelCheckpoints (every step, keep the newest; best by val) in one directory: both
+    were accepted and each one's rotation deleted the other's checkpoints, the best among them. Refused when built,
+    whichever is inside and however the directory is spelt; the one checkpointer the message gives keeps the newest
+    and the best (test_monitor_keeps_the_best_besides_the_last), and two directories are fine."""
+    newest = lambda step, where: with_checkpointing(step, where, every_n_steps=1, keep_last=1)  # noqa: E731
+    best = lambda step, where: with_checkpointing(step, where, monitor="val/loss", keep_last=0)  # noqa: E731
+    for outer, inner, where in [(best, newest, tmp_path), (newest, best, str(tmp_path) + "/./")]:
+        with pytest.raises(ValueError, match=r"with_checkpointing: this one \(.*\) and the with_checkpointing inside it "
+                                             r"\(.*\) both save into .*keep_last/keep_best would delete the other's "
+                                             r"checkpoints.*with_checkpointing\(step, directory, every_n_steps=N, "
+                                             r"keep_last=1, monitor='val/loss', keep_best=1\).*or give each its own "
+                                             r"directory"):
+            outer(loopkit.with_logging(inner(train_step(_mse), tmp_path), loopkit.ConsoleLogger()), where)
+    with pytest.raises(ValueError, match=r"this one \(monitor='val/loss', keep_best=1, keep_last=0\) and the "
+                                         r"with_checkpointing inside it \(every_n_steps=1, keep_last=1\)"):
+        best(newest(train_step(_mse), tmp_path), tmp_path)
+    both = best(newest(train_step(_mse), tmp_path / "newest"), tmp_path / "best")
+    assert both.applied == ("train_step", "with_checkpointing", "with_checkpointing")
+
+
 def test_a_score_given_after_its_checkpoint_was_written_is_kept_with_it_when_scores_json_is_lost(tmp_path):
     """A step checkpoint scored by the validation of its own update: the score is in scores.json and beside the
     checkpoint (score.json); with scores.json gone, the scores, the best checkpoint and a relaunch's rotation are

@@ -116,11 +116,12 @@ GRADIENT_ONLY = ["grad_accum", "grad_clip", "grad_norm", "grad_hook", "nan_guard
 def _refused(inner: str, outer: str) -> bool:
     """A gradient transform cannot reach the train step through a whole-step transform; and some
     pairs of gradient transforms have no meaning: a second precision, accumulating an accumulation, and
-    a second clipping or norm on the same side of the accumulation, whose metrics would replace the first one's."""
+    a second clipping or norm on the same side of the accumulation, whose metrics would replace the first one's, and a
+    second guard, which the inner one leaves nothing to act on."""
     if outer in GRADIENT and inner in WHOLE_STEP:
         return True
     if inner == outer and inner in ("logging", "ema", "pruning", "qat", "swa", "epoch_scheduler", "step_scheduler",
-                                    "grad_clip", "grad_norm"):
+                                    "grad_clip", "grad_norm", "nan_guard"):
         return True
     if outer == "qat" and inner.startswith("amp"):  # fake quantization runs in float32 only
         return True
@@ -285,7 +286,8 @@ def test_the_refused_pairs_are_exactly_the_meaningless_ones():
               "with_epoch_scheduler", "with_step_scheduler")
     around_whole = {(w, g) for w in wholes for g in gradient_names}
     doubled = {(t, t) for t in ("with_amp", "with_grad_accum", "with_logging", "with_ema", "with_pruning", "with_qat",
-                                "with_swa", "with_epoch_scheduler", "with_step_scheduler", "with_grad_clip", "with_grad_norm")}
+                                "with_swa", "with_epoch_scheduler", "with_step_scheduler", "with_grad_clip", "with_grad_norm",
+                                "with_nan_guard")}
     too_late = {("with_checkpointing", "with_ema"), ("with_checkpointing", "with_pruning"), ("with_ema", "with_pruning"),
                 ("with_checkpointing", "with_swa"), ("with_checkpointing", "with_epoch_scheduler"),
                 ("with_checkpointing", "with_step_scheduler")}
@@ -293,10 +295,10 @@ def test_the_refused_pairs_are_exactly_the_meaningless_ones():
     one_schedule = {(a, b) for a in schedulers for b in schedulers if a != b} | {(a, "with_swa") for a in schedulers}
     float32_only = {("with_amp", "with_qat")}
     assert refused == doubled | around_whole | too_late | one_schedule | float32_only
-    # pairs of keys: amp doubled 4, accum 1, whole around gradient 8 * 7, seven wholes doubled, clip and norm doubled 2,
-    # too late 6, one schedule 4 (the two scheduler transforms, and with_swa around either), qat(amp) 2
-    assert sum(_refused(*pair) for pair in PAIRS) == 4 + 1 + 8 * 7 + 7 + 2 + 6 + 4 + 2
-    assert len(PIPELINES) == 15 + 225 - 82 + len(TRIPLES)
+    # pairs of keys: amp doubled 4, accum 1, whole around gradient 8 * 7, seven wholes doubled, clip, norm and guard
+    # doubled 3, too late 6, one schedule 4 (the two scheduler transforms, and with_swa around either), qat(amp) 2
+    assert sum(_refused(*pair) for pair in PAIRS) == 4 + 1 + 8 * 7 + 7 + 3 + 6 + 4 + 2
+    assert len(PIPELINES) == 15 + 225 - 83 + len(TRIPLES)
     # every whole-step transform is covered around every other transform, and checkpointing around itself
     unwrappable = {("logging", "logging"), ("ema", "ema"), ("pruning", "pruning"), ("qat", "qat"), ("checkpointing", "ema"),
                    ("checkpointing", "pruning"), ("ema", "pruning"), ("amp_bf16", "qat"), ("amp_fp16", "qat"),

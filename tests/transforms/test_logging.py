@@ -1293,6 +1293,37 @@ def test_a_failed_write_at_a_log_point_leaves_that_update_whole(make_mlp, make_b
     assert all(torch.equal(a, b) for a, b in zip(resumed.model.parameters(), whole.model.parameters(), strict=True))
 
 
+def test_a_run_folder_that_cannot_be_claimed_at_the_first_call_leaves_that_update_whole(
+    tmp_path, make_mlp, make_batches, make_sgd_state, mse_loss
+):
+    """A file put where the logger's root/name folder goes after it was built: the fit's first call claims the folder
+    after its update (no log point yet) and raised os.makedirs' error with the state lost; state_at_error gives that
+    update, and a fit on from it, the file gone, logs and trains as the uninterrupted run."""
+    data = make_batches(8)
+
+    def fit(root, state):
+        logger = CSVLogger(root, name="run")
+        if root == tmp_path / "failing":
+            (root / "run").write_text("in the way")
+        return run_epochs(with_logging(train_step(mse_loss), logger, every_n_steps=5), state, data, epochs=2,
+                          progress=False)[0], logger
+
+    whole, whole_logger = fit(tmp_path / "whole", make_sgd_state(make_mlp()))
+    (tmp_path / "failing").mkdir()
+    with pytest.raises(FileExistsError) as caught:
+        fit(tmp_path / "failing", make_sgd_state(make_mlp()))
+    left = loopkit.state_at_error(caught.value)
+    assert left is not None and (left.step, left.epoch, left.batch_index) == (1, 0, 1)
+    (tmp_path / "failing" / "run").unlink()
+    logger = CSVLogger(tmp_path / "failing", name="run")
+    resumed, _ = run_epochs(with_logging(train_step(mse_loss), logger, every_n_steps=5), left, data, epochs=2,
+                            progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(resumed.model.parameters(), whole.model.parameters(), strict=True))
+    with open(os.path.join(logger.log_dir, "metrics.csv")) as got, \
+            open(os.path.join(whole_logger.log_dir, "metrics.csv")) as expected:
+        assert list(csv.DictReader(got)) == list(csv.DictReader(expected))
+
+
 class _CSVFailingOnce(CSVLogger):
     """A CSVLogger whose first write at update ``at`` fails, as on a full disk (the next write there goes through)."""
 

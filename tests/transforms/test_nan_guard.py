@@ -268,6 +268,17 @@ def test_raise_policy_under_accumulation_raises_on_the_bad_micro_batch(make_mlp,
         step(state, _nan_batch(data[1]))
 
 
+@pytest.mark.parametrize("accumulated", [False, True])
+def test_a_second_guard_is_refused_naming_both_policies(mse_loss, accumulated):
+    """Two guards were accepted, and the inner one acted alone ('raise' inside 'skip' raised at the first NaN);
+    refused, as with_amp and with_grad_accum twice are, across with_grad_accum and with_grad_clip too."""
+    inner = loopkit.with_nan_guard(loopkit.train_step(mse_loss), policy="raise")
+    between = loopkit.with_grad_clip(loopkit.with_grad_accum(inner, every=2) if accumulated else inner, max_norm=1.0)
+    with pytest.raises(TypeError, match=r"with_nan_guard cannot wrap with_nan_guard: the one inside \(policy='raise'\) "
+                                        r".*this one \(policy='skip'\) would never see one; apply with_nan_guard once"):
+        loopkit.with_nan_guard(between, policy="skip")
+
+
 def test_nonfinite_error_is_a_floating_point_error():
     assert issubclass(loopkit.NonFiniteError, FloatingPointError)
 

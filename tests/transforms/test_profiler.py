@@ -269,6 +269,22 @@ def test_bad_options_are_refused_by_name(tmp_path, mse_loss, options, match):
         loopkit.with_profiler(loopkit.train_step(mse_loss), tmp_path, **options)
 
 
+@pytest.mark.parametrize("flag", ["record_shapes", "profile_memory", "with_stack"])
+@pytest.mark.parametrize("value", ["yes", 1, None])
+def test_a_flag_that_is_not_a_bool_is_refused_by_name(tmp_path, mse_loss, flag, value):
+    """(Any value was taken as its truth: record_shapes="no" recorded them.)"""
+    with pytest.raises(TypeError, match=f"with_profiler: {flag} must be True or False, got {value!r}"):
+        loopkit.with_profiler(loopkit.train_step(mse_loss), tmp_path, **{flag: value})
+
+
+def test_a_directory_under_a_file_is_refused_naming_with_profiler_and_the_file(tmp_path, mse_loss):
+    """(It was pathlib's bare NotADirectoryError, naming neither.)"""
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError, match=rf"with_profiler: cannot make the folder '.*prof' for its traces: "
+                                                 rf"'{tmp_path / 'file'}' is a file"):
+        loopkit.with_profiler(loopkit.train_step(mse_loss), tmp_path / "file" / "deeper" / "prof")
+
+
 def test_bad_steps_and_directories_are_refused(tmp_path, mse_loss):
     with pytest.raises(TypeError, match="directory must be a path"):
         loopkit.with_profiler(loopkit.train_step(mse_loss), 3)

@@ -875,11 +875,21 @@ def test_each_option_is_pure_and_resumes_bitwise(name, tmp_path, make_batches, m
         ({"pruning_dim": 0}, ValueError, "pruning_dim is for the structured methods, not l1_unstructured"),
         ({"pruning_fn": "random_structured", "pruning_dim": 0, "pruning_norm": 2, "use_global_unstructured": False},
          ValueError, "pruning_norm is for ln_structured, not random_structured"),
+        # (an empty list was accepted, and the first prune failed inside torch.cat after the update, the state lost)
+        ({"parameters": []}, ValueError, r"parameters is empty, naming no tensor to prune: name some"),
+        ({"parameters": "0.weight"}, TypeError, "parameters must be a list of parameter names"),
+        ({"parameters": 3}, TypeError, "parameters must be a list of parameter names"),
     ],
 )
 def test_bad_lightning_options_are_refused_by_name(mse_loss, options, error, match):
     with pytest.raises(error, match=f"with_pruning: {match}"):
         loopkit.with_pruning(loopkit.train_step(mse_loss), **{"amount": 0.5, "schedule": [1], **options})
+
+
+def test_parameters_given_as_an_iterator_are_taken_whole(mse_loss):
+    """(Checking the names used up a generator, which then named nothing.)"""
+    step = loopkit.with_pruning(loopkit.train_step(mse_loss), 0.5, [1], parameters=iter(["0.weight", "head.weight"]))
+    assert step.parameters == ("0.weight", "head.weight")
 
 
 @pytest.mark.parametrize("case", ["global count", "per-tensor count", "channel count", "a dim the weight lacks",

@@ -481,6 +481,40 @@ def test_a_custom_avg_fn_is_used(data, assert_trees_equal):
     assert_trees_equal(dict(state.extras["swa/params"]), _params(before_last.model))
 
 
+def test_an_avg_fn_that_cannot_take_three_arguments_is_refused_when_built():
+    """avg_fn(avg, w) was accepted and raised Python's bare TypeError at the first SWA epoch's average, the run's state
+    lost; its signature is checked at build now (one Python cannot read is left to the call)."""
+    with pytest.raises(TypeError, match=r"with_swa: avg_fn \(.*<lambda>\(avg, w\)\) must take three arguments, "
+                                        r"avg_fn\(averaged, param, n_averaged\)"):
+        loopkit.with_swa(loopkit.train_step(_mse), 0.1, swa_epoch_start=1, avg_fn=lambda avg, w: avg)
+    for fine in (lambda avg, w, n: avg, lambda *args: args[0], torch.lerp):
+        loopkit.with_swa(loopkit.train_step(_mse), 0.1, swa_epoch_start=1, avg_fn=fine)
+
+
+def test_an_avg_fns_own_error_leaves_the_state_the_epoch_started_from(data, take_snapshot, assert_trees_equal):
+    """An avg_fn raising (not a ValueError) lost the run's state (state_at_error None), though the averages are new
+    tensors and nothing had changed: the state the failing epoch started from is given back, the same as a run of the
+    epochs before it, and a run on from it with a working avg_fn ends as the uninterrupted run."""
+    def failing(averaged, param, n):
+        raise RuntimeError("avg_fn failed")
+
+    def step(avg_fn=None):
+        return loopkit.with_swa(loopkit.train_step(_mse), 0.01, swa_epoch_start=1, avg_fn=avg_fn)  # SWA from epoch 0
+
+    with pytest.raises(RuntimeError, match="avg_fn failed") as caught:  # (epoch 0's average copies, calling no avg_fn)
+        loopkit.run_epochs(step(failing), _state("sgd"), data, epochs=3, progress=False)
+    left = loopkit.state_at_error(caught.value)
+    assert left is not None and (left.epoch, left.step) == (1, BATCHES)
+    one, _ = loopkit.run_epochs(step(), _state("sgd"), data, epochs=1, progress=False)
+    for part in ("params", "optimizer"):  # (its extras hold run_epochs' place in the run too)
+        assert_trees_equal(take_snapshot(left)[part], take_snapshot(one)[part])
+    assert_trees_equal(dict(left.extras["swa/params"]), dict(one.extras["swa/params"]))
+    whole, _ = loopkit.run_epochs(step(), _state("sgd"), data, epochs=3, progress=False)
+    resumed, _ = loopkit.run_epochs(step(), left, data, epochs=3, progress=False)
+    assert_trees_equal(take_snapshot(resumed), take_snapshot(whole))
+    assert_trees_equal(dict(resumed.extras["swa/params"]), dict(whole.extras["swa/params"]))
+
+
 def test_the_rates_and_the_averaging_are_agreed_over_the_ranks():
     """A rank with other SWA rates, start or annealing updates its replica at other rates: run_epochs compared no option
     of with_swa. Each is now among those the ranks must share (swa_epoch_start as the 0-based epoch it names)."""
