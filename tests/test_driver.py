@@ -11,6 +11,7 @@ import dataclasses
 import math
 import random
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -292,6 +293,32 @@ def test_a_step_validation_on_the_epochs_last_update_stands_for_the_epoch_end_on
     assert [s for _, s, _ in rec.val_metrics] == [2, 4, 6, 8]
     assert counter.calls == 4 * 2
     assert [h["val/mse"] for h in history] == [rec.val_metrics[1][2]["val/mse"], rec.val_metrics[3][2]["val/mse"]]
+
+
+@pytest.mark.parametrize(("limit", "every", "fraction", "expected"), [
+    (12, 2, 0.5, [3, 6, 9, 12]),  # b = 12: validations every 6 batches, 3 updates
+    (0.5, 1, 0.5, [4, 8, 12, 16]),  # b = int(16 * 0.5) = 8: every 4 batches
+    (0.75, 2, 0.5, [3, 6, 9, 12]),  # b = 12
+    (12, 1, 0.25, [3, 6, 9, 12, 15, 18, 21, 24]),  # every int(12 * 0.25) = 3 batches
+    (None, 2, 0.5, [4, 8, 12, 16]),  # b = 16: every 8 batches, 4 updates
+])
+def test_the_guides_val_check_interval_fraction_row_validates_where_lightning_does(limit, every, fraction, expected):
+    """docs/from_lightning.md: val_check_interval=f (a fraction) is val_every_n_steps=max(1, int(b * f)) // n, b an
+    epoch's training batches after limit_train_batches (Lightning's val_check_batch = int(num_training_batches * f),
+    batches counted afresh each epoch). Reference: the updates after which Lightning 2.6.6 validated on 16 batches an
+    epoch over 2 epochs (measured, hand-copied); the guide's formula without the limit (len(train_loader) // (2 * n))
+    validated after updates 4, 8 where Lightning, limited to 12 batches under accumulation 2, validates after 3, 6, 9."""
+    guide = (Path(__file__).resolve().parent.parent / "docs" / "from_lightning.md").read_text(encoding="utf-8")
+    row = next(line for line in guide.splitlines() if line.startswith("| `val_check_interval=0.25` (a fraction)"))
+    assert "`max(1, int(b * 0.25)) // n`" in row and "after `limit_train_batches`" in row  # the formula tested here
+    data = make_data(16)
+    b = len(data) if limit is None else min(len(data), limit) if isinstance(limit, int) else int(len(data) * limit)
+    step = train_step(mse) if every == 1 else with_grad_accum(train_step(mse), every=every)
+    rec = Recorder()
+    run_epochs(step, make_state(), data, epochs=2, limit_train_batches=1.0 if limit is None else limit,
+               val=(counting_eval()[0], make_data(1, seed=1)), val_every_n_steps=max(1, int(b * fraction)) // every,
+               sanity_val_batches=0, callbacks=[rec], progress=False)
+    assert [s for _, s, _ in rec.val_metrics] == expected
 
 
 def test_the_epoch_end_validation_still_runs_after_a_flushed_update():
