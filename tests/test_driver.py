@@ -592,6 +592,80 @@ def test_limit_val_batches_zero_disables_validation(zero):
     assert all("val/mse" not in h for h in history)
 
 
+# --- estimated_stepping_batches ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("options", "expected"), [
+    ({"epochs": 6, "max_steps": 20, "limit_train_batches": 12, "accumulate_every": 2}, 20),  # min(20, 6 * 6)
+    ({"epochs": 6, "limit_train_batches": 12, "accumulate_every": 2}, 36),
+    ({"epochs": 3, "accumulate_every": 3}, 18),  # ceil(16 / 3) = 6: the partial group's update counts
+    ({"epochs": 4, "limit_train_batches": 0.5, "accumulate_every": 3}, 12),  # int(16 * 0.5) = 8, ceil(8 / 3) = 3
+    ({"epochs": 2, "limit_train_batches": 0.3}, 8),  # int(16 * 0.3) = 4
+    ({"epochs": 2, "limit_train_batches": 20}, 32),  # min(16, 20)
+    ({"epochs": 2, "limit_train_batches": 0}, 0),  # training off (Lightning answers max_steps, -1: no count set)
+    ({"epochs": 2, "limit_train_batches": 1.0, "max_steps": -1}, 32),  # max_steps=-1: no limit
+    ({"max_steps": 50}, 50),  # max_epochs None with max_steps: Lightning's max_epochs=-1
+    ({"epochs": -1, "max_steps": 7}, 7),
+    ({"epochs": -1, "max_steps": -1}, math.inf),  # infinite training
+    ({"epochs": 3, "max_steps": 100}, 48),
+])
+def test_estimated_stepping_batches_is_lightnings_count(options, expected):
+    """Lightning 2.6.6's Trainer.estimated_stepping_batches: max_epochs=-1 gives max_steps (inf if -1); else
+    min(max_steps, ceil(num_training_batches / accumulate_grad_batches) * max_epochs), num_training_batches
+    min(len, limit) for an int limit, int(len * limit) for a fraction. Reference: computed by hand from those rules
+    for a loader of 16 batches, and checked against Lightning 2.6.6 (which answers the same but for training off)."""
+    assert loopkit.estimated_stepping_batches(DataLoader(torch.zeros(128, 3), batch_size=8), **options) == expected
+
+
+def test_estimated_stepping_batches_of_data_without_len_counts_an_int_limit_or_is_unbounded():
+    """Lightning: data of infinite length limited by an int counts the limit; unlimited, max_steps (here inf
+    without one, where Lightning answers max_steps=-1)."""
+    data = stream(make_data(16))
+    assert loopkit.estimated_stepping_batches(data, epochs=3, limit_train_batches=5, accumulate_every=2) == 9
+    assert loopkit.estimated_stepping_batches(data, epochs=3, max_steps=10) == 10
+    assert loopkit.estimated_stepping_batches(data, epochs=3) == math.inf
+    with pytest.raises(ValueError, match="limit_train_batches=0.5 is a fraction, but the data has no len"):
+        loopkit.estimated_stepping_batches(data, epochs=3, limit_train_batches=0.5)
+
+
+@pytest.mark.parametrize("options", [
+    {"epochs": 3, "limit_train_batches": 12, "accumulate_every": 2},
+    {"epochs": 2, "limit_train_batches": 0.5, "accumulate_every": 3},
+    {"epochs": 5, "max_steps": 13, "accumulate_every": 2},
+    {"max_steps": 9, "limit_train_batches": 3},
+])
+def test_estimated_stepping_batches_sizes_a_one_cycle_schedule_to_the_fits_updates(options):
+    """Reference: the fit itself. run_epochs with the same options makes that many updates, and a OneCycleLR in the
+    state sized by it steps to its end at the fit's last update (a step more is refused, as torch refuses one past
+    total_steps), where epochs * len(train_data) would leave it mid-schedule."""
+    data = make_data(16)
+    total = loopkit.estimated_stepping_batches(data, **options)
+    every = options.get("accumulate_every", 1)
+    model = make_state().model
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.1, total_steps=total)
+    step = train_step(mse) if every == 1 else with_grad_accum(train_step(mse), every=every)
+    fit = {k: v for k, v in options.items() if k != "accumulate_every"}
+    state, _ = run_epochs(step, TrainState.create(model, optimizer, schedule), data, progress=False, **fit)
+    assert state.step == total
+    assert state.scheduler.last_epoch == total
+    with pytest.raises(ValueError, match=f"Tried to step {total + 1} times"):  # its end: one more is refused
+        state.scheduler.step()
+
+
+def test_estimated_stepping_batches_refuses_what_run_epochs_and_with_grad_accum_refuse():
+    data = make_data(4)
+    for options, match in [({"epochs": 0}, "epochs must be a positive int, None or -1, got 0"),
+                           ({"epochs": 2, "max_steps": 0}, "max_steps must be a positive int"),
+                           ({"epochs": 2, "accumulate_every": 0}, "accumulate_every must be a positive int"),
+                           ({"epochs": 2, "limit_train_batches": 1.5}, "a fraction must be in"),
+                           ({"epochs": 2, "limit_train_batches": 0.1}, "limit_train_batches=0.1 of 4 batches is 0")]:
+        with pytest.raises(ValueError, match=match):
+            loopkit.estimated_stepping_batches(data, **options)
+    with pytest.raises(TypeError, match="pass the data it makes"):
+        loopkit.estimated_stepping_batches(lambda epoch: data, epochs=2)
+
+
 # --- history ------------------------------------------------------------------------------------
 
 
