@@ -12,7 +12,7 @@
 from loopkit.callbacks import Callback, EarlyStopping, EarlyStoppingReason, LearningRateMonitor, Timer
 from loopkit.throughput import ThroughputMonitor, measure_flops
 from loopkit.checkpoint import export_weights, restore
-from loopkit.driver import evaluate, predict, run_epochs
+from loopkit.driver import estimated_stepping_batches, evaluate, predict, run_epochs
 from loopkit.errors import CheckpointCorruptError, CheckpointLoadError, DonatedStateError, ImpurityError, NonFiniteError, StateMismatchError
 from loopkit.loggers import ConsoleLogger, CSVLogger, JSONLLogger, Logger, TensorBoardLogger
 from loopkit.trackers import MLFlowLogger, WandbLogger  # (wandb and mlflow are imported only when a logger starts)
@@ -72,6 +72,7 @@ __all__ = [
     "distributed",
     "ensemble",
     "donate",
+    "estimated_stepping_batches",
     "ema_state",
     "swa_state",
     "eval_step",

@@ -2112,6 +2112,68 @@ def _plain_state(key: str, callback: Any) -> Any:
     return value
 
 
+def estimated_stepping_batches(
+    train_data: Iterable,
+    *,
+    epochs: int | None = None,
+    max_steps: int | None = None,
+    limit_train_batches: int | float | None = None,
+    accumulate_every: int = 1,
+) -> int | float:
+    """The number of updates (optimizer steps) a fit of ``run_epochs`` with these options makes from its start:
+    Lightning's ``trainer.estimated_stepping_batches``, to size a schedule over the whole fit, as
+    ``OneCycleLR(optimizer, max_lr, total_steps=...)``.
+
+    Give what ``run_epochs`` gets: ``train_data`` (this rank's under DDP), ``epochs``, ``max_steps`` and
+    ``limit_train_batches``, and ``with_grad_accum``'s ``every`` as ``accumulate_every``. As Lightning's:
+    ``min(max_steps, epochs * ceil(b / accumulate_every))``, ``b`` an epoch's batches after
+    ``limit_train_batches`` (``min(len, k)`` for an int ``k``, ``int(len * p)`` for a fraction ``p``, 0 with
+    ``limit_train_batches=0``); an epoch's partial accumulation group makes an update at its end (``run_epochs``'
+    flush). ``None`` or Lightning's ``-1`` leaves ``epochs`` or ``max_steps`` unbounded: without ``epochs``,
+    ``max_steps``; without either, ``float("inf")`` (Lightning's answer for ``max_epochs=-1``; its default of 1000
+    epochs has no counterpart: ``run_epochs`` needs ``epochs=`` or ``max_steps=``). Data without ``len()`` (an
+    ``IterableDataset``'s loader) is counted by an int ``limit_train_batches``, else unbounded (Lightning answers
+    ``max_steps`` there, -1 without one, and so too with ``limit_train_batches=0``, where this is 0). An estimate, as
+    Lightning's: a fit that stops early (``EarlyStopping``) makes fewer updates, and a fit resumed from a checkpoint
+    counts from the run's start, as ``epochs`` and ``max_steps`` do. ``train_data`` is data, not a factory of each
+    epoch's (pass ``make(0)``, if every epoch has its length); ``accumulate_every`` an int (Lightning refuses
+    a schedule here; for ``with_grad_accum(every={epoch: n})`` add each epoch's ``epochs=1`` count at its ``n``).
+
+    >>> import torch
+    >>> loader = torch.utils.data.DataLoader(torch.zeros(128, 4), batch_size=8)  # 16 batches
+    >>> estimated_stepping_batches(loader, epochs=6, limit_train_batches=12, accumulate_every=2)
+    36
+    >>> estimated_stepping_batches(loader, epochs=6, max_steps=20, limit_train_batches=12, accumulate_every=2)
+    20
+    >>> model = torch.nn.Linear(4, 1)
+    >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    >>> total = estimated_stepping_batches(loader, epochs=3, accumulate_every=3)  # ceil(16 / 3) = 6 an epoch
+    >>> scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.1, total_steps=total)
+    >>> total
+    18
+    """
+    where = "estimated_stepping_batches"
+    bounds = []
+    for name, value in (("epochs", epochs), ("max_steps", max_steps)):
+        count = None if value is None else as_int(value)
+        if count is not None and count == -1:  # (Lightning's "no limit")
+            count = None
+        elif value is not None and (count is None or count < 1):
+            raise ValueError(f"{where}: {name} must be a positive int, None or -1, got {value!r}")
+        bounds.append(count)
+    epochs, max_steps = bounds
+    every = as_int(accumulate_every)
+    if every is None or every < 1:
+        raise ValueError(f"{where}: accumulate_every must be a positive int (with_grad_accum's every), got "
+                         f"{accumulate_every!r}")
+    _check_data(train_data, f"{where}: train_data")
+    batches = _num_batches(train_data, _check_limit(limit_train_batches, "limit_train_batches"), "limit_train_batches")
+    if epochs is None or batches is None:  # (unbounded epochs, or epochs of unknown length)
+        return float("inf") if max_steps is None else max_steps
+    updates = epochs * math.ceil(batches / every)
+    return updates if max_steps is None else min(updates, max_steps)
+
+
 def run_epochs(
     step: Callable[[TrainState, Any], tuple[TrainState, Metrics]],
     state: TrainState,

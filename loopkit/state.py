@@ -723,7 +723,11 @@ def _check_parts(model: Any, optimizer: Any, scheduler: Any, where: str = "Train
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             raise TypeError(
                 f"{where}: ReduceLROnPlateau steps on a validation metric, not once per update; keep it "
-                "outside the state and call scheduler.step(metric) yourself (e.g. from a callback's on_validation_end)"
+                "outside the state and call scheduler.step(metric) from a callback: once an epoch, in "
+                "on_epoch_end(state, record) with record[monitor] (the epoch's latest validation), as Lightning's "
+                "default \"interval\": \"epoch\" does, however many validations an epoch has (the ReduceLROnPlateau "
+                "callback of docs/from_lightning.md's Callbacks section); in on_validation_end(state, metrics) only "
+                "to step after every validation, as Lightning's \"interval\": \"step\" with val_check_interval"
             )
         if scheduler.optimizer is not optimizer:
             raise ValueError(_other_optimizer(where, scheduler))

@@ -20,7 +20,8 @@ from torch import nn
 
 import loopkit
 from loopkit import TrainState, run_epochs, train_step
-from tests._driver_helpers import Counter, CrashAfterStep, Recorder, counting_eval, make_data, make_state, mse
+from tests._driver_helpers import (Counter, CrashAfterStep, LatestTrainLoss, Recorder, counting_eval, make_data, make_state,
+                                   mse, scripted_loss)
 
 
 
@@ -137,6 +138,30 @@ def test_the_guides_check_on_train_epoch_end_recipe_checks_each_epochs_latest_va
     assert recipe == reference == (4, 3.0, [4.0, 3.0, 3.5, 3.75])
     plain = fit(loopkit.EarlyStopping("val/score", patience=2), val_every_n_steps=2)  # best 0.25 (step 14), then
     assert plain == (4, 0.25, [4.0, 3.0, 3.5, 3.75, 9.0])  # 3.75 and 9.0 (step 18): stopped in epoch 4
+
+
+@pytest.mark.parametrize(("accumulate", "stopped_after"), [(1, 4), (2, 2)])
+def test_the_guides_latest_train_loss_recipe_checks_a_train_monitor_after_each_validation_as_lightnings_default(
+    accumulate, stopped_after
+):
+    """Lightning's EarlyStopping(monitor="train_loss") (check_on_train_epoch_end=None) in a fit validating twice an
+    epoch (val_check_interval=0.5; 4 batches an epoch) checks after each validation, with the latest step's loss:
+    1.0 after batch 2, 1.1 after batch 4, no improvement, so patience=1 stops in epoch 0 (Lightning 2.6.6 measured:
+    global_step 4, stopped_epoch 0; under accumulate_grad_batches=2 global_step 2). docs/from_lightning.md's recipe,
+    LatestTrainLoss before EarlyStopping("val/train_loss"), stops there; a plain EarlyStopping("train/loss") checks
+    the epochs' means at their ends, better each epoch, and trains all 4 epochs (the difference the guide states)."""
+
+    def fit(*callbacks):
+        step = train_step(scripted_loss())
+        if accumulate > 1:
+            step = loopkit.with_grad_accum(step, every=accumulate)
+        state, _ = run_epochs(step, make_state(), make_data(4), epochs=4, val=(counting_eval()[0], make_data(1)),
+                              val_every_n_steps=2 // accumulate, sanity_val_batches=0, callbacks=list(callbacks),
+                              progress=False)
+        return state.step, callbacks[-1].stopped_epoch
+
+    assert fit(LatestTrainLoss(), loopkit.EarlyStopping("val/train_loss", patience=1)) == (stopped_after, 0)
+    assert fit(loopkit.EarlyStopping("train/loss", patience=1)) == (16 // accumulate, 0)
 
 
 def test_early_stopping_stops_on_nan():

@@ -11,6 +11,7 @@ import dataclasses
 import math
 import random
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -294,6 +295,32 @@ def test_a_step_validation_on_the_epochs_last_update_stands_for_the_epoch_end_on
     assert [h["val/mse"] for h in history] == [rec.val_metrics[1][2]["val/mse"], rec.val_metrics[3][2]["val/mse"]]
 
 
+@pytest.mark.parametrize(("limit", "every", "fraction", "expected"), [
+    (12, 2, 0.5, [3, 6, 9, 12]),  # b = 12: validations every 6 batches, 3 updates
+    (0.5, 1, 0.5, [4, 8, 12, 16]),  # b = int(16 * 0.5) = 8: every 4 batches
+    (0.75, 2, 0.5, [3, 6, 9, 12]),  # b = 12
+    (12, 1, 0.25, [3, 6, 9, 12, 15, 18, 21, 24]),  # every int(12 * 0.25) = 3 batches
+    (None, 2, 0.5, [4, 8, 12, 16]),  # b = 16: every 8 batches, 4 updates
+])
+def test_the_guides_val_check_interval_fraction_row_validates_where_lightning_does(limit, every, fraction, expected):
+    """docs/from_lightning.md: val_check_interval=f (a fraction) is val_every_n_steps=max(1, int(b * f)) // n, b an
+    epoch's training batches after limit_train_batches (Lightning's val_check_batch = int(num_training_batches * f),
+    batches counted afresh each epoch). Reference: the updates after which Lightning 2.6.6 validated on 16 batches an
+    epoch over 2 epochs (measured, hand-copied); the guide's formula without the limit (len(train_loader) // (2 * n))
+    validated after updates 4, 8 where Lightning, limited to 12 batches under accumulation 2, validates after 3, 6, 9."""
+    guide = (Path(__file__).resolve().parent.parent / "docs" / "from_lightning.md").read_text(encoding="utf-8")
+    row = next(line for line in guide.splitlines() if line.startswith("| `val_check_interval=0.25` (a fraction)"))
+    assert "`max(1, int(b * 0.25)) // n`" in row and "after `limit_train_batches`" in row  # the formula tested here
+    data = make_data(16)
+    b = len(data) if limit is None else min(len(data), limit) if isinstance(limit, int) else int(len(data) * limit)
+    step = train_step(mse) if every == 1 else with_grad_accum(train_step(mse), every=every)
+    rec = Recorder()
+    run_epochs(step, make_state(), data, epochs=2, limit_train_batches=1.0 if limit is None else limit,
+               val=(counting_eval()[0], make_data(1, seed=1)), val_every_n_steps=max(1, int(b * fraction)) // every,
+               sanity_val_batches=0, callbacks=[rec], progress=False)
+    assert [s for _, s, _ in rec.val_metrics] == expected
+
+
 def test_the_epoch_end_validation_still_runs_after_a_flushed_update():
     ev, _ = counting_eval()
     rec = Recorder()
@@ -563,6 +590,80 @@ def test_limit_val_batches_zero_disables_validation(zero):
                             limit_val_batches=zero, callbacks=[rec], progress=False)
     assert counter.calls == 0 and "validation_end" not in rec.events
     assert all("val/mse" not in h for h in history)
+
+
+# --- estimated_stepping_batches ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("options", "expected"), [
+    ({"epochs": 6, "max_steps": 20, "limit_train_batches": 12, "accumulate_every": 2}, 20),  # min(20, 6 * 6)
+    ({"epochs": 6, "limit_train_batches": 12, "accumulate_every": 2}, 36),
+    ({"epochs": 3, "accumulate_every": 3}, 18),  # ceil(16 / 3) = 6: the partial group's update counts
+    ({"epochs": 4, "limit_train_batches": 0.5, "accumulate_every": 3}, 12),  # int(16 * 0.5) = 8, ceil(8 / 3) = 3
+    ({"epochs": 2, "limit_train_batches": 0.3}, 8),  # int(16 * 0.3) = 4
+    ({"epochs": 2, "limit_train_batches": 20}, 32),  # min(16, 20)
+    ({"epochs": 2, "limit_train_batches": 0}, 0),  # training off (Lightning answers max_steps, -1: no count set)
+    ({"epochs": 2, "limit_train_batches": 1.0, "max_steps": -1}, 32),  # max_steps=-1: no limit
+    ({"max_steps": 50}, 50),  # max_epochs None with max_steps: Lightning's max_epochs=-1
+    ({"epochs": -1, "max_steps": 7}, 7),
+    ({"epochs": -1, "max_steps": -1}, math.inf),  # infinite training
+    ({"epochs": 3, "max_steps": 100}, 48),
+])
+def test_estimated_stepping_batches_is_lightnings_count(options, expected):
+    """Lightning 2.6.6's Trainer.estimated_stepping_batches: max_epochs=-1 gives max_steps (inf if -1); else
+    min(max_steps, ceil(num_training_batches / accumulate_grad_batches) * max_epochs), num_training_batches
+    min(len, limit) for an int limit, int(len * limit) for a fraction. Reference: computed by hand from those rules
+    for a loader of 16 batches, and checked against Lightning 2.6.6 (which answers the same but for training off)."""
+    assert loopkit.estimated_stepping_batches(DataLoader(torch.zeros(128, 3), batch_size=8), **options) == expected
+
+
+def test_estimated_stepping_batches_of_data_without_len_counts_an_int_limit_or_is_unbounded():
+    """Lightning: data of infinite length limited by an int counts the limit; unlimited, max_steps (here inf
+    without one, where Lightning answers max_steps=-1)."""
+    data = stream(make_data(16))
+    assert loopkit.estimated_stepping_batches(data, epochs=3, limit_train_batches=5, accumulate_every=2) == 9
+    assert loopkit.estimated_stepping_batches(data, epochs=3, max_steps=10) == 10
+    assert loopkit.estimated_stepping_batches(data, epochs=3) == math.inf
+    with pytest.raises(ValueError, match="limit_train_batches=0.5 is a fraction, but the data has no len"):
+        loopkit.estimated_stepping_batches(data, epochs=3, limit_train_batches=0.5)
+
+
+@pytest.mark.parametrize("options", [
+    {"epochs": 3, "limit_train_batches": 12, "accumulate_every": 2},
+    {"epochs": 2, "limit_train_batches": 0.5, "accumulate_every": 3},
+    {"epochs": 5, "max_steps": 13, "accumulate_every": 2},
+    {"max_steps": 9, "limit_train_batches": 3},
+])
+def test_estimated_stepping_batches_sizes_a_one_cycle_schedule_to_the_fits_updates(options):
+    """Reference: the fit itself. run_epochs with the same options makes that many updates, and a OneCycleLR in the
+    state sized by it steps to its end at the fit's last update (a step more is refused, as torch refuses one past
+    total_steps), where epochs * len(train_data) would leave it mid-schedule."""
+    data = make_data(16)
+    total = loopkit.estimated_stepping_batches(data, **options)
+    every = options.get("accumulate_every", 1)
+    model = make_state().model
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.1, total_steps=total)
+    step = train_step(mse) if every == 1 else with_grad_accum(train_step(mse), every=every)
+    fit = {k: v for k, v in options.items() if k != "accumulate_every"}
+    state, _ = run_epochs(step, TrainState.create(model, optimizer, schedule), data, progress=False, **fit)
+    assert state.step == total
+    assert state.scheduler.last_epoch == total
+    with pytest.raises(ValueError, match=f"Tried to step {total + 1} times"):  # its end: one more is refused
+        state.scheduler.step()
+
+
+def test_estimated_stepping_batches_refuses_what_run_epochs_and_with_grad_accum_refuse():
+    data = make_data(4)
+    for options, match in [({"epochs": 0}, "epochs must be a positive int, None or -1, got 0"),
+                           ({"epochs": 2, "max_steps": 0}, "max_steps must be a positive int"),
+                           ({"epochs": 2, "accumulate_every": 0}, "accumulate_every must be a positive int"),
+                           ({"epochs": 2, "limit_train_batches": 1.5}, "a fraction must be in"),
+                           ({"epochs": 2, "limit_train_batches": 0.1}, "limit_train_batches=0.1 of 4 batches is 0")]:
+        with pytest.raises(ValueError, match=match):
+            loopkit.estimated_stepping_batches(data, **options)
+    with pytest.raises(TypeError, match="pass the data it makes"):
+        loopkit.estimated_stepping_batches(lambda epoch: data, epochs=2)
 
 
 # --- history ------------------------------------------------------------------------------------

@@ -61,6 +61,12 @@ def test_create_refuses_wrong_types_and_mismatched_scheduler(make_mlp):
         loopkit.TrainState.create(model, opt, torch.optim.lr_scheduler.StepLR(other, 1))
     with pytest.raises(TypeError, match="scheduler must be a torch.optim.lr_scheduler.LRScheduler, got str"):
         loopkit.TrainState.create(model, opt, "cosine")
+    # Lightning's default for a plateau scheduler ("interval": "epoch") steps it once an epoch, at its end, as the
+    # guide's callback does in on_epoch_end: the advice was on_validation_end, twice an epoch with two validations
+    with pytest.raises(TypeError, match=r"(?s)ReduceLROnPlateau steps on a validation metric.*once an epoch, in "
+                       r"on_epoch_end\(state, record\).*\"interval\": \"epoch\".*docs/from_lightning\.md.*"
+                       r"on_validation_end\(state, metrics\) only to step after every validation"):
+        loopkit.TrainState.create(model, opt, torch.optim.lr_scheduler.ReduceLROnPlateau(opt))
     for seed in (-1, 1.5, True):
         with pytest.raises(ValueError, match="seed must be a non-negative int"):
             loopkit.TrainState.create(model, opt, seed=seed)

@@ -27,6 +27,7 @@ import loopkit
 from loopkit import TrainState, checkpoint, run_epochs, train_step, with_checkpointing, with_grad_accum
 from loopkit.transforms import checkpointing as checkpointing_module
 from loopkit.transforms.checkpointing import CheckpointStep
+from tests._driver_helpers import LatestTrainLoss, make_data, scripted_loss
 
 # --- helpers -----------------------------------------------------------------------------------
 
@@ -1628,6 +1629,33 @@ def test_the_save_on_train_epoch_end_recipe_saves_where_lightnings_model_checkpo
     assert [c.step for c in checkpoint.list_checkpoints(tmp_path)] == expected
     if "monitor" in options:
         assert checkpoint.best_checkpoint(tmp_path).name == checkpoint.list_checkpoints(tmp_path)[0].name  # step 16
+
+
+@pytest.mark.parametrize(("accumulate", "expected"), [(1, [(2, 1.0), (4, 1.1)]), (2, [(1, 1.0), (2, 1.1)])])
+def test_the_guides_latest_train_loss_recipe_ranks_a_train_monitor_at_each_validation_as_lightnings_default(
+    tmp_path, accumulate, expected
+):
+    """Lightning's ModelCheckpoint(monitor="train_loss", save_top_k=2) (save_on_train_epoch_end=None) in a fit
+    validating twice an epoch (val_check_interval=0.5; 4 batches an epoch, 4 epochs) ranks after each validation,
+    with the latest step's loss: 1.0, 1.1, 1.2, ... (Lightning 2.6.6 measured: steps 2 and 4 kept, step 2 the best;
+    under accumulate_grad_batches=2 steps 1 and 2). docs/from_lightning.md's recipe, monitor="val/train_loss" with
+    LatestTrainLoss, keeps those; monitor="train/loss" ranks the epochs' means at their ends, better each epoch, and
+    keeps the last two epochs' ends (the difference the guide states)."""
+
+    def fit(directory, monitor, callbacks):
+        step = train_step(scripted_loss())
+        if accumulate > 1:
+            step = with_grad_accum(step, every=accumulate)
+        step = with_checkpointing(step, tmp_path / directory, monitor=monitor, keep_best=2, keep_last=0)
+        run_epochs(step, _state(), make_data(4), epochs=4, val=(loopkit.eval_step(lambda m, b: {"mse": _mse(m, b)}),
+                   make_data(1)), val_every_n_steps=2 // accumulate, callbacks=callbacks, sanity_val_batches=0,
+                   progress=False)
+        steps = {c.name: c.step for c in checkpoint.list_checkpoints(tmp_path / directory)}
+        kept = sorted((steps[name], round(score, 4)) for name, score in checkpoint.scores(tmp_path / directory).items())
+        return kept, steps[checkpoint.best_checkpoint(tmp_path / directory).name]
+
+    assert fit("recipe", "val/train_loss", [LatestTrainLoss()]) == (expected, expected[0][0])
+    assert fit("plain", "train/loss", []) == ([(12 // accumulate, 5.725), (16 // accumulate, 3.325)], 16 // accumulate)
 
 
 def test_a_save_of_a_lazy_model_that_never_ran_is_skipped_with_a_warning(tmp_path):
