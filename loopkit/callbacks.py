@@ -42,7 +42,11 @@ A callback that sets ``should_stop = True`` ends training after the current hook
 ``run_epochs``' ``min_epochs``/``min_steps`` are met, unless the callback's
 ``stops_before_minimum`` is True, as ``loopkit.tune.PruningCallback``'s is); a stop asked at an
 epoch's last update (its last ``on_batch_end``, its ``on_flush_end``) still gets that epoch's
-validation, as Lightning's ``should_stop`` does. Asked in ``on_epoch_start``, no batch of that epoch
+validation, as Lightning's ``should_stop`` does. Under DDP the ranks agree on the stop (one all-reduce and a read)
+after each batch when any rank has a batch hook (``on_batch_start``/``on_batch_end``) that may ask: a callback
+whose class sets ``never_stops = True`` (:class:`LearningRateMonitor`, ``ThroughputMonitor``) declares that its
+batch hooks set no ``should_stop``, its own or another callback's, and makes no such vote (a subclass's own batch
+hooks may ask again). Asked in ``on_epoch_start``, no batch of that epoch
 is trained and, unlike Lightning (whose ``on_train_epoch_end`` still runs for the empty epoch, which
 it counts finished), no ``on_epoch_end`` is called for it nor record made: the epoch is not counted
 done (``state.epoch`` stays at it). The ``state`` a hook is handed shares the model and optimizer
@@ -126,6 +130,9 @@ class Callback:
     should_stop: bool = False
     #: its ``should_stop`` ends the fit even before ``run_epochs``' ``min_epochs``/``min_steps`` are met
     stops_before_minimum: bool = False
+    #: its ``on_batch_start``/``on_batch_end`` never set a ``should_stop`` (its own or another callback's): under DDP
+    #: ``run_epochs`` makes no per-batch vote on the stop for them (see :func:`_never_stops`)
+    never_stops: bool = False
 
     def on_fit_start(self, state: Any) -> None:
         """Once, before sanity validation and the first step, with the state the fit trains."""
@@ -221,6 +228,29 @@ def _batch_end_unused(callback: Any) -> bool:
         return False
     owner = next((c for c in type(callback).__mro__ if "batch_end_unused" in c.__dict__), type(callback))
     return getattr(type(callback), "on_batch_end", None) is getattr(owner, "on_batch_end", None)
+
+
+#: the hooks ``run_epochs`` calls at each batch
+_BATCH_HOOKS = ("on_batch_start", "on_batch_end")
+
+
+def _never_stops(callback: Any) -> bool:
+    """Whether ``callback``'s batch hooks never ask to stop, so that under DDP ``run_epochs`` need not make a vote on
+    ``should_stop`` after each batch for them: its ``never_stops`` says so (:class:`LearningRateMonitor`,
+    ``ThroughputMonitor``; not :class:`Timer`, which stops), and its batch hooks are the ones of the class that
+    declares that flag (a subclass's own ``on_batch_start``/``on_batch_end``, or one set on the object, may set
+    ``should_stop``: it is voted on as any callback's).
+
+    >>> class Stopping(LearningRateMonitor):
+    ...     def on_batch_end(self, state, metrics):
+    ...         self.should_stop = True
+    >>> _never_stops(LearningRateMonitor("step")), _never_stops(Stopping("step")), _never_stops(Timer(60))
+    (True, False, False)
+    """
+    if not getattr(callback, "never_stops", False) or any(h in getattr(callback, "__dict__", {}) for h in _BATCH_HOOKS):
+        return False
+    owner = next((c for c in type(callback).__mro__ if "never_stops" in c.__dict__), type(callback))
+    return all(getattr(type(callback), hook, None) is getattr(owner, hook, None) for hook in _BATCH_HOOKS)
 
 
 class MonitorCallback(Callback):
@@ -575,6 +605,8 @@ class LearningRateMonitor(Callback):
     """
 
     reads_only = True
+    #: it logs and never asks to stop: under DDP a batch makes no vote on ``should_stop`` for it (:func:`_never_stops`)
+    never_stops = True
 
     def __init__(self, logging_interval: str = "epoch", log_momentum: bool = False,
                  log_weight_decay: bool = False) -> None:
@@ -591,8 +623,8 @@ class LearningRateMonitor(Callback):
 
     @property
     def batch_end_unused(self) -> bool:
-        """Per epoch, its ``on_batch_end`` does nothing: ``run_epochs`` calls no batch hook for it (and under DDP
-        makes no per-batch agreement on ``should_stop`` because of it), as read from ``logging_interval`` when the
+        """Per epoch, its ``on_batch_end`` does nothing: ``run_epochs`` calls no batch hook for it (under DDP no
+        per-batch agreement on ``should_stop`` is made for it either way: it ``never_stops``), as read from ``logging_interval`` when the
         fit starts; a subclass's own ``on_batch_end`` is called (see :func:`_batch_end_unused`)."""
         return self.logging_interval == "epoch"
 

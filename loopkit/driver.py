@@ -39,7 +39,9 @@ from loopkit._epoch_data import TRAIN, call_seeded, check_factory, factory_name,
 from loopkit._numbers import as_int, as_real
 from loopkit._sharded import fsdp_modules
 from loopkit._window import EPOCH, OVER_RANKS, Window, guarded, own_buffers, own_rng, own_share
-from loopkit.callbacks import Callback, Timer, _batch_end_unused, _from_lightning, _loopkit_hook, may_change_state_early
+from loopkit.callbacks import (
+    Callback, Timer, _batch_end_unused, _from_lightning, _loopkit_hook, _never_stops, may_change_state_early,
+)
 from loopkit.checkpoint import capture_global_rng, install_global_rng
 from loopkit.progress import ProgressBar, progress_wanted, write_line
 from loopkit.rng import epoch_order_seed as _order_seed
@@ -1714,7 +1716,11 @@ class _Hooks:
             (cb, cb.on_batch_end) for cb in self.callbacks
             if _defines(cb, "on_batch_end") and not _batch_end_unused(cb)
         ]
-        self.own_batch_start = [cb.on_batch_start for cb in self.callbacks if _defines(cb, "on_batch_start")]
+        starting = [cb for cb in self.callbacks if _defines(cb, "on_batch_start")]
+        self.own_batch_start = [cb.on_batch_start for cb in starting]
+        # whether a batch's hooks may ask to stop: only then is should_stop checked after each batch (under DDP a
+        # vote, a collective and a read); a callback that never_stops (a LearningRateMonitor per step) makes none
+        self.batch_stops = any(not _never_stops(cb) for cb in (*starting, *(cb for cb, _ in self.batch_end)))
         # what the loop calls before each step: the callbacks' hooks, and now and then a driver's own last
         # (:class:`_Superseded`: marks used up the states it has replaced, once the next step trains in place)
         self.batch_start: list[Callable[[TrainState, Any], Any]] = self.own_batch_start
@@ -1804,7 +1810,7 @@ class _Hooks:
         """Whether a callback asks to stop, on any rank, and whether one asks whose stop the other ranks' copies have
         not been told (:meth:`_share_stop` is due): the same on every rank, one collective under DDP, which
         ``run_epochs`` makes at the same points on every rank, whatever callbacks each rank has (per batch when
-        any rank has a batch hook)."""
+        any rank has a batch hook of a callback that may stop: :attr:`batch_stops`)."""
         if not _collective.active():
             return any(getattr(cb, "should_stop", False) for cb in self.callbacks), False
         vote = 2 if self._unshared() else int(any(getattr(cb, "should_stop", False) for cb in self.callbacks))
@@ -2552,7 +2558,7 @@ def run_epochs(
                     return False
                 return (epochs is None or s.epoch < epochs) and (max_steps is None or s.step < max_steps)
 
-            batch_hooks = _collective.any_rank(bool(hooks.batch_end or hooks.own_batch_start))  # (one rank's hooks make every rank ask)
+            batch_stops = _collective.any_rank(hooks.batch_stops)  # (one rank's hooks make every rank ask)
             if min_epochs is not None or min_steps is not None:
                 hooks.overriding = _collective.any_rank(hooks.overriding)
             step.notify("fit_start", state, {})  # (with_checkpointing's step saves now wait for the batch's callbacks)
@@ -2679,7 +2685,7 @@ def run_epochs(
                     if stop.agreed and not ((stop.voting or sharded_run) and in_accumulation_group(state)):
                         exhausted = False
                         break
-                    hooks_ran = batch_hooks  # a callback can only ask to stop from one of its hooks
+                    hooks_ran = batch_stops  # a callback can only ask to stop from one of its hooks
                     if val_steps and state.step != before and state.step % val_steps == 0:
                         superseded.add(state)  # (the on_batch_end hooks' state)
                         closing = state = hooks.keep(state)

@@ -100,6 +100,8 @@ class ThroughputMonitor(Callback):
     """
 
     reads_only = True
+    #: it measures and never asks to stop: under DDP a batch makes no vote on ``should_stop`` for it
+    never_stops = True
 
     def __init__(
         self,

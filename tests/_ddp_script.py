@@ -37,7 +37,8 @@ no expected values. Scenarios:
   rank).
 - ``validating_evaluate``: ``with step.validating(state): loopkit.evaluate(...)`` of a BatchNorm model whose ranks'
   running statistics differ (2 updates under ``with_ddp``), and ``evaluate`` after the block.
-- ``stop_one_rank``: a callback asks to stop on rank 0 only; ``uneven``: 3 batches on rank 0, 2
+- ``stop_one_rank``: a callback asks to stop on rank 0 only; ``stop_votes``: the votes on the stop of fits without
+  callbacks, with monitors that never stop, with those and a callback that stops on rank 0; ``uneven``: 3 batches on rank 0, 2
   on rank 1; ``apart``: rank 1 starts from step 2 (each refused before a step, by every rank).
 - ``signal_one_rank``: rank 1 alone gets SIGTERM in its 3rd step; ``signal_apart``: rank 0 gets it in
   its 2nd step, rank 1 in its 3rd. Every rank stops after the same step and saves (``with_checkpointing``
@@ -759,6 +760,50 @@ def callbacks_on_rank0(rank: int) -> dict[str, Any]:
     return {"step": state.step, "params": _params(state.model)}
 
 
+def stop_votes(rank: int) -> dict[str, Any]:
+    """The ranks' votes on should_stop (``_collective.max_over_ranks`` of that vote, counted) in a fit of 2 epochs
+    of 6 batches without callbacks, with a per-step ``LearningRateMonitor`` and a ``ThroughputMonitor`` (which
+    never stop), and with those and a callback that stops on rank 0 alone after step 3 (one of its own; a
+    ``LearningRateMonitor`` subclass whose ``on_batch_end`` stops): each fit's votes, step and parameters."""
+    import loopkit
+    from loopkit import _collective
+
+    class StopAfter:
+        def on_batch_end(self, state: Any, metrics: Any) -> None:
+            self.should_stop = rank == 0 and state.step >= 3
+
+    class StoppingMonitor(loopkit.LearningRateMonitor):
+        def on_batch_end(self, state: Any, metrics: Any) -> Any:
+            self.should_stop = rank == 0 and state.step >= 3
+            return super().on_batch_end(state, metrics)
+
+    def monitors() -> list[Any]:
+        return [loopkit.LearningRateMonitor(logging_interval="step"), loopkit.ThroughputMonitor(len)]
+
+    fits = {"none": [], "monitors": monitors(), "stop": [*monitors(), StopAfter()],
+            "stopping_monitor": [StoppingMonitor(logging_interval="step")]}
+    counted = _collective.max_over_ranks
+    votes = [0]
+
+    def counting(value: int, what: str = "", who: str = "run_epochs") -> int:
+        votes[0] += what == "the ranks' vote on the callbacks' should_stop"
+        return counted(value, what, who)
+
+    step = loopkit.with_ddp(loopkit.train_step(mse))
+    batches = [b for b in make_data(6)[:, rank]]
+    found = {}
+    _collective.max_over_ranks = counting
+    try:
+        for name, callbacks in fits.items():
+            votes[0] = 0
+            state, _ = loopkit.run_epochs(step, sgd_state(make_model(), seed=5), batches, epochs=2, callbacks=callbacks,
+                                          progress=False)
+            found[name] = {"votes": votes[0], "step": state.step, "params": _params(state.model)}
+    finally:
+        _collective.max_over_ranks = counted
+    return found
+
+
 def _refused(run: Any) -> str:
     try:
         run()
@@ -1273,7 +1318,7 @@ FLAGS_APART_STEPS = 4
 SCENARIOS = {
     f.__name__: f
     for f in (plain, pure_accum, pure_two_heads, accum, accum_scheduled, accum_outer, bucket_views, static_graph, flush, two_heads, averaged_pruned, nan_skip, nan_raise, nan_raise_resumed, fp16, fit,
-              stop_one_rank, callbacks_on_rank0, uneven, apart, swa_from_start, loss_error, buffers_apart, sparse_flush, stop_in_group,
+              stop_one_rank, callbacks_on_rank0, stop_votes, uneven, apart, swa_from_start, loss_error, buffers_apart, sparse_flush, stop_in_group,
               uneven_stream, uneven_sized_stream, even_stream, stream_runs_dry, val_one_sample, val_all_empty, kept_sampler, validating_evaluate,
               unfreeze, flags_apart, flags_apart_epoch)
 }

@@ -22,7 +22,7 @@ from tests.conftest import assert_equal_trees, assert_params_close, assert_ranks
 
 TOL = 1e-6
 SCENARIOS = ["plain", "accum", "accum_scheduled", "accum_outer", "bucket_views", "static_graph", "flush", "two_heads", "averaged_pruned", "nan_skip",
-             "nan_raise", "fp16", "fit", "stop_one_rank", "callbacks_on_rank0", "uneven", "apart", "signal_one_rank", "signal_apart",
+             "nan_raise", "fp16", "fit", "stop_one_rank", "callbacks_on_rank0", "stop_votes", "uneven", "apart", "signal_one_rank", "signal_apart",
              "signal_in_group", "signal_spaced_votes", "loss_error", "buffers_apart", "sparse_flush", "stop_in_group",
              "export_rank_zero", "uneven_stream", "uneven_sized_stream", "even_stream", "stream_runs_dry", "validating_evaluate", "unfreeze",
              "swa_from_start", "nan_raise_resumed"]
@@ -446,6 +446,25 @@ def test_a_stop_asked_on_one_rank_stops_every_rank_at_the_same_step(ranks):
     results = ranks("stop_one_rank")
     assert [r["step"] for r in results] == [3, 3]
     assert_ranks_identical(results)
+
+
+def test_monitors_that_never_stop_make_no_vote_on_the_stop_after_each_batch_and_a_stop_still_stops_every_rank(ranks):
+    """A per-step LearningRateMonitor (and a ThroughputMonitor), which never ask to stop, made every batch end with
+    the ranks' vote on should_stop (an all-reduce and its read: on NCCL a device sync a step): they now vote no more
+    than a fit without callbacks; a callback that stops on rank 0 alone beside them (one of its own, or a
+    LearningRateMonitor subclass whose on_batch_end stops) is still voted on after each batch and stops both ranks
+    at step 3, as the uninterrupted run over the concatenated batches."""
+    results = ranks("stop_votes")
+    for r in results:
+        assert r["monitors"]["votes"] <= r["none"]["votes"] < 12, r  # (12 batches: a vote each before)
+        assert r["monitors"]["step"] == r["none"]["step"] == 12
+        assert [r[name]["step"] for name in ("stop", "stopping_monitor")] == [3, 3]  # (rank 1 was told: a vote)
+    data = ddp.make_data(6)
+    batches = [torch.cat([data[i, 0], data[i, 1]]) for i in range(6)]
+    for name, count in (("none", 12), ("monitors", 12), ("stop", 3), ("stopping_monitor", 3)):
+        assert_ranks_identical([r[name] for r in results])
+        state, _ = _reference((batches * 2)[:count], model_seed=0)
+        assert_params_close(results[0][name]["params"], state.model)
 
 
 @pytest.mark.parametrize("name, stopped", [("signal_one_rank", 4), ("signal_apart", 3)])
