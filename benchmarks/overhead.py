@@ -1248,7 +1248,7 @@ def report(
     out += [_table(header, rows, "l" + "r" * (len(header) - 2) + "l"), ""]
 
     transforms = [c for c in contenders if c.group == "transform" or c.key == "fabric"]
-    if transforms and all("donated" in timings[w] for w in names):
+    if transforms:
         out += ["## What each transform adds (donated step in a plain loop)", ""]
         header = ["row"]
         for w in names:
@@ -1263,9 +1263,9 @@ def report(
                 if t.error:
                     row += [t.error, "", ""]
                     continue
-                ref = timings[w].get(c.reference)
+                ref, against = timings[w].get(c.reference), timings[w].get(base)
                 row += [
-                    _fmt(_paired_delta_us(t, timings[w][base]), "+.1f"),
+                    _fmt(_paired_delta_us(t, against), "+.1f") if against is not None else "—",
                     _fmt(_paired_ratio(t, timings[w]["raw"]), ".3f", "×"),
                     _fmt(_paired_ratio(t, ref), ".3f", "×") if ref is not None else "—",
                 ]
@@ -1382,7 +1382,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=None, help="untimed passes per contender first (default 1)")
     p.add_argument("--memory-steps", type=int, default=None, help="steps of the memory run (default: --steps)")
     p.add_argument("--workloads", default="tiny,small", help="comma-separated, from: " + ", ".join(WORKLOADS))
-    p.add_argument("--only", default=None, help="comma-separated contender keys (raw is always added): "
+    p.add_argument("--only", default=None, help="comma-separated contender keys (raw is always added; a transform's "
+                   "donated step and own reference too): "
                    + ", ".join(BY_KEY))
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory children")
     p.add_argument("--breakdown", action="store_true", help="also time the pieces of one loopkit step")
@@ -1463,11 +1464,33 @@ def _failures(timings: dict[str, dict[str, Timings]], memory: dict[str, dict[str
     return failed
 
 
+def selected(only: str | None) -> tuple[set[str], list[str]]:
+    """The contender keys to time for ``--only`` (every one without it), and those added to the selection:
+    the raw loop, and for a transform row the donated step and its own reference, which the table *What each
+    transform adds* compares it with.
+
+    >>> wanted, added = selected("clip,raw_clip")
+    >>> sorted(wanted), added
+    (['clip', 'donated', 'raw', 'raw_clip'], ['raw', 'donated'])
+    >>> selected(None)[1]
+    []
+    """
+    if not only:
+        return set(BY_KEY), []
+    wanted = {k for k in only.split(",") if k}
+    needed = ["raw"]
+    for c in CONTENDERS:
+        if c.key in wanted and c.group == "transform":
+            needed += ["donated", c.reference]
+    added = [k for k in dict.fromkeys(needed) if k not in wanted]
+    return wanted | set(added), added
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark and print the report; 1 if a contender failed, else 0."""
     args = parse_args(argv)
     setup_process()
-    wanted = set(args.only.split(",")) | {"raw"} if args.only else set(BY_KEY)
+    wanted, added = selected(args.only)
     contenders = [c for c in CONTENDERS if c.key in wanted]
     workloads = [WORKLOADS[w] for w in args.workloads.split(",")]
     started = perf_counter()
@@ -1483,7 +1506,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     pairs = {
         w.name: pair_workload(w, contenders, steps=args.pair_steps, warmup=max(args.warmup, 1)) for w in workloads
     } if args.pair_steps else {}
-    print(report(_settings(args), contenders, timings, memory))
+    settings = _settings(args)
+    if added:
+        settings["added"] = f"{', '.join(added)}: what the selected rows are compared with (--only)"
+    print(report(settings, contenders, timings, memory))
     if pairs:
         print("\n".join(pairs_report(contenders, pairs, args.pair_steps)))
     if args.breakdown:

@@ -192,6 +192,23 @@ def test_step_pairs_count_work_done_every_n_steps_and_leave_out_stalls():
     assert abs(short.delta_us() - (expected - 640 / 32)) < 0.5, short.delta_us()
 
 
+def test_transform_table_is_printed_without_the_donated_row_and_only_adds_it():
+    """--only clip,raw_clip times the donated step too (said in the report's settings); a report without it still
+    gives the transform table, with "—" where the donated step is needed (×raw and ×ref computed by hand)."""
+    overhead = _bench_module("overhead")
+    wanted, added = overhead.selected("clip,raw_clip")
+    assert sorted(wanted) == ["clip", "donated", "raw", "raw_clip"] and added == ["raw", "donated"]
+    assert overhead.selected("donated,clip,raw_clip")[1] == ["raw"]
+    timings = {"tiny": {"raw": overhead.Timings(per_step=[1e-4, 2e-4]), "clip": overhead.Timings(per_step=[3e-4, 4e-4]),
+                        "raw_clip": overhead.Timings(per_step=[2e-4, 2e-4])}}
+    contenders = [overhead.BY_KEY[k] for k in ("raw", "clip", "raw_clip")]
+    lines = overhead.report({}, contenders, timings, {}).splitlines()
+    start = lines.index("## What each transform adds (donated step in a plain loop)")
+    row = next(line for line in lines[start:] if line.startswith("| + with_grad_clip(max_norm=1)"))
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    assert cells[1:] == ["—", f"{(3 / 1 + 4 / 2) / 2:.3f}×", f"{(3 / 2 + 4 / 2) / 2:.3f}×", "ref: raw + clip_grad_norm_(1)"]
+
+
 def _check_logging_rows(results: dict) -> None:
     """The logging rows logged to TensorBoard; the bar row drew a complete bar, the other none."""
     passes = 1 + QUICK_ROUNDS  # warm-up pass, then one per round
