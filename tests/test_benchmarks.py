@@ -209,6 +209,32 @@ def test_transform_table_is_printed_without_the_donated_row_and_only_adds_it():
     assert cells[1:] == ["—", f"{(3 / 1 + 4 / 2) / 2:.3f}×", f"{(3 / 2 + 4 / 2) / 2:.3f}×", "ref: raw + clip_grad_norm_(1)"]
 
 
+def test_lightning_trainer_is_timed_by_the_modules_epoch_hooks_without_a_callback():
+    """The Trainer row's clock adds no per-batch work: no callback is given to the Trainer (Lightning calls each
+    hook of a pl.Callback every batch), and the timed window is the module's own epoch hooks' (a stub Trainer
+    stands in for Lightning, which the tests never import)."""
+    import types
+
+    overhead = _bench_module("overhead")
+    given = {}
+
+    class Trainer:
+        def __init__(self, **options):
+            given.update(options)
+
+        def fit(self, module, train_dataloaders):
+            module.clock_start = 1.0  # as the module's on_train_epoch_start and on_train_epoch_end would
+            given["batches"] = list(train_dataloaders)
+            module.clock_end = 3.5
+
+    runner = object.__new__(overhead.LightningTrainer)
+    runner.pl, runner.module = types.SimpleNamespace(Trainer=Trainer), types.SimpleNamespace()
+    runner.clock = types.SimpleNamespace(start=0.0, end=0.0)  # (a callback clock, were one still given)
+    window, call = runner.run([1, 2, 3])
+    assert window == 2.5 and call > 0 and given["batches"] == [1, 2, 3]
+    assert not given.get("callbacks"), given
+
+
 def _check_logging_rows(results: dict) -> None:
     """The logging rows logged to TensorBoard; the bar row drew a complete bar, the other none."""
     passes = 1 + QUICK_ROUNDS  # warm-up pass, then one per round
