@@ -18,8 +18,8 @@ per-pair difference, averaged over the cycle: stable where whole passes are not,
 
 Usage::
 
-    python benchmarks/overhead.py            # defaults: about 2.5 minutes on 2 cores
-    python benchmarks/overhead.py --quick    # smoke run, ~30 s (imports, memory children), meaningless numbers
+    python benchmarks/overhead.py            # defaults: 12 rounds x 100 steps, 4500 step pairs per row
+    python benchmarks/overhead.py --quick    # smoke run (4 min on a loaded 2-core machine), meaningless numbers
     python benchmarks/overhead.py --rounds 30 --steps 200 --breakdown
 """
 
