@@ -12,13 +12,14 @@ the reported time is the median over rounds of (pass time / steps), and a ratio 
 median over rounds of the per-round ratio (the pairing cancels slow drifts in the machine's
 load). Peak memory is the growth of the peak RSS over the baseline in a fresh
 child process per contender and workload. Last, each main row is paired step by step with
-the raw loop (``StepPairs``: the median of per-pair differences, stable where whole passes
-are not). See benchmarks/README.md for the method in full.
+the raw loop (``StepPairs``; per place of a cycle of 800 pairs, the median over the cycles of the
+per-pair difference, averaged over the cycle: stable where whole passes are not, and work done every
+20, 32 or 50 steps counts). See benchmarks/README.md for the method in full.
 
 Usage::
 
-    python benchmarks/overhead.py            # defaults: about 2.5 minutes on 2 cores
-    python benchmarks/overhead.py --quick    # smoke run, ~30 s (imports, memory children), meaningless numbers
+    python benchmarks/overhead.py            # defaults: 12 rounds x 100 steps, 4500 step pairs per row
+    python benchmarks/overhead.py --quick    # smoke run (4 min on a loaded 2-core machine), meaningless numbers
     python benchmarks/overhead.py --rounds 30 --steps 200 --breakdown
 """
 
@@ -400,6 +401,14 @@ def _lit_module_class() -> type:
                 self.net = net
                 self._optimizer = optimizer  # one optimizer across fits, as the other contenders keep Adam's state
 
+            # the clock: the module's own epoch hooks, which Lightning calls anyway (a Callback's every hook,
+            # defined by pl.Callback, would be called every batch: per-batch work of the clock's own)
+            def on_train_epoch_start(self) -> None:
+                self.clock_start = perf_counter()
+
+            def on_train_epoch_end(self) -> None:
+                self.clock_end = perf_counter()
+
             def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
                 x, y = batch
                 return F.cross_entropy(self.net(x), y)
@@ -412,7 +421,9 @@ def _lit_module_class() -> type:
 
 
 class LightningTrainer:
-    """``lightning.pytorch.Trainer(max_epochs=1, ...)``: a new Trainer and one ``fit`` per pass."""
+    """``lightning.pytorch.Trainer(max_epochs=1, ...)``: a new Trainer and one ``fit`` per pass, timed from the
+    module's own ``on_train_epoch_start`` to its ``on_train_epoch_end`` (no callback: Lightning calls every hook
+    of a ``pl.Callback`` every batch)."""
 
     def __init__(self, workload: Workload, model: nn.Module) -> None:
         import lightning.pytorch as pl
@@ -421,27 +432,15 @@ class LightningTrainer:
         self.pl = pl
         self.module = _lit_module_class()(model, workload.optimizer(model))
 
-        class Clock(pl.Callback):
-            start = end = 0.0
-
-            def on_train_epoch_start(self, trainer: Any, module: Any) -> None:
-                self.start = perf_counter()
-
-            def on_train_epoch_end(self, trainer: Any, module: Any) -> None:
-                self.end = perf_counter()
-
-        self.clock = Clock()
-
     def run(self, batches: Sequence[Batch]) -> tuple[float, float]:
         t0 = perf_counter()
         trainer = self.pl.Trainer(
             max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
             enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-            callbacks=[self.clock],
         )
         trainer.fit(self.module, train_dataloaders=Batches(batches))
         call = perf_counter() - t0
-        return self.clock.end - self.clock.start, call
+        return self.module.clock_end - self.module.clock_start, call
 
 
 class FabricLoop:
@@ -649,7 +648,7 @@ class StepPairs:
     A contender's time for a batch runs from handing the batch out to being asked for the next
     one: its whole per-batch work, driver included (plus one generator resumption, ~0.05 µs).
     The two steps of a pair are adjacent in time, so the machine's load changes cancel in the
-    per-pair difference: its median is stable to about ±0.5 µs where whole passes vary by ±10%.
+    per-pair difference (:class:`Pairs` takes a median over the cycles of each place in a cycle of steps).
     The order alternates (raw, contender, contender, raw, raw, ...): each side runs as often
     right after itself as after the other, so cache warmth favours neither (with the raw step
     always first, the raw loop paired with itself measured 0.986×). The raw step keeps its last
@@ -658,7 +657,7 @@ class StepPairs:
     Every contender that iterates its data itself can be paired (Lightning's one-batch prefetch
     keeps one hand-out per loop iteration).
 
-    >>> pairs = StepPairs([(torch.zeros(1, 2), torch.zeros(1, dtype=torch.long))] * 3, RawLoop(UNIT, UNIT.model()))
+    >>> pairs = StepPairs([(torch.zeros(1, 1), torch.zeros(1, dtype=torch.long))] * 3, RawLoop(UNIT, UNIT.model()))
     >>> [len(b) for b in pairs], len(pairs.raw_s), len(pairs.own_s)
     ([2, 2, 2], 3, 3)
     """
@@ -697,25 +696,94 @@ class StepPairs:
         return perf_counter() - t0
 
 
+#: the cycles of :func:`cycle_mean`, longest first: 800 = lcm(20, 32, 50) steps holds loopkit's periodic work in
+#: the rows at fixed places (``with_logging``'s log point every 50 steps, the bar's reading of the loss every 20
+#: batches, ``_window.Window``'s fold every 32 steps); 100 = lcm(20, 50), for a pass too short for 3 cycles of 800
+#: (the fold then falls on a given place once in 8 cycles, and is left out: about 1/32 of a fold a step)
+CYCLES = (800, 100)
+
+
+def cycle_length(count: int, cycles: Sequence[int] = CYCLES, least: int = 3) -> int | None:
+    """The longest cycle in ``cycles`` that ``count`` samples hold at least ``least`` times (None: none does).
+
+    >>> cycle_length(2700), cycle_length(540), cycle_length(18)
+    (800, 100, None)
+    """
+    return next((length for length in cycles if count // length >= least), None)
+
+
+def cycle_mean(samples: Sequence[float], cycles: Sequence[int] = CYCLES, least: int = 3) -> float:
+    """A robust mean per step that keeps periodic work: the mean over the places of a cycle of the median of
+    each place over the cycles, for the longest cycle in ``cycles`` that the samples hold at least ``least``
+    times (:func:`cycle_length`; a shorter tail left out); the plain mean where none fits.
+
+    Work done every n steps, n dividing the cycle, lies at the same places in every cycle, so each such
+    place's median keeps it; a stall of the machine hits a place in one cycle and not in the others, and
+    its median leaves it out.
+
+    >>> base = [1.0, 1.0, 1.0, 1.0, 5.0]  # 4 more every 5th step
+    >>> cycle_mean(base * 3, cycles=(5,)), statistics.median(base * 3)  # the median over steps drops it
+    (1.8, 1.0)
+    >>> cycle_mean(base + [1.0, 1.0, 100.0, 1.0, 5.0] + base, cycles=(5,))  # a stall in one cycle: left out
+    1.8
+    >>> cycle_mean([1.0, 2.0], cycles=(5,))
+    1.5
+    """
+    length = cycle_length(len(samples), cycles, least)
+    if length is None:
+        return statistics.fmean(samples) if samples else float("nan")
+    count = len(samples) // length
+    return statistics.fmean(statistics.median(samples[place:count * length:length]) for place in range(length))
+
+
 @dataclass
 class Pairs:
-    """One contender's step pairs: per-pair seconds of the raw step and of its own."""
+    """One contender's step pairs: per-pair seconds of the raw step and of its own.
+
+    Each statistic is a :func:`cycle_mean` (per pair: the contender's step minus the raw step; the raw step's):
+    work done once in many steps (a log point, the bar's reading) is counted at its rate, while a rare stall
+    of the machine is left out. (A median over single pairs would drop any work done less often than every
+    other step.)
+
+    >>> own = ([1.1e-4] * 99 + [2.11e-3]) * 3  # +10 µs a step, and 2 ms more every 100 steps
+    >>> own[150] += 0.05  # a stall of 50 ms
+    >>> p = Pairs(raw_s=[1e-4] * 300, own_s=own)
+    >>> round(p.delta_us(), 3), round(p.ratio(), 3)
+    (30.0, 1.3)
+    """
 
     raw_s: list[float] = field(default_factory=list)
     own_s: list[float] = field(default_factory=list)
     error: str | None = None
 
-    def delta_us(self, part: slice = slice(None)) -> float:
-        deltas = [own - raw for own, raw in zip(self.own_s[part], self.raw_s[part])]
-        return statistics.median(deltas) * 1e6 if deltas else float("nan")
+    def delta_us(self) -> float:
+        """µs a step the contender adds to the raw step."""
+        return cycle_mean([own - raw for own, raw in zip(self.own_s, self.raw_s)]) * 1e6
 
-    def ratio(self, part: slice = slice(None)) -> float:
-        raw = self.raw_s[part]
-        return 1 + self.delta_us(part) / (statistics.median(raw) * 1e6) if raw else float("nan")
+    def raw_us(self) -> float:
+        """µs a raw step takes."""
+        return cycle_mean(self.raw_s) * 1e6
 
-    def block_ratios(self, blocks: int = 5) -> list[float]:
-        size = len(self.raw_s) // blocks
-        return [self.ratio(slice(i * size, (i + 1) * size)) for i in range(blocks)] if size else []
+    def ratio(self) -> float:
+        """The contender's step over the raw step: 1 + Δ / raw."""
+        return 1 + self.delta_us() / self.raw_us()
+
+    def spread(self) -> list[float]:
+        """The ratio with each cycle of the pass left out in turn (:func:`cycle_length`; at least 3 cycles
+        left): how much the ratio rests on any one cycle, the method's own spread ([] in a pass too short).
+
+        >>> [round(r, 9) for r in Pairs(raw_s=[1e-4] * 400, own_s=[1.5e-4] * 400).spread()]
+        [1.5, 1.5, 1.5, 1.5]
+        """
+        length = cycle_length(len(self.raw_s), least=4)
+        if length is None:
+            return []
+        end, deltas = len(self.raw_s) // length * length, [o - r for o, r in zip(self.own_s, self.raw_s)]
+        out = []
+        for start in range(0, end, length):  # the cycle left out
+            raw, delta = self.raw_s[:start] + self.raw_s[start + length:end], deltas[:start] + deltas[start + length:end]
+            out.append(1 + cycle_mean(delta, (length,)) / cycle_mean(raw, (length,)))
+        return out
 
 
 #: the rows paired against the plain raw step (the transform rows have references of their own)
@@ -747,16 +815,21 @@ def pair_workload(workload: Workload, contenders: Sequence[Contender], *, steps:
 
 
 def pairs_report(contenders: Sequence[Contender], pairs: dict[str, dict[str, Pairs]], steps: int) -> list[str]:
-    """The step-pair table: Δ µs and ×raw from the median pair, and the spread of five blocks' ratios."""
+    """The step-pair table: Δ µs and ×raw (:class:`Pairs`), and their spread (:meth:`Pairs.spread`)."""
     names = list(pairs)
     out = [f"## Step pairs: each step next to one raw step ({steps} pairs per contender, first 10% dropped)", "",
-           "Δ µs is the median over pairs of (contender step − raw step); ×raw = 1 + Δ / median raw step; "
-           "blocks: the ratio in each fifth of the pass (min–max), the method's own spread. The order alternates "
+           "Δ µs: per pair (contender step − raw step), the mean over the places of a cycle of 800 pairs "
+           "(100 in a pass of fewer than 2400 pairs, the plain mean under 300) of each place's median over the "
+           "cycles: work done every 20, 32 or 50 steps (the bar's reading, the window's fold, a log point) counts "
+           "at its rate, a stall of the machine in one cycle does not; raw µs: the same of the raw step; ×raw = "
+           "1 + Δ / raw µs; spread: ×raw with each cycle left out in turn (min–max; with 4 cycles or more), the "
+           "method's own spread. "
+           "The order alternates "
            "(raw, contender, contender, raw, ...). The raw row pairs the raw loop with itself: its ×raw is the "
            "method's bias.", ""]
     header = ["contender"]
     for w in names:
-        header += [f"{w} raw µs", f"{w} Δ µs", f"{w} ×raw", f"{w} blocks"]
+        header += [f"{w} raw µs", f"{w} Δ µs", f"{w} ×raw", f"{w} spread"]
     header.append("target")
     rows = []
     for c in contenders:
@@ -768,12 +841,12 @@ def pairs_report(contenders: Sequence[Contender], pairs: dict[str, dict[str, Pai
             if p is None or p.error:
                 row += [p.error if p else "—", "", "", ""]
                 continue
-            blocks = p.block_ratios()
+            spread = p.spread()
             row += [
-                _fmt(statistics.median(p.raw_s) * 1e6, ".1f"),
+                _fmt(p.raw_us(), ".1f"),
                 _fmt(p.delta_us(), "+.2f"),
                 _fmt(p.ratio(), ".4f", "×"),
-                f"{min(blocks):.3f}–{max(blocks):.3f}" if blocks else "—",
+                f"{min(spread):.3f}–{max(spread):.3f}" if spread else "—",
             ]
         row.append(c.target)
         rows.append(row)
@@ -1173,7 +1246,7 @@ def report(
     out += [_table(header, rows, "l" + "r" * (len(header) - 2) + "l"), ""]
 
     transforms = [c for c in contenders if c.group == "transform" or c.key == "fabric"]
-    if transforms and all("donated" in timings[w] for w in names):
+    if transforms:
         out += ["## What each transform adds (donated step in a plain loop)", ""]
         header = ["row"]
         for w in names:
@@ -1188,9 +1261,9 @@ def report(
                 if t.error:
                     row += [t.error, "", ""]
                     continue
-                ref = timings[w].get(c.reference)
+                ref, against = timings[w].get(c.reference), timings[w].get(base)
                 row += [
-                    _fmt(_paired_delta_us(t, timings[w][base]), "+.1f"),
+                    _fmt(_paired_delta_us(t, against), "+.1f") if against is not None else "—",
                     _fmt(_paired_ratio(t, timings[w]["raw"]), ".3f", "×"),
                     _fmt(_paired_ratio(t, ref), ".3f", "×") if ref is not None else "—",
                 ]
@@ -1307,12 +1380,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=None, help="untimed passes per contender first (default 1)")
     p.add_argument("--memory-steps", type=int, default=None, help="steps of the memory run (default: --steps)")
     p.add_argument("--workloads", default="tiny,small", help="comma-separated, from: " + ", ".join(WORKLOADS))
-    p.add_argument("--only", default=None, help="comma-separated contender keys (raw is always added): "
+    p.add_argument("--only", default=None, help="comma-separated contender keys (raw is always added; a transform's "
+                   "donated step and own reference too): "
                    + ", ".join(BY_KEY))
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory children")
     p.add_argument("--breakdown", action="store_true", help="also time the pieces of one loopkit step")
     p.add_argument("--pair-steps", type=int, default=None,
-                   help="step pairs per contender in the step-pair table (default 3000; 0: no table)")
+                   help="step pairs per contender in the step-pair table (default 4500; 0: no table)")
     p.add_argument("--seed", type=int, default=0, help="seed of the per-round shuffling")
     p.add_argument("--json", default=None, help="also write the raw samples to this JSON file")
     args = p.parse_args(argv)
@@ -1321,7 +1395,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.steps = args.steps if args.steps is not None else (8 if quick else 100)
     args.warmup = args.warmup if args.warmup is not None else 1
     args.memory_steps = args.memory_steps if args.memory_steps is not None else args.steps
-    args.pair_steps = args.pair_steps if args.pair_steps is not None else (20 if quick else 3000)
+    args.pair_steps = args.pair_steps if args.pair_steps is not None else (20 if quick else 4500)
     if args.pair_steps < 0:
         p.error("--pair-steps must be >= 0")
     for name in ("rounds", "steps", "memory_steps"):
@@ -1388,11 +1462,33 @@ def _failures(timings: dict[str, dict[str, Timings]], memory: dict[str, dict[str
     return failed
 
 
+def selected(only: str | None) -> tuple[set[str], list[str]]:
+    """The contender keys to time for ``--only`` (every one without it), and those added to the selection:
+    the raw loop, and for a transform row the donated step and its own reference, which the table *What each
+    transform adds* compares it with.
+
+    >>> wanted, added = selected("clip,raw_clip")
+    >>> sorted(wanted), added
+    (['clip', 'donated', 'raw', 'raw_clip'], ['raw', 'donated'])
+    >>> selected(None)[1]
+    []
+    """
+    if not only:
+        return set(BY_KEY), []
+    wanted = {k for k in only.split(",") if k}
+    needed = ["raw"]
+    for c in CONTENDERS:
+        if c.key in wanted and c.group == "transform":
+            needed += ["donated", c.reference]
+    added = [k for k in dict.fromkeys(needed) if k not in wanted]
+    return wanted | set(added), added
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark and print the report; 1 if a contender failed, else 0."""
     args = parse_args(argv)
     setup_process()
-    wanted = set(args.only.split(",")) | {"raw"} if args.only else set(BY_KEY)
+    wanted, added = selected(args.only)
     contenders = [c for c in CONTENDERS if c.key in wanted]
     workloads = [WORKLOADS[w] for w in args.workloads.split(",")]
     started = perf_counter()
@@ -1408,7 +1504,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     pairs = {
         w.name: pair_workload(w, contenders, steps=args.pair_steps, warmup=max(args.warmup, 1)) for w in workloads
     } if args.pair_steps else {}
-    print(report(_settings(args), contenders, timings, memory))
+    settings = _settings(args)
+    if added:
+        settings["added"] = f"{', '.join(added)}: what the selected rows are compared with (--only)"
+    print(report(settings, contenders, timings, memory))
     if pairs:
         print("\n".join(pairs_report(contenders, pairs, args.pair_steps)))
     if args.breakdown:

@@ -156,7 +156,83 @@ def test_step_pairs_train_the_raw_model_as_a_raw_loop_and_time_the_consumer():
         assert torch.equal(a, b)
     result = overhead.Pairs(raw_s=[1e-4] * 10, own_s=[1.5e-4] * 10)
     assert abs(result.delta_us() - 50) < 1e-6 and abs(result.ratio() - 1.5) < 1e-9
-    assert [round(r, 9) for r in result.block_ratios()] == [1.5] * 5
+    assert result.spread() == []  # too short for 3 cycles
+
+
+def _bench_module(name: str):
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+
+
+def test_step_pairs_count_work_done_every_n_steps_and_leave_out_stalls():
+    """Pairs' Δ keeps work done once in many steps at its rate (a log point every 50 steps, a fold every 32,
+    a reading every 20: their mean cost per step, computed here by hand) and leaves out a few stalls of the
+    machine, on synthetic timings; a median over single pairs would give the +10 µs alone."""
+    overhead = _bench_module("overhead")
+    n = 4050  # --pair-steps' default 4500, less the 10% dropped: 5 cycles of 800
+    raw = [100e-6 + 1e-6 * (i % 7) for i in range(n)]  # a raw step of 100-106 µs
+    own = [r + 10e-6 for r in raw]  # +10 µs every step
+    for i in range(n):
+        own[i] += (5e-3 if i % 50 == 49 else 0) + (640e-6 if i % 32 == 31 else 0) + (60e-6 if i % 20 == 19 else 0)
+    for i in (17, 333, 1001, 1666, 2222, 3456):  # stalls: 20 ms in six steps of the contender, two of the raw loop
+        own[i] += 20e-3
+    for i in (90, 1500):
+        raw[i] += 20e-3
+    expected = 10 + 5000 / 50 + 640 / 32 + 60 / 20  # µs a step
+    pairs = overhead.Pairs(raw_s=raw, own_s=own)
+    assert abs(pairs.delta_us() - expected) < 0.5, pairs.delta_us()
+    raw_us = sum(100 + i % 7 for i in range(n)) / n
+    assert abs(pairs.raw_us() - raw_us) < 0.5 and abs(pairs.ratio() - (1 + expected / raw_us)) < 0.005
+    spread = pairs.spread()  # each of the 5 cycles of 800 left out in turn
+    assert len(spread) == 5 and all(abs(r - pairs.ratio()) < 0.005 for r in spread), spread
+    short = overhead.Pairs(raw_s=raw[:540], own_s=own[:540])  # 5 cycles of 100: the fold (1 in 8 cycles) left out
+    assert abs(short.delta_us() - (expected - 640 / 32)) < 0.5, short.delta_us()
+
+
+def test_transform_table_is_printed_without_the_donated_row_and_only_adds_it():
+    """--only clip,raw_clip times the donated step too (said in the report's settings); a report without it still
+    gives the transform table, with "—" where the donated step is needed (×raw and ×ref computed by hand)."""
+    overhead = _bench_module("overhead")
+    wanted, added = overhead.selected("clip,raw_clip")
+    assert sorted(wanted) == ["clip", "donated", "raw", "raw_clip"] and added == ["raw", "donated"]
+    assert overhead.selected("donated,clip,raw_clip")[1] == ["raw"]
+    timings = {"tiny": {"raw": overhead.Timings(per_step=[1e-4, 2e-4]), "clip": overhead.Timings(per_step=[3e-4, 4e-4]),
+                        "raw_clip": overhead.Timings(per_step=[2e-4, 2e-4])}}
+    contenders = [overhead.BY_KEY[k] for k in ("raw", "clip", "raw_clip")]
+    lines = overhead.report({}, contenders, timings, {}).splitlines()
+    start = lines.index("## What each transform adds (donated step in a plain loop)")
+    row = next(line for line in lines[start:] if line.startswith("| + with_grad_clip(max_norm=1)"))
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    assert cells[1:] == ["—", f"{(3 / 1 + 4 / 2) / 2:.3f}×", f"{(3 / 2 + 4 / 2) / 2:.3f}×", "ref: raw + clip_grad_norm_(1)"]
+
+
+def test_lightning_trainer_is_timed_by_the_modules_epoch_hooks_without_a_callback():
+    """The Trainer row's clock adds no per-batch work: no callback is given to the Trainer (Lightning calls each
+    hook of a pl.Callback every batch), and the timed window is the module's own epoch hooks' (a stub Trainer
+    stands in for Lightning, which the tests never import)."""
+    import types
+
+    overhead = _bench_module("overhead")
+    given = {}
+
+    class Trainer:
+        def __init__(self, **options):
+            given.update(options)
+
+        def fit(self, module, train_dataloaders):
+            module.clock_start = 1.0  # as the module's on_train_epoch_start and on_train_epoch_end would
+            given["batches"] = list(train_dataloaders)
+            module.clock_end = 3.5
+
+    runner = object.__new__(overhead.LightningTrainer)
+    runner.pl, runner.module = types.SimpleNamespace(Trainer=Trainer), types.SimpleNamespace()
+    runner.clock = types.SimpleNamespace(start=0.0, end=0.0)  # (a callback clock, were one still given)
+    window, call = runner.run([1, 2, 3])
+    assert window == 2.5 and call > 0 and given["batches"] == [1, 2, 3]
+    assert not given.get("callbacks"), given
 
 
 def _check_logging_rows(results: dict) -> None:

@@ -45,3 +45,7 @@ def test_quick_run_reports_every_contender_with_a_time(tmp_path):
     for row in ("raw DDP loop", "loopkit donated step", "loopkit run_epochs"):
         assert len(times[row]) == 2 and all(t > 0 for t in times[row]), row
         assert f"| {row} | " in proc.stdout
+    # run_epochs is timed from its epoch hooks: its per-call set-up and tear-down is a row of its own
+    fixed = times["loopkit run_epochs, fixed cost per call"]
+    assert len(fixed) == 2 and all(t > 0 for t in fixed), fixed
+    assert "| loopkit run_epochs, fixed cost per call | " in proc.stdout and " ms/call |" in proc.stdout
