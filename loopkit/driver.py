@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from loopkit import _collective
+from loopkit._calls import takes
 from loopkit._epoch_data import TRAIN, call_seeded, check_factory, factory_name, is_factory, not_data, val_stream
 from loopkit._numbers import as_int, as_real
 from loopkit._sharded import fsdp_modules
@@ -1239,18 +1240,7 @@ def _own_hook(callback: Any, name: str) -> bool:
     hook = getattr(callback, name, None)
     if not callable(hook):
         return False
-    return name not in ("setup", "teardown") or _takes(hook, None, None, "fit")
-
-
-def _takes(fn: Callable, *args: Any) -> bool:
-    """Whether ``fn(*args)`` binds to ``fn``'s signature (True when it cannot be read)."""
-    try:
-        inspect.signature(fn).bind(*args)
-    except TypeError:
-        return False
-    except ValueError:
-        return True
-    return True
+    return name not in ("setup", "teardown") or takes(hook, None, None, "fit")
 
 
 def _val_sets(data: Any) -> list[tuple[str | None, Any]]:

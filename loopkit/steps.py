@@ -30,6 +30,8 @@ import attrs
 import numpy as np
 import torch
 
+from loopkit._calls import check_call
+from loopkit._calls import fn_name as _fn_name
 from loopkit._sharded import fsdp_modules, local
 from loopkit.rng import RNGScope, global_rng_state
 from loopkit.rng import cuda_index as _cuda_index
@@ -750,14 +752,7 @@ def check_takes_model_and_batch(fn: Callable[..., Any], where: str) -> None:
     ...
     TypeError: train_step: loss_fn must take (model, batch); <lambda>(batch) cannot: too many positional arguments
     """
-    try:
-        signature = inspect.signature(fn)
-    except (TypeError, ValueError):  # no signature to judge by (some builtins): its call will tell
-        return
-    try:
-        signature.bind(None, None)
-    except TypeError as e:
-        raise TypeError(f"{where} must take (model, batch); {_fn_name(fn)}{signature} cannot: {e}") from None
+    check_call(fn, f"{where} must take (model, batch)", None, None)
 
 
 def _bad_result(fn: Any, out: Any) -> str:
@@ -772,10 +767,6 @@ def _bad_result(fn: Any, out: Any) -> str:
     elif isinstance(out, torch.Tensor):
         message += "; for a loss_fn(model, batch), pass train_step(loss_fn)"
     return message
-
-
-def _fn_name(fn: Any) -> str:
-    return getattr(fn, "__qualname__", None) or type(fn).__qualname__
 
 
 def _taken_by(key: str, taken: Mapping[str, str]) -> str | None:
