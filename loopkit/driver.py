@@ -686,7 +686,7 @@ def evaluate(
     sets = _val_sets(data)
     for name, one in sets:
         _check_data(one, "evaluate: data" if name is None else f"evaluate: data[{name!r}]")
-    step = undonated(as_step(eval_step))  # one state for every batch: a donated call would use it up
+    step = undonated(as_step(eval_step, "evaluate: eval_step"))  # one state for every batch: a donated call would use it up
     if "train_step" in step.applied:
         raise TypeError("evaluate: the step is a train_step, whose metrics are training-mode losses of updates "
                         "on copies; pass eval_step(metric_fn)")
@@ -1287,7 +1287,7 @@ def _check_val(val: Any) -> list[str | None]:
     """The names of the sets empty here (only under a process group of more than one rank: one process refuses
     an empty set at once; see :func:`_refuse_val_empty_on_every_rank`). (After ``_validate_options``, which checks
     it is a pair.)"""
-    if "train_step" in as_step(val[0]).applied:
+    if "train_step" in as_step(val[0], "run_epochs: val's step").applied:
         raise TypeError("run_epochs: val's step is a train_step, which would train on the validation data; "
                         "pass eval_step(metric_fn)")
     _check_sets(val[1], "run_epochs: val's data", "val=(eval_step, {'name': val_data}), or pass val=None to train "
@@ -2226,7 +2226,7 @@ def run_epochs(
         for name, data in _val_sets(val[1]):
             if not is_factory(data):
                 _num_batches(data, limit_val_batches, "limit_val_batches", shard=True, of=name)
-    step = as_step(step)
+    step = as_step(step, "run_epochs: step")
     epoch_window = guarded(EPOCH, step)  # (a guarded step's skipped groups left out of the epoch means, however long)
     if "eval_step" in step.applied:
         raise TypeError("run_epochs: the step is an eval_step, which updates nothing; pass train_step(loss_fn) "
@@ -2234,7 +2234,7 @@ def run_epochs(
     # (a step that changes nothing in place, a pure function of one's own, runs as it is when the given state must
     # stay valid: donated, it would mark the state it is given, the caller's, used up)
     step = donated(step) if donate or step.changes_state else step
-    val_step = None if val is None else undonated(as_step(val[0]))  # (the training's state: never used up by it)
+    val_step = None if val is None else undonated(as_step(val[0], "run_epochs: val's step"))  # (the training's state: never used up by it)
     if val_step is not None and "with_profiler" in step.applied and "with_profiler" in val_step.applied:
         raise ValueError(
             "run_epochs: both the train step and the validation step are under with_profiler; torch.profiler "

@@ -300,17 +300,24 @@ def _consume_unless_intact(state: TrainState, error: BaseException) -> None:
         _set_consumed(state, FAILED_STEP)  # (its DonatedStateError names no returned state: there is none)
 
 
-def as_step(step: Any) -> Step:
-    """Return ``step`` as a :class:`Step`: loopkit steps as they are, plain callables wrapped.
+def as_step(step: Any, where: str = "a step") -> Step:
+    """Return ``step`` as a :class:`Step`: loopkit steps as they are, plain callables wrapped, refused now (a
+    ``TypeError`` naming ``where``, the parameter it was given as) if they cannot be called as ``step(state, batch)``.
 
     >>> as_step(lambda state, batch: (state, {})).applied
     ('<lambda>',)
+    >>> as_step(lambda state: (state, {}), "run_epochs: step")
+    Traceback (most recent call last):
+    ...
+    TypeError: run_epochs: step must take (state, batch); <lambda>(state) cannot: too many positional arguments; a function used as a step is called as step(state, batch) and returns (new_state, metrics)
     """
     if isinstance(step, Step):
         return step
     if callable(step):
+        check_call(step, f"{where} must take (state, batch)", None, None,
+                   hint="; a function used as a step is called as step(state, batch) and returns (new_state, metrics)")
         return FnStep(step)
-    raise TypeError(f"a step must be callable as step(state, batch), got {type(step).__qualname__}")
+    raise TypeError(f"{where} must be callable as step(state, batch), got {type(step).__qualname__}")
 
 
 def donate(step: Callable[[TrainState, Any], tuple[TrainState, Metrics]]) -> Step:
@@ -337,7 +344,7 @@ def donate(step: Callable[[TrainState, Any], tuple[TrainState, Metrics]]) -> Ste
             f"donate cannot wrap {getattr(step, 'name', type(step).__qualname__)}: it takes {step.takes}, not one "
             "loopkit.TrainState; pass donated=True to loopkit.ensemble.train_step, which trains the ensemble in place"
         )
-    return _donated_as(as_step(step), True)
+    return _donated_as(as_step(step, "donate: step"), True)
 
 
 def undonated(step: Step) -> Step:

@@ -2897,3 +2897,21 @@ def test_evaluate_and_predict_read_their_data_as_a_raw_loop_does():
     metrics = evaluate(eval_step(lambda m, b: {"mean": b.mean()}), state, loader)
     assert metrics["mean"] == pytest.approx(float(torch.stack([b.mean() for b in raw]).mean()), rel=1e-6)
     assert torch.equal(torch.get_rng_state(), raw_after)
+
+
+@pytest.mark.parametrize("fn", [lambda state: (state, {}), lambda s, b, extra: (s, {})], ids=["one", "three"])
+def test_a_step_function_of_the_wrong_signature_is_refused_before_any_step_and_the_state_is_kept(fn):
+    state = make_state()
+    before = [p.clone() for p in params_of(state)]
+    with pytest.raises(TypeError, match=r"^run_epochs: step must take \(state, batch\); .*<lambda>"):
+        run_epochs(fn, state, make_data(2), epochs=1, progress=False)
+    state.check_usable()
+    assert_bitwise(params_of(state), before)
+    with pytest.raises(TypeError, match=r"^run_epochs: val's step must take \(state, batch\)"):
+        run_epochs(train_step(mse), state, make_data(2), epochs=1, progress=False, val=(fn, make_data(1)))
+    state.check_usable()
+    with pytest.raises(TypeError, match=r"^evaluate: eval_step must take \(state, batch\)"):
+        evaluate(fn, state, make_data(1))
+    state.check_usable()
+    assert_bitwise(params_of(state), before)
+
