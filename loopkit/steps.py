@@ -752,13 +752,25 @@ def check_metric(value: Any, key: Any, where: str) -> torch.Tensor:
 
 
 def check_takes_model_and_batch(fn: Callable[..., Any], where: str) -> None:
-    """Raise ``TypeError`` now if ``fn`` cannot be called as ``fn(model, batch)`` (judged by its signature).
+    """Raise ``TypeError`` now if ``fn`` cannot be called as ``fn(model, batch)`` (judged by its signature), or is
+    a ``torch.nn.Module`` (a criterion such as ``nn.MSELoss()`` takes ``(prediction, target)``, a model its inputs:
+    its ``*args`` call would take any two arguments and fail at the first batch).
 
     >>> check_takes_model_and_batch(lambda batch: batch, "train_step: loss_fn")
     Traceback (most recent call last):
     ...
     TypeError: train_step: loss_fn must take (model, batch); <lambda>(batch) cannot: too many positional arguments
+    >>> check_takes_model_and_batch(torch.nn.MSELoss(), "train_step: loss_fn")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    TypeError: train_step: loss_fn must take (model, batch), and it is a torch.nn.Module (MSELoss), ... wrap it in a function, e.g. lambda model, batch: criterion(model(batch[0]), batch[1])
     """
+    if isinstance(fn, torch.nn.Module):
+        raise TypeError(
+            f"{where} must take (model, batch), and it is a torch.nn.Module ({type(fn).__qualname__}), called with "
+            "its own inputs (a loss module takes (prediction, target), a model its input): wrap it in a function, "
+            "e.g. lambda model, batch: criterion(model(batch[0]), batch[1])"
+        )
     check_call(fn, f"{where} must take (model, batch)", None, None)
 
 
@@ -1635,7 +1647,8 @@ def train_step(loss_fn: LossFn) -> TrainStep:
     """A training step: forward, backward, optimizer update, scheduler step.
 
     ``loss_fn(model, batch)`` returns a scalar loss tensor, ``(loss, metrics_dict)``, or
-    ``None`` to skip the batch. The step reports ``loss`` and the aux metrics as 0-dim
+    ``None`` to skip the batch; it is a function (a ``torch.nn.Module``, ``nn.MSELoss()``, is refused: wrap it,
+    ``lambda model, batch: criterion(model(batch[0]), batch[1])``). The step reports ``loss`` and the aux metrics as 0-dim
     tensors on the device (it never reads them on the host). The state's RNG drives dropout.
 
     >>> import torch

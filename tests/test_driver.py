@@ -2915,3 +2915,9 @@ def test_a_step_function_of_the_wrong_signature_is_refused_before_any_step_and_t
     state.check_usable()
     assert_bitwise(params_of(state), before)
 
+
+def test_the_model_given_to_predict_as_its_function_is_refused_naming_predict():
+    state = make_state()
+    with pytest.raises(TypeError, match=r"^predict: fn must take \(model, batch\), and it is a torch.nn.Module"):
+        predict(state.model, state, make_data(1))
+    state.check_usable()

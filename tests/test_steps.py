@@ -1217,3 +1217,11 @@ def test_a_function_that_can_take_state_and_batch_runs_as_the_step(fn):
     new, metrics = loopkit.donate(fn)(state, torch.ones(1, 2))
     assert isinstance(new, loopkit.TrainState) and metrics == {}
 
+
+@pytest.mark.parametrize("module", [nn.MSELoss(), nn.Linear(3, 1)], ids=["criterion", "model"])
+@pytest.mark.parametrize("build, where", [(loopkit.train_step, "train_step: loss_fn"), (loopkit.eval_step, "eval_step: metric_fn")],
+                         ids=["train_step", "eval_step"])
+def test_a_module_given_as_the_function_of_model_and_batch_is_refused_with_the_wrapping(module, build, where):
+    with pytest.raises(TypeError, match=rf"^{where} must take \(model, batch\), and it is a torch.nn.Module "
+                                        rf"\({type(module).__qualname__}\).*lambda model, batch: criterion\(model\(batch\[0\]\), batch\[1\]\)"):
+        build(module)
