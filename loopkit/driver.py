@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from loopkit import _collective
-from loopkit._calls import takes
+from loopkit._calls import check_call, takes
 from loopkit._epoch_data import TRAIN, call_seeded, check_factory, factory_name, is_factory, not_data, val_stream
 from loopkit._numbers import as_int, as_real
 from loopkit._sharded import fsdp_modules
@@ -1054,8 +1054,13 @@ def _dataloaders(data: Any) -> bool:
             and all(isinstance(d, torch.utils.data.DataLoader) for d in data))
 
 
-_HOOKS = ("on_fit_start", "on_epoch_start", "on_batch_start", "on_batch_end", "on_flush_end", "on_validation_end",
-          "on_epoch_end", "on_fit_end")
+#: the hooks run_epochs calls, each with the arguments it calls it with
+_HOOK_CALLS: dict[str, tuple[str, ...]] = {
+    "on_fit_start": ("state",), "on_epoch_start": ("state",), "on_batch_start": ("state", "batch"),
+    "on_batch_end": ("state", "metrics"), "on_flush_end": ("state", "metrics"), "on_validation_end": ("state", "metrics"),
+    "on_epoch_end": ("state", "metrics"), "on_fit_end": ("state", "history"),
+}
+_HOOKS = tuple(_HOOK_CALLS)
 _TEST = "loopkit.evaluate calls no callbacks: use what it returns"
 _PREDICT = "loopkit.predict calls no callbacks: use what it returns"
 _VAL_BATCH = "no hook per validation batch: compute it in the eval_step's metric_fn"
@@ -1110,9 +1115,10 @@ _LIGHTNING_COUNTERPARTS = {
 def _check_callbacks(callbacks: Any, *, warn: bool = True) -> list[Any]:
     """``callbacks`` as a list (one callback alone is taken, and None as none, as Lightning takes them); a class, an
     object with none of the hooks, one of Lightning's own callbacks (:func:`_refuse_lightning_callback`), one with
-    a loopkit hook taking Lightning's ``(trainer, pl_module)`` (:func:`_refuse_lightning_signatures`), or one whose
-    class defines hooks under Lightning's names (which loopkit never calls) is refused by name; ``warn``: warn of an
-    object written for both Lightning and loopkit (:func:`_check_ported`)."""
+    a loopkit hook taking Lightning's ``(trainer, pl_module)`` (:func:`_refuse_lightning_signatures`), one whose
+    class defines hooks under Lightning's names (which loopkit never calls), or one with a hook that cannot take
+    the call run_epochs makes (:func:`_check_hook_calls`) is refused by name; ``warn``: warn of an object written
+    for both Lightning and loopkit (:func:`_check_ported`)."""
     if callbacks is None:  # (Lightning's Trainer default)
         return []
     if any(hasattr(callbacks, hook) for hook in _HOOKS) or isinstance(callbacks, type):
@@ -1131,7 +1137,22 @@ def _check_callbacks(callbacks: Any, *, warn: bool = True) -> list[Any]:
             raise TypeError(
                 f"run_epochs: callbacks[{i}] ({type(cb).__qualname__}) has none of the hooks {', '.join(_HOOKS)}"
             )
+        _check_hook_calls(cb, who)
     return checked
+
+
+def _check_hook_calls(callback: Any, who: str) -> None:
+    """Refuse a callback with a hook that is not callable, or cannot be called as run_epochs calls it
+    (:data:`_HOOK_CALLS`; ``state_dict()`` and ``load_state_dict(sd)`` when it has both), before the fit's first
+    step: it would fail when first called, after an epoch's training."""
+    calls = dict(_HOOK_CALLS)
+    if callable(_loopkit_hook(callback, "state_dict")) and callable(_loopkit_hook(callback, "load_state_dict")):
+        calls.update(state_dict=(), load_state_dict=("sd",))
+    for name, arguments in calls.items():
+        hook = _loopkit_hook(callback, name)
+        if hook is not None:
+            check_call(hook, f"{who}: its {name} must take ({', '.join(arguments)}), as run_epochs calls it",
+                       *(None,) * len(arguments))
 
 
 def _refuse_lightning_callback(callback: Any, who: str) -> None:
