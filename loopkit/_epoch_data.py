@@ -12,7 +12,6 @@ not callable. Something both callable and iterable is data.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import random
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -20,6 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from loopkit._calls import cannot_call
+from loopkit._calls import fn_name as factory_name
 from loopkit.rng import global_rngs_kept
 
 __all__ = [
@@ -79,27 +80,17 @@ def is_factory(source: Any) -> bool:
     )
 
 
-def factory_name(fn: Callable[..., Any]) -> str:
-    """A factory's name for messages: its ``__qualname__``, or its class's."""
-    return getattr(fn, "__qualname__", None) or type(fn).__qualname__
-
-
 def check_factory(fn: Callable[..., Any], where: str) -> None:
     """Refuse a factory that cannot be called as ``fn(epoch)`` (its signature, where Python can read one),
     and a model passed as data (a ``Module`` is callable and not iterable), naming ``where``."""
     not_data(fn, where, factories=True)
-    try:
-        signature = inspect.signature(fn)
-    except (TypeError, ValueError):  # (a builtin without a signature: called as it is)
-        return
-    try:
-        signature.bind(0)
-    except TypeError:
+    why = cannot_call(fn, 0)
+    if why is not None:
         raise TypeError(
-            f"{where} ({factory_name(fn)}{signature}) is a function, taken as a factory of the epoch's data, which is "
-            "called as fn(epoch) with the 0-based epoch, and it cannot take that: give it one parameter, e.g. "
+            f"{where} ({why}) is a function, taken as a factory of the epoch's data, which is called as fn(epoch) "
+            "with the 0-based epoch, and it cannot take that: give it one parameter, e.g. "
             "lambda epoch: DataLoader(curriculum(epoch), batch_size=32)"
-        ) from None
+        )
 
 
 def call_seeded(fn: Callable[[int], Iterable], seed: int, epoch: int, stream: tuple[int, ...], where: str) -> Any:

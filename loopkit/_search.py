@@ -34,7 +34,7 @@ def search_step(step: Any, state: TrainState, where: str, refused: Sequence[str]
     if not callable(step):
         raise TypeError(f"{where}: step must be a step, train_step(loss_fn) or a function (state, batch) -> "
                         f"(state, metrics), got {type(step).__qualname__}")
-    step = as_step(step)
+    step = as_step(step, f"{where}: step")
     if "eval_step" in step.applied:
         raise TypeError(f"{where}: the step is an eval_step, which trains nothing; pass train_step(loss_fn)")
     found = [name for name in refused if name in step.applied]

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from loopkit._calls import check_call
 from loopkit._epoch_data import factory_name, is_factory
 from loopkit._numbers import as_int, as_real
 from loopkit._search import search_step
@@ -306,6 +307,8 @@ def scale_batch_size(
         raise TypeError(f"scale_batch_size: make_data must be a function of the batch size that returns the "
                         f"training data (e.g. lambda size: DataLoader(train_set, batch_size=size)), got "
                         f"{type(make_data).__qualname__}")
+    check_call(make_data, "scale_batch_size: make_data must take (batch_size)", 1,
+               hint="; it is called with each batch size tried, e.g. lambda size: DataLoader(train_set, batch_size=size)")
     search = _Search(step, state, make_data, counts["steps_per_trial"], counts["max_val"], device)
     search.set(min(counts["init_val"], counts["max_val"]))
     if mode == "power":

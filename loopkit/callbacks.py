@@ -116,7 +116,8 @@ class Callback:
     with this class ahead, the Trainer calls :meth:`on_fit_start` with ``(trainer, pl_module)`` and fails).
     loopkit never calls a hook a Lightning class defines, those under loopkit's names included (Lightning's
     ``on_fit_start``, ``on_fit_end``, ``on_validation_end``, ``state_dict``, ``load_state_dict``); a loopkit hook
-    of the callback's own that takes Lightning's ``(trainer, pl_module)`` is refused when the fit starts.
+    of the callback's own that takes Lightning's ``(trainer, pl_module)`` is refused when the fit starts, and so is a
+    hook that is not callable or cannot take the arguments above (``on_epoch_end(self, state)``), by its signature.
 
     >>> class Counter(Callback):
     ...     def __init__(self):

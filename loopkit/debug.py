@@ -246,7 +246,7 @@ def check_purity(
     refuse_copy_if_sharded(state, "check_purity", "It calls the step twice on copies of the state: check the step "
                            "on an unsharded state, in one process, without with_fsdp")
     name = _name(step)
-    step = as_step(_without_writers(step))  # (as run_epochs calls it: a function's wrong result is named)
+    step = as_step(_without_writers(step), "check_purity: step")  # (as run_epochs calls it: a function's wrong result is named)
     before = _full_snapshot(state)
     batch_before = _batch_snapshot(batch)
     global_rng = torch.get_rng_state()

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from loopkit import _collective
+from loopkit._calls import check_call, takes
 from loopkit._epoch_data import TRAIN, call_seeded, check_factory, factory_name, is_factory, not_data, val_stream
 from loopkit._numbers import as_int, as_real
 from loopkit._sharded import fsdp_modules
@@ -687,7 +688,7 @@ def evaluate(
     sets = _val_sets(data)
     for name, one in sets:
         _check_data(one, "evaluate: data" if name is None else f"evaluate: data[{name!r}]")
-    step = undonated(as_step(eval_step))  # one state for every batch: a donated call would use it up
+    step = undonated(as_step(eval_step, "evaluate: eval_step"))  # one state for every batch: a donated call would use it up
     if "train_step" in step.applied:
         raise TypeError("evaluate: the step is a train_step, whose metrics are training-mode losses of updates "
                         "on copies; pass eval_step(metric_fn)")
@@ -1081,8 +1082,13 @@ def _dataloaders(data: Any) -> bool:
             and all(isinstance(d, torch.utils.data.DataLoader) for d in data))
 
 
-_HOOKS = ("on_fit_start", "on_epoch_start", "on_batch_start", "on_batch_end", "on_flush_end", "on_validation_end",
-          "on_epoch_end", "on_fit_end")
+#: the hooks run_epochs calls, each with the arguments it calls it with
+_HOOK_CALLS: dict[str, tuple[str, ...]] = {
+    "on_fit_start": ("state",), "on_epoch_start": ("state",), "on_batch_start": ("state", "batch"),
+    "on_batch_end": ("state", "metrics"), "on_flush_end": ("state", "metrics"), "on_validation_end": ("state", "metrics"),
+    "on_epoch_end": ("state", "metrics"), "on_fit_end": ("state", "history"),
+}
+_HOOKS = tuple(_HOOK_CALLS)
 _TEST = "loopkit.evaluate calls no callbacks: use what it returns"
 _PREDICT = "loopkit.predict calls no callbacks: use what it returns"
 _VAL_BATCH = "no hook per validation batch: compute it in the eval_step's metric_fn"
@@ -1137,9 +1143,10 @@ _LIGHTNING_COUNTERPARTS = {
 def _check_callbacks(callbacks: Any, *, warn: bool = True) -> list[Any]:
     """``callbacks`` as a list (one callback alone is taken, and None as none, as Lightning takes them); a class, an
     object with none of the hooks, one of Lightning's own callbacks (:func:`_refuse_lightning_callback`), one with
-    a loopkit hook taking Lightning's ``(trainer, pl_module)`` (:func:`_refuse_lightning_signatures`), or one whose
-    class defines hooks under Lightning's names (which loopkit never calls) is refused by name; ``warn``: warn of an
-    object written for both Lightning and loopkit (:func:`_check_ported`)."""
+    a loopkit hook taking Lightning's ``(trainer, pl_module)`` (:func:`_refuse_lightning_signatures`), one whose
+    class defines hooks under Lightning's names (which loopkit never calls), or one with a hook that cannot take
+    the call run_epochs makes (:func:`_check_hook_calls`) is refused by name; ``warn``: warn of an object written
+    for both Lightning and loopkit (:func:`_check_ported`)."""
     if callbacks is None:  # (Lightning's Trainer default)
         return []
     if any(hasattr(callbacks, hook) for hook in _HOOKS) or isinstance(callbacks, type):
@@ -1158,7 +1165,22 @@ def _check_callbacks(callbacks: Any, *, warn: bool = True) -> list[Any]:
             raise TypeError(
                 f"run_epochs: callbacks[{i}] ({type(cb).__qualname__}) has none of the hooks {', '.join(_HOOKS)}"
             )
+        _check_hook_calls(cb, who)
     return checked
+
+
+def _check_hook_calls(callback: Any, who: str) -> None:
+    """Refuse a callback with a hook that is not callable, or cannot be called as run_epochs calls it
+    (:data:`_HOOK_CALLS`; ``state_dict()`` and ``load_state_dict(sd)`` when it has both), before the fit's first
+    step: it would fail when first called, after an epoch's training."""
+    calls = dict(_HOOK_CALLS)
+    if callable(_loopkit_hook(callback, "state_dict")) and callable(_loopkit_hook(callback, "load_state_dict")):
+        calls.update(state_dict=(), load_state_dict=("sd",))
+    for name, arguments in calls.items():
+        hook = _loopkit_hook(callback, name)
+        if hook is not None:
+            check_call(hook, f"{who}: its {name} must take ({', '.join(arguments)}), as run_epochs calls it",
+                       *(None,) * len(arguments))
 
 
 def _refuse_lightning_callback(callback: Any, who: str) -> None:
@@ -1267,18 +1289,7 @@ def _own_hook(callback: Any, name: str) -> bool:
     hook = getattr(callback, name, None)
     if not callable(hook):
         return False
-    return name not in ("setup", "teardown") or _takes(hook, None, None, "fit")
-
-
-def _takes(fn: Callable, *args: Any) -> bool:
-    """Whether ``fn(*args)`` binds to ``fn``'s signature (True when it cannot be read)."""
-    try:
-        inspect.signature(fn).bind(*args)
-    except TypeError:
-        return False
-    except ValueError:
-        return True
-    return True
+    return name not in ("setup", "teardown") or takes(hook, None, None, "fit")
 
 
 def _val_sets(data: Any) -> list[tuple[str | None, Any]]:
@@ -1325,7 +1336,7 @@ def _check_val(val: Any) -> list[str | None]:
     """The names of the sets empty here (only under a process group of more than one rank: one process refuses
     an empty set at once; see :func:`_refuse_val_empty_on_every_rank`). (After ``_validate_options``, which checks
     it is a pair.)"""
-    if "train_step" in as_step(val[0]).applied:
+    if "train_step" in as_step(val[0], "run_epochs: val's step").applied:
         raise TypeError("run_epochs: val's step is a train_step, which would train on the validation data; "
                         "pass eval_step(metric_fn)")
     _check_sets(val[1], "run_epochs: val's data", "val=(eval_step, {'name': val_data}), or pass val=None to train "
@@ -2351,7 +2362,7 @@ def run_epochs(
         for name, data in _val_sets(val[1]):
             if not is_factory(data):
                 _num_batches(data, limit_val_batches, "limit_val_batches", shard=True, of=name)
-    step = as_step(step)
+    step = as_step(step, "run_epochs: step")
     epoch_window = guarded(EPOCH, step)  # (a guarded step's skipped groups left out of the epoch means, however long)
     if "eval_step" in step.applied:
         raise TypeError("run_epochs: the step is an eval_step, which updates nothing; pass train_step(loss_fn) "
@@ -2359,7 +2370,7 @@ def run_epochs(
     # (a step that changes nothing in place, a pure function of one's own, runs as it is when the given state must
     # stay valid: donated, it would mark the state it is given, the caller's, used up)
     step = donated(step) if donate or step.changes_state else step
-    val_step = None if val is None else undonated(as_step(val[0]))  # (the training's state: never used up by it)
+    val_step = None if val is None else undonated(as_step(val[0], "run_epochs: val's step"))  # (the training's state: never used up by it)
     if val_step is not None and "with_profiler" in step.applied and "with_profiler" in val_step.applied:
         raise ValueError(
             "run_epochs: both the train step and the validation step are under with_profiler; torch.profiler "

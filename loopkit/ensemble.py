@@ -91,7 +91,7 @@ from loopkit.state import (
     _MODULE_STANDARD, _SETTING_SCALARS, TrainState, _fork, _keep_tensor_hooks, fork, is_plain_setting, leave_intact,
     module_settings, persistent_buffers, replace, state_at_error,
 )
-from loopkit.steps import _cuda_index, _split_loss, needs_closure
+from loopkit.steps import _cuda_index, _split_loss, check_takes_model_and_batch, needs_closure
 
 __all__ = ["Ensemble", "EnsembleStep", "stack", "train_step", "unstack"]
 
@@ -1585,6 +1585,7 @@ def train_step(loss_fn: Callable[[nn.Module, Any], Any], *, donated: bool = Fals
     """
     if not callable(loss_fn):
         raise TypeError(f"ensemble.train_step: loss_fn must be callable as loss_fn(model, batch), got {type(loss_fn).__qualname__}")
+    check_takes_model_and_batch(loss_fn, "ensemble.train_step: loss_fn")
     if not isinstance(donated, bool):
         raise TypeError(f"ensemble.train_step: donated must be True or False, got {donated!r}")
     return EnsembleStep(loss_fn, donated=donated)

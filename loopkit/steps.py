@@ -30,6 +30,8 @@ import attrs
 import numpy as np
 import torch
 
+from loopkit._calls import check_call
+from loopkit._calls import fn_name as _fn_name
 from loopkit._sharded import fsdp_modules, local
 from loopkit.rng import RNGScope, global_rng_state
 from loopkit.rng import cuda_index as _cuda_index
@@ -299,17 +301,24 @@ def _consume_unless_intact(state: TrainState, error: BaseException) -> None:
         _set_consumed(state, FAILED_STEP)  # (its DonatedStateError names no returned state: there is none)
 
 
-def as_step(step: Any) -> Step:
-    """Return ``step`` as a :class:`Step`: loopkit steps as they are, plain callables wrapped.
+def as_step(step: Any, where: str = "a step") -> Step:
+    """Return ``step`` as a :class:`Step`: loopkit steps as they are, plain callables wrapped, refused now (a
+    ``TypeError`` naming ``where``, the parameter it was given as) if they cannot be called as ``step(state, batch)``.
 
     >>> as_step(lambda state, batch: (state, {})).applied
     ('<lambda>',)
+    >>> as_step(lambda state: (state, {}), "run_epochs: step")
+    Traceback (most recent call last):
+    ...
+    TypeError: run_epochs: step must take (state, batch); <lambda>(state) cannot: too many positional arguments; a function used as a step is called as step(state, batch) and returns (new_state, metrics)
     """
     if isinstance(step, Step):
         return step
     if callable(step):
+        check_call(step, f"{where} must take (state, batch)", None, None,
+                   hint="; a function used as a step is called as step(state, batch) and returns (new_state, metrics)")
         return FnStep(step)
-    raise TypeError(f"a step must be callable as step(state, batch), got {type(step).__qualname__}")
+    raise TypeError(f"{where} must be callable as step(state, batch), got {type(step).__qualname__}")
 
 
 def donate(step: Callable[[TrainState, Any], tuple[TrainState, Metrics]]) -> Step:
@@ -336,7 +345,7 @@ def donate(step: Callable[[TrainState, Any], tuple[TrainState, Metrics]]) -> Ste
             f"donate cannot wrap {getattr(step, 'name', type(step).__qualname__)}: it takes {step.takes}, not one "
             "loopkit.TrainState; pass donated=True to loopkit.ensemble.train_step, which trains the ensemble in place"
         )
-    return _donated_as(as_step(step), True)
+    return _donated_as(as_step(step, "donate: step"), True)
 
 
 def undonated(step: Step) -> Step:
@@ -744,21 +753,26 @@ def check_metric(value: Any, key: Any, where: str) -> torch.Tensor:
 
 
 def check_takes_model_and_batch(fn: Callable[..., Any], where: str) -> None:
-    """Raise ``TypeError`` now if ``fn`` cannot be called as ``fn(model, batch)`` (judged by its signature).
+    """Raise ``TypeError`` now if ``fn`` cannot be called as ``fn(model, batch)`` (judged by its signature), or is
+    a ``torch.nn.Module`` (a criterion such as ``nn.MSELoss()`` takes ``(prediction, target)``, a model its inputs:
+    its ``*args`` call would take any two arguments and fail at the first batch).
 
     >>> check_takes_model_and_batch(lambda batch: batch, "train_step: loss_fn")
     Traceback (most recent call last):
     ...
     TypeError: train_step: loss_fn must take (model, batch); <lambda>(batch) cannot: too many positional arguments
+    >>> check_takes_model_and_batch(torch.nn.MSELoss(), "train_step: loss_fn")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    TypeError: train_step: loss_fn must take (model, batch), and it is a torch.nn.Module (MSELoss), ... wrap it in a function, e.g. lambda model, batch: criterion(model(batch[0]), batch[1])
     """
-    try:
-        signature = inspect.signature(fn)
-    except (TypeError, ValueError):  # no signature to judge by (some builtins): its call will tell
-        return
-    try:
-        signature.bind(None, None)
-    except TypeError as e:
-        raise TypeError(f"{where} must take (model, batch); {_fn_name(fn)}{signature} cannot: {e}") from None
+    if isinstance(fn, torch.nn.Module):
+        raise TypeError(
+            f"{where} must take (model, batch), and it is a torch.nn.Module ({type(fn).__qualname__}), called with "
+            "its own inputs (a loss module takes (prediction, target), a model its input): wrap it in a function, "
+            "e.g. lambda model, batch: criterion(model(batch[0]), batch[1])"
+        )
+    check_call(fn, f"{where} must take (model, batch)", None, None)
 
 
 def _bad_result(fn: Any, out: Any) -> str:
@@ -773,10 +787,6 @@ def _bad_result(fn: Any, out: Any) -> str:
     elif isinstance(out, torch.Tensor):
         message += "; for a loss_fn(model, batch), pass train_step(loss_fn)"
     return message
-
-
-def _fn_name(fn: Any) -> str:
-    return getattr(fn, "__qualname__", None) or type(fn).__qualname__
 
 
 def _taken_by(key: str, taken: Mapping[str, str]) -> str | None:
@@ -1667,7 +1677,8 @@ def train_step(loss_fn: LossFn) -> TrainStep:
     """A training step: forward, backward, optimizer update, scheduler step.
 
     ``loss_fn(model, batch)`` returns a scalar loss tensor, ``(loss, metrics_dict)``, or
-    ``None`` to skip the batch. The step reports ``loss`` and the aux metrics as 0-dim
+    ``None`` to skip the batch; it is a function (a ``torch.nn.Module``, ``nn.MSELoss()``, is refused: wrap it,
+    ``lambda model, batch: criterion(model(batch[0]), batch[1])``). The step reports ``loss`` and the aux metrics as 0-dim
     tensors on the device (it never reads them on the host). The state's RNG drives dropout.
 
     >>> import torch

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from loopkit import _collective
+from loopkit._calls import check_call
 from loopkit.callbacks import Callback
 
 __all__ = ["ThroughputMonitor", "measure_flops"]
@@ -117,6 +118,9 @@ class ThroughputMonitor(Callback):
             raise TypeError(f"ThroughputMonitor: batch_size_fn must be callable, got {type(batch_size_fn).__qualname__}")
         if length_fn is not None and not callable(length_fn):
             raise TypeError(f"ThroughputMonitor: length_fn must be callable or None, got {type(length_fn).__qualname__}")
+        check_call(batch_size_fn, "ThroughputMonitor: batch_size_fn must take (batch)", None)
+        if length_fn is not None:
+            check_call(length_fn, "ThroughputMonitor: length_fn must take (batch)", None)
         if isinstance(window_size, bool) or not isinstance(window_size, numbers.Integral) or window_size < 2:
             raise ValueError(f"ThroughputMonitor: window_size must be an int >= 2 (rates need two points), got {window_size!r}")
         for name, value in (("flops_per_batch", flops_per_batch), ("available_flops", available_flops)):

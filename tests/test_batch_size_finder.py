@@ -190,3 +190,10 @@ def test_empty_data_is_named_and_a_pure_function_step_leaves_the_state_usable():
     state, _ = loopkit.run_epochs(own, _state(), _loader(16)(4), max_steps=2, progress=False)  # extras from a fit
     assert loopkit.scale_batch_size(own, state, _loader(1000)) == 32
     state.check_usable()
+
+
+def test_a_make_data_that_cannot_take_the_batch_size_is_refused_before_any_trial():
+    state = _state()
+    with pytest.raises(TypeError, match=r"^scale_batch_size: make_data must take \(batch_size\); .*<lambda>\(\) cannot"):
+        loopkit.scale_batch_size(loopkit.train_step(lambda m, b: m(b).sum()), state, lambda: _loader(8)(2))
+    state.check_usable()

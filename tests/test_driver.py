@@ -2998,3 +2998,94 @@ def test_evaluate_and_predict_read_their_data_as_a_raw_loop_does():
     metrics = evaluate(eval_step(lambda m, b: {"mean": b.mean()}), state, loader)
     assert metrics["mean"] == pytest.approx(float(torch.stack([b.mean() for b in raw]).mean()), rel=1e-6)
     assert torch.equal(torch.get_rng_state(), raw_after)
+
+
+@pytest.mark.parametrize("fn", [lambda state: (state, {}), lambda s, b, extra: (s, {})], ids=["one", "three"])
+def test_a_step_function_of_the_wrong_signature_is_refused_before_any_step_and_the_state_is_kept(fn):
+    state = make_state()
+    before = [p.clone() for p in params_of(state)]
+    with pytest.raises(TypeError, match=r"^run_epochs: step must take \(state, batch\); .*<lambda>"):
+        run_epochs(fn, state, make_data(2), epochs=1, progress=False)
+    state.check_usable()
+    assert_bitwise(params_of(state), before)
+    with pytest.raises(TypeError, match=r"^run_epochs: val's step must take \(state, batch\)"):
+        run_epochs(train_step(mse), state, make_data(2), epochs=1, progress=False, val=(fn, make_data(1)))
+    state.check_usable()
+    with pytest.raises(TypeError, match=r"^evaluate: eval_step must take \(state, batch\)"):
+        evaluate(fn, state, make_data(1))
+    state.check_usable()
+    assert_bitwise(params_of(state), before)
+
+
+def test_the_model_given_to_predict_as_its_function_is_refused_naming_predict():
+    state = make_state()
+    with pytest.raises(TypeError, match=r"^predict: fn must take \(model, batch\), and it is a torch.nn.Module"):
+        predict(state.model, state, make_data(1))
+    state.check_usable()
+
+
+class _EpochEndOfState:
+    def on_epoch_end(self, state):  # (run_epochs calls on_epoch_end(state, metrics))
+        pass
+
+
+class _ValidationEndOfState(loopkit.Callback):
+    def on_validation_end(self, state):
+        pass
+
+
+class _BatchStartOfThree:
+    def on_batch_start(self, state, batch, index):
+        pass
+
+
+class _NotCallableHook:
+    on_epoch_end = 5
+
+
+class _LoadsNothing:
+    def on_epoch_end(self, state, metrics):
+        pass
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self):
+        pass
+
+
+@pytest.mark.parametrize("callback, match", [
+    (_EpochEndOfState(), r"on_epoch_end must take \(state, metrics\), as run_epochs calls it; .*on_epoch_end\(state\) cannot"),
+    (_ValidationEndOfState(), r"on_validation_end must take \(state, metrics\).*cannot"),
+    (_BatchStartOfThree(), r"on_batch_start must take \(state, batch\).*missing a required argument: 'index'"),
+    (_NotCallableHook(), r"on_epoch_end must take \(state, metrics\), as run_epochs calls it; a int is not callable"),
+    (_LoadsNothing(), r"load_state_dict must take \(sd\)"),
+], ids=["epoch_end", "validation_end", "batch_start", "not-callable", "load_state_dict"])
+def test_a_callback_hook_that_cannot_take_its_call_is_refused_before_any_step(callback, match):
+    steps = []
+
+    def counted(model, batch):
+        steps.append(1)
+        return mse(model, batch)
+
+    state = make_state()
+    with pytest.raises(TypeError, match=rf"^run_epochs: callbacks\[1\] \({type(callback).__qualname__}\): its {match}"):
+        run_epochs(train_step(counted), state, make_data(2), epochs=1, val=(eval_step(lambda m, b: {"mse": mse(m, b)}), make_data(1)),
+                   sanity_val_batches=0, progress=False, callbacks=[loopkit.Callback(), callback])
+    assert steps == []
+    state.check_usable()
+
+
+class _HooksOfEveryKind:
+    def on_batch_end(self, state, *rest):
+        pass
+
+    def on_epoch_end(self, state, metrics=None, **kwargs):
+        pass
+
+    on_fit_end = staticmethod(lambda state, history: None)
+    on_epoch_start = id  # (a builtin)
+
+
+def test_hooks_that_can_take_their_call_run():
+    run_epochs(train_step(mse), make_state(), make_data(2), epochs=1, progress=False, callbacks=[_HooksOfEveryKind()])

@@ -2920,3 +2920,15 @@ def test_gradient_hooks_on_a_members_parameters_run_on_its_gradient_as_in_its_so
                                    raw.model.parameters()):
             torch.testing.assert_close(q, p, **exact, msg=f"member {k} {name}: differs from its solo run")
             torch.testing.assert_close(q, r, **exact, msg=f"member {k} {name}: differs from its hand-written loop")
+
+
+@pytest.mark.parametrize("loss_fn, match", [
+    (lambda batch: batch[0].sum(), r"^ensemble.train_step: loss_fn must take \(model, batch\); .*<lambda>\(batch\) cannot"),
+    (lambda m, x, y: x, r"^ensemble.train_step: loss_fn must take \(model, batch\); .*missing"),
+    (nn.MSELoss(), r"^ensemble.train_step: loss_fn must take \(model, batch\), and it is a torch.nn.Module \(MSELoss\)"),
+], ids=["one-arg", "three-args", "criterion"])
+def test_a_loss_fn_of_the_wrong_signature_is_refused_when_the_step_is_built_as_by_loopkit_train_step(loss_fn, match):
+    with pytest.raises(TypeError, match=match):
+        ensemble.train_step(loss_fn)
+    with pytest.raises(TypeError, match=match.replace("ensemble.train_step", "train_step")):
+        loopkit.train_step(loss_fn)  # (the reference: loopkit.train_step's own check)

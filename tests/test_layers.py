@@ -16,7 +16,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent / "loopkit"
 
 #: each module's layer; a module a new file adds must be placed here (the test says so)
 LAYERS: dict[str, int] = {
-    **dict.fromkeys(["errors", "rng", "_numbers", "_collective", "_sharded", "tree", "plot"], 0),
+    **dict.fromkeys(["errors", "rng", "_numbers", "_collective", "_sharded", "tree", "plot", "_calls"], 0),
     **dict.fromkeys(["state", "_epoch_data", "progress"], 1),
     **dict.fromkeys(["steps", "_window", "_agreement", "checkpoint", "debug", "summary"], 2),
     "transforms": 3,  # (the package and each transform's module)

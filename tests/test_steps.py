@@ -1185,3 +1185,43 @@ def test_a_donated_step_that_raises_after_its_update_points_its_used_up_state_to
         state.check_usable()
     assert "state_at_error(error) of that error is None" not in str(used.value)
     assert "go on from loopkit.state_at_error(error)" in str(used.value)
+
+
+# --- a function used as a step: its signature -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fn", [lambda state: (state, {}), lambda s, b, extra: (s, {})], ids=["one", "three"])
+@pytest.mark.parametrize("build, where", [(as_step, "a step"), (loopkit.donate, "donate: step")], ids=["as_step", "donate"])
+def test_a_function_that_cannot_take_state_and_batch_is_refused_when_it_becomes_a_step(fn, build, where):
+    with pytest.raises(TypeError, match=rf"^{where} must take \(state, batch\); .*<lambda>\(.*\) cannot"):
+        build(fn)
+
+
+class _StepObject:
+    def __call__(self, state, batch):
+        return state, {}
+
+
+def _step_of(scale, state, batch):
+    return state, {}
+
+
+@pytest.mark.parametrize("fn", [
+    lambda state, batch, scale=1.0: (state, {}), lambda *args: (args[0], {}), _StepObject(),
+    __import__("functools").partial(_step_of, 2.0), lambda state, batch, **kwargs: (state, {}),
+], ids=["default", "*args", "callable-instance", "partial", "**kwargs"])
+def test_a_function_that_can_take_state_and_batch_runs_as_the_step(fn):
+    model = nn.Linear(2, 1)
+    state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    assert fn(state, torch.ones(1, 2))[1] == {}  # (the call itself runs)
+    new, metrics = loopkit.donate(fn)(state, torch.ones(1, 2))
+    assert isinstance(new, loopkit.TrainState) and metrics == {}
+
+
+@pytest.mark.parametrize("module", [nn.MSELoss(), nn.Linear(3, 1)], ids=["criterion", "model"])
+@pytest.mark.parametrize("build, where", [(loopkit.train_step, "train_step: loss_fn"), (loopkit.eval_step, "eval_step: metric_fn")],
+                         ids=["train_step", "eval_step"])
+def test_a_module_given_as_the_function_of_model_and_batch_is_refused_with_the_wrapping(module, build, where):
+    with pytest.raises(TypeError, match=rf"^{where} must take \(model, batch\), and it is a torch.nn.Module "
+                                        rf"\({type(module).__qualname__}\).*lambda model, batch: criterion\(model\(batch\[0\]\), batch\[1\]\)"):
+        build(module)

@@ -257,3 +257,13 @@ def test_flops_and_mfu_are_per_device_as_lightnings(monkeypatch, world):
 
 def test_a_rank_other_than_zero_measures_nothing(monkeypatch):
     assert _monitored(monkeypatch, world=2, rank=1) == [None] * 4
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"batch_size_fn": lambda: 4}, r"^ThroughputMonitor: batch_size_fn must take \(batch\); .*<lambda>\(\) cannot"),
+    ({"batch_size_fn": len, "length_fn": lambda b, n: 1}, r"^ThroughputMonitor: length_fn must take \(batch\); .*missing"),
+], ids=["batch_size_fn", "length_fn"])
+def test_a_counting_function_that_cannot_take_the_batch_is_refused_when_the_monitor_is_built(kwargs, match):
+    with pytest.raises(TypeError, match=match):
+        ThroughputMonitor(**kwargs)
+    ThroughputMonitor(len, lambda batch, *rest: 1)  # (one that can: a builtin, *args)

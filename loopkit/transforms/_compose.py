@@ -133,7 +133,7 @@ def require_step(step: Any, transform: str, *, no_eval: str | None = None) -> St
     """
     if not callable(step):
         raise TypeError(f"{transform}: the step must be callable as step(state, batch), got {type(step).__qualname__}")
-    step = as_step(step)
+    step = as_step(step, f"{transform}: the step")
     fn = step.fn if isinstance(step, FnStep) else step
     takes = getattr(fn, "takes", None)  # a step of other states than one TrainState (ensemble.train_step)
     if isinstance(takes, str):

@@ -8,13 +8,13 @@ as Lightning's ``on_before_optimizer_step`` and ``on_after_backward``.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import attrs
 import torch
 
+from loopkit._calls import check_call
 from loopkit._sharded import full, is_dtensor
 from loopkit.state import TrainState, with_held_scheduler
 from loopkit.steps import GradContext, TrainStep, _fn_name, check_metric
@@ -67,14 +67,7 @@ class GradHook:
 def _check_takes_state(fn: Any) -> None:
     if not callable(fn):
         raise TypeError(f"with_grad_hook: fn must be callable as fn(state), got {type(fn).__qualname__}")
-    try:
-        signature = inspect.signature(fn)
-    except (TypeError, ValueError):  # a builtin without a signature: let the call tell
-        return
-    try:
-        signature.bind(None)
-    except TypeError as error:
-        raise TypeError(f"with_grad_hook: fn {_fn_name(fn)} must take one argument, the state: {error}") from None
+    check_call(fn, f"with_grad_hook: fn {_fn_name(fn)} must take one argument, the state", None)
 
 
 def with_grad_hook(step: Any, fn: HookFn) -> TrainStep:

@@ -16,6 +16,7 @@ from typing import Any
 import attrs
 import torch
 
+from loopkit._calls import check_call, takes
 from loopkit._numbers import as_int
 from loopkit._window import EPOCH, LOGGED, Window, guarded, is_epoch_record, leave_updated, left_metrics
 from loopkit.state import TrainState, extras_copy, leave_intact, put_extras, replace_extras, state_at_error
@@ -502,11 +503,21 @@ def _flat_loggers(loggers: tuple[Any, ...]) -> tuple[Any, ...]:
     return tuple(lg for given in loggers for lg in (given if isinstance(given, (list, tuple)) else (given,)))
 
 
+def _check_calls(logger: Any, who: str) -> None:
+    """Refuse a logger whose ``log_metrics`` cannot take ``(metrics, step)``, or whose ``finalize`` can take
+    neither ``(status)`` nor ``()`` (:func:`_finalize`): the calls with_logging makes, which would fail at the
+    first log point or at the fit's end."""
+    check_call(logger.log_metrics, f"{who}: its log_metrics must take (metrics, step), as with_logging calls it", {}, 0)
+    if not takes(logger.finalize):
+        check_call(logger.finalize, f"{who}: its finalize must take (status) or (), as with_logging calls it", "success")
+
+
 def with_logging(step: Any, *loggers: Any, every_n_steps: int = 50) -> LoggingStep:
     """Log the means of the step's metrics over each ``every_n_steps`` optimizer updates.
 
     The loggers go as separate arguments, ``with_logging(step, tb, csv)``, or as a list, ``with_logging(step, [tb,
-    csv])`` (as Lightning's ``Trainer(logger=[tb, csv])`` takes them).
+    csv])`` (as Lightning's ``Trainer(logger=[tb, csv])`` takes them). A logger whose ``log_metrics`` cannot take
+    ``(metrics, step)``, or whose ``finalize`` takes neither ``(status)`` nor ``()``, is refused here.
 
     Each call's metric tensors are kept in ``state.extras`` (``logging/pending``; every 32
     calls summed on the device into ``logging/window``), so the step stays pure and a
@@ -572,6 +583,7 @@ def with_logging(step: Any, *loggers: Any, every_n_steps: int = 50) -> LoggingSt
                     f"with_logging: logger {i} ({type(logger).__qualname__}) has no {method}() method; "
                     "pass loggers such as loopkit.TensorBoardLogger() or loopkit.CSVLogger()"
                 )
+        _check_calls(logger, f"with_logging: logger {i} ({type(logger).__qualname__})")
         # one run folder per root/name: this logger follows an earlier one, or one whose folder is
         # not claimed yet follows this one (when this one's log_dir was read first)
         any(_shares(logger, earlier) or _shares(earlier, logger) for earlier in loggers[:i])

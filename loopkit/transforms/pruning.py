@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize, prune
 
+from loopkit._calls import check_call
 from loopkit._numbers import as_int, as_real
 from loopkit.rng import RNGScope
 from loopkit.state import TrainState, core_module, leave_intact, plain_names, replace, replace_extras
@@ -610,6 +611,8 @@ def with_pruning(
     amount = _checked_amount(amount)
     method = _checked_method(pruning_fn, use_global_unstructured, pruning_dim, pruning_norm)
     if callable(schedule):
+        check_call(schedule, "with_pruning: schedule must take (step)", 0, hint="; it is called as "
+                   "schedule(state.step) and returns the fraction of amount pruned by then")
         fraction = schedule
     elif isinstance(schedule, (Sequence, np.ndarray)) and not isinstance(schedule, str) and len(schedule):
         points = [as_int(p) for p in schedule]  # (np.arange's counts too)

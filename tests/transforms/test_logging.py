@@ -1565,3 +1565,39 @@ def test_a_state_trained_on_with_fewer_loggers_goes_on_in_each_loggers_own_folde
             tmp_path / "whole" / "r" / "version_0", tag)
         assert got and [s for s, _ in got] == [s for s, _ in want]
         assert_series(got, want, rel=1e-6)
+
+
+class _MetricsOnly(Logger):
+    def log_metrics(self, metrics):  # (with_logging calls log_metrics(metrics, step))
+        pass
+
+
+class _FinalizesTwice(MemoryLogger):
+    def finalize(self, status, reason):
+        pass
+
+
+@pytest.mark.parametrize("logger, match", [
+    (_MetricsOnly(), r"its log_metrics must take \(metrics, step\), as with_logging calls it; .*log_metrics\(metrics\) cannot"),
+    (_FinalizesTwice(), r"its finalize must take \(status\) or \(\), as with_logging calls it; .*missing a required argument"),
+], ids=["log_metrics", "finalize"])
+def test_a_logger_whose_methods_cannot_take_with_loggings_calls_is_refused_when_the_step_is_built(logger, match):
+    with pytest.raises(TypeError, match=rf"^with_logging: logger 1 \({type(logger).__qualname__}\): {match}"):
+        with_logging(train_step(lambda m, b: m(b).sum()), MemoryLogger(), logger)
+
+
+class _OwnFinalize(MemoryLogger):
+    def log_metrics(self, metrics, step, *rest):
+        super().log_metrics(metrics, step)
+
+    def finalize(self):  # (a logger of one's own may take no status)
+        self.finalized += 1
+
+
+def test_a_logger_whose_methods_take_with_loggings_calls_logs():
+    logger = _OwnFinalize()
+    model = torch.nn.Linear(2, 1)
+    state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    run_epochs(with_logging(train_step(lambda m, b: m(b).pow(2).mean()), logger, every_n_steps=1), state,
+               [torch.ones(2, 2)] * 2, epochs=1, progress=False)
+    assert [step for step, _ in logger.logged][:2] == [1, 2] and logger.finalized == 1

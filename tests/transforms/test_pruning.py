@@ -927,3 +927,10 @@ def test_options_that_do_not_fit_a_pruned_state_are_refused_before_the_next_prun
                                 pruning_dim=3, pruning_norm=2, use_global_unstructured=False)
     assert_refused_before_the_update(step, state, data, r"pruning_dim=3, which parameter '0\.weight' of shape \(16, 4\) "
                                      "lacks", "", take_snapshot, assert_trees_equal)
+
+
+@pytest.mark.parametrize("schedule", [lambda: 1.0, lambda step, total: 1.0], ids=["none", "two"])
+def test_a_schedule_function_that_cannot_take_the_step_is_refused_when_the_step_is_built(schedule):
+    with pytest.raises(TypeError, match=r"^with_pruning: schedule must take \(step\); .*<lambda>\(.*\) cannot"):
+        loopkit.with_pruning(loopkit.train_step(lambda m, b: m(b).sum()), AMOUNT, schedule)
+    loopkit.with_pruning(loopkit.train_step(lambda m, b: m(b).sum()), AMOUNT, lambda step, total=10: 1.0)
