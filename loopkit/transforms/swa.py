@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import SWALR, update_bn
 
+from loopkit._calls import check_call
 from loopkit._numbers import as_int, as_real
 from loopkit.rng import RNGScope, cuda_index, global_rng_state
 from loopkit.state import (
@@ -393,26 +394,14 @@ def with_swa(
 
 def _check_avg_fn(avg_fn: Any) -> None:
     """Refuse an ``avg_fn`` that cannot be called as ``avg_fn(averaged, param, n_averaged)`` (its signature, where
-    Python can read one), before the first SWA epoch's call would raise it.
+    Python can read one: :func:`loopkit._calls.check_call`), before the first SWA epoch's call would raise it.
 
     >>> _check_avg_fn(lambda avg, w: avg)
     Traceback (most recent call last):
     ...
-    TypeError: with_swa: avg_fn (<lambda>(avg, w)) must take three arguments, avg_fn(averaged, param, n_averaged): too many positional arguments
+    TypeError: with_swa: avg_fn must be callable as avg_fn(averaged, param, n_averaged); <lambda>(avg, w) cannot: too many positional arguments
     """
-    if not callable(avg_fn):
-        raise TypeError(f"with_swa: avg_fn must be callable as avg_fn(averaged, param, n_averaged), "
-                        f"got {type(avg_fn).__qualname__}")
-    try:
-        signature = inspect.signature(avg_fn)
-    except (TypeError, ValueError):  # (a builtin without a signature: the call tells)
-        return
-    try:
-        signature.bind(None, None, None)
-    except TypeError as error:
-        name = getattr(avg_fn, "__qualname__", None) or type(avg_fn).__qualname__
-        raise TypeError(f"with_swa: avg_fn ({name}{signature}) must take three arguments, "
-                        f"avg_fn(averaged, param, n_averaged): {error}") from None
+    check_call(avg_fn, "with_swa: avg_fn must be callable as avg_fn(averaged, param, n_averaged)", None, None, None)
 
 
 def _order(scheduler: str) -> str:
