@@ -798,17 +798,18 @@ def _read_together_under_fsdp(
     with a batch more would wait for the others forever. Data counted by its length (:func:`_counted_by_len`) of as
     many batches on no two ranks is refused on every rank first, naming the counts (and ``limit_name``, the option
     that takes fewer); data not counted by its length (an ``IterableDataset``'s loader, whose ``len()`` is an
-    estimate, or data without one) is read while every rank has a batch, whatever its ``len()`` says. A collective
-    every rank calls, under a process group with a sharded model only (False without one: no work at all).
+    estimate, or data without one) is read while every rank has a batch, whatever its ``len()`` says, on every rank
+    where one rank's is (the votes are collectives: a rank whose data has a length votes too). A collective every
+    rank calls, under a process group with a sharded model only (False without one: no work at all).
     ``run_epochs`` checks its validation sets' counts at the fit's start (:func:`_val_counts_under_fsdp`), before
     the model is sharded; a set a factory makes is checked here."""
     if not _collective.active() or not fsdp_modules(list(core_module(state.model).modules())):
         return False
-    counted = _count_under_fsdp(data, count)
-    counts = _collective.gather(counted, who=where, what="the gather of every rank's number of batches")
+    counts = _collective.gather(_count_under_fsdp(data, count), who=where,
+                                what="the gather of every rank's number of batches")
     if None not in counts and len(set(counts)) > 1:  # type: ignore[operator, arg-type]
         raise ValueError(_uneven_under_fsdp(where, counts, limit_name))
-    return counted is None
+    return None in counts
 
 
 def _read_together(batches: Iterable[Any] | None, who: str) -> Iterator[Any]:
@@ -1392,7 +1393,7 @@ def _on_every_rank() -> str:
 _UNEVEN_VAL = (  # (run_epochs' refusal of validation sets of other counts under with_fsdp)
     ", of as many batches under with_fsdp, whose every forward gathers the parameters from every rank: shard it with "
     "loopkit.distributed.shard(..., pad=True), as Lightning's sampler pads, or pass limit_val_batches= no larger than "
-    "the fewest")
+    "the fewest; None: a stream there, which every rank's data must be then")
 
 
 def _val_counts_under_fsdp(val_sets: _ValSets, limit: int | float | None) -> dict[str, int | None]:

@@ -594,6 +594,11 @@ def stream_val(rank: int, out_dir: str) -> dict[str, Any]:
     for kind, loader in loaders.items():
         caught(f"evaluate_{kind}", lambda: loopkit.evaluate(evaluator, state, loader()))
         caught(f"predict_{kind}", lambda: loopkit.predict(lambda m, b: m(b[:, :D_IN]), state, loader()))
+    # 2 batches on each rank, a list on rank 0 and a stream on rank 1: rank 0 votes too (the votes crossed its
+    # forwards' all-gathers, both ranks waiting until the timeout)
+    mixed = lambda: [val[i, rank] for i in range(2)] if rank == 0 else _Stream([val[i, rank] for i in range(2)])  # noqa: E731
+    caught("evaluate_mixed", lambda: loopkit.evaluate(evaluator, state, mixed()))
+    caught("predict_mixed", lambda: loopkit.predict(lambda m, b: m(b[:, :D_IN]), state, mixed()))
     fit_step = loopkit.with_fsdp(loopkit.train_step(mse), shard=SHARD)
     caught("fit", lambda: _fit(fit_step, make_state("sgd"), data, rank, 1,
                                val=(evaluator, loaders["sized"]()))[1])

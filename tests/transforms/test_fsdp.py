@@ -143,7 +143,8 @@ def test_streamed_validation_data_ends_on_every_rank_with_the_shortest_shard(tmp
     """Data that streams 3 batches on rank 0 and 2 on rank 1, with a ``len()`` of 3 (torch's estimate) or without
     one: ``evaluate``, ``predict`` and a fit's validations end after 2 batches on both ranks (a vote before each
     batch), rank 0's third dropped with a warning. They hung (rank 0's third forward waited in its all-gather):
-    a collective timeout of 5 s makes a hang a failure in seconds."""
+    a collective timeout of 5 s makes a hang a failure in seconds. A list on rank 0 and a stream on rank 1, of 2
+    batches each: every rank votes (rank 1's votes crossed rank 0's all-gathers, both waiting until the timeout)."""
     from tests._ddp_script import load, torchrun
 
     done = torchrun(str(tmp_path), ["stream_val"], timeout=90, script=os.path.abspath(fsdp.__file__),
@@ -164,6 +165,9 @@ def test_streamed_validation_data_ends_on_every_rank_with_the_shortest_shard(tmp
                 warned = [w for w in result[f"{where}_{kind}_warnings"] if dropped in w]
                 assert len(warned) == (1 - r), (r, kind, where, result[f"{where}_{kind}_warnings"])
                 assert all(w.startswith(f"{where}: ") and "with_fsdp" in w for w in warned)
+        # a list on rank 0 and a stream on rank 1, 2 batches each: rank 0 votes too (the collectives crossed)
+        assert result["evaluate_mixed"]["mse"] == pytest.approx(_val_mse(model, val), abs=1e-6)
+        assert len(result["predict_mixed"]) == 2 and not result["evaluate_mixed_warnings"]
         assert result["fit"][0]["val/mse"] == pytest.approx(_val_mse(model, val), abs=1e-6)
         warned = [w for w in result["fit_warnings"] if dropped in w]  # (the sanity check reads 2 batches: no warning)
         assert len(warned) == 1 - r and all(w.startswith("run_epochs' validation: ") for w in warned)
