@@ -611,16 +611,18 @@ class RunDirLogger(Logger):
         if epoch is not None:  # (the records this logger writes next are of that epoch, until its record)
             self._epoch_now = epoch
 
-    def continues_from(self, log_dir: str) -> None:
-        """A fit goes on from a state whose rows this logger's place logged to ``log_dir`` (:func:`loopkit.with_logging`
-        records it in the state, and calls this as a fit from a state that is not fresh begins, before
-        :meth:`resume_at`). When this logger (``version=None``) last fitted in another folder (another run's, logged
-        since: model B trained with the same step after model A, and A continued), rewinding that folder to the
-        state's step would drop the other run's records: it leaves that folder as it is for the next free
-        ``version_N`` instead (once for the loggers sharing its folder), with a warning naming both. Nothing for a
-        fixed ``version`` (the folder named), nor when it goes on in ``log_dir`` (a retry, a crashed run resumed), nor
-        for a ``log_dir`` outside this logger's ``root/name`` (another logger's, recorded at that place in an earlier
-        ``with_logging`` list of loggers).
+    def continues_from(self, log_dir: str | None) -> None:
+        """A fit goes on from a state whose rows this logger logged to ``log_dir`` (:func:`loopkit.with_logging`
+        records it in the state, by the logger's class and ``root/name``, and calls this as a fit from a state that
+        is not fresh begins, before :meth:`resume_at`), or to none of its folders (``log_dir`` None: the state was
+        trained without this logger, through another list of loggers). When this logger (``version=None``) last
+        fitted in another folder (another run's, logged since: model B trained with the same step after model A, and
+        A continued, also with a logger added to or taken from the list), rewinding that folder to the state's step
+        would drop the other run's records: it leaves that folder as it is for the next free ``version_N`` instead
+        (once for the loggers sharing its folder), with a warning naming both. Nothing for a fixed ``version`` (the
+        folder named), nor when it goes on in ``log_dir`` (a retry, a crashed run resumed), nor for a ``log_dir``
+        outside this logger's ``root/name`` (another logger's, recorded by an older loopkit at that logger's place
+        in the list of loggers).
 
         >>> import tempfile
         >>> tmp = tempfile.TemporaryDirectory()
@@ -633,17 +635,21 @@ class RunDirLogger(Logger):
         earlier = self._fit_dir
         if self._version is not None or earlier is None:
             return
-        earlier_at, recorded = (os.path.normpath(os.path.abspath(folder)) for folder in (earlier, log_dir))
-        if earlier_at == recorded or os.path.dirname(earlier_at) != os.path.dirname(recorded):
-            return  # (the same run; or a folder of another logger's ``root/name``: not this one's to compare)
+        earlier_at = os.path.normpath(os.path.abspath(earlier))
+        if log_dir is not None:
+            recorded = os.path.normpath(os.path.abspath(log_dir))
+            if earlier_at == recorded or os.path.dirname(earlier_at) != os.path.dirname(recorded):
+                return  # (the same run; or a folder of another logger's ``root/name``: not this one's to compare)
         owner = self._leader or self
         self._forget_folder()
         if owner._dir == earlier:  # (a logger sharing it moved them both already)
             owner._dir = None
             claimed = owner.log_dir
+            logged = "rows were logged to none of this logger's folders" if log_dir is None else (
+                f"rows were logged to {log_dir}")
             warnings.warn(
-                f"{type(self).__name__}: this fit goes on from a state whose rows were logged to {log_dir}, but the "
-                f"logger last wrote another run's records to {earlier}, which are kept: this run writes to {claimed}",
+                f"{type(self).__name__}: this fit goes on from a state whose {logged}, but the logger last wrote "
+                f"another run's records to {earlier}, which are kept: this run writes to {claimed}",
                 UserWarning,
                 stacklevel=2,
             )
