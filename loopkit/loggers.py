@@ -894,6 +894,21 @@ class _Position(NamedTuple):
         return _AGAIN
 
 
+def _file_record(metrics: dict[str, float], step: int) -> dict[str, Any]:
+    """The record a file logger writes (a CSV row, a JSONL line): ``step``, then the metrics, ``epoch`` (a count:
+    with_logging's, Lightning's ``current_epoch``) as an int when it is a whole number, as Lightning's CSV has it
+    (:meth:`Logger.log_metrics` takes every metric as a float).
+
+    >>> _file_record({"epoch": 2.0, "train/loss": 0.5}, 7), _file_record({"epoch": 0.5}, 1)
+    ({'step': 7, 'epoch': 2, 'train/loss': 0.5}, {'step': 1, 'epoch': 0.5})
+    """
+    record: dict[str, Any] = {"step": step, **metrics}
+    epoch = record.get("epoch")
+    if isinstance(epoch, float) and epoch.is_integer():
+        record["epoch"] = int(epoch)
+    return record
+
+
 def _epoch_value(value: Any) -> int | None:
     """An epoch record's ``epoch`` (a number, or its text in a CSV cell) as an int; None when it is not a count."""
     try:
@@ -1589,7 +1604,7 @@ class CSVLogger(RunDirLogger):
             self._check_file()
         self._make_room(metrics, step)
         columns = self._load()
-        row = {"step": step, **metrics}
+        row = _file_record(metrics, step)
         new = [k for k in metrics if k not in columns]
         if new:
             columns.extend(new)
@@ -1689,7 +1704,7 @@ class JSONLLogger(RunDirLogger):
         self._make_room(metrics, step)
         path = self._path(self.filename)
         with open(path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
+            f.write(json.dumps(_file_record(metrics, step)) + "\n")
         self._wrote(path)
 
 

@@ -1593,3 +1593,30 @@ def test_version_strings_lightning_takes_name_folders_inside_root_name(tmp_path,
     """Lightning's idioms: version="" logs into root/name itself, a nested version into that folder."""
     logger = loopkit.CSVLogger(tmp_path, "run", version=version)
     assert os.path.normpath(logger.log_dir) == os.path.normpath(os.path.join(str(tmp_path), "run", folder))
+
+
+@pytest.mark.parametrize("make", [CSVLogger, JSONLLogger])
+def test_the_file_loggers_write_the_epoch_as_an_int(tmp_path, make):
+    """``epoch`` (with_logging's count, Lightning's ``current_epoch``) came out as ``0.0`` (every metric is taken as a
+    float); Lightning's CSV writes ``0``. Now a whole epoch is written as an int, in the CSV and in the JSONL, and
+    a resumed logger still tells the records' epochs apart (the record of epoch 1 dropped, epoch 0's kept).
+    Reference: the text Lightning's CSV writes, and the JSON of the ints."""
+    logger = make(tmp_path, "r", version=0)
+    _log_all(logger, [(2, {"epoch": 0.0, "train/loss": 0.5}), (2, {"epoch": np.float32(0), "train/loss_epoch": 0.5}),
+                      (4, {"epoch": 1, "train/loss": 0.25}), (5, {"epoch": 1.5})])
+    logger.finalize()
+    path = os.path.join(logger.log_dir, make.filename)
+    if make is CSVLogger:
+        with open(path, newline="") as f:
+            assert [r["epoch"] for r in csv.DictReader(f)] == ["0", "0", "1", "1.5"]
+    else:
+        with open(path) as f:
+            epochs = [json.loads(line)["epoch"] for line in f]
+        assert epochs == [0, 0, 1, 1.5] and [type(e) for e in epochs] == [int, int, int, float]
+    resumed = make(tmp_path, "r", version=0)
+    resumed.resume_at(2, 1, 0)
+    resumed.log_metrics({"epoch": 1.0, "train/loss": 0.125}, 3)
+    resumed.finalize()
+    with open(path) as f:
+        text = f.read()
+    assert "0.25" not in text and "1.5" not in text and text.count("0.5") == 2 and "0.125" in text

@@ -1331,7 +1331,8 @@ def test_every_row_holds_the_epoch_of_its_step_as_lightnings_in_every_file_logge
     """Lightning's logger connector adds ``epoch`` (its current_epoch) to every row; so does with_logging: train
     windows, validations (mid-epoch, and at an epoch's end, where state.epoch is already the next one), the learning
     rate rows and the epoch records, in the CSV, the JSONL lines and TensorBoard's ``epoch`` series. Reference: by
-    hand, 5 updates an epoch, a row at step s is of epoch (s - 1) // 5 (epoch 2 is cut at 13 by max_steps)."""
+    hand, 5 updates an epoch, a row at step s is of epoch (s - 1) // 5 (epoch 2 is cut at 13 by max_steps), written
+    as an int in the CSV and the JSONL."""
     tb, csv_logger, jsonl = TensorBoardLogger(tmp_path), CSVLogger(tmp_path), JSONLLogger(tmp_path)
     step = with_logging(train_step(loss_with_mae), tb, csv_logger, jsonl, every_n_steps=2)
     run_epochs(step, make_sgd_state(make_mlp()), make_batches(5), epochs=3, max_steps=13,
@@ -1343,7 +1344,7 @@ def test_every_row_holds_the_epoch_of_its_step_as_lightnings_in_every_file_logge
     assert [s for s, row in zip(steps, rows) if row["val/mse"]] == [3, 5, 6, 9, 10, 12]  # (at 5, 10: epochs' ends)
     assert [s for s, row in zip(steps, rows) if row["train/loss"]] == [2, 4, 6, 8, 10, 12]  # (10: epoch 1's last)
     assert [s for s, row in zip(steps, rows) if row["train/loss_epoch"]] == [5, 10, 13]  # (13: the cut's record)
-    assert [row["epoch"] for row in rows] == [f"{(s - 1) // 5}.0" for s in steps]
+    assert [row["epoch"] for row in rows] == [f"{(s - 1) // 5}" for s in steps]  # (an int, as Lightning's CSV)
     lines = [json.loads(line) for line in open(os.path.join(jsonl.log_dir, "metrics.jsonl"))]
     assert [(line["step"], line["epoch"]) for line in lines] == [(s, (s - 1) // 5) for s in steps]
     assert scalars(tb.log_dir, "epoch") == [(s, float((s - 1) // 5)) for s in steps]
