@@ -272,7 +272,8 @@ class Logger:
         and flattened with ``/`` where the values must be flat (``opt/lr``: TensorBoard, MLflow), as Lightning's
         ``_flatten_dict`` does; values other than numbers, strings, None and lists of them are written as text: a
         class or function as its ``__qualname__`` (``"ReLU"``; Lightning's WandbLogger writes ``__name__``), never a
-        repr with a memory address, which would differ in every run.
+        repr with a memory address, which would differ in every run. Only rank 0 writes them; under torchrun before
+        ``loopkit.distributed.init()`` (a call at the top of the script) the other ranks keep them, unwarned.
 
         >>> logger = ConsoleLogger()
         >>> logger.log_hparams({"lr": 0.1, "model": {"hidden": 8}}); logger.log_hparams({"batch_size": 32})
@@ -285,7 +286,7 @@ class Logger:
         plain = _plain_hparams(hparams, who)
         final = None if metrics is None else _check_metrics(metrics, 0, who)
         before, self._hparams = self._hparams, {**(self._hparams or {}), **plain}
-        if is_rank_zero():
+        if is_rank_zero(quiet=True):  # (unwarned: called at the top of a torchrun script, before init(), by design)
             try:
                 self._write_hparams(self._hparams, final)
             except BaseException:  # a refused call (MLflow's changed param) records nothing: later calls go on

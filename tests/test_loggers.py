@@ -898,6 +898,25 @@ def test_a_process_torchrun_says_is_rank_1_writes_no_log_or_checkpoint_before_th
     assert os.listdir(tmp_path) == ["default"]
 
 
+def test_log_hparams_before_init_on_a_rank_that_does_not_write_is_unwarned(tmp_path, monkeypatch):
+    """The README's ``logger.log_hparams(cfg)`` at the top of a torchrun script, before ``distributed.init()``:
+    rank 1 warned that it writes nothing without a group (meant for independent processes under torchrun), for a
+    call made there by design. Now it is quiet and writes nothing; a record logged there without a group still
+    warns."""
+    for name, value in {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": "29555"}.items():
+        monkeypatch.setenv(name, value)
+    loggers = [CSVLogger(tmp_path), TensorBoardLogger(tmp_path, "tb"), JSONLLogger(tmp_path, "j", version=0),
+               ConsoleLogger()]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for logger in loggers:
+            logger.log_hparams({"lr": 0.1}, {"best/loss": 1.0})
+    assert not caught and os.listdir(tmp_path) == [] and loggers[0].hparams == {"lr": 0.1}
+    with pytest.warns(RuntimeWarning, match="rank 1 of 2 by its environment"):
+        loggers[0].log_metrics({"loss": 1.0}, step=1)
+
+
 @pytest.mark.parametrize("world_size", [None, "1"])
 def test_a_rank_left_in_the_environment_of_a_single_process_does_not_stop_its_writes(tmp_path, monkeypatch, world_size):
     """A RANK leaked into one process (a notebook started from a job's shell): no WORLD_SIZE above 1, so it is
