@@ -38,7 +38,7 @@ def active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def is_rank_zero() -> bool:
+def is_rank_zero(*, quiet: bool = False) -> bool:
     """Whether this process is rank 0, the one that writes logs and checkpoints: in an initialised
     ``torch.distributed`` process group, the group's rank; without one, torchrun's ``RANK`` when the
     environment sets it (an int) with a ``WORLD_SIZE`` above 1, else True (a single process).
@@ -49,7 +49,9 @@ def is_rank_zero() -> bool:
     rank; Lightning's ``rank_zero_only.rank`` reads the environment alike (at import: ``RANK``, then
     ``LOCAL_RANK``, ``SLURM_PROCID``, ``JSM_NAMESPACE_RANK``; only torchrun's ``RANK`` is read here,
     the variable ``loopkit.distributed.init()`` forms its group from). Read at each call, so it holds
-    after ``loopkit.distributed.shutdown()`` too.
+    after ``loopkit.distributed.shutdown()`` too. A process the environment says is not rank 0, without a group,
+    is warned that it writes nothing, unless ``quiet``: a call made there before ``init()`` by design
+    (``logger.log_hparams(cfg)`` at the top of the script, as the README has it).
 
     >>> is_rank_zero()
     True
@@ -60,6 +62,8 @@ def is_rank_zero() -> bool:
     rank = _environment_rank()
     if rank in (None, 0):
         return True
+    if quiet:
+        return False
     warnings.warn(  # (stacklevel 1: one place, so Python's default filter shows it once a process)
         f"loopkit: this process is rank {rank} of {os.environ.get('WORLD_SIZE')} by its environment (torchrun's RANK and "
         "WORLD_SIZE), and no process group exists (before loopkit.distributed.init(), or after shutdown()): rank 0 "

@@ -272,7 +272,8 @@ class Logger:
         and flattened with ``/`` where the values must be flat (``opt/lr``: TensorBoard, MLflow), as Lightning's
         ``_flatten_dict`` does; values other than numbers, strings, None and lists of them are written as text: a
         class or function as its ``__qualname__`` (``"ReLU"``; Lightning's WandbLogger writes ``__name__``), never a
-        repr with a memory address, which would differ in every run.
+        repr with a memory address, which would differ in every run. Only rank 0 writes them; under torchrun before
+        ``loopkit.distributed.init()`` (a call at the top of the script) the other ranks keep them, unwarned.
 
         >>> logger = ConsoleLogger()
         >>> logger.log_hparams({"lr": 0.1, "model": {"hidden": 8}}); logger.log_hparams({"batch_size": 32})
@@ -285,7 +286,7 @@ class Logger:
         plain = _plain_hparams(hparams, who)
         final = None if metrics is None else _check_metrics(metrics, 0, who)
         before, self._hparams = self._hparams, {**(self._hparams or {}), **plain}
-        if is_rank_zero():
+        if is_rank_zero(quiet=True):  # (unwarned: called at the top of a torchrun script, before init(), by design)
             try:
                 self._write_hparams(self._hparams, final)
             except BaseException:  # a refused call (MLflow's changed param) records nothing: later calls go on
@@ -627,16 +628,18 @@ class RunDirLogger(Logger):
         if epoch is not None:  # (the records this logger writes next are of that epoch, until its record)
             self._epoch_now = epoch
 
-    def continues_from(self, log_dir: str) -> None:
-        """A fit goes on from a state whose rows this logger's place logged to ``log_dir`` (:func:`loopkit.with_logging`
-        records it in the state, and calls this as a fit from a state that is not fresh begins, before
-        :meth:`resume_at`). When this logger (``version=None``) last fitted in another folder (another run's, logged
-        since: model B trained with the same step after model A, and A continued), rewinding that folder to the
-        state's step would drop the other run's records: it leaves that folder as it is for the next free
-        ``version_N`` instead (once for the loggers sharing its folder), with a warning naming both. Nothing for a
-        fixed ``version`` (the folder named), nor when it goes on in ``log_dir`` (a retry, a crashed run resumed), nor
-        for a ``log_dir`` outside this logger's ``root/name`` (another logger's, recorded at that place in an earlier
-        ``with_logging`` list of loggers).
+    def continues_from(self, log_dir: str | None) -> None:
+        """A fit goes on from a state whose rows this logger logged to ``log_dir`` (:func:`loopkit.with_logging`
+        records it in the state, by the logger's class and ``root/name``, and calls this as a fit from a state that
+        is not fresh begins, before :meth:`resume_at`), or to none of its folders (``log_dir`` None: the state was
+        trained without this logger, through another list of loggers). When this logger (``version=None``) last
+        fitted in another folder (another run's, logged since: model B trained with the same step after model A, and
+        A continued, also with a logger added to or taken from the list), rewinding that folder to the state's step
+        would drop the other run's records: it leaves that folder as it is for the next free ``version_N`` instead
+        (once for the loggers sharing its folder), with a warning naming both. Nothing for a fixed ``version`` (the
+        folder named), nor when it goes on in ``log_dir`` (a retry, a crashed run resumed), nor for a ``log_dir``
+        outside this logger's ``root/name`` (another logger's, recorded by an older loopkit at that logger's place
+        in the list of loggers).
 
         >>> import tempfile
         >>> tmp = tempfile.TemporaryDirectory()
@@ -649,17 +652,21 @@ class RunDirLogger(Logger):
         earlier = self._fit_dir
         if self._version is not None or earlier is None:
             return
-        earlier_at, recorded = (os.path.normpath(os.path.abspath(folder)) for folder in (earlier, log_dir))
-        if earlier_at == recorded or os.path.dirname(earlier_at) != os.path.dirname(recorded):
-            return  # (the same run; or a folder of another logger's ``root/name``: not this one's to compare)
+        earlier_at = os.path.normpath(os.path.abspath(earlier))
+        if log_dir is not None:
+            recorded = os.path.normpath(os.path.abspath(log_dir))
+            if earlier_at == recorded or os.path.dirname(earlier_at) != os.path.dirname(recorded):
+                return  # (the same run; or a folder of another logger's ``root/name``: not this one's to compare)
         owner = self._leader or self
         self._forget_folder()
         if owner._dir == earlier:  # (a logger sharing it moved them both already)
             owner._dir = None
             claimed = owner.log_dir
+            logged = "rows were logged to none of this logger's folders" if log_dir is None else (
+                f"rows were logged to {log_dir}")
             warnings.warn(
-                f"{type(self).__name__}: this fit goes on from a state whose rows were logged to {log_dir}, but the "
-                f"logger last wrote another run's records to {earlier}, which are kept: this run writes to {claimed}",
+                f"{type(self).__name__}: this fit goes on from a state whose {logged}, but the logger last wrote "
+                f"another run's records to {earlier}, which are kept: this run writes to {claimed}",
                 UserWarning,
                 stacklevel=2,
             )
@@ -902,6 +909,21 @@ class _Position(NamedTuple):
         if epoch > self.epoch or self.batch_index == 0 or (epoch_record and self.finishes_epoch):
             return _AFTER
         return _AGAIN
+
+
+def _file_record(metrics: dict[str, float], step: int) -> dict[str, Any]:
+    """The record a file logger writes (a CSV row, a JSONL line): ``step``, then the metrics, ``epoch`` (a count:
+    with_logging's, Lightning's ``current_epoch``) as an int when it is a whole number, as Lightning's CSV has it
+    (:meth:`Logger.log_metrics` takes every metric as a float).
+
+    >>> _file_record({"epoch": 2.0, "train/loss": 0.5}, 7), _file_record({"epoch": 0.5}, 1)
+    ({'step': 7, 'epoch': 2, 'train/loss': 0.5}, {'step': 1, 'epoch': 0.5})
+    """
+    record: dict[str, Any] = {"step": step, **metrics}
+    epoch = record.get("epoch")
+    if isinstance(epoch, float) and epoch.is_integer():
+        record["epoch"] = int(epoch)
+    return record
 
 
 def _epoch_value(value: Any) -> int | None:
@@ -1599,7 +1621,7 @@ class CSVLogger(RunDirLogger):
             self._check_file()
         self._make_room(metrics, step)
         columns = self._load()
-        row = {"step": step, **metrics}
+        row = _file_record(metrics, step)
         new = [k for k in metrics if k not in columns]
         if new:
             columns.extend(new)
@@ -1699,7 +1721,7 @@ class JSONLLogger(RunDirLogger):
         self._make_room(metrics, step)
         path = self._path(self.filename)
         with open(path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
+            f.write(json.dumps(_file_record(metrics, step)) + "\n")
         self._wrote(path)
 
 

@@ -898,6 +898,25 @@ def test_a_process_torchrun_says_is_rank_1_writes_no_log_or_checkpoint_before_th
     assert os.listdir(tmp_path) == ["default"]
 
 
+def test_log_hparams_before_init_on_a_rank_that_does_not_write_is_unwarned(tmp_path, monkeypatch):
+    """The README's ``logger.log_hparams(cfg)`` at the top of a torchrun script, before ``distributed.init()``:
+    rank 1 warned that it writes nothing without a group (meant for independent processes under torchrun), for a
+    call made there by design. Now it is quiet and writes nothing; a record logged there without a group still
+    warns."""
+    for name, value in {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": "29555"}.items():
+        monkeypatch.setenv(name, value)
+    loggers = [CSVLogger(tmp_path), TensorBoardLogger(tmp_path, "tb"), JSONLLogger(tmp_path, "j", version=0),
+               ConsoleLogger()]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for logger in loggers:
+            logger.log_hparams({"lr": 0.1}, {"best/loss": 1.0})
+    assert not caught and os.listdir(tmp_path) == [] and loggers[0].hparams == {"lr": 0.1}
+    with pytest.warns(RuntimeWarning, match="rank 1 of 2 by its environment"):
+        loggers[0].log_metrics({"loss": 1.0}, step=1)
+
+
 @pytest.mark.parametrize("world_size", [None, "1"])
 def test_a_rank_left_in_the_environment_of_a_single_process_does_not_stop_its_writes(tmp_path, monkeypatch, world_size):
     """A RANK leaked into one process (a notebook started from a job's shell): no WORLD_SIZE above 1, so it is
@@ -1613,3 +1632,30 @@ def test_version_strings_lightning_takes_name_folders_inside_root_name(tmp_path,
     """Lightning's idioms: version="" logs into root/name itself, a nested version into that folder."""
     logger = loopkit.CSVLogger(tmp_path, "run", version=version)
     assert os.path.normpath(logger.log_dir) == os.path.normpath(os.path.join(str(tmp_path), "run", folder))
+
+
+@pytest.mark.parametrize("make", [CSVLogger, JSONLLogger])
+def test_the_file_loggers_write_the_epoch_as_an_int(tmp_path, make):
+    """``epoch`` (with_logging's count, Lightning's ``current_epoch``) came out as ``0.0`` (every metric is taken as a
+    float); Lightning's CSV writes ``0``. Now a whole epoch is written as an int, in the CSV and in the JSONL, and
+    a resumed logger still tells the records' epochs apart (the record of epoch 1 dropped, epoch 0's kept).
+    Reference: the text Lightning's CSV writes, and the JSON of the ints."""
+    logger = make(tmp_path, "r", version=0)
+    _log_all(logger, [(2, {"epoch": 0.0, "train/loss": 0.5}), (2, {"epoch": np.float32(0), "train/loss_epoch": 0.5}),
+                      (4, {"epoch": 1, "train/loss": 0.25}), (5, {"epoch": 1.5})])
+    logger.finalize()
+    path = os.path.join(logger.log_dir, make.filename)
+    if make is CSVLogger:
+        with open(path, newline="") as f:
+            assert [r["epoch"] for r in csv.DictReader(f)] == ["0", "0", "1", "1.5"]
+    else:
+        with open(path) as f:
+            epochs = [json.loads(line)["epoch"] for line in f]
+        assert epochs == [0, 0, 1, 1.5] and [type(e) for e in epochs] == [int, int, int, float]
+    resumed = make(tmp_path, "r", version=0)
+    resumed.resume_at(2, 1, 0)
+    resumed.log_metrics({"epoch": 1.0, "train/loss": 0.125}, 3)
+    resumed.finalize()
+    with open(path) as f:
+        text = f.read()
+    assert "0.25" not in text and "1.5" not in text and text.count("0.5") == 2 and "0.125" in text

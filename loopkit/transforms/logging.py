@@ -34,9 +34,12 @@ WINDOW = LOGGED
 UNLOGGED = "logging/unlogged"
 
 #: in ``state.extras``: the run folder each file logger (one with ``continues_from``) logged the state's rows to,
-#: ``{logger index: folder}``, set at a fit's first call and at a log point, when it changed; a fit going on from the
-#: state through a logger now in another folder (another run's, logged since) moves that logger to a new folder
-#: instead of rewinding that run's records (:meth:`loopkit.RunDirLogger.continues_from`)
+#: ``{logger's folder family: folder}`` (:func:`_family`: its class and ``root/name``, not its place in the list of
+#: loggers, which a later ``with_logging`` may change), set at a fit's first call and at a log point, when it changed
+#: (the records of loggers not in this list are kept); a fit going on from the state through a logger now in another
+#: folder (another run's, logged since), or one the state records no folder of, moves that logger to a new folder
+#: instead of rewinding that run's records (:meth:`loopkit.RunDirLogger.continues_from`). A state saved by an older
+#: loopkit records ``{logger index: folder}``: read by the logger's place in the list, as it was written
 RUN_DIRS = "logging/run_dirs"
 
 #: what a log point takes out of the state: the window it logged, and a row an earlier write left unlogged
@@ -407,27 +410,51 @@ def _resume_at(resume_at: Callable[..., Any], at: tuple[int, int, int], finishes
         resume_at(step, epoch, batch_index, finishes_epoch=finishes)
 
 
-def _run_dirs(loggers: tuple[Any, ...], claim: bool = False) -> dict[int, str]:
+def _family(logger: Any) -> str:
+    """What a file logger's record in :data:`RUN_DIRS` is keyed by: its class and the folder its run folders are
+    made in (``root/name``; its run folder itself for a fixed ``version``), which no other logger of one
+    ``with_logging`` shares (:func:`_refuse_one_file_twice`), whatever its place in the list of loggers.
+
+    >>> from loopkit.loggers import CSVLogger
+    >>> _family(CSVLogger("/runs", "demo")), _family(CSVLogger("/runs", "demo", version=3))
+    ('loopkit.loggers.CSVLogger:/runs/demo', 'loopkit.loggers.CSVLogger:/runs/demo/version_3')
+    """
+    fixed_folder = getattr(logger, "fixed_folder", None)
+    folder = fixed_folder() if callable(fixed_folder) else None
+    root, name = getattr(logger, "root", None), getattr(logger, "name", None)
+    if folder is None and isinstance(root, (str, os.PathLike)) and isinstance(name, str):
+        folder = os.path.join(root, name)
+    kind = f"{type(logger).__module__}.{type(logger).__qualname__}"
+    return kind if folder is None else f"{kind}:{os.path.normpath(os.path.abspath(folder))}"
+
+
+def _run_dirs(loggers: tuple[Any, ...], claim: bool = False) -> dict[str, str]:
     """The run folder (``log_dir``) of each logger that can be told it (``continues_from``: the file loggers), by
-    index: where the rows of the state it logs are (:data:`RUN_DIRS`). Read at each log point, and at a fit's first
-    call, which ``claim``s them (:meth:`loopkit.RunDirLogger.claim_for_fit`: the folder of a logger with
-    ``version=None`` is claimed then, not at its first write, so that a fit that logs only its epochs' records
-    records it too, and it is counted as the fit's, so that a fresh fit next, another run, takes a folder of its own
-    even when this one fails before its first row: the state that failure left goes on in it)."""
+    its folder family (:func:`_family`): where the rows of the state it logs are (:data:`RUN_DIRS`). Read at each
+    log point, and at a fit's first call, which ``claim``s them (:meth:`loopkit.RunDirLogger.claim_for_fit`: the
+    folder of a logger with ``version=None`` is claimed then, not at its first write, so that a fit that logs only
+    its epochs' records records it too, and it is counted as the fit's, so that a fresh fit next, another run, takes
+    a folder of its own even when this one fails before its first row: the state that failure left goes on in it)."""
     folders = {}
-    for i, logger in enumerate(loggers):
+    for logger in loggers:
         if callable(getattr(logger, "continues_from", None)):
             claim_for_fit = getattr(logger, "claim_for_fit", None) if claim else None
             folder = claim_for_fit() if callable(claim_for_fit) else getattr(logger, "log_dir", None)
             if isinstance(folder, (str, os.PathLike)):
-                folders[i] = os.path.normpath(os.path.abspath(folder))
+                folders[_family(logger)] = os.path.normpath(os.path.abspath(folder))
     return folders
 
 
-def _with_run_dirs(new: TrainState, folders: dict[int, str], fresh: bool) -> TrainState:
+def _with_run_dirs(new: TrainState, folders: dict[str, str], fresh: bool) -> TrainState:
     """``new`` recording ``folders`` (:data:`RUN_DIRS`) when it records other ones (in place when ``fresh``: nobody
-    holds ``new`` yet)."""
-    if not folders or new.extras.get(RUN_DIRS) == folders:
+    holds ``new`` yet). The records of loggers not in this ``with_logging`` stay (a logger left out for a fit goes on
+    in its folder when it comes back); an older loopkit's (by index) go."""
+    if not folders:
+        return new
+    recorded = new.extras.get(RUN_DIRS)
+    if isinstance(recorded, Mapping):
+        folders = {**{k: v for k, v in recorded.items() if isinstance(k, str)}, **folders}
+    if recorded == folders:
         return new
     extras = extras_copy(new.extras)
     extras[RUN_DIRS] = folders
@@ -439,14 +466,16 @@ def _with_run_dirs(new: TrainState, folders: dict[int, str], fresh: bool) -> Tra
 
 def _continue_from(loggers: tuple[Any, ...], folders: Any) -> None:
     """A fit begins from a state that is not fresh, whose rows were logged to ``folders`` (:data:`RUN_DIRS`; None for
-    a state no logger logged, or an older checkpoint): each logger with ``continues_from`` is told its own, and
-    leaves a folder of another run rather than rewind that run's records to this state's step."""
-    if not isinstance(folders, Mapping):
-        return
+    a state no logger logged, or an older checkpoint): each logger with ``continues_from`` is told its own (found by
+    its folder family, :func:`_family`; in an older loopkit's record, by its place in the list), or None when the
+    state records none of its, and leaves a folder of another run rather than rewind that run's records to this
+    state's step."""
+    folders = folders if isinstance(folders, Mapping) else {}
     for i, logger in enumerate(loggers):
         continues_from = getattr(logger, "continues_from", None)
-        if callable(continues_from) and isinstance(folders.get(i), str):
-            continues_from(folders[i])
+        if callable(continues_from):
+            folder = folders.get(_family(logger), folders.get(i))
+            continues_from(folder if isinstance(folder, str) else None)
 
 
 def _finalize(logger: Any, status: str) -> None:
@@ -548,8 +577,10 @@ def with_logging(step: Any, *loggers: Any, every_n_steps: int = 50) -> LoggingSt
     validates, and records the epoch, again) gives each logger each row once: a logger with ``resume_at`` (the file
     loggers) replaces the row it is given again, and one without (a tracker, ``ConsoleLogger``, a logger of one's own)
     is not given again a row it took. The state records the folder each file logger logs its rows to
-    (``logging/run_dirs``, claimed at a fit's first step): a fit going on from a state a logger logged to another
-    folder than its last fit's (model A trained further after model B went on, fresh, with the same step) goes on
+    (``logging/run_dirs``, claimed at a fit's first step, by each logger's class and ``root/name``, not its place in
+    the list): a fit going on from a state a logger logged to another folder than its last fit's (model A trained
+    further after model B went on, fresh, with the same step, or through another list of the same loggers: one
+    added, taken out or reordered), or to none of its folders while it last logged another run, goes on
     in the next ``version_N``, with a warning naming both, and leaves the other run's records as they are; a retry,
     or a run resumed from a checkpoint, goes on in its folder, as before. The folder claimed is the fit's even when
     it fails before its first row: a fresh fit next (another model, or the same again from scratch) takes the next

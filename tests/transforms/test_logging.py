@@ -28,6 +28,7 @@ from loopkit import (
     with_grad_clip,
     with_logging,
 )
+from loopkit.state import replace_extras
 from tests.conftest import loss_with_mae, mse_metric
 
 
@@ -1036,6 +1037,114 @@ def test_a_state_continued_after_another_run_logged_with_the_same_step_leaves_th
 
 
 @pytest.mark.filterwarnings("ignore:run_epochs. an epoch has 4 training batches, fewer than the logging interval")
+@pytest.mark.parametrize("change", ["added in front", "removed", "reordered"])
+def test_a_state_continued_through_another_list_of_loggers_leaves_another_runs_records(
+    change, tmp_path, make_mlp, make_batches, make_sgd_state
+):
+    """Model A is fitted through one list of loggers (a CSVLogger ``exp``, with or before a TensorBoardLogger
+    ``tb``), then a fresh model B through the same step, then A goes on through another list of the same loggers: a
+    TensorBoardLogger added in front, the TensorBoardLogger taken out, or the two swapped. The state recorded each
+    logger's folder by its place in the list, so the CSVLogger, now at another place, was told no folder (or
+    TensorBoard's, ignored) and went on in B's folder, rewinding B's records to A's step, unwarned. Now each logger
+    finds its own record: B's folders keep what they held, A goes on in the next version_N with a warning naming
+    both. Reference: B alone and A uninterrupted (3 epochs), with loggers made anew."""
+    batches = make_batches(4)
+    evaluator = eval_step(mse_metric)
+    root = tmp_path / "reused"
+    csv_logger, tb = CSVLogger(root, "exp"), TensorBoardLogger(root, "tb")
+    first, then = {"added in front": ([csv_logger], [tb, csv_logger]), "removed": ([tb, csv_logger], [csv_logger]),
+                   "reordered": ([csv_logger, tb], [tb, csv_logger])}[change]
+
+    def fit(loggers, state, epochs):
+        step = with_logging(train_step(loss_with_mae), *loggers, every_n_steps=2)
+        return run_epochs(step, state, batches, epochs=epochs, val=(evaluator, batches[:2]), progress=False)[0]
+
+    def rows(folder):
+        return {tag: csv_series(folder, tag) for tag in ("train/loss", "val/mse", "train/loss_epoch")}
+
+    step = with_logging(train_step(loss_with_mae), *first, every_n_steps=2)
+    a = run_epochs(step, make_sgd_state(make_mlp(seed=0)), batches, epochs=1, val=(evaluator, batches[:2]),
+                   progress=False)[0]
+    run_epochs(step, make_sgd_state(make_mlp(seed=1)), batches, epochs=2, val=(evaluator, batches[:2]),
+               progress=False)
+    before = {k: open(root / "exp" / f"version_{k}" / "metrics.csv").read() for k in (0, 1)}
+    tb_before = {k: scalars(str(root / "tb" / f"version_{k}"), "train/loss") for k in (0, 1) if tb in first}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        step = with_logging(train_step(loss_with_mae), *then, every_n_steps=2)
+        run_epochs(step, a, batches, epochs=3, val=(evaluator, batches[:2]), progress=False)
+    assert {k: open(root / "exp" / f"version_{k}" / "metrics.csv").read() for k in (0, 1)} == before
+    assert sorted(os.listdir(root / "exp")) == ["version_0", "version_1", "version_2"]
+    moved = [w for w in caught if "version_0" in str(w.message) and "version_1" in str(w.message)]
+    assert len(moved) == 1 + (change == "reordered")  # (the TensorBoardLogger too, when it logged A and B)
+    if tb_before:
+        assert {k: scalars(str(root / "tb" / f"version_{k}"), "train/loss") for k in (0, 1)} == tb_before
+    fit([CSVLogger(tmp_path / "b", "exp")], make_sgd_state(make_mlp(seed=1)), 2)
+    fit([CSVLogger(tmp_path / "a", "exp")], make_sgd_state(make_mlp(seed=0)), 3)
+    a_first, a_then = rows(root / "exp" / "version_0"), rows(root / "exp" / "version_2")
+    b_alone, a_alone = rows(tmp_path / "b" / "exp" / "version_0"), rows(tmp_path / "a" / "exp" / "version_0")
+    assert all(b_alone.values()) and all(a_then.values())
+    for tag, reference in a_alone.items():
+        assert_series(rows(root / "exp" / "version_1")[tag], b_alone[tag], rel=1e-6)
+        assert_series(a_first[tag] + a_then[tag], reference, rel=1e-6)
+    if tb in then and tb in first:  # (its own record: A's TensorBoard rows go on in a folder of their own too)
+        assert sorted(os.listdir(root / "tb")) == ["version_0", "version_1", "version_2"]
+        assert_series(scalars(str(root / "tb" / "version_0"), "train/loss")
+                      + scalars(str(root / "tb" / "version_2"), "train/loss"), a_alone["train/loss"], rel=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:run_epochs. an epoch has 4 training batches, fewer than the logging interval")
+def test_a_logger_the_state_records_no_folder_of_leaves_the_run_it_last_logged(
+    tmp_path, make_mlp, make_batches, make_sgd_state
+):
+    """Model A is fitted through a CSVLogger alone, model B (fresh) through it and a TensorBoardLogger, then A goes on
+    through both: A's state records no TensorBoard folder, and the TensorBoardLogger last wrote B's (version_0), which
+    it rewound to A's step. Now it leaves B's records as they are for version_1, with a warning naming both; A's
+    TensorBoard rows there are those of A uninterrupted from the step it went on from."""
+    batches = make_batches(4)
+    csv_logger, tb = CSVLogger(tmp_path, "exp"), TensorBoardLogger(tmp_path, "tb")
+
+    def fit(step, state, epochs):
+        return run_epochs(step, state, batches, epochs=epochs, progress=False)[0]
+
+    a = fit(with_logging(train_step(loss_with_mae), csv_logger, every_n_steps=2), make_sgd_state(make_mlp(seed=0)), 1)
+    both = with_logging(train_step(loss_with_mae), tb, csv_logger, every_n_steps=2)
+    fit(both, make_sgd_state(make_mlp(seed=1)), 2)
+    b_rows = scalars(str(tmp_path / "tb" / "version_0"), "train/loss")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(both, a, 3)
+    assert scalars(str(tmp_path / "tb" / "version_0"), "train/loss") == b_rows and len(b_rows) == 4
+    assert sorted(os.listdir(tmp_path / "tb")) == ["version_0", "version_1"]
+    assert len([w for w in caught if "TensorBoardLogger" in str(w.message) and "version_0" in str(w.message)
+                and "version_1" in str(w.message)]) == 1
+    alone = TensorBoardLogger(tmp_path / "alone", "tb")
+    fit(with_logging(train_step(loss_with_mae), alone, every_n_steps=2), make_sgd_state(make_mlp(seed=0)), 3)
+    reference = [row for row in scalars(alone.log_dir, "train/loss") if row[0] > a.step]
+    assert_series(scalars(str(tmp_path / "tb" / "version_1"), "train/loss"), reference, rel=1e-6)
+
+
+def test_an_older_checkpoints_run_dirs_by_logger_index_are_read(tmp_path, make_mlp, make_batches, make_sgd_state):
+    """A state saved by an older loopkit records ``logging/run_dirs`` by the loggers' places in the list: read so, a
+    logger that last fitted another run goes on from the state in a new folder, with a warning, and the state then
+    records its folder by the logger's folder family (the index's record dropped)."""
+    batches = make_batches(4)
+    logger = CSVLogger(tmp_path, "exp")
+    step = with_logging(train_step(loss_with_mae), logger, every_n_steps=2)
+    a = run_epochs(step, make_sgd_state(make_mlp(seed=0)), batches, epochs=1, progress=False)[0]
+    run_epochs(step, make_sgd_state(make_mlp(seed=1)), batches, epochs=2, progress=False)
+    b_rows = open(tmp_path / "exp" / "version_1" / "metrics.csv").read()
+    (key, folder), = a.extras["logging/run_dirs"].items()
+    assert os.path.basename(folder) == "version_0" and key.endswith("exp")
+    a = replace_extras(a, {**a.extras, "logging/run_dirs": {0: folder}})  # (as the older loopkit saved it)
+    with pytest.warns(UserWarning, match="version_1.*version_2"):
+        a = run_epochs(step, a, batches, epochs=2, progress=False)[0]
+    assert open(tmp_path / "exp" / "version_1" / "metrics.csv").read() == b_rows
+    assert os.path.basename(logger.log_dir) == "version_2"
+    assert list(a.extras["logging/run_dirs"].items()) == [(key, logger.log_dir)]
+
+
+@pytest.mark.filterwarnings("ignore:run_epochs. an epoch has 4 training batches, fewer than the logging interval")
 @pytest.mark.parametrize("kinds", [(CSVLogger,), (TensorBoardLogger,), (TensorBoardLogger, CSVLogger, JSONLLogger)])
 def test_a_fit_that_failed_before_its_first_row_keeps_its_folder_from_the_next_fresh_fit(
     kinds, tmp_path, make_mlp, make_batches, make_sgd_state
@@ -1222,7 +1331,8 @@ def test_every_row_holds_the_epoch_of_its_step_as_lightnings_in_every_file_logge
     """Lightning's logger connector adds ``epoch`` (its current_epoch) to every row; so does with_logging: train
     windows, validations (mid-epoch, and at an epoch's end, where state.epoch is already the next one), the learning
     rate rows and the epoch records, in the CSV, the JSONL lines and TensorBoard's ``epoch`` series. Reference: by
-    hand, 5 updates an epoch, a row at step s is of epoch (s - 1) // 5 (epoch 2 is cut at 13 by max_steps)."""
+    hand, 5 updates an epoch, a row at step s is of epoch (s - 1) // 5 (epoch 2 is cut at 13 by max_steps), written
+    as an int in the CSV and the JSONL."""
     tb, csv_logger, jsonl = TensorBoardLogger(tmp_path), CSVLogger(tmp_path), JSONLLogger(tmp_path)
     step = with_logging(train_step(loss_with_mae), tb, csv_logger, jsonl, every_n_steps=2)
     run_epochs(step, make_sgd_state(make_mlp()), make_batches(5), epochs=3, max_steps=13,
@@ -1234,7 +1344,7 @@ def test_every_row_holds_the_epoch_of_its_step_as_lightnings_in_every_file_logge
     assert [s for s, row in zip(steps, rows) if row["val/mse"]] == [3, 5, 6, 9, 10, 12]  # (at 5, 10: epochs' ends)
     assert [s for s, row in zip(steps, rows) if row["train/loss"]] == [2, 4, 6, 8, 10, 12]  # (10: epoch 1's last)
     assert [s for s, row in zip(steps, rows) if row["train/loss_epoch"]] == [5, 10, 13]  # (13: the cut's record)
-    assert [row["epoch"] for row in rows] == [f"{(s - 1) // 5}.0" for s in steps]
+    assert [row["epoch"] for row in rows] == [f"{(s - 1) // 5}" for s in steps]  # (an int, as Lightning's CSV)
     lines = [json.loads(line) for line in open(os.path.join(jsonl.log_dir, "metrics.jsonl"))]
     assert [(line["step"], line["epoch"]) for line in lines] == [(s, (s - 1) // 5) for s in steps]
     assert scalars(tb.log_dir, "epoch") == [(s, float((s - 1) // 5)) for s in steps]
