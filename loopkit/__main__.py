@@ -20,7 +20,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m loopkit", description="loopkit command-line tools")
     commands = parser.add_subparsers(dest="command", required=True)
     plot = commands.add_parser("plot", help="draw runs' curves from their metrics.csv (needs matplotlib)")
-    plot.add_argument("runs", nargs="+", metavar="RUN_DIR", help="a run folder (root/name/version_N) or root/name")
+    plot.add_argument("runs", nargs="+", metavar="RUN_DIR",
+                      help="a run folder (root/name/version_N) or root/name (root for a logger of name None)")
     plot.add_argument("-o", "--output", default="curves.png", help="the image to write (default: curves.png)")
     plot.add_argument("-m", "--metrics", nargs="+", default=None, help="the metrics to draw (default: all)")
     plot.add_argument("--columns", type=int, default=3, help="subplots per row (default: 3)")

@@ -3,7 +3,8 @@
 Every logger has the same small protocol: ``log_metrics(metrics, step)`` (a dict of
 floats at a global step), ``log_hparams(hparams, metrics=None)`` (``log_hyperparams``, Lightning's name, on
 :class:`Logger`), ``finalize()`` and a ``log_dir`` property. File loggers write each run under
-``root/name/version_N/`` (their ``version``: N, once the folder is claimed), N being the next free integer
+``root/name/version_N/`` (their ``version``: N, once the folder is claimed; ``name=""`` or None: ``root/version_N``,
+``name="exp/run"``: ``root/exp/run/version_N``, as Lightning's loggers), N being the next free integer
 (an earlier run is never overwritten, two runs starting at once get different folders, and a logger reused
 for another fit from a fresh state takes the next N).
 Under ``torch.distributed`` only rank 0 writes; other ranks' loggers do nothing and create nothing.
@@ -344,6 +345,15 @@ class Logger:
 _STATUSES = Logger.finalize_statuses
 
 
+def _inside(path: str) -> bool:
+    """Whether ``path``, joined to a folder, names one inside it (or itself): relative, without a ``..`` part.
+
+    >>> _inside(""), _inside("exp/run"), _inside("../x"), _inside("a/../../b"), _inside("/abs")
+    (True, True, False, False, False)
+    """
+    return not os.path.isabs(path) and ".." not in path.replace(os.sep, "/").split("/")
+
+
 def _check_root(root: str, who: str, folder: str | None = None) -> None:
     """Refuse now a root, or the run ``folder`` under it (``root/name``, or the one a fixed version names), that the
     first write could not make: a file in its way, or a folder it may not write to.
@@ -377,6 +387,8 @@ def _check_root(root: str, who: str, folder: str | None = None) -> None:
 class RunDirLogger(Logger):
     """A logger that writes files under ``root/name/version_N/`` (see :func:`claim_version_dir`).
 
+    ``name`` is a folder inside ``root``: ``""`` or None for none (``root/version_N``, as Lightning's loggers), or a
+    nested one (``"exp/run"``: ``root/exp/run/version_N``); an absolute path or one with ``..`` is refused.
     ``version=None`` claims the next free N when the logger first writes (under :func:`loopkit.with_logging`, at a
     fit's first step; or when ``log_dir`` is first read: a folder it wrote nothing in is given back when
     :func:`loopkit.with_logging` makes it share another logger's), and the next one for each fit from a fresh state
@@ -397,27 +409,33 @@ class RunDirLogger(Logger):
     >>> tmp.cleanup()
     """
 
-    def __init__(self, root: str | os.PathLike = "runs", name: str = "default", version: int | str | None = None) -> None:
+    def __init__(
+        self, root: str | os.PathLike = "runs", name: str | None = "default", version: int | str | None = None
+    ) -> None:
         super().__init__()
         who = type(self).__name__
         if not isinstance(root, (str, os.PathLike)):
             raise TypeError(f"{who}: root must be a path, got {type(root).__qualname__}")
-        if not isinstance(name, str) or not name or name in (".", "..") or os.sep in name or "/" in name:
-            raise ValueError(f"{who}: name must be a non-empty folder name without path separators, got {name!r}")
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"{who}: name must be a folder name or None, got {type(name).__qualname__}")
+        name = name or ""  # (None as "": no name folder, as Lightning's loggers)
+        if not _inside(name):
+            raise ValueError(f"{who}: name is a folder inside root ('' or None for root itself, 'exp/run' nested, as "
+                             f"in Lightning), not an absolute path or one with '..', got {name!r}")
         if version is not None and not isinstance(version, str):
             if as_int(version) is None:
                 raise TypeError(f"{who}: version must be an int, a folder name or None, got {version!r}")
             version = as_int(version)
         if isinstance(version, int) and version < 0:
             raise ValueError(f"{who}: version must be >= 0, got {version}")
-        if isinstance(version, str) and (os.path.isabs(version) or ".." in version.replace(os.sep, "/").split("/")):
+        if isinstance(version, str) and not _inside(version):
             raise ValueError(f"{who}: a version given as a string is a folder inside root/name ('' for root/name "
                              f"itself, 'fold0/seed1' nested, as in Lightning), not an absolute path or one "
                              f"with '..', got {version!r}")
         self.root = os.fspath(root)
         self.name = name
         self._version = version  # the version given (None: the next free version_N, claimed when first needed)
-        _check_root(self.root, who, self.fixed_folder() or os.path.join(self.root, name))
+        _check_root(self.root, who, self.fixed_folder() or self._versions_folder())
         self._dir: str | None = None
         self._leader: RunDirLogger | None = None
         self._pending_hparams: dict[str, Any] | None = None  # hparams.json (and _HPARAMS_METRICS) to write
@@ -448,7 +466,7 @@ class RunDirLogger(Logger):
             return self._leader.log_dir
         if self._dir is not None:
             return self._dir
-        base = os.path.join(self.root, self.name)
+        base = self._versions_folder()
         if self._version is not None:
             path = self.fixed_folder()
             if not is_rank_zero():
@@ -485,6 +503,15 @@ class RunDirLogger(Logger):
         found = None if self._dir is None else _VERSION.match(os.path.basename(os.path.normpath(self._dir)))
         return None if found is None else int(found.group(1))
 
+    def _versions_folder(self) -> str:
+        """``root/name``, the folder the ``version_N`` run folders are made in: ``root`` itself for ``name`` ``""``
+        or None (Lightning's loggers' ``root_dir``).
+
+        >>> [CSVLogger("runs", name)._versions_folder() for name in ("demo", "exp/run", "", None)]
+        ['runs/demo', 'runs/exp/run', 'runs', 'runs']
+        """
+        return os.path.join(self.root, self.name) if self.name else self.root
+
     def fixed_folder(self) -> str | None:
         """The run folder a fixed ``version`` names (``3`` and ``"version_3"`` alike: ``root/name/version_3``),
         without making it; None for ``version=None`` (the folder is claimed when first needed).
@@ -495,7 +522,7 @@ class RunDirLogger(Logger):
         version = self._version
         if version is None:
             return None
-        return os.path.join(self.root, self.name, f"version_{version}" if isinstance(version, int) else version)
+        return os.path.join(self._versions_folder(), f"version_{version}" if isinstance(version, int) else version)
 
     def share_run_dir(self, other: Any) -> bool:
         """Write to ``other``'s run folder, when both would take the next free version of one root/name.
@@ -518,7 +545,7 @@ class RunDirLogger(Logger):
         leader = other._leader or other
         if leader is self or leader._version is not None:
             return False
-        if (os.path.abspath(leader.root), leader.name) != (os.path.abspath(self.root), self.name):
+        if os.path.abspath(leader._versions_folder()) != os.path.abspath(self._versions_folder()):
             return False
         if self._dir is not None and (leader._dir is None or not self._free_of_a_folder()):
             return False  # (one that claimed a folder keeps it unless the other has one: that one may follow it)
@@ -1331,7 +1358,7 @@ class TensorBoardLogger(RunDirLogger):
     def __init__(
         self,
         root: str | os.PathLike = "runs",
-        name: str = "default",
+        name: str | None = "default",
         version: int | str | None = None,
         histogram_every_n_steps: int | None = None,
     ) -> None:
@@ -1550,7 +1577,9 @@ class CSVLogger(RunDirLogger):
 
     filename = "metrics.csv"
 
-    def __init__(self, root: str | os.PathLike = "runs", name: str = "default", version: int | str | None = None) -> None:
+    def __init__(
+        self, root: str | os.PathLike = "runs", name: str | None = "default", version: int | str | None = None
+    ) -> None:
         super().__init__(root, name, version)
         self._columns: list[str] | None = None
 
@@ -1665,7 +1694,9 @@ class JSONLLogger(RunDirLogger):
 
     filename = "metrics.jsonl"
 
-    def __init__(self, root: str | os.PathLike = "runs", name: str = "default", version: int | str | None = None) -> None:
+    def __init__(
+        self, root: str | os.PathLike = "runs", name: str | None = "default", version: int | str | None = None
+    ) -> None:
         super().__init__(root, name, version)
         self._checked = False  # whether the file was checked (its own, its last line ended) before a first write
 

@@ -147,8 +147,8 @@ def plot_runs(
     """Draw every run's curves, one subplot per metric, the runs overlaid; save to ``output``.
 
     ``run_dirs`` are run folders (or ``root/name`` folders, meaning all their ``version_*``
-    runs); ``metrics`` picks and orders the subplots (default: all, in order of first
-    appearance: the runs in order, each run's columns in order). The subplots fill a grid
+    runs: ``root`` itself for a logger of ``name=None``); ``metrics`` picks and orders the subplots
+    (default: all, in order of first appearance: the runs in order, each run's columns in order). The subplots fill a grid
     row by row, ``columns`` wide (fewer when there are fewer metrics), with as many rows as
     they need. Each run's label is its ``name/version_N``; when two runs share that (alike
     runs under different roots), every run is labelled by its path. A run named twice (``exp`` and

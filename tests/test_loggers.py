@@ -957,8 +957,8 @@ def test_loggers_of_one_root_and_name_can_share_a_run_folder(tmp_path):
 @pytest.mark.parametrize(
     "make, error",
     [
-        (lambda p: CSVLogger(p, "a/b"), ValueError),
-        (lambda p: CSVLogger(p, ""), ValueError),
+        (lambda p: CSVLogger(p, "../b"), ValueError),
+        (lambda p: CSVLogger(p, 3), TypeError),
         (lambda p: CSVLogger(p, version=-1), ValueError),
         (lambda p: CSVLogger(p, version=1.5), TypeError),
         (lambda p: CSVLogger(42), TypeError),
@@ -1632,6 +1632,93 @@ def test_version_strings_lightning_takes_name_folders_inside_root_name(tmp_path,
     """Lightning's idioms: version="" logs into root/name itself, a nested version into that folder."""
     logger = loopkit.CSVLogger(tmp_path, "run", version=version)
     assert os.path.normpath(logger.log_dir) == os.path.normpath(os.path.join(str(tmp_path), "run", folder))
+
+
+@pytest.mark.parametrize("name", ["", None])
+@pytest.mark.parametrize("make", [CSVLogger, JSONLLogger, TensorBoardLogger])
+def test_a_name_of_none_or_empty_logs_in_root_itself_as_lightnings_loggers_do(tmp_path, make, name):
+    """name="" and name=None were refused; Lightning 2.6.6's loggers log to save_dir/version_N then (no name folder;
+    their ``name`` is ""). Reference: Lightning's layout, written out."""
+    first, second = make(tmp_path, name), make(tmp_path, name)
+    for logger in (first, second):
+        logger.log_metrics({"loss": 1.0}, 1)
+        logger.finalize()
+    assert [os.path.relpath(lg.log_dir, tmp_path) for lg in (first, second)] == ["version_0", "version_1"]
+    assert first.name == "" and (first.version, second.version) == (0, 1)
+    assert sorted(os.listdir(tmp_path)) == ["version_0", "version_1"]
+    assert os.path.relpath(make(tmp_path, name, version=3).log_dir, tmp_path) == "version_3"
+    (tmp_path / "file").write_text("x")  # (root itself in the way)
+    with pytest.raises(NotADirectoryError, match=rf"{make.__name__}: root .*file.* cannot be a folder"):
+        make(tmp_path / "file", name)
+
+
+@pytest.mark.parametrize("make", [CSVLogger, JSONLLogger, TensorBoardLogger])
+def test_a_nested_name_logs_in_its_subfolders_as_lightnings_loggers_do(tmp_path, make):
+    """name="exp/run" was refused; Lightning 2.6.6's loggers log to save_dir/exp/run/version_N. Reference: Lightning's
+    layout, written out. Spelt with a trailing separator it is the same root/name: its loggers share one folder."""
+    first, second = make(tmp_path, "exp/run"), make(tmp_path, "exp/run")
+    for logger in (first, second):
+        logger.log_metrics({"loss": 1.0}, 1)
+        logger.finalize()
+    assert [os.path.relpath(lg.log_dir, tmp_path) for lg in (first, second)] == [
+        os.path.join("exp", "run", "version_0"), os.path.join("exp", "run", "version_1")]
+    assert os.listdir(tmp_path) == ["exp"] and os.listdir(tmp_path / "exp") == ["run"]
+    tb, csv_ = TensorBoardLogger(tmp_path / "shared", "exp/run"), CSVLogger(tmp_path / "shared", "exp/run/")
+    assert csv_.share_run_dir(tb) and os.path.relpath(csv_.log_dir, tmp_path / "shared") == os.path.join(
+        "exp", "run", "version_0")
+    (tmp_path / "blocked").mkdir()
+    (tmp_path / "blocked" / "exp").write_text("x")  # (a file on the way to root/name)
+    with pytest.raises(NotADirectoryError, match=rf"{make.__name__}: the run folder .*exp.run.* cannot be made"):
+        make(tmp_path / "blocked", "exp/run")
+
+
+@pytest.mark.parametrize("name", ["/abs/path", "..", "../elsewhere", "a/../../b"])
+def test_a_name_outside_root_is_refused(tmp_path, name):
+    """Refused as a version string outside root/name is (Lightning takes them, and writes outside save_dir)."""
+    for make in (loopkit.CSVLogger, loopkit.JSONLLogger, loopkit.TensorBoardLogger):
+        with pytest.raises(ValueError, match=r"name is a folder inside root \('' or None for root itself"):
+            make(tmp_path, name)
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_fit_with_name_none_shares_one_folder_in_root_resumes_there_and_leaves_another_runs_folder(tmp_path):
+    """name=None was refused. A TensorBoard and a CSV logger of one with_logging share root/version_0; the fit cut by
+    max_steps and resumed from the state it returned goes on there (its rows those of the uninterrupted run,
+    reference: a run of name "ref" never cut); a fresh fit next (model B) takes root/version_1, and model A trained
+    further then goes on in root/version_2, with a warning, leaving B's rows as they were."""
+    torch.manual_seed(0)
+    data = [(torch.randn(4, 3), torch.randn(4, 1)) for _ in range(6)]
+
+    def loss(m, b):
+        return torch.nn.functional.mse_loss(m(b[0]), b[1])
+
+    def fit(loggers, state, **budget):
+        step = loopkit.with_logging(loopkit.train_step(loss), *loggers, every_n_steps=2)
+        return loopkit.run_epochs(step, state, data, progress=False, **budget)[0]
+
+    def fresh(seed):
+        torch.manual_seed(seed)
+        model = torch.nn.Linear(3, 1)
+        return loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1), seed=seed)
+
+    reference = TensorBoardLogger(tmp_path / "ref", "ref"), CSVLogger(tmp_path / "ref", "ref")
+    fit(reference, fresh(0), epochs=2)
+    loggers = TensorBoardLogger(tmp_path / "runs", None), CSVLogger(tmp_path / "runs", None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        a = fit(loggers, fresh(0), epochs=2, max_steps=4)
+        a = fit(loggers, a, epochs=2)
+    a_dir = str(tmp_path / "runs" / "version_0")
+    assert loggers[0].log_dir == loggers[1].log_dir == a_dir and os.listdir(tmp_path / "runs") == ["version_0"]
+    for make, logger in zip((TensorBoardLogger, CSVLogger), reference):
+        assert _logged(a_dir, make) == _logged(logger.log_dir, make)
+    fit(loggers, fresh(1), epochs=1)
+    b_dir = str(tmp_path / "runs" / "version_1")
+    b_rows = _logged(b_dir, CSVLogger)
+    with pytest.warns(UserWarning, match="version_0.*version_1"):
+        fit(loggers, a, epochs=3)
+    assert loggers[1].log_dir == str(tmp_path / "runs" / "version_2") and _logged(b_dir, CSVLogger) == b_rows
+    assert sorted(os.listdir(tmp_path / "runs")) == ["version_0", "version_1", "version_2"]
 
 
 @pytest.mark.parametrize("make", [CSVLogger, JSONLLogger])

@@ -84,6 +84,18 @@ def test_a_root_name_folder_means_all_its_versions_and_metrics_pick_subplots(tmp
         plot_runs([tmp_path / "exp"], metrics=[])
 
 
+@pytest.mark.parametrize("name, folder", [(None, ""), ("", ""), ("exp/run", os.path.join("exp", "run"))])
+def test_the_runs_of_a_logger_of_no_name_folder_or_a_nested_name_are_found_in_its_root_name(tmp_path, name, folder):
+    """CSVLogger refused name=None, "" and "exp/run" (Lightning's loggers take them: root/version_N, and
+    root/exp/run/version_N); the command finds their runs in root/name, root itself for no name."""
+    for i in range(2):
+        CSVLogger(tmp_path / "runs", name).log_metrics({"train/loss": 1.0 + i}, 1)
+    where = tmp_path / "runs" / folder
+    assert find_runs(where) == [os.path.join(str(where), f"version_{n}") for n in range(2)]
+    assert main(["plot", str(where), "-o", str(tmp_path / "curves.png")]) == 0
+    assert_png(tmp_path / "curves.png", min_bytes=1000)
+
+
 def test_an_output_without_a_suffix_is_a_png_and_the_command_names_the_file_it_wrote(tmp_path, capsys):
     runs = write_runs(tmp_path)
     assert main(["plot", runs[0].log_dir, "-o", str(tmp_path / "curves")]) == 0
