@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch.optim.lr_scheduler import LRScheduler
 
+from loopkit import _collective
 from loopkit._epoch_data import check_factory, is_factory
 from loopkit._numbers import as_int, as_real
 from loopkit.callbacks import Callback
@@ -87,14 +88,21 @@ def _accum_every(step: Any) -> Callable[[int], int]:
 
 
 class _Recorder(Callback):
-    """Lightning's ``_LRCallback``: after each update, the rate it used and the smoothed loss; stops on divergence."""
+    """Lightning's ``_LRCallback``: after each update, the rate it used and the smoothed loss; stops on divergence.
+
+    Under a process group only rank 0's copy (``decides``) asks to stop, on its own losses: ``run_epochs``' vote on
+    the callbacks' ``should_stop`` after each batch (an all-reduce it makes anyway) then stops every rank after that
+    update, as Lightning broadcasts rank 0's ``trainer.should_stop`` at each record.
+    """
 
     reads_only = True
 
-    def __init__(self, start: int, accum_every: Callable[[int], int], threshold: float | None) -> None:
+    def __init__(
+        self, start: int, accum_every: Callable[[int], int], threshold: float | None, decides: bool = True
+    ) -> None:
         self.start = start
         self.accum_every = accum_every
-        self.threshold = threshold
+        self.threshold = threshold if decides else None
         self.lrs: list[float] = []
         self.losses: list[float] = []
         self.avg_loss = 0.0
@@ -332,6 +340,14 @@ def lr_find(
     second update on, a smoothed loss above ``early_stop_threshold`` times the best one so far
     stops the search (that point is still recorded); ``None`` never stops.
 
+    Under a process group of several ranks (``with_ddp``, or ``with_fsdp`` from the unsharded state; each
+    rank its own batches) it does as Lightning's: each rank records its own batches' losses, the search
+    stops on every rank after the update at which rank 0's smoothed loss diverges (Lightning broadcasts
+    rank 0's ``should_stop``; here ``run_epochs``' vote on the callbacks' ``should_stop`` after each batch
+    carries it), and every rank returns rank 0's rates, losses and ``stopped_early`` (one gather at the
+    end, as Lightning broadcasts its results), so :meth:`LRFinderResult.suggestion` and
+    :meth:`LRFinderResult.apply` agree on every rank. Call it on every rank at the same point.
+
     Where it differs from Lightning 2.6:
 
     - Under ``with_grad_accum(every=n)`` the update's recorded loss is, as in Lightning, the last
@@ -398,25 +414,29 @@ def lr_find(
         group["lr"] = min_lr
         group["initial_lr"] = min_lr
     probe = probe.evolve(scheduler=_RangeLR(probe.optimizer, max_lr, count, mode))
-    recorder = _Recorder(probe.step, _accum_every(step), threshold)
+    recorder = _Recorder(probe.step, _accum_every(step), threshold, decides=_collective.rank_and_size()[0] == 0)
     with global_rngs_kept(), warnings.catch_warnings():
         # (its words are run_epochs' options: the search says it in its own below)
         warnings.filterwarnings("ignore", message=r"run_epochs: epoch \d+ went by without state.step advancing")
         run_epochs(step, probe, train_data, max_steps=probe.step + count, callbacks=[recorder], progress=False,
                    device=device)
-    if len(recorder.lrs) < count and not recorder.should_stop:
+    lrs, losses, stopped = recorder.lrs, recorder.losses, recorder.should_stop
+    if _collective.active():  # rank 0's records on every rank, as Lightning broadcasts its results
+        lrs, losses, stopped = _collective.gather(  # type: ignore[index, misc]
+            (lrs, losses, stopped), who="lr_find", what="the gather of the ranks' recorded rates and losses")[0]
+    if len(lrs) < count and not stopped:
         warnings.warn(
-            f"lr_find: the search ended after {len(recorder.lrs)} of num_training={count} updates: a pass over "
+            f"lr_find: the search ended after {len(lrs)} of num_training={count} updates: a pass over "
             "train_data made no update (every batch skipped: a loss_fn returning None, or with_nan_guard skipping "
             "non-finite updates)",
             RuntimeWarning,
             stacklevel=2,
         )
     return LRFinderResult(
-        {"lr": recorder.lrs, "loss": recorder.losses},
+        {"lr": lrs, "loss": losses},
         mode=mode,
         min_lr=min_lr,
         max_lr=max_lr,
         num_training=count,
-        stopped_early=recorder.should_stop,
+        stopped_early=stopped,
     )

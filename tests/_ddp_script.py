@@ -45,6 +45,8 @@ no expected values. Scenarios:
   on the stop); the run is then resumed from that checkpoint, in the same process, to its end.
   ``signal_in_group``: the same under ``with_grad_accum(every=2)``, rank 0 signalled in its 2nd call.
   These vote every step; ``signal_spaced_votes`` (100 batches an epoch) spaces its votes as run_epochs does.
+- ``lr_find_ranks``: ``lr_find`` under ``with_ddp`` and under ``with_fsdp``, each rank its own batches (rank 1's
+  losses diverge sooner), then a fit of ``result.apply(state)``.
 - ``loss_error``: the loss_fn raises on every rank, at a fit's first call, then at another's 4th, whose
   ``state_at_error`` trains on to the epoch's end.
 - ``kept_sampler``: ``shard`` of DataLoaders with samplers of their own (``kept_loader``: a
@@ -728,6 +730,36 @@ def val_all_empty(rank: int) -> dict[str, Any]:
     return {"errors": errors}
 
 
+#: lr_find_ranks' search: on its data, rank 1's own losses diverge one update before rank 0's
+LR_FIND = dict(min_lr=1e-3, max_lr=10.0, num_training=20)
+
+
+def lr_find_data() -> torch.Tensor:
+    """lr_find_ranks' batches, ``[call, rank, sample, feature]`` (make_data's, the ranks' halves swapped)."""
+    return make_data(LR_FIND["num_training"]).flip(1)
+
+
+def lr_find_ranks(rank: int) -> dict[str, Any]:
+    """``lr_find`` under ``with_ddp`` and under ``with_fsdp`` (each rank its own batches), then a fit of
+    ``result.apply(state)``: each rank's result, and the rate and step its fit ended with (or the refusal)."""
+    import loopkit
+
+    seen: dict[str, Any] = {}
+    for name, wrap in (("ddp", loopkit.with_ddp), ("fsdp", lambda s: loopkit.with_fsdp(s, shard=()))):
+        state = sgd_state(make_model())
+        step = wrap(loopkit.train_step(mse))
+        batches = list(lr_find_data()[:, rank])
+        result = loopkit.lr_find(step, state, batches, **LR_FIND)
+        seen[name] = {"lr": result.results["lr"], "loss": result.results["loss"], "stopped": result.stopped_early,
+                      "suggestion": result.suggestion()}
+        try:
+            fitted, _ = loopkit.run_epochs(step, result.apply(state), batches[:2], epochs=1, progress=False)
+            seen[name]["fit"] = (fitted.step, fitted.optimizer.param_groups[0]["lr"])
+        except Exception as e:  # (a SyncRefusal where the ranks' rates differ: recorded, for the test to show)
+            seen[name]["fit"] = f"{type(e).__name__}: {e}"
+    return seen
+
+
 def stop_one_rank(rank: int) -> dict[str, Any]:
     """A callback asks to stop on rank 0 only (a time limit reached there first): both ranks stop together."""
     import loopkit
@@ -1320,7 +1352,7 @@ SCENARIOS = {
     for f in (plain, pure_accum, pure_two_heads, accum, accum_scheduled, accum_outer, bucket_views, static_graph, flush, two_heads, averaged_pruned, nan_skip, nan_raise, nan_raise_resumed, fp16, fit,
               stop_one_rank, callbacks_on_rank0, stop_votes, uneven, apart, swa_from_start, loss_error, buffers_apart, sparse_flush, stop_in_group,
               uneven_stream, uneven_sized_stream, even_stream, stream_runs_dry, val_one_sample, val_all_empty, kept_sampler, validating_evaluate,
-              unfreeze, flags_apart, flags_apart_epoch)
+              unfreeze, flags_apart, flags_apart_epoch, lr_find_ranks)
 }
 
 WITH_OUT_DIR = {f.__name__: f for f in (pure, resume, signal_one_rank, signal_apart, signal_in_group, signal_spaced_votes,

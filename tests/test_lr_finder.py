@@ -22,6 +22,7 @@ import torch
 
 import loopkit
 from loopkit.lr_finder import LRFinderResult
+from tests import _ddp_script as ddp
 
 BETA = 0.98
 
@@ -195,6 +196,62 @@ def test_no_threshold_runs_every_update():
     result = loopkit.lr_find(loopkit.train_step(mse), make_state(), make_data(10), min_lr=1e-3, max_lr=100.0,
                              num_training=80, early_stop_threshold=None)
     assert len(result.results["lr"]) == 80 and not result.stopped_early
+
+
+# --- under a process group -----------------------------------------------------------------------------------------
+
+
+def rank_zeros_reference(data, *, min_lr, max_lr, num_training, threshold=4.0):
+    """Raw PyTorch over ``data[call, rank]`` (2 ranks): each update from the mean of the ranks' losses (DDP's averaged
+    gradient), each rank's loss smoothed and early-stopped by Lightning's rule on its own. Rank 0's rates, losses and
+    stop (what Lightning's broadcast gives every rank), and the update after which each rank alone would stop."""
+    model = ddp.make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    raw = [[], []]
+    for i in range(num_training):
+        for group in optimizer.param_groups:
+            group["lr"] = lightning_lr(i, min_lr, max_lr, num_training, "exponential")
+        losses = [ddp.mse(model, data[i, rank]) for rank in range(2)]
+        ((losses[0] + losses[1]) / 2).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        for rank in range(2):
+            raw[rank].append(losses[rank].item())
+    curves, stops = [], []
+    for rank in range(2):
+        avg, best, curve, stop = 0.0, 0.0, [], None
+        for updates, loss in enumerate(raw[rank], 1):
+            avg = BETA * avg + (1 - BETA) * loss
+            curve.append(avg / (1 - BETA ** (updates + 1)))
+            if stop is None and updates > 1 and curve[-1] > threshold * best:
+                stop = updates
+            if curve[-1] < best or updates == 1:
+                best = curve[-1]
+        curves.append(curve)
+        stops.append(stop)
+    n = stops[0] or num_training
+    lrs = [lightning_lr(i, min_lr, max_lr, num_training, "exponential") for i in range(n)]
+    return lrs, curves[0][:n], stops[0] is not None, stops
+
+
+@pytest.mark.slow
+def test_two_ranks_get_rank_zeros_search_and_the_same_suggestion(tmp_path):
+    """As Lightning's, under DDP (and FSDP) the search stops when rank 0's loss diverges and every rank gets rank 0's
+    rates, losses and suggestion: ``apply`` then gives every rank the same rate, and the fit trains (with_ddp's check
+    that the ranks' optimizers agree refused it when each rank suggested from its own losses)."""
+    done = ddp.torchrun(str(tmp_path), ["lr_find_ranks"], timeout=120)
+    assert done.returncode == 0, done.stdout[-4000:]
+    ranks = ddp.load(str(tmp_path), "lr_find_ranks")
+    lrs, losses, stopped, stops = rank_zeros_reference(ddp.lr_find_data(), **ddp.LR_FIND)
+    assert stops[1] < stops[0] < ddp.LR_FIND["num_training"]  # rank 1's own losses would stop the search sooner
+    index = reference_suggestion(lrs, losses)
+    for name in ("ddp", "fsdp"):
+        zero, one = ranks[0][name], ranks[1][name]
+        assert zero == one, name  # the same floats on every rank
+        assert zero["lr"] == lrs and zero["stopped"] == stopped and len(zero["loss"]) == stops[0], name
+        assert np.allclose(zero["loss"], losses, rtol=1e-5, atol=0), name  # (DDP's all-reduce sums in another order)
+        assert zero["suggestion"] == lrs[index], name
+        assert zero["fit"] == (2, lrs[index]), name
 
 
 # --- the given state ------------------------------------------------------------------------------------------------
