@@ -29,7 +29,7 @@ from loopkit._sharded import held_grads as _held_grads
 from loopkit._sharded import is_dtensor, local
 from loopkit import _collective
 from loopkit._agreement import refuse_apart
-from loopkit.steps import SyncRefusal, TrainStep
+from loopkit.steps import SyncRefusal, TrainStep, sync_unchanged
 from loopkit.transforms._compose import check_option_names, named_callable, refuse_wrapping, require_train_step
 
 if TYPE_CHECKING:
@@ -144,7 +144,10 @@ class FSDPSync:
         ``requires_grad`` and the optimizer (its class, each group's size and hyper-parameters) over the ranks (one
         small all-gather; none at the other calls) and refuses, on every rank, flags or optimizers that differ with a
         :class:`loopkit.steps.SyncRefusal` naming what differs and the ranks, before anything changed
-        (:func:`_refuse_apart`). ``extras`` (the
+        (:func:`_refuse_apart`). Every error raised before the broadcast of rank 0's weights and ``fully_shard``
+        (these, no process group, no optimizer, :func:`_refuse_unshardable`'s) is a ``SyncRefusal`` or marked with
+        :func:`loopkit.steps.sync_unchanged`: the step leaves the state usable; one raised from the broadcast on
+        may find the model changed half-way, and is not. ``extras`` (the
         state's) is not used: where rank 0's buffers are broadcast is decided by the state's accumulation count
         alone (:meth:`before_forward`), the same in a resumed run.
 
@@ -159,19 +162,23 @@ class FSDPSync:
         """
         if self.wraps(model):
             if optimizer is not None and len(optimizer.param_groups) != self._groups:  # a group added since
-                _refuse_foreign(model, optimizer, _STALE)
-                _refuse_apart(model, optimizer)
+                with _changing_nothing():
+                    _refuse_foreign(model, optimizer, _STALE)
+                    _refuse_apart(model, optimizer)
                 self._groups = len(optimizer.param_groups)
             return model, False
-        if not _collective.ready():
-            raise RuntimeError(_NO_GROUP)
-        if optimizer is None:
-            raise ValueError("with_fsdp needs a state with an optimizer (TrainState.create(model, optimizer))")
-        self._model = None
-        if not any(is_dtensor(p) for p in model.parameters()):  # (a model you sharded yourself is taken as it is)
-            _shard(model, optimizer, self.shard, self.options)
-        else:
+        with _changing_nothing():
+            if not _collective.ready():
+                raise RuntimeError(_NO_GROUP)
+            if optimizer is None:
+                raise ValueError("with_fsdp needs a state with an optimizer (TrainState.create(model, optimizer))")
+            self._model = None
+            unsharded = not any(is_dtensor(p) for p in model.parameters())  # (one you sharded yourself is taken as is)
+            if unsharded:
+                _refuse_unshardable(model, optimizer, self.shard)
             _refuse_apart(model, optimizer)
+        if unsharded:
+            _shard(model, optimizer, self.shard, self.options)
         self._model, self._groups = weakref.ref(model), len(optimizer.param_groups)
         return model, True
 
@@ -355,15 +362,12 @@ def _shard(
     model: nn.Module, optimizer: torch.optim.Optimizer, shard: Collection[type[nn.Module]] | Callable[[nn.Module], bool],
     options: Mapping[str, Any],
 ) -> None:
-    """Shard ``model`` in place (rank 0's weights on every rank first) and point ``optimizer`` at the shards."""
+    """Shard ``model`` in place (rank 0's weights on every rank first) and point ``optimizer`` at the shards: after
+    :func:`_refuse_unshardable` and :func:`_refuse_apart` (an error here may find the model changed half-way)."""
     from torch.distributed.fsdp import fully_shard
 
     names = {id(p): name for name, p in model.named_parameters()}
-    _refuse_foreign(model, optimizer, _NOT_OF_MODEL)
     picked = _chosen(shard)
-    _refuse_split_ties(model, picked)
-    _refuse_other_tensors(model)
-    _refuse_apart(model, optimizer)
     _broadcast_from_rank_zero(model)
     for module in reversed([m for m in model.modules() if m is not model and picked(m)]):  # innermost first
         fully_shard(module, **options)
@@ -376,6 +380,43 @@ def _shard(
             entry = optimizer.state.pop(before, None)
             if entry is not None:
                 optimizer.state[after] = {k: _shard_like(v, before, after) for k, v in entry.items()}
+
+
+def _refuse_unshardable(
+    model: nn.Module, optimizer: torch.optim.Optimizer, shard: Collection[type[nn.Module]] | Callable[[nn.Module], bool],
+) -> None:
+    """Refuse what :func:`_shard` cannot shard, before it changes anything: an optimizer that trains a parameter not
+    of ``model`` (:func:`_refuse_foreign`), a tied weight ``shard`` splits (:func:`_refuse_split_ties`), tensors
+    that differ from rank 0's (:func:`_refuse_other_tensors`, one all-gather).
+
+    >>> _refuse_unshardable(nn.Linear(2, 1), torch.optim.SGD(nn.Linear(2, 1).parameters(), lr=0.1), ())
+    Traceback (most recent call last):
+    ...
+    loopkit.steps.SyncRefusal: with_fsdp: the optimizer's param group 0 trains a parameter of shape (1, 2) that is not one of the model's; fully_shard shards the model's parameters only (build the optimizer over model.parameters())
+    """
+    _refuse_foreign(model, optimizer, _NOT_OF_MODEL)
+    _refuse_split_ties(model, _chosen(shard))
+    _refuse_other_tensors(model)
+
+
+@contextlib.contextmanager
+def _changing_nothing() -> Iterator[None]:
+    """The context of :meth:`FSDPSync.module`'s checks, which come before anything changes (the broadcast of rank 0's
+    weights, ``fully_shard``): an error raised inside is marked so (:func:`loopkit.steps.sync_unchanged`, the step
+    leaves the state usable), a failed collective of theirs too (this rank's state is as it was).
+
+    >>> try:
+    ...     with _changing_nothing():
+    ...         raise RuntimeError("no process group")
+    ... except RuntimeError as error:
+    ...     print(getattr(error, "_loopkit_sync_unchanged", False))
+    True
+    """
+    try:
+        yield
+    except Exception as error:
+        sync_unchanged(error)
+        raise
 
 
 _NOT_OF_MODEL = ("fully_shard shards the model's parameters only (build the optimizer over model.parameters())")
@@ -620,7 +661,8 @@ def with_fsdp(
     ``fully_shard`` puts each parameter into one group. Leave the tied modules out of ``shard``
     (the model's own group then holds the weight: shard the blocks between them), or
     ``shard=()``; the step's first call refuses (``ValueError``) a ``shard`` that splits them,
-    naming both places. One module object reused in several places (``nn.ModuleList([block, block])``,
+    naming both places, before anything changed (the state stays usable: build the step with
+    another ``shard``). One module object reused in several places (``nn.ModuleList([block, block])``,
     ALBERT-style) is one group, sharded once: ``shard={Block}`` trains it. torch's ``fully_shard``
     refuses a 0-dim (scalar) parameter: make it of shape ``(1,)``.
 
@@ -680,7 +722,9 @@ def with_fsdp(
     call ``loopkit.distributed.init()``), ``TypeError`` for a refused transform or option: an option
     ``fully_shard`` does not take (the nearest name suggested), an ``mp_policy`` that is not a
     ``MixedPrecisionPolicy``, a ``mesh`` that is not a ``DeviceMesh``, a ``shard_placement_fn`` that is
-    not callable (checked when the step is built, before the process group is looked for).
+    not callable (checked when the step is built, before the process group is looked for). An error of the step's
+    first call raised before rank 0's weights are broadcast (no process group any more, the checks above) leaves
+    the state usable (``loopkit.state_at_error``); one from the broadcast or ``fully_shard`` on does not.
 
     >>> import torch, torch.distributed as dist
     >>> from loopkit.state import TrainState

@@ -524,7 +524,8 @@ def one_rank():
     try:
         yield
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():  # (a test may destroy it)
+            dist.destroy_process_group()
 
 
 def _step():
@@ -776,7 +777,8 @@ def test_a_state_dict_mid_group_is_refused_and_a_graceful_stop_waits_for_the_gro
 
 def test_a_tied_weight_split_by_shard_is_refused_naming_both_places(one_rank):
     """An embedding tied to the output layer: shard= picking either module puts the weight into two groups (torch
-    refuses at the first forward); refused before anything is sharded, naming both and the fix. shard=() trains."""
+    refuses at the first forward); refused before anything is sharded, naming both and the fix, the donated state
+    left usable (it was used up before): with shard=() it trains as a raw loop."""
     def tied():
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
@@ -792,11 +794,20 @@ def test_a_tied_weight_split_by_shard_is_refused_naming_both_places(one_rank):
                           ({torch.nn.Linear}, r"the model's own group and '2' \(Linear, picked by shard=\)")):
         state = tied()
         with pytest.raises(ValueError, match=rf"with_fsdp: the parameter '0\.weight' is tied to '2\.weight'.*{places}"
-                                             r".*Leave every module that holds the tied weight out of shard="):
+                                             r".*Leave every module that holds the tied weight out of shard=") as refused:
             loopkit.donate(loopkit.with_fsdp(ce, shard=shard))(state, batch)
+        assert loopkit.state_at_error(refused.value) is state
         assert type(state.model[0].weight) is torch.nn.Parameter  # nothing sharded
-    state, metrics = loopkit.donate(loopkit.with_fsdp(ce))(tied(), batch)
+    step = loopkit.donate(loopkit.with_fsdp(ce))
+    for _ in range(2):
+        state, metrics = step(state, batch)
     assert state.model[0].weight is state.model[2].weight and torch.isfinite(metrics["loss"])
+    raw = tied()
+    for _ in range(2):
+        raw.optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(raw.model(batch[:, 0]), batch[:, 1]).backward()
+        raw.optimizer.step()
+    assert_params_close(fsdp.full_params(state.model), raw.model, TOL)
 
 
 class _Block(torch.nn.Module):
@@ -919,6 +930,65 @@ def test_a_rank_dying_at_the_broadcast_of_rank_zeros_weights_names_it(one_rank, 
     monkeypatch.setattr(dist, "broadcast", _connection_reset)
     state = fsdp.make_state("sgd")
     with pytest.raises(RuntimeError, match=r"with_fsdp: the broadcast of rank 0's parameters and buffers failed on "
-                                           r"rank 0 of 2: another rank has probably died"):
+                                           r"rank 0 of 2: another rank has probably died") as failed:
         loopkit.donate(loopkit.with_fsdp(_step()))(state, fsdp.make_data(1)[0, 0])
     assert type(state.model[0].weight) is torch.nn.Parameter
+    assert loopkit.state_at_error(failed.value) is None  # (the broadcast may have changed some tensors: used up)
+
+
+def _no_group(monkeypatch):
+    dist.destroy_process_group()  # (built under a group, called after it went: the step's first call refuses)
+    return RuntimeError, r"^with_fsdp needs a torch\.distributed process group", lambda: dist.init_process_group(
+        "gloo", store=dist.HashStore(), rank=0, world_size=1)
+
+
+def _tensors_apart(monkeypatch):  # (as rank 1 sees rank 0's model of other shapes)
+    monkeypatch.setattr(loopkit._collective, "differs_from_rank_zero", lambda *args, **kwargs: "rank 1 has ...")
+    return ValueError, r"^with_fsdp: the model's parameters or buffers differ between ranks", monkeypatch.undo
+
+
+def _check_failed(monkeypatch):  # (another rank died at the all-gather of the models' names)
+    monkeypatch.setattr(dist, "all_gather_object", _connection_reset)
+    return RuntimeError, r"^with_fsdp: the all-gather of every rank's parameters and buffers", monkeypatch.undo
+
+
+@pytest.mark.parametrize("cause", [_no_group, _tensors_apart, _check_failed])
+def test_an_error_before_the_broadcast_leaves_the_donated_state_usable_then_mended_trains_as_a_raw_loop(
+        one_rank, monkeypatch, cause):
+    """No process group (any more), the ranks' tensors apart, a failed all-gather of the check: raised by the first
+    call before rank 0's weights are broadcast and fully_shard runs (the state used up before, though nothing of it
+    changed). The donated state is loopkit.state_at_error's, unsharded; the cause mended, it trains as a raw loop."""
+    data = fsdp.make_data(2)
+    state = fsdp.make_state("sgd")
+    step = loopkit.donate(loopkit.with_fsdp(_step(), shard=fsdp.SHARD))
+    error, message, mend = cause(monkeypatch)
+    with pytest.raises(error, match=message) as refused:
+        step(state, fsdp.global_batch(data, 0))
+    assert loopkit.state_at_error(refused.value) is state
+    state.check_usable()
+    assert type(state.model[0].weight) is torch.nn.Parameter  # nothing sharded
+    mend()
+    for i in range(2):
+        state, _ = step(state, fsdp.global_batch(data, i))
+    model, _, _ = raw_loop("sgd", data, epochs=1)
+    assert_params_close(fsdp.full_params(state.model), model, TOL)
+
+
+def test_a_state_without_an_optimizer_is_refused_before_anything_changed(one_rank):
+    state = loopkit.TrainState.create(fsdp.make_model())
+    with pytest.raises(ValueError, match=r"with_fsdp needs a state with an optimizer") as refused:
+        loopkit.with_fsdp(_step()).wrap_parallel(state)
+    assert loopkit.state_at_error(refused.value) is state
+    assert type(state.model[0].weight) is torch.nn.Parameter
+
+
+def test_an_error_of_fully_shard_leaves_the_state_used_up(one_rank):
+    """fully_shard raising (a 0-dim parameter) comes after the broadcast of rank 0's weights (several ranks) and the
+    sharding of the groups before it: the model may be changed half-way, and the state is not given back."""
+    model = torch.nn.Linear(2, 1)
+    model.scale = torch.nn.Parameter(torch.tensor(1.0))
+    state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match="fully_shard doesn.t support scalar parameters") as failed:
+        step = loopkit.donate(loopkit.with_fsdp(loopkit.train_step(lambda m, b: (m(b) * m.scale).sum())))
+        step(state, torch.ones(2, 2))
+    assert loopkit.state_at_error(failed.value) is None
