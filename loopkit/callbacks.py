@@ -196,6 +196,20 @@ def _loopkit_hook(callback: Any, name: str) -> Any:
     return getattr(callback, name, None)
 
 
+def _declared_by(callback: Any, flag: str) -> type | None:
+    """The class of ``callback``'s that declares ``flag`` (``reads_only``, ``batch_end_unused``, ``never_stops``)
+    where the flag reads ``True`` (a real bool: a ``unittest.mock.MagicMock``'s made-up attribute is no such flag),
+    else None.
+
+    >>> from unittest import mock
+    >>> _declared_by(LearningRateMonitor(), "never_stops").__name__, _declared_by(mock.MagicMock(), "never_stops")
+    ('LearningRateMonitor', None)
+    """
+    if getattr(callback, flag, False) is not True:
+        return None
+    return next((c for c in type(callback).__mro__ if flag in c.__dict__), None)
+
+
 def may_change_state_early(callback: Any) -> bool:
     """Whether ``callback`` has a hook that runs before the first step and may change the model or optimizer
     in place (a learning rate set in ``on_fit_start``); loopkit's own callbacks only read.
@@ -203,8 +217,8 @@ def may_change_state_early(callback: Any) -> bool:
     >>> may_change_state_early(EarlyStopping("val/loss")), may_change_state_early(Callback())
     (False, False)
     """
-    if getattr(callback, "reads_only", False):
-        owner = next(c for c in type(callback).__mro__ if "reads_only" in c.__dict__)
+    owner = _declared_by(callback, "reads_only")
+    if owner is not None:
         if all(getattr(type(callback), hook, None) is getattr(owner, hook, None) for hook in _EARLY_HOOKS):
             return False  # (a subclass's own early hooks are judged as any callback's)
     return any(
@@ -225,9 +239,9 @@ def _batch_end_unused(callback: Any) -> bool:
     >>> _batch_end_unused(LearningRateMonitor()), _batch_end_unused(Counting()), _batch_end_unused(Timer(60))
     (True, False, False)
     """
-    if not getattr(callback, "batch_end_unused", False) or "on_batch_end" in getattr(callback, "__dict__", {}):
+    owner = _declared_by(callback, "batch_end_unused")
+    if owner is None or "on_batch_end" in getattr(callback, "__dict__", {}):
         return False
-    owner = next((c for c in type(callback).__mro__ if "batch_end_unused" in c.__dict__), type(callback))
     return getattr(type(callback), "on_batch_end", None) is getattr(owner, "on_batch_end", None)
 
 
@@ -248,9 +262,9 @@ def _never_stops(callback: Any) -> bool:
     >>> _never_stops(LearningRateMonitor("step")), _never_stops(Stopping("step")), _never_stops(Timer(60))
     (True, False, False)
     """
-    if not getattr(callback, "never_stops", False) or any(h in getattr(callback, "__dict__", {}) for h in _BATCH_HOOKS):
+    owner = _declared_by(callback, "never_stops")
+    if owner is None or any(h in getattr(callback, "__dict__", {}) for h in _BATCH_HOOKS):
         return False
-    owner = next((c for c in type(callback).__mro__ if "never_stops" in c.__dict__), type(callback))
     return all(getattr(type(callback), hook, None) is getattr(owner, hook, None) for hook in _BATCH_HOOKS)
 
 

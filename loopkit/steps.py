@@ -754,8 +754,10 @@ def check_metric(value: Any, key: Any, where: str) -> torch.Tensor:
 
 def check_takes_model_and_batch(fn: Callable[..., Any], where: str) -> None:
     """Raise ``TypeError`` now if ``fn`` cannot be called as ``fn(model, batch)`` (judged by its signature), or is
-    a ``torch.nn.Module`` (a criterion such as ``nn.MSELoss()`` takes ``(prediction, target)``, a model its inputs:
-    its ``*args`` call would take any two arguments and fail at the first batch).
+    a ``torch.nn.Module`` whose ``forward`` is torch's own (a criterion such as ``nn.MSELoss()`` takes
+    ``(prediction, target)``, a model its inputs: its ``*args`` call would take any two arguments and fail at the
+    first batch). A Module of one's own whose ``forward`` takes ``(model, batch)`` (a loss holding buffers) is a
+    function as any: its ``forward``'s signature is judged.
 
     >>> check_takes_model_and_batch(lambda batch: batch, "train_step: loss_fn")
     Traceback (most recent call last):
@@ -766,12 +768,16 @@ def check_takes_model_and_batch(fn: Callable[..., Any], where: str) -> None:
     ...
     TypeError: train_step: loss_fn must take (model, batch), and it is a torch.nn.Module (MSELoss), ... wrap it in a function, e.g. lambda model, batch: criterion(model(batch[0]), batch[1])
     """
+    hint = ": wrap it in a function, e.g. lambda model, batch: criterion(model(batch[0]), batch[1])"
     if isinstance(fn, torch.nn.Module):
-        raise TypeError(
-            f"{where} must take (model, batch), and it is a torch.nn.Module ({type(fn).__qualname__}), called with "
-            "its own inputs (a loss module takes (prediction, target), a model its input): wrap it in a function, "
-            "e.g. lambda model, batch: criterion(model(batch[0]), batch[1])"
-        )
+        if type(fn).forward.__module__.split(".")[0] == "torch":
+            raise TypeError(
+                f"{where} must take (model, batch), and it is a torch.nn.Module ({type(fn).__qualname__}), called with "
+                f"its own inputs (a loss module takes (prediction, target), a model its input){hint}"
+            )
+        check_call(fn.forward, f"{where} must take (model, batch), and it is a torch.nn.Module: its forward must take them",
+                   None, None, hint=f" (a model's forward takes its inputs){hint}")
+        return
     check_call(fn, f"{where} must take (model, batch)", None, None)
 
 

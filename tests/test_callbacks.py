@@ -1804,3 +1804,22 @@ def test_a_non_strict_monitor_that_is_missing_skips_the_check_where_a_strict_one
 def test_early_stopping_refuses_flags_that_are_not_bools():
     with pytest.raises(TypeError, match="EarlyStopping: verbose must be True or False, got 1"):
         loopkit.EarlyStopping("val/loss", verbose=1)
+
+
+def test_a_magicmock_callback_is_refused_naming_it_before_any_step():
+    """A bare ``unittest.mock.MagicMock`` as a callback (its every attribute a made-up callable, its flags truthy
+    mocks) died before any step with Python's "generator raised StopIteration" (its ``reads_only`` looked set, no
+    class declaring it); it is judged as a callback of one's own now, and refused with a message naming it (its
+    state_dict holds mocks), the state left as it was."""
+    from unittest import mock
+
+    model = nn.Linear(2, 1)
+    state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    before = copy.deepcopy(model.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (its should_stop, a mock, reads as set)
+        with pytest.raises(TypeError, match=r"^run_epochs: MagicMock\.state_dict\(\) must hold numbers"):
+            loopkit.run_epochs(loopkit.train_step(lambda m, b: m(b).pow(2).mean()), state, [torch.ones(3, 2)] * 2,
+                               epochs=1, progress=False, callbacks=[mock.MagicMock()])
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert loopkit.callbacks._declared_by(mock.MagicMock(), "never_stops") is None

@@ -1225,3 +1225,51 @@ def test_a_module_given_as_the_function_of_model_and_batch_is_refused_with_the_w
     with pytest.raises(TypeError, match=rf"^{where} must take \(model, batch\), and it is a torch.nn.Module "
                                         rf"\({type(module).__qualname__}\).*lambda model, batch: criterion\(model\(batch\[0\]\), batch\[1\]\)"):
         build(module)
+
+
+class _LossModule(nn.Module):
+    """A loss of one's own as a Module (a buffer moves with ``.to()``): ``forward(model, batch)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("weight", torch.tensor(2.0))
+
+    def forward(self, model, batch):
+        return self.weight * ((model(batch[0]) - batch[1]) ** 2).mean()
+
+
+class _MetricModule(_LossModule):
+    def forward(self, model, batch):  # type: ignore[override]
+        return {"mse": super().forward(model, batch)}
+
+
+class _Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(2, 1)
+
+    def forward(self, x):
+        return self.layer(x)
+
+
+def test_a_module_of_ones_own_whose_forward_takes_model_and_batch_is_a_loss_fn_and_a_metric_fn():
+    """A Module of one's own whose forward takes (model, batch) worked (it is called as any function) until the
+    refusal of every Module; it trains as a raw loop calling it does, and evaluates. A model of one's own (forward
+    of its input) is still refused, naming its forward."""
+    torch.manual_seed(0)
+    model, reference = nn.Linear(2, 1), nn.Linear(2, 1)
+    reference.load_state_dict(model.state_dict())
+    batches = [(torch.randn(4, 2), torch.randn(4, 1)) for _ in range(3)]
+    state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    state, _ = loopkit.run_epochs(loopkit.train_step(_LossModule()), state, batches, epochs=1, progress=False)
+    optimizer, loss = torch.optim.SGD(reference.parameters(), lr=0.1), _LossModule()
+    for batch in batches:
+        optimizer.zero_grad()
+        loss(reference, batch).backward()
+        optimizer.step()
+    assert all(torch.equal(a, b) for a, b in zip(state.model.parameters(), reference.parameters()))
+    means = loopkit.evaluate(loopkit.eval_step(_MetricModule()), state, batches[:1])
+    assert means["mse"] == pytest.approx(loss(reference, batches[0]).item(), rel=1e-6)
+    with pytest.raises(TypeError, match=r"^train_step: loss_fn must take \(model, batch\), and it is a torch.nn.Module: "
+                                        r"its forward must take them; _Net.forward\(x\) cannot"):
+        loopkit.train_step(_Net())

@@ -419,8 +419,8 @@ def _family(logger: Any) -> str:
     >>> _family(CSVLogger("/runs", "demo")), _family(CSVLogger("/runs", "demo", version=3))
     ('loopkit.loggers.CSVLogger:/runs/demo', 'loopkit.loggers.CSVLogger:/runs/demo/version_3')
     """
-    fixed_folder = getattr(logger, "fixed_folder", None)
-    folder = fixed_folder() if callable(fixed_folder) else None
+    fixed_folder = _method(logger, "fixed_folder")
+    folder = fixed_folder() if fixed_folder is not None else None
     root, name = getattr(logger, "root", None), getattr(logger, "name", None)
     if folder is None and isinstance(root, (str, os.PathLike)) and isinstance(name, str):
         folder = os.path.join(root, name)
@@ -437,9 +437,9 @@ def _run_dirs(loggers: tuple[Any, ...], claim: bool = False) -> dict[str, str]:
     a folder of its own even when this one fails before its first row: the state that failure left goes on in it)."""
     folders = {}
     for logger in loggers:
-        if callable(getattr(logger, "continues_from", None)):
-            claim_for_fit = getattr(logger, "claim_for_fit", None) if claim else None
-            folder = claim_for_fit() if callable(claim_for_fit) else getattr(logger, "log_dir", None)
+        if _method(logger, "continues_from") is not None:
+            claim_for_fit = _method(logger, "claim_for_fit") if claim else None
+            folder = claim_for_fit() if claim_for_fit is not None else getattr(logger, "log_dir", None)
             if isinstance(folder, (str, os.PathLike)):
                 folders[_family(logger)] = os.path.normpath(os.path.abspath(folder))
     return folders
@@ -472,8 +472,8 @@ def _continue_from(loggers: tuple[Any, ...], folders: Any) -> None:
     state's step."""
     folders = folders if isinstance(folders, Mapping) else {}
     for i, logger in enumerate(loggers):
-        continues_from = getattr(logger, "continues_from", None)
-        if callable(continues_from):
+        continues_from = _method(logger, "continues_from")
+        if continues_from is not None:
             folder = folders.get(_family(logger), folders.get(i))
             continues_from(folder if isinstance(folder, str) else None)
 
@@ -494,8 +494,21 @@ def _finalize(logger: Any, status: str) -> None:
         logger.finalize(status)
 
 
+def _method(logger: Any, name: str) -> Any:
+    """``logger``'s method ``name`` where its class defines one (a file logger's: ``continues_from``,
+    ``share_run_dir``, ...), else None: a ``unittest.mock.MagicMock`` logger, whose every attribute is a made-up
+    callable, is a plain logger here (its made-up leaders went on forever).
+
+    >>> from unittest import mock
+    >>> from loopkit.loggers import CSVLogger
+    >>> _method(CSVLogger("/runs"), "share_run_dir") is not None, _method(mock.MagicMock(), "share_run_dir")
+    (True, None)
+    """
+    return getattr(logger, name) if callable(getattr(type(logger), name, None)) else None
+
+
 def _shares(follower: Any, leader: Any) -> bool:
-    share = getattr(follower, "share_run_dir", None)
+    share = _method(follower, "share_run_dir")
     return bool(share is not None and share(leader))
 
 
@@ -512,7 +525,7 @@ def _refuse_one_file_twice(loggers: tuple[Any, ...]) -> None:
     """Two loggers of one class in one run folder would write the same files over each other."""
     seen: dict[tuple[type, Any], int] = {}
     for i, logger in enumerate(loggers):
-        if not callable(getattr(logger, "share_run_dir", None)):
+        if _method(logger, "share_run_dir") is None:
             continue
         key = (type(logger), _run_folder(logger))
         if key in seen:

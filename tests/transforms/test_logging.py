@@ -1711,3 +1711,32 @@ def test_a_logger_whose_methods_take_with_loggings_calls_logs():
     run_epochs(with_logging(train_step(lambda m, b: m(b).pow(2).mean()), logger, every_n_steps=1), state,
                [torch.ones(2, 2)] * 2, epochs=1, progress=False)
     assert [step for step, _ in logger.logged][:2] == [1, 2] and logger.finalized == 1
+
+
+def test_a_magicmock_logger_is_a_plain_logger_getting_the_rows():
+    """A ``unittest.mock.MagicMock`` as a logger (as tests of one's own use) made with_logging loop forever while
+    built (its made-up ``_leader`` chain, followed as a file logger's); it is a plain logger now: its log_metrics
+    gets the windows' means, as a raw loop's losses give them, and finalize the status."""
+    from unittest import mock
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(2, 1)
+    state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    reference = torch.nn.Linear(2, 1)
+    reference.load_state_dict(model.state_dict())
+    batches = [torch.randn(3, 2) for _ in range(4)]
+    logger = mock.MagicMock()
+    step = with_logging(train_step(lambda m, b: m(b).pow(2).mean()), logger, every_n_steps=2)
+    run_epochs(step, state, batches, epochs=1, progress=False)
+    optimizer, losses = torch.optim.SGD(reference.parameters(), lr=0.1), []
+    for batch in batches:
+        optimizer.zero_grad()
+        loss = reference(batch).pow(2).mean()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    rows = [c.args for c in logger.log_metrics.call_args_list if "train/loss" in c.args[0]]
+    assert [(step, row["epoch"]) for row, step in rows] == [(2, 0), (4, 0)]
+    assert [row["train/loss"] for row, _ in rows] == pytest.approx(
+        [sum(losses[:2]) / 2, sum(losses[2:]) / 2], rel=1e-6)
+    logger.finalize.assert_called_once_with("success")
