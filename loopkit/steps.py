@@ -1683,8 +1683,9 @@ def train_step(loss_fn: LossFn) -> TrainStep:
     """A training step: forward, backward, optimizer update, scheduler step.
 
     ``loss_fn(model, batch)`` returns a scalar loss tensor, ``(loss, metrics_dict)``, or
-    ``None`` to skip the batch; it is a function (a ``torch.nn.Module``, ``nn.MSELoss()``, is refused: wrap it,
-    ``lambda model, batch: criterion(model(batch[0]), batch[1])``). The step reports ``loss`` and the aux metrics as 0-dim
+    ``None`` to skip the batch; it is a function (a ``torch.nn.Module`` of torch's, ``nn.MSELoss()``, is refused:
+    wrap it, ``lambda model, batch: criterion(model(batch[0]), batch[1])``; a Module of one's own whose ``forward``
+    takes ``(model, batch)`` is taken). The step reports ``loss`` and the aux metrics as 0-dim
     tensors on the device (it never reads them on the host). The state's RNG drives dropout.
 
     >>> import torch
