@@ -14,6 +14,7 @@ compares that over the ranks in one small all-gather, refusing on every rank wha
 
 from __future__ import annotations
 
+import hashlib
 import numbers
 from collections.abc import Collection
 from typing import Any
@@ -24,9 +25,45 @@ import torch
 from loopkit import _collective
 from loopkit.steps import SyncRefusal
 
-__all__ = ["refuse_apart", "training_described"]
+__all__ = ["ddp_ignored", "frozen_summary", "refuse_apart", "training_described"]
 
 _SKIPPED = object()  # a hyper-parameter that cannot be compared over the ranks (a callable, an object): left out
+
+
+#: the names of parameters without requires_grad that :func:`frozen_summary` lists (then a count and a digest)
+_FROZEN_LISTED = 16
+
+
+def ddp_ignored(model: torch.nn.Module) -> frozenset[str]:
+    """The parameters and buffers DDP is told to leave alone (``_ddp_params_and_buffers_to_ignore``): not reduced,
+    so not compared over the ranks either.
+
+    >>> ddp_ignored(torch.nn.Linear(1, 1))
+    frozenset()
+    """
+    return frozenset(getattr(model, "_ddp_params_and_buffers_to_ignore", ()))
+
+
+def frozen_summary(model: torch.nn.Module) -> dict[str, list[str]]:
+    """Which parameters of ``model`` require no gradient, for ``run_epochs``' check of the ranks at an epoch's start
+    (with the epoch's number of batches, in one gather): their names, in the model's order, up to ``_FROZEN_LISTED``
+    of them, then a line with how many more and a digest of every name (the gather stays small, and any difference
+    still shows). Those DDP ignores (:func:`ddp_ignored`) are left out, as :func:`training_described` leaves them.
+
+    >>> model = torch.nn.Sequential(torch.nn.Linear(1, 1), torch.nn.Linear(1, 1))
+    >>> _ = model[0].requires_grad_(False)
+    >>> frozen_summary(model)
+    {'requires_grad off': ['0.weight', '0.bias']}
+    >>> frozen_summary(torch.nn.Sequential(*(torch.nn.Linear(1, 1) for _ in range(9))).requires_grad_(False))[
+    ...     "requires_grad off"][-2:]
+    ['7.bias', '... and 2 more (digest c6daa07b5ff6ec90)']
+    """
+    ignored = ddp_ignored(model)
+    names = [name for name, p in model.named_parameters() if not p.requires_grad and name not in ignored]
+    if len(names) > _FROZEN_LISTED:
+        digest = hashlib.blake2b("\n".join(names).encode(), digest_size=8).hexdigest()
+        names = [*names[:_FROZEN_LISTED], f"... and {len(names) - _FROZEN_LISTED} more (digest {digest})"]
+    return {"requires_grad off": names}
 
 
 def training_described(

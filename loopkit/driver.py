@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import functools
-import hashlib
 import inspect
 import itertools
 import math
@@ -35,6 +34,7 @@ import numpy as np
 import torch
 
 from loopkit import _collective
+from loopkit._agreement import frozen_summary
 from loopkit._calls import check_call, takes
 from loopkit._epoch_data import TRAIN, call_seeded, check_factory, factory_name, is_factory, not_data, val_stream
 from loopkit._numbers import as_int, as_real
@@ -336,31 +336,6 @@ def _one_step_per_batch(parallel: str | None) -> str:
     'data-parallel training needs one step per batch on every rank'
     """
     return f"{parallel or 'data-parallel training'} needs one step per batch on every rank"
-
-
-_FROZEN_LISTED = 16  # the names of parameters without requires_grad that the ranks' check at an epoch's start sends
-
-
-def _frozen(model: torch.nn.Module) -> dict[str, list[str]]:
-    """Which parameters of ``model`` require no gradient, for the ranks' check at an epoch's start (with the epoch's
-    number of batches, in one gather): their names, in the model's order, up to ``_FROZEN_LISTED`` of them, then a
-    line with how many more and a digest of every name (the gather stays small, and any difference still shows).
-    Those DDP is told to ignore (``_ddp_params_and_buffers_to_ignore``) are left out, as ``with_ddp`` leaves them.
-
-    >>> model = torch.nn.Sequential(torch.nn.Linear(1, 1), torch.nn.Linear(1, 1))
-    >>> _ = model[0].requires_grad_(False)
-    >>> _frozen(model)
-    {'requires_grad off': ['0.weight', '0.bias']}
-    >>> _frozen(torch.nn.Sequential(*(torch.nn.Linear(1, 1) for _ in range(9))).requires_grad_(False))[
-    ...     "requires_grad off"][-2:]
-    ['7.bias', '... and 2 more (digest c6daa07b5ff6ec90)']
-    """
-    ignored = set(getattr(model, "_ddp_params_and_buffers_to_ignore", ()))
-    names = [name for name, p in model.named_parameters() if not p.requires_grad and name not in ignored]
-    if len(names) > _FROZEN_LISTED:
-        digest = hashlib.blake2b("\n".join(names).encode(), digest_size=8).hexdigest()
-        names = [*names[:_FROZEN_LISTED], f"... and {len(names) - _FROZEN_LISTED} more (digest {digest})"]
-    return {"requires_grad off": names}
 
 
 def _train_data_dropped(epoch: int, parallel: str | None, count: int) -> str:
@@ -2605,7 +2580,7 @@ def run_epochs(
                 # (and, where the step is data-parallel, the parameters' requires_grad: a rank whose callback changed
                 # it alone would build its wrapper alone at the epoch's first step, and wait until the timeout)
                 _collective.check_same(
-                    {"batches": total, **(_frozen(state.model) if flags_checked else {})},
+                    {"batches": total, **(frozen_summary(state.model) if flags_checked else {})},
                     {"batches": f"run_epochs: epoch {state.epoch} has another number of batches on each rank, and "
                                 f"{_one_step_per_batch(parallel)} (shard the data evenly)",
                      "requires_grad off": f"run_epochs: the parameters' requires_grad differs between the ranks at "

@@ -33,7 +33,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from loopkit import _collective
-from loopkit._agreement import refuse_apart
+from loopkit._agreement import ddp_ignored, refuse_apart
 from loopkit.steps import _ACCUM_COUNT, SyncRefusal, TrainStep, sync_unchanged
 from loopkit.transforms._compose import check_option_names, require_train_step
 
@@ -412,8 +412,8 @@ def _refuse_flags_apart(model: torch.nn.Module, optimizer: torch.optim.Optimizer
     """
     refuse_apart(
         model, optimizer, "with_ddp", "DistributedDataParallel reduces the parameters that require a gradient, and "
-        "every rank must reduce the same and update them alike", ignored=getattr(
-            model, "_ddp_params_and_buffers_to_ignore", ()),  # (DDP's own opt-out: not reduced)
+        "every rank must reduce the same and update them alike",
+        ignored=ddp_ignored(model),  # (DDP's own opt-out: not reduced)
         advice=" (a change of requires_grad builds the wrapper anew at the next call: a rank that changed it alone "
         "builds it alone; change it alike on every rank)")
 
