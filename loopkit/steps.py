@@ -23,7 +23,7 @@ import copy
 import inspect
 import numbers
 import types
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Protocol
 
 import attrs
@@ -55,6 +55,7 @@ __all__ = [
     "WrapperStep",
     "accumulated",
     "as_step",
+    "changing_nothing",
     "check_metric",
     "check_takes_model_and_batch",
     "donate",
@@ -882,6 +883,27 @@ def sync_unchanged(error: BaseException) -> BaseException:
     except AttributeError:  # an exception type without attributes: the state counts as used up
         pass
     return error
+
+
+@contextlib.contextmanager
+def changing_nothing() -> Iterator[None]:
+    """The context of a data-parallel hook's ``module(...)`` work that comes before anything changes (its checks and
+    their collectives, before a wrapper's broadcast of rank 0's weights or ``fully_shard``): an error raised inside is
+    marked with :func:`sync_unchanged` (the step leaves the state usable), a failed collective's too (a peer that
+    died or left, the process group's timeout: this rank's state is as it was).
+
+    >>> try:
+    ...     with changing_nothing():
+    ...         raise RuntimeError("Connection closed by peer")
+    ... except RuntimeError as error:
+    ...     print(_refused_unchanged(error))
+    True
+    """
+    try:
+        yield
+    except Exception as error:
+        sync_unchanged(error)
+        raise
 
 
 def _refused_unchanged(error: BaseException) -> bool:

@@ -18,6 +18,7 @@ from torch.utils.data import BatchSampler, DataLoader, SubsetRandomSampler, Tens
 
 import loopkit
 from loopkit import distributed
+from tests import _ddp_die_script as die_script
 from tests import _ddp_script as ddp
 
 # --- one process -------------------------------------------------------------------------------
@@ -400,27 +401,11 @@ def test_when_a_rank_dies_the_other_fails_within_the_timeout_naming_the_collecti
     with_checkpointing(every_n_steps=3) it is the save's gather (it raised gloo's bare "Connection reset by peer"); under
     with_checkpointing(train_time_interval=...) the broadcast of rank 0's clock, and under evaluate (rank 1 exiting
     after the all-gather of the means' names) the all-reduce of their sums (both raised gloo's bare error)."""
-    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_ddp_die_script.py")
-    port = _free_port()
-    procs = []
-    for rank in (0, 1):
-        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
-               "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2", "OMP_NUM_THREADS": "1",
-               "LOOPKIT_TEST_TIMEOUT": "20"}
-        args = {"step": [], "run_epochs": ["run_epochs"], "checkpoint": ["checkpoint", str(tmp_path)],
-                "clock": ["clock", str(tmp_path)], "evaluate": ["evaluate"]}[where]
-        procs.append(subprocess.Popen([sys.executable, script] + args, env=env,
-                                      stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL))
-    outputs = []
-    try:
-        for proc in procs:
-            outputs.append(proc.communicate(timeout=60)[0])  # bounded: a hang fails the test
-    finally:
-        for proc in procs:
-            proc.kill()
-    assert procs[1].returncode == 3 and "rank 1 dies at" in outputs[1]
-    assert procs[0].returncode != 0 and "rank 0 finished" not in outputs[0]
+    args = {"step": [], "run_epochs": ["run_epochs"], "checkpoint": ["checkpoint", str(tmp_path)],
+            "clock": ["clock", str(tmp_path)], "evaluate": ["evaluate"]}[where]
+    codes, outputs = die_script.launch(args)
+    assert codes[1] == 3 and "rank 1 dies at" in outputs[1]
+    assert codes[0] != 0 and "rank 0 finished" not in outputs[0]
     assert named in outputs[0] and "another rank has probably died" in outputs[0]
     if where == "step":
         assert "at step 3 (epoch 0, batch 3)" in outputs[0]

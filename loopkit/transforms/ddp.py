@@ -34,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from loopkit import _collective
 from loopkit._agreement import ddp_ignored, refuse_apart
-from loopkit.steps import _ACCUM_COUNT, SyncRefusal, TrainStep, sync_unchanged
+from loopkit.steps import _ACCUM_COUNT, SyncRefusal, TrainStep, changing_nothing, sync_unchanged
 from loopkit.transforms._compose import check_option_names, require_train_step
 
 __all__ = ["DDPSync", "with_ddp"]
@@ -203,7 +203,10 @@ class DDPSync:
         a rank that changed them
         alone builds alone, and its comparison waits for the others until the process group's timeout, its error
         then saying so (under ``run_epochs`` a change made on some ranks only in ``on_epoch_start``, or before the
-        fit, is refused at the epoch's start instead, on every rank, before the epoch's first step).
+        fit, is refused at the epoch's start instead, on every rank, before the epoch's first step). Every error
+        raised before the wrapper's build (these checks, a failed gather of theirs: a rank that died or left, the
+        timeout) is marked with :func:`loopkit.steps.sync_unchanged` (:func:`loopkit.steps.changing_nothing`): the
+        step leaves the state usable.
 
         ``extras`` is the state's: where it says the last forward ran under ``no_sync``
         (:data:`UNSYNCED_FORWARD`, :meth:`after_forward`), a new wrapper is what the one wrapper of an uninterrupted
@@ -214,20 +217,21 @@ class DDPSync:
         """
         if self.wraps(model):
             return self._ddp, False  # type: ignore[return-value]
-        if not _collective.ready():
-            raise sync_unchanged(RuntimeError(_NO_GROUP))
-        _refuse_flags_apart(model, optimizer)
-        if extras is not None and extras.get(_ACCUM_COUNT):
-            _refuse_frozen_held(model)
-        self._model = self._ddp = None
-        self._params = self._flags = ()
-        options = dict(self.options)
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        if device.type == "cuda" and "device_ids" not in options:
-            options["device_ids"] = [device.index if device.index is not None else torch.cuda.current_device()]
-        _check_same_buffers(model)
-        unsynced = extras is not None and bool(extras.get(UNSYNCED_FORWARD))
-        own = [(b, b.detach().clone()) for b in model.buffers()] if unsynced else []
+        with changing_nothing():  # (the checks and their gathers, a failed one too: nothing of the model changed yet)
+            if not _collective.ready():
+                raise RuntimeError(_NO_GROUP)
+            _refuse_flags_apart(model, optimizer)
+            if extras is not None and extras.get(_ACCUM_COUNT):
+                _refuse_frozen_held(model)
+            self._model = self._ddp = None
+            self._params = self._flags = ()
+            options = dict(self.options)
+            device = next((p.device for p in model.parameters()), torch.device("cpu"))
+            if device.type == "cuda" and "device_ids" not in options:
+                options["device_ids"] = [device.index if device.index is not None else torch.cuda.current_device()]
+            _check_same_buffers(model)
+            unsynced = extras is not None and bool(extras.get(UNSYNCED_FORWARD))
+            own = [(b, b.detach().clone()) for b in model.buffers()] if unsynced else []
         ddp = _wrapper(model, options)
         if unsynced:  # (once a wrapper, not a call: a donated step's calls reuse it)
             with torch.no_grad():
@@ -576,7 +580,8 @@ def with_ddp(
     ``comm_hook`` its ``register_comm_hook`` refuses (:func:`_check_comm_hook`) raise ``TypeError``
     when the step is built, in one process too (torch refused them at the first step under a process
     group). An error of ``DistributedDataParallel`` raised when the wrapper is built, before its first
-    collective (torch refusing the model: no parameter that requires a gradient), leaves the state
+    collective (torch refusing the model: no parameter that requires a gradient), or of the checks before it
+    (a failed gather of theirs too: a rank that died or left, the process group's timeout), leaves the state
     usable (``loopkit.state_at_error``); one after its broadcast of rank 0's parameters does not.
 
     >>> import torch, torch.distributed as dist

@@ -29,7 +29,7 @@ from loopkit._sharded import held_grads as _held_grads
 from loopkit._sharded import is_dtensor, local
 from loopkit import _collective
 from loopkit._agreement import refuse_apart
-from loopkit.steps import SyncRefusal, TrainStep, sync_unchanged
+from loopkit.steps import SyncRefusal, TrainStep, changing_nothing
 from loopkit.transforms._compose import check_option_names, named_callable, refuse_wrapping, require_train_step
 
 if TYPE_CHECKING:
@@ -162,12 +162,12 @@ class FSDPSync:
         """
         if self.wraps(model):
             if optimizer is not None and len(optimizer.param_groups) != self._groups:  # a group added since
-                with _changing_nothing():
+                with changing_nothing():
                     _refuse_foreign(model, optimizer, _STALE)
                     _refuse_apart(model, optimizer)
                 self._groups = len(optimizer.param_groups)
             return model, False
-        with _changing_nothing():
+        with changing_nothing():
             if not _collective.ready():
                 raise RuntimeError(_NO_GROUP)
             if optimizer is None:
@@ -397,26 +397,6 @@ def _refuse_unshardable(
     _refuse_foreign(model, optimizer, _NOT_OF_MODEL)
     _refuse_split_ties(model, _chosen(shard))
     _refuse_other_tensors(model)
-
-
-@contextlib.contextmanager
-def _changing_nothing() -> Iterator[None]:
-    """The context of :meth:`FSDPSync.module`'s checks, which come before anything changes (the broadcast of rank 0's
-    weights, ``fully_shard``): an error raised inside is marked so (:func:`loopkit.steps.sync_unchanged`, the step
-    leaves the state usable), a failed collective of theirs too (this rank's state is as it was).
-
-    >>> try:
-    ...     with _changing_nothing():
-    ...         raise RuntimeError("no process group")
-    ... except RuntimeError as error:
-    ...     print(getattr(error, "_loopkit_sync_unchanged", False))
-    True
-    """
-    try:
-        yield
-    except Exception as error:
-        sync_unchanged(error)
-        raise
 
 
 _NOT_OF_MODEL = ("fully_shard shards the model's parameters only (build the optimizer over model.parameters())")

@@ -1099,3 +1099,24 @@ def test_an_error_building_the_wrapper_before_its_first_collective_leaves_the_st
     with pytest.raises(ValueError, match="SyncBatchNorm layers only work with GPU modules") as e:
         step(used, torch.ones(4, 4))
     assert loopkit.state_at_error(e.value) is None  # (raised after the broadcast of rank 0's weights)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where, gather", [
+    ("build", "the gather that checks every rank agrees with rank 0"),
+    ("rebuild", "the all-gather of every rank's buffers"),
+    ("run_epochs", "the gather that checks every rank agrees with rank 0"),
+])
+def test_a_gather_of_the_wrappers_build_failing_for_a_rank_that_left_leaves_the_state_usable(where, gather, tmp_path):
+    """Two gloo processes; rank 1 leaves before its first call (``build``), at the check of the buffers of a wrapper
+    built anew for a frozen layer after a step (``rebuild``), or at run_epochs' first step (``run_epochs``): rank 0's
+    gather before DDP wraps the model fails, nothing of the model changed, and the state was used up
+    (state_at_error None). It is the state given, as it was before the call."""
+    from tests import _ddp_die_script as die_script
+
+    codes, outputs = die_script.launch(["build", where, str(tmp_path)], timeout=5)
+    assert codes == [0, 3], outputs
+    record = torch.load(tmp_path / "rank0.pt")
+    assert f"with_ddp: {gather}" in record["error"] and "another rank has probably died" in record["error"]
+    assert record["left_is_state"], record["error"]
+    assert_equal_trees(record["left"], record["before"])
