@@ -28,9 +28,10 @@ __all__ = ["LoggingStep", "with_logging"]
 #: the window of the last n steps' metric records, in ``state.extras`` (every 32 records summed on the device)
 WINDOW = LOGGED
 
-#: in ``state.extras``: a log point's row that a logger's write did not take (it raised), in the state that failure
-#: left whole: ``{"step", "epoch", "batch_index"}`` (where it was left), ``"metrics"`` (the row) and ``"from"`` (the
-#: first logger that did not take it); a fit resumed from that state logs it first, the next log point drops it
+#: in ``state.extras``: a log point's row (the window's means, or a callback's scalars after that update) that a
+#: logger's write did not take (it raised), in the state that failure left whole: ``{"step", "epoch",
+#: "batch_index"}`` (where it was left), ``"metrics"`` (the row) and ``"from"`` (the first logger that did not take
+#: it); a fit resumed from that state logs it first, the next log point drops it
 UNLOGGED = "logging/unlogged"
 
 #: in ``state.extras``: the run folder each file logger (one with ``continues_from``) logged the state's rows to,
@@ -69,7 +70,8 @@ def _left_unlogged(new: TrainState, means: dict[str, float], taken: int) -> Trai
     """``new``, the state a log point whose row the loggers from ``taken`` on did not take leaves whole (a write
     that raised, or a failure inside after the update: :func:`loopkit.state_at_error`), with that row
     (:data:`UNLOGGED`), logged first by a fit resumed from it: its rows are the uninterrupted run's. The call's
-    metrics go into ``run_epochs``' epoch means by :func:`loopkit._window.leave_updated`. Only on a failure."""
+    metrics go into ``run_epochs``' epoch means by :func:`loopkit._window.leave_updated`. So too a callback's row
+    after an update (``LearningRateMonitor("step")``'s rates) whose write raised. Only on a failure."""
     extras = extras_copy(new.extras)
     extras[UNLOGGED] = {"step": new.step, "epoch": new.epoch, "batch_index": new.batch_index,
                         "metrics": dict(means), "from": taken}
@@ -314,7 +316,8 @@ class LoggingStep(WrapperStep):
                 self._resume(self.held.at, finishes=False)
         else:
             self._release(state)
-        self._log_row(scalars, step, (event, state.epoch, state.batch_index, frozenset(scalars)))
+        self._log_row(scalars, step, (event, state.epoch, state.batch_index, frozenset(scalars)),
+                      owed_by=state if event == "batch_end" else None)
 
     def _resume(self, at: tuple[int, int, int], finishes: bool) -> None:
         """Tell each logger with ``resume_at`` that the fit goes on from ``at`` (step, epoch, batch_index), and whether
@@ -339,15 +342,24 @@ class LoggingStep(WrapperStep):
         if finishes or not self.held.told:
             self._resume(at, finishes=finishes)
 
-    def _log_row(self, scalars: dict[str, float], step: int, row: tuple[Any, ...]) -> None:
+    def _log_row(self, scalars: dict[str, float], step: int, row: tuple[Any, ...],
+                 owed_by: TrainState | None = None) -> None:
         """Log an event's row at ``step`` to each logger, but not again to an appending one that took it already
         (in a fit whose epoch's end, or validation, failed after it: :class:`_Given`). A logger that rewinds its
-        records (``resume_at``: the file loggers) is given it again, and replaces the one it holds."""
+        records (``resume_at``: the file loggers) is given it again, and replaces the one it holds. A write that
+        raises in a callback's row after an update (``owed_by``, the state the row is of: a fit from it goes on at
+        the next batch and makes no row of that update again) leaves that state holding the row
+        (:func:`_left_unlogged`), logged first by a fit resumed from it, to the loggers from the failed one on."""
         taken = self.given.taken(step, row)
         for i, logger in enumerate(self.loggers):
             if i in taken:
                 continue
-            logger.log_metrics(scalars, step)
+            try:
+                logger.log_metrics(scalars, step)
+            except BaseException as error:
+                if owed_by is not None:
+                    leave_intact(error, _left_unlogged(owed_by, scalars, i))
+                raise
             if i in self.appending:
                 taken.add(i)
 
@@ -583,9 +595,11 @@ def with_logging(step: Any, *loggers: Any, every_n_steps: int = 50) -> LoggingSt
     raises at a log point (a full disk) leaves that update whole (:func:`loopkit.state_at_error`), holding the
     row not written: ``run_epochs`` from it logs the row first, to the loggers that did not take it, and goes
     on at the next batch (its rows, history and parameters those of the uninterrupted run; that batch's
-    ``on_batch_end`` hooks, and a save ``with_checkpointing`` outside has due at that update, are not made); so
-    does a layer inside that raises after its update (``with_profiler``'s trace write), that call's metrics kept in
-    the window and its row, if due, held for the fit resumed from the state it left. A fit
+    ``on_batch_end`` hooks, their rows (``LearningRateMonitor("step")``'s rates) and a save ``with_checkpointing``
+    outside has due at that update are not made); so does a write that raises in a callback's row after that
+    update (``LearningRateMonitor("step")``'s rates: the fit from the state logs that row first), and a layer
+    inside that raises after its update (``with_profiler``'s trace write), that call's metrics kept in the window
+    and its row, if due, held for the fit resumed from the state it left. A fit
     retried, through the same step, from the state a failure in a validation or at an epoch's end left (it
     validates, and records the epoch, again) gives each logger each row once: a logger with ``resume_at`` (the file
     loggers) replaces the row it is given again, and one without (a tracker, ``ConsoleLogger``, a logger of one's own)

@@ -1578,6 +1578,56 @@ def test_a_fit_retried_after_a_write_failed_at_an_epochs_end_gives_each_logger_e
         assert logger.logged == straight
 
 
+@pytest.mark.parametrize("relaunch", [False, True])
+def test_a_fit_retried_after_a_failed_write_of_the_learning_rates_row_logs_it_once_in_its_place(
+    relaunch, tmp_path, make_mlp, make_batches, make_sgd_state
+):
+    """``LearningRateMonitor("step")``'s row at a log point (handed to the loggers after the update's own row) whose
+    write raises: state_at_error is that update, holding the row, and run_epochs from it (in this process, or
+    relaunched from its state dict into the same folder) logs it first, to the loggers from the failed one on. (The
+    row was lost: the fit went on at the next batch, and that update's on_batch_end is not made again.) Reference: the
+    uninterrupted fit's rows and CSV file."""
+    batches = make_batches(6)
+
+    def pipeline(root, fails=True):
+        loggers = (MemoryLogger(), _FailingOnce("lr-SGD", 4) if fails else MemoryLogger(),
+                   CSVLogger(root, "run", version=0), MemoryLogger())
+        return with_logging(train_step(loss_with_mae), *loggers, every_n_steps=2), loggers
+
+    def fit(step, state):
+        return run_epochs(step, state, batches, epochs=2, callbacks=[loopkit.LearningRateMonitor("step")],
+                          progress=False)
+
+    def csv_file(root):
+        with open(os.path.join(root, "run", "version_0", "metrics.csv")) as f:
+            return f.read()
+
+    step, loggers = pipeline(tmp_path / "a", fails=False)
+    whole, _ = fit(step, make_sgd_state(make_mlp()))
+    straight = loggers[0].logged
+    assert (4, "lr-SGD") in [(s, k) for s, m in straight for k in m]
+
+    step, loggers = pipeline(tmp_path / "b")
+    with pytest.raises(OSError, match="No space left") as caught:
+        fit(step, make_sgd_state(make_mlp()))
+    left = loopkit.state_at_error(caught.value)
+    assert (left.step, left.epoch, left.batch_index) == (4, 0, 4)
+    assert "lr-SGD" in loggers[0].logged[-1][1] and loggers[3].logged[-1][0] == 4  # (the update's own row)
+    memories = [logger for logger in loggers if isinstance(logger, MemoryLogger)]
+    first = [logger.logged for logger in memories]
+    if relaunch:
+        left = make_sgd_state(make_mlp(seed=9)).load_state_dict(left.state_dict())
+        step, loggers = pipeline(tmp_path / "b", fails=False)
+        memories = [logger for logger in loggers if isinstance(logger, MemoryLogger)]
+    else:
+        first = [[] for _ in memories]
+    resumed, _ = fit(step, left)
+    for taken, logger in zip(first, memories, strict=True):
+        assert taken + logger.logged == straight  # that row once, in its place
+    assert csv_file(tmp_path / "b") == csv_file(tmp_path / "a")
+    assert all(torch.equal(a, b) for a, b in zip(resumed.model.parameters(), whole.model.parameters(), strict=True))
+
+
 def test_a_fresh_fit_with_the_same_step_logs_its_rows_though_an_earlier_fit_logged_the_same_there(
     make_mlp, make_batches, make_sgd_state
 ):
