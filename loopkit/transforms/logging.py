@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import inspect
 import os
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -412,14 +411,21 @@ def _resume_at(resume_at: Callable[..., Any], at: tuple[int, int, int], finishes
     """Tell a logger where a fit goes on from, ``at`` (its state's step, epoch and batch_index): ``resume_at(step,
     epoch, batch_index, finishes_epoch=...)`` (epochs that made no update record at one step: the file loggers tell
     their records apart by epoch too), or, to a logger of one's own that takes no epoch, ``resume_at(step)``
-    (``finishes_epoch=True`` when it is so)."""
+    (``finishes_epoch=True`` when it is so and it takes that), as :func:`loopkit._calls.takes` reads its signature
+    (one it cannot read is given the first). :func:`_check_calls` refused at build one that takes neither.
+
+    >>> told = []
+    >>> _resume_at(lambda step, finishes_epoch=False: told.append((step, finishes_epoch)), (4, 0, 4), True)
+    >>> _resume_at(lambda step: told.append(step), (4, 0, 4), True); told
+    [(4, True), 4]
+    """
     step, epoch, batch_index = at
-    try:
-        inspect.signature(resume_at).bind(step, epoch, batch_index, finishes_epoch=finishes)
-    except (TypeError, ValueError):  # (no room for them; a builtin without a signature)
-        resume_at(step, finishes_epoch=True) if finishes else resume_at(step)
-    else:
+    if takes(resume_at, step, epoch, batch_index, finishes_epoch=finishes):
         resume_at(step, epoch, batch_index, finishes_epoch=finishes)
+    elif finishes and takes(resume_at, step, finishes_epoch=True):
+        resume_at(step, finishes_epoch=True)
+    else:
+        resume_at(step)
 
 
 def _family(logger: Any) -> str:
@@ -498,12 +504,10 @@ def _finalize(logger: Any, status: str) -> None:
     (its loggers know no other)."""
     if status == "killed" and status not in getattr(logger, "finalize_statuses", ()):
         status = "failed"
-    try:
-        inspect.signature(logger.finalize).bind(status)
-    except (TypeError, ValueError):  # (no room for a status; a builtin without a signature)
-        logger.finalize()
-    else:
+    if takes(logger.finalize, status):  # (one whose signature cannot be read is given the status)
         logger.finalize(status)
+    else:
+        logger.finalize()
 
 
 def _method(logger: Any, name: str) -> Any:
@@ -558,12 +562,17 @@ def _flat_loggers(loggers: tuple[Any, ...]) -> tuple[Any, ...]:
 
 
 def _check_calls(logger: Any, who: str) -> None:
-    """Refuse a logger whose ``log_metrics`` cannot take ``(metrics, step)``, or whose ``finalize`` can take
-    neither ``(status)`` nor ``()`` (:func:`_finalize`): the calls with_logging makes, which would fail at the
-    first log point or at the fit's end."""
+    """Refuse a logger whose ``log_metrics`` cannot take ``(metrics, step)``, whose ``finalize`` can take
+    neither ``(status)`` nor ``()`` (:func:`_finalize`), or whose ``resume_at`` (where it has one) can take neither
+    ``(step, epoch, batch_index, finishes_epoch=...)`` nor ``(step)`` (:func:`_resume_at`): the calls with_logging
+    makes, which would fail at the first log point, where a fit begins, or at the fit's end."""
     check_call(logger.log_metrics, f"{who}: its log_metrics must take (metrics, step), as with_logging calls it", {}, 0)
     if not takes(logger.finalize):
         check_call(logger.finalize, f"{who}: its finalize must take (status) or (), as with_logging calls it", "success")
+    resume_at = getattr(logger, "resume_at", None)
+    if resume_at is not None and not takes(resume_at, 0):
+        check_call(resume_at, f"{who}: its resume_at must take (step, epoch, batch_index, finishes_epoch=...) or "
+                   "(step), as with_logging calls it", 0, 0, 0, finishes_epoch=False)
 
 
 def with_logging(step: Any, *loggers: Any, every_n_steps: int = 50) -> LoggingStep:
@@ -571,7 +580,8 @@ def with_logging(step: Any, *loggers: Any, every_n_steps: int = 50) -> LoggingSt
 
     The loggers go as separate arguments, ``with_logging(step, tb, csv)``, or as a list, ``with_logging(step, [tb,
     csv])`` (as Lightning's ``Trainer(logger=[tb, csv])`` takes them). A logger whose ``log_metrics`` cannot take
-    ``(metrics, step)``, or whose ``finalize`` takes neither ``(status)`` nor ``()``, is refused here.
+    ``(metrics, step)``, whose ``finalize`` takes neither ``(status)`` nor ``()``, or whose ``resume_at`` takes
+    neither ``(step, epoch, batch_index, finishes_epoch=...)`` nor ``(step)``, is refused here.
 
     Each call's metric tensors are kept in ``state.extras`` (``logging/pending``; every 32
     calls summed on the device into ``logging/window``), so the step stays pure and a
