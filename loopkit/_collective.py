@@ -306,7 +306,7 @@ def check_same(
     error: Callable[[str], Exception] = RuntimeError, advice: str = "",
 ) -> None:
     """Raise ``error`` (a ``RuntimeError`` unless given) naming the first rank whose ``values`` differ from rank
-    0's, and the values that differ (all of them where the ranks have other keys): a collective every rank must
+    0's, the values that differ and the keys one of them lacks (:func:`_held`): a collective every rank must
     call at the same point; nothing outside a process group. ``what`` begins the message: one text, or one for
     each key (several facts checked in one gather; the texts of the keys that differ begin it, see
     :func:`_what_differs`). A failed gather raises :func:`failure`'s error naming ``who`` (and giving ``advice``:
@@ -320,14 +320,14 @@ def check_same(
         dict(values), who=who, what="the gather that checks every rank agrees with rank 0", advice=advice)
     for rank, other in enumerate(gathered):
         if other != gathered[0]:
-            differs = _unlike(other, gathered[0])
-            raise error(f"{_what_differs(what, differs)}: rank {rank} has {differs}, "
-                        f"rank 0 has {_unlike(gathered[0], other)}")
+            differs = {**_unlike(other, gathered[0]), **_unlike(gathered[0], other)}
+            raise error(f"{_what_differs(what, differs)}: rank {rank} has {_held(other, gathered[0])}, "
+                        f"rank 0 has {_held(gathered[0], other)}")
 
 
 def _what_differs(what: str | Mapping[str, str], differs: Mapping[str, object]) -> str:
     """The beginning of :func:`check_same`'s message: ``what`` itself, or the texts ``what`` gives the keys that
-    differ, each once, joined by "; " (all of its texts where no key of it differs: the ranks have other keys).
+    differ (or a rank lacks), each once, joined by "; " (all of its texts where it has none of them).
 
     >>> texts = {"batches": "another number of batches", "flags": "other flags"}
     >>> _what_differs("the ranks differ", {"a": 1}), _what_differs(texts, {"flags": []})
@@ -340,14 +340,28 @@ def _what_differs(what: str | Mapping[str, str], differs: Mapping[str, object]) 
 
 
 def _unlike(values: dict[str, object], others: dict[str, object]) -> dict[str, object]:
-    """The items of ``values`` that ``others`` holds otherwise; all of them where the two have other keys.
+    """The items of ``values`` that ``others`` holds otherwise, or lacks.
 
-    >>> _unlike({"a": 1, "b": 2}, {"a": 1, "b": 3}), _unlike({"a": 1}, {"b": 1})
-    ({'b': 2}, {'a': 1})
+    >>> _unlike({"a": 1, "b": 2}, {"a": 1, "b": 3}), _unlike({"a": 1, "c": 2}, {"a": 1, "d": 2})
+    ({'b': 2}, {'c': 2})
     """
-    if values.keys() != others.keys():
-        return values
-    return {key: value for key, value in values.items() if value != others[key]}
+    return {key: value for key, value in values.items() if key not in others or value != others[key]}
+
+
+def _held(values: dict[str, object], others: dict[str, object]) -> str:
+    """What :func:`check_same`'s message says a rank has: the items of ``values`` that ``others`` holds otherwise or
+    lacks (:func:`_unlike`), and the keys of ``others`` that ``values`` lacks; not the values alike.
+
+    >>> _held({"a": 1, "b": 2}, {"a": 1, "b": 3})
+    "{'b': 2}"
+    >>> _held({"a": 1, "b": 2, "c": 3}, {"a": 1, "b": 5, "d": 4}), _held({"a": 1}, {"a": 1, "d": 4})
+    ("{'b': 2, 'c': 3} and no 'd'", "no 'd'")
+    """
+    unlike = _unlike(values, others)
+    lacks = [repr(key) for key in others if key not in values]
+    if not lacks:
+        return str(unlike)
+    return f"{unlike} and no {', '.join(lacks)}" if unlike else f"no {', '.join(lacks)}"
 
 
 def _reduce_device(sums: Mapping[str, torch.Tensor]) -> torch.device:

@@ -2069,6 +2069,21 @@ def _unmarked(state: TrainState) -> TrainState:
     return replace_extras(state, extras)
 
 
+def _newest_whole(state: Any, error: BaseException) -> Any:
+    """The fit's newest whole state once ``error`` left its batches: ``state`` (before the failing batch, or after it
+    when a hook failed), unless ``error`` marks (:func:`loopkit.state_at_error`) another in its place: the new state
+    a step marked whole after its update (a logger's failed write; ``state`` used up), or ``state`` as a failing
+    write of a callback's row after that update left it, at its step (holding the row, which ``with_logging`` logs
+    first when a fit goes on from it)."""
+    left = state_at_error(error)
+    if not isinstance(state, TrainState) or state._consumed:
+        return left
+    if isinstance(left, TrainState) and left is not state and not left._consumed and (
+            left.step, left.epoch, left.batch_index) == (state.step, state.epoch, state.batch_index):
+        return left
+    return state
+
+
 def _marked(state: TrainState) -> TrainState:
     """``state`` with the mark of a step save due (:data:`loopkit.steps.SAVE_DUE`): what an error leaves when the
     save due at its update was not made yet (a hook raised before it, or before the epoch's end it was held for);
@@ -2782,7 +2797,7 @@ def run_epochs(
             leave_intact(error, _marked(closing) if save_pending else closing)
         else:  # the newest whole state: before the failing batch, after it when a hook failed, or the new state
             # that a step marked whole after its update (a logger's failed write)
-            whole = state if isinstance(state, TrainState) and not state._consumed else state_at_error(error)
+            whole = _newest_whole(state, error)
             if whole is not None:
                 whole = _with_counters(hooks, whole) if restored else whole
                 leave_intact(error, _marked(whole) if save_pending else whole)

@@ -894,6 +894,45 @@ def test_a_step_wrapped_otherwise_on_one_rank_is_refused_at_once_naming_it(tmp_p
         assert found["seconds"] < 10
 
 
+def _check_same_worker(rank: int, port: int, out: str) -> None:
+    from loopkit import _collective
+
+    torch.set_num_threads(1)
+    distributed.init(rank=rank, world_size=2, master_port=port, timeout=30)
+    alike = {f"option {i}": [i] * 20 for i in range(20)}  # (long values, alike on both ranks)
+    cases = {
+        "values": {**alike, "epochs": 2 + rank},
+        "keys": {**alike, "epochs": 2 + rank, **({"max_steps": 9} if rank else {"min_steps": 4})},
+        "lacks": {**alike, **({} if rank else {"max_steps": 9})},
+    }
+    found = {}
+    try:
+        for name, values in cases.items():
+            try:
+                _collective.check_same(values, {"epochs": "other epochs", "max_steps": "another max_steps",
+                                                "option 0": "other options"})
+            except RuntimeError as error:
+                found[name] = str(error)
+        torch.save(found, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        distributed.shutdown()
+
+
+@pytest.mark.slow
+def test_the_ranks_disagreement_names_only_what_differs_also_where_their_keys_differ(tmp_path, bare_env):
+    """Where the ranks' keys differed, the message printed every value of both ranks (all the options alike too);
+    it names, as where the keys agree, the values that differ, and each rank's keys the other lacks."""
+    _spawn_and_join(_check_same_worker, (_free_port(), str(tmp_path)))
+    for r in (0, 1):
+        found = torch.load(os.path.join(tmp_path, f"rank{r}.pt"))
+        assert found == {
+            "values": "other epochs: rank 1 has {'epochs': 3}, rank 0 has {'epochs': 2}",
+            "keys": "other epochs; another max_steps: rank 1 has {'epochs': 3, 'max_steps': 9} and no 'min_steps', "
+                    "rank 0 has {'epochs': 2, 'min_steps': 4} and no 'max_steps'",
+            "lacks": "another max_steps: rank 1 has no 'max_steps', rank 0 has {'max_steps': 9}",
+        }, (r, found)
+
+
 def test_mean_over_ranks_takes_numbers_and_names_a_metric_that_is_none():
     """A Python number (a metric a loss_fn made with .item()) raised AttributeError; in one process the mean is the
     value itself."""

@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import inspect
 import os
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -28,9 +27,10 @@ __all__ = ["LoggingStep", "with_logging"]
 #: the window of the last n steps' metric records, in ``state.extras`` (every 32 records summed on the device)
 WINDOW = LOGGED
 
-#: in ``state.extras``: a log point's row that a logger's write did not take (it raised), in the state that failure
-#: left whole: ``{"step", "epoch", "batch_index"}`` (where it was left), ``"metrics"`` (the row) and ``"from"`` (the
-#: first logger that did not take it); a fit resumed from that state logs it first, the next log point drops it
+#: in ``state.extras``: a log point's row (the window's means, or a callback's scalars after that update) that a
+#: logger's write did not take (it raised), in the state that failure left whole: ``{"step", "epoch",
+#: "batch_index"}`` (where it was left), ``"metrics"`` (the row) and ``"from"`` (the first logger that did not take
+#: it); a fit resumed from that state logs it first, the next log point drops it
 UNLOGGED = "logging/unlogged"
 
 #: in ``state.extras``: the run folder each file logger (one with ``continues_from``) logged the state's rows to,
@@ -69,7 +69,8 @@ def _left_unlogged(new: TrainState, means: dict[str, float], taken: int) -> Trai
     """``new``, the state a log point whose row the loggers from ``taken`` on did not take leaves whole (a write
     that raised, or a failure inside after the update: :func:`loopkit.state_at_error`), with that row
     (:data:`UNLOGGED`), logged first by a fit resumed from it: its rows are the uninterrupted run's. The call's
-    metrics go into ``run_epochs``' epoch means by :func:`loopkit._window.leave_updated`. Only on a failure."""
+    metrics go into ``run_epochs``' epoch means by :func:`loopkit._window.leave_updated`. So too a callback's row
+    after an update (``LearningRateMonitor("step")``'s rates) whose write raised. Only on a failure."""
     extras = extras_copy(new.extras)
     extras[UNLOGGED] = {"step": new.step, "epoch": new.epoch, "batch_index": new.batch_index,
                         "metrics": dict(means), "from": taken}
@@ -314,7 +315,8 @@ class LoggingStep(WrapperStep):
                 self._resume(self.held.at, finishes=False)
         else:
             self._release(state)
-        self._log_row(scalars, step, (event, state.epoch, state.batch_index, frozenset(scalars)))
+        self._log_row(scalars, step, (event, state.epoch, state.batch_index, frozenset(scalars)),
+                      owed_by=state if event == "batch_end" else None)
 
     def _resume(self, at: tuple[int, int, int], finishes: bool) -> None:
         """Tell each logger with ``resume_at`` that the fit goes on from ``at`` (step, epoch, batch_index), and whether
@@ -339,15 +341,24 @@ class LoggingStep(WrapperStep):
         if finishes or not self.held.told:
             self._resume(at, finishes=finishes)
 
-    def _log_row(self, scalars: dict[str, float], step: int, row: tuple[Any, ...]) -> None:
+    def _log_row(self, scalars: dict[str, float], step: int, row: tuple[Any, ...],
+                 owed_by: TrainState | None = None) -> None:
         """Log an event's row at ``step`` to each logger, but not again to an appending one that took it already
         (in a fit whose epoch's end, or validation, failed after it: :class:`_Given`). A logger that rewinds its
-        records (``resume_at``: the file loggers) is given it again, and replaces the one it holds."""
+        records (``resume_at``: the file loggers) is given it again, and replaces the one it holds. A write that
+        raises in a callback's row after an update (``owed_by``, the state the row is of: a fit from it goes on at
+        the next batch and makes no row of that update again) leaves that state holding the row
+        (:func:`_left_unlogged`), logged first by a fit resumed from it, to the loggers from the failed one on."""
         taken = self.given.taken(step, row)
         for i, logger in enumerate(self.loggers):
             if i in taken:
                 continue
-            logger.log_metrics(scalars, step)
+            try:
+                logger.log_metrics(scalars, step)
+            except BaseException as error:
+                if owed_by is not None:
+                    leave_intact(error, _left_unlogged(owed_by, scalars, i))
+                raise
             if i in self.appending:
                 taken.add(i)
 
@@ -400,14 +411,21 @@ def _resume_at(resume_at: Callable[..., Any], at: tuple[int, int, int], finishes
     """Tell a logger where a fit goes on from, ``at`` (its state's step, epoch and batch_index): ``resume_at(step,
     epoch, batch_index, finishes_epoch=...)`` (epochs that made no update record at one step: the file loggers tell
     their records apart by epoch too), or, to a logger of one's own that takes no epoch, ``resume_at(step)``
-    (``finishes_epoch=True`` when it is so)."""
+    (``finishes_epoch=True`` when it is so and it takes that), as :func:`loopkit._calls.takes` reads its signature
+    (one it cannot read is given the first). :func:`_check_calls` refused at build one that takes neither.
+
+    >>> told = []
+    >>> _resume_at(lambda step, finishes_epoch=False: told.append((step, finishes_epoch)), (4, 0, 4), True)
+    >>> _resume_at(lambda step: told.append(step), (4, 0, 4), True); told
+    [(4, True), 4]
+    """
     step, epoch, batch_index = at
-    try:
-        inspect.signature(resume_at).bind(step, epoch, batch_index, finishes_epoch=finishes)
-    except (TypeError, ValueError):  # (no room for them; a builtin without a signature)
-        resume_at(step, finishes_epoch=True) if finishes else resume_at(step)
-    else:
+    if takes(resume_at, step, epoch, batch_index, finishes_epoch=finishes):
         resume_at(step, epoch, batch_index, finishes_epoch=finishes)
+    elif finishes and takes(resume_at, step, finishes_epoch=True):
+        resume_at(step, finishes_epoch=True)
+    else:
+        resume_at(step)
 
 
 def _family(logger: Any) -> str:
@@ -486,12 +504,10 @@ def _finalize(logger: Any, status: str) -> None:
     (its loggers know no other)."""
     if status == "killed" and status not in getattr(logger, "finalize_statuses", ()):
         status = "failed"
-    try:
-        inspect.signature(logger.finalize).bind(status)
-    except (TypeError, ValueError):  # (no room for a status; a builtin without a signature)
-        logger.finalize()
-    else:
+    if takes(logger.finalize, status):  # (one whose signature cannot be read is given the status)
         logger.finalize(status)
+    else:
+        logger.finalize()
 
 
 def _method(logger: Any, name: str) -> Any:
@@ -546,12 +562,17 @@ def _flat_loggers(loggers: tuple[Any, ...]) -> tuple[Any, ...]:
 
 
 def _check_calls(logger: Any, who: str) -> None:
-    """Refuse a logger whose ``log_metrics`` cannot take ``(metrics, step)``, or whose ``finalize`` can take
-    neither ``(status)`` nor ``()`` (:func:`_finalize`): the calls with_logging makes, which would fail at the
-    first log point or at the fit's end."""
+    """Refuse a logger whose ``log_metrics`` cannot take ``(metrics, step)``, whose ``finalize`` can take
+    neither ``(status)`` nor ``()`` (:func:`_finalize`), or whose ``resume_at`` (where it has one) can take neither
+    ``(step, epoch, batch_index, finishes_epoch=...)`` nor ``(step)`` (:func:`_resume_at`): the calls with_logging
+    makes, which would fail at the first log point, where a fit begins, or at the fit's end."""
     check_call(logger.log_metrics, f"{who}: its log_metrics must take (metrics, step), as with_logging calls it", {}, 0)
     if not takes(logger.finalize):
         check_call(logger.finalize, f"{who}: its finalize must take (status) or (), as with_logging calls it", "success")
+    resume_at = getattr(logger, "resume_at", None)
+    if resume_at is not None and not takes(resume_at, 0):
+        check_call(resume_at, f"{who}: its resume_at must take (step, epoch, batch_index, finishes_epoch=...) or "
+                   "(step), as with_logging calls it", 0, 0, 0, finishes_epoch=False)
 
 
 def with_logging(step: Any, *loggers: Any, every_n_steps: int = 50) -> LoggingStep:
@@ -559,7 +580,8 @@ def with_logging(step: Any, *loggers: Any, every_n_steps: int = 50) -> LoggingSt
 
     The loggers go as separate arguments, ``with_logging(step, tb, csv)``, or as a list, ``with_logging(step, [tb,
     csv])`` (as Lightning's ``Trainer(logger=[tb, csv])`` takes them). A logger whose ``log_metrics`` cannot take
-    ``(metrics, step)``, or whose ``finalize`` takes neither ``(status)`` nor ``()``, is refused here.
+    ``(metrics, step)``, whose ``finalize`` takes neither ``(status)`` nor ``()``, or whose ``resume_at`` takes
+    neither ``(step, epoch, batch_index, finishes_epoch=...)`` nor ``(step)``, is refused here.
 
     Each call's metric tensors are kept in ``state.extras`` (``logging/pending``; every 32
     calls summed on the device into ``logging/window``), so the step stays pure and a
@@ -583,9 +605,11 @@ def with_logging(step: Any, *loggers: Any, every_n_steps: int = 50) -> LoggingSt
     raises at a log point (a full disk) leaves that update whole (:func:`loopkit.state_at_error`), holding the
     row not written: ``run_epochs`` from it logs the row first, to the loggers that did not take it, and goes
     on at the next batch (its rows, history and parameters those of the uninterrupted run; that batch's
-    ``on_batch_end`` hooks, and a save ``with_checkpointing`` outside has due at that update, are not made); so
-    does a layer inside that raises after its update (``with_profiler``'s trace write), that call's metrics kept in
-    the window and its row, if due, held for the fit resumed from the state it left. A fit
+    ``on_batch_end`` hooks, their rows (``LearningRateMonitor("step")``'s rates) and a save ``with_checkpointing``
+    outside has due at that update are not made); so does a write that raises in a callback's row after that
+    update (``LearningRateMonitor("step")``'s rates: the fit from the state logs that row first), and a layer
+    inside that raises after its update (``with_profiler``'s trace write), that call's metrics kept in the window
+    and its row, if due, held for the fit resumed from the state it left. A fit
     retried, through the same step, from the state a failure in a validation or at an epoch's end left (it
     validates, and records the epoch, again) gives each logger each row once: a logger with ``resume_at`` (the file
     loggers) replaces the row it is given again, and one without (a tracker, ``ConsoleLogger``, a logger of one's own)

@@ -907,6 +907,73 @@ def test_with_logging_tells_a_logger_of_ones_own_the_step_alone_when_its_resume_
     assert [lg.told for lg in loggers] == [(3,), (3, 1, 0, False)]
 
 
+def test_a_logger_whose_resume_at_takes_the_step_alone_is_told_it_where_a_fit_goes_on_in_a_cut_epoch(
+    make_mlp, make_batches, make_sgd_state
+):
+    """A fit cut by max_steps mid-epoch, then one going on in that epoch: a ``resume_at(step)`` of one's own (which
+    with_logging takes) was called resume_at(4, finishes_epoch=True) and raised a TypeError when that fit logged its
+    first row; it is told resume_at(4), one that takes ``finishes_epoch`` resume_at(4, finishes_epoch=True), one
+    that takes the epoch too all of it. Reference: the rows of the same fits through a logger without resume_at."""
+
+    class StepOnly(MemoryLogger):
+        def resume_at(self, step):
+            self.told = (step,)
+
+    class Finishing(MemoryLogger):
+        def resume_at(self, step, finishes_epoch=False):
+            self.told = (step, finishes_epoch)
+
+    loggers = StepOnly(), Finishing(), _Positioned(), MemoryLogger()
+    step = with_logging(train_step(loss_with_mae), *loggers, every_n_steps=2)
+    cut, _ = run_epochs(step, make_sgd_state(make_mlp()), make_batches(6), epochs=2, max_steps=4, progress=False)
+    assert (cut.step, cut.batch_index) == (4, 4)
+    run_epochs(step, cut, make_batches(6), epochs=2, progress=False)
+    assert [lg.told for lg in loggers[:3]] == [(4,), (4, True), (4, 0, 4, True)]
+    assert all(lg.logged == loggers[3].logged for lg in loggers[:3])
+
+
+class _Unreadable:
+    """A callable whose signature Python cannot read (as some builtins and C callables): it records its calls."""
+
+    __signature__ = "unreadable"  # (inspect.signature raises a TypeError)
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, *args, **kwargs):
+        self.calls.append((args, kwargs))
+
+
+def test_resume_at_and_finalize_are_called_as_their_signatures_read_partials_mocks_and_unreadable_ones_too():
+    """with_logging asks loopkit._calls.takes which call a logger's resume_at and finalize take: a functools.partial
+    and a MagicMock as Python binds them; one whose signature cannot be read is given the first call (the file
+    loggers', Lightning's finalize(status)), as the build's check takes it."""
+    import functools
+    from unittest import mock
+
+    from loopkit.transforms.logging import _finalize, _resume_at
+
+    told = []
+    _resume_at(functools.partial(lambda tag, step: told.append((tag, step)), "own"), (4, 0, 4), True)
+    _resume_at(functools.partial(lambda tag, step, finishes_epoch=False: told.append((tag, step, finishes_epoch)),
+                                 "own"), (4, 0, 4), True)
+    mocked, unreadable = mock.MagicMock(), _Unreadable()
+    _resume_at(mocked, (4, 0, 4), False)
+    _resume_at(unreadable, (4, 0, 4), True)
+    assert told == [("own", 4), ("own", 4, True)]
+    mocked.assert_called_once_with(4, 0, 4, finishes_epoch=False)
+    assert unreadable.calls == [((4, 0, 4), {"finishes_epoch": True})]
+
+    logger = mock.MagicMock()
+    logger.finalize = functools.partial(lambda tag, status: told.append((tag, status)), "own")
+    _finalize(logger, "failed")
+    logger.finalize = functools.partial(lambda tag: told.append((tag,)), "own")
+    _finalize(logger, "success")
+    logger.finalize = unreadable
+    _finalize(logger, "success")
+    assert told[2:] == [("own", "failed"), ("own",)] and unreadable.calls[1:] == [(("success",), {})]
+
+
 def test_hyper_parameters_logged_before_a_fit_stay_and_a_new_folder_is_not_warned_about(tmp_path, make_mlp,
                                                                                       make_batches, make_sgd_state):
     """The README's way: TensorBoard's hparams logged, then with_logging(step, tb, csv): the CSV logger's rewind at
@@ -1578,6 +1645,56 @@ def test_a_fit_retried_after_a_write_failed_at_an_epochs_end_gives_each_logger_e
         assert logger.logged == straight
 
 
+@pytest.mark.parametrize("relaunch", [False, True])
+def test_a_fit_retried_after_a_failed_write_of_the_learning_rates_row_logs_it_once_in_its_place(
+    relaunch, tmp_path, make_mlp, make_batches, make_sgd_state
+):
+    """``LearningRateMonitor("step")``'s row at a log point (handed to the loggers after the update's own row) whose
+    write raises: state_at_error is that update, holding the row, and run_epochs from it (in this process, or
+    relaunched from its state dict into the same folder) logs it first, to the loggers from the failed one on. (The
+    row was lost: the fit went on at the next batch, and that update's on_batch_end is not made again.) Reference: the
+    uninterrupted fit's rows and CSV file."""
+    batches = make_batches(6)
+
+    def pipeline(root, fails=True):
+        loggers = (MemoryLogger(), _FailingOnce("lr-SGD", 4) if fails else MemoryLogger(),
+                   CSVLogger(root, "run", version=0), MemoryLogger())
+        return with_logging(train_step(loss_with_mae), *loggers, every_n_steps=2), loggers
+
+    def fit(step, state):
+        return run_epochs(step, state, batches, epochs=2, callbacks=[loopkit.LearningRateMonitor("step")],
+                          progress=False)
+
+    def csv_file(root):
+        with open(os.path.join(root, "run", "version_0", "metrics.csv")) as f:
+            return f.read()
+
+    step, loggers = pipeline(tmp_path / "a", fails=False)
+    whole, _ = fit(step, make_sgd_state(make_mlp()))
+    straight = loggers[0].logged
+    assert (4, "lr-SGD") in [(s, k) for s, m in straight for k in m]
+
+    step, loggers = pipeline(tmp_path / "b")
+    with pytest.raises(OSError, match="No space left") as caught:
+        fit(step, make_sgd_state(make_mlp()))
+    left = loopkit.state_at_error(caught.value)
+    assert (left.step, left.epoch, left.batch_index) == (4, 0, 4)
+    assert "lr-SGD" in loggers[0].logged[-1][1] and loggers[3].logged[-1][0] == 4  # (the update's own row)
+    memories = [logger for logger in loggers if isinstance(logger, MemoryLogger)]
+    first = [logger.logged for logger in memories]
+    if relaunch:
+        left = make_sgd_state(make_mlp(seed=9)).load_state_dict(left.state_dict())
+        step, loggers = pipeline(tmp_path / "b", fails=False)
+        memories = [logger for logger in loggers if isinstance(logger, MemoryLogger)]
+    else:
+        first = [[] for _ in memories]
+    resumed, _ = fit(step, left)
+    for taken, logger in zip(first, memories, strict=True):
+        assert taken + logger.logged == straight  # that row once, in its place
+    assert csv_file(tmp_path / "b") == csv_file(tmp_path / "a")
+    assert all(torch.equal(a, b) for a, b in zip(resumed.model.parameters(), whole.model.parameters(), strict=True))
+
+
 def test_a_fresh_fit_with_the_same_step_logs_its_rows_though_an_earlier_fit_logged_the_same_there(
     make_mlp, make_batches, make_sgd_state
 ):
@@ -1687,11 +1804,28 @@ class _FinalizesTwice(MemoryLogger):
         pass
 
 
+class _ResumesAtNothing(MemoryLogger):
+    def resume_at(self):  # (with_logging calls resume_at(step, epoch, batch_index, finishes_epoch=...) or (step))
+        pass
+
+
+class _ResumesAtFive(MemoryLogger):
+    def resume_at(self, a, b, c, d, e):
+        pass
+
+
+_RESUME_AT = r"its resume_at must take \(step, epoch, batch_index, finishes_epoch=\.\.\.\) or \(step\), as with_logging calls it; "
+
+
 @pytest.mark.parametrize("logger, match", [
     (_MetricsOnly(), r"its log_metrics must take \(metrics, step\), as with_logging calls it; .*log_metrics\(metrics\) cannot"),
     (_FinalizesTwice(), r"its finalize must take \(status\) or \(\), as with_logging calls it; .*missing a required argument"),
-], ids=["log_metrics", "finalize"])
+    (_ResumesAtNothing(), _RESUME_AT + r"_ResumesAtNothing\.resume_at\(\) cannot: too many positional arguments$"),
+    (_ResumesAtFive(), _RESUME_AT + r"_ResumesAtFive\.resume_at\(a, b, c, d, e\) cannot: "),
+], ids=["log_metrics", "finalize", "resume_at_none", "resume_at_five"])
 def test_a_logger_whose_methods_cannot_take_with_loggings_calls_is_refused_when_the_step_is_built(logger, match):
+    """Each is refused naming the logger, its method, the calls with_logging makes and why; a resume_at that takes
+    neither of its calls was taken, and failed where a fit began (at its first step)."""
     with pytest.raises(TypeError, match=rf"^with_logging: logger 1 \({type(logger).__qualname__}\): {match}"):
         with_logging(train_step(lambda m, b: m(b).sum()), MemoryLogger(), logger)
 
