@@ -45,7 +45,9 @@ def measure_flops(
 ) -> int:
     """The FLOPs of ``forward_fn()`` (and, given ``loss_fn``, of its loss and backward), counted by torch's
     ``FlopCounterMode``, as Lightning's ``measure_flops``. Build the model on the ``meta`` device to count
-    without computing; ``model`` is the module the count is for (kept for Lightning's signature).
+    without computing; ``model`` is the module the count is for (kept for Lightning's signature). The backward
+    leaves ``model``'s gradients as it found them (each parameter's ``.grad`` given back, the same tensor with the
+    same values, or None): measured on a state's model, its next update takes none of the measurement's.
 
     >>> import torch
     >>> with torch.device("meta"):
@@ -59,11 +61,21 @@ def measure_flops(
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
-    with counter:
-        if loss_fn is None:
+    if loss_fn is None:
+        with counter:
             forward_fn()
-        else:
+        return int(counter.get_total_flops())
+    # the backward's gradients are the measurement's: each parameter's own .grad is set aside (not accumulated
+    # into in place) and given back, whatever the backward raised
+    found = [(p, p.grad) for p in model.parameters()]
+    try:
+        for p, _ in found:
+            p.grad = None
+        with counter:
             loss_fn(forward_fn()).backward()
+    finally:
+        for p, grad in found:
+            p.grad = grad
     return int(counter.get_total_flops())
 
 

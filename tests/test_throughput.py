@@ -211,6 +211,34 @@ def test_measure_flops_counts_a_linear_layer_by_hand():
     assert measure_flops(model, lambda: model(x_grad), loss_fn=torch.Tensor.sum) == 3 * product
 
 
+def test_measure_flops_gives_the_models_gradients_back_as_it_found_them():
+    """The backward's gradients were left on the parameters, and the next train_step added them into its update (a
+    raw loop zeroes before its backward). Reference: a raw SGD loop without the measurement; gradients found there
+    (an accumulation's) given back, the same tensors with the same values, after a backward that raised too."""
+    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(1))
+    loss = lambda m, b: m(b).pow(2).mean()  # noqa: E731
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    state = TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    assert measure_flops(state.model, lambda: state.model(x), loss_fn=torch.Tensor.sum) == 2 * 2 * 4 * 3
+    assert [p.grad for p in state.model.parameters()] == [None, None]
+    trained, _ = train_step(loss)(state, x)
+    torch.manual_seed(0)
+    raw_model = nn.Linear(3, 1)
+    raw = torch.optim.SGD(raw_model.parameters(), lr=0.1)
+    raw.zero_grad()
+    loss(raw_model, x).backward()
+    raw.step()
+    assert torch.equal(trained.model.weight, raw_model.weight) and torch.equal(trained.model.bias, raw_model.bias)
+
+    model.weight.grad = held = torch.full_like(model.weight, 0.5)
+    measure_flops(model, lambda: model(x), loss_fn=torch.Tensor.sum)
+    assert model.weight.grad is held and torch.equal(held, torch.full_like(held, 0.5)) and model.bias.grad is None
+    with pytest.raises(ZeroDivisionError):
+        measure_flops(model, lambda: model(x), loss_fn=lambda out: out.sum().backward() or 1 / 0)
+    assert model.weight.grad is held and torch.equal(held, torch.full_like(held, 0.5)) and model.bias.grad is None
+
+
 def _monitored(monkeypatch, world: int, rank: int = 0) -> list[dict | None]:
     """What ThroughputMonitor hands the loggers after each of 4 batches of 4 samples, ending at 1.0, 3.0, 4.5 and
     5.0 s on a fake clock (training starts at 0.0), as rank ``rank`` of a world of ``world`` (faked)."""
