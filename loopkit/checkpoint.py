@@ -1759,8 +1759,16 @@ def export_weights(
     Written by loopkit itself (safetensors is not a dependency): an 8-byte little-endian
     header length, a JSON header with each tensor's dtype, shape and data offsets, then the
     raw little-endian bytes. The file is written atomically (temporary, fsync, rename).
-    ``metadata`` adds string pairs to the header's ``__metadata__`` (``format``, ``step``
-    and ``epoch`` are always there).
+    ``metadata`` (a mapping of str to str) adds string pairs to the header's ``__metadata__``
+    (``format``, ``step`` and ``epoch`` are always there).
+
+    Every entry of the ``state_dict`` is written under its own name, tied weights (an
+    embedding shared with the output head) under each of theirs, so that the file loads
+    strictly into the model as a state dict does:
+    ``model.load_state_dict(safetensors.torch.load_file(path))``. safetensors'
+    ``load_model(model, path)`` expects a tied tensor under one name alone (as its
+    ``save_model`` writes it) and refuses such a file's second name as unexpected: load it
+    with ``load_state_dict(load_file(path))``.
 
     A state that ``with_fsdp`` sharded gives the full weights: every rank must call it (each
     sharded tensor is gathered whole, a collective, into rank 0's CPU memory alone: the other
@@ -1790,6 +1798,9 @@ def export_weights(
         raise IsADirectoryError(f"export_weights: {str(path)!r} is a folder; give a file path, e.g. {str(path / 'model.safetensors')!r}")
     if not path.parent.is_dir():
         raise FileNotFoundError(f"export_weights: the folder {str(path.parent)!r} of {str(path)!r} does not exist")
+    if metadata is not None and not isinstance(metadata, Mapping):
+        raise TypeError(
+            f"export_weights: metadata must be a mapping of str to str (a dict), got {type(metadata).__qualname__}")
     info: dict[str, Any] = {"format": "pt", "step": str(state.step), "epoch": str(state.epoch)}
     for key, value in (metadata or {}).items():
         if not isinstance(key, str) or not isinstance(value, str):

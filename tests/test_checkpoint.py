@@ -968,6 +968,37 @@ def test_export_weights_refuses_what_safetensors_cannot_hold(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("metadata, got", [
+    ([("author", "me")], "list"), ("author=me", "str"), ({"step": 3}, "'step': 3"), ({1: "one"}, "1: 'one'"),
+])
+def test_export_weights_refuses_metadata_that_is_no_mapping_of_strings_by_its_own_type_error(tmp_path, metadata, got):
+    """A list or a string as metadata died with AttributeError: "'list' object has no attribute 'items'"."""
+    with pytest.raises(TypeError, match=rf"^export_weights: metadata must .*{re.escape(got)}"):
+        loopkit.export_weights(TrainState.create(nn.Linear(2, 1)), tmp_path / "w.safetensors", metadata=metadata)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_weights_writes_tied_weights_under_each_name_and_loads_strictly_as_a_state_dict(tmp_path):
+    """As the docstring says: an embedding tied to the output head is written under both its names (as the
+    state_dict holds it), so the file loads strictly by load_state_dict(load_file(path)), into a new model whose
+    head stays tied. Reference: the model's own state_dict."""
+    from safetensors.torch import load_file
+
+    class TiedLM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.head = nn.Embedding(10, 4), nn.Linear(4, 10, bias=False)
+            self.head.weight = self.emb.weight
+
+    model = TiedLM()
+    path = loopkit.export_weights(TrainState.create(model), tmp_path / "lm.safetensors")
+    loaded = load_file(path)
+    assert sorted(loaded) == sorted(model.state_dict()) == ["emb.weight", "head.weight"]
+    fresh = TiedLM()
+    fresh.load_state_dict(loaded)  # strict
+    assert torch.equal(fresh.emb.weight, model.emb.weight) and fresh.head.weight is fresh.emb.weight
+
+
 def test_the_listing_ignores_what_is_not_a_checkpoint(tmp_path, make_mlp):
     checkpoint.save(_state(make_mlp), tmp_path)
     (tmp_path / "notes.txt").write_text("hi")
