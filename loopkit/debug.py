@@ -87,7 +87,8 @@ def _difference(a: Any, b: Any, path: str) -> str | None:
         if a.is_floating_point() or a.is_complex():
             same = torch.equal(a, b) or bool(torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num()))
             if not same:
-                gap = (a.double() - b.double()).abs().nan_to_num(nan=float("inf")).max().item()
+                wide = torch.complex128 if a.is_complex() else torch.float64  # (a complex one's imaginary part too)
+                gap = (a.to(wide) - b.to(wide)).abs().nan_to_num(nan=float("inf")).max().item()
                 return f"{path} differs (max abs difference {gap:.3g})"
         elif not torch.equal(a, b):
             return f"{path} differs"

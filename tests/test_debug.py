@@ -303,6 +303,26 @@ def test_a_step_changing_a_plain_tensor_attribute_of_the_callers_model_is_named(
         check_purity(_meddling(lambda state: change(state.model)), state, batch)
 
 
+def test_a_change_of_a_complex_parameters_imaginary_part_is_named_by_its_size():
+    """The gap was computed with .double(), which drops the imaginary part (a ComplexWarning): 'max abs difference
+    0' for a real change. Reference: |0.5j - 0| = 0.5, and |3 + 4j| = 5."""
+
+    class Complex(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(3, dtype=torch.complex64))
+
+    for change, gap in ((0.5j, "0.5"), (3 + 4j, "5")):
+        state = loopkit.TrainState.create(Complex())
+
+        def sloppy(state):
+            with torch.no_grad():
+                state.model.w.add_(change)
+
+        with pytest.raises(ImpurityError, match=rf"model\.w differs \(max abs difference {gap}\)$"):
+            check_purity(_meddling(sloppy), state, None)
+
+
 def test_the_profiler_layer_is_left_out_and_the_run_is_profiled_as_configured(tmp_path, make_mlp, make_sgd_state,
                                                                                batches, mse_loss, take_snapshot,
                                                                                assert_trees_equal):
