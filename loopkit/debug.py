@@ -34,7 +34,7 @@ import torch
 from loopkit.errors import ImpurityError
 from loopkit.state import TrainState, attribute_tensors, module_settings, not_a_state, refuse_copy_if_sharded
 from loopkit.steps import Metrics, as_step
-from loopkit.tree import named_tensors
+from loopkit.tree import named_tensors, sequence_like
 
 __all__ = ["check_purity"]
 
@@ -64,7 +64,7 @@ def _copy(tree: Any) -> Any:
     if isinstance(tree, Mapping):
         return {k: _copy(v) for k, v in tree.items()}
     if isinstance(tree, (list, tuple)):
-        return type(tree)(_copy(v) for v in tree)
+        return sequence_like(tree, [_copy(v) for v in tree])
     return tree
 
 

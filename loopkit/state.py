@@ -28,7 +28,7 @@ from torch import nn
 from loopkit._sharded import full, holds_unreduced_grads, is_sharded
 from loopkit.errors import DonatedStateError, StateMismatchError
 from loopkit.rng import create_rng
-from loopkit.tree import compact_views, decode_tree, encode_tree, from_plain, to_plain
+from loopkit.tree import compact_views, decode_tree, encode_tree, from_plain, sequence_like, to_plain
 
 __all__ = [
     "HeldScheduler", "TrainState", "drop_graph", "extras_copy", "fork", "held_scheduler", "keep_graph", "leave_intact",
@@ -1357,7 +1357,7 @@ def _clone_value(value: Any, memo: dict[int, Any]) -> Any:
     if isinstance(value, torch.Tensor):
         return _clone_tensor(value, memo)
     if isinstance(value, (list, tuple)):
-        return type(value)(_clone_value(v, memo) for v in value)
+        return sequence_like(value, [_clone_value(v, memo) for v in value])
     if isinstance(value, dict):
         return {k: _clone_value(v, memo) for k, v in value.items()}
     return value
@@ -1746,7 +1746,7 @@ def _resized(plain: Any, template: Any) -> Any:
         return {k: _resized(plain.get(str(k)), v) for k, v in template.items()}
     if isinstance(template, (list, tuple)) and set(plain) == {str(i) for i in range(len(plain))}:
         items = [template[min(i, len(template) - 1)] if template else plain[str(i)] for i in range(len(plain))]
-        return type(template)(_resized(plain.get(str(i)), item) for i, item in enumerate(items))
+        return sequence_like(template, [_resized(plain.get(str(i)), item) for i, item in enumerate(items)])
     return template
 
 

@@ -21,7 +21,7 @@ from loopkit.errors import StateMismatchError
 
 __all__ = [
     "compact_views", "copy_tensors", "decode_tree", "device_available", "devices_here", "encode_tree", "from_plain",
-    "named_tensors", "path_str",
+    "named_tensors", "path_str", "sequence_like",
     "tensors",
     "to_device", "to_plain",
 ]
@@ -153,10 +153,9 @@ def _move(obj: Any, device: torch.device, non_blocking: bool, path: str) -> Any:
         moved = {k: _move(v, device, non_blocking, f"{path}[{k!r}]") for k, v in obj.items()}
         return moved if type(obj) is dict else _rebuild_mapping(obj, moved)
     if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
-        return type(obj)(*(_move(v, device, non_blocking, f"{path}.{f}") for f, v in zip(obj._fields, obj)))
+        return sequence_like(obj, [_move(v, device, non_blocking, f"{path}.{f}") for f, v in zip(obj._fields, obj)])
     if isinstance(obj, (list, tuple)):
-        items = [_move(v, device, non_blocking, f"{path}[{i}]") for i, v in enumerate(obj)]
-        return items if type(obj) is list else type(obj)(items)
+        return sequence_like(obj, [_move(v, device, non_blocking, f"{path}[{i}]") for i, v in enumerate(obj)])
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         # a copy with every field moved, init=False ones too (dataclasses.replace would reset those)
         new = copy.copy(obj)
@@ -169,6 +168,23 @@ def _move(obj: Any, device: torch.device, non_blocking: bool, path: str) -> Any:
         "tuples, lists, dicts, dataclasses, namedtuples, objects with .to(device), strings, numbers "
         "and None are supported"
     )
+
+
+def sequence_like(template: list | tuple, items: list[Any]) -> list | tuple:
+    """``items`` (a new list) as a list or tuple of ``template``'s own type: a plain list as it is, a namedtuple
+    by position (its constructor takes the fields one by one), any other tuple and a subclass of list or tuple
+    from the list.
+
+    >>> Pair = collections.namedtuple("Pair", "a b")
+    >>> sequence_like(Pair(1, 2), [3, 4]), sequence_like((1, 2), [3, 4]), sequence_like([1], [5])
+    (Pair(a=3, b=4), (3, 4), [5])
+    """
+    kind = type(template)
+    if kind is list:
+        return items
+    if kind is not tuple and hasattr(template, "_fields") and isinstance(template, tuple):
+        return kind(*items)
+    return kind(items)
 
 
 def _rebuild_mapping(original: Mapping, moved: dict) -> Mapping:
@@ -193,7 +209,7 @@ def copy_tensors(tree: Any, device: torch.device | str | None = None) -> Any:
     if isinstance(tree, Mapping):
         return {k: copy_tensors(v, device) for k, v in tree.items()}
     if isinstance(tree, (list, tuple)):
-        return type(tree)(copy_tensors(v, device) for v in tree)
+        return sequence_like(tree, [copy_tensors(v, device) for v in tree])
     return tree
 
 
@@ -253,8 +269,7 @@ def _with_tensors(tree: Any, copies: Mapping[int, torch.Tensor]) -> Any:
     if isinstance(tree, Mapping):
         return {k: _with_tensors(v, copies) for k, v in tree.items()}
     if isinstance(tree, (list, tuple)):
-        items = [_with_tensors(v, copies) for v in tree]
-        return type(tree)(*items) if hasattr(tree, "_fields") else type(tree)(items)  # (a namedtuple: by position)
+        return sequence_like(tree, [_with_tensors(v, copies) for v in tree])
     return tree
 
 
@@ -430,8 +445,7 @@ def from_plain(plain: Any, template: Any, path: tuple[str, ...] = ()) -> Any:
                 raise _mismatch(f"unexpected key '{path_str(path + (key,))}'")
         if isinstance(template, Mapping):
             return _like(template, decoded)
-        values = list(decoded.values())
-        return values if isinstance(template, list) else type(template)(values)
+        return sequence_like(template, list(decoded.values()))
     raise TypeError(f"cannot decode state at '{path_str(path)}' into a {type(template).__qualname__}")
 
 

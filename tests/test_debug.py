@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import importlib.util
 from pathlib import Path
 
@@ -301,6 +302,28 @@ def test_a_step_changing_a_plain_tensor_attribute_of_the_callers_model_is_named(
 
     with pytest.raises(ImpurityError, match="changed the state it was given: " + where):
         check_purity(_meddling(lambda state: change(state.model)), state, batch)
+
+
+def test_a_namedtuple_setting_is_compared_and_a_pure_step_passes():
+    """A module holding a namedtuple of plain values (a config): the snapshot rebuilt it as type(t)(items), which the
+    namedtuple's constructor refuses: check_purity raised a TypeError on a pure step."""
+    Cfg = collections.namedtuple("Cfg", "scale shift")
+
+    class Scaled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.cfg = torch.nn.Linear(2, 1), Cfg(2.0, 0.5)
+
+        def forward(self, x):
+            return self.fc(x) * self.cfg.scale + self.cfg.shift
+
+    model = Scaled()
+    state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    step = loopkit.train_step(lambda m, b: m(b).pow(2).mean())
+    new, _ = check_purity(step, state, torch.ones(4, 2))
+    assert torch.equal(new.model.fc.weight, step(state, torch.ones(4, 2))[0].model.fc.weight)
+    with pytest.raises(ImpurityError, match=r"modules\.<root>\.settings\.cfg\.0 changed from 2\.0 to 3\.0"):
+        check_purity(_meddling(lambda s: setattr(s.model, "cfg", Cfg(3.0, 0.5))), state, None)
 
 
 def test_a_change_of_a_complex_parameters_imaginary_part_is_named_by_its_size():

@@ -1120,6 +1120,39 @@ def test_a_large_container_on_a_module_is_shared_by_its_copy_and_a_small_one_cop
     assert all(block is new.model.a for block in new.model.blocks) and model.a.weight.grad is None
 
 
+def test_a_namedtuple_in_the_optimizers_state_is_copied_for_a_pure_step():
+    """An optimizer keeping a namedtuple of tensors per parameter: the copy rebuilt it as type(t)(generator), which
+    a namedtuple refuses (a TypeError at the second step). Reference: the raw loop."""
+    Moments = collections.namedtuple("Moments", "m v")
+
+    class MomentsSGD(torch.optim.SGD):
+        @torch.no_grad()
+        def step(self, closure=None):
+            for p in self.param_groups[0]["params"]:
+                old = self.state[p].get("moments", Moments(torch.zeros_like(p), torch.zeros_like(p)))
+                self.state[p]["moments"] = Moments(old.m * 0.9 + p.grad, old.v * 0.99 + p.grad ** 2)
+                p.sub_(0.1 * self.state[p]["moments"].m)
+
+    loss = lambda m, b: m(b).pow(2).mean()  # noqa: E731
+    batches = [torch.randn(4, 2, generator=torch.Generator().manual_seed(k)) for k in range(3)]
+    torch.manual_seed(0)
+    raw_model = nn.Linear(2, 1)
+    raw = MomentsSGD(raw_model.parameters(), lr=0.1)
+    for batch in batches:
+        raw.zero_grad()
+        loss(raw_model, batch).backward()
+        raw.step()
+    torch.manual_seed(0)
+    model = nn.Linear(2, 1)
+    state = loopkit.TrainState.create(model, MomentsSGD(model.parameters(), lr=0.1))
+    current = state
+    for batch in batches:
+        current, _ = loopkit.train_step(loss)(current, batch)
+    moments = current.optimizer.state[current.model.weight]["moments"]
+    assert type(moments) is Moments and torch.equal(moments.v, raw.state[raw_model.weight]["moments"].v)
+    assert torch.equal(current.model.weight, raw_model.weight) and not state.optimizer.state
+
+
 def test_a_wrapper_optimizers_inner_optimizer_is_copied_for_a_pure_step():
     """A Lookahead/SAM-style optimizer holding another: the copy's inner optimizer stepped the original's parameters
     (without gradients): a pure step trained nothing. Reference: the raw loop."""

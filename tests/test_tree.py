@@ -16,7 +16,7 @@ import torch
 
 import loopkit
 from loopkit.errors import StateMismatchError
-from loopkit.tree import compact_views, from_plain, path_str, to_device, to_plain
+from loopkit.tree import compact_views, copy_tensors, from_plain, path_str, to_device, to_plain
 
 Pair = namedtuple("Pair", "x y")
 
@@ -214,6 +214,22 @@ def test_to_plain_and_from_plain_round_trip():
     decoded = from_plain(plain, template)
     assert decoded["betas"] == (0.8, 0.9) and decoded["groups"] == [3, 4] and decoded["name"] == "sgd"
     assert torch.equal(decoded["buf"], torch.ones(2)) and decoded["x"] is None
+
+
+def test_copy_tensors_and_from_plain_keep_a_namedtuple_and_a_subclass_of_list_or_tuple():
+    """Both rebuilt every tuple as type(t)(items), which a namedtuple's constructor refuses (it takes the fields one
+    by one); from_plain also gave a list subclass back as a plain list. Reference: the template's own values."""
+
+    class Ids(list):
+        pass
+
+    tensor = torch.ones(2)
+    copied = copy_tensors({"p": Pair(tensor, 2), "ids": Ids([tensor])})
+    assert type(copied["p"]) is Pair and copied["p"].y == 2 and type(copied["ids"]) is Ids
+    assert copied["p"].x is not tensor and torch.equal(copied["p"].x, tensor) and copied["ids"][0] is not tensor
+    template = {"betas": Pair(0.9, 0.99), "ids": Ids([1, 2])}
+    decoded = from_plain(to_plain(template), template)
+    assert decoded == template and type(decoded["betas"]) is Pair and type(decoded["ids"]) is Ids
 
 
 def test_to_plain_names_the_path_of_a_leaf_it_refuses():
