@@ -16,7 +16,7 @@ import numbers
 import types
 import warnings
 import weakref
-from collections import Counter, OrderedDict, defaultdict
+from collections import Counter, OrderedDict, defaultdict, deque
 from collections.abc import Mapping
 from typing import Any
 
@@ -1159,8 +1159,8 @@ def _own_attributes(attributes: dict[str, Any]) -> list[str]:
 
 
 def _shared_container(value: Any) -> bool:
-    """Whether the list, tuple, set or dict ``value`` (a module's attribute) is shared by a copy as it is: a large
-    one of plain values (a vocabulary, class names), not copied at every pure step."""
+    """Whether the list, tuple, deque, set or dict ``value`` (a module's attribute) is shared by a copy as it is: a
+    large one of plain values (a vocabulary, class names), not copied at every pure step."""
     if len(value) <= _SMALL:
         return False
     return type(next(iter(value.values() if isinstance(value, dict) else value))) in _SHARED_KINDS
@@ -1177,9 +1177,10 @@ def _state_fields(value: Any) -> dict[str, Any] | None:
 
 def attribute_tensors(model: nn.Module) -> dict[str, Any]:
     """The state :func:`fork` copies from the modules' own attributes, besides parameters and buffers: each plain
-    tensor (a counter, a cache), each generator's state, in the lists, tuples, dicts and objects of one's own holding
-    them (as dicts by key or index), by ``"<module name>.<attribute>"``; attributes holding none are left out. What
-    ``loopkit.check_purity`` compares, found by the rules the copy follows (:func:`_own_attributes`).
+    tensor (a counter, a cache), each generator's state, in the lists, tuples (namedtuples too), deques, dicts and
+    objects of one's own holding them (as dicts by key or index), by ``"<module name>.<attribute>"``; attributes
+    holding none are left out. What ``loopkit.check_purity`` compares, found by the rules the copy follows
+    (:func:`_own_attributes`).
 
     >>> model = torch.nn.Linear(1, 1)
     >>> model.seen, model.cache = torch.zeros(()), {"last": torch.ones(2), "label": "x"}
@@ -1205,7 +1206,7 @@ def _attribute_tree(value: Any) -> Any:
     kind = type(value)
     if kind is torch.Generator:
         return value.get_state()
-    if kind is list or kind is tuple or isinstance(value, dict):
+    if isinstance(value, (list, tuple, deque, dict)):  # (a namedtuple, a deque, a subclass too)
         if _shared_container(value):
             return None
         items = value.items() if isinstance(value, dict) else enumerate(value)
@@ -1312,16 +1313,22 @@ def _copied_attribute(value: Any, memo: dict[int, Any]) -> Any:
     """A module's attribute (or hook) as its copy's own, once the whole model is copied (``memo`` holds it), as
     ``copy.deepcopy`` would make it where it reaches the model's tensors or modules: a module of the model (kept in a
     list, a dict, a back-reference), a method or ``functools.partial`` of one, a tensor, a generator, and the
-    containers holding them, and an object of one's own whose attributes hold a tensor or a module. Modules outside
-    the model (a frozen teacher kept in a list) and other objects (a configuration) are shared."""
+    containers holding them (lists, tuples, namedtuples, deques, dicts and sets; each of its own type), and an object
+    of one's own whose attributes hold a tensor or a module. Modules outside the model (a frozen teacher kept in a
+    list) and other objects (a configuration) are shared."""
     if isinstance(value, _SHARED_VALUES):
         return value
     kind = type(value)
-    if kind is list or kind is tuple or kind is set or isinstance(value, dict):
+    if kind is set or isinstance(value, (list, tuple, deque, dict)):  # (a namedtuple, a deque, a subclass too)
         if _shared_container(value):
             return value  # a large container of plain values (a vocabulary): shared, not copied at every pure step
-        if kind is list or kind is tuple:
-            return kind(_copied_attribute(v, memo) for v in value)
+        if isinstance(value, (list, tuple)):
+            return sequence_like(value, [_copied_attribute(v, memo) for v in value])
+        if isinstance(value, deque):  # (its maxlen and type kept: a copy, refilled item by item)
+            copied = copy.copy(value)
+            copied.clear()
+            copied.extend(_copied_attribute(v, memo) for v in value)
+            return copied
         if kind is set:
             return set(value)
         copied = copy.copy(value)  # (an OrderedDict stays one)

@@ -304,6 +304,39 @@ def test_a_step_changing_a_plain_tensor_attribute_of_the_callers_model_is_named(
         check_purity(_meddling(lambda state: change(state.model)), state, batch)
 
 
+_Stats = collections.namedtuple("_Stats", "mean count")
+
+
+class _Ids(list):
+    pass
+
+
+@pytest.mark.parametrize("holder", [
+    lambda a, b: _Stats(a, b), lambda a, b: collections.deque([a, b]), lambda a, b: _Ids([a, b]),
+], ids=["namedtuple", "deque", "list subclass"])
+def test_tensors_cached_in_a_namedtuple_deque_or_list_subclass_attribute_are_compared(holder):
+    """The check looked inside a plain list or tuple attribute only: a step changing a tensor the caller's model keeps
+    in a namedtuple, a deque or a list subclass passed (and a pure step's copy shared them: its forward counted
+    into the caller's model, unseen)."""
+
+    class Counting(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(2, 1)
+            self.stats = holder(torch.zeros(1), torch.zeros(1))
+
+        def forward(self, x):
+            self.stats[1].add_(1)  # a counter cached as a module attribute, updated in place
+            return self.fc(x)
+
+    model = Counting()
+    state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    new, _ = check_purity(loopkit.train_step(lambda m, b: m(b).pow(2).mean()), state, torch.ones(4, 2))
+    assert float(state.model.stats[1]) == 0.0 and float(new.model.stats[1]) == 1.0
+    with pytest.raises(ImpurityError, match=r"given: attributes\.stats\.1 differs \(max abs difference 2\)"):
+        check_purity(_meddling(lambda s: s.model.stats[1].add_(2)), state, None)
+
+
 def test_a_namedtuple_setting_is_compared_and_a_pure_step_passes():
     """A module holding a namedtuple of plain values (a config): the snapshot rebuilt it as type(t)(items), which the
     namedtuple's constructor refuses: check_purity raised a TypeError on a pure step."""

@@ -1120,6 +1120,59 @@ def test_a_large_container_on_a_module_is_shared_by_its_copy_and_a_small_one_cop
     assert all(block is new.model.a for block in new.model.blocks) and model.a.weight.grad is None
 
 
+_Stats = collections.namedtuple("_Stats", "mean count")
+
+
+class _MyList(list):
+    pass
+
+
+class _MyTuple(tuple):
+    pass
+
+
+@pytest.mark.parametrize("holder", [
+    lambda a, b: _Stats(a, b),
+    lambda a, b: collections.deque([a, b], maxlen=4),
+    lambda a, b: _MyList([a, b]),
+    lambda a, b: _MyTuple((a, b)),
+], ids=["namedtuple", "deque", "list subclass", "tuple subclass"])
+def test_tensors_a_module_caches_in_a_namedtuple_deque_or_subclass_are_copied_for_a_pure_step(holder):
+    """Only a plain list or tuple attribute was copied: a namedtuple's, a deque's or a subclass's tensors were
+    shared, and the pure step's forward counted into the caller's model. Reference: the raw loop on a model of its
+    own; the copy's container is of the original's type (a deque with its maxlen)."""
+
+    class Counting(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(2, 1)
+            self.stats = holder(torch.zeros(1), torch.zeros(1))
+
+        def forward(self, x):
+            self.stats[1].add_(1)  # a counter cached as a module attribute, updated in place
+            return self.fc(x)
+
+    loss = lambda m, b: m(b).pow(2).mean()  # noqa: E731
+    batch = torch.ones(4, 2)
+    torch.manual_seed(0)
+    raw_model = Counting()
+    raw = torch.optim.SGD(raw_model.parameters(), lr=0.1)
+    for _ in range(3):
+        raw.zero_grad()
+        loss(raw_model, batch).backward()
+        raw.step()
+    torch.manual_seed(0)
+    model = Counting()
+    state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    current = state
+    for _ in range(3):
+        current, _ = loopkit.train_step(loss)(current, batch)
+    assert float(state.model.stats[1]) == 0.0 and float(current.model.stats[1]) == float(raw_model.stats[1]) == 3.0
+    assert type(current.model.stats) is type(model.stats) and current.model.stats[1] is not model.stats[1]
+    assert getattr(current.model.stats, "maxlen", None) == getattr(model.stats, "maxlen", None)
+    assert torch.equal(current.model.fc.weight, raw_model.fc.weight)
+
+
 def test_a_namedtuple_in_the_optimizers_state_is_copied_for_a_pure_step():
     """An optimizer keeping a namedtuple of tensors per parameter: the copy rebuilt it as type(t)(generator), which
     a namedtuple refuses (a TypeError at the second step). Reference: the raw loop."""
