@@ -119,16 +119,23 @@ def tensors(tree: Any) -> Iterator[torch.Tensor]:
 
 
 def named_tensors(tree: Any, path: str = "batch") -> Iterator[tuple[str, torch.Tensor]]:
-    """The tensors :func:`tensors` finds, in its order, each with where it sits (as :func:`to_device` names it).
+    """The tensors :func:`tensors` finds, in its order, each with where it sits (as :func:`to_device` names it:
+    a namedtuple's by field).
 
     >>> [name for name, _ in named_tensors({"x": torch.zeros(2), "ids": [torch.ones(1), "id"]})]
     ["batch['x']", "batch['ids'][0]"]
+    >>> Pair = collections.namedtuple("Pair", "x y")
+    >>> [name for name, _ in named_tensors(Pair(torch.zeros(2), torch.ones(1)))]
+    ['batch.x', 'batch.y']
     """
     if isinstance(tree, torch.Tensor):
         yield path, tree
     elif isinstance(tree, Mapping):
         for key, value in tree.items():
             yield from named_tensors(value, f"{path}[{key!r}]")
+    elif isinstance(tree, tuple) and hasattr(tree, "_fields"):  # namedtuple
+        for field, value in zip(tree._fields, tree):
+            yield from named_tensors(value, f"{path}.{field}")
     elif isinstance(tree, (list, tuple)):
         for i, value in enumerate(tree):
             yield from named_tensors(value, f"{path}[{i}]")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import re
 from collections import OrderedDict, UserDict, namedtuple
 
 import numpy as np
@@ -16,7 +17,7 @@ import torch
 
 import loopkit
 from loopkit.errors import StateMismatchError
-from loopkit.tree import compact_views, copy_tensors, from_plain, path_str, to_device, to_plain
+from loopkit.tree import compact_views, copy_tensors, from_plain, named_tensors, path_str, to_device, to_plain
 
 Pair = namedtuple("Pair", "x y")
 
@@ -190,6 +191,22 @@ def test_to_device_names_the_path_and_type_it_cannot_move(batch, path):
         to_device(batch, "meta")
     message = str(info.value)
     assert path in message and "object" in message and "meta" in message
+
+
+def test_named_tensors_names_each_tensor_where_to_device_names_it():
+    """A namedtuple's fields were named batch[0], batch[1] where to_device names them batch.x, batch.y (so
+    check_purity's 'changed the batch' named another path than to_device's error). Reference: to_device's error for
+    something it cannot move put in each tensor's place."""
+
+    def batch(bad=None):
+        leaves = [object() if i == bad else torch.ones(1) for i in range(4)]
+        return {"pair": Pair(leaves[0], [leaves[1], "id"]), "d": Batch(leaves[2], "ok", [Pair(1, leaves[3])])}
+
+    names = [name for name, _ in named_tensors(batch())]
+    assert names == ["batch['pair'].x", "batch['pair'].y[0]", "batch['d'].x", "batch['d'].extra[0].y"]
+    for i, name in enumerate(names):
+        with pytest.raises(TypeError, match=f"cannot move {re.escape(name)} of type object"):
+            to_device(batch(bad=i), "meta")
 
 
 def test_to_device_refuses_a_set_and_a_class():
