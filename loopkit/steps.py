@@ -65,6 +65,7 @@ __all__ = [
     "in_accumulation_group",
     "kept_observers",
     "leave_intact",
+    "leaving_intact",
     "needs_closure",
     "sync_unchanged",
     "train_step",
@@ -308,6 +309,34 @@ def _consume_unless_intact(state: TrainState, error: BaseException) -> None:
     """After ``error`` left a donated call: ``state`` is used up unless nothing of it changed."""
     if getattr(error, _INTACT, None) is not state:
         _set_consumed(state, FAILED_STEP)  # (its DonatedStateError names no returned state: there is none)
+
+
+@contextlib.contextmanager
+def leaving_intact(state: Any) -> Iterator[None]:
+    """The context of a step of one's own's work that changes nothing of ``state``, the state the step was given, in
+    place: all of the step, for one that works on a copy (``fork(state)``), else its part before the first in-place
+    change. An error raised inside is marked with :func:`leave_intact`: ``state`` stays usable after it, a donated
+    one too, and ``run_epochs`` (which donates the state it trains) keeps the fit's updates before the failure
+    (``loopkit.state_at_error(error)``), where an unmarked error of a plain function uses the state up.
+
+    >>> from loopkit.state import TrainState, fork, state_at_error
+    >>> def step(state, batch):
+    ...     with leaving_intact(state):  # only the copy changes below
+    ...         new = fork(state)
+    ...         loss = new.model(batch).sum()
+    ...         return new.evolve(step=new.step + 1), {"loss": loss.detach()}
+    >>> state = TrainState.create(torch.nn.Linear(2, 1))
+    >>> try:
+    ...     donate(step)(state, torch.ones(1, 3))  # a batch of the wrong width
+    ... except RuntimeError as error:
+    ...     state_at_error(error) is state
+    True
+    """
+    try:
+        yield
+    except BaseException as error:
+        leave_intact(error, state)
+        raise
 
 
 def _check_results_of(cls: type[Step]) -> None:

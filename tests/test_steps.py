@@ -1422,3 +1422,25 @@ def test_only_step_classes_of_ones_own_check_their_results_and_each_once_when_ma
     state = loopkit.TrainState.create(nn.Linear(2, 1))
     assert Below()(state, None)[1] == {"x": torch.tensor(2.0)}
 
+
+def test_leaving_intact_marks_what_raises_inside_and_nothing_after():
+    """Reference: leave_intact called by hand (test_a_custom_step_that_raises_has_consumed_its_state_unless_it_says_
+    otherwise): the donated state stays usable after an error inside; an error outside uses it up."""
+    from loopkit.steps import leaving_intact
+
+    def step(state, batch, fail_inside):
+        with leaving_intact(state):
+            if fail_inside:
+                raise RuntimeError("inside")
+        raise RuntimeError("outside")
+
+    for inside in (True, False):
+        state = loopkit.TrainState.create(nn.Linear(2, 1))
+        with pytest.raises(RuntimeError) as info:
+            loopkit.donate(lambda s, b: step(s, b, inside))(state, None)
+        assert (loopkit.state_at_error(info.value) is state) is inside
+        if inside:
+            state.check_usable()
+        else:
+            with pytest.raises(loopkit.DonatedStateError):
+                state.check_usable()
