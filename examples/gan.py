@@ -28,6 +28,12 @@ What a plain-function step must do itself
 
 * purity: ``state = fork(state)`` first, then change the copy in place (``fork`` copies
   parameters, gradients, buffers and optimizer state; the caller's state stays as it was);
+* errors: loopkit cannot tell an error of a plain function that came before any change of
+  the state it was given from one half-way through an update, so it counts that state used
+  up (``run_epochs`` donates it: the fit's updates would be lost). ``with leaving_intact(state):``
+  around the work that changes nothing of the given state (here all of it: only the copy
+  changes) marks its errors, and the state stays usable: after an error in ``run_epochs``,
+  ``loopkit.state_at_error(error)`` is the fit's newest state, with every update before it;
 * randomness: the driver installs no RNG around a plain function. To draw from the state's
   own RNG (so a seed, or a restored checkpoint, reproduces the noise), open
   ``RNGScope(state.rng, cuda_index)``, draw, and put ``scope.close()`` -- the advanced RNG --
@@ -65,6 +71,7 @@ import loopkit
 from loopkit.checkpoint import list_checkpoints
 from loopkit.rng import RNGScope
 from loopkit.state import fork
+from loopkit.steps import leaving_intact
 
 NOISE = 4
 TARGET_MEAN = torch.tensor([2.0, -1.0])
@@ -114,44 +121,48 @@ def make_state(seed: int, lr_g: float, lr_d: float) -> loopkit.TrainState:
 
 def gan_step(state: loopkit.TrainState, real: torch.Tensor) -> tuple[loopkit.TrainState, dict[str, torch.Tensor]]:
     """One discriminator update, then one generator update, on a batch of real samples."""
-    state = fork(state)  # purity: everything below changes this copy, never the caller's state
-    generator, discriminator = state.model["generator"], state.model["discriminator"]
-    optimizer = state.optimizer
-    ones = torch.ones(real.shape[0], 1, device=real.device)
-    zeros = torch.zeros_like(ones)
-    # The state's RNG becomes torch's global RNG until close(): the noise (and any dropout)
-    # draws from it. On a GPU pass the CUDA device index instead of None.
-    scope = RNGScope(state.rng, None)
-    try:
-        z = torch.randn(real.shape[0], NOISE, device=real.device)
-        fake = generator(z)
+    # Only the copy below changes: an error anywhere in it leaves the given state as it was, and
+    # leaving_intact(state) (the given one) marks it so, keeping that state usable (under run_epochs,
+    # loopkit.state_at_error(error) is then the fit's newest state, with every update before the failure).
+    with leaving_intact(state):
+        state = fork(state)  # purity: everything below changes this copy, never the caller's state
+        generator, discriminator = state.model["generator"], state.model["discriminator"]
+        optimizer = state.optimizer
+        ones = torch.ones(real.shape[0], 1, device=real.device)
+        zeros = torch.zeros_like(ones)
+        # The state's RNG becomes torch's global RNG until close(): the noise (and any dropout)
+        # draws from it. On a GPU pass the CUDA device index instead of None.
+        scope = RNGScope(state.rng, None)
+        try:
+            z = torch.randn(real.shape[0], NOISE, device=real.device)
+            fake = generator(z)
 
-        # The discriminator: real -> 1, fake -> 0. Gradients reach its parameters only, so
-        # optimizer.step() moves only its group (parameters without .grad are skipped).
-        optimizer.zero_grad(set_to_none=True)
-        d_real, d_fake = discriminator(real), discriminator(fake.detach())
-        d_loss = bce(d_real, ones) + bce(d_fake, zeros)
-        d_loss.backward(inputs=list(discriminator.parameters()))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+            # The discriminator: real -> 1, fake -> 0. Gradients reach its parameters only, so
+            # optimizer.step() moves only its group (parameters without .grad are skipped).
+            optimizer.zero_grad(set_to_none=True)
+            d_real, d_fake = discriminator(real), discriminator(fake.detach())
+            d_loss = bce(d_real, ones) + bce(d_fake, zeros)
+            d_loss.backward(inputs=list(discriminator.parameters()))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
-        # The generator: make the (just updated) discriminator say 1 on the same fakes.
-        # backward(inputs=...) leaves the discriminator's .grad None, so its group stays still.
-        g_loss = bce(discriminator(fake), ones)
-        g_loss.backward(inputs=list(generator.parameters()))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    except BaseException:
-        scope.discard()  # put the caller's global RNG back
-        raise
-    rng = scope.close()  # the advanced RNG state, for the new train state
-    metrics = {
-        "d_loss": d_loss.detach(),
-        "g_loss": g_loss.detach(),
-        "d_real": torch.sigmoid(d_real).mean().detach(),  # D's belief that real samples are real
-        "d_fake": torch.sigmoid(d_fake).mean().detach(),  # ... and that the fakes are
-    }
-    return state.evolve(step=state.step + 1, batch_index=state.batch_index + 1, rng=rng), metrics
+            # The generator: make the (just updated) discriminator say 1 on the same fakes.
+            # backward(inputs=...) leaves the discriminator's .grad None, so its group stays still.
+            g_loss = bce(discriminator(fake), ones)
+            g_loss.backward(inputs=list(generator.parameters()))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        except BaseException:
+            scope.discard()  # put the caller's global RNG back
+            raise
+        rng = scope.close()  # the advanced RNG state, for the new train state
+        metrics = {
+            "d_loss": d_loss.detach(),
+            "g_loss": g_loss.detach(),
+            "d_real": torch.sigmoid(d_real).mean().detach(),  # D's belief that real samples are real
+            "d_fake": torch.sigmoid(d_fake).mean().detach(),  # ... and that the fakes are
+        }
+        return state.evolve(step=state.step + 1, batch_index=state.batch_index + 1, rng=rng), metrics
 
 
 def sample_stats(state: loopkit.TrainState, n: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,7 +11,10 @@ into checkpoints with the rest of the state). At the end of the epoch ``run_epoc
 the step's ``flush``; a plain function gets one by having a ``flush`` attribute, and ours
 solves ``A W = B`` and writes ``W`` into the model's ``weight`` and ``bias``. The step
 never changes the state it is given: ``state.evolve`` returns a new state with new extras,
-and ``flush`` works on ``fork(state)``.
+and ``flush`` works on ``fork(state)``. So an error in either leaves the given state as it was,
+which ``with leaving_intact(state):`` around their work says (``run_epochs``, which donates the
+state it trains, then keeps it: ``loopkit.state_at_error(error)`` holds every update before the
+failure).
 
     python examples/lstsq.py            # 20,000 rows
     python examples/lstsq.py --quick    # 4,000 rows, for CI
@@ -33,6 +36,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import loopkit
 from loopkit.state import fork
+from loopkit.steps import leaving_intact
 
 FEATURES, OUTPUTS = 8, 2
 NOISE_STD = 0.1
@@ -84,18 +88,19 @@ def lstsq_step(state: loopkit.TrainState, batch: tuple[torch.Tensor, torch.Tenso
     the initial weights in the first epoch). New tensors, a new state: nothing is changed
     in place, so the caller's state stays as it was without a copy.
     """
-    x, y = batch
-    x1 = with_ones(x)
-    extras = state.extras
-    sums = {
-        _A: x1.T @ x1 + extras.get(_A, 0.0),
-        _B: x1.T @ y + extras.get(_B, 0.0),
-        _C: y.T @ y + extras.get(_C, 0.0),
-        _ROWS: extras.get(_ROWS, 0) + x.shape[0],
-    }
-    with torch.no_grad():
-        mse = nn.functional.mse_loss(state.model(x), y)
-    return state.evolve(batch_index=state.batch_index + 1, extras={**extras, **sums}), {"mse": mse}
+    with leaving_intact(state):  # nothing below changes the state in place: an error leaves it usable
+        x, y = batch
+        x1 = with_ones(x)
+        extras = state.extras
+        sums = {
+            _A: x1.T @ x1 + extras.get(_A, 0.0),
+            _B: x1.T @ y + extras.get(_B, 0.0),
+            _C: y.T @ y + extras.get(_C, 0.0),
+            _ROWS: extras.get(_ROWS, 0) + x.shape[0],
+        }
+        with torch.no_grad():
+            mse = nn.functional.mse_loss(state.model(x), y)
+        return state.evolve(batch_index=state.batch_index + 1, extras={**extras, **sums}), {"mse": mse}
 
 
 def solve(state: loopkit.TrainState):
@@ -107,17 +112,18 @@ def solve(state: loopkit.TrainState):
     """
     if _A not in state.extras:  # no batch since the last solve
         return state, {}
-    state = fork(state)  # the weights are written in place: into a copy
-    extras = dict(state.extras)
-    a, b, c, rows = extras.pop(_A), extras.pop(_B), extras.pop(_C), extras.pop(_ROWS)
-    w = torch.linalg.solve(a, b)  # (features + 1, outputs); A is symmetric positive definite
-    model = state.model
-    with torch.no_grad():
-        model.weight.copy_(w[:-1].T)
-        model.bias.copy_(w[-1])
-    sse = torch.trace(c) - 2 * torch.trace(w.T @ b) + torch.trace(w.T @ a @ w)
-    metrics = {"fit_mse": sse / (rows * w.shape[1])}
-    return state.evolve(step=state.step + 1, extras=extras), metrics
+    with leaving_intact(state):  # only the copy below changes: an error leaves the given state usable
+        state = fork(state)  # the weights are written in place: into a copy
+        extras = dict(state.extras)
+        a, b, c, rows = extras.pop(_A), extras.pop(_B), extras.pop(_C), extras.pop(_ROWS)
+        w = torch.linalg.solve(a, b)  # (features + 1, outputs); A is symmetric positive definite
+        model = state.model
+        with torch.no_grad():
+            model.weight.copy_(w[:-1].T)
+            model.bias.copy_(w[-1])
+        sse = torch.trace(c) - 2 * torch.trace(w.T @ b) + torch.trace(w.T @ a @ w)
+        metrics = {"fit_mse": sse / (rows * w.shape[1])}
+        return state.evolve(step=state.step + 1, extras=extras), metrics
 
 
 lstsq_step.flush = solve  # type: ignore[attr-defined]  # FnStep calls fn.flush(state) at the end of each epoch

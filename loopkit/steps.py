@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import inspect
 import numbers
 import types
@@ -64,6 +65,7 @@ __all__ = [
     "in_accumulation_group",
     "kept_observers",
     "leave_intact",
+    "leaving_intact",
     "needs_closure",
     "sync_unchanged",
     "train_step",
@@ -130,7 +132,9 @@ class Step:
     Subclasses implement ``run_``, which may change the given state's tensors in place;
     ``__call__`` hands ``run_`` a copy (:func:`loopkit.state.fork`) unless the step is
     donated, which is how every loopkit step is pure. ``flush`` finishes any partial work
-    (a partial gradient-accumulation group) at the end of an epoch.
+    (a partial gradient-accumulation group) at the end of an epoch. What the ``run_`` and
+    ``flush_`` of a subclass of one's own (one defined outside loopkit) return is checked as a
+    plain function's is: ``(new_state, metrics)``, each metric a number or a real 0-dim tensor.
 
     >>> import torch
     >>> from loopkit.state import TrainState
@@ -146,6 +150,11 @@ class Step:
     #: a call (``run_``, ``flush_``, ``__call__``) that returns metrics returns a state made by that call, held by
     #: nothing else: the caller may add extras to it in place (:func:`loopkit.state.put_extras`)
     returns_fresh_state: bool = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.__module__.partition(".")[0] != "loopkit":  # a step class of one's own: what it returns is checked
+            _check_results_of(cls)
 
     def run_(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
         raise NotImplementedError
@@ -302,6 +311,66 @@ def _consume_unless_intact(state: TrainState, error: BaseException) -> None:
         _set_consumed(state, FAILED_STEP)  # (its DonatedStateError names no returned state: there is none)
 
 
+@contextlib.contextmanager
+def leaving_intact(state: Any) -> Iterator[None]:
+    """The context of a step of one's own's work that changes nothing of ``state``, the state the step was given, in
+    place: all of the step, for one that works on a copy (``fork(state)``), else its part before the first in-place
+    change. An error raised inside is marked with :func:`leave_intact`: ``state`` stays usable after it, a donated
+    one too, and ``run_epochs`` (which donates the state it trains) keeps the fit's updates before the failure
+    (``loopkit.state_at_error(error)``), where an unmarked error of a plain function uses the state up.
+
+    >>> from loopkit.state import TrainState, fork, state_at_error
+    >>> def step(state, batch):
+    ...     with leaving_intact(state):  # only the copy changes below
+    ...         new = fork(state)
+    ...         loss = new.model(batch).sum()
+    ...         return new.evolve(step=new.step + 1), {"loss": loss.detach()}
+    >>> state = TrainState.create(torch.nn.Linear(2, 1))
+    >>> try:
+    ...     donate(step)(state, torch.ones(1, 3))  # a batch of the wrong width
+    ... except RuntimeError as error:
+    ...     state_at_error(error) is state
+    True
+    """
+    try:
+        yield
+    except BaseException as error:
+        leave_intact(error, state)
+        raise
+
+
+def _check_results_of(cls: type[Step]) -> None:
+    """Give ``cls``, a :class:`Step` subclass of one's own, a ``run_`` and a ``flush_`` that check what they return
+    (:func:`_checked_result`, as a plain function's results are), once, when the class is made: wherever they are
+    called from (``Step.__call__``, a whole-step transform around the step), at no cost to loopkit's own steps.
+
+    >>> class Halves(Step):
+    ...     def run_(self, state, batch):
+    ...         return state, {"half": 0.5}
+    >>> _check_results_of(Halves)  # (done as a class of one's own is made; this one is made in loopkit's doctest)
+    >>> from loopkit.state import TrainState
+    >>> Halves()(TrainState.create(torch.nn.Linear(1, 1)), None)[1]
+    {'half': tensor(0.5000)}
+    """
+    for name, flush in (("run_", False), ("flush_", True)):
+        method = getattr(cls, name)
+        if not getattr(method, "_loopkit_checked", False):  # (not where a class of one's own above it checks)
+            setattr(cls, name, _checking(method, flush))
+
+
+def _checking(method: Callable[..., Any], flush: bool) -> Callable[..., tuple[TrainState, Metrics]]:
+    """``method`` (a step's ``run_``, or its ``flush_``: ``flush``) with its result checked."""
+    if flush:
+        def checked(self: Step, state: TrainState) -> tuple[TrainState, Metrics]:
+            return _checked_result(method(self, state), self, flush=True)
+    else:
+        def checked(self: Step, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:  # type: ignore[misc]
+            return _checked_result(method(self, state, batch), self)
+    checked = functools.wraps(method)(checked)
+    checked._loopkit_checked = True  # type: ignore[attr-defined]
+    return checked
+
+
 def as_step(step: Any, where: str = "a step") -> Step:
     """Return ``step`` as a :class:`Step`: loopkit steps as they are, plain callables wrapped, refused now (a
     ``TypeError`` naming ``where``, the parameter it was given as) if they cannot be called as ``step(state, batch)``.
@@ -396,17 +465,11 @@ class FnStep(Step):
                 f"{_fn_name(self.fn)} called the TrainState as a model: a function used as a step gets (state, batch); "
                 "a loss_fn(model, batch) goes in train_step(loss_fn), a metric_fn(model, batch) in eval_step(metric_fn)"
             ), state) from error
-        if type(out) is not tuple or len(out) != 2 or not isinstance(out[0], TrainState) or not isinstance(out[1], Mapping):
-            raise TypeError(_bad_result(self.fn, out))
-        for value in out[1].values():  # 0-dim tensors without a graph pass as they are
-            if type(value) is not torch.Tensor or value.ndim or value.requires_grad:
-                where = f"step {_fn_name(self.fn)}"
-                return out[0], {key: check_metric(v, key, where) for key, v in out[1].items()}
-        return out
+        return _checked_result(out, self.fn)
 
     def flush_(self, state: TrainState) -> tuple[TrainState, Metrics]:
         flush = getattr(self.fn, "flush", None)
-        return flush(state) if flush is not None else (state, {})
+        return _checked_result(flush(state), self.fn, flush=True) if flush is not None else (state, {})
 
     def notify(self, event: str, state: TrainState, metrics: Mapping[str, float]) -> None:
         notify = getattr(self.fn, "notify", None)
@@ -782,12 +845,43 @@ def check_takes_model_and_batch(fn: Callable[..., Any], where: str) -> None:
     check_call(fn, f"{where} must take (model, batch)", None, None)
 
 
-def _bad_result(fn: Any, out: Any) -> str:
-    """What is wrong with ``out``, returned by a function used as a step, and what was probably meant."""
+def _checked_result(out: Any, step: Any, *, flush: bool = False) -> tuple[TrainState, Metrics]:
+    """``out``, what a call of a step of one's own returned (``flush``: what its end-of-epoch flush returned), as
+    ``(new_state, metrics)`` with each metric checked by :func:`check_metric`, or a ``TypeError`` naming ``step``.
+    A plain function's results and a :class:`Step` subclass's (one defined outside loopkit) are checked so; loopkit's
+    own steps make checked metrics. Metrics named by strings that are real 0-dim tensors without a graph come back
+    as they are (no copy, no host sync).
+
+    >>> from loopkit.state import TrainState
+    >>> state = TrainState.create(torch.nn.Linear(1, 1))
+    >>> def solve(state): pass
+    >>> _, metrics = _checked_result((state, {"fit": 0.5}), solve, flush=True); metrics
+    {'fit': tensor(0.5000)}
+    >>> _checked_result((state, {"fit": torch.ones(3)}), solve, flush=True)
+    Traceback (most recent call last):
+    ...
+    TypeError: metric 'fit' from step solve's flush is a tensor of shape (3,) and dtype torch.float32; a metric must be a real 0-dim tensor (reduce it, e.g. .mean())
+    """
+    if type(out) is not tuple or len(out) != 2 or not isinstance(out[0], TrainState) or not isinstance(out[1], Mapping):
+        raise TypeError(_bad_result(step, out, flush))
+    for key, value in out[1].items():
+        if (type(key) is not str or type(value) is not _Tensor or value.ndim or value.requires_grad
+                or not value.is_floating_point()):  # (complex and bool are not floating point; an int count is checked)
+            where = f"step {_fn_name(step)}'s flush" if flush else f"step {_fn_name(step)}"
+            return out[0], {k: check_metric(v, k, where) for k, v in out[1].items()}
+    return out
+
+
+def _bad_result(fn: Any, out: Any, flush: bool = False) -> str:
+    """What is wrong with ``out``, returned by a step of one's own (``flush``: by its flush), and what was probably
+    meant."""
     if type(out) is tuple and len(out) == 2:
         got = f"a ({type(out[0]).__qualname__}, {type(out[1]).__qualname__}) pair"
     else:
         got = f"a {type(out).__qualname__}"
+    if flush:
+        return (f"step {_fn_name(fn)}'s flush returned {got}; a flush returns (new_state, metrics): a TrainState and "
+                "a dict of metrics (an empty one when it has none)")
     message = f"step {_fn_name(fn)} returned {got}; a step returns (new_state, metrics): a TrainState and a dict of metrics"
     if isinstance(out, Mapping):
         message += "; for a metric_fn(model, batch), pass eval_step(metric_fn)"

@@ -172,6 +172,30 @@ def test_gan_step_equals_a_raw_loop_with_two_adam_optimizers(take_snapshot, asse
     assert all(torch.equal(a, b) for a, b in zip(again.model.parameters(), third.model.parameters()))
 
 
+def _without_the_fits_own(extras):
+    """A state's extras less the marks ``run_epochs`` leaves at a fit's end (the epoch a ``max_steps`` cut short)."""
+    return {k: v for k, v in extras.items() if not k.startswith("run_epochs/")}
+
+
+def test_gan_step_raising_mid_fit_leaves_the_fits_updates_before_the_failure(take_snapshot, assert_trees_equal):
+    """The step forks first, so an error in it changed nothing of the state it was given: a malformed batch at
+    batch 3 of run_epochs used to leave state_at_error None, the fit lost. Reference: the fit stopped before that
+    batch (max_steps=3), as a whole state, bit for bit."""
+    gan = load_example("gan")
+    good = [gan.TARGET_MEAN + gan.TARGET_STD * torch.randn(16, 2, generator=torch.Generator().manual_seed(i))
+            for i in range(5)]
+    bad = good[:3] + [torch.randn(16, 3)] + good[4:]  # the discriminator's forward fails on batch 3
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied") as info:
+        loopkit.run_epochs(gan.gan_step, gan.make_state(0, 1e-3, 1e-3), bad, epochs=1, progress=False)
+    at = loopkit.state_at_error(info.value)
+    assert at is not None, "the fit's updates before the failure were lost"
+    stopped, _ = loopkit.run_epochs(gan.gan_step, gan.make_state(0, 1e-3, 1e-3), good, max_steps=3, progress=False)
+    got, expected = take_snapshot(at), take_snapshot(stopped)
+    got["extras"], expected["extras"] = _without_the_fits_own(got["extras"]), _without_the_fits_own(expected["extras"])
+    assert (at.step, at.batch_index) == (3, 3)
+    assert_trees_equal(got, expected)
+
+
 # --- examples/lstsq.py ----------------------------------------------------------------------
 
 
@@ -235,6 +259,55 @@ def test_lstsq_sums_survive_a_checkpoint_mid_epoch_and_the_steps_are_pure(tmp_pa
     assert float((fitted - reference).abs().max()) < 1e-9
     residual = lstsq.with_ones(x) @ reference - y
     assert float(metrics["fit_mse"]) == pytest.approx(float(residual.pow(2).mean()), rel=1e-9)
+
+
+def test_lstsq_steps_raising_mid_fit_leave_the_fits_sums_and_solves_before_the_failure(take_snapshot, assert_trees_equal):
+    """Neither the step nor its flush changes the state it is given: an error in either (a batch of the wrong width at
+    batch 2 of the second epoch; a singular fit at the first epoch's solve) used to leave state_at_error None.
+    Reference: the same calls made by hand up to the failure."""
+    lstsq = load_example("lstsq")
+    x, y = lstsq.make_data(300, seed=2)
+    batches = [(x[i : i + 100], y[i : i + 100]) for i in range(0, 300, 100)]
+
+    def fresh() -> loopkit.TrainState:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)  # the same initial weights each time
+            return loopkit.TrainState.create(nn.Linear(lstsq.FEATURES, lstsq.OUTPUTS, dtype=torch.float64))
+
+    class Data:  # the second pass's third batch is malformed
+        passes = 0
+
+        def __iter__(self):
+            self.passes += 1
+            for i, batch in enumerate(batches):
+                yield (batch[0], batch[1][:, :1].repeat(1, 3)) if (self.passes, i) == (2, 2) else batch
+
+    by_hand = fresh()
+    for batch in batches:
+        by_hand, _ = lstsq.lstsq_step(by_hand, batch)
+    by_hand, _ = lstsq.solve(by_hand)
+    by_hand = by_hand.evolve(epoch=1, batch_index=0)
+    for batch in batches[:2]:
+        by_hand, _ = lstsq.lstsq_step(by_hand, batch)
+    with pytest.raises(RuntimeError) as info:
+        loopkit.run_epochs(lstsq.lstsq_step, fresh(), Data(), epochs=2, progress=False)
+    at = loopkit.state_at_error(info.value)
+    assert at is not None and (at.step, at.epoch, at.batch_index) == (1, 1, 2)
+    got, expected = take_snapshot(at), take_snapshot(by_hand)
+    got["extras"] = _without_the_fits_own(got["extras"])
+    assert_trees_equal(got, expected)
+
+    flat = [(torch.zeros_like(bx), by) for bx, by in batches]  # X^T X of constant features is singular
+    by_hand = fresh()
+    for batch in flat:
+        by_hand, _ = lstsq.lstsq_step(by_hand, batch)
+    with pytest.raises(RuntimeError, match="singular") as info:
+        loopkit.run_epochs(lstsq.lstsq_step, fresh(), flat, epochs=1, progress=False)
+    at = loopkit.state_at_error(info.value)
+    assert at is not None and (at.step, at.batch_index) == (0, 3)
+    got, expected = take_snapshot(at), take_snapshot(by_hand)
+    got["extras"] = _without_the_fits_own(got["extras"])
+    assert_trees_equal(got, expected)
 
 
 # --- docs/from_lightning.md -----------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import re
 import warnings
 
 import pytest
@@ -1273,3 +1274,173 @@ def test_a_module_of_ones_own_whose_forward_takes_model_and_batch_is_a_loss_fn_a
     with pytest.raises(TypeError, match=r"^train_step: loss_fn must take \(model, batch\), and it is a torch.nn.Module: "
                                         r"its forward must take them; _Net.forward\(x\) cannot"):
         loopkit.train_step(_Net())
+
+
+# --- what a step of one's own returns: checked as train_step's metrics are --------------------------------------------
+
+
+def _refusal(metrics):
+    """The reference: check_metric's refusal of the first of ``metrics`` it refuses (train_step's aux metrics and
+    eval_step's metrics go through it), with the source's name cut off."""
+    with pytest.raises(TypeError) as info:
+        for key, value in metrics.items():
+            loopkit.steps.check_metric(value, key, "SOURCE")
+    return str(info.value).split("SOURCE")[-1]
+
+
+_BAD_METRICS = {
+    "complex": {"x": torch.tensor(1 + 2j)},
+    "bool": {"x": torch.tensor(True)},
+    "int-key": {1: torch.tensor(1.0)},
+    "vector": {"x": torch.ones(3)},
+}
+
+
+class _Quiet(loopkit.Logger):
+    def log_metrics(self, metrics, step):
+        pass
+
+    def log_hparams(self, params):
+        pass
+
+    def finalize(self, status="success"):
+        pass
+
+
+@pytest.mark.parametrize("metrics", list(_BAD_METRICS.values()), ids=list(_BAD_METRICS))
+@pytest.mark.parametrize("kind", ["call", "flush", "subclass-call", "subclass-flush", "subclass-in-a-wrapper"])
+def test_a_step_of_ones_own_has_its_metrics_checked_as_check_metric_checks_them(kind, metrics):
+    """0-dim complex and bool tensors and names that are no strings passed a plain function's call unchecked (the
+    imaginary part dropped from the epoch's mean); a plain function's flush and a Step subclass's run_ and flush_ were
+    not checked at all (a (3,) metric summed to 3.0 in the history). Reference: check_metric's refusal of each."""
+    state = loopkit.TrainState.create(nn.Linear(2, 1))
+
+    def plain(s, b):
+        return s.evolve(step=s.step + 1), ({} if kind == "flush" else metrics)
+
+    plain.flush = lambda s: (s, metrics if kind == "flush" else {})
+
+    class Own(loopkit.Step):
+        def run_(self, s, b):
+            return s.evolve(step=s.step + 1), ({} if kind == "subclass-flush" else metrics)
+
+        def flush_(self, s):
+            return s, (metrics if kind == "subclass-flush" else {})
+
+    step = {"call": plain, "flush": plain, "subclass-call": Own(), "subclass-flush": Own(),
+            "subclass-in-a-wrapper": loopkit.with_logging(Own(), _Quiet(), every_n_steps=1)}[kind]
+    where = {"call": "step .*plain", "flush": "step .*plain's flush", "subclass-call": "step .*Own",
+             "subclass-flush": "step .*Own's flush", "subclass-in-a-wrapper": "step .*Own"}[kind]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (a fit of two batches: its warnings are not the point)
+        with pytest.raises(TypeError) as info:
+            loopkit.run_epochs(step, state, [torch.ones(2, 2)] * 2, epochs=1, progress=False, donate=False)
+    message = str(info.value)
+    assert re.search(f"from {where}", message) and message.endswith(_refusal(metrics)), message
+
+
+@pytest.mark.parametrize("kind", ["flush", "subclass-call", "subclass-flush"])
+def test_a_step_of_ones_own_returning_numbers_and_int_tensors_has_them_as_a_plain_calls_are(kind):
+    """A float metric (taken from a plain function's call) crashed in the epoch's sum with torch's message when a flush
+    or a Step subclass returned it. Reference: the same metrics from a plain function's call."""
+    state = loopkit.TrainState.create(nn.Linear(2, 1))
+    metrics = {"fit": 2.5, "seen": torch.tensor(3), "mean": torch.tensor(0.5)}
+
+    def reference(s, b):
+        return s.evolve(step=s.step + 1), metrics
+
+    def plain(s, b):
+        return s.evolve(step=s.step + 1), {}
+
+    plain.flush = lambda s: (s, metrics)
+
+    class Own(loopkit.Step):
+        def run_(self, s, b):
+            return s.evolve(step=s.step + 1), ({} if kind == "subclass-flush" else metrics)
+
+        def flush_(self, s):
+            return s, (metrics if kind == "subclass-flush" else {})
+
+    step = plain if kind == "flush" else Own()
+    options = dict(epochs=1, progress=False, donate=False)
+    _, expected = loopkit.run_epochs(reference, state, [torch.ones(2, 2)], **options)
+    _, history = loopkit.run_epochs(step, state, [torch.ones(2, 2)], **options)
+    assert {k: history[0][k] for k in expected[0] if k.startswith("train/")} == {
+        k: v for k, v in expected[0].items() if k.startswith("train/")} == {"train/fit": 2.5, "train/seen": 3.0,
+                                                                          "train/mean": 0.5}
+
+
+@pytest.mark.parametrize("kind", ["flush", "subclass-call", "subclass-flush"])
+def test_a_step_of_ones_own_returning_the_state_alone_is_named_as_a_plain_call_is(kind):
+    """A flush returning only the state failed with 'cannot unpack non-iterable TrainState object'. Reference: the
+    plain call's refusal ('returned a TrainState; a step returns (new_state, metrics)')."""
+    state = loopkit.TrainState.create(nn.Linear(2, 1))
+
+    def plain(s, b):
+        return s.evolve(step=s.step + 1), {}
+
+    plain.flush = lambda s: s
+
+    class Own(loopkit.Step):
+        def run_(self, s, b):
+            return s if kind == "subclass-call" else (s.evolve(step=s.step + 1), {})
+
+        def flush_(self, s):
+            return s if kind == "subclass-flush" else (s, {})
+
+    step = plain if kind == "flush" else Own()
+    with pytest.raises(TypeError, match=r"step .*(plain|Own)('s flush)? returned a TrainState; a (step|flush) returns "
+                                        r"\(new_state, metrics\)"):
+        loopkit.run_epochs(step, state, [torch.ones(2, 2)], epochs=1, progress=False, donate=False)
+
+
+def test_only_step_classes_of_ones_own_check_their_results_and_each_once_when_made():
+    """The check is chosen per class when it is made: loopkit's own steps (which make checked metrics) run as they
+    are; a class of one's own, an attrs one too (attrs makes the class anew), checks at one level."""
+    import attrs
+
+    from loopkit.steps import EvalStep, FnStep, Step, TrainStep, UpdateStep, WrapperStep
+
+    logging = type(loopkit.with_logging(lambda s, b: (s, {}), _Quiet()))
+    for own in (Step, FnStep, TrainStep, EvalStep, WrapperStep, UpdateStep, logging):
+        assert not hasattr(own.run_, "_loopkit_checked") and not hasattr(own.flush_, "_loopkit_checked"), own
+
+    @attrs.frozen
+    class Mine(Step):
+        factor: float = 2.0
+
+        def run_(self, s, b):
+            return s, {"x": self.factor}
+
+    class Below(Mine):
+        pass
+
+    for cls in (Mine, Below):
+        assert cls.run_._loopkit_checked and cls.flush_._loopkit_checked
+        assert not hasattr(cls.run_.__wrapped__, "_loopkit_checked")  # wrapped once, not at each remaking
+    assert Below.run_ is Mine.run_
+    state = loopkit.TrainState.create(nn.Linear(2, 1))
+    assert Below()(state, None)[1] == {"x": torch.tensor(2.0)}
+
+
+def test_leaving_intact_marks_what_raises_inside_and_nothing_after():
+    """Reference: leave_intact called by hand (test_a_custom_step_that_raises_has_consumed_its_state_unless_it_says_
+    otherwise): the donated state stays usable after an error inside; an error outside uses it up."""
+    from loopkit.steps import leaving_intact
+
+    def step(state, batch, fail_inside):
+        with leaving_intact(state):
+            if fail_inside:
+                raise RuntimeError("inside")
+        raise RuntimeError("outside")
+
+    for inside in (True, False):
+        state = loopkit.TrainState.create(nn.Linear(2, 1))
+        with pytest.raises(RuntimeError) as info:
+            loopkit.donate(lambda s, b: step(s, b, inside))(state, None)
+        assert (loopkit.state_at_error(info.value) is state) is inside
+        if inside:
+            state.check_usable()
+        else:
+            with pytest.raises(loopkit.DonatedStateError):
+                state.check_usable()
