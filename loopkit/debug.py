@@ -2,7 +2,8 @@
 
 :func:`check_purity` calls a step twice on one state and batch, and checks what the contract
 promises: the given state is unchanged (parameters, buffers, gradients, the tensors the modules
-keep as attributes, optimizer and scheduler state, counters, RNG, extras), so is the given batch,
+keep as attributes and of the modules they keep outside the model's tree, optimizer and scheduler state,
+counters, RNG, extras), so is the given batch,
 torch's global RNG is as it was, and the two calls agree bit for bit (new states and metrics). It
 is meant for steps written by hand (a plain function with two optimizers, a closed-form solve) and
 for a pipeline of transforms before a long run; the first difference is named by its path in
@@ -32,7 +33,9 @@ import attrs
 import torch
 
 from loopkit.errors import ImpurityError
-from loopkit.state import TrainState, attribute_tensors, module_settings, not_a_state, refuse_copy_if_sharded
+from loopkit.state import (
+    TrainState, attribute_tensors, module_settings, not_a_state, refuse_copy_if_sharded, shared_modules,
+)
 from loopkit.steps import Metrics, as_step
 from loopkit.tree import named_tensors, sequence_like
 
@@ -159,16 +162,33 @@ def _optimizer_facts(optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
             "hooks": [len(getattr(optimizer, h, None) or ()) for h in _OPTIMIZER_HOOKS]}
 
 
+def _module_tensors(module: torch.nn.Module) -> dict[str, Any]:
+    """A copy of a module's parameters, buffers and gradients (``<parameter>.grad``), by name."""
+    parameters = dict(module.named_parameters())
+    grads = {f"{name}.grad": p.grad for name, p in parameters.items() if p.grad is not None}
+    return _copy({**parameters, **dict(module.named_buffers()), **grads})
+
+
 def _full_snapshot(state: TrainState) -> dict[str, Any]:
     """A copy of all the state a step may change: the state dict, every buffer (non-persistent ones too, which a
-    state dict leaves out), the tensors the modules' own attributes hold (which ``fork`` copies too), the modules'
-    and optimizer's facts."""
+    state dict leaves out), the tensors the modules' own attributes hold (which ``fork`` copies too), the
+    parameters, buffers and gradients of the modules they keep outside the model's tree (which ``fork`` shares:
+    a step that changes them changes the caller's), the modules' and optimizer's facts."""
     buffers = _copy(dict(state.model.named_buffers()))
     return {
         **_copy(state.state_dict()), "buffers": buffers, "attributes": _copy(attribute_tensors(state.model)),
+        "shared modules": {name: _module_tensors(module) for name, module in shared_modules(state.model).items()},
         "modules": _module_facts(state.model), "optimizer parameters": _trained_parameters(state),
         "optimizer facts": _optimizer_facts(state.optimizer),
     }
+
+
+#: what a change found under ``shared modules`` means, for the end of the error
+_SHARED_HINT = (
+    " (a module the model keeps outside its registered tree, in a plain list or dict attribute: a pure step's copy "
+    "shares it, so a forward through it in train mode changes the caller's; register it with nn.ModuleList or "
+    "nn.ModuleDict to have it copied, or keep it in eval mode and frozen)"
+)
 
 
 def _batch_snapshot(batch: Any) -> dict[str, Any]:
@@ -212,7 +232,10 @@ def check_purity(
     Checks, in order: the first call leaves ``state`` as it was (every entry of
     ``state.state_dict()``, gradients included, every buffer, non-persistent ones too, the tensors the modules
     hold as plain attributes, a counter or a dict of cached tensors, which a pure step's copy copies too
-    (named ``attributes.seen``, ``attributes.<module>.<attribute>``), and each module's class, training mode,
+    (named ``attributes.seen``, ``attributes.<module>.<attribute>``), the parameters, buffers and gradients of
+    each module they keep outside the model's registered tree (in a plain list or dict, not an ``nn.ModuleList``),
+    which a pure step's copy shares, so its forward in train mode changes the caller's (named ``shared
+    modules.norms.0.running_mean``), and each module's class, training mode,
     plain settings (``in_features``, a list a forward appends to), hook count and which parameters take gradients; a lazy module's parameter before its first forward is compared as uninitialized:
     a step that initializes the caller's is named, not the pure step's copy), leaves every tensor of ``batch``
     as it was (named as ``batch[0]``, ``batch['x']``: an in-place change of the caller's data, ``inputs.clamp_``,
@@ -257,7 +280,8 @@ def check_purity(
         first, metrics = step(state, batch)
         changed = _difference(before, _full_snapshot(state), "")
         if changed:
-            raise ImpurityError(f"step {name} changed the state it was given: {changed}")
+            hint = _SHARED_HINT if changed.startswith("shared modules.") else ""
+            raise ImpurityError(f"step {name} changed the state it was given: {changed}{hint}")
         changed = _difference(batch_before, _batch_snapshot(batch), "")
         if changed:
             raise ImpurityError(

@@ -903,7 +903,10 @@ def fork(state: TrainState, *, optimizer_state: bool = True) -> TrainState:
     are shared too. Each module of the copy has its own registries: hooks registered before
     the copy run on both, and a hook, buffer or child module added to one later (as
     ``prepare_qat`` adds observers) stays with it. A step mutates the fork in place, which
-    keeps the given state unchanged. ``optimizer_state=False`` leaves the copy's optimizer state empty (for a caller
+    keeps the given state unchanged. A module the model keeps outside its registered tree (in a plain list or dict
+    attribute, as a frozen teacher: :func:`shared_modules`) is shared, not copied: a forward through it in train mode
+    changes the original's running statistics; register it (``nn.ModuleList``, ``nn.ModuleDict``) to have it
+    copied. ``optimizer_state=False`` leaves the copy's optimizer state empty (for a caller
     that replaces it, such as ``load_state_dict``).
 
     >>> import torch
@@ -1197,6 +1200,52 @@ def attribute_tensors(model: nn.Module) -> dict[str, Any]:
     return found
 
 
+def shared_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The modules the model's modules keep in their own attributes outside the model's registered tree (not among
+    ``model.modules()``: a frozen teacher kept in a plain list or dict, not an ``nn.ModuleList`` or ``nn.ModuleDict``),
+    which :func:`fork` shares with its copy as they are, by ``"<module name>.<attribute>"`` and the key or index
+    that reaches each (the first, for one reached twice). Found in the lists, tuples, deques, dicts and objects of
+    one's own a copy looks into (:func:`_attribute_tree`'s rules). What ``loopkit.check_purity`` compares the
+    parameters and buffers of: a pure step's forward through one (a BatchNorm's running statistics) changes the
+    caller's.
+
+    >>> model = torch.nn.Linear(1, 1)
+    >>> model.norms, model.parts = [torch.nn.BatchNorm1d(1)], {"self": model}  # (the model itself: in the tree)
+    >>> {name: type(module).__name__ for name, module in shared_modules(model).items()}
+    {'norms.0': 'BatchNorm1d'}
+    """
+    inside = {id(module) for module in model.modules()}
+    found: dict[str, nn.Module] = {}
+    seen: set[int] = set()  # (the containers and objects looked into already, and the modules found: once each)
+
+    def visit(value: Any, name: str) -> None:
+        if isinstance(value, nn.Module):
+            if id(value) not in inside and id(value) not in seen:
+                seen.add(id(value))
+                found[name] = value
+            return
+        if isinstance(value, (torch.Tensor, *_SHARED_VALUES)) or id(value) in seen:
+            return
+        if isinstance(value, (list, tuple, deque, dict)):  # (a namedtuple, a deque, a subclass too)
+            if _shared_container(value):
+                return
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+        else:
+            fields = _state_fields(value)
+            if fields is None:
+                return
+            items = fields.items()
+        seen.add(id(value))
+        for key, item in items:
+            visit(item, f"{name}.{key}")
+
+    for prefix, module in model.named_modules():
+        attributes = vars(module)
+        for name in _own_attributes(attributes):
+            visit(attributes[name], f"{prefix}.{name}" if prefix else name)
+    return found
+
+
 def _attribute_tree(value: Any) -> Any:
     """What of an attribute's value a copy copies as state (:func:`_copied_attribute`): a tensor as it is, a
     generator as its state, and the containers and objects of one's own holding them as dicts; None when it holds
@@ -1314,8 +1363,9 @@ def _copied_attribute(value: Any, memo: dict[int, Any]) -> Any:
     ``copy.deepcopy`` would make it where it reaches the model's tensors or modules: a module of the model (kept in a
     list, a dict, a back-reference), a method or ``functools.partial`` of one, a tensor, a generator, and the
     containers holding them (lists, tuples, namedtuples, deques, dicts and sets; each of its own type), and an object
-    of one's own whose attributes hold a tensor or a module. Modules outside the model (a frozen teacher kept in a
-    list) and other objects (a configuration) are shared."""
+    of one's own whose attributes hold a tensor or a module. Modules outside the model's registered tree (a frozen
+    teacher kept in a plain list or dict, not an ``nn.ModuleList``: :func:`shared_modules`) and other objects (a
+    configuration) are shared: a forward through such a module changes the original's buffers."""
     if isinstance(value, _SHARED_VALUES):
         return value
     kind = type(value)

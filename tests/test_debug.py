@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import copy
 import importlib.util
 from pathlib import Path
 
@@ -451,3 +452,72 @@ def test_a_step_changing_the_callers_batch_in_place_is_named(deterministic, make
     check_purity(loopkit.train_step(lambda m, b: ((m(b[0].clamp(-1, 1)) - b[1]) ** 2).mean()), state, clean,
                  deterministic=deterministic)
     assert torch.equal(clean[0], x)
+
+
+class _ListNorm(torch.nn.Module):
+    """A BatchNorm kept outside the registered tree (in a plain list, or a plain dict: a pure step's copy shares it),
+    or registered (nn.ModuleList: copied)."""
+
+    def __init__(self, holder):
+        super().__init__()
+        self.head = torch.nn.Linear(3, 1)
+        self.norms = holder(torch.nn.BatchNorm1d(3))
+
+    def forward(self, x):
+        norm = self.norms["bn"] if isinstance(self.norms, (dict, torch.nn.ModuleDict)) else self.norms[0]
+        return self.head(norm(x))
+
+
+@pytest.mark.parametrize("holder, registered, where", [
+    (lambda bn: [bn], lambda bn: torch.nn.ModuleList([bn]), "norms.0"),
+    (lambda bn: {"bn": bn}, lambda bn: torch.nn.ModuleDict({"bn": bn}), "norms.bn"),
+], ids=["list", "dict"])
+def test_a_module_kept_outside_the_models_tree_is_compared(holder, registered, where):
+    """fork shares a module kept in a plain list or dict attribute (deliberately: a frozen teacher), so a pure step's
+    forward in train mode updated the caller's running statistics, and check_purity, which compared the registered
+    tree only, passed it. Reference: the caller's running_mean before the call. Registered with nn.ModuleList or
+    nn.ModuleDict, the module is copied: the step passes, and its copy's statistics equal a raw PyTorch forward's."""
+    torch.manual_seed(0)
+    model = _ListNorm(holder)
+    state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    step = loopkit.train_step(lambda m, b: m(b).pow(2).mean())
+    batch = torch.randn(8, 3)
+    norm = model.norms[0] if isinstance(model.norms, list) else model.norms["bn"]
+    before = norm.running_mean.clone()
+    step(state, batch)
+    assert not torch.equal(norm.running_mean, before)  # the defect is real: the caller's statistics moved
+    with pytest.raises(ImpurityError, match=rf"changed the state it was given: shared modules\.{where}\.running_mean "
+                                            r"differs .*register it with nn\.ModuleList or nn\.ModuleDict"):
+        check_purity(step, state, batch)
+
+    torch.manual_seed(0)
+    model = _ListNorm(registered)
+    raw = copy.deepcopy(model)
+    state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    new, _ = check_purity(step, state, batch)
+    raw(batch)  # the reference: one raw forward in train mode
+    assert torch.equal(state.model.state_dict()[f"{where}.running_mean"], torch.zeros(3))
+    assert torch.equal(new.model.state_dict()[f"{where}.running_mean"], raw.state_dict()[f"{where}.running_mean"])
+
+
+def test_a_frozen_teacher_outside_the_tree_passes_and_a_change_to_it_is_named():
+    """A frozen teacher in eval mode kept in a list (shared by design) leaves nothing changed: a distillation step
+    passes. A step that changes its weight, or one whose teacher takes gradients (the backward fills the caller's
+    teacher's .grad), is named."""
+    torch.manual_seed(0)
+    student = torch.nn.Linear(3, 2)
+    student.teacher = [torch.nn.Linear(3, 2).requires_grad_(False).eval()]
+    state = loopkit.TrainState.create(student, torch.optim.SGD(student.parameters(), lr=0.1))
+    distill = loopkit.train_step(lambda m, b: (m(b) - m.teacher[0](b)).pow(2).mean())
+    new, _ = check_purity(distill, state, torch.randn(8, 3))
+    assert new.model.teacher[0] is student.teacher[0] and student.teacher[0].weight.grad is None
+
+    def nudging(model):
+        with torch.no_grad():
+            model.teacher[0].weight.add_(0.5)
+
+    with pytest.raises(ImpurityError, match=r"shared modules\.teacher\.0\.weight differs \(max abs difference 0\.5\)"):
+        check_purity(_meddling(lambda s: nudging(s.model)), state, None)
+    student.teacher[0].requires_grad_(True)
+    with pytest.raises(ImpurityError, match=r"shared modules\.teacher\.0\.weight\.grad is new"):
+        check_purity(distill, state, torch.randn(8, 3))

@@ -8,6 +8,7 @@ import functools
 import pickle
 import re
 import types
+from typing import Any
 
 import attrs
 import pytest
@@ -1118,6 +1119,50 @@ def test_a_large_container_on_a_module_is_shared_by_its_copy_and_a_small_one_cop
     assert new.model.vocabulary is model.vocabulary and new.model.teacher[0] is model.teacher[0]
     assert model.seen == [] and new.model.seen == [0]
     assert all(block is new.model.a for block in new.model.blocks) and model.a.weight.grad is None
+
+
+class _Holder:
+    """An object of one's own holding a module (as a cache might): a copy looks into it."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+
+def _reached(model: nn.Module, path: str) -> Any:
+    """What ``path`` (``"<module>.<attribute>.<key or index>..."``, as shared_modules names it) reaches in ``model``."""
+    value: Any = model
+    for part in path.split("."):
+        if isinstance(value, nn.Module) and part in value._modules:
+            value = value._modules[part]
+        elif isinstance(value, (list, tuple)):
+            value = value[int(part)]
+        elif isinstance(value, dict):
+            value = value[part]
+        else:
+            value = getattr(value, part)
+    return value
+
+
+def test_shared_modules_names_the_modules_a_copy_shares_and_no_other():
+    """What check_purity compares of the modules a pure step's copy shares: each module kept outside the registered
+    tree (in a list, a dict, a nested list, an object of one's own, on a submodule too) is named by where it sits,
+    and is the original in fork's copy (the reference: fork itself); a registered module also kept in a list (a
+    back-reference) is the copy's own and not named."""
+    from loopkit.state import shared_modules
+
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 1))
+    model.teacher = [nn.Linear(3, 3)]
+    model.norms = {"bn": nn.BatchNorm1d(3)}
+    model[1].nested = [[nn.LayerNorm(3)]]
+    model.cache = _Holder(nn.Linear(1, 1))
+    model.blocks = [model[0], model[1], model.teacher[0]]  # (the teacher reached twice: named once, first place)
+    model.vocabulary = {f"w{i}": i for i in range(100)}
+    found = shared_modules(model)
+    assert sorted(found) == ["1.nested.0.0", "cache.module", "norms.bn", "teacher.0"]
+    copied = fork(loopkit.TrainState.create(model)).model
+    for name, module in found.items():
+        assert _reached(model, name) is module and _reached(copied, name) is module, name
+    assert copied.blocks[0] is copied[0] and copied.blocks[0] is not model[0]
 
 
 _Stats = collections.namedtuple("_Stats", "mean count")
