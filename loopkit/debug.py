@@ -3,7 +3,7 @@
 :func:`check_purity` calls a step twice on one state and batch, and checks what the contract
 promises: the given state is unchanged (parameters, buffers, gradients, the tensors the modules
 keep as attributes and of the modules they keep outside the model's tree, optimizer and scheduler state,
-counters, RNG, extras), so is the given batch,
+counters, RNG, extras), so is the given batch (its tensors, numpy arrays, lists, dicts and plain values),
 torch's global RNG is as it was, and the two calls agree bit for bit (new states and metrics). It
 is meant for steps written by hand (a plain function with two optimizers, a closed-form solve) and
 for a pipeline of transforms before a long run; the first difference is named by its path in
@@ -26,10 +26,13 @@ loopkit.errors.ImpurityError: step sloppy changed the state it was given: model.
 
 from __future__ import annotations
 
+import dataclasses
+import numbers
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
+import numpy as np
 import torch
 
 from loopkit.errors import ImpurityError
@@ -37,7 +40,7 @@ from loopkit.state import (
     TrainState, attribute_tensors, module_settings, not_a_state, refuse_copy_if_sharded, shared_modules,
 )
 from loopkit.steps import Metrics, as_step
-from loopkit.tree import named_tensors, sequence_like
+from loopkit.tree import named_nodes, sequence_like
 
 __all__ = ["check_purity"]
 
@@ -72,8 +75,12 @@ def _copy(tree: Any) -> Any:
 
 
 def _describe(value: Any) -> str:
-    """A snapshot's leaf as an error names it: a tensor by dtype and shape, anything else by its repr."""
-    return f"a tensor {value.dtype}{list(value.shape)}" if isinstance(value, torch.Tensor) else repr(value)
+    """A snapshot's leaf as an error names it: a tensor or numpy array by dtype and shape, anything else by its repr."""
+    if isinstance(value, torch.Tensor):
+        return f"a tensor {value.dtype}{list(value.shape)}"
+    if isinstance(value, np.ndarray):
+        return f"a numpy array {value.dtype}{list(value.shape)}"
+    return repr(value)
 
 
 def _difference(a: Any, b: Any, path: str) -> str | None:
@@ -96,6 +103,8 @@ def _difference(a: Any, b: Any, path: str) -> str | None:
         elif not torch.equal(a, b):
             return f"{path} differs"
         return None
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        return _array_difference(a, b, path)
     if isinstance(a, dict) and isinstance(b, dict):
         for key in list(a) + [k for k in b if k not in a]:
             if key not in a or key not in b:
@@ -115,6 +124,21 @@ def _difference(a: Any, b: Any, path: str) -> str | None:
     if a != b and not (a != a and b != b):  # NaN equals NaN here
         return f"{path} changed from {a!r} to {b!r}"
     return None
+
+
+def _array_difference(a: Any, b: Any, path: str) -> str | None:
+    """:func:`_difference` of two numpy arrays (a batch's): dtype, shape, then values (NaN equals NaN)."""
+    if not (isinstance(a, np.ndarray) and isinstance(b, np.ndarray)):
+        return f"{path} changed from {_describe(a)} to {_describe(b)}"
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return f"{path} changed from {a.dtype}{list(a.shape)} to {b.dtype}{list(b.shape)}"
+    if np.array_equal(a, b, equal_nan=a.dtype.kind in "fc"):
+        return None
+    if a.dtype.kind not in "biufc":  # (strings, objects: no distance)
+        return f"{path} differs"
+    wide = np.complex128 if a.dtype.kind == "c" else np.float64
+    gap = np.nan_to_num(np.abs(a.astype(wide) - b.astype(wide)), nan=np.inf).max()
+    return f"{path} differs (max abs difference {gap:.3g})"
 
 
 #: the hooks a module and a parameter hold (torch's attributes): a step that adds one changes the state
@@ -191,9 +215,78 @@ _SHARED_HINT = (
 )
 
 
+class _Layout:
+    """What a batch snapshot holds for a container: its type and size, and a mapping's keys (a list the step appends
+    to, a key it adds, is seen)."""
+
+    __slots__ = ("kind", "keys", "size")
+
+    def __init__(self, container: Any) -> None:
+        self.kind = type(container)
+        self.keys = list(container) if isinstance(container, Mapping) else None
+        self.size = len(container) if isinstance(container, (Mapping, list, tuple)) else None
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Layout) and (self.kind, self.size, self.keys) == (other.kind, other.size, other.keys)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        if self.keys is not None:
+            return f"a {self.kind.__qualname__} with keys {self.keys!r}"
+        if self.size is not None:
+            return f"a {self.kind.__qualname__} of {self.size} item{'' if self.size == 1 else 's'}"
+        return f"a {self.kind.__qualname__}"
+
+
+class _Same:
+    """What a batch snapshot holds for an object it does not copy (one of one's own, an image): the object itself,
+    equal only to itself (a step that puts another in its place is seen)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Same) and other.value is self.value
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"a {type(self.value).__qualname__} (id {id(self.value):#x})"
+
+
+#: a batch's leaves that cannot change in place: kept as they are, compared by value
+_PLAIN = (str, bytes, numbers.Number, np.generic, type(None))
+
+
+def _batch_entry(node: Any) -> Any:
+    """A batch snapshot's copy of ``node``: a tensor or numpy array copied, a container by its :class:`_Layout`, a
+    plain value or a set (copied) by value, anything else as :class:`_Same`."""
+    if isinstance(node, torch.Tensor):
+        return _copy(node)
+    if isinstance(node, np.ndarray):
+        return node.copy()
+    if isinstance(node, (Mapping, list, tuple)) or (dataclasses.is_dataclass(node) and not isinstance(node, type)):
+        return _Layout(node)
+    if isinstance(node, _PLAIN):
+        return node
+    if isinstance(node, (set, frozenset)):
+        return set(node)
+    return _Same(node)
+
+
 def _batch_snapshot(batch: Any) -> dict[str, Any]:
-    """A copy of each tensor in ``batch`` (through mappings, lists, tuples and dataclasses), by where it sits."""
-    return {name: _copy(tensor) for name, tensor in named_tensors(batch)}
+    """A copy of what ``batch`` holds, by where it sits (``batch[0]``, ``batch['x']``: through mappings, lists, tuples
+    and dataclasses, as :func:`loopkit.tree.named_nodes` names it): each tensor and numpy array, each container's
+    type, size and keys, each plain value.
+
+    >>> snapshot = _batch_snapshot({"x": np.zeros(2), "seen": []})
+    >>> {name: type(entry).__name__ for name, entry in snapshot.items()}
+    {'batch': '_Layout', "batch['x']": 'ndarray', "batch['seen']": '_Layout'}
+    """
+    return {name: _batch_entry(node) for name, node in named_nodes(batch)}
 
 
 def _name(step: Any) -> str:
@@ -237,9 +330,11 @@ def check_purity(
     which a pure step's copy shares, so its forward in train mode changes the caller's (named ``shared
     modules.norms.0.running_mean``), and each module's class, training mode,
     plain settings (``in_features``, a list a forward appends to), hook count and which parameters take gradients; a lazy module's parameter before its first forward is compared as uninitialized:
-    a step that initializes the caller's is named, not the pure step's copy), leaves every tensor of ``batch``
-    as it was (named as ``batch[0]``, ``batch['x']``: an in-place change of the caller's data, ``inputs.clamp_``,
-    which another epoch over the same batches would see; checked before the two calls are compared, so such a
+    a step that initializes the caller's is named, not the pure step's copy), leaves ``batch`` as it was, each
+    tensor and numpy array (dtype, shape and values), each list, tuple, dict and dataclass (type, length and keys)
+    and each plain value (named as ``batch[0]``, ``batch['x']``: an in-place change of the caller's data,
+    ``inputs.clamp_``, ``np.clip(x, out=x)``, an ``append``, which another epoch over the same batches would see;
+    another object is compared by identity only; checked before the two calls are compared, so such a
     change is not blamed on the RNG) and torch's global CPU RNG too (unless the state
     draws from the global RNG, ``TrainState.create(..., global_rng=True)``: then the second call
     starts from the global RNG the first call started from); with

@@ -21,7 +21,7 @@ from loopkit.errors import StateMismatchError
 
 __all__ = [
     "compact_views", "copy_tensors", "decode_tree", "device_available", "devices_here", "encode_tree", "from_plain",
-    "named_tensors", "path_str", "sequence_like",
+    "named_nodes", "named_tensors", "path_str", "sequence_like",
     "tensors",
     "to_device", "to_plain",
 ]
@@ -128,20 +128,31 @@ def named_tensors(tree: Any, path: str = "batch") -> Iterator[tuple[str, torch.T
     >>> [name for name, _ in named_tensors(Pair(torch.zeros(2), torch.ones(1)))]
     ['batch.x', 'batch.y']
     """
+    return ((name, node) for name, node in named_nodes(tree, path) if isinstance(node, torch.Tensor))
+
+
+def named_nodes(tree: Any, path: str = "batch") -> Iterator[tuple[str, Any]]:
+    """Everything in a batch, depth first, each with where it sits (as :func:`named_tensors` names it): a container
+    (a mapping, list, tuple or dataclass) before what it holds, and each leaf (a tensor, a numpy array, a string).
+
+    >>> [name for name, _ in named_nodes({"x": torch.zeros(2), "ids": [3, "id"]})]
+    ['batch', "batch['x']", "batch['ids']", "batch['ids'][0]", "batch['ids'][1]"]
+    """
+    yield path, tree
     if isinstance(tree, torch.Tensor):
-        yield path, tree
-    elif isinstance(tree, Mapping):
+        return
+    if isinstance(tree, Mapping):
         for key, value in tree.items():
-            yield from named_tensors(value, f"{path}[{key!r}]")
+            yield from named_nodes(value, f"{path}[{key!r}]")
     elif isinstance(tree, tuple) and hasattr(tree, "_fields"):  # namedtuple
         for field, value in zip(tree._fields, tree):
-            yield from named_tensors(value, f"{path}.{field}")
+            yield from named_nodes(value, f"{path}.{field}")
     elif isinstance(tree, (list, tuple)):
         for i, value in enumerate(tree):
-            yield from named_tensors(value, f"{path}[{i}]")
+            yield from named_nodes(value, f"{path}[{i}]")
     elif dataclasses.is_dataclass(tree) and not isinstance(tree, type):
         for f in dataclasses.fields(tree):
-            yield from named_tensors(getattr(tree, f.name, None), f"{path}.{f.name}")
+            yield from named_nodes(getattr(tree, f.name, None), f"{path}.{f.name}")
 
 
 def _move(obj: Any, device: torch.device, non_blocking: bool, path: str) -> Any:

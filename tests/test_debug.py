@@ -7,6 +7,7 @@ import copy
 import importlib.util
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -521,3 +522,73 @@ def test_a_frozen_teacher_outside_the_tree_passes_and_a_change_to_it_is_named():
     student.teacher[0].requires_grad_(True)
     with pytest.raises(ImpurityError, match=r"shared modules\.teacher\.0\.weight\.grad is new"):
         check_purity(distill, state, torch.randn(8, 3))
+
+
+def _clipping(model, batch):
+    x = batch[0]
+    np.clip(x, -0.5, 0.5, out=x)  # the numpy twin of inputs.clamp_: changes the caller's array
+    return model(torch.as_tensor(x)).pow(2).mean()
+
+
+def _appending(model, batch):
+    batch["seen"].append(len(batch["seen"]))  # grows the caller's list at every call
+    return model(batch["x"]).pow(2).mean()
+
+
+def _adding_a_key(model, batch):
+    batch["mask"] = torch.ones(4)
+    return model(batch["x"]).pow(2).mean()
+
+
+def _widening(model, batch):
+    batch[0] = batch[0].astype(np.float64)  # puts another array in the caller's list
+    return model(torch.as_tensor(batch[0], dtype=torch.float32)).pow(2).mean()
+
+
+def _renaming(model, batch):
+    batch["id"] = "b"
+    return model(batch["x"]).pow(2).mean()
+
+
+def _numpy_batch():
+    return [np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32)]
+
+
+@pytest.mark.parametrize("loss, batch, where", [
+    (_clipping, _numpy_batch, r"batch\[0\] differs \(max abs difference 0\.[0-9]+\)"),
+    (_appending, lambda: {"x": torch.ones(4, 3), "seen": []},
+     r"batch\['seen'\] changed from a list of 0 items to a list of 1 item"),
+    (_adding_a_key, lambda: {"x": torch.ones(4, 3)},
+     r"batch changed from a dict with keys \['x'\] to a dict with keys \['x', 'mask'\]"),
+    (_widening, _numpy_batch, r"batch\[0\] changed from float32\[4, 3\] to float64\[4, 3\]"),
+    (_renaming, lambda: {"x": torch.ones(4, 3), "id": "a"}, r"batch\['id'\] changed from 'a' to 'b'"),
+], ids=["numpy clip out=", "list append", "new key", "array replaced", "string replaced"])
+def test_a_step_changing_non_tensor_parts_of_the_batch_is_named(loss, batch, where):
+    """The batch snapshot held its tensors only: np.clip(x, out=x) on a numpy array and an append to a list of the
+    batch passed, though the same change of a tensor is named. Reference: the batch's repr before and after a call."""
+    model = torch.nn.Linear(3, 1)
+    state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    given = batch()
+    shown = repr(given)
+    loopkit.train_step(loss)(state, given)
+    assert repr(given) != shown  # the defect is real: the step changes the caller's batch
+    with pytest.raises(ImpurityError, match="changed the batch it was given in place: " + where):
+        check_purity(loopkit.train_step(loss), state, batch())
+
+
+def test_a_pure_step_over_a_batch_of_numpy_arrays_lists_and_objects_passes():
+    """Arrays with NaNs, nested lists and dicts, a set, plain values and an object of one's own, all read only: the
+    check passes and leaves the batch as it was."""
+
+    class Meta:
+        pass
+
+    model = torch.nn.Linear(3, 1)
+    state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    x = np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32)
+    x[0, 0] = np.nan
+    batch = {"x": x, "ids": [1, "a", None, 2.5, np.int64(3)], "nested": {"tags": {"b", "c"}, "meta": Meta()},
+             "labels": np.array(["a", "b"]), "mask": np.ones(4, dtype=bool)}
+    shown = repr(batch)
+    check_purity(loopkit.train_step(lambda m, b: m(torch.as_tensor(np.nan_to_num(b["x"]))).pow(2).mean()), state, batch)
+    assert repr(batch) == shown

@@ -17,7 +17,9 @@ import torch
 
 import loopkit
 from loopkit.errors import StateMismatchError
-from loopkit.tree import compact_views, copy_tensors, from_plain, named_tensors, path_str, to_device, to_plain
+from loopkit.tree import (
+    compact_views, copy_tensors, from_plain, named_nodes, named_tensors, path_str, to_device, to_plain,
+)
 
 Pair = namedtuple("Pair", "x y")
 
@@ -205,6 +207,26 @@ def test_named_tensors_names_each_tensor_where_to_device_names_it():
     names = [name for name, _ in named_tensors(batch())]
     assert names == ["batch['pair'].x", "batch['pair'].y[0]", "batch['d'].x", "batch['d'].extra[0].y"]
     for i, name in enumerate(names):
+        with pytest.raises(TypeError, match=f"cannot move {re.escape(name)} of type object"):
+            to_device(batch(bad=i), "meta")
+
+
+def test_named_nodes_names_every_node_where_to_device_names_it_and_its_tensors_as_named_tensors():
+    """What check_purity's batch snapshot walks (numpy arrays, lists, plain values, not only tensors). Reference:
+    to_device's error for something it cannot move put in each leaf's place, and named_tensors for the tensors."""
+
+    def batch(bad=None):
+        array = np.zeros(2) if bad is None else torch.zeros(2)  # (an array, which to_device does not move, when walked)
+        leaves = [object() if i == bad else leaf for i, leaf in enumerate([torch.ones(1), "id", array, 3])]
+        return {"pair": Pair(leaves[0], [leaves[1]]), "d": Batch(leaves[2], "ok", [Pair(1, leaves[3])])}
+
+    nodes = dict(named_nodes(batch()))
+    assert [name for name, node in nodes.items() if isinstance(node, torch.Tensor)] == [
+        name for name, _ in named_tensors(batch())]
+    assert isinstance(nodes["batch['pair'].y"], list) and isinstance(nodes["batch['d'].x"], np.ndarray)
+    assert nodes["batch['d'].extra[0].y"] == 3
+    for i, name in enumerate(["batch['pair'].x", "batch['pair'].y[0]", "batch['d'].x", "batch['d'].extra[0].y"]):
+        assert name in nodes
         with pytest.raises(TypeError, match=f"cannot move {re.escape(name)} of type object"):
             to_device(batch(bad=i), "meta")
 
