@@ -398,10 +398,9 @@ class FnStep(Step):
             ), state) from error
         if type(out) is not tuple or len(out) != 2 or not isinstance(out[0], TrainState) or not isinstance(out[1], Mapping):
             raise TypeError(_bad_result(self.fn, out))
-        for value in out[1].values():  # 0-dim tensors without a graph pass as they are
-            if type(value) is not torch.Tensor or value.ndim or value.requires_grad:
-                where = f"step {_fn_name(self.fn)}"
-                return out[0], {key: check_metric(v, key, where) for key, v in out[1].items()}
+        if out[1]:  # each checked, and a tensor that may be the state's own copied (check_metric)
+            where = f"step {_fn_name(self.fn)}"
+            return out[0], {key: check_metric(v, key, where) for key, v in out[1].items()}
         return out
 
     def flush_(self, state: TrainState) -> tuple[TrainState, Metrics]:
@@ -718,11 +717,21 @@ class Precision(Protocol):
 def check_metric(value: Any, key: Any, where: str) -> torch.Tensor:
     """Return ``value`` as a detached 0-dim tensor, or raise naming the metric and its source.
 
+    A tensor that may share its storage with the state's (a leaf: a parameter, a buffer, one detached from them;
+    or a view of one) comes copied, so that the metric keeps the value it had when reported, whatever the update
+    then changes in place; one computed with a graph, not a view (a loss, a reduction), is taken as it is, detached.
+
     >>> check_metric(0.5, "acc", "metric_fn f")
     tensor(0.5000)
     >>> import numpy as np
     >>> check_metric(np.float32(0.25), "acc", "metric_fn f")
     tensor(0.2500)
+    >>> scale = torch.nn.Parameter(torch.tensor(1.0))
+    >>> metric = check_metric(scale, "scale", "loss_fn f")
+    >>> with torch.no_grad():
+    ...     _ = scale.add_(1.0)  # (as an optimizer's update)
+    >>> metric
+    tensor(1.)
     >>> check_metric("high", "acc", "metric_fn f")
     Traceback (most recent call last):
     ...
@@ -736,7 +745,8 @@ def check_metric(value: Any, key: Any, where: str) -> torch.Tensor:
                 f"metric '{key}' from {where} is a tensor of shape {tuple(value.shape)} and dtype "
                 f"{value.dtype}; a metric must be a real 0-dim tensor (reduce it, e.g. .mean())"
             )
-        return value.detach().reshape(())
+        metric = value.detach().reshape(())
+        return metric.clone() if value.is_leaf or value._base is not None else metric
     try:
         if isinstance(value, (bool, np.bool_)):
             pass
