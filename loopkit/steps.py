@@ -823,7 +823,8 @@ def _split_loss(out: Any, loss_fn: Any, taken: Mapping[str, str] = _NO_METRICS) 
         return out, {}  # (the common case, checked first)
     aux: Metrics = {}
     where = f"loss_fn {_fn_name(loss_fn)}"
-    if isinstance(out, tuple):
+    pair = isinstance(out, tuple)
+    if pair:
         if len(out) != 2 or not isinstance(out[1], Mapping):
             raise TypeError(f"{where} returned a tuple; expected (loss, metrics_dict)")
         out, extra = out
@@ -835,6 +836,12 @@ def _split_loss(out: Any, loss_fn: Any, taken: Mapping[str, str] = _NO_METRICS) 
                 raise ValueError(f"{where} returned an aux metric named {key!r}, which {owner} reports too; rename it")
             aux[key] = check_metric(value, key, where)
     if not isinstance(out, torch.Tensor):
+        if pair:  # (a skip is None alone: its metrics would not be reported)
+            got = "None" if out is None else f"a {type(out).__qualname__}"
+            raise TypeError(
+                f"{where} returned (loss, metrics_dict) whose loss is {got}; the loss must be a scalar loss tensor "
+                "(to skip the batch, return None alone, not (None, metrics_dict))"
+            )
         raise TypeError(
             f"{where} returned a {type(out).__qualname__}; expected a scalar loss tensor, "
             "(loss, metrics_dict), or None to skip the batch"

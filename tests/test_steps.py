@@ -770,6 +770,25 @@ def test_loss_fn_returning_a_non_tensor_is_refused(make_mlp, make_sgd_state, bat
         _run(float_loss, make_mlp, make_sgd_state, batches[0])
 
 
+def test_loss_fn_returning_none_with_metrics_is_refused_saying_a_skip_is_none_alone(make_mlp, make_sgd_state, batches):
+    """(None, metrics) is not a skip (as before); the message says the pair's loss is None and a skip is None alone.
+    Before: "returned a NoneType; expected ..., or None to skip the batch", which it had returned, in a pair."""
+    def skipping(model, batch):
+        return None, {"skipped": 1}
+
+    with pytest.raises(TypeError) as info:
+        _run(skipping, make_mlp, make_sgd_state, batches[0])
+    message = str(info.value)
+    assert "skipping returned (loss, metrics_dict) whose loss is None" in message
+    assert "return None alone" in message and "NoneType" not in message
+
+    def float_in_pair(model, batch):
+        return 1.0, {}
+
+    with pytest.raises(TypeError, match=r"float_in_pair returned \(loss, metrics_dict\) whose loss is a float"):
+        _run(float_in_pair, make_mlp, make_sgd_state, batches[0])
+
+
 def test_non_numeric_eval_metric_is_refused(make_mlp, make_sgd_state, batches):
     def metric_fn(model, batch):
         return {"label": "cat"}
