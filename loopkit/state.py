@@ -294,7 +294,9 @@ class TrainState(_GraphSlot):
         """Return a new state restored from ``state_dict``; this state is left unchanged.
 
         Everything is checked before anything is copied: the first missing, unexpected or
-        mis-shaped key is named in a :class:`loopkit.StateMismatchError`. With
+        mis-shaped key is named in a :class:`loopkit.StateMismatchError`. A module's extra state (what its
+        ``get_extra_state()`` returns: a list, a tuple, a dict of them) goes to its ``set_extra_state`` as the state
+        dict holds it (a copy), as torch's ``Module.load_state_dict`` hands it over. With
         ``copy=False`` the new state takes the parameter, buffer and gradient tensors of
         ``state_dict`` that already have the model's dtype, device, shape and layout (each
         the only tensor on its storage) instead of copying them, as
@@ -1570,7 +1572,7 @@ def _decode_model(plain: Any, template: Mapping[str, Any], model: nn.Module) -> 
     """The model's state dict in the structure of ``template``, except that the buffers of fake-quantization and
     observer modules may have other shapes (per-channel scales: they resize themselves as the model loads them)."""
     try:
-        return from_plain(plain, template, ("model",))
+        return _model_from_plain(plain, template)
     except StateMismatchError as error:
         resizable = _resizable_buffers(model)
         if not resizable and isinstance(plain, Mapping) and any(_is_qat_key(key) for key in plain):
@@ -1591,9 +1593,35 @@ def _decode_model(plain: Any, template: Mapping[str, Any], model: nn.Module) -> 
             raise
         loose = {k: plain[k] if k in resizable and isinstance(plain.get(k), torch.Tensor) else v for k, v in template.items()}
         try:
-            return from_plain(plain, loose, ("model",))
+            return _model_from_plain(plain, loose)
         except StateMismatchError:
             raise error from None
+
+
+def _model_from_plain(plain: Any, template: Mapping[str, Any]) -> Any:
+    """A model's state dict checked against ``template`` (both as ``Module.state_dict()`` gives them: not encoded)
+    and decoded: its tensors by :func:`loopkit.tree.from_plain`; an entry that is not a tensor in ``template`` (what
+    a module's ``get_extra_state()`` returns: a list, a tuple, a dict holding them) is the module's own, taken as it
+    is (a deep copy: the new state shares nothing with ``plain``), as torch's ``load_state_dict`` hands it to
+    ``set_extra_state``.
+
+    >>> template = {"w": torch.zeros(2), "_extra_state": ["a", "b"]}
+    >>> _model_from_plain({"w": torch.ones(2), "_extra_state": ("c",)}, template)
+    {'w': tensor([1., 1.]), '_extra_state': ('c',)}
+    >>> _model_from_plain({"w": torch.ones(2)}, template)
+    Traceback (most recent call last):
+    ...
+    loopkit.errors.StateMismatchError: missing key 'model._extra_state'
+    """
+    own = {key for key, value in template.items() if not isinstance(value, torch.Tensor)}
+    if not own or not isinstance(plain, Mapping):
+        return from_plain(plain, template, ("model",))
+    for key in template:  # (in the template's order, as from_plain names the first missing key)
+        if key not in plain:
+            raise StateMismatchError(f"missing key 'model.{key}'")
+    tensors = from_plain({k: v for k, v in plain.items() if k not in own},
+                         {k: v for k, v in template.items() if k not in own}, ("model",))
+    return {key: copy.deepcopy(plain[key]) if key in own else tensors[key] for key in template}
 
 
 #: what names the buffers of torch.ao.quantization's fake-quantizers and observers in a model's state dict

@@ -232,6 +232,57 @@ def test_extras_of_any_plain_structure_come_back_from_a_state_dict_as_they_were(
                 assert got == value, key
 
 
+class _WithExtraState(nn.Module):
+    """A linear layer whose ``get_extra_state()`` returns what it was given (a vocabulary, a config)."""
+
+    def __init__(self, extra) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 1)
+        self.extra = extra
+
+    def get_extra_state(self):
+        return self.extra
+
+    def set_extra_state(self, value) -> None:
+        self.extra = value
+
+
+_EXTRA_STATES = [["a", "b"], (1, 2), {"vocab": ["a", "b"]}, {"n": 3}, "text", [torch.ones(2), ("x", 0.5)], None]
+
+
+@pytest.mark.parametrize("extra", _EXTRA_STATES, ids=repr)
+def test_a_models_extra_state_of_any_kind_comes_back_from_a_state_dict_as_torchs_load_state_dict_gives_it(extra):
+    """Reference: torch's own m.load_state_dict(m.state_dict()) hands get_extra_state()'s value, whatever it is, to
+    set_extra_state. Before: a list or tuple anywhere in it was refused ("key 'model._extra_state' holds a list,
+    expected a mapping"), by the state's own state dict, and through a file."""
+    torch.manual_seed(0)
+    reference = _WithExtraState(extra)
+    torch.manual_seed(1)
+    model = _WithExtraState(copy.deepcopy(extra))
+    model.extra = "other"
+    model.load_state_dict(reference.state_dict())
+    state = loopkit.TrainState.create(reference, torch.optim.SGD(reference.parameters(), lr=0.1))
+    for given in (state.state_dict(), through_a_file(state.state_dict())):
+        torch.manual_seed(1)
+        template = _WithExtraState("other")
+        restored = loopkit.TrainState.create(template, torch.optim.SGD(template.parameters(), lr=0.1)).load_state_dict(given)
+        assert_equal_trees(restored.model.extra, model.extra)
+        assert type(restored.model.extra) is type(model.extra)
+        assert torch.equal(restored.model.lin.weight, reference.lin.weight)
+        if isinstance(extra, (list, dict)):  # the new state's own: changing it leaves the saved state alone
+            assert restored.model.extra is not reference.extra
+
+
+@pytest.mark.parametrize("extra", [["a"], None], ids=repr)
+def test_a_state_dict_missing_a_models_extra_state_is_refused_naming_it(extra):
+    """Before: an extra state that was None in the template was not looked for, and set_extra_state got None."""
+    state = loopkit.TrainState.create(_WithExtraState(extra))
+    sd = state.state_dict()
+    del sd["model"]["_extra_state"]
+    with pytest.raises(loopkit.StateMismatchError, match="missing key 'model._extra_state'"):
+        state.load_state_dict(sd)
+
+
 def test_extras_in_the_earlier_state_dict_form_still_load(make_mlp):
     """Checkpoints written before the tagged form: their lists were string-keyed dicts, which load
     as such (the windows of run_epochs and with_logging read that form)."""
