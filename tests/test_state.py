@@ -1851,6 +1851,50 @@ def test_a_zero_dim_moment_for_a_parameter_of_another_shape_is_refused_by_name()
         state.load_state_dict(sd)
 
 
+@pytest.mark.parametrize("key, value", [("exp_avg", 0.5), ("exp_avg", "s"), ("exp_avg_sq", True), ("step", True),
+                                        ("step", "3")])
+@pytest.mark.parametrize("fresh", [False, True], ids=["trained", "fresh"])
+def test_a_non_tensor_where_the_optimizer_keeps_a_tensor_is_refused_by_name_before_anything_changes(
+        key, value, fresh, take_snapshot, assert_trees_equal):
+    """Before: it loaded, and the next step failed inside Adam ("'float' object has no attribute 'lerp_'")."""
+    def made():
+        torch.manual_seed(0)
+        model = nn.Linear(3, 4)
+        return loopkit.TrainState.create(model, torch.optim.Adam(model.parameters(), lr=0.1))
+
+    step = loopkit.train_step(lambda m, b: m(b).pow(2).mean())
+    sd = step(made(), torch.ones(4, 3))[0].state_dict()
+    sd["optimizer"]["state"]["0"][key] = value
+    template = made() if fresh else step(made(), torch.ones(4, 3))[0]
+    before = take_snapshot(template)
+    shape = r" of shape \(4, 3\)" if key != "step" else r" of shape \(\)"
+    with pytest.raises(loopkit.StateMismatchError,
+                       match=rf"key 'optimizer\.state\.0\.{key}' holds a {type(value).__name__}, expected a tensor{shape}$"):
+        template.load_state_dict(sd)
+    assert_trees_equal(take_snapshot(template), before)
+
+
+def test_a_step_count_saved_as_a_number_loads_as_torchs_adam_takes_it(take_snapshot, assert_trees_equal):
+    """torch before 1.12 saved Adam's step as a number, which Adam's own load turns into a tensor: it loads still."""
+    def made():
+        torch.manual_seed(0)
+        model = nn.Linear(3, 4)
+        return loopkit.TrainState.create(model, torch.optim.Adam(model.parameters(), lr=0.1))
+
+    step = loopkit.train_step(lambda m, b: m(b).pow(2).mean())
+    trained = step(made(), torch.ones(4, 3))[0]
+    sd = trained.state_dict()
+    for entry in sd["optimizer"]["state"].values():
+        entry["step"] = float(entry["step"])
+    reference = made()
+    reference.optimizer.load_state_dict({**trained.optimizer.state_dict(), "state": {
+        i: {**e, "step": float(e["step"])} for i, e in trained.optimizer.state_dict()["state"].items()}})
+    reference.model.load_state_dict(trained.model.state_dict())
+    restored = step(made().load_state_dict(sd), torch.ones(4, 3))[0]
+    ref_next = step(reference, torch.ones(4, 3))[0]
+    assert_trees_equal(dict(restored.model.named_parameters()), dict(ref_next.model.named_parameters()))
+
+
 def test_a_run_that_added_a_param_group_after_its_scheduler_resumes_as_the_uninterrupted_run():
     """Unfreezing a backbone at epoch 2 adds a group to the optimizer after the scheduler was made: the scheduler's
     _last_lr then has an entry per group, the template's (made the same way) one; the resume was refused with
