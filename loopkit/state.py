@@ -294,7 +294,9 @@ class TrainState(_GraphSlot):
         """Return a new state restored from ``state_dict``; this state is left unchanged.
 
         Everything is checked before anything is copied: the first missing, unexpected or
-        mis-shaped key is named in a :class:`loopkit.StateMismatchError`. With
+        mis-shaped key is named in a :class:`loopkit.StateMismatchError`. A module's extra state (what its
+        ``get_extra_state()`` returns: a list, a tuple, a dict of them) goes to its ``set_extra_state`` as the state
+        dict holds it (a copy), as torch's ``Module.load_state_dict`` hands it over. With
         ``copy=False`` the new state takes the parameter, buffer and gradient tensors of
         ``state_dict`` that already have the model's dtype, device, shape and layout (each
         the only tensor on its storage) instead of copying them, as
@@ -1627,7 +1629,7 @@ def _decode_model(plain: Any, template: Mapping[str, Any], model: nn.Module) -> 
     """The model's state dict in the structure of ``template``, except that the buffers of fake-quantization and
     observer modules may have other shapes (per-channel scales: they resize themselves as the model loads them)."""
     try:
-        return from_plain(plain, template, ("model",))
+        return _model_from_plain(plain, template)
     except StateMismatchError as error:
         resizable = _resizable_buffers(model)
         if not resizable and isinstance(plain, Mapping) and any(_is_qat_key(key) for key in plain):
@@ -1648,9 +1650,35 @@ def _decode_model(plain: Any, template: Mapping[str, Any], model: nn.Module) -> 
             raise
         loose = {k: plain[k] if k in resizable and isinstance(plain.get(k), torch.Tensor) else v for k, v in template.items()}
         try:
-            return from_plain(plain, loose, ("model",))
+            return _model_from_plain(plain, loose)
         except StateMismatchError:
             raise error from None
+
+
+def _model_from_plain(plain: Any, template: Mapping[str, Any]) -> Any:
+    """A model's state dict checked against ``template`` (both as ``Module.state_dict()`` gives them: not encoded)
+    and decoded: its tensors by :func:`loopkit.tree.from_plain`; an entry that is not a tensor in ``template`` (what
+    a module's ``get_extra_state()`` returns: a list, a tuple, a dict holding them) is the module's own, taken as it
+    is (a deep copy: the new state shares nothing with ``plain``), as torch's ``load_state_dict`` hands it to
+    ``set_extra_state``.
+
+    >>> template = {"w": torch.zeros(2), "_extra_state": ["a", "b"]}
+    >>> _model_from_plain({"w": torch.ones(2), "_extra_state": ("c",)}, template)
+    {'w': tensor([1., 1.]), '_extra_state': ('c',)}
+    >>> _model_from_plain({"w": torch.ones(2)}, template)
+    Traceback (most recent call last):
+    ...
+    loopkit.errors.StateMismatchError: missing key 'model._extra_state'
+    """
+    own = {key for key, value in template.items() if not isinstance(value, torch.Tensor)}
+    if not own or not isinstance(plain, Mapping):
+        return from_plain(plain, template, ("model",))
+    for key in template:  # (in the template's order, as from_plain names the first missing key)
+        if key not in plain:
+            raise StateMismatchError(f"missing key 'model.{key}'")
+    tensors = from_plain({k: v for k, v in plain.items() if k not in own},
+                         {k: v for k, v in template.items() if k not in own}, ("model",))
+    return {key: copy.deepcopy(plain[key]) if key in own else tensors[key] for key in template}
 
 
 #: what names the buffers of torch.ao.quantization's fake-quantizers and observers in a model's state dict
@@ -1819,6 +1847,10 @@ def _decode_grads(grads: Mapping[str, Any], params: dict[str, nn.Parameter]) -> 
     return dict(grads)
 
 
+#: the 0-dim tensors of torch's optimizers' states that their ``__setstate__`` makes of a number (as torch before
+#: 1.12 saved them): a number there loads
+_NUMBER_STATES = frozenset({"step", "eta", "mu", "mu_product"})
+
 #: optimizer-state keys that torch's optimizers keep in each parameter's shape
 _PARAM_SHAPED = frozenset({
     "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "exp_inf", "momentum_buffer", "square_avg", "grad_avg",
@@ -1856,6 +1888,7 @@ def _decode_optimizer(plain: Any, template: dict[str, Any], optimizer: torch.opt
     )
     groups = [{**group, **{k: raw[k] for k in _IMPLEMENTATION if k in raw}} for group, raw in zip(groups, raw_groups)]
     params = [p for g in optimizer.param_groups for p in g["params"]]
+    torch_own = not _of_ones_own(optimizer)
     current = template.get("state", {})
     state: dict[int, dict[str, Any]] = {}
     expected_keys = _state_keys(optimizer, groups) if plain["state"] else []  # (each key -> its probed shape)
@@ -1884,15 +1917,38 @@ def _decode_optimizer(plain: Any, template: dict[str, Any], optimizer: torch.opt
             elif name in _PARAM_SHAPED:
                 expected = param.shape
             else:
-                continue
-            if isinstance(value, torch.Tensor):
-                if value.shape != expected:
-                    raise StateMismatchError(
-                        f"mis-shaped key '{'.'.join(path + (name,))}': the state dict has shape "
-                        f"{tuple(value.shape)}, expected {tuple(expected)}"
-                    )
+                expected = None
+            if not isinstance(value, torch.Tensor):
+                if _tensor_needed(name, value, probed, torch_own):  # (its step would fail on it: Adam's exp_avg.lerp_)
+                    shape = "" if expected is None else f" of shape {tuple(expected)}"
+                    raise StateMismatchError(f"key '{'.'.join(path + (name,))}' holds a {type(value).__qualname__}, "
+                                             f"expected a tensor{shape}")
+            elif expected is not None and value.shape != expected:
+                raise StateMismatchError(
+                    f"mis-shaped key '{'.'.join(path + (name,))}': the state dict has shape "
+                    f"{tuple(value.shape)}, expected {tuple(expected)}"
+                )
         state[int(index)] = dict(entry)
     return {"state": state, "param_groups": groups}
+
+
+def _tensor_needed(name: str, value: Any, probed: Mapping[str, Any] | None, torch_own: bool) -> bool:
+    """Whether ``value`` (not a tensor) stands where torch's optimizer reads a tensor: an entry the probe's step
+    made one (``probed``: the entry's keys -> their shapes, None where not a tensor), or without a probe one of the
+    names torch's optimizers keep in the parameter's shape; a number where torch takes one (:data:`_NUMBER_STATES`)
+    stands. Not from the template's own state: LBFGS's (and an optimizer's of one's own) may change kinds as it goes
+    (its ``t``: a float, then a tensor).
+
+    >>> _tensor_needed("exp_avg", 0.5, {"exp_avg": (2, 3), "step": ()}, True)
+    True
+    >>> _tensor_needed("step", 3.0, {"exp_avg": (2, 3), "step": ()}, True), _tensor_needed("sum", 0.5, None, False)
+    (False, False)
+    """
+    if name in _NUMBER_STATES and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return False
+    if probed:
+        return isinstance(probed.get(name), tuple)
+    return torch_own and name in _PARAM_SHAPED
 
 
 def _check_keys(entry: Mapping[str, Any], keys: tuple[str, ...] | None, path: tuple[str, ...]) -> None:
@@ -1929,6 +1985,16 @@ def _shape_for(probed: tuple[int, ...] | None, param: torch.Tensor) -> tuple[int
     return tuple(shape)
 
 
+def _of_ones_own(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer`` is not one of ``torch.optim``'s (Adafactor's module is ``torch.optim`` too).
+
+    >>> _of_ones_own(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1))
+    False
+    """
+    module = type(optimizer).__module__
+    return module != "torch.optim" and not module.startswith("torch.optim.")
+
+
 def _state_keys(
     optimizer: torch.optim.Optimizer, groups: list[dict[str, Any]]
 ) -> list[dict[str, tuple[int, ...] | None] | None]:
@@ -1938,9 +2004,7 @@ def _state_keys(
     of :data:`_PROBE_DIMS`, and dtypes). Only for torch's own optimizers, whose keys are set at their first
     step; ``[]`` (nothing checked) for others and where the probe cannot run (sparse gradients, options the
     CPU does not take)."""
-    kind = type(optimizer)
-    own = kind.__module__ != "torch.optim" and not kind.__module__.startswith("torch.optim.")  # (Adafactor: "torch.optim")
-    if own or kind is torch.optim.LBFGS:
+    if _of_ones_own(optimizer) or type(optimizer) is torch.optim.LBFGS:
         return []  # an optimizer of one's own may add keys as it goes (LBFGS does): its keys are not checked
     stand_ins = [
         [nn.Parameter(torch.zeros(_PROBE_DIMS[: p.ndim] if p.ndim <= len(_PROBE_DIMS) else (1,) * p.ndim, dtype=p.dtype))

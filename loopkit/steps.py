@@ -781,11 +781,21 @@ class Precision(Protocol):
 def check_metric(value: Any, key: Any, where: str) -> torch.Tensor:
     """Return ``value`` as a detached 0-dim tensor, or raise naming the metric and its source.
 
+    A tensor that may share its storage with the state's (a leaf: a parameter, a buffer, one detached from them;
+    or a view of one) comes copied, so that the metric keeps the value it had when reported, whatever the update
+    then changes in place; one computed with a graph, not a view (a loss, a reduction), is taken as it is, detached.
+
     >>> check_metric(0.5, "acc", "metric_fn f")
     tensor(0.5000)
     >>> import numpy as np
     >>> check_metric(np.float32(0.25), "acc", "metric_fn f")
     tensor(0.2500)
+    >>> scale = torch.nn.Parameter(torch.tensor(1.0))
+    >>> metric = check_metric(scale, "scale", "loss_fn f")
+    >>> with torch.no_grad():
+    ...     _ = scale.add_(1.0)  # (as an optimizer's update)
+    >>> metric
+    tensor(1.)
     >>> check_metric("high", "acc", "metric_fn f")
     Traceback (most recent call last):
     ...
@@ -799,7 +809,8 @@ def check_metric(value: Any, key: Any, where: str) -> torch.Tensor:
                 f"metric '{key}' from {where} is a tensor of shape {tuple(value.shape)} and dtype "
                 f"{value.dtype}; a metric must be a real 0-dim tensor (reduce it, e.g. .mean())"
             )
-        return value.detach().reshape(())
+        metric = value.detach().reshape(())
+        return metric.clone() if value.is_leaf or value._base is not None else metric
     try:
         if isinstance(value, (bool, np.bool_)):
             pass
@@ -849,8 +860,7 @@ def _checked_result(out: Any, step: Any, *, flush: bool = False) -> tuple[TrainS
     """``out``, what a call of a step of one's own returned (``flush``: what its end-of-epoch flush returned), as
     ``(new_state, metrics)`` with each metric checked by :func:`check_metric`, or a ``TypeError`` naming ``step``.
     A plain function's results and a :class:`Step` subclass's (one defined outside loopkit) are checked so; loopkit's
-    own steps make checked metrics. Metrics named by strings that are real 0-dim tensors without a graph come back
-    as they are (no copy, no host sync).
+    own steps make checked metrics (no host sync; a tensor that may be the state's own comes copied).
 
     >>> from loopkit.state import TrainState
     >>> state = TrainState.create(torch.nn.Linear(1, 1))
@@ -864,11 +874,9 @@ def _checked_result(out: Any, step: Any, *, flush: bool = False) -> tuple[TrainS
     """
     if type(out) is not tuple or len(out) != 2 or not isinstance(out[0], TrainState) or not isinstance(out[1], Mapping):
         raise TypeError(_bad_result(step, out, flush))
-    for key, value in out[1].items():
-        if (type(key) is not str or type(value) is not _Tensor or value.ndim or value.requires_grad
-                or not value.is_floating_point()):  # (complex and bool are not floating point; an int count is checked)
-            where = f"step {_fn_name(step)}'s flush" if flush else f"step {_fn_name(step)}"
-            return out[0], {k: check_metric(v, k, where) for k, v in out[1].items()}
+    if out[1]:  # each checked, and a tensor that may be the state's own copied (check_metric)
+        where = f"step {_fn_name(step)}'s flush" if flush else f"step {_fn_name(step)}"
+        return out[0], {key: check_metric(value, key, where) for key, value in out[1].items()}
     return out
 
 
@@ -907,7 +915,8 @@ def _split_loss(out: Any, loss_fn: Any, taken: Mapping[str, str] = _NO_METRICS) 
         return out, {}  # (the common case, checked first)
     aux: Metrics = {}
     where = f"loss_fn {_fn_name(loss_fn)}"
-    if isinstance(out, tuple):
+    pair = isinstance(out, tuple)
+    if pair:
         if len(out) != 2 or not isinstance(out[1], Mapping):
             raise TypeError(f"{where} returned a tuple; expected (loss, metrics_dict)")
         out, extra = out
@@ -919,6 +928,12 @@ def _split_loss(out: Any, loss_fn: Any, taken: Mapping[str, str] = _NO_METRICS) 
                 raise ValueError(f"{where} returned an aux metric named {key!r}, which {owner} reports too; rename it")
             aux[key] = check_metric(value, key, where)
     if not isinstance(out, torch.Tensor):
+        if pair:  # (a skip is None alone: its metrics would not be reported)
+            got = "None" if out is None else f"a {type(out).__qualname__}"
+            raise TypeError(
+                f"{where} returned (loss, metrics_dict) whose loss is {got}; the loss must be a scalar loss tensor "
+                "(to skip the batch, return None alone, not (None, metrics_dict))"
+            )
         raise TypeError(
             f"{where} returned a {type(out).__qualname__}; expected a scalar loss tensor, "
             "(loss, metrics_dict), or None to skip the batch"

@@ -1195,6 +1195,37 @@ def _extra_state_model() -> nn.Module:
     return nn.Sequential(Counting())
 
 
+class _Vocabulary(nn.Linear):
+    """A layer whose ``get_extra_state()`` is a list and a tuple in a dict (a vocabulary, a version)."""
+
+    def __init__(self, words: list[str]) -> None:
+        super().__init__(2, 2)
+        self.words = words
+
+    def get_extra_state(self):
+        return {"words": self.words, "version": (1, 0)}
+
+    def set_extra_state(self, value) -> None:
+        self.words = value["words"]
+
+
+def test_a_checkpoint_of_a_model_with_extra_state_holding_lists_restores_as_torchs_load_state_dict_does(tmp_path):
+    """Reference: torch's model.load_state_dict(model.state_dict()), which hands the extra state to
+    set_extra_state. Before: restore refused every such checkpoint ("holds a list, expected a mapping")."""
+    torch.manual_seed(0)
+    model = _Vocabulary(["a", "b"])
+    state = TrainState.create(model, torch.optim.Adam(model.parameters(), lr=0.1))
+    state, _ = train_step(lambda m, b: m(b).pow(2).mean())(state, torch.ones(3, 2))
+    checkpoint.save(state, tmp_path)
+    reference = _Vocabulary([])
+    reference.load_state_dict(state.model.state_dict())
+    template = _Vocabulary([])
+    restored = checkpoint.restore(TrainState.create(template, torch.optim.Adam(template.parameters(), lr=0.1)), tmp_path)
+    assert restored.model.words == reference.words == ["a", "b"]
+    assert restored.step == 1 and torch.equal(restored.model.weight, state.model.weight)
+    assert torch.equal(restored.optimizer.state_dict()["state"][0]["exp_avg"], state.optimizer.state_dict()["state"][0]["exp_avg"])
+
+
 def _int8_model() -> nn.Module:
     from torch.ao.quantization import DeQuantStub, QuantStub
 

@@ -233,6 +233,57 @@ def test_extras_of_any_plain_structure_come_back_from_a_state_dict_as_they_were(
                 assert got == value, key
 
 
+class _WithExtraState(nn.Module):
+    """A linear layer whose ``get_extra_state()`` returns what it was given (a vocabulary, a config)."""
+
+    def __init__(self, extra) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 1)
+        self.extra = extra
+
+    def get_extra_state(self):
+        return self.extra
+
+    def set_extra_state(self, value) -> None:
+        self.extra = value
+
+
+_EXTRA_STATES = [["a", "b"], (1, 2), {"vocab": ["a", "b"]}, {"n": 3}, "text", [torch.ones(2), ("x", 0.5)], None]
+
+
+@pytest.mark.parametrize("extra", _EXTRA_STATES, ids=repr)
+def test_a_models_extra_state_of_any_kind_comes_back_from_a_state_dict_as_torchs_load_state_dict_gives_it(extra):
+    """Reference: torch's own m.load_state_dict(m.state_dict()) hands get_extra_state()'s value, whatever it is, to
+    set_extra_state. Before: a list or tuple anywhere in it was refused ("key 'model._extra_state' holds a list,
+    expected a mapping"), by the state's own state dict, and through a file."""
+    torch.manual_seed(0)
+    reference = _WithExtraState(extra)
+    torch.manual_seed(1)
+    model = _WithExtraState(copy.deepcopy(extra))
+    model.extra = "other"
+    model.load_state_dict(reference.state_dict())
+    state = loopkit.TrainState.create(reference, torch.optim.SGD(reference.parameters(), lr=0.1))
+    for given in (state.state_dict(), through_a_file(state.state_dict())):
+        torch.manual_seed(1)
+        template = _WithExtraState("other")
+        restored = loopkit.TrainState.create(template, torch.optim.SGD(template.parameters(), lr=0.1)).load_state_dict(given)
+        assert_equal_trees(restored.model.extra, model.extra)
+        assert type(restored.model.extra) is type(model.extra)
+        assert torch.equal(restored.model.lin.weight, reference.lin.weight)
+        if isinstance(extra, (list, dict)):  # the new state's own: changing it leaves the saved state alone
+            assert restored.model.extra is not reference.extra
+
+
+@pytest.mark.parametrize("extra", [["a"], None], ids=repr)
+def test_a_state_dict_missing_a_models_extra_state_is_refused_naming_it(extra):
+    """Before: an extra state that was None in the template was not looked for, and set_extra_state got None."""
+    state = loopkit.TrainState.create(_WithExtraState(extra))
+    sd = state.state_dict()
+    del sd["model"]["_extra_state"]
+    with pytest.raises(loopkit.StateMismatchError, match="missing key 'model._extra_state'"):
+        state.load_state_dict(sd)
+
+
 def test_extras_in_the_earlier_state_dict_form_still_load(make_mlp):
     """Checkpoints written before the tagged form: their lists were string-keyed dicts, which load
     as such (the windows of run_epochs and with_logging read that form)."""
@@ -1929,6 +1980,50 @@ def test_a_zero_dim_moment_for_a_parameter_of_another_shape_is_refused_by_name()
     sd["optimizer"]["state"]["0"]["exp_avg"] = torch.zeros(())
     with pytest.raises(loopkit.StateMismatchError, match=r"mis-shaped key 'optimizer\.state\.0\.exp_avg'.*\(\), expected \(2, 3\)"):
         state.load_state_dict(sd)
+
+
+@pytest.mark.parametrize("key, value", [("exp_avg", 0.5), ("exp_avg", "s"), ("exp_avg_sq", True), ("step", True),
+                                        ("step", "3")])
+@pytest.mark.parametrize("fresh", [False, True], ids=["trained", "fresh"])
+def test_a_non_tensor_where_the_optimizer_keeps_a_tensor_is_refused_by_name_before_anything_changes(
+        key, value, fresh, take_snapshot, assert_trees_equal):
+    """Before: it loaded, and the next step failed inside Adam ("'float' object has no attribute 'lerp_'")."""
+    def made():
+        torch.manual_seed(0)
+        model = nn.Linear(3, 4)
+        return loopkit.TrainState.create(model, torch.optim.Adam(model.parameters(), lr=0.1))
+
+    step = loopkit.train_step(lambda m, b: m(b).pow(2).mean())
+    sd = step(made(), torch.ones(4, 3))[0].state_dict()
+    sd["optimizer"]["state"]["0"][key] = value
+    template = made() if fresh else step(made(), torch.ones(4, 3))[0]
+    before = take_snapshot(template)
+    shape = r" of shape \(4, 3\)" if key != "step" else r" of shape \(\)"
+    with pytest.raises(loopkit.StateMismatchError,
+                       match=rf"key 'optimizer\.state\.0\.{key}' holds a {type(value).__name__}, expected a tensor{shape}$"):
+        template.load_state_dict(sd)
+    assert_trees_equal(take_snapshot(template), before)
+
+
+def test_a_step_count_saved_as_a_number_loads_as_torchs_adam_takes_it(take_snapshot, assert_trees_equal):
+    """torch before 1.12 saved Adam's step as a number, which Adam's own load turns into a tensor: it loads still."""
+    def made():
+        torch.manual_seed(0)
+        model = nn.Linear(3, 4)
+        return loopkit.TrainState.create(model, torch.optim.Adam(model.parameters(), lr=0.1))
+
+    step = loopkit.train_step(lambda m, b: m(b).pow(2).mean())
+    trained = step(made(), torch.ones(4, 3))[0]
+    sd = trained.state_dict()
+    for entry in sd["optimizer"]["state"].values():
+        entry["step"] = float(entry["step"])
+    reference = made()
+    reference.optimizer.load_state_dict({**trained.optimizer.state_dict(), "state": {
+        i: {**e, "step": float(e["step"])} for i, e in trained.optimizer.state_dict()["state"].items()}})
+    reference.model.load_state_dict(trained.model.state_dict())
+    restored = step(made().load_state_dict(sd), torch.ones(4, 3))[0]
+    ref_next = step(reference, torch.ones(4, 3))[0]
+    assert_trees_equal(dict(restored.model.named_parameters()), dict(ref_next.model.named_parameters()))
 
 
 def test_a_run_that_added_a_param_group_after_its_scheduler_resumes_as_the_uninterrupted_run():

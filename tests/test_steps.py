@@ -140,6 +140,66 @@ def test_metrics_are_the_loss_and_aux_metrics_as_0dim_tensors(make_mlp, batches,
     assert float(metrics["count"]) == 8.0
 
 
+class _Scaled(nn.Module):
+    """``x * scale``, counting its calls in a buffer changed in place (as BatchNorm's running statistics)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(1.0))
+        self.register_buffer("calls", torch.tensor(0.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.add_(1.0)
+        return x * self.scale
+
+
+def _reporting_the_state(model, batch):
+    """A loss_fn whose aux metrics are the state's own tensors: a parameter, a view of one, one detached, a buffer."""
+    loss = model(batch).pow(2).mean()
+    return loss, {"scale": model.scale, "view": model.scale.view(1)[0], "detached": model.scale.detach(),
+                  "calls": model.calls}
+
+
+def test_aux_metrics_that_are_the_states_tensors_keep_the_values_the_loss_fn_saw():
+    """By hand: loss = scale**2 on ones, so SGD(lr=0.1) makes scale 0.8 * scale each step; the buffer counts the
+    calls. Lightning's self.log("scale", self.scale) logs the epoch's mean of the values its training_step saw.
+    Before: a metric shared the parameter's storage, reporting it after the update (0.8, not 1.0), and under
+    run_epochs every step's metric was the live tensor: the history held the last value for each step."""
+    seen = [0.8**k for k in range(4)]  # the scale each loss_fn call saw
+    model = _Scaled()
+    state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    new, metrics = loopkit.train_step(_reporting_the_state)(state, torch.ones(4))
+    assert float(new.model.scale.detach()) == pytest.approx(0.8)
+    assert {k: float(v) for k, v in metrics.items()} == pytest.approx(
+        {"loss": 1.0, "scale": 1.0, "view": 1.0, "detached": 1.0, "calls": 1.0})
+    assert all(not v.requires_grad for v in metrics.values())
+
+    model = _Scaled()
+    state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    _, history = loopkit.run_epochs(loopkit.train_step(_reporting_the_state), state, [torch.ones(4)] * 4, epochs=1,
+                                    progress=False, sanity_val_batches=0)
+    mean = sum(seen) / 4
+    assert {k: history[0][f"train/{k}"] for k in ("scale", "view", "detached", "calls")} == pytest.approx(
+        {"scale": mean, "view": mean, "detached": mean, "calls": 2.5}, rel=1e-6)
+
+
+def test_metrics_of_a_function_step_that_are_the_states_tensors_keep_their_values():
+    """A function used as a step reporting its new state's parameter, which the next (donated) update changes in
+    place: each step's value, as by hand (0.8 ** k after the k-th update). Before: the live parameter, its last
+    value for every step."""
+    inner = loopkit.donate(loopkit.train_step(lambda m, b: m(b).pow(2).mean()))
+
+    def step_fn(state, batch):
+        new, metrics = inner(state, batch)
+        return new, {**metrics, "scale": new.model.scale.detach()}
+
+    model = _Scaled()
+    state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    _, history = loopkit.run_epochs(step_fn, state, [torch.ones(4)] * 4, epochs=1, progress=False,
+                                    sanity_val_batches=0)
+    assert history[0]["train/scale"] == pytest.approx(sum(0.8**k for k in range(1, 5)) / 4, rel=1e-6)
+
+
 def test_loss_fn_returning_none_skips_the_update(make_mlp, batches, make_sgd_state, take_snapshot, assert_trees_equal):
     state = make_sgd_state(make_mlp(0))
     before = take_snapshot(state)
@@ -709,6 +769,25 @@ def test_loss_fn_returning_a_non_tensor_is_refused(make_mlp, make_sgd_state, bat
 
     with pytest.raises(TypeError, match="float_loss returned a float"):
         _run(float_loss, make_mlp, make_sgd_state, batches[0])
+
+
+def test_loss_fn_returning_none_with_metrics_is_refused_saying_a_skip_is_none_alone(make_mlp, make_sgd_state, batches):
+    """(None, metrics) is not a skip (as before); the message says the pair's loss is None and a skip is None alone.
+    Before: "returned a NoneType; expected ..., or None to skip the batch", which it had returned, in a pair."""
+    def skipping(model, batch):
+        return None, {"skipped": 1}
+
+    with pytest.raises(TypeError) as info:
+        _run(skipping, make_mlp, make_sgd_state, batches[0])
+    message = str(info.value)
+    assert "skipping returned (loss, metrics_dict) whose loss is None" in message
+    assert "return None alone" in message and "NoneType" not in message
+
+    def float_in_pair(model, batch):
+        return 1.0, {}
+
+    with pytest.raises(TypeError, match=r"float_in_pair returned \(loss, metrics_dict\) whose loss is a float"):
+        _run(float_in_pair, make_mlp, make_sgd_state, batches[0])
 
 
 def test_non_numeric_eval_metric_is_refused(make_mlp, make_sgd_state, batches):
