@@ -10,10 +10,10 @@ from typing import Any
 import torch
 
 from loopkit.state import TrainState, leave_intact, state_at_error
-from loopkit.steps import EvalStep, FnStep, Step, TrainStep, WrapperStep, as_step
+from loopkit.steps import EvalStep, FnStep, Step, TrainStep, WrapperStep, as_step, innermost
 
 __all__ = [
-    "check_option_names", "fitted_to", "innermost", "intact_as", "named_callable", "refuse_wrapping", "require_step",
+    "check_option_names", "fitted_to", "intact_as", "named_callable", "refuse_wrapping", "require_step",
     "require_train_or_eval_step", "require_train_step", "sync_refusal",
 ]
 
@@ -92,19 +92,6 @@ def _refuse(transform: str, step: Step, needs: str, takes: tuple[type, ...] = (T
            else f"the step {type(core).__qualname__} (a loopkit.Step subclass of one's own)")
     wanted = "train_step or eval_step" if EvalStep in takes else "train_step"
     return TypeError(f"{transform} needs a loopkit {wanted} to reach {needs}; got {got}{within}")
-
-
-def innermost(step: Step) -> Step:
-    """The step at the core of ``step``, whatever whole-step transforms wrap it.
-
-    >>> from loopkit.steps import train_step
-    >>> core = train_step(lambda m, b: None)
-    >>> innermost(WrapperStep(WrapperStep(core))) is core
-    True
-    """
-    while isinstance(step, WrapperStep):
-        step = step.inner
-    return step
 
 
 def require_train_step(step: Any, transform: str) -> TrainStep:
