@@ -53,8 +53,8 @@ from loopkit.state import (
     not_a_state, put_extras, refuse_copy_if_sharded, replace, replace_extras, state_at_error,
 )
 from loopkit.steps import (
-    RECORDED, SAVE_DUE, VALIDATED, VALIDATES, VALIDATES_AT_EPOCH_ENDS, EpochRecord, WrapperStep, accumulated, as_step,
-    check_takes_model_and_batch, evaluating, in_accumulation_group, undonated,
+    RECORDED, SAVE_DUE, VALIDATED, VALIDATES, VALIDATES_AT_EPOCH_ENDS, EpochRecord, FnStep, Step, TrainStep, WrapperStep,
+    accumulated, as_step, check_takes_model_and_batch, evaluating, in_accumulation_group, innermost, undonated,
 )
 from loopkit.steps import donate as donated
 from loopkit.tree import device_available, devices_here, tensors, to_device, to_plain
@@ -2009,6 +2009,39 @@ def _add_extras(record: dict[str, float], callback: Any, extra: Any, hook: str, 
     record.update(extra)
 
 
+def _warn_of_ranks_apart(step: Step) -> None:
+    """Under a ``torch.distributed`` group of several ranks, on every rank, once a fit: warn that ``step`` (with neither
+    ``with_ddp`` nor ``with_fsdp``) trains each rank's replica on its own, unless it says it keeps them alike itself
+    (:attr:`loopkit.steps.Step.syncs_ranks`): a step of one's own may all-reduce the gradients, so it is not refused."""
+    if step.syncs_ranks:
+        return
+    core = innermost(step)
+    named = ", ".join(step.applied if core.applied else (type(core).__qualname__, *step.applied))
+    fix = ("wrap it in with_ddp (loopkit.with_ddp(train_step(loss_fn)), inside the whole-step transforms) or with_fsdp"
+           if isinstance(core, TrainStep) else
+           "write it as loopkit.with_ddp(loopkit.train_step(loss_fn)), or average the gradients in the step before the "
+           "optimizer's step (torch.distributed.all_reduce(p.grad) for each parameter, then p.grad /= world_size) and "
+           f"say so, {_flag_of(core)}.syncs_ranks = True (read by run_epochs: no warning then)")
+    warnings.warn(
+        f"run_epochs: the step ({named}) has neither with_ddp nor with_fsdp, under a torch.distributed group of "
+        f"{_collective.rank_and_size()[1]} ranks: each rank trains its own replica on its own data and they drift "
+        "apart (the history averages the ranks' losses, checkpoints keep rank 0's weights); " + fix,
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def _flag_of(core: Step) -> str:
+    """Where a step of one's own at the core of a step sets ``syncs_ranks``: the function, or the Step subclass.
+
+    >>> def my_step(state, batch): return state, {}
+    >>> class MyStep(Step): ...
+    >>> _flag_of(as_step(my_step)), _flag_of(MyStep())
+    ('my_step', 'MyStep')
+    """
+    return getattr(core.fn, "__name__", type(core.fn).__qualname__) if isinstance(core, FnStep) else type(core).__qualname__
+
+
 def _warn_of_the_same_batch(batch: Any, transform: str) -> None:
     """Under ``transform`` (with_ddp, with_fsdp), at the fit's first batch (a collective): warn when every rank got the same one, as a
     DataLoader without a DistributedSampler gives them (training then sees 1/world_size of the data an epoch)."""
@@ -2493,6 +2526,8 @@ def run_epochs(
     if validates:  # (a shard empty on this rank: fine if another rank's holds data; decided by every rank alike)
         _refuse_val_empty_on_every_rank(val_sets.names(), empty_val)  # type: ignore[union-attr]
     parallel = next((t for t in ("with_ddp", "with_fsdp") if t in step.applied), None)
+    if parallel is None and _collective.active():
+        _warn_of_ranks_apart(step)
     flags_checked = _collective.active() and parallel is not None  # (requires_grad, at each epoch's start)
     check_sharding = flags_checked  # (at the fit's first batch)
     deferred_stop = False  # a callback's stop asked inside an accumulation group (several ranks, or with_fsdp): at its end

@@ -32,8 +32,8 @@ from loopkit.tree import compact_views, decode_tree, encode_tree, from_plain, se
 
 __all__ = [
     "HeldScheduler", "TrainState", "drop_graph", "extras_copy", "fork", "held_scheduler", "keep_graph", "leave_intact",
-    "make_state", "model_device", "put_extras", "replace", "replace_extras", "scheduler_for", "state_at_error",
-    "with_held_scheduler",
+    "make_state", "model_device", "put_extras", "replace", "replace_extras", "scheduler_for", "scheduler_held",
+    "state_at_error", "with_held_scheduler",
 ]
 
 _Scheduler = torch.optim.lr_scheduler.LRScheduler
@@ -567,10 +567,14 @@ class HeldScheduler(_Scheduler):
     ([1.0], 0, True)
     >>> isinstance(held, torch.optim.lr_scheduler.StepLR), type(held).__name__
     (True, 'HeldScheduler')
+
+    ``shown``: whether a gradient hook's fn sees the scheduler it holds (:func:`with_held_scheduler`), as under a
+    scheduler transform; ``with_swa`` holds it with ``shown=False`` in SWA epochs, where SWALR sets the rates.
     """
 
-    def __init__(self, scheduler: _Scheduler) -> None:  # (not LRScheduler's: the scheduler it holds is set up)
+    def __init__(self, scheduler: _Scheduler, shown: bool = True) -> None:  # (not LRScheduler's: it is set up)
         object.__setattr__(self, "_held", scheduler)
+        object.__setattr__(self, "_shown", shown)
 
     @property  # type: ignore[misc]
     def __class__(self) -> type:  # (as unittest.mock's: isinstance checks see the held scheduler's class)
@@ -592,7 +596,7 @@ class HeldScheduler(_Scheduler):
         self._held.load_state_dict(state_dict)
 
     def __getattr__(self, name: str) -> Any:  # (what the class does not have: the held scheduler's attributes)
-        if name == "_held" or name.startswith("__"):  # (a copy under construction; copy's and pickle's probes)
+        if name in ("_held", "_shown") or name.startswith("__"):  # (a copy under construction; copy and pickle probes)
             raise AttributeError(name)
         return getattr(self._held, name)
 
@@ -600,7 +604,7 @@ class HeldScheduler(_Scheduler):
         setattr(self._held, name, value)
 
     def __reduce__(self) -> tuple[Any, ...]:  # (pickle's default checks ``__class__``, which is the held one's)
-        return HeldScheduler, (self._held,)
+        return HeldScheduler, (self._held, self._shown)
 
     def __repr__(self) -> str:
         return f"HeldScheduler({self._held!r})"
@@ -620,9 +624,9 @@ def held_scheduler(scheduler: Any) -> Any:
 
 def with_held_scheduler(state: TrainState) -> TrainState:
     """``state`` with the scheduler a transform around the step holds still (a :class:`HeldScheduler` in its
-    ``scheduler``) as its scheduler, where it holds one; else ``state`` itself: what ``with_grad_hook``'s fn sees, as
-    a raw loop's hook sees the loop's scheduler (Lightning's ``self.lr_schedulers()`` in
-    ``on_before_optimizer_step``).
+    ``scheduler``) as its scheduler, where it holds one (and shows it: ``with_swa``'s, held in SWA epochs, stays held);
+    else ``state`` itself: what ``with_grad_hook``'s fn sees, as a raw loop's hook sees the loop's scheduler
+    (Lightning's ``self.lr_schedulers()`` in ``on_before_optimizer_step``).
 
     >>> import torch
     >>> model = torch.nn.Linear(1, 1); opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -633,9 +637,74 @@ def with_held_scheduler(state: TrainState) -> TrainState:
     (True, True)
     """
     scheduler = state.scheduler
-    if type(scheduler) is HeldScheduler:
+    if type(scheduler) is HeldScheduler and scheduler._shown:
         return replace(state, scheduler=scheduler._held)
     return state
+
+
+def scheduler_held(call: Any, state: TrainState, *args: Any, shown: bool = True) -> tuple[TrainState, Any]:
+    """``call(state, *args)`` (an inner step's ``run_`` or ``flush_``) on ``state`` with its scheduler held still (a
+    :class:`HeldScheduler`: the inner step's ``scheduler.step()`` does nothing, where it would step it
+    per update), the result given the scheduler back: ``with_epoch_scheduler``'s and ``with_step_scheduler``'s inner
+    calls, and ``with_swa``'s in SWA epochs (``shown=False``: SWALR sets the rates there, and ``with_grad_hook``'s fn
+    sees the scheduler held still too; else it sees the scheduler itself, :func:`with_held_scheduler`). An error that
+    left the state it was given whole leaves ``state`` whole; one that left a state of the inner step's whole (an
+    update done, a logger's write failed) leaves it whole with the scheduler given back. An inner step of one's own
+    that forks the state (:func:`fork`: a new optimizer) gets a copy of the scheduler that steps its
+    optimizer; one that sets a scheduler of its own keeps it.
+
+    >>> import torch
+    >>> model = torch.nn.Linear(1, 1); opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    >>> state = TrainState.create(model, opt, torch.optim.lr_scheduler.StepLR(opt, 1))
+    >>> new, seen = scheduler_held(lambda s: (s, {"seen": s.scheduler}), state)
+    >>> type(seen["seen"]).__name__, new.scheduler is state.scheduler
+    ('HeldScheduler', True)
+    """
+    held = HeldScheduler(state.scheduler, shown)
+    used = replace(state, scheduler=held)
+    try:
+        new, metrics = call(used, *args)
+    except BaseException as error:
+        whole = state_at_error(error)
+        if whole is used:  # nothing changed: the caller's state is whole
+            leave_intact(error, state)
+        elif whole is not None and isinstance(whole.scheduler, HeldScheduler):  # (an update done, a write failed)
+            leave_intact(error, _given_back(whole, held))
+        raise
+    return _given_back(new, held), metrics
+
+
+def _given_back(new: TrainState, held: HeldScheduler) -> TrainState:
+    """``new`` (the inner step's state) with the scheduler that ``held`` held still, or the held copy a fork of the
+    state made, given back; with a scheduler of its own, as it is."""
+    found = new.scheduler
+    if found is held or found is None:  # (None: a step of one's own that set none, as before the scheduler was held)
+        scheduler = held_scheduler(held)
+    elif isinstance(found, HeldScheduler):  # a step of one's own that forked the state: the copy's
+        scheduler = held_scheduler(found)
+    else:  # a step of one's own that set a scheduler of its own: that one is the state's
+        return new
+    optimizer = new.optimizer
+    # (a new optimizer with the held scheduler: state.evolve(optimizer=new, scheduler=None), or attrs.evolve and
+    # loopkit.state.replace, which check nothing; state.evolve(optimizer=new) alone is refused, naming scheduler_for)
+    if optimizer is not scheduler.optimizer and optimizer is not None:
+        if _forked(scheduler.optimizer, optimizer):  # a step of one's own that forked the optimizer alone
+            scheduler = scheduler_for(scheduler, optimizer)
+        else:
+            warnings.warn(
+                "the inner step replaced the state's optimizer with one of other parameter groups, so the scheduler "
+                "held for it steps the old one; give the new state a scheduler of its own (state.evolve(scheduler=...))",
+                RuntimeWarning, stacklevel=4,
+            )
+    return replace(new, scheduler=scheduler)
+
+
+def _forked(old: torch.optim.Optimizer, new: torch.optim.Optimizer) -> bool:
+    """Whether ``new`` is a copy of ``old`` (``fork``): as many groups, each with the same settings and as many
+    parameters (a scheduler's own settings, OneCycleLR's ``max_lr``, among them)."""
+    return len(old.param_groups) == len(new.param_groups) and all(
+        a.keys() == b.keys() and len(a["params"]) == len(b["params"]) for a, b in zip(old.param_groups, new.param_groups)
+    )
 
 
 def make_state(
@@ -1516,7 +1585,7 @@ def _clone_scheduler(scheduler: Any, optimizer: torch.optim.Optimizer, memo: dic
     if found is not None:  # (one held twice: by a SequentialLR and by a warm-up of one's own)
         return found
     if type(scheduler) is HeldScheduler:  # (a scheduler transform's inner state: the copy's held still too)
-        held = HeldScheduler(_clone_scheduler(scheduler._held, optimizer, memo))
+        held = HeldScheduler(_clone_scheduler(scheduler._held, optimizer, memo), scheduler._shown)
         _memoize(memo, scheduler, held)
         return held
     new = object.__new__(type(scheduler))

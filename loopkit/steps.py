@@ -63,6 +63,7 @@ __all__ = [
     "eval_step",
     "evaluating",
     "in_accumulation_group",
+    "innermost",
     "kept_observers",
     "leave_intact",
     "leaving_intact",
@@ -150,6 +151,11 @@ class Step:
     #: a call (``run_``, ``flush_``, ``__call__``) that returns metrics returns a state made by that call, held by
     #: nothing else: the caller may add extras to it in place (:func:`loopkit.state.put_extras`)
     returns_fresh_state: bool = False
+    #: whether the step keeps the replicas of a ``torch.distributed`` group's ranks alike itself (its own all-reduce
+    #: of the gradients): ``run_epochs`` then does not warn that it trains each rank on its own without ``with_ddp``
+    #: or ``with_fsdp``. A subclass of one's own sets it True; a plain function says so with an attribute,
+    #: ``my_step.syncs_ranks = True``; a whole-step transform has its inner step's.
+    syncs_ranks: bool = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -477,6 +483,11 @@ class FnStep(Step):
             notify(event, state, metrics)
 
     @property
+    def syncs_ranks(self) -> bool:  # type: ignore[override]
+        """The function's own ``syncs_ranks`` attribute (see :attr:`Step.syncs_ranks`), False without one."""
+        return getattr(self.fn, "syncs_ranks", False) is True
+
+    @property
     def applied(self) -> tuple[str, ...]:
         return (getattr(self.fn, "__qualname__", type(self.fn).__qualname__),)
 
@@ -534,6 +545,10 @@ class WrapperStep(Step):
         return self.inner.requires_donation
 
     @property
+    def syncs_ranks(self) -> bool:  # type: ignore[override]
+        return self.inner.syncs_ranks
+
+    @property
     def applied(self) -> tuple[str, ...]:
         return self.inner.applied + (self.name,)
 
@@ -574,6 +589,18 @@ class WrapperStep(Step):
 
     def on_event(self, event: str, state: TrainState, metrics: Mapping[str, float]) -> None:
         """This transform's own reaction to a driver event (see :meth:`Step.notify`)."""
+
+
+def innermost(step: Step) -> Step:
+    """The step at the core of ``step``, whatever whole-step transforms wrap it.
+
+    >>> core = as_step(lambda s, b: (s, {}))
+    >>> innermost(WrapperStep(WrapperStep(core))) is core
+    True
+    """
+    while isinstance(step, WrapperStep):
+        step = step.inner
+    return step
 
 
 @attrs.frozen(eq=False)

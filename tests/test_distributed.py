@@ -523,6 +523,69 @@ def test_evaluate_on_one_rank_fails_at_the_timeout_saying_what_to_do(tmp_path, b
            "the same point (call evaluate on every rank, or evaluate(..., reduce=False)" in message, message
 
 
+def _hand_written(synced: bool):
+    """A step of one's own (Lightning's manual optimization) that averages the gradients over the ranks itself when
+    ``synced`` (and says so, ``syncs_ranks``), or not."""
+    def step(state, batch):
+        state = loopkit.state.fork(state)
+        state.optimizer.zero_grad()
+        loss = ddp.mse(state.model, batch)
+        loss.backward()
+        if synced:
+            for p in state.model.parameters():
+                torch.distributed.all_reduce(p.grad)
+                p.grad /= torch.distributed.get_world_size()
+        state.optimizer.step()
+        return state.evolve(step=state.step + 1), {"loss": loss.detach()}
+
+    if synced:
+        step.syncs_ranks = True
+    return step
+
+
+def _ranks_apart_worker(rank: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    distributed.init(rank=rank, world_size=2, master_port=port, timeout=30)
+    try:
+        data = ddp.make_data(ddp.STEPS)
+        batches = [data[i, rank] for i in range(ddp.STEPS)]  # each rank its own shard
+        steps = {"plain": _hand_written(False), "synced": _hand_written(True), "train_step": loopkit.train_step(ddp.mse),
+                 "with_ddp": loopkit.with_ddp(loopkit.train_step(ddp.mse))}
+        result = {}
+        for name, step in steps.items():
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                state, _ = loopkit.run_epochs(step, ddp.sgd_state(ddp.make_model(seed=0)), batches, epochs=2,
+                                              progress=False)
+            result[name] = {"params": {n: p.detach().clone() for n, p in state.model.named_parameters()},
+                            "warned": [str(w.message) for w in caught if "neither with_ddp nor with_fsdp" in str(w.message)]}
+        torch.save(result, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        distributed.shutdown()
+
+
+@pytest.mark.slow
+def test_a_step_without_ddp_under_a_process_group_is_warned_of_once_a_fit_unless_it_syncs_itself(tmp_path, bare_env):
+    """run_epochs under two ranks with a step that neither with_ddp nor with_fsdp makes data-parallel trains each
+    rank apart (the replicas drift): every rank is warned, once a fit, naming the step and the fix. A step of one's
+    own that averages the gradients itself says so (syncs_ranks = True) and is not warned of: its ranks stay alike,
+    and train as with_ddp(train_step) does."""
+    _spawn_and_join(_ranks_apart_worker, (_free_port(), str(tmp_path)))
+    ranks = [torch.load(os.path.join(tmp_path, f"rank{r}.pt")) for r in (0, 1)]
+    for r in ranks:
+        (plain,), (bare,) = r["plain"]["warned"], r["train_step"]["warned"]
+        assert "the step (_hand_written.<locals>.step)" in plain and "2 ranks" in plain
+        assert "loopkit.with_ddp(loopkit.train_step(loss_fn))" in plain and "step.syncs_ranks = True" in plain
+        assert "the step (train_step)" in bare and "wrap it in with_ddp" in bare
+        assert r["synced"]["warned"] == r["with_ddp"]["warned"] == []
+    for name in ("plain", "train_step"):  # what the warning is about
+        assert any(not torch.equal(a, ranks[1][name]["params"][k]) for k, a in ranks[0][name]["params"].items())
+    for r in ranks:
+        for k, a in r["synced"]["params"].items():
+            assert torch.equal(a, ranks[0]["synced"]["params"][k])
+            torch.testing.assert_close(a, r["with_ddp"]["params"][k], rtol=1e-6, atol=1e-7)
+
+
 def test_init_with_world_size_one_makes_a_real_group_without_a_port(bare_env):
     assert distributed.init(rank=0, world_size=1, timeout=10) is True
     assert torch.distributed.is_initialized()

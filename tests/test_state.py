@@ -1777,6 +1777,22 @@ def test_a_held_scheduler_steps_nothing_is_its_scheduler_otherwise_and_copies_as
     assert (scheduler.last_epoch, opt.param_groups[0]["lr"], dict(scheduler.milestones)) == (0, 1.0, {1: 1, 2: 1})
 
 
+@pytest.mark.parametrize("copied", ["fork", "deepcopy", "pickle"])
+def test_a_scheduler_held_unshown_stays_held_for_a_gradient_hook_and_in_its_copies(copied):
+    """with_swa holds the scheduler with shown=False in SWA epochs (SWALR sets the rates): with_held_scheduler, what a
+    gradient hook's fn sees, leaves it held (its step() does nothing); a copy of the state holds it so too."""
+    model = nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    inner = loopkit.state.replace(loopkit.TrainState.create(model, opt, scheduler),
+                                  scheduler=loopkit.state.HeldScheduler(scheduler, shown=False))
+    assert loopkit.state.with_held_scheduler(inner) is inner
+    copy_ = {"fork": fork, "deepcopy": copy.deepcopy, "pickle": lambda s: pickle.loads(pickle.dumps(s))}[copied](inner)
+    assert type(copy_.scheduler) is loopkit.state.HeldScheduler and loopkit.state.with_held_scheduler(copy_) is copy_
+    shown = loopkit.state.replace(copy_, scheduler=loopkit.state.HeldScheduler(loopkit.state.held_scheduler(copy_.scheduler)))
+    assert loopkit.state.with_held_scheduler(shown).scheduler is loopkit.state.held_scheduler(copy_.scheduler)
+
+
 @pytest.mark.parametrize("copied", ["deepcopy", "pickle"])
 def test_a_held_reduce_lr_on_plateau_is_one_to_isinstance_and_steps_nothing_on_a_metric(copied):
     """Lightning's ``isinstance(sch, ReduceLROnPlateau): sch.step(metric)`` on a held one: True, and the step does

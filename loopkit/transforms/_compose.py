@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from loopkit.state import TrainState, leave_intact, state_at_error
-from loopkit.steps import EvalStep, FnStep, Step, TrainStep, WrapperStep, as_step
+from loopkit.steps import EvalStep, FnStep, Step, TrainStep, WrapperStep, as_step, innermost
 
 __all__ = [
     "check_option_names", "fitted_to", "intact_as", "named_callable", "refuse_wrapping", "require_step",
@@ -64,20 +64,34 @@ def check_option_names(
             raise TypeError(f"{transform}: {name}= is not an option of {transform} nor of {takes}{hint}")
 
 
-def _refuse(transform: str, step: Step, needs: str) -> TypeError:
+def _refuse(transform: str, step: Step, needs: str, takes: tuple[type, ...] = (TrainStep,)) -> TypeError:
+    """Why ``transform``, which changes ``needs`` of a step of the kinds ``takes``, cannot wrap ``step``: the order
+    that works, where whole-step transforms wrap such a step; else what is at their core instead.
+
+    >>> def plain(state, batch): return state, {}
+    >>> print(_refuse("with_grad_clip", as_step(plain), "the gradients"))
+    with_grad_clip needs a loopkit train_step to reach the gradients; got the plain step plain
+    >>> class Mine(Step): ...
+    >>> print(_refuse("with_grad_clip", WrapperStep(Mine()), "the gradients"))
+    with_grad_clip needs a loopkit train_step to reach the gradients; got the step Mine (a loopkit.Step subclass of one's own), inside WrapperStep
+    """
     inside = getattr(step, "refused_inside", {}).get(transform)
     if inside is not None:  # the other order is refused too: no order to suggest
         return TypeError(f"{transform} cannot wrap {step.name}, nor go inside it: {inside}")
-    if isinstance(step, WrapperStep):
+    core = innermost(step)
+    within = "" if core is step else f", inside {', '.join(step.applied[len(core.applied):])}"
+    if isinstance(core, takes):
         return TypeError(
             f"{transform} cannot wrap {step.name}: {transform} changes {needs}, which {step.name} hides; "
-            f"apply {transform} first, e.g. {step.name}({transform}(train_step(...)), ...)"
+            f"apply {transform} first, e.g. {step.name}({transform}({core.applied[0]}(...)), ...)"
         )
-    if isinstance(step, EvalStep):
-        return TypeError(f"{transform} cannot wrap eval_step: {transform} changes {needs}, and eval_step computes none")
-    return TypeError(
-        f"{transform} needs a loopkit train_step to reach {needs}; got the plain step {step.applied[-1]}"
-    )
+    if isinstance(core, EvalStep):
+        return TypeError(f"{transform} cannot wrap eval_step{within}: {transform} changes {needs}, and eval_step "
+                         "computes none")
+    got = (f"the plain step {core.applied[-1]}" if isinstance(core, FnStep)
+           else f"the step {type(core).__qualname__} (a loopkit.Step subclass of one's own)")
+    wanted = "train_step or eval_step" if EvalStep in takes else "train_step"
+    return TypeError(f"{transform} needs a loopkit {wanted} to reach {needs}; got {got}{within}")
 
 
 def require_train_step(step: Any, transform: str) -> TrainStep:
@@ -103,7 +117,7 @@ def require_train_or_eval_step(step: Any, transform: str) -> TrainStep | EvalSte
     step = require_step(step, transform)
     if isinstance(step, (EvalStep, TrainStep)):
         return step
-    raise _refuse(transform, step, "the forward pass")
+    raise _refuse(transform, step, "the forward pass", (EvalStep, TrainStep))
 
 
 def refuse_wrapping(step: Step, transform: str, reasons: dict[str, str]) -> None:
@@ -161,9 +175,7 @@ def sync_refusal(step: Step, transform: str) -> str | None:
     >>> print(sync_refusal(train_step(lambda m, b: None), "with_ema"))
     None
     """
-    while isinstance(step, WrapperStep):
-        step = step.inner
-    sync = getattr(step, "sync", None)
+    sync = getattr(innermost(step), "sync", None)
     reason = None if sync is None else sync.refuses.get(transform)
     return None if reason is None else f"{transform} cannot wrap {sync.name}: {reason}"
 

@@ -11,19 +11,15 @@ import warnings
 from typing import Any
 
 import attrs
-import torch
 
 from loopkit._numbers import as_int
-from loopkit.state import (
-    HeldScheduler, TrainState, extras_copy, held_scheduler, leave_intact, replace, replace_extras, scheduler_for,
-    state_at_error,
-)
+from loopkit.state import TrainState, extras_copy, leave_intact, replace_extras, scheduler_held
 from loopkit.steps import Metrics, WrapperStep
 from loopkit.transforms._compose import refuse_wrapping, require_step
 from loopkit.transforms.swa import swa_start_inside
 
 __all__ = [
-    "EpochSchedulerStep", "scheduler_held", "scheduler_of", "scheduler_transform", "step_quietly", "with_epoch_scheduler",
+    "EpochSchedulerStep", "scheduler_of", "scheduler_transform", "step_quietly", "with_epoch_scheduler",
 ]
 
 #: the state's extras: how many epochs' ends the scheduler has seen
@@ -91,70 +87,6 @@ class EpochSchedulerStep(WrapperStep):
 
     def _held(self, call: Any, state: TrainState, *args: Any) -> tuple[TrainState, Metrics]:
         return scheduler_held(call, state, *args)
-
-
-def scheduler_held(call: Any, state: TrainState, *args: Any) -> tuple[TrainState, Metrics]:
-    """``call(state, *args)`` (an inner step's ``run_`` or ``flush_``) on ``state`` with its scheduler held still (a
-    :class:`loopkit.state.HeldScheduler`: the inner step's ``scheduler.step()`` does nothing, where it would step it
-    per update), the result given the scheduler back: ``with_epoch_scheduler``'s and ``with_step_scheduler``'s inner
-    calls. ``with_grad_hook``'s fn sees the scheduler itself (:func:`loopkit.state.with_held_scheduler`). An error that
-    left the state it was given whole leaves ``state`` whole; one that left a state of the inner step's whole (an
-    update done, a logger's write failed) leaves it whole with the scheduler given back. An inner step of one's own
-    that forks the state (``loopkit.state.fork``: a new optimizer) gets a copy of the scheduler that steps its
-    optimizer; one that sets a scheduler of its own keeps it.
-
-    >>> import torch
-    >>> model = torch.nn.Linear(1, 1); opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    >>> state = TrainState.create(model, opt, torch.optim.lr_scheduler.StepLR(opt, 1))
-    >>> new, seen = scheduler_held(lambda s: (s, {"seen": s.scheduler}), state)
-    >>> type(seen["seen"]).__name__, new.scheduler is state.scheduler
-    ('HeldScheduler', True)
-    """
-    held = HeldScheduler(state.scheduler)
-    used = replace(state, scheduler=held)
-    try:
-        new, metrics = call(used, *args)
-    except BaseException as error:
-        whole = state_at_error(error)
-        if whole is used:  # nothing changed: the caller's state is whole
-            leave_intact(error, state)
-        elif whole is not None and isinstance(whole.scheduler, HeldScheduler):  # (an update done, a write failed)
-            leave_intact(error, _given_back(whole, held))
-        raise
-    return _given_back(new, held), metrics
-
-
-def _given_back(new: TrainState, held: HeldScheduler) -> TrainState:
-    """``new`` (the inner step's state) with the scheduler that ``held`` held still, or the held copy a fork of the
-    state made, given back; with a scheduler of its own, as it is."""
-    found = new.scheduler
-    if found is held or found is None:  # (None: a step of one's own that set none, as before the scheduler was held)
-        scheduler = held_scheduler(held)
-    elif isinstance(found, HeldScheduler):  # a step of one's own that forked the state: the copy's
-        scheduler = held_scheduler(found)
-    else:  # a step of one's own that set a scheduler of its own: that one is the state's
-        return new
-    optimizer = new.optimizer
-    # (a new optimizer with the held scheduler: state.evolve(optimizer=new, scheduler=None), or attrs.evolve and
-    # loopkit.state.replace, which check nothing; state.evolve(optimizer=new) alone is refused, naming scheduler_for)
-    if optimizer is not scheduler.optimizer and optimizer is not None:
-        if _forked(scheduler.optimizer, optimizer):  # a step of one's own that forked the optimizer alone
-            scheduler = scheduler_for(scheduler, optimizer)
-        else:
-            warnings.warn(
-                "the inner step replaced the state's optimizer with one of other parameter groups, so the scheduler "
-                "held for it steps the old one; give the new state a scheduler of its own (state.evolve(scheduler=...))",
-                RuntimeWarning, stacklevel=4,
-            )
-    return replace(new, scheduler=scheduler)
-
-
-def _forked(old: torch.optim.Optimizer, new: torch.optim.Optimizer) -> bool:
-    """Whether ``new`` is a copy of ``old`` (``fork``): as many groups, each with the same settings and as many
-    parameters (a scheduler's own settings, OneCycleLR's ``max_lr``, among them)."""
-    return len(old.param_groups) == len(new.param_groups) and all(
-        a.keys() == b.keys() and len(a["params"]) == len(b["params"]) for a, b in zip(old.param_groups, new.param_groups)
-    )
 
 
 def scheduler_of(state: TrainState, name: str, when: str = "") -> Any:

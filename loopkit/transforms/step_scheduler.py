@@ -12,9 +12,9 @@ from typing import Any
 
 import attrs
 
-from loopkit.state import TrainState, extras_copy, replace_extras, state_at_error
+from loopkit.state import TrainState, extras_copy, replace_extras, scheduler_held, state_at_error
 from loopkit.steps import Metrics, WrapperStep
-from loopkit.transforms.epoch_scheduler import scheduler_held, scheduler_of, scheduler_transform, step_quietly
+from loopkit.transforms.epoch_scheduler import scheduler_of, scheduler_transform, step_quietly
 from loopkit.transforms.swa import swa_start_inside
 
 __all__ = ["StepSchedulerStep", "with_step_scheduler"]

@@ -22,7 +22,7 @@ from loopkit._calls import check_call
 from loopkit._numbers import as_int, as_real
 from loopkit.rng import RNGScope, cuda_index, global_rng_state
 from loopkit.state import (
-    TrainState, core_module, extras_copy, fork, leave_intact, model_device, replace, state_at_error,
+    TrainState, core_module, extras_copy, fork, leave_intact, model_device, replace, scheduler_held, state_at_error,
 )
 from loopkit.steps import Metrics, Step, WrapperStep
 from loopkit.transforms._compose import named_callable, refuse_wrapping, require_step
@@ -214,8 +214,8 @@ class SWAStep(WrapperStep):
         """``call`` on ``state`` in an SWA epoch: first the epoch's start weights averaged in (``average``: once
         per epoch, at its first call, as Lightning's ``on_train_epoch_start``; under ``with_ddp`` rank 0's, the
         wrapper built first, as Lightning's DDP broadcasts them at setup: :meth:`Step.wrap_parallel`), then SWALR's
-        rate set, the inner step run without the state's scheduler (SWALR replaces it), and the scheduler put back
-        unstepped."""
+        rate set, the inner step run with the state's scheduler held still (SWALR replaces it: its ``step()`` does
+        nothing, :func:`loopkit.state.scheduler_held`), and the scheduler given back unstepped."""
         extras = state.extras
         new_extras: dict[str, Any] | None = None
         built = False  # whether the data-parallel wrapper was built here (its broadcast changed the parameters)
@@ -251,19 +251,16 @@ class SWAStep(WrapperStep):
             raise leave_intact(error, None if built else state)
         now = extras if new_extras is None else new_extras
         lrs = self._epoch_lrs(now, swa_lrs, state.epoch)
-        used = replace(state, scheduler=None, extras=now)  # (none to the inner step, a gradient hook's fn included)
+        used = replace(state, extras=now)
         before = _set_lrs(optimizer, lrs)
-        try:
-            new, metrics = call(used, *args)
+        try:  # the scheduler held still (SWALR's rates train), a gradient hook's fn's included, and given back after
+            new, metrics = call(used, *args) if used.scheduler is None else scheduler_held(call, used, *args, shown=False)
         except BaseException as error:
-            whole = state_at_error(error)
-            if whole is used:  # nothing changed but the rates (and the parameters, where the wrapper's build here
-                _put_back_lrs(optimizer, before)  # broadcast rank 0's, as the inner call's would): put them back
+            if state_at_error(error) is used:  # nothing changed but the rates (and the parameters, where the wrapper's
+                _put_back_lrs(optimizer, before)  # build here broadcast rank 0's, as the inner call's would): put back
                 leave_intact(error, None if built else state)
-            elif whole is not None and whole.scheduler is None is not state.scheduler:  # (an update done, its state
-                leave_intact(error, replace(whole, scheduler=state.scheduler))  # whole: a logger's failed write)
             raise
-        return replace(new, scheduler=state.scheduler), metrics
+        return new, metrics
 
 
 def _swa_lrs(swa_lrs: Any) -> tuple[float, ...]:
@@ -331,7 +328,9 @@ def with_swa(
     - the learning rates are ``torch.optim.swa_utils.SWALR``'s (``swa_lrs``, ``annealing_epochs``,
       ``annealing_strategy``), begun from the rates the optimizer has at that epoch's first call and
       stepped once per epoch; the state's own scheduler is held still (not stepped) meanwhile, as
-      Lightning swaps it for SWALR, and stays in the state (checkpoints and restore templates keep its keys).
+      Lightning swaps it for SWALR, and stays in the state (checkpoints and restore templates keep its keys):
+      the inner step's state holds it as a :class:`loopkit.state.HeldScheduler`, whose ``step()`` does nothing
+      (a step of one's own that calls ``state.scheduler.step()``, a gradient hook's fn, step nothing there).
 
     Before that epoch the inner step runs as it is, so the state's scheduler steps as it would without SWA:
     per update under a plain ``train_step``. Lightning's usual set-up, ``configure_optimizers`` returning
@@ -339,7 +338,7 @@ def with_swa(
     (``with_step_scheduler`` for ``"interval": "step"``): the scheduler steps at the ends of the epochs
     before ``swa_epoch_start`` (the last of them included), SWALR anneals from the rates it left, and the
     scheduler steps no more, as Lightning swaps it out. The scheduler transform goes around ``with_swa``;
-    inside it, it is refused (with_swa would hand it the state without its scheduler).
+    inside it, it is refused (with_swa holds the scheduler still in its inner step from ``swa_epoch_start`` on).
 
     What it keeps lives in ``state.extras`` (``swa/params``, ``swa/n_averaged``,
     ``swa/latest_update_epoch``, ``swa/lr_epoch``, ``swa/lr_start``): a step stays pure, and a
@@ -384,8 +383,8 @@ def with_swa(
         "with_swa": "the state holds one set of averages and one learning-rate schedule",
         "with_epoch_scheduler": _order("with_epoch_scheduler"),
         "with_step_scheduler": _order("with_step_scheduler"),
-        "with_checkpointing": "in SWA epochs with_swa hands its inner step the state without its scheduler (SWALR "
-        "replaces it), so those checkpoints would not restore; apply with_swa first, e.g. "
+        "with_checkpointing": "in SWA epochs with_swa hands its inner step the state with its scheduler held still "
+        "(SWALR replaces it), so those checkpoints would not resume exactly; apply with_swa first, e.g. "
         "with_checkpointing(with_swa(step, swa_lrs), directory)",
     })
     return SWAStep(inner, swa_lrs=lrs, swa_start=start, swa_end=None if epochs is None else epochs - 1,
@@ -406,8 +405,8 @@ def _check_avg_fn(avg_fn: Any) -> None:
 
 def _order(scheduler: str) -> str:
     """Why ``with_swa`` cannot go around scheduler transform ``scheduler``, and the order that works."""
-    return (f"from swa_epoch_start on with_swa hands its inner step the state without its scheduler (SWALR takes "
-            f"over), which {scheduler} steps; apply {scheduler} around it, {scheduler}(with_swa(step, swa_lrs, ...)): "
+    return (f"from swa_epoch_start on with_swa holds the state's scheduler still in its inner step (SWALR takes "
+            f"over), where {scheduler} would step it; apply {scheduler} around it, {scheduler}(with_swa(step, swa_lrs, ...)): "
             "it steps the state's scheduler until swa_epoch_start, and no more from there, as Lightning swaps it for "
             "SWALR")
 

@@ -334,6 +334,52 @@ def test_gradient_transform_refuses_a_plain_function_step(name):
     assert TRANSFORMS[name][0] in message and "my_custom_step" in message
 
 
+class _StepOfOnesOwn(loopkit.Step):
+    """A step of one's own as ``loopkit.Step``'s docstring has it: a subclass that implements ``run_``."""
+
+    def run_(self, state, batch):
+        return state.evolve(step=state.step + 1), {}
+
+
+def _plain_core(state, batch):
+    return state, {}
+
+
+BUILDS = {name: build for name, (_, build) in TRANSFORMS.items() if name in GRADIENT}
+BUILDS.update(compile=lambda s, sinks: loopkit.with_compile(s, backend="eager"), ddp=lambda s, sinks: loopkit.with_ddp(s))
+
+
+@pytest.mark.parametrize("name", BUILDS)
+def test_gradient_transform_refuses_a_step_subclass_of_ones_own_naming_it(name):
+    """A Step subclass has no transforms applied (``applied == ()``): the refusal named it from ``applied[-1]``, an
+    IndexError; it is the TypeError a plain function gets, naming the class."""
+    with pytest.raises(TypeError, match=r"with_\w+ needs a loopkit train_step.* got the step _StepOfOnesOwn \(a loopkit"):
+        BUILDS[name](_StepOfOnesOwn(), None)
+
+
+@pytest.mark.parametrize("core", ["plain", "subclass"])
+@pytest.mark.parametrize("whole", ["logging", "ema", "swa"])
+@pytest.mark.parametrize("name", BUILDS)
+def test_a_gradient_transform_around_a_whole_step_of_a_plain_core_names_the_core_not_an_order(name, whole, core, sinks):
+    """Around a whole-step transform of a train_step the refusal says which order works; of a plain function (or a
+    Step subclass) no order works, and the refusal says what is at the core instead of sending one to another."""
+    inner = TRANSFORMS[whole][1](_plain_core if core == "plain" else _StepOfOnesOwn(), sinks)
+    with pytest.raises(TypeError) as info:
+        BUILDS[name](inner, sinks)
+    message = str(info.value)
+    named = "the plain step _plain_core" if core == "plain" else "the step _StepOfOnesOwn"
+    assert "needs a loopkit train_step" in message and f"{named}" in message
+    assert f"inside {TRANSFORMS[whole][0]}" in message and " first" not in message
+
+
+def test_a_transform_around_a_whole_step_of_an_eval_step_suggests_an_order_only_where_it_takes_one(sinks):
+    logged = loopkit.with_logging(loopkit.eval_step(lambda m, b: {}), sinks.logger())
+    with pytest.raises(TypeError, match=r"with_grad_clip cannot wrap eval_step, inside with_logging: .*computes none"):
+        loopkit.with_grad_clip(logged, max_norm=1.0)
+    with pytest.raises(TypeError, match=r"apply with_amp first, e\.g\. with_logging\(with_amp\(eval_step\(\.\.\.\)\)"):
+        loopkit.with_amp(logged, dtype=torch.bfloat16)
+
+
 @pytest.mark.parametrize("name", WHOLE_STEP)
 def test_whole_step_transform_wraps_a_plain_function_step(name, sinks, fresh_state, take_snapshot, assert_trees_equal):
     def my_custom_step(state, batch):  # pure: a new state, one update per call

@@ -19,6 +19,7 @@ from torch.optim.swa_utils import SWALR, AveragedModel, update_bn
 
 import loopkit
 from loopkit import checkpoint
+from loopkit.state import fork
 from tests._driver_helpers import FullDisk
 
 EPOCHS, BATCHES = 6, 4
@@ -185,15 +186,56 @@ def test_a_scheduler_transform_around_swa_steps_until_swa_start_then_swalr_takes
 
 
 @pytest.mark.parametrize("interval", [None, "step", "epoch"])
-def test_a_gradient_hook_sees_the_scheduler_before_swa_start_and_none_from_it(interval, data):
+def test_a_gradient_hook_sees_the_scheduler_before_swa_start_and_one_held_still_from_it(interval, data):
     """A scheduler transform holds the scheduler still in its inner step, where a hook still sees it; from swa_start
-    SWALR's rates train, not the scheduler's (Lightning's self.lr_schedulers() is SWALR there): none is seen."""
+    SWALR's rates train, not the scheduler's (Lightning's self.lr_schedulers() is SWALR there): the hook sees the
+    scheduler held still, whose step() does nothing (the hook's call below leaves the schedule as without it)."""
     seen = []
-    hooked = loopkit.with_grad_hook(loopkit.train_step(_mse), lambda s: seen.append((s.epoch, s.scheduler is not None)))
-    step = loopkit.with_swa(hooked, 0.01, swa_epoch_start=3, epochs=EPOCHS)  # SWA from epoch 2 (0-based)
-    loopkit.run_epochs(step if interval is None else _scheduled(interval, 1, step), _state("sgd"), data, epochs=EPOCHS,
-                       progress=False)
-    assert seen == [(epoch, epoch < 2) for epoch in range(EPOCHS) for _ in range(BATCHES)]
+
+    def hook(state):
+        seen.append((state.epoch, type(state.scheduler) is loopkit.state.HeldScheduler))
+        if state.epoch >= 2:
+            state.scheduler.step()
+
+    step = loopkit.with_swa(loopkit.with_grad_hook(loopkit.train_step(_mse), hook), 0.01, swa_epoch_start=3,
+                            epochs=EPOCHS)  # SWA from epoch 2 (0-based)
+    state, _ = loopkit.run_epochs(step if interval is None else _scheduled(interval, 1, step), _state("sgd"), data,
+                                  epochs=EPOCHS, progress=False)
+    assert seen == [(epoch, epoch >= 2) for epoch in range(EPOCHS) for _ in range(BATCHES)]
+    assert state.scheduler.last_epoch == (2 * BATCHES if interval != "epoch" else 2)
+
+
+def _stepping_its_scheduler(state, batch):
+    """A step of one's own (Lightning's manual optimization): its update, then ``self.lr_schedulers().step()``."""
+    state = fork(state)
+    state.optimizer.zero_grad()
+    loss = _mse(state.model, batch)
+    loss.backward()
+    state.optimizer.step()
+    state.scheduler.step()
+    return state.evolve(step=state.step + 1), {"loss": loss.detach()}
+
+
+@pytest.mark.parametrize("interval", [None, "step", "epoch"])
+def test_a_step_of_ones_own_that_steps_its_scheduler_trains_and_averages_as_the_raw_swa_loop(
+        interval, data, assert_trees_equal):
+    """The migration guide maps a manual ``self.lr_schedulers().step()`` to ``state.scheduler.step()`` in the step:
+    before swa_start it steps the schedule per update (or the scheduler transform around holds it and steps it), from
+    there it is held still, a step() that does nothing, while SWALR sets the rates, as the raw loop (AveragedModel +
+    SWALR) does; it used to find no scheduler there (an AttributeError at the first SWA epoch)."""
+    ref_state = _state("sgd")
+    averaged, ref_rates = _raw_swa_loop(ref_state, data, swa_start=2, swa_lrs=0.01, annealing_epochs=2,
+                                        strategy="cos", interval=interval)
+    step = loopkit.with_swa(_stepping_its_scheduler, 0.01, swa_epoch_start=3, epochs=EPOCHS, annealing_epochs=2)
+    rates = _Rates()
+    state, _ = loopkit.run_epochs(step if interval is None else _scheduled(interval, 1, step), _state("sgd"), data,
+                                  epochs=EPOCHS, progress=False, callbacks=[rates])
+    assert rates.rates == ref_rates  # floats, compared exactly
+    assert_trees_equal(_params(state.model), _params(ref_state.model))
+    assert state.extras["swa/n_averaged"] == EPOCHS - 2 == int(averaged.n_averaged)
+    assert_trees_equal(dict(state.extras["swa/params"]), _params(averaged.module))
+    assert type(state.scheduler) is torch.optim.lr_scheduler.StepLR and state.scheduler.optimizer is state.optimizer
+    assert state.scheduler.last_epoch == ref_state.scheduler.last_epoch  # held still from swa_start on
 
 
 @pytest.mark.parametrize("interval", [None, "step", "epoch"])
