@@ -102,6 +102,10 @@ VALIDATES = "run_epochs/validates"
 #: ``val_check_interval=1.0, check_val_every_n_epoch=1``, under which ``ModelCheckpoint()`` saves at every epoch's end,
 #: one ``max_steps`` cuts short included, not after each validation (``_should_save_on_train_epoch_end``)
 VALIDATES_AT_EPOCH_ENDS = "run_epochs/validates_at_epoch_ends"
+#: the driver events a whole-step transform is told even after one inside it raised on them (:meth:`WrapperStep.notify`):
+#: those that end the fit, or an evaluation, and release what a transform holds; not those it acts on as done
+#: (``"validation_end"``, ``"epoch_end"``, ``"save_due"``, ``"batch_end"``: a save there counts the rows written)
+RELEASING_EVENTS = frozenset({"stop", "fit_end", "abort", "evaluate_end"})
 _FOUND_INF = "amp/found_inf"
 _NONFINITE = "nan_guard/nonfinite"
 _BUFFERS = "nan_guard/buffers"  # the model's buffers before the group's first micro-batch (a skip puts them back)
@@ -269,7 +273,8 @@ class Step:
 
         A step ignores the events it has no use for (more may come). A step of your own that
         wraps another (a callable forwarding ``notify``) hands on the extras of the state the
-        inner step returns, as :meth:`TrainState.evolve` does: :data:`SAVE_DUE` travels there.
+        inner step returns, as :meth:`TrainState.evolve` does: :data:`SAVE_DUE` travels there. A transform is told
+        after the ones inside it; where one of those raised, it is told only :data:`RELEASING_EVENTS`.
         """
 
     def _invoke(self, run: Callable[..., tuple[TrainState, Metrics]], state: TrainState, *args: Any):
@@ -582,10 +587,34 @@ class WrapperStep(Step):
         return self.inner.validating(state)
 
     def notify(self, event: str, state: TrainState, metrics: Mapping[str, float]) -> None:
+        """Tell ``inner``, then this transform (:meth:`on_event`). Where ``inner`` raised, this transform is told only
+        an event that ends or releases (:data:`RELEASING_EVENTS`: a logger's disk full at ``"fit_end"`` leaves no
+        checkpointer outside it deferring its saves), never one it would act on as done (a save at ``"epoch_end"``
+        would count an epoch recorded whose row a logger inside failed to write: a relaunch from it would lose it).
+
+        >>> class Told(WrapperStep):
+        ...     def on_event(self, event, state, metrics):
+        ...         print("told", event)
+        >>> class Fails:
+        ...     def __call__(self, state, batch):
+        ...         return state, {}
+        ...     def notify(self, event, state, metrics):
+        ...         raise OSError("disk full")
+        >>> step = Told(as_step(Fails()))
+        >>> for event in ("epoch_end", "fit_end"):
+        ...     try:
+        ...         step.notify(event, None, {})
+        ...     except OSError:
+        ...         pass
+        told fit_end
+        """
         try:
             self.inner.notify(event, state, metrics)
-        finally:  # an inner transform's failure (a logger's disk full at fit_end) leaves this one told too
-            self.on_event(event, state, metrics)
+        except BaseException:
+            if event in RELEASING_EVENTS:
+                self.on_event(event, state, metrics)
+            raise
+        self.on_event(event, state, metrics)
 
     def on_event(self, event: str, state: TrainState, metrics: Mapping[str, float]) -> None:
         """This transform's own reaction to a driver event (see :meth:`Step.notify`)."""

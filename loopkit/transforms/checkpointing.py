@@ -341,7 +341,11 @@ class CheckpointStep(UpdateStep):
         made only if the score ranks among the best. A fit's first save at the position it began from, which
         the directory's newest checkpoint holds (a relaunch from it: its step save made before the validation
         of that step, or the fit's end), takes that checkpoint as its own, as the uninterrupted run holds it:
-        a score goes to it, and the rotation runs. (Another run that reaches that position is saved anew.) A save
+        a score goes to it, and the rotation runs. So does its first save of the update it began at, at the
+        newest checkpoint's position (a fit given :func:`loopkit.state_at_error` of an epoch's end that failed
+        after its save there, a callback's or an outer step's of your own: it records that epoch again): no second
+        checkpoint of one position, counted twice by ``keep_best``. (Another run that reaches that position is
+        saved anew.) A save
         of a state that holds its epoch's record (max_steps or a stop mid-epoch, recorded at the fit's end) where
         the checkpoint at its position was taken before that record (a graceful stop's, a step validation's, the
         fit's own step save) replaces that checkpoint, carrying its score (:meth:`_rerecorded`): a relaunch from
@@ -416,11 +420,12 @@ class CheckpointStep(UpdateStep):
             return None
         position = (state.step, state.epoch, state.batch_index)
         saver = self.saver
-        if saver.last is None and position == saver.start:
-            found = checkpoint.list_checkpoints(self.directory)
+        if saver.last is None and saver.began is not None and position[0] == saver.began[0]:
+            found = checkpoint.list_checkpoints(self.directory)  # (a first save of the update the fit began at)
             if found and (found[-1].step, found[-1].epoch, found[-1].batch_index) == position:
                 saver.last, saver.names[position] = position, found[-1].name
-                saver.last_recorded = saver.start_recorded  # (it holds the state the fit began from)
+                # (it holds the state the fit began from; or that update's epoch end, which records the epoch)
+                saver.last_recorded = saver.start_recorded if position == saver.began else position[2] == 0
         if not saver.checked:  # a save of your own (on rank 0 alone, perhaps: no collective)
             self._check_directory(state, agreed=False)
         if not saver.looked:
@@ -545,8 +550,9 @@ class CheckpointStep(UpdateStep):
         """A first save behind the newest checkpoint already there, or at its very position when this run did not
         begin from it (a fresh run of as many steps): those are another run's (the same script run again), which
         keep_last, keep_best and ``restore`` would mix with this one's. (A run resumed from that checkpoint began
-        there, and is not warned about; nor is a save of your own before any step, which may be of the state
-        just restored.) Or a first save beside another trainer's checkpoints
+        there, and is not warned about, nor one that began at its update, whose epoch's end it saves again
+        (:meth:`_persist`: a retry from ``state_at_error``); nor is a save of your own before any step, which may
+        be of the state just restored.) Or a first save beside another trainer's checkpoints
         (:func:`loopkit.checkpoint._foreign_checkpoints`), which restore does not load."""
         foreign = checkpoint._foreign_checkpoints(self.directory)
         if foreign is not None:
@@ -564,7 +570,7 @@ class CheckpointStep(UpdateStep):
         theirs = (newest.step, newest.epoch, newest.batch_index)
         if theirs > position:
             where = f"checkpoints further along ({newest.name}) than this run (step {position[0]})"
-        elif theirs == position and self.saver.began is not None and self.saver.began != position:
+        elif theirs == position and self.saver.began is not None and self.saver.began[0] != position[0]:
             where = (f"a checkpoint at this run's first save ({newest.name}, step {position[0]}), which this run "
                      f"did not begin from (it began at step {self.saver.began[0]})")
         else:

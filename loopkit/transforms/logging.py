@@ -42,6 +42,9 @@ UNLOGGED = "logging/unlogged"
 #: loopkit records ``{logger index: folder}``: read by the logger's place in the list, as it was written
 RUN_DIRS = "logging/run_dirs"
 
+#: the driver events ``with_logging`` writes a row of (:meth:`LoggingStep.notify`: before the inner step is told)
+_ROW_EVENTS = frozenset({"validation_end", "epoch_end", "batch_end"})
+
 #: what a log point takes out of the state: the window it logged, and a row an earlier write left unlogged
 _LOGGED_KEYS = frozenset(WINDOW.keys) | {UNLOGGED}
 
@@ -269,6 +272,17 @@ class LoggingStep(WrapperStep):
             whole, means = self._taken(whole)
             whole = _left_unlogged(whole, means, 0)
         leave_intact(error, whole)
+
+    def notify(self, event: str, state: TrainState, metrics: Mapping[str, float]) -> None:
+        """An event whose row it writes (:data:`_ROW_EVENTS`) is logged before the transforms inside are told of it,
+        and not told them when a write raised: a ``with_checkpointing`` inside (against its advice: outermost) saves
+        at an epoch's end or a validation once the loggers hold its rows, as it does outside, and a relaunch from
+        that checkpoint does not go on without them. Other events: the inner step first (:meth:`WrapperStep.notify`)."""
+        if event not in _ROW_EVENTS:
+            super().notify(event, state, metrics)
+            return
+        self.on_event(event, state, metrics)
+        self.inner.notify(event, state, metrics)
 
     def on_event(self, event: str, state: TrainState, metrics: Mapping[str, float]) -> None:
         if event == "fit_begin":  # the step a fit continues the run from: what a folder holds after it goes

@@ -1986,3 +1986,57 @@ def test_a_monitor_alone_adds_no_checkpoint_at_a_fit_ending_mid_epoch_after_its_
     scores = json.loads((tmp_path / "a" / "scores.json").read_text())["scores"]
     assert scores == {ours.name: pytest.approx(float(loopkit.evaluate(loopkit.eval_step(loss), restored,
                                                                       data[:2])["loss"]), rel=1e-6)}
+
+
+class _FailsAfterInner:
+    """A step of one's own around another (a callable forwarding ``notify``), whose own work at epoch ``epoch``'s end,
+    after the inner step's, raises once: the checkpoint of that end is saved by then."""
+
+    def __init__(self, inner, epoch: int) -> None:
+        self.inner, self.epoch = inner, epoch
+
+    def __call__(self, state, batch):
+        return self.inner(state, batch)
+
+    def notify(self, event, state, metrics):
+        self.inner.notify(event, state, metrics)
+        if event == "epoch_end" and metrics["epoch"] == self.epoch:
+            self.epoch = None
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.parametrize("monitor", [None, "val/mse"])
+def test_a_fit_retried_from_state_at_error_after_an_epochs_save_adds_no_second_checkpoint_of_it(tmp_path, monitor):
+    """Reference: the uninterrupted run's checkpoint folder (names, scores) and restored state. The epoch-0 end is
+    saved, then a step of one's own around the checkpointer fails there; the fit given ``state_at_error`` (before
+    that end) validates and records epoch 0 again, and its save there takes the checkpoint already at that
+    position as its own: no second one (keep_best counting it twice, a real second best rotated out), no warning
+    of "another run's" checkpoint."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(3, 1, generator=g)
+    xs = [torch.randn(4, 3, generator=g) for _ in range(6)]
+    data = [(x, x @ w) for x in xs[:4]]
+    val = [(x, -(x @ w)) for x in xs[4:]]  # the better the fit, the worse val/mse: epoch 0 ranks among the best
+    evaluator = loopkit.eval_step(lambda m, b: {"mse": ((m(b[0]) - b[1]) ** 2).mean()})
+
+    def make(directory):
+        options = dict(monitor=monitor, keep_best=2) if monitor else dict(every_n_epochs=1)
+        return with_checkpointing(train_step(_mse), directory, keep_last=1, every_n_steps=3, **options)
+
+    def fit(step, state):
+        return run_epochs(step, state, data, epochs=4, val=(evaluator, val), sanity_val_batches=0, progress=False)
+
+    fit(make(tmp_path / "a"), _state(scheduler=False))
+    step = _FailsAfterInner(make(tmp_path / "b"), epoch=0)
+    with pytest.raises(OSError, match="No space left") as error:
+        fit(step, _state(scheduler=False))
+    left = loopkit.state_at_error(error.value)
+    assert (left.step, left.epoch, left.batch_index) == (4, 0, 4)
+    assert _positions(tmp_path / "b")[-1] == (4, 1, 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fit(step, left)
+    names = [[c.name for c in checkpoint.list_checkpoints(root)] for root in (tmp_path / "a", tmp_path / "b")]
+    assert names[0] == names[1]
+    assert checkpoint.read_scores(tmp_path / "b") == checkpoint.read_scores(tmp_path / "a")
+    _same_restored(tmp_path / "a", tmp_path / "b")

@@ -1874,3 +1874,65 @@ def test_a_magicmock_logger_is_a_plain_logger_getting_the_rows():
     assert [row["train/loss"] for row, _ in rows] == pytest.approx(
         [sum(losses[:2]) / 2, sum(losses[2:]) / 2], rel=1e-6)
     logger.finalize.assert_called_once_with("success")
+
+
+class _FullOnce(CSVLogger):
+    """A CSVLogger whose write of the first row holding ``key`` raises (a full disk), once."""
+
+    def __init__(self, key, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.key = key
+
+    def log_metrics(self, metrics, step):
+        if self.key is not None and self.key in metrics:
+            self.key = None
+            raise OSError("No space left on device")
+        return super().log_metrics(metrics, step)
+
+
+@pytest.mark.parametrize("resumed_by", ["state_at_error", "restore"])
+@pytest.mark.parametrize("order", ["checkpointing outside", "checkpointing inside"])
+@pytest.mark.parametrize("row, val_every_n_steps", [("train/loss_epoch", None), ("val/mse", 3)])
+def test_a_failed_write_of_a_row_leaves_no_checkpoint_that_counts_it_written(
+    row, val_every_n_steps, order, resumed_by, tmp_path, make_mlp, make_batches, make_sgd_state
+):
+    """Reference: the uninterrupted run's CSV, checkpoint folder (names and scores) and parameters. The write of
+    epoch 0's record (or of the first validation's row, at update 3 mid-epoch) raises. No checkpoint is saved at
+    that event, with with_checkpointing outside with_logging or inside it: one saved there would count the row
+    written, so a relaunch from the newest checkpoint would go on past it and never write it, and a retry from
+    ``state_at_error``, which validates and records that epoch again, would save that position a second time
+    (``keep_best`` counting it twice). Resumed either way, the run ends as the uninterrupted one."""
+    batches = make_batches(4)
+    made = {}
+
+    def fit(root, state, fails=None):
+        if root not in made or resumed_by == "restore":  # (restore: a relaunch, with a new step and logger)
+            logger = _FullOnce(fails, root, "run", version=0)
+
+            def checkpointed(step):
+                return loopkit.with_checkpointing(step, root / "ckpt", monitor="val/mse", mode="max", keep_best=2,
+                                                  keep_last=1, every_n_steps=2)
+
+            made[root] = (with_logging(checkpointed(train_step(loss_with_mae)), logger, every_n_steps=2)
+                          if order == "checkpointing inside"
+                          else checkpointed(with_logging(train_step(loss_with_mae), logger, every_n_steps=2)))
+        return run_epochs(made[root], state, batches, epochs=3, val=(eval_step(mse_metric), batches[:2]),
+                          val_every_n_steps=val_every_n_steps, sanity_val_batches=0, progress=False)[0]
+
+    def folder(root):
+        names = sorted(c.name for c in loopkit.checkpoint.list_checkpoints(root / "ckpt"))
+        with open(root / "run" / "version_0" / "metrics.csv") as f:
+            return f.read(), names, loopkit.checkpoint.read_scores(root / "ckpt").get("scores")
+
+    expected = fit(tmp_path / "a", make_sgd_state(make_mlp()))
+    with pytest.raises(OSError, match="No space left") as error:
+        fit(tmp_path / "b", make_sgd_state(make_mlp()), fails=row)
+    if resumed_by == "state_at_error":
+        state = loopkit.state_at_error(error.value)
+    else:
+        state = loopkit.restore(make_sgd_state(make_mlp()), tmp_path / "b" / "ckpt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (no "another run's" checkpoint at its first save)
+        final = fit(tmp_path / "b", state)
+    assert folder(tmp_path / "b") == folder(tmp_path / "a")
+    assert all(torch.equal(p, q) for p, q in zip(final.model.parameters(), expected.model.parameters()))
