@@ -2882,6 +2882,35 @@ def test_a_state_kept_from_a_hook_stays_usable_while_nothing_trained_it_in_place
         assert evaluate(evaluator, state, make_data(2))["mse"] == pytest.approx(value, rel=1e-6, abs=1e-7)
 
 
+class _KeepsFirstValidatedState(loopkit.Callback):
+    """The guide's recipe for keeping a model for later: a deep copy of the state a validation was handed (here the
+    first's), and, beside it, that state itself kept by reference (as a Lightning user keeps ``trainer.model``)."""
+
+    def __init__(self):
+        self.copied = self.by_reference = None
+
+    def on_validation_end(self, state, metrics):
+        if self.copied is None:
+            self.copied, self.by_reference = copy.deepcopy(state), state
+
+
+def test_a_deep_copy_kept_from_a_hook_holds_its_epochs_model_and_a_kept_reference_is_the_live_one():
+    """The guide's row on keeping a model for later: ``copy.deepcopy(state)`` in the hook holds the weights of its
+    epoch (reference: a fit of that one epoch); the state kept by reference is refused by loopkit once the fit trained
+    on, while its ``.model`` attribute is the fit's live model, holding the final weights (as documented)."""
+    evaluator = eval_step(lambda m, b: {"mse": mse(m, b)})
+    keep = _KeepsFirstValidatedState()
+    final, _ = run_epochs(train_step(mse), make_state(), make_data(4), epochs=3, val=(evaluator, make_data(2)),
+                          sanity_val_batches=0, progress=False, callbacks=[keep])
+    one_epoch, _ = run_epochs(train_step(mse), make_state(), make_data(4), epochs=1, progress=False)
+    assert_bitwise(params_of(keep.copied), params_of(one_epoch))
+    assert keep.copied.step == 4 < final.step
+    with pytest.raises(loopkit.DonatedStateError):
+        keep.by_reference.state_dict()
+    assert keep.by_reference.model is final.model
+    assert_bitwise(params_of(final), [p.detach() for p in keep.by_reference.model.parameters()])
+
+
 class _RowRecorder(loopkit.Logger):
     """A logger of one's own that keeps the steps of the training rows (``train/<m>``, not the epoch means)."""
 
