@@ -1911,6 +1911,25 @@ class _Superseded:
         for old in self.states:
             if old is not current:
                 old.mark_consumed()
+        self.release()
+
+    def release(self) -> None:
+        """Let go of the states waiting, unmarked, and of the hook waiting with them: at a retirement, and where the
+        fit ends (returned or raised: no update in place follows, they stay usable). The hook holds this object, which
+        holds the hooks: left in place, that cycle would keep the fit's last states, and their model and optimizer,
+        alive after the fit until Python's cyclic garbage collector next runs (a study's trials piling up on the
+        device), where a plain loop's are freed once dropped.
+
+        >>> import torch
+        >>> hooks = _Hooks([])
+        >>> superseded = _Superseded(hooks, donated=True)
+        >>> superseded.add(TrainState.create(torch.nn.Linear(1, 1)))
+        >>> hooks.batch_start == [superseded]
+        True
+        >>> superseded.release()
+        >>> superseded.states, hooks.batch_start
+        ([], [])
+        """
         self.states.clear()
         self.hooks.batch_start = self.hooks.own_batch_start
 
@@ -2843,4 +2862,6 @@ def run_epochs(
                                    "optimizer objects hold what the updates did to them, as in a plain loop)")
         mark_used_up_by_error(given, FAILED_FIT)  # (the state passed, trained in place: its later use's error
         raise  # names state_at_error, not a returned state)
+    finally:  # (the hooks' cycle through it let go: the fit's states are freed once dropped, without a gc)
+        superseded.release()
 

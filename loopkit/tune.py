@@ -337,7 +337,10 @@ def optimize(
     as ``PRUNED``; an exception in ``catch`` marks its trial ``FAIL`` and the search goes on;
     any other exception stops it. ``callbacks``, ``gc_after_trial`` and ``show_progress_bar`` are
     Optuna's ``study.optimize`` options, passed on (``optuna.study.MaxTrialsCallback(n)`` caps the
-    study's trials over all the processes that share it). Before each trial, a trial whose process died is marked
+    study's trials over all the processes that share it). A trial's model and optimizer are freed once its objective
+    returns, as a raw loop's, but a pruned (or failed) one's: Optuna keeps its exception, whose traceback holds the
+    objective's frame, in a reference cycle until Python's gc runs (``gc_after_trial=True`` frees each trial's device
+    memory at its end). Before each trial, a trial whose process died is marked
     ``FAIL`` and rerun with its parameters (see :func:`create_study`); the rerun counts as one
     of the ``n_trials`` (:func:`retried_trial_number` tells its objective which trial's checkpoints to resume).
 

@@ -6,6 +6,10 @@ Also ``CONVERSIONS``: the tensor methods that move a value to the host, which th
 
 from __future__ import annotations
 
+import contextlib
+import gc
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
@@ -164,3 +168,38 @@ class Stream(torch.utils.data.IterableDataset):
 def stream(batches) -> torch.utils.data.DataLoader:
     """A DataLoader (already batched) over ``batches`` without len()."""
     return torch.utils.data.DataLoader(Stream(batches), batch_size=None)
+
+
+@contextlib.contextmanager
+def gc_off() -> Iterator[None]:
+    """No cyclic garbage collection inside (collected once before): an object left alive there is held by a
+    reference or a reference cycle, where a raw loop's are freed by reference counting alone."""
+    gc.collect()
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+class Watched(nn.Linear):
+    """A model whose live instances :func:`alive` counts (the copies a finder trains included)."""
+
+
+def alive() -> int:
+    """How many :class:`Watched` models are alive."""
+    return sum(type(o) is Watched for o in gc.get_objects())
+
+
+def raw_loop_frees_its_model() -> bool:
+    """The reference: a raw PyTorch loop's model (and Adam's moments) are freed once its names are dropped."""
+    model = Watched(3, 1)
+    opt = torch.optim.Adam(model.parameters())
+    for batch in make_data(3):
+        opt.zero_grad()
+        mse(model, batch).backward()
+        opt.step()
+    del model, opt
+    return alive() == 0

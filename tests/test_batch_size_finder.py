@@ -19,6 +19,7 @@ import torch
 
 import loopkit
 from loopkit.batch_size_finder import is_oom_error
+from tests._driver_helpers import Watched, alive, gc_off, raw_loop_frees_its_model
 
 # (LIMIT, N, mode, options) -> (Lightning's answer, the batch lengths its trials ran)
 LIGHTNING = [
@@ -111,6 +112,18 @@ def test_a_batch_of_one_that_runs_out_of_memory_is_named():
     cause = caught.value.__cause__
     assert isinstance(cause, torch.OutOfMemoryError) and loopkit.state_at_error(cause) is None
     assert "in __call__" in "".join(traceback.format_tb(cause.__traceback__))  # where it ran out still shows
+
+
+def test_the_copies_the_trials_train_are_freed_on_return_without_a_gc():
+    """As a raw loop's model and optimizer are, by reference counting alone (no cycle of a trial's fit holds its
+    copy until Python's cyclic gc runs; on a GPU, device memory)."""
+    with gc_off():
+        assert raw_loop_frees_its_model()
+        model = Watched(2, 1)
+        state = loopkit.TrainState.create(model, torch.optim.Adam(model.parameters()))
+        assert loopkit.scale_batch_size(loopkit.train_step(_Device(1000)), state, _loader(100), max_trials=3) == 8
+        del state, model
+        assert alive() == 0
 
 
 @pytest.mark.parametrize("options", [{"mode": "power", "init_val": 128}, {"mode": "binsearch"}])

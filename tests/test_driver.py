@@ -11,6 +11,7 @@ import dataclasses
 import math
 import random
 import warnings
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,8 @@ import loopkit
 from loopkit import TrainState, eval_step, evaluate, predict, run_epochs, train_step, with_grad_accum
 from loopkit.rng import create_rng
 from tests._driver_helpers import (
-    Counter, CrashAfterStep, Recorder, counting_eval, forking_step, make_data, make_state, mse, stream,
+    Counter, CrashAfterStep, Recorder, Watched, alive, counting_eval, forking_step, gc_off, make_data, make_state, mse,
+    raw_loop_frees_its_model, stream,
 )
 
 
@@ -2909,6 +2911,55 @@ def test_a_deep_copy_kept_from_a_hook_holds_its_epochs_model_and_a_kept_referenc
         keep.by_reference.state_dict()
     assert keep.by_reference.model is final.model
     assert_bitwise(params_of(final), [p.detach() for p in keep.by_reference.model.parameters()])
+# --- nothing of a fit outlives it but what it returns (a raw loop's objects are freed by reference counting) ----
+
+
+class _FailsAtSecondEpoch(loopkit.Callback):
+    """Fails at the second epoch's first batch, while the states the first epoch's end handed to hooks wait."""
+
+    def on_batch_start(self, state, batch):
+        if state.step == 3:
+            raise RuntimeError("fails at the second epoch")
+
+
+@pytest.mark.parametrize("case", ["plain", "validated, logged, checkpointed, with callbacks", "raised",
+                                  "raised, logged, checkpointed", "evaluate", "predict"])
+def test_a_fits_model_and_optimizer_are_freed_once_its_state_is_dropped_without_a_gc(tmp_path, case):
+    """Once the state returned (or ``state_at_error``) is dropped, the fit's model and optimizer (Adam's moments) are
+    freed at once, as a raw loop's are: no cycle holds them until Python's cyclic gc runs (on a GPU a study's trials
+    piled up in device memory). Reference: the raw loop, under the same disabled gc."""
+    evaluator = eval_step(lambda m, b: {"mse": mse(m, b)})
+    with gc_off():
+        assert raw_loop_frees_its_model()
+        model = Watched(3, 1)
+        state = TrainState.create(model, torch.optim.Adam(model.parameters()))
+        freed = weakref.ref(model)
+        del model
+        step = train_step(mse)
+        options = {"epochs": 2, "progress": False}
+        if "logged" in case:
+            logger = loopkit.CSVLogger(str(tmp_path / "logs"))
+            step = loopkit.with_checkpointing(loopkit.with_logging(step, logger, every_n_steps=1), tmp_path / "ckpt",
+                                              every_n_steps=2, keep_last=2)
+            options.update(val=(evaluator, make_data(2)), val_every_n_steps=2,
+                           callbacks=[loopkit.EarlyStopping("val/mse", patience=100), Recorder()])
+        if case.startswith("raised"):
+            options["callbacks"] = [*options.get("callbacks", ()), _FailsAtSecondEpoch()]
+            try:
+                run_epochs(step, state, make_data(3), **options)
+            except RuntimeError as error:
+                assert loopkit.state_at_error(error) is not None
+        elif case == "evaluate":
+            evaluate(evaluator, state, make_data(2))
+        elif case == "predict":
+            predict(lambda m, b: m(b[0]), state, make_data(2))
+        else:
+            returned, history = run_epochs(step, state, make_data(3), **options)
+            assert len(history) == 2
+            del returned
+        del state
+        assert freed() is None
+        assert alive() == 0
 
 
 class _RowRecorder(loopkit.Logger):

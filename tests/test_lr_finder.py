@@ -23,6 +23,7 @@ import torch
 import loopkit
 from loopkit.lr_finder import LRFinderResult
 from tests import _ddp_script as ddp
+from tests import _driver_helpers as helpers
 
 BETA = 0.98
 
@@ -319,6 +320,19 @@ def test_the_given_state_is_left_as_it_was_and_still_trains(global_rng):
     for a, b in zip(trained.model.parameters(), expected.model.parameters()):
         assert torch.equal(a, b)
     assert trained.optimizer.param_groups[0]["lr"] == expected.optimizer.param_groups[0]["lr"]
+
+
+def test_the_copy_the_search_trains_is_freed_with_the_result_without_a_gc():
+    """As a raw loop's model and optimizer are, by reference counting alone (no cycle of the fit's holds the copy
+    until Python's cyclic gc runs; on a GPU, device memory)."""
+    with helpers.gc_off():
+        assert helpers.raw_loop_frees_its_model()
+        model = helpers.Watched(3, 1)
+        state = loopkit.TrainState.create(model, torch.optim.Adam(model.parameters()))
+        result = loopkit.lr_find(loopkit.train_step(helpers.mse), state, helpers.make_data(4), num_training=6)
+        assert len(result.results["lr"]) == 6
+        del result, state, model
+        assert helpers.alive() == 0
 
 
 def test_a_search_from_a_trained_state_counts_its_updates_from_zero():

@@ -18,6 +18,7 @@ import torch
 
 import loopkit
 from loopkit import tune
+from tests._driver_helpers import Watched, alive, gc_off, make_data, mse, raw_loop_frees_its_model
 
 optuna = pytest.importorskip("optuna")
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -233,6 +234,28 @@ def test_the_callback_alone_raises_trial_pruned_when_the_fit_ends(make_mlp, make
         loopkit.run_epochs(step, state, data, val=val, epochs=EPOCHS, progress=False,
                            callbacks=[tune.PruningCallback(trial), counter])
     assert counter.batches == BATCHES
+
+
+@pytest.mark.parametrize("pruned", [False, True])
+def test_a_trials_model_and_optimizer_are_freed_as_its_fit_ends_without_a_gc(pruned):
+    """As a raw loop's are, by reference counting alone: a study's trials do not pile up (on a GPU, in device memory)
+    until Python's cyclic gc runs. (Optuna's study.optimize keeps a pruned trial's TrialPruned, whose traceback holds
+    the objective's frame, in a cycle of its own, a raw loop's objective's too: its gc_after_trial=True frees it.)"""
+    pruner = optuna.pruners.ThresholdPruner(upper=-1.0) if pruned else optuna.pruners.NopPruner()
+    with gc_off():
+        assert raw_loop_frees_its_model()
+        trial = optuna.create_study(pruner=pruner).ask()
+        model = Watched(3, 1)
+        state = loopkit.TrainState.create(model, torch.optim.Adam(model.parameters()))
+        val = (loopkit.eval_step(lambda m, b: {"loss": mse(m, b)}), make_data(2))
+        try:
+            tune.fit(trial, loopkit.train_step(mse), state, make_data(3), val=val, epochs=2, progress=False)
+        except optuna.TrialPruned:
+            assert pruned
+        else:
+            assert not pruned
+        del state, model
+        assert alive() == 0
 
 
 def test_min_epochs_does_not_hold_off_a_pruned_trial_while_early_stopping_waits_for_it(make_mlp, make_batches, mse_loss):

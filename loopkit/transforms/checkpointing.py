@@ -63,7 +63,7 @@ class _Saver:
     """
 
     def __init__(self) -> None:
-        self.names: dict[Position, str] = {}  # checkpoints this process saved, by position
+        self.names: dict[Position, str] = {}  # checkpoints this process saved, by position (those still kept)
         self.scores: dict[str, float] | None = None  # loaded from scores.json on first use
         self.lock = threading.Lock()
         self.executor: concurrent.futures.ThreadPoolExecutor | None = None
@@ -641,7 +641,8 @@ class CheckpointStep(UpdateStep):
 
     def _prune(self, *, write_scores: bool, superseded: str | None = None, protect: str | None = None) -> None:
         """Remove what keep_last and keep_best do not keep (and ``superseded``, a checkpoint of the same update);
-        ``protect`` stays (a graceful stop's save under ``keep_last=0``).
+        ``protect`` stays (a graceful stop's save under ``keep_last=0``). The saver's names of the checkpoints that
+        do not stay go too: it holds those kept, however many saves a long fit makes.
 
         ``scores.json`` is rewritten first, then checkpoints are removed: a run killed anywhere in between
         has lost no checkpoint that it keeps (the scores of those still there are also in their
@@ -655,6 +656,10 @@ class CheckpointStep(UpdateStep):
         if self.monitor is not None:
             keep.update(self._kept_by_score(names))
         doomed = [c for c in found if c.name not in keep]
+        with self.saver.lock:  # (the positions of those gone: no later score or rotation looks them up)
+            saved = self.saver.names
+            for position in [p for p, name in saved.items() if name not in keep]:
+                del saved[position]
         if self.monitor is not None:
             with self.saver.lock:
                 scores = self._scores()

@@ -511,6 +511,23 @@ def test_a_restore_by_another_process_while_scores_json_is_rewritten_leaves_the_
     assert runs["alone"][:2] == (5, [4, 5])
 
 
+@pytest.mark.filterwarnings("ignore:with_checkpointing. in a loop of your own")  # (this one tells it its validations)
+@pytest.mark.parametrize("async_save", [False, True])
+@pytest.mark.parametrize("options", [{"every_n_steps": 1, "keep_last": 3},
+                                     {"every_n_steps": 1, "keep_last": 1, "monitor": "val/loss", "keep_best": 2},
+                                     {"keep_last": 0, "monitor": "val/loss", "keep_best": 2}])  # (the ranking saves)
+def test_the_saver_names_only_the_checkpoints_kept_however_many_saves(tmp_path, options, async_save):
+    """A long fit's saves: the saver held one name for every checkpoint ever saved (memory growing with the fit), those
+    the rotation had removed too. Reference: the checkpoints in the folder, after each save."""
+    step = with_checkpointing(_count_step, tmp_path, async_save=async_save, **options)
+    state = TrainState.create(nn.Linear(1, 1))
+    for i in range(40):
+        state = _validate(step, state, float(i * 7 % 11)) if "monitor" in options else step(state, None)[0]
+        step.wait()
+        assert sorted(step.saver.names.values()) == [c.name for c in checkpoint.list_checkpoints(tmp_path)]
+    assert len(step.saver.names) == {3: 3, 1: 3, 0: 2}[options["keep_last"]]
+
+
 @pytest.mark.parametrize("async_save", [False, True])
 def test_a_checkpoint_removed_before_its_late_score_is_left_unscored(tmp_path, async_save):
     """(By hand or by another writer of the folder, as the rotation allows: the fit died writing score.json into a
