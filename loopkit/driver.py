@@ -47,7 +47,7 @@ from loopkit.checkpoint import capture_global_rng, install_global_rng
 from loopkit.progress import ProgressBar, progress_wanted, write_line
 from loopkit.rng import epoch_order_seed as _order_seed
 from loopkit.rng import seed_epoch_start
-from loopkit.rng import batch_rngs, cuda_index, global_rng_state, global_rngs_kept
+from loopkit.rng import RNGScope, batch_rngs, cuda_index, global_rng_state, global_rngs_kept
 from loopkit.state import (
     FAILED_FIT, TrainState, core_module, extras_copy, fork, leave_intact, mark_used_up_by_error, model_device,
     not_a_state, put_extras, refuse_copy_if_sharded, replace, replace_extras, state_at_error,
@@ -815,6 +815,11 @@ def predict(
     every rank must read as many batches, as ``evaluate``'s: data with a length of another number on one rank is
     refused, a stream is read while every rank has a batch (the outputs of those).
 
+    A sampling ``fn`` (MC dropout, a generative model's noise, random timesteps) draws as ``evaluate``'s ``metric_fn``
+    does: the first batch from ``state.rng`` (a copy of the global RNG for a ``global_rng=True`` state), each later
+    batch fresh numbers from states drawn from it. The same state predicts alike, whatever the global seed, and
+    ``fn``'s draws move nothing global (``data`` is read as a raw loop reads it, as ``evaluate``'s).
+
     >>> import torch
     >>> from loopkit.state import TrainState
     >>> state = TrainState.create(torch.nn.Linear(2, 1))
@@ -845,9 +850,17 @@ def predict(
     model = state.model
     move = _mover(device, state)
     outputs = []
+    index = cuda_index(model_device(model))
+    rngs = _evaluation_rngs(state)
     with evaluating(model), torch.no_grad():
-        for batch in batches:
-            outputs.append(fn(model, move(batch) if move is not None else batch))
+        for read, batch in enumerate(batches, 1):
+            batch = move(batch) if move is not None else batch
+            # each batch's RNG is its evaluation's: the state's own (a copy of the global one), then rngs'
+            scope = RNGScope((state.rng or global_rng_state(index)) if read == 1 else next(rngs), index, state.seed)
+            try:
+                outputs.append(fn(model, batch))
+            finally:
+                scope.discard()
     return outputs
 
 

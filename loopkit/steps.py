@@ -289,7 +289,13 @@ class Step:
                 return run(state, *args)
             refuse_copy_if_sharded(state, f"a step that is not donated ({', '.join(self.applied)})", "Such a step "
                                    "works on a copy of the state at every call: donate it (loopkit.donate(step))")
-            new, metrics = run(fork(state), *args)
+            copy = fork(state)
+            try:
+                new, metrics = run(copy, *args)
+            except BaseException as error:
+                if state_at_error(error) is copy:
+                    _grads_as_found(state, copy)
+                raise
             drop_graph(new)  # the next call forks new parameters: the graph would only hold memory
             return new, metrics
         try:
@@ -314,6 +320,22 @@ def _group_made() -> bool:
     """Whether a ``torch.distributed`` process group of more than one rank exists now."""
     dist = torch.distributed
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _grads_as_found(state: TrainState, copy: TrainState) -> None:
+    """After an error that left ``copy`` (a pure call's fork of ``state``) as the call found it: ``state``'s gradients
+    as the copy's, which are as ``state``'s were when the call began (a ``loss_fn`` that closes over the given state's
+    model, not the one it is given, wrote them). Where a parameter's name is the copy's alone (a transform changed the
+    copy's modules), nothing."""
+    found = dict(copy.model.named_parameters())
+    for name, p in state.model.named_parameters():
+        q = found.get(name)
+        if q is None or q.shape != p.shape:
+            continue
+        if q.grad is None:
+            p.grad = None
+        elif p.grad is not None and p.grad is not q.grad:
+            p.grad.copy_(q.grad)
 
 
 def _consume_unless_intact(state: TrainState, error: BaseException) -> None:
@@ -1268,7 +1290,7 @@ class TrainStep(Step):
                 optimizer = state.optimizer
                 params = () if optimizer is None else optimizer.param_groups[0]["params"]
                 if params and not params[0].is_cuda:
-                    result = self._run_plain_cpu(state, batch, state.model, optimizer)
+                    result = self._run_plain_cpu(state, batch, state.model, optimizer, params[0])
                     _set_consumed(state, True)
                     return result
             except BaseException as error:
@@ -1289,7 +1311,7 @@ class TrainStep(Step):
         params = optimizer.param_groups[0]["params"]
         first = params[0] if params else _first_param(optimizer, state)
         if self.plain and self.sync is None and not first.is_cuda and len(state.rng) <= 1:
-            return self._run_plain_cpu(state, batch, model, optimizer)
+            return self._run_plain_cpu(state, batch, model, optimizer, first)
         if self.accum_every == 1 and _ACCUM_COUNT in state.extras:
             raise leave_intact(_held_group(state, self), state)
         if self.precision is not None and self.precision.scales_loss and _trains_half(optimizer):
@@ -1393,12 +1415,14 @@ class TrainStep(Step):
             raise
 
     def _run_plain_cpu(
-        self, state: TrainState, batch: Any, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+        self, state: TrainState, batch: Any, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+        first: torch.Tensor,
     ) -> tuple[TrainState, Metrics]:
         """:meth:`run_` without precision, accumulation, gradient transforms or DDP, on the CPU.
 
         The same work as the general path (:func:`_plain_update` included), in one frame: the
         hot path of the common step, where each call and attribute read shows in the step's time.
+        ``first``: the optimizer's first parameter.
         """
         if _ACCUM_COUNT in state.extras:
             raise leave_intact(_held_group(state, self), state)
@@ -1425,6 +1449,8 @@ class TrainStep(Step):
             held = [p.grad for group in optimizer.param_groups for p in group["params"]]
             intact = False
             loss.backward()
+            if first.grad is None:  # (one read: a frozen first parameter, or a backward that reached none)
+                _refuse_unreached(optimizer, model, self.loss_fn)
             if saved is not None:
                 rng = {"cpu": generator.get_state()}
         except BaseException as error:
@@ -1460,7 +1486,9 @@ class TrainStep(Step):
         ``intact_on_error``: an error before the backward leaves the state whole (not so in the call
         that built the DDP wrapper, which broadcast rank 0's parameters). ``held``: the gradients of the
         optimizer's parameters as the call found them (None under data parallelism); an error in the
-        backward gives them back and leaves the state whole.
+        backward gives them back and leaves the state whole, as does a backward that found no gradients (outside a
+        group, or a group's set apart for a per-micro transform) and gave none of the optimizer's parameters one, nor
+        any of the model's (:func:`_refuse_unreached`).
         """
         precision = self.precision
         try:  # nothing of the state changes in place before the backward
@@ -1496,6 +1524,8 @@ class TrainStep(Step):
         # _gradients_back then leaves the state used up
         try:
             to_backward.backward()
+            if first.grad is None:  # (found none, or set apart: a frozen first parameter, or nothing reached)
+                _refuse_unreached(state.optimizer, state.model, self.loss_fn)  # type: ignore[arg-type]
         except BaseException as error:
             if _gradients_back(state, state.optimizer, held, stash):  # type: ignore[arg-type]
                 leave_intact(error, state)
@@ -1796,6 +1826,36 @@ def _gradients_back(
     return True
 
 
+def _refuse_unreached(optimizer: torch.optim.Optimizer, model: torch.nn.Module, loss_fn: Callable[..., Any]) -> None:
+    """After a backward that left the optimizer's first parameter without a gradient: raise a ``ValueError``, naming
+    ``loss_fn``, where none of the optimizer's parameters has one, nor any of ``model``'s (its loss reached none: a
+    ``loss_fn`` that uses the model it closes over, not the one it is given, trains nothing, and a pure call's would
+    write the given state's gradients); nothing where one has (a frozen first parameter; a batch routed to a part of
+    the model that the optimizer does not train), or where a post-accumulate-grad hook may have taken them (an
+    optimizer stepping in the backward).
+
+    >>> model = torch.nn.Linear(1, 1)
+    >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    >>> _refuse_unreached(optimizer, model, lambda m, b: torch.nn.Linear(1, 1)(b).sum())
+    Traceback (most recent call last):
+    ...
+    ValueError: loss_fn <lambda>: its backward reached none of the optimizer's parameters, nor any of the model's: does it use the model it is given (loss_fn(model, batch)), not one it closes over? Nothing was updated
+    >>> model.bias.grad = torch.ones(1)
+    >>> _refuse_unreached(optimizer, model, lambda m, b: m(b).sum())  # (the first parameter frozen: another has one)
+    """
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.grad is not None or getattr(p, "_post_accumulate_grad_hooks", None):
+                return
+    if any(p.grad is not None for p in model.parameters()):
+        return
+    raise ValueError(
+        f"loss_fn {_fn_name(loss_fn)}: its backward reached none of the optimizer's parameters, nor any of the "
+        "model's: does it use the model it is given (loss_fn(model, batch)), not one it closes over? Nothing was "
+        "updated"
+    )
+
+
 def _unstash_grads(stash: list[tuple[torch.Tensor, torch.Tensor]] | None) -> None:
     for p, acc in stash or ():
         if p.grad is None:
@@ -1874,6 +1934,9 @@ def train_step(loss_fn: LossFn) -> TrainStep:
     wrap it, ``lambda model, batch: criterion(model(batch[0]), batch[1])``; a Module of one's own whose ``forward``
     takes ``(model, batch)`` is taken). The step reports ``loss`` and the aux metrics as 0-dim
     tensors on the device (it never reads them on the host). The state's RNG drives dropout.
+    ``loss_fn`` must compute the loss with the ``model`` it is given: a backward that reaches none of the optimizer's
+    parameters, nor any of the model's (a ``loss_fn`` that closes over a model of its own, ``self(x)`` ported as is),
+    raises a ``ValueError``, where the call found no gradients, leaving the state as it was.
 
     >>> import torch
     >>> from loopkit.state import TrainState

@@ -1008,6 +1008,45 @@ def test_predict_equals_the_model_in_eval_mode():
     assert model.training and model[0].training and not model[1].training and model[2].training
 
 
+@pytest.mark.parametrize("global_rng", [False, True])
+def test_a_sampling_predict_draws_as_evaluate_does_whatever_the_global_seed_and_moves_nothing_global(global_rng):
+    """predict's fn drew from (and advanced) torch's global RNG, where evaluate's metric_fn draws from state.rng.
+    Reference: a hand loop that installs each batch's RNG as evaluate does (the first batch the state's own, each
+    later one a generator seeded with the next number of a generator started at it), and evaluate's own draws."""
+    state = TrainState.create(nn.Linear(2, 1), seed=3, global_rng=global_rng)
+    data = [torch.ones(3, 2)] * 4
+    sample = lambda m, b: m(b) + torch.randn(b.shape[0], 1)  # noqa: E731  (a sampling prediction)
+
+    def predicted(seed):
+        torch.manual_seed(seed)
+        start = torch.get_rng_state()
+        outputs = predict(sample, state, data)
+        assert torch.equal(torch.get_rng_state(), start)  # the global RNG untouched
+        return outputs
+
+    torch.manual_seed(1)
+    start = state.rng["cpu"] if not global_rng else torch.get_rng_state()
+    seeds, expected = torch.Generator(), []
+    seeds.set_state(start)
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        for i, batch in enumerate(data):
+            if i == 0:
+                torch.set_rng_state(start)
+            else:
+                torch.manual_seed(int(torch.randint(2**62, (), generator=seeds)))
+            expected.append(sample(state.model, batch))
+    drawn: list[torch.Tensor] = []
+    torch.manual_seed(1)
+    evaluate(eval_step(lambda m, b: {"s": drawn.append(sample(m, b)) or drawn[-1].mean()}), state, data)
+    outputs = predicted(1)
+    assert all(torch.equal(o, e) for o, e in zip(outputs, expected)) and len(outputs) == len(data)
+    assert all(torch.equal(o, d) for o, d in zip(outputs, drawn))
+    assert len({float(o[0]) for o in outputs}) == len(data)  # each batch draws anew
+    if not global_rng:  # (a global_rng state draws from the global RNG's copy: another seed, other numbers)
+        assert all(torch.equal(a, b) for a, b in zip(outputs, predicted(999)))
+        assert torch.equal(state.rng["cpu"], create_rng(3)["cpu"])
+
+
 @pytest.mark.parametrize("limit, taken", [(2, 2), (0.5, 3), (10, 6), (0, 0)])
 def test_predict_limit_takes_the_first_batches(limit, taken):
     """As Lightning's limit_predict_batches: the first batches, a count or a fraction of len(data); a loop

@@ -507,6 +507,153 @@ def test_a_donated_step_that_fails_in_its_backward_leaves_its_state_usable_and_a
     assert torch.equal(metrics["loss"], expected["loss"])
 
 
+_UNREACHED = ("its backward reached none of the optimizer's parameters, nor any of the model's: does it use the model it "
+              "is given")
+
+
+@pytest.mark.parametrize("path", list(_backward_paths(lambda m, b: None)))
+def test_a_loss_that_reaches_none_of_the_optimizers_parameters_is_refused_leaving_the_state_as_it_was(
+    path, make_mlp, batches, mse_loss, make_sgd_state, take_snapshot, assert_trees_equal
+):
+    """A loss_fn using the model it closes over, not the one it is given (a slip porting self(x)), trained nothing:
+    the update was taken as normal (state.step counting, the loss flat, no error). It is refused after the backward,
+    naming the loss_fn: donated, the state is state_at_error's, usable and as an untouched twin, and trains on as it;
+    a pure call leaves the given state as it was, though the slip's backward wrote its model's gradients."""
+    state, untouched = make_sgd_state(make_mlp(0)), make_sgd_state(make_mlp(0))
+    foreign = make_mlp(1)
+    elsewhere = _draws_then(lambda m, b: mse_loss(foreign, b))
+    global_rng = torch.get_rng_state()
+    with pytest.raises(ValueError, match=f"loss_fn _draws_then.<locals>.loss_fn: {_UNREACHED}") as info:
+        loopkit.donate(_backward_paths(elsewhere)[path])(state, batches[0])
+    assert torch.equal(torch.get_rng_state(), global_rng)
+    assert loopkit.state_at_error(info.value) is state
+    state.check_usable()
+    assert_trees_equal(take_snapshot(state), take_snapshot(untouched))
+    good = loopkit.donate(_backward_paths(mse_loss)[path])
+    (new, metrics), (reference, expected) = good(state, batches[0]), good(untouched, batches[0])
+    assert_trees_equal(take_snapshot(new), take_snapshot(reference))
+    assert torch.equal(metrics["loss"], expected["loss"])
+
+    given = make_sgd_state(make_mlp(2))
+    before = take_snapshot(given)
+    closing_over_the_given_model = _backward_paths(lambda m, b: mse_loss(given.model, b))[path]
+    with pytest.raises(ValueError, match=_UNREACHED):
+        closing_over_the_given_model(given, batches[1])  # (pure: a copy trains; given.model's weights got grads)
+    assert_trees_equal(take_snapshot(given), before)
+
+
+@pytest.mark.parametrize("donated", [False, True])
+def test_a_micro_step_reaching_nothing_inside_a_group_whose_sum_is_set_apart_is_refused_giving_the_sum_back(
+    donated, make_mlp, batches, mse_loss, make_sgd_state, take_snapshot, assert_trees_equal
+):
+    """A gradient transform inside the accumulation sets the group's sum apart at each micro-step's backward (which
+    so finds no gradients): a later micro-step reaching none of the optimizer's parameters is refused, the sum given
+    back, and the group goes on as its untouched twin. Pure, the loss_fn closes over the given state's model: its
+    backward added into the given state's sum in place, which is given back too. (A plain accumulation adds into the
+    sum in place: only the group's first micro-step finds no gradients to tell by; see the test above.)"""
+    foreign = make_mlp(1)
+
+    def build(loss_fn):
+        step = loopkit.with_grad_accum(loopkit.with_grad_clip(loopkit.train_step(loss_fn), max_norm=1.0), every=3)
+        return loopkit.donate(step) if donated else step
+
+    state, _ = build(mse_loss)(make_sgd_state(make_mlp(0)), batches[0])
+    untouched, _ = build(mse_loss)(make_sgd_state(make_mlp(0)), batches[0])
+    before = take_snapshot(state)
+    with pytest.raises(ValueError, match=_UNREACHED) as info:
+        build(lambda m, b: mse_loss(foreign if donated else state.model, b))(state, batches[1])
+    assert loopkit.state_at_error(info.value) is state or not donated
+    state.check_usable()
+    assert_trees_equal(take_snapshot(state), before)
+    for batch in batches[1:3]:
+        (state, metrics), (untouched, expected) = build(mse_loss)(state, batch), build(mse_loss)(untouched, batch)
+        assert torch.equal(metrics["loss"], expected["loss"])
+    assert state.step == untouched.step == 1
+    assert_trees_equal(take_snapshot(state), take_snapshot(untouched))
+
+
+class _TwoHeads(nn.Module):
+    """A model whose loss may reach one head only; its first parameter may be frozen (left in the optimizer)."""
+
+    def __init__(self, frozen_first: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.unused, self.used = nn.Linear(4, 2), nn.Linear(4, 2)
+        self.unused.weight.requires_grad_(not frozen_first)
+
+    def forward(self, x):
+        return self.used(x)
+
+
+@pytest.mark.parametrize("frozen_first", [False, True])
+@pytest.mark.parametrize("path", ["plain", "clip", "accum", "plain, pure"])
+def test_a_loss_that_reaches_some_of_the_optimizers_parameters_trains_as_a_raw_loop(
+    path, frozen_first, batches, mse_loss, assert_trees_equal
+):
+    """Legal, and not refused: a loss that reaches part of the optimizer's parameters (the first one among those it
+    does not reach, or frozen). Reference: a raw loop over the same model and optimizer."""
+    model, reference = _TwoHeads(frozen_first), _TwoHeads(frozen_first)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    raw = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
+    step = _step_paths(mse_loss)[path.split(",")[0]]
+    state = loopkit.TrainState.create(model, optimizer)
+    step = step if path.endswith("pure") else loopkit.donate(step)
+    every = 2 if path == "accum" else 1
+    for i, batch in enumerate(batches):
+        state, metrics = step(state, batch)
+        loss = mse_loss(reference, batch)
+        assert torch.equal(metrics["loss"], loss.detach())
+        (loss / every if every > 1 else loss).backward()
+        if (i + 1) % every == 0:
+            if path == "clip":
+                torch.nn.utils.clip_grad_norm_([p for p in reference.parameters() if p.grad is not None], 1.0)
+            raw.step()
+            raw.zero_grad(set_to_none=True)
+    assert state.step == (len(batches) // 2 if path == "accum" else len(batches))
+    assert_trees_equal(dict(state.model.named_parameters()), dict(reference.named_parameters()))
+    assert state.model.unused.weight.grad is None and torch.equal(state.model.unused.weight, reference.unused.weight)
+
+
+@pytest.mark.parametrize("path", ["plain", "accum"])
+def test_a_batch_routed_to_a_part_the_optimizer_does_not_train_is_not_refused(path, batches, mse_loss):
+    """Its loss reaches the model's parameters, none of the optimizer's: an update of nothing, as a raw loop's (the
+    state's own model reached: not a loss_fn using another one)."""
+    model = _TwoHeads(frozen_first=False)
+    optimizer = torch.optim.SGD(model.unused.parameters(), lr=0.1, momentum=0.9)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    state = loopkit.TrainState.create(model, optimizer)
+    step = loopkit.donate(_step_paths(mse_loss)[path])
+    for batch in batches[:4]:
+        state, metrics = step(state, batch)
+        assert torch.equal(metrics["loss"], mse_loss(model, batch).detach())
+    assert state.step == (2 if path == "accum" else 4)
+    assert all(torch.equal(p, before[n]) for n, p in state.model.named_parameters())
+
+
+def _sgd_in_backward(param):
+    with torch.no_grad():
+        param.add_(param.grad, alpha=-0.1)
+    param.grad = None
+
+
+@pytest.mark.parametrize("path", ["plain", "clip"])
+def test_an_optimizer_stepping_in_the_backward_leaving_no_gradient_is_not_refused(path, make_mlp, batches, mse_loss):
+    """Post-accumulate-grad hooks that update each parameter in the backward and drop its gradient leave none: that
+    is not a loss reaching nothing. Reference: a raw loop with the same hooks."""
+    model, reference = make_mlp(0), make_mlp(0)
+    for p in (*model.parameters(), *reference.parameters()):
+        p.register_post_accumulate_grad_hook(_sgd_in_backward)
+    state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    step = loopkit.donate(_step_paths(mse_loss)[path])
+    for batch in batches:
+        state, metrics = step(state, batch)
+        loss = mse_loss(reference, batch)
+        loss.backward()
+        assert torch.equal(metrics["loss"], loss.detach())
+    assert state.step == len(batches)
+    assert all(torch.equal(p, q) for p, q in zip(state.model.parameters(), reference.parameters()))
+
+
 def _moves_in_backward(param):
     with torch.no_grad():
         param.add_(1.0)

@@ -117,43 +117,45 @@ class Amp:
 
 @overload
 def with_amp(
-    step: TrainStep, dtype: torch.dtype = ..., *, init_scale: float = ..., growth_factor: float = ...,
-    backoff_factor: float = ..., growth_interval: int = ..., cache_enabled: bool = ...,
+    step: TrainStep, dtype: torch.dtype = ..., *, init_scale: float | None = ..., growth_factor: float | None = ...,
+    backoff_factor: float | None = ..., growth_interval: int | None = ..., cache_enabled: bool = ...,
 ) -> TrainStep: ...
 @overload
 def with_amp(
-    step: EvalStep, dtype: torch.dtype = ..., *, init_scale: float = ..., growth_factor: float = ...,
-    backoff_factor: float = ..., growth_interval: int = ..., cache_enabled: bool = ...,
+    step: EvalStep, dtype: torch.dtype = ..., *, init_scale: float | None = ..., growth_factor: float | None = ...,
+    backoff_factor: float | None = ..., growth_interval: int | None = ..., cache_enabled: bool = ...,
 ) -> EvalStep: ...
 @overload
 def with_amp(
-    step: Any, dtype: torch.dtype = ..., *, init_scale: float = ..., growth_factor: float = ...,
-    backoff_factor: float = ..., growth_interval: int = ..., cache_enabled: bool = ...,
+    step: Any, dtype: torch.dtype = ..., *, init_scale: float | None = ..., growth_factor: float | None = ...,
+    backoff_factor: float | None = ..., growth_interval: int | None = ..., cache_enabled: bool = ...,
 ) -> TrainStep | EvalStep: ...
 def with_amp(
     step: Any,
     dtype: torch.dtype = torch.bfloat16,
     *,
-    init_scale: float = 2.0**16,
-    growth_factor: float = 2.0,
-    backoff_factor: float = 0.5,
-    growth_interval: int = 2000,
+    init_scale: float | None = None,
+    growth_factor: float | None = None,
+    backoff_factor: float | None = None,
+    growth_interval: int | None = None,
     cache_enabled: bool = True,
 ) -> TrainStep | EvalStep:
     """Run the forward pass under ``torch.autocast(dtype)``; for float16, scale the loss.
 
-    bfloat16 needs no scaler. float16 keeps a dynamic loss scale in ``state.extras``; an
-    update whose gradients overflow is skipped (``state.step`` does not advance, nor does
-    the scheduler) and reported as metric ``amp/skipped`` (1.0). An update ``with_nan_guard``
-    skips for a non-finite loss is the guard's (``nan_guard/skipped`` 1.0, ``amp/skipped`` 0.0):
-    the scale and its growth tracker stay as they were, as in a GradScaler loop that skips such
-    a loss before its backward (Lightning's ``training_step`` returning None). Deciding the skip reads one
-    flag per update on the host, as ``torch.amp.GradScaler`` does with non-fused optimizers.
-    Works on ``train_step`` and ``eval_step``; gradient clipping and NaN guards always see
-    unscaled gradients, whatever the nesting order. ``cache_enabled`` is ``torch.autocast``'s
-    (its cache of low-precision copies of the weights within one forward); Lightning's
-    ``precision="bf16-mixed"``/``"16-mixed"`` autocast with ``cache_enabled=False``: pass that for
-    its numerics (a weight used many times in one forward, an RNN's, rounds otherwise).
+    bfloat16 needs no scaler, and refuses the scaler's options (``init_scale``, ``growth_factor``,
+    ``backoff_factor``, ``growth_interval``: a ``ValueError``, as Lightning's ``bf16-mixed`` refuses a scaler).
+    float16 keeps a dynamic loss scale in ``state.extras`` (the options not given take
+    ``torch.amp.GradScaler``'s defaults: 2**16, 2.0, 0.5, 2000); an update whose gradients overflow is skipped
+    (``state.step`` does not advance, nor does the scheduler) and reported as metric ``amp/skipped`` (1.0). An
+    update ``with_nan_guard`` skips for a non-finite loss is the guard's (``nan_guard/skipped`` 1.0,
+    ``amp/skipped`` 0.0): the scale and its growth tracker stay as they were, as in a GradScaler loop that skips
+    such a loss before its backward (Lightning's ``training_step`` returning None). Deciding the skip reads one
+    flag per update on the host, as ``torch.amp.GradScaler`` does with non-fused optimizers. Works on
+    ``train_step`` and ``eval_step``; gradient clipping and NaN guards always see unscaled gradients, whatever
+    the nesting order. ``cache_enabled`` is ``torch.autocast``'s (its cache of low-precision copies of the
+    weights within one forward); Lightning's ``precision="bf16-mixed"``/``"16-mixed"`` autocast with
+    ``cache_enabled=False``: pass that for its numerics (a weight used many times in one forward, an RNN's,
+    rounds otherwise).
 
     >>> import torch
     >>> from loopkit.state import TrainState
@@ -164,9 +166,22 @@ def with_amp(
     >>> state, metrics = step(state, torch.randn(8, 4))
     >>> float(state.extras["amp/scale"]) > 0, "amp/skipped" in metrics
     (True, True)
+    >>> with_amp(train_step(lambda m, b: m(b).mean()), dtype=torch.bfloat16, init_scale=1024.0)
+    Traceback (most recent call last):
+    ...
+    ValueError: with_amp: dtype=torch.bfloat16 runs no loss scaler, so it takes none of its options; got init_scale=1024.0 (drop it, or use dtype=torch.float16)
     """
     if dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"with_amp: dtype must be torch.bfloat16 or torch.float16, got {dtype}")
+    scaler_options = {"init_scale": init_scale, "growth_factor": growth_factor, "backoff_factor": backoff_factor,
+                      "growth_interval": growth_interval}
+    given = [f"{k}={v!r}" for k, v in scaler_options.items() if v is not None]
+    if dtype == torch.bfloat16 and given:
+        raise ValueError(f"with_amp: dtype=torch.bfloat16 runs no loss scaler, so it takes none of its options; got "
+                         f"{', '.join(given)} (drop {'them' if len(given) > 1 else 'it'}, or use dtype=torch.float16)")
+    init_scale, growth_factor, backoff_factor, growth_interval = (  # (float16's: those not given, Amp's defaults)
+        getattr(attrs.fields(Amp), k).default if v is None else v for k, v in scaler_options.items()
+    )
     reals = [as_real(v) for v in (init_scale, growth_factor, backoff_factor)]
     if None in reals or not 0 < reals[0] < math.inf or not 1 < reals[1] < math.inf or not 0 < reals[2] < 1:
         raise ValueError(  # (an infinite scale never comes down: every update would be skipped)

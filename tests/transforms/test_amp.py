@@ -436,6 +436,29 @@ def test_scaler_options_out_of_range_are_refused(options, fragment, mse_loss):
     assert fragment in str(info.value)
 
 
+@pytest.mark.parametrize("options", [
+    {"init_scale": 1024.0}, {"growth_factor": 2.0}, {"backoff_factor": 0.5}, {"growth_interval": 10},
+    {"init_scale": 2.0**16, "growth_interval": 2000},  # (the float16 defaults, given: still refused)
+])
+@pytest.mark.parametrize("make_step", [loopkit.train_step, lambda f: loopkit.eval_step(lambda m, b: {"loss": f(m, b)})])
+def test_bfloat16_refuses_the_scaler_options_it_would_ignore(options, make_step, mse_loss):
+    """bfloat16 runs no loss scaler: its options would be silently dropped (Lightning's bf16-mixed refuses a scaler)."""
+    with pytest.raises(ValueError, match="with_amp: dtype=torch.bfloat16 runs no loss scaler") as info:
+        loopkit.with_amp(make_step(mse_loss), dtype=torch.bfloat16, **options)
+    assert all(f"{k}={v!r}" in str(info.value) for k, v in options.items())
+
+
+def test_float16_takes_grad_scalers_defaults_for_the_options_not_given(mse_loss):
+    defaults = torch.amp.GradScaler("cpu")
+    amp = loopkit.with_amp(loopkit.train_step(mse_loss), dtype=torch.float16, growth_interval=7).precision
+    assert (amp.init_scale, amp.growth_factor, amp.backoff_factor, amp.growth_interval) == (
+        defaults.get_scale(), defaults.get_growth_factor(), defaults.get_backoff_factor(), 7
+    )
+    assert loopkit.with_amp(loopkit.train_step(mse_loss), dtype=torch.float16).precision.growth_interval == (
+        defaults.get_growth_interval()
+    )
+
+
 def _sparse_embedding_state(seed: int = 0) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     torch.manual_seed(seed)
     model = torch.nn.Embedding(10, 3, sparse=True)
