@@ -185,7 +185,8 @@ class TrainState(_GraphSlot):
         its gradient behind (an accumulation group's, here); a donated state refuses, as any other
         use. ``copy.deepcopy(state)`` is an independent state (model, gradients, gradient hooks,
         optimizer, scheduler and extras copied together: the copy's optimizer updates the copy's
-        parameters). A pickle keeps no gradient hooks (torch pickles none), and neither keeps hooks
+        parameters; a tensor a module keeps that autograd computed, as the hook-based ``spectral_norm`` and
+        ``weight_norm`` keep ``weight``, copied detached, as a pickle copies it). A pickle keeps no gradient hooks (torch pickles none), and neither keeps hooks
         registered on the optimizer (torch's own copy of an optimizer keeps none).
 
         >>> import copy, torch
@@ -217,7 +218,9 @@ class TrainState(_GraphSlot):
     def __deepcopy__(self, memo: dict[int, Any]) -> TrainState:
         new = object.__new__(type(self))
         memo[id(self)] = new
-        new.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        fields = self.__getstate__()
+        _memoize_derived_tensors(self.model, memo)
+        new.__setstate__(copy.deepcopy(fields, memo))
         for param, copied in zip(self.model.parameters(), new.model.parameters(), strict=True):
             _keep_tensor_hooks(param, copied)  # a Parameter's own deep copy leaves its hooks
         _functions_read_the_copy(new.model, memo)
@@ -1133,6 +1136,30 @@ def _functions_read_the_copy(model: nn.Module, memo: dict[int, Any]) -> None:
         for registry in (param._backward_hooks, param._post_accumulate_grad_hooks):
             if registry:
                 remap(registry)
+
+
+def _memoize_derived_tensors(model: nn.Module, memo: dict[int, Any]) -> None:
+    """Map, in the ``copy.deepcopy`` ``memo``, each tensor that autograd computed (a non-leaf, which torch's deep copy
+    refuses) among the modules' own attributes (:func:`attribute_tensors`) to a detached copy that requires grad, as
+    ``pickle`` copies it: the ``weight`` the hook-based ``torch.nn.utils.spectral_norm`` (after a
+    forward) and ``torch.nn.utils.weight_norm`` keep on the module, recomputed before each forward, or an
+    activation a forward keeps.
+
+    >>> model = torch.nn.Linear(2, 1)
+    >>> model.scaled = model.weight * 2  # (as the hook-based norms keep ``weight``)
+    >>> memo = {}
+    >>> _memoize_derived_tensors(model, memo)
+    >>> copied = memo[id(model.scaled)]
+    >>> copied.is_leaf, copied.requires_grad, bool(torch.equal(copied, model.scaled))
+    (True, True, True)
+    """
+    trees = list(attribute_tensors(model).values())
+    while trees:
+        tree = trees.pop()
+        if isinstance(tree, dict):
+            trees.extend(tree.values())
+        elif tree.grad_fn is not None:
+            _memoize(memo, tree, tree.detach().clone().requires_grad_(True))
 
 
 def _keep_tensor_hooks(t: torch.Tensor, new: torch.Tensor) -> None:

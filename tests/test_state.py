@@ -547,6 +547,36 @@ def test_deepcopy_and_pickle_give_an_independent_state_that_trains_as_the_origin
         copy.deepcopy(used)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated:FutureWarning")  # (torch prefers the parametrization)
+@pytest.mark.parametrize("steps", [0, 2])
+@pytest.mark.parametrize("norm", ["spectral_norm", "weight_norm"])
+def test_deepcopy_copies_a_state_whose_model_uses_a_hook_based_norm(norm, steps, take_snapshot, assert_trees_equal):
+    """torch.nn.utils.spectral_norm (after a forward) and weight_norm (from the start) keep ``weight`` on the module as
+    a tensor their forward pre-hook computes, a non-leaf that torch's deep copy refuses: copy.deepcopy(state), the
+    README's snapshot, raised (a pure step's copy, fork, copied it). Reference: the original trained on; the copy
+    (and a pickle round trip's) trains on bitwise as it does, and a donated step on the copy leaves it as it was."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    model[0] = getattr(nn.utils, norm)(model[0])
+    state = loopkit.TrainState.create(model, torch.optim.Adam(model.parameters(), lr=0.01))
+    step = loopkit.train_step(lambda m, b: (m(b[0]) - b[1]).pow(2).mean())
+    batches = [(torch.randn(8, 4), torch.randn(8, 2)) for _ in range(steps + 2)]
+    for batch in batches[:steps]:
+        state, _ = step(state, batch)
+    before = take_snapshot(state)
+    for twin in (copy.deepcopy(state), pickle.loads(pickle.dumps(state))):
+        assert twin.model[0].weight is not state.model[0].weight
+        assert twin.optimizer.param_groups[0]["params"][0] is next(twin.model.parameters())
+        assert_trees_equal(take_snapshot(twin), before)
+        ours, theirs = twin, state
+        for batch in batches[steps:]:
+            ours, _ = loopkit.donate(step)(ours, batch)
+            theirs, _ = step(theirs, batch)
+        assert_trees_equal(take_snapshot(ours), take_snapshot(theirs))
+        assert torch.equal(ours.model(batches[0][0]), theirs.model(batches[0][0]))  # (the recomputed weight too)
+        assert_trees_equal(take_snapshot(state), before)
+
+
 def test_a_deep_copy_keeps_the_gradient_hooks_on_parameters(make_mlp, make_sgd_state, batches, mse_loss, take_snapshot, assert_trees_equal):
     """torch's deep copy of a Parameter drops its hooks; a state's deep copy keeps them, as fork does."""
     import copy
