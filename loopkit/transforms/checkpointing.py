@@ -60,6 +60,16 @@ class _Saver:
 
     Shared by the copies ``donate`` makes of the step. In the background mode one thread
     writes, in order, and at most one save is pending: the next save waits for it.
+
+    A copy (``copy.deepcopy``, or pickle: a step handed to ``torch.multiprocessing.spawn``) is a fresh one, as a
+    new ``with_checkpointing`` of the directory has: the directory holds what was saved and scored, and what a
+    relaunch reads back; a pending save is waited for first, its error raised as at the next save.
+
+    >>> import copy
+    >>> saver = _Saver()
+    >>> saver.names[(2, 0, 2)] = "ckpt-1-step2-epoch0-batch2"
+    >>> copy.deepcopy(saver).names
+    {}
     """
 
     def __init__(self) -> None:
@@ -83,6 +93,10 @@ class _Saver:
         self.start_recorded = False  # whether the state it began from held its epoch's record (:func:`_recorded`)
         self.told_shared = False  # whether the warning that another writer shares the directory was given
         self.timed_from: float | None = None  # train_time_interval's clock: the fit's start, then its last time save
+
+    def __reduce__(self) -> tuple[type, tuple[()]]:
+        self.wait()  # (its checkpoint on disk, for the copy to find; a lock and a thread do not pickle)
+        return _Saver, ()
 
     def run(self, task: Callable[[], None], background: bool) -> None:
         if not background:
@@ -862,6 +876,13 @@ def with_checkpointing(
     so that nothing of the other run's is deleted. Only rank 0
     writes under ``torch.distributed``. The directory is created now, so a path without
     permission fails here, naming it.
+
+    The step pickles and deep-copies, as every transform's does (a whole pipeline may go to
+    ``torch.multiprocessing.spawn`` in ``args=``). A copy starts as a new ``with_checkpointing`` of the same
+    directory and options would, none of this process's bookkeeping carried over (the checkpoints it saved, their
+    scores, the last position saved): the directory is what it knows, so one taken mid-fit and run in another
+    process (restoring from the directory) saves, rotates and ranks as a relaunch of the run does. A pending
+    ``async_save`` is waited for first (its error, if it failed, raised by the copy, as by the next save).
 
     >>> import tempfile, torch
     >>> tmp = tempfile.TemporaryDirectory()

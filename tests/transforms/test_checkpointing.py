@@ -6,18 +6,22 @@ they can be kept and compared), the batches that run sees, and scores chosen by 
 
 from __future__ import annotations
 
+import copy
 import datetime
 import errno
 import json
 import os
+import pickle
 import re
 import shutil
 import signal
 import threading
+import time
 import types
 import warnings
 from pathlib import Path
 
+import attrs
 import pytest
 import torch
 from torch import nn
@@ -2057,3 +2061,123 @@ def test_a_fit_retried_from_state_at_error_after_an_epochs_save_adds_no_second_c
     assert names[0] == names[1]
     assert checkpoint.read_scores(tmp_path / "b") == checkpoint.read_scores(tmp_path / "a")
     _same_restored(tmp_path / "a", tmp_path / "b")
+
+
+# --- copies of the step: pickle (torch.multiprocessing.spawn), copy.deepcopy --------------------------------------
+
+_COPY_OPTIONS = dict(every_n_steps=2, keep_last=1, monitor="val/loss", keep_best=2)
+_COPY_SCORES = (3.0, 1.0, 4.0, 2.0, 5.0, 0.5)  # val/loss after steps 1..6
+
+
+def _copy_batch(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(i)
+    return torch.randn(4, 3, generator=g), torch.randn(4, 1, generator=g)
+
+
+def _train_validated(step: CheckpointStep, state: TrainState, upto: int) -> TrainState:
+    """Train up to step ``upto``, each update validated (its score from ``_COPY_SCORES``) as a loop of one's own
+    tells the checkpointer."""
+    while state.step < upto:
+        state, _ = step(state, _copy_batch(state.step))
+        step.notify("validation_end", state, {"val/loss": _COPY_SCORES[state.step - 1]})
+    return state
+
+
+def _folder(directory: Path) -> tuple[list[tuple[int, int, int]], dict[int, float]]:
+    """What the folder holds: the checkpoints' positions, and the score of each (by step)."""
+    by_name = {c.name: c.step for c in checkpoint.list_checkpoints(directory)}
+    scores = checkpoint.scores(directory, "val/loss", "min")
+    return _positions(directory), {by_name[n]: v for n, v in scores.items() if n in by_name}
+
+
+def _assert_same_restored(a: Path, b: Path, assert_trees_equal) -> None:
+    assert_trees_equal(loopkit.restore(_state(), a).state_dict(), loopkit.restore(_state(), b).state_dict())
+
+
+def _pickled(x):
+    return pickle.loads(pickle.dumps(x))
+
+
+@pytest.mark.parametrize("copy_of", [_pickled, copy.deepcopy], ids=["pickle", "deepcopy"])
+def test_a_copy_of_the_step_mid_fit_goes_on_as_a_new_checkpointer_of_its_directory(tmp_path, copy_of,
+                                                                                     assert_trees_equal):
+    """A copy held a threading.Lock, refused by pickle and deepcopy. Now it keeps the options and the inner step, and
+    none of the bookkeeping (what this process saved, the scores, the last position): it goes on as a new
+    with_checkpointing of the directory does (reference: one on a copy of the folder), and as the run that never
+    stopped (reference: its folder and restored state). The original is left as it was."""
+    _train_validated(with_checkpointing(train_step(_mse), tmp_path / "whole", **_COPY_OPTIONS), _state(), 6)
+    step = with_checkpointing(train_step(_mse), tmp_path / "a", **_COPY_OPTIONS)
+    state = _train_validated(step, _state(), 3)
+    names, last = dict(step.saver.names), step.saver.last
+    copied = copy_of(step)
+    assert step.saver.names == names and step.saver.last == last == (2, 0, 2)
+    fields = [f.name for f in attrs.fields(CheckpointStep) if f.name not in ("inner", "saver")]
+    assert [getattr(copied, f) for f in fields] == [getattr(step, f) for f in fields]
+    assert copied.applied == step.applied and copied.saver is not step.saver
+    assert (copied.saver.names, copied.saver.scores, copied.saver.last, copied.saver.began) == ({}, None, None, None)
+
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    fresh = with_checkpointing(train_step(_mse), tmp_path / "b", **_COPY_OPTIONS)
+    _train_validated(fresh, copy.deepcopy(state), 6)
+    _train_validated(copied, state, 6)
+    assert _folder(tmp_path / "a") == _folder(tmp_path / "b") == _folder(tmp_path / "whole")
+    # (by hand: the parent's step 2 kept for its score, read back; step 1's and the copy's step 4 rotated out)
+    assert _folder(tmp_path / "a") == ([(2, 0, 2), (6, 0, 6)], {2: 1.0, 6: 0.5})
+    _assert_same_restored(tmp_path / "a", tmp_path / "whole", assert_trees_equal)
+
+
+@pytest.mark.parametrize("copy_of", [_pickled, copy.deepcopy], ids=["pickle", "deepcopy"])
+def test_a_pending_background_save_is_on_disk_before_the_step_is_copied_and_its_error_raised(tmp_path, monkeypatch,
+                                                                                               copy_of):
+    """(The copy finds it in the directory, as a relaunch does.) A failed one is raised by the copy, once, as by the
+    next save."""
+    write = checkpoint.write
+    failing = []
+
+    def slow_write(*args, **kwargs):
+        time.sleep(0.3)
+        if failing:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "write", slow_write)
+    step = with_checkpointing(_count_step, tmp_path, every_n_steps=1, async_save=True)
+    state, _ = step(TrainState.create(nn.Linear(1, 1)), None)
+    assert step.saver.pending is not None and _steps(tmp_path) == []
+    copied = copy_of(step)
+    assert _steps(tmp_path) == [1] and step.saver.pending is None and copied.saver.pending is None
+    failing.append(True)
+    state, _ = step(state, None)
+    with pytest.raises(OSError, match="No space left"):
+        copy_of(step)
+    step.wait()  # (raised once)
+    copy_of(step)
+    assert _steps(tmp_path) == [1]
+
+
+def _spawned_checkpointer(rank: int, step: CheckpointStep, state: TrainState, restored: bool, root: str) -> None:
+    torch.set_num_threads(1)
+    if restored:  # a relaunch: the state from the directory (the parent's step 2), step 3 done again
+        state = loopkit.restore(state, root)
+    _train_validated(step, state, 6)
+
+
+@pytest.mark.parametrize("restored", [False, True], ids=["given-state", "restored-state"])
+def test_a_step_pickled_mid_fit_to_a_spawned_process_saves_there_as_the_run_that_never_stopped(
+        tmp_path, restored, assert_trees_equal):
+    """The pipeline and the state go to ``torch.multiprocessing.spawn`` in ``args=`` (pickled); the child trains on,
+    saving and rotating in the directory (the parent's checkpoints, ranked by their scores read back, among them).
+    Reference: an in-process run that never stopped, its folder and its restored state."""
+    _train_validated(with_checkpointing(train_step(_mse), tmp_path / "whole", **_COPY_OPTIONS), _state(), 6)
+    step = with_checkpointing(train_step(_mse), tmp_path / "a", **_COPY_OPTIONS)
+    state = _train_validated(step, _state(), 3)
+    context = torch.multiprocessing.spawn(_spawned_checkpointer, args=(step, state, restored, str(tmp_path / "a")),
+                                          nprocs=1, join=False)
+    deadline = time.monotonic() + 120
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("the spawned process did not finish within 120 s")
+    assert _folder(tmp_path / "a") == _folder(tmp_path / "whole")
+    _assert_same_restored(tmp_path / "a", tmp_path / "whole", assert_trees_equal)
