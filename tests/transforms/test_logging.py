@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -1936,3 +1937,56 @@ def test_a_failed_write_of_a_row_leaves_no_checkpoint_that_counts_it_written(
         final = fit(tmp_path / "b", state)
     assert folder(tmp_path / "b") == folder(tmp_path / "a")
     assert all(torch.equal(p, q) for p, q in zip(final.model.parameters(), expected.model.parameters()))
+
+
+@pytest.mark.parametrize("failing", [False, True], ids=["fit_end", "abort"])
+def test_a_finalize_that_raises_keeps_no_other_logger_from_its_finalize_and_is_called_once(
+    tmp_path, make_mlp, make_batches, make_sgd_state, failing
+):
+    """A logger whose finalize raises (a tracker's network call) kept every logger after it from being finalized
+    (TensorBoard's HPARAMS never written, its files open), and was finalized again with "failed" by the abort its
+    error brought. Each logger is finalized once, as Lightning's trainer finalizes every logger, and the first
+    error is raised; the TensorBoard folder then holds what a fit without the failing logger writes."""
+
+    class Told:
+        def __init__(self, error=None):
+            self.statuses, self.error = [], error
+
+        def log_metrics(self, metrics, step):
+            pass
+
+        def log_hparams(self, hparams, metrics=None):
+            pass
+
+        def finalize(self, status):
+            self.statuses.append(status)
+            if self.error is not None:
+                raise self.error
+
+    def loss(model, batch):
+        if failing and loss.calls == 3:
+            raise RuntimeError("boom")
+        loss.calls += 1
+        return loss_with_mae(model, batch)
+
+    def fit(*loggers):
+        loss.calls = 0
+        step = with_logging(train_step(loss), *loggers, every_n_steps=1)
+        run_epochs(step, make_sgd_state(make_mlp(seed=0)), make_batches(4), epochs=1, progress=False)
+
+    status = "failed" if failing else "success"
+    first, second, after = Told(OSError("tracker unreachable")), Told(OSError("also down")), Told()
+    tb = TensorBoardLogger(tmp_path, "a")
+    tb.log_hparams({"lr": 0.1})
+    released = pytest.warns(UserWarning, match="releasing the step failed too") if failing else contextlib.nullcontext()
+    with pytest.raises(RuntimeError if failing else OSError, match="boom" if failing else "tracker unreachable"):
+        with released:  # (run_epochs warns of the abort's error, raising the fit's own)
+            fit(first, tb, second, after)
+    assert first.statuses == second.statuses == after.statuses == [status]
+    alone = TensorBoardLogger(tmp_path, "b")
+    alone.log_hparams({"lr": 0.1})
+    with pytest.raises(RuntimeError) if failing else contextlib.nullcontext():
+        fit(alone)
+    got, want = EventAccumulator(tb.log_dir).Reload(), EventAccumulator(alone.log_dir).Reload()
+    assert got.PluginTagToContent("hparams") and got.PluginTagToContent("hparams") == want.PluginTagToContent("hparams")
+    assert scalars(tb.log_dir, "train/loss") == scalars(alone.log_dir, "train/loss") != []
