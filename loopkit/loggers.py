@@ -1582,6 +1582,7 @@ class CSVLogger(RunDirLogger):
     ) -> None:
         super().__init__(root, name, version)
         self._columns: list[str] | None = None
+        self._known: set[str] = set()  # (_columns as a set, for the new metrics of a row: one look-up each)
 
     def _forget_folder(self) -> None:
         super()._forget_folder()
@@ -1600,7 +1601,7 @@ class CSVLogger(RunDirLogger):
             # a file of its own: a row a killed run tore is dropped before the next; a torn header goes with its file
             if os.path.exists(path) and _cut_torn_row(path):
                 columns = ["step"]
-            self._columns = columns
+            self._columns, self._known = columns, set(columns)
         return self._columns
 
     def _drop_records(self, folder: str, keep: Callable[[int, frozenset[str], int | None], bool]) -> int:
@@ -1651,9 +1652,10 @@ class CSVLogger(RunDirLogger):
         self._make_room(metrics, step)
         columns = self._load()
         row = _file_record(metrics, step)
-        new = [k for k in metrics if k not in columns]
+        new = [k for k in metrics if k not in self._known]
         if new:
             columns.extend(new)
+            self._known.update(new)
             self._rewrite(row)
         else:
             with open(self._path(self.filename), "a", newline="", encoding="utf-8") as f:
