@@ -612,7 +612,10 @@ def with_logging(step: Any, *loggers: Any, every_n_steps: int = 50) -> LoggingSt
     The loggers go as separate arguments, ``with_logging(step, tb, csv)``, or as a list, ``with_logging(step, [tb,
     csv])`` (as Lightning's ``Trainer(logger=[tb, csv])`` takes them). A logger whose ``log_metrics`` cannot take
     ``(metrics, step)``, whose ``finalize`` takes neither ``(status)`` nor ``()``, or whose ``resume_at`` takes
-    neither ``(step, epoch, batch_index, finishes_epoch=...)`` nor ``(step)``, is refused here.
+    neither ``(step, epoch, batch_index, finishes_epoch=...)`` nor ``(step)``, is refused here. Those are the
+    calls it makes (and ``resume_at``, ``log_model`` where a logger has them): a logger of one's own needs no
+    ``log_hparams``, and Lightning's loggers (``log_metrics(metrics, step)``, ``finalize(status)``; their
+    ``log_hyperparams`` called by the user) are taken too, as loggers without ``resume_at``.
 
     Each call's metric tensors are kept in ``state.extras`` (``logging/pending``; every 32
     calls summed on the device into ``logging/window``), so the step stays pure and a
@@ -677,7 +680,8 @@ def with_logging(step: Any, *loggers: Any, every_n_steps: int = 50) -> LoggingSt
     for i, logger in enumerate(loggers):
         if isinstance(logger, type):
             raise TypeError(f"with_logging: logger {i} is the class {logger.__qualname__}; pass an instance, {logger.__qualname__}(...)")
-        for method in ("log_metrics", "log_hparams", "finalize"):
+        # (the calls it makes; log_hparams, Lightning's log_hyperparams, is the user's: Lightning's loggers are taken)
+        for method in ("log_metrics", "finalize"):
             if not callable(getattr(logger, method, None)):
                 raise TypeError(
                     f"with_logging: logger {i} ({type(logger).__qualname__}) has no {method}() method; "

@@ -6,6 +6,7 @@ import contextlib
 import csv
 import json
 import os
+import signal
 import warnings
 
 import pytest
@@ -1990,3 +1991,77 @@ def test_a_finalize_that_raises_keeps_no_other_logger_from_its_finalize_and_is_c
     got, want = EventAccumulator(tb.log_dir).Reload(), EventAccumulator(alone.log_dir).Reload()
     assert got.PluginTagToContent("hparams") and got.PluginTagToContent("hparams") == want.PluginTagToContent("hparams")
     assert scalars(tb.log_dir, "train/loss") == scalars(alone.log_dir, "train/loss") != []
+
+
+class _LightningShaped:
+    """A logger of the shape of Lightning's ``Logger`` (``lightning.pytorch.loggers.Logger``): ``log_metrics(metrics,
+    step)``, ``log_hyperparams(params)``, ``finalize(status)`` (no default: its trainer always gives one), ``save()``;
+    no ``log_hparams``, no ``resume_at``."""
+
+    def __init__(self):
+        self.rows, self.params, self.statuses = [], {}, []
+
+    def log_metrics(self, metrics, step=None):
+        self.rows.append((step, dict(metrics)))
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        self.params.update(params)
+
+    def finalize(self, status):
+        self.statuses.append(status)
+        self.save()
+
+    def save(self):
+        pass
+
+
+class _Plain:
+    def __init__(self):
+        self.rows = []
+
+    def log_metrics(self, metrics, step):
+        self.rows.append((step, dict(metrics)))
+
+    def log_hparams(self, hparams, metrics=None):
+        pass
+
+    def finalize(self):
+        pass
+
+
+class _SigtermAt:
+    """Sends SIGTERM to this process after update ``at``: ``run_epochs`` stops there, gracefully."""
+
+    def __init__(self, at):
+        self.at = at
+
+    def on_batch_end(self, state, metrics):
+        if state.step == self.at:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+@pytest.mark.parametrize("end", ["success", "failed", "killed"])
+def test_a_logger_shaped_as_lightnings_is_taken_given_every_row_and_finalized_with_lightnings_statuses(
+    make_mlp, make_batches, make_sgd_state, end
+):
+    """with_logging required a log_hparams it never calls, so Lightning's loggers (whose name is log_hyperparams)
+    were refused, the error telling to pass loopkit's. Such a logger is taken: it is given the rows a plain logger is
+    given, finalized "success", "failed" when an error leaves the fit, and "failed" (what Lightning's trainer
+    gives, knowing no "killed") when SIGTERM stopped it; having no resume_at, it appends."""
+
+    def loss(model, batch):
+        if end == "failed" and loss.calls == 3:
+            raise RuntimeError("boom")
+        loss.calls += 1
+        return loss_with_mae(model, batch)
+
+    loss.calls = 0
+    shaped, plain = _LightningShaped(), _Plain()
+    shaped.log_hyperparams({"lr": 0.1})
+    step = with_logging(train_step(loss), shaped, plain, every_n_steps=1)
+    assert step.appending == {0, 1}
+    callbacks = [_SigtermAt(2)] if end == "killed" else []
+    with pytest.raises(RuntimeError, match="boom") if end == "failed" else contextlib.nullcontext():
+        run_epochs(step, make_sgd_state(make_mlp()), make_batches(4), epochs=2, callbacks=callbacks, progress=False)
+    assert shaped.rows == plain.rows and len(shaped.rows) == {"success": 10, "failed": 3, "killed": 2}[end]
+    assert shaped.statuses == ["success" if end == "success" else "failed"] and shaped.params == {"lr": 0.1}
