@@ -133,17 +133,25 @@ def _plain_hparams(hparams: Mapping[str, Any] | argparse.Namespace, who: str) ->
 
 
 def _fields(value: Any) -> dict[str, Any] | None:
-    """A dataclass instance's or an ``argparse.Namespace``'s fields as a dict (None for anything else): nested
-    hyper-parameters, flattened as Lightning's ``_flatten_dict`` does (``opt/lr``), not one string."""
+    """A dataclass instance's, a ``NamedTuple``'s or an ``argparse.Namespace``'s fields as a dict (None for anything
+    else): nested hyper-parameters, flattened as Lightning's ``_flatten_dict`` does (``opt/lr``), not one string nor
+    a list without the names.
+
+    >>> Opt = NamedTuple("Opt", [("lr", float), ("beta", float)])
+    >>> _fields(Opt(0.1, 0.99)), _fields((0.1, 0.99))
+    ({'lr': 0.1, 'beta': 0.99}, None)
+    """
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
     if isinstance(value, argparse.Namespace):
         return vars(value)
+    if isinstance(value, tuple) and callable(getattr(value, "_asdict", None)):  # (a NamedTuple, a namedtuple)
+        return dict(value._asdict())
     return None
 
 
 def _plain_value(value: Any) -> Any:
-    """A hyper-parameter as JSON can write it: dicts (dataclasses and Namespaces as dicts) and lists of plain
+    """A hyper-parameter as JSON can write it: dicts (dataclasses, NamedTuples and Namespaces as dicts) and lists of plain
     values, numbers (numpy's and one-element tensors' as Python's), strings, None; a class or function (method,
     builtin) as its ``__qualname__`` (``"ReLU"``, ``"Net.act"``, ``"make.<locals>.act"``: the same in every run, where
     its repr holds a memory address, and telling nested ones apart; a builtin's ``__name__``, its qualname naming an
@@ -269,7 +277,7 @@ class Logger:
         refused with a ``ValueError`` (the same value again is skipped).
 
         ``hparams`` is a dict or an ``argparse.Namespace`` (an argparse script's ``args``). Nested dicts, and
-        dataclass instances and Namespaces among the values, are kept as dicts (``hparams.json``, wandb's config)
+        dataclass instances, NamedTuples and Namespaces among the values, are kept as dicts (``hparams.json``, wandb's config)
         and flattened with ``/`` where the values must be flat (``opt/lr``: TensorBoard, MLflow), as Lightning's
         ``_flatten_dict`` does; values other than numbers, strings, None and lists of them are written as text: a
         class or function as its ``__qualname__`` (``"ReLU"``; Lightning's WandbLogger writes ``__name__``), never a

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import warnings
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -1156,6 +1157,36 @@ def test_dataclass_and_namespace_hparams_are_nested_and_flattened_as_lightnings_
     out = io.StringIO()
     ConsoleLogger(stream=out).log_hparams({"opt": _Optim()})
     assert out.getvalue() == "hparams  opt/lr=0.1  opt/betas=[0.9, 0.99]\n"
+
+
+class _Betas(NamedTuple):
+    beta1: float
+    beta2: float
+
+
+class _Sched(NamedTuple):
+    name: str
+    betas: _Betas
+
+
+def test_namedtuple_hparams_keep_their_field_names_as_dataclasses_do(tmp_path):
+    """A NamedTuple value was written as a list ([0.1, 0.99]: hparams.json and TensorBoard's tab lost the field
+    names). It is nested as the dataclass of the same fields is (Lightning's CSVLogger keeps the fields too); a
+    plain tuple stays a list."""
+    sched = _Sched("cosine", _Betas(0.9, 0.99))
+    dataclass = dataclasses.make_dataclass("Sched", [("name", str), ("betas", dict)])("cosine", {"beta1": 0.9,
+                                                                                               "beta2": 0.99})
+    for cls in (CSVLogger, JSONLLogger, TensorBoardLogger):
+        got, want = cls(tmp_path, f"{cls.__name__}-nt"), cls(tmp_path, f"{cls.__name__}-dc")
+        for logger, value in ((got, sched), (want, dataclass)):
+            logger.log_hparams({"sched": value, "plain": (1, 2)})
+            logger.finalize()
+        assert got.hparams == want.hparams == {"sched": {"name": "cosine", "betas": {"beta1": 0.9, "beta2": 0.99}},
+                                               "plain": [1, 2]}
+        assert json.load(open(os.path.join(got.log_dir, "hparams.json"))) == got.hparams
+    start = _hparams_content(read_events(got.log_dir))["_hparams_/session_start_info"].session_start_info.hparams
+    assert sorted(start) == ["plain", "sched/betas/beta1", "sched/betas/beta2", "sched/name"]
+    assert start["sched/betas/beta2"].number_value == 0.99
 
 
 @pytest.mark.parametrize("cls", [CSVLogger, JSONLLogger, TensorBoardLogger, ConsoleLogger])
