@@ -118,7 +118,10 @@ def _check_metrics(metrics: Mapping[str, Any], step: Any, who: str) -> dict[str,
                 )
         elif isinstance(value, (bool, np.bool_, np.complexfloating)) or not isinstance(value, (int, float, np.number)):
             raise TypeError(f"{who}.log_metrics: metric '{key}' is a {type(value).__qualname__}; expected a number")
-        out[key] = float(value)
+        number = float(value)
+        # (``epoch``, a count: with_logging's, Lightning's ``current_epoch``, as an int when it is a whole number, as
+        # Lightning's CSV has it and a logger of one's own is given it)
+        out[key] = int(number) if key == "epoch" and number.is_integer() else number
     return out
 
 
@@ -263,7 +266,9 @@ class Logger:
         return None
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        """Write ``metrics`` (names to numbers) at global step ``step``."""
+        """Write ``metrics`` (names to numbers) at global step ``step``: ``_write_metrics`` gets them as floats,
+        but ``epoch`` as an int when it is a whole number (as :func:`loopkit.with_logging` gives it, and as
+        Lightning's logger connector gives its ``current_epoch``)."""
         metrics = _check_metrics(metrics, step, type(self).__name__)
         if metrics and is_rank_zero():
             self._write_metrics(metrics, int(step))  # (a numpy integer step as Python's)
@@ -947,18 +952,13 @@ class _Position(NamedTuple):
 
 
 def _file_record(metrics: dict[str, float], step: int) -> dict[str, Any]:
-    """The record a file logger writes (a CSV row, a JSONL line): ``step``, then the metrics, ``epoch`` (a count:
-    with_logging's, Lightning's ``current_epoch``) as an int when it is a whole number, as Lightning's CSV has it
-    (:meth:`Logger.log_metrics` takes every metric as a float).
+    """The record a file logger writes (a CSV row, a JSONL line): ``step``, then the metrics as
+    :meth:`Logger.log_metrics` took them (floats, ``epoch`` an int when it is a whole number).
 
-    >>> _file_record({"epoch": 2.0, "train/loss": 0.5}, 7), _file_record({"epoch": 0.5}, 1)
-    ({'step': 7, 'epoch': 2, 'train/loss': 0.5}, {'step': 1, 'epoch': 0.5})
+    >>> _file_record(_check_metrics({"epoch": 2.0, "train/loss": 0.5}, 7, "CSVLogger"), 7)
+    {'step': 7, 'epoch': 2, 'train/loss': 0.5}
     """
-    record: dict[str, Any] = {"step": step, **metrics}
-    epoch = record.get("epoch")
-    if isinstance(epoch, float) and epoch.is_integer():
-        record["epoch"] = int(epoch)
-    return record
+    return {"step": step, **metrics}
 
 
 def _epoch_value(value: Any) -> int | None:

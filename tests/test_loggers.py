@@ -1003,6 +1003,49 @@ def test_numpy_numbers_are_logged_as_floats(tmp_path):
         logger.log_metrics({"flag": np.bool_(True)}, 2)
 
 
+class _Recorder(loopkit.Logger):
+    def __init__(self):
+        super().__init__()
+        self.rows = []
+
+    def _write_metrics(self, metrics, step):
+        self.rows.append((step, metrics))
+
+
+class _PlainRecorder:
+    def __init__(self):
+        self.rows = []
+
+    def log_metrics(self, metrics, step):
+        self.rows.append((step, dict(metrics)))
+
+    def finalize(self):
+        pass
+
+
+def _typed(rows):
+    return [(step, {k: (type(v), v) for k, v in metrics.items()}) for step, metrics in rows]
+
+
+def test_a_logger_subclass_gets_a_whole_epoch_as_an_int_as_a_plain_logger_and_the_files_do(tmp_path):
+    """A loopkit.Logger subclass (the documented way to write one's own) was given each row's epoch as a float
+    (0.0), where a plain logger object gets with_logging's int and the file loggers write an int. Its rows equal a
+    plain logger's, types too; an epoch given as a whole float is an int, a fraction stays a float."""
+    model = torch.nn.Linear(2, 1)
+    state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    recorder, plain, jsonl = _Recorder(), _PlainRecorder(), JSONLLogger(tmp_path)
+    step = loopkit.with_logging(loopkit.train_step(lambda m, b: m(b).pow(2).mean()), recorder, plain, jsonl,
+                                every_n_steps=1)
+    loopkit.run_epochs(step, state, [torch.ones(2, 2)] * 2, epochs=2, progress=False)
+    assert _typed(recorder.rows) == _typed(plain.rows) and len(recorder.rows) == 6
+    with open(os.path.join(jsonl.log_dir, "metrics.jsonl")) as f:
+        assert _typed((r.pop("step"), r) for r in map(json.loads, f)) == _typed(recorder.rows)
+    recorder.log_metrics({"epoch": 3.0, "x": 1}, 7)
+    recorder.log_metrics({"epoch": 0.5, "x": 1}, 8)
+    assert _typed(recorder.rows[-2:]) == [(7, {"epoch": (int, 3), "x": (float, 1.0)}),
+                                          (8, {"epoch": (float, 0.5), "x": (float, 1.0)})]
+
+
 def test_bad_metrics_are_refused_naming_the_metric(tmp_path):
     logger = JSONLLogger(tmp_path)
     with pytest.raises(TypeError, match="metric 'acc' is a str"):
