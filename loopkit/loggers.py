@@ -257,8 +257,9 @@ class Logger:
     #: the statuses :meth:`finalize` takes (``with_logging`` gives ``"killed"`` only to a logger that lists it)
     finalize_statuses: tuple[str, ...] = ("success", "failed", "finished", "killed")
 
-    def __init__(self) -> None:
-        self._hparams: dict[str, Any] | None = None
+    #: what :meth:`log_hparams` recorded (None: nothing yet); a class default, so that a subclass whose
+    #: ``__init__`` does not call ``super().__init__()`` (Lightning's ``Logger`` needs no such call) works alike
+    _hparams: dict[str, Any] | None = None
 
     @property
     def log_dir(self) -> str | None:

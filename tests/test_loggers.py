@@ -1046,6 +1046,29 @@ def test_a_logger_subclass_gets_a_whole_epoch_as_an_int_as_a_plain_logger_and_th
                                           (8, {"epoch": (float, 0.5), "x": (float, 1.0)})]
 
 
+class _NoSuperInit(loopkit.Logger):
+    def __init__(self):  # (no super().__init__(): Lightning's Logger base needs none)
+        self.rows = []
+
+    def _write_metrics(self, metrics, step):
+        self.rows.append((step, metrics))
+
+
+def test_a_logger_subclass_that_skips_super_init_logs_hparams_as_one_that_calls_it(tmp_path):
+    """A subclass whose __init__ skips super().__init__() logged metrics, but log_hparams, log_hyperparams and
+    .hparams raised AttributeError: '_hparams'. It does what one calling super().__init__() does; two such
+    loggers keep their own hyper-parameters."""
+    skipping, calling, other = _NoSuperInit(), _Recorder(), _NoSuperInit()
+    for logger in (skipping, calling):
+        assert logger.hparams == {}
+        logger.log_hparams({"lr": 0.1, "opt": {"beta": 0.9}}, {"best": 1.0})
+        logger.log_hyperparams({"batch": 32})
+        logger.log_metrics({"x": 1.0}, 1)
+        logger.finalize()
+    assert skipping.hparams == calling.hparams == {"lr": 0.1, "opt": {"beta": 0.9}, "batch": 32}
+    assert skipping.rows == calling.rows == [(1, {"x": 1.0})] and other.hparams == {}
+
+
 def test_bad_metrics_are_refused_naming_the_metric(tmp_path):
     logger = JSONLLogger(tmp_path)
     with pytest.raises(TypeError, match="metric 'acc' is a str"):
