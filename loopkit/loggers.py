@@ -100,24 +100,36 @@ def claim_version_dir(base: str) -> str:
 
 
 def _check_metrics(metrics: Mapping[str, Any], step: Any, who: str) -> dict[str, float]:
-    if as_int(step) is None:
-        raise TypeError(f"{who}.log_metrics: step must be an int, got {step!r}")
+    """``metrics`` as the logger ``who`` writes them, checked: of :meth:`Logger.log_metrics` at ``step``, or, for
+    ``step`` None, the metrics of :meth:`Logger.log_hparams` (its errors name it; no step, so a metric may be
+    named ``step``).
+
+    >>> _check_metrics({"step": 1}, None, "CSVLogger")
+    {'step': 1.0}
+    >>> _check_metrics({"best": "n/a"}, None, "CSVLogger")
+    Traceback (most recent call last):
+    ...
+    TypeError: CSVLogger.log_hparams: metric 'best' is a str; expected a number
+    """
+    call = f"{who}.log_metrics" if step is not None else f"{who}.log_hparams"
+    if step is not None and as_int(step) is None:
+        raise TypeError(f"{call}: step must be an int, got {step!r}")
     if not isinstance(metrics, Mapping):
-        raise TypeError(f"{who}.log_metrics: metrics must be a dict of str -> number, got {type(metrics).__qualname__}")
+        raise TypeError(f"{call}: metrics must be a dict of str -> number, got {type(metrics).__qualname__}")
     out = {}
     for key, value in metrics.items():
         if not isinstance(key, str):
-            raise TypeError(f"{who}.log_metrics: metric names must be strings, got {key!r}")
-        if key == "step":
-            raise ValueError(f"{who}.log_metrics: a metric named 'step' would take the place of the step; rename it")
+            raise TypeError(f"{call}: metric names must be strings, got {key!r}")
+        if key == "step" and step is not None:
+            raise ValueError(f"{call}: a metric named 'step' would take the place of the step; rename it")
         if isinstance(value, torch.Tensor):
             if value.numel() != 1 or value.dtype == torch.bool or value.is_complex():
                 shape = "x".join(map(str, value.shape)) or "0-dim"
                 raise TypeError(
-                    f"{who}.log_metrics: metric '{key}' is a {shape} {value.dtype} tensor; expected one real number"
+                    f"{call}: metric '{key}' is a {shape} {value.dtype} tensor; expected one real number"
                 )
         elif isinstance(value, (bool, np.bool_, np.complexfloating)) or not isinstance(value, (int, float, np.number)):
-            raise TypeError(f"{who}.log_metrics: metric '{key}' is a {type(value).__qualname__}; expected a number")
+            raise TypeError(f"{call}: metric '{key}' is a {type(value).__qualname__}; expected a number")
         number = float(value)
         # (``epoch``, a count: with_logging's, Lightning's ``current_epoch``, as an int when it is a whole number, as
         # Lightning's CSV has it and a logger of one's own is given it)
@@ -299,7 +311,7 @@ class Logger:
         """
         who = type(self).__name__
         plain = _plain_hparams(hparams, who)
-        final = None if metrics is None else _check_metrics(metrics, 0, who)
+        final = None if metrics is None else _check_metrics(metrics, None, who)
         before, self._hparams = self._hparams, {**(self._hparams or {}), **plain}
         if is_rank_zero(quiet=True):  # (unwarned: called at the top of a torchrun script, before init(), by design)
             try:

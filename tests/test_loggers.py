@@ -1536,6 +1536,35 @@ def test_tensorboard_writes_hparams_with_the_final_metrics(tmp_path):
     assert metrics == {"train/loss", "val/acc"}
 
 
+@pytest.mark.parametrize("cls", [CSVLogger, JSONLLogger, TensorBoardLogger, ConsoleLogger])
+def test_log_hparams_metrics_errors_name_log_hparams_and_a_metric_may_be_named_step(tmp_path, cls):
+    """A bad metric given to log_hparams was reported as a log_metrics error, sending the user to the wrong call,
+    and one named 'step' refused ("would take the place of the step") though those metrics have no step column.
+    The errors name log_hparams (log_metrics' keep their name) and 'step' is a metric as any other there."""
+    logger = cls(stream=io.StringIO()) if cls is ConsoleLogger else cls(tmp_path)
+    name = cls.__name__
+    for metrics, error, match in (({"best": "n/a"}, TypeError, "metric 'best' is a str"),
+                                  ([1.0], TypeError, "metrics must be a dict"),
+                                  ({1: 1.0}, TypeError, "metric names must be strings"),
+                                  ({"t": torch.ones(2)}, TypeError, "metric 't' is a 2 torch.float32 tensor")):
+        with pytest.raises(error, match=f"^{name}.log_hparams: {match}"):
+            logger.log_hparams({"lr": 0.1}, metrics)
+    with pytest.raises(TypeError, match=f"^{name}.log_metrics: metric 'best' is a str"):
+        logger.log_metrics({"best": "n/a"}, 1)
+    with pytest.raises(ValueError, match=f"^{name}.log_metrics: a metric named 'step' would take the place"):
+        logger.log_metrics({"step": 1.0}, 1)
+    assert logger.hparams == {}
+    logger.log_hparams({"lr": 0.1}, {"step": 120, "best": 0.5})
+    logger.finalize()
+    assert logger.hparams == {"lr": 0.1}
+    if cls is not ConsoleLogger:
+        with open(os.path.join(logger.log_dir, "hparams_metrics.json")) as f:
+            assert json.load(f) == {"step": 120.0, "best": 0.5}
+    if cls is TensorBoardLogger:
+        infos = _hparams_content(read_events(logger.log_dir))["_hparams_/experiment"].experiment.metric_infos
+        assert {m.name.tag for m in infos} == {"step", "best"}
+
+
 def test_tensorboard_hparams_metrics_given_explicitly_are_added_as_scalars(tmp_path):
     logger = TensorBoardLogger(tmp_path)
     logger.log_metrics({"train/loss": 1.0}, 3)
