@@ -128,9 +128,16 @@ def _check_metrics(metrics: Mapping[str, Any], step: Any, who: str) -> dict[str,
                 raise TypeError(
                     f"{call}: metric '{key}' is a {shape} {value.dtype} tensor; expected one real number"
                 )
+            if value.is_meta:
+                raise TypeError(f"{call}: metric '{key}' is a meta tensor, which holds no value; expected one real "
+                                "number (a tensor of the model's real device)")
         elif isinstance(value, (bool, np.bool_, np.complexfloating)) or not isinstance(value, (int, float, np.number)):
             raise TypeError(f"{call}: metric '{key}' is a {type(value).__qualname__}; expected a number")
-        number = float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # (an int past the largest float: a counter, a hash; its digits are not printed)
+            raise OverflowError(f"{call}: metric '{key}' is an int too large for a float (over "
+                                f"{sys.float_info.max:.4g}); log it scaled, or as text in log_hparams") from None
         # (``epoch``, a count: with_logging's, Lightning's ``current_epoch``, as an int when it is a whole number, as
         # Lightning's CSV has it and a logger of one's own is given it)
         out[key] = int(number) if key == "epoch" and number.is_integer() else number

@@ -1097,6 +1097,32 @@ def test_metrics_a_logger_cannot_write_as_one_number_are_refused_naming_them(tmp
         assert read_csv(logger.log_dir)[1] == [{"step": "7", "acc": "0.5", "n": "3.0"}]
 
 
+@pytest.mark.parametrize("cls", [CSVLogger, JSONLLogger, TensorBoardLogger, ConsoleLogger])
+def test_an_int_past_the_largest_float_and_a_meta_tensor_are_refused_naming_the_metric_and_the_logger(tmp_path, cls):
+    """log_metrics({'x': 10**400}) raised a bare OverflowError ('int too large to convert to float'), a meta tensor
+    torch's 'Tensor.item() cannot be called on meta tensors', naming neither the metric nor the logger, where every
+    other bad value does. Now both do, log_hparams' metrics too, and nothing is written; the largest int a float
+    holds is logged."""
+    out = io.StringIO()
+    logger = cls(stream=out) if cls is ConsoleLogger else cls(tmp_path)
+    name = cls.__name__
+    cases = [({"samples_seen": 10**400}, OverflowError, "metric 'samples_seen' is an int too large for a float"),
+             ({"acc": torch.tensor(0.5, device="meta")}, TypeError, "metric 'acc' is a meta tensor")]
+    for metrics, error, match in cases:
+        with pytest.raises(error, match=f"^{name}.log_metrics: {match}"):
+            logger.log_metrics({"fine": 1.0, **metrics}, 1)
+        with pytest.raises(error, match=f"^{name}.log_hparams: {match}"):
+            logger.log_hparams({"lr": 0.1}, metrics)
+    assert logger.hparams == {} and out.getvalue() == ""
+    if cls is not ConsoleLogger:
+        assert not os.path.exists(os.path.join(tmp_path, "default"))  # (nothing written: no folder claimed)
+    largest = int(sys.float_info.max)
+    logger.log_metrics({"n": largest}, 1)
+    if cls is JSONLLogger:
+        with open(os.path.join(logger.log_dir, "metrics.jsonl")) as f:
+            assert json.loads(f.read()) == {"step": 1, "n": sys.float_info.max}
+
+
 def test_other_numpy_hparams_are_written_as_text_and_a_numpy_step_as_an_int(tmp_path):
     """Complex, datetime and bytes scalars came out of .item() as values json cannot write."""
     hparams = {"z": np.complex128(1 + 2j), "when": np.datetime64("2026-12-02"), "tag": np.bytes_(b"x")}
