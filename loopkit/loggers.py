@@ -433,7 +433,8 @@ class RunDirLogger(Logger):
     :meth:`log_hparams` writes the hyper-parameters (all its calls') to ``hparams.json`` in the run folder, nested
     as given (as Lightning's ``hparams.yaml``), and the metrics given with them (all its calls', a later one's
     updating an earlier one's) to ``hparams_metrics.json`` beside it, so that no hyper-parameter name can clash
-    with them.
+    with them. Both are valid JSON: a non-finite number is written as the string ``"nan"``, ``"inf"`` or ``"-inf"``
+    (``float`` reads it back; JSON has no ``NaN``, which jq or JavaScript refuse).
 
     >>> import tempfile
     >>> tmp = tempfile.TemporaryDirectory()
@@ -1040,7 +1041,24 @@ def _write_hparams_files(folder: str, hparams: dict[str, Any], metrics: dict[str
 
 
 def _write_json(path: str, obj: Any) -> None:
-    _replace_file(path, json.dumps(obj, indent=2, sort_keys=True))
+    _replace_file(path, json.dumps(_finite_json(obj), indent=2, sort_keys=True, allow_nan=False))
+
+
+def _finite_json(value: Any) -> Any:
+    """``value`` (plain values: :func:`_plain_value`'s) with each non-finite float as the string ``"nan"``,
+    ``"inf"`` or ``"-inf"`` (Python's ``float`` reads them back): JSON (RFC 8259) has no ``NaN`` nor ``Infinity``,
+    which jq, JavaScript's ``JSON.parse``, Go's and Rust's readers refuse.
+
+    >>> _finite_json({"wd": float("nan"), "clip": [float("inf"), -float("inf"), 1.5], "n": 3})
+    {'wd': 'nan', 'clip': ['inf', '-inf', 1.5], 'n': 3}
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)
+    if isinstance(value, Mapping):
+        return {k: _finite_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite_json(v) for v in value]
+    return value
 
 
 def _replace_file(path: str, content: str | bytes, temporary: str | None = None) -> None:

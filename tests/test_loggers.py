@@ -8,6 +8,7 @@ import csv
 import dataclasses
 import io
 import json
+import math
 import os
 import subprocess
 import sys
@@ -1512,6 +1513,35 @@ def test_every_file_logger_writes_hparams_json(tmp_path):
             "lr": 0.2, "model": {"hidden": 8}, "optimizer": "SGD", "betas": [0.9, 0.99],
         }
         assert json.load(open(os.path.join(logger.log_dir, "hparams_metrics.json"))) == {"val/loss": 0.5}
+
+
+def _strict_json(path):
+    """The file read as RFC 8259 JSON: NaN, Infinity and -Infinity refused, as jq and JavaScript's JSON.parse do."""
+
+    def refuse(token):
+        raise ValueError(f"{path}: {token} is not JSON")
+
+    with open(path) as f:
+        return json.load(f, parse_constant=refuse)
+
+
+@pytest.mark.parametrize("cls", [CSVLogger, JSONLLogger, TensorBoardLogger])
+def test_non_finite_hparams_and_metrics_are_valid_json_in_hparams_json_and_hparams_metrics_json(tmp_path, cls):
+    """hparams.json and hparams_metrics.json held bare NaN / Infinity for non-finite values, which is not JSON:
+    jq, JavaScript, Go's and Rust's readers refused the files. They are written as the strings "nan", "inf",
+    "-inf" (float() reads them back), nested ones too; the logger's hparams keep the numbers."""
+    nan, inf = float("nan"), float("inf")
+    logger = cls(tmp_path)
+    logger.log_hparams({"wd": nan, "clip": inf, "opt": {"floor": -inf, "lr": 0.1}, "grid": (inf, 1)},
+                       {"best/loss": nan, "worst": -inf, "epoch": 2})
+    logger.log_metrics({"x": 1.0}, 1)
+    logger.finalize()
+    hparams = _strict_json(os.path.join(logger.log_dir, "hparams.json"))
+    assert hparams == {"wd": "nan", "clip": "inf", "opt": {"floor": "-inf", "lr": 0.1}, "grid": ["inf", 1]}
+    metrics = _strict_json(os.path.join(logger.log_dir, "hparams_metrics.json"))
+    assert metrics == {"best/loss": "nan", "worst": "-inf", "epoch": 2}
+    assert [float(metrics[k]) for k in ("worst", "epoch")] == [-inf, 2.0] and math.isnan(float(metrics["best/loss"]))
+    assert logger.hparams["clip"] == inf and math.isnan(logger.hparams["wd"])
 
 
 def test_jsonl_is_one_object_per_line(tmp_path):
