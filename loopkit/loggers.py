@@ -100,25 +100,47 @@ def claim_version_dir(base: str) -> str:
 
 
 def _check_metrics(metrics: Mapping[str, Any], step: Any, who: str) -> dict[str, float]:
-    if as_int(step) is None:
-        raise TypeError(f"{who}.log_metrics: step must be an int, got {step!r}")
+    """``metrics`` as the logger ``who`` writes them, checked: of :meth:`Logger.log_metrics` at ``step``, or, for
+    ``step`` None, the metrics of :meth:`Logger.log_hparams` (its errors name it; no step, so a metric may be
+    named ``step``).
+
+    >>> _check_metrics({"step": 1}, None, "CSVLogger")
+    {'step': 1.0}
+    >>> _check_metrics({"best": "n/a"}, None, "CSVLogger")
+    Traceback (most recent call last):
+    ...
+    TypeError: CSVLogger.log_hparams: metric 'best' is a str; expected a number
+    """
+    call = f"{who}.log_metrics" if step is not None else f"{who}.log_hparams"
+    if step is not None and as_int(step) is None:
+        raise TypeError(f"{call}: step must be an int, got {step!r}")
     if not isinstance(metrics, Mapping):
-        raise TypeError(f"{who}.log_metrics: metrics must be a dict of str -> number, got {type(metrics).__qualname__}")
+        raise TypeError(f"{call}: metrics must be a dict of str -> number, got {type(metrics).__qualname__}")
     out = {}
     for key, value in metrics.items():
         if not isinstance(key, str):
-            raise TypeError(f"{who}.log_metrics: metric names must be strings, got {key!r}")
-        if key == "step":
-            raise ValueError(f"{who}.log_metrics: a metric named 'step' would take the place of the step; rename it")
+            raise TypeError(f"{call}: metric names must be strings, got {key!r}")
+        if key == "step" and step is not None:
+            raise ValueError(f"{call}: a metric named 'step' would take the place of the step; rename it")
         if isinstance(value, torch.Tensor):
             if value.numel() != 1 or value.dtype == torch.bool or value.is_complex():
                 shape = "x".join(map(str, value.shape)) or "0-dim"
                 raise TypeError(
-                    f"{who}.log_metrics: metric '{key}' is a {shape} {value.dtype} tensor; expected one real number"
+                    f"{call}: metric '{key}' is a {shape} {value.dtype} tensor; expected one real number"
                 )
+            if value.is_meta:
+                raise TypeError(f"{call}: metric '{key}' is a meta tensor, which holds no value; expected one real "
+                                "number (a tensor of the model's real device)")
         elif isinstance(value, (bool, np.bool_, np.complexfloating)) or not isinstance(value, (int, float, np.number)):
-            raise TypeError(f"{who}.log_metrics: metric '{key}' is a {type(value).__qualname__}; expected a number")
-        out[key] = float(value)
+            raise TypeError(f"{call}: metric '{key}' is a {type(value).__qualname__}; expected a number")
+        try:
+            number = float(value)
+        except OverflowError:  # (an int past the largest float: a counter, a hash; its digits are not printed)
+            raise OverflowError(f"{call}: metric '{key}' is an int too large for a float (over "
+                                f"{sys.float_info.max:.4g}); log it scaled, or as text in log_hparams") from None
+        # (``epoch``, a count: with_logging's, Lightning's ``current_epoch``, as an int when it is a whole number, as
+        # Lightning's CSV has it and a logger of one's own is given it)
+        out[key] = int(number) if key == "epoch" and number.is_integer() else number
     return out
 
 
@@ -133,17 +155,25 @@ def _plain_hparams(hparams: Mapping[str, Any] | argparse.Namespace, who: str) ->
 
 
 def _fields(value: Any) -> dict[str, Any] | None:
-    """A dataclass instance's or an ``argparse.Namespace``'s fields as a dict (None for anything else): nested
-    hyper-parameters, flattened as Lightning's ``_flatten_dict`` does (``opt/lr``), not one string."""
+    """A dataclass instance's, a ``NamedTuple``'s or an ``argparse.Namespace``'s fields as a dict (None for anything
+    else): nested hyper-parameters, flattened as Lightning's ``_flatten_dict`` does (``opt/lr``), not one string nor
+    a list without the names.
+
+    >>> Opt = NamedTuple("Opt", [("lr", float), ("beta", float)])
+    >>> _fields(Opt(0.1, 0.99)), _fields((0.1, 0.99))
+    ({'lr': 0.1, 'beta': 0.99}, None)
+    """
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
     if isinstance(value, argparse.Namespace):
         return vars(value)
+    if isinstance(value, tuple) and callable(getattr(value, "_asdict", None)):  # (a NamedTuple, a namedtuple)
+        return dict(value._asdict())
     return None
 
 
 def _plain_value(value: Any) -> Any:
-    """A hyper-parameter as JSON can write it: dicts (dataclasses and Namespaces as dicts) and lists of plain
+    """A hyper-parameter as JSON can write it: dicts (dataclasses, NamedTuples and Namespaces as dicts) and lists of plain
     values, numbers (numpy's and one-element tensors' as Python's), strings, None; a class or function (method,
     builtin) as its ``__qualname__`` (``"ReLU"``, ``"Net.act"``, ``"make.<locals>.act"``: the same in every run, where
     its repr holds a memory address, and telling nested ones apart; a builtin's ``__name__``, its qualname naming an
@@ -246,8 +276,9 @@ class Logger:
     #: the statuses :meth:`finalize` takes (``with_logging`` gives ``"killed"`` only to a logger that lists it)
     finalize_statuses: tuple[str, ...] = ("success", "failed", "finished", "killed")
 
-    def __init__(self) -> None:
-        self._hparams: dict[str, Any] | None = None
+    #: what :meth:`log_hparams` recorded (None: nothing yet); a class default, so that a subclass whose
+    #: ``__init__`` does not call ``super().__init__()`` (Lightning's ``Logger`` needs no such call) works alike
+    _hparams: dict[str, Any] | None = None
 
     @property
     def log_dir(self) -> str | None:
@@ -255,7 +286,9 @@ class Logger:
         return None
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        """Write ``metrics`` (names to numbers) at global step ``step``."""
+        """Write ``metrics`` (names to numbers) at global step ``step``: ``_write_metrics`` gets them as floats,
+        but ``epoch`` as an int when it is a whole number (as :func:`loopkit.with_logging` gives it, and as
+        Lightning's logger connector gives its ``current_epoch``)."""
         metrics = _check_metrics(metrics, step, type(self).__name__)
         if metrics and is_rank_zero():
             self._write_metrics(metrics, int(step))  # (a numpy integer step as Python's)
@@ -269,7 +302,7 @@ class Logger:
         refused with a ``ValueError`` (the same value again is skipped).
 
         ``hparams`` is a dict or an ``argparse.Namespace`` (an argparse script's ``args``). Nested dicts, and
-        dataclass instances and Namespaces among the values, are kept as dicts (``hparams.json``, wandb's config)
+        dataclass instances, NamedTuples and Namespaces among the values, are kept as dicts (``hparams.json``, wandb's config)
         and flattened with ``/`` where the values must be flat (``opt/lr``: TensorBoard, MLflow), as Lightning's
         ``_flatten_dict`` does; values other than numbers, strings, None and lists of them are written as text: a
         class or function as its ``__qualname__`` (``"ReLU"``; Lightning's WandbLogger writes ``__name__``), never a
@@ -285,7 +318,7 @@ class Logger:
         """
         who = type(self).__name__
         plain = _plain_hparams(hparams, who)
-        final = None if metrics is None else _check_metrics(metrics, 0, who)
+        final = None if metrics is None else _check_metrics(metrics, None, who)
         before, self._hparams = self._hparams, {**(self._hparams or {}), **plain}
         if is_rank_zero(quiet=True):  # (unwarned: called at the top of a torchrun script, before init(), by design)
             try:
@@ -400,7 +433,8 @@ class RunDirLogger(Logger):
     :meth:`log_hparams` writes the hyper-parameters (all its calls') to ``hparams.json`` in the run folder, nested
     as given (as Lightning's ``hparams.yaml``), and the metrics given with them (all its calls', a later one's
     updating an earlier one's) to ``hparams_metrics.json`` beside it, so that no hyper-parameter name can clash
-    with them.
+    with them. Both are valid JSON: a non-finite number is written as the string ``"nan"``, ``"inf"`` or ``"-inf"``
+    (``float`` reads it back; JSON has no ``NaN``, which jq or JavaScript refuse).
 
     >>> import tempfile
     >>> tmp = tempfile.TemporaryDirectory()
@@ -939,18 +973,13 @@ class _Position(NamedTuple):
 
 
 def _file_record(metrics: dict[str, float], step: int) -> dict[str, Any]:
-    """The record a file logger writes (a CSV row, a JSONL line): ``step``, then the metrics, ``epoch`` (a count:
-    with_logging's, Lightning's ``current_epoch``) as an int when it is a whole number, as Lightning's CSV has it
-    (:meth:`Logger.log_metrics` takes every metric as a float).
+    """The record a file logger writes (a CSV row, a JSONL line): ``step``, then the metrics as
+    :meth:`Logger.log_metrics` took them (floats, ``epoch`` an int when it is a whole number).
 
-    >>> _file_record({"epoch": 2.0, "train/loss": 0.5}, 7), _file_record({"epoch": 0.5}, 1)
-    ({'step': 7, 'epoch': 2, 'train/loss': 0.5}, {'step': 1, 'epoch': 0.5})
+    >>> _file_record(_check_metrics({"epoch": 2.0, "train/loss": 0.5}, 7, "CSVLogger"), 7)
+    {'step': 7, 'epoch': 2, 'train/loss': 0.5}
     """
-    record: dict[str, Any] = {"step": step, **metrics}
-    epoch = record.get("epoch")
-    if isinstance(epoch, float) and epoch.is_integer():
-        record["epoch"] = int(epoch)
-    return record
+    return {"step": step, **metrics}
 
 
 def _epoch_value(value: Any) -> int | None:
@@ -1012,7 +1041,24 @@ def _write_hparams_files(folder: str, hparams: dict[str, Any], metrics: dict[str
 
 
 def _write_json(path: str, obj: Any) -> None:
-    _replace_file(path, json.dumps(obj, indent=2, sort_keys=True))
+    _replace_file(path, json.dumps(_finite_json(obj), indent=2, sort_keys=True, allow_nan=False))
+
+
+def _finite_json(value: Any) -> Any:
+    """``value`` (plain values: :func:`_plain_value`'s) with each non-finite float as the string ``"nan"``,
+    ``"inf"`` or ``"-inf"`` (Python's ``float`` reads them back): JSON (RFC 8259) has no ``NaN`` nor ``Infinity``,
+    which jq, JavaScript's ``JSON.parse``, Go's and Rust's readers refuse.
+
+    >>> _finite_json({"wd": float("nan"), "clip": [float("inf"), -float("inf"), 1.5], "n": 3})
+    {'wd': 'nan', 'clip': ['inf', '-inf', 1.5], 'n': 3}
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)
+    if isinstance(value, Mapping):
+        return {k: _finite_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite_json(v) for v in value]
+    return value
 
 
 def _replace_file(path: str, content: str | bytes, temporary: str | None = None) -> None:
@@ -1582,6 +1628,7 @@ class CSVLogger(RunDirLogger):
     ) -> None:
         super().__init__(root, name, version)
         self._columns: list[str] | None = None
+        self._known: set[str] = set()  # (_columns as a set, for the new metrics of a row: one look-up each)
 
     def _forget_folder(self) -> None:
         super()._forget_folder()
@@ -1600,7 +1647,7 @@ class CSVLogger(RunDirLogger):
             # a file of its own: a row a killed run tore is dropped before the next; a torn header goes with its file
             if os.path.exists(path) and _cut_torn_row(path):
                 columns = ["step"]
-            self._columns = columns
+            self._columns, self._known = columns, set(columns)
         return self._columns
 
     def _drop_records(self, folder: str, keep: Callable[[int, frozenset[str], int | None], bool]) -> int:
@@ -1651,9 +1698,10 @@ class CSVLogger(RunDirLogger):
         self._make_room(metrics, step)
         columns = self._load()
         row = _file_record(metrics, step)
-        new = [k for k in metrics if k not in columns]
+        new = [k for k in metrics if k not in self._known]
         if new:
             columns.extend(new)
+            self._known.update(new)
             self._rewrite(row)
         else:
             with open(self._path(self.filename), "a", newline="", encoding="utf-8") as f:

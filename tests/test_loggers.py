@@ -8,11 +8,13 @@ import csv
 import dataclasses
 import io
 import json
+import math
 import os
 import subprocess
 import sys
 import threading
 import warnings
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -1002,6 +1004,72 @@ def test_numpy_numbers_are_logged_as_floats(tmp_path):
         logger.log_metrics({"flag": np.bool_(True)}, 2)
 
 
+class _Recorder(loopkit.Logger):
+    def __init__(self):
+        super().__init__()
+        self.rows = []
+
+    def _write_metrics(self, metrics, step):
+        self.rows.append((step, metrics))
+
+
+class _PlainRecorder:
+    def __init__(self):
+        self.rows = []
+
+    def log_metrics(self, metrics, step):
+        self.rows.append((step, dict(metrics)))
+
+    def finalize(self):
+        pass
+
+
+def _typed(rows):
+    return [(step, {k: (type(v), v) for k, v in metrics.items()}) for step, metrics in rows]
+
+
+def test_a_logger_subclass_gets_a_whole_epoch_as_an_int_as_a_plain_logger_and_the_files_do(tmp_path):
+    """A loopkit.Logger subclass (the documented way to write one's own) was given each row's epoch as a float
+    (0.0), where a plain logger object gets with_logging's int and the file loggers write an int. Its rows equal a
+    plain logger's, types too; an epoch given as a whole float is an int, a fraction stays a float."""
+    model = torch.nn.Linear(2, 1)
+    state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    recorder, plain, jsonl = _Recorder(), _PlainRecorder(), JSONLLogger(tmp_path)
+    step = loopkit.with_logging(loopkit.train_step(lambda m, b: m(b).pow(2).mean()), recorder, plain, jsonl,
+                                every_n_steps=1)
+    loopkit.run_epochs(step, state, [torch.ones(2, 2)] * 2, epochs=2, progress=False)
+    assert _typed(recorder.rows) == _typed(plain.rows) and len(recorder.rows) == 6
+    with open(os.path.join(jsonl.log_dir, "metrics.jsonl")) as f:
+        assert _typed((r.pop("step"), r) for r in map(json.loads, f)) == _typed(recorder.rows)
+    recorder.log_metrics({"epoch": 3.0, "x": 1}, 7)
+    recorder.log_metrics({"epoch": 0.5, "x": 1}, 8)
+    assert _typed(recorder.rows[-2:]) == [(7, {"epoch": (int, 3), "x": (float, 1.0)}),
+                                          (8, {"epoch": (float, 0.5), "x": (float, 1.0)})]
+
+
+class _NoSuperInit(loopkit.Logger):
+    def __init__(self):  # (no super().__init__(): Lightning's Logger base needs none)
+        self.rows = []
+
+    def _write_metrics(self, metrics, step):
+        self.rows.append((step, metrics))
+
+
+def test_a_logger_subclass_that_skips_super_init_logs_hparams_as_one_that_calls_it(tmp_path):
+    """A subclass whose __init__ skips super().__init__() logged metrics, but log_hparams, log_hyperparams and
+    .hparams raised AttributeError: '_hparams'. It does what one calling super().__init__() does; two such
+    loggers keep their own hyper-parameters."""
+    skipping, calling, other = _NoSuperInit(), _Recorder(), _NoSuperInit()
+    for logger in (skipping, calling):
+        assert logger.hparams == {}
+        logger.log_hparams({"lr": 0.1, "opt": {"beta": 0.9}}, {"best": 1.0})
+        logger.log_hyperparams({"batch": 32})
+        logger.log_metrics({"x": 1.0}, 1)
+        logger.finalize()
+    assert skipping.hparams == calling.hparams == {"lr": 0.1, "opt": {"beta": 0.9}, "batch": 32}
+    assert skipping.rows == calling.rows == [(1, {"x": 1.0})] and other.hparams == {}
+
+
 def test_bad_metrics_are_refused_naming_the_metric(tmp_path):
     logger = JSONLLogger(tmp_path)
     with pytest.raises(TypeError, match="metric 'acc' is a str"):
@@ -1028,6 +1096,32 @@ def test_metrics_a_logger_cannot_write_as_one_number_are_refused_naming_them(tmp
     logger.log_metrics({"acc": torch.tensor([0.5]), "n": np.int64(3)}, 7)  # one number each: written
     if cls is CSVLogger:
         assert read_csv(logger.log_dir)[1] == [{"step": "7", "acc": "0.5", "n": "3.0"}]
+
+
+@pytest.mark.parametrize("cls", [CSVLogger, JSONLLogger, TensorBoardLogger, ConsoleLogger])
+def test_an_int_past_the_largest_float_and_a_meta_tensor_are_refused_naming_the_metric_and_the_logger(tmp_path, cls):
+    """log_metrics({'x': 10**400}) raised a bare OverflowError ('int too large to convert to float'), a meta tensor
+    torch's 'Tensor.item() cannot be called on meta tensors', naming neither the metric nor the logger, where every
+    other bad value does. Now both do, log_hparams' metrics too, and nothing is written; the largest int a float
+    holds is logged."""
+    out = io.StringIO()
+    logger = cls(stream=out) if cls is ConsoleLogger else cls(tmp_path)
+    name = cls.__name__
+    cases = [({"samples_seen": 10**400}, OverflowError, "metric 'samples_seen' is an int too large for a float"),
+             ({"acc": torch.tensor(0.5, device="meta")}, TypeError, "metric 'acc' is a meta tensor")]
+    for metrics, error, match in cases:
+        with pytest.raises(error, match=f"^{name}.log_metrics: {match}"):
+            logger.log_metrics({"fine": 1.0, **metrics}, 1)
+        with pytest.raises(error, match=f"^{name}.log_hparams: {match}"):
+            logger.log_hparams({"lr": 0.1}, metrics)
+    assert logger.hparams == {} and out.getvalue() == ""
+    if cls is not ConsoleLogger:
+        assert not os.path.exists(os.path.join(tmp_path, "default"))  # (nothing written: no folder claimed)
+    largest = int(sys.float_info.max)
+    logger.log_metrics({"n": largest}, 1)
+    if cls is JSONLLogger:
+        with open(os.path.join(logger.log_dir, "metrics.jsonl")) as f:
+            assert json.loads(f.read()) == {"step": 1, "n": sys.float_info.max}
 
 
 def test_other_numpy_hparams_are_written_as_text_and_a_numpy_step_as_an_int(tmp_path):
@@ -1156,6 +1250,36 @@ def test_dataclass_and_namespace_hparams_are_nested_and_flattened_as_lightnings_
     out = io.StringIO()
     ConsoleLogger(stream=out).log_hparams({"opt": _Optim()})
     assert out.getvalue() == "hparams  opt/lr=0.1  opt/betas=[0.9, 0.99]\n"
+
+
+class _Betas(NamedTuple):
+    beta1: float
+    beta2: float
+
+
+class _Sched(NamedTuple):
+    name: str
+    betas: _Betas
+
+
+def test_namedtuple_hparams_keep_their_field_names_as_dataclasses_do(tmp_path):
+    """A NamedTuple value was written as a list ([0.1, 0.99]: hparams.json and TensorBoard's tab lost the field
+    names). It is nested as the dataclass of the same fields is (Lightning's CSVLogger keeps the fields too); a
+    plain tuple stays a list."""
+    sched = _Sched("cosine", _Betas(0.9, 0.99))
+    dataclass = dataclasses.make_dataclass("Sched", [("name", str), ("betas", dict)])("cosine", {"beta1": 0.9,
+                                                                                               "beta2": 0.99})
+    for cls in (CSVLogger, JSONLLogger, TensorBoardLogger):
+        got, want = cls(tmp_path, f"{cls.__name__}-nt"), cls(tmp_path, f"{cls.__name__}-dc")
+        for logger, value in ((got, sched), (want, dataclass)):
+            logger.log_hparams({"sched": value, "plain": (1, 2)})
+            logger.finalize()
+        assert got.hparams == want.hparams == {"sched": {"name": "cosine", "betas": {"beta1": 0.9, "beta2": 0.99}},
+                                               "plain": [1, 2]}
+        assert json.load(open(os.path.join(got.log_dir, "hparams.json"))) == got.hparams
+    start = _hparams_content(read_events(got.log_dir))["_hparams_/session_start_info"].session_start_info.hparams
+    assert sorted(start) == ["plain", "sched/betas/beta1", "sched/betas/beta2", "sched/name"]
+    assert start["sched/betas/beta2"].number_value == 0.99
 
 
 @pytest.mark.parametrize("cls", [CSVLogger, JSONLLogger, TensorBoardLogger, ConsoleLogger])
@@ -1348,6 +1472,34 @@ def test_csv_holds_no_rows_in_memory_and_a_late_column_keeps_every_row_as_writte
     assert rows[-1] == {"step": "3001", "a": "", "b": "1.5"}
 
 
+class _CountedName(str):
+    """A metric name that counts the comparisons made with it (each row's names are new objects, as a dict built
+    anew each step has them: no identity shortcut)."""
+
+    compared = 0
+
+    def __eq__(self, other):
+        _CountedName.compared += 1
+        return str.__eq__(self, other)
+
+    __hash__ = str.__hash__
+
+
+def test_a_csv_row_of_many_metrics_costs_a_look_up_per_metric_not_a_scan_of_the_columns(tmp_path):
+    """Each row's metrics were looked for in the list of columns: quadratic in the number of metrics (20 000
+    per-layer norms: seconds a row, where Lightning's CSVLogger takes milliseconds). A set beside the list: the
+    comparisons grow as the metrics do; the file is the one written before."""
+    n, logger = 2000, CSVLogger(tmp_path)
+    for step in range(3):
+        row = {_CountedName(f"layer{i}/grad_norm"): float(i + step) for i in range(n)}
+        _CountedName.compared = 0
+        logger.log_metrics(row, step)
+    assert _CountedName.compared < 20 * n  # (a few per metric; a scan of the list: ~n * n / 2)
+    columns, rows = read_csv(logger.log_dir)
+    assert columns == ["step"] + [f"layer{i}/grad_norm" for i in range(n)]
+    assert [[float(r[f"layer{i}/grad_norm"]) for i in (0, n - 1)] for r in rows] == [[s, n - 1 + s] for s in range(3)]
+
+
 def test_every_file_logger_writes_hparams_json(tmp_path):
     hparams = {"lr": 0.1, "model": {"hidden": 8}, "optimizer": torch.optim.SGD, "betas": (0.9, 0.99)}
     for cls in (CSVLogger, JSONLLogger, TensorBoardLogger):
@@ -1361,6 +1513,35 @@ def test_every_file_logger_writes_hparams_json(tmp_path):
             "lr": 0.2, "model": {"hidden": 8}, "optimizer": "SGD", "betas": [0.9, 0.99],
         }
         assert json.load(open(os.path.join(logger.log_dir, "hparams_metrics.json"))) == {"val/loss": 0.5}
+
+
+def _strict_json(path):
+    """The file read as RFC 8259 JSON: NaN, Infinity and -Infinity refused, as jq and JavaScript's JSON.parse do."""
+
+    def refuse(token):
+        raise ValueError(f"{path}: {token} is not JSON")
+
+    with open(path) as f:
+        return json.load(f, parse_constant=refuse)
+
+
+@pytest.mark.parametrize("cls", [CSVLogger, JSONLLogger, TensorBoardLogger])
+def test_non_finite_hparams_and_metrics_are_valid_json_in_hparams_json_and_hparams_metrics_json(tmp_path, cls):
+    """hparams.json and hparams_metrics.json held bare NaN / Infinity for non-finite values, which is not JSON:
+    jq, JavaScript, Go's and Rust's readers refused the files. They are written as the strings "nan", "inf",
+    "-inf" (float() reads them back), nested ones too; the logger's hparams keep the numbers."""
+    nan, inf = float("nan"), float("inf")
+    logger = cls(tmp_path)
+    logger.log_hparams({"wd": nan, "clip": inf, "opt": {"floor": -inf, "lr": 0.1}, "grid": (inf, 1)},
+                       {"best/loss": nan, "worst": -inf, "epoch": 2})
+    logger.log_metrics({"x": 1.0}, 1)
+    logger.finalize()
+    hparams = _strict_json(os.path.join(logger.log_dir, "hparams.json"))
+    assert hparams == {"wd": "nan", "clip": "inf", "opt": {"floor": "-inf", "lr": 0.1}, "grid": ["inf", 1]}
+    metrics = _strict_json(os.path.join(logger.log_dir, "hparams_metrics.json"))
+    assert metrics == {"best/loss": "nan", "worst": "-inf", "epoch": 2}
+    assert [float(metrics[k]) for k in ("worst", "epoch")] == [-inf, 2.0] and math.isnan(float(metrics["best/loss"]))
+    assert logger.hparams["clip"] == inf and math.isnan(logger.hparams["wd"])
 
 
 def test_jsonl_is_one_object_per_line(tmp_path):
@@ -1409,6 +1590,35 @@ def test_tensorboard_writes_hparams_with_the_final_metrics(tmp_path):
     assert start["layers"].string_value == "[4, 8]"
     metrics = {m.name.tag for m in content["_hparams_/experiment"].experiment.metric_infos}
     assert metrics == {"train/loss", "val/acc"}
+
+
+@pytest.mark.parametrize("cls", [CSVLogger, JSONLLogger, TensorBoardLogger, ConsoleLogger])
+def test_log_hparams_metrics_errors_name_log_hparams_and_a_metric_may_be_named_step(tmp_path, cls):
+    """A bad metric given to log_hparams was reported as a log_metrics error, sending the user to the wrong call,
+    and one named 'step' refused ("would take the place of the step") though those metrics have no step column.
+    The errors name log_hparams (log_metrics' keep their name) and 'step' is a metric as any other there."""
+    logger = cls(stream=io.StringIO()) if cls is ConsoleLogger else cls(tmp_path)
+    name = cls.__name__
+    for metrics, error, match in (({"best": "n/a"}, TypeError, "metric 'best' is a str"),
+                                  ([1.0], TypeError, "metrics must be a dict"),
+                                  ({1: 1.0}, TypeError, "metric names must be strings"),
+                                  ({"t": torch.ones(2)}, TypeError, "metric 't' is a 2 torch.float32 tensor")):
+        with pytest.raises(error, match=f"^{name}.log_hparams: {match}"):
+            logger.log_hparams({"lr": 0.1}, metrics)
+    with pytest.raises(TypeError, match=f"^{name}.log_metrics: metric 'best' is a str"):
+        logger.log_metrics({"best": "n/a"}, 1)
+    with pytest.raises(ValueError, match=f"^{name}.log_metrics: a metric named 'step' would take the place"):
+        logger.log_metrics({"step": 1.0}, 1)
+    assert logger.hparams == {}
+    logger.log_hparams({"lr": 0.1}, {"step": 120, "best": 0.5})
+    logger.finalize()
+    assert logger.hparams == {"lr": 0.1}
+    if cls is not ConsoleLogger:
+        with open(os.path.join(logger.log_dir, "hparams_metrics.json")) as f:
+            assert json.load(f) == {"step": 120.0, "best": 0.5}
+    if cls is TensorBoardLogger:
+        infos = _hparams_content(read_events(logger.log_dir))["_hparams_/experiment"].experiment.metric_infos
+        assert {m.name.tag for m in infos} == {"step", "best"}
 
 
 def test_tensorboard_hparams_metrics_given_explicitly_are_added_as_scalars(tmp_path):

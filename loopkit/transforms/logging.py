@@ -118,13 +118,14 @@ class _Held:
     known, when it goes on in that epoch. Shared by the step's donated copies; only read when a row is logged, or a
     fit ends."""
 
-    __slots__ = ("at", "first", "stopped", "told")
+    __slots__ = ("at", "finalized", "first", "stopped", "told")
 
     def __init__(self) -> None:
         self.at: tuple[int, int, int] | None = None
         self.first = False  # (no call made since the fit began: its first records the run folders, RUN_DIRS)
         self.told = False  # (the loggers were told ``at``, finishes_epoch=False, at a validation's row there)
         self.stopped = False  # (the fit was told ``"stop"``: a signal stopped it, and it ends ``"killed"``)
+        self.finalized = False  # (a finalize raised at ``"fit_end"``: the ``"abort"`` that error brings finalizes none)
 
 
 def _with_epoch(row: dict[str, float], epoch: int) -> dict[str, float]:
@@ -291,6 +292,7 @@ class LoggingStep(WrapperStep):
             self.held.at = at if state.batch_index > 0 and state.extras.get(RECORDED) == state.step else None
             self.held.told = False
             self.held.stopped = False
+            self.held.finalized = False
             self.held.first = True
             if at != (0, 0, 0):  # (first: a logger now in another run's folder moves to a new one, before any rewind)
                 _continue_from(self.loggers, state.extras.get(RUN_DIRS))
@@ -316,9 +318,10 @@ class LoggingStep(WrapperStep):
             return
         elif event in ("fit_end", "abort"):  # on abort, what was logged is flushed and closed
             self._release(state if event == "fit_end" else None)  # (abort: the state may be donated, unread)
+            if event == "abort" and self.held.finalized:  # (the error is a finalize's at "fit_end": each was told)
+                return
             status = "failed" if event == "abort" else "killed" if self.held.stopped else "success"
-            for logger in self.loggers:
-                _finalize(logger, status)
+            self._finalize_all(status, at_end=event == "fit_end")
             return
         else:
             return
@@ -331,6 +334,20 @@ class LoggingStep(WrapperStep):
             self._release(state)
         self._log_row(scalars, step, (event, state.epoch, state.batch_index, frozenset(scalars)),
                       owed_by=state if event == "batch_end" else None)
+
+    def _finalize_all(self, status: str, at_end: bool) -> None:
+        """Finalize every logger, each once, even when one raises (a tracker's network call: the loggers after it are
+        flushed and closed all the same, as Lightning's trainer finalizes each), then raise the first error. At the
+        fit's end (``at_end``) the ``"abort"`` that error brings out of ``run_epochs`` finalizes none again."""
+        first: Exception | None = None
+        for logger in self.loggers:
+            try:
+                _finalize(logger, status)
+            except Exception as error:
+                first = first or error
+        if first is not None:
+            self.held.finalized = at_end
+            raise first
 
     def _resume(self, at: tuple[int, int, int], finishes: bool) -> None:
         """Tell each logger with ``resume_at`` that the fit goes on from ``at`` (step, epoch, batch_index), and whether
@@ -595,7 +612,10 @@ def with_logging(step: Any, *loggers: Any, every_n_steps: int = 50) -> LoggingSt
     The loggers go as separate arguments, ``with_logging(step, tb, csv)``, or as a list, ``with_logging(step, [tb,
     csv])`` (as Lightning's ``Trainer(logger=[tb, csv])`` takes them). A logger whose ``log_metrics`` cannot take
     ``(metrics, step)``, whose ``finalize`` takes neither ``(status)`` nor ``()``, or whose ``resume_at`` takes
-    neither ``(step, epoch, batch_index, finishes_epoch=...)`` nor ``(step)``, is refused here.
+    neither ``(step, epoch, batch_index, finishes_epoch=...)`` nor ``(step)``, is refused here. Those are the
+    calls it makes (and ``resume_at``, ``log_model`` where a logger has them): a logger of one's own needs no
+    ``log_hparams``, and Lightning's loggers (``log_metrics(metrics, step)``, ``finalize(status)``; their
+    ``log_hyperparams`` called by the user) are taken too, as loggers without ``resume_at``.
 
     Each call's metric tensors are kept in ``state.extras`` (``logging/pending``; every 32
     calls summed on the device into ``logging/window``), so the step stays pure and a
@@ -612,7 +632,8 @@ def with_logging(step: Any, *loggers: Any, every_n_steps: int = 50) -> LoggingSt
     error leaves the fit, or ``finalize("killed")`` when SIGTERM or Ctrl-C stopped it (``run_epochs`` saved and
     returned: a resumable stop, an MLflow run ``KILLED``; a logger not of loopkit's gets ``"failed"``, as
     Lightning's trainer gives), for loggers whose ``finalize`` takes a status (as Lightning's trainer always
-    passes one), ``finalize()`` for one that takes none; call ``finalize()`` yourself in a loop of your own. Sanity validation is never logged. A custom step is logged per window only if it
+    passes one), ``finalize()`` for one that takes none; each logger is finalized once, also when one before it
+    raises (the first error is raised once all are); call ``finalize()`` yourself in a loop of your own. Sanity validation is never logged. A custom step is logged per window only if it
     advances ``state.step``. Loggers with ``wants_model``/``log_model``
     (``TensorBoardLogger(histogram_every_n_steps=m)``) get the model when due, from the
     optimizer's step pre-hook; loggers of one root and name share one ``version_N`` folder. A write that
@@ -659,7 +680,8 @@ def with_logging(step: Any, *loggers: Any, every_n_steps: int = 50) -> LoggingSt
     for i, logger in enumerate(loggers):
         if isinstance(logger, type):
             raise TypeError(f"with_logging: logger {i} is the class {logger.__qualname__}; pass an instance, {logger.__qualname__}(...)")
-        for method in ("log_metrics", "log_hparams", "finalize"):
+        # (the calls it makes; log_hparams, Lightning's log_hyperparams, is the user's: Lightning's loggers are taken)
+        for method in ("log_metrics", "finalize"):
             if not callable(getattr(logger, method, None)):
                 raise TypeError(
                     f"with_logging: logger {i} ({type(logger).__qualname__}) has no {method}() method; "

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
+import signal
 import warnings
 
 import pytest
@@ -1936,3 +1938,130 @@ def test_a_failed_write_of_a_row_leaves_no_checkpoint_that_counts_it_written(
         final = fit(tmp_path / "b", state)
     assert folder(tmp_path / "b") == folder(tmp_path / "a")
     assert all(torch.equal(p, q) for p, q in zip(final.model.parameters(), expected.model.parameters()))
+
+
+@pytest.mark.parametrize("failing", [False, True], ids=["fit_end", "abort"])
+def test_a_finalize_that_raises_keeps_no_other_logger_from_its_finalize_and_is_called_once(
+    tmp_path, make_mlp, make_batches, make_sgd_state, failing
+):
+    """A logger whose finalize raises (a tracker's network call) kept every logger after it from being finalized
+    (TensorBoard's HPARAMS never written, its files open), and was finalized again with "failed" by the abort its
+    error brought. Each logger is finalized once, as Lightning's trainer finalizes every logger, and the first
+    error is raised; the TensorBoard folder then holds what a fit without the failing logger writes."""
+
+    class Told:
+        def __init__(self, error=None):
+            self.statuses, self.error = [], error
+
+        def log_metrics(self, metrics, step):
+            pass
+
+        def log_hparams(self, hparams, metrics=None):
+            pass
+
+        def finalize(self, status):
+            self.statuses.append(status)
+            if self.error is not None:
+                raise self.error
+
+    def loss(model, batch):
+        if failing and loss.calls == 3:
+            raise RuntimeError("boom")
+        loss.calls += 1
+        return loss_with_mae(model, batch)
+
+    def fit(*loggers):
+        loss.calls = 0
+        step = with_logging(train_step(loss), *loggers, every_n_steps=1)
+        run_epochs(step, make_sgd_state(make_mlp(seed=0)), make_batches(4), epochs=1, progress=False)
+
+    status = "failed" if failing else "success"
+    first, second, after = Told(OSError("tracker unreachable")), Told(OSError("also down")), Told()
+    tb = TensorBoardLogger(tmp_path, "a")
+    tb.log_hparams({"lr": 0.1})
+    released = pytest.warns(UserWarning, match="releasing the step failed too") if failing else contextlib.nullcontext()
+    with pytest.raises(RuntimeError if failing else OSError, match="boom" if failing else "tracker unreachable"):
+        with released:  # (run_epochs warns of the abort's error, raising the fit's own)
+            fit(first, tb, second, after)
+    assert first.statuses == second.statuses == after.statuses == [status]
+    alone = TensorBoardLogger(tmp_path, "b")
+    alone.log_hparams({"lr": 0.1})
+    with pytest.raises(RuntimeError) if failing else contextlib.nullcontext():
+        fit(alone)
+    got, want = EventAccumulator(tb.log_dir).Reload(), EventAccumulator(alone.log_dir).Reload()
+    assert got.PluginTagToContent("hparams") and got.PluginTagToContent("hparams") == want.PluginTagToContent("hparams")
+    assert scalars(tb.log_dir, "train/loss") == scalars(alone.log_dir, "train/loss") != []
+
+
+class _LightningShaped:
+    """A logger of the shape of Lightning's ``Logger`` (``lightning.pytorch.loggers.Logger``): ``log_metrics(metrics,
+    step)``, ``log_hyperparams(params)``, ``finalize(status)`` (no default: its trainer always gives one), ``save()``;
+    no ``log_hparams``, no ``resume_at``."""
+
+    def __init__(self):
+        self.rows, self.params, self.statuses = [], {}, []
+
+    def log_metrics(self, metrics, step=None):
+        self.rows.append((step, dict(metrics)))
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        self.params.update(params)
+
+    def finalize(self, status):
+        self.statuses.append(status)
+        self.save()
+
+    def save(self):
+        pass
+
+
+class _Plain:
+    def __init__(self):
+        self.rows = []
+
+    def log_metrics(self, metrics, step):
+        self.rows.append((step, dict(metrics)))
+
+    def log_hparams(self, hparams, metrics=None):
+        pass
+
+    def finalize(self):
+        pass
+
+
+class _SigtermAt:
+    """Sends SIGTERM to this process after update ``at``: ``run_epochs`` stops there, gracefully."""
+
+    def __init__(self, at):
+        self.at = at
+
+    def on_batch_end(self, state, metrics):
+        if state.step == self.at:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+@pytest.mark.parametrize("end", ["success", "failed", "killed"])
+def test_a_logger_shaped_as_lightnings_is_taken_given_every_row_and_finalized_with_lightnings_statuses(
+    make_mlp, make_batches, make_sgd_state, end
+):
+    """with_logging required a log_hparams it never calls, so Lightning's loggers (whose name is log_hyperparams)
+    were refused, the error telling to pass loopkit's. Such a logger is taken: it is given the rows a plain logger is
+    given, finalized "success", "failed" when an error leaves the fit, and "failed" (what Lightning's trainer
+    gives, knowing no "killed") when SIGTERM stopped it; having no resume_at, it appends."""
+
+    def loss(model, batch):
+        if end == "failed" and loss.calls == 3:
+            raise RuntimeError("boom")
+        loss.calls += 1
+        return loss_with_mae(model, batch)
+
+    loss.calls = 0
+    shaped, plain = _LightningShaped(), _Plain()
+    shaped.log_hyperparams({"lr": 0.1})
+    step = with_logging(train_step(loss), shaped, plain, every_n_steps=1)
+    assert step.appending == {0, 1}
+    callbacks = [_SigtermAt(2)] if end == "killed" else []
+    with pytest.raises(RuntimeError, match="boom") if end == "failed" else contextlib.nullcontext():
+        run_epochs(step, make_sgd_state(make_mlp()), make_batches(4), epochs=2, callbacks=callbacks, progress=False)
+    assert shaped.rows == plain.rows and len(shaped.rows) == {"success": 10, "failed": 3, "killed": 2}[end]
+    assert shaped.statuses == ["success" if end == "success" else "failed"] and shaped.params == {"lr": 0.1}
