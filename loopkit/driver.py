@@ -815,10 +815,15 @@ def predict(
     every rank must read as many batches, as ``evaluate``'s: data with a length of another number on one rank is
     refused, a stream is read while every rank has a batch (the outputs of those).
 
-    A sampling ``fn`` (MC dropout, a generative model's noise, random timesteps) draws as ``evaluate``'s ``metric_fn``
-    does: the first batch from ``state.rng`` (a copy of the global RNG for a ``global_rng=True`` state), each later
-    batch fresh numbers from states drawn from it. The same state predicts alike, whatever the global seed, and
-    ``fn``'s draws move nothing global (``data`` is read as a raw loop reads it, as ``evaluate``'s).
+    A sampling ``fn`` (MC dropout, a generative model's noise, random timesteps) of a state with an RNG of its own
+    draws as ``evaluate``'s ``metric_fn`` does: the first batch from ``state.rng``, each later batch fresh numbers
+    from states drawn from it. The same state predicts alike, whatever the global seed, and ``fn``'s draws move
+    nothing global; for another MC sample, predict with another RNG:
+    ``predict(fn, state.evolve(rng=loopkit.rng.create_rng(k)), data)`` for ``k`` in ``range(n)``. A state made with
+    ``global_rng=True`` draws from torch's global RNG and advances it, as a plain loop does (bit for bit a
+    ``with torch.no_grad(): [fn(model.eval(), b) for b in data]`` after the same seed, and Lightning's
+    ``trainer.predict``): each call draws anew, so calling again gives another MC sample. Either way ``data`` is
+    read as a raw loop reads it, as ``evaluate``'s.
 
     >>> import torch
     >>> from loopkit.state import TrainState
@@ -851,12 +856,15 @@ def predict(
     move = _mover(device, state)
     outputs = []
     index = cuda_index(model_device(model))
-    rngs = _evaluation_rngs(state)
+    rngs = _evaluation_rngs(state) if state.rng else None  # (a global_rng state's fn draws on from the global RNG)
     with evaluating(model), torch.no_grad():
         for read, batch in enumerate(batches, 1):
             batch = move(batch) if move is not None else batch
-            # each batch's RNG is its evaluation's: the state's own (a copy of the global one), then rngs'
-            scope = RNGScope((state.rng or global_rng_state(index)) if read == 1 else next(rngs), index, state.seed)
+            if rngs is None:
+                outputs.append(fn(model, batch))
+                continue
+            # each batch's RNG is its evaluation's: the state's own, then rngs'
+            scope = RNGScope(state.rng if read == 1 else next(rngs), index, state.seed)
             try:
                 outputs.append(fn(model, batch))
             finally:

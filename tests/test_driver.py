@@ -1008,12 +1008,11 @@ def test_predict_equals_the_model_in_eval_mode():
     assert model.training and model[0].training and not model[1].training and model[2].training
 
 
-@pytest.mark.parametrize("global_rng", [False, True])
-def test_a_sampling_predict_draws_as_evaluate_does_whatever_the_global_seed_and_moves_nothing_global(global_rng):
+def test_a_sampling_predict_draws_as_evaluate_does_whatever_the_global_seed_and_moves_nothing_global():
     """predict's fn drew from (and advanced) torch's global RNG, where evaluate's metric_fn draws from state.rng.
     Reference: a hand loop that installs each batch's RNG as evaluate does (the first batch the state's own, each
     later one a generator seeded with the next number of a generator started at it), and evaluate's own draws."""
-    state = TrainState.create(nn.Linear(2, 1), seed=3, global_rng=global_rng)
+    state = TrainState.create(nn.Linear(2, 1), seed=3)
     data = [torch.ones(3, 2)] * 4
     sample = lambda m, b: m(b) + torch.randn(b.shape[0], 1)  # noqa: E731  (a sampling prediction)
 
@@ -1025,7 +1024,7 @@ def test_a_sampling_predict_draws_as_evaluate_does_whatever_the_global_seed_and_
         return outputs
 
     torch.manual_seed(1)
-    start = state.rng["cpu"] if not global_rng else torch.get_rng_state()
+    start = state.rng["cpu"]
     seeds, expected = torch.Generator(), []
     seeds.set_state(start)
     with torch.random.fork_rng(devices=[]), torch.no_grad():
@@ -1042,9 +1041,31 @@ def test_a_sampling_predict_draws_as_evaluate_does_whatever_the_global_seed_and_
     assert all(torch.equal(o, e) for o, e in zip(outputs, expected)) and len(outputs) == len(data)
     assert all(torch.equal(o, d) for o, d in zip(outputs, drawn))
     assert len({float(o[0]) for o in outputs}) == len(data)  # each batch draws anew
-    if not global_rng:  # (a global_rng state draws from the global RNG's copy: another seed, other numbers)
-        assert all(torch.equal(a, b) for a, b in zip(outputs, predicted(999)))
-        assert torch.equal(state.rng["cpu"], create_rng(3)["cpu"])
+    assert all(torch.equal(a, b) for a, b in zip(outputs, predicted(999)))
+    assert torch.equal(state.rng["cpu"], create_rng(3)["cpu"])
+    other = predict(sample, state.evolve(rng=create_rng(4)), data)  # (the docstring's recipe for another MC sample)
+    assert not any(torch.equal(a, b) for a, b in zip(outputs, other))
+
+
+def test_a_global_rng_states_sampling_predict_draws_on_from_the_global_rng_as_a_plain_loop():
+    """A global_rng=True state's predict drew from a copy of the global RNG and put it back, so repeated calls (MC
+    dropout) gave the same samples. Reference: a raw no_grad loop over the eval-mode model after the same seed,
+    two passes (as Lightning's trainer.predict, called twice), and the global RNG where that loop leaves it."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5))
+    state = TrainState.create(model, global_rng=True)
+    data = [torch.ones(2, 4)] * 3
+    mc = lambda m, b: torch.nn.functional.dropout(m(b), 0.5, training=True)  # noqa: E731  (MC dropout)
+    torch.manual_seed(1)
+    first, second = predict(mc, state, data), predict(mc, state, data)
+    after = torch.get_rng_state()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        model.eval()
+        raw = [[mc(model, b) for b in data] for _ in range(2)]
+        model.train()
+    assert all(torch.equal(a, b) for a, b in zip(first + second, raw[0] + raw[1]))
+    assert torch.equal(after, torch.get_rng_state())
+    assert not all(torch.equal(a, b) for a, b in zip(first, second))  # each call a new sample
 
 
 @pytest.mark.parametrize("limit, taken", [(2, 2), (0.5, 3), (10, 6), (0, 0)])
