@@ -859,9 +859,14 @@ class Precision(Protocol):
 def check_metric(value: Any, key: Any, where: str) -> torch.Tensor:
     """Return ``value`` as a detached 0-dim tensor, or raise naming the metric and its source.
 
-    A tensor that may share its storage with the state's (a leaf: a parameter, a buffer, one detached from them;
-    or a view of one) comes copied, so that the metric keeps the value it had when reported, whatever the update
-    then changes in place; one computed with a graph, not a view (a loss, a reduction), is taken as it is, detached.
+    A tensor that may share its storage with the state's comes copied, so that the metric keeps the value it had
+    when reported, whatever the update then changes in place: a leaf that requires grad (a parameter), a view, or
+    one changed in place since it was made (``value._version``, which a tensor detached from it shares: every
+    parameter after an ``nn.init`` or an update, every buffer forward updates). A freshly computed one (a loss, its
+    ``.detach()``, an accuracy under ``no_grad``) is taken as it is, detached: no copy on a step's path. The gap:
+    a parameter reported detached (``p.detach()``, not ``p``) while it has never been changed in place (made from a
+    literal, ``nn.Parameter(torch.tensor(1.0))``, before its first update; or the fresh copy in a state forked by a
+    step that is not donated) reads as the update leaves it: report ``p`` itself, or ``p.detach().clone()``.
 
     >>> check_metric(0.5, "acc", "metric_fn f")
     tensor(0.5000)
@@ -874,6 +879,9 @@ def check_metric(value: Any, key: Any, where: str) -> torch.Tensor:
     ...     _ = scale.add_(1.0)  # (as an optimizer's update)
     >>> metric
     tensor(1.)
+    >>> fresh = torch.tensor([1.0, 3.0]).mean()
+    >>> check_metric(fresh, "acc", "metric_fn f").data_ptr() == fresh.data_ptr()  # (not copied)
+    True
     >>> check_metric("high", "acc", "metric_fn f")
     Traceback (most recent call last):
     ...
@@ -888,7 +896,7 @@ def check_metric(value: Any, key: Any, where: str) -> torch.Tensor:
                 f"{value.dtype}; a metric must be a real 0-dim tensor (reduce it, e.g. .mean())"
             )
         metric = value.detach().reshape(())
-        return metric.clone() if value.is_leaf or value._base is not None else metric
+        return metric.clone() if (value.requires_grad and value.is_leaf) or value._base is not None or value._version else metric
     try:
         if isinstance(value, (bool, np.bool_)):
             pass
