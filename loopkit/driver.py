@@ -2072,14 +2072,19 @@ def _warn_of_ranks_apart(step: Step) -> None:
 
 
 def _flag_of(core: Step) -> str:
-    """Where a step of one's own at the core of a step sets ``syncs_ranks``: the function, or the Step subclass.
+    """Where a step of one's own at the core of a step sets ``syncs_ranks``: the function (the one under any
+    ``functools.partial``), or the Step subclass.
 
-    >>> def my_step(state, batch): return state, {}
+    >>> import functools
+    >>> def my_step(state, batch, scale=1.0): return state, {}
     >>> class MyStep(Step): ...
-    >>> _flag_of(as_step(my_step)), _flag_of(MyStep())
-    ('my_step', 'MyStep')
+    >>> _flag_of(as_step(my_step)), _flag_of(MyStep()), _flag_of(as_step(functools.partial(my_step, scale=2.0)))
+    ('my_step', 'MyStep', 'my_step')
     """
-    return getattr(core.fn, "__name__", type(core.fn).__qualname__) if isinstance(core, FnStep) else type(core).__qualname__
+    if not isinstance(core, FnStep):
+        return type(core).__qualname__
+    fn = core.functions[-1]
+    return getattr(fn, "__name__", type(fn).__qualname__)
 
 
 def _warn_of_the_same_batch(batch: Any, transform: str) -> None:

@@ -510,9 +510,24 @@ class FnStep(Step):
             notify(event, state, metrics)
 
     @property
+    def functions(self) -> tuple[Callable[..., Any], ...]:
+        """``fn``, then each function under it through ``functools.partial`` layers (``.func``), the last one's own.
+
+        >>> import functools
+        >>> def my_step(state, batch, scale): return state, {}
+        >>> [getattr(f, "__name__", "partial") for f in FnStep(functools.partial(my_step, scale=1)).functions]
+        ['partial', 'my_step']
+        """
+        layers = [self.fn]
+        while isinstance(layers[-1], functools.partial):
+            layers.append(layers[-1].func)
+        return tuple(layers)
+
+    @property
     def syncs_ranks(self) -> bool:  # type: ignore[override]
-        """The function's own ``syncs_ranks`` attribute (see :attr:`Step.syncs_ranks`), False without one."""
-        return getattr(self.fn, "syncs_ranks", False) is True
+        """The function's own ``syncs_ranks`` attribute (see :attr:`Step.syncs_ranks`), read through
+        ``functools.partial`` layers (:attr:`functions`: a partial's, or its function's), False without one."""
+        return any(getattr(fn, "syncs_ranks", False) is True for fn in self.functions)
 
     @property
     def applied(self) -> tuple[str, ...]:

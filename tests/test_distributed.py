@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 import socket
@@ -525,11 +526,11 @@ def test_evaluate_on_one_rank_fails_at_the_timeout_saying_what_to_do(tmp_path, b
 
 def _hand_written(synced: bool):
     """A step of one's own (Lightning's manual optimization) that averages the gradients over the ranks itself when
-    ``synced`` (and says so, ``syncs_ranks``), or not."""
-    def step(state, batch):
+    ``synced`` (and says so, ``syncs_ranks``), or not; ``scale`` multiplies the loss (bound with functools.partial)."""
+    def step(state, batch, scale=1.0):
         state = loopkit.state.fork(state)
         state.optimizer.zero_grad()
-        loss = ddp.mse(state.model, batch)
+        loss = scale * ddp.mse(state.model, batch)
         loss.backward()
         if synced:
             for p in state.model.parameters():
@@ -550,7 +551,9 @@ def _ranks_apart_worker(rank: int, port: int, out: str) -> None:
         data = ddp.make_data(ddp.STEPS)
         batches = [data[i, rank] for i in range(ddp.STEPS)]  # each rank its own shard
         steps = {"plain": _hand_written(False), "synced": _hand_written(True), "train_step": loopkit.train_step(ddp.mse),
-                 "with_ddp": loopkit.with_ddp(loopkit.train_step(ddp.mse))}
+                 "with_ddp": loopkit.with_ddp(loopkit.train_step(ddp.mse)),
+                 "plain_partial": functools.partial(_hand_written(False), scale=1.0),
+                 "synced_partial": functools.partial(_hand_written(True), scale=1.0)}
         result = {}
         for name, step in steps.items():
             with warnings.catch_warnings(record=True) as caught:
@@ -569,20 +572,23 @@ def test_a_step_without_ddp_under_a_process_group_is_warned_of_once_a_fit_unless
     """run_epochs under two ranks with a step that neither with_ddp nor with_fsdp makes data-parallel trains each
     rank apart (the replicas drift): every rank is warned, once a fit, naming the step and the fix. A step of one's
     own that averages the gradients itself says so (syncs_ranks = True) and is not warned of: its ranks stay alike,
-    and train as with_ddp(train_step) does."""
+    and train as with_ddp(train_step) does. Given as functools.partial(step, scale=...) the same: the flag was
+    read off the partial only (a synced one warned of) and the hint said to set partial.syncs_ranks."""
     _spawn_and_join(_ranks_apart_worker, (_free_port(), str(tmp_path)))
     ranks = [torch.load(os.path.join(tmp_path, f"rank{r}.pt")) for r in (0, 1)]
     for r in ranks:
-        (plain,), (bare,) = r["plain"]["warned"], r["train_step"]["warned"]
+        (plain,), (bare,), (partial,) = r["plain"]["warned"], r["train_step"]["warned"], r["plain_partial"]["warned"]
         assert "the step (_hand_written.<locals>.step)" in plain and "2 ranks" in plain
         assert "loopkit.with_ddp(loopkit.train_step(loss_fn))" in plain and "step.syncs_ranks = True" in plain
         assert "the step (train_step)" in bare and "wrap it in with_ddp" in bare
-        assert r["synced"]["warned"] == r["with_ddp"]["warned"] == []
+        assert "step.syncs_ranks = True" in partial and "partial.syncs_ranks" not in partial
+        assert r["synced"]["warned"] == r["with_ddp"]["warned"] == r["synced_partial"]["warned"] == []
     for name in ("plain", "train_step"):  # what the warning is about
         assert any(not torch.equal(a, ranks[1][name]["params"][k]) for k, a in ranks[0][name]["params"].items())
     for r in ranks:
         for k, a in r["synced"]["params"].items():
             assert torch.equal(a, ranks[0]["synced"]["params"][k])
+            assert torch.equal(r["synced_partial"]["params"][k], a)
             torch.testing.assert_close(a, r["with_ddp"]["params"][k], rtol=1e-6, atol=1e-7)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import re
 import warnings
 
@@ -227,6 +228,20 @@ def test_fresh_metrics_are_taken_as_they_are_not_copied():
 
     _, metrics = loopkit.train_step(loss_fn)(state, torch.ones(4))
     assert metrics["acc"].data_ptr() == returned["acc"].data_ptr()
+
+
+def test_a_function_steps_syncs_ranks_is_read_through_partials():
+    """A step given as functools.partial(fn, ...) whose fn says syncs_ranks = True said False (only the partial's own
+    attribute was read). Reference: the flag as set, on the function or on the partial itself."""
+    def fn(state, batch, scale):
+        return state, {}
+
+    assert not as_step(functools.partial(fn, scale=1.0)).syncs_ranks
+    fn.syncs_ranks = True
+    assert as_step(functools.partial(fn, scale=1.0)).syncs_ranks
+    bound = functools.partial(lambda state, batch, scale: (state, {}), scale=1.0)
+    bound.syncs_ranks = True
+    assert as_step(bound).syncs_ranks
 
 
 def test_loss_fn_returning_none_skips_the_update(make_mlp, batches, make_sgd_state, take_snapshot, assert_trees_equal):
