@@ -1449,7 +1449,7 @@ class TrainStep(Step):
             held = [p.grad for group in optimizer.param_groups for p in group["params"]]
             intact = False
             loss.backward()
-            if first.grad is None:  # (one read: a frozen first parameter, or a backward that reached none)
+            if first.grad is None and first.requires_grad:  # (a trainable first parameter the backward missed)
                 _refuse_unreached(optimizer, model, self.loss_fn)
             if saved is not None:
                 rng = {"cpu": generator.get_state()}
@@ -1524,7 +1524,7 @@ class TrainStep(Step):
         # _gradients_back then leaves the state used up
         try:
             to_backward.backward()
-            if first.grad is None:  # (found none, or set apart: a frozen first parameter, or nothing reached)
+            if first.grad is None and first.requires_grad:  # (found none, or set apart, on a trainable first one)
                 _refuse_unreached(state.optimizer, state.model, self.loss_fn)  # type: ignore[arg-type]
         except BaseException as error:
             if _gradients_back(state, state.optimizer, held, stash):  # type: ignore[arg-type]
@@ -1832,7 +1832,9 @@ def _refuse_unreached(optimizer: torch.optim.Optimizer, model: torch.nn.Module, 
     ``loss_fn`` that uses the model it closes over, not the one it is given, trains nothing, and a pure call's would
     write the given state's gradients); nothing where one has (a frozen first parameter; a batch routed to a part of
     the model that the optimizer does not train), or where a post-accumulate-grad hook may have taken them (an
-    optimizer stepping in the backward).
+    optimizer stepping in the backward). Its callers run it only where the first parameter requires a gradient: a
+    frozen first parameter (a frozen backbone first in ``model.parameters()``, as fine-tuning has it) skips the check,
+    so that no step scans the frozen parameters.
 
     >>> model = torch.nn.Linear(1, 1)
     >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)

@@ -614,6 +614,24 @@ def test_a_loss_that_reaches_some_of_the_optimizers_parameters_trains_as_a_raw_l
     assert state.model.unused.weight.grad is None and torch.equal(state.model.unused.weight, reference.unused.weight)
 
 
+@pytest.mark.parametrize("path", ["plain", "clip", "accum", "plain, pure"])
+def test_a_frozen_first_parameter_skips_the_scan_for_an_unreached_loss(path, batches, mse_loss, monkeypatch):
+    """A frozen backbone first in the optimizer's parameters (fine-tuning) leaves the first parameter without a
+    gradient at every step: the check is skipped there, so no step scans the frozen parameters, while a trainable
+    first parameter the backward missed is still checked. Reference: a spy on the scan, counting its calls."""
+    calls = []
+    scan = loopkit.steps._refuse_unreached
+    monkeypatch.setattr(loopkit.steps, "_refuse_unreached", lambda *a: calls.append(1) or scan(*a))
+    for frozen_first, expected in [(True, 0), (False, 4)]:
+        calls.clear()
+        state = loopkit.TrainState.create(model := _TwoHeads(frozen_first), torch.optim.SGD(model.parameters(), lr=0.1))
+        step = _step_paths(mse_loss)[path.split(",")[0]]
+        step = step if path.endswith("pure") else loopkit.donate(step)
+        for batch in batches[:4]:
+            state, _ = step(state, batch)
+        assert len(calls) == expected
+
+
 @pytest.mark.parametrize("path", ["plain", "accum"])
 def test_a_batch_routed_to_a_part_the_optimizer_does_not_train_is_not_refused(path, batches, mse_loss):
     """Its loss reaches the model's parameters, none of the optimizer's: an update of nothing, as a raw loop's (the
