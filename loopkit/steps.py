@@ -1175,13 +1175,15 @@ class TrainStep(Step):
     # every path ends in make_state/replace (flush_ returns its input only without metrics); a subclass
     # whose run_ may return a state held elsewhere must set it False
     returns_fresh_state = True
-    #: donated, plain and in one process: ``__call__`` may take the one-frame CPU path
+    #: donated, plain, in one process and ``run_`` not overridden by a subclass: ``__call__`` may take the one-frame
+    #: CPU path
     donated_plain: bool = attrs.field(init=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
         plain = self.precision is None and self.accum_every == 1 and not self.micro and not self.update
         object.__setattr__(self, "plain", plain)
-        object.__setattr__(self, "donated_plain", plain and self.donated and self.sync is None and not self.one_process)
+        object.__setattr__(self, "donated_plain", plain and self.donated and self.sync is None and not self.one_process
+                           and type(self).run_ is TrainStep.run_)  # (a subclass's own run_ is called as it is)
         object.__setattr__(self, "per_micro", self.accum_every > 1 and bool(self.micro))
         keeps = any(getattr(t, "keeps_buffers", False) for t in self.micro + self.update)
         object.__setattr__(self, "keeps_buffers", keeps)

@@ -1714,8 +1714,6 @@ def test_an_attrs_step_of_ones_own_calling_super_run_trains_as_the_step_it_exten
         state, _ = step.flush(state)
         return state, seen
 
-    if donated and around == "alone":
-        pytest.skip("TrainStep's donated one-frame path runs its own run_ (a separate defect)")
     reference, expected = train(wrap(loopkit.train_step(mse_loss)))
     doubled, got = train(wrap(Doubled(mse_loss)))
     forwarded, forwarded_metrics = train(wrap(Forwarding(loopkit.train_step(mse_loss))))
