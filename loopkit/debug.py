@@ -127,14 +127,30 @@ def _difference(a: Any, b: Any, path: str) -> str | None:
 
 
 def _array_difference(a: Any, b: Any, path: str) -> str | None:
-    """:func:`_difference` of two numpy arrays (a batch's): dtype, shape, then values (NaN equals NaN)."""
+    """:func:`_difference` of two numpy arrays (a batch's): dtype, shape, then values. An array of objects is compared
+    element by element as :func:`_difference` compares values (NaN equals NaN; a ragged one's arrays as arrays); any
+    other by its bytes (NaN equals NaN, NaT equals NaT, as bits).
+
+    >>> _array_difference(np.array(["2020-01-01", "NaT"], dtype="datetime64[D]"), np.array(["2020-01-01", "NaT"],
+    ...                   dtype="datetime64[D]"), "meta")
+    >>> _array_difference(np.array([np.zeros(1), "a.jpg", np.nan], dtype=object),
+    ...                   np.array([np.zeros(1), "a.jpg", np.nan], dtype=object), "meta")
+    >>> _array_difference(np.array(["a", np.nan], dtype=object), np.array(["b", np.nan], dtype=object), "meta")
+    "meta[0] changed from 'a' to 'b'"
+    """
     if not (isinstance(a, np.ndarray) and isinstance(b, np.ndarray)):
         return f"{path} changed from {_describe(a)} to {_describe(b)}"
     if a.shape != b.shape or a.dtype != b.dtype:
         return f"{path} changed from {a.dtype}{list(a.shape)} to {b.dtype}{list(b.shape)}"
-    if np.array_equal(a, b, equal_nan=a.dtype.kind in "fc"):
+    if a.dtype.hasobject:
+        for index in np.ndindex(a.shape):
+            found = _difference(a[index], b[index], f"{path}[{', '.join(map(str, index))}]")
+            if found:
+                return found
         return None
-    if a.dtype.kind not in "biufc":  # (strings, objects: no distance)
+    if a.tobytes() == b.tobytes():
+        return None
+    if a.dtype.kind not in "biufc":  # (strings, dates, records: no distance)
         return f"{path} differs"
     wide = np.complex128 if a.dtype.kind == "c" else np.float64
     gap = np.nan_to_num(np.abs(a.astype(wide) - b.astype(wide)), nan=np.inf).max()
@@ -331,7 +347,8 @@ def check_purity(
     modules.norms.0.running_mean``), and each module's class, training mode,
     plain settings (``in_features``, a list a forward appends to), hook count and which parameters take gradients; a lazy module's parameter before its first forward is compared as uninitialized:
     a step that initializes the caller's is named, not the pure step's copy), leaves ``batch`` as it was, each
-    tensor and numpy array (dtype, shape and values), each list, tuple, dict and dataclass (type, length and keys)
+    tensor and numpy array (dtype, shape and values: an array's bytes, so NaN and NaT equal themselves; an object
+    array's elements one by one, a ragged one's arrays as arrays), each list, tuple, dict and dataclass (type, length and keys)
     and each plain value (named as ``batch[0]``, ``batch['x']``: an in-place change of the caller's data,
     ``inputs.clamp_``, ``np.clip(x, out=x)``, an ``append``, which another epoch over the same batches would see;
     another object is compared by identity only; checked before the two calls are compared, so such a

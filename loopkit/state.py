@@ -1460,7 +1460,8 @@ def _copied_attribute(value: Any, memo: dict[int, Any]) -> Any:
     """A module's attribute (or hook) as its copy's own, once the whole model is copied (``memo`` holds it), as
     ``copy.deepcopy`` would make it where it reaches the model's tensors or modules: a module of the model (kept in a
     list, a dict, a back-reference), a method or ``functools.partial`` of one, a tensor, a generator, and the
-    containers holding them (lists, tuples, namedtuples, deques, dicts and sets; each of its own type), and an object
+    containers holding them (lists, tuples, dicts and sets; namedtuples, deques and subclasses of list or tuple where
+    they hold such state: :func:`_copied_sequence`; each of its own type), and an object
     of one's own whose attributes hold a tensor or a module. Modules outside the model's registered tree (a frozen
     teacher kept in a plain list or dict, not an ``nn.ModuleList``: :func:`shared_modules`) and other objects (a
     configuration) are shared: a forward through such a module changes the original's buffers."""
@@ -1470,13 +1471,10 @@ def _copied_attribute(value: Any, memo: dict[int, Any]) -> Any:
     if kind is set or isinstance(value, (list, tuple, deque, dict)):  # (a namedtuple, a deque, a subclass too)
         if _shared_container(value):
             return value  # a large container of plain values (a vocabulary): shared, not copied at every pure step
-        if isinstance(value, (list, tuple)):
-            return sequence_like(value, [_copied_attribute(v, memo) for v in value])
-        if isinstance(value, deque):  # (its maxlen and type kept: a copy, refilled item by item)
-            copied = copy.copy(value)
-            copied.clear()
-            copied.extend(_copied_attribute(v, memo) for v in value)
-            return copied
+        if kind is list or kind is tuple:
+            return kind(_copied_attribute(v, memo) for v in value)
+        if not isinstance(value, dict):  # (a namedtuple, a deque, a subclass of list or tuple)
+            return _copied_sequence(value, memo)
         if kind is set:
             return set(value)
         copied = copy.copy(value)  # (an OrderedDict stays one)
@@ -1506,6 +1504,44 @@ def _copied_attribute(value: Any, memo: dict[int, Any]) -> Any:
     if callable(value):  # a hook object of one's own: the copy's where it reaches the model's tensors or modules
         return _remapped(value, memo)
     return value
+
+
+def _copied_sequence(value: Any, memo: dict[int, Any]) -> Any:
+    """:func:`_copied_attribute` of a namedtuple, a deque or a subclass of list or tuple: shared where none of its
+    items' copies differs from the item (it holds no tensor, module or container the copy makes its own, at any
+    depth); else a copy of its own type: a namedtuple by position, a list subclass or a deque by ``copy.copy`` (its
+    instance attributes and maxlen kept, no ``__init__`` called) refilled in place, a tuple subclass without a
+    ``__new__`` of its own from its items (its instance attributes kept); one with a ``__new__`` of its own, which
+    may not take its items, is shared (``loopkit.check_purity`` compares its tensors).
+
+    >>> class Names(list): pass
+    >>> names = Names(["a", "b"]); names.source = "vocab.txt"
+    >>> _copied_sequence(names, {}) is names
+    True
+    >>> names.append(torch.zeros(1)); copied = _copied_sequence(names, {})
+    >>> copied is names, type(copied).__name__, copied.source, copied[2] is names[2]
+    (False, 'Names', 'vocab.txt', False)
+    """
+    items = [_copied_attribute(v, memo) for v in value]
+    if all(new is old for new, old in zip(items, value)):
+        return value
+    kind = type(value)
+    if isinstance(value, tuple):
+        if hasattr(value, "_fields"):
+            return kind(*items)
+        if kind.__new__ is not tuple.__new__:
+            return value
+        copied = tuple.__new__(kind, items)
+        if getattr(value, "__dict__", None):
+            copied.__dict__.update(value.__dict__)
+        return copied
+    copied = copy.copy(value)
+    if isinstance(copied, deque):
+        copied.clear()
+        copied.extend(items)
+    else:
+        copied[:] = items
+    return copied
 
 
 def _clone_value(value: Any, memo: dict[int, Any]) -> Any:

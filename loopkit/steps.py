@@ -25,7 +25,7 @@ import inspect
 import numbers
 import types
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import attrs
 import numpy as np
@@ -160,11 +160,13 @@ class Step:
     #: or ``with_fsdp``. A subclass of one's own sets it True; a plain function says so with an attribute,
     #: ``my_step.syncs_ranks = True``; a whole-step transform has its inner step's.
     syncs_ranks: bool = False
+    #: a class of one's own (defined outside loopkit): what its ``run_`` and ``flush_`` return is checked where
+    #: loopkit calls them (:func:`run_of`, :func:`flush_of`); loopkit's own steps make checked results
+    _checks_results: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        if cls.__module__.partition(".")[0] != "loopkit":  # a step class of one's own: what it returns is checked
-            _check_results_of(cls)
+        cls._checks_results = cls.__module__.partition(".")[0] != "loopkit"
 
     def run_(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
         raise NotImplementedError
@@ -194,17 +196,18 @@ class Step:
     def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
         if self.donated and type(state) is TrainState and not state._consumed:  # _invoke's donated path, inline
             try:
-                new, metrics = self.run_(state, batch)
+                out = self.run_(state, batch)
+                new, metrics = _checked_result(out, self) if self._checks_results else out
             except BaseException as error:
                 _consume_unless_intact(state, error)
                 raise
             _set_consumed(state, True)
             return (replace(state) if new is state else new), metrics
-        return self._invoke(self.run_, state, batch)
+        return self._invoke(run_of(self), state, batch)
 
     def flush(self, state: TrainState) -> tuple[TrainState, Metrics]:
         """Finish partial work at the end of an epoch; a no-op for most steps."""
-        return self._invoke(self.flush_, state)
+        return self._invoke(flush_of(self), state)
 
     def prepare(self, state: TrainState) -> TrainState:
         """``state`` shaped as this step's calls shape it, for a template to restore a checkpoint into.
@@ -372,36 +375,36 @@ def leaving_intact(state: Any) -> Iterator[None]:
         raise
 
 
-def _check_results_of(cls: type[Step]) -> None:
-    """Give ``cls``, a :class:`Step` subclass of one's own, a ``run_`` and a ``flush_`` that check what they return
-    (:func:`_checked_result`, as a plain function's results are), once, when the class is made: wherever they are
-    called from (``Step.__call__``, a whole-step transform around the step), at no cost to loopkit's own steps.
+def run_of(step: Step) -> Callable[[TrainState, Any], tuple[TrainState, Metrics]]:
+    """``step.run_``, what loopkit calls (``Step.__call__``, a whole-step transform around ``step``): for a
+    :class:`Step` class of one's own, with its result checked (:func:`_checked_result`, as a plain function's results
+    are), at one class attribute's read for loopkit's own steps. The method itself is left as it is (a zero-argument
+    ``super()`` inside it keeps working in an attrs class).
 
     >>> class Halves(Step):
     ...     def run_(self, state, batch):
     ...         return state, {"half": 0.5}
-    >>> _check_results_of(Halves)  # (done as a class of one's own is made; this one is made in loopkit's doctest)
+    >>> Halves._checks_results = True  # (as a class of one's own is made; this one is made in loopkit's doctest)
     >>> from loopkit.state import TrainState
-    >>> Halves()(TrainState.create(torch.nn.Linear(1, 1)), None)[1]
+    >>> run_of(Halves())(TrainState.create(torch.nn.Linear(1, 1)), None)[1]
     {'half': tensor(0.5000)}
+    >>> run_of(eval_step(lambda m, b: {})).__name__
+    'run_'
     """
-    for name, flush in (("run_", False), ("flush_", True)):
-        method = getattr(cls, name)
-        if not getattr(method, "_loopkit_checked", False):  # (not where a class of one's own above it checks)
-            setattr(cls, name, _checking(method, flush))
+    return functools.partial(_checked_run, step) if step._checks_results else step.run_
 
 
-def _checking(method: Callable[..., Any], flush: bool) -> Callable[..., tuple[TrainState, Metrics]]:
-    """``method`` (a step's ``run_``, or its ``flush_``: ``flush``) with its result checked."""
-    if flush:
-        def checked(self: Step, state: TrainState) -> tuple[TrainState, Metrics]:
-            return _checked_result(method(self, state), self, flush=True)
-    else:
-        def checked(self: Step, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:  # type: ignore[misc]
-            return _checked_result(method(self, state, batch), self)
-    checked = functools.wraps(method)(checked)
-    checked._loopkit_checked = True  # type: ignore[attr-defined]
-    return checked
+def flush_of(step: Step) -> Callable[[TrainState], tuple[TrainState, Metrics]]:
+    """``step.flush_``, with its result checked for a :class:`Step` class of one's own, as :func:`run_of`."""
+    return functools.partial(_checked_flush, step) if step._checks_results else step.flush_
+
+
+def _checked_run(step: Step, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
+    return _checked_result(step.run_(state, batch), step)
+
+
+def _checked_flush(step: Step, state: TrainState) -> tuple[TrainState, Metrics]:
+    return _checked_result(step.flush_(state), step, flush=True)
 
 
 def as_step(step: Any, where: str = "a step") -> Step:
@@ -604,11 +607,11 @@ class WrapperStep(Step):
         return self.inner.rank_agreed + _agreed(self.name, self.agreed_options)
 
     def run_(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
-        new, metrics = self.inner.run_(state, batch)
+        new, metrics = run_of(self.inner)(state, batch)
         return self.after(new, metrics, end_of_epoch=False)
 
     def flush_(self, state: TrainState) -> tuple[TrainState, Metrics]:
-        new, metrics = self.inner.flush_(state)
+        new, metrics = flush_of(self.inner)(state)
         return self.after(new, metrics, end_of_epoch=True)
 
     def after(self, state: TrainState, metrics: Metrics, *, end_of_epoch: bool) -> tuple[TrainState, Metrics]:
@@ -683,12 +686,12 @@ class UpdateStep(WrapperStep):
 
     def run_(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
         before = state.step
-        new, metrics = self.inner.run_(state, batch)
+        new, metrics = run_of(self.inner)(state, batch)
         return (new if new.step == before else self.after_update(new, metrics)), metrics
 
     def flush_(self, state: TrainState) -> tuple[TrainState, Metrics]:
         before = state.step
-        new, metrics = self.inner.flush_(state)
+        new, metrics = flush_of(self.inner)(state)
         return (new if new.step == before else self.after_update(new, metrics)), metrics
 
     def after_update(self, state: TrainState, metrics: Metrics) -> TrainState:
@@ -1195,13 +1198,15 @@ class TrainStep(Step):
     # every path ends in make_state/replace (flush_ returns its input only without metrics); a subclass
     # whose run_ may return a state held elsewhere must set it False
     returns_fresh_state = True
-    #: donated, plain and in one process: ``__call__`` may take the one-frame CPU path
+    #: donated, plain, in one process and ``run_`` not overridden by a subclass: ``__call__`` may take the one-frame
+    #: CPU path
     donated_plain: bool = attrs.field(init=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
         plain = self.precision is None and self.accum_every == 1 and not self.micro and not self.update
         object.__setattr__(self, "plain", plain)
-        object.__setattr__(self, "donated_plain", plain and self.donated and self.sync is None and not self.one_process)
+        object.__setattr__(self, "donated_plain", plain and self.donated and self.sync is None and not self.one_process
+                           and type(self).run_ is TrainStep.run_)  # (a subclass's own run_ is called as it is)
         object.__setattr__(self, "per_micro", self.accum_every > 1 and bool(self.micro))
         keeps = any(getattr(t, "keeps_buffers", False) for t in self.micro + self.update)
         object.__setattr__(self, "keeps_buffers", keeps)
@@ -1319,7 +1324,7 @@ class TrainStep(Step):
             except BaseException as error:
                 _consume_unless_intact(state, error)
                 raise
-        return self._invoke(self.run_, state, batch)  # not this path's case: _invoke takes the state
+        return self._invoke(run_of(self), state, batch)  # not this path's case: _invoke takes the state
 
     # The in-place core --------------------------------------------------------------------
 
@@ -1472,7 +1477,7 @@ class TrainStep(Step):
             held = [p.grad for group in optimizer.param_groups for p in group["params"]]
             intact = False
             loss.backward()
-            if first.grad is None:  # (one read: a frozen first parameter, or a backward that reached none)
+            if first.grad is None and first.requires_grad:  # (a trainable first parameter the backward missed)
                 _refuse_unreached(optimizer, model, self.loss_fn)
             if saved is not None:
                 rng = {"cpu": generator.get_state()}
@@ -1547,7 +1552,7 @@ class TrainStep(Step):
         # _gradients_back then leaves the state used up
         try:
             to_backward.backward()
-            if first.grad is None:  # (found none, or set apart: a frozen first parameter, or nothing reached)
+            if first.grad is None and first.requires_grad:  # (found none, or set apart, on a trainable first one)
                 _refuse_unreached(state.optimizer, state.model, self.loss_fn)  # type: ignore[arg-type]
         except BaseException as error:
             if _gradients_back(state, state.optimizer, held, stash):  # type: ignore[arg-type]
@@ -1855,7 +1860,9 @@ def _refuse_unreached(optimizer: torch.optim.Optimizer, model: torch.nn.Module, 
     ``loss_fn`` that uses the model it closes over, not the one it is given, trains nothing, and a pure call's would
     write the given state's gradients); nothing where one has (a frozen first parameter; a batch routed to a part of
     the model that the optimizer does not train), or where a post-accumulate-grad hook may have taken them (an
-    optimizer stepping in the backward).
+    optimizer stepping in the backward). Its callers run it only where the first parameter requires a gradient: a
+    frozen first parameter (a frozen backbone first in ``model.parameters()``, as fine-tuning has it) skips the check,
+    so that no step scans the frozen parameters.
 
     >>> model = torch.nn.Linear(1, 1)
     >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)

@@ -1299,6 +1299,73 @@ def test_tensors_a_module_caches_in_a_namedtuple_deque_or_subclass_are_copied_fo
     assert torch.equal(current.model.fc.weight, raw_model.fc.weight)
 
 
+class _Tagged(list):
+    """A list subclass with an instance attribute of its own."""
+
+
+class _Window(list):
+    """A list subclass whose constructor takes another argument than its items."""
+
+    def __init__(self, maxlen):
+        super().__init__()
+        self.maxlen = maxlen
+
+
+class _HW(tuple):
+    """A tuple subclass whose constructor takes its items one by one."""
+
+    def __new__(cls, h, w):
+        return super().__new__(cls, (h, w))
+
+    def __reduce__(self):
+        return (_HW, tuple(self))
+
+
+class _Holding(nn.Module):
+    def __init__(self, item):
+        super().__init__()
+        self.fc = nn.Linear(2, 1)
+        self.names = _Tagged(["a", item])
+        self.names.source = "vocab.txt"
+        self.window = _Window(3)
+        self.window.append(item)
+        self.patch = _HW(2, item)
+
+    def forward(self, x):
+        assert self.names.source == "vocab.txt"
+        self.window.append(0)
+        del self.window[1:-self.window.maxlen]
+        return self.fc(x)
+
+
+@pytest.mark.parametrize("item", ["b", "tensor"])
+def test_list_and_tuple_subclasses_of_ones_own_survive_a_pure_step(item):
+    """Fork rebuilt every list or tuple subclass from its items (type(x)(items)): a list subclass lost its instance
+    attributes or had its __init__ given the items, a tuple subclass whose __new__ takes its items one by one
+    failed. Holding no tensor, each is shared (as before); holding one, a list subclass is copied as copy.deepcopy
+    copies it (the reference: its type, attributes, items), and a tuple subclass that cannot be rebuilt from its
+    items is shared."""
+    torch.manual_seed(0)
+    model = _Holding(torch.zeros(1) if item == "tensor" else item)
+    state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    reference = copy.deepcopy(model)
+    step = loopkit.train_step(lambda m, b: m(b).pow(2).mean())
+    current = state
+    for _ in range(2):
+        current, _ = step(current, torch.ones(2, 2))
+    copied = current.model
+    for name in ("names", "window"):
+        mine, theirs = getattr(copied, name), getattr(reference, name)
+        assert type(mine) is type(theirs) and mine.__dict__ == theirs.__dict__
+    assert copied.names[:1] == ["a"] and copied.patch == model.patch and type(copied.patch) is _HW
+    if item == "tensor":
+        assert copied.names is not model.names and copied.names[1] is not model.names[1]
+        assert copied.window is not model.window and model.window == [model.window[0]]
+        assert copied.patch is model.patch
+    else:
+        assert copied.names is model.names and copied.window is model.window and copied.patch is model.patch
+
+
 def test_a_namedtuple_in_the_optimizers_state_is_copied_for_a_pure_step():
     """An optimizer keeping a namedtuple of tensors per parameter: the copy rebuilt it as type(t)(generator), which
     a namedtuple refuses (a TypeError at the second step). Reference: the raw loop."""

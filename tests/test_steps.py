@@ -658,6 +658,24 @@ def test_a_loss_that_reaches_some_of_the_optimizers_parameters_trains_as_a_raw_l
     assert state.model.unused.weight.grad is None and torch.equal(state.model.unused.weight, reference.unused.weight)
 
 
+@pytest.mark.parametrize("path", ["plain", "clip", "accum", "plain, pure"])
+def test_a_frozen_first_parameter_skips_the_scan_for_an_unreached_loss(path, batches, mse_loss, monkeypatch):
+    """A frozen backbone first in the optimizer's parameters (fine-tuning) leaves the first parameter without a
+    gradient at every step: the check is skipped there, so no step scans the frozen parameters, while a trainable
+    first parameter the backward missed is still checked. Reference: a spy on the scan, counting its calls."""
+    calls = []
+    scan = loopkit.steps._refuse_unreached
+    monkeypatch.setattr(loopkit.steps, "_refuse_unreached", lambda *a: calls.append(1) or scan(*a))
+    for frozen_first, expected in [(True, 0), (False, 4)]:
+        calls.clear()
+        state = loopkit.TrainState.create(model := _TwoHeads(frozen_first), torch.optim.SGD(model.parameters(), lr=0.1))
+        step = _step_paths(mse_loss)[path.split(",")[0]]
+        step = step if path.endswith("pure") else loopkit.donate(step)
+        for batch in batches[:4]:
+            state, _ = step(state, batch)
+        assert len(calls) == expected
+
+
 @pytest.mark.parametrize("path", ["plain", "accum"])
 def test_a_batch_routed_to_a_part_the_optimizer_does_not_train_is_not_refused(path, batches, mse_loss):
     """Its loss reaches the model's parameters, none of the optimizer's: an update of nothing, as a raw loop's (the
@@ -1669,11 +1687,11 @@ def test_only_step_classes_of_ones_own_check_their_results_and_each_once_when_ma
     are; a class of one's own, an attrs one too (attrs makes the class anew), checks at one level."""
     import attrs
 
-    from loopkit.steps import EvalStep, FnStep, Step, TrainStep, UpdateStep, WrapperStep
+    from loopkit.steps import EvalStep, FnStep, Step, TrainStep, UpdateStep, WrapperStep, run_of
 
     logging = type(loopkit.with_logging(lambda s, b: (s, {}), _Quiet()))
     for own in (Step, FnStep, TrainStep, EvalStep, WrapperStep, UpdateStep, logging):
-        assert not hasattr(own.run_, "_loopkit_checked") and not hasattr(own.flush_, "_loopkit_checked"), own
+        assert not own._checks_results, own
 
     @attrs.frozen
     class Mine(Step):
@@ -1686,11 +1704,77 @@ def test_only_step_classes_of_ones_own_check_their_results_and_each_once_when_ma
         pass
 
     for cls in (Mine, Below):
-        assert cls.run_._loopkit_checked and cls.flush_._loopkit_checked
-        assert not hasattr(cls.run_.__wrapped__, "_loopkit_checked")  # wrapped once, not at each remaking
-    assert Below.run_ is Mine.run_
+        assert cls._checks_results and cls.run_ is Mine.__dict__["run_"]  # (the method itself, not a wrapper)
     state = loopkit.TrainState.create(nn.Linear(2, 1))
     assert Below()(state, None)[1] == {"x": torch.tensor(2.0)}
+    assert run_of(Below())(state, None)[1] == {"x": torch.tensor(2.0)}
+
+
+@pytest.mark.parametrize("donated", [False, True])
+@pytest.mark.parametrize("around", ["alone", "with_logging", "with_epoch_scheduler"])
+def test_an_attrs_step_of_ones_own_calling_super_run_trains_as_the_step_it_extends(around, donated, batches, mse_loss):
+    """attrs (slots=True, its default) makes a class anew and fixes the __class__ cell of the methods in its dict:
+    run_ and flush_ replaced by checking wrappers when the class was made hid the method's own cell, and
+    super().run_(...) inside it raised 'super(type, obj): obj must be an instance or subtype of type'. Reference:
+    the step it extends (train_step; a whole-step transform forwarding to its inner step), its metric doubled; a bad
+    metric of its own is still refused."""
+    import attrs
+
+    from loopkit.steps import TrainStep, WrapperStep
+
+    @attrs.frozen(eq=False)
+    class Doubled(TrainStep):
+        def run_(self, state, batch):
+            new, metrics = super().run_(state, batch)
+            return new, {**metrics, "double": metrics["loss"] * 2}
+
+        def flush_(self, state):
+            return super().flush_(state)
+
+    @attrs.frozen(eq=False)
+    class Forwarding(WrapperStep):
+        def run_(self, state, batch):
+            return super().run_(state, batch)
+
+        def flush_(self, state):
+            return super().flush_(state)
+
+    def wrap(step):
+        if around == "with_logging":
+            step = loopkit.with_logging(step, _Quiet(), every_n_steps=1)
+        elif around == "with_epoch_scheduler":
+            step = loopkit.with_epoch_scheduler(step)
+        return loopkit.donate(step) if donated else step
+
+    def train(step):
+        torch.manual_seed(0)
+        model = nn.Linear(4, 1)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        state = loopkit.TrainState.create(model, optimizer, torch.optim.lr_scheduler.StepLR(optimizer, 1, 0.5))
+        seen = []
+        for batch in batches[:3]:
+            state, metrics = step(state, batch)
+            seen.append(metrics)
+        state, _ = step.flush(state)
+        return state, seen
+
+    reference, expected = train(wrap(loopkit.train_step(mse_loss)))
+    doubled, got = train(wrap(Doubled(mse_loss)))
+    forwarded, forwarded_metrics = train(wrap(Forwarding(loopkit.train_step(mse_loss))))
+    for state in (doubled, forwarded):
+        assert state.step == reference.step == 3
+        assert torch.equal(state.model.weight, reference.model.weight)
+    assert [m["loss"] for m in got] == [m["loss"] for m in expected] == [m["loss"] for m in forwarded_metrics]
+    assert all(torch.equal(m["double"], m["loss"] * 2) for m in got)
+
+    @attrs.frozen(eq=False)
+    class Vector(TrainStep):
+        def run_(self, state, batch):
+            new, metrics = super().run_(state, batch)
+            return new, {**metrics, "bad": torch.ones(3)}
+
+    with pytest.raises(TypeError, match="metric 'bad' from step .*Vector"):
+        train(wrap(Vector(mse_loss)))
 
 
 def test_leaving_intact_marks_what_raises_inside_and_nothing_after():

@@ -14,7 +14,7 @@ import attrs
 
 from loopkit._numbers import as_int
 from loopkit.state import TrainState, extras_copy, leave_intact, replace_extras, scheduler_held
-from loopkit.steps import Metrics, WrapperStep
+from loopkit.steps import Metrics, WrapperStep, flush_of, run_of
 from loopkit.transforms._compose import refuse_wrapping, require_step
 from loopkit.transforms.swa import swa_start_inside
 
@@ -61,12 +61,12 @@ class EpochSchedulerStep(WrapperStep):
 
     def run_(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
         state = self._caught_up(state, state.epoch)  # (a loop of one's own that did not flush the last epoch)
-        return self._held(self.inner.run_, state, batch)
+        return self._held(run_of(self.inner), state, batch)
 
     def flush_(self, state: TrainState) -> tuple[TrainState, Metrics]:
         """The epoch's end (``run_epochs`` flushes there): after the inner flush's update, the scheduler's step."""
         state = self._caught_up(state, state.epoch)
-        new, metrics = self._held(self.inner.flush_, state)
+        new, metrics = self._held(flush_of(self.inner), state)
         return self._caught_up(new, new.epoch + 1), metrics
 
     def _caught_up(self, state: TrainState, finished: int) -> TrainState:

@@ -19,7 +19,7 @@ from loopkit._calls import check_call, takes
 from loopkit._numbers import as_int
 from loopkit._window import EPOCH, LOGGED, Window, guarded, is_epoch_record, leave_updated, left_metrics
 from loopkit.state import TrainState, extras_copy, leave_intact, put_extras, replace_extras, state_at_error
-from loopkit.steps import RECORDED, Metrics, WrapperStep, check_metric
+from loopkit.steps import RECORDED, Metrics, WrapperStep, check_metric, flush_of, run_of
 from loopkit.transforms._compose import refuse_wrapping, require_step
 
 __all__ = ["LoggingStep", "with_logging"]
@@ -204,10 +204,10 @@ class LoggingStep(WrapperStep):
         return self.inner.returns_fresh_state  # its own new states are fresh; its loggers keep none
 
     def run_(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
-        return self._logged(self.inner.run_, state, batch)
+        return self._logged(run_of(self.inner), state, batch)
 
     def flush_(self, state: TrainState) -> tuple[TrainState, Metrics]:
-        return self._logged(self.inner.flush_, state)
+        return self._logged(flush_of(self.inner), state)
 
     def _logged(self, run: Callable[..., tuple[TrainState, Metrics]], state: TrainState, *args: Any):
         before = state.step

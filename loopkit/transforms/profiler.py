@@ -26,7 +26,7 @@ from loopkit._collective import is_rank_zero
 from loopkit._numbers import as_int
 from loopkit._window import EPOCH, guarded, leave_updated
 from loopkit.state import TrainState, leave_intact
-from loopkit.steps import Metrics, WrapperStep
+from loopkit.steps import Metrics, WrapperStep, run_of
 from loopkit.transforms._compose import refuse_wrapping, require_step
 
 __all__ = ["ProfilerStep", "with_profiler"]
@@ -130,10 +130,10 @@ class ProfilerStep(WrapperStep):
         except BaseException as error:  # refused (another torch profiler runs): before the step, nothing changed
             raise leave_intact(error, state)
         if not profiling:  # the profile is over: the step runs as it is
-            return self.inner.run_(state, batch)
+            return run_of(self.inner)(state, batch)
         try:
             with record_function("loopkit.step"):
-                new, metrics = self.inner.run_(state, batch)
+                new, metrics = run_of(self.inner)(state, batch)
         except BaseException as error:
             self._close_after(error)
             raise

@@ -19,7 +19,7 @@ from torch import nn
 
 from loopkit._numbers import as_int
 from loopkit.state import TrainState, fork, leave_intact
-from loopkit.steps import Metrics, WrapperStep, kept_observers
+from loopkit.steps import Metrics, WrapperStep, kept_observers, run_of
 from loopkit.transforms._compose import refuse_wrapping, require_step
 
 __all__ = ["QATStep", "is_prepared", "quantized_model", "with_qat"]
@@ -179,8 +179,8 @@ class QATStep(WrapperStep):
         if self._observers_frozen(state.step):
             # plain observers (an observer-only qconfig) have no switch: their buffers are put back after the call
             with kept_observers(model.modules()):
-                return self.inner.run_(state, batch)
-        return self.inner.run_(state, batch)
+                return run_of(self.inner)(state, batch)
+        return run_of(self.inner)(state, batch)
 
     def _observers_frozen(self, step: int) -> bool:
         return self.freeze_observers_after is not None and step >= self.freeze_observers_after

@@ -13,7 +13,7 @@ from typing import Any
 import attrs
 
 from loopkit.state import TrainState, extras_copy, replace_extras, scheduler_held, state_at_error
-from loopkit.steps import Metrics, WrapperStep
+from loopkit.steps import Metrics, WrapperStep, flush_of, run_of
 from loopkit.transforms.epoch_scheduler import scheduler_of, scheduler_transform, step_quietly
 from loopkit.transforms.swa import swa_start_inside
 
@@ -61,7 +61,7 @@ class StepSchedulerStep(WrapperStep):
         # this call consumes the epoch's (batch_index + 1)-th batch: Lightning's batch_idx + 1 (read from the given
         # state: a step of one's own may leave the count to the driver), less the batches skipped before it
         skipped = _skipped(state)
-        new, metrics = self._stepped(self.inner.run_, state, state.batch_index + 1 - skipped, batch)
+        new, metrics = self._stepped(run_of(self.inner), state, state.batch_index + 1 - skipped, batch)
         if not metrics and new.step == state.step:  # the loss_fn skipped this batch
             extras = extras_copy(new.extras)
             extras[_SKIPPED] = {"epoch": state.epoch, "count": skipped + 1}
@@ -71,7 +71,7 @@ class StepSchedulerStep(WrapperStep):
     def flush_(self, state: TrainState) -> tuple[TrainState, Metrics]:
         """The epoch's end (``run_epochs`` flushes there): a partial accumulation group's update is the epoch's last
         batch's in Lightning, whose ``batch_idx + 1`` is the batches consumed, ``state.batch_index``."""
-        return self._stepped(self.inner.flush_, state, state.batch_index - _skipped(state))
+        return self._stepped(flush_of(self.inner), state, state.batch_index - _skipped(state))
 
     def _stepped(self, call: Any, state: TrainState, consumed: int, *args: Any) -> tuple[TrainState, Metrics]:
         """``call`` on ``state`` with its scheduler held still (the inner step would step it per update), given back

@@ -24,7 +24,7 @@ from loopkit.rng import RNGScope, cuda_index, global_rng_state
 from loopkit.state import (
     TrainState, core_module, extras_copy, fork, leave_intact, model_device, replace, scheduler_held, state_at_error,
 )
-from loopkit.steps import Metrics, Step, WrapperStep
+from loopkit.steps import Metrics, Step, WrapperStep, flush_of, run_of
 from loopkit.transforms._compose import named_callable, refuse_wrapping, require_step
 from loopkit.transforms.ema import _fitted, _parameters
 from loopkit.transforms.pruning import _MASKS as _PRUNING_MASKS
@@ -160,8 +160,8 @@ class SWAStep(WrapperStep):
     def run_(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
         if state.epoch < self.swa_start:
             self._check(state)  # a state SWA cannot run on fails at the run's first call, not at swa_start
-            return self.inner.run_(state, batch)
-        return self._swa_call(self.inner.run_, state, batch, average=True)
+            return run_of(self.inner)(state, batch)
+        return self._swa_call(run_of(self.inner), state, batch, average=True)
 
     def flush_(self, state: TrainState) -> tuple[TrainState, Metrics]:
         """The epoch's end (``run_epochs`` flushes there): in SWA, the next epoch's SWALR rates are set once its
@@ -170,11 +170,11 @@ class SWAStep(WrapperStep):
         updates use (the next epoch's first call sets them anyway)."""
         if state.epoch + 1 < self.swa_start:
             self._check(state)
-            return self.inner.flush_(state)
+            return flush_of(self.inner)(state)
         if state.epoch < self.swa_start:  # (the first SWA epoch's rates are the ones the optimizer has now)
-            new, metrics = self.inner.flush_(state)
+            new, metrics = flush_of(self.inner)(state)
             return new, metrics
-        new, metrics = self._swa_call(self.inner.flush_, state, average=False)
+        new, metrics = self._swa_call(flush_of(self.inner), state, average=False)
         extras = new.extras
         if new.optimizer is not None and _LR_START in extras:
             _set_lrs(new.optimizer, self._epoch_lrs(extras, self._rates(new)[1], state.epoch + 1))
