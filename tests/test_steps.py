@@ -542,11 +542,16 @@ def test_a_donated_step_that_fails_in_its_backward_leaves_its_state_usable_and_a
         with pytest.raises(loopkit.DonatedStateError):
             state.check_usable()
         return
-    assert loopkit.state_at_error(info.value) is state
+    _assert_left_as_untouched_and_trains_on(info.value, state, untouched, _backward_paths(mse_loss)[path], batches[0],
+                                            take_snapshot, assert_trees_equal)
+
+
+def _assert_left_as_untouched_and_trains_on(error, state, untouched, good, batch, take_snapshot, assert_trees_equal):
+    """``error`` left ``state`` usable and as its ``untouched`` twin, and the ``good`` step trains both alike."""
+    assert loopkit.state_at_error(error) is state
     state.check_usable()
     assert_trees_equal(take_snapshot(state), take_snapshot(untouched))
-    good = loopkit.donate(_backward_paths(mse_loss)[path])
-    (new, metrics), (reference, expected) = good(state, batches[0]), good(untouched, batches[0])
+    (new, metrics), (reference, expected) = loopkit.donate(good)(state, batch), loopkit.donate(good)(untouched, batch)
     assert_trees_equal(take_snapshot(new), take_snapshot(reference))
     assert torch.equal(metrics["loss"], expected["loss"])
 
@@ -570,13 +575,8 @@ def test_a_loss_that_reaches_none_of_the_optimizers_parameters_is_refused_leavin
     with pytest.raises(ValueError, match=f"loss_fn _draws_then.<locals>.loss_fn: {_UNREACHED}") as info:
         loopkit.donate(_backward_paths(elsewhere)[path])(state, batches[0])
     assert torch.equal(torch.get_rng_state(), global_rng)
-    assert loopkit.state_at_error(info.value) is state
-    state.check_usable()
-    assert_trees_equal(take_snapshot(state), take_snapshot(untouched))
-    good = loopkit.donate(_backward_paths(mse_loss)[path])
-    (new, metrics), (reference, expected) = good(state, batches[0]), good(untouched, batches[0])
-    assert_trees_equal(take_snapshot(new), take_snapshot(reference))
-    assert torch.equal(metrics["loss"], expected["loss"])
+    _assert_left_as_untouched_and_trains_on(info.value, state, untouched, _backward_paths(mse_loss)[path], batches[0],
+                                            take_snapshot, assert_trees_equal)
 
     given = make_sgd_state(make_mlp(2))
     before = take_snapshot(given)
