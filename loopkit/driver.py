@@ -47,7 +47,7 @@ from loopkit.checkpoint import capture_global_rng, install_global_rng
 from loopkit.progress import ProgressBar, progress_wanted, write_line
 from loopkit.rng import epoch_order_seed as _order_seed
 from loopkit.rng import seed_epoch_start
-from loopkit.rng import RNGScope, batch_rngs, cuda_index, global_rng_state, global_rngs_kept
+from loopkit.rng import RNGScope, RankWorkerSeeds, batch_rngs, cuda_index, global_rng_state, global_rngs_kept
 from loopkit.state import (
     FAILED_FIT, TrainState, core_module, extras_copy, fork, leave_intact, mark_used_up_by_error, model_device,
     not_a_state, put_extras, refuse_copy_if_sharded, replace, replace_extras, state_at_error,
@@ -261,7 +261,8 @@ def _epoch_batches(
     :func:`_rngs_after_first` recorded when the epoch started) are the global RNGs they are read
     under, as the uninterrupted run read them: data that draws from them as it goes (an
     IterableDataset's shuffle buffer in this process) is where it was. An epoch with nothing left
-    (a state saved after its last batch) is not read at all.
+    (a state saved after its last batch) is not read at all. Under a process group of several ranks a
+    loader's workers mix the rank into their seeds (:func:`_workers_seeded_by_rank`); the order is untouched.
     """
     if count is not None and 0 < count <= skip:  # nothing to skip to: no batch read again, no worker started
         return iter(())
@@ -286,7 +287,8 @@ def _epoch_batches(
     try:
         if _reused_persistent_workers(data):  # a fresh iterator draws its workers' base seed before the sampler
             torch.empty((), dtype=torch.int64).random_(generator=data.generator)  # draws: a reused one does not
-        iterator = iter(data)
+        with _workers_seeded_by_rank(data):
+            iterator = iter(data)
         first = next(iterator, _END)
         if first is not _END and skip > 1:
             if read_on is not None:
@@ -304,6 +306,32 @@ def _epoch_batches(
 
 
 _END = object()
+
+
+@contextlib.contextmanager
+def _workers_seeded_by_rank(data: Iterable) -> Iterator[None]:
+    """While an epoch's iterator is made: under a process group of several ranks, the worker processes a
+    ``DataLoader`` starts then get :class:`~loopkit.rng.RankWorkerSeeds` as their ``worker_init_fn`` (wrapping the
+    loader's own), so that each rank's workers draw streams of their own (their base seed, drawn from the epoch's
+    order seed, is the same on every rank); the loader's ``worker_init_fn`` is put back after. Nothing otherwise
+    (one process, ``num_workers=0``, persistent workers already started): a one-process run's workers are seeded
+    as torch seeds them.
+
+    >>> loader = torch.utils.data.DataLoader(range(4), num_workers=2)
+    >>> with _workers_seeded_by_rank(loader):
+    ...     loader.worker_init_fn is None
+    True
+    """
+    if not (isinstance(data, torch.utils.data.DataLoader) and data.num_workers > 0 and _collective.active()
+            and not _reused_persistent_workers(data)):
+        yield
+        return
+    own = data.worker_init_fn
+    data.worker_init_fn = RankWorkerSeeds(_collective.rank_and_size()[0], own)
+    try:
+        yield
+    finally:
+        data.worker_init_fn = own
 
 
 def _counted_by_len(data: Iterable) -> bool:

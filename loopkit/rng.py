@@ -26,14 +26,14 @@ import numbers
 import os
 import random
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import numpy as np
 import torch
 
 __all__ = [
-    "RNGScope", "batch_rngs", "create_rng", "cuda_index", "epoch_order_seed", "global_rng_state", "global_rngs_kept", "seed_epoch_start",
-    "seed_everything",
+    "RNGScope", "RankWorkerSeeds", "batch_rngs", "create_rng", "cuda_index", "epoch_order_seed", "global_rng_state",
+    "global_rngs_kept", "seed_epoch_start", "seed_everything",
 ]
 
 RNG = Mapping[str, torch.Tensor]
@@ -200,6 +200,37 @@ def seed_epoch_start(seed: int, epoch: int) -> None:
     random.seed((int(words[1]) << 32) | int(words[2]))
 
 
+class RankWorkerSeeds:
+    """A DataLoader's ``worker_init_fn`` that reseeds the worker's torch, numpy and Python RNGs from its torch seed
+    (the loader's base seed plus the worker id, as torch seeds each worker), the worker id and ``rank``, then calls
+    ``then`` (the loader's own ``worker_init_fn``; None: none): what Lightning's ``seed_everything(workers=True)``
+    adds to a loader (``pl_worker_init_function``). ``run_epochs`` gives it to the workers it starts under a process
+    group of several ranks, whose base seeds, drawn from the epoch's order seed, are the same on every rank: worker
+    ``w`` of each rank then draws a stream of its own, the same from run to run. Picklable (for spawned workers)
+    where ``then`` is.
+
+    >>> def draw(rank):
+    ...     with global_rngs_kept():
+    ...         _ = torch.manual_seed(10 + 1)  # what torch seeds worker 1 with from a base seed of 10
+    ...         RankWorkerSeeds(rank, None)(1)
+    ...         return torch.rand(1).item(), np.random.rand(), random.random()
+    >>> draw(0) == draw(0) and all(a != b for a, b in zip(draw(0), draw(1)))
+    True
+    """
+
+    def __init__(self, rank: int, then: Callable[[int], object] | None) -> None:
+        self.rank, self.then = rank, then
+
+    def __call__(self, worker_id: int) -> None:
+        base_seed = torch.initial_seed() - worker_id
+        words = [int(w) for w in np.random.SeedSequence([base_seed, worker_id, self.rank]).generate_state(8, np.uint32)]
+        torch.manual_seed((words[0] << 32) | words[1])
+        random.seed((words[2] << 32) | words[3])
+        np.random.seed(words[4:])
+        if self.then is not None:
+            self.then(worker_id)
+
+
 @contextlib.contextmanager
 def global_rngs_kept() -> Iterator[None]:
     """Put torch's (CPU), numpy's and Python's global RNGs back as they were when the block ends.
@@ -245,8 +276,9 @@ def seed_everything(seed: int | None = None, workers: bool = False) -> int:
 
     ``workers`` is Lightning's flag, taken for its signature and changing nothing here: a DataLoader's
     workers get RNG streams of their own and distinct (torch seeds each worker's ``random``, NumPy and torch
-    from the loader's base seed, which ``run_epochs`` draws from the state's seed and the epoch), the same from
-    run to run, which is what Lightning's ``workers=True`` adds to its Trainer.
+    from the loader's base seed, which ``run_epochs`` draws from the state's seed and the epoch; under a process
+    group of several ranks :class:`RankWorkerSeeds` mixes the rank in), the same from run to run, which is what
+    Lightning's ``workers=True`` adds to its Trainer.
 
     Also sets ``PYTHONHASHSEED``, which processes started afterwards read: spawned ones
     (``multiprocessing_context="spawn"`` data-loader workers, ``torch.multiprocessing.spawn``).

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import inspect
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import threading
 import time
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -495,6 +497,70 @@ def test_ranks_seeded_apart_get_shards_of_one_order(tmp_path, bare_env):
             sampler.set_epoch(epoch)
             assert got[r][True][epoch] == list(sampler)
         assert sorted(got[0][False][epoch] + got[1][False][epoch]) == list(range(18))
+
+
+class _Augmented(torch.utils.data.Dataset):
+    """Each index with a "random augmentation" drawn from the worker's torch, numpy and Python RNGs."""
+
+    def __len__(self) -> int:
+        return 16
+
+    def __getitem__(self, i):
+        noted = getattr(self, "noted", 0.0)
+        return torch.tensor([float(i), torch.rand(()).item(), float(np.random.rand()), random.random(), noted])
+
+
+def _noting_worker(worker_id: int) -> None:
+    """A loader's own worker_init_fn: still called, after the rank's seeding."""
+    torch.utils.data.get_worker_info().dataset.noted = 1.0
+
+
+def _worker_draws_worker(rank: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    distributed.init(rank=rank, world_size=2, master_port=port, timeout=30)
+    try:
+        def fit(persistent: bool, state=None, **limits):
+            seen, dataset = [], _Augmented()
+            sampler = torch.utils.data.DistributedSampler(dataset, shuffle=True, seed=0)
+            loader = DataLoader(dataset, batch_size=2, sampler=sampler, num_workers=2, worker_init_fn=_noting_worker,
+                                persistent_workers=persistent)
+
+            def loss(model, batch):
+                seen.append(batch)
+                return ddp.mse(model, (batch[:, 1:], batch[:, :1]))
+
+            torch.manual_seed(0)
+            state = state or ddp.sgd_state(torch.nn.Linear(4, 1))
+            step = loopkit.with_ddp(loopkit.train_step(loss))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # (a resumed loader with fresh persistent workers is warned of)
+                state, _ = loopkit.run_epochs(step, state, loader, progress=False, **limits)
+            assert loader.worker_init_fn is _noting_worker  # the loader is left as it was given
+            return state, [row.tolist() for b in seen for row in b]
+
+        _, whole = fit(False, epochs=1)
+        cut, first = fit(True, max_steps=2)
+        _, rest = fit(True, cut, epochs=1)  # resumed mid-epoch, with fresh (persistent) workers
+        torch.save({"whole": whole, "resumed": first + rest}, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        distributed.shutdown()
+
+
+@pytest.mark.slow
+def test_dataloader_workers_draw_streams_of_their_own_on_each_rank(tmp_path, bare_env):
+    """Seeded from the epoch's order seed, worker w of each rank drew the same augmentation: every rank's k-th
+    sample got the same "random" crop. Each rank's workers now mix the rank into their torch, numpy and Python
+    seeds (as Lightning's seed_everything(workers=True)), the same from run to run and in a run resumed mid-epoch,
+    persistent workers too; the loader's own worker_init_fn is still called; the order is DistributedSampler's."""
+    _spawn_and_join(_worker_draws_worker, (_free_port(), str(tmp_path)), seconds=180)
+    got = [torch.load(os.path.join(tmp_path, f"rank{r}.pt")) for r in (0, 1)]
+    for r in (0, 1):
+        assert got[r]["resumed"] == got[r]["whole"]  # a second run, cut and resumed mid-epoch (persistent workers)
+        assert all(row[4] == 1.0 for row in got[r]["whole"])  # the loader's own worker_init_fn ran
+        sampler = torch.utils.data.DistributedSampler(range(16), num_replicas=2, rank=r, shuffle=True, seed=0)
+        assert [int(row[0]) for row in got[r]["whole"]] == list(sampler)
+    for a, b in zip(got[0]["whole"], got[1]["whole"]):  # every draw of rank 0's k-th sample differs from rank 1's
+        assert all(x != y for x, y in zip(a[1:4], b[1:4]))
 
 
 def _evaluating_on_rank_zero_only_worker(rank: int, port: int, out: str) -> None:

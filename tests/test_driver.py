@@ -1898,6 +1898,37 @@ def test_persistent_workers_shuffle_a_resumed_epoch_as_the_uninterrupted_run_doe
     assert [b[0].tolist() for b in _epoch_batches(loader(), 7, 1, 2, 4)] == epoch_1[2:]  # resumed mid-epoch
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("own_generator", [False, True])
+def test_one_process_workers_draw_as_a_raw_loader_seeded_with_the_epochs_order_seed(own_generator):
+    """Under DDP each rank's workers mix the rank into their seeds (test_distributed); in one process they are
+    seeded as torch seeds them: each epoch's batches, augmentation included, are a raw DataLoader's whose generator
+    (or torch's global one, for a loader without one) is seeded with ``epoch_order_seed(state.seed, epoch)``."""
+    from loopkit.rng import epoch_order_seed
+
+    def loader(generator=None):
+        return DataLoader(_Augmented(), batch_size=2, shuffle=True, num_workers=2, generator=generator)
+
+    seen = []
+
+    def loss(model, batch):
+        seen.append(batch)
+        return mse(model, batch)
+
+    run_epochs(train_step(loss), make_state(seed=4), loader(torch.Generator() if own_generator else None), epochs=2,
+               progress=False)
+    reference = []
+    with torch.random.fork_rng():
+        for epoch in range(2):
+            order = torch.Generator().manual_seed(epoch_order_seed(4, epoch))
+            if not own_generator:
+                torch.manual_seed(epoch_order_seed(4, epoch))
+            reference += list(loader(order if own_generator else None))
+    assert len(seen) == len(reference) == 8
+    for got, want in zip(seen, reference):
+        assert_bitwise(list(got), list(want))
+
+
 def test_a_batch_samplers_epoch_is_set_so_each_epoch_has_its_own_order():
     """set_epoch was called on a DataLoader's sampler only: a DistributedSampler inside a batch_sampler (and a
     bucketing batch sampler's own set_epoch) gave every epoch the first one's order."""
