@@ -1366,6 +1366,27 @@ def test_list_and_tuple_subclasses_of_ones_own_survive_a_pure_step(item):
         assert copied.names is model.names and copied.window is model.window and copied.patch is model.patch
 
 
+def _squares(model, batch):
+    return model(batch).pow(2).mean()
+
+
+def _seeded_batches(width):
+    return [torch.randn(4, width, generator=torch.Generator().manual_seed(k)) for k in range(3)]
+
+
+def _raw_trained(optimizer_class, width, batches):
+    """The reference: ``nn.Linear(width, 1)`` made after ``manual_seed(0)``, trained on ``batches`` by a raw loop with
+    ``optimizer_class(lr=0.1)`` on the mean square of its output; the model and the optimizer."""
+    torch.manual_seed(0)
+    model = nn.Linear(width, 1)
+    optimizer = optimizer_class(model.parameters(), lr=0.1)
+    for batch in batches:
+        optimizer.zero_grad()
+        _squares(model, batch).backward()
+        optimizer.step()
+    return model, optimizer
+
+
 def test_a_namedtuple_in_the_optimizers_state_is_copied_for_a_pure_step():
     """An optimizer keeping a namedtuple of tensors per parameter: the copy rebuilt it as type(t)(generator), which
     a namedtuple refuses (a TypeError at the second step). Reference: the raw loop."""
@@ -1379,15 +1400,8 @@ def test_a_namedtuple_in_the_optimizers_state_is_copied_for_a_pure_step():
                 self.state[p]["moments"] = Moments(old.m * 0.9 + p.grad, old.v * 0.99 + p.grad ** 2)
                 p.sub_(0.1 * self.state[p]["moments"].m)
 
-    loss = lambda m, b: m(b).pow(2).mean()  # noqa: E731
-    batches = [torch.randn(4, 2, generator=torch.Generator().manual_seed(k)) for k in range(3)]
-    torch.manual_seed(0)
-    raw_model = nn.Linear(2, 1)
-    raw = MomentsSGD(raw_model.parameters(), lr=0.1)
-    for batch in batches:
-        raw.zero_grad()
-        loss(raw_model, batch).backward()
-        raw.step()
+    loss, batches = _squares, _seeded_batches(2)
+    raw_model, raw = _raw_trained(MomentsSGD, 2, batches)
     torch.manual_seed(0)
     model = nn.Linear(2, 1)
     state = loopkit.TrainState.create(model, MomentsSGD(model.parameters(), lr=0.1))
@@ -1455,15 +1469,8 @@ def test_an_optimizers_own_data_outside_its_state_is_copied_for_a_pure_step(take
                 for p in group["params"]:
                     p.add_(p.grad, alpha=-group["lr"] * min(1.0, float(self.t) / 10))
 
-    loss = lambda m, b: m(b).pow(2).mean()  # noqa: E731
-    batches = [torch.randn(4, 3, generator=torch.Generator().manual_seed(k)) for k in range(3)]
-    torch.manual_seed(0)
-    raw_model = nn.Linear(3, 1)
-    raw = WarmSGD(raw_model.parameters(), lr=0.1)
-    for batch in batches:
-        raw.zero_grad()
-        loss(raw_model, batch).backward()
-        raw.step()
+    loss, batches = _squares, _seeded_batches(3)
+    raw_model, raw = _raw_trained(WarmSGD, 3, batches)
     torch.manual_seed(0)
     model = nn.Linear(3, 1)
     state = loopkit.TrainState.create(model, WarmSGD(model.parameters(), lr=0.1))
