@@ -31,9 +31,9 @@ from loopkit.rng import create_rng
 from loopkit.tree import compact_views, decode_tree, encode_tree, from_plain, sequence_like, to_plain
 
 __all__ = [
-    "HeldScheduler", "TrainState", "drop_graph", "extras_copy", "fork", "held_scheduler", "keep_graph", "leave_intact",
-    "make_state", "model_device", "put_extras", "replace", "replace_extras", "scheduler_for", "scheduler_held",
-    "state_at_error", "with_held_scheduler",
+    "HeldScheduler", "TrainState", "copy_model", "drop_graph", "extras_copy", "fork", "held_scheduler", "keep_graph",
+    "leave_intact", "make_state", "model_device", "put_extras", "replace", "replace_extras", "scheduler_for",
+    "scheduler_held", "state_at_error", "with_held_scheduler",
 ]
 
 _Scheduler = torch.optim.lr_scheduler.LRScheduler
@@ -218,12 +218,7 @@ class TrainState(_GraphSlot):
     def __deepcopy__(self, memo: dict[int, Any]) -> TrainState:
         new = object.__new__(type(self))
         memo[id(self)] = new
-        fields = self.__getstate__()
-        _memoize_derived_tensors(self.model, memo)
-        new.__setstate__(copy.deepcopy(fields, memo))
-        for param, copied in zip(self.model.parameters(), new.model.parameters(), strict=True):
-            _keep_tensor_hooks(param, copied)  # a Parameter's own deep copy leaves its hooks
-        _functions_read_the_copy(new.model, memo)
+        new.__setstate__(_deepcopy_holding(self.model, self.__getstate__(), memo))
         return new
 
     def state_dict(self) -> dict[str, Any]:
@@ -1136,6 +1131,32 @@ def _functions_read_the_copy(model: nn.Module, memo: dict[int, Any]) -> None:
         for registry in (param._backward_hooks, param._post_accumulate_grad_hooks):
             if registry:
                 remap(registry)
+
+
+def copy_model(model: nn.Module) -> nn.Module:
+    """An independent deep copy of ``model``, as ``copy.deepcopy(state)`` copies a state's model: unlike
+    ``copy.deepcopy(model)`` it takes a model that keeps a tensor autograd computed (the hook-based
+    ``torch.nn.utils.weight_norm`` and ``spectral_norm``), keeps its parameters' gradient hooks, and its
+    functions (hooks, closures) read the copy, not the original.
+
+    >>> model = torch.nn.utils.weight_norm(torch.nn.Linear(2, 1))
+    >>> twin = copy_model(model)
+    >>> twin.weight_v is model.weight_v, bool(torch.equal(twin(torch.ones(1, 2)), model(torch.ones(1, 2))))
+    (False, True)
+    """
+    return _deepcopy_holding(model, model, {})
+
+
+def _deepcopy_holding(model: nn.Module, value: Any, memo: dict[int, Any]) -> Any:
+    """``copy.deepcopy(value, memo)`` of a ``value`` that holds ``model`` (or is it), the model copied as
+    :func:`copy_model` says."""
+    _memoize_derived_tensors(model, memo)
+    copied = copy.deepcopy(value, memo)
+    new = memo[id(model)]
+    for param, new_param in zip(model.parameters(), new.parameters(), strict=True):
+        _keep_tensor_hooks(param, new_param)  # a Parameter's own deep copy leaves its hooks
+    _functions_read_the_copy(new, memo)
+    return copied
 
 
 def _memoize_derived_tensors(model: nn.Module, memo: dict[int, Any]) -> None:

@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import copy
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,7 +17,7 @@ import torch
 from torch import nn
 
 from loopkit._numbers import as_int
-from loopkit.state import TrainState, fork, leave_intact
+from loopkit.state import TrainState, copy_model, fork, leave_intact
 from loopkit.steps import Metrics, WrapperStep, kept_observers, run_of
 from loopkit.transforms._compose import refuse_wrapping, require_step
 
@@ -301,6 +300,5 @@ def quantized_model(state: TrainState) -> nn.Module:
             "torch.ao.quantization.QuantStub() where the quantized part starts and DeQuantStub() where it ends (or "
             "wrap the model: torch.ao.quantization.QuantWrapper(model)) before with_qat"
         )
-    with _quiet():
-        model = copy.deepcopy(state.model).eval()
-        return _quantization().convert(model, inplace=False)
+    with _quiet():  # (loopkit's copy: torch's deep copy refuses the hook-based weight_norm and spectral_norm)
+        return _quantization().convert(copy_model(state.model).eval(), inplace=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -167,7 +168,7 @@ def test_the_int8_model_computes_what_the_fake_quantized_one_does(make_batches):
     assert isinstance(int8[1], torch.ao.nn.quantized.Linear)
     assert is_prepared(state.model) and state.model.training  # the state's model is untouched
     x = make_batches(1, seed=7)[0][0]
-    simulation = quantized_model.__globals__["copy"].deepcopy(state.model).eval()
+    simulation = copy.deepcopy(state.model).eval()
     simulation.apply(torch.ao.quantization.disable_observer)
     engine = torch.backends.quantized.engine
     torch.backends.quantized.engine = "qnnpack"
@@ -180,6 +181,39 @@ def test_the_int8_model_computes_what_the_fake_quantized_one_does(make_batches):
     # the same int8 arithmetic, simulated in float: within an output quantization step (rounding)
     assert (out - simulated).abs().max() <= 1.01 * float(int8[3].scale)
     assert not torch.equal(out, torch.zeros_like(out))
+
+
+class _WithWeightNorm(nn.Module):
+    """A float front layer under the hook-based ``torch.nn.utils.weight_norm`` (left unquantized), then QAT's layers:
+    the module keeps ``weight`` as a tensor autograd computed, which ``copy.deepcopy`` of the model refuses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.front = nn.utils.weight_norm(nn.Linear(4, 4))
+        self.front.qconfig = None
+        self.body = _net(0)
+
+    def forward(self, x):
+        return self.body(self.front(x))
+
+
+def test_quantized_model_of_a_model_with_hook_based_weight_norm_is_torchs_convert_of_it(make_batches):
+    """quantized_model copies the model as loopkit's state copy does (torch's deep copy refuses the hook-based
+    weight_norm); the reference is torch's convert of the trained model itself, in place, once the copy is made."""
+    model = _WithWeightNorm()
+    state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.05))
+    step = loopkit.with_qat(loopkit.train_step(_mse))
+    for batch in make_batches(STEPS):
+        state, _ = step(state, batch)
+    int8 = quantized_model(state)
+    assert isinstance(int8.body[1], torch.ao.nn.quantized.Linear)
+    assert is_prepared(state.model) and state.model.training  # the state's model is untouched
+    assert int8.front.weight_v is not state.model.front.weight_v
+    x = make_batches(1, seed=7)[0][0]
+    reference = torch.ao.quantization.convert(state.model.eval(), inplace=True)
+    with torch.no_grad():
+        assert torch.equal(int8(x), reference(x))
 
 
 def test_bad_input_is_named(make_batches):
@@ -447,7 +481,7 @@ def _observer_step(**options):
 
 def _assert_converts_as_the_raw_model(state, ref, x):
     q = torch.ao.quantization
-    raw_int8 = q.convert(quantized_model.__globals__["copy"].deepcopy(ref).eval(), inplace=False)
+    raw_int8 = q.convert(copy.deepcopy(ref).eval(), inplace=False)
     int8 = quantized_model(state)
     assert isinstance(int8[1], torch.ao.nn.quantized.Linear)
     assert torch.equal(int8(x), raw_int8(x))
