@@ -534,7 +534,14 @@ class FnStep(Step):
 
     @property
     def applied(self) -> tuple[str, ...]:
-        return (getattr(self.fn, "__qualname__", type(self.fn).__qualname__),)
+        """The function's name: the one under any ``functools.partial`` layers (:attr:`functions`).
+
+        >>> import functools
+        >>> def my_step(state, batch, scale): return state, {}
+        >>> FnStep(functools.partial(my_step, scale=1)).applied
+        ('my_step',)
+        """
+        return (_fn_name(self.functions[-1]),)
 
 
 def _agreed(transform: str, options: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:

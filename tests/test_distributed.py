@@ -639,7 +639,8 @@ def test_a_step_without_ddp_under_a_process_group_is_warned_of_once_a_fit_unless
     rank apart (the replicas drift): every rank is warned, once a fit, naming the step and the fix. A step of one's
     own that averages the gradients itself says so (syncs_ranks = True) and is not warned of: its ranks stay alike,
     and train as with_ddp(train_step) does. Given as functools.partial(step, scale=...) the same: the flag was
-    read off the partial only (a synced one warned of) and the hint said to set partial.syncs_ranks."""
+    read off the partial only (a synced one warned of), the hint said to set partial.syncs_ranks and the warning
+    named the step "partial": it names the function under the partial."""
     _spawn_and_join(_ranks_apart_worker, (_free_port(), str(tmp_path)))
     ranks = [torch.load(os.path.join(tmp_path, f"rank{r}.pt")) for r in (0, 1)]
     for r in ranks:
@@ -648,6 +649,7 @@ def test_a_step_without_ddp_under_a_process_group_is_warned_of_once_a_fit_unless
         assert "loopkit.with_ddp(loopkit.train_step(loss_fn))" in plain and "step.syncs_ranks = True" in plain
         assert "the step (train_step)" in bare and "wrap it in with_ddp" in bare
         assert "step.syncs_ranks = True" in partial and "partial.syncs_ranks" not in partial
+        assert "the step (_hand_written.<locals>.step)" in partial and "(partial)" not in partial
         assert r["synced"]["warned"] == r["with_ddp"]["warned"] == r["synced_partial"]["warned"] == []
     for name in ("plain", "train_step"):  # what the warning is about
         assert any(not torch.equal(a, ranks[1][name]["params"][k]) for k, a in ranks[0][name]["params"].items())

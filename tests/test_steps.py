@@ -244,6 +244,16 @@ def test_a_function_steps_syncs_ranks_is_read_through_partials():
     assert as_step(bound).syncs_ranks
 
 
+def test_a_function_step_given_as_a_partial_is_named_by_its_function():
+    """A step given as functools.partial(my_step, ...) was named "partial" (the partial's class), in run_epochs'
+    warning of ranks apart and wherever ``applied`` names it. Reference: the function's own name, as a plain step's."""
+    def my_step(state, batch, scale=1.0):
+        return state, {}
+
+    assert as_step(functools.partial(functools.partial(my_step, scale=1.0))).applied == as_step(my_step).applied
+    assert as_step(my_step).applied == (my_step.__qualname__,)
+
+
 def test_loss_fn_returning_none_skips_the_update(make_mlp, batches, make_sgd_state, take_snapshot, assert_trees_equal):
     state = make_sgd_state(make_mlp(0))
     before = take_snapshot(state)
