@@ -302,3 +302,54 @@ def test_with_grad_accum_twice_is_refused_whatever_the_inner_factor(inner, mse_l
     step = loopkit.with_grad_accum(loopkit.train_step(mse_loss), every=inner)
     with pytest.raises(TypeError, match="with_grad_accum cannot wrap with_grad_accum"):
         loopkit.with_grad_accum(step, every=3)
+
+
+class _LossRecorder(loopkit.Callback):
+    """Each batch's loss, as the step returned it."""
+
+    def __init__(self, losses):
+        self.losses = losses
+
+    def on_batch_end(self, state, metrics):
+        self.losses.append(metrics["loss"].detach().clone())
+
+
+@pytest.mark.parametrize("every", [1, {0: 1, 1: 1}])
+def test_every_one_is_bitwise_a_raw_loop_without_accumulation_and_checkpoints_as_no_accumulation(
+    every, make_mlp, make_batches, mse_loss, make_adam_state, assert_trees_equal, tmp_path
+):
+    """with_grad_accum(every=1) (or a schedule of ones) accumulates nothing: each call's loss, the parameters, the
+    optimizer and scheduler, and each checkpoint's content are bitwise those of a raw loop (zero_grad, backward,
+    step) and of the same run without with_grad_accum."""
+    data, epochs = make_batches(5), 2
+    ref_model = make_mlp(0)
+    ref_opt = torch.optim.Adam(ref_model.parameters(), lr=0.01)
+    ref_sched = torch.optim.lr_scheduler.StepLR(ref_opt, 1, 0.9)  # (make_adam_state's)
+    ref_losses = []
+    for _ in range(epochs):
+        for batch in data:
+            ref_opt.zero_grad()
+            loss = mse_loss(ref_model, batch)
+            loss.backward()
+            ref_opt.step()
+            ref_sched.step()
+            ref_losses.append(loss.detach())
+
+    runs = {}
+    for name, step in (("accum", loopkit.with_grad_accum(loopkit.train_step(mse_loss), every=every)),
+                       ("plain", loopkit.train_step(mse_loss))):
+        losses = []
+        step = loopkit.with_checkpointing(step, tmp_path / name, every_n_steps=3, keep_last=None)
+        state, _ = loopkit.run_epochs(step, make_adam_state(make_mlp(0), scheduler=True), data, epochs=epochs,
+                                      progress=False, callbacks=[_LossRecorder(losses)])
+        runs[name] = (state, losses, loopkit.checkpoint.list_checkpoints(tmp_path / name))
+    state, losses, saved = runs["accum"]
+    assert_trees_equal(losses, ref_losses)
+    assert_trees_equal(dict(state.model.state_dict()), dict(ref_model.state_dict()))
+    assert_trees_equal(state.optimizer.state_dict(), ref_opt.state_dict())
+    assert state.scheduler.get_last_lr() == ref_sched.get_last_lr() and state.step == epochs * len(data)
+    plain_saved = runs["plain"][2]
+    assert [c.path.name for c in saved] == [c.path.name for c in plain_saved] and len(saved) == 3
+    for ours, plain in zip(saved, plain_saved):
+        assert_trees_equal(torch.load(ours.path / "state.pt", weights_only=False),
+                           torch.load(plain.path / "state.pt", weights_only=False))
