@@ -14,6 +14,7 @@ compares that over the ranks in one small all-gather, refusing on every rank wha
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import numbers
 from collections.abc import Collection
@@ -23,15 +24,43 @@ import numpy as np
 import torch
 
 from loopkit import _collective
+from loopkit._calls import fn_name
 from loopkit.steps import SyncRefusal
 
-__all__ = ["ddp_ignored", "frozen_summary", "refuse_apart", "training_described"]
+__all__ = ["ddp_ignored", "frozen_summary", "named_callable", "refuse_apart", "training_described"]
 
 _SKIPPED = object()  # a hyper-parameter that cannot be compared over the ranks (a callable, an object): left out
 
 
 #: the names of parameters without requires_grad that :func:`frozen_summary` lists (then a count and a digest)
 _FROZEN_LISTED = 16
+
+
+def named_callable(fn: Any) -> str | None:
+    """A callable option as the ranks compare it (a transform's ``agreed_options``): by its place,
+    ``module.qualname``, the same on every rank that defines it alike, and two functions of one name in two modules
+    told apart; a lambda or a function defined inside another (``<locals>`` in its qualname), of which a module may
+    hold several of one name, also by the line its code starts at (not by its file's path, which may differ between
+    the ranks' machines); a ``functools.partial`` by the function under it (its arguments are not compared). None
+    for None.
+
+    >>> named_callable(None), named_callable(len), named_callable(functools.partial(len))
+    (None, 'builtins.len', 'functools.partial(builtins.len)')
+    >>> first, second = (lambda: 1,
+    ...                  lambda: 2)
+    >>> named_callable(first), named_callable(second)
+    ('loopkit._agreement.<lambda> (line 1)', 'loopkit._agreement.<lambda> (line 2)')
+    """
+    if fn is None:
+        return None
+    if isinstance(fn, functools.partial):
+        return f"functools.partial({named_callable(fn.func)})"
+    name = fn_name(fn)
+    described = f"{getattr(fn, '__module__', None) or type(fn).__module__}.{name}"
+    code = getattr(fn, "__code__", None)
+    if ("<lambda>" in name or "<locals>" in name) and hasattr(code, "co_firstlineno"):
+        described += f" (line {code.co_firstlineno})"
+    return described
 
 
 def ddp_ignored(model: torch.nn.Module) -> frozenset[str]:

@@ -4,12 +4,15 @@ test_fsdp.py's two-rank runs). Two summaries compare equal exactly where the opt
 
 from __future__ import annotations
 
+import functools
+import types
+
 import numpy as np
 import pytest
 import torch
 
 from loopkit import _agreement, _collective
-from loopkit._agreement import refuse_apart, training_described
+from loopkit._agreement import named_callable, refuse_apart, training_described
 
 
 def _model() -> torch.nn.Module:
@@ -66,3 +69,32 @@ def test_nothing_is_described_or_gathered_without_a_process_group_of_several_ran
     monkeypatch.setattr(_agreement, "training_described", never)
     monkeypatch.setattr(_collective, "gather", never)
     refuse_apart(_model(), torch.optim.SGD(_model().parameters(), lr=0.1), "with_ddp", "")
+
+
+def _hook(state, bucket):
+    return bucket
+
+
+def _closure(scale):
+    def hook(state, bucket):
+        return bucket * scale
+    return hook
+
+
+def test_callables_of_one_name_are_told_apart_by_module_and_a_lambdas_line():
+    """named_callable (what agreed_options compare over the ranks of a callable option) told two lambdas of a module
+    apart by nothing (``module.<lambda>``), nor two partials (``functools.partial``); a function of one name in another
+    module by its module (as it did). Reference: what Python says of each, its module, qualname and first line."""
+    other = types.FunctionType(_hook.__code__, {}, "_hook")
+    other.__module__, other.__qualname__ = "elsewhere", _hook.__qualname__
+    first, second = (lambda m, b: 1,
+                     lambda m, b: 2)
+    assert named_callable(_hook) == f"{__name__}._hook" and named_callable(other) == "elsewhere._hook"
+    qualname = test_callables_of_one_name_are_told_apart_by_module_and_a_lambdas_line.__qualname__
+    assert named_callable(first) == f"{__name__}.{qualname}.<locals>.<lambda> (line {first.__code__.co_firstlineno})"
+    assert named_callable(second) != named_callable(first)
+    assert named_callable(_closure(1.0)) == named_callable(_closure(2.0))  # (one closure's code; values not compared)
+    assert named_callable(_closure(1.0)).endswith(f"(line {_closure(1.0).__code__.co_firstlineno})")
+    assert named_callable(functools.partial(first, b=0)) == f"functools.partial({named_callable(first)})"
+    assert named_callable(functools.partial(first)) != named_callable(functools.partial(second))
+    assert named_callable(torch.nn.MSELoss()) == "torch.nn.modules.loss.MSELoss" and named_callable(None) is None

@@ -1258,6 +1258,52 @@ def test_transform_options_that_differ_between_ranks_are_refused_at_once_naming_
         assert found["alike"] == {"step": ddp.STEPS}
 
 
+def allreduce_hook(state, bucket):
+    """A comm hook of the name of torch's ``default_hooks.allreduce_hook``, in another module (computing the same)."""
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    return default_hooks.allreduce_hook(state, bucket)
+
+
+def _callables_worker(rank: int, port: int, out: str) -> None:
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    torch.set_num_threads(1)
+    distributed.init(rank=rank, world_size=2, master_port=port, timeout=30)
+    mine = (lambda zero, one: zero if rank == 0 else one)
+    ddp_step = lambda: loopkit.with_ddp(loopkit.train_step(ddp.mse))  # noqa: E731
+    pruned = lambda schedule: loopkit.with_pruning(ddp_step(), amount=0.5, schedule=schedule)  # noqa: E731
+    cases = {  # refused: two functions of one name, on two ranks
+        "hook": lambda: loopkit.with_ddp(loopkit.train_step(ddp.mse),
+                                         comm_hook=mine(default_hooks.allreduce_hook, allreduce_hook)),
+        "lambda": lambda: pruned(mine(lambda step: 0.0,
+                                      lambda step: 1.0)),
+        # trained: one lambda (one line of one module) on both ranks
+        "lambda_same": lambda: pruned(lambda step: float(step >= 2)),
+    }
+    _fit_each_case(cases, rank, out, epochs=1)
+
+
+@pytest.mark.slow
+def test_callable_options_are_agreed_by_module_name_and_a_lambdas_line(tmp_path, bare_env):
+    """Callable options were compared over the ranks by name alone: with_ddp's comm_hook by its qualname (torch's
+    allreduce_hook on rank 0 and a function of that name in another module on rank 1), with_pruning's schedule as
+    module.<lambda> (a lambda that never prunes on rank 0, one that prunes at once on rank 1), and each rank trained
+    with its own. Refused now on every rank, naming the option and both values; one lambda on both ranks trains."""
+    _spawn_and_join(_callables_worker, (_free_port(), str(tmp_path)), seconds=90)
+    named = {"hook": f"{{'with_ddp comm_hook': '{__name__}.allreduce_hook'}}, rank 0 has {{'with_ddp comm_hook': "
+                     "'torch.distributed.algorithms.ddp_comm_hooks.default_hooks.allreduce_hook'}",
+             "lambda": "{'with_pruning schedule': "}
+    for r in (0, 1):
+        found = torch.load(os.path.join(tmp_path, f"rank{r}.pt"))
+        for case, values in named.items():
+            assert "the ranks have other options of the transforms" in found[case]["error"], (r, case, found[case])
+            assert f"rank 1 has {values}" in found[case]["error"] and found[case]["seconds"] < 10, found[case]
+        lines = found["lambda"]["error"].split("rank 1 has ")[1]
+        assert f"'{__name__}._callables_worker.<locals>." in lines and lines.count("<lambda> (line ") == 2
+        assert found["lambda_same"] == {"step": ddp.STEPS}
+
+
 def _agreement_worker(rank: int, port: int, out: str) -> None:
     from torch.distributed.fsdp import MixedPrecisionPolicy
 

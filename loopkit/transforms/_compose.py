@@ -13,23 +13,9 @@ from loopkit.state import TrainState, leave_intact, state_at_error
 from loopkit.steps import EvalStep, FnStep, Step, TrainStep, WrapperStep, as_step, innermost
 
 __all__ = [
-    "check_option_names", "fitted_to", "intact_as", "named_callable", "refuse_wrapping", "require_step",
+    "check_option_names", "fitted_to", "intact_as", "refuse_wrapping", "require_step",
     "require_train_or_eval_step", "require_train_step", "sync_refusal",
 ]
-
-
-def named_callable(fn: Any) -> str | None:
-    """A callable option by its place (``module.qualname``), the same on every rank that defines it alike (what
-    ``agreed_options`` compares over the ranks of a callable: two of one name cannot be told apart); None for None.
-
-    >>> named_callable(None), named_callable(len)
-    (None, 'builtins.len')
-    """
-    if fn is None:
-        return None
-    module = getattr(fn, "__module__", None) or type(fn).__module__
-    name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
-    return f"{module}.{name}"
 
 
 def check_option_names(

@@ -33,7 +33,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from loopkit import _collective
-from loopkit._agreement import ddp_ignored, refuse_apart
+from loopkit._agreement import ddp_ignored, named_callable, refuse_apart
 from loopkit.steps import _ACCUM_COUNT, SyncRefusal, TrainStep, changing_nothing, sync_unchanged
 from loopkit.transforms._compose import check_option_names, require_train_step
 
@@ -145,8 +145,8 @@ class DDPSync:
         broadcast before each forward and when it is built, the unused parameters' all-reduce, the buckets' sizes, a
         static graph's first backward; an option given as its default is the option not given, ``bucket_cap_mb``
         beside a ``bucket_cap_mb_list`` that torch takes instead is not given, an empty list is no list:
-        :func:`_bucket_caps`) and the comm hook's name: every rank must give the same (see
-        :attr:`loopkit.steps.Step.rank_agreed`).
+        :func:`_bucket_caps`) and the comm hook, by its module and name (:func:`loopkit._agreement.named_callable`):
+        every rank must give the same (see :attr:`loopkit.steps.Step.rank_agreed`).
 
         >>> DDPSync({"find_unused_parameters": True}).agreed_options["find_unused_parameters"]
         True
@@ -156,8 +156,7 @@ class DDPSync:
         agreed = _buffer_syncs(self.options)
         agreed.update((option, self.options.get(option, default)) for option, default in _AGREED_DEFAULTS.items())
         agreed.update(_bucket_caps(self.options))
-        hook = self.comm_hook
-        agreed["comm_hook"] = None if hook is None else getattr(hook, "__qualname__", type(hook).__qualname__)
+        agreed["comm_hook"] = named_callable(self.comm_hook)
         return agreed
 
     @property

@@ -28,9 +28,9 @@ from torch import nn
 from loopkit._sharded import held_grads as _held_grads
 from loopkit._sharded import is_dtensor, local
 from loopkit import _collective
-from loopkit._agreement import refuse_apart
+from loopkit._agreement import named_callable, refuse_apart
 from loopkit.steps import SyncRefusal, TrainStep, changing_nothing
-from loopkit.transforms._compose import check_option_names, named_callable, refuse_wrapping, require_train_step
+from loopkit.transforms._compose import check_option_names, refuse_wrapping, require_train_step
 
 if TYPE_CHECKING:
     from torch.distributed.fsdp import MixedPrecisionPolicy
@@ -326,8 +326,8 @@ def _chosen(shard: Collection[type[nn.Module]] | Callable[[nn.Module], bool]) ->
 
 def _shard_described(shard: Collection[type[nn.Module]] | Callable[[nn.Module], bool]) -> tuple[str, ...] | str:
     """``shard`` as it picks: its classes by name, sorted, each once (``{nn.Linear}``, ``[nn.Linear, nn.Linear]`` and
-    ``(nn.Linear,)`` pick alike; ``()`` and ``set()`` pick none), or a predicate by name (two predicates of one name
-    that pick otherwise cannot be told apart).
+    ``(nn.Linear,)`` pick alike; ``()`` and ``set()`` pick none), or a predicate by its module and name (a lambda's by its
+    line too: :func:`loopkit._agreement.named_callable`).
 
     >>> _shard_described([nn.ReLU, nn.Linear, nn.ReLU]), _shard_described(set())
     (('torch.nn.modules.activation.ReLU', 'torch.nn.modules.linear.Linear'), ())

@@ -17,12 +17,13 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize, prune
 
+from loopkit._agreement import named_callable
 from loopkit._calls import check_call
 from loopkit._numbers import as_int, as_real
 from loopkit.rng import RNGScope
 from loopkit.state import TrainState, core_module, leave_intact, plain_names, replace, replace_extras
 from loopkit.steps import Metrics, TrainStep, UpdateStep, WrapperStep, _cuda_index, needs_closure
-from loopkit.transforms._compose import fitted_to, intact_as, named_callable, refuse_wrapping, require_step
+from loopkit.transforms._compose import fitted_to, intact_as, refuse_wrapping, require_step
 from loopkit.transforms.qat import is_prepared
 
 __all__ = ["PruningMethod", "PruningStep", "default_prunable", "with_pruning"]
@@ -166,7 +167,8 @@ class PruningStep(UpdateStep):
     @property
     def agreed_options(self) -> dict[str, Any]:
         """How much, when and what it prunes: a rank with others would zero other weights of its replica (see
-        :attr:`loopkit.steps.Step.rank_agreed`). A schedule function is compared by name."""
+        :attr:`loopkit.steps.Step.rank_agreed`). A schedule function is compared by its module, name and (a lambda's)
+        line: :func:`loopkit._agreement.named_callable`."""
         fraction = getattr(self.schedule, "fraction", self.schedule)
         when = fraction.points if isinstance(fraction, _CubicSchedule) else named_callable(fraction)
         return {

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import SWALR, update_bn
 
+from loopkit._agreement import named_callable
 from loopkit._calls import check_call
 from loopkit._numbers import as_int, as_real
 from loopkit.rng import RNGScope, cuda_index, global_rng_state
@@ -25,7 +26,7 @@ from loopkit.state import (
     TrainState, core_module, extras_copy, fork, leave_intact, model_device, replace, scheduler_held, state_at_error,
 )
 from loopkit.steps import Metrics, Step, WrapperStep, flush_of, run_of
-from loopkit.transforms._compose import named_callable, refuse_wrapping, require_step
+from loopkit.transforms._compose import refuse_wrapping, require_step
 from loopkit.transforms.ema import _fitted, _parameters
 from loopkit.transforms.pruning import _MASKS as _PRUNING_MASKS
 from loopkit.transforms.pruning import _masked_parameters
