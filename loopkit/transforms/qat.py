@@ -274,7 +274,9 @@ def quantized_model(state: TrainState) -> nn.Module:
     """An int8 copy of a QAT-trained ``state.model`` for inference (``torch.ao.quantization.convert``).
 
     The model needs ``QuantStub``/``DeQuantStub`` where its quantized part starts and ends
-    (eager mode quantizes between them). ``state`` is unchanged.
+    (eager mode quantizes between them). ``state`` is unchanged: its model is copied as ``copy.deepcopy(state)``
+    copies it (:func:`loopkit.state.copy_model`), so a model with the hook-based ``torch.nn.utils.weight_norm`` or
+    ``spectral_norm``, which ``copy.deepcopy(model)`` refuses, converts too.
 
     >>> import torch
     >>> from torch.ao.quantization import QuantStub, DeQuantStub
