@@ -49,7 +49,9 @@ batch hooks set no ``should_stop``, its own or another callback's, and makes no 
 hooks may ask again). Asked in ``on_epoch_start``, no batch of that epoch
 is trained and, unlike Lightning (whose ``on_train_epoch_end`` still runs for the empty epoch, which
 it counts finished), no ``on_epoch_end`` is called for it nor record made: the epoch is not counted
-done (``state.epoch`` stays at it). The ``state`` a hook is handed shares the model and optimizer
+done (``state.epoch`` stays at it), and the state keeps the callbacks' counters from before that
+``on_epoch_start``: a run resumed from it calls it for the epoch once more and ends with the uninterrupted
+run's counters. The ``state`` a hook is handed shares the model and optimizer
 with the fit's later states: once the fit trains on (its next step, or an epoch's flush), a state
 a callback kept is used up (using it raises ``loopkit.DonatedStateError``), never holding weights
 of later updates; keep ``copy.deepcopy(state)`` for a snapshot. A callback

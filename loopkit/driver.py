@@ -2686,10 +2686,11 @@ def run_epochs(
             while ((more(state) or finishing) and (not hooks.stops(state) or resumed_val or finishing) and not stop.agreed
                    and not deferred_stop):
                 hooks.call("on_epoch_start", state)
+                kept = hooks.keep(state)  # what they know at the epoch's start: a checkpoint mid-epoch holds it
+                if hooks.stops(kept) and not resumed_val and not finishing:  # asked in on_epoch_start: no batch of it;
+                    break  # the state keeps the counters from before it, as a run resumed from it calls it again
                 superseded.add(state)
-                state = hooks.keep(state)  # what they know at the epoch's start: a checkpoint mid-epoch holds it
-                if hooks.stops(state) and not resumed_val and not finishing:  # asked in on_epoch_start: no batch of it
-                    break
+                state = kept
                 data = _train_data(train_data, state)  # (a factory's: made for the epoch, now)
                 if resuming:
                     resuming = False

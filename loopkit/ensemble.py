@@ -36,7 +36,10 @@ any plain attribute such as a ``temperature`` the forward reads, a plain tensor 
 class and attributes: the step runs member 0's modules for all) and the same forward hooks and forward pre-hooks
 (the same function, or one made alike for each member: a method of the member's own module, a ``functools.partial``
 with equal arguments, a lambda or nested function closing over the member's own module or equal values, a callable
-object of one class with equal attributes; torch's pruning and old-style weight_norm hooks are each member's own),
+object of one class with equal attributes; torch's pruning and old-style weight_norm hooks are each member's own;
+vmapped, a hook runs once a step for all the members, on their batched tensors: one counting its calls in an object
+outside the members counts one a step, where K solo runs count K, and one that keeps a tensor there, a list of
+activations, is refused, see :func:`_drop_kept_by_hooks`; one member at a time it runs for each member),
 the same parameters must be frozen (``requires_grad``) in every member, and their optimizers must
 not need a closure (LBFGS); a donated step refuses a member changed since stacking in any of these (changed alike in every member, as when
 unfreezing a backbone, it trains on; a ``_private`` value is compared by :func:`stack`, and so by a non-donated
@@ -861,7 +864,7 @@ def _refuse_escaped(
     as a tensor, ``self.n = self.n + 1``), or with another tensor of no call (``self.t, self.u = self.u, self.t``:
     member 0's only, where each member's solo forward changes its own), is put back as it was. ``of_call``: whether
     a tensor is the call's (by default a functorch wrapper: the vmapped call's; see :func:`_made_by_call`)."""
-    escaped, replaced, swapped = [], [], []
+    escaped, replaced, swapped, hooked = [], [], [], []
     is_wrapped = of_call or torch._C._functorch.is_functorch_wrapped_tensor
     for i, (name, module) in enumerate(model.named_modules()):
         computed = _computed(module)
@@ -883,8 +886,80 @@ def _refuse_escaped(
                 swapped.append(f"{attr!r} of module {name or '(model)'}")
             elif isinstance(value, (list, dict)) and _drop_wrapped(value, is_wrapped):
                 escaped.append(f"{name + '.' if name else ''}{attr}: taken out of it")
+        if module._forward_hooks or module._forward_pre_hooks:
+            hooked.extend(_drop_kept_by_hooks(module, name))
+    if hooked and of_call is None:  # (one member at a time, they hold each member's own, as its solo run's hook)
+        raise RuntimeError(
+            f"ensemble.train_step: {where}: the forward hook(s) {', '.join(hooked)} kept tensors of the vmapped call in "
+            "an object outside the members (taken out of it): the step runs member 0's hooks once for every member, on "
+            "the members' batched tensors, dead once the call returns, where each member's solo run's hook sees its "
+            "own; return what you inspect from the loss_fn as a metric (one value per member), or train the members "
+            "apart"
+        )
     if replaced or swapped or escaped:
         raise RuntimeError(_escaped_message(where, replaced, swapped, escaped))
+
+
+def _drop_kept_by_hooks(module: nn.Module, name: str) -> list[str]:
+    """Take the tensors of a vmapped call out of what ``module``'s forward hooks and pre-hooks hold outside the
+    members (see :func:`_held_outside`: a list they append to, a dict they fill, an object's attribute they set,
+    set to None); each hook that had kept one, named."""
+    is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    found = []
+    for hook in (*module._forward_pre_hooks.values(), *module._forward_hooks.values()):
+        kept = False
+        for held in _held_outside(hook):
+            if isinstance(held, (list, dict)):
+                kept = _drop_wrapped(held, is_wrapped) or kept
+                continue
+            for attr, value in list(vars(held).items()):
+                if isinstance(value, torch.Tensor) and is_wrapped(value):
+                    setattr(held, attr, None)
+                    kept = True
+                elif isinstance(value, (list, dict)):
+                    kept = _drop_wrapped(value, is_wrapped) or kept
+        if kept:
+            found.append(f"{getattr(hook, '__qualname__', type(hook).__qualname__)} of module {name or '(model)'}")
+    return found
+
+
+def _held_outside(hook: Any) -> list[Any]:
+    """The objects outside the member a forward hook may keep tensors in: the lists, dicts and plain objects (no
+    module, class or Python module) its function holds in its closure, defaults or ``functools.partial`` arguments,
+    the globals it names, the object it is a method of, or the hook object itself; through the functions it holds
+    (not the global ones it calls).
+
+    >>> seen = []
+    >>> _held_outside(lambda module, args, out: seen.append(out)) == [seen]
+    True
+    """
+    found, todo, visited = [], [hook], set()
+    while todo:
+        fn = todo.pop()
+        if id(fn) in visited:
+            continue
+        visited.add(id(fn))
+        if isinstance(fn, functools.partial):
+            todo.append(fn.func)
+            values = [*fn.args, *fn.keywords.values()]
+        elif isinstance(fn, types.MethodType):
+            todo.append(fn.__func__)
+            values = [fn.__self__]
+        elif isinstance(fn, types.FunctionType):
+            named = [fn.__globals__.get(n) for n in fn.__code__.co_names]
+            values = [*(fn.__defaults__ or ()), *(fn.__kwdefaults__ or {}).values(), *_cells(fn),
+                      *(v for v in named if isinstance(v, (list, dict)))]
+        else:
+            values = [fn]
+        for value in values:
+            if isinstance(value, (functools.partial, types.MethodType, types.FunctionType)):
+                todo.append(value)
+            elif isinstance(value, (list, dict)) or (
+                    type(getattr(value, "__dict__", None)) is dict
+                    and not isinstance(value, (nn.Module, type, types.ModuleType))):
+                if all(value is not other for other in found):
+                    found.append(value)
+    return found
 
 
 def _made_by_call(model: nn.Module, before: _Snapshot) -> Callable[[torch.Tensor], bool]:

@@ -1124,6 +1124,45 @@ def test_should_stop_set_in_on_epoch_start_trains_no_batch_of_that_epoch(also_ba
     assert len(history) == 1
 
 
+class _EpochCounter(loopkit.Callback):
+    """Counts its epoch starts and ends (its state_dict); asks to stop at ``stop_at``'s start."""
+
+    def __init__(self, stop_at=None):
+        self.stop_at, self.starts, self.ends = stop_at, 0, 0
+
+    def on_epoch_start(self, state):
+        self.starts += 1
+        self.should_stop = state.epoch == self.stop_at
+
+    def on_epoch_end(self, state, record):
+        self.ends += 1
+
+    def state_dict(self):
+        return {"starts": self.starts, "ends": self.ends}
+
+    def load_state_dict(self, sd):
+        self.starts, self.ends = int(sd["starts"]), int(sd["ends"])
+
+
+def test_a_run_resumed_from_a_stop_asked_in_on_epoch_start_ends_with_the_uninterrupted_runs_counters(
+        assert_trees_equal):
+    """The stopped state keeps the counters from before that on_epoch_start (the resumed run calls it again for the
+    epoch, once, as the uninterrupted run did), as an epoch cut short keeps those from before its on_epoch_end."""
+    ev, _ = counting_eval()
+    fit = dict(epochs=3, val=(ev, make_data(2, seed=1)), progress=False)
+    whole_cb = _EpochCounter()
+    whole, whole_history = run_epochs(train_step(mse), make_state(), make_data(3), callbacks=[whole_cb], **fit)
+    stopped_cb = _EpochCounter(stop_at=1)
+    stopped, history = run_epochs(train_step(mse), make_state(), make_data(3), callbacks=[stopped_cb], **fit)
+    assert (stopped.epoch, stopped.step, len(history), stopped_cb.starts, stopped_cb.ends) == (1, 3, 1, 2, 1)
+    assert stopped.extras["callbacks/_EpochCounter"] == {"starts": 1, "ends": 1}  # epoch 1's start not counted
+    resumed_cb = _EpochCounter()
+    resumed, rest = run_epochs(train_step(mse), stopped, make_data(3), callbacks=[resumed_cb], **fit)
+    assert (resumed_cb.starts, resumed_cb.ends) == (whole_cb.starts, whole_cb.ends) == (3, 3)
+    assert history + rest == whole_history
+    assert_trees_equal(resumed.model.state_dict(), whole.model.state_dict())
+
+
 def test_the_callback_base_has_every_hook_as_a_no_op():
     rec = Recorder()
     ev, _ = counting_eval()

@@ -2402,6 +2402,69 @@ def test_members_with_the_same_hook_function_or_a_method_of_their_own_module_fol
         ensemble.stack([_sgd(_SelfHooked(0)), _sgd(_SelfHooked(1, scale=2.0))])
 
 
+_KEPT_OUTSIDE: dict[str, Any] = {}  # (a global dict a hook fills)
+
+
+def _keep_globally(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+    _KEPT_OUTSIDE["out"] = out.detach()
+
+
+class _Keeper:
+    """Keeps the output of the module it hooks (a bound method's object outside the member)."""
+
+    def __init__(self) -> None:
+        self.last = None
+
+    def hook(self, module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        self.last = out.detach()
+
+
+@pytest.mark.parametrize("kind", ["a list it closes over", "a global dict", "an attribute of its object"])
+def test_a_forward_hook_keeping_the_vmapped_calls_tensors_outside_the_members_is_refused_the_ensemble_usable(
+        kind, make_batches):
+    """Before, the vmapped step ran member 0's hook once for every member and the tensor it kept was a functorch
+    wrapper, dead once the call returned (any use raised), where each solo run's hook keeps its own member's output.
+    Refused before any member updates, the tensors taken out; without the hook the ensemble trains on."""
+    kept: list[torch.Tensor] = []
+    keeper = _Keeper()
+    hook, held = {"a list it closes over": (lambda module, args, out: kept.append(out.detach()), lambda: kept),
+                  "a global dict": (_keep_globally, lambda: _KEPT_OUTSIDE),
+                  "an attribute of its object": (keeper.hook, lambda: keeper.last)}[kind]
+    batches = make_batches(2)
+    states = [_hooked(seed, hook) for seed in range(3)]
+    ens = ensemble.stack(states)
+    before = {n: p.clone() for n, p in ens.params.items()}
+    step = ensemble.train_step(lambda m, b: ((m(b[0]) - b[1]) ** 2).mean(), donated=True)
+    with pytest.raises(RuntimeError, match=r"the forward hook\(s\) .* of module 0 kept tensors of the vmapped call in an "
+                                           "object outside the members") as caught:
+        step(ens, batches[0])
+    assert not held()  # (taken out: emptied, or set to None)
+    assert loopkit.state_at_error(caught.value) is ens
+    for name, p in ens.params.items():
+        assert torch.equal(p, before[name])
+    for member in ens.members:
+        member.model[0]._forward_hooks.clear()
+    ens, _ = step(ens, batches[0])
+    ens, _ = step(ens, batches[1])
+    _assert_follow_solo(ens, [_sgd(_mlp(seed)) for seed in range(3)], batches)
+
+
+def test_one_member_at_a_time_a_hook_keeps_each_members_own_tensors_as_its_solo_run_does(make_batches):
+    """A loss_fn that draws (dropout) runs one member at a time: the hook runs for each member, on its own output, as in
+    its solo run (the wrapper the first, vmapped, attempt left is taken out without a refusal)."""
+    kept: list[torch.Tensor] = []
+    batch = make_batches(1)[0]
+    models = [_mlp(seed, dropout=True) for seed in range(3)]
+    expected = [model[0](batch[0]).detach() for model in models]
+    for model in models:
+        model[0].register_forward_hook(lambda module, args, out: kept.append(out.detach()))
+    step = ensemble.train_step(lambda m, b: ((m(b[0]) - b[1]) ** 2).mean(), donated=True)
+    step(ensemble.stack([_sgd(model) for model in models]), batch)
+    assert step.draws_random and len(kept) == 3
+    for own, solo in zip(kept, expected):
+        torch.testing.assert_close(own, solo)
+
+
 def test_a_donated_step_refuses_a_hook_added_to_one_member_since_stacking_and_trains_on_once_alike(make_batches):
     """Before, a hook added to member 1 after stacking was never called (the step runs member 0's modules). Refused as
     stack refuses it, the ensemble usable; added alike to every member, it trains on as the solo runs do."""

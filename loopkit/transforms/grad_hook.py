@@ -89,7 +89,13 @@ def with_grad_hook(step: Any, fn: HookFn) -> TrainStep:
     gradient; inside it, on each micro-batch's own gradient (Lightning's ``on_after_backward`` sees
     the running sum); under float16 ``with_amp``, after unscaling (Lightning's ``on_after_backward``
     sees scaled gradients); inside ``with_grad_clip``, before clipping, as Lightning's hook. It must
-    not replace the parameters or call the optimizer. A guard sees what the hook leaves only from
+    not replace the parameters or call the optimizer. A ``fn`` that raises (or returns what is refused)
+    in one process leaves the state before the call whole (:func:`loopkit.state_at_error`), the call's
+    gradients dropped: without ``with_grad_accum``, inside it (each micro-batch's gradient is set apart
+    from the group's sum), and at an epoch's flush; outside it, at a group's last micro-batch, that
+    batch's backward has added into the group's sum in place (no second set of gradients is kept, as
+    in a raw loop), so no state is whole then: put a hook that may fail inside ``with_grad_accum``, or
+    relaunch from a checkpoint. A guard sees what the hook leaves only from
     outside it: ``with_nan_guard(with_grad_hook(step, fn))``. Under ``with_ddp`` it sees the averaged
     gradients (outside accumulation) on every rank; whatever it changes must be the same on each.
     Under ``with_fsdp`` each ``p.grad`` is a ``DTensor`` holding this rank's shard: change it in

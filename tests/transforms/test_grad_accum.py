@@ -129,6 +129,41 @@ def test_run_epochs_flushes_a_partial_group_at_epoch_end(make_mlp, make_batches,
     _assert_close(dict(state.model.named_parameters()), _reference_partial(make_mlp, mse_loss, data, 4))
 
 
+@pytest.mark.parametrize("skipped", [0, 2, 3, 5, 6])
+def test_a_skipped_batch_takes_no_place_in_a_group_as_a_raw_loop_that_skips_it(
+    skipped, make_mlp, make_batches, mse_loss, make_sgd_state, assert_trees_equal
+):
+    """A None batch the loss_fn skips, first, last or mid-group, or the epoch's last (then the flush's group is the
+    micro-batches before it): each update is a raw accumulation loop's that leaves the batch out, flush included, over
+    two epochs; a run cut at the first update and resumed from it (mid-group past the skip) ends the same."""
+    every, data = 3, list(make_batches(7))
+    data[skipped] = None
+    skipping = lambda model, batch: None if batch is None else mse_loss(model, batch)  # noqa: E731
+    ref_model = make_mlp(0)
+    ref_opt = torch.optim.SGD(ref_model.parameters(), lr=0.1, momentum=0.9)  # (make_sgd_state's)
+    for _ in range(2):
+        seen = 0
+        for batch in (b for b in data if b is not None):
+            (mse_loss(ref_model, batch) / every).backward()
+            seen += 1
+            if seen == every:
+                ref_opt.step()
+                ref_opt.zero_grad()
+                seen = 0
+        if seen:  # the epoch's partial group: the mean over the micro-batches seen
+            for p in ref_model.parameters():
+                p.grad.mul_(every / seen)
+            ref_opt.step()
+            ref_opt.zero_grad()
+    step = lambda: loopkit.with_grad_accum(loopkit.train_step(skipping), every=every)  # noqa: E731
+    whole, _ = loopkit.run_epochs(step(), make_sgd_state(make_mlp(0)), data, epochs=2, progress=False)
+    assert whole.step == 4
+    assert_trees_equal(dict(whole.model.state_dict()), dict(ref_model.state_dict()))
+    cut, _ = loopkit.run_epochs(step(), make_sgd_state(make_mlp(0)), data, epochs=2, max_steps=1, progress=False)
+    resumed, _ = loopkit.run_epochs(step(), cut, data, epochs=2, progress=False)
+    assert_trees_equal(dict(resumed.model.state_dict()), dict(whole.model.state_dict()))
+
+
 @pytest.mark.parametrize("stop_after", [1, 2, 3])
 def test_accumulated_gradient_survives_a_state_dict_round_trip(
     stop_after, make_mlp, make_batches, mse_loss, make_adam_state, take_snapshot, assert_trees_equal

@@ -383,6 +383,51 @@ def test_a_hook_that_fails_leaves_the_newest_whole_state_and_a_relaunch_ends_as_
 
 
 @pytest.mark.parametrize("how", ["refused metric", "raises"])
+@pytest.mark.parametrize("at", [3, 6])
+def test_a_hook_inside_accumulation_that_fails_at_a_groups_last_micro_batch_leaves_the_group_so_far_whole(
+    how, at, make_mlp, make_batches, mse_loss, make_adam_state, take_snapshot, assert_trees_equal
+):
+    """Inside with_grad_accum(every=3) the hook sees each micro-batch's own gradient, set apart from the group's sum:
+    failing at a group's last micro-batch (before the update), it leaves the state before that batch, the group's
+    first two micro-batches summed (as the same step takes them by hand), and a relaunch from it ends as the
+    uninterrupted run (a raw loop whose hook never fails)."""
+    def hooked(hook):
+        return loopkit.with_grad_accum(loopkit.with_grad_hook(loopkit.train_step(mse_loss), hook), every=3)
+
+    data = make_batches(6)
+    whole, whole_history = loopkit.run_epochs(
+        hooked(lambda s: None), make_adam_state(make_mlp(0)), data, epochs=2, progress=False)
+    with pytest.raises((TypeError, RuntimeError), match="is a str|the hook's own failure") as caught:
+        loopkit.run_epochs(hooked(_RefusedAt(at, how)), make_adam_state(make_mlp(0)), data, epochs=2, progress=False)
+    left = loopkit.state_at_error(caught.value)
+    assert left is not None
+    assert (left.step, left.batch_index, left.extras["accum/count"]) == (at // 3 - 1, at - 1, 2)
+    by_hand = make_adam_state(make_mlp(0))
+    for batch in data[:at - 1]:
+        by_hand, _ = hooked(lambda s: None)(by_hand, batch)
+    assert_trees_equal(take_snapshot(left)["params"], take_snapshot(by_hand)["params"])
+    assert_trees_equal(take_snapshot(left)["optimizer"], take_snapshot(by_hand)["optimizer"])
+    assert all(torch.equal(a.grad, b.grad) for a, b in zip(left.model.parameters(), by_hand.model.parameters()))
+    resumed, history = loopkit.run_epochs(hooked(lambda s: None), left, data, epochs=2, progress=False)
+    assert history == whole_history
+    assert_trees_equal(take_snapshot(resumed)["params"], take_snapshot(whole)["params"])
+    assert_trees_equal(take_snapshot(resumed)["optimizer"], take_snapshot(whole)["optimizer"])
+
+
+def test_a_hook_outside_accumulation_that_fails_at_a_groups_last_micro_batch_leaves_no_whole_state(
+    make_mlp, make_batches, mse_loss, make_adam_state
+):
+    """Outside with_grad_accum the hook runs on the summed gradient after the group's last backward, which added into
+    the group's sum in place (no second set of gradients is kept, as in a raw loop): no state of the fit is whole
+    then, and the error says so (with_grad_hook's docstring: put the hook inside, or relaunch from a checkpoint)."""
+    step = loopkit.with_grad_hook(loopkit.with_grad_accum(loopkit.train_step(mse_loss), every=3), _RefusedAt(1, "raises"))
+    with pytest.raises(RuntimeError, match="the hook's own failure") as caught:
+        loopkit.run_epochs(step, make_adam_state(make_mlp(0)), make_batches(6), epochs=1, progress=False)
+    assert loopkit.state_at_error(caught.value) is None
+    assert any("no state of the fit is known whole" in note for note in caught.value.__notes__)
+
+
+@pytest.mark.parametrize("how", ["refused metric", "raises"])
 @pytest.mark.parametrize("clipped", [False, True], ids=["hook(accum)", "clip(hook(accum))"])
 def test_a_hook_that_fails_at_an_epochs_flush_leaves_the_state_before_it_and_a_relaunch_ends_as_the_uninterrupted_run(
     how, clipped, make_mlp, make_batches, mse_loss, make_adam_state, take_snapshot, assert_trees_equal
