@@ -89,6 +89,8 @@ from loopkit._numbers import as_int, as_real
 from loopkit import _collective
 from loopkit._collective import is_rank_zero
 from loopkit.progress import write_line
+from loopkit.state import TrainState
+from loopkit.steps import owed_hooks
 
 __all__ = ["Callback", "EarlyStopping", "EarlyStoppingReason", "LearningRateMonitor", "MonitorCallback", "Timer", "may_change_state_early"]
 
@@ -648,12 +650,16 @@ class LearningRateMonitor(Callback):
     def on_fit_start(self, state: Any) -> None:
         """Start afresh, as Lightning's ``on_train_start`` does: ``history`` empty, no epoch under way (a resumed
         one's start rates come from the state, loaded after this hook). Per step, take the fit's starting update
-        as seen: rates are recorded after each update that follows. Groups of one name are refused now, before
-        any step (and, with ``log_weight_decay``, groups without a ``weight_decay``); with ``log_momentum``, an
-        optimizer without momentum is warned of (its momentum is logged as 0, as Lightning's warning says)."""
+        as seen: rates are recorded after each update that follows (and after that one when its hooks are owed, a
+        logger's write having failed there: :func:`loopkit.steps.owed_hooks`, called first). Groups of one name
+        are refused now, before any step (and, with ``log_weight_decay``, groups without a ``weight_decay``); with
+        ``log_momentum``, an optimizer without momentum is warned of (its momentum is logged as 0, as Lightning's
+        warning says)."""
         self.history = []
         self._epoch_start, self._epoch_start_step = None, 0
         self._step_seen = getattr(state, "step", None)
+        if isinstance(state, TrainState) and owed_hooks(state) is not None:
+            self._step_seen = None
         self._read = self._reader()
         optimizer = getattr(state, "optimizer", None)
         if optimizer is not None:

@@ -39,7 +39,7 @@ from loopkit._calls import check_call, takes
 from loopkit._epoch_data import TRAIN, call_seeded, check_factory, factory_name, is_factory, not_data, val_stream
 from loopkit._numbers import as_int, as_real
 from loopkit._sharded import fsdp_modules
-from loopkit._window import EPOCH, OVER_RANKS, Window, guarded, own_buffers, own_rng, own_share
+from loopkit._window import EPOCH, OVER_RANKS, Window, guarded, left_metrics, own_buffers, own_rng, own_share
 from loopkit.callbacks import (
     Callback, Timer, _batch_end_unused, _from_lightning, _loopkit_hook, _never_stops, may_change_state_early,
 )
@@ -53,8 +53,9 @@ from loopkit.state import (
     not_a_state, put_extras, refuse_copy_if_sharded, replace, replace_extras, state_at_error,
 )
 from loopkit.steps import (
-    RECORDED, SAVE_DUE, VALIDATED, VALIDATES, VALIDATES_AT_EPOCH_ENDS, EpochRecord, FnStep, Step, TrainStep, WrapperStep,
-    accumulated, as_step, check_takes_model_and_batch, evaluating, in_accumulation_group, innermost, undonated,
+    HOOKS_OWED, RECORDED, SAVE_DUE, VALIDATED, VALIDATES, VALIDATES_AT_EPOCH_ENDS, EpochRecord, FnStep, Step, TrainStep,
+    WrapperStep, accumulated, as_step, check_takes_model_and_batch, evaluating, in_accumulation_group, innermost,
+    owed_hooks, undonated,
 )
 from loopkit.steps import donate as donated
 from loopkit.tree import device_available, devices_here, tensors, to_device, to_plain
@@ -2190,6 +2191,39 @@ def _newest_whole(state: Any, error: BaseException) -> Any:
     return state
 
 
+def _owing_hooks(whole: Any, before: TrainState, error: BaseException, flushing: bool) -> Any:
+    """``whole``, the state ``error`` left, holding that update's metrics and hooks (:data:`HOOKS_OWED`) when the
+    step call from ``before`` (a batch's, or the epoch's flush when ``flushing``) raised after its update
+    (:func:`loopkit._window.leave_updated`: a logger's write at a log point): the driver called no hook of it, and a
+    fit given ``whole`` calls them once. Any other ``whole`` as it is. Only on a failure."""
+    metrics = left_metrics(error)
+    if metrics is None or not isinstance(whole, TrainState) or whole is before or whole.step == before.step:
+        return whole
+    extras = extras_copy(whole.extras)
+    extras[HOOKS_OWED] = {"step": whole.step, "epoch": whole.epoch, "batch_index": whole.batch_index,
+                           "hook": "on_flush_end" if flushing else "on_batch_end", "metrics": dict(metrics)}
+    return replace_extras(whole, extras)
+
+
+def _owed_hooks_told(step: Any, hooks: _Hooks, state: TrainState) -> TrainState:
+    """``state`` without the hooks it owes (:data:`HOOKS_OWED`), which are called first, with that update's metrics
+    and their rows logged (``LearningRateMonitor("step")``'s rates), when ``state`` is where the failure left them: a
+    fit given it then makes the calls and rows of the uninterrupted run. Not from a state that went on since."""
+    owed = owed_hooks(state)
+    state = replace_extras(state, {k: v for k, v in state.extras.items() if k != HOOKS_OWED})
+    if owed is None:
+        return state
+    metrics = owed["metrics"]
+    if owed["hook"] == "on_flush_end":
+        _tell_flush_end(step, hooks, state, metrics)
+        return state
+    for callback, hook in hooks.batch_end:  # (as the batch loop calls them, inline there: the hot path)
+        logged = hook(state, metrics)
+        if logged is not None and _scalars(logged, metrics, callback):
+            step.notify("batch_end", state, logged)
+    return state
+
+
 def _marked(state: TrainState) -> TrainState:
     """``state`` with the mark of a step save due (:data:`loopkit.steps.SAVE_DUE`): what an error leaves when the
     save due at its update was not made yet (a hook raised before it, or before the epoch's end it was held for);
@@ -2629,6 +2663,7 @@ def run_epochs(
     # state an error leaves keeps the mark, and a fit given it (or a checkpoint holding it) makes that save
     save_pending = False
     held_at_start = False  # the owed save is the fit's last update's, made once the finishing epoch is recorded
+    flushing = False  # in an epoch's flush (a failure after its update owes on_flush_end, not on_batch_end)
     try:
         with _StopOnSignal() as stop, _TellingAbort(lifecycle, state):
             at_epoch_ends = validates and val_steps is None and val_every_n_epochs == 1  # (and nowhere else)
@@ -2642,6 +2677,10 @@ def run_epochs(
             hooks.restore(state)
             restored = True
             hooks.check_plain()
+            if HOOKS_OWED in state.extras:  # (its update's step call failed after it): before the save due there
+                state = _owed_hooks_told(step, hooks, state)
+                superseded.add(state)
+                state = hooks.keep(state)
             if save_pending:  # made as the run that left it would have: before that update's validation, or (the
                 reached = max_steps is not None and state.step >= max_steps  # fit's last) once its epoch is recorded
                 held_at_start = (reached and state.batch_index > 0 and limit_train_batches != 0  # (the finishing
@@ -2821,8 +2860,9 @@ def run_epochs(
                     break
                 epoch = state.epoch
                 if exhausted:
-                    before = state.step
+                    before, flushing = state.step, True
                     state, flush_metrics, due = _flushed(step, state, epoch_window)
+                    flushing = False
                     save_pending = save_pending or due
                     flush_updated = state.step != before
                     if flush_updated:  # (the update ran in place, as a batch's step; a flush without one changed nothing)
@@ -2906,7 +2946,7 @@ def run_epochs(
             leave_intact(error, _marked(closing) if save_pending else closing)
         else:  # the newest whole state: before the failing batch, after it when a hook failed, or the new state
             # that a step marked whole after its update (a logger's failed write)
-            whole = _newest_whole(state, error)
+            whole = _owing_hooks(_newest_whole(state, error), state, error, flushing)
             if whole is not None:
                 whole = _with_counters(hooks, whole) if restored else whole
                 leave_intact(error, _marked(whole) if save_pending else whole)

@@ -87,6 +87,12 @@ _Uninitialized = torch.nn.parameter.UninitializedTensorMixin
 #: A state an error left before that save was made (``state_at_error``, or a checkpoint taken while the save of the
 #: fit's last update waits for its epoch's record) keeps the mark: the fit given it makes the save
 SAVE_DUE = "run_epochs/save_due"
+#: extras: in the state a step call left whole after its update (a logger's failed write at a log point), that
+#: update's hooks ``run_epochs`` did not call: ``{"step", "epoch", "batch_index"}`` (where it was left), ``"hook"``
+#: (``"on_batch_end"``, or ``"on_flush_end"`` for an epoch's flush) and ``"metrics"`` (the call's). A fit given that
+#: state calls them first (:func:`owed_hooks`), as the uninterrupted run did, before the save due there. Only set on a
+#: failure
+HOOKS_OWED = "run_epochs/hooks_owed"
 #: extras: the update at which ``run_epochs`` recorded the running epoch (one ``max_steps`` or a stop cut short,
 #: which a resumed fit that goes on in it finishes and records again at its end; a logger drops the cut record then)
 RECORDED = "run_epochs/recorded_step"
@@ -109,6 +115,22 @@ RELEASING_EVENTS = frozenset({"stop", "fit_end", "abort", "evaluate_end"})
 _FOUND_INF = "amp/found_inf"
 _NONFINITE = "nan_guard/nonfinite"
 _BUFFERS = "nan_guard/buffers"  # the model's buffers before the group's first micro-batch (a skip puts them back)
+
+
+def owed_hooks(state: TrainState) -> Mapping[str, Any] | None:
+    """The hooks ``state`` owes (:data:`HOOKS_OWED`) when it is where the failure left them, else None (none owed,
+    or a state that went on since): what a fit given ``state`` calls first.
+
+    >>> import torch
+    >>> state = TrainState.create(torch.nn.Linear(1, 1)).evolve(step=4, batch_index=4)
+    >>> owed = {"step": 4, "epoch": 0, "batch_index": 4, "hook": "on_batch_end", "metrics": {}}
+    >>> owed_hooks(state.evolve(extras={HOOKS_OWED: owed}))["hook"], owed_hooks(state)
+    ('on_batch_end', None)
+    """
+    owed = state.extras.get(HOOKS_OWED)
+    if owed is None or (owed["step"], owed["epoch"], owed["batch_index"]) != (state.step, state.epoch, state.batch_index):
+        return None
+    return owed
 
 
 class EpochRecord(dict):

@@ -32,10 +32,11 @@ from loopkit import _collective
 from loopkit._collective import is_rank_zero
 from loopkit._numbers import as_float32, as_int, as_real
 from loopkit._sharded import is_sharded
-from loopkit._window import over_ranks
+from loopkit._window import left_metrics, over_ranks
 from loopkit.errors import CheckpointCorruptError, CheckpointLoadError, StateMismatchError
 from loopkit.state import (
     TrainState, _uninitialized, core_module, extras_copy, full_state_dict_on_rank_zero, leave_intact, replace_extras,
+    state_at_error,
 )
 from loopkit.steps import (
     RECORDED, SAVE_DUE, VALIDATED, VALIDATES, VALIDATES_AT_EPOCH_ENDS, Metrics, UpdateStep, WrapperStep,
@@ -179,7 +180,31 @@ class CheckpointStep(UpdateStep):
                     "unless your loop tells it, nothing will be saved; pass every_n_steps=, or call step.save(state) "
                     "at your epoch's end (with every_n_epochs=0 and no monitor: no saves but step.save's, no warning)",
                     RuntimeWarning, stacklevel=4)
-        return super().run_(state, batch)
+        try:
+            return super().run_(state, batch)
+        except BaseException as error:
+            self._left_updated(error, state)
+            raise
+
+    def flush_(self, state: TrainState) -> tuple[TrainState, Metrics]:
+        try:
+            return super().flush_(state)
+        except BaseException as error:
+            self._left_updated(error, state)
+            raise
+
+    def _left_updated(self, error: BaseException, state: TrainState) -> None:
+        """An inner call from ``state`` that raised after its update (a ``with_logging`` inside whose write failed at
+        a log point: :func:`loopkit._window.leave_updated`): under ``run_epochs``, the state it left whole is left
+        marked with the save due at that update (:data:`loopkit.steps.SAVE_DUE`), as :meth:`after_update` marks it,
+        so that the fit given that state makes it, after that update's hooks. Nothing for any other error, nor in a
+        loop of your own. Only on a failure (and no collective: the failing rank alone is here)."""
+        whole = state_at_error(error)
+        if (not self.saver.defer or left_metrics(error) is None or whole is None or whole is state
+                or whole.step == state.step or SAVE_DUE in whole.extras):
+            return
+        if self._due_at_update(whole, agreed=False) is not None:  # (the reason: found again at the next "fit_begin")
+            leave_intact(error, replace_extras(whole, {**whole.extras, SAVE_DUE: True}))
 
     def after_update(self, state: TrainState, metrics: Metrics) -> TrainState:
         reason = self._due_at_update(state)  # once per update, not per micro-batch
@@ -192,10 +217,11 @@ class CheckpointStep(UpdateStep):
             self._save_all_ranks(state, reason, score=None)
         return state
 
-    def _due_at_update(self, state: TrainState) -> str | None:
+    def _due_at_update(self, state: TrainState, agreed: bool = True) -> str | None:
         """Why a save is due after this update, if one is: ``every_n_steps`` divides the step, or
         ``train_time_interval`` has passed since the fit's start or the last save it made (its clock then restarts,
-        as Lightning's ``_last_time_checked``; under DDP rank 0's clock decides: one broadcast an update)."""
+        as Lightning's ``_last_time_checked``; under DDP rank 0's clock decides: one broadcast an update, but not
+        ``agreed``: this rank's own clock, on a failure)."""
         n = self.every_n_steps
         reason = f"every_n_steps={n}" if n and state.step % n == 0 else None
         interval = self.train_time_interval
@@ -203,8 +229,10 @@ class CheckpointStep(UpdateStep):
             now = time.monotonic()
             if self.saver.timed_from is None:
                 self.saver.timed_from = now
-            due = _collective.from_rank_zero(int(now - self.saver.timed_from >= interval), who="with_checkpointing",
-                                             what="the broadcast of rank 0's clock (whether train_time_interval passed)")
+            due = int(now - self.saver.timed_from >= interval)
+            if agreed:
+                due = _collective.from_rank_zero(due, who="with_checkpointing",
+                                                 what="the broadcast of rank 0's clock (whether train_time_interval passed)")
             if due:
                 self.saver.timed_from = now
                 reason = reason or f"train_time_interval={interval:g}s"
@@ -821,7 +849,9 @@ def with_checkpointing(
       n — once per update, so under ``with_grad_accum`` not on every micro-batch. Under
       ``run_epochs`` the save is made after the call and the batch's callbacks (the driver
       sends ``"save_due"``), so it holds what every outer transform and stateful callback kept
-      of that batch; in a loop of your own, inside the call.
+      of that batch; in a loop of your own, inside the call. A call that raises after its update (a
+      ``with_logging`` inside whose write failed at a log point) leaves the save due there marked in
+      :func:`loopkit.state_at_error`'s state: ``run_epochs`` given that state makes it, after that update's hooks.
     * ``every_n_epochs``: save after every n-th completed epoch (driver's ``epoch_end``).
       ``every_n_epochs=0`` saves at no epoch's end (only :meth:`CheckpointStep.save` and a graceful stop
       then save).

@@ -638,13 +638,14 @@ def with_logging(step: Any, *loggers: Any, every_n_steps: int = 50) -> LoggingSt
     (``TensorBoardLogger(histogram_every_n_steps=m)``) get the model when due, from the
     optimizer's step pre-hook; loggers of one root and name share one ``version_N`` folder. A write that
     raises at a log point (a full disk) leaves that update whole (:func:`loopkit.state_at_error`), holding the
-    row not written: ``run_epochs`` from it logs the row first, to the loggers that did not take it, and goes
-    on at the next batch (its rows, history and parameters those of the uninterrupted run; that batch's
-    ``on_batch_end`` hooks, their rows (``LearningRateMonitor("step")``'s rates) and a save ``with_checkpointing``
-    outside has due at that update are not made); so does a write that raises in a callback's row after that
-    update (``LearningRateMonitor("step")``'s rates: the fit from the state logs that row first), and a layer
-    inside that raises after its update (``with_profiler``'s trace write), that call's metrics kept in the window
-    and its row, if due, held for the fit resumed from the state it left. A fit
+    row not written and the call's metrics: ``run_epochs`` from it logs the row first, to the loggers that did
+    not take it, calls that update's ``on_batch_end`` hooks once (their rows, ``LearningRateMonitor("step")``'s
+    rates, logged), makes the save a ``with_checkpointing`` outside or inside has due at that update, and goes
+    on at the next batch (its calls, rows, checkpoints, history and parameters those of the uninterrupted run);
+    so does a layer inside that raises after its update (``with_profiler``'s trace write), that call's metrics
+    kept in the window and its row, if due, held for the fit resumed from the state it left. A write that raises
+    in a callback's row after that update (``LearningRateMonitor("step")``'s rates) leaves the state holding that
+    row: the fit from it logs that row first, to the loggers from the failed one on. A fit
     retried, through the same step, from the state a failure in a validation or at an epoch's end left (it
     validates, and records the epoch, again) gives each logger each row once: a logger with ``resume_at`` (the file
     loggers) replaces the row it is given again, and one without (a tracker, ``ConsoleLogger``, a logger of one's own)

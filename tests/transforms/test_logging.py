@@ -1654,7 +1654,7 @@ def test_a_fit_retried_after_a_failed_write_of_the_learning_rates_row_logs_it_on
     """``LearningRateMonitor("step")``'s row at a log point (handed to the loggers after the update's own row) whose
     write raises: state_at_error is that update, holding the row, and run_epochs from it (in this process, or
     relaunched from its state dict into the same folder) logs it first, to the loggers from the failed one on. (The
-    row was lost: the fit went on at the next batch, and that update's on_batch_end is not made again.) Reference: the
+    row was lost: the fit went on at the next batch, and that update's on_batch_end is not called again.) Reference: the
     uninterrupted fit's rows and CSV file."""
     batches = make_batches(6)
 
@@ -1694,6 +1694,131 @@ def test_a_fit_retried_after_a_failed_write_of_the_learning_rates_row_logs_it_on
     for taken, logger in zip(first, memories, strict=True):
         assert taken + logger.logged == straight  # that row once, in its place
     assert csv_file(tmp_path / "b") == csv_file(tmp_path / "a")
+    assert all(torch.equal(a, b) for a, b in zip(resumed.model.parameters(), whole.model.parameters(), strict=True))
+
+
+class _BatchCounter(loopkit.Callback):
+    """A stateful callback counting the batches it was told of (kept in the state) and noting each one's metrics."""
+
+    def __init__(self):
+        self.batches, self.seen = 0, []
+
+    def on_batch_end(self, state, metrics):
+        self.batches += 1
+        self.seen.append((state.step, {k: float(v) for k, v in metrics.items()}))
+
+    def state_dict(self):
+        return {"batches": self.batches}
+
+    def load_state_dict(self, loaded):
+        self.batches = loaded["batches"]
+
+
+@pytest.mark.parametrize("relaunch", [False, True])
+@pytest.mark.parametrize("outside", [True, False], ids=["checkpointing_outside", "checkpointing_inside"])
+@pytest.mark.parametrize("at", [4, 6])  # mid-epoch, where a step validation is due; epoch 0's last update
+def test_a_fit_retried_after_a_failed_write_at_a_log_point_runs_that_updates_batch_end_hooks_once(
+    at, outside, relaunch, tmp_path, make_mlp, make_batches, make_sgd_state
+):
+    """The update's own row fails to be written at a log point: the fit given state_at_error (in this process, or
+    relaunched from its state dict) runs that update's on_batch_end hooks once, with its metrics (the state carries
+    them), before the save due there, which it makes with with_checkpointing outside with_logging too. Reference: the
+    uninterrupted fit's callback count and losses, checkpoints, logged rows (the learning rates' row included) and CSV
+    file. (The hooks were never called for that update: the counter ended one batch short, LearningRateMonitor's row
+    was missing, and with with_checkpointing outside, the save of that update was never made.)"""
+    batches, val = make_batches(6), make_batches(2, seed=3)
+
+    def pipeline(root, fails=None):
+        memory = MemoryLogger()
+        loggers = (memory, _CSVFailingOnce(root, "run", version=0, at=fails))
+        if outside:
+            step = loopkit.with_checkpointing(with_logging(train_step(loss_with_mae), *loggers, every_n_steps=2),
+                                              root / "ckpt", every_n_steps=2, keep_last=None, every_n_epochs=0)
+        else:
+            step = with_logging(loopkit.with_checkpointing(train_step(loss_with_mae), root / "ckpt", every_n_steps=2,
+                                                           keep_last=None, every_n_epochs=0), *loggers, every_n_steps=2)
+        return step, memory, _BatchCounter()
+
+    def fit(step, state, counter):
+        return run_epochs(step, state, batches, epochs=2, val=(eval_step(mse_metric), val), val_every_n_steps=4,
+                          callbacks=[counter, loopkit.LearningRateMonitor("step")], progress=False)
+
+    def files(root):
+        with open(os.path.join(root, "run", "version_0", "metrics.csv")) as f:
+            positions = [(c.step, c.epoch, c.batch_index) for c in loopkit.checkpoint.list_checkpoints(root / "ckpt")]
+            return f.read(), positions
+
+    step, memory, counter = pipeline(tmp_path / "a")
+    whole, history = fit(step, make_sgd_state(make_mlp()), counter)
+    straight, straight_seen = memory.logged, counter.seen
+    assert counter.batches == 12 and (at, "lr-SGD") in [(s, k) for s, m in straight for k in m]
+    assert (at, 0, at) in files(tmp_path / "a")[1]
+
+    step, memory, counter = pipeline(tmp_path / "b", fails=at)
+    with pytest.raises(OSError, match="No space left") as caught:
+        fit(step, make_sgd_state(make_mlp()), counter)
+    left = loopkit.state_at_error(caught.value)
+    assert (left.step, left.epoch, left.batch_index) == (at, 0, at)
+    first, first_seen = memory.logged, counter.seen
+    if relaunch:
+        left = make_sgd_state(make_mlp(seed=9)).load_state_dict(left.state_dict())
+        step, memory, counter = pipeline(tmp_path / "b")
+    else:
+        first, first_seen = [], []
+    resumed, resumed_history = fit(step, left, counter)
+    assert counter.batches == 12  # (restored from the state, then told of that update once)
+    assert first_seen + counter.seen == straight_seen  # (with that update's own metrics)
+    assert first + memory.logged == straight
+    assert files(tmp_path / "b") == files(tmp_path / "a")
+    assert resumed_history == history
+    assert all(torch.equal(a, b) for a, b in zip(resumed.model.parameters(), whole.model.parameters(), strict=True))
+
+
+class _FlushCounter(_BatchCounter):
+    """A stateful callback counting the flushes' updates it was told of, noting each one's metrics."""
+
+    def on_batch_end(self, state, metrics):
+        pass
+
+    def on_flush_end(self, state, metrics):
+        super().on_batch_end(state, metrics)
+
+
+def test_a_fit_retried_after_a_failed_write_at_a_flushs_log_point_runs_its_flush_end_hooks_once(
+    tmp_path, make_mlp, make_batches, make_sgd_state
+):
+    """As at a batch's update: the write fails at the log point of the update an epoch's flush made (with_grad_accum's
+    partial group), and the fit given state_at_error calls on_flush_end once, with that update's metrics, then makes
+    the save due there (with_checkpointing outside with_logging). Reference: the uninterrupted fit."""
+    batches = make_batches(3)  # (with every=2: updates at the 2nd batch and at the epoch's flush, steps 2 and 4)
+
+    def pipeline(root, fails=None):
+        memory = MemoryLogger()
+        step = with_logging(with_grad_accum(train_step(loss_with_mae), every=2), memory,
+                            _CSVFailingOnce(root, "run", version=0, at=fails), every_n_steps=2)
+        return loopkit.with_checkpointing(step, root / "ckpt", every_n_steps=2, keep_last=None, every_n_epochs=0), memory
+
+    def fit(step, state, counter):
+        return run_epochs(step, state, batches, epochs=2, callbacks=[counter, loopkit.LearningRateMonitor("step")],
+                          progress=False)
+
+    def positions(root):
+        return [(c.step, c.epoch, c.batch_index) for c in loopkit.checkpoint.list_checkpoints(root / "ckpt")]
+
+    step, memory = pipeline(tmp_path / "a")
+    reference = _FlushCounter()
+    whole, history = fit(step, make_sgd_state(make_mlp()), reference)
+    assert reference.batches == 2 and (2, 0, 3) in positions(tmp_path / "a")
+    step, memory = pipeline(tmp_path / "b", fails=2)
+    counter = _FlushCounter()
+    with pytest.raises(OSError, match="No space left") as caught:
+        fit(step, make_sgd_state(make_mlp()), counter)
+    left = loopkit.state_at_error(caught.value)
+    assert (left.step, left.epoch, left.batch_index) == (2, 0, 3)
+    resumed, resumed_history = fit(step, left, counter)
+    assert counter.batches == 2 and counter.seen == reference.seen
+    assert positions(tmp_path / "b") == positions(tmp_path / "a")
+    assert resumed_history == history
     assert all(torch.equal(a, b) for a, b in zip(resumed.model.parameters(), whole.model.parameters(), strict=True))
 
 
