@@ -34,6 +34,7 @@ import torch
 from loopkit._calls import check_call
 from loopkit._calls import fn_name as _fn_name
 from loopkit._sharded import fsdp_modules, local
+from loopkit._window import left_metrics
 from loopkit.rng import RNGScope, global_rng_state
 from loopkit.rng import cuda_index as _cuda_index
 from loopkit.state import (
@@ -715,17 +716,47 @@ class UpdateStep(WrapperStep):
 
     def run_(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
         before = state.step
-        new, metrics = run_of(self.inner)(state, batch)
+        try:
+            new, metrics = run_of(self.inner)(state, batch)
+        except BaseException as error:
+            self._after_left_update(error, before)
+            raise
         return (new if new.step == before else self.after_update(new, metrics)), metrics
 
     def flush_(self, state: TrainState) -> tuple[TrainState, Metrics]:
         before = state.step
-        new, metrics = flush_of(self.inner)(state)
+        try:
+            new, metrics = flush_of(self.inner)(state)
+        except BaseException as error:
+            self._after_left_update(error, before)
+            raise
         return (new if new.step == before else self.after_update(new, metrics)), metrics
 
     def after_update(self, state: TrainState, metrics: Metrics) -> TrainState:
         """The state after an update, with this transform's work done (may be ``state`` itself)."""
         return state
+
+    def after_left_update(self, state: TrainState, metrics: Metrics) -> TrainState:
+        """:meth:`after_update` for an update whose call raised after it (a ``with_logging`` inside whose write failed
+        at a log point): by default the same, so that the fit given the state the error left goes on as the
+        uninterrupted run (an average moved, a pruning point pruned). Only on a failure, on the failing rank alone:
+        a transform whose ``after_update`` makes a collective overrides it."""
+        return self.after_update(state, metrics)
+
+    def _after_left_update(self, error: BaseException, before: int) -> None:
+        """When ``error`` left an inner call's updated state whole (:func:`loopkit._window.leave_updated`), that
+        state with :meth:`after_left_update` done, left whole in its place; else nothing."""
+        metrics = left_metrics(error)
+        whole = state_at_error(error)
+        if metrics is None or whole is None or whole.step == before:
+            return
+        try:
+            done = self.after_left_update(whole, metrics)
+        except Exception as second:
+            error.add_note(f"{self.name}'s work after that update failed too ({type(second).__name__}: {second}); "
+                           "the state left is the update's without it")
+            return
+        leave_intact(error, done)
 
 
 # --- protocols the gradient-level transforms implement ------------------------------------------

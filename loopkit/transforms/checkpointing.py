@@ -32,11 +32,10 @@ from loopkit import _collective
 from loopkit._collective import is_rank_zero
 from loopkit._numbers import as_float32, as_int, as_real
 from loopkit._sharded import is_sharded
-from loopkit._window import left_metrics, over_ranks
+from loopkit._window import over_ranks
 from loopkit.errors import CheckpointCorruptError, CheckpointLoadError, StateMismatchError
 from loopkit.state import (
     TrainState, _uninitialized, core_module, extras_copy, full_state_dict_on_rank_zero, leave_intact, replace_extras,
-    state_at_error,
 )
 from loopkit.steps import (
     RECORDED, SAVE_DUE, VALIDATED, VALIDATES, VALIDATES_AT_EPOCH_ENDS, Metrics, UpdateStep, WrapperStep,
@@ -180,31 +179,18 @@ class CheckpointStep(UpdateStep):
                     "unless your loop tells it, nothing will be saved; pass every_n_steps=, or call step.save(state) "
                     "at your epoch's end (with every_n_epochs=0 and no monitor: no saves but step.save's, no warning)",
                     RuntimeWarning, stacklevel=4)
-        try:
-            return super().run_(state, batch)
-        except BaseException as error:
-            self._left_updated(error, state)
-            raise
+        return super().run_(state, batch)
 
-    def flush_(self, state: TrainState) -> tuple[TrainState, Metrics]:
-        try:
-            return super().flush_(state)
-        except BaseException as error:
-            self._left_updated(error, state)
-            raise
-
-    def _left_updated(self, error: BaseException, state: TrainState) -> None:
-        """An inner call from ``state`` that raised after its update (a ``with_logging`` inside whose write failed at
-        a log point: :func:`loopkit._window.leave_updated`): under ``run_epochs``, the state it left whole is left
-        marked with the save due at that update (:data:`loopkit.steps.SAVE_DUE`), as :meth:`after_update` marks it,
-        so that the fit given that state makes it, after that update's hooks. Nothing for any other error, nor in a
-        loop of your own. Only on a failure (and no collective: the failing rank alone is here)."""
-        whole = state_at_error(error)
-        if (not self.saver.defer or left_metrics(error) is None or whole is None or whole is state
-                or whole.step == state.step or SAVE_DUE in whole.extras):
-            return
-        if self._due_at_update(whole, agreed=False) is not None:  # (the reason: found again at the next "fit_begin")
-            leave_intact(error, replace_extras(whole, {**whole.extras, SAVE_DUE: True}))
+    def after_left_update(self, state: TrainState, metrics: Metrics) -> TrainState:
+        """After an inner call that raised after its update (a ``with_logging`` inside whose write failed at a log
+        point): under ``run_epochs``, the state marked with the save due at that update (:data:`loopkit.steps.SAVE_DUE`),
+        as :meth:`after_update` marks it, so that the fit given that state makes it, after that update's hooks.
+        Nothing in a loop of your own. No collective: the failing rank alone is here."""
+        if not self.saver.defer or SAVE_DUE in state.extras:
+            return state
+        if self._due_at_update(state, agreed=False) is None:  # (the reason: found again at the next "fit_begin")
+            return state
+        return replace_extras(state, {**state.extras, SAVE_DUE: True})
 
     def after_update(self, state: TrainState, metrics: Metrics) -> TrainState:
         reason = self._due_at_update(state)  # once per update, not per micro-batch

@@ -2190,3 +2190,44 @@ def test_a_logger_shaped_as_lightnings_is_taken_given_every_row_and_finalized_wi
         run_epochs(step, make_sgd_state(make_mlp()), make_batches(4), epochs=2, callbacks=callbacks, progress=False)
     assert shaped.rows == plain.rows and len(shaped.rows) == {"success": 10, "failed": 3, "killed": 2}[end]
     assert shaped.statuses == ["success" if end == "success" else "failed"] and shaped.params == {"lr": 0.1}
+
+
+@pytest.mark.parametrize("relaunch", [False, True])
+@pytest.mark.parametrize("outer", ["ema", "pruning"])
+def test_a_per_update_transform_outside_a_failed_write_does_its_work_on_that_update(
+    outer, relaunch, tmp_path, make_mlp, make_batches, make_sgd_state
+):
+    """The update's own row fails to be written at a log point under with_ema or with_pruning (whole-step transforms
+    acting once per update): the state the error leaves has their work of that update done (the average moved, the
+    pruning point pruned), so the fit given it ends as the uninterrupted fit. Reference: the uninterrupted fit's
+    parameters and extras (averages, masks). (The work was skipped: the averages missed that update.)"""
+    batches = make_batches(6)
+    at = 4
+
+    def pipeline(root, fails=None):
+        inner = with_logging(train_step(loss_with_mae), _CSVFailingOnce(root, "run", version=0, at=fails),
+                             every_n_steps=2)
+        if outer == "ema":
+            return loopkit.with_ema(inner, decay=0.5)
+        return loopkit.with_pruning(inner, 0.5, lambda step: 0.5 if step >= at else 0.0)
+
+    def fit(step, state):
+        return run_epochs(step, state, batches, epochs=2, progress=False)[0]
+
+    whole = fit(pipeline(tmp_path / "a"), make_sgd_state(make_mlp()))
+    step = pipeline(tmp_path / "b", fails=at)
+    with pytest.raises(OSError, match="No space left") as caught:
+        fit(step, make_sgd_state(make_mlp()))
+    left = loopkit.state_at_error(caught.value)
+    assert (left.step, left.batch_index) == (at, at)
+    if relaunch:
+        left = make_sgd_state(make_mlp(seed=9)).load_state_dict(left.state_dict())
+        step = pipeline(tmp_path / "b")
+    resumed = fit(step, left)
+    assert all(torch.equal(a, b) for a, b in zip(resumed.model.state_dict().values(), whole.model.state_dict().values(),
+                                                 strict=True))
+    kept = sorted(k for k in whole.extras if k.startswith(outer[:3]))
+    assert kept and sorted(k for k in resumed.extras if k.startswith(outer[:3])) == kept
+    for key in kept:
+        got, expected = loopkit.tree.tensors(resumed.extras[key]), loopkit.tree.tensors(whole.extras[key])
+        assert got and all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
