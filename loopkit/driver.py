@@ -54,8 +54,8 @@ from loopkit.state import (
 )
 from loopkit.steps import (
     HOOKS_OWED, RECORDED, SAVE_DUE, VALIDATED, VALIDATES, VALIDATES_AT_EPOCH_ENDS, EpochRecord, FnStep, Step, TrainStep,
-    WrapperStep, accumulated, as_step, check_takes_model_and_batch, evaluating, in_accumulation_group, innermost,
-    owed_hooks, undonated,
+    WrapperStep, accumulated, as_step, check_takes_model_and_batch, evaluating, grads_as_found, in_accumulation_group,
+    innermost, owed_hooks, undonated,
 )
 from loopkit.steps import donate as donated
 from loopkit.tree import device_available, devices_here, tensors, to_device, to_plain
@@ -2348,7 +2348,8 @@ def run_epochs(
     training holds one copy of the model and optimizer state, as a hand-written loop does;
     the given state is consumed (using it again raises :class:`loopkit.DonatedStateError`)
     and the returned state is the one to keep. ``donate=False`` copies the given state once
-    first, so it stays valid (at the cost of that copy).
+    first, so it stays valid (at the cost of that copy; a ``loss_fn`` that closes over the given
+    state's model, refused at the first step, has the gradients it wrote there given back).
 
     Each epoch iterates the data in an order fixed by the state's seed and the epoch
     number; a state restored mid-epoch continues at ``state.batch_index`` with the batches
@@ -2526,10 +2527,11 @@ def run_epochs(
         _warn_of_eval_mode(state.model)
     if limit_train_batches != 0:
         _warn_of_a_state_past_the_end(state, epochs, max_steps)
+    callers = None  # the caller's state, where the fit trains a copy of it
     if not donate and step.changes_state:
         refuse_copy_if_sharded(state, "run_epochs(..., donate=False)", "A run on a sharded state donates it: leave "
                                "donate=True and go on with the state run_epochs returns")
-        state = fork(state)
+        callers, state = state, fork(state)
     _to_device_state(state, device)
     move = _mover(device, state)
     hooks = _Hooks(callbacks, min_epochs, min_steps)
@@ -2939,6 +2941,10 @@ def run_epochs(
         # an error before the first step changed anything (a batch to_device cannot move, a loss the step
         # refuses, the loss_fn's own exception): the given state is as it was, and stays usable (unless a
         # callback's hook ran before that step: it may have changed the model or optimizer in place)
+        if callers is not None and start is not None and state is start and state_at_error(error) is start:
+            # (donate=False, the first step left the copy as it found it): a loss_fn closing over the caller's model,
+            # not the one it is given, wrote the caller's gradients; they are given back
+            grads_as_found(callers, start)
         if start is not None and state is start and not start._consumed and given is not start and not early_changes:
             given.mark_usable()
             leave_intact(error, given)

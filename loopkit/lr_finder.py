@@ -42,7 +42,8 @@ from loopkit.callbacks import Callback
 from loopkit._search import search_step
 from loopkit.driver import _check_data, _check_device, _num_batches, run_epochs
 from loopkit.rng import global_rngs_kept
-from loopkit.state import TrainState, fork, not_a_state, refuse_copy_if_sharded
+from loopkit.state import TrainState, fork, not_a_state, refuse_copy_if_sharded, state_at_error
+from loopkit.steps import grads_as_found
 
 __all__ = ["LRFinderResult", "lr_find"]
 
@@ -415,11 +416,18 @@ def lr_find(
         group["initial_lr"] = min_lr
     probe = probe.evolve(scheduler=_RangeLR(probe.optimizer, max_lr, count, mode))
     recorder = _Recorder(probe.step, _accum_every(step), threshold, decides=_collective.rank_and_size()[0] == 0)
-    with global_rngs_kept(), warnings.catch_warnings():
-        # (its words are run_epochs' options: the search says it in its own below)
-        warnings.filterwarnings("ignore", message=r"run_epochs: epoch \d+ went by without state.step advancing")
-        run_epochs(step, probe, train_data, max_steps=probe.step + count, callbacks=[recorder], progress=False,
-                   device=device)
+    try:
+        with global_rngs_kept(), warnings.catch_warnings():
+            # (its words are run_epochs' options: the search says it in its own below)
+            warnings.filterwarnings("ignore", message=r"run_epochs: epoch \d+ went by without state.step advancing")
+            run_epochs(step, probe, train_data, max_steps=probe.step + count, callbacks=[recorder], progress=False,
+                       device=device)
+    except BaseException as error:
+        left = state_at_error(error)  # the copy as the first step found it (no batch trained): a loss_fn closing over
+        if (left is not None and left.model is probe.model  # state's model, not the one it is given, wrote state's
+                and (left.step, left.batch_index) == (probe.step, probe.batch_index)):  # gradients: given back
+            grads_as_found(state, probe)
+        raise
     lrs, losses, stopped = recorder.lrs, recorder.losses, recorder.should_stop
     if _collective.active():  # rank 0's records on every rank, as Lightning broadcasts its results
         lrs, losses, stopped = _collective.gather(  # type: ignore[index, misc]

@@ -320,7 +320,7 @@ class Step:
                 new, metrics = run(copy, *args)
             except BaseException as error:
                 if state_at_error(error) is copy:
-                    _grads_as_found(state, copy)
+                    grads_as_found(state, copy)
                 raise
             drop_graph(new)  # the next call forks new parameters: the graph would only hold memory
             return new, metrics
@@ -348,11 +348,20 @@ def _group_made() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _grads_as_found(state: TrainState, copy: TrainState) -> None:
-    """After an error that left ``copy`` (a pure call's fork of ``state``) as the call found it: ``state``'s gradients
-    as the copy's, which are as ``state``'s were when the call began (a ``loss_fn`` that closes over the given state's
-    model, not the one it is given, wrote them). Where a parameter's name is the copy's alone (a transform changed the
-    copy's modules), nothing."""
+def grads_as_found(state: TrainState, copy: TrainState) -> None:
+    """After an error that left ``copy`` (a fork of ``state``: a pure call's, or ``run_epochs(..., donate=False)``'s at
+    its first step) as the call found it: ``state``'s gradients as the copy's, which are as ``state``'s were when the
+    call began (a ``loss_fn`` that closes over the given state's model, not the one it is given, wrote them). Where a
+    parameter's name is the copy's alone (a transform changed the copy's modules), nothing.
+
+    >>> from loopkit.state import TrainState, fork
+    >>> state = TrainState.create(torch.nn.Linear(1, 1))
+    >>> copy = fork(state)
+    >>> state.model(torch.ones(1, 1)).sum().backward()  # (the slip: the given model's backward)
+    >>> grads_as_found(state, copy)
+    >>> state.model.weight.grad is None
+    True
+    """
     found = dict(copy.model.named_parameters())
     for name, p in state.model.named_parameters():
         q = found.get(name)

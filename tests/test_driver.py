@@ -1489,6 +1489,37 @@ def test_an_error_before_the_first_step_changed_anything_leaves_the_given_state_
         assert torch.equal(again.rng["cpu"], reference.rng["cpu"])
 
 
+_SLIP_PATHS = {
+    "plain": lambda loss_fn: train_step(loss_fn),
+    "clip": lambda loss_fn: loopkit.with_grad_clip(train_step(loss_fn), max_norm=1.0),
+    "accum": lambda loss_fn: with_grad_accum(train_step(loss_fn), every=2),
+}
+
+
+@pytest.mark.parametrize("sized", [True, False])
+@pytest.mark.parametrize("path", list(_SLIP_PATHS))
+def test_donate_false_refusing_a_loss_fn_that_closes_over_the_given_model_leaves_the_given_state_as_it_was(
+    path, sized, take_snapshot, assert_trees_equal
+):
+    """run_epochs(donate=False) trains a copy; a loss_fn using the model it closes over (the given state's), not the
+    one it is given, is refused at the first step, and its backward wrote the given state's gradients: they are
+    given back, and the given state (parameters, gradients, optimizer state: a snapshot taken before) comes out as
+    it was, usable, and trains on as an untouched twin does. The data a list, or a stream without len()."""
+    data = make_data(3) if sized else stream(make_data(3))
+    given, _ = run_epochs(train_step(mse), make_state(), make_data(2), epochs=1, progress=False)  # (momentum held)
+    twin, _ = run_epochs(train_step(mse), make_state(), make_data(2), epochs=1, progress=False)
+    before = take_snapshot(given)
+    with pytest.raises(ValueError, match="does it use the model it is given") as info:
+        run_epochs(_SLIP_PATHS[path](lambda m, b: mse(given.model, b)), given, data, epochs=2, progress=False,
+                   donate=False)
+    given.check_usable()
+    assert_trees_equal(take_snapshot(given), before)
+    assert all(p.grad is None for p in given.model.parameters())
+    trained, _ = run_epochs(_SLIP_PATHS[path](mse), given, data, epochs=2, progress=False, donate=False)
+    reference, _ = run_epochs(_SLIP_PATHS[path](mse), twin, data, epochs=2, progress=False)
+    assert_trees_equal(take_snapshot(trained), take_snapshot(reference))
+
+
 def test_an_error_after_a_callback_hook_ran_before_the_first_step_uses_the_given_state_up():
     """A hook that runs before the first step may change the model or optimizer in place (here the
     learning rate): the given state is then not as it was, and is not handed back as usable."""

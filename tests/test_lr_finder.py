@@ -322,6 +322,30 @@ def test_the_given_state_is_left_as_it_was_and_still_trains(global_rng):
     assert trained.optimizer.param_groups[0]["lr"] == expected.optimizer.param_groups[0]["lr"]
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["list", "stream"])
+def test_a_loss_fn_closing_over_the_given_model_is_refused_leaving_the_given_state_as_it_was(stream):
+    """The search trains a copy; a loss_fn using the model it closes over (the given state's), not the one it is
+    given, is refused at the first step, and its backward wrote the given state's gradients: they are given back,
+    and the given state (parameters, gradients, optimizer state) is as a snapshot taken before, and trains on as
+    its untouched twin does."""
+    model = make_model()
+    state = loopkit.TrainState.create(model, torch.optim.Adam(model.parameters(), lr=0.01), seed=7)
+    step, data = loopkit.train_step(mse), make_data(6)
+    state, _ = loopkit.run_epochs(step, state, data, max_steps=2, progress=False)  # optimizer state, mid-epoch
+    before, twin = _snapshot(state), copy.deepcopy(state)
+    grads = [None if p.grad is None else p.grad.clone() for p in state.model.parameters()]  # (None: run_epochs' end)
+    search_data = helpers.stream(data) if stream else data
+    with pytest.raises(ValueError, match="does it use the model it is given"):
+        loopkit.lr_find(loopkit.train_step(lambda m, b: mse(state.model, b)), state, search_data, num_training=5)
+    for p, g in zip(state.model.parameters(), grads):
+        assert (p.grad is None and g is None) or torch.equal(p.grad, g)
+    _assert_same(before, _snapshot(state))
+    trained, _ = loopkit.run_epochs(step, state, data, max_steps=6, progress=False)
+    expected, _ = loopkit.run_epochs(step, twin, data, max_steps=6, progress=False)
+    for a, b in zip(trained.model.parameters(), expected.model.parameters()):
+        assert torch.equal(a, b)
+
+
 def test_the_copy_the_search_trains_is_freed_with_the_result_without_a_gc():
     """As a raw loop's model and optimizer are, by reference counting alone (no cycle of the fit's holds the copy
     until Python's cyclic gc runs; on a GPU, device memory)."""
