@@ -145,7 +145,8 @@ def with_nan_guard(step: Any, policy: str = "skip") -> TrainStep:
     ``policy="raise"`` raises :class:`loopkit.NonFiniteError` naming the step and
     the loss or the parameter whose gradient was not finite. Deciding reads one flag per
     update on the host ("raise" reads one more per call: the loss, checked before the backward, so
-    that a refused loss leaves the state whole even half-way through an accumulation group). Under float16 ``with_amp`` the loss
+    that a refused loss leaves the state whole even half-way through an accumulation group; and "raise"
+    inside ``with_grad_accum`` reads the gradients' flag per micro-batch, not per update: two reads a call). Under float16 ``with_amp`` the loss
     scaler owns overflowing gradients (they are expected while it searches for a scale);
     the guard then checks the loss only, and its skip of a non-finite loss leaves the scale and
     its growth tracker as they were (``amp/skipped`` 0.0: the guard's skip, not an overflow).
