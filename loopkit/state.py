@@ -229,6 +229,13 @@ class TrainState(_GraphSlot):
         ``torch.save`` and checkpoints write this state's values alone, not the whole storage; tensors that share a
         storage (tied weights) still share one.
 
+        ``"optimizer"`` holds all the optimizer's ``state_dict()`` does, as ``torch.load(weights_only=True)`` reads
+        it back: each parameter's state under its index (as a string), an entry the optimizer keeps in its ``state``
+        under a name (``self.state["global"]``) under that name, the param groups, and each other entry its
+        ``state_dict()`` adds (an update counter); a wrapper's state dict laid out its own way (a Lookahead's
+        ``{"fast": ..., "slow": ...}``) as it is. An entry no such file can hold (an object of one's own) is refused
+        here (``TypeError``, naming the optimizer's class and the entry).
+
         A state whose model ``with_fsdp`` sharded gives the full (unsharded) state dict, the same
         as the unsharded state's: each sharded parameter, gradient and optimizer tensor is
         gathered whole (new tensors, on every rank: each rank gets a value it may use, and holds
@@ -267,15 +274,12 @@ class TrainState(_GraphSlot):
         plain = self.optimizer.state_dict() if self.optimizer is not None else None
         if sharded:  # (the same gathers in the same order on every rank)
             sd["model"], sd["grads"] = full(sd["model"], to_rank_zero=to_rank_zero), full(sd["grads"], to_rank_zero=to_rank_zero)
-            if plain is not None:
-                plain = {"state": full(plain["state"], to_rank_zero=to_rank_zero), "param_groups": plain["param_groups"]}
+            if plain is not None:  # (each entry: torch's, the optimizer's own, a wrapper's own layout)
+                plain = full(plain, to_rank_zero=to_rank_zero)
             if sd["model"] is None:  # (not rank 0: nothing kept)
                 return None
         if plain is not None:
-            sd["optimizer"] = {  # each parameter's state as it was (LBFGS keeps lists of tensors, and None)
-                "state": {str(i): encode_tree(entry, ("optimizer", "state", str(i))) for i, entry in plain["state"].items()},
-                "param_groups": to_plain(plain["param_groups"], ("optimizer", "param_groups")),
-            }
+            sd["optimizer"] = _encode_optimizer(plain, type(self.optimizer))
         if self.scheduler is not None:
             sd["scheduler"] = to_plain(self.scheduler.state_dict(), ("scheduler",))
         sd.update(
@@ -304,7 +308,11 @@ class TrainState(_GraphSlot):
         The optimizer's implementation options (``foreach``, ``fused``, ``capturable``,
         ``differentiable``) stay this state's, whatever ``state_dict`` holds: they say how this
         process runs the update (a run resumed with ``fused=True`` on a GPU), not where training
-        stands (torch's own ``Optimizer.load_state_dict`` takes the saved ones).
+        stands (torch's own ``Optimizer.load_state_dict`` takes the saved ones). The optimizer's own entries (see
+        :meth:`state_dict`) go to its ``load_state_dict`` as saved: an optimizer of one's own takes any, one of
+        ``torch.optim`` only those its own state dict has (it would drop another silently); a state dict saved
+        without them (by an earlier loopkit) loads as it is. A wrapper's own layout goes to its ``load_state_dict``
+        whole, once its top-level keys are this state's.
 
         A state whose model ``with_fsdp`` has sharded refuses (``TypeError``): load into the
         unsharded state, which the ``with_fsdp`` step shards, optimizer state and all, at its first call.
@@ -328,7 +336,7 @@ class TrainState(_GraphSlot):
         memo, grads = ({}, {}) if copy else _adoptable(core_module(self.model), decoded)
         new = _fork(self, memo, optimizer_state=False)  # the optimizer state is replaced below: no copy of it
         if copy and "optimizer" in decoded:  # Optimizer.load_state_dict keeps tensors of the right dtype and device
-            decoded["optimizer"]["state"] = {i: _clone_entry(entry, {}) for i, entry in decoded["optimizer"]["state"].items()}
+            decoded["optimizer"] = _optimizer_copy(decoded["optimizer"])
         _apply(new, decoded, grads)
         return new.evolve(
             step=decoded["step"],
@@ -1611,8 +1619,11 @@ def _clone_optimizer(
         else:  # an optimizer's own data outside ``state`` (a tensor counter, a history list): copied as a module's
             attributes[name] = _copied_attribute(value, memo)
     state: defaultdict = defaultdict(dict)
-    for p, entry in optimizer.state.items() if with_state else ():
-        state[_clone_tensor(p, memo)] = _clone_entry(entry, memo)
+    for key, entry in optimizer.state.items() if with_state else ():
+        if isinstance(key, torch.Tensor):
+            state[_clone_tensor(key, memo)] = _clone_entry(entry, memo)
+        else:  # the optimizer's own entry under a name (``self.state["global"]``), which torch's state dict keeps too
+            state[key] = _clone_value(entry, memo)
     attributes["state"] = state
     if "step" in attributes:  # the LR scheduler's wrapper, bound to the original optimizer
         attributes["step"] = _track_step_called(new)
@@ -1742,6 +1753,71 @@ _SCHEDULER_CALLABLES = frozenset({"lr_lambdas", "_scale_fn_custom"})
 def _torch_scheduler(scheduler: Any) -> bool:
     """Whether ``scheduler`` is one of torch's own (``torch.optim.lr_scheduler``), not a class of one's own."""
     return type(scheduler).__module__ == "torch.optim.lr_scheduler"
+
+
+# --- an optimizer's state in a state dict -------------------------------------------------------
+
+#: the entries of torch's own ``Optimizer.state_dict()``: each parameter's state (by index) and the param groups
+_OPTIMIZER_KEYS = ("state", "param_groups")
+
+
+def _torch_layout(plain: Any) -> bool:
+    """Whether an optimizer's state dict is laid out as torch's own (``state`` by parameter index, ``param_groups``),
+    not as a wrapper's own (a Lookahead's ``{"fast": ..., "slow": ...}``).
+
+    >>> _torch_layout(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1).state_dict())
+    True
+    >>> _torch_layout({"fast": {"state": {}, "param_groups": []}, "slow": {}})
+    False
+    """
+    return (isinstance(plain, Mapping) and isinstance(plain.get("state"), Mapping)
+            and isinstance(plain.get("param_groups"), (list, tuple)))
+
+
+def _encode_optimizer(plain: Any, kind: type) -> Any:
+    """The ``state_dict()`` of an optimizer of class ``kind`` as a state dict holds it (what
+    ``torch.load(weights_only=True)`` reads back), so that loading gives the optimizer's ``load_state_dict`` what it
+    gave.
+
+    torch's layout stays torch's: each parameter's state under its index as a string (LBFGS's lists and None as
+    they were), an entry the optimizer keeps under a name (``self.state["global"]``) under that name beside them,
+    the param groups, and each other entry the optimizer's ``state_dict()`` adds (an update counter) under its key.
+    A layout of the optimizer's own (a wrapper's) is kept whole, as it is. Raises ``TypeError`` naming ``kind`` and
+    the entry a state dict cannot hold (an object of one's own, or a state key that is neither a parameter's index
+    nor a name).
+
+    >>> sgd = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    >>> sd = _encode_optimizer({**sgd.state_dict(), "updates": 3}, type(sgd))
+    >>> sorted(sd), sd["updates"]
+    (['param_groups', 'state', 'updates'], 3)
+    """
+    try:
+        if not _torch_layout(plain):
+            return encode_tree(plain, ("optimizer",))
+        state = {}
+        for key, entry in plain["state"].items():
+            if not (type(key) is int or type(key) is str and not key.isdigit()):
+                raise TypeError(
+                    f"its state holds an entry under {key!r}, which is neither a parameter's index nor a name: a state "
+                    "dict keeps each parameter's state under its index and the optimizer's own entries under a name "
+                    "(a string not all digits) beside them"
+                )
+            state[str(key)] = encode_tree(entry, ("optimizer", "state", str(key)))
+        others = encode_tree({k: v for k, v in plain.items() if k not in _OPTIMIZER_KEYS}, ("optimizer",))
+    except TypeError as e:
+        raise TypeError(f"{kind.__qualname__}.state_dict(): {e}") from None
+    return {"state": state, "param_groups": to_plain(plain["param_groups"], ("optimizer", "param_groups")), **others}
+
+
+def _optimizer_copy(decoded: Any) -> Any:
+    """A decoded optimizer state (:func:`_decode_optimizer`) with tensors of its own: torch's
+    ``Optimizer.load_state_dict`` keeps a tensor that has the parameter's dtype and device."""
+    if not _torch_layout(decoded):  # a wrapper's own layout
+        return _clone_value(decoded, {})
+    state = {key: _clone_entry(entry, {}) if type(key) is int else _clone_value(entry, {})
+             for key, entry in decoded["state"].items()}
+    return {key: state if key == "state" else value if key == "param_groups" else _clone_value(value, {})
+            for key, value in decoded.items()}
 
 
 # --- loading a state dict ------------------------------------------------------------------
@@ -2026,16 +2102,29 @@ def _without_implementation(groups: Any) -> Any:
     return [bare(group) for group in groups]
 
 
-def _decode_optimizer(plain: Any, template: dict[str, Any], optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+def _decode_optimizer(plain: Any, template: dict[str, Any], optimizer: torch.optim.Optimizer) -> Any:
+    """What ``optimizer.load_state_dict`` takes, from the encoded ``plain`` (:func:`_encode_optimizer`), checked
+    against ``template`` (this state's own, encoded) and ``optimizer``.
+
+    An entry the optimizer's ``state_dict()`` adds beside torch's (an update counter) and one its state keeps under
+    a name beside the parameters' are given to it as saved, missing ones left out (a checkpoint saved before
+    loopkit kept them): an optimizer of one's own takes any (its ``load_state_dict`` knows them), one of torch's
+    those its own state dict has (torch's ``load_state_dict`` would drop another silently). A layout of the
+    optimizer's own (a wrapper's) is given whole, its top-level keys checked against ``template``'s."""
+    raw = optimizer.state_dict()
+    if not _torch_layout(raw):
+        return _decode_own_layout(plain, template)
     if not isinstance(plain, Mapping):
         raise StateMismatchError(f"key 'optimizer' holds a {type(plain).__qualname__}, expected a mapping")
-    for key in ("state", "param_groups"):
+    for key in _OPTIMIZER_KEYS:
         if key not in plain:
             raise StateMismatchError(f"missing key 'optimizer.{key}'")
+    own = _of_ones_own(optimizer)
     for key in plain:
-        if key not in ("state", "param_groups"):
+        if key not in _OPTIMIZER_KEYS and key not in template and not own:
             raise StateMismatchError(f"unexpected key 'optimizer.{key}'")
-    raw_groups = optimizer.state_dict()["param_groups"]
+    others = decode_tree({k: v for k, v in plain.items() if k not in _OPTIMIZER_KEYS}, ("optimizer",))
+    raw_groups = raw["param_groups"]
     groups = from_plain(
         _without_implementation(plain["param_groups"]), _without_implementation(raw_groups), ("optimizer", "param_groups")
     )
@@ -2047,6 +2136,9 @@ def _decode_optimizer(plain: Any, template: dict[str, Any], optimizer: torch.opt
     expected_keys = _state_keys(optimizer, groups) if plain["state"] else []  # (each key -> its probed shape)
     for index, entry in plain["state"].items():
         path = ("optimizer", "state", index)
+        if not str(index).isdigit() and (own or index in current):  # the optimizer's own entry under a name
+            state[index] = decode_tree(entry, path)
+            continue
         if not str(index).isdigit() or int(index) >= len(params):
             raise StateMismatchError(
                 f"unexpected key '{'.'.join(path)}': the optimizer has {len(params)} parameters"
@@ -2082,7 +2174,23 @@ def _decode_optimizer(plain: Any, template: dict[str, Any], optimizer: torch.opt
                     f"{tuple(value.shape)}, expected {tuple(expected)}"
                 )
         state[int(index)] = dict(entry)
-    return {"state": state, "param_groups": groups}
+    return {"state": state, "param_groups": groups, **others}
+
+
+def _decode_own_layout(plain: Any, template: Any) -> Any:
+    """:func:`_decode_optimizer` of a wrapper's own layout: the saved structure as it was (for the optimizer's own
+    ``load_state_dict``), once its top-level keys are ``template``'s."""
+    decoded, expected = decode_tree(plain, ("optimizer",)), decode_tree(template, ("optimizer",))
+    if isinstance(expected, Mapping):
+        if not isinstance(decoded, Mapping):
+            raise StateMismatchError(f"key 'optimizer' holds a {type(decoded).__qualname__}, expected a mapping")
+        for key in expected:
+            if key not in decoded:
+                raise StateMismatchError(f"missing key 'optimizer.{key}'")
+        for key in decoded:
+            if key not in expected:
+                raise StateMismatchError(f"unexpected key 'optimizer.{key}'")
+    return decoded
 
 
 def _tensor_needed(name: str, value: Any, probed: Mapping[str, Any] | None, torch_own: bool) -> bool:

@@ -17,6 +17,8 @@ from torch import nn
 
 import loopkit
 from loopkit.state import fork
+from tests._custom_optimizers import EIGHT_BATCHES, CountingSGD, GlobalCountSGD, Lookahead, fresh_state
+from tests._custom_optimizers import squares as _squares
 from tests.conftest import assert_equal_trees, through_a_file
 
 # --- create and evolve ----------------------------------------------------------------------------
@@ -1366,10 +1368,6 @@ def test_list_and_tuple_subclasses_of_ones_own_survive_a_pure_step(item):
         assert copied.names is model.names and copied.window is model.window and copied.patch is model.patch
 
 
-def _squares(model, batch):
-    return model(batch).pow(2).mean()
-
-
 def _seeded_batches(width):
     return [torch.randn(4, width, generator=torch.Generator().manual_seed(k)) for k in range(3)]
 
@@ -1678,7 +1676,7 @@ class _MemoFromScratch:
         return self.memo[s]
 
 
-def test_a_memo_keyed_by_numbers_that_a_fresh_state_holds_empty_is_refused_rather_than_guessed(tmp_path):
+def test_a_memo_keyed_by_numbers_that_afresh_state_holds_empty_is_refused_rather_than_guessed(tmp_path):
     """Its keys came back as strings: the resumed schedule silently read an empty memo (lr 0.81 where the
     uninterrupted run has 0.59049)."""
     def made():
@@ -2419,3 +2417,121 @@ def test_the_backbone_finetuning_recipe_resumes_from_any_checkpoint_as_the_unint
     resumed, _ = run(tmp_path / "cut", loopkit.restore(template((newest.epoch, newest.batch_index) > (unfreeze, 0)),
                                                        tmp_path / "cut"))
     assert_trees_equal(resumed.state_dict(), full.state_dict())
+
+
+# --- an optimizer's own entries in its state dict ---------------------------------------------------
+
+
+def _resumed_runs(optimizer_class, directory):
+    """Runs of ``fresh_state(optimizer_class)`` over :data:`EIGHT_BATCHES` cut after 4 updates and finished: from
+    ``with_checkpointing``'s folder by ``restore``, and from ``state_dict()`` through a file by ``load_state_dict``
+    (that one loaded state also returned, before it trains on)."""
+    step = loopkit.with_checkpointing(loopkit.train_step(_squares), directory, every_n_steps=1)
+    cut, _ = loopkit.run_epochs(step, fresh_state(optimizer_class), EIGHT_BATCHES, max_steps=4, progress=False)
+    loaded = fresh_state(optimizer_class).load_state_dict(through_a_file(cut.state_dict()))
+    restored = loopkit.restore(fresh_state(optimizer_class), directory)
+    finish = loopkit.train_step(_squares)
+    finished = [loopkit.run_epochs(finish, fork(s), EIGHT_BATCHES, epochs=1, progress=False)[0]
+                for s in (restored, loaded)]
+    return finished, loaded
+
+
+@pytest.mark.parametrize("optimizer_class", [CountingSGD, GlobalCountSGD, Lookahead])
+def test_an_optimizers_own_state_dict_entries_resume_as_the_uninterrupted_raw_loop(optimizer_class, tmp_path):
+    """An entry the optimizer's state_dict() adds beside torch's (an update counter) was dropped, one kept in its
+    ``state`` under a name was refused (unexpected key 'optimizer.state.global'), and a wrapper's own layout failed
+    with a bare KeyError: 'state'. Each now goes through a checkpoint (torch.load(weights_only=True)) to the
+    optimizer's own load_state_dict. Reference: the raw loop over all the batches, bit for bit."""
+    raw_model, raw = _raw_trained(optimizer_class, 3, EIGHT_BATCHES)
+    finished, loaded = _resumed_runs(optimizer_class, tmp_path)
+    if optimizer_class is CountingSGD:
+        assert (loaded.optimizer.updates, loaded.optimizer.scales) == (4, [1.0, 1.0, 0.5, 1.0])
+    for state in finished:
+        assert torch.equal(state.model.weight, raw_model.weight) and torch.equal(state.model.bias, raw_model.bias)
+        assert_equal_trees(state.optimizer.state_dict(), raw.state_dict())
+
+
+def test_a_checkpoint_without_an_optimizers_own_entries_still_loads(assert_trees_equal):
+    """One saved before loopkit kept them (a compatibility guard): the optimizer's load_state_dict takes what there
+    is, as torch's would (its own defaults, not the template's counter)."""
+    step = loopkit.train_step(_squares)
+    trained, _ = step(fresh_state(CountingSGD), EIGHT_BATCHES[0])
+    sd = trained.state_dict()
+    old = {**sd, "optimizer": {key: sd["optimizer"][key] for key in ("state", "param_groups")}}
+    template, _ = step(step(fresh_state(CountingSGD), EIGHT_BATCHES[1])[0], EIGHT_BATCHES[2])
+    loaded = template.load_state_dict(through_a_file(old))
+    assert (loaded.optimizer.updates, loaded.optimizer.scales, loaded.step) == (0, [], 1)
+    assert template.optimizer.updates == 2
+    assert_trees_equal(dict(loaded.model.named_parameters()), dict(trained.model.named_parameters()))
+
+
+def test_torchs_own_optimizer_refuses_an_entry_its_state_dict_has_not():
+    """torch's SGD.load_state_dict would drop the counter silently: the checkpoint is of another optimizer."""
+    sd = through_a_file(fresh_state(CountingSGD).state_dict())
+    with pytest.raises(loopkit.StateMismatchError, match="unexpected key 'optimizer.updates'"):
+        fresh_state(torch.optim.SGD).load_state_dict(sd)
+    sd["optimizer"]["state"]["global"] = {"n": 3}
+    del sd["optimizer"]["updates"], sd["optimizer"]["scales"]
+    with pytest.raises(loopkit.StateMismatchError, match="unexpected key 'optimizer.state.global'"):
+        fresh_state(torch.optim.SGD).load_state_dict(sd)
+
+
+def test_a_wrapper_layout_of_another_optimizer_is_named_by_its_missing_key():
+    sd = through_a_file(fresh_state(Lookahead).state_dict())
+    with pytest.raises(loopkit.StateMismatchError, match="missing key 'optimizer.slow'"):
+        fresh_state(Lookahead).load_state_dict({**sd, "optimizer": {"fast": sd["optimizer"]["fast"]}})
+    with pytest.raises(loopkit.StateMismatchError, match="missing key 'optimizer.state'"):
+        fresh_state(torch.optim.SGD).load_state_dict(sd)
+
+
+@pytest.mark.parametrize("optimizer_class", [GlobalCountSGD, Lookahead])
+def test_a_pure_step_copies_an_optimizers_named_entries_and_wrapper_state(optimizer_class):
+    """check_purity on an optimizer keeping ``state["global"]`` died on 'str' object has no attribute '_base' (the
+    copy took every key of ``state`` for a parameter), and on the wrapper with KeyError: 'state'. Reference: the raw
+    loop; the given state's entries stay as they were."""
+    raw_model, raw = _raw_trained(optimizer_class, 3, EIGHT_BATCHES[:3])
+    step = loopkit.train_step(_squares)
+    first, _ = step(fresh_state(optimizer_class), EIGHT_BATCHES[0])
+    before = through_a_file(first.state_dict())
+    second, _ = loopkit.check_purity(step, first, EIGHT_BATCHES[1])
+    assert_equal_trees(through_a_file(first.state_dict()), before)
+    if optimizer_class is GlobalCountSGD:
+        assert first.optimizer.state["global"] == {"n": 1} and second.optimizer.state["global"] == {"n": 2}
+    third, _ = step(second, EIGHT_BATCHES[2])
+    assert torch.equal(third.model.weight, raw_model.weight) and torch.equal(third.model.bias, raw_model.bias)
+    assert_equal_trees(third.optimizer.state_dict(), raw.state_dict())
+
+
+def test_an_optimizer_entry_no_checkpoint_can_hold_is_refused_by_name_before_training(tmp_path):
+    """Refused when the state dict is made, naming the optimizer's class and the entry: by run_epochs before the
+    first step under with_checkpointing (the state left as it was, nothing saved)."""
+
+    class WithConfig(CountingSGD):
+        def state_dict(self):
+            return {**super().state_dict(), "config": object()}
+
+    state = fresh_state(WithConfig)
+    with pytest.raises(TypeError, match=re.escape("WithConfig.state_dict(): state at 'optimizer.config' is a object")):
+        state.state_dict()
+    step = loopkit.with_checkpointing(loopkit.train_step(_squares), tmp_path, every_n_steps=1)
+    with pytest.raises(TypeError, match=r"with_checkpointing could not save this state: \S*WithConfig\.state_dict\(\)"):
+        loopkit.run_epochs(step, state, EIGHT_BATCHES, epochs=1, progress=False)
+    assert state.step == 0 and state.optimizer.updates == 0 and not list(tmp_path.iterdir())
+    odd = fresh_state(GlobalCountSGD)
+    odd.optimizer.state[("a", 1)] = {"n": 1}
+    message = "GlobalCountSGD.state_dict(): its state holds an entry under ('a', 1), which is neither"
+    with pytest.raises(TypeError, match=re.escape(message)):
+        odd.state_dict()
+
+
+@pytest.mark.parametrize("optimizer_class", [CountingSGD, GlobalCountSGD, Lookahead])
+def test_load_state_dict_copies_an_optimizers_own_entries_and_layout(optimizer_class):
+    """The source of a state dict stays a valid snapshot (as for torch's layout): training the loaded state never
+    reaches its wrapper's moments, its named entries or its own entries."""
+    step = loopkit.train_step(_squares)
+    source, _ = step(step(fresh_state(optimizer_class), EIGHT_BATCHES[0])[0], EIGHT_BATCHES[1])
+    before = through_a_file(source.state_dict())
+    loaded = fresh_state(optimizer_class).load_state_dict(source.state_dict())
+    for batch in EIGHT_BATCHES[2:4]:
+        loaded, _ = loopkit.donate(step)(loaded, batch)
+    assert_equal_trees(through_a_file(source.state_dict()), before)

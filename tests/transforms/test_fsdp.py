@@ -27,8 +27,9 @@ import torch.distributed as dist
 
 import loopkit
 from tests import _fsdp_script as fsdp
+from tests._custom_optimizers import EIGHT_BATCHES, CountingSGD, GlobalCountSGD, Lookahead, fresh_state, squares
 from tests._finetune import UNFREEZE_AT, UNFREEZE_EPOCHS, frozen_state
-from tests.conftest import assert_params_close, assert_ranks_identical
+from tests.conftest import assert_equal_trees, assert_params_close, assert_ranks_identical, through_a_file
 
 TOL = 1e-6
 # resume: a second launch, after cut; stream_val, apart: launches of their own, with a short collective timeout (they
@@ -649,6 +650,20 @@ def test_one_rank_equals_the_plain_step_and_carries_the_optimizer_state_over(one
     full = b.state_dict()
     for name, p in a.model.named_parameters():
         assert torch.equal(full["model"][name], p.detach()), name
+
+
+@pytest.mark.parametrize("optimizer_class", [CountingSGD, GlobalCountSGD, Lookahead])
+def test_an_optimizers_own_state_dict_entries_and_layout_are_gathered_whole(one_rank, optimizer_class):
+    """An optimizer's own entries beside torch's (a counter, ``state["global"]``) and a wrapper's own layout (a
+    Lookahead's ``{"fast", "slow"}``, whose moments are DTensors here): the state dict of the sharded state is the
+    unsharded run's, every tensor whole (through ``torch.load(weights_only=True)``)."""
+    results = []
+    for step in (loopkit.train_step(squares), loopkit.donate(loopkit.with_fsdp(loopkit.train_step(squares)))):
+        state = fresh_state(optimizer_class)
+        for batch in EIGHT_BATCHES[:3]:
+            state, _ = step(state, batch)
+        results.append(through_a_file(state.state_dict()))
+    assert_equal_trees(results[1], results[0])
 
 
 def test_a_save_that_writes_nothing_gathers_nothing(one_rank, tmp_path, monkeypatch):
