@@ -1436,7 +1436,7 @@ class TrainStep(Step):
             return keep_graph(self._apply_update(new, extras, metrics, ctx), loss), metrics
         except BaseException as error:  # a raising guard or a hook refused the gradients, before the update
             refusable = back is not None and not ctx.updating and (self.holds_grads or ctx.agreed_refusal)
-            if refusable and _gradients_back(state, optimizer, back, stash):  # type: ignore[arg-type]
+            if refusable and _gradients_back(state, optimizer, back):  # type: ignore[arg-type]
                 if buffers is not None:
                     _restore_buffers(model, buffers)
                 leave_intact(error, state)
@@ -1476,13 +1476,15 @@ class TrainStep(Step):
                 metrics = {"loss": loss.detach(), **aux}
             held = [p.grad for group in optimizer.param_groups for p in group["params"]]
             intact = False
+            if held.count(None) != len(held):  # (found gradients, rare: one C-level count otherwise)
+                _drop_grads(optimizer)
             loss.backward()
             if first.grad is None and first.requires_grad:  # (a trainable first parameter the backward missed)
                 _refuse_unreached(optimizer, model, self.loss_fn)
             if saved is not None:
                 rng = {"cpu": generator.get_state()}
         except BaseException as error:
-            if intact or (held is not None and _gradients_back(state, optimizer, held, None)):
+            if intact or (held is not None and _gradients_back(state, optimizer, held)):
                 leave_intact(error, state)
             raise
         finally:
@@ -1513,10 +1515,11 @@ class TrainStep(Step):
         ``first`` is the optimizer's first parameter: its device is the step's device.
         ``intact_on_error``: an error before the backward leaves the state whole (not so in the call
         that built the DDP wrapper, which broadcast rank 0's parameters). ``held``: the gradients of the
-        optimizer's parameters as the call found them (None under data parallelism); an error in the
-        backward gives them back and leaves the state whole, as does a backward that found no gradients (outside a
-        group, or a group's set apart for a per-micro transform) and gave none of the optimizer's parameters one, nor
-        any of the model's (:func:`_refuse_unreached`).
+        optimizer's parameters as the call found them (None under data parallelism), dropped before an update's first
+        backward (outside a group: :func:`_drop_grads`); an error in the backward gives them back and leaves the state
+        whole, as does a backward that started from no gradients (outside a group, or a group's set apart for a
+        per-micro transform) and gave none of the optimizer's parameters one, nor any of the model's
+        (:func:`_refuse_unreached`).
         """
         precision = self.precision
         try:  # nothing of the state changes in place before the backward
@@ -1543,6 +1546,10 @@ class TrainStep(Step):
         to_backward = loss / every if every > 1 and (scaled or not per_micro) else loss
         if scaled:
             to_backward = precision.scale(to_backward, extras, device)  # type: ignore[union-attr, arg-type]
+        # an update's first backward in one process: on no gradients but its own (under data parallelism a flush leaves
+        # zeros where DDP's reducer expects gradients defined at the next synced backward: kept)
+        if held is not None and not state.extras.get(_ACCUM_COUNT, 0):
+            _drop_grads(state.optimizer)  # type: ignore[arg-type]
         stash = _stash_grads(state.optimizer, getattr(self.sync, "grads_are_views", False)) if per_micro else None
         if held is None:  # under data parallelism: an error in the backward uses the state up
             _backward_synced(to_backward, self.sync, state, local)
@@ -1555,7 +1562,7 @@ class TrainStep(Step):
             if first.grad is None and first.requires_grad:  # (found none, or set apart, on a trainable first one)
                 _refuse_unreached(state.optimizer, state.model, self.loss_fn)  # type: ignore[arg-type]
         except BaseException as error:
-            if _gradients_back(state, state.optimizer, held, stash):  # type: ignore[arg-type]
+            if _gradients_back(state, state.optimizer, held):  # type: ignore[arg-type]
                 leave_intact(error, state)
             raise
         return loss, metrics, stash
@@ -1592,7 +1599,7 @@ class TrainStep(Step):
         try:
             new = self._apply_update(state, extras, metrics, ctx, held)
         except BaseException as error:  # refused before the update: the sums back, the state as the flush found it
-            if held and not ctx.updating and _gradients_back(state, state.optimizer, held, None, kept=True):
+            if held and not ctx.updating and _gradients_back(state, state.optimizer, held):
                 leave_intact(error, state)
             raise
         for p in marked:  # DDP's reducer still counts them used: its next synced backward reduces their (zero) grads
@@ -1755,7 +1762,7 @@ def _closure_update(
             if not runs:  # before the backward: the closure's zero_grad set the gradients aside, none was written
                 for p, g in zip(params, found):
                     p.grad = g
-            if not runs or _gradients_back(state, optimizer, found, None):
+            if not runs or _gradients_back(state, optimizer, found):
                 for key in [key for key in optimizer.state if key not in known]:
                     del optimizer.state[key]
                 leave_intact(error, state)
@@ -1830,19 +1837,15 @@ def _no_grads(optimizer: torch.optim.Optimizer) -> list[None] | None:
     return None if any(p.grad is not None for p in params) else [None] * len(params)
 
 
-def _gradients_back(
-    state: TrainState, optimizer: torch.optim.Optimizer, held: list[Any], stash: list[tuple[torch.Tensor, torch.Tensor]] | None,
-    *, kept: bool = False,
-) -> bool:
+def _gradients_back(state: TrainState, optimizer: torch.optim.Optimizer, held: list[Any]) -> bool:
     """Give the optimizer's parameters ``held``, the gradients they had when the call began, back after a
-    backward that failed or whose gradients are refused before the update; False where that backward added
-    into them in place (an accumulation group's sum, unless set apart in ``stash`` and not yet added back),
-    into a parameter the optimizer does not hold, or may have moved a parameter (a post-accumulate-grad hook:
-    an optimizer stepping in the backward). ``kept``: nothing added into ``held`` (a flush, which runs no backward,
-    made the mean in new tensors)."""
+    backward that failed or whose gradients are refused before the update; False where that backward may have added
+    into one of them in place (a parameter still holding its found gradient: an accumulation group's sum, not set
+    apart; one dropped before the backward (:func:`_drop_grads`), set apart (:func:`_stash_grads`) or replaced by a
+    flush's mean was not written), into a parameter the optimizer does not hold, or may have moved a parameter (a
+    post-accumulate-grad hook: an optimizer stepping in the backward)."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    set_apart = {id(p) for p, _ in stash or ()}
-    if not kept and any(g is not None and id(p) not in set_apart for p, g in zip(params, held)):
+    if any(g is not None and p.grad is g for p, g in zip(params, held)):
         return False
     if any(getattr(p, "_post_accumulate_grad_hooks", None) for p in state.model.parameters()):
         return False
@@ -1852,6 +1855,24 @@ def _gradients_back(
     for p, g in zip(params, held):
         p.grad = g
     return True
+
+
+def _drop_grads(optimizer: torch.optim.Optimizer) -> None:
+    """Before an update's first backward: the optimizer's parameters hold no gradient, as after a loop's
+    ``optimizer.zero_grad()`` (Lightning's, right before its backward). What they held (the backward of another
+    state's optimizer over a shared model, a saliency map's ``loss.backward()`` of your own between steps) is not
+    added into the update; the call's ``held`` keeps it, to give back after an error. Each is set to None, never
+    zeroed in place: the held tensors keep their values.
+
+    >>> model = torch.nn.Linear(1, 1)
+    >>> model.weight.grad = found = torch.ones(1, 1)
+    >>> _drop_grads(torch.optim.SGD(model.parameters(), lr=0.1))
+    >>> model.weight.grad is None, found
+    (True, tensor([[1.]]))
+    """
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            p.grad = None
 
 
 def _refuse_unreached(optimizer: torch.optim.Optimizer, model: torch.nn.Module, loss_fn: Callable[..., Any]) -> None:
@@ -1964,9 +1985,15 @@ def train_step(loss_fn: LossFn) -> TrainStep:
     wrap it, ``lambda model, batch: criterion(model(batch[0]), batch[1])``; a Module of one's own whose ``forward``
     takes ``(model, batch)`` is taken). The step reports ``loss`` and the aux metrics as 0-dim
     tensors on the device (it never reads them on the host). The state's RNG drives dropout.
+    Each update's backward (a ``with_grad_accum`` group's first) starts from no gradients on the optimizer's
+    parameters, as a loop's ``optimizer.zero_grad()`` before it: gradients left there between updates (a
+    ``loss.backward()`` of one's own, another state's optimizer over part of the same model) are dropped, not added
+    in, and given back after an error that leaves the state as it was (in one process: under ``with_ddp`` or
+    ``with_fsdp`` they are added in).
     ``loss_fn`` must compute the loss with the ``model`` it is given: a backward that reaches none of the optimizer's
     parameters, nor any of the model's (a ``loss_fn`` that closes over a model of its own, ``self(x)`` ported as is),
-    raises a ``ValueError``, where the call found no gradients, leaving the state as it was.
+    raises a ``ValueError`` (at an update's first micro-batch, or one whose group's sum a transform sets apart),
+    leaving the state as it was.
 
     >>> import torch
     >>> from loopkit.state import TrainState

@@ -265,6 +265,84 @@ def test_scheduler_steps_once_per_optimizer_update(make_mlp, batches, make_adam_
     assert lrs == pytest.approx([0.01 * 0.9, 0.01 * 0.9**2, 0.01 * 0.9**3])
 
 
+_STALE_PATHS = {  # name: (wrap, micro-batches per update, clip)
+    "plain": (lambda s: s, 1, False),
+    "clip": (lambda s: loopkit.with_grad_clip(s, max_norm=0.5), 1, True),
+    "accum": (lambda s: loopkit.with_grad_accum(s, every=2), 2, False),
+    "clip, accum inside": (lambda s: loopkit.with_grad_clip(loopkit.with_grad_accum(s, every=2), max_norm=0.5), 2, True),
+}
+
+
+def _raw_update(model, opt, micro, loss_fn, clip):
+    """A raw loop's update: zero_grad first, each micro-batch's loss / n backward, the clip, the step."""
+    opt.zero_grad()
+    for batch in micro:
+        (loss_fn(model, batch) / len(micro)).backward()
+    if clip:
+        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 0.5)
+    opt.step()
+
+
+@pytest.mark.parametrize("donated", [False, True])
+@pytest.mark.parametrize("path", list(_STALE_PATHS))
+def test_gradients_left_on_the_parameters_between_updates_are_not_added_into_the_next(
+    path, donated, make_mlp, batches, mse_loss, assert_trees_equal
+):
+    """A loss.backward() of one's own between updates (an input-saliency map) left gradients on the parameters,
+    and the next train_step added them into its update (it zeroed only after): a raw loop zeroes before the
+    backward, as Lightning does. Reference: that raw loop, bitwise; the gradients found are dropped at an update's
+    first micro-batch only (inside a group the parameters hold the group's sum)."""
+    wrap, every, clip = _STALE_PATHS[path]
+    x_saliency = batches[5][0].clone().requires_grad_()
+
+    def saliency(model):
+        mse_loss(model, (x_saliency, batches[5][1])).backward()
+
+    raw = make_mlp(0)
+    raw_opt = torch.optim.SGD(raw.parameters(), lr=0.1, momentum=0.9)
+    step = wrap(loopkit.train_step(mse_loss))
+    step = loopkit.donate(step) if donated else step
+    state = loopkit.TrainState.create(model := make_mlp(0), torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
+    saliency(raw)
+    saliency(state.model)  # (before the first update too: TrainState.create was given none)
+    for start in range(0, 4, every):
+        micro = batches[start:start + every]
+        _raw_update(raw, raw_opt, micro, mse_loss, clip)
+        saliency(raw)
+        for batch in micro:
+            state, _ = step(state, batch)
+        saliency(state.model)
+    assert state.step == 4 // every
+    assert_trees_equal(dict(state.model.named_parameters()), dict(raw.named_parameters()))
+
+
+@pytest.mark.parametrize("path", list(_STALE_PATHS))
+def test_two_states_with_optimizers_over_two_parts_of_one_model_alternated_train_as_a_raw_loop(
+    path, make_mlp, batches, mse_loss, assert_trees_equal
+):
+    """Two donated states over one model, each with an optimizer of its own part (encoder, head), alternated: each
+    one's backward also wrote the other part's gradients, which the other state's next update added into its own.
+    Reference: a raw loop zeroing each optimizer before its backward, bitwise."""
+    wrap, every, clip = _STALE_PATHS[path]
+
+    def parts():
+        model = make_mlp(0)
+        return model, torch.optim.SGD(model[0].parameters(), lr=0.1), torch.optim.SGD(model[2].parameters(), lr=0.1)
+
+    raw, raw_a, raw_b = parts()
+    model, a, b = parts()
+    states = [loopkit.TrainState.create(model, a), loopkit.TrainState.create(model, b)]
+    step = loopkit.donate(wrap(loopkit.train_step(mse_loss)))
+    for start in range(0, 6, every):
+        micro = batches[start:start + every]
+        for k, opt in enumerate((raw_a, raw_b)):
+            _raw_update(raw, opt, micro, mse_loss, clip)
+            for batch in micro:
+                states[k], _ = step(states[k], batch)
+    assert_trees_equal(dict(model.named_parameters()), dict(raw.named_parameters()))
+
+
+
 # --- purity ---------------------------------------------------------------------------------------
 
 
@@ -554,6 +632,24 @@ def _assert_left_as_untouched_and_trains_on(error, state, untouched, good, batch
     (new, metrics), (reference, expected) = loopkit.donate(good)(state, batch), loopkit.donate(good)(untouched, batch)
     assert_trees_equal(take_snapshot(new), take_snapshot(reference))
     assert torch.equal(metrics["loss"], expected["loss"])
+
+
+@pytest.mark.parametrize("path", ["plain", "clip", "accum"])
+def test_gradients_found_and_dropped_are_given_back_after_an_error_in_the_backward(
+    path, make_mlp, batches, mse_loss, make_sgd_state, take_snapshot, assert_trees_equal
+):
+    """The gradients an update's first backward drops (left there by a backward of one's own) are those a failing
+    backward gives back, the same tensors with their values: the donated state is as its untouched twin, usable,
+    and trains on as it does (from none: dropped again)."""
+    state, untouched = make_sgd_state(make_mlp(0)), make_sgd_state(make_mlp(0))
+    for s in (state, untouched):
+        mse_loss(s.model, batches[5]).backward()  # (a gradient of one's own)
+    found = [p.grad for p in state.model.parameters()]
+    with _failing_backward("hook", state.model) as match, pytest.raises(RuntimeError, match=match) as info:
+        loopkit.donate(_step_paths(mse_loss)[path])(state, batches[0])
+    assert all(p.grad is g for p, g in zip(state.model.parameters(), found))
+    _assert_left_as_untouched_and_trains_on(info.value, state, untouched, _step_paths(mse_loss)[path], batches[0],
+                                            take_snapshot, assert_trees_equal)
 
 
 _UNREACHED = ("its backward reached none of the optimizer's parameters, nor any of the model's: does it use the model it "
