@@ -881,7 +881,10 @@ def check_metric(value: Any, key: Any, where: str) -> torch.Tensor:
     when reported, whatever the update then changes in place: a leaf that requires grad (a parameter), a view, or
     one changed in place since it was made (``value._version``, which a tensor detached from it shares: every
     parameter after an ``nn.init`` or an update, every buffer forward updates). A freshly computed one (a loss, its
-    ``.detach()``, an accuracy under ``no_grad``) is taken as it is, detached: no copy on a step's path. The gap:
+    ``.detach()``, an accuracy under ``no_grad``) is taken as it is, detached: no copy on a step's path. An inference
+    tensor (one made under ``torch.inference_mode()``: an ``eval_step`` called inside it, an accuracy a ``loss_fn``
+    computes there) keeps no version counter and says of no view what it views: it is copied, a normal tensor when
+    the copy is made outside inference mode (what in-place use outside it then allows). The gap:
     a parameter reported detached (``p.detach()``, not ``p``) while it has never been changed in place (made from a
     literal, ``nn.Parameter(torch.tensor(1.0))``, before its first update; or the fresh copy in a state forked by a
     step that is not donated) reads as the update leaves it: report ``p`` itself, or ``p.detach().clone()``.
@@ -900,6 +903,10 @@ def check_metric(value: Any, key: Any, where: str) -> torch.Tensor:
     >>> fresh = torch.tensor([1.0, 3.0]).mean()
     >>> check_metric(fresh, "acc", "metric_fn f").data_ptr() == fresh.data_ptr()  # (not copied)
     True
+    >>> with torch.inference_mode():
+    ...     acc = torch.tensor([1.0, 0.0]).mean()
+    >>> check_metric(acc, "acc", "loss_fn f").is_inference()
+    False
     >>> check_metric("high", "acc", "metric_fn f")
     Traceback (most recent call last):
     ...
@@ -914,6 +921,8 @@ def check_metric(value: Any, key: Any, where: str) -> torch.Tensor:
                 f"{value.dtype}; a metric must be a real 0-dim tensor (reduce it, e.g. .mean())"
             )
         metric = value.detach().reshape(())
+        if value.is_inference():  # no version counter, no _base even for a view: copied (outside inference_mode, normal)
+            return metric.clone()
         return metric.clone() if (value.requires_grad and value.is_leaf) or value._base is not None or value._version else metric
     try:
         if isinstance(value, (bool, np.bool_)):

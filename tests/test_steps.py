@@ -343,6 +343,34 @@ def test_two_states_with_optimizers_over_two_parts_of_one_model_alternated_train
 
 
 
+def test_metrics_made_under_inference_mode_are_taken_as_a_raw_loop_computes_them(make_mlp, batches, mse_loss,
+                                                                               make_sgd_state):
+    """Inference tensors keep no version counter: the metric check read it and raised torch's 'Inference tensors do
+    not track version counter' for eval_step and evaluate called inside the user's torch.inference_mode() (a raw
+    eval loop works there) and for a loss_fn's accuracy computed under inference_mode. Reference: the raw values;
+    the train metric comes back a normal tensor (the copy is made outside inference mode)."""
+    state = make_sgd_state(make_mlp(0))
+    raw = copy.deepcopy(state.model).eval()
+    metric_fn = lambda m, b: {"mse": mse_loss(m, b)}  # noqa: E731
+    with torch.inference_mode():
+        expected = [mse_loss(raw, batch) for batch in batches[:2]]
+        _, metrics = loopkit.eval_step(metric_fn)(state, batches[0])
+        means = loopkit.evaluate(loopkit.eval_step(metric_fn), state, batches[:2])
+    assert torch.equal(metrics["mse"], expected[0])
+    assert means["mse"] == pytest.approx(float((expected[0] + expected[1]) / 2))
+
+    def loss_with_acc(m, b):
+        out = m(b[0])
+        with torch.inference_mode():
+            acc = ((out > 0) == (b[1] > 0)).float().mean()
+        return nn.functional.mse_loss(out, b[1]), {"acc": acc}
+
+    out = raw.train()(batches[0][0])
+    _, metrics = loopkit.train_step(loss_with_acc)(state, batches[0])
+    assert torch.equal(metrics["acc"], ((out > 0) == (batches[0][1] > 0)).float().mean())
+    assert not metrics["acc"].is_inference()
+
+
 # --- purity ---------------------------------------------------------------------------------------
 
 
