@@ -1552,9 +1552,14 @@ class TrainStep(Step):
         # loss scaler the backward still runs on (loss / every) * scale, as torch's GradScaler loop does (loss * scale
         # overflows float16 at 1/every of its threshold): the unscaling then multiplies the `every` back (run_)
         scaled = precision is not None and precision.scales_loss
-        to_backward = loss / every if every > 1 and (scaled or not per_micro) else loss
-        if scaled:
-            to_backward = precision.scale(to_backward, extras, device)  # type: ignore[union-attr, arg-type]
+        divided = every > 1 and (scaled or not per_micro)
+        to_backward = loss
+        if divided or scaled:  # under grad: a loss_fn that enables it itself, called in the caller's torch.no_grad()
+            with torch.enable_grad():
+                if divided:
+                    to_backward = loss / every
+                if scaled:
+                    to_backward = precision.scale(to_backward, extras, device)  # type: ignore[union-attr, arg-type]
         # an update's first backward in one process: on no gradients but its own (under data parallelism a flush leaves
         # zeros where DDP's reducer expects gradients defined at the next synced backward: kept)
         if held is not None and not state.extras.get(_ACCUM_COUNT, 0):

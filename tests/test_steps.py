@@ -680,6 +680,29 @@ def test_gradients_found_and_dropped_are_given_back_after_an_error_in_the_backwa
                                             take_snapshot, assert_trees_equal)
 
 
+@pytest.mark.parametrize("path", ["plain", "accum", "amp float16", "accum, amp float16"])
+def test_a_step_called_under_no_grad_whose_loss_fn_enables_grad_trains_as_one_called_outside(
+    path, make_mlp, batches, mse_loss, make_sgd_state, take_snapshot, assert_trees_equal
+):
+    """A loss_fn that turns grad on itself (torch.enable_grad() inside), called in the caller's torch.no_grad(),
+    returns a loss with a graph: the plain step trained, but with_grad_accum's loss / n and with_amp(float16)'s
+    loss * scale ran under the caller's no_grad, and the backward died with torch's bare 'element 0 of tensors does
+    not require grad'. Reference: the same step called outside no_grad, bitwise."""
+    def enabling(m, b):
+        with torch.enable_grad():
+            return mse_loss(m, b)
+
+    step = loopkit.donate(_backward_paths(enabling)[path])
+    state, reference = make_sgd_state(make_mlp(0)), make_sgd_state(make_mlp(0))
+    for batch in batches[:4]:
+        with torch.no_grad():
+            state, metrics = step(state, batch)
+        reference, expected = step(reference, batch)
+        assert torch.equal(metrics["loss"], expected["loss"])
+    assert state.step == reference.step > 0
+    assert_trees_equal(take_snapshot(state), take_snapshot(reference))
+
+
 _UNREACHED = ("its backward reached none of the optimizer's parameters, nor any of the model's: does it use the model it "
               "is given")
 
