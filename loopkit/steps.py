@@ -1471,7 +1471,9 @@ class TrainStep(Step):
         if saved is not None:
             generator.set_state(rng["cpu"])
         intact = True  # nothing of the state changed in place yet (the backward changes the gradients only)
-        held = None  # the gradients as the call found them: an error in the backward gives them back
+        # the gradients as the call found them (before the loss_fn, which may run a backward of its own): an error in
+        # the backward gives them back
+        held = [p.grad for group in optimizer.param_groups for p in group["params"]]
         try:
             out = self.loss_fn(model, batch)
             if type(out) is _Tensor and out.ndim == 0 and out.requires_grad and not out.is_leaf and out.is_floating_point():
@@ -1483,7 +1485,6 @@ class TrainStep(Step):
             else:
                 loss, aux = _split_loss(out, self.loss_fn)
                 metrics = {"loss": loss.detach(), **aux}
-            held = [p.grad for group in optimizer.param_groups for p in group["params"]]
             intact = False
             if held.count(None) != len(held):  # (found gradients, rare: one C-level count otherwise)
                 _drop_grads(optimizer)
@@ -1493,8 +1494,11 @@ class TrainStep(Step):
             if saved is not None:
                 rng = {"cpu": generator.get_state()}
         except BaseException as error:
-            if intact or (held is not None and _gradients_back(state, optimizer, held)):
-                leave_intact(error, state)
+            told = _backward_in_loss_fn(error, self.loss_fn)
+            if intact or _gradients_back(state, optimizer, held):
+                leave_intact(told or error, state)
+            if told is not None:
+                raise told from error
             raise
         finally:
             if saved is not None:
@@ -1576,8 +1580,11 @@ class TrainStep(Step):
             if first.grad is None and first.requires_grad:  # (found none, or set apart, on a trainable first one)
                 _refuse_unreached(state.optimizer, state.model, self.loss_fn)  # type: ignore[arg-type]
         except BaseException as error:
+            told = _backward_in_loss_fn(error, self.loss_fn)
             if _gradients_back(state, state.optimizer, held):  # type: ignore[arg-type]
-                leave_intact(error, state)
+                leave_intact(told or error, state)
+            if told is not None:
+                raise told from error
             raise
         return loss, metrics, stash
 
@@ -1889,6 +1896,28 @@ def _drop_grads(optimizer: torch.optim.Optimizer) -> None:
             p.grad = None
 
 
+def _backward_in_loss_fn(error: BaseException, loss_fn: Callable[..., Any]) -> RuntimeError | None:
+    """The error to raise for ``error`` of a step's backward where torch found the loss's graph freed by an earlier
+    backward (a ``loss_fn`` calling ``loss.backward()`` itself, a Lightning manual-optimization habit; or reusing a
+    tensor whose graph an earlier call's backward freed), naming ``loss_fn``; None for any other error. torch's own
+    advice there, ``retain_graph=True``, would add the loss's gradient twice.
+
+    >>> freed = RuntimeError("Trying to backward through the graph a second time (or directly access saved ...")
+    >>> str(_backward_in_loss_fn(freed, lambda m, b: None)).split(":")[0]
+    'loss_fn <lambda>'
+    >>> _backward_in_loss_fn(ValueError("other"), lambda m, b: None) is None
+    True
+    """
+    if not isinstance(error, RuntimeError) or "backward through the graph a second time" not in str(error):
+        return None
+    return RuntimeError(
+        f"loss_fn {_fn_name(loss_fn)}: the step's backward found the loss's graph already freed by a backward: does "
+        "the loss_fn call loss.backward() itself? It must return the loss (or (loss, metrics)), and train_step runs "
+        "the backward (retain_graph=True would add its gradient twice); nor may it reuse a tensor whose graph an "
+        f"earlier step's backward freed. Nothing was updated. (torch: {error})"
+    )
+
+
 def _refuse_unreached(optimizer: torch.optim.Optimizer, model: torch.nn.Module, loss_fn: Callable[..., Any]) -> None:
     """After a backward that left the optimizer's first parameter without a gradient: raise a ``ValueError``, naming
     ``loss_fn``, where none of the optimizer's parameters has one, nor any of ``model``'s (its loss reached none: a
@@ -1997,8 +2026,9 @@ def train_step(loss_fn: LossFn) -> TrainStep:
     ``loss_fn(model, batch)`` returns a scalar loss tensor, ``(loss, metrics_dict)``, or
     ``None`` to skip the batch; it is a function (a ``torch.nn.Module`` of torch's, ``nn.MSELoss()``, is refused:
     wrap it, ``lambda model, batch: criterion(model(batch[0]), batch[1])``; a Module of one's own whose ``forward``
-    takes ``(model, batch)`` is taken). The step reports ``loss`` and the aux metrics as 0-dim
-    tensors on the device (it never reads them on the host). The state's RNG drives dropout.
+    takes ``(model, batch)`` is taken); it does not call ``loss.backward()`` (the step does: one that does is told so,
+    naming it, by a ``RuntimeError`` that leaves the state as it was). The step reports ``loss`` and the aux
+    metrics as 0-dim tensors on the device (it never reads them on the host). The state's RNG drives dropout.
     Each update's backward (a ``with_grad_accum`` group's first) starts from no gradients on the optimizer's
     parameters, as a loop's ``optimizer.zero_grad()`` before it: gradients left there between updates (a
     ``loss.backward()`` of one's own, another state's optimizer over part of the same model) are dropped, not added

@@ -703,6 +703,33 @@ def test_a_step_called_under_no_grad_whose_loss_fn_enables_grad_trains_as_one_ca
     assert_trees_equal(take_snapshot(state), take_snapshot(reference))
 
 
+@pytest.mark.parametrize("path", ["plain", "clip", "accum"])
+def test_a_loss_fn_calling_backward_itself_is_told_so_leaving_the_state_as_it_was(
+    path, make_mlp, batches, mse_loss, make_sgd_state, take_snapshot, assert_trees_equal
+):
+    """A loss_fn that runs loss.backward() itself (Lightning's manual optimization) met torch's 'backward through the
+    graph a second time ... Specify retain_graph=True' (which would add the gradient twice), naming no loss_fn; and
+    the plain donated step used its state up (it recorded the gradients to give back after the loss_fn's backward)
+    where the general path left it usable. Now both name the loss_fn and give back the gradients as found: the
+    state is as an untouched twin and trains on as it does; pure, the given state is as it was."""
+    def backward_itself(m, b):
+        loss = mse_loss(m, b)
+        loss.backward()
+        return loss
+
+    state, untouched = make_sgd_state(make_mlp(0)), make_sgd_state(make_mlp(0))
+    told = "loss_fn test_a_loss_fn_calling_backward_itself.*<locals>.backward_itself: .* call loss.backward"
+    with pytest.raises(RuntimeError, match=told) as info:
+        loopkit.donate(_step_paths(backward_itself)[path])(state, batches[0])
+    _assert_left_as_untouched_and_trains_on(info.value, state, untouched, _step_paths(mse_loss)[path], batches[0],
+                                            take_snapshot, assert_trees_equal)
+    given = make_sgd_state(make_mlp(1))
+    before = take_snapshot(given)
+    with pytest.raises(RuntimeError, match=told):
+        _step_paths(backward_itself)[path](given, batches[1])
+    assert_trees_equal(take_snapshot(given), before)
+
+
 _UNREACHED = ("its backward reached none of the optimizer's parameters, nor any of the model's: does it use the model it "
               "is given")
 
