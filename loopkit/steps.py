@@ -950,7 +950,10 @@ def check_metric(value: Any, key: Any, where: str) -> torch.Tensor:
     when reported, whatever the update then changes in place: a leaf that requires grad (a parameter), a view, or
     one changed in place since it was made (``value._version``, which a tensor detached from it shares: every
     parameter after an ``nn.init`` or an update, every buffer forward updates). A freshly computed one (a loss, its
-    ``.detach()``, an accuracy under ``no_grad``) is taken as it is, detached: no copy on a step's path. The gap:
+    ``.detach()``, an accuracy under ``no_grad``) is taken as it is, detached: no copy on a step's path. An inference
+    tensor (one made under ``torch.inference_mode()``: an ``eval_step`` called inside it, an accuracy a ``loss_fn``
+    computes there) keeps no version counter and says of no view what it views: it is copied, a normal tensor when
+    the copy is made outside inference mode (what in-place use outside it then allows). The gap:
     a parameter reported detached (``p.detach()``, not ``p``) while it has never been changed in place (made from a
     literal, ``nn.Parameter(torch.tensor(1.0))``, before its first update; or the fresh copy in a state forked by a
     step that is not donated) reads as the update leaves it: report ``p`` itself, or ``p.detach().clone()``.
@@ -969,6 +972,10 @@ def check_metric(value: Any, key: Any, where: str) -> torch.Tensor:
     >>> fresh = torch.tensor([1.0, 3.0]).mean()
     >>> check_metric(fresh, "acc", "metric_fn f").data_ptr() == fresh.data_ptr()  # (not copied)
     True
+    >>> with torch.inference_mode():
+    ...     acc = torch.tensor([1.0, 0.0]).mean()
+    >>> check_metric(acc, "acc", "loss_fn f").is_inference()
+    False
     >>> check_metric("high", "acc", "metric_fn f")
     Traceback (most recent call last):
     ...
@@ -983,6 +990,8 @@ def check_metric(value: Any, key: Any, where: str) -> torch.Tensor:
                 f"{value.dtype}; a metric must be a real 0-dim tensor (reduce it, e.g. .mean())"
             )
         metric = value.detach().reshape(())
+        if value.is_inference():  # no version counter, no _base even for a view: copied (outside inference_mode, normal)
+            return metric.clone()
         return metric.clone() if (value.requires_grad and value.is_leaf) or value._base is not None or value._version else metric
     try:
         if isinstance(value, (bool, np.bool_)):
@@ -1505,7 +1514,7 @@ class TrainStep(Step):
             return keep_graph(self._apply_update(new, extras, metrics, ctx), loss), metrics
         except BaseException as error:  # a raising guard or a hook refused the gradients, before the update
             refusable = back is not None and not ctx.updating and (self.holds_grads or ctx.agreed_refusal)
-            if refusable and _gradients_back(state, optimizer, back, stash):  # type: ignore[arg-type]
+            if refusable and _gradients_back(state, optimizer, back):  # type: ignore[arg-type]
                 if buffers is not None:
                     _restore_buffers(model, buffers)
                 leave_intact(error, state)
@@ -1531,7 +1540,9 @@ class TrainStep(Step):
         if saved is not None:
             generator.set_state(rng["cpu"])
         intact = True  # nothing of the state changed in place yet (the backward changes the gradients only)
-        held = None  # the gradients as the call found them: an error in the backward gives them back
+        # the gradients as the call found them (before the loss_fn, which may run a backward of its own): an error in
+        # the backward gives them back
+        held = [p.grad for group in optimizer.param_groups for p in group["params"]]
         try:
             out = self.loss_fn(model, batch)
             if type(out) is _Tensor and out.ndim == 0 and out.requires_grad and not out.is_leaf and out.is_floating_point():
@@ -1543,16 +1554,20 @@ class TrainStep(Step):
             else:
                 loss, aux = _split_loss(out, self.loss_fn)
                 metrics = {"loss": loss.detach(), **aux}
-            held = [p.grad for group in optimizer.param_groups for p in group["params"]]
             intact = False
+            if held.count(None) != len(held):  # (found gradients, rare: one C-level count otherwise)
+                _drop_grads(optimizer)
             loss.backward()
             if first.grad is None and first.requires_grad:  # (a trainable first parameter the backward missed)
                 _refuse_unreached(optimizer, model, self.loss_fn)
             if saved is not None:
                 rng = {"cpu": generator.get_state()}
         except BaseException as error:
-            if intact or (held is not None and _gradients_back(state, optimizer, held, None)):
-                leave_intact(error, state)
+            told = _backward_in_loss_fn(error, self.loss_fn)
+            if intact or _gradients_back(state, optimizer, held):
+                leave_intact(told or error, state)
+            if told is not None:
+                raise told from error
             raise
         finally:
             if saved is not None:
@@ -1582,10 +1597,11 @@ class TrainStep(Step):
         ``first`` is the optimizer's first parameter: its device is the step's device.
         ``intact_on_error``: an error before the backward leaves the state whole (not so in the call
         that built the DDP wrapper, which broadcast rank 0's parameters). ``held``: the gradients of the
-        optimizer's parameters as the call found them (None under data parallelism); an error in the
-        backward gives them back and leaves the state whole, as does a backward that found no gradients (outside a
-        group, or a group's set apart for a per-micro transform) and gave none of the optimizer's parameters one, nor
-        any of the model's (:func:`_refuse_unreached`).
+        optimizer's parameters as the call found them (None under data parallelism), dropped before an update's first
+        backward (outside a group: :func:`_drop_grads`); an error in the backward gives them back and leaves the state
+        whole, as does a backward that started from no gradients (outside a group, or a group's set apart for a
+        per-micro transform) and gave none of the optimizer's parameters one, nor any of the model's
+        (:func:`_refuse_unreached`).
         """
         precision = self.precision
         try:  # nothing of the state changes in place before the backward
@@ -1609,9 +1625,18 @@ class TrainStep(Step):
         # loss scaler the backward still runs on (loss / every) * scale, as torch's GradScaler loop does (loss * scale
         # overflows float16 at 1/every of its threshold): the unscaling then multiplies the `every` back (run_)
         scaled = precision is not None and precision.scales_loss
-        to_backward = loss / every if every > 1 and (scaled or not per_micro) else loss
-        if scaled:
-            to_backward = precision.scale(to_backward, extras, device)  # type: ignore[union-attr, arg-type]
+        divided = every > 1 and (scaled or not per_micro)
+        to_backward = loss
+        if divided or scaled:  # under grad: a loss_fn that enables it itself, called in the caller's torch.no_grad()
+            with torch.enable_grad():
+                if divided:
+                    to_backward = loss / every
+                if scaled:
+                    to_backward = precision.scale(to_backward, extras, device)  # type: ignore[union-attr, arg-type]
+        # an update's first backward in one process: on no gradients but its own (under data parallelism a flush leaves
+        # zeros where DDP's reducer expects gradients defined at the next synced backward: kept)
+        if held is not None and not state.extras.get(_ACCUM_COUNT, 0):
+            _drop_grads(state.optimizer)  # type: ignore[arg-type]
         stash = _stash_grads(state.optimizer, getattr(self.sync, "grads_are_views", False)) if per_micro else None
         if held is None:  # under data parallelism: an error in the backward uses the state up
             _backward_synced(to_backward, self.sync, state, local)
@@ -1624,8 +1649,11 @@ class TrainStep(Step):
             if first.grad is None and first.requires_grad:  # (found none, or set apart, on a trainable first one)
                 _refuse_unreached(state.optimizer, state.model, self.loss_fn)  # type: ignore[arg-type]
         except BaseException as error:
-            if _gradients_back(state, state.optimizer, held, stash):  # type: ignore[arg-type]
-                leave_intact(error, state)
+            told = _backward_in_loss_fn(error, self.loss_fn)
+            if _gradients_back(state, state.optimizer, held):  # type: ignore[arg-type]
+                leave_intact(told or error, state)
+            if told is not None:
+                raise told from error
             raise
         return loss, metrics, stash
 
@@ -1661,7 +1689,7 @@ class TrainStep(Step):
         try:
             new = self._apply_update(state, extras, metrics, ctx, held)
         except BaseException as error:  # refused before the update: the sums back, the state as the flush found it
-            if held and not ctx.updating and _gradients_back(state, state.optimizer, held, None, kept=True):
+            if held and not ctx.updating and _gradients_back(state, state.optimizer, held):
                 leave_intact(error, state)
             raise
         for p in marked:  # DDP's reducer still counts them used: its next synced backward reduces their (zero) grads
@@ -1824,7 +1852,7 @@ def _closure_update(
             if not runs:  # before the backward: the closure's zero_grad set the gradients aside, none was written
                 for p, g in zip(params, found):
                     p.grad = g
-            if not runs or _gradients_back(state, optimizer, found, None):
+            if not runs or _gradients_back(state, optimizer, found):
                 for key in [key for key in optimizer.state if key not in known]:
                     del optimizer.state[key]
                 leave_intact(error, state)
@@ -1899,19 +1927,15 @@ def _no_grads(optimizer: torch.optim.Optimizer) -> list[None] | None:
     return None if any(p.grad is not None for p in params) else [None] * len(params)
 
 
-def _gradients_back(
-    state: TrainState, optimizer: torch.optim.Optimizer, held: list[Any], stash: list[tuple[torch.Tensor, torch.Tensor]] | None,
-    *, kept: bool = False,
-) -> bool:
+def _gradients_back(state: TrainState, optimizer: torch.optim.Optimizer, held: list[Any]) -> bool:
     """Give the optimizer's parameters ``held``, the gradients they had when the call began, back after a
-    backward that failed or whose gradients are refused before the update; False where that backward added
-    into them in place (an accumulation group's sum, unless set apart in ``stash`` and not yet added back),
-    into a parameter the optimizer does not hold, or may have moved a parameter (a post-accumulate-grad hook:
-    an optimizer stepping in the backward). ``kept``: nothing added into ``held`` (a flush, which runs no backward,
-    made the mean in new tensors)."""
+    backward that failed or whose gradients are refused before the update; False where that backward may have added
+    into one of them in place (a parameter still holding its found gradient: an accumulation group's sum, not set
+    apart; one dropped before the backward (:func:`_drop_grads`), set apart (:func:`_stash_grads`) or replaced by a
+    flush's mean was not written), into a parameter the optimizer does not hold, or may have moved a parameter (a
+    post-accumulate-grad hook: an optimizer stepping in the backward)."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    set_apart = {id(p) for p, _ in stash or ()}
-    if not kept and any(g is not None and id(p) not in set_apart for p, g in zip(params, held)):
+    if any(g is not None and p.grad is g for p, g in zip(params, held)):
         return False
     if any(getattr(p, "_post_accumulate_grad_hooks", None) for p in state.model.parameters()):
         return False
@@ -1921,6 +1945,46 @@ def _gradients_back(
     for p, g in zip(params, held):
         p.grad = g
     return True
+
+
+def _drop_grads(optimizer: torch.optim.Optimizer) -> None:
+    """Before an update's first backward: the optimizer's parameters hold no gradient, as after a loop's
+    ``optimizer.zero_grad()`` (Lightning's, right before its backward). What they held (the backward of another
+    state's optimizer over a shared model, a saliency map's ``loss.backward()`` of your own between steps) is not
+    added into the update; the call's ``held`` keeps it, to give back after an error. Each is set to None, never
+    zeroed in place: the held tensors keep their values.
+
+    >>> model = torch.nn.Linear(1, 1)
+    >>> model.weight.grad = found = torch.ones(1, 1)
+    >>> _drop_grads(torch.optim.SGD(model.parameters(), lr=0.1))
+    >>> model.weight.grad is None, found
+    (True, tensor([[1.]]))
+    """
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            p.grad = None
+
+
+def _backward_in_loss_fn(error: BaseException, loss_fn: Callable[..., Any]) -> RuntimeError | None:
+    """The error to raise for ``error`` of a step's backward where torch found the loss's graph freed by an earlier
+    backward (a ``loss_fn`` calling ``loss.backward()`` itself, a Lightning manual-optimization habit; or reusing a
+    tensor whose graph an earlier call's backward freed), naming ``loss_fn``; None for any other error. torch's own
+    advice there, ``retain_graph=True``, would add the loss's gradient twice.
+
+    >>> freed = RuntimeError("Trying to backward through the graph a second time (or directly access saved ...")
+    >>> str(_backward_in_loss_fn(freed, lambda m, b: None)).split(":")[0]
+    'loss_fn <lambda>'
+    >>> _backward_in_loss_fn(ValueError("other"), lambda m, b: None) is None
+    True
+    """
+    if not isinstance(error, RuntimeError) or "backward through the graph a second time" not in str(error):
+        return None
+    return RuntimeError(
+        f"loss_fn {_fn_name(loss_fn)}: the step's backward found the loss's graph already freed by a backward: does "
+        "the loss_fn call loss.backward() itself? It must return the loss (or (loss, metrics)), and train_step runs "
+        "the backward (retain_graph=True would add its gradient twice); nor may it reuse a tensor whose graph an "
+        f"earlier step's backward freed. Nothing was updated. (torch: {error})"
+    )
 
 
 def _refuse_unreached(optimizer: torch.optim.Optimizer, model: torch.nn.Module, loss_fn: Callable[..., Any]) -> None:
@@ -2031,11 +2095,18 @@ def train_step(loss_fn: LossFn) -> TrainStep:
     ``loss_fn(model, batch)`` returns a scalar loss tensor, ``(loss, metrics_dict)``, or
     ``None`` to skip the batch; it is a function (a ``torch.nn.Module`` of torch's, ``nn.MSELoss()``, is refused:
     wrap it, ``lambda model, batch: criterion(model(batch[0]), batch[1])``; a Module of one's own whose ``forward``
-    takes ``(model, batch)`` is taken). The step reports ``loss`` and the aux metrics as 0-dim
-    tensors on the device (it never reads them on the host). The state's RNG drives dropout.
+    takes ``(model, batch)`` is taken); it does not call ``loss.backward()`` (the step does: one that does is told so,
+    naming it, by a ``RuntimeError`` that leaves the state as it was). The step reports ``loss`` and the aux
+    metrics as 0-dim tensors on the device (it never reads them on the host). The state's RNG drives dropout.
+    Each update's backward (a ``with_grad_accum`` group's first) starts from no gradients on the optimizer's
+    parameters, as a loop's ``optimizer.zero_grad()`` before it: gradients left there between updates (a
+    ``loss.backward()`` of one's own, another state's optimizer over part of the same model) are dropped, not added
+    in, and given back after an error that leaves the state as it was (in one process: under ``with_ddp`` or
+    ``with_fsdp`` they are added in).
     ``loss_fn`` must compute the loss with the ``model`` it is given: a backward that reaches none of the optimizer's
     parameters, nor any of the model's (a ``loss_fn`` that closes over a model of its own, ``self(x)`` ported as is),
-    raises a ``ValueError``, where the call found no gradients, leaving the state as it was.
+    raises a ``ValueError`` (at an update's first micro-batch, or one whose group's sum a transform sets apart),
+    leaving the state as it was.
 
     >>> import torch
     >>> from loopkit.state import TrainState

@@ -275,6 +275,112 @@ def test_scheduler_steps_once_per_optimizer_update(make_mlp, batches, make_adam_
     assert lrs == pytest.approx([0.01 * 0.9, 0.01 * 0.9**2, 0.01 * 0.9**3])
 
 
+_STALE_PATHS = {  # name: (wrap, micro-batches per update, clip)
+    "plain": (lambda s: s, 1, False),
+    "clip": (lambda s: loopkit.with_grad_clip(s, max_norm=0.5), 1, True),
+    "accum": (lambda s: loopkit.with_grad_accum(s, every=2), 2, False),
+    "clip, accum inside": (lambda s: loopkit.with_grad_clip(loopkit.with_grad_accum(s, every=2), max_norm=0.5), 2, True),
+}
+
+
+def _raw_update(model, opt, micro, loss_fn, clip):
+    """A raw loop's update: zero_grad first, each micro-batch's loss / n backward, the clip, the step."""
+    opt.zero_grad()
+    for batch in micro:
+        (loss_fn(model, batch) / len(micro)).backward()
+    if clip:
+        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 0.5)
+    opt.step()
+
+
+@pytest.mark.parametrize("donated", [False, True])
+@pytest.mark.parametrize("path", list(_STALE_PATHS))
+def test_gradients_left_on_the_parameters_between_updates_are_not_added_into_the_next(
+    path, donated, make_mlp, batches, mse_loss, assert_trees_equal
+):
+    """A loss.backward() of one's own between updates (an input-saliency map) left gradients on the parameters,
+    and the next train_step added them into its update (it zeroed only after): a raw loop zeroes before the
+    backward, as Lightning does. Reference: that raw loop, bitwise; the gradients found are dropped at an update's
+    first micro-batch only (inside a group the parameters hold the group's sum)."""
+    wrap, every, clip = _STALE_PATHS[path]
+    x_saliency = batches[5][0].clone().requires_grad_()
+
+    def saliency(model):
+        mse_loss(model, (x_saliency, batches[5][1])).backward()
+
+    raw = make_mlp(0)
+    raw_opt = torch.optim.SGD(raw.parameters(), lr=0.1, momentum=0.9)
+    step = wrap(loopkit.train_step(mse_loss))
+    step = loopkit.donate(step) if donated else step
+    state = loopkit.TrainState.create(model := make_mlp(0), torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
+    saliency(raw)
+    saliency(state.model)  # (before the first update too: TrainState.create was given none)
+    for start in range(0, 4, every):
+        micro = batches[start:start + every]
+        _raw_update(raw, raw_opt, micro, mse_loss, clip)
+        saliency(raw)
+        for batch in micro:
+            state, _ = step(state, batch)
+        saliency(state.model)
+    assert state.step == 4 // every
+    assert_trees_equal(dict(state.model.named_parameters()), dict(raw.named_parameters()))
+
+
+@pytest.mark.parametrize("path", list(_STALE_PATHS))
+def test_two_states_with_optimizers_over_two_parts_of_one_model_alternated_train_as_a_raw_loop(
+    path, make_mlp, batches, mse_loss, assert_trees_equal
+):
+    """Two donated states over one model, each with an optimizer of its own part (encoder, head), alternated: each
+    one's backward also wrote the other part's gradients, which the other state's next update added into its own.
+    Reference: a raw loop zeroing each optimizer before its backward, bitwise."""
+    wrap, every, clip = _STALE_PATHS[path]
+
+    def parts():
+        model = make_mlp(0)
+        return model, torch.optim.SGD(model[0].parameters(), lr=0.1), torch.optim.SGD(model[2].parameters(), lr=0.1)
+
+    raw, raw_a, raw_b = parts()
+    model, a, b = parts()
+    states = [loopkit.TrainState.create(model, a), loopkit.TrainState.create(model, b)]
+    step = loopkit.donate(wrap(loopkit.train_step(mse_loss)))
+    for start in range(0, 6, every):
+        micro = batches[start:start + every]
+        for k, opt in enumerate((raw_a, raw_b)):
+            _raw_update(raw, opt, micro, mse_loss, clip)
+            for batch in micro:
+                states[k], _ = step(states[k], batch)
+    assert_trees_equal(dict(model.named_parameters()), dict(raw.named_parameters()))
+
+
+
+def test_metrics_made_under_inference_mode_are_taken_as_a_raw_loop_computes_them(make_mlp, batches, mse_loss,
+                                                                               make_sgd_state):
+    """Inference tensors keep no version counter: the metric check read it and raised torch's 'Inference tensors do
+    not track version counter' for eval_step and evaluate called inside the user's torch.inference_mode() (a raw
+    eval loop works there) and for a loss_fn's accuracy computed under inference_mode. Reference: the raw values;
+    the train metric comes back a normal tensor (the copy is made outside inference mode)."""
+    state = make_sgd_state(make_mlp(0))
+    raw = copy.deepcopy(state.model).eval()
+    metric_fn = lambda m, b: {"mse": mse_loss(m, b)}  # noqa: E731
+    with torch.inference_mode():
+        expected = [mse_loss(raw, batch) for batch in batches[:2]]
+        _, metrics = loopkit.eval_step(metric_fn)(state, batches[0])
+        means = loopkit.evaluate(loopkit.eval_step(metric_fn), state, batches[:2])
+    assert torch.equal(metrics["mse"], expected[0])
+    assert means["mse"] == pytest.approx(float((expected[0] + expected[1]) / 2))
+
+    def loss_with_acc(m, b):
+        out = m(b[0])
+        with torch.inference_mode():
+            acc = ((out > 0) == (b[1] > 0)).float().mean()
+        return nn.functional.mse_loss(out, b[1]), {"acc": acc}
+
+    out = raw.train()(batches[0][0])
+    _, metrics = loopkit.train_step(loss_with_acc)(state, batches[0])
+    assert torch.equal(metrics["acc"], ((out > 0) == (batches[0][1] > 0)).float().mean())
+    assert not metrics["acc"].is_inference()
+
+
 # --- purity ---------------------------------------------------------------------------------------
 
 
@@ -564,6 +670,74 @@ def _assert_left_as_untouched_and_trains_on(error, state, untouched, good, batch
     (new, metrics), (reference, expected) = loopkit.donate(good)(state, batch), loopkit.donate(good)(untouched, batch)
     assert_trees_equal(take_snapshot(new), take_snapshot(reference))
     assert torch.equal(metrics["loss"], expected["loss"])
+
+
+@pytest.mark.parametrize("path", ["plain", "clip", "accum"])
+def test_gradients_found_and_dropped_are_given_back_after_an_error_in_the_backward(
+    path, make_mlp, batches, mse_loss, make_sgd_state, take_snapshot, assert_trees_equal
+):
+    """The gradients an update's first backward drops (left there by a backward of one's own) are those a failing
+    backward gives back, the same tensors with their values: the donated state is as its untouched twin, usable,
+    and trains on as it does (from none: dropped again)."""
+    state, untouched = make_sgd_state(make_mlp(0)), make_sgd_state(make_mlp(0))
+    for s in (state, untouched):
+        mse_loss(s.model, batches[5]).backward()  # (a gradient of one's own)
+    found = [p.grad for p in state.model.parameters()]
+    with _failing_backward("hook", state.model) as match, pytest.raises(RuntimeError, match=match) as info:
+        loopkit.donate(_step_paths(mse_loss)[path])(state, batches[0])
+    assert all(p.grad is g for p, g in zip(state.model.parameters(), found))
+    _assert_left_as_untouched_and_trains_on(info.value, state, untouched, _step_paths(mse_loss)[path], batches[0],
+                                            take_snapshot, assert_trees_equal)
+
+
+@pytest.mark.parametrize("path", ["plain", "accum", "amp float16", "accum, amp float16"])
+def test_a_step_called_under_no_grad_whose_loss_fn_enables_grad_trains_as_one_called_outside(
+    path, make_mlp, batches, mse_loss, make_sgd_state, take_snapshot, assert_trees_equal
+):
+    """A loss_fn that turns grad on itself (torch.enable_grad() inside), called in the caller's torch.no_grad(),
+    returns a loss with a graph: the plain step trained, but with_grad_accum's loss / n and with_amp(float16)'s
+    loss * scale ran under the caller's no_grad, and the backward died with torch's bare 'element 0 of tensors does
+    not require grad'. Reference: the same step called outside no_grad, bitwise."""
+    def enabling(m, b):
+        with torch.enable_grad():
+            return mse_loss(m, b)
+
+    step = loopkit.donate(_backward_paths(enabling)[path])
+    state, reference = make_sgd_state(make_mlp(0)), make_sgd_state(make_mlp(0))
+    for batch in batches[:4]:
+        with torch.no_grad():
+            state, metrics = step(state, batch)
+        reference, expected = step(reference, batch)
+        assert torch.equal(metrics["loss"], expected["loss"])
+    assert state.step == reference.step > 0
+    assert_trees_equal(take_snapshot(state), take_snapshot(reference))
+
+
+@pytest.mark.parametrize("path", ["plain", "clip", "accum"])
+def test_a_loss_fn_calling_backward_itself_is_told_so_leaving_the_state_as_it_was(
+    path, make_mlp, batches, mse_loss, make_sgd_state, take_snapshot, assert_trees_equal
+):
+    """A loss_fn that runs loss.backward() itself (Lightning's manual optimization) met torch's 'backward through the
+    graph a second time ... Specify retain_graph=True' (which would add the gradient twice), naming no loss_fn; and
+    the plain donated step used its state up (it recorded the gradients to give back after the loss_fn's backward)
+    where the general path left it usable. Now both name the loss_fn and give back the gradients as found: the
+    state is as an untouched twin and trains on as it does; pure, the given state is as it was."""
+    def backward_itself(m, b):
+        loss = mse_loss(m, b)
+        loss.backward()
+        return loss
+
+    state, untouched = make_sgd_state(make_mlp(0)), make_sgd_state(make_mlp(0))
+    told = "loss_fn test_a_loss_fn_calling_backward_itself.*<locals>.backward_itself: .* call loss.backward"
+    with pytest.raises(RuntimeError, match=told) as info:
+        loopkit.donate(_step_paths(backward_itself)[path])(state, batches[0])
+    _assert_left_as_untouched_and_trains_on(info.value, state, untouched, _step_paths(mse_loss)[path], batches[0],
+                                            take_snapshot, assert_trees_equal)
+    given = make_sgd_state(make_mlp(1))
+    before = take_snapshot(given)
+    with pytest.raises(RuntimeError, match=told):
+        _step_paths(backward_itself)[path](given, batches[1])
+    assert_trees_equal(take_snapshot(given), before)
 
 
 _UNREACHED = ("its backward reached none of the optimizer's parameters, nor any of the model's: does it use the model it "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -222,6 +224,38 @@ def test_a_dropped_group_puts_back_the_buffers_it_found_even_across_a_state_dict
     restored, metrics = step(restored, data[1])  # ... and the group's NaN micro-batch drops them with the update
     assert float(metrics["nan_guard/skipped"]) == 1.0 and restored.step == 0
     assert_trees_equal(dict(restored.model.named_buffers()), before)
+
+@pytest.mark.parametrize("error", ["loss_fn's own", "anomaly in the backward"])
+def test_an_error_after_the_forward_keeps_its_buffer_writes_unless_a_raising_guard_puts_them_back(
+    error, make_batches, mse_loss, make_sgd_state, assert_trees_equal
+):
+    """The README and the guide's detect_anomaly row said such an error leaves the state whole; its forward has
+    written BatchNorm's statistics in place, as a raw loop's does (reference: the raw module after that forward). A
+    donated step leaves its state usable with them; with_nan_guard(policy="raise") puts them back, as they were."""
+    batch = make_batches(1)[0]
+
+    def raising(model, b):
+        model(b[0])
+        raise ValueError("bad batch")
+
+    def nan_backward(model, b):  # finite forward, NaN gradient: detect_anomaly raises in the backward
+        weight = next(model.parameters())
+        return mse_loss(model, b) + (weight.sum() * 0).sqrt()
+
+    loss_fn = raising if error == "loss_fn's own" else nan_backward
+    raw = _bn_net()
+    raw(batch[0])
+    for guard in (False, True):
+        step = loopkit.train_step(loss_fn)
+        step = loopkit.donate(loopkit.with_nan_guard(step, policy="raise") if guard else step)
+        state = make_sgd_state(_bn_net())
+        before = {k: v.clone() for k, v in state.model.named_buffers()}
+        with warnings.catch_warnings(), pytest.raises((ValueError, RuntimeError)) as info:
+            warnings.simplefilter("ignore")
+            with torch.autograd.detect_anomaly():
+                step(state, batch)
+        assert loopkit.state_at_error(info.value) is state
+        assert_trees_equal(dict(state.model.named_buffers()), before if guard else dict(raw.named_buffers()))
 
 
 def test_raise_policy_keeps_no_copy_of_the_buffers(make_batches, mse_loss, make_sgd_state):
