@@ -1382,7 +1382,7 @@ class TensorBoardLogger(RunDirLogger):
 
     Hyper-parameters given to :meth:`log_hparams` are written at :meth:`finalize` (at once when
     given after it, as after ``run_epochs``, metrics logged or the :attr:`writer` used since or not) with the
-    final metrics (the last value of every logged tag, or the ``metrics`` given), so
+    final metrics (the last value of every logged tag but ``epoch``, or the ``metrics`` given), so
     TensorBoard's HPARAMS tab compares runs by them (numbers as floats, an int outside int64 too, as Lightning's;
     lists and other values as text). ``histogram_every_n_steps=m`` writes
     histograms of every parameter (``params/<name>``) and gradient (``grads/<name>``) on
@@ -1578,7 +1578,10 @@ class TensorBoardLogger(RunDirLogger):
     def _write_hparams_summary(self) -> None:
         from tensorboardX.summary import hparams as hparams_summary
 
-        metrics = dict(self._last) if self._final_metrics is None else dict(self._final_metrics)
+        # (the last value of every tag but ``epoch``, the counter with_logging logs on every row: no result to compare
+        # runs by; Lightning's hparams hold the metrics given alone, never its logged ``epoch``)
+        metrics = {k: v for k, v in self._last.items() if k != "epoch"} if self._final_metrics is None else dict(
+            self._final_metrics)
         unlogged = {k: v for k, v in metrics.items() if k not in self._last}
         if unlogged:  # final metrics never logged as scalars: add them, for the HPARAMS tab
             self._add_record(unlogged, self._last_step)

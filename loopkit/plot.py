@@ -148,7 +148,8 @@ def plot_runs(
 
     ``run_dirs`` are run folders (or ``root/name`` folders, meaning all their ``version_*``
     runs: ``root`` itself for a logger of ``name=None``); ``metrics`` picks and orders the subplots
-    (default: all, in order of first appearance: the runs in order, each run's columns in order). The subplots fill a grid
+    (default: all, in order of first appearance: the runs in order, each run's columns in order; but the ``epoch``
+    column, the counter :func:`loopkit.with_logging` writes on every row, drawn only when named). The subplots fill a grid
     row by row, ``columns`` wide (fewer when there are fewer metrics), with as many rows as
     they need. Each run's label is its ``name/version_N``; when two runs share that (alike
     runs under different roots), every run is labelled by its path. A run named twice (``exp`` and
@@ -219,16 +220,27 @@ def output_path(output: str | os.PathLike) -> str:
     return path if os.path.splitext(path)[1] not in ("", ".") else path.rstrip(".") + ".png"
 
 
+#: the column that is no metric: the epoch counter :func:`loopkit.with_logging` puts on every row (as Lightning's
+#: logger connector does), drawn only when named in ``metrics``
+COUNTER = "epoch"
+
+
 def _metric_names(data: dict[str, dict[str, Any]], wanted: Sequence[str] | None) -> list[str]:
+    """The panels: ``wanted``, each found in some run; else every column found but :data:`COUNTER`.
+
+    >>> _metric_names({"run": {"epoch": ([1], [0.0]), "train/loss": ([1], [0.5])}}, None)
+    ['train/loss']
+    """
     found: list[str] = []
     for series in data.values():
         found.extend(k for k in series if k not in found)
     if wanted is not None and not wanted:
         raise ValueError("plot_runs: metrics is empty; name at least one metric, or pass None for all of them")
     if wanted is None:
-        if not found:
+        metrics = [k for k in found if k != COUNTER]
+        if not metrics:
             raise ValueError(f"no metric values to plot in {', '.join(data)}")
-        return found
+        return metrics
     missing = [m for m in wanted if m not in found]
     if missing:
         raise ValueError(f"metric(s) {missing} not found in any run; the runs have {found}")

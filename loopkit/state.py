@@ -977,7 +977,9 @@ def fork(state: TrainState, *, optimizer_state: bool = True) -> TrainState:
     """A new state whose parameters, gradients, buffers, optimizer and scheduler state are copies.
 
     Module classes and hyper-parameters are shared; RNG and extras are immutable values and
-    are shared too. Each module of the copy has its own registries: hooks registered before
+    are shared too. The model's tensors that share a storage (a Parameter built from another's transposed data, or
+    from a slice of a flat buffer) share one in the copy too, each the same view of it, so that an update of one shows
+    in the others as in the original. Each module of the copy has its own registries: hooks registered before
     the copy run on both, and a hook, buffer or child module added to one later (as
     ``prepare_qat`` adds observers) stays with it. A step mutates the fork in place, which
     keeps the given state unchanged. A module the model keeps outside its registered tree (in a plain list or dict
@@ -1088,6 +1090,7 @@ def _clone_tensor(t: torch.Tensor, memo: dict[int, Any]) -> torch.Tensor:
         if t.__dict__:
             new.__dict__.update(t.__dict__)
         _keep_tensor_hooks(t, new)
+        _share_storage(t, new, memo)
     elif isinstance(t, _Parameter):
         new = type(t)(t.detach().clone(), t.requires_grad)
         if t.grad is not None:
@@ -1095,6 +1098,7 @@ def _clone_tensor(t: torch.Tensor, memo: dict[int, Any]) -> torch.Tensor:
         for name, value in t.__dict__.items():  # (the attributes set on it, a ``no_decay`` tag, as for a Parameter)
             new.__dict__.setdefault(name, value)
         _keep_tensor_hooks(t, new)
+        _share_storage(t, new, memo)
     else:
         base = t._base
         if base is not None:
@@ -1103,8 +1107,53 @@ def _clone_tensor(t: torch.Tensor, memo: dict[int, Any]) -> torch.Tensor:
             new = t.detach().clone().requires_grad_(True)  # makes it), its gradients never reaching the original
         else:
             new = t.clone()
+        if new._base is None:  # (not a view of a copy made already: that view shares its storage)
+            _share_storage(t, new, memo)
     memo[key] = new
     return new
+
+
+def _share_storage(t: torch.Tensor, new: torch.Tensor, memo: dict[int, Any]) -> None:
+    """Make ``new``, the copy of ``t``, share storage with the copies of the tensors sharing ``t``'s, as the originals
+    do (a Parameter built from another's transposed data, ``nn.Parameter(enc.data.t())``, or from a slice of a flat
+    buffer): an update of one then shows in the others. The first tensor seen on a storage keeps its clone (one
+    look-up: the usual case, a tensor alone on its storage, costs no more); a second one on it takes the first's
+    copied storage when that clone holds the whole storage laid out alike, else a copy of the whole storage, onto
+    which the first's clone is moved; each, then, the same view of it (offset, size, stride) as in the original.
+    ``memo`` keys a storage by minus its address (never an ``id``, nor ``_PENDING``).
+
+    >>> flat = torch.arange(4.0)
+    >>> parts = [flat[:2], flat.view(2, 2).t()]
+    >>> memo = {}
+    >>> for part in parts:
+    ...     memo[id(part)] = part.clone()
+    ...     _share_storage(part, memo[id(part)], memo)
+    >>> _ = memo[id(parts[0])].add_(10)
+    >>> memo[id(parts[1])].tolist(), flat.tolist()
+    ([[10.0, 2.0], [11.0, 3.0]], [0.0, 1.0, 2.0, 3.0])
+    """
+    key = -t.untyped_storage().data_ptr()
+    first = memo.get(key) if key else None  # (an empty or meta tensor's storage has no address: nothing to share)
+    if first is None:
+        if key:
+            memo[key] = (t, new)
+        return
+    if type(first) is tuple:
+        memo[key] = first = _whole_copy(*first)
+    with torch.no_grad():
+        new.set_(first, t.storage_offset(), t.size(), t.stride())
+
+
+def _whole_copy(t: torch.Tensor, new: torch.Tensor) -> torch.UntypedStorage:
+    """A copy of ``t``'s whole storage, ``new`` (``t``'s clone) on it as ``t`` is on the original: ``new``'s own when
+    it is one (``t`` covered its storage: a clone keeps a dense tensor's layout)."""
+    storage, whole = new.untyped_storage(), t.untyped_storage()
+    if t.storage_offset() == 0 and new.stride() == t.stride() and storage.nbytes() == whole.nbytes():
+        return storage
+    storage = whole.clone()
+    with torch.no_grad():
+        new.set_(storage, t.storage_offset(), t.size(), t.stride())
+    return storage
 
 
 def _clone_view(t: torch.Tensor, base: torch.Tensor, memo: dict[int, Any]) -> torch.Tensor:
@@ -2323,15 +2372,19 @@ def _adoptable(
     memo), and parameter name -> the loaded gradient it takes. A loaded tensor qualifies when
     it matches exactly (dtype, device, shape, strides, plain type) and is the only tensor on
     its storage, so no two tensors of the new state alias. A model tensor under several names
-    (tied weights) maps once.
+    (tied weights) maps once; one that shares its storage with another tensor of the model (a Parameter made from
+    another's transposed data, a slice of a flat buffer) is copied instead, keeping that sharing (:func:`fork`).
     """
     taken: dict[int, torch.Tensor] = {}
     taken_grads: dict[str, torch.Tensor] = {}
     storages: set[int] = set()
     loaded, grads = decoded["model"], decoded["grads"]
-    for name, tensor in (*model.named_parameters(), *model.named_buffers()):
+    named = (*model.named_parameters(), *model.named_buffers())
+    on_storage = Counter(t.untyped_storage().data_ptr() for t in {id(t): t for _, t in named}.values())
+    for name, tensor in named:
         source = loaded.get(name)
-        if id(tensor) in taken or not _sole_owner(source, tensor, storages):
+        if (id(tensor) in taken or on_storage[tensor.untyped_storage().data_ptr()] > 1
+                or not _sole_owner(source, tensor, storages)):
             continue
         if type(tensor) is _Parameter:
             adopted = _make_subclass(_Parameter, source, tensor.requires_grad)

@@ -397,7 +397,7 @@ def test_writes_before_a_resumed_fit_do_not_keep_the_crashed_runs_records(tmp_pa
         assert _logged(logger.log_dir, type(logger)) == _logged(reference.log_dir, type(reference))
     metrics = [[m.name.tag for m in _hparams_content(read_events(lg.log_dir))["_hparams_/experiment"].experiment.metric_infos]
                for lg in (tb, straight[0])]
-    assert metrics[0] == metrics[1] == ["train/loss", "lr", "val/acc", "epoch"]  # the HPARAMS tab's, as unresumed
+    assert metrics[0] == metrics[1] == ["train/loss", "lr", "val/acc"]  # the HPARAMS tab's, as unresumed
     assert len(read_events(tb.log_dir).Tensors("config/text_summary")) == 1  # the writer's text, once
 
 
@@ -1592,6 +1592,28 @@ def test_tensorboard_writes_hparams_with_the_final_metrics(tmp_path):
     assert metrics == {"train/loss", "val/acc"}
 
 
+def test_tensorboard_hparams_leave_out_the_epoch_counter_with_logging_logs_unless_given(tmp_path):
+    """The HPARAMS tab listed ``epoch``, the counter with_logging puts on every row (Lightning's logger connector
+    logs its ``current_epoch`` so), among the final metrics runs are compared by; Lightning's TensorBoardLogger puts
+    there the metrics given to log_hyperparams alone. Now the last value of every tag but ``epoch``; given, it stays."""
+    model = torch.nn.Linear(3, 1)
+    state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    logger = TensorBoardLogger(tmp_path, "run")
+    logger.log_hparams({"lr": 0.1})
+    step = loopkit.with_logging(loopkit.train_step(lambda m, b: m(b).pow(2).mean()), logger, every_n_steps=1)
+    loopkit.run_epochs(step, state, [torch.ones(2, 3)] * 2, epochs=2, progress=False)
+    events = read_events(logger.log_dir)
+    assert "epoch" in events.Tags()["scalars"]  # logged, as Lightning's
+    content = _hparams_content(events)
+    assert {m.name.tag for m in content["_hparams_/experiment"].experiment.metric_infos} == {"train/loss", "train/loss_epoch"}
+
+    given = TensorBoardLogger(tmp_path, "given")
+    given.log_hparams({"lr": 0.1}, {"epoch": 2, "best/loss": 0.5})
+    given.finalize()
+    content = _hparams_content(read_events(given.log_dir))
+    assert {m.name.tag for m in content["_hparams_/experiment"].experiment.metric_infos} == {"epoch", "best/loss"}
+
+
 @pytest.mark.parametrize("cls", [CSVLogger, JSONLLogger, TensorBoardLogger, ConsoleLogger])
 def test_log_hparams_metrics_errors_name_log_hparams_and_a_metric_may_be_named_step(tmp_path, cls):
     """A bad metric given to log_hparams was reported as a log_metrics error, sending the user to the wrong call,
@@ -1703,7 +1725,7 @@ def test_tensorboard_hparams_given_as_a_second_fit_with_the_logger_begins_wait_f
         folders.append(tb.log_dir)
     events = read_events(folders[0])
     listed = [m.name.tag for m in _hparams_content(events)["_hparams_/experiment"].experiment.metric_infos]
-    assert "val/loss" in listed and sorted(listed) == sorted(events.Tags()["scalars"])
+    assert "val/loss" in listed and sorted(listed) == sorted(set(events.Tags()["scalars"]) - {"epoch"})
     assert [_logged(folder, TensorBoardLogger) for folder in folders] == [_logged(folders[1], TensorBoardLogger)] * 2
     files = [sorted(n for n in os.listdir(folder) if n.startswith("events.out.tfevents")) for folder in folders]
     assert len(files[0]) == len(files[1])

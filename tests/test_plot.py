@@ -266,3 +266,20 @@ def test_subplots_come_in_order_of_first_appearance_or_as_metrics_names_them(tmp
     assert [ax.get_title() for ax in plot_runs([second.log_dir, first.log_dir]).axes] == ["beta", "zeta", "alpha", "mu"]
     picked = plot_runs([tmp_path / "exp"], metrics=["mu", "beta", "zeta"])
     assert [ax.get_title() for ax in picked.axes] == ["mu", "beta", "zeta"]
+
+
+def test_the_epoch_counter_with_logging_writes_is_no_panel_unless_named(tmp_path):
+    """plot_runs drew the ``epoch`` column, the counter with_logging puts on every row (as Lightning's logger connector
+    does), as a metric panel. Now it is left out of the default panels, and drawn when named."""
+    import torch
+
+    import loopkit
+
+    model = torch.nn.Linear(3, 1)
+    state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    logger = CSVLogger(tmp_path, "run")
+    step = loopkit.with_logging(loopkit.train_step(lambda m, b: m(b).pow(2).mean()), logger, every_n_steps=2)
+    loopkit.run_epochs(step, state, [torch.ones(4, 3)] * 4, epochs=2, progress=False)
+    assert "epoch" in read_metrics(logger.log_dir)  # the file's column, as written
+    assert [ax.get_title() for ax in plot_runs([logger.log_dir]).axes] == ["train/loss", "train/loss_epoch"]
+    assert [ax.get_title() for ax in plot_runs([logger.log_dir], metrics=["epoch"]).axes] == ["epoch"]

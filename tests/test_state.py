@@ -2535,3 +2535,78 @@ def test_load_state_dict_copies_an_optimizers_own_entries_and_layout(optimizer_c
     for batch in EIGHT_BATCHES[2:4]:
         loaded, _ = loopkit.donate(step)(loaded, batch)
     assert_equal_trees(through_a_file(source.state_dict()), before)
+
+
+class _SharedStorage(nn.Module):
+    """Parameters sharing storage, as the testers' repros: ``dec`` built from ``enc``'s transposed data, and ``w``, ``b``
+    slices of the registered buffer ``flat`` (a flat-parameter layout)."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Parameter(torch.randn(3, 4))
+        self.dec = nn.Parameter(self.enc.data.t())
+        self.register_buffer("flat", torch.zeros(5))
+        self.w = nn.Parameter(self.flat[:4])
+        self.b = nn.Parameter(self.flat[4:])
+
+    def forward(self, x):
+        return torch.tanh(x @ self.dec) @ self.enc + x * self.w + self.b
+
+
+def _shared_storage_state():
+    torch.manual_seed(0)
+    model = _SharedStorage()
+    return loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
+
+
+def _shared_storage_loss(model, batch):
+    return (model(batch) - batch).pow(2).mean()
+
+
+def _shared_storage_batches(n):
+    torch.manual_seed(1)
+    return [torch.randn(8, 4) for _ in range(n)]
+
+
+def _assert_storage_shared(model):
+    assert model.dec.untyped_storage().data_ptr() == model.enc.untyped_storage().data_ptr()
+    assert model.dec.stride() == (1, 4) and model.w.untyped_storage().data_ptr() == model.flat.untyped_storage().data_ptr()
+    assert model.b.storage_offset() == 4 and model.b.untyped_storage().data_ptr() == model.flat.untyped_storage().data_ptr()
+
+
+def test_parameters_sharing_storage_train_in_a_pure_step_as_in_a_raw_loop_and_a_donated_run():
+    """A pure step's copy cloned each Parameter on its own: ``dec`` stopped following ``enc``, ``flat`` stayed zero,
+    and the pure run trained other weights than the raw loop and the donated run. Reference: the raw loop, bitwise."""
+    batches = _shared_storage_batches(3)
+    raw = _shared_storage_state()
+    for batch in batches:
+        raw.optimizer.zero_grad()
+        _shared_storage_loss(raw.model, batch).backward()
+        raw.optimizer.step()
+    step = loopkit.train_step(_shared_storage_loss)
+    pure = first = _shared_storage_state()
+    for batch in batches:
+        pure, _ = step(pure, batch)
+    donated, _ = loopkit.run_epochs(step, _shared_storage_state(), batches, epochs=1, progress=False)
+
+    _assert_storage_shared(pure.model)
+    assert_equal_trees(pure.model.state_dict(), raw.model.state_dict())
+    assert_equal_trees(donated.model.state_dict(), raw.model.state_dict())
+    assert_equal_trees(first.model.state_dict(), _shared_storage_state().model.state_dict())  # the given one untouched
+
+
+@pytest.mark.parametrize("copy", [True, False])
+def test_a_state_loaded_from_a_state_dict_keeps_parameters_sharing_storage_and_resumes_as_the_uninterrupted_run(copy):
+    """``load_state_dict`` (and ``restore``, which loads with ``copy=False``) gave each of the Parameters sharing
+    storage a storage of its own: the resumed run differed from the uninterrupted one. Reference: the uninterrupted
+    run, bitwise."""
+    batches = _shared_storage_batches(6)
+    step = loopkit.train_step(_shared_storage_loss)
+    uninterrupted, _ = loopkit.run_epochs(step, _shared_storage_state(), batches, epochs=1, progress=False)
+    half, _ = loopkit.run_epochs(step, _shared_storage_state(), batches[:3], epochs=1, progress=False)
+
+    resumed = _shared_storage_state().load_state_dict(through_a_file(half.state_dict()), copy=copy)
+    _assert_storage_shared(resumed.model)
+    for batch in batches[3:]:
+        resumed, _ = step(resumed, batch)
+    assert_equal_trees(resumed.model.state_dict(), uninterrupted.model.state_dict())

@@ -73,6 +73,26 @@ def _observed_weight(module: nn.Module) -> torch.Tensor | None:
     return weight
 
 
+def _refused(model: nn.Module) -> Exception | None:
+    """Why QAT cannot start on ``model`` (told before anything changes), else None: a model in eval mode, or a
+    floating-point parameter that is not float32 (torch's fake-quantize kernels take float32 alone: a float64,
+    bfloat16 or float16 model fails inside them with a bare "expected scalar type Float").
+
+    >>> print(_refused(torch.nn.Linear(2, 2).double()))
+    with_qat: the model's parameter 'weight' is torch.float64: fake quantization simulates int8 arithmetic in float32, and its kernels refuse other dtypes; train QAT in float32 (model.float() before with_qat's first call; nothing changed)
+    """
+    if not model.training:
+        return ValueError("with_qat: the model must be in training mode (model.train()) when QAT starts")
+    for name, param in model.named_parameters():
+        if param.is_floating_point() and param.dtype != torch.float32:
+            return TypeError(
+                f"with_qat: the model's parameter {name!r} is {param.dtype}: fake quantization simulates int8 "
+                "arithmetic in float32, and its kernels refuse other dtypes; train QAT in float32 (model.float() "
+                "before with_qat's first call; nothing changed)"
+            )
+    return None
+
+
 def _prepare(model: nn.Module, qconfig: Any) -> None:
     """``prepare_qat`` in place, then every weight fake-quantizer observes its weight once, so that
     the per-channel scales have their final shapes before any checkpoint (a fresh template
@@ -82,8 +102,9 @@ def _prepare(model: nn.Module, qconfig: Any) -> None:
     scale buffer, and its ranges are resized as a checkpoint loads. ``qconfig`` None keeps a
     ``qconfig`` the model already has."""
     quantization = _quantization()
-    if not model.training:
-        raise ValueError("with_qat: the model must be in training mode (model.train()) when QAT starts")
+    refused = _refused(model)
+    if refused is not None:
+        raise refused
     # the QAT modules are built by their float classes' __init__, whose weight init draws from
     # torch's global RNG (then the trained weights replace it): the caller's RNG is put back
     with _quiet(), torch.random.fork_rng(devices=[]):
@@ -170,8 +191,11 @@ class QATStep(WrapperStep):
     def run_(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
         model = state.model
         if not is_prepared(model):  # the first call (a restored QAT checkpoint's template is prepared already)
-            if self._observers_frozen(state.step):
-                raise leave_intact(self._never_observed(state.step), state)
+            refused = _refused(model)
+            if refused is None and self._observers_frozen(state.step):
+                refused = self._never_observed(state.step)
+            if refused is not None:
+                raise leave_intact(refused, state)
             # in place: the state now holds the prepared model, whole, also for an error of the inner step
             _prepare(model, self._qconfig(model))
         self._freeze(model, state.step)
@@ -238,6 +262,10 @@ def with_qat(
     pipeline built around it (an unprepared template is refused: a ``StateMismatchError`` that says so). A checkpoint
     without QAT's buffers (a plain run's, or one saved before this step's first call) goes into the unprepared
     template, whose model this step prepares at its first call (a prepared template refuses it, saying so).
+
+    The model trains in float32 (torch's fake-quantize kernels take no other dtype): a model with a float64,
+    bfloat16 or float16 parameter is refused at the first call (a ``TypeError`` naming the parameter and its dtype,
+    before anything changes), as ``with_amp`` is refused around or inside this step.
 
     ``torch.ao.quantization`` is deprecated in favour of torchao (it still works in torch
     2.x); its deprecation warnings are silenced inside this step.

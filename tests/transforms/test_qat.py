@@ -564,3 +564,27 @@ def test_a_plain_weight_observer_sees_each_weight_as_often_as_in_the_raw_loop(ma
     state, _ = loopkit.run_epochs(step, _state(), data, epochs=1, progress=False)
     assert_trees_equal(dict(state.model.state_dict()), dict(ref.state_dict()))
     assert "1.weight_fake_quant.histogram" in ref.state_dict()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
+def test_a_model_not_in_float32_is_refused_naming_the_parameter_and_its_dtype_before_anything_changes(
+    dtype, make_batches, take_snapshot, assert_trees_equal
+):
+    """torch's fake-quantize kernels take float32 alone: a float64/bfloat16/float16 model failed inside them with a bare
+    "expected scalar type Float but found Double". Refused as with_amp is, naming with_qat, the parameter and its
+    dtype, at the first call (a donated state stays usable) and by prepare()."""
+    model = _net().to(dtype)
+    state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.05))
+    before = take_snapshot(state)
+    x, y = make_batches(1)[0]
+    step = loopkit.with_qat(loopkit.train_step(_mse))
+    message = rf"with_qat: the model's parameter '1.weight' is {dtype}: .* float32"
+    with pytest.raises(TypeError, match=message):
+        loopkit.donate(step)(state, (x.to(dtype), y.to(dtype)))
+    with pytest.raises(TypeError, match=message):
+        step.prepare(state)
+    assert not is_prepared(state.model)
+    assert_trees_equal(take_snapshot(state), before)
+    state.model.float()  # the state is intact: in float32 it trains
+    state, _ = loopkit.donate(step)(state, (x, y))
+    assert is_prepared(state.model)
