@@ -38,8 +38,9 @@ class and attributes: the step runs member 0's modules for all) and the same for
 with equal arguments, a lambda or nested function closing over the member's own module or equal values, a callable
 object of one class with equal attributes; torch's pruning and old-style weight_norm hooks are each member's own;
 vmapped, a hook runs once a step for all the members, on their batched tensors: one counting its calls in an object
-outside the members counts one a step, where K solo runs count K, and one that keeps a tensor there, a list of
-activations, is refused, see :func:`_drop_kept_by_hooks`; one member at a time it runs for each member),
+outside the members counts one a step, where K solo runs count K, and a tensor it keeps there (a dict of features a
+``loss_fn`` reads) is the vmapped call's, alive within the call and dead once it returns; one member at a time it runs
+for each member, as its solo run's does),
 the same parameters must be frozen (``requires_grad``) in every member, and their optimizers must
 not need a closure (LBFGS); a donated step refuses a member changed since stacking in any of these (changed alike in every member, as when
 unfreezing a backbone, it trains on; a ``_private`` value is compared by :func:`stack`, and so by a non-donated
@@ -864,7 +865,7 @@ def _refuse_escaped(
     as a tensor, ``self.n = self.n + 1``), or with another tensor of no call (``self.t, self.u = self.u, self.t``:
     member 0's only, where each member's solo forward changes its own), is put back as it was. ``of_call``: whether
     a tensor is the call's (by default a functorch wrapper: the vmapped call's; see :func:`_made_by_call`)."""
-    escaped, replaced, swapped, hooked = [], [], [], []
+    escaped, replaced, swapped = [], [], []
     is_wrapped = of_call or torch._C._functorch.is_functorch_wrapped_tensor
     for i, (name, module) in enumerate(model.named_modules()):
         computed = _computed(module)
@@ -886,41 +887,28 @@ def _refuse_escaped(
                 swapped.append(f"{attr!r} of module {name or '(model)'}")
             elif isinstance(value, (list, dict)) and _drop_wrapped(value, is_wrapped):
                 escaped.append(f"{name + '.' if name else ''}{attr}: taken out of it")
-        if module._forward_hooks or module._forward_pre_hooks:
-            hooked.extend(_drop_kept_by_hooks(module, name))
-    if hooked and of_call is None:  # (one member at a time, they hold each member's own, as its solo run's hook)
-        raise RuntimeError(
-            f"ensemble.train_step: {where}: the forward hook(s) {', '.join(hooked)} kept tensors of the vmapped call in "
-            "an object outside the members (taken out of it): the step runs member 0's hooks once for every member, on "
-            "the members' batched tensors, dead once the call returns, where each member's solo run's hook sees its "
-            "own; return what you inspect from the loss_fn as a metric (one value per member), or train the members "
-            "apart"
-        )
+        if of_call is not None and (module._forward_hooks or module._forward_pre_hooks):
+            _drop_kept_by_hooks(module)  # (one member at a time: the refused vmapped attempt's wrappers, not the members')
     if replaced or swapped or escaped:
         raise RuntimeError(_escaped_message(where, replaced, swapped, escaped))
 
 
-def _drop_kept_by_hooks(module: nn.Module, name: str) -> list[str]:
-    """Take the tensors of a vmapped call out of what ``module``'s forward hooks and pre-hooks hold outside the
-    members (see :func:`_held_outside`: a list they append to, a dict they fill, an object's attribute they set,
-    set to None); each hook that had kept one, named."""
+def _drop_kept_by_hooks(module: nn.Module) -> None:
+    """Take the tensors of a vmapped call (functorch wrappers, dead once it returned) out of what ``module``'s forward
+    hooks and pre-hooks hold outside the members (see :func:`_held_outside`: a list they append to, a dict they fill,
+    an object's attribute they set, set to None): after a vmapped attempt refused for one member at a time, whose
+    hooks then keep each member's own, as its solo run's do."""
     is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
-    found = []
     for hook in (*module._forward_pre_hooks.values(), *module._forward_hooks.values()):
-        kept = False
         for held in _held_outside(hook):
             if isinstance(held, (list, dict)):
-                kept = _drop_wrapped(held, is_wrapped) or kept
+                _drop_wrapped(held, is_wrapped)
                 continue
             for attr, value in list(vars(held).items()):
                 if isinstance(value, torch.Tensor) and is_wrapped(value):
                     setattr(held, attr, None)
-                    kept = True
                 elif isinstance(value, (list, dict)):
-                    kept = _drop_wrapped(value, is_wrapped) or kept
-        if kept:
-            found.append(f"{getattr(hook, '__qualname__', type(hook).__qualname__)} of module {name or '(model)'}")
-    return found
+                    _drop_wrapped(value, is_wrapped)
 
 
 def _held_outside(hook: Any) -> list[Any]:
