@@ -2205,23 +2205,18 @@ def _owing_hooks(whole: Any, before: TrainState, error: BaseException, flushing:
     return replace_extras(whole, extras)
 
 
-def _owed_hooks_told(step: Any, hooks: _Hooks, state: TrainState) -> TrainState:
-    """``state`` without the hooks it owes (:data:`HOOKS_OWED`), which are called first, with that update's metrics
-    and their rows logged (``LearningRateMonitor("step")``'s rates), when ``state`` is where the failure left them: a
-    fit given it then makes the calls and rows of the uninterrupted run. Not from a state that went on since."""
-    owed = owed_hooks(state)
-    state = replace_extras(state, {k: v for k, v in state.extras.items() if k != HOOKS_OWED})
-    if owed is None:
-        return state
+def _owed_hooks_told(step: Any, hooks: _Hooks, state: TrainState, owed: Mapping[str, Any]) -> None:
+    """Call the hooks ``owed`` (:func:`loopkit.steps.owed_hooks` of the state a failure left, ``state`` that state
+    without the mark), with that update's metrics, and log their rows (``LearningRateMonitor("step")``'s rates): a
+    fit given it then makes the calls and rows of the uninterrupted run."""
     metrics = owed["metrics"]
     if owed["hook"] == "on_flush_end":
         _tell_flush_end(step, hooks, state, metrics)
-        return state
+        return
     for callback, hook in hooks.batch_end:  # (as the batch loop calls them, inline there: the hot path)
         logged = hook(state, metrics)
         if logged is not None and _scalars(logged, metrics, callback):
             step.notify("batch_end", state, logged)
-    return state
 
 
 def _marked(state: TrainState) -> TrainState:
@@ -2680,7 +2675,11 @@ def run_epochs(
             restored = True
             hooks.check_plain()
             if HOOKS_OWED in state.extras:  # (its update's step call failed after it): before the save due there
-                state = _owed_hooks_told(step, hooks, state)
+                owed = owed_hooks(state)
+                # the mark off first: a hook of them that raises leaves the state as a batch's failing hook does
+                state = replace_extras(state, {k: v for k, v in state.extras.items() if k != HOOKS_OWED})
+                if owed is not None:
+                    _owed_hooks_told(step, hooks, state, owed)
                 superseded.add(state)
                 state = hooks.keep(state)
             if save_pending:  # made as the run that left it would have: before that update's validation, or (the

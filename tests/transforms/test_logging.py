@@ -2231,3 +2231,49 @@ def test_a_per_update_transform_outside_a_failed_write_does_its_work_on_that_upd
     for key in kept:
         got, expected = loopkit.tree.tensors(resumed.extras[key]), loopkit.tree.tensors(whole.extras[key])
         assert got and all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+
+
+class _RaisingOnce(loopkit.Callback):
+    """A callback whose on_batch_end raises once, at update ``at`` (set later)."""
+
+    def __init__(self):
+        self.at = None
+
+    def on_batch_end(self, state, metrics):
+        if state.step == self.at:
+            self.at = None
+            raise RuntimeError("owed hook failed")
+
+
+def test_an_owed_batch_end_hook_that_raises_on_the_retry_leaves_no_hook_to_call_twice(
+    tmp_path, make_mlp, make_batches, make_sgd_state
+):
+    """The update's row fails to be written at a log point; on the retry a callback's owed on_batch_end raises after
+    another's counted that update: the state the error leaves owes no hook any more (as a batch's failing hook leaves
+    it), so a second retry calls none again. Reference: the uninterrupted fit's counts, checkpoints and parameters.
+    (The mark stayed while the counters held the first callback's owed call: it counted that update twice.)"""
+    batches, at = make_batches(6), 4
+
+    def pipeline(root, fails=None):
+        inner = with_logging(train_step(loss_with_mae), _CSVFailingOnce(root, "run", version=0, at=fails), every_n_steps=2)
+        return loopkit.with_checkpointing(inner, root / "ckpt", every_n_steps=2, keep_last=None, every_n_epochs=0)
+
+    def fit(step, state, *callbacks):
+        return run_epochs(step, state, batches, epochs=2, callbacks=list(callbacks), progress=False)[0]
+
+    def positions(root):
+        return [(c.step, c.epoch, c.batch_index) for c in loopkit.checkpoint.list_checkpoints(root / "ckpt")]
+
+    straight = _BatchCounter()
+    whole = fit(pipeline(tmp_path / "a"), make_sgd_state(make_mlp()), straight, _RaisingOnce())
+    counter, raising = _BatchCounter(), _RaisingOnce()
+    step = pipeline(tmp_path / "b", fails=at)
+    with pytest.raises(OSError, match="No space left") as caught:
+        fit(step, make_sgd_state(make_mlp()), counter, raising)
+    raising.at, left = at, loopkit.state_at_error(caught.value)
+    with pytest.raises(RuntimeError, match="owed hook failed") as caught:
+        fit(step, left, counter, raising)
+    resumed = fit(step, loopkit.state_at_error(caught.value), counter, raising)
+    assert (counter.batches, counter.seen) == (straight.batches, straight.seen)
+    assert positions(tmp_path / "b") == positions(tmp_path / "a")
+    assert all(torch.equal(a, b) for a, b in zip(resumed.model.parameters(), whole.model.parameters(), strict=True))
