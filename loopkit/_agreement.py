@@ -41,15 +41,14 @@ def named_callable(fn: Any) -> str | None:
     ``module.qualname``, the same on every rank that defines it alike, and two functions of one name in two modules
     told apart; a lambda or a function defined inside another (``<locals>`` in its qualname), of which a module may
     hold several of one name, also by the line its code starts at (not by its file's path, which may differ between
-    the ranks' machines); a ``functools.partial`` by the function under it (its arguments are not compared). None
-    for None.
+    the ranks' machines), and a lambda by the column of its body too (two on one line); a ``functools.partial`` by
+    the function under it (its arguments are not compared). None for None.
 
     >>> named_callable(None), named_callable(len), named_callable(functools.partial(len))
     (None, 'builtins.len', 'functools.partial(builtins.len)')
-    >>> first, second = (lambda: 1,
-    ...                  lambda: 2)
+    >>> first, second = (lambda: 1, lambda: 2)
     >>> named_callable(first), named_callable(second)
-    ('loopkit._agreement.<lambda> (line 1)', 'loopkit._agreement.<lambda> (line 2)')
+    ('loopkit._agreement.<lambda> (line 1, column 25)', 'loopkit._agreement.<lambda> (line 1, column 36)')
     """
     if fn is None:
         return None
@@ -59,7 +58,8 @@ def named_callable(fn: Any) -> str | None:
     described = f"{getattr(fn, '__module__', None) or type(fn).__module__}.{name}"
     code = getattr(fn, "__code__", None)
     if ("<lambda>" in name or "<locals>" in name) and hasattr(code, "co_firstlineno"):
-        described += f" (line {code.co_firstlineno})"
+        column = next((c for _, _, c, _ in code.co_positions() if c), None) if "<lambda>" in name else None
+        described += f" (line {code.co_firstlineno})" if column is None else f" (line {code.co_firstlineno}, column {column})"
     return described
 
 

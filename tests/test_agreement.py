@@ -91,8 +91,10 @@ def test_callables_of_one_name_are_told_apart_by_module_and_a_lambdas_line():
                      lambda m, b: 2)
     assert named_callable(_hook) == f"{__name__}._hook" and named_callable(other) == "elsewhere._hook"
     qualname = test_callables_of_one_name_are_told_apart_by_module_and_a_lambdas_line.__qualname__
-    assert named_callable(first) == f"{__name__}.{qualname}.<locals>.<lambda> (line {first.__code__.co_firstlineno})"
+    assert named_callable(first) == f"{__name__}.{qualname}.<locals>.<lambda> (line {first.__code__.co_firstlineno}, column 34)"
     assert named_callable(second) != named_callable(first)
+    one, other = (lambda step: 0.0, lambda step: 0.5)  # (two on one line: told apart by their columns)
+    assert named_callable(one) != named_callable(other)
     assert named_callable(_closure(1.0)) == named_callable(_closure(2.0))  # (one closure's code; values not compared)
     assert named_callable(_closure(1.0)).endswith(f"(line {_closure(1.0).__code__.co_firstlineno})")
     assert named_callable(functools.partial(first, b=0)) == f"functools.partial({named_callable(first)})"
