@@ -77,7 +77,8 @@ class AutoEncoder(nn.Module):
         self.decoder = nn.Sequential(nn.Linear(CODE, hidden), nn.ReLU(), nn.Linear(hidden, PIXELS), nn.Sigmoid())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.encoder(x)
+        code: torch.Tensor = self.encoder(x)
+        return code
 
 
 def load_splits(seed: int) -> tuple[TensorDataset, TensorDataset]:

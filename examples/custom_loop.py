@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -55,7 +56,9 @@ def make_data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
-def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int | None = None):
+def batches(
+    x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int | None = None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The batches of one epoch; shuffled by ``seed`` when given (your loop, your data order)."""
     order = torch.arange(len(x)) if seed is None else torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
     for i in range(0, len(x), batch_size):
@@ -78,7 +81,7 @@ def failed(problem: str) -> int:
     return 1
 
 
-def validate(evaluator: loopkit.EvalStep, state: loopkit.TrainState, x: torch.Tensor, y: torch.Tensor) -> float:
+def validate(evaluator: loopkit.Step, state: loopkit.TrainState, x: torch.Tensor, y: torch.Tensor) -> float:
     """``eval_step`` by hand: a batch-size-weighted mean, summed on the device and read once."""
     total, count = torch.zeros(()), 0
     for batch in batches(x, y, 128):
@@ -88,7 +91,10 @@ def validate(evaluator: loopkit.EvalStep, state: loopkit.TrainState, x: torch.Te
     return float(total / count)
 
 
-def train(step, state: loopkit.TrainState, data, args: argparse.Namespace, label: str):
+def train(
+    step: loopkit.Step, state: loopkit.TrainState, data: tuple[torch.Tensor, torch.Tensor], args: argparse.Namespace,
+    label: str,
+) -> tuple[loopkit.TrainState, list[float]]:
     """Your own loop. Returns the final state and the losses read every ``log_every`` calls."""
     x, y = data
     logged: list[float] = []

@@ -74,7 +74,7 @@ def make_model() -> nn.Module:
     )
 
 
-def loss_fn(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]):
+def loss_fn(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     images, labels = batch
     logits = model(images)
     loss = nn.functional.cross_entropy(logits, labels)

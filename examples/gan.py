@@ -126,8 +126,9 @@ def gan_step(state: loopkit.TrainState, real: torch.Tensor) -> tuple[loopkit.Tra
     # loopkit.state_at_error(error) is then the fit's newest state, with every update before the failure).
     with leaving_intact(state):
         state = fork(state)  # purity: everything below changes this copy, never the caller's state
-        generator, discriminator = state.model["generator"], state.model["discriminator"]
+        generator, discriminator = state.model.get_submodule("generator"), state.model.get_submodule("discriminator")
         optimizer = state.optimizer
+        assert optimizer is not None  # (make_state gives one; for a type checker)
         ones = torch.ones(real.shape[0], 1, device=real.device)
         zeros = torch.zeros_like(ones)
         # The state's RNG becomes torch's global RNG until close(): the noise (and any dropout)
@@ -142,14 +143,14 @@ def gan_step(state: loopkit.TrainState, real: torch.Tensor) -> tuple[loopkit.Tra
             optimizer.zero_grad(set_to_none=True)
             d_real, d_fake = discriminator(real), discriminator(fake.detach())
             d_loss = bce(d_real, ones) + bce(d_fake, zeros)
-            d_loss.backward(inputs=list(discriminator.parameters()))
+            torch.autograd.backward(d_loss, inputs=list(discriminator.parameters()))  # (loss.backward, typed)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
             # The generator: make the (just updated) discriminator say 1 on the same fakes.
             # backward(inputs=...) leaves the discriminator's .grad None, so its group stays still.
             g_loss = bce(discriminator(fake), ones)
-            g_loss.backward(inputs=list(generator.parameters()))
+            torch.autograd.backward(g_loss, inputs=list(generator.parameters()))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         except BaseException:
@@ -169,7 +170,7 @@ def sample_stats(state: loopkit.TrainState, n: int = 8192) -> tuple[torch.Tensor
     """Mean and standard deviation of ``n`` generated samples, from fixed noise."""
     z = torch.randn(n, NOISE, generator=torch.Generator().manual_seed(12345))
     with torch.no_grad():
-        x = state.model["generator"](z)
+        x = state.model.get_submodule("generator")(z)
     return x.mean(0), x.std(0)
 
 
@@ -195,7 +196,10 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     data_gen = torch.Generator().manual_seed(args.seed)
     samples = TARGET_MEAN + TARGET_STD * torch.randn(args.samples, 2, generator=data_gen)
-    loader = DataLoader(samples, batch_size=args.batch_size, shuffle=True, drop_last=True)
+    loader: DataLoader[torch.Tensor] = DataLoader(
+        samples,  # type: ignore[arg-type]  # (a tensor is a map-style data set; torch's annotation asks for a Dataset)
+        batch_size=args.batch_size, shuffle=True, drop_last=True,
+    )
 
     initial = make_state(args.seed, args.lr_g, args.lr_d)
     mean_err0, std_err0 = errors(initial)

@@ -81,7 +81,9 @@ def with_ones(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)], dim=1)
 
 
-def lstsq_step(state: loopkit.TrainState, batch: tuple[torch.Tensor, torch.Tensor]):
+def lstsq_step(
+    state: loopkit.TrainState, batch: tuple[torch.Tensor, torch.Tensor]
+) -> tuple[loopkit.TrainState, dict[str, torch.Tensor]]:
     """Add this batch's ``X^T X``, ``X^T Y`` and ``Y^T Y`` to the sums in ``state.extras``.
 
     Also reports the current model's squared error on the batch (the previous epoch's fit;
@@ -103,7 +105,7 @@ def lstsq_step(state: loopkit.TrainState, batch: tuple[torch.Tensor, torch.Tenso
         return state.evolve(batch_index=state.batch_index + 1, extras={**extras, **sums}), {"mse": mse}
 
 
-def solve(state: loopkit.TrainState):
+def solve(state: loopkit.TrainState) -> tuple[loopkit.TrainState, dict[str, torch.Tensor]]:
     """End of the epoch: solve the normal equations, write the weights, clear the sums.
 
     ``run_epochs`` calls it through the step's ``flush``. ``state.step`` counts solves (the
@@ -118,6 +120,7 @@ def solve(state: loopkit.TrainState):
         a, b, c, rows = extras.pop(_A), extras.pop(_B), extras.pop(_C), extras.pop(_ROWS)
         w = torch.linalg.solve(a, b)  # (features + 1, outputs); A is symmetric positive definite
         model = state.model
+        assert isinstance(model, nn.Linear)  # (for a type checker: state.model is an nn.Module)
         with torch.no_grad():
             model.weight.copy_(w[:-1].T)
             model.bias.copy_(w[-1])
@@ -152,7 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"validation mse {val['mse']:.6f} (noise variance {NOISE_STD ** 2:.6f})")
 
     reference = torch.linalg.lstsq(with_ones(x), y).solution  # the whole data set, float64
-    fitted = torch.cat([state.model.weight.detach().T, state.model.bias.detach()[None]])
+    fit = state.model
+    assert isinstance(fit, nn.Linear)
+    fitted = torch.cat([fit.weight.detach().T, fit.bias.detach()[None]])
     diff = float((fitted - reference).abs().max())
     elapsed = time.perf_counter() - started
     print(f"closed-form weights vs torch.linalg.lstsq: max abs difference {diff:.3e} "

@@ -9,6 +9,8 @@
 1
 """
 
+from typing import TYPE_CHECKING
+
 from loopkit.callbacks import Callback, EarlyStopping, EarlyStoppingReason, LearningRateMonitor, Timer
 from loopkit.throughput import ThroughputMonitor, measure_flops
 from loopkit.checkpoint import export_weights, restore
@@ -32,9 +34,13 @@ from loopkit.batch_size_finder import scale_batch_size  # noqa: E402  (an integr
 
 __version__ = "0.1.0"
 
+if TYPE_CHECKING:  # a type checker sees the module (``loopkit.tune.create_study``); at run time it comes on first use
+    from loopkit import tune
+
 
 def __getattr__(name: str) -> object:
-    """``loopkit.tune`` on first use: it needs Optuna (the ``tune`` extra), which plain use does not."""
+    """``loopkit.tune`` on first use (``from loopkit import *`` too): Optuna, which it needs (the ``tune`` extra), is
+    imported only when one of its functions is called."""
     if name == "tune":
         import importlib
 
@@ -90,6 +96,7 @@ __all__ = [
     "summarize",
     "to_device",
     "train_step",
+    "tune",
     "with_amp",
     "with_checkpointing",
     "with_compile",

@@ -28,7 +28,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 import torch
@@ -53,9 +53,9 @@ from loopkit.state import (
     not_a_state, put_extras, refuse_copy_if_sharded, replace, replace_extras, state_at_error,
 )
 from loopkit.steps import (
-    HOOKS_OWED, RECORDED, SAVE_DUE, VALIDATED, VALIDATES, VALIDATES_AT_EPOCH_ENDS, EpochRecord, FnStep, Step, TrainStep,
-    WrapperStep, accumulated, as_step, check_takes_model_and_batch, evaluating, grads_as_found, in_accumulation_group,
-    innermost, owed_hooks, undonated,
+    HOOKS_OWED, RECORDED, SAVE_DUE, VALIDATED, VALIDATES, VALIDATES_AT_EPOCH_ENDS, EpochRecord, FnStep, ModelFn, Step,
+    TrainStep, WrapperStep, accumulated, as_step, check_takes_model_and_batch, evaluating, grads_as_found,
+    in_accumulation_group, innermost, owed_hooks, undonated,
 )
 from loopkit.steps import donate as donated
 from loopkit.tree import device_available, devices_here, tensors, to_device, to_plain
@@ -826,10 +826,20 @@ def _read_together(batches: Iterable[Any] | None, who: str) -> Iterator[Any]:
         "are left out: shard the data evenly"), who)
 
 
+@overload
+def predict(  # (a Mapping is Iterable too: the named sets first)
+    fn: ModelFn, state: TrainState, data: Mapping[str, Iterable[Any]], *, limit: int | float | None = ...,
+    device: torch.device | str | None = ...,
+) -> dict[str, list[Any]]: ...
+@overload
 def predict(
-    fn: Callable[[torch.nn.Module, Any], Any],
+    fn: ModelFn, state: TrainState, data: Iterable[Any], *, limit: int | float | None = ...,
+    device: torch.device | str | None = ...,
+) -> list[Any]: ...
+def predict(
+    fn: ModelFn,
     state: TrainState,
-    data: Iterable,
+    data: Iterable[Any],
     *,
     limit: int | float | None = None,
     device: torch.device | str | None = None,

@@ -95,7 +95,7 @@ from loopkit.state import (
     _MODULE_STANDARD, _SETTING_SCALARS, TrainState, _fork, _keep_tensor_hooks, fork, is_plain_setting, leave_intact,
     module_settings, persistent_buffers, replace, state_at_error,
 )
-from loopkit.steps import _cuda_index, _split_loss, check_takes_model_and_batch, needs_closure
+from loopkit.steps import LossFn, _cuda_index, _split_loss, check_takes_model_and_batch, needs_closure
 
 __all__ = ["Ensemble", "EnsembleStep", "stack", "train_step", "unstack"]
 
@@ -1117,7 +1117,7 @@ def _reached(loss: torch.Tensor, inputs: Mapping[str, torch.Tensor]) -> set[str]
 class _LossModule(nn.Module):
     """``loss_fn(model, batch)`` as a module, so that ``functional_call`` swaps ``model``'s tensors."""
 
-    def __init__(self, model: nn.Module, loss_fn: Callable[[nn.Module, Any], Any]) -> None:
+    def __init__(self, model: nn.Module, loss_fn: LossFn) -> None:
         super().__init__()
         self.model = model
         self.loss_fn = loss_fn
@@ -1150,7 +1150,7 @@ class EnsembleStep:
     ([0, 0], [1, 1])
     """
 
-    loss_fn: Callable[[nn.Module, Any], Any]
+    loss_fn: LossFn
     donated: bool = False
     #: whether a call of ``loss_fn`` drew random numbers (dropout, ``torch.randn_like``): vmap cannot draw from each
     #: member's own RNG, so from that call on the members' gradients are computed one member at a time, each with its
@@ -1622,7 +1622,7 @@ def _consume(ensemble: Ensemble) -> None:
         member.mark_consumed()
 
 
-def train_step(loss_fn: Callable[[nn.Module, Any], Any], *, donated: bool = False) -> EnsembleStep:
+def train_step(loss_fn: LossFn, *, donated: bool = False) -> EnsembleStep:
     """One vmapped training step for every member: ``loss_fn(model, batch)`` as in :func:`loopkit.train_step`.
 
     A ``loss_fn`` that returns None skips the batch for every member, as :func:`loopkit.train_step` skips it (no

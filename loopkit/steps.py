@@ -79,7 +79,12 @@ _Tensor = torch.Tensor
 _default_generator = torch.default_generator
 _LBFGS = torch.optim.LBFGS
 _set_consumed = TrainState.__dict__["_consumed"].__set__  # TrainState.mark_consumed without its frame
-LossFn = Callable[[torch.nn.Module, Any], Any]
+#: ``fn(model, batch)`` as train_step, eval_step and predict take it. ``model`` is typed ``Any``, not ``nn.Module``: a
+#: Callable's parameters are contravariant, so ``Callable[[nn.Module, Any], Any]`` would refuse the usual
+#: ``def loss_fn(model: Net, batch)`` (``Net`` one's own subclass of ``nn.Module``) under a type checker
+ModelFn = Callable[[Any, Any], Any]
+LossFn = ModelFn
+MetricFn = Callable[[Any, Any], Mapping[str, Any]]
 
 _ACCUM_COUNT = "accum/count"
 _Uninitialized = torch.nn.parameter.UninitializedTensorMixin
@@ -163,6 +168,10 @@ class Step:
     (a partial gradient-accumulation group) at the end of an epoch. What the ``run_`` and
     ``flush_`` of a subclass of one's own (one defined outside loopkit) return is checked as a
     plain function's is: ``(new_state, metrics)``, each metric a number or a real 0-dim tensor.
+
+    :func:`train_step`, :func:`eval_step` and the transforms are annotated to return ``Step`` (``with_checkpointing``
+    its ``CheckpointStep``, for its ``save``): a name re-bound through a pipeline, ``step = with_logging(step, ...)``,
+    then type-checks, whichever call binds it first.
 
     >>> import torch
     >>> from loopkit.state import TrainState
@@ -2089,7 +2098,7 @@ def _skip_flag(ctx: GradContext) -> torch.Tensor | None:
     return torch.maximum(ctx.found_inf.reshape(()), ctx.nonfinite)
 
 
-def train_step(loss_fn: LossFn) -> TrainStep:
+def train_step(loss_fn: LossFn) -> Step:
     """A training step: forward, backward, optimizer update, scheduler step.
 
     ``loss_fn(model, batch)`` returns a scalar loss tensor, ``(loss, metrics_dict)``, or
@@ -2142,7 +2151,7 @@ class EvalStep(Step):
     (True, True, ['mean'])
     """
 
-    metric_fn: Callable[[torch.nn.Module, Any], Mapping[str, Any]]
+    metric_fn: MetricFn
     precision: Precision | None = None
     transforms: tuple[str, ...] = ()
     donated: bool = False
@@ -2280,7 +2289,7 @@ class evaluating:  # noqa: N801  (a context manager, named as torch.no_grad is)
             m.reshard()
 
 
-def eval_step(metric_fn: Callable[[torch.nn.Module, Any], Mapping[str, Any]]) -> EvalStep:
+def eval_step(metric_fn: MetricFn) -> Step:
     """An evaluation step: ``metric_fn(model, batch)`` in eval mode under ``torch.no_grad()``.
 
     Returns the state unchanged (training mode restored module by module) and the metrics.

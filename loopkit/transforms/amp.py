@@ -16,7 +16,7 @@ import attrs
 import torch
 
 from loopkit._numbers import as_int, as_real
-from loopkit.steps import EvalStep, GradContext, TrainStep
+from loopkit.steps import EvalStep, GradContext, Step, TrainStep
 from loopkit.transforms._compose import require_train_or_eval_step, sync_refusal
 
 __all__ = ["Amp", "with_amp"]
@@ -129,7 +129,7 @@ def with_amp(
 def with_amp(
     step: Any, dtype: torch.dtype = ..., *, init_scale: float | None = ..., growth_factor: float | None = ...,
     backoff_factor: float | None = ..., growth_interval: int | None = ..., cache_enabled: bool = ...,
-) -> TrainStep | EvalStep: ...
+) -> Step: ...
 def with_amp(
     step: Any,
     dtype: torch.dtype = torch.bfloat16,
@@ -139,7 +139,7 @@ def with_amp(
     backoff_factor: float | None = None,
     growth_interval: int | None = None,
     cache_enabled: bool = True,
-) -> TrainStep | EvalStep:
+) -> Step:
     """Run the forward pass under ``torch.autocast(dtype)``; for float16, scale the loss.
 
     bfloat16 needs no scaler, and refuses the scaler's options (``init_scale``, ``growth_factor``,

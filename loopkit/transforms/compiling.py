@@ -12,7 +12,7 @@ from typing import Any, overload
 import attrs
 import torch
 
-from loopkit.steps import EvalStep, TrainStep
+from loopkit.steps import EvalStep, Step, TrainStep
 from loopkit.transforms._compose import require_train_or_eval_step
 
 __all__ = ["with_compile"]
@@ -23,8 +23,8 @@ def with_compile(step: TrainStep, **torch_compile_options: Any) -> TrainStep: ..
 @overload
 def with_compile(step: EvalStep, **torch_compile_options: Any) -> EvalStep: ...
 @overload
-def with_compile(step: Any, **torch_compile_options: Any) -> TrainStep | EvalStep: ...
-def with_compile(step: Any, **torch_compile_options: Any) -> TrainStep | EvalStep:
+def with_compile(step: Any, **torch_compile_options: Any) -> Step: ...
+def with_compile(step: Any, **torch_compile_options: Any) -> Step:
     """Compile the function a ``train_step`` or ``eval_step`` runs with ``torch.compile(fn, **options)``.
 
     What is compiled is ``loss_fn(model, batch)`` (forward and loss; ``backward`` runs the

@@ -34,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from loopkit import _collective
 from loopkit._agreement import ddp_ignored, named_callable, refuse_apart
-from loopkit.steps import _ACCUM_COUNT, SyncRefusal, TrainStep, changing_nothing, sync_unchanged
+from loopkit.steps import _ACCUM_COUNT, Step, SyncRefusal, TrainStep, changing_nothing, sync_unchanged
 from loopkit.transforms._compose import check_option_names, require_train_step
 
 __all__ = ["DDPSync", "with_ddp"]
@@ -499,7 +499,7 @@ def _check_same_buffers(model: torch.nn.Module) -> None:
 
 def with_ddp(
     step: Any, *, comm_hook: Callable | None = None, comm_state: Any = None, **ddp_options: Any
-) -> TrainStep:
+) -> Step:
     """Train on every rank of a ``torch.distributed`` process group, gradients averaged by DDP.
 
     The loss_fn receives the ``DistributedDataParallel`` wrapper of ``state.model`` (call it

@@ -17,7 +17,7 @@ from torch import nn
 
 from loopkit._numbers import as_int, as_real
 from loopkit.state import TrainState, core_module, fork, leave_intact, plain_names, replace, replace_extras
-from loopkit.steps import Metrics, UpdateStep
+from loopkit.steps import Metrics, Step, UpdateStep
 from loopkit.transforms._compose import fitted_to, intact_as, refuse_wrapping, require_step
 from loopkit.transforms.pruning import _MASKS as _PRUNING_MASKS
 from loopkit.transforms.pruning import _fitted_state as _fitted_masks
@@ -288,7 +288,7 @@ def with_ema(
     update_starting_at_step: int | None = None,
     update_starting_at_epoch: int | None = None,
     formula: Formula = "lerp",
-) -> EMAStep:
+) -> Step:
     """Keep an exponential moving average of the model's parameters in ``state.extras``.
 
     After each optimizer update (once per group under ``with_grad_accum``; not after an

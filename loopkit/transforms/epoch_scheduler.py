@@ -14,7 +14,7 @@ import attrs
 
 from loopkit._numbers import as_int
 from loopkit.state import TrainState, extras_copy, leave_intact, replace_extras, scheduler_held
-from loopkit.steps import Metrics, WrapperStep, flush_of, run_of
+from loopkit.steps import Metrics, Step, WrapperStep, flush_of, run_of
 from loopkit.transforms._compose import refuse_wrapping, require_step
 from loopkit.transforms.swa import swa_start_inside
 
@@ -149,7 +149,7 @@ def scheduler_transform(step: Any, name: str, frequency: Any, unit: str, rival: 
     return inner, count
 
 
-def with_epoch_scheduler(step: Any, *, frequency: int = 1) -> EpochSchedulerStep:
+def with_epoch_scheduler(step: Any, *, frequency: int = 1) -> Step:
     """Step the state's scheduler once per epoch, at its end, as Lightning does with its default
     ``{"scheduler": ..., "interval": "epoch", "frequency": n}``, instead of once per optimizer update.
 

@@ -29,7 +29,7 @@ from loopkit._sharded import held_grads as _held_grads
 from loopkit._sharded import is_dtensor, local
 from loopkit import _collective
 from loopkit._agreement import named_callable, refuse_apart
-from loopkit.steps import SyncRefusal, TrainStep, changing_nothing
+from loopkit.steps import Step, SyncRefusal, TrainStep, changing_nothing
 from loopkit.transforms._compose import check_option_names, refuse_wrapping, require_train_step
 
 if TYPE_CHECKING:
@@ -594,7 +594,7 @@ def with_fsdp(
     mp_policy: MixedPrecisionPolicy | None = None,
     broadcast_buffers: bool = True,
     **fully_shard_options: Any,
-) -> TrainStep:
+) -> Step:
     """Train on every rank of a ``torch.distributed`` process group, the model fully sharded (FSDP2).
 
     Lightning's ``Trainer(strategy=FSDPStrategy(...))``. At the step's first call with a model

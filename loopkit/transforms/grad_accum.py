@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from loopkit._numbers import as_int
-from loopkit.steps import TrainStep
+from loopkit.steps import Step
 from loopkit.transforms._compose import require_train_step
 
 __all__ = ["with_grad_accum"]
@@ -35,7 +35,7 @@ def _schedule(every: Mapping[Any, Any]) -> tuple[tuple[int, int], ...]:
     return tuple(sorted(pairs.items()))
 
 
-def with_grad_accum(step: Any, every: int | Mapping[int, int]) -> TrainStep:
+def with_grad_accum(step: Any, every: int | Mapping[int, int]) -> Step:
     """Accumulate gradients over ``every`` consecutive calls as if one batch ``every`` times larger.
 
     Each call's loss is divided by ``every``; the optimizer, the scheduler, and

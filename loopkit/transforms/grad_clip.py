@@ -16,7 +16,7 @@ import torch
 from loopkit._numbers import as_norm_type, as_real
 from loopkit._sharded import is_dtensor, local, norms
 from loopkit.state import TrainState
-from loopkit.steps import GradContext, TrainStep
+from loopkit.steps import GradContext, Step
 from loopkit.transforms._compose import require_train_step
 
 __all__ = ["ClipGrad", "with_grad_clip"]
@@ -163,7 +163,7 @@ def _zero_norm(ctx: GradContext) -> torch.Tensor:
 
 def with_grad_clip(
     step: Any, max_norm: float | None = None, max_value: float | None = None, *, norm_type: float | str = 2.0
-) -> TrainStep:
+) -> Step:
     """Clip the gradients before the optimizer update; report their total norm as ``grad_norm``.
 
     ``max_norm`` rescales all gradients together so that their total ``norm_type``-norm is at

@@ -17,7 +17,7 @@ import torch
 from loopkit._calls import check_call
 from loopkit._sharded import full, is_dtensor
 from loopkit.state import TrainState, with_held_scheduler
-from loopkit.steps import GradContext, TrainStep, _fn_name, check_metric
+from loopkit.steps import GradContext, Step, _fn_name, check_metric
 from loopkit.transforms._compose import require_train_step
 
 __all__ = ["GradHook", "with_grad_hook"]
@@ -70,7 +70,7 @@ def _check_takes_state(fn: Any) -> None:
     check_call(fn, f"with_grad_hook: fn {_fn_name(fn)} must take one argument, the state", None)
 
 
-def with_grad_hook(step: Any, fn: HookFn) -> TrainStep:
+def with_grad_hook(step: Any, fn: HookFn) -> Step:
     """Call ``fn(state)`` once the gradients are ready, before the optimizer update: Lightning's
     ``on_before_optimizer_step`` (outside ``with_grad_accum``) and ``on_after_backward`` (inside it).
 

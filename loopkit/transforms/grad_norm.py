@@ -16,7 +16,7 @@ import torch
 from loopkit._numbers import as_norm_type
 from loopkit._sharded import norms as sharded_norms
 from loopkit.state import TrainState, core_module
-from loopkit.steps import GradContext, TrainStep
+from loopkit.steps import GradContext, Step
 from loopkit.transforms._compose import require_train_step
 
 __all__ = ["GradNorm", "with_grad_norm"]
@@ -70,7 +70,7 @@ class GradNorm:
         ctx.metrics.update(norms)
 
 
-def with_grad_norm(step: Any, norm_type: float | str = 2.0) -> TrainStep:
+def with_grad_norm(step: Any, norm_type: float | str = 2.0) -> Step:
     """Report the gradients' norms as metrics: Lightning's ``grad_norm(module, norm_type)``, which a
     ``LightningModule`` logs from ``on_before_optimizer_step``.
 

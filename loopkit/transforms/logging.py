@@ -19,7 +19,7 @@ from loopkit._calls import check_call, takes
 from loopkit._numbers import as_int
 from loopkit._window import EPOCH, LOGGED, Window, guarded, is_epoch_record, leave_updated, left_metrics
 from loopkit.state import TrainState, extras_copy, leave_intact, put_extras, replace_extras, state_at_error
-from loopkit.steps import RECORDED, Metrics, WrapperStep, check_metric, flush_of, run_of
+from loopkit.steps import RECORDED, Metrics, Step, WrapperStep, check_metric, flush_of, run_of
 from loopkit.transforms._compose import refuse_wrapping, require_step
 
 __all__ = ["LoggingStep", "with_logging"]
@@ -606,7 +606,7 @@ def _check_calls(logger: Any, who: str) -> None:
                    "(step), as with_logging calls it", 0, 0, 0, finishes_epoch=False)
 
 
-def with_logging(step: Any, *loggers: Any, every_n_steps: int = 50) -> LoggingStep:
+def with_logging(step: Any, *loggers: Any, every_n_steps: int = 50) -> Step:
     """Log the means of the step's metrics over each ``every_n_steps`` optimizer updates.
 
     The loggers go as separate arguments, ``with_logging(step, tb, csv)``, or as a list, ``with_logging(step, [tb,

@@ -16,7 +16,7 @@ import torch
 
 from loopkit.errors import NonFiniteError
 from loopkit.state import TrainState
-from loopkit.steps import GradContext, TrainStep
+from loopkit.steps import GradContext, Step
 from loopkit.transforms._compose import require_train_step
 
 __all__ = ["NanGuard", "with_nan_guard"]
@@ -129,7 +129,7 @@ def _first_bad(ctx: GradContext) -> str:
     return "a parameter"
 
 
-def with_nan_guard(step: Any, policy: str = "skip") -> TrainStep:
+def with_nan_guard(step: Any, policy: str = "skip") -> Step:
     """Never let a NaN or infinite loss or gradient reach the parameters.
 
     ``policy="skip"`` drops the update (under ``with_grad_accum``, the whole group's) and

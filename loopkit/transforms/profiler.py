@@ -26,7 +26,7 @@ from loopkit._collective import is_rank_zero
 from loopkit._numbers import as_int
 from loopkit._window import EPOCH, guarded, leave_updated
 from loopkit.state import TrainState, leave_intact
-from loopkit.steps import Metrics, WrapperStep, run_of
+from loopkit.steps import Metrics, Step, WrapperStep, run_of
 from loopkit.transforms._compose import refuse_wrapping, require_step
 
 __all__ = ["ProfilerStep", "with_profiler"]
@@ -172,7 +172,7 @@ def with_profiler(
     record_shapes: bool = False,
     profile_memory: bool = False,
     with_stack: bool = False,
-) -> ProfilerStep:
+) -> Step:
     """Profile calls of ``step`` with ``torch.profiler``; traces and a summary go to ``directory``.
 
     The first ``wait`` calls run unprofiled, the next ``warmup`` calls warm the profiler up,

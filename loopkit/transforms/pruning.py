@@ -22,7 +22,7 @@ from loopkit._calls import check_call
 from loopkit._numbers import as_int, as_real
 from loopkit.rng import RNGScope
 from loopkit.state import TrainState, core_module, leave_intact, plain_names, replace, replace_extras
-from loopkit.steps import Metrics, TrainStep, UpdateStep, WrapperStep, _cuda_index, needs_closure
+from loopkit.steps import Metrics, Step, TrainStep, UpdateStep, WrapperStep, _cuda_index, needs_closure
 from loopkit.transforms._compose import fitted_to, intact_as, refuse_wrapping, require_step
 from loopkit.transforms.qat import is_prepared
 
@@ -531,7 +531,7 @@ def with_pruning(
     use_global_unstructured: bool = True,
     pruning_dim: int | None = None,
     pruning_norm: float | str | None = None,
-) -> PruningStep:
+) -> Step:
     """Prune weights step by step (by default the smallest by magnitude), up to ``amount`` of them.
 
     ``schedule`` says when: a sequence of update counts (``state.step`` values) after which the

@@ -18,7 +18,7 @@ from torch import nn
 
 from loopkit._numbers import as_int
 from loopkit.state import TrainState, copy_model, fork, leave_intact
-from loopkit.steps import Metrics, WrapperStep, kept_observers, run_of
+from loopkit.steps import Metrics, Step, WrapperStep, kept_observers, run_of
 from loopkit.transforms._compose import refuse_wrapping, require_step
 
 __all__ = ["QATStep", "is_prepared", "quantized_model", "with_qat"]
@@ -236,7 +236,7 @@ def with_qat(
     qconfig: Any = None,
     freeze_observers_after: int | None = None,
     freeze_bn_after: int | None = None,
-) -> QATStep:
+) -> Step:
     """Quantization-aware training: the model trains through fake quantization of its weights and activations.
 
     On its first call the step prepares the state's model with PyTorch's eager-mode

@@ -13,7 +13,7 @@ from typing import Any
 import attrs
 
 from loopkit.state import TrainState, extras_copy, replace_extras, scheduler_held, state_at_error
-from loopkit.steps import Metrics, WrapperStep, flush_of, run_of
+from loopkit.steps import Metrics, Step, WrapperStep, flush_of, run_of
 from loopkit.transforms.epoch_scheduler import scheduler_of, scheduler_transform, step_quietly
 from loopkit.transforms.swa import swa_start_inside
 
@@ -102,7 +102,7 @@ def _skipped(state: TrainState) -> int:
     return int(found["count"]) if found is not None and int(found["epoch"]) == state.epoch else 0
 
 
-def with_step_scheduler(step: Any, *, frequency: int = 1) -> StepSchedulerStep:
+def with_step_scheduler(step: Any, *, frequency: int = 1) -> Step:
     """Step the state's scheduler after an optimizer update only every ``frequency`` batches, as Lightning does with
     ``{"scheduler": ..., "interval": "step", "frequency": n}``, instead of after every update.
 

@@ -309,7 +309,7 @@ def with_swa(
     annealing_epochs: int = 10,
     annealing_strategy: Literal["cos", "linear"] = "cos",
     avg_fn: AvgFn | None = None,
-) -> SWAStep:
+) -> Step:
     """Stochastic Weight Averaging: Lightning's ``StochasticWeightAveraging(swa_lrs, swa_epoch_start,
     annealing_epochs, annealing_strategy, avg_fn)`` callback as a transform; :func:`swa_state` gives the
     averaged model (Lightning's model at the end of ``fit``).
