@@ -143,14 +143,14 @@ def gan_step(state: loopkit.TrainState, real: torch.Tensor) -> tuple[loopkit.Tra
             optimizer.zero_grad(set_to_none=True)
             d_real, d_fake = discriminator(real), discriminator(fake.detach())
             d_loss = bce(d_real, ones) + bce(d_fake, zeros)
-            torch.autograd.backward(d_loss, inputs=list(discriminator.parameters()))  # (loss.backward, typed)
+            d_loss.backward(inputs=list(discriminator.parameters()))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
             # The generator: make the (just updated) discriminator say 1 on the same fakes.
             # backward(inputs=...) leaves the discriminator's .grad None, so its group stays still.
             g_loss = bce(discriminator(fake), ones)
-            torch.autograd.backward(g_loss, inputs=list(generator.parameters()))
+            g_loss.backward(inputs=list(generator.parameters()))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         except BaseException:
