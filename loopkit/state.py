@@ -2233,12 +2233,7 @@ def _decode_own_layout(plain: Any, template: Any) -> Any:
     if isinstance(expected, Mapping):
         if not isinstance(decoded, Mapping):
             raise StateMismatchError(f"key 'optimizer' holds a {type(decoded).__qualname__}, expected a mapping")
-        for key in expected:
-            if key not in decoded:
-                raise StateMismatchError(f"missing key 'optimizer.{key}'")
-        for key in decoded:
-            if key not in expected:
-                raise StateMismatchError(f"unexpected key 'optimizer.{key}'")
+        _check_keys(decoded, tuple(expected), ("optimizer",))
     return decoded
 
 

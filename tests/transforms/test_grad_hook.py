@@ -402,16 +402,8 @@ def test_a_hook_inside_accumulation_that_fails_at_a_groups_last_micro_batch_leav
     left = loopkit.state_at_error(caught.value)
     assert left is not None
     assert (left.step, left.batch_index, left.extras["accum/count"]) == (at // 3 - 1, at - 1, 2)
-    by_hand = make_adam_state(make_mlp(0))
-    for batch in data[:at - 1]:
-        by_hand, _ = hooked(lambda s: None)(by_hand, batch)
-    assert_trees_equal(take_snapshot(left)["params"], take_snapshot(by_hand)["params"])
-    assert_trees_equal(take_snapshot(left)["optimizer"], take_snapshot(by_hand)["optimizer"])
-    assert all(torch.equal(a.grad, b.grad) for a, b in zip(left.model.parameters(), by_hand.model.parameters()))
-    resumed, history = loopkit.run_epochs(hooked(lambda s: None), left, data, epochs=2, progress=False)
-    assert history == whole_history
-    assert_trees_equal(take_snapshot(resumed)["params"], take_snapshot(whole)["params"])
-    assert_trees_equal(take_snapshot(resumed)["optimizer"], take_snapshot(whole)["optimizer"])
+    _assert_left_as_by_hand_and_resumes_whole(hooked, data[:at - 1], data, left, whole, whole_history,
+                                              make_adam_state(make_mlp(0)), take_snapshot, assert_trees_equal)
 
 
 def test_a_hook_outside_accumulation_that_fails_at_a_groups_last_micro_batch_leaves_no_whole_state(
@@ -447,8 +439,18 @@ def test_a_hook_that_fails_at_an_epochs_flush_leaves_the_state_before_it_and_a_r
     left = loopkit.state_at_error(caught.value)
     assert left is not None
     assert (left.step, left.epoch, left.batch_index, left.extras["accum/count"]) == (1, 0, 4, 1)
-    by_hand = make_adam_state(make_mlp(0))  # the group of 3's update, then batch 3's share of the sums
-    for batch in data:
+    # (by hand: the group of 3's update, then batch 3's share of the sums)
+    _assert_left_as_by_hand_and_resumes_whole(hooked, data, data, left, whole, whole_history,
+                                              make_adam_state(make_mlp(0)), take_snapshot, assert_trees_equal)
+
+
+def _assert_left_as_by_hand_and_resumes_whole(hooked, done, data, left, whole, whole_history, fresh, take_snapshot,
+                                              assert_trees_equal):
+    """``left`` (a failing hook's state_at_error) is ``fresh`` stepped by hand over ``done`` with a hook that does
+    nothing (parameters, optimizer, gradients), and a fit from it over ``data`` ends as ``whole``, the uninterrupted
+    fit of history ``whole_history``."""
+    by_hand = fresh
+    for batch in done:
         by_hand, _ = hooked(lambda s: None)(by_hand, batch)
     assert_trees_equal(take_snapshot(left)["params"], take_snapshot(by_hand)["params"])
     assert_trees_equal(take_snapshot(left)["optimizer"], take_snapshot(by_hand)["optimizer"])
