@@ -1120,7 +1120,7 @@ def _share_storage(t: torch.Tensor, new: torch.Tensor, memo: dict[int, Any]) -> 
     look-up: the usual case, a tensor alone on its storage, costs no more); a second one on it takes the first's
     copied storage when that clone holds the whole storage laid out alike, else a copy of the whole storage, onto
     which the first's clone is moved; each, then, the same view of it (offset, size, stride) as in the original.
-    ``memo`` keys a storage by minus its address (never an ``id``, nor ``_PENDING``).
+    ``memo`` keys a storage by :func:`_storage_key` (a tuple: never an ``id``, nor ``_PENDING``).
 
     >>> flat = torch.arange(4.0)
     >>> parts = [flat[:2], flat.view(2, 2).t()]
@@ -1132,16 +1132,33 @@ def _share_storage(t: torch.Tensor, new: torch.Tensor, memo: dict[int, Any]) -> 
     >>> memo[id(parts[1])].tolist(), flat.tolist()
     ([[10.0, 2.0], [11.0, 3.0]], [0.0, 1.0, 2.0, 3.0])
     """
-    key = -t.untyped_storage().data_ptr()
-    first = memo.get(key) if key else None  # (an empty or meta tensor's storage has no address: nothing to share)
+    key = _storage_key(t)
+    if key is None:
+        return
+    first = memo.get(key)
     if first is None:
-        if key:
-            memo[key] = (t, new)
+        memo[key] = (t, new)
         return
     if type(first) is tuple:
         memo[key] = first = _whole_copy(*first)
     with torch.no_grad():
         new.set_(first, t.storage_offset(), t.size(), t.stride())
+
+
+def _storage_key(t: torch.Tensor) -> tuple[str, int, int] | None:
+    """What tells the storage of ``t`` apart: its address and size (two storages over one numpy array's memory, of
+    two sizes, are two); None for a tensor without one to share (sparse, mkldnn; an empty or meta tensor's storage,
+    at no address).
+
+    >>> flat = torch.zeros(4)
+    >>> _storage_key(flat[:2]) == _storage_key(flat), _storage_key(flat.to_sparse()), _storage_key(torch.zeros(0))
+    (True, None, None)
+    """
+    if t.layout is not torch.strided:
+        return None
+    storage = t.untyped_storage()
+    address = storage.data_ptr()
+    return ("storage", address, storage.nbytes()) if address else None
 
 
 def _whole_copy(t: torch.Tensor, new: torch.Tensor) -> torch.UntypedStorage:
@@ -2375,10 +2392,10 @@ def _adoptable(
     storages: set[int] = set()
     loaded, grads = decoded["model"], decoded["grads"]
     named = (*model.named_parameters(), *model.named_buffers())
-    on_storage = Counter(t.untyped_storage().data_ptr() for t in {id(t): t for _, t in named}.values())
+    on_storage = Counter(_storage_key(t) for t in {id(t): t for _, t in named}.values())
     for name, tensor in named:
         source = loaded.get(name)
-        if (id(tensor) in taken or on_storage[tensor.untyped_storage().data_ptr()] > 1
+        if (id(tensor) in taken or on_storage[_storage_key(tensor)] > 1
                 or not _sole_owner(source, tensor, storages)):
             continue
         if type(tensor) is _Parameter:
@@ -2401,6 +2418,7 @@ def _sole_owner(source: Any, like: torch.Tensor, storages: set[int]) -> bool:
     """Whether ``source`` can stand in for ``like`` (records its storage in ``storages`` when so)."""
     if not (
         type(source) is torch.Tensor
+        and source.layout is torch.strided  # (a sparse tensor has no strides: copied)
         and not source.requires_grad
         and source.dtype == like.dtype
         and source.device == like.device

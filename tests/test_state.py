@@ -11,6 +11,7 @@ import types
 from typing import Any
 
 import attrs
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -2610,3 +2611,56 @@ def test_a_state_loaded_from_a_state_dict_keeps_parameters_sharing_storage_and_r
     for batch in batches[3:]:
         resumed, _ = step(resumed, batch)
     assert_equal_trees(resumed.model.state_dict(), uninterrupted.model.state_dict())
+
+
+class _SparseAdjacency(nn.Module):
+    """A GCN-like layer whose adjacency matrix is a sparse COO buffer (a tensor without a storage to share)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("adj", torch.eye(4).to_sparse())
+        self.lin = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return torch.sparse.mm(self.adj, self.lin(x))
+
+
+def test_a_model_with_a_sparse_buffer_takes_pure_steps_as_a_raw_loop_and_loads_its_state_dict():
+    """A sparse buffer has no storage: the copy's storage sharing (a first cut read every tensor's storage) leaves it
+    out, so a pure step trains as a raw loop and load_state_dict (copy True, and False as restore loads) works."""
+    def loss_fn(model, x):
+        return model(x).pow(2).mean()
+
+    def fresh():
+        torch.manual_seed(0)
+        model = _SparseAdjacency()
+        return model, loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))
+
+    xs = [torch.randn(4, 3) for _ in range(3)]
+    raw, _ = fresh()
+    opt = torch.optim.SGD(raw.parameters(), lr=0.1)
+    for x in xs:
+        opt.zero_grad()
+        loss_fn(raw, x).backward()
+        opt.step()
+    state = fresh()[1]
+    for x in xs:
+        state, _ = loopkit.train_step(loss_fn)(state, x)
+    assert all(torch.equal(a, b) for a, b in zip(state.model.parameters(), raw.parameters(), strict=True))
+    for copy in (True, False):
+        loaded = fresh()[1].load_state_dict(state.state_dict(), copy=copy)
+        assert torch.equal(loaded.model.lin.weight, raw.lin.weight)
+        assert torch.equal(loaded.model.adj.to_dense(), torch.eye(4))
+
+
+def test_two_storages_over_one_memory_of_two_sizes_are_copied_apart():
+    """A Parameter over the first half of a numpy array and a buffer over all of it: two storage objects at one
+    address, of two sizes. The copy's storage sharing took them for one storage and set the larger onto the smaller's
+    copy (out of bounds); each is copied on its own, as before sharing was kept, with its values."""
+    memory = np.arange(8, dtype=np.float32)
+    model = nn.Module()
+    model.head = nn.Parameter(torch.from_numpy(memory[:4]))
+    model.register_buffer("whole", torch.from_numpy(memory))
+    copied = fork(loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.1))).model
+    assert copied.head.tolist() == [0.0, 1.0, 2.0, 3.0] and copied.whole.tolist() == list(map(float, range(8)))
+    assert copied.head.data_ptr() != model.head.data_ptr()
