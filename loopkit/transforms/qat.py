@@ -15,6 +15,7 @@ from typing import Any
 import attrs
 import torch
 from torch import nn
+from torch.nn.utils.parametrize import type_before_parametrizations
 
 from loopkit._numbers import as_int
 from loopkit.state import TrainState, copy_model, fork, leave_intact
@@ -73,24 +74,55 @@ def _observed_weight(module: nn.Module) -> torch.Tensor | None:
     return weight
 
 
-def _refused(model: nn.Module) -> Exception | None:
+def _refused(model: nn.Module, qconfig: Any) -> Exception | None:
     """Why QAT cannot start on ``model`` (told before anything changes), else None: a model in eval mode, or a
-    floating-point parameter that is not float32 (torch's fake-quantize kernels take float32 alone: a float64,
-    bfloat16 or float16 model fails inside them with a bare "expected scalar type Float").
+    floating-point parameter of a module ``prepare_qat`` swaps (:func:`_swapped`, ``qconfig`` as :func:`_prepare`
+    takes it) that is not float32 (torch's fake-quantize kernels take float32 alone: a float64, bfloat16 or float16
+    layer fails inside them with a bare "expected scalar type Float"; a part QAT leaves alone may be any dtype).
 
-    >>> print(_refused(torch.nn.Linear(2, 2).double()))
-    with_qat: the model's parameter 'weight' is torch.float64: fake quantization simulates int8 arithmetic in float32, and its kernels refuse other dtypes; train QAT in float32 (model.float() before with_qat's first call; nothing changed)
+    >>> qconfig = _quantization().get_default_qat_qconfig("x86")
+    >>> print(_refused(torch.nn.Sequential(torch.nn.Linear(2, 2)).double(), qconfig))
+    with_qat: the model's parameter '0.weight' is torch.float64: fake quantization simulates int8 arithmetic in float32, and its kernels refuse other dtypes; train QAT in float32 (model.float() before with_qat's first call, or that module's qconfig = None to leave it out; nothing changed)
     """
     if not model.training:
         return ValueError("with_qat: the model must be in training mode (model.train()) when QAT starts")
-    for name, param in model.named_parameters():
-        if param.is_floating_point() and param.dtype != torch.float32:
-            return TypeError(
-                f"with_qat: the model's parameter {name!r} is {param.dtype}: fake quantization simulates int8 "
-                "arithmetic in float32, and its kernels refuse other dtypes; train QAT in float32 (model.float() "
-                "before with_qat's first call; nothing changed)"
-            )
+    for prefix, module in _swapped(model, qconfig):
+        for name, param in module.named_parameters(prefix):
+            if param.is_floating_point() and param.dtype != torch.float32:
+                return TypeError(
+                    f"with_qat: the model's parameter {name!r} is {param.dtype}: fake quantization simulates int8 "
+                    "arithmetic in float32, and its kernels refuse other dtypes; train QAT in float32 (model.float() "
+                    "before with_qat's first call, or that module's qconfig = None to leave it out; nothing changed)"
+                )
     return None
+
+
+def _swapped(model: nn.Module, qconfig: Any) -> Iterator[tuple[str, nn.Module]]:
+    """The modules ``prepare_qat`` swaps for QAT ones, by name, by torch's rules: a module's ``qconfig`` attribute (None
+    too) overrides its parent's, and one of a class in the default QAT mapping with a qconfig is swapped whole.
+    ``qconfig``: the model's (:func:`_prepare` sets it; None: the model's own).
+
+    >>> model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+    >>> model[1].qconfig = None
+    >>> [name for name, _ in _swapped(model, _quantization().get_default_qat_qconfig("x86"))]
+    ['0']
+    """
+    mapping = _quantization().get_default_qat_module_mappings()
+
+    def walk(prefix: str, module: nn.Module, inherited: Any) -> Iterator[tuple[str, nn.Module]]:
+        own = getattr(module, "qconfig", inherited)
+        if own is not None and type_before_parametrizations(module) in mapping:
+            yield prefix, module
+            return
+        for name, child in module.named_children():
+            yield from walk(f"{prefix}.{name}" if prefix else name, child, own)
+
+    root = qconfig if qconfig is not None else getattr(model, "qconfig", None)
+    if root is not None and type_before_parametrizations(model) in mapping:
+        yield "", model
+        return
+    for name, child in model.named_children():
+        yield from walk(name, child, root)
 
 
 def _prepare(model: nn.Module, qconfig: Any) -> None:
@@ -102,7 +134,7 @@ def _prepare(model: nn.Module, qconfig: Any) -> None:
     scale buffer, and its ranges are resized as a checkpoint loads. ``qconfig`` None keeps a
     ``qconfig`` the model already has."""
     quantization = _quantization()
-    refused = _refused(model)
+    refused = _refused(model, qconfig)
     if refused is not None:
         raise refused
     # the QAT modules are built by their float classes' __init__, whose weight init draws from
@@ -191,7 +223,7 @@ class QATStep(WrapperStep):
     def run_(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
         model = state.model
         if not is_prepared(model):  # the first call (a restored QAT checkpoint's template is prepared already)
-            refused = _refused(model)
+            refused = _refused(model, self._qconfig(model))
             if refused is None and self._observers_frozen(state.step):
                 refused = self._never_observed(state.step)
             if refused is not None:

@@ -588,3 +588,44 @@ def test_a_model_not_in_float32_is_refused_naming_the_parameter_and_its_dtype_be
     state.model.float()  # the state is intact: in float32 it trains
     state, _ = loopkit.donate(step)(state, (x, y))
     assert is_prepared(state.model)
+
+
+class _Float64Head(nn.Module):
+    """A float32 quantized body and a float64 head left out of QAT (``qconfig = None``, torch's way)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = _net()
+        self.head = nn.Linear(2, 1).double()
+        self.head.qconfig = None
+
+    def forward(self, x):
+        return self.head(self.body(x).double()).float()
+
+
+def test_a_part_left_out_of_qat_may_be_another_dtype_and_trains_as_a_raw_prepare_qat_loop(make_batches):
+    """The float32 check covers only the modules prepare_qat swaps: a float64 head with ``qconfig = None`` trains, as
+    in a raw loop (a first cut refused every non-float32 parameter of the model). Reference: torch's prepare_qat with
+    the same qconfig and SGD, by hand."""
+    batches = [(x, y[:, :1]) for x, y in make_batches(3)]
+    qconfig = torch.ao.quantization.get_default_qat_qconfig("x86")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        raw = _Float64Head()
+        raw.qconfig = qconfig
+        torch.ao.quantization.prepare_qat(raw, inplace=True)
+    opt = torch.optim.SGD(raw.parameters(), lr=0.05)
+    for batch in batches:
+        opt.zero_grad()
+        _mse(raw, batch).backward()
+        opt.step()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = _Float64Head()
+    state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.05))
+    step = loopkit.donate(loopkit.with_qat(loopkit.train_step(_mse), qconfig=qconfig))
+    for batch in batches:
+        state, _ = step(state, batch)
+    assert state.model.head.weight.dtype == torch.float64
+    for (name, got), (_, want) in zip(state.model.named_parameters(), raw.named_parameters(), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=name)
