@@ -161,12 +161,13 @@ class Callback:
         """After the update a partial accumulation group makes at an epoch's end (``with_grad_accum``'s flush, which
         no batch's ``on_batch_end`` sees), with its state and metrics; may return numbers for the loggers."""
 
-    def on_validation_end(self, state: Any, metrics: Mapping[str, float]) -> Mapping[str, float] | None:
+    def on_validation_end(self, state: Any, metrics: Mapping[str, float]) -> Mapping[str, float | torch.Tensor] | None:
         """After each validation (not the sanity one), with its ``val/...`` means; may return more ``val/<name>``
-        numbers (a metric over the whole validation set)."""
+        numbers or 0-dim tensors (a metric over the whole validation set)."""
 
-    def on_epoch_end(self, state: Any, metrics: Mapping[str, float]) -> dict[str, float] | None:
-        """After each epoch, with its history record; a returned dict of numbers joins the record."""
+    def on_epoch_end(self, state: Any, metrics: Mapping[str, float]) -> Mapping[str, float | torch.Tensor] | None:
+        """After each epoch, with its history record; a returned dict of numbers (or 0-dim tensors, read then) joins
+        the record."""
         return None
 
     def on_fit_end(self, state: Any, history: list[dict[str, float]]) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -51,6 +51,22 @@ def plain_step(state: loopkit.TrainState, batch: Batch) -> tuple[loopkit.TrainSt
     return state.evolve(step=state.step + 1), {}
 
 
+class LatestTrainLoss(loopkit.Callback):
+    """docs/from_lightning.md's callback: the latest step's loss (a device tensor) given as a validation metric."""
+
+    def __init__(self) -> None:
+        self.latest = torch.zeros(())
+
+    def on_batch_end(self, state: Any, metrics: Mapping[str, torch.Tensor]) -> None:
+        self.latest = metrics["loss"]
+
+    def on_validation_end(self, state: Any, metrics: Mapping[str, float]) -> dict[str, torch.Tensor]:
+        return {"val/train_loss": self.latest}
+
+    def on_epoch_end(self, state: Any, metrics: Mapping[str, float]) -> dict[str, torch.Tensor]:
+        return {"latest": self.latest}
+
+
 def fresh_state() -> loopkit.TrainState:
     net = Net()
     return loopkit.TrainState.create(net, torch.optim.SGD(net.parameters(), lr=0.1), seed=0)
@@ -69,7 +85,8 @@ def main() -> dict[str, Any]:
     step = loopkit.with_checkpointing(step, os.path.join(tmp, "ckpt"), every_n_steps=1)
     evaluator = loopkit.eval_step(metric_fn)
     evaluator = loopkit.with_amp(evaluator)
-    state, history = loopkit.run_epochs(step, fresh_state(), data, epochs=1, val=(evaluator, data), progress=False)
+    state, history = loopkit.run_epochs(step, fresh_state(), data, epochs=1, val=(evaluator, data),
+                                        callbacks=[LatestTrainLoss()], progress=False)
     step.save(state)  # CheckpointStep's own method stays reachable after the re-binding
 
     # a chain that starts with a transform (README's with_fsdp, examples/gan.py's with_logging)

@@ -60,6 +60,7 @@ def test_typed_program_runs():
     assert step.applied[-1] == "with_checkpointing" and own.applied[-1] == "with_checkpointing"
     assert other.applied[-1] == "with_epoch_scheduler"
     assert made["ensemble_metrics"]["loss"].shape == (2,)
+    assert "val/train_loss" in made["history"][-1] and "latest" in made["history"][-1]  # (the callback's tensors, read)
     assert made["create_study"] is loopkit.tune.create_study
     assert "tune" in loopkit.__all__
 
