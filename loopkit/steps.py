@@ -1644,8 +1644,8 @@ class TrainStep(Step):
                     to_backward = precision.scale(to_backward, extras, device)  # type: ignore[union-attr, arg-type]
         # an update's first backward in one process: on no gradients but its own (under data parallelism a flush leaves
         # zeros where DDP's reducer expects gradients defined at the next synced backward: kept)
-        if held is not None and not state.extras.get(_ACCUM_COUNT, 0):
-            _drop_grads(state.optimizer)  # type: ignore[arg-type]
+        if held is not None and held.count(None) != len(held) and not state.extras.get(_ACCUM_COUNT, 0):
+            _drop_grads(state.optimizer)  # type: ignore[arg-type]  # (found gradients, rare: one C-level count)
         stash = _stash_grads(state.optimizer, getattr(self.sync, "grads_are_views", False)) if per_micro else None
         if held is None:  # under data parallelism: an error in the backward uses the state up
             _backward_synced(to_backward, self.sync, state, local)
