@@ -98,31 +98,30 @@ def _refused(model: nn.Module, qconfig: Any) -> Exception | None:
 
 
 def _swapped(model: nn.Module, qconfig: Any) -> Iterator[tuple[str, nn.Module]]:
-    """The modules ``prepare_qat`` swaps for QAT ones, by name, by torch's rules: a module's ``qconfig`` attribute (None
-    too) overrides its parent's, and one of a class in the default QAT mapping with a qconfig is swapped whole.
-    ``qconfig``: the model's (:func:`_prepare` sets it; None: the model's own).
+    """The modules ``prepare_qat`` fake-quantizes, by name, by torch's rules: a module's ``qconfig`` attribute (None
+    too) overrides its parent's; one of a class in the default QAT mapping with a qconfig is swapped whole, and a leaf
+    of a class torch quantizes (``get_default_qconfig_propagation_list``: a ``LayerNorm``, a ``ReLU``) with a qconfig
+    gets an output fake-quantizer. ``qconfig``: the model's (:func:`_prepare` sets it; None: the model's own).
 
-    >>> model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
-    >>> model[1].qconfig = None
+    >>> model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.LayerNorm(2), torch.nn.Linear(2, 1))
+    >>> model[2].qconfig = None
     >>> [name for name, _ in _swapped(model, _quantization().get_default_qat_qconfig("x86"))]
-    ['0']
+    ['0', '1']
     """
-    mapping = _quantization().get_default_qat_module_mappings()
+    quantization = _quantization()
+    mapping = quantization.get_default_qat_module_mappings()
+    observed = quantization.get_default_qconfig_propagation_list()
 
-    def walk(prefix: str, module: nn.Module, inherited: Any) -> Iterator[tuple[str, nn.Module]]:
-        own = getattr(module, "qconfig", inherited)
-        if own is not None and type_before_parametrizations(module) in mapping:
+    def walk(prefix: str, module: nn.Module, own: Any) -> Iterator[tuple[str, nn.Module]]:
+        kind = type_before_parametrizations(module)
+        leaf = not any(True for _ in module.named_children())
+        if own is not None and (kind in mapping or (leaf and kind in observed and kind is not nn.Sequential)):
             yield prefix, module
             return
         for name, child in module.named_children():
-            yield from walk(f"{prefix}.{name}" if prefix else name, child, own)
+            yield from walk(f"{prefix}.{name}" if prefix else name, child, getattr(child, "qconfig", own))
 
-    root = qconfig if qconfig is not None else getattr(model, "qconfig", None)
-    if root is not None and type_before_parametrizations(model) in mapping:
-        yield "", model
-        return
-    for name, child in model.named_children():
-        yield from walk(name, child, root)
+    yield from walk("", model, qconfig if qconfig is not None else getattr(model, "qconfig", None))
 
 
 def _prepare(model: nn.Module, qconfig: Any) -> None:
@@ -198,8 +197,8 @@ class QATStep(WrapperStep):
         """This step's ``qconfig``; else the one the model has; else ``backend``'s default (None: keep the model's)."""
         if self.qconfig is not None:
             return self.qconfig
-        if getattr(model, "qconfig", None) is not None:
-            return None
+        if any(getattr(module, "qconfig", None) is not None for module in model.modules()):
+            return None  # (one set on a submodule alone quantizes that part alone, as prepare_qat does)
         with _quiet():
             return _quantization().get_default_qat_qconfig(self.backend)
 

@@ -629,3 +629,57 @@ def test_a_part_left_out_of_qat_may_be_another_dtype_and_trains_as_a_raw_prepare
     assert state.model.head.weight.dtype == torch.float64
     for (name, got), (_, want) in zip(state.model.named_parameters(), raw.named_parameters(), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=name)
+
+
+class _Float64Norm(nn.Module):
+    """A float32 Linear, then a float64 LayerNorm that inherits the qconfig: prepare_qat gives it an output
+    fake-quantizer (a leaf of a class torch quantizes), which takes float32 alone."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.norm = nn.LayerNorm(4).double()
+
+    def forward(self, x):
+        return self.norm(self.lin(x).double()).float()
+
+
+def test_a_float64_leaf_that_prepare_qat_observes_is_refused_before_anything_changes():
+    """The float32 check covers the leaves prepare_qat gives an output fake-quantizer, not only the modules it swaps (a
+    first cut let a float64 LayerNorm through to torch's bare "expected scalar type Float")."""
+    model = _Float64Norm()
+    state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.05))
+    with pytest.raises(TypeError, match=r"with_qat: the model's parameter 'norm.weight' is torch.float64"):
+        loopkit.donate(loopkit.with_qat(loopkit.train_step(_mse)))(state, (torch.randn(3, 4), torch.zeros(3, 4)))
+    assert not is_prepared(state.model) and not hasattr(state.model, "qconfig")
+
+
+def test_a_qconfig_set_on_a_submodule_alone_quantizes_that_part_alone_as_prepare_qat_does(make_batches):
+    """with_qat() without a qconfig keeps one the model's submodules have (its docstring): set on the first Linear
+    alone, only that one is swapped, as a raw prepare_qat swaps it (the backend's default was set on the root, and
+    every module without its own inherited it). Reference: prepare_qat by hand, the same swapped modules and training."""
+    def net():
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        model[0].qconfig = torch.ao.quantization.get_default_qat_qconfig("x86")
+        return model
+
+    batches = make_batches(3)
+    raw = net()
+    with torch.random.fork_rng(devices=[]):
+        torch.ao.quantization.prepare_qat(raw, inplace=True)
+    opt = torch.optim.SGD(raw.parameters(), lr=0.05)
+    for batch in batches:
+        opt.zero_grad()
+        _mse(raw, batch).backward()
+        opt.step()
+    model = net()
+    state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.05))
+    step = loopkit.donate(loopkit.with_qat(loopkit.train_step(_mse)))
+    for batch in batches:
+        state, _ = step(state, batch)
+    swapped = [name for name, module in state.model.named_modules() if hasattr(module, "weight_fake_quant")]
+    assert swapped == [name for name, module in raw.named_modules() if hasattr(module, "weight_fake_quant")] == ["0"]
+    for got, want in zip(state.model.parameters(), raw.parameters(), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
