@@ -35,6 +35,15 @@ def _mse(model, batch):
     return ((model(x) - y) ** 2).mean()
 
 
+def _sgd_trained(model: nn.Module, batches: list, lr: float) -> None:
+    """The raw loop, as a reference: ``model`` trained in place by SGD on :func:`_mse` over ``batches``."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    for batch in batches:
+        opt.zero_grad()
+        _mse(model, batch).backward()
+        opt.step()
+
+
 def _state(seed: int = 0) -> loopkit.TrainState:
     model = _net(seed)
     return loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), seed=seed)
@@ -263,11 +272,7 @@ def test_fused_conv_bn_equals_the_raw_recipe_bitwise(assert_trees_equal):
     ref = _conv_bn_net()
     ref.qconfig = q.get_default_qat_qconfig("x86")
     q.prepare_qat(ref, inplace=True)
-    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.01)
-    for batch in data:
-        ref_opt.zero_grad()
-        _mse(ref, batch).backward()
-        ref_opt.step()
+    _sgd_trained(ref, data, lr=0.01)
     model = _conv_bn_net()
     state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.01))
     step = loopkit.with_qat(loopkit.train_step(_mse))
@@ -614,11 +619,7 @@ def test_a_part_left_out_of_qat_may_be_another_dtype_and_trains_as_a_raw_prepare
         raw = _Float64Head()
         raw.qconfig = qconfig
         torch.ao.quantization.prepare_qat(raw, inplace=True)
-    opt = torch.optim.SGD(raw.parameters(), lr=0.05)
-    for batch in batches:
-        opt.zero_grad()
-        _mse(raw, batch).backward()
-        opt.step()
+    _sgd_trained(raw, batches, lr=0.05)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = _Float64Head()
@@ -669,11 +670,7 @@ def test_a_qconfig_set_on_a_submodule_alone_quantizes_that_part_alone_as_prepare
     raw = net()
     with torch.random.fork_rng(devices=[]):
         torch.ao.quantization.prepare_qat(raw, inplace=True)
-    opt = torch.optim.SGD(raw.parameters(), lr=0.05)
-    for batch in batches:
-        opt.zero_grad()
-        _mse(raw, batch).backward()
-        opt.step()
+    _sgd_trained(raw, batches, lr=0.05)
     model = net()
     state = loopkit.TrainState.create(model, torch.optim.SGD(model.parameters(), lr=0.05))
     step = loopkit.donate(loopkit.with_qat(loopkit.train_step(_mse)))
